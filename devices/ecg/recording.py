@@ -1,0 +1,90 @@
+"""The ECG recording every decoder produces and every builder consumes."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from devices.errors import InvalidRecordingError
+from devices.identity import DeviceIdentity, Patient, TimeSource, require_aware
+
+STANDARD_12_LEADS: tuple[str, ...] = (
+    "I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SampleGap:
+    """`missing` samples that never arrived, starting at sample index `start`."""
+
+    start: int
+    missing: int
+
+
+@dataclass(frozen=True, slots=True)
+class EcgRecording:
+    """A multi-lead ECG.
+
+    `samples` has shape (leads, samples) and an integer dtype; physical value in µV is
+    `samples * uv_per_unit`. `patient` None means unassigned: held for the doctor, never guessed.
+    """
+
+    samples: np.ndarray
+    lead_names: tuple[str, ...]
+    sampling_rate_hz: float
+    uv_per_unit: float
+    acquired_at: dt.datetime
+    time_source: TimeSource
+    device: DeviceIdentity = field(default_factory=DeviceIdentity)
+    patient: Patient | None = None
+    derived_leads: frozenset[str] = frozenset()  # computed (Einthoven/Goldberger), not recorded
+    source_format: str = ""  # "scp", "aecg", "dicom", "contec", "bridge", "npz" ...
+    resampled_from_hz: float | None = None  # set when the rate was changed to fit DICOM
+    gaps: tuple[SampleGap, ...] = ()  # samples lost in transit (streamed ECG)
+    stat: bool = False  # urgent read requested
+    flags: tuple[str, ...] = ()  # e.g. "patient-mismatch": things the doctor must look at
+
+    def __post_init__(self) -> None:
+        s = self.samples
+        if not isinstance(s, np.ndarray) or s.ndim != 2:
+            raise InvalidRecordingError("samples must be a 2-D array (leads, samples)")
+        if not np.issubdtype(s.dtype, np.integer):
+            raise InvalidRecordingError(f"samples must be integers, not {s.dtype}")
+        if s.shape[0] == 0 or s.shape[1] == 0:
+            raise InvalidRecordingError(f"a recording needs leads and samples (shape {s.shape})")
+        if len(self.lead_names) != s.shape[0]:
+            raise InvalidRecordingError(
+                f"{len(self.lead_names)} lead names for {s.shape[0]} leads")
+        if len(set(self.lead_names)) != len(self.lead_names) or not all(self.lead_names):
+            raise InvalidRecordingError(f"lead names must be unique and non-empty: {self.lead_names}")
+        if not (np.isfinite(self.sampling_rate_hz) and self.sampling_rate_hz > 0):
+            raise InvalidRecordingError(f"bad sampling rate {self.sampling_rate_hz!r}")
+        if not (np.isfinite(self.uv_per_unit) and self.uv_per_unit > 0):
+            raise InvalidRecordingError(f"bad scale {self.uv_per_unit!r} µV per unit")
+        require_aware(self.acquired_at, "acquired_at")
+        if not self.derived_leads <= set(self.lead_names):
+            raise InvalidRecordingError("derived leads must be among the lead names")
+        for gap in self.gaps:
+            if gap.start < 0 or gap.missing <= 0 or gap.start > s.shape[1]:
+                raise InvalidRecordingError(f"bad gap {gap}")
+
+    @property
+    def n_leads(self) -> int:
+        return int(self.samples.shape[0])
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.samples.shape[1])
+
+    @property
+    def duration_s(self) -> float:
+        return self.n_samples / self.sampling_rate_hz
+
+    def microvolts(self) -> np.ndarray:
+        """Samples in µV as float64 (leads, samples)."""
+        return self.samples.astype(np.float64) * self.uv_per_unit
+
+    def lead(self, name: str) -> np.ndarray:
+        return self.samples[self.lead_names.index(name)]

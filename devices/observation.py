@@ -1,0 +1,64 @@
+"""Vital-sign observations (BP, temperature, SpO2, weight, glucose ...) from any device."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from devices.errors import InvalidRecordingError
+from devices.identity import DeviceIdentity, TimeSource, require_aware
+
+
+@dataclass(frozen=True, slots=True)
+class Quantity:
+    """One measured value.
+
+    `code` is our vocabulary ("systolic", "diastolic", "mean-arterial-pressure", "pulse-rate",
+    "body-temperature", "spo2", "body-weight", "glucose" ...). `value`/`unit` are normalised
+    (UCUM: "mm[Hg]", "Cel", "%", "kg", "mg/dL", "/min"); `sent_value`/`sent_unit` keep what the
+    device sent. `value` None means the device reported "no value" (`special` says which:
+    "nan", "nres", "+inf", "-inf", "reserved") — never a 0.
+    """
+
+    code: str
+    value: float | None
+    unit: str
+    sent_value: float | None = None
+    sent_unit: str = ""
+    special: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.code or not self.unit:
+            raise InvalidRecordingError("a quantity needs a code and a unit")
+        if self.value is None and self.special is None:
+            raise InvalidRecordingError(f"{self.code}: no value and no reason why")
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """A measurement event: one or more quantities taken together (a BP panel, a temperature ...).
+
+    `patient_id` None means unassigned (held for the doctor). `record_key` identifies the
+    reading on its device (record time/sequence + values) so re-sent memory is recognised.
+    """
+
+    kind: str  # "blood-pressure", "body-temperature", "spo2", "body-weight", "glucose" ...
+    quantities: tuple[Quantity, ...]
+    measured_at: dt.datetime
+    time_source: TimeSource
+    received_at: dt.datetime
+    device: DeviceIdentity
+    record_key: str
+    patient_id: str | None = None
+    flags: tuple[str, ...] = ()  # device status bits worth showing: "irregular-pulse", "body-movement" ...
+
+    def __post_init__(self) -> None:
+        if not self.quantities:
+            raise InvalidRecordingError("an observation needs at least one quantity")
+        require_aware(self.measured_at, "measured_at")
+        require_aware(self.received_at, "received_at")
+        if not self.record_key:
+            raise InvalidRecordingError("an observation needs a record key")
+
+    def quantity(self, code: str) -> Quantity | None:
+        return next((q for q in self.quantities if q.code == code), None)

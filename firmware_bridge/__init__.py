@@ -1,0 +1,1 @@
+"""How bytes move: serial links, BLE, USB-storage imports, hot-plug, the bridge link."""

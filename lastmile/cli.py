@@ -1,0 +1,76 @@
+"""The `lastmile` command line.
+
+Each command group lives in its own module under `lastmile.commands` with a
+`register(subparsers)` function; handlers import what they need lazily so that
+`lastmile --version` and the services start fast on a Pi.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from lastmile import __version__
+
+# One module per command group; each registers its sub-commands.
+COMMAND_MODULES: tuple[str, ...] = (
+    "lastmile.commands.forwarding",  # forward, echo, queue, retry
+    "lastmile.commands.ecg",  # ecg decode / to-dicom, import
+    "lastmile.commands.demo",  # demo
+    "lastmile.commands.config_cmd",  # config check / defaults
+    "lastmile.commands.ble",  # ble scan / pair / decode
+    "lastmile.commands.patient",  # patient set / clear / assign, devices
+    "lastmile.commands.serial_cmd",  # acquire-side serial tools
+    "lastmile.commands.gps",  # gps decode
+    "lastmile.commands.visit",  # visit start / note / stop / list / verify
+    "lastmile.commands.service",  # acquire service, doctor
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lastmile",
+        description="Lastmile clinic device gateway: devices in, DICOM and FHIR out.")
+    parser.add_argument("--version", action="version", version=f"lastmile {__version__}")
+    parser.add_argument("-c", "--config", metavar="FILE",
+                        help="configuration file (default: $LASTMILE_CONFIG or /etc/lastmile/lastmile.toml)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def configure_logging(verbosity: int) -> None:
+    level = logging.WARNING - 10 * verbosity if verbosity else logging.INFO
+    # journald adds its own time stamps; keep lines short.
+    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("INVOCATION_ID") else \
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=max(level, logging.DEBUG), format=fmt, stream=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    configure_logging(args.verbose)
+    from lastmile.config import ConfigError
+    from devices.errors import DeviceError
+    from uploader.errors import UploadError
+
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"lastmile: configuration error: {exc}", file=sys.stderr)
+        return 78  # EX_CONFIG: systemd does not restart-loop on it with RestartPreventExitStatus
+    except (DeviceError, UploadError) as exc:
+        print(f"lastmile: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

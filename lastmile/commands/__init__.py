@@ -1,0 +1,1 @@
+"""Command groups of the `lastmile` CLI, one module each."""

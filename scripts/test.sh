@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up everything the tests need, then run them. Extra arguments go to pytest.
+# As root the suite runs in a private network namespace (unshare -n, loopback only), because
+# Orthanc cannot be told which address to listen on: nothing a test starts is reachable from outside.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh --test
+export PYTHONDONTWRITEBYTECODE=1
+args=("$@")
+[ ${#args[@]} -eq 0 ] && args=(-q -p no:cacheprovider)
+if [ "$(id -u)" = 0 ] && command -v unshare >/dev/null; then
+  exec unshare -n -- sh -c 'ip link set lo up && exec "$@"' sh .venv/bin/python -m pytest "${args[@]}"
+fi
+exec .venv/bin/python -m pytest "${args[@]}"

@@ -1,0 +1,56 @@
+"""Shared test plumbing: third-party files in ../shared, external tools, private network namespace."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def missing(reason: str) -> None:
+    """Skip locally, fail in CI: CI must run everything."""
+    if IN_CI:
+        pytest.fail(f"required under CI: {reason}")
+    pytest.skip(reason)
+
+
+def shared_file(*parts: str) -> Path:
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        missing(f"third-party test file {path} is absent (../shared not checked out beside the repo)")
+    return path
+
+
+def require_tool(name: str) -> str:
+    found = shutil.which(name)
+    if not found:
+        missing(f"{name} is not installed (run scripts/test.sh, which installs it)")
+    assert found
+    return found
+
+
+def in_private_netns() -> bool:
+    """True when the only network interface is loopback (scripts/test.sh runs pytest under unshare -n)."""
+    try:
+        return set(os.listdir("/sys/class/net")) <= {"lo"}
+    except OSError:
+        return False
+
+
+def require_private_netns() -> None:
+    if not in_private_netns():
+        missing("Orthanc listens on every interface: run the tests through scripts/test.sh "
+                "(a private network namespace)")
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        missing("../shared (third-party ECG and GNSS files) is absent")
+    return SHARED
