@@ -115,6 +115,12 @@ class VisitsSection:
     radius_m: float = 200.0  # a visit further than this (plus fix error) from the household is flagged
     household_register: str = ""  # CSV: household_id, latitude, longitude
     track_max_points: int = 2000
+    setting: str = "home"  # "home" (FHIR class HH) or "clinic" (AMB)
+    max_eph_m: float = 100.0  # a best fix less accurate than this (95 %) is flagged
+    stale_fix_s: float = 120.0  # a fix older than this at start/stop is flagged
+    max_speed_mps: float = 60.0  # track jumps faster than this (beyond fix errors) are flagged
+    time_disagreement_s: float = 60.0  # GPS and system clock further apart than this: flagged
+    fix_wait_s: float = 10.0  # visit start/stop: how long to wait for a fix from the receiver
 
 
 @dataclass
@@ -124,6 +130,9 @@ class FhirSection:
     ca_file: str = ""  # CA bundle that signs the platform's certificate
     timeout_s: float = 30.0
     batch_size: int = 20
+    patient_id_system: str = "urn:lastmile:patient-id"  # identifier system of patient ids (county register)
+    practitioner_id_system: str = "urn:lastmile:practitioner-id"  # identifier system of doctor ids
+    gzip: bool = True  # compress request bodies when the platform accepts it
 
 
 @dataclass
@@ -149,6 +158,7 @@ class Config:
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("reading_center", "no_commitment_policy"): ("keep", "purge"),
     ("gps", "source"): ("gpsd", "nmea", "none"),
+    ("visits", "setting"): ("home", "clinic"),
 }
 
 

@@ -1,9 +1,47 @@
-"""Placeholder: this command group is filled in by its issue."""
+"""`lastmile demo [--json]`: the main job on embedded defaults."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    return None
+    p = sub.add_parser("demo", help="run the whole gateway on embedded defaults (under a minute)")
+    p.add_argument("--json", action="store_true",
+                   help="print the summary as one JSON object on the last line")
+    p.add_argument("--recordings", type=int, default=12, help="ECGs the demo clinic records")
+    p.add_argument("--outage", type=float, default=4.0, help="seconds the reading center is down")
+    p.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import logging
+
+    from lastmile.demo import run_demo
+
+    if not args.verbose:
+        # the demo narrates; the outage it stages would otherwise fill the screen with
+        # pynetdicom's connection-refused errors
+        logging.getLogger().setLevel(logging.ERROR)
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    summary = run_demo(say, n_recordings=args.recordings, outage_s=args.outage)
+    d = summary.as_dict()
+    print()
+    print(f"summary: {summary.recordings} ECGs recorded, {summary.received} received by the "
+          f"reading center ({summary.studies} studies), {summary.committed} committed, "
+          f"{summary.purged} purged locally, {summary.lost} lost, {summary.duplicated} duplicated, "
+          f"{summary.quarantined} quarantined — {summary.elapsed_s:.1f} s")
+    for key, value in summary.extra.items():
+        print(f"  {key}: {value}")
+    if args.json:
+        print(json.dumps(d, sort_keys=True))
+    ok = summary.lost == 0 and summary.duplicated == 0
+    if not ok:
+        print("demo: something was lost or duplicated", file=sys.stderr)
+    return 0 if ok else 1

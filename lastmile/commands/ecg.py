@@ -1,9 +1,140 @@
-"""Placeholder: this command group is filled in by its issue."""
+"""`lastmile ecg decode | to-dicom`: read ECG files the way carts deliver them.
+
+Formats: SCP-ECG, HL7 aECG XML, DICOM ECG, Contec ECG90A .ECG and the gateway's .npz.
+Decoders never resample: `decode` writes the samples exactly as stored (µV), and `to-dicom`
+refuses rates the DICOM ECG IODs do not allow (200-1000 Hz) rather than alter the signal.
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from devices.ecg.recording import EcgRecording
+
+FORMAT_NAMES = {"scp": "SCP-ECG", "aecg": "HL7 aECG", "dicom": "DICOM ECG", "contec": "Contec ECG90A",
+                "npz": "gateway npz"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    return None
+    ecg = sub.add_parser("ecg", help="decode ECG files (SCP-ECG, HL7 aECG, DICOM, Contec .ECG) or "
+                                     "convert them to DICOM")
+    ecg_sub = ecg.add_subparsers(dest="ecg_command", metavar="ACTION")
+
+    p = ecg_sub.add_parser("decode", help="decode an ECG file: one-line summary, samples to CSV")
+    p.add_argument("input", metavar="INPUT", help="ECG file")
+    p.add_argument("--csv", metavar="OUT", help="write the samples in µV, one column per lead "
+                                                "(header row of lead names)")
+    p.set_defaults(func=_decode)
+
+    p = ecg_sub.add_parser("to-dicom", help="convert an ECG file to a DICOM 12-lead / General ECG object")
+    p.add_argument("input", metavar="INPUT", help="ECG file")
+    p.add_argument("output", metavar="OUTPUT", help="DICOM file to write")
+    p.set_defaults(func=_to_dicom)
+    ecg.set_defaults(func=lambda args: (ecg.print_help(), 2)[1])
+
+
+def local_zone() -> dt.tzinfo:
+    """This gateway's zone (with its DST rules when known): carts write local wall-clock times."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    key = os.environ.get("TZ", "").lstrip(":")
+    if not key:
+        try:
+            key = Path("/etc/timezone").read_text().strip()
+        except OSError:
+            target = os.path.realpath("/etc/localtime")
+            key = target.split("zoneinfo/", 1)[1] if "zoneinfo/" in target else ""
+    if key:
+        try:
+            return ZoneInfo(key)
+        except (ZoneInfoNotFoundError, ValueError):
+            pass
+    return dt.datetime.now().astimezone().tzinfo or dt.timezone.utc
+
+
+def read_ecg_file(path: str) -> "EcgRecording":
+    """Decode a file from disk (read-only); the receipt time stands in when the file has none."""
+    from devices.ecg.formats import decode_ecg
+
+    data = Path(path).read_bytes()
+    return decode_ecg(data, Path(path).name, local_tz=local_zone(),
+                      received_at=dt.datetime.now(dt.timezone.utc))
+
+
+def summary(name: str, recording: "EcgRecording") -> str:
+    r = recording
+    leads = ", ".join(r.lead_names)
+    derived = f"; derived {', '.join(n for n in r.lead_names if n in r.derived_leads)}" if r.derived_leads else ""
+    patient = f"patient {r.patient.patient_id}" if r.patient else "patient unassigned"
+    device = r.device.label()
+    flags = f", flags: {' '.join(r.flags)}" if r.flags else ""
+    return (f"{name}: {FORMAT_NAMES.get(r.source_format, r.source_format)}, {r.n_leads} leads ({leads}{derived}), "
+            f"{r.n_samples} samples at {r.sampling_rate_hz:g} Hz ({r.duration_s:.1f} s), "
+            f"{r.uv_per_unit:g} µV/unit, acquired {r.acquired_at.isoformat()} ({r.time_source.value}), "
+            f"{patient}, {device}{flags}")
+
+
+def _fail(message: str) -> int:
+    print(f"lastmile ecg: {message}", file=sys.stderr)
+    return 1
+
+
+def write_csv(recording: "EcgRecording", out) -> None:
+    """µV, one column per lead; values are exact (shortest decimal that round-trips)."""
+    out.write(",".join(recording.lead_names) + "\n")
+    uv = recording.microvolts().T
+    for row in uv.tolist():
+        out.write(",".join(repr(v) for v in row) + "\n")
+
+
+def _decode(args: argparse.Namespace) -> int:
+    from devices.errors import DeviceError
+
+    try:
+        recording = read_ecg_file(args.input)
+    except OSError as exc:
+        return _fail(f"cannot read {args.input}: {exc.strerror or exc}")
+    except DeviceError as exc:
+        return _fail(f"{args.input}: {exc}")
+    if args.csv:
+        try:
+            with open(args.csv, "w", encoding="utf-8", newline="") as out:
+                write_csv(recording, out)
+        except OSError as exc:
+            return _fail(f"cannot write {args.csv}: {exc.strerror or exc}")
+    print(summary(Path(args.input).name, recording))
+    return 0
+
+
+def _to_dicom(args: argparse.Namespace) -> int:
+    from devices.errors import DeviceError
+    from lastmile.app_context import config_from_args
+    from lastmile.ecg_intake import station_of
+    from uploader.dicom_ecg import choose_sop_class, mint_uids, recording_to_dicom_bytes
+    from uploader.errors import UploadError
+
+    try:
+        recording = read_ecg_file(args.input)
+    except OSError as exc:
+        return _fail(f"cannot read {args.input}: {exc.strerror or exc}")
+    except DeviceError as exc:
+        return _fail(f"{args.input}: {exc}")
+    config = config_from_args(args)
+    try:
+        data = recording_to_dicom_bytes(recording, mint_uids(), station_of(config))
+        sop_class = choose_sop_class(recording)
+    except UploadError as exc:
+        return _fail(f"{args.input} cannot become a DICOM ECG: {exc}")
+    try:
+        Path(args.output).write_bytes(data)
+    except OSError as exc:
+        return _fail(f"cannot write {args.output}: {exc.strerror or exc}")
+    kind = "12-lead ECG" if sop_class.endswith(".9.1.1") else "General ECG"
+    print(summary(Path(args.input).name, recording) + f" -> {args.output} (DICOM {kind}, {len(data)} bytes)")
+    return 0

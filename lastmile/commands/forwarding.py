@@ -1,9 +1,162 @@
-"""Placeholder: this command group is filled in by its issue."""
+"""`lastmile forward | echo | queue | retry`: the reading-center side of the gateway."""
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
+import sys
+import time
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    return None
+    p = sub.add_parser("forward", help="run the forwarder in the foreground until stopped")
+    p.add_argument("--data-dir", help="override gateway.data_dir")
+    p.add_argument("--once", action="store_true", help="one round, then exit (for scripts)")
+    p.set_defaults(func=_forward)
+
+    p = sub.add_parser("echo", help="C-ECHO the configured reading center, or HOST PORT (like echoscu)")
+    p.add_argument("host", nargs="?")
+    p.add_argument("port", nargs="?", type=int)
+    p.add_argument("--called-ae", "-aec", help="called AE title (default: from the configuration)")
+    p.add_argument("--data-dir", help="override gateway.data_dir (for the recorded fault)")
+    p.set_defaults(func=_echo)
+
+    p = sub.add_parser("queue", help="outbox counts per state, oldest waiting, last success, quarantined")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.add_argument("--data-dir", help="override gateway.data_dir")
+    p.set_defaults(func=_queue)
+
+    p = sub.add_parser("retry", help="send a quarantined item again (after fixing its cause)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("id", nargs="?", type=int, help="outbox item id")
+    g.add_argument("--quarantined", action="store_true", help="every quarantined item")
+    p.add_argument("--data-dir", help="override gateway.data_dir")
+    p.set_defaults(func=_retry)
+
+
+def _forward(args: argparse.Namespace) -> int:
+    from lastmile.app_context import config_from_args
+    from lastmile.forward_service import ForwardService
+
+    if args.once:
+        import threading
+
+        service = ForwardService(config_from_args(args))
+        try:
+            service.step(threading.Event())
+            print(service.status_line())
+        finally:
+            service.close()
+        return 0
+    from lastmile.service_runtime import ServiceRuntime
+
+    runtime = ServiceRuntime("forward", load_config=lambda: config_from_args(args))
+    return runtime.run(ForwardService)
+
+
+def _echo(args: argparse.Namespace) -> int:
+    from lastmile.app_context import config_from_args
+    from lastmile.forward_service import peer_settings
+    from uploader.dicom_net import echo
+    from uploader.errors import ConfigurationFault, TransientError
+
+    config = config_from_args(args)
+    if (args.host is None) != (args.port is None):
+        print("lastmile echo: give both HOST and PORT, or neither", file=sys.stderr)
+        return 2
+    peer = peer_settings(config.reading_center, host=args.host, port=args.port,
+                         called_ae=args.called_ae)
+    where = f"{peer.called_ae}@{peer.host}:{peer.port} as {peer.calling_ae}"
+    code = 0
+    try:
+        rtt = echo(peer)
+        print(f"OK    C-ECHO {where}: {rtt * 1000:.0f} ms")
+    except ConfigurationFault as exc:
+        print(f"FAIL  {where}: the reading center refuses this gateway: {exc}\n"
+              f"      hint: ask the reading center to register AE {peer.calling_ae!r} "
+              f"(and this gateway's address), or fix reading_center.* in {config.source}")
+        code = 1
+    except TransientError as exc:
+        print(f"FAIL  {where}: not reachable now: {exc}\n"
+              "      hint: check the network link and the reading center's host/port")
+        code = 1
+    if args.host is None:
+        fault = _recorded_fault(config)
+        if fault:
+            print(f"NOTE  the forwarder last recorded: {fault}")
+    return code
+
+
+def _recorded_fault(config) -> str | None:
+    from lastmile.forward_service import open_outbox
+
+    try:
+        with open_outbox(config) as outbox:
+            status = outbox.status("reading_center") or {}
+    except Exception:  # no data dir yet: nothing recorded
+        return None
+    return status.get("fault")
+
+
+def _ago(ts: float | None, now: float) -> str:
+    if not ts:
+        return "never"
+    secs = max(0.0, now - ts)
+    when = dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if secs >= size:
+            return f"{when} ({secs / size:.1f} {unit} ago)"
+    return f"{when} ({secs:.0f} s ago)"
+
+
+def _queue(args: argparse.Namespace) -> int:
+    from lastmile.app_context import config_from_args
+    from lastmile.forward_service import open_outbox
+
+    config = config_from_args(args)
+    now = time.time()
+    with open_outbox(config) as outbox:
+        stats = outbox.stats(now)
+    if args.json:
+        print(json.dumps(stats, sort_keys=True, default=str))
+        return 0
+    counts = stats.get("counts", {})
+    order = ("queued", "sending", "sent", "committed", "purged", "quarantined")
+    print("outbox: " + ", ".join(f"{k} {counts.get(k, 0)}" for k in order))
+    oldest = stats.get("oldest_waiting_s")
+    print(f"oldest waiting: {'none' if oldest is None else f'{oldest / 60:.1f} min'}")
+    print(f"last sent: {_ago(stats.get('last_sent_at'), now)}")
+    print(f"last committed: {_ago(stats.get('last_committed_at'), now)}")
+    statuses = stats.get("statuses", {})
+    rc = statuses.get("reading_center") or {}
+    if rc.get("fault"):
+        print(f"FAULT reading center refuses this gateway: {rc['fault']}"
+              f" (since {_ago(rc.get('fault_since'), now)}; items stay queued and are retried)")
+    elif rc.get("last_error"):
+        print(f"last network error: {rc['last_error']} ({_ago(rc.get('last_error_at'), now)})")
+    sc = statuses.get("storage_commitment") or {}
+    if sc.get("supported") is False:
+        print(f"note: the reading center does not offer storage commitment ({sc.get('detail', '')}); "
+              f"policy: {config.reading_center.no_commitment_policy}")
+    for q in stats.get("quarantined", []):
+        print(f"quarantined #{q['id']} {q['kind']} {q['key']}: {q['reason']}")
+    return 0
+
+
+def _retry(args: argparse.Namespace) -> int:
+    from lastmile.app_context import config_from_args
+    from lastmile.forward_service import open_outbox
+
+    config = config_from_args(args)
+    now = time.time()
+    with open_outbox(config) as outbox:
+        if args.quarantined:
+            n = outbox.retry_quarantined(now)
+            print(f"{n} quarantined item(s) queued again")
+            return 0
+        if outbox.retry(args.id, now):
+            print(f"item {args.id} queued again")
+            return 0
+    print(f"lastmile retry: item {args.id} is not quarantined (or does not exist)", file=sys.stderr)
+    return 1

@@ -1,0 +1,129 @@
+"""Streamed ECG: ECG_START / ECG_BLOCK ... / ECG_END become one `EcgRecording`.
+
+The sample counter of each block is the truth: a jump is a gap (recorded as `SampleGap` and
+filled with `GAP_FILL`, the value the DICOM builder declares as Waveform Padding Value, so the
+time axis stays right and nothing is papered over), a repeat is a duplicate (dropped).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+import numpy as np
+
+from devices.bridge import codec
+from devices.ecg.recording import EcgRecording, SampleGap
+from devices.errors import ProtocolError
+from devices.identity import DeviceIdentity, TimeSource
+
+# Marks samples that never arrived. A real sample at the negative rail is moved up by one
+# unit so the marker stays unambiguous (it is saturated anyway).
+GAP_FILL = -32768
+MAX_RATE_HZ = 2000
+DEFAULT_MAX_SECONDS = 1800.0  # a stream longer than this is refused rather than exhausting RAM
+
+
+@dataclass(frozen=True, slots=True)
+class BlockOutcome:
+    accepted: int  # new samples taken
+    duplicate: int  # samples we already had
+    gap: SampleGap | None  # missing samples before this block, if any
+
+
+class EcgAssembler:
+    """Collects the blocks of one recording; `finish()` returns the recording."""
+
+    def __init__(self, start: codec.EcgStart, *, acquired_at: dt.datetime, time_source: TimeSource,
+                 device: DeviceIdentity, max_seconds: float = DEFAULT_MAX_SECONDS) -> None:
+        if not 1 <= start.sampling_rate_hz <= MAX_RATE_HZ:
+            raise ProtocolError(f"ECG_START with a sampling rate of {start.sampling_rate_hz} Hz")
+        if not (np.isfinite(start.uv_per_unit) and 0 < start.uv_per_unit < 1e6):
+            raise ProtocolError(f"ECG_START with a scale of {start.uv_per_unit!r} µV per unit")
+        names = start.lead_names
+        if len(set(names)) != len(names) or not all(n.strip() for n in names):
+            raise ProtocolError("ECG_START lead names must be unique and non-empty")
+        self.start = start
+        self.acquired_at = acquired_at
+        self.time_source = time_source
+        self.device = device
+        self.max_samples = int(max_seconds * start.sampling_rate_hz)
+        self._chunks: list[np.ndarray] = []  # (samples, leads) int16
+        self._next = 0  # the counter we expect next == samples held (incl. gap fill)
+        self.gaps: list[SampleGap] = []
+        self.duplicates = 0
+        self.blocks = 0
+
+    @property
+    def recording_id(self) -> int:
+        return self.start.recording_id
+
+    @property
+    def n_leads(self) -> int:
+        return len(self.start.lead_names)
+
+    @property
+    def samples_held(self) -> int:
+        return self._next
+
+    def _fill(self, start: int, missing: int) -> SampleGap:
+        if start + missing > self.max_samples:
+            raise ProtocolError(f"ECG stream exceeds {self.max_samples} samples")
+        self._chunks.append(np.full((missing, self.n_leads), GAP_FILL, dtype=np.int16))
+        gap = SampleGap(start=start, missing=missing)
+        self.gaps.append(gap)
+        self._next = start + missing
+        return gap
+
+    def add_block(self, block: codec.EcgBlock) -> BlockOutcome:
+        if block.n_leads != self.n_leads:
+            raise ProtocolError(f"ECG_BLOCK with {block.n_leads} leads in a {self.n_leads}-lead recording")
+        n = block.n_samples
+        first = block.first_sample
+        if first + n <= self._next:
+            self.duplicates += n
+            return BlockOutcome(0, n, None)
+        data = np.frombuffer(block.samples, dtype="<i2").reshape(n, self.n_leads)
+        skip = 0
+        if first < self._next:
+            skip = self._next - first
+            data = data[skip:]
+            first = self._next
+        gap = self._fill(self._next, first - self._next) if first > self._next else None
+        if first + len(data) > self.max_samples:
+            raise ProtocolError(f"ECG stream exceeds {self.max_samples} samples")
+        self._chunks.append(np.maximum(data, GAP_FILL + 1).astype(np.int16, copy=False))
+        self._next = first + len(data)
+        self.duplicates += skip
+        self.blocks += 1
+        return BlockOutcome(len(data), skip, gap)
+
+    def finish(self, end: codec.EcgEnd | None) -> EcgRecording:
+        """The recording so far. `end` None: the link dropped before ECG_END (flagged truncated)."""
+        flags: list[str] = []
+        if end is None:
+            flags.append("ecg-truncated")
+        else:
+            if end.status == codec.ECG_END_ABORTED:
+                flags.append("ecg-aborted")
+            if end.total_samples > self._next:  # the tail never arrived
+                self._fill(self._next, end.total_samples - self._next)
+            elif end.total_samples < self._next:
+                flags.append("sample-count-mismatch")
+        if self._next == 0:
+            raise ProtocolError("ECG recording without samples")
+        if self.gaps:
+            flags.insert(0, "sample-gap")
+        samples = np.ascontiguousarray(np.concatenate(self._chunks, axis=0).T)
+        return EcgRecording(
+            samples=samples,
+            lead_names=tuple(self.start.lead_names),
+            sampling_rate_hz=float(self.start.sampling_rate_hz),
+            uv_per_unit=float(self.start.uv_per_unit),
+            acquired_at=self.acquired_at,
+            time_source=self.time_source,
+            device=self.device,
+            source_format="bridge",
+            gaps=tuple(self.gaps),
+            flags=tuple(flags),
+        )

@@ -1,0 +1,278 @@
+"""HL7 aECG (FDA annotated ECG, HL7 v3 XML) decoder.
+
+Parsed with defusedxml (no DTDs, no entity expansion: the XML is untrusted). We read the
+first RHYTHM series: its TIME_ABSOLUTE or TIME_RELATIVE sequence (start and increment) and
+its lead sequences (SLIST: physical value = digits * scale + origin). Median beats
+(REPRESENTATIVE_BEAT, derived series) are not needed for forwarding and are not read.
+
+Acquisition time, first that is present: the absolute time sequence's head; else the
+series' effectiveTime (low; center; high minus the duration); else the document's
+effectiveTime the same way. A relative time head (seconds) is added to that base. In the
+FDA examples `center` is the acquisition time itself, so it is read as the start.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass
+from xml.etree.ElementTree import Element
+
+import numpy as np
+from defusedxml import DefusedXmlException
+from defusedxml.ElementTree import ParseError, fromstring
+
+from devices.ecg.leads import derive_limb_leads, normalise_lead_name, require_unique
+from devices.ecg.recording import EcgRecording
+from devices.ecg.scaling import Channel, to_common_unit
+from devices.errors import InvalidRecordingError, ProtocolError, UnsupportedFeatureError
+from devices.identity import DeviceIdentity, Patient, TimeSource
+
+NS = "{urn:hl7-org:v3}"
+XSI_TYPE = "{http://www.w3.org/2001/XMLSchema-instance}type"
+MAX_SAMPLES_PER_LEAD = 10_000_000
+
+_UNIT_TO_UV = {"uV": 1.0, "mV": 1000.0, "V": 1_000_000.0, "nV": 0.001}
+_TIME_TO_S = {"s": 1.0, "ms": 0.001, "us": 0.000001}
+_SEX = {"M": "M", "F": "F"}
+_TS = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,6})\d*)?([+-]\d{4})?$")
+
+
+def _q(path: str) -> str:
+    """'a/b' -> '{ns}a/{ns}b' for ElementTree."""
+    return "/".join(part if part in (".", "..") or part.startswith(".") else NS + part
+                    for part in path.split("/"))
+
+
+def _attr(el: Element | None, path: str, name: str = "value") -> str | None:
+    if el is None:
+        return None
+    node = el.find(_q(path)) if path else el
+    return None if node is None else node.get(name)
+
+
+def parse_ts(value: str, local_tz: dt.tzinfo) -> dt.datetime:
+    """HL7 TS (YYYYMMDDHHMMSS.UUUU+ZZZZ, any trailing precision) to an aware datetime."""
+    m = _TS.match(value.strip())
+    if not m or m.group(2) is None or m.group(3) is None:
+        raise ProtocolError(f"HL7 aECG: unreadable time stamp {value!r}")
+    year, month, day, hour, minute, second = (int(g) if g else 0 for g in m.groups()[:6])
+    micro = int((m.group(7) or "0").ljust(6, "0"))
+    tz = local_tz
+    if m.group(8):
+        sign = -1 if m.group(8)[0] == "-" else 1
+        hours, minutes = int(m.group(8)[1:3]), int(m.group(8)[3:5])
+        if hours > 14 or minutes > 59:
+            raise ProtocolError(f"HL7 aECG: bad time zone in {value!r}")
+        tz = dt.timezone(sign * dt.timedelta(hours=hours, minutes=minutes))
+    try:
+        return dt.datetime(year, month, day, hour, minute, second, micro, tzinfo=tz)
+    except ValueError:
+        raise ProtocolError(f"HL7 aECG: impossible date/time {value!r}") from None
+
+
+def _quantity_s(el: Element | None, what: str) -> float | None:
+    if el is None or el.get("value") is None:
+        return None
+    unit = el.get("unit", "s")
+    if unit not in _TIME_TO_S:
+        raise UnsupportedFeatureError(f"HL7 aECG: {what} in unit {unit!r} is not supported")
+    try:
+        return float(el.get("value", "")) * _TIME_TO_S[unit]
+    except ValueError:
+        raise ProtocolError(f"HL7 aECG: {what} {el.get('value')!r} is not a number") from None
+
+
+def _number(el: Element | None, what: str, default: float | None = None) -> tuple[float, str]:
+    if el is None or el.get("value") is None:
+        if default is None:
+            raise ProtocolError(f"HL7 aECG: {what} is missing")
+        return default, "uV"
+    try:
+        value = float(el.get("value", ""))
+    except ValueError:
+        raise ProtocolError(f"HL7 aECG: {what} {el.get('value')!r} is not a number") from None
+    if not np.isfinite(value):
+        raise ProtocolError(f"HL7 aECG: {what} is not finite")
+    return value, el.get("unit", "uV")
+
+
+@dataclass
+class _Sequences:
+    start: dt.datetime | None
+    relative_s: float | None
+    increment_s: float
+    leads: list[tuple[str, Channel]]
+
+
+def _read_sequence_set(seq_set: Element, local_tz: dt.tzinfo) -> _Sequences:
+    start = None
+    relative = None
+    increment = None
+    leads: list[tuple[str, Channel]] = []
+    for comp in seq_set.findall(_q("component/sequence")):
+        code = _attr(comp, "code", "code") or ""
+        value = comp.find(_q("value"))
+        if value is None:
+            continue
+        if code in ("TIME_ABSOLUTE", "TIME_RELATIVE"):
+            head = value.find(_q("head"))
+            increment = _quantity_s(value.find(_q("increment")), "time increment")
+            if code == "TIME_ABSOLUTE" and head is not None and head.get("value"):
+                start = parse_ts(head.get("value", ""), local_tz)
+            elif code == "TIME_RELATIVE":
+                relative = _quantity_s(head, "relative start") or 0.0
+            continue
+        digits = value.find(_q("digits"))
+        if digits is None:
+            continue
+        vtype = value.get(XSI_TYPE, "")
+        if vtype and not vtype.startswith("SLIST"):
+            raise UnsupportedFeatureError(f"HL7 aECG: lead {code} stores its samples as {vtype}, not SLIST")
+        scale, scale_unit = _number(value.find(_q("scale")), f"lead {code} scale", 1.0)
+        origin, origin_unit = _number(value.find(_q("origin")), f"lead {code} origin", 0.0)
+        if scale_unit not in _UNIT_TO_UV or origin_unit not in _UNIT_TO_UV:
+            raise UnsupportedFeatureError(
+                f"HL7 aECG: lead {code} is in {scale_unit!r}/{origin_unit!r}, not a voltage")
+        if scale <= 0:
+            raise ProtocolError(f"HL7 aECG: lead {code} has scale {scale}")
+        tokens = (digits.text or "").split()
+        if len(tokens) > MAX_SAMPLES_PER_LEAD:
+            raise UnsupportedFeatureError(f"HL7 aECG: lead {code} has {len(tokens)} samples")
+        try:
+            raw = np.array(tokens, dtype=np.int64)
+        except (ValueError, OverflowError):
+            raise ProtocolError(f"HL7 aECG: lead {code} has digits that are not whole numbers") from None
+        if raw.size and (raw.min() < -(2**31) or raw.max() >= 2**31):
+            raise ProtocolError(f"HL7 aECG: lead {code} has digits beyond 32 bits")
+        leads.append((code, Channel(raw=raw, uv_per_unit=scale * _UNIT_TO_UV[scale_unit],
+                                    offset_uv=origin * _UNIT_TO_UV[origin_unit])))
+    if increment is None or increment <= 0:
+        raise ProtocolError("HL7 aECG: the rhythm series has no time sequence with a positive increment")
+    return _Sequences(start, relative, increment, leads)
+
+
+def _interval_start(eff: Element | None, duration_s: float, local_tz: dt.tzinfo) -> dt.datetime | None:
+    if eff is None:
+        return None
+    low, center, high = (_attr(eff, name) for name in ("low", "center", "high"))
+    if low:
+        return parse_ts(low, local_tz)
+    if center:
+        return parse_ts(center, local_tz)
+    if high:
+        return parse_ts(high, local_tz) - dt.timedelta(seconds=duration_s)
+    return None
+
+
+def _patient(root: Element) -> Patient | None:
+    subject = root.find(_q("componentOf/timepointEvent/componentOf/subjectAssignment/subject/trialSubject"))
+    if subject is None:
+        return None
+    ident = subject.find(_q("id"))
+    patient_id = (ident.get("extension") or "").strip() if ident is not None else ""
+    if not patient_id:
+        return None  # an id with only a root names the register, not the patient
+    person = subject.find(_q("subjectDemographicPerson"))
+    name = ""
+    birth = None
+    sex = ""
+    if person is not None:
+        name_el = person.find(_q("name"))
+        if name_el is not None:
+            family = name_el.findtext(_q("family")) or ""
+            given = name_el.findtext(_q("given")) or ""
+            name = f"{family.strip()}^{given.strip()}" if (family or given) else (name_el.text or "").strip()
+        sex = _SEX.get(_attr(person, "administrativeGenderCode", "code") or "", "")
+        born = _attr(person, "birthTime")
+        if born and re.fullmatch(r"\d{8}.*", born):
+            try:
+                birth = dt.date(int(born[:4]), int(born[4:6]), int(born[6:8]))
+            except ValueError:
+                birth = None
+    return Patient(patient_id=patient_id, name=name, birth_date=birth, sex=sex,
+                   issuer=(ident.get("root") or "").strip() if ident is not None else "")
+
+
+def _device(series: Element) -> DeviceIdentity:
+    author = series.find(_q("author/seriesAuthor"))
+    if author is None:
+        return DeviceIdentity()
+    dev = author.find(_q("manufacturedSeriesDevice"))
+    return DeviceIdentity(
+        manufacturer=(author.findtext(_q("manufacturerOrganization/name")) or "").strip(),
+        model=(dev.findtext(_q("manufacturerModelName")) or "").strip() if dev is not None else "",
+        serial=(_attr(dev, "id", "extension") or "").strip(),
+        software_version=(dev.findtext(_q("softwareName")) or "").strip() if dev is not None else "")
+
+
+def _rate(increment_s: float) -> float:
+    rate = 1.0 / increment_s
+    whole = round(rate)
+    return float(whole) if whole and abs(rate - whole) < 1e-6 * whole else rate
+
+
+def read_aecg(data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc,
+              received_at: dt.datetime | None = None) -> EcgRecording:
+    """Decode the rhythm series of an HL7 aECG document.
+
+    `local_tz` interprets time stamps written without a zone; `received_at` is used
+    (TimeSource.GATEWAY_RECEIPT) only when the document carries no time at all.
+    """
+    try:
+        root = fromstring(bytes(data), forbid_dtd=True)
+    except DefusedXmlException as exc:
+        raise ProtocolError(f"HL7 aECG: refused unsafe XML ({type(exc).__name__})") from None
+    except (ParseError, ValueError) as exc:
+        raise ProtocolError(f"HL7 aECG: not well-formed XML ({exc})") from None
+    if root.tag != NS + "AnnotatedECG":
+        raise ProtocolError(f"not an HL7 aECG document (root element {root.tag!r})")
+    rhythm = None
+    for series in root.findall(_q("component/series")):
+        if _attr(series, "code", "code") == "RHYTHM":
+            rhythm = series
+            break
+    if rhythm is None:
+        raise ProtocolError("HL7 aECG document contains no rhythm ECG (no RHYTHM series): "
+                            "nothing to forward; check the export settings of the cart")
+    parsed = None
+    for seq_set in rhythm.findall(_q("component/sequenceSet")):
+        candidate = _read_sequence_set(seq_set, local_tz)
+        if candidate.leads:
+            parsed = candidate
+            break
+    if parsed is None:
+        raise ProtocolError("HL7 aECG rhythm series has no lead sequences")
+    lengths = {c.raw.size for _, c in parsed.leads}
+    if len(lengths) != 1 or 0 in lengths:
+        raise UnsupportedFeatureError(f"HL7 aECG leads have different or zero lengths {sorted(lengths)}")
+    names = [normalise_lead_name(code) for code, _ in parsed.leads]
+    require_unique(names, "HL7 aECG")
+    samples, uv_per_unit = to_common_unit([c for _, c in parsed.leads], "HL7 aECG")
+    rate = _rate(parsed.increment_s)
+    duration = lengths.pop() / rate
+
+    source = TimeSource.FILE
+    start = parsed.start
+    if start is None:
+        start = (_interval_start(rhythm.find(_q("effectiveTime")), duration, local_tz)
+                 or _interval_start(root.find(_q("effectiveTime")), duration, local_tz))
+        if start is not None and parsed.relative_s:
+            start += dt.timedelta(seconds=parsed.relative_s)
+    if start is None:
+        if received_at is None:
+            raise ProtocolError("HL7 aECG document carries no acquisition time")
+        start, source = received_at, TimeSource.GATEWAY_RECEIPT
+    all_samples, all_names, derived = derive_limb_leads(samples, tuple(names))
+    try:
+        return EcgRecording(samples=all_samples, lead_names=all_names, sampling_rate_hz=rate,
+                            uv_per_unit=uv_per_unit, acquired_at=start, time_source=source,
+                            device=_device(rhythm), patient=_patient(root), derived_leads=derived,
+                            source_format="aecg")
+    except InvalidRecordingError as exc:
+        raise ProtocolError(f"HL7 aECG: {exc}") from None
+
+
+def looks_like_aecg(data: bytes) -> bool:
+    head = bytes(data[:4096])
+    return b"AnnotatedECG" in head and b"<" in head

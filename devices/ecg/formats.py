@@ -1,0 +1,76 @@
+"""Which ECG format a file is, and one entry point that decodes any of them.
+
+Detection looks at the bytes first (DICOM preamble, aECG root element, SCP section 0,
+Contec header, zip signature) and at the file name only to break ties, so a renamed file
+still decodes and a file that is nothing we know is refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+
+from devices.ecg.aecg import looks_like_aecg, read_aecg
+from devices.ecg.contec import looks_like_contec, read_contec
+from devices.ecg.dicom_input import looks_like_dicom, read_dicom_ecg
+from devices.ecg.recording import EcgRecording
+from devices.ecg.scp import looks_like_scp, read_scp
+from devices.errors import ProtocolError
+
+FORMATS: tuple[str, ...] = ("scp", "aecg", "dicom", "contec", "npz")
+# file name endings that name a format (lower case); used when the bytes are not conclusive
+EXTENSIONS: dict[str, str] = {
+    ".scp": "scp", ".xml": "aecg", ".dcm": "dicom", ".dicom": "dicom", ".ecg": "contec", ".npz": "npz",
+}
+_ZIP = b"PK\x03\x04"
+
+
+def _extension_format(filename: str) -> str | None:
+    name = filename.lower()
+    return next((fmt for ext, fmt in EXTENSIONS.items() if name.endswith(ext)), None)
+
+
+def detect_format(data: bytes, filename: str = "") -> str:
+    """One of FORMATS, or ProtocolError when the bytes are no ECG format we read."""
+    head = bytes(data[:4096])
+    if looks_like_dicom(head):
+        return "dicom"
+    if looks_like_aecg(head):
+        return "aecg"
+    if looks_like_scp(head):
+        return "scp"
+    if looks_like_contec(data):
+        return "contec"
+    if head.startswith(_ZIP) and _extension_format(filename) == "npz":
+        return "npz"
+    by_name = _extension_format(filename)
+    # An .SCP that fails the structural check is still handed to the SCP decoder, which says
+    # precisely what is wrong (e.g. a handheld's non-conforming record length).
+    if by_name in ("scp", "contec", "dicom"):
+        return by_name
+    shown = filename or "the file"
+    raise ProtocolError(f"{shown} is not an ECG file this gateway reads (SCP-ECG, HL7 aECG XML, "
+                        "DICOM ECG, Contec ECG90A .ECG, or gateway .npz)")
+
+
+def _read_npz(data: bytes, **kwargs) -> EcgRecording:
+    from devices.ecg.npz import read_npz  # written beside this module; imported only when used
+
+    return read_npz(data)
+
+
+_DECODERS: dict[str, Callable[..., EcgRecording]] = {
+    "scp": read_scp, "aecg": read_aecg, "dicom": read_dicom_ecg, "contec": read_contec, "npz": _read_npz,
+}
+
+
+def decode_ecg(data: bytes, filename: str = "", *, local_tz: dt.tzinfo = dt.timezone.utc,
+               received_at: dt.datetime | None = None) -> EcgRecording:
+    """Decode any supported ECG file.
+
+    `local_tz`: the zone of the cart's clock, for times written without one. `received_at`:
+    used (TimeSource.GATEWAY_RECEIPT) only when the file carries no acquisition time.
+    Raises ProtocolError (or UnsupportedFeatureError) and nothing else for bad bytes.
+    """
+    fmt = detect_format(data, filename)
+    return _DECODERS[fmt](data, local_tz=local_tz, received_at=received_at)

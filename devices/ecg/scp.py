@@ -1,0 +1,594 @@
+"""SCP-ECG (EN 1064 / ISO 11073-91064, versions 1.x to 3.0) decoder.
+
+A record is CRC (2) + record length (4) + sections; every section starts with a 16-byte header
+(CRC, id, length, section version, protocol version, 6 reserved bytes). Section 0 points to
+the others (index counted from 1). All integers are little-endian. Every section's
+CRC-CCITT (and the record's) is checked before anything is decoded.
+
+What we decode: section 1 (patient, device, acquisition time), 2 (default or custom Huffman
+tables with table switching), 3 (lead definitions), 4 (reference beat length), 5 (reference
+beats), 6 (rhythm data: no, first or second differences). What we refuse, because no public
+file lets us prove a decoder right and a wrong guess would look like a plausible ECG:
+bimodal compression and reference-beat subtraction (UnsupportedFeatureError).
+
+Custom Huffman tables: codes whose total length exceeds the prefix carry the value in the
+extra bits (two's complement); the base value is added (ECGToolkit, ecgdatakit), and a table
+switch names tables from 1. Sample reconstruction wraps at 16 bits like the encoders do.
+"""
+
+from __future__ import annotations
+
+import binascii
+import datetime as dt
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from devices.ecg.leads import derive_limb_leads, lead_name_from_scp_code, require_unique, standard_order
+from devices.ecg.recording import EcgRecording
+from devices.errors import InvalidRecordingError, ProtocolError, UnsupportedFeatureError
+from devices.identity import DeviceIdentity, Patient, TimeSource
+
+SECTION_HEADER = 16
+DEFAULT_HUFFMAN = 19999
+MAX_LEADS = 64  # the standard allows 255; no cart records more than ~15
+MAX_SAMPLES_PER_LEAD = 10_000_000  # sanity bound before allocating (a 24 h Holter at 100 Hz)
+
+_SEX = {1: "M", 2: "F"}
+_MANUFACTURERS = {
+    1: "Burdick", 2: "Cambridge", 3: "Compumed", 4: "Datamed", 5: "Fukuda", 6: "Hewlett-Packard",
+    7: "Marquette Electronics", 8: "Mortara Instruments", 9: "Nihon Kohden", 10: "Okin",
+    11: "Quinton", 12: "Siemens", 13: "Spacelabs", 14: "Telemed", 15: "Hellige", 16: "ESA-OTE",
+    17: "Schiller", 18: "Picker-Schwarzer", 19: "et medical devices", 20: "Zwönitz",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ScpSection:
+    id: int
+    offset: int  # 0-based offset of the section header in the record
+    length: int  # including the 16-byte header
+    version: int
+    protocol: int
+
+
+@dataclass(frozen=True, slots=True)
+class ScpEcg:
+    """Everything we take from an SCP-ECG record."""
+
+    rhythm: EcgRecording
+    reference_beats: EcgRecording | None  # section 5, when stored (never subtracted here)
+    protocol_version: int  # 10, 11, 12, 13, 20, 30 ...
+    sections: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Lead:
+    start: int
+    end: int
+    code: int
+
+    @property
+    def count(self) -> int:
+        return self.end - self.start + 1
+
+
+def _crc(chunk: bytes) -> int:
+    """CRC-CCITT, polynomial 0x1021, initial value 0xFFFF (as EN 1064 specifies)."""
+    return binascii.crc_hqx(chunk, 0xFFFF)
+
+
+def _u16(b: bytes, p: int) -> int:
+    return int.from_bytes(b[p:p + 2], "little")
+
+
+def _u32(b: bytes, p: int) -> int:
+    return int.from_bytes(b[p:p + 4], "little")
+
+
+def _asciiz(raw: bytes) -> str:
+    text = raw.split(b"\x00", 1)[0]
+    try:
+        return text.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return text.decode("latin-1").strip()
+
+
+# ---------------------------------------------------------------- record and sections
+
+
+def _read_sections(data: bytes) -> tuple[bytes, dict[int, ScpSection]]:
+    if len(data) < 6 + SECTION_HEADER + 10:
+        raise ProtocolError(f"not an SCP-ECG file: only {len(data)} bytes")
+    record_len = _u32(data, 2)
+    if _u16(data, 8) != 0 or record_len < 6 + SECTION_HEADER or record_len > len(data):
+        raise ProtocolError(
+            f"not a readable SCP-ECG file: its header gives a record length of {record_len} bytes "
+            f"but the file has {len(data)} bytes. Either the copy is incomplete, or the device "
+            "writes a non-conforming 'SCP' variant (some handheld recorders do) that cannot be "
+            "read safely. Copy the file from the device again; if that does not help, export the "
+            "ECG in another format (DICOM, or SCP-ECG from the maker's PC program)")
+    record = data[:record_len]  # bytes after the record (padding) are not ours to read
+    if _crc(record[2:]) != _u16(record, 0):
+        raise ProtocolError("SCP-ECG file is damaged (record checksum mismatch): it was altered "
+                            "or not copied completely; copy it from the cart again")
+    sec0_len = _u32(record, 10)
+    if sec0_len < SECTION_HEADER or 6 + sec0_len > record_len:
+        raise ProtocolError(f"SCP-ECG section 0 claims {sec0_len} bytes in a {record_len}-byte record")
+    sections = {0: ScpSection(0, 6, sec0_len, record[14], record[15])}
+    _check_section_crc(record, sections[0])
+    pos, end = 6 + SECTION_HEADER, 6 + sec0_len
+    while pos + 10 <= end:
+        sid, length, index = _u16(record, pos), _u32(record, pos + 2), _u32(record, pos + 6)
+        pos += 10
+        if sid == 0 or length == 0:
+            continue
+        offset = index - 1
+        if index == 0 or length < SECTION_HEADER or offset + length > record_len:
+            raise ProtocolError(f"SCP-ECG section {sid} ({length} bytes at byte {index}) lies "
+                                f"outside the {record_len}-byte record")
+        if _u16(record, offset + 2) != sid or _u32(record, offset + 4) != length:
+            raise ProtocolError(f"SCP-ECG section {sid}: its header does not match section 0's pointer")
+        if sid in sections:
+            raise ProtocolError(f"SCP-ECG section {sid} is listed twice")
+        section = ScpSection(sid, offset, length, record[offset + 8], record[offset + 9])
+        _check_section_crc(record, section)
+        sections[sid] = section
+    return record, sections
+
+
+def _check_section_crc(record: bytes, section: ScpSection) -> None:
+    chunk = record[section.offset:section.offset + section.length]
+    if _crc(chunk[2:]) != _u16(chunk, 0):
+        raise ProtocolError(f"SCP-ECG section {section.id} is damaged (checksum mismatch): the "
+                            "file was altered or not copied completely; copy it from the cart again")
+
+
+def _body(record: bytes, section: ScpSection) -> bytes:
+    return record[section.offset + SECTION_HEADER:section.offset + section.length]
+
+
+# ---------------------------------------------------------------- section 1
+
+
+@dataclass
+class _Header:
+    patient: Patient | None = None
+    device: DeviceIdentity = DeviceIdentity()
+    acquired_at: dt.datetime | None = None
+    protocol: int = 0
+    stat: bool = False
+
+
+def _tags(body: bytes) -> list[tuple[int, bytes]]:
+    tags: list[tuple[int, bytes]] = []
+    pos = 0
+    while pos + 3 <= len(body):
+        tag, length = body[pos], _u16(body, pos + 1)
+        pos += 3
+        if tag == 255:
+            return tags
+        if pos + length > len(body):
+            raise ProtocolError(f"SCP-ECG section 1: tag {tag} claims {length} bytes beyond the section end")
+        tags.append((tag, body[pos:pos + length]))
+        pos += length
+    return tags
+
+
+def _date(v: bytes) -> dt.date | None:
+    if len(v) < 4 or not _u16(v, 0):
+        return None
+    try:
+        return dt.date(_u16(v, 0), v[2], v[3])
+    except ValueError:
+        return None
+
+
+def _parse_section1(body: bytes, local_tz: dt.tzinfo) -> _Header:
+    header = _Header()
+    values: dict[int, bytes] = {}
+    for tag, value in _tags(body):
+        values.setdefault(tag, value)  # first occurrence wins (tags 10, 13, 30 may repeat)
+    last, first = _asciiz(values.get(0, b"")), _asciiz(values.get(1, b""))
+    patient_id = _asciiz(values.get(2, b""))
+    if patient_id:
+        sex = values.get(8, b"")
+        header.patient = Patient(
+            patient_id=patient_id,
+            name="^".join(p for p in (last, first) if p) if first else last,
+            birth_date=_date(values.get(5, b"")),
+            sex=_SEX.get(sex[0], "") if sex else "")
+    device = values.get(14)
+    if device is not None and len(device) >= 36:
+        # byte 35: length of the analysing-program revision; then NUL-terminated serial number,
+        # system software, SCP implementation software and manufacturer.
+        n = device[35]
+        strings = [device[36:36 + n]] + device[36 + n:].split(b"\x00") + [b""] * 5
+        manufacturer = _asciiz(strings[4]) or _MANUFACTURERS.get(device[7], "")
+        header.device = DeviceIdentity(manufacturer=manufacturer, model=_asciiz(device[8:14]),
+                                       serial=_asciiz(strings[1]), software_version=_asciiz(strings[2]))
+        header.protocol = device[14]
+    stat = values.get(24, b"")
+    header.stat = bool(stat) and stat[0] > 0
+    day = _date(values.get(25, b""))
+    clock = values.get(26, b"")
+    if day is not None and len(clock) >= 3 and clock[0] < 24 and clock[1] < 60 and clock[2] < 60:
+        tz = local_tz
+        zone = values.get(34, b"")
+        if len(zone) >= 2:
+            minutes = int.from_bytes(zone[:2], "little", signed=True)
+            if minutes != 0x7FFF and abs(minutes) <= 14 * 60:
+                tz = dt.timezone(dt.timedelta(minutes=minutes))
+        header.acquired_at = dt.datetime(day.year, day.month, day.day, clock[0], clock[1], clock[2],
+                                         tzinfo=tz)
+    return header
+
+
+# ---------------------------------------------------------------- Huffman (section 2)
+
+
+@dataclass(frozen=True, slots=True)
+class HuffmanCode:
+    prefix_bits: int
+    total_bits: int
+    switch: bool  # True: switch to table `value` (numbered from 1)
+    value: int
+    code: int  # prefix, first transmitted bit most significant
+
+
+def _default_table() -> tuple[HuffmanCode, ...]:
+    # EN 1064 default table: 0 -> "0"; +-n (n = 1..8) -> n ones, a zero, the sign bit;
+    # "1111111110" + 8-bit value; "1111111111" + 16-bit value.
+    codes = [HuffmanCode(1, 1, False, 0, 0)]
+    for n in range(1, 9):
+        ones = (1 << n) - 1
+        codes.append(HuffmanCode(n + 2, n + 2, False, n, ones << 2))
+        codes.append(HuffmanCode(n + 2, n + 2, False, -n, (ones << 2) | 1))
+    codes.append(HuffmanCode(10, 18, False, 0, 0b1111111110))
+    codes.append(HuffmanCode(10, 26, False, 0, 0b1111111111))
+    return tuple(codes)
+
+
+DEFAULT_TABLE = _default_table()
+
+
+def _parse_section2(body: bytes) -> list[tuple[HuffmanCode, ...]]:
+    if len(body) < 2:
+        raise ProtocolError("SCP-ECG section 2 (Huffman tables) is empty")
+    count = _u16(body, 0)
+    if count == DEFAULT_HUFFMAN:
+        return [DEFAULT_TABLE]
+    if count == 0 or count > 256:
+        raise ProtocolError(f"SCP-ECG section 2 declares {count} Huffman tables")
+    tables = []
+    pos = 2
+    for t in range(count):
+        if pos + 2 > len(body):
+            raise ProtocolError(f"SCP-ECG section 2 ends inside Huffman table {t + 1}")
+        n = _u16(body, pos)
+        pos += 2
+        if n == 0 or pos + 9 * n > len(body):
+            raise ProtocolError(f"SCP-ECG section 2: Huffman table {t + 1} claims {n} codes")
+        codes = []
+        for _ in range(n):
+            prefix, total, mode = body[pos], body[pos + 1], body[pos + 2]
+            value = int.from_bytes(body[pos + 3:pos + 5], "little", signed=True)
+            stored = _u32(body, pos + 5)
+            pos += 9
+            if not 1 <= prefix <= 32 or total < prefix or total - prefix > 32:
+                raise ProtocolError(f"SCP-ECG section 2: bad code lengths {prefix}/{total}")
+            if mode == 0 and total != prefix:
+                raise ProtocolError("SCP-ECG section 2: a table switch code carries extra bits")
+            # the base code is stored with its first transmitted bit in the least significant bit
+            code = int(format(stored & ((1 << prefix) - 1), f"0{prefix}b")[::-1], 2)
+            codes.append(HuffmanCode(prefix, total, mode == 0, value, code))
+        if len({(c.prefix_bits, c.code) for c in codes}) != len(codes):
+            raise ProtocolError(f"SCP-ECG section 2: Huffman table {t + 1} repeats a code")
+        tables.append(tuple(codes))
+    for table in tables:
+        for c in table:
+            if c.switch and not 1 <= c.value <= len(tables):
+                raise ProtocolError(f"SCP-ECG section 2: switch to missing Huffman table {c.value}")
+    return tables
+
+
+def _signed(raw: int, bits: int) -> int:
+    return raw - (1 << bits) if raw >> (bits - 1) else raw
+
+
+def _decode_default(chunk: bytes, count: int, what: str) -> np.ndarray:
+    """Default-table Huffman decoding: per bit position, the code starting there is known from
+    the next 10 bits, so only the walk from code to code is a Python loop."""
+    nbits = len(chunk) * 8
+    bits = np.unpackbits(np.frombuffer(chunk, dtype=np.uint8)).astype(np.int64)
+    padded = np.concatenate([bits, np.zeros(26, dtype=np.int64)])
+    # leading ones (capped at 10) at every position
+    window = np.zeros(nbits, dtype=np.int64)
+    for k in range(10):
+        window = (window << 1) | padded[k:k + nbits]
+    ones = np.zeros(nbits, dtype=np.int64)
+    run = np.ones(nbits, dtype=bool)
+    for k in range(10):
+        run &= padded[k:k + nbits] == 1
+        ones += run
+    sign = padded[np.minimum(np.arange(nbits) + ones + 1, nbits + 25)]
+    length = np.where(ones == 0, 1, ones + 2)
+    value = np.where(sign == 1, -ones, ones)
+    esc8 = (ones == 9)
+    esc16 = (ones == 10)
+    length = np.where(esc8, 18, np.where(esc16, 26, length))
+    step = length.tolist()
+    positions = []
+    pos = 0
+    append = positions.append
+    while len(positions) < count:
+        if pos >= nbits:
+            break
+        append(pos)
+        pos += step[pos]
+    if len(positions) < count or pos > nbits:
+        raise ProtocolError(f"SCP-ECG {what}: Huffman data ends after {max(len(positions) - 1, 0)} "
+                            f"of {count} samples")
+    idx = np.asarray(positions, dtype=np.int64)
+    out = value[idx]
+    for flag, width in ((esc8[idx], 8), (esc16[idx], 16)):
+        where = np.nonzero(flag)[0]
+        if where.size:
+            start = idx[where] + 10
+            raw = np.zeros(where.size, dtype=np.int64)
+            for k in range(width):
+                raw = (raw << 1) | padded[start + k]
+            out[where] = np.where(raw >> (width - 1), raw - (1 << width), raw)
+    return out
+
+
+def _decode_custom(chunk: bytes, count: int, tables: list[tuple[HuffmanCode, ...]], what: str) -> np.ndarray:
+    nbits = len(chunk) * 8
+    stream = int.from_bytes(chunk, "big")
+    lookups = [{(c.prefix_bits, c.code): c for c in t} for t in tables]
+    lengths = [sorted({c.prefix_bits for c in t}) for t in tables]
+    current = 0
+    out = np.empty(count, dtype=np.int64)
+    pos = n = 0
+    switches = 0
+    while n < count:
+        entry = None
+        for plen in lengths[current]:
+            if pos + plen > nbits:
+                break
+            prefix = (stream >> (nbits - pos - plen)) & ((1 << plen) - 1)
+            entry = lookups[current].get((plen, prefix))
+            if entry is not None:
+                break
+        if entry is None:
+            if pos + lengths[current][0] > nbits:
+                raise ProtocolError(f"SCP-ECG {what}: Huffman data ends after {n} of {count} samples")
+            raise ProtocolError(f"SCP-ECG {what}: bit pattern at bit {pos} is not in the Huffman table")
+        pos += entry.prefix_bits
+        if entry.switch:
+            switches += 1
+            if switches > nbits:  # switches consume bits, so this only guards a zero-length loop
+                raise ProtocolError(f"SCP-ECG {what}: endless Huffman table switching")
+            current = entry.value - 1
+            continue
+        extra = entry.total_bits - entry.prefix_bits
+        value = entry.value
+        if extra:
+            if pos + extra > nbits:
+                raise ProtocolError(f"SCP-ECG {what}: Huffman data ends after {n} of {count} samples")
+            raw = (stream >> (nbits - pos - extra)) & ((1 << extra) - 1)
+            value += _signed(raw, extra)
+            pos += extra
+        out[n] = value
+        n += 1
+    return out
+
+
+def huffman_decode(chunk: bytes, count: int, tables: list[tuple[HuffmanCode, ...]] | None,
+                   what: str = "data") -> np.ndarray:
+    """Decode `count` values (before undoing differences); tables None means 16-bit integers."""
+    if tables is None:
+        if 2 * count > len(chunk):
+            raise ProtocolError(f"SCP-ECG {what}: {len(chunk)} bytes hold fewer than {count} samples")
+        return np.frombuffer(chunk, dtype="<i2", count=count).astype(np.int64)
+    # Every code is at least one bit: more samples than bits means the lengths lie.
+    if count > len(chunk) * 8:
+        raise ProtocolError(f"SCP-ECG {what}: {len(chunk)} bytes cannot hold {count} samples")
+    if tables[0] is DEFAULT_TABLE:
+        return _decode_default(chunk, count, what)
+    return _decode_custom(chunk, count, tables, what)
+
+
+def undo_differences(values: np.ndarray, mode: int) -> np.ndarray:
+    """Reconstruct samples from first (1) or second (2) differences, in 16-bit arithmetic."""
+    v = values.astype(np.int64)
+    if mode == 1 and v.size:
+        out = np.cumsum(v)
+    elif mode == 2 and v.size > 2:
+        # x[n] = d[n] + 2 x[n-1] - x[n-2] for n >= 2; x[0], x[1] are stored as they are
+        slope = np.empty(v.size - 1, dtype=np.int64)
+        slope[0] = v[1] - v[0]
+        slope[1:] = slope[0] + np.cumsum(v[2:])
+        out = np.concatenate(([v[0]], v[0] + np.cumsum(slope)))
+    else:
+        out = v
+    return out.astype(np.int16)
+
+
+# ---------------------------------------------------------------- sections 3 to 6
+
+
+def _parse_section3(body: bytes) -> tuple[list[_Lead], int]:
+    if len(body) < 2:
+        raise ProtocolError("SCP-ECG section 3 (lead definition) is empty")
+    count, flags = body[0], body[1]
+    if count == 0:
+        raise ProtocolError("SCP-ECG section 3 defines no leads")
+    if count > MAX_LEADS:
+        raise UnsupportedFeatureError(f"SCP-ECG file defines {count} leads; at most {MAX_LEADS} are supported")
+    if 2 + 9 * count > len(body):
+        raise ProtocolError(f"SCP-ECG section 3 declares {count} leads but holds {(len(body) - 2) // 9}")
+    leads = []
+    for i in range(count):
+        p = 2 + 9 * i
+        lead = _Lead(_u32(body, p), _u32(body, p + 4), body[p + 8])
+        if lead.start < 1 or lead.end < lead.start or lead.count > MAX_SAMPLES_PER_LEAD:
+            raise ProtocolError(f"SCP-ECG lead {i + 1}: bad sample range {lead.start}..{lead.end}")
+        leads.append(lead)
+    return leads, flags
+
+
+@dataclass(frozen=True, slots=True)
+class _Encoded:
+    avm_nv: int
+    interval_us: int
+    differences: int
+    flag: int
+    chunks: tuple[bytes, ...]
+
+
+def _parse_encoded(body: bytes, n_leads: int, sid: int) -> _Encoded:
+    if len(body) < 6 + 2 * n_leads:
+        raise ProtocolError(f"SCP-ECG section {sid} is too short for {n_leads} leads")
+    avm, interval, diff, flag = _u16(body, 0), _u16(body, 2), body[4], body[5]
+    if diff not in (0, 1, 2):
+        raise ProtocolError(f"SCP-ECG section {sid}: unknown difference encoding {diff}")
+    if avm == 0:
+        raise ProtocolError(f"SCP-ECG section {sid}: amplitude multiplier is 0 (samples would have no unit)")
+    if interval == 0:
+        raise ProtocolError(f"SCP-ECG section {sid}: sample interval is 0")
+    sizes = [_u16(body, 6 + 2 * i) for i in range(n_leads)]
+    pos = 6 + 2 * n_leads
+    if pos + sum(sizes) > len(body):
+        raise ProtocolError(f"SCP-ECG section {sid}: lead data ({sum(sizes)} bytes) exceeds the section")
+    chunks = []
+    for size in sizes:
+        chunks.append(body[pos:pos + size])
+        pos += size
+    return _Encoded(avm, interval, diff, flag, tuple(chunks))
+
+
+def _decode_leads(enc: _Encoded, counts: list[int], tables: list[tuple[HuffmanCode, ...]] | None,
+                  sid: int) -> np.ndarray:
+    # every code is at least one bit (16 without compression): check before allocating
+    per_byte = 8 if tables is not None else 0.5
+    for i, (chunk, count) in enumerate(zip(enc.chunks, counts)):
+        if count > len(chunk) * per_byte:
+            raise ProtocolError(f"SCP-ECG section {sid} lead {i + 1}: {len(chunk)} bytes cannot hold "
+                                f"{count} samples")
+    out = np.empty((len(counts), counts[0]), dtype=np.int16)
+    for i, (chunk, count) in enumerate(zip(enc.chunks, counts)):
+        values = huffman_decode(chunk, count, tables, f"section {sid} lead {i + 1}")
+        out[i] = undo_differences(values, enc.differences)
+    return out
+
+
+def _rate(interval_us: int) -> float:
+    """Rate from a whole-microsecond interval: 1667 us is 600 Hz, not 599.88 Hz."""
+    whole = round(1_000_000 / interval_us)
+    if whole and round(1_000_000 / whole) == interval_us:
+        return float(whole)
+    return 1_000_000 / interval_us
+
+
+def parse_scp(data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc,
+              received_at: dt.datetime | None = None) -> ScpEcg:
+    """Decode an SCP-ECG record.
+
+    `local_tz` interprets an acquisition time written without a zone (tag 34 absent);
+    `received_at` is used (TimeSource.GATEWAY_RECEIPT) only when the file carries no time.
+    Raises ProtocolError / UnsupportedFeatureError for anything we cannot decode exactly.
+    """
+    record, sections = _read_sections(bytes(data))
+    for required in (3, 6):
+        if required not in sections:
+            if required == 6 and 12 in sections:
+                raise UnsupportedFeatureError("SCP-ECG long-term rhythm data (section 12) is not supported")
+            raise ProtocolError(f"SCP-ECG section {required} ({'lead definition' if required == 3 else 'rhythm data'}) is missing")
+    header = _parse_section1(_body(record, sections[1]), local_tz) if 1 in sections else _Header()
+    protocol = sections[0].protocol or header.protocol
+    tables = _parse_section2(_body(record, sections[2])) if 2 in sections else None
+    leads, flags = _parse_section3(_body(record, sections[3]))
+    if flags & 0x01:
+        raise UnsupportedFeatureError(
+            "this SCP-ECG file uses reference-beat subtraction, which this gateway does not decode "
+            "(no test file exists to prove a decoder right); export the ECG without compression "
+            "or as DICOM")
+    rhythm_enc = _parse_encoded(_body(record, sections[6]), len(leads), 6)
+    if rhythm_enc.flag and protocol < 30:
+        raise UnsupportedFeatureError(
+            "this SCP-ECG file uses bimodal compression (rhythm stored at reduced resolution "
+            "outside the QRS complexes), which this gateway does not decode; export the ECG "
+            "without compression or as DICOM")
+    starts, ends = {lead.start for lead in leads}, {lead.end for lead in leads}
+    if len(starts) != 1 or len(ends) != 1:
+        raise UnsupportedFeatureError(
+            "SCP-ECG leads were recorded at different times (sequential acquisition); only "
+            "simultaneously recorded leads are supported")
+    names = [lead_name_from_scp_code(lead.code) for lead in leads]
+    require_unique(names, "SCP-ECG section 3")
+    samples = _decode_leads(rhythm_enc, [lead.count for lead in leads], tables, 6)
+
+    acquired_at, source = header.acquired_at, TimeSource.FILE
+    if acquired_at is None:
+        if received_at is None:
+            raise ProtocolError("SCP-ECG file carries no acquisition date/time")
+        acquired_at, source = received_at, TimeSource.GATEWAY_RECEIPT
+    common = dict(acquired_at=acquired_at, time_source=source, device=header.device,
+                  patient=header.patient, source_format="scp", stat=header.stat)
+    all_samples, all_names, derived = derive_limb_leads(samples, tuple(names))
+    try:
+        rhythm = EcgRecording(samples=all_samples, lead_names=all_names,
+                              sampling_rate_hz=_rate(rhythm_enc.interval_us),
+                              uv_per_unit=rhythm_enc.avm_nv / 1000.0, derived_leads=derived, **common)
+    except InvalidRecordingError as exc:
+        raise ProtocolError(f"SCP-ECG rhythm data: {exc}") from None
+
+    reference = None
+    if 5 in sections:
+        reference = _reference_beats(record, sections, leads, names, tables, common)
+    return ScpEcg(rhythm=rhythm, reference_beats=reference, protocol_version=protocol,
+                  sections=tuple(sorted(sections)))
+
+
+def _reference_beats(record: bytes, sections: dict[int, ScpSection], leads: list[_Lead],
+                     names: list[str], tables: list[tuple[HuffmanCode, ...]] | None,
+                     common: dict) -> EcgRecording | None:
+    enc = _parse_encoded(_body(record, sections[5]), len(leads), 5)
+    length_ms = 0
+    if 4 in sections:
+        body4 = _body(record, sections[4])
+        if len(body4) < 6:
+            raise ProtocolError("SCP-ECG section 4 is too short")
+        length_ms = _u16(body4, 0)
+    if length_ms:
+        count = round(length_ms * 1000 / enc.interval_us)
+    elif tables is None:
+        count = min(len(c) for c in enc.chunks) // 2
+    else:
+        return None  # Huffman-coded beats of unknown length: nothing we can decode exactly
+    if count < 1 or count > MAX_SAMPLES_PER_LEAD:
+        return None
+    beats = _decode_leads(enc, [count] * len(leads), tables, 5)
+    order = standard_order(names)
+    try:
+        return EcgRecording(samples=beats[order], lead_names=tuple(names[i] for i in order),
+                            sampling_rate_hz=_rate(enc.interval_us), uv_per_unit=enc.avm_nv / 1000.0,
+                            **common)
+    except InvalidRecordingError as exc:
+        raise ProtocolError(f"SCP-ECG reference beats: {exc}") from None
+
+
+def read_scp(data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc,
+             received_at: dt.datetime | None = None) -> EcgRecording:
+    """The rhythm recording of an SCP-ECG file (see parse_scp)."""
+    return parse_scp(data, local_tz=local_tz, received_at=received_at).rhythm
+
+
+def looks_like_scp(data: bytes) -> bool:
+    """Cheap structural check: section 0 header right after the 6-byte record header."""
+    if len(data) < 32:
+        return False
+    return (_u16(data, 8) == 0 and _u32(data, 10) >= SECTION_HEADER
+            and (data[16:22] == b"SCPECG" or (_u16(data, 22) == 0 and _u32(data, 28) == 7)))

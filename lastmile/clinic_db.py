@@ -1,0 +1,110 @@
+"""The clinic's small state database (`clinic.db` in the data directory).
+
+It holds what the clinic session knows beside the outbox: the current patient and doctor
+(`patient_context`), the devices and their status (`device_registry`), and observations held
+unassigned until the doctor says whose they are (`observation_store`). WAL and a busy timeout,
+because the acquire service and the `lastmile` commands use it at the same time; FULL sync,
+because a held observation exists nowhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import sqlite_utils
+
+from uploader.outbox_migrations import Migration, migrate
+
+DB_NAME = "clinic.db"
+BUSY_TIMEOUT_MS = 15_000
+
+
+def _session(db: sqlite_utils.Database) -> None:
+    # One row (id 1): the clinic session now. Times are ISO 8601 UTC.
+    db["session"].create({"id": int, "patient_id": str, "patient_name": str, "patient_since": str,
+                          "doctor_id": str, "doctor_since": str, "last_activity": str}, pk="id")
+    db["session_log"].create({"id": int, "at": str, "event": str, "patient_id": str, "doctor_id": str,
+                              "detail": str}, pk="id", not_null=["at", "event"])
+
+
+def _devices(db: sqlite_utils.Database) -> None:
+    db["devices"].create({
+        "address": str,  # BLE address (upper case) or serial port identity
+        "transport": str,  # "ble", "serial" ...
+        "name": str,
+        "allowed": int,  # 1: paired for this clinic (BLE allow-list)
+        "pair_required": int,  # 1: bond (encrypt) before using it
+        "added_at": str,
+        "manufacturer": str, "model": str, "serial": str, "software_version": str,
+        "connected": int,
+        "last_seen_at": str, "last_connected_at": str,
+        "last_reading_at": str, "last_reading": str,  # short summary "120/80 mm[Hg]"
+        "last_error": str, "last_error_at": str,
+        "last_sequence": int,  # highest record sequence number stored (glucose RACP)
+        "updated_at": str,
+    }, pk="address", not_null=["transport", "updated_at"], defaults={"allowed": 0, "pair_required": 0,
+                                                                     "connected": 0})
+
+
+def _held_observations(db: sqlite_utils.Database) -> None:
+    db["held_observations"].create({"id": int, "key": str, "kind": str, "measured_at": str,
+                                    "device": str, "observation": str, "held_at": str},
+                                   pk="id", not_null=["key", "kind", "observation", "held_at"])
+    db["held_observations"].create_index(["key"], index_name="held_key", unique=True)
+
+
+MIGRATIONS = (Migration("0001_session", _session), Migration("0002_devices", _devices),
+              Migration("0003_held_observations", _held_observations))
+
+
+def open_clinic_db(data_dir: str | os.PathLike[str]) -> sqlite_utils.Database:
+    """Open (creating or migrating) clinic.db in `data_dir`; autocommit, explicit transactions."""
+    path = Path(data_dir)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    db_path = path / DB_NAME
+    conn = sqlite3.connect(db_path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                           check_same_thread=False)
+    try:
+        with contextlib.suppress(PermissionError):
+            os.chmod(db_path, 0o600)
+        conn.row_factory = sqlite3.Row
+        for pragma in (f"busy_timeout={BUSY_TIMEOUT_MS}", "synchronous=FULL", "secure_delete=ON"):
+            conn.execute(f"PRAGMA {pragma}")
+        db = sqlite_utils.Database(conn)
+        db.enable_wal()
+        migrate(db, MIGRATIONS)
+    except BaseException:
+        conn.close()
+        raise
+    return db
+
+
+@contextlib.contextmanager
+def transaction(db: sqlite_utils.Database) -> Iterator[sqlite3.Connection]:
+    conn: sqlite3.Connection = db.conn
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def iso(value: dt.datetime) -> str:
+    if value.tzinfo is None:
+        raise ValueError(f"naive time {value.isoformat()} (clinic.db keeps UTC)")
+    return value.astimezone(dt.timezone.utc).isoformat()
+
+
+def from_iso(value: str | None) -> dt.datetime | None:
+    return dt.datetime.fromisoformat(value) if value else None
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)

@@ -1,0 +1,91 @@
+"""The forward service: outbox → reading center (DICOM) and county platform (FHIR)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from lastmile.config import Config, ReadingCenterSection
+from uploader.dicom_net import PeerSettings, TlsFiles
+from uploader.ecg_forwarder import EcgForwarder, ForwarderSettings
+from uploader.outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+
+def peer_settings(rc: ReadingCenterSection, *, host: str | None = None,
+                  port: int | None = None, called_ae: str | None = None) -> PeerSettings:
+    tls = None
+    if rc.tls.enabled:
+        tls = TlsFiles(ca_file=rc.tls.ca_file, cert_file=rc.tls.cert_file, key_file=rc.tls.key_file)
+    return PeerSettings(host=host or rc.host, port=port or rc.port,
+                        called_ae=called_ae or rc.called_ae, calling_ae=rc.calling_ae,
+                        timeout_s=rc.timeout_s, deflate=rc.deflate, tls=tls)
+
+
+def forwarder_settings(config: Config) -> ForwarderSettings:
+    rc = config.reading_center
+    return ForwarderSettings(
+        peer=peer_settings(rc), associations=max(1, rc.associations),
+        batch_size=max(1, rc.batch_size), storage_commitment=rc.storage_commitment,
+        listen_port=rc.listen_port, commitment_timeout_s=rc.commitment_timeout_s,
+        no_commitment_policy=rc.no_commitment_policy,
+        config_fault_retry_s=config.outbox.config_fault_retry_s,
+        retention_s=config.outbox.retention_days * 86400.0)
+
+
+def open_outbox(config: Config) -> Outbox:
+    data_dir = Path(config.gateway.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return Outbox.open(data_dir, min_free_bytes=config.outbox.min_free_mb * 2**20,
+                       backoff_base_s=config.outbox.backoff_base_s,
+                       backoff_max_s=config.outbox.backoff_max_s)
+
+
+class ForwardService:
+    """One `step()` forwards DICOM, then FHIR; the runtime pings the watchdog between steps."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.outbox = open_outbox(config)
+        self.ecg = EcgForwarder(self.outbox, forwarder_settings(config))
+        self.ecg.start()
+        self._fhir = self._make_fhir(config)
+        self._last = "starting"
+
+    @staticmethod
+    def _make_fhir(config: Config):  # -> FhirForwarding | None
+        if not config.fhir.base_url:
+            return None
+        try:
+            from lastmile.fhir_forwarding import FhirForwarding
+        except ImportError:
+            log.warning("FHIR forwarding is configured but not available in this build")
+            return None
+        return FhirForwarding(config)
+
+    def step(self, stop: threading.Event) -> float:
+        result = self.ecg.run_round(stop)
+        waits = [0.0 if result.did_work else self.ecg._idle_delay()]
+        if self._fhir is not None and not stop.is_set():
+            waits.append(self._fhir.step(self.outbox, stop))
+        self._last = (f"sent {result.sent}, committed {result.committed}, retry {result.transient}, "
+                      f"quarantined {result.quarantined}" + (f", FAULT {result.fault}" if result.fault else ""))
+        if result.did_work:
+            log.info("forward round: %s", self._last)
+        return min(waits)
+
+    def reload(self, config: Config) -> None:
+        self.ecg.close()
+        self.config = config
+        self.ecg = EcgForwarder(self.outbox, forwarder_settings(config))
+        self.ecg.start()
+        self._fhir = self._make_fhir(config)
+
+    def close(self) -> None:
+        self.ecg.close()
+        self.outbox.close()
+
+    def status_line(self) -> str:
+        return self._last

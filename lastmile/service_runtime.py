@@ -1,0 +1,457 @@
+"""Run a long-lived Lastmile service under systemd: signals, readiness, watchdog, logging.
+
+Both services (`lastmile acquire`, `lastmile forward`) are a `Service` driven by one
+`ServiceRuntime`:
+
+    runtime = ServiceRuntime("forward", load_config=lambda: config_from_args(args))
+    return runtime.run(lambda config: ForwardService(config))
+
+The runtime calls `setup(config)`, sends READY=1, then calls `service.step(stop)` until SIGTERM.
+The watchdog is pinged from this loop only, after a step returned (or while waiting the delay a
+step asked for), so a step that hangs stops the pings and systemd kills and restarts the unit.
+SIGTERM/SIGINT set `stop`: the step in hand finishes its write, then `close()` runs. SIGHUP
+reloads the configuration (a bad file is logged and the running configuration kept).
+
+Signal handlers do no work themselves: the kernel-level wakeup fd is read by a small thread that
+sets the events, because setting a threading.Event from a Python signal handler can deadlock
+when the main thread holds that event's lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Protocol
+
+from lastmile.sdnotify import SystemdNotifier
+
+if TYPE_CHECKING:
+    from lastmile.config import Config
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # systemd restarts us (Restart=on-failure)
+EXIT_CONFIG = 78  # EX_CONFIG: the units list it in RestartPreventExitStatus
+
+
+class Service(Protocol):
+    """One unit of a long-lived service, driven by `ServiceRuntime`."""
+
+    def step(self, stop: threading.Event) -> float:
+        """Do one unit of work; return seconds to wait before the next step (0 = at once).
+
+        Must return well within the watchdog period (WatchdogSec/2): check `stop` between items
+        of a batch. An exception is logged and the process exits non-zero (systemd restarts it).
+        """
+        ...
+
+    def reload(self, config: Config) -> None:
+        """Apply a new configuration (SIGHUP)."""
+        ...
+
+    def close(self) -> None:
+        """Finish the write in hand and close associations cleanly."""
+        ...
+
+    def status_line(self) -> str:
+        """One line for `systemctl status` (STATUS=); no patient data."""
+        ...
+
+
+class ServiceRuntime:
+    """Drives one `Service`: signals, sd_notify readiness and a progress-gated watchdog."""
+
+    def __init__(self, name: str, *, load_config: Callable[[], Config],
+                 watchdog_margin: float = 0.5,
+                 notifier: SystemdNotifier | None = None,
+                 install_signal_handlers: bool = True,
+                 configure_logging: bool = True) -> None:
+        if not 0.0 < watchdog_margin < 1.0:
+            raise ValueError("watchdog_margin is the fraction of WatchdogSec between pings: 0 < m < 1")
+        self.name = name
+        self.load_config = load_config
+        self.watchdog_margin = watchdog_margin
+        # Our children must not speak to systemd for us.
+        self.notifier = notifier if notifier is not None else SystemdNotifier(unset_environment=True)
+        self.install_signal_handlers = install_signal_handlers
+        self.configure_logging = configure_logging
+        self.stop_event = threading.Event()  # handed to every step
+        self._wake = threading.Event()  # ends the wait between steps early
+        self._reload_requested = False
+        self.started = time.monotonic()
+        self.ready_after: float | None = None  # seconds from runtime creation to READY=1
+        self.log_filter: PatientDataFilter | None = None
+
+    # -- requests (signal thread, tests, other threads) -------------------------------------------
+
+    def request_stop(self) -> None:
+        self.stop_event.set()
+        self._wake.set()
+
+    def request_reload(self) -> None:
+        self._reload_requested = True
+        self._wake.set()
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    @property
+    def ping_interval(self) -> float | None:
+        wd = self.notifier.watchdog_s
+        return wd * self.watchdog_margin if wd else None
+
+    def run(self, setup: Callable[[Config], Service]) -> int:
+        """Set up, announce READY, step until stopped; returns the process exit code."""
+        from lastmile.config import ConfigError
+
+        signals = _SignalWatcher(self) if self.install_signal_handlers else None
+        try:
+            if signals:
+                signals.install()
+            try:
+                config = self.load_config()
+            except ConfigError as exc:
+                self._early_logging()
+                log.error("configuration refused: %s", exc)
+                self.notifier.notify(f"STATUS=configuration refused: {_first_line(exc)}", "ERRNO=78")
+                return EXIT_CONFIG
+            if self.configure_logging:
+                self.log_filter = configure_service_logging(config)
+            log.info("%s starting (config %s, data %s)", self.name, config.source, config.data_dir)
+            try:
+                service = setup(config)
+            except ConfigError as exc:
+                log.error("configuration refused: %s", exc)
+                self.notifier.notify(f"STATUS=configuration refused: {_first_line(exc)}", "ERRNO=78")
+                return EXIT_CONFIG
+            except Exception:
+                log.exception("%s could not start", self.name)
+                self.notifier.notify(f"STATUS={self.name}: start failed, see the journal")
+                return EXIT_FAILURE
+            try:
+                return self._loop(service)
+            finally:
+                self.notifier.stopping(f"{self.name}: stopping")
+                try:
+                    service.close()
+                except Exception:
+                    log.exception("%s: close failed", self.name)
+                log.info("%s stopped", self.name)
+        finally:
+            if signals:
+                signals.uninstall()
+
+    def _loop(self, service: Service) -> int:
+        self.ready_after = time.monotonic() - self.started
+        self.notifier.ready(self._status(service))
+        self.notifier.watchdog_ping()
+        log.info("%s ready after %.2f s (watchdog %s)", self.name, self.ready_after,
+                 f"{self.notifier.watchdog_s:g} s" if self.notifier.watchdog_s else "off")
+        stop = self.stop_event
+        while not stop.is_set():
+            if self._reload_requested:
+                self._reload(service)
+                continue
+            began = time.monotonic()
+            try:
+                delay = service.step(stop)
+            except Exception:
+                log.exception("%s: step failed; exiting so systemd restarts the service", self.name)
+                self.notifier.notify(f"STATUS={self.name}: failed, restarting (see the journal)")
+                return EXIT_FAILURE
+            took = time.monotonic() - began
+            interval = self.ping_interval
+            if interval is not None and took > interval:
+                log.warning("%s: a step took %.1f s; the watchdog allows %.1f s", self.name, took,
+                            self.notifier.watchdog_s or 0.0)
+            self._progress(service)
+            self._wait(float(delay or 0.0))
+        return EXIT_OK
+
+    def _progress(self, service: Service) -> None:
+        """The loop went round: keep the watchdog fed and the status current."""
+        self.notifier.watchdog_ping(min_interval=(self.ping_interval or 0.0) / 2)
+        self.notifier.status(self._status(service))
+
+    def _wait(self, delay: float) -> None:
+        """Wait `delay` seconds or until woken; the loop is alive meanwhile, so keep pinging."""
+        if delay <= 0:
+            return
+        deadline = time.monotonic() + delay
+        while not self.stop_event.is_set() and not self._reload_requested:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            interval = self.ping_interval
+            if self._wake.wait(min(remaining, interval) if interval else remaining):
+                self._wake.clear()
+                return
+            self.notifier.watchdog_ping(min_interval=(interval or 0.0) / 2)
+
+    def _reload(self, service: Service) -> None:
+        from lastmile.config import ConfigError
+
+        self._reload_requested = False
+        self.notifier.reloading()
+        try:
+            config = self.load_config()
+        except ConfigError as exc:
+            log.error("reload: configuration refused, keeping the running one: %s", exc)
+            self.notifier.ready(f"{self._status(service)} (reload refused: {_first_line(exc)})")
+            return
+        service.reload(config)
+        if self.log_filter is not None:
+            self.log_filter.configure(config)
+        log.info("%s: configuration reloaded from %s", self.name, config.source)
+        self.notifier.ready(self._status(service))
+
+    def _status(self, service: Service) -> str:
+        try:
+            line = service.status_line()
+        except Exception as exc:  # a status must never take the service down
+            line = f"status unavailable ({type(exc).__name__})"
+        return mask_patient_data(line, self.log_filter) if self.log_filter else line
+
+    def _early_logging(self) -> None:
+        if self.configure_logging and not logging.getLogger().handlers:
+            configure_service_logging(None)
+
+
+class _SignalWatcher:
+    """SIGTERM/SIGINT -> stop, SIGHUP -> reload, handled on a thread fed by the wakeup fd."""
+
+    STOP = (signal.SIGTERM, signal.SIGINT)
+    RELOAD = (signal.SIGHUP,)
+
+    def __init__(self, runtime: ServiceRuntime) -> None:
+        self.runtime = runtime
+        self._previous: dict[int, object] = {}
+        self._old_fd = -1
+        self._reader, self._writer = socket.socketpair()
+        self._writer.setblocking(False)
+        self._thread = threading.Thread(target=self._watch, name="signals", daemon=True)
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("signal handlers can only be installed from the main thread")
+        self._old_fd = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+        for sig in self.STOP + self.RELOAD:
+            self._previous[sig] = signal.signal(sig, _note_signal)
+        self._thread.start()
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        signal.set_wakeup_fd(self._old_fd)
+        try:
+            self._writer.send(b"\0")  # tells the watcher to end
+        except OSError:
+            pass
+        self._thread.join(timeout=1.0)
+        self._reader.close()
+        self._writer.close()
+
+    def _watch(self) -> None:
+        while True:
+            try:
+                data = self._reader.recv(64)
+            except OSError:
+                return
+            for signum in data:
+                if signum == 0:
+                    return
+                if signum in self.STOP:
+                    log.info("signal %s: finishing the work in hand, then stopping",
+                             signal.Signals(signum).name)
+                    self.runtime.request_stop()
+                elif signum in self.RELOAD:
+                    log.info("SIGHUP: reloading the configuration")
+                    self.runtime.request_reload()
+
+
+def _note_signal(signum: int, frame: object) -> None:
+    # The wakeup fd already carries the signal to the watcher thread; do nothing here.
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+# -- logging ---------------------------------------------------------------------------------------
+
+_SYSLOG_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6,
+                    logging.DEBUG: 7}
+
+# Shapes patient data takes in messages we or our libraries write. Each pattern's group "v" is masked.
+_PATIENT_PATTERNS: tuple[re.Pattern[str], ...] = (
+    # key=value / key: value with a patient-ish key (PatientID, patient_id, patient name, birth date)
+    re.compile(r"(?i)\b(?:patient[ _-]?(?:id|name|identifier)|other[ _-]?patient[ _-]?ids|"
+               r"patient|birth[ _-]?date|PatientBirthDate)\b\s*[=:]\s*"
+               r"(?P<v>'[^']*'|\"[^\"]*\"|[^\s,;)\]}]+)"),
+    # DICOM person names: Family^Given[^Middle...]
+    re.compile(r"(?P<v>\b[^\s^=,;:'\"()\[\]{}]+\^[^\s=,;'\"()\[\]{}]*)"),
+)
+
+
+class PatientDataFilter(logging.Filter):
+    """Masks patient names and identifiers in log records unless gateway.log_patient_data is set.
+
+    Masks: `devices.identity.Patient` arguments; values registered with `remember()`; text
+    matching `serial.patient_card_pattern`; `patient_id=...`-style pairs and DICOM person names.
+    A masked value becomes `<patient:xxxxxx>`, a keyed hash that lets one process's log lines be
+    correlated without revealing (or allowing a dictionary attack on) the identifier.
+    """
+
+    def __init__(self, config: Config | None = None) -> None:
+        super().__init__()
+        self._key = secrets.token_bytes(16)
+        self._known: dict[str, None] = {}  # insertion-ordered, bounded
+        self.enabled = True
+        self._extra: list[re.Pattern[str]] = []
+        self.configure(config)
+
+    def configure(self, config: Config | None) -> None:
+        self.enabled = not (config is not None and config.gateway.log_patient_data)
+        self._extra = []
+        pattern = config.serial.patient_card_pattern if config is not None else ""
+        if pattern:
+            try:
+                self._extra.append(re.compile(f"(?P<v>{pattern})"))
+            except re.error:
+                log.warning("serial.patient_card_pattern is not a valid regular expression")
+
+    def remember(self, *values: str) -> None:
+        """Mask these exact strings from now on (a patient id, a name the service just handled)."""
+        for v in values:
+            if v and len(v) >= 2:
+                self._known[v] = None
+        while len(self._known) > 1000:
+            self._known.pop(next(iter(self._known)))
+
+    def token(self, value: str) -> str:
+        digest = hashlib.blake2s(value.encode(), key=self._key, digest_size=3).hexdigest()
+        return f"<patient:{digest}>"
+
+    def mask(self, text: str) -> str:
+        if not self.enabled or not text:
+            return text
+        for known in sorted(self._known, key=len, reverse=True):
+            if known in text:
+                text = text.replace(known, self.token(known))
+        for pat in (*self._extra, *_PATIENT_PATTERNS):
+            text = pat.sub(self._replace, text)
+        return text
+
+    def _replace(self, m: re.Match[str]) -> str:
+        v = m.group("v")
+        if v.startswith("<patient:"):
+            return m.group(0)
+        start, end = m.span("v")
+        whole = m.group(0)
+        base = m.start(0)
+        return whole[:start - base] + self.token(v.strip("'\"")) + whole[end - base:]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.enabled:
+            return True
+        args = record.args
+        if args:
+            record.args = tuple(_patient_arg(a, self) for a in args) if isinstance(args, tuple) else args
+        try:
+            message = record.getMessage()
+        except Exception:
+            return True  # let the handler report the broken format call
+        record.msg = self.mask(message)
+        record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.mask(logging.Formatter().formatException(record.exc_info))
+        return True
+
+
+def _patient_arg(arg: object, flt: PatientDataFilter) -> object:
+    from devices.identity import Patient
+
+    if isinstance(arg, Patient):
+        return flt.token(arg.patient_id)
+    return arg
+
+
+def mask_patient_data(text: str, flt: PatientDataFilter | None) -> str:
+    return flt.mask(text) if flt is not None else text
+
+
+class JournalFormatter(logging.Formatter):
+    """`<priority>logger: message` when stdout is the journal (it adds time and unit itself)."""
+
+    def __init__(self, journal: bool) -> None:
+        fmt = "%(name)s: %(message)s" if journal else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+        super().__init__(fmt)
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if not self.journal:
+            return text
+        prio = _SYSLOG_PRIORITY.get(record.levelno, 6 if record.levelno < logging.WARNING else 3)
+        # Every line of a traceback keeps the priority, so it stays together in `journalctl -p`.
+        return "\n".join(f"<{prio}>{line}" for line in text.splitlines() or [""])
+
+
+def stdout_is_journal(stream: object = None) -> bool:
+    """True if stdout is connected to journald ($JOURNAL_STREAM names its device:inode)."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    if not value:
+        return False
+    try:
+        dev, ino = (int(x) for x in value.split(":"))
+        st = os.fstat((stream or sys.stdout).fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return st.st_dev == dev and st.st_ino == ino
+
+
+def configure_service_logging(config: Config | None, *, level: int | None = None,
+                              stream: object = None) -> PatientDataFilter:
+    """Log to stdout (journald) through the patient-data filter; returns the filter."""
+    out = stream if stream is not None else sys.stdout
+    handler = logging.StreamHandler(out)  # type: ignore[arg-type]
+    handler.setFormatter(JournalFormatter(stdout_is_journal(out)))
+    flt = PatientDataFilter(config)
+    handler.addFilter(flt)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    if level is not None:
+        root.setLevel(level)
+    elif root.level == logging.WARNING or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    if not flt.enabled:
+        log.warning("gateway.log_patient_data is on: patient names and IDs will appear in the logs")
+    return flt
+
+
+def current_filter() -> PatientDataFilter | None:
+    """The filter installed by `configure_service_logging`, for `remember()` calls."""
+    for handler in logging.getLogger().handlers:
+        for f in handler.filters:
+            if isinstance(f, PatientDataFilter):
+                return f
+    return None
+
+
+def remember_patient_identifiers(values: Iterable[str]) -> None:
+    """Mask these strings in every later log line of this process (no-op outside a service)."""
+    flt = current_filter()
+    if flt is not None:
+        flt.remember(*values)

@@ -1,0 +1,637 @@
+"""Real DICOM peers for tests: Orthanc, dcmtk's storescp, and a scripted pynetdicom SCP.
+
+Use the factories directly, or the pytest fixtures at the bottom (register them with
+`pytest_plugins = ["tests.peers"]` in conftest.py, or import the fixture names into a test module).
+Every peer listens on loopback only, on a free port, and is stopped by its fixture.
+Orthanc listens on every interface: `OrthancServer.start()` requires the private network
+namespace scripts/test.sh runs the suite in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
+from pynetdicom import AE, build_context, build_role, evt
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
+
+from tests.conftest import require_private_netns, require_tool
+from tests.tls_material import TlsMaterial, make_tls_material
+from uploader.dicom_net import ECG_STORAGE_CLASSES, STORAGE_COMMITMENT_INSTANCE
+
+ALL_TRANSFER_SYNTAXES = (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+NO_SUCH_OBJECT_INSTANCE = 0x0112
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout_s: float, proc: subprocess.Popen | None = None,
+                  host: str = "127.0.0.1") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(0.2)
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s} s")
+
+
+def _stop_process(proc: subprocess.Popen | None, timeout_s: float = 20.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+# -- test objects ---------------------------------------------------------------------------------
+
+ECG_SAMPLE = "waveform_ecg.dcm"  # pydicom's 12-lead ECG (Explicit VR LE, 291 KB, private tags)
+
+
+@dataclass(frozen=True)
+class EcgPayload:
+    data: bytes  # Explicit VR Little Endian Part-10 bytes, as the outbox stores them
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+
+
+def ecg_payloads(n: int, *, study_uid: str | None = None) -> list[EcgPayload]:
+    """`n` distinct 12-lead ECG objects derived from pydicom's waveform_ecg.dcm."""
+    template = dcmread(get_testdata_file(ECG_SAMPLE))
+    study = study_uid or generate_uid()
+    series = generate_uid()
+    out = []
+    for i in range(n):
+        ds = copy.deepcopy(template)
+        uid = generate_uid()
+        ds.SOPInstanceUID = uid
+        ds.file_meta.MediaStorageSOPInstanceUID = uid
+        ds.StudyInstanceUID = study
+        ds.SeriesInstanceUID = series
+        ds.InstanceNumber = i + 1
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        out.append(EcgPayload(buf.getvalue(), str(ds.SOPClassUID), uid, study))
+    return out
+
+
+# -- Orthanc --------------------------------------------------------------------------------------
+
+LOCK_DOWN: dict[str, Any] = {  # NOTES.md: with these an unknown calling AE is rejected
+    "DicomCheckCalledAet": True,
+    "DicomCheckModalityHost": True,
+    "DicomAlwaysAllowEcho": False,
+    "DicomAlwaysAllowStore": False,
+    "RemoteAccessAllowed": False,
+    "Plugins": [],
+}
+
+
+def gateway_modality(ae_title: str, port: int, name: str = "gateway") -> dict[str, list]:
+    """A DicomModalities entry for the gateway: where Orthanc sends commitment reports."""
+    return {name: [ae_title, "127.0.0.1", port]}
+
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, always direct
+
+
+class OrthancServer:
+    """Orthanc 1.10 as the reading center, with its own storage under `workdir`.
+
+    `modalities` lists the AEs it knows (our gateway, with the port of its CommitmentListener);
+    with none, it refuses every calling AE. `restart(modalities=...)` keeps the storage.
+    """
+
+    def __init__(self, workdir: Path, *, aet: str = "READING_CENTER",
+                 modalities: Mapping[str, Sequence[Any]] | None = None,
+                 extra: Mapping[str, Any] | None = None) -> None:
+        self.workdir = workdir
+        self.aet = aet
+        self.modalities = dict(modalities or {})
+        self.extra = dict(extra or {})
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.storage = workdir / "storage"
+        self.log_path = workdir / "orthanc.log"
+        self._proc: subprocess.Popen | None = None
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "Name": "lastmile-test-reading-center",
+            "StorageDirectory": str(self.storage),
+            "IndexDirectory": str(self.storage),
+            "DicomAet": self.aet,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "DicomModalities": self.modalities,
+            **LOCK_DOWN,
+            **self.extra,
+        }
+
+    def start(self, timeout_s: float = 30.0) -> OrthancServer:
+        require_private_netns()
+        binary = require_tool("Orthanc")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cfg = self.workdir / "orthanc.json"
+        cfg.write_text(json.dumps(self.config(), indent=1))
+        env = {**os.environ, "TCP_NODELAY": "1"}
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen([binary, str(cfg)], stdout=log, stderr=subprocess.STDOUT,
+                                          env=env, cwd=self.workdir)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"Orthanc exited with {self._proc.returncode}:\n{self.log_tail()}")
+            with contextlib.suppress(OSError, ValueError):
+                self.rest("/system")
+                wait_for_port(self.dicom_port, max(0.1, deadline - time.monotonic()), self._proc)
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise TimeoutError(f"Orthanc did not answer on {self.http_port}:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        """Clean stop (takes a few seconds: its HTTP and DICOM servers poll)."""
+        proc, self._proc = self._proc, None
+        _stop_process(proc)
+
+    def kill(self) -> None:
+        """Die like a power cut: the association in progress is reset."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+    def restart(self, *, modalities: Mapping[str, Sequence[Any]] | None = None,
+                extra: Mapping[str, Any] | None = None) -> OrthancServer:
+        """Stop, change the configuration, start again on the same storage and ports."""
+        self.stop()
+        if modalities is not None:
+            self.modalities = dict(modalities)
+        if extra is not None:
+            self.extra = dict(extra)
+        return self.start()
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def __enter__(self) -> OrthancServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # REST (what really arrived)
+    def rest(self, path: str, method: str = "GET", body: bytes | None = None) -> Any:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body,
+                                     method=method)
+        with _NO_PROXY.open(req, timeout=10) as rsp:
+            raw = rsp.read()
+        return json.loads(raw) if raw else None
+
+    def instances(self) -> list[str]:
+        return list(self.rest("/instances"))
+
+    def instance_tags(self, instance_id: str) -> dict[str, Any]:
+        return dict(self.rest(f"/instances/{instance_id}/simplified-tags"))
+
+    def instance_metadata(self, instance_id: str, name: str) -> str:
+        url = f"http://127.0.0.1:{self.http_port}/instances/{instance_id}/metadata/{name}"
+        with _NO_PROXY.open(url, timeout=10) as rsp:
+            return rsp.read().decode()
+
+    def instance_file(self, instance_id: str) -> bytes:
+        with _NO_PROXY.open(f"http://127.0.0.1:{self.http_port}/instances/{instance_id}/file",
+                            timeout=10) as rsp:
+            return rsp.read()
+
+    def sop_instance_uids(self) -> set[str]:
+        expanded = self.rest("/instances?expand")
+        return {i["MainDicomTags"]["SOPInstanceUID"] for i in expanded}
+
+    def instance_id_of(self, sop_instance_uid: str) -> str | None:
+        found = self.rest("/tools/lookup", "POST", sop_instance_uid.encode())
+        return next((f["ID"] for f in found if f["Type"] == "Instance"), None)
+
+    def study_uids(self) -> set[str]:
+        return {s["MainDicomTags"]["StudyInstanceUID"] for s in self.rest("/studies?expand")}
+
+    def statistics(self) -> dict[str, Any]:
+        return dict(self.rest("/statistics"))
+
+    def delete_instance(self, instance_id: str) -> None:
+        self.rest(f"/instances/{instance_id}", "DELETE")
+
+
+# -- dcmtk storescp -------------------------------------------------------------------------------
+
+class StorescpServer:
+    """dcmtk's storescp: a storage SCP without storage commitment.
+
+    accept: "default" (explicit/implicit, no deflate), "deflated" (+xd: prefers deflated),
+    "implicit" (+xi: implicit VR only). tls: (material, require client certificate).
+    """
+
+    def __init__(self, workdir: Path, *, ae_title: str = "STORESCP", accept: str = "default",
+                 tls: TlsMaterial | None = None, require_client_cert: bool = True,
+                 extra_args: Sequence[str] = ()) -> None:
+        self.workdir = workdir
+        self.ae_title = ae_title
+        self.accept = accept
+        self.tls = tls
+        self.require_client_cert = require_client_cert
+        self.extra_args = list(extra_args)
+        self.port = free_port()
+        self.output_dir = workdir / "received"
+        self.log_path = workdir / "storescp.log"
+        self._proc: subprocess.Popen | None = None
+
+    def command(self, binary: str) -> list[str]:
+        cmd = [binary, "-aet", self.ae_title, "-od", str(self.output_dir), "-ta", "10", "-td", "30"]
+        cmd += {"default": [], "deflated": ["+xd"], "implicit": ["+xi"]}[self.accept]
+        if self.tls is not None:
+            cmd += ["+tls", str(self.tls.server_key), str(self.tls.server_cert),
+                    "+cf", str(self.tls.ca_cert),
+                    "-rc" if self.require_client_cert else "-vc"]
+        return [*cmd, *self.extra_args, str(self.port)]
+
+    def start(self, timeout_s: float = 10.0) -> StorescpServer:
+        binary = require_tool("storescp")
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "TCP_NODELAY": "1"}
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(self.command(binary), stdout=log,
+                                          stderr=subprocess.STDOUT, env=env, cwd=self.workdir)
+        try:
+            wait_for_port(self.port, timeout_s, self._proc)
+        except (RuntimeError, TimeoutError) as exc:
+            self.stop()
+            raise RuntimeError(f"storescp did not start: {exc}\n{self.log_tail()}") from None
+        return self
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        _stop_process(proc, 5.0)
+
+    def kill(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+    def received_files(self) -> list[Path]:
+        return sorted(p for p in self.output_dir.iterdir() if p.is_file())
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def __enter__(self) -> StorescpServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# -- scripted pynetdicom SCP ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ReceivedStore:
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    calling_ae: str
+    status: int
+    dataset: Dataset | None  # decoded (keep_datasets=True)
+
+
+@dataclass
+class ScriptedStoreSCP:
+    """A pynetdicom storage SCP that answers what the test chose.
+
+    - `statuses[sop_instance_uid]`: statuses for successive stores of that instance (the last
+      one repeats), e.g. [0xA700, 0x0000] = out of resources, then stored;
+    - `sequence`: statuses for successive stores whatever the instance, then `default_status`;
+    - `reject="permanent"`: reject every association (calling AE not recognised);
+    - `abort_after`: abort the association when this many stores have been answered;
+    - `delay_s`: wait before answering each store (DIMSE timeout tests);
+    - `commitment`: accept Storage Commitment; N-ACTION answered `commitment_status`; with
+      `report_to=(host, port, ae)` the report follows on a new association (SCP role), with
+      `report_on_same_association` on the requesting one. Instances it never stored are
+      reported failed with 0x0112.
+    """
+
+    ae_title: str = "SCRIPTED"
+    statuses: dict[str, list[int]] = field(default_factory=dict)
+    sequence: list[int] = field(default_factory=list)
+    default_status: int = 0x0000
+    reject: str | None = None
+    abort_after: int | None = None
+    delay_s: float = 0.0
+    transfer_syntaxes: Sequence[str] = ALL_TRANSFER_SYNTAXES
+    sop_classes: Sequence[str] = ECG_STORAGE_CLASSES
+    commitment: bool = False
+    commitment_status: int = 0x0000
+    report_to: tuple[str, int, str] | None = None
+    report_on_same_association: bool = False
+    report_delay_s: float = 0.05
+    keep_datasets: bool = False
+    host: str = "127.0.0.1"
+    port: int = field(default_factory=free_port)
+    received: list[ReceivedStore] = field(default_factory=list)
+    actions: list[Dataset] = field(default_factory=list)
+    reports_sent: list[tuple[int, Dataset, int]] = field(default_factory=list)  # (type, info, status)
+    associations: int = 0
+    _server: Any = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    def start(self) -> ScriptedStoreSCP:
+        ae = AE(ae_title=self.ae_title)
+        for uid in self.sop_classes:
+            ae.add_supported_context(uid, list(self.transfer_syntaxes))
+        ae.add_supported_context(Verification)
+        if self.commitment:
+            ae.add_supported_context(StorageCommitmentPushModel)
+        if self.reject == "permanent":
+            ae.require_calling_aet = ["NOBODY_KNOWN"]
+        elif self.reject is not None:
+            raise ValueError(f"reject must be 'permanent' (see RawAcsePeer for others), not {self.reject!r}")
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_N_ACTION, self._on_action),
+                    (evt.EVT_ESTABLISHED, self._on_established)]
+        self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+        for t in self._threads:
+            t.join(5)
+
+    def __enter__(self) -> ScriptedStoreSCP:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def received_uids(self) -> list[str]:
+        with self._lock:
+            return [r.sop_instance_uid for r in self.received]
+
+    def _on_established(self, event: evt.Event) -> None:
+        with self._lock:
+            self.associations += 1
+
+    def _next_status(self, uid: str) -> int:
+        queue = self.statuses.get(uid)
+        if queue:
+            return queue.pop(0) if len(queue) > 1 else queue[0]
+        if self.sequence:
+            return self.sequence.pop(0)
+        return self.default_status
+
+    def _on_store(self, event: evt.Event) -> int:
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        req = event.request
+        uid = str(req.AffectedSOPInstanceUID)
+        dataset = event.dataset if self.keep_datasets else None  # decodes (inflates) it
+        with self._lock:
+            status = self._next_status(uid)
+            self.received.append(ReceivedStore(
+                uid, str(req.AffectedSOPClassUID), str(event.context.transfer_syntax),
+                str(event.assoc.requestor.ae_title).strip(), status, dataset))
+            answered = len(self.received)
+        if self.abort_after is not None and answered >= self.abort_after:
+            event.assoc.abort()
+        return status
+
+    def _on_action(self, event: evt.Event) -> tuple[int, Dataset | None]:
+        request = event.action_information
+        with self._lock:
+            self.actions.append(request)
+            stored = {r.sop_instance_uid for r in self.received if r.status in (0, 0xB000, 0xB006, 0xB007)}
+        if self.commitment_status != 0x0000:
+            return self.commitment_status, None
+        info = Dataset()
+        info.TransactionUID = request.TransactionUID
+        ok, failed = [], []
+        for ref in request.get("ReferencedSOPSequence", []):
+            item = Dataset()
+            item.ReferencedSOPClassUID = ref.ReferencedSOPClassUID
+            item.ReferencedSOPInstanceUID = ref.ReferencedSOPInstanceUID
+            if str(ref.ReferencedSOPInstanceUID) in stored:
+                ok.append(item)
+            else:
+                item.FailureReason = NO_SUCH_OBJECT_INSTANCE
+                failed.append(item)
+        if ok:
+            info.ReferencedSOPSequence = ok
+        if failed:
+            info.FailedSOPSequence = failed
+        event_type = 2 if failed else 1
+        if self.report_on_same_association:
+            target: Callable[[], None] = lambda: self._report_same(event.assoc, event_type, info)
+        elif self.report_to is not None:
+            target = lambda: self._report_new(event_type, info)
+        else:
+            return 0x0000, None
+        t = threading.Thread(target=target, name="scripted-commitment-report", daemon=True)
+        self._threads.append(t)
+        t.start()
+        return 0x0000, None
+
+    def _report_same(self, assoc: Any, event_type: int, info: Dataset) -> None:
+        time.sleep(self.report_delay_s)
+        status, _ = assoc.send_n_event_report(info, event_type, StorageCommitmentPushModel,
+                                              STORAGE_COMMITMENT_INSTANCE)
+        self.reports_sent.append((event_type, info, int(status.get("Status", -1))))
+
+    def _report_new(self, event_type: int, info: Dataset) -> None:
+        time.sleep(self.report_delay_s)
+        assert self.report_to is not None
+        host, port, ae_title = self.report_to
+        ae = AE(ae_title=self.ae_title)
+        role = build_role(StorageCommitmentPushModel, scp_role=True)
+        assoc = ae.associate(host, port, [build_context(StorageCommitmentPushModel)],
+                             ae_title=ae_title, ext_neg=[role])
+        status_code = -1
+        if assoc.is_established:
+            status, _ = assoc.send_n_event_report(info, event_type, StorageCommitmentPushModel,
+                                                  STORAGE_COMMITMENT_INSTANCE)
+            status_code = int(status.get("Status", -1))
+            assoc.release()
+        self.reports_sent.append((event_type, info, status_code))
+
+
+class RawAcsePeer:
+    """Answers every A-ASSOCIATE-RQ with fixed PDU bytes, or never (`reply=None`): the answers a
+    pynetdicom SCP cannot be made to give (rejected-transient, A-ABORT, silence)."""
+
+    REJECT_TRANSIENT = bytes([0x03, 0, 0, 0, 0, 4, 0, 0x02, 0x01, 0x01])  # transient, user, no reason
+    REJECT_PERMANENT_CALLED_AE = bytes([0x03, 0, 0, 0, 0, 4, 0, 0x01, 0x01, 0x07])
+    ABORT = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0x00, 0x00])  # A-ABORT from the service user
+
+    def __init__(self, reply: bytes | None) -> None:
+        self.reply = reply
+        self.port = free_port()
+        self.requests = 0
+        self._sock = socket.create_server(("127.0.0.1", self.port))
+        self._sock.settimeout(0.1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="raw-acse-peer", daemon=True)
+
+    def start(self) -> RawAcsePeer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close()
+
+    def __enter__(self) -> RawAcsePeer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(0.1)
+                header = b""
+                while len(header) < 6 and not self._stop.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        chunk = conn.recv(6 - len(header))
+                        if not chunk:
+                            break
+                        header += chunk
+                self.requests += 1
+                if self.reply is not None:
+                    conn.sendall(self.reply)
+                while not self._stop.is_set():  # hold the connection until the caller closes it
+                    try:
+                        if not conn.recv(65536):
+                            break
+                    except TimeoutError:
+                        continue
+                    except OSError:
+                        break
+
+
+# -- pytest fixtures --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def tls_material(tmp_path_factory: pytest.TempPathFactory) -> TlsMaterial:
+    return make_tls_material(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="session")
+def ecg_sample() -> list[EcgPayload]:
+    """Twenty distinct ECG payloads (build more with `ecg_payloads(n)`)."""
+    return ecg_payloads(20)
+
+
+@pytest.fixture
+def orthanc_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., OrthancServer]]:
+    """`make(modalities=..., start=True, **kw)`: every server made is stopped afterwards."""
+    made: list[OrthancServer] = []
+
+    def make(*, start: bool = True, **kwargs: Any) -> OrthancServer:
+        server = OrthancServer(tmp_path_factory.mktemp("orthanc"), **kwargs)
+        made.append(server)
+        return server.start() if start else server
+
+    yield make
+    for server in made:
+        server.stop()
+
+
+@pytest.fixture
+def storescp_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., StorescpServer]]:
+    made: list[StorescpServer] = []
+
+    def make(*, start: bool = True, **kwargs: Any) -> StorescpServer:
+        server = StorescpServer(tmp_path_factory.mktemp("storescp"), **kwargs)
+        made.append(server)
+        return server.start() if start else server
+
+    yield make
+    for server in made:
+        server.stop()
+
+
+@pytest.fixture
+def scripted_scp_factory() -> Iterator[Callable[..., ScriptedStoreSCP]]:
+    made: list[ScriptedStoreSCP] = []
+
+    def make(**kwargs: Any) -> ScriptedStoreSCP:
+        scp = ScriptedStoreSCP(**kwargs).start()
+        made.append(scp)
+        return scp
+
+    yield make
+    for scp in made:
+        scp.stop()
+
+
+__all__ = [
+    "ALL_TRANSFER_SYNTAXES", "EcgPayload", "OrthancServer", "RawAcsePeer", "ReceivedStore",
+    "ScriptedStoreSCP",
+    "StorescpServer", "TlsMaterial", "ecg_payloads", "ecg_sample", "free_port", "gateway_modality",
+    "orthanc_factory", "scripted_scp_factory", "storescp_factory",
+    "tls_material", "wait_for_port",
+]

@@ -1,0 +1,202 @@
+"""RACP state machine, device-clock resolution and record keys (pure parts of the BLE path)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from devices.ble.blood_pressure import decode_blood_pressure_measurement
+from devices.ble.clock import ClockCheck, measure_offset, resolve_time
+from devices.ble.measurement import record_key
+from devices.ble.racp import (FilterType, OpCode, Operator, RacpClient, RacpState, ResponseCode, decode_racp,
+                              encode_number_of_records, encode_request, encode_response_code)
+from devices.errors import ProtocolError
+from devices.identity import TimeSource
+
+UTC = dt.timezone.utc
+
+# RACP spec vectors: requests and responses as the Glucose Profile writes them.
+RACP_REPORT_ALL = bytes.fromhex("0101")
+RACP_REPORT_FROM_SEQ_8 = bytes.fromhex("0103010800")  # report, >=, sequence number, 8
+RACP_REPORT_RANGE = bytes.fromhex("010401" "0500" "0a00")  # report, within 5..10
+RACP_REPORT_BY_TIME = bytes.fromhex("010302" "e8070305091e0f")  # >= user facing time
+RACP_COUNT_ALL = bytes.fromhex("0401")
+RACP_ABORT = bytes.fromhex("0300")
+RACP_SUCCESS_FOR_REPORT = bytes.fromhex("06000101")
+RACP_NO_RECORDS = bytes.fromhex("06000106")
+RACP_COUNT_5 = bytes.fromhex("05000500")
+
+
+def test_racp_vectors_decode() -> None:
+    assert decode_racp(RACP_REPORT_ALL).operator == Operator.ALL_RECORDS
+    m = decode_racp(RACP_REPORT_FROM_SEQ_8)
+    assert (m.op_code, m.operator, m.filter_type, m.filter_values) == (
+        OpCode.REPORT_STORED_RECORDS, Operator.GREATER_THAN_OR_EQUAL, FilterType.SEQUENCE_NUMBER, (8,))
+    assert decode_racp(RACP_REPORT_RANGE).filter_values == (5, 10)
+    assert decode_racp(RACP_REPORT_BY_TIME).filter_values == (dt.datetime(2024, 3, 5, 9, 30, 15),)
+    ok = decode_racp(RACP_SUCCESS_FOR_REPORT)
+    assert (ok.request_op_code, ok.response_code) == (OpCode.REPORT_STORED_RECORDS, ResponseCode.SUCCESS)
+    assert decode_racp(RACP_COUNT_5).number_of_records == 5
+    assert decode_racp(RACP_ABORT).op_code == OpCode.ABORT_OPERATION
+
+
+def test_racp_encoders_match_vectors() -> None:
+    assert encode_request(OpCode.REPORT_STORED_RECORDS) == RACP_REPORT_ALL
+    assert encode_request(OpCode.REPORT_STORED_RECORDS, Operator.GREATER_THAN_OR_EQUAL,
+                          FilterType.SEQUENCE_NUMBER, (8,)) == RACP_REPORT_FROM_SEQ_8
+    assert encode_request(OpCode.REPORT_STORED_RECORDS, Operator.WITHIN_RANGE,
+                          FilterType.SEQUENCE_NUMBER, (5, 10)) == RACP_REPORT_RANGE
+    assert encode_request(OpCode.ABORT_OPERATION) == RACP_ABORT
+    assert encode_response_code(OpCode.REPORT_STORED_RECORDS, ResponseCode.SUCCESS) == RACP_SUCCESS_FOR_REPORT
+    assert encode_number_of_records(5) == RACP_COUNT_5
+    with pytest.raises(ValueError):
+        encode_request(OpCode.RESPONSE_CODE)
+    with pytest.raises(ValueError):
+        encode_request(OpCode.REPORT_STORED_RECORDS, Operator.WITHIN_RANGE, FilterType.SEQUENCE_NUMBER, (5,))
+
+
+@pytest.mark.parametrize("data", ["", "01", "0700", "0107", "0103", "010303", "01030108", "0104010500",
+                                  "060101", "0600010a", "06000101ff", "050005", "0301", "0100", "0101ff",
+                                  "05010500"])
+def test_racp_malformed(data: str) -> None:
+    with pytest.raises(ProtocolError):
+        decode_racp(bytes.fromhex(data))
+
+
+def test_racp_client_reports_after_the_last_sequence() -> None:
+    c = RacpClient()
+    assert c.report_records_after(7) == RACP_REPORT_FROM_SEQ_8
+    assert c.state == RacpState.REPORTING
+    assert c.on_record(8) and c.on_record(10) and c.on_record(9)
+    result = c.on_indication(RACP_SUCCESS_FOR_REPORT)
+    assert result.ok and result.records == 3 and result.highest_sequence == 10
+    assert c.state == RacpState.IDLE
+    assert not c.on_record(11)  # a live measurement outside a report
+
+
+def test_racp_client_first_download_and_no_records() -> None:
+    c = RacpClient()
+    assert c.report_records_after(None) == RACP_REPORT_ALL
+    result = c.on_indication(RACP_NO_RECORDS)
+    assert result.ok and result.records == 0 and result.response_code == ResponseCode.NO_RECORDS_FOUND
+    assert c.report_records_after(0xFFFF) == RACP_REPORT_ALL  # nothing can follow 65535: ask for all
+
+
+def test_racp_client_failure_abort_and_count() -> None:
+    c = RacpClient()
+    c.report_records_after(3)
+    failed = c.on_indication(bytes.fromhex("06000102"))
+    assert not failed.ok and failed.response_code == ResponseCode.OP_CODE_NOT_SUPPORTED
+    c.report_records_after(3)
+    assert c.abort() == RACP_ABORT and c.state == RacpState.ABORTING
+    assert c.on_record(4)  # in flight
+    assert c.on_indication(bytes.fromhex("06000301")).op_code == OpCode.ABORT_OPERATION
+    assert c.report_number_of_records() == RACP_COUNT_ALL
+    assert c.on_indication(RACP_COUNT_5).number_of_records == 5
+
+
+def test_racp_client_rejects_out_of_order_messages() -> None:
+    c = RacpClient()
+    with pytest.raises(ProtocolError):
+        c.on_indication(RACP_SUCCESS_FOR_REPORT)  # nothing asked
+    c.report_records_after(None)
+    with pytest.raises(ProtocolError):
+        c.report_number_of_records()  # one procedure at a time
+    with pytest.raises(ProtocolError):
+        c.on_indication(RACP_COUNT_5)  # a count while reporting
+    with pytest.raises(ProtocolError):
+        c.on_indication(RACP_REPORT_ALL)  # a request from the server
+
+
+@settings(deadline=None, max_examples=300)
+@given(st.lists(st.one_of(st.binary(max_size=8), st.sampled_from(
+    [RACP_SUCCESS_FOR_REPORT, RACP_NO_RECORDS, RACP_COUNT_5, bytes.fromhex("06000301")])), max_size=6),
+    st.lists(st.sampled_from(["report", "count", "abort", "record"]), max_size=6))
+def test_fuzz_racp_client(indications: list[bytes], actions: list[str]) -> None:
+    c = RacpClient()
+    for action, data in zip(actions, indications):
+        try:
+            if action == "report":
+                c.report_records_after(1)
+            elif action == "count":
+                c.report_number_of_records()
+            elif action == "abort":
+                c.abort()
+            else:
+                c.on_record(2)
+            c.on_indication(data)
+        except ProtocolError:
+            pass
+        assert c.state in RacpState
+
+
+# --------------------------------------------------------------------------------------------
+# Device clock
+
+RX = dt.datetime(2025, 6, 1, 10, 0, 0, tzinfo=UTC)
+
+
+def test_plausible_clock_is_used() -> None:
+    assert resolve_time(dt.datetime(2025, 6, 1, 9, 58), RX, ClockCheck(), UTC) == (
+        dt.datetime(2025, 6, 1, 9, 58, tzinfo=UTC), TimeSource.DEVICE_CLOCK)
+
+
+def test_no_time_or_untrusted_clock_gives_receipt() -> None:
+    assert resolve_time(None, RX, ClockCheck(), UTC) == (RX, TimeSource.GATEWAY_RECEIPT)
+    assert resolve_time(dt.datetime(2025, 6, 1, 9, 58), RX, ClockCheck(), UTC, clock_untrusted=True)[1] == \
+        TimeSource.GATEWAY_RECEIPT
+
+
+@pytest.mark.parametrize("stamp", [dt.datetime(2000, 1, 1), dt.datetime(2019, 12, 31, 23, 59),
+                                   dt.datetime(2025, 6, 1, 10, 6)])
+def test_implausible_clock_without_offset_gives_receipt(stamp: dt.datetime) -> None:
+    assert resolve_time(stamp, RX, ClockCheck(), UTC) == (RX, TimeSource.GATEWAY_RECEIPT)
+
+
+def test_clock_a_year_behind_is_corrected() -> None:
+    device_now = dt.datetime(2024, 6, 1, 10, 0, 0)
+    offset = measure_offset(device_now, RX, UTC)
+    assert offset == dt.timedelta(days=-365)
+    clock = ClockCheck(offset=offset, set_at=RX)
+    stored = dt.datetime(2024, 5, 31, 18, 0)  # stamped by the wrong clock before we set it
+    assert resolve_time(stored, RX, clock, UTC) == (
+        dt.datetime(2025, 5, 31, 18, 0, tzinfo=UTC), TimeSource.DEVICE_CLOCK_CORRECTED)
+    fresh = dt.datetime(2025, 6, 1, 10, 1)  # stamped after we set the clock
+    assert resolve_time(fresh, RX + dt.timedelta(minutes=1), clock, UTC) == (
+        dt.datetime(2025, 6, 1, 10, 1, tzinfo=UTC), TimeSource.DEVICE_CLOCK)
+
+
+def test_clock_reset_to_2000_is_corrected_when_offset_known() -> None:
+    device_now = dt.datetime(2000, 1, 1, 0, 30)
+    clock = ClockCheck(offset=measure_offset(device_now, RX, UTC), set_at=RX)
+    measured, source = resolve_time(dt.datetime(2000, 1, 1, 0, 10), RX, clock, UTC)
+    assert (measured, source) == (RX - dt.timedelta(minutes=20), TimeSource.DEVICE_CLOCK_CORRECTED)
+
+
+def test_small_offset_is_not_corrected_and_correction_into_future_is_refused() -> None:
+    clock = ClockCheck(offset=dt.timedelta(minutes=3))
+    assert resolve_time(dt.datetime(2025, 6, 1, 9, 0), RX, clock, UTC)[1] == TimeSource.DEVICE_CLOCK
+    ahead = ClockCheck(offset=dt.timedelta(days=-30))
+    # corrected time would be a month in the future: nonsense, use receipt
+    assert resolve_time(dt.datetime(2025, 6, 1, 9, 0), RX, ahead, UTC) == (RX, TimeSource.GATEWAY_RECEIPT)
+
+
+# --------------------------------------------------------------------------------------------
+# Record keys
+
+BP = bytes.fromhex("1e" "7800" "5000" "5d00" "e807030509" "1e0f" "4800" "01" "0400")
+
+
+def test_record_key_stable_across_resends_and_distinct_otherwise() -> None:
+    m = decode_blood_pressure_measurement(BP)
+    k1 = record_key("aa:bb:cc:dd:ee:ff", m, RX)
+    assert k1 == record_key("AA:BB:CC:DD:EE:FF", m, RX + dt.timedelta(days=1))
+    other = decode_blood_pressure_measurement(BP[:1] + bytes.fromhex("7900") + BP[3:])
+    assert record_key("aa:bb:cc:dd:ee:ff", other, RX) != k1
+    assert record_key("aa:bb:cc:dd:ee:00", m, RX) != k1
+    assert k1.startswith("ble:AA:BB:CC:DD:EE:FF:blood-pressure:20240305T093015:")
+    no_time = decode_blood_pressure_measurement(bytes.fromhex("00" "7800" "5000" "5d00"))
+    assert record_key("x", no_time, RX) != record_key("x", no_time, RX + dt.timedelta(seconds=1))

@@ -1,0 +1,161 @@
+"""Streamed ECG: blocks become a recording; gaps flagged, duplicates dropped; 10 minutes over a pty."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from devices.bridge import codec
+from devices.bridge.ecg_stream import GAP_FILL, EcgAssembler
+from devices.bridge.session import BridgeSession, RecordingReady, SessionProblem
+from devices.ecg.recording import STANDARD_12_LEADS, SampleGap
+from devices.errors import ProtocolError
+from devices.identity import DeviceIdentity, TimeSource
+from firmware_bridge.bridge_simulator import EcgStreamSimulator, ecg_samples
+from firmware_bridge.firmware.bridge_core import BridgeCore
+from firmware_bridge.serial_link import LinkSpec, PortMatch
+from tests.serial_pty import ManagerThread, PtyDevice, SessionHandler, wait_for
+
+NOW = dt.datetime(2025, 3, 4, 10, 0, tzinfo=dt.timezone.utc)
+START = codec.EcgStart(1, codec.TIME_SYNCED, int(NOW.timestamp() * 1000) - 5000, 500, 2.5, STANDARD_12_LEADS)
+
+
+def _block(first: int, n: int = 25) -> codec.EcgBlock:
+    return codec.EcgBlock(1, first, 12, ecg_samples(first, n).astype("<i2").tobytes())
+
+
+def _assembler(**kw: object) -> EcgAssembler:
+    return EcgAssembler(START, acquired_at=NOW, time_source=TimeSource.DEVICE_CLOCK_CORRECTED,
+                        device=DeviceIdentity(serial="BR-1"), **kw)  # type: ignore[arg-type]
+
+
+def test_gaps_duplicates_and_overlaps() -> None:
+    a = _assembler()
+    assert a.add_block(_block(0)).accepted == 25
+    out = a.add_block(_block(50))  # 25..49 never arrived
+    assert out.gap == SampleGap(25, 25)
+    assert a.add_block(_block(50)).duplicate == 25  # a resend
+    out = a.add_block(_block(60, 40))  # overlaps 60..74, new 75..99
+    assert (out.accepted, out.duplicate) == (25, 15)
+    rec = a.finish(codec.EcgEnd(1, 110))  # 100..109 missing at the end
+    assert rec.samples.shape == (12, 110)
+    assert rec.gaps == (SampleGap(25, 25), SampleGap(100, 10))
+    assert rec.flags == ("sample-gap",)
+    expected = ecg_samples(0, 110).T
+    have = np.ones(110, bool)
+    have[25:50] = have[100:] = False
+    assert np.array_equal(rec.samples[:, have], expected[:, have])
+    assert (rec.samples[:, ~have] == GAP_FILL).all()
+    assert rec.source_format == "bridge" and rec.sampling_rate_hz == 500.0 and rec.uv_per_unit == 2.5
+
+
+def test_negative_rail_never_looks_like_a_gap() -> None:
+    a = _assembler()
+    a.add_block(codec.EcgBlock(1, 0, 12, np.full((2, 12), -32768, "<i2").tobytes()))
+    rec = a.finish(codec.EcgEnd(1, 2))
+    assert (rec.samples == -32767).all() and rec.gaps == ()
+
+
+def test_bad_streams_raise_protocol_errors() -> None:
+    a = _assembler(max_seconds=1.0)
+    with pytest.raises(ProtocolError, match="leads"):
+        a.add_block(codec.EcgBlock(1, 0, 3, b"\x00" * 6))
+    with pytest.raises(ProtocolError, match="exceeds"):
+        a.add_block(_block(0xFFFFFF00))  # a wild counter must not allocate gigabytes
+    with pytest.raises(ProtocolError, match="without samples"):
+        a.finish(codec.EcgEnd(1, 0))
+    with pytest.raises(ProtocolError):
+        EcgAssembler(codec.EcgStart(1, 0, 0, 0, 2.5, ("I",)), acquired_at=NOW,
+                     time_source=TimeSource.UNKNOWN, device=DeviceIdentity())
+    with pytest.raises(ProtocolError):
+        EcgAssembler(codec.EcgStart(1, 0, 0, 500, 2.5, ("I", "I")), acquired_at=NOW,
+                     time_source=TimeSource.UNKNOWN, device=DeviceIdentity())
+
+
+def test_session_streams_a_recording_and_flags_truncation() -> None:
+    core = BridgeCore("BR-9", boot_id=3)
+    core.receive(codec.encode_message(codec.TimeSync(int(NOW.timestamp() * 1000)), 0), now_ms=0)
+    sim = EcgStreamSimulator(core, recording_id=5)
+    session = BridgeSession("/dev/serial/by-id/usb-bridge")
+    wire = core.hello(0) + sim.start(0) + b"".join(sim.blocks(4, skip={1})) + sim.end(100, 200)
+    events = session.receive_data(wire, NOW)
+    ready = [e for e in events if isinstance(e, RecordingReady)]
+    assert len(ready) == 1 and ready[0].seq is not None
+    rec = ready[0].recording
+    assert rec.gaps == (SampleGap(25, 25),) and "sample-gap" in rec.flags
+    assert rec.time_source is TimeSource.DEVICE_CLOCK_CORRECTED and rec.acquired_at == NOW
+    assert rec.device.serial == "BR-9" and ready[0].key == "bridge-ecg:BR-9:3:5"
+    # A second recording cut by an unplug: what arrived is kept, flagged, with nothing to ACK.
+    sim2 = EcgStreamSimulator(core, recording_id=6)
+    session.receive_data(sim2.start(0) + b"".join(sim2.blocks(2)) + sim2.block(50)[:30], NOW)
+    lost = session.connection_lost(NOW)
+    assert len(lost) == 1 and lost[0].seq is None and lost[0].recording.n_samples == 50
+    assert lost[0].recording.flags == ("ecg-truncated",)
+    # Blocks for a recording never started are refused (NACK), not invented.
+    problems = session.receive_data(sim2.block(75), NOW)
+    assert isinstance(problems[0], SessionProblem)
+    nack = codec.decode_message(codec.FrameReader().feed(session.data_to_send())[-1])
+    assert isinstance(nack, codec.Nack) and nack.reason == codec.NACK_UNKNOWN_RECORDING
+
+
+def test_ten_minutes_of_12_lead_500_hz_over_a_pty(tmp_path: Path) -> None:
+    """300,000 samples x 12 leads, faster than real time: 0 lost, 0 duplicated, gaps only where made."""
+    rate, block = 500, 25
+    n_blocks = 10 * 60 * rate // block  # 12,000 blocks
+    skip = {100, 101, 5000, n_blocks - 2}
+    duplicate = {200, 7000, 11000}
+    dev = PtyDevice(tmp_path / "usb-ecg-bridge")
+    core = BridgeCore("BR-ECG", boot_id=11)
+    sim = EcgStreamSimulator(core, recording_id=1, sampling_rate_hz=rate, block_samples=block)
+    made: list[SessionHandler] = []
+
+    def factory(spec: LinkSpec, port: object) -> SessionHandler:
+        made.append(SessionHandler())
+        return made[-1]
+
+    t0 = time.monotonic()
+    with ManagerThread([LinkSpec("ecg", PortMatch(path=str(dev.link_path)), "bridge")], factory,
+                       watch_dirs=None, rescan_s=0.1):
+        wait_for(lambda: made and made[0].session is not None)
+        dev.read_available(0.2)
+
+        def stream() -> None:
+            dev.write(core.hello(0) + sim.start(0))
+            chunk = bytearray()
+            for i, frame in enumerate(sim.blocks(n_blocks, skip=skip, duplicate=duplicate)):
+                chunk += frame
+                if i % 3000 == 1500:  # line noise between frames, ended by a delimiter
+                    chunk += b"\x7f\x80 noise \x01\x02\x00"
+                if len(chunk) > 32768:
+                    dev.write(bytes(chunk))
+                    chunk.clear()
+            dev.write(bytes(chunk) + sim.end(n_blocks * block, 0))
+
+        writer = threading.Thread(target=stream, daemon=True)
+        writer.start()
+        wait_for(lambda: made[0].of_type(RecordingReady), timeout=120)
+        writer.join(10)
+    elapsed = time.monotonic() - t0
+    dev.unplug()
+
+    rec = made[0].of_type(RecordingReady)[0].recording
+    total = n_blocks * block
+    assert rec.samples.shape == (12, total)
+    expected_gaps = (SampleGap(2500, 50), SampleGap(125000, 25), SampleGap(total - 50, 25))
+    assert rec.gaps == expected_gaps
+    have = np.ones(total, bool)
+    for g in expected_gaps:
+        have[g.start:g.start + g.missing] = False
+    expected = ecg_samples(0, total).T
+    assert np.array_equal(rec.samples[:, have], expected[:, have])  # 0 lost, 0 changed
+    assert (rec.samples[:, ~have] == GAP_FILL).all()
+    assert not (rec.samples[:, have] == GAP_FILL).any()
+    session = made[0].session
+    assert session is not None and session.protocol.counters.bad_frames == 4  # only the noise
+    print(f"10 min of 12-lead 500 Hz ECG over a pty in {elapsed:.1f} s")
+    assert elapsed < 60

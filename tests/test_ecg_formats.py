@@ -1,0 +1,114 @@
+"""Format detection, the decode_ecg entry point over every shared file, the SCP/aECG/DICOM triad,
+and the lead helpers (name normalisation, derivation and its rounding)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from devices.ecg.formats import decode_ecg, detect_format
+from devices.ecg.leads import derive_limb_leads, normalise_lead_name, standard_order
+from devices.errors import ProtocolError
+from tests.conftest import shared_file
+
+SHARED_FILES = {
+    ("scp", "ecgtoolkit_Example.scp"): "scp",
+    ("scp", "abtahi_ECG_20170504_163507_123456789.SCP"): "scp",
+    ("scp", "healforce_62.SCP"): "scp",
+    ("aecg", "fda_hl7_Example_aECG.xml"): "aecg",
+    ("aecg", "fda_minimum_aecg.xml"): "aecg",
+    ("aecg", "fda_empty.xml"): "aecg",
+    ("dicom", "ecgtoolkit_Example.dcm"): "dicom",
+    ("contec", "0000050.ECG"): "contec",
+    ("contec", "0000037.ECG"): "contec",
+}
+REFUSED = {"healforce_62.SCP", "fda_empty.xml"}
+
+
+@pytest.mark.parametrize("where,expected", list(SHARED_FILES.items()), ids=[k[1] for k in SHARED_FILES])
+def test_detects_and_decodes_every_shared_file(where: tuple[str, str], expected: str) -> None:
+    data = shared_file("ecg", *where).read_bytes()
+    assert detect_format(data, where[1]) == expected
+    if where[1] in REFUSED:
+        with pytest.raises(ProtocolError):
+            decode_ecg(data, where[1])
+    else:
+        assert decode_ecg(data, where[1]).source_format == expected
+
+
+@pytest.mark.parametrize("where", [("scp", "ecgtoolkit_Example.scp"), ("aecg", "fda_minimum_aecg.xml"),
+                                   ("dicom", "ecgtoolkit_Example.dcm"), ("contec", "0000037.ECG")])
+def test_detection_does_not_need_the_file_name(where: tuple[str, str]) -> None:
+    data = shared_file("ecg", *where).read_bytes()
+    assert detect_format(data) == SHARED_FILES[where]
+    assert detect_format(data, "renamed.bin") == SHARED_FILES[where]
+
+
+def test_triad_gives_identical_samples() -> None:
+    scp = decode_ecg(shared_file("ecg", "scp", "ecgtoolkit_Example.scp").read_bytes())
+    aecg = decode_ecg(shared_file("ecg", "aecg", "fda_hl7_Example_aECG.xml").read_bytes())
+    dicom = decode_ecg(shared_file("ecg", "dicom", "ecgtoolkit_Example.dcm").read_bytes())
+    assert scp.lead_names == aecg.lead_names == dicom.lead_names
+    assert scp.sampling_rate_hz == aecg.sampling_rate_hz == dicom.sampling_rate_hz == 500.0
+    for other in (aecg, dicom):
+        np.testing.assert_array_equal(other.microvolts(), scp.microvolts())
+        np.testing.assert_array_equal(other.samples, scp.samples)
+    assert scp.acquired_at == aecg.acquired_at == dicom.acquired_at
+    assert scp.patient is not None and aecg.patient is not None and dicom.patient is not None
+    assert scp.patient.patient_id == aecg.patient.patient_id == dicom.patient.patient_id == "SBJ-123"
+
+
+@pytest.mark.parametrize("data,name", [(b"", ""), (b"hello world" * 10, "notes.txt"),
+                                       (b"%PDF-1.4" + bytes(200), "ecg.pdf"),
+                                       (b"PK\x03\x04" + bytes(100), "archive.zip")])
+def test_unknown_files_are_refused(data: bytes, name: str) -> None:
+    with pytest.raises(ProtocolError, match="not an ECG file"):
+        detect_format(data, name)
+
+
+@settings(deadline=None, max_examples=300)
+@given(data=st.binary(max_size=300), name=st.sampled_from(["", "x.scp", "x.ECG", "x.xml", "x.dcm", "x.bin"]))
+def test_fuzz_random_bytes(data: bytes, name: str) -> None:
+    try:
+        decode_ecg(data, name)
+    except ProtocolError:
+        pass
+
+
+@pytest.mark.parametrize("raw,name", [
+    ("MDC_ECG_LEAD_AVR", "aVR"), ("MDC_ECG_LEAD_I", "I"), ("Lead I (Einthoven)", "I"), ("LEAD_III", "III"),
+    ("avl", "aVL"), ("V3R", "V3R"), ("v7", "V7"), ("Lead aVF, augmented", "aVF"), ("-aVR", "-aVR"),
+    ("MDC_ECG_LEAD_V4R", "V4R"), ("Respiration", "Respiration"),
+])
+def test_lead_names(raw: str, name: str) -> None:
+    assert normalise_lead_name(raw) == name
+
+
+def test_standard_order_keeps_unusual_leads_after() -> None:
+    names = ["V3R", "II", "V1", "I", "V7"]
+    assert [names[i] for i in standard_order(names)] == ["I", "II", "V1", "V3R", "V7"]
+
+
+@settings(deadline=None, max_examples=200)
+@given(st.lists(st.tuples(st.integers(-4000, 4000), st.integers(-4000, 4000)), min_size=1, max_size=50))
+def test_derivation_is_within_half_a_unit_and_exact_for_iii(pairs: list[tuple[int, int]]) -> None:
+    i, ii = (np.array(v, dtype=np.int16) for v in zip(*pairs))
+    for rounding in ("toward-zero", "contec"):
+        samples, names, derived = derive_limb_leads(np.stack([i, ii]), ("I", "II"), rounding=rounding)
+        assert names == ("I", "II", "III", "aVR", "aVL", "aVF") and derived == {"III", "aVR", "aVL", "aVF"}
+        got = dict(zip(names, samples.astype(float)))
+        fi, fii = i.astype(float), ii.astype(float)
+        np.testing.assert_array_equal(got["III"], fii - fi)
+        for lead, exact in (("aVR", -(fi + fii) / 2), ("aVL", fi - fii / 2), ("aVF", fii - fi / 2)):
+            assert np.all(np.abs(got[lead] - exact) <= 0.5), (rounding, lead)
+
+
+def test_derivation_from_ii_and_iii_and_nothing_from_one_lead() -> None:
+    ii, iii = np.array([[10, -7]], dtype=np.int16), np.array([[3, -2]], dtype=np.int16)
+    samples, names, derived = derive_limb_leads(np.concatenate([ii, iii]), ("II", "III"), rounding="contec")
+    got = dict(zip(names, samples.tolist()))
+    assert got["I"] == [7, -5] and got["aVR"] == [1 - 10, -1 + 7] and got["aVF"] == [6, -4]
+    one, names, derived = derive_limb_leads(ii, ("II",))
+    assert names == ("II",) and derived == frozenset()

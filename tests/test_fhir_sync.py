@@ -1,0 +1,207 @@
+"""FHIR sender and forwarder against the loopback test server: faults, dedup, order, kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fhir_samples import NAMING, T0, all_kinds, blood_pressure, signature, visit
+from tests.fhir_server import FhirTestServer
+from uploader.errors import ConfigurationFault, PermanentError, TransientError
+from uploader.fhir_bundle import bundle_bytes, visit_bundle
+from uploader.fhir_forwarder import FHIR_KIND, enqueue_bundle, forward_fhir_once
+from uploader.fhir_sender import FhirSender, FhirSenderSettings, read_token_file, retry_after_seconds
+from uploader.outbox import ItemState, Outbox
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _token(tmp_path: Path, mode: int = 0o600) -> Path:
+    path = tmp_path / "fhir.token"
+    path.write_text("s3cret-token\n")
+    path.chmod(mode)
+    return path
+
+
+def _sender(server: FhirTestServer, token: Path | None, **kw: object) -> FhirSender:
+    settings = FhirSenderSettings(base_url=server.base_url, token_file=str(token or ""), **kw)  # type: ignore[arg-type]
+    return FhirSender(settings)
+
+
+def _body(n: int) -> bytes:
+    return bundle_bytes(visit_bundle(visit(n), all_kinds(T0, "P-0001"), NAMING, signature(n)))
+
+
+def test_token_file_must_be_private(tmp_path: Path) -> None:
+    assert read_token_file(_token(tmp_path)) == "s3cret-token"
+    for mode in (0o640, 0o604):
+        with pytest.raises(ConfigurationFault, match="chmod 600"):
+            read_token_file(_token(tmp_path, mode))
+    with pytest.raises(ConfigurationFault):
+        read_token_file(tmp_path / "missing")
+
+
+def test_retry_after_forms() -> None:
+    assert retry_after_seconds("7") == 7.0
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412480.0 - 30) == 30.0
+    assert retry_after_seconds("soon") is None
+
+
+def test_sender_types_every_failure(tmp_path: Path) -> None:
+    token = _token(tmp_path)
+    with FhirTestServer(token="s3cret-token") as server, _sender(server, token, timeout_s=0.5) as sender:
+        server.timeout_delay_s = 1.5
+        server.faults.extend(["500", "429", "drop", "400", "timeout", "commit-then-drop"])
+        with pytest.raises(TransientError, match="500"):
+            sender.post_transaction(_body(1))
+        with pytest.raises(TransientError) as throttled:
+            sender.post_transaction(_body(1))
+        assert throttled.value.retry_after == 1.0
+        with pytest.raises(TransientError, match="unreachable"):
+            sender.post_transaction(_body(1))
+        with pytest.raises(PermanentError, match="unknown patient"):
+            sender.post_transaction(_body(1))
+        with pytest.raises(TransientError, match="Timeout"):
+            sender.post_transaction(_body(1))  # ... but the server committed it late
+        with pytest.raises(TransientError):
+            sender.post_transaction(_body(2))  # committed, then the connection dropped
+        time.sleep(1.2)
+        for n in (1, 2, 1, 2):
+            sender.post_transaction(_body(n))
+        assert sorted(server.identifiers("Encounter")) == [visit(1).visit_id, visit(2).visit_id]
+        assert server.stats.deduplicated > 0
+    with FhirTestServer(token="other") as server, _sender(server, token) as sender:
+        with pytest.raises(ConfigurationFault, match="401"):
+            sender.post_transaction(_body(1))
+
+
+def test_invalid_resource_is_permanent_with_outcome_text(tmp_path: Path) -> None:
+    bundle = json.loads(_body(1))
+    enc = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Encounter")
+    enc["class"] = [enc["class"]]  # R5 shape: not R4
+    with FhirTestServer() as server, _sender(server, None) as sender:
+        with pytest.raises(PermanentError, match="Encounter"):
+            sender.post_transaction(bundle_bytes(bundle))
+
+
+def test_gzip_when_accepted_plain_when_refused(tmp_path: Path) -> None:
+    body = _body(1)
+    with FhirTestServer(accept_gzip=True) as server, _sender(server, None) as sender:
+        sender.post_transaction(body)
+        assert sender.bytes_sent < len(body) / 3
+    with FhirTestServer(accept_gzip=False) as server, _sender(server, None) as sender:
+        sender.post_transaction(body)
+        sender.post_transaction(_body(2))
+        assert sender.requests_sent == 3  # one 415, then plain from then on
+        assert len(server.resources("Encounter")) == 2
+
+
+def _fill(outbox: Outbox, visits: range, patient_of=lambda n: f"P-{n % 3}") -> list[str]:
+    keys = []
+    for n in visits:
+        v = visit(n, patient=patient_of(n))
+        enqueue_bundle(outbox, visit_bundle(v, all_kinds(v.started_at, v.patient_id, f"/{n}"), NAMING, signature(n)),
+                       f"fhir:visit:{v.visit_id}", patient_id=v.patient_id, now=1000.0 + n)
+        keys.append(v.visit_id)
+    return keys
+
+
+def test_forwarder_delivers_exactly_once_through_faults(tmp_path: Path) -> None:
+    outbox = Outbox.open(tmp_path / "data", min_free_bytes=0, backoff_base_s=1.0, backoff_max_s=4.0)
+    ids = _fill(outbox, range(12))
+    with FhirTestServer() as server, _sender(server, None, timeout_s=0.5) as sender:
+        server.timeout_delay_s = 1.0
+        server.faults.extend(["500", "429", "drop", "timeout", "commit-then-drop"])
+        now, rounds = 2000.0, 0
+        while outbox.items(state=ItemState.QUEUED, kind=FHIR_KIND) and rounds < 40:
+            forward_fhir_once(outbox, sender, now, batch_size=5)
+            now += 60.0
+            rounds += 1
+        assert not outbox.items(state=ItemState.QUEUED, kind=FHIR_KIND)
+        assert len(outbox.items(state=ItemState.COMMITTED, kind=FHIR_KIND)) == 12
+        assert sorted(server.identifiers("Encounter")) == sorted(ids)
+        assert len(server.resources("Provenance")) == 12
+        assert server.stats.faults_served == ["500", "429", "drop", "timeout", "commit-then-drop"]
+    outbox.close()
+
+
+def test_bad_bundle_is_quarantined_alone_with_its_reason(tmp_path: Path) -> None:
+    outbox = Outbox.open(tmp_path / "data", min_free_bytes=0)
+    _fill(outbox, range(4))
+    bad = json.loads(_body(9))
+    enc = next(e["resource"] for e in bad["entry"] if e["resource"]["resourceType"] == "Encounter")
+    enc["period"] = {"start": "yesterday"}
+    outbox.add(FHIR_KIND, "fhir:bad", bundle_bytes(bad), now=1001.5)
+    with FhirTestServer() as server, _sender(server, None) as sender:
+        counts = forward_fhir_once(outbox, sender, 2000.0, batch_size=10)
+        assert (counts["sent"], counts["quarantined"]) == (4, 1)
+        (q,) = outbox.stats(2000.0)["quarantined"]
+        assert q["key"] == "fhir:bad" and "period" in q["reason"]
+        assert len(server.resources("Encounter")) == 4
+    outbox.close()
+
+
+def test_patient_order_is_kept_after_a_failure(tmp_path: Path) -> None:
+    outbox = Outbox.open(tmp_path / "data", min_free_bytes=0, backoff_base_s=100.0, backoff_max_s=100.0)
+    _fill(outbox, range(4), patient_of=lambda n: "P-same")
+    with FhirTestServer() as server, _sender(server, None) as sender:
+        server.faults.append("500")
+        forward_fhir_once(outbox, sender, 2000.0, batch_size=1)  # the first fails, backoff >= 50 s
+        counts = forward_fhir_once(outbox, sender, 2001.0, batch_size=1)
+        assert counts["sent"] == 0 and counts["deferred"] == 3  # later ones must not overtake
+        for t in (2200.0, 2201.0):
+            forward_fhir_once(outbox, sender, t, batch_size=1)
+        arrived = [r["identifier"][0]["value"] for r in server.resources("Encounter")]
+        assert arrived == [visit(n).visit_id for n in range(4)]
+    outbox.close()
+
+
+_CHILD = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {repo!r})
+    from uploader.outbox import Outbox
+    from uploader.fhir_sender import FhirSender, FhirSenderSettings
+    from uploader.fhir_forwarder import forward_fhir_once
+    outbox = Outbox.open({data!r}, min_free_bytes=0)
+    sender = FhirSender(FhirSenderSettings(base_url={url!r}, gzip="never"))
+    now = 2000.0
+    while True:
+        forward_fhir_once(outbox, sender, now, batch_size=1, max_items=50)
+        now += 1.0
+""")
+
+
+def test_kill_9_mid_sync_leaves_no_duplicates(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    outbox = Outbox.open(data, min_free_bytes=0)
+    ids = _fill(outbox, range(20))
+    outbox.close()
+    with FhirTestServer(response_delay_s=0.15) as server:
+        child = subprocess.Popen([sys.executable, "-c", _CHILD.format(repo=str(REPO), data=str(data),
+                                                                      url=server.base_url)])
+        try:
+            deadline = time.monotonic() + 30
+            while server.stats.transactions < 6 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            os.kill(child.pid, signal.SIGKILL)  # mid-response: the server committed, the child never knew
+        finally:
+            child.wait(timeout=10)
+        delivered_before = server.stats.transactions
+        assert 6 <= delivered_before < 20
+        outbox = Outbox.open(data, min_free_bytes=0)  # recovers the dead claimer's items
+        with FhirSender(FhirSenderSettings(base_url=server.base_url)) as sender:
+            server.response_delay_s = 0.0
+            for i in range(5):
+                forward_fhir_once(outbox, sender, 3000.0 + i, batch_size=5)
+        assert len(outbox.items(state=ItemState.COMMITTED, kind=FHIR_KIND)) == 20
+        assert sorted(server.identifiers("Encounter")) == sorted(ids)  # each exactly once
+        assert len(server.resources("Observation")) == 20 * 8
+        outbox.close()

@@ -1,0 +1,817 @@
+"""The durable outbox: transitions, idempotency, ordering, concurrency, corruption, full disk,
+crashes (SIGKILL) and secure purge. Real SQLite files and real processes, no mocks of the store."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+
+import uploader.payload_files as payload_files
+from tests.conftest import REPO
+from uploader.errors import CorruptPayloadError, OutboxFullError
+from uploader.outbox import (
+    DB_NAME,
+    PAYLOAD_DIR,
+    TRANSITIONS,
+    AddResult,
+    ItemState,
+    Outbox,
+    OutboxItem,
+    PayloadGoneError,
+    Priority,
+    backoff_delay,
+)
+from uploader.outbox_migrations import MIGRATIONS, Migration, applied_migrations, migrate
+
+S = ItemState
+T0 = 1_700_000_000.0
+PATIENT_NAME = "ZYXWVUT^QUENTIN"  # a string that appears nowhere else
+ECG_SIZE = 124 * 1024
+
+
+def ecg_bytes(seed: int = 0, size: int = ECG_SIZE) -> bytes:
+    """A DICOM-sized payload that carries the patient's name, like a real ECG object."""
+    body = random.Random(seed).randbytes(size)
+    return PATIENT_NAME.encode() + body[len(PATIENT_NAME):]
+
+
+SMALL = b'{"resourceType": "Observation", "valueQuantity": {"value": 37.2, "unit": "Cel"}}' * 12
+
+# Both payload placements: "file" (above inline_max_bytes) and "inline" (in the database).
+STORAGES = {"file": -1, "inline": 1 << 30}
+
+Vfs = namedtuple("Vfs", "f_bavail f_frsize")
+
+
+def open_outbox(data_dir: Path, **kw) -> Outbox:
+    kw.setdefault("min_free_bytes", 0)
+    kw.setdefault("rng", random.Random(7))
+    return Outbox.open(data_dir, now=T0, **kw)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+@pytest.fixture(params=sorted(STORAGES))
+def storage(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def ob(data_dir: Path, storage: str):
+    with open_outbox(data_dir, inline_max_bytes=STORAGES[storage]) as outbox:
+        yield outbox
+
+
+def add(ob: Outbox, key: str, *, payload: bytes | None = None, kind: str = "dicom",
+        priority: Priority = Priority.ROUTINE, now: float = T0) -> OutboxItem:
+    result = ob.add(kind, key, payload if payload is not None else ecg_bytes(hash(key) % 1000),
+                    priority=priority, meta={"sop_instance_uid": f"1.2.826.0.1.{abs(hash(key))}"},
+                    patient={"name": PATIENT_NAME, "id": "P-001"}, now=now)
+    assert result.created
+    return result.item
+
+
+def payload_files_of(data_dir: Path) -> set[str]:
+    return {p.name for p in (data_dir / PAYLOAD_DIR).iterdir() if p.name != ".lock"}
+
+
+def raw_db(data_dir: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(data_dir / DB_NAME, isolation_level=None, timeout=15)
+    conn.execute("PRAGMA busy_timeout=15000")
+    return conn
+
+
+# -- schema ---------------------------------------------------------------------------------------
+def test_migrations_are_recorded_applied_once_and_wal_is_on(data_dir: Path) -> None:
+    with open_outbox(data_dir) as ob:
+        assert applied_migrations(ob.db) == [m.name for m in MIGRATIONS]
+        assert migrate(ob.db) == []  # idempotent while open
+        assert ob.db.journal_mode == "wal"
+        assert ob.db.execute("PRAGMA secure_delete").fetchone()[0] == 1
+        assert ob.db.execute("PRAGMA busy_timeout").fetchone()[0] >= 5000
+        assert {"items", "payloads", "status", "migrations"} <= set(ob.db.table_names())
+    with open_outbox(data_dir) as ob:  # re-open: nothing applied again
+        assert applied_migrations(ob.db) == [m.name for m in MIGRATIONS]
+        assert ob.db.execute("SELECT COUNT(*) FROM migrations").fetchone()[0] == len(MIGRATIONS)
+
+
+OPENER_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from uploader.outbox import Outbox
+    start = float(sys.argv[2])
+    while time.time() < start:
+        time.sleep(0.001)
+    with Outbox.open(Path(sys.argv[1]), min_free_bytes=0) as ob:
+        ob.add("dicom", sys.argv[3], b"x", now=1.0)
+""")
+
+
+def test_processes_opening_a_new_outbox_at_once_migrate_it_once(data_dir: Path) -> None:
+    start = time.time() + 0.7
+    procs = [python(OPENER_SCRIPT, data_dir, start, f"k{i}") for i in range(3)]
+    errors = [p.communicate(timeout=60)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    with open_outbox(data_dir) as ob:
+        assert ob.db.execute("SELECT COUNT(*) FROM migrations").fetchone()[0] == len(MIGRATIONS)
+        assert sorted(i.key for i in ob.items()) == ["k0", "k1", "k2"]
+
+
+def test_a_failing_migration_leaves_nothing_behind(data_dir: Path) -> None:
+    with open_outbox(data_dir) as ob:
+        def half_done(db) -> None:
+            db["half"].create({"x": int})
+            raise RuntimeError("boom")
+
+        with pytest.raises(RuntimeError):
+            migrate(ob.db, (*MIGRATIONS, Migration("0099_half", half_done)))
+        assert "half" not in ob.db.table_names()
+        assert "0099_half" not in applied_migrations(ob.db)
+        assert ob.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+# -- adding ---------------------------------------------------------------------------------------
+def test_add_stores_every_field_and_the_payload(ob: Outbox, storage: str) -> None:
+    payload = ecg_bytes(1)
+    result = ob.add("dicom", "cart-7/ecg-1", payload, priority=Priority.STAT,
+                    meta={"sop_class_uid": "1.2.840.10008.5.1.4.1.1.9.1.1", "sop_instance_uid": "1.2.3"},
+                    patient={"name": PATIENT_NAME}, now=T0)
+    assert isinstance(result, AddResult) and result.created
+    item = result.item
+    assert (item.kind, item.key, item.priority, item.state) == (
+        "dicom", "cart-7/ecg-1", Priority.STAT, S.QUEUED)
+    assert (item.attempts, item.next_attempt_at, item.created_at, item.updated_at) == (0, T0, T0, T0)
+    assert item.sha256 == hashlib.sha256(payload).hexdigest() and item.size == len(payload)
+    assert item.meta["sop_instance_uid"] == "1.2.3" and item.patient == {"name": PATIENT_NAME}
+    assert (item.sent_at, item.committed_at, item.transaction_uid, item.last_error,
+            item.quarantine_reason) == (None, None, None, None, None)
+    assert ob.read_payload(item) == payload
+    assert ob.get(item.id) == item == ob.find("cart-7/ecg-1")
+    path = ob.payload_path(item)
+    if storage == "file":
+        assert path is not None and path.read_bytes() == payload
+        assert path.stat().st_mode & 0o777 == 0o600
+    else:
+        assert path is None and payload_files_of(ob.data_dir) == set()
+
+
+def test_default_placement_files_for_ecgs_database_for_small_items(data_dir: Path) -> None:
+    with open_outbox(data_dir) as ob:
+        ecg = add(ob, "ecg", payload=ecg_bytes())
+        obs = add(ob, "obs", payload=SMALL, kind="observation")
+        assert ob.payload_path(ecg) is not None and ob.payload_path(obs) is None
+        assert ob.read_payload(obs) == SMALL
+
+
+def test_add_with_an_existing_key_returns_it_and_writes_nothing(ob: Outbox) -> None:
+    first = add(ob, "k")
+    files_before = payload_files_of(ob.data_dir)
+    changes_before = ob.db.conn.total_changes
+    again = ob.add("dicom", "k", b"different bytes", priority=Priority.STAT, now=T0 + 5)
+    assert again == AddResult(first, created=False)
+    assert ob.db.conn.total_changes == changes_before
+    assert payload_files_of(ob.data_dir) == files_before
+    assert ob.read_payload(first) == ecg_bytes(hash("k") % 1000)
+
+
+def test_items_get_find_filters(ob: Outbox) -> None:
+    a = add(ob, "a")
+    b = add(ob, "b", kind="observation", payload=SMALL)
+    add(ob, "c")
+    ob.claim("dicom", 1, T0)
+    assert [i.key for i in ob.items()] == ["a", "b", "c"]
+    assert [i.key for i in ob.items(kind="dicom")] == ["a", "c"]
+    assert [i.key for i in ob.items(state=S.SENDING)] == ["a"]
+    assert [i.key for i in ob.items(state=S.QUEUED, limit=1)] == ["b"]
+    assert ob.get(999) is None and ob.find("nope") is None
+    assert ob.get(b.id).kind == "observation" and ob.get(a.id).state == S.SENDING
+
+
+# -- claiming -------------------------------------------------------------------------------------
+def test_claim_takes_stat_first_then_oldest_only_due_and_of_its_kind(ob: Outbox) -> None:
+    old = add(ob, "old", now=T0)
+    newer = add(ob, "newer", now=T0 + 1)
+    stat = add(ob, "stat", priority=Priority.STAT, now=T0 + 2)
+    add(ob, "fhir", kind="fhir-bundle", payload=SMALL, now=T0 - 10)
+    later = add(ob, "not-due", now=T0 + 3)
+    ob.claim("dicom", 10, T0 + 3)
+    ob.mark_transient_failure(later.id, "x", T0 + 3)  # now due only after its backoff
+    ob.release([old.id, newer.id, stat.id], "put back", T0 + 3, 0.0)
+
+    claimed = ob.claim("dicom", 2, T0 + 4)
+    assert [i.key for i in claimed] == ["stat", "old"]
+    assert all(i.state == S.SENDING and i.updated_at == T0 + 4 for i in claimed)
+    assert [i.key for i in ob.claim("dicom", 10, T0 + 4)] == ["newer"]
+    assert ob.claim("dicom", 10, T0 + 4) == []  # "not-due" waits for its backoff
+    assert [i.key for i in ob.claim("fhir-bundle", 10, T0 + 4)] == ["fhir"]
+    assert ob.claim("dicom", 0, T0 + 4) == []
+
+
+# -- every transition, from every state -----------------------------------------------------------
+def drive_to(ob: Outbox, key: str, state: ItemState) -> OutboxItem:
+    """A fresh item brought to `state` through the public API."""
+    item = add(ob, key)
+    if state == S.QUARANTINED:
+        ob.quarantine(item.id, "test", T0)
+    if state in (S.SENDING, S.SENT, S.COMMITTED, S.PURGED):
+        assert [i.id for i in ob.claim("dicom", 10, T0)] == [item.id]
+    if state in (S.SENT, S.COMMITTED, S.PURGED):
+        ob.mark_sent([item.id], T0)
+    if state in (S.COMMITTED, S.PURGED):
+        ob.mark_committed([item.id], T0)
+    if state == S.PURGED:
+        assert ob.purge_due(T0, 0.0) == 1
+    driven = ob.get(item.id)
+    assert driven.state == state
+    return driven
+
+
+OPS = {
+    "mark_sent": lambda ob, i: ob.mark_sent([i], T0 + 1),
+    "transient_failure": lambda ob, i: ob.mark_transient_failure(i, "timeout", T0 + 1),
+    "release": lambda ob, i: ob.release([i], "fault", T0 + 1, 60.0),
+    "quarantine": lambda ob, i: ob.quarantine(i, "bad", T0 + 1),
+    "set_transaction": lambda ob, i: ob.set_transaction([i], "1.2.3.4", T0 + 1),
+    "mark_committed": lambda ob, i: ob.mark_committed([i], T0 + 1),
+    "requeue": lambda ob, i: ob.requeue([i], "commitment failed", T0 + 1),
+    "retry": lambda ob, i: ob.retry(i, T0 + 1),
+    "purge": lambda ob, i: ob.purge_due(T0 + 1, 0.0),
+    "claim": lambda ob, i: ob.claim("dicom", 10, T0 + 1),
+}
+
+
+def test_every_operation_is_tested() -> None:
+    assert set(OPS) == set(TRANSITIONS) - {"recover"}
+
+
+@pytest.mark.parametrize("state", list(ItemState), ids=lambda s: s.value)
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_each_operation_moves_only_items_in_its_source_states(data_dir: Path, op: str,
+                                                              state: ItemState) -> None:
+    sources, target = TRANSITIONS[op]
+    with open_outbox(data_dir, inline_max_bytes=-1) as ob:
+        before = drive_to(ob, "x", state)
+        OPS[op](ob, before.id)
+        after = ob.get(before.id)
+        if state in sources:
+            assert (after.state, after.updated_at) == (target, T0 + 1)
+        else:
+            assert after == before, f"{op} changed an item in state {state.value}"
+
+
+def test_full_life_of_an_item(ob: Outbox, storage: str) -> None:
+    item = add(ob, "life")
+    (claimed,) = ob.claim("dicom", 5, T0 + 1)
+    assert claimed.state == S.SENDING
+    assert ob.read_payload(claimed) == ecg_bytes(hash("life") % 1000)
+    ob.mark_sent([item.id], T0 + 2)
+    sent = ob.get(item.id)
+    assert (sent.state, sent.sent_at, sent.last_error) == (S.SENT, T0 + 2, None)
+    assert ob.awaiting_commitment("dicom") == [sent]
+    assert ob.awaiting_commitment("fhir-bundle") == []
+    ob.set_transaction([item.id], "2.25.1", T0 + 3)
+    asked = ob.get(item.id)
+    assert (asked.state, asked.transaction_uid, asked.updated_at) == (S.SENT, "2.25.1", T0 + 3)
+    ob.mark_committed([item.id], T0 + 4)
+    committed = ob.get(item.id)
+    assert (committed.state, committed.committed_at) == (S.COMMITTED, T0 + 4)
+    assert ob.awaiting_commitment("dicom") == []
+    assert ob.purge_due(T0 + 50, retention_s=100) == 0  # kept for the retention period
+    assert ob.purge_due(T0 + 104, retention_s=100) == 1
+    purged = ob.get(item.id)
+    assert (purged.state, purged.patient, purged.meta, purged.sha256) == (S.PURGED, None, {}, item.sha256)
+    assert ob.payload_path(purged) is None and payload_files_of(ob.data_dir) == set()
+    with pytest.raises(PayloadGoneError):
+        ob.read_payload(purged)
+    stats = ob.stats(T0 + 104)
+    assert stats["counts"]["purged"] == 1 and stats["last_sent_at"] == T0 + 2
+    assert stats["last_committed_at"] == T0 + 4
+
+
+def test_requeue_after_failed_commitment_sends_again_with_backoff(ob: Outbox) -> None:
+    item = add(ob, "r")
+    ob.claim("dicom", 1, T0)
+    ob.mark_sent([item.id], T0)
+    ob.set_transaction([item.id], "2.25.9", T0)
+    ob.requeue([item.id], "storage commitment failed (0x0112)", T0 + 10)
+    again = ob.get(item.id)
+    assert (again.state, again.transaction_uid, again.attempts) == (S.QUEUED, None, 1)
+    assert again.last_error == "storage commitment failed (0x0112)"
+    assert T0 + 10 + 2.5 <= again.next_attempt_at <= T0 + 10 + 5.0
+    assert ob.claim("dicom", 1, T0 + 16)[0].id == item.id
+
+
+# -- backoff ----------------------------------------------------------------------------------------
+def test_backoff_doubles_up_to_the_cap_with_jitter() -> None:
+    rng = random.Random(3)
+    for attempts in range(1, 30):
+        ceiling = min(900.0, 5.0 * 2 ** (attempts - 1))
+        for _ in range(20):
+            assert ceiling / 2 <= backoff_delay(attempts, 5.0, 900.0, rng) <= ceiling
+    delays = {round(backoff_delay(4, 5.0, 900.0, random.Random(seed)), 6) for seed in range(20)}
+    assert len(delays) > 15  # jitter: gateways that failed together do not retry together
+    assert backoff_delay(10_000, 5.0, 900.0, rng) <= 900.0  # no overflow
+    assert backoff_delay(3, 5.0, 900.0, random.Random(1)) == backoff_delay(3, 5.0, 900.0, random.Random(1))
+
+
+def test_transient_failure_charges_an_attempt_and_backs_off(data_dir: Path) -> None:
+    with open_outbox(data_dir, backoff_base_s=5.0, backoff_max_s=60.0, rng=random.Random(11)) as ob:
+        item = add(ob, "t")
+        now = T0
+        for attempt in range(1, 8):
+            (claimed,) = ob.claim("dicom", 1, now)
+            failed = ob.mark_transient_failure(claimed.id, f"timeout {attempt}", now)
+            ceiling = min(60.0, 5.0 * 2 ** (attempt - 1))
+            assert failed.state == S.QUEUED and failed.attempts == attempt
+            assert failed.last_error == f"timeout {attempt}"
+            assert now + ceiling / 2 <= failed.next_attempt_at <= now + ceiling
+            assert ob.claim("dicom", 1, failed.next_attempt_at - 0.01) == []
+            now = failed.next_attempt_at
+        ob.claim("dicom", 1, now)
+        honoured = ob.mark_transient_failure(item.id, "503", now, retry_after=600.0)
+        assert honoured.next_attempt_at == now + 600.0  # the peer's Retry-After wins when longer
+        with pytest.raises(LookupError):
+            ob.mark_transient_failure(12345, "x", now)
+
+
+def test_release_puts_items_back_without_charging(ob: Outbox) -> None:
+    a, b = add(ob, "a"), add(ob, "b")
+    ob.claim("dicom", 2, T0)
+    ob.release([a.id, b.id], "association rejected: calling AE not recognized", T0 + 1, 300.0)
+    for item in (ob.get(a.id), ob.get(b.id)):
+        assert (item.state, item.attempts, item.next_attempt_at) == (S.QUEUED, 0, T0 + 301)
+        assert "calling AE" in item.last_error
+    assert ob.claim("dicom", 5, T0 + 300) == []
+    assert len(ob.claim("dicom", 5, T0 + 301)) == 2
+
+
+# -- corruption -------------------------------------------------------------------------------------
+def corrupt(ob: Outbox, item: OutboxItem, storage: str) -> None:
+    if storage == "file":
+        path = ob.payload_path(item)
+        data = bytearray(path.read_bytes())
+        data[5000] ^= 0x01
+        path.write_bytes(bytes(data))
+    else:
+        with raw_db(ob.data_dir) as conn:
+            conn.execute("UPDATE payloads SET data = ? WHERE item_id = ?", (b"garbled", item.id))
+
+
+def test_a_corrupt_payload_is_quarantined_and_never_sent(ob: Outbox, storage: str) -> None:
+    item = add(ob, "bad")
+    good = add(ob, "good")
+    corrupt(ob, item, storage)
+    claimed = ob.claim("dicom", 5, T0 + 1)
+    bad = next(i for i in claimed if i.id == item.id)
+    with pytest.raises(CorruptPayloadError, match="sha256") as err:
+        ob.read_payload(bad, now=T0 + 2)
+    assert "not sent" in str(err.value)
+    q = ob.get(item.id)
+    assert q.state == S.QUARANTINED and "sha256" in q.quarantine_reason
+    assert ob.read_payload(ob.get(good.id)) == ecg_bytes(hash("good") % 1000)
+    ob.mark_sent([item.id], T0 + 3)  # a forwarder racing on: refused, stays quarantined
+    assert ob.get(item.id).state == S.QUARANTINED
+    (entry,) = ob.stats(T0 + 3)["quarantined"]
+    assert entry == {"id": item.id, "kind": "dicom", "key": "bad", "reason": q.quarantine_reason,
+                     "at": T0 + 2}
+
+
+def test_a_missing_payload_file_is_quarantined_at_read(data_dir: Path) -> None:
+    with open_outbox(data_dir, inline_max_bytes=-1) as ob:
+        item = add(ob, "gone")
+        (claimed,) = ob.claim("dicom", 1, T0)
+        ob.payload_path(item).unlink()
+        with pytest.raises(CorruptPayloadError, match="missing"):
+            ob.read_payload(claimed)
+        assert ob.get(item.id).state == S.QUARANTINED
+
+
+def test_retry_of_quarantined_items_resets_attempts(ob: Outbox) -> None:
+    a, b, c = add(ob, "a"), add(ob, "b"), add(ob, "c")
+    for item in (a, b):
+        ob.claim("dicom", 1, T0)
+        ob.mark_transient_failure(item.id, "x", T0)
+        ob.quarantine(item.id, "refused: 0xA900 dataset does not match SOP class", T0 + 1)
+    assert ob.retry(c.id, T0 + 2) is False  # not quarantined
+    assert ob.retry(a.id, T0 + 2) is True
+    back = ob.get(a.id)
+    assert (back.state, back.attempts, back.next_attempt_at, back.quarantine_reason) == (
+        S.QUEUED, 0, T0 + 2, None)
+    assert ob.retry_quarantined(T0 + 3) == 1 and ob.get(b.id).state == S.QUEUED
+    assert ob.retry_quarantined(T0 + 3) == 0
+    assert ob.stats(T0 + 3)["quarantined"] == []
+
+
+# -- crash leftovers at open --------------------------------------------------------------------------
+def test_open_removes_payload_files_without_a_row(data_dir: Path) -> None:
+    with open_outbox(data_dir, inline_max_bytes=-1) as ob:
+        kept = add(ob, "kept")
+        kept_name = ob.payload_path(kept).name
+    pdir = data_dir / PAYLOAD_DIR
+    (pdir / "0123456789abcdef0123456789abcdef.bin").write_bytes(b"renamed, row never committed")
+    (pdir / ".tmp-deadbeef").write_bytes(b"half written")
+    with open_outbox(data_dir, inline_max_bytes=-1) as ob:
+        assert payload_files_of(data_dir) == {kept_name}
+        assert ob.read_payload(ob.get(kept.id)) == ecg_bytes(hash("kept") % 1000)
+
+
+def test_open_quarantines_queued_items_whose_payload_was_lost(data_dir: Path) -> None:
+    with open_outbox(data_dir) as ob:  # ECGs in files, the small observation in the database
+        lost_file = add(ob, "lost-file")
+        ok = add(ob, "ok")
+        lost_inline = add(ob, "lost-inline", payload=SMALL, kind="observation")
+        ob.payload_path(lost_file).unlink()
+    with raw_db(data_dir) as conn:  # e.g. restored from an inconsistent backup
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("DELETE FROM payloads WHERE item_id = ?", (lost_inline.id,))
+    with open_outbox(data_dir) as ob:
+        for item in (lost_file, lost_inline):
+            q = ob.get(item.id)
+            assert q.state == S.QUARANTINED and "lost before it was sent" in q.quarantine_reason
+        assert ob.get(ok.id).state == S.QUEUED
+        assert [i.key for i in ob.claim("dicom", 10, T0)] == ["ok"]
+
+
+HOLDER_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from uploader.outbox import Outbox
+    ob = Outbox.open(Path(sys.argv[1]), min_free_bytes=0)
+    print(len(ob.claim("dicom", 10, 2e9)), flush=True)
+    time.sleep(60)
+""")
+
+
+def test_recover_interrupted_requeues_only_claims_of_dead_owners(data_dir: Path) -> None:
+    with open_outbox(data_dir) as ob:
+        a, b = add(ob, "a"), add(ob, "b")
+    forwarder = python(HOLDER_SCRIPT, data_dir)
+    try:
+        assert forwarder.stdout.readline().strip() == "2"
+        # `lastmile queue` opening the outbox meanwhile must not take the forwarder's items away
+        with open_outbox(data_dir) as cli:
+            assert {i.state for i in cli.items()} == {S.SENDING}
+            assert cli.recover_interrupted(T0 + 1) == 0
+            forwarder.send_signal(signal.SIGKILL)  # dies mid-send: the kernel drops its lock
+            forwarder.communicate(timeout=30)
+            assert cli.recover_interrupted(T0 + 2) == 2
+            for item in (cli.get(a.id), cli.get(b.id)):
+                assert (item.state, item.attempts, item.updated_at) == (S.QUEUED, 0, T0 + 2)  # not charged
+                assert "interrupted" in item.last_error
+            assert [p.name for p in (data_dir / "locks").iterdir()] == [f"owner-{cli.owner}.lock"]
+    finally:
+        forwarder.kill()
+        forwarder.communicate(timeout=30)
+
+
+def test_close_gives_back_its_own_claims(data_dir: Path) -> None:
+    with open_outbox(data_dir) as ob:
+        add(ob, "a")
+        ob.claim("dicom", 1, T0)
+    with open_outbox(data_dir) as ob:
+        (item,) = ob.items()
+        assert (item.state, item.attempts) == (S.QUEUED, 0)
+        assert list((data_dir / "locks").iterdir()) != []  # its own lock only
+    assert list((data_dir / "locks").iterdir()) == []
+
+
+# -- full disk ----------------------------------------------------------------------------------------
+def test_add_refuses_when_free_space_would_drop_below_the_minimum(data_dir: Path) -> None:
+    free = {"bytes": 10 * 2**30}
+
+    def statvfs(path: os.PathLike) -> Vfs:
+        return Vfs(f_bavail=free["bytes"] // 4096, f_frsize=4096)
+
+    with open_outbox(data_dir, min_free_bytes=200 * 2**20, statvfs=statvfs, inline_max_bytes=-1) as ob:
+        kept = add(ob, "kept")
+        free["bytes"] = 200 * 2**20 + ECG_SIZE - 1  # one byte short
+        before = (payload_files_of(data_dir), ob.db.conn.total_changes)
+        with pytest.raises(OutboxFullError, match=r"only 200\.1 MB free .* 200 MB must stay free"):
+            ob.add("dicom", "new", ecg_bytes(9))
+        assert (payload_files_of(data_dir), ob.db.conn.total_changes) == before
+        assert ob.find("new") is None
+        assert ob.add("dicom", "kept", b"").created is False  # known keys still answer
+        assert ob.read_payload(ob.get(kept.id)) == ecg_bytes(hash("kept") % 1000)
+        free["bytes"] += 1
+        assert ob.add("dicom", "new", ecg_bytes(9)).created
+        assert ob.stats(T0)["free_bytes"] == free["bytes"] // 4096 * 4096
+
+
+@pytest.mark.parametrize("failing", ["write", "fsync"])
+def test_enospc_while_writing_a_file_leaves_nothing(data_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     failing: str) -> None:
+    with open_outbox(data_dir, inline_max_bytes=-1) as ob:
+        kept = add(ob, "kept")
+        real = getattr(os, failing)
+
+        def no_space(fd, *args):
+            if failing == "write":
+                real(fd, bytes(args[0])[:1000])  # a partial write first, as a real disk would
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(payload_files.os, failing, no_space)
+        with pytest.raises(OutboxFullError, match="full"):
+            ob.add("dicom", "new", ecg_bytes(3))
+        monkeypatch.undo()
+        assert payload_files_of(data_dir) == {ob.payload_path(kept).name}
+        assert ob.find("new") is None
+        assert ob.read_payload(ob.get(kept.id)) == ecg_bytes(hash("kept") % 1000)
+        assert ob.add("dicom", "new", ecg_bytes(3)).created  # works again once there is room
+
+
+@pytest.mark.parametrize("storage_name", sorted(STORAGES))
+def test_database_full_becomes_outbox_full_and_leaves_nothing(data_dir: Path, storage_name: str) -> None:
+    with open_outbox(data_dir, inline_max_bytes=STORAGES[storage_name]) as ob:
+        kept = add(ob, "kept", payload=SMALL)
+        pages = ob.db.execute("PRAGMA page_count").fetchone()[0]
+        ob.db.execute(f"PRAGMA max_page_count={pages}")  # the database cannot grow: SQLITE_FULL
+        with pytest.raises(OutboxFullError, match="full"):
+            for i in range(50):
+                ob.add("dicom", f"new-{i}", ecg_bytes(i))
+        ob.db.execute("PRAGMA max_page_count=1073741823")
+        referenced = {r[0] for r in ob.db.execute(
+            "SELECT payload_file FROM items WHERE payload_file IS NOT NULL")}
+        assert payload_files_of(data_dir) == referenced  # the refused item left no file
+        assert ob.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert ob.read_payload(ob.get(kept.id)) == SMALL
+        for item in ob.items():  # whatever was stored is whole
+            assert hashlib.sha256(ob.read_payload(item)).hexdigest() == item.sha256
+        assert ob.add("dicom", "after", SMALL).created
+
+
+TMPFS_SCRIPT = textwrap.dedent("""
+    import json, os, random, sys
+    from collections import namedtuple
+    from pathlib import Path
+    from uploader.errors import OutboxFullError
+    from uploader.outbox import Outbox, ItemState
+    Vfs = namedtuple("Vfs", "f_bavail f_frsize")
+    lying = lambda path: Vfs(1 << 40, 4096)  # pretend there is room: hit the real ENOSPC
+    d = Path(sys.argv[1]) / "data"
+    out = {}
+    for name, inline_max, size in (("file", -1, 124 * 1024), ("inline", 1 << 30, 4096)):
+        ob = Outbox.open(d / name, min_free_bytes=0, statvfs=lying, inline_max_bytes=inline_max)
+        stored, error = 0, None
+        for i in range(1000):
+            try:
+                ob.add("dicom", f"k{i}", random.Random(i).randbytes(size), now=1.0)
+                stored += 1
+            except OutboxFullError as exc:
+                error = str(exc)
+                break
+        ok = all(ob.read_payload(it) == random.Random(int(it.key[1:])).randbytes(size) for it in ob.items())
+        integrity = ob.db.execute("PRAGMA integrity_check").fetchone()[0]
+        files = sorted(p.name for p in (d / name / "payloads").iterdir() if p.name != ".lock")
+        ob.close()
+        out[name] = {"stored": stored, "error": error, "ok": ok, "integrity": integrity,
+                     "files": len(files), "tmp": [f for f in files if f.startswith(".tmp")]}
+        for p in (d / name / "payloads").iterdir():  # make room for the next strategy
+            p.unlink()
+    print(json.dumps(out))
+""")
+
+
+def test_real_enospc_on_a_tiny_tmpfs(tmp_path: Path) -> None:
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare to mount a private tmpfs")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+           f'mount -t tmpfs -o size=2m tmpfs "$1" && shift && exec "$@"', "sh", str(mnt),
+           sys.executable, "-c", TMPFS_SCRIPT, str(mnt)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    if proc.returncode != 0 and "mount" in proc.stderr and "permission" in proc.stderr.lower():
+        pytest.skip(f"cannot mount tmpfs here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    for name, r in result.items():
+        assert r["error"] and "full" in r["error"], (name, r)
+        assert r["stored"] > 0 and r["ok"] and r["integrity"] == "ok" and r["tmp"] == [], (name, r)
+    assert result["file"]["files"] == result["file"]["stored"]
+
+
+# -- concurrency ----------------------------------------------------------------------------------------
+def fill(ob: Outbox, n: int) -> set[int]:
+    return {add(ob, f"item-{i}", payload=SMALL + str(i).encode(), now=T0 + i).id for i in range(n)}
+
+
+def test_threads_sharing_one_outbox_never_claim_the_same_item(data_dir: Path) -> None:
+    with open_outbox(data_dir) as ob:
+        ids = fill(ob, 150)
+        got: list[list[int]] = [[] for _ in range(4)]
+
+        def claimer(slot: int) -> None:
+            while batch := ob.claim("dicom", 3, T0 + 1000):
+                got[slot] += [i.id for i in batch]
+                ob.mark_sent([i.id for i in batch], T0 + 1000)
+
+        threads = [threading.Thread(target=claimer, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        flat = [i for g in got for i in g]
+        assert len(flat) == len(set(flat)) and set(flat) == ids
+        assert ob.stats(T0)["counts"]["sent"] == 150
+
+
+def test_two_outboxes_in_threads_never_claim_the_same_item(data_dir: Path) -> None:
+    with open_outbox(data_dir) as one, open_outbox(data_dir) as two:
+        ids = fill(one, 120)
+        got: dict[str, list[int]] = {"one": [], "two": []}
+
+        def claimer(name: str, ob: Outbox) -> None:
+            while batch := ob.claim("dicom", 2, T0 + 1000):
+                got[name] += [i.id for i in batch]
+
+        threads = [threading.Thread(target=claimer, args=a) for a in (("one", one), ("two", two))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not set(got["one"]) & set(got["two"])
+        assert set(got["one"]) | set(got["two"]) == ids
+
+
+CLAIMER_SCRIPT = textwrap.dedent("""
+    import json, sys, time
+    from pathlib import Path
+    from uploader.outbox import Outbox
+    ob = Outbox.open(Path(sys.argv[1]), min_free_bytes=0)
+    start = float(sys.argv[2])
+    while time.time() < start:
+        time.sleep(0.001)
+    got = []
+    while batch := ob.claim("dicom", 2, 2e9):
+        got += [i.id for i in batch]
+        ob.mark_sent([i.id for i in batch], 2e9)
+    ob.close()
+    print(json.dumps(got))
+""")
+
+ADDER_SCRIPT = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from uploader.outbox import Outbox
+    ob = Outbox.open(Path(sys.argv[1]), min_free_bytes=0, inline_max_bytes=-1)
+    for i in range(int(sys.argv[2])):
+        ob.add("dicom", f"acq-{i}", bytes([i % 256]) * 20000, now=1.0)
+    ob.close()
+""")
+
+
+def python(script: str, *args: object) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", script, *map(str, args)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_two_processes_never_claim_the_same_item_while_a_third_adds(data_dir: Path) -> None:
+    with open_outbox(data_dir) as ob:
+        ids = fill(ob, 200)
+    start = time.time() + 1.0
+    claimers = [python(CLAIMER_SCRIPT, data_dir, start) for _ in range(2)]
+    adder = python(ADDER_SCRIPT, data_dir, 40)
+    outs = [p.communicate(timeout=60) for p in (*claimers, adder)]
+    assert all(p.returncode == 0 for p in (*claimers, adder)), [o[1] for o in outs]
+    a, b = (json.loads(o[0]) for o in outs[:2])
+    assert not set(a) & set(b)
+    with open_outbox(data_dir) as ob:
+        added = {i.id for i in ob.items() if i.key.startswith("acq-")}
+        assert len(added) == 40
+        assert ids <= set(a) | set(b) <= ids | added  # every item once; late adds maybe too
+        assert ob.stats(T0)["counts"]["sending"] == 0
+
+
+# -- crashes --------------------------------------------------------------------------------------------
+CRASH_SCRIPT = textwrap.dedent("""
+    import random, sys, time
+    from pathlib import Path
+    from uploader.outbox import Outbox
+    from uploader.errors import CorruptPayloadError
+    d, seed = Path(sys.argv[1]), int(sys.argv[2])
+    rng = random.Random(seed)
+    ob = Outbox.open(d, min_free_bytes=0, rng=rng)
+    print("ready", flush=True)
+    n = 0
+    while True:
+        n += 1
+        now = time.time()
+        op = rng.random()
+        if op < 0.45:
+            size = rng.choice([900, 124 * 1024])
+            ob.add(rng.choice(["dicom", "observation"]), f"{seed}-{n}", rng.randbytes(size),
+                   priority=rng.choice([0, 1]), patient={"name": "CRASH^TEST"}, now=now)
+        elif op < 0.7:
+            for item in ob.claim(rng.choice(["dicom", "observation"]), 3, now + 1e6):
+                ob.read_payload(item)
+                r = rng.random()
+                if r < 0.6:
+                    ob.mark_sent([item.id], now)
+                elif r < 0.8:
+                    ob.mark_transient_failure(item.id, "timeout", now)
+                # else: left in sending (killed mid-send)
+        elif op < 0.85:
+            sent = ob.items(state="sent", limit=5)
+            ob.set_transaction([i.id for i in sent], f"2.25.{n}", now)
+            ob.mark_committed([i.id for i in sent[:3]], now)
+            ob.requeue([i.id for i in sent[3:]], "commitment failed", now)
+        else:
+            ob.purge_due(now, 0.0)
+""")
+
+
+def check_consistent(data_dir: Path) -> dict:
+    with open_outbox(data_dir) as ob:
+        assert ob.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert ob.db.execute("PRAGMA foreign_key_check").fetchall() == []
+        counts = ob.stats(time.time())["counts"]
+        assert counts["sending"] == 0, counts
+        assert counts["quarantined"] == 0, ob.stats(time.time())["quarantined"]
+        referenced = {r[0] for r in ob.db.execute(
+            "SELECT payload_file FROM items WHERE payload_file IS NOT NULL")}
+        assert payload_files_of(data_dir) == referenced  # no orphan, nothing missing
+        for item in ob.items():
+            if item.state != S.PURGED:
+                assert hashlib.sha256(ob.read_payload(item)).hexdigest() == item.sha256
+        return counts
+
+
+def test_sigkill_at_random_moments_leaves_a_consistent_outbox(data_dir: Path) -> None:
+    rng = random.Random(2024)
+    check_consistent(data_dir)  # creates it
+    for round_no in range(20):
+        child = python(CRASH_SCRIPT, data_dir, round_no)
+        try:
+            assert child.stdout.readline().strip() == "ready", child.stderr.read()
+            time.sleep(rng.uniform(0.0, 0.3))
+            assert child.poll() is None, child.stderr.read()  # still working when killed
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.communicate(timeout=30)
+        counts = check_consistent(data_dir)
+    assert sum(counts.values()) > 20  # the children did real work
+    assert counts["queued"] and (counts["sent"] or counts["committed"] or counts["purged"])
+
+
+# -- purge secrecy and status ---------------------------------------------------------------------------
+def files_contain(data_dir: Path, needle: bytes) -> list[str]:
+    return [p.name for p in data_dir.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+def test_purge_leaves_no_trace_of_the_patient_in_the_database_files(data_dir: Path, storage: str) -> None:
+    with open_outbox(data_dir, inline_max_bytes=STORAGES[storage]) as ob:
+        # inline: payloads that carry the name in the database; file: 124 KB ECG files
+        items = [add(ob, f"p{i}", payload=ecg_bytes(i, 4000) if storage == "inline" else None)
+                 for i in range(5)]
+        anonymous = ob.add("dicom", "anonymous", b"\0" * 3000, now=T0).item
+        needle = PATIENT_NAME.encode()
+        assert files_contain(data_dir, needle)  # the test would prove nothing otherwise
+        ids = [i.id for i in items]
+        ob.claim("dicom", 10, T0)
+        ob.release([anonymous.id], "not this one", T0, 0.0)
+        ob.mark_sent(ids, T0)
+        ob.mark_committed(ids, T0)
+        assert ob.purge_due(T0 + 10, 0.0) == 5
+        assert ob.checkpoint()
+        assert files_contain(data_dir, needle) == []
+        assert (data_dir / f"{DB_NAME}-wal").stat().st_size == 0
+        assert ob.read_payload(ob.get(anonymous.id)) == b"\0" * 3000
+
+
+def test_record_status_and_stats(ob: Outbox) -> None:
+    assert ob.status("reading_center") is None
+    ob.record_status("reading_center", {"fault": "AE rejected", "fault_since": T0}, T0)
+    ob.record_status("reading_center", {"fault": None, "last_success": T0 + 5}, T0 + 5)
+    ob.record_status("storage_commitment", {"supported": False}, T0 + 5)
+    assert ob.status("reading_center") == {"fault": None, "last_success": T0 + 5}
+    add(ob, "old", now=T0)
+    add(ob, "new", now=T0 + 50)
+    stats = ob.stats(T0 + 100)
+    assert stats["counts"] == {"queued": 2, "sending": 0, "sent": 0, "committed": 0, "purged": 0,
+                               "quarantined": 0}
+    assert stats["oldest_waiting_s"] == 100.0
+    assert (stats["last_sent_at"], stats["last_committed_at"], stats["quarantined"]) == (None, None, [])
+    assert stats["statuses"] == {"reading_center": {"fault": None, "last_success": T0 + 5},
+                                 "storage_commitment": {"supported": False}}
+    assert stats["waiting_bytes"] == 2 * ECG_SIZE
+    json.dumps(stats)  # `lastmile queue --json` prints it as is

@@ -1,0 +1,158 @@
+"""Patient context (clinic session), held/unassigned observations and the device registry."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+
+from devices.identity import DeviceIdentity, TimeSource
+from devices.observation import Observation, Quantity
+from lastmile.device_registry import DeviceRegistry
+from lastmile.observation_store import (OBSERVATION_KIND, ObservationStore, UnknownObservationError,
+                                        observation_from_json, observation_to_json, summary)
+from lastmile.patient_context import PatientContext
+from uploader.outbox import Outbox
+
+T0 = dt.datetime(2025, 6, 1, 9, 0, tzinfo=dt.timezone.utc)
+MIN = dt.timedelta(minutes=1)
+
+
+def bp(measured_at: dt.datetime, systolic: float = 120.0, key: str | None = None) -> Observation:
+    return Observation(kind="blood-pressure",
+                       quantities=(Quantity("systolic", systolic, "mm[Hg]", systolic, "mm[Hg]"),
+                                   Quantity("diastolic", 80.0, "mm[Hg]", 80.0, "mm[Hg]"),
+                                   Quantity("pulse-rate", None, "/min", None, "/min", "nan")),
+                       measured_at=measured_at, time_source=TimeSource.DEVICE_CLOCK, received_at=measured_at + MIN,
+                       device=DeviceIdentity("Acme", "BP-1", "42", "AA:BB:CC:DD:EE:01"),
+                       record_key=key or f"test:{measured_at.isoformat()}:{systolic}")
+
+
+@pytest.fixture()
+def context(tmp_path: Path):
+    ctx = PatientContext.open(tmp_path, idle_timeout_s=900)
+    yield ctx
+    ctx.close()
+
+
+@pytest.fixture()
+def store(tmp_path: Path):
+    outbox = Outbox.open(tmp_path, min_free_bytes=0)
+    s = ObservationStore.open(tmp_path, outbox=outbox, idle_timeout_s=900)
+    yield s
+    s.close()
+    outbox.close()
+
+
+def test_set_current_and_expiry(context: PatientContext) -> None:
+    assert context.current(T0) is None
+    p = context.set_patient("P-1", "Doe^Jane", now=T0)
+    assert (p.patient_id, p.name, p.since, p.expires_at) == ("P-1", "Doe^Jane", T0, T0 + 15 * MIN)
+    assert context.current(T0 + 14 * MIN) is not None
+    assert context.touch(now=T0 + 14 * MIN)
+    assert context.current(T0 + 28 * MIN).patient_id == "P-1"  # activity kept it alive
+    assert context.current(T0 + 30 * MIN) is None  # idle for 16 minutes: gone
+    assert not context.touch(now=T0 + 31 * MIN)  # and touching does not revive it
+    assert context.current(T0 + 31 * MIN) is None
+    events = [e["event"] for e in context.history()]
+    assert events[0] == "session-expired" and "patient-set" in events
+
+
+def test_context_is_shared_between_processes_and_survives_restart(tmp_path: Path) -> None:
+    a = PatientContext.open(tmp_path, idle_timeout_s=60)
+    b = PatientContext.open(tmp_path, idle_timeout_s=60)
+    a.set_patient("P-7", now=T0)
+    assert b.current(T0 + MIN / 2).patient_id == "P-7"
+    a.close()
+    c = PatientContext.open(tmp_path, idle_timeout_s=60)
+    assert c.current(T0 + MIN / 2).patient_id == "P-7"
+    assert c.current(T0 + 2 * MIN) is None  # a restart never revives an expired session
+    b.close()
+    c.close()
+
+
+def test_clear_replace_and_doctor(context: PatientContext) -> None:
+    context.set_doctor("DR-1", now=T0)
+    assert context.current(T0) is None and context.current_doctor(T0) == "DR-1"
+    context.set_patient("P-1", now=T0 + MIN)
+    p2 = context.set_patient("P-2", now=T0 + 2 * MIN)
+    assert (p2.patient_id, p2.since, p2.doctor_id) == ("P-2", T0 + 2 * MIN, "DR-1")
+    assert context.clear(now=T0 + 3 * MIN)
+    assert context.current(T0 + 3 * MIN) is None and context.current_doctor(T0 + 3 * MIN) == "DR-1"
+    assert not context.clear(now=T0 + 4 * MIN)
+    with pytest.raises(ValueError):
+        context.set_patient("  ", now=T0)
+
+
+def test_observation_json_round_trip() -> None:
+    obs = bp(T0)
+    assert observation_from_json(json.loads(json.dumps(observation_to_json(obs)))) == obs
+    assert summary(obs) == "120/80 mm[Hg], pulse-rate (nan) /min"
+
+
+def test_reading_lands_on_current_patient_once(store: ObservationStore) -> None:
+    store.context.set_patient("P-1", "Doe^Jane", now=T0)
+    r = store.record(bp(T0 + MIN), now=T0 + 2 * MIN)
+    assert (r.outcome, r.patient_id) == ("stored", "P-1")
+    item = store.outbox.get(r.item_id)
+    assert item.kind == OBSERVATION_KIND and item.patient == {"patient_id": "P-1", "name": "Doe^Jane"}
+    payload = json.loads(store.outbox.read_payload(item))
+    assert payload["patient_id"] == "P-1" and payload["quantities"][0]["value"] == 120.0
+    assert store.record(bp(T0 + MIN), now=T0 + 3 * MIN).outcome == "duplicate"
+    # activity: storing the reading kept the session alive beyond the original timeout
+    assert store.context.current(T0 + 16 * MIN) is not None
+
+
+def test_no_patient_means_held_then_assigned(store: ObservationStore) -> None:
+    r = store.record(bp(T0), now=T0 + MIN)
+    assert r.outcome == "held" and r.patient_id is None
+    assert store.outbox.items(kind=OBSERVATION_KIND) == []
+    held = store.held()
+    assert [h.held_id for h in held] == [r.held_id] and held[0].observation.patient_id is None
+    # a re-send while held is a duplicate, even once a patient is current
+    store.context.set_patient("P-9", now=T0 + 2 * MIN)
+    assert store.record(bp(T0), now=T0 + 3 * MIN).outcome == "duplicate"
+    assigned = store.assign(r.held_id, "P-3", now=T0 + 4 * MIN)
+    assert assigned.outcome == "stored" and store.held() == []
+    item = store.outbox.get(assigned.item_id)
+    assert item.patient["patient_id"] == "P-3"
+    assert json.loads(store.outbox.read_payload(item))["patient_id"] == "P-3"
+    with pytest.raises(UnknownObservationError):
+        store.assign(r.held_id, "P-3", now=T0)
+    assert store.counts() == {"stored": 1, "held": 0}
+
+
+def test_reading_from_before_the_patient_session_is_held(store: ObservationStore) -> None:
+    store.context.set_patient("P-1", now=T0)
+    store.context.set_patient("P-2", now=T0 + 10 * MIN)
+    late = store.record(bp(T0 + 5 * MIN), now=T0 + 11 * MIN)  # previous patient's, delivered late
+    assert late.outcome == "held"
+    assert store.record(bp(T0 + 12 * MIN), now=T0 + 12 * MIN).patient_id == "P-2"
+
+
+def test_expired_session_holds_next_reading(store: ObservationStore) -> None:
+    store.context.set_patient("P-1", now=T0)
+    assert store.record(bp(T0 + 20 * MIN), now=T0 + 20 * MIN).outcome == "held"
+
+
+def test_device_registry(tmp_path: Path) -> None:
+    reg = DeviceRegistry.open(tmp_path)
+    assert not reg.is_allowed("aa:bb:cc:dd:ee:01")
+    reg.allow("aa:bb:cc:dd:ee:01", name="cuff", now=T0)
+    assert reg.is_allowed("AA:BB:CC:DD:EE:01") and list(reg.allowed()) == ["AA:BB:CC:DD:EE:01"]
+    reg.update_status("AA:BB:CC:DD:EE:01", now=T0 + MIN, connected=True,
+                      identity=DeviceIdentity("Acme", "BP-1", "42", "AA:BB:CC:DD:EE:01"))
+    reg.update_status("AA:BB:CC:DD:EE:01", now=T0 + 2 * MIN, reading="120/80 mm[Hg]", reading_at=T0 + MIN)
+    reg.update_status("AA:BB:CC:DD:EE:01", now=T0 + 3 * MIN, connected=False, error="link lost")
+    reg.set_last_sequence("AA:BB:CC:DD:EE:01", 12, now=T0)
+    reg.set_last_sequence("AA:BB:CC:DD:EE:01", 7, now=T0)  # never moves back
+    d = reg.get("aa:bb:cc:dd:ee:01")
+    assert (d.name, d.model, d.connected, d.last_reading, d.last_reading_at, d.last_error, d.last_sequence) == (
+        "cuff", "BP-1", False, "120/80 mm[Hg]", T0 + MIN, "link lost", 12)
+    assert d.to_json()["last_connected_at"] == (T0 + MIN).isoformat()
+    assert reg.disallow("AA:BB:CC:DD:EE:01", now=T0) and not reg.is_allowed("AA:BB:CC:DD:EE:01")
+    reg.update_status("/dev/ttyUSB0", now=T0, transport="serial", connected=True)
+    assert [r.transport for r in reg.all()] == ["ble", "serial"]
+    reg.close()

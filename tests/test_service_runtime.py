@@ -1,0 +1,365 @@
+"""ServiceRuntime: readiness, signals, the progress-gated watchdog and patient-data-free logs.
+
+Signal behaviour is checked in a real child process (real SIGTERM/SIGHUP, a real notify socket);
+the loop's logic in-process without signal handlers.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devices.identity import Patient
+from lastmile.config import Config, ConfigError, parse_config
+from lastmile.sdnotify import SystemdNotifier
+from lastmile.service_runtime import (EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, JournalFormatter,
+                                      PatientDataFilter, ServiceRuntime, configure_service_logging)
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A service whose step "writes" slowly (0.3 s) so SIGTERM lands in the middle of a write.
+CHILD = textwrap.dedent("""
+    import sys, time, threading
+    from pathlib import Path
+    from lastmile.config import load_config
+    from lastmile.service_runtime import ServiceRuntime
+
+    out = Path(sys.argv[2])
+    mode = sys.argv[3]
+
+    class Writer:
+        def __init__(self, config):
+            self.n = 0
+            self.config = config
+        def step(self, stop):
+            if mode == "hang" and self.n >= 2:
+                time.sleep(3600)  # a wedged loop: no more progress
+            with out.open("a") as f:
+                f.write(f"begin {self.n}\\n"); f.flush()
+                time.sleep(0.3)
+                f.write(f"end {self.n}\\n")
+            self.n += 1
+            return 0.05
+        def reload(self, config):
+            with out.open("a") as f:
+                f.write(f"reload {config.gateway.id}\\n")
+            self.config = config
+        def close(self):
+            with out.open("a") as f:
+                f.write("closed\\n")
+        def status_line(self):
+            return f"{self.n} written"
+
+    rt = ServiceRuntime("writer", load_config=lambda: load_config(sys.argv[1]))
+    sys.exit(rt.run(Writer))
+""")
+
+
+class Manager:
+    """A stand-in for systemd's notification socket."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[str] = []
+
+    def wait_for(self, line: str, timeout: float = 10.0) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(line in m.split("\n") for m in self.messages):
+                return self.messages
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                break
+        raise AssertionError(f"{line!r} never arrived; got {self.messages}")
+
+    def drain(self, seconds: float) -> list[str]:
+        got = []
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            try:
+                got.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                break
+        self.messages += got
+        return got
+
+
+@pytest.fixture
+def manager(tmp_path: Path) -> Iterator[Manager]:
+    m = Manager(tmp_path / "notify")
+    yield m
+    m.sock.close()
+
+
+def start_child(tmp_path: Path, manager: Manager, mode: str = "normal",
+                watchdog_usec: int | None = None) -> tuple[subprocess.Popen[str], Path, Path]:
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    config = tmp_path / "lastmile.toml"
+    config.write_text('[gateway]\nid = "first"\n')
+    out = tmp_path / "writes.txt"
+    env = {**os.environ, "NOTIFY_SOCKET": str(manager.path), "PYTHONPATH": str(REPO)}
+    if watchdog_usec:
+        env["WATCHDOG_USEC"] = str(watchdog_usec)
+    proc = subprocess.Popen([sys.executable, str(script), str(config), str(out), mode], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, config, out
+
+
+def stop_child(proc: subprocess.Popen[str]) -> str:
+    if proc.poll() is None:
+        proc.kill()
+    out, _ = proc.communicate(timeout=10)
+    return out
+
+
+def test_sigterm_finishes_the_write_in_hand_then_closes(tmp_path: Path, manager: Manager) -> None:
+    proc, _, out = start_child(tmp_path, manager)
+    try:
+        msgs = manager.wait_for("READY=1")
+        assert any("STATUS=" in m for m in msgs)
+        deadline = time.monotonic() + 10
+        while "begin 1" not in (out.read_text() if out.exists() else ""):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)  # lands in the middle of write 1
+        assert proc.wait(timeout=10) == EXIT_OK
+        manager.wait_for("STOPPING=1")
+    finally:
+        log = stop_child(proc)
+    lines = out.read_text().splitlines()
+    assert lines[-1] == "closed", log
+    assert lines[-2].startswith("end "), "the write in hand was not finished"
+    assert sum(ln.startswith("begin") for ln in lines) == sum(ln.startswith("end") for ln in lines)
+    assert "ready after" in log
+
+
+def test_sighup_reloads_and_a_bad_file_keeps_the_running_config(tmp_path: Path, manager: Manager) -> None:
+    proc, config, out = start_child(tmp_path, manager)
+    try:
+        manager.wait_for("READY=1")
+        config.write_text('[gateway]\nid = "second"\n')
+        manager.messages.clear()
+        proc.send_signal(signal.SIGHUP)
+        manager.wait_for("RELOADING=1")
+        manager.wait_for("READY=1")
+        config.write_text('[gateway]\nidd = "typo"\n')
+        manager.messages.clear()
+        proc.send_signal(signal.SIGHUP)
+        msgs = manager.wait_for("READY=1")
+        assert any("reload refused" in m for m in msgs)
+        assert proc.poll() is None  # still running on the old configuration
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == EXIT_OK
+    finally:
+        log = stop_child(proc)
+    assert out.read_text().count("reload ") == 1
+    assert "reload second" in out.read_text()
+    assert "unknown key 'gateway.idd'" in log
+
+
+def test_watchdog_pings_stop_when_the_loop_stops_making_progress(tmp_path: Path, manager: Manager) -> None:
+    proc, _, out = start_child(tmp_path, manager, mode="hang", watchdog_usec=400_000)
+    try:
+        manager.wait_for("READY=1")
+        manager.wait_for("WATCHDOG=1")
+        deadline = time.monotonic() + 10
+        while "end 1" not in (out.read_text() if out.exists() else ""):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        time.sleep(0.1)
+        manager.drain(0.1)
+        later = manager.drain(1.2)  # three watchdog periods of a wedged step
+        assert not any("WATCHDOG=1" in m for m in later), later
+    finally:
+        stop_child(proc)
+
+
+# -- in-process: the loop's logic ------------------------------------------------------------------
+
+
+class Recorder:
+    def __init__(self, config: Config, fail_at: int | None = None) -> None:
+        self.config = config
+        self.steps = 0
+        self.fail_at = fail_at
+        self.closed = False
+        self.reloaded: list[str] = []
+
+    def step(self, stop: threading.Event) -> float:
+        self.steps += 1
+        if self.fail_at is not None and self.steps >= self.fail_at:
+            raise RuntimeError("device link broke")
+        return 0.01
+
+    def reload(self, config: Config) -> None:
+        self.reloaded.append(config.gateway.id)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def status_line(self) -> str:
+        return f"{self.steps} steps"
+
+
+def runtime(manager: Manager | None, load=lambda: Config(), **kw: object) -> ServiceRuntime:
+    env = {"NOTIFY_SOCKET": str(manager.path), "WATCHDOG_USEC": "200000"} if manager else {}
+    return ServiceRuntime("t", load_config=load, notifier=SystemdNotifier(environ=env),
+                          install_signal_handlers=False, configure_logging=False, **kw)
+
+
+def test_a_failing_step_exits_non_zero_after_closing(manager: Manager) -> None:
+    made: list[Recorder] = []
+    rt = runtime(manager)
+    code = rt.run(lambda c: made.append(Recorder(c, fail_at=3)) or made[-1])
+    assert code == EXIT_FAILURE
+    assert made[0].closed and made[0].steps == 3
+    manager.wait_for("STOPPING=1")
+
+
+def test_a_refused_configuration_exits_78_without_ready(manager: Manager) -> None:
+    def bad() -> Config:
+        raise ConfigError("lastmile.toml:3: unknown key 'x'")
+
+    rt = runtime(manager, load=bad)
+    assert rt.run(lambda c: Recorder(c)) == EXIT_CONFIG
+    msgs = manager.drain(0.2)
+    assert not any("READY=1" in m for m in msgs)
+    assert any("ERRNO=78" in m for m in msgs)
+
+
+def test_setup_failure_is_exit_1_and_never_ready(manager: Manager) -> None:
+    def setup(c: Config) -> Recorder:
+        raise OSError("data partition missing")
+
+    assert runtime(manager).run(setup) == EXIT_FAILURE
+    assert not any("READY=1" in m for m in manager.drain(0.2))
+
+
+def test_stop_and_reload_requests_from_another_thread(manager: Manager) -> None:
+    configs = iter([parse_config('[gateway]\nid="a"\n'), parse_config('[gateway]\nid="b"\n')])
+    rt = runtime(manager, load=lambda: next(configs))
+    made: list[Recorder] = []
+
+    def drive() -> None:
+        manager.wait_for("READY=1")
+        rt.request_reload()
+        manager.wait_for("RELOADING=1")
+        time.sleep(0.1)
+        rt.request_stop()
+
+    t = threading.Thread(target=drive)
+    t.start()
+    code = rt.run(lambda c: made.append(Recorder(c)) or made[-1])
+    t.join()
+    assert code == EXIT_OK
+    assert made[0].reloaded == ["b"] and made[0].closed
+    assert rt.ready_after is not None and rt.ready_after < 1.0
+    assert any("WATCHDOG=1" in m for m in manager.messages + manager.drain(0.1))
+
+
+def test_long_waits_between_steps_still_feed_the_watchdog(manager: Manager) -> None:
+    class Idle(Recorder):
+        def step(self, stop: threading.Event) -> float:
+            self.steps += 1
+            return 60.0  # nothing to do for a minute
+
+    rt = runtime(manager)
+    t = threading.Timer(0.7, rt.request_stop)
+    t.start()
+    assert rt.run(lambda c: Idle(c)) == EXIT_OK
+    t.join()
+    pings = sum("WATCHDOG=1" in m for m in manager.messages + manager.drain(0.1))
+    assert pings >= 4  # 0.7 s with a 0.2 s watchdog pinged every 0.1 s
+
+
+def test_without_systemd_it_still_runs() -> None:
+    rt = runtime(None)
+    threading.Timer(0.2, rt.request_stop).start()
+    assert rt.run(lambda c: Recorder(c)) == EXIT_OK
+
+
+# -- logging -----------------------------------------------------------------------------------------
+
+
+def record(msg: str, *args: object) -> logging.LogRecord:
+    return logging.LogRecord("t", logging.INFO, __file__, 1, msg, args, None)
+
+
+def test_patient_identifiers_are_masked_by_default() -> None:
+    flt = PatientDataFilter(parse_config('[serial]\npatient_card_pattern = "PC-[0-9]{6}"\n'))
+    cases = [
+        record("assigned %s to ECG", Patient("MRN-0042", name="Doe^Jane")),
+        record("stored ECG for PatientID=MRN-0042 name DOE^JANE^Q"),
+        record("scanned card %s", "PC-123456"),
+        record("patient_id: 'MRN-0042' birth_date=1970-01-02"),
+    ]
+    for r in cases:
+        flt.filter(r)
+        text = r.getMessage()
+        for secret in ("MRN-0042", "DOE^JANE", "Doe^Jane", "PC-123456", "1970-01-02"):
+            assert secret not in text, text
+        assert "<patient:" in text
+    # The same identifier gives the same token within one process, so lines can be correlated.
+    a, b = record("patient_id=X1"), record("patient=X1")
+    flt.filter(a), flt.filter(b)
+    assert a.getMessage().split("=")[1] == b.getMessage().split("=")[1]
+
+
+def test_remembered_values_and_exception_text_are_masked() -> None:
+    flt = PatientDataFilter(None)
+    flt.remember("Nakato Achieng")
+    try:
+        raise ValueError("no study for Nakato Achieng")
+    except ValueError:
+        r = logging.LogRecord("t", logging.ERROR, __file__, 1, "failed for %s", ("Nakato Achieng",),
+                              sys.exc_info())
+    flt.filter(r)
+    assert "Nakato" not in r.getMessage() and "Nakato" not in (r.exc_text or "")
+
+
+def test_log_patient_data_turns_masking_off() -> None:
+    flt = PatientDataFilter(parse_config("[gateway]\nlog_patient_data = true\n"))
+    r = record("PatientID=MRN-0042")
+    flt.filter(r)
+    assert r.getMessage() == "PatientID=MRN-0042"
+
+
+def test_ordinary_messages_pass_unchanged() -> None:
+    flt = PatientDataFilter(None)
+    r = record("sent %d objects to %s:%d in %.1f s", 12, "pacs.county", 104, 2.5)
+    flt.filter(r)
+    assert r.getMessage() == "sent 12 objects to pacs.county:104 in 2.5 s"
+
+
+def test_service_logging_goes_to_stdout_with_journal_priorities(monkeypatch: pytest.MonkeyPatch) -> None:
+    buf = io.StringIO()
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_service_logging(None, stream=buf, level=logging.INFO)
+        logging.getLogger("lastmile.x").warning("PatientID=%s rejected", "MRN-1")
+        assert "MRN-1" not in buf.getvalue() and "rejected" in buf.getvalue()
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    fmt = JournalFormatter(journal=True)
+    line = fmt.format(logging.LogRecord("a", logging.ERROR, __file__, 1, "x\ny", None, None))
+    assert line == "<3>a: x\n<3>y"

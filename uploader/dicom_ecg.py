@@ -1,0 +1,685 @@
+"""EcgRecording -> DICOM 12-Lead ECG / General ECG Waveform object (pure, deterministic).
+
+The builder takes everything it writes from its arguments: no clock, no UID minting, no I/O.
+`recording_to_dicom_bytes` (build + check + encode) is what the intake stores in the outbox;
+the UIDs come from `mint_uids()`, called once by the caller, so a retry, crash or rebuild can
+never turn one recording into a second study. Same inputs, same bytes.
+
+Choices that go beyond "fill in the attributes" (PS3.3 A.34.3 / A.34.4 / C.10.9 / C.10.10):
+
+- IOD. 12-Lead ECG when every lead is one of the standard twelve, at most 13 channels and
+  16384 samples; otherwise General ECG (1-24 channels). Both IODs require 200-1000 Hz
+  (A.34.3.4 and A.34.4.4 say 1000 for both; there is no 2000 Hz ECG IOD in the standard this
+  gateway's dciodvfy knows). Any other rate is refused: resampling is the decoders' job.
+- One multiplex group ("RHYTHM") holding every lead, so every viewer shows them together.
+- Lead codes: CID 3001 in its current MDC form ("2:N", N = the SCP-ECG lead number, so
+  V3R = 2:11, V7 = 2:9). A label we have no code for gets 2:0 "Unspecified lead"; the
+  Channel Label always keeps the lead's true name.
+- Derived leads (computed, not recorded): the "Derived Lead ..." code of CID 3001 where one
+  exists (III 2:111, aVR 2:112, aVL 2:113, aVF 2:114, I 2:31, II 2:32, V1-V6 2:33-38), and
+  always Channel Derivation Description (003A,020C) saying how.
+- Resampled recordings: Waveform Originality DERIVED, the original rate in every channel's
+  Channel Derivation Description, in the Contributing Equipment's description and in a
+  waveform annotation.
+- Amplitudes: 16-bit SS. If the recording's integers do not fit, they are divided by the
+  smallest integer factor that makes them fit (an exact divisor of all samples when one is
+  close, so nothing is lost) and Channel Sensitivity is multiplied by it. A lossy
+  requantisation makes the waveform DERIVED and is stated, with its worst-case error, in an
+  annotation.
+- Gaps: `SampleGap(start, missing)` means `missing` samples that are *absent* from
+  `recording.samples` and belong just before sample index `start`. They are put back as
+  Waveform Padding Value (5400,100A) = -32768 (never used by real samples when there is a
+  gap), so the time axis stays true, and each gap is annotated with the coded concept
+  (MDC 10:11248, "No ECG signal is available", CID 3335) over its sample range, plus text.
+- Time: AcquisitionDateTime in the recording's own zone with its UTC offset, Timezone Offset
+  From UTC for the DA/TM attributes, and the Synchronization module (UTC frame of reference
+  1.2.840.10008.15.1.1): Acquisition Time Synchronized Y only for GPS or a corrected device
+  clock, Time Source = where the time came from (devices.identity.TimeSource, abbreviated to
+  SH), Time Distribution Protocol GPS for GNSS time. Instance creation time = `created_at`
+  (or the acquisition time when not given).
+- Unassigned patient (`recording.patient is None`): name, birth date, sex empty (type 2);
+  Patient ID a temporary, per-study "UNASSIGNED-<hash of the study UID>" with issuer
+  "LASTMILE-UNASSIGNED" (an empty ID makes dciodvfy warn, and PACSs such as Orthanc file
+  every empty-ID object under one shared patient), Patient Comments and Study Description
+  saying UNASSIGNED, and an annotation. The reading center reconciles it by a patient update.
+- STAT: Study Description starts with "STAT" (what every worklist shows), a coded Acquisition
+  Context item Priority (SCT 260870009) = Urgent Procedure (SCT 103391001, CID 3414) and an
+  annotation. (Requested Procedure Priority is not part of these IODs: dciodvfy warns.)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filewriter import dcmwrite
+from pydicom.sequence import Sequence
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import format_number_as_ds
+
+from devices.ecg.recording import STANDARD_12_LEADS, EcgRecording, SampleGap
+from devices.identity import TimeSource
+from uploader.errors import InvalidObjectError
+
+log = logging.getLogger(__name__)
+
+TWELVE_LEAD_ECG = "1.2.840.10008.5.1.4.1.1.9.1.1"
+GENERAL_ECG = "1.2.840.10008.5.1.4.1.1.9.1.2"
+UTC_SYNCHRONIZATION_FRAME = "1.2.840.10008.15.1.1"  # well-known "Universal Coordinated Time"
+
+INT16_MAX = 32767
+PADDING_VALUE = -32768  # Waveform Padding Value where samples never arrived
+MAX_WAVEFORM_BYTES = 32 * 1024 * 1024  # one object's sample data; a Pi must build it in RAM
+UNASSIGNED_ISSUER = "LASTMILE-UNASSIGNED"
+MULTIPLEX_GROUP_LABEL = "RHYTHM"
+
+
+@dataclass(frozen=True)
+class EcgStudyUids:
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+
+
+@dataclass(frozen=True)
+class StationInfo:
+    station_name: str = ""  # the gateway id (DICOM StationName, SH: 16 characters kept)
+    institution: str = ""  # the clinic (InstitutionName)
+
+
+@dataclass(frozen=True)
+class IodLimits:
+    """The content constraints of one ECG IOD (PS3.3 A.34.x.4) that dciodvfy does not check."""
+
+    sop_class_uid: str
+    name: str
+    min_rate_hz: float
+    max_rate_hz: float
+    max_groups: int
+    max_channels_per_group: int
+    max_total_channels: int | None
+    max_samples: int | None
+
+
+TWELVE_LEAD_LIMITS = IodLimits(TWELVE_LEAD_ECG, "12-lead ECG", 200.0, 1000.0, 5, 13, 13, 16384)
+GENERAL_ECG_LIMITS = IodLimits(GENERAL_ECG, "General ECG", 200.0, 1000.0, 4, 24, None, None)
+IOD_LIMITS: dict[str, IodLimits] = {
+    limits.sop_class_uid: limits for limits in (TWELVE_LEAD_LIMITS, GENERAL_ECG_LIMITS)}
+
+# CID 3001 "ECG Lead", MDC partition 2 (numbered as the SCP-ECG lead table): our label -> code.
+_LEAD_CODES: dict[str, tuple[str, str]] = {
+    "I": ("2:1", "Lead I"), "II": ("2:2", "Lead II"), "III": ("2:61", "Lead III"),
+    "aVR": ("2:62", "aVR, augmented voltage, right"),
+    "aVL": ("2:63", "aVL, augmented voltage, left"),
+    "aVF": ("2:64", "aVF, augmented voltage, foot"),
+    "-aVR": ("2:65", "\u2212aVR"),
+    **{f"V{i}": (f"2:{i + 2}", f"Lead V{i}") for i in range(1, 8)},  # V1 2:3 ... V7 2:9
+    "V8": ("2:66", "Lead V8"), "V9": ("2:67", "Lead V9"),
+    **{f"V{i}R": (f"2:{i + 8}", f"Lead V{i}R") for i in range(2, 8)},  # V2R 2:10 ... V7R 2:15
+    "V8R": ("2:68", "Lead V8R"), "V9R": ("2:69", "Lead V9R"),
+    "X": ("2:16", "Lead X"), "Y": ("2:17", "Lead Y"), "Z": ("2:18", "Lead Z"),
+    "LA": ("2:21", "Left Arm Lead"), "RA": ("2:22", "Right Arm Lead"),
+    "LL": ("2:23", "Left Leg Lead"), "RL": ("2:147", "Right Leg Lead"),
+}
+_DERIVED_LEAD_CODES: dict[str, tuple[str, str]] = {
+    "I": ("2:31", "Derived Lead I"), "II": ("2:32", "Derived Lead II"),
+    **{f"V{i}": (f"2:{i + 32}", f"Derived Lead V{i}") for i in range(1, 7)},  # V1 2:33 ...
+    "III": ("2:111", "Derived Lead III"), "aVR": ("2:112", "Derived Lead aVR"),
+    "aVL": ("2:113", "Derived Lead aVL"), "aVF": ("2:114", "Derived Lead aVF"),
+}
+_UNSPECIFIED_LEAD = ("2:0", "Unspecified lead")
+_EINTHOVEN_GOLDBERGER = {
+    "III": "III = II - I", "aVR": "aVR = -(I + II) / 2",
+    "aVL": "aVL = I - II / 2", "aVF": "aVF = II - I / 2",
+}
+_CANONICAL = {label.upper(): label for label in _LEAD_CODES}
+
+_GAP_CONCEPT = ("10:11248", "MDC", "No ECG signal is available")  # CID 3335 ECG Annotation
+_PRIORITY_CONCEPT = ("260870009", "SCT", "Priority")
+_URGENT = ("103391001", "SCT", "Urgent Procedure")  # CID 3414 Procedure Urgency
+_PROCESSING_EQUIPMENT = ("109102", "DCM", "Processing Equipment")  # CID 7005
+_MICROVOLT = ("uV", "UCUM", "microvolt")
+
+# (0018,1801) Time Source is SH: 16 characters.
+_TIME_SOURCE_SH = {
+    TimeSource.DEVICE_CLOCK: "DEVICE CLOCK",
+    TimeSource.DEVICE_CLOCK_CORRECTED: "DEVICE CORRECTED",
+    TimeSource.FILE: "DEVICE FILE",
+    TimeSource.GATEWAY_RECEIPT: "GATEWAY RECEIPT",
+    TimeSource.GPS: "GPS",
+    TimeSource.UNKNOWN: "UNKNOWN",
+}
+_TIME_SOURCE_TEXT = {
+    TimeSource.DEVICE_CLOCK: "the ECG device's own clock",
+    TimeSource.DEVICE_CLOCK_CORRECTED: "the ECG device's clock, corrected by a measured offset",
+    TimeSource.FILE: "the time written into the file by the device",
+    TimeSource.GATEWAY_RECEIPT: ("the time the gateway received it (device time unknown or "
+                                 "implausible): acquisition was earlier"),
+    TimeSource.GPS: "GNSS (GPS) time",
+    TimeSource.UNKNOWN: "unknown",
+}
+_SYNCHRONIZED = {TimeSource.GPS, TimeSource.DEVICE_CLOCK_CORRECTED}
+
+_MAX_CHARS = {"SH": 16, "LO": 64, "ST": 1024, "LT": 10240, "PN": 64}
+
+
+def mint_uids() -> EcgStudyUids:
+    """New Study/Series/SOP Instance UIDs (2.25 UUID form). Call once per recording and keep them."""
+    return EcgStudyUids(study_uid=generate_uid(prefix=None), series_uid=generate_uid(prefix=None),
+                        sop_instance_uid=generate_uid(prefix=None))
+
+
+# ---------------------------------------------------------------------------- IOD choice
+
+
+def canonical_lead(label: str) -> str | None:
+    """Our standard spelling of a lead label ("AVR" -> "aVR", "Lead V4R" -> "V4R"), or None."""
+    key = "".join(ch for ch in label.upper().replace("\u2212", "-")
+                  if ch.isprintable() and not ch.isspace())
+    if key.startswith("LEAD") and key[4:] in _CANONICAL:
+        key = key[4:]
+    return _CANONICAL.get(key)
+
+
+def padded_length(recording: EcgRecording) -> int:
+    """Samples per channel in the object: the recording's plus the padding for its gaps."""
+    return recording.n_samples + sum(gap.missing for gap in recording.gaps)
+
+
+def _is_twelve_lead_set(recording: EcgRecording) -> bool:
+    canonical = [canonical_lead(name) for name in recording.lead_names]
+    return (all(c in STANDARD_12_LEADS for c in canonical)
+            and len(set(canonical)) == len(canonical))
+
+
+def choose_sop_class(recording: EcgRecording) -> str:
+    """12-Lead ECG if it fits, else General ECG; InvalidObjectError if neither IOD can hold it."""
+    rate = float(recording.sampling_rate_hz)
+    if not (TWELVE_LEAD_LIMITS.min_rate_hz <= rate <= TWELVE_LEAD_LIMITS.max_rate_hz):
+        raise InvalidObjectError(
+            f"sampling rate {rate:g} Hz is outside 200-1000 Hz, the range of both DICOM ECG "
+            "IODs; the decoder must resample it (and set resampled_from_hz)")
+    if recording.n_leads > GENERAL_ECG_LIMITS.max_channels_per_group:
+        raise InvalidObjectError(
+            f"{recording.n_leads} leads: a DICOM ECG object holds at most "
+            f"{GENERAL_ECG_LIMITS.max_channels_per_group} channels in one multiplex group")
+    samples = padded_length(recording)
+    if samples * recording.n_leads * 2 > MAX_WAVEFORM_BYTES:
+        raise InvalidObjectError(
+            f"{recording.n_leads} leads x {samples} samples (with gaps padded) exceed "
+            f"{MAX_WAVEFORM_BYTES // 2**20} MiB of waveform data")
+    if (_is_twelve_lead_set(recording) and recording.n_leads <= TWELVE_LEAD_LIMITS.max_total_channels
+            and samples <= (TWELVE_LEAD_LIMITS.max_samples or samples)):
+        return TWELVE_LEAD_ECG
+    return GENERAL_ECG
+
+
+# ---------------------------------------------------------------------------- samples
+
+
+@dataclass(frozen=True)
+class _Quantised:
+    samples: np.ndarray  # int16 (leads, samples)
+    factor: int  # new unit = factor x recording unit
+    exact: bool
+
+
+def _ceil_div(numerator: int, denominator: int) -> int:
+    return -(-numerator // denominator)
+
+
+def _quantise(samples: np.ndarray, lowest: int) -> _Quantised:
+    """Fit integer samples into [lowest, 32767], dividing by the smallest suitable integer."""
+    lo, hi = int(samples.min()), int(samples.max())
+    if lowest <= lo and hi <= INT16_MAX:
+        return _Quantised(samples.astype(np.int16), 1, True)
+    if lo <= -(2**63) or hi >= 2**63:
+        raise InvalidObjectError(f"sample values {lo}..{hi} are beyond 64-bit range")
+    wide = samples.astype(np.int64)
+    needed = max(_ceil_div(max(hi, 0), INT16_MAX), _ceil_div(max(-lo, 0), -lowest), 1)
+    # Prefer a divisor of every sample: the requantisation is then lossless.
+    common = int(np.gcd.reduce(np.abs(wide).ravel()))
+    divisor = next((d for d in range(needed, min(common, needed + 4096) + 1) if common % d == 0),
+                   common if common >= needed else 0)
+    if divisor:
+        return _Quantised((wide // divisor).astype(np.int16), divisor, True)
+    quotient = wide // needed
+    remainder = wide - quotient * needed
+    quotient += (2 * remainder >= needed)  # round half up
+    return _Quantised(np.clip(quotient, lowest, INT16_MAX).astype(np.int16), needed, False)
+
+
+def _merged_gaps(gaps: tuple[SampleGap, ...]) -> list[tuple[int, int]]:
+    merged: dict[int, int] = {}
+    for gap in gaps:
+        merged[gap.start] = merged.get(gap.start, 0) + gap.missing
+    return sorted(merged.items())
+
+
+def _multiplexed(samples: np.ndarray, gaps: list[tuple[int, int]]) -> tuple[bytes, list[tuple[int, int]]]:
+    """Channel-interleaved little-endian int16 data with padding where gaps are, and the gaps'
+    0-based (first, count) positions in the padded data."""
+    n_leads, n = samples.shape
+    total = n + sum(missing for _, missing in gaps)
+    out = np.full((total, n_leads), PADDING_VALUE, dtype="<i2")
+    positions = []
+    src = dst = 0
+    for start, missing in gaps:
+        out[dst:dst + start - src] = samples[:, src:start].T
+        dst += start - src
+        positions.append((dst, missing))
+        dst += missing
+        src = start
+    out[dst:] = samples[:, src:].T
+    return out.tobytes(), positions
+
+
+# ---------------------------------------------------------------------------- value helpers
+
+
+def _fit(value: str, max_bytes: int) -> str:
+    """Cut to `max_bytes` of UTF-8 (dciodvfy counts bytes) without splitting a character."""
+    return value.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
+
+
+def _text(value: str, vr: str) -> str:
+    """A string a DICOM text VR accepts: no backslash (value separator), no control
+    characters (except in ST/LT newlines), cut to the VR's length."""
+    keep_newlines = vr in ("ST", "LT")
+    cleaned = "".join(
+        ch for ch in value.replace("\\", "/")
+        if ch.isprintable() or (keep_newlines and ch in "\r\n"))
+    return _fit(cleaned.strip(), _MAX_CHARS[vr]).strip()
+
+
+def _identifier(value: str, what: str) -> str:
+    """An identifier goes in exactly as it is or not at all: altering one could make it
+    another patient's."""
+    if _text(value, "LO") != value:
+        raise InvalidObjectError(
+            f"{what} does not fit a DICOM LO value (64 bytes, no backslash or control "
+            "characters, no leading/trailing spaces)")
+    return value
+
+
+def _person_name(value: str) -> str:
+    """PN: up to three component groups (alphabetic=ideographic=phonetic) of five components;
+    dropped from the end while the whole value exceeds 64 bytes."""
+    cleaned = "".join(ch for ch in value.replace("\\", "/") if ch.isprintable())
+    groups = ["^".join(c.strip() for c in g.split("^")[:5]) for g in cleaned.split("=")[:3]]
+    while len(groups) > 1 and len("=".join(groups).encode("utf-8")) > _MAX_CHARS["PN"]:
+        groups.pop()
+    return _fit("=".join(groups), _MAX_CHARS["PN"]).rstrip("=^ ")
+
+
+def _ds(value: float) -> str:
+    if float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    text = repr(float(value))
+    return text if len(text) <= 16 else format_number_as_ds(float(value))
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = scheme
+    item.CodeMeaning = meaning
+    return item
+
+
+def _da(moment: dt.datetime) -> str:
+    return moment.strftime("%Y%m%d")
+
+
+def _tm(moment: dt.datetime) -> str:
+    return moment.strftime("%H%M%S") + (f".{moment.microsecond:06d}" if moment.microsecond else "")
+
+
+def _offset(moment: dt.datetime) -> str:
+    minutes = int((moment.utcoffset() or dt.timedelta()).total_seconds() // 60)
+    sign = "-" if minutes < 0 else "+"
+    return f"{sign}{abs(minutes) // 60:02d}{abs(minutes) % 60:02d}"
+
+
+def _dt(moment: dt.datetime) -> str:
+    return _da(moment) + _tm(moment) + _offset(moment)
+
+
+def _local_zone_moment(moment: dt.datetime) -> dt.datetime:
+    """DICOM offsets are whole minutes: keep the zone if it is, else use UTC."""
+    offset = moment.utcoffset()
+    if offset is None:
+        raise InvalidObjectError(f"time {moment.isoformat()} has no zone")
+    if offset.total_seconds() % 60:
+        return moment.astimezone(dt.timezone.utc)
+    return moment
+
+
+def unassigned_patient_id(uids: EcgStudyUids) -> str:
+    """The temporary, per-study Patient ID of an ECG nobody was assigned to."""
+    return "UNASSIGNED-" + hashlib.sha256(uids.study_uid.encode("ascii")).hexdigest()[:20].upper()
+
+
+# ---------------------------------------------------------------------------- builder
+
+
+def _channel(label: str, *, derived: bool, sensitivity: float, derivation_notes: list[str]) -> Dataset:
+    canonical = canonical_lead(label)
+    if derived and canonical in _DERIVED_LEAD_CODES:
+        code_value, meaning = _DERIVED_LEAD_CODES[canonical]
+    elif canonical is not None:
+        code_value, meaning = _LEAD_CODES[canonical]
+    else:
+        code_value, meaning = _UNSPECIFIED_LEAD
+    channel = Dataset()
+    channel.ChannelLabel = _text(label, "SH")
+    channel.ChannelSourceSequence = Sequence([_code(code_value, "MDC", meaning)])
+    notes = []
+    if derived:
+        formula = _EINTHOVEN_GOLDBERGER.get(canonical or "")
+        notes.append(f"computed, not recorded: {formula}" if formula
+                     else "computed from other leads, not recorded")
+    notes += derivation_notes
+    if notes:
+        channel.ChannelDerivationDescription = _text("; ".join(notes), "LO")
+    channel.ChannelSensitivity = _ds(sensitivity)
+    channel.ChannelSensitivityUnitsSequence = Sequence([_code(*_MICROVOLT)])
+    channel.ChannelSensitivityCorrectionFactor = "1"
+    channel.ChannelBaseline = "0"
+    channel.ChannelSampleSkew = "0"
+    channel.WaveformBitsStored = 16
+    return channel
+
+
+def _annotation(text: str, span: tuple[int, int] | None = None) -> Dataset:
+    item = Dataset()
+    item.UnformattedTextValue = _text(text, "ST")
+    item.ReferencedWaveformChannels = [1, 0]  # multiplex group 1, all channels
+    if span is not None:
+        item.TemporalRangeType = "SEGMENT"
+        item.ReferencedSamplePositions = [span[0] + 1, span[0] + span[1]]  # 1-based, inclusive
+    return item
+
+
+def _gap_annotation(first: int, count: int) -> Dataset:
+    item = Dataset()
+    item.ConceptNameCodeSequence = Sequence([_code(*_GAP_CONCEPT)])
+    item.ReferencedWaveformChannels = [1, 0]
+    item.TemporalRangeType = "SEGMENT"
+    item.ReferencedSamplePositions = [first + 1, first + count]
+    return item
+
+
+def build_ecg_dataset(recording: EcgRecording, uids: EcgStudyUids, station: StationInfo, *,
+                      created_at: dt.datetime | None = None) -> Dataset:
+    """The DICOM object for `recording` (with file meta, Explicit VR Little Endian).
+
+    Raises InvalidObjectError when neither ECG IOD can hold the recording as it is.
+    """
+    sop_class = choose_sop_class(recording)
+    acquired = _local_zone_moment(recording.acquired_at)
+    if created_at is None:
+        created = acquired
+    else:
+        if created_at.tzinfo is None or created_at.utcoffset() is None:
+            raise InvalidObjectError("created_at must carry a time zone")
+        created = created_at.astimezone(acquired.tzinfo)  # one Timezone Offset From UTC for all
+    rate = float(recording.sampling_rate_hz)
+    gaps = _merged_gaps(recording.gaps)
+    quantised = _quantise(recording.samples, -INT16_MAX if gaps else PADDING_VALUE)
+    sensitivity = float(recording.uv_per_unit) * quantised.factor
+    data, gap_positions = _multiplexed(quantised.samples, gaps)
+    n_total = recording.n_samples + sum(missing for _, missing in gaps)
+    resampled = recording.resampled_from_hz
+    original = resampled is None and quantised.exact
+    unassigned = recording.patient is None
+    device = recording.device
+
+    ds = Dataset()
+    # SOP Common
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = uids.sop_instance_uid
+    ds.InstanceCreationDate = _da(created)
+    ds.InstanceCreationTime = _tm(created)
+    ds.TimezoneOffsetFromUTC = _offset(acquired)
+
+    # Patient
+    patient = recording.patient
+    if patient is None:
+        ds.PatientName = ""
+        ds.PatientID = unassigned_patient_id(uids)
+        ds.IssuerOfPatientID = UNASSIGNED_ISSUER
+        ds.PatientBirthDate = ""
+        ds.PatientSex = ""
+        ds.PatientComments = (
+            "UNASSIGNED: no patient was identified at the gateway. The Patient ID is a "
+            "temporary per-study placeholder, not a real identifier; assign the patient "
+            "before reporting.")
+    else:
+        ds.PatientName = _person_name(patient.name)
+        ds.PatientID = _identifier(patient.patient_id, "patient ID")
+        if patient.issuer:
+            ds.IssuerOfPatientID = _identifier(patient.issuer, "issuer of the patient ID")
+        ds.PatientBirthDate = patient.birth_date.strftime("%Y%m%d") if patient.birth_date else ""
+        ds.PatientSex = patient.sex
+
+    # General Study
+    iod_name = IOD_LIMITS[sop_class].name
+    description = ("STAT " if recording.stat else "") + iod_name
+    if unassigned:
+        description += " - UNASSIGNED PATIENT"
+    ds.StudyInstanceUID = uids.study_uid
+    ds.StudyDate = _da(acquired)
+    ds.StudyTime = _tm(acquired)
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "ECG" + acquired.strftime("%y%m%d%H%M%S")
+    ds.AccessionNumber = ""
+    ds.StudyDescription = _text(description, "LO")
+
+    # General Series
+    ds.Modality = "ECG"
+    ds.SeriesInstanceUID = uids.series_uid
+    ds.SeriesNumber = "1"
+    ds.SeriesDate = _da(acquired)
+    ds.SeriesTime = _tm(acquired)
+    ds.SeriesDescription = _text(f"ECG from {device.label()}", "LO")
+
+    # Synchronization: where the acquisition time came from
+    ds.SynchronizationFrameOfReferenceUID = UTC_SYNCHRONIZATION_FRAME
+    ds.SynchronizationTrigger = "NO TRIGGER"
+    ds.AcquisitionTimeSynchronized = "Y" if recording.time_source in _SYNCHRONIZED else "N"
+    ds.TimeSource = _TIME_SOURCE_SH[recording.time_source]
+    if recording.time_source is TimeSource.GPS:
+        ds.TimeDistributionProtocol = "GPS"
+
+    # General Equipment: the ECG device; StationName: this gateway
+    ds.Manufacturer = _text(device.manufacturer, "LO")
+    if station.institution:
+        ds.InstitutionName = _text(station.institution, "LO")
+    if station.station_name:
+        ds.StationName = _text(station.station_name, "SH")
+    if device.model:
+        ds.ManufacturerModelName = _text(device.model, "LO")
+    if device.serial:
+        ds.DeviceSerialNumber = _text(device.serial, "LO")
+    if device.software_version:
+        ds.SoftwareVersions = _text(device.software_version, "LO")
+
+    # Contributing equipment: the gateway converted it
+    conversion = f"Converted to DICOM by the Lastmile gateway from {recording.source_format or 'a device recording'}"
+    if resampled is not None:
+        conversion += f"; resampled from {resampled:g} Hz to {rate:g} Hz"
+    gateway = Dataset()
+    gateway.PurposeOfReferenceCodeSequence = Sequence([_code(*_PROCESSING_EQUIPMENT)])
+    gateway.Manufacturer = "Lastmile"
+    if station.institution:
+        gateway.InstitutionName = _text(station.institution, "LO")
+    if station.station_name:
+        gateway.StationName = _text(station.station_name, "SH")
+    gateway.ContributionDateTime = _dt(created)
+    gateway.ContributionDescription = _text(conversion, "ST")
+    ds.ContributingEquipmentSequence = Sequence([gateway])
+
+    # Waveform Identification
+    ds.InstanceNumber = "1"
+    ds.ContentDate = _da(acquired)
+    ds.ContentTime = _tm(acquired)
+    ds.AcquisitionDateTime = _dt(acquired)
+
+    # Acquisition Context (required; may be empty)
+    context = []
+    if recording.stat:
+        urgent = Dataset()
+        urgent.ValueType = "CODE"
+        urgent.ConceptNameCodeSequence = Sequence([_code(*_PRIORITY_CONCEPT)])
+        urgent.ConceptCodeSequence = Sequence([_code(*_URGENT)])
+        context.append(urgent)
+    ds.AcquisitionContextSequence = Sequence(context)
+
+    # Waveform
+    derivation_notes = [f"resampled from {resampled:g} Hz"] if resampled is not None else []
+    group = Dataset()
+    group.WaveformOriginality = "ORIGINAL" if original else "DERIVED"
+    group.NumberOfWaveformChannels = recording.n_leads
+    group.NumberOfWaveformSamples = n_total
+    group.SamplingFrequency = _ds(rate)
+    group.MultiplexGroupLabel = MULTIPLEX_GROUP_LABEL
+    group.ChannelDefinitionSequence = Sequence([
+        _channel(name, derived=name in recording.derived_leads, sensitivity=sensitivity,
+                 derivation_notes=derivation_notes)
+        for name in recording.lead_names])
+    group.WaveformBitsAllocated = 16
+    group.WaveformSampleInterpretation = "SS"
+    if gaps:
+        group.add_new(0x5400100A, "OW", int(PADDING_VALUE).to_bytes(2, "little", signed=True))
+    group.add_new(0x54001010, "OW", data)  # Waveform Data
+    ds.WaveformSequence = Sequence([group])
+
+    # Waveform Annotation: gaps (coded + text) and the facts a reader must see
+    notes: list[Dataset] = []
+    for first, count in gap_positions:
+        notes.append(_gap_annotation(first, count))
+        notes.append(_annotation(
+            f"Signal lost in transit: {count} samples ({count / rate:.3f} s) missing, shown as "
+            f"padding value {PADDING_VALUE}", (first, count)))
+    if recording.stat:
+        notes.append(_annotation("STAT: urgent read requested"))
+    if unassigned:
+        notes.append(_annotation(
+            f"UNASSIGNED PATIENT: no patient identified at the gateway; Patient ID "
+            f"{ds.PatientID} is a temporary placeholder"))
+    if resampled is not None:
+        notes.append(_annotation(
+            f"Resampled from {resampled:g} Hz to {rate:g} Hz before storage: the samples are "
+            "not the device's original samples"))
+    if recording.derived_leads:
+        derived = [n for n in recording.lead_names if n in recording.derived_leads]
+        notes.append(_annotation(f"Derived leads (computed, not recorded): {', '.join(derived)}"))
+    if quantised.factor != 1:
+        how = ("exactly (every sample was a multiple)" if quantised.exact else
+               f"rounded, error at most {quantised.factor * recording.uv_per_unit / 2:g} uV")
+        notes.append(_annotation(
+            f"Amplitudes requantised to 16 bits: 1 unit = {_ds(sensitivity)} uV instead of "
+            f"{_ds(recording.uv_per_unit)} uV, {how}"))
+    notes.append(_annotation(
+        f"Acquisition time source: {recording.time_source.value} - "
+        f"{_TIME_SOURCE_TEXT[recording.time_source]}"))
+    for flag in recording.flags:
+        notes.append(_annotation(f"Gateway flag: {flag}"))
+    ds.WaveformAnnotationSequence = Sequence(notes)
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = uids.sop_instance_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = f"PYDICOM {pydicom.__version__}"[:16]
+    ds.file_meta = meta
+    if not quantised.exact:
+        log.info("ECG amplitudes requantised with loss (factor %d)", quantised.factor)
+    return ds
+
+
+# ---------------------------------------------------------------------------- checks and encoding
+
+
+def _fail(message: str) -> None:
+    raise InvalidObjectError(message)
+
+
+def check_ecg_iod(ds: Dataset) -> None:
+    """The ECG IOD limits dciodvfy does not enforce (rate range, 16-bit SS, channel and
+    sample counts, data length). Raises InvalidObjectError on the first violation."""
+    try:
+        _check_ecg_iod(ds)
+    except InvalidObjectError:
+        raise
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError) as exc:
+        raise InvalidObjectError(f"malformed ECG object: {exc!r}") from exc
+
+
+def _check_ecg_iod(ds: Dataset) -> None:
+    limits = IOD_LIMITS.get(str(ds.SOPClassUID))
+    if limits is None:
+        _fail(f"SOP class {ds.SOPClassUID} is not an ECG class this gateway builds")
+        return
+    if ds.Modality != "ECG":
+        _fail(f"Modality is {ds.Modality!r}, not ECG")
+    groups = list(ds.get("WaveformSequence") or [])
+    if not 1 <= len(groups) <= limits.max_groups:
+        _fail(f"{limits.name}: {len(groups)} multiplex groups (1-{limits.max_groups} allowed)")
+    total_channels = 0
+    for number, group in enumerate(groups, start=1):
+        where = f"{limits.name} group {number}"
+        channels = int(group.NumberOfWaveformChannels)
+        samples = int(group.NumberOfWaveformSamples)
+        rate = float(group.SamplingFrequency)
+        total_channels += channels
+        if not 1 <= channels <= limits.max_channels_per_group:
+            _fail(f"{where}: {channels} channels (1-{limits.max_channels_per_group} allowed)")
+        if len(group.ChannelDefinitionSequence) != channels:
+            _fail(f"{where}: {len(group.ChannelDefinitionSequence)} channel definitions "
+                  f"for {channels} channels")
+        if samples < 1 or (limits.max_samples is not None and samples > limits.max_samples):
+            _fail(f"{where}: {samples} samples (1-{limits.max_samples or 'any'} allowed)")
+        if not (math.isfinite(rate) and limits.min_rate_hz <= rate <= limits.max_rate_hz):
+            _fail(f"{where}: sampling frequency {rate:g} Hz outside "
+                  f"{limits.min_rate_hz:g}-{limits.max_rate_hz:g} Hz")
+        if int(group.WaveformBitsAllocated) != 16 or group.WaveformSampleInterpretation != "SS":
+            _fail(f"{where}: samples must be 16-bit SS, not {group.WaveformBitsAllocated}-bit "
+                  f"{group.WaveformSampleInterpretation}")
+        if len(group.WaveformData) != channels * samples * 2:
+            _fail(f"{where}: {len(group.WaveformData)} bytes of waveform data, expected "
+                  f"{channels * samples * 2}")
+        for channel in group.ChannelDefinitionSequence:
+            source = channel.get("ChannelSourceSequence")
+            if not source or not source[0].get("CodeValue"):
+                _fail(f"{where}: a channel has no Channel Source code")
+            if int(channel.WaveformBitsStored) > 16:
+                _fail(f"{where}: {channel.WaveformBitsStored} bits stored in 16-bit samples")
+    if limits.max_total_channels is not None and total_channels > limits.max_total_channels:
+        _fail(f"{limits.name}: {total_channels} channels in all (at most "
+              f"{limits.max_total_channels})")
+
+
+def encode_dataset(ds: Dataset) -> bytes:
+    """Part-10 file bytes (Explicit VR Little Endian): what the outbox stores."""
+    buffer = io.BytesIO()
+    dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def recording_to_dicom_bytes(recording: EcgRecording, uids: EcgStudyUids, station: StationInfo, *,
+                             created_at: dt.datetime | None = None) -> bytes:
+    """Build, check and encode: the bytes to store, or InvalidObjectError."""
+    ds = build_ecg_dataset(recording, uids, station, created_at=created_at)
+    check_ecg_iod(ds)
+    return encode_dataset(ds)

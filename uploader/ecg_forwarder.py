@@ -1,0 +1,323 @@
+"""Outbox → reading center: send queued DICOM objects, then get the PACS to commit to them.
+
+One `step()` is one round: claim due items (STAT first), send them over up to N parallel
+associations, ask for storage commitment for what was sent, re-ask where no report came in
+time, purge what is committed. Item by item the outcome is typed:
+
+- success/warning → `sent`, then `committed` when the PACS's N-EVENT-REPORT lists it;
+- transient (0xA7xx, association aborted/refused/timed out) → queued again with backoff;
+- permanent (0xA9xx, 0xCxxx ...) → quarantined with the status and its meaning;
+- the peer refusing *us* (association rejected permanently) → a configuration fault: every
+  item goes back to the queue uncharged, the fault is recorded for `lastmile queue`/`echo`,
+  and we retry slowly. Nothing is quarantined for a fault that is not the item's.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from pydicom.uid import generate_uid
+
+from uploader.dicom_net import (
+    CommitmentListener,
+    CommitmentReport,
+    CommitmentUnsupported,
+    PeerSettings,
+    StoreAssociation,
+)
+from uploader.errors import ConfigurationFault, CorruptPayloadError, TransientError
+from uploader.outbox import ItemState, Outbox, OutboxItem
+
+log = logging.getLogger(__name__)
+
+DICOM_KIND = "dicom"
+STATUS_NAME = "reading_center"
+
+
+@dataclass(frozen=True)
+class ForwarderSettings:
+    peer: PeerSettings
+    associations: int = 2
+    batch_size: int = 50
+    storage_commitment: bool = True
+    listen_port: int = 11113
+    listen_host: str = "127.0.0.1"
+    commitment_timeout_s: float = 120.0
+    no_commitment_policy: str = "keep"  # "keep" or "purge"
+    config_fault_retry_s: float = 300.0
+    retention_s: float = 0.0
+    idle_poll_s: float = 2.0
+
+
+@dataclass
+class RoundResult:
+    """What one `step()` did; the forward service logs it and the demo shows it."""
+
+    sent: int = 0
+    transient: int = 0
+    quarantined: int = 0
+    committed: int = 0
+    requeued: int = 0
+    purged: int = 0
+    fault: str | None = None
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def did_work(self) -> bool:
+        return bool(self.sent or self.transient or self.quarantined or self.committed
+                    or self.requeued or self.purged)
+
+
+EventCallback = Callable[[str, dict], None]
+
+
+class EcgForwarder:
+    def __init__(self, outbox: Outbox, settings: ForwarderSettings, *,
+                 clock: Callable[[], float] = time.time,
+                 on_event: EventCallback | None = None) -> None:
+        self.outbox = outbox
+        self.settings = settings
+        self.clock = clock
+        self.on_event = on_event or (lambda kind, info: None)
+        self._listener: CommitmentListener | None = None
+        self._report_lock = threading.Lock()
+        self._pending_committed = 0
+        self._commitment_unsupported_until = 0.0
+        self._fault_until = 0.0
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.settings.storage_commitment and self._listener is None:
+            self._listener = CommitmentListener(
+                self.settings.peer.calling_ae, self.settings.listen_port, self._on_report,
+                host=self.settings.listen_host, tls=self.settings.peer.tls)
+            self._listener.start()
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
+
+    def __enter__(self) -> "EcgForwarder":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- one round ---------------------------------------------------------------------------
+    def step(self, stop: threading.Event | None = None) -> float:
+        """Do one round of work; return how long to wait before the next one."""
+        stop = stop or threading.Event()
+        result = self.run_round(stop)
+        if result.did_work:
+            return 0.0
+        return self._idle_delay()
+
+    def run_round(self, stop: threading.Event) -> RoundResult:
+        result = RoundResult()
+        now = self.clock()
+        if now < self._fault_until:
+            result.fault = (self.outbox.status(STATUS_NAME) or {}).get("fault")
+            return result
+        with self._report_lock:
+            result.committed += self._pending_committed
+            self._pending_committed = 0
+        try:
+            self._ask_commitment(result, now)
+            if not stop.is_set():
+                self._send_due(result, stop)
+        except ConfigurationFault as exc:
+            self._record_fault(str(exc))
+            result.fault = str(exc)
+        result.purged = self.outbox.purge_due(self.clock(), self.settings.retention_s)
+        if result.purged:
+            self.on_event("purged", {"count": result.purged})
+        return result
+
+    def _idle_delay(self) -> float:
+        now = self.clock()
+        if now < self._fault_until:
+            return min(self._fault_until - now, self.settings.idle_poll_s * 5)
+        return self.settings.idle_poll_s
+
+    # -- sending -----------------------------------------------------------------------------
+    def _send_due(self, result: RoundResult, stop: threading.Event) -> None:
+        s = self.settings
+        items = self.outbox.claim(DICOM_KIND, s.associations * s.batch_size, self.clock())
+        if not items:
+            return
+        # STAT items were claimed first; deal them out so each association starts with them.
+        n = max(1, min(s.associations, len(items)))
+        chunks = [items[i::n] for i in range(n)]
+        faults: list[str] = []
+        if n == 1:
+            outcomes = [self._send_chunk(chunks[0], stop, faults)]
+        else:
+            with ThreadPoolExecutor(max_workers=n, thread_name_prefix="dicom-send") as pool:
+                outcomes = list(pool.map(lambda c: self._send_chunk(c, stop, faults), chunks))
+        for chunk_result in outcomes:
+            result.sent += chunk_result.sent
+            result.transient += chunk_result.transient
+            result.quarantined += chunk_result.quarantined
+            result.errors += chunk_result.errors
+        if faults:
+            raise ConfigurationFault(faults[0])
+        if result.sent:
+            self._update_status(fault=None, last_success=self.clock())
+
+    def _send_chunk(self, items: Sequence[OutboxItem], stop: threading.Event,
+                    faults: list[str]) -> RoundResult:
+        r = RoundResult()
+        pending = list(items)
+        try:
+            with StoreAssociation(self.settings.peer,
+                                  commitment=self.settings.storage_commitment) as assoc:
+                sent_now: list[OutboxItem] = []
+                while pending:
+                    if stop.is_set():
+                        break  # finish the store in hand, leave the rest for the next run
+                    item = pending[0]
+                    try:
+                        # the content hash is verified here: a corrupt payload is quarantined, never sent
+                        payload = self.outbox.read_payload(item)
+                    except CorruptPayloadError as exc:
+                        pending.pop(0)
+                        r.quarantined += 1
+                        r.errors.append(str(exc))
+                        self.on_event("quarantined", {"id": item.id, "reason": str(exc)})
+                        continue
+                    outcome = assoc.store(payload)
+                    pending.pop(0)
+                    now = self.clock()
+                    if outcome.category in ("success", "warning"):
+                        self.outbox.mark_sent([item.id], now)
+                        sent_now.append(item)
+                        r.sent += 1
+                        self.on_event("sent", {"id": item.id, "status": outcome.status,
+                                               "transfer_syntax": outcome.transfer_syntax})
+                    elif outcome.category == "transient":
+                        self.outbox.mark_transient_failure(
+                            item.id, f"0x{outcome.status:04X} {outcome.meaning}", now)
+                        r.transient += 1
+                        self.on_event("retry", {"id": item.id, "status": outcome.status,
+                                                "meaning": outcome.meaning})
+                    else:
+                        reason = f"refused by the reading center: 0x{outcome.status:04X} {outcome.meaning}"
+                        self.outbox.quarantine(item.id, reason, now)
+                        r.quarantined += 1
+                        self.on_event("quarantined", {"id": item.id, "reason": reason})
+                if sent_now and self.settings.storage_commitment:
+                    self._request_commitment(assoc, sent_now)
+        except ConfigurationFault as exc:
+            faults.append(str(exc))
+            self.outbox.release([i.id for i in pending], str(exc), self.clock(),
+                                self.settings.config_fault_retry_s)
+            return r
+        except TransientError as exc:
+            now = self.clock()
+            for item in pending:
+                self.outbox.mark_transient_failure(item.id, str(exc), now,
+                                                   retry_after=getattr(exc, "retry_after", None))
+            r.transient += len(pending)
+            r.errors.append(str(exc))
+            self._update_status(last_error=str(exc), last_error_at=now)
+            self.on_event("link-down", {"error": str(exc), "items": len(pending)})
+            return r
+        finally:
+            # stop mid-chunk: whatever is still claimed goes back, uncharged
+            left = [i.id for i in pending if (cur := self.outbox.get(i.id)) is not None
+                    and cur.state == ItemState.SENDING]
+            if left:
+                self.outbox.release(left, "forwarder stopped", self.clock(), 0.0)
+        return r
+
+    # -- storage commitment ------------------------------------------------------------------
+    def _request_commitment(self, assoc: StoreAssociation, items: Sequence[OutboxItem]) -> None:
+        now = self.clock()
+        if now < self._commitment_unsupported_until:
+            return
+        refs = [(i.meta["sop_class_uid"], i.meta["sop_instance_uid"]) for i in items]
+        txn = generate_uid()
+        try:
+            assoc.request_commitment(txn, refs)
+        except CommitmentUnsupported as exc:
+            self._commitment_unsupported(items, str(exc))
+            return
+        except TransientError as exc:
+            log.warning("storage commitment request failed, will ask again: %s", exc)
+            return
+        self.outbox.set_transaction([i.id for i in items], txn, now)
+        self.on_event("commitment-asked", {"transaction_uid": txn, "items": len(items)})
+
+    def _commitment_unsupported(self, items: Sequence[OutboxItem], why: str) -> None:
+        now = self.clock()
+        self._commitment_unsupported_until = now + self.settings.commitment_timeout_s
+        self.outbox.record_status("storage_commitment", {"supported": False, "detail": why}, now)
+        if self.settings.no_commitment_policy == "purge":
+            self.outbox.mark_committed([i.id for i in items], now)
+        log.warning("reading center does not offer storage commitment (%s); policy: %s",
+                    why, self.settings.no_commitment_policy)
+
+    def _ask_commitment(self, result: RoundResult, now: float) -> None:
+        """(Re-)ask for items sent without a transaction, or whose report is overdue."""
+        if not self.settings.storage_commitment or now < self._commitment_unsupported_until:
+            return
+        due = [i for i in self.outbox.awaiting_commitment(DICOM_KIND)
+               if i.transaction_uid is None
+               or now - i.updated_at >= self.settings.commitment_timeout_s]
+        if not due:
+            return
+        for start in range(0, len(due), self.settings.batch_size):
+            batch = due[start:start + self.settings.batch_size]
+            try:
+                with StoreAssociation(self.settings.peer, commitment=True) as assoc:
+                    self._request_commitment(assoc, batch)
+            except TransientError as exc:
+                log.info("cannot ask for storage commitment now: %s", exc)
+                return
+
+    def _on_report(self, report: CommitmentReport) -> None:
+        """N-EVENT-REPORT from the PACS (listener thread)."""
+        now = self.clock()
+        by_uid = {i.meta.get("sop_instance_uid"): i
+                  for i in self.outbox.awaiting_commitment(DICOM_KIND)}
+        committed = [by_uid[uid].id for _cls, uid in report.committed if uid in by_uid]
+        failed = [by_uid[uid].id for _cls, uid, _reason in report.failed if uid in by_uid]
+        if committed:
+            self.outbox.mark_committed(committed, now)
+        if failed:
+            reasons = ", ".join(sorted({f"0x{r:04X}" for _c, _u, r in report.failed}))
+            self.outbox.requeue(failed, f"storage commitment failed ({reasons}); sending again", now)
+        unknown = len(report.committed) + len(report.failed) - len(committed) - len(failed)
+        if unknown:
+            log.info("commitment report %s names %d instance(s) not awaiting commitment",
+                     report.transaction_uid, unknown)
+        with self._report_lock:
+            self._pending_committed += len(committed)
+        self.on_event("committed", {"transaction_uid": report.transaction_uid,
+                                    "committed": len(committed), "failed": len(failed)})
+
+    # -- faults ------------------------------------------------------------------------------
+    def _record_fault(self, message: str) -> None:
+        now = self.clock()
+        self._fault_until = now + self.settings.config_fault_retry_s
+        self._update_status(fault=message, fault_since=now, retry_at=self._fault_until)
+        log.error("reading center refuses this gateway (configuration fault): %s; "
+                  "items stay queued, retrying in %.0f s", message, self.settings.config_fault_retry_s)
+        self.on_event("config-fault", {"error": message})
+
+    def _update_status(self, **changes: object) -> None:
+        now = self.clock()
+        current = self.outbox.status(STATUS_NAME) or {}
+        current.update(changes)
+        self.outbox.record_status(STATUS_NAME, current, now)
+
+    def clear_fault(self) -> None:
+        """Forget a configuration fault now (after SIGHUP reloaded a fixed configuration)."""
+        self._fault_until = 0.0

@@ -1,0 +1,158 @@
+"""The outbox's schema, as named migrations applied once each, each in one transaction.
+
+A `migrations` table records the names applied. `migrate()` is idempotent: on every open it
+applies only what is missing, and two processes opening the same database at once do not both
+apply a migration (the check and the change happen inside one `BEGIN IMMEDIATE` transaction).
+Migrations are append-only: never edit or reorder a released one, add a new one.
+
+`open_database` and `migrate` are generic (lastmile's other databases use them with their own
+migration lists); `MIGRATIONS` here is the outbox's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlite_utils
+
+log = logging.getLogger(__name__)
+
+BUSY_TIMEOUT_MS = 15_000
+# Durable commits (a returned write survives a power cut), zeroed deleted content.
+BASE_PRAGMAS = (f"busy_timeout={BUSY_TIMEOUT_MS}", "synchronous=FULL", "secure_delete=ON",
+                "foreign_keys=ON")
+
+
+@dataclass(frozen=True)
+class Migration:
+    name: str
+    apply: Callable[[sqlite_utils.Database], None]
+
+
+def _items(db: sqlite_utils.Database) -> None:
+    db["items"].create(
+        {
+            "id": int,
+            "kind": str,
+            "key": str,  # idempotency key, UNIQUE
+            "priority": int,  # Priority: 0 STAT before 1 ROUTINE
+            "state": str,  # ItemState value
+            "attempts": int,
+            "next_attempt_at": float,
+            "last_error": str,
+            "created_at": float,
+            "updated_at": float,
+            "sent_at": float,
+            "committed_at": float,
+            "transaction_uid": str,  # storage commitment transaction
+            "sha256": str,
+            "size": int,
+            "meta": str,  # JSON, non-patient routing data; NULL once purged
+            "patient": str,  # JSON, patient-identifying; NULL once purged
+            "quarantine_reason": str,
+            "quarantined_at": float,
+            "payload_file": str,  # name under payloads/, NULL when the payload is in `payloads`
+            "claimed_by": str,  # owner token of the Outbox that moved it to `sending`
+        },
+        pk="id",
+        not_null=["kind", "key", "priority", "state", "attempts", "next_attempt_at",
+                  "created_at", "updated_at", "sha256", "size"],
+        defaults={"attempts": 0},
+    )
+    db["items"].create_index(["key"], index_name="items_key", unique=True)
+    # claim(): queued & due of one kind, STAT first, then oldest
+    db["items"].create_index(["state", "kind", "priority", "created_at"], index_name="items_claim")
+
+
+def _payloads(db: sqlite_utils.Database) -> None:
+    # Separate table so scans of `items` never touch payload pages.
+    db["payloads"].create({"item_id": int, "data": bytes}, pk="item_id", not_null=["data"],
+                          foreign_keys=[("item_id", "items", "id")])
+
+
+def _status(db: sqlite_utils.Database) -> None:
+    db["status"].create({"name": str, "value": str, "updated_at": float}, pk="name",
+                        not_null=["value", "updated_at"])
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration("0001_items", _items),
+    Migration("0002_payloads", _payloads),
+    Migration("0003_status", _status),
+)
+
+
+def open_database(db_path: Path, migrations: tuple[Migration, ...], *,
+                  pragmas: Sequence[str] = ()) -> sqlite_utils.Database:
+    """Connect to `db_path` (mode 0600) in autocommit mode with explicit transactions, shareable
+    between threads under the caller's lock and between processes (WAL, busy_timeout), and
+    bring its schema up to date. Rows come back as sqlite3.Row."""
+    conn = sqlite3.connect(db_path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                           check_same_thread=False)
+    try:
+        with contextlib.suppress(PermissionError):
+            os.chmod(db_path, 0o600)
+        conn.row_factory = sqlite3.Row
+        for pragma in (*BASE_PRAGMAS, *pragmas):
+            conn.execute(f"PRAGMA {pragma}")
+        db = sqlite_utils.Database(conn)
+        db.enable_wal()
+        migrate(db, migrations)
+    except BaseException:
+        conn.close()
+        raise
+    return db
+
+
+def applied_migrations(db: sqlite_utils.Database) -> list[str]:
+    if "migrations" not in db.table_names():
+        return []
+    return [r[0] for r in db.execute("SELECT name FROM migrations ORDER BY rowid")]
+
+
+def migrate(db: sqlite_utils.Database, migrations: tuple[Migration, ...] = MIGRATIONS) -> list[str]:
+    """Apply the migrations not yet recorded; return the names applied now.
+
+    The connection must be in autocommit mode (isolation_level=None): transactions are explicit.
+    """
+    conn: sqlite3.Connection = db.conn
+    already = set(applied_migrations(db))
+    unknown = sorted(already - {m.name for m in migrations})
+    if unknown:
+        log.warning("database has migrations this version does not know: %s "
+                    "(written by a newer lastmile?)", ", ".join(unknown))
+    if all(m.name in already for m in migrations):
+        return []  # the usual open: no write lock taken at all
+    _in_transaction(conn, lambda: db["migrations"].create(
+        {"name": str, "applied_at": float}, pk="name", not_null=["applied_at"], if_not_exists=True))
+    applied_now: list[str] = []
+    for migration in (m for m in migrations if m.name not in already):
+        def step(m: Migration = migration) -> None:
+            if conn.execute("SELECT 1 FROM migrations WHERE name = ?", (m.name,)).fetchone():
+                return  # already there (possibly applied by another process a moment ago)
+            m.apply(db)
+            conn.execute("INSERT INTO migrations (name, applied_at) VALUES (?, ?)",
+                         (m.name, time.time()))
+            applied_now.append(m.name)
+        _in_transaction(conn, step)
+    if applied_now:
+        log.info("schema migrations applied to %s: %s", db.conn.execute("PRAGMA database_list").fetchone()[2], ", ".join(applied_now))
+    return applied_now
+
+
+def _in_transaction(conn: sqlite3.Connection, body: Callable[[], None]) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        body()
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")

@@ -1,0 +1,191 @@
+"""Payload files of the outbox: written durably, found orphaned, removed.
+
+A payload is written as: temporary file (O_EXCL, mode 0600) -> write -> fsync -> atomic rename
+to its final name -> fsync of the directory. Only then does the outbox commit the row naming it,
+so a crash leaves at worst a file without a row (an orphan), never a row without its file.
+
+Orphans are removed at open by `remove_orphans`. Another process may be between "file renamed"
+and "row committed" at that moment, so writers hold a *shared* flock on `payloads/.lock` for that
+whole span and the sweep takes it *exclusively*: the sweep sees each file either with its
+committed row or truly orphaned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from uploader.errors import OutboxFullError
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".lock"
+TMP_PREFIX = ".tmp-"
+SUFFIX = ".bin"
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_no_space(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in _NO_SPACE
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class PayloadFiles:
+    """The `payloads/` directory of one outbox."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._lock_path = root / LOCK_NAME
+
+    def path(self, name: str) -> Path:
+        if "/" in name or name.startswith("."):
+            raise ValueError(f"not a payload file name: {name!r}")
+        return self.root / name
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold while a file is written and until its row is committed (shared with other writers)."""
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def write(self, data: bytes) -> str:
+        """Write `data` durably under a new unique name and return the name.
+
+        Out of space (ENOSPC/EDQUOT) becomes OutboxFullError with nothing left behind.
+        """
+        name = uuid.uuid4().hex + SUFFIX
+        tmp = self.root / (TMP_PREFIX + uuid.uuid4().hex)
+        final = self.root / name
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, final)
+            fsync_dir(self.root)
+        except BaseException as exc:
+            for leftover in (tmp, final):
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
+            if is_no_space(exc):
+                raise OutboxFullError(
+                    f"the data partition is full: could not write a {len(data)} byte payload "
+                    f"into {self.root} ({os.strerror(exc.errno)}); nothing was stored") from exc
+            raise
+        return name
+
+    def read(self, name: str) -> bytes:
+        return self.path(name).read_bytes()
+
+    def delete(self, name: str) -> bool:
+        try:
+            self.path(name).unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+    def names(self) -> set[str]:
+        """Every file but the lock (including temporary files of interrupted writes)."""
+        with os.scandir(self.root) as entries:
+            return {e.name for e in entries if e.name != LOCK_NAME and e.is_file(follow_symlinks=False)}
+
+    def remove_orphans(self, referenced: Callable[[], set[str]], *, wait_s: float = 10.0) -> list[str]:
+        """Delete files no row refers to; `referenced()` is read while writers are held off.
+
+        Gives up (returns []) if writers keep the lock longer than `wait_s`: the next open retries.
+        """
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            deadline = time.monotonic() + wait_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        log.warning("payload orphan sweep skipped: writers held %s for %.0f s",
+                                    self._lock_path, wait_s)
+                        return []
+                    time.sleep(0.02)
+            orphans = sorted(self.names() - referenced())
+            for name in orphans:
+                with contextlib.suppress(FileNotFoundError):
+                    (self.root / name).unlink()
+            if orphans:
+                fsync_dir(self.root)
+                log.warning("removed %d orphaned payload file(s) left by an interrupted write or purge",
+                            len(orphans))
+            return orphans
+        finally:
+            os.close(fd)
+
+
+class OwnerLock:
+    """Liveness of an outbox owner: held (flock) for as long as that Outbox is open.
+
+    Items in `sending` name the owner that claimed them. When that owner's lock can be taken,
+    its process died (the kernel dropped the flock) or it closed: its claims are interrupted.
+    """
+
+    def __init__(self, locks_dir: Path, token: str) -> None:
+        self.path = locks_dir / f"owner-{token}.lock"
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        os.close(self._fd)
+        self._fd = None
+
+    @staticmethod
+    def token_of(path: Path) -> str | None:
+        name = path.name
+        if name.startswith("owner-") and name.endswith(".lock"):
+            return name[len("owner-"):-len(".lock")]
+        return None
+
+    @staticmethod
+    def is_alive(locks_dir: Path, token: str) -> bool:
+        """False when nobody holds the owner's lock (and then the stale lock file is removed)."""
+        path = locks_dir / f"owner-{token}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            return False
+        finally:
+            os.close(fd)
