@@ -129,7 +129,7 @@ def run_demo(say: Say, *, n_recordings: int = 12, outage_s: float = 4.0,
             for i, rec in enumerate(recordings[:half]):
                 enqueue_recording(outbox, rec, config, key=f"demo-ecg-{i}")
             say(f"clinic recorded {half} ECGs (one STAT); forwarding ...")
-            _pump(forwarder, outbox, stop, until=lambda: _count(outbox, "queued", "sending") == 0,
+            _pump(forwarder, outbox, stop, until=lambda: _count(outbox, "queued", "sending", "sent") == 0,
                   limit_s=15)
             say(f"  sent {events['sent']}, committed {_count(outbox, 'committed', 'purged')}")
 

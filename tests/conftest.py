@@ -37,8 +37,11 @@ def require_tool(name: str) -> str:
 
 def in_private_netns() -> bool:
     """True when the only network interface is loopback (scripts/test.sh runs pytest under unshare -n)."""
+    import socket
+
+    # if_nameindex asks the current namespace (sysfs may still show the host's interfaces)
     try:
-        return set(os.listdir("/sys/class/net")) <= {"lo"}
+        return {name for _i, name in socket.if_nameindex()} <= {"lo"}
     except OSError:
         return False
 
@@ -54,3 +57,7 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         missing("../shared (third-party ECG and GNSS files) is absent")
     return SHARED
+
+
+# Real DICOM peers (Orthanc, storescp, scripted SCP) as fixtures for every test module.
+pytest_plugins = ["tests.peers"]

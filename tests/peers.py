@@ -90,9 +90,14 @@ class EcgPayload:
     study_uid: str
 
 
-def ecg_payloads(n: int, *, study_uid: str | None = None) -> list[EcgPayload]:
-    """`n` distinct 12-lead ECG objects derived from pydicom's waveform_ecg.dcm."""
+def ecg_payloads(n: int, *, study_uid: str | None = None,
+                 sop_class_uid: str | None = None) -> list[EcgPayload]:
+    """`n` distinct ECG objects derived from pydicom's 12-lead waveform_ecg.dcm
+    (`sop_class_uid` relabels them, e.g. as General ECG, for SOP-class negotiation tests)."""
     template = dcmread(get_testdata_file(ECG_SAMPLE))
+    if sop_class_uid:
+        template.SOPClassUID = sop_class_uid
+        template.file_meta.MediaStorageSOPClassUID = sop_class_uid
     study = study_uid or generate_uid()
     series = generate_uid()
     out = []
@@ -380,6 +385,7 @@ class ScriptedStoreSCP:
     report_to: tuple[str, int, str] | None = None
     report_on_same_association: bool = False
     report_delay_s: float = 0.05
+    report_tls_args: tuple[Any, str] | None = None  # (ssl.SSLContext, server name) for report_to
     keep_datasets: bool = False
     host: str = "127.0.0.1"
     port: int = field(default_factory=free_port)
@@ -500,7 +506,7 @@ class ScriptedStoreSCP:
         ae = AE(ae_title=self.ae_title)
         role = build_role(StorageCommitmentPushModel, scp_role=True)
         assoc = ae.associate(host, port, [build_context(StorageCommitmentPushModel)],
-                             ae_title=ae_title, ext_neg=[role])
+                             ae_title=ae_title, ext_neg=[role], tls_args=self.report_tls_args)
         status_code = -1
         if assoc.is_established:
             status, _ = assoc.send_n_event_report(info, event_type, StorageCommitmentPushModel,

@@ -91,6 +91,7 @@ def test_to_dicom_passes_dciodvfy_and_keeps_the_samples(where: tuple[str, str], 
     original = decode_ecg(source.read_bytes(), source.name)
     back = read_dicom_ecg(data)
     assert back.lead_names == original.lead_names
+    assert back.derived_leads == original.derived_leads  # carried by the "Derived Lead" codes
     np.testing.assert_array_equal(back.microvolts(), original.microvolts())
 
 

@@ -48,7 +48,8 @@ SCP_LEAD_NUMBER = {1: "I", 2: "II", 61: "III", 62: "aVR", 63: "aVL", 64: "aVF",
                    3: "V1", 4: "V2", 5: "V3", 6: "V4", 7: "V5", 8: "V6"}
 
 
-def recording(samples: np.ndarray, leads: tuple[str, ...] = STANDARD_12_LEADS[: 12], **changes) -> EcgRecording:
+def recording(samples: np.ndarray, leads: tuple[str, ...] = STANDARD_12_LEADS,
+              **changes: object) -> EcgRecording:
     fields = dict(samples=samples, lead_names=leads[: samples.shape[0]], sampling_rate_hz=500.0,
                   uv_per_unit=2.5, acquired_at=ACQUIRED, time_source=TimeSource.DEVICE_CLOCK,
                   device=CART, patient=PATIENT, source_format="scp")
@@ -333,6 +334,7 @@ def test_time_zone_and_time_source_are_recorded() -> None:
     assert (ds.StudyDate, ds.StudyTime, ds.ContentDate) == ("20241231", "235959", "20241231")
     assert ds.TimezoneOffsetFromUTC == "+0530"
     assert (ds.InstanceCreationDate, ds.InstanceCreationTime) == ("20250101", "054000")
+    assert ds.ContributingEquipmentSequence[0].ContributionDateTime == "20250101054000+0530"
     assert (ds.AcquisitionTimeSynchronized, ds.TimeSource, ds.TimeDistributionProtocol) == (
         "Y", "GPS", "GPS")
     assert ds.SynchronizationFrameOfReferenceUID == "1.2.840.10008.15.1.1"
@@ -343,8 +345,9 @@ def test_time_zone_and_time_source_are_recorded() -> None:
     assert (receipt.AcquisitionTimeSynchronized, receipt.TimeSource) == ("N", "GATEWAY RECEIPT")
     assert "TimeDistributionProtocol" not in receipt
     assert receipt.AcquisitionDateTime == "20240501093000.250000+0300"
-    # without created_at, creation = acquisition: still no clock inside
-    assert (receipt.InstanceCreationDate, receipt.InstanceCreationTime) == ("20240501", "093000.250000")
+    # without created_at there is no creation time at all: no clock inside the builder
+    assert "InstanceCreationDate" not in receipt and "InstanceCreationTime" not in receipt
+    assert "ContributionDateTime" not in receipt.ContributingEquipmentSequence[0]
 
 
 def test_hostile_device_text_is_made_valid() -> None:

@@ -136,7 +136,7 @@ def test_fuzz_minimal_document(ops: list[tuple]) -> None:
     decodes_or_refuses(read_aecg, apply(_read("fda_minimum_aecg.xml"), ops))
 
 
-@settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, max_examples=100, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=mutations())
 def test_fuzz_full_example(ops: list[tuple]) -> None:
     data = _read("fda_hl7_Example_aECG.xml")

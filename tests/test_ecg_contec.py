@@ -99,7 +99,7 @@ def test_unreadable_time_uses_the_receipt_time() -> None:
     assert (r.acquired_at, r.time_source) == (received, TimeSource.GATEWAY_RECEIPT)
 
 
-@settings(deadline=None, max_examples=200)
+@settings(deadline=None, max_examples=400)
 @given(ops=mutations())
 def test_fuzz(ops: list[tuple]) -> None:
     decodes_or_refuses(read_contec, apply(_read("0000037.ECG"), ops))

@@ -190,7 +190,7 @@ def test_no_patient_id_means_unassigned() -> None:
     assert read_dicom_ecg(_dump(ds)).patient is None
 
 
-@settings(deadline=None, max_examples=150)
+@settings(deadline=None, max_examples=250)
 @given(ops=mutations())
 def test_fuzz_toolkit_file(ops: list[tuple]) -> None:
     data = _toolkit()
@@ -199,7 +199,7 @@ def test_fuzz_toolkit_file(ops: list[tuple]) -> None:
                                              if b"\x00\x54\x10\x10" in data else 4000))
 
 
-@settings(deadline=None, max_examples=100)
+@settings(deadline=None, max_examples=200)
 @given(ops=mutations())
 def test_fuzz_mortara_file(ops: list[tuple]) -> None:
     decodes_or_refuses(read_dicom_ecg, apply(_mortara(), ops, hi=6000))

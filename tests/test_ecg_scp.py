@@ -414,13 +414,13 @@ def test_sixteen_bit_wrap_matches_encoders() -> None:
 
 
 @pytest.mark.parametrize("name", ["ecgtoolkit_Example.scp", "abtahi_ECG_20170504_163507_123456789.SCP"])
-@settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=mutations())
 def test_fuzz_real_files(name: str, ops: list[tuple]) -> None:
     decodes_or_refuses(read_scp, apply(_read(name), ops))
 
 
-@settings(deadline=None, max_examples=120)
+@settings(deadline=None, max_examples=300)
 @given(ops=mutations())
 def test_fuzz_behind_valid_checksums(ops: list[tuple]) -> None:
     """Mutate inside the sections, then re-stamp every CRC, so the decoder itself is tested."""

@@ -35,8 +35,8 @@ Choices that go beyond "fill in the attributes" (PS3.3 A.34.3 / A.34.4 / C.10.9 
   From UTC for the DA/TM attributes, and the Synchronization module (UTC frame of reference
   1.2.840.10008.15.1.1): Acquisition Time Synchronized Y only for GPS or a corrected device
   clock, Time Source = where the time came from (devices.identity.TimeSource, abbreviated to
-  SH), Time Distribution Protocol GPS for GNSS time. Instance creation time = `created_at`
-  (or the acquisition time when not given).
+  SH), Time Distribution Protocol GPS for GNSS time. Instance creation time and the
+  gateway's contribution time = `created_at`; left out when it is not given.
 - Unassigned patient (`recording.patient is None`): name, birth date, sex empty (type 2);
   Patient ID a temporary, per-study "UNASSIGNED-<hash of the study UID>" with issuer
   "LASTMILE-UNASSIGNED" (an empty ID makes dciodvfy warn, and PACSs such as Orthanc file
@@ -417,45 +417,27 @@ def _gap_annotation(first: int, count: int) -> Dataset:
     return item
 
 
-def build_ecg_dataset(recording: EcgRecording, uids: EcgStudyUids, station: StationInfo, *,
-                      created_at: dt.datetime | None = None) -> Dataset:
-    """The DICOM object for `recording` (with file meta, Explicit VR Little Endian).
+@dataclass(frozen=True)
+class _Context:
+    """What every part of the object is built from."""
 
-    Raises InvalidObjectError when neither ECG IOD can hold the recording as it is.
-    """
-    sop_class = choose_sop_class(recording)
-    acquired = _local_zone_moment(recording.acquired_at)
-    if created_at is None:
-        created = acquired
-    else:
-        if created_at.tzinfo is None or created_at.utcoffset() is None:
-            raise InvalidObjectError("created_at must carry a time zone")
-        created = created_at.astimezone(acquired.tzinfo)  # one Timezone Offset From UTC for all
-    rate = float(recording.sampling_rate_hz)
-    gaps = _merged_gaps(recording.gaps)
-    quantised = _quantise(recording.samples, -INT16_MAX if gaps else PADDING_VALUE)
-    sensitivity = float(recording.uv_per_unit) * quantised.factor
-    data, gap_positions = _multiplexed(quantised.samples, gaps)
-    n_total = recording.n_samples + sum(missing for _, missing in gaps)
-    resampled = recording.resampled_from_hz
-    original = resampled is None and quantised.exact
-    unassigned = recording.patient is None
-    device = recording.device
+    recording: EcgRecording
+    uids: EcgStudyUids
+    station: StationInfo
+    sop_class: str
+    acquired: dt.datetime  # in the zone the object states
+    created: dt.datetime | None  # None: not known, so not written (never "now")
 
-    ds = Dataset()
-    # SOP Common
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = uids.sop_instance_uid
-    ds.InstanceCreationDate = _da(created)
-    ds.InstanceCreationTime = _tm(created)
-    ds.TimezoneOffsetFromUTC = _offset(acquired)
+    @property
+    def rate(self) -> float:
+        return float(self.recording.sampling_rate_hz)
 
-    # Patient
-    patient = recording.patient
+
+def _set_patient(ds: Dataset, ctx: _Context) -> None:
+    patient = ctx.recording.patient
     if patient is None:
         ds.PatientName = ""
-        ds.PatientID = unassigned_patient_id(uids)
+        ds.PatientID = unassigned_patient_id(ctx.uids)
         ds.IssuerOfPatientID = UNASSIGNED_ISSUER
         ds.PatientBirthDate = ""
         ds.PatientSex = ""
@@ -463,44 +445,50 @@ def build_ecg_dataset(recording: EcgRecording, uids: EcgStudyUids, station: Stat
             "UNASSIGNED: no patient was identified at the gateway. The Patient ID is a "
             "temporary per-study placeholder, not a real identifier; assign the patient "
             "before reporting.")
-    else:
-        ds.PatientName = _person_name(patient.name)
-        ds.PatientID = _identifier(patient.patient_id, "patient ID")
-        if patient.issuer:
-            ds.IssuerOfPatientID = _identifier(patient.issuer, "issuer of the patient ID")
-        ds.PatientBirthDate = patient.birth_date.strftime("%Y%m%d") if patient.birth_date else ""
-        ds.PatientSex = patient.sex
+        return
+    ds.PatientName = _person_name(patient.name)
+    ds.PatientID = _identifier(patient.patient_id, "patient ID")
+    if patient.issuer:
+        ds.IssuerOfPatientID = _identifier(patient.issuer, "issuer of the patient ID")
+    ds.PatientBirthDate = patient.birth_date.strftime("%Y%m%d") if patient.birth_date else ""
+    ds.PatientSex = patient.sex
 
-    # General Study
-    iod_name = IOD_LIMITS[sop_class].name
-    description = ("STAT " if recording.stat else "") + iod_name
-    if unassigned:
+
+def _set_study_and_series(ds: Dataset, ctx: _Context) -> None:
+    rec, acquired = ctx.recording, ctx.acquired
+    description = ("STAT " if rec.stat else "") + IOD_LIMITS[ctx.sop_class].name
+    if rec.patient is None:
         description += " - UNASSIGNED PATIENT"
-    ds.StudyInstanceUID = uids.study_uid
+    ds.StudyInstanceUID = ctx.uids.study_uid
     ds.StudyDate = _da(acquired)
     ds.StudyTime = _tm(acquired)
     ds.ReferringPhysicianName = ""
     ds.StudyID = "ECG" + acquired.strftime("%y%m%d%H%M%S")
     ds.AccessionNumber = ""
     ds.StudyDescription = _text(description, "LO")
-
-    # General Series
     ds.Modality = "ECG"
-    ds.SeriesInstanceUID = uids.series_uid
+    ds.SeriesInstanceUID = ctx.uids.series_uid
     ds.SeriesNumber = "1"
     ds.SeriesDate = _da(acquired)
     ds.SeriesTime = _tm(acquired)
-    ds.SeriesDescription = _text(f"ECG from {device.label()}", "LO")
+    ds.SeriesDescription = _text(f"ECG from {rec.device.label()}", "LO")
 
-    # Synchronization: where the acquisition time came from
+
+def _set_time_source(ds: Dataset, ctx: _Context) -> None:
+    """Synchronization module: which clock the acquisition time comes from."""
+    source = ctx.recording.time_source
     ds.SynchronizationFrameOfReferenceUID = UTC_SYNCHRONIZATION_FRAME
     ds.SynchronizationTrigger = "NO TRIGGER"
-    ds.AcquisitionTimeSynchronized = "Y" if recording.time_source in _SYNCHRONIZED else "N"
-    ds.TimeSource = _TIME_SOURCE_SH[recording.time_source]
-    if recording.time_source is TimeSource.GPS:
+    ds.AcquisitionTimeSynchronized = "Y" if source in _SYNCHRONIZED else "N"
+    ds.TimeSource = _TIME_SOURCE_SH[source]
+    if source is TimeSource.GPS:
         ds.TimeDistributionProtocol = "GPS"
 
-    # General Equipment: the ECG device; StationName: this gateway
+
+def _set_equipment(ds: Dataset, ctx: _Context) -> None:
+    """General Equipment is the ECG device (StationName: this gateway); the gateway itself
+    is Contributing Equipment, the one that converted the recording."""
+    device, station, rec = ctx.recording.device, ctx.station, ctx.recording
     ds.Manufacturer = _text(device.manufacturer, "LO")
     if station.institution:
         ds.InstitutionName = _text(station.institution, "LO")
@@ -513,10 +501,10 @@ def build_ecg_dataset(recording: EcgRecording, uids: EcgStudyUids, station: Stat
     if device.software_version:
         ds.SoftwareVersions = _text(device.software_version, "LO")
 
-    # Contributing equipment: the gateway converted it
-    conversion = f"Converted to DICOM by the Lastmile gateway from {recording.source_format or 'a device recording'}"
-    if resampled is not None:
-        conversion += f"; resampled from {resampled:g} Hz to {rate:g} Hz"
+    source = rec.source_format or "a device recording"
+    conversion = f"Converted to DICOM by the Lastmile gateway from {source}"
+    if rec.resampled_from_hz is not None:
+        conversion += f"; resampled from {rec.resampled_from_hz:g} Hz to {ctx.rate:g} Hz"
     gateway = Dataset()
     gateway.PurposeOfReferenceCodeSequence = Sequence([_code(*_PROCESSING_EQUIPMENT)])
     gateway.Manufacturer = "Lastmile"
@@ -524,85 +512,131 @@ def build_ecg_dataset(recording: EcgRecording, uids: EcgStudyUids, station: Stat
         gateway.InstitutionName = _text(station.institution, "LO")
     if station.station_name:
         gateway.StationName = _text(station.station_name, "SH")
-    gateway.ContributionDateTime = _dt(created)
+    if ctx.created is not None:
+        gateway.ContributionDateTime = _dt(ctx.created)
     gateway.ContributionDescription = _text(conversion, "ST")
     ds.ContributingEquipmentSequence = Sequence([gateway])
 
-    # Waveform Identification
-    ds.InstanceNumber = "1"
-    ds.ContentDate = _da(acquired)
-    ds.ContentTime = _tm(acquired)
-    ds.AcquisitionDateTime = _dt(acquired)
 
-    # Acquisition Context (required; may be empty)
-    context = []
-    if recording.stat:
-        urgent = Dataset()
-        urgent.ValueType = "CODE"
-        urgent.ConceptNameCodeSequence = Sequence([_code(*_PRIORITY_CONCEPT)])
-        urgent.ConceptCodeSequence = Sequence([_code(*_URGENT)])
-        context.append(urgent)
-    ds.AcquisitionContextSequence = Sequence(context)
+def _acquisition_context(ctx: _Context) -> Sequence:
+    if not ctx.recording.stat:
+        return Sequence([])
+    urgent = Dataset()
+    urgent.ValueType = "CODE"
+    urgent.ConceptNameCodeSequence = Sequence([_code(*_PRIORITY_CONCEPT)])
+    urgent.ConceptCodeSequence = Sequence([_code(*_URGENT)])
+    return Sequence([urgent])
 
-    # Waveform
+
+def _waveform_group(ctx: _Context, quantised: _Quantised, gaps: list[tuple[int, int]],
+                    data: bytes) -> Dataset:
+    rec = ctx.recording
+    resampled = rec.resampled_from_hz
     derivation_notes = [f"resampled from {resampled:g} Hz"] if resampled is not None else []
+    sensitivity = float(rec.uv_per_unit) * quantised.factor
     group = Dataset()
-    group.WaveformOriginality = "ORIGINAL" if original else "DERIVED"
-    group.NumberOfWaveformChannels = recording.n_leads
-    group.NumberOfWaveformSamples = n_total
-    group.SamplingFrequency = _ds(rate)
+    group.WaveformOriginality = "ORIGINAL" if resampled is None and quantised.exact else "DERIVED"
+    group.NumberOfWaveformChannels = rec.n_leads
+    group.NumberOfWaveformSamples = rec.n_samples + sum(missing for _, missing in gaps)
+    group.SamplingFrequency = _ds(ctx.rate)
     group.MultiplexGroupLabel = MULTIPLEX_GROUP_LABEL
     group.ChannelDefinitionSequence = Sequence([
-        _channel(name, derived=name in recording.derived_leads, sensitivity=sensitivity,
+        _channel(name, derived=name in rec.derived_leads, sensitivity=sensitivity,
                  derivation_notes=derivation_notes)
-        for name in recording.lead_names])
+        for name in rec.lead_names])
     group.WaveformBitsAllocated = 16
     group.WaveformSampleInterpretation = "SS"
     if gaps:
         group.add_new(0x5400100A, "OW", int(PADDING_VALUE).to_bytes(2, "little", signed=True))
     group.add_new(0x54001010, "OW", data)  # Waveform Data
-    ds.WaveformSequence = Sequence([group])
+    return group
 
-    # Waveform Annotation: gaps (coded + text) and the facts a reader must see
+
+def _annotations(ctx: _Context, patient_id: str, quantised: _Quantised,
+                 gap_positions: list[tuple[int, int]]) -> Sequence:
+    """Gaps (coded + text) and the facts a reader must see, as ECG statements."""
+    rec, rate = ctx.recording, ctx.rate
     notes: list[Dataset] = []
     for first, count in gap_positions:
         notes.append(_gap_annotation(first, count))
         notes.append(_annotation(
             f"Signal lost in transit: {count} samples ({count / rate:.3f} s) missing, shown as "
             f"padding value {PADDING_VALUE}", (first, count)))
-    if recording.stat:
+    if rec.stat:
         notes.append(_annotation("STAT: urgent read requested"))
-    if unassigned:
+    if rec.patient is None:
         notes.append(_annotation(
             f"UNASSIGNED PATIENT: no patient identified at the gateway; Patient ID "
-            f"{ds.PatientID} is a temporary placeholder"))
-    if resampled is not None:
+            f"{patient_id} is a temporary placeholder"))
+    if rec.resampled_from_hz is not None:
         notes.append(_annotation(
-            f"Resampled from {resampled:g} Hz to {rate:g} Hz before storage: the samples are "
-            "not the device's original samples"))
-    if recording.derived_leads:
-        derived = [n for n in recording.lead_names if n in recording.derived_leads]
+            f"Resampled from {rec.resampled_from_hz:g} Hz to {rate:g} Hz before storage: the "
+            "samples are not the device's original samples"))
+    if rec.derived_leads:
+        derived = [n for n in rec.lead_names if n in rec.derived_leads]
         notes.append(_annotation(f"Derived leads (computed, not recorded): {', '.join(derived)}"))
     if quantised.factor != 1:
+        sensitivity = float(rec.uv_per_unit) * quantised.factor
         how = ("exactly (every sample was a multiple)" if quantised.exact else
-               f"rounded, error at most {quantised.factor * recording.uv_per_unit / 2:g} uV")
+               f"rounded, error at most {quantised.factor * rec.uv_per_unit / 2:g} uV")
         notes.append(_annotation(
             f"Amplitudes requantised to 16 bits: 1 unit = {_ds(sensitivity)} uV instead of "
-            f"{_ds(recording.uv_per_unit)} uV, {how}"))
+            f"{_ds(rec.uv_per_unit)} uV, {how}"))
     notes.append(_annotation(
-        f"Acquisition time source: {recording.time_source.value} - "
-        f"{_TIME_SOURCE_TEXT[recording.time_source]}"))
-    for flag in recording.flags:
-        notes.append(_annotation(f"Gateway flag: {flag}"))
-    ds.WaveformAnnotationSequence = Sequence(notes)
+        f"Acquisition time source: {rec.time_source.value} - {_TIME_SOURCE_TEXT[rec.time_source]}"))
+    notes += [_annotation(f"Gateway flag: {flag}") for flag in rec.flags]
+    return Sequence(notes)
 
+
+def _file_meta(ctx: _Context) -> FileMetaDataset:
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = uids.sop_instance_uid
+    meta.MediaStorageSOPClassUID = ctx.sop_class
+    meta.MediaStorageSOPInstanceUID = ctx.uids.sop_instance_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = f"PYDICOM {pydicom.__version__}"[:16]
-    ds.file_meta = meta
+    return meta
+
+
+def build_ecg_dataset(recording: EcgRecording, uids: EcgStudyUids, station: StationInfo, *,
+                      created_at: dt.datetime | None = None) -> Dataset:
+    """The DICOM object for `recording` (with file meta, Explicit VR Little Endian).
+
+    Raises InvalidObjectError when neither ECG IOD can hold the recording as it is.
+    """
+    sop_class = choose_sop_class(recording)
+    acquired = _local_zone_moment(recording.acquired_at)
+    created = None
+    if created_at is not None:
+        if created_at.tzinfo is None or created_at.utcoffset() is None:
+            raise InvalidObjectError("created_at must carry a time zone")
+        created = created_at.astimezone(acquired.tzinfo)  # one Timezone Offset From UTC for all
+    ctx = _Context(recording, uids, station, sop_class, acquired, created)
+    gaps = _merged_gaps(recording.gaps)
+    quantised = _quantise(recording.samples, -INT16_MAX if gaps else PADDING_VALUE)
+    data, gap_positions = _multiplexed(quantised.samples, gaps)
+
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = uids.sop_instance_uid
+    if created is not None:
+        ds.InstanceCreationDate = _da(created)
+        ds.InstanceCreationTime = _tm(created)
+    ds.TimezoneOffsetFromUTC = _offset(acquired)
+    _set_patient(ds, ctx)
+    _set_study_and_series(ds, ctx)
+    _set_time_source(ds, ctx)
+    _set_equipment(ds, ctx)
+    # Waveform Identification
+    ds.InstanceNumber = "1"
+    ds.ContentDate = _da(acquired)
+    ds.ContentTime = _tm(acquired)
+    ds.AcquisitionDateTime = _dt(acquired)
+    ds.AcquisitionContextSequence = _acquisition_context(ctx)
+    ds.WaveformSequence = Sequence([_waveform_group(ctx, quantised, gaps, data)])
+    ds.WaveformAnnotationSequence = _annotations(ctx, ds.PatientID, quantised, gap_positions)
+    ds.file_meta = _file_meta(ctx)
     if not quantised.exact:
         log.info("ECG amplitudes requantised with loss (factor %d)", quantised.factor)
     return ds

@@ -21,6 +21,7 @@ Objects are not thread-safe; use one `StoreAssociation` per thread (each has its
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import ssl
 import threading
@@ -362,6 +363,20 @@ def _past_sop_uids(tag: int, vr: str | None, length: int) -> bool:
     return tag > 0x00080018
 
 
+_UID_TEXT = re.compile(r"[0-9]+(\.[0-9]+)*\Z")
+
+
+def _uid_of(ds: Dataset, tag: int, what: str) -> UID:
+    elem = ds.get_item(tag)  # raw element: no pydicom conversion (or warnings) for a peek
+    if elem is None or elem.value is None:
+        raise UnsendablePayload(f"payload has no {what}")
+    value = elem.value
+    text = value.rstrip(b"\x00 ").decode("ascii") if isinstance(value, bytes) else str(value)
+    if len(text) > 64 or not _UID_TEXT.match(text):
+        raise UnsendablePayload(f"payload's {what} {text[:80]!r} is not a valid UID")
+    return UID(text)
+
+
 def parse_part10(data: bytes) -> _Part10:
     """File meta and the data set's SOP class/instance UIDs, without decoding the rest."""
     if len(data) < 144 or data[128:132] != b"DICM":
@@ -371,17 +386,18 @@ def parse_part10(data: bytes) -> _Part10:
     try:
         meta = read_dataset(fp, False, True, stop_when=_outside_group_2)
         offset = fp.tell()
-        ts = UID(str(meta.TransferSyntaxUID))
+        ts = _uid_of(meta, 0x00020010, "Transfer Syntax UID")
         if ts.is_deflated:  # rare for a stored payload: inflate and look at the result
-            ds = dcmread(BytesIO(data), force=False)
-            head = ds
+            head = dcmread(BytesIO(data))
         else:
             head = read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian, stop_when=_past_sop_uids)
-        sop_class = UID(str(head.SOPClassUID))
-        sop_instance = UID(str(head.SOPInstanceUID))
-    except (AttributeError, KeyError, ValueError, EOFError, OSError, InvalidDicomError,
-            NotImplementedError) as exc:
-        raise UnsendablePayload(f"payload has no readable file meta / SOP UIDs: {exc}") from None
+        sop_class = _uid_of(head, 0x00080016, "SOP Class UID")
+        sop_instance = _uid_of(head, 0x00080018, "SOP Instance UID")
+    except UnsendablePayload:
+        raise
+    except Exception as exc:  # noqa: BLE001 — pydicom raises many types on damaged bytes
+        raise UnsendablePayload(f"payload has no readable file meta / SOP UIDs: "
+                                f"{type(exc).__name__}: {exc}") from None
     return _Part10(data, sop_class, sop_instance, ts, offset)
 
 
@@ -455,6 +471,7 @@ class StoreAssociation:
         self._message_id = 0
         self._preference = _STORE_SYNTAXES_DEFLATE if peer.deflate else _STORE_SYNTAXES_PLAIN
         self._contexts_by_class: dict[str, list[PresentationContext]] = {}
+        self._broken = False  # a request went unanswered: never use (or politely release) it again
         self.stores = 0
 
     # -- lifecycle --
@@ -487,8 +504,13 @@ class StoreAssociation:
 
     def close(self) -> None:
         assoc, self._assoc = self._assoc, None
-        if assoc is not None:
-            _release(assoc)
+        if assoc is None:
+            return
+        if self._broken:
+            if assoc.is_established:
+                assoc.abort()
+            return
+        _release(assoc)
 
     def abort(self) -> None:
         assoc, self._assoc = self._assoc, None
@@ -506,7 +528,8 @@ class StoreAssociation:
     @property
     def is_alive(self) -> bool:
         a = self._assoc
-        return a is not None and a.is_established and not a.is_aborted and not a.is_released
+        return (a is not None and not self._broken and a.is_established
+                and not a.is_aborted and not a.is_released)
 
     @property
     def accepted_transfer_syntaxes(self) -> dict[str, list[str]]:
@@ -548,6 +571,7 @@ class StoreAssociation:
         data = encode_for(obj, syntax, self.peer.deflate_level)
         status = self._send_store(assoc, cx, obj, data)
         if "Status" not in status:
+            self._broken = True
             raise TransientError(f"the association with {self.peer.where} died during a C-STORE "
                                  "(aborted, reset or timed out)")
         code = int(status.Status)
@@ -624,6 +648,7 @@ class StoreAssociation:
                                              STORAGE_COMMITMENT_INSTANCE,
                                              msg_id=self._next_message_id())
         if "Status" not in status:
+            self._broken = True
             raise TransientError(f"no answer from {self.peer.where} to the storage commitment request "
                                  "(aborted or timed out)")
         code = int(status.Status)

@@ -143,7 +143,8 @@ def migrate(db: sqlite_utils.Database, migrations: tuple[Migration, ...] = MIGRA
             applied_now.append(m.name)
         _in_transaction(conn, step)
     if applied_now:
-        log.info("schema migrations applied to %s: %s", db.conn.execute("PRAGMA database_list").fetchone()[2], ", ".join(applied_now))
+        where = conn.execute("PRAGMA database_list").fetchone()[2]
+        log.info("schema migrations applied to %s: %s", where, ", ".join(applied_now))
     return applied_now
 
 

@@ -17,7 +17,11 @@ STANDARD_12_LEADS: tuple[str, ...] = (
 
 @dataclass(frozen=True, slots=True)
 class SampleGap:
-    """`missing` samples that never arrived, starting at sample index `start`."""
+    """`missing` samples that never arrived, just before sample index `start`.
+
+    The missing samples are absent from `EcgRecording.samples` (no placeholder values are
+    inserted there); the DICOM builder re-inserts them as padding and annotates each gap.
+    """
 
     start: int
     missing: int

@@ -38,6 +38,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_to_dicom)
     ecg.set_defaults(func=lambda args: (ecg.print_help(), 2)[1])
 
+    p = sub.add_parser("import", help="import ECG files from a USB stick or folder into the outbox "
+                                      "(each file once; the stick is only read)")
+    p.add_argument("paths", metavar="PATH", nargs="+", help="files or folders (e.g. the stick's mount point)")
+    p.add_argument("--data-dir", help="override gateway.data_dir")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, only the summary")
+    p.set_defaults(func=_import)
+
 
 def local_zone() -> dt.tzinfo:
     """This gateway's zone (with its DST rules when known): carts write local wall-clock times."""
@@ -138,3 +145,64 @@ def _to_dicom(args: argparse.Namespace) -> int:
     kind = "12-lead ECG" if sop_class.endswith(".9.1.1") else "General ECG"
     print(summary(Path(args.input).name, recording) + f" -> {args.output} (DICOM {kind}, {len(data)} bytes)")
     return 0
+
+
+class ProgressBar:
+    """A one-line progress bar on a terminal; plain lines (one per file) otherwise."""
+
+    def __init__(self, stream=sys.stderr, width: int = 30) -> None:
+        self.stream = stream
+        self.width = width
+        self.tty = stream.isatty()
+
+    def __call__(self, done: int, total: int, outcome) -> None:
+        name = Path(outcome.path).name
+        if self.tty:
+            filled = self.width * done // max(total, 1)
+            bar = "#" * filled + "." * (self.width - filled)
+            self.stream.write(f"\r[{bar}] {done}/{total} {outcome.status:13} {name[:40]:40}")
+            if done == total:
+                self.stream.write("\n")
+        else:
+            self.stream.write(f"{done}/{total} {outcome.status}: {name}\n")
+        self.stream.flush()
+
+
+def enqueue_callable(outbox, config):
+    """(recording, key) -> created, for firmware_bridge.usb_import: the lead's intake builds the
+    DICOM object (UIDs minted once) and stores it; a recording no DICOM ECG can hold is refused."""
+    from firmware_bridge.usb_import import FileRefused
+    from lastmile.ecg_intake import enqueue_recording
+    from uploader.errors import InvalidObjectError
+
+    def enqueue(recording, key: str) -> bool:
+        try:
+            return enqueue_recording(outbox, recording, config, key=key).created
+        except InvalidObjectError as exc:
+            raise FileRefused(f"cannot become a DICOM ECG: {exc}") from None
+
+    return enqueue
+
+
+def _import(args: argparse.Namespace) -> int:
+    from firmware_bridge.usb_import import import_paths
+    from lastmile.app_context import config_from_args
+    from lastmile.forward_service import open_outbox
+
+    missing = [p for p in args.paths if not Path(p).exists()]
+    if missing:
+        return _fail(f"no such file or folder: {', '.join(missing)}")
+    config = config_from_args(args)
+    outbox = open_outbox(config)
+    try:
+        summary = import_paths(
+            args.paths, is_known=lambda key: outbox.find(key) is not None,
+            enqueue=enqueue_callable(outbox, config), local_tz=local_zone(),
+            now=lambda: dt.datetime.now(dt.timezone.utc),
+            progress=None if args.quiet else ProgressBar())
+    finally:
+        outbox.close()
+    for outcome in summary.refused:
+        print(f"refused: {outcome.path}: {outcome.reason}")
+    print(summary.line())
+    return 1 if summary.refused and not (summary.imported or summary.known) else 0

@@ -1,0 +1,194 @@
+"""Import ECG files from USB storage (a stick, a cart's mass storage, the import folder).
+
+Each file is imported once: its key is the SHA-256 of its bytes, so re-plugging the same stick
+imports nothing twice (the caller's `is_known(key)` answers from the outbox before anything is
+decoded). The stick is only ever read: files are opened O_RDONLY (O_NOATIME where allowed),
+nothing is renamed, moved, marked or deleted. One bad file never stops the others: every file
+ends as imported, already known, or refused with the reason a technician can act on.
+
+The composition (decode -> DICOM -> outbox) lives in lastmile; this module takes it as the
+`enqueue(recording, key) -> bool` callable (True: a new item was created).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from devices.ecg.dicom_input import looks_like_dicom
+from devices.ecg.formats import EXTENSIONS, decode_ecg
+from devices.ecg.recording import EcgRecording
+from devices.errors import DeviceError
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "ecg-file-sha256:"
+MAX_FILE_BYTES = 64 * 2**20  # a 12-lead resting ECG is < 1 MB; a Pi must hold one in RAM
+# Folders that operating systems put on sticks; never ECGs.
+SKIPPED_DIRS = frozenset({"System Volume Information", "$RECYCLE.BIN", ".Trashes", ".Spotlight-V100",
+                          ".fseventsd", "lost+found"})
+SKIPPED_NAMES = frozenset({"DICOMDIR"})
+
+IMPORTED, KNOWN, REFUSED = "imported", "already known", "refused"
+
+
+class FileRefused(Exception):
+    """Raised by an `enqueue` callable when this one file cannot be taken (e.g. its recording
+    cannot become a valid DICOM object); the import goes on with the next file."""
+
+
+@dataclass(frozen=True, slots=True)
+class ImportOutcome:
+    path: str
+    status: str  # IMPORTED, KNOWN or REFUSED
+    reason: str = ""  # why it was refused
+    key: str = ""
+    recording: EcgRecording | None = None
+
+
+@dataclass
+class ImportSummary:
+    outcomes: list[ImportOutcome] = field(default_factory=list)
+
+    def _count(self, status: str) -> int:
+        return sum(1 for o in self.outcomes if o.status == status)
+
+    @property
+    def imported(self) -> int:
+        return self._count(IMPORTED)
+
+    @property
+    def known(self) -> int:
+        return self._count(KNOWN)
+
+    @property
+    def refused(self) -> list[ImportOutcome]:
+        return [o for o in self.outcomes if o.status == REFUSED]
+
+    def line(self) -> str:
+        return (f"{len(self.outcomes)} ECG file(s): {self.imported} imported, {self.known} already known, "
+                f"{len(self.refused)} refused")
+
+
+ProgressCallback = Callable[[int, int, ImportOutcome], None]  # (done, total, outcome of that file)
+
+
+def content_key(data: bytes) -> str:
+    return KEY_PREFIX + hashlib.sha256(data).hexdigest()
+
+
+def _is_candidate(path: Path) -> bool:
+    if path.name in SKIPPED_NAMES or path.name.startswith("._"):  # macOS resource forks
+        return False
+    suffix = path.suffix.lower()
+    if suffix in EXTENSIONS:
+        return True
+    if suffix:
+        return False
+    # Carts write DICOM files without an extension (IM0001, ...): look at the preamble.
+    try:
+        with _open_read_only(path) as f:
+            return looks_like_dicom(f.read(132))
+    except OSError:
+        return False
+
+
+def find_ecg_files(roots: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """ECG files under the roots (files or folders), sorted, without following symlinks."""
+    found: list[Path] = []
+    for root in roots:
+        root = Path(root)
+        if root.is_file():
+            found.append(root)
+            continue
+        for folder, dirs, files in os.walk(root, followlinks=False):
+            dirs[:] = sorted(d for d in dirs if d not in SKIPPED_DIRS and not d.startswith("."))
+            for name in sorted(files):
+                path = Path(folder) / name
+                if not path.is_symlink() and _is_candidate(path):
+                    found.append(path)
+    return found
+
+
+class _open_read_only:
+    """open(path, "rb") without updating the access time where the kernel lets us."""
+
+    def __init__(self, path: Path) -> None:
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+        noatime = getattr(os, "O_NOATIME", 0)
+        try:
+            self.fd = os.open(path, flags | noatime)
+        except PermissionError:  # O_NOATIME needs file ownership
+            self.fd = os.open(path, flags)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self.fd = os.open(path, flags)
+
+    def __enter__(self):
+        self.file = os.fdopen(self.fd, "rb")
+        return self.file
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+
+
+def read_file(path: Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    with _open_read_only(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise ValueError(f"{size} bytes is larger than any ECG file ({max_bytes // 2**20} MiB limit)")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"larger than any ECG file ({max_bytes // 2**20} MiB limit)")
+    return data
+
+
+def import_file(path: Path, *, is_known: Callable[[str], bool],
+                enqueue: Callable[[EcgRecording, str], bool], local_tz: dt.tzinfo,
+                now: Callable[[], dt.datetime], max_bytes: int = MAX_FILE_BYTES) -> ImportOutcome:
+    """Import one file; never raises for a bad file (the outcome says why it was refused)."""
+    shown = str(path)
+    try:
+        data = read_file(path, max_bytes)
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return ImportOutcome(shown, REFUSED, f"cannot read: {reason}")
+    key = content_key(data)
+    if is_known(key):
+        return ImportOutcome(shown, KNOWN, key=key)
+    try:
+        recording = decode_ecg(data, path.name, local_tz=local_tz, received_at=now())
+    except DeviceError as exc:
+        return ImportOutcome(shown, REFUSED, str(exc), key=key)
+    try:
+        created = enqueue(recording, key)
+    except (DeviceError, FileRefused) as exc:
+        return ImportOutcome(shown, REFUSED, str(exc), key=key)
+    return ImportOutcome(shown, IMPORTED if created else KNOWN, key=key, recording=recording)
+
+
+def import_paths(roots: Iterable[str | os.PathLike[str]], *, is_known: Callable[[str], bool],
+                 enqueue: Callable[[EcgRecording, str], bool], local_tz: dt.tzinfo,
+                 now: Callable[[], dt.datetime], progress: ProgressCallback | None = None,
+                 max_bytes: int = MAX_FILE_BYTES) -> ImportSummary:
+    """Find and import every ECG file under `roots`; errors of the gateway itself (outbox full,
+    database unusable) propagate, a bad file never does."""
+    files = find_ecg_files(roots)
+    summary = ImportSummary()
+    for done, path in enumerate(files, 1):
+        outcome = import_file(path, is_known=is_known, enqueue=enqueue, local_tz=local_tz, now=now,
+                              max_bytes=max_bytes)
+        summary.outcomes.append(outcome)
+        if outcome.status == REFUSED:
+            log.warning("ECG file refused: %s: %s", path.name, outcome.reason)
+        if progress is not None:
+            progress(done, len(files), outcome)
+    log.info("USB import: %s", summary.line())
+    return summary

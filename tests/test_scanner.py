@@ -1,0 +1,59 @@
+"""ID/health-card scanner lines -> patient and doctor codes, by configurable rules."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from devices.scanner import (MAX_CODE_LENGTH, CodeUnrecognised, DoctorScanned, PatientScanned, ScannerDecoder,
+                             ScanRuleError, ScanRules)
+
+# What a 2D scanner in USB-CDC mode sends: the code, then CR LF (some models: CR only).
+PATIENT_CARD_SCAN = b"80276001234567890123\r\n"  # an EHIC-style card number (20 digits)
+DOCTOR_BADGE_SCAN = b"DR-004711\r"
+RULES = ScanRules.from_patterns(r"(?P<id>\d{20})", r"DR-(?P<id>\d{6})")
+
+
+def test_patient_and_doctor_codes() -> None:
+    dec = ScannerDecoder(RULES)
+    assert dec.feed(PATIENT_CARD_SCAN + DOCTOR_BADGE_SCAN) == [
+        PatientScanned("80276001234567890123"), DoctorScanned("004711")]
+
+
+def test_codes_split_across_reads_and_line_end_variants() -> None:
+    dec = ScannerDecoder(RULES)
+    events = []
+    for chunk in (b"8027600123", b"4567890123\r", b"\nDR-00", b"4711\n"):
+        events += dec.feed(chunk)
+    assert events == [PatientScanned("80276001234567890123"), DoctorScanned("004711")]
+
+
+def test_unknown_ambiguous_and_unconfigured_codes_are_never_guessed() -> None:
+    dec = ScannerDecoder(RULES)
+    (ev,) = dec.feed(b"8027600123\r\n")  # too short for a card number
+    assert isinstance(ev, CodeUnrecognised) and ev.reason == "matches no rule" and ev.length == 10
+    both = ScanRules.from_patterns(r"X\d+", r"X\d+")
+    assert isinstance(both.classify("X1"), CodeUnrecognised)
+    assert isinstance(ScanRules().classify("anything"), CodeUnrecognised)
+    # Without an id group the whole code is the identifier; control characters are dropped.
+    prefix = ScanRules.from_patterns(r"P:[A-Z0-9]+", "")
+    assert ScannerDecoder(prefix).feed(b"\x02P:AB12\x03\r\n") == [PatientScanned("P:AB12")]
+
+
+def test_bad_rules_and_long_codes() -> None:
+    with pytest.raises(ScanRuleError, match="patient_card_pattern"):
+        ScanRules.from_patterns("(", "")
+    dec = ScannerDecoder(RULES)
+    events = dec.feed(b"9" * (MAX_CODE_LENGTH + 10) + b"\r\n" + PATIENT_CARD_SCAN)
+    assert isinstance(events[0], CodeUnrecognised) and events[1] == PatientScanned("80276001234567890123")
+
+
+@settings(deadline=None, max_examples=300)
+@given(st.lists(st.binary(max_size=300), max_size=10))
+def test_fuzz_scanner_stream(chunks: list[bytes]) -> None:
+    dec = ScannerDecoder(RULES)
+    for chunk in chunks:
+        for ev in dec.feed(chunk):
+            assert isinstance(ev, (PatientScanned, DoctorScanned, CodeUnrecognised))
+    assert dec.feed(b"\r\n" + PATIENT_CARD_SCAN)[-1] == PatientScanned("80276001234567890123")

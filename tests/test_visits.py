@@ -1,0 +1,221 @@
+"""Visits: clock without RTC, checks as flags, the signed hash chain, households."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+
+from devices.gps import Fix, FixMode
+from devices.identity import EARLIEST_PLAUSIBLE, TimeSource
+from lastmile.clock import GatewayClock, Stamp
+from lastmile.households import RegisterError, distance_m, parse_register
+from lastmile.visit_chain import KEY_FILE, verify_export
+from lastmile.visits import FixRecord, VisitBook, VisitError, VisitPolicy
+from tests.fhir_samples import blood_pressure
+
+GPS_T = dt.datetime(2026, 3, 2, 8, 0, tzinfo=dt.timezone.utc)
+HOUSE = (31.2480, 121.5874)
+
+
+class FakeClocks:
+    """A Pi's clocks: wall time settable (boots at 1970), monotonic time advanced by hand."""
+
+    def __init__(self, wall: float = 0.0) -> None:
+        self.mono = 100.0
+        self.wall_offset = wall - self.mono
+
+    def wall(self) -> float:
+        return self.mono + self.wall_offset
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def advance(self, seconds: float) -> None:
+        self.mono += seconds
+
+    def clock(self) -> GatewayClock:
+        return GatewayClock(self.wall, self.monotonic, lambda: "boot-1")
+
+
+def fix_at(lat: float, lon: float, when: dt.datetime | None, eph: float = 8.0) -> Fix:
+    return Fix(mode=FixMode.FIX_3D, time=when, latitude=lat, longitude=lon, altitude_m=20.0,
+               eph_m=eph, satellites_used=9, hdop=0.9)
+
+
+def offset(lat: float, lon: float, north_m: float) -> tuple[float, float]:
+    return lat + north_m / 111_195.0, lon
+
+
+@pytest.fixture()
+def book_factory(tmp_path: Path):
+    books = []
+
+    def make(clocks: FakeClocks, **policy: object) -> VisitBook:
+        book = VisitBook.open(tmp_path / "data", gateway_id="gw-1", policy=VisitPolicy(**policy),  # type: ignore[arg-type]
+                              clock=clocks.clock())
+        books.append(book)
+        register = tmp_path / "households.csv"
+        register.write_text("household_id,latitude,longitude\nHH-1,%f,%f\n" % HOUSE)
+        book.register.sync_from(register, "2026-01-01")
+        return book
+
+    yield make
+    for b in books:
+        b.close()
+
+
+def test_boot_at_1970_nothing_before_2020_and_gps_repairs(book_factory) -> None:
+    clocks = FakeClocks(wall=0.0)  # 1970
+    book = book_factory(clocks)
+    visit = book.start("P-1", doctor_id="DR-1", household_id="HH-1")
+    assert visit.start.time is None and visit.start.source == TimeSource.UNKNOWN
+    clocks.advance(30)
+    book.note("patient reports dizziness")
+    clocks.advance(30)
+    # The receiver gets a fix: GPS time repairs everything stamped in this boot.
+    book.observe_fix(fix_at(*HOUSE, GPS_T), book.clock.now())
+    repaired = book.get(visit.id)
+    assert repaired is not None and repaired.start.time == GPS_T - dt.timedelta(seconds=60)
+    assert repaired.start.source == TimeSource.GPS
+    clocks.advance(600)
+    closed = book.stop(FixRecord(fix_at(*HOUSE, GPS_T + dt.timedelta(seconds=600)), book.clock.now()))
+    assert closed.end is not None and closed.end.time == GPS_T + dt.timedelta(seconds=600)
+    body = book.record_body(visit.id)
+    assert body["notes"][0]["at"].startswith("2026-03-02T07:59:30")
+    for stamp in (closed.start, closed.end):
+        assert stamp.time is not None and stamp.time >= EARLIEST_PLAUSIBLE
+    assert "provisional-time" not in closed.flags
+
+
+def test_clock_jump_back_keeps_times_consistent() -> None:
+    clocks = FakeClocks(wall=GPS_T.timestamp())
+    clock = clocks.clock()
+    first = clock.now()
+    clocks.advance(10)
+    clocks.wall_offset -= 3600  # someone sets the clock an hour back
+    second = clock.now()
+    assert second.time is not None and first.time is not None
+    assert second.time - first.time == dt.timedelta(seconds=10)
+    clocks.wall_offset += 7200  # NTP jumps it forward: followed
+    assert clock.now().time - first.time > dt.timedelta(minutes=59)  # type: ignore[operator]
+
+
+def test_implausible_gps_time_is_ignored_and_disagreement_measured() -> None:
+    clocks = FakeClocks(wall=GPS_T.timestamp() + 300)  # system clock 5 min fast
+    clock = clocks.clock()
+    assert not clock.observe_gps(dt.datetime(2006, 1, 1, tzinfo=dt.timezone.utc))  # receiver RTC default
+    assert clock.observe_gps(GPS_T, clocks.mono)
+    assert clock.last_disagreement_s == pytest.approx(300)
+    assert clock.now().time == GPS_T and clock.now().source == TimeSource.GPS
+
+
+def test_distance_and_flags(book_factory) -> None:
+    clocks = FakeClocks(wall=GPS_T.timestamp())
+    book = book_factory(clocks, radius_m=200.0)
+    near = fix_at(*offset(*HOUSE, 50), GPS_T)
+    far = fix_at(*offset(*HOUSE, 2000), GPS_T)
+    book.start("P-1", doctor_id="DR-1", household_id="HH-1", fix=FixRecord(near, book.clock.now()))
+    assert book.stop(FixRecord(near, book.clock.now())).flags == []
+    book.start("P-2", doctor_id="DR-1", household_id="HH-1", fix=FixRecord(far, book.clock.now()))
+    visit = book.stop(FixRecord(far, book.clock.now()))
+    assert visit.flags == ["outside-radius"] and visit.distance_m == pytest.approx(2000, rel=0.01)
+    book.start("P-3", doctor_id="DR-1", household_id="HH-404")
+    assert book.stop().flags == ["no-fix", "unknown-household"]
+    old = FixRecord(fix_at(*HOUSE, GPS_T, eph=250.0), book.clock.now())
+    clocks.advance(600)
+    book.start("P-4", doctor_id="DR-1", household_id="HH-1", fix=old)
+    assert set(book.stop().flags) == {"stale-fix", "poor-accuracy"}
+    book.start("P-5", doctor_id="DR-1", household_id="HH-1")
+    book.observe_fix(fix_at(*HOUSE, GPS_T), book.clock.now())
+    clocks.advance(1)
+    book.observe_fix(fix_at(*offset(*HOUSE, 5000), GPS_T), book.clock.now())  # 5 km in 1 s
+    assert "impossible-jump" in book.stop().flags
+    assert distance_m(0, 0, 0, 1) == pytest.approx(111_195, rel=1e-4)
+
+
+def test_time_disagreement_is_flagged(book_factory) -> None:
+    clocks = FakeClocks(wall=GPS_T.timestamp() + 3600)
+    book = book_factory(clocks)
+    book.start("P-1", doctor_id="DR-1", household_id="HH-1")
+    book.observe_fix(fix_at(*HOUSE, GPS_T), book.clock.now())
+    assert "time-disagreement" in book.stop().flags
+
+
+def test_one_open_visit_and_linked_observations(book_factory) -> None:
+    book = book_factory(FakeClocks(wall=GPS_T.timestamp()))
+    with pytest.raises(VisitError):
+        book.note("nothing open")
+    visit = book.start("P-1", doctor_id="DR-1")
+    with pytest.raises(VisitError, match="already open"):
+        book.start("P-2", doctor_id="DR-1")
+    assert book.attach_observation(blood_pressure(GPS_T, "P-1", "bp-1")) == visit.id
+    assert book.attach_observation(blood_pressure(GPS_T, None, "bp-2")) is None  # never guessed
+    assert book.attach_observation(blood_pressure(GPS_T, "P-9", "bp-3")) is None
+    assert book.attach_ecg("dicom:1.2.3", "P-1") == visit.id
+    book.stop()
+    assert [o.record_key for o in book.observations(visit.id)] == ["bp-1"]
+    assert [i["kind"] for i in book.record_body(visit.id)["items"]] == ["observation", "ecg"]
+
+
+def test_track_is_bounded(book_factory) -> None:
+    clocks = FakeClocks(wall=GPS_T.timestamp())
+    book = book_factory(clocks, track_max_points=50)
+    visit = book.start("P-1", doctor_id="DR-1", household_id="HH-1")
+    for i in range(400):
+        clocks.advance(1)
+        book.observe_fix(fix_at(*offset(*HOUSE, i * 0.5), GPS_T + dt.timedelta(seconds=i)), book.clock.now())
+    track = book.track(visit.id)
+    assert 25 <= len(track) <= 50
+    assert track[0].fix.latitude == pytest.approx(HOUSE[0]) and track[-1].fix.latitude > track[-2].fix.latitude
+    assert book.stop().flags == []
+
+
+def test_chain_verifies_and_detects_edits_and_removals(book_factory, tmp_path: Path) -> None:
+    clocks = FakeClocks(wall=GPS_T.timestamp())
+    book = book_factory(clocks)
+    for n in range(4):
+        book.start(f"P-{n}", doctor_id="DR-1", household_id="HH-1",
+                   fix=FixRecord(fix_at(*HOUSE, GPS_T), book.clock.now()))
+        book.note(f"note {n}")
+        clocks.advance(300)
+        book.stop()
+    key = tmp_path / "data" / KEY_FILE
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    export = tmp_path / "chain.jsonl"
+    assert book.export_chain(export) == 4
+    report = verify_export(export)
+    assert report.ok and report.records == 4, report.problems
+    # An edit in the database after capture (here: with the sqlite3 shell's equivalent).
+    conn = sqlite3.connect(tmp_path / "data" / "visits.db")
+    with conn:
+        conn.execute("UPDATE visits SET patient_id = 'P-other' WHERE rowid = 2")
+    conn.close()
+    book.export_chain(export)
+    bad = verify_export(export)
+    assert not bad.ok and any("edited after capture" in p for p in bad.problems)
+    # Removing a record from an export breaks the chain too.
+    lines = (tmp_path / "chain.jsonl").read_text().splitlines()
+    (tmp_path / "cut.jsonl").write_text("\n".join(lines[:2] + lines[3:]) + "\n")
+    cut = verify_export(tmp_path / "cut.jsonl")
+    assert any("removed" in p for p in cut.problems)
+    # A chain re-signed with another key is caught when the key is pinned.
+    assert not verify_export(export, expected_public_key="AAAA").ok
+
+
+def test_household_register_parsing() -> None:
+    rows = parse_register("latitude,household_id,longitude,name\n31.1,HH-9,121.2,Wang\n")
+    assert rows[0].household_id == "HH-9" and rows[0].longitude == 121.2
+    for bad in ("household_id,latitude\nx,1\n", "household_id,latitude,longitude\nx,91,0\n",
+                "household_id,latitude,longitude\nx,1,1\nx,2,2\n", "household_id,latitude,longitude\nx,a,1\n"):
+        with pytest.raises(RegisterError):
+            parse_register(bad)
+
+
+def test_stamp_round_trip() -> None:
+    s = Stamp(GPS_T, TimeSource.GPS, 12.5, "b")
+    assert Stamp.from_json(json.loads(json.dumps(s.to_json()))) == s
