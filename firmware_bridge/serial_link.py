@@ -477,6 +477,9 @@ class SerialLinkManager:
         except Exception as exc:
             log.exception("%s: handler failed on data", slot.spec.name)
             self._disconnect(slot, f"handler error: {exc}")
+            return
+        if slot.next_tick is None:  # new data may give the handler something to time out
+            slot.next_tick = self._clock()
 
     def _tick(self, slot: _Slot, now: float) -> None:
         try:

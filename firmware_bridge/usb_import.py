@@ -192,3 +192,38 @@ def import_paths(roots: Iterable[str | os.PathLike[str]], *, is_known: Callable[
             progress(done, len(files), outcome)
     log.info("USB import: %s", summary.line())
     return summary
+
+
+class FolderWatcher:
+    """Import from the configured folders when something new shows up there.
+
+    A stick mounted on a watched folder (udev/automount) or files a cart copies into it change
+    the folder's signature (device id + names, sizes, times of its ECG files); the next poll
+    then imports the folder. Re-imports are cheap: known files are skipped by their hash.
+    """
+
+    def __init__(self, folders: Iterable[str | os.PathLike[str]],
+                 run_import: Callable[[list[Path]], ImportSummary]) -> None:
+        self.folders = [Path(f) for f in folders]
+        self._run_import = run_import
+        self._seen: dict[Path, tuple] = {}
+
+    @staticmethod
+    def signature(folder: Path) -> tuple | None:
+        try:
+            device = folder.stat().st_dev
+            files = find_ecg_files([folder])
+            return (device, tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+        except OSError:  # not mounted / not there (yet)
+            return None
+
+    def poll(self) -> list[ImportSummary]:
+        summaries = []
+        for folder in self.folders:
+            signature = self.signature(folder)
+            if signature is None or signature == self._seen.get(folder):
+                continue
+            self._seen[folder] = signature
+            if signature[1]:
+                summaries.append(self._run_import([folder]))
+        return summaries

@@ -87,8 +87,9 @@ class UsbImportSection:
 @dataclass
 class BleSection:
     enabled: bool = True
-    scan_interval_s: float = 10.0
+    scan_interval_s: float = 10.0  # scan pass length; the allow-list is re-read after each pass
     connect_attempts: int = 4
+    continuous_store_interval_s: float = 10.0  # continuous SpO2 streams: one observation per interval
 
 
 @dataclass

@@ -9,11 +9,21 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import io
 import logging
+
+from pydicom.dataset import Dataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from devices.ecg.recording import EcgRecording
 from lastmile.config import Config
-from uploader.dicom_ecg import StationInfo, choose_sop_class, mint_uids, recording_to_dicom_bytes
+from uploader.dicom_ecg import (
+    StationInfo,
+    build_ecg_dataset,
+    check_ecg_iod,
+    choose_sop_class,
+    mint_uids,
+)
 from uploader.outbox import AddResult, Outbox, Priority
 
 log = logging.getLogger(__name__)
@@ -43,6 +53,20 @@ def patient_fields(recording: EcgRecording) -> dict | None:
             "birth_date": p.birth_date.isoformat() if p.birth_date else None}
 
 
+def deflated_part10(ds: Dataset) -> bytes:
+    """The object as a Deflated Explicit VR Little Endian Part-10 file.
+
+    Deflated once here, at intake: the SD card stores ~40 % fewer bytes, and the forwarder sends
+    the stored bytes as they are to a PACS that accepts deflate (inflating only for one that
+    does not), instead of compressing again at every send.
+    """
+    check_ecg_iod(ds)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
 def enqueue_recording(outbox: Outbox, recording: EcgRecording, config: Config, *, key: str,
                       now: float | None = None,
                       created_at: dt.datetime | None = None) -> AddResult:
@@ -54,7 +78,8 @@ def enqueue_recording(outbox: Outbox, recording: EcgRecording, config: Config, *
     if existing is not None:
         return AddResult(item=existing, created=False)
     uids = mint_uids()
-    data = recording_to_dicom_bytes(recording, uids, station_of(config), created_at=created_at)
+    data = deflated_part10(build_ecg_dataset(recording, uids, station_of(config),
+                                             created_at=created_at))
     meta = {
         "sop_class_uid": choose_sop_class(recording),
         "sop_instance_uid": uids.sop_instance_uid,

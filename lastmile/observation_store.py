@@ -139,7 +139,8 @@ class ObservationStore:
         patient_id, name = obs.patient_id, ""
         if patient_id is None:
             current = self.context.current(now)
-            if current is not None and obs.measured_at >= current.since:
+            # Device time stamps have whole seconds: compare at that resolution.
+            if current is not None and obs.measured_at >= current.since.replace(microsecond=0):
                 patient_id, name = current.patient_id, current.name
         if patient_id is None:
             return self._hold(obs, now)

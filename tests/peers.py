@@ -10,7 +10,6 @@ namespace scripts/test.sh runs the suite in.
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import json
 import os
@@ -40,7 +39,7 @@ from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 
 from tests.conftest import require_private_netns, require_tool
 from tests.tls_material import TlsMaterial, make_tls_material
-from uploader.dicom_net import ECG_STORAGE_CLASSES, STORAGE_COMMITMENT_INSTANCE
+from uploader.dicom_net import ECG_STORAGE_CLASSES, STORAGE_COMMITMENT_INSTANCE, stop_server
 
 ALL_TRANSFER_SYNTAXES = (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 NO_SUCH_OBJECT_INSTANCE = 0x0112
@@ -101,8 +100,8 @@ def ecg_payloads(n: int, *, study_uid: str | None = None,
     study = study_uid or generate_uid()
     series = generate_uid()
     out = []
+    ds = template  # every field that varies is set on each pass: no need to copy the waveform
     for i in range(n):
-        ds = copy.deepcopy(template)
         uid = generate_uid()
         ds.SOPInstanceUID = uid
         ds.file_meta.MediaStorageSOPInstanceUID = uid
@@ -416,7 +415,7 @@ class ScriptedStoreSCP:
     def stop(self) -> None:
         server, self._server = self._server, None
         if server is not None:
-            server.shutdown()
+            stop_server(server)
         for t in self._threads:
             t.join(5)
 

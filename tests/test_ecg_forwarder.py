@@ -135,3 +135,27 @@ def test_commitment_report_lost_is_asked_again_with_a_new_transaction(config, ce
         pump(fwd, lambda: counts(outbox).get("purged", 0) == 1, limit_s=15)
     assert dropped and center.committed == set(center.received)
     outbox.close()
+
+
+def test_intake_stores_a_deflated_object_equal_to_the_built_one(config) -> None:
+    import io
+
+    from pydicom import dcmread
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from tests.dicom_validation import dciodvfy_problems
+    from uploader.dicom_ecg import EcgStudyUids, StationInfo, recording_to_dicom_bytes
+
+    outbox = open_outbox(config)
+    rec = make_recording(5)
+    item = enqueue_recording(outbox, rec, config, key="k").item
+    stored = dcmread(io.BytesIO(outbox.read_payload(item)))
+    assert stored.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+    uids = EcgStudyUids(item.meta["study_uid"], item.meta["series_uid"], item.meta["sop_instance_uid"])
+    plain = recording_to_dicom_bytes(rec, uids, StationInfo(config.gateway.id, config.gateway.institution))
+    reference = dcmread(io.BytesIO(plain))
+    assert stored.SOPInstanceUID == reference.SOPInstanceUID
+    assert stored.WaveformSequence[0].WaveformData == reference.WaveformSequence[0].WaveformData
+    assert item.size < 0.8 * len(plain)
+    assert dciodvfy_problems(plain) == []
+    outbox.close()

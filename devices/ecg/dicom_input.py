@@ -195,12 +195,13 @@ def read_dicom_ecg(data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc,
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns on every odd value it decodes lazily
             return _decode(ds, local_tz, received_at)
-    except (ProtocolError, InvalidRecordingError) as exc:
-        if isinstance(exc, InvalidRecordingError):
-            raise ProtocolError(f"DICOM ECG: {exc}") from None
+    except ProtocolError:
         raise
-    except (KeyError, ValueError, TypeError, AttributeError, IndexError, OverflowError) as exc:
-        # pydicom parses elements lazily: a damaged element surfaces only when it is read
+    except InvalidRecordingError as exc:
+        raise ProtocolError(f"DICOM ECG: {exc}") from None
+    except Exception as exc:  # noqa: BLE001
+        # pydicom parses elements lazily: a damaged element surfaces only when it is read, as
+        # whatever exception its parser happens to raise (struct.error, EOFError, ...)
         raise ProtocolError(f"DICOM ECG: damaged element ({type(exc).__name__}: {exc})"[:300]) from None
 
 

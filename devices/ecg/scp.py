@@ -298,42 +298,35 @@ def _signed(raw: int, bits: int) -> int:
 
 
 def _decode_default(chunk: bytes, count: int, what: str) -> np.ndarray:
-    """Default-table Huffman decoding: per bit position, the code starting there is known from
-    the next 10 bits, so only the walk from code to code is a Python loop."""
+    """Default-table Huffman decoding: the code that starts at any bit position is known from
+    the run of ones there, so everything but the walk from code to code is vectorised."""
     nbits = len(chunk) * 8
-    bits = np.unpackbits(np.frombuffer(chunk, dtype=np.uint8)).astype(np.int64)
-    padded = np.concatenate([bits, np.zeros(26, dtype=np.int64)])
-    # leading ones (capped at 10) at every position
-    window = np.zeros(nbits, dtype=np.int64)
-    for k in range(10):
-        window = (window << 1) | padded[k:k + nbits]
-    ones = np.zeros(nbits, dtype=np.int64)
+    bits = np.unpackbits(np.frombuffer(chunk, dtype=np.uint8))
+    padded = np.concatenate([bits, np.zeros(26, dtype=np.uint8)])
+    ones = np.zeros(nbits, dtype=np.uint8)  # leading ones at every position, capped at 10
     run = np.ones(nbits, dtype=bool)
     for k in range(10):
         run &= padded[k:k + nbits] == 1
         ones += run
-    sign = padded[np.minimum(np.arange(nbits) + ones + 1, nbits + 25)]
-    length = np.where(ones == 0, 1, ones + 2)
-    value = np.where(sign == 1, -ones, ones)
-    esc8 = (ones == 9)
-    esc16 = (ones == 10)
-    length = np.where(esc8, 18, np.where(esc16, 26, length))
+    length = np.where(ones == 0, 1, ones + 2).astype(np.uint8)  # 0 -> "0"; n ones, 0, sign
+    length[ones == 9] = 18  # "1111111110" + 8-bit value
+    length[ones == 10] = 26  # "1111111111" + 16-bit value
     step = length.tolist()
-    positions = []
-    pos = 0
+    positions: list[int] = []
     append = positions.append
-    while len(positions) < count:
-        if pos >= nbits:
-            break
+    pos = 0
+    while len(positions) < count and pos < nbits:
         append(pos)
         pos += step[pos]
     if len(positions) < count or pos > nbits:
         raise ProtocolError(f"SCP-ECG {what}: Huffman data ends after {max(len(positions) - 1, 0)} "
                             f"of {count} samples")
     idx = np.asarray(positions, dtype=np.int64)
-    out = value[idx]
-    for flag, width in ((esc8[idx], 8), (esc16[idx], 16)):
-        where = np.nonzero(flag)[0]
+    n = ones[idx].astype(np.int64)
+    sign = padded[idx + np.minimum(n, 8) + 1]
+    out = np.where(sign == 1, -n, n)
+    for escape, width in ((9, 8), (10, 16)):
+        where = np.nonzero(n == escape)[0]
         if where.size:
             start = idx[where] + 10
             raw = np.zeros(where.size, dtype=np.int64)

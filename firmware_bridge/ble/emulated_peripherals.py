@@ -76,6 +76,7 @@ class EmulatedPeripheral:
     require_pairing: bool = False
     hang_up_after_memory: bool = True
     drop_after: int | None = None  # drop the link after this many records, the first time only
+    readvertise: bool = False  # advertise again after every disconnection (always after a drop)
     advertising_interval_ms: float = 100.0
 
     device: Device = field(init=False)
@@ -86,6 +87,7 @@ class EmulatedPeripheral:
     send_times: list[float] = field(init=False, default_factory=list)  # perf_counter() before each send
     _tasks: set[asyncio.Task] = field(init=False, default_factory=set)
     _dropped: bool = field(init=False, default=False)
+    _dropped_now: bool = field(init=False, default=False)
 
     SERVICE: ClassVar[int] = 0  # the health service 16-bit UUID, set by subclasses
 
@@ -152,6 +154,9 @@ class EmulatedPeripheral:
             self.connection = None
         for task in list(self._tasks):
             task.cancel()
+        if self.readvertise or self._dropped_now:
+            self._dropped_now = False
+            self.spawn(self.advertise())
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -180,7 +185,7 @@ class EmulatedPeripheral:
         if self.connection is None:
             return False
         if self.drop_after is not None and not self._dropped and self.sent >= self.drop_after:
-            self._dropped = True
+            self._dropped = self._dropped_now = True
             log.info("%s: dropping the link mid-transfer", self.name)
             await self.hang_up()
             return False

@@ -205,4 +205,21 @@ def _import(args: argparse.Namespace) -> int:
     for outcome in summary.refused:
         print(f"refused: {outcome.path}: {outcome.reason}")
     print(summary.line())
-    return 1 if summary.refused and not (summary.imported or summary.known) else 0
+    return 1 if summary.refused else 0  # scripts notice refused files; the good ones are in
+
+
+def store_received_callable(outbox):
+    """ReceivedObject -> durable outbox item, for firmware_bridge.dicom_receiver: the object is
+    stored as received (its bytes, its UIDs); the SOP Instance UID is the key, so a cart that
+    sends the same object again gets Success without a second item."""
+    from uploader.outbox import Priority
+
+    def store(obj) -> None:
+        meta = {"sop_class_uid": obj.sop_class_uid, "sop_instance_uid": obj.sop_instance_uid,
+                "study_uid": obj.study_uid, "series_uid": obj.series_uid,
+                "transfer_syntax": obj.transfer_syntax, "source_format": "dicom-lan",
+                "calling_ae": obj.calling_ae, "flags": [], "unassigned": obj.patient is None}
+        outbox.add("dicom", "dicom-sop:" + obj.sop_instance_uid, obj.data, priority=Priority.ROUTINE,
+                   meta=meta, patient=obj.patient)
+
+    return store

@@ -1,9 +1,99 @@
-"""Placeholder: this command group is filled in by its issue."""
+"""`lastmile gps decode FILE [--json]` and `lastmile gps fix`: NMEA logs and the live receiver."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    return None
+    gps = sub.add_parser("gps", help="GNSS: decode NMEA logs, read the receiver")
+    gsub = gps.add_subparsers(dest="gps_command", metavar="SUBCOMMAND")
+    p = gsub.add_parser("decode", help="decode an NMEA 0183 log: one fix per line")
+    p.add_argument("file", help="NMEA log (raw receiver output; '#' comment lines are skipped)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--all", action="store_true", help="also print cycles without a position fix")
+    p.set_defaults(func=decode)
+    p = gsub.add_parser("fix", help="wait for the best fix from the configured receiver")
+    p.add_argument("--wait", type=float, default=None, metavar="S", help="seconds (default visits.fix_wait_s)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=live_fix)
+    gps.set_defaults(func=lambda args: (gps.print_help(), 2)[1])
+
+
+def _fmt(value: float | None, spec: str, unit: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{unit}"
+
+
+def format_fix(fix: object) -> str:
+    from devices.gps import Fix
+
+    assert isinstance(fix, Fix)
+    when = fix.to_json()["time"] or "time-unknown"
+    return (f"{when}  {_fmt(fix.latitude, '.7f')}  {_fmt(fix.longitude, '.7f')}  "
+            f"alt {_fmt(fix.altitude_m, '.1f', ' m')}  mode {int(fix.mode)}  "
+            f"hdop {_fmt(fix.hdop, '.2f')}  eph {_fmt(fix.eph_m, '.1f', ' m')}")
+
+
+def _line(fix: object, as_json: bool) -> str:
+    if not as_json:
+        return format_fix(fix)
+    data = fix.to_json()  # type: ignore[attr-defined]
+    keys = ("time", "latitude", "longitude", "altitude_m", "mode", "hdop", "eph_m", "epx_m", "epy_m",
+            "satellites_used", "dgps", "systems")
+    return json.dumps({k: data[k] for k in keys})
+
+
+def decode(args: argparse.Namespace) -> int:
+    from devices.gps import BadSentence, Fix, NmeaStreamDecoder
+
+    decoder = NmeaStreamDecoder()
+    fixes = bad = 0
+    try:
+        with open(args.file, "rb") as f:
+            while True:
+                chunk = f.read(65536)
+                events = decoder.receive_data(chunk) if chunk else decoder.flush()
+                for event in events:
+                    if isinstance(event, BadSentence):
+                        bad += 1
+                        print(f"dropped: {event.reason}: {event.line[:60]!r}", file=sys.stderr)
+                    elif isinstance(event, Fix) and (event.has_position or args.all):
+                        fixes += 1
+                        print(_line(event, args.json))
+                if not chunk:
+                    break
+    except OSError as exc:
+        print(f"lastmile gps decode: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0
+    print(f"{fixes} fixes, {decoder.sentences} sentences, {bad} dropped", file=sys.stderr)
+    return 0
+
+
+def live_fix(args: argparse.Namespace) -> int:
+    from firmware_bridge.gnss import GnssError, best_fix, open_source
+    from lastmile.app_context import config_from_args
+
+    config = config_from_args(args)
+    g = config.gps
+    try:
+        source = open_source(g.source, gpsd_host=g.gpsd_host, gpsd_port=g.gpsd_port,
+                             nmea_port=g.nmea_port, nmea_baud=g.nmea_baud)
+        if source is None:
+            print("gps.source is none: no receiver configured", file=sys.stderr)
+            return 1
+        try:
+            fix = best_fix(source, args.wait if args.wait is not None else config.visits.fix_wait_s)
+        finally:
+            source.close()
+    except GnssError as exc:
+        print(f"lastmile gps fix: {exc}", file=sys.stderr)
+        return 1
+    if fix is None:
+        print("no position fix", file=sys.stderr)
+        return 1
+    print(_line(fix, args.json))
+    return 0

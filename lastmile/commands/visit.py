@@ -1,9 +1,216 @@
-"""Placeholder: this command group is filled in by its issue."""
+"""`lastmile visit start|note|stop|list|export|verify|households`: home visits, offline."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import sys
+
+log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    return None
+    visit = sub.add_parser("visit", help="home visits: start, note, stop, list, export, verify")
+    vsub = visit.add_subparsers(dest="visit_command", metavar="SUBCOMMAND")
+    p = vsub.add_parser("start", help="start a visit (records where and when)")
+    p.add_argument("--patient", required=True, metavar="ID")
+    p.add_argument("--household", metavar="ID", help="household id from the county register")
+    p.add_argument("--clinic", action="store_true", help="a clinic visit rather than a home visit")
+    p.add_argument("--no-gps", action="store_true", help="do not wait for a fix")
+    p.set_defaults(func=start)
+    p = vsub.add_parser("note", help="add a note to the open visit")
+    p.add_argument("text")
+    p.set_defaults(func=note)
+    p = vsub.add_parser("stop", help="stop the open visit: check, sign, queue for the county")
+    p.add_argument("--no-gps", action="store_true")
+    p.set_defaults(func=stop)
+    p = vsub.add_parser("list", help="recent visits and their flags")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(func=list_visits)
+    p = vsub.add_parser("export", help="export the signed visit chain (JSON Lines)")
+    p.add_argument("file")
+    p.set_defaults(func=export)
+    p = vsub.add_parser("verify", help="verify an exported visit chain")
+    p.add_argument("file")
+    p.add_argument("--public-key", metavar="B64", help="expected gateway public key (base64)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=verify)
+    p = vsub.add_parser("households", help="import the county's household register (CSV)")
+    p.add_argument("file", nargs="?", help="CSV: household_id, latitude, longitude (default: config)")
+    p.set_defaults(func=households)
+    visit.set_defaults(func=lambda args: (visit.print_help(), 2)[1])
+
+
+def _book(args: argparse.Namespace):  # noqa: ANN202
+    from lastmile.app_context import config_from_args
+    from lastmile.visits import VisitBook, VisitPolicy
+
+    config = config_from_args(args)
+    book = VisitBook.open(config.data_dir, gateway_id=config.gateway.id,
+                          policy=VisitPolicy.from_config(config.visits))
+    if config.visits.household_register:
+        stamp = book.clock.now()
+        try:
+            if book.register.sync_from(config.visits.household_register, stamp.time.isoformat() if stamp.time else ""):
+                log.info("household register re-imported from %s", config.visits.household_register)
+        except (ValueError, OSError) as exc:
+            log.warning("household register not imported: %s", exc)
+    return config, book
+
+
+def _fix(config, book, skip: bool):  # noqa: ANN001, ANN202
+    """The best fix within visits.fix_wait_s; every fix seen also feeds the clock and the track."""
+    if skip or config.gps.source == "none":
+        return None
+    from firmware_bridge.gnss import GnssError, best_fix, open_source
+    from lastmile.visits import FixRecord
+
+    g = config.gps
+    records = {}
+
+    def seen(fix) -> None:  # noqa: ANN001
+        records[id(fix)] = book.observe_fix(fix)
+
+    try:
+        source = open_source(g.source, gpsd_host=g.gpsd_host, gpsd_port=g.gpsd_port,
+                             nmea_port=g.nmea_port, nmea_baud=g.nmea_baud)
+        assert source is not None
+        try:
+            fix = best_fix(source, config.visits.fix_wait_s, on_fix=seen)
+        finally:
+            source.close()
+    except GnssError as exc:
+        print(f"no GPS: {exc} (the visit is recorded and flagged)", file=sys.stderr)
+        return None
+    if fix is None:
+        print("no position fix within the wait (the visit is recorded and flagged)", file=sys.stderr)
+        return None
+    record = records.get(id(fix))
+    return record if record is not None else FixRecord(fix, book.clock.now())
+
+
+def _fail(exc: Exception) -> int:
+    print(f"lastmile visit: {exc}", file=sys.stderr)
+    return 1
+
+
+def start(args: argparse.Namespace) -> int:
+    from lastmile.visits import VisitError
+
+    config, book = _book(args)
+    with book:
+        try:
+            fix = _fix(config, book, args.no_gps)
+            visit = book.start(args.patient, doctor_id=config.visits.doctor_id, household_id=args.household,
+                               fix=fix, setting="clinic" if args.clinic else None)
+        except VisitError as exc:
+            return _fail(exc)
+        print(f"visit {visit.id} started"
+              + (f" at {visit.start.time.isoformat()} ({visit.start.source.value})" if visit.start.time
+                 else " (time provisional until GPS or NTP)"))
+    return 0
+
+
+def note(args: argparse.Namespace) -> int:
+    from lastmile.visits import VisitError
+
+    _, book = _book(args)
+    with book:
+        try:
+            book.note(args.text)
+        except VisitError as exc:
+            return _fail(exc)
+    return 0
+
+
+def stop(args: argparse.Namespace) -> int:
+    from lastmile.visits import VisitError
+    from uploader.fhir_bundle import FhirNaming
+    from uploader.outbox import Outbox
+
+    config, book = _book(args)
+    with book:
+        try:
+            fix = _fix(config, book, args.no_gps)
+            visit = book.stop(fix)
+        except VisitError as exc:
+            return _fail(exc)
+        flags = ", ".join(visit.flags) or "none"
+        print(f"visit {visit.id} stopped; chain record {visit.chain_seq}; flags: {flags}")
+        naming = fhir_naming(config)
+        with Outbox.open(config.data_dir, min_free_bytes=config.outbox.min_free_mb * 2**20) as outbox:
+            queued = book.queue_closed(outbox, naming)
+        if queued:
+            print(f"{queued} visit(s) queued for the county platform")
+        elif visit.start.time is None:
+            print("not queued yet: its time is provisional until GPS or NTP gives one")
+    return 0
+
+
+def fhir_naming(config):  # noqa: ANN001, ANN201
+    from uploader.fhir_bundle import FhirNaming
+
+    return FhirNaming(gateway_id=config.gateway.id, patient_system=config.fhir.patient_id_system,
+                      practitioner_system=config.fhir.practitioner_id_system)
+
+
+def list_visits(args: argparse.Namespace) -> int:
+    _, book = _book(args)
+    with book:
+        visits = book.visits(limit=args.limit)
+    if args.json:
+        for v in visits:
+            print(json.dumps(v.to_json(), sort_keys=True))
+        return 0
+    if not visits:
+        print("no visits")
+    for v in visits:
+        when = v.start.time.strftime("%Y-%m-%d %H:%M") if v.start.time else "time pending  "
+        dist = f"{v.distance_m:.0f} m" if v.distance_m is not None else "-"
+        print(f"{when}  {v.state:6}  patient {v.patient_id:12} household {v.household_id or '-':10} "
+              f"{dist:>8}  {', '.join(v.flags) or 'ok'}")
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    _, book = _book(args)
+    with book:
+        count = book.export_chain(args.file)
+    print(f"{count} visit records exported to {args.file}")
+    return 0
+
+
+def verify(args: argparse.Namespace) -> int:
+    from lastmile.visit_chain import verify_export
+
+    try:
+        report = verify_export(args.file, args.public_key)
+    except OSError as exc:
+        return _fail(exc)
+    if args.json:
+        print(json.dumps({"ok": report.ok, "records": report.records, "gateway_id": report.gateway_id,
+                          "public_key": report.public_key, "head": report.head, "problems": report.problems}))
+    else:
+        for problem in report.problems:
+            print(f"FAIL {problem}")
+        print(f"{'OK' if report.ok else 'FAILED'}: {report.records} records from gateway {report.gateway_id}; "
+              f"head {report.head[:16]}...")
+    return 0 if report.ok else 1
+
+
+def households(args: argparse.Namespace) -> int:
+    from lastmile.households import RegisterError
+
+    config, book = _book(args)
+    path = args.file or config.visits.household_register
+    if not path:
+        return _fail(ValueError("no file given and visits.household_register is not set"))
+    with book:
+        try:
+            count = book.register.import_csv(path, (book.clock.now().time or "").__str__())
+        except (RegisterError, OSError, UnicodeDecodeError) as exc:
+            return _fail(exc)
+    print(f"{count} households imported from {path}")
+    return 0

@@ -1,0 +1,319 @@
+"""End to end: the real bleak API (BleakScanner, BleakClient via bleak-retry-connector) talking
+to bumble-emulated health devices over bumble's in-process link, into the outbox/clinic.db.
+
+Plus a small hand-written fake for what the emulation never does: BlueZ's InProgress and
+connection-abort errors on connect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("bumble", reason="bumble (the emulation extra) is not installed")
+
+from bleak.exc import BleakDBusError  # noqa: E402
+
+from devices.identity import TimeSource  # noqa: E402
+from firmware_bridge.ble.emulated_peripherals import (BloodPressureCuff, BpRecord, GlucoseMeter,  # noqa: E402
+                                                      GlucoseRecord, PulseOximeter, TemperatureRecord, Thermometer)
+from firmware_bridge.ble.emulation import EmulatedBleakClient, EmulatedRadio  # noqa: E402
+from firmware_bridge.ble.link import BleDeviceManager, LinkSettings, scan_health_devices  # noqa: E402
+from lastmile.ble_acquire import ClinicBlePort  # noqa: E402
+from lastmile.device_registry import DeviceRegistry  # noqa: E402
+from lastmile.observation_store import OBSERVATION_KIND, ObservationStore  # noqa: E402
+from uploader.outbox import Outbox  # noqa: E402
+
+UTC = dt.timezone.utc
+CUFF, THERMO, OXI, GLUCO, STRANGER = ("C0:00:00:00:00:01", "C0:00:00:00:00:02", "C0:00:00:00:00:03",
+                                      "C0:00:00:00:00:04", "C0:00:00:00:00:99")
+pytestmark = pytest.mark.timeout(60)
+
+
+def local_now() -> dt.datetime:
+    return dt.datetime.now(UTC).replace(tzinfo=None, microsecond=0)
+
+
+class Gateway:
+    """Outbox + clinic.db + port, and a way to run the link until something happened."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.outbox = Outbox.open(data_dir, min_free_bytes=0)
+        self.store = ObservationStore.open(data_dir, outbox=self.outbox, idle_timeout_s=7200)
+        self.registry = DeviceRegistry(self.store.db)
+        self.port = ClinicBlePort(self.store, self.registry)
+        self.radio: EmulatedRadio | None = None  # made inside the event loop (bumble needs one)
+        self.events: list[tuple[str, bool]] = []
+
+    def close(self) -> None:
+        self.store.close()
+        self.outbox.close()
+
+    def allow(self, *addresses: str) -> None:
+        for a in addresses:
+            self.registry.allow(a, now=dt.datetime.now(UTC))
+
+    def observations(self) -> list[dict]:
+        items = self.outbox.items(kind=OBSERVATION_KIND)
+        return [json.loads(self.outbox.read_payload(i)) for i in items]
+
+    def new_radio(self) -> EmulatedRadio:
+        self.radio = EmulatedRadio()
+        return self.radio
+
+    async def run(self, peripherals: list, until: Callable[[], bool], *, timeout: float = 15.0,
+                  settings: LinkSettings | None = None, client_backend: Any = None,
+                  during: Callable[[], Any] | None = None) -> BleDeviceManager:
+        assert self.radio is not None
+        scanner, client = self.radio.backends()
+        manager = BleDeviceManager(
+            self.port, settings or LinkSettings(scan_pass_s=0.5, reconnect_delay_s=0.2, retry_backoff_s=0.2,
+                                                device_tz=UTC, continuous_store_interval_s=0.0),
+            scanner_backend=scanner, client_backend=client_backend or client,
+            observation_listener=lambda a, _o, created: self.events.append((a, created)))
+        await self.radio.start()
+        for p in peripherals:
+            await p.start()
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(manager.run(stop))
+        try:
+            deadline = asyncio.get_running_loop().time() + timeout
+            while not until():
+                if task.done():
+                    task.result()
+                if asyncio.get_running_loop().time() > deadline:
+                    raise AssertionError(f"timed out; events so far: {self.events}")
+                if during is not None:
+                    await during()
+                await asyncio.sleep(0.02)
+        finally:
+            stop.set()
+            await task
+            for p in peripherals:
+                await p.stop()
+            await self.radio.close()
+        return manager
+
+
+@pytest.fixture()
+def gw(tmp_path: Path):
+    g = Gateway(tmp_path)
+    yield g
+    g.close()
+
+
+def test_bp_cuff_indicates_three_stored_readings_then_hangs_up(gw: Gateway) -> None:
+    now = local_now()
+    gw.allow(CUFF)
+    gw.store.context.set_patient("P-1", "Doe^Jane", now=dt.datetime.now(UTC) - dt.timedelta(hours=1))
+
+    async def main() -> BloodPressureCuff:
+        cuff = BloodPressureCuff(gw.new_radio(), CUFF, "BP cuff", model="BP-1", serial="S1", memory=[
+            BpRecord(121, 81, 94, 70, now - dt.timedelta(minutes=50)),
+            BpRecord(131, 85, 100, 72, now - dt.timedelta(minutes=20)),
+            BpRecord(119, 77, 91, None, now - dt.timedelta(minutes=2))])
+        await gw.run([cuff], until=lambda: len(gw.events) == 3 and cuff.connection is None
+                     and not gw.registry.get(CUFF).connected)
+        return cuff
+    cuff = asyncio.run(main())
+
+    obs = sorted(gw.observations(), key=lambda o: o["measured_at"])
+    assert [[q["value"] for q in o["quantities"]][:2] for o in obs] == [[121, 81], [131, 85], [119, 77]]
+    assert all(o["patient_id"] == "P-1" and o["time_source"] == "device-clock" for o in obs)
+    assert obs[0]["device"] == {"manufacturer": "Lastmile Emulation", "model": "BP-1", "serial": "S1",
+                                "address": CUFF, "software_version": "1.0"}
+    assert obs[2]["measured_at"] == (now - dt.timedelta(minutes=2)).replace(tzinfo=UTC).isoformat()
+    assert [q["code"] for q in obs[2]["quantities"]] == ["systolic", "diastolic", "mean-arterial-pressure"]
+    assert cuff.clock.set_count == 1  # the gateway wrote the current time
+    status = gw.registry.get(CUFF)
+    assert (status.connected, status.model, status.last_reading, status.last_error) == (
+        False, "BP-1", "119/77 mm[Hg]", "")
+
+
+def test_thermometer(gw: Gateway) -> None:
+    gw.allow(THERMO)
+
+    async def main() -> None:
+        thermo = Thermometer(gw.new_radio(), THERMO, "Thermo", memory=[TemperatureRecord(37.25, local_now())], site=3)
+        await gw.run([thermo], until=lambda: len(gw.events) == 1)
+    asyncio.run(main())
+    (held,) = gw.store.held()  # no current patient: held for the doctor
+    q = held.observation.quantities[0]
+    assert (held.observation.kind, q.value, q.unit) == ("body-temperature", 37.25, "Cel")
+    assert held.observation.time_source == TimeSource.DEVICE_CLOCK
+
+
+def test_oximeter_streaming_continuous_notifications(gw: Gateway) -> None:
+    gw.allow(OXI)
+    gw.store.context.set_patient("P-2", now=dt.datetime.now(UTC) - dt.timedelta(minutes=1))
+    settings = LinkSettings(scan_pass_s=0.5, device_tz=UTC, continuous_store_interval_s=0.1)
+
+    async def main() -> None:
+        oxi = PulseOximeter(gw.new_radio(), OXI, "Oximeter", stream_interval_s=0.02, spo2=96, pulse=71)
+        manager = await gw.run([oxi], until=lambda: oxi.sent >= 40, settings=settings)
+        assert manager.connected() == set()  # stopped cleanly
+    asyncio.run(main())
+    obs = gw.observations()
+    # throttled: 40 notifications over ~0.8 s give one observation per 0.1 s, not 40
+    assert 3 <= len(obs) <= 12, len(obs)
+    assert {(o["kind"], o["quantities"][0]["value"], o["time_source"]) for o in obs} == {
+        ("spo2", 96.0, "gateway-receipt")}
+    assert len({o["record_key"] for o in obs}) == len(obs)
+
+
+def test_glucose_meter_answers_racp_and_only_new_records_are_asked_for(gw: Gateway) -> None:
+    gw.allow(GLUCO)
+    now = local_now()
+    records = [GlucoseRecord(seq, 90 + seq, now - dt.timedelta(hours=10 - seq), meal=1 if seq == 2 else None)
+               for seq in range(1, 6)]
+
+    async def first() -> GlucoseMeter:
+        meter = GlucoseMeter(gw.new_radio(), GLUCO, "Glucose", records=list(records))
+        await gw.run([meter], until=lambda: len(gw.events) == 5)
+        return meter
+    meter = asyncio.run(first())
+    assert meter.requests == [bytes.fromhex("0101")]  # nothing stored yet: all records
+    assert gw.registry.get(GLUCO).last_sequence == 5
+    held = {h.observation.quantities[0].value: h.observation for h in gw.store.held()}
+    assert sorted(held) == [91.0, 92.0, 93.0, 94.0, 95.0]
+    assert "meal-preprandial" in held[92.0].flags
+
+    async def second() -> GlucoseMeter:
+        # Later: two new records; the gateway asks only for sequence >= 6.
+        meter = GlucoseMeter(gw.new_radio(), GLUCO, "Glucose", records=records + [
+            GlucoseRecord(6, 120, now - dt.timedelta(minutes=30)), GlucoseRecord(7, 130, now - dt.timedelta(minutes=5))])
+        await gw.run([meter], until=lambda: len(gw.events) == 7)
+        return meter
+    meter2 = asyncio.run(second())
+    assert meter2.requests == [bytes.fromhex("0103010600")]
+    assert gw.registry.get(GLUCO).last_sequence == 7
+    assert len(gw.store.held()) == 7
+
+
+def test_device_requiring_pairing_is_bonded(gw: Gateway) -> None:
+    gw.allow(THERMO)
+
+    async def main() -> None:
+        thermo = Thermometer(gw.new_radio(), THERMO, "Secure thermo", require_pairing=True,
+                             memory=[TemperatureRecord(36.8, local_now())])
+        await gw.run([thermo], until=lambda: len(gw.events) == 1)
+    asyncio.run(main())
+    assert gw.registry.get(THERMO).pair_required  # next time: bond before subscribing
+    assert gw.store.held()[0].observation.quantities[0].value == 36.8
+
+
+def test_device_not_on_the_allow_list_is_ignored(gw: Gateway, caplog: pytest.LogCaptureFixture) -> None:
+    gw.allow(THERMO)
+    caplog.set_level(logging.INFO, logger="firmware_bridge.ble.link")
+
+    async def main() -> BloodPressureCuff:
+        radio = gw.new_radio()
+        stranger = BloodPressureCuff(radio, STRANGER, "Neighbour's cuff", memory=[BpRecord(150, 95, 113, 80, local_now())])
+        thermo = Thermometer(radio, THERMO, "Thermo", memory=[TemperatureRecord(36.9, local_now())])
+        await gw.run([stranger, thermo], until=lambda: len(gw.events) == 1 and
+                     any("ignoring C0:00:00:00:00:99" in r.message for r in caplog.records))
+        return stranger
+    stranger = asyncio.run(main())
+    assert stranger.connections == 0
+    assert [a for a, _ in gw.events] == [THERMO]
+    assert gw.registry.get(STRANGER) is None
+
+
+def test_disconnect_mid_transfer_reconnect_no_duplicates(gw: Gateway) -> None:
+    gw.allow(CUFF)
+    now = local_now()
+
+    async def main() -> BloodPressureCuff:
+        cuff = BloodPressureCuff(gw.new_radio(), CUFF, "Flaky cuff", drop_after=2, memory=[
+            BpRecord(120 + i, 80, 93, 70, now - dt.timedelta(minutes=10 - i)) for i in range(3)])
+        await gw.run([cuff], until=lambda: cuff.connections >= 2 and cuff.connection is None and len(gw.events) == 5)
+        return cuff
+    cuff = asyncio.run(main())
+    assert cuff._dropped
+    created = [c for _, c in gw.events]
+    assert created == [True, True, False, False, True]  # the second connection re-sent the first two
+    assert sorted(h.observation.quantities[0].value for h in gw.store.held()) == [120, 121, 122]
+
+
+def test_device_clock_wrong_by_a_year_is_corrected_and_recorded_as_such(gw: Gateway) -> None:
+    gw.allow(CUFF)
+    year = dt.timedelta(days=365)
+    now = local_now()
+
+    async def main() -> BloodPressureCuff:
+        cuff = BloodPressureCuff(gw.new_radio(), CUFF, "Cuff after battery change", clock_offset=-year, memory=[
+            BpRecord(140, 90, 107, 75, now - year - dt.timedelta(hours=3)),  # stamped by its wrong clock
+            BpRecord(135, 88, 104, 74, now - year - dt.timedelta(minutes=5))])
+        await gw.run([cuff], until=lambda: len(gw.events) == 2)
+        return cuff
+    cuff = asyncio.run(main())
+    held = sorted((h.observation for h in gw.store.held()), key=lambda o: o.measured_at)
+    assert [o.time_source for o in held] == [TimeSource.DEVICE_CLOCK_CORRECTED] * 2
+    for o, ago in zip(held, (dt.timedelta(hours=3), dt.timedelta(minutes=5))):
+        assert abs(o.measured_at - (now - ago).replace(tzinfo=UTC)) < dt.timedelta(seconds=3)
+    assert abs(cuff.clock.offset) < dt.timedelta(seconds=2)  # and its clock is right now
+
+
+class FlakyBlueZClient(EmulatedBleakClient):
+    """BlueZ's answers the emulation never gives: a connect already in progress, then an abort;
+    and a device that always aborts."""
+
+    failures: list[Exception] = []
+    always_failing = STRANGER
+
+    async def connect(self, pair: bool, **kwargs: Any) -> None:
+        if self.address == self.always_failing:
+            raise BleakDBusError("org.bluez.Error.Failed", ["le-connection-abort-by-local"])
+        if self.failures:
+            raise self.failures.pop(0)
+        await super().connect(pair, **kwargs)
+
+
+def test_bluez_connect_failures_are_retried_and_a_failing_device_stops_nobody(gw: Gateway) -> None:
+    gw.allow(CUFF, STRANGER)
+    failures: list[Exception] = [BleakDBusError("org.bluez.Error.InProgress", ["In Progress"]),
+                                 BleakDBusError("org.bluez.Error.Failed", ["le-connection-abort-by-local"])]
+
+    def stranger_failed() -> bool:
+        record = gw.registry.get(STRANGER)
+        return bool(record and record.last_error)
+
+    async def main() -> None:
+        radio = gw.new_radio()
+        flaky = type("Flaky", (FlakyBlueZClient,), {"radio": radio, "failures": failures})
+        cuff = BloodPressureCuff(radio, CUFF, "Cuff", memory=[BpRecord(125, 82, 96, 68, local_now())])
+        broken = Thermometer(radio, STRANGER, "Always failing", memory=[TemperatureRecord(37.0, local_now())])
+        await gw.run([cuff, broken], client_backend=flaky, timeout=30,
+                     until=lambda: len(gw.events) == 1 and stranger_failed())
+    asyncio.run(main())
+    assert failures == []  # both BlueZ errors happened and were retried
+    assert gw.store.held()[0].observation.quantities[0].value == 125
+    error = gw.registry.get(STRANGER).last_error
+    assert "le-connection-abort-by-local" in error and "Failed to connect" in error
+    assert gw.registry.get(CUFF).last_error == ""
+
+
+def test_scan_lists_health_devices(gw: Gateway) -> None:
+    async def main() -> list:
+        radio = gw.new_radio()
+        cuff = BloodPressureCuff(radio, CUFF, "BP cuff")
+        oxi = PulseOximeter(radio, OXI, "Oximeter")
+        await radio.start()
+        await cuff.start()
+        await oxi.start()
+        scanner, _ = radio.backends()
+        try:
+            return await scan_health_devices(0.5, backend=scanner)
+        finally:
+            await cuff.stop()
+            await oxi.stop()
+    found = {r.address: r for r in asyncio.run(main())}
+    assert found[CUFF].services == ("Blood Pressure",) and found[CUFF].name == "BP cuff"
+    assert found[OXI].services == ("Pulse Oximeter",)

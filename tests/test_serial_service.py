@@ -1,0 +1,195 @@
+"""The serial service end to end over ptys: bridge -> outbox/held + ACK when durable, streamed ECG ->
+DICOM in the outbox, scanner -> patient context, ASCII monitor -> observations, device status."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devices.bridge import codec
+from firmware_bridge.bridge_simulator import EcgStreamSimulator
+from firmware_bridge.firmware.bridge_core import BridgeCore
+from lastmile.config import Config, ConfigError
+from lastmile.device_registry import DeviceRegistry
+from lastmile.patient_context import PatientContext
+from lastmile.serial_service import SerialService, link_specs, load_profiles
+from tests.serial_pty import PtyDevice, wait_for
+from tests.test_ascii_report import VITALS_REPORT
+from tests.test_scanner import DOCTOR_BADGE_SCAN, PATIENT_CARD_SCAN
+from uploader.outbox import Outbox
+
+BP = (codec.MeasuredValue("systolic", 118.0, "mm[Hg]"), codec.MeasuredValue("diastolic", 76.0, "mm[Hg]"))
+
+
+def _config(tmp_path: Path, devices: list[dict]) -> Config:
+    config = Config()
+    config.gateway.data_dir = str(tmp_path / "data")
+    config.serial.devices = devices
+    config.serial.patient_card_pattern = r"(?P<id>\d{20})"
+    config.serial.doctor_badge_pattern = r"DR-(?P<id>\d{6})"
+    return config
+
+
+class Running:
+    def __init__(self, tmp_path: Path, devices: list[dict], *, min_free_bytes: int = 0) -> None:
+        self.config = _config(tmp_path, devices)
+        self.outbox = Outbox.open(self.config.data_dir, min_free_bytes=min_free_bytes)
+        self.service = SerialService.open(self.config, outbox=self.outbox, watch_dirs=None, rescan_s=0.1)
+        self.service.start()
+        # The test thread's own clinic.db connections (as `lastmile patient` / `lastmile devices`
+        # have in their own processes): the service's connection belongs to its thread.
+        self.patients = PatientContext.open(self.config.data_dir, idle_timeout_s=900)
+        self.registry = DeviceRegistry.open(self.config.data_dir)
+
+    def now(self) -> dt.datetime:
+        return dt.datetime.now(dt.timezone.utc)
+
+    def close(self) -> None:
+        self.service.close()
+        self.outbox.close()
+        self.patients.close()
+        self.registry.close()
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[callable]:
+    started: list[Running] = []
+
+    def start(devices: list[dict], **kw: object) -> Running:
+        started.append(Running(tmp_path, devices, **kw))  # type: ignore[arg-type]
+        return started[-1]
+    yield start
+    for r in started:
+        r.close()
+
+
+def _talk(dev: PtyDevice, core: BridgeCore, clock: list[int], until) -> None:  # noqa: ANN001
+    """Be the bridge: answer the gateway, resend on timeouts, until `until()` holds."""
+    def step() -> bool:
+        data = dev.read_available(0.05)
+        if data:
+            dev.write(core.receive(data, clock[0]))
+        clock[0] += 100
+        dev.write(core.poll(clock[0]))
+        return until()
+    wait_for(step, timeout=10)
+
+
+def test_scanner_then_bridge_measurement_lands_on_the_patient(tmp_path: Path, running) -> None:
+    scanner = PtyDevice(tmp_path / "usb-scanner")
+    bridge = PtyDevice(tmp_path / "usb-bridge")
+    r = running([{"name": "desk-scanner", "match": str(scanner.link_path), "profile": "scanner"},
+                 {"name": "bp-bridge", "match": str(bridge.link_path), "profile": "bridge"}])
+    wait_for(lambda: all(s.connected for s in r.service.statuses()))
+    scanner.write(PATIENT_CARD_SCAN + DOCTOR_BADGE_SCAN)
+    wait_for(lambda: r.patients.current(r.now()) is not None
+             and r.patients.current_doctor(r.now()) == "004711")
+    assert r.patients.current(r.now()).patient_id == "80276001234567890123"
+
+    core, clock = BridgeCore("BR-77", boot_id=5), [0]
+    _talk(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)  # HELLO exchange, time synced
+    bridge.write(core.measurement("blood-pressure", BP, clock[0], record_id="42"))
+    _talk(bridge, core, clock, lambda: core.pending_count == 0)  # ACKed ...
+    item = r.outbox.find("bridge:BR-77:42")  # ... because it is in the outbox
+    assert item is not None and item.kind == "observation"
+    payload = json.loads(r.outbox.read_payload(item))
+    assert payload["patient_id"] == "80276001234567890123"
+    assert payload["time_source"] == "device-clock-corrected"
+    # Resent after the ACK was lost: recognised, stored once.
+    bridge.write(core.hello(clock[0]))
+    bridge.write(core.measurement("blood-pressure", BP, clock[0], record_id="42"))
+    _talk(bridge, core, clock, lambda: core.pending_count == 0)
+    assert len(r.outbox.items(kind="observation")) == 1
+    # `lastmile devices` sees the serial devices too.
+    records = {d.address: d for d in r.registry.all()}
+    assert records["SERIAL:BP-BRIDGE"].connected and records["SERIAL:BP-BRIDGE"].serial == "BR-77"
+    assert "118/76" in records["SERIAL:BP-BRIDGE"].last_reading
+    assert records["SERIAL:DESK-SCANNER"].transport == "serial"
+    scanner.unplug()
+    bridge.unplug()
+    wait_for(lambda: not r.registry.get("serial:bp-bridge").connected)
+
+
+def test_no_ack_until_durable(tmp_path: Path, running) -> None:
+    bridge = PtyDevice(tmp_path / "usb-bridge")
+    r = running([{"name": "b", "match": str(bridge.link_path), "profile": "bridge"}])
+    core, clock = BridgeCore("BR-1", boot_id=1), [0]
+    wait_for(lambda: r.service.statuses()[0].connected)
+    _talk(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+    r.outbox.min_free_bytes = 1 << 60  # the data partition is "full": nothing can be stored
+    r.patients.set_patient("P-1", now=r.now() - dt.timedelta(minutes=1))  # else it would be held: durable too
+    bridge.write(core.measurement("blood-pressure", BP, clock[0], record_id="7"))
+    wait_for(lambda: "cannot store" in (r.registry.get("serial:b").last_error or ""))
+    assert core.pending_count == 1 and r.outbox.find("bridge:BR-1:7") is None  # NACKed, kept on the bridge
+    r.outbox.min_free_bytes = 0
+    _talk(bridge, core, clock, lambda: core.pending_count == 0)  # resent, stored, ACKed
+    assert r.outbox.find("bridge:BR-1:7") is not None
+
+
+def test_streamed_ecg_becomes_a_dicom_item(tmp_path: Path, running) -> None:
+    bridge = PtyDevice(tmp_path / "usb-ecg")
+    r = running([{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}])
+    core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
+    wait_for(lambda: r.service.statuses()[0].connected)
+    _talk(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+    r.patients.set_patient("P-ECG", name="Doe^Jane", now=r.now() - dt.timedelta(seconds=5))
+    sim = EcgStreamSimulator(core, recording_id=3)
+    bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(400, skip={10})) + sim.end(400 * 25, clock[0]))
+    _talk(bridge, core, clock, lambda: core.pending_count == 0)
+    item = r.outbox.find("bridge-ecg:BR-ECG:9:3")
+    assert item is not None and item.kind == "dicom"
+    assert item.meta["source_format"] == "bridge" and "sample-gap" in item.meta["flags"]
+    assert item.meta["unassigned"] is False
+    status = r.registry.get("serial:ecg")
+    assert "25 samples missing" in status.last_reading
+
+
+def test_ascii_monitor_and_forwarding_bridge(tmp_path: Path, running) -> None:
+    monitor = PtyDevice(tmp_path / "usb-monitor")
+    bridge = PtyDevice(tmp_path / "usb-bridge")
+    r = running([{"name": "monitor", "match": str(monitor.link_path), "profile": "example-vitals-monitor"},
+                 {"name": "legacy", "match": str(bridge.link_path), "profile": "bridge",
+                  "forward_profile": "example-vitals-monitor"}])
+    wait_for(lambda: all(s.connected for s in r.service.statuses()))
+    r.patients.set_patient("P-9", now=r.now() - dt.timedelta(minutes=1))
+    # Printed now by the monitor's clock (UTC+1): after the patient's session began, so it is theirs.
+    printed = (r.now() + dt.timedelta(hours=1)).strftime("DATE %Y-%m-%d  TIME %H:%M:%S").encode()
+    report = VITALS_REPORT.replace(b"DATE 2025-03-04  TIME 09:41:07", printed)
+    monitor.write(report)
+    wait_for(lambda: len(r.outbox.items(kind="observation")) == 3)
+    keys = {i.key for i in r.outbox.items(kind="observation")}
+    assert any(k.endswith("record:0172:blood-pressure") for k in keys)
+    # The same report through a bridge's RS-232 port: lines forwarded, ACKed once the report is stored.
+    core, clock = BridgeCore("BR-LEG", boot_id=1), [0]
+    _talk(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+    other = report.replace(b"RECORD 0172", b"RECORD 0173")
+    half = other.index(b"PULSE")
+    bridge.write(core.uart_bytes(other[:half], clock[0]))
+    _talk(bridge, core, clock, lambda: core.pending_count > 0)
+    assert core.pending_count > 0  # a report in progress is not durable yet: no ACK
+    bridge.write(core.uart_bytes(other[half:], clock[0]))
+    _talk(bridge, core, clock, lambda: core.pending_count == 0)
+    assert len(r.outbox.items(kind="observation")) == 6
+
+
+def test_device_configuration_is_checked(tmp_path: Path) -> None:
+    config = _config(tmp_path, [])
+    profiles = load_profiles(config)
+    assert "example-vitals-monitor" in profiles
+    for devices, needle in [
+        ([{"name": "a", "match": "ttyUSB0", "profile": "bridge"}], "VID:PID"),
+        ([{"name": "a", "match": "2e8a:000a", "profile": "nope"}], "unknown profile"),
+        ([{"name": "a", "match": "2e8a:000a", "profile": "bridge", "speed": 1}], "unknown key"),
+        ([{"name": "a", "match": "2e8a:000a", "profile": "scanner"}] * 2, "used twice"),
+        ([{"name": "a", "match": "2e8a:000a", "profile": "scanner", "forward_profile": "x"}], "forward_profile"),
+    ]:
+        config.serial.devices = devices
+        with pytest.raises(ConfigError, match=needle):
+            link_specs(config, profiles)
+    config.serial.devices = [{"name": "m", "match": "0403:6001:A50285BI", "profile": "example-vitals-monitor"}]
+    (spec,) = link_specs(config, profiles)
+    assert spec.baudrate == 9600 and str(spec.match) == "0403:6001:A50285BI"

@@ -1,0 +1,181 @@
+"""USB-storage import into a real outbox: each file once (content hash), re-plugging imports
+nothing twice, the stick is never written, bad files are refused with their reason and never
+stop the good ones; `lastmile import` through the CLI."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from firmware_bridge.usb_import import (IMPORTED, KNOWN, REFUSED, FileRefused, content_key, find_ecg_files,
+                                        import_paths)
+from lastmile.cli import main
+from lastmile.commands.ecg import enqueue_callable
+from lastmile.config import parse_config
+from tests.conftest import shared_file
+from uploader.outbox import Outbox
+
+UTC = dt.timezone.utc
+NOW = dt.datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
+GOOD = [("scp", "ecgtoolkit_Example.scp"), ("scp", "abtahi_ECG_20170504_163507_123456789.SCP"),
+        ("aecg", "fda_hl7_Example_aECG.xml"), ("contec", "0000050.ECG"), ("contec", "0000037.ECG")]
+BAD = [("scp", "healforce_62.SCP"), ("aecg", "fda_empty.xml")]
+
+
+def _snapshot(root: Path) -> dict[str, tuple]:
+    """Everything a write to the stick could change: names, sizes, contents, mtimes."""
+    out = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(folder) / name
+            st = path.lstat()
+            digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() and not path.is_symlink() else ""
+            out[str(path.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns, digest)
+    return out
+
+
+@pytest.fixture()
+def stick(tmp_path: Path) -> Path:
+    root = tmp_path / "stick"
+    (root / "ECG" / "2026").mkdir(parents=True)
+    for where in GOOD + BAD:
+        shutil.copyfile(shared_file("ecg", *where), root / "ECG" / "2026" / where[1])
+    shutil.copyfile(shared_file("ecg", "dicom", "ecgtoolkit_Example.dcm"), root / "ECG" / "IM0001")  # no extension
+    (root / "ECG" / "readme.txt").write_text("not an ECG")
+    (root / "DICOMDIR").write_bytes(b"\x00" * 128 + b"DICM")
+    (root / "System Volume Information").mkdir()
+    shutil.copyfile(shared_file("ecg", "scp", "ecgtoolkit_Example.scp"), root / "System Volume Information" / "x.scp")
+    (root / ".hidden").mkdir()
+    (root / "ECG" / "link.scp").symlink_to(root / "ECG" / "2026" / "ecgtoolkit_Example.scp")
+    for folder, dirs, files in os.walk(root):
+        for name in files:
+            os.chmod(Path(folder) / name, 0o444)
+    return root
+
+
+@pytest.fixture()
+def outbox(tmp_path: Path):
+    box = Outbox.open(tmp_path / "data", min_free_bytes=0)
+    yield box
+    box.close()
+
+
+def _run(stick: Path, outbox: Outbox, progress=None):
+    config = parse_config('[gateway]\nid = "clinic-test"\n')
+    return import_paths([stick], is_known=lambda key: outbox.find(key) is not None,
+                        enqueue=enqueue_callable(outbox, config), local_tz=UTC, now=lambda: NOW,
+                        progress=progress)
+
+
+def test_finds_ecg_files_only(stick: Path) -> None:
+    names = [p.name for p in find_ecg_files([stick])]
+    assert sorted(names) == sorted(["IM0001"] + [w[1] for w in GOOD + BAD])
+
+
+def test_import_once_then_nothing_on_replug(stick: Path, outbox: Outbox) -> None:
+    before = _snapshot(stick)
+    calls: list[tuple[int, int, str]] = []
+    first = _run(stick, outbox, progress=lambda done, total, o: calls.append((done, total, o.status)))
+    assert first.imported == len(GOOD) + 1 and first.known == 0
+    assert sorted(Path(o.path).name for o in first.refused) == sorted(w[1] for w in BAD)
+    assert [c[:2] for c in calls] == [(i, len(GOOD) + len(BAD) + 1) for i in range(1, len(calls) + 1)]
+    items = outbox.items()
+    assert len(items) == len(GOOD) + 1 and all(item.kind == "dicom" for item in items)
+    keys = {item.key for item in items}
+    assert content_key(shared_file("ecg", "contec", "0000050.ECG").read_bytes()) in keys
+
+    second = _run(stick, outbox)
+    assert (second.imported, second.known, len(second.refused)) == (0, len(GOOD) + 1, len(BAD))
+    assert len(outbox.items()) == len(GOOD) + 1
+    assert _snapshot(stick) == before  # nothing on the stick was written, moved or touched
+
+
+def test_refusals_say_why(stick: Path, outbox: Outbox) -> None:
+    reasons = {Path(o.path).name: o.reason for o in _run(stick, outbox).refused}
+    assert "non-conforming" in reasons["healforce_62.SCP"]
+    assert "no rhythm ECG" in reasons["fda_empty.xml"]
+
+
+def test_unassigned_and_assigned_patients_reach_the_outbox(stick: Path, outbox: Outbox) -> None:
+    _run(stick, outbox)
+    by_key = {item.key: item for item in outbox.items()}
+    contec = by_key[content_key(shared_file("ecg", "contec", "0000037.ECG").read_bytes())]
+    scp = by_key[content_key(shared_file("ecg", "scp", "ecgtoolkit_Example.scp").read_bytes())]
+    assert contec.patient is None and contec.meta["unassigned"] is True
+    assert scp.patient is not None and scp.patient["patient_id"] == "SBJ-123"
+
+
+def test_one_failing_enqueue_does_not_stop_the_others(stick: Path) -> None:
+    taken: list[str] = []
+
+    def enqueue(recording, key: str) -> bool:
+        if recording.source_format == "contec":
+            raise FileRefused("cannot become a DICOM ECG: test refusal")
+        taken.append(key)
+        return True
+
+    summary = import_paths([stick], is_known=lambda key: False, enqueue=enqueue, local_tz=UTC, now=lambda: NOW)
+    assert summary.imported == len(taken) == len(GOOD) - 1
+    assert sum("test refusal" in o.reason for o in summary.refused) == 2
+
+
+def test_oversized_and_unreadable_files_are_refused(tmp_path: Path) -> None:
+    root = tmp_path / "stick"
+    root.mkdir()
+    shutil.copyfile(shared_file("ecg", "contec", "0000050.ECG"), root / "big.ECG")
+    shutil.copyfile(shared_file("ecg", "contec", "0000037.ECG"), root / "small.ECG")
+    summary = import_paths([root], is_known=lambda key: False, enqueue=lambda r, k: True, local_tz=UTC,
+                           now=lambda: NOW, max_bytes=200_000)
+    status = {Path(o.path).name: (o.status, o.reason) for o in summary.outcomes}
+    assert status["small.ECG"][0] == IMPORTED
+    assert status["big.ECG"][0] == REFUSED and "larger than any ECG file" in status["big.ECG"][1]
+
+
+def test_enqueue_reporting_existing_item_counts_as_known(stick: Path) -> None:
+    summary = import_paths([stick], is_known=lambda key: False, enqueue=lambda r, k: False, local_tz=UTC,
+                           now=lambda: NOW)
+    assert summary.imported == 0 and summary.known == len(GOOD) + 1
+
+
+def test_cli_import(stick: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "lastmile.toml"
+    config.write_text(f'[gateway]\nid = "clinic-test"\ndata_dir = "{tmp_path / "gw"}"\n')
+    assert main(["-c", str(config), "import", "-q", str(stick)]) == 1  # two files refused
+    out = capsys.readouterr().out
+    assert f"{len(GOOD) + len(BAD) + 1} ECG file(s): {len(GOOD) + 1} imported, 0 already known, 2 refused" in out
+    assert "refused: " in out and "healforce_62.SCP" in out
+    good_only = tmp_path / "good"
+    good_only.mkdir()
+    shutil.copyfile(shared_file("ecg", "scp", "ecgtoolkit_Example.scp"), good_only / "a.scp")
+    assert main(["-c", str(config), "import", str(good_only)]) == 0
+    assert "0 imported, 1 already known, 0 refused" in capsys.readouterr().out
+    assert main(["-c", str(config), "import", str(tmp_path / "nowhere")]) == 1
+    assert KNOWN == "already known"
+
+
+def test_folder_watcher_imports_what_shows_up(tmp_path: Path) -> None:
+    from firmware_bridge.usb_import import FolderWatcher
+
+    folder = tmp_path / "import"
+    taken: list[str] = []
+
+    def run(roots):
+        return import_paths(roots, is_known=lambda key: key in taken,
+                            enqueue=lambda r, key: taken.append(key) is None, local_tz=UTC, now=lambda: NOW)
+
+    watcher = FolderWatcher([folder], run)
+    assert watcher.poll() == []  # not there yet
+    folder.mkdir()
+    assert watcher.poll() == []  # empty
+    shutil.copyfile(shared_file("ecg", "contec", "0000037.ECG"), folder / "a.ECG")
+    (first,) = watcher.poll()
+    assert first.imported == 1
+    assert watcher.poll() == []  # nothing changed
+    shutil.copyfile(shared_file("ecg", "scp", "ecgtoolkit_Example.scp"), folder / "b.scp")
+    (second,) = watcher.poll()
+    assert (second.imported, second.known) == (1, 1) and len(taken) == 2
