@@ -18,7 +18,9 @@ def ecg_samples(first: int, count: int, n_leads: int = 12) -> np.ndarray:
     on (k, j), so a receiver can check every sample it got against what was sent."""
     k = np.arange(first, first + count, dtype=np.int64)[:, None]
     j = np.arange(n_leads, dtype=np.int64)[None, :]
-    return (((k * (j + 1) * 37 + j * 1013) % 6001) - 3000).astype(np.int16)
+    # ±600 units (±1.5 mV at 2.5 µV/unit), like a real ECG: many 0x00/0xFF high bytes, the
+    # worst case for COBS (each zero byte ends a block).
+    return (((k * (j + 1) * 37 + j * 1013) % 1201) - 600).astype(np.int16)
 
 
 class EcgStreamSimulator:

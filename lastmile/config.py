@@ -205,7 +205,7 @@ _TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", 
 
 def _build(cls: type, data: dict, prefix: str, text: str, where: str) -> object:
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    known = {f.name for f in dataclasses.fields(cls) if not (cls is Config and f.name == "source")}
     values = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"

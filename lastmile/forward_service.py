@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lastmile.config import Config, ReadingCenterSection
 from uploader.dicom_net import PeerSettings, TlsFiles
 from uploader.ecg_forwarder import EcgForwarder, ForwarderSettings
 from uploader.outbox import Outbox
+
+if TYPE_CHECKING:
+    from uploader.fhir_sender import FhirSender
 
 log = logging.getLogger(__name__)
 
@@ -55,21 +60,28 @@ class ForwardService:
         self._last = "starting"
 
     @staticmethod
-    def _make_fhir(config: Config):  # -> FhirForwarding | None
+    def _make_fhir(config: Config) -> "FhirSender | None":
         if not config.fhir.base_url:
             return None
-        try:
-            from lastmile.fhir_forwarding import FhirForwarding
-        except ImportError:
-            log.warning("FHIR forwarding is configured but not available in this build")
-            return None
-        return FhirForwarding(config)
+        from uploader.fhir_sender import FhirSender, FhirSenderSettings
+
+        f = config.fhir
+        # a token file others can read is refused here, before READY: systemd shows why
+        return FhirSender(FhirSenderSettings(base_url=f.base_url, token_file=f.token_file,
+                                             ca_file=f.ca_file, timeout_s=f.timeout_s))
 
     def step(self, stop: threading.Event) -> float:
         result = self.ecg.run_round(stop)
         waits = [0.0 if result.did_work else self.ecg._idle_delay()]
         if self._fhir is not None and not stop.is_set():
-            waits.append(self._fhir.step(self.outbox, stop))
+            from uploader.fhir_forwarder import forward_fhir_once
+
+            fhir = forward_fhir_once(self.outbox, self._fhir, time.time(),
+                                     batch_size=self.config.fhir.batch_size,
+                                     config_fault_retry_s=self.config.outbox.config_fault_retry_s)
+            if fhir["sent"] or fhir["quarantined"]:
+                log.info("FHIR round: sent %d, quarantined %d", fhir["sent"], fhir["quarantined"])
+            waits.append(0.0 if fhir["claimed"] and not fhir["fault"] else self.ecg._idle_delay())
         self._last = (f"sent {result.sent}, committed {result.committed}, retry {result.transient}, "
                       f"quarantined {result.quarantined}" + (f", FAULT {result.fault}" if result.fault else ""))
         if result.did_work:
@@ -78,6 +90,8 @@ class ForwardService:
 
     def reload(self, config: Config) -> None:
         self.ecg.close()
+        if self._fhir is not None:
+            self._fhir.close()
         self.config = config
         self.ecg = EcgForwarder(self.outbox, forwarder_settings(config))
         self.ecg.start()
@@ -85,6 +99,8 @@ class ForwardService:
 
     def close(self) -> None:
         self.ecg.close()
+        if self._fhir is not None:
+            self._fhir.close()
         self.outbox.close()
 
     def status_line(self) -> str:

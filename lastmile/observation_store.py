@@ -35,6 +35,7 @@ from uploader.outbox import AddResult, Outbox, Priority
 log = logging.getLogger(__name__)
 
 OBSERVATION_KIND = "observation"
+TOUCH_EVERY = dt.timedelta(seconds=5)
 SCHEMA = "lastmile.observation/1"
 
 
@@ -137,6 +138,7 @@ class ObservationStore:
         if self.known(obs.record_key):
             return StoreResult("duplicate")
         patient_id, name = obs.patient_id, ""
+        current = None
         if patient_id is None:
             current = self.context.current(now)
             # Device time stamps have whole seconds: compare at that resolution.
@@ -145,7 +147,9 @@ class ObservationStore:
         if patient_id is None:
             return self._hold(obs, now)
         result = self._enqueue(replace(obs, patient_id=patient_id), name, now)
-        self.context.touch(now=now)
+        # A reading is activity in the session; one write per TOUCH_EVERY is enough for that.
+        if current is not None and now - current.last_activity >= TOUCH_EVERY:
+            self.context.touch(now=now)
         return StoreResult("stored" if result.created else "duplicate", patient_id, result.item.id)
 
     def _enqueue(self, obs: Observation, patient_name: str, now: dt.datetime) -> AddResult:

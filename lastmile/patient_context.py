@@ -53,6 +53,7 @@ class PatientContext:
 
     # -- changing the session ---------------------------------------------------------------
     def set_patient(self, patient_id: str, name: str = "", *, now: dt.datetime) -> CurrentPatient:
+        """Make `patient_id` current (setting the same patient again keeps their session's start)."""
         patient_id = patient_id.strip()
         if not patient_id:
             raise ValueError("a patient needs a non-empty identifier")
@@ -63,11 +64,13 @@ class PatientContext:
                 self._log(conn, now, "patient-replaced", row["patient_id"], doctor)
             conn.execute("INSERT INTO session (id, patient_id, patient_name, patient_since, doctor_id, "
                          "doctor_since, last_activity) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE "
-                         "SET patient_id = excluded.patient_id, patient_name = excluded.patient_name, "
-                         "patient_since = excluded.patient_since, last_activity = excluded.last_activity",
+                         "SET patient_since = CASE WHEN session.patient_id IS excluded.patient_id "
+                         "THEN session.patient_since ELSE excluded.patient_since END, "
+                         "patient_id = excluded.patient_id, patient_name = excluded.patient_name, "
+                         "last_activity = excluded.last_activity",
                          (_ROW, patient_id, name, iso(now), doctor, row["doctor_since"] if row else None, iso(now)))
             self._log(conn, now, "patient-set", patient_id, doctor)
-        log.info("current patient set")
+        log.debug("current patient set")
         current = self.current(now)
         assert current is not None
         return current

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 ENV_SOCKET = "NOTIFY_SOCKET"
 ENV_WATCHDOG_USEC = "WATCHDOG_USEC"
 ENV_WATCHDOG_PID = "WATCHDOG_PID"
+SEND_TIMEOUT_S = 0.5
 
 
 def _socket_address(value: str) -> str | bytes | None:
@@ -93,6 +94,8 @@ class SystemdNotifier:
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # A busy or wedged manager must not wedge us: drop the message instead.
+                self._sock.settimeout(SEND_TIMEOUT_S)
             self._sock.sendto(message, self.address)
         except OSError as exc:
             # The manager went away (or we are in a test): never let notification break the service.

@@ -148,10 +148,12 @@ class SerialContext:
     now: Callable[[], dt.datetime] = utc_now
     _last_error_write: dict[str, float] = field(default_factory=dict)
 
-    def status(self, spec: LinkSpec, **facts: object) -> None:
+    def status(self, spec: LinkSpec, port: str = "", **facts: object) -> None:
+        """Record device facts; `port` (given on connect) goes into the name `lastmile devices` shows."""
+        name = f"{spec.name} ({spec.profile}) on {port}" if port else None
         try:
             self.registry.update_status(registry_address(spec.name), now=self.now(), transport="serial",
-                                        name=f"{spec.name} ({spec.profile})", **facts)  # type: ignore[arg-type]
+                                        name=name, **facts)  # type: ignore[arg-type]
         except Exception:  # status is best effort; readings are not
             log.exception("%s: cannot record device status", spec.name)
 
@@ -221,7 +223,7 @@ class BridgeHandler:
     def connection_made(self, link: Link) -> None:
         self.link = link
         link.write(self.session.connection_made(self.ctx.now()))
-        self.ctx.status(self.spec, connected=True, seen=True)
+        self.ctx.status(self.spec, port=self.address, connected=True, seen=True)
 
     def data_received(self, data: bytes) -> None:
         assert self.link is not None
@@ -334,11 +336,12 @@ class AsciiReportHandler:
         self.ctx = ctx
         self.spec = spec
         profile = ctx.profiles[spec.profile]
-        self.parser = ReportParser(profile, profile.identity(address=port.by_id or port.device))
+        self.address = port.by_id or port.device
+        self.parser = ReportParser(profile, profile.identity(address=self.address))
         self._last_data = time.monotonic()
 
     def connection_made(self, link: Link) -> None:
-        self.ctx.status(self.spec, connected=True, seen=True)
+        self.ctx.status(self.spec, port=self.address, connected=True, seen=True)
 
     def data_received(self, data: bytes) -> None:
         self._last_data = time.monotonic()
@@ -370,10 +373,11 @@ class ScannerHandler:
     def __init__(self, ctx: SerialContext, spec: LinkSpec, port: PortInfo) -> None:
         self.ctx = ctx
         self.spec = spec
+        self.address = port.by_id or port.device
         self.decoder = ScannerDecoder(ctx.rules)
 
     def connection_made(self, link: Link) -> None:
-        self.ctx.status(self.spec, connected=True, seen=True)
+        self.ctx.status(self.spec, port=self.address, connected=True, seen=True)
 
     def data_received(self, data: bytes) -> None:
         for ev in self.decoder.feed(data):

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_FAILURE = 1  # systemd restarts us (Restart=on-failure)
 EXIT_CONFIG = 78  # EX_CONFIG: the units list it in RestartPreventExitStatus
+STATUS_INTERVAL_S = 1.0
 
 
 class Service(Protocol):
@@ -88,6 +89,7 @@ class ServiceRuntime:
         self.stop_event = threading.Event()  # handed to every step
         self._wake = threading.Event()  # ends the wait between steps early
         self._reload_requested = False
+        self._last_status = 0.0
         self.started = time.monotonic()
         self.ready_after: float | None = None  # seconds from runtime creation to READY=1
         self.log_filter: PatientDataFilter | None = None
@@ -180,7 +182,10 @@ class ServiceRuntime:
     def _progress(self, service: Service) -> None:
         """The loop went round: keep the watchdog fed and the status current."""
         self.notifier.watchdog_ping(min_interval=(self.ping_interval or 0.0) / 2)
-        self.notifier.status(self._status(service))
+        now = time.monotonic()
+        if now - self._last_status >= STATUS_INTERVAL_S:  # STATUS= is for humans: once a second
+            self._last_status = now
+            self.notifier.status(self._status(service))
 
     def _wait(self, delay: float) -> None:
         """Wait `delay` seconds or until woken; the loop is alive meanwhile, so keep pinging."""

@@ -1,6 +1,6 @@
-"""A loopback FHIR R4 test server: validates, deduplicates, and misbehaves on request.
+"""The loopback FHIR R4 test server: lastmile.fhir_receiver with every resource validated.
 
-- POST of a transaction Bundle to the base URL. Every resource is validated with fhir.resources
+- Every resource of a POSTed transaction Bundle is validated with fhir.resources
   (the R4B models: fhir.resources 8 ships R5, R4B and STU3; R4B's Encounter, Observation,
   Location, Device, Provenance and Bundle have the R4 shape, e.g. Encounter.class is one Coding,
   which R5 changed). An invalid resource answers 400 with an OperationOutcome.
@@ -14,20 +14,12 @@
 
 from __future__ import annotations
 
-import collections
-import copy
-import gzip
-import itertools
-import json
-import socket
-import threading
-import time
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs
-
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
+
+from lastmile.fhir_receiver import FhirReceiver, ServerStats, check_transaction_shape, outcome
+
+__all__ = ["FhirTestServer", "ServerStats", "outcome", "validate_resource", "validate_transaction"]
 
 
 def validate_resource(resource: dict) -> None:
@@ -42,218 +34,12 @@ def validate_resource(resource: dict) -> None:
 
 
 def validate_transaction(bundle: dict) -> None:
-    if bundle.get("resourceType") != "Bundle" or bundle.get("type") != "transaction":
-        raise ValueError("expected a transaction Bundle")
-    shell = {k: v for k, v in bundle.items() if k != "entry"}
-    validate_resource(shell)
+    check_transaction_shape(bundle)
+    validate_resource({k: v for k, v in bundle.items() if k != "entry"})
     for entry in bundle.get("entry", []):
         validate_resource(entry["resource"])
-        request = entry.get("request") or {}
-        if request.get("method") != "POST" or not request.get("url"):
-            raise ValueError("entries must be POSTs")
 
 
-def outcome(text: str, code: str = "invalid") -> dict:
-    return {"resourceType": "OperationOutcome",
-            "issue": [{"severity": "error", "code": code, "diagnostics": text}]}
-
-
-@dataclass
-class ServerStats:
-    requests: int = 0
-    transactions: int = 0
-    bytes_received: int = 0
-    created: int = 0
-    deduplicated: int = 0
-    faults_served: list[str] = field(default_factory=list)
-
-
-class FhirTestServer:
-    def __init__(self, *, token: str | None = None, accept_gzip: bool = True,
-                 response_delay_s: float = 0.0, validate: bool = True) -> None:
-        self.token = token
-        self.accept_gzip = accept_gzip
-        self.response_delay_s = response_delay_s
-        self.validate = validate
-        self.faults: collections.deque[str] = collections.deque()
-        self.retry_after_s = 1
-        self.timeout_delay_s = 3.0
-        self.stats = ServerStats()
-        self.store: dict[str, dict[str, dict]] = collections.defaultdict(dict)  # type → id → resource
-        self._index: dict[tuple[str, str], str] = {}  # (type, "identifier=sys|val") → id
-        self._ids = itertools.count(1)
-        self._lock = threading.Lock()
-        self._httpd = _QuietServer(("127.0.0.1", 0), self._handler())
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="fhir-test-server",
-                                        daemon=True)
-
-    # --- life cycle ----------------------------------------------------------------------------
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}/fhir"
-
-    def __enter__(self) -> "FhirTestServer":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-
-    # --- inspection ----------------------------------------------------------------------------
-    def resources(self, kind: str) -> list[dict]:
-        with self._lock:
-            return list(self.store[kind].values())
-
-    def identifiers(self, kind: str) -> list[str]:
-        return [r["identifier"][0]["value"] for r in self.resources(kind) if r.get("identifier")]
-
-    # --- transaction processing ----------------------------------------------------------------
-    def _conditions(self, kind: str, condition: str) -> str:
-        query = parse_qs(condition, keep_blank_values=True)
-        (name, values), = query.items()
-        return f"{kind}?{name}={values[0]}"
-
-    def _keys_of(self, resource: dict) -> list[str]:
-        kind = resource["resourceType"]
-        keys = [f"{kind}?identifier={i.get('system', '')}|{i['value']}"
-                for i in resource.get("identifier") or [] if isinstance(i, dict) and "value" in i]
-        keys += [f"{kind}?_tag={t.get('system', '')}|{t['code']}"
-                 for t in (resource.get("meta") or {}).get("tag", [])]
-        return keys
-
-    def apply_transaction(self, bundle: dict) -> dict:
-        with self._lock:
-            store = copy.deepcopy(self.store)
-            index = dict(self._index)
-            resolved: dict[str, str] = {}
-            responses = []
-            created = dedup = 0
-            pending: list[tuple[str, str, dict]] = []
-            for entry in bundle["entry"]:
-                res = entry["resource"]
-                kind = res["resourceType"]
-                condition = entry["request"].get("ifNoneExist")
-                existing = index.get(self._conditions(kind, condition)) if condition else None
-                if existing is not None:
-                    resolved[entry["fullUrl"]] = f"{kind}/{existing}"
-                    responses.append({"response": {"status": "200 OK", "location": f"{kind}/{existing}"}})
-                    dedup += 1
-                    continue
-                new_id = str(next(self._ids))
-                resolved[entry["fullUrl"]] = f"{kind}/{new_id}"
-                pending.append((kind, new_id, copy.deepcopy(res)))
-                for key in self._keys_of(res):
-                    index.setdefault(key, new_id)
-                responses.append({"response": {"status": "201 Created", "location": f"{kind}/{new_id}"}})
-                created += 1
-            for kind, new_id, res in pending:
-                _rewrite_references(res, resolved)
-                res["id"] = new_id
-                store[kind][new_id] = res
-            self.store, self._index = store, index
-            self.stats.created += created
-            self.stats.deduplicated += dedup
-            self.stats.transactions += 1
-        return {"resourceType": "Bundle", "type": "transaction-response", "entry": responses}
-
-    # --- HTTP ----------------------------------------------------------------------------------
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def _send(self, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/fhir+json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _drop(self) -> None:
-                self.close_connection = True
-                try:
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-            def do_GET(self) -> None:  # noqa: N802
-                if self.path.endswith("/metadata"):
-                    self._send(200, {"resourceType": "CapabilityStatement", "status": "active",
-                                     "kind": "instance", "fhirVersion": "4.0.1",
-                                     "format": ["application/fhir+json"]})
-                else:
-                    self._send(404, outcome("only /metadata and transactions here", "not-found"))
-
-            def do_POST(self) -> None:  # noqa: N802
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length)
-                with server._lock:
-                    server.stats.requests += 1
-                    server.stats.bytes_received += length + len(str(self.headers))
-                    fault = server.faults.popleft() if server.faults else None
-                    if fault:
-                        server.stats.faults_served.append(fault)
-                if fault == "drop":
-                    return self._drop()
-                if fault == "500":
-                    return self._send(500, outcome("injected server error", "exception"))
-                if fault == "429":
-                    return self._send(429, outcome("slow down", "throttled"),
-                                      {"Retry-After": str(server.retry_after_s)})
-                if fault == "400":
-                    return self._send(400, outcome("injected: Encounter.subject unknown patient"))
-                if server.token is not None and \
-                        self.headers.get("Authorization") != f"Bearer {server.token}":
-                    return self._send(401, outcome("bad or missing bearer token", "login"))
-                if self.headers.get("Content-Encoding") == "gzip":
-                    if not server.accept_gzip:
-                        return self._send(415, outcome("gzip request bodies are not accepted", "not-supported"))
-                    try:
-                        raw = gzip.decompress(raw)
-                    except OSError:
-                        return self._send(400, outcome("bad gzip body", "structure"))
-                try:
-                    bundle = json.loads(raw)
-                    if server.validate:
-                        validate_transaction(bundle)
-                except (ValueError, KeyError, TypeError) as exc:
-                    return self._send(400, outcome(f"invalid: {exc}"))
-                if fault == "timeout":
-                    time.sleep(server.timeout_delay_s)
-                result = server.apply_transaction(bundle)
-                if fault == "commit-then-drop":
-                    return self._drop()
-                if server.response_delay_s:
-                    time.sleep(server.response_delay_s)
-                self._send(200, result)
-
-        return Handler
-
-
-class _QuietServer(ThreadingHTTPServer):
-    def handle_error(self, request: object, client_address: object) -> None:
-        pass  # clients that time out or are killed leave broken pipes: expected here
-
-
-def _rewrite_references(node: object, resolved: dict[str, str]) -> None:
-    if isinstance(node, dict):
-        ref = node.get("reference")
-        if isinstance(ref, str) and ref in resolved:
-            node["reference"] = resolved[ref]
-        for value in node.values():
-            _rewrite_references(value, resolved)
-    elif isinstance(node, list):
-        for value in node:
-            _rewrite_references(value, resolved)
+class FhirTestServer(FhirReceiver):
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(validator=validate_transaction, **kwargs)  # type: ignore[arg-type]

@@ -547,6 +547,14 @@ def test_glucose_context_every_flag_combination(flags: int) -> None:
     every_truncation_fails(decode_glucose_context, data)
 
 
+@pytest.mark.parametrize("special", ["nan", "nres", "+inf", "-inf", "reserved"])
+def test_glucose_context_specials(special: str) -> None:
+    ctx = decode_glucose_context(b"\x51" + struct.pack("<H", 3) + b"\x01" + sf(special) + b"\x01" + sf(special)
+                                 + sf(special))
+    assert [(q.code, q.value, q.special) for q in ctx.quantities] == [
+        ("carbohydrate-intake", None, special), ("medication", None, special), ("hba1c", None, special)]
+
+
 def test_glucose_context_reserved_values() -> None:
     with pytest.raises(UnsupportedFeatureError):
         decode_glucose_context(b"\x80\x01\x00\x01")  # extended flags with a reserved bit

@@ -197,16 +197,34 @@ def test_glucose_meter_answers_racp_and_only_new_records_are_asked_for(gw: Gatew
     assert len(gw.store.held()) == 7
 
 
-def test_device_requiring_pairing_is_bonded(gw: Gateway) -> None:
+def test_device_requiring_pairing_is_bonded(gw: Gateway, caplog: pytest.LogCaptureFixture) -> None:
     gw.allow(THERMO)
+    caplog.set_level(logging.INFO, logger="firmware_bridge.ble.link")
 
-    async def main() -> None:
+    async def main(celsius: float, expected_events: int) -> None:
         thermo = Thermometer(gw.new_radio(), THERMO, "Secure thermo", require_pairing=True,
-                             memory=[TemperatureRecord(36.8, local_now())])
-        await gw.run([thermo], until=lambda: len(gw.events) == 1)
-    asyncio.run(main())
-    assert gw.registry.get(THERMO).pair_required  # next time: bond before subscribing
-    assert gw.store.held()[0].observation.quantities[0].value == 36.8
+                             memory=[TemperatureRecord(celsius, local_now())])
+        await gw.run([thermo], until=lambda: len(gw.events) == expected_events)
+    asyncio.run(main(36.4, 1))
+    assert gw.registry.get(THERMO).pair_required  # found out by itself: next time, bond before subscribing
+    asyncio.run(main(37.1, 2))  # second connection: bonded at connect (pair=True), no refused subscribe
+    assert sum("requires pairing" in r.message for r in caplog.records) == 1
+    assert sorted(h.observation.quantities[0].value for h in gw.store.held()) == [36.4, 37.1]
+
+
+def test_glucose_download_interrupted_resumes_after_the_last_stored_record(gw: Gateway) -> None:
+    gw.allow(GLUCO)
+    now = local_now()
+
+    async def main() -> GlucoseMeter:
+        meter = GlucoseMeter(gw.new_radio(), GLUCO, "Glucose", drop_after=3, records=[
+            GlucoseRecord(seq, 100 + seq, now - dt.timedelta(hours=6 - seq)) for seq in range(1, 6)])
+        await gw.run([meter], until=lambda: len(gw.events) == 5)
+        return meter
+    meter = asyncio.run(main())
+    assert meter.connections == 2 and meter.requests == [bytes.fromhex("0101"), bytes.fromhex("0103010400")]
+    assert [c for _, c in gw.events] == [True] * 5  # nothing twice
+    assert gw.registry.get(GLUCO).last_sequence == 5
 
 
 def test_device_not_on_the_allow_list_is_ignored(gw: Gateway, caplog: pytest.LogCaptureFixture) -> None:

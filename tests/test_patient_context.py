@@ -77,6 +77,7 @@ def test_clear_replace_and_doctor(context: PatientContext) -> None:
     context.set_doctor("DR-1", now=T0)
     assert context.current(T0) is None and context.current_doctor(T0) == "DR-1"
     context.set_patient("P-1", now=T0 + MIN)
+    assert context.set_patient("P-1", now=T0 + 90 * MIN / 60).since == T0 + MIN  # same patient: same session
     p2 = context.set_patient("P-2", now=T0 + 2 * MIN)
     assert (p2.patient_id, p2.since, p2.doctor_id) == ("P-2", T0 + 2 * MIN, "DR-1")
     assert context.clear(now=T0 + 3 * MIN)

@@ -109,6 +109,7 @@ def test_scanner_then_bridge_measurement_lands_on_the_patient(tmp_path: Path, ru
     assert records["SERIAL:BP-BRIDGE"].connected and records["SERIAL:BP-BRIDGE"].serial == "BR-77"
     assert "118/76" in records["SERIAL:BP-BRIDGE"].last_reading
     assert records["SERIAL:DESK-SCANNER"].transport == "serial"
+    assert records["SERIAL:BP-BRIDGE"].name == f"bp-bridge (bridge) on {bridge.link_path}"
     scanner.unplug()
     bridge.unplug()
     wait_for(lambda: not r.registry.get("serial:bp-bridge").connected)

@@ -179,3 +179,17 @@ def test_folder_watcher_imports_what_shows_up(tmp_path: Path) -> None:
     shutil.copyfile(shared_file("ecg", "scp", "ecgtoolkit_Example.scp"), folder / "b.scp")
     (second,) = watcher.poll()
     assert (second.imported, second.known) == (1, 1) and len(taken) == 2
+
+
+def test_other_current_patient_flags_never_reassigns(stick: Path, outbox: Outbox) -> None:
+    config = parse_config('[gateway]\nid = "clinic-test"\n')
+    summary = import_paths([stick], is_known=lambda key: outbox.find(key) is not None,
+                           enqueue=enqueue_callable(outbox, config, lambda: "P-OTHER"), local_tz=UTC,
+                           now=lambda: NOW)
+    assert summary.imported == len(GOOD) + 1
+    by_key = {item.key: item for item in outbox.items()}
+    scp = by_key[content_key(shared_file("ecg", "scp", "ecgtoolkit_Example.scp").read_bytes())]
+    contec = by_key[content_key(shared_file("ecg", "contec", "0000037.ECG").read_bytes())]
+    assert scp.patient is not None and scp.patient["patient_id"] == "SBJ-123"  # the file's patient
+    assert "patient-mismatch" in scp.meta["flags"]
+    assert contec.patient is None and "patient-mismatch" not in contec.meta["flags"]

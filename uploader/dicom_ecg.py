@@ -316,7 +316,9 @@ def _person_name(value: str) -> str:
     groups = ["^".join(c.strip() for c in g.split("^")[:5]) for g in cleaned.split("=")[:3]]
     while len(groups) > 1 and len("=".join(groups).encode("utf-8")) > _MAX_CHARS["PN"]:
         groups.pop()
-    return _fit("=".join(groups), _MAX_CHARS["PN"]).rstrip("=^ ")
+    name = _fit("=".join(groups), _MAX_CHARS["PN"]).rstrip("=^ ")
+    # a one-word name is the family name: "Clark^" (plain "Clark" is the retired PN form)
+    return name + "^" if name and "^" not in name and "=" not in name else name
 
 
 def _ds(value: float) -> str:

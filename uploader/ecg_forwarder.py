@@ -30,7 +30,7 @@ from uploader.dicom_net import (
     PeerSettings,
     StoreAssociation,
 )
-from uploader.errors import ConfigurationFault, CorruptPayloadError, TransientError
+from uploader.errors import ConfigurationFault, CorruptPayloadError, PermanentError, TransientError
 from uploader.outbox import ItemState, Outbox, OutboxItem
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,15 @@ class EcgForwarder:
                         r.errors.append(str(exc))
                         self.on_event("quarantined", {"id": item.id, "reason": str(exc)})
                         continue
-                    outcome = assoc.store(payload)
+                    try:
+                        outcome = assoc.store(payload)
+                    except PermanentError as exc:  # e.g. a payload that is no DICOM we can send
+                        pending.pop(0)
+                        reason = f"cannot be sent: {exc}"
+                        self.outbox.quarantine(item.id, reason, self.clock())
+                        r.quarantined += 1
+                        self.on_event("quarantined", {"id": item.id, "reason": reason})
+                        continue
                     pending.pop(0)
                     now = self.clock()
                     if outcome.category in ("success", "warning"):

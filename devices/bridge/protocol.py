@@ -120,11 +120,7 @@ class BridgeProtocol:
                 self._acked.clear()
             return self._deliver(frame.seq, hello)
         if frame.seq in self._seen:
-            self.counters.duplicates += 1
-            again = frame.seq in self._acked
-            if again:
-                self._out += codec.encode_message(codec.Ack(frame.seq), self._take_seq())
-            return [DuplicateDropped(frame.seq, again)]
+            return [self._duplicate(frame.seq)]
         try:
             message = codec.decode_message(frame)
         except ProtocolError as exc:
@@ -135,13 +131,17 @@ class BridgeProtocol:
 
     def _deliver(self, seq: int, message: codec.Message) -> list[BridgeEvent]:
         if seq in self._seen:
-            self.counters.duplicates += 1
-            again = seq in self._acked
-            if again:
-                self._out += codec.encode_message(codec.Ack(seq), self._take_seq())
-            return [DuplicateDropped(seq, again)]
+            return [self._duplicate(seq)]
         self._seen.add(seq)
         return [MessageReceived(seq, message)]
+
+    def _duplicate(self, seq: int) -> DuplicateDropped:
+        """Drop a resent frame; if it was acknowledged already, the ACK was lost: send it again."""
+        self.counters.duplicates += 1
+        again = seq in self._acked
+        if again:
+            self._out += codec.encode_message(codec.Ack(seq), self._take_seq())
+        return DuplicateDropped(seq, again)
 
     def _refuse(self, seq: int, reason: int, text: str) -> FrameRejected:
         self.counters.nacks_sent += 1

@@ -294,6 +294,15 @@ class Thermometer(EmulatedPeripheral):
         if self.hang_up_after_memory:
             await self.hang_up()
 
+    async def measure(self, celsius: float) -> None:
+        """A new measurement: into memory, then sent now if connected, else advertised for."""
+        record = TemperatureRecord(celsius, self.clock.now().replace(microsecond=0))
+        self.memory.append(record)
+        if self.connection is not None:
+            await self.send(self.measurement, encode_temperature(record.celsius, record.taken_at), indicate=True)
+        else:
+            await self.advertise()
+
 
 # --------------------------------------------------------------------------------------------
 def encode_plx_continuous(spo2: float, pulse: float, status: int | None = None) -> bytes:

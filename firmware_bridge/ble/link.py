@@ -395,18 +395,29 @@ class BleDeviceManager:
         stopping = asyncio.ensure_future(stop.wait())
         try:
             while not stop.is_set():
-                self._allowed = self.port.allowed_devices()
+                try:
+                    self._allowed = self.port.allowed_devices()
+                except Exception:  # noqa: BLE001 - e.g. clinic.db locked: keep the last list
+                    log.exception("allow-list not readable; using the previous one")
                 loop_now = time.monotonic()
                 missing = [a for a in self._allowed if a not in self.sessions]
                 ready = [a for a in missing if self._not_before.get(a, 0.0) <= loop_now]
                 if ready:
                     scanner = BleakScanner(self._on_detection, **self._scanner_kwargs())
-                    await scanner.start()
+                    try:
+                        await scanner.start()
+                    except (BleakError, OSError) as exc:  # adapter off or gone, BlueZ restarting
+                        log.warning("cannot scan: %s; trying again in %.0f s", exc, self.settings.scan_pass_s)
+                        await self._wait(stopping, self.settings.scan_pass_s)
+                        continue
                     try:
                         await self._wait(stopping, self.settings.scan_pass_s,
                                          until=lambda: all(a in self.sessions for a in self._allowed))
                     finally:
-                        await scanner.stop()
+                        try:
+                            await scanner.stop()
+                        except (BleakError, OSError) as exc:
+                            log.warning("stopping the scan failed: %s", exc)
                 else:
                     due = [self._not_before[a] - loop_now for a in missing if a in self._not_before]
                     await self._wait(stopping, min([self.settings.scan_pass_s, *due]))

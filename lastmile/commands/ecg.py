@@ -168,7 +168,22 @@ class ProgressBar:
         self.stream.flush()
 
 
-def enqueue_callable(outbox, config):
+PATIENT_MISMATCH = "patient-mismatch"
+
+
+def with_patient_check(recording: "EcgRecording", current_patient_id: str | None) -> "EcgRecording":
+    """The file's patient is kept; if the gateway's current patient is another one, the
+    recording is flagged for the doctor (never re-assigned). A file without a patient stays
+    unassigned: a stick may hold ECGs of many patients."""
+    import dataclasses
+
+    if (current_patient_id and recording.patient is not None
+            and recording.patient.patient_id != current_patient_id and PATIENT_MISMATCH not in recording.flags):
+        return dataclasses.replace(recording, flags=recording.flags + (PATIENT_MISMATCH,))
+    return recording
+
+
+def enqueue_callable(outbox, config, current_patient_id=lambda: None):
     """(recording, key) -> created, for firmware_bridge.usb_import: the lead's intake builds the
     DICOM object (UIDs minted once) and stores it; a recording no DICOM ECG can hold is refused."""
     from firmware_bridge.usb_import import FileRefused
@@ -176,6 +191,7 @@ def enqueue_callable(outbox, config):
     from uploader.errors import InvalidObjectError
 
     def enqueue(recording, key: str) -> bool:
+        recording = with_patient_check(recording, current_patient_id())
         try:
             return enqueue_recording(outbox, recording, config, key=key).created
         except InvalidObjectError as exc:
@@ -192,15 +208,24 @@ def _import(args: argparse.Namespace) -> int:
     missing = [p for p in args.paths if not Path(p).exists()]
     if missing:
         return _fail(f"no such file or folder: {', '.join(missing)}")
+    from lastmile.patient_context import PatientContext
+
     config = config_from_args(args)
     outbox = open_outbox(config)
+    patients = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+
+    def current_patient_id() -> str | None:
+        current = patients.current(dt.datetime.now(dt.timezone.utc))
+        return current.patient_id if current else None
+
     try:
         summary = import_paths(
             args.paths, is_known=lambda key: outbox.find(key) is not None,
-            enqueue=enqueue_callable(outbox, config), local_tz=local_zone(),
+            enqueue=enqueue_callable(outbox, config, current_patient_id), local_tz=local_zone(),
             now=lambda: dt.datetime.now(dt.timezone.utc),
             progress=None if args.quiet else ProgressBar())
     finally:
+        patients.close()
         outbox.close()
     for outcome in summary.refused:
         print(f"refused: {outcome.path}: {outcome.reason}")
@@ -208,18 +233,54 @@ def _import(args: argparse.Namespace) -> int:
     return 1 if summary.refused else 0  # scripts notice refused files; the good ones are in
 
 
-def store_received_callable(outbox):
+def store_received_callable(outbox, current_patient_id=lambda: None):
     """ReceivedObject -> durable outbox item, for firmware_bridge.dicom_receiver: the object is
     stored as received (its bytes, its UIDs); the SOP Instance UID is the key, so a cart that
-    sends the same object again gets Success without a second item."""
+    sends the same object again gets Success without a second item. A patient other than the
+    gateway's current one is flagged in the item's meta (the object itself is not touched)."""
     from uploader.outbox import Priority
 
     def store(obj) -> None:
+        current = current_patient_id()
+        mismatch = bool(current and obj.patient and obj.patient["patient_id"] != current)
         meta = {"sop_class_uid": obj.sop_class_uid, "sop_instance_uid": obj.sop_instance_uid,
                 "study_uid": obj.study_uid, "series_uid": obj.series_uid,
                 "transfer_syntax": obj.transfer_syntax, "source_format": "dicom-lan",
-                "calling_ae": obj.calling_ae, "flags": [], "unassigned": obj.patient is None}
+                "calling_ae": obj.calling_ae, "flags": [PATIENT_MISMATCH] if mismatch else [],
+                "unassigned": obj.patient is None}
         outbox.add("dicom", "dicom-sop:" + obj.sop_instance_uid, obj.data, priority=Priority.ROUTINE,
                    meta=meta, patient=obj.patient)
 
     return store
+
+
+# -- for the acquire service (lastmile/commands/service.py): how it composes the two intakes --
+
+def start_lan_receiver(config, outbox, current_patient_id=lambda: None):
+    """The clinic-LAN storage SCP from `lan_receiver.*`, started; None when disabled."""
+    from firmware_bridge.dicom_receiver import DicomReceiver, settings_from
+
+    section = config.lan_receiver
+    if not section.enabled:
+        return None
+    receiver = DicomReceiver(
+        settings_from(section.ae_title, section.port, section.allowed_callers, section.sop_classes,
+                      timeout_s=config.reading_center.timeout_s),
+        store_received_callable(outbox, current_patient_id))
+    receiver.start()
+    return receiver
+
+
+def usb_import_watcher(config, outbox, current_patient_id=lambda: None):
+    """A FolderWatcher over `usb_import.folders`; call its poll() every few seconds (or on a
+    udev 'add' event for a mass-storage device mounted there)."""
+    from firmware_bridge.usb_import import FolderWatcher, import_paths
+
+    enqueue = enqueue_callable(outbox, config, current_patient_id)
+    zone = local_zone()
+
+    def run(roots):
+        return import_paths(roots, is_known=lambda key: outbox.find(key) is not None, enqueue=enqueue,
+                            local_tz=zone, now=lambda: dt.datetime.now(dt.timezone.utc))
+
+    return FolderWatcher(config.usb_import.folders, run)
