@@ -73,6 +73,7 @@ class PatientSection:
 @dataclass
 class LanReceiverSection:
     enabled: bool = False  # accept DICOM from carts on the clinic LAN
+    host: str = "0.0.0.0"  # address to listen on: the clinic LAN interface's, or 0.0.0.0 for all
     port: int = 11112
     ae_title: str = "LASTMILE"
     allowed_callers: list[str] = field(default_factory=list)  # calling AE titles allowed to store
@@ -96,7 +97,7 @@ class BleSection:
 class SerialSection:
     enabled: bool = True
     profiles_dir: str = ""  # extra ASCII-report profiles (TOML); built-in ones always available
-    devices: list[dict] = field(default_factory=list)  # [{name, match = "VID:PID[:SERIAL]", profile}]
+    devices: list[dict] = field(default_factory=list)  # [{name, match = "VID:PID[:SERIAL]" or a path, profile}]
     patient_card_pattern: str = ""  # regex: a scanned code that names a patient
     doctor_badge_pattern: str = ""  # regex: a scanned code that names a doctor
 

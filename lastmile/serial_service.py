@@ -339,6 +339,8 @@ class AsciiReportHandler:
         self.address = port.by_id or port.device
         self.parser = ReportParser(profile, profile.identity(address=self.address))
         self._last_data = time.monotonic()
+        self._unstored: list[Observation] = []  # the device cannot resend: retried from here
+        self._next_retry = 0.0
 
     def connection_made(self, link: Link) -> None:
         self.ctx.status(self.spec, port=self.address, connected=True, seen=True)
@@ -351,7 +353,9 @@ class AsciiReportHandler:
         for ev in events:
             if isinstance(ev, ReportParsed):
                 for obs in ev.observations:
-                    self.ctx.store_observation(self.spec, obs)
+                    if not self.ctx.store_observation(self.spec, obs):
+                        self._unstored.append(obs)
+                        self._next_retry = time.monotonic() + RETRY_STORE_S
             elif isinstance(ev, ReportRejected):
                 log.warning("%s: report rejected: %s", self.spec.name, ev.reason)
                 self.ctx.error(self.spec, f"report rejected: {ev.reason}")
@@ -361,9 +365,12 @@ class AsciiReportHandler:
         self.ctx.status(self.spec, connected=False, error=reason)
 
     def tick(self) -> float | None:
-        quiet = time.monotonic() - self._last_data
-        if not self.parser.idle and quiet >= ASCII_IDLE_FLUSH_S:
+        now = time.monotonic()
+        if not self.parser.idle and now - self._last_data >= ASCII_IDLE_FLUSH_S:
             self._events(self.parser.flush(self.ctx.now()))
+        if self._unstored and now >= self._next_retry:
+            self._unstored = [o for o in self._unstored if not self.ctx.store_observation(self.spec, o)]
+            self._next_retry = now + RETRY_STORE_S
         return ASCII_IDLE_FLUSH_S
 
 

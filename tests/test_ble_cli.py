@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from devices.identity import DeviceIdentity, TimeSource
 from devices.observation import Observation, Quantity
 from lastmile.cli import main
+from tests.conftest import missing
 from lastmile.observation_store import ObservationStore
 from uploader.outbox import Outbox
 
@@ -61,7 +63,8 @@ def test_pair_devices_unpair(capsys: pytest.CaptureFixture[str], tmp_path: Path)
 
 
 def test_scan_emulated(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    pytest.importorskip("bumble")
+    if importlib.util.find_spec("bumble") is None:
+        missing("bumble (the emulation extra) is not installed")
     run(capsys, "ble", "pair", "C0:FF:EE:00:00:01", "--data-dir", str(tmp_path))
     code, out, _ = run(capsys, "ble", "scan", "--emulated", "--timeout", "0.3", "--json", "--data-dir", str(tmp_path))
     found = {r["address"]: r for r in json.loads(out)}

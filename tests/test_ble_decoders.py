@@ -403,7 +403,8 @@ def test_plx_continuous_every_flag_combination(flags: int) -> None:
 
 @pytest.mark.parametrize("bit", range(16))
 def test_plx_each_status_bit(bit: int) -> None:
-    m = decode_plx_spot_check(b"\x06" + sf(97) + sf(64) + struct.pack("<H", 1 << bit) + (1 << bit).to_bytes(3, "little"))
+    statuses = struct.pack("<H", 1 << bit) + (1 << bit).to_bytes(3, "little")
+    m = decode_plx_spot_check(b"\x06" + sf(97) + sf(64) + statuses)
     assert m.details["measurement_status"] == 1 << bit
     assert len(m.flags) == (1 if bit < 5 else 2)  # measurement-status bits 0-4 are reserved
 
@@ -578,7 +579,8 @@ def test_device_information() -> None:
         with pytest.raises(ProtocolError):
             decode_string(bad)
     pnp = decode_pnp_id(PNP_ID)
-    assert (pnp.vendor_id_source, pnp.vendor_id, pnp.product_id, pnp.product_version) == ("usb-if", 0x045E, 0x0201, 0x0100)
+    assert (pnp.vendor_id_source, pnp.vendor_id, pnp.product_id, pnp.product_version) == (
+        "usb-if", 0x045E, 0x0201, 0x0100)
     every_truncation_fails(decode_pnp_id, PNP_ID)
     with pytest.raises(ProtocolError):
         decode_pnp_id(b"\x03" + PNP_ID[1:])

@@ -214,3 +214,33 @@ def test_fuzz_stream_reader_with_valid_frames_among_garbage(chunks: list[bytes],
     wire = b"\x00" + b"".join(codec.encode_message(m, i) for i, m in enumerate(messages))
     frames = [i for i in reader.feed(wire) if isinstance(i, codec.Frame)]
     assert [codec.decode_message(f) for f in frames] == messages
+
+
+def test_duplicate_window_is_bounded() -> None:
+    from devices.bridge.protocol import BridgeProtocol, DuplicateDropped, MessageReceived
+
+    proto = BridgeProtocol(window=4)
+    wire = [codec.encode_message(codec.Log(20, str(i)), i) for i in range(6)]
+    assert all(isinstance(e, MessageReceived) for w in wire for e in proto.receive_data(w))
+    assert isinstance(proto.receive_data(wire[5])[0], DuplicateDropped)
+    assert isinstance(proto.receive_data(wire[0])[0], MessageReceived)  # aged out of the window
+
+
+@settings(deadline=None, max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(
+    st.tuples(st.sampled_from(ALL_MESSAGES), st.integers(0, 20)).map(lambda m: codec.encode_message(*m)),
+    st.tuples(st.sampled_from(sorted(codec.MESSAGE_CLASSES)), st.integers(0, 20), st.binary(max_size=120)).map(
+        lambda t: codec.encode_frame(*t)),
+    st.binary(max_size=60)), max_size=20))
+def test_fuzz_gateway_session_never_raises(chunks: list[bytes]) -> None:
+    """Whatever a bridge sends, the gateway session answers with events, never an exception."""
+    import datetime as dt
+
+    from devices.bridge.session import BridgeSession
+
+    session = BridgeSession("/dev/ttyACM0", max_ecg_seconds=5.0)
+    now = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
+    for chunk in chunks:
+        session.receive_data(chunk, now)
+        session.data_to_send()
+    session.connection_lost(now)

@@ -495,6 +495,12 @@ def test_tls_trust_failures_are_configuration_faults(storescp_factory: Callable[
             pytest.fail(why)
     with pytest.raises(TransientError, match="aborted"):  # plain DICOM to a TLS port: dropped
         echo(peer_at(scp.port, scp.ae_title))
+    plain = StorescpServer(tmp_path / "plain").start()
+    try:
+        with pytest.raises(TransientError, match="speak TLS"):  # TLS to a plain port: reset
+            echo(peer_at(plain.port, plain.ae_title, tls=_tls(m)))
+    finally:
+        plain.stop()
     assert echo(replace(peer_at(scp.port, scp.ae_title, tls=_tls(m)), host="localhost")) > 0
 
 

@@ -148,7 +148,7 @@ def test_inotify_wakes_the_manager_at_once(tmp_path: Path) -> None:
         time.sleep(0.3)
         dev = PtyDevice(link)
         took = wait_for(lambda: manager.statuses()[0].connected, timeout=3.0)
-        assert took < 0.5
+        assert took < 1.0  # the 60 s rescan cannot explain it
         dev.unplug()
 
 

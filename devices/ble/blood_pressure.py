@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from devices.ble.measurement import Measurement, bit_flags, quantity
 from devices.ble.payload import PayloadReader
-from devices.ble.uuids import BLOOD_PRESSURE_FEATURE, BLOOD_PRESSURE_MEASUREMENT, INTERMEDIATE_CUFF_PRESSURE
+from devices.ble.uuids import BLOOD_PRESSURE_MEASUREMENT, INTERMEDIATE_CUFF_PRESSURE
 from devices.errors import UnsupportedFeatureError
 
 FLAG_UNITS_KPA = 0x01

@@ -51,7 +51,8 @@ def decode_current_time(data: bytes) -> CurrentTime:
     return CurrentTime(local, day_of_week, bit_flags(adjust, ADJUST_REASONS))
 
 
-def encode_current_time(local_time: dt.datetime, adjust_reason: int = ADJUST_MANUAL | ADJUST_EXTERNAL_REFERENCE) -> bytes:
+def encode_current_time(local_time: dt.datetime,
+                        adjust_reason: int = ADJUST_MANUAL | ADJUST_EXTERNAL_REFERENCE) -> bytes:
     """Current Time value setting a device clock to `local_time` (naive wall clock)."""
     if local_time.tzinfo is not None:
         raise ValueError("a device clock keeps local wall-clock time: pass a naive datetime")

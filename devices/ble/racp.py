@@ -179,7 +179,8 @@ TRANSITIONS: dict[tuple[RacpState, str], RacpState] = {
     (RacpState.ABORTING, "response-code"): RacpState.IDLE,
     (RacpState.ABORTING, "record"): RacpState.ABORTING,  # records already in flight
 }
-PENDING_OP = {RacpState.REPORTING: OpCode.REPORT_STORED_RECORDS, RacpState.COUNTING: OpCode.REPORT_NUMBER_OF_STORED_RECORDS,
+PENDING_OP = {RacpState.REPORTING: OpCode.REPORT_STORED_RECORDS,
+              RacpState.COUNTING: OpCode.REPORT_NUMBER_OF_STORED_RECORDS,
               RacpState.DELETING: OpCode.DELETE_STORED_RECORDS, RacpState.ABORTING: OpCode.ABORT_OPERATION}
 
 

@@ -1,8 +1,10 @@
 """Streamed ECG: ECG_START / ECG_BLOCK ... / ECG_END become one `EcgRecording`.
 
-The sample counter of each block is the truth: a jump is a gap (recorded as `SampleGap` and
-filled with `GAP_FILL`, the value the DICOM builder declares as Waveform Padding Value, so the
-time axis stays right and nothing is papered over), a repeat is a duplicate (dropped).
+The sample counter of each block is the truth: a jump is a gap, a repeat is a duplicate
+(dropped). Gaps follow the recording's convention (shared with uploader/dicom_ecg.py): the
+missing samples are *absent* from `samples` and `SampleGap(start, missing)` says they belong
+just before index `start`; the DICOM builder puts them back as Waveform Padding Value
+(`GAP_FILL`) with an annotation, so the time axis stays true and nothing is papered over.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from devices.ecg.recording import EcgRecording, SampleGap
 from devices.errors import ProtocolError
 from devices.identity import DeviceIdentity, TimeSource
 
-# Marks samples that never arrived. A real sample at the negative rail is moved up by one
-# unit so the marker stays unambiguous (it is saturated anyway).
+# The DICOM Waveform Padding Value that marks samples that never arrived. A real sample at the
+# negative rail is moved up by one unit so the marker stays unambiguous (it is saturated anyway).
 GAP_FILL = -32768
 MAX_RATE_HZ = 2000
 DEFAULT_MAX_SECONDS = 1800.0  # a stream longer than this is refused rather than exhausting RAM
@@ -49,7 +51,8 @@ class EcgAssembler:
         self.device = device
         self.max_samples = int(max_seconds * start.sampling_rate_hz)
         self._chunks: list[np.ndarray] = []  # (samples, leads) int16
-        self._next = 0  # the counter we expect next == samples held (incl. gap fill)
+        self._next = 0  # the sample counter expected next
+        self._held = 0  # samples received (the counter minus the gaps)
         self.gaps: list[SampleGap] = []
         self.duplicates = 0
         self.blocks = 0
@@ -64,15 +67,12 @@ class EcgAssembler:
 
     @property
     def samples_held(self) -> int:
-        return self._next
+        return self._held
 
-    def _fill(self, start: int, missing: int) -> SampleGap:
-        if start + missing > self.max_samples:
-            raise ProtocolError(f"ECG stream exceeds {self.max_samples} samples")
-        self._chunks.append(np.full((missing, self.n_leads), GAP_FILL, dtype=np.int16))
-        gap = SampleGap(start=start, missing=missing)
+    def _gap(self, missing: int) -> SampleGap:
+        gap = SampleGap(start=self._held, missing=missing)
         self.gaps.append(gap)
-        self._next = start + missing
+        self._next += missing
         return gap
 
     def add_block(self, block: codec.EcgBlock) -> BlockOutcome:
@@ -83,17 +83,18 @@ class EcgAssembler:
         if first + n <= self._next:
             self.duplicates += n
             return BlockOutcome(0, n, None)
+        if first + n > self.max_samples:
+            raise ProtocolError(f"ECG stream exceeds {self.max_samples} samples")
         data = np.frombuffer(block.samples, dtype="<i2").reshape(n, self.n_leads)
         skip = 0
         if first < self._next:
             skip = self._next - first
             data = data[skip:]
             first = self._next
-        gap = self._fill(self._next, first - self._next) if first > self._next else None
-        if first + len(data) > self.max_samples:
-            raise ProtocolError(f"ECG stream exceeds {self.max_samples} samples")
+        gap = self._gap(first - self._next) if first > self._next else None
         self._chunks.append(np.maximum(data, GAP_FILL + 1).astype(np.int16, copy=False))
         self._next = first + len(data)
+        self._held += len(data)
         self.duplicates += skip
         self.blocks += 1
         return BlockOutcome(len(data), skip, gap)
@@ -107,10 +108,12 @@ class EcgAssembler:
             if end.status == codec.ECG_END_ABORTED:
                 flags.append("ecg-aborted")
             if end.total_samples > self._next:  # the tail never arrived
-                self._fill(self._next, end.total_samples - self._next)
+                if end.total_samples > self.max_samples:
+                    raise ProtocolError(f"ECG stream exceeds {self.max_samples} samples")
+                self._gap(end.total_samples - self._next)
             elif end.total_samples < self._next:
                 flags.append("sample-count-mismatch")
-        if self._next == 0:
+        if self._held == 0:
             raise ProtocolError("ECG recording without samples")
         if self.gaps:
             flags.insert(0, "sample-gap")

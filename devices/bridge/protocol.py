@@ -14,7 +14,7 @@ well-formed frames it cannot decode. It never touches a port, a clock or a datab
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from devices.bridge import codec
@@ -45,29 +45,25 @@ BridgeEvent = MessageReceived | FrameRejected | DuplicateDropped
 
 
 class _SeqWindow:
-    """The last `size` sequence numbers, for duplicate detection (bounded memory)."""
+    """The last `size` sequence numbers, for duplicate detection (bounded memory, oldest forgotten)."""
 
     def __init__(self, size: int) -> None:
-        self._order: deque[int] = deque()
-        self._members: set[int] = set()
+        self._members: OrderedDict[int, None] = OrderedDict()
         self._size = size
 
     def __contains__(self, seq: int) -> bool:
         return seq in self._members
 
     def add(self, seq: int) -> None:
-        if seq in self._members:
-            return
-        self._order.append(seq)
-        self._members.add(seq)
-        if len(self._order) > self._size:
-            self._members.discard(self._order.popleft())
+        self._members[seq] = None
+        self._members.move_to_end(seq)
+        if len(self._members) > self._size:
+            self._members.popitem(last=False)
 
     def discard(self, seq: int) -> None:
-        self._members.discard(seq)  # stays in _order until it ages out; harmless
+        self._members.pop(seq, None)
 
     def clear(self) -> None:
-        self._order.clear()
         self._members.clear()
 
 

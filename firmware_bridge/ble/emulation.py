@@ -185,8 +185,9 @@ def _protocol_error(exc: ATT_Error) -> BleakGATTProtocolError:
 class EmulatedBleakClient(BaseBleakClient):
     radio: EmulatedRadio
 
-    def __init__(self, address_or_ble_device: BLEDevice | str, *, disconnected_callback: Callable[[], None] | None = None,
-                 timeout: float = 10.0, **kwargs: Any) -> None:
+    def __init__(self, address_or_ble_device: BLEDevice | str, *,
+                 disconnected_callback: Callable[[], None] | None = None, timeout: float = 10.0,
+                 **kwargs: Any) -> None:
         super().__init__(address_or_ble_device, disconnected_callback=disconnected_callback, timeout=timeout)
         self.address = self.address.upper()
         self._conn: Connection | None = None
@@ -227,7 +228,10 @@ class EmulatedBleakClient(BaseBleakClient):
             if pair:
                 await conn.pair()
             self.services = await self._discover()
-        except Exception:
+        except bumble_core.BaseBumbleError as exc:
+            await self.disconnect()
+            raise BleakError(f"set-up of {self.address} failed: {exc}") from exc
+        except BaseException:
             await self.disconnect()
             raise
 

@@ -163,16 +163,25 @@ class DeviceSession:
         try:
             log.info("%s: connected", self.address)
             self.port.report(DeviceStatus(self.address, connected=True))
-            self.identity = await self._read_identity()
-            self.port.report(DeviceStatus(self.address, identity=self.identity))
-            await self._set_clock()
-            await self._subscribe_all()
-            if self._char(uuids.RECORD_ACCESS_CONTROL_POINT) is not None:
-                await self._download_records()
+            try:
+                self.identity = await self._read_identity()
+                self.port.report(DeviceStatus(self.address, identity=self.identity))
+                await self._set_clock()
+                await self._subscribe_all()
+                if self._char(uuids.RECORD_ACCESS_CONTROL_POINT) is not None:
+                    await self._download_records()
+            except BleakError:
+                if not self._gone.is_set():
+                    raise
+                # A cuff that has sent its memory hangs up, even while we are still subscribing.
+                log.info("%s: device hung up during set-up", self.address)
             await self._gone.wait()
             log.info("%s: disconnected (%d stored, %d already known)", self.address, self.stored, self.duplicates)
         finally:
-            self._flush_glucose()
+            try:
+                self._flush_glucose()  # records whose context never came are still records
+            except Exception:  # noqa: BLE001 - do not hide why the session ended
+                log.exception("%s: could not store the last glucose records", self.address)
             client, self.client = self.client, None
             if client is not None and client.is_connected:
                 try:

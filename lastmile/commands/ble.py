@@ -163,7 +163,8 @@ def _decode(args: argparse.Namespace) -> int:
 def _describe(value: object, prefix: str = "") -> list[str]:
     """Human lines for a decoded value; quantities as 'code: value unit (sent ...)'."""
     if isinstance(value, dict) and {"code", "value", "unit"} <= set(value):
-        shown = f"{value['value']:g} {value['unit']}" if value["value"] is not None else f"no value ({value['special']})"
+        shown = (f"{value['value']:g} {value['unit']}" if value["value"] is not None
+                 else f"no value ({value['special']})")
         sent = ""
         if value.get("sent_unit") and value["sent_unit"] != value["unit"] and value["sent_value"] is not None:
             sent = f"  (sent {value['sent_value']:g} {value['sent_unit']})"

@@ -265,7 +265,7 @@ def start_lan_receiver(config, outbox, current_patient_id=lambda: None):
         return None
     receiver = DicomReceiver(
         settings_from(section.ae_title, section.port, section.allowed_callers, section.sop_classes,
-                      timeout_s=config.reading_center.timeout_s),
+                      host=section.host, timeout_s=config.reading_center.timeout_s),
         store_received_callable(outbox, current_patient_id))
     receiver.start()
     return receiver
