@@ -152,6 +152,7 @@ def run_demo(say: Say, *, n_recordings: int = 12, outage_s: float = 4.0,
             forwarder.close()
             center.stop()
 
+        _ble_part(config, say, summary)
         counts = outbox.stats(time.time())["counts"]
         outbox.close()
         uids = set(center.received)
@@ -165,6 +166,24 @@ def run_demo(say: Say, *, n_recordings: int = 12, outage_s: float = 4.0,
             0, summary.received - n_recordings)
         summary.elapsed_s = round(time.monotonic() - t0, 2)
     return summary
+
+
+def _ble_part(config: Config, say: Say, summary: DemoSummary) -> None:
+    """An emulated BP cuff and thermometer through the real BLE path (bleak over bumble)."""
+    try:
+        from lastmile.ble_acquire import run_emulated_clinic
+    except ImportError as exc:  # bumble is the optional `emulation` extra
+        say(f"BLE part skipped: emulation not installed ({exc}); pip install 'lastmile[emulation]'")
+        return
+    patient = DEMO_PATIENTS[0]
+    say(f"patient {patient.patient_id} is with the doctor; an emulated BP cuff and thermometer "
+        "connect over BLE (real bleak API, bumble radio) ...")
+    ble = run_emulated_clinic(config, patient_id=patient.patient_id, patient_name=patient.name)
+    say(f"  {ble.observations} observations: {ble.stored} on {patient.patient_id}, "
+        f"{ble.held} older cuff readings held unassigned for the doctor, "
+        f"{ble.duplicates} re-sent records recognised")
+    summary.extra.update({"ble_observations": ble.observations, "ble_stored": ble.stored,
+                          "ble_held": ble.held, "ble_duplicates": ble.duplicates})
 
 
 def _count(outbox, *states: str) -> int:

@@ -21,6 +21,7 @@ import gzip
 import itertools
 import json
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -59,7 +60,8 @@ class ServerStats:
 class FhirReceiver:
     def __init__(self, *, token: str | None = None, accept_gzip: bool = True,
                  response_delay_s: float = 0.0,
-                 validator: Callable[[dict], None] | None = check_transaction_shape) -> None:
+                 validator: Callable[[dict], None] | None = check_transaction_shape,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.token = token
         self.accept_gzip = accept_gzip
         self.response_delay_s = response_delay_s
@@ -74,13 +76,17 @@ class FhirReceiver:
         self._lock = threading.Lock()
         self._httpd = _QuietServer(("127.0.0.1", 0), self._handler())
         self._httpd.daemon_threads = True
+        self._scheme = "http"
+        if ssl_context is not None:
+            self._httpd.socket = ssl_context.wrap_socket(self._httpd.socket, server_side=True)
+            self._scheme = "https"
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="fhir-test-server",
                                         daemon=True)
 
     # --- life cycle ----------------------------------------------------------------------------
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}/fhir"
+        return f"{self._scheme}://127.0.0.1:{self._httpd.server_address[1]}/fhir"
 
     def __enter__(self) -> "FhirReceiver":
         self._thread.start()

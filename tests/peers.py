@@ -461,7 +461,8 @@ class ScriptedStoreSCP:
         request = event.action_information
         with self._lock:
             self.actions.append(request)
-            stored = {r.sop_instance_uid for r in self.received if r.status in (0, 0xB000, 0xB006, 0xB007)}
+            stored = {r.sop_instance_uid for r in self.received
+                      if r.status in (0x0000, 0x0001, 0xB000, 0xB006, 0xB007)}
         if self.commitment_status != 0x0000:
             return self.commitment_status, None
         info = Dataset()
@@ -601,8 +602,12 @@ def orthanc_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callab
         return server.start() if start else server
 
     yield make
-    for server in made:
-        server.stop()
+    # each clean stop takes seconds of polling: stop them side by side
+    stoppers = [threading.Thread(target=server.stop) for server in made]
+    for t in stoppers:
+        t.start()
+    for t in stoppers:
+        t.join()
 
 
 @pytest.fixture

@@ -83,6 +83,62 @@ def test_sender_types_every_failure(tmp_path: Path) -> None:
             sender.post_transaction(_body(1))
 
 
+def _ca_and_server_cert(tmp_path: Path, name: str) -> tuple[Path, Path, Path]:
+    """A private CA and a certificate for 127.0.0.1 signed by it (PEM files)."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def pem_key(key: ec.EllipticCurvePrivateKey, path: Path) -> Path:
+        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+        return path
+
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(1).not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(2)
+            .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    ca_file = tmp_path / f"{name}-ca.pem"
+    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_file = tmp_path / f"{name}-cert.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return ca_file, cert_file, pem_key(key, tmp_path / f"{name}-key.pem")
+
+
+def test_tls_is_verified_against_the_configured_ca(tmp_path: Path) -> None:
+    import ssl
+
+    ca_file, cert_file, key_file = _ca_and_server_cert(tmp_path, "county")
+    other_ca, _, _ = _ca_and_server_cert(tmp_path, "other")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    with FhirTestServer(ssl_context=context) as server:
+        assert server.base_url.startswith("https://")
+        with _sender(server, None, ca_file=str(ca_file)) as sender:
+            sender.post_transaction(_body(1))
+        with _sender(server, None, ca_file=str(other_ca)) as sender:
+            with pytest.raises(ConfigurationFault, match="TLS"):
+                sender.post_transaction(_body(2))
+        assert server.identifiers("Encounter") == [visit(1).visit_id]
+
+
 def test_invalid_resource_is_permanent_with_outcome_text(tmp_path: Path) -> None:
     bundle = json.loads(_body(1))
     enc = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Encounter")

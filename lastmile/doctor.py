@@ -1,0 +1,495 @@
+"""`lastmile doctor`: one command that tells a county technician what is wrong, and what to do.
+
+Each check gives one line, OK / WARN / FAIL (or SKIP), with a hint for anything not OK:
+configuration, data partition (free space, wear-relevant mount options), read-only root,
+journal size, clock and its source, the services, reading center C-ECHO, the storage-commitment
+listener, the FHIR endpoint and its token, devices seen, queue health. `--offline` skips what
+needs the network. The exit code is 1 when anything FAILs.
+
+Run as root, the checks that touch the data directory or the token run with the effective
+user of the data directory's owner (the service user), so they see what the services see and
+never leave root-owned files behind in /var/lib/lastmile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import enum
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lastmile.config import Config
+
+SERVICES = ("lastmile-acquire.service", "lastmile-forward.service")
+DEVICE_LINKS = Path("/dev/lastmile")
+JOURNALD_DROPINS = (Path("/etc/systemd/journald.conf"), Path("/etc/systemd/journald.conf.d"),
+                    Path("/usr/lib/systemd/journald.conf.d"))
+RECOMMENDED_COMMIT_S = 30  # ext4 default is 5 s: every 5 s a journal commit wears the SD card
+NETWORK_TIMEOUT_S = 10.0
+WAITING_WARN_S = 24 * 3600.0  # an item waiting longer than a day: the link has been down a while
+WAITING_FAIL_S = 7 * 24 * 3600.0
+
+
+class Level(str, enum.Enum):
+    OK = "OK"
+    WARN = "WARN"
+    FAIL = "FAIL"
+    SKIP = "SKIP"
+
+
+@dataclass
+class Finding:
+    check: str
+    level: Level
+    message: str
+    hint: str = ""
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["level"] = self.level.value
+        return d
+
+
+@dataclass
+class Doctor:
+    """What the checks look at; tests replace the system parts (paths, clock, commands)."""
+
+    config: Config
+    config_error: str | None = None
+    offline: bool = False
+    now: Callable[[], float] = time.time
+    mountinfo: Path = Path("/proc/self/mountinfo")
+    device_links: Path = DEVICE_LINKS
+    journald_paths: tuple[Path, ...] = JOURNALD_DROPINS
+    run: Callable[[list[str]], subprocess.CompletedProcess[str] | None] = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.run is None:
+            self.run = _run_tool
+
+    # -- the checks -------------------------------------------------------------------------------
+
+    def checks(self) -> list[tuple[str, Callable[[], list[Finding]], bool]]:
+        """(name, check, needs network)."""
+        return [
+            ("config", self.check_config, False),
+            ("data", self.check_data_partition, False),
+            ("root", self.check_root_fs, False),
+            ("journal", self.check_journal, False),
+            ("clock", self.check_clock, False),
+            ("services", self.check_services, False),
+            ("reading-center", self.check_reading_center, True),
+            ("commitment", self.check_commitment_listener, False),
+            ("fhir", self.check_fhir, True),
+            ("devices", self.check_devices, False),
+            ("queue", self.check_queue, False),
+        ]
+
+    def run_all(self) -> list[Finding]:
+        findings: list[Finding] = []
+        for name, check, network in self.checks():
+            if network and self.offline:
+                findings.append(Finding(name, Level.SKIP, "skipped (--offline)"))
+                continue
+            try:
+                findings += check()
+            except Exception as exc:  # a check that breaks is itself a finding, never a traceback
+                findings.append(Finding(name, Level.FAIL, f"check failed: {type(exc).__name__}: {exc}",
+                                        "report this to the Lastmile maintainers"))
+        return findings
+
+    def check_config(self) -> list[Finding]:
+        if self.config_error:
+            return [Finding("config", Level.FAIL, self.config_error,
+                            "fix that line; `lastmile config defaults` lists every key (the other "
+                            "checks below use the defaults)")]
+        return [Finding("config", Level.OK, f"{self.config.source} is valid")]
+
+    def check_data_partition(self) -> list[Finding]:
+        data = self.config.data_dir
+        if not data.is_dir():
+            return [Finding("data", Level.FAIL, f"{data} does not exist",
+                            "is the data partition mounted? (systemctl status var-lib-lastmile.mount)")]
+        out = []
+        st = os.statvfs(data)
+        free_mb = st.f_bavail * st.f_frsize / 2**20
+        total_mb = st.f_blocks * st.f_frsize / 2**20
+        need = self.config.outbox.min_free_mb
+        text = f"{data}: {free_mb:.0f} MB free of {total_mb:.0f} MB"
+        if free_mb < need:
+            out.append(Finding("data", Level.FAIL, text + f" (below outbox.min_free_mb = {need}: new items refused)",
+                               "forward the queue (is the link up?) or purge committed items"))
+        elif free_mb < 2 * need:
+            out.append(Finding("data", Level.WARN, text + f" (close to outbox.min_free_mb = {need})",
+                               "check that forwarding keeps up (`lastmile queue`)"))
+        else:
+            out.append(Finding("data", Level.OK, text))
+        mount = find_mount(self.mountinfo, data)
+        if mount is None:
+            out.append(Finding("data", Level.WARN, f"cannot tell which filesystem holds {data}"))
+            return out
+        out.append(self._wear_finding(data, mount))
+        return out
+
+    def _wear_finding(self, data: Path, mount: Mount) -> Finding:
+        opts = mount.options
+        where = f"{data} is on {mount.mount_point} ({mount.fstype}, {','.join(sorted(opts))})"
+        if "ro" in opts:
+            return Finding("data", Level.FAIL, where + ": read-only",
+                           "the data partition went read-only (I/O errors?): run fsck, check the SD card")
+        problems = []
+        if "noatime" not in opts:
+            problems.append("no noatime (every read writes an access time)")
+        if mount.fstype == "ext4":
+            commit = next((int(o.split("=", 1)[1]) for o in opts if o.startswith("commit=")), 5)
+            if commit < RECOMMENDED_COMMIT_S:
+                problems.append(f"journal commit every {commit} s")
+        if problems:
+            return Finding("data", Level.WARN, where + ": " + "; ".join(problems),
+                           f"mount it with noatime,commit=60 (image/ does) to spare the SD card")
+        return Finding("data", Level.OK, where)
+
+    def check_root_fs(self) -> list[Finding]:
+        mount = find_mount(self.mountinfo, Path("/"))
+        if mount is None:
+            return [Finding("root", Level.WARN, "cannot read the mount table")]
+        if mount.fstype == "overlay" or "ro" in mount.options:
+            return [Finding("root", Level.OK, f"root filesystem is {'an overlay' if mount.fstype == 'overlay' else 'read-only'}")]
+        return [Finding("root", Level.WARN, f"root filesystem is writable ({mount.fstype})",
+                        "on a clinic gateway the root should be read-only (overlayroot) so a power cut "
+                        "cannot corrupt it")]
+
+    def check_journal(self) -> list[Finding]:
+        settings: dict[str, str] = {}
+        for path in self.journald_paths:
+            files = sorted(path.glob("*.conf")) if path.is_dir() else [path] if path.is_file() else []
+            for f in files:
+                for line in f.read_text(errors="replace").splitlines():
+                    key, sep, value = line.strip().partition("=")
+                    if sep and not key.startswith("#"):
+                        settings[key.strip()] = value.strip()
+        storage = settings.get("Storage", "auto")
+        limit = settings.get("SystemMaxUse") if storage != "volatile" else settings.get("RuntimeMaxUse", "default")
+        if storage == "volatile" or settings.get("SystemMaxUse"):
+            return [Finding("journal", Level.OK, f"Storage={storage}, max {limit}")]
+        return [Finding("journal", Level.WARN, f"journal Storage={storage} with no SystemMaxUse",
+                        "set SystemMaxUse=32M (or Storage=volatile) in /etc/systemd/journald.conf.d/")]
+
+    def check_clock(self) -> list[Finding]:
+        from devices.identity import EARLIEST_PLAUSIBLE
+
+        now = dt.datetime.fromtimestamp(self.now(), dt.timezone.utc)
+        stamp = now.strftime("%Y-%m-%d %H:%M:%SZ")
+        if now < EARLIEST_PLAUSIBLE:
+            return [Finding("clock", Level.FAIL, f"system clock says {stamp}: not plausible",
+                            "no time source yet: connect the network (NTP) or a GPS receiver; "
+                            "measurements get the gateway-receipt time until then")]
+        source, synced = self._time_source()
+        if synced:
+            return [Finding("clock", Level.OK, f"{stamp}, synchronised ({source})")]
+        return [Finding("clock", Level.WARN, f"{stamp}, plausible but not synchronised ({source})",
+                        "enable systemd-timesyncd or chrony, or gpsd with a receiver; "
+                        "`timedatectl` shows the state")]
+
+    def _time_source(self) -> tuple[str, bool]:
+        if shutil.which("chronyc"):
+            r = self.run(["chronyc", "-n", "tracking"])
+            if r is not None and r.returncode == 0:
+                fields = dict(ln.split(":", 1) for ln in r.stdout.splitlines() if ":" in ln)
+                ref = fields.get("Reference ID", "").strip()
+                leap = fields.get("Leap status", "").strip()
+                return f"chrony, reference {ref or '?'}", leap == "Normal"
+        r = self.run(["timedatectl", "show", "-p", "NTPSynchronized", "-p", "NTP", "--value"])
+        if r is not None and r.returncode == 0 and r.stdout.strip():
+            values = r.stdout.split()
+            return "systemd-timesyncd" if values[-1:] == ["yes"] or len(values) > 1 else "timedatectl", \
+                values[0] == "yes"
+        if Path("/run/systemd/timesync/synchronized").exists():
+            return "systemd-timesyncd", True
+        return "no time daemon found; year check only", False
+
+    def check_services(self) -> list[Finding]:
+        if not Path("/run/systemd/system").is_dir():
+            return [Finding("services", Level.SKIP, "systemd is not running here")]
+        out = []
+        for unit in SERVICES:
+            r = self.run(["systemctl", "show", unit, "-p", "ActiveState,SubState,NRestarts,StatusText"])
+            if r is None:
+                return [Finding("services", Level.SKIP, "systemctl not found")]
+            props = dict(ln.split("=", 1) for ln in r.stdout.splitlines() if "=" in ln)
+            state = f"{props.get('ActiveState', '?')}/{props.get('SubState', '?')}"
+            restarts = props.get("NRestarts", "0")
+            text = f"{unit}: {state}, {restarts} restarts" + (
+                f", {props['StatusText']}" if props.get("StatusText") else "")
+            if props.get("ActiveState") == "active":
+                level = Level.WARN if int(restarts or 0) > 5 else Level.OK
+                out.append(Finding("services", level, text,
+                                   f"restarting often: journalctl -u {unit}" if level is Level.WARN else ""))
+            else:
+                out.append(Finding("services", Level.FAIL, text,
+                                   f"journalctl -u {unit} -n 50 says why; systemctl restart {unit}"))
+        return out
+
+    def check_reading_center(self) -> list[Finding]:
+        from lastmile.forward_service import peer_settings
+        from uploader.dicom_net import echo
+        from uploader.errors import ConfigurationFault, TransientError
+
+        rc = self.config.reading_center
+        peer = peer_settings(rc)
+        peer = type(peer)(**{**peer.__dict__, "timeout_s": min(peer.timeout_s, NETWORK_TIMEOUT_S)})
+        try:
+            rtt = echo(peer)
+        except ConfigurationFault as exc:
+            return [Finding("reading-center", Level.FAIL, f"C-ECHO refused: {exc}",
+                            "the PACS does not accept us: check reading_center.called_ae / calling_ae "
+                            "and that the reading center registered this gateway's AE title and address")]
+        except TransientError as exc:
+            return [Finding("reading-center", Level.FAIL, f"C-ECHO failed: {exc}",
+                            "check the network link and reading_center.host/port; items stay queued")]
+        return [Finding("reading-center", Level.OK, f"C-ECHO {peer.where}: {rtt * 1000:.0f} ms")]
+
+    def check_commitment_listener(self) -> list[Finding]:
+        rc = self.config.reading_center
+        if not rc.storage_commitment:
+            return [Finding("commitment", Level.OK, "storage commitment not requested "
+                            f"(local copies are kept: no_commitment_policy = {rc.no_commitment_policy})")]
+        port = rc.listen_port
+        with socket.socket() as s:
+            s.settimeout(1.0)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return [Finding("commitment", Level.OK, f"listener up on port {port} for commitment reports")]
+        try:
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("", port))
+        except OSError as exc:
+            return [Finding("commitment", Level.FAIL, f"port {port} cannot be bound: {exc.strerror}",
+                            "another program holds it, or it needs privileges: change reading_center.listen_port")]
+        return [Finding("commitment", Level.WARN, f"nothing listens on port {port} yet (it is free)",
+                        "lastmile-forward opens it when it runs: systemctl status lastmile-forward")]
+
+    def check_fhir(self) -> list[Finding]:
+        f = self.config.fhir
+        if not f.base_url:
+            return [Finding("fhir", Level.SKIP, "fhir.base_url not configured")]
+        import requests
+
+        from uploader.errors import ConfigurationFault
+        from uploader.fhir_sender import read_token_file
+
+        headers = {"Accept": "application/fhir+json"}
+        if f.token_file:
+            try:
+                with as_owner_of(self.config.data_dir):
+                    headers["Authorization"] = "Bearer " + read_token_file(f.token_file)
+            except ConfigurationFault as exc:
+                return [Finding("fhir", Level.FAIL, str(exc), "put the token in the file, owned by the "
+                                "service user, mode 600")]
+        url = f.base_url.rstrip("/") + "/metadata"
+        try:
+            r = requests.get(url, headers=headers, timeout=min(f.timeout_s, NETWORK_TIMEOUT_S),
+                             verify=f.ca_file or True)
+        except requests.RequestException as exc:
+            return [Finding("fhir", Level.FAIL, f"{url}: {type(exc).__name__}: {exc}",
+                            "check the network, fhir.base_url and fhir.ca_file")]
+        if r.status_code in (401, 403):
+            return [Finding("fhir", Level.FAIL, f"{url}: HTTP {r.status_code}: the token was refused",
+                            "ask the county platform for a new token; write it to fhir.token_file")]
+        if r.status_code != 200:
+            return [Finding("fhir", Level.FAIL, f"{url}: HTTP {r.status_code}",
+                            "is fhir.base_url the FHIR R4 base (ends before /metadata)?")]
+        return [Finding("fhir", Level.OK, f"{url}: HTTP 200 in {r.elapsed.total_seconds() * 1000:.0f} ms"
+                        + (" with token" if f.token_file else " (no token configured)"))]
+
+    def check_devices(self) -> list[Finding]:
+        links = sorted(p.name for p in self.device_links.iterdir()) if self.device_links.is_dir() else []
+        plugged = f"plugged in: {', '.join(links)}" if links else "no USB device plugged in"
+        db = self.config.data_dir / "clinic.db"
+        if not db.exists():
+            return [Finding("devices", Level.OK if links else Level.WARN, f"no device seen yet; {plugged}",
+                            "" if links else "plug in the clinic's devices, or pair BLE ones: lastmile ble pair")]
+        from lastmile.device_registry import DeviceRegistry
+
+        with as_owner_of(self.config.data_dir):
+            registry = DeviceRegistry.open(self.config.data_dir)
+            try:
+                records = registry.all()
+            finally:
+                registry.close()
+        now = dt.datetime.fromtimestamp(self.now(), dt.timezone.utc)
+        day = dt.timedelta(days=1)
+        recent = [r for r in records if r.last_seen_at and now - r.last_seen_at < day]
+        errors = [r for r in records if r.last_error and (not r.last_seen_at or
+                                                           (r.last_error_at and r.last_error_at >= r.last_seen_at))]
+        text = (f"{len(records)} known, {len(recent)} seen in 24 h, "
+                f"{sum(r.connected for r in records)} connected; {plugged}")
+        if errors:
+            worst = errors[0]
+            return [Finding("devices", Level.WARN, text + f"; {worst.name or worst.address}: {worst.last_error}",
+                            "`lastmile devices` lists each device's state")]
+        return [Finding("devices", Level.OK, text)]
+
+    def check_queue(self) -> list[Finding]:
+        from uploader.outbox import Outbox
+
+        data = self.config.data_dir
+        if not (data / "outbox.sqlite3").exists() and not any(data.glob("outbox*")):
+            return [Finding("queue", Level.OK, "outbox empty (not created yet)")]
+        with as_owner_of(data):
+            outbox = Outbox.open(data, min_free_bytes=0)
+            try:
+                stats = outbox.stats(self.now())
+            finally:
+                outbox.close()
+        counts = stats["counts"]
+        waiting = counts.get("queued", 0) + counts.get("sending", 0)
+        oldest = stats["oldest_waiting_s"]
+        quarantined = stats["quarantined"]
+        text = (f"{waiting} waiting, {counts.get('sent', 0)} awaiting commitment, "
+                f"{counts.get('committed', 0)} committed, {len(quarantined)} quarantined")
+        if oldest is not None:
+            text += f"; oldest waiting {_age(oldest)}"
+        faults = [f"{name}: {value['fault']}" for name, value in stats["statuses"].items()
+                  if isinstance(value, dict) and value.get("fault")]
+        out = []
+        if oldest is not None and oldest > WAITING_FAIL_S:
+            out.append(Finding("queue", Level.FAIL, text, "nothing has gone out for a week: check the "
+                               "reading-center and fhir lines above, then `lastmile queue`"))
+        elif quarantined or (oldest is not None and oldest > WAITING_WARN_S):
+            out.append(Finding("queue", Level.WARN, text,
+                               "`lastmile queue` shows why items are quarantined; `lastmile retry` "
+                               "requeues them once the cause is fixed" if quarantined else
+                               "items wait for more than a day: is the link down?"))
+        else:
+            out.append(Finding("queue", Level.OK, text))
+        for fault in faults:
+            out.append(Finding("queue", Level.FAIL, f"the forwarder reports: {fault}",
+                               "the peer refuses our configuration; fix it and `systemctl reload lastmile-forward`"))
+        return out
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Mount:
+    mount_point: str
+    fstype: str
+    options: frozenset[str]
+    source: str
+
+
+def _unescape(field_text: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as octal.
+    return field_text.encode().decode("unicode_escape") if "\\" in field_text else field_text
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    mounts = []
+    for line in text.splitlines():
+        parts = line.split()
+        if " - " not in line or len(parts) < 10:
+            continue
+        sep = parts.index("-")
+        mount_point = _unescape(parts[4])
+        options = set(parts[5].split(",")) | set(parts[sep + 3].split(","))
+        mounts.append(Mount(mount_point, parts[sep + 1], frozenset(options), parts[sep + 2]))
+    return mounts
+
+
+def find_mount(mountinfo: Path, path: Path) -> Mount | None:
+    """The mount holding `path` (the longest mount point that is a prefix of it)."""
+    try:
+        mounts = parse_mountinfo(mountinfo.read_text())
+    except OSError:
+        return None
+    target = str(path.resolve()) if path.exists() else str(path)
+    best = None
+    for m in mounts:  # later lines shadow earlier ones on the same mount point
+        mp = m.mount_point.rstrip("/") or "/"
+        if target == mp or target.startswith(mp.rstrip("/") + "/") or mp == "/":
+            if best is None or len(mp) >= len(best.mount_point.rstrip("/") or "/"):
+                best = m
+    return best
+
+
+@contextlib.contextmanager
+def as_owner_of(path: Path) -> Iterator[None]:
+    """Root: act with the effective uid/gid of `path`'s owner meanwhile (files we create are theirs)."""
+    if os.geteuid() != 0 or not path.exists():
+        yield
+        return
+    st = path.stat()
+    if st.st_uid == 0:
+        yield
+        return
+    os.setegid(st.st_gid)
+    os.seteuid(st.st_uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+def _run_tool(cmd: list[str]) -> subprocess.CompletedProcess[str] | None:
+    if not shutil.which(cmd[0]):
+        return None
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def render_text(findings: list[Finding]) -> str:
+    width = max((len(f.check) for f in findings), default=0)
+    lines = []
+    for f in findings:
+        lines.append(f"{f.level.value:<4}  {f.check:<{width}}  {f.message}")
+        if f.hint and f.level in (Level.WARN, Level.FAIL):
+            lines.append(f"{'':<4}  {'':<{width}}  hint: {f.hint}")
+    fails = sum(f.level is Level.FAIL for f in findings)
+    warns = sum(f.level is Level.WARN for f in findings)
+    lines.append(f"{fails} FAIL, {warns} WARN" if fails or warns else "all good")
+    return "\n".join(lines)
+
+
+def render_json(findings: list[Finding]) -> str:
+    return json.dumps({"ok": exit_code(findings) == 0, "findings": [f.to_json() for f in findings]},
+                      indent=2)
+
+
+def exit_code(findings: list[Finding]) -> int:
+    return 1 if any(f.level is Level.FAIL for f in findings) else 0
+
+
+def diagnose(config_path: str | None, *, offline: bool, data_dir: str | None = None,
+             **overrides: object) -> list[Finding]:
+    """Load the configuration (a broken one is a FAIL, the rest runs on defaults) and check."""
+    from lastmile.config import Config, ConfigError, load_config
+
+    error = None
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        config, error = Config(), str(exc)
+    if data_dir:
+        config.gateway.data_dir = data_dir
+    return Doctor(config, config_error=error, offline=offline, **overrides).run_all()  # type: ignore[arg-type]
