@@ -249,6 +249,14 @@ def usb_import_part(config: Config, outbox: Outbox,
     return WorkerPart("usb-import", work, stale_after=None)
 
 
+def open_outbox(config: Config) -> Outbox:
+    """The outbox, without importing the forwarding stack (pynetdicom: ~10 MB RSS we do not need)."""
+    from uploader.outbox import Outbox
+
+    return Outbox.open(config.data_dir, min_free_bytes=config.outbox.min_free_mb * 2**20,
+                       backoff_base_s=config.outbox.backoff_base_s, backoff_max_s=config.outbox.backoff_max_s)
+
+
 class AcquireService:
     """The `Service` for `lastmile acquire`: composes the enabled parts around one outbox."""
 
@@ -262,8 +270,6 @@ class AcquireService:
 
     @classmethod
     def start(cls, config: Config) -> AcquireService:
-        from lastmile.forward_service import open_outbox
-
         outbox = open_outbox(config)
         closers: list[Callable[[], None]] = [outbox.close]
         parts: list[Part] = []

@@ -209,11 +209,12 @@ class Doctor:
                 ref = fields.get("Reference ID", "").strip()
                 leap = fields.get("Leap status", "").strip()
                 return f"chrony, reference {ref or '?'}", leap == "Normal"
-        r = self.run(["timedatectl", "show", "-p", "NTPSynchronized", "-p", "NTP", "--value"])
-        if r is not None and r.returncode == 0 and r.stdout.strip():
-            values = r.stdout.split()
-            return "systemd-timesyncd" if values[-1:] == ["yes"] or len(values) > 1 else "timedatectl", \
-                values[0] == "yes"
+        r = self.run(["timedatectl", "show"])
+        if r is not None and r.returncode == 0:
+            props = dict(ln.split("=", 1) for ln in r.stdout.splitlines() if "=" in ln)
+            if "NTPSynchronized" in props:
+                source = "systemd-timesyncd" if props.get("NTP") == "yes" else "timedatectl (NTP off)"
+                return source, props["NTPSynchronized"] == "yes"
         if Path("/run/systemd/timesync/synchronized").exists():
             return "systemd-timesyncd", True
         return "no time daemon found; year check only", False
@@ -315,8 +316,9 @@ class Doctor:
     def check_devices(self) -> list[Finding]:
         links = sorted(p.name for p in self.device_links.iterdir()) if self.device_links.is_dir() else []
         plugged = f"plugged in: {', '.join(links)}" if links else "no USB device plugged in"
-        db = self.config.data_dir / "clinic.db"
-        if not db.exists():
+        from lastmile.clinic_db import DB_NAME
+
+        if not (self.config.data_dir / DB_NAME).exists():
             return [Finding("devices", Level.OK if links else Level.WARN, f"no device seen yet; {plugged}",
                             "" if links else "plug in the clinic's devices, or pair BLE ones: lastmile ble pair")]
         from lastmile.device_registry import DeviceRegistry
@@ -329,9 +331,15 @@ class Doctor:
                 registry.close()
         now = dt.datetime.fromtimestamp(self.now(), dt.timezone.utc)
         day = dt.timedelta(days=1)
-        recent = [r for r in records if r.last_seen_at and now - r.last_seen_at < day]
-        errors = [r for r in records if r.last_error and (not r.last_seen_at or
-                                                           (r.last_error_at and r.last_error_at >= r.last_seen_at))]
+
+        def seen(r: object) -> dt.datetime | None:
+            stamps = [t for t in (getattr(r, "last_seen_at"), getattr(r, "last_connected_at"),
+                                  getattr(r, "last_reading_at")) if t is not None]
+            return max(stamps) if stamps else None
+
+        recent = [r for r in records if (t := seen(r)) is not None and now - t < day]
+        errors = [r for r in records if r.last_error and r.last_error_at
+                  and (seen(r) is None or r.last_error_at >= seen(r))]  # type: ignore[operator]
         text = (f"{len(records)} known, {len(recent)} seen in 24 h, "
                 f"{sum(r.connected for r in records)} connected; {plugged}")
         if errors:
@@ -341,10 +349,10 @@ class Doctor:
         return [Finding("devices", Level.OK, text)]
 
     def check_queue(self) -> list[Finding]:
-        from uploader.outbox import Outbox
+        from uploader.outbox import DB_NAME, Outbox
 
         data = self.config.data_dir
-        if not (data / "outbox.sqlite3").exists() and not any(data.glob("outbox*")):
+        if not (data / DB_NAME).exists():
             return [Finding("queue", Level.OK, "outbox empty (not created yet)")]
         with as_owner_of(data):
             outbox = Outbox.open(data, min_free_bytes=0)

@@ -68,7 +68,8 @@ class ForwardService:
         f = config.fhir
         # a token file others can read is refused here, before READY: systemd shows why
         return FhirSender(FhirSenderSettings(base_url=f.base_url, token_file=f.token_file,
-                                             ca_file=f.ca_file, timeout_s=f.timeout_s))
+                                             ca_file=f.ca_file, timeout_s=f.timeout_s,
+                                             gzip="auto" if f.gzip else "never"))
 
     def step(self, stop: threading.Event) -> float:
         result = self.ecg.run_round(stop)

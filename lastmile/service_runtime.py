@@ -19,6 +19,7 @@ when the main thread holds that event's lock.
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import logging
 import os
@@ -90,8 +91,8 @@ class ServiceRuntime:
         self._wake = threading.Event()  # ends the wait between steps early
         self._reload_requested = False
         self._last_status = 0.0
-        self.started = time.monotonic()
-        self.ready_after: float | None = None  # seconds from runtime creation to READY=1
+        self.started = time.monotonic() - process_age()
+        self.ready_after: float | None = None  # seconds from process start to READY=1
         self.log_filter: PatientDataFilter | None = None
 
     # -- requests (signal thread, tests, other threads) -------------------------------------------
@@ -116,6 +117,9 @@ class ServiceRuntime:
         from lastmile.config import ConfigError
 
         signals = _SignalWatcher(self) if self.install_signal_handlers else None
+        if self.install_signal_handlers and not faulthandler.is_enabled():
+            # The watchdog kills with SIGABRT: the journal then shows where every thread hung.
+            faulthandler.enable(all_threads=True)
         try:
             if signals:
                 signals.install()
@@ -281,6 +285,18 @@ class _SignalWatcher:
                 elif signum in self.RELOAD:
                     log.info("SIGHUP: reloading the configuration")
                     self.runtime.request_reload()
+
+
+def process_age() -> float:
+    """Seconds since this process started (from /proc; 0.0 where that cannot be read)."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        start_ticks = int(fields[19])  # field 22 of stat(5), counted after "pid (comm)"
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max(0.0, age)
 
 
 def _note_signal(signum: int, frame: object) -> None:

@@ -29,7 +29,7 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,6 +46,7 @@ from lastmile.visit_chain import (
     verify_lines)
 
 if TYPE_CHECKING:
+    from firmware_bridge.gnss import FixSource
     from uploader.fhir_bundle import FhirNaming
     from uploader.outbox import Outbox
 
@@ -580,3 +581,23 @@ def record_observation(book: VisitBook, outbox: Outbox, naming: FhirNaming, obs:
     enqueue_bundle(outbox, observation_bundle(obs, naming), f"fhir:obs:{observation_identifier(obs, naming)}",
                    patient_id=obs.patient_id, meta={"type": "observation", "record_key": obs.record_key}, now=now)
     return "queued"
+
+
+def follow_receiver(book: VisitBook, source: FixSource, should_stop: Callable[[], bool],
+                    chunk_s: float = 1.0) -> int:
+    """Service loop: every fix anchors the clock and extends the open visit's track. Returns the
+    number of fixes seen when `should_stop()` says so or the source ends."""
+    import time
+
+    seen = 0
+    while not should_stop():
+        got = 0
+        for fix in source.fixes(time.monotonic() + chunk_s):
+            book.observe_fix(fix)
+            got += 1
+            if should_stop():
+                break
+        seen += got
+        if got == 0 and should_stop():
+            break
+    return seen

@@ -18,5 +18,7 @@ def test_demo_delivers_everything_once_and_reports_it_as_json() -> None:
     assert summary["received"] == summary["recordings"] == summary["studies"]
     assert summary["committed"] == summary["received"] == summary["purged"]
     assert summary["ble_observations"] >= 4
+    assert summary["visits_synced"] == summary["visits"] == 3 and summary["visits_flagged"] >= 1
+    assert summary["chain_verified"] is True
     assert "reading center goes offline" in out.stdout and "back" in out.stdout
     assert time.monotonic() - t0 < 60

@@ -271,7 +271,7 @@ def test_stop_and_reload_requests_from_another_thread(manager: Manager) -> None:
     t.join()
     assert code == EXIT_OK
     assert made[0].reloaded == ["b"] and made[0].closed
-    assert rt.ready_after is not None and rt.ready_after < 1.0
+    assert rt.ready_after is not None
     assert any("WATCHDOG=1" in m for m in manager.messages + manager.drain(0.1))
 
 

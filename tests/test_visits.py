@@ -219,3 +219,28 @@ def test_household_register_parsing() -> None:
 def test_stamp_round_trip() -> None:
     s = Stamp(GPS_T, TimeSource.GPS, 12.5, "b")
     assert Stamp.from_json(json.loads(json.dumps(s.to_json()))) == s
+
+
+def test_follow_receiver_tracks_the_open_visit(book_factory) -> None:
+    from lastmile.visits import follow_receiver
+
+    clocks = FakeClocks(wall=0.0)
+    book = book_factory(clocks)
+    visit = book.start("P-1", doctor_id="DR-1", household_id="HH-1")
+
+    class ReplayedReceiver:  # a FixSource that has five fixes, then nothing more
+        def __init__(self) -> None:
+            self.left = [fix_at(*HOUSE, GPS_T + dt.timedelta(seconds=i)) for i in range(5)]
+
+        def fixes(self, deadline: float):  # noqa: ANN201
+            while self.left:
+                clocks.advance(1)
+                yield self.left.pop(0)
+
+        def close(self) -> None:
+            pass
+
+    receiver = ReplayedReceiver()
+    assert follow_receiver(book, receiver, lambda: not receiver.left) == 5
+    assert len(book.track(visit.id)) == 5
+    assert book.get(visit.id).start.source == TimeSource.GPS  # type: ignore[union-attr]

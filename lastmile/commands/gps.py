@@ -64,11 +64,11 @@ def decode(args: argparse.Namespace) -> int:
                         print(_line(event, args.json))
                 if not chunk:
                     break
+    except BrokenPipeError:
+        return 0
     except OSError as exc:
         print(f"lastmile gps decode: {exc}", file=sys.stderr)
         return 1
-    except BrokenPipeError:
-        return 0
     print(f"{fixes} fixes, {decoder.sentences} sentences, {bad} dropped", file=sys.stderr)
     return 0
 

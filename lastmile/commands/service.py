@@ -1,4 +1,4 @@
-"""Placeholder: this command group is filled in by its issue."""
+"""`lastmile acquire` (the device-side service) and `lastmile doctor` (the self-check)."""
 
 from __future__ import annotations
 
@@ -6,4 +6,31 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    return None
+    p = sub.add_parser("acquire", help="run the acquire service: device links and LAN receiver into the "
+                                       "outbox (systemd: lastmile-acquire.service)")
+    p.add_argument("--data-dir", metavar="DIR", help="state directory (default: gateway.data_dir)")
+    p.set_defaults(func=_acquire)
+
+    d = sub.add_parser("doctor", help="check configuration, storage, clock, peers, devices and queue; "
+                                      "each line OK/WARN/FAIL with a hint")
+    d.add_argument("--offline", action="store_true", help="skip the checks that need the network")
+    d.add_argument("--json", action="store_true", help="machine-readable output")
+    d.add_argument("--data-dir", metavar="DIR", help="state directory (default: gateway.data_dir)")
+    d.set_defaults(func=_doctor)
+
+
+def _acquire(args: argparse.Namespace) -> int:
+    from lastmile.acquire_service import AcquireService
+    from lastmile.app_context import config_from_args
+    from lastmile.service_runtime import ServiceRuntime
+
+    runtime = ServiceRuntime("acquire", load_config=lambda: config_from_args(args))
+    return runtime.run(AcquireService.start)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from lastmile.doctor import diagnose, exit_code, render_json, render_text
+
+    findings = diagnose(args.config, offline=args.offline, data_dir=args.data_dir)
+    print(render_json(findings) if args.json else render_text(findings))
+    return exit_code(findings)

@@ -1,0 +1,294 @@
+"""`lastmile doctor`: each check against real parts (a pynetdicom SCP, an HTTP server, an outbox)
+on loopback, with the system-wide bits (mount table, clock, tools) injected."""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lastmile.cli import main
+from lastmile.config import Config, parse_config
+from lastmile.doctor import (Doctor, Finding, Level, exit_code, find_mount, parse_mountinfo,
+                             render_json, render_text)
+
+MOUNTINFO = """\
+22 1 179:2 / / ro,noatime shared:1 - ext4 /dev/mmcblk0p2 ro
+23 22 0:5 / /dev rw,nosuid shared:2 - devtmpfs udev rw,size=10240k
+30 22 179:3 / /var/lib/lastmile rw,noatime shared:9 - ext4 /dev/mmcblk0p3 rw,commit=60
+31 22 179:4 / /mnt/usb\\040stick rw,relatime shared:10 - vfat /dev/sda1 rw
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def no_tools(cmd: list[str]) -> None:
+    return None
+
+
+def doctor(tmp_path: Path, toml: str = "", **kw: object) -> Doctor:
+    config = parse_config(f'[gateway]\ndata_dir = "{tmp_path}"\n' + toml, "test.toml")
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(f"22 1 179:2 / / ro shared:1 - ext4 /dev/root ro\n"
+                         f"30 22 179:3 / {tmp_path} rw,noatime shared:9 - ext4 /dev/p3 rw,commit=60\n")
+    defaults = dict(mountinfo=mountinfo, run=no_tools, device_links=tmp_path / "no-dev",
+                    journald_paths=())
+    return Doctor(config, **{**defaults, **kw})  # type: ignore[arg-type]
+
+
+def levels(findings: list[Finding], check: str) -> list[Level]:
+    return [f.level for f in findings if f.check == check]
+
+
+# -- mount table -------------------------------------------------------------------------------------
+
+def test_mountinfo_is_parsed_with_super_options_and_escapes() -> None:
+    mounts = parse_mountinfo(MOUNTINFO)
+    assert [m.mount_point for m in mounts] == ["/", "/dev", "/var/lib/lastmile", "/mnt/usb stick"]
+    data = mounts[2]
+    assert data.fstype == "ext4" and {"noatime", "commit=60", "rw"} <= data.options
+
+
+def test_the_longest_mount_point_holds_a_path(tmp_path: Path) -> None:
+    info = tmp_path / "mi"
+    info.write_text(MOUNTINFO)
+    assert find_mount(info, Path("/var/lib/lastmile/payloads")).mount_point == "/var/lib/lastmile"  # type: ignore[union-attr]
+    assert find_mount(info, Path("/var/lib/other")).mount_point == "/"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("options,super_options,level", [
+    ("rw,noatime", "rw,commit=60", Level.OK),
+    ("rw,relatime", "rw", Level.WARN),  # atime writes and a 5 s journal commit wear the card
+    ("rw,noatime", "rw", Level.WARN),
+    ("ro,noatime", "ro,commit=60", Level.FAIL),  # errors=remount-ro happened
+])
+def test_wear_relevant_mount_options(tmp_path: Path, options: str, super_options: str, level: Level) -> None:
+    d = doctor(tmp_path)
+    d.mountinfo.write_text(f"30 1 179:3 / {tmp_path} {options} shared:9 - ext4 /dev/p3 {super_options}\n")
+    assert levels(d.check_data_partition(), "data") == [Level.OK, level]
+
+
+def test_too_little_free_space_fails(tmp_path: Path) -> None:
+    d = doctor(tmp_path, "[outbox]\nmin_free_mb = 100000000\n")
+    found = d.check_data_partition()
+    assert found[0].level is Level.FAIL and "min_free_mb" in found[0].message
+
+
+def test_a_missing_data_directory_fails(tmp_path: Path) -> None:
+    d = doctor(tmp_path)
+    d.config.gateway.data_dir = str(tmp_path / "not-mounted")
+    assert levels(d.check_data_partition(), "data") == [Level.FAIL]
+
+
+def test_root_and_journal(tmp_path: Path) -> None:
+    d = doctor(tmp_path)
+    assert levels(d.check_root_fs(), "root") == [Level.OK]  # ro root in the table
+    assert levels(d.check_journal(), "journal") == [Level.WARN]
+    conf = tmp_path / "journald.conf.d"
+    conf.mkdir()
+    (conf / "lastmile.conf").write_text("[Journal]\nStorage=persistent\nSystemMaxUse=32M\n")
+    d.journald_paths = (conf,)
+    assert levels(d.check_journal(), "journal") == [Level.OK]
+
+
+# -- clock ---------------------------------------------------------------------------------------------
+
+def test_a_1970_clock_fails(tmp_path: Path) -> None:
+    d = doctor(tmp_path, now=lambda: 86400.0)
+    found = d.check_clock()
+    assert found[0].level is Level.FAIL and "1970-01-02" in found[0].message
+
+
+def test_clock_source_from_timedatectl(tmp_path: Path) -> None:
+    import subprocess
+
+    def fake(cmd: list[str]) -> subprocess.CompletedProcess[str] | None:
+        if cmd[0] == "timedatectl":
+            return subprocess.CompletedProcess(cmd, 0, "Timezone=UTC\nNTP=yes\nNTPSynchronized=yes\n", "")
+        return None
+
+    found = doctor(tmp_path, run=fake).check_clock()
+    assert found[0].level is Level.OK and "systemd-timesyncd" in found[0].message
+    found = doctor(tmp_path).check_clock()  # no tool answers: plausible year only
+    assert found[0].level is Level.WARN
+
+
+# -- reading center, commitment listener ----------------------------------------------------------------
+
+@contextlib.contextmanager
+def verification_scp(ae_title: str = "READING") -> Iterator[int]:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    ae = AE(ae_title=ae_title)
+    ae.add_supported_context(Verification)
+    ae.require_called_aet = True
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False)
+    try:
+        yield port
+    finally:
+        server.shutdown()
+
+
+def test_c_echo_ok_refused_and_unreachable(tmp_path: Path) -> None:
+    with verification_scp("READING") as port:
+        ok = doctor(tmp_path, f'[reading_center]\nhost = "127.0.0.1"\nport = {port}\ncalled_ae = "READING"\n'
+                              "timeout_s = 5.0\n").check_reading_center()
+        assert ok[0].level is Level.OK and "C-ECHO READING@127.0.0.1" in ok[0].message
+        refused = doctor(tmp_path, f'[reading_center]\nhost = "127.0.0.1"\nport = {port}\n'
+                                   'called_ae = "WRONG"\ntimeout_s = 5.0\n').check_reading_center()
+        assert refused[0].level is Level.FAIL and "called_ae" in refused[0].hint
+    gone = doctor(tmp_path, f'[reading_center]\nhost = "127.0.0.1"\nport = {free_port()}\n'
+                            "timeout_s = 2.0\n").check_reading_center()
+    assert gone[0].level is Level.FAIL and "network" in gone[0].hint
+
+
+def test_commitment_listener(tmp_path: Path) -> None:
+    port = free_port()
+    d = doctor(tmp_path, f"[reading_center]\nlisten_port = {port}\n")
+    assert levels(d.check_commitment_listener(), "commitment") == [Level.WARN]  # free, nobody listens
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+        s.listen()
+        assert levels(d.check_commitment_listener(), "commitment") == [Level.OK]
+    off = doctor(tmp_path, "[reading_center]\nstorage_commitment = false\n")
+    assert levels(off.check_commitment_listener(), "commitment") == [Level.OK]
+
+
+# -- FHIR ---------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def fhir_server(token: str) -> Iterator[str]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            if self.path != "/fhir/metadata":
+                self.send_response(404)
+            elif self.headers.get("Authorization") != f"Bearer {token}":
+                self.send_response(401)
+            else:
+                self.send_response(200)
+            body = b'{"resourceType": "CapabilityStatement"}'
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            return None
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/fhir"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_fhir_endpoint_and_token(tmp_path: Path) -> None:
+    assert levels(doctor(tmp_path).check_fhir(), "fhir") == [Level.SKIP]  # not configured
+    token = tmp_path / "token"
+    token.write_text("good-token\n")
+    token.chmod(0o600)
+    with fhir_server("good-token") as base:
+        toml = f'[fhir]\nbase_url = "{base}"\ntoken_file = "{token}"\ntimeout_s = 5.0\n'
+        assert levels(doctor(tmp_path, toml).check_fhir(), "fhir") == [Level.OK]
+        token.write_text("stale-token\n")
+        refused = doctor(tmp_path, toml).check_fhir()
+        assert refused[0].level is Level.FAIL and "401" in refused[0].message
+        token.chmod(0o644)
+        loose = doctor(tmp_path, toml).check_fhir()
+        assert loose[0].level is Level.FAIL and "readable by group/others" in loose[0].message
+        wrong = doctor(tmp_path, f'[fhir]\nbase_url = "{base}/nothere"\ntimeout_s = 5.0\n').check_fhir()
+        assert wrong[0].level is Level.FAIL and "404" in wrong[0].message
+
+
+# -- devices, queue -----------------------------------------------------------------------------------
+
+def test_devices_seen(tmp_path: Path) -> None:
+    import datetime as dt
+
+    from lastmile.device_registry import DeviceRegistry
+
+    links = tmp_path / "dev-lastmile"
+    links.mkdir()
+    (links / "gps").touch()
+    d = doctor(tmp_path, device_links=links)
+    first = d.check_devices()
+    assert first[0].level is Level.OK and "plugged in: gps" in first[0].message
+    registry = DeviceRegistry.open(tmp_path)
+    now = dt.datetime.now(dt.timezone.utc)
+    registry.allow("C0:FF:EE:00:00:01", now=now, name="BP cuff")
+    registry.update_status("C0:FF:EE:00:00:01", now=now, connected=True)
+    registry.close()
+    found = d.check_devices()
+    assert found[0].level is Level.OK and "1 known, 1 seen in 24 h, 1 connected" in found[0].message
+
+
+def test_queue_health(tmp_path: Path) -> None:
+    from uploader.outbox import Outbox
+
+    t0 = time.time()
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        outbox.add("dicom", "a", b"x" * 10, now=t0)
+        bad = outbox.add("dicom", "b", b"y" * 10, now=t0)
+    d = doctor(tmp_path, now=lambda: t0 + 60)
+    assert levels(d.check_queue(), "queue") == [Level.OK]
+    assert "2 waiting" in d.check_queue()[0].message
+    late = doctor(tmp_path, now=lambda: t0 + 2 * 86400)
+    found = late.check_queue()
+    assert found[0].level is Level.WARN and "oldest waiting 2.0 d" in found[0].message
+    assert levels(doctor(tmp_path, now=lambda: t0 + 8 * 86400).check_queue(), "queue") == [Level.FAIL]
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        outbox.quarantine(bad.item.id, "not a DICOM object", now=t0 + 61)
+        outbox.record_status("reading_center", {"fault": "A-ASSOCIATE-RJ: called AE not recognised"}, t0 + 62)
+    found = doctor(tmp_path, now=lambda: t0 + 120).check_queue()
+    assert [f.level for f in found] == [Level.WARN, Level.FAIL]
+    assert "1 quarantined" in found[0].message and "called AE" in found[1].message
+
+
+def test_an_empty_data_dir_has_no_queue_yet(tmp_path: Path) -> None:
+    assert levels(doctor(tmp_path).check_queue(), "queue") == [Level.OK]
+    assert not (tmp_path / "outbox.sqlite").exists()  # the doctor never creates the outbox
+
+
+# -- the command --------------------------------------------------------------------------------------
+
+def test_offline_run_skips_the_network_and_exits_zero_without_fail(tmp_path: Path) -> None:
+    findings = doctor(tmp_path, offline=True).run_all()
+    assert levels(findings, "reading-center") == [Level.SKIP] and levels(findings, "fhir") == [Level.SKIP]
+    assert exit_code(findings) == 0, render_text(findings)
+    assert json.loads(render_json(findings))["ok"] is True
+
+
+def test_cli_reports_a_bad_config_with_its_line_and_exits_1(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "lastmile.toml"
+    bad.write_text('[gateway]\nid = "x"\n[outbox]\nmin_free_mb = "lots"\n')
+    code = main(["-c", str(bad), "doctor", "--offline", "--json", "--data-dir", str(tmp_path)])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 1 and out["ok"] is False
+    config_line = next(f for f in out["findings"] if f["check"] == "config")
+    assert config_line["level"] == "FAIL" and "lastmile.toml:4" in config_line["message"]
+    # The other checks still ran (on defaults) and told the technician about them.
+    assert {f["check"] for f in out["findings"]} >= {"data", "clock", "queue"}
+
+
+def test_text_output_has_hints_for_problems() -> None:
+    text = render_text([Finding("clock", Level.FAIL, "1970", "connect NTP"), Finding("x", Level.OK, "fine")])
+    lines = text.splitlines()
+    assert lines[0] == "FAIL  clock  1970" and lines[1].strip() == "hint: connect NTP"
+    assert text.endswith("1 FAIL, 0 WARN")
+    assert Config().gateway.data_dir == "/var/lib/lastmile"
