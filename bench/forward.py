@@ -127,7 +127,8 @@ def main() -> int:
         cfg.write_text(f'[gateway]\ndata_dir = "{c.gateway.data_dir}"\n[outbox]\nmin_free_mb = 1\n'
                        f'[reading_center]\nhost = "127.0.0.1"\nport = {port}\n'
                        f'called_ae = "READING_CENTER"\ncalling_ae = "CLINIC01"\n'
-                       f"listen_port = {listen}\nassociations = {args.associations}\n"
+                       f'listen_port = {listen}\nlisten_host = "127.0.0.1"\n'
+                       f"associations = {args.associations}\n"
                        f"batch_size = {args.batch_size}\n"
                        f"deflate = {'false' if args.no_deflate else 'true'}\n")
         return c, cfg

@@ -51,6 +51,9 @@ def configure_logging(verbosity: int) -> None:
     fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("INVOCATION_ID") else \
         "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=max(level, logging.DEBUG), format=fmt, stream=sys.stderr)
+    if verbosity < 2:
+        # pynetdicom logs every refused connection as ERROR; our typed messages say it better
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

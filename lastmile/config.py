@@ -46,6 +46,7 @@ class ReadingCenterSection:
     called_ae: str = "READING_CENTER"  # the PACS's AE title
     calling_ae: str = "LASTMILE"  # this gateway's AE title
     listen_port: int = 11113  # where the PACS sends storage-commitment reports
+    listen_host: str = "0.0.0.0"  # address for those reports (the PACS connects to us)
     associations: int = 2  # parallel associations while sending
     batch_size: int = 50  # C-STOREs per association before it is released
     deflate: bool = True  # propose Deflated Explicit VR Little Endian first

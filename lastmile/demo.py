@@ -102,6 +102,7 @@ def run_demo(say: Say, *, n_recordings: int = 12, outage_s: float = 4.0,
         config.gateway.data_dir = str(data_dir or Path(tmp) / "data")
         rc = config.reading_center
         rc.port, rc.listen_port = free_port(), free_port()
+        rc.listen_host = "127.0.0.1"
         rc.called_ae, rc.calling_ae = "READING_CENTER", "LASTMILE"
         rc.associations, rc.batch_size = 2, 4
         rc.commitment_timeout_s, rc.timeout_s = 5.0, 5.0

@@ -34,7 +34,7 @@ def forwarder_settings(config: Config) -> ForwarderSettings:
     return ForwarderSettings(
         peer=peer_settings(rc), associations=max(1, rc.associations),
         batch_size=max(1, rc.batch_size), storage_commitment=rc.storage_commitment,
-        listen_port=rc.listen_port, commitment_timeout_s=rc.commitment_timeout_s,
+        listen_port=rc.listen_port, listen_host=rc.listen_host, commitment_timeout_s=rc.commitment_timeout_s,
         no_commitment_policy=rc.no_commitment_policy,
         config_fault_retry_s=config.outbox.config_fault_retry_s,
         retention_s=config.outbox.retention_days * 86400.0)

@@ -1,7 +1,8 @@
 """Real DICOM peers for tests: Orthanc, dcmtk's storescp, and a scripted pynetdicom SCP.
 
-Use the factories directly, or the pytest fixtures at the bottom (register them with
-`pytest_plugins = ["tests.peers"]` in conftest.py, or import the fixture names into a test module).
+Use the classes directly, or the pytest fixtures at the bottom (conftest.py registers this module
+with `pytest_plugins`, so `orthanc_factory`, `storescp_factory`, `scripted_scp_factory`,
+`tls_material` and `ecg_sample` are available to every test).
 Every peer listens on loopback only, on a free port, and is stopped by its fixture.
 Orthanc listens on every interface: `OrthancServer.start()` requires the private network
 namespace scripts/test.sh runs the suite in.

@@ -36,10 +36,6 @@ from tests.peers import (
     ecg_payloads,
     free_port,
     gateway_modality,
-    orthanc_factory,  # noqa: F401 — fixture
-    scripted_scp_factory,  # noqa: F401 — fixture
-    storescp_factory,  # noqa: F401 — fixture
-    tls_material,  # noqa: F401 — fixture
 )
 from uploader.dicom_net import (
     ECG_STORAGE_CLASSES,
@@ -419,6 +415,46 @@ def test_malformed_reports_are_refused() -> None:
     with pytest.raises(dicom_net.MalformedReport):
         dicom_net.parse_commitment_report(2, info)  # "some failed" without a failed list
     assert dicom_net.parse_commitment_report(1, info).committed == []
+
+
+def _ref_item(draw: st.DrawFn, *, failed: bool) -> object:
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    if draw(st.booleans()):
+        item.ReferencedSOPClassUID = draw(st.sampled_from(ECG_STORAGE_CLASSES))
+    if draw(st.integers(0, 9)) > 0:
+        item.ReferencedSOPInstanceUID = draw(st.sampled_from(["1.2.3", "1.2.840.1", ""]))
+    if failed and draw(st.booleans()):
+        item.FailureReason = draw(st.integers(0, 0xFFFF))
+    return item
+
+
+@st.composite
+def commitment_reports(draw: st.DrawFn) -> tuple[int | None, object]:
+    from pydicom.dataset import Dataset
+
+    info = Dataset()
+    if draw(st.integers(0, 9)) > 0:
+        info.TransactionUID = draw(st.sampled_from(["1.2.3.4", "2.25.1", ""]))
+    if draw(st.booleans()):
+        info.ReferencedSOPSequence = [_ref_item(draw, failed=False) for _ in range(draw(st.integers(0, 3)))]
+    if draw(st.booleans()):
+        info.FailedSOPSequence = [_ref_item(draw, failed=True) for _ in range(draw(st.integers(0, 3)))]
+    return draw(st.sampled_from([None, 0, 1, 2, 3])), info
+
+
+@settings(deadline=None, max_examples=200)
+@given(commitment_reports())
+def test_commitment_report_fuzz_parses_or_raises_malformed(case: tuple[int | None, object]) -> None:
+    event_type, info = case
+    try:
+        report = dicom_net.parse_commitment_report(event_type, info)  # type: ignore[arg-type]
+    except dicom_net.MalformedReport:
+        return
+    assert report.transaction_uid
+    assert all(uid for _c, uid in report.committed)
+    assert all(uid and 0 <= reason <= 0xFFFF for _c, uid, reason in report.failed)
 
 
 # -- dcmtk storescp: plain, deflated, implicit-only, TLS, killed ---------------------------------------

@@ -23,6 +23,7 @@ def config(tmp_path: Path) -> Config:
     c.gateway.data_dir = str(tmp_path / "data")
     rc = c.reading_center
     rc.port, rc.listen_port = free_port(), free_port()
+    rc.listen_host = "127.0.0.1"
     rc.called_ae, rc.calling_ae = "READING_CENTER", "LASTMILE"
     rc.associations, rc.batch_size, rc.timeout_s = 2, 3, 5.0
     rc.commitment_timeout_s = 3.0

@@ -34,6 +34,7 @@ def make_config(tmp_path: Path, port: int, called_ae: str, **rc_overrides) -> Co
     rc = c.reading_center
     rc.host, rc.port, rc.called_ae, rc.calling_ae = "127.0.0.1", port, called_ae, "CLINIC01"
     rc.listen_port = rc_overrides.pop("listen_port", free_port())
+    rc.listen_host = "127.0.0.1"
     rc.associations, rc.batch_size, rc.timeout_s, rc.commitment_timeout_s = 2, 5, 10.0, 10.0
     for k, v in rc_overrides.items():
         setattr(rc, k, v)
@@ -53,6 +54,7 @@ port = {rc.port}
 called_ae = "{rc.called_ae}"
 calling_ae = "{rc.calling_ae}"
 listen_port = {rc.listen_port}
+listen_host = "127.0.0.1"
 associations = {rc.associations}
 batch_size = {rc.batch_size}
 timeout_s = {rc.timeout_s}

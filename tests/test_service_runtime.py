@@ -363,3 +363,67 @@ def test_service_logging_goes_to_stdout_with_journal_priorities(monkeypatch: pyt
     fmt = JournalFormatter(journal=True)
     line = fmt.format(logging.LogRecord("a", logging.ERROR, __file__, 1, "x\ny", None, None))
     assert line == "<3>a: x\n<3>y"
+
+
+# -- the acquire service's composition ----------------------------------------------------------------
+
+def test_a_failed_part_is_restarted_with_backoff_and_a_silent_one_is_wedged() -> None:
+    from lastmile.acquire_service import Wedged, WorkerPart
+
+    now = [100.0]
+    runs: list[int] = []
+    proceed = threading.Event()
+
+    def flaky(stop: threading.Event, beat: object) -> None:
+        runs.append(1)
+        if len(runs) == 1:
+            raise OSError("BlueZ is not up yet")
+        proceed.wait(5)  # second run: alive, never beats
+
+    part = WorkerPart("ble", flaky, stale_after=20.0, clock=lambda: now[0])
+    part.check(now[0])
+    part.thread.join(5)  # type: ignore[union-attr]
+    assert "down (OSError: BlueZ is not up yet)" in part.status()
+    part.check(now[0] + 1)  # within the backoff: not restarted yet
+    assert len(runs) == 1
+    now[0] += 6
+    part.check(now[0])
+    assert part.running and len(runs) == 2
+    now[0] += 21
+    with pytest.raises(Wedged, match="ble made no progress for 21 s"):
+        part.check(now[0])
+    proceed.set()
+    part.close()
+
+
+def test_acquire_reaches_ready_without_devices_and_stops_cleanly(tmp_path: Path, manager: Manager) -> None:
+    inbox = tmp_path / "usb"
+    inbox.mkdir()
+    config = tmp_path / "lastmile.toml"
+    config.write_text(f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n[ble]\nenabled = false\n'
+                      f'[usb_import]\nfolders = ["{inbox}"]\n')
+    env = {**os.environ, "NOTIFY_SOCKET": str(manager.path), "WATCHDOG_USEC": "2000000",
+           "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "lastmile", "-c", str(config), "acquire"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        msgs = manager.wait_for("READY=1")
+        assert any("usb-import up" in m for m in msgs)
+        manager.wait_for("WATCHDOG=1")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == EXIT_OK
+    finally:
+        out = stop_child(proc)
+    assert "acquire: usb-import" in out and "acquire stopped" in out
+    assert (tmp_path / "data" / "outbox.sqlite").exists()
+
+
+def test_acquire_refuses_a_bad_receiver_configuration_with_78(tmp_path: Path) -> None:
+    config = tmp_path / "lastmile.toml"
+    config.write_text(f'[gateway]\ndata_dir = "{tmp_path}"\n[ble]\nenabled = false\n'
+                      "[lan_receiver]\nenabled = true\nport = 0\n")  # no allowed_callers
+    proc = subprocess.run([sys.executable, "-m", "lastmile", "-c", str(config), "acquire"],
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == EXIT_CONFIG, proc.stdout + proc.stderr
+    assert "allowed_callers" in proc.stdout + proc.stderr

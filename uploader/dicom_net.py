@@ -364,7 +364,9 @@ def _past_sop_uids(tag: int, vr: str | None, length: int) -> bool:
     return tag > 0x00080018
 
 
-_UID_TEXT = re.compile(r"[0-9]+(\.[0-9]+)*\Z")
+# Digits and dots: carts in the field write malformed UIDs (trailing dots, leading zeros);
+# we forward objects as received and let the PACS's answer decide.
+_UID_TEXT = re.compile(r"[0-9.]*[0-9][0-9.]*\Z")
 
 
 def _uid_of(ds: Dataset, tag: int, what: str) -> UID:

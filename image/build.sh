@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# Build a Lastmile SD-card image for Raspberry Pi 3/4 (arm64) from Debian's archive.
+#
+#   sudo image/build.sh OUT.img            (root: debootstrap, chroot; ~10-15 min the first time)
+#
+# Layout (MBR, so the Pi 3 boot ROM reads it too):
+#   p1  LM-BOOT  vfat  256 MB  /boot/firmware: Pi firmware, kernel, initrd, config.txt, cmdline.txt,
+#                               and the clinic's lastmile/ folder (lastmile.toml, certs/) -- provisioning
+#   p2  LM-ROOT  ext4          / : read-only; the initramfs puts a tmpfs overlay on top (image/files/
+#                               overlay-root), so a power cut cannot corrupt it. `lastmile.overlay=0`
+#                               on the kernel command line boots it writable for maintenance.
+#   p3  LM-DATA  ext4  DATA_MB /var/lib/lastmile: outbox and clinic state; noatime,commit=60
+# journald: volatile (RAM), at most 24 MB. Services: lastmile-acquire, lastmile-forward (units
+# from systemd/), lastmile-provision (copies /boot/firmware/lastmile/* to /etc/lastmile at each
+# boot), systemd-networkd (eth0 DHCP), systemd-timesyncd, gpsd, bluetooth.
+#
+# No loop mounts: the partitions are made as files (mkfs.vfat -C + mcopy, mkfs.ext4 -d) and
+# written into an sfdisk-made image with dd conv=notrunc. arm64 code runs under qemu-user-static
+# through binfmt_misc. The debootstrapped tree is cached (key: package list), so a rebuild after a
+# code change takes a few minutes.
+#
+# Environment: DATA_MB (default 256), SUITE (bookworm), MIRROR, LASTMILE_IMAGE_CACHE.
+set -euo pipefail
+
+OUT=${1:?usage: image/build.sh OUT.img}
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(dirname "$HERE")
+SUITE=${SUITE:-bookworm}
+MIRROR=${MIRROR:-http://deb.debian.org/debian}
+DATA_MB=${DATA_MB:-256}
+BOOT_MB=256
+CACHE=${LASTMILE_IMAGE_CACHE:-$HOME/.cache/lastmile-image}
+PYTHON=${PYTHON:-$REPO/.venv/bin/python}
+PACKAGES=systemd,systemd-sysv,systemd-timesyncd,udev,dbus,kmod,iproute2,procps,ca-certificates,python3,python3-venv,initramfs-tools,raspi-firmware,linux-image-arm64,firmware-brcm80211,bluez-firmware,bluez,gpsd,wpasupplicant
+T0=$(date +%s)
+say() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
+
+[ "$(id -u)" = 0 ] || { echo "run as root (debootstrap, chroot)" >&2; exit 1; }
+for tool in debootstrap qemu-aarch64-static mkfs.vfat mcopy mkfs.ext4 sfdisk e2fsck fsck.vfat; do
+  command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install debootstrap qemu-user-static dosfstools mtools e2fsprogs fdisk)" >&2; exit 1; }
+done
+
+# arm64 binaries run through qemu: binfmt_misc must be mounted and qemu-aarch64 registered.
+if [ ! -e /proc/sys/fs/binfmt_misc/register ]; then
+  mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+fi
+if [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then
+  /usr/lib/systemd/systemd-binfmt /usr/lib/binfmt.d/qemu-aarch64.conf
+fi
+
+# -- 1. the Debian tree (cached) -----------------------------------------------------------------
+KEY=$(printf '%s\n' "$SUITE" "$MIRROR" "$PACKAGES" | sha256sum | cut -c1-16)
+BASE=$CACHE/rootfs-$SUITE-arm64-$KEY
+mkdir -p "$CACHE"
+if [ ! -e "$BASE/.complete" ]; then
+  say "debootstrap $SUITE arm64 (first time: several minutes)"
+  rm -rf "$BASE.building"
+  debootstrap --arch=arm64 --variant=minbase --components=main,non-free-firmware \
+    --include="$PACKAGES" "$SUITE" "$BASE.building" "$MIRROR" > "$CACHE/debootstrap-$KEY.log" 2>&1 \
+    || { tail -30 "$CACHE/debootstrap-$KEY.log" >&2; exit 1; }
+  rm -rf "$BASE.building/var/cache/apt/archives"/*.deb
+  touch "$BASE.building/.complete"
+  rm -rf "$BASE"; mv "$BASE.building" "$BASE"
+fi
+say "base tree: $BASE ($(du -sh "$BASE" | cut -f1))"
+
+# -- 2. a working copy with Lastmile installed ---------------------------------------------------
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/lastmile-image.XXXXXX")
+trap 'for m in proc sys dev; do umount -l "$WORK/root/$m" 2>/dev/null || true; done; rm -rf "$WORK"' EXIT
+ROOT=$WORK/root
+cp -a "$BASE" "$ROOT"
+rm -f "$ROOT/.complete"
+mount -t proc proc "$ROOT/proc"; mount --bind /sys "$ROOT/sys"; mount --bind /dev "$ROOT/dev"
+in_root() { chroot "$ROOT" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "$@"; }
+
+say "wheelhouse (arm64 wheels from PyPI, cached) and the Lastmile wheel"
+"$PYTHON" "$HERE/wheelhouse.py" --arch arm64 "$ROOT/var/tmp/wheels" >/dev/null
+say "installing Lastmile into /opt/lastmile (pip under qemu)"
+in_root python3 -m venv /opt/lastmile
+in_root /opt/lastmile/bin/pip install --quiet --no-index --find-links /var/tmp/wheels lastmile
+rm -rf "$ROOT/var/tmp/wheels"
+
+say "units, udev rules, service account, configuration"
+install -m 0644 "$REPO"/systemd/lastmile-acquire.service "$REPO"/systemd/lastmile-forward.service \
+  "$HERE"/files/lastmile-provision.service "$ROOT/etc/systemd/system/"
+install -m 0644 "$REPO/systemd/lastmile.sysusers" "$ROOT/usr/lib/sysusers.d/lastmile.conf"
+install -m 0644 "$REPO"/systemd/udev/*.rules "$ROOT/usr/lib/udev/rules.d/"
+install -m 0755 "$HERE/files/lastmile-provision" "$ROOT/usr/local/sbin/lastmile-provision"
+# The account is baked into the read-only root, so its uid never changes between boots.
+in_root systemd-sysusers
+mkdir -p "$ROOT/etc/lastmile" "$ROOT/var/lib/lastmile"
+in_root /opt/lastmile/bin/lastmile config defaults > "$ROOT/etc/lastmile/lastmile.toml.defaults"
+in_root systemctl enable lastmile-acquire.service lastmile-forward.service lastmile-provision.service \
+  systemd-networkd.service systemd-timesyncd.service >/dev/null 2>&1
+in_root systemctl enable gpsd.socket bluetooth.service >/dev/null 2>&1 || true
+
+install -D -m 0644 "$HERE/files/journald.conf" "$ROOT/etc/systemd/journald.conf.d/lastmile.conf"
+install -D -m 0644 "$HERE/files/eth0.network" "$ROOT/etc/systemd/network/eth0.network"
+echo lastmile > "$ROOT/etc/hostname"
+cat > "$ROOT/etc/fstab" <<FSTAB
+# / is not listed: the initramfs mounts LM-ROOT read-only under a tmpfs overlay.
+LABEL=LM-BOOT  /boot/firmware     vfat  defaults,noatime,umask=0077,nofail                0 2
+LABEL=LM-DATA  /var/lib/lastmile  ext4  noatime,commit=60,errors=remount-ro,x-systemd.growfs  0 2
+FSTAB
+
+say "read-only root: initramfs overlay, kernel command line"
+install -m 0755 "$HERE/files/overlay-root" "$ROOT/etc/initramfs-tools/scripts/init-bottom/overlay-root"
+grep -qx overlay "$ROOT/etc/initramfs-tools/modules" || echo overlay >> "$ROOT/etc/initramfs-tools/modules"
+echo 'ROOTPART=LABEL=LM-ROOT' > "$ROOT/etc/default/raspi-firmware"
+KVER=$(ls "$ROOT/lib/modules" | sort -V | tail -1)
+in_root update-initramfs -u -k "$KVER" >/dev/null 2>&1
+# raspi-firmware's kernel hooks copied kernel, initrd and DTBs to /boot/firmware.
+install -m 0644 "$HERE/files/cmdline.txt" "$ROOT/boot/firmware/cmdline.txt"
+install -m 0644 "$HERE/files/config.txt" "$ROOT/boot/firmware/config.txt"
+mkdir -p "$ROOT/boot/firmware/lastmile/certs"
+install -m 0644 "$HERE/files/README-clinic.txt" "$ROOT/boot/firmware/lastmile/README.txt"
+
+say "smoke test under qemu-user: lastmile --version, lastmile doctor --offline"
+in_root /opt/lastmile/bin/lastmile --version
+in_root /opt/lastmile/bin/lastmile doctor --offline --data-dir /var/tmp/doctor-check || true
+rm -rf "$ROOT/var/tmp/doctor-check"
+
+for m in proc sys dev; do umount -l "$ROOT/$m"; done
+rm -rf "$ROOT/var/cache/apt/archives"/*.deb "$ROOT/var/lib/apt/lists"/* "$ROOT/tmp"/* "$ROOT/var/tmp"/*
+find "$ROOT/opt/lastmile" -name '__pycache__' -prune -o -name '*.pyc' -print >/dev/null
+
+# -- 3. partitions as files, then the image ------------------------------------------------------
+say "partitions"
+mv "$ROOT/boot/firmware" "$WORK/bootfs"; mkdir "$ROOT/boot/firmware"
+ROOT_MB=$(( $(du -sm "$ROOT" | cut -f1) * 120 / 100 + 64 ))
+rm -f "$WORK/boot.vfat"
+mkfs.vfat -C -n LM-BOOT -F 32 "$WORK/boot.vfat" $(( BOOT_MB * 1024 )) >/dev/null
+(cd "$WORK/bootfs" && mcopy -s -i "$WORK/boot.vfat" ./* ::/)
+mkfs.ext4 -q -L LM-ROOT -d "$ROOT" -E root_owner=0:0 "$WORK/root.ext4" "${ROOT_MB}M"
+DATA_TREE=$WORK/data; mkdir -p "$DATA_TREE"
+LM_UID=$(awk -F: '$1=="lastmile"{print $3}' "$ROOT/etc/passwd"); LM_GID=$(awk -F: '$1=="lastmile"{print $4}' "$ROOT/etc/passwd")
+mkfs.ext4 -q -L LM-DATA -d "$DATA_TREE" -E root_owner="$LM_UID:$LM_GID" "$WORK/data.ext4" "${DATA_MB}M"
+
+say "image $OUT"
+START=2048  # sectors: 1 MiB alignment
+BOOT_S=$(( BOOT_MB * 2048 )); ROOT_S=$(( ROOT_MB * 2048 )); DATA_S=$(( DATA_MB * 2048 ))
+TOTAL_S=$(( START + BOOT_S + ROOT_S + DATA_S + 2048 ))
+rm -f "$OUT"; truncate -s $(( TOTAL_S * 512 )) "$OUT"
+sfdisk --quiet "$OUT" <<PART
+label: dos
+start=$START, size=$BOOT_S, type=c, bootable
+start=$(( START + BOOT_S )), size=$ROOT_S, type=83
+start=$(( START + BOOT_S + ROOT_S )), size=$DATA_S, type=83
+PART
+dd if="$WORK/boot.vfat" of="$OUT" bs=1M seek=$(( START / 2048 )) conv=notrunc status=none
+dd if="$WORK/root.ext4" of="$OUT" bs=1M seek=$(( (START + BOOT_S) / 2048 )) conv=notrunc status=none
+dd if="$WORK/data.ext4" of="$OUT" bs=1M seek=$(( (START + BOOT_S + ROOT_S) / 2048 )) conv=notrunc status=none
+
+say "fsck of each partition"
+fsck.vfat -n "$WORK/boot.vfat" >/dev/null
+e2fsck -fn "$WORK/root.ext4" >/dev/null
+e2fsck -fn "$WORK/data.ext4" >/dev/null
+say "done: $OUT ($(( TOTAL_S / 2048 )) MB: boot $BOOT_MB, root $ROOT_MB, data $DATA_MB)"

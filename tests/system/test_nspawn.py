@@ -1,0 +1,236 @@
+"""System test: both services under a real systemd 252 in a booted Debian container.
+
+    scripts/test.sh -m slow tests/system/test_nspawn.py     (root; about 1-2 min with a warm cache)
+
+Builds (once, cached) a Debian 12 minbase rootfs with systemd, python3 and udev; installs Lastmile
+into /opt/lastmile from a wheelhouse built on the host (pip --no-index inside: the container has
+no network); installs the units, sysusers and udev files as the image does; boots it with
+`systemd-nspawn -b` and checks:
+- both services reach READY (Type=notify: active/running) as user lastmile;
+- a forward service frozen with SIGSTOP is killed by the watchdog and restarted;
+- after `systemctl restart` of both services nothing in the outbox is lost: every item reaches a
+  DICOM storage SCP (pynetdicom, inside the container, standing in for the reading center).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, missing, require_tool, shared_file
+
+pytestmark = pytest.mark.slow
+
+ITEMS = 30
+SCP_PORT = 11104
+TIMINGS: dict[str, float] = {}
+
+CONFIG = f"""\
+[gateway]
+id = "nspawn-test"
+[reading_center]
+host = "127.0.0.1"
+port = {SCP_PORT}
+called_ae = "TESTPACS"
+storage_commitment = false
+no_commitment_policy = "keep"
+timeout_s = 2.0
+[outbox]
+backoff_base_s = 1.0
+backoff_max_s = 2.0
+min_free_mb = 10
+"""
+
+# Short watchdog for the test: the SIGSTOP case would otherwise take WatchdogSec=60.
+FORWARD_DROPIN = "[Service]\nWatchdogSec=4\nRestartSec=1\nTimeoutAbortSec=3\n"
+
+# The reading center stand-in: a storage SCP that notes every SOP Instance UID it keeps.
+SCP = """\
+import os, sys
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+out = "/var/lib/test-scp/received.txt"
+os.makedirs(os.path.dirname(out), exist_ok=True)
+def on_store(event):
+    with open(out, "a") as f:
+        f.write(str(event.request.AffectedSOPInstanceUID) + "\\n")
+        f.flush(); os.fsync(f.fileno())
+    return 0x0000
+ae = AE(ae_title="TESTPACS")
+for cx in AllStoragePresentationContexts:
+    ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+ae.add_supported_context(Verification)
+ae.start_server(("127.0.0.1", %d), evt_handlers=[(evt.EVT_C_STORE, on_store)])
+""" % SCP_PORT
+
+# Run as the service user inside: N distinct ECG objects into the outbox (as the acquire side would).
+ENQUEUE = """\
+import sys
+from devices.ecg.formats import decode_ecg
+from lastmile.config import load_config
+from lastmile.ecg_intake import enqueue_recording
+from uploader.outbox import Outbox
+config = load_config()
+path, n, prefix = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+recording = decode_ecg(open(path, "rb").read(), path)
+with Outbox.open(config.data_dir, min_free_bytes=0) as outbox:
+    for i in range(n):
+        enqueue_recording(outbox, recording, config, key=f"{prefix}:{i}")
+"""
+
+STATE = """\
+import json
+from lastmile.config import load_config
+from uploader.outbox import Outbox
+config = load_config()
+with Outbox.open(config.data_dir, min_free_bytes=0) as outbox:
+    items = outbox.items()
+    print(json.dumps({"states": [i.state.value for i in items],
+                      "uids": [(i.meta or {}).get("sop_instance_uid") for i in items]}))
+"""
+
+
+@pytest.fixture(scope="module")
+def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator["Container"]:
+    from tests.system.container import Container
+    from tests.system.rootfs import debian_rootfs
+
+    if os.geteuid() != 0:
+        missing("systemd-nspawn -b needs root")
+    for tool in ("systemd-nspawn", "debootstrap", "nsenter"):
+        require_tool(tool)
+    began = time.monotonic()
+    lower = debian_rootfs()
+    TIMINGS["rootfs"] = time.monotonic() - began
+
+    work = tmp_path_factory.mktemp("nspawn")
+    wheels = work / "wheels"
+    t = time.monotonic()
+    subprocess.run([sys.executable, str(REPO / "image" / "wheelhouse.py"), "--arch", "amd64", str(wheels)],
+                   check=True, capture_output=True)
+    TIMINGS["wheelhouse"] = time.monotonic() - t
+
+    c = Container(lower, work / "c")
+    c.mount()
+    try:
+        t = time.monotonic()
+        shutil.copytree(wheels, c.root / "var/tmp/lastmile-wheels")
+        install_lastmile(c)
+        TIMINGS["install"] = time.monotonic() - t
+        t = time.monotonic()
+        TIMINGS["boot"] = c.boot()
+        yield c
+    finally:
+        c.poweroff()
+        c.unmount()
+        print("\nnspawn timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in TIMINGS.items()))
+
+
+def install_lastmile(c: "Container") -> None:
+    """What image/build.sh does to the root filesystem, minus the Pi-specific parts."""
+    r = c.run_offline("/bin/sh", "-c",
+                      "python3 -m venv /opt/lastmile && "
+                      "/opt/lastmile/bin/pip install -q --no-index --no-compile --find-links /var/tmp/lastmile-wheels lastmile && "
+                      "rm -rf /var/tmp/lastmile-wheels")
+    assert r.returncode == 0, r.stdout + r.stderr
+    for unit in ("lastmile-acquire.service", "lastmile-forward.service"):
+        shutil.copy(REPO / "systemd" / unit, c.root / "etc/systemd/system" / unit)
+        wants = c.root / "etc/systemd/system/multi-user.target.wants"
+        wants.mkdir(parents=True, exist_ok=True)
+        (wants / unit).symlink_to(f"/etc/systemd/system/{unit}")
+    shutil.copy(REPO / "systemd/lastmile.sysusers", c.root / "usr/lib/sysusers.d/lastmile.conf")
+    for rules in (REPO / "systemd/udev").glob("*.rules"):
+        shutil.copy(rules, c.root / "usr/lib/udev/rules.d" / rules.name)
+    c.write("/etc/lastmile/lastmile.toml", CONFIG)
+    c.write("/etc/systemd/system/lastmile-forward.service.d/test.conf", FORWARD_DROPIN)
+    c.write("/usr/local/lib/test-scp.py", SCP)
+    c.write("/usr/local/lib/enqueue.py", ENQUEUE)
+    c.write("/usr/local/lib/state.py", STATE)
+    shutil.copy(shared_file("ecg", "scp", "ecgtoolkit_Example.scp"), c.root / "usr/local/lib/example.scp")
+
+
+def active_running(c: "Container", unit: str) -> dict[str, str] | None:
+    props = c.show(unit, "ActiveState", "SubState", "MainPID", "NRestarts", "StatusText", "User")
+    return props if (props["ActiveState"], props["SubState"]) == ("active", "running") else None
+
+
+def outbox_state(c: "Container") -> dict:
+    r = c.exec("runuser", "-u", "lastmile", "--", "/opt/lastmile/bin/python", "/usr/local/lib/state.py")
+    return json.loads(r.stdout)
+
+
+def received(c: "Container") -> set[str]:
+    r = c.exec("cat", "/var/lib/test-scp/received.txt", check=False)
+    return set(r.stdout.split())
+
+
+def test_both_services_reach_ready_as_the_service_user(container: "Container") -> None:
+    c = container
+    t = time.monotonic()
+    for unit in ("lastmile-acquire.service", "lastmile-forward.service"):
+        props = c.wait_for(f"{unit} READY", lambda: active_running(c, unit), timeout=60)
+        assert props["User"] == "lastmile"
+        assert "ready after" in c.journal(unit)
+    TIMINGS["ready"] = time.monotonic() - t
+    ps = c.exec("ps", "-o", "user=,supgrp=,args=", "-C", "lastmile").stdout
+    assert ps.count("lastmile") >= 2, ps
+    # The service user is in dialout (serial adapters); the udev rules parse in this udev too.
+    assert "dialout" in c.exec("id", "-nG", "lastmile").stdout
+    udev = c.exec("udevadm", "test", "/sys/class/tty/tty", check=False)
+    assert not [ln for ln in (udev.stdout + udev.stderr).splitlines() if "70-lastmile.rules:" in ln]
+
+
+def test_a_frozen_forward_service_is_killed_by_the_watchdog_and_restarted(container: "Container") -> None:
+    c = container
+    before = c.wait_for("forward running", lambda: active_running(c, "lastmile-forward.service"))
+    t = time.monotonic()
+    c.exec("kill", "-STOP", before["MainPID"])
+    after = c.wait_for("a restarted forward service",
+                       lambda: (p := active_running(c, "lastmile-forward.service"))
+                       and p["MainPID"] != before["MainPID"] and p, timeout=60)
+    TIMINGS["watchdog restart"] = time.monotonic() - t
+    assert int(after["NRestarts"]) == int(before["NRestarts"]) + 1
+    journal = c.journal("lastmile-forward.service")
+    assert "Watchdog timeout" in c.exec("journalctl", "--no-pager", "-u", "lastmile-forward.service").stdout
+    # faulthandler dumped where the frozen process was when SIGABRT came.
+    assert "Fatal Python error: Aborted" in journal
+
+
+def test_nothing_in_the_outbox_is_lost_across_restarts(container: "Container") -> None:
+    c = container
+    t = time.monotonic()
+    # The reading center is down: items wait in the outbox.
+    c.exec("runuser", "-u", "lastmile", "--", "/opt/lastmile/bin/python", "/usr/local/lib/enqueue.py",
+           "/usr/local/lib/example.scp", str(ITEMS), "before", timeout=120)
+    state = outbox_state(c)
+    assert len(state["uids"]) == ITEMS and set(state["states"]) <= {"queued", "sending"}
+    c.exec("systemctl", "restart", "lastmile-forward.service", "lastmile-acquire.service")
+    for unit in ("lastmile-acquire.service", "lastmile-forward.service"):
+        c.wait_for(f"{unit} back", lambda: active_running(c, unit))
+    state = outbox_state(c)
+    assert len(state["uids"]) == ITEMS, "items disappeared across a restart"
+    uids = set(state["uids"])
+
+    # The reading center comes up; restart the forwarder again while it is sending.
+    c.exec("systemd-run", "--unit=test-scp", "/opt/lastmile/bin/python", "/usr/local/lib/test-scp.py")
+    c.exec("runuser", "-u", "lastmile", "--", "/opt/lastmile/bin/python", "/usr/local/lib/enqueue.py",
+           "/usr/local/lib/example.scp", str(ITEMS), "during", timeout=120)
+    c.wait_for("the first objects to arrive", lambda: received(c), timeout=60, interval=0.1)
+    c.exec("systemctl", "restart", "lastmile-forward.service")
+    state = outbox_state(c)
+    assert len(state["uids"]) == 2 * ITEMS
+    uids = set(state["uids"])
+    got = c.wait_for(f"all {2 * ITEMS} objects at the reading center",
+                     lambda: (r := received(c)) >= uids and r, timeout=180, interval=0.5)
+    TIMINGS["outbox drained"] = time.monotonic() - t
+    assert got == uids  # every item arrived; nothing unknown arrived
+    state = outbox_state(c)
+    assert "quarantined" not in state["states"], state["states"]
