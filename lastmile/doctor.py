@@ -38,6 +38,7 @@ RECOMMENDED_COMMIT_S = 30  # ext4 default is 5 s: every 5 s a journal commit wea
 NETWORK_TIMEOUT_S = 10.0
 WAITING_WARN_S = 24 * 3600.0  # an item waiting longer than a day: the link has been down a while
 WAITING_FAIL_S = 7 * 24 * 3600.0
+_WEAR_OPTIONS = {"ro", "rw", "noatime", "relatime", "strictatime", "lazytime", "nodiratime", "sync"}
 
 
 class Level(str, enum.Enum):
@@ -143,7 +144,8 @@ class Doctor:
 
     def _wear_finding(self, data: Path, mount: Mount) -> Finding:
         opts = mount.options
-        where = f"{data} is on {mount.mount_point} ({mount.fstype}, {','.join(sorted(opts))})"
+        shown = sorted(o for o in opts if o in _WEAR_OPTIONS or o.startswith("commit="))
+        where = f"{data} is on {mount.mount_point} ({mount.fstype}, {','.join(shown)})"
         if "ro" in opts:
             return Finding("data", Level.FAIL, where + ": read-only",
                            "the data partition went read-only (I/O errors?): run fsck, check the SD card")

@@ -160,3 +160,28 @@ def test_intake_stores_a_deflated_object_equal_to_the_built_one(config) -> None:
     assert item.size < 0.8 * len(plain)
     assert dciodvfy_problems(plain) == []
     outbox.close()
+
+
+def test_items_the_pacs_reports_as_failed_are_sent_again(config, center) -> None:
+    outbox = open_outbox(config)
+    enqueue_recording(outbox, make_recording(7), config, key="k")
+    lost_once: list[str] = []
+    real_store = center._on_store
+
+    def forget_first_store(event):
+        status = real_store(event)
+        if not lost_once:  # the PACS answers success but then loses the object
+            lost_once.append(str(event.dataset.SOPInstanceUID))
+            center.received.pop(lost_once[0])
+        return status
+
+    center._on_store = forget_first_store  # type: ignore[method-assign]
+    center.stop()
+    center.start()  # handlers are bound at start
+    reports: list[dict] = []
+    with EcgForwarder(outbox, forwarder_settings(config),
+                      on_event=lambda kind, info: reports.append(info) if kind == "committed" else None) as fwd:
+        pump(fwd, lambda: counts(outbox).get("purged", 0) == 1, limit_s=20)
+    assert any(r["failed"] == 1 for r in reports)  # first report: failed (0x0112) → re-sent
+    assert center.received[lost_once[0]].times_stored == 1 and center.committed == {lost_once[0]}
+    outbox.close()

@@ -214,3 +214,29 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(tmp_path, orthan
     assert len(orthanc.instances()) == n
     c = counts(config)
     assert c.get("sending", 0) == 0 and c.get("purged") == n
+
+
+@pytest.mark.orthanc
+def test_orthanc_dies_mid_batch_and_returns_everything_arrives_exactly_once(
+        tmp_path, orthanc_factory) -> None:
+    listen = free_port()
+    orthanc = orthanc_factory(modalities=gateway_modality("CLINIC01", listen))
+    config = make_config(tmp_path, orthanc.dicom_port, orthanc.aet, listen_port=listen,
+                         batch_size=30, associations=1)
+    uids = enqueue(config, 30)
+    stop = threading.Event()
+    with open_outbox(config) as outbox, EcgForwarder(outbox, forwarder_settings(config)) as fwd:
+        killer = threading.Timer(0.15, orthanc.kill)  # a power cut at the reading center, mid-batch
+        killer.start()
+        first = fwd.run_round(stop)
+        killer.join()
+        assert first.sent < 30 and first.transient > 0  # the batch was cut short
+        c = outbox.stats(time.time())["counts"]
+        assert c.get("quarantined", 0) == 0 and c.get("queued", 0) > 0
+        orthanc.start()  # back, on the same storage
+        deadline = time.monotonic() + 60
+        while outbox.stats(time.time())["counts"].get("purged", 0) < 30:
+            assert time.monotonic() < deadline, outbox.stats(time.time())
+            time.sleep(min(fwd.step(stop), 0.1))
+    assert orthanc.sop_instance_uids() == set(uids.values())
+    assert len(orthanc.instances()) == 30 and len(orthanc.study_uids()) == 30

@@ -1,0 +1,129 @@
+"""System test: the SD-card image for Raspberry Pi 3/4 (arm64).
+
+    LASTMILE_IMAGE=/path/to/lastmile.img scripts/test.sh -m slow tests/system/test_image.py
+    (without LASTMILE_IMAGE it builds one with image/build.sh: ~15 min the first time, a few
+    minutes with the Debian tree cached)
+
+Checks the partition table, fsck of every partition (no loop mounts: partitions are cut out with
+dd and read with mtools/debugfs), the enabled units and the wear-relevant settings in the root
+filesystem, then runs `lastmile --version` and `lastmile doctor --offline` from the extracted root
+under qemu-user (chroot + binfmt_misc).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, missing, require_tool
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    given = os.environ.get("LASTMILE_IMAGE")
+    if given:
+        path = Path(given)
+        assert path.is_file(), f"LASTMILE_IMAGE={given} does not exist"
+        return path
+    if os.geteuid() != 0:
+        missing("building the image needs root (debootstrap, chroot)")
+    for tool in ("debootstrap", "qemu-aarch64-static", "mkfs.vfat", "mcopy", "sfdisk"):
+        require_tool(tool)
+    out = tmp_path_factory.mktemp("image") / "lastmile.img"
+    began = time.monotonic()
+    subprocess.run([str(REPO / "image" / "build.sh"), str(out)], check=True, timeout=3600)
+    print(f"\nimage built in {time.monotonic() - began:.0f} s")
+    return out
+
+
+@pytest.fixture(scope="module")
+def partitions(image: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    require_tool("sfdisk")
+    table = json.loads(subprocess.run(["sfdisk", "--json", str(image)], check=True, capture_output=True,
+                                      text=True).stdout)["partitiontable"]
+    assert table["label"] == "dos"  # the Pi 3 boot ROM reads MBR only
+    parts = table["partitions"]
+    assert [p["type"] for p in parts] == ["c", "83", "83"]
+    assert parts[0].get("bootable") is True
+    out = tmp_path_factory.mktemp("parts")
+    files = {}
+    for name, p in zip(("boot", "root", "data"), parts):
+        files[name] = out / f"{name}.img"
+        subprocess.run(["dd", f"if={image}", f"of={files[name]}", "bs=512", f"skip={p['start']}",
+                        f"count={p['size']}", "status=none"], check=True)
+    return files
+
+
+def debugfs(fs: Path, request: str) -> str:
+    return subprocess.run(["debugfs", "-R", request, str(fs)], check=True, capture_output=True,
+                          text=True).stdout
+
+
+def test_every_partition_passes_fsck(partitions: dict[str, Path]) -> None:
+    require_tool("fsck.vfat")
+    subprocess.run(["fsck.vfat", "-n", str(partitions["boot"])], check=True, capture_output=True)
+    for name in ("root", "data"):
+        subprocess.run(["e2fsck", "-fn", str(partitions[name])], check=True, capture_output=True)
+    labels = {name: subprocess.run(["e2label", str(partitions[name])], check=True, capture_output=True,
+                                   text=True).stdout.strip() for name in ("root", "data")}
+    assert labels == {"root": "LM-ROOT", "data": "LM-DATA"}
+
+
+def test_boot_partition_boots_a_read_only_root(partitions: dict[str, Path], tmp_path: Path) -> None:
+    require_tool("mcopy")
+    listing = subprocess.run(["mdir", "-b", "-i", str(partitions["boot"]), "::/"], check=True,
+                             capture_output=True, text=True).stdout
+    for name in ("config.txt", "cmdline.txt", "lastmile"):
+        assert f"::/{name}" in listing, listing
+    assert any("bcm2711-rpi-4-b.dtb" in ln for ln in listing.splitlines()), "no Pi 4 device tree"
+    assert any("bcm2837-rpi-3-b" in ln for ln in listing.splitlines()), "no Pi 3 device tree"
+    subprocess.run(["mcopy", "-i", str(partitions["boot"]), "::/cmdline.txt", str(tmp_path / "cmdline.txt")],
+                   check=True)
+    cmdline = (tmp_path / "cmdline.txt").read_text().split()
+    assert "root=LABEL=LM-ROOT" in cmdline and "ro" in cmdline
+
+
+def test_root_filesystem_has_the_units_enabled_and_spares_the_card(partitions: dict[str, Path]) -> None:
+    root = partitions["root"]
+    wants = debugfs(root, "ls -l /etc/systemd/system/multi-user.target.wants")
+    for unit in ("lastmile-acquire.service", "lastmile-forward.service", "lastmile-provision.service"):
+        assert unit in wants, wants
+    fstab = debugfs(root, "cat /etc/fstab")
+    data_line = next(ln for ln in fstab.splitlines() if "LM-DATA" in ln)
+    assert "/var/lib/lastmile" in data_line and "noatime" in data_line and "commit=60" in data_line
+    assert "Storage=volatile" in debugfs(root, "cat /etc/systemd/journald.conf.d/lastmile.conf")
+    assert "overlay" in debugfs(root, "ls /etc/initramfs-tools/scripts/init-bottom")
+    assert "lastmile:x:" in debugfs(root, "cat /etc/passwd")
+    assert "dialout" in debugfs(root, "cat /usr/lib/udev/rules.d/70-lastmile.rules")
+
+
+def test_lastmile_runs_under_qemu_user(partitions: dict[str, Path], tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        missing("chroot needs root")
+    if not Path("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists():
+        missing("qemu-aarch64 is not registered with binfmt_misc (image/build.sh registers it)")
+    tree = tmp_path / "root"
+    tree.mkdir()
+    subprocess.run(["debugfs", "-R", f"rdump / {tree}", str(partitions["root"])], check=True,
+                   capture_output=True)
+    env = ["/usr/bin/env", "-i", "PATH=/usr/bin:/bin", "LANG=C.UTF-8"]
+    try:
+        version = subprocess.run(["chroot", str(tree), *env, "/opt/lastmile/bin/lastmile", "--version"],
+                                 check=True, capture_output=True, text=True, timeout=300).stdout
+        assert version.startswith("lastmile ")
+        doctor = subprocess.run(["chroot", str(tree), *env, "/opt/lastmile/bin/lastmile", "doctor", "--offline",
+                                 "--json", "--data-dir", "/var/tmp/doctor"], capture_output=True, text=True,
+                                timeout=300)
+        findings = json.loads(doctor.stdout)["findings"]
+        assert {f["check"] for f in findings} >= {"config", "data", "clock", "queue"}
+        assert not [f for f in findings if f["level"] == "FAIL"], doctor.stdout
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)
