@@ -59,16 +59,36 @@ if [ ! -e "$BASE/.complete" ]; then
     --include="$PACKAGES" "$SUITE" "$BASE.building" "$MIRROR" > "$CACHE/debootstrap-$KEY.log" 2>&1 \
     || { tail -30 "$CACHE/debootstrap-$KEY.log" >&2; exit 1; }
   rm -rf "$BASE.building/var/cache/apt/archives"/*.deb
-  touch "$BASE.building/.complete"
+  date > "$BASE.building/.complete"
   rm -rf "$BASE"; mv "$BASE.building" "$BASE"
 fi
 say "base tree: $BASE ($(du -sh "$BASE" | cut -f1))"
+
+# -- 1b. the boot chain: read-only root overlay in the initramfs (cached: mkinitramfs under qemu
+#        takes several minutes, so it runs only when the overlay script changes) ----------------
+BKEY=$(cat "$BASE/.complete" "$HERE/files/overlay-root" - <<<"$KEY" | sha256sum | cut -c1-16)
+BOOTREADY=$CACHE/rootfs-$SUITE-arm64-boot-$BKEY
+if [ ! -e "$BOOTREADY/.complete" ]; then
+  say "initramfs with the overlay root (first time: several minutes under qemu)"
+  rm -rf "$BOOTREADY.building"; cp -a "$BASE" "$BOOTREADY.building"
+  B=$BOOTREADY.building
+  install -m 0755 "$HERE/files/overlay-root" "$B/etc/initramfs-tools/scripts/init-bottom/overlay-root"
+  grep -qx overlay "$B/etc/initramfs-tools/modules" || echo overlay >> "$B/etc/initramfs-tools/modules"
+  echo 'ROOTPART=LABEL=LM-ROOT' > "$B/etc/default/raspi-firmware"
+  mount -t proc proc "$B/proc"; mount --bind /dev "$B/dev"
+  KVER=$(ls "$B/lib/modules" | sort -V | tail -1)
+  chroot "$B" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin update-initramfs -u -k "$KVER" \
+    > "$CACHE/initramfs-$BKEY.log" 2>&1 || { umount -l "$B/proc" "$B/dev"; tail -20 "$CACHE/initramfs-$BKEY.log" >&2; exit 1; }
+  umount -l "$B/proc" "$B/dev"
+  rm -f "$B/.complete"; date > "$B/.complete"
+  rm -rf "$BOOTREADY"; mv "$B" "$BOOTREADY"
+fi
 
 # -- 2. a working copy with Lastmile installed ---------------------------------------------------
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/lastmile-image.XXXXXX")
 trap 'for m in proc sys dev; do umount -l "$WORK/root/$m" 2>/dev/null || true; done; rm -rf "$WORK"' EXIT
 ROOT=$WORK/root
-cp -a "$BASE" "$ROOT"
+cp -a "$BOOTREADY" "$ROOT"
 rm -f "$ROOT/.complete"
 mount -t proc proc "$ROOT/proc"; mount --bind /sys "$ROOT/sys"; mount --bind /dev "$ROOT/dev"
 in_root() { chroot "$ROOT" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "$@"; }
@@ -103,12 +123,7 @@ LABEL=LM-BOOT  /boot/firmware     vfat  defaults,noatime,umask=0077,nofail      
 LABEL=LM-DATA  /var/lib/lastmile  ext4  noatime,commit=60,errors=remount-ro,x-systemd.growfs  0 2
 FSTAB
 
-say "read-only root: initramfs overlay, kernel command line"
-install -m 0755 "$HERE/files/overlay-root" "$ROOT/etc/initramfs-tools/scripts/init-bottom/overlay-root"
-grep -qx overlay "$ROOT/etc/initramfs-tools/modules" || echo overlay >> "$ROOT/etc/initramfs-tools/modules"
-echo 'ROOTPART=LABEL=LM-ROOT' > "$ROOT/etc/default/raspi-firmware"
-KVER=$(ls "$ROOT/lib/modules" | sort -V | tail -1)
-in_root update-initramfs -u -k "$KVER" >/dev/null 2>&1
+say "boot partition files"
 # raspi-firmware's kernel hooks copied kernel, initrd and DTBs to /boot/firmware.
 install -m 0644 "$HERE/files/cmdline.txt" "$ROOT/boot/firmware/cmdline.txt"
 install -m 0644 "$HERE/files/config.txt" "$ROOT/boot/firmware/config.txt"

@@ -19,6 +19,7 @@ a hung association or HTTP call never stalls device reads.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import threading
@@ -249,6 +250,38 @@ def usb_import_part(config: Config, outbox: Outbox,
     return WorkerPart("usb-import", work, stale_after=None)
 
 
+def gnss_part(config: Config) -> Part | None:
+    """Fixes from gpsd or an NMEA receiver: they anchor the clock (a Pi has no RTC) and extend
+    the open visit's bounded track."""
+    if config.gps.source == "none":
+        return None
+    from firmware_bridge.gnss import GnssError, open_source
+    from lastmile.visits import VisitBook, VisitPolicy, follow_receiver
+
+    def work(stop: threading.Event, beat: Beat) -> None:
+        warned = False
+        with VisitBook.open(config.data_dir, gateway_id=config.gateway.id,
+                            policy=VisitPolicy.from_config(config.visits)) as book:
+            while not stop.is_set():
+                beat()
+                try:
+                    source = open_source(config.gps.source, gpsd_host=config.gps.gpsd_host,
+                                         gpsd_port=config.gps.gpsd_port,
+                                         nmea_port=config.gps.nmea_port, nmea_baud=config.gps.nmea_baud)
+                    if source is None:
+                        return
+                    with contextlib.closing(source):
+                        warned = False
+                        follow_receiver(book, source, lambda: (beat(), stop.is_set())[1])
+                except (GnssError, OSError) as exc:
+                    # no receiver plugged in is normal at a clinic: say it once, keep trying
+                    (log.warning if not warned else log.debug)("GNSS not available: %s", exc)
+                    warned = True
+                stop.wait(10.0)
+
+    return WorkerPart("gnss", work)
+
+
 def open_outbox(config: Config) -> Outbox:
     """The outbox, without importing the forwarding stack (pynetdicom: ~10 MB RSS we do not need)."""
     from uploader.outbox import Outbox
@@ -277,7 +310,8 @@ class AcquireService:
             current_patient_id = cls._patient_lookup(config, closers)
             for build in (lambda: serial_part(config, outbox), lambda: ble_part(config, outbox),
                           lambda: lan_receiver_part(config, outbox, current_patient_id),
-                          lambda: usb_import_part(config, outbox, current_patient_id)):
+                          lambda: usb_import_part(config, outbox, current_patient_id),
+                          lambda: gnss_part(config)):
                 part = build()
                 if part is not None:
                     parts.append(part)
@@ -331,7 +365,8 @@ class AcquireService:
         current_patient_id = self._patient_lookup(config, self._closers)
         self.parts = [p for p in (serial_part(config, self.outbox), ble_part(config, self.outbox),
                                   lan_receiver_part(config, self.outbox, current_patient_id),
-                                  usb_import_part(config, self.outbox, current_patient_id))
+                                  usb_import_part(config, self.outbox, current_patient_id),
+                                  gnss_part(config))
                       if p is not None]
         self.check_parts()
 

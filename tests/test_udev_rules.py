@@ -3,8 +3,8 @@
 systemd 252 has no `udevadm verify`; `udevadm test` parses every rules file and prints
 "FILE:LINE problem" for each bad line, always exiting 0, so the test reads its output. The rules
 go into a tmpfs over /etc/udev/rules.d inside `unshare -m`, so the host's udev is never touched.
-Without udevadm on the host, the cached Debian rootfs of the nspawn system test (which has udev)
-is used through chroot.
+Without udevadm on the host (Debian package udev), the Debian rootfs of the nspawn system test
+(cached; it has udev) is used through chroot.
 """
 
 from __future__ import annotations
@@ -50,16 +50,12 @@ def udevadm_test_output(rules: list[Path], tmp_path: Path) -> str:
 
 
 def cached_rootfs_with_udev() -> Path:
-    from tests.system.rootfs import NSPAWN_PACKAGES, cache_dir, rootfs_key
+    """The nspawn system test's Debian tree (it has udev): cached, built on first use (~1-2 min)."""
+    from tests.system.rootfs import NSPAWN_PACKAGES, debian_rootfs
 
     assert "udev" in NSPAWN_PACKAGES
-    for arch in ("amd64",):
-        root = cache_dir() / f"rootfs-bookworm-{arch}-{rootfs_key(arch, NSPAWN_PACKAGES)}"
-        if (root / ".complete").exists():
-            return root
-    missing("udevadm is not installed (apt package udev) and no cached rootfs "
-            "(tests/system/rootfs.py) has it")
-    raise AssertionError  # unreachable
+    require_tool("debootstrap")
+    return debian_rootfs()
 
 
 def problems_in(output: str, names: set[str]) -> list[str]:

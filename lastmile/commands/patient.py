@@ -167,7 +167,11 @@ def _devices(args: argparse.Namespace) -> int:
     for r in records:
         state = "connected" if r.connected else "not connected"
         allowed = "" if r.allowed or r.transport != "ble" else " (not paired)"
-        ident = " ".join(x for x in (r.manufacturer, r.model, r.serial) if x) or r.name or "-"
+        ident = " ".join(x for x in (r.manufacturer, r.model, r.serial) if x)
+        if r.transport == "serial" and r.name:
+            # "<name> (<profile>) on <port>": where a technician finds it
+            ident = f"{r.name}  {ident}".rstrip()
+        ident = ident or r.name or "-"
         print(f"{r.transport:6s} {r.address:17s}  {state:13s}{allowed}  {ident}")
         if r.last_reading:
             print(f"       last reading {_local(r.last_reading_at)}: {r.last_reading}")
