@@ -31,7 +31,8 @@ DATA_MB=${DATA_MB:-256}
 BOOT_MB=256
 CACHE=${LASTMILE_IMAGE_CACHE:-$HOME/.cache/lastmile-image}
 PYTHON=${PYTHON:-$REPO/.venv/bin/python}
-PACKAGES=systemd,systemd-sysv,systemd-timesyncd,udev,dbus,kmod,iproute2,procps,ca-certificates,python3,python3-venv,initramfs-tools,raspi-firmware,linux-image-arm64,firmware-brcm80211,bluez-firmware,bluez,gpsd,wpasupplicant
+PACKAGES=systemd,systemd-sysv,systemd-timesyncd,udev,dbus,kmod,iproute2,procps,ca-certificates,python3,python3-venv,initramfs-tools,zstd,bluez,gpsd,wpasupplicant
+BOOT_PACKAGES="linux-image-arm64 raspi-firmware firmware-brcm80211 bluez-firmware"
 T0=$(date +%s)
 say() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 
@@ -48,12 +49,12 @@ if [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then
   /usr/lib/systemd/systemd-binfmt /usr/lib/binfmt.d/qemu-aarch64.conf
 fi
 
-# -- 1. the Debian tree (cached) -----------------------------------------------------------------
+# -- 1. the Debian tree (cached; key: suite, mirror, packages) -------------------------------------
 KEY=$(printf '%s\n' "$SUITE" "$MIRROR" "$PACKAGES" | sha256sum | cut -c1-16)
 BASE=$CACHE/rootfs-$SUITE-arm64-$KEY
 mkdir -p "$CACHE"
 if [ ! -e "$BASE/.complete" ]; then
-  say "debootstrap $SUITE arm64 (first time: several minutes)"
+  say "debootstrap $SUITE arm64 (first time: several minutes; log $CACHE/debootstrap-$KEY.log)"
   rm -rf "$BASE.building"
   debootstrap --arch=arm64 --variant=minbase --components=main,non-free-firmware \
     --include="$PACKAGES" "$SUITE" "$BASE.building" "$MIRROR" > "$CACHE/debootstrap-$KEY.log" 2>&1 \
@@ -64,23 +65,33 @@ if [ ! -e "$BASE/.complete" ]; then
 fi
 say "base tree: $BASE ($(du -sh "$BASE" | cut -f1))"
 
-# -- 1b. the boot chain: read-only root overlay in the initramfs (cached: mkinitramfs under qemu
-#        takes several minutes, so it runs only when the overlay script changes) ----------------
-BKEY=$(cat "$BASE/.complete" "$HERE/files/overlay-root" - <<<"$KEY" | sha256sum | cut -c1-16)
+# -- 1b. kernel, Pi firmware and the read-only-root initramfs (cached: mkinitramfs under qemu takes
+#        minutes, so the kernel goes in after our initramfs settings and the hook runs once) -------
+BKEY=$(cat "$BASE/.complete" "$HERE/files/overlay-root" "$HERE/files/raspi-firmware-custom" - <<<"$KEY $BOOT_PACKAGES" \
+  | sha256sum | cut -c1-16)
 BOOTREADY=$CACHE/rootfs-$SUITE-arm64-boot-$BKEY
 if [ ! -e "$BOOTREADY/.complete" ]; then
-  say "initramfs with the overlay root (first time: several minutes under qemu)"
+  LOG=$CACHE/kernel-$BKEY.log
+  say "kernel, firmware, initramfs with the overlay root (first time: several minutes; log $LOG)"
   rm -rf "$BOOTREADY.building"; cp -a "$BASE" "$BOOTREADY.building"
   B=$BOOTREADY.building
   install -m 0755 "$HERE/files/overlay-root" "$B/etc/initramfs-tools/scripts/init-bottom/overlay-root"
   grep -qx overlay "$B/etc/initramfs-tools/modules" || echo overlay >> "$B/etc/initramfs-tools/modules"
   echo 'ROOTPART=LABEL=LM-ROOT' > "$B/etc/default/raspi-firmware"
-  mount -t proc proc "$B/proc"; mount --bind /dev "$B/dev"
-  KVER=$(ls "$B/lib/modules" | sort -V | tail -1)
-  chroot "$B" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin update-initramfs -u -k "$KVER" \
-    > "$CACHE/initramfs-$BKEY.log" 2>&1 || { umount -l "$B/proc" "$B/dev"; tail -20 "$CACHE/initramfs-$BKEY.log" >&2; exit 1; }
-  umount -l "$B/proc" "$B/dev"
-  rm -f "$B/.complete"; date > "$B/.complete"
+  install -m 0644 "$HERE/files/raspi-firmware-custom" "$B/etc/default/raspi-firmware-custom"
+  mkdir -p "$B/boot/firmware"
+  cp /etc/resolv.conf "$B/etc/resolv.conf"
+  mount -t proc proc "$B/proc"; mount --bind /dev "$B/dev"; mount --bind /sys "$B/sys"
+  set +e
+  chroot "$B" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8 \
+    sh -c "apt-get update && apt-get install -y --no-install-recommends $BOOT_PACKAGES && apt-get clean" > "$LOG" 2>&1
+  rc=$?
+  set -e
+  umount -l "$B/proc" "$B/dev" "$B/sys"
+  [ $rc = 0 ] || { tail -30 "$LOG" >&2; exit 1; }
+  ls "$B"/boot/firmware/initrd.img-* >/dev/null || { echo "no initrd in /boot/firmware (see $LOG)" >&2; exit 1; }
+  rm -rf "$B/var/lib/apt/lists"/*; : > "$B/etc/resolv.conf"
+  date > "$B/.complete"
   rm -rf "$BOOTREADY"; mv "$B" "$BOOTREADY"
 fi
 
@@ -111,8 +122,8 @@ in_root systemd-sysusers
 mkdir -p "$ROOT/etc/lastmile" "$ROOT/var/lib/lastmile"
 in_root /opt/lastmile/bin/lastmile config defaults > "$ROOT/etc/lastmile/lastmile.toml.defaults"
 in_root systemctl enable lastmile-acquire.service lastmile-forward.service lastmile-provision.service \
-  systemd-networkd.service systemd-timesyncd.service >/dev/null 2>&1
-in_root systemctl enable gpsd.socket bluetooth.service >/dev/null 2>&1 || true
+  systemd-networkd.service systemd-timesyncd.service >/dev/null
+in_root systemctl enable gpsd.socket bluetooth.service >/dev/null
 
 install -D -m 0644 "$HERE/files/journald.conf" "$ROOT/etc/systemd/journald.conf.d/lastmile.conf"
 install -D -m 0644 "$HERE/files/eth0.network" "$ROOT/etc/systemd/network/eth0.network"
@@ -124,20 +135,21 @@ LABEL=LM-DATA  /var/lib/lastmile  ext4  noatime,commit=60,errors=remount-ro,x-sy
 FSTAB
 
 say "boot partition files"
-# raspi-firmware's kernel hooks copied kernel, initrd and DTBs to /boot/firmware.
+# raspi-firmware's hooks copied kernel, initrd and DTBs to /boot/firmware and wrote config.txt
+# (plus files/raspi-firmware-custom); the command line is ours: read-only root, by label.
 install -m 0644 "$HERE/files/cmdline.txt" "$ROOT/boot/firmware/cmdline.txt"
-install -m 0644 "$HERE/files/config.txt" "$ROOT/boot/firmware/config.txt"
 mkdir -p "$ROOT/boot/firmware/lastmile/certs"
 install -m 0644 "$HERE/files/README-clinic.txt" "$ROOT/boot/firmware/lastmile/README.txt"
 
 say "smoke test under qemu-user: lastmile --version, lastmile doctor --offline"
 in_root /opt/lastmile/bin/lastmile --version
+mkdir -p "$ROOT/var/tmp/doctor-check"
+# Informational (no systemd, no devices in a chroot): prints each line; a FAIL does not stop the build.
 in_root /opt/lastmile/bin/lastmile doctor --offline --data-dir /var/tmp/doctor-check || true
 rm -rf "$ROOT/var/tmp/doctor-check"
 
 for m in proc sys dev; do umount -l "$ROOT/$m"; done
 rm -rf "$ROOT/var/cache/apt/archives"/*.deb "$ROOT/var/lib/apt/lists"/* "$ROOT/tmp"/* "$ROOT/var/tmp"/*
-find "$ROOT/opt/lastmile" -name '__pycache__' -prune -o -name '*.pyc' -print >/dev/null
 
 # -- 3. partitions as files, then the image ------------------------------------------------------
 say "partitions"

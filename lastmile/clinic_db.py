@@ -18,10 +18,9 @@ from pathlib import Path
 
 import sqlite_utils
 
-from uploader.outbox_migrations import Migration, migrate
+from uploader.outbox_migrations import Migration, open_database
 
 DB_NAME = "clinic.db"
-BUSY_TIMEOUT_MS = 15_000
 
 
 def _session(db: sqlite_utils.Database) -> None:
@@ -66,22 +65,8 @@ def open_clinic_db(data_dir: str | os.PathLike[str]) -> sqlite_utils.Database:
     """Open (creating or migrating) clinic.db in `data_dir`; autocommit, explicit transactions."""
     path = Path(data_dir)
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    db_path = path / DB_NAME
-    conn = sqlite3.connect(db_path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                           check_same_thread=False)
-    try:
-        with contextlib.suppress(PermissionError):
-            os.chmod(db_path, 0o600)
-        conn.row_factory = sqlite3.Row
-        for pragma in (f"busy_timeout={BUSY_TIMEOUT_MS}", "synchronous=FULL", "secure_delete=ON"):
-            conn.execute(f"PRAGMA {pragma}")
-        db = sqlite_utils.Database(conn)
-        db.enable_wal()
-        migrate(db, MIGRATIONS)
-    except BaseException:
-        conn.close()
-        raise
-    return db
+    # same connection discipline as the outbox (WAL, busy_timeout, 0600, transactional migrations)
+    return open_database(path / DB_NAME, MIGRATIONS)
 
 
 @contextlib.contextmanager

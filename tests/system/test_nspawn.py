@@ -188,6 +188,22 @@ def test_both_services_reach_ready_as_the_service_user(container: "Container") -
     assert not [ln for ln in (udev.stdout + udev.stderr).splitlines() if "70-lastmile.rules:" in ln]
 
 
+def test_reload_keeps_the_process_and_doctor_sees_both_services(container: "Container") -> None:
+    c = container
+    before = c.wait_for("forward running", lambda: active_running(c, "lastmile-forward.service"))
+    c.exec("systemctl", "reload", "lastmile-forward.service")  # SIGHUP: RELOADING=1 ... READY=1
+    after = c.wait_for("forward running", lambda: active_running(c, "lastmile-forward.service"))
+    assert after["MainPID"] == before["MainPID"]
+    assert "configuration reloaded" in c.journal("lastmile-forward.service")
+    doctor = c.exec("/opt/lastmile/bin/lastmile", "doctor", "--offline", "--json", check=False)
+    findings = json.loads(doctor.stdout)["findings"]
+    services = [f for f in findings if f["check"] == "services"]
+    assert [f["level"] for f in services] == ["OK", "OK"], services
+    # Run as root, the doctor left nothing root-owned in the service's state directory.
+    owners = c.exec("find", "/var/lib/lastmile", "-not", "-user", "lastmile").stdout.split()
+    assert owners == [], owners
+
+
 def test_a_frozen_forward_service_is_killed_by_the_watchdog_and_restarted(container: "Container") -> None:
     c = container
     before = c.wait_for("forward running", lambda: active_running(c, "lastmile-forward.service"))
