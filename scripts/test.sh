@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh --test
 export PYTHONDONTWRITEBYTECODE=1
 args=("$@")
-[ ${#args[@]} -eq 0 ] && args=(-q -p no:cacheprovider)
+# Default: every test but the slow system tests (booting a container, building the SD image);
+# run those with: scripts/test.sh -m slow tests/system
+[ ${#args[@]} -eq 0 ] && args=(-q -p no:cacheprovider -m "not slow")
 if [ "$(id -u)" = 0 ] && command -v unshare >/dev/null; then
   exec unshare -n -- sh -c 'ip link set lo up && exec "$@"' sh .venv/bin/python -m pytest "${args[@]}"
 fi
