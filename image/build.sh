@@ -66,7 +66,8 @@ fi
 say "base tree: $BASE ($(du -sh "$BASE" | cut -f1))"
 
 # -- 1b. kernel, Pi firmware and the read-only-root initramfs (cached: mkinitramfs under qemu takes
-#        minutes, so the kernel goes in after our initramfs settings and the hook runs once) -------
+#        minutes, so the kernel goes in after our initramfs settings; the kernel's own postinst
+#        builds the initrd once, later triggers (firmware packages) are held back) --------------
 BKEY=$(cat "$BASE/.complete" "$HERE/files/overlay-root" "$HERE/files/raspi-firmware-custom" - <<<"$KEY $BOOT_PACKAGES" \
   | sha256sum | cut -c1-16)
 BOOTREADY=$CACHE/rootfs-$SUITE-arm64-boot-$BKEY
@@ -84,7 +85,10 @@ if [ ! -e "$BOOTREADY/.complete" ]; then
   mount -t proc proc "$B/proc"; mount --bind /dev "$B/dev"; mount --bind /sys "$B/sys"
   set +e
   chroot "$B" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8 \
-    sh -c "apt-get update && apt-get install -y --no-install-recommends $BOOT_PACKAGES && apt-get clean" > "$LOG" 2>&1
+    sh -c "sed -i 's/^update_initramfs=.*/update_initramfs=no/' /etc/initramfs-tools/update-initramfs.conf &&
+           apt-get update && apt-get install -y --no-install-recommends -o Dpkg::Options::=--force-confold \
+             -o Dpkg::Options::=--force-confdef $BOOT_PACKAGES && apt-get clean &&
+           sed -i 's/^update_initramfs=.*/update_initramfs=yes/' /etc/initramfs-tools/update-initramfs.conf" > "$LOG" 2>&1
   rc=$?
   set -e
   umount -l "$B/proc" "$B/dev" "$B/sys"

@@ -158,7 +158,7 @@ class Doctor:
                 problems.append(f"journal commit every {commit} s")
         if problems:
             return Finding("data", Level.WARN, where + ": " + "; ".join(problems),
-                           f"mount it with noatime,commit=60 (image/ does) to spare the SD card")
+                           "mount it with noatime,commit=60 (image/ does) to spare the SD card")
         return Finding("data", Level.OK, where)
 
     def check_root_fs(self) -> list[Finding]:
@@ -268,14 +268,16 @@ class Doctor:
             return [Finding("commitment", Level.OK, "storage commitment not requested "
                             f"(local copies are kept: no_commitment_policy = {rc.no_commitment_policy})")]
         port = rc.listen_port
+        bind_host = getattr(rc, "listen_host", "0.0.0.0")
+        probe = "127.0.0.1" if bind_host in ("", "0.0.0.0") else bind_host
         with socket.socket() as s:
             s.settimeout(1.0)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+            if s.connect_ex((probe, port)) == 0:
                 return [Finding("commitment", Level.OK, f"listener up on port {port} for commitment reports")]
         try:
             with socket.socket() as s:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.bind(("", port))
+                s.bind((bind_host, port))
         except OSError as exc:
             return [Finding("commitment", Level.FAIL, f"port {port} cannot be bound: {exc.strerror}",
                             "another program holds it, or it needs privileges: change reading_center.listen_port")]

@@ -15,8 +15,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import REPO, missing, require_tool
 
 RULES_DIR = REPO / "systemd" / "udev"

@@ -21,11 +21,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO, missing, require_tool, shared_file
+from tests.system.container import Container
 
 pytestmark = pytest.mark.slow
 
@@ -99,8 +99,7 @@ with Outbox.open(config.data_dir, min_free_bytes=0) as outbox:
 
 
 @pytest.fixture(scope="module")
-def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator["Container"]:
-    from tests.system.container import Container
+def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
     from tests.system.rootfs import debian_rootfs
 
     if os.geteuid() != 0:
@@ -134,7 +133,7 @@ def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator["Container"]
         print("\nnspawn timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in TIMINGS.items()))
 
 
-def install_lastmile(c: "Container") -> None:
+def install_lastmile(c: Container) -> None:
     """What image/build.sh does to the root filesystem, minus the Pi-specific parts."""
     r = c.run_offline("/bin/sh", "-c",
                       "python3 -m venv /opt/lastmile && "
@@ -157,22 +156,22 @@ def install_lastmile(c: "Container") -> None:
     shutil.copy(shared_file("ecg", "scp", "ecgtoolkit_Example.scp"), c.root / "usr/local/lib/example.scp")
 
 
-def active_running(c: "Container", unit: str) -> dict[str, str] | None:
+def active_running(c: Container, unit: str) -> dict[str, str] | None:
     props = c.show(unit, "ActiveState", "SubState", "MainPID", "NRestarts", "StatusText", "User")
     return props if (props["ActiveState"], props["SubState"]) == ("active", "running") else None
 
 
-def outbox_state(c: "Container") -> dict:
+def outbox_state(c: Container) -> dict:
     r = c.exec("runuser", "-u", "lastmile", "--", "/opt/lastmile/bin/python", "/usr/local/lib/state.py")
     return json.loads(r.stdout)
 
 
-def received(c: "Container") -> set[str]:
+def received(c: Container) -> set[str]:
     r = c.exec("cat", "/var/lib/test-scp/received.txt", check=False)
     return set(r.stdout.split())
 
 
-def test_both_services_reach_ready_as_the_service_user(container: "Container") -> None:
+def test_both_services_reach_ready_as_the_service_user(container: Container) -> None:
     c = container
     t = time.monotonic()
     for unit in ("lastmile-acquire.service", "lastmile-forward.service"):
@@ -188,7 +187,7 @@ def test_both_services_reach_ready_as_the_service_user(container: "Container") -
     assert not [ln for ln in (udev.stdout + udev.stderr).splitlines() if "70-lastmile.rules:" in ln]
 
 
-def test_reload_keeps_the_process_and_doctor_sees_both_services(container: "Container") -> None:
+def test_reload_keeps_the_process_and_doctor_sees_both_services(container: Container) -> None:
     c = container
     before = c.wait_for("forward running", lambda: active_running(c, "lastmile-forward.service"))
     c.exec("systemctl", "reload", "lastmile-forward.service")  # SIGHUP: RELOADING=1 ... READY=1
@@ -204,7 +203,7 @@ def test_reload_keeps_the_process_and_doctor_sees_both_services(container: "Cont
     assert owners == [], owners
 
 
-def test_a_frozen_forward_service_is_killed_by_the_watchdog_and_restarted(container: "Container") -> None:
+def test_a_frozen_forward_service_is_killed_by_the_watchdog_and_restarted(container: Container) -> None:
     c = container
     before = c.wait_for("forward running", lambda: active_running(c, "lastmile-forward.service"))
     t = time.monotonic()
@@ -220,7 +219,7 @@ def test_a_frozen_forward_service_is_killed_by_the_watchdog_and_restarted(contai
     assert "Fatal Python error: Aborted" in journal
 
 
-def test_nothing_in_the_outbox_is_lost_across_restarts(container: "Container") -> None:
+def test_nothing_in_the_outbox_is_lost_across_restarts(container: Container) -> None:
     c = container
     t = time.monotonic()
     # The reading center is down: items wait in the outbox.
