@@ -26,6 +26,17 @@ GOAL_READY_S = 1.0
 GOAL_RSS_MB = 64.0
 
 
+def unit_environment(service: str) -> dict[str, str]:
+    """Environment= of the service's unit, so the process runs as under systemd."""
+    env = {}
+    for line in (REPO / "systemd" / f"lastmile-{service}.service").read_text().splitlines():
+        if line.startswith("Environment="):
+            for pair in line.removeprefix("Environment=").split():
+                key, _, value = pair.partition("=")
+                env[key] = value
+    return env
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -87,6 +98,7 @@ def main() -> int:
         env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
         for service in ("acquire", "forward"):
             command = [args.python, "-m", "lastmile", "-c", str(config), service]
+            env = {**env, **unit_environment(service)}
             start_to_ready(command, env, 0.0, tmpdir)  # warm the page cache (.pyc are written)
             results = [start_to_ready(command, env, args.idle, tmpdir) for _ in range(args.runs)]
             ready = statistics.median(r for r, _ in results)

@@ -282,6 +282,18 @@ def gnss_part(config: Config) -> Part | None:
     return WorkerPart("gnss", work)
 
 
+def build_parts(config: Config, outbox: Outbox, current_patient_id: Callable[[], str | None], *,
+                into: list[Part]) -> None:
+    """Every enabled part, appended to `into` as it is made (so a failure can close those made)."""
+    for build in (lambda: serial_part(config, outbox), lambda: ble_part(config, outbox),
+                  lambda: lan_receiver_part(config, outbox, current_patient_id),
+                  lambda: usb_import_part(config, outbox, current_patient_id),
+                  lambda: gnss_part(config)):
+        part = build()
+        if part is not None:
+            into.append(part)
+
+
 def open_outbox(config: Config) -> Outbox:
     """The outbox, without importing the forwarding stack (pynetdicom: ~10 MB RSS we do not need)."""
     from uploader.outbox import Outbox
@@ -308,13 +320,7 @@ class AcquireService:
         parts: list[Part] = []
         try:
             current_patient_id = cls._patient_lookup(config, closers)
-            for build in (lambda: serial_part(config, outbox), lambda: ble_part(config, outbox),
-                          lambda: lan_receiver_part(config, outbox, current_patient_id),
-                          lambda: usb_import_part(config, outbox, current_patient_id),
-                          lambda: gnss_part(config)):
-                part = build()
-                if part is not None:
-                    parts.append(part)
+            build_parts(config, outbox, current_patient_id, into=parts)
             service = cls(config, outbox, parts, closers)
             service.check_parts()  # starts the worker threads
         except BaseException:
@@ -363,11 +369,8 @@ class AcquireService:
         self.config = config
         self._closers = self._closers[:1]
         current_patient_id = self._patient_lookup(config, self._closers)
-        self.parts = [p for p in (serial_part(config, self.outbox), ble_part(config, self.outbox),
-                                  lan_receiver_part(config, self.outbox, current_patient_id),
-                                  usb_import_part(config, self.outbox, current_patient_id),
-                                  gnss_part(config))
-                      if p is not None]
+        self.parts = []
+        build_parts(config, self.outbox, current_patient_id, into=self.parts)
         self.check_parts()
 
     def close(self) -> None:

@@ -165,7 +165,11 @@ class ServiceRuntime:
         stop = self.stop_event
         while not stop.is_set():
             if self._reload_requested:
-                self._reload(service)
+                try:
+                    self._reload(service)
+                except Exception:
+                    log.exception("%s: reload failed; exiting so systemd restarts the service", self.name)
+                    return EXIT_FAILURE
                 continue
             began = time.monotonic()
             try:

@@ -7,7 +7,7 @@
 Checks the partition table, fsck of every partition (no loop mounts: partitions are cut out with
 dd and read with mtools/debugfs), the enabled units and the wear-relevant settings in the root
 filesystem, then runs `lastmile --version` and `lastmile doctor --offline` from the extracted root
-under qemu-user (chroot + binfmt_misc).
+under qemu-user (chroot + binfmt_misc), and lists the initramfs (overlay-root script, SD drivers).
 """
 
 from __future__ import annotations
@@ -120,10 +120,18 @@ def test_lastmile_runs_under_qemu_user(partitions: dict[str, Path], tmp_path: Pa
                                  check=True, capture_output=True, text=True, timeout=300).stdout
         assert version.startswith("lastmile ")
         doctor = subprocess.run(["chroot", str(tree), *env, "/opt/lastmile/bin/lastmile", "doctor", "--offline",
-                                 "--json", "--data-dir", "/var/tmp/doctor"], capture_output=True, text=True,
+                                 "--json", "--data-dir", "/var/lib/lastmile"], capture_output=True, text=True,
                                 timeout=300)
         findings = json.loads(doctor.stdout)["findings"]
         assert {f["check"] for f in findings} >= {"config", "data", "clock", "queue"}
         assert not [f for f in findings if f["level"] == "FAIL"], doctor.stdout
+        # The initramfs carries the overlay-root script and what mounts an SD-card root.
+        initrd = sorted((tree / "boot").glob("initrd.img-*"))[-1].name
+        listing = subprocess.run(["chroot", str(tree), "/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+                                  "lsinitramfs", f"/boot/{initrd}"],
+                                 check=True, capture_output=True, text=True, timeout=600).stdout
+        for needed in ("scripts/init-bottom/overlay-root", "overlay.ko", "ext4.ko", "sdhci-iproc.ko",
+                       "mmc/host/bcm2835.ko"):
+            assert needed in listing, needed
     finally:
         shutil.rmtree(tree, ignore_errors=True)
