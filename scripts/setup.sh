@@ -9,7 +9,7 @@ mode=${1:-}
 
 apt_packages=(python3-venv)
 if [ "$mode" = "--test" ]; then
-  apt_packages+=(orthanc dcmtk dicom3tools gpsd gpsd-clients systemd systemd-container iproute2
+  apt_packages+=(orthanc dcmtk dicom3tools gpsd gpsd-clients systemd systemd-container udev iproute2
                  util-linux debootstrap qemu-user-static binfmt-support dosfstools mtools
                  e2fsprogs fdisk openssl)
 fi
