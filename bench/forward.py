@@ -148,7 +148,6 @@ def main() -> int:
             files_dir.mkdir()
             for item in items:
                 (files_dir / f"{item.id:05d}.dcm").write_bytes(outbox.read_payload(item))
-            intake_io = None
         # ratios are against the uncompressed Explicit VR LE object (what the builder makes)
         from uploader.dicom_ecg import EcgStudyUids, StationInfo, recording_to_dicom_bytes
 
@@ -180,7 +179,6 @@ def main() -> int:
             results["storescu_deflated_s"].append(time.perf_counter() - t0)
 
         # Lastmile: the forward service in its own process, a fresh Orthanc
-        config, cfg = make_config(run, 0)
         with OrthancServer(tmp / f"orthanc-lm{run}",
                            modalities=gateway_modality("CLINIC01", listen)) as orthanc:
             config, cfg = make_config(run, orthanc.dicom_port)

@@ -294,14 +294,6 @@ def build_parts(config: Config, outbox: Outbox, current_patient_id: Callable[[],
             into.append(part)
 
 
-def open_outbox(config: Config) -> Outbox:
-    """The outbox, without importing the forwarding stack (pynetdicom: ~10 MB RSS we do not need)."""
-    from uploader.outbox import Outbox
-
-    return Outbox.open(config.data_dir, min_free_bytes=config.outbox.min_free_mb * 2**20,
-                       backoff_base_s=config.outbox.backoff_base_s, backoff_max_s=config.outbox.backoff_max_s)
-
-
 class AcquireService:
     """The `Service` for `lastmile acquire`: composes the enabled parts around one outbox."""
 
@@ -315,6 +307,8 @@ class AcquireService:
 
     @classmethod
     def start(cls, config: Config) -> AcquireService:
+        from lastmile.app_context import open_outbox  # no DICOM stack in the acquire process
+
         outbox = open_outbox(config)
         closers: list[Callable[[], None]] = [outbox.close]
         parts: list[Part] = []

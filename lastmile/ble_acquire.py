@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from devices.observation import Observation
 from firmware_bridge.ble.link import BleDeviceManager, DeviceStatus, LinkSettings
+from lastmile.app_context import open_outbox
 from lastmile.clinic_db import utc_now
 from lastmile.config import Config
 from lastmile.device_registry import DeviceRegistry
@@ -67,12 +68,6 @@ def link_settings(config: Config) -> LinkSettings:
     ble = config.ble
     return LinkSettings(scan_pass_s=ble.scan_interval_s, connect_attempts=ble.connect_attempts,
                         continuous_store_interval_s=ble.continuous_store_interval_s)
-
-
-def open_outbox(config: Config) -> Outbox:
-    o = config.outbox
-    return Outbox.open(config.data_dir, min_free_bytes=o.min_free_mb * 2**20, backoff_base_s=o.backoff_base_s,
-                       backoff_max_s=o.backoff_max_s)
 
 
 async def run_ble(config: Config, stop: asyncio.Event, *, outbox: Outbox | None = None) -> None:

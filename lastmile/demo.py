@@ -164,8 +164,8 @@ def run_demo(say: Say, *, n_recordings: int = 12, outage_s: float = 4.0,
         summary.purged = counts.get("purged", 0)
         summary.quarantined = counts.get("quarantined", 0)
         summary.lost = n_recordings - summary.received
-        summary.duplicated = summary.studies - min(summary.studies, n_recordings) + max(
-            0, summary.received - n_recordings)
+        # a recording that reached the PACS twice would be a second SOP Instance (and study)
+        summary.duplicated = max(0, summary.received - n_recordings, summary.studies - n_recordings)
         summary.elapsed_s = round(time.monotonic() - t0, 2)
     return summary
 

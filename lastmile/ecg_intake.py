@@ -8,7 +8,6 @@ center can never see one recording as two studies.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import io
 import logging
 
@@ -33,16 +32,6 @@ DICOM_KIND = "dicom"
 
 def station_of(config: Config) -> StationInfo:
     return StationInfo(station_name=config.gateway.id, institution=config.gateway.institution)
-
-
-def recording_key(recording: EcgRecording) -> str:
-    """A key that identifies a recording by its content (for sources without their own id)."""
-    h = hashlib.sha256()
-    h.update(recording.samples.tobytes())
-    h.update(repr((recording.lead_names, recording.sampling_rate_hz, recording.uv_per_unit,
-                   recording.acquired_at.isoformat(), recording.device.serial,
-                   recording.device.address)).encode())
-    return "ecg-sha256:" + h.hexdigest()
 
 
 def patient_fields(recording: EcgRecording) -> dict | None:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lastmile.app_context import open_outbox
 from lastmile.config import Config, ReadingCenterSection
 from uploader.dicom_net import PeerSettings, TlsFiles
 from uploader.ecg_forwarder import EcgForwarder, ForwarderSettings
-from uploader.outbox import Outbox
 
 if TYPE_CHECKING:
     from uploader.fhir_sender import FhirSender
@@ -38,14 +37,6 @@ def forwarder_settings(config: Config) -> ForwarderSettings:
         no_commitment_policy=rc.no_commitment_policy,
         config_fault_retry_s=config.outbox.config_fault_retry_s,
         retention_s=config.outbox.retention_days * 86400.0)
-
-
-def open_outbox(config: Config) -> Outbox:
-    data_dir = Path(config.gateway.data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    return Outbox.open(data_dir, min_free_bytes=config.outbox.min_free_mb * 2**20,
-                       backoff_base_s=config.outbox.backoff_base_s,
-                       backoff_max_s=config.outbox.backoff_max_s)
 
 
 class ForwardService:

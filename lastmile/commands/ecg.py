@@ -203,7 +203,7 @@ def enqueue_callable(outbox, config, current_patient_id=lambda: None):
 def _import(args: argparse.Namespace) -> int:
     from firmware_bridge.usb_import import import_paths
     from lastmile.app_context import config_from_args
-    from lastmile.forward_service import open_outbox
+    from lastmile.app_context import open_outbox
 
     missing = [p for p in args.paths if not Path(p).exists()]
     if missing:

@@ -92,7 +92,7 @@ def _echo(args: argparse.Namespace) -> int:
 
 
 def _recorded_fault(config) -> str | None:
-    from lastmile.forward_service import open_outbox
+    from lastmile.app_context import open_outbox
 
     try:
         with open_outbox(config) as outbox:
@@ -115,7 +115,7 @@ def _ago(ts: float | None, now: float) -> str:
 
 def _queue(args: argparse.Namespace) -> int:
     from lastmile.app_context import config_from_args
-    from lastmile.forward_service import open_outbox
+    from lastmile.app_context import open_outbox
 
     config = config_from_args(args)
     now = time.time()
@@ -149,7 +149,7 @@ def _queue(args: argparse.Namespace) -> int:
 
 def _retry(args: argparse.Namespace) -> int:
     from lastmile.app_context import config_from_args
-    from lastmile.forward_service import open_outbox
+    from lastmile.app_context import open_outbox
 
     config = config_from_args(args)
     now = time.time()
