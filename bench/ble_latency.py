@@ -37,9 +37,9 @@ from firmware_bridge.ble.emulated_peripherals import (BloodPressureCuff, BpRecor
                                                       Thermometer)
 from firmware_bridge.ble.emulation import EmulatedRadio  # noqa: E402
 from firmware_bridge.ble.link import BleDeviceManager, LinkSettings  # noqa: E402
-from lastmile.ble_acquire import ClinicBlePort  # noqa: E402
-from lastmile.device_registry import DeviceRegistry  # noqa: E402
-from lastmile.observation_store import ObservationStore, observation_payload  # noqa: E402
+from lastmile.services.ble_devices import ClinicBlePort  # noqa: E402
+from lastmile.clinic.devices import DeviceRegistry  # noqa: E402
+from lastmile.clinic.observations import ObservationStore, observation_payload  # noqa: E402
 from uploader.outbox import Outbox  # noqa: E402
 
 UTC = dt.timezone.utc

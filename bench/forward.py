@@ -55,7 +55,7 @@ def worker(cfg: str, n: int) -> None:
     import threading
 
     from lastmile.config import load_config
-    from lastmile.forward_service import ForwardService
+    from lastmile.services.forward import ForwardService
 
     sys.modules.setdefault("numpy", None)  # as `lastmile forward` does
     t_start = float(os.environ["BENCH_T0"])
@@ -101,9 +101,9 @@ def main() -> int:
                               "sh", sys.executable, *sys.argv])
 
     from lastmile.config import Config
-    from lastmile.demo import demo_recordings
-    from lastmile.ecg_intake import enqueue_recording
-    from lastmile.forward_service import open_outbox
+    from lastmile.demo.runner import demo_recordings
+    from lastmile.ecg.intake import enqueue_recording
+    from lastmile.services.forward import open_outbox
     from tests.peers import OrthancServer, free_port, gateway_modality
     import datetime as dt
 

@@ -3,7 +3,7 @@
 700 visits (100 a day) with 5 readings each (BP panel with pulse, temperature, SpO2, weight,
 glucose → 3,500 readings, 4,200 Observation resources with the pulses) are built as transaction
 Bundles and queued in a real outbox. Then, against the same receiver (conditional create, the
-structure check of `lastmile.fhir_receiver`; a fresh receiver per run):
+structure check of `lastmile.demo.fhir_receiver`; a fresh receiver per run):
 
 - reference: a bare `requests.Session` loop POSTing each bundle as it is, no outbox;
 - ours: `forward_fhir_once` rounds (outbox claim/settle, merged transactions, gzip);
@@ -33,7 +33,7 @@ import requests  # noqa: E402
 
 from devices.identity import DeviceIdentity, TimeSource  # noqa: E402
 from devices.observation import Observation, Quantity  # noqa: E402
-from lastmile.fhir_receiver import FhirReceiver  # noqa: E402
+from lastmile.demo.fhir_receiver import FhirReceiver  # noqa: E402
 from uploader.fhir_bundle import (  # noqa: E402
     FhirNaming, VisitPosition, VisitSignature, VisitSummary, bundle_bytes, visit_bundle)
 from uploader.fhir_forwarder import FHIR_KIND, enqueue_bundle, forward_fhir_once  # noqa: E402

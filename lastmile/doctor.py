@@ -244,7 +244,7 @@ class Doctor:
         return out
 
     def check_reading_center(self) -> list[Finding]:
-        from lastmile.forward_service import peer_settings
+        from lastmile.services.forward import peer_settings
         from uploader.dicom_net import echo
         from uploader.errors import ConfigurationFault, TransientError
 
@@ -320,12 +320,12 @@ class Doctor:
     def check_devices(self) -> list[Finding]:
         links = sorted(p.name for p in self.device_links.iterdir()) if self.device_links.is_dir() else []
         plugged = f"plugged in: {', '.join(links)}" if links else "no USB device plugged in"
-        from lastmile.clinic_db import DB_NAME
+        from lastmile.clinic.db import DB_NAME
 
         if not (self.config.data_dir / DB_NAME).exists():
             return [Finding("devices", Level.OK if links else Level.WARN, f"no device seen yet; {plugged}",
                             "" if links else "plug in the clinic's devices, or pair BLE ones: lastmile ble pair")]
-        from lastmile.device_registry import DeviceRegistry
+        from lastmile.clinic.devices import DeviceRegistry
 
         with as_owner_of(self.config.data_dir):
             registry = DeviceRegistry.open(self.config.data_dir)

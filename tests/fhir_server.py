@@ -1,4 +1,4 @@
-"""The loopback FHIR R4 test server: lastmile.fhir_receiver with every resource validated.
+"""The loopback FHIR R4 test server: lastmile.demo.fhir_receiver with every resource validated.
 
 - Every resource of a POSTed transaction Bundle is validated with fhir.resources
   (the R4B models: fhir.resources 8 ships R5, R4B and STU3; R4B's Encounter, Observation,
@@ -17,7 +17,7 @@ from __future__ import annotations
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
-from lastmile.fhir_receiver import FhirReceiver, ServerStats, check_transaction_shape, outcome
+from lastmile.demo.fhir_receiver import FhirReceiver, ServerStats, check_transaction_shape, outcome
 
 __all__ = ["FhirTestServer", "ServerStats", "outcome", "validate_resource", "validate_transaction"]
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import threading
 import time
 
-from lastmile.acquire_service import gnss_part
+from lastmile.services.acquire import gnss_part
 from lastmile.config import Config
-from lastmile.visits import VisitBook, VisitPolicy
+from lastmile.visits.book import VisitBook, VisitPolicy
 from tests.conftest import shared_file
 from tests.serial_pty import PtyDevice
 

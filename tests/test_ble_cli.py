@@ -13,7 +13,7 @@ from devices.identity import DeviceIdentity, TimeSource
 from devices.observation import Observation, Quantity
 from lastmile.cli import main
 from tests.conftest import missing
-from lastmile.observation_store import ObservationStore
+from lastmile.clinic.observations import ObservationStore
 from uploader.outbox import Outbox
 
 BP_HEX = "1e 7800 5000 5d00 e807030509 1e0f 4800 01 0400"  # see tests/test_ble_decoders.py

@@ -32,9 +32,9 @@ from firmware_bridge.ble.emulated_peripherals import (BloodPressureCuff, BpRecor
                                                       GlucoseRecord, PulseOximeter, TemperatureRecord, Thermometer)
 from firmware_bridge.ble.emulation import EmulatedBleakClient, EmulatedRadio  # noqa: E402
 from firmware_bridge.ble.link import BleDeviceManager, LinkSettings, scan_health_devices  # noqa: E402
-from lastmile.ble_acquire import ClinicBlePort  # noqa: E402
-from lastmile.device_registry import DeviceRegistry  # noqa: E402
-from lastmile.observation_store import OBSERVATION_KIND, ObservationStore  # noqa: E402
+from lastmile.services.ble_devices import ClinicBlePort  # noqa: E402
+from lastmile.clinic.devices import DeviceRegistry  # noqa: E402
+from lastmile.clinic.observations import OBSERVATION_KIND, ObservationStore  # noqa: E402
 from uploader.outbox import Outbox  # noqa: E402
 
 UTC = dt.timezone.utc

@@ -161,7 +161,7 @@ def test_cart_to_orthanc_unchanged(tmp_path: Path) -> None:
     import threading
 
     from lastmile.config import Config
-    from lastmile.forward_service import forwarder_settings, open_outbox
+    from lastmile.services.forward import forwarder_settings, open_outbox
     from tests.peers import OrthancServer, free_port, gateway_modality
     from uploader.ecg_forwarder import EcgForwarder
 

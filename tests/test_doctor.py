@@ -220,7 +220,7 @@ def test_fhir_endpoint_and_token(tmp_path: Path) -> None:
 def test_devices_seen(tmp_path: Path) -> None:
     import datetime as dt
 
-    from lastmile.device_registry import DeviceRegistry
+    from lastmile.clinic.devices import DeviceRegistry
 
     links = tmp_path / "dev-lastmile"
     links.mkdir()

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from lastmile.config import Config
-from lastmile.demo import free_port
-from lastmile.demo_reading_center import EmbeddedReadingCenter
-from lastmile.ecg_intake import enqueue_recording
-from lastmile.forward_service import forwarder_settings, open_outbox
+from lastmile.demo.runner import free_port
+from lastmile.demo.reading_center import EmbeddedReadingCenter
+from lastmile.ecg.intake import enqueue_recording
+from lastmile.services.forward import forwarder_settings, open_outbox
 from tests.ecg_factories import make_recording
 from uploader.ecg_forwarder import EcgForwarder
 

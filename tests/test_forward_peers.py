@@ -19,8 +19,8 @@ import pytest
 
 from lastmile.cli import main as cli
 from lastmile.config import Config
-from lastmile.ecg_intake import enqueue_recording
-from lastmile.forward_service import forwarder_settings, open_outbox
+from lastmile.ecg.intake import enqueue_recording
+from lastmile.services.forward import forwarder_settings, open_outbox
 from tests.conftest import require_private_netns
 from tests.ecg_factories import make_recording
 from tests.peers import free_port, gateway_modality

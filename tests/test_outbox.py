@@ -36,7 +36,7 @@ from uploader.outbox import (
     Priority,
     backoff_delay,
 )
-from uploader.outbox_migrations import MIGRATIONS, Migration, applied_migrations, migrate
+from uploader.sqlite_store import MIGRATIONS, Migration, applied_migrations, migrate
 
 S = ItemState
 T0 = 1_700_000_000.0

@@ -10,10 +10,10 @@ import pytest
 
 from devices.identity import DeviceIdentity, TimeSource
 from devices.observation import Observation, Quantity
-from lastmile.device_registry import DeviceRegistry
-from lastmile.observation_store import (OBSERVATION_KIND, ObservationStore, UnknownObservationError,
+from lastmile.clinic.devices import DeviceRegistry
+from lastmile.clinic.observations import (OBSERVATION_KIND, ObservationStore, UnknownObservationError,
                                         observation_from_json, observation_to_json, summary)
-from lastmile.patient_context import PatientContext
+from lastmile.clinic.patients import PatientContext
 from uploader.outbox import Outbox
 
 T0 = dt.datetime(2025, 6, 1, 9, 0, tzinfo=dt.timezone.utc)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lastmile.sdnotify import SystemdNotifier, watchdog_period
+from lastmile.services.sdnotify import SystemdNotifier, watchdog_period
 
 
 @pytest.fixture

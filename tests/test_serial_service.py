@@ -14,9 +14,9 @@ from devices.bridge import codec
 from firmware_bridge.bridge_simulator import EcgStreamSimulator
 from firmware_bridge.firmware.bridge_core import BridgeCore
 from lastmile.config import Config, ConfigError
-from lastmile.device_registry import DeviceRegistry
-from lastmile.patient_context import PatientContext
-from lastmile.serial_service import SerialService, link_specs, load_profiles
+from lastmile.clinic.devices import DeviceRegistry
+from lastmile.clinic.patients import PatientContext
+from lastmile.services.serial_devices import SerialService, link_specs, load_profiles
 from tests.serial_pty import PtyDevice, wait_for
 from tests.test_ascii_report import VITALS_REPORT
 from tests.test_scanner import DOCTOR_BADGE_SCAN, PATIENT_CARD_SCAN

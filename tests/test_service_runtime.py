@@ -23,8 +23,8 @@ import pytest
 
 from devices.identity import Patient
 from lastmile.config import Config, ConfigError, parse_config
-from lastmile.sdnotify import SystemdNotifier
-from lastmile.service_runtime import (EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, JournalFormatter,
+from lastmile.services.sdnotify import SystemdNotifier
+from lastmile.services.runtime import (EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, JournalFormatter,
                                       PatientDataFilter, ServiceRuntime, configure_service_logging)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ CHILD = textwrap.dedent("""
     import sys, time, threading
     from pathlib import Path
     from lastmile.config import load_config
-    from lastmile.service_runtime import ServiceRuntime
+    from lastmile.services.runtime import ServiceRuntime
 
     out = Path(sys.argv[2])
     mode = sys.argv[3]
@@ -368,7 +368,7 @@ def test_service_logging_goes_to_stdout_with_journal_priorities(monkeypatch: pyt
 # -- the acquire service's composition ----------------------------------------------------------------
 
 def test_a_failed_part_is_restarted_with_backoff_and_a_silent_one_is_wedged() -> None:
-    from lastmile.acquire_service import Wedged, WorkerPart
+    from lastmile.services.acquire import Wedged, WorkerPart
 
     now = [100.0]
     runs: list[int] = []

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lastmile.service_runtime import EXIT_CONFIG
+from lastmile.services.runtime import EXIT_CONFIG
 from tests.conftest import REPO, require_tool
 
 UNITS = ("lastmile-acquire.service", "lastmile-forward.service")

@@ -13,9 +13,9 @@ import pytest
 from devices.gps import Fix, FixMode
 from devices.identity import EARLIEST_PLAUSIBLE, TimeSource
 from lastmile.clock import GatewayClock, Stamp
-from lastmile.households import RegisterError, distance_m, parse_register
-from lastmile.visit_chain import KEY_FILE, verify_export
-from lastmile.visits import FixRecord, VisitBook, VisitError, VisitPolicy
+from lastmile.visits.households import RegisterError, distance_m, parse_register
+from lastmile.visits.chain import KEY_FILE, verify_export
+from lastmile.visits.book import FixRecord, VisitBook, VisitError, VisitPolicy
 from tests.fhir_samples import blood_pressure
 
 GPS_T = dt.datetime(2026, 3, 2, 8, 0, tzinfo=dt.timezone.utc)
@@ -222,7 +222,7 @@ def test_stamp_round_trip() -> None:
 
 
 def test_follow_receiver_tracks_the_open_visit(book_factory) -> None:
-    from lastmile.visits import follow_receiver
+    from lastmile.visits.book import follow_receiver
 
     clocks = FakeClocks(wall=0.0)
     book = book_factory(clocks)

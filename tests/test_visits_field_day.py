@@ -7,9 +7,9 @@ import sqlite3
 from pathlib import Path
 
 from devices.identity import EARLIEST_PLAUSIBLE, TimeSource
-from lastmile.field_demo import run_field_day
-from lastmile.visit_chain import verify_export
-from lastmile.visits import VisitBook
+from lastmile.demo.field_day import run_field_day
+from lastmile.visits.chain import verify_export
+from lastmile.visits.book import VisitBook
 from tests.fhir_server import FhirTestServer
 
 

@@ -75,7 +75,7 @@ from typing import Any
 import sqlite_utils
 
 from uploader.errors import CorruptPayloadError, OutboxFullError
-from uploader.outbox_migrations import MIGRATIONS, open_database
+from uploader.sqlite_store import MIGRATIONS, open_database
 from uploader.payload_files import OwnerLock, PayloadFiles
 
 log = logging.getLogger(__name__)

@@ -47,8 +47,8 @@ def _valid_address(address: str) -> bool:
 def _pair(args: argparse.Namespace) -> int:
     import datetime as dt
 
-    from lastmile.app_context import config_from_args
-    from lastmile.device_registry import DeviceRegistry
+    from lastmile.data_dir import config_from_args
+    from lastmile.clinic.devices import DeviceRegistry
 
     if not _valid_address(args.address):
         print(f"lastmile ble pair: {args.address!r} is not a Bluetooth address (like C0:26:DA:01:02:03)",
@@ -68,8 +68,8 @@ def _pair(args: argparse.Namespace) -> int:
 def _unpair(args: argparse.Namespace) -> int:
     import datetime as dt
 
-    from lastmile.app_context import config_from_args
-    from lastmile.device_registry import DeviceRegistry
+    from lastmile.data_dir import config_from_args
+    from lastmile.clinic.devices import DeviceRegistry
 
     registry = DeviceRegistry.open(config_from_args(args).data_dir)
     try:
@@ -90,8 +90,8 @@ def _scan(args: argparse.Namespace) -> int:
     paired: set[str] = set()
     if args.data_dir or not args.emulated:
         try:
-            from lastmile.app_context import config_from_args
-            from lastmile.device_registry import DeviceRegistry
+            from lastmile.data_dir import config_from_args
+            from lastmile.clinic.devices import DeviceRegistry
 
             registry = DeviceRegistry.open(config_from_args(args).data_dir)
             paired = set(registry.allowed())
@@ -104,7 +104,7 @@ def _scan(args: argparse.Namespace) -> int:
             return await scan_health_devices(args.timeout, every_device=args.all)
         from firmware_bridge.ble.emulated_peripherals import BloodPressureCuff, Thermometer
         from firmware_bridge.ble.emulation import EmulatedRadio
-        from lastmile.ble_acquire import DEMO_CUFF, DEMO_THERMOMETER
+        from lastmile.services.ble_devices import DEMO_CUFF, DEMO_THERMOMETER
 
         radio = EmulatedRadio()
         devices = [BloodPressureCuff(radio, DEMO_CUFF, "Demo BP Cuff"), Thermometer(radio, DEMO_THERMOMETER,

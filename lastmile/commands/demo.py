@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _demo(args: argparse.Namespace) -> int:
     import logging
 
-    from lastmile.demo import run_demo
+    from lastmile.demo.runner import run_demo
 
     if not args.verbose:
         # the demo narrates; the outage it stages would otherwise fill the screen with

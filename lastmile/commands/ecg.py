@@ -121,8 +121,8 @@ def _decode(args: argparse.Namespace) -> int:
 
 def _to_dicom(args: argparse.Namespace) -> int:
     from devices.errors import DeviceError
-    from lastmile.app_context import config_from_args
-    from lastmile.ecg_intake import station_of
+    from lastmile.data_dir import config_from_args
+    from lastmile.ecg.intake import station_of
     from uploader.dicom_ecg import choose_sop_class, mint_uids, recording_to_dicom_bytes
     from uploader.errors import UploadError
 
@@ -187,7 +187,7 @@ def enqueue_callable(outbox, config, current_patient_id=lambda: None):
     """(recording, key) -> created, for firmware_bridge.usb_import: the lead's intake builds the
     DICOM object (UIDs minted once) and stores it; a recording no DICOM ECG can hold is refused."""
     from firmware_bridge.usb_import import FileRefused
-    from lastmile.ecg_intake import enqueue_recording
+    from lastmile.ecg.intake import enqueue_recording
     from uploader.errors import InvalidObjectError
 
     def enqueue(recording, key: str) -> bool:
@@ -202,13 +202,13 @@ def enqueue_callable(outbox, config, current_patient_id=lambda: None):
 
 def _import(args: argparse.Namespace) -> int:
     from firmware_bridge.usb_import import import_paths
-    from lastmile.app_context import config_from_args
-    from lastmile.app_context import open_outbox
+    from lastmile.data_dir import config_from_args
+    from lastmile.data_dir import open_outbox
 
     missing = [p for p in args.paths if not Path(p).exists()]
     if missing:
         return _fail(f"no such file or folder: {', '.join(missing)}")
-    from lastmile.patient_context import PatientContext
+    from lastmile.clinic.patients import PatientContext
 
     config = config_from_args(args)
     outbox = open_outbox(config)

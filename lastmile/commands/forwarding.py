@@ -39,8 +39,8 @@ def _forward(args: argparse.Namespace) -> int:
     # The forwarder only moves bytes. pydicom and sqlite-utils import numpy when it is there,
     # which costs ~15 MB of RSS on a 512 MB Pi: keep it out of this process.
     sys.modules.setdefault("numpy", None)  # type: ignore[arg-type]
-    from lastmile.app_context import config_from_args
-    from lastmile.forward_service import ForwardService
+    from lastmile.data_dir import config_from_args
+    from lastmile.services.forward import ForwardService
 
     if args.once:
         import threading
@@ -52,15 +52,15 @@ def _forward(args: argparse.Namespace) -> int:
         finally:
             service.close()
         return 0
-    from lastmile.service_runtime import ServiceRuntime
+    from lastmile.services.runtime import ServiceRuntime
 
     runtime = ServiceRuntime("forward", load_config=lambda: config_from_args(args))
     return runtime.run(ForwardService)
 
 
 def _echo(args: argparse.Namespace) -> int:
-    from lastmile.app_context import config_from_args
-    from lastmile.forward_service import peer_settings
+    from lastmile.data_dir import config_from_args
+    from lastmile.services.forward import peer_settings
     from uploader.dicom_net import echo
     from uploader.errors import ConfigurationFault, TransientError
 
@@ -92,7 +92,7 @@ def _echo(args: argparse.Namespace) -> int:
 
 
 def _recorded_fault(config) -> str | None:
-    from lastmile.app_context import open_outbox
+    from lastmile.data_dir import open_outbox
 
     try:
         with open_outbox(config) as outbox:
@@ -114,8 +114,8 @@ def _ago(ts: float | None, now: float) -> str:
 
 
 def _queue(args: argparse.Namespace) -> int:
-    from lastmile.app_context import config_from_args
-    from lastmile.app_context import open_outbox
+    from lastmile.data_dir import config_from_args
+    from lastmile.data_dir import open_outbox
 
     config = config_from_args(args)
     now = time.time()
@@ -148,8 +148,8 @@ def _queue(args: argparse.Namespace) -> int:
 
 
 def _retry(args: argparse.Namespace) -> int:
-    from lastmile.app_context import config_from_args
-    from lastmile.app_context import open_outbox
+    from lastmile.data_dir import config_from_args
+    from lastmile.data_dir import open_outbox
 
     config = config_from_args(args)
     now = time.time()

@@ -75,7 +75,7 @@ def decode(args: argparse.Namespace) -> int:
 
 def live_fix(args: argparse.Namespace) -> int:
     from firmware_bridge.gnss import GnssError, best_fix, open_source
-    from lastmile.app_context import config_from_args
+    from lastmile.data_dir import config_from_args
 
     config = config_from_args(args)
     g = config.gps

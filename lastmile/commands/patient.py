@@ -47,8 +47,8 @@ def _now() -> dt.datetime:
 
 
 def _context(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from lastmile.app_context import config_from_args
-    from lastmile.patient_context import PatientContext
+    from lastmile.data_dir import config_from_args
+    from lastmile.clinic.patients import PatientContext
 
     config = config_from_args(args)
     return PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
@@ -85,8 +85,8 @@ def _clear(args: argparse.Namespace) -> int:
 
 
 def _assign(args: argparse.Namespace) -> int:
-    from lastmile.app_context import config_from_args
-    from lastmile.observation_store import ObservationStore, UnknownObservationError
+    from lastmile.data_dir import config_from_args
+    from lastmile.clinic.observations import ObservationStore, UnknownObservationError
     from uploader.outbox import Outbox
 
     config = config_from_args(args)
@@ -107,10 +107,10 @@ def _assign(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from lastmile.app_context import config_from_args
-    from lastmile.clinic_db import open_clinic_db
-    from lastmile.observation_store import observation_to_json, summary
-    from lastmile.patient_context import PatientContext
+    from lastmile.data_dir import config_from_args
+    from lastmile.clinic.db import open_clinic_db
+    from lastmile.clinic.observations import observation_to_json, summary
+    from lastmile.clinic.patients import PatientContext
 
     config = config_from_args(args)
     db = open_clinic_db(config.data_dir)
@@ -123,7 +123,7 @@ def _show(args: argparse.Namespace) -> int:
         rows = db.conn.execute("SELECT id, observation FROM held_observations ORDER BY id").fetchall()
     finally:
         db.conn.close()
-    from lastmile.observation_store import observation_from_json
+    from lastmile.clinic.observations import observation_from_json
 
     held = [(int(r["id"]), observation_from_json(json.loads(r["observation"]))) for r in rows]
     if args.json:
@@ -150,8 +150,8 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _devices(args: argparse.Namespace) -> int:
-    from lastmile.app_context import config_from_args
-    from lastmile.device_registry import DeviceRegistry
+    from lastmile.data_dir import config_from_args
+    from lastmile.clinic.devices import DeviceRegistry
 
     registry = DeviceRegistry.open(config_from_args(args).data_dir)
     try:

@@ -33,8 +33,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     import os
 
     from firmware_bridge.serial_link import list_ports
-    from lastmile.app_context import config_from_args
-    from lastmile.serial_service import link_specs, load_profiles
+    from lastmile.data_dir import config_from_args
+    from lastmile.services.serial_devices import link_specs, load_profiles
 
     config = config_from_args(args)
     specs = link_specs(config, load_profiles(config))
@@ -71,8 +71,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_profiles(args: argparse.Namespace) -> int:
-    from lastmile.app_context import config_from_args
-    from lastmile.serial_service import load_profiles
+    from lastmile.data_dir import config_from_args
+    from lastmile.services.serial_devices import load_profiles
 
     for name, profile in sorted(load_profiles(config_from_args(args)).items()):
         codes = ", ".join(f.code for f in profile.fields)
@@ -85,9 +85,9 @@ def cmd_profile_test(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from devices.ascii_report import ReportParsed, ReportParser, load_profile
-    from lastmile.app_context import config_from_args
-    from lastmile.observation_store import observation_to_json
-    from lastmile.serial_service import load_profiles
+    from lastmile.data_dir import config_from_args
+    from lastmile.clinic.observations import observation_to_json
+    from lastmile.services.serial_devices import load_profiles
 
     if args.profile.endswith(".toml"):
         profile = load_profile(Path(args.profile).read_text(encoding="utf-8"))
@@ -114,8 +114,8 @@ def cmd_profile_test(args: argparse.Namespace) -> int:
 
 def cmd_scan_test(args: argparse.Namespace) -> int:
     from devices.scanner import CodeUnrecognised, DoctorScanned, PatientScanned
-    from lastmile.app_context import config_from_args
-    from lastmile.serial_service import scan_rules
+    from lastmile.data_dir import config_from_args
+    from lastmile.services.serial_devices import scan_rules
 
     rules = scan_rules(config_from_args(args))
     ok = True

@@ -20,9 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _acquire(args: argparse.Namespace) -> int:
-    from lastmile.acquire_service import AcquireService
-    from lastmile.app_context import config_from_args
-    from lastmile.service_runtime import ServiceRuntime
+    from lastmile.services.acquire import AcquireService
+    from lastmile.data_dir import config_from_args
+    from lastmile.services.runtime import ServiceRuntime
 
     runtime = ServiceRuntime("acquire", load_config=lambda: config_from_args(args))
     return runtime.run(AcquireService.start)

@@ -44,8 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _book(args: argparse.Namespace):  # noqa: ANN202
-    from lastmile.app_context import config_from_args
-    from lastmile.visits import VisitBook, VisitPolicy
+    from lastmile.data_dir import config_from_args
+    from lastmile.visits.book import VisitBook, VisitPolicy
 
     config = config_from_args(args)
     book = VisitBook.open(config.data_dir, gateway_id=config.gateway.id,
@@ -65,7 +65,7 @@ def _fix(config, book, skip: bool):  # noqa: ANN001, ANN202
     if skip or config.gps.source == "none":
         return None
     from firmware_bridge.gnss import GnssError, best_fix, open_source
-    from lastmile.visits import FixRecord
+    from lastmile.visits.book import FixRecord
 
     g = config.gps
     records = {}
@@ -97,7 +97,7 @@ def _fail(exc: Exception) -> int:
 
 
 def start(args: argparse.Namespace) -> int:
-    from lastmile.visits import VisitError
+    from lastmile.visits.book import VisitError
 
     config, book = _book(args)
     with book:
@@ -114,7 +114,7 @@ def start(args: argparse.Namespace) -> int:
 
 
 def note(args: argparse.Namespace) -> int:
-    from lastmile.visits import VisitError
+    from lastmile.visits.book import VisitError
 
     _, book = _book(args)
     with book:
@@ -126,7 +126,7 @@ def note(args: argparse.Namespace) -> int:
 
 
 def stop(args: argparse.Namespace) -> int:
-    from lastmile.visits import VisitError
+    from lastmile.visits.book import VisitError
     from uploader.fhir_bundle import FhirNaming
     from uploader.outbox import Outbox
 
@@ -183,7 +183,7 @@ def export(args: argparse.Namespace) -> int:
 
 
 def verify(args: argparse.Namespace) -> int:
-    from lastmile.visit_chain import verify_export
+    from lastmile.visits.chain import verify_export
 
     try:
         report = verify_export(args.file, args.public_key)
@@ -201,7 +201,7 @@ def verify(args: argparse.Namespace) -> int:
 
 
 def households(args: argparse.Namespace) -> int:
-    from lastmile.households import RegisterError
+    from lastmile.visits.households import RegisterError
 
     config, book = _book(args)
     path = args.file or config.visits.household_register

@@ -76,7 +76,7 @@ ENQUEUE = """\
 import sys
 from devices.ecg.formats import decode_ecg
 from lastmile.config import load_config
-from lastmile.ecg_intake import enqueue_recording
+from lastmile.ecg.intake import enqueue_recording
 from uploader.outbox import Outbox
 config = load_config()
 path, n, prefix = sys.argv[1], int(sys.argv[2]), sys.argv[3]

@@ -18,7 +18,7 @@ Authenticity checks run at stop and are stored as flags, never as rejections:
 - provisional-time: no plausible time was known when the visit started (repaired later).
 
 A stopped visit becomes a record in the gateway's hash chain, signed with its Ed25519 key
-(`lastmile.visit_chain`); an export re-derives every record from the tables, so a row edited in
+(`lastmile.visits.chain`); an export re-derives every record from the tables, so a row edited in
 the database afterwards no longer matches its signed hash.
 """
 
@@ -40,8 +40,8 @@ from devices.gps.fix import Fix
 from devices.identity import DeviceIdentity, TimeSource
 from devices.observation import Observation, Quantity
 from lastmile.clock import Anchor, GatewayClock, Stamp
-from lastmile.households import Household, HouseholdRegister, distance_m
-from lastmile.visit_chain import (
+from lastmile.visits.households import Household, HouseholdRegister, distance_m
+from lastmile.visits.chain import (
     GENESIS, ChainLink, VerifyReport, canonical, export_lines, link, load_or_create_key, public_key_b64,
     verify_lines)
 

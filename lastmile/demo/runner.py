@@ -21,9 +21,9 @@ import numpy as np
 from devices.ecg.recording import EcgRecording
 from devices.identity import DeviceIdentity, Patient, TimeSource
 from lastmile.config import Config
-from lastmile.demo_reading_center import EmbeddedReadingCenter
-from lastmile.ecg_intake import enqueue_recording
-from lastmile.forward_service import forwarder_settings, open_outbox
+from lastmile.demo.reading_center import EmbeddedReadingCenter
+from lastmile.ecg.intake import enqueue_recording
+from lastmile.services.forward import forwarder_settings, open_outbox
 from uploader.ecg_forwarder import EcgForwarder
 
 Say = Callable[[str], None]
@@ -173,7 +173,7 @@ def run_demo(say: Say, *, n_recordings: int = 12, outage_s: float = 4.0,
 def _ble_part(config: Config, say: Say, summary: DemoSummary) -> None:
     """An emulated BP cuff and thermometer through the real BLE path (bleak over bumble)."""
     try:
-        from lastmile.ble_acquire import run_emulated_clinic
+        from lastmile.services.ble_devices import run_emulated_clinic
     except ImportError as exc:  # bumble is the optional `emulation` extra
         say(f"BLE part skipped: emulation not installed ({exc}); pip install 'lastmile[emulation]'")
         return
@@ -191,7 +191,7 @@ def _ble_part(config: Config, say: Say, summary: DemoSummary) -> None:
 def _field_part(work_dir: Path, say: Say, summary: DemoSummary) -> None:
     """A family doctor's field day: GPS-tagged visits along a replayed NMEA track with the link
     down, then FHIR R4 sync to an embedded county platform when it returns."""
-    from lastmile.field_demo import run_field_day
+    from lastmile.demo.field_day import run_field_day
 
     say("field visits: the doctor visits 3 households along a replayed GPS track, no signal ...")
     day = run_field_day(work_dir, visits=3)

@@ -28,9 +28,9 @@ from devices.gps.nmea import checksum
 from devices.identity import DeviceIdentity, TimeSource
 from devices.observation import Observation, Quantity
 from lastmile.clock import GatewayClock
-from lastmile.fhir_receiver import FhirReceiver
-from lastmile.visit_chain import verify_lines
-from lastmile.visits import FixRecord, VisitBook, VisitPolicy, record_observation
+from lastmile.demo.fhir_receiver import FhirReceiver
+from lastmile.visits.chain import verify_lines
+from lastmile.visits.book import FixRecord, VisitBook, VisitPolicy, record_observation
 from uploader.fhir_bundle import FhirNaming
 from uploader.fhir_forwarder import FHIR_KIND, forward_fhir_once
 from uploader.fhir_sender import FhirSender, FhirSenderSettings
@@ -214,6 +214,6 @@ def run_field_day(work_dir: str | Path, *, visits: int = 3, far_visit: int | Non
 
 
 def _export(book: VisitBook) -> list[str]:
-    from lastmile.visit_chain import export_lines, public_key_b64
+    from lastmile.visits.chain import export_lines, public_key_b64
 
     return list(export_lines(book.gateway_id, public_key_b64(book.signing_key), book.chain_entries()))

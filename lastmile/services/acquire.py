@@ -4,8 +4,8 @@
     runtime.run(AcquireService.start)
 
 Parts (each only when its module exists and the configuration enables it):
-- serial: `lastmile.serial_service` (bridges, ASCII-report monitors, card scanners)
-- ble: `lastmile.ble_acquire.run_ble` (BlueZ through bleak) on its own asyncio loop
+- serial: `lastmile.services.serial_devices` (bridges, ASCII-report monitors, card scanners)
+- ble: `lastmile.services.ble_devices.run_ble` (BlueZ through bleak) on its own asyncio loop
 - lan-receiver: the clinic-LAN DICOM storage SCP (`lastmile.commands.ecg.start_lan_receiver`)
 - usb-import: folders in `usb_import.folders` watched for new ECG files
 
@@ -164,7 +164,7 @@ def serial_part(config: Config, outbox: Outbox) -> Part | None:
     if not config.serial.enabled or not config.serial.devices:
         return None
     try:
-        from lastmile.serial_service import SerialService
+        from lastmile.services.serial_devices import SerialService
     except ImportError:
         log.warning("serial devices configured but the serial link module is not installed")
         return None
@@ -182,7 +182,7 @@ def ble_part(config: Config, outbox: Outbox) -> Part | None:
     if not config.ble.enabled:
         return None
     try:
-        from lastmile.ble_acquire import run_ble
+        from lastmile.services.ble_devices import run_ble
     except ImportError:
         log.warning("BLE enabled but the BLE link module is not installed")
         return None
@@ -256,7 +256,7 @@ def gnss_part(config: Config) -> Part | None:
     if config.gps.source == "none":
         return None
     from firmware_bridge.gnss import GnssError, open_source
-    from lastmile.visits import VisitBook, VisitPolicy, follow_receiver
+    from lastmile.visits.book import VisitBook, VisitPolicy, follow_receiver
 
     def work(stop: threading.Event, beat: Beat) -> None:
         warned = False
@@ -307,7 +307,7 @@ class AcquireService:
 
     @classmethod
     def start(cls, config: Config) -> AcquireService:
-        from lastmile.app_context import open_outbox  # no DICOM stack in the acquire process
+        from lastmile.data_dir import open_outbox  # no DICOM stack in the acquire process
 
         outbox = open_outbox(config)
         closers: list[Callable[[], None]] = [outbox.close]
@@ -329,7 +329,7 @@ class AcquireService:
     @staticmethod
     def _patient_lookup(config: Config, closers: list[Callable[[], None]]) -> Callable[[], str | None]:
         try:
-            from lastmile.patient_context import PatientContext
+            from lastmile.clinic.patients import PatientContext
         except ImportError:
             return lambda: None
         context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)

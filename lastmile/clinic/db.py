@@ -18,7 +18,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-from uploader.outbox_migrations import Migration, open_database
+from uploader.sqlite_store import Migration, open_database
 
 DB_NAME = "clinic.db"
 

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
-from lastmile.sdnotify import SystemdNotifier
+from lastmile.services.sdnotify import SystemdNotifier
 
 if TYPE_CHECKING:
     from lastmile.config import Config

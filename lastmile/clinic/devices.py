@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 import sqlite_utils
 
 from devices.identity import DeviceIdentity
-from lastmile.clinic_db import from_iso, iso, open_clinic_db, transaction
+from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,8 +28,8 @@ import sqlite_utils
 
 from devices.identity import DeviceIdentity, TimeSource
 from devices.observation import Observation, Quantity
-from lastmile.clinic_db import from_iso, iso, open_clinic_db, transaction
-from lastmile.patient_context import PatientContext
+from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
+from lastmile.clinic.patients import PatientContext
 from uploader.outbox import AddResult, Outbox, Priority
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from lastmile.app_context import open_outbox
+from lastmile.data_dir import open_outbox
 from lastmile.config import Config, ReadingCenterSection
 from uploader.dicom_net import PeerSettings, TlsFiles
 from uploader.ecg_forwarder import EcgForwarder, ForwarderSettings

@@ -45,10 +45,10 @@ from firmware_bridge.serial_link import (BY_ID_DIR, Link, LinkSpec, LinkStatus, 
                                          SerialLinkManager, list_ports)
 from lastmile import __version__
 from lastmile.config import Config, ConfigError
-from lastmile.device_registry import DeviceRegistry
-from lastmile.ecg_intake import enqueue_recording
-from lastmile.observation_store import ObservationStore, summary
-from lastmile.patient_context import PatientContext
+from lastmile.clinic.devices import DeviceRegistry
+from lastmile.ecg.intake import enqueue_recording
+from lastmile.clinic.observations import ObservationStore, summary
+from lastmile.clinic.patients import PatientContext
 from uploader.errors import UploadError
 from uploader.outbox import Outbox
 

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 
 from devices.observation import Observation
 from firmware_bridge.ble.link import BleDeviceManager, DeviceStatus, LinkSettings
-from lastmile.app_context import open_outbox
-from lastmile.clinic_db import utc_now
+from lastmile.data_dir import open_outbox
+from lastmile.clinic.db import utc_now
 from lastmile.config import Config
-from lastmile.device_registry import DeviceRegistry
-from lastmile.observation_store import ObservationStore, summary
+from lastmile.clinic.devices import DeviceRegistry
+from lastmile.clinic.observations import ObservationStore, summary
 from uploader.outbox import Outbox
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import sqlite_utils
 
-from lastmile.clinic_db import from_iso, iso, open_clinic_db, transaction
+from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
 
 log = logging.getLogger(__name__)
 
