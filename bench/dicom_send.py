@@ -1,4 +1,4 @@
-"""C-STORE throughput of uploader.dicom_net on one association, against dcmtk's storescu.
+"""C-STORE throughput of uploader.dicom_store on one association, against dcmtk's storescu.
 
 Run as root (it re-executes itself in a private network namespace, because Orthanc listens on
 every interface):
@@ -65,7 +65,9 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.CRITICAL)
-    import uploader.dicom_net as dn
+    from uploader.dicom_association import PeerSettings
+    from uploader.dicom_part10 import parse_part10
+    from uploader.dicom_store import StoreAssociation
     from tests.peers import OrthancServer, StorescpServer, ecg_payloads, gateway_modality
 
     payloads = ecg_payloads(args.objects)
@@ -91,30 +93,22 @@ def main() -> None:
              accept: str = "default") -> tuple[float, int]:
         wire = []
 
-        saved_fast, saved_nodelay = dn._fast_send_available, dn._set_nodelay
-        if not fast:
-            dn._fast_send_available = lambda assoc: False
-        if not nodelay:
-            dn._set_nodelay = lambda event: None
-        try:
-            # time only the sending: start/stop of the peer is outside
-            times = []
-            for _ in range(args.runs):
-                srv, port, aet = fresh_peer(accept)
-                try:
-                    peer = dn.PeerSettings("127.0.0.1", port, aet, "LASTMILE", deflate=deflate,
-                                           deflate_level=level)
-                    t = time.perf_counter()
-                    with dn.StoreAssociation(peer) as assoc:
-                        for p in payloads:
-                            o = assoc.store(p.data)
-                            assert o.stored, o
-                            wire.append(o.wire_bytes)
-                    times.append(time.perf_counter() - t)
-                finally:
-                    srv.stop()
-        finally:
-            dn._fast_send_available, dn._set_nodelay = saved_fast, saved_nodelay
+        # time only the sending: start/stop of the peer is outside
+        times = []
+        for _ in range(args.runs):
+            srv, port, aet = fresh_peer(accept)
+            try:
+                peer = PeerSettings("127.0.0.1", port, aet, "LASTMILE", deflate=deflate,
+                                    deflate_level=level, tcp_nodelay=nodelay)
+                t = time.perf_counter()
+                with StoreAssociation(peer, raw_send=fast) as assoc:
+                    for p in payloads:
+                        o = assoc.store(p.data)
+                        assert o.stored, o
+                        wire.append(o.wire_bytes)
+                times.append(time.perf_counter() - t)
+            finally:
+                srv.stop()
         return statistics.median(times), int(statistics.median(wire))
 
     def storescu(*options: str) -> float:
@@ -151,7 +145,7 @@ def main() -> None:
         secs, wire = ours(**kw)  # type: ignore[arg-type]
         print(f"  {label:58s} {secs:6.2f} s  {secs / ref:4.2f}  {wire / 1024:6.1f} KB/object "
               f"({wire / raw_size:.2f} of the file)")
-    body = payloads[0].data[dn.parse_part10(payloads[0].data).dataset_offset:]
+    body = payloads[0].data[parse_part10(payloads[0].data).dataset_offset:]
     for level in (1, 4, 6):
         t = time.perf_counter()
         for _ in range(20):

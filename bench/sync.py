@@ -36,9 +36,9 @@ from devices.observation import Observation, Quantity  # noqa: E402
 from lastmile.demo.fhir_receiver import FhirReceiver  # noqa: E402
 from uploader.fhir_bundle import (  # noqa: E402
     FhirNaming, VisitPosition, VisitSignature, VisitSummary, bundle_bytes, visit_bundle)
-from uploader.fhir_forwarder import FHIR_KIND, enqueue_bundle, forward_fhir_once  # noqa: E402
+from uploader.fhir_forwarder import enqueue_bundle, forward_fhir_once  # noqa: E402
 from uploader.fhir_sender import FhirSender, FhirSenderSettings  # noqa: E402
-from uploader.outbox import ItemState, Outbox  # noqa: E402
+from uploader.outbox import ItemState, Kind, Outbox  # noqa: E402
 
 NAMING = FhirNaming(gateway_id="bench-gw")
 T0 = dt.datetime(2026, 3, 2, 7, 0, tzinfo=dt.timezone.utc)
@@ -95,7 +95,7 @@ def run_ours(items: list[tuple[str, str, bytes]], batch: int) -> tuple[float, in
                     FhirSender(FhirSenderSettings(base_url=receiver.base_url)) as sender:
                 t = time.perf_counter()
                 now = 2000.0
-                while outbox.items(state=ItemState.QUEUED, kind=FHIR_KIND, limit=1):
+                while outbox.items(state=ItemState.QUEUED, kind=Kind.FHIR_BUNDLE, limit=1):
                     forward_fhir_once(outbox, sender, now, batch_size=batch, max_items=200)
                     now += 1.0
                 elapsed = time.perf_counter() - t

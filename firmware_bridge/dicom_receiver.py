@@ -23,6 +23,8 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from firmware_bridge.errors import ReceiverConfigError
+
 log = logging.getLogger(__name__)
 
 VERIFICATION = "1.2.840.10008.1.1"
@@ -34,10 +36,6 @@ ECG_STORAGE_CLASSES: tuple[str, ...] = (
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
-
-
-class ReceiverConfigError(ValueError):
-    """The receiver cannot start with these settings (the message says what to fix)."""
 
 
 @dataclass(frozen=True)

@@ -24,15 +24,12 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from devices.gps import Fix, FixMode, NmeaStreamDecoder
+from firmware_bridge.errors import GnssError
 
 log = logging.getLogger(__name__)
 
 WATCH = b'?WATCH={"enable":true,"json":true};\n'
 MAX_REPORT_BYTES = 64 * 1024  # a SKY with 100+ satellites is ~10 KB
-
-
-class GnssError(Exception):
-    """The GNSS source cannot be used (gpsd not running, port missing ...)."""
 
 
 class FixSource(Protocol):

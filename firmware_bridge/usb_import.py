@@ -19,12 +19,14 @@ import logging
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from devices.ecg.dicom_input import looks_like_dicom
 from devices.ecg.formats import EXTENSIONS, decode_ecg
 from devices.ecg.recording import EcgRecording
 from devices.errors import DeviceError
+from firmware_bridge.errors import FileRefused
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +37,23 @@ SKIPPED_DIRS = frozenset({"System Volume Information", "$RECYCLE.BIN", ".Trashes
                           ".fseventsd", "lost+found"})
 SKIPPED_NAMES = frozenset({"DICOMDIR"})
 
-IMPORTED, KNOWN, REFUSED = "imported", "already known", "refused"
 
 
-class FileRefused(Exception):
-    """Raised by an `enqueue` callable when this one file cannot be taken (e.g. its recording
-    cannot become a valid DICOM object); the import goes on with the next file."""
+class ImportStatus(StrEnum):
+    """What happened to one file of an import."""
+
+    IMPORTED = "imported"
+    KNOWN = "already known"  # the outbox has this content already: nothing to do
+    REFUSED = "refused"  # not an ECG we can take; the reason says why
+
+
+IMPORTED, KNOWN, REFUSED = ImportStatus.IMPORTED, ImportStatus.KNOWN, ImportStatus.REFUSED
 
 
 @dataclass(frozen=True, slots=True)
 class ImportOutcome:
     path: str
-    status: str  # IMPORTED, KNOWN or REFUSED
+    status: ImportStatus
     reason: str = ""  # why it was refused
     key: str = ""
     recording: EcgRecording | None = None
@@ -56,7 +63,7 @@ class ImportOutcome:
 class ImportSummary:
     outcomes: list[ImportOutcome] = field(default_factory=list)
 
-    def _count(self, status: str) -> int:
+    def _count(self, status: ImportStatus) -> int:
         return sum(1 for o in self.outcomes if o.status == status)
 
     @property

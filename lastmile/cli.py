@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
@@ -45,24 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging(verbosity: int) -> None:
-    level = logging.WARNING - 10 * verbosity if verbosity else logging.INFO
-    # journald adds its own time stamps; keep lines short.
-    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("INVOCATION_ID") else \
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=max(level, logging.DEBUG), format=fmt, stream=sys.stderr)
-    if verbosity < 2:
-        # pynetdicom logs every refused connection as ERROR; our typed messages say it better
-        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    configure_logging(args.verbose)
+    from lastmile.logs import configure_logging
+
+    # Commands log to stderr (stdout is their output); patient data masked as in the services.
+    level = logging.WARNING - 10 * args.verbose if args.verbose else logging.INFO
+    configure_logging(None, level=max(level, logging.DEBUG), stream=sys.stderr, verbosity=args.verbose)
     from lastmile.config import ConfigError
     from devices.errors import DeviceError
     from uploader.errors import UploadError

@@ -33,6 +33,27 @@ LATEST_PLAUSIBLE = dt.datetime(2100, 1, 1, tzinfo=dt.timezone.utc)
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 
 
+def local_zone() -> dt.tzinfo:
+    """This gateway's zone (with its DST rules when known): carts write local wall-clock times,
+    and the clinic reads times in it."""
+    import os
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    key = os.environ.get("TZ", "").lstrip(":")
+    if not key:
+        try:
+            key = Path("/etc/timezone").read_text().strip()
+        except OSError:
+            target = os.path.realpath("/etc/localtime")
+            key = target.split("zoneinfo/", 1)[1] if "zoneinfo/" in target else ""
+    if key:
+        try:
+            return ZoneInfo(key)
+        except (ZoneInfoNotFoundError, ValueError):
+            pass
+    return dt.datetime.now().astimezone().tzinfo or dt.timezone.utc
+
+
 def read_boot_id() -> str:
     try:
         return BOOT_ID_PATH.read_text(encoding="ascii").strip()

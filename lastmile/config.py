@@ -155,7 +155,12 @@ class Config:
 
     @property
     def data_dir(self) -> Path:
+        """Where the gateway keeps its state (`gateway.data_dir`): the one spelling code reads."""
         return Path(self.gateway.data_dir)
+
+    def set_data_dir(self, path: str | os.PathLike[str]) -> None:
+        """Point the gateway at another state directory (`--data-dir`, the demo, tests)."""
+        self.gateway.data_dir = os.fspath(path)
 
 
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {

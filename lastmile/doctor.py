@@ -245,7 +245,7 @@ class Doctor:
 
     def check_reading_center(self) -> list[Finding]:
         from lastmile.services.forward import peer_settings
-        from uploader.dicom_net import echo
+        from uploader.dicom_association import echo
         from uploader.errors import ConfigurationFault, TransientError
 
         rc = self.config.reading_center
@@ -503,5 +503,5 @@ def diagnose(config_path: str | None, *, offline: bool, data_dir: str | None = N
     except ConfigError as exc:
         config, error = Config(), str(exc)
     if data_dir:
-        config.gateway.data_dir = data_dir
+        config.set_data_dir(data_dir)
     return Doctor(config, config_error=error, offline=offline, **overrides).run_all()  # type: ignore[arg-type]

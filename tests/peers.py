@@ -38,18 +38,13 @@ from pydicom.uid import (
 from pynetdicom import AE, build_context, build_role, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 
+from lastmile.demo.loopback import free_port
 from tests.conftest import require_private_netns, require_tool
 from tests.tls_material import TlsMaterial, make_tls_material
-from uploader.dicom_net import ECG_STORAGE_CLASSES, STORAGE_COMMITMENT_INSTANCE, stop_server
+from uploader.dicom_association import ECG_STORAGE_CLASSES, STORAGE_COMMITMENT_INSTANCE, stop_server
 
 ALL_TRANSFER_SYNTAXES = (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 NO_SUCH_OBJECT_INSTANCE = 0x0112
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for_port(port: int, timeout_s: float, proc: subprocess.Popen | None = None,

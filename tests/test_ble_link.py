@@ -262,7 +262,7 @@ def test_disconnect_mid_transfer_reconnect_no_duplicates(gw: Gateway) -> None:
         await gw.run([cuff], until=lambda: cuff.connections >= 2 and cuff.connection is None and len(gw.events) == 5)
         return cuff
     cuff = asyncio.run(main())
-    assert cuff._dropped
+    assert cuff.dropped
     created = [c for _, c in gw.events]
     assert created == [True, True, False, False, True]  # the second connection re-sent the first two
     assert sorted(h.observation.quantities[0].value for h in gw.store.held()) == [120, 121, 122]

@@ -1,4 +1,4 @@
-"""uploader.dicom_net against real peers: Orthanc, dcmtk storescp (plain and TLS), and a scripted
+"""uploader's DICOM networking (dicom_association, dicom_store, dicom_commitment) against real peers: Orthanc, dcmtk storescp (plain and TLS), and a scripted
 pynetdicom SCP for the statuses and failures the real ones will not produce on demand."""
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from pydicom.uid import (
 )
 from pynetdicom.sop_class import GeneralECGWaveformStorage, TwelveLeadECGWaveformStorage
 
-import uploader.dicom_net as dicom_net
+import uploader.dicom_commitment
+import uploader.dicom_part10
 from tests.peers import (
     EcgPayload,
     OrthancServer,
@@ -37,19 +38,12 @@ from tests.peers import (
     free_port,
     gateway_modality,
 )
-from uploader.dicom_net import (
-    ECG_STORAGE_CLASSES,
-    CommitmentListener,
-    CommitmentReport,
-    CommitmentUnsupported,
-    PeerSettings,
-    StoreAssociation,
-    TlsFiles,
-    UnsendablePayload,
-    classify_status,
-    echo,
-    parse_part10,
-)
+from uploader.dicom_association import ECG_STORAGE_CLASSES, PeerSettings, echo
+from uploader.dicom_commitment import CommitmentListener, CommitmentReport
+from uploader.dicom_part10 import UnsendablePayload, parse_part10
+from uploader.dicom_status import classify_status
+from uploader.dicom_store import CommitmentUnsupported, StoreAssociation
+from uploader.dicom_tls import TlsFiles
 from uploader.errors import ConfigurationFault, PermanentError, TransientError
 
 GATEWAY_AE = "LASTMILE"
@@ -155,7 +149,7 @@ def test_encodings_decode_back_to_the_same_waveform(ecgs: list[EcgPayload], synt
     from pydicom.filereader import read_dataset
 
     obj = parse_part10(ecgs[0].data)
-    wire = dicom_net.encode_for(obj, syntax)
+    wire = uploader.dicom_part10.encode_for(obj, syntax)
     if syntax == DeflatedExplicitVRLittleEndian:
         import zlib
         assert len(wire) < 0.6 * len(obj.dataset_bytes())
@@ -313,13 +307,12 @@ def test_peer_abort_mid_batch_is_transient(scripted_scp_factory: Callable[..., S
 ])
 @pytest.mark.parametrize("fast", [True, False], ids=["raw-send", "pynetdicom-encodes"])
 def test_sent_in_the_best_accepted_syntax(scripted_scp_factory: Callable[..., ScriptedStoreSCP],
-                                          monkeypatch: pytest.MonkeyPatch, ecgs: list[EcgPayload],
+                                          ecgs: list[EcgPayload],
                                           accepted: tuple[str, ...], deflate: bool, sent_as: str,
                                           fast: bool) -> None:
-    if not fast:  # the public-API path used if pynetdicom's internals ever change
-        monkeypatch.setattr(dicom_net, "_fast_send_available", lambda assoc: False)
+    # raw_send=False: the public-API path used if pynetdicom's internals ever change
     scp = scripted_scp_factory(transfer_syntaxes=accepted, keep_datasets=True)
-    with StoreAssociation(peer_at(scp.port, scp.ae_title, deflate=deflate)) as assoc:
+    with StoreAssociation(peer_at(scp.port, scp.ae_title, deflate=deflate), raw_send=fast) as assoc:
         outcome = assoc.store(ecgs[3].data)
     assert outcome.category == "success"
     assert outcome.transfer_syntax == sent_as
@@ -338,8 +331,7 @@ def test_payload_may_be_a_path_and_sockets_have_nodelay(
     path = tmp_path / "ecg.dcm"
     path.write_bytes(ecgs[4].data)
     with StoreAssociation(peer_at(scp.port, scp.ae_title)) as assoc:
-        raw = assoc._assoc.dul.socket.socket  # type: ignore[union-attr]
-        assert raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert assoc.tcp_nodelay
         assert assoc.store(path).sop_instance_uid == ecgs[4].sop_instance_uid
     assert not assoc.is_alive
 
@@ -407,14 +399,14 @@ def test_malformed_reports_are_refused() -> None:
     from pydicom.dataset import Dataset
 
     info = Dataset()
-    with pytest.raises(dicom_net.MalformedReport):
-        dicom_net.parse_commitment_report(1, info)
+    with pytest.raises(uploader.dicom_commitment.MalformedReport):
+        uploader.dicom_commitment.parse_commitment_report(1, info)
     info.TransactionUID = "1.2.3"
-    with pytest.raises(dicom_net.MalformedReport):
-        dicom_net.parse_commitment_report(7, info)
-    with pytest.raises(dicom_net.MalformedReport):
-        dicom_net.parse_commitment_report(2, info)  # "some failed" without a failed list
-    assert dicom_net.parse_commitment_report(1, info).committed == []
+    with pytest.raises(uploader.dicom_commitment.MalformedReport):
+        uploader.dicom_commitment.parse_commitment_report(7, info)
+    with pytest.raises(uploader.dicom_commitment.MalformedReport):
+        uploader.dicom_commitment.parse_commitment_report(2, info)  # "some failed" without a failed list
+    assert uploader.dicom_commitment.parse_commitment_report(1, info).committed == []
 
 
 def _ref_item(draw: st.DrawFn, *, failed: bool) -> object:
@@ -449,8 +441,8 @@ def commitment_reports(draw: st.DrawFn) -> tuple[int | None, object]:
 def test_commitment_report_fuzz_parses_or_raises_malformed(case: tuple[int | None, object]) -> None:
     event_type, info = case
     try:
-        report = dicom_net.parse_commitment_report(event_type, info)  # type: ignore[arg-type]
-    except dicom_net.MalformedReport:
+        report = uploader.dicom_commitment.parse_commitment_report(event_type, info)  # type: ignore[arg-type]
+    except uploader.dicom_commitment.MalformedReport:
         return
     assert report.transaction_uid
     assert all(uid for _c, uid in report.committed)

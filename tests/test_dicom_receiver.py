@@ -18,8 +18,9 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from firmware_bridge.dicom_receiver import DicomReceiver, ReceiverConfigError, ReceiverSettings
-from lastmile.commands.ecg import store_received_callable
+from firmware_bridge.dicom_receiver import DicomReceiver, ReceiverSettings
+from firmware_bridge.errors import ReceiverConfigError
+from lastmile.ecg.intake import lan_object_store
 from tests.conftest import REPO, require_tool, shared_file
 from uploader.outbox import Outbox
 
@@ -51,7 +52,7 @@ def outbox(tmp_path: Path):
 @pytest.fixture()
 def receiver(outbox: Outbox):
     settings = ReceiverSettings(port=0, allowed_callers=(CART,), timeout_s=10)
-    with DicomReceiver(settings, store_received_callable(outbox)) as r:
+    with DicomReceiver(settings, lan_object_store(outbox)) as r:
         yield r
 
 
@@ -92,7 +93,7 @@ def test_unknown_caller_is_rejected(receiver: DicomReceiver, outbox: Outbox) -> 
 def test_sop_class_not_in_the_list_is_not_accepted(outbox: Outbox) -> None:
     settings = ReceiverSettings(port=0, allowed_callers=(CART,), sop_classes=("1.2.840.10008.5.1.4.1.1.2",),
                                 timeout_s=10)
-    with DicomReceiver(settings, store_received_callable(outbox)) as r:
+    with DicomReceiver(settings, lan_object_store(outbox)) as r:
         result = _storescu(r.port, _files()[1])
     assert result.returncode != 0
     assert outbox.items() == []
@@ -109,7 +110,7 @@ def test_failure_to_store_is_not_answered_success(outbox: Outbox) -> None:
 
 def test_empty_allow_list_refuses_to_start(outbox: Outbox) -> None:
     with pytest.raises(ReceiverConfigError, match="allowed_callers"):
-        DicomReceiver(ReceiverSettings(port=0), store_received_callable(outbox))
+        DicomReceiver(ReceiverSettings(port=0), lan_object_store(outbox))
 
 
 RECEIVER_PROCESS = textwrap.dedent("""
@@ -117,11 +118,11 @@ RECEIVER_PROCESS = textwrap.dedent("""
     sys.path.insert(0, {repo!r})
     from pathlib import Path
     from firmware_bridge.dicom_receiver import DicomReceiver, ReceiverSettings
-    from lastmile.commands.ecg import store_received_callable
+    from lastmile.ecg.intake import lan_object_store
     from uploader.outbox import Outbox
     outbox = Outbox.open(Path({data!r}), min_free_bytes=0)
     receiver = DicomReceiver(ReceiverSettings(port=0, allowed_callers=({cart!r},), timeout_s=10),
-                             store_received_callable(outbox))
+                             lan_object_store(outbox))
     receiver.start()
     print(receiver.port, flush=True)
     time.sleep(3600)
@@ -156,7 +157,7 @@ def test_kill_9_right_after_success_loses_nothing(tmp_path: Path) -> None:
 def test_cart_to_orthanc_unchanged(tmp_path: Path) -> None:
     """storescu (the cart) -> receiver -> outbox -> forwarder -> Orthanc: same UIDs, same waveform.
 
-    Only the object with valid UIDs: the forwarder (uploader.dicom_net.parse_part10) refuses to
+    Only the object with valid UIDs: the forwarder (uploader.dicom_part10.parse_part10) refuses to
     send the ECGToolkit file's malformed UIDs, which the receiver keeps as received."""
     import threading
 
@@ -175,7 +176,7 @@ def test_cart_to_orthanc_unchanged(tmp_path: Path) -> None:
         outbox = open_outbox(config)
         try:
             settings = ReceiverSettings(port=0, allowed_callers=(CART,), timeout_s=10)
-            with DicomReceiver(settings, store_received_callable(outbox)) as receiver:
+            with DicomReceiver(settings, lan_object_store(outbox)) as receiver:
                 assert _storescu(receiver.port, *_files()[1:]).returncode == 0
             with EcgForwarder(outbox, forwarder_settings(config)) as forwarder:
                 stop = threading.Event()
@@ -198,14 +199,14 @@ def test_cart_to_orthanc_unchanged(tmp_path: Path) -> None:
 
 def test_other_current_patient_is_flagged_in_meta(outbox: Outbox) -> None:
     settings = ReceiverSettings(port=0, allowed_callers=(CART,), timeout_s=10)
-    with DicomReceiver(settings, store_received_callable(outbox, lambda: "P-OTHER")) as r:
+    with DicomReceiver(settings, lan_object_store(outbox, lambda: "P-OTHER")) as r:
         assert _storescu(r.port, _files()[1]).returncode == 0
     (item,) = outbox.items()
     assert item.meta["flags"] == ["patient-mismatch"] and item.patient["patient_id"] == "642341"
 
 
 def test_receiver_from_configuration(outbox: Outbox) -> None:
-    from lastmile.commands.ecg import start_lan_receiver
+    from lastmile.ecg.intake import start_lan_receiver
     from lastmile.config import Config
     from tests.conftest import require_private_netns
     from tests.peers import free_port

@@ -16,6 +16,7 @@ import pytest
 
 from lastmile.cli import main
 from lastmile.config import Config, parse_config
+from lastmile.demo.loopback import free_port
 from lastmile.doctor import (Doctor, Finding, Level, exit_code, find_mount, parse_mountinfo,
                              render_json, render_text)
 
@@ -25,12 +26,6 @@ MOUNTINFO = """\
 30 22 179:3 / /var/lib/lastmile rw,noatime shared:9 - ext4 /dev/mmcblk0p3 rw,commit=60
 31 22 179:4 / /mnt/usb\\040stick rw,relatime shared:10 - vfat /dev/sda1 rw
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def no_tools(cmd: list[str]) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lastmile.config import Config
-from lastmile.demo.runner import free_port
+from lastmile.demo.loopback import free_port
 from lastmile.demo.reading_center import EmbeddedReadingCenter
 from lastmile.ecg.intake import enqueue_recording
 from lastmile.services.forward import forwarder_settings, open_outbox

@@ -17,9 +17,9 @@ from tests.fhir_samples import NAMING, T0, all_kinds, blood_pressure, signature,
 from tests.fhir_server import FhirTestServer
 from uploader.errors import ConfigurationFault, PermanentError, TransientError
 from uploader.fhir_bundle import bundle_bytes, visit_bundle
-from uploader.fhir_forwarder import FHIR_KIND, enqueue_bundle, forward_fhir_once
+from uploader.fhir_forwarder import enqueue_bundle, forward_fhir_once
 from uploader.fhir_sender import FhirSender, FhirSenderSettings, read_token_file, retry_after_seconds
-from uploader.outbox import ItemState, Outbox
+from uploader.outbox import ItemState, Kind, Outbox
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -177,12 +177,12 @@ def test_forwarder_delivers_exactly_once_through_faults(tmp_path: Path) -> None:
         server.timeout_delay_s = 1.0
         server.faults.extend(["500", "429", "drop", "timeout", "commit-then-drop"])
         now, rounds = 2000.0, 0
-        while outbox.items(state=ItemState.QUEUED, kind=FHIR_KIND) and rounds < 40:
+        while outbox.items(state=ItemState.QUEUED, kind=Kind.FHIR_BUNDLE) and rounds < 40:
             forward_fhir_once(outbox, sender, now, batch_size=5)
             now += 60.0
             rounds += 1
-        assert not outbox.items(state=ItemState.QUEUED, kind=FHIR_KIND)
-        assert len(outbox.items(state=ItemState.COMMITTED, kind=FHIR_KIND)) == 12
+        assert not outbox.items(state=ItemState.QUEUED, kind=Kind.FHIR_BUNDLE)
+        assert len(outbox.items(state=ItemState.COMMITTED, kind=Kind.FHIR_BUNDLE)) == 12
         assert sorted(server.identifiers("Encounter")) == sorted(ids)
         assert len(server.resources("Provenance")) == 12
         assert server.stats.faults_served == ["500", "429", "drop", "timeout", "commit-then-drop"]
@@ -195,10 +195,10 @@ def test_bad_bundle_is_quarantined_alone_with_its_reason(tmp_path: Path) -> None
     bad = json.loads(_body(9))
     enc = next(e["resource"] for e in bad["entry"] if e["resource"]["resourceType"] == "Encounter")
     enc["period"] = {"start": "yesterday"}
-    outbox.add(FHIR_KIND, "fhir:bad", bundle_bytes(bad), now=1001.5)
+    outbox.add(Kind.FHIR_BUNDLE, "fhir:bad", bundle_bytes(bad), now=1001.5)
     with FhirTestServer() as server, _sender(server, None) as sender:
         counts = forward_fhir_once(outbox, sender, 2000.0, batch_size=10)
-        assert (counts["sent"], counts["quarantined"]) == (4, 1)
+        assert (counts.sent, counts.quarantined) == (4, 1)
         (q,) = outbox.stats(2000.0)["quarantined"]
         assert q["key"] == "fhir:bad" and "period" in q["reason"]
         assert len(server.resources("Encounter")) == 4
@@ -212,7 +212,7 @@ def test_patient_order_is_kept_after_a_failure(tmp_path: Path) -> None:
         server.faults.append("500")
         forward_fhir_once(outbox, sender, 2000.0, batch_size=1)  # the first fails, backoff >= 50 s
         counts = forward_fhir_once(outbox, sender, 2001.0, batch_size=1)
-        assert counts["sent"] == 0 and counts["deferred"] == 3  # later ones must not overtake
+        assert counts.sent == 0 and counts.deferred == 3  # later ones must not overtake
         for t in (2200.0, 2201.0):
             forward_fhir_once(outbox, sender, t, batch_size=1)
         arrived = [r["identifier"][0]["value"] for r in server.resources("Encounter")]
@@ -257,7 +257,7 @@ def test_kill_9_mid_sync_leaves_no_duplicates(tmp_path: Path) -> None:
             server.response_delay_s = 0.0
             for i in range(5):
                 forward_fhir_once(outbox, sender, 3000.0 + i, batch_size=5)
-        assert len(outbox.items(state=ItemState.COMMITTED, kind=FHIR_KIND)) == 20
+        assert len(outbox.items(state=ItemState.COMMITTED, kind=Kind.FHIR_BUNDLE)) == 20
         assert sorted(server.identifiers("Encounter")) == sorted(ids)  # each exactly once
         assert len(server.resources("Observation")) == 20 * 8
         outbox.close()

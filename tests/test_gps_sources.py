@@ -14,20 +14,16 @@ from pathlib import Path
 import pytest
 
 from devices.gps import Fix, FixMode, decode_nmea
-from firmware_bridge.gnss import GnssError, GpsdSource, NmeaSerialSource, best_fix, tpv_to_fix
+from firmware_bridge.errors import GnssError
+from firmware_bridge.gnss import GpsdSource, NmeaSerialSource, best_fix, tpv_to_fix
 from tests.conftest import require_tool, shared_file
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.peers import free_port
 
 
 def _gpsfake(log: Path) -> tuple[subprocess.Popen, int]:
     require_tool("gpsfake")
     require_tool("gpsd")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(["gpsfake", "-1", "-q", "-P", str(port), "-c", "0.05", str(log)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     return proc, port
@@ -98,7 +94,7 @@ def test_tpv_conversion() -> None:
 
 def test_gpsd_not_running_is_a_typed_error() -> None:
     with pytest.raises(GnssError):
-        GpsdSource("127.0.0.1", _free_port(), connect_timeout_s=0.5)
+        GpsdSource("127.0.0.1", free_port(), connect_timeout_s=0.5)
 
 
 def test_nmea_receiver_on_a_pty_gives_the_best_fix() -> None:

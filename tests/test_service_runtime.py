@@ -24,8 +24,9 @@ import pytest
 from devices.identity import Patient
 from lastmile.config import Config, ConfigError, parse_config
 from lastmile.services.sdnotify import SystemdNotifier
-from lastmile.services.runtime import (EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, JournalFormatter,
-                                      PatientDataFilter, ServiceRuntime, configure_service_logging)
+from lastmile.logs import JournalFormatter, PatientDataFilter, configure_logging
+from lastmile.services.runtime import (EXIT_CONFIG, EXIT_FAILURE, EXIT_OK,
+                                      ServiceRuntime)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -354,7 +355,7 @@ def test_service_logging_goes_to_stdout_with_journal_priorities(monkeypatch: pyt
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     try:
-        configure_service_logging(None, stream=buf, level=logging.INFO)
+        configure_logging(None, stream=buf, level=logging.INFO)
         logging.getLogger("lastmile.x").warning("PatientID=%s rejected", "MRN-1")
         assert "MRN-1" not in buf.getvalue() and "rejected" in buf.getvalue()
     finally:

@@ -15,7 +15,7 @@ import pytest
 from firmware_bridge.usb_import import (IMPORTED, KNOWN, REFUSED, FileRefused, content_key, find_ecg_files,
                                         import_paths)
 from lastmile.cli import main
-from lastmile.commands.ecg import enqueue_callable
+from lastmile.ecg.intake import file_enqueuer
 from lastmile.config import parse_config
 from tests.conftest import shared_file
 from uploader.outbox import Outbox
@@ -68,7 +68,7 @@ def outbox(tmp_path: Path):
 def _run(stick: Path, outbox: Outbox, progress=None):
     config = parse_config('[gateway]\nid = "clinic-test"\n')
     return import_paths([stick], is_known=lambda key: outbox.find(key) is not None,
-                        enqueue=enqueue_callable(outbox, config), local_tz=UTC, now=lambda: NOW,
+                        enqueue=file_enqueuer(outbox, config), local_tz=UTC, now=lambda: NOW,
                         progress=progress)
 
 
@@ -184,7 +184,7 @@ def test_folder_watcher_imports_what_shows_up(tmp_path: Path) -> None:
 def test_other_current_patient_flags_never_reassigns(stick: Path, outbox: Outbox) -> None:
     config = parse_config('[gateway]\nid = "clinic-test"\n')
     summary = import_paths([stick], is_known=lambda key: outbox.find(key) is not None,
-                           enqueue=enqueue_callable(outbox, config, lambda: "P-OTHER"), local_tz=UTC,
+                           enqueue=file_enqueuer(outbox, config, lambda: "P-OTHER"), local_tz=UTC,
                            now=lambda: NOW)
     assert summary.imported == len(GOOD) + 1
     by_key = {item.key: item for item in outbox.items()}

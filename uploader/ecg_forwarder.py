@@ -23,19 +23,14 @@ from dataclasses import dataclass, field
 
 from pydicom.uid import generate_uid
 
-from uploader.dicom_net import (
-    CommitmentListener,
-    CommitmentReport,
-    CommitmentUnsupported,
-    PeerSettings,
-    StoreAssociation,
-)
+from uploader.dicom_association import PeerSettings
+from uploader.dicom_commitment import CommitmentListener, CommitmentReport
+from uploader.dicom_store import CommitmentUnsupported, StoreAssociation
 from uploader.errors import ConfigurationFault, CorruptPayloadError, PermanentError, TransientError
-from uploader.outbox import ItemState, Outbox, OutboxItem
+from uploader.outbox import ItemState, Kind, Outbox, OutboxItem
 
 log = logging.getLogger(__name__)
 
-DICOM_KIND = "dicom"
 STATUS_NAME = "reading_center"
 
 
@@ -117,7 +112,7 @@ class EcgForwarder:
         result = self.run_round(stop)
         if result.did_work:
             return 0.0
-        return self._idle_delay()
+        return self.next_due_in()
 
     def run_round(self, stop: threading.Event) -> RoundResult:
         result = RoundResult()
@@ -140,7 +135,9 @@ class EcgForwarder:
             self.on_event("purged", {"count": result.purged})
         return result
 
-    def _idle_delay(self) -> float:
+    def next_due_in(self) -> float:
+        """Seconds until this forwarder wants its next round when it has nothing to do now
+        (longer while the peer refuses our configuration)."""
         now = self.clock()
         if now < self._fault_until:
             return min(self._fault_until - now, self.settings.idle_poll_s * 5)
@@ -149,7 +146,7 @@ class EcgForwarder:
     # -- sending -----------------------------------------------------------------------------
     def _send_due(self, result: RoundResult, stop: threading.Event) -> None:
         s = self.settings
-        items = self.outbox.claim(DICOM_KIND, s.associations * s.batch_size, self.clock())
+        items = self.outbox.claim(Kind.DICOM, s.associations * s.batch_size, self.clock())
         if not items:
             return
         # STAT items were claimed first; deal them out so each association starts with them.
@@ -276,7 +273,7 @@ class EcgForwarder:
         """(Re-)ask for items sent without a transaction, or whose report is overdue."""
         if not self.settings.storage_commitment or now < self._commitment_unsupported_until:
             return
-        due = [i for i in self.outbox.awaiting_commitment(DICOM_KIND)
+        due = [i for i in self.outbox.awaiting_commitment(Kind.DICOM)
                if i.transaction_uid is None
                or now - i.updated_at >= self.settings.commitment_timeout_s]
         if not due:
@@ -294,7 +291,7 @@ class EcgForwarder:
         """N-EVENT-REPORT from the PACS (listener thread)."""
         now = self.clock()
         by_uid = {i.meta.get("sop_instance_uid"): i
-                  for i in self.outbox.awaiting_commitment(DICOM_KIND)}
+                  for i in self.outbox.awaiting_commitment(Kind.DICOM)}
         committed = [by_uid[uid].id for _cls, uid in report.committed if uid in by_uid]
         failed = [by_uid[uid].id for _cls, uid, _reason in report.failed if uid in by_uid]
         if committed:

@@ -87,6 +87,13 @@ DEFAULT_INLINE_MAX_BYTES = 16 * 1024
 _CHUNK = 500  # ids per statement (well under SQLite's variable limit)
 
 
+class Kind(enum.StrEnum):
+    """What an item is, which decides who sends it (one sender per kind)."""
+
+    DICOM = "dicom"  # a Part-10 ECG object for the reading center (uploader/ecg_forwarder.py)
+    FHIR_BUNDLE = "fhir-bundle"  # a FHIR R4 transaction bundle (uploader/fhir_forwarder.py)
+
+
 class Priority(enum.IntEnum):
     STAT = 0
     ROUTINE = 1

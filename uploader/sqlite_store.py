@@ -1,12 +1,15 @@
-"""The outbox's schema, as named migrations applied once each, each in one transaction.
+"""How every Lastmile SQLite database is opened: the project's pragmas, named migrations.
+
+One way for all three databases (the outbox here, `clinic.db` and `visits.db` in lastmile/):
+`open_database(path, migrations)` connects in autocommit mode with explicit transactions
+(`transaction(db)`), WAL, a busy timeout, FULL sync (a returned write survives a power cut),
+secure delete (deleted patient data is zeroed), mode 0600.
 
 A `migrations` table records the names applied. `migrate()` is idempotent: on every open it
 applies only what is missing, and two processes opening the same database at once do not both
 apply a migration (the check and the change happen inside one `BEGIN IMMEDIATE` transaction).
 Migrations are append-only: never edit or reorder a released one, add a new one.
-
-`open_database` and `migrate` are generic (lastmile's other databases use them with their own
-migration lists); `MIGRATIONS` here is the outbox's.
+`MIGRATIONS` here is the outbox's schema.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +37,30 @@ BASE_PRAGMAS = (f"busy_timeout={BUSY_TIMEOUT_MS}", "synchronous=FULL", "secure_d
 class Migration:
     name: str
     apply: Callable[[sqlite_utils.Database], None]
+
+    @classmethod
+    def sql(cls, name: str, script: str) -> "Migration":
+        """A migration written as SQL statements (run one by one inside the migration's
+        transaction: `executescript` would commit half-way)."""
+        statements = _split_sql(script)
+
+        def apply(db: sqlite_utils.Database) -> None:
+            for statement in statements:
+                db.conn.execute(statement)
+
+        return cls(name, apply)
+
+
+def _split_sql(script: str) -> list[str]:
+    statements, pending = [], ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            statements.append(pending.strip())
+            pending = ""
+    if pending.strip():
+        raise ValueError(f"incomplete SQL statement in migration: {pending.strip()[:60]}")
+    return statements
 
 
 def _items(db: sqlite_utils.Database) -> None:
@@ -146,6 +173,21 @@ def migrate(db: sqlite_utils.Database, migrations: tuple[Migration, ...] = MIGRA
         where = conn.execute("PRAGMA database_list").fetchone()[2]
         log.info("schema migrations applied to %s: %s", where, ", ".join(applied_now))
     return applied_now
+
+
+@contextlib.contextmanager
+def transaction(db: sqlite_utils.Database) -> Iterator[sqlite3.Connection]:
+    """One write transaction (BEGIN IMMEDIATE: the write lock is taken at once, so two processes
+    never both read-then-write); rolled back on any exception."""
+    conn: sqlite3.Connection = db.conn
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 def _in_transaction(conn: sqlite3.Connection, body: Callable[[], None]) -> None:

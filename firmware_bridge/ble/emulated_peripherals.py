@@ -89,6 +89,11 @@ class EmulatedPeripheral:
     _dropped: bool = field(init=False, default=False)
     _dropped_now: bool = field(init=False, default=False)
 
+    @property
+    def dropped(self) -> bool:
+        """Whether it has hung up mid-transfer as `drop_after` asked."""
+        return self._dropped
+
     SERVICE: ClassVar[int] = 0  # the health service 16-bit UUID, set by subclasses
 
     def __post_init__(self) -> None:

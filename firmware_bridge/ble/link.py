@@ -56,6 +56,7 @@ from devices.ble.uuids import full_uuid, short_uuid
 from devices.errors import ProtocolError
 from devices.identity import DeviceIdentity
 from devices.observation import Observation
+from firmware_bridge.errors import SessionEnded
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +121,6 @@ class LinkSettings:
     continuous_store_interval_s: float = 10.0  # continuous SpO2: one observation per interval
     clock_tolerance_s: float = 300.0
     device_tz: dt.tzinfo = field(default_factory=local_tz)  # the zone device clocks are set to
-
-
-class SessionEnded(Exception):
-    """The device went away."""
 
 
 class DeviceSession:

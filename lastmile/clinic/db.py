@@ -9,16 +9,15 @@ because a held observation exists nowhere else.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import os
-import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import sqlite_utils
 
-from uploader.sqlite_store import Migration, open_database
+from uploader.sqlite_store import Migration, open_database, transaction
+
+__all__ = ["DB_NAME", "from_iso", "iso", "open_clinic_db", "transaction", "utc_now"]
 
 DB_NAME = "clinic.db"
 
@@ -67,18 +66,6 @@ def open_clinic_db(data_dir: str | os.PathLike[str]) -> sqlite_utils.Database:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     # same connection discipline as the outbox (WAL, busy_timeout, 0600, transactional migrations)
     return open_database(path / DB_NAME, MIGRATIONS)
-
-
-@contextlib.contextmanager
-def transaction(db: sqlite_utils.Database) -> Iterator[sqlite3.Connection]:
-    conn: sqlite3.Connection = db.conn
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield conn
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
 
 
 def iso(value: dt.datetime) -> str:

@@ -58,7 +58,9 @@ def observation_to_json(obs: Observation) -> dict[str, Any]:
 
 
 def observation_from_json(data: dict[str, Any]) -> Observation:
-    if data.get("schema") != SCHEMA:
+    """The one observation codec's reader (clinic.db held readings, visits.db visit items).
+    Visit items written before the codec was shared carry no "schema"; their fields are these."""
+    if data.get("schema", SCHEMA) != SCHEMA:
         raise ValueError(f"not a {SCHEMA} document: {data.get('schema')!r}")
     return Observation(
         kind=data["kind"],
@@ -69,8 +71,8 @@ def observation_from_json(data: dict[str, Any]) -> Observation:
         received_at=dt.datetime.fromisoformat(data["received_at"]),
         device=DeviceIdentity(**data["device"]),
         record_key=data["record_key"],
-        patient_id=data["patient_id"],
-        flags=tuple(data["flags"]),
+        patient_id=data.get("patient_id"),
+        flags=tuple(data.get("flags", ())),
     )
 
 

@@ -6,30 +6,29 @@ import argparse
 import json
 import sys
 
+from lastmile.commands.common import DATA_DIR
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     ble = sub.add_parser("ble", help="Bluetooth LE health devices: scan, pair, decode")
     bsub = ble.add_subparsers(dest="ble_command", metavar="COMMAND")
     ble.set_defaults(func=lambda _a: (ble.print_help(), 2)[1])
 
-    p = bsub.add_parser("scan", help="nearby devices advertising a health service (BP, thermometer ...)")
+    p = bsub.add_parser("scan", help="nearby devices advertising a health service (BP, thermometer ...)", parents=[DATA_DIR])
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to listen (default 5)")
     p.add_argument("--all", action="store_true", help="every advertising device, not only health devices")
     p.add_argument("--json", action="store_true", help="one JSON array")
     p.add_argument("--emulated", action="store_true", help=argparse.SUPPRESS)  # scan the demo's emulated devices
-    p.add_argument("--data-dir", help="override gateway.data_dir (to show which are paired)")
     p.set_defaults(func=_scan)
 
-    p = bsub.add_parser("pair", help="allow this device to be connected by this clinic's gateway")
+    p = bsub.add_parser("pair", help="allow this device to be connected by this clinic's gateway", parents=[DATA_DIR])
     p.add_argument("address", help="Bluetooth address, e.g. C0:26:DA:01:02:03")
     p.add_argument("--name", default="", help="a name for the device list, e.g. 'cuff, room 2'")
     p.add_argument("--bond", action="store_true", help="bond (encrypt) before using it (found out by itself otherwise)")
-    p.add_argument("--data-dir", help="override gateway.data_dir")
     p.set_defaults(func=_pair)
 
-    p = bsub.add_parser("unpair", help="take a device off the allow-list")
+    p = bsub.add_parser("unpair", help="take a device off the allow-list", parents=[DATA_DIR])
     p.add_argument("address")
-    p.add_argument("--data-dir", help="override gateway.data_dir")
     p.set_defaults(func=_unpair)
 
     p = bsub.add_parser("decode", help="what a characteristic value means (2a35 1e7800...)")
@@ -47,7 +46,7 @@ def _valid_address(address: str) -> bool:
 def _pair(args: argparse.Namespace) -> int:
     import datetime as dt
 
-    from lastmile.data_dir import config_from_args
+    from lastmile.commands.common import config_from_args
     from lastmile.clinic.devices import DeviceRegistry
 
     if not _valid_address(args.address):
@@ -68,7 +67,7 @@ def _pair(args: argparse.Namespace) -> int:
 def _unpair(args: argparse.Namespace) -> int:
     import datetime as dt
 
-    from lastmile.data_dir import config_from_args
+    from lastmile.commands.common import config_from_args
     from lastmile.clinic.devices import DeviceRegistry
 
     registry = DeviceRegistry.open(config_from_args(args).data_dir)
@@ -90,7 +89,7 @@ def _scan(args: argparse.Namespace) -> int:
     paired: set[str] = set()
     if args.data_dir or not args.emulated:
         try:
-            from lastmile.data_dir import config_from_args
+            from lastmile.commands.common import config_from_args
             from lastmile.clinic.devices import DeviceRegistry
 
             registry = DeviceRegistry.open(config_from_args(args).data_dir)

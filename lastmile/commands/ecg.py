@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
+
+from lastmile.commands.common import DATA_DIR
 
 if TYPE_CHECKING:
     from devices.ecg.recording import EcgRecording
@@ -39,39 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     ecg.set_defaults(func=lambda args: (ecg.print_help(), 2)[1])
 
     p = sub.add_parser("import", help="import ECG files from a USB stick or folder into the outbox "
-                                      "(each file once; the stick is only read)")
+                                      "(each file once; the stick is only read)", parents=[DATA_DIR])
     p.add_argument("paths", metavar="PATH", nargs="+", help="files or folders (e.g. the stick's mount point)")
-    p.add_argument("--data-dir", help="override gateway.data_dir")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, only the summary")
     p.set_defaults(func=_import)
-
-
-def local_zone() -> dt.tzinfo:
-    """This gateway's zone (with its DST rules when known): carts write local wall-clock times."""
-    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-    key = os.environ.get("TZ", "").lstrip(":")
-    if not key:
-        try:
-            key = Path("/etc/timezone").read_text().strip()
-        except OSError:
-            target = os.path.realpath("/etc/localtime")
-            key = target.split("zoneinfo/", 1)[1] if "zoneinfo/" in target else ""
-    if key:
-        try:
-            return ZoneInfo(key)
-        except (ZoneInfoNotFoundError, ValueError):
-            pass
-    return dt.datetime.now().astimezone().tzinfo or dt.timezone.utc
-
-
-def read_ecg_file(path: str) -> "EcgRecording":
-    """Decode a file from disk (read-only); the receipt time stands in when the file has none."""
-    from devices.ecg.formats import decode_ecg
-
-    data = Path(path).read_bytes()
-    return decode_ecg(data, Path(path).name, local_tz=local_zone(),
-                      received_at=dt.datetime.now(dt.timezone.utc))
 
 
 def summary(name: str, recording: "EcgRecording") -> str:
@@ -102,6 +74,7 @@ def write_csv(recording: "EcgRecording", out) -> None:
 
 def _decode(args: argparse.Namespace) -> int:
     from devices.errors import DeviceError
+    from lastmile.ecg.intake import read_ecg_file
 
     try:
         recording = read_ecg_file(args.input)
@@ -121,8 +94,8 @@ def _decode(args: argparse.Namespace) -> int:
 
 def _to_dicom(args: argparse.Namespace) -> int:
     from devices.errors import DeviceError
-    from lastmile.data_dir import config_from_args
-    from lastmile.ecg.intake import station_of
+    from lastmile.commands.common import config_from_args
+    from lastmile.ecg.intake import read_ecg_file, station_of
     from uploader.dicom_ecg import choose_sop_class, mint_uids, recording_to_dicom_bytes
     from uploader.errors import UploadError
 
@@ -150,10 +123,10 @@ def _to_dicom(args: argparse.Namespace) -> int:
 class ProgressBar:
     """A one-line progress bar on a terminal; plain lines (one per file) otherwise."""
 
-    def __init__(self, stream=sys.stderr, width: int = 30) -> None:
-        self.stream = stream
+    def __init__(self, stream: TextIO | None = None, width: int = 30) -> None:
+        self.stream = stream if stream is not None else sys.stderr  # the one in use now, not at import
         self.width = width
-        self.tty = stream.isatty()
+        self.tty = self.stream.isatty()
 
     def __call__(self, done: int, total: int, outcome) -> None:
         name = Path(outcome.path).name
@@ -168,47 +141,15 @@ class ProgressBar:
         self.stream.flush()
 
 
-PATIENT_MISMATCH = "patient-mismatch"
-
-
-def with_patient_check(recording: "EcgRecording", current_patient_id: str | None) -> "EcgRecording":
-    """The file's patient is kept; if the gateway's current patient is another one, the
-    recording is flagged for the doctor (never re-assigned). A file without a patient stays
-    unassigned: a stick may hold ECGs of many patients."""
-    import dataclasses
-
-    if (current_patient_id and recording.patient is not None
-            and recording.patient.patient_id != current_patient_id and PATIENT_MISMATCH not in recording.flags):
-        return dataclasses.replace(recording, flags=recording.flags + (PATIENT_MISMATCH,))
-    return recording
-
-
-def enqueue_callable(outbox, config, current_patient_id=lambda: None):
-    """(recording, key) -> created, for firmware_bridge.usb_import: the lead's intake builds the
-    DICOM object (UIDs minted once) and stores it; a recording no DICOM ECG can hold is refused."""
-    from firmware_bridge.usb_import import FileRefused
-    from lastmile.ecg.intake import enqueue_recording
-    from uploader.errors import InvalidObjectError
-
-    def enqueue(recording, key: str) -> bool:
-        recording = with_patient_check(recording, current_patient_id())
-        try:
-            return enqueue_recording(outbox, recording, config, key=key).created
-        except InvalidObjectError as exc:
-            raise FileRefused(f"cannot become a DICOM ECG: {exc}") from None
-
-    return enqueue
-
-
 def _import(args: argparse.Namespace) -> int:
-    from firmware_bridge.usb_import import import_paths
-    from lastmile.data_dir import config_from_args
+    from lastmile.clinic.patients import PatientContext
+    from lastmile.commands.common import config_from_args
     from lastmile.data_dir import open_outbox
+    from lastmile.ecg.intake import import_files
 
     missing = [p for p in args.paths if not Path(p).exists()]
     if missing:
         return _fail(f"no such file or folder: {', '.join(missing)}")
-    from lastmile.clinic.patients import PatientContext
 
     config = config_from_args(args)
     outbox = open_outbox(config)
@@ -219,11 +160,8 @@ def _import(args: argparse.Namespace) -> int:
         return current.patient_id if current else None
 
     try:
-        summary = import_paths(
-            args.paths, is_known=lambda key: outbox.find(key) is not None,
-            enqueue=enqueue_callable(outbox, config, current_patient_id), local_tz=local_zone(),
-            now=lambda: dt.datetime.now(dt.timezone.utc),
-            progress=None if args.quiet else ProgressBar())
+        summary = import_files(outbox, config, args.paths, current_patient_id=current_patient_id,
+                               progress=None if args.quiet else ProgressBar())
     finally:
         patients.close()
         outbox.close()
@@ -231,56 +169,3 @@ def _import(args: argparse.Namespace) -> int:
         print(f"refused: {outcome.path}: {outcome.reason}")
     print(summary.line())
     return 1 if summary.refused else 0  # scripts notice refused files; the good ones are in
-
-
-def store_received_callable(outbox, current_patient_id=lambda: None):
-    """ReceivedObject -> durable outbox item, for firmware_bridge.dicom_receiver: the object is
-    stored as received (its bytes, its UIDs); the SOP Instance UID is the key, so a cart that
-    sends the same object again gets Success without a second item. A patient other than the
-    gateway's current one is flagged in the item's meta (the object itself is not touched)."""
-    from uploader.outbox import Priority
-
-    def store(obj) -> None:
-        current = current_patient_id()
-        mismatch = bool(current and obj.patient and obj.patient["patient_id"] != current)
-        meta = {"sop_class_uid": obj.sop_class_uid, "sop_instance_uid": obj.sop_instance_uid,
-                "study_uid": obj.study_uid, "series_uid": obj.series_uid,
-                "transfer_syntax": obj.transfer_syntax, "source_format": "dicom-lan",
-                "calling_ae": obj.calling_ae, "flags": [PATIENT_MISMATCH] if mismatch else [],
-                "unassigned": obj.patient is None}
-        outbox.add("dicom", "dicom-sop:" + obj.sop_instance_uid, obj.data, priority=Priority.ROUTINE,
-                   meta=meta, patient=obj.patient)
-
-    return store
-
-
-# -- for the acquire service (lastmile/commands/service.py): how it composes the two intakes --
-
-def start_lan_receiver(config, outbox, current_patient_id=lambda: None):
-    """The clinic-LAN storage SCP from `lan_receiver.*`, started; None when disabled."""
-    from firmware_bridge.dicom_receiver import DicomReceiver, settings_from
-
-    section = config.lan_receiver
-    if not section.enabled:
-        return None
-    receiver = DicomReceiver(
-        settings_from(section.ae_title, section.port, section.allowed_callers, section.sop_classes,
-                      host=section.host, timeout_s=config.reading_center.timeout_s),
-        store_received_callable(outbox, current_patient_id))
-    receiver.start()
-    return receiver
-
-
-def usb_import_watcher(config, outbox, current_patient_id=lambda: None):
-    """A FolderWatcher over `usb_import.folders`; call its poll() every few seconds (or on a
-    udev 'add' event for a mass-storage device mounted there)."""
-    from firmware_bridge.usb_import import FolderWatcher, import_paths
-
-    enqueue = enqueue_callable(outbox, config, current_patient_id)
-    zone = local_zone()
-
-    def run(roots):
-        return import_paths(roots, is_known=lambda key: outbox.find(key) is not None, enqueue=enqueue,
-                            local_tz=zone, now=lambda: dt.datetime.now(dt.timezone.utc))
-
-    return FolderWatcher(config.usb_import.folders, run)

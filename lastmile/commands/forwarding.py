@@ -8,30 +8,28 @@ import json
 import sys
 import time
 
+from lastmile.commands.common import DATA_DIR
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("forward", help="run the forwarder in the foreground until stopped")
-    p.add_argument("--data-dir", help="override gateway.data_dir")
+    p = sub.add_parser("forward", help="run the forwarder in the foreground until stopped", parents=[DATA_DIR])
     p.add_argument("--once", action="store_true", help="one round, then exit (for scripts)")
     p.set_defaults(func=_forward)
 
-    p = sub.add_parser("echo", help="C-ECHO the configured reading center, or HOST PORT (like echoscu)")
+    p = sub.add_parser("echo", help="C-ECHO the configured reading center, or HOST PORT (like echoscu)", parents=[DATA_DIR])
     p.add_argument("host", nargs="?")
     p.add_argument("port", nargs="?", type=int)
     p.add_argument("--called-ae", "-aec", help="called AE title (default: from the configuration)")
-    p.add_argument("--data-dir", help="override gateway.data_dir (for the recorded fault)")
     p.set_defaults(func=_echo)
 
-    p = sub.add_parser("queue", help="outbox counts per state, oldest waiting, last success, quarantined")
+    p = sub.add_parser("queue", help="outbox counts per state, oldest waiting, last success, quarantined", parents=[DATA_DIR])
     p.add_argument("--json", action="store_true", help="one JSON object")
-    p.add_argument("--data-dir", help="override gateway.data_dir")
     p.set_defaults(func=_queue)
 
-    p = sub.add_parser("retry", help="send a quarantined item again (after fixing its cause)")
+    p = sub.add_parser("retry", help="send a quarantined item again (after fixing its cause)", parents=[DATA_DIR])
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("id", nargs="?", type=int, help="outbox item id")
     g.add_argument("--quarantined", action="store_true", help="every quarantined item")
-    p.add_argument("--data-dir", help="override gateway.data_dir")
     p.set_defaults(func=_retry)
 
 
@@ -39,7 +37,7 @@ def _forward(args: argparse.Namespace) -> int:
     # The forwarder only moves bytes. pydicom and sqlite-utils import numpy when it is there,
     # which costs ~15 MB of RSS on a 512 MB Pi: keep it out of this process.
     sys.modules.setdefault("numpy", None)  # type: ignore[arg-type]
-    from lastmile.data_dir import config_from_args
+    from lastmile.commands.common import config_from_args
     from lastmile.services.forward import ForwardService
 
     if args.once:
@@ -59,9 +57,9 @@ def _forward(args: argparse.Namespace) -> int:
 
 
 def _echo(args: argparse.Namespace) -> int:
-    from lastmile.data_dir import config_from_args
+    from lastmile.commands.common import config_from_args
     from lastmile.services.forward import peer_settings
-    from uploader.dicom_net import echo
+    from uploader.dicom_association import echo
     from uploader.errors import ConfigurationFault, TransientError
 
     config = config_from_args(args)
@@ -114,7 +112,7 @@ def _ago(ts: float | None, now: float) -> str:
 
 
 def _queue(args: argparse.Namespace) -> int:
-    from lastmile.data_dir import config_from_args
+    from lastmile.commands.common import config_from_args
     from lastmile.data_dir import open_outbox
 
     config = config_from_args(args)
@@ -148,7 +146,7 @@ def _queue(args: argparse.Namespace) -> int:
 
 
 def _retry(args: argparse.Namespace) -> int:
-    from lastmile.data_dir import config_from_args
+    from lastmile.commands.common import config_from_args
     from lastmile.data_dir import open_outbox
 
     config = config_from_args(args)

@@ -74,8 +74,9 @@ def decode(args: argparse.Namespace) -> int:
 
 
 def live_fix(args: argparse.Namespace) -> int:
-    from firmware_bridge.gnss import GnssError, best_fix, open_source
-    from lastmile.data_dir import config_from_args
+    from firmware_bridge.errors import GnssError
+    from firmware_bridge.gnss import best_fix, open_source
+    from lastmile.commands.common import config_from_args
 
     config = config_from_args(args)
     g = config.gps

@@ -7,38 +7,35 @@ import datetime as dt
 import json
 import sys
 
+from lastmile.commands.common import DATA_DIR
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     patient = sub.add_parser("patient", help="the current patient; assign held (unassigned) observations")
     psub = patient.add_subparsers(dest="patient_command", metavar="COMMAND")
     patient.set_defaults(func=lambda _a: (patient.print_help(), 2)[1])
 
-    p = psub.add_parser("set", help="make ID the current patient (readings from now on land on them)")
+    p = psub.add_parser("set", help="make ID the current patient (readings from now on land on them)", parents=[DATA_DIR])
     p.add_argument("patient_id")
     p.add_argument("--name", default="", help='name in DICOM form, "Family^Given"')
     p.add_argument("--doctor", default="", help="the examining doctor's id")
-    p.add_argument("--data-dir", help="override gateway.data_dir")
     p.set_defaults(func=_set)
 
-    p = psub.add_parser("clear", help="end the current patient's session (next readings are held)")
-    p.add_argument("--data-dir", help="override gateway.data_dir")
+    p = psub.add_parser("clear", help="end the current patient's session (next readings are held)", parents=[DATA_DIR])
     p.set_defaults(func=_clear)
 
-    p = psub.add_parser("assign", help="give a held observation (see 'patient show') its patient")
+    p = psub.add_parser("assign", help="give a held observation (see 'patient show') its patient", parents=[DATA_DIR])
     p.add_argument("observation_id", type=int, help="the held observation's number")
     p.add_argument("patient_id")
     p.add_argument("--name", default="", help='name in DICOM form, "Family^Given"')
-    p.add_argument("--data-dir", help="override gateway.data_dir")
     p.set_defaults(func=_assign)
 
-    p = psub.add_parser("show", help="the current patient and the observations waiting to be assigned")
+    p = psub.add_parser("show", help="the current patient and the observations waiting to be assigned", parents=[DATA_DIR])
     p.add_argument("--json", action="store_true", help="one JSON object")
-    p.add_argument("--data-dir", help="override gateway.data_dir")
     p.set_defaults(func=_show)
 
-    p = sub.add_parser("devices", help="every known device: connected or not, last reading, last error")
+    p = sub.add_parser("devices", help="every known device: connected or not, last reading, last error", parents=[DATA_DIR])
     p.add_argument("--json", action="store_true", help="one JSON array")
-    p.add_argument("--data-dir", help="override gateway.data_dir")
     p.set_defaults(func=_devices)
 
 
@@ -47,7 +44,7 @@ def _now() -> dt.datetime:
 
 
 def _context(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from lastmile.data_dir import config_from_args
+    from lastmile.commands.common import config_from_args
     from lastmile.clinic.patients import PatientContext
 
     config = config_from_args(args)
@@ -85,12 +82,12 @@ def _clear(args: argparse.Namespace) -> int:
 
 
 def _assign(args: argparse.Namespace) -> int:
-    from lastmile.data_dir import config_from_args
+    from lastmile.commands.common import config_from_args
     from lastmile.clinic.observations import ObservationStore, UnknownObservationError
-    from uploader.outbox import Outbox
+    from lastmile.data_dir import open_outbox
 
     config = config_from_args(args)
-    with Outbox.open(config.data_dir, min_free_bytes=config.outbox.min_free_mb * 2**20) as outbox:
+    with open_outbox(config) as outbox:
         store = ObservationStore.open(config.data_dir, outbox=outbox, idle_timeout_s=config.patient.idle_timeout_s)
         try:
             result = store.assign(args.observation_id, args.patient_id, name=args.name, now=_now())
@@ -107,7 +104,7 @@ def _assign(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from lastmile.data_dir import config_from_args
+    from lastmile.commands.common import config_from_args
     from lastmile.clinic.db import open_clinic_db
     from lastmile.clinic.observations import observation_to_json, summary
     from lastmile.clinic.patients import PatientContext
@@ -150,7 +147,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _devices(args: argparse.Namespace) -> int:
-    from lastmile.data_dir import config_from_args
+    from lastmile.commands.common import config_from_args
     from lastmile.clinic.devices import DeviceRegistry
 
     registry = DeviceRegistry.open(config_from_args(args).data_dir)

@@ -33,7 +33,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     import os
 
     from firmware_bridge.serial_link import list_ports
-    from lastmile.data_dir import config_from_args
+    from lastmile.commands.common import config_from_args
     from lastmile.services.serial_devices import link_specs, load_profiles
 
     config = config_from_args(args)
@@ -71,7 +71,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_profiles(args: argparse.Namespace) -> int:
-    from lastmile.data_dir import config_from_args
+    from lastmile.commands.common import config_from_args
     from lastmile.services.serial_devices import load_profiles
 
     for name, profile in sorted(load_profiles(config_from_args(args)).items()):
@@ -85,7 +85,7 @@ def cmd_profile_test(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from devices.ascii_report import ReportParsed, ReportParser, load_profile
-    from lastmile.data_dir import config_from_args
+    from lastmile.commands.common import config_from_args
     from lastmile.clinic.observations import observation_to_json
     from lastmile.services.serial_devices import load_profiles
 
@@ -114,7 +114,7 @@ def cmd_profile_test(args: argparse.Namespace) -> int:
 
 def cmd_scan_test(args: argparse.Namespace) -> int:
     from devices.scanner import CodeUnrecognised, DoctorScanned, PatientScanned
-    from lastmile.data_dir import config_from_args
+    from lastmile.commands.common import config_from_args
     from lastmile.services.serial_devices import scan_rules
 
     rules = scan_rules(config_from_args(args))

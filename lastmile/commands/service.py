@@ -4,24 +4,24 @@ from __future__ import annotations
 
 import argparse
 
+from lastmile.commands.common import DATA_DIR
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("acquire", help="run the acquire service: device links and LAN receiver into the "
-                                       "outbox (systemd: lastmile-acquire.service)")
-    p.add_argument("--data-dir", metavar="DIR", help="state directory (default: gateway.data_dir)")
+                                       "outbox (systemd: lastmile-acquire.service)", parents=[DATA_DIR])
     p.set_defaults(func=_acquire)
 
     d = sub.add_parser("doctor", help="check configuration, storage, clock, peers, devices and queue; "
-                                      "each line OK/WARN/FAIL with a hint")
+                                      "each line OK/WARN/FAIL with a hint", parents=[DATA_DIR])
     d.add_argument("--offline", action="store_true", help="skip the checks that need the network")
     d.add_argument("--json", action="store_true", help="machine-readable output")
-    d.add_argument("--data-dir", metavar="DIR", help="state directory (default: gateway.data_dir)")
     d.set_defaults(func=_doctor)
 
 
 def _acquire(args: argparse.Namespace) -> int:
     from lastmile.services.acquire import AcquireService
-    from lastmile.data_dir import config_from_args
+    from lastmile.commands.common import config_from_args
     from lastmile.services.runtime import ServiceRuntime
 
     runtime = ServiceRuntime("acquire", load_config=lambda: config_from_args(args))

@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _book(args: argparse.Namespace):  # noqa: ANN202
-    from lastmile.data_dir import config_from_args
+    from lastmile.commands.common import config_from_args
     from lastmile.visits.book import VisitBook, VisitPolicy
 
     config = config_from_args(args)
@@ -64,7 +64,8 @@ def _fix(config, book, skip: bool):  # noqa: ANN001, ANN202
     """The best fix within visits.fix_wait_s; every fix seen also feeds the clock and the track."""
     if skip or config.gps.source == "none":
         return None
-    from firmware_bridge.gnss import GnssError, best_fix, open_source
+    from firmware_bridge.errors import GnssError
+    from firmware_bridge.gnss import best_fix, open_source
     from lastmile.visits.book import FixRecord
 
     g = config.gps
@@ -127,8 +128,7 @@ def note(args: argparse.Namespace) -> int:
 
 def stop(args: argparse.Namespace) -> int:
     from lastmile.visits.book import VisitError
-    from uploader.fhir_bundle import FhirNaming
-    from uploader.outbox import Outbox
+    from lastmile.data_dir import open_outbox
 
     config, book = _book(args)
     with book:
@@ -140,7 +140,7 @@ def stop(args: argparse.Namespace) -> int:
         flags = ", ".join(visit.flags) or "none"
         print(f"visit {visit.id} stopped; chain record {visit.chain_seq}; flags: {flags}")
         naming = fhir_naming(config)
-        with Outbox.open(config.data_dir, min_free_bytes=config.outbox.min_free_mb * 2**20) as outbox:
+        with open_outbox(config) as outbox:
             queued = book.queue_closed(outbox, naming)
         if queued:
             print(f"{queued} visit(s) queued for the county platform")

@@ -32,9 +32,9 @@ from lastmile.demo.fhir_receiver import FhirReceiver
 from lastmile.visits.chain import verify_lines
 from lastmile.visits.book import FixRecord, VisitBook, VisitPolicy, record_observation
 from uploader.fhir_bundle import FhirNaming
-from uploader.fhir_forwarder import FHIR_KIND, forward_fhir_once
+from uploader.fhir_forwarder import forward_fhir_once
 from uploader.fhir_sender import FhirSender, FhirSenderSettings
-from uploader.outbox import ItemState, Outbox
+from uploader.outbox import ItemState, Kind, Outbox
 
 VILLAGE = (31.2480, 121.5874)  # where the synthetic road starts
 METRES_PER_DEG_LAT = 111_195.0
@@ -183,20 +183,20 @@ def run_field_day(work_dir: str | Path, *, visits: int = 3, far_visit: int | Non
                                            connect_timeout_s=1.0)) as offline:
             for _ in range(3):
                 counts = forward_fhir_once(outbox, offline, now)
-                link_down_attempts += counts["transient"]
+                link_down_attempts += counts.transient
                 now += 120.0
         # The link returns.
         with receiver_factory() as receiver, \
                 FhirSender(FhirSenderSettings(base_url=receiver.base_url)) as sender:
             for _ in range(20):
-                if not outbox.items(state=ItemState.QUEUED, kind=FHIR_KIND):
+                if not outbox.items(state=ItemState.QUEUED, kind=Kind.FHIR_BUNDLE):
                     break
                 forward_fhir_once(outbox, sender, now)
                 now += 120.0
             encounters = [r["identifier"][0]["value"] for r in receiver.resources("Encounter")]
             observations = len(receiver.resources("Observation"))
             stats = receiver.stats
-        committed = len(outbox.items(state=ItemState.COMMITTED, kind=FHIR_KIND))
+        committed = len(outbox.items(state=ItemState.COMMITTED, kind=Kind.FHIR_BUNDLE))
     return {
         "visits": visits, "readings": readings,
         "visits_synced": len(set(encounters) & set(visit_ids)),

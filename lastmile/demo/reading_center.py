@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 
-from uploader.dicom_net import ECG_STORAGE_CLASSES
+from uploader.dicom_association import ECG_STORAGE_CLASSES
 
 log = logging.getLogger(__name__)
 

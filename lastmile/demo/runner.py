@@ -8,7 +8,7 @@ in the middle and its recovery. The summary is read back from the receiving side
 from __future__ import annotations
 
 import datetime as dt
-import socket
+
 import tempfile
 import threading
 import time
@@ -21,9 +21,11 @@ import numpy as np
 from devices.ecg.recording import EcgRecording
 from devices.identity import DeviceIdentity, Patient, TimeSource
 from lastmile.config import Config
+from lastmile.demo.loopback import free_port
 from lastmile.demo.reading_center import EmbeddedReadingCenter
 from lastmile.ecg.intake import enqueue_recording
-from lastmile.services.forward import forwarder_settings, open_outbox
+from lastmile.data_dir import open_outbox
+from lastmile.services.forward import forwarder_settings
 from uploader.ecg_forwarder import EcgForwarder
 
 Say = Callable[[str], None]
@@ -34,7 +36,6 @@ DEMO_PATIENTS = [
     Patient("DEMO-0003", "Zhang^Min", dt.date(1967, 7, 14), "F"),
     Patient("DEMO-0004", "Liu^Yang", dt.date(1972, 1, 30), "M"),
 ]
-
 
 @dataclass
 class DemoSummary:
@@ -55,13 +56,6 @@ class DemoSummary:
         d.update(self.extra)
         return d
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def source_ecg() -> EcgRecording:
     """pydicom's real 12-lead ECG (Mortara, 1000 Hz), resampled to 500 Hz."""
     from pydicom.data import get_testdata_file
@@ -77,7 +71,6 @@ def source_ecg() -> EcgRecording:
         rec = replace(rec, samples=half, sampling_rate_hz=500.0, resampled_from_hz=1000.0)
     return rec
 
-
 def demo_recordings(n: int, start: dt.datetime) -> list[EcgRecording]:
     base = source_ecg()
     cart = DeviceIdentity(manufacturer="Mortara", model="ELI 250c (demo)", serial="DEMO-CART-1",
@@ -90,7 +83,6 @@ def demo_recordings(n: int, start: dt.datetime) -> list[EcgRecording]:
             stat=(i == 1), source_format="dicom"))
     return out
 
-
 def run_demo(say: Say, *, n_recordings: int = 12, outage_s: float = 4.0,
              data_dir: Path | None = None) -> DemoSummary:
     t0 = time.monotonic()
@@ -99,7 +91,7 @@ def run_demo(say: Say, *, n_recordings: int = 12, outage_s: float = 4.0,
         config = Config()
         config.gateway.id = "demo-gateway"
         config.gateway.institution = "Demo Village Clinic"
-        config.gateway.data_dir = str(data_dir or Path(tmp) / "data")
+        config.set_data_dir(data_dir or Path(tmp) / "data")
         rc = config.reading_center
         rc.port, rc.listen_port = free_port(), free_port()
         rc.listen_host = "127.0.0.1"
@@ -169,7 +161,6 @@ def run_demo(say: Say, *, n_recordings: int = 12, outage_s: float = 4.0,
         summary.elapsed_s = round(time.monotonic() - t0, 2)
     return summary
 
-
 def _ble_part(config: Config, say: Say, summary: DemoSummary) -> None:
     """An emulated BP cuff and thermometer through the real BLE path (bleak over bumble)."""
     try:
@@ -186,7 +177,6 @@ def _ble_part(config: Config, say: Say, summary: DemoSummary) -> None:
         f"{ble.duplicates} re-sent records recognised")
     summary.extra.update({"ble_observations": ble.observations, "ble_stored": ble.stored,
                           "ble_held": ble.held, "ble_duplicates": ble.duplicates})
-
 
 def _field_part(work_dir: Path, say: Say, summary: DemoSummary) -> None:
     """A family doctor's field day: GPS-tagged visits along a replayed NMEA track with the link
@@ -206,11 +196,9 @@ def _field_part(work_dir: Path, say: Say, summary: DemoSummary) -> None:
                           "observations_synced": day["observations_synced"],
                           "chain_verified": day["chain_verified"]})
 
-
 def _count(outbox, *states: str) -> int:
     counts = outbox.stats(time.time())["counts"]
     return sum(counts.get(s, 0) for s in states)
-
 
 def _pump(forwarder: EcgForwarder, outbox, stop: threading.Event, *, until: Callable[[], bool],
           limit_s: float) -> None:

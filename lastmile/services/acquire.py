@@ -6,7 +6,7 @@
 Parts (each only when its module exists and the configuration enables it):
 - serial: `lastmile.services.serial_devices` (bridges, ASCII-report monitors, card scanners)
 - ble: `lastmile.services.ble_devices.run_ble` (BlueZ through bleak) on its own asyncio loop
-- lan-receiver: the clinic-LAN DICOM storage SCP (`lastmile.commands.ecg.start_lan_receiver`)
+- lan-receiver: the clinic-LAN DICOM storage SCP (`lastmile.ecg.intake.start_lan_receiver`)
 - usb-import: folders in `usb_import.folders` watched for new ECG files
 
 Each link runs on its own thread, so a slow device never holds up another, and beats a
@@ -215,16 +215,13 @@ def lan_receiver_part(config: Config, outbox: Outbox,
                       current_patient_id: Callable[[], str | None]) -> Part | None:
     if not config.lan_receiver.enabled:
         return None
-    try:
-        from lastmile.commands.ecg import start_lan_receiver
-    except ImportError:
-        log.warning("LAN receiver enabled but its module is not installed")
-        return None
+    from firmware_bridge.errors import LinkConfigError
     from lastmile.config import ConfigError
+    from lastmile.ecg.intake import start_lan_receiver
 
     try:
         receiver = start_lan_receiver(config, outbox, current_patient_id)
-    except ValueError as exc:  # ReceiverConfigError: empty allow-list and the like
+    except LinkConfigError as exc:  # empty allow-list and the like
         raise ConfigError(f"{config.source}: lan_receiver: {exc}") from None
     return ReceiverPart(receiver) if receiver is not None else None
 
@@ -233,11 +230,8 @@ def usb_import_part(config: Config, outbox: Outbox,
                     current_patient_id: Callable[[], str | None]) -> Part | None:
     if not config.usb_import.folders:
         return None
-    try:
-        from lastmile.commands.ecg import usb_import_watcher
-    except ImportError:
-        log.warning("USB import folders configured but the import module is not installed")
-        return None
+    from lastmile.ecg.intake import usb_import_watcher
+
     watcher = usb_import_watcher(config, outbox, current_patient_id)
 
     def work(stop: threading.Event, beat: Beat) -> None:
@@ -255,7 +249,8 @@ def gnss_part(config: Config) -> Part | None:
     the open visit's bounded track."""
     if config.gps.source == "none":
         return None
-    from firmware_bridge.gnss import GnssError, open_source
+    from firmware_bridge.errors import GnssError
+    from firmware_bridge.gnss import open_source
     from lastmile.visits.book import VisitBook, VisitPolicy, follow_receiver
 
     def work(stop: threading.Event, beat: Beat) -> None:

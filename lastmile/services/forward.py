@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 
 from lastmile.data_dir import open_outbox
 from lastmile.config import Config, ReadingCenterSection
-from uploader.dicom_net import PeerSettings, TlsFiles
+from uploader.dicom_association import PeerSettings
+from uploader.dicom_tls import TlsFiles
 from uploader.ecg_forwarder import EcgForwarder, ForwarderSettings
 
 if TYPE_CHECKING:
@@ -64,16 +65,16 @@ class ForwardService:
 
     def step(self, stop: threading.Event) -> float:
         result = self.ecg.run_round(stop)
-        waits = [0.0 if result.did_work else self.ecg._idle_delay()]
+        waits = [0.0 if result.did_work else self.ecg.next_due_in()]
         if self._fhir is not None and not stop.is_set():
             from uploader.fhir_forwarder import forward_fhir_once
 
             fhir = forward_fhir_once(self.outbox, self._fhir, time.time(),
                                      batch_size=self.config.fhir.batch_size,
                                      config_fault_retry_s=self.config.outbox.config_fault_retry_s)
-            if fhir["sent"] or fhir["quarantined"]:
-                log.info("FHIR round: sent %d, quarantined %d", fhir["sent"], fhir["quarantined"])
-            waits.append(0.0 if fhir["claimed"] and not fhir["fault"] else self.ecg._idle_delay())
+            if fhir.sent or fhir.quarantined:
+                log.info("FHIR round: sent %d, quarantined %d", fhir.sent, fhir.quarantined)
+            waits.append(0.0 if fhir.claimed and not fhir.fault else self.ecg.next_due_in())
         self._last = (f"sent {result.sent}, committed {result.committed}, retry {result.transient}, "
                       f"quarantined {result.quarantined}" + (f", FAULT {result.fault}" if result.fault else ""))
         if result.did_work:

@@ -20,19 +20,17 @@ when the main thread holds that event's lock.
 from __future__ import annotations
 
 import faulthandler
-import hashlib
 import logging
 import os
-import re
-import secrets
 import signal
 import socket
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
+from lastmile import logs
+from lastmile.logs import PatientDataFilter, mask_patient_data
 from lastmile.services.sdnotify import SystemdNotifier
 
 if TYPE_CHECKING:
@@ -131,7 +129,7 @@ class ServiceRuntime:
                 self.notifier.notify(f"STATUS=configuration refused: {_first_line(exc)}", "ERRNO=78")
                 return EXIT_CONFIG
             if self.configure_logging:
-                self.log_filter = configure_service_logging(config)
+                self.log_filter = logs.configure_logging(config)
             log.info("%s starting (config %s, data %s)", self.name, config.source, config.data_dir)
             try:
                 service = setup(config)
@@ -236,7 +234,7 @@ class ServiceRuntime:
 
     def _early_logging(self) -> None:
         if self.configure_logging and not logging.getLogger().handlers:
-            configure_service_logging(None)
+            logs.configure_logging(None)
 
 
 class _SignalWatcher:
@@ -310,173 +308,3 @@ def _note_signal(signum: int, frame: object) -> None:
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0]
-
-
-# -- logging ---------------------------------------------------------------------------------------
-
-_SYSLOG_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6,
-                    logging.DEBUG: 7}
-
-# Shapes patient data takes in messages we or our libraries write. Each pattern's group "v" is masked.
-_PATIENT_PATTERNS: tuple[re.Pattern[str], ...] = (
-    # key=value / key: value with a patient-ish key (PatientID, patient_id, patient name, birth date)
-    re.compile(r"(?i)\b(?:patient[ _-]?(?:id|name|identifier)|other[ _-]?patient[ _-]?ids|"
-               r"patient|birth[ _-]?date|PatientBirthDate)\b\s*[=:]\s*"
-               r"(?P<v>'[^']*'|\"[^\"]*\"|[^\s,;)\]}]+)"),
-    # DICOM person names: Family^Given[^Middle...]
-    re.compile(r"(?P<v>\b[^\s^=,;:'\"()\[\]{}]+\^[^\s=,;'\"()\[\]{}]*)"),
-)
-
-
-class PatientDataFilter(logging.Filter):
-    """Masks patient names and identifiers in log records unless gateway.log_patient_data is set.
-
-    Masks: `devices.identity.Patient` arguments; values registered with `remember()`; text
-    matching `serial.patient_card_pattern`; `patient_id=...`-style pairs and DICOM person names.
-    A masked value becomes `<patient:xxxxxx>`, a keyed hash that lets one process's log lines be
-    correlated without revealing (or allowing a dictionary attack on) the identifier.
-    """
-
-    def __init__(self, config: Config | None = None) -> None:
-        super().__init__()
-        self._key = secrets.token_bytes(16)
-        self._known: dict[str, None] = {}  # insertion-ordered, bounded
-        self.enabled = True
-        self._extra: list[re.Pattern[str]] = []
-        self.configure(config)
-
-    def configure(self, config: Config | None) -> None:
-        self.enabled = not (config is not None and config.gateway.log_patient_data)
-        self._extra = []
-        pattern = config.serial.patient_card_pattern if config is not None else ""
-        if pattern:
-            try:
-                self._extra.append(re.compile(f"(?P<v>{pattern})"))
-            except re.error:
-                log.warning("serial.patient_card_pattern is not a valid regular expression")
-
-    def remember(self, *values: str) -> None:
-        """Mask these exact strings from now on (a patient id, a name the service just handled)."""
-        for v in values:
-            if v and len(v) >= 2:
-                self._known[v] = None
-        while len(self._known) > 1000:
-            self._known.pop(next(iter(self._known)))
-
-    def token(self, value: str) -> str:
-        digest = hashlib.blake2s(value.encode(), key=self._key, digest_size=3).hexdigest()
-        return f"<patient:{digest}>"
-
-    def mask(self, text: str) -> str:
-        if not self.enabled or not text:
-            return text
-        for known in sorted(self._known, key=len, reverse=True):
-            if known in text:
-                text = text.replace(known, self.token(known))
-        for pat in (*self._extra, *_PATIENT_PATTERNS):
-            text = pat.sub(self._replace, text)
-        return text
-
-    def _replace(self, m: re.Match[str]) -> str:
-        v = m.group("v")
-        if v.startswith("<patient:"):
-            return m.group(0)
-        start, end = m.span("v")
-        whole = m.group(0)
-        base = m.start(0)
-        return whole[:start - base] + self.token(v.strip("'\"")) + whole[end - base:]
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not self.enabled:
-            return True
-        args = record.args
-        if args:
-            record.args = tuple(_patient_arg(a, self) for a in args) if isinstance(args, tuple) else args
-        try:
-            message = record.getMessage()
-        except Exception:
-            return True  # let the handler report the broken format call
-        record.msg = self.mask(message)
-        record.args = None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = self.mask(logging.Formatter().formatException(record.exc_info))
-        return True
-
-
-def _patient_arg(arg: object, flt: PatientDataFilter) -> object:
-    from devices.identity import Patient
-
-    if isinstance(arg, Patient):
-        return flt.token(arg.patient_id)
-    return arg
-
-
-def mask_patient_data(text: str, flt: PatientDataFilter | None) -> str:
-    return flt.mask(text) if flt is not None else text
-
-
-class JournalFormatter(logging.Formatter):
-    """`<priority>logger: message` when stdout is the journal (it adds time and unit itself)."""
-
-    def __init__(self, journal: bool) -> None:
-        fmt = "%(name)s: %(message)s" if journal else "%(asctime)s %(levelname)s %(name)s: %(message)s"
-        super().__init__(fmt)
-        self.journal = journal
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        if not self.journal:
-            return text
-        prio = _SYSLOG_PRIORITY.get(record.levelno, 6 if record.levelno < logging.WARNING else 3)
-        # Every line of a traceback keeps the priority, so it stays together in `journalctl -p`.
-        return "\n".join(f"<{prio}>{line}" for line in text.splitlines() or [""])
-
-
-def stdout_is_journal(stream: object = None) -> bool:
-    """True if stdout is connected to journald ($JOURNAL_STREAM names its device:inode)."""
-    value = os.environ.get("JOURNAL_STREAM", "")
-    if not value:
-        return False
-    try:
-        dev, ino = (int(x) for x in value.split(":"))
-        st = os.fstat((stream or sys.stdout).fileno())
-    except (ValueError, OSError, AttributeError):
-        return False
-    return st.st_dev == dev and st.st_ino == ino
-
-
-def configure_service_logging(config: Config | None, *, level: int | None = None,
-                              stream: object = None) -> PatientDataFilter:
-    """Log to stdout (journald) through the patient-data filter; returns the filter."""
-    out = stream if stream is not None else sys.stdout
-    handler = logging.StreamHandler(out)  # type: ignore[arg-type]
-    handler.setFormatter(JournalFormatter(stdout_is_journal(out)))
-    flt = PatientDataFilter(config)
-    handler.addFilter(flt)
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    if level is not None:
-        root.setLevel(level)
-    elif root.level == logging.WARNING or root.level == logging.NOTSET:
-        root.setLevel(logging.INFO)
-    if not flt.enabled:
-        log.warning("gateway.log_patient_data is on: patient names and IDs will appear in the logs")
-    return flt
-
-
-def current_filter() -> PatientDataFilter | None:
-    """The filter installed by `configure_service_logging`, for `remember()` calls."""
-    for handler in logging.getLogger().handlers:
-        for f in handler.filters:
-            if isinstance(f, PatientDataFilter):
-                return f
-    return None
-
-
-def remember_patient_identifiers(values: Iterable[str]) -> None:
-    """Mask these strings in every later log line of this process (no-op outside a service)."""
-    flt = current_filter()
-    if flt is not None:
-        flt.remember(*values)

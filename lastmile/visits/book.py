@@ -37,10 +37,12 @@ from typing import TYPE_CHECKING
 import sqlite_utils
 
 from devices.gps.fix import Fix
-from devices.identity import DeviceIdentity, TimeSource
-from devices.observation import Observation, Quantity
+from devices.identity import TimeSource
+from devices.observation import Observation
+from lastmile.clinic.observations import observation_from_json, observation_to_json
 from lastmile.clock import Anchor, GatewayClock, Stamp
 from lastmile.visits.households import Household, HouseholdRegister, distance_m
+from uploader.sqlite_store import Migration, open_database, transaction
 from lastmile.visits.chain import (
     GENESIS, ChainLink, VerifyReport, canonical, export_lines, link, load_or_create_key, public_key_b64,
     verify_lines)
@@ -54,8 +56,8 @@ log = logging.getLogger(__name__)
 
 DB_NAME = "visits.db"
 
-MIGRATIONS: tuple[tuple[str, str], ...] = (
-    ("0001_visits", """
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration.sql("0001_visits", """
         CREATE TABLE visits (
             id TEXT PRIMARY KEY, gateway_id TEXT NOT NULL, doctor_id TEXT NOT NULL,
             patient_id TEXT NOT NULL, household_id TEXT, setting TEXT NOT NULL,
@@ -163,22 +165,6 @@ def _r(value: float | None, digits: int) -> float | None:
 
 # --- observations kept whole (for the FHIR bundle built after days offline) ---------------------
 
-def observation_to_json(obs: Observation) -> dict:
-    return {"kind": obs.kind, "measured_at": obs.measured_at.isoformat(), "time_source": obs.time_source.value,
-            "received_at": obs.received_at.isoformat(), "record_key": obs.record_key,
-            "patient_id": obs.patient_id, "flags": list(obs.flags),
-            "device": {k: getattr(obs.device, k) for k in DeviceIdentity.__dataclass_fields__},
-            "quantities": [{k: getattr(q, k) for k in Quantity.__dataclass_fields__} for q in obs.quantities]}
-
-
-def observation_from_json(data: dict) -> Observation:
-    return Observation(
-        kind=data["kind"], quantities=tuple(Quantity(**q) for q in data["quantities"]),
-        measured_at=dt.datetime.fromisoformat(data["measured_at"]), time_source=TimeSource(data["time_source"]),
-        received_at=dt.datetime.fromisoformat(data["received_at"]), device=DeviceIdentity(**data["device"]),
-        record_key=data["record_key"], patient_id=data.get("patient_id"), flags=tuple(data.get("flags", ())))
-
-
 # --- checks ---------------------------------------------------------------------------------------
 
 def _age_s(record: FixRecord, at: Stamp) -> float | None:
@@ -237,20 +223,6 @@ def check_visit(policy: VisitPolicy, *, household_id: str | None, household: Hou
 
 # --- the book -------------------------------------------------------------------------------------
 
-def migrate(db: sqlite_utils.Database) -> list[str]:
-    db.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
-    done = {r["name"] for r in db.query("SELECT name FROM migrations")}
-    applied = []
-    for name, sql in MIGRATIONS:
-        if name in done:
-            continue
-        with db.conn:
-            db.conn.executescript("BEGIN;" + sql + ";"
-                                  + f"INSERT INTO migrations VALUES ('{name}', datetime('now'));COMMIT;")
-        applied.append(name)
-    return applied
-
-
 class VisitBook:
     def __init__(self, db: sqlite_utils.Database, data_dir: Path, gateway_id: str, policy: VisitPolicy,
                  clock: GatewayClock) -> None:
@@ -270,13 +242,7 @@ class VisitBook:
              clock: GatewayClock | None = None) -> "VisitBook":
         data_dir = Path(data_dir)
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = data_dir / DB_NAME
-        db = sqlite_utils.Database(path)
-        path.chmod(0o600)
-        db.execute("PRAGMA busy_timeout=10000")
-        db.execute("PRAGMA synchronous=FULL")
-        db.enable_wal()
-        migrate(db)
+        db = open_database(data_dir / DB_NAME, MIGRATIONS)
         return cls(db, data_dir, gateway_id, policy or VisitPolicy(), clock or GatewayClock())
 
     def close(self) -> None:
@@ -311,7 +277,7 @@ class VisitBook:
         record = FixRecord(fix, received)
         visit = self.open_visit()
         if visit is not None and fix.has_position:
-            with self.db.conn:
+            with transaction(self.db):
                 self.db["visit_track"].insert({"visit_id": visit.id, "fix": record.to_json(),
                                                "received": json.dumps(received.to_json())})
                 self._bound_track(visit.id)
@@ -328,7 +294,7 @@ class VisitBook:
 
     def _repair_provisional(self) -> None:
         """Give provisional stamps of this boot their time, now that the clock has an anchor."""
-        with self.db.conn:
+        with transaction(self.db):
             for row in list(self.db.query("SELECT id, start_stamp, end_stamp FROM visits WHERE started_at IS NULL "
                                           "OR (end_stamp IS NOT NULL AND ended_at IS NULL)")):
                 sets = {}
@@ -445,7 +411,7 @@ class VisitBook:
             self.policy, household_id=visit.household_id, household=household, start=visit.start, end=end,
             start_fix=visit.start_fix, end_fix=fix, track=self.track(visit.id),
             clock_disagreement_s=self.clock.last_disagreement_s)
-        with self.db.conn:
+        with transaction(self.db):
             self.db["visits"].update(visit.id, {
                 "state": "closed", "end_stamp": json.dumps(end.to_json()),
                 "ended_at": end.time.isoformat() if end.time else None,

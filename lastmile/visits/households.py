@@ -11,6 +11,8 @@ from pathlib import Path
 
 import sqlite_utils
 
+from uploader.sqlite_store import transaction
+
 EARTH_RADIUS_M = 6_371_008.8  # mean radius (IUGG)
 
 
@@ -70,7 +72,7 @@ class HouseholdRegister:
         raw = Path(path).read_bytes()
         households = parse_register(raw.decode("utf-8"), str(path))
         digest = hashlib.sha256(raw).hexdigest()
-        with self.db.conn:
+        with transaction(self.db):
             self.db.execute("DELETE FROM households")
             self.db["households"].insert_all(
                 [{"household_id": h.household_id, "latitude": h.latitude, "longitude": h.longitude}
