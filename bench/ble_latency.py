@@ -32,15 +32,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from devices.observation import Observation  # noqa: E402
-from firmware_bridge.ble.emulated_peripherals import (BloodPressureCuff, BpRecord, PulseOximeter,  # noqa: E402
-                                                      Thermometer)
-from firmware_bridge.ble.emulation import EmulatedRadio  # noqa: E402
-from firmware_bridge.ble.link import BleDeviceManager, LinkSettings  # noqa: E402
-from lastmile.services.ble_devices import ClinicBlePort  # noqa: E402
-from lastmile.clinic.devices import DeviceRegistry  # noqa: E402
-from lastmile.clinic.observations import ObservationStore, observation_payload  # noqa: E402
-from uploader.outbox import Outbox  # noqa: E402
+from devices.observation import Observation
+from firmware_bridge.ble.emulated_peripherals import BloodPressureCuff, BpRecord, PulseOximeter, Thermometer
+from firmware_bridge.ble.emulation import EmulatedRadio
+from firmware_bridge.ble.link import BleDeviceManager, LinkSettings
+from lastmile.clinic.devices import DeviceRegistry
+from lastmile.clinic.observations import ObservationStore, observation_payload
+from lastmile.services.ble_devices import ClinicBlePort
+from uploader.outbox import Outbox
 
 UTC = dt.timezone.utc
 CUFF, THERMO, OXI = "C0:00:00:00:00:01", "C0:00:00:00:00:02", "C0:00:00:00:00:03"
@@ -67,7 +66,7 @@ class TimedPort(ClinicBlePort):
 
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 async def stream(seconds: float, idle_seconds: float, data_dir: Path) -> dict:
@@ -93,7 +92,7 @@ async def stream(seconds: float, idle_seconds: float, data_dir: Path) -> dict:
         await p.start()
     stop = asyncio.Event()
     runner = asyncio.ensure_future(manager.run(stop))
-    while len(manager.connected()) < 3 or any(p.connection is None for p in peripherals):
+    while len(manager.connected()) < 3 or any(p.connection is None for p in peripherals):  # noqa: ASYNC110 — polls state no event covers
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.5)  # subscriptions and clock writes done
 

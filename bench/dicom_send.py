@@ -65,10 +65,10 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.CRITICAL)
+    from tests.peers import OrthancServer, StorescpServer, ecg_payloads, gateway_modality
     from uploader.dicom_association import PeerSettings
     from uploader.dicom_part10 import parse_part10
     from uploader.dicom_store import StoreAssociation
-    from tests.peers import OrthancServer, StorescpServer, ecg_payloads, gateway_modality
 
     payloads = ecg_payloads(args.objects)
     raw_size = len(payloads[0].data)

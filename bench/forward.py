@@ -74,8 +74,8 @@ def worker(cfg: str, n: int) -> None:
             time.sleep(min(wait, 0.02))
     t_committed = time.time() - t_start
     service.close()
-    hwm = next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines()
-               if l.startswith("VmHWM"))
+    hwm = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+               if line.startswith("VmHWM"))
     print(json.dumps({"t_sent": t_sent, "t_committed": t_committed, "rss_kb": hwm,
                       "t_service": t_sent - (t_ready - t_start),
                       "write_bytes": proc_io()["write_bytes"]}))
@@ -100,12 +100,13 @@ def main() -> int:
         os.execvp("unshare", ["unshare", "-n", "--", "sh", "-c", 'ip link set lo up && exec "$@"',
                               "sh", sys.executable, *sys.argv])
 
+    import datetime as dt
+
     from lastmile.config import Config
     from lastmile.demo.runner import demo_recordings
     from lastmile.ecg.intake import enqueue_recording
     from lastmile.services.forward import open_outbox
     from tests.peers import OrthancServer, free_port, gateway_modality
-    import datetime as dt
 
     storescu = shutil.which("storescu")
     if not storescu or not shutil.which("Orthanc"):

@@ -48,7 +48,7 @@ def child(mode: str, path: str, expected_bytes: int) -> None:
             self.session = BridgeSession(path)
             self.link = None
 
-        def connection_made(self, link) -> None:  # noqa: ANN001
+        def connection_made(self, link) -> None:
             self.link = link
             if mode == "full":
                 link.write(self.session.connection_made(dt.datetime.now(dt.timezone.utc)))

@@ -29,16 +29,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import requests  # noqa: E402
+import requests
 
-from devices.identity import DeviceIdentity, TimeSource  # noqa: E402
-from devices.observation import Observation, Quantity  # noqa: E402
-from lastmile.demo.fhir_receiver import FhirReceiver  # noqa: E402
-from uploader.fhir_bundle import (  # noqa: E402
-    FhirNaming, VisitPosition, VisitSignature, VisitSummary, bundle_bytes, visit_bundle)
-from uploader.fhir_forwarder import enqueue_bundle, forward_fhir_once  # noqa: E402
-from uploader.fhir_sender import FhirSender, FhirSenderSettings  # noqa: E402
-from uploader.outbox import ItemState, Kind, Outbox  # noqa: E402
+from devices.identity import DeviceIdentity, TimeSource
+from devices.observation import Observation, Quantity
+from lastmile.demo.fhir_receiver import FhirReceiver
+from uploader.fhir_bundle import FhirNaming, VisitPosition, VisitSignature, VisitSummary, bundle_bytes, visit_bundle
+from uploader.fhir_forwarder import enqueue_bundle, forward_fhir_once
+from uploader.fhir_sender import FhirSender, FhirSenderSettings
+from uploader.outbox import ItemState, Kind, Outbox
 
 NAMING = FhirNaming(gateway_id="bench-gw")
 T0 = dt.datetime(2026, 3, 2, 7, 0, tzinfo=dt.timezone.utc)

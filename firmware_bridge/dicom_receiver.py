@@ -22,8 +22,12 @@ import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from firmware_bridge.errors import ReceiverConfigError
+
+if TYPE_CHECKING:
+    from pynetdicom.transport import ThreadedAssociationServer
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +91,7 @@ class DicomReceiver:
             raise ReceiverConfigError("lan_receiver.sop_classes is empty")
         self.settings = settings
         self._store = store
-        self._server = None
+        self._server: ThreadedAssociationServer | None = None
         self._lock = threading.Lock()
 
     @property
@@ -98,6 +102,7 @@ class DicomReceiver:
 
     def start(self) -> None:
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+        from pynetdicom.events import EventHandlerType
 
         ae = AE(ae_title=self.settings.ae_title)
         ae.require_calling_aet = list(self.settings.allowed_callers)
@@ -106,8 +111,9 @@ class DicomReceiver:
         for uid in self.settings.sop_classes:
             ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(VERIFICATION)
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: SUCCESS),
-                    (evt.EVT_CONN_OPEN, self._on_open)]
+        handlers: list[EventHandlerType] = [
+            (evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: SUCCESS),
+            (evt.EVT_CONN_OPEN, self._on_open)]
         self._server = ae.start_server((self.settings.host, self.settings.port), block=False,
                                        evt_handlers=handlers)
         log.info("DICOM receiver %s listening on %s:%d for %s", self.settings.ae_title, self.settings.host,
@@ -118,7 +124,7 @@ class DicomReceiver:
             self._server.shutdown()
             self._server = None
 
-    def __enter__(self) -> "DicomReceiver":
+    def __enter__(self) -> DicomReceiver:
         self.start()
         return self
 
@@ -144,7 +150,7 @@ class DicomReceiver:
                 data = event.encoded_dataset(include_meta=True)
                 ds = event.dataset
                 study, series, patient = _text(ds, "StudyInstanceUID"), _text(ds, "SeriesInstanceUID"), _patient(ds)
-        except Exception as exc:  # a data set pydicom cannot read: say so, keep nothing
+        except Exception as exc:  # noqa: BLE001 — a data set pydicom cannot read: say so, keep nothing
             log.warning("C-STORE from %s: unreadable data set %s (%s)", calling, sop_instance, exc)
             return CANNOT_UNDERSTAND
         obj = ReceivedObject(data=data, sop_class_uid=sop_class, sop_instance_uid=sop_instance, study_uid=study,

@@ -100,7 +100,7 @@ class GpsdSource:
         except OSError:
             pass
 
-    def __enter__(self) -> "GpsdSource":
+    def __enter__(self) -> GpsdSource:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -55,8 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Commands log to stderr (stdout is their output); patient data masked as in the services.
     level = logging.WARNING - 10 * args.verbose if args.verbose else logging.INFO
     configure_logging(None, level=max(level, logging.DEBUG), stream=sys.stderr, verbosity=args.verbose)
-    from lastmile.config import ConfigError
     from devices.errors import DeviceError
+    from lastmile.config import ConfigError
     from uploader.errors import UploadError
 
     try:

@@ -88,7 +88,7 @@ class Stamp:
                 "monotonic": self.monotonic, "boot_id": self.boot_id}
 
     @classmethod
-    def from_json(cls, data: dict) -> "Stamp":
+    def from_json(cls, data: dict) -> Stamp:
         return cls(dt.datetime.fromisoformat(data["time"]) if data.get("time") else None,
                    TimeSource(data["source"]), float(data["monotonic"]), str(data["boot_id"]))
 

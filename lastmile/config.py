@@ -224,7 +224,7 @@ def _build(cls: type, data: dict, prefix: str, text: str, where: str) -> object:
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}:{_line_of(text, dotted) or '?'}: '{dotted}' must be a table")
-            values[key] = _build(hint, value, dotted + ".", text, where)
+            values[key] = _build(typing.cast(type, hint), value, dotted + ".", text, where)
             continue
         if not _check_type(value, hint):
             want = _TYPE_NAMES.get(hint, str(hint).replace("typing.", ""))

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from lastmile.clinic.devices import DeviceRecord
     from lastmile.config import Config
 
 SERVICES = ("lastmile-acquire.service", "lastmile-forward.service")
@@ -104,7 +105,7 @@ class Doctor:
                 continue
             try:
                 findings += check()
-            except Exception as exc:  # a check that breaks is itself a finding, never a traceback
+            except Exception as exc:  # noqa: BLE001 — a check that breaks is itself a finding, never a traceback
                 findings.append(Finding(name, Level.FAIL, f"check failed: {type(exc).__name__}: {exc}",
                                         "report this to the Lastmile maintainers"))
         return findings
@@ -336,9 +337,9 @@ class Doctor:
         now = dt.datetime.fromtimestamp(self.now(), dt.timezone.utc)
         day = dt.timedelta(days=1)
 
-        def seen(r: object) -> dt.datetime | None:
-            stamps = [t for t in (getattr(r, "last_seen_at"), getattr(r, "last_connected_at"),
-                                  getattr(r, "last_reading_at")) if t is not None]
+        def seen(r: DeviceRecord) -> dt.datetime | None:
+            stamps = [t for t in (r.last_seen_at, r.last_connected_at,
+                                  r.last_reading_at) if t is not None]
             return max(stamps) if stamps else None
 
         recent = [r for r in records if (t := seen(r)) is not None and now - t < day]
@@ -429,9 +430,9 @@ def find_mount(mountinfo: Path, path: Path) -> Mount | None:
     best = None
     for m in mounts:  # later lines shadow earlier ones on the same mount point
         mp = m.mount_point.rstrip("/") or "/"
-        if target == mp or target.startswith(mp.rstrip("/") + "/") or mp == "/":
-            if best is None or len(mp) >= len(best.mount_point.rstrip("/") or "/"):
-                best = m
+        covers = target == mp or target.startswith(mp.rstrip("/") + "/") or mp == "/"
+        if covers and (best is None or len(mp) >= len(best.mount_point.rstrip("/") or "/")):
+            best = m
     return best
 
 

@@ -101,8 +101,8 @@ class PatientDataFilter(logging.Filter):
             record.args = tuple(_patient_arg(a, self) for a in args) if isinstance(args, tuple) else args
         try:
             message = record.getMessage()
-        except Exception:
-            return True  # let the handler report the broken format call
+        except Exception:  # noqa: BLE001 — let the handler report the broken format call
+            return True
         record.msg = self.mask(message)
         record.args = None
         if record.exc_info and not record.exc_text:
@@ -146,7 +146,7 @@ def stdout_is_journal(stream: object = None) -> bool:
         return False
     try:
         dev, ino = (int(x) for x in value.split(":"))
-        st = os.fstat((stream or sys.stdout).fileno())
+        st = os.fstat((stream or sys.stdout).fileno())  # type: ignore[union-attr]
     except (ValueError, OSError, AttributeError):
         return False
     return st.st_dev == dev and st.st_ino == ino

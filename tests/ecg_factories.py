@@ -14,7 +14,7 @@ T0 = dt.datetime(2026, 11, 2, 9, 30, tzinfo=dt.timezone.utc)
 
 def make_recording(seed: int = 0, *, seconds: float = 2.0, rate: float = 500.0,
                    leads: tuple[str, ...] = STANDARD_12_LEADS, stat: bool = False,
-                   patient: Patient | None | str = "auto") -> EcgRecording:
+                   patient: Patient | str | None = "auto") -> EcgRecording:
     rng = np.random.default_rng(seed)
     n = int(seconds * rate)
     t = np.arange(n) / rate

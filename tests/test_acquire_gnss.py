@@ -6,8 +6,8 @@ from __future__ import annotations
 import threading
 import time
 
-from lastmile.services.acquire import gnss_part
 from lastmile.config import Config
+from lastmile.services.acquire import gnss_part
 from lastmile.visits.book import VisitBook, VisitPolicy
 from tests.conftest import shared_file
 from tests.serial_pty import PtyDevice

@@ -8,8 +8,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from devices.ascii_report import (ProfileError, ReportParsed, ReportParser, ReportRejected, load_profile,
-                                  profile_from_dict)
+from devices.ascii_report import (
+    ProfileError,
+    ReportParsed,
+    ReportParser,
+    ReportRejected,
+    load_profile,
+    profile_from_dict,
+)
 from devices.identity import DeviceIdentity, TimeSource
 from firmware_bridge.profiles import profile_files
 

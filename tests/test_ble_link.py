@@ -25,17 +25,24 @@ if importlib.util.find_spec("bumble") is None:
         raise ImportError("bumble (the test/emulation extra) is required under CI")
     pytest.skip("bumble (the emulation extra) is not installed", allow_module_level=True)
 
-from bleak.exc import BleakDBusError  # noqa: E402
+from bleak.exc import BleakDBusError
 
-from devices.identity import TimeSource  # noqa: E402
-from firmware_bridge.ble.emulated_peripherals import (BloodPressureCuff, BpRecord, GlucoseMeter,  # noqa: E402
-                                                      GlucoseRecord, PulseOximeter, TemperatureRecord, Thermometer)
-from firmware_bridge.ble.emulation import EmulatedBleakClient, EmulatedRadio  # noqa: E402
-from firmware_bridge.ble.link import BleDeviceManager, LinkSettings, scan_health_devices  # noqa: E402
-from lastmile.services.ble_devices import ClinicBlePort  # noqa: E402
-from lastmile.clinic.devices import DeviceRegistry  # noqa: E402
-from lastmile.clinic.observations import OBSERVATION_KIND, ObservationStore  # noqa: E402
-from uploader.outbox import Outbox  # noqa: E402
+from devices.identity import TimeSource
+from firmware_bridge.ble.emulated_peripherals import (
+    BloodPressureCuff,
+    BpRecord,
+    GlucoseMeter,
+    GlucoseRecord,
+    PulseOximeter,
+    TemperatureRecord,
+    Thermometer,
+)
+from firmware_bridge.ble.emulation import EmulatedBleakClient, EmulatedRadio
+from firmware_bridge.ble.link import BleDeviceManager, LinkSettings, scan_health_devices
+from lastmile.clinic.devices import DeviceRegistry
+from lastmile.clinic.observations import OBSERVATION_KIND, ObservationStore
+from lastmile.services.ble_devices import ClinicBlePort
+from uploader.outbox import Outbox
 
 UTC = dt.timezone.utc
 CUFF, THERMO, OXI, GLUCO, STRANGER = ("C0:00:00:00:00:01", "C0:00:00:00:00:02", "C0:00:00:00:00:03",
@@ -108,7 +115,7 @@ class Gateway:
         return manager
 
 
-@pytest.fixture()
+@pytest.fixture
 def gw(tmp_path: Path):
     g = Gateway(tmp_path)
     yield g

@@ -11,8 +11,18 @@ from hypothesis import strategies as st
 from devices.ble.blood_pressure import decode_blood_pressure_measurement
 from devices.ble.clock import ClockCheck, measure_offset, resolve_time
 from devices.ble.measurement import record_key
-from devices.ble.racp import (FilterType, OpCode, Operator, RacpClient, RacpState, ResponseCode, decode_racp,
-                              encode_number_of_records, encode_request, encode_response_code)
+from devices.ble.racp import (
+    FilterType,
+    OpCode,
+    Operator,
+    RacpClient,
+    RacpState,
+    ResponseCode,
+    decode_racp,
+    encode_number_of_records,
+    encode_request,
+    encode_response_code,
+)
 from devices.errors import ProtocolError
 from devices.identity import TimeSource
 

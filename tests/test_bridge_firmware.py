@@ -179,7 +179,7 @@ def test_codec_and_core_give_the_same_bytes_under_micropython(tmp_path: Path) ->
     _sys.stdout = io.StringIO()
     try:
         _sys.modules.setdefault("bridge_core", bridge_core)
-        exec(SCENARIO, {})  # noqa: S102 - our own test scenario
+        exec(SCENARIO, {})
         cpython = dict(line.split(" ", 1) for line in _sys.stdout.getvalue().splitlines())
     finally:
         _sys.stdout = saved

@@ -23,7 +23,7 @@ GOOD_FILES = [("scp", "ecgtoolkit_Example.scp"), ("scp", "abtahi_ECG_20170504_16
 REFUSED_FILES = [(("scp", "healforce_62.SCP"), "non-conforming"), (("aecg", "fda_empty.xml"), "no rhythm ECG")]
 
 
-@pytest.fixture()
+@pytest.fixture
 def config(tmp_path: Path) -> Path:
     path = tmp_path / "lastmile.toml"
     path.write_text('[gateway]\nid = "clinic-test"\ninstitution = "Test Clinic"\n')

@@ -42,14 +42,14 @@ def _dataset(data: bytes) -> pydicom.Dataset:
         return pydicom.dcmread(io.BytesIO(data), force=True)
 
 
-@pytest.fixture()
+@pytest.fixture
 def outbox(tmp_path: Path):
     box = Outbox.open(tmp_path / "data", min_free_bytes=0)
     yield box
     box.close()
 
 
-@pytest.fixture()
+@pytest.fixture
 def receiver(outbox: Outbox):
     settings = ReceiverSettings(port=0, allowed_callers=(CART,), timeout_s=10)
     with DicomReceiver(settings, lan_object_store(outbox)) as r:
@@ -206,8 +206,8 @@ def test_other_current_patient_is_flagged_in_meta(outbox: Outbox) -> None:
 
 
 def test_receiver_from_configuration(outbox: Outbox) -> None:
-    from lastmile.ecg.intake import start_lan_receiver
     from lastmile.config import Config
+    from lastmile.ecg.intake import start_lan_receiver
     from tests.conftest import require_private_netns
     from tests.peers import free_port
 

@@ -17,8 +17,7 @@ import pytest
 from lastmile.cli import main
 from lastmile.config import Config, parse_config
 from lastmile.demo.loopback import free_port
-from lastmile.doctor import (Doctor, Finding, Level, exit_code, find_mount, parse_mountinfo,
-                             render_json, render_text)
+from lastmile.doctor import Doctor, Finding, Level, exit_code, find_mount, parse_mountinfo, render_json, render_text
 
 MOUNTINFO = """\
 22 1 179:2 / / ro,noatime shared:1 - ext4 /dev/mmcblk0p2 ro
@@ -167,7 +166,7 @@ def test_commitment_listener(tmp_path: Path) -> None:
 @contextlib.contextmanager
 def fhir_server(token: str) -> Iterator[str]:
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             if self.path != "/fhir/metadata":
                 self.send_response(404)
             elif self.headers.get("Authorization") != f"Bearer {token}":

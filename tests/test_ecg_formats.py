@@ -110,5 +110,5 @@ def test_derivation_from_ii_and_iii_and_nothing_from_one_lead() -> None:
     samples, names, derived = derive_limb_leads(np.concatenate([ii, iii]), ("II", "III"), rounding="contec")
     got = dict(zip(names, samples.tolist()))
     assert got["I"] == [7, -5] and got["aVR"] == [1 - 10, -1 + 7] and got["aVF"] == [6, -4]
-    one, names, derived = derive_limb_leads(ii, ("II",))
+    _one, names, derived = derive_limb_leads(ii, ("II",))
     assert names == ("II",) and derived == frozenset()

@@ -14,8 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from devices.ecg.aecg import read_aecg
-from devices.ecg.scp import (DEFAULT_TABLE, HuffmanCode, huffman_decode, parse_scp, read_scp,
-                             undo_differences)
+from devices.ecg.scp import DEFAULT_TABLE, HuffmanCode, huffman_decode, parse_scp, read_scp, undo_differences
 from devices.errors import ProtocolError, UnsupportedFeatureError
 from devices.identity import Patient, TimeSource
 from tests.conftest import shared_file

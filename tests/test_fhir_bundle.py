@@ -9,8 +9,7 @@ import pytest
 from tests.fhir_samples import NAMING, T0, all_kinds, blood_pressure, signature, visit
 from tests.fhir_server import FhirTestServer, validate_transaction
 from uploader.errors import InvalidObjectError
-from uploader.fhir_bundle import (
-    bundle_bytes, bundle_identifiers, merge_transactions, observation_bundle, visit_bundle)
+from uploader.fhir_bundle import bundle_bytes, bundle_identifiers, merge_transactions, observation_bundle, visit_bundle
 
 
 def _by_type(bundle: dict, kind: str) -> list[dict]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fhir_samples import NAMING, T0, all_kinds, blood_pressure, signature, visit
+from tests.fhir_samples import NAMING, T0, all_kinds, signature, visit
 from tests.fhir_server import FhirTestServer
 from uploader.errors import ConfigurationFault, PermanentError, TransientError
 from uploader.fhir_bundle import bundle_bytes, visit_bundle

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import datetime as dt
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from devices.errors import ProtocolError
-from devices.gps import BadSentence, ChecksumError, Fix, FixMode, NmeaError, NmeaStreamDecoder, decode_nmea, parse_sentence
+from devices.gps import (
+    BadSentence,
+    ChecksumError,
+    Fix,
+    FixMode,
+    NmeaError,
+    NmeaStreamDecoder,
+    decode_nmea,
+    parse_sentence,
+)
 from devices.gps.nmea import GGA, GSA, GST, GSV, RMC, UnknownSentence, checksum
 from devices.gps.stream import satellite_key
 from tests.conftest import shared_file

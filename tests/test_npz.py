@@ -164,7 +164,7 @@ def test_an_npy_header_claiming_more_data_than_present_is_refused() -> None:
 
 
 def test_non_npy_members_are_refused() -> None:
-    with pytest.raises(ProtocolError, match="not a .npy"):
+    with pytest.raises(ProtocolError, match=r"not a \.npy"):
         read_npz(zipped({"readme.txt": b"hello"}))
 
 

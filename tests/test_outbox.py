@@ -595,7 +595,7 @@ def test_real_enospc_on_a_tiny_tmpfs(tmp_path: Path) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c",
-           f'mount -t tmpfs -o size=2m tmpfs "$1" && shift && exec "$@"', "sh", str(mnt),
+           'mount -t tmpfs -o size=2m tmpfs "$1" && shift && exec "$@"', "sh", str(mnt),
            sys.executable, "-c", TMPFS_SCRIPT, str(mnt)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)})

@@ -11,8 +11,14 @@ import pytest
 from devices.identity import DeviceIdentity, TimeSource
 from devices.observation import Observation, Quantity
 from lastmile.clinic.devices import DeviceRegistry
-from lastmile.clinic.observations import (OBSERVATION_KIND, ObservationStore, UnknownObservationError,
-                                        observation_from_json, observation_to_json, summary)
+from lastmile.clinic.observations import (
+    OBSERVATION_KIND,
+    ObservationStore,
+    UnknownObservationError,
+    observation_from_json,
+    observation_to_json,
+    summary,
+)
 from lastmile.clinic.patients import PatientContext
 from uploader.outbox import Outbox
 
@@ -30,14 +36,14 @@ def bp(measured_at: dt.datetime, systolic: float = 120.0, key: str | None = None
                        record_key=key or f"test:{measured_at.isoformat()}:{systolic}")
 
 
-@pytest.fixture()
+@pytest.fixture
 def context(tmp_path: Path):
     ctx = PatientContext.open(tmp_path, idle_timeout_s=900)
     yield ctx
     ctx.close()
 
 
-@pytest.fixture()
+@pytest.fixture
 def store(tmp_path: Path):
     outbox = Outbox.open(tmp_path, min_free_bytes=0)
     s = ObservationStore.open(tmp_path, outbox=outbox, idle_timeout_s=900)

@@ -6,8 +6,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from devices.scanner import (MAX_CODE_LENGTH, CodeUnrecognised, DoctorScanned, PatientScanned, ScannerDecoder,
-                             ScanRuleError, ScanRules)
+from devices.scanner import (
+    MAX_CODE_LENGTH,
+    CodeUnrecognised,
+    DoctorScanned,
+    PatientScanned,
+    ScannerDecoder,
+    ScanRuleError,
+    ScanRules,
+)
 
 # What a 2D scanner in USB-CDC mode sends: the code, then CR LF (some models: CR only).
 PATIENT_CARD_SCAN = b"80276001234567890123\r\n"  # an EHIC-style card number (20 digits)

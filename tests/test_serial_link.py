@@ -126,7 +126,7 @@ def test_unplug_mid_message_keeps_complete_ones_and_replug_reconnects(tmp_path: 
 
 def test_hot_plug_noticed_within_two_seconds_by_rescan(tmp_path: Path) -> None:
     link = tmp_path / "usb-late"
-    made, factory = _handlers()
+    _made, factory = _handlers()
     with ManagerThread([_spec(link)], factory, watch_dirs=None) as manager:  # default rescan: 1 s
         time.sleep(0.3)
         assert not manager.statuses()[0].present
@@ -142,7 +142,7 @@ def test_inotify_wakes_the_manager_at_once(tmp_path: Path) -> None:
         pytest.skip("inotify not available in this kernel")
     watcher.close()
     link = tmp_path / "usb-hotplug"
-    made, factory = _handlers()
+    _made, factory = _handlers()
     # A 60 s rescan: only the inotify event can explain a quick connect.
     with ManagerThread([_spec(link)], factory, watch_dirs=[tmp_path], rescan_s=60.0) as manager:
         time.sleep(0.3)
@@ -154,7 +154,7 @@ def test_inotify_wakes_the_manager_at_once(tmp_path: Path) -> None:
 
 def test_open_is_exclusive(tmp_path: Path) -> None:
     dev = PtyDevice(tmp_path / "usb-bridge")
-    made, factory = _handlers()
+    _made, factory = _handlers()
     with ManagerThread([_spec(dev.link_path)], factory, watch_dirs=None, rescan_s=0.1) as manager:
         wait_for(lambda: manager.statuses()[0].connected)
         with pytest.raises(serial.SerialException):
@@ -165,7 +165,7 @@ def test_open_is_exclusive(tmp_path: Path) -> None:
 def test_found_by_vid_pid_serial_through_the_listing(tmp_path: Path) -> None:
     dev = PtyDevice(tmp_path / "usb-bridge")
     listing = [PortInfo(dev.slave_path, 0x2E8A, 0x000A, "E6614104", by_id=str(dev.link_path))]
-    made, factory = _handlers()
+    _made, factory = _handlers()
     spec = LinkSpec("bridge", PortMatch.parse("2e8a:000a:E6614104"), "bridge")
     with ManagerThread([spec], factory, lister=lambda: listing, watch_dirs=None, rescan_s=0.1) as manager:
         wait_for(lambda: manager.statuses()[0].connected)
@@ -177,7 +177,7 @@ def test_open_failure_backs_off_and_reports(tmp_path: Path) -> None:
     not_a_tty = tmp_path / "not-a-tty"
     not_a_tty.write_bytes(b"")
     clock = [100.0]
-    made, factory = _handlers()
+    _made, factory = _handlers()
     from firmware_bridge.serial_link import SerialLinkManager
 
     manager = SerialLinkManager([_spec(not_a_tty)], factory, watch_dirs=None, rescan_s=1.0,

@@ -13,9 +13,9 @@ import pytest
 from devices.bridge import codec
 from firmware_bridge.bridge_simulator import EcgStreamSimulator
 from firmware_bridge.firmware.bridge_core import BridgeCore
-from lastmile.config import Config, ConfigError
 from lastmile.clinic.devices import DeviceRegistry
 from lastmile.clinic.patients import PatientContext
+from lastmile.config import Config, ConfigError
 from lastmile.services.serial_devices import SerialService, link_specs, load_profiles
 from tests.serial_pty import PtyDevice, wait_for
 from tests.test_ascii_report import VITALS_REPORT
@@ -67,7 +67,7 @@ def running(tmp_path: Path) -> Iterator[callable]:
         r.close()
 
 
-def _talk(dev: PtyDevice, core: BridgeCore, clock: list[int], until) -> None:  # noqa: ANN001
+def _talk(dev: PtyDevice, core: BridgeCore, clock: list[int], until) -> None:
     """Be the bridge: answer the gateway, resend on timeouts, until `until()` holds."""
     def step() -> bool:
         data = dev.read_available(0.05)

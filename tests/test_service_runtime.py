@@ -23,10 +23,9 @@ import pytest
 
 from devices.identity import Patient
 from lastmile.config import Config, ConfigError, parse_config
-from lastmile.services.sdnotify import SystemdNotifier
 from lastmile.logs import JournalFormatter, PatientDataFilter, configure_logging
-from lastmile.services.runtime import (EXIT_CONFIG, EXIT_FAILURE, EXIT_OK,
-                                      ServiceRuntime)
+from lastmile.services.runtime import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ServiceRuntime
+from lastmile.services.sdnotify import SystemdNotifier
 
 REPO = Path(__file__).resolve().parents[1]
 

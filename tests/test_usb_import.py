@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from firmware_bridge.usb_import import (IMPORTED, KNOWN, REFUSED, FileRefused, content_key, find_ecg_files,
-                                        import_paths)
+from firmware_bridge.usb_import import IMPORTED, KNOWN, REFUSED, FileRefused, content_key, find_ecg_files, import_paths
 from lastmile.cli import main
-from lastmile.ecg.intake import file_enqueuer
 from lastmile.config import parse_config
+from lastmile.ecg.intake import file_enqueuer
 from tests.conftest import shared_file
 from uploader.outbox import Outbox
 
@@ -39,7 +38,7 @@ def _snapshot(root: Path) -> dict[str, tuple]:
     return out
 
 
-@pytest.fixture()
+@pytest.fixture
 def stick(tmp_path: Path) -> Path:
     root = tmp_path / "stick"
     (root / "ECG" / "2026").mkdir(parents=True)
@@ -52,13 +51,13 @@ def stick(tmp_path: Path) -> Path:
     shutil.copyfile(shared_file("ecg", "scp", "ecgtoolkit_Example.scp"), root / "System Volume Information" / "x.scp")
     (root / ".hidden").mkdir()
     (root / "ECG" / "link.scp").symlink_to(root / "ECG" / "2026" / "ecgtoolkit_Example.scp")
-    for folder, dirs, files in os.walk(root):
+    for folder, _dirs, files in os.walk(root):
         for name in files:
             os.chmod(Path(folder) / name, 0o444)
     return root
 
 
-@pytest.fixture()
+@pytest.fixture
 def outbox(tmp_path: Path):
     box = Outbox.open(tmp_path / "data", min_free_bytes=0)
     yield box

@@ -13,9 +13,9 @@ import pytest
 from devices.gps import Fix, FixMode
 from devices.identity import EARLIEST_PLAUSIBLE, TimeSource
 from lastmile.clock import GatewayClock, Stamp
-from lastmile.visits.households import RegisterError, distance_m, parse_register
-from lastmile.visits.chain import KEY_FILE, verify_export
 from lastmile.visits.book import FixRecord, VisitBook, VisitError, VisitPolicy
+from lastmile.visits.chain import KEY_FILE, verify_export
+from lastmile.visits.households import RegisterError, distance_m, parse_register
 from tests.fhir_samples import blood_pressure
 
 GPS_T = dt.datetime(2026, 3, 2, 8, 0, tzinfo=dt.timezone.utc)
@@ -51,7 +51,7 @@ def offset(lat: float, lon: float, north_m: float) -> tuple[float, float]:
     return lat + north_m / 111_195.0, lon
 
 
-@pytest.fixture()
+@pytest.fixture
 def book_factory(tmp_path: Path):
     books = []
 
@@ -232,7 +232,7 @@ def test_follow_receiver_tracks_the_open_visit(book_factory) -> None:
         def __init__(self) -> None:
             self.left = [fix_at(*HOUSE, GPS_T + dt.timedelta(seconds=i)) for i in range(5)]
 
-        def fixes(self, deadline: float):  # noqa: ANN201
+        def fixes(self, deadline: float):
             while self.left:
                 clocks.advance(1)
                 yield self.left.pop(0)

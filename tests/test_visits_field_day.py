@@ -8,8 +8,8 @@ from pathlib import Path
 
 from devices.identity import EARLIEST_PLAUSIBLE, TimeSource
 from lastmile.demo.field_day import run_field_day
-from lastmile.visits.chain import verify_export
 from lastmile.visits.book import VisitBook
+from lastmile.visits.chain import verify_export
 from tests.fhir_server import FhirTestServer
 
 

@@ -15,24 +15,26 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, build_context, evt
-from pynetdicom.association import Association
-from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import (
+from pydicom.uid import (
+    UID,
     AmbulatoryECGWaveformStorage,
     CardiacElectrophysiologyWaveformStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
     General32bitECGWaveformStorage,
     GeneralECGWaveformStorage,
     HemodynamicWaveformStorage,
-    StorageCommitmentPushModel,
+    ImplicitVRLittleEndian,
     TwelveLeadECGWaveformStorage,
-    Verification,
 )
+from pynetdicom import AE, build_context, evt
+from pynetdicom.association import Association
+from pynetdicom.events import EventHandlerType
+from pynetdicom.presentation import PresentationContext
 
 from uploader.dicom_status import is_refusal_of_us, status_meaning
 from uploader.dicom_tls import TlsFiles, client_tls_context, describe_tls, is_trust_failure
@@ -48,12 +50,13 @@ ECG_STORAGE_CLASSES: tuple[str, ...] = (
     HemodynamicWaveformStorage,
     CardiacElectrophysiologyWaveformStorage,
 )
-STORAGE_COMMITMENT_PUSH: str = StorageCommitmentPushModel
+VERIFICATION = UID("1.2.840.10008.1.1")
+STORAGE_COMMITMENT_PUSH = UID("1.2.840.10008.1.20.1")  # Storage Commitment Push Model SOP Class
 STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"  # the well-known SOP instance (PS3.4 J.3.5)
 
 STORE_SYNTAXES_DEFLATE = (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 STORE_SYNTAXES_PLAIN = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-COMMITMENT_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+COMMITMENT_SYNTAXES: list[str | UID] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ def new_ae(peer: PeerSettings) -> AE:
 
 
 def associate(peer: PeerSettings, contexts: list[PresentationContext],
-               handlers: list[tuple[evt.EventType, Callable]]) -> Association:
+              handlers: list[EventHandlerType]) -> Association:
     """Open an association or raise the typed reason it could not be opened."""
     ae = new_ae(peer)
     tls_args = None
@@ -137,7 +140,7 @@ def raise_not_established(peer: PeerSettings, assoc: Association, tls_failures: 
     if trust:
         raise ConfigurationFault(f"TLS with {where} failed: {describe_tls(trust[0])}")
     if answer is not None and answer.result == 0x00 and not assoc.accepted_contexts:
-        rejected = sorted({UID(cx.abstract_syntax).name for cx in assoc.rejected_contexts})
+        rejected = sorted({UID(cx.abstract_syntax or '').name for cx in assoc.rejected_contexts})
         raise ConfigurationFault(f"{where} accepted none of the presentation contexts {us} "
                                  f"proposed ({', '.join(rejected)})")
     if tls_failures:
@@ -157,7 +160,7 @@ def release(assoc: Association) -> None:
             assoc.release()
         elif not (assoc.is_aborted or assoc.is_released or assoc.is_rejected):
             assoc.abort()
-    except Exception:  # noqa: BLE001 — tearing down a dead link must not mask the real error
+    except Exception:
         log.debug("error while closing the association", exc_info=True)
 
 
@@ -168,7 +171,7 @@ def echo(peer: PeerSettings) -> float:
 
     Raises TransientError (unreachable, aborted, no answer) or ConfigurationFault (refused).
     """
-    assoc = associate(peer, [build_context(Verification)], [])
+    assoc = associate(peer, [build_context(VERIFICATION)], [])
     try:
         started = time.perf_counter()
         status = assoc.send_c_echo()

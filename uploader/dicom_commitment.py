@@ -12,9 +12,15 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.events import EventHandlerType
 
-from uploader.dicom_association import COMMITMENT_SYNTAXES, STORAGE_COMMITMENT_PUSH, set_nodelay, stop_server
+from uploader.dicom_association import (
+    COMMITMENT_SYNTAXES,
+    STORAGE_COMMITMENT_PUSH,
+    VERIFICATION,
+    set_nodelay,
+    stop_server,
+)
 from uploader.dicom_tls import TlsFiles, server_tls_context
 from uploader.errors import ConfigurationFault
 
@@ -36,18 +42,16 @@ class MalformedReport(ValueError):
     """An N-EVENT-REPORT we cannot read as a storage commitment result."""
 
 
-def _refs(seq: object, *, with_reason: bool) -> list:
+def _refs(seq: Sequence[Dataset] | None) -> list[tuple[str, str, int]]:
+    """(SOP class, SOP instance, FailureReason or 0x0110 when none is given) of each item."""
     out = []
-    for item in seq or []:  # type: ignore[attr-defined]
+    for item in seq or []:
         sop_class = str(item.get("ReferencedSOPClassUID", "") or "")
         sop_instance = str(item.get("ReferencedSOPInstanceUID", "") or "")
         if not sop_instance:
             raise MalformedReport("a referenced SOP item has no ReferencedSOPInstanceUID")
-        if with_reason:
-            reason = item.get("FailureReason")
-            out.append((sop_class, sop_instance, int(reason) if reason is not None else 0x0110))
-        else:
-            out.append((sop_class, sop_instance))
+        reason = item.get("FailureReason")
+        out.append((sop_class, sop_instance, int(reason) if reason is not None else 0x0110))
     return out
 
 
@@ -57,8 +61,8 @@ def parse_commitment_report(event_type: int | None, info: Dataset, calling_ae: s
         raise MalformedReport(f"unknown storage commitment event type {event_type!r}")
     try:
         txn = str(info.get("TransactionUID", "") or "")
-        committed = _refs(info.get("ReferencedSOPSequence"), with_reason=False)
-        failed = _refs(info.get("FailedSOPSequence"), with_reason=True)
+        committed = [(c, i) for c, i, _ in _refs(info.get("ReferencedSOPSequence"))]
+        failed = _refs(info.get("FailedSOPSequence"))
     except (AttributeError, TypeError, ValueError, KeyError) as exc:
         raise MalformedReport(f"unreadable event information: {exc}") from None
     if not txn:
@@ -68,7 +72,7 @@ def parse_commitment_report(event_type: int | None, info: Dataset, calling_ae: s
     return CommitmentReport(txn, committed, failed, calling_ae.strip())
 
 
-def report_handler(on_report: Callable[[CommitmentReport], None]) -> Callable:
+def report_handler(on_report: Callable[[CommitmentReport], None]) -> Callable[[evt.Event], tuple[int, Dataset | None]]:
     def handle(event: evt.Event) -> tuple[int, Dataset | None]:
         if event.request.AffectedSOPClassUID != STORAGE_COMMITMENT_PUSH:
             return 0x0118, None  # no such SOP class
@@ -82,7 +86,7 @@ def report_handler(on_report: Callable[[CommitmentReport], None]) -> Callable:
                  report.transaction_uid, calling, len(report.committed), len(report.failed))
         try:
             on_report(report)
-        except Exception:  # noqa: BLE001 — tell the peer we could not process it, keep serving
+        except Exception:
             log.exception("storage commitment report %s could not be processed", report.transaction_uid)
             return 0x0110, None
         return 0x0000, None
@@ -110,7 +114,8 @@ class CommitmentListener:
     def address(self) -> tuple[str, int]:
         server = self._server
         if server is not None:
-            return server.server_address[:2]  # type: ignore[attr-defined]
+            host, port = server.server_address[:2]  # type: ignore[attr-defined]
+            return str(host), int(port)
         return self.host, self.port
 
     @property
@@ -132,9 +137,9 @@ class CommitmentListener:
             # the reporting PACS is the Storage Commitment SCP: accept it in that role
             ae.add_supported_context(STORAGE_COMMITMENT_PUSH, COMMITMENT_SYNTAXES,
                                      scu_role=False, scp_role=True)
-            ae.add_supported_context(Verification)
+            ae.add_supported_context(VERIFICATION)
             ssl_context = server_tls_context(self.tls) if self.tls is not None else None
-            handlers = [(evt.EVT_CONN_OPEN, set_nodelay),
+            handlers: list[EventHandlerType] = [(evt.EVT_CONN_OPEN, set_nodelay),
                         (evt.EVT_N_EVENT_REPORT, report_handler(self.on_report))]
             try:
                 self._server = ae.start_server((self.host, self.port), block=False,

@@ -61,7 +61,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import dcmwrite
 from pydicom.sequence import Sequence
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
 from devices.ecg.recording import STANDARD_12_LEADS, EcgRecording, SampleGap
@@ -215,8 +215,10 @@ def choose_sop_class(recording: EcgRecording) -> str:
         raise InvalidObjectError(
             f"{recording.n_leads} leads x {samples} samples (with gaps padded) exceed "
             f"{MAX_WAVEFORM_BYTES // 2**20} MiB of waveform data")
-    if (_is_twelve_lead_set(recording) and recording.n_leads <= TWELVE_LEAD_LIMITS.max_total_channels
-            and samples <= (TWELVE_LEAD_LIMITS.max_samples or samples)):
+    twelve = TWELVE_LEAD_LIMITS
+    if (_is_twelve_lead_set(recording)
+            and (twelve.max_total_channels is None or recording.n_leads <= twelve.max_total_channels)
+            and (twelve.max_samples is None or samples <= twelve.max_samples)):
         return TWELVE_LEAD_ECG
     return GENERAL_ECG
 
@@ -592,8 +594,8 @@ def _annotations(ctx: _Context, patient_id: str, quantised: _Quantised,
 
 def _file_meta(ctx: _Context) -> FileMetaDataset:
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ctx.sop_class
-    meta.MediaStorageSOPInstanceUID = ctx.uids.sop_instance_uid
+    meta.MediaStorageSOPClassUID = UID(ctx.sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(ctx.uids.sop_instance_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = f"PYDICOM {pydicom.__version__}"[:16]

@@ -78,6 +78,7 @@ def parse_part10(data: bytes) -> Part10:
         meta = read_dataset(fp, False, True, stop_when=_outside_group_2)
         offset = fp.tell()
         ts = _uid_of(meta, 0x00020010, "Transfer Syntax UID")
+        head: Dataset
         if ts.is_deflated:  # rare for a stored payload: inflate and look at the result
             head = dcmread(BytesIO(data))
         else:

@@ -26,6 +26,7 @@ from pydicom.uid import UID, ImplicitVRLittleEndian
 from pynetdicom import build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import EventHandlerType
 from pynetdicom.presentation import PresentationContext
 
 from uploader.dicom_association import (
@@ -131,7 +132,7 @@ class StoreAssociation:
         self._contexts_by_class = {}
         contexts = store_contexts(self.sop_class_uids, deflate=self.peer.deflate,
                                   commitment=self.commitment)
-        handlers: list[tuple[evt.EventType, Callable]] = []
+        handlers: list[EventHandlerType] = []
         if self._on_report is not None:
             handlers.append((evt.EVT_N_EVENT_REPORT, report_handler(self._on_report)))
         self._assoc = associate(self.peer, contexts, handlers)
@@ -211,10 +212,12 @@ class StoreAssociation:
         assoc = self._require_alive()
         if isinstance(payload, Path):
             try:
-                payload = payload.read_bytes()
+                data = payload.read_bytes()
             except OSError as exc:
                 raise UnsendablePayload(f"cannot read payload {payload}: {exc}") from None
-        obj = parse_part10(payload)
+        else:
+            data = payload
+        obj = parse_part10(data)
         candidates = self._contexts_by_class.get(str(obj.sop_class_uid), [])
         if not candidates:
             why = ("the peer accepted no presentation context for it"

@@ -26,7 +26,7 @@ class TracingSSLSocket(ssl.SSLSocket):
         if failures is not None:
             failures.append(exc)
 
-    def connect(self, addr: object) -> None:  # type: ignore[override]
+    def connect(self, addr: object) -> None:
         try:
             super().connect(addr)  # type: ignore[arg-type]
         except OSError as exc:

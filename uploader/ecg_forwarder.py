@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydicom.uid import generate_uid
 
@@ -68,7 +69,7 @@ class RoundResult:
                     or self.requeued or self.purged)
 
 
-EventCallback = Callable[[str, dict], None]
+EventCallback = Callable[[str, dict[str, Any]], None]
 
 
 class EcgForwarder:
@@ -98,7 +99,7 @@ class EcgForwarder:
             self._listener.stop()
             self._listener = None
 
-    def __enter__(self) -> "EcgForwarder":
+    def __enter__(self) -> EcgForwarder:
         self.start()
         return self
 

@@ -23,6 +23,7 @@ import json
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlencode
 
 from devices.identity import DeviceIdentity, TimeSource
@@ -111,16 +112,16 @@ _SPECIAL = {"nan": "not-a-number", "nres": "error", "+inf": "positive-infinity",
             "-inf": "negative-infinity", "reserved": "unknown"}
 
 
-def _coding(system: str, code: str, display: str) -> dict:
+def _coding(system: str, code: str, display: str) -> dict[str, Any]:
     return {"system": system, "code": code, "display": display}
 
 
-def _loinc(code: str, display: str, *more: tuple[str, str]) -> dict:
+def _loinc(code: str, display: str, *more: tuple[str, str]) -> dict[str, Any]:
     return {"coding": [_coding(LOINC, code, display)] + [_coding(LOINC, c, d) for c, d in more],
             "text": display}
 
 
-def _quantity_code(q: Quantity) -> dict:
+def _quantity_code(q: Quantity) -> dict[str, Any]:
     if q.code == "spo2":
         return _loinc("59408-5", "Oxygen saturation in Arterial blood by Pulse oximetry",
                       ("2708-6", "Oxygen saturation in Arterial blood"))
@@ -134,7 +135,7 @@ def _quantity_code(q: Quantity) -> dict:
     return {"text": q.code}  # no LOINC mapping we trust: keep our name rather than guess
 
 
-def _value(q: Quantity) -> dict:
+def _value(q: Quantity) -> dict[str, Any]:
     if q.value is None:
         reason = _SPECIAL.get(q.special or "", "unknown")
         return {"dataAbsentReason": {"coding": [_coding(DATA_ABSENT, reason, reason)]}}
@@ -148,7 +149,7 @@ def _instant(value: dt.datetime) -> str:
     return value.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _ref_id(system: str, value: str) -> dict:
+def _ref_id(system: str, value: str) -> dict[str, Any]:
     return {"identifier": {"system": system, "value": value}}
 
 
@@ -156,13 +157,13 @@ def _full_url(system: str, value: str) -> str:
     return f"urn:uuid:{uuid.uuid5(_NAMESPACE, f'{system}|{value}')}"
 
 
-def _entry(resource: dict, system: str, value: str, *, search: str | None = None) -> dict:
+def _entry(resource: dict[str, Any], system: str, value: str, *, search: str | None = None) -> dict[str, Any]:
     condition = search or urlencode({"identifier": f"{system}|{value}"})
     return {"fullUrl": _full_url(system, value), "resource": resource,
             "request": {"method": "POST", "url": resource["resourceType"], "ifNoneExist": condition}}
 
 
-def _tag(naming: FhirNaming, kind: str, code: str) -> dict:
+def _tag(naming: FhirNaming, kind: str, code: str) -> dict[str, Any]:
     return {"system": naming.system(kind), "code": code}
 
 
@@ -172,12 +173,12 @@ def device_key(device: DeviceIdentity) -> str | None:
     return "/".join(parts) if (device.serial or device.address) else None
 
 
-def _device_entry(device: DeviceIdentity, naming: FhirNaming) -> dict | None:
+def _device_entry(device: DeviceIdentity, naming: FhirNaming) -> dict[str, Any] | None:
     key = device_key(device)
     if key is None:
         return None
     system = naming.system("device")
-    resource: dict = {"resourceType": "Device", "identifier": [{"system": system, "value": key}],
+    resource: dict[str, Any] = {"resourceType": "Device", "identifier": [{"system": system, "value": key}],
                       "deviceName": [{"name": device.label(), "type": "user-friendly-name"}]}
     if device.manufacturer:
         resource["manufacturer"] = device.manufacturer
@@ -190,7 +191,7 @@ def _device_entry(device: DeviceIdentity, naming: FhirNaming) -> dict | None:
     return _entry(resource, system, key)
 
 
-def _gateway_entry(naming: FhirNaming) -> dict:
+def _gateway_entry(naming: FhirNaming) -> dict[str, Any]:
     system = naming.system("gateway")
     resource = {"resourceType": "Device", "identifier": [{"system": system, "value": naming.gateway_id}],
                 "deviceName": [{"name": f"Lastmile gateway {naming.gateway_id}", "type": "user-friendly-name"}]}
@@ -204,17 +205,17 @@ def observation_identifier(obs: Observation, naming: FhirNaming, suffix: str = "
 
 
 def observation_entries(obs: Observation, naming: FhirNaming, *, encounter_url: str | None = None,
-                        patient_id: str | None = None) -> list[dict]:
+                        patient_id: str | None = None) -> list[dict[str, Any]]:
     """Device + Observation(s) for one reading. A BP or SpO2 reading's pulse becomes its own
     heart-rate Observation (that is where the vital-signs profile wants it)."""
     subject = patient_id if patient_id is not None else obs.patient_id
     if subject is None:
         raise InvalidObjectError("an unassigned observation is held for the doctor, not sent")
-    entries: list[dict] = []
+    entries: list[dict[str, Any]] = []
     device = _device_entry(obs.device, naming)
     if device is not None:
         entries.append(device)
-    groups: list[tuple[str, dict, list[Quantity], str]] = []  # (suffix, code, quantities, category)
+    groups: list[tuple[str, dict[str, Any], list[Quantity], str]] = []  # (suffix, code, quantities, category)
     pulse = obs.quantity("pulse-rate") or obs.quantity("heart-rate")
     if obs.kind == "blood-pressure":
         rest = [q for q in obs.quantities if q is not pulse]
@@ -230,7 +231,7 @@ def observation_entries(obs: Observation, naming: FhirNaming, *, encounter_url: 
     system = naming.system("observation")
     for suffix, code, quantities, category in groups:
         ident = observation_identifier(obs, naming, suffix)
-        resource: dict = {
+        resource: dict[str, Any] = {
             "resourceType": "Observation",
             "meta": {"tag": [_tag(naming, "time-source", obs.time_source.value)]},
             "identifier": [{"system": system, "value": ident}],
@@ -257,11 +258,11 @@ def observation_entries(obs: Observation, naming: FhirNaming, *, encounter_url: 
 
 # --- visits ---------------------------------------------------------------------------------------
 
-def _location_entry(visit: VisitSummary, naming: FhirNaming) -> dict | None:
+def _location_entry(visit: VisitSummary, naming: FhirNaming) -> dict[str, Any] | None:
     p = visit.position
     if p is None:
         return None
-    position: dict = {"longitude": round(p.longitude, 7), "latitude": round(p.latitude, 7)}
+    position: dict[str, Any] = {"longitude": round(p.longitude, 7), "latitude": round(p.latitude, 7)}
     if p.altitude_m is not None:
         position["altitude"] = round(p.altitude_m, 1)
     accuracy = f"±{p.eph_m:.0f} m (95 %)" if p.eph_m is not None else "accuracy unknown"
@@ -281,7 +282,7 @@ def _location_entry(visit: VisitSummary, naming: FhirNaming) -> dict | None:
     return _entry(resource, system, visit.visit_id)
 
 
-def _encounter_entry(visit: VisitSummary, naming: FhirNaming, location_url: str | None) -> dict:
+def _encounter_entry(visit: VisitSummary, naming: FhirNaming, location_url: str | None) -> dict[str, Any]:
     system = naming.system("visit")
     klass = _coding(ACT_CODE, "HH", "home health") if visit.setting == "home" \
         else _coding(ACT_CODE, "AMB", "ambulatory")
@@ -290,7 +291,7 @@ def _encounter_entry(visit: VisitSummary, naming: FhirNaming, location_url: str 
         period["end"] = _instant(visit.ended_at)
     tags = [_tag(naming, "time-source", visit.time_source.value)]
     tags += [_tag(naming, "visit-check", flag) for flag in visit.flags]
-    resource: dict = {
+    resource: dict[str, Any] = {
         "resourceType": "Encounter",
         "meta": {"tag": tags},
         "identifier": [{"system": system, "value": visit.visit_id}],
@@ -311,7 +312,7 @@ def _encounter_entry(visit: VisitSummary, naming: FhirNaming, location_url: str 
 
 
 def _provenance_entry(visit: VisitSummary, naming: FhirNaming, signature: VisitSignature,
-                      targets: Sequence[str], gateway_url: str) -> dict:
+                      targets: Sequence[str], gateway_url: str) -> dict[str, Any]:
     payload = {"alg": "Ed25519", "seq": signature.chain_seq, "hash": signature.record_hash,
                "prev": signature.prev_hash, "sig": signature.signature, "key": signature.public_key,
                "gateway": naming.gateway_id}
@@ -340,8 +341,8 @@ def _provenance_entry(visit: VisitSummary, naming: FhirNaming, signature: VisitS
                   search=urlencode({"_tag": f"{tag_system}|{visit.visit_id}"}))
 
 
-def _transaction(entries: Iterable[dict], bundle_id: str, naming: FhirNaming) -> dict:
-    unique: dict[str, dict] = {}
+def _transaction(entries: Iterable[dict[str, Any]], bundle_id: str, naming: FhirNaming) -> dict[str, Any]:
+    unique: dict[str, dict[str, Any]] = {}
     for e in entries:
         unique.setdefault(e["fullUrl"], e)  # the same device twice is one entry
     return {"resourceType": "Bundle", "type": "transaction",
@@ -350,14 +351,14 @@ def _transaction(entries: Iterable[dict], bundle_id: str, naming: FhirNaming) ->
 
 
 def visit_bundle(visit: VisitSummary, observations: Sequence[Observation], naming: FhirNaming,
-                 signature: VisitSignature | None = None) -> dict:
+                 signature: VisitSignature | None = None) -> dict[str, Any]:
     """Encounter + Location + Devices + Observations (+ Provenance with the chain signature)."""
     if not visit.patient_id or not visit.doctor_id:
         raise InvalidObjectError("a visit needs a patient and a doctor")
     gateway = _gateway_entry(naming)
     location = _location_entry(visit, naming)
     encounter = _encounter_entry(visit, naming, location["fullUrl"] if location else None)
-    obs_entries: list[dict] = []
+    obs_entries: list[dict[str, Any]] = []
     for obs in observations:
         obs_entries += observation_entries(obs, naming, encounter_url=encounter["fullUrl"],
                                            patient_id=visit.patient_id)
@@ -369,29 +370,29 @@ def visit_bundle(visit: VisitSummary, observations: Sequence[Observation], namin
     return _transaction(entries, f"visit/{visit.visit_id}", naming)
 
 
-def observation_bundle(obs: Observation, naming: FhirNaming) -> dict:
+def observation_bundle(obs: Observation, naming: FhirNaming) -> dict[str, Any]:
     """A reading taken outside any visit (patient known): Device + Observation(s)."""
     entries = observation_entries(obs, naming)
     return _transaction(entries, f"observation/{observation_identifier(obs, naming)}", naming)
 
 
-def merge_transactions(bundles: Sequence[dict]) -> dict:
+def merge_transactions(bundles: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Several transactions as one (fewer round trips); shared Devices appear once."""
     if not bundles:
         raise InvalidObjectError("nothing to merge")
     entries = [e for b in bundles for e in b.get("entry", [])]
-    unique: dict[str, dict] = {}
+    unique: dict[str, dict[str, Any]] = {}
     for e in entries:
         unique.setdefault(e["fullUrl"], e)
     return {"resourceType": "Bundle", "type": "transaction", "entry": list(unique.values())}
 
 
-def bundle_bytes(bundle: dict) -> bytes:
+def bundle_bytes(bundle: dict[str, Any]) -> bytes:
     """Canonical compact JSON (what the outbox stores and the sender posts)."""
     return json.dumps(bundle, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode("utf-8")
 
 
-def bundle_identifiers(bundle: dict) -> list[tuple[str, str]]:
+def bundle_identifiers(bundle: dict[str, Any]) -> list[tuple[str, str]]:
     """(resourceType, identifier value) of every entry, for logs and tests."""
     out = []
     for e in bundle.get("entry", []):

@@ -22,6 +22,7 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from uploader.errors import ConfigurationFault, CorruptPayloadError, PermanentError, TransientError
 from uploader.fhir_bundle import bundle_bytes, merge_transactions
@@ -33,8 +34,8 @@ log = logging.getLogger(__name__)
 STATUS_NAME = "fhir"
 
 
-def enqueue_bundle(outbox: Outbox, bundle: dict, key: str, *, patient_id: str | None,
-                   meta: dict | None = None, now: float | None = None) -> bool:
+def enqueue_bundle(outbox: Outbox, bundle: dict[str, Any], key: str, *, patient_id: str | None,
+                   meta: dict[str, Any] | None = None, now: float | None = None) -> bool:
     """Queue one transaction Bundle under an idempotency key; False if it was already queued."""
     result = outbox.add(Kind.FHIR_BUNDLE, key, bundle_bytes(bundle), priority=Priority.ROUTINE,
                         meta=meta or {}, patient={"patient_id": patient_id} if patient_id else None,

@@ -24,6 +24,7 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -120,7 +121,7 @@ class FhirSender:
     def close(self) -> None:
         self._session.close()
 
-    def __enter__(self) -> "FhirSender":
+    def __enter__(self) -> FhirSender:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -136,7 +137,7 @@ class FhirSender:
             headers["Authorization"] = f"Bearer {self._token}"
         return headers
 
-    def post_transaction(self, body: bytes) -> dict:
+    def post_transaction(self, body: bytes) -> dict[str, Any]:
         """Send one transaction; return the transaction-response Bundle or raise a typed error."""
         compress = self._gzip and len(body) >= GZIP_MIN_BYTES
         response = self._post(gzip.compress(body, compresslevel=5) if compress else body, compress)
@@ -162,7 +163,7 @@ class FhirSender:
             self.bytes_sent += len(data)
         return response
 
-    def _result(self, response: requests.Response) -> dict:
+    def _result(self, response: requests.Response) -> dict[str, Any]:
         code = response.status_code
         if code == 429 or code == 408 or code >= 500:
             raise TransientError(f"FHIR server answered {code}: {outcome_text(response)}",
@@ -180,4 +181,4 @@ class FhirSender:
         if failed:
             texts = [f"{r.get('status')}: {_issues_text(r.get('outcome'))}" for r in failed]
             raise PermanentError("FHIR transaction entries failed: " + "; ".join(texts))
-        return result
+        return dict(result)

@@ -75,8 +75,8 @@ from typing import Any
 import sqlite_utils
 
 from uploader.errors import CorruptPayloadError, OutboxFullError
-from uploader.sqlite_store import MIGRATIONS, open_database
 from uploader.payload_files import OwnerLock, PayloadFiles
+from uploader.sqlite_store import MIGRATIONS, open_database
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +125,8 @@ class OutboxItem:
     transaction_uid: str | None
     sha256: str
     size: int
-    meta: dict
-    patient: dict | None
+    meta: dict[str, Any]
+    patient: dict[str, Any] | None
     quarantine_reason: str | None
 
 
@@ -176,7 +176,7 @@ def _is_disk_full(exc: sqlite3.Error) -> bool:
     return code == sqlite3.SQLITE_FULL or "database or disk is full" in str(exc)
 
 
-def _json(value: dict | None) -> str | None:
+def _json(value: dict[str, Any] | None) -> str | None:
     return None if value is None else json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
@@ -231,7 +231,7 @@ class Outbox:
     def open(cls, data_dir: Path, *, min_free_bytes: int = 200 * 2**20, backoff_base_s: float = 5.0,
              backoff_max_s: float = 900.0, rng: random.Random | None = None,
              statvfs: Callable[[Any], os.statvfs_result] = os.statvfs,
-             inline_max_bytes: int = DEFAULT_INLINE_MAX_BYTES, now: float | None = None) -> "Outbox":
+             inline_max_bytes: int = DEFAULT_INLINE_MAX_BYTES, now: float | None = None) -> Outbox:
         """Open (creating or migrating) the outbox in `data_dir`, then recover from any crash:
         interrupted sends back to queued, orphaned payload files removed, queued items whose
         payload is lost quarantined."""
@@ -277,7 +277,7 @@ class Outbox:
             self._owner_lock.release()
             self._owner_lock = None
 
-    def __enter__(self) -> "Outbox":
+    def __enter__(self) -> Outbox:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -344,7 +344,7 @@ class Outbox:
 
     # -- adding -----------------------------------------------------------------------------------
     def add(self, kind: str, key: str, payload: bytes, *, priority: Priority = Priority.ROUTINE,
-            meta: dict | None = None, patient: dict | None = None,
+            meta: dict[str, Any] | None = None, patient: dict[str, Any] | None = None,
             now: float | None = None) -> AddResult:
         """Store `payload` durably under the idempotency `key`; an existing key returns the
         existing item (created=False) and writes nothing."""
@@ -384,7 +384,7 @@ class Outbox:
         return AddResult(item, created=created)
 
     def _insert(self, kind: str, key: str, inline: bytes | None, name: str | None, size: int,
-                priority: Priority, meta: dict | None, patient: dict | None, digest: str,
+                priority: Priority, meta: dict[str, Any] | None, patient: dict[str, Any] | None, digest: str,
                 now: float) -> tuple[int, bool]:
         with self._write() as conn:
             row = conn.execute("SELECT id FROM items WHERE key = ?", (key,)).fetchone()
@@ -424,8 +424,7 @@ class Outbox:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id"
         if limit is not None:
-            sql += " LIMIT ?"
-            params.append(int(limit))
+            sql += f" LIMIT {int(limit)}"
         return [_item(r) for r in self._read(sql, params)]
 
     def awaiting_commitment(self, kind: str) -> list[OutboxItem]:
@@ -640,18 +639,18 @@ class Outbox:
             log.error("outbox item %d quarantined at open: %s", item_id, reason)
 
     # -- health -----------------------------------------------------------------------------------
-    def record_status(self, name: str, value: dict, now: float) -> None:
+    def record_status(self, name: str, value: dict[str, Any], now: float) -> None:
         with self._write() as conn:
             conn.execute(
                 "INSERT INTO status (name, value, updated_at) VALUES (?, ?, ?) "
                 "ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
                 (name, json.dumps(value, sort_keys=True, default=str), now))
 
-    def status(self, name: str) -> dict | None:
+    def status(self, name: str) -> dict[str, Any] | None:
         rows = self._read("SELECT value FROM status WHERE name = ?", (name,))
         return json.loads(rows[0][0]) if rows else None
 
-    def stats(self, now: float) -> dict:
+    def stats(self, now: float) -> dict[str, Any]:
         counts = {s.value: 0 for s in ItemState}
         for state, n in self._read("SELECT state, COUNT(*) FROM items GROUP BY state"):
             counts[state] = n

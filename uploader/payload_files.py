@@ -91,10 +91,10 @@ class PayloadFiles:
             for leftover in (tmp, final):
                 with contextlib.suppress(FileNotFoundError):
                     leftover.unlink()
-            if is_no_space(exc):
+            if isinstance(exc, OSError) and is_no_space(exc):
                 raise OutboxFullError(
                     f"the data partition is full: could not write a {len(data)} byte payload "
-                    f"into {self.root} ({os.strerror(exc.errno)}); nothing was stored") from exc
+                    f"into {self.root} ({os.strerror(exc.errno or 0)}); nothing was stored") from exc
             raise
         return name
 

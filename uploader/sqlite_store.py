@@ -39,7 +39,7 @@ class Migration:
     apply: Callable[[sqlite_utils.Database], None]
 
     @classmethod
-    def sql(cls, name: str, script: str) -> "Migration":
+    def sql(cls, name: str, script: str) -> Migration:
         """A migration written as SQL statements (run one by one inside the migration's
         transaction: `executescript` would commit half-way)."""
         statements = _split_sql(script)
@@ -64,7 +64,7 @@ def _split_sql(script: str) -> list[str]:
 
 
 def _items(db: sqlite_utils.Database) -> None:
-    db["items"].create(
+    db.table("items").create(
         {
             "id": int,
             "kind": str,
@@ -93,19 +93,19 @@ def _items(db: sqlite_utils.Database) -> None:
                   "created_at", "updated_at", "sha256", "size"],
         defaults={"attempts": 0},
     )
-    db["items"].create_index(["key"], index_name="items_key", unique=True)
+    db.table("items").create_index(["key"], index_name="items_key", unique=True)
     # claim(): queued & due of one kind, STAT first, then oldest
-    db["items"].create_index(["state", "kind", "priority", "created_at"], index_name="items_claim")
+    db.table("items").create_index(["state", "kind", "priority", "created_at"], index_name="items_claim")
 
 
 def _payloads(db: sqlite_utils.Database) -> None:
     # Separate table so scans of `items` never touch payload pages.
-    db["payloads"].create({"item_id": int, "data": bytes}, pk="item_id", not_null=["data"],
+    db.table("payloads").create({"item_id": int, "data": bytes}, pk="item_id", not_null=["data"],
                           foreign_keys=[("item_id", "items", "id")])
 
 
 def _status(db: sqlite_utils.Database) -> None:
-    db["status"].create({"name": str, "value": str, "updated_at": float}, pk="name",
+    db.table("status").create({"name": str, "value": str, "updated_at": float}, pk="name",
                         not_null=["value", "updated_at"])
 
 
@@ -157,8 +157,11 @@ def migrate(db: sqlite_utils.Database, migrations: tuple[Migration, ...] = MIGRA
                     "(written by a newer lastmile?)", ", ".join(unknown))
     if all(m.name in already for m in migrations):
         return []  # the usual open: no write lock taken at all
-    _in_transaction(conn, lambda: db["migrations"].create(
-        {"name": str, "applied_at": float}, pk="name", not_null=["applied_at"], if_not_exists=True))
+    def create_table() -> None:
+        db.table("migrations").create({"name": str, "applied_at": float}, pk="name",
+                                      not_null=["applied_at"], if_not_exists=True)
+
+    _in_transaction(conn, create_table)
     applied_now: list[str] = []
     for migration in (m for m in migrations if m.name not in already):
         def step(m: Migration = migration) -> None:

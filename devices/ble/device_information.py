@@ -11,8 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from devices.ble.payload import PayloadReader
-from devices.ble.uuids import (FIRMWARE_REVISION, HARDWARE_REVISION, MANUFACTURER_NAME, MODEL_NUMBER,
-                               SERIAL_NUMBER, SOFTWARE_REVISION)
+from devices.ble.uuids import (
+    FIRMWARE_REVISION,
+    HARDWARE_REVISION,
+    MANUFACTURER_NAME,
+    MODEL_NUMBER,
+    SERIAL_NUMBER,
+    SOFTWARE_REVISION,
+)
 from devices.errors import ProtocolError
 from devices.identity import DeviceIdentity
 

@@ -118,7 +118,7 @@ class _Reader:
         try:
             return raw.decode("utf-8")
         except UnicodeError:
-            raise ProtocolError("string is not UTF-8")
+            raise ProtocolError("string is not UTF-8") from None
 
     def strings(self) -> tuple:
         return tuple(self.string() for _ in range(self.u8()))
@@ -494,7 +494,7 @@ def decode_frame(encoded: bytes) -> Frame:
     try:
         body = cobs.decode(encoded)
     except ProtocolError as exc:
-        raise FrameError(str(exc))
+        raise FrameError(str(exc)) from None
     if len(body) < HEADER_SIZE + CRC_SIZE:
         raise FrameError("frame of %d bytes is shorter than header and CRC" % len(body))
     if len(body) > MAX_BODY:

@@ -22,8 +22,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from devices.ecg.leads import (SCP_LEAD_NAMES, derive_limb_leads, lead_name_from_scp_code, normalise_lead_name,
-                               require_unique)
+from devices.ecg.leads import (
+    SCP_LEAD_NAMES,
+    derive_limb_leads,
+    lead_name_from_scp_code,
+    normalise_lead_name,
+    require_unique,
+)
 from devices.ecg.recording import EcgRecording
 from devices.ecg.scaling import Channel, to_common_unit
 from devices.errors import InvalidRecordingError, ProtocolError, UnsupportedFeatureError
@@ -161,7 +166,7 @@ def _read_dataset(data: bytes):
             # touch what we need now, so that a malformed element fails here, typed
             ds.get("WaveformSequence")
         return ds
-    except Exception as exc:  # pydicom raises many kinds on bad bytes; all mean "not readable"
+    except Exception as exc:  # noqa: BLE001 — pydicom raises many kinds on bad bytes; all mean "not readable"
         raise ProtocolError(f"DICOM file is not readable ({type(exc).__name__}: {exc})"[:300]) from None
 
 

@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from devices.errors import InvalidRecordingError, ProtocolError, UnsupportedFeatureError
 from devices.ecg.recording import EcgRecording, SampleGap
+from devices.errors import InvalidRecordingError, ProtocolError, UnsupportedFeatureError
 from devices.identity import DeviceIdentity, Patient, TimeSource
 
 FORMAT_VERSION = 1

@@ -54,7 +54,7 @@ def to_common_unit(channels: list[Channel], what: str) -> tuple[np.ndarray, floa
     for i, (channel, k, offset) in enumerate(zip(channels, multipliers, offsets)):
         out[i] = channel.raw.astype(np.int64) * k + int(offset / unit)
     lo, hi = (int(out.min()), int(out.max())) if out.size else (0, 0)
-    dtype = np.int16 if -32768 <= lo and hi <= 32767 else np.int32
-    if not (-(2**31) <= lo and hi < 2**31):
+    dtype = np.int16 if lo >= -32768 and hi <= 32767 else np.int32
+    if not (lo >= -(2**31) and hi < 2**31):
         raise UnsupportedFeatureError(f"{what}: samples exceed 32-bit range after scaling")
     return out.astype(dtype), float(unit)

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import binascii
 import datetime as dt
-import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -155,7 +154,7 @@ def _body(record: bytes, section: ScpSection) -> bytes:
 @dataclass
 class _Header:
     patient: Patient | None = None
-    device: DeviceIdentity = DeviceIdentity()
+    device: DeviceIdentity = field(default_factory=DeviceIdentity)
     acquired_at: dt.datetime | None = None
     protocol: int = 0
     stat: bool = False

@@ -64,7 +64,7 @@ class Fix:
         return out
 
     @classmethod
-    def from_json(cls, data: dict) -> "Fix":
+    def from_json(cls, data: dict) -> Fix:
         values = dict(data)
         values["mode"] = FixMode(int(values.get("mode", 0)))
         if values.get("time"):

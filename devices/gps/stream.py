@@ -24,8 +24,24 @@ from dataclasses import dataclass, field
 from devices.gps.dop import dops_from_geometry
 from devices.gps.fix import H_UERE, P_UERE, SIGMA_TO_95_1D, SIGMA_TO_95_2D, V_UERE, Fix, FixMode
 from devices.gps.nmea import (
-    GGA, GLL, GNS, GSA, GST, GSV, MAX_SENTENCE_LENGTH, RMC, SYSTEM_IDS, TALKERS, ZDA, NmeaError,
-    SatelliteInView, Sentence, SirfEPE, UnknownSentence, parse_sentence)
+    GGA,
+    GLL,
+    GNS,
+    GSA,
+    GST,
+    GSV,
+    MAX_SENTENCE_LENGTH,
+    RMC,
+    SYSTEM_IDS,
+    TALKERS,
+    ZDA,
+    NmeaError,
+    SatelliteInView,
+    Sentence,
+    SirfEPE,
+    UnknownSentence,
+    parse_sentence,
+)
 
 KNOTS_TO_MPS = 0.514444
 
@@ -154,9 +170,8 @@ class FixAssembler:
             cycle.gst = s
         elif isinstance(s, SirfEPE):
             cycle.epe = s
-        elif isinstance(s, ZDA):
-            if s.date is not None and s.time is not None and s.date.year >= 1999:
-                self._date, self._date_tod = s.date, s.time
+        elif isinstance(s, ZDA) and s.date is not None and s.time is not None and s.date.year >= 1999:
+            self._date, self._date_tod = s.date, s.time
 
     def _add_gsv(self, s: GSV) -> None:
         key = (s.talker, s.signal_id)
@@ -178,7 +193,7 @@ class FixAssembler:
             return None
         date = self._date
         # A date learnt late on one day, applied to a time after midnight: next day.
-        seconds = lambda t: t.hour * 3600 + t.minute * 60 + t.second  # noqa: E731
+        seconds = lambda t: t.hour * 3600 + t.minute * 60 + t.second
         if seconds(self._date_tod) - seconds(when) > 12 * 3600:
             date += dt.timedelta(days=1)
         elif seconds(when) - seconds(self._date_tod) > 12 * 3600:
@@ -195,11 +210,11 @@ class FixAssembler:
     def _fix(self, c: _Cycle) -> Fix:
         gga, gns, rmc, gll = c.gga, c.gns, c.rmc, c.gll
         position = None
-        altitude = geoid = None
+        altitude = None
         if gga is not None and gga.quality > 0 and gga.position is not None:
-            position, altitude, geoid = gga.position, gga.altitude_m, gga.geoid_separation_m
+            position, altitude = gga.position, gga.altitude_m
         elif gns is not None and gns.position is not None and gns.mode.strip("N"):
-            position, altitude, geoid = gns.position, gns.altitude_m, gns.geoid_separation_m
+            position, altitude = gns.position, gns.altitude_m
         elif rmc is not None and rmc.valid and rmc.position is not None:
             position = rmc.position
         elif gll is not None and gll.valid and gll.position is not None:
@@ -213,7 +228,7 @@ class FixAssembler:
             mode = FixMode.FIX_3D if altitude is not None else FixMode.FIX_2D
         quality = gga.quality if gga is not None else None
         dgps = (quality in (2, 4, 5)) or (rmc is not None and rmc.mode == "D")
-        used_sets = [set(satellite_key(self._gsa_system(g, prn), prn) for prn in g.prns) for g in c.gsa]
+        used_sets = [{satellite_key(self._gsa_system(g, prn), prn) for prn in g.prns} for g in c.gsa]
         used = set().union(*used_sets) if used_sets else set()
         sats_used = next((n for n in (gga.satellites_used if gga else None,
                                       gns.satellites_used if gns else None) if n is not None),

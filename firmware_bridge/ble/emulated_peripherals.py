@@ -24,8 +24,12 @@ from typing import Any, ClassVar
 
 from bumble import att
 from bumble.device import Connection, Device
-from bumble.gatt import (GATT_CLIENT_CHARACTERISTIC_CONFIGURATION_DESCRIPTOR, Characteristic, CharacteristicValue,
-                         Service)
+from bumble.gatt import (
+    GATT_CLIENT_CHARACTERISTIC_CONFIGURATION_DESCRIPTOR,
+    Characteristic,
+    CharacteristicValue,
+    Service,
+)
 
 from devices.ble import racp, uuids
 from devices.ble.current_time import decode_current_time, encode_current_time
@@ -377,7 +381,7 @@ class GlucoseMeter(EmulatedPeripheral):
         self.measurement = Characteristic(f"{uuids.GLUCOSE_MEASUREMENT:04X}", P.NOTIFY, READABLE, b"")
         self.context = Characteristic(f"{uuids.GLUCOSE_MEASUREMENT_CONTEXT:04X}", P.NOTIFY, READABLE, b"")
         feature = Characteristic(f"{uuids.GLUCOSE_FEATURE:04X}", P.READ, READABLE, b"\x00\x00")
-        self.racp = Characteristic(f"{uuids.RECORD_ACCESS_CONTROL_POINT:04X}", P.WRITE | P.INDICATE,
+        self.racp: Characteristic[bytes] = Characteristic(f"{uuids.RECORD_ACCESS_CONTROL_POINT:04X}", P.WRITE | P.INDICATE,
                                    WRITEABLE, CharacteristicValue(write=self._on_racp_write))
         return [self.measurement, self.context, feature, self.racp]
 

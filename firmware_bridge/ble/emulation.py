@@ -14,6 +14,7 @@ import this module only when emulation is asked for.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -118,7 +119,7 @@ class EmulatedRadio:
         for conn in list(self.central.connections.values()):
             try:
                 await conn.disconnect()
-            except Exception:  # noqa: BLE001 - closing down: best effort
+            except Exception:
                 log.debug("disconnect at close failed", exc_info=True)
         if self.central.scanning:
             await self.central.stop_scanning()
@@ -217,7 +218,7 @@ class EmulatedBleakClient(BaseBleakClient):
         timeout = float(kwargs.get("timeout", self._timeout))
         try:
             conn = await self.radio.connect(self.address, timeout)
-        except (bumble_core.TimeoutError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, bumble_core.TimeoutError) as exc:
             raise BleakDeviceNotFoundError(self.address, f"Device with address {self.address} was not found") from exc
         except bumble_core.BaseBumbleError as exc:
             raise BleakError(f"connection to {self.address} failed: {exc}") from exc
@@ -320,7 +321,9 @@ class EmulatedBleakClient(BaseBleakClient):
         handle = characteristic.handle
         self._callbacks[handle] = callback
         # One stable dispatcher per handle: subscribing again (after pairing) must not register twice.
-        dispatcher = self._dispatchers.setdefault(handle, lambda value, h=handle: self._dispatch(h, value))
+        dispatcher = self._dispatchers.get(handle)
+        if dispatcher is None:
+            dispatcher = self._dispatchers[handle] = functools.partial(self._dispatch, handle)
         try:
             await peer.subscribe(characteristic.obj, dispatcher, prefer_notify=True)
         except ATT_Error as exc:

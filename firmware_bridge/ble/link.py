@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -126,7 +127,7 @@ class LinkSettings:
 class DeviceSession:
     """One connection to one device, from connect to hang-up."""
 
-    def __init__(self, manager: "BleDeviceManager", ble_device: BLEDevice, pair_required: bool) -> None:
+    def __init__(self, manager: BleDeviceManager, ble_device: BLEDevice, pair_required: bool) -> None:
         self.m = manager
         self.port = manager.port
         self.s = manager.settings
@@ -177,13 +178,13 @@ class DeviceSession:
         finally:
             try:
                 self._flush_glucose()  # records whose context never came are still records
-            except Exception:  # noqa: BLE001 - do not hide why the session ended
+            except Exception:
                 log.exception("%s: could not store the last glucose records", self.address)
             client, self.client = self.client, None
             if client is not None and client.is_connected:
                 try:
                     await asyncio.wait_for(client.disconnect(), 10)
-                except (BleakError, asyncio.TimeoutError, OSError):
+                except (TimeoutError, BleakError, OSError):
                     log.debug("%s: disconnect failed", self.address, exc_info=True)
             self.port.report(DeviceStatus(self.address, connected=False))
 
@@ -224,8 +225,9 @@ class DeviceSession:
                 ct = registry.decode(uuids.CURRENT_TIME, raw)
                 assert isinstance(ct, CurrentTime)
                 if ct.local_time is not None:
-                    self.clock = ClockCheck(offset=measure_offset(ct.local_time, gateway_now, self.s.device_tz))
-                    log.info("%s: device clock off by %+.0f s", self.address, self.clock.offset.total_seconds())
+                    offset = measure_offset(ct.local_time, gateway_now, self.s.device_tz)
+                    self.clock = ClockCheck(offset=offset)
+                    log.info("%s: device clock off by %+.0f s", self.address, offset.total_seconds())
             if "write" in char.properties:
                 now = self.m.clock()
                 await self.client.write_gatt_char(char, encode_current_time(
@@ -258,18 +260,19 @@ class DeviceSession:
         assert char is not None and self.client is not None
         last = self.port.last_sequence(self.address)
         request = self.racp.report_records_after(last)
-        self._racp_result = asyncio.get_running_loop().create_future()
+        answer: asyncio.Future[RacpResult] = asyncio.get_running_loop().create_future()
+        self._racp_result = answer
         await self.client.write_gatt_char(char, request, response=True)
-        gone = asyncio.ensure_future(self._gone.wait())
+        gone: asyncio.Future[bool] = asyncio.ensure_future(self._gone.wait())
         try:
-            done, _ = await asyncio.wait({self._racp_result, gone}, timeout=self.s.racp_timeout_s,
+            done, _ = await asyncio.wait([answer, gone], timeout=self.s.racp_timeout_s,  # type: ignore[type-var]
                                          return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
-        if self._racp_result not in done:
+        if answer not in done:
             raise SessionEnded("link lost during the record download" if self._gone.is_set()
                                else f"no RACP answer in {self.s.racp_timeout_s:.0f} s")
-        result = self._racp_result.result()
+        result = answer.result()
         self._flush_glucose()
         if not result.ok:
             raise ProtocolError(f"record download refused: {result.response_code}")
@@ -290,7 +293,7 @@ class DeviceSession:
         except ProtocolError as exc:
             log.warning("%s: malformed %04X value %s: %s", self.address, uuid16, bytes(data).hex(), exc)
             self.port.report(DeviceStatus(self.address, error=f"malformed {uuid16:04X} value: {exc}"))
-        except Exception as exc:  # noqa: BLE001 - a callback must not take the link down
+        except Exception as exc:
             log.exception("%s: could not handle a %04X value", self.address, uuid16)
             self.port.report(DeviceStatus(self.address, error=f"{type(exc).__name__}: {exc}"))
 
@@ -403,7 +406,7 @@ class BleDeviceManager:
             while not stop.is_set():
                 try:
                     self._allowed = self.port.allowed_devices()
-                except Exception:  # noqa: BLE001 - e.g. clinic.db locked: keep the last list
+                except Exception:
                     log.exception("allow-list not readable; using the previous one")
                 loop_now = time.monotonic()
                 missing = [a for a in self._allowed if a not in self.sessions]
@@ -464,7 +467,7 @@ class BleDeviceManager:
         session = DeviceSession(self, device, self._allowed[address])
         task = asyncio.get_running_loop().create_task(session.run(), name=f"ble {address}")
         self.sessions[address] = task
-        task.add_done_callback(lambda t, a=address: self._session_done(a, t))
+        task.add_done_callback(functools.partial(self._session_done, address))
         self._changed.set()
 
     def _session_done(self, address: str, task: asyncio.Task[None]) -> None:
@@ -483,7 +486,7 @@ class BleDeviceManager:
         log.warning("%s: session failed (%s: %s); retrying in %.0f s", address, type(exc).__name__, exc, backoff)
         try:
             self.port.report(DeviceStatus(address, connected=False, error=f"{type(exc).__name__}: {exc}"))
-        except Exception:  # noqa: BLE001 - reporting must not break the manager
+        except Exception:
             log.exception("%s: could not record the error", address)
 
 
@@ -507,7 +510,7 @@ async def scan_health_devices(timeout_s: float = 5.0, *, backend: type[BaseBleak
             found[device.address.upper()] = ScanResult(device.address.upper(), adv.local_name or device.name or "",
                                                        adv.rssi, names)
 
-    scanner = BleakScanner(on_detection, **({"backend": backend} if backend is not None else {}))
+    scanner = BleakScanner(on_detection, backend=backend)
     await scanner.start()
     try:
         await asyncio.sleep(timeout_s)

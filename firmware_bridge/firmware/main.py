@@ -9,14 +9,13 @@
 # Nothing may print(): the USB-CDC port is the protocol stream (a stray traceback is garbage
 # the gateway skips, but it costs the frame around it).
 
-import micropython
 import os
 import select
 import sys
 import time
 
 import machine
-
+import micropython
 from bridge_core import BridgeCore
 
 UART_ID = 0
@@ -89,7 +88,7 @@ def main():
 
 try:
     main()
-except Exception as exc:  # last words for the gateway's log, then restart clean
+except Exception as exc:  # noqa: BLE001 — last words for the gateway's log, then restart clean
     try:
         sys.stdout.buffer.write(BridgeCore("unknown", 0).log(40, "firmware crashed: %r" % (exc,), 0))
     finally:

@@ -24,14 +24,14 @@ DB_NAME = "clinic.db"
 
 def _session(db: sqlite_utils.Database) -> None:
     # One row (id 1): the clinic session now. Times are ISO 8601 UTC.
-    db["session"].create({"id": int, "patient_id": str, "patient_name": str, "patient_since": str,
+    db.table("session").create({"id": int, "patient_id": str, "patient_name": str, "patient_since": str,
                           "doctor_id": str, "doctor_since": str, "last_activity": str}, pk="id")
-    db["session_log"].create({"id": int, "at": str, "event": str, "patient_id": str, "doctor_id": str,
+    db.table("session_log").create({"id": int, "at": str, "event": str, "patient_id": str, "doctor_id": str,
                               "detail": str}, pk="id", not_null=["at", "event"])
 
 
 def _devices(db: sqlite_utils.Database) -> None:
-    db["devices"].create({
+    db.table("devices").create({
         "address": str,  # BLE address (upper case) or serial port identity
         "transport": str,  # "ble", "serial" ...
         "name": str,
@@ -50,10 +50,10 @@ def _devices(db: sqlite_utils.Database) -> None:
 
 
 def _held_observations(db: sqlite_utils.Database) -> None:
-    db["held_observations"].create({"id": int, "key": str, "kind": str, "measured_at": str,
+    db.table("held_observations").create({"id": int, "key": str, "kind": str, "measured_at": str,
                                     "device": str, "observation": str, "held_at": str},
                                    pk="id", not_null=["key", "kind", "observation", "held_at"])
-    db["held_observations"].create_index(["key"], index_name="held_key", unique=True)
+    db.table("held_observations").create_index(["key"], index_name="held_key", unique=True)
 
 
 MIGRATIONS = (Migration("0001_session", _session), Migration("0002_devices", _devices),

@@ -68,7 +68,7 @@ class DeviceRegistry:
         self.db = db
 
     @classmethod
-    def open(cls, data_dir: str | os.PathLike[str]) -> "DeviceRegistry":
+    def open(cls, data_dir: str | os.PathLike[str]) -> DeviceRegistry:
         return cls(open_clinic_db(data_dir))
 
     def close(self) -> None:

@@ -121,7 +121,7 @@ class ObservationStore:
         self.context = context
 
     @classmethod
-    def open(cls, data_dir: str | os.PathLike[str], *, outbox: Outbox, idle_timeout_s: float) -> "ObservationStore":
+    def open(cls, data_dir: str | os.PathLike[str], *, outbox: Outbox, idle_timeout_s: float) -> ObservationStore:
         db = open_clinic_db(data_dir)
         return cls(outbox, db, PatientContext(db, idle_timeout_s))
 

@@ -45,7 +45,7 @@ class PatientContext:
         self.idle_timeout = dt.timedelta(seconds=idle_timeout_s)
 
     @classmethod
-    def open(cls, data_dir: str | os.PathLike[str], idle_timeout_s: float) -> "PatientContext":
+    def open(cls, data_dir: str | os.PathLike[str], idle_timeout_s: float) -> PatientContext:
         return cls(open_clinic_db(data_dir), idle_timeout_s)
 
     def close(self) -> None:

@@ -46,8 +46,8 @@ def _valid_address(address: str) -> bool:
 def _pair(args: argparse.Namespace) -> int:
     import datetime as dt
 
-    from lastmile.commands.common import config_from_args
     from lastmile.clinic.devices import DeviceRegistry
+    from lastmile.commands.common import config_from_args
 
     if not _valid_address(args.address):
         print(f"lastmile ble pair: {args.address!r} is not a Bluetooth address (like C0:26:DA:01:02:03)",
@@ -67,8 +67,8 @@ def _pair(args: argparse.Namespace) -> int:
 def _unpair(args: argparse.Namespace) -> int:
     import datetime as dt
 
-    from lastmile.commands.common import config_from_args
     from lastmile.clinic.devices import DeviceRegistry
+    from lastmile.commands.common import config_from_args
 
     registry = DeviceRegistry.open(config_from_args(args).data_dir)
     try:
@@ -89,8 +89,8 @@ def _scan(args: argparse.Namespace) -> int:
     paired: set[str] = set()
     if args.data_dir or not args.emulated:
         try:
-            from lastmile.commands.common import config_from_args
             from lastmile.clinic.devices import DeviceRegistry
+            from lastmile.commands.common import config_from_args
 
             registry = DeviceRegistry.open(config_from_args(args).data_dir)
             paired = set(registry.allowed())

@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_import)
 
 
-def summary(name: str, recording: "EcgRecording") -> str:
+def summary(name: str, recording: EcgRecording) -> str:
     r = recording
     leads = ", ".join(r.lead_names)
     derived = f"; derived {', '.join(n for n in r.lead_names if n in r.derived_leads)}" if r.derived_leads else ""
@@ -64,7 +64,7 @@ def _fail(message: str) -> int:
     return 1
 
 
-def write_csv(recording: "EcgRecording", out) -> None:
+def write_csv(recording: EcgRecording, out) -> None:
     """µV, one column per lead; values are exact (shortest decimal that round-trips)."""
     out.write(",".join(recording.lead_names) + "\n")
     uv = recording.microvolts().T

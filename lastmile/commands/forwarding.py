@@ -95,7 +95,7 @@ def _recorded_fault(config) -> str | None:
     try:
         with open_outbox(config) as outbox:
             status = outbox.status("reading_center") or {}
-    except Exception:  # no data dir yet: nothing recorded
+    except Exception:  # noqa: BLE001 — no data dir yet, or unreadable: nothing recorded
         return None
     return status.get("fault")
 

@@ -43,9 +43,9 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def _context(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from lastmile.commands.common import config_from_args
+def _context(args: argparse.Namespace):  # -> (Config, PatientContext), both imported lazily
     from lastmile.clinic.patients import PatientContext
+    from lastmile.commands.common import config_from_args
 
     config = config_from_args(args)
     return PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
@@ -82,8 +82,8 @@ def _clear(args: argparse.Namespace) -> int:
 
 
 def _assign(args: argparse.Namespace) -> int:
-    from lastmile.commands.common import config_from_args
     from lastmile.clinic.observations import ObservationStore, UnknownObservationError
+    from lastmile.commands.common import config_from_args
     from lastmile.data_dir import open_outbox
 
     config = config_from_args(args)
@@ -104,10 +104,10 @@ def _assign(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from lastmile.commands.common import config_from_args
     from lastmile.clinic.db import open_clinic_db
     from lastmile.clinic.observations import observation_to_json, summary
     from lastmile.clinic.patients import PatientContext
+    from lastmile.commands.common import config_from_args
 
     config = config_from_args(args)
     db = open_clinic_db(config.data_dir)
@@ -147,8 +147,8 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _devices(args: argparse.Namespace) -> int:
-    from lastmile.commands.common import config_from_args
     from lastmile.clinic.devices import DeviceRegistry
+    from lastmile.commands.common import config_from_args
 
     registry = DeviceRegistry.open(config_from_args(args).data_dir)
     try:

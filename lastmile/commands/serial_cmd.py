@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,13 +46,13 @@ def cmd_list(args: argparse.Namespace) -> int:
             return found is not None and found.device == os.path.realpath(port.device)  # type: ignore[attr-defined]
         return spec.match.find([port]) is not None  # type: ignore[attr-defined]
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for port in ports:
         names = [s.name for s in specs if is_spec(s, port)]
         rows.append({"device": port.device, "usb_id": port.usb_id(), "by_id": port.by_id,
                      "manufacturer": port.manufacturer, "product": port.product,
                      "configured_as": names})
-    missing = [{"name": s.name, "match": str(s.match), "profile": s.profile} for s in specs
+    missing: list[dict[str, str]] = [{"name": s.name, "match": str(s.match), "profile": s.profile} for s in specs
                if not any(s.name in r["configured_as"] for r in rows)]
     if args.json:
         print(json.dumps({"ports": rows, "configured_but_absent": missing}, indent=2))
@@ -85,8 +86,8 @@ def cmd_profile_test(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from devices.ascii_report import ReportParsed, ReportParser, load_profile
-    from lastmile.commands.common import config_from_args
     from lastmile.clinic.observations import observation_to_json
+    from lastmile.commands.common import config_from_args
     from lastmile.services.serial_devices import load_profiles
 
     if args.profile.endswith(".toml"):

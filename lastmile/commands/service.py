@@ -20,8 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _acquire(args: argparse.Namespace) -> int:
-    from lastmile.services.acquire import AcquireService
     from lastmile.commands.common import config_from_args
+    from lastmile.services.acquire import AcquireService
     from lastmile.services.runtime import ServiceRuntime
 
     runtime = ServiceRuntime("acquire", load_config=lambda: config_from_args(args))

@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     visit.set_defaults(func=lambda args: (visit.print_help(), 2)[1])
 
 
-def _book(args: argparse.Namespace):  # noqa: ANN202
+def _book(args: argparse.Namespace):
     from lastmile.commands.common import config_from_args
     from lastmile.visits.book import VisitBook, VisitPolicy
 
@@ -60,7 +60,7 @@ def _book(args: argparse.Namespace):  # noqa: ANN202
     return config, book
 
 
-def _fix(config, book, skip: bool):  # noqa: ANN001, ANN202
+def _fix(config, book, skip: bool):
     """The best fix within visits.fix_wait_s; every fix seen also feeds the clock and the track."""
     if skip or config.gps.source == "none":
         return None
@@ -71,7 +71,7 @@ def _fix(config, book, skip: bool):  # noqa: ANN001, ANN202
     g = config.gps
     records = {}
 
-    def seen(fix) -> None:  # noqa: ANN001
+    def seen(fix) -> None:
         records[id(fix)] = book.observe_fix(fix)
 
     try:
@@ -127,8 +127,8 @@ def note(args: argparse.Namespace) -> int:
 
 
 def stop(args: argparse.Namespace) -> int:
-    from lastmile.visits.book import VisitError
     from lastmile.data_dir import open_outbox
+    from lastmile.visits.book import VisitError
 
     config, book = _book(args)
     with book:
@@ -149,7 +149,7 @@ def stop(args: argparse.Namespace) -> int:
     return 0
 
 
-def fhir_naming(config):  # noqa: ANN001, ANN201
+def fhir_naming(config):
     from uploader.fhir_bundle import FhirNaming
 
     return FhirNaming(gateway_id=config.gateway.id, patient_system=config.fhir.patient_id_system,

@@ -71,7 +71,7 @@ class FhirReceiver:
         self.timeout_delay_s = 3.0
         self.stats = ServerStats()
         self.store: dict[str, dict[str, dict]] = collections.defaultdict(dict)  # type → id → resource
-        self._index: dict[tuple[str, str], str] = {}  # (type, "identifier=sys|val") → id
+        self._index: dict[str, str] = {}  # "Type?identifier=sys|val" → id
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._httpd = _QuietServer(("127.0.0.1", 0), self._handler())
@@ -88,7 +88,7 @@ class FhirReceiver:
     def base_url(self) -> str:
         return f"{self._scheme}://127.0.0.1:{self._httpd.server_address[1]}/fhir"
 
-    def __enter__(self) -> "FhirReceiver":
+    def __enter__(self) -> FhirReceiver:
         self._thread.start()
         return self
 
@@ -187,7 +187,7 @@ class FhirReceiver:
                 except OSError:
                     pass
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 if self.path.endswith("/metadata"):
                     self._send(200, {"resourceType": "CapabilityStatement", "status": "active",
                                      "kind": "instance", "fhirVersion": "4.0.1",
@@ -195,7 +195,7 @@ class FhirReceiver:
                 else:
                     self._send(404, outcome("only /metadata and transactions here", "not-found"))
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length)
                 with server._lock:

@@ -29,8 +29,8 @@ from devices.identity import DeviceIdentity, TimeSource
 from devices.observation import Observation, Quantity
 from lastmile.clock import GatewayClock
 from lastmile.demo.fhir_receiver import FhirReceiver
-from lastmile.visits.chain import verify_lines
 from lastmile.visits.book import FixRecord, VisitBook, VisitPolicy, record_observation
+from lastmile.visits.chain import verify_lines
 from uploader.fhir_bundle import FhirNaming
 from uploader.fhir_forwarder import forward_fhir_once
 from uploader.fhir_sender import FhirSender, FhirSenderSettings
@@ -159,7 +159,7 @@ def run_field_day(work_dir: str | Path, *, visits: int = 3, far_visit: int | Non
             walk([target] * 3, 60.0)
             stamp = book.clock.now()
             assert stamp.time is not None
-            kinds = [("blood-pressure", CUFF, (Quantity("systolic", 120.0 + n, "mm[Hg]"),
+            kinds: list[tuple[str, DeviceIdentity, tuple[Quantity, ...]]] = [("blood-pressure", CUFF, (Quantity("systolic", 120.0 + n, "mm[Hg]"),
                                                Quantity("diastolic", 78.0 + n % 5, "mm[Hg]"),
                                                Quantity("pulse-rate", 70.0 + n % 7, "/min")))]
             if n % 2 == 0:

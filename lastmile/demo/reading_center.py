@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
-from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
+from pynetdicom.events import EventHandlerType
 
-from uploader.dicom_association import ECG_STORAGE_CLASSES
+from uploader.dicom_association import ECG_STORAGE_CLASSES, STORAGE_COMMITMENT_PUSH, VERIFICATION
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,9 @@ class EmbeddedReadingCenter:
         ae.maximum_pdu_size = 0
         for uid in ECG_STORAGE_CLASSES:
             ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
-        ae.add_supported_context(Verification)
-        ae.add_supported_context(StorageCommitmentPushModel)
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_N_ACTION, self._on_action),
+        ae.add_supported_context(VERIFICATION)
+        ae.add_supported_context(STORAGE_COMMITMENT_PUSH)
+        handlers: list[EventHandlerType] = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_N_ACTION, self._on_action),
                     (evt.EVT_C_ECHO, lambda event: 0x0000)]
         self._server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
 
@@ -102,15 +102,15 @@ class EmbeddedReadingCenter:
         if failed:
             report.FailedSOPSequence = [_ref(c, i, NO_SUCH_OBJECT_INSTANCE) for c, i in failed]
         ae = AE(ae_title=self.ae_title)
-        ae.add_requested_context(StorageCommitmentPushModel)
-        role = build_role(StorageCommitmentPushModel, scp_role=True)
+        ae.add_requested_context(STORAGE_COMMITMENT_PUSH)
+        role = build_role(STORAGE_COMMITMENT_PUSH, scp_role=True)
         assoc = ae.associate("127.0.0.1", self.gateway_port, ae_title=self.gateway_ae, ext_neg=[role])
         if not assoc.is_established:
             log.warning("could not deliver the commitment report for %s", txn)
             return
         try:
             status, _ = assoc.send_n_event_report(report, 2 if failed else 1,
-                                                  StorageCommitmentPushModel,
+                                                  STORAGE_COMMITMENT_PUSH,
                                                   STORAGE_COMMITMENT_INSTANCE)
             if status is not None and status.Status == 0x0000:
                 with self._lock:

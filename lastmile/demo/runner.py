@@ -8,7 +8,6 @@ in the middle and its recovery. The summary is read back from the receiving side
 from __future__ import annotations
 
 import datetime as dt
-
 import tempfile
 import threading
 import time
@@ -21,10 +20,10 @@ import numpy as np
 from devices.ecg.recording import EcgRecording
 from devices.identity import DeviceIdentity, Patient, TimeSource
 from lastmile.config import Config
+from lastmile.data_dir import open_outbox
 from lastmile.demo.loopback import free_port
 from lastmile.demo.reading_center import EmbeddedReadingCenter
 from lastmile.ecg.intake import enqueue_recording
-from lastmile.data_dir import open_outbox
 from lastmile.services.forward import forwarder_settings
 from uploader.ecg_forwarder import EcgForwarder
 
@@ -63,6 +62,7 @@ def source_ecg() -> EcgRecording:
     from devices.ecg.formats import decode_ecg
 
     path = get_testdata_file("waveform_ecg.dcm")
+    assert isinstance(path, str), "pydicom's wheel ships waveform_ecg.dcm"
     rec = decode_ecg(Path(path).read_bytes(), "waveform_ecg.dcm")
     if rec.sampling_rate_hz == 1000:
         # average pairs (a boxcar anti-alias filter) then keep every other sample
@@ -139,7 +139,7 @@ def run_demo(say: Say, *, n_recordings: int = 12, outage_s: float = 4.0,
                 f"{events['link-down']} failed attempt(s), nothing lost")
             center.start()
             say("reading center is back; forwarding the backlog ...")
-            done = lambda: _count(outbox, "purged") + _count(outbox, "quarantined") >= n_recordings  # noqa: E731
+            done = lambda: _count(outbox, "purged") + _count(outbox, "quarantined") >= n_recordings
             _pump(forwarder, outbox, stop, until=done, limit_s=30)
         finally:
             forwarder.close()

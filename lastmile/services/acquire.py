@@ -267,7 +267,11 @@ def gnss_part(config: Config) -> Part | None:
                         return
                     with contextlib.closing(source):
                         warned = False
-                        follow_receiver(book, source, lambda: (beat(), stop.is_set())[1])
+                        def should_stop() -> bool:
+                            beat()
+                            return stop.is_set()
+
+                        follow_receiver(book, source, should_stop)
                 except (GnssError, OSError) as exc:
                     # no receiver plugged in is normal at a clinic: say it once, keep trying
                     (log.warning if not warned else log.debug)("GNSS not available: %s", exc)

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 
 from devices.observation import Observation
 from firmware_bridge.ble.link import BleDeviceManager, DeviceStatus, LinkSettings
-from lastmile.data_dir import open_outbox
 from lastmile.clinic.db import utc_now
-from lastmile.config import Config
 from lastmile.clinic.devices import DeviceRegistry
 from lastmile.clinic.observations import ObservationStore, summary
+from lastmile.config import Config
+from lastmile.data_dir import open_outbox
 from uploader.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ async def emulated_clinic(config: Config, *, patient_id: str | None = None, pati
                 if not manager.connected():
                     break
                 await asyncio.sleep(0.02)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             summary_.timed_out = True
         stop.set()
         await runner

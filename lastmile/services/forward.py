@@ -7,8 +7,8 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from lastmile.data_dir import open_outbox
 from lastmile.config import Config, ReadingCenterSection
+from lastmile.data_dir import open_outbox
 from uploader.dicom_association import PeerSettings
 from uploader.dicom_tls import TlsFiles
 from uploader.ecg_forwarder import EcgForwarder, ForwarderSettings
@@ -52,7 +52,7 @@ class ForwardService:
         self._last = "starting"
 
     @staticmethod
-    def _make_fhir(config: Config) -> "FhirSender | None":
+    def _make_fhir(config: Config) -> FhirSender | None:
         if not config.fhir.base_url:
             return None
         from uploader.fhir_sender import FhirSender, FhirSenderSettings

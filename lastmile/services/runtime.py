@@ -228,7 +228,7 @@ class ServiceRuntime:
     def _status(self, service: Service) -> str:
         try:
             line = service.status_line()
-        except Exception as exc:  # a status must never take the service down
+        except Exception as exc:  # noqa: BLE001 — a status must never take the service down
             line = f"status unavailable ({type(exc).__name__})"
         return mask_patient_data(line, self.log_filter) if self.log_filter else line
 

@@ -30,25 +30,40 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from devices.ascii_report import ProfileError, ReportParsed, ReportParser, ReportProfile, ReportRejected, \
-    load_profile
+from devices.ascii_report import ProfileError, ReportParsed, ReportParser, ReportProfile, ReportRejected, load_profile
 from devices.bridge import codec
-from devices.bridge.session import (BridgeSession, DeviceHello, DeviceLog, ObservationReady, RecordingReady,
-                                    SerialDataReceived, SessionEvent, SessionProblem)
+from devices.bridge.session import (
+    BridgeSession,
+    DeviceHello,
+    DeviceLog,
+    ObservationReady,
+    RecordingReady,
+    SerialDataReceived,
+    SessionEvent,
+    SessionProblem,
+)
 from devices.ecg.recording import EcgRecording
 from devices.errors import DeviceError
 from devices.identity import Patient
 from devices.observation import Observation
 from devices.scanner import CodeUnrecognised, DoctorScanned, PatientScanned, ScannerDecoder, ScanRules
 from firmware_bridge.profiles import profile_files
-from firmware_bridge.serial_link import (BY_ID_DIR, Link, LinkSpec, LinkStatus, PortInfo, PortMatch,
-                                         SerialLinkManager, list_ports)
+from firmware_bridge.serial_link import (
+    BY_ID_DIR,
+    Link,
+    LinkSpec,
+    LinkStatus,
+    PortInfo,
+    PortMatch,
+    SerialLinkManager,
+    list_ports,
+)
 from lastmile import __version__
-from lastmile.config import Config, ConfigError
 from lastmile.clinic.devices import DeviceRegistry
-from lastmile.ecg.intake import enqueue_recording
 from lastmile.clinic.observations import ObservationStore, summary
 from lastmile.clinic.patients import PatientContext
+from lastmile.config import Config, ConfigError
+from lastmile.ecg.intake import enqueue_recording
 from uploader.errors import UploadError
 from uploader.outbox import Outbox
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import itertools
 import json
 import logging
 import uuid
@@ -41,13 +42,23 @@ from devices.identity import TimeSource
 from devices.observation import Observation
 from lastmile.clinic.observations import observation_from_json, observation_to_json
 from lastmile.clock import Anchor, GatewayClock, Stamp
+from lastmile.visits.chain import (
+    GENESIS,
+    ChainLink,
+    VerifyReport,
+    canonical,
+    export_lines,
+    link,
+    load_or_create_key,
+    public_key_b64,
+    verify_lines,
+)
 from lastmile.visits.households import Household, HouseholdRegister, distance_m
 from uploader.sqlite_store import Migration, open_database, transaction
-from lastmile.visits.chain import (
-    GENESIS, ChainLink, VerifyReport, canonical, export_lines, link, load_or_create_key, public_key_b64,
-    verify_lines)
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     from firmware_bridge.gnss import FixSource
     from uploader.fhir_bundle import FhirNaming
     from uploader.outbox import Outbox
@@ -100,7 +111,7 @@ class VisitPolicy:
     setting: str = "home"
 
     @classmethod
-    def from_config(cls, visits_section: object) -> "VisitPolicy":
+    def from_config(cls, visits_section: object) -> VisitPolicy:
         names = cls.__dataclass_fields__
         return cls(**{n: getattr(visits_section, n) for n in names if hasattr(visits_section, n)})
 
@@ -116,7 +127,7 @@ class FixRecord:
         return json.dumps({"fix": self.fix.to_json(), "received": self.received.to_json()}, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str | None) -> "FixRecord | None":
+    def from_json(cls, text: str | None) -> FixRecord | None:
         if not text:
             return None
         data = json.loads(text)
@@ -203,7 +214,7 @@ def check_visit(policy: VisitPolicy, *, household_id: str | None, household: Hou
         if distance - (best.fix.eph_m or 0.0) > policy.radius_m:
             flags.add("outside-radius")
     points = [r for r in track if r.fix.has_position]
-    for a, b in zip(points, points[1:]):
+    for a, b in itertools.pairwise(points):
         dt_s = b.received.monotonic - a.received.monotonic if a.received.boot_id == b.received.boot_id else None
         if dt_s is None and a.fix.time and b.fix.time:
             dt_s = (b.fix.time - a.fix.time).total_seconds()
@@ -232,14 +243,14 @@ class VisitBook:
         self.policy = policy
         self.clock = clock
         self.register = HouseholdRegister(db)
-        self._key = None
+        self._key: Ed25519PrivateKey | None = None
         rows = list(db.query("SELECT offset, source FROM clock_anchor WHERE boot_id = ?", [clock.boot_id]))
         if rows:
             clock.restore(Anchor(clock.boot_id, rows[0]["offset"], TimeSource(rows[0]["source"])))
 
     @classmethod
     def open(cls, data_dir: str | Path, *, gateway_id: str, policy: VisitPolicy | None = None,
-             clock: GatewayClock | None = None) -> "VisitBook":
+             clock: GatewayClock | None = None) -> VisitBook:
         data_dir = Path(data_dir)
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         db = open_database(data_dir / DB_NAME, MIGRATIONS)
@@ -248,14 +259,14 @@ class VisitBook:
     def close(self) -> None:
         self.db.close()
 
-    def __enter__(self) -> "VisitBook":
+    def __enter__(self) -> VisitBook:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     @property
-    def signing_key(self):  # noqa: ANN201 - Ed25519PrivateKey, loaded lazily (keygen on first use)
+    def signing_key(self) -> Ed25519PrivateKey:
         if self._key is None:
             self._key = load_or_create_key(self.data_dir)
         return self._key
@@ -264,7 +275,7 @@ class VisitBook:
     def _save_anchor(self) -> None:
         anchor = self.clock.anchor
         if anchor is not None:
-            self.db["clock_anchor"].upsert({"boot_id": anchor.boot_id, "offset": anchor.offset,
+            self.db.table("clock_anchor").upsert({"boot_id": anchor.boot_id, "offset": anchor.offset,
                                             "source": anchor.source.value}, pk="boot_id")
 
     def observe_fix(self, fix: Fix, received: Stamp | None = None) -> FixRecord:
@@ -278,7 +289,7 @@ class VisitBook:
         visit = self.open_visit()
         if visit is not None and fix.has_position:
             with transaction(self.db):
-                self.db["visit_track"].insert({"visit_id": visit.id, "fix": record.to_json(),
+                self.db.table("visit_track").insert({"visit_id": visit.id, "fix": record.to_json(),
                                                "received": json.dumps(received.to_json())})
                 self._bound_track(visit.id)
         return record
@@ -304,13 +315,13 @@ class VisitBook:
                         if fixed.time is not None:
                             sets[col], sets[at_col] = json.dumps(fixed.to_json()), fixed.time.isoformat()
                 if sets:
-                    self.db["visits"].update(row["id"], sets)
+                    self.db.table("visits").update(row["id"], sets)
             for row in list(self.db.query("SELECT id, stamp FROM visit_notes")):
                 stamp = Stamp.from_json(json.loads(row["stamp"]))
                 if stamp.provisional:
                     fixed = self.clock.repair(stamp)
                     if not fixed.provisional:
-                        self.db["visit_notes"].update(row["id"], {"stamp": json.dumps(fixed.to_json())})
+                        self.db.table("visit_notes").update(row["id"], {"stamp": json.dumps(fixed.to_json())})
 
     # --- visits ----------------------------------------------------------------------------------
     def _visit(self, row: dict) -> Visit:
@@ -346,7 +357,7 @@ class VisitBook:
             raise VisitError("a visit is already open: stop it first (lastmile visit stop)")
         stamp = self.clock.now()
         visit_id = str(uuid.uuid4())  # minted at capture: the FHIR identifiers derive from it
-        self.db["visits"].insert({
+        self.db.table("visits").insert({
             "id": visit_id, "gateway_id": self.gateway_id, "doctor_id": doctor_id, "patient_id": patient_id,
             "household_id": household_id, "setting": setting or self.policy.setting, "state": "open",
             "start_stamp": json.dumps(stamp.to_json()),
@@ -367,7 +378,7 @@ class VisitBook:
         visit = self._require_open()
         if not text.strip():
             raise VisitError("empty note")
-        self.db["visit_notes"].insert({"visit_id": visit.id, "stamp": json.dumps(self.clock.now().to_json()),
+        self.db.table("visit_notes").insert({"visit_id": visit.id, "stamp": json.dumps(self.clock.now().to_json()),
                                        "text": text})
 
     def attach_observation(self, obs: Observation, *, outbox_key: str | None = None) -> str | None:
@@ -378,7 +389,7 @@ class VisitBook:
             return None
         record = observation_to_json(obs)
         digest = hashlib.sha256(canonical(record)).hexdigest()
-        self.db["visit_items"].insert({"visit_id": visit.id, "kind": "observation",
+        self.db.table("visit_items").insert({"visit_id": visit.id, "kind": "observation",
                                        "item_key": outbox_key or obs.record_key, "record": json.dumps(record),
                                        "sha256": digest}, ignore=True)
         return visit.id
@@ -387,7 +398,7 @@ class VisitBook:
         visit = self.open_visit()
         if visit is None or patient_id != visit.patient_id:
             return None
-        self.db["visit_items"].insert({"visit_id": visit.id, "kind": "ecg", "item_key": outbox_key,
+        self.db.table("visit_items").insert({"visit_id": visit.id, "kind": "ecg", "item_key": outbox_key,
                                        "record": None, "sha256": sha256 or hashlib.sha256(outbox_key.encode()).hexdigest()},
                                       ignore=True)
         return visit.id
@@ -412,7 +423,7 @@ class VisitBook:
             start_fix=visit.start_fix, end_fix=fix, track=self.track(visit.id),
             clock_disagreement_s=self.clock.last_disagreement_s)
         with transaction(self.db):
-            self.db["visits"].update(visit.id, {
+            self.db.table("visits").update(visit.id, {
                 "state": "closed", "end_stamp": json.dumps(end.to_json()),
                 "ended_at": end.time.isoformat() if end.time else None,
                 "start_stamp": json.dumps(visit.start.to_json()),
@@ -465,7 +476,7 @@ class VisitBook:
         last = list(self.db.query("SELECT seq, hash FROM chain ORDER BY seq DESC LIMIT 1"))
         seq, prev = (last[0]["seq"] + 1, last[0]["hash"]) if last else (1, GENESIS)
         _, chain_link = link(self.record_body(visit_id), seq, prev, self.signing_key)
-        self.db["chain"].insert({"seq": seq, "visit_id": visit_id, "prev_hash": prev, "hash": chain_link.hash,
+        self.db.table("chain").insert({"seq": seq, "visit_id": visit_id, "prev_hash": prev, "hash": chain_link.hash,
                                  "signature": chain_link.signature,
                                  "signed_at": (self.clock.now().time or dt.datetime.now(dt.timezone.utc)).isoformat()})
         return chain_link
@@ -528,7 +539,7 @@ class VisitBook:
             bundle = self.fhir_bundle(row["id"], naming)
             enqueue_bundle(outbox, bundle, f"fhir:visit:{row['id']}", patient_id=row["patient_id"],
                            meta={"visit_id": row["id"], "type": "visit"}, now=now)
-            self.db["visits"].update(row["id"], {"fhir_queued_at": dt.datetime.now(dt.timezone.utc).isoformat()})
+            self.db.table("visits").update(row["id"], {"fhir_queued_at": dt.datetime.now(dt.timezone.utc).isoformat()})
             queued += 1
         return queued
 

@@ -57,10 +57,10 @@ def load_or_create_key(data_dir: Path) -> Ed25519PrivateKey:
                 f.write(pem)
                 f.flush()
                 os.fsync(f.fileno())
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    if not isinstance(key, Ed25519PrivateKey):
+    loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(loaded, Ed25519PrivateKey):
         raise ValueError(f"{path} is not an Ed25519 private key")
-    return key
+    return loaded
 
 
 def public_key_b64(key: Ed25519PrivateKey) -> str:

@@ -74,10 +74,10 @@ class HouseholdRegister:
         digest = hashlib.sha256(raw).hexdigest()
         with transaction(self.db):
             self.db.execute("DELETE FROM households")
-            self.db["households"].insert_all(
+            self.db.table("households").insert_all(
                 [{"household_id": h.household_id, "latitude": h.latitude, "longitude": h.longitude}
                  for h in households])
-            self.db["register_imports"].insert(
+            self.db.table("register_imports").insert(
                 {"imported_at": now_iso, "source": str(path), "sha256": digest, "count": len(households)})
         return len(households)
 
@@ -99,4 +99,4 @@ class HouseholdRegister:
         return Household(**rows[0]) if rows else None
 
     def count(self) -> int:
-        return self.db["households"].count
+        return self.db.table("households").count

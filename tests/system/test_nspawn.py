@@ -175,7 +175,7 @@ def test_both_services_reach_ready_as_the_service_user(container: Container) -> 
     c = container
     t = time.monotonic()
     for unit in ("lastmile-acquire.service", "lastmile-forward.service"):
-        props = c.wait_for(f"{unit} READY", lambda: active_running(c, unit), timeout=60)
+        props = c.wait_for(f"{unit} READY", lambda unit=unit: active_running(c, unit), timeout=60)
         assert props["User"] == "lastmile"
         assert "ready after" in c.journal(unit)
     TIMINGS["ready"] = time.monotonic() - t
@@ -229,7 +229,7 @@ def test_nothing_in_the_outbox_is_lost_across_restarts(container: Container) -> 
     assert len(state["uids"]) == ITEMS and set(state["states"]) <= {"queued", "sending"}
     c.exec("systemctl", "restart", "lastmile-forward.service", "lastmile-acquire.service")
     for unit in ("lastmile-acquire.service", "lastmile-forward.service"):
-        c.wait_for(f"{unit} back", lambda: active_running(c, unit))
+        c.wait_for(f"{unit} back", lambda unit=unit: active_running(c, unit))
     state = outbox_state(c)
     assert len(state["uids"]) == ITEMS, "items disappeared across a restart"
     uids = set(state["uids"])
