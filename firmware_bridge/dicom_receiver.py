@@ -34,8 +34,11 @@ log = logging.getLogger(__name__)
 VERIFICATION = "1.2.840.10008.1.1"
 # Storage classes carts put ECGs in: 12-lead, General, Ambulatory ECG, Hemodynamic, Cardiac EP.
 ECG_STORAGE_CLASSES: tuple[str, ...] = (
-    "1.2.840.10008.5.1.4.1.1.9.1.1", "1.2.840.10008.5.1.4.1.1.9.1.2", "1.2.840.10008.5.1.4.1.1.9.1.3",
-    "1.2.840.10008.5.1.4.1.1.9.2.1", "1.2.840.10008.5.1.4.1.1.9.3.1",
+    "1.2.840.10008.5.1.4.1.1.9.1.1",
+    "1.2.840.10008.5.1.4.1.1.9.1.2",
+    "1.2.840.10008.5.1.4.1.1.9.1.3",
+    "1.2.840.10008.5.1.4.1.1.9.2.1",
+    "1.2.840.10008.5.1.4.1.1.9.3.1",
 )
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
@@ -76,8 +79,13 @@ def _patient(ds) -> dict | None:
     patient_id = _text(ds, "PatientID")
     if not patient_id:
         return None
-    return {"patient_id": patient_id, "name": _text(ds, "PatientName"), "issuer": _text(ds, "IssuerOfPatientID"),
-            "sex": _text(ds, "PatientSex"), "birth_date": _text(ds, "PatientBirthDate") or None}
+    return {
+        "patient_id": patient_id,
+        "name": _text(ds, "PatientName"),
+        "issuer": _text(ds, "IssuerOfPatientID"),
+        "sex": _text(ds, "PatientSex"),
+        "birth_date": _text(ds, "PatientBirthDate") or None,
+    }
 
 
 class DicomReceiver:
@@ -86,7 +94,8 @@ class DicomReceiver:
     def __init__(self, settings: ReceiverSettings, store: StoreCallable) -> None:
         if not settings.allowed_callers:
             raise ReceiverConfigError(
-                "lan_receiver.allowed_callers is empty: list the AE titles of the carts allowed to send")
+                "lan_receiver.allowed_callers is empty: list the AE titles of the carts allowed to send"
+            )
         if not settings.sop_classes:
             raise ReceiverConfigError("lan_receiver.sop_classes is empty")
         self.settings = settings
@@ -112,12 +121,18 @@ class DicomReceiver:
             ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(VERIFICATION)
         handlers: list[EventHandlerType] = [
-            (evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: SUCCESS),
-            (evt.EVT_CONN_OPEN, self._on_open)]
-        self._server = ae.start_server((self.settings.host, self.settings.port), block=False,
-                                       evt_handlers=handlers)
-        log.info("DICOM receiver %s listening on %s:%d for %s", self.settings.ae_title, self.settings.host,
-                 self.port, ", ".join(self.settings.allowed_callers))
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_ECHO, lambda event: SUCCESS),
+            (evt.EVT_CONN_OPEN, self._on_open),
+        ]
+        self._server = ae.start_server((self.settings.host, self.settings.port), block=False, evt_handlers=handlers)
+        log.info(
+            "DICOM receiver %s listening on %s:%d for %s",
+            self.settings.ae_title,
+            self.settings.host,
+            self.port,
+            ", ".join(self.settings.allowed_callers),
+        )
 
     def stop(self) -> None:
         if self._server is not None:
@@ -153,22 +168,40 @@ class DicomReceiver:
         except Exception as exc:  # noqa: BLE001 — a data set pydicom cannot read: say so, keep nothing
             log.warning("C-STORE from %s: unreadable data set %s (%s)", calling, sop_instance, exc)
             return CANNOT_UNDERSTAND
-        obj = ReceivedObject(data=data, sop_class_uid=sop_class, sop_instance_uid=sop_instance, study_uid=study,
-                             series_uid=series, transfer_syntax=str(event.context.transfer_syntax),
-                             calling_ae=calling, patient=patient)
+        obj = ReceivedObject(
+            data=data,
+            sop_class_uid=sop_class,
+            sop_instance_uid=sop_instance,
+            study_uid=study,
+            series_uid=series,
+            transfer_syntax=str(event.context.transfer_syntax),
+            calling_ae=calling,
+            patient=patient,
+        )
         try:
             with self._lock:  # one durable write at a time; SQLite serialises anyway
                 self._store(obj)
         except Exception:
-            log.exception("C-STORE from %s: could not keep %s; answering 'out of resources'", calling,
-                          sop_instance)
+            log.exception("C-STORE from %s: could not keep %s; answering 'out of resources'", calling, sop_instance)
             return OUT_OF_RESOURCES
         log.info("C-STORE from %s: kept %s (%d bytes)", calling, sop_instance, len(data))
         return SUCCESS
 
 
-def settings_from(ae_title: str, port: int, allowed_callers: Sequence[str], sop_classes: Sequence[str],
-                  host: str = "0.0.0.0", timeout_s: float = 30.0) -> ReceiverSettings:
+def settings_from(
+    ae_title: str,
+    port: int,
+    allowed_callers: Sequence[str],
+    sop_classes: Sequence[str],
+    host: str = "0.0.0.0",
+    timeout_s: float = 30.0,
+) -> ReceiverSettings:
     """Settings from the configuration's lan_receiver section (empty sop_classes: ECG classes)."""
-    return ReceiverSettings(ae_title=ae_title, host=host, port=port, allowed_callers=tuple(allowed_callers),
-                            sop_classes=tuple(sop_classes) or ECG_STORAGE_CLASSES, timeout_s=timeout_s)
+    return ReceiverSettings(
+        ae_title=ae_title,
+        host=host,
+        port=port,
+        allowed_callers=tuple(allowed_callers),
+        sop_classes=tuple(sop_classes) or ECG_STORAGE_CLASSES,
+        timeout_s=timeout_s,
+    )

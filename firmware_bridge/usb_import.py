@@ -33,10 +33,10 @@ log = logging.getLogger(__name__)
 KEY_PREFIX = "ecg-file-sha256:"
 MAX_FILE_BYTES = 64 * 2**20  # a 12-lead resting ECG is < 1 MB; a Pi must hold one in RAM
 # Folders that operating systems put on sticks; never ECGs.
-SKIPPED_DIRS = frozenset({"System Volume Information", "$RECYCLE.BIN", ".Trashes", ".Spotlight-V100",
-                          ".fseventsd", "lost+found"})
+SKIPPED_DIRS = frozenset(
+    {"System Volume Information", "$RECYCLE.BIN", ".Trashes", ".Spotlight-V100", ".fseventsd", "lost+found"}
+)
 SKIPPED_NAMES = frozenset({"DICOMDIR"})
-
 
 
 class ImportStatus(StrEnum):
@@ -79,8 +79,10 @@ class ImportSummary:
         return [o for o in self.outcomes if o.status == REFUSED]
 
     def line(self) -> str:
-        return (f"{len(self.outcomes)} ECG file(s): {self.imported} imported, {self.known} already known, "
-                f"{len(self.refused)} refused")
+        return (
+            f"{len(self.outcomes)} ECG file(s): {self.imported} imported, {self.known} already known, "
+            f"{len(self.refused)} refused"
+        )
 
 
 ProgressCallback = Callable[[int, int, ImportOutcome], None]  # (done, total, outcome of that file)
@@ -157,9 +159,15 @@ def read_file(path: Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     return data
 
 
-def import_file(path: Path, *, is_known: Callable[[str], bool],
-                enqueue: Callable[[EcgRecording, str], bool], local_tz: dt.tzinfo,
-                now: Callable[[], dt.datetime], max_bytes: int = MAX_FILE_BYTES) -> ImportOutcome:
+def import_file(
+    path: Path,
+    *,
+    is_known: Callable[[str], bool],
+    enqueue: Callable[[EcgRecording, str], bool],
+    local_tz: dt.tzinfo,
+    now: Callable[[], dt.datetime],
+    max_bytes: int = MAX_FILE_BYTES,
+) -> ImportOutcome:
     """Import one file; never raises for a bad file (the outcome says why it was refused)."""
     shown = str(path)
     try:
@@ -181,17 +189,22 @@ def import_file(path: Path, *, is_known: Callable[[str], bool],
     return ImportOutcome(shown, IMPORTED if created else KNOWN, key=key, recording=recording)
 
 
-def import_paths(roots: Iterable[str | os.PathLike[str]], *, is_known: Callable[[str], bool],
-                 enqueue: Callable[[EcgRecording, str], bool], local_tz: dt.tzinfo,
-                 now: Callable[[], dt.datetime], progress: ProgressCallback | None = None,
-                 max_bytes: int = MAX_FILE_BYTES) -> ImportSummary:
+def import_paths(
+    roots: Iterable[str | os.PathLike[str]],
+    *,
+    is_known: Callable[[str], bool],
+    enqueue: Callable[[EcgRecording, str], bool],
+    local_tz: dt.tzinfo,
+    now: Callable[[], dt.datetime],
+    progress: ProgressCallback | None = None,
+    max_bytes: int = MAX_FILE_BYTES,
+) -> ImportSummary:
     """Find and import every ECG file under `roots`; errors of the gateway itself (outbox full,
     database unusable) propagate, a bad file never does."""
     files = find_ecg_files(roots)
     summary = ImportSummary()
     for done, path in enumerate(files, 1):
-        outcome = import_file(path, is_known=is_known, enqueue=enqueue, local_tz=local_tz, now=now,
-                              max_bytes=max_bytes)
+        outcome = import_file(path, is_known=is_known, enqueue=enqueue, local_tz=local_tz, now=now, max_bytes=max_bytes)
         summary.outcomes.append(outcome)
         if outcome.status == REFUSED:
             log.warning("ECG file refused: %s: %s", path.name, outcome.reason)
@@ -209,8 +222,9 @@ class FolderWatcher:
     then imports the folder. Re-imports are cheap: known files are skipped by their hash.
     """
 
-    def __init__(self, folders: Iterable[str | os.PathLike[str]],
-                 run_import: Callable[[list[Path]], ImportSummary]) -> None:
+    def __init__(
+        self, folders: Iterable[str | os.PathLike[str]], run_import: Callable[[list[Path]], ImportSummary]
+    ) -> None:
         self.folders = [Path(f) for f in folders]
         self._run_import = run_import
         self._seen: dict[Path, tuple] = {}

@@ -32,11 +32,15 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="lastmile",
-        description="Lastmile clinic device gateway: devices in, DICOM and FHIR out.")
+        prog="lastmile", description="Lastmile clinic device gateway: devices in, DICOM and FHIR out."
+    )
     parser.add_argument("--version", action="version", version=f"lastmile {__version__}")
-    parser.add_argument("-c", "--config", metavar="FILE",
-                        help="configuration file (default: $LASTMILE_CONFIG or /etc/lastmile/lastmile.toml)")
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="configuration file (default: $LASTMILE_CONFIG or /etc/lastmile/lastmile.toml)",
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:

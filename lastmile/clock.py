@@ -84,13 +84,21 @@ class Stamp:
         return self.time is None
 
     def to_json(self) -> dict:
-        return {"time": self.time.isoformat() if self.time else None, "source": self.source.value,
-                "monotonic": self.monotonic, "boot_id": self.boot_id}
+        return {
+            "time": self.time.isoformat() if self.time else None,
+            "source": self.source.value,
+            "monotonic": self.monotonic,
+            "boot_id": self.boot_id,
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> Stamp:
-        return cls(dt.datetime.fromisoformat(data["time"]) if data.get("time") else None,
-                   TimeSource(data["source"]), float(data["monotonic"]), str(data["boot_id"]))
+        return cls(
+            dt.datetime.fromisoformat(data["time"]) if data.get("time") else None,
+            TimeSource(data["source"]),
+            float(data["monotonic"]),
+            str(data["boot_id"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -103,10 +111,15 @@ class Anchor:
 
 
 class GatewayClock:
-    def __init__(self, wall: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic,
-                 boot_id: Callable[[], str] = read_boot_id, *,
-                 jump_tolerance_s: float = 2.0, disagreement_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        wall: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        boot_id: Callable[[], str] = read_boot_id,
+        *,
+        jump_tolerance_s: float = 2.0,
+        disagreement_s: float = 60.0,
+    ) -> None:
         self._wall = wall
         self._monotonic = monotonic
         self.boot_id = boot_id()
@@ -159,8 +172,7 @@ class GatewayClock:
             expected = None if self._system is None else m + self._system
             if expected is not None and wall < expected - self.jump_tolerance_s:
                 # Backwards jump: keep our scale, so later stamps never precede earlier ones.
-                log.warning("system clock jumped back %.1f s; keeping the earlier time scale",
-                            expected - wall)
+                log.warning("system clock jumped back %.1f s; keeping the earlier time scale", expected - wall)
                 return self._stamp(expected, TimeSource.GATEWAY_RECEIPT, m)
             if expected is not None and wall > expected + self.jump_tolerance_s:
                 log.info("system clock jumped forward %.1f s (NTP?); following it", wall - expected)
@@ -178,8 +190,12 @@ class GatewayClock:
         anchor = self.anchor
         if not stamp.provisional or anchor is None or stamp.boot_id != self.boot_id:
             return stamp
-        return Stamp(dt.datetime.fromtimestamp(stamp.monotonic + anchor.offset, dt.timezone.utc),
-                     anchor.source, stamp.monotonic, stamp.boot_id)
+        return Stamp(
+            dt.datetime.fromtimestamp(stamp.monotonic + anchor.offset, dt.timezone.utc),
+            anchor.source,
+            stamp.monotonic,
+            stamp.boot_id,
+        )
 
     def elapsed_s(self, since: Stamp) -> float | None:
         """Seconds since a stamp of this boot, by the monotonic clock (None across reboots)."""

@@ -197,8 +197,7 @@ def _check_type(value: object, hint: object) -> bool:
         return isinstance(value, str)
     if origin is list:
         (item,) = typing.get_args(hint) or (object,)
-        return isinstance(value, list) and all(
-            item is object or _check_type(v, item) for v in value)
+        return isinstance(value, list) and all(item is object or _check_type(v, item) for v in value)
     if hint is dict:
         return isinstance(value, dict)
     if origin in (typing.Union, types.UnionType):
@@ -206,8 +205,7 @@ def _check_type(value: object, hint: object) -> bool:
     return True
 
 
-_TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
-               dict: "a table"}
+_TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string", dict: "a table"}
 
 
 def _build(cls: type, data: dict, prefix: str, text: str, where: str) -> object:
@@ -228,12 +226,13 @@ def _build(cls: type, data: dict, prefix: str, text: str, where: str) -> object:
             continue
         if not _check_type(value, hint):
             want = _TYPE_NAMES.get(hint, str(hint).replace("typing.", ""))
-            raise ConfigError(
-                f"{where}:{_line_of(text, dotted) or '?'}: '{dotted}' must be {want}, not {value!r}")
+            raise ConfigError(f"{where}:{_line_of(text, dotted) or '?'}: '{dotted}' must be {want}, not {value!r}")
         choices = _CHOICES.get((prefix.rstrip("."), key))
         if choices and value not in choices:
-            raise ConfigError(f"{where}:{_line_of(text, dotted) or '?'}: '{dotted}' must be one of "
-                              f"{', '.join(choices)}, not {value!r}")
+            raise ConfigError(
+                f"{where}:{_line_of(text, dotted) or '?'}: '{dotted}' must be one of "
+                f"{', '.join(choices)}, not {value!r}"
+            )
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
             raise ConfigError(f"{where}:{_line_of(text, dotted) or '?'}: '{dotted}' must not be negative")
         values[key] = float(value) if hint is float else value

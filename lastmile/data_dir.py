@@ -21,5 +21,9 @@ def open_outbox(config: Config) -> Outbox:
     from uploader.outbox import Outbox
 
     o = config.outbox
-    return Outbox.open(config.data_dir, min_free_bytes=o.min_free_mb * 2**20,
-                       backoff_base_s=o.backoff_base_s, backoff_max_s=o.backoff_max_s)
+    return Outbox.open(
+        config.data_dir,
+        min_free_bytes=o.min_free_mb * 2**20,
+        backoff_base_s=o.backoff_base_s,
+        backoff_max_s=o.backoff_max_s,
+    )

@@ -33,8 +33,11 @@ if TYPE_CHECKING:
 
 SERVICES = ("lastmile-acquire.service", "lastmile-forward.service")
 DEVICE_LINKS = Path("/dev/lastmile")
-JOURNALD_DROPINS = (Path("/etc/systemd/journald.conf"), Path("/etc/systemd/journald.conf.d"),
-                    Path("/usr/lib/systemd/journald.conf.d"))
+JOURNALD_DROPINS = (
+    Path("/etc/systemd/journald.conf"),
+    Path("/etc/systemd/journald.conf.d"),
+    Path("/usr/lib/systemd/journald.conf.d"),
+)
 RECOMMENDED_COMMIT_S = 30  # ext4 default is 5 s: every 5 s a journal commit wears the SD card
 NETWORK_TIMEOUT_S = 10.0
 WAITING_WARN_S = 24 * 3600.0  # an item waiting longer than a day: the link has been down a while
@@ -106,22 +109,40 @@ class Doctor:
             try:
                 findings += check()
             except Exception as exc:  # noqa: BLE001 — a check that breaks is itself a finding, never a traceback
-                findings.append(Finding(name, Level.FAIL, f"check failed: {type(exc).__name__}: {exc}",
-                                        "report this to the Lastmile maintainers"))
+                findings.append(
+                    Finding(
+                        name,
+                        Level.FAIL,
+                        f"check failed: {type(exc).__name__}: {exc}",
+                        "report this to the Lastmile maintainers",
+                    )
+                )
         return findings
 
     def check_config(self) -> list[Finding]:
         if self.config_error:
-            return [Finding("config", Level.FAIL, self.config_error,
-                            "fix that line; `lastmile config defaults` lists every key (the other "
-                            "checks below use the defaults)")]
+            return [
+                Finding(
+                    "config",
+                    Level.FAIL,
+                    self.config_error,
+                    "fix that line; `lastmile config defaults` lists every key (the other "
+                    "checks below use the defaults)",
+                )
+            ]
         return [Finding("config", Level.OK, f"{self.config.source} is valid")]
 
     def check_data_partition(self) -> list[Finding]:
         data = self.config.data_dir
         if not data.is_dir():
-            return [Finding("data", Level.FAIL, f"{data} does not exist",
-                            "is the data partition mounted? (systemctl status var-lib-lastmile.mount)")]
+            return [
+                Finding(
+                    "data",
+                    Level.FAIL,
+                    f"{data} does not exist",
+                    "is the data partition mounted? (systemctl status var-lib-lastmile.mount)",
+                )
+            ]
         out = []
         st = os.statvfs(data)
         free_mb = st.f_bavail * st.f_frsize / 2**20
@@ -129,11 +150,23 @@ class Doctor:
         need = self.config.outbox.min_free_mb
         text = f"{data}: {free_mb:.0f} MB free of {total_mb:.0f} MB"
         if free_mb < need:
-            out.append(Finding("data", Level.FAIL, text + f" (below outbox.min_free_mb = {need}: new items refused)",
-                               "forward the queue (is the link up?) or purge committed items"))
+            out.append(
+                Finding(
+                    "data",
+                    Level.FAIL,
+                    text + f" (below outbox.min_free_mb = {need}: new items refused)",
+                    "forward the queue (is the link up?) or purge committed items",
+                )
+            )
         elif free_mb < 2 * need:
-            out.append(Finding("data", Level.WARN, text + f" (close to outbox.min_free_mb = {need})",
-                               "check that forwarding keeps up (`lastmile queue`)"))
+            out.append(
+                Finding(
+                    "data",
+                    Level.WARN,
+                    text + f" (close to outbox.min_free_mb = {need})",
+                    "check that forwarding keeps up (`lastmile queue`)",
+                )
+            )
         else:
             out.append(Finding("data", Level.OK, text))
         mount = find_mount(self.mountinfo, data)
@@ -148,8 +181,12 @@ class Doctor:
         shown = sorted(o for o in opts if o in _WEAR_OPTIONS or o.startswith("commit="))
         where = f"{data} is on {mount.mount_point} ({mount.fstype}, {','.join(shown)})"
         if "ro" in opts:
-            return Finding("data", Level.FAIL, where + ": read-only",
-                           "the data partition went read-only (I/O errors?): run fsck, check the SD card")
+            return Finding(
+                "data",
+                Level.FAIL,
+                where + ": read-only",
+                "the data partition went read-only (I/O errors?): run fsck, check the SD card",
+            )
         problems = []
         if "noatime" not in opts:
             problems.append("no noatime (every read writes an access time)")
@@ -158,8 +195,12 @@ class Doctor:
             if commit < RECOMMENDED_COMMIT_S:
                 problems.append(f"journal commit every {commit} s")
         if problems:
-            return Finding("data", Level.WARN, where + ": " + "; ".join(problems),
-                           "mount it with noatime,commit=60 (image/ does) to spare the SD card")
+            return Finding(
+                "data",
+                Level.WARN,
+                where + ": " + "; ".join(problems),
+                "mount it with noatime,commit=60 (image/ does) to spare the SD card",
+            )
         return Finding("data", Level.OK, where)
 
     def check_root_fs(self) -> list[Finding]:
@@ -167,10 +208,19 @@ class Doctor:
         if mount is None:
             return [Finding("root", Level.WARN, "cannot read the mount table")]
         if mount.fstype == "overlay" or "ro" in mount.options:
-            return [Finding("root", Level.OK, f"root filesystem is {'an overlay' if mount.fstype == 'overlay' else 'read-only'}")]
-        return [Finding("root", Level.WARN, f"root filesystem is writable ({mount.fstype})",
-                        "on a clinic gateway the root should be read-only (overlayroot) so a power cut "
-                        "cannot corrupt it")]
+            return [
+                Finding(
+                    "root", Level.OK, f"root filesystem is {'an overlay' if mount.fstype == 'overlay' else 'read-only'}"
+                )
+            ]
+        return [
+            Finding(
+                "root",
+                Level.WARN,
+                f"root filesystem is writable ({mount.fstype})",
+                "on a clinic gateway the root should be read-only (overlayroot) so a power cut cannot corrupt it",
+            )
+        ]
 
     def check_journal(self) -> list[Finding]:
         settings: dict[str, str] = {}
@@ -185,8 +235,14 @@ class Doctor:
         limit = settings.get("SystemMaxUse") if storage != "volatile" else settings.get("RuntimeMaxUse", "default")
         if storage == "volatile" or settings.get("SystemMaxUse"):
             return [Finding("journal", Level.OK, f"Storage={storage}, max {limit}")]
-        return [Finding("journal", Level.WARN, f"journal Storage={storage} with no SystemMaxUse",
-                        "set SystemMaxUse=32M (or Storage=volatile) in /etc/systemd/journald.conf.d/")]
+        return [
+            Finding(
+                "journal",
+                Level.WARN,
+                f"journal Storage={storage} with no SystemMaxUse",
+                "set SystemMaxUse=32M (or Storage=volatile) in /etc/systemd/journald.conf.d/",
+            )
+        ]
 
     def check_clock(self) -> list[Finding]:
         from devices.identity import EARLIEST_PLAUSIBLE
@@ -194,15 +250,26 @@ class Doctor:
         now = dt.datetime.fromtimestamp(self.now(), dt.timezone.utc)
         stamp = now.strftime("%Y-%m-%d %H:%M:%SZ")
         if now < EARLIEST_PLAUSIBLE:
-            return [Finding("clock", Level.FAIL, f"system clock says {stamp}: not plausible",
-                            "no time source yet: connect the network (NTP) or a GPS receiver; "
-                            "measurements get the gateway-receipt time until then")]
+            return [
+                Finding(
+                    "clock",
+                    Level.FAIL,
+                    f"system clock says {stamp}: not plausible",
+                    "no time source yet: connect the network (NTP) or a GPS receiver; "
+                    "measurements get the gateway-receipt time until then",
+                )
+            ]
         source, synced = self._time_source()
         if synced:
             return [Finding("clock", Level.OK, f"{stamp}, synchronised ({source})")]
-        return [Finding("clock", Level.WARN, f"{stamp}, plausible but not synchronised ({source})",
-                        "enable systemd-timesyncd or chrony, or gpsd with a receiver; "
-                        "`timedatectl` shows the state")]
+        return [
+            Finding(
+                "clock",
+                Level.WARN,
+                f"{stamp}, plausible but not synchronised ({source})",
+                "enable systemd-timesyncd or chrony, or gpsd with a receiver; `timedatectl` shows the state",
+            )
+        ]
 
     def _time_source(self) -> tuple[str, bool]:
         if shutil.which("chronyc"):
@@ -234,14 +301,24 @@ class Doctor:
             state = f"{props.get('ActiveState', '?')}/{props.get('SubState', '?')}"
             restarts = props.get("NRestarts", "0")
             text = f"{unit}: {state}, {restarts} restarts" + (
-                f", {props['StatusText']}" if props.get("StatusText") else "")
+                f", {props['StatusText']}" if props.get("StatusText") else ""
+            )
             if props.get("ActiveState") == "active":
                 level = Level.WARN if int(restarts or 0) > 5 else Level.OK
-                out.append(Finding("services", level, text,
-                                   f"restarting often: journalctl -u {unit}" if level is Level.WARN else ""))
+                out.append(
+                    Finding(
+                        "services",
+                        level,
+                        text,
+                        f"restarting often: journalctl -u {unit}" if level is Level.WARN else "",
+                    )
+                )
             else:
-                out.append(Finding("services", Level.FAIL, text,
-                                   f"journalctl -u {unit} -n 50 says why; systemctl restart {unit}"))
+                out.append(
+                    Finding(
+                        "services", Level.FAIL, text, f"journalctl -u {unit} -n 50 says why; systemctl restart {unit}"
+                    )
+                )
         return out
 
     def check_reading_center(self) -> list[Finding]:
@@ -255,19 +332,37 @@ class Doctor:
         try:
             rtt = echo(peer)
         except ConfigurationFault as exc:
-            return [Finding("reading-center", Level.FAIL, f"C-ECHO refused: {exc}",
-                            "the PACS does not accept us: check reading_center.called_ae / calling_ae "
-                            "and that the reading center registered this gateway's AE title and address")]
+            return [
+                Finding(
+                    "reading-center",
+                    Level.FAIL,
+                    f"C-ECHO refused: {exc}",
+                    "the PACS does not accept us: check reading_center.called_ae / calling_ae "
+                    "and that the reading center registered this gateway's AE title and address",
+                )
+            ]
         except TransientError as exc:
-            return [Finding("reading-center", Level.FAIL, f"C-ECHO failed: {exc}",
-                            "check the network link and reading_center.host/port; items stay queued")]
+            return [
+                Finding(
+                    "reading-center",
+                    Level.FAIL,
+                    f"C-ECHO failed: {exc}",
+                    "check the network link and reading_center.host/port; items stay queued",
+                )
+            ]
         return [Finding("reading-center", Level.OK, f"C-ECHO {peer.where}: {rtt * 1000:.0f} ms")]
 
     def check_commitment_listener(self) -> list[Finding]:
         rc = self.config.reading_center
         if not rc.storage_commitment:
-            return [Finding("commitment", Level.OK, "storage commitment not requested "
-                            f"(local copies are kept: no_commitment_policy = {rc.no_commitment_policy})")]
+            return [
+                Finding(
+                    "commitment",
+                    Level.OK,
+                    "storage commitment not requested "
+                    f"(local copies are kept: no_commitment_policy = {rc.no_commitment_policy})",
+                )
+            ]
         port = rc.listen_port
         bind_host = getattr(rc, "listen_host", "0.0.0.0")
         probe = "127.0.0.1" if bind_host in ("", "0.0.0.0") else bind_host
@@ -280,10 +375,22 @@ class Doctor:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.bind((bind_host, port))
         except OSError as exc:
-            return [Finding("commitment", Level.FAIL, f"port {port} cannot be bound: {exc.strerror}",
-                            "another program holds it, or it needs privileges: change reading_center.listen_port")]
-        return [Finding("commitment", Level.WARN, f"nothing listens on port {port} yet (it is free)",
-                        "lastmile-forward opens it when it runs: systemctl status lastmile-forward")]
+            return [
+                Finding(
+                    "commitment",
+                    Level.FAIL,
+                    f"port {port} cannot be bound: {exc.strerror}",
+                    "another program holds it, or it needs privileges: change reading_center.listen_port",
+                )
+            ]
+        return [
+            Finding(
+                "commitment",
+                Level.WARN,
+                f"nothing listens on port {port} yet (it is free)",
+                "lastmile-forward opens it when it runs: systemctl status lastmile-forward",
+            )
+        ]
 
     def check_fhir(self) -> list[Finding]:
         f = self.config.fhir
@@ -300,23 +407,51 @@ class Doctor:
                 with as_owner_of(self.config.data_dir):
                     headers["Authorization"] = "Bearer " + read_token_file(f.token_file)
             except ConfigurationFault as exc:
-                return [Finding("fhir", Level.FAIL, str(exc), "put the token in the file, owned by the "
-                                "service user, mode 600")]
+                return [
+                    Finding(
+                        "fhir", Level.FAIL, str(exc), "put the token in the file, owned by the service user, mode 600"
+                    )
+                ]
         url = f.base_url.rstrip("/") + "/metadata"
         try:
-            r = requests.get(url, headers=headers, timeout=min(f.timeout_s, NETWORK_TIMEOUT_S),
-                             verify=f.ca_file or True)
+            r = requests.get(
+                url, headers=headers, timeout=min(f.timeout_s, NETWORK_TIMEOUT_S), verify=f.ca_file or True
+            )
         except requests.RequestException as exc:
-            return [Finding("fhir", Level.FAIL, f"{url}: {type(exc).__name__}: {exc}",
-                            "check the network, fhir.base_url and fhir.ca_file")]
+            return [
+                Finding(
+                    "fhir",
+                    Level.FAIL,
+                    f"{url}: {type(exc).__name__}: {exc}",
+                    "check the network, fhir.base_url and fhir.ca_file",
+                )
+            ]
         if r.status_code in (401, 403):
-            return [Finding("fhir", Level.FAIL, f"{url}: HTTP {r.status_code}: the token was refused",
-                            "ask the county platform for a new token; write it to fhir.token_file")]
+            return [
+                Finding(
+                    "fhir",
+                    Level.FAIL,
+                    f"{url}: HTTP {r.status_code}: the token was refused",
+                    "ask the county platform for a new token; write it to fhir.token_file",
+                )
+            ]
         if r.status_code != 200:
-            return [Finding("fhir", Level.FAIL, f"{url}: HTTP {r.status_code}",
-                            "is fhir.base_url the FHIR R4 base (ends before /metadata)?")]
-        return [Finding("fhir", Level.OK, f"{url}: HTTP 200 in {r.elapsed.total_seconds() * 1000:.0f} ms"
-                        + (" with token" if f.token_file else " (no token configured)"))]
+            return [
+                Finding(
+                    "fhir",
+                    Level.FAIL,
+                    f"{url}: HTTP {r.status_code}",
+                    "is fhir.base_url the FHIR R4 base (ends before /metadata)?",
+                )
+            ]
+        return [
+            Finding(
+                "fhir",
+                Level.OK,
+                f"{url}: HTTP 200 in {r.elapsed.total_seconds() * 1000:.0f} ms"
+                + (" with token" if f.token_file else " (no token configured)"),
+            )
+        ]
 
     def check_devices(self) -> list[Finding]:
         links = sorted(p.name for p in self.device_links.iterdir()) if self.device_links.is_dir() else []
@@ -324,8 +459,14 @@ class Doctor:
         from lastmile.clinic.db import DB_NAME
 
         if not (self.config.data_dir / DB_NAME).exists():
-            return [Finding("devices", Level.OK if links else Level.WARN, f"no device seen yet; {plugged}",
-                            "" if links else "plug in the clinic's devices, or pair BLE ones: lastmile ble pair")]
+            return [
+                Finding(
+                    "devices",
+                    Level.OK if links else Level.WARN,
+                    f"no device seen yet; {plugged}",
+                    "" if links else "plug in the clinic's devices, or pair BLE ones: lastmile ble pair",
+                )
+            ]
         from lastmile.clinic.devices import DeviceRegistry
 
         with as_owner_of(self.config.data_dir):
@@ -338,19 +479,30 @@ class Doctor:
         day = dt.timedelta(days=1)
 
         def seen(r: DeviceRecord) -> dt.datetime | None:
-            stamps = [t for t in (r.last_seen_at, r.last_connected_at,
-                                  r.last_reading_at) if t is not None]
+            stamps = [t for t in (r.last_seen_at, r.last_connected_at, r.last_reading_at) if t is not None]
             return max(stamps) if stamps else None
 
         recent = [r for r in records if (t := seen(r)) is not None and now - t < day]
-        errors = [r for r in records if r.last_error and r.last_error_at
-                  and (seen(r) is None or r.last_error_at >= seen(r))]  # type: ignore[operator]
-        text = (f"{len(records)} known, {len(recent)} seen in 24 h, "
-                f"{sum(r.connected for r in records)} connected; {plugged}")
+
+        def failing_since_seen(r: DeviceRecord) -> bool:
+            last_seen = seen(r)
+            return bool(r.last_error and r.last_error_at and (last_seen is None or r.last_error_at >= last_seen))
+
+        errors = [r for r in records if failing_since_seen(r)]
+        text = (
+            f"{len(records)} known, {len(recent)} seen in 24 h, "
+            f"{sum(r.connected for r in records)} connected; {plugged}"
+        )
         if errors:
             worst = errors[0]
-            return [Finding("devices", Level.WARN, text + f"; {worst.name or worst.address}: {worst.last_error}",
-                            "`lastmile devices` lists each device's state")]
+            return [
+                Finding(
+                    "devices",
+                    Level.WARN,
+                    text + f"; {worst.name or worst.address}: {worst.last_error}",
+                    "`lastmile devices` lists each device's state",
+                )
+            ]
         return [Finding("devices", Level.OK, text)]
 
     def check_queue(self) -> list[Finding]:
@@ -369,30 +521,56 @@ class Doctor:
         waiting = counts.get("queued", 0) + counts.get("sending", 0)
         oldest = stats["oldest_waiting_s"]
         quarantined = stats["quarantined"]
-        text = (f"{waiting} waiting, {counts.get('sent', 0)} awaiting commitment, "
-                f"{counts.get('committed', 0)} committed, {len(quarantined)} quarantined")
+        text = (
+            f"{waiting} waiting, {counts.get('sent', 0)} awaiting commitment, "
+            f"{counts.get('committed', 0)} committed, {len(quarantined)} quarantined"
+        )
         if oldest is not None:
             text += f"; oldest waiting {_age(oldest)}"
-        faults = [f"{name}: {value['fault']}" for name, value in stats["statuses"].items()
-                  if isinstance(value, dict) and value.get("fault")]
+        faults = [
+            f"{name}: {value['fault']}"
+            for name, value in stats["statuses"].items()
+            if isinstance(value, dict) and value.get("fault")
+        ]
         out = []
         if oldest is not None and oldest > WAITING_FAIL_S:
-            out.append(Finding("queue", Level.FAIL, text, "nothing has gone out for a week: check the "
-                               "reading-center and fhir lines above, then `lastmile queue`"))
+            out.append(
+                Finding(
+                    "queue",
+                    Level.FAIL,
+                    text,
+                    "nothing has gone out for a week: check the "
+                    "reading-center and fhir lines above, then `lastmile queue`",
+                )
+            )
         elif quarantined or (oldest is not None and oldest > WAITING_WARN_S):
-            out.append(Finding("queue", Level.WARN, text,
-                               "`lastmile queue` shows why items are quarantined; `lastmile retry` "
-                               "requeues them once the cause is fixed" if quarantined else
-                               "items wait for more than a day: is the link down?"))
+            out.append(
+                Finding(
+                    "queue",
+                    Level.WARN,
+                    text,
+                    "`lastmile queue` shows why items are quarantined; `lastmile retry` "
+                    "requeues them once the cause is fixed"
+                    if quarantined
+                    else "items wait for more than a day: is the link down?",
+                )
+            )
         else:
             out.append(Finding("queue", Level.OK, text))
         for fault in faults:
-            out.append(Finding("queue", Level.FAIL, f"the forwarder reports: {fault}",
-                               "the peer refuses our configuration; fix it and `systemctl reload lastmile-forward`"))
+            out.append(
+                Finding(
+                    "queue",
+                    Level.FAIL,
+                    f"the forwarder reports: {fault}",
+                    "the peer refuses our configuration; fix it and `systemctl reload lastmile-forward`",
+                )
+            )
         return out
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Mount:
@@ -485,16 +663,16 @@ def render_text(findings: list[Finding]) -> str:
 
 
 def render_json(findings: list[Finding]) -> str:
-    return json.dumps({"ok": exit_code(findings) == 0, "findings": [f.to_json() for f in findings]},
-                      indent=2)
+    return json.dumps({"ok": exit_code(findings) == 0, "findings": [f.to_json() for f in findings]}, indent=2)
 
 
 def exit_code(findings: list[Finding]) -> int:
     return 1 if any(f.level is Level.FAIL for f in findings) else 0
 
 
-def diagnose(config_path: str | None, *, offline: bool, data_dir: str | None = None,
-             **overrides: object) -> list[Finding]:
+def diagnose(
+    config_path: str | None, *, offline: bool, data_dir: str | None = None, **overrides: object
+) -> list[Finding]:
     """Load the configuration (a broken one is a FAIL, the rest runs on defaults) and check."""
     from lastmile.config import Config, ConfigError, load_config
 

@@ -21,15 +21,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_SYSLOG_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6,
-                    logging.DEBUG: 7}
+_SYSLOG_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
 
 # Shapes patient data takes in messages we or our libraries write. Each pattern's group "v" is masked.
 _PATIENT_PATTERNS: tuple[re.Pattern[str], ...] = (
     # key=value / key: value with a patient-ish key (PatientID, patient_id, patient name, birth date)
-    re.compile(r"(?i)\b(?:patient[ _-]?(?:id|name|identifier)|other[ _-]?patient[ _-]?ids|"
-               r"patient|birth[ _-]?date|PatientBirthDate)\b\s*[=:]\s*"
-               r"(?P<v>'[^']*'|\"[^\"]*\"|[^\s,;)\]}]+)"),
+    re.compile(
+        r"(?i)\b(?:patient[ _-]?(?:id|name|identifier)|other[ _-]?patient[ _-]?ids|"
+        r"patient|birth[ _-]?date|PatientBirthDate)\b\s*[=:]\s*"
+        r"(?P<v>'[^']*'|\"[^\"]*\"|[^\s,;)\]}]+)"
+    ),
     # DICOM person names: Family^Given[^Middle...]
     re.compile(r"(?P<v>\b[^\s^=,;:'\"()\[\]{}]+\^[^\s=,;'\"()\[\]{}]*)"),
 )
@@ -91,7 +92,7 @@ class PatientDataFilter(logging.Filter):
         start, end = m.span("v")
         whole = m.group(0)
         base = m.start(0)
-        return whole[:start - base] + self.token(v.strip("'\"")) + whole[end - base:]
+        return whole[: start - base] + self.token(v.strip("'\"")) + whole[end - base :]
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not self.enabled:
@@ -152,8 +153,9 @@ def stdout_is_journal(stream: object = None) -> bool:
     return st.st_dev == dev and st.st_ino == ino
 
 
-def configure_logging(config: Config | None, *, level: int | None = None,
-                      stream: object = None, verbosity: int = 0) -> PatientDataFilter:
+def configure_logging(
+    config: Config | None, *, level: int | None = None, stream: object = None, verbosity: int = 0
+) -> PatientDataFilter:
     """The one logging set-up of every entry point (services and CLI): one handler on `stream`
     (stdout for a service, which systemd connects to the journal; stderr for a command) with
     journal priorities when it is the journal, through the patient-data filter. Returns the filter.

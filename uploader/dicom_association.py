@@ -99,8 +99,7 @@ def new_ae(peer: PeerSettings) -> AE:
     return ae
 
 
-def associate(peer: PeerSettings, contexts: list[PresentationContext],
-              handlers: list[EventHandlerType]) -> Association:
+def associate(peer: PeerSettings, contexts: list[PresentationContext], handlers: list[EventHandlerType]) -> Association:
     """Open an association or raise the typed reason it could not be opened."""
     ae = new_ae(peer)
     tls_args = None
@@ -117,18 +116,24 @@ def associate(peer: PeerSettings, contexts: list[PresentationContext],
 
     started = time.monotonic()
     try:
-        assoc = ae.associate(peer.host, peer.port, contexts, ae_title=peer.called_ae,
-                             tls_args=tls_args, evt_handlers=[(evt.EVT_CONN_OPEN, on_open), *handlers])
+        assoc = ae.associate(
+            peer.host,
+            peer.port,
+            contexts,
+            ae_title=peer.called_ae,
+            tls_args=tls_args,
+            evt_handlers=[(evt.EVT_CONN_OPEN, on_open), *handlers],
+        )
     except ValueError as exc:  # e.g. a called AE title pynetdicom refuses to encode
         raise ConfigurationFault(f"cannot ask {peer.where} for an association: {exc}") from None
     if assoc.is_established:
         return assoc
-    raise_not_established(peer, assoc, getattr(ctx, "failures", []), connected.is_set(),
-                           time.monotonic() - started)
+    raise_not_established(peer, assoc, getattr(ctx, "failures", []), connected.is_set(), time.monotonic() - started)
 
 
-def raise_not_established(peer: PeerSettings, assoc: Association, tls_failures: Sequence[OSError],
-                           connected: bool, elapsed_s: float) -> NoReturn:
+def raise_not_established(
+    peer: PeerSettings, assoc: Association, tls_failures: Sequence[OSError], connected: bool, elapsed_s: float
+) -> NoReturn:
     where, us = peer.where, peer.calling_ae
     answer = assoc.acceptor.primitive
     if assoc.is_rejected and answer is not None:
@@ -140,12 +145,14 @@ def raise_not_established(peer: PeerSettings, assoc: Association, tls_failures: 
     if trust:
         raise ConfigurationFault(f"TLS with {where} failed: {describe_tls(trust[0])}")
     if answer is not None and answer.result == 0x00 and not assoc.accepted_contexts:
-        rejected = sorted({UID(cx.abstract_syntax or '').name for cx in assoc.rejected_contexts})
-        raise ConfigurationFault(f"{where} accepted none of the presentation contexts {us} "
-                                 f"proposed ({', '.join(rejected)})")
+        rejected = sorted({UID(cx.abstract_syntax or "").name for cx in assoc.rejected_contexts})
+        raise ConfigurationFault(
+            f"{where} accepted none of the presentation contexts {us} proposed ({', '.join(rejected)})"
+        )
     if tls_failures:
-        raise TransientError(f"cannot reach {where}: {tls_failures[0]} during the TLS handshake "
-                             "(does the peer speak TLS on that port?)")
+        raise TransientError(
+            f"cannot reach {where}: {tls_failures[0]} during the TLS handshake (does the peer speak TLS on that port?)"
+        )
     if not connected:
         how = "timed out" if elapsed_s >= 0.9 * peer.timeout_s else "refused or unreachable"
         raise TransientError(f"cannot connect to {where}: {how}")
@@ -165,6 +172,7 @@ def release(assoc: Association) -> None:
 
 
 # -- C-ECHO --------------------------------------------------------------------------------------
+
 
 def echo(peer: PeerSettings) -> float:
     """C-ECHO round trip in seconds (association set-up not included).

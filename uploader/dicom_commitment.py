@@ -82,14 +82,20 @@ def report_handler(on_report: Callable[[CommitmentReport], None]) -> Callable[[e
         except (MalformedReport, InvalidDicomError, ValueError, EOFError) as exc:
             log.warning("unreadable storage commitment report from %s: %s", calling, exc)
             return 0x0110, None
-        log.info("storage commitment report %s from %s: %d committed, %d failed",
-                 report.transaction_uid, calling, len(report.committed), len(report.failed))
+        log.info(
+            "storage commitment report %s from %s: %d committed, %d failed",
+            report.transaction_uid,
+            calling,
+            len(report.committed),
+            len(report.failed),
+        )
         try:
             on_report(report)
         except Exception:
             log.exception("storage commitment report %s could not be processed", report.transaction_uid)
             return 0x0110, None
         return 0x0000, None
+
     return handle
 
 
@@ -97,9 +103,17 @@ class CommitmentListener:
     """Our AE in the SCP role for N-EVENT-REPORTs: the PACS opens a new association to us
     (role selection: it is the Storage Commitment SCP) and reports what it committed."""
 
-    def __init__(self, ae_title: str, port: int, on_report: Callable[[CommitmentReport], None], *,
-                 host: str = "127.0.0.1", allowed_peers: Sequence[str] | None = None,
-                 tls: TlsFiles | None = None, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        ae_title: str,
+        port: int,
+        on_report: Callable[[CommitmentReport], None],
+        *,
+        host: str = "127.0.0.1",
+        allowed_peers: Sequence[str] | None = None,
+        tls: TlsFiles | None = None,
+        timeout_s: float = 30.0,
+    ) -> None:
         self.ae_title = ae_title
         self.port = port
         self.host = host
@@ -135,20 +149,22 @@ class CommitmentListener:
             if self.allowed_peers:
                 ae.require_calling_aet = list(self.allowed_peers)
             # the reporting PACS is the Storage Commitment SCP: accept it in that role
-            ae.add_supported_context(STORAGE_COMMITMENT_PUSH, COMMITMENT_SYNTAXES,
-                                     scu_role=False, scp_role=True)
+            ae.add_supported_context(STORAGE_COMMITMENT_PUSH, COMMITMENT_SYNTAXES, scu_role=False, scp_role=True)
             ae.add_supported_context(VERIFICATION)
             ssl_context = server_tls_context(self.tls) if self.tls is not None else None
-            handlers: list[EventHandlerType] = [(evt.EVT_CONN_OPEN, set_nodelay),
-                        (evt.EVT_N_EVENT_REPORT, report_handler(self.on_report))]
+            handlers: list[EventHandlerType] = [
+                (evt.EVT_CONN_OPEN, set_nodelay),
+                (evt.EVT_N_EVENT_REPORT, report_handler(self.on_report)),
+            ]
             try:
-                self._server = ae.start_server((self.host, self.port), block=False,
-                                               evt_handlers=handlers, ssl_context=ssl_context)
+                self._server = ae.start_server(
+                    (self.host, self.port), block=False, evt_handlers=handlers, ssl_context=ssl_context
+                )
             except OSError as exc:
-                raise ConfigurationFault(f"cannot listen for storage commitment reports on "
-                                         f"{self.host}:{self.port}: {exc}") from None
-            log.info("listening for storage commitment reports as %s on %s:%d",
-                     self.ae_title, *self.address)
+                raise ConfigurationFault(
+                    f"cannot listen for storage commitment reports on {self.host}:{self.port}: {exc}"
+                ) from None
+            log.info("listening for storage commitment reports as %s on %s:%d", self.ae_title, *self.address)
 
     def stop(self) -> None:
         with self._lock:

@@ -110,34 +110,46 @@ class IodLimits:
 
 TWELVE_LEAD_LIMITS = IodLimits(TWELVE_LEAD_ECG, "12-lead ECG", 200.0, 1000.0, 5, 13, 13, 16384)
 GENERAL_ECG_LIMITS = IodLimits(GENERAL_ECG, "General ECG", 200.0, 1000.0, 4, 24, None, None)
-IOD_LIMITS: dict[str, IodLimits] = {
-    limits.sop_class_uid: limits for limits in (TWELVE_LEAD_LIMITS, GENERAL_ECG_LIMITS)}
+IOD_LIMITS: dict[str, IodLimits] = {limits.sop_class_uid: limits for limits in (TWELVE_LEAD_LIMITS, GENERAL_ECG_LIMITS)}
 
 # CID 3001 "ECG Lead", MDC partition 2 (numbered as the SCP-ECG lead table): our label -> code.
 _LEAD_CODES: dict[str, tuple[str, str]] = {
-    "I": ("2:1", "Lead I"), "II": ("2:2", "Lead II"), "III": ("2:61", "Lead III"),
+    "I": ("2:1", "Lead I"),
+    "II": ("2:2", "Lead II"),
+    "III": ("2:61", "Lead III"),
     "aVR": ("2:62", "aVR, augmented voltage, right"),
     "aVL": ("2:63", "aVL, augmented voltage, left"),
     "aVF": ("2:64", "aVF, augmented voltage, foot"),
     "-aVR": ("2:65", "\u2212aVR"),
     **{f"V{i}": (f"2:{i + 2}", f"Lead V{i}") for i in range(1, 8)},  # V1 2:3 ... V7 2:9
-    "V8": ("2:66", "Lead V8"), "V9": ("2:67", "Lead V9"),
+    "V8": ("2:66", "Lead V8"),
+    "V9": ("2:67", "Lead V9"),
     **{f"V{i}R": (f"2:{i + 8}", f"Lead V{i}R") for i in range(2, 8)},  # V2R 2:10 ... V7R 2:15
-    "V8R": ("2:68", "Lead V8R"), "V9R": ("2:69", "Lead V9R"),
-    "X": ("2:16", "Lead X"), "Y": ("2:17", "Lead Y"), "Z": ("2:18", "Lead Z"),
-    "LA": ("2:21", "Left Arm Lead"), "RA": ("2:22", "Right Arm Lead"),
-    "LL": ("2:23", "Left Leg Lead"), "RL": ("2:147", "Right Leg Lead"),
+    "V8R": ("2:68", "Lead V8R"),
+    "V9R": ("2:69", "Lead V9R"),
+    "X": ("2:16", "Lead X"),
+    "Y": ("2:17", "Lead Y"),
+    "Z": ("2:18", "Lead Z"),
+    "LA": ("2:21", "Left Arm Lead"),
+    "RA": ("2:22", "Right Arm Lead"),
+    "LL": ("2:23", "Left Leg Lead"),
+    "RL": ("2:147", "Right Leg Lead"),
 }
 _DERIVED_LEAD_CODES: dict[str, tuple[str, str]] = {
-    "I": ("2:31", "Derived Lead I"), "II": ("2:32", "Derived Lead II"),
+    "I": ("2:31", "Derived Lead I"),
+    "II": ("2:32", "Derived Lead II"),
     **{f"V{i}": (f"2:{i + 32}", f"Derived Lead V{i}") for i in range(1, 7)},  # V1 2:33 ...
-    "III": ("2:111", "Derived Lead III"), "aVR": ("2:112", "Derived Lead aVR"),
-    "aVL": ("2:113", "Derived Lead aVL"), "aVF": ("2:114", "Derived Lead aVF"),
+    "III": ("2:111", "Derived Lead III"),
+    "aVR": ("2:112", "Derived Lead aVR"),
+    "aVL": ("2:113", "Derived Lead aVL"),
+    "aVF": ("2:114", "Derived Lead aVF"),
 }
 _UNSPECIFIED_LEAD = ("2:0", "Unspecified lead")
 _EINTHOVEN_GOLDBERGER = {
-    "III": "III = II - I", "aVR": "aVR = -(I + II) / 2",
-    "aVL": "aVL = I - II / 2", "aVF": "aVF = II - I / 2",
+    "III": "III = II - I",
+    "aVR": "aVR = -(I + II) / 2",
+    "aVL": "aVL = I - II / 2",
+    "aVF": "aVF = II - I / 2",
 }
 _CANONICAL = {label.upper(): label for label in _LEAD_CODES}
 
@@ -160,8 +172,9 @@ _TIME_SOURCE_TEXT = {
     TimeSource.DEVICE_CLOCK: "the ECG device's own clock",
     TimeSource.DEVICE_CLOCK_CORRECTED: "the ECG device's clock, corrected by a measured offset",
     TimeSource.FILE: "the time written into the file by the device",
-    TimeSource.GATEWAY_RECEIPT: ("the time the gateway received it (device time unknown or "
-                                 "implausible): acquisition was earlier"),
+    TimeSource.GATEWAY_RECEIPT: (
+        "the time the gateway received it (device time unknown or implausible): acquisition was earlier"
+    ),
     TimeSource.GPS: "GNSS (GPS) time",
     TimeSource.UNKNOWN: "unknown",
 }
@@ -172,8 +185,11 @@ _MAX_CHARS = {"SH": 16, "LO": 64, "ST": 1024, "LT": 10240, "PN": 64}
 
 def mint_uids() -> EcgStudyUids:
     """New Study/Series/SOP Instance UIDs (2.25 UUID form). Call once per recording and keep them."""
-    return EcgStudyUids(study_uid=generate_uid(prefix=None), series_uid=generate_uid(prefix=None),
-                        sop_instance_uid=generate_uid(prefix=None))
+    return EcgStudyUids(
+        study_uid=generate_uid(prefix=None),
+        series_uid=generate_uid(prefix=None),
+        sop_instance_uid=generate_uid(prefix=None),
+    )
 
 
 # ---------------------------------------------------------------------------- IOD choice
@@ -181,8 +197,7 @@ def mint_uids() -> EcgStudyUids:
 
 def canonical_lead(label: str) -> str | None:
     """Our standard spelling of a lead label ("AVR" -> "aVR", "Lead V4R" -> "V4R"), or None."""
-    key = "".join(ch for ch in label.upper().replace("\u2212", "-")
-                  if ch.isprintable() and not ch.isspace())
+    key = "".join(ch for ch in label.upper().replace("\u2212", "-") if ch.isprintable() and not ch.isspace())
     if key.startswith("LEAD") and key[4:] in _CANONICAL:
         key = key[4:]
     return _CANONICAL.get(key)
@@ -195,8 +210,7 @@ def padded_length(recording: EcgRecording) -> int:
 
 def _is_twelve_lead_set(recording: EcgRecording) -> bool:
     canonical = [canonical_lead(name) for name in recording.lead_names]
-    return (all(c in STANDARD_12_LEADS for c in canonical)
-            and len(set(canonical)) == len(canonical))
+    return all(c in STANDARD_12_LEADS for c in canonical) and len(set(canonical)) == len(canonical)
 
 
 def choose_sop_class(recording: EcgRecording) -> str:
@@ -205,20 +219,25 @@ def choose_sop_class(recording: EcgRecording) -> str:
     if not (TWELVE_LEAD_LIMITS.min_rate_hz <= rate <= TWELVE_LEAD_LIMITS.max_rate_hz):
         raise InvalidObjectError(
             f"sampling rate {rate:g} Hz is outside 200-1000 Hz, the range of both DICOM ECG "
-            "IODs; the decoder must resample it (and set resampled_from_hz)")
+            "IODs; the decoder must resample it (and set resampled_from_hz)"
+        )
     if recording.n_leads > GENERAL_ECG_LIMITS.max_channels_per_group:
         raise InvalidObjectError(
             f"{recording.n_leads} leads: a DICOM ECG object holds at most "
-            f"{GENERAL_ECG_LIMITS.max_channels_per_group} channels in one multiplex group")
+            f"{GENERAL_ECG_LIMITS.max_channels_per_group} channels in one multiplex group"
+        )
     samples = padded_length(recording)
     if samples * recording.n_leads * 2 > MAX_WAVEFORM_BYTES:
         raise InvalidObjectError(
             f"{recording.n_leads} leads x {samples} samples (with gaps padded) exceed "
-            f"{MAX_WAVEFORM_BYTES // 2**20} MiB of waveform data")
+            f"{MAX_WAVEFORM_BYTES // 2**20} MiB of waveform data"
+        )
     twelve = TWELVE_LEAD_LIMITS
-    if (_is_twelve_lead_set(recording)
-            and (twelve.max_total_channels is None or recording.n_leads <= twelve.max_total_channels)
-            and (twelve.max_samples is None or samples <= twelve.max_samples)):
+    if (
+        _is_twelve_lead_set(recording)
+        and (twelve.max_total_channels is None or recording.n_leads <= twelve.max_total_channels)
+        and (twelve.max_samples is None or samples <= twelve.max_samples)
+    ):
         return TWELVE_LEAD_ECG
     return GENERAL_ECG
 
@@ -248,13 +267,14 @@ def _quantise(samples: np.ndarray, lowest: int) -> _Quantised:
     needed = max(_ceil_div(max(hi, 0), INT16_MAX), _ceil_div(max(-lo, 0), -lowest), 1)
     # Prefer a divisor of every sample: the requantisation is then lossless.
     common = int(np.gcd.reduce(np.abs(wide).ravel()))
-    divisor = next((d for d in range(needed, min(common, needed + 4096) + 1) if common % d == 0),
-                   common if common >= needed else 0)
+    divisor = next(
+        (d for d in range(needed, min(common, needed + 4096) + 1) if common % d == 0), common if common >= needed else 0
+    )
     if divisor:
         return _Quantised((wide // divisor).astype(np.int16), divisor, True)
     quotient = wide // needed
     remainder = wide - quotient * needed
-    quotient += (2 * remainder >= needed)  # round half up
+    quotient += 2 * remainder >= needed  # round half up
     return _Quantised(np.clip(quotient, lowest, INT16_MAX).astype(np.int16), needed, False)
 
 
@@ -274,7 +294,7 @@ def _multiplexed(samples: np.ndarray, gaps: list[tuple[int, int]]) -> tuple[byte
     positions = []
     src = dst = 0
     for start, missing in gaps:
-        out[dst:dst + start - src] = samples[:, src:start].T
+        out[dst : dst + start - src] = samples[:, src:start].T
         dst += start - src
         positions.append((dst, missing))
         dst += missing
@@ -295,9 +315,7 @@ def _text(value: str, vr: str) -> str:
     """A string a DICOM text VR accepts: no backslash (value separator), no control
     characters (except in ST/LT newlines), cut to the VR's length."""
     keep_newlines = vr in ("ST", "LT")
-    cleaned = "".join(
-        ch for ch in value.replace("\\", "/")
-        if ch.isprintable() or (keep_newlines and ch in "\r\n"))
+    cleaned = "".join(ch for ch in value.replace("\\", "/") if ch.isprintable() or (keep_newlines and ch in "\r\n"))
     return _fit(cleaned.strip(), _MAX_CHARS[vr]).strip()
 
 
@@ -307,7 +325,8 @@ def _identifier(value: str, what: str) -> str:
     if _text(value, "LO") != value:
         raise InvalidObjectError(
             f"{what} does not fit a DICOM LO value (64 bytes, no backslash or control "
-            "characters, no leading/trailing spaces)")
+            "characters, no leading/trailing spaces)"
+        )
     return value
 
 
@@ -388,8 +407,7 @@ def _channel(label: str, *, derived: bool, sensitivity: float, derivation_notes:
     notes = []
     if derived:
         formula = _EINTHOVEN_GOLDBERGER.get(canonical or "")
-        notes.append(f"computed, not recorded: {formula}" if formula
-                     else "computed from other leads, not recorded")
+        notes.append(f"computed, not recorded: {formula}" if formula else "computed from other leads, not recorded")
     notes += derivation_notes
     if notes:
         channel.ChannelDerivationDescription = _text("; ".join(notes), "LO")
@@ -448,7 +466,8 @@ def _set_patient(ds: Dataset, ctx: _Context) -> None:
         ds.PatientComments = (
             "UNASSIGNED: no patient was identified at the gateway. The Patient ID is a "
             "temporary per-study placeholder, not a real identifier; assign the patient "
-            "before reporting.")
+            "before reporting."
+        )
         return
     ds.PatientName = _person_name(patient.name)
     ds.PatientID = _identifier(patient.patient_id, "patient ID")
@@ -532,8 +551,7 @@ def _acquisition_context(ctx: _Context) -> Sequence:
     return Sequence([urgent])
 
 
-def _waveform_group(ctx: _Context, quantised: _Quantised, gaps: list[tuple[int, int]],
-                    data: bytes) -> Dataset:
+def _waveform_group(ctx: _Context, quantised: _Quantised, gaps: list[tuple[int, int]], data: bytes) -> Dataset:
     rec = ctx.recording
     resampled = rec.resampled_from_hz
     derivation_notes = [f"resampled from {resampled:g} Hz"] if resampled is not None else []
@@ -544,10 +562,14 @@ def _waveform_group(ctx: _Context, quantised: _Quantised, gaps: list[tuple[int, 
     group.NumberOfWaveformSamples = rec.n_samples + sum(missing for _, missing in gaps)
     group.SamplingFrequency = _ds(ctx.rate)
     group.MultiplexGroupLabel = MULTIPLEX_GROUP_LABEL
-    group.ChannelDefinitionSequence = Sequence([
-        _channel(name, derived=name in rec.derived_leads, sensitivity=sensitivity,
-                 derivation_notes=derivation_notes)
-        for name in rec.lead_names])
+    group.ChannelDefinitionSequence = Sequence(
+        [
+            _channel(
+                name, derived=name in rec.derived_leads, sensitivity=sensitivity, derivation_notes=derivation_notes
+            )
+            for name in rec.lead_names
+        ]
+    )
     group.WaveformBitsAllocated = 16
     group.WaveformSampleInterpretation = "SS"
     if gaps:
@@ -556,38 +578,56 @@ def _waveform_group(ctx: _Context, quantised: _Quantised, gaps: list[tuple[int, 
     return group
 
 
-def _annotations(ctx: _Context, patient_id: str, quantised: _Quantised,
-                 gap_positions: list[tuple[int, int]]) -> Sequence:
+def _annotations(
+    ctx: _Context, patient_id: str, quantised: _Quantised, gap_positions: list[tuple[int, int]]
+) -> Sequence:
     """Gaps (coded + text) and the facts a reader must see, as ECG statements."""
     rec, rate = ctx.recording, ctx.rate
     notes: list[Dataset] = []
     for first, count in gap_positions:
         notes.append(_gap_annotation(first, count))
-        notes.append(_annotation(
-            f"Signal lost in transit: {count} samples ({count / rate:.3f} s) missing, shown as "
-            f"padding value {PADDING_VALUE}", (first, count)))
+        notes.append(
+            _annotation(
+                f"Signal lost in transit: {count} samples ({count / rate:.3f} s) missing, shown as "
+                f"padding value {PADDING_VALUE}",
+                (first, count),
+            )
+        )
     if rec.stat:
         notes.append(_annotation("STAT: urgent read requested"))
     if rec.patient is None:
-        notes.append(_annotation(
-            f"UNASSIGNED PATIENT: no patient identified at the gateway; Patient ID "
-            f"{patient_id} is a temporary placeholder"))
+        notes.append(
+            _annotation(
+                f"UNASSIGNED PATIENT: no patient identified at the gateway; Patient ID "
+                f"{patient_id} is a temporary placeholder"
+            )
+        )
     if rec.resampled_from_hz is not None:
-        notes.append(_annotation(
-            f"Resampled from {rec.resampled_from_hz:g} Hz to {rate:g} Hz before storage: the "
-            "samples are not the device's original samples"))
+        notes.append(
+            _annotation(
+                f"Resampled from {rec.resampled_from_hz:g} Hz to {rate:g} Hz before storage: the "
+                "samples are not the device's original samples"
+            )
+        )
     if rec.derived_leads:
         derived = [n for n in rec.lead_names if n in rec.derived_leads]
         notes.append(_annotation(f"Derived leads (computed, not recorded): {', '.join(derived)}"))
     if quantised.factor != 1:
         sensitivity = float(rec.uv_per_unit) * quantised.factor
-        how = ("exactly (every sample was a multiple)" if quantised.exact else
-               f"rounded, error at most {quantised.factor * rec.uv_per_unit / 2:g} uV")
-        notes.append(_annotation(
-            f"Amplitudes requantised to 16 bits: 1 unit = {_ds(sensitivity)} uV instead of "
-            f"{_ds(rec.uv_per_unit)} uV, {how}"))
-    notes.append(_annotation(
-        f"Acquisition time source: {rec.time_source.value} - {_TIME_SOURCE_TEXT[rec.time_source]}"))
+        how = (
+            "exactly (every sample was a multiple)"
+            if quantised.exact
+            else f"rounded, error at most {quantised.factor * rec.uv_per_unit / 2:g} uV"
+        )
+        notes.append(
+            _annotation(
+                f"Amplitudes requantised to 16 bits: 1 unit = {_ds(sensitivity)} uV instead of "
+                f"{_ds(rec.uv_per_unit)} uV, {how}"
+            )
+        )
+    notes.append(
+        _annotation(f"Acquisition time source: {rec.time_source.value} - {_TIME_SOURCE_TEXT[rec.time_source]}")
+    )
     notes += [_annotation(f"Gateway flag: {flag}") for flag in rec.flags]
     return Sequence(notes)
 
@@ -602,8 +642,9 @@ def _file_meta(ctx: _Context) -> FileMetaDataset:
     return meta
 
 
-def build_ecg_dataset(recording: EcgRecording, uids: EcgStudyUids, station: StationInfo, *,
-                      created_at: dt.datetime | None = None) -> Dataset:
+def build_ecg_dataset(
+    recording: EcgRecording, uids: EcgStudyUids, station: StationInfo, *, created_at: dt.datetime | None = None
+) -> Dataset:
     """The DICOM object for `recording` (with file meta, Explicit VR Little Endian).
 
     Raises InvalidObjectError when neither ECG IOD can hold the recording as it is.
@@ -684,19 +725,18 @@ def _check_ecg_iod(ds: Dataset) -> None:
         if not 1 <= channels <= limits.max_channels_per_group:
             _fail(f"{where}: {channels} channels (1-{limits.max_channels_per_group} allowed)")
         if len(group.ChannelDefinitionSequence) != channels:
-            _fail(f"{where}: {len(group.ChannelDefinitionSequence)} channel definitions "
-                  f"for {channels} channels")
+            _fail(f"{where}: {len(group.ChannelDefinitionSequence)} channel definitions for {channels} channels")
         if samples < 1 or (limits.max_samples is not None and samples > limits.max_samples):
             _fail(f"{where}: {samples} samples (1-{limits.max_samples or 'any'} allowed)")
         if not (math.isfinite(rate) and limits.min_rate_hz <= rate <= limits.max_rate_hz):
-            _fail(f"{where}: sampling frequency {rate:g} Hz outside "
-                  f"{limits.min_rate_hz:g}-{limits.max_rate_hz:g} Hz")
+            _fail(f"{where}: sampling frequency {rate:g} Hz outside {limits.min_rate_hz:g}-{limits.max_rate_hz:g} Hz")
         if int(group.WaveformBitsAllocated) != 16 or group.WaveformSampleInterpretation != "SS":
-            _fail(f"{where}: samples must be 16-bit SS, not {group.WaveformBitsAllocated}-bit "
-                  f"{group.WaveformSampleInterpretation}")
+            _fail(
+                f"{where}: samples must be 16-bit SS, not {group.WaveformBitsAllocated}-bit "
+                f"{group.WaveformSampleInterpretation}"
+            )
         if len(group.WaveformData) != channels * samples * 2:
-            _fail(f"{where}: {len(group.WaveformData)} bytes of waveform data, expected "
-                  f"{channels * samples * 2}")
+            _fail(f"{where}: {len(group.WaveformData)} bytes of waveform data, expected {channels * samples * 2}")
         for channel in group.ChannelDefinitionSequence:
             source = channel.get("ChannelSourceSequence")
             if not source or not source[0].get("CodeValue"):
@@ -704,8 +744,7 @@ def _check_ecg_iod(ds: Dataset) -> None:
             if int(channel.WaveformBitsStored) > 16:
                 _fail(f"{where}: {channel.WaveformBitsStored} bits stored in 16-bit samples")
     if limits.max_total_channels is not None and total_channels > limits.max_total_channels:
-        _fail(f"{limits.name}: {total_channels} channels in all (at most "
-              f"{limits.max_total_channels})")
+        _fail(f"{limits.name}: {total_channels} channels in all (at most {limits.max_total_channels})")
 
 
 def encode_dataset(ds: Dataset) -> bytes:
@@ -715,8 +754,9 @@ def encode_dataset(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def recording_to_dicom_bytes(recording: EcgRecording, uids: EcgStudyUids, station: StationInfo, *,
-                             created_at: dt.datetime | None = None) -> bytes:
+def recording_to_dicom_bytes(
+    recording: EcgRecording, uids: EcgStudyUids, station: StationInfo, *, created_at: dt.datetime | None = None
+) -> bytes:
     """Build, check and encode: the bytes to store, or InvalidObjectError."""
     ds = build_ecg_dataset(recording, uids, station, created_at=created_at)
     check_ecg_iod(ds)

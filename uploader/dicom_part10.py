@@ -41,7 +41,7 @@ class Part10:
     dataset_offset: int  # where the data set starts, after the file meta information
 
     def dataset_bytes(self) -> bytes:
-        return self.data[self.dataset_offset:]
+        return self.data[self.dataset_offset :]
 
 
 def _outside_group_2(tag: int, vr: str | None, length: int) -> bool:
@@ -88,8 +88,7 @@ def parse_part10(data: bytes) -> Part10:
     except UnsendablePayload:
         raise
     except Exception as exc:  # noqa: BLE001 — pydicom raises many types on damaged bytes
-        raise UnsendablePayload(f"payload has no readable file meta / SOP UIDs: "
-                                f"{type(exc).__name__}: {exc}") from None
+        raise UnsendablePayload(f"payload has no readable file meta / SOP UIDs: {type(exc).__name__}: {exc}") from None
     return Part10(data, sop_class, sop_instance, ts, offset)
 
 
@@ -111,8 +110,7 @@ def encode_for(obj: Part10, syntax: UID, deflate_level: int = 4) -> bytes:
             return zlib.decompress(obj.dataset_bytes(), -zlib.MAX_WBITS)
         except zlib.error as exc:
             raise UnsendablePayload(f"deflated payload does not inflate: {exc}") from None
-    uncompressed = {ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
-                    ExplicitVRBigEndian}
+    uncompressed = {ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian}
     if source not in uncompressed or syntax not in uncompressed:
         raise UnsendablePayload(f"cannot convert {source.name} to {syntax.name}")
     try:

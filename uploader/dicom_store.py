@@ -80,8 +80,7 @@ class StoreOutcome:
         return self.category in STORED_CATEGORIES
 
 
-def store_contexts(sop_class_uids: Sequence[str], *, deflate: bool,
-                   commitment: bool) -> list[PresentationContext]:
+def store_contexts(sop_class_uids: Sequence[str], *, deflate: bool, commitment: bool) -> list[PresentationContext]:
     syntaxes = STORE_SYNTAXES_DEFLATE if deflate else STORE_SYNTAXES_PLAIN
     # one context per transfer syntax: the peer accepts each it can read, we pick the best
     contexts = [build_context(uid, [ts]) for uid in sop_class_uids for ts in syntaxes]
@@ -94,8 +93,10 @@ def store_contexts(sop_class_uids: Sequence[str], *, deflate: bool,
 
 def raw_send_available(assoc: Association) -> bool:
     """Whether pynetdicom still has the internals the raw send path mirrors (3.0)."""
-    return all(hasattr(assoc, name) for name in (
-        "_reactor_checkpoint", "_is_paused", "_handle_no_response", "_check_received_status"))
+    return all(
+        hasattr(assoc, name)
+        for name in ("_reactor_checkpoint", "_is_paused", "_handle_no_response", "_check_received_status")
+    )
 
 
 class StoreAssociation:
@@ -108,10 +109,15 @@ class StoreAssociation:
     stored bytes as they are: what we fall back to if its internals change, kept testable.
     """
 
-    def __init__(self, peer: PeerSettings, sop_class_uids: Sequence[str] = ECG_STORAGE_CLASSES, *,
-                 commitment: bool = False,
-                 on_report: Callable[[CommitmentReport], None] | None = None,
-                 raw_send: bool = True) -> None:
+    def __init__(
+        self,
+        peer: PeerSettings,
+        sop_class_uids: Sequence[str] = ECG_STORAGE_CLASSES,
+        *,
+        commitment: bool = False,
+        on_report: Callable[[CommitmentReport], None] | None = None,
+        raw_send: bool = True,
+    ) -> None:
         self.peer = peer
         self.raw_send = raw_send
         self.sop_class_uids = tuple(sop_class_uids)
@@ -130,8 +136,7 @@ class StoreAssociation:
             raise RuntimeError("association already opened")
         self._broken = False
         self._contexts_by_class = {}
-        contexts = store_contexts(self.sop_class_uids, deflate=self.peer.deflate,
-                                  commitment=self.commitment)
+        contexts = store_contexts(self.sop_class_uids, deflate=self.peer.deflate, commitment=self.commitment)
         handlers: list[EventHandlerType] = []
         if self._on_report is not None:
             handlers.append((evt.EVT_N_EVENT_REPORT, report_handler(self._on_report)))
@@ -148,11 +153,14 @@ class StoreAssociation:
             # configuration, not the objects' fault
             self.close()
             names = ", ".join(sorted(UID(u).name for u in self.sop_class_uids))
-            raise ConfigurationFault(f"{self.peer.where} accepts none of the storage SOP classes "
-                                     f"{self.peer.calling_ae} sends ({names})")
-        log.debug("association with %s: %s", self.peer.where, {
-            UID(k).name: [UID(c.transfer_syntax[0]).name for c in v]
-            for k, v in self._contexts_by_class.items()})
+            raise ConfigurationFault(
+                f"{self.peer.where} accepts none of the storage SOP classes {self.peer.calling_ae} sends ({names})"
+            )
+        log.debug(
+            "association with %s: %s",
+            self.peer.where,
+            {UID(k).name: [UID(c.transfer_syntax[0]).name for c in v] for k, v in self._contexts_by_class.items()},
+        )
 
     def close(self) -> None:
         assoc, self._assoc = self._assoc, None
@@ -173,15 +181,15 @@ class StoreAssociation:
         self.open()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     @property
     def is_alive(self) -> bool:
         a = self._assoc
-        return (a is not None and not self._broken and a.is_established
-                and not a.is_aborted and not a.is_released)
+        return a is not None and not self._broken and a.is_established and not a.is_aborted and not a.is_released
 
     @property
     def tcp_nodelay(self) -> bool:
@@ -220,34 +228,43 @@ class StoreAssociation:
         obj = parse_part10(data)
         candidates = self._contexts_by_class.get(str(obj.sop_class_uid), [])
         if not candidates:
-            why = ("the peer accepted no presentation context for it"
-                   if obj.sop_class_uid in self.sop_class_uids else "it was not proposed")
-            return StoreOutcome(SOP_CLASS_NOT_SUPPORTED, Category.PERMANENT,
-                                f"{status_meaning(SOP_CLASS_NOT_SUPPORTED)}: "
-                                f"{obj.sop_class_uid.name} ({why})",
-                                str(obj.sop_instance_uid), str(obj.sop_class_uid), "")
+            why = (
+                "the peer accepted no presentation context for it"
+                if obj.sop_class_uid in self.sop_class_uids
+                else "it was not proposed"
+            )
+            return StoreOutcome(
+                SOP_CLASS_NOT_SUPPORTED,
+                Category.PERMANENT,
+                f"{status_meaning(SOP_CLASS_NOT_SUPPORTED)}: {obj.sop_class_uid.name} ({why})",
+                str(obj.sop_instance_uid),
+                str(obj.sop_class_uid),
+                "",
+            )
         cx = candidates[0]
         syntax = UID(cx.transfer_syntax[0])
         data = encode_for(obj, syntax, self.peer.deflate_level)
         status = self._send_store(assoc, cx, obj, data)
         if "Status" not in status:
             self._broken = True
-            raise TransientError(f"the association with {self.peer.where} died during a C-STORE "
-                                 "(aborted, reset or timed out)")
+            raise TransientError(
+                f"the association with {self.peer.where} died during a C-STORE (aborted, reset or timed out)"
+            )
         code = int(status.Status)
         category, meaning = classify_status(code)
         if is_refusal_of_us(code):
-            raise ConfigurationFault(f"{self.peer.where} refuses C-STOREs from {self.peer.calling_ae}: "
-                                     f"0x{code:04X} {meaning}")
+            raise ConfigurationFault(
+                f"{self.peer.where} refuses C-STOREs from {self.peer.calling_ae}: 0x{code:04X} {meaning}"
+            )
         comment = status.get("ErrorComment")
         if comment:
             meaning = f"{meaning} ({comment})"
         self.stores += 1
-        return StoreOutcome(code, category, meaning, str(obj.sop_instance_uid),
-                            str(obj.sop_class_uid), str(syntax), len(data))
+        return StoreOutcome(
+            code, category, meaning, str(obj.sop_instance_uid), str(obj.sop_class_uid), str(syntax), len(data)
+        )
 
-    def _send_store(self, assoc: Association, cx: PresentationContext, obj: Part10,
-                    data: bytes) -> Dataset:
+    def _send_store(self, assoc: Association, cx: PresentationContext, obj: Part10, data: bytes) -> Dataset:
         if not (self.raw_send and raw_send_available(assoc)):
             return self._send_store_decoded(assoc, cx, obj)
         req = C_STORE()
@@ -271,8 +288,7 @@ class StoreAssociation:
             return Dataset()
         return assoc._check_received_status(rsp)
 
-    def _send_store_decoded(self, assoc: Association, cx: PresentationContext,
-                            obj: Part10) -> Dataset:
+    def _send_store_decoded(self, assoc: Association, cx: PresentationContext, obj: Part10) -> Dataset:
         """Public-API path (decode, let pynetdicom encode) if its internals ever change."""
         syntax = UID(cx.transfer_syntax[0])
         try:
@@ -293,11 +309,11 @@ class StoreAssociation:
         if not refs:
             raise ValueError("no instances to ask commitment for")
         assoc = self._require_alive()
-        accepted = [cx for cx in assoc.accepted_contexts
-                    if cx.abstract_syntax == STORAGE_COMMITMENT_PUSH and cx.as_scu]
+        accepted = [cx for cx in assoc.accepted_contexts if cx.abstract_syntax == STORAGE_COMMITMENT_PUSH and cx.as_scu]
         if not accepted:
-            raise CommitmentUnsupported(f"{self.peer.where} does not offer Storage Commitment "
-                                        "Push Model (presentation context rejected)")
+            raise CommitmentUnsupported(
+                f"{self.peer.where} does not offer Storage Commitment Push Model (presentation context rejected)"
+            )
         request = Dataset()
         request.TransactionUID = transaction_uid
         items = []
@@ -307,13 +323,18 @@ class StoreAssociation:
             item.ReferencedSOPInstanceUID = sop_instance
             items.append(item)
         request.ReferencedSOPSequence = items
-        status, _reply = assoc.send_n_action(request, COMMITMENT_REQUEST, STORAGE_COMMITMENT_PUSH,
-                                             STORAGE_COMMITMENT_INSTANCE,
-                                             msg_id=self._next_message_id())
+        status, _reply = assoc.send_n_action(
+            request,
+            COMMITMENT_REQUEST,
+            STORAGE_COMMITMENT_PUSH,
+            STORAGE_COMMITMENT_INSTANCE,
+            msg_id=self._next_message_id(),
+        )
         if "Status" not in status:
             self._broken = True
-            raise TransientError(f"no answer from {self.peer.where} to the storage commitment request "
-                                 "(aborted or timed out)")
+            raise TransientError(
+                f"no answer from {self.peer.where} to the storage commitment request (aborted or timed out)"
+            )
         code = int(status.Status)
         category, meaning = classify_status(code)
         if category in STORED_CATEGORIES:

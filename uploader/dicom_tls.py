@@ -49,8 +49,9 @@ class TracingContext(ssl.SSLContext):
 
 
 def tls_problem(tls: TlsFiles, exc: Exception) -> ConfigurationFault:
-    return ConfigurationFault(f"TLS files unusable (ca {tls.ca_file!r}, cert {tls.cert_file!r}, "
-                              f"key {tls.key_file!r}): {exc}")
+    return ConfigurationFault(
+        f"TLS files unusable (ca {tls.ca_file!r}, cert {tls.cert_file!r}, key {tls.key_file!r}): {exc}"
+    )
 
 
 def client_tls_context(tls: TlsFiles) -> ssl.SSLContext:
@@ -86,7 +87,8 @@ def is_trust_failure(exc: OSError) -> bool:
     # A closed connection is an outage; any other TLS error during set-up is a certificate,
     # CA, protocol-version or cipher mismatch: configuration, not weather.
     return isinstance(exc, ssl.SSLError) and not isinstance(
-        exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLWantReadError, ssl.SSLWantWriteError))
+        exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+    )
 
 
 def describe_tls(exc: OSError) -> str:

@@ -65,17 +65,21 @@ class RoundResult:
 
     @property
     def did_work(self) -> bool:
-        return bool(self.sent or self.transient or self.quarantined or self.committed
-                    or self.requeued or self.purged)
+        return bool(self.sent or self.transient or self.quarantined or self.committed or self.requeued or self.purged)
 
 
 EventCallback = Callable[[str, dict[str, Any]], None]
 
 
 class EcgForwarder:
-    def __init__(self, outbox: Outbox, settings: ForwarderSettings, *,
-                 clock: Callable[[], float] = time.time,
-                 on_event: EventCallback | None = None) -> None:
+    def __init__(
+        self,
+        outbox: Outbox,
+        settings: ForwarderSettings,
+        *,
+        clock: Callable[[], float] = time.time,
+        on_event: EventCallback | None = None,
+    ) -> None:
         self.outbox = outbox
         self.settings = settings
         self.clock = clock
@@ -90,8 +94,12 @@ class EcgForwarder:
     def start(self) -> None:
         if self.settings.storage_commitment and self._listener is None:
             self._listener = CommitmentListener(
-                self.settings.peer.calling_ae, self.settings.listen_port, self._on_report,
-                host=self.settings.listen_host, tls=self.settings.peer.tls)
+                self.settings.peer.calling_ae,
+                self.settings.listen_port,
+                self._on_report,
+                host=self.settings.listen_host,
+                tls=self.settings.peer.tls,
+            )
             self._listener.start()
 
     def close(self) -> None:
@@ -169,13 +177,11 @@ class EcgForwarder:
         if result.sent:
             self._update_status(fault=None, last_success=self.clock())
 
-    def _send_chunk(self, items: Sequence[OutboxItem], stop: threading.Event,
-                    faults: list[str]) -> RoundResult:
+    def _send_chunk(self, items: Sequence[OutboxItem], stop: threading.Event, faults: list[str]) -> RoundResult:
         r = RoundResult()
         pending = list(items)
         try:
-            with StoreAssociation(self.settings.peer,
-                                  commitment=self.settings.storage_commitment) as assoc:
+            with StoreAssociation(self.settings.peer, commitment=self.settings.storage_commitment) as assoc:
                 sent_now: list[OutboxItem] = []
                 while pending:
                     if stop.is_set():
@@ -205,14 +211,14 @@ class EcgForwarder:
                         self.outbox.mark_sent([item.id], now)
                         sent_now.append(item)
                         r.sent += 1
-                        self.on_event("sent", {"id": item.id, "status": outcome.status,
-                                               "transfer_syntax": outcome.transfer_syntax})
+                        self.on_event(
+                            "sent",
+                            {"id": item.id, "status": outcome.status, "transfer_syntax": outcome.transfer_syntax},
+                        )
                     elif outcome.category == "transient":
-                        self.outbox.mark_transient_failure(
-                            item.id, f"0x{outcome.status:04X} {outcome.meaning}", now)
+                        self.outbox.mark_transient_failure(item.id, f"0x{outcome.status:04X} {outcome.meaning}", now)
                         r.transient += 1
-                        self.on_event("retry", {"id": item.id, "status": outcome.status,
-                                                "meaning": outcome.meaning})
+                        self.on_event("retry", {"id": item.id, "status": outcome.status, "meaning": outcome.meaning})
                     else:
                         reason = f"refused by the reading center: 0x{outcome.status:04X} {outcome.meaning}"
                         self.outbox.quarantine(item.id, reason, now)
@@ -222,14 +228,14 @@ class EcgForwarder:
                     self._request_commitment(assoc, sent_now)
         except ConfigurationFault as exc:
             faults.append(str(exc))
-            self.outbox.release([i.id for i in pending], str(exc), self.clock(),
-                                self.settings.config_fault_retry_s)
+            self.outbox.release([i.id for i in pending], str(exc), self.clock(), self.settings.config_fault_retry_s)
             return r
         except TransientError as exc:
             now = self.clock()
             for item in pending:
-                self.outbox.mark_transient_failure(item.id, str(exc), now,
-                                                   retry_after=getattr(exc, "retry_after", None))
+                self.outbox.mark_transient_failure(
+                    item.id, str(exc), now, retry_after=getattr(exc, "retry_after", None)
+                )
             r.transient += len(pending)
             r.errors.append(str(exc))
             self._update_status(last_error=str(exc), last_error_at=now)
@@ -237,8 +243,9 @@ class EcgForwarder:
             return r
         finally:
             # stop mid-chunk: whatever is still claimed goes back, uncharged
-            left = [i.id for i in pending if (cur := self.outbox.get(i.id)) is not None
-                    and cur.state == ItemState.SENDING]
+            left = [
+                i.id for i in pending if (cur := self.outbox.get(i.id)) is not None and cur.state == ItemState.SENDING
+            ]
             if left:
                 self.outbox.release(left, "forwarder stopped", self.clock(), 0.0)
         return r
@@ -267,20 +274,23 @@ class EcgForwarder:
         self.outbox.record_status("storage_commitment", {"supported": False, "detail": why}, now)
         if self.settings.no_commitment_policy == "purge":
             self.outbox.mark_committed([i.id for i in items], now)
-        log.warning("reading center does not offer storage commitment (%s); policy: %s",
-                    why, self.settings.no_commitment_policy)
+        log.warning(
+            "reading center does not offer storage commitment (%s); policy: %s", why, self.settings.no_commitment_policy
+        )
 
     def _ask_commitment(self, result: RoundResult, now: float) -> None:
         """(Re-)ask for items sent without a transaction, or whose report is overdue."""
         if not self.settings.storage_commitment or now < self._commitment_unsupported_until:
             return
-        due = [i for i in self.outbox.awaiting_commitment(Kind.DICOM)
-               if i.transaction_uid is None
-               or now - i.updated_at >= self.settings.commitment_timeout_s]
+        due = [
+            i
+            for i in self.outbox.awaiting_commitment(Kind.DICOM)
+            if i.transaction_uid is None or now - i.updated_at >= self.settings.commitment_timeout_s
+        ]
         if not due:
             return
         for start in range(0, len(due), self.settings.batch_size):
-            batch = due[start:start + self.settings.batch_size]
+            batch = due[start : start + self.settings.batch_size]
             try:
                 with StoreAssociation(self.settings.peer, commitment=True) as assoc:
                     self._request_commitment(assoc, batch)
@@ -291,8 +301,7 @@ class EcgForwarder:
     def _on_report(self, report: CommitmentReport) -> None:
         """N-EVENT-REPORT from the PACS (listener thread)."""
         now = self.clock()
-        by_uid = {i.meta.get("sop_instance_uid"): i
-                  for i in self.outbox.awaiting_commitment(Kind.DICOM)}
+        by_uid = {i.meta.get("sop_instance_uid"): i for i in self.outbox.awaiting_commitment(Kind.DICOM)}
         committed = [by_uid[uid].id for _cls, uid in report.committed if uid in by_uid]
         failed = [by_uid[uid].id for _cls, uid, _reason in report.failed if uid in by_uid]
         if committed:
@@ -302,20 +311,25 @@ class EcgForwarder:
             self.outbox.requeue(failed, f"storage commitment failed ({reasons}); sending again", now)
         unknown = len(report.committed) + len(report.failed) - len(committed) - len(failed)
         if unknown:
-            log.info("commitment report %s names %d instance(s) not awaiting commitment",
-                     report.transaction_uid, unknown)
+            log.info(
+                "commitment report %s names %d instance(s) not awaiting commitment", report.transaction_uid, unknown
+            )
         with self._report_lock:
             self._pending_committed += len(committed)
-        self.on_event("committed", {"transaction_uid": report.transaction_uid,
-                                    "committed": len(committed), "failed": len(failed)})
+        self.on_event(
+            "committed", {"transaction_uid": report.transaction_uid, "committed": len(committed), "failed": len(failed)}
+        )
 
     # -- faults ------------------------------------------------------------------------------
     def _record_fault(self, message: str) -> None:
         now = self.clock()
         self._fault_until = now + self.settings.config_fault_retry_s
         self._update_status(fault=message, fault_since=now, retry_at=self._fault_until)
-        log.error("reading center refuses this gateway (configuration fault): %s; "
-                  "items stay queued, retrying in %.0f s", message, self.settings.config_fault_retry_s)
+        log.error(
+            "reading center refuses this gateway (configuration fault): %s; items stay queued, retrying in %.0f s",
+            message,
+            self.settings.config_fault_retry_s,
+        )
         self.on_event("config-fault", {"error": message})
 
     def _update_status(self, **changes: object) -> None:

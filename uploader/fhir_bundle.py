@@ -97,8 +97,17 @@ class VisitSummary:
 
 # --- observations: our vocabulary → LOINC/UCUM --------------------------------------------------
 
-_UNITS = {"mm[Hg]": "mmHg", "/min": "beats/minute", "Cel": "°C", "%": "%", "kg": "kg",
-          "mg/dL": "mg/dL", "mmol/L": "mmol/L", "[degF]": "°F", "g": "g"}
+_UNITS = {
+    "mm[Hg]": "mmHg",
+    "/min": "beats/minute",
+    "Cel": "°C",
+    "%": "%",
+    "kg": "kg",
+    "mg/dL": "mg/dL",
+    "mmol/L": "mmol/L",
+    "[degF]": "°F",
+    "g": "g",
+}
 _QUANTITY_CODES: dict[str, tuple[str, str]] = {
     "systolic": ("8480-6", "Systolic blood pressure"),
     "diastolic": ("8462-4", "Diastolic blood pressure"),
@@ -108,8 +117,13 @@ _QUANTITY_CODES: dict[str, tuple[str, str]] = {
     "body-temperature": ("8310-5", "Body temperature"),
     "body-weight": ("29463-7", "Body weight"),
 }
-_SPECIAL = {"nan": "not-a-number", "nres": "error", "+inf": "positive-infinity",
-            "-inf": "negative-infinity", "reserved": "unknown"}
+_SPECIAL = {
+    "nan": "not-a-number",
+    "nres": "error",
+    "+inf": "positive-infinity",
+    "-inf": "negative-infinity",
+    "reserved": "unknown",
+}
 
 
 def _coding(system: str, code: str, display: str) -> dict[str, Any]:
@@ -117,14 +131,16 @@ def _coding(system: str, code: str, display: str) -> dict[str, Any]:
 
 
 def _loinc(code: str, display: str, *more: tuple[str, str]) -> dict[str, Any]:
-    return {"coding": [_coding(LOINC, code, display)] + [_coding(LOINC, c, d) for c, d in more],
-            "text": display}
+    return {"coding": [_coding(LOINC, code, display)] + [_coding(LOINC, c, d) for c, d in more], "text": display}
 
 
 def _quantity_code(q: Quantity) -> dict[str, Any]:
     if q.code == "spo2":
-        return _loinc("59408-5", "Oxygen saturation in Arterial blood by Pulse oximetry",
-                      ("2708-6", "Oxygen saturation in Arterial blood"))
+        return _loinc(
+            "59408-5",
+            "Oxygen saturation in Arterial blood by Pulse oximetry",
+            ("2708-6", "Oxygen saturation in Arterial blood"),
+        )
     if q.code == "glucose":
         if q.unit == "mmol/L":
             return _loinc("15074-8", "Glucose [Moles/volume] in Blood")
@@ -139,8 +155,7 @@ def _value(q: Quantity) -> dict[str, Any]:
     if q.value is None:
         reason = _SPECIAL.get(q.special or "", "unknown")
         return {"dataAbsentReason": {"coding": [_coding(DATA_ABSENT, reason, reason)]}}
-    return {"valueQuantity": {"value": q.value, "unit": _UNITS.get(q.unit, q.unit), "system": UCUM,
-                              "code": q.unit}}
+    return {"valueQuantity": {"value": q.value, "unit": _UNITS.get(q.unit, q.unit), "system": UCUM, "code": q.unit}}
 
 
 def _instant(value: dt.datetime) -> str:
@@ -159,8 +174,11 @@ def _full_url(system: str, value: str) -> str:
 
 def _entry(resource: dict[str, Any], system: str, value: str, *, search: str | None = None) -> dict[str, Any]:
     condition = search or urlencode({"identifier": f"{system}|{value}"})
-    return {"fullUrl": _full_url(system, value), "resource": resource,
-            "request": {"method": "POST", "url": resource["resourceType"], "ifNoneExist": condition}}
+    return {
+        "fullUrl": _full_url(system, value),
+        "resource": resource,
+        "request": {"method": "POST", "url": resource["resourceType"], "ifNoneExist": condition},
+    }
 
 
 def _tag(naming: FhirNaming, kind: str, code: str) -> dict[str, Any]:
@@ -178,8 +196,11 @@ def _device_entry(device: DeviceIdentity, naming: FhirNaming) -> dict[str, Any] 
     if key is None:
         return None
     system = naming.system("device")
-    resource: dict[str, Any] = {"resourceType": "Device", "identifier": [{"system": system, "value": key}],
-                      "deviceName": [{"name": device.label(), "type": "user-friendly-name"}]}
+    resource: dict[str, Any] = {
+        "resourceType": "Device",
+        "identifier": [{"system": system, "value": key}],
+        "deviceName": [{"name": device.label(), "type": "user-friendly-name"}],
+    }
     if device.manufacturer:
         resource["manufacturer"] = device.manufacturer
     if device.model:
@@ -193,8 +214,11 @@ def _device_entry(device: DeviceIdentity, naming: FhirNaming) -> dict[str, Any] 
 
 def _gateway_entry(naming: FhirNaming) -> dict[str, Any]:
     system = naming.system("gateway")
-    resource = {"resourceType": "Device", "identifier": [{"system": system, "value": naming.gateway_id}],
-                "deviceName": [{"name": f"Lastmile gateway {naming.gateway_id}", "type": "user-friendly-name"}]}
+    resource = {
+        "resourceType": "Device",
+        "identifier": [{"system": system, "value": naming.gateway_id}],
+        "deviceName": [{"name": f"Lastmile gateway {naming.gateway_id}", "type": "user-friendly-name"}],
+    }
     return _entry(resource, system, naming.gateway_id)
 
 
@@ -204,8 +228,9 @@ def observation_identifier(obs: Observation, naming: FhirNaming, suffix: str = "
     return f"{naming.gateway_id}/{device}/{obs.record_key}{suffix}"
 
 
-def observation_entries(obs: Observation, naming: FhirNaming, *, encounter_url: str | None = None,
-                        patient_id: str | None = None) -> list[dict[str, Any]]:
+def observation_entries(
+    obs: Observation, naming: FhirNaming, *, encounter_url: str | None = None, patient_id: str | None = None
+) -> list[dict[str, Any]]:
     """Device + Observation(s) for one reading. A BP or SpO2 reading's pulse becomes its own
     heart-rate Observation (that is where the vital-signs profile wants it)."""
     subject = patient_id if patient_id is not None else obs.patient_id
@@ -219,8 +244,7 @@ def observation_entries(obs: Observation, naming: FhirNaming, *, encounter_url: 
     pulse = obs.quantity("pulse-rate") or obs.quantity("heart-rate")
     if obs.kind == "blood-pressure":
         rest = [q for q in obs.quantities if q is not pulse]
-        groups.append(("", _loinc("85354-9", "Blood pressure panel with all children optional"), rest,
-                       "vital-signs"))
+        groups.append(("", _loinc("85354-9", "Blood pressure panel with all children optional"), rest, "vital-signs"))
         if pulse is not None:
             groups.append(("#heart-rate", _quantity_code(pulse), [pulse], "vital-signs"))
     else:
@@ -258,6 +282,7 @@ def observation_entries(obs: Observation, naming: FhirNaming, *, encounter_url: 
 
 # --- visits ---------------------------------------------------------------------------------------
 
+
 def _location_entry(visit: VisitSummary, naming: FhirNaming) -> dict[str, Any] | None:
     p = visit.position
     if p is None:
@@ -272,11 +297,17 @@ def _location_entry(visit: VisitSummary, naming: FhirNaming) -> dict[str, Any] |
     resource = {
         "resourceType": "Location",
         "identifier": [{"system": system, "value": visit.visit_id}],
-        "status": "active", "mode": "instance",
+        "status": "active",
+        "mode": "instance",
         "name": f"{'Home' if visit.setting == 'home' else 'Clinic'} visit {visit.visit_id}",
         "description": f"GNSS fix ({p.mode}D) {accuracy}{when}{house}",
-        "physicalType": {"coding": [_coding(LOCATION_TYPE, "ho", "House") if visit.setting == "home"
-                                    else _coding(LOCATION_TYPE, "bu", "Building")]},
+        "physicalType": {
+            "coding": [
+                _coding(LOCATION_TYPE, "ho", "House")
+                if visit.setting == "home"
+                else _coding(LOCATION_TYPE, "bu", "Building")
+            ]
+        },
         "position": position,
     }
     return _entry(resource, system, visit.visit_id)
@@ -284,8 +315,9 @@ def _location_entry(visit: VisitSummary, naming: FhirNaming) -> dict[str, Any] |
 
 def _encounter_entry(visit: VisitSummary, naming: FhirNaming, location_url: str | None) -> dict[str, Any]:
     system = naming.system("visit")
-    klass = _coding(ACT_CODE, "HH", "home health") if visit.setting == "home" \
-        else _coding(ACT_CODE, "AMB", "ambulatory")
+    klass = (
+        _coding(ACT_CODE, "HH", "home health") if visit.setting == "home" else _coding(ACT_CODE, "AMB", "ambulatory")
+    )
     period = {"start": _instant(visit.started_at)}
     if visit.ended_at is not None:
         period["end"] = _instant(visit.ended_at)
@@ -298,24 +330,35 @@ def _encounter_entry(visit: VisitSummary, naming: FhirNaming, location_url: str 
         "status": "finished" if visit.ended_at is not None else "in-progress",
         "class": klass,
         "subject": _ref_id(naming.patient_system, visit.patient_id),
-        "participant": [{
-            "type": [{"coding": [_coding(PARTICIPATION, "PPRF", "primary performer")]}],
-            "individual": _ref_id(naming.practitioner_system, visit.doctor_id)}],
+        "participant": [
+            {
+                "type": [{"coding": [_coding(PARTICIPATION, "PPRF", "primary performer")]}],
+                "individual": _ref_id(naming.practitioner_system, visit.doctor_id),
+            }
+        ],
         "period": period,
     }
     if location_url:
-        resource["location"] = [{"location": {"reference": location_url},
-                                 "status": "completed" if visit.ended_at else "active"}]
+        resource["location"] = [
+            {"location": {"reference": location_url}, "status": "completed" if visit.ended_at else "active"}
+        ]
     if visit.household_id:
         resource["serviceType"] = {"text": f"household {visit.household_id}"}
     return _entry(resource, system, visit.visit_id)
 
 
-def _provenance_entry(visit: VisitSummary, naming: FhirNaming, signature: VisitSignature,
-                      targets: Sequence[str], gateway_url: str) -> dict[str, Any]:
-    payload = {"alg": "Ed25519", "seq": signature.chain_seq, "hash": signature.record_hash,
-               "prev": signature.prev_hash, "sig": signature.signature, "key": signature.public_key,
-               "gateway": naming.gateway_id}
+def _provenance_entry(
+    visit: VisitSummary, naming: FhirNaming, signature: VisitSignature, targets: Sequence[str], gateway_url: str
+) -> dict[str, Any]:
+    payload = {
+        "alg": "Ed25519",
+        "seq": signature.chain_seq,
+        "hash": signature.record_hash,
+        "prev": signature.prev_hash,
+        "sig": signature.signature,
+        "key": signature.public_key,
+        "gateway": naming.gateway_id,
+    }
     data = base64.b64encode(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).decode()
     tag_system = naming.system("provenance")
     resource = {
@@ -324,34 +367,46 @@ def _provenance_entry(visit: VisitSummary, naming: FhirNaming, signature: VisitS
         "target": [{"reference": url} for url in targets],
         "recorded": _instant(signature.signed_at),
         "agent": [
-            {"type": {"coding": [_coding(PROVENANCE_AGENT, "author", "Author")]},
-             "who": _ref_id(naming.practitioner_system, visit.doctor_id)},
-            {"type": {"coding": [_coding(PROVENANCE_AGENT, "assembler", "Assembler")]},
-             "who": {"reference": gateway_url}},
+            {
+                "type": {"coding": [_coding(PROVENANCE_AGENT, "author", "Author")]},
+                "who": _ref_id(naming.practitioner_system, visit.doctor_id),
+            },
+            {
+                "type": {"coding": [_coding(PROVENANCE_AGENT, "assembler", "Assembler")]},
+                "who": {"reference": gateway_url},
+            },
         ],
-        "signature": [{
-            "type": [_coding(SIGNATURE_TYPE, "1.2.840.10065.1.12.1.5", "Verification Signature")],
-            "when": _instant(signature.signed_at),
-            "who": {"reference": gateway_url},
-            "sigFormat": CHAIN_SIGNATURE_FORMAT,
-            "data": data,
-        }],
+        "signature": [
+            {
+                "type": [_coding(SIGNATURE_TYPE, "1.2.840.10065.1.12.1.5", "Verification Signature")],
+                "when": _instant(signature.signed_at),
+                "who": {"reference": gateway_url},
+                "sigFormat": CHAIN_SIGNATURE_FORMAT,
+                "data": data,
+            }
+        ],
     }
-    return _entry(resource, tag_system, visit.visit_id,
-                  search=urlencode({"_tag": f"{tag_system}|{visit.visit_id}"}))
+    return _entry(resource, tag_system, visit.visit_id, search=urlencode({"_tag": f"{tag_system}|{visit.visit_id}"}))
 
 
 def _transaction(entries: Iterable[dict[str, Any]], bundle_id: str, naming: FhirNaming) -> dict[str, Any]:
     unique: dict[str, dict[str, Any]] = {}
     for e in entries:
         unique.setdefault(e["fullUrl"], e)  # the same device twice is one entry
-    return {"resourceType": "Bundle", "type": "transaction",
-            "identifier": {"system": naming.system("bundle"), "value": bundle_id},
-            "entry": list(unique.values())}
+    return {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "identifier": {"system": naming.system("bundle"), "value": bundle_id},
+        "entry": list(unique.values()),
+    }
 
 
-def visit_bundle(visit: VisitSummary, observations: Sequence[Observation], naming: FhirNaming,
-                 signature: VisitSignature | None = None) -> dict[str, Any]:
+def visit_bundle(
+    visit: VisitSummary,
+    observations: Sequence[Observation],
+    naming: FhirNaming,
+    signature: VisitSignature | None = None,
+) -> dict[str, Any]:
     """Encounter + Location + Devices + Observations (+ Provenance with the chain signature)."""
     if not visit.patient_id or not visit.doctor_id:
         raise InvalidObjectError("a visit needs a patient and a doctor")
@@ -360,12 +415,12 @@ def visit_bundle(visit: VisitSummary, observations: Sequence[Observation], namin
     encounter = _encounter_entry(visit, naming, location["fullUrl"] if location else None)
     obs_entries: list[dict[str, Any]] = []
     for obs in observations:
-        obs_entries += observation_entries(obs, naming, encounter_url=encounter["fullUrl"],
-                                           patient_id=visit.patient_id)
+        obs_entries += observation_entries(obs, naming, encounter_url=encounter["fullUrl"], patient_id=visit.patient_id)
     entries = [gateway] + ([location] if location else []) + [encounter] + obs_entries
     if signature is not None:
-        targets = [encounter["fullUrl"]] + [e["fullUrl"] for e in obs_entries
-                                            if e["resource"]["resourceType"] == "Observation"]
+        targets = [encounter["fullUrl"]] + [
+            e["fullUrl"] for e in obs_entries if e["resource"]["resourceType"] == "Observation"
+        ]
         entries.append(_provenance_entry(visit, naming, signature, targets, gateway["fullUrl"]))
     return _transaction(entries, f"visit/{visit.visit_id}", naming)
 

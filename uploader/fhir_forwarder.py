@@ -34,12 +34,25 @@ log = logging.getLogger(__name__)
 STATUS_NAME = "fhir"
 
 
-def enqueue_bundle(outbox: Outbox, bundle: dict[str, Any], key: str, *, patient_id: str | None,
-                   meta: dict[str, Any] | None = None, now: float | None = None) -> bool:
+def enqueue_bundle(
+    outbox: Outbox,
+    bundle: dict[str, Any],
+    key: str,
+    *,
+    patient_id: str | None,
+    meta: dict[str, Any] | None = None,
+    now: float | None = None,
+) -> bool:
     """Queue one transaction Bundle under an idempotency key; False if it was already queued."""
-    result = outbox.add(Kind.FHIR_BUNDLE, key, bundle_bytes(bundle), priority=Priority.ROUTINE,
-                        meta=meta or {}, patient={"patient_id": patient_id} if patient_id else None,
-                        now=now)
+    result = outbox.add(
+        Kind.FHIR_BUNDLE,
+        key,
+        bundle_bytes(bundle),
+        priority=Priority.ROUTINE,
+        meta=meta or {},
+        patient={"patient_id": patient_id} if patient_id else None,
+        now=now,
+    )
     return result.created
 
 
@@ -121,8 +134,15 @@ class _Round:
     retry_after: float | None = None
 
 
-def forward_fhir_once(outbox: Outbox, sender: FhirSender, now: float, *, batch_size: int = 20,
-                      max_items: int = 200, config_fault_retry_s: float = 300.0) -> FhirRoundResult:
+def forward_fhir_once(
+    outbox: Outbox,
+    sender: FhirSender,
+    now: float,
+    *,
+    batch_size: int = 20,
+    max_items: int = 200,
+    config_fault_retry_s: float = 300.0,
+) -> FhirRoundResult:
     """One round: claim due bundles, send them merged in batches, settle each."""
     items = outbox.claim(Kind.FHIR_BUNDLE, max_items, now)
     rnd = _Round(outbox, sender, now, config_fault_retry_s)
@@ -138,8 +158,9 @@ def forward_fhir_once(outbox: Outbox, sender: FhirSender, now: float, *, batch_s
     for item in items:
         earlier = waiting.get((item.patient or {}).get("patient_id") or "")
         if earlier is not None and (earlier.created_at, earlier.id) < (item.created_at, item.id):
-            rnd.release([item], "waiting for an earlier bundle of the same patient",
-                        max(0.0, earlier.next_attempt_at - now))
+            rnd.release(
+                [item], "waiting for an earlier bundle of the same patient", max(0.0, earlier.next_attempt_at - now)
+            )
         else:
             pending.append(item)
     while pending and not rnd.stop:
@@ -161,8 +182,7 @@ def forward_fhir_once(outbox: Outbox, sender: FhirSender, now: float, *, batch_s
             if rnd.counts.fault:
                 rnd.release(rest, f"configuration fault: {rnd.counts.fault}", config_fault_retry_s)
             else:
-                rnd.release(rest, "FHIR server unavailable; sent in a later round",
-                            rnd.retry_after or 0.0)
+                rnd.release(rest, "FHIR server unavailable; sent in a later round", rnd.retry_after or 0.0)
             pending = []
     outbox.record_status(STATUS_NAME, {"last_round": dataclasses.asdict(rnd.counts), "at": now}, now)
     return rnd.counts

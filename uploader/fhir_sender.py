@@ -57,8 +57,8 @@ def read_token_file(path: str | os.PathLike[str]) -> str:
         raise ConfigurationFault(f"FHIR token file {p} is not a regular file")
     if st.st_mode & 0o077:
         raise ConfigurationFault(
-            f"FHIR token file {p} is readable by group/others (mode {stat.S_IMODE(st.st_mode):04o}); "
-            f"run: chmod 600 {p}")
+            f"FHIR token file {p} is readable by group/others (mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {p}"
+        )
     if st.st_uid != os.geteuid():
         raise ConfigurationFault(f"FHIR token file {p} belongs to uid {st.st_uid}, not to this user")
     token = p.read_text(encoding="utf-8").strip()
@@ -128,9 +128,12 @@ class FhirSender:
         self.close()
 
     def _headers(self, compressed: bool) -> dict[str, str]:
-        headers = {"Content-Type": "application/fhir+json; charset=utf-8",
-                   "Accept": "application/fhir+json", "User-Agent": self.settings.user_agent,
-                   "Prefer": "return=minimal"}
+        headers = {
+            "Content-Type": "application/fhir+json; charset=utf-8",
+            "Accept": "application/fhir+json",
+            "User-Agent": self.settings.user_agent,
+            "Prefer": "return=minimal",
+        }
         if compressed:
             headers["Content-Encoding"] = "gzip"
         if self._token:
@@ -151,12 +154,19 @@ class FhirSender:
         verify: bool | str = self.settings.ca_file or True
         try:
             response = self._session.post(
-                self.settings.base_url, data=data, headers=self._headers(compressed), verify=verify,
-                timeout=(self.settings.connect_timeout_s, self.settings.timeout_s))
+                self.settings.base_url,
+                data=data,
+                headers=self._headers(compressed),
+                verify=verify,
+                timeout=(self.settings.connect_timeout_s, self.settings.timeout_s),
+            )
         except requests.exceptions.SSLError as exc:
             raise ConfigurationFault(f"TLS with the FHIR server failed: {exc}") from None
-        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
-                requests.exceptions.ChunkedEncodingError) as exc:
+        except (
+            requests.exceptions.ConnectionError,
+            requests.exceptions.Timeout,
+            requests.exceptions.ChunkedEncodingError,
+        ) as exc:
             raise TransientError(f"FHIR server unreachable: {type(exc).__name__}: {exc}") from None
         finally:
             self.requests_sent += 1
@@ -166,8 +176,10 @@ class FhirSender:
     def _result(self, response: requests.Response) -> dict[str, Any]:
         code = response.status_code
         if code == 429 or code == 408 or code >= 500:
-            raise TransientError(f"FHIR server answered {code}: {outcome_text(response)}",
-                                 retry_after=retry_after_seconds(response.headers.get("Retry-After")))
+            raise TransientError(
+                f"FHIR server answered {code}: {outcome_text(response)}",
+                retry_after=retry_after_seconds(response.headers.get("Retry-After")),
+            )
         if code in (401, 403):
             raise ConfigurationFault(f"FHIR server refused our credentials ({code}): {outcome_text(response)}")
         if code >= 400:
@@ -176,8 +188,11 @@ class FhirSender:
             result = response.json()
         except ValueError:
             raise TransientError(f"FHIR server answered {code} without a JSON body") from None
-        failed = [e.get("response", {}) for e in result.get("entry", [])
-                  if not str(e.get("response", {}).get("status", "")).startswith("2")]
+        failed = [
+            e.get("response", {})
+            for e in result.get("entry", [])
+            if not str(e.get("response", {}).get("status", "")).startswith("2")
+        ]
         if failed:
             texts = [f"{r.get('status')}: {_issues_text(r.get('outcome'))}" for r in failed]
             raise PermanentError("FHIR transaction entries failed: " + "; ".join(texts))

@@ -157,9 +157,11 @@ TRANSITIONS: dict[str, tuple[frozenset[ItemState], ItemState]] = {
     "purge": (frozenset({S.COMMITTED}), S.PURGED),
 }
 
-_ITEM_COLUMNS = ("id, kind, key, priority, state, attempts, next_attempt_at, last_error, created_at, "
-                 "updated_at, sent_at, committed_at, transaction_uid, sha256, size, meta, patient, "
-                 "quarantine_reason")
+_ITEM_COLUMNS = (
+    "id, kind, key, priority, state, attempts, next_attempt_at, last_error, created_at, "
+    "updated_at, sent_at, committed_at, transaction_uid, sha256, size, meta, patient, "
+    "quarantine_reason"
+)
 
 
 def backoff_delay(attempts: int, base_s: float, max_s: float, rng: random.Random) -> float:
@@ -167,7 +169,7 @@ def backoff_delay(attempts: int, base_s: float, max_s: float, rng: random.Random
     uniformly random in [ceiling/2, ceiling] so gateways that failed together spread out
     without ever retrying at once."""
     exponent = min(max(attempts - 1, 0), 62)
-    ceiling = min(max_s, base_s * float(2 ** exponent))
+    ceiling = min(max_s, base_s * float(2**exponent))
     return ceiling / 2 + rng.uniform(0.0, ceiling / 2)
 
 
@@ -186,30 +188,48 @@ def _time(value: float | None) -> float | None:
 
 def _item(row: sqlite3.Row) -> OutboxItem:
     return OutboxItem(
-        id=row["id"], kind=row["kind"], key=row["key"], priority=Priority(row["priority"]),
-        state=ItemState(row["state"]), attempts=row["attempts"],
-        next_attempt_at=float(row["next_attempt_at"]), last_error=row["last_error"],
-        created_at=float(row["created_at"]), updated_at=float(row["updated_at"]),
-        sent_at=_time(row["sent_at"]), committed_at=_time(row["committed_at"]),
+        id=row["id"],
+        kind=row["kind"],
+        key=row["key"],
+        priority=Priority(row["priority"]),
+        state=ItemState(row["state"]),
+        attempts=row["attempts"],
+        next_attempt_at=float(row["next_attempt_at"]),
+        last_error=row["last_error"],
+        created_at=float(row["created_at"]),
+        updated_at=float(row["updated_at"]),
+        sent_at=_time(row["sent_at"]),
+        committed_at=_time(row["committed_at"]),
         transaction_uid=row["transaction_uid"],
-        sha256=row["sha256"], size=row["size"],
+        sha256=row["sha256"],
+        size=row["size"],
         meta=json.loads(row["meta"]) if row["meta"] else {},
         patient=json.loads(row["patient"]) if row["patient"] else None,
-        quarantine_reason=row["quarantine_reason"])
+        quarantine_reason=row["quarantine_reason"],
+    )
 
 
 def _chunks(ids: Sequence[int]) -> Iterator[list[int]]:
     unique = list(dict.fromkeys(int(i) for i in ids))
     for start in range(0, len(unique), _CHUNK):
-        yield unique[start:start + _CHUNK]
+        yield unique[start : start + _CHUNK]
 
 
 class Outbox:
     """Open with `Outbox.open(data_dir)`; safe to share between threads; close when done."""
 
-    def __init__(self, data_dir: Path, db: sqlite_utils.Database, *, min_free_bytes: int,
-                 backoff_base_s: float, backoff_max_s: float, rng: random.Random,
-                 statvfs: Callable[[Any], os.statvfs_result], inline_max_bytes: int) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        db: sqlite_utils.Database,
+        *,
+        min_free_bytes: int,
+        backoff_base_s: float,
+        backoff_max_s: float,
+        rng: random.Random,
+        statvfs: Callable[[Any], os.statvfs_result],
+        inline_max_bytes: int,
+    ) -> None:
         self.data_dir = data_dir
         self.db = db
         self.min_free_bytes = min_free_bytes
@@ -228,21 +248,35 @@ class Outbox:
 
     # -- opening and closing ---------------------------------------------------------------------
     @classmethod
-    def open(cls, data_dir: Path, *, min_free_bytes: int = 200 * 2**20, backoff_base_s: float = 5.0,
-             backoff_max_s: float = 900.0, rng: random.Random | None = None,
-             statvfs: Callable[[Any], os.statvfs_result] = os.statvfs,
-             inline_max_bytes: int = DEFAULT_INLINE_MAX_BYTES, now: float | None = None) -> Outbox:
+    def open(
+        cls,
+        data_dir: Path,
+        *,
+        min_free_bytes: int = 200 * 2**20,
+        backoff_base_s: float = 5.0,
+        backoff_max_s: float = 900.0,
+        rng: random.Random | None = None,
+        statvfs: Callable[[Any], os.statvfs_result] = os.statvfs,
+        inline_max_bytes: int = DEFAULT_INLINE_MAX_BYTES,
+        now: float | None = None,
+    ) -> Outbox:
         """Open (creating or migrating) the outbox in `data_dir`, then recover from any crash:
         interrupted sends back to queued, orphaned payload files removed, queued items whose
         payload is lost quarantined."""
         data_dir = Path(data_dir)
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        db = open_database(data_dir / DB_NAME, MIGRATIONS,
-                           pragmas=(f"journal_size_limit={8 * 2**20}",))
+        db = open_database(data_dir / DB_NAME, MIGRATIONS, pragmas=(f"journal_size_limit={8 * 2**20}",))
         try:
-            outbox = cls(data_dir, db, min_free_bytes=min_free_bytes, backoff_base_s=backoff_base_s,
-                         backoff_max_s=backoff_max_s, rng=rng or random.Random(),
-                         statvfs=statvfs, inline_max_bytes=inline_max_bytes)
+            outbox = cls(
+                data_dir,
+                db,
+                min_free_bytes=min_free_bytes,
+                backoff_base_s=backoff_base_s,
+                backoff_max_s=backoff_max_s,
+                rng=rng or random.Random(),
+                statvfs=statvfs,
+                inline_max_bytes=inline_max_bytes,
+            )
         except BaseException:
             db.close()
             raise
@@ -270,7 +304,8 @@ class Outbox:
                     conn.execute(
                         "UPDATE items SET state = ?, claimed_by = NULL, updated_at = ? "
                         "WHERE state = ? AND claimed_by = ?",
-                        (S.QUEUED.value, time.time(), S.SENDING.value, self.owner))
+                        (S.QUEUED.value, time.time(), S.SENDING.value, self.owner),
+                    )
             except sqlite3.Error as exc:  # a claim left behind is recovered at the next open
                 log.warning("could not release claims at close: %s", exc)
             self._conn.close()
@@ -305,8 +340,9 @@ class Outbox:
                 raise RuntimeError("the outbox is closed")
             return self._conn.execute(sql, params).fetchall()
 
-    def _transition(self, op: str, item_ids: Sequence[int], now: float,
-                    sets: dict[str, Any] | None = None) -> list[int]:
+    def _transition(
+        self, op: str, item_ids: Sequence[int], now: float, sets: dict[str, Any] | None = None
+    ) -> list[int]:
         """Move the given items from op's source states to its target; return the ids moved."""
         sources, target = TRANSITIONS[op]
         assignments = {"state": target.value, "updated_at": now, **(sets or {})}
@@ -322,12 +358,12 @@ class Outbox:
                 rows = conn.execute(
                     f"UPDATE items SET {set_sql} WHERE id IN ({marks}) "
                     f"AND state IN ({','.join('?' * len(src))}) RETURNING id",
-                    [*assignments.values(), *chunk, *src]).fetchall()
+                    [*assignments.values(), *chunk, *src],
+                ).fetchall()
                 moved += [r[0] for r in rows]
         skipped = sorted(set(wanted) - set(moved))
         if skipped:
-            log.warning("%s: item(s) %s not in state %s, left unchanged", op, skipped,
-                        "/".join(src))
+            log.warning("%s: item(s) %s not in state %s, left unchanged", op, skipped, "/".join(src))
         return moved
 
     def _referenced_files(self) -> set[str]:
@@ -340,12 +376,21 @@ class Outbox:
             raise OutboxFullError(
                 f"outbox refuses a new {size} byte item: only {free / 2**20:.1f} MB free on the data "
                 f"partition ({self.data_dir}); at least {self.min_free_bytes / 2**20:.0f} MB must stay "
-                f"free. Items already queued are safe; free space or connect the network to drain it.")
+                f"free. Items already queued are safe; free space or connect the network to drain it."
+            )
 
     # -- adding -----------------------------------------------------------------------------------
-    def add(self, kind: str, key: str, payload: bytes, *, priority: Priority = Priority.ROUTINE,
-            meta: dict[str, Any] | None = None, patient: dict[str, Any] | None = None,
-            now: float | None = None) -> AddResult:
+    def add(
+        self,
+        kind: str,
+        key: str,
+        payload: bytes,
+        *,
+        priority: Priority = Priority.ROUTINE,
+        meta: dict[str, Any] | None = None,
+        patient: dict[str, Any] | None = None,
+        now: float | None = None,
+    ) -> AddResult:
         """Store `payload` durably under the idempotency `key`; an existing key returns the
         existing item (created=False) and writes nothing."""
         now = time.time() if now is None else now
@@ -360,15 +405,17 @@ class Outbox:
         with writing:
             name = None if inline else self._files.write(payload)
             try:
-                item_id, created = self._insert(kind, key, payload if inline else None, name,
-                                                len(payload), priority, meta, patient, digest, now)
+                item_id, created = self._insert(
+                    kind, key, payload if inline else None, name, len(payload), priority, meta, patient, digest, now
+                )
             except sqlite3.Error as exc:
                 if name:
                     self._files.delete(name)
                 if _is_disk_full(exc):
                     raise OutboxFullError(
                         f"the data partition is full: the outbox database could not store item "
-                        f"{key!r} ({exc}); nothing was stored") from exc
+                        f"{key!r} ({exc}); nothing was stored"
+                    ) from exc
                 raise
             except BaseException:
                 if name:
@@ -379,13 +426,24 @@ class Outbox:
         item = self.get(item_id)
         assert item is not None
         if created:
-            log.debug("outbox item %d added (%s, %d bytes, %s)", item_id, kind, len(payload),
-                      "inline" if inline else "file")
+            log.debug(
+                "outbox item %d added (%s, %d bytes, %s)", item_id, kind, len(payload), "inline" if inline else "file"
+            )
         return AddResult(item, created=created)
 
-    def _insert(self, kind: str, key: str, inline: bytes | None, name: str | None, size: int,
-                priority: Priority, meta: dict[str, Any] | None, patient: dict[str, Any] | None, digest: str,
-                now: float) -> tuple[int, bool]:
+    def _insert(
+        self,
+        kind: str,
+        key: str,
+        inline: bytes | None,
+        name: str | None,
+        size: int,
+        priority: Priority,
+        meta: dict[str, Any] | None,
+        patient: dict[str, Any] | None,
+        digest: str,
+        now: float,
+    ) -> tuple[int, bool]:
         with self._write() as conn:
             row = conn.execute("SELECT id FROM items WHERE key = ?", (key,)).fetchone()
             if row is not None:
@@ -394,8 +452,21 @@ class Outbox:
                 "INSERT INTO items (kind, key, priority, state, attempts, next_attempt_at, "
                 "created_at, updated_at, sha256, size, meta, patient, payload_file) "
                 "VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (kind, key, int(Priority(priority)), S.QUEUED.value, now, now, now, digest, size,
-                 _json(meta or {}), _json(patient), name))
+                (
+                    kind,
+                    key,
+                    int(Priority(priority)),
+                    S.QUEUED.value,
+                    now,
+                    now,
+                    now,
+                    digest,
+                    size,
+                    _json(meta or {}),
+                    _json(patient),
+                    name,
+                ),
+            )
             item_id = int(cur.lastrowid or 0)
             if inline is not None:
                 conn.execute("INSERT INTO payloads (item_id, data) VALUES (?, ?)", (item_id, inline))
@@ -410,8 +481,9 @@ class Outbox:
         rows = self._read(f"SELECT {_ITEM_COLUMNS} FROM items WHERE key = ?", (key,))
         return _item(rows[0]) if rows else None
 
-    def items(self, *, state: ItemState | None = None, kind: str | None = None,
-              limit: int | None = None) -> list[OutboxItem]:
+    def items(
+        self, *, state: ItemState | None = None, kind: str | None = None, limit: int | None = None
+    ) -> list[OutboxItem]:
         where, params = [], []
         if state is not None:
             where.append("state = ?")
@@ -465,8 +537,10 @@ class Outbox:
         if problem is None:
             actual = hashlib.sha256(data).hexdigest()
             if actual != digest:
-                problem = (f"payload corrupt: sha256 {actual[:16]}... ({len(data)} bytes) "
-                           f"does not match the stored {digest[:16]}... ({size} bytes)")
+                problem = (
+                    f"payload corrupt: sha256 {actual[:16]}... ({len(data)} bytes) "
+                    f"does not match the stored {digest[:16]}... ({size} bytes)"
+                )
         if problem is not None:
             reason = f"{problem}; not sent"
             self.quarantine(item.id, reason, time.time() if now is None else now)
@@ -485,17 +559,18 @@ class Outbox:
                 f"UPDATE items SET state = ?, updated_at = ?, claimed_by = ? WHERE id IN ("
                 f"  SELECT id FROM items WHERE state = ? AND kind = ? AND next_attempt_at <= ?"
                 f"  ORDER BY priority, created_at, id LIMIT ?) RETURNING {_ITEM_COLUMNS}",
-                (S.SENDING.value, now, self.owner, S.QUEUED.value, kind, now, int(limit))).fetchall()
+                (S.SENDING.value, now, self.owner, S.QUEUED.value, kind, now, int(limit)),
+            ).fetchall()
         items = [_item(r) for r in rows]
         items.sort(key=lambda i: (i.priority, i.created_at, i.id))
         return items
 
     def mark_sent(self, item_ids: Sequence[int], now: float) -> None:
-        self._transition("mark_sent", item_ids, now,
-                         {"sent_at": now, "last_error": None, "claimed_by": None})
+        self._transition("mark_sent", item_ids, now, {"sent_at": now, "last_error": None, "claimed_by": None})
 
-    def mark_transient_failure(self, item_id: int, error: str, now: float,
-                               retry_after: float | None = None) -> OutboxItem:
+    def mark_transient_failure(
+        self, item_id: int, error: str, now: float, retry_after: float | None = None
+    ) -> OutboxItem:
         """Back to queued with one more attempt and a backoff (at least `retry_after` seconds)."""
         self._charge_and_queue("transient_failure", [item_id], error, now, retry_after)
         item = self.get(item_id)
@@ -503,8 +578,15 @@ class Outbox:
             raise LookupError(f"outbox item {item_id} does not exist")
         return item
 
-    def _charge_and_queue(self, op: str, item_ids: Sequence[int], error: str, now: float,
-                          retry_after: float | None = None, extra: dict[str, Any] | None = None) -> None:
+    def _charge_and_queue(
+        self,
+        op: str,
+        item_ids: Sequence[int],
+        error: str,
+        now: float,
+        retry_after: float | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         """One more attempt and the backoff it earns, read and written in one transaction."""
         sources, target = TRANSITIONS[op]
         skipped: list[int] = []
@@ -518,24 +600,39 @@ class Outbox:
                 delay = backoff_delay(attempts, self.backoff_base_s, self.backoff_max_s, self._rng)
                 if retry_after is not None:
                     delay = max(delay, float(retry_after))
-                sets = {"state": target.value, "updated_at": now, "attempts": attempts,
-                        "next_attempt_at": now + delay, "last_error": error, "claimed_by": None,
-                        **(extra or {})}
-                conn.execute(f"UPDATE items SET {', '.join(f'{c} = ?' for c in sets)} WHERE id = ?",
-                             [*sets.values(), item_id])
+                sets = {
+                    "state": target.value,
+                    "updated_at": now,
+                    "attempts": attempts,
+                    "next_attempt_at": now + delay,
+                    "last_error": error,
+                    "claimed_by": None,
+                    **(extra or {}),
+                }
+                conn.execute(
+                    f"UPDATE items SET {', '.join(f'{c} = ?' for c in sets)} WHERE id = ?", [*sets.values(), item_id]
+                )
         if skipped:
-            log.warning("%s: item(s) %s not in state %s, left unchanged", op, skipped,
-                        "/".join(sorted(s.value for s in sources)))
+            log.warning(
+                "%s: item(s) %s not in state %s, left unchanged",
+                op,
+                skipped,
+                "/".join(sorted(s.value for s in sources)),
+            )
 
     def release(self, item_ids: Sequence[int], error: str, now: float, delay_s: float) -> None:
         """Back to queued without charging an attempt (the fault was not the item's)."""
-        self._transition("release", item_ids, now, {"next_attempt_at": now + delay_s,
-                                                    "last_error": error, "claimed_by": None})
+        self._transition(
+            "release", item_ids, now, {"next_attempt_at": now + delay_s, "last_error": error, "claimed_by": None}
+        )
 
     def quarantine(self, item_id: int, reason: str, now: float) -> None:
-        self._transition("quarantine", [item_id], now,
-                         {"quarantine_reason": reason, "quarantined_at": now, "last_error": reason,
-                          "claimed_by": None})
+        self._transition(
+            "quarantine",
+            [item_id],
+            now,
+            {"quarantine_reason": reason, "quarantined_at": now, "last_error": reason, "claimed_by": None},
+        )
 
     def set_transaction(self, item_ids: Sequence[int], transaction_uid: str, now: float) -> None:
         """Storage commitment was asked for these sent items under `transaction_uid`."""
@@ -552,15 +649,29 @@ class Outbox:
     # -- operator actions -------------------------------------------------------------------------
     def retry(self, item_id: int, now: float) -> bool:
         """Quarantined -> queued, attempts reset; False if the item is not quarantined."""
-        return bool(self._transition("retry", [item_id], now, {
-            "attempts": 0, "next_attempt_at": now, "quarantine_reason": None,
-            "quarantined_at": None}))
+        return bool(
+            self._transition(
+                "retry",
+                [item_id],
+                now,
+                {"attempts": 0, "next_attempt_at": now, "quarantine_reason": None, "quarantined_at": None},
+            )
+        )
 
     def retry_quarantined(self, now: float) -> int:
         ids = [r[0] for r in self._read("SELECT id FROM items WHERE state = ?", (S.QUARANTINED.value,))]
-        return len(self._transition("retry", ids, now, {
-            "attempts": 0, "next_attempt_at": now, "quarantine_reason": None,
-            "quarantined_at": None})) if ids else 0
+        return (
+            len(
+                self._transition(
+                    "retry",
+                    ids,
+                    now,
+                    {"attempts": 0, "next_attempt_at": now, "quarantine_reason": None, "quarantined_at": None},
+                )
+            )
+            if ids
+            else 0
+        )
 
     # -- purging ----------------------------------------------------------------------------------
     def purge_due(self, now: float, retention_s: float) -> int:
@@ -569,8 +680,8 @@ class Outbox:
         cutoff = now - retention_s
         with self._write() as conn:
             rows = conn.execute(
-                "SELECT id, payload_file FROM items WHERE state = ? AND committed_at <= ?",
-                (S.COMMITTED.value, cutoff)).fetchall()
+                "SELECT id, payload_file FROM items WHERE state = ? AND committed_at <= ?", (S.COMMITTED.value, cutoff)
+            ).fetchall()
             ids = [r[0] for r in rows]
             for chunk in _chunks(ids):
                 marks = ",".join("?" * len(chunk))
@@ -578,7 +689,8 @@ class Outbox:
                 conn.execute(
                     f"UPDATE items SET state = ?, updated_at = ?, patient = NULL, meta = NULL, "
                     f"payload_file = NULL, claimed_by = NULL WHERE id IN ({marks}) AND state = ?",
-                    [S.PURGED.value, now, *chunk, S.COMMITTED.value])
+                    [S.PURGED.value, now, *chunk, S.COMMITTED.value],
+                )
         # after the commit: a crash between leaves orphan files, which the next open removes
         for _id, name in rows:
             if name:
@@ -601,10 +713,8 @@ class Outbox:
         """Items left in `sending` by an owner that is gone (killed, crashed, closed) go back to
         queued, attempts not charged. Claims of a live process are left alone."""
         now = time.time() if now is None else now
-        owners = {r[0] for r in self._read("SELECT DISTINCT claimed_by FROM items WHERE state = ?",
-                                           (S.SENDING.value,))}
-        dead = [o for o in owners
-                if o is None or (o != self.owner and not OwnerLock.is_alive(self._locks_dir, o))]
+        owners = {r[0] for r in self._read("SELECT DISTINCT claimed_by FROM items WHERE state = ?", (S.SENDING.value,))}
+        dead = [o for o in owners if o is None or (o != self.owner and not OwnerLock.is_alive(self._locks_dir, o))]
         recovered = 0
         for owner in dead:
             with self._write() as conn:
@@ -612,7 +722,8 @@ class Outbox:
                     "UPDATE items SET state = ?, claimed_by = NULL, updated_at = ?, "
                     "last_error = 'interrupted while sending (process stopped); queued again' "
                     "WHERE state = ? AND claimed_by IS ?",
-                    (S.QUEUED.value, now, S.SENDING.value, owner)).rowcount
+                    (S.QUEUED.value, now, S.SENDING.value, owner),
+                ).rowcount
         self._remove_stale_owner_locks()
         return recovered
 
@@ -626,7 +737,9 @@ class Outbox:
         """A queued item whose payload is gone can never be sent: say so now, not at send time."""
         rows = self._read(
             "SELECT i.id, i.payload_file, p.item_id IS NOT NULL FROM items i "
-            "LEFT JOIN payloads p ON p.item_id = i.id WHERE i.state = ?", (S.QUEUED.value,))
+            "LEFT JOIN payloads p ON p.item_id = i.id WHERE i.state = ?",
+            (S.QUEUED.value,),
+        )
         present = self._files.names()
         for item_id, name, inline_present in rows:
             if name is not None and name not in present:
@@ -644,7 +757,8 @@ class Outbox:
             conn.execute(
                 "INSERT INTO status (name, value, updated_at) VALUES (?, ?, ?) "
                 "ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-                (name, json.dumps(value, sort_keys=True, default=str), now))
+                (name, json.dumps(value, sort_keys=True, default=str), now),
+            )
 
     def status(self, name: str) -> dict[str, Any] | None:
         rows = self._read("SELECT value FROM status WHERE name = ?", (name,))
@@ -658,14 +772,22 @@ class Outbox:
             "SELECT MIN(CASE WHEN state IN ('queued', 'sending') THEN created_at END), "
             "MAX(sent_at), MAX(committed_at), "
             "COALESCE(SUM(CASE WHEN state IN ('queued', 'sending', 'sent') THEN size END), 0) "
-            "FROM items")[0]
+            "FROM items"
+        )[0]
         quarantined = [
-            {"id": r["id"], "kind": r["kind"], "key": r["key"], "reason": r["quarantine_reason"],
-             "at": r["quarantined_at"]}
-            for r in self._read("SELECT id, kind, key, quarantine_reason, quarantined_at FROM items "
-                                "WHERE state = ? ORDER BY id", (S.QUARANTINED.value,))]
-        statuses = {r[0]: json.loads(r[1])
-                    for r in self._read("SELECT name, value FROM status ORDER BY name")}
+            {
+                "id": r["id"],
+                "kind": r["kind"],
+                "key": r["key"],
+                "reason": r["quarantine_reason"],
+                "at": r["quarantined_at"],
+            }
+            for r in self._read(
+                "SELECT id, kind, key, quarantine_reason, quarantined_at FROM items WHERE state = ? ORDER BY id",
+                (S.QUARANTINED.value,),
+            )
+        ]
+        statuses = {r[0]: json.loads(r[1]) for r in self._read("SELECT name, value FROM status ORDER BY name")}
         try:
             st = self._statvfs(self.data_dir)
             free_bytes: int | None = st.f_bavail * st.f_frsize

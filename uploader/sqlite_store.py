@@ -29,8 +29,7 @@ log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 15_000
 # Durable commits (a returned write survives a power cut), zeroed deleted content.
-BASE_PRAGMAS = (f"busy_timeout={BUSY_TIMEOUT_MS}", "synchronous=FULL", "secure_delete=ON",
-                "foreign_keys=ON")
+BASE_PRAGMAS = (f"busy_timeout={BUSY_TIMEOUT_MS}", "synchronous=FULL", "secure_delete=ON", "foreign_keys=ON")
 
 
 @dataclass(frozen=True)
@@ -89,8 +88,18 @@ def _items(db: sqlite_utils.Database) -> None:
             "claimed_by": str,  # owner token of the Outbox that moved it to `sending`
         },
         pk="id",
-        not_null=["kind", "key", "priority", "state", "attempts", "next_attempt_at",
-                  "created_at", "updated_at", "sha256", "size"],
+        not_null=[
+            "kind",
+            "key",
+            "priority",
+            "state",
+            "attempts",
+            "next_attempt_at",
+            "created_at",
+            "updated_at",
+            "sha256",
+            "size",
+        ],
         defaults={"attempts": 0},
     )
     db.table("items").create_index(["key"], index_name="items_key", unique=True)
@@ -100,13 +109,15 @@ def _items(db: sqlite_utils.Database) -> None:
 
 def _payloads(db: sqlite_utils.Database) -> None:
     # Separate table so scans of `items` never touch payload pages.
-    db.table("payloads").create({"item_id": int, "data": bytes}, pk="item_id", not_null=["data"],
-                          foreign_keys=[("item_id", "items", "id")])
+    db.table("payloads").create(
+        {"item_id": int, "data": bytes}, pk="item_id", not_null=["data"], foreign_keys=[("item_id", "items", "id")]
+    )
 
 
 def _status(db: sqlite_utils.Database) -> None:
-    db.table("status").create({"name": str, "value": str, "updated_at": float}, pk="name",
-                        not_null=["value", "updated_at"])
+    db.table("status").create(
+        {"name": str, "value": str, "updated_at": float}, pk="name", not_null=["value", "updated_at"]
+    )
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -116,13 +127,13 @@ MIGRATIONS: tuple[Migration, ...] = (
 )
 
 
-def open_database(db_path: Path, migrations: tuple[Migration, ...], *,
-                  pragmas: Sequence[str] = ()) -> sqlite_utils.Database:
+def open_database(
+    db_path: Path, migrations: tuple[Migration, ...], *, pragmas: Sequence[str] = ()
+) -> sqlite_utils.Database:
     """Connect to `db_path` (mode 0600) in autocommit mode with explicit transactions, shareable
     between threads under the caller's lock and between processes (WAL, busy_timeout), and
     bring its schema up to date. Rows come back as sqlite3.Row."""
-    conn = sqlite3.connect(db_path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                           check_same_thread=False)
+    conn = sqlite3.connect(db_path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
     try:
         with contextlib.suppress(PermissionError):
             os.chmod(db_path, 0o600)
@@ -153,24 +164,28 @@ def migrate(db: sqlite_utils.Database, migrations: tuple[Migration, ...] = MIGRA
     already = set(applied_migrations(db))
     unknown = sorted(already - {m.name for m in migrations})
     if unknown:
-        log.warning("database has migrations this version does not know: %s "
-                    "(written by a newer lastmile?)", ", ".join(unknown))
+        log.warning(
+            "database has migrations this version does not know: %s (written by a newer lastmile?)", ", ".join(unknown)
+        )
     if all(m.name in already for m in migrations):
         return []  # the usual open: no write lock taken at all
+
     def create_table() -> None:
-        db.table("migrations").create({"name": str, "applied_at": float}, pk="name",
-                                      not_null=["applied_at"], if_not_exists=True)
+        db.table("migrations").create(
+            {"name": str, "applied_at": float}, pk="name", not_null=["applied_at"], if_not_exists=True
+        )
 
     _in_transaction(conn, create_table)
     applied_now: list[str] = []
     for migration in (m for m in migrations if m.name not in already):
+
         def step(m: Migration = migration) -> None:
             if conn.execute("SELECT 1 FROM migrations WHERE name = ?", (m.name,)).fetchone():
                 return  # already there (possibly applied by another process a moment ago)
             m.apply(db)
-            conn.execute("INSERT INTO migrations (name, applied_at) VALUES (?, ?)",
-                         (m.name, time.time()))
+            conn.execute("INSERT INTO migrations (name, applied_at) VALUES (?, ?)", (m.name, time.time()))
             applied_now.append(m.name)
+
         _in_transaction(conn, step)
     if applied_now:
         where = conn.execute("PRAGMA database_list").fetchone()[2]

@@ -63,10 +63,18 @@ log = logging.getLogger(__name__)
 
 HEALTH_SERVICE_UUIDS = [full_uuid(u) for u in uuids.HEALTH_SERVICES]
 # Subscribed in this order: glucose records and context before the RACP that asks for them.
-SUBSCRIBED = (uuids.GLUCOSE_MEASUREMENT, uuids.GLUCOSE_MEASUREMENT_CONTEXT, uuids.RECORD_ACCESS_CONTROL_POINT,
-              uuids.BLOOD_PRESSURE_MEASUREMENT, uuids.INTERMEDIATE_CUFF_PRESSURE, uuids.TEMPERATURE_MEASUREMENT,
-              uuids.INTERMEDIATE_TEMPERATURE, uuids.PLX_SPOT_CHECK_MEASUREMENT, uuids.PLX_CONTINUOUS_MEASUREMENT,
-              uuids.WEIGHT_MEASUREMENT)
+SUBSCRIBED = (
+    uuids.GLUCOSE_MEASUREMENT,
+    uuids.GLUCOSE_MEASUREMENT_CONTEXT,
+    uuids.RECORD_ACCESS_CONTROL_POINT,
+    uuids.BLOOD_PRESSURE_MEASUREMENT,
+    uuids.INTERMEDIATE_CUFF_PRESSURE,
+    uuids.TEMPERATURE_MEASUREMENT,
+    uuids.INTERMEDIATE_TEMPERATURE,
+    uuids.PLX_SPOT_CHECK_MEASUREMENT,
+    uuids.PLX_CONTINUOUS_MEASUREMENT,
+    uuids.WEIGHT_MEASUREMENT,
+)
 AUTH_ERROR_CODES = {0x05, 0x0C, 0x0F}  # insufficient authentication / key size / encryption
 AUTH_DBUS_HINTS = ("NotPermitted", "NotAuthorized", "Insufficient", "AuthenticationFailed")
 
@@ -154,9 +162,14 @@ class DeviceSession:
         if self.m.client_backend is not None:
             kwargs["backend"] = self.m.client_backend
         self.client = await establish_connection(
-            self.m.client_class, self.ble_device, self.ble_device.name or self.address,
-            disconnected_callback=lambda _c: self._gone.set(), max_attempts=self.s.connect_attempts,
-            pair=self.pair_required, **kwargs)
+            self.m.client_class,
+            self.ble_device,
+            self.ble_device.name or self.address,
+            disconnected_callback=lambda _c: self._gone.set(),
+            max_attempts=self.s.connect_attempts,
+            pair=self.pair_required,
+            **kwargs,
+        )
         self.paired = self.pair_required
         try:
             log.info("%s: connected", self.address)
@@ -230,8 +243,9 @@ class DeviceSession:
                     log.info("%s: device clock off by %+.0f s", self.address, offset.total_seconds())
             if "write" in char.properties:
                 now = self.m.clock()
-                await self.client.write_gatt_char(char, encode_current_time(
-                    now.astimezone(self.s.device_tz).replace(tzinfo=None)), response=True)
+                await self.client.write_gatt_char(
+                    char, encode_current_time(now.astimezone(self.s.device_tz).replace(tzinfo=None)), response=True
+                )
                 self.clock = ClockCheck(offset=self.clock.offset, set_at=now)
         except (ProtocolError, BleakGATTProtocolError) as exc:
             log.warning("%s: current time not usable: %s", self.address, exc)
@@ -242,8 +256,10 @@ class DeviceSession:
             char = self._char(uuid16)
             if char is None or not {"notify", "indicate"} & set(char.properties):
                 continue
+
             def callback(_sender: BleakGATTCharacteristic, data: bytearray, u: int = uuid16) -> None:
                 self._on_value(u, data)
+
             try:
                 await self.client.start_notify(char, callback)
             except (BleakGATTProtocolError, BleakDBusError) as exc:
@@ -265,13 +281,19 @@ class DeviceSession:
         await self.client.write_gatt_char(char, request, response=True)
         gone: asyncio.Future[bool] = asyncio.ensure_future(self._gone.wait())
         try:
-            done, _ = await asyncio.wait([answer, gone], timeout=self.s.racp_timeout_s,  # type: ignore[type-var]
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                [answer, gone],
+                timeout=self.s.racp_timeout_s,  # type: ignore[type-var]
+                return_when=asyncio.FIRST_COMPLETED,
+            )
         finally:
             gone.cancel()
         if answer not in done:
-            raise SessionEnded("link lost during the record download" if self._gone.is_set()
-                               else f"no RACP answer in {self.s.racp_timeout_s:.0f} s")
+            raise SessionEnded(
+                "link lost during the record download"
+                if self._gone.is_set()
+                else f"no RACP answer in {self.s.racp_timeout_s:.0f} s"
+            )
         result = answer.result()
         self._flush_glucose()
         if not result.ok:
@@ -344,11 +366,22 @@ class DeviceSession:
         if not m.quantities:
             log.info("%s: %s record without a value skipped", self.address, m.kind)
             return
-        measured_at, source = resolve_time(m.device_time, received_at, self.clock, self.s.device_tz,
-                                           clock_untrusted=m.clock_untrusted,
-                                           tolerance=dt.timedelta(seconds=self.s.clock_tolerance_s))
-        obs = to_observation(m, device=self.identity, measured_at=measured_at, time_source=source,
-                             received_at=received_at, key=record_key(self.address, m, received_at))
+        measured_at, source = resolve_time(
+            m.device_time,
+            received_at,
+            self.clock,
+            self.s.device_tz,
+            clock_untrusted=m.clock_untrusted,
+            tolerance=dt.timedelta(seconds=self.s.clock_tolerance_s),
+        )
+        obs = to_observation(
+            m,
+            device=self.identity,
+            measured_at=measured_at,
+            time_source=source,
+            received_at=received_at,
+            key=record_key(self.address, m, received_at),
+        )
         try:
             created = self.port.store(obs)
         except Exception:
@@ -372,12 +405,17 @@ def _needs_bonding(exc: Exception) -> bool:
 class BleDeviceManager:
     """Scans for allow-listed devices and runs one `DeviceSession` task per connected device."""
 
-    def __init__(self, port: GatewayPort, settings: LinkSettings | None = None, *,
-                 scanner_backend: type[BaseBleakScanner] | None = None,
-                 client_backend: type[BaseBleakClient] | None = None,
-                 client_class: type[BleakClient] = BleakClient,
-                 clock: Callable[[], dt.datetime] = utc_now,
-                 observation_listener: Callable[[str, Observation, bool], None] | None = None) -> None:
+    def __init__(
+        self,
+        port: GatewayPort,
+        settings: LinkSettings | None = None,
+        *,
+        scanner_backend: type[BaseBleakScanner] | None = None,
+        client_backend: type[BaseBleakClient] | None = None,
+        client_class: type[BleakClient] = BleakClient,
+        clock: Callable[[], dt.datetime] = utc_now,
+        observation_listener: Callable[[str, Observation, bool], None] | None = None,
+    ) -> None:
         self.port = port
         self.settings = settings or LinkSettings()
         self.scanner_backend = scanner_backend
@@ -420,8 +458,11 @@ class BleDeviceManager:
                         await self._wait(stopping, self.settings.scan_pass_s)
                         continue
                     try:
-                        await self._wait(stopping, self.settings.scan_pass_s,
-                                         until=lambda: all(a in self.sessions for a in self._allowed))
+                        await self._wait(
+                            stopping,
+                            self.settings.scan_pass_s,
+                            until=lambda: all(a in self.sessions for a in self._allowed),
+                        )
                     finally:
                         try:
                             await scanner.stop()
@@ -498,17 +539,20 @@ class ScanResult:
     services: tuple[str, ...]  # names of the health services advertised
 
 
-async def scan_health_devices(timeout_s: float = 5.0, *, backend: type[BaseBleakScanner] | None = None,
-                              every_device: bool = False) -> list[ScanResult]:
+async def scan_health_devices(
+    timeout_s: float = 5.0, *, backend: type[BaseBleakScanner] | None = None, every_device: bool = False
+) -> list[ScanResult]:
     """Devices advertising a health service (or every device), strongest first."""
     found: dict[str, ScanResult] = {}
 
     def on_detection(device: BLEDevice, adv: AdvertisementData) -> None:
-        names = tuple(uuids.HEALTH_SERVICES[u] for u in map(short_uuid, adv.service_uuids)
-                      if u in uuids.HEALTH_SERVICES)
+        names = tuple(
+            uuids.HEALTH_SERVICES[u] for u in map(short_uuid, adv.service_uuids) if u in uuids.HEALTH_SERVICES
+        )
         if names or every_device:
-            found[device.address.upper()] = ScanResult(device.address.upper(), adv.local_name or device.name or "",
-                                                       adv.rssi, names)
+            found[device.address.upper()] = ScanResult(
+                device.address.upper(), adv.local_name or device.name or "", adv.rssi, names
+            )
 
     scanner = BleakScanner(on_detection, backend=backend)
     await scanner.start()

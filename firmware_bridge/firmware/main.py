@@ -47,14 +47,14 @@ def hexlify(data):
 def main():
     micropython.kbd_intr(-1)  # 0x03 in a frame must not raise KeyboardInterrupt
     led = machine.Pin("LED", machine.Pin.OUT)
-    uart = machine.UART(UART_ID, baudrate=UART_BAUD, tx=machine.Pin(UART_TX_PIN),
-                        rx=machine.Pin(UART_RX_PIN), rxbuf=4096)
+    uart = machine.UART(
+        UART_ID, baudrate=UART_BAUD, tx=machine.Pin(UART_TX_PIN), rx=machine.Pin(UART_RX_PIN), rxbuf=4096
+    )
     usb_in = sys.stdin.buffer
     usb_out = sys.stdout.buffer
     clock = Clock()
     boot_id = int.from_bytes(os.urandom(4), "little")
-    core = BridgeCore(hexlify(machine.unique_id()), boot_id,
-                      capabilities=("serial-forward", "time-sync"))
+    core = BridgeCore(hexlify(machine.unique_id()), boot_id, capabilities=("serial-forward", "time-sync"))
     poller = select.poll()
     poller.register(usb_in, select.POLLIN)
     poller.register(uart, select.POLLIN)

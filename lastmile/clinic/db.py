@@ -24,40 +24,68 @@ DB_NAME = "clinic.db"
 
 def _session(db: sqlite_utils.Database) -> None:
     # One row (id 1): the clinic session now. Times are ISO 8601 UTC.
-    db.table("session").create({"id": int, "patient_id": str, "patient_name": str, "patient_since": str,
-                          "doctor_id": str, "doctor_since": str, "last_activity": str}, pk="id")
-    db.table("session_log").create({"id": int, "at": str, "event": str, "patient_id": str, "doctor_id": str,
-                              "detail": str}, pk="id", not_null=["at", "event"])
+    db.table("session").create(
+        {
+            "id": int,
+            "patient_id": str,
+            "patient_name": str,
+            "patient_since": str,
+            "doctor_id": str,
+            "doctor_since": str,
+            "last_activity": str,
+        },
+        pk="id",
+    )
+    db.table("session_log").create(
+        {"id": int, "at": str, "event": str, "patient_id": str, "doctor_id": str, "detail": str},
+        pk="id",
+        not_null=["at", "event"],
+    )
 
 
 def _devices(db: sqlite_utils.Database) -> None:
-    db.table("devices").create({
-        "address": str,  # BLE address (upper case) or serial port identity
-        "transport": str,  # "ble", "serial" ...
-        "name": str,
-        "allowed": int,  # 1: paired for this clinic (BLE allow-list)
-        "pair_required": int,  # 1: bond (encrypt) before using it
-        "added_at": str,
-        "manufacturer": str, "model": str, "serial": str, "software_version": str,
-        "connected": int,
-        "last_seen_at": str, "last_connected_at": str,
-        "last_reading_at": str, "last_reading": str,  # short summary "120/80 mm[Hg]"
-        "last_error": str, "last_error_at": str,
-        "last_sequence": int,  # highest record sequence number stored (glucose RACP)
-        "updated_at": str,
-    }, pk="address", not_null=["transport", "updated_at"], defaults={"allowed": 0, "pair_required": 0,
-                                                                     "connected": 0})
+    db.table("devices").create(
+        {
+            "address": str,  # BLE address (upper case) or serial port identity
+            "transport": str,  # "ble", "serial" ...
+            "name": str,
+            "allowed": int,  # 1: paired for this clinic (BLE allow-list)
+            "pair_required": int,  # 1: bond (encrypt) before using it
+            "added_at": str,
+            "manufacturer": str,
+            "model": str,
+            "serial": str,
+            "software_version": str,
+            "connected": int,
+            "last_seen_at": str,
+            "last_connected_at": str,
+            "last_reading_at": str,
+            "last_reading": str,  # short summary "120/80 mm[Hg]"
+            "last_error": str,
+            "last_error_at": str,
+            "last_sequence": int,  # highest record sequence number stored (glucose RACP)
+            "updated_at": str,
+        },
+        pk="address",
+        not_null=["transport", "updated_at"],
+        defaults={"allowed": 0, "pair_required": 0, "connected": 0},
+    )
 
 
 def _held_observations(db: sqlite_utils.Database) -> None:
-    db.table("held_observations").create({"id": int, "key": str, "kind": str, "measured_at": str,
-                                    "device": str, "observation": str, "held_at": str},
-                                   pk="id", not_null=["key", "kind", "observation", "held_at"])
+    db.table("held_observations").create(
+        {"id": int, "key": str, "kind": str, "measured_at": str, "device": str, "observation": str, "held_at": str},
+        pk="id",
+        not_null=["key", "kind", "observation", "held_at"],
+    )
     db.table("held_observations").create_index(["key"], index_name="held_key", unique=True)
 
 
-MIGRATIONS = (Migration("0001_session", _session), Migration("0002_devices", _devices),
-              Migration("0003_held_observations", _held_observations))
+MIGRATIONS = (
+    Migration("0001_session", _session),
+    Migration("0002_devices", _devices),
+    Migration("0003_held_observations", _held_observations),
+)
 
 
 def open_clinic_db(data_dir: str | os.PathLike[str]) -> sqlite_utils.Database:

@@ -43,14 +43,27 @@ def observation_to_json(obs: Observation) -> dict[str, Any]:
     return {
         "schema": SCHEMA,
         "kind": obs.kind,
-        "quantities": [{"code": q.code, "value": q.value, "unit": q.unit, "sent_value": q.sent_value,
-                        "sent_unit": q.sent_unit, "special": q.special} for q in obs.quantities],
+        "quantities": [
+            {
+                "code": q.code,
+                "value": q.value,
+                "unit": q.unit,
+                "sent_value": q.sent_value,
+                "sent_unit": q.sent_unit,
+                "special": q.special,
+            }
+            for q in obs.quantities
+        ],
         "measured_at": obs.measured_at.isoformat(),
         "time_source": obs.time_source.value,
         "received_at": obs.received_at.isoformat(),
-        "device": {"manufacturer": obs.device.manufacturer, "model": obs.device.model,
-                   "serial": obs.device.serial, "address": obs.device.address,
-                   "software_version": obs.device.software_version},
+        "device": {
+            "manufacturer": obs.device.manufacturer,
+            "model": obs.device.model,
+            "serial": obs.device.serial,
+            "address": obs.device.address,
+            "software_version": obs.device.software_version,
+        },
         "record_key": obs.record_key,
         "patient_id": obs.patient_id,
         "flags": list(obs.flags),
@@ -64,8 +77,10 @@ def observation_from_json(data: dict[str, Any]) -> Observation:
         raise ValueError(f"not a {SCHEMA} document: {data.get('schema')!r}")
     return Observation(
         kind=data["kind"],
-        quantities=tuple(Quantity(q["code"], q["value"], q["unit"], q["sent_value"], q["sent_unit"], q["special"])
-                         for q in data["quantities"]),
+        quantities=tuple(
+            Quantity(q["code"], q["value"], q["unit"], q["sent_value"], q["sent_unit"], q["special"])
+            for q in data["quantities"]
+        ),
         measured_at=dt.datetime.fromisoformat(data["measured_at"]),
         time_source=TimeSource(data["time_source"]),
         received_at=dt.datetime.fromisoformat(data["received_at"]),
@@ -77,14 +92,15 @@ def observation_from_json(data: dict[str, Any]) -> Observation:
 
 
 def observation_payload(obs: Observation) -> bytes:
-    return json.dumps(observation_to_json(obs), sort_keys=True, ensure_ascii=False,
-                      separators=(",", ":")).encode()
+    return json.dumps(observation_to_json(obs), sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def summary(obs: Observation) -> str:
     """One line for `lastmile devices` and logs, e.g. "120/80 mm[Hg], pulse-rate 72 /min"."""
+
     def fmt(q: Quantity) -> str:
         return f"{q.value:g}" if q.value is not None else f"({q.special})"
+
     sys_, dia = obs.quantity("systolic"), obs.quantity("diastolic")
     parts = []
     rest = list(obs.quantities)
@@ -155,19 +171,37 @@ class ObservationStore:
         return StoreResult("stored" if result.created else "duplicate", patient_id, result.item.id)
 
     def _enqueue(self, obs: Observation, patient_name: str, now: dt.datetime) -> AddResult:
-        meta = {"kind": obs.kind, "device": obs.device.label(), "measured_at": obs.measured_at.isoformat(),
-                "time_source": obs.time_source.value, "flags": list(obs.flags)}
-        return self.outbox.add(OBSERVATION_KIND, obs.record_key, observation_payload(obs), priority=Priority.ROUTINE,
-                               meta=meta, patient={"patient_id": obs.patient_id, "name": patient_name},
-                               now=now.timestamp())
+        meta = {
+            "kind": obs.kind,
+            "device": obs.device.label(),
+            "measured_at": obs.measured_at.isoformat(),
+            "time_source": obs.time_source.value,
+            "flags": list(obs.flags),
+        }
+        return self.outbox.add(
+            OBSERVATION_KIND,
+            obs.record_key,
+            observation_payload(obs),
+            priority=Priority.ROUTINE,
+            meta=meta,
+            patient={"patient_id": obs.patient_id, "name": patient_name},
+            now=now.timestamp(),
+        )
 
     def _hold(self, obs: Observation, now: dt.datetime) -> StoreResult:
         with transaction(self.db) as conn:
             cur = conn.execute(
                 "INSERT INTO held_observations (key, kind, measured_at, device, observation, held_at) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO NOTHING",
-                (obs.record_key, obs.kind, iso(obs.measured_at), obs.device.label(),
-                 observation_payload(obs).decode(), iso(now)))
+                (
+                    obs.record_key,
+                    obs.kind,
+                    iso(obs.measured_at),
+                    obs.device.label(),
+                    observation_payload(obs).decode(),
+                    iso(now),
+                ),
+            )
             if cur.rowcount == 0:
                 return StoreResult("duplicate")
             held_id = int(cur.lastrowid or 0)

@@ -62,13 +62,15 @@ class PatientContext:
             doctor = row["doctor_id"] if row else None
             if row and row["patient_id"] and row["patient_id"] != patient_id:
                 self._log(conn, now, "patient-replaced", row["patient_id"], doctor)
-            conn.execute("INSERT INTO session (id, patient_id, patient_name, patient_since, doctor_id, "
-                         "doctor_since, last_activity) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE "
-                         "SET patient_since = CASE WHEN session.patient_id IS excluded.patient_id "
-                         "THEN session.patient_since ELSE excluded.patient_since END, "
-                         "patient_id = excluded.patient_id, patient_name = excluded.patient_name, "
-                         "last_activity = excluded.last_activity",
-                         (_ROW, patient_id, name, iso(now), doctor, row["doctor_since"] if row else None, iso(now)))
+            conn.execute(
+                "INSERT INTO session (id, patient_id, patient_name, patient_since, doctor_id, "
+                "doctor_since, last_activity) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE "
+                "SET patient_since = CASE WHEN session.patient_id IS excluded.patient_id "
+                "THEN session.patient_since ELSE excluded.patient_since END, "
+                "patient_id = excluded.patient_id, patient_name = excluded.patient_name, "
+                "last_activity = excluded.last_activity",
+                (_ROW, patient_id, name, iso(now), doctor, row["doctor_since"] if row else None, iso(now)),
+            )
             self._log(conn, now, "patient-set", patient_id, doctor)
         log.debug("current patient set")
         current = self.current(now)
@@ -81,10 +83,12 @@ class PatientContext:
             raise ValueError("a doctor needs a non-empty identifier")
         with transaction(self.db) as conn:
             self._expire_locked(conn, now)
-            conn.execute("INSERT INTO session (id, doctor_id, doctor_since, last_activity) VALUES (?, ?, ?, ?) "
-                         "ON CONFLICT(id) DO UPDATE SET doctor_id = excluded.doctor_id, "
-                         "doctor_since = excluded.doctor_since, last_activity = excluded.last_activity",
-                         (_ROW, doctor_id, iso(now), iso(now)))
+            conn.execute(
+                "INSERT INTO session (id, doctor_id, doctor_since, last_activity) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET doctor_id = excluded.doctor_id, "
+                "doctor_since = excluded.doctor_since, last_activity = excluded.last_activity",
+                (_ROW, doctor_id, iso(now), iso(now)),
+            )
             self._log(conn, now, "doctor-set", None, doctor_id)
 
     def touch(self, *, now: dt.datetime) -> bool:
@@ -103,8 +107,9 @@ class PatientContext:
             row = self._expire_locked(conn, now)
             if row is None or not row["patient_id"]:
                 return False
-            conn.execute("UPDATE session SET patient_id = NULL, patient_name = NULL, patient_since = NULL "
-                         "WHERE id = ?", (_ROW,))
+            conn.execute(
+                "UPDATE session SET patient_id = NULL, patient_name = NULL, patient_since = NULL WHERE id = ?", (_ROW,)
+            )
             self._log(conn, now, f"patient-{reason}", row["patient_id"], row["doctor_id"])
         return True
 
@@ -120,9 +125,14 @@ class PatientContext:
         if not row["patient_id"]:
             return None
         last = _t(row["last_activity"])
-        return CurrentPatient(patient_id=row["patient_id"], name=row["patient_name"] or "",
-                              since=_t(row["patient_since"]), last_activity=last,
-                              expires_at=last + self.idle_timeout, doctor_id=row["doctor_id"] or "")
+        return CurrentPatient(
+            patient_id=row["patient_id"],
+            name=row["patient_name"] or "",
+            since=_t(row["patient_since"]),
+            last_activity=last,
+            expires_at=last + self.idle_timeout,
+            doctor_id=row["doctor_id"] or "",
+        )
 
     def current_doctor(self, now: dt.datetime) -> str | None:
         row = self._row()
@@ -131,8 +141,9 @@ class PatientContext:
         return row["doctor_id"] or None
 
     def history(self, limit: int = 20) -> list[dict]:
-        rows = self.db.conn.execute("SELECT at, event, patient_id, doctor_id, detail FROM session_log "
-                                    "ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        rows = self.db.conn.execute(
+            "SELECT at, event, patient_id, doctor_id, detail FROM session_log ORDER BY id DESC LIMIT ?", (limit,)
+        ).fetchall()
         return [dict(r) for r in rows]
 
     # -- internals --------------------------------------------------------------------------
@@ -150,18 +161,32 @@ class PatientContext:
             return None
         if self._expired(row, now):
             if row["patient_id"] or row["doctor_id"]:
-                self._log(conn, now, "session-expired", row["patient_id"], row["doctor_id"],
-                          f"idle since {row['last_activity']}")
+                self._log(
+                    conn,
+                    now,
+                    "session-expired",
+                    row["patient_id"],
+                    row["doctor_id"],
+                    f"idle since {row['last_activity']}",
+                )
                 log.info("clinic session expired after %.0f s idle", self.idle_timeout.total_seconds())
             conn.execute("DELETE FROM session WHERE id = ?", (_ROW,))
             return None
         return row
 
     @staticmethod
-    def _log(conn: sqlite3.Connection, now: dt.datetime, event: str, patient_id: str | None,
-             doctor_id: str | None, detail: str = "") -> None:
-        conn.execute("INSERT INTO session_log (at, event, patient_id, doctor_id, detail) VALUES (?, ?, ?, ?, ?)",
-                     (iso(now), event, patient_id, doctor_id, detail))
+    def _log(
+        conn: sqlite3.Connection,
+        now: dt.datetime,
+        event: str,
+        patient_id: str | None,
+        doctor_id: str | None,
+        detail: str = "",
+    ) -> None:
+        conn.execute(
+            "INSERT INTO session_log (at, event, patient_id, doctor_id, detail) VALUES (?, ?, ?, ?, ?)",
+            (iso(now), event, patient_id, doctor_id, detail),
+        )
 
 
 def _t(value: str) -> dt.datetime:

@@ -14,7 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     bsub = ble.add_subparsers(dest="ble_command", metavar="COMMAND")
     ble.set_defaults(func=lambda _a: (ble.print_help(), 2)[1])
 
-    p = bsub.add_parser("scan", help="nearby devices advertising a health service (BP, thermometer ...)", parents=[DATA_DIR])
+    p = bsub.add_parser(
+        "scan", help="nearby devices advertising a health service (BP, thermometer ...)", parents=[DATA_DIR]
+    )
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to listen (default 5)")
     p.add_argument("--all", action="store_true", help="every advertising device, not only health devices")
     p.add_argument("--json", action="store_true", help="one JSON array")
@@ -50,17 +52,21 @@ def _pair(args: argparse.Namespace) -> int:
     from lastmile.commands.common import config_from_args
 
     if not _valid_address(args.address):
-        print(f"lastmile ble pair: {args.address!r} is not a Bluetooth address (like C0:26:DA:01:02:03)",
-              file=sys.stderr)
+        print(
+            f"lastmile ble pair: {args.address!r} is not a Bluetooth address (like C0:26:DA:01:02:03)", file=sys.stderr
+        )
         return 2
     registry = DeviceRegistry.open(config_from_args(args).data_dir)
     try:
-        record = registry.allow(args.address, name=args.name, pair_required=args.bond,
-                                now=dt.datetime.now(dt.timezone.utc))
+        record = registry.allow(
+            args.address, name=args.name, pair_required=args.bond, now=dt.datetime.now(dt.timezone.utc)
+        )
     finally:
         registry.close()
-    print(f"paired {record.address}{' (' + record.name + ')' if record.name else ''}: the gateway will connect "
-          f"it when it advertises{'; bonding first' if record.pair_required else ''}")
+    print(
+        f"paired {record.address}{' (' + record.name + ')' if record.name else ''}: the gateway will connect "
+        f"it when it advertises{'; bonding first' if record.pair_required else ''}"
+    )
     return 0
 
 
@@ -106,8 +112,10 @@ def _scan(args: argparse.Namespace) -> int:
         from lastmile.services.ble_devices import DEMO_CUFF, DEMO_THERMOMETER
 
         radio = EmulatedRadio()
-        devices = [BloodPressureCuff(radio, DEMO_CUFF, "Demo BP Cuff"), Thermometer(radio, DEMO_THERMOMETER,
-                                                                                   "Demo Thermometer")]
+        devices = [
+            BloodPressureCuff(radio, DEMO_CUFF, "Demo BP Cuff"),
+            Thermometer(radio, DEMO_THERMOMETER, "Demo Thermometer"),
+        ]
         for d in devices:
             await d.start()
         try:
@@ -122,8 +130,21 @@ def _scan(args: argparse.Namespace) -> int:
         print(f"lastmile ble scan: Bluetooth is not available: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps([{"address": r.address, "name": r.name, "rssi": r.rssi, "services": list(r.services),
-                           "paired": r.address in paired} for r in results], indent=2))
+        print(
+            json.dumps(
+                [
+                    {
+                        "address": r.address,
+                        "name": r.name,
+                        "rssi": r.rssi,
+                        "services": list(r.services),
+                        "paired": r.address in paired,
+                    }
+                    for r in results
+                ],
+                indent=2,
+            )
+        )
         return 0
     if not results:
         print(f"no health devices heard in {args.timeout:g} s (wake the device: take a measurement)")
@@ -150,8 +171,13 @@ def _decode(args: argparse.Namespace) -> int:
     spec = registry.spec_for(uuid16)
     value = registry.to_jsonable(spec.decode(data))
     if args.json:
-        print(json.dumps({"characteristic": f"0x{uuid16:04X}", "name": spec.name, "bytes": data.hex(),
-                          "value": value}, indent=2, ensure_ascii=False))
+        print(
+            json.dumps(
+                {"characteristic": f"0x{uuid16:04X}", "name": spec.name, "bytes": data.hex(), "value": value},
+                indent=2,
+                ensure_ascii=False,
+            )
+        )
         return 0
     print(f"{spec.name} (0x{uuid16:04X}), {len(data)} bytes")
     for line in _describe(value):
@@ -162,8 +188,9 @@ def _decode(args: argparse.Namespace) -> int:
 def _describe(value: object, prefix: str = "") -> list[str]:
     """Human lines for a decoded value; quantities as 'code: value unit (sent ...)'."""
     if isinstance(value, dict) and {"code", "value", "unit"} <= set(value):
-        shown = (f"{value['value']:g} {value['unit']}" if value["value"] is not None
-                 else f"no value ({value['special']})")
+        shown = (
+            f"{value['value']:g} {value['unit']}" if value["value"] is not None else f"no value ({value['special']})"
+        )
         sent = ""
         if value.get("sent_unit") and value["sent_unit"] != value["unit"] and value["sent_value"] is not None:
             sent = f"  (sent {value['sent_value']:g} {value['sent_unit']})"

@@ -9,8 +9,9 @@ from lastmile.config import Config, load_config
 
 # A parent parser: `sub.add_parser(..., parents=[DATA_DIR])` gives a command the option.
 DATA_DIR = argparse.ArgumentParser(add_help=False)
-DATA_DIR.add_argument("--data-dir", metavar="DIR",
-                      help="state directory: outbox, clinic database, visits (default: gateway.data_dir)")
+DATA_DIR.add_argument(
+    "--data-dir", metavar="DIR", help="state directory: outbox, clinic database, visits (default: gateway.data_dir)"
+)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

@@ -9,8 +9,7 @@ import sys
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole gateway on embedded defaults (under a minute)")
-    p.add_argument("--json", action="store_true",
-                   help="print the summary as one JSON object on the last line")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
     p.add_argument("--recordings", type=int, default=12, help="ECGs the demo clinic records")
     p.add_argument("--outage", type=float, default=4.0, help="seconds the reading center is down")
     p.set_defaults(func=_demo)
@@ -33,10 +32,12 @@ def _demo(args: argparse.Namespace) -> int:
     summary = run_demo(say, n_recordings=args.recordings, outage_s=args.outage)
     d = summary.as_dict()
     print()
-    print(f"summary: {summary.recordings} ECGs recorded, {summary.received} received by the "
-          f"reading center ({summary.studies} studies), {summary.committed} committed, "
-          f"{summary.purged} purged locally, {summary.lost} lost, {summary.duplicated} duplicated, "
-          f"{summary.quarantined} quarantined — {summary.elapsed_s:.1f} s")
+    print(
+        f"summary: {summary.recordings} ECGs recorded, {summary.received} received by the "
+        f"reading center ({summary.studies} studies), {summary.committed} committed, "
+        f"{summary.purged} purged locally, {summary.lost} lost, {summary.duplicated} duplicated, "
+        f"{summary.quarantined} quarantined — {summary.elapsed_s:.1f} s"
+    )
     for key, value in summary.extra.items():
         print(f"  {key}: {value}")
     if args.json:

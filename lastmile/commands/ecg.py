@@ -18,19 +18,26 @@ from lastmile.commands.common import DATA_DIR
 if TYPE_CHECKING:
     from devices.ecg.recording import EcgRecording
 
-FORMAT_NAMES = {"scp": "SCP-ECG", "aecg": "HL7 aECG", "dicom": "DICOM ECG", "contec": "Contec ECG90A",
-                "npz": "gateway npz"}
+FORMAT_NAMES = {
+    "scp": "SCP-ECG",
+    "aecg": "HL7 aECG",
+    "dicom": "DICOM ECG",
+    "contec": "Contec ECG90A",
+    "npz": "gateway npz",
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    ecg = sub.add_parser("ecg", help="decode ECG files (SCP-ECG, HL7 aECG, DICOM, Contec .ECG) or "
-                                     "convert them to DICOM")
+    ecg = sub.add_parser(
+        "ecg", help="decode ECG files (SCP-ECG, HL7 aECG, DICOM, Contec .ECG) or convert them to DICOM"
+    )
     ecg_sub = ecg.add_subparsers(dest="ecg_command", metavar="ACTION")
 
     p = ecg_sub.add_parser("decode", help="decode an ECG file: one-line summary, samples to CSV")
     p.add_argument("input", metavar="INPUT", help="ECG file")
-    p.add_argument("--csv", metavar="OUT", help="write the samples in µV, one column per lead "
-                                                "(header row of lead names)")
+    p.add_argument(
+        "--csv", metavar="OUT", help="write the samples in µV, one column per lead (header row of lead names)"
+    )
     p.set_defaults(func=_decode)
 
     p = ecg_sub.add_parser("to-dicom", help="convert an ECG file to a DICOM 12-lead / General ECG object")
@@ -39,8 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_to_dicom)
     ecg.set_defaults(func=lambda args: (ecg.print_help(), 2)[1])
 
-    p = sub.add_parser("import", help="import ECG files from a USB stick or folder into the outbox "
-                                      "(each file once; the stick is only read)", parents=[DATA_DIR])
+    p = sub.add_parser(
+        "import",
+        help="import ECG files from a USB stick or folder into the outbox (each file once; the stick is only read)",
+        parents=[DATA_DIR],
+    )
     p.add_argument("paths", metavar="PATH", nargs="+", help="files or folders (e.g. the stick's mount point)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, only the summary")
     p.set_defaults(func=_import)
@@ -53,10 +63,12 @@ def summary(name: str, recording: EcgRecording) -> str:
     patient = f"patient {r.patient.patient_id}" if r.patient else "patient unassigned"
     device = r.device.label()
     flags = f", flags: {' '.join(r.flags)}" if r.flags else ""
-    return (f"{name}: {FORMAT_NAMES.get(r.source_format, r.source_format)}, {r.n_leads} leads ({leads}{derived}), "
-            f"{r.n_samples} samples at {r.sampling_rate_hz:g} Hz ({r.duration_s:.1f} s), "
-            f"{r.uv_per_unit:g} µV/unit, acquired {r.acquired_at.isoformat()} ({r.time_source.value}), "
-            f"{patient}, {device}{flags}")
+    return (
+        f"{name}: {FORMAT_NAMES.get(r.source_format, r.source_format)}, {r.n_leads} leads ({leads}{derived}), "
+        f"{r.n_samples} samples at {r.sampling_rate_hz:g} Hz ({r.duration_s:.1f} s), "
+        f"{r.uv_per_unit:g} µV/unit, acquired {r.acquired_at.isoformat()} ({r.time_source.value}), "
+        f"{patient}, {device}{flags}"
+    )
 
 
 def _fail(message: str) -> int:
@@ -160,8 +172,13 @@ def _import(args: argparse.Namespace) -> int:
         return current.patient_id if current else None
 
     try:
-        summary = import_files(outbox, config, args.paths, current_patient_id=current_patient_id,
-                               progress=None if args.quiet else ProgressBar())
+        summary = import_files(
+            outbox,
+            config,
+            args.paths,
+            current_patient_id=current_patient_id,
+            progress=None if args.quiet else ProgressBar(),
+        )
     finally:
         patients.close()
         outbox.close()

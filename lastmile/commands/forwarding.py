@@ -16,13 +16,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--once", action="store_true", help="one round, then exit (for scripts)")
     p.set_defaults(func=_forward)
 
-    p = sub.add_parser("echo", help="C-ECHO the configured reading center, or HOST PORT (like echoscu)", parents=[DATA_DIR])
+    p = sub.add_parser(
+        "echo", help="C-ECHO the configured reading center, or HOST PORT (like echoscu)", parents=[DATA_DIR]
+    )
     p.add_argument("host", nargs="?")
     p.add_argument("port", nargs="?", type=int)
     p.add_argument("--called-ae", "-aec", help="called AE title (default: from the configuration)")
     p.set_defaults(func=_echo)
 
-    p = sub.add_parser("queue", help="outbox counts per state, oldest waiting, last success, quarantined", parents=[DATA_DIR])
+    p = sub.add_parser(
+        "queue", help="outbox counts per state, oldest waiting, last success, quarantined", parents=[DATA_DIR]
+    )
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=_queue)
 
@@ -66,21 +70,24 @@ def _echo(args: argparse.Namespace) -> int:
     if (args.host is None) != (args.port is None):
         print("lastmile echo: give both HOST and PORT, or neither", file=sys.stderr)
         return 2
-    peer = peer_settings(config.reading_center, host=args.host, port=args.port,
-                         called_ae=args.called_ae)
+    peer = peer_settings(config.reading_center, host=args.host, port=args.port, called_ae=args.called_ae)
     where = f"{peer.called_ae}@{peer.host}:{peer.port} as {peer.calling_ae}"
     code = 0
     try:
         rtt = echo(peer)
         print(f"OK    C-ECHO {where}: {rtt * 1000:.0f} ms")
     except ConfigurationFault as exc:
-        print(f"FAIL  {where}: the reading center refuses this gateway: {exc}\n"
-              f"      hint: ask the reading center to register AE {peer.calling_ae!r} "
-              f"(and this gateway's address), or fix reading_center.* in {config.source}")
+        print(
+            f"FAIL  {where}: the reading center refuses this gateway: {exc}\n"
+            f"      hint: ask the reading center to register AE {peer.calling_ae!r} "
+            f"(and this gateway's address), or fix reading_center.* in {config.source}"
+        )
         code = 1
     except TransientError as exc:
-        print(f"FAIL  {where}: not reachable now: {exc}\n"
-              "      hint: check the network link and the reading center's host/port")
+        print(
+            f"FAIL  {where}: not reachable now: {exc}\n"
+            "      hint: check the network link and the reading center's host/port"
+        )
         code = 1
     if args.host is None:
         fault = _recorded_fault(config)
@@ -132,14 +139,18 @@ def _queue(args: argparse.Namespace) -> int:
     statuses = stats.get("statuses", {})
     rc = statuses.get("reading_center") or {}
     if rc.get("fault"):
-        print(f"FAULT reading center refuses this gateway: {rc['fault']}"
-              f" (since {_ago(rc.get('fault_since'), now)}; items stay queued and are retried)")
+        print(
+            f"FAULT reading center refuses this gateway: {rc['fault']}"
+            f" (since {_ago(rc.get('fault_since'), now)}; items stay queued and are retried)"
+        )
     elif rc.get("last_error"):
         print(f"last network error: {rc['last_error']} ({_ago(rc.get('last_error_at'), now)})")
     sc = statuses.get("storage_commitment") or {}
     if sc.get("supported") is False:
-        print(f"note: the reading center does not offer storage commitment ({sc.get('detail', '')}); "
-              f"policy: {config.reading_center.no_commitment_policy}")
+        print(
+            f"note: the reading center does not offer storage commitment ({sc.get('detail', '')}); "
+            f"policy: {config.reading_center.no_commitment_policy}"
+        )
     for q in stats.get("quarantined", []):
         print(f"quarantined #{q['id']} {q['kind']} {q['key']}: {q['reason']}")
     return 0

@@ -15,7 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     psub = patient.add_subparsers(dest="patient_command", metavar="COMMAND")
     patient.set_defaults(func=lambda _a: (patient.print_help(), 2)[1])
 
-    p = psub.add_parser("set", help="make ID the current patient (readings from now on land on them)", parents=[DATA_DIR])
+    p = psub.add_parser(
+        "set", help="make ID the current patient (readings from now on land on them)", parents=[DATA_DIR]
+    )
     p.add_argument("patient_id")
     p.add_argument("--name", default="", help='name in DICOM form, "Family^Given"')
     p.add_argument("--doctor", default="", help="the examining doctor's id")
@@ -30,11 +32,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default="", help='name in DICOM form, "Family^Given"')
     p.set_defaults(func=_assign)
 
-    p = psub.add_parser("show", help="the current patient and the observations waiting to be assigned", parents=[DATA_DIR])
+    p = psub.add_parser(
+        "show", help="the current patient and the observations waiting to be assigned", parents=[DATA_DIR]
+    )
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=_show)
 
-    p = sub.add_parser("devices", help="every known device: connected or not, last reading, last error", parents=[DATA_DIR])
+    p = sub.add_parser(
+        "devices", help="every known device: connected or not, last reading, last error", parents=[DATA_DIR]
+    )
     p.add_argument("--json", action="store_true", help="one JSON array")
     p.set_defaults(func=_devices)
 
@@ -66,8 +72,10 @@ def _set(args: argparse.Namespace) -> int:
         return 2
     finally:
         context.close()
-    print(f"current patient: {current.patient_id}{' ' + current.name if current.name else ''} "
-          f"(until {_local(current.expires_at)} without activity)")
+    print(
+        f"current patient: {current.patient_id}{' ' + current.name if current.name else ''} "
+        f"(until {_local(current.expires_at)} without activity)"
+    )
     return 0
 
 
@@ -124,19 +132,33 @@ def _show(args: argparse.Namespace) -> int:
 
     held = [(int(r["id"]), observation_from_json(json.loads(r["observation"]))) for r in rows]
     if args.json:
-        print(json.dumps({
-            "current_patient": None if current is None else {
-                "patient_id": current.patient_id, "name": current.name, "since": current.since.isoformat(),
-                "expires_at": current.expires_at.isoformat()},
-            "doctor_id": doctor,
-            "unassigned": [{"id": i, **observation_to_json(o)} for i, o in held]}, indent=2, ensure_ascii=False))
+        print(
+            json.dumps(
+                {
+                    "current_patient": None
+                    if current is None
+                    else {
+                        "patient_id": current.patient_id,
+                        "name": current.name,
+                        "since": current.since.isoformat(),
+                        "expires_at": current.expires_at.isoformat(),
+                    },
+                    "doctor_id": doctor,
+                    "unassigned": [{"id": i, **observation_to_json(o)} for i, o in held],
+                },
+                indent=2,
+                ensure_ascii=False,
+            )
+        )
         return 0
     if current is None:
         print("no current patient" + (f" (doctor {doctor})" if doctor else ""))
     else:
-        print(f"current patient: {current.patient_id}{' ' + current.name if current.name else ''} since "
-              f"{_local(current.since)}, until {_local(current.expires_at)} without activity"
-              + (f", doctor {doctor}" if doctor else ""))
+        print(
+            f"current patient: {current.patient_id}{' ' + current.name if current.name else ''} since "
+            f"{_local(current.since)}, until {_local(current.expires_at)} without activity"
+            + (f", doctor {doctor}" if doctor else "")
+        )
     if not held:
         print("no observations waiting to be assigned")
         return 0

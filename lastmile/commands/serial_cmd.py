@@ -40,6 +40,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     specs = link_specs(config, load_profiles(config))
     ports = list_ports()
+
     def is_spec(spec: object, port: object) -> bool:
         if spec.match.path:  # type: ignore[attr-defined]
             found = spec.match.find([])  # type: ignore[attr-defined]
@@ -49,11 +50,21 @@ def cmd_list(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     for port in ports:
         names = [s.name for s in specs if is_spec(s, port)]
-        rows.append({"device": port.device, "usb_id": port.usb_id(), "by_id": port.by_id,
-                     "manufacturer": port.manufacturer, "product": port.product,
-                     "configured_as": names})
-    missing: list[dict[str, str]] = [{"name": s.name, "match": str(s.match), "profile": s.profile} for s in specs
-               if not any(s.name in r["configured_as"] for r in rows)]
+        rows.append(
+            {
+                "device": port.device,
+                "usb_id": port.usb_id(),
+                "by_id": port.by_id,
+                "manufacturer": port.manufacturer,
+                "product": port.product,
+                "configured_as": names,
+            }
+        )
+    missing: list[dict[str, str]] = [
+        {"name": s.name, "match": str(s.match), "profile": s.profile}
+        for s in specs
+        if not any(s.name in r["configured_as"] for r in rows)
+    ]
     if args.json:
         print(json.dumps({"ports": rows, "configured_but_absent": missing}, indent=2))
         return 0

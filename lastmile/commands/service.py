@@ -8,12 +8,19 @@ from lastmile.commands.common import DATA_DIR
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("acquire", help="run the acquire service: device links and LAN receiver into the "
-                                       "outbox (systemd: lastmile-acquire.service)", parents=[DATA_DIR])
+    p = sub.add_parser(
+        "acquire",
+        help="run the acquire service: device links and LAN receiver into the "
+        "outbox (systemd: lastmile-acquire.service)",
+        parents=[DATA_DIR],
+    )
     p.set_defaults(func=_acquire)
 
-    d = sub.add_parser("doctor", help="check configuration, storage, clock, peers, devices and queue; "
-                                      "each line OK/WARN/FAIL with a hint", parents=[DATA_DIR])
+    d = sub.add_parser(
+        "doctor",
+        help="check configuration, storage, clock, peers, devices and queue; each line OK/WARN/FAIL with a hint",
+        parents=[DATA_DIR],
+    )
     d.add_argument("--offline", action="store_true", help="skip the checks that need the network")
     d.add_argument("--json", action="store_true", help="machine-readable output")
     d.set_defaults(func=_doctor)

@@ -48,8 +48,7 @@ def _book(args: argparse.Namespace):
     from lastmile.visits.book import VisitBook, VisitPolicy
 
     config = config_from_args(args)
-    book = VisitBook.open(config.data_dir, gateway_id=config.gateway.id,
-                          policy=VisitPolicy.from_config(config.visits))
+    book = VisitBook.open(config.data_dir, gateway_id=config.gateway.id, policy=VisitPolicy.from_config(config.visits))
     if config.visits.household_register:
         stamp = book.clock.now()
         try:
@@ -75,8 +74,9 @@ def _fix(config, book, skip: bool):
         records[id(fix)] = book.observe_fix(fix)
 
     try:
-        source = open_source(g.source, gpsd_host=g.gpsd_host, gpsd_port=g.gpsd_port,
-                             nmea_port=g.nmea_port, nmea_baud=g.nmea_baud)
+        source = open_source(
+            g.source, gpsd_host=g.gpsd_host, gpsd_port=g.gpsd_port, nmea_port=g.nmea_port, nmea_baud=g.nmea_baud
+        )
         assert source is not None
         try:
             fix = best_fix(source, config.visits.fix_wait_s, on_fix=seen)
@@ -104,13 +104,23 @@ def start(args: argparse.Namespace) -> int:
     with book:
         try:
             fix = _fix(config, book, args.no_gps)
-            visit = book.start(args.patient, doctor_id=config.visits.doctor_id, household_id=args.household,
-                               fix=fix, setting="clinic" if args.clinic else None)
+            visit = book.start(
+                args.patient,
+                doctor_id=config.visits.doctor_id,
+                household_id=args.household,
+                fix=fix,
+                setting="clinic" if args.clinic else None,
+            )
         except VisitError as exc:
             return _fail(exc)
-        print(f"visit {visit.id} started"
-              + (f" at {visit.start.time.isoformat()} ({visit.start.source.value})" if visit.start.time
-                 else " (time provisional until GPS or NTP)"))
+        print(
+            f"visit {visit.id} started"
+            + (
+                f" at {visit.start.time.isoformat()} ({visit.start.source.value})"
+                if visit.start.time
+                else " (time provisional until GPS or NTP)"
+            )
+        )
     return 0
 
 
@@ -152,8 +162,11 @@ def stop(args: argparse.Namespace) -> int:
 def fhir_naming(config):
     from uploader.fhir_bundle import FhirNaming
 
-    return FhirNaming(gateway_id=config.gateway.id, patient_system=config.fhir.patient_id_system,
-                      practitioner_system=config.fhir.practitioner_id_system)
+    return FhirNaming(
+        gateway_id=config.gateway.id,
+        patient_system=config.fhir.patient_id_system,
+        practitioner_system=config.fhir.practitioner_id_system,
+    )
 
 
 def list_visits(args: argparse.Namespace) -> int:
@@ -169,8 +182,10 @@ def list_visits(args: argparse.Namespace) -> int:
     for v in visits:
         when = v.start.time.strftime("%Y-%m-%d %H:%M") if v.start.time else "time pending  "
         dist = f"{v.distance_m:.0f} m" if v.distance_m is not None else "-"
-        print(f"{when}  {v.state:6}  patient {v.patient_id:12} household {v.household_id or '-':10} "
-              f"{dist:>8}  {', '.join(v.flags) or 'ok'}")
+        print(
+            f"{when}  {v.state:6}  patient {v.patient_id:12} household {v.household_id or '-':10} "
+            f"{dist:>8}  {', '.join(v.flags) or 'ok'}"
+        )
     return 0
 
 
@@ -190,13 +205,25 @@ def verify(args: argparse.Namespace) -> int:
     except OSError as exc:
         return _fail(exc)
     if args.json:
-        print(json.dumps({"ok": report.ok, "records": report.records, "gateway_id": report.gateway_id,
-                          "public_key": report.public_key, "head": report.head, "problems": report.problems}))
+        print(
+            json.dumps(
+                {
+                    "ok": report.ok,
+                    "records": report.records,
+                    "gateway_id": report.gateway_id,
+                    "public_key": report.public_key,
+                    "head": report.head,
+                    "problems": report.problems,
+                }
+            )
+        )
     else:
         for problem in report.problems:
             print(f"FAIL {problem}")
-        print(f"{'OK' if report.ok else 'FAILED'}: {report.records} records from gateway {report.gateway_id}; "
-              f"head {report.head[:16]}...")
+        print(
+            f"{'OK' if report.ok else 'FAILED'}: {report.records} records from gateway {report.gateway_id}; "
+            f"head {report.head[:16]}..."
+        )
     return 0 if report.ok else 1
 
 

@@ -34,8 +34,11 @@ def check_transaction_shape(bundle: dict) -> None:
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle" or bundle.get("type") != "transaction":
         raise ValueError("expected a transaction Bundle")
     for entry in bundle.get("entry", []):
-        if not isinstance(entry, dict) or not isinstance(entry.get("resource"), dict) \
-                or not isinstance(entry["resource"].get("resourceType"), str):
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("resource"), dict)
+            or not isinstance(entry["resource"].get("resourceType"), str)
+        ):
             raise ValueError("every entry needs a resource")
         request = entry.get("request") or {}
         if request.get("method") != "POST" or not request.get("url"):
@@ -43,8 +46,7 @@ def check_transaction_shape(bundle: dict) -> None:
 
 
 def outcome(text: str, code: str = "invalid") -> dict:
-    return {"resourceType": "OperationOutcome",
-            "issue": [{"severity": "error", "code": code, "diagnostics": text}]}
+    return {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": code, "diagnostics": text}]}
 
 
 @dataclass
@@ -58,10 +60,15 @@ class ServerStats:
 
 
 class FhirReceiver:
-    def __init__(self, *, token: str | None = None, accept_gzip: bool = True,
-                 response_delay_s: float = 0.0,
-                 validator: Callable[[dict], None] | None = check_transaction_shape,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        token: str | None = None,
+        accept_gzip: bool = True,
+        response_delay_s: float = 0.0,
+        validator: Callable[[dict], None] | None = check_transaction_shape,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.token = token
         self.accept_gzip = accept_gzip
         self.response_delay_s = response_delay_s
@@ -80,8 +87,7 @@ class FhirReceiver:
         if ssl_context is not None:
             self._httpd.socket = ssl_context.wrap_socket(self._httpd.socket, server_side=True)
             self._scheme = "https"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="fhir-test-server",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="fhir-test-server", daemon=True)
 
     # --- life cycle ----------------------------------------------------------------------------
     @property
@@ -110,15 +116,17 @@ class FhirReceiver:
     # --- transaction processing ----------------------------------------------------------------
     def _conditions(self, kind: str, condition: str) -> str:
         query = parse_qs(condition, keep_blank_values=True)
-        (name, values), = query.items()
+        ((name, values),) = query.items()
         return f"{kind}?{name}={values[0]}"
 
     def _keys_of(self, resource: dict) -> list[str]:
         kind = resource["resourceType"]
-        keys = [f"{kind}?identifier={i.get('system', '')}|{i['value']}"
-                for i in resource.get("identifier") or [] if isinstance(i, dict) and "value" in i]
-        keys += [f"{kind}?_tag={t.get('system', '')}|{t['code']}"
-                 for t in (resource.get("meta") or {}).get("tag", [])]
+        keys = [
+            f"{kind}?identifier={i.get('system', '')}|{i['value']}"
+            for i in resource.get("identifier") or []
+            if isinstance(i, dict) and "value" in i
+        ]
+        keys += [f"{kind}?_tag={t.get('system', '')}|{t['code']}" for t in (resource.get("meta") or {}).get("tag", [])]
         return keys
 
     def apply_transaction(self, bundle: dict) -> dict:
@@ -189,9 +197,16 @@ class FhirReceiver:
 
             def do_GET(self) -> None:
                 if self.path.endswith("/metadata"):
-                    self._send(200, {"resourceType": "CapabilityStatement", "status": "active",
-                                     "kind": "instance", "fhirVersion": "4.0.1",
-                                     "format": ["application/fhir+json"]})
+                    self._send(
+                        200,
+                        {
+                            "resourceType": "CapabilityStatement",
+                            "status": "active",
+                            "kind": "instance",
+                            "fhirVersion": "4.0.1",
+                            "format": ["application/fhir+json"],
+                        },
+                    )
                 else:
                     self._send(404, outcome("only /metadata and transactions here", "not-found"))
 
@@ -209,12 +224,12 @@ class FhirReceiver:
                 if fault == "500":
                     return self._send(500, outcome("injected server error", "exception"))
                 if fault == "429":
-                    return self._send(429, outcome("slow down", "throttled"),
-                                      {"Retry-After": str(server.retry_after_s)})
+                    return self._send(
+                        429, outcome("slow down", "throttled"), {"Retry-After": str(server.retry_after_s)}
+                    )
                 if fault == "400":
                     return self._send(400, outcome("injected: Encounter.subject unknown patient"))
-                if server.token is not None and \
-                        self.headers.get("Authorization") != f"Bearer {server.token}":
+                if server.token is not None and self.headers.get("Authorization") != f"Bearer {server.token}":
                     return self._send(401, outcome("bad or missing bearer token", "login"))
                 if self.headers.get("Content-Encoding") == "gzip":
                     if not server.accept_gzip:

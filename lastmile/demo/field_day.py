@@ -67,16 +67,19 @@ def _sentence(body: str) -> bytes:
     return f"${body}*{checksum(body):02X}\r\n".encode("ascii")
 
 
-def nmea_cycle(when: dt.datetime, lat: float, lon: float, *, hdop: float = 0.9, sats: int = 9,
-               altitude_m: float = 35.0) -> bytes:
+def nmea_cycle(
+    when: dt.datetime, lat: float, lon: float, *, hdop: float = 0.9, sats: int = 9, altitude_m: float = 35.0
+) -> bytes:
     """One receiver epoch: GGA, GSA, RMC (what a u-blox/Quectel-class receiver sends)."""
     hhmmss = when.strftime("%H%M%S") + f".{when.microsecond // 10000:02d}"
     prns = ",".join(f"{p:02d}" for p in range(1, sats + 1)) + "," * (12 - sats)
-    return (_sentence(f"GPGGA,{hhmmss},{_ddmm(lat, True)},{_ddmm(lon, False)},1,{sats:02d},{hdop:.1f},"
-                      f"{altitude_m:.1f},M,8.3,M,,")
-            + _sentence(f"GNGSA,A,3,{prns},{hdop * 1.6:.1f},{hdop:.1f},{hdop * 1.3:.1f}")
-            + _sentence(f"GNRMC,{hhmmss},A,{_ddmm(lat, True)},{_ddmm(lon, False)},0.5,90.0,"
-                        f"{when.strftime('%d%m%y')},,,A"))
+    return (
+        _sentence(
+            f"GPGGA,{hhmmss},{_ddmm(lat, True)},{_ddmm(lon, False)},1,{sats:02d},{hdop:.1f},{altitude_m:.1f},M,8.3,M,,"
+        )
+        + _sentence(f"GNGSA,A,3,{prns},{hdop * 1.6:.1f},{hdop:.1f},{hdop * 1.3:.1f}")
+        + _sentence(f"GNRMC,{hhmmss},A,{_ddmm(lat, True)},{_ddmm(lon, False)},0.5,90.0,{when.strftime('%d%m%y')},,,A")
+    )
 
 
 def household_positions(count: int, spacing_m: float = 400.0) -> list[tuple[str, float, float]]:
@@ -93,8 +96,7 @@ def household_positions(count: int, spacing_m: float = 400.0) -> list[tuple[str,
 
 def _route(a: tuple[float, float], b: tuple[float, float], step_m: float) -> list[tuple[float, float]]:
     d_lat, d_lon = b[0] - a[0], b[1] - a[1]
-    metres = math.hypot(d_lat * METRES_PER_DEG_LAT,
-                        d_lon * METRES_PER_DEG_LAT * math.cos(math.radians(a[0])))
+    metres = math.hypot(d_lat * METRES_PER_DEG_LAT, d_lon * METRES_PER_DEG_LAT * math.cos(math.radians(a[0])))
     steps = max(1, int(metres / step_m))
     return [(a[0] + d_lat * k / steps, a[1] + d_lon * k / steps) for k in range(1, steps + 1)]
 
@@ -106,10 +108,16 @@ def _unused_loopback_url() -> str:
     return f"http://127.0.0.1:{port}/fhir"  # nobody listens: the link is down
 
 
-def run_field_day(work_dir: str | Path, *, visits: int = 3, far_visit: int | None = None,
-                  gateway_id: str = "demo-gateway", doctor_id: str = "DR-DEMO",
-                  receiver_factory: Callable[[], FhirReceiver] = FhirReceiver,
-                  gps_day: dt.date | None = None) -> dict:
+def run_field_day(
+    work_dir: str | Path,
+    *,
+    visits: int = 3,
+    far_visit: int | None = None,
+    gateway_id: str = "demo-gateway",
+    doctor_id: str = "DR-DEMO",
+    receiver_factory: Callable[[], FhirReceiver] = FhirReceiver,
+    gps_day: dt.date | None = None,
+) -> dict:
     """Run the day; returns counts (visits, visits_synced, visits_flagged, observations_synced,
     chain_verified, link_down_attempts ...) and per-visit flags. `far_visit` (1-based; default
     the last) is recorded 2 km from its household."""
@@ -118,8 +126,10 @@ def run_field_day(work_dir: str | Path, *, visits: int = 3, far_visit: int | Non
     far = visits if far_visit is None else far_visit
     houses = household_positions(visits)
     register = work / "households.csv"
-    register.write_text("household_id,latitude,longitude\n"
-                        + "".join(f"{h},{lat:.7f},{lon:.7f}\n" for h, lat, lon in houses), encoding="utf-8")
+    register.write_text(
+        "household_id,latitude,longitude\n" + "".join(f"{h},{lat:.7f},{lon:.7f}\n" for h, lat, lon in houses),
+        encoding="utf-8",
+    )
     clocks = SimulatedClocks()
     clock = GatewayClock(clocks.wall, clocks.monotonic, lambda: "field-demo-boot")
     day = gps_day or dt.datetime.now(dt.timezone.utc).date()
@@ -128,9 +138,10 @@ def run_field_day(work_dir: str | Path, *, visits: int = 3, far_visit: int | Non
     decoder = NmeaStreamDecoder()
     readings = 0
     visit_ids: list[str] = []
-    with VisitBook.open(data_dir, gateway_id=gateway_id, policy=VisitPolicy(radius_m=200.0),
-                        clock=clock) as book, \
-            Outbox.open(data_dir, min_free_bytes=0, backoff_base_s=5.0, backoff_max_s=60.0) as outbox:
+    with (
+        VisitBook.open(data_dir, gateway_id=gateway_id, policy=VisitPolicy(radius_m=200.0), clock=clock) as book,
+        Outbox.open(data_dir, min_free_bytes=0, backoff_base_s=5.0, backoff_max_s=60.0) as outbox,
+    ):
         book.register.import_csv(register, gps_time.isoformat())
         last_fix: FixRecord | None = None
 
@@ -159,15 +170,30 @@ def run_field_day(work_dir: str | Path, *, visits: int = 3, far_visit: int | Non
             walk([target] * 3, 60.0)
             stamp = book.clock.now()
             assert stamp.time is not None
-            kinds: list[tuple[str, DeviceIdentity, tuple[Quantity, ...]]] = [("blood-pressure", CUFF, (Quantity("systolic", 120.0 + n, "mm[Hg]"),
-                                               Quantity("diastolic", 78.0 + n % 5, "mm[Hg]"),
-                                               Quantity("pulse-rate", 70.0 + n % 7, "/min")))]
+            kinds: list[tuple[str, DeviceIdentity, tuple[Quantity, ...]]] = [
+                (
+                    "blood-pressure",
+                    CUFF,
+                    (
+                        Quantity("systolic", 120.0 + n, "mm[Hg]"),
+                        Quantity("diastolic", 78.0 + n % 5, "mm[Hg]"),
+                        Quantity("pulse-rate", 70.0 + n % 7, "/min"),
+                    ),
+                )
+            ]
             if n % 2 == 0:
                 kinds.append(("body-temperature", THERMOMETER, (Quantity("body-temperature", 36.6, "Cel"),)))
             for kind, device, quantities in kinds:
-                obs = Observation(kind=kind, quantities=quantities, measured_at=stamp.time,
-                                  time_source=TimeSource.GATEWAY_RECEIPT, received_at=stamp.time,
-                                  device=device, record_key=f"{visit.id}/{kind}", patient_id=patient)
+                obs = Observation(
+                    kind=kind,
+                    quantities=quantities,
+                    measured_at=stamp.time,
+                    time_source=TimeSource.GATEWAY_RECEIPT,
+                    received_at=stamp.time,
+                    device=device,
+                    record_key=f"{visit.id}/{kind}",
+                    patient_id=patient,
+                )
                 record_observation(book, outbox, naming, obs)
                 readings += 1
             walk([target] * 10, 60.0)
@@ -179,15 +205,15 @@ def run_field_day(work_dir: str | Path, *, visits: int = 3, far_visit: int | Non
         # The link is down all day: attempts fail as transient, nothing is lost or quarantined.
         now = time.time()
         link_down_attempts = 0
-        with FhirSender(FhirSenderSettings(base_url=_unused_loopback_url(), timeout_s=2.0,
-                                           connect_timeout_s=1.0)) as offline:
+        with FhirSender(
+            FhirSenderSettings(base_url=_unused_loopback_url(), timeout_s=2.0, connect_timeout_s=1.0)
+        ) as offline:
             for _ in range(3):
                 counts = forward_fhir_once(outbox, offline, now)
                 link_down_attempts += counts.transient
                 now += 120.0
         # The link returns.
-        with receiver_factory() as receiver, \
-                FhirSender(FhirSenderSettings(base_url=receiver.base_url)) as sender:
+        with receiver_factory() as receiver, FhirSender(FhirSenderSettings(base_url=receiver.base_url)) as sender:
             for _ in range(20):
                 if not outbox.items(state=ItemState.QUEUED, kind=Kind.FHIR_BUNDLE):
                     break
@@ -198,7 +224,8 @@ def run_field_day(work_dir: str | Path, *, visits: int = 3, far_visit: int | Non
             stats = receiver.stats
         committed = len(outbox.items(state=ItemState.COMMITTED, kind=Kind.FHIR_BUNDLE))
     return {
-        "visits": visits, "readings": readings,
+        "visits": visits,
+        "readings": readings,
         "visits_synced": len(set(encounters) & set(visit_ids)),
         "visits_flagged": len(flagged),
         "observations_synced": observations,

@@ -54,8 +54,11 @@ class EmbeddedReadingCenter:
             ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(VERIFICATION)
         ae.add_supported_context(STORAGE_COMMITMENT_PUSH)
-        handlers: list[EventHandlerType] = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_N_ACTION, self._on_action),
-                    (evt.EVT_C_ECHO, lambda event: 0x0000)]
+        handlers: list[EventHandlerType] = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_N_ACTION, self._on_action),
+            (evt.EVT_C_ECHO, lambda event: 0x0000),
+        ]
         self._server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
 
     def stop(self) -> None:
@@ -77,17 +80,21 @@ class EmbeddedReadingCenter:
                 seen.times_stored += 1  # a re-send of the same instance: a PACS overwrites it
             else:
                 self.received[uid] = ReceivedObject(
-                    str(ds.SOPClassUID), str(ds.StudyInstanceUID), str(ds.get("PatientID", "")),
-                    str(event.context.transfer_syntax))
+                    str(ds.SOPClassUID),
+                    str(ds.StudyInstanceUID),
+                    str(ds.get("PatientID", "")),
+                    str(event.context.transfer_syntax),
+                )
         return 0x0000
 
     def _on_action(self, event: evt.Event) -> tuple[int, Dataset | None]:
         info = event.action_information
-        refs = [(str(r.ReferencedSOPClassUID), str(r.ReferencedSOPInstanceUID))
-                for r in info.get("ReferencedSOPSequence", [])]
+        refs = [
+            (str(r.ReferencedSOPClassUID), str(r.ReferencedSOPInstanceUID))
+            for r in info.get("ReferencedSOPSequence", [])
+        ]
         txn = str(info.TransactionUID)
-        threading.Thread(target=self._send_report, args=(txn, refs), daemon=True,
-                         name="commitment-report").start()
+        threading.Thread(target=self._send_report, args=(txn, refs), daemon=True, name="commitment-report").start()
         return 0x0000, None
 
     def _send_report(self, txn: str, refs: list[tuple[str, str]]) -> None:
@@ -109,9 +116,9 @@ class EmbeddedReadingCenter:
             log.warning("could not deliver the commitment report for %s", txn)
             return
         try:
-            status, _ = assoc.send_n_event_report(report, 2 if failed else 1,
-                                                  STORAGE_COMMITMENT_PUSH,
-                                                  STORAGE_COMMITMENT_INSTANCE)
+            status, _ = assoc.send_n_event_report(
+                report, 2 if failed else 1, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE
+            )
             if status is not None and status.Status == 0x0000:
                 with self._lock:
                     self.committed.update(i for _c, i in ok)

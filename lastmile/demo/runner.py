@@ -36,6 +36,7 @@ DEMO_PATIENTS = [
     Patient("DEMO-0004", "Liu^Yang", dt.date(1972, 1, 30), "M"),
 ]
 
+
 @dataclass
 class DemoSummary:
     recordings: int = 0
@@ -55,6 +56,7 @@ class DemoSummary:
         d.update(self.extra)
         return d
 
+
 def source_ecg() -> EcgRecording:
     """pydicom's real 12-lead ECG (Mortara, 1000 Hz), resampled to 500 Hz."""
     from pydicom.data import get_testdata_file
@@ -71,20 +73,27 @@ def source_ecg() -> EcgRecording:
         rec = replace(rec, samples=half, sampling_rate_hz=500.0, resampled_from_hz=1000.0)
     return rec
 
+
 def demo_recordings(n: int, start: dt.datetime) -> list[EcgRecording]:
     base = source_ecg()
-    cart = DeviceIdentity(manufacturer="Mortara", model="ELI 250c (demo)", serial="DEMO-CART-1",
-                          address="demo")
+    cart = DeviceIdentity(manufacturer="Mortara", model="ELI 250c (demo)", serial="DEMO-CART-1", address="demo")
     out = []
     for i in range(n):
-        out.append(replace(
-            base, patient=DEMO_PATIENTS[i % len(DEMO_PATIENTS)], device=cart,
-            acquired_at=start + dt.timedelta(minutes=7 * i), time_source=TimeSource.DEVICE_CLOCK,
-            stat=(i == 1), source_format="dicom"))
+        out.append(
+            replace(
+                base,
+                patient=DEMO_PATIENTS[i % len(DEMO_PATIENTS)],
+                device=cart,
+                acquired_at=start + dt.timedelta(minutes=7 * i),
+                time_source=TimeSource.DEVICE_CLOCK,
+                stat=(i == 1),
+                source_format="dicom",
+            )
+        )
     return out
 
-def run_demo(say: Say, *, n_recordings: int = 12, outage_s: float = 4.0,
-             data_dir: Path | None = None) -> DemoSummary:
+
+def run_demo(say: Say, *, n_recordings: int = 12, outage_s: float = 4.0, data_dir: Path | None = None) -> DemoSummary:
     t0 = time.monotonic()
     summary = DemoSummary(recordings=n_recordings, outage_s=outage_s)
     with tempfile.TemporaryDirectory(prefix="lastmile-demo-") as tmp:
@@ -101,8 +110,9 @@ def run_demo(say: Say, *, n_recordings: int = 12, outage_s: float = 4.0,
         config.outbox.backoff_base_s, config.outbox.backoff_max_s = 0.3, 1.5
         config.outbox.min_free_mb = 1
 
-        center = EmbeddedReadingCenter(port=rc.port, gateway_port=rc.listen_port,
-                                       ae_title=rc.called_ae, gateway_ae=rc.calling_ae)
+        center = EmbeddedReadingCenter(
+            port=rc.port, gateway_port=rc.listen_port, ae_title=rc.called_ae, gateway_ae=rc.calling_ae
+        )
         center.start()
         say(f"reading center (embedded) listening on 127.0.0.1:{rc.port} as {rc.called_ae}")
         outbox = open_outbox(config)
@@ -116,14 +126,12 @@ def run_demo(say: Say, *, n_recordings: int = 12, outage_s: float = 4.0,
         forwarder.start()
         stop = threading.Event()
         try:
-            recordings = demo_recordings(n_recordings, dt.datetime.now(dt.timezone.utc)
-                                         - dt.timedelta(hours=2))
+            recordings = demo_recordings(n_recordings, dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=2))
             half = n_recordings // 2
             for i, rec in enumerate(recordings[:half]):
                 enqueue_recording(outbox, rec, config, key=f"demo-ecg-{i}")
             say(f"clinic recorded {half} ECGs (one STAT); forwarding ...")
-            _pump(forwarder, outbox, stop, until=lambda: _count(outbox, "queued", "sending", "sent") == 0,
-                  limit_s=15)
+            _pump(forwarder, outbox, stop, until=lambda: _count(outbox, "queued", "sending", "sent") == 0, limit_s=15)
             say(f"  sent {events['sent']}, committed {_count(outbox, 'committed', 'purged')}")
 
             say(f"reading center goes offline for {outage_s:.0f} s (link down) ...")
@@ -135,8 +143,10 @@ def run_demo(say: Say, *, n_recordings: int = 12, outage_s: float = 4.0,
             while time.monotonic() - t_out < outage_s:
                 forwarder.run_round(stop)
                 time.sleep(0.2)
-            say(f"  while offline: {_count(outbox, 'queued')} waiting safely in the outbox, "
-                f"{events['link-down']} failed attempt(s), nothing lost")
+            say(
+                f"  while offline: {_count(outbox, 'queued')} waiting safely in the outbox, "
+                f"{events['link-down']} failed attempt(s), nothing lost"
+            )
             center.start()
             say("reading center is back; forwarding the backlog ...")
             done = lambda: _count(outbox, "purged") + _count(outbox, "quarantined") >= n_recordings
@@ -161,6 +171,7 @@ def run_demo(say: Say, *, n_recordings: int = 12, outage_s: float = 4.0,
         summary.elapsed_s = round(time.monotonic() - t0, 2)
     return summary
 
+
 def _ble_part(config: Config, say: Say, summary: DemoSummary) -> None:
     """An emulated BP cuff and thermometer through the real BLE path (bleak over bumble)."""
     try:
@@ -169,14 +180,25 @@ def _ble_part(config: Config, say: Say, summary: DemoSummary) -> None:
         say(f"BLE part skipped: emulation not installed ({exc}); pip install 'lastmile[emulation]'")
         return
     patient = DEMO_PATIENTS[0]
-    say(f"patient {patient.patient_id} is with the doctor; an emulated BP cuff and thermometer "
-        "connect over BLE (real bleak API, bumble radio) ...")
+    say(
+        f"patient {patient.patient_id} is with the doctor; an emulated BP cuff and thermometer "
+        "connect over BLE (real bleak API, bumble radio) ..."
+    )
     ble = run_emulated_clinic(config, patient_id=patient.patient_id, patient_name=patient.name)
-    say(f"  {ble.observations} observations: {ble.stored} on {patient.patient_id}, "
+    say(
+        f"  {ble.observations} observations: {ble.stored} on {patient.patient_id}, "
         f"{ble.held} older cuff readings held unassigned for the doctor, "
-        f"{ble.duplicates} re-sent records recognised")
-    summary.extra.update({"ble_observations": ble.observations, "ble_stored": ble.stored,
-                          "ble_held": ble.held, "ble_duplicates": ble.duplicates})
+        f"{ble.duplicates} re-sent records recognised"
+    )
+    summary.extra.update(
+        {
+            "ble_observations": ble.observations,
+            "ble_stored": ble.stored,
+            "ble_held": ble.held,
+            "ble_duplicates": ble.duplicates,
+        }
+    )
+
 
 def _field_part(work_dir: Path, say: Say, summary: DemoSummary) -> None:
     """A family doctor's field day: GPS-tagged visits along a replayed NMEA track with the link
@@ -185,23 +207,33 @@ def _field_part(work_dir: Path, say: Say, summary: DemoSummary) -> None:
 
     say("field visits: the doctor visits 3 households along a replayed GPS track, no signal ...")
     day = run_field_day(work_dir, visits=3)
-    say(f"  {day['visits']} visits ({day['readings']} readings) signed into the gateway's chain "
+    say(
+        f"  {day['visits']} visits ({day['readings']} readings) signed into the gateway's chain "
         f"(verified: {day['chain_verified']}); {day['link_down_attempts']} sync attempt(s) "
-        f"failed while offline")
-    say(f"  link back: {day['visits_synced']} visits and {day['observations_synced']} observations "
+        f"failed while offline"
+    )
+    say(
+        f"  link back: {day['visits_synced']} visits and {day['observations_synced']} observations "
         f"synced to the county platform (FHIR R4); {day['visits_flagged']} visit(s) flagged "
-        f"for review (e.g. recorded 2 km from the household)")
-    summary.extra.update({"visits": day["visits"], "visits_synced": day["visits_synced"],
-                          "visits_flagged": day["visits_flagged"],
-                          "observations_synced": day["observations_synced"],
-                          "chain_verified": day["chain_verified"]})
+        f"for review (e.g. recorded 2 km from the household)"
+    )
+    summary.extra.update(
+        {
+            "visits": day["visits"],
+            "visits_synced": day["visits_synced"],
+            "visits_flagged": day["visits_flagged"],
+            "observations_synced": day["observations_synced"],
+            "chain_verified": day["chain_verified"],
+        }
+    )
+
 
 def _count(outbox, *states: str) -> int:
     counts = outbox.stats(time.time())["counts"]
     return sum(counts.get(s, 0) for s in states)
 
-def _pump(forwarder: EcgForwarder, outbox, stop: threading.Event, *, until: Callable[[], bool],
-          limit_s: float) -> None:
+
+def _pump(forwarder: EcgForwarder, outbox, stop: threading.Event, *, until: Callable[[], bool], limit_s: float) -> None:
     deadline = time.monotonic() + limit_s
     while not until() and time.monotonic() < deadline:
         wait = forwarder.step(stop)

@@ -56,20 +56,40 @@ def patient_fields(recording: EcgRecording) -> dict | None:
     p = recording.patient
     if p is None:
         return None
-    return {"patient_id": p.patient_id, "name": p.name, "issuer": p.issuer, "sex": p.sex,
-            "birth_date": p.birth_date.isoformat() if p.birth_date else None}
+    return {
+        "patient_id": p.patient_id,
+        "name": p.name,
+        "issuer": p.issuer,
+        "sex": p.sex,
+        "birth_date": p.birth_date.isoformat() if p.birth_date else None,
+    }
 
 
-def ecg_item_meta(*, sop_class_uid: str, sop_instance_uid: str, study_uid: str, series_uid: str,
-                  source_format: str, flags: Iterable[str], unassigned: bool,
-                  **extra: object) -> dict:
+def ecg_item_meta(
+    *,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    study_uid: str,
+    series_uid: str,
+    source_format: str,
+    flags: Iterable[str],
+    unassigned: bool,
+    **extra: object,
+) -> dict:
     """The outbox meta of an ECG item, whatever path it came by: the routing UIDs, where it came
     from, the flags the doctor must see, whether a patient is known. `extra` carries what only
     one path knows (leads and rate of a decoded recording; transfer syntax and calling AE of an
     object received as it is)."""
-    return {"sop_class_uid": sop_class_uid, "sop_instance_uid": sop_instance_uid,
-            "study_uid": study_uid, "series_uid": series_uid, "source_format": source_format,
-            "flags": list(flags), "unassigned": unassigned, **extra}
+    return {
+        "sop_class_uid": sop_class_uid,
+        "sop_instance_uid": sop_instance_uid,
+        "study_uid": study_uid,
+        "series_uid": series_uid,
+        "source_format": source_format,
+        "flags": list(flags),
+        "unassigned": unassigned,
+        **extra,
+    }
 
 
 def deflated_part10(ds: Dataset) -> bytes:
@@ -86,9 +106,15 @@ def deflated_part10(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
-def enqueue_recording(outbox: Outbox, recording: EcgRecording, config: Config, *, key: str,
-                      now: float | None = None,
-                      created_at: dt.datetime | None = None) -> AddResult:
+def enqueue_recording(
+    outbox: Outbox,
+    recording: EcgRecording,
+    config: Config,
+    *,
+    key: str,
+    now: float | None = None,
+    created_at: dt.datetime | None = None,
+) -> AddResult:
     """Build the DICOM object for `recording` and make it durable in the outbox under `key`.
 
     Idempotent: a key already in the outbox returns the existing item and builds nothing.
@@ -97,20 +123,36 @@ def enqueue_recording(outbox: Outbox, recording: EcgRecording, config: Config, *
     if existing is not None:
         return AddResult(item=existing, created=False)
     uids = mint_uids()
-    data = deflated_part10(build_ecg_dataset(recording, uids, station_of(config),
-                                             created_at=created_at))
-    meta = ecg_item_meta(sop_class_uid=choose_sop_class(recording), sop_instance_uid=uids.sop_instance_uid,
-                         study_uid=uids.study_uid, series_uid=uids.series_uid,
-                         source_format=recording.source_format, flags=recording.flags,
-                         unassigned=recording.patient is None,
-                         leads=recording.n_leads, sampling_rate_hz=recording.sampling_rate_hz)
-    result = outbox.add(Kind.DICOM, key, data,
-                        priority=Priority.STAT if recording.stat else Priority.ROUTINE,
-                        meta=meta, patient=patient_fields(recording), now=now)
+    data = deflated_part10(build_ecg_dataset(recording, uids, station_of(config), created_at=created_at))
+    meta = ecg_item_meta(
+        sop_class_uid=choose_sop_class(recording),
+        sop_instance_uid=uids.sop_instance_uid,
+        study_uid=uids.study_uid,
+        series_uid=uids.series_uid,
+        source_format=recording.source_format,
+        flags=recording.flags,
+        unassigned=recording.patient is None,
+        leads=recording.n_leads,
+        sampling_rate_hz=recording.sampling_rate_hz,
+    )
+    result = outbox.add(
+        Kind.DICOM,
+        key,
+        data,
+        priority=Priority.STAT if recording.stat else Priority.ROUTINE,
+        meta=meta,
+        patient=patient_fields(recording),
+        now=now,
+    )
     if result.created:
-        log.info("ECG queued as item %d (%d leads, %.0f Hz, %d bytes%s)", result.item.id,
-                 recording.n_leads, recording.sampling_rate_hz, len(data),
-                 ", STAT" if recording.stat else "")
+        log.info(
+            "ECG queued as item %d (%d leads, %.0f Hz, %d bytes%s)",
+            result.item.id,
+            recording.n_leads,
+            recording.sampling_rate_hz,
+            len(data),
+            ", STAT" if recording.stat else "",
+        )
     return result
 
 
@@ -118,26 +160,30 @@ def with_patient_check(recording: EcgRecording, current_patient_id: str | None) 
     """The file's patient is kept; if the gateway's current patient is another one, the
     recording is flagged for the doctor (never re-assigned). A file without a patient stays
     unassigned: a stick may hold ECGs of many patients."""
-    if (current_patient_id and recording.patient is not None
-            and recording.patient.patient_id != current_patient_id and PATIENT_MISMATCH not in recording.flags):
+    if (
+        current_patient_id
+        and recording.patient is not None
+        and recording.patient.patient_id != current_patient_id
+        and PATIENT_MISMATCH not in recording.flags
+    ):
         return dataclasses.replace(recording, flags=recording.flags + (PATIENT_MISMATCH,))
     return recording
 
 
 # -- files: `lastmile import` and the watched USB folders -----------------------------------------
 
+
 def read_ecg_file(path: str | Path) -> EcgRecording:
     """Decode a file from disk (read-only); the receipt time stands in when the file has none."""
     from devices.ecg.formats import decode_ecg
 
     path = Path(path)
-    return decode_ecg(path.read_bytes(), path.name, local_tz=local_zone(),
-                      received_at=dt.datetime.now(dt.timezone.utc))
+    return decode_ecg(path.read_bytes(), path.name, local_tz=local_zone(), received_at=dt.datetime.now(dt.timezone.utc))
 
 
-def file_enqueuer(outbox: Outbox, config: Config,
-                  current_patient_id: CurrentPatient = _no_current_patient
-                  ) -> Callable[[EcgRecording, str], bool]:
+def file_enqueuer(
+    outbox: Outbox, config: Config, current_patient_id: CurrentPatient = _no_current_patient
+) -> Callable[[EcgRecording, str], bool]:
     """(recording, key) -> created, for firmware_bridge.usb_import: builds the DICOM object (UIDs
     minted once) and stores it; a recording no DICOM ECG can hold is refused (FileRefused)."""
     from firmware_bridge.errors import FileRefused
@@ -153,19 +199,30 @@ def file_enqueuer(outbox: Outbox, config: Config,
     return enqueue
 
 
-def import_files(outbox: Outbox, config: Config, roots: Iterable[str | Path], *,
-                 current_patient_id: CurrentPatient = _no_current_patient,
-                 progress: Callable | None = None) -> ImportSummary:
+def import_files(
+    outbox: Outbox,
+    config: Config,
+    roots: Iterable[str | Path],
+    *,
+    current_patient_id: CurrentPatient = _no_current_patient,
+    progress: Callable | None = None,
+) -> ImportSummary:
     """Import every ECG file under `roots`, each once (by content hash)."""
     from firmware_bridge.usb_import import import_paths
 
-    return import_paths(roots, is_known=lambda key: outbox.find(key) is not None,
-                        enqueue=file_enqueuer(outbox, config, current_patient_id), local_tz=local_zone(),
-                        now=lambda: dt.datetime.now(dt.timezone.utc), progress=progress)
+    return import_paths(
+        roots,
+        is_known=lambda key: outbox.find(key) is not None,
+        enqueue=file_enqueuer(outbox, config, current_patient_id),
+        local_tz=local_zone(),
+        now=lambda: dt.datetime.now(dt.timezone.utc),
+        progress=progress,
+    )
 
 
-def usb_import_watcher(config: Config, outbox: Outbox,
-                       current_patient_id: CurrentPatient = _no_current_patient) -> FolderWatcher:
+def usb_import_watcher(
+    config: Config, outbox: Outbox, current_patient_id: CurrentPatient = _no_current_patient
+) -> FolderWatcher:
     """A FolderWatcher over `usb_import.folders`; call its poll() every few seconds (or on a
     udev 'add' event for a mass-storage device mounted there)."""
     from firmware_bridge.usb_import import FolderWatcher
@@ -178,8 +235,10 @@ def usb_import_watcher(config: Config, outbox: Outbox,
 
 # -- the clinic-LAN receiver: objects stored as received ------------------------------------------
 
-def lan_object_store(outbox: Outbox, current_patient_id: CurrentPatient = _no_current_patient
-                     ) -> Callable[[ReceivedObject], None]:
+
+def lan_object_store(
+    outbox: Outbox, current_patient_id: CurrentPatient = _no_current_patient
+) -> Callable[[ReceivedObject], None]:
     """ReceivedObject -> durable outbox item, for firmware_bridge.dicom_receiver: the object is
     stored as received (its bytes, its UIDs); the SOP Instance UID is the key, so a cart that
     sends the same object again gets Success without a second item. A patient other than the
@@ -188,19 +247,32 @@ def lan_object_store(outbox: Outbox, current_patient_id: CurrentPatient = _no_cu
     def store(obj: ReceivedObject) -> None:
         current = current_patient_id()
         mismatch = bool(current and obj.patient and obj.patient["patient_id"] != current)
-        meta = ecg_item_meta(sop_class_uid=obj.sop_class_uid, sop_instance_uid=obj.sop_instance_uid,
-                             study_uid=obj.study_uid, series_uid=obj.series_uid,
-                             source_format=LAN_SOURCE_FORMAT, flags=[PATIENT_MISMATCH] if mismatch else [],
-                             unassigned=obj.patient is None,
-                             transfer_syntax=obj.transfer_syntax, calling_ae=obj.calling_ae)
-        outbox.add(Kind.DICOM, "dicom-sop:" + obj.sop_instance_uid, obj.data, priority=Priority.ROUTINE,
-                   meta=meta, patient=obj.patient)
+        meta = ecg_item_meta(
+            sop_class_uid=obj.sop_class_uid,
+            sop_instance_uid=obj.sop_instance_uid,
+            study_uid=obj.study_uid,
+            series_uid=obj.series_uid,
+            source_format=LAN_SOURCE_FORMAT,
+            flags=[PATIENT_MISMATCH] if mismatch else [],
+            unassigned=obj.patient is None,
+            transfer_syntax=obj.transfer_syntax,
+            calling_ae=obj.calling_ae,
+        )
+        outbox.add(
+            Kind.DICOM,
+            "dicom-sop:" + obj.sop_instance_uid,
+            obj.data,
+            priority=Priority.ROUTINE,
+            meta=meta,
+            patient=obj.patient,
+        )
 
     return store
 
 
-def start_lan_receiver(config: Config, outbox: Outbox,
-                       current_patient_id: CurrentPatient = _no_current_patient) -> DicomReceiver | None:
+def start_lan_receiver(
+    config: Config, outbox: Outbox, current_patient_id: CurrentPatient = _no_current_patient
+) -> DicomReceiver | None:
     """The clinic-LAN storage SCP from `lan_receiver.*`, started; None when disabled."""
     from firmware_bridge.dicom_receiver import DicomReceiver, settings_from
 
@@ -208,8 +280,15 @@ def start_lan_receiver(config: Config, outbox: Outbox,
     if not section.enabled:
         return None
     receiver = DicomReceiver(
-        settings_from(section.ae_title, section.port, section.allowed_callers, section.sop_classes,
-                      host=section.host, timeout_s=config.reading_center.timeout_s),
-        lan_object_store(outbox, current_patient_id))
+        settings_from(
+            section.ae_title,
+            section.port,
+            section.allowed_callers,
+            section.sop_classes,
+            host=section.host,
+            timeout_s=config.reading_center.timeout_s,
+        ),
+        lan_object_store(outbox, current_patient_id),
+    )
     receiver.start()
     return receiver

@@ -62,10 +62,15 @@ class WorkerPart:
     `stale_after`: seconds without a `beat()` after which the part counts as wedged (None: never).
     """
 
-    def __init__(self, name: str, work: Callable[[threading.Event, Beat], None], *,
-                 stale_after: float | None = STALE_S,
-                 on_close: Callable[[], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        name: str,
+        work: Callable[[threading.Event, Beat], None],
+        *,
+        stale_after: float | None = STALE_S,
+        on_close: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.name = name
         self.work = work
         self.stale_after = stale_after
@@ -93,8 +98,7 @@ class WorkerPart:
                 self._failed("ended")
         except Exception as exc:
             if not self.stop.is_set():
-                log.warning("%s: %s: %s", self.name, type(exc).__name__, exc,
-                            exc_info=log.isEnabledFor(logging.DEBUG))
+                log.warning("%s: %s: %s", self.name, type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
                 self._failed(f"{type(exc).__name__}: {exc}")
 
     def _failed(self, reason: str) -> None:
@@ -160,6 +164,7 @@ class ReceiverPart:
 
 # -- the parts, built from the configuration ------------------------------------------------------
 
+
 def serial_part(config: Config, outbox: Outbox) -> Part | None:
     if not config.serial.enabled or not config.serial.devices:
         return None
@@ -211,8 +216,7 @@ def ble_part(config: Config, outbox: Outbox) -> Part | None:
     return WorkerPart("ble", work)
 
 
-def lan_receiver_part(config: Config, outbox: Outbox,
-                      current_patient_id: Callable[[], str | None]) -> Part | None:
+def lan_receiver_part(config: Config, outbox: Outbox, current_patient_id: Callable[[], str | None]) -> Part | None:
     if not config.lan_receiver.enabled:
         return None
     from firmware_bridge.errors import LinkConfigError
@@ -226,8 +230,7 @@ def lan_receiver_part(config: Config, outbox: Outbox,
     return ReceiverPart(receiver) if receiver is not None else None
 
 
-def usb_import_part(config: Config, outbox: Outbox,
-                    current_patient_id: Callable[[], str | None]) -> Part | None:
+def usb_import_part(config: Config, outbox: Outbox, current_patient_id: Callable[[], str | None]) -> Part | None:
     if not config.usb_import.folders:
         return None
     from lastmile.ecg.intake import usb_import_watcher
@@ -255,18 +258,24 @@ def gnss_part(config: Config) -> Part | None:
 
     def work(stop: threading.Event, beat: Beat) -> None:
         warned = False
-        with VisitBook.open(config.data_dir, gateway_id=config.gateway.id,
-                            policy=VisitPolicy.from_config(config.visits)) as book:
+        with VisitBook.open(
+            config.data_dir, gateway_id=config.gateway.id, policy=VisitPolicy.from_config(config.visits)
+        ) as book:
             while not stop.is_set():
                 beat()
                 try:
-                    source = open_source(config.gps.source, gpsd_host=config.gps.gpsd_host,
-                                         gpsd_port=config.gps.gpsd_port,
-                                         nmea_port=config.gps.nmea_port, nmea_baud=config.gps.nmea_baud)
+                    source = open_source(
+                        config.gps.source,
+                        gpsd_host=config.gps.gpsd_host,
+                        gpsd_port=config.gps.gpsd_port,
+                        nmea_port=config.gps.nmea_port,
+                        nmea_baud=config.gps.nmea_baud,
+                    )
                     if source is None:
                         return
                     with contextlib.closing(source):
                         warned = False
+
                         def should_stop() -> bool:
                             beat()
                             return stop.is_set()
@@ -281,13 +290,17 @@ def gnss_part(config: Config) -> Part | None:
     return WorkerPart("gnss", work)
 
 
-def build_parts(config: Config, outbox: Outbox, current_patient_id: Callable[[], str | None], *,
-                into: list[Part]) -> None:
+def build_parts(
+    config: Config, outbox: Outbox, current_patient_id: Callable[[], str | None], *, into: list[Part]
+) -> None:
     """Every enabled part, appended to `into` as it is made (so a failure can close those made)."""
-    for build in (lambda: serial_part(config, outbox), lambda: ble_part(config, outbox),
-                  lambda: lan_receiver_part(config, outbox, current_patient_id),
-                  lambda: usb_import_part(config, outbox, current_patient_id),
-                  lambda: gnss_part(config)):
+    for build in (
+        lambda: serial_part(config, outbox),
+        lambda: ble_part(config, outbox),
+        lambda: lan_receiver_part(config, outbox, current_patient_id),
+        lambda: usb_import_part(config, outbox, current_patient_id),
+        lambda: gnss_part(config),
+    ):
         part = build()
         if part is not None:
             into.append(part)
@@ -296,8 +309,7 @@ def build_parts(config: Config, outbox: Outbox, current_patient_id: Callable[[],
 class AcquireService:
     """The `Service` for `lastmile acquire`: composes the enabled parts around one outbox."""
 
-    def __init__(self, config: Config, outbox: Outbox, parts: list[Part],
-                 closers: list[Callable[[], None]]) -> None:
+    def __init__(self, config: Config, outbox: Outbox, parts: list[Part], closers: list[Callable[[], None]]) -> None:
         self.config = config
         self.outbox = outbox
         self.parts = parts

@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 class ClinicBlePort:
     """`GatewayPort` of the BLE link, backed by clinic.db and the outbox."""
 
-    def __init__(self, store: ObservationStore, registry: DeviceRegistry,
-                 clock: Callable[[], dt.datetime] = utc_now) -> None:
+    def __init__(
+        self, store: ObservationStore, registry: DeviceRegistry, clock: Callable[[], dt.datetime] = utc_now
+    ) -> None:
         self.store_ = store
         self.registry = registry
         self.clock = clock
@@ -46,13 +47,21 @@ class ClinicBlePort:
         result = self.store_.record(observation, now=now)
         self.outcomes[result.outcome] += 1
         if result.outcome != "duplicate":
-            self.registry.update_status(observation.device.address, now=now, reading=summary(observation),
-                                        reading_at=observation.measured_at)
+            self.registry.update_status(
+                observation.device.address, now=now, reading=summary(observation), reading_at=observation.measured_at
+            )
         return result.outcome != "duplicate"
 
     def report(self, status: DeviceStatus) -> None:
-        self.registry.update_status(status.address, now=self.clock(), connected=status.connected, seen=status.seen,
-                                    error=status.error, identity=status.identity, name=status.name)
+        self.registry.update_status(
+            status.address,
+            now=self.clock(),
+            connected=status.connected,
+            seen=status.seen,
+            error=status.error,
+            identity=status.identity,
+            name=status.name,
+        )
 
     def last_sequence(self, address: str) -> int | None:
         return self.registry.last_sequence(address)
@@ -66,8 +75,11 @@ class ClinicBlePort:
 
 def link_settings(config: Config) -> LinkSettings:
     ble = config.ble
-    return LinkSettings(scan_pass_s=ble.scan_interval_s, connect_attempts=ble.connect_attempts,
-                        continuous_store_interval_s=ble.continuous_store_interval_s)
+    return LinkSettings(
+        scan_pass_s=ble.scan_interval_s,
+        connect_attempts=ble.connect_attempts,
+        continuous_store_interval_s=ble.continuous_store_interval_s,
+    )
 
 
 async def run_ble(config: Config, stop: asyncio.Event, *, outbox: Outbox | None = None) -> None:
@@ -102,12 +114,24 @@ class EmulatedClinicSummary:
     timed_out: bool = False
 
     def to_json(self) -> dict:
-        return {"observations": self.observations, "stored": self.stored, "held": self.held,
-                "duplicates": self.duplicates, "devices": self.devices, "timed_out": self.timed_out}
+        return {
+            "observations": self.observations,
+            "stored": self.stored,
+            "held": self.held,
+            "duplicates": self.duplicates,
+            "devices": self.devices,
+            "timed_out": self.timed_out,
+        }
 
 
-async def emulated_clinic(config: Config, *, patient_id: str | None = None, patient_name: str = "",
-                          timeout_s: float = 30.0, outbox: Outbox | None = None) -> EmulatedClinicSummary:
+async def emulated_clinic(
+    config: Config,
+    *,
+    patient_id: str | None = None,
+    patient_name: str = "",
+    timeout_s: float = 30.0,
+    outbox: Outbox | None = None,
+) -> EmulatedClinicSummary:
     """Run an emulated BP cuff (3 stored readings) and thermometer (1 reading) through the real
     BLE path into `config.data_dir`'s outbox / clinic.db; return what happened.
 
@@ -125,13 +149,30 @@ async def emulated_clinic(config: Config, *, patient_id: str | None = None, pati
     # The cuff's memory: two readings of earlier patients (before this session began: held
     # unassigned, never put on the current patient) and the one just taken (stamped "now" by
     # the cuff's clock when sent). The thermometer has the one just taken.
-    cuff = BloodPressureCuff(radio, DEMO_CUFF, "Demo BP Cuff", manufacturer="Lastmile Emulation", model="BP-EMU",
-                             serial="CUFF-0001", tz=tz, memory=[
-                                 BpRecord(128, 84, 99, 71, local - dt.timedelta(hours=26)),
-                                 BpRecord(122, 79, 93, 66, local - dt.timedelta(hours=2)),
-                                 BpRecord(118, 76, 90, 64, None)])
-    thermometer = Thermometer(radio, DEMO_THERMOMETER, "Demo Thermometer", manufacturer="Lastmile Emulation",
-                              model="TH-EMU", serial="TH-0001", tz=tz, memory=[TemperatureRecord(37.2, None)])
+    cuff = BloodPressureCuff(
+        radio,
+        DEMO_CUFF,
+        "Demo BP Cuff",
+        manufacturer="Lastmile Emulation",
+        model="BP-EMU",
+        serial="CUFF-0001",
+        tz=tz,
+        memory=[
+            BpRecord(128, 84, 99, 71, local - dt.timedelta(hours=26)),
+            BpRecord(122, 79, 93, 66, local - dt.timedelta(hours=2)),
+            BpRecord(118, 76, 90, 64, None),
+        ],
+    )
+    thermometer = Thermometer(
+        radio,
+        DEMO_THERMOMETER,
+        "Demo Thermometer",
+        manufacturer="Lastmile Emulation",
+        model="TH-EMU",
+        serial="TH-0001",
+        tz=tz,
+        memory=[TemperatureRecord(37.2, None)],
+    )
     expected = len(cuff.memory) + len(thermometer.memory)
 
     own_outbox = outbox is None
@@ -155,8 +196,9 @@ async def emulated_clinic(config: Config, *, patient_id: str | None = None, pati
 
         scanner, client = radio.backends()
         settings = LinkSettings(scan_pass_s=1.0, reconnect_delay_s=60.0, device_tz=tz)
-        manager = BleDeviceManager(port, settings, scanner_backend=scanner, client_backend=client,
-                                   observation_listener=listener)
+        manager = BleDeviceManager(
+            port, settings, scanner_backend=scanner, client_backend=client, observation_listener=listener
+        )
         await radio.start()
         await cuff.start()
         await thermometer.start()
@@ -183,9 +225,13 @@ async def emulated_clinic(config: Config, *, patient_id: str | None = None, pati
         for address in (DEMO_CUFF, DEMO_THERMOMETER):
             record = registry.get(address)
             assert record is not None
-            summary_.devices[address] = {"name": record.name, "model": record.model,
-                                         "observations": counts.get(address, 0), "last_reading": record.last_reading,
-                                         "last_error": record.last_error}
+            summary_.devices[address] = {
+                "name": record.name,
+                "model": record.model,
+                "observations": counts.get(address, 0),
+                "last_reading": record.last_reading,
+                "last_error": record.last_error,
+            }
     finally:
         store.close()
         if own_outbox:
@@ -193,12 +239,11 @@ async def emulated_clinic(config: Config, *, patient_id: str | None = None, pati
     return summary_
 
 
-def run_emulated_clinic(config: Config, *, patient_id: str | None = None, patient_name: str = "",
-                        timeout_s: float = 30.0) -> EmulatedClinicSummary:
+def run_emulated_clinic(
+    config: Config, *, patient_id: str | None = None, patient_name: str = "", timeout_s: float = 30.0
+) -> EmulatedClinicSummary:
     """Synchronous wrapper of `emulated_clinic` (runs its own event loop)."""
-    return asyncio.run(emulated_clinic(config, patient_id=patient_id, patient_name=patient_name,
-                                       timeout_s=timeout_s))
+    return asyncio.run(emulated_clinic(config, patient_id=patient_id, patient_name=patient_name, timeout_s=timeout_s))
 
 
-__all__ = ["ClinicBlePort", "EmulatedClinicSummary", "emulated_clinic", "run_ble",
-           "run_emulated_clinic"]
+__all__ = ["ClinicBlePort", "EmulatedClinicSummary", "emulated_clinic", "run_ble", "run_emulated_clinic"]

@@ -19,25 +19,37 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def peer_settings(rc: ReadingCenterSection, *, host: str | None = None,
-                  port: int | None = None, called_ae: str | None = None) -> PeerSettings:
+def peer_settings(
+    rc: ReadingCenterSection, *, host: str | None = None, port: int | None = None, called_ae: str | None = None
+) -> PeerSettings:
     tls = None
     if rc.tls.enabled:
         tls = TlsFiles(ca_file=rc.tls.ca_file, cert_file=rc.tls.cert_file, key_file=rc.tls.key_file)
-    return PeerSettings(host=host or rc.host, port=port or rc.port,
-                        called_ae=called_ae or rc.called_ae, calling_ae=rc.calling_ae,
-                        timeout_s=rc.timeout_s, deflate=rc.deflate, tls=tls)
+    return PeerSettings(
+        host=host or rc.host,
+        port=port or rc.port,
+        called_ae=called_ae or rc.called_ae,
+        calling_ae=rc.calling_ae,
+        timeout_s=rc.timeout_s,
+        deflate=rc.deflate,
+        tls=tls,
+    )
 
 
 def forwarder_settings(config: Config) -> ForwarderSettings:
     rc = config.reading_center
     return ForwarderSettings(
-        peer=peer_settings(rc), associations=max(1, rc.associations),
-        batch_size=max(1, rc.batch_size), storage_commitment=rc.storage_commitment,
-        listen_port=rc.listen_port, listen_host=rc.listen_host, commitment_timeout_s=rc.commitment_timeout_s,
+        peer=peer_settings(rc),
+        associations=max(1, rc.associations),
+        batch_size=max(1, rc.batch_size),
+        storage_commitment=rc.storage_commitment,
+        listen_port=rc.listen_port,
+        listen_host=rc.listen_host,
+        commitment_timeout_s=rc.commitment_timeout_s,
         no_commitment_policy=rc.no_commitment_policy,
         config_fault_retry_s=config.outbox.config_fault_retry_s,
-        retention_s=config.outbox.retention_days * 86400.0)
+        retention_s=config.outbox.retention_days * 86400.0,
+    )
 
 
 class ForwardService:
@@ -59,9 +71,15 @@ class ForwardService:
 
         f = config.fhir
         # a token file others can read is refused here, before READY: systemd shows why
-        return FhirSender(FhirSenderSettings(base_url=f.base_url, token_file=f.token_file,
-                                             ca_file=f.ca_file, timeout_s=f.timeout_s,
-                                             gzip="auto" if f.gzip else "never"))
+        return FhirSender(
+            FhirSenderSettings(
+                base_url=f.base_url,
+                token_file=f.token_file,
+                ca_file=f.ca_file,
+                timeout_s=f.timeout_s,
+                gzip="auto" if f.gzip else "never",
+            )
+        )
 
     def step(self, stop: threading.Event) -> float:
         result = self.ecg.run_round(stop)
@@ -69,14 +87,20 @@ class ForwardService:
         if self._fhir is not None and not stop.is_set():
             from uploader.fhir_forwarder import forward_fhir_once
 
-            fhir = forward_fhir_once(self.outbox, self._fhir, time.time(),
-                                     batch_size=self.config.fhir.batch_size,
-                                     config_fault_retry_s=self.config.outbox.config_fault_retry_s)
+            fhir = forward_fhir_once(
+                self.outbox,
+                self._fhir,
+                time.time(),
+                batch_size=self.config.fhir.batch_size,
+                config_fault_retry_s=self.config.outbox.config_fault_retry_s,
+            )
             if fhir.sent or fhir.quarantined:
                 log.info("FHIR round: sent %d, quarantined %d", fhir.sent, fhir.quarantined)
             waits.append(0.0 if fhir.claimed and not fhir.fault else self.ecg.next_due_in())
-        self._last = (f"sent {result.sent}, committed {result.committed}, retry {result.transient}, "
-                      f"quarantined {result.quarantined}" + (f", FAULT {result.fault}" if result.fault else ""))
+        self._last = (
+            f"sent {result.sent}, committed {result.committed}, retry {result.transient}, "
+            f"quarantined {result.quarantined}" + (f", FAULT {result.fault}" if result.fault else "")
+        )
         if result.did_work:
             log.info("forward round: %s", self._last)
         return min(waits)

@@ -71,11 +71,16 @@ class Service(Protocol):
 class ServiceRuntime:
     """Drives one `Service`: signals, sd_notify readiness and a progress-gated watchdog."""
 
-    def __init__(self, name: str, *, load_config: Callable[[], Config],
-                 watchdog_margin: float = 0.5,
-                 notifier: SystemdNotifier | None = None,
-                 install_signal_handlers: bool = True,
-                 configure_logging: bool = True) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        load_config: Callable[[], Config],
+        watchdog_margin: float = 0.5,
+        notifier: SystemdNotifier | None = None,
+        install_signal_handlers: bool = True,
+        configure_logging: bool = True,
+    ) -> None:
         if not 0.0 < watchdog_margin < 1.0:
             raise ValueError("watchdog_margin is the fraction of WatchdogSec between pings: 0 < m < 1")
         self.name = name
@@ -158,8 +163,12 @@ class ServiceRuntime:
         self.ready_after = time.monotonic() - self.started
         self.notifier.ready(self._status(service))
         self.notifier.watchdog_ping()
-        log.info("%s ready after %.2f s (watchdog %s)", self.name, self.ready_after,
-                 f"{self.notifier.watchdog_s:g} s" if self.notifier.watchdog_s else "off")
+        log.info(
+            "%s ready after %.2f s (watchdog %s)",
+            self.name,
+            self.ready_after,
+            f"{self.notifier.watchdog_s:g} s" if self.notifier.watchdog_s else "off",
+        )
         stop = self.stop_event
         while not stop.is_set():
             if self._reload_requested:
@@ -179,8 +188,12 @@ class ServiceRuntime:
             took = time.monotonic() - began
             interval = self.ping_interval
             if interval is not None and took > interval:
-                log.warning("%s: a step took %.1f s; the watchdog allows %.1f s", self.name, took,
-                            self.notifier.watchdog_s or 0.0)
+                log.warning(
+                    "%s: a step took %.1f s; the watchdog allows %.1f s",
+                    self.name,
+                    took,
+                    self.notifier.watchdog_s or 0.0,
+                )
             self._progress(service)
             self._wait(float(delay or 0.0))
         return EXIT_OK
@@ -281,8 +294,7 @@ class _SignalWatcher:
                 if signum == 0:
                     return
                 if signum in self.STOP:
-                    log.info("signal %s: finishing the work in hand, then stopping",
-                             signal.Signals(signum).name)
+                    log.info("signal %s: finishing the work in hand, then stopping", signal.Signals(signum).name)
                     self.runtime.request_stop()
                 elif signum in self.RELOAD:
                     log.info("SIGHUP: reloading the configuration")

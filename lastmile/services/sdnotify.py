@@ -66,9 +66,13 @@ class SystemdNotifier:
     environment once read, so child processes do not speak for us (like sd_notify's flag).
     """
 
-    def __init__(self, address: str | None = None, *,
-                 environ: MutableMapping[str, str] | None = None,
-                 unset_environment: bool = False) -> None:
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        environ: MutableMapping[str, str] | None = None,
+        unset_environment: bool = False,
+    ) -> None:
         env = os.environ if environ is None else environ
         raw = address if address is not None else env.get(ENV_SOCKET, "")
         self.address: str | bytes | None = _socket_address(raw) if raw else None

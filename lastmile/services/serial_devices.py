@@ -89,6 +89,7 @@ def registry_address(name: str) -> str:
 
 # -- configuration -------------------------------------------------------------------------------
 
+
 def load_profiles(config: Config) -> dict[str, ReportProfile]:
     """Every ASCII-report profile available (built-in, then `serial.profiles_dir`); ConfigError if one is bad."""
     profiles = {}
@@ -113,8 +114,9 @@ def link_specs(config: Config, profiles: dict[str, ReportProfile]) -> list[LinkS
         where = f"{config.source}: serial.devices[{i}]"
         unknown = set(entry) - DEVICE_KEYS
         if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} "
-                              f"(known: {', '.join(sorted(DEVICE_KEYS))})")
+            raise ConfigError(
+                f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(DEVICE_KEYS))})"
+            )
         name, match, profile = entry.get("name"), entry.get("match"), entry.get("profile")
         if not all(isinstance(v, str) and v for v in (name, match, profile)):
             raise ConfigError(f"{where}: name, match and profile are required strings")
@@ -127,8 +129,10 @@ def link_specs(config: Config, profiles: dict[str, ReportProfile]) -> list[LinkS
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from None
         if profile not in (BRIDGE, SCANNER) and profile not in profiles:
-            raise ConfigError(f"{where}: unknown profile {profile!r} (bridge, scanner or one of "
-                              f"{', '.join(sorted(profiles)) or 'no ASCII profiles'})")
+            raise ConfigError(
+                f"{where}: unknown profile {profile!r} (bridge, scanner or one of "
+                f"{', '.join(sorted(profiles)) or 'no ASCII profiles'})"
+            )
         forward = entry.get("forward_profile", "")
         if forward and (profile != BRIDGE or forward not in profiles):
             raise ConfigError(f"{where}: forward_profile needs profile = 'bridge' and a known ASCII profile")
@@ -149,6 +153,7 @@ def scan_rules(config: Config) -> ScanRules:
 
 # -- what handlers share -------------------------------------------------------------------------
 
+
 @dataclass
 class SerialContext:
     """Everything a handler needs to make things durable and report status."""
@@ -167,8 +172,13 @@ class SerialContext:
         """Record device facts; `port` (given on connect) goes into the name `lastmile devices` shows."""
         name = f"{spec.name} ({spec.profile}) on {port}" if port else None
         try:
-            self.registry.update_status(registry_address(spec.name), now=self.now(), transport="serial",
-                                        name=name, **facts)  # type: ignore[arg-type]
+            self.registry.update_status(
+                registry_address(spec.name),
+                now=self.now(),
+                transport="serial",
+                name=name,
+                **facts,  # type: ignore[arg-type]
+            )
         except Exception:  # status is best effort; readings are not
             log.exception("%s: cannot record device status", spec.name)
 
@@ -199,8 +209,9 @@ class SerialContext:
         if current is not None and recording.acquired_at >= current.since:
             patient = Patient(patient_id=current.patient_id, name=current.name)
         try:
-            enqueue_recording(self.outbox, replace(recording, patient=patient), self.config, key=key,
-                              now=now.timestamp())
+            enqueue_recording(
+                self.outbox, replace(recording, patient=patient), self.config, key=key, now=now.timestamp()
+            )
         except (UploadError, DeviceError, sqlite3.Error, OSError, ValueError) as exc:
             log.error("%s: cannot store an ECG recording: %s", spec.name, exc)
             self.error(spec, f"cannot store ECG: {exc}")
@@ -208,13 +219,15 @@ class SerialContext:
         if patient is not None:
             self.patients.touch(now=now)
         gaps = sum(g.missing for g in recording.gaps)
-        text = f"ECG {recording.n_leads} leads {recording.duration_s:.0f} s" + (f", {gaps} samples missing"
-                                                                               if gaps else "")
+        text = f"ECG {recording.n_leads} leads {recording.duration_s:.0f} s" + (
+            f", {gaps} samples missing" if gaps else ""
+        )
         self.status(spec, reading=text, reading_at=recording.acquired_at, identity=recording.device)
         return True
 
 
 # -- handlers --------------------------------------------------------------------------------------
+
 
 class BridgeHandler:
     """A bridge: protocol session, storage, then ACK."""
@@ -259,12 +272,18 @@ class BridgeHandler:
         elif isinstance(event, SerialDataReceived):
             self._serial_data(event)
         elif isinstance(event, DeviceHello):
-            log.info("%s: bridge %s firmware %s (boot %08x)", self.spec.name, event.identity.serial,
-                     event.identity.software_version, event.boot_id)
+            log.info(
+                "%s: bridge %s firmware %s (boot %08x)",
+                self.spec.name,
+                event.identity.serial,
+                event.identity.software_version,
+                event.boot_id,
+            )
             self.ctx.status(self.spec, identity=event.identity, seen=True)
         elif isinstance(event, DeviceLog):
-            log.log(max(logging.DEBUG, min(event.level, logging.CRITICAL)), "%s (bridge): %s",
-                    self.spec.name, event.text)
+            log.log(
+                max(logging.DEBUG, min(event.level, logging.CRITICAL)), "%s (bridge): %s", self.spec.name, event.text
+            )
         elif isinstance(event, SessionProblem):
             log.debug("%s: %s", self.spec.name, event.reason)
             self.ctx.error(self.spec, event.reason)
@@ -285,8 +304,7 @@ class BridgeHandler:
             return
         parser = self._parsers.get(event.channel)
         if parser is None:
-            identity = replace(self.session.identity, manufacturer=self.forward.manufacturer,
-                               model=self.forward.model)
+            identity = replace(self.session.identity, manufacturer=self.forward.manufacturer, model=self.forward.model)
             parser = self._parsers[event.channel] = ReportParser(self.forward, identity)
         self._unsettled.setdefault(event.channel, []).append(event.seq)
         self._report_events(event.channel, parser.feed(event.data, self.ctx.now()))
@@ -412,8 +430,7 @@ class ScannerHandler:
                 self.ctx.status(self.spec, reading="doctor badge", reading_at=now)
             elif isinstance(ev, CodeUnrecognised):
                 # The code itself may be personal data: log its length only.
-                log.warning("%s: scanned code not recognised (%s, %d characters)", self.spec.name,
-                            ev.reason, ev.length)
+                log.warning("%s: scanned code not recognised (%s, %d characters)", self.spec.name, ev.reason, ev.length)
                 self.ctx.error(self.spec, f"code not recognised: {ev.reason}")
 
     def connection_lost(self, reason: str | None) -> None:
@@ -423,8 +440,9 @@ class ScannerHandler:
         return None
 
 
-def handler_for(ctx: SerialContext, spec: LinkSpec, port: PortInfo) -> BridgeHandler | AsciiReportHandler | \
-        ScannerHandler:
+def handler_for(
+    ctx: SerialContext, spec: LinkSpec, port: PortInfo
+) -> BridgeHandler | AsciiReportHandler | ScannerHandler:
     if spec.profile == BRIDGE:
         return BridgeHandler(ctx, spec, port)
     if spec.profile == SCANNER:
@@ -434,17 +452,29 @@ def handler_for(ctx: SerialContext, spec: LinkSpec, port: PortInfo) -> BridgeHan
 
 # -- the service -----------------------------------------------------------------------------------
 
+
 class SerialService:
     """Runs the serial link manager for the acquire service (in a thread, or step by step)."""
 
-    def __init__(self, ctx: SerialContext, specs: Sequence[LinkSpec], *,
-                 lister: Callable[[], list[PortInfo]] = list_ports,
-                 watch_dirs: Sequence[str | Path] | None = ("/dev", BY_ID_DIR),
-                 rescan_s: float | None = None, owned: Sequence[object] = ()) -> None:
+    def __init__(
+        self,
+        ctx: SerialContext,
+        specs: Sequence[LinkSpec],
+        *,
+        lister: Callable[[], list[PortInfo]] = list_ports,
+        watch_dirs: Sequence[str | Path] | None = ("/dev", BY_ID_DIR),
+        rescan_s: float | None = None,
+        owned: Sequence[object] = (),
+    ) -> None:
         self.ctx = ctx
         self.specs = list(specs)
-        self.manager = SerialLinkManager(self.specs, lambda spec, port: handler_for(ctx, spec, port),
-                                         lister=lister, watch_dirs=watch_dirs, rescan_s=rescan_s)
+        self.manager = SerialLinkManager(
+            self.specs,
+            lambda spec, port: handler_for(ctx, spec, port),
+            lister=lister,
+            watch_dirs=watch_dirs,
+            rescan_s=rescan_s,
+        )
         self._owned = list(owned)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -458,16 +488,22 @@ class SerialService:
         rules = scan_rules(config)
         store = ObservationStore.open(config.data_dir, outbox=outbox, idle_timeout_s=config.patient.idle_timeout_s)
         registry = DeviceRegistry(store.db)
-        ctx = SerialContext(config=config, outbox=outbox, store=store, patients=store.context,
-                            registry=registry, profiles=profiles, rules=rules)
+        ctx = SerialContext(
+            config=config,
+            outbox=outbox,
+            store=store,
+            patients=store.context,
+            registry=registry,
+            profiles=profiles,
+            rules=rules,
+        )
         return cls(ctx, specs, owned=[store], **kwargs)  # type: ignore[arg-type]
 
     def start(self) -> None:
         if not self.specs:
             log.info("no serial devices configured")
             return
-        self._thread = threading.Thread(target=self.manager.run, args=(self._stop,), name="serial-links",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self.manager.run, args=(self._stop,), name="serial-links", daemon=True)
         self._thread.start()
 
     def step(self, stop: threading.Event) -> float:

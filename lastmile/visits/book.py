@@ -68,7 +68,9 @@ log = logging.getLogger(__name__)
 DB_NAME = "visits.db"
 
 MIGRATIONS: tuple[Migration, ...] = (
-    Migration.sql("0001_visits", """
+    Migration.sql(
+        "0001_visits",
+        """
         CREATE TABLE visits (
             id TEXT PRIMARY KEY, gateway_id TEXT NOT NULL, doctor_id TEXT NOT NULL,
             patient_id TEXT NOT NULL, household_id TEXT, setting TEXT NOT NULL,
@@ -92,7 +94,8 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE TABLE register_imports (id INTEGER PRIMARY KEY, imported_at TEXT, source TEXT,
             sha256 TEXT, count INTEGER);
         CREATE TABLE clock_anchor (boot_id TEXT PRIMARY KEY, offset REAL NOT NULL, source TEXT NOT NULL);
-    """),
+    """,
+    ),
 )
 
 
@@ -156,18 +159,30 @@ class Visit:
             if r is None or not r.fix.has_position:
                 return None
             return {"lat": r.fix.latitude, "lon": r.fix.longitude, "eph_m": r.fix.eph_m, "mode": int(r.fix.mode)}
-        return {"visit_id": self.id, "state": self.state, "doctor_id": self.doctor_id,
-                "patient_id": self.patient_id, "household_id": self.household_id, "setting": self.setting,
-                "started_at": _iso(self.start.time), "start_source": self.start.source.value,
-                "ended_at": _iso(self.end.time) if self.end else None,
-                "start_fix": fix(self.start_fix), "end_fix": fix(self.end_fix),
-                "flags": self.flags, "distance_m": self.distance_m, "chain_seq": self.chain_seq,
-                "fhir_queued": self.fhir_queued}
+
+        return {
+            "visit_id": self.id,
+            "state": self.state,
+            "doctor_id": self.doctor_id,
+            "patient_id": self.patient_id,
+            "household_id": self.household_id,
+            "setting": self.setting,
+            "started_at": _iso(self.start.time),
+            "start_source": self.start.source.value,
+            "ended_at": _iso(self.end.time) if self.end else None,
+            "start_fix": fix(self.start_fix),
+            "end_fix": fix(self.end_fix),
+            "flags": self.flags,
+            "distance_m": self.distance_m,
+            "chain_seq": self.chain_seq,
+            "fhir_queued": self.fhir_queued,
+        }
 
 
 def _iso(value: dt.datetime | None) -> str | None:
-    return value.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z") \
-        if value else None
+    return (
+        value.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z") if value else None
+    )
 
 
 def _r(value: float | None, digits: int) -> float | None:
@@ -178,6 +193,7 @@ def _r(value: float | None, digits: int) -> float | None:
 
 # --- checks ---------------------------------------------------------------------------------------
 
+
 def _age_s(record: FixRecord, at: Stamp) -> float | None:
     if record.received.boot_id == at.boot_id:
         return at.monotonic - record.received.monotonic
@@ -186,9 +202,18 @@ def _age_s(record: FixRecord, at: Stamp) -> float | None:
     return None
 
 
-def check_visit(policy: VisitPolicy, *, household_id: str | None, household: Household | None,
-                start: Stamp, end: Stamp, start_fix: FixRecord | None, end_fix: FixRecord | None,
-                track: Sequence[FixRecord], clock_disagreement_s: float | None) -> tuple[list[str], float | None]:
+def check_visit(
+    policy: VisitPolicy,
+    *,
+    household_id: str | None,
+    household: Household | None,
+    start: Stamp,
+    end: Stamp,
+    start_fix: FixRecord | None,
+    end_fix: FixRecord | None,
+    track: Sequence[FixRecord],
+    clock_disagreement_s: float | None,
+) -> tuple[list[str], float | None]:
     """Flags (sorted) and the distance from the household of the best fix."""
     flags: set[str] = set()
     ends = [(r, s) for r, s in ((start_fix, start), (end_fix, end)) if r is not None and r.fix.has_position]
@@ -199,8 +224,7 @@ def check_visit(policy: VisitPolicy, *, household_id: str | None, household: Hou
         age = _age_s(record, stamp)
         if age is not None and age > policy.stale_fix_s:
             flags.add("stale-fix")
-    best = min(candidates, key=lambda r: r.fix.eph_m if r.fix.eph_m is not None else float("inf"),
-               default=None)
+    best = min(candidates, key=lambda r: r.fix.eph_m if r.fix.eph_m is not None else float("inf"), default=None)
     if best is not None and (best.fix.eph_m is None or best.fix.eph_m > policy.max_eph_m):
         flags.add("poor-accuracy")
     distance = None
@@ -234,9 +258,11 @@ def check_visit(policy: VisitPolicy, *, household_id: str | None, household: Hou
 
 # --- the book -------------------------------------------------------------------------------------
 
+
 class VisitBook:
-    def __init__(self, db: sqlite_utils.Database, data_dir: Path, gateway_id: str, policy: VisitPolicy,
-                 clock: GatewayClock) -> None:
+    def __init__(
+        self, db: sqlite_utils.Database, data_dir: Path, gateway_id: str, policy: VisitPolicy, clock: GatewayClock
+    ) -> None:
         self.db = db
         self.data_dir = data_dir
         self.gateway_id = gateway_id
@@ -249,8 +275,14 @@ class VisitBook:
             clock.restore(Anchor(clock.boot_id, rows[0]["offset"], TimeSource(rows[0]["source"])))
 
     @classmethod
-    def open(cls, data_dir: str | Path, *, gateway_id: str, policy: VisitPolicy | None = None,
-             clock: GatewayClock | None = None) -> VisitBook:
+    def open(
+        cls,
+        data_dir: str | Path,
+        *,
+        gateway_id: str,
+        policy: VisitPolicy | None = None,
+        clock: GatewayClock | None = None,
+    ) -> VisitBook:
         data_dir = Path(data_dir)
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         db = open_database(data_dir / DB_NAME, MIGRATIONS)
@@ -275,8 +307,9 @@ class VisitBook:
     def _save_anchor(self) -> None:
         anchor = self.clock.anchor
         if anchor is not None:
-            self.db.table("clock_anchor").upsert({"boot_id": anchor.boot_id, "offset": anchor.offset,
-                                            "source": anchor.source.value}, pk="boot_id")
+            self.db.table("clock_anchor").upsert(
+                {"boot_id": anchor.boot_id, "offset": anchor.offset, "source": anchor.source.value}, pk="boot_id"
+            )
 
     def observe_fix(self, fix: Fix, received: Stamp | None = None) -> FixRecord:
         """Every fix from the receiver: anchors the clock (GPS time), extends the open visit's track."""
@@ -289,8 +322,9 @@ class VisitBook:
         visit = self.open_visit()
         if visit is not None and fix.has_position:
             with transaction(self.db):
-                self.db.table("visit_track").insert({"visit_id": visit.id, "fix": record.to_json(),
-                                               "received": json.dumps(received.to_json())})
+                self.db.table("visit_track").insert(
+                    {"visit_id": visit.id, "fix": record.to_json(), "received": json.dumps(received.to_json())}
+                )
                 self._bound_track(visit.id)
         return record
 
@@ -299,15 +333,22 @@ class VisitBook:
         if count <= self.policy.track_max_points:
             return
         # Halve the resolution evenly, keeping the first and last points.
-        self.db.execute("""DELETE FROM visit_track WHERE id IN (
+        self.db.execute(
+            """DELETE FROM visit_track WHERE id IN (
             SELECT id FROM (SELECT id, ROW_NUMBER() OVER (ORDER BY id) AS rn, COUNT(*) OVER () AS n
-                            FROM visit_track WHERE visit_id = ?) WHERE rn % 2 = 0 AND rn < n)""", [visit_id])
+                            FROM visit_track WHERE visit_id = ?) WHERE rn % 2 = 0 AND rn < n)""",
+            [visit_id],
+        )
 
     def _repair_provisional(self) -> None:
         """Give provisional stamps of this boot their time, now that the clock has an anchor."""
         with transaction(self.db):
-            for row in list(self.db.query("SELECT id, start_stamp, end_stamp FROM visits WHERE started_at IS NULL "
-                                          "OR (end_stamp IS NOT NULL AND ended_at IS NULL)")):
+            for row in list(
+                self.db.query(
+                    "SELECT id, start_stamp, end_stamp FROM visits WHERE started_at IS NULL "
+                    "OR (end_stamp IS NOT NULL AND ended_at IS NULL)"
+                )
+            ):
                 sets = {}
                 for col, at_col in (("start_stamp", "started_at"), ("end_stamp", "ended_at")):
                     if row[col]:
@@ -327,13 +368,21 @@ class VisitBook:
     def _visit(self, row: dict) -> Visit:
         chain = list(self.db.query("SELECT seq FROM chain WHERE visit_id = ?", [row["id"]]))
         return Visit(
-            id=row["id"], doctor_id=row["doctor_id"], patient_id=row["patient_id"],
-            household_id=row["household_id"], setting=row["setting"], state=row["state"],
+            id=row["id"],
+            doctor_id=row["doctor_id"],
+            patient_id=row["patient_id"],
+            household_id=row["household_id"],
+            setting=row["setting"],
+            state=row["state"],
             start=Stamp.from_json(json.loads(row["start_stamp"])),
             end=Stamp.from_json(json.loads(row["end_stamp"])) if row["end_stamp"] else None,
-            start_fix=FixRecord.from_json(row["start_fix"]), end_fix=FixRecord.from_json(row["end_fix"]),
-            flags=json.loads(row["flags"]), distance_m=row["distance_m"],
-            chain_seq=chain[0]["seq"] if chain else None, fhir_queued=bool(row["fhir_queued_at"]))
+            start_fix=FixRecord.from_json(row["start_fix"]),
+            end_fix=FixRecord.from_json(row["end_fix"]),
+            flags=json.loads(row["flags"]),
+            distance_m=row["distance_m"],
+            chain_seq=chain[0]["seq"] if chain else None,
+            fhir_queued=bool(row["fhir_queued_at"]),
+        )
 
     def get(self, visit_id: str) -> Visit | None:
         rows = list(self.db.query("SELECT * FROM visits WHERE id = ?", [visit_id]))
@@ -347,8 +396,15 @@ class VisitBook:
         sql = "SELECT * FROM visits ORDER BY rowid DESC" + (f" LIMIT {int(limit)}" if limit else "")
         return [self._visit(r) for r in self.db.query(sql)]
 
-    def start(self, patient_id: str, *, doctor_id: str, household_id: str | None = None,
-              fix: FixRecord | None = None, setting: str | None = None) -> Visit:
+    def start(
+        self,
+        patient_id: str,
+        *,
+        doctor_id: str,
+        household_id: str | None = None,
+        fix: FixRecord | None = None,
+        setting: str | None = None,
+    ) -> Visit:
         if not patient_id.strip():
             raise VisitError("a visit needs a patient id")
         if not doctor_id.strip():
@@ -357,12 +413,20 @@ class VisitBook:
             raise VisitError("a visit is already open: stop it first (lastmile visit stop)")
         stamp = self.clock.now()
         visit_id = str(uuid.uuid4())  # minted at capture: the FHIR identifiers derive from it
-        self.db.table("visits").insert({
-            "id": visit_id, "gateway_id": self.gateway_id, "doctor_id": doctor_id, "patient_id": patient_id,
-            "household_id": household_id, "setting": setting or self.policy.setting, "state": "open",
-            "start_stamp": json.dumps(stamp.to_json()),
-            "started_at": stamp.time.isoformat() if stamp.time else None,
-            "start_fix": fix.to_json() if fix else None})
+        self.db.table("visits").insert(
+            {
+                "id": visit_id,
+                "gateway_id": self.gateway_id,
+                "doctor_id": doctor_id,
+                "patient_id": patient_id,
+                "household_id": household_id,
+                "setting": setting or self.policy.setting,
+                "state": "open",
+                "start_stamp": json.dumps(stamp.to_json()),
+                "started_at": stamp.time.isoformat() if stamp.time else None,
+                "start_fix": fix.to_json() if fix else None,
+            }
+        )
         visit = self.get(visit_id)
         assert visit is not None
         log.info("visit %s started", visit_id)
@@ -378,8 +442,9 @@ class VisitBook:
         visit = self._require_open()
         if not text.strip():
             raise VisitError("empty note")
-        self.db.table("visit_notes").insert({"visit_id": visit.id, "stamp": json.dumps(self.clock.now().to_json()),
-                                       "text": text})
+        self.db.table("visit_notes").insert(
+            {"visit_id": visit.id, "stamp": json.dumps(self.clock.now().to_json()), "text": text}
+        )
 
     def attach_observation(self, obs: Observation, *, outbox_key: str | None = None) -> str | None:
         """Link a reading to the open visit if it is of the visit's patient; returns the visit id.
@@ -389,23 +454,39 @@ class VisitBook:
             return None
         record = observation_to_json(obs)
         digest = hashlib.sha256(canonical(record)).hexdigest()
-        self.db.table("visit_items").insert({"visit_id": visit.id, "kind": "observation",
-                                       "item_key": outbox_key or obs.record_key, "record": json.dumps(record),
-                                       "sha256": digest}, ignore=True)
+        self.db.table("visit_items").insert(
+            {
+                "visit_id": visit.id,
+                "kind": "observation",
+                "item_key": outbox_key or obs.record_key,
+                "record": json.dumps(record),
+                "sha256": digest,
+            },
+            ignore=True,
+        )
         return visit.id
 
     def attach_ecg(self, outbox_key: str, patient_id: str | None, sha256: str = "") -> str | None:
         visit = self.open_visit()
         if visit is None or patient_id != visit.patient_id:
             return None
-        self.db.table("visit_items").insert({"visit_id": visit.id, "kind": "ecg", "item_key": outbox_key,
-                                       "record": None, "sha256": sha256 or hashlib.sha256(outbox_key.encode()).hexdigest()},
-                                      ignore=True)
+        self.db.table("visit_items").insert(
+            {
+                "visit_id": visit.id,
+                "kind": "ecg",
+                "item_key": outbox_key,
+                "record": None,
+                "sha256": sha256 or hashlib.sha256(outbox_key.encode()).hexdigest(),
+            },
+            ignore=True,
+        )
         return visit.id
 
     def track(self, visit_id: str) -> list[FixRecord]:
-        return [FixRecord.from_json(r["fix"])  # type: ignore[misc]
-                for r in self.db.query("SELECT fix FROM visit_track WHERE visit_id = ? ORDER BY id", [visit_id])]
+        return [
+            FixRecord.from_json(r["fix"])  # type: ignore[misc]
+            for r in self.db.query("SELECT fix FROM visit_track WHERE visit_id = ? ORDER BY id", [visit_id])
+        ]
 
     def stop(self, fix: FixRecord | None = None) -> Visit:
         visit = self._require_open()
@@ -414,23 +495,40 @@ class VisitBook:
             visit.start = self.clock.repair(visit.start)
         if visit.start.time is not None and not end.provisional and visit.start.boot_id == end.boot_id:
             # Duration by the monotonic clock: a clock jump during the visit changes nothing.
-            end = Stamp(visit.start.time + dt.timedelta(seconds=end.monotonic - visit.start.monotonic),
-                        visit.start.source if visit.start.source != TimeSource.UNKNOWN else end.source,
-                        end.monotonic, end.boot_id)
+            end = Stamp(
+                visit.start.time + dt.timedelta(seconds=end.monotonic - visit.start.monotonic),
+                visit.start.source if visit.start.source != TimeSource.UNKNOWN else end.source,
+                end.monotonic,
+                end.boot_id,
+            )
         household = self.register.get(visit.household_id) if visit.household_id else None
         flags, distance = check_visit(
-            self.policy, household_id=visit.household_id, household=household, start=visit.start, end=end,
-            start_fix=visit.start_fix, end_fix=fix, track=self.track(visit.id),
-            clock_disagreement_s=self.clock.last_disagreement_s)
+            self.policy,
+            household_id=visit.household_id,
+            household=household,
+            start=visit.start,
+            end=end,
+            start_fix=visit.start_fix,
+            end_fix=fix,
+            track=self.track(visit.id),
+            clock_disagreement_s=self.clock.last_disagreement_s,
+        )
         with transaction(self.db):
-            self.db.table("visits").update(visit.id, {
-                "state": "closed", "end_stamp": json.dumps(end.to_json()),
-                "ended_at": end.time.isoformat() if end.time else None,
-                "start_stamp": json.dumps(visit.start.to_json()),
-                "started_at": visit.start.time.isoformat() if visit.start.time else None,
-                "end_fix": fix.to_json() if fix else None, "flags": json.dumps(flags), "distance_m": distance,
-                "household_lat": household.latitude if household else None,
-                "household_lon": household.longitude if household else None})
+            self.db.table("visits").update(
+                visit.id,
+                {
+                    "state": "closed",
+                    "end_stamp": json.dumps(end.to_json()),
+                    "ended_at": end.time.isoformat() if end.time else None,
+                    "start_stamp": json.dumps(visit.start.to_json()),
+                    "started_at": visit.start.time.isoformat() if visit.start.time else None,
+                    "end_fix": fix.to_json() if fix else None,
+                    "flags": json.dumps(flags),
+                    "distance_m": distance,
+                    "household_lat": household.latitude if household else None,
+                    "household_lon": household.longitude if household else None,
+                },
+            )
             self._chain(visit.id)
         closed = self.get(visit.id)
         assert closed is not None
@@ -447,28 +545,50 @@ class VisitBook:
             if r is None:
                 return None
             f = r.fix
-            return {"lat": _r(f.latitude, 7), "lon": _r(f.longitude, 7), "alt": _r(f.altitude_m, 1),
-                    "eph": _r(f.eph_m, 1), "mode": int(f.mode), "time": _iso(f.time), "sats": f.satellites_used}
+            return {
+                "lat": _r(f.latitude, 7),
+                "lon": _r(f.longitude, 7),
+                "alt": _r(f.altitude_m, 1),
+                "eph": _r(f.eph_m, 1),
+                "mode": int(f.mode),
+                "time": _iso(f.time),
+                "sats": f.satellites_used,
+            }
 
         start, end = json.loads(row["start_stamp"]), json.loads(row["end_stamp"]) if row["end_stamp"] else {}
-        track = [r["fix"] for r in self.db.query("SELECT fix FROM visit_track WHERE visit_id = ? ORDER BY id",
-                                                  [visit_id])]
-        notes = [{"at": json.loads(r["stamp"]).get("time"), "text": r["text"]}
-                 for r in self.db.query("SELECT stamp, text FROM visit_notes WHERE visit_id = ? ORDER BY id",
-                                        [visit_id])]
-        items = [{"kind": r["kind"], "key": r["item_key"], "sha256": r["sha256"]}
-                 for r in self.db.query("SELECT kind, item_key, sha256 FROM visit_items WHERE visit_id = ? "
-                                        "ORDER BY id", [visit_id])]
+        track = [
+            r["fix"] for r in self.db.query("SELECT fix FROM visit_track WHERE visit_id = ? ORDER BY id", [visit_id])
+        ]
+        notes = [
+            {"at": json.loads(r["stamp"]).get("time"), "text": r["text"]}
+            for r in self.db.query("SELECT stamp, text FROM visit_notes WHERE visit_id = ? ORDER BY id", [visit_id])
+        ]
+        items = [
+            {"kind": r["kind"], "key": r["item_key"], "sha256": r["sha256"]}
+            for r in self.db.query(
+                "SELECT kind, item_key, sha256 FROM visit_items WHERE visit_id = ? ORDER BY id", [visit_id]
+            )
+        ]
         return {
-            "visit_id": row["id"], "gateway_id": row["gateway_id"], "doctor_id": row["doctor_id"],
-            "patient_id": row["patient_id"], "household_id": row["household_id"], "setting": row["setting"],
-            "started_at": row["started_at"], "start_source": start.get("source"),
-            "ended_at": row["ended_at"], "end_source": end.get("source"),
-            "start_fix": fix(row["start_fix"]), "end_fix": fix(row["end_fix"]),
-            "household": None if row["household_lat"] is None else
-            {"lat": _r(row["household_lat"], 7), "lon": _r(row["household_lon"], 7)},
-            "distance_m": _r(row["distance_m"], 1), "flags": json.loads(row["flags"]),
-            "notes": notes, "items": items,
+            "visit_id": row["id"],
+            "gateway_id": row["gateway_id"],
+            "doctor_id": row["doctor_id"],
+            "patient_id": row["patient_id"],
+            "household_id": row["household_id"],
+            "setting": row["setting"],
+            "started_at": row["started_at"],
+            "start_source": start.get("source"),
+            "ended_at": row["ended_at"],
+            "end_source": end.get("source"),
+            "start_fix": fix(row["start_fix"]),
+            "end_fix": fix(row["end_fix"]),
+            "household": None
+            if row["household_lat"] is None
+            else {"lat": _r(row["household_lat"], 7), "lon": _r(row["household_lon"], 7)},
+            "distance_m": _r(row["distance_m"], 1),
+            "flags": json.loads(row["flags"]),
+            "notes": notes,
+            "items": items,
             "track": {"points": len(track), "sha256": hashlib.sha256("\n".join(track).encode()).hexdigest()},
         }
 
@@ -476,9 +596,16 @@ class VisitBook:
         last = list(self.db.query("SELECT seq, hash FROM chain ORDER BY seq DESC LIMIT 1"))
         seq, prev = (last[0]["seq"] + 1, last[0]["hash"]) if last else (1, GENESIS)
         _, chain_link = link(self.record_body(visit_id), seq, prev, self.signing_key)
-        self.db.table("chain").insert({"seq": seq, "visit_id": visit_id, "prev_hash": prev, "hash": chain_link.hash,
-                                 "signature": chain_link.signature,
-                                 "signed_at": (self.clock.now().time or dt.datetime.now(dt.timezone.utc)).isoformat()})
+        self.db.table("chain").insert(
+            {
+                "seq": seq,
+                "visit_id": visit_id,
+                "prev_hash": prev,
+                "hash": chain_link.hash,
+                "signature": chain_link.signature,
+                "signed_at": (self.clock.now().time or dt.datetime.now(dt.timezone.utc)).isoformat(),
+            }
+        )
         return chain_link
 
     def chain_entries(self) -> list[tuple[dict, ChainLink]]:
@@ -502,9 +629,12 @@ class VisitBook:
 
     # --- FHIR --------------------------------------------------------------------------------------
     def observations(self, visit_id: str) -> list[Observation]:
-        return [observation_from_json(json.loads(r["record"]))
-                for r in self.db.query("SELECT record FROM visit_items WHERE visit_id = ? AND kind = 'observation' "
-                                       "ORDER BY id", [visit_id])]
+        return [
+            observation_from_json(json.loads(r["record"]))
+            for r in self.db.query(
+                "SELECT record FROM visit_items WHERE visit_id = ? AND kind = 'observation' ORDER BY id", [visit_id]
+            )
+        ]
 
     def fhir_bundle(self, visit_id: str, naming: FhirNaming) -> dict:
         from uploader.fhir_bundle import VisitPosition, VisitSignature, VisitSummary, visit_bundle
@@ -521,12 +651,25 @@ class VisitBook:
         chain = next(iter(self.db.query("SELECT * FROM chain WHERE visit_id = ?", [visit_id])))
         signed_at = dt.datetime.fromisoformat(chain["signed_at"])
         summary = VisitSummary(
-            visit_id=visit.id, doctor_id=visit.doctor_id, patient_id=visit.patient_id,
-            started_at=visit.start.time, ended_at=visit.end.time if visit.end else None,
-            time_source=visit.start.source, setting=visit.setting, household_id=visit.household_id,
-            position=position, flags=tuple(visit.flags))
-        signature = VisitSignature(chain["seq"], chain["hash"], chain["prev_hash"], chain["signature"],
-                                   public_key_b64(self.signing_key), signed_at)
+            visit_id=visit.id,
+            doctor_id=visit.doctor_id,
+            patient_id=visit.patient_id,
+            started_at=visit.start.time,
+            ended_at=visit.end.time if visit.end else None,
+            time_source=visit.start.source,
+            setting=visit.setting,
+            household_id=visit.household_id,
+            position=position,
+            flags=tuple(visit.flags),
+        )
+        signature = VisitSignature(
+            chain["seq"],
+            chain["hash"],
+            chain["prev_hash"],
+            chain["signature"],
+            public_key_b64(self.signing_key),
+            signed_at,
+        )
         return visit_bundle(summary, self.observations(visit_id), naming, signature)
 
     def queue_closed(self, outbox: Outbox, naming: FhirNaming, now: float | None = None) -> int:
@@ -534,18 +677,35 @@ class VisitBook:
         from uploader.fhir_forwarder import enqueue_bundle
 
         queued = 0
-        for row in list(self.db.query("SELECT id, patient_id FROM visits WHERE state = 'closed' "
-                                      "AND fhir_queued_at IS NULL AND started_at IS NOT NULL ORDER BY rowid")):
+        for row in list(
+            self.db.query(
+                "SELECT id, patient_id FROM visits WHERE state = 'closed' "
+                "AND fhir_queued_at IS NULL AND started_at IS NOT NULL ORDER BY rowid"
+            )
+        ):
             bundle = self.fhir_bundle(row["id"], naming)
-            enqueue_bundle(outbox, bundle, f"fhir:visit:{row['id']}", patient_id=row["patient_id"],
-                           meta={"visit_id": row["id"], "type": "visit"}, now=now)
+            enqueue_bundle(
+                outbox,
+                bundle,
+                f"fhir:visit:{row['id']}",
+                patient_id=row["patient_id"],
+                meta={"visit_id": row["id"], "type": "visit"},
+                now=now,
+            )
             self.db.table("visits").update(row["id"], {"fhir_queued_at": dt.datetime.now(dt.timezone.utc).isoformat()})
             queued += 1
         return queued
 
 
-def record_observation(book: VisitBook, outbox: Outbox, naming: FhirNaming, obs: Observation, *,
-                       outbox_key: str | None = None, now: float | None = None) -> str:
+def record_observation(
+    book: VisitBook,
+    outbox: Outbox,
+    naming: FhirNaming,
+    obs: Observation,
+    *,
+    outbox_key: str | None = None,
+    now: float | None = None,
+) -> str:
     """Where a reading goes: "visit" (linked to the open visit of its patient, sent with it),
     "queued" (a known patient outside any visit: its own FHIR bundle), or "held" (unassigned)."""
     from uploader.fhir_bundle import observation_bundle, observation_identifier
@@ -555,13 +715,18 @@ def record_observation(book: VisitBook, outbox: Outbox, naming: FhirNaming, obs:
         return "visit"
     if obs.patient_id is None:
         return "held"
-    enqueue_bundle(outbox, observation_bundle(obs, naming), f"fhir:obs:{observation_identifier(obs, naming)}",
-                   patient_id=obs.patient_id, meta={"type": "observation", "record_key": obs.record_key}, now=now)
+    enqueue_bundle(
+        outbox,
+        observation_bundle(obs, naming),
+        f"fhir:obs:{observation_identifier(obs, naming)}",
+        patient_id=obs.patient_id,
+        meta={"type": "observation", "record_key": obs.record_key},
+        now=now,
+    )
     return "queued"
 
 
-def follow_receiver(book: VisitBook, source: FixSource, should_stop: Callable[[], bool],
-                    chunk_s: float = 1.0) -> int:
+def follow_receiver(book: VisitBook, source: FixSource, should_stop: Callable[[], bool], chunk_s: float = 1.0) -> int:
     """Service loop: every fix anchors the clock and extends the open visit's track. Returns the
     number of fixes seen when `should_stop()` says so or the source ends."""
     import time

@@ -32,8 +32,9 @@ FORMAT = "lastmile-visit-chain"
 
 
 def canonical(record: dict) -> bytes:
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode("utf-8")
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
+        "utf-8"
+    )
 
 
 def record_hash(record: dict) -> str:
@@ -45,8 +46,9 @@ def load_or_create_key(data_dir: Path) -> Ed25519PrivateKey:
     path = Path(data_dir) / KEY_FILE
     if not path.exists():
         key = Ed25519PrivateKey.generate()
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -94,13 +96,16 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
 
 
-def export_lines(gateway_id: str, public_key: str,
-                 entries: Iterable[tuple[dict, ChainLink]]) -> Iterable[str]:
-    yield json.dumps({"format": FORMAT, "version": 1, "gateway_id": gateway_id,
-                      "public_key": public_key}, sort_keys=True)
+def export_lines(gateway_id: str, public_key: str, entries: Iterable[tuple[dict, ChainLink]]) -> Iterable[str]:
+    yield json.dumps(
+        {"format": FORMAT, "version": 1, "gateway_id": gateway_id, "public_key": public_key}, sort_keys=True
+    )
     for record, chain_link in entries:
-        yield json.dumps({"seq": chain_link.seq, "record": record, "hash": chain_link.hash,
-                          "signature": chain_link.signature}, sort_keys=True, ensure_ascii=False)
+        yield json.dumps(
+            {"seq": chain_link.seq, "record": record, "hash": chain_link.hash, "signature": chain_link.signature},
+            sort_keys=True,
+            ensure_ascii=False,
+        )
 
 
 def verify_lines(lines: Iterable[str], expected_public_key: str | None = None) -> VerifyReport:
@@ -136,8 +141,9 @@ def verify_lines(lines: Iterable[str], expected_public_key: str | None = None) -
             return report
         who = f"record {seq} (visit {record.get('visit_id', '?')})"
         if seq != expected_seq or record.get("seq") != seq:
-            report.problems.append(f"line {number}: expected record {expected_seq}, found {seq}: "
-                                   "records were removed or reordered")
+            report.problems.append(
+                f"line {number}: expected record {expected_seq}, found {seq}: records were removed or reordered"
+            )
         if record.get("prev_hash") != expected_prev:
             report.problems.append(f"{who}: does not follow the previous record (chain broken)")
         if record_hash(record) != digest:

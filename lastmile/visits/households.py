@@ -75,10 +75,11 @@ class HouseholdRegister:
         with transaction(self.db):
             self.db.execute("DELETE FROM households")
             self.db.table("households").insert_all(
-                [{"household_id": h.household_id, "latitude": h.latitude, "longitude": h.longitude}
-                 for h in households])
+                [{"household_id": h.household_id, "latitude": h.latitude, "longitude": h.longitude} for h in households]
+            )
             self.db.table("register_imports").insert(
-                {"imported_at": now_iso, "source": str(path), "sha256": digest, "count": len(households)})
+                {"imported_at": now_iso, "source": str(path), "sha256": digest, "count": len(households)}
+            )
         return len(households)
 
     def sync_from(self, path: str | Path, now_iso: str) -> bool:
@@ -94,8 +95,11 @@ class HouseholdRegister:
         return True
 
     def get(self, household_id: str) -> Household | None:
-        rows = list(self.db.query("SELECT household_id, latitude, longitude FROM households "
-                                  "WHERE household_id = ?", [household_id]))
+        rows = list(
+            self.db.query(
+                "SELECT household_id, latitude, longitude FROM households WHERE household_id = ?", [household_id]
+            )
+        )
         return Household(**rows[0]) if rows else None
 
     def count(self) -> int:
