@@ -226,3 +226,39 @@ def swap(rec: EcgRecording, pair: str) -> tuple[EcgRecording, Fault]:
     else:
         raise ValueError(pair)
     return leads_from(rec, e), Fault("limb-lead-reversal", pair, f"{pair} electrodes swapped", expect)
+
+
+# ----------------------------------------------------------------------------- harmless changes
+
+
+def resampled(rec: EcgRecording, rate_hz: float) -> EcgRecording:
+    """The same ECG at another sampling rate (band-limited interpolation, as a cart at that rate
+    would have recorded it). Derived leads are formed again from the recorded ones."""
+    n = rec.n_samples
+    m = int(round(n * rate_hz / rec.sampling_rate_hz))
+    uv = rec.microvolts()
+    spectrum = np.fft.rfft(uv, axis=-1)
+    keep = min(spectrum.shape[-1], m // 2 + 1)
+    out = np.fft.irfft(spectrum[:, :keep], n=m, axis=-1) * (m / n)
+    units = np.round(out / rec.uv_per_unit)
+    info = np.iinfo(rec.samples.dtype)
+    samples = np.clip(units, info.min, info.max).astype(rec.samples.dtype)
+    return dataclasses.replace(rec, samples=samples, sampling_rate_hz=float(rate_hz))
+
+
+def with_everyday_noise(rec: EcgRecording, rng: np.random.Generator) -> EcgRecording:
+    """What a good recording in a village clinic still has: amplifier noise (4 µV RMS), a
+    breathing baseline (0.1 mV at 0.25 Hz) and a trace of 50 Hz (5 µV), at random electrodes."""
+    e = electrodes_of(rec)
+    t = _t(rec)
+    for name in e:
+        e[name] = e[name] + 4.0 * rng.standard_normal(rec.n_samples) / np.sqrt(3)
+    chosen = list(e)
+    e[str(rng.choice(chosen))] += 100.0 * np.sin(2 * np.pi * 0.25 * t + rng.uniform(0, 6.3))
+    e[str(rng.choice(chosen))] += 5.0 * np.sin(2 * np.pi * 50.0 * t + rng.uniform(0, 6.3))
+    return leads_from(rec, e)
+
+
+def scaled(rec: EcgRecording, factor: float) -> EcgRecording:
+    """A smaller or larger heart vector (thin or obese chest, ventricular hypertrophy)."""
+    return leads_from(rec, {k: v * factor for k, v in electrodes_of(rec).items()})

@@ -37,6 +37,7 @@ SEARCH_BACK_OF_LEVEL = 0.12  # ... accepted there from 12 % of the QRS level (PV
 MAX_LEADS_COMBINED = 6  # the clearest leads carry the beat; more only adds their noise
 LEAD_CLARITY_RATIO = 0.35  # leads whose QRS-to-background ratio is within this share of the best
 FIDUCIAL_SEARCH_S = 0.06  # the QRS peak is looked for this far either side of the energy peak
+EXCLUDE_MARGIN_S = 0.15  # around an excluded stretch: the filters' reach plus an edge's own QRS-like step
 
 # --- heart rate ---------------------------------------------------------------------------
 MIN_BEATS_FOR_RATE = 3  # two RR intervals at least before a rate is worth stating
@@ -175,22 +176,31 @@ def _fiducials(beats: np.ndarray, filtered: np.ndarray, scale: np.ndarray, rate_
     return np.unique(moved)
 
 
-def heart_rate_bpm(beats: np.ndarray | tuple[int, ...], rate_hz: float) -> float | None:
-    """60 / mean RR (the way carts state the rate), None when it cannot be trusted."""
-    b = np.asarray(beats, dtype=np.float64)
+def heart_rate_bpm(beats: np.ndarray | tuple[int, ...], rate_hz: float,
+                   exclude: np.ndarray | None = None) -> float | None:
+    """60 / mean RR (the way carts state the rate), None when it cannot be trusted.
+
+    RR intervals that span an `exclude`d sample (a stretch where beats could not be seen) are
+    not counted."""
+    b = np.asarray(beats, dtype=np.int64)
     if b.size < MIN_BEATS_FOR_RATE:
         return None
-    span_s = (b[-1] - b[0]) / rate_hz
-    if span_s <= 0:
+    rr = np.diff(b).astype(np.float64)
+    if exclude is not None and exclude.any():
+        blocked = np.concatenate([[0], np.cumsum(exclude)])
+        rr = rr[blocked[b[1:]] == blocked[b[:-1]]]
+    if rr.size < MIN_BEATS_FOR_RATE - 1 or rr.sum() <= 0:
         return None
-    bpm = 60.0 * (b.size - 1) / span_s
+    bpm = 60.0 * rate_hz / float(rr.mean())
     return bpm if RATE_RANGE_BPM[0] <= bpm <= RATE_RANGE_BPM[1] else None
 
 
-def detect_qrs(x_uv: np.ndarray, rate_hz: float) -> QrsDetection:
+def detect_qrs(x_uv: np.ndarray, rate_hz: float, exclude: np.ndarray | None = None) -> QrsDetection:
     """Find QRS complexes in (leads, samples) µV data. Leads the caller knows to be unusable
     (flat, clipped) should be left out; the remaining ones are weighed by how clearly their QRS
-    stands out. Returns no beats (and no rate) when nothing beat-like is found."""
+    stands out. `exclude`: samples (bool, per sample) where no beat can be seen, e.g. while an
+    electrode's input sat at its rail; no beat is placed there and the rate skips them.
+    Returns no beats (and no rate) when nothing beat-like is found."""
     x = np.atleast_2d(np.asarray(x_uv, dtype=np.float64))
     n = x.shape[-1]
     refractory = max(1, round(REFRACTORY_S * rate_hz))
@@ -200,6 +210,10 @@ def detect_qrs(x_uv: np.ndarray, rate_hz: float) -> QrsDetection:
     filtered = band_pass(x, rate_hz)
     slope = np.diff(filtered, axis=-1, prepend=filtered[..., :1])
     energy = moving_average(slope * slope, round(ENERGY_WINDOW_S * rate_hz))
+    blocked = None
+    if exclude is not None and exclude.any():
+        blocked = moving_average(exclude.astype(np.float64), 2 * round(EXCLUDE_MARGIN_S * rate_hz) + 1) > 0
+        energy = np.where(blocked, 0.0, energy)
     env, used = _combine(energy, rate_hz)
     if not used:
         return QrsDetection((), None, ())
@@ -214,5 +228,5 @@ def detect_qrs(x_uv: np.ndarray, rate_hz: float) -> QrsDetection:
     chosen = filtered[list(used)]
     scale = np.percentile(np.abs(chosen), 99, axis=-1) + 1e-12  # each lead's QRS size
     beats = _fiducials(beats, chosen, scale, rate_hz)
-    rate = heart_rate_bpm(beats, rate_hz)
+    rate = heart_rate_bpm(beats, rate_hz, blocked)
     return QrsDetection(tuple(int(b) for b in beats), rate, used)

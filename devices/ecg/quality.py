@@ -90,6 +90,9 @@ MIN_SPECTRAL_S = 1.0  # below this, noise figures have too little to go on: not 
 FLAT_WINDOW_S = 2.0
 FLAT_HOP_S = 0.5
 FLAT_RANGE_UV = 40.0
+# ... and, while most leads are alive, under a tenth of their typical range: a low-voltage ECG
+# (pericardial effusion, obesity) can have one lead at right angles to its axis under 40 µV.
+FLAT_SHARE_OF_TYPICAL = 0.10
 # A cart blanking a lost electrode writes a constant: at most this many converter units of range.
 BLANKED_RANGE_UNITS = 2
 # An input that reaches the rail and stays there to the end for half a second has lost its
@@ -215,13 +218,15 @@ def converter_limits(recording: EcgRecording) -> list[tuple[int, int] | None]:
     """Per lead, the lowest and highest sample value the device's converter can write.
 
     Contec ECG90A: a 12-bit converter stored with an offset of 2048 (recorded leads; derived
-    ones are computed from them). Other formats store 16-bit words, so a 16-bit recording's
+    ones have no converter: they reach a rail where their sources do). Other formats store 16-bit words, so a 16-bit recording's
     limits are the word's (-32768 also marks padding, so -32767 counts as the rail). Wider or
     rescaled samples have no known limit: only the plateau test finds their clipping.
     """
     limits: list[tuple[int, int] | None] = []
     for name in recording.lead_names:
-        if recording.source_format == "contec" and name not in recording.derived_leads:
+        if name in recording.derived_leads:
+            limits.append(None)  # computed: at a rail only where a recorded source is
+        elif recording.source_format == "contec":
             limits.append((-contec.OFFSET, 4095 - contec.OFFSET))
         elif recording.samples.dtype == np.int16:
             limits.append((-32767, 32767))
@@ -507,7 +512,9 @@ def check_quality(recording: EcgRecording) -> QualityReport:
     ranges, starts = _windowed_range(x, window, max(1, round(FLAT_HOP_S * rate)))
     constant = ranges <= BLANKED_RANGE_UNITS * recording.uv_per_unit
     if duration >= FLAT_WINDOW_S:
-        flat = ranges < FLAT_RANGE_UV
+        typical = np.median(ranges, axis=0)  # when most leads are alive, flat is also relative
+        small = (typical < FLAT_RANGE_UV) | (ranges < FLAT_SHARE_OF_TYPICAL * typical)
+        flat = constant | ((ranges < FLAT_RANGE_UV) & small)
     else:  # too short for a beat in every window: only a constant lead is surely lost
         flat = constant.copy()
     pause = flat.all(axis=0) & ~constant.any(axis=0)
@@ -532,7 +539,7 @@ def check_quality(recording: EcgRecording) -> QualityReport:
     usable = ~off & (rail_s <= RAIL_SHARE_UNUSABLE * duration)
     detection = QrsDetection((), None, ())
     if usable.any():
-        detection = detect_qrs(x[usable], rate)
+        detection = detect_qrs(x[usable], rate, exclude=at_rail.any(axis=0))
     beat: MedianBeat | None = median_beat(x, detection.beats, rate) if detection.beats else None
     waves = dict(zip(names, beat.waves)) if beat is not None else {}
 

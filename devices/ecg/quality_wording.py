@@ -25,6 +25,10 @@ def leads_en(leads: tuple[str, ...] | list[str], all_leads: tuple[str, ...]) -> 
     return ("leads " if len(leads) > 1 else "lead ") + ", ".join(leads)
 
 
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
 def _again(severity: str) -> tuple[str, str]:
     if severity == "re-record":
         return "然后重做心电图", "then record again"
@@ -49,8 +53,7 @@ def lead_off(leads: tuple[str, ...], names: tuple[str, ...], limb_electrode: str
     if other_leads:
         zh.append(f"{leads_zh(other_leads, names)}无信号")
         en.append(f"no signal in {leads_en(other_leads, names)}")
-    text_en = "; ".join(en)
-    return "，".join(zh) + "，请重新贴好后重做", text_en[0].upper() + text_en[1:] + ": reattach and record again"
+    return "，".join(zh) + "，请重新贴好后重做", _capital("; ".join(en)) + ": reattach and record again"
 
 
 def saturation(leads: tuple[str, ...], names: tuple[str, ...], electrode: str | None,
@@ -113,7 +116,7 @@ def limb_lead_reversal(leads: tuple[str, ...], names: tuple[str, ...], swap: tup
     arm, leg = swap
     return (f"{leads_zh(leads, names)}几乎是一条直线：{ELECTRODE_ZH[arm]}电极可能夹在了右腿上"
             f"（与{ELECTRODE_ZH[leg]}接反），请按字母标记重新连接四肢电极后重做",
-            f"{leads_en(leads, names).capitalize()} nearly flat: the {ELECTRODE_EN[arm]} electrode is "
+            f"{_capital(leads_en(leads, names))} nearly flat: the {ELECTRODE_EN[arm]} electrode is "
             f"probably on the right leg (swapped with the {ELECTRODE_EN[leg]} one): reconnect the limb "
             "electrodes by their letters and record again")
 
