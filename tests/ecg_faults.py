@@ -125,7 +125,8 @@ def chest_electrodes(rec: EcgRecording) -> list[str]:
 
 def electrode_off(rec: EcgRecording, rng: np.random.Generator, electrode: str,
                   mode: str) -> tuple[EcgRecording, Fault]:
-    """mode: "blank" (chest only: the cart writes 0) or "rail" (the input drifts to a rail)."""
+    """mode: "blank" (chest only: the cart writes 0), "float" (chest only: the loose input
+    picks up 0.2-2 mV of 50 Hz hum and no ECG) or "rail" (the input drifts to a rail)."""
     t = _t(rec)
     onset = float(rng.uniform(0.0, 0.6)) * rec.duration_s
     if mode == "blank":
@@ -136,6 +137,15 @@ def electrode_off(rec: EcgRecording, rng: np.random.Generator, electrode: str,
         samples[i, t >= onset] = 0
         fault = Fault("lead-off", electrode, f"{electrode} off (blanked) from {onset:.1f} s", (electrode,))
         return dataclasses.replace(rec, samples=samples), fault
+    if mode == "float":
+        if electrode in LIMB_ELECTRODES:
+            raise ValueError("a floating limb input is modelled drifting to a rail")
+        e = electrodes_of(rec)
+        wct = (e["RA"] + e["LA"] + e["LL"]) / 3
+        hum = float(rng.uniform(200.0, 2000.0)) * np.sin(2 * np.pi * 50.0 * t + rng.uniform(0, 2 * np.pi))
+        e[electrode] = np.where(t >= onset, wct + hum, e[electrode])
+        return leads_from(rec, e), Fault("lead-off", electrode, f"{electrode} off (floating) from {onset:.1f} s",
+                                         (electrode,))
     e = electrodes_of(rec)
     sign = float(rng.choice([-1.0, 1.0]))
     drift = sign * 4.0 * _rail_uv(rec) * (1 - np.exp(-np.maximum(t - onset, 0) / 0.05))

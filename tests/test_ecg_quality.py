@@ -173,9 +173,9 @@ BASES = ["ecgtoolkit-scp", "welch-allyn-scp", "contec-50", "mortara-dicom"]
 def _fault_cases() -> list[tuple[str, str, int]]:
     cases = []
     for base in BASES:
-        for kind in ("off-blank", "off-rail", "off-limb", "saturation", "wander", "mains-50", "mains-60",
+        for kind in ("off-blank", "off-float", "off-rail", "off-limb", "saturation", "wander", "mains-50", "mains-60",
                      "muscle"):
-            if kind in ("off-blank", "off-rail") and base == "contec-50":
+            if kind in ("off-blank", "off-float", "off-rail") and base == "contec-50":
                 continue  # no chest leads
             cases += [(base, kind, seed) for seed in range(2)]
         swaps = ["RA/LA", "RA/RL"] + ([] if base == "contec-50" else ["RA/LL"])
@@ -190,6 +190,8 @@ def corrupt(rec: EcgRecording, kind: str, seed: int) -> tuple[EcgRecording, faul
     anywhere = chest + limb
     if kind == "off-blank":
         return faults.electrode_off(rec, rng, str(rng.choice(chest)), "blank")
+    if kind == "off-float":
+        return faults.electrode_off(rec, rng, str(rng.choice(chest)), "float")
     if kind == "off-rail":
         return faults.electrode_off(rec, rng, str(rng.choice(chest)), "rail")
     if kind == "off-limb":

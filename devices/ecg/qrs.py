@@ -36,6 +36,7 @@ SEARCH_BACK_RR = 1.6  # an RR this many times the median suggests a missed beat 
 SEARCH_BACK_OF_LEVEL = 0.12  # ... accepted there from 12 % of the QRS level (PVCs, small beats)
 MAX_LEADS_COMBINED = 6  # the clearest leads carry the beat; more only adds their noise
 LEAD_CLARITY_RATIO = 0.35  # leads whose QRS-to-background ratio is within this share of the best
+STEADY_OF_LARGEST = 0.15  # a lead's typical 2 s peak against its largest (PVCs: ~0.3; dead half: ~0)
 FIDUCIAL_SEARCH_S = 0.06  # the QRS peak is looked for this far either side of the energy peak
 EXCLUDE_MARGIN_S = 0.15  # around an excluded stretch: the filters' reach plus an edge's own QRS-like step
 
@@ -101,13 +102,18 @@ def _combine(energy: np.ndarray, rate_hz: float) -> tuple[np.ndarray, tuple[int,
     window = max(1, min(n, round(LEVEL_WINDOW_S * rate_hz)))
     usable = n // window * window or n
     blocks = energy[:, :usable].reshape(energy.shape[0], -1, min(window, usable))
-    level = np.median(blocks.max(axis=-1), axis=-1)  # a typical QRS peak of each lead
+    peaks = blocks.max(axis=-1)
+    level = np.median(peaks, axis=-1)  # a typical QRS peak of each lead
     background = np.median(energy, axis=-1)
     clarity = level / (background + 1e-12 * level.max() + 1e-30)
+    # a lead must beat in every stretch: one that died half-way (or carries one huge artifact)
+    # has a typical peak far below its largest and would turn its noise into beats
+    steady = level >= STEADY_OF_LARGEST * peaks.max(axis=-1)
+    clarity = np.where(steady, clarity, 0.0)
     order = np.argsort(-clarity, kind="stable")
     best = clarity[order[0]]
     chosen = [int(i) for i in order[:MAX_LEADS_COMBINED]
-              if level[i] > 0 and clarity[i] >= LEAD_CLARITY_RATIO * best]
+              if level[i] > 0 and clarity[i] > 0 and clarity[i] >= LEAD_CLARITY_RATIO * best]
     if not chosen:
         return np.zeros(n), ()
     combined = np.sum(energy[chosen] / level[chosen, None], axis=0) / len(chosen)

@@ -13,16 +13,42 @@ ELECTRODE_ZH = {"RA": "右臂（R）", "LA": "左臂（L）", "LL": "左腿（F�
 ELECTRODE_EN = {"RA": "right-arm (R)", "LA": "left-arm (L)", "LL": "left-leg (F)", "RL": "right-leg (N)"}
 
 
+def compact(leads: tuple[str, ...] | list[str]) -> list[str]:
+    """Runs of three or more consecutive chest leads as one item: V1, V2, V3, V4 -> V1-V4."""
+    out: list[str] = []
+    run: list[int] = []
+
+    def flush() -> None:
+        if len(run) >= 3:
+            out.append(f"V{run[0]}-V{run[-1]}")
+        else:
+            out.extend(f"V{k}" for k in run)
+        run.clear()
+
+    for name in leads:
+        number = int(name[1:]) if name[:1] == "V" and name[1:].isdigit() else None
+        if number is not None and (not run or number == run[-1] + 1):
+            run.append(number)
+            continue
+        flush()
+        if number is not None:
+            run.append(number)
+        else:
+            out.append(name)
+    flush()
+    return out
+
+
 def leads_zh(leads: tuple[str, ...] | list[str], all_leads: tuple[str, ...]) -> str:
     if len(leads) == len(all_leads) and len(leads) > 1:
         return "所有导联"
-    return "、".join(leads) + " 导联"
+    return "、".join(compact(leads)) + " 导联"
 
 
 def leads_en(leads: tuple[str, ...] | list[str], all_leads: tuple[str, ...]) -> str:
     if len(leads) == len(all_leads) and len(leads) > 1:
         return "all leads"
-    return ("leads " if len(leads) > 1 else "lead ") + ", ".join(leads)
+    return ("leads " if len(leads) > 1 else "lead ") + ", ".join(compact(leads))
 
 
 def _capital(text: str) -> str:

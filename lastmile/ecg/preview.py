@@ -44,9 +44,9 @@ CAL_PULSE_S = 0.2
 PAGE_WIDTH_MM = 297.0
 PAGE_HEIGHT_MM = 210.0
 GRID_LEFT_MM = 11.0
-GRID_TOP_MM = 35.0
+GRID_TOP_MM = 40.0
 GRID_WIDTH_MM = 275.0
-GRID_HEIGHT_MM = 165.0
+GRID_HEIGHT_MM = 160.0
 STRIP_HEIGHT_MM = 40.0  # 4 mV of room per strip
 STRIPS = 4
 FIRST_BASELINE_MM = GRID_TOP_MM + STRIP_HEIGHT_MM / 2
@@ -78,7 +78,7 @@ _STYLE = (
     ".t{fill:none;stroke:#000;stroke-width:2.5;stroke-linejoin:round;stroke-linecap:round}"
     ".c{fill:none;stroke:#000;stroke-width:.25}"
     ".l{font-size:3.5px;font-weight:bold}"
-    ".p,.b{fill:#c00}.b{fill:none;stroke:#c00;stroke-width:.35;stroke-dasharray:2 1}"
+    ".p,.b{fill:#c00}.b{fill:none;stroke:#c00;stroke-width:.3;stroke-dasharray:1.5 1.5}"
     ".h{font-size:5px;font-weight:bold}.s{font-size:2.6px}"
 )
 
@@ -251,12 +251,38 @@ def _text_width_mm(text: str, font_mm: float) -> float:
     return sum(font_mm if ord(ch) > 0x2E7F else 0.55 * font_mm for ch in text)
 
 
-def _fit(text: str, font_mm: float, width_mm: float) -> str:
-    if _text_width_mm(text, font_mm) <= width_mm:
-        return text
-    while text and _text_width_mm(text + "…", font_mm) > width_mm:
-        text = text[:-1]
-    return text + "…"
+def _wrap(text: str, font_mm: float, width_mm: float) -> list[str]:
+    """Lines of at most `width_mm` (estimated): Latin text breaks at spaces, CJK anywhere."""
+    lines: list[str] = []
+    line = ""
+    for token in _tokens(text):
+        if line and _text_width_mm(line + token, font_mm) > width_mm:
+            lines.append(line.rstrip())
+            line = token.lstrip()
+        else:
+            line += token
+    if line.strip():
+        lines.append(line.rstrip())
+    return lines
+
+
+def _tokens(text: str) -> list[str]:
+    tokens: list[str] = []
+    word = ""
+    for ch in text:
+        if ord(ch) > 0x2E7F:  # a CJK character is a token of its own
+            if word:
+                tokens.append(word)
+                word = ""
+            tokens.append(ch)
+        elif ch == " ":
+            tokens.append(word + " ")
+            word = ""
+        else:
+            word += ch
+    if word:
+        tokens.append(word)
+    return tokens
 
 
 def _header(recording: EcgRecording, report: QualityReport, patient: Patient | None,
@@ -281,15 +307,26 @@ def _header(recording: EcgRecording, report: QualityReport, patient: Patient | N
                f"{recording.sampling_rate_hz:g} Hz")
     out.append(_text(GRID_LEFT_MM, 17.5, summary))
     out.append(_text(right, 17.5, f"质量 Quality: {_VERDICT[report.verdict]}", verdict_cls, "end"))
-    y = 22.5
-    shown = report.problems[:2]
-    for problem in shown:
-        out.append(_text(GRID_LEFT_MM, y, _fit("• " + problem.message_zh, 3, GRID_WIDTH_MM), "p"))
-        out.append(_text(GRID_LEFT_MM + 2, y + 3.2, _fit(problem.message_en, 2.6, GRID_WIDTH_MM - 2), "s p"))
-        y += 6.5
-    if len(report.problems) > len(shown):
-        more = len(report.problems) - len(shown)
-        out.append(_text(right, 22.5, f"另有 {more} 项问题，见红色标记 / {more} more, marked in red", "s p", "end"))
+    # problems: Chinese line(s), then English in smaller type, as many as fit above the grid
+    y, bottom = 22.0, GRID_TOP_MM - 1.0
+    shown = 0
+    for problem in report.problems:
+        zh = _wrap("• " + problem.message_zh, 3.0, GRID_WIDTH_MM)
+        en = _wrap(problem.message_en, 2.6, GRID_WIDTH_MM - 2)
+        height = 3.4 * len(zh) + 2.9 * len(en)
+        more_left = len(report.problems) - shown - 1
+        if y + height - 3.0 > bottom - (3.0 if more_left else 0):
+            break
+        for line in zh:
+            out.append(_text(GRID_LEFT_MM, y, line, "p"))
+            y += 3.4
+        for line in en:
+            out.append(_text(GRID_LEFT_MM + 2, y - 0.4, line, "s p"))
+            y += 2.9
+        shown += 1
+    if shown < len(report.problems):
+        more = len(report.problems) - shown
+        out.append(_text(right, 22.0, f"另有 {more} 项问题，见红色标记 / {more} more, marked in red", "s p", "end"))
     return out
 
 
@@ -346,7 +383,7 @@ def render_preview_svg(recording: EcgRecording, report: QualityReport | None = N
         top = box.baseline_mm - STRIP_HEIGHT_MM / 2
         attrs = (f'data-lead="{escape(box.lead)}" data-strip="{box.strip}" data-column="{box.column}" '
                  f'data-start-s="{box.start_s:g}" data-seconds="{box.seconds:g}" '
-                 f'data-offset-uv="{offsets[i]:.1f}"')
+                 f'data-offset-uv="{offsets[i]:.3f}"')
         parts.append(f'<g {attrs}>')
         if problems:
             parts.append(f'<rect class="b" x="{box.x_mm:g}" y="{top + 0.5:g}" width="{box.width_mm:g}" '
