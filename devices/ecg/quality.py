@@ -43,7 +43,7 @@ import numpy as np
 
 from devices.ecg import contec, quality_wording as wording
 from devices.ecg.median_beat import MedianBeat, Waves, median_beat
-from devices.ecg.qrs import QrsDetection, detect_qrs, moving_average
+from devices.ecg.qrs import EXCLUDE_MARGIN_S, QrsDetection, detect_qrs, moving_average
 from devices.ecg.recording import EcgRecording
 from devices.errors import DeviceError
 
@@ -110,6 +110,9 @@ PLATEAU_MIN_S = 0.04
 PLATEAU_MIN_EXCURSION_UV = 1000.0
 # A lead that is at the rail for more than this share of the time is not used to find beats.
 RAIL_SHARE_UNUSABLE = 0.2
+# Noise is not measured where an electrode was knocked to its rail: that stretch is replaced by
+# a line between the baselines (0.3 s medians) on either side.
+BRIDGE_SIDE_S = 0.3
 
 # baseline-wander: peak-to-peak of the baseline within a 10 s print. Breathing moves a good
 # baseline by 0.1-0.4 mV (the clean files here: at most 0.37 mV). From 0.7 mV (7 mm) ST levels
@@ -127,6 +130,7 @@ MAINS_GRIDS_HZ = (50.0, 60.0)
 MAINS_HARMONICS = 5
 MAINS_TOLERANCE_HZ = 0.5  # grid frequency deviation allowed, times the harmonic's order
 MAINS_BACKGROUND_HZ = (2.0, 5.0)  # the neighbouring spectrum the line stands out from
+MAINS_LOBE_BINS = 3  # a Hann-windowed line spreads over +-2 bins (+-3 when between two bins)
 MAINS_WARN_UV = 25.0
 MAINS_RERECORD_UV = 75.0
 
@@ -323,9 +327,10 @@ def _mains(x_uv: np.ndarray, rate: float) -> tuple[np.ndarray, np.ndarray]:
     spectrum = np.fft.rfft((x_uv - x_uv.mean(axis=-1, keepdims=True)) * window, axis=-1)
     power = 2.0 * (spectrum.real ** 2 + spectrum.imag ** 2) / (n * float(np.sum(window ** 2)))
     freqs = np.fft.rfftfreq(n, 1.0 / rate)
-    resolution = rate / n
     best = np.zeros(x_uv.shape[0])
     grid = np.full(x_uv.shape[0], MAINS_GRIDS_HZ[0])
+    rows = np.arange(x_uv.shape[0])[:, None]
+    lobe = np.arange(-MAINS_LOBE_BINS, MAINS_LOBE_BINS + 1)
     for f0 in MAINS_GRIDS_HZ:
         excess = np.zeros(x_uv.shape[0])
         for h in range(1, MAINS_HARMONICS + 1):
@@ -333,14 +338,18 @@ def _mains(x_uv: np.ndarray, rate: float) -> tuple[np.ndarray, np.ndarray]:
             if centre + MAINS_BACKGROUND_HZ[1] + MAINS_TOLERANCE_HZ * h >= rate / 2:
                 break
             offset = np.abs(freqs - centre)
-            band = offset <= MAINS_TOLERANCE_HZ * h + 2 * resolution
+            band = np.nonzero(offset <= MAINS_TOLERANCE_HZ * h)[0]
             around = ((offset >= MAINS_BACKGROUND_HZ[0] + MAINS_TOLERANCE_HZ * h)
                       & (offset <= MAINS_BACKGROUND_HZ[1] + MAINS_TOLERANCE_HZ * h))
-            if not around.any():
+            if band.size == 0 or not around.any():
                 continue
-            background = np.median(power[:, around], axis=-1) * band.sum()
-            excess += np.maximum(0.0, power[:, band].sum(axis=-1) - background)
-        amplitude = np.sqrt(2.0 * excess)
+            # the line is where the band peaks; its power is in the window's main lobe around it.
+            # A noise bin's power is exponentially distributed: its mean is the median / ln 2.
+            peak = band[np.argmax(power[:, band], axis=-1)]
+            line = np.clip(peak[:, None] + lobe[None, :], 0, freqs.size - 1)
+            background = np.median(power[:, around], axis=-1) / np.log(2)
+            excess += power[rows, line].sum(axis=-1) - background * lobe.size
+        amplitude = np.sqrt(2.0 * np.maximum(excess, 0.0))
         worse = amplitude > best
         best, grid = np.where(worse, amplitude, best), np.where(worse, f0, grid)
     return best, grid
@@ -368,7 +377,25 @@ def _comb(x: np.ndarray, period: float) -> np.ndarray:
     return out
 
 
-def _muscle(x_uv: np.ndarray, rate: float, beats: tuple[int, ...]) -> np.ndarray:
+def _bridged(x_uv: np.ndarray, gap: np.ndarray, rate: float) -> np.ndarray:
+    """The signal with each `gap` stretch replaced by a straight line between the baseline
+    levels (medians of 0.3 s) on either side of it."""
+    if not gap.any():
+        return x_uv
+    out = x_uv.copy()
+    side = max(1, round(BRIDGE_SIDE_S * rate))
+    starts, ends = _runs(gap)
+    n = x_uv.shape[-1]
+    for start, end in zip(starts, ends):
+        left = x_uv[:, max(0, start - side):start]
+        right = x_uv[:, end:min(n, end + side)]
+        a = np.median(left, axis=-1) if left.shape[-1] else np.median(right, axis=-1)
+        b = np.median(right, axis=-1) if right.shape[-1] else a
+        out[:, start:end] = a[:, None] + (b - a)[:, None] * np.linspace(0, 1, end - start)[None, :]
+    return out
+
+
+def _muscle(x_uv: np.ndarray, rate: float, beats: tuple[int, ...], skip: np.ndarray) -> np.ndarray:
     """Per lead: typical RMS (µV) of the muscle band outside the QRS complexes (see module doc)."""
     n = x_uv.shape[-1]
     smooth = max(1, round(rate / MUSCLE_BAND_HZ[0] / 2))  # two 25 ms boxcars: a ~20 Hz high-pass
@@ -377,7 +404,7 @@ def _muscle(x_uv: np.ndarray, rate: float, beats: tuple[int, ...]) -> np.ndarray
     for grid in MAINS_GRIDS_HZ:
         band = _comb(band, rate / grid)
     band *= 0.5  # two combs double the broadband power each: back to the noise's own RMS
-    outside = np.ones(n, dtype=bool)
+    outside = ~skip
     outside[:int(rate / MAINS_GRIDS_HZ[0]) + int(rate / MAINS_GRIDS_HZ[1]) + 2] = False  # comb start-up
     before, after = (round(s * rate) for s in MUSCLE_QRS_MASK_S)
     for b in beats:
@@ -546,13 +573,20 @@ def check_quality(recording: EcgRecording) -> QualityReport:
         stuck[i] = bool(run_ends.size) and run_ends[-1] == n and run_ends[-1] - run_starts[-1] >= min_stuck
     off = flat.any(axis=-1) | stuck
 
-    # --- beats, from the leads that carry them
+    # --- beats, from the leads that carry them. Where a lead that is not lost sat at its rail
+    # (a knocked electrode) the step also runs through the central terminal into other leads:
+    # no beats are looked for there, and the noise measures below bridge that stretch.
     rail_s = at_rail.sum(axis=-1) / rate
+    knocked = at_rail[(rail_s >= SATURATION_MIN_S) & ~off].any(axis=0)
+    disturbed = knocked
+    if knocked.any():
+        disturbed = moving_average(knocked.astype(np.float64), 2 * round(EXCLUDE_MARGIN_S * rate) + 1) > 1e-9
     usable = ~off & (rail_s <= RAIL_SHARE_UNUSABLE * duration)
     detection = QrsDetection((), None, ())
     if usable.any():
-        detection = detect_qrs(x[usable], rate, exclude=at_rail.any(axis=0))
-    beat: MedianBeat | None = median_beat(x, detection.beats, rate) if detection.beats else None
+        detection = detect_qrs(x[usable], rate, exclude=knocked)
+    # the median beat of a hum-free copy: P and T polarity must not depend on the mains
+    beat: MedianBeat | None = median_beat(_mains_free(x, rate), detection.beats, rate) if detection.beats else None
     waves = dict(zip(names, beat.waves)) if beat is not None else {}
 
     # --- an arm electrode on the right leg: one limb lead near zero, not lost
@@ -586,16 +620,19 @@ def check_quality(recording: EcgRecording) -> QualityReport:
     mains = np.zeros(count)
     grid = np.full(count, MAINS_GRIDS_HZ[0])
     muscle = np.zeros(count)
-    if duration >= MIN_SPECTRAL_S and quiet.any():
+    if duration >= MIN_SPECTRAL_S and quiet.any() and not disturbed.all():
         q = np.nonzero(quiet)[0]
-        wander[q] = _wander(x[q], rate)
-        mains[q], grid[q] = _mains(x[q], rate)
-        muscle[q] = _muscle(x[q], rate, detection.beats)
+        bridged = _bridged(x[q], disturbed, rate)
+        wander[q] = _wander(bridged, rate)
+        mains[q], grid[q] = _mains(bridged, rate)
+        muscle[q] = _muscle(bridged, rate, detection.beats, disturbed)
+    noisy = np.zeros(count, dtype=bool)
     for kind, values, warn_at, rerecord_at in (
             (BASELINE_WANDER, wander, WANDER_WARN_UV, WANDER_RERECORD_UV),
             (MAINS_NOISE, mains, MAINS_WARN_UV, MAINS_RERECORD_UV),
             (MUSCLE_NOISE, muscle, MUSCLE_WARN_UV, MUSCLE_RERECORD_UV)):
         hit = quiet & (values >= warn_at)
+        noisy |= hit
         if hit.any():
             worst = float(values[hit].max())
             add(_Finding(kind, [names[i] for i in np.nonzero(hit)[0]],
@@ -607,7 +644,8 @@ def check_quality(recording: EcgRecording) -> QualityReport:
         arm = "RA" if neutral == "II" else "LA"
         add(_Finding(LIMB_LEAD_REVERSAL, [neutral], RE_RECORD), {"swap": (arm, "RL")})
     else:
-        found = _swap_from_waves({t: w for t, w in waves.items() if quiet[index[t]]})
+        # only leads whose median beat is clean enough to trust the sign of a P wave
+        found = _swap_from_waves({t: w for t, w in waves.items() if quiet[index[t]] and not noisy[index[t]]})
         if found is not None:
             swap, lead = found
             moved = ("I", "II", "III", "aVR", "aVL") if lead == "I" else ("I", "II", "III", "aVR", "aVF")
