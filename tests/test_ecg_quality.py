@@ -418,6 +418,19 @@ def test_json_has_exactly_the_documented_shape() -> None:
         assert re.search(r"[\u4e00-\u9fff]", problem["message_zh"]) and problem["message_en"].isascii()
 
 
+def test_the_stored_form_reads_back_to_the_same_report() -> None:
+    bad, _ = faults.saturation(recording("contec-50"), np.random.default_rng(0), "LA")
+    report = check_quality(bad)
+    stored = json.loads(json.dumps(report.to_dict(), ensure_ascii=False))
+    again = quality.QualityReport.from_dict(stored)
+    assert again.to_json() == report.to_json() and again.beats == report.beats
+    assert again.problems == report.problems  # severity, value and unit too
+    with pytest.raises(EcgQualityError):
+        quality.QualityReport.from_dict({**stored, "verdict": "fine"})
+    with pytest.raises(EcgQualityError):
+        quality.QualityReport.from_dict({"verdict": "warn"})
+
+
 def test_every_kind_has_a_sentence_in_both_languages() -> None:
     seen: dict[str, quality.Problem] = {}
     for base, kind, seed in _fault_cases():

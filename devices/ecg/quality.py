@@ -37,6 +37,7 @@ Verdict: the worst severity among the problems. "re-record": the ECG cannot be r
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -134,15 +135,16 @@ MAINS_LOBE_BINS = 3  # a Hann-windowed line spreads over +-2 bins (+-3 when betw
 MAINS_WARN_UV = 25.0
 MAINS_RERECORD_UV = 75.0
 
-# muscle-noise: RMS of 20-150 Hz outside the QRS. An amplifier at rest gives 2-12 µV (clean
-# files here: <= 13 µV; an unfiltered Contec in atrial fibrillation 21 µV). 30 µV RMS (a fuzz
-# about 1.5 mm thick) hides P waves and small Q waves; 60 µV (3 mm) hides ST: record again.
+# muscle-noise: RMS of 20-150 Hz outside the QRS (Gaussian noise is ~6 x its RMS from edge to
+# edge of the trace). An amplifier at rest gives 2-12 µV (clean files here: <= 15 µV; an
+# unfiltered Contec in atrial fibrillation 26 µV, a 1.5 mm fuzz a cardiologist still reads).
+# From 35 µV (a 2 mm fuzz) P waves and small Q waves are lost; from 70 µV (4 mm) ST as well.
 MUSCLE_BAND_HZ = (20.0, 150.0)
 MUSCLE_WINDOW_S = 0.5
 MUSCLE_QRS_MASK_S = (0.08, 0.15)  # left out before / after each QRS peak (incl. the combs' echo)
 MUSCLE_PERCENTILE = 60.0  # a typical window: noise counts when it stays, not a single twitch
-MUSCLE_WARN_UV = 30.0
-MUSCLE_RERECORD_UV = 60.0
+MUSCLE_WARN_UV = 35.0
+MUSCLE_RERECORD_UV = 70.0
 
 # limb-lead-reversal, from the median beat
 P_MIN_UV = 40.0  # a smaller P says nothing about polarity (atrial fibrillation leaves ~20 µV)
@@ -213,6 +215,32 @@ class QualityReport:
 
     def problems_on(self, lead: str) -> tuple[Problem, ...]:
         return tuple(p for p in self.problems if lead in p.leads)
+
+    def to_dict(self) -> dict:
+        """Everything but the per-lead figures, JSON-ready, for storing with the recording
+        (`from_dict` reads it back): severities, the measured values and the beats included."""
+        return {"verdict": self.verdict, "heart_rate_bpm": self.heart_rate_bpm, "beats": list(self.beats),
+                "duration_s": self.duration_s,
+                "problems": [{**p.to_json(), "severity": p.severity, "value": p.value, "unit": p.unit}
+                             for p in self.problems]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> QualityReport:
+        try:
+            problems = tuple(Problem(kind=str(p["kind"]), leads=tuple(str(n) for n in p["leads"]),
+                                     severity=str(p["severity"]), message_zh=str(p["message_zh"]),
+                                     message_en=str(p["message_en"]),
+                                     value=None if p.get("value") is None else float(p["value"]),
+                                     unit=str(p.get("unit", ""))) for p in data["problems"])
+            rate = data["heart_rate_bpm"]
+            report = cls(verdict=str(data["verdict"]), heart_rate_bpm=None if rate is None else float(rate),
+                         beats=tuple(int(b) for b in data["beats"]), problems=problems,
+                         duration_s=float(data.get("duration_s", 0.0)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EcgQualityError(f"not a stored quality report ({type(exc).__name__}: {exc})") from None
+        if report.verdict not in VERDICTS or any(p.kind not in KINDS for p in problems):
+            raise EcgQualityError(f"stored quality report has an unknown verdict or kind: {data!r:.200}")
+        return report
 
 
 # ----------------------------------------------------------------------------- converter rails
@@ -395,15 +423,34 @@ def _bridged(x_uv: np.ndarray, gap: np.ndarray, rate: float) -> np.ndarray:
     return out
 
 
+def _muscle_band(x_uv: np.ndarray, rate: float) -> np.ndarray:
+    """The muscle band of each lead: ~20 Hz high-pass (two 25 ms boxcars subtracted), ~150 Hz
+    low-pass, then a comb per grid (zeros on its line and every harmonic)."""
+    smooth = max(1, round(rate / MUSCLE_BAND_HZ[0] / 2))
+    band = x_uv - moving_average(moving_average(x_uv, smooth), smooth)
+    band = moving_average(band, max(1, round(rate / (2 * MUSCLE_BAND_HZ[1]))))
+    for grid in MAINS_GRIDS_HZ:
+        band = _comb(band, rate / grid)
+    return band
+
+
+@functools.lru_cache(maxsize=32)
+def _muscle_gain(rate: float) -> float:
+    """RMS gain of _muscle_band for noise spread evenly over 20-150 Hz, so that the figure is
+    the noise's own RMS at every sampling rate (the boxcars' lengths round differently)."""
+    n = int(2 ** np.ceil(np.log2(max(64.0, rate))))
+    impulse = np.zeros((1, n))
+    impulse[0, n // 2] = 1.0
+    response = np.abs(np.fft.rfft(_muscle_band(impulse, rate)[0])) ** 2
+    freqs = np.fft.rfftfreq(n, 1.0 / rate)
+    band = (freqs >= MUSCLE_BAND_HZ[0]) & (freqs <= min(MUSCLE_BAND_HZ[1], 0.45 * rate))
+    return float(np.sqrt(response[band].mean())) if band.any() else 1.0
+
+
 def _muscle(x_uv: np.ndarray, rate: float, beats: tuple[int, ...], skip: np.ndarray) -> np.ndarray:
     """Per lead: typical RMS (µV) of the muscle band outside the QRS complexes (see module doc)."""
     n = x_uv.shape[-1]
-    smooth = max(1, round(rate / MUSCLE_BAND_HZ[0] / 2))  # two 25 ms boxcars: a ~20 Hz high-pass
-    band = x_uv - moving_average(moving_average(x_uv, smooth), smooth)
-    band = moving_average(band, max(1, round(rate / (2 * MUSCLE_BAND_HZ[1]))))  # ~150 Hz low-pass
-    for grid in MAINS_GRIDS_HZ:
-        band = _comb(band, rate / grid)
-    band *= 0.5  # two combs double the broadband power each: back to the noise's own RMS
+    band = _muscle_band(x_uv, rate) / _muscle_gain(rate)
     outside = ~skip
     outside[:int(rate / MAINS_GRIDS_HZ[0]) + int(rate / MAINS_GRIDS_HZ[1]) + 2] = False  # comb start-up
     before, after = (round(s * rate) for s in MUSCLE_QRS_MASK_S)
