@@ -143,7 +143,7 @@ def test_calibration_pulse_is_1_mv_by_200_ms_at_scale(mortara_svg: str) -> None:
     assert len(pulses) == 4  # one per strip
     for strip, pulse in enumerate(pulses):
         (pts,) = points(pulse.get("d", ""))
-        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        ys = [p[1] for p in pts]
         baseline = 60.0 + 40.0 * strip
         assert ys[0] == ys[-1] == baseline
         assert baseline - min(ys) == pytest.approx(preview.CAL_PULSE_MV * preview.GAIN_MM_PER_MV) == 10.0

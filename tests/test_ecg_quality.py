@@ -254,7 +254,8 @@ def test_arm_swap_says_to_swap_the_arm_electrodes() -> None:
     bad, _ = faults.swap(recording("ecgtoolkit-scp"), "RA/LA")
     (problem,) = check_quality(bad).problems
     assert problem.kind == "limb-lead-reversal" and "I" in problem.leads
-    assert "右臂（R）和左臂（L）" in problem.message_zh and "swap the right-arm (R) and left-arm (L)" in problem.message_en
+    assert "右臂（R）和左臂（L）" in problem.message_zh
+    assert "swap the right-arm (R) and left-arm (L)" in problem.message_en
 
 
 def test_arm_on_the_right_leg_is_a_swap_not_a_lost_electrode() -> None:

@@ -249,10 +249,11 @@ class QualityReport:
 def converter_limits(recording: EcgRecording) -> list[tuple[int, int] | None]:
     """Per lead, the lowest and highest sample value the device's converter can write.
 
-    Contec ECG90A: a 12-bit converter stored with an offset of 2048 (recorded leads; derived
-    ones have no converter: they reach a rail where their sources do). Other formats store 16-bit words, so a 16-bit recording's
-    limits are the word's (-32768 also marks padding, so -32767 counts as the rail). Wider or
-    rescaled samples have no known limit: only the plateau test finds their clipping.
+    Contec ECG90A: a 12-bit converter stored with an offset of 2048. Derived leads have no
+    converter: they reach a rail where their sources do. Other formats store 16-bit words, so a
+    16-bit recording's limits are the word's (-32768 also marks padding, so -32767 counts as the
+    rail). Wider or rescaled samples have no known limit: only the plateau test finds their
+    clipping.
     """
     limits: list[tuple[int, int] | None] = []
     for name in recording.lead_names:
@@ -570,6 +571,44 @@ def _message(f: _Finding, names: tuple[str, ...], detail: dict) -> tuple[str, st
     return wording.too_short(detail["seconds"], f.severity)
 
 
+def _lost_leads(x: np.ndarray, at_rail: np.ndarray, rate: float,
+                uv_per_unit: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Leads whose electrode is lost: flat in a 2 s window (a pause of the heart flattens every
+    lead at once, alive, and does not count) or at the rail from some moment to the end.
+
+    Returns (lost, seconds inside flat windows, window ranges in µV (leads, windows), windows
+    where the lead is constant: a cart blanking a lost input)."""
+    count, n = x.shape
+    duration = n / rate
+    window = max(1, round(FLAT_WINDOW_S * rate))
+    hop = max(1, round(FLAT_HOP_S * rate))
+    ranges, starts = _windowed_range(x, window, hop)
+    constant = ranges <= BLANKED_RANGE_UNITS * uv_per_unit
+    # an input left floating picks up hum and nothing else: flat once the mains is taken out
+    ranges = np.minimum(ranges, _windowed_range(_mains_free(x, rate), window, hop)[0])
+    if duration >= FLAT_WINDOW_S:
+        typical = np.median(ranges, axis=0)  # when most leads are alive, flat is also relative
+        small = (typical < FLAT_RANGE_UV) | (ranges < FLAT_SHARE_OF_TYPICAL * typical)
+        flat = constant | ((ranges < FLAT_RANGE_UV) & small)
+    else:  # too short for a beat in every window: only a constant lead is surely lost
+        flat = constant.copy()
+    pause = flat.all(axis=0) & ~constant.any(axis=0)
+    if pause.all():
+        pause[:] = False  # never a beat anywhere: no signal, not a pause
+    flat &= ~pause[None, :]
+    flat_s = np.zeros(count)
+    stuck = np.zeros(count, dtype=bool)
+    min_stuck = max(1, round(RAIL_STUCK_S * rate))
+    for i in range(count):
+        covered = np.zeros(n, dtype=bool)
+        for start in starts[flat[i]]:
+            covered[start:start + window] = True
+        flat_s[i] = covered.sum() / rate
+        run_starts, run_ends = _runs(at_rail[i])
+        stuck[i] = bool(run_ends.size) and run_ends[-1] == n and run_ends[-1] - run_starts[-1] >= min_stuck
+    return flat.any(axis=-1) | stuck, flat_s, ranges, constant
+
+
 def check_quality(recording: EcgRecording) -> QualityReport:
     """Analyse a recording. Raises EcgQualityError (only) for a rate outside 100-2000 Hz."""
     rate = float(recording.sampling_rate_hz)
@@ -590,35 +629,7 @@ def check_quality(recording: EcgRecording) -> QualityReport:
     if derived_limb and recorded_limb:
         at_rail[derived_limb] |= at_rail[recorded_limb].any(axis=0)
 
-    # --- flat leads: lost electrodes (a pause of the heart flattens every lead, alive)
-    window = max(1, round(FLAT_WINDOW_S * rate))
-    hop = max(1, round(FLAT_HOP_S * rate))
-    ranges, starts = _windowed_range(x, window, hop)
-    constant = ranges <= BLANKED_RANGE_UNITS * recording.uv_per_unit
-    # an input left floating picks up hum and nothing else: flat once the mains is taken out
-    ranges = np.minimum(ranges, _windowed_range(_mains_free(x, rate), window, hop)[0])
-    if duration >= FLAT_WINDOW_S:
-        typical = np.median(ranges, axis=0)  # when most leads are alive, flat is also relative
-        small = (typical < FLAT_RANGE_UV) | (ranges < FLAT_SHARE_OF_TYPICAL * typical)
-        flat = constant | ((ranges < FLAT_RANGE_UV) & small)
-    else:  # too short for a beat in every window: only a constant lead is surely lost
-        flat = constant.copy()
-    pause = flat.all(axis=0) & ~constant.any(axis=0)
-    if pause.all():
-        pause[:] = False  # never a beat anywhere: no signal, not a pause
-    flat &= ~pause[None, :]
-    covered = np.zeros(count)
-    for i in range(count):
-        mask = np.zeros(n, dtype=bool)
-        for s in starts[flat[i]]:
-            mask[s:s + window] = True
-        covered[i] = mask.sum() / rate
-    stuck = np.zeros(count, dtype=bool)
-    min_stuck = max(1, round(RAIL_STUCK_S * rate))
-    for i in range(count):
-        run_starts, run_ends = _runs(at_rail[i])
-        stuck[i] = bool(run_ends.size) and run_ends[-1] == n and run_ends[-1] - run_starts[-1] >= min_stuck
-    off = flat.any(axis=-1) | stuck
+    off, flat_s, ranges, constant = _lost_leads(x, at_rail, rate, recording.uv_per_unit)
 
     # --- beats, from the leads that carry them. Where a lead that is not lost sat at its rail
     # (a knocked electrode) the step also runs through the central terminal into other leads:
@@ -710,7 +721,7 @@ def check_quality(recording: EcgRecording) -> QualityReport:
         problems.append(Problem(finding.kind, tuple(finding.leads), finding.severity, zh, en,
                                 finding.value, finding.unit))
         verdict = _worse(finding.severity, verdict)
-    measures = tuple(LeadMeasures(name, float(covered[i]), float(rail_s[i]), float(wander[i]),
+    measures = tuple(LeadMeasures(name, float(flat_s[i]), float(rail_s[i]), float(wander[i]),
                                   float(mains[i]), float(grid[i]), float(muscle[i]))
                      for i, name in enumerate(names))
     return QualityReport(verdict=verdict, heart_rate_bpm=detection.heart_rate_bpm, beats=detection.beats,

@@ -58,7 +58,8 @@ def _capital(text: str) -> str:
 def _again(severity: str) -> tuple[str, str]:
     if severity == "re-record":
         return "然后重做心电图", "then record again"
-    return "本次可以发送；如患者还在，处理后重做更好", "this ECG can be sent, but if the patient is still here, record again"
+    return ("本次可以发送；如患者还在，处理后重做更好",
+            "this ECG can be sent, but if the patient is still here, record again")
 
 
 def lead_off(leads: tuple[str, ...], names: tuple[str, ...], limb_electrode: str | None,

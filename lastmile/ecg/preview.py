@@ -7,14 +7,16 @@ showing consecutive time) and a 10 s rhythm strip of lead II. 25 mm/s, 10 mm/mV,
 1 mV x 200 ms calibration pulse at the start of every strip.
 
 Other lead sets keep the geometry and label exactly what was recorded: leads fill columns of
-three (limb leads first, then chest leads, then anything else: V3R, V7 ...), the columns share
-the 10 s (limb leads only: 2 columns of 5 s; 15 leads: 5 columns of 2 s), and three or fewer
-leads get a 10 s strip each. Leads the cart computed (derived) carry an asterisk.
+three (limb leads first, then chest leads V1-V9, then right-sided ones such as V3R, then anything
+else), the columns share the 10 s (limb leads only: 2 columns of 5 s; 15 leads: 5 columns of
+2 s), and three or fewer leads get a 10 s strip each. Leads the cart computed (derived) carry an
+asterisk; leads the file says were not recorded are listed in the footer.
 
 Size: traces are drawn from min/max pairs every 0.2 mm (a point per 0.1 mm, about print
 resolution at 25 mm/s: every R peak stays), as integer relative path steps in 0.1 mm units
-under a scale(.1) group. A 12-lead page is about 60 KB (about 20 KB gzipped).
+under a scale(.1) group. A 12-lead page is 45-50 KB (9-11 KB gzipped).
 
+Printing: the page declares its size in mm, so a browser prints it at 25 mm/s and 10 mm/mV.
 No plotting library: plain string building (stdlib + numpy).
 """
 
@@ -285,8 +287,7 @@ def _tokens(text: str) -> list[str]:
     return tokens
 
 
-def _header(recording: EcgRecording, report: QualityReport, patient: Patient | None,
-            layout: Layout) -> list[str]:
+def _header(recording: EcgRecording, report: QualityReport, patient: Patient | None) -> list[str]:
     right = GRID_LEFT_MM + GRID_WIDTH_MM
     out = []
     if patient is not None:
@@ -368,7 +369,7 @@ def render_preview_svg(recording: EcgRecording, report: QualityReport | None = N
         f'<rect width="{PAGE_WIDTH_MM:g}" height="{PAGE_HEIGHT_MM:g}" fill="#fff"/>',
         _grid(),
     ]
-    parts += _header(recording, report, patient, layout)
+    parts += _header(recording, report, patient)
     strips = sorted({box.strip for box in layout.boxes})
     for strip in strips:
         parts.append(_calibration(FIRST_BASELINE_MM + strip * STRIP_HEIGHT_MM))
