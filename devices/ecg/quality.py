@@ -633,9 +633,13 @@ def check_quality(recording: EcgRecording) -> QualityReport:
 
     # --- beats, from the leads that carry them. Where a lead that is not lost sat at its rail
     # (a knocked electrode) the step also runs through the central terminal into other leads:
-    # no beats are looked for there, and the noise measures below bridge that stretch.
+    # no beats are looked for there, and the noise measures below bridge that stretch. The same
+    # holds where samples were lost in transit (an RR interval across the gap would be short).
     rail_s = at_rail.sum(axis=-1) / rate
     knocked = at_rail[(rail_s >= SATURATION_MIN_S) & ~off].any(axis=0)
+    for gap in recording.gaps:  # samples lost in transit: the two sides do not join up
+        if 0 < gap.start < n:
+            knocked[gap.start - 1:gap.start + 1] = True
     disturbed = knocked
     if knocked.any():
         disturbed = moving_average(knocked.astype(np.float64), 2 * round(EXCLUDE_MARGIN_S * rate) + 1) > 1e-9
