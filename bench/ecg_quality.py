@@ -45,7 +45,7 @@ BASES = ["ecgtoolkit-scp", "welch-allyn-scp", "contec-50", "mortara-dicom"]  # d
 FAULT_KINDS = ["lead-off (chest, blanked)", "lead-off (chest, floating)", "lead-off (chest, to rail)",
                "lead-off (limb, to rail)", "saturation", "baseline-wander", "mains-noise 50 Hz",
                "mains-noise 60 Hz", "muscle-noise", "limb-lead-reversal RA/LA", "limb-lead-reversal RA/LL",
-               "limb-lead-reversal RA/RL"]
+               "limb-lead-reversal RA/RL", "limb-lead-reversal LA/RL"]
 
 
 def load(shared: Path) -> dict[str, tuple[EcgRecording, bytes]]:

@@ -22,8 +22,8 @@ Fault models (amplitudes in µV at the electrode):
 - muscle (EMG): Gaussian noise band-limited to 20-150 Hz, RMS 40-160 µV, amplitude-modulated
   by a 0.2-1 Hz tremor envelope between 50 % and 100 %, at one electrode (a tense arm, a
   shivering chest).
-- electrode swaps: LA/RA (I -> -I, II <-> III, aVR <-> aVL), RA/LL, and RA on the right leg
-  (its potential becomes the leg's, lead II nearly vanishes).
+- electrode swaps: LA/RA (I -> -I, II <-> III, aVR <-> aVL), RA/LL, and RA or LA on the right
+  leg (its potential becomes the leg's: lead II or III nearly vanishes).
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ def muscle(rec: EcgRecording, rng: np.random.Generator, electrode: str) -> tuple
 
 
 def swap(rec: EcgRecording, pair: str) -> tuple[EcgRecording, Fault]:
-    """pair: "RA/LA", "RA/LL" or "RA/RL" (the right-arm electrode on the right leg)."""
+    """pair: "RA/LA", "RA/LL", "RA/RL" or "LA/RL" (an arm electrode on the right leg)."""
     e = electrodes_of(rec)
     if pair == "RA/LA":
         e["RA"], e["LA"] = e["LA"], e["RA"]
@@ -228,11 +228,13 @@ def swap(rec: EcgRecording, pair: str) -> tuple[EcgRecording, Fault]:
     elif pair == "RA/LL":
         e["RA"], e["LL"] = e["LL"], e["RA"]
         expect = ("II",)
-    elif pair == "RA/RL":
-        # The right leg sits at nearly the left leg's potential (a few µV of difference).
+    elif pair in ("RA/RL", "LA/RL"):
+        # The right leg sits at nearly the left leg's potential (a few µV of difference): the arm
+        # electrode clipped there reads the leg, and II (RA) or III (LA) nearly vanishes.
         rng = np.random.default_rng(0)
-        e["RA"] = e["LL"] + 8.0 * band_noise(rec.n_samples, rec.sampling_rate_hz, (0.5, 40.0), rng)
-        expect = ("II",)
+        arm = pair[:2]
+        e[arm] = e["LL"] + 8.0 * band_noise(rec.n_samples, rec.sampling_rate_hz, (0.5, 40.0), rng)
+        expect = ("II",) if arm == "RA" else ("III",)
     else:
         raise ValueError(pair)
     return leads_from(rec, e), Fault("limb-lead-reversal", pair, f"{pair} electrodes swapped", expect)

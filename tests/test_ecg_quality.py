@@ -178,7 +178,8 @@ def _fault_cases() -> list[tuple[str, str, int]]:
             if kind in ("off-blank", "off-float", "off-rail") and base == "contec-50":
                 continue  # no chest leads
             cases += [(base, kind, seed) for seed in range(2)]
-        swaps = ["RA/LA", "RA/RL"] + ([] if base == "contec-50" else ["RA/LL"])
+        # RA/LL is told by P waves: the Contec recording is in atrial fibrillation (a known miss)
+        swaps = ["RA/LA", "RA/RL", "LA/RL"] + ([] if base == "contec-50" else ["RA/LL"])
         cases += [(base, f"swap-{pair}", 0) for pair in swaps]
     return cases
 
