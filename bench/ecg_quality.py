@@ -31,10 +31,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from devices.ecg.formats import decode_ecg  # noqa: E402
-from devices.ecg.quality import ACCEPTABLE, check_quality  # noqa: E402
-from devices.ecg.recording import EcgRecording  # noqa: E402
-from tests import ecg_faults as faults  # noqa: E402
+from devices.ecg.formats import decode_ecg
+from devices.ecg.quality import ACCEPTABLE, check_quality
+from devices.ecg.recording import EcgRecording
+from tests import ecg_faults as faults
 
 BUDGET_MS = 150.0
 GOOD = {"ecgtoolkit-scp": "ecg/scp/ecgtoolkit_Example.scp", "ecgtoolkit-aecg": "ecg/aecg/fda_hl7_Example_aECG.xml",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import itertools
 import re
 import struct
 import subprocess
@@ -120,7 +121,7 @@ def test_grid_has_1_mm_and_5_mm_lines_over_the_whole_paper(mortara_svg: str) -> 
     def lines(path: ET.Element) -> tuple[list[float], list[float]]:
         xs, ys = [], []
         for sub in points(path.get("d", "")):
-            for (x0, y0), (x1, y1) in zip(sub, sub[1:]):
+            for (x0, y0), (x1, y1) in itertools.pairwise(sub):
                 if x0 == x1 and y0 != y1:
                     xs.append(round(x0, 6))
                 elif y0 == y1 and x0 != x1:
@@ -203,7 +204,7 @@ def test_trace_is_about_one_point_per_tenth_of_a_millimetre(mortara_svg: str) ->
     (rhythm,) = [g for g in lead_groups(parse(mortara_svg)) if g.get("data-strip") == "3"]
     pts = trace_points(rhythm)
     assert 1000 <= len(pts) <= 2600  # 250 mm of paper; 1000 Hz would be 10000 samples
-    assert min(b[0] - a[0] for a, b in zip(pts, pts[1:])) >= 0  # time never runs backwards
+    assert min(b[0] - a[0] for a, b in itertools.pairwise(pts)) >= 0  # time never runs backwards
 
 
 def test_page_size_is_small(mortara_svg: str) -> None:

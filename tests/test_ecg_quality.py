@@ -19,8 +19,16 @@ from devices.ecg import quality
 from devices.ecg.formats import decode_ecg
 from devices.ecg.median_beat import median_beat
 from devices.ecg.qrs import detect_qrs
-from devices.ecg.quality import (ACCEPTABLE, KINDS, RE_RECORD, VERDICTS, WARN, EcgQualityError, check_quality,
-                                 converter_limits)
+from devices.ecg.quality import (
+    ACCEPTABLE,
+    KINDS,
+    RE_RECORD,
+    VERDICTS,
+    WARN,
+    EcgQualityError,
+    check_quality,
+    converter_limits,
+)
 from devices.ecg.recording import STANDARD_12_LEADS, EcgRecording, SampleGap
 from devices.ecg.scp import _body, _read_sections
 from devices.errors import DeviceError
@@ -324,7 +332,7 @@ def test_extra_leads_keep_their_names() -> None:
     extra = np.stack([-clean.lead("V3"), -clean.lead("V4"), clean.lead("V6")])
     names = STANDARD_12_LEADS + ("V3R", "V4R", "V7")
     rec = dataclasses.replace(clean, samples=np.concatenate([clean.samples, extra]), lead_names=names)
-    bad, fault = faults.electrode_off(rec, np.random.default_rng(0), "V4R", "blank")
+    bad, _fault = faults.electrode_off(rec, np.random.default_rng(0), "V4R", "blank")
     report = check_quality(bad)
     assert [(p.kind, p.leads) for p in report.problems] == [("lead-off", ("V4R",))]
     assert report.problems[0].message_en.startswith("V4R electrode off")

@@ -19,6 +19,7 @@ the samples, independent of the filter lengths (about 5 ms for 10 s of 12 leads 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -158,7 +159,7 @@ def _search_back(beats: np.ndarray, candidates: np.ndarray, env: np.ndarray, lev
         return beats
     median_rr = float(np.median(np.diff(beats)))
     added: list[int] = []
-    for a, b in zip(beats[:-1], beats[1:]):
+    for a, b in itertools.pairwise(beats):
         if b - a < SEARCH_BACK_RR * median_rr:
             continue
         inside = candidates[(candidates > a + refractory) & (candidates < b - refractory)]

@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from devices.ecg import contec, quality_wording as wording
+from devices.ecg import contec
+from devices.ecg import quality_wording as wording
 from devices.ecg.median_beat import MedianBeat, Waves, median_beat
 from devices.ecg.qrs import EXCLUDE_MARGIN_S, QrsDetection, detect_qrs, moving_average
 from devices.ecg.recording import EcgRecording

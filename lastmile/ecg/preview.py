@@ -29,8 +29,19 @@ from xml.sax.saxutils import escape
 
 import numpy as np
 
-from devices.ecg.quality import (ACCEPTABLE, BASELINE_WANDER, LEAD_OFF, LIMB_LEAD_REVERSAL, MAINS_NOISE,
-                                 MUSCLE_NOISE, RE_RECORD, SATURATION, WARN, QualityReport, check_quality)
+from devices.ecg.quality import (
+    ACCEPTABLE,
+    BASELINE_WANDER,
+    LEAD_OFF,
+    LIMB_LEAD_REVERSAL,
+    MAINS_NOISE,
+    MUSCLE_NOISE,
+    RE_RECORD,
+    SATURATION,
+    WARN,
+    QualityReport,
+    check_quality,
+)
 from devices.ecg.recording import EcgRecording
 from devices.identity import Patient, TimeSource
 
@@ -70,8 +81,14 @@ RHYTHM_PREFERENCE = ("II", "I", "V1", "V5")
 
 _SEX = {"M": "男 M", "F": "女 F", "O": "其他 O"}
 _VERDICT = {ACCEPTABLE: "合格 acceptable", WARN: "注意 warn", RE_RECORD: "需重做 re-record"}
-_TAG = {LEAD_OFF: "脱落 off", SATURATION: "饱和 clipped", BASELINE_WANDER: "漂移 wander",
-        MAINS_NOISE: "工频 mains", MUSCLE_NOISE: "肌电 EMG", LIMB_LEAD_REVERSAL: "接反 swapped"}
+_TAG = {
+    LEAD_OFF: "脱落 off",
+    SATURATION: "饱和 clipped",
+    BASELINE_WANDER: "漂移 wander",
+    MAINS_NOISE: "工频 mains",
+    MUSCLE_NOISE: "肌电 EMG",
+    LIMB_LEAD_REVERSAL: "接反 swapped",
+}
 _STYLE = (
     "text{font-family:'Noto Sans CJK SC','Source Han Sans SC','WenQuanYi Micro Hei','Microsoft YaHei',"
     "'PingFang SC',sans-serif;font-size:3px;fill:#000}"
@@ -120,25 +137,34 @@ def plan_layout(lead_names: tuple[str, ...]) -> Layout:
     """Lead boxes for a recording's leads (see the module docstring)."""
     ordered = _ordered(lead_names)
     if len(ordered) <= ROWS:
-        boxes = tuple(LeadBox(lead, TRACE_X_MM, FIRST_BASELINE_MM + i * STRIP_HEIGHT_MM, TRACE_WIDTH_MM,
-                              0.0, PRINT_SECONDS, i, 0) for i, lead in enumerate(ordered))
-        return Layout(boxes, 1, PRINT_SECONDS, None, ())
+        single = tuple(
+            LeadBox(lead, TRACE_X_MM, FIRST_BASELINE_MM + i * STRIP_HEIGHT_MM, TRACE_WIDTH_MM, 0.0, PRINT_SECONDS, i, 0)
+            for i, lead in enumerate(ordered)
+        )
+        return Layout(single, 1, PRINT_SECONDS, None, ())
     # limb leads keep their own columns (I II III | aVR aVL aVF) even when some are missing
     groups: list[list[str]] = []
     limb = [n for n in ordered if n in LIMB_ORDER]
     rest = [n for n in ordered if n not in LIMB_ORDER]
     for part in (limb, rest):
-        groups += [part[i:i + ROWS] for i in range(0, len(part), ROWS)]
+        groups += [part[i : i + ROWS] for i in range(0, len(part), ROWS)]
     shown, hidden = groups[:MAX_COLUMNS], [lead for g in groups[MAX_COLUMNS:] for lead in g]
     columns = len(shown)
     seconds = PRINT_SECONDS / columns
     width = seconds * PAPER_SPEED_MM_PER_S
-    boxes = [LeadBox(lead, TRACE_X_MM + c * width, FIRST_BASELINE_MM + r * STRIP_HEIGHT_MM, width,
-                     c * seconds, seconds, r, c)
-             for c, group in enumerate(shown) for r, lead in enumerate(group)]
+    boxes = [
+        LeadBox(
+            lead, TRACE_X_MM + c * width, FIRST_BASELINE_MM + r * STRIP_HEIGHT_MM, width, c * seconds, seconds, r, c
+        )
+        for c, group in enumerate(shown)
+        for r, lead in enumerate(group)
+    ]
     rhythm = next((n for n in RHYTHM_PREFERENCE if n in lead_names), ordered[0])
-    boxes.append(LeadBox(rhythm, TRACE_X_MM, FIRST_BASELINE_MM + ROWS * STRIP_HEIGHT_MM, TRACE_WIDTH_MM,
-                         0.0, PRINT_SECONDS, ROWS, 0))
+    boxes.append(
+        LeadBox(
+            rhythm, TRACE_X_MM, FIRST_BASELINE_MM + ROWS * STRIP_HEIGHT_MM, TRACE_WIDTH_MM, 0.0, PRINT_SECONDS, ROWS, 0
+        )
+    )
     return Layout(tuple(boxes), columns, seconds, rhythm, tuple(hidden))
 
 
@@ -204,8 +230,9 @@ def _grid() -> str:
             at_x, at_y = w, j * step
         return "".join(parts).replace(" -", "-")
 
-    return (f'<path class="n" d="{lines(MINOR_GRID_MM, MAJOR_GRID_MM)}"/>'
-            f'<path class="j" d="{lines(MAJOR_GRID_MM, None)}"/>')
+    return (
+        f'<path class="n" d="{lines(MINOR_GRID_MM, MAJOR_GRID_MM)}"/><path class="j" d="{lines(MAJOR_GRID_MM, None)}"/>'
+    )
 
 
 def _calibration(baseline_mm: float) -> str:
@@ -304,8 +331,10 @@ def _header(recording: EcgRecording, report: QualityReport, patient: Patient | N
     out.append(_text(right, 12.5, f"设备 Device {recording.device.label()}", anchor="end"))
     rate = "—" if report.heart_rate_bpm is None else f"{report.heart_rate_bpm:.0f}"
     verdict_cls = "" if report.verdict == ACCEPTABLE else "p"
-    summary = (f"心率 HR {rate} 次/分 bpm   {PAPER_SPEED_MM_PER_S:g} mm/s   {GAIN_MM_PER_MV:g} mm/mV   "
-               f"{recording.sampling_rate_hz:g} Hz")
+    summary = (
+        f"心率 HR {rate} 次/分 bpm   {PAPER_SPEED_MM_PER_S:g} mm/s   {GAIN_MM_PER_MV:g} mm/mV   "
+        f"{recording.sampling_rate_hz:g} Hz"
+    )
     out.append(_text(GRID_LEFT_MM, 17.5, summary))
     out.append(_text(right, 17.5, f"质量 Quality: {_VERDICT[report.verdict]}", verdict_cls, "end"))
     # problems: Chinese line(s), then English in smaller type, as many as fit above the grid
@@ -345,8 +374,9 @@ def _footer(recording: EcgRecording, layout: Layout) -> str:
     return _text(GRID_LEFT_MM, GRID_TOP_MM + GRID_HEIGHT_MM + 5, "   ·   ".join(notes), "s")
 
 
-def render_preview_svg(recording: EcgRecording, report: QualityReport | None = None, *,
-                       patient: Patient | None = None) -> str:
+def render_preview_svg(
+    recording: EcgRecording, report: QualityReport | None = None, *, patient: Patient | None = None
+) -> str:
     """The print layout of a recording as an SVG document (UTF-8 text).
 
     `report`: the quality report to show (computed here when None). `patient`: overrides the
@@ -382,21 +412,24 @@ def render_preview_svg(recording: EcgRecording, report: QualityReport | None = N
         problems = report.problems_on(box.lead)
         label = box.lead + ("*" if box.lead in recording.derived_leads else "")
         top = box.baseline_mm - STRIP_HEIGHT_MM / 2
-        attrs = (f'data-lead="{escape(box.lead)}" data-strip="{box.strip}" data-column="{box.column}" '
-                 f'data-start-s="{box.start_s:g}" data-seconds="{box.seconds:g}" '
-                 f'data-offset-uv="{offsets[i]:.3f}"')
-        parts.append(f'<g {attrs}>')
+        attrs = (
+            f'data-lead="{escape(box.lead)}" data-strip="{box.strip}" data-column="{box.column}" '
+            f'data-start-s="{box.start_s:g}" data-seconds="{box.seconds:g}" '
+            f'data-offset-uv="{offsets[i]:.3f}"'
+        )
+        parts.append(f"<g {attrs}>")
         if problems:
-            parts.append(f'<rect class="b" x="{box.x_mm:g}" y="{top + 0.5:g}" width="{box.width_mm:g}" '
-                         f'height="{STRIP_HEIGHT_MM - 1:g}"/>')
+            parts.append(
+                f'<rect class="b" x="{box.x_mm:g}" y="{top + 0.5:g}" width="{box.width_mm:g}" '
+                f'height="{STRIP_HEIGHT_MM - 1:g}"/>'
+            )
             tags = " ".join(dict.fromkeys(_TAG[p.kind] for p in problems if p.kind in _TAG))
             parts.append(_text(box.x_mm + 1, top + 4.5, f"{label} {tags}", "l p"))
         else:
             parts.append(_text(box.x_mm + 1, top + 4.5, label, "l"))
         if segment.size:
             d = trace_path(segment, rate, clamp_units=clamp_units)
-            parts.append(f'<path class="t" transform="translate({box.x_mm:g} {box.baseline_mm:g}) scale(.1)" '
-                         f'd="{d}"/>')
+            parts.append(f'<path class="t" transform="translate({box.x_mm:g} {box.baseline_mm:g}) scale(.1)" d="{d}"/>')
         parts.append("</g>")
         if box.column > 0 and box.strip < ROWS:  # column boundary tick
             parts.append(f'<path class="c" d="M{box.x_mm:g} {box.baseline_mm - 2.5:g}v5"/>')
