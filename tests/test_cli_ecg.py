@@ -112,3 +112,48 @@ def test_to_dicom_of_npz(tmp_path: Path, config: Path) -> None:
     data = _convert(source, tmp_path, config)
     assert dciodvfy_problems(data) == []
     np.testing.assert_array_equal(read_dicom_ecg(data).microvolts(), recording.microvolts())
+
+
+# -- `lastmile ecg check` and `lastmile ecg preview` ------------------------------------------------
+
+def test_check_json_is_the_documented_object(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    assert main(["ecg", "check", "--json", str(shared_file("ecg", "contec", "0000037.ECG"))]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"verdict", "heart_rate_bpm", "problems"}
+    assert out["verdict"] == "re-record"  # limb leads only, strong 50 Hz hum: the cart's own bad case
+    kinds = {p["kind"] for p in out["problems"]}
+    assert "mains-noise" in kinds
+    for p in out["problems"]:
+        assert set(p) == {"kind", "leads", "message_zh", "message_en"} and p["leads"] and p["message_zh"]
+
+
+def test_check_text_says_what_to_do_in_chinese_and_english(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ecg", "check", str(shared_file("ecg", "scp", "ecgtoolkit_Example.scp"))]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ecgtoolkit_Example.scp: acceptable (72 bpm")
+    assert main(["ecg", "check", str(shared_file("ecg", "contec", "0000037.ECG"))]) == 0
+    out = capsys.readouterr().out
+    assert "re-record" in out and "电极" in out and "electrode" in out
+
+
+def test_check_and_preview_refuse_an_undecodable_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = shared_file("ecg", "aecg", "fda_empty.xml")
+    assert main(["ecg", "check", str(empty)]) == 1
+    assert main(["ecg", "preview", str(empty), str(tmp_path / "x.svg")]) == 1
+    assert "no rhythm ECG" in capsys.readouterr().err
+    assert not (tmp_path / "x.svg").exists()
+
+
+def test_preview_writes_the_print_layout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import xml.etree.ElementTree as ET
+
+    out = tmp_path / "preview.svg"
+    assert main(["ecg", "preview", str(shared_file("ecg", "dicom", "ecgtoolkit_Example.dcm")), str(out)]) == 0
+    root = ET.fromstring(out.read_text(encoding="utf-8"))
+    assert root.get("width") == "297mm" and root.get("height") == "210mm"  # A4 landscape, true scale
+    text = out.read_text(encoding="utf-8")
+    for lead in ("aVR", "V6"):
+        assert f">{lead}<" in text or f">{lead} " in text
+    assert f"({out.stat().st_size} bytes)" in capsys.readouterr().out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -44,6 +45,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input", metavar="INPUT", help="ECG file")
     p.add_argument("output", metavar="OUTPUT", help="DICOM file to write")
     p.set_defaults(func=_to_dicom)
+
+    p = ecg_sub.add_parser(
+        "check", help="is this ECG good enough to send? verdict, heart rate, and what to fix (electrodes, hum ...)"
+    )
+    p.add_argument("input", metavar="INPUT", help="ECG file")
+    p.add_argument("--json", action="store_true", help="one JSON object: verdict, heart_rate_bpm, problems")
+    p.set_defaults(func=_check)
+
+    p = ecg_sub.add_parser(
+        "preview", help="the standard 12-lead print layout (25 mm/s, 10 mm/mV) as SVG, problems marked"
+    )
+    p.add_argument("input", metavar="INPUT", help="ECG file")
+    p.add_argument("output", metavar="OUT.svg", help="SVG file to write")
+    p.set_defaults(func=_preview)
     ecg.set_defaults(func=lambda args: (ecg.print_help(), 2)[1])
 
     p = sub.add_parser(
@@ -129,6 +144,58 @@ def _to_dicom(args: argparse.Namespace) -> int:
         return _fail(f"cannot write {args.output}: {exc.strerror or exc}")
     kind = "12-lead ECG" if sop_class.endswith(".9.1.1") else "General ECG"
     print(summary(Path(args.input).name, recording) + f" -> {args.output} (DICOM {kind}, {len(data)} bytes)")
+    return 0
+
+
+def _read_for_check(path: str) -> tuple[EcgRecording | None, int]:
+    from devices.errors import DeviceError
+    from lastmile.ecg.intake import read_ecg_file
+
+    try:
+        return read_ecg_file(path), 0
+    except OSError as exc:
+        return None, _fail(f"cannot read {path}: {exc.strerror or exc}")
+    except DeviceError as exc:
+        return None, _fail(f"{path}: {exc}")
+
+
+def _check(args: argparse.Namespace) -> int:
+    from devices.ecg.quality import EcgQualityError, check_quality
+
+    recording, code = _read_for_check(args.input)
+    if recording is None:
+        return code
+    try:
+        report = check_quality(recording)
+    except EcgQualityError as exc:
+        return _fail(f"{args.input}: {exc}")
+    if args.json:
+        print(json.dumps(report.to_json(), ensure_ascii=False))
+        return 0
+    rate = f"{report.heart_rate_bpm:.0f} bpm" if report.heart_rate_bpm is not None else "no heart rate"
+    print(f"{Path(args.input).name}: {report.verdict} ({rate}, {report.duration_s:.1f} s)")
+    for problem in report.problems:
+        print(f"  {problem.message_zh}")
+        print(f"  {problem.message_en}")
+    return 0
+
+
+def _preview(args: argparse.Namespace) -> int:
+    from devices.ecg.quality import EcgQualityError
+    from lastmile.ecg.preview import render_preview_svg
+
+    recording, code = _read_for_check(args.input)
+    if recording is None:
+        return code
+    try:
+        svg = render_preview_svg(recording)
+    except EcgQualityError as exc:
+        return _fail(f"{args.input}: {exc}")
+    try:
+        Path(args.output).write_text(svg, encoding="utf-8")
+    except OSError as exc:
+        return _fail(f"cannot write {args.output}: {exc.strerror or exc}")
+    print(f"{Path(args.input).name} -> {args.output} ({len(svg.encode())} bytes)")
     return 0
 
 
