@@ -146,7 +146,9 @@ def link_specs(config: Config, profiles: dict[str, ReportProfile]) -> list[LinkS
 
 def scan_rules(config: Config) -> ScanRules:
     try:
-        return ScanRules.from_patterns(config.serial.patient_card_pattern, config.serial.doctor_badge_pattern)
+        return ScanRules.from_patterns(
+            config.serial.patient_card_pattern, config.serial.doctor_badge_pattern, config.patient.id_kind
+        )
     except DeviceError as exc:
         raise ConfigError(f"{config.source}: {exc}") from None
 
