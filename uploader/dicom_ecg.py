@@ -87,7 +87,7 @@ from devices.ecg.findings import (
     StatementSource,
 )
 from devices.ecg.recording import STANDARD_12_LEADS, EcgRecording, SampleGap
-from devices.identity import TimeSource
+from devices.identity import Patient, TimeSource
 from uploader.errors import InvalidObjectError
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,8 @@ INT16_MAX = 32767
 PADDING_VALUE = -32768  # Waveform Padding Value where samples never arrived
 MAX_WAVEFORM_BYTES = 32 * 1024 * 1024  # one object's sample data; a Pi must build it in RAM
 UNASSIGNED_ISSUER = "LASTMILE-UNASSIGNED"
+_UNASSIGNED_DESCRIPTION = " - UNASSIGNED PATIENT"
+_UNASSIGNED_NOTE = "UNASSIGNED PATIENT"
 MULTIPLEX_GROUP_LABEL = "RHYTHM"
 MEDIAN_GROUP_LABEL = "MEDIAN BEAT"
 # Annotation Group Number of the cart's findings, by who made them
@@ -515,16 +517,46 @@ def _set_patient(ds: Dataset, ctx: _Context) -> None:
             "before reporting."
         )
         return
+    _write_patient(ds, patient, ctx.acquired.date())
+
+
+def _write_patient(ds: Dataset, patient: Patient, acquired_on: dt.date) -> None:
     ds.PatientName = _person_name(patient.name)
     ds.PatientID = _identifier(patient.patient_id, "patient ID")
     if patient.issuer:
         ds.IssuerOfPatientID = _identifier(patient.issuer, "issuer of the patient ID")
+    elif "IssuerOfPatientID" in ds:
+        del ds.IssuerOfPatientID
     ds.PatientBirthDate = patient.birth_date.strftime("%Y%m%d") if patient.birth_date else ""
     ds.PatientSex = patient.sex
-    if patient.birth_date is not None:
-        age = patient_age(patient.birth_date, ctx.acquired.date())
-        if age:
-            ds.PatientAge = age
+    age = patient_age(patient.birth_date, acquired_on) if patient.birth_date is not None else ""
+    if age:
+        ds.PatientAge = age
+    elif "PatientAge" in ds:
+        del ds.PatientAge
+    if "PatientComments" in ds:
+        del ds.PatientComments
+
+
+def reassign_patient(ds: Dataset, patient: Patient, note: str) -> Dataset:
+    """An object built for an unassigned (or another) patient, given `patient`: same UIDs, same
+    waveform and findings; the patient module, the Study Description's UNASSIGNED mark and the
+    UNASSIGNED annotation change, and `note` (who assigned it, when) is added as an annotation."""
+    acquired = str(ds.get("AcquisitionDateTime", "") or ds.get("ContentDate", ""))[:8]
+    try:
+        acquired_on = dt.date(int(acquired[:4]), int(acquired[4:6]), int(acquired[6:8]))
+    except ValueError:
+        raise InvalidObjectError(f"cannot read the acquisition date {acquired!r} of the object") from None
+    _write_patient(ds, patient, acquired_on)
+    description = str(ds.get("StudyDescription", "")).replace(_UNASSIGNED_DESCRIPTION, "")
+    ds.StudyDescription = _text(description, "LO")
+    kept = [
+        item
+        for item in ds.get("WaveformAnnotationSequence") or []
+        if not str(item.get("UnformattedTextValue", "")).startswith(_UNASSIGNED_NOTE)
+    ]
+    ds.WaveformAnnotationSequence = Sequence(kept + [_annotation(note)])
+    return ds
 
 
 def patient_age(born: dt.date, on: dt.date) -> str:
@@ -539,11 +571,12 @@ def patient_age(born: dt.date, on: dt.date) -> str:
         return f"{months:03d}M"
     return f"{(on - born).days:03d}D"
 
+
 def _set_study_and_series(ds: Dataset, ctx: _Context) -> None:
     rec, acquired, request = ctx.recording, ctx.acquired, ctx.request
     description = ("STAT " if rec.stat else "") + IOD_LIMITS[ctx.sop_class].name
     if rec.patient is None:
-        description += " - UNASSIGNED PATIENT"
+        description += _UNASSIGNED_DESCRIPTION
     if request.reason:
         description += " - " + request.reason
     ds.StudyInstanceUID = ctx.uids.study_uid
@@ -661,7 +694,9 @@ def _median_group(ctx: _Context) -> Dataset | None:
     sensitivity = float(median.uv_per_unit) * quantised.factor
     group.ChannelDefinitionSequence = Sequence(
         [
-            _channel(name, derived=False, sensitivity=sensitivity, derivation_notes=["median beat computed by the device"])
+            _channel(
+                name, derived=False, sensitivity=sensitivity, derivation_notes=["median beat computed by the device"]
+            )
             for name in median.lead_names
         ]
     )
@@ -700,7 +735,9 @@ def _measurement_item(m: EcgMeasurement, channel: int) -> Dataset:
         concept = _code(QTC_FORMULA_CODES[m.method][0], "MDC", QTC_FORMULA_CODES[m.method][1])
     elif m.kind == "qtc-interval" and m.method:
         # no code of its own: "QTc interval global" specialised by the algorithm (CID 3678)
-        concept.ModifierCodeSequence = Sequence([_code(QTC_ALGORITHMS[m.method][0], "DCM", QTC_ALGORITHMS[m.method][1])])
+        concept.ModifierCodeSequence = Sequence(
+            [_code(QTC_ALGORITHMS[m.method][0], "DCM", QTC_ALGORITHMS[m.method][1])]
+        )
     item = Dataset()
     item.ConceptNameCodeSequence = Sequence([concept])
     item.NumericValue = _ds(m.value)
@@ -773,7 +810,7 @@ def _annotations(
     if rec.patient is None:
         notes.append(
             _annotation(
-                f"UNASSIGNED PATIENT: no patient identified at the gateway; Patient ID "
+                f"{_UNASSIGNED_NOTE}: no patient identified at the gateway; Patient ID "
                 f"{patient_id} is a temporary placeholder"
             )
         )

@@ -428,7 +428,17 @@ class Outbox:
             name = None if inline else self._files.write(payload)
             try:
                 item_id, created = self._insert(
-                    kind, key, payload if inline else None, name, len(payload), priority, meta, patient, digest, now, hold
+                    kind,
+                    key,
+                    payload if inline else None,
+                    name,
+                    len(payload),
+                    priority,
+                    meta,
+                    patient,
+                    digest,
+                    now,
+                    hold,
                 )
             except sqlite3.Error as exc:
                 if name:

@@ -17,14 +17,64 @@ import re
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 # compound surnames first: the family name is then two characters
 _COMPOUND_SURNAMES = frozenset(
-    "欧阳 司马 诸葛 上官 东方 皇甫 尉迟 公孙 慕容 长孙 宇文 司徒 夏侯 轩辕 令狐 端木 独孤 南宫 西门 呼延 万俟 澹台 司空 闻人".split()
+    [
+        "欧阳",
+        "司马",
+        "诸葛",
+        "上官",
+        "东方",
+        "皇甫",
+        "尉迟",
+        "公孙",
+        "慕容",
+        "长孙",
+        "宇文",
+        "司徒",
+        "夏侯",
+        "轩辕",
+        "令狐",
+        "端木",
+        "独孤",
+        "南宫",
+        "西门",
+        "呼延",
+        "万俟",
+        "澹台",
+        "司空",
+        "闻人",
+    ]
 )
 # surnames read otherwise than the character's most common reading
 _SURNAME_READINGS: dict[str, str] = {
-    "单": "shan", "曾": "zeng", "解": "xie", "仇": "qiu", "朴": "piao", "区": "ou", "查": "zha", "乐": "yue",
-    "盖": "ge", "缪": "miao", "翟": "zhai", "覃": "qin", "种": "chong", "繁": "po", "员": "yun", "召": "shao",
-    "秘": "bi", "隗": "wei", "黑": "he", "能": "nai", "宓": "mi", "薄": "bo", "尉迟": "yuchi", "万俟": "moqi",
-    "长孙": "zhangsun", "澹台": "tantai", "柏": "bai", "藏": "zang", "尉": "yu",
+    "单": "shan",
+    "曾": "zeng",
+    "解": "xie",
+    "仇": "qiu",
+    "朴": "piao",
+    "区": "ou",
+    "查": "zha",
+    "乐": "yue",
+    "盖": "ge",
+    "缪": "miao",
+    "翟": "zhai",
+    "覃": "qin",
+    "种": "chong",
+    "繁": "po",
+    "员": "yun",
+    "召": "shao",
+    "秘": "bi",
+    "隗": "wei",
+    "黑": "he",
+    "能": "nai",
+    "宓": "mi",
+    "薄": "bo",
+    "尉迟": "yuchi",
+    "万俟": "moqi",
+    "长孙": "zhangsun",
+    "澹台": "tantai",
+    "柏": "bai",
+    "藏": "zang",
+    "尉": "yu",
 }
 
 
@@ -37,7 +87,7 @@ def _pinyin(chars: str) -> str:
     os.environ.setdefault("PYPINYIN_NO_PHRASES", "true")
     from pypinyin import lazy_pinyin
 
-    syllables = lazy_pinyin(chars, errors=lambda text: list(text))
+    syllables = lazy_pinyin(chars)  # characters without a reading (·, letters) are kept as they are
     return "".join(s.replace("ve", "yue").replace("v", "yu") for s in syllables)
 
 
@@ -67,7 +117,5 @@ def dicom_person_name(name: str) -> str:
         return name
     components = name.split("^") if "^" in name else list(split_chinese_name(name))
     components = [c.strip() for c in components]
-    alphabetic = [
-        _romanise(c, surname=(i == 0)) if has_ideographs(c) else c for i, c in enumerate(components)
-    ]
+    alphabetic = [_romanise(c, surname=(i == 0)) if has_ideographs(c) else c for i, c in enumerate(components)]
     return "^".join(alphabetic).rstrip("^") + "=" + "^".join(components).rstrip("^")

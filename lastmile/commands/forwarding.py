@@ -111,7 +111,9 @@ def _ago(ts: float | None, now: float) -> str:
     if not ts:
         return "never"
     secs = max(0.0, now - ts)
-    when = dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    from lastmile.clock import clinic_time
+
+    when = clinic_time(dt.datetime.fromtimestamp(ts, dt.timezone.utc))
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
         if secs >= size:
             return f"{when} ({secs / size:.1f} {unit} ago)"
