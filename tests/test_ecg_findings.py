@@ -44,40 +44,76 @@ from uploader.dicom_ecg import (
     StationInfo,
     StudyRequest,
     build_ecg_dataset,
-    encode_dataset,
     mint_uids,
     recording_to_dicom_bytes,
 )
 
 UTC = dt.timezone.utc
 STATION = StationInfo("clinic-01", "Village clinic")
-GLOBAL = ("heart-rate", "rr-interval", "p-duration", "pr-interval", "qrs-duration", "qt-interval",
-          "qtc-interval", "p-axis", "qrs-axis", "t-axis")
-TOOLKIT = {"p-duration": 102, "pr-interval": 148, "qrs-duration": 120, "qt-interval": 420,
-           "qtc-interval": 443, "p-axis": 44, "qrs-axis": -61, "t-axis": 86}
+GLOBAL = (
+    "heart-rate",
+    "rr-interval",
+    "p-duration",
+    "pr-interval",
+    "qrs-duration",
+    "qt-interval",
+    "qtc-interval",
+    "p-axis",
+    "qrs-axis",
+    "t-axis",
+)
+TOOLKIT = {
+    "p-duration": 102,
+    "pr-interval": 148,
+    "qrs-duration": 120,
+    "qt-interval": 420,
+    "qtc-interval": 443,
+    "p-axis": 44,
+    "qrs-axis": -61,
+    "t-axis": 86,
+}
 # The cart's values, per file (see the module docstring for where each one is).
 CART: dict[str, dict[str, float]] = {
     "scp/ecgtoolkit_Example.scp": TOOLKIT,
     "scp/abtahi_ECG_20170504_163507_123456789.SCP": {
-        "heart-rate": 60, "rr-interval": 1000, "p-duration": 92, "pr-interval": 167, "qrs-duration": 88,
-        "qt-interval": 386, "qtc-interval": 386, "p-axis": 48, "qrs-axis": 48, "t-axis": 49},
+        "heart-rate": 60,
+        "rr-interval": 1000,
+        "p-duration": 92,
+        "pr-interval": 167,
+        "qrs-duration": 88,
+        "qt-interval": 386,
+        "qtc-interval": 386,
+        "p-axis": 48,
+        "qrs-axis": 48,
+        "t-axis": 49,
+    },
     "aecg/fda_hl7_Example_aECG.xml": TOOLKIT,
     "dicom/ecgtoolkit_Example.dcm": {k: v for k, v in TOOLKIT.items() if k != "p-duration"},
 }
 STATEMENTS: dict[str, list[tuple[str, StatementSource]]] = {
     "scp/ecgtoolkit_Example.scp": [],
     "scp/abtahi_ECG_20170504_163507_123456789.SCP": [
-        ("sinusrytm (långsam)", StatementSource.DEVICE), ("hög P-amplitud", StatementSource.DEVICE),
-        ("normal EKG-variant", StatementSource.DEVICE)],
+        ("sinusrytm (långsam)", StatementSource.DEVICE),
+        ("hög P-amplitud", StatementSource.DEVICE),
+        ("normal EKG-variant", StatementSource.DEVICE),
+    ],
     "aecg/fda_hl7_Example_aECG.xml": [
         ("Sinus Rhythm", StatementSource.DEVICE),
-        ("Subject felt dizzy 2 minutes prior to ECG collection", StatementSource.COMMENT)],
+        ("Subject felt dizzy 2 minutes prior to ECG collection", StatementSource.COMMENT),
+    ],
     "dicom/ecgtoolkit_Example.dcm": [],
 }
 # ecgdatakit's GlobalMeasurements field for each of ours
-ECGDATAKIT_FIELDS = {"heart-rate": "heart_rate", "rr-interval": "rr_interval", "pr-interval": "pr_interval",
-                     "qrs-duration": "qrs_duration", "qt-interval": "qt_interval", "p-axis": "p_axis",
-                     "qrs-axis": "qrs_axis", "t-axis": "t_axis"}
+ECGDATAKIT_FIELDS = {
+    "heart-rate": "heart_rate",
+    "rr-interval": "rr_interval",
+    "pr-interval": "pr_interval",
+    "qrs-duration": "qrs_duration",
+    "qt-interval": "qt_interval",
+    "p-axis": "p_axis",
+    "qrs-axis": "qrs_axis",
+    "t-axis": "t_axis",
+}
 
 
 def _decode(name: str) -> EcgRecording:
@@ -139,8 +175,12 @@ def test_abtahi_qtc_formula_and_per_lead_values_survive() -> None:
     bazett = [a for a in items if a.ConceptNameCodeSequence[0].CodeValue == "2:15880"]
     assert len(bazett) == 1 and float(bazett[0].NumericValue) == 386
     assert bazett[0].MeasurementUnitsCodeSequence[0].CodeValue == "ms"
-    r_v4 = [a for a in items if a.ConceptNameCodeSequence[0].CodeValue == "2:2048"
-            and list(a.ReferencedWaveformChannels) == [1, recording.lead_names.index("V4") + 1]]
+    r_v4 = [
+        a
+        for a in items
+        if a.ConceptNameCodeSequence[0].CodeValue == "2:2048"
+        and list(a.ReferencedWaveformChannels) == [1, recording.lead_names.index("V4") + 1]
+    ]
     assert len(r_v4) == 1 and float(r_v4[0].NumericValue) == 1752
     assert all(a.AnnotationGroupNumber == 1 for a in items if a.ConceptNameCodeSequence[0].CodeValue != "10:11248")
 
@@ -158,10 +198,20 @@ def test_mortara_dicom_statements_and_scpecg_codes() -> None:
     from pydicom.data import get_testdata_file
 
     recording = read_dicom_ecg(Path(get_testdata_file("waveform_ecg.dcm")).read_bytes())
-    assert _globals(recording) == {"rr-interval": 982, "pr-interval": 161, "qrs-duration": 75, "qt-interval": 368,
-                                   "qtc-interval": 370, "p-axis": 74, "qrs-axis": 52, "t-axis": 57}  # PP 0: dropped
-    assert _statements(recording) == [("RITMO SINUSALE", StatementSource.DEVICE),
-                                      ("ECG NORMALE", StatementSource.DEVICE)]
+    assert _globals(recording) == {
+        "rr-interval": 982,
+        "pr-interval": 161,
+        "qrs-duration": 75,
+        "qt-interval": 368,
+        "qtc-interval": 370,
+        "p-axis": 74,
+        "qrs-axis": 52,
+        "t-axis": 57,
+    }  # PP 0: dropped
+    assert _statements(recording) == [
+        ("RITMO SINUSALE", StatementSource.DEVICE),
+        ("ECG NORMALE", StatementSource.DEVICE),
+    ]
     assert recording.median_beats is not None and recording.median_beats.samples.shape == (12, 1200)
 
 
@@ -189,11 +239,15 @@ def test_median_group_only_where_the_iod_allows() -> None:
     assert dciodvfy_problems(data) == []
     ds = pydicom.dcmread(io.BytesIO(data))
     assert ds.SOPClassUID == GENERAL_ECG and [g.MultiplexGroupLabel for g in ds.WaveformSequence] == [
-        "RHYTHM", "MEDIAN BEAT"]
+        "RHYTHM",
+        "MEDIAN BEAT",
+    ]
     assert ds.WaveformSequence[1].WaveformOriginality == "DERIVED"
     back = read_dicom_ecg(data)
     assert back.median_beats is not None
-    assert np.array_equal(back.median_beats.samples * back.median_beats.uv_per_unit, median.samples * median.uv_per_unit)
+    assert np.array_equal(
+        back.median_beats.samples * back.median_beats.uv_per_unit, median.samples * median.uv_per_unit
+    )
     assert np.array_equal(back.microvolts(), contec.microvolts())  # the rhythm is still the rhythm
 
 
@@ -201,7 +255,8 @@ def test_triage_fields_and_patient_age_pass_dciodvfy() -> None:
     recording = dataclasses.replace(
         _decode("scp/abtahi_ECG_20170504_163507_123456789.SCP"),
         patient=Patient("11010519491231002X", "Zhang^San=张^三", dt.date(1949, 12, 31), "F", "county register"),
-        stat=True)
+        stat=True,
+    )
     uids = mint_uids()
     request = StudyRequest(referring_physician="Li^Ming=李^明", reason="胸痛 chest pain")
     data = recording_to_dicom_bytes(recording, uids, STATION, request=request)
@@ -223,11 +278,11 @@ def _crc(chunk: bytes) -> int:
 
 
 def _u16(b: bytes | bytearray, p: int) -> int:
-    return int.from_bytes(b[p:p + 2], "little")
+    return int.from_bytes(b[p : p + 2], "little")
 
 
 def _u32(b: bytes | bytearray, p: int) -> int:
-    return int.from_bytes(b[p:p + 4], "little")
+    return int.from_bytes(b[p : p + 4], "little")
 
 
 def _sections(record: bytes | bytearray) -> dict[int, tuple[int, int]]:
@@ -243,7 +298,7 @@ def _sections(record: bytes | bytearray) -> dict[int, tuple[int, int]]:
 def _reseal(buf: bytearray, offsets: list[int]) -> bytes:
     for offset in offsets:
         length = _u32(buf, offset + 4)
-        buf[offset:offset + 2] = _crc(bytes(buf[offset + 2:offset + length])).to_bytes(2, "little")
+        buf[offset : offset + 2] = _crc(bytes(buf[offset + 2 : offset + length])).to_bytes(2, "little")
     buf[0:2] = _crc(bytes(buf[2:])).to_bytes(2, "little")
     return bytes(buf)
 
@@ -253,13 +308,13 @@ def with_section_body(record: bytes, sid: int, body: bytes) -> bytes:
     offset, length = _sections(record)[sid]
     assert len(body) == length - 16
     buf = bytearray(record)
-    buf[offset + 16:offset + length] = body
+    buf[offset + 16 : offset + length] = body
     return _reseal(buf, [offset])
 
 
 def with_new_section(record: bytes, sid: int, body: bytes) -> bytes:
     """The record with a section appended (section 0 must have an empty slot for `sid`)."""
-    buf = bytearray(record[:_u32(record, 2)])
+    buf = bytearray(record[: _u32(record, 2)])
     index = len(buf) + 1
     header = bytearray(16)
     header[2:4] = sid.to_bytes(2, "little")
@@ -268,8 +323,8 @@ def with_new_section(record: bytes, sid: int, body: bytes) -> bytes:
     buf += header + body
     for pos in range(6 + 16, 6 + _u32(buf, 10), 10):
         if _u16(buf, pos) == sid:
-            buf[pos + 2:pos + 6] = (16 + len(body)).to_bytes(4, "little")
-            buf[pos + 6:pos + 10] = index.to_bytes(4, "little")
+            buf[pos + 2 : pos + 6] = (16 + len(body)).to_bytes(4, "little")
+            buf[pos + 6 : pos + 10] = index.to_bytes(4, "little")
             break
     else:
         raise AssertionError(f"section 0 has no slot for section {sid}")
@@ -300,7 +355,7 @@ def test_scp_section11_coded_and_text_statements_and_a_confirmed_section8() -> N
 def test_an_unreadable_findings_section_costs_only_its_findings() -> None:
     record = shared_file("ecg", "scp", ABTAHI).read_bytes()
     offset, length = _sections(record)[7]
-    bad = bytes([200]) + record[offset + 17:offset + length]  # 200 measurement blocks in 34 bytes
+    bad = bytes([200]) + record[offset + 17 : offset + length]  # 200 measurement blocks in 34 bytes
     recording = read_scp(with_section_body(record, 7, bad))
     assert "cart-findings-unreadable:scp-section-7" in recording.flags
     assert not any(m.source.startswith("scp:section7") for m in recording.measurements)

@@ -120,8 +120,10 @@ def test_assign_rebuilds_under_the_same_uids_and_releases(tmp_path: Path) -> Non
 
 def test_cli_lists_and_assigns_a_held_contec_ecg(tmp_path: Path, capsys) -> None:
     config_file = tmp_path / "lastmile.toml"
-    config_file.write_text(f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n[outbox]\nmin_free_mb = 1\n'
-                           '[patient]\nid_kind = "cn-resident-id"\n')
+    config_file.write_text(
+        f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n[outbox]\nmin_free_mb = 1\n'
+        '[patient]\nid_kind = "cn-resident-id"\n'
+    )
     run = ["-c", str(config_file)]
     assert cli([*run, "patient", "set", SAMPLE, "--name", "张三"]) == 0
     assert cli([*run, "import", "-q", str(shared_file("ecg", "contec", "0000050.ECG"))]) == 0
@@ -151,7 +153,9 @@ def test_held_ecg_assigned_in_time_reaches_orthanc_once_under_the_real_patient(t
         other = "32010219800101001" + resident_id_check_char("32010219800101001")
         known = enqueue_recording(outbox, make_recording(8, patient=Patient(other)), config, key="known", now=now).item
         uids = dict(item.meta)
-        placeholder = unassigned_patient_id(EcgStudyUids(uids["study_uid"], uids["series_uid"], uids["sop_instance_uid"]))
+        placeholder = unassigned_patient_id(
+            EcgStudyUids(uids["study_uid"], uids["series_uid"], uids["sop_instance_uid"])
+        )
     stop = threading.Event()
     deadline = time.monotonic() + 60
     with open_outbox(config) as outbox, EcgForwarder(outbox, forwarder_settings(config)) as forwarder:
@@ -163,8 +167,12 @@ def test_held_ecg_assigned_in_time_reaches_orthanc_once_under_the_real_patient(t
             forwarder.run_round(stop)
         assert outbox.get(item.id).state == ItemState.QUEUED  # type: ignore[union-attr]
         assert orthanc.sop_instance_uids() == {known.meta["sop_instance_uid"]}
-        assign_held_ecg(outbox, item.id, Patient(SAMPLE, "Zhang^San=张^三", dt.date(1949, 12, 31), "F"),
-                        now=dt.datetime.now(dt.timezone.utc))
+        assign_held_ecg(
+            outbox,
+            item.id,
+            Patient(SAMPLE, "Zhang^San=张^三", dt.date(1949, 12, 31), "F"),
+            now=dt.datetime.now(dt.timezone.utc),
+        )
         while outbox.get(item.id).state != ItemState.PURGED:  # type: ignore[union-attr]
             assert time.monotonic() < deadline, outbox.stats(time.time())
             time.sleep(min(forwarder.step(stop), 0.1))

@@ -62,9 +62,14 @@ def test_known_number_its_birth_date_and_sex() -> None:
     assert normalise_resident_id("１１０１０５１９４９１２３１００２ｘ") == SAMPLE  # full-width digits
 
 
-@pytest.mark.parametrize("bad, says", [
-    ("110105194912310020", "校验位"), ("1101051949123100", "18"), ("11010519491332002" + "X", "出生日期"),
-])
+@pytest.mark.parametrize(
+    "bad, says",
+    [
+        ("110105194912310020", "校验位"),
+        ("1101051949123100", "18"),
+        ("11010519491332002" + "X", "出生日期"),
+    ],
+)
 def test_wrong_ids_are_refused_in_chinese_and_english(bad: str, says: str) -> None:
     if says == "出生日期":  # a valid check digit on an impossible date
         bad = bad[:17] + resident_id_check_char(bad[:17])
@@ -76,8 +81,10 @@ def test_wrong_ids_are_refused_in_chinese_and_english(bad: str, says: str) -> No
 
 def _resident_config(tmp_path: Path) -> Path:
     path = tmp_path / "lastmile.toml"
-    path.write_text(f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n[patient]\nid_kind = "cn-resident-id"\n'
-                    'id_issuer = "Anytown county register"\n')
+    path.write_text(
+        f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n[patient]\nid_kind = "cn-resident-id"\n'
+        'id_issuer = "Anytown county register"\n'
+    )
     return path
 
 
@@ -88,8 +95,25 @@ def test_cli_patient_set_refuses_a_wrong_check_digit_and_keeps_a_good_one(tmp_pa
     assert "校验位错误" in err and "wrong check digit" in err
     assert cli(["-c", str(config), "patient", "show", "--json"]) == 0
     assert '"current_patient": null' in capsys.readouterr().out
-    assert cli(["-c", str(config), "patient", "set", "1101 0519 4912 3100 2x", "--name", "张三",
-                "--doctor", "李明", "--stat", "--reason", "胸痛 chest pain"]) == 0
+    assert (
+        cli(
+            [
+                "-c",
+                str(config),
+                "patient",
+                "set",
+                "1101 0519 4912 3100 2x",
+                "--name",
+                "张三",
+                "--doctor",
+                "李明",
+                "--stat",
+                "--reason",
+                "胸痛 chest pain",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert SAMPLE in out and "Zhang^San=张^三" in out and "1949-12-31 F" in out and "STAT" in out
 
@@ -132,10 +156,19 @@ def test_clinic_patient_from_cli_or_console() -> None:
     assert clinic_patient("MRN 0042", "", Config()).patient_id == "MRN 0042"  # any ID when no kind is set
 
 
-@pytest.mark.parametrize("name, pn", [
-    ("张三", "Zhang^San=张^三"), ("张^三", "Zhang^San=张^三"), ("欧阳修", "Ouyang^Xiu=欧阳^修"),
-    ("单雄信", "Shan^Xiongxin=单^雄信"), ("曾国藩", "Zeng^Guofan=曾^国藩"), ("吕小明", "Lyu^Xiaoming=吕^小明"),
-    ("Clark^Ann", "Clark^Ann"), ("Zhang^San=张^三", "Zhang^San=张^三"), ("", ""),
-])
+@pytest.mark.parametrize(
+    "name, pn",
+    [
+        ("张三", "Zhang^San=张^三"),
+        ("张^三", "Zhang^San=张^三"),
+        ("欧阳修", "Ouyang^Xiu=欧阳^修"),
+        ("单雄信", "Shan^Xiongxin=单^雄信"),
+        ("曾国藩", "Zeng^Guofan=曾^国藩"),
+        ("吕小明", "Lyu^Xiaoming=吕^小明"),
+        ("Clark^Ann", "Clark^Ann"),
+        ("Zhang^San=张^三", "Zhang^San=张^三"),
+        ("", ""),
+    ],
+)
 def test_names_get_their_pinyin_group(name: str, pn: str) -> None:
     assert dicom_person_name(name) == pn

@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -167,7 +168,9 @@ def measurement(kind: str, value: float, source: str, **extra: str) -> EcgMeasur
         return None
 
 
-def findings_json(measurements: tuple[EcgMeasurement, ...], statements: tuple[EcgStatement, ...]) -> dict:
+def findings_json(
+    measurements: tuple[EcgMeasurement, ...], statements: tuple[EcgStatement, ...]
+) -> dict[str, Any]:
     """The findings as plain JSON (`lastmile ecg decode --json`, logs, tests)."""
     return {
         "measurements": [
