@@ -128,6 +128,8 @@ def test_cli_lists_and_assigns_a_held_contec_ecg(tmp_path: Path, capsys) -> None
     assert cli([*run, "patient", "set", SAMPLE, "--name", "张三"]) == 0
     assert cli([*run, "import", "-q", str(shared_file("ecg", "contec", "0000050.ECG"))]) == 0
     capsys.readouterr()
+    assert cli([*run, "queue"]) == 0
+    assert "queued 1 (1 held for the doctor)" in capsys.readouterr().out
     assert cli([*run, "patient", "show"]) == 0
     out = capsys.readouterr().out
     assert "held for you to assign" in out and "names no patient" in out and "Contec ECG90A" in out

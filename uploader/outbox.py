@@ -907,6 +907,7 @@ class Outbox:
             )
         ]
         statuses = {r[0]: json.loads(r[1]) for r in self._read("SELECT name, value FROM status ORDER BY name")}
+        held = self._read("SELECT COUNT(*) FROM items WHERE state = ? AND hold_until > ?", (S.QUEUED.value, now))[0][0]
         try:
             st = self._statvfs(self.data_dir)
             free_bytes: int | None = st.f_bavail * st.f_frsize
@@ -914,6 +915,7 @@ class Outbox:
             free_bytes = None
         return {
             "counts": counts,
+            "held": held,  # of the queued: held back (e.g. for the doctor to assign a patient)
             "oldest_waiting_s": None if oldest is None else max(0.0, now - oldest),
             "last_sent_at": last_sent,
             "last_committed_at": last_committed,

@@ -124,6 +124,20 @@ def session_request(doctor: str | None, *, reason: str = "") -> StudyRequest:
     return StudyRequest(referring_physician=dicom_person_name(doctor or ""), reason=" ".join(reason.split()))
 
 
+def clinic_request(config: Config) -> StudyRequest:
+    """The request of the moment from the clinic session: the doctor on duty and the reason given
+    with the current patient (for files that arrive on their own, e.g. a cart's USB stick)."""
+    from lastmile.clinic.patients import PatientContext
+
+    now = dt.datetime.now(dt.timezone.utc)
+    context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+    try:
+        current = context.current(now)
+        return session_request(context.current_doctor(now), reason=current.reason if current else "")
+    finally:
+        context.close()
+
+
 def hold_for(recording: EcgRecording, config: Config, now: float) -> Hold | None:
     """Routine ECGs whose patient the doctor must settle are held; STAT ones never."""
     if recording.stat or config.patient.unassigned_ecg_hold_s <= 0:
@@ -391,7 +405,9 @@ def usb_import_watcher(
     from firmware_bridge.usb_import import FolderWatcher
 
     def run(roots: Iterable[str | Path]) -> ImportSummary:
-        return import_files(outbox, config, roots, current_patient_id=current_patient_id)
+        return import_files(
+            outbox, config, roots, current_patient_id=current_patient_id, request=lambda: clinic_request(config)
+        )
 
     return FolderWatcher(config.usb_import.folders, run)
 
