@@ -142,6 +142,10 @@ def test_visit_notes_travel_with_the_encounter_and_times_show_the_clinic_zone(
         '[visits]\ndoctor_id = "DR-9"\n[gps]\nsource = "none"\n'
     )
     run = lambda *a: main(["-c", str(config), *a])
+    resident = tmp_path / "resident.toml"
+    resident.write_text(config.read_text() + '[patient]\nid_kind = "cn-resident-id"\n')
+    assert main(["-c", str(resident), "visit", "start", "--patient", "110105194912310020"]) == 1
+    assert "校验位" in capsys.readouterr().err  # a visit's patient ID is checked too
     assert run("visit", "start", "--patient", "P-1") == 0
     assert "+08:00" in capsys.readouterr().out
     assert run("visit", "note", "血压偏高，建议复查 BP high, recheck in a week") == 0

@@ -100,14 +100,19 @@ def _fail(exc: Exception) -> int:
 
 
 def start(args: argparse.Namespace) -> int:
+    from lastmile.ecg.intake import clinic_patient
     from lastmile.visits.book import VisitError
 
     config, book = _book(args)
     with book:
         try:
+            patient_id = clinic_patient(args.patient, "", config).patient_id  # checked per [patient] id_kind
+        except ValueError as exc:
+            return _fail(exc)
+        try:
             fix = _fix(config, book, args.no_gps)
             visit = book.start(
-                args.patient,
+                patient_id,
                 doctor_id=config.visits.doctor_id,
                 household_id=args.household,
                 fix=fix,
