@@ -28,6 +28,7 @@ import io
 import re
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -52,6 +53,9 @@ from devices.ecg.recording import EcgRecording
 from devices.ecg.scaling import Channel, to_common_unit
 from devices.errors import InvalidRecordingError, ProtocolError, UnsupportedFeatureError
 from devices.identity import DeviceIdentity, Patient, TimeSource
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 _DTYPES = {(8, "SB"): "i1", (8, "UB"): "u1", (16, "SS"): "i2", (16, "US"): "u2",
            (32, "SL"): "i4", (32, "UL"): "u4"}
@@ -104,7 +108,7 @@ def _lead_of(channel) -> tuple[str, bool] | None:
     return None
 
 
-def _is_median(group) -> bool:
+def _is_median(group: Dataset) -> bool:
     label = str(group.get("MultiplexGroupLabel", "")).upper()
     return "MEDIAN" in label or "BEAT" in label or "REPRESENTATIVE" in label
 
@@ -234,12 +238,12 @@ def read_dicom_ecg(data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc,
         raise ProtocolError(f"DICOM ECG: damaged element ({type(exc).__name__}: {exc})"[:300]) from None
 
 
-def _ecg_leads(group) -> list[_Lead]:
+def _ecg_leads(group: Dataset) -> list[_Lead]:
     channels = group.get("ChannelDefinitionSequence") or []
     return [_Lead(found[0], i, found[1]) for i, ch in enumerate(channels) if (found := _lead_of(ch))]
 
 
-def _group_samples(ds, group, leads: list[_Lead]) -> tuple[np.ndarray, float, float]:
+def _group_samples(ds: Dataset, group: Dataset, leads: list[_Lead]) -> tuple[np.ndarray, float, float]:
     """(samples (leads, n), µV per unit, rate) of the ECG leads of one multiplex group."""
     n_channels = int(group.get("NumberOfWaveformChannels", 0) or 0)
     n_samples = int(group.get("NumberOfWaveformSamples", 0) or 0)
@@ -282,7 +286,7 @@ def _group_samples(ds, group, leads: list[_Lead]) -> tuple[np.ndarray, float, fl
     return samples, uv_per_unit, rate
 
 
-def _median_beats(ds, groups, rhythm) -> MedianBeats | None:
+def _median_beats(ds: Dataset, groups: list[Dataset], rhythm: Dataset) -> MedianBeats | None:
     """The median-beat group, if there is one besides the rhythm; unreadable ones are skipped."""
     for group in groups:
         if group is rhythm or not _is_median(group):
@@ -313,7 +317,7 @@ _QTC_BY_CODE = {code: method for method, (code, _meaning) in QTC_FORMULA_CODES.i
 _QTC_BY_ALGORITHM = {code: method for method, (code, _meaning) in QTC_ALGORITHMS.items()}
 
 
-def _first_code(item, keyword: str) -> tuple[str, str, str]:
+def _first_code(item: Dataset, keyword: str) -> tuple[str, str, str]:
     seq = item.get(keyword)
     if not seq:
         return "", "", ""
@@ -322,7 +326,7 @@ def _first_code(item, keyword: str) -> tuple[str, str, str]:
             str(code.get("CodeMeaning", "")).strip())
 
 
-def _channel_refs(item) -> list[tuple[int, int]]:
+def _channel_refs(item: Dataset) -> list[tuple[int, int]]:
     refs = item.get("ReferencedWaveformChannels")
     if refs is None:
         return []
@@ -330,12 +334,12 @@ def _channel_refs(item) -> list[tuple[int, int]]:
     return [(values[i], values[i + 1]) for i in range(0, len(values) - 1, 2)]
 
 
-def _converted_by_lastmile(ds) -> bool:
+def _converted_by_lastmile(ds: Dataset) -> bool:
     return any(str(e.get("Manufacturer", "")).strip() == "Lastmile"
                for e in ds.get("ContributingEquipmentSequence") or [])
 
 
-def _annotation_measurement(item, groups) -> EcgMeasurement | None:
+def _annotation_measurement(item: Dataset, groups: list[Dataset]) -> EcgMeasurement | None:
     scheme, code, _meaning = _first_code(item, "ConceptNameCodeSequence")
     method = ""
     if scheme == "MDC" and code in _QTC_BY_CODE:
@@ -381,7 +385,7 @@ def _annotation_measurement(item, groups) -> EcgMeasurement | None:
     return found if found is not None and found.unit == unit[0] else None
 
 
-def _annotations(ds, groups) -> tuple[tuple[EcgMeasurement, ...], tuple[EcgStatement, ...]]:
+def _annotations(ds: Dataset, groups: list[Dataset]) -> tuple[tuple[EcgMeasurement, ...], tuple[EcgStatement, ...]]:
     ours = _converted_by_lastmile(ds)
     measurements: dict[tuple[str, str], EcgMeasurement] = {}
     statements: list[EcgStatement] = []
@@ -438,7 +442,7 @@ def _decode(ds, local_tz: dt.tzinfo, received_at: dt.datetime | None) -> EcgReco
                         uv_per_unit=uv_per_unit, acquired_at=start, time_source=source,
                         device=_device(ds), patient=_patient(ds), derived_leads=frozenset(derived),
                         source_format="dicom", measurements=measurements, statements=statements,
-                        median_beats=_median_beats(ds, groups, group))
+                        median_beats=_median_beats(ds, list(groups), group))
 
 
 def looks_like_dicom(data: bytes) -> bool:
