@@ -24,6 +24,7 @@ import dataclasses
 import datetime as dt
 import io
 import logging
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,7 +46,7 @@ from uploader.dicom_ecg import (
     mint_uids,
     reassign_patient,
 )
-from uploader.outbox import AddResult, Hold, Kind, Outbox, OutboxItem, Priority
+from uploader.outbox import AddResult, Hold, ItemState, Kind, Outbox, OutboxItem, Priority
 
 if TYPE_CHECKING:
     from firmware_bridge.dicom_receiver import DicomReceiver, ReceivedObject
@@ -221,8 +222,6 @@ def enqueue_recording(
     existing = outbox.find(key)
     if existing is not None:
         return AddResult(item=existing, created=False)
-    import time
-
     now = time.time() if now is None else now
     request = request or StudyRequest()
     recording = vetted_patient(recording, config)
@@ -293,7 +292,7 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
     item = outbox.get(item_id)
     if item is None or item.kind != Kind.DICOM or item.meta.get("source_format") == LAN_SOURCE_FORMAT:
         raise HeldEcgError(f"no ECG E{item_id} held at this gateway")
-    if item.attempts or item.state.value != "queued":
+    if item.attempts or item.state != ItemState.QUEUED:
         raise HeldEcgError(
             f"ECG E{item_id} was already sent (state {item.state.value}) as "
             f"{'UNASSIGNED' if item.meta.get('unassigned') else 'its file patient'}: ask the reading center to "
