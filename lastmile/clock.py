@@ -54,6 +54,16 @@ def local_zone() -> dt.tzinfo:
     return dt.datetime.now().astimezone().tzinfo or dt.timezone.utc
 
 
+def clinic_time(value: dt.datetime | None, *, minutes: bool = False) -> str:
+    """How the CLI shows a time: in the clinic's zone with its UTC offset,
+    "2026-12-01 14:03:05+08:00" ("-" when unknown); naive values are taken as UTC."""
+    if value is None:
+        return "-"
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return value.astimezone(local_zone()).isoformat(sep=" ", timespec="minutes" if minutes else "seconds")
+
+
 def read_boot_id() -> str:
     try:
         return BOOT_ID_PATH.read_text(encoding="ascii").strip()

@@ -69,6 +69,13 @@ class OutboxSection:
 @dataclass
 class PatientSection:
     idle_timeout_s: float = 900.0  # current patient is cleared after this much inactivity
+    id_kind: str = (
+        ""  # "cn-resident-id" (GB 11643: check digit verified, birth date and sex derived), "clinic-mrn" or "" (any id)
+    )
+    id_issuer: str = ""  # who issues the patient IDs (DICOM Issuer of Patient ID), e.g. the county register
+    unassigned_ecg_hold_s: float = (
+        900.0  # routine ECG with no patient: held this long for 'patient assign', then sent UNASSIGNED
+    )
 
 
 @dataclass
@@ -167,6 +174,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("reading_center", "no_commitment_policy"): ("keep", "purge"),
     ("gps", "source"): ("gpsd", "nmea", "none"),
     ("visits", "setting"): ("home", "clinic"),
+    ("patient", "id_kind"): ("", "cn-resident-id", "clinic-mrn"),
 }
 
 

@@ -45,6 +45,19 @@ Choices that go beyond "fill in the attributes" (PS3.3 A.34.3 / A.34.4 / C.10.9 
 - STAT: Study Description starts with "STAT" (what every worklist shows), a coded Acquisition
   Context item Priority (SCT 260870009) = Urgent Procedure (SCT 103391001, CID 3414) and an
   annotation. (Requested Procedure Priority is not part of these IODs: dciodvfy warns.)
+- Triage (`StudyRequest`): the doctor on duty as Referring Physician's Name, the reason for the
+  ECG in the Request Attributes Sequence (Reason for the Requested Procedure), the Study
+  Description and an annotation; Accession Number minted with the UIDs; Patient's Age at
+  acquisition from the birth date.
+- The cart's findings (devices.ecg.findings): each measurement is a Waveform Annotation item
+  with its coded concept name (MDC, CID 3227/3228/3229; a QTc formula without a code of its own
+  as a CID 3678 modifier), numeric value and UCUM unit, over the whole rhythm group or one
+  lead's channel; each statement a text item. Annotation Group Number says whose they are:
+  1 the device's automatic analysis, 2 a physician's, 3 comments recorded with the ECG; a
+  gateway note (no group) says so in words. Median beats become a second multiplex group
+  "MEDIAN BEAT" (DERIVED) where the IOD allows it: the General ECG IOD takes up to 4 groups of
+  24 channels, but the 12-lead ECG IOD at most 13 channels in all (PS3.3 A.34.3.4.4), so a
+  12-lead object carries the rhythm only and a note says the median beats were left out.
 """
 
 from __future__ import annotations
@@ -54,6 +67,7 @@ import hashlib
 import io
 import logging
 import math
+import secrets
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,8 +78,16 @@ from pydicom.sequence import Sequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
+from devices.ecg.findings import (
+    MEASUREMENT_KINDS,
+    QTC_ALGORITHMS,
+    QTC_FORMULA_CODES,
+    EcgMeasurement,
+    EcgStatement,
+    StatementSource,
+)
 from devices.ecg.recording import STANDARD_12_LEADS, EcgRecording, SampleGap
-from devices.identity import TimeSource
+from devices.identity import Patient, TimeSource
 from uploader.errors import InvalidObjectError
 
 log = logging.getLogger(__name__)
@@ -78,7 +100,16 @@ INT16_MAX = 32767
 PADDING_VALUE = -32768  # Waveform Padding Value where samples never arrived
 MAX_WAVEFORM_BYTES = 32 * 1024 * 1024  # one object's sample data; a Pi must build it in RAM
 UNASSIGNED_ISSUER = "LASTMILE-UNASSIGNED"
+_UNASSIGNED_DESCRIPTION = " - UNASSIGNED PATIENT"
+_UNASSIGNED_NOTE = "UNASSIGNED PATIENT"
 MULTIPLEX_GROUP_LABEL = "RHYTHM"
+MEDIAN_GROUP_LABEL = "MEDIAN BEAT"
+# Annotation Group Number of the cart's findings, by who made them
+FINDINGS_GROUPS: dict[StatementSource, int] = {
+    StatementSource.DEVICE: 1,
+    StatementSource.PHYSICIAN: 2,
+    StatementSource.COMMENT: 3,
+}
 
 
 @dataclass(frozen=True)
@@ -86,6 +117,15 @@ class EcgStudyUids:
     study_uid: str
     series_uid: str
     sop_instance_uid: str
+    accession_number: str = ""  # minted with the UIDs (SH, 16 characters); "" leaves it empty
+
+
+@dataclass(frozen=True)
+class StudyRequest:
+    """What the village doctor asked for: who refers, why. (Urgency is `recording.stat`.)"""
+
+    referring_physician: str = ""  # the doctor on duty, DICOM PN ("Li^Ming=李^明" or an id)
+    reason: str = ""  # reason for the ECG, e.g. "胸痛 chest pain"
 
 
 @dataclass(frozen=True)
@@ -154,6 +194,12 @@ _EINTHOVEN_GOLDBERGER = {
 _CANONICAL = {label.upper(): label for label in _LEAD_CODES}
 
 _GAP_CONCEPT = ("10:11248", "MDC", "No ECG signal is available")  # CID 3335 ECG Annotation
+_UCUM_MEANINGS = {"ms": "millisecond", "deg": "degree", "/min": "per minute", "uV": "microvolt"}
+_FINDINGS_NOTE = {
+    StatementSource.DEVICE: "the ECG device's own measurements and automatic interpretation, not confirmed by a physician",
+    StatementSource.PHYSICIAN: "statements confirmed or over-read by a physician, as the device's file says",
+    StatementSource.COMMENT: "comments recorded with the ECG (not findings)",
+}
 _PRIORITY_CONCEPT = ("260870009", "SCT", "Priority")
 _URGENT = ("103391001", "SCT", "Urgent Procedure")  # CID 3414 Procedure Urgency
 _PROCESSING_EQUIPMENT = ("109102", "DCM", "Processing Equipment")  # CID 7005
@@ -189,6 +235,7 @@ def mint_uids() -> EcgStudyUids:
         study_uid=generate_uid(prefix=None),
         series_uid=generate_uid(prefix=None),
         sop_instance_uid=generate_uid(prefix=None),
+        accession_number="LM" + secrets.token_hex(7).upper(),  # 16 characters, 56 random bits
     )
 
 
@@ -449,6 +496,7 @@ class _Context:
     sop_class: str
     acquired: dt.datetime  # in the zone the object states
     created: dt.datetime | None  # None: not known, so not written (never "now")
+    request: StudyRequest = StudyRequest()
 
     @property
     def rate(self) -> float:
@@ -469,25 +517,74 @@ def _set_patient(ds: Dataset, ctx: _Context) -> None:
             "before reporting."
         )
         return
+    _write_patient(ds, patient, ctx.acquired.date())
+
+
+def _write_patient(ds: Dataset, patient: Patient, acquired_on: dt.date) -> None:
     ds.PatientName = _person_name(patient.name)
     ds.PatientID = _identifier(patient.patient_id, "patient ID")
     if patient.issuer:
         ds.IssuerOfPatientID = _identifier(patient.issuer, "issuer of the patient ID")
+    elif "IssuerOfPatientID" in ds:
+        del ds.IssuerOfPatientID
     ds.PatientBirthDate = patient.birth_date.strftime("%Y%m%d") if patient.birth_date else ""
     ds.PatientSex = patient.sex
+    age = patient_age(patient.birth_date, acquired_on) if patient.birth_date is not None else ""
+    if age:
+        ds.PatientAge = age
+    elif "PatientAge" in ds:
+        del ds.PatientAge
+    if "PatientComments" in ds:
+        del ds.PatientComments
+
+
+def reassign_patient(ds: Dataset, patient: Patient, note: str) -> Dataset:
+    """An object built for an unassigned (or another) patient, given `patient`: same UIDs, same
+    waveform and findings; the patient module, the Study Description's UNASSIGNED mark and the
+    UNASSIGNED annotation change, and `note` (who assigned it, when) is added as an annotation."""
+    acquired = str(ds.get("AcquisitionDateTime", "") or ds.get("ContentDate", ""))[:8]
+    try:
+        acquired_on = dt.date(int(acquired[:4]), int(acquired[4:6]), int(acquired[6:8]))
+    except ValueError:
+        raise InvalidObjectError(f"cannot read the acquisition date {acquired!r} of the object") from None
+    _write_patient(ds, patient, acquired_on)
+    description = str(ds.get("StudyDescription", "")).replace(_UNASSIGNED_DESCRIPTION, "")
+    ds.StudyDescription = _text(description, "LO")
+    kept = [
+        item
+        for item in ds.get("WaveformAnnotationSequence") or []
+        if not str(item.get("UnformattedTextValue", "")).startswith(_UNASSIGNED_NOTE)
+    ]
+    ds.WaveformAnnotationSequence = Sequence(kept + [_annotation(note)])
+    return ds
+
+
+def patient_age(born: dt.date, on: dt.date) -> str:
+    """DICOM AS at `on`: years from 2 years, months below, days below a month; "" if `on` is
+    before the birth (a wrong date somewhere: better no age than a false one)."""
+    if on < born:
+        return ""
+    months = (on.year - born.year) * 12 + on.month - born.month - (on.day < born.day)
+    if months >= 24:
+        return f"{min(months // 12, 999):03d}Y"
+    if months >= 1:
+        return f"{months:03d}M"
+    return f"{(on - born).days:03d}D"
 
 
 def _set_study_and_series(ds: Dataset, ctx: _Context) -> None:
-    rec, acquired = ctx.recording, ctx.acquired
+    rec, acquired, request = ctx.recording, ctx.acquired, ctx.request
     description = ("STAT " if rec.stat else "") + IOD_LIMITS[ctx.sop_class].name
     if rec.patient is None:
-        description += " - UNASSIGNED PATIENT"
+        description += _UNASSIGNED_DESCRIPTION
+    if request.reason:
+        description += " - " + request.reason
     ds.StudyInstanceUID = ctx.uids.study_uid
     ds.StudyDate = _da(acquired)
     ds.StudyTime = _tm(acquired)
-    ds.ReferringPhysicianName = ""
+    ds.ReferringPhysicianName = _person_name(request.referring_physician)
     ds.StudyID = "ECG" + acquired.strftime("%y%m%d%H%M%S")
-    ds.AccessionNumber = ""
+    ds.AccessionNumber = _text(ctx.uids.accession_number, "SH")
     ds.StudyDescription = _text(description, "LO")
     ds.Modality = "ECG"
     ds.SeriesInstanceUID = ctx.uids.series_uid
@@ -495,6 +592,10 @@ def _set_study_and_series(ds: Dataset, ctx: _Context) -> None:
     ds.SeriesDate = _da(acquired)
     ds.SeriesTime = _tm(acquired)
     ds.SeriesDescription = _text(f"ECG from {rec.device.label()}", "LO")
+    if request.reason:
+        asked = Dataset()
+        asked.ReasonForTheRequestedProcedure = _text(request.reason, "LO")
+        ds.RequestAttributesSequence = Sequence([asked])
 
 
 def _set_time_source(ds: Dataset, ctx: _Context) -> None:
@@ -578,12 +679,121 @@ def _waveform_group(ctx: _Context, quantised: _Quantised, gaps: list[tuple[int, 
     return group
 
 
+def _median_group(ctx: _Context) -> Dataset | None:
+    """The cart's median beats as a second multiplex group, where the IOD allows it."""
+    median = ctx.recording.median_beats
+    if median is None or median_left_out(ctx.recording, ctx.sop_class):
+        return None
+    quantised = _quantise(median.samples, PADDING_VALUE)
+    group = Dataset()
+    group.WaveformOriginality = "DERIVED"
+    group.NumberOfWaveformChannels = len(median.lead_names)
+    group.NumberOfWaveformSamples = median.n_samples
+    group.SamplingFrequency = _ds(median.sampling_rate_hz)
+    group.MultiplexGroupLabel = MEDIAN_GROUP_LABEL
+    sensitivity = float(median.uv_per_unit) * quantised.factor
+    group.ChannelDefinitionSequence = Sequence(
+        [
+            _channel(
+                name, derived=False, sensitivity=sensitivity, derivation_notes=["median beat computed by the device"]
+            )
+            for name in median.lead_names
+        ]
+    )
+    group.WaveformBitsAllocated = 16
+    group.WaveformSampleInterpretation = "SS"
+    group.add_new(0x54001010, "OW", quantised.samples.T.astype("<i2").tobytes())
+    return group
+
+
+def median_left_out(recording: EcgRecording, sop_class: str) -> str:
+    """Why the median beats cannot go in the object ("" when they can, or there are none)."""
+    median = recording.median_beats
+    if median is None:
+        return ""
+    limits = IOD_LIMITS[sop_class]
+    channels = recording.n_leads + len(median.lead_names)
+    if limits.max_total_channels is not None and channels > limits.max_total_channels:
+        return (
+            f"the {limits.name} IOD allows at most {limits.max_total_channels} channels in all "
+            f"(PS3.3 A.34.3.4.4); rhythm and median beats would need {channels}"
+        )
+    if len(median.lead_names) > limits.max_channels_per_group:
+        return f"{len(median.lead_names)} median-beat leads exceed {limits.max_channels_per_group} per group"
+    if not limits.min_rate_hz <= median.sampling_rate_hz <= limits.max_rate_hz:
+        return f"median beats at {median.sampling_rate_hz:g} Hz are outside {limits.min_rate_hz:g}-{limits.max_rate_hz:g} Hz"
+    if limits.max_samples is not None and median.n_samples > limits.max_samples:
+        return f"{median.n_samples} median-beat samples exceed {limits.max_samples}"
+    return ""
+
+
+def _measurement_item(m: EcgMeasurement, channel: int) -> Dataset:
+    kind = MEASUREMENT_KINDS[m.kind]
+    code, meaning = kind.mdc, kind.meaning
+    concept = _code(code, "MDC", meaning)
+    if m.kind == "qtc-interval" and m.method in QTC_FORMULA_CODES:
+        concept = _code(QTC_FORMULA_CODES[m.method][0], "MDC", QTC_FORMULA_CODES[m.method][1])
+    elif m.kind == "qtc-interval" and m.method:
+        # no code of its own: "QTc interval global" specialised by the algorithm (CID 3678)
+        concept.ModifierCodeSequence = Sequence(
+            [_code(QTC_ALGORITHMS[m.method][0], "DCM", QTC_ALGORITHMS[m.method][1])]
+        )
+    item = Dataset()
+    item.ConceptNameCodeSequence = Sequence([concept])
+    item.NumericValue = _ds(m.value)
+    item.MeasurementUnitsCodeSequence = Sequence([_code(kind.unit, "UCUM", _UCUM_MEANINGS[kind.unit])])
+    item.ReferencedWaveformChannels = [1, channel]
+    item.AnnotationGroupNumber = FINDINGS_GROUPS[StatementSource.DEVICE]
+    return item
+
+
+def _statement_item(statement: EcgStatement) -> Dataset:
+    item = _annotation(statement.text)
+    item.AnnotationGroupNumber = FINDINGS_GROUPS[statement.source]
+    return item
+
+
+def _findings(ctx: _Context) -> tuple[list[Dataset], list[str]]:
+    """(annotation items of the cart's findings, gateway notes about them)."""
+    rec = ctx.recording
+    items: list[Dataset] = []
+    notes: list[str] = []
+    for m in rec.measurements:
+        channel = 0
+        if m.lead:
+            if m.lead not in rec.lead_names:
+                notes.append(f"Device measurement {m.kind} of lead {m.lead} left out: no such lead in the waveform")
+                continue
+            channel = rec.lead_names.index(m.lead) + 1
+        items.append(_measurement_item(m, channel))
+        if m.note:
+            notes.append(f"Device measurement {MEASUREMENT_KINDS[m.kind].meaning}: {m.note}")
+    items += [_statement_item(s) for s in rec.statements]
+    sources = [src for src in StatementSource if any(s.source is src for s in rec.statements)]
+    if rec.measurements and StatementSource.DEVICE not in sources:
+        sources.insert(0, StatementSource.DEVICE)
+    if sources:
+        by = f" ({rec.device.label()})" if rec.device.label() != "unknown device" else ""
+        groups = "; ".join(f"group {FINDINGS_GROUPS[src]}: {_FINDINGS_NOTE[src]}" for src in sources)
+        notes.insert(0, f"Annotation groups from the device{by}: {groups}")
+    why = median_left_out(rec, ctx.sop_class)
+    if why:
+        median = rec.median_beats
+        assert median is not None
+        notes.append(
+            f"The device's median beats ({len(median.lead_names)} leads x {median.n_samples} samples) are not "
+            f"included: {why}"
+        )
+    return items, notes
+
+
 def _annotations(
     ctx: _Context, patient_id: str, quantised: _Quantised, gap_positions: list[tuple[int, int]]
 ) -> Sequence:
-    """Gaps (coded + text) and the facts a reader must see, as ECG statements."""
+    """The cart's findings, gaps (coded + text) and the facts a reader must see, as ECG statements."""
     rec, rate = ctx.recording, ctx.rate
-    notes: list[Dataset] = []
+    findings, finding_notes = _findings(ctx)
+    notes: list[Dataset] = findings + [_annotation(text) for text in finding_notes]
     for first, count in gap_positions:
         notes.append(_gap_annotation(first, count))
         notes.append(
@@ -595,10 +805,12 @@ def _annotations(
         )
     if rec.stat:
         notes.append(_annotation("STAT: urgent read requested"))
+    if ctx.request.reason:
+        notes.append(_annotation(f"Reason for the ECG: {ctx.request.reason}"))
     if rec.patient is None:
         notes.append(
             _annotation(
-                f"UNASSIGNED PATIENT: no patient identified at the gateway; Patient ID "
+                f"{_UNASSIGNED_NOTE}: no patient identified at the gateway; Patient ID "
                 f"{patient_id} is a temporary placeholder"
             )
         )
@@ -643,7 +855,12 @@ def _file_meta(ctx: _Context) -> FileMetaDataset:
 
 
 def build_ecg_dataset(
-    recording: EcgRecording, uids: EcgStudyUids, station: StationInfo, *, created_at: dt.datetime | None = None
+    recording: EcgRecording,
+    uids: EcgStudyUids,
+    station: StationInfo,
+    *,
+    created_at: dt.datetime | None = None,
+    request: StudyRequest | None = None,
 ) -> Dataset:
     """The DICOM object for `recording` (with file meta, Explicit VR Little Endian).
 
@@ -656,7 +873,7 @@ def build_ecg_dataset(
         if created_at.tzinfo is None or created_at.utcoffset() is None:
             raise InvalidObjectError("created_at must carry a time zone")
         created = created_at.astimezone(acquired.tzinfo)  # one Timezone Offset From UTC for all
-    ctx = _Context(recording, uids, station, sop_class, acquired, created)
+    ctx = _Context(recording, uids, station, sop_class, acquired, created, request or StudyRequest())
     gaps = _merged_gaps(recording.gaps)
     quantised = _quantise(recording.samples, -INT16_MAX if gaps else PADDING_VALUE)
     data, gap_positions = _multiplexed(quantised.samples, gaps)
@@ -679,7 +896,8 @@ def build_ecg_dataset(
     ds.ContentTime = _tm(acquired)
     ds.AcquisitionDateTime = _dt(acquired)
     ds.AcquisitionContextSequence = _acquisition_context(ctx)
-    ds.WaveformSequence = Sequence([_waveform_group(ctx, quantised, gaps, data)])
+    median = _median_group(ctx)
+    ds.WaveformSequence = Sequence([_waveform_group(ctx, quantised, gaps, data)] + ([median] if median else []))
     ds.WaveformAnnotationSequence = _annotations(ctx, ds.PatientID, quantised, gap_positions)
     ds.file_meta = _file_meta(ctx)
     if not quantised.exact:
@@ -755,9 +973,14 @@ def encode_dataset(ds: Dataset) -> bytes:
 
 
 def recording_to_dicom_bytes(
-    recording: EcgRecording, uids: EcgStudyUids, station: StationInfo, *, created_at: dt.datetime | None = None
+    recording: EcgRecording,
+    uids: EcgStudyUids,
+    station: StationInfo,
+    *,
+    created_at: dt.datetime | None = None,
+    request: StudyRequest | None = None,
 ) -> bytes:
     """Build, check and encode: the bytes to store, or InvalidObjectError."""
-    ds = build_ecg_dataset(recording, uids, station, created_at=created_at)
+    ds = build_ecg_dataset(recording, uids, station, created_at=created_at, request=request)
     check_ecg_iod(ds)
     return encode_dataset(ds)

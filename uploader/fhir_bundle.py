@@ -81,6 +81,14 @@ class VisitSignature:
 
 
 @dataclass(frozen=True)
+class VisitNote:
+    """A note the family doctor wrote during the visit; `at` None when its time is unknown."""
+
+    text: str
+    at: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
 class VisitSummary:
     visit_id: str
     doctor_id: str
@@ -92,7 +100,7 @@ class VisitSummary:
     household_id: str | None = None
     position: VisitPosition | None = None
     flags: tuple[str, ...] = ()
-    notes: tuple[str, ...] = field(default=())
+    notes: tuple[VisitNote, ...] = field(default=())
 
 
 # --- observations: our vocabulary → LOINC/UCUM --------------------------------------------------
@@ -347,6 +355,29 @@ def _encounter_entry(visit: VisitSummary, naming: FhirNaming, location_url: str 
     return _entry(resource, system, visit.visit_id)
 
 
+def _note_entries(visit: VisitSummary, naming: FhirNaming, encounter_url: str) -> list[dict[str, Any]]:
+    """Each visit note as an Observation (LOINC 34109-9 "Note") linked to the Encounter: R4's
+    Encounter has no note element, and the county platform files notes with the visit this way."""
+    system = naming.system("visit-note")
+    entries = []
+    for number, note in enumerate(visit.notes, start=1):
+        ident = f"{visit.visit_id}/note/{number}"
+        resource: dict[str, Any] = {
+            "resourceType": "Observation",
+            "identifier": [{"system": system, "value": ident}],
+            "status": "final",
+            "category": [{"coding": [_coding(OBS_CATEGORY, "exam", "Exam")]}],
+            "code": _loinc("34109-9", "Note"),
+            "subject": _ref_id(naming.patient_system, visit.patient_id),
+            "encounter": {"reference": encounter_url},
+            "effectiveDateTime": _instant(note.at or visit.started_at),
+            "performer": [_ref_id(naming.practitioner_system, visit.doctor_id)],
+            "valueString": note.text,
+        }
+        entries.append(_entry(resource, system, ident))
+    return entries
+
+
 def _provenance_entry(
     visit: VisitSummary, naming: FhirNaming, signature: VisitSignature, targets: Sequence[str], gateway_url: str
 ) -> dict[str, Any]:
@@ -416,6 +447,7 @@ def visit_bundle(
     obs_entries: list[dict[str, Any]] = []
     for obs in observations:
         obs_entries += observation_entries(obs, naming, encounter_url=encounter["fullUrl"], patient_id=visit.patient_id)
+    obs_entries += _note_entries(visit, naming, encounter["fullUrl"])
     entries = [gateway] + ([location] if location else []) + [encounter] + obs_entries
     if signature is not None:
         targets = [encounter["fullUrl"]] + [

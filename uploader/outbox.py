@@ -7,6 +7,12 @@ Life of an item::
       |   transient /   |  |                  +--requeue (commitment failed)--> queued
       +---release-------+  +--quarantine--> quarantined --retry--> queued
 
+Holds: a queued item may carry `hold_until` (epoch seconds) and `hold_reason`; `claim` never
+takes it before that time, so the forwarder cannot send it. An ECG with no patient is added held
+("unassigned") for the doctor to assign; `replace_held_payload` swaps its payload (the object
+rebuilt under the same UIDs) only while it is queued and was never attempted, and releases it;
+when the hold runs out it goes as it is. The quality gate's "re-record" hold uses the same columns.
+
 Design (see also `outbox_migrations.py` and `payload_files.py`):
 
 - One database `outbox.sqlite` in the data directory, WAL, synchronous=FULL (an `add` that
@@ -128,6 +134,19 @@ class OutboxItem:
     meta: dict[str, Any]
     patient: dict[str, Any] | None
     quarantine_reason: str | None
+    hold_until: float | None = None  # not claimable before this time (None: not held)
+    hold_reason: str | None = None  # why: "unassigned" (no patient yet), "re-record" ...
+
+    def held(self, now: float) -> bool:
+        return self.state == ItemState.QUEUED and self.hold_until is not None and self.hold_until > now
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Keep an item out of the forwarder's reach until `until` (epoch seconds), for `reason`."""
+
+    reason: str
+    until: float
 
 
 @dataclass(frozen=True)
@@ -160,7 +179,7 @@ TRANSITIONS: dict[str, tuple[frozenset[ItemState], ItemState]] = {
 _ITEM_COLUMNS = (
     "id, kind, key, priority, state, attempts, next_attempt_at, last_error, created_at, "
     "updated_at, sent_at, committed_at, transaction_uid, sha256, size, meta, patient, "
-    "quarantine_reason"
+    "quarantine_reason, hold_until, hold_reason"
 )
 
 
@@ -206,6 +225,8 @@ def _item(row: sqlite3.Row) -> OutboxItem:
         meta=json.loads(row["meta"]) if row["meta"] else {},
         patient=json.loads(row["patient"]) if row["patient"] else None,
         quarantine_reason=row["quarantine_reason"],
+        hold_until=_time(row["hold_until"]),
+        hold_reason=row["hold_reason"],
     )
 
 
@@ -390,9 +411,10 @@ class Outbox:
         meta: dict[str, Any] | None = None,
         patient: dict[str, Any] | None = None,
         now: float | None = None,
+        hold: Hold | None = None,
     ) -> AddResult:
         """Store `payload` durably under the idempotency `key`; an existing key returns the
-        existing item (created=False) and writes nothing."""
+        existing item (created=False) and writes nothing. `hold`: not sendable until then."""
         now = time.time() if now is None else now
         existing = self.find(key)
         if existing is not None:
@@ -406,7 +428,17 @@ class Outbox:
             name = None if inline else self._files.write(payload)
             try:
                 item_id, created = self._insert(
-                    kind, key, payload if inline else None, name, len(payload), priority, meta, patient, digest, now
+                    kind,
+                    key,
+                    payload if inline else None,
+                    name,
+                    len(payload),
+                    priority,
+                    meta,
+                    patient,
+                    digest,
+                    now,
+                    hold,
                 )
             except sqlite3.Error as exc:
                 if name:
@@ -443,6 +475,7 @@ class Outbox:
         patient: dict[str, Any] | None,
         digest: str,
         now: float,
+        hold: Hold | None = None,
     ) -> tuple[int, bool]:
         with self._write() as conn:
             row = conn.execute("SELECT id FROM items WHERE key = ?", (key,)).fetchone()
@@ -450,8 +483,8 @@ class Outbox:
                 return row[0], False
             cur = conn.execute(
                 "INSERT INTO items (kind, key, priority, state, attempts, next_attempt_at, "
-                "created_at, updated_at, sha256, size, meta, patient, payload_file) "
-                "VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "created_at, updated_at, sha256, size, meta, patient, payload_file, hold_until, hold_reason) "
+                "VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     kind,
                     key,
@@ -465,6 +498,8 @@ class Outbox:
                     _json(meta or {}),
                     _json(patient),
                     name,
+                    None if hold is None else float(hold.until),
+                    None if hold is None else hold.reason,
                 ),
             )
             item_id = int(cur.lastrowid or 0)
@@ -558,8 +593,9 @@ class Outbox:
             rows = conn.execute(
                 f"UPDATE items SET state = ?, updated_at = ?, claimed_by = ? WHERE id IN ("
                 f"  SELECT id FROM items WHERE state = ? AND kind = ? AND next_attempt_at <= ?"
+                f"  AND (hold_until IS NULL OR hold_until <= ?)"
                 f"  ORDER BY priority, created_at, id LIMIT ?) RETURNING {_ITEM_COLUMNS}",
-                (S.SENDING.value, now, self.owner, S.QUEUED.value, kind, now, int(limit)),
+                (S.SENDING.value, now, self.owner, S.QUEUED.value, kind, now, now, int(limit)),
             ).fetchall()
         items = [_item(r) for r in rows]
         items.sort(key=lambda i: (i.priority, i.created_at, i.id))
@@ -645,6 +681,89 @@ class Outbox:
         """Sent but not kept by the peer (commitment failed): send again, after a backoff so a
         peer that keeps failing is not hammered; charged as an attempt."""
         self._charge_and_queue("requeue", item_ids, reason, now, extra={"transaction_uid": None})
+
+    # -- holds ------------------------------------------------------------------------------------
+    def held_items(self, now: float, *, kind: str | None = None, reason: str | None = None) -> list[OutboxItem]:
+        """Queued items still held at `now` (oldest first)."""
+        sql = f"SELECT {_ITEM_COLUMNS} FROM items WHERE state = ? AND hold_until > ?"
+        params: list[Any] = [S.QUEUED.value, now]
+        if kind is not None:
+            sql += " AND kind = ?"
+            params.append(kind)
+        if reason is not None:
+            sql += " AND hold_reason = ?"
+            params.append(reason)
+        return [_item(r) for r in self._read(sql + " ORDER BY id", params)]
+
+    def release_hold(self, item_id: int, now: float) -> bool:
+        """Let a held item go now; False if it is not a queued item."""
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE items SET hold_until = NULL, updated_at = ? WHERE id = ? AND state = ?",
+                (now, item_id, S.QUEUED.value),
+            )
+        return cur.rowcount == 1
+
+    def replace_held_payload(
+        self,
+        item_id: int,
+        payload: bytes,
+        now: float,
+        *,
+        meta: dict[str, Any] | None = None,
+        patient: dict[str, Any] | None = None,
+        hold: Hold | None = None,
+    ) -> bool:
+        """Swap the payload (and meta/patient) of an item that was never attempted and is still
+        queued, e.g. an ECG rebuilt under its own UIDs once its patient is known, and set its hold
+        (None: release it). False, and nothing changed, if the item was claimed or tried meanwhile:
+        what went out cannot be taken back."""
+        payload = bytes(payload)
+        self._check_space(len(payload))
+        digest = hashlib.sha256(payload).hexdigest()
+        inline = len(payload) <= self.inline_max_bytes
+        writing = contextlib.nullcontext() if inline else self._files.writing()
+        old_file: str | None = None
+        replaced = False
+        with writing:
+            name = None if inline else self._files.write(payload)
+            try:
+                with self._write() as conn:
+                    row = conn.execute(
+                        "SELECT payload_file FROM items WHERE id = ? AND state = ? AND attempts = 0",
+                        (item_id, S.QUEUED.value),
+                    ).fetchone()
+                    if row is not None:
+                        old_file = row[0]
+                        sets: dict[str, Any] = {
+                            "sha256": digest,
+                            "size": len(payload),
+                            "payload_file": name,
+                            "updated_at": now,
+                            "hold_until": None if hold is None else float(hold.until),
+                            "hold_reason": None if hold is None else hold.reason,
+                        }
+                        if meta is not None:
+                            sets["meta"] = _json(meta)
+                        if patient is not None:
+                            sets["patient"] = _json(patient)
+                        conn.execute(
+                            f"UPDATE items SET {', '.join(f'{c} = ?' for c in sets)} WHERE id = ?",
+                            [*sets.values(), item_id],
+                        )
+                        conn.execute("DELETE FROM payloads WHERE item_id = ?", (item_id,))
+                        if inline:
+                            conn.execute("INSERT INTO payloads (item_id, data) VALUES (?, ?)", (item_id, payload))
+                        replaced = True
+            except BaseException:
+                if name:
+                    self._files.delete(name)
+                raise
+            if not replaced and name:
+                self._files.delete(name)
+        if replaced and old_file and old_file != name:
+            self._files.delete(old_file)  # after the commit: a crash leaves an orphan, removed at open
+        return replaced
 
     # -- operator actions -------------------------------------------------------------------------
     def retry(self, item_id: int, now: float) -> bool:
@@ -788,6 +907,7 @@ class Outbox:
             )
         ]
         statuses = {r[0]: json.loads(r[1]) for r in self._read("SELECT name, value FROM status ORDER BY name")}
+        held = self._read("SELECT COUNT(*) FROM items WHERE state = ? AND hold_until > ?", (S.QUEUED.value, now))[0][0]
         try:
             st = self._statvfs(self.data_dir)
             free_bytes: int | None = st.f_bavail * st.f_frsize
@@ -795,6 +915,7 @@ class Outbox:
             free_bytes = None
         return {
             "counts": counts,
+            "held": held,  # of the queued: held back (e.g. for the doctor to assign a patient)
             "oldest_waiting_s": None if oldest is None else max(0.0, now - oldest),
             "last_sent_at": last_sent,
             "last_committed_at": last_committed,

@@ -124,6 +124,12 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration("0001_items", _items),
     Migration("0002_payloads", _payloads),
     Migration("0003_status", _status),
+    # a queued item may be held back (not claimable) until a time, for a reason: an ECG waiting
+    # for the doctor to assign its patient, later one waiting to be re-recorded
+    Migration.sql(
+        "0004_holds",
+        "ALTER TABLE items ADD COLUMN hold_until REAL;\nALTER TABLE items ADD COLUMN hold_reason TEXT;",
+    ),
 )
 
 

@@ -2,8 +2,12 @@
 
 Parsed with defusedxml (no DTDs, no entity expansion: the XML is untrusted). We read the
 first RHYTHM series: its TIME_ABSOLUTE or TIME_RELATIVE sequence (start and increment) and
-its lead sequences (SLIST: physical value = digits * scale + origin). Median beats
-(REPRESENTATIVE_BEAT, derived series) are not needed for forwarding and are not read.
+its lead sequences (SLIST: physical value = digits * scale + origin), and the cart's findings:
+the representative beats (REPRESENTATIVE_BEAT derived series) as median beats, the global
+measurements of its annotation sets (MDC_ECG_TIME_PD_*, MDC_ECG_ANGLE_*, MDC_ECG_HEART_RATE;
+those of the representative beat first, per-beat values inside MDC_ECG_BEAT never), the
+statements (rhythm and interpretation annotations; a set authored by a person is a physician's)
+and the subject finding comment.
 
 Acquisition time, first that is present: the absolute time sequence's head; else the
 series' effectiveTime (low; center; high minus the duration); else the document's
@@ -22,6 +26,7 @@ import numpy as np
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import ParseError, fromstring
 
+from devices.ecg.findings import EcgMeasurement, EcgStatement, MedianBeats, StatementSource, measurement
 from devices.ecg.leads import derive_limb_leads, normalise_lead_name, require_unique
 from devices.ecg.recording import EcgRecording
 from devices.ecg.scaling import Channel, to_common_unit
@@ -206,6 +211,136 @@ def _device(series: Element) -> DeviceIdentity:
         software_version=(dev.findtext(_q("softwareName")) or "").strip() if dev is not None else "")
 
 
+# ---------------------------------------------------------------- the cart's findings
+
+_MEASUREMENT_CODES: dict[str, tuple[str, str]] = {
+    "MDC_ECG_HEART_RATE": ("heart-rate", ""),
+    "MDC_ECG_TIME_PD_RR": ("rr-interval", ""),
+    "MDC_ECG_TIME_PD_RR_GL": ("rr-interval", ""),
+    "MDC_ECG_TIME_PD_PP": ("pp-interval", ""),
+    "MDC_ECG_TIME_PD_PP_GL": ("pp-interval", ""),
+    "MDC_ECG_TIME_PD_P": ("p-duration", ""),
+    "MDC_ECG_TIME_PD_P_GL": ("p-duration", ""),
+    "MDC_ECG_TIME_PD_PR": ("pr-interval", ""),
+    "MDC_ECG_TIME_PD_PR_GL": ("pr-interval", ""),
+    "MDC_ECG_TIME_PD_QRS": ("qrs-duration", ""),
+    "MDC_ECG_TIME_PD_QRS_GL": ("qrs-duration", ""),
+    "MDC_ECG_TIME_PD_QT": ("qt-interval", ""),
+    "MDC_ECG_TIME_PD_QT_GL": ("qt-interval", ""),
+    "MDC_ECG_TIME_PD_QTc": ("qtc-interval", ""),
+    "MDC_ECG_TIME_PD_QTcB": ("qtc-interval", "bazett"),
+    "MDC_ECG_TIME_PD_QTcF": ("qtc-interval", "fridericia"),
+    "MDC_ECG_TIME_PD_QTcH": ("qtc-interval", "hodges"),
+    "MDC_ECG_ANGLE_P_FRONT": ("p-axis", ""),
+    "MDC_ECG_ANGLE_QRS_FRONT": ("qrs-axis", ""),
+    "MDC_ECG_ANGLE_T_FRONT": ("t-axis", ""),
+}
+_TO_UNIT = {"ms": ("ms", 1.0), "s": ("ms", 1000.0), "us": ("ms", 0.001), "deg": ("deg", 1.0),
+            "/min": ("/min", 1.0), "bpm": ("/min", 1.0), "{beats}/min": ("/min", 1.0)}
+_STATEMENT_CODES = ("MDC_ECG_RHY", "MDC_ECG_INTERPRETATION", "MDC_ECG_INTERPRETATION_STATEMENT",
+                    "MDC_ECG_INTERPRETATION_SUMMARY")
+
+
+def _annotation_sets(series: Element) -> list[Element]:
+    return series.findall(_q("subjectOf/annotationSet"))
+
+
+def _set_source(annotation_set: Element) -> StatementSource:
+    person = annotation_set.find(_q("author/assignedEntity/assignedAuthorType/assignedPerson"))
+    return StatementSource.PHYSICIAN if person is not None else StatementSource.DEVICE
+
+
+def _has_lead(annotation: Element) -> bool:
+    """A supporting region that names a lead makes the annotation per-lead, not global."""
+    for code in annotation.findall(_q("support/supportingROI/component/boundary/code")):
+        if (code.get("code") or "").startswith("MDC_ECG_LEAD"):
+            return True
+    return False
+
+
+def _walk(parent: Element, inside_beat: bool, found: list[tuple[Element, bool]]) -> None:
+    for annotation in parent.findall(_q("component/annotation")):
+        found.append((annotation, inside_beat))
+        beat = inside_beat or _attr(annotation, "code", "code") == "MDC_ECG_BEAT"
+        _walk(annotation, beat, found)
+
+
+def _findings_of_set(annotation_set: Element, where: str, measurements: dict[str, EcgMeasurement],
+                     statements: list[EcgStatement]) -> None:
+    source = _set_source(annotation_set)
+    found: list[tuple[Element, bool]] = []
+    _walk(annotation_set, False, found)
+    for annotation, inside_beat in found:
+        code = _attr(annotation, "code", "code") or ""
+        value = annotation.find(_q("value"))
+        if value is None:
+            continue
+        vtype = value.get(XSI_TYPE, "")
+        if code in _MEASUREMENT_CODES and vtype == "PQ" and not inside_beat and not _has_lead(annotation):
+            kind, method = _MEASUREMENT_CODES[code]
+            unit = _TO_UNIT.get(value.get("unit", ""))
+            try:
+                number = float(value.get("value", ""))
+            except ValueError:
+                continue
+            if unit is None or kind in measurements:
+                continue
+            extra = {"method": method} if method else {}
+            m = measurement(kind, number * unit[1], f"aecg:{where}", **extra)
+            if m is not None and m.unit == unit[0]:
+                measurements[kind] = m
+        elif code in _STATEMENT_CODES and not inside_beat:
+            if vtype in ("ST", "ED"):
+                text, coded = (value.text or "").strip(), ""
+            else:
+                coded = value.get("code", "")
+                text = (value.get("displayName") or coded).strip()
+            if text:
+                statements.append(EcgStatement(text, source, f"aecg:{where}", coded))
+
+
+def _representative(root: Element, rhythm: Element, local_tz: dt.tzinfo) -> tuple[Element | None, MedianBeats | None]:
+    for derived in rhythm.findall(_q("derivation/derivedSeries")) + root.findall(_q("component/series")):
+        if _attr(derived, "code", "code") != "REPRESENTATIVE_BEAT":
+            continue
+        for seq_set in derived.findall(_q("component/sequenceSet")):
+            try:
+                parsed = _read_sequence_set(seq_set, local_tz)
+            except ProtocolError:
+                continue  # the median beats are unreadable: the rhythm and its findings still go
+            lengths = {c.raw.size for _, c in parsed.leads}
+            if not parsed.leads or len(lengths) != 1 or 0 in lengths:
+                continue
+            names = tuple(normalise_lead_name(code) for code, _ in parsed.leads)
+            if len(set(names)) != len(names):
+                continue
+            try:
+                samples, uv_per_unit = to_common_unit([c for _, c in parsed.leads], "HL7 aECG median beats")
+                return derived, MedianBeats(samples=samples, lead_names=names,
+                                            sampling_rate_hz=_rate(parsed.increment_s),
+                                            uv_per_unit=uv_per_unit, source="aecg:representative-beat")
+            except (ProtocolError, InvalidRecordingError):
+                continue
+        return derived, None
+    return None, None
+
+
+def _findings(root: Element, rhythm: Element, representative: Element | None
+              ) -> tuple[tuple[EcgMeasurement, ...], tuple[EcgStatement, ...]]:
+    measurements: dict[str, EcgMeasurement] = {}
+    statements: list[EcgStatement] = []
+    # the representative beat's global values are the cart's summary: they come first
+    if representative is not None:
+        for annotation_set in _annotation_sets(representative):
+            _findings_of_set(annotation_set, "representative-beat", measurements, statements)
+    for annotation_set in _annotation_sets(rhythm):
+        _findings_of_set(annotation_set, "rhythm", measurements, statements)
+    comment = (root.findtext(_q("pertainsTo/subjectFindingComment/text")) or "").strip()
+    if comment:
+        statements.append(EcgStatement(comment, StatementSource.COMMENT, "aecg:subjectFindingComment"))
+    return tuple(measurements.values()), tuple(statements)
+
+
 def _rate(increment_s: float) -> float:
     rate = 1.0 / increment_s
     whole = round(rate)
@@ -265,10 +400,13 @@ def read_aecg(data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc,
         start, source = received_at, TimeSource.GATEWAY_RECEIPT
     all_samples, all_names, derived = derive_limb_leads(samples, tuple(names))
     try:
+        representative, median = _representative(root, rhythm, local_tz)
+        measurements, statements = _findings(root, rhythm, representative)
         return EcgRecording(samples=all_samples, lead_names=all_names, sampling_rate_hz=rate,
                             uv_per_unit=uv_per_unit, acquired_at=start, time_source=source,
                             device=_device(rhythm), patient=_patient(root), derived_leads=derived,
-                            source_format="aecg")
+                            source_format="aecg", measurements=measurements, statements=statements,
+                            median_beats=median)
     except InvalidRecordingError as exc:
         raise ProtocolError(f"HL7 aECG: {exc}") from None
 

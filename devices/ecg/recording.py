@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from devices.ecg.findings import EcgMeasurement, EcgStatement, MedianBeats
 from devices.errors import InvalidRecordingError
 from devices.identity import DeviceIdentity, Patient, TimeSource, require_aware
 
@@ -49,6 +50,9 @@ class EcgRecording:
     gaps: tuple[SampleGap, ...] = ()  # samples lost in transit (streamed ECG)
     stat: bool = False  # urgent read requested
     flags: tuple[str, ...] = ()  # e.g. "patient-mismatch": things the doctor must look at
+    measurements: tuple[EcgMeasurement, ...] = ()  # the cart's own findings, as it reported them
+    statements: tuple[EcgStatement, ...] = ()  # its interpretation statements and comments
+    median_beats: MedianBeats | None = None  # its representative beats, when the file has them
 
     def __post_init__(self) -> None:
         s = self.samples

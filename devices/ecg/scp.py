@@ -7,7 +7,10 @@ CRC-CCITT (and the record's) is checked before anything is decoded.
 
 What we decode: section 1 (patient, device, acquisition time), 2 (default or custom Huffman
 tables with table switching), 3 (lead definitions), 4 (reference beat length), 5 (reference
-beats), 6 (rhythm data: no, first or second differences). What we refuse, because no public
+beats), 6 (rhythm data: no, first or second differences), and the cart's findings: 7 (global
+measurements), 8 (interpretation statements), 10 (per-lead measurements), 11 (universal
+statement codes). A findings section that does not parse costs only its findings (the
+recording is flagged "cart-findings-unreadable:scp-section-N"), never the ECG. What we refuse, because no public
 file lets us prove a decoder right and a wrong guess would look like a plausible ECG:
 bimodal compression and reference-beat subtraction (UnsupportedFeatureError).
 
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from devices.ecg.findings import EcgMeasurement, EcgStatement, MedianBeats, StatementSource, measurement
 from devices.ecg.leads import derive_limb_leads, lead_name_from_scp_code, require_unique, standard_order
 from devices.ecg.recording import EcgRecording
 from devices.errors import InvalidRecordingError, ProtocolError, UnsupportedFeatureError
@@ -483,6 +487,183 @@ def _rate(interval_us: int) -> float:
         return float(whole)
     return 1_000_000 / interval_us
 
+# ---------------------------------------------------------------- findings (sections 7, 8, 10, 11)
+
+# "not computed", "rejected", "wave not present" (EN 1064 5.9 / 5.11): never a value
+_SCP_UNDEFINED = frozenset({29999, 29998, 19999, -29999, -32768, 32767})
+_AXIS_UNDEFINED = 999
+_QTC_FORMULA = {1: "bazett", 2: "hodges"}
+# section 10 per-lead values (int16, in this order): index -> our measurement, and the index of
+# the wave duration that must be non-zero for an amplitude to mean anything
+_SECTION10 = {0: ("lead-p-duration", None), 1: ("lead-pr-interval", None), 2: ("lead-qrs-duration", None),
+              3: ("lead-qt-interval", None), 9: ("lead-q-amplitude", 4), 10: ("lead-r-amplitude", 5),
+              11: ("lead-s-amplitude", 6), 14: ("lead-j-amplitude", None)}
+
+
+@dataclass
+class _Findings:
+    measurements: list[EcgMeasurement] = field(default_factory=list)
+    statements: list[EcgStatement] = field(default_factory=list)
+    unreadable: list[int] = field(default_factory=list)
+
+    def add(self, kind: str, value: int, source: str, **extra: str) -> None:
+        if value in _SCP_UNDEFINED:
+            return
+        found = measurement(kind, value, source, **extra)
+        if found is not None:
+            self.measurements.append(found)
+
+
+def _i16(b: bytes, p: int) -> int:
+    return int.from_bytes(b[p:p + 2], "little", signed=True)
+
+
+def _parse_section7(body: bytes, out: _Findings) -> None:
+    """Global measurements. The first measurement block is the dominant (reference) beat: its
+    wave boundaries give PR, QRS and QT as the standard defines them (QRS onset - P onset ...)."""
+    if len(body) < 6:
+        raise ProtocolError("section 7 is shorter than its header")
+    blocks, spikes = body[0], body[1]
+    source = "scp:section7"
+    out.add("rr-interval", _u16(body, 2), source)
+    out.add("pp-interval", _u16(body, 4), source)
+    pos = 6
+    if pos + 16 * blocks > len(body):
+        raise ProtocolError(f"section 7 declares {blocks} measurement blocks beyond its end")
+    if blocks:
+        p_on, p_off, qrs_on, qrs_off, t_off = (_u16(body, pos + 2 * i) for i in range(5))
+        fiducials = source + " (reference-beat wave boundaries)"
+
+        def span(start: int, end: int) -> int:
+            if start in _SCP_UNDEFINED or end in _SCP_UNDEFINED or end < start:
+                return 29999
+            return end - start
+
+        out.add("p-duration", span(p_on, p_off), fiducials)
+        out.add("pr-interval", span(p_on, qrs_on), fiducials)
+        out.add("qrs-duration", span(qrs_on, qrs_off), fiducials)
+        out.add("qt-interval", span(qrs_on, t_off), fiducials)
+        for i, kind in enumerate(("p-axis", "qrs-axis", "t-axis")):
+            axis = _i16(body, pos + 10 + 2 * i)
+            if abs(axis) != _AXIS_UNDEFINED:
+                out.add(kind, axis, source)
+    pos += 16 * blocks + 10 * spikes  # pacemaker spikes: 4 bytes each, then 6 bytes of info each
+    if pos + 2 > len(body):
+        return  # version 1.x: no QRS types and no additional measurements
+    qrs_types = _u16(body, pos)
+    pos += 2 + qrs_types
+    if pos + 7 > len(body):
+        return
+    out.add("heart-rate", _u16(body, pos), source)  # ventricular rate
+    qtc, formula = _u16(body, pos + 4), body[pos + 6]
+    out.add("qtc-interval", qtc, source, **({"method": _QTC_FORMULA[formula]} if formula in _QTC_FORMULA else {}))
+
+
+def _statement_header(body: bytes, sid: int) -> tuple[StatementSource, int]:
+    if len(body) < 9:
+        raise ProtocolError(f"section {sid} is shorter than its header")
+    # byte 0: 0 original (not over-read), 1 confirmed report, 2 over-read but not confirmed
+    return (StatementSource.DEVICE if body[0] == 0 else StatementSource.PHYSICIAN), body[8]
+
+
+def _statement_fields(body: bytes, count: int, sid: int) -> list[bytes]:
+    fields: list[bytes] = []
+    pos = 9
+    for n in range(count):
+        if pos + 3 > len(body):
+            raise ProtocolError(f"section {sid} ends inside statement {n + 1} of {count}")
+        length = _u16(body, pos + 1)
+        if pos + 3 + length > len(body):
+            raise ProtocolError(f"section {sid} statement {n + 1} claims {length} bytes beyond its end")
+        fields.append(body[pos + 3:pos + 3 + length])
+        pos += 3 + length
+    return fields
+
+
+def _parse_section8(body: bytes, out: _Findings) -> None:
+    """Full-text interpretation statements."""
+    source, count = _statement_header(body, 8)
+    for raw in _statement_fields(body, count, 8):
+        text = _asciiz(raw)
+        if text:
+            out.statements.append(EcgStatement(text, source, "scp:section8"))
+
+
+def _parse_section11(body: bytes, out: _Findings) -> None:
+    """Universal statement codes: type 1 coded (NUL-separated acronyms), 2 full text,
+    3 statement logic (kept as text)."""
+    source, count = _statement_header(body, 11)
+    for raw in _statement_fields(body, count, 11):
+        if not raw:
+            continue
+        parts = [_asciiz(part) for part in raw[1:].split(b"\x00")]
+        text = " ".join(p for p in parts if p)
+        if text:
+            code = text if raw[0] == 1 else ""
+            out.statements.append(EcgStatement(text, source, "scp:section11", code))
+
+
+def _lead_blocks(body: bytes, count: int, header_counted: bool) -> list[tuple[int, bytes]] | None:
+    blocks = []
+    pos = 4
+    for _ in range(count):
+        if pos + 4 > len(body):
+            return None
+        code, size = _u16(body, pos), _u16(body, pos + 2)
+        size -= 4 if header_counted else 0
+        if size < 0 or pos + 4 + size > len(body):
+            return None
+        blocks.append((code, body[pos + 4:pos + 4 + size]))
+        pos += 4 + size
+    return blocks
+
+
+def _parse_section10(body: bytes, out: _Findings) -> None:
+    """Per-lead measurements (lead id, byte count, then int16 values in a fixed order)."""
+    if len(body) < 4:
+        raise ProtocolError("section 10 is shorter than its header")
+    count = _u16(body, 0)
+    # some writers count the 4-byte block header in the block length
+    blocks = _lead_blocks(body, count, False) or _lead_blocks(body, count, True)
+    if blocks is None:
+        raise ProtocolError(f"section 10: {count} lead blocks do not fit in {len(body)} bytes")
+    for code, block in blocks:
+        lead = lead_name_from_scp_code(code)
+        values = [_i16(block, 2 * i) for i in range(len(block) // 2)]
+        for index, (kind, duration_index) in _SECTION10.items():
+            if index >= len(values):
+                continue
+            if duration_index is not None and (duration_index >= len(values) or values[duration_index] <= 0):
+                continue  # no such wave in this lead: its amplitude means nothing
+            out.add(kind, values[index], "scp:section10", lead=lead)
+
+
+_FINDINGS_PARSERS = {7: _parse_section7, 8: _parse_section8, 10: _parse_section10, 11: _parse_section11}
+
+
+def _findings(record: bytes, sections: dict[int, ScpSection]) -> _Findings:
+    out = _Findings()
+    for sid, parse in _FINDINGS_PARSERS.items():
+        if sid not in sections:
+            continue
+        partial = _Findings()
+        try:
+            parse(_body(record, sections[sid]), partial)
+        except (ProtocolError, InvalidRecordingError):
+            out.unreadable.append(sid)
+            continue
+        out.measurements += partial.measurements
+        out.statements += partial.statements
+    return out
+
+
+def _median(reference: EcgRecording | None) -> MedianBeats | None:
+    if reference is None:
+        return None
+    return MedianBeats(samples=reference.samples, lead_names=reference.lead_names,
+                       sampling_rate_hz=reference.sampling_rate_hz, uv_per_unit=reference.uv_per_unit,
+                       source="scp:section5")
+
 
 def parse_scp(data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc,
               received_at: dt.datetime | None = None) -> ScpEcg:
@@ -529,17 +710,22 @@ def parse_scp(data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc,
         acquired_at, source = received_at, TimeSource.GATEWAY_RECEIPT
     common = dict(acquired_at=acquired_at, time_source=source, device=header.device,
                   patient=header.patient, source_format="scp", stat=header.stat)
+    reference = None
+    if 5 in sections:
+        reference = _reference_beats(record, sections, leads, names, tables, common)
+    found = _findings(record, sections)
     all_samples, all_names, derived = derive_limb_leads(samples, tuple(names))
     try:
         rhythm = EcgRecording(samples=all_samples, lead_names=all_names,
                               sampling_rate_hz=_rate(rhythm_enc.interval_us),
-                              uv_per_unit=rhythm_enc.avm_nv / 1000.0, derived_leads=derived, **common)
+                              uv_per_unit=rhythm_enc.avm_nv / 1000.0, derived_leads=derived,
+                              measurements=tuple(found.measurements), statements=tuple(found.statements),
+                              median_beats=_median(reference),
+                              flags=tuple(f"cart-findings-unreadable:scp-section-{sid}" for sid in found.unreadable),
+                              **common)
     except InvalidRecordingError as exc:
         raise ProtocolError(f"SCP-ECG rhythm data: {exc}") from None
 
-    reference = None
-    if 5 in sections:
-        reference = _reference_beats(record, sections, leads, names, tables, common)
     return ScpEcg(rhythm=rhythm, reference_beats=reference, protocol_version=protocol,
                   sections=tuple(sorted(sections)))
 

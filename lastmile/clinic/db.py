@@ -85,6 +85,11 @@ MIGRATIONS = (
     Migration("0001_session", _session),
     Migration("0002_devices", _devices),
     Migration("0003_held_observations", _held_observations),
+    # triage of the current patient's examination: urgent (STAT) and why (`patient set --stat --reason`)
+    Migration.sql(
+        "0004_session_triage",
+        "ALTER TABLE session ADD COLUMN stat INTEGER NOT NULL DEFAULT 0;\nALTER TABLE session ADD COLUMN reason TEXT;",
+    ),
 )
 
 

@@ -35,6 +35,8 @@ class CurrentPatient:
     last_activity: dt.datetime
     expires_at: dt.datetime  # unless something happens before
     doctor_id: str = ""
+    stat: bool = False  # the doctor asked for an urgent read of this patient's ECGs
+    reason: str = ""  # why the ECG is taken, e.g. "胸痛 chest pain"
 
 
 class PatientContext:
@@ -52,8 +54,11 @@ class PatientContext:
         self.db.conn.close()
 
     # -- changing the session ---------------------------------------------------------------
-    def set_patient(self, patient_id: str, name: str = "", *, now: dt.datetime) -> CurrentPatient:
-        """Make `patient_id` current (setting the same patient again keeps their session's start)."""
+    def set_patient(
+        self, patient_id: str, name: str = "", *, now: dt.datetime, stat: bool = False, reason: str = ""
+    ) -> CurrentPatient:
+        """Make `patient_id` current (setting the same patient again keeps their session's start);
+        `stat`/`reason`: the triage of this examination (replaced each time the patient is set)."""
         patient_id = patient_id.strip()
         if not patient_id:
             raise ValueError("a patient needs a non-empty identifier")
@@ -64,12 +69,23 @@ class PatientContext:
                 self._log(conn, now, "patient-replaced", row["patient_id"], doctor)
             conn.execute(
                 "INSERT INTO session (id, patient_id, patient_name, patient_since, doctor_id, "
-                "doctor_since, last_activity) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE "
+                "doctor_since, last_activity, stat, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE "
                 "SET patient_since = CASE WHEN session.patient_id IS excluded.patient_id "
                 "THEN session.patient_since ELSE excluded.patient_since END, "
                 "patient_id = excluded.patient_id, patient_name = excluded.patient_name, "
-                "last_activity = excluded.last_activity",
-                (_ROW, patient_id, name, iso(now), doctor, row["doctor_since"] if row else None, iso(now)),
+                "last_activity = excluded.last_activity, stat = excluded.stat, reason = excluded.reason",
+                (
+                    _ROW,
+                    patient_id,
+                    name,
+                    iso(now),
+                    doctor,
+                    row["doctor_since"] if row else None,
+                    iso(now),
+                    int(stat),
+                    reason.strip() or None,
+                ),
             )
             self._log(conn, now, "patient-set", patient_id, doctor)
         log.debug("current patient set")
@@ -108,7 +124,9 @@ class PatientContext:
             if row is None or not row["patient_id"]:
                 return False
             conn.execute(
-                "UPDATE session SET patient_id = NULL, patient_name = NULL, patient_since = NULL WHERE id = ?", (_ROW,)
+                "UPDATE session SET patient_id = NULL, patient_name = NULL, patient_since = NULL, stat = 0, "
+                "reason = NULL WHERE id = ?",
+                (_ROW,),
             )
             self._log(conn, now, f"patient-{reason}", row["patient_id"], row["doctor_id"])
         return True
@@ -132,6 +150,8 @@ class PatientContext:
             last_activity=last,
             expires_at=last + self.idle_timeout,
             doctor_id=row["doctor_id"] or "",
+            stat=bool(row["stat"]),
+            reason=row["reason"] or "",
         )
 
     def current_doctor(self, now: dt.datetime) -> str | None:

@@ -39,11 +39,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--csv", metavar="OUT", help="write the samples in µV, one column per lead (header row of lead names)"
     )
+    p.add_argument("--json", action="store_true", help="one JSON object: the summary and the cart's findings")
     p.set_defaults(func=_decode)
 
-    p = ecg_sub.add_parser("to-dicom", help="convert an ECG file to a DICOM 12-lead / General ECG object")
+    p = ecg_sub.add_parser(
+        "to-dicom", help="convert an ECG file to a DICOM 12-lead / General ECG object", parents=[DATA_DIR]
+    )
     p.add_argument("input", metavar="INPUT", help="ECG file")
     p.add_argument("output", metavar="OUTPUT", help="DICOM file to write")
+    p.add_argument("--patient-id", default="", help="the patient, for a file that names none (checked per id_kind)")
+    p.add_argument("--patient-name", default="", help='the patient\'s name, e.g. "张三" (a pinyin group is added)')
+    _triage_options(p)
+    p.add_argument(
+        "--override-patient",
+        action="store_true",
+        help="use --patient-id even though the file names another patient (the object is flagged)",
+    )
     p.set_defaults(func=_to_dicom)
 
     p = ecg_sub.add_parser(
@@ -68,22 +79,77 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("paths", metavar="PATH", nargs="+", help="files or folders (e.g. the stick's mount point)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, only the summary")
+    p.add_argument("--stat", action="store_true", help="urgent: these ECGs are read first, never held")
+    p.add_argument("--reason", default="", metavar="TEXT", help='why the ECGs were taken, e.g. "胸痛 chest pain"')
     p.set_defaults(func=_import)
+
+
+def _triage_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--doctor", default="", help="the referring doctor (name or id)")
+    p.add_argument("--stat", action="store_true", help="urgent read requested")
+    p.add_argument("--reason", default="", metavar="TEXT", help='why the ECG was taken, e.g. "胸痛 chest pain"')
 
 
 def summary(name: str, recording: EcgRecording) -> str:
     r = recording
     leads = ", ".join(r.lead_names)
     derived = f"; derived {', '.join(n for n in r.lead_names if n in r.derived_leads)}" if r.derived_leads else ""
+    from lastmile.clock import clinic_time
+
     patient = f"patient {r.patient.patient_id}" if r.patient else "patient unassigned"
     device = r.device.label()
     flags = f", flags: {' '.join(r.flags)}" if r.flags else ""
+    findings = ""
+    if r.measurements or r.statements:
+        found = [m for m in r.measurements if not m.lead]
+        findings = ", cart findings: " + "; ".join(
+            [f"{m.kind} {m.value:g} {m.unit}" for m in found] + [f'"{st.text}"' for st in r.statements]
+        )
     return (
         f"{name}: {FORMAT_NAMES.get(r.source_format, r.source_format)}, {r.n_leads} leads ({leads}{derived}), "
         f"{r.n_samples} samples at {r.sampling_rate_hz:g} Hz ({r.duration_s:.1f} s), "
-        f"{r.uv_per_unit:g} µV/unit, acquired {r.acquired_at.isoformat()} ({r.time_source.value}), "
-        f"{patient}, {device}{flags}"
+        f"{r.uv_per_unit:g} µV/unit, acquired {clinic_time(r.acquired_at)} ({r.time_source.value}), "
+        f"{patient}, {device}{flags}{findings}"
     )
+
+
+def recording_json(name: str, r: EcgRecording) -> dict:
+    """`ecg decode --json`: what the file holds besides its samples."""
+    from devices.ecg.findings import findings_json
+
+    median = r.median_beats
+    return {
+        "file": name,
+        "format": r.source_format,
+        "leads": list(r.lead_names),
+        "derived_leads": [n for n in r.lead_names if n in r.derived_leads],
+        "samples": r.n_samples,
+        "sampling_rate_hz": r.sampling_rate_hz,
+        "uv_per_unit": r.uv_per_unit,
+        "acquired_at": r.acquired_at.isoformat(),
+        "time_source": r.time_source.value,
+        "patient": None
+        if r.patient is None
+        else {
+            "patient_id": r.patient.patient_id,
+            "name": r.patient.name,
+            "birth_date": r.patient.birth_date.isoformat() if r.patient.birth_date else None,
+            "sex": r.patient.sex,
+            "issuer": r.patient.issuer,
+        },
+        "device": r.device.label(),
+        "stat": r.stat,
+        "flags": list(r.flags),
+        **findings_json(r.measurements, r.statements),
+        "median_beats": None
+        if median is None
+        else {
+            "leads": list(median.lead_names),
+            "samples": median.n_samples,
+            "sampling_rate_hz": median.sampling_rate_hz,
+            "source": median.source,
+        },
+    }
 
 
 def _fail(message: str) -> int:
@@ -115,14 +181,21 @@ def _decode(args: argparse.Namespace) -> int:
                 write_csv(recording, out)
         except OSError as exc:
             return _fail(f"cannot write {args.csv}: {exc.strerror or exc}")
+    if args.json:
+        import json
+
+        print(json.dumps(recording_json(Path(args.input).name, recording), ensure_ascii=False, indent=2))
+        return 0
     print(summary(Path(args.input).name, recording))
     return 0
 
 
 def _to_dicom(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from devices.errors import DeviceError
     from lastmile.commands.common import config_from_args
-    from lastmile.ecg.intake import read_ecg_file, station_of
+    from lastmile.ecg.intake import clinic_patient, read_ecg_file, session_request, station_of, vetted_patient
     from uploader.dicom_ecg import choose_sop_class, mint_uids, recording_to_dicom_bytes
     from uploader.errors import UploadError
 
@@ -133,8 +206,30 @@ def _to_dicom(args: argparse.Namespace) -> int:
     except DeviceError as exc:
         return _fail(f"{args.input}: {exc}")
     config = config_from_args(args)
+    recording = vetted_patient(recording, config)
+    if args.patient_id:
+        try:
+            patient = clinic_patient(args.patient_id, args.patient_name, config)
+        except ValueError as exc:
+            return _fail(str(exc))
+        named = recording.patient
+        if named is not None and named.patient_id != patient.patient_id:
+            if not args.override_patient:
+                return _fail(
+                    f"{args.input} names patient {named.patient_id}, not {patient.patient_id}: check the file, "
+                    "or give --override-patient to use yours (the object is then flagged)"
+                )
+            recording = dataclasses.replace(
+                recording, flags=(*recording.flags, f"patient-overridden:file-named-{named.patient_id}")
+            )
+        recording = dataclasses.replace(recording, patient=patient)
+    elif args.patient_name:
+        return _fail("--patient-name needs --patient-id")
+    if args.stat:
+        recording = dataclasses.replace(recording, stat=True)
+    request = session_request(args.doctor, reason=args.reason)
     try:
-        data = recording_to_dicom_bytes(recording, mint_uids(), station_of(config))
+        data = recording_to_dicom_bytes(recording, mint_uids(), station_of(config), request=request)
         sop_class = choose_sop_class(recording)
     except UploadError as exc:
         return _fail(f"{args.input} cannot become a DICOM ECG: {exc}")
@@ -224,7 +319,8 @@ def _import(args: argparse.Namespace) -> int:
     from lastmile.clinic.patients import PatientContext
     from lastmile.commands.common import config_from_args
     from lastmile.data_dir import open_outbox
-    from lastmile.ecg.intake import import_files
+    from lastmile.ecg.intake import import_files, session_request
+    from uploader.dicom_ecg import StudyRequest
 
     missing = [p for p in args.paths if not Path(p).exists()]
     if missing:
@@ -238,6 +334,12 @@ def _import(args: argparse.Namespace) -> int:
         current = patients.current(dt.datetime.now(dt.timezone.utc))
         return current.patient_id if current else None
 
+    def request() -> StudyRequest:
+        now = dt.datetime.now(dt.timezone.utc)
+        current = patients.current(now)
+        reason = args.reason or (current.reason if current else "")
+        return session_request(patients.current_doctor(now), reason=reason)
+
     try:
         summary = import_files(
             outbox,
@@ -245,6 +347,8 @@ def _import(args: argparse.Namespace) -> int:
             args.paths,
             current_patient_id=current_patient_id,
             progress=None if args.quiet else ProgressBar(),
+            request=request,
+            stat=args.stat,
         )
     finally:
         patients.close()

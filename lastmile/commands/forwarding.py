@@ -111,7 +111,9 @@ def _ago(ts: float | None, now: float) -> str:
     if not ts:
         return "never"
     secs = max(0.0, now - ts)
-    when = dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    from lastmile.clock import clinic_time
+
+    when = clinic_time(dt.datetime.fromtimestamp(ts, dt.timezone.utc))
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
         if secs >= size:
             return f"{when} ({secs / size:.1f} {unit} ago)"
@@ -131,7 +133,14 @@ def _queue(args: argparse.Namespace) -> int:
         return 0
     counts = stats.get("counts", {})
     order = ("queued", "sending", "sent", "committed", "purged", "quarantined")
-    print("outbox: " + ", ".join(f"{k} {counts.get(k, 0)}" for k in order))
+    held = stats.get("held", 0)
+    print(
+        "outbox: "
+        + ", ".join(
+            f"{k} {counts.get(k, 0)}" + (f" ({held} held for the doctor)" if k == "queued" and held else "")
+            for k in order
+        )
+    )
     oldest = stats.get("oldest_waiting_s")
     print(f"oldest waiting: {'none' if oldest is None else f'{oldest / 60:.1f} min'}")
     print(f"last sent: {_ago(stats.get('last_sent_at'), now)}")

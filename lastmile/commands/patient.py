@@ -18,18 +18,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = psub.add_parser(
         "set", help="make ID the current patient (readings from now on land on them)", parents=[DATA_DIR]
     )
-    p.add_argument("patient_id")
-    p.add_argument("--name", default="", help='name in DICOM form, "Family^Given"')
-    p.add_argument("--doctor", default="", help="the examining doctor's id")
+    p.add_argument("patient_id", help="the patient's ID (a resident ID is checked when [patient] id_kind says so)")
+    p.add_argument("--name", default="", help='name, e.g. "张三" or "Family^Given" (a pinyin group is added)')
+    p.add_argument("--doctor", default="", help="the doctor on duty (name or id): Referring Physician of the ECGs")
+    p.add_argument("--stat", action="store_true", help="urgent: this patient's ECGs are read first, never held")
+    p.add_argument("--reason", default="", metavar="TEXT", help='why the ECG is taken, e.g. "胸痛 chest pain"')
     p.set_defaults(func=_set)
 
     p = psub.add_parser("clear", help="end the current patient's session (next readings are held)", parents=[DATA_DIR])
     p.set_defaults(func=_clear)
 
-    p = psub.add_parser("assign", help="give a held observation (see 'patient show') its patient", parents=[DATA_DIR])
-    p.add_argument("observation_id", type=int, help="the held observation's number")
+    p = psub.add_parser(
+        "assign", help="give a held observation or ECG (see 'patient show') its patient", parents=[DATA_DIR]
+    )
+    p.add_argument("held_id", metavar="HELD", help="a held observation's number (12) or ECG's (E12)")
     p.add_argument("patient_id")
-    p.add_argument("--name", default="", help='name in DICOM form, "Family^Given"')
+    p.add_argument("--name", default="", help='name, e.g. "张三" or "Family^Given" (a pinyin group is added)')
     p.set_defaults(func=_assign)
 
     p = psub.add_parser(
@@ -58,22 +62,37 @@ def _context(args: argparse.Namespace):  # -> (Config, PatientContext), both imp
 
 
 def _local(t: dt.datetime | None) -> str:
-    return t.astimezone().strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+    """A time as the clinic reads it: in its zone, with the offset (+08:00)."""
+    from lastmile.clock import clinic_time
+
+    return clinic_time(t)
 
 
 def _set(args: argparse.Namespace) -> int:
-    context = _context(args)
+    from lastmile.clinic.patients import PatientContext
+    from lastmile.commands.common import config_from_args
+    from lastmile.ecg.intake import clinic_patient
+
+    config = config_from_args(args)
+    try:
+        patient = clinic_patient(args.patient_id, args.name, config)
+    except ValueError as exc:
+        print(f"lastmile patient set: {exc}", file=sys.stderr)
+        return 2
+    context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
     try:
         if args.doctor:
             context.set_doctor(args.doctor, now=_now())
-        current = context.set_patient(args.patient_id, args.name, now=_now())
+        current = context.set_patient(patient.patient_id, patient.name, now=_now(), stat=args.stat, reason=args.reason)
     except ValueError as exc:
         print(f"lastmile patient set: {exc}", file=sys.stderr)
         return 2
     finally:
         context.close()
+    born = f", born {patient.birth_date.isoformat()} {patient.sex}" if patient.birth_date else ""
+    triage = (" STAT" if current.stat else "") + (f", reason: {current.reason}" if current.reason else "")
     print(
-        f"current patient: {current.patient_id}{' ' + current.name if current.name else ''} "
+        f"current patient: {current.patient_id}{' ' + current.name if current.name else ''}{born}{triage} "
         f"(until {_local(current.expires_at)} without activity)"
     )
     return 0
@@ -93,12 +112,22 @@ def _assign(args: argparse.Namespace) -> int:
     from lastmile.clinic.observations import ObservationStore, UnknownObservationError
     from lastmile.commands.common import config_from_args
     from lastmile.data_dir import open_outbox
+    from lastmile.ecg.intake import clinic_patient
 
     config = config_from_args(args)
+    held = args.held_id.strip()
+    try:
+        patient = clinic_patient(args.patient_id, args.name, config)
+        number = int(held[1:] if held[:1] in ("E", "e") else held)
+    except ValueError as exc:
+        print(f"lastmile patient assign: {exc}", file=sys.stderr)
+        return 2
+    if held[:1] in ("E", "e"):
+        return _assign_ecg(config, number, patient)
     with open_outbox(config) as outbox:
         store = ObservationStore.open(config.data_dir, outbox=outbox, idle_timeout_s=config.patient.idle_timeout_s)
         try:
-            result = store.assign(args.observation_id, args.patient_id, name=args.name, now=_now())
+            result = store.assign(number, patient.patient_id, name=patient.name, now=_now())
         except UnknownObservationError as exc:
             print(f"lastmile patient assign: {exc} (see 'lastmile patient show')", file=sys.stderr)
             return 1
@@ -107,7 +136,30 @@ def _assign(args: argparse.Namespace) -> int:
             return 2
         finally:
             store.close()
-    print(f"observation #{args.observation_id} assigned to {result.patient_id} (outbox item {result.item_id})")
+    print(f"observation #{number} assigned to {result.patient_id} (outbox item {result.item_id})")
+    return 0
+
+
+def _assign_ecg(config, item_id: int, patient) -> int:  # (Config, int, Patient)
+    from lastmile.clinic.patients import PatientContext
+    from lastmile.data_dir import open_outbox
+    from lastmile.ecg.intake import HeldEcgError, assign_held_ecg
+
+    context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+    try:
+        doctor = context.current_doctor(_now()) or ""
+    finally:
+        context.close()
+    with open_outbox(config) as outbox:
+        try:
+            item = assign_held_ecg(outbox, item_id, patient, now=_now(), by=doctor)
+        except HeldEcgError as exc:
+            print(f"lastmile patient assign: {exc} (see 'lastmile patient show')", file=sys.stderr)
+            return 1
+    print(
+        f"ECG E{item_id} assigned to {patient.patient_id} {patient.name} and released for sending".rstrip()
+        + f" (accession {item.meta.get('accession_number', '-')})"
+    )
     return 0
 
 
@@ -131,6 +183,7 @@ def _show(args: argparse.Namespace) -> int:
     from lastmile.clinic.observations import observation_from_json
 
     held = [(int(r["id"]), observation_from_json(json.loads(r["observation"]))) for r in rows]
+    ecgs = _held_ecgs(config, now)
     if args.json:
         print(
             json.dumps(
@@ -142,9 +195,23 @@ def _show(args: argparse.Namespace) -> int:
                         "name": current.name,
                         "since": current.since.isoformat(),
                         "expires_at": current.expires_at.isoformat(),
+                        "stat": current.stat,
+                        "reason": current.reason,
                     },
                     "doctor_id": doctor,
                     "unassigned": [{"id": i, **observation_to_json(o)} for i, o in held],
+                    "held_ecgs": [
+                        {
+                            "id": f"E{item.id}",
+                            "reason": item.hold_reason,
+                            "held_until": _local(_utc(item.hold_until)),
+                            "acquired_at": item.meta.get("acquired_at"),
+                            "device": item.meta.get("device"),
+                            "file_patient_id": item.meta.get("file_patient_id"),
+                            "flags": item.meta.get("flags", []),
+                        }
+                        for item in ecgs
+                    ],
                 },
                 indent=2,
                 ensure_ascii=False,
@@ -159,6 +226,21 @@ def _show(args: argparse.Namespace) -> int:
             f"{_local(current.since)}, until {_local(current.expires_at)} without activity"
             + (f", doctor {doctor}" if doctor else "")
         )
+    if ecgs:
+        print(f"{len(ecgs)} ECG(s) held for you to assign ('lastmile patient assign E<n> PATIENT'):")
+        for item in ecgs:
+            acquired = item.meta.get("acquired_at")
+            when = _local(dt.datetime.fromisoformat(acquired)) if acquired else "-"
+            why = (
+                "names no patient"
+                if item.hold_reason == "unassigned"
+                else f"names patient {item.meta.get('file_patient_id', '?')}, not the current one"
+            )
+            print(
+                f"  E{item.id:<5d} {when}  ECG {item.meta.get('leads', '?')} leads "
+                f"{item.meta.get('duration_s', '?')} s  {item.meta.get('device', '')}: {why}; "
+                f"sent as it is at {_local(_utc(item.hold_until))}"
+            )
     if not held:
         print("no observations waiting to be assigned")
         return 0
@@ -166,6 +248,18 @@ def _show(args: argparse.Namespace) -> int:
     for i, o in held:
         print(f"  #{i:<5d} {_local(o.measured_at)}  {o.kind:18s} {summary(o):36s} {o.device.label()}")
     return 0
+
+
+def _utc(epoch: float | None) -> dt.datetime | None:
+    return None if epoch is None else dt.datetime.fromtimestamp(epoch, dt.timezone.utc)
+
+
+def _held_ecgs(config, now: dt.datetime) -> list:  # (Config, datetime) -> list[OutboxItem]
+    from lastmile.data_dir import open_outbox
+    from lastmile.ecg.intake import held_ecgs
+
+    with open_outbox(config) as outbox:
+        return held_ecgs(outbox, now.timestamp())
 
 
 def _devices(args: argparse.Namespace) -> int:

@@ -7,6 +7,8 @@ import json
 import logging
 import sys
 
+from lastmile.clock import clinic_time
+
 log = logging.getLogger(__name__)
 
 
@@ -98,14 +100,19 @@ def _fail(exc: Exception) -> int:
 
 
 def start(args: argparse.Namespace) -> int:
+    from lastmile.ecg.intake import clinic_patient
     from lastmile.visits.book import VisitError
 
     config, book = _book(args)
     with book:
         try:
+            patient_id = clinic_patient(args.patient, "", config).patient_id  # checked per [patient] id_kind
+        except ValueError as exc:
+            return _fail(exc)
+        try:
             fix = _fix(config, book, args.no_gps)
             visit = book.start(
-                args.patient,
+                patient_id,
                 doctor_id=config.visits.doctor_id,
                 household_id=args.household,
                 fix=fix,
@@ -116,7 +123,7 @@ def start(args: argparse.Namespace) -> int:
         print(
             f"visit {visit.id} started"
             + (
-                f" at {visit.start.time.isoformat()} ({visit.start.source.value})"
+                f" at {clinic_time(visit.start.time)} ({visit.start.source.value})"
                 if visit.start.time
                 else " (time provisional until GPS or NTP)"
             )
@@ -180,7 +187,7 @@ def list_visits(args: argparse.Namespace) -> int:
     if not visits:
         print("no visits")
     for v in visits:
-        when = v.start.time.strftime("%Y-%m-%d %H:%M") if v.start.time else "time pending  "
+        when = clinic_time(v.start.time, minutes=True) if v.start.time else "time pending          "
         dist = f"{v.distance_m:.0f} m" if v.distance_m is not None else "-"
         print(
             f"{when}  {v.state:6}  patient {v.patient_id:12} household {v.household_id or '-':10} "

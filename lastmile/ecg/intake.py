@@ -5,6 +5,17 @@ receiver, the serial bridge's streamed ECG. The DICOM object is built here, at i
 stored as the payload: a retry, a crash or a restart later sends the very same bytes (same
 Study/Series/SOP Instance UIDs), so the reading center can never see one recording as two
 studies. Every path describes its item with the one `ecg_item_meta` builder.
+
+Patients: a file's patient is vetted against `[patient] id_kind` (`vetted_patient`): a resident
+ID with a wrong check digit is refused (the ECG stays unassigned, flagged "patient-id-refused"),
+a valid one gives birth date and sex when the file has none, and a file that says otherwise is
+flagged ("patient-id-conflict:birth-date" / ":sex"); names get their pinyin group.
+
+Holds: a routine ECG with no patient, or one naming another patient than the current one, is
+added to the outbox *held* ("unassigned" / "patient-mismatch") for `patient.unassigned_ecg_hold_s`,
+listed by `lastmile patient show`; `assign_held_ecg` rebuilds it for its patient under the same
+UIDs (and Accession Number) and lets it go; when the hold runs out it goes as it is (placeholder
+ID, flagged). STAT ECGs are never held.
 """
 
 from __future__ import annotations
@@ -13,6 +24,7 @@ import dataclasses
 import datetime as dt
 import io
 import logging
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,16 +33,20 @@ from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from devices.ecg.recording import EcgRecording
+from devices.identity import RESIDENT_ID_KIND, InvalidPatientIdError, Patient, parse_resident_id
+from lastmile.clinic.names import dicom_person_name
 from lastmile.clock import local_zone
 from lastmile.config import Config
 from uploader.dicom_ecg import (
     StationInfo,
+    StudyRequest,
     build_ecg_dataset,
     check_ecg_iod,
     choose_sop_class,
     mint_uids,
+    reassign_patient,
 )
-from uploader.outbox import AddResult, Kind, Outbox, Priority
+from uploader.outbox import AddResult, Hold, ItemState, Kind, Outbox, OutboxItem, Priority
 
 if TYPE_CHECKING:
     from firmware_bridge.dicom_receiver import DicomReceiver, ReceivedObject
@@ -39,6 +55,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PATIENT_MISMATCH = "patient-mismatch"
+PATIENT_ID_REFUSED = "patient-id-refused"
+UNASSIGNED_HOLD = "unassigned"
 LAN_SOURCE_FORMAT = "dicom-lan"
 
 CurrentPatient = Callable[[], "str | None"]
@@ -49,7 +67,87 @@ def _no_current_patient() -> str | None:
 
 
 def station_of(config: Config) -> StationInfo:
+    # Seam: the configuration's validated station name and institution (config validation and the
+    # DICOM station-name mapping live in lastmile/config.py); read them here and nowhere else.
     return StationInfo(station_name=config.gateway.id, institution=config.gateway.institution)
+
+
+# -- patients ----------------------------------------------------------------------------------------
+
+
+def clinic_patient(patient_id: str, name: str, config: Config) -> Patient:
+    """A patient entered at the gateway (CLI, scanner, console) by ID and name, checked against
+    `[patient] id_kind`: InvalidPatientIdError (bilingual message) for a wrong resident ID. A
+    resident ID gives birth date and sex; the issuer comes from `[patient] id_issuer`."""
+    patient_id = " ".join(patient_id.split())
+    if not patient_id:
+        raise InvalidPatientIdError("请输入患者编号 / a patient needs a non-empty identifier")
+    birth, sex = None, ""
+    if config.patient.id_kind == RESIDENT_ID_KIND:
+        resident = parse_resident_id(patient_id)
+        patient_id, birth, sex = resident.number, resident.birth_date, resident.sex
+    return Patient(
+        patient_id=patient_id, name=dicom_person_name(name), birth_date=birth, sex=sex, issuer=config.patient.id_issuer
+    )
+
+
+def vetted_patient(recording: EcgRecording, config: Config) -> EcgRecording:
+    """The file's patient checked against `[patient] id_kind` (see the module docstring)."""
+    p = recording.patient
+    if p is None:
+        return recording
+    flags = list(recording.flags)
+    birth, sex, number = p.birth_date, p.sex, p.patient_id
+    if config.patient.id_kind == RESIDENT_ID_KIND:
+        try:
+            resident = parse_resident_id(p.patient_id)
+        except InvalidPatientIdError as exc:
+            log.warning("ECG file's patient ID refused: %s", exc)
+            return dataclasses.replace(recording, patient=None, flags=(*flags, PATIENT_ID_REFUSED))
+        number = resident.number
+        if birth is not None and birth != resident.birth_date:
+            flags.append("patient-id-conflict:birth-date")
+        if sex and sex != resident.sex:
+            flags.append("patient-id-conflict:sex")
+        birth, sex = birth or resident.birth_date, sex or resident.sex
+    patient = Patient(
+        patient_id=number,
+        name=dicom_person_name(p.name),
+        birth_date=birth,
+        sex=sex,
+        issuer=p.issuer or config.patient.id_issuer,
+    )
+    return dataclasses.replace(recording, patient=patient, flags=tuple(dict.fromkeys(flags)))
+
+
+def session_request(doctor: str | None, *, reason: str = "") -> StudyRequest:
+    """What the referring doctor asks for: the doctor on duty (name with its pinyin group) and why."""
+    return StudyRequest(referring_physician=dicom_person_name(doctor or ""), reason=" ".join(reason.split()))
+
+
+def clinic_request(config: Config) -> StudyRequest:
+    """The request of the moment from the clinic session: the doctor on duty and the reason given
+    with the current patient (for files that arrive on their own, e.g. a cart's USB stick)."""
+    from lastmile.clinic.patients import PatientContext
+
+    now = dt.datetime.now(dt.timezone.utc)
+    context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+    try:
+        current = context.current(now)
+        return session_request(context.current_doctor(now), reason=current.reason if current else "")
+    finally:
+        context.close()
+
+
+def hold_for(recording: EcgRecording, config: Config, now: float) -> Hold | None:
+    """Routine ECGs whose patient the doctor must settle are held; STAT ones never."""
+    if recording.stat or config.patient.unassigned_ecg_hold_s <= 0:
+        return None
+    if recording.patient is None:
+        return Hold(UNASSIGNED_HOLD, now + config.patient.unassigned_ecg_hold_s)
+    if PATIENT_MISMATCH in recording.flags:
+        return Hold(PATIENT_MISMATCH, now + config.patient.unassigned_ecg_hold_s)
+    return None
 
 
 def patient_fields(recording: EcgRecording) -> dict | None:
@@ -114,16 +212,24 @@ def enqueue_recording(
     key: str,
     now: float | None = None,
     created_at: dt.datetime | None = None,
+    request: StudyRequest | None = None,
 ) -> AddResult:
-    """Build the DICOM object for `recording` and make it durable in the outbox under `key`.
+    """Build the DICOM object for `recording` and make it durable in the outbox under `key`
+    (held for the doctor when its patient must be settled, see `hold_for`).
 
     Idempotent: a key already in the outbox returns the existing item and builds nothing.
     """
     existing = outbox.find(key)
     if existing is not None:
         return AddResult(item=existing, created=False)
+    now = time.time() if now is None else now
+    request = request or StudyRequest()
+    recording = vetted_patient(recording, config)
     uids = mint_uids()
-    data = deflated_part10(build_ecg_dataset(recording, uids, station_of(config), created_at=created_at))
+    data = deflated_part10(
+        build_ecg_dataset(recording, uids, station_of(config), created_at=created_at, request=request)
+    )
+    hold = hold_for(recording, config, now)
     meta = ecg_item_meta(
         sop_class_uid=choose_sop_class(recording),
         sop_instance_uid=uids.sop_instance_uid,
@@ -134,6 +240,12 @@ def enqueue_recording(
         unassigned=recording.patient is None,
         leads=recording.n_leads,
         sampling_rate_hz=recording.sampling_rate_hz,
+        accession_number=uids.accession_number,
+        acquired_at=recording.acquired_at.isoformat(),
+        device=recording.device.label(),
+        duration_s=round(recording.duration_s, 1),
+        stat=recording.stat,
+        **({"file_patient_id": recording.patient.patient_id} if recording.patient and hold else {}),
     )
     result = outbox.add(
         Kind.DICOM,
@@ -143,17 +255,72 @@ def enqueue_recording(
         meta=meta,
         patient=patient_fields(recording),
         now=now,
+        hold=hold,
     )
     if result.created:
         log.info(
-            "ECG queued as item %d (%d leads, %.0f Hz, %d bytes%s)",
+            "ECG queued as item %d (%d leads, %.0f Hz, %d bytes%s%s)",
             result.item.id,
             recording.n_leads,
             recording.sampling_rate_hz,
             len(data),
             ", STAT" if recording.stat else "",
+            f", held ({hold.reason}) for the doctor" if hold else "",
         )
     return result
+
+
+class HeldEcgError(LookupError):
+    """The ECG cannot be assigned (unknown, not an ECG, or already sent); the message says why."""
+
+
+def held_ecgs(outbox: Outbox, now: float) -> list[OutboxItem]:
+    """ECGs waiting for the doctor (unassigned or naming another patient), oldest first."""
+    return [
+        item
+        for item in outbox.held_items(now, kind=Kind.DICOM)
+        if item.hold_reason in (UNASSIGNED_HOLD, PATIENT_MISMATCH)
+    ]
+
+
+def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.datetime, by: str = "") -> OutboxItem:
+    """Give a held ECG its patient: the stored object is rebuilt under the same UIDs for
+    `patient` and released to the forwarder. HeldEcgError when it is no ECG of ours or was
+    already sent (then the reading center must correct the study)."""
+    import pydicom
+
+    item = outbox.get(item_id)
+    if item is None or item.kind != Kind.DICOM or item.meta.get("source_format") == LAN_SOURCE_FORMAT:
+        raise HeldEcgError(f"no ECG E{item_id} held at this gateway")
+    if item.attempts or item.state != ItemState.QUEUED:
+        raise HeldEcgError(
+            f"ECG E{item_id} was already sent (state {item.state.value}) as "
+            f"{'UNASSIGNED' if item.meta.get('unassigned') else 'its file patient'}: ask the reading center to "
+            "correct the study's patient"
+        )
+    ds = pydicom.dcmread(io.BytesIO(outbox.read_payload(item)))
+    when = now.astimezone(local_zone()).isoformat(timespec="seconds")
+    note = f"Patient assigned at the gateway on {when}" + (f" by {by}" if by else "")
+    if item.meta.get("unassigned"):
+        note += ": the ECG named no patient"
+    elif item.meta.get("file_patient_id"):
+        note += f": the ECG file named patient {item.meta['file_patient_id']}"
+    data = deflated_part10(reassign_patient(ds, patient, note))
+    flags = [f for f in item.meta.get("flags", []) if f != PATIENT_MISMATCH] + ["patient-assigned-by-doctor"]
+    meta = {**item.meta, "unassigned": False, "flags": flags}
+    fields = {
+        "patient_id": patient.patient_id,
+        "name": patient.name,
+        "issuer": patient.issuer,
+        "sex": patient.sex,
+        "birth_date": patient.birth_date.isoformat() if patient.birth_date else None,
+    }
+    if not outbox.replace_held_payload(item_id, data, now.timestamp(), meta=meta, patient=fields):
+        raise HeldEcgError(f"ECG E{item_id} was claimed for sending meanwhile: ask the reading center to correct it")
+    log.info("held ECG E%d assigned and released", item_id)
+    updated = outbox.get(item_id)
+    assert updated is not None
+    return updated
 
 
 def with_patient_check(recording: EcgRecording, current_patient_id: str | None) -> EcgRecording:
@@ -182,17 +349,24 @@ def read_ecg_file(path: str | Path) -> EcgRecording:
 
 
 def file_enqueuer(
-    outbox: Outbox, config: Config, current_patient_id: CurrentPatient = _no_current_patient
+    outbox: Outbox,
+    config: Config,
+    current_patient_id: CurrentPatient = _no_current_patient,
+    request: Callable[[], StudyRequest] = StudyRequest,
+    stat: bool = False,
 ) -> Callable[[EcgRecording, str], bool]:
     """(recording, key) -> created, for firmware_bridge.usb_import: builds the DICOM object (UIDs
-    minted once) and stores it; a recording no DICOM ECG can hold is refused (FileRefused)."""
+    minted once) and stores it; a recording no DICOM ECG can hold is refused (FileRefused).
+    `request`: the doctor and reason of the moment; `stat`: every file is urgent (`import --stat`)."""
     from firmware_bridge.errors import FileRefused
     from uploader.errors import InvalidObjectError
 
     def enqueue(recording: EcgRecording, key: str) -> bool:
-        recording = with_patient_check(recording, current_patient_id())
+        recording = with_patient_check(vetted_patient(recording, config), current_patient_id())
+        if stat and not recording.stat:
+            recording = dataclasses.replace(recording, stat=True)
         try:
-            return enqueue_recording(outbox, recording, config, key=key).created
+            return enqueue_recording(outbox, recording, config, key=key, request=request()).created
         except InvalidObjectError as exc:
             raise FileRefused(f"cannot become a DICOM ECG: {exc}") from None
 
@@ -206,6 +380,8 @@ def import_files(
     *,
     current_patient_id: CurrentPatient = _no_current_patient,
     progress: Callable | None = None,
+    request: Callable[[], StudyRequest] = StudyRequest,
+    stat: bool = False,
 ) -> ImportSummary:
     """Import every ECG file under `roots`, each once (by content hash)."""
     from firmware_bridge.usb_import import import_paths
@@ -213,7 +389,7 @@ def import_files(
     return import_paths(
         roots,
         is_known=lambda key: outbox.find(key) is not None,
-        enqueue=file_enqueuer(outbox, config, current_patient_id),
+        enqueue=file_enqueuer(outbox, config, current_patient_id, request, stat),
         local_tz=local_zone(),
         now=lambda: dt.datetime.now(dt.timezone.utc),
         progress=progress,
@@ -228,7 +404,9 @@ def usb_import_watcher(
     from firmware_bridge.usb_import import FolderWatcher
 
     def run(roots: Iterable[str | Path]) -> ImportSummary:
-        return import_files(outbox, config, roots, current_patient_id=current_patient_id)
+        return import_files(
+            outbox, config, roots, current_patient_id=current_patient_id, request=lambda: clinic_request(config)
+        )
 
     return FolderWatcher(config.usb_import.folders, run)
 

@@ -63,7 +63,7 @@ from lastmile.clinic.devices import DeviceRegistry
 from lastmile.clinic.observations import ObservationStore, summary
 from lastmile.clinic.patients import PatientContext
 from lastmile.config import Config, ConfigError
-from lastmile.ecg.intake import enqueue_recording
+from lastmile.ecg.intake import enqueue_recording, session_request
 from uploader.errors import UploadError
 from uploader.outbox import Outbox
 
@@ -146,7 +146,9 @@ def link_specs(config: Config, profiles: dict[str, ReportProfile]) -> list[LinkS
 
 def scan_rules(config: Config) -> ScanRules:
     try:
-        return ScanRules.from_patterns(config.serial.patient_card_pattern, config.serial.doctor_badge_pattern)
+        return ScanRules.from_patterns(
+            config.serial.patient_card_pattern, config.serial.doctor_badge_pattern, config.patient.id_kind
+        )
     except DeviceError as exc:
         raise ConfigError(f"{config.source}: {exc}") from None
 
@@ -205,12 +207,20 @@ class SerialContext:
         now = self.now()
         current = self.patients.current(now)
         patient = None
+        request = session_request(self.patients.current_doctor(now))
         # Only a patient whose session began before the recording: never the next patient's.
         if current is not None and recording.acquired_at >= current.since:
             patient = Patient(patient_id=current.patient_id, name=current.name)
+            request = session_request(current.doctor_id, reason=current.reason)
+            recording = replace(recording, stat=recording.stat or current.stat)
         try:
             enqueue_recording(
-                self.outbox, replace(recording, patient=patient), self.config, key=key, now=now.timestamp()
+                self.outbox,
+                replace(recording, patient=patient),
+                self.config,
+                key=key,
+                now=now.timestamp(),
+                request=request,
             )
         except (UploadError, DeviceError, sqlite3.Error, OSError, ValueError) as exc:
             log.error("%s: cannot store an ECG recording: %s", spec.name, exc)

@@ -637,7 +637,7 @@ class VisitBook:
         ]
 
     def fhir_bundle(self, visit_id: str, naming: FhirNaming) -> dict:
-        from uploader.fhir_bundle import VisitPosition, VisitSignature, VisitSummary, visit_bundle
+        from uploader.fhir_bundle import VisitNote, VisitPosition, VisitSignature, VisitSummary, visit_bundle
 
         visit = self.get(visit_id)
         if visit is None or visit.state != "closed" or visit.start.time is None:
@@ -661,6 +661,10 @@ class VisitBook:
             household_id=visit.household_id,
             position=position,
             flags=tuple(visit.flags),
+            notes=tuple(
+                VisitNote(r["text"], Stamp.from_json(json.loads(r["stamp"])).time)
+                for r in self.db.query("SELECT stamp, text FROM visit_notes WHERE visit_id = ? ORDER BY id", [visit_id])
+            ),
         )
         signature = VisitSignature(
             chain["seq"],
