@@ -30,7 +30,7 @@ from devices.ecg.quality import (
     converter_limits,
 )
 from devices.ecg.recording import STANDARD_12_LEADS, EcgRecording, SampleGap
-from devices.ecg.scp import _body, _read_sections
+from devices.ecg.scp import read_sections, section_body
 from devices.errors import DeviceError
 from devices.identity import TimeSource
 from tests import ecg_faults as faults
@@ -114,8 +114,8 @@ def scp_cart_rate(path: Path) -> tuple[float, int]:
     """(average RR in ms, ventricular rate in bpm) from SCP-ECG section 7 (global measurements):
     bytes 2-3 the average RR, and after the per-beat-type blocks (16 bytes each) and the
     pacemaker spikes, the QRS count (2 bytes) then the ventricular rate (2 bytes)."""
-    record, sections = _read_sections(path.read_bytes())
-    body = _body(record, sections[7])
+    record, sections = read_sections(path.read_bytes())
+    body = section_body(record, sections[7])
     types, spikes = body[0], body[1]
     rr_ms = int.from_bytes(body[2:4], "little")
     pos = 6 + 16 * types + 4 * spikes

@@ -101,7 +101,8 @@ def _asciiz(raw: bytes) -> str:
 # ---------------------------------------------------------------- record and sections
 
 
-def _read_sections(data: bytes) -> tuple[bytes, dict[int, ScpSection]]:
+def read_sections(data: bytes) -> tuple[bytes, dict[int, ScpSection]]:
+    """The record (CRC checked) and its sections by id, from a whole SCP-ECG file."""
     if len(data) < 6 + SECTION_HEADER + 10:
         raise ProtocolError(f"not an SCP-ECG file: only {len(data)} bytes")
     record_len = _u32(data, 2)
@@ -148,7 +149,8 @@ def _check_section_crc(record: bytes, section: ScpSection) -> None:
                             "file was altered or not copied completely; copy it from the cart again")
 
 
-def _body(record: bytes, section: ScpSection) -> bytes:
+def section_body(record: bytes, section: ScpSection) -> bytes:
+    """The bytes of one section after its 16-byte header."""
     return record[section.offset + SECTION_HEADER:section.offset + section.length]
 
 
@@ -648,7 +650,7 @@ def _findings(record: bytes, sections: dict[int, ScpSection]) -> _Findings:
             continue
         partial = _Findings()
         try:
-            parse(_body(record, sections[sid]), partial)
+            parse(section_body(record, sections[sid]), partial)
         except (ProtocolError, InvalidRecordingError):
             out.unreadable.append(sid)
             continue
@@ -673,22 +675,22 @@ def parse_scp(data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc,
     `received_at` is used (TimeSource.GATEWAY_RECEIPT) only when the file carries no time.
     Raises ProtocolError / UnsupportedFeatureError for anything we cannot decode exactly.
     """
-    record, sections = _read_sections(bytes(data))
+    record, sections = read_sections(bytes(data))
     for required in (3, 6):
         if required not in sections:
             if required == 6 and 12 in sections:
                 raise UnsupportedFeatureError("SCP-ECG long-term rhythm data (section 12) is not supported")
             raise ProtocolError(f"SCP-ECG section {required} ({'lead definition' if required == 3 else 'rhythm data'}) is missing")
-    header = _parse_section1(_body(record, sections[1]), local_tz) if 1 in sections else _Header()
+    header = _parse_section1(section_body(record, sections[1]), local_tz) if 1 in sections else _Header()
     protocol = sections[0].protocol or header.protocol
-    tables = _parse_section2(_body(record, sections[2])) if 2 in sections else None
-    leads, flags = _parse_section3(_body(record, sections[3]))
+    tables = _parse_section2(section_body(record, sections[2])) if 2 in sections else None
+    leads, flags = _parse_section3(section_body(record, sections[3]))
     if flags & 0x01:
         raise UnsupportedFeatureError(
             "this SCP-ECG file uses reference-beat subtraction, which this gateway does not decode "
             "(no test file exists to prove a decoder right); export the ECG without compression "
             "or as DICOM")
-    rhythm_enc = _parse_encoded(_body(record, sections[6]), len(leads), 6)
+    rhythm_enc = _parse_encoded(section_body(record, sections[6]), len(leads), 6)
     if rhythm_enc.flag and protocol < 30:
         raise UnsupportedFeatureError(
             "this SCP-ECG file uses bimodal compression (rhythm stored at reduced resolution "
@@ -733,10 +735,10 @@ def parse_scp(data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc,
 def _reference_beats(record: bytes, sections: dict[int, ScpSection], leads: list[_Lead],
                      names: list[str], tables: list[tuple[HuffmanCode, ...]] | None,
                      common: dict) -> EcgRecording | None:
-    enc = _parse_encoded(_body(record, sections[5]), len(leads), 5)
+    enc = _parse_encoded(section_body(record, sections[5]), len(leads), 5)
     length_ms = 0
     if 4 in sections:
-        body4 = _body(record, sections[4])
+        body4 = section_body(record, sections[4])
         if len(body4) < 6:
             raise ProtocolError("SCP-ECG section 4 is too short")
         length_ms = _u16(body4, 0)
