@@ -180,9 +180,10 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 _HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(?:#.*)?$")
 
 
-def _line_of(text: str, dotted: str, item: int | None = None) -> int | None:
+def _line_of(text: str, dotted: str, item: int | None = None, *, exact: bool = False) -> int | None:
     """Best-effort line number of a key, for error messages: the key's own line in its table
-    (the `item`-th `[[table]]` for arrays of tables), else the table's header line."""
+    (the `item`-th `[[table]]` for arrays of tables), else the table's header line (not with
+    `exact`: then None when the key is not written in the file)."""
     *tables, key = dotted.split(".")
     table = ".".join(tables)
     lines = text.splitlines()
@@ -199,6 +200,8 @@ def _line_of(text: str, dotted: str, item: int | None = None) -> int | None:
         for i in range(first, stop):
             if key_line.match(lines[i]):
                 return i + 1
+    if exact:
+        return None
     if blocks and table:
         return blocks[0][0]  # the header
     if not table:  # a whole table: its header
@@ -293,6 +296,10 @@ class _Problems:
         line = _line_of(self.text, dotted, item)
         name = shown or (dotted if item is None else f"{dotted.rsplit('.', 1)[0]}[{item}].{dotted.rsplit('.', 1)[1]}")
         self.found.append((line or 0, f"{self.where}:{line or '?'}: '{name}' {message}"))
+
+    def written(self, dotted: str) -> bool:
+        """Whether the file sets this key itself (else it has its default)."""
+        return _line_of(self.text, dotted, exact=True) is not None
 
     def raise_if_any(self) -> None:
         if self.found:
@@ -511,8 +518,9 @@ def check_meaning(config: Config, problems: _Problems) -> None:
         )
     if lan.enabled and rc.storage_commitment and lan.port == rc.listen_port:
         problems.add(
-            "lan_receiver.port",
-            f"is also reading_center.listen_port ({lan.port}): two listeners cannot share a port",
+            "lan_receiver.port" if problems.written("lan_receiver.port") else "reading_center.listen_port",
+            f"({lan.port}) is the port of both the LAN receiver and the storage-commitment listener: "
+            "two listeners cannot share a port",
         )
 
     for folder in config.usb_import.folders:

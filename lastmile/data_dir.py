@@ -137,14 +137,15 @@ def _read_only_fs(path: Path) -> bool:
 
 def _make_private(path: Path, st: os.stat_result, created: bool) -> None:
     """Take group/other bits off the directory and Lastmile's own entries in it. The directory
-    itself only when it is evidently ours (new, empty or holding our files): a mistyped
-    data_dir such as /var/lib must not lose its permissions."""
+    itself only when it is evidently ours (new, empty, a fresh partition or holding our files):
+    a mistyped data_dir such as /var/lib must not lose its permissions."""
     try:
         names = os.listdir(path)
     except OSError as exc:
         raise DataDirError(_describe(path, exc)) from None
     ours = [n for n in names if _is_ours(n)]
-    if created or not names or ours:
+    # a fresh data partition's root holds only lost+found (and is 0755, as mkfs made it)
+    if created or ours or all(n == "lost+found" for n in names):
         _tighten(path, st, DIR_MODE)
     for name in ours:
         entry = path / name

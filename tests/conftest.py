@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,19 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         missing("../shared (third-party ECG and GNSS files) is absent")
     return SHARED
+
+
+@pytest.fixture
+def restored_logging() -> Iterator[None]:
+    """`lastmile.cli.main()` points the root logger at this test's captured stderr: put the
+    handlers back afterwards, so later tests' log lines do not go to a closed stream."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 # Real DICOM peers (Orthanc, storescp, scripted SCP) as fixtures for every test module.

@@ -94,7 +94,9 @@ def _echo(args: argparse.Namespace) -> int:
 
         local = local_fault(peer.host, peer.port, timeout_s=min(peer.timeout_s, 5.0))
         if local:
-            print(f"FAIL  {where}: not reachable: {exc}\n      LOCAL: {local} (not the reading center's side)")
+            print(
+                f"FAIL  {where}: not reachable: {exc}\n      LOCAL FAULT (this gateway, not the reading center): {local}"
+            )
         else:
             print(
                 f"FAIL  {where}: not reachable now: {exc}\n"
