@@ -66,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from devices.errors import DeviceError
     from lastmile.config import ConfigError
     from lastmile.data_dir import DataDirError
+    from lastmile.logs import describe_fault
     from uploader.errors import UploadError
 
     # Operational faults (a file system, a database, the network) get one line, not a
@@ -85,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except OSError as exc:
         _log_traceback(args, exc)
-        print(f"lastmile: {describe_os_error(exc)}", file=sys.stderr)
+        print(f"lastmile: {describe_fault(exc)}", file=sys.stderr)
         return 1
     except sqlite3.Error as exc:
         _log_traceback(args, exc)
@@ -93,13 +94,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-
-
-def describe_os_error(exc: OSError) -> str:
-    """`[Errno 13] Permission denied: 'x'` as a sentence: what failed, on which file."""
-    what = exc.strerror or type(exc).__name__
-    names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
-    return f"{what}: {' -> '.join(names)}" if names else f"{what} ({type(exc).__name__})"
 
 
 def _log_traceback(args: argparse.Namespace, exc: BaseException) -> None:

@@ -292,9 +292,9 @@ class _Problems:
         self.where = where
         self.found: list[tuple[int, str]] = []
 
-    def add(self, dotted: str, message: str, *, item: int | None = None, shown: str | None = None) -> None:
+    def add(self, dotted: str, message: str, *, item: int | None = None) -> None:
         line = _line_of(self.text, dotted, item)
-        name = shown or (dotted if item is None else f"{dotted.rsplit('.', 1)[0]}[{item}].{dotted.rsplit('.', 1)[1]}")
+        name = dotted if item is None else f"{dotted.rsplit('.', 1)[0]}[{item}].{dotted.rsplit('.', 1)[1]}"
         self.found.append((line or 0, f"{self.where}:{line or '?'}: '{name}' {message}"))
 
     def written(self, dotted: str) -> bool:

@@ -98,6 +98,16 @@ def _patient_arg(arg: object, flt: PatientDataFilter) -> object:
     return arg
 
 
+def describe_fault(exc: BaseException) -> str:
+    """An operational fault in one line, for a person: `Permission denied: /var/lib/lastmile/x`
+    rather than `[Errno 13] ...` and a traceback."""
+    if isinstance(exc, OSError) and exc.strerror:
+        names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
+        return f"{exc.strerror}: {' -> '.join(names)}" if names else f"{exc.strerror} ({type(exc).__name__})"
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def mask_patient_data(text: str, flt: PatientDataFilter | None) -> str:
     return flt.mask(text) if flt is not None else text
 

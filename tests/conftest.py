@@ -62,11 +62,13 @@ def shared_dir() -> Path:
 
 @pytest.fixture
 def restored_logging() -> Iterator[None]:
-    """`lastmile.cli.main()` points the root logger at this test's captured stderr: put the
-    handlers back afterwards, so later tests' log lines do not go to a closed stream."""
+    """`lastmile.cli.main()` points the root logger at the captured stderr of the test that ran
+    it, closed once that test ends: drop such a handler left by an earlier test (pytest's own are
+    subclasses), and put the root logger back as it was afterwards."""
     import logging
 
     root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if type(h) is not logging.StreamHandler]
     handlers, level = list(root.handlers), root.level
     yield
     root.handlers[:] = handlers

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from lastmile import logs
-from lastmile.logs import PatientDataFilter, mask_patient_data
+from lastmile.logs import PatientDataFilter, describe_fault, mask_patient_data
 from lastmile.services.sdnotify import SystemdNotifier
 
 if TYPE_CHECKING:
@@ -62,15 +62,9 @@ def is_operational(exc: BaseException) -> bool:
     from lastmile.data_dir import DataDirError
     from uploader.errors import UploadError
 
-    return isinstance(exc, (OSError, sqlite3.OperationalError, sqlite3.DatabaseError, DataDirError, UploadError))
-
-
-def describe_fault(exc: BaseException) -> str:
-    """One line: the exception's own words, with the file it is about when there is one."""
-    if isinstance(exc, OSError) and exc.strerror:
-        names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
-        return f"{exc.strerror}: {' -> '.join(names)}" if names else f"{exc.strerror} ({type(exc).__name__})"
-    return _first_line(exc) if str(exc) else type(exc).__name__
+    if isinstance(exc, sqlite3.DatabaseError):  # locked, full, read-only, malformed; not a misuse
+        return isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError
+    return isinstance(exc, (OSError, DataDirError, UploadError))
 
 
 class Service(Protocol):
