@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 from lastmile import __version__
 
+log = logging.getLogger(__name__)
+
 # One module per command group; each registers its sub-commands.
 COMMAND_MODULES: tuple[str, ...] = (
     "lastmile.commands.forwarding",  # forward, echo, queue, retry
@@ -59,17 +61,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Commands log to stderr (stdout is their output); patient data masked as in the services.
     level = logging.WARNING - 10 * args.verbose if args.verbose else logging.INFO
     configure_logging(None, level=max(level, logging.DEBUG), stream=sys.stderr, verbosity=args.verbose)
+    import sqlite3
+
     from devices.errors import DeviceError
     from lastmile.config import ConfigError
+    from lastmile.data_dir import DataDirError
+    from lastmile.logs import describe_fault
     from uploader.errors import UploadError
 
+    # Operational faults (a file system, a database, the network) get one line, not a
+    # traceback: the person at the keyboard is a county technician. -v adds the traceback.
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"lastmile: configuration error: {exc}", file=sys.stderr)
         return 78  # EX_CONFIG: systemd does not restart-loop on it with RestartPreventExitStatus
+    except DataDirError as exc:
+        _log_traceback(args, exc)
+        print(f"lastmile: {exc}", file=sys.stderr)
+        return 1
     except (DeviceError, UploadError) as exc:
+        _log_traceback(args, exc)
         print(f"lastmile: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        _log_traceback(args, exc)
+        print(f"lastmile: {describe_fault(exc)}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:
+        _log_traceback(args, exc)
+        print(f"lastmile: database error: {exc} (run `lastmile doctor`)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _log_traceback(args: argparse.Namespace, exc: BaseException) -> None:
+    if args.verbose:
+        log.error("details", exc_info=exc)

@@ -8,6 +8,7 @@ refused with the file, line and reason, so a county technician sees exactly what
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -25,10 +26,16 @@ class ConfigError(Exception):
 
 @dataclass
 class GatewaySection:
-    id: str = "lastmile-gateway"  # station name of this gateway (DICOM StationName, FHIR source)
-    institution: str = ""  # clinic name (DICOM InstitutionName)
+    id: str = "lastmile-gateway"  # this gateway's id (FHIR Device, visit chain, DICOM Contributing Equipment serial)
+    station_name: str = ""  # DICOM StationName (≤ 16 bytes); empty = the id, which must then fit
+    institution: str = ""  # clinic name (DICOM InstitutionName, ≤ 64 bytes)
     data_dir: str = "/var/lib/lastmile"  # outbox database and payloads; on the data partition
     log_patient_data: bool = False  # debug only: allow patient names/IDs in logs
+
+    @property
+    def dicom_station_name(self) -> str:
+        """What goes in DICOM StationName: `station_name`, else the id (checked to fit)."""
+        return self.station_name or self.id
 
 
 @dataclass
@@ -178,19 +185,49 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 }
 
 
-def _line_of(text: str, dotted: str) -> int | None:
-    """Best-effort line number of a key, for error messages."""
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(?:#.*)?$")
+
+
+def _line_of(text: str, dotted: str, item: int | None = None, *, exact: bool = False) -> int | None:
+    """Best-effort line number of a key, for error messages: the key's own line in its table
+    (the `item`-th `[[table]]` for arrays of tables), else the table's header line (not with
+    `exact`: then None when the key is not written in the file)."""
     *tables, key = dotted.split(".")
+    table = ".".join(tables)
     lines = text.splitlines()
-    start = 0
-    if tables:
-        header = re.compile(r"^\s*\[+\s*" + re.escape(".".join(tables)) + r"\s*\]+")
-        start = next((i for i, ln in enumerate(lines) if header.match(ln)), 0)
-    pat = re.compile(r"^\s*" + re.escape(key) + r"\s*=")
-    for i in range(start, len(lines)):
-        if pat.match(lines[i]):
-            return i + 1
-    return start + 1 if tables else None
+    headers = [(i, m.group(2).replace(" ", ""), m.group(1)) for i, ln in enumerate(lines) if (m := _HEADER.match(ln))]
+    bounds = [i for i, _, _ in headers] + [len(lines)]
+    if not table:
+        blocks = [(0, bounds[0])]
+    else:
+        blocks = [(i + 1, bounds[n + 1]) for n, (i, name, _) in enumerate(headers) if name == table]
+        if item is not None:
+            blocks = blocks[item : item + 1]
+    key_line = re.compile(r"^\s*[\"']?" + re.escape(key) + r"[\"']?\s*=")
+    for first, stop in blocks:
+        for i in range(first, stop):
+            if key_line.match(lines[i]):
+                return i + 1
+    if exact:
+        return None
+    if blocks and table:
+        return blocks[0][0]  # the header
+    if not table:  # a whole table: its header
+        return next((i + 1 for i, name, _ in headers if name == key), None)
+    if item is not None and len(tables) >= 1:
+        return _inline_item_line(text, table, key, item)
+    return None
+
+
+def _inline_item_line(text: str, array: str, key: str, item: int) -> int | None:
+    """`array = [{...}, {...}]` written inline in its parent table: the line of `key` in the
+    item-th inline table, else the array's own line."""
+    start = _line_of(text, array)
+    if start is None:
+        return None
+    lines = text.splitlines()
+    found = [i + 1 for i in range(start - 1, len(lines)) if re.search(r"\b" + re.escape(key) + r"\s*=", lines[i])]
+    return found[item] if item < len(found) else start
 
 
 def _check_type(value: object, hint: object) -> bool:
@@ -241,10 +278,327 @@ def _build(cls: type, data: dict, prefix: str, text: str, where: str) -> object:
                 f"{where}:{_line_of(text, dotted) or '?'}: '{dotted}' must be one of "
                 f"{', '.join(choices)}, not {value!r}"
             )
+        if isinstance(value, float) and not math.isfinite(value):
+            # TOML allows nan and inf; no setting means either (an infinite timeout crashes a wait)
+            raise ConfigError(
+                f"{where}:{_line_of(text, dotted) or '?'}: '{dotted}' must be a finite number, not {value}"
+            )
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
             raise ConfigError(f"{where}:{_line_of(text, dotted) or '?'}: '{dotted}' must not be negative")
         values[key] = float(value) if hint is float else value
     return cls(**values)
+
+
+# -- meaning: every value checked for what it is used for, not only its type -------------------
+
+
+class _Problems:
+    """Mistakes found in one file, each with its line; reported together, in file order."""
+
+    def __init__(self, text: str, where: str) -> None:
+        self.text = text
+        self.where = where
+        self.found: list[tuple[int, str]] = []
+
+    def add(self, dotted: str, message: str, *, item: int | None = None) -> None:
+        line = _line_of(self.text, dotted, item)
+        name = dotted if item is None else f"{dotted.rsplit('.', 1)[0]}[{item}].{dotted.rsplit('.', 1)[1]}"
+        self.found.append((line or 0, f"{self.where}:{line or '?'}: '{name}' {message}"))
+
+    def written(self, dotted: str) -> bool:
+        """Whether the file sets this key itself (else it has its default)."""
+        return _line_of(self.text, dotted, exact=True) is not None
+
+    def raise_if_any(self) -> None:
+        if self.found:
+            raise ConfigError("\n".join(message for _, message in sorted(self.found, key=lambda f: f[0])))
+
+
+@dataclass(frozen=True)
+class _Range:
+    low: float
+    high: float
+    what: str
+    low_open: bool = False  # `low` itself is refused (a duration of 0 s means nothing)
+
+    def problem(self, value: float) -> str | None:
+        if value < self.low or (self.low_open and value == self.low) or value > self.high:
+            if self.low_open:
+                return f"must be {self.what} above {self.low:g} and at most {self.high:g}, not {value:g}"
+            return f"must be {self.what} from {self.low:g} to {self.high:g}, not {value:g}"
+        return None
+
+
+_PORT = _Range(1, 65535, "a TCP port")  # 0 ("any free port") is no use: a peer must know it
+_HOUR, _DAY, _YEAR = 3600.0, 86400.0, 365 * 86400.0
+_NETWORK_TIMEOUT = _Range(0, 600, "a number of seconds", low_open=True)  # longer only hides a dead peer
+_RANGES: dict[str, _Range] = {
+    "reading_center.port": _PORT,
+    "reading_center.listen_port": _PORT,
+    "lan_receiver.port": _PORT,
+    "gps.gpsd_port": _PORT,
+    "reading_center.associations": _Range(1, 16, "a count of associations"),  # each is a thread and a socket
+    "reading_center.batch_size": _Range(1, 10_000, "a count of C-STOREs"),
+    "reading_center.timeout_s": _NETWORK_TIMEOUT,
+    "reading_center.commitment_timeout_s": _Range(0, 7 * _DAY, "a number of seconds", low_open=True),
+    "outbox.retention_days": _Range(0, 3650, "a number of days"),
+    "outbox.min_free_mb": _Range(0, 2**40, "a number of megabytes"),
+    "outbox.backoff_base_s": _Range(0, _DAY, "a number of seconds", low_open=True),
+    "outbox.backoff_max_s": _Range(0, 7 * _DAY, "a number of seconds", low_open=True),
+    "outbox.config_fault_retry_s": _Range(0, _DAY, "a number of seconds", low_open=True),
+    "patient.idle_timeout_s": _Range(0, 7 * _DAY, "a number of seconds", low_open=True),
+    "ble.scan_interval_s": _Range(0, _HOUR, "a number of seconds", low_open=True),
+    "ble.connect_attempts": _Range(1, 100, "a count of attempts"),
+    "ble.continuous_store_interval_s": _Range(0, _DAY, "a number of seconds", low_open=True),
+    "gps.nmea_baud": _Range(300, 4_000_000, "a baud rate"),
+    "visits.radius_m": _Range(0, 100_000, "a number of metres", low_open=True),
+    "visits.track_max_points": _Range(1, 1_000_000, "a count of points"),
+    "visits.max_eph_m": _Range(0, 100_000, "a number of metres", low_open=True),
+    "visits.stale_fix_s": _Range(0, _DAY, "a number of seconds", low_open=True),
+    "visits.max_speed_mps": _Range(0, 1000, "a speed in metres per second", low_open=True),
+    "visits.time_disagreement_s": _Range(0, _YEAR, "a number of seconds", low_open=True),
+    "visits.fix_wait_s": _Range(0, 600, "a number of seconds"),
+    "fhir.timeout_s": _NETWORK_TIMEOUT,
+    "fhir.batch_size": _Range(1, 1000, "a count of bundles"),
+}
+
+STATION_NAME_BYTES = 16  # DICOM SH, as dciodvfy counts it: bytes of the encoded value
+INSTITUTION_BYTES = 64  # DICOM LO
+GATEWAY_ID_BYTES = 64  # LO too: the full id goes in the DICOM Contributing Equipment's serial
+
+
+def ae_title_problem(value: str) -> str | None:
+    """Why `value` is not a DICOM AE title (PS3.5 6.2: ≤ 16 characters of the default
+    repertoire, no backslash or control characters, not only spaces), or None."""
+    if not value.strip(" "):
+        return "must not be empty or only spaces"
+    if len(value) > 16:
+        return f"has {len(value)} characters: an AE title has at most 16"
+    odd = next((ch for ch in value if not " " <= ch <= "~" or ch == "\\"), None)
+    if odd is not None:
+        return (
+            f"contains {odd!r}: an AE title is ASCII letters, digits, spaces and punctuation "
+            "(no backslash, no other alphabet), e.g. CLINIC01"
+        )
+    if value != value.strip(" "):
+        return "has spaces at its start or end, which DICOM ignores: remove them"
+    return None
+
+
+def _text_problem(value: str, max_bytes: int, what: str) -> str | None:
+    """A DICOM string value (SH/LO) that must go in whole: never cut, never altered."""
+    if not value.strip():
+        return "must not be empty"
+    if value != value.strip():
+        return "has spaces at its start or end: remove them"
+    if "\\" in value or any(not ch.isprintable() for ch in value):
+        return "must not contain a backslash or control characters (DICOM separates values with backslashes)"
+    size = len(value.encode("utf-8"))
+    if size > max_bytes:
+        return f"is {size} bytes in UTF-8; {what} holds {max_bytes}"
+    return None
+
+
+def _uid_problem(value: str) -> str | None:
+    if len(value) > 64 or not re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+", value):
+        return "is not a DICOM UID (digits and dots, at most 64 characters, e.g. 1.2.840.10008.5.1.4.1.1.9.1.1)"
+    return None
+
+
+def _regex_problem(pattern: str) -> str | None:
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        return f"is not a valid regular expression: {exc}"
+    return None
+
+
+SERIAL_DEVICE_KEYS = ("name", "match", "profile", "baudrate", "forward_profile")
+SERIAL_HANDLERS = ("bridge", "scanner")  # profiles built into the acquire service
+
+
+def serial_device_problems(devices: list[dict], profiles: typing.Collection[str]) -> list[tuple[int, str, str]]:
+    """(index, key, what is wrong) for each mistake in `serial.devices`, given the names of the
+    ASCII-report profiles available."""
+    from firmware_bridge.serial_link import PortMatch  # pyserial: only when devices are listed
+
+    found: list[tuple[int, str, str]] = []
+    names: set[str] = set()
+    for i, entry in enumerate(devices):
+        unknown = sorted(set(entry) - set(SERIAL_DEVICE_KEYS))
+        if unknown:
+            found.append(
+                (i, unknown[0], f"unknown key(s) {', '.join(unknown)} (known: {', '.join(SERIAL_DEVICE_KEYS)})")
+            )
+        name, match, profile = entry.get("name"), entry.get("match"), entry.get("profile")
+        for key, value in (("name", name), ("match", match), ("profile", profile)):
+            if not isinstance(value, str) or not value:
+                found.append((i, key, "is required: name, match and profile are required strings"))
+        if isinstance(name, str) and name:
+            if name in names:
+                found.append((i, "name", f"device name {name!r} used twice"))
+            names.add(name)
+        if isinstance(match, str) and match:
+            try:
+                PortMatch.parse(match)
+            except ValueError as exc:
+                found.append((i, "match", str(exc)))
+        if isinstance(profile, str) and profile and profile not in SERIAL_HANDLERS and profile not in profiles:
+            known = ", ".join(sorted(profiles)) or "no ASCII profiles"
+            found.append((i, "profile", f"unknown profile {profile!r} (bridge, scanner or one of {known})"))
+        forward = entry.get("forward_profile", "")
+        if forward and (profile != SERIAL_HANDLERS[0] or forward not in profiles):
+            found.append((i, "forward_profile", "forward_profile needs profile = 'bridge' and a known ASCII profile"))
+        baud = entry.get("baudrate")
+        if baud is not None and (not isinstance(baud, int) or isinstance(baud, bool) or baud <= 0):
+            found.append((i, "baudrate", "baudrate must be a positive whole number"))
+    return found
+
+
+def check_meaning(config: Config, problems: _Problems) -> None:
+    """Every value checked for what it is used for; each mistake added to `problems`."""
+    for dotted, allowed in _RANGES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(config, section), key)
+        problem = allowed.problem(value)
+        if problem:
+            problems.add(dotted, problem)
+
+    g = config.gateway
+    problem = _text_problem(g.id, GATEWAY_ID_BYTES, "the DICOM serial number it goes in")
+    if problem:
+        problems.add("gateway.id", problem)
+    elif not g.station_name:
+        problem = _text_problem(g.id, STATION_NAME_BYTES, "DICOM StationName")
+        if problem:
+            problems.add(
+                "gateway.id",
+                f"does not fit DICOM StationName: it {problem}; set gateway.station_name to a short name "
+                f"(at most {STATION_NAME_BYTES} bytes: 16 letters or digits, or 5 Chinese characters) — "
+                "the full id is kept everywhere else",
+            )
+    if g.station_name:
+        problem = _text_problem(g.station_name, STATION_NAME_BYTES, "DICOM StationName")
+        if problem:
+            problems.add("gateway.station_name", problem)
+    if g.institution:
+        problem = _text_problem(g.institution, INSTITUTION_BYTES, "DICOM InstitutionName")
+        if problem:
+            problems.add("gateway.institution", problem)
+    if not g.data_dir.strip() or not os.path.isabs(g.data_dir):
+        problems.add("gateway.data_dir", "must be an absolute path, e.g. /var/lib/lastmile")
+
+    rc = config.reading_center
+    for key in ("called_ae", "calling_ae"):
+        problem = ae_title_problem(getattr(rc, key))
+        if problem:
+            problems.add(f"reading_center.{key}", problem)
+    if not rc.host.strip():
+        problems.add("reading_center.host", "must name the reading center's PACS (host name or address)")
+    tls = rc.tls
+    if tls.enabled and not tls.ca_file:
+        problems.add(
+            "reading_center.tls.enabled",
+            "is true but reading_center.tls.ca_file is empty: name the CA that signed the reading center's certificate",
+        )
+    if bool(tls.cert_file) != bool(tls.key_file):
+        problems.add(
+            "reading_center.tls.cert_file" if tls.cert_file else "reading_center.tls.key_file",
+            "goes with its pair: set both cert_file and key_file, or neither",
+        )
+
+    lan = config.lan_receiver
+    problem = ae_title_problem(lan.ae_title)
+    if problem:
+        problems.add("lan_receiver.ae_title", problem)
+    for caller in lan.allowed_callers:
+        problem = ae_title_problem(caller)
+        if problem:
+            problems.add("lan_receiver.allowed_callers", f"entry {caller!r} {problem}")
+    for uid in lan.sop_classes:
+        problem = _uid_problem(uid)
+        if problem:
+            problems.add("lan_receiver.sop_classes", f"entry {uid!r} {problem}")
+    if lan.enabled and not lan.allowed_callers:
+        problems.add(
+            "lan_receiver.enabled",
+            "is true but lan_receiver.allowed_callers is empty: list the AE titles of the carts allowed to send",
+        )
+    if lan.enabled and rc.storage_commitment and lan.port == rc.listen_port:
+        problems.add(
+            "lan_receiver.port" if problems.written("lan_receiver.port") else "reading_center.listen_port",
+            f"({lan.port}) is the port of both the LAN receiver and the storage-commitment listener: "
+            "two listeners cannot share a port",
+        )
+
+    for folder in config.usb_import.folders:
+        if not os.path.isabs(folder):
+            problems.add("usb_import.folders", f"entry {folder!r} must be an absolute path (a mount point)")
+
+    serial = config.serial
+    for key in ("patient_card_pattern", "doctor_badge_pattern"):
+        pattern = getattr(serial, key)
+        problem = _regex_problem(pattern) if pattern else None
+        if problem:
+            problems.add(f"serial.{key}", problem)
+    if serial.devices:
+        from firmware_bridge.profiles import profile_files
+
+        profiles = profile_files(serial.profiles_dir or None)
+        for i, key, message in serial_device_problems(serial.devices, profiles):
+            problems.add(f"serial.devices.{key}", message, item=i)
+
+    if config.gps.source == "nmea" and not config.gps.nmea_port:
+        problems.add("gps.source", 'is "nmea" but gps.nmea_port is empty: name the receiver\'s serial port')
+
+    o = config.outbox
+    if o.backoff_max_s < o.backoff_base_s:
+        problems.add("outbox.backoff_max_s", f"({o.backoff_max_s:g}) must not be less than outbox.backoff_base_s")
+
+    if config.fhir.base_url:
+        from uploader.reachability import insecure_url_problem
+
+        problem = insecure_url_problem(config.fhir.base_url)
+        if problem:
+            problems.add("fhir.base_url", problem)
+
+
+def check_files(config: Config, text: str) -> None:
+    """What `lastmile config check` adds to parsing: the files the settings name exist and are
+    readable (the services find out only when they use them). ConfigError lists every miss."""
+    problems = _Problems(text, config.source)
+    named = [
+        ("reading_center.tls.ca_file", config.reading_center.tls.ca_file if config.reading_center.tls.enabled else ""),
+        (
+            "reading_center.tls.cert_file",
+            config.reading_center.tls.cert_file if config.reading_center.tls.enabled else "",
+        ),
+        (
+            "reading_center.tls.key_file",
+            config.reading_center.tls.key_file if config.reading_center.tls.enabled else "",
+        ),
+        ("fhir.ca_file", config.fhir.ca_file),
+        ("fhir.token_file", config.fhir.token_file),
+        ("visits.household_register", config.visits.household_register),
+    ]
+    for dotted, path in named:
+        if path and not os.path.isfile(path):
+            problems.add(dotted, f"names {path}, which is not a file this user can see")
+        elif path and not os.access(path, os.R_OK):
+            problems.add(dotted, f"names {path}, which this user cannot read")
+    if config.serial.profiles_dir and not os.path.isdir(config.serial.profiles_dir):
+        problems.add("serial.profiles_dir", f"names {config.serial.profiles_dir}, which is not a directory")
+    problems.raise_if_any()
+
+
+def check_config_file(path: str | os.PathLike[str] | None = None) -> Config:
+    """`lastmile config check`: parse (every meaning check), then the files named exist."""
+    config = load_config(path)
+    if config.source != "<defaults>":
+        check_files(config, Path(config.source).read_text(encoding="utf-8"))
+    else:
+        check_files(config, "")
+    return config
 
 
 def parse_config(text: str, where: str = "<string>") -> Config:
@@ -255,6 +609,9 @@ def parse_config(text: str, where: str = "<string>") -> Config:
     config = _build(Config, data, "", text, where)
     assert isinstance(config, Config)
     config.source = where
+    problems = _Problems(text, where)
+    check_meaning(config, problems)
+    problems.raise_if_any()
     return config
 
 

@@ -101,6 +101,8 @@ class Doctor:
         ]
 
     def run_all(self) -> list[Finding]:
+        from lastmile.data_dir import DataDirError
+
         findings: list[Finding] = []
         for name, check, network in self.checks():
             if network and self.offline:
@@ -108,6 +110,8 @@ class Doctor:
                 continue
             try:
                 findings += check()
+            except DataDirError as exc:  # an operational fault, already worded for people
+                findings.append(Finding(name, Level.FAIL, str(exc), "fix the data directory first (see above)"))
             except Exception as exc:  # noqa: BLE001 — a check that breaks is itself a finding, never a traceback
                 findings.append(
                     Finding(
@@ -133,8 +137,14 @@ class Doctor:
         return [Finding("config", Level.OK, f"{self.config.source} is valid")]
 
     def check_data_partition(self) -> list[Finding]:
+        from lastmile.data_dir import DataDirError, existing_data_dir
+
         data = self.config.data_dir
-        if not data.is_dir():
+        try:
+            found = existing_data_dir(data)  # looks, never creates
+        except DataDirError as exc:
+            return [Finding("data", Level.FAIL, str(exc), "the services cannot store anything until this is fixed")]
+        if found is None:
             return [
                 Finding(
                     "data",
@@ -400,7 +410,11 @@ class Doctor:
 
         from uploader.errors import ConfigurationFault
         from uploader.fhir_sender import read_token_file
+        from uploader.reachability import insecure_url_problem
 
+        problem = insecure_url_problem(f.base_url)
+        if problem:  # never send the token (or anything) that way, not even to ask /metadata
+            return [Finding("fhir", Level.FAIL, f"fhir.base_url: {problem}", "use the platform's https:// address")]
         headers = {"Accept": "application/fhir+json"}
         if f.token_file:
             try:
@@ -415,7 +429,11 @@ class Doctor:
         url = f.base_url.rstrip("/") + "/metadata"
         try:
             r = requests.get(
-                url, headers=headers, timeout=min(f.timeout_s, NETWORK_TIMEOUT_S), verify=f.ca_file or True
+                url,
+                headers=headers,
+                timeout=min(f.timeout_s, NETWORK_TIMEOUT_S),
+                verify=f.ca_file or True,
+                allow_redirects=False,
             )
         except requests.RequestException as exc:
             return [
@@ -506,17 +524,19 @@ class Doctor:
         return [Finding("devices", Level.OK, text)]
 
     def check_queue(self) -> list[Finding]:
-        from uploader.outbox import DB_NAME, Outbox
+        from lastmile.data_dir import DataDirError, open_existing_outbox
+        from uploader.masking import mask_server_text
 
         data = self.config.data_dir
-        if not (data / DB_NAME).exists():
-            return [Finding("queue", Level.OK, "outbox empty (not created yet)")]
-        with as_owner_of(data):
-            outbox = Outbox.open(data, min_free_bytes=0)
-            try:
-                stats = outbox.stats(self.now())
-            finally:
-                outbox.close()
+        try:
+            with as_owner_of(data):
+                outbox = open_existing_outbox(self.config)  # creates nothing
+                if outbox is None:
+                    return [Finding("queue", Level.OK, "outbox empty (not created yet)")]
+                with outbox:
+                    stats = outbox.stats(self.now())
+        except DataDirError as exc:
+            return [Finding("queue", Level.FAIL, str(exc), "the services cannot queue or forward anything meanwhile")]
         counts = stats["counts"]
         waiting = counts.get("queued", 0) + counts.get("sending", 0)
         oldest = stats["oldest_waiting_s"]
@@ -528,7 +548,7 @@ class Doctor:
         if oldest is not None:
             text += f"; oldest waiting {_age(oldest)}"
         faults = [
-            f"{name}: {value['fault']}"
+            f"{name}: {mask_server_text(value['fault'])}"
             for name, value in stats["statuses"].items()
             if isinstance(value, dict) and value.get("fault")
         ]

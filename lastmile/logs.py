@@ -16,24 +16,14 @@ import secrets
 import sys
 from typing import TYPE_CHECKING
 
+from uploader.masking import mask_patterns
+
 if TYPE_CHECKING:
     from lastmile.config import Config
 
 log = logging.getLogger(__name__)
 
 _SYSLOG_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
-
-# Shapes patient data takes in messages we or our libraries write. Each pattern's group "v" is masked.
-_PATIENT_PATTERNS: tuple[re.Pattern[str], ...] = (
-    # key=value / key: value with a patient-ish key (PatientID, patient_id, patient name, birth date)
-    re.compile(
-        r"(?i)\b(?:patient[ _-]?(?:id|name|identifier)|other[ _-]?patient[ _-]?ids|"
-        r"patient|birth[ _-]?date|PatientBirthDate)\b\s*[=:]\s*"
-        r"(?P<v>'[^']*'|\"[^\"]*\"|[^\s,;)\]}]+)"
-    ),
-    # DICOM person names: Family^Given[^Middle...]
-    re.compile(r"(?P<v>\b[^\s^=,;:'\"()\[\]{}]+\^[^\s=,;'\"()\[\]{}]*)"),
-)
 
 
 class PatientDataFilter(logging.Filter):
@@ -81,18 +71,7 @@ class PatientDataFilter(logging.Filter):
         for known in sorted(self._known, key=len, reverse=True):
             if known in text:
                 text = text.replace(known, self.token(known))
-        for pat in (*self._extra, *_PATIENT_PATTERNS):
-            text = pat.sub(self._replace, text)
-        return text
-
-    def _replace(self, m: re.Match[str]) -> str:
-        v = m.group("v")
-        if v.startswith("<patient:"):
-            return m.group(0)
-        start, end = m.span("v")
-        whole = m.group(0)
-        base = m.start(0)
-        return whole[: start - base] + self.token(v.strip("'\"")) + whole[end - base :]
+        return mask_patterns(text, self.token, self._extra)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not self.enabled:
@@ -117,6 +96,16 @@ def _patient_arg(arg: object, flt: PatientDataFilter) -> object:
     if isinstance(arg, Patient):
         return flt.token(arg.patient_id)
     return arg
+
+
+def describe_fault(exc: BaseException) -> str:
+    """An operational fault in one line, for a person: `Permission denied: /var/lib/lastmile/x`
+    rather than `[Errno 13] ...` and a traceback."""
+    if isinstance(exc, OSError) and exc.strerror:
+        names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
+        return f"{exc.strerror}: {' -> '.join(names)}" if names else f"{exc.strerror} ({type(exc).__name__})"
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def mask_patient_data(text: str, flt: PatientDataFilter | None) -> str:

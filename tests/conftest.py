@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,21 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         missing("../shared (third-party ECG and GNSS files) is absent")
     return SHARED
+
+
+@pytest.fixture
+def restored_logging() -> Iterator[None]:
+    """`lastmile.cli.main()` points the root logger at the captured stderr of the test that ran
+    it, closed once that test ends: drop such a handler left by an earlier test (pytest's own are
+    subclasses), and put the root logger back as it was afterwards."""
+    import logging
+
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if type(h) is not logging.StreamHandler]
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 # Real DICOM peers (Orthanc, storescp, scripted SCP) as fixtures for every test module.

@@ -245,12 +245,68 @@ def test_a_refused_configuration_exits_78_without_ready(manager: Manager) -> Non
     assert any("ERRNO=78" in m for m in msgs)
 
 
-def test_setup_failure_is_exit_1_and_never_ready(manager: Manager) -> None:
+def test_setup_failure_from_a_bug_is_exit_1_and_never_ready(manager: Manager) -> None:
     def setup(c: Config) -> Recorder:
-        raise OSError("data partition missing")
+        raise KeyError("a bug, not the machine")
 
     assert runtime(manager).run(setup) == EXIT_FAILURE
     assert not any("READY=1" in m for m in manager.drain(0.2))
+
+
+def test_an_unusable_data_dir_at_start_is_waited_out_with_backoff_not_exit(
+        manager: Manager, caplog: pytest.LogCaptureFixture) -> None:
+    """The data partition not writable yet: READY with the fault in STATUS, retried with a
+    growing delay, one ERROR line (no traceback); starts normally once it is fixed."""
+    from lastmile.data_dir import DataDirError
+
+    attempts: list[float] = []
+    made: list[Recorder] = []
+
+    def setup(c: Config) -> Recorder:
+        attempts.append(time.monotonic())
+        if len(attempts) <= 3:
+            raise DataDirError("/var/lib/lastmile is on a read-only file system")
+        made.append(Recorder(c))
+        return made[-1]
+
+    rt = runtime(manager, fault_backoff_s=(0.05, 0.2))
+    threading.Thread(target=lambda: (manager.wait_for("READY=1"), _wait_until(lambda: made and made[0].steps > 2),
+                                     rt.request_stop())).start()
+    with caplog.at_level(logging.INFO, logger="lastmile.services.runtime"):
+        assert rt.run(setup) == EXIT_OK
+    assert len(attempts) == 4 and made[0].steps > 2 and made[0].closed
+    ready = next(m for m in manager.messages if "READY=1" in m)
+    assert "STATUS=t: cannot start: /var/lib/lastmile is on a read-only file system; retrying in 0.05 s" in ready
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is None  # said once, no traceback
+    assert "retrying in 0.1 s" in caplog.text and "retrying in 0.2 s" in caplog.text  # the delay grows
+    assert "working again" in caplog.text
+
+
+def test_an_operational_fault_in_a_step_backs_off_instead_of_exiting(
+        manager: Manager, caplog: pytest.LogCaptureFixture) -> None:
+    class DiskTrouble(Recorder):
+        def step(self, stop: threading.Event) -> float:
+            self.steps += 1
+            if 2 <= self.steps <= 4:
+                raise OSError(30, "Read-only file system", "/var/lib/lastmile/outbox.sqlite")
+            return 0.01
+
+    made: list[Recorder] = []
+    rt = runtime(manager, fault_backoff_s=(0.05, 1.0))
+    threading.Thread(target=lambda: (_wait_until(lambda: made and made[0].steps > 6), rt.request_stop())).start()
+    with caplog.at_level(logging.INFO, logger="lastmile.services.runtime"):
+        assert rt.run(lambda c: made.append(DiskTrouble(c)) or made[-1]) == EXIT_OK
+    statuses = [m for m in manager.messages + manager.drain(0.1) if "Read-only file system" in m]
+    assert statuses and "STATUS=t: step failed: Read-only file system: /var/lib/lastmile/outbox.sqlite" in statuses[0]
+    assert sum(r.levelno >= logging.ERROR for r in caplog.records) == 1
+    assert rt.fault is None  # cleared once a step worked again
+
+
+def _wait_until(condition: object, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:  # type: ignore[operator]
+        time.sleep(0.01)
 
 
 def test_stop_and_reload_requests_from_another_thread(manager: Manager) -> None:
@@ -421,7 +477,7 @@ def test_acquire_reaches_ready_without_devices_and_stops_cleanly(tmp_path: Path,
 def test_acquire_refuses_a_bad_receiver_configuration_with_78(tmp_path: Path) -> None:
     config = tmp_path / "lastmile.toml"
     config.write_text(f'[gateway]\ndata_dir = "{tmp_path}"\n[ble]\nenabled = false\n'
-                      "[lan_receiver]\nenabled = true\nport = 0\n")  # no allowed_callers
+                      "[lan_receiver]\nenabled = true\nport = 11112\n")  # no allowed_callers
     proc = subprocess.run([sys.executable, "-m", "lastmile", "-c", str(config), "acquire"],
                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                           timeout=60)

@@ -126,6 +126,8 @@ def associate(peer: PeerSettings, contexts: list[PresentationContext], handlers:
         )
     except ValueError as exc:  # e.g. a called AE title pynetdicom refuses to encode
         raise ConfigurationFault(f"cannot ask {peer.where} for an association: {exc}") from None
+    except OSError as exc:  # pynetdicom resolves the host itself: DNS down, or a name that does not exist
+        raise TransientError(f"cannot resolve {peer.host!r} for {peer.where}: {exc.strerror or exc}") from None
     if assoc.is_established:
         return assoc
     raise_not_established(peer, assoc, getattr(ctx, "failures", []), connected.is_set(), time.monotonic() - started)

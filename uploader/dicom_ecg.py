@@ -130,8 +130,9 @@ class StudyRequest:
 
 @dataclass(frozen=True)
 class StationInfo:
-    station_name: str = ""  # the gateway id (DICOM StationName, SH: 16 characters kept)
+    station_name: str = ""  # the gateway's short name (DICOM StationName, SH: 16 bytes)
     institution: str = ""  # the clinic (InstitutionName)
+    gateway_id: str = ""  # the gateway's full id: the Contributing Equipment's DeviceSerialNumber
 
 
 @dataclass(frozen=True)
@@ -636,6 +637,8 @@ def _set_equipment(ds: Dataset, ctx: _Context) -> None:
         gateway.InstitutionName = _text(station.institution, "LO")
     if station.station_name:
         gateway.StationName = _text(station.station_name, "SH")
+    if station.gateway_id:
+        gateway.DeviceSerialNumber = _text(station.gateway_id, "LO")
     if ctx.created is not None:
         gateway.ContributionDateTime = _dt(ctx.created)
     gateway.ContributionDescription = _text(conversion, "ST")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from io import BytesIO
@@ -22,6 +23,7 @@ from types import TracebackType
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset
 from pydicom.uid import UID, ImplicitVRLittleEndian
 from pynetdicom import build_context, evt
 from pynetdicom.association import Association
@@ -51,6 +53,7 @@ from uploader.dicom_status import (
     status_meaning,
 )
 from uploader.errors import ConfigurationFault, PermanentError, TransientError
+from uploader.masking import mask_server_text
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,40 @@ def raw_send_available(assoc: Association) -> bool:
         hasattr(assoc, name)
         for name in ("_reactor_checkpoint", "_is_paused", "_handle_no_response", "_check_received_status")
     )
+
+
+# Patient Module attributes whose values a peer's ErrorComment might repeat.
+_PATIENT_TAGS = (0x00100010, 0x00100020, 0x00100030, 0x00101000, 0x00101001)
+_PATIENT_PEEK_BYTES = 64 * 1024  # group 0010 comes long before the waveform
+
+
+def patient_values(obj: Part10) -> list[str]:
+    """The object's patient names, ids and birth date (to mask them in what the peer says
+    about it). Reads at most the first 64 KiB of the data set, inflated if deflated."""
+    raw = obj.dataset_bytes()
+    ts = obj.transfer_syntax
+    try:
+        if ts.is_deflated:
+            raw = zlib.decompressobj(-zlib.MAX_WBITS).decompress(raw, _PATIENT_PEEK_BYTES)
+        ds = read_dataset(
+            BytesIO(raw[:_PATIENT_PEEK_BYTES]),
+            ts.is_implicit_VR,
+            ts.is_little_endian,
+            stop_when=lambda tag, vr, length: tag > _PATIENT_TAGS[-1],
+        )
+        values: list[str] = []
+        for tag in _PATIENT_TAGS:
+            elem = ds.get(tag)
+            if elem is None or elem.value in (None, ""):
+                continue
+            items = elem.value if elem.VM > 1 else [elem.value]
+            for item in items:
+                text = str(item)
+                values += [text, text.replace("^", " ").strip(), text.replace("^", "")]
+                values += [group for group in text.split("=") if group]
+        return values
+    except Exception:  # noqa: BLE001 — damaged bytes: the patterns still mask what they can
+        return []
 
 
 class StoreAssociation:
@@ -258,7 +295,8 @@ class StoreAssociation:
             )
         comment = status.get("ErrorComment")
         if comment:
-            meaning = f"{meaning} ({comment})"
+            # the peer's free text may name the patient: it goes into logs and stored reasons
+            meaning = f"{meaning} ({mask_server_text(str(comment), patient_values(obj))})"
         self.stores += 1
         return StoreOutcome(
             code, category, meaning, str(obj.sop_instance_uid), str(obj.sop_class_uid), str(syntax), len(data)

@@ -139,10 +139,9 @@ def open_database(
     """Connect to `db_path` (mode 0600) in autocommit mode with explicit transactions, shareable
     between threads under the caller's lock and between processes (WAL, busy_timeout), and
     bring its schema up to date. Rows come back as sqlite3.Row."""
+    create_private(db_path)
     conn = sqlite3.connect(db_path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
     try:
-        with contextlib.suppress(PermissionError):
-            os.chmod(db_path, 0o600)
         conn.row_factory = sqlite3.Row
         for pragma in (*BASE_PRAGMAS, *pragmas):
             conn.execute(f"PRAGMA {pragma}")
@@ -153,6 +152,20 @@ def open_database(
         conn.close()
         raise
     return db
+
+
+def create_private(db_path: Path) -> None:
+    """Create the database file 0600 before SQLite opens it (SQLite would make it 0644 minus
+    the umask, and its -wal/-shm files copy the database file's mode); an existing file with
+    group/other bits loses them. Nothing is written when the file is already private."""
+    try:
+        fd = os.open(db_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        st = os.stat(db_path)
+        if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+            os.chmod(db_path, 0o600)
+        return
+    os.close(fd)
 
 
 def applied_migrations(db: sqlite_utils.Database) -> list[str]:

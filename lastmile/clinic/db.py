@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from pathlib import Path
 
 import sqlite_utils
 
+from lastmile.data_dir import ensure_data_dir
 from uploader.sqlite_store import Migration, open_database, transaction
 
 __all__ = ["DB_NAME", "from_iso", "iso", "open_clinic_db", "transaction", "utc_now"]
@@ -95,8 +95,7 @@ MIGRATIONS = (
 
 def open_clinic_db(data_dir: str | os.PathLike[str]) -> sqlite_utils.Database:
     """Open (creating or migrating) clinic.db in `data_dir`; autocommit, explicit transactions."""
-    path = Path(data_dir)
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = ensure_data_dir(data_dir)
     # same connection discipline as the outbox (WAL, busy_timeout, 0600, transactional migrations)
     return open_database(path / DB_NAME, MIGRATIONS)
 

@@ -5,10 +5,16 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import sqlite3
 import sys
 import time
+from typing import TYPE_CHECKING, Any
 
 from lastmile.commands.common import DATA_DIR
+from uploader.masking import mask_server_text
+
+if TYPE_CHECKING:
+    from lastmile.config import Config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -84,10 +90,19 @@ def _echo(args: argparse.Namespace) -> int:
         )
         code = 1
     except TransientError as exc:
-        print(
-            f"FAIL  {where}: not reachable now: {exc}\n"
-            "      hint: check the network link and the reading center's host/port"
-        )
+        from uploader.reachability import local_fault
+
+        local = local_fault(peer.host, peer.port, timeout_s=min(peer.timeout_s, 5.0))
+        if local:
+            print(
+                f"FAIL  {where}: not reachable: {exc}\n      LOCAL FAULT (this gateway, not the reading center): {local}"
+            )
+        else:
+            print(
+                f"FAIL  {where}: not reachable now: {exc}\n"
+                "      hint: this gateway's network works; check the reading center's host/port, "
+                "or ask the reading center whether its PACS is up"
+            )
         code = 1
     if args.host is None:
         fault = _recorded_fault(config)
@@ -96,15 +111,47 @@ def _echo(args: argparse.Namespace) -> int:
     return code
 
 
-def _recorded_fault(config) -> str | None:
-    from lastmile.data_dir import open_outbox
+def _recorded_fault(config: Config) -> str | None:
+    from lastmile.data_dir import DataDirError, open_existing_outbox
 
     try:
-        with open_outbox(config) as outbox:
+        outbox = open_existing_outbox(config)  # never creates the data directory
+        if outbox is None:
+            return None
+        with outbox:
             status = outbox.status("reading_center") or {}
-    except Exception:  # noqa: BLE001 — no data dir yet, or unreadable: nothing recorded
+    except (DataDirError, OSError, sqlite3.Error):  # unreadable: nothing to add to the echo
         return None
-    return status.get("fault")
+    fault = status.get("fault")
+    return mask_server_text(fault) if fault else None
+
+
+def _empty_stats() -> dict[str, Any]:
+    """What `Outbox.stats` says of an outbox that was never created."""
+    from uploader.outbox import ItemState
+
+    return {
+        "counts": {s.value: 0 for s in ItemState},
+        "oldest_waiting_s": None,
+        "last_sent_at": None,
+        "last_committed_at": None,
+        "quarantined": [],
+        "statuses": {},
+        "waiting_bytes": 0,
+        "free_bytes": None,
+    }
+
+
+def _mask_stats(stats: dict[str, Any]) -> None:
+    """Reasons recorded by an older version may still hold a server's unmasked text."""
+    for q in stats.get("quarantined", []):
+        if q.get("reason"):
+            q["reason"] = mask_server_text(q["reason"])
+    for value in stats.get("statuses", {}).values():
+        if isinstance(value, dict):
+            for key in ("fault", "last_error", "detail"):
+                if isinstance(value.get(key), str):
+                    value[key] = mask_server_text(value[key])
 
 
 def _ago(ts: float | None, now: float) -> str:
@@ -122,12 +169,18 @@ def _ago(ts: float | None, now: float) -> str:
 
 def _queue(args: argparse.Namespace) -> int:
     from lastmile.commands.common import config_from_args
-    from lastmile.data_dir import open_outbox
+    from lastmile.data_dir import open_existing_outbox
 
     config = config_from_args(args)
     now = time.time()
-    with open_outbox(config) as outbox:
-        stats = outbox.stats(now)
+    outbox = open_existing_outbox(config)  # a read-only command: never creates the data directory
+    if outbox is None:
+        stats = _empty_stats()
+        print(f"note: no outbox in {config.data_dir} yet: nothing has been queued there", file=sys.stderr)
+    else:
+        with outbox:
+            stats = outbox.stats(now)
+    _mask_stats(stats)
     if args.json:
         print(json.dumps(stats, sort_keys=True, default=str))
         return 0

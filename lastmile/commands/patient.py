@@ -164,22 +164,25 @@ def _assign_ecg(config, item_id: int, patient) -> int:  # (Config, int, Patient)
 
 
 def _show(args: argparse.Namespace) -> int:
-    from lastmile.clinic.db import open_clinic_db
+    from lastmile.clinic.db import DB_NAME, open_clinic_db
     from lastmile.clinic.observations import observation_to_json, summary
     from lastmile.clinic.patients import PatientContext
     from lastmile.commands.common import config_from_args
+    from lastmile.data_dir import existing_file
 
     config = config_from_args(args)
-    db = open_clinic_db(config.data_dir)
-    try:
-        context = PatientContext(db, config.patient.idle_timeout_s)
-        now = _now()
-        current = context.current(now)
-        doctor = context.current_doctor(now)
-        # Held observations live in clinic.db: no outbox needed to list them.
-        rows = db.conn.execute("SELECT id, observation FROM held_observations ORDER BY id").fetchall()
-    finally:
-        db.conn.close()
+    current, doctor, rows = None, None, []
+    if existing_file(config, DB_NAME) is not None:  # a read-only command creates nothing
+        db = open_clinic_db(config.data_dir)
+        try:
+            context = PatientContext(db, config.patient.idle_timeout_s)
+            now = _now()
+            current = context.current(now)
+            doctor = context.current_doctor(now)
+            # Held observations live in clinic.db: no outbox needed to list them.
+            rows = db.conn.execute("SELECT id, observation FROM held_observations ORDER BY id").fetchall()
+        finally:
+            db.conn.close()
     from lastmile.clinic.observations import observation_from_json
 
     held = [(int(r["id"]), observation_from_json(json.loads(r["observation"]))) for r in rows]
@@ -263,14 +266,19 @@ def _held_ecgs(config, now: dt.datetime) -> list:  # (Config, datetime) -> list[
 
 
 def _devices(args: argparse.Namespace) -> int:
+    from lastmile.clinic.db import DB_NAME
     from lastmile.clinic.devices import DeviceRegistry
     from lastmile.commands.common import config_from_args
+    from lastmile.data_dir import existing_file
 
-    registry = DeviceRegistry.open(config_from_args(args).data_dir)
-    try:
-        records = registry.all()
-    finally:
-        registry.close()
+    config = config_from_args(args)
+    records = []
+    if existing_file(config, DB_NAME) is not None:  # a read-only command creates nothing
+        registry = DeviceRegistry.open(config.data_dir)
+        try:
+            records = registry.all()
+        finally:
+            registry.close()
     if args.json:
         print(json.dumps([r.to_json() for r in records], indent=2, ensure_ascii=False))
         return 0

@@ -67,9 +67,10 @@ def _no_current_patient() -> str | None:
 
 
 def station_of(config: Config) -> StationInfo:
-    # Seam: the configuration's validated station name and institution (config validation and the
-    # DICOM station-name mapping live in lastmile/config.py); read them here and nowhere else.
-    return StationInfo(station_name=config.gateway.id, institution=config.gateway.institution)
+    """StationName is the configured short name (checked to fit 16 bytes by the configuration,
+    never cut); the full gateway id goes with it as the converting equipment's serial number."""
+    g = config.gateway
+    return StationInfo(station_name=g.dicom_station_name, institution=g.institution, gateway_id=g.id)
 
 
 # -- patients ----------------------------------------------------------------------------------------

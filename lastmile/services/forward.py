@@ -40,8 +40,8 @@ def forwarder_settings(config: Config) -> ForwarderSettings:
     rc = config.reading_center
     return ForwarderSettings(
         peer=peer_settings(rc),
-        associations=max(1, rc.associations),
-        batch_size=max(1, rc.batch_size),
+        associations=rc.associations,  # ≥ 1: lastmile/config.py refuses anything else
+        batch_size=rc.batch_size,
         storage_commitment=rc.storage_commitment,
         listen_port=rc.listen_port,
         listen_host=rc.listen_host,
@@ -58,9 +58,19 @@ class ForwardService:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.outbox = open_outbox(config)
-        self.ecg = EcgForwarder(self.outbox, forwarder_settings(config))
-        self.ecg.start()
-        self._fhir = self._make_fhir(config)
+        try:
+            self.ecg = EcgForwarder(self.outbox, forwarder_settings(config))
+            self.ecg.start()
+            try:
+                self._fhir = self._make_fhir(config)
+            except BaseException:
+                self.ecg.close()
+                raise
+        except BaseException:
+            # the runtime retries a start that failed on an operational fault: leave no
+            # listener bound and no database open behind
+            self.outbox.close()
+            raise
         self._last = "starting"
 
     @staticmethod

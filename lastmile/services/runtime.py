@@ -12,6 +12,14 @@ step asked for), so a step that hangs stops the pings and systemd kills and rest
 SIGTERM/SIGINT set `stop`: the step in hand finishes its write, then `close()` runs. SIGHUP
 reloads the configuration (a bad file is logged and the running configuration kept).
 
+Operational faults — the data directory unwritable, read-only, a file, full; a database error;
+a name that does not resolve (`is_operational`) — are not bugs a restart cures: the runtime
+logs one line (no traceback), shows it in STATUS= and tries again with a capped exponential
+backoff, at set-up as at every step, instead of exiting for systemd to restart it every few
+seconds. It is READY meanwhile (so systemd does not kill it at TimeoutStartSec), with the
+fault in its status (`systemctl status`, `lastmile doctor`). Any other exception is a bug: logged
+with its traceback, and the process exits non-zero (systemd restarts it).
+
 Signal handlers do no work themselves: the kernel-level wakeup fd is read by a small thread that
 sets the events, because setting a threading.Event from a Python signal handler can deadlock
 when the main thread holds that event's lock.
@@ -30,7 +38,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from lastmile import logs
-from lastmile.logs import PatientDataFilter, mask_patient_data
+from lastmile.logs import PatientDataFilter, describe_fault, mask_patient_data
 from lastmile.services.sdnotify import SystemdNotifier
 
 if TYPE_CHECKING:
@@ -42,6 +50,21 @@ EXIT_OK = 0
 EXIT_FAILURE = 1  # systemd restarts us (Restart=on-failure)
 EXIT_CONFIG = 78  # EX_CONFIG: the units list it in RestartPreventExitStatus
 STATUS_INTERVAL_S = 1.0
+FAULT_BACKOFF_FIRST_S = 5.0  # first retry after an operational fault, doubled each time
+FAULT_BACKOFF_MAX_S = 300.0
+
+
+def is_operational(exc: BaseException) -> bool:
+    """A fault of the machine or its surroundings (disk, permissions, database, network), not
+    of the code: worth waiting out, not worth a traceback."""
+    import sqlite3
+
+    from lastmile.data_dir import DataDirError
+    from uploader.errors import UploadError
+
+    if isinstance(exc, sqlite3.DatabaseError):  # locked, full, read-only, malformed; not a misuse
+        return isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError
+    return isinstance(exc, (OSError, DataDirError, UploadError))
 
 
 class Service(Protocol):
@@ -80,6 +103,7 @@ class ServiceRuntime:
         notifier: SystemdNotifier | None = None,
         install_signal_handlers: bool = True,
         configure_logging: bool = True,
+        fault_backoff_s: tuple[float, float] = (FAULT_BACKOFF_FIRST_S, FAULT_BACKOFF_MAX_S),
     ) -> None:
         if not 0.0 < watchdog_margin < 1.0:
             raise ValueError("watchdog_margin is the fraction of WatchdogSec between pings: 0 < m < 1")
@@ -97,6 +121,9 @@ class ServiceRuntime:
         self.started = time.monotonic() - process_age()
         self.ready_after: float | None = None  # seconds from process start to READY=1
         self.log_filter: PatientDataFilter | None = None
+        self.fault: str | None = None  # the operational fault being waited out, for STATUS=
+        self.fault_backoff_s = fault_backoff_s  # (first, cap) of the wait after an operational fault
+        self._fault_delay = 0.0
 
     # -- requests (signal thread, tests, other threads) -------------------------------------------
 
@@ -136,16 +163,29 @@ class ServiceRuntime:
             if self.configure_logging:
                 self.log_filter = logs.configure_logging(config)
             log.info("%s starting (config %s, data %s)", self.name, config.source, config.data_dir)
-            try:
-                service = setup(config)
-            except ConfigError as exc:
-                log.error("configuration refused: %s", exc)
-                self.notifier.notify(f"STATUS=configuration refused: {_first_line(exc)}", "ERRNO=78")
-                return EXIT_CONFIG
-            except Exception:
-                log.exception("%s could not start", self.name)
-                self.notifier.notify(f"STATUS={self.name}: start failed, see the journal")
-                return EXIT_FAILURE
+            while True:
+                try:
+                    service = setup(config)
+                    break
+                except ConfigError as exc:
+                    log.error("configuration refused: %s", exc)
+                    self.notifier.notify(f"STATUS=configuration refused: {_first_line(exc)}", "ERRNO=78")
+                    return EXIT_CONFIG
+                except Exception as exc:
+                    if not is_operational(exc):
+                        log.exception("%s could not start", self.name)
+                        self.notifier.notify(f"STATUS={self.name}: start failed, see the journal")
+                        return EXIT_FAILURE
+                    self._wait_out_fault("cannot start", exc, announce_ready=True)
+                    if self.stop_event.is_set():
+                        return EXIT_OK
+                    if self._reload_requested:  # the fix may be in the configuration
+                        self._reload_requested = False
+                        try:
+                            config = self.load_config()
+                        except ConfigError as cexc:
+                            log.error("reload: configuration refused, keeping the running one: %s", cexc)
+            self._fault_cleared()
             try:
                 return self._loop(service)
             finally:
@@ -181,10 +221,14 @@ class ServiceRuntime:
             began = time.monotonic()
             try:
                 delay = service.step(stop)
-            except Exception:
-                log.exception("%s: step failed; exiting so systemd restarts the service", self.name)
-                self.notifier.notify(f"STATUS={self.name}: failed, restarting (see the journal)")
-                return EXIT_FAILURE
+            except Exception as exc:
+                if not is_operational(exc):
+                    log.exception("%s: step failed; exiting so systemd restarts the service", self.name)
+                    self.notifier.notify(f"STATUS={self.name}: failed, restarting (see the journal)")
+                    return EXIT_FAILURE
+                self._wait_out_fault("step failed", exc)
+                continue
+            self._fault_cleared()
             took = time.monotonic() - began
             interval = self.ping_interval
             if interval is not None and took > interval:
@@ -197,6 +241,34 @@ class ServiceRuntime:
             self._progress(service)
             self._wait(float(delay or 0.0))
         return EXIT_OK
+
+    def _wait_out_fault(self, what: str, exc: BaseException, *, announce_ready: bool = False) -> None:
+        """Log an operational fault once per change (no traceback), show it, wait the backoff."""
+        first, cap = self.fault_backoff_s
+        self._fault_delay = min(cap, max(first, self._fault_delay * 2))
+        text = mask_patient_data(describe_fault(exc), self.log_filter)
+        line = f"{self.name}: {what}: {text}; retrying in {self._fault_delay:g} s"
+        if text != self.fault:
+            log.error("%s", line)
+            log.debug("%s: details", self.name, exc_info=exc)
+        else:
+            log.info("%s", line)
+        self.fault = text
+        status = f"STATUS={line}"
+        if announce_ready and self.ready_after is None:
+            # waiting out a fault is not a failed start: no kill at TimeoutStartSec, no restart loop
+            self.ready_after = time.monotonic() - self.started
+            self.notifier.ready(line)
+        else:
+            self.notifier.notify(status)
+        self.notifier.watchdog_ping()
+        self._wait(self._fault_delay)
+
+    def _fault_cleared(self) -> None:
+        if self.fault is not None:
+            log.info("%s: working again (was: %s)", self.name, self.fault)
+        self.fault = None
+        self._fault_delay = 0.0
 
     def _progress(self, service: Service) -> None:
         """The loop went round: keep the watchdog fed and the status current."""

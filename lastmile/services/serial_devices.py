@@ -62,17 +62,15 @@ from lastmile import __version__
 from lastmile.clinic.devices import DeviceRegistry
 from lastmile.clinic.observations import ObservationStore, summary
 from lastmile.clinic.patients import PatientContext
-from lastmile.config import Config, ConfigError
+from lastmile.config import SERIAL_HANDLERS, Config, ConfigError, serial_device_problems
 from lastmile.ecg.intake import enqueue_recording, session_request
 from uploader.errors import UploadError
 from uploader.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
-BRIDGE = "bridge"
-SCANNER = "scanner"
+BRIDGE, SCANNER = SERIAL_HANDLERS
 DEFAULT_BAUD = {BRIDGE: 115200, SCANNER: 9600}
-DEVICE_KEYS = {"name", "match", "profile", "baudrate", "forward_profile"}
 ASCII_IDLE_FLUSH_S = 5.0  # a device quiet this long: finish (or reject) the report in hand
 TIME_SYNC_EVERY_S = 600.0
 ERROR_STATUS_EVERY_S = 5.0  # a port spewing garbage must not turn into a database write per frame
@@ -107,40 +105,19 @@ def load_profiles(config: Config) -> dict[str, ReportProfile]:
 
 
 def link_specs(config: Config, profiles: dict[str, ReportProfile]) -> list[LinkSpec]:
-    """`[[serial.devices]]` as link specs; ConfigError names the entry and what is wrong."""
+    """`[[serial.devices]]` as link specs; ConfigError names the entry and what is wrong (the
+    same checks `lastmile config check` runs, there with the file's line)."""
+    problems = serial_device_problems(config.serial.devices, profiles)
+    if problems:
+        i, _key, message = problems[0]
+        raise ConfigError(f"{config.source}: serial.devices[{i}]: {message}")
     specs = []
-    names = set()
-    for i, entry in enumerate(config.serial.devices):
-        where = f"{config.source}: serial.devices[{i}]"
-        unknown = set(entry) - DEVICE_KEYS
-        if unknown:
-            raise ConfigError(
-                f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(DEVICE_KEYS))})"
-            )
-        name, match, profile = entry.get("name"), entry.get("match"), entry.get("profile")
-        if not all(isinstance(v, str) and v for v in (name, match, profile)):
-            raise ConfigError(f"{where}: name, match and profile are required strings")
-        assert isinstance(name, str) and isinstance(match, str) and isinstance(profile, str)
-        if name in names:
-            raise ConfigError(f"{where}: device name {name!r} used twice")
-        names.add(name)
-        try:
-            port_match = PortMatch.parse(match)
-        except ValueError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
-        if profile not in (BRIDGE, SCANNER) and profile not in profiles:
-            raise ConfigError(
-                f"{where}: unknown profile {profile!r} (bridge, scanner or one of "
-                f"{', '.join(sorted(profiles)) or 'no ASCII profiles'})"
-            )
+    for entry in config.serial.devices:
+        name, match, profile = entry["name"], entry["match"], entry["profile"]
         forward = entry.get("forward_profile", "")
-        if forward and (profile != BRIDGE or forward not in profiles):
-            raise ConfigError(f"{where}: forward_profile needs profile = 'bridge' and a known ASCII profile")
         default_baud = profiles[profile].baudrate if profile in profiles else DEFAULT_BAUD[profile]
         baud = entry.get("baudrate", default_baud)
-        if not isinstance(baud, int) or isinstance(baud, bool) or baud <= 0:
-            raise ConfigError(f"{where}: baudrate must be a positive whole number")
-        specs.append(LinkSpec(name, port_match, profile, baud, {"forward_profile": forward}))
+        specs.append(LinkSpec(name, PortMatch.parse(match), profile, baud, {"forward_profile": forward}))
     return specs
 
 

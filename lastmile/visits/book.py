@@ -42,6 +42,7 @@ from devices.identity import TimeSource
 from devices.observation import Observation
 from lastmile.clinic.observations import observation_from_json, observation_to_json
 from lastmile.clock import Anchor, GatewayClock, Stamp
+from lastmile.data_dir import ensure_data_dir
 from lastmile.visits.chain import (
     GENESIS,
     ChainLink,
@@ -283,8 +284,7 @@ class VisitBook:
         policy: VisitPolicy | None = None,
         clock: GatewayClock | None = None,
     ) -> VisitBook:
-        data_dir = Path(data_dir)
-        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        data_dir = ensure_data_dir(data_dir)
         db = open_database(data_dir / DB_NAME, MIGRATIONS)
         return cls(db, data_dir, gateway_id, policy or VisitPolicy(), clock or GatewayClock())
 
