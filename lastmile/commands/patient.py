@@ -172,11 +172,11 @@ def _show(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     current, doctor, rows = None, None, []
+    now = _now()
     if existing_file(config, DB_NAME) is not None:  # a read-only command creates nothing
         db = open_clinic_db(config.data_dir)
         try:
             context = PatientContext(db, config.patient.idle_timeout_s)
-            now = _now()
             current = context.current(now)
             doctor = context.current_doctor(now)
             # Held observations live in clinic.db: no outbox needed to list them.
@@ -258,9 +258,12 @@ def _utc(epoch: float | None) -> dt.datetime | None:
 
 
 def _held_ecgs(config, now: dt.datetime) -> list:  # (Config, datetime) -> list[OutboxItem]
-    from lastmile.data_dir import open_outbox
+    from lastmile.data_dir import existing_file, open_outbox
     from lastmile.ecg.intake import held_ecgs
+    from uploader.outbox import DB_NAME
 
+    if existing_file(config, DB_NAME) is None:  # a read-only command creates nothing
+        return []
     with open_outbox(config) as outbox:
         return held_ecgs(outbox, now.timestamp())
 
