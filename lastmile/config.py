@@ -40,7 +40,7 @@ class GatewaySection:
 
 @dataclass
 class TlsSection:
-    enabled: bool = False
+    enabled: bool = False  # DICOM TLS (PS3.15 Annex B) to the reading center and for its commitment reports
     ca_file: str = ""  # CA that signed the reading center's certificate
     cert_file: str = ""  # this gateway's client certificate (PEM)
     key_file: str = ""  # its private key (PEM)
@@ -48,8 +48,8 @@ class TlsSection:
 
 @dataclass
 class ReadingCenterSection:
-    host: str = "127.0.0.1"
-    port: int = 104
+    host: str = "127.0.0.1"  # the reading center's PACS: host name or address
+    port: int = 104  # its DICOM port
     called_ae: str = "READING_CENTER"  # the PACS's AE title
     calling_ae: str = "LASTMILE"  # this gateway's AE title
     listen_port: int = 11113  # where the PACS sends storage-commitment reports
@@ -89,8 +89,8 @@ class PatientSection:
 class LanReceiverSection:
     enabled: bool = False  # accept DICOM from carts on the clinic LAN
     host: str = "0.0.0.0"  # address to listen on: the clinic LAN interface's, or 0.0.0.0 for all
-    port: int = 11112
-    ae_title: str = "LASTMILE"
+    port: int = 11112  # DICOM port carts on the clinic LAN send to
+    ae_title: str = "LASTMILE"  # this gateway's AE title for the carts
     allowed_callers: list[str] = field(default_factory=list)  # calling AE titles allowed to store
     sop_classes: list[str] = field(default_factory=list)  # storage SOP class UIDs; empty = ECG classes
 
@@ -102,15 +102,15 @@ class UsbImportSection:
 
 @dataclass
 class BleSection:
-    enabled: bool = True
+    enabled: bool = True  # connect to allow-listed Bluetooth LE health devices ('lastmile ble pair')
     scan_interval_s: float = 10.0  # scan pass length; the allow-list is re-read after each pass
-    connect_attempts: int = 4
+    connect_attempts: int = 4  # tries per connection before waiting for the next scan
     continuous_store_interval_s: float = 10.0  # continuous SpO2 streams: one observation per interval
 
 
 @dataclass
 class SerialSection:
-    enabled: bool = True
+    enabled: bool = True  # read the serial devices listed below (bridges, monitors, card scanners)
     profiles_dir: str = ""  # extra ASCII-report profiles (TOML); built-in ones always available
     devices: list[dict] = field(default_factory=list)  # [{name, match = "VID:PID[:SERIAL]" or a path, profile}]
     patient_card_pattern: str = ""  # regex: a scanned code that names a patient
@@ -120,18 +120,18 @@ class SerialSection:
 @dataclass
 class GpsSection:
     source: str = "gpsd"  # "gpsd", "nmea" (serial port) or "none"
-    gpsd_host: str = "127.0.0.1"
-    gpsd_port: int = 2947
-    nmea_port: str = ""
-    nmea_baud: int = 9600
+    gpsd_host: str = "127.0.0.1"  # gpsd's address (source = "gpsd")
+    gpsd_port: int = 2947  # gpsd's port
+    nmea_port: str = ""  # serial port of an NMEA receiver (source = "nmea"), e.g. /dev/ttyACM0
+    nmea_baud: int = 9600  # its speed
 
 
 @dataclass
 class VisitsSection:
-    doctor_id: str = ""
+    doctor_id: str = ""  # the family doctor on this gateway's field visits (practitioner id)
     radius_m: float = 200.0  # a visit further than this (plus fix error) from the household is flagged
     household_register: str = ""  # CSV: household_id, latitude, longitude
-    track_max_points: int = 2000
+    track_max_points: int = 2000  # an open visit's GPS track is thinned evenly beyond this many points
     setting: str = "home"  # "home" (FHIR class HH) or "clinic" (AMB)
     max_eph_m: float = 100.0  # a best fix less accurate than this (95 %) is flagged
     stale_fix_s: float = 120.0  # a fix older than this at start/stop is flagged
@@ -145,8 +145,8 @@ class FhirSection:
     base_url: str = ""  # county health platform FHIR R4 base, https://...
     token_file: str = ""  # bearer token; must be readable by its owner only
     ca_file: str = ""  # CA bundle that signs the platform's certificate
-    timeout_s: float = 30.0
-    batch_size: int = 20
+    timeout_s: float = 30.0  # connect/read timeout of one request
+    batch_size: int = 20  # bundles merged into one transaction request
     patient_id_system: str = "urn:lastmile:patient-id"  # identifier system of patient ids (county register)
     practitioner_id_system: str = "urn:lastmile:practitioner-id"  # identifier system of doctor ids
     gzip: bool = True  # compress request bodies when the platform accepts it
@@ -636,15 +636,23 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
 def render_defaults() -> str:
     """The documented default configuration, as TOML (`lastmile config --defaults`)."""
     import inspect
+    import io
+    import tokenize
 
     out: list[str] = ["# Lastmile configuration: every key, its default and what it means.", ""]
 
     def comments(cls: type) -> dict[str, str]:
-        found = {}
-        for line in inspect.getsource(cls).splitlines():
-            m = re.match(r"\s*(\w+):.*?#\s*(.+)$", line)
-            if m:
-                found[m.group(1)] = m.group(2)
+        """Each field's `# comment`, wherever the formatter put it (same line or inside the
+        parenthesised default that a long comment wraps into)."""
+        source = inspect.getsource(cls)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        found: dict[str, str] = {}
+        current = None
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.string in fields:
+                current = tok.string  # a field declaration at class-body indent
+            elif tok.type == tokenize.COMMENT and current is not None and current not in found:
+                found[current] = tok.string.lstrip("#").strip()
         return found
 
     def emit(cls: type, name: str) -> None:

@@ -53,3 +53,15 @@ def test_cli_reports_a_bad_file_with_exit_78(tmp_path, capsys) -> None:
     good = tmp_path / "ok.toml"
     good.write_text("[reading_center]\nport = 4242\n")
     assert cli(["-c", str(good), "config", "check"]) == 0
+
+
+def test_every_key_is_documented_in_the_defaults() -> None:
+    """`lastmile config defaults` is the documentation: every key carries its meaning, even where
+    the formatter wrapped a long comment into the default's parentheses."""
+    import re
+
+    from lastmile.config import render_defaults
+
+    undocumented = [line for line in render_defaults().splitlines()
+                    if re.match(r"^\w+ = ", line) and "  # " not in line]
+    assert undocumented == []
