@@ -86,6 +86,14 @@ class PatientSection:
 
 
 @dataclass
+class EcgSection:
+    quality_check: bool = True  # check every ECG at intake: electrode off, hum, tremor, wander, swapped arms
+    re_record_hold_s: float = (
+        600.0  # a 're-record' verdict waits this long for the doctor ('ecg release' / 'ecg discard'), then goes flagged
+    )
+
+
+@dataclass
 class LanReceiverSection:
     enabled: bool = False  # accept DICOM from carts on the clinic LAN
     host: str = "0.0.0.0"  # address to listen on: the clinic LAN interface's, or 0.0.0.0 for all
@@ -158,6 +166,7 @@ class Config:
     reading_center: ReadingCenterSection = field(default_factory=ReadingCenterSection)
     outbox: OutboxSection = field(default_factory=OutboxSection)
     patient: PatientSection = field(default_factory=PatientSection)
+    ecg: EcgSection = field(default_factory=EcgSection)
     lan_receiver: LanReceiverSection = field(default_factory=LanReceiverSection)
     usb_import: UsbImportSection = field(default_factory=UsbImportSection)
     ble: BleSection = field(default_factory=BleSection)
@@ -347,6 +356,8 @@ _RANGES: dict[str, _Range] = {
     "outbox.backoff_max_s": _Range(0, 7 * _DAY, "a number of seconds", low_open=True),
     "outbox.config_fault_retry_s": _Range(0, _DAY, "a number of seconds", low_open=True),
     "patient.idle_timeout_s": _Range(0, 7 * _DAY, "a number of seconds", low_open=True),
+    "patient.unassigned_ecg_hold_s": _Range(0, _DAY, "a number of seconds"),  # 0: never held
+    "ecg.re_record_hold_s": _Range(0, _DAY, "a number of seconds"),  # 0: never held for quality
     "ble.scan_interval_s": _Range(0, _HOUR, "a number of seconds", low_open=True),
     "ble.connect_attempts": _Range(1, 100, "a count of attempts"),
     "ble.continuous_store_interval_s": _Range(0, _DAY, "a number of seconds", low_open=True),

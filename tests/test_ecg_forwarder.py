@@ -28,6 +28,7 @@ def config(tmp_path: Path) -> Config:
     rc.associations, rc.batch_size, rc.timeout_s = 2, 3, 5.0
     rc.commitment_timeout_s = 3.0
     c.outbox.backoff_base_s, c.outbox.backoff_max_s, c.outbox.min_free_mb = 0.1, 0.5, 1
+    c.ecg.re_record_hold_s = 0  # the synthetic 2 s ECGs are re-record cases: forwarding is the subject here
     return c
 
 

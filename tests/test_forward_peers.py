@@ -40,6 +40,7 @@ def make_config(tmp_path: Path, port: int, called_ae: str, **rc_overrides) -> Co
         setattr(rc, k, v)
     c.outbox.backoff_base_s, c.outbox.backoff_max_s, c.outbox.min_free_mb = 0.1, 0.5, 1
     c.outbox.config_fault_retry_s = 0.5
+    c.ecg.re_record_hold_s = 0  # the synthetic 2 s ECGs are re-record cases: forwarding is the subject here
     return c
 
 

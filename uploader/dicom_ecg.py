@@ -86,6 +86,7 @@ from devices.ecg.findings import (
     EcgStatement,
     StatementSource,
 )
+from devices.ecg.quality import ACCEPTABLE, QualityReport
 from devices.ecg.recording import STANDARD_12_LEADS, EcgRecording, SampleGap
 from devices.identity import Patient, TimeSource
 from uploader.errors import InvalidObjectError
@@ -498,6 +499,7 @@ class _Context:
     acquired: dt.datetime  # in the zone the object states
     created: dt.datetime | None  # None: not known, so not written (never "now")
     request: StudyRequest = StudyRequest()
+    quality: QualityReport | None = None  # the gateway's quality check, shown to the reader
 
     @property
     def rate(self) -> float:
@@ -580,6 +582,8 @@ def _set_study_and_series(ds: Dataset, ctx: _Context) -> None:
         description += _UNASSIGNED_DESCRIPTION
     if request.reason:
         description += " - " + request.reason
+    if ctx.quality is not None and ctx.quality.verdict != ACCEPTABLE:
+        description += f" - quality: {ctx.quality.verdict}"
     ds.StudyInstanceUID = ctx.uids.study_uid
     ds.StudyDate = _da(acquired)
     ds.StudyTime = _tm(acquired)
@@ -790,6 +794,24 @@ def _findings(ctx: _Context) -> tuple[list[Dataset], list[str]]:
     return items, notes
 
 
+def _quality_annotations(ctx: _Context) -> list[Dataset]:
+    """What the gateway's quality check saw, for the reader: the verdict with its own heart rate
+    (text: the device's measurements are group 1), then one statement per problem on its leads."""
+    q = ctx.quality
+    if q is None:
+        return []
+    rate = f"; QRS detected at {q.heart_rate_bpm:.0f}/min" if q.heart_rate_bpm is not None else ""
+    items = [_annotation(f"Gateway quality check: {q.verdict}{rate}")]
+    names = ctx.recording.lead_names
+    for problem in q.problems:
+        item = _annotation(f"Gateway quality check, {problem.kind} ({problem.severity}): {problem.message_en}")
+        channels = [names.index(lead) + 1 for lead in problem.leads if lead in names]
+        if channels:
+            item.ReferencedWaveformChannels = [v for ch in channels for v in (1, ch)]
+        items.append(item)
+    return items
+
+
 def _annotations(
     ctx: _Context, patient_id: str, quantised: _Quantised, gap_positions: list[tuple[int, int]]
 ) -> Sequence:
@@ -806,6 +828,7 @@ def _annotations(
                 (first, count),
             )
         )
+    notes += _quality_annotations(ctx)
     if rec.stat:
         notes.append(_annotation("STAT: urgent read requested"))
     if ctx.request.reason:
@@ -864,8 +887,10 @@ def build_ecg_dataset(
     *,
     created_at: dt.datetime | None = None,
     request: StudyRequest | None = None,
+    quality: QualityReport | None = None,
 ) -> Dataset:
-    """The DICOM object for `recording` (with file meta, Explicit VR Little Endian).
+    """The DICOM object for `recording` (with file meta, Explicit VR Little Endian); `quality`,
+    the gateway's quality check of it, goes in as statements and marks the Study Description.
 
     Raises InvalidObjectError when neither ECG IOD can hold the recording as it is.
     """
@@ -876,7 +901,7 @@ def build_ecg_dataset(
         if created_at.tzinfo is None or created_at.utcoffset() is None:
             raise InvalidObjectError("created_at must carry a time zone")
         created = created_at.astimezone(acquired.tzinfo)  # one Timezone Offset From UTC for all
-    ctx = _Context(recording, uids, station, sop_class, acquired, created, request or StudyRequest())
+    ctx = _Context(recording, uids, station, sop_class, acquired, created, request or StudyRequest(), quality)
     gaps = _merged_gaps(recording.gaps)
     quantised = _quantise(recording.samples, -INT16_MAX if gaps else PADDING_VALUE)
     data, gap_positions = _multiplexed(quantised.samples, gaps)
@@ -982,8 +1007,9 @@ def recording_to_dicom_bytes(
     *,
     created_at: dt.datetime | None = None,
     request: StudyRequest | None = None,
+    quality: QualityReport | None = None,
 ) -> bytes:
     """Build, check and encode: the bytes to store, or InvalidObjectError."""
-    ds = build_ecg_dataset(recording, uids, station, created_at=created_at, request=request)
+    ds = build_ecg_dataset(recording, uids, station, created_at=created_at, request=request, quality=quality)
     check_ecg_iod(ds)
     return encode_dataset(ds)

@@ -22,3 +22,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if data_dir:
         config.set_data_dir(data_dir)
     return config
+
+
+def quality_lines(quality: dict | None) -> list[str]:
+    """The quality verdict of a queued ECG and what to fix, Chinese then English."""
+    if not quality or quality.get("verdict") in (None, "acceptable"):
+        return []
+    rate = quality.get("heart_rate_bpm")
+    lines = [f"quality: {quality['verdict']}" + (f", heart rate {rate} bpm" if rate is not None else "")]
+    for problem in quality.get("problems", []):
+        lines += [f"- {problem['message_zh']}", f"  {problem['message_en']}"]
+    return lines

@@ -70,6 +70,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input", metavar="INPUT", help="ECG file")
     p.add_argument("output", metavar="OUT.svg", help="SVG file to write")
     p.set_defaults(func=_preview)
+
+    p = ecg_sub.add_parser(
+        "release",
+        help="send a held ECG now (the doctor's 'send anyway'; see 'lastmile patient show')",
+        parents=[DATA_DIR],
+    )
+    p.add_argument("held_id", metavar="E12", help="the held ECG's number")
+    p.set_defaults(func=_release)
+
+    p = ecg_sub.add_parser(
+        "discard",
+        help="never send a held ECG: it was recorded again (kept locally, quarantined)",
+        parents=[DATA_DIR],
+    )
+    p.add_argument("held_id", metavar="E12", help="the held ECG's number")
+    p.set_defaults(func=_discard)
     ecg.set_defaults(func=lambda args: (ecg.print_help(), 2)[1])
 
     p = sub.add_parser(
@@ -291,6 +307,43 @@ def _preview(args: argparse.Namespace) -> int:
     except OSError as exc:
         return _fail(f"cannot write {args.output}: {exc.strerror or exc}")
     print(f"{Path(args.input).name} -> {args.output} ({len(svg.encode())} bytes)")
+    return 0
+
+
+def _held_number(text: str) -> int:
+    text = text.strip()
+    return int(text[1:] if text[:1] in ("E", "e") else text)
+
+
+def _release(args: argparse.Namespace) -> int:
+    return _decide(args, release=True)
+
+
+def _discard(args: argparse.Namespace) -> int:
+    return _decide(args, release=False)
+
+
+def _decide(args: argparse.Namespace, *, release: bool) -> int:
+    import time
+
+    from lastmile.commands.common import config_from_args
+    from lastmile.data_dir import open_outbox
+    from lastmile.ecg.intake import HeldEcgError, discard_held_ecg, release_held_ecg
+
+    try:
+        number = _held_number(args.held_id)
+    except ValueError:
+        print(f"lastmile ecg: {args.held_id!r} is not a held ECG's number (E12)", file=sys.stderr)
+        return 2
+    with open_outbox(config_from_args(args)) as outbox:
+        try:
+            if release:
+                release_held_ecg(outbox, number, time.time())
+            else:
+                discard_held_ecg(outbox, number, time.time())
+        except HeldEcgError as exc:
+            return _fail(str(exc))
+    print(f"ECG E{number} " + ("released: it is sent now" if release else "discarded: it will not be sent"))
     return 0
 
 

@@ -15,6 +15,7 @@ from uploader.masking import mask_server_text
 
 if TYPE_CHECKING:
     from lastmile.config import Config
+    from uploader.outbox import Outbox
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -167,6 +168,28 @@ def _ago(ts: float | None, now: float) -> str:
     return f"{when} ({secs:.0f} s ago)"
 
 
+def _ecgs_with_problems(outbox: Outbox, now: float) -> list[dict[str, Any]]:
+    """ECGs not yet sent whose quality check found something, for the doctor to see."""
+    from uploader.outbox import ItemState, Kind
+
+    found = []
+    for state in (ItemState.QUEUED, ItemState.SENDING):
+        for item in outbox.items(state=state, kind=Kind.DICOM):
+            quality = item.meta.get("quality") or {}
+            if quality.get("verdict") not in (None, "acceptable"):
+                held = item.held(now)
+                found.append(
+                    {
+                        "id": f"E{item.id}",
+                        "state": state.value,
+                        "held": held,
+                        "held_until": item.hold_until if held else None,
+                        "quality": quality,
+                    }
+                )
+    return found
+
+
 def _queue(args: argparse.Namespace) -> int:
     from lastmile.commands.common import config_from_args
     from lastmile.data_dir import open_existing_outbox
@@ -180,6 +203,7 @@ def _queue(args: argparse.Namespace) -> int:
     else:
         with outbox:
             stats = outbox.stats(now)
+            stats["ecgs_with_problems"] = _ecgs_with_problems(outbox, now)
     _mask_stats(stats)
     if args.json:
         print(json.dumps(stats, sort_keys=True, default=str))
@@ -215,6 +239,14 @@ def _queue(args: argparse.Namespace) -> int:
         )
     for q in stats.get("quarantined", []):
         print(f"quarantined #{q['id']} {q['kind']} {q['key']}: {q['reason']}")
+    from lastmile.commands.common import quality_lines
+
+    for ecg in stats.get("ecgs_with_problems", []):
+        where = f"held until {_ago(ecg['held_until'], now)}" if ecg["held"] else ecg["state"]
+        lines = quality_lines(ecg["quality"])
+        print(f"ECG {ecg['id']} ({where}): " + lines[0])
+        for line in lines[1:]:
+            print(f"    {line}")
     return 0
 
 

@@ -167,7 +167,7 @@ def _show(args: argparse.Namespace) -> int:
     from lastmile.clinic.db import DB_NAME, open_clinic_db
     from lastmile.clinic.observations import observation_to_json, summary
     from lastmile.clinic.patients import PatientContext
-    from lastmile.commands.common import config_from_args
+    from lastmile.commands.common import config_from_args, quality_lines
     from lastmile.data_dir import existing_file
 
     config = config_from_args(args)
@@ -212,6 +212,7 @@ def _show(args: argparse.Namespace) -> int:
                             "device": item.meta.get("device"),
                             "file_patient_id": item.meta.get("file_patient_id"),
                             "flags": item.meta.get("flags", []),
+                            "quality": item.meta.get("quality"),
                         }
                         for item in ecgs
                     ],
@@ -230,20 +231,24 @@ def _show(args: argparse.Namespace) -> int:
             + (f", doctor {doctor}" if doctor else "")
         )
     if ecgs:
-        print(f"{len(ecgs)} ECG(s) held for you to assign ('lastmile patient assign E<n> PATIENT'):")
+        print(
+            f"{len(ecgs)} ECG(s) held for you: 'lastmile patient assign E<n> PATIENT', "
+            "'lastmile ecg release E<n>' (send anyway) or 'lastmile ecg discard E<n>' (recorded again):"
+        )
         for item in ecgs:
             acquired = item.meta.get("acquired_at")
             when = _local(dt.datetime.fromisoformat(acquired)) if acquired else "-"
-            why = (
-                "names no patient"
-                if item.hold_reason == "unassigned"
-                else f"names patient {item.meta.get('file_patient_id', '?')}, not the current one"
-            )
+            why = {
+                "unassigned": "names no patient",
+                "re-record": "quality check says record again",
+            }.get(item.hold_reason or "", f"names patient {item.meta.get('file_patient_id', '?')}, not the current one")
             print(
                 f"  E{item.id:<5d} {when}  ECG {item.meta.get('leads', '?')} leads "
                 f"{item.meta.get('duration_s', '?')} s  {item.meta.get('device', '')}: {why}; "
                 f"sent as it is at {_local(_utc(item.hold_until))}"
             )
+            for line in quality_lines(item.meta.get("quality")):
+                print(f"         {line}")
     if not held:
         print("no observations waiting to be assigned")
         return 0

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from devices.ecg.quality import RE_RECORD, EcgQualityError, QualityReport, check_quality
 from devices.ecg.recording import EcgRecording
 from devices.identity import RESIDENT_ID_KIND, InvalidPatientIdError, Patient, parse_resident_id
 from lastmile.clinic.names import dicom_person_name
@@ -57,6 +58,8 @@ log = logging.getLogger(__name__)
 PATIENT_MISMATCH = "patient-mismatch"
 PATIENT_ID_REFUSED = "patient-id-refused"
 UNASSIGNED_HOLD = "unassigned"
+QUALITY_HOLD = "re-record"  # the quality gate's verdict: the doctor may record again, or send anyway
+DOCTOR_HOLDS = (UNASSIGNED_HOLD, PATIENT_MISMATCH, QUALITY_HOLD)
 LAN_SOURCE_FORMAT = "dicom-lan"
 
 CurrentPatient = Callable[[], "str | None"]
@@ -140,15 +143,46 @@ def clinic_request(config: Config) -> StudyRequest:
         context.close()
 
 
-def hold_for(recording: EcgRecording, config: Config, now: float) -> Hold | None:
-    """Routine ECGs whose patient the doctor must settle are held; STAT ones never."""
-    if recording.stat or config.patient.unassigned_ecg_hold_s <= 0:
+def quality_of(recording: EcgRecording, config: Config) -> QualityReport | None:
+    """The quality gate's report (None when switched off or when the rate is outside what the
+    analysis covers: the builder refuses such rates anyway). It never blocks an ECG."""
+    if not config.ecg.quality_check:
         return None
-    if recording.patient is None:
-        return Hold(UNASSIGNED_HOLD, now + config.patient.unassigned_ecg_hold_s)
-    if PATIENT_MISMATCH in recording.flags:
-        return Hold(PATIENT_MISMATCH, now + config.patient.unassigned_ecg_hold_s)
-    return None
+    try:
+        return check_quality(recording)
+    except EcgQualityError as exc:
+        log.warning("ECG quality not checked: %s", exc)
+        return None
+
+
+def quality_hold_until(
+    recording: EcgRecording, config: Config, now: float, quality: QualityReport | None
+) -> float | None:
+    """Until when a 're-record' verdict keeps a routine ECG for the doctor (None: not held)."""
+    if recording.stat or quality is None or quality.verdict != RE_RECORD or config.ecg.re_record_hold_s <= 0:
+        return None
+    return now + config.ecg.re_record_hold_s
+
+
+def hold_for(recording: EcgRecording, config: Config, now: float, quality: QualityReport | None = None) -> Hold | None:
+    """Routine ECGs the doctor must look at are held: a patient to settle, or a 're-record'
+    verdict (record again while the patient is here, or send anyway). STAT ones never: an
+    urgent ECG with problems is still sent, its problems marked. With two reasons, the patient's
+    comes first and the hold lasts as long as the longer one."""
+    if recording.stat:
+        return None
+    holds = []
+    patient_s = config.patient.unassigned_ecg_hold_s
+    if patient_s > 0 and recording.patient is None:
+        holds.append(Hold(UNASSIGNED_HOLD, now + patient_s))
+    elif patient_s > 0 and PATIENT_MISMATCH in recording.flags:
+        holds.append(Hold(PATIENT_MISMATCH, now + patient_s))
+    until = quality_hold_until(recording, config, now, quality)
+    if until is not None:
+        holds.append(Hold(QUALITY_HOLD, until))
+    if not holds:
+        return None
+    return Hold(holds[0].reason, max(h.until for h in holds))
 
 
 def patient_fields(recording: EcgRecording) -> dict | None:
@@ -226,11 +260,12 @@ def enqueue_recording(
     now = time.time() if now is None else now
     request = request or StudyRequest()
     recording = vetted_patient(recording, config)
+    quality = quality_of(recording, config)
     uids = mint_uids()
     data = deflated_part10(
-        build_ecg_dataset(recording, uids, station_of(config), created_at=created_at, request=request)
+        build_ecg_dataset(recording, uids, station_of(config), created_at=created_at, request=request, quality=quality)
     )
-    hold = hold_for(recording, config, now)
+    hold = hold_for(recording, config, now, quality)
     meta = ecg_item_meta(
         sop_class_uid=choose_sop_class(recording),
         sop_instance_uid=uids.sop_instance_uid,
@@ -246,6 +281,8 @@ def enqueue_recording(
         device=recording.device.label(),
         duration_s=round(recording.duration_s, 1),
         stat=recording.stat,
+        quality=quality.to_json() if quality is not None else None,
+        quality_hold_until=quality_hold_until(recording, config, now, quality),
         **({"file_patient_id": recording.patient.patient_id} if recording.patient and hold else {}),
     )
     result = outbox.add(
@@ -276,12 +313,9 @@ class HeldEcgError(LookupError):
 
 
 def held_ecgs(outbox: Outbox, now: float) -> list[OutboxItem]:
-    """ECGs waiting for the doctor (unassigned or naming another patient), oldest first."""
-    return [
-        item
-        for item in outbox.held_items(now, kind=Kind.DICOM)
-        if item.hold_reason in (UNASSIGNED_HOLD, PATIENT_MISMATCH)
-    ]
+    """ECGs waiting for the doctor (unassigned, naming another patient, or to be recorded again),
+    oldest first."""
+    return [item for item in outbox.held_items(now, kind=Kind.DICOM) if item.hold_reason in DOCTOR_HOLDS]
 
 
 def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.datetime, by: str = "") -> OutboxItem:
@@ -316,12 +350,49 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
         "sex": patient.sex,
         "birth_date": patient.birth_date.isoformat() if patient.birth_date else None,
     }
-    if not outbox.replace_held_payload(item_id, data, now.timestamp(), meta=meta, patient=fields):
+    # a 're-record' verdict still waits for the doctor's decision on the recording itself
+    keep = None
+    quality_until = item.meta.get("quality_hold_until")
+    if quality_until is not None and quality_until > now.timestamp():
+        keep = Hold(QUALITY_HOLD, float(quality_until))
+    if not outbox.replace_held_payload(item_id, data, now.timestamp(), meta=meta, patient=fields, hold=keep):
         raise HeldEcgError(f"ECG E{item_id} was claimed for sending meanwhile: ask the reading center to correct it")
-    log.info("held ECG E%d assigned and released", item_id)
+    log.info("held ECG E%d assigned%s", item_id, " (still held: re-record)" if keep else " and released")
     updated = outbox.get(item_id)
     assert updated is not None
     return updated
+
+
+def _held_ecg(outbox: Outbox, item_id: int, now: float) -> OutboxItem:
+    item = outbox.get(item_id)
+    if item is None or item.kind != Kind.DICOM or not item.held(now):
+        raise HeldEcgError(f"no ECG E{item_id} is held at this gateway (see 'lastmile patient show')")
+    return item
+
+
+def release_held_ecg(outbox: Outbox, item_id: int, now: float, *, by: str = "") -> OutboxItem:
+    """The doctor's "send anyway": a held ECG goes now, as it is (its problems marked in it).
+    A patient still to settle stays: an ECG with no patient goes under a placeholder only when
+    its hold runs out, or at once if the doctor releases it knowingly."""
+    item = _held_ecg(outbox, item_id, now)
+    if not outbox.release_hold(item_id, now):
+        raise HeldEcgError(f"ECG E{item_id} was taken for sending meanwhile")
+    log.info("held ECG E%d (%s) released for sending%s", item_id, item.hold_reason, f" by {by}" if by else "")
+    released = outbox.get(item_id)
+    assert released is not None
+    return released
+
+
+def discard_held_ecg(outbox: Outbox, item_id: int, now: float, *, by: str = "") -> OutboxItem:
+    """The doctor recorded again: this one is never sent. It is kept, quarantined with the reason
+    (`lastmile retry E<n>` would still send it), never deleted: it is patient data."""
+    item = _held_ecg(outbox, item_id, now)
+    reason = "recorded again at the gateway: the doctor kept this ECG from being sent" + (f" ({by})" if by else "")
+    outbox.quarantine(item_id, reason, now)
+    log.info("held ECG E%d (%s) discarded: recorded again", item_id, item.hold_reason)
+    discarded = outbox.get(item_id)
+    assert discarded is not None
+    return discarded
 
 
 def with_patient_check(recording: EcgRecording, current_patient_id: str | None) -> EcgRecording:
