@@ -224,6 +224,16 @@ def local_path(target: str | None, default: str = "/today") -> str:
 # -- rendering -------------------------------------------------------------------------------------
 
 
+def person_name(pn: str) -> str:
+    """A DICOM person name as people read it: the ideographic group when there is one
+    ("Zhang^San=张^三" -> 张三), else the parts with spaces ("Zhang^San" -> Zhang San)."""
+    groups = (pn or "").split("=")
+    chosen = groups[1] if len(groups) > 1 and groups[1].strip("^") else groups[0]
+    parts = [p for p in chosen.split("^") if p]
+    cjk = any("\u3400" <= ch <= "\u9fff" for ch in chosen)
+    return ("" if cjk else " ").join(parts)
+
+
 def make_templates() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(HERE / "templates"),
@@ -232,6 +242,7 @@ def make_templates() -> jinja2.Environment:
         lstrip_blocks=True,
         undefined=jinja2.StrictUndefined,
     )
+    env.filters["pn"] = person_name
     return env
 
 
