@@ -54,7 +54,7 @@ def parse_listen(config: Config) -> Listen:
     where = f"{config.source}: console.listen = {text!r}"
     host, sep, port_text = text.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
         raise ConfigError(f'{where}: write it as "HOST:PORT", e.g. "0.0.0.0:8443" or "127.0.0.1:8080"')
     listen = Listen(host, int(port_text))
     if not config.console.https and not listen.loopback:
