@@ -1,0 +1,156 @@
+"""The console's parts without a browser: accounts and lockout, the audit trail, the change
+watcher behind the live pages, the ECG worker, `lastmile user`."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lastmile.clinic.db import open_clinic_db
+from lastmile.console.accounts import AccountError, Accounts, LoginRefused
+from lastmile.console.app import person_name
+from lastmile.console.live import Broker, ChangeWatcher
+from lastmile.console.sources import ConsoleInputError, patient_identifier
+
+T0 = dt.datetime(2026, 12, 1, 8, 0, tzinfo=dt.timezone.utc)
+
+
+@pytest.fixture
+def accounts(tmp_path: Path) -> Accounts:
+    return Accounts(open_clinic_db(tmp_path), max_failures=3, lockout_s=600, idle_s=3600)
+
+
+def test_passwords_are_argon2id_and_checked(accounts: Accounts) -> None:
+    accounts.add_user("李医生", "doctor", "long enough", now=T0)
+    stored = accounts.db.conn.execute("SELECT password_hash FROM console_users").fetchone()[0]
+    assert stored.startswith("$argon2id$") and "long enough" not in stored
+    assert accounts.authenticate("李医生", "long enough", now=T0).role == "doctor"
+    with pytest.raises(LoginRefused):
+        accounts.authenticate("李医生", "wrong one", now=T0)
+    with pytest.raises(LoginRefused):
+        accounts.authenticate("nobody", "long enough", now=T0)
+
+
+@pytest.mark.parametrize(
+    "name,role,password", [("", "doctor", "long enough"), ("x", "nurse", "long enough"), ("x", "doctor", "short")]
+)
+def test_bad_accounts_are_refused(accounts: Accounts, name: str, role: str, password: str) -> None:
+    with pytest.raises(AccountError):
+        accounts.add_user(name, role, password, now=T0)
+
+
+def test_lockout_and_its_end(accounts: Accounts) -> None:
+    accounts.add_user("a", "doctor", "long enough", now=T0)
+    for i in range(3):
+        with pytest.raises(LoginRefused) as refused:
+            accounts.authenticate("a", "wrong", now=T0 + dt.timedelta(seconds=i))
+    assert refused.value.locked_until == T0 + dt.timedelta(seconds=2 + 600)
+    with pytest.raises(LoginRefused, match="locked"):
+        accounts.authenticate("a", "long enough", now=T0 + dt.timedelta(seconds=5))
+    assert accounts.authenticate("a", "long enough", now=T0 + dt.timedelta(seconds=700)).failed_logins == 0
+
+
+def test_logins_end_when_idle_disabled_or_the_password_changes(accounts: Accounts) -> None:
+    user = accounts.add_user("a", "doctor", "long enough", now=T0)
+    token = accounts.start_login(user, now=T0)
+    stored = accounts.db.conn.execute("SELECT token_hash FROM console_logins").fetchone()[0]
+    assert token not in stored  # only its hash is kept
+    login = accounts.login_for(token, now=T0 + dt.timedelta(minutes=30))
+    assert login is not None and login.user.name == "a" and len(login.csrf_token) > 30
+    assert accounts.login_for(token, now=T0 + dt.timedelta(hours=2)) is None  # idle for more than an hour
+    token = accounts.start_login(user, now=T0)
+    accounts.set_disabled("a", True)
+    assert accounts.login_for(token, now=T0) is None
+    accounts.set_disabled("a", False)
+    token = accounts.start_login(user, now=T0)
+    accounts.set_password("a", "another long one")
+    assert accounts.login_for(token, now=T0) is None
+    assert accounts.login_for("made-up", now=T0) is None
+
+
+def test_patient_identifiers() -> None:
+    assert patient_identifier(" 11010519491231002x ") == "11010519491231002X"
+    assert patient_identifier("MRN-0042") == "MRN-0042"
+    for bad in ("110105194912310021", "", "   ", "x" * 65):
+        with pytest.raises(ConsoleInputError):
+            patient_identifier(bad)
+
+
+def test_person_names() -> None:
+    assert person_name("Zhang^San") == "Zhang San"
+    assert person_name("Zhang^San=张^三") == "张三"
+    assert person_name("张三") == "张三" and person_name("") == ""
+
+
+def test_the_watcher_sees_commits_of_other_connections(tmp_path: Path) -> None:
+    db = open_clinic_db(tmp_path)
+    broker = Broker()
+    watcher = ChangeWatcher([tmp_path / "clinic.db", tmp_path / "absent.db"], broker)
+    assert watcher.poll() is False  # first look: a baseline
+    assert watcher.poll() is False  # nothing happened
+    db.conn.execute("INSERT INTO audit (at, user_name, action) VALUES ('x', 'y', 'z')")
+    assert watcher.poll() is True
+    assert watcher.poll() is False
+
+    async def run() -> int:
+        stop = asyncio.Event()
+        wake = broker.subscribe()
+        watcher.poll_s = 0.05
+        task = asyncio.create_task(watcher.run(stop))
+        await asyncio.sleep(0.2)
+        db.conn.execute("INSERT INTO audit (at, user_name, action) VALUES ('x', 'y', 'z2')")
+        await asyncio.wait_for(wake.wait(), 30)
+        stop.set()
+        await task
+        return watcher.changes_seen
+
+    assert asyncio.run(run()) >= 1
+
+
+def test_the_ecg_worker_on_good_and_bad_bytes() -> None:
+    from pydicom.data import get_testdata_file
+
+    ecg = Path(get_testdata_file("waveform_ecg.dcm")).read_bytes()  # type: ignore[arg-type]
+    for payload, ok in ((ecg, True), (b"not an ECG at all" * 10, False)):
+        proc = subprocess.run(
+            [sys.executable, "-m", "lastmile.console.ecg_worker"], input=payload, capture_output=True, timeout=300
+        )
+        assert proc.returncode == 0, proc.stderr
+        result = json.loads(proc.stdout)
+        if ok:
+            assert result["quality"]["verdict"] in ("acceptable", "warn", "re-record")
+            assert result["svg"].startswith("<?xml") and "data-lead=" in result["svg"]
+        else:
+            assert "error" in result and "svg" not in result
+
+
+def test_user_add_reads_the_password_from_stdin(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "lastmile", "user"]
+    proc = subprocess.run(
+        [*command, "add", "赵医生", "--role", "admin", "--data-dir", str(tmp_path)],
+        input="from stdin 123\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    accounts = Accounts(open_clinic_db(tmp_path))
+    assert accounts.authenticate("赵医生", "from stdin 123", now=T0).is_admin
+    proc = subprocess.run(
+        [*command, "add", "x", "--data-dir", str(tmp_path)],
+        input="short\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "at least 8" in proc.stderr
+    listing = subprocess.run(
+        [*command, "list", "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=120
+    ).stdout
+    assert "赵医生" in listing and "admin" in listing
