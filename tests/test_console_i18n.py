@@ -58,7 +58,7 @@ def test_the_committed_mo_is_the_compiled_po() -> None:
     compiled = gettext.GNUTranslations(fresh)
     with MO.open("rb") as f:
         committed = gettext.GNUTranslations(f)
-    assert committed._catalog == compiled._catalog, "run scripts/i18n.sh compile and commit the .mo"  # noqa: SLF001
+    assert committed._catalog == compiled._catalog, "run scripts/i18n.sh compile and commit the .mo"
 
 
 def test_placeholders_survive_translation() -> None:

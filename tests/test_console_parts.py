@@ -154,3 +154,24 @@ def test_user_add_reads_the_password_from_stdin(tmp_path: Path) -> None:
         [*command, "list", "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=120
     ).stdout
     assert "赵医生" in listing and "admin" in listing
+
+
+def test_the_visits_page_reads_the_visit_book(tmp_path: Path) -> None:
+    """A replayed field day (GPS track, one visit far from its household) as the Visits page sees it."""
+    from lastmile.config import Config
+    from lastmile.console.sources import ClinicData
+    from lastmile.demo.field_day import run_field_day
+
+    day = run_field_day(tmp_path, visits=3)
+    config = Config()
+    config.set_data_dir(tmp_path / "field-gateway")
+    config.outbox.min_free_mb = 1
+    data = ClinicData(config)
+    try:
+        visits = data.visits()
+    finally:
+        data.close()
+    assert len(visits) == day["visits"] == 3
+    assert sum(bool(v.flags) for v in visits) == day["visits_flagged"] >= 1
+    assert any("outside-radius" in v.flags for v in visits)
+    assert all(v.started_at is not None and v.state == "closed" for v in visits)

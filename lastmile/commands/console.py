@@ -44,6 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _console(args: argparse.Namespace) -> int:
+    from lastmile.console.service import prepare_console_process
+
+    prepare_console_process()
     from lastmile.commands.common import config_from_args
     from lastmile.console.service import ConsoleService
     from lastmile.services.runtime import ServiceRuntime

@@ -15,6 +15,7 @@ would double the console's memory on every login on a 512 MB Pi; 12 MiB is freed
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import logging
 import secrets
@@ -36,8 +37,13 @@ PASSWORD_MIN_LENGTH = 8
 NAME_MAX_LENGTH = 64
 TOUCH_EVERY = dt.timedelta(seconds=60)  # last_seen_at is written at most this often (SD card)
 HASHER = PasswordHasher(time_cost=3, memory_cost=12 * 1024, parallelism=1)
-# Verified against when the name is unknown, so that path costs what a real check costs.
-_DUMMY_HASH = HASHER.hash("lastmile: no such user")
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified against when the name is unknown, so that path costs what a real check costs
+    (made on first use: hashing at import would cost every start ~50 ms)."""
+    return HASHER.hash("lastmile: no such user")
 
 
 class AccountError(ValueError):
@@ -197,7 +203,7 @@ class Accounts:
             name = ""
         row = self.db.conn.execute("SELECT * FROM console_users WHERE name = ?", (name,)).fetchone()
         if row is None:
-            _verify(_DUMMY_HASH, password)
+            _verify(_dummy_hash(), password)
             raise LoginRefused("wrong name or password")
         user = _user(row)
         if user.locked(now):

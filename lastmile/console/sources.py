@@ -23,13 +23,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from devices.resident_id import InvalidPatientIdError, looks_like_resident_id, parse_resident_id
 from lastmile.clinic.db import DB_NAME as CLINIC_DB
-from lastmile.clinic.db import open_clinic_db, utc_now
+from lastmile.clinic.db import from_iso, open_clinic_db, utc_now
 from lastmile.clinic.devices import DeviceRecord, DeviceRegistry, normalise_address
 from lastmile.clinic.observations import (
     OBSERVATION_KIND,
@@ -136,6 +137,20 @@ class LinkStatus:
     last_success: dt.datetime | None
     waiting: int
     oldest_waiting: dt.datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class VisitView:
+    visit_id: str
+    doctor_id: str
+    patient_id: str
+    household_id: str
+    state: str  # "open" or "closed"
+    started_at: dt.datetime | None  # None: no plausible time was known (repaired later)
+    ended_at: dt.datetime | None
+    flags: tuple[str, ...]
+    distance_m: float | None
+    fhir_queued: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -557,16 +572,36 @@ class ClinicData:
         return done
 
     # -- visits -----------------------------------------------------------------------------------
-    def visits(self, limit: int = 50) -> list[Any]:
-        from lastmile.visits.book import DB_NAME as VISITS_DB
-        from lastmile.visits.book import VisitBook, VisitPolicy
-
-        if not (self.config.data_dir / VISITS_DB).exists():
+    def visits(self, limit: int = 50) -> list[VisitView]:
+        """The visit book's visits, newest first. Read from visits.db directly, read-only: the
+        VisitBook module brings the signing chain's crypto (~8 MB of the console's 64)."""
+        path = self.config.data_dir / "visits.db"  # lastmile.visits.book.DB_NAME
+        if not path.exists():
             return []
-        with VisitBook.open(
-            self.config.data_dir, gateway_id=self.config.gateway.id, policy=VisitPolicy.from_config(self.config.visits)
-        ) as book:
-            return book.visits(limit)
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=15.0)
+        try:
+            rows = conn.execute(
+                "SELECT id, doctor_id, patient_id, household_id, state, started_at, ended_at, flags, distance_m, "
+                "fhir_queued_at FROM visits ORDER BY rowid DESC LIMIT ?",
+                (int(limit),),
+            ).fetchall()
+        finally:
+            conn.close()
+        return [
+            VisitView(
+                visit_id=r[0],
+                doctor_id=r[1],
+                patient_id=r[2],
+                household_id=r[3] or "",
+                state=r[4],
+                started_at=from_iso(r[5]),
+                ended_at=from_iso(r[6]),
+                flags=tuple(json.loads(r[7] or "[]")),
+                distance_m=r[8],
+                fhir_queued=r[9] is not None,
+            )
+            for r in rows
+        ]
 
     # -- change detection ---------------------------------------------------------------------------
     def watched_files(self) -> list[Path]:

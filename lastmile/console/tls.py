@@ -37,11 +37,13 @@ def tls_dir(data_dir: Path) -> Path:
 
 
 def fingerprint_of(cert_path: Path) -> str:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
+    """SHA-256 of the DER certificate (stdlib only: `cryptography` costs the console ~7 MB of RSS,
+    and it is needed only the day the certificate is made)."""
+    import hashlib
+    import ssl
 
-    cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
-    return ":".join(f"{b:02X}" for b in cert.fingerprint(hashes.SHA256()))
+    der = ssl.PEM_cert_to_DER_cert(Path(cert_path).read_text(encoding="ascii"))
+    return ":".join(f"{b:02X}" for b in hashlib.sha256(der).digest())
 
 
 def existing_certificate(data_dir: Path) -> Certificate | None:
