@@ -69,10 +69,30 @@ def sample_reports() -> object:
     now = dt.datetime.now(dt.timezone.utc)
     return StaticReports(
         [
-            ReportView("r1", "1.2.3", "11010519491231002X", "张三", now - dt.timedelta(hours=2), now, "received", True,
-                       "县医院 赵医生", "急性下壁心肌梗死（ST段抬高）。请立即转诊。"),
-            ReportView("r2", "1.2.4", "DEMO-0002", "李伟", now - dt.timedelta(hours=5), now - dt.timedelta(hours=1),
-                       "received", False, "县医院 赵医生", "窦性心律，心电图正常。"),
+            ReportView(
+                "r1",
+                "1.2.3",
+                "11010519491231002X",
+                "张三",
+                now - dt.timedelta(hours=2),
+                now,
+                "received",
+                True,
+                "县医院 赵医生",
+                "急性下壁心肌梗死（ST段抬高）。请立即转诊。",
+            ),
+            ReportView(
+                "r2",
+                "1.2.4",
+                "DEMO-0002",
+                "李伟",
+                now - dt.timedelta(hours=5),
+                now - dt.timedelta(hours=1),
+                "received",
+                False,
+                "县医院 赵医生",
+                "窦性心律，心电图正常。",
+            ),
         ]
     )
 
@@ -136,18 +156,30 @@ def lighthouse(url: str, cookie: str) -> dict[str, float]:
     flags = "--headless=new --no-sandbox --disable-gpu --disable-dev-shm-usage --disable-background-networking "
     flags += "--disable-component-update --disable-sync --no-first-run --disable-quic --lang=zh-CN"
     proc = subprocess.run(
-        [str(LIGHTHOUSE), url, "--only-categories=accessibility,best-practices", "--output=json",
-         "--output-path=stdout", "--quiet", f"--chrome-flags={flags}", "--locale=zh",
-         f"--extra-headers={json.dumps({'Cookie': cookie, 'Accept-Language': 'zh-CN,zh'})}",
-         "--max-wait-for-load=60000"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "CHROME_PATH": CHROMIUM},
+        [
+            str(LIGHTHOUSE),
+            url,
+            "--only-categories=accessibility,best-practices",
+            "--output=json",
+            "--output-path=stdout",
+            "--quiet",
+            f"--chrome-flags={flags}",
+            "--locale=zh",
+            f"--extra-headers={json.dumps({'Cookie': cookie, 'Accept-Language': 'zh-CN,zh'})}",
+            "--max-wait-for-load=60000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "CHROME_PATH": CHROMIUM},
     )
     if proc.returncode != 0:
         raise RuntimeError(f"lighthouse failed: {proc.stderr[-2000:]}")
     report = json.loads(proc.stdout)
     scores = {k: round(v["score"] * 100) for k, v in report["categories"].items()}
     failed = [
-        f"{a['id']}: {a['title']}" for a in report["audits"].values()
+        f"{a['id']}: {a['title']}"
+        for a in report["audits"].values()
         if a.get("score") is not None and a["score"] < 1 and a.get("scoreDisplayMode") == "binary"
     ]
     if failed:
@@ -188,9 +220,11 @@ def main() -> int:
         ref_start = statistics.median(ref_starts)
         cpu = statistics.median(cpus)
         load = os.getloadavg()[0]
-        print(f"start (spawn to first page), median of {args.runs}: {start:.3f} s wall, {cpu:.3f} s CPU "
-              f"(bare python: {ref_start:.3f} s, ratio {start / ref_start:.1f}; load average {load:.1f} on "
-              f"{os.cpu_count()} cores); budget {BUDGET['start_s']} s")
+        print(
+            f"start (spawn to first page), median of {args.runs}: {start:.3f} s wall, {cpu:.3f} s CPU "
+            f"(bare python: {ref_start:.3f} s, ratio {start / ref_start:.1f}; load average {load:.1f} on "
+            f"{os.cpu_count()} cores); budget {BUDGET['start_s']} s"
+        )
         # A loaded machine stretches wall time, not the work: judge the CPU time the start needs.
         ok &= cpu <= BUDGET["start_s"]
 
@@ -204,7 +238,7 @@ def main() -> int:
             cookie = "; ".join(f"{c.name}={c.value}" for c in client.jar)
             client.get("/today")
             deadline = time.monotonic() + 120
-            while "figure class=\"preview\"" not in client.get("/today").body and time.monotonic() < deadline:
+            while 'figure class="preview"' not in client.get("/today").body and time.monotonic() < deadline:
                 time.sleep(0.5)  # the ECG worker makes the preview in its own process
             css = len(client.get("/static/console.css").body.encode())
             js = len(client.get("/static/console.js").body.encode())
@@ -213,8 +247,10 @@ def main() -> int:
             if found:
                 preview = client.request("GET", found.group(1), headers={"Accept-Encoding": "gzip"})
                 svg = int(preview.headers.get("content-length", "0"))
-            print(f"page weight (HTML + CSS {css / 1024:.1f} KB + JS {js / 1024:.1f} KB"
-                  f"{f' + ECG preview {svg / 1024:.1f} KB gzipped' if svg else ''}); budget {BUDGET['page_kb']:.0f} KB:")
+            print(
+                f"page weight (HTML + CSS {css / 1024:.1f} KB + JS {js / 1024:.1f} KB"
+                f"{f' + ECG preview {svg / 1024:.1f} KB gzipped' if svg else ''}); budget {BUDGET['page_kb']:.0f} KB:"
+            )
             for page in PAGES:
                 html = len(client.get(f"/{page}").body.encode())
                 total = html + css + js + (svg if page == "today" else 0)
@@ -227,14 +263,18 @@ def main() -> int:
                 else:
                     for page in ("today", "reports"):
                         scores = lighthouse(f"{url}/{page}", cookie)
-                        print(f"lighthouse {page}: accessibility {scores['accessibility']}, "
-                              f"best practices {scores['best-practices']}")
+                        print(
+                            f"lighthouse {page}: accessibility {scores['accessibility']}, "
+                            f"best practices {scores['best-practices']}"
+                        )
                         ok &= scores["accessibility"] >= BUDGET["accessibility"]
                         ok &= scores["best-practices"] >= BUDGET["best-practices"]
             rss, peak = rss_mb(proc.pid)
             ref = statistics.median(ref_rss)
-            print(f"console RSS after all that: {rss:.1f} MB (peak {peak:.1f} MB; bare python {ref:.1f} MB); "
-                  f"budget {BUDGET['rss_mb']:.0f} MB")
+            print(
+                f"console RSS after all that: {rss:.1f} MB (peak {peak:.1f} MB; bare python {ref:.1f} MB); "
+                f"budget {BUDGET['rss_mb']:.0f} MB"
+            )
             ok &= peak <= BUDGET["rss_mb"]
         finally:
             proc.terminate()
