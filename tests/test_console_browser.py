@@ -155,8 +155,12 @@ def test_a_ble_reading_appears_live_and_a_held_one_is_assigned(
     summary = ble.result["summary"]  # type: ignore[attr-defined]
     assert summary.stored == 2 and summary.held == 2, summary.to_json()
     assert browser.execute_script("return window.__sameDocument") is True  # it came live, no reload
-    assert "Demo BP Cuff" in browser.find_element(by("id"), "panel-readings").text
+    readings = browser.find_element(by("id"), "panel-readings").text
+    assert "Demo BP Cuff" in readings and "118/76 mmHg" in readings and "脉搏 64" in readings
     save_screenshot(browser, "today-live-readings-tablet")
+    set_viewport(browser, PHONE)
+    save_screenshot(browser, "today-live-readings-phone")
+    set_viewport(browser, TABLET)
 
     held_before = len(browser.find_elements(by("css"), "#panel-held li"))
     assert held_before == 2
@@ -289,6 +293,9 @@ def test_every_page_on_a_phone_and_a_tablet(browser: object, tmp_path: Path) -> 
     with running_console(config, reports=REPORTS) as server:
         _enqueue_ecg(config, lead_off=False)
         log_in(browser, server, ADMIN)
+        browser.find_element(by("id"), "patient_name").send_keys("张三")
+        browser.find_element(by("id"), "reason").send_keys("胸痛")
+        browser.find_element(by("css"), "input[name=stat]").click()
         browser.find_element(by("id"), "patient_id").send_keys(VALID_ID + "\n")
         text_in(browser, "#panel-session", VALID_ID)
         text_in(browser, "#panel-ecg", "合格", timeout=WAIT_S)

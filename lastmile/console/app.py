@@ -234,6 +234,28 @@ def person_name(pn: str) -> str:
     return ("" if cjk else " ").join(parts)
 
 
+# Codes and UCUM units in reading summaries ("118/76 mm[Hg], pulse-rate 64 /min"), as people read them.
+QUANTITY_LABELS = {
+    "mean-arterial-pressure": N_("mean pressure"),
+    "pulse-rate": N_("pulse"),
+    "body-temperature": N_("temperature"),
+    "body-weight": N_("weight"),
+    "body-mass-index": N_("BMI"),
+    "spo2": N_("SpO2"),
+    "glucose": N_("glucose"),
+    "cuff-pressure": N_("cuff pressure"),
+}
+UNIT_DISPLAY = {" mm[Hg]": " mmHg", " Cel": " °C", " [degF]": " °F", " [lb_av]": " lb"}
+
+
+def reading_text(summary: str, localizer: Localizer) -> str:
+    for code in sorted(QUANTITY_LABELS, key=len, reverse=True):
+        summary = summary.replace(code + " ", localizer.gettext(QUANTITY_LABELS[code]) + " ")
+    for unit, shown in UNIT_DISPLAY.items():
+        summary = summary.replace(unit, shown)
+    return summary
+
+
 def make_templates() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(HERE / "templates"),
@@ -255,6 +277,7 @@ def page_vars(request: Request, ctx: Context, **values: Any) -> dict[str, Any]:
     return {
         "_": loc.gettext,
         "ngettext": loc.ngettext,
+        "reading_text": lambda text: reading_text(text, loc),
         "fmt": loc,
         "lang": loc.language,
         "languages": LANGUAGE_NAMES,
