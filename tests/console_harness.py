@@ -23,6 +23,7 @@ from lastmile.console.sources import HeldEcgSource, ReportsSource
 from lastmile.demo.loopback import free_port
 
 DOCTOR = ("王医生", "correct horse 1")
+VALID_ID = "11010519491231002X"  # GB 11643's own example
 ADMIN = ("admin", "battery staple 2")
 
 CSRF_FIELD = re.compile(r'name="csrf" value="([^"]+)"')
@@ -144,3 +145,22 @@ class Client:
         assert reply.status == 303, (reply.status, reply.body[:500])
         self.get("/today")  # the login's own CSRF token
         return reply
+
+
+def enqueue_ecg(config: Config, *, lead_off: bool) -> None:
+    """An ECG for VALID_ID arrives, as from a cart (V3 electrode off: a "re-record" verdict)."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from devices.identity import Patient
+    from lastmile.data_dir import open_outbox
+    from lastmile.demo.runner import source_ecg
+    from lastmile.ecg.intake import enqueue_recording
+    from tests.ecg_faults import electrode_off
+
+    rec = replace(source_ecg(), patient=Patient(VALID_ID, "Zhang^San"), acquired_at=dt.datetime.now(dt.timezone.utc))
+    if lead_off:
+        rec, _fault = electrode_off(rec, np.random.default_rng(1), "V3", "blank")
+    with open_outbox(config) as outbox:
+        enqueue_recording(outbox, rec, config, key=f"test-ecg-{lead_off}")

@@ -12,22 +12,19 @@ import asyncio
 import datetime as dt
 import threading
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from lastmile.config import Config
 from lastmile.console.service import ConsoleServer
 from lastmile.console.sources import ReportView, StaticReports
 from tests.console_browser import PHONE, TABLET, chromium, save_screenshot, set_viewport
-from tests.console_harness import ADMIN, DOCTOR, console_config, running_console
+from tests.console_harness import ADMIN, DOCTOR, VALID_ID, console_config, enqueue_ecg, running_console
 
 pytestmark = pytest.mark.timeout(600)
 
 WAIT_S = 90.0  # generous: two cores, other suites running
-VALID_ID = "11010519491231002X"  # GB 11643's own example
 WRONG_CHECK = "110105194912310021"
 
 
@@ -181,24 +178,10 @@ def test_a_ble_reading_appears_live_and_a_held_one_is_assigned(
     assert entry is not None and entry.user_name == DOCTOR[0]
 
 
-def _enqueue_ecg(config: Config, *, lead_off: bool) -> None:
-    from devices.identity import Patient
-    from lastmile.data_dir import open_outbox
-    from lastmile.demo.runner import source_ecg
-    from lastmile.ecg.intake import enqueue_recording
-    from tests.ecg_faults import electrode_off
-
-    rec = replace(source_ecg(), patient=Patient(VALID_ID, "Zhang^San"), acquired_at=dt.datetime.now(dt.timezone.utc))
-    if lead_off:
-        rec, _fault = electrode_off(rec, np.random.default_rng(1), "V3", "blank")
-    with open_outbox(config) as outbox:
-        enqueue_recording(outbox, rec, config, key=f"test-ecg-{lead_off}")
-
-
 def test_an_ecg_preview_and_its_re_record_verdict(browser: object, console: ConsoleServer) -> None:
     log_in(browser, console)
     live_stream_open(browser)
-    _enqueue_ecg(console.config, lead_off=True)  # the cart's file arrives while the page is open
+    enqueue_ecg(console.config, lead_off=True)  # the cart's file arrives while the page is open
     text_in(browser, "#panel-ecg", "需要重做")
     assert browser.find_element(by("css"), "#panel-ecg [data-verdict]").get_attribute("data-verdict") == "re-record"
     assert "V3 电极脱落" in browser.find_element(by("id"), "panel-ecg").text
@@ -291,7 +274,7 @@ def test_every_page_on_a_phone_and_a_tablet(browser: object, tmp_path: Path) -> 
     """No sideways scrolling at 360 px, every page in Chinese; a screenshot of each."""
     config = console_config(tmp_path / "data")
     with running_console(config, reports=REPORTS) as server:
-        _enqueue_ecg(config, lead_off=False)
+        enqueue_ecg(config, lead_off=False)
         log_in(browser, server, ADMIN)
         browser.find_element(by("id"), "patient_name").send_keys("张三")
         browser.find_element(by("id"), "reason").send_keys("胸痛")

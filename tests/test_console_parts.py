@@ -175,3 +175,69 @@ def test_the_visits_page_reads_the_visit_book(tmp_path: Path) -> None:
     assert sum(bool(v.flags) for v in visits) == day["visits_flagged"] >= 1
     assert any("outside-radius" in v.flags for v in visits)
     assert all(v.started_at is not None and v.state == "closed" for v in visits)
+
+
+class FakeHeldEcgs:
+    """Stands in for issue 12/13's outbox holds behind the HeldEcgSource seam."""
+
+    def __init__(self) -> None:
+        self.items: dict[int, str] = {}  # item id -> hold reason
+        self.assigned: list[tuple[int, str, str]] = []
+        self.released: list[int] = []
+
+    def held_ecgs(self, now: dt.datetime) -> list:
+        from lastmile.console.sources import HeldEcg
+
+        return [
+            HeldEcg(i, now, reason, now + dt.timedelta(minutes=15), device="Contec ECG90A")
+            for i, reason in self.items.items()
+        ]
+
+    def assign(self, item_id: int, patient_id: str, patient_name: str, *, now: dt.datetime) -> bool:
+        self.assigned.append((item_id, patient_id, patient_name))
+        return self.items.pop(item_id, None) is not None
+
+    def send_anyway(self, item_id: int, *, now: dt.datetime) -> bool:
+        self.released.append(item_id)
+        return self.items.pop(item_id, None) is not None
+
+
+def test_held_ecgs_through_the_seam(tmp_path: Path) -> None:
+    """The Today page lists held ECGs, assigns them and sends a re-record one anyway through
+    HeldEcgSource; each decision lands in the audit trail with who made it."""
+    import time as time_
+
+    from lastmile.console.audit import AuditLog
+    from lastmile.data_dir import open_outbox
+    from tests.console_harness import DOCTOR, VALID_ID, Client, console_config, enqueue_ecg, running_console
+
+    held = FakeHeldEcgs()
+    config = console_config(tmp_path / "data")
+    with running_console(config, held_ecgs=held) as server:
+        enqueue_ecg(config, lead_off=True)
+        with open_outbox(config) as outbox:
+            latest = outbox.items(kind="dicom")[-1].id
+        held.items = {latest: "re-record", 99: "unassigned"}
+        client = Client(server.url)
+        client.login(DOCTOR)
+        deadline = time_.monotonic() + 120
+        page = client.get("/today").body
+        while "仍然发送" not in page and time_.monotonic() < deadline:
+            time_.sleep(0.5)  # the quality verdict comes from the worker process
+            page = client.get("/today").body
+        assert "仍然发送" in page and 'name="item_id" value="99"' in page
+        reply = client.post("/today/assign-ecg", {"item_id": "99", "patient_id": VALID_ID.lower(), "name": "张三"})
+        assert reply.status == 303 and held.assigned == [(99, VALID_ID, "张三")]
+        client.get("/today")
+        reply = client.post(f"/today/ecg/{latest}/send-anyway")
+        assert reply.status == 303 and held.released == [latest]
+        page = client.get(reply.location).body
+        assert "心电图将按原样发送" in page and "仍然发送" not in page
+        reply = client.post("/today/assign-ecg", {"item_id": "99", "patient_id": VALID_ID})
+        assert "too-late" in reply.location  # already assigned: said so, nothing changed
+    db = open_clinic_db(config.data_dir)
+    try:
+        actions = {(e.action, e.user_name) for e in AuditLog(db).recent(10)}
+    finally:
+        db.conn.close()
+    assert {("assign-ecg", DOCTOR[0]), ("send-anyway", DOCTOR[0])} <= actions
