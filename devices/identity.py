@@ -99,6 +99,14 @@ def normalise_resident_id(text: str) -> str:
     return "".join(ch for ch in cleaned if not ch.isspace() and ch not in "-_")
 
 
+def looks_like_resident_id(text: str) -> bool:
+    """Digits (and perhaps an X) only, 15 to 19 of them: what someone typing or scanning a resident
+    ID produces, typos included. Such input must pass `parse_resident_id`; anything else (a clinic
+    number such as "MRN-0042") is another kind of identifier."""
+    number = normalise_resident_id(text)
+    return 15 <= len(number) <= 19 and number.rstrip("X").isdigit() and number.isascii()
+
+
 def parse_resident_id(text: str) -> ResidentId:
     """Check a resident identity number (normalised first); InvalidPatientIdError says why not."""
     number = normalise_resident_id(text)

@@ -29,6 +29,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "lastmile.commands.gps",  # gps decode
     "lastmile.commands.visit",  # visit start / note / stop / list / verify
     "lastmile.commands.service",  # acquire service, doctor
+    "lastmile.commands.console",  # console service, user accounts
 )
 
 

@@ -161,6 +161,16 @@ class FhirSection:
 
 
 @dataclass
+class ConsoleSection:
+    listen: str = "0.0.0.0:8443"  # HOST:PORT of the doctor's console (web pages) on the clinic LAN
+    https: bool = True  # TLS with a certificate made at first start; plain HTTP is allowed on loopback only
+    language: str = "zh-CN"  # pages' language before a user picks one: "zh-CN" or "en"
+    session_idle_s: float = 43200.0  # a login ends after this long without a page being opened
+    max_login_failures: int = 5  # wrong passwords in a row before the account is locked
+    lockout_s: float = 900.0  # how long a locked account stays locked
+
+
+@dataclass
 class Config:
     gateway: GatewaySection = field(default_factory=GatewaySection)
     reading_center: ReadingCenterSection = field(default_factory=ReadingCenterSection)
@@ -174,6 +184,7 @@ class Config:
     gps: GpsSection = field(default_factory=GpsSection)
     visits: VisitsSection = field(default_factory=VisitsSection)
     fhir: FhirSection = field(default_factory=FhirSection)
+    console: ConsoleSection = field(default_factory=ConsoleSection)
     source: str = "<defaults>"  # where it was read from
 
     @property
@@ -191,6 +202,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("gps", "source"): ("gpsd", "nmea", "none"),
     ("visits", "setting"): ("home", "clinic"),
     ("patient", "id_kind"): ("", "cn-resident-id", "clinic-mrn"),
+    ("console", "language"): ("zh-CN", "en"),
 }
 
 

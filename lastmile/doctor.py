@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from lastmile.clinic.devices import DeviceRecord
     from lastmile.config import Config
 
-SERVICES = ("lastmile-acquire.service", "lastmile-forward.service")
+SERVICES = ("lastmile-acquire.service", "lastmile-forward.service", "lastmile-console.service")
 DEVICE_LINKS = Path("/dev/lastmile")
 JOURNALD_DROPINS = (
     Path("/etc/systemd/journald.conf"),
@@ -98,6 +98,7 @@ class Doctor:
             ("fhir", self.check_fhir, True),
             ("devices", self.check_devices, False),
             ("queue", self.check_queue, False),
+            ("console", self.check_console, False),
         ]
 
     def run_all(self) -> list[Finding]:
@@ -587,6 +588,32 @@ class Doctor:
                 )
             )
         return out
+
+    def check_console(self) -> list[Finding]:
+        """Where the doctor's console listens, and its certificate's fingerprint (the clinic
+        compares it with what the browser shows the first time)."""
+        from lastmile.config import ConfigError
+        from lastmile.console.service import parse_listen
+        from lastmile.console.tls import existing_certificate
+
+        try:
+            listen = parse_listen(self.config)
+        except ConfigError as exc:
+            return [Finding("console", Level.FAIL, str(exc), "fix [console] listen / https")]
+        if not self.config.console.https:
+            return [Finding("console", Level.OK, f"plain HTTP on {listen.host}:{listen.port} (loopback only)")]
+        with as_owner_of(self.config.data_dir):
+            cert = existing_certificate(self.config.data_dir)
+        if cert is None:
+            return [
+                Finding(
+                    "console",
+                    Level.WARN,
+                    f"https on port {listen.port}: no certificate yet",
+                    "it is made when lastmile-console first starts: systemctl status lastmile-console",
+                )
+            ]
+        return [Finding("console", Level.OK, f"https on port {listen.port}, certificate SHA-256 {cert.fingerprint}")]
 
 
 # -- helpers ---------------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ apt_packages=(python3-venv)
 if [ "$mode" = "--test" ]; then
   apt_packages+=(orthanc dcmtk dicom3tools gpsd gpsd-clients systemd systemd-container udev iproute2
                  util-linux debootstrap qemu-user-static binfmt-support dosfstools mtools
-                 e2fsprogs fdisk openssl librsvg2-bin)
+                 e2fsprogs fdisk openssl librsvg2-bin
+                 chromium chromium-driver fonts-noto-cjk)  # the console's browser tests (+ CJK glyphs)
+  command -v npm >/dev/null || apt_packages+=(nodejs npm)  # Lighthouse (bench/console.py)
 fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()
@@ -39,4 +41,15 @@ fi
 extras=emulation
 [ "$mode" = "--test" ] && extras=test,emulation
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[${extras}]"
+# Lighthouse for bench/console.py and its test, in a project-local folder (.gitignored), fetched
+# here, before the suite enters its private network namespace. 12.2.3: 13 wants Node 22.
+lighthouse_version=12.2.3
+if [ "$mode" = "--test" ] && command -v npm >/dev/null; then
+  lh=.tools/lighthouse
+  if ! grep -qs "\"version\": \"$lighthouse_version\"" "$lh/node_modules/lighthouse/package.json"; then
+    echo "setup: installing lighthouse $lighthouse_version into $lh"
+    mkdir -p "$lh"
+    npm install --prefix "$lh" --no-audit --no-fund --silent --save-exact "lighthouse@$lighthouse_version" >/dev/null
+  fi
+fi
 echo "setup: ready (.venv, extras: ${extras})"

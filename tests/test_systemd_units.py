@@ -18,7 +18,7 @@ import pytest
 from lastmile.services.runtime import EXIT_CONFIG
 from tests.conftest import REPO, require_tool
 
-UNITS = ("lastmile-acquire.service", "lastmile-forward.service")
+UNITS = ("lastmile-acquire.service", "lastmile-forward.service", "lastmile-console.service")
 SYSTEMD = REPO / "systemd"
 EXPOSURE_LIMIT = 2.0  # the bound; the goal is 1.5
 
@@ -112,6 +112,14 @@ def test_the_acquire_unit_keeps_serial_ports_and_nothing_else() -> None:
     assert u["IPAddressDeny"] == ["any"]
     forward = unit("lastmile-forward.service")
     assert forward["PrivateDevices"] == ["yes"] and "AF_NETLINK" not in forward["RestrictAddressFamilies"][0]
+
+
+def test_the_console_unit_reaches_the_lan_and_nothing_else() -> None:
+    u = unit("lastmile-console.service")
+    assert u["PrivateDevices"] == ["yes"] and u["IPAddressDeny"] == ["any"]
+    allowed = u["IPAddressAllow"][0].split()
+    assert "localhost" in allowed and "192.168.0.0/16" in allowed and "any" not in allowed
+    assert u["CapabilityBoundingSet"] == [""]  # port 8443: no capability to bind it
 
 
 @pytest.mark.parametrize("name", UNITS)

@@ -81,6 +81,45 @@ def _held_observations(db: sqlite_utils.Database) -> None:
     db.table("held_observations").create_index(["key"], index_name="held_key", unique=True)
 
 
+def _console(db: sqlite_utils.Database) -> None:
+    # The doctor's console (lastmile.console): one account per person, their logins, and the
+    # audit trail of every change a user makes (who, when, what).
+    db.table("console_users").create(
+        {
+            "name": str,
+            "role": str,  # "doctor" or "admin"
+            "password_hash": str,  # argon2id, encoded with its parameters
+            "language": str,  # "zh-CN", "en" or "" (the browser's)
+            "created_at": str,
+            "failed_logins": int,  # wrong passwords in a row
+            "locked_until": str,  # ISO UTC; locked while in the future
+            "last_login_at": str,
+            "disabled": int,
+        },
+        pk="name",
+        not_null=["role", "password_hash", "created_at"],
+        defaults={"failed_logins": 0, "disabled": 0, "language": ""},
+    )
+    db.table("console_logins").create(
+        {
+            "token_hash": str,  # sha256 of the cookie's token: the token itself is never stored
+            "user_name": str,
+            "csrf_token": str,
+            "created_at": str,
+            "last_seen_at": str,
+        },
+        pk="token_hash",
+        not_null=["user_name", "csrf_token", "created_at", "last_seen_at"],
+        foreign_keys=[("user_name", "console_users", "name")],
+    )
+    db.table("audit").create(
+        {"id": int, "at": str, "user_name": str, "action": str, "target": str, "detail": str},
+        pk="id",
+        not_null=["at", "user_name", "action"],
+    )
+    db.table("audit").create_index(["action", "target"], index_name="audit_action_target")
+
+
 MIGRATIONS = (
     Migration("0001_session", _session),
     Migration("0002_devices", _devices),
@@ -90,6 +129,7 @@ MIGRATIONS = (
         "0004_session_triage",
         "ALTER TABLE session ADD COLUMN stat INTEGER NOT NULL DEFAULT 0;\nALTER TABLE session ADD COLUMN reason TEXT;",
     ),
+    Migration("0004_console", _console),
 )
 
 

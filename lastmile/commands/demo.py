@@ -16,6 +16,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--recordings", type=int, default=12, help="ECGs the demo clinic records")
     p.add_argument("--outage", type=float, default=4.0, help="seconds the reading center is down")
+    p.add_argument(
+        "--console", action="store_true", help="then leave the doctor's console running on it (until Ctrl-C)"
+    )
+    p.add_argument("--console-port", type=int, default=8080, help="the console's port on 127.0.0.1 (0: any free one)")
     p.set_defaults(func=_demo)
 
 
@@ -36,7 +40,12 @@ def _demo(args: argparse.Namespace) -> int:
     def say(line: str) -> None:
         print(line, file=story, flush=True)
 
-    summary = run_demo(say, n_recordings=args.recordings, outage_s=args.outage)
+    if args.console:
+        from lastmile.demo.console_demo import run_console_demo
+
+        summary = run_console_demo(say, port=args.console_port, n_recordings=args.recordings, outage_s=args.outage)
+    else:
+        summary = run_demo(say, n_recordings=args.recordings, outage_s=args.outage)
     say("")
     say(
         f"summary: {summary.recordings} ECGs recorded, {summary.received} received by the "
