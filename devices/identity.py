@@ -75,7 +75,12 @@ class InvalidPatientIdError(DeviceError, ValueError):
     """A patient identifier of the configured kind that is not valid (e.g. a wrong check digit).
 
     The message is bilingual (Chinese first) and shown to the village doctor as it is; it never
-    repeats the whole number (it may be logged)."""
+    repeats the whole number (it may be logged). `reason` names the rule broken ("length",
+    "check-character", "birth-date", or "" for other kinds), for pages that word it themselves."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,14 +118,16 @@ def parse_resident_id(text: str) -> ResidentId:
     if len(number) != 18 or not number[:17].isdigit() or not (number[17].isdigit() or number[17] == "X"):
         raise InvalidPatientIdError(
             f"身份证号应为18位（17位数字加校验位 0-9 或 X），输入的有 {len(number)} 位 / "
-            f"a resident ID has 18 characters (17 digits and a check digit 0-9 or X); this one has {len(number)}"
+            f"a resident ID has 18 characters (17 digits and a check digit 0-9 or X); this one has {len(number)}",
+            "length",
         )
     expected = resident_id_check_char(number[:17])
     if number[17] != expected:
         raise InvalidPatientIdError(
             f"身份证号校验位错误（最后一位应为 {expected}，不是 {number[17]}），请核对号码 / "
             f"wrong check digit in the resident ID (the last character should be {expected}, not "
-            f"{number[17]}): check the number"
+            f"{number[17]}): check the number",
+            "check-character",
         )
     try:
         born = dt.date(int(number[6:10]), int(number[10:12]), int(number[12:14]))
@@ -128,6 +135,7 @@ def parse_resident_id(text: str) -> ResidentId:
         born = None
     if born is None or born.year < 1900:
         raise InvalidPatientIdError(
-            f"身份证号中的出生日期 {number[6:14]} 无效 / the birth date {number[6:14]} in the resident ID is not a date"
+            f"身份证号中的出生日期 {number[6:14]} 无效 / the birth date {number[6:14]} in the resident ID is not a date",
+            "birth-date",
         )
     return ResidentId(number, born, "M" if int(number[16]) % 2 else "F")

@@ -186,7 +186,8 @@ def test_an_ecg_preview_and_its_re_record_verdict(browser: object, console: Cons
     assert browser.find_element(by("css"), "#panel-ecg [data-verdict]").get_attribute("data-verdict") == "re-record"
     assert "V3 电极脱落" in browser.find_element(by("id"), "panel-ecg").text
     assert "心率" in browser.find_element(by("id"), "panel-ecg").text
-    preview = browser.find_element(by("css"), "#panel-ecg figure.preview img")
+    # the verdict stored at intake shows at once; the preview follows when the worker has drawn it
+    preview = wait_for(browser, lambda d: (d.find_elements(by("css"), "#panel-ecg figure.preview img") or [None])[0])
     wait_for(browser, lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", preview))
     assert browser.execute_script("return arguments[0].naturalWidth", preview) > 500
     set_viewport(browser, PHONE)

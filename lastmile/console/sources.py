@@ -264,7 +264,7 @@ def patient_identifier(text: str) -> str:
         try:
             return parse_resident_id(text).number
         except InvalidPatientIdError as exc:
-            problem = _ID_PROBLEMS.get(getattr(exc, "reason", ""))
+            problem = _ID_PROBLEMS.get(exc.reason)
             raise ConsoleInputError(problem or N_("The resident ID is not valid: check the number.")) from None
     if len(text) > MAX_NAME_LENGTH or any(ord(ch) < 32 for ch in text):
         raise ConsoleInputError(N_("A patient ID has at most %(n)d characters and no line breaks."), n=MAX_NAME_LENGTH)
