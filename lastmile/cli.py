@@ -27,6 +27,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "lastmile.commands.gps",  # gps decode
     "lastmile.commands.visit",  # visit start / note / stop / list / verify
     "lastmile.commands.service",  # acquire service, doctor
+    "lastmile.commands.report",  # report list / show / print / ack / poll
 )
 
 

@@ -2,7 +2,8 @@
 
 It holds what the clinic session knows beside the outbox: the current patient and doctor
 (`patient_context`), the devices and their status (`device_registry`), and observations held
-unassigned until the doctor says whose they are (`observation_store`). WAL and a busy timeout,
+unassigned until the doctor says whose they are (`observation_store`), the studies the forwarder
+sent and the reports that came back for them (`lastmile.reports.store`). WAL and a busy timeout,
 because the acquire service and the `lastmile` commands use it at the same time; FULL sync,
 because a held observation exists nowhere else.
 """
@@ -81,10 +82,73 @@ def _held_observations(db: sqlite_utils.Database) -> None:
     db.table("held_observations").create_index(["key"], index_name="held_key", unique=True)
 
 
+def _reports(db: sqlite_utils.Database) -> None:
+    # What the forwarder sent, kept past the outbox's purge so returning reports can be linked
+    # to it (lastmile/reports/): one row per study, times ISO 8601 UTC.
+    db.table("sent_studies").create(
+        {
+            "study_uid": str,
+            "outbox_item_id": int,
+            "sop_instance_uid": str,  # the ECG object sent
+            "accession": str,
+            "patient_id": str,
+            "patient_name": str,
+            "ecg_time": str,  # the ECG's acquisition time (with its offset), else when it was queued
+            "description": str,
+            "stat": int,
+            "sent_at": str,
+            "committed_at": str,
+            "final_at": str,  # when a final report arrived
+            "last_polled_at": str,
+            "polls": int,
+        },
+        pk="study_uid",
+        not_null=["sent_at", "stat", "polls"],
+        defaults={"stat": 0, "polls": 0},
+    )
+    db.table("sent_studies").create_index(["sent_at"], index_name="sent_studies_sent_at")
+    # Reports as received (`data`: the Part-10 object or the FHIR JSON), read into text.
+    db.table("reports").create(
+        {
+            "id": int,
+            "study_uid": str,
+            "source": str,  # "dicom" or "fhir"
+            "kind": str,  # "sr", "pdf", "fhir"
+            "object_uid": str,  # SOP Instance UID or DiagnosticReport/<id>
+            "version": str,  # FHIR versionId ("" for DICOM)
+            "sop_class_uid": str,
+            "status": str,  # preliminary, final, amended
+            "superseded_by": int,  # the report that replaced this one
+            "title": str,
+            "text": str,
+            "observer": str,  # the reading doctor
+            "report_time": str,
+            "patient_id": str,  # as the report names the patient
+            "patient_name": str,
+            "critical": str,  # JSON list of reasons; NULL: not critical
+            "problems": str,  # JSON list of what could not be read; NULL: none
+            "document_type": str,
+            "alerted_at": str,
+            "acknowledged_at": str,
+            "acknowledged_by": str,
+            "received_at": str,
+            "data": bytes,
+        },
+        pk="id",
+        not_null=["study_uid", "source", "kind", "object_uid", "version", "status", "received_at", "data"],
+        defaults={"version": ""},
+        foreign_keys=[("study_uid", "sent_studies", "study_uid")],
+    )
+    db.table("reports").create_index(["object_uid", "version"], index_name="reports_object", unique=True)
+    db.table("reports").create_index(["study_uid"], index_name="reports_study")
+    db.table("report_status").create({"name": str, "value": str, "updated_at": str}, pk="name", not_null=["value"])
+
+
 MIGRATIONS = (
     Migration("0001_session", _session),
     Migration("0002_devices", _devices),
     Migration("0003_held_observations", _held_observations),
+    Migration("0004_reports", _reports),
 )
 
 

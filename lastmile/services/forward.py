@@ -1,4 +1,5 @@
-"""The forward service: outbox → reading center (DICOM) and county platform (FHIR)."""
+"""The forward service: outbox → reading center (DICOM) and county platform (FHIR), and the
+reports coming back (lastmile.reports: its own thread, its own backoff)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from uploader.dicom_tls import TlsFiles
 from uploader.ecg_forwarder import EcgForwarder, ForwarderSettings
 
 if TYPE_CHECKING:
+    from lastmile.reports.service import ReportService
     from uploader.fhir_sender import FhirSender
 
 log = logging.getLogger(__name__)
@@ -58,10 +60,18 @@ class ForwardService:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.outbox = open_outbox(config)
-        self.ecg = EcgForwarder(self.outbox, forwarder_settings(config))
+        self.reports = self._make_reports(config)
+        self.ecg = EcgForwarder(self.outbox, forwarder_settings(config), on_event=self.reports.recorder.on_event)
         self.ecg.start()
         self._fhir = self._make_fhir(config)
         self._last = "starting"
+
+    def _make_reports(self, config: Config) -> ReportService:
+        from lastmile.reports.service import ReportService
+
+        reports = ReportService(config, self.outbox, peer_settings(config.reading_center))
+        reports.start()
+        return reports
 
     @staticmethod
     def _make_fhir(config: Config) -> FhirSender | None:
@@ -82,6 +92,7 @@ class ForwardService:
         )
 
     def step(self, stop: threading.Event) -> float:
+        self.reports.check()
         result = self.ecg.run_round(stop)
         waits = [0.0 if result.did_work else self.ecg.next_due_in()]
         if self._fhir is not None and not stop.is_set():
@@ -107,18 +118,21 @@ class ForwardService:
 
     def reload(self, config: Config) -> None:
         self.ecg.close()
+        self.reports.close()
         if self._fhir is not None:
             self._fhir.close()
         self.config = config
-        self.ecg = EcgForwarder(self.outbox, forwarder_settings(config))
+        self.reports = self._make_reports(config)
+        self.ecg = EcgForwarder(self.outbox, forwarder_settings(config), on_event=self.reports.recorder.on_event)
         self.ecg.start()
         self._fhir = self._make_fhir(config)
 
     def close(self) -> None:
         self.ecg.close()
+        self.reports.close()
         if self._fhir is not None:
             self._fhir.close()
         self.outbox.close()
 
     def status_line(self) -> str:
-        return self._last
+        return f"{self._last}; {self.reports.status_line()}"

@@ -1,0 +1,205 @@
+"""Which studies did we send: the forwarder's "sent" events → `sent_studies` in clinic.db.
+
+The forwarder knows nothing of clinic.db: the forward service hands it `SentStudyRecorder.on_event`
+as its observer. The observer runs on the send threads, between C-STOREs, so it only takes a
+snapshot of the outbox item (study UID, patient, STAT: one read, no write) and queues it; a small
+thread reads the ECG's own acquisition time and accession from the payload file and writes the
+records in batches (one fsync per batch, off the send path). Items still in the outbox at start
+(a crash before a batch was written) are recorded by `backfill`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from lastmile.clinic.db import utc_now
+from lastmile.reports.store import ReportStore, SentStudy
+from uploader.outbox import ItemState, Kind, Outbox, OutboxItem, Priority
+from uploader.report_reading import dicom_datetime_iso
+
+log = logging.getLogger(__name__)
+
+ECG_FACT_TAGS = ["AcquisitionDateTime", "StudyDate", "StudyTime", "AccessionNumber", "StudyDescription"]
+_STOP = object()
+
+
+def ecg_facts(path: Path) -> dict[str, str]:
+    """The ECG's acquisition time (ISO, with its offset), accession and description; {} if the
+    payload cannot be read (the record then falls back to when the item was queued)."""
+    try:
+        ds = dcmread(path, specific_tags=ECG_FACT_TAGS)
+    except (OSError, InvalidDicomError, ValueError, EOFError, KeyError, TypeError) as exc:
+        log.debug("cannot read the ECG facts from %s: %s", path.name, exc)
+        return {}
+    when = dicom_datetime_iso(ds.get("AcquisitionDateTime"))
+    if not when and ds.get("StudyDate"):
+        when = dicom_datetime_iso(f"{ds.get('StudyDate')}{ds.get('StudyTime', '')}")
+    return {
+        "ecg_time": when,
+        "accession": str(ds.get("AccessionNumber", "") or ""),
+        "description": str(ds.get("StudyDescription", "") or ""),
+    }
+
+
+def sent_study_of(item: OutboxItem, facts: dict[str, str], sent_at: dt.datetime) -> SentStudy | None:
+    study_uid = str(item.meta.get("study_uid") or "")
+    if not study_uid:
+        return None
+    patient = item.patient or {}
+    queued = dt.datetime.fromtimestamp(item.created_at, dt.timezone.utc).isoformat()
+    return SentStudy(
+        study_uid=study_uid,
+        sent_at=sent_at,
+        stat=item.priority == Priority.STAT,
+        patient_id=str(patient.get("patient_id") or ""),
+        patient_name=str(patient.get("name") or ""),
+        ecg_time=facts.get("ecg_time") or queued,
+        accession=facts.get("accession", ""),
+        description=facts.get("description", ""),
+        sop_instance_uid=str(item.meta.get("sop_instance_uid") or ""),
+        outbox_item_id=item.id,
+        committed_at=(
+            dt.datetime.fromtimestamp(item.committed_at, dt.timezone.utc) if item.committed_at is not None else None
+        ),
+    )
+
+
+class SentStudyRecorder:
+    """Forwarder observer (`on_event`) that keeps the sent-study records, off the send path."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        store: ReportStore,
+        *,
+        on_new_study: Callable[[], None] | None = None,
+        clock: Callable[[], dt.datetime] = utc_now,
+    ) -> None:
+        self.outbox = outbox
+        self.store = store
+        self.on_new_study = on_new_study or (lambda: None)
+        self.clock = clock
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self.recorded = 0
+
+    # -- the observer (send threads) ---------------------------------------------------------
+    def on_event(self, kind: str, info: dict[str, Any]) -> None:
+        try:
+            if kind == "sent" and "id" in info:
+                # snapshot now: once committed, the item may be purged (meta and patient wiped)
+                item = self.outbox.get(int(info["id"]))
+                if item is not None and item.kind == Kind.DICOM and item.meta:
+                    self._queue.put(("sent", (item, self.outbox.payload_path(item)), self.clock()))
+            elif kind == "committed" and info.get("committed"):
+                self._queue.put(("committed", None, self.clock()))
+        except Exception:  # an observer must never break a send
+            log.exception("could not note a sent study")
+
+    # -- the writer thread ---------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="sent-studies", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(_STOP)
+            thread.join(timeout_s)
+        self.drain()  # whatever came after the thread stopped
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            batch = [first]
+            while True:  # take what else is waiting: one transaction for the lot
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is _STOP:
+                    self._write(batch)
+                    return
+                batch.append(more)
+            self._write(batch)
+
+    def drain(self) -> int:
+        """Write what is queued now (tests, close)."""
+        batch = []
+        while True:
+            try:
+                entry = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if entry is not _STOP:
+                batch.append(entry)
+        return self._write(batch)
+
+    def _write(self, batch: list[tuple[str, Any, dt.datetime]]) -> int:
+        new = 0
+        try:
+            for what, snapshot, at in batch:
+                if what == "sent":
+                    item, payload = snapshot
+                    new += self.record(item, payload, at)
+            if any(what == "committed" for what, _i, _a in batch):
+                self.note_commitments()
+        except Exception:
+            # a record we could not write must not stop the forwarder; backfill retries at start
+            log.exception("could not record sent studies")
+        if new:
+            self.on_new_study()
+        return new
+
+    def record_item(self, item_id: int, sent_at: dt.datetime) -> int:
+        item = self.outbox.get(item_id)
+        if item is None or item.kind != Kind.DICOM or not item.meta:
+            return 0
+        return self.record(item, self.outbox.payload_path(item), sent_at)
+
+    def record(self, item: OutboxItem, payload: Path | None, sent_at: dt.datetime) -> int:
+        # the payload file is only read (never the verifying read_payload: no quarantine from here)
+        facts = ecg_facts(payload) if payload is not None and payload.exists() else {}
+        study = sent_study_of(item, facts, sent_at)
+        if study is None or not self.store.record_sent(study):
+            return 0
+        self.recorded += 1
+        log.info("sent study recorded (outbox item %d%s)", item.id, ", STAT" if study.stat else "")
+        return 1
+
+    def note_commitments(self) -> None:
+        """Copy commitment times from the outbox (they stay there after the purge)."""
+        done = []
+        for study in self.store.uncommitted():
+            if study.outbox_item_id is None:
+                continue
+            item = self.outbox.get(study.outbox_item_id)
+            if item is not None and item.committed_at is not None:
+                done.append((study.study_uid, dt.datetime.fromtimestamp(item.committed_at, dt.timezone.utc)))
+        if done:
+            self.store.set_committed(done)
+
+    def backfill(self) -> int:
+        """Record sent or committed ECG items of the outbox that have no record yet."""
+        new = 0
+        for state in (ItemState.SENT, ItemState.COMMITTED):
+            for item in self.outbox.items(state=state, kind=Kind.DICOM):
+                sent_at = dt.datetime.fromtimestamp(item.sent_at or item.updated_at, dt.timezone.utc)
+                uid = str(item.meta.get("study_uid") or "")
+                if uid and self.store.study(uid) is None:
+                    new += self.record_item(item.id, sent_at)
+        if new:
+            log.info("%d sent stud(ies) recorded from the outbox at start", new)
+        return new
