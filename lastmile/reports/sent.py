@@ -2,20 +2,21 @@
 
 The forwarder knows nothing of clinic.db: the forward service hands it `SentStudyRecorder.on_event`
 as its observer. The observer runs on the send threads, between C-STOREs, so it only takes a
-snapshot of the outbox item (study UID, patient, STAT: one read, no write) and queues it; a small
-thread reads the ECG's own acquisition time and accession from the payload file and writes the
-records in batches (one fsync per batch, off the send path). Items still in the outbox at start
+snapshot (the outbox item: study UID, patient, STAT; the payload file's bytes, from the page cache
+— the purge deletes them after commitment) and queues it; no write, no fsync. A small thread reads
+the ECG's own acquisition time and accession from those bytes and writes the records in batches
+(one fsync per batch, off the send path). Items still in the outbox at start
 (a crash before a batch was written) are recorded by `backfill`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import io
 import logging
 import queue
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
@@ -23,6 +24,7 @@ from pydicom.errors import InvalidDicomError
 
 from lastmile.clinic.db import utc_now
 from lastmile.reports.store import ReportStore, SentStudy
+from uploader.errors import UploadError
 from uploader.outbox import ItemState, Kind, Outbox, OutboxItem, Priority
 from uploader.report_reading import dicom_datetime_iso
 
@@ -32,13 +34,13 @@ ECG_FACT_TAGS = ["AcquisitionDateTime", "StudyDate", "StudyTime", "AccessionNumb
 _STOP = object()
 
 
-def ecg_facts(path: Path) -> dict[str, str]:
+def ecg_facts(payload: bytes) -> dict[str, str]:
     """The ECG's acquisition time (ISO, with its offset), accession and description; {} if the
     payload cannot be read (the record then falls back to when the item was queued)."""
     try:
-        ds = dcmread(path, specific_tags=ECG_FACT_TAGS)
+        ds = dcmread(io.BytesIO(payload), specific_tags=ECG_FACT_TAGS)
     except (OSError, InvalidDicomError, ValueError, EOFError, KeyError, TypeError) as exc:
-        log.debug("cannot read the ECG facts from %s: %s", path.name, exc)
+        log.debug("cannot read the ECG facts from a payload: %s", exc)
         return {}
     when = dicom_datetime_iso(ds.get("AcquisitionDateTime"))
     if not when and ds.get("StudyDate"):
@@ -99,7 +101,7 @@ class SentStudyRecorder:
                 # snapshot now: once committed, the item may be purged (meta and patient wiped)
                 item = self.outbox.get(int(info["id"]))
                 if item is not None and item.kind == Kind.DICOM and item.meta:
-                    self._queue.put(("sent", (item, self.outbox.payload_path(item)), self.clock()))
+                    self._queue.put(("sent", (item, self.payload_of(item)), self.clock()))
             elif kind == "committed" and info.get("committed"):
                 self._queue.put(("committed", None, self.clock()))
         except Exception:  # an observer must never break a send
@@ -167,11 +169,22 @@ class SentStudyRecorder:
         item = self.outbox.get(item_id)
         if item is None or item.kind != Kind.DICOM or not item.meta:
             return 0
-        return self.record(item, self.outbox.payload_path(item), sent_at)
+        return self.record(item, self.payload_of(item), sent_at)
 
-    def record(self, item: OutboxItem, payload: Path | None, sent_at: dt.datetime) -> int:
-        # the payload file is only read (never the verifying read_payload: no quarantine from here)
-        facts = ecg_facts(payload) if payload is not None and payload.exists() else {}
+    def payload_of(self, item: OutboxItem) -> bytes | None:
+        """The ECG object's bytes, or None. Read at once on the send thread (the page cache has
+        them: they were just sent), because after commitment the purge deletes them. A payload
+        file is read as a file: the outbox's verifying read_payload would quarantine from here."""
+        path = self.outbox.payload_path(item)
+        try:
+            if path is not None:
+                return path.read_bytes()
+            return self.outbox.read_payload(item)  # a small object kept in the database
+        except (OSError, LookupError, UploadError):
+            return None
+
+    def record(self, item: OutboxItem, payload: bytes | None, sent_at: dt.datetime) -> int:
+        facts = ecg_facts(payload) if payload else {}
         study = sent_study_of(item, facts, sent_at)
         if study is None or not self.store.record_sent(study):
             return 0
