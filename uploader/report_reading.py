@@ -29,7 +29,6 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
     UID,
     BasicTextSRStorage,
@@ -154,8 +153,8 @@ def read_dicom_report(data: bytes, rules: CriticalRules = CriticalRules()) -> Re
         ds = dcmread(io.BytesIO(data), force=True)
         sop_class = str(ds.get("SOPClassUID", "") or "")
         sop_instance = str(ds.get("SOPInstanceUID", "") or "")
-    except (InvalidDicomError, ValueError, TypeError, AttributeError, KeyError, EOFError, OverflowError) as exc:
-        raise UnreadableReport(f"not a DICOM object: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 — pydicom raises many types on hostile bytes; one typed error out
+        raise UnreadableReport(f"not a DICOM object: {type(exc).__name__}: {exc}") from None
     if not sop_instance:
         raise UnreadableReport("no SOP Instance UID")
     reader = _DicomReader(ds, rules)
@@ -443,7 +442,10 @@ class _DicomReader:
             document = document[:-1]
         title = self.get("DocumentTitle")
         if not title:
-            title = _code(_first(self.ds, "ConceptNameCodeSequence"))[2]
+            try:
+                title = _code(_first(self.ds, "ConceptNameCodeSequence"))[2]
+            except Exception as exc:  # noqa: BLE001
+                self.problems.append(f"ConceptNameCodeSequence unreadable ({type(exc).__name__})")
         observer, verified_at = self.verifying_observer()
         when = verified_at or _dicom_time(self.get("ContentDate"), self.get("ContentTime"))
         self.scan_keywords([title])

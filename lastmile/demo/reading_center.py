@@ -75,6 +75,8 @@ class EmbeddedReadingCenter:
         ae.add_supported_context(STORAGE_COMMITMENT_PUSH)
         ae.add_supported_context(FIND)
         ae.add_supported_context(MOVE)
+        for uid in REPORT_SOP_CLASSES:  # C-MOVE: we open the association to the destination
+            ae.add_requested_context(uid, ALL_TRANSFER_SYNTAXES)
         if self.offer_get:
             ae.add_supported_context(GET)
             for uid in REPORT_SOP_CLASSES:  # C-GET: we store back to the requestor, in its SCP role

@@ -265,7 +265,9 @@ class ReportPoller:
         now = self.clock()
         if now >= self._get_refused_until or not self.settings.move_ae:
             try:
-                with QueryAssociation(self.peer, retrieve=True, find=False) as q:
+                # C-FIND proposed too: a PACS without C-GET then still accepts the association
+                # and says so by rejecting that one context (RetrieveRefused, not a fault)
+                with QueryAssociation(self.peer, retrieve=True) as q:
                     try:
                         objects = q.get(new)
                     finally:
