@@ -51,21 +51,18 @@ FIND = StudyRootQueryRetrieveInformationModelFind
 GET = StudyRootQueryRetrieveInformationModelGet
 MOVE = StudyRootQueryRetrieveInformationModelMove
 RETRIEVE_SYNTAXES: list[str | UID] = [DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian]
-QUERY_SYNTAXES: list[str | UID] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+# Implicit VR Little Endian alone: every SCP must accept it, and each extra syntax proposed costs
+# bytes in every association request
+QUERY_SYNTAXES: list[str | UID] = [ImplicitVRLittleEndian]
 PENDING = frozenset({0xFF00, 0xFF01})
 # C-FIND/C-GET/C-MOVE failures that say "not now" (PS3.4 C.4): out of resources
 TRANSIENT_QR = frozenset({0xA700, 0xA701, 0xA702, 0xFE00})
 # "this PACS will not do that for us": SOP class not supported, not authorised
 REFUSED_QR = frozenset({0x0122, 0x0124})
 MOVE_DESTINATION_UNKNOWN = 0xA801
-FIND_RETURN_KEYS = (
-    "SeriesInstanceUID",
-    "SOPInstanceUID",
-    "CompletionFlag",
-    "VerificationFlag",
-    "ContentDate",
-    "ContentTime",
-)
+# Only what a retrieval needs: every byte of a query that usually finds nothing is paid for
+# (the report's own flags and times are read from the object once it is here).
+FIND_RETURN_KEYS = ("SeriesInstanceUID", "SOPInstanceUID")
 
 
 class RetrieveRefused(PermanentError):
@@ -81,10 +78,6 @@ class FoundReport:
     series_uid: str
     sop_instance_uid: str
     sop_class_uid: str
-    completion_flag: str = ""
-    verification_flag: str = ""
-    content_date: str = ""
-    content_time: str = ""
 
 
 @dataclass(frozen=True)
@@ -270,10 +263,6 @@ class QueryAssociation:
                             series_uid=_text(identifier, "SeriesInstanceUID"),
                             sop_instance_uid=_text(identifier, "SOPInstanceUID"),
                             sop_class_uid=_text(identifier, "SOPClassUID"),
-                            completion_flag=_text(identifier, "CompletionFlag"),
-                            verification_flag=_text(identifier, "VerificationFlag"),
-                            content_date=_text(identifier, "ContentDate"),
-                            content_time=_text(identifier, "ContentTime"),
                         )
                     )
                 continue
