@@ -102,8 +102,10 @@ def main() -> int:
         if os.geteuid() != 0:
             print("bench/report_poll.py: run as root (Orthanc must run in a private network namespace)")
             return 2
-        os.execvp("unshare", ["unshare", "-n", "--", "sh", "-c", 'ip link set lo up && exec "$@"',
-                              "sh", sys.executable, *sys.argv])
+        os.execvp(
+            "unshare",
+            ["unshare", "-n", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", sys.executable, *sys.argv],
+        )
 
     import datetime as dt
     import logging
@@ -188,17 +190,25 @@ def main() -> int:
                 "last hour + a STAT's first hour": ([rng.uniform(0, HOUR) for _ in range(n)], True),
             }
             if not args.no_hour:
-                print(f"report polling, {n} outstanding studies, nothing new (simulated hour, real rounds with Orthanc)")
-                print(f"{'mix':34} {'rounds':>6} {'asks':>5} {'payload KB/h':>13} {'wire KB/h':>10} "
-                      f"{'unbatched KB/h':>15} {'ratio':>6}")
+                print(
+                    f"report polling, {n} outstanding studies, nothing new (simulated hour, real rounds with Orthanc)"
+                )
+                print(
+                    f"{'mix':34} {'rounds':>6} {'asks':>5} {'payload KB/h':>13} {'wire KB/h':>10} "
+                    f"{'unbatched KB/h':>15} {'ratio':>6}"
+                )
             for label, (ages, stat) in ({} if args.no_hour else mixes).items():
                 batched = hour_of_polling(f"b-{label}", ages, stat, batch_size=50)
                 single = hour_of_polling(f"s-{label}", ages, stat, batch_size=1)
-                print(f"{label:34} {batched['rounds']:>6} {batched['asked']:>5} {batched['payload'] / 1024:>13.1f} "
-                      f"{batched['wire'] / 1024:>10.1f} {single['wire'] / 1024:>15.1f} "
-                      f"{batched['wire'] / max(single['wire'], 1):>6.2f}")
+                print(
+                    f"{label:34} {batched['rounds']:>6} {batched['asked']:>5} {batched['payload'] / 1024:>13.1f} "
+                    f"{batched['wire'] / 1024:>10.1f} {single['wire'] / 1024:>15.1f} "
+                    f"{batched['wire'] / max(single['wire'], 1):>6.2f}"
+                )
             if not args.no_hour:
-                print("goal: wire KB/h <= 100 with nothing new; a STAT study is asked about every 30 s in its first hour")
+                print(
+                    "goal: wire KB/h <= 100 with nothing new; a STAT study is asked about every 30 s in its first hour"
+                )
 
             # -- time to availability, real time -----------------------------------------------
             # Each sample is a new STAT study (a final report ends its hurry), sent a few seconds
@@ -230,9 +240,11 @@ def main() -> int:
                         latencies.append(time.monotonic() - stored_at)
                 finally:
                     thread.stop()
-            print(f"STAT report stored at the PACS -> in clinic.db: "
-                  f"{', '.join(f'{x:.1f}' for x in latencies)} s (median {statistics.median(latencies):.1f}, "
-                  f"max {max(latencies):.1f}; goal <= 60 s; poll interval {config.reports.stat_poll_s:g} s)")
+            print(
+                f"STAT report stored at the PACS -> in clinic.db: "
+                f"{', '.join(f'{x:.1f}' for x in latencies)} s (median {statistics.median(latencies):.1f}, "
+                f"max {max(latencies):.1f}; goal <= 60 s; poll interval {config.reports.stat_poll_s:g} s)"
+            )
         finally:
             orthanc.stop()
     return 0

@@ -87,3 +87,25 @@ def poller_for(config: Config, store: ReportStore) -> ReportPoller:
 def to_read(study: SentStudy) -> StudyToRead:
     """What the reading center knows of a study we sent (for building its reports)."""
     return StudyToRead(study.study_uid, patient_id=study.patient_id, patient_name=study.patient_name)
+
+
+def critical_observation(obs_id: str, name: str, value: str) -> dict:
+    """A contained FHIR Observation interpreted AA (critical abnormal), as a report's result."""
+    return {
+        "resourceType": "Observation",
+        "id": obs_id,
+        "status": "final",
+        "code": {"text": name},
+        "valueString": value,
+        "interpretation": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation",
+                        "code": "AA",
+                        "display": "Critical abnormal",
+                    }
+                ]
+            }
+        ],
+    }

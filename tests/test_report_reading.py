@@ -24,6 +24,7 @@ from lastmile.demo.cardiologist import (
     report_pdf,
 )
 from tests.fhir_server import validate_resource
+from tests.report_peers import critical_observation
 from uploader.report_reading import (
     MAX_DEPTH,
     CriticalRules,
@@ -37,8 +38,14 @@ RULES = CriticalRules.parse(["SCT:401303003", "SCT:71908006"], ["危急值", "Cr
 
 
 def normal_sr(**kw) -> Dataset:
-    return ecg_report_sr(STUDY, findings=["Sinus rhythm, 72/min", "Normal axis"], impression="Normal ECG",
-                         coded_findings=[SINUS_RHYTHM], reader="Chen^Jing", **kw)
+    return ecg_report_sr(
+        STUDY,
+        findings=["Sinus rhythm, 72/min", "Normal axis"],
+        impression="Normal ECG",
+        coded_findings=[SINUS_RHYTHM],
+        reader="Chen^Jing",
+        **kw,
+    )
 
 
 def test_sr_is_rendered_to_readable_text_with_its_reading_doctor() -> None:
@@ -62,9 +69,15 @@ def test_chinese_text_survives() -> None:
     assert c.impressions == ("正常心电图",) and "窦性心律" in c.text
 
 
-@pytest.mark.parametrize(("complete", "verified", "status"), [
-    (True, True, "final"), (False, True, "preliminary"), (True, False, "preliminary"), (False, False, "preliminary"),
-])
+@pytest.mark.parametrize(
+    ("complete", "verified", "status"),
+    [
+        (True, True, "final"),
+        (False, True, "preliminary"),
+        (True, False, "preliminary"),
+        (False, False, "preliminary"),
+    ],
+)
 def test_status_from_completion_and_verification(complete: bool, verified: bool, status: str) -> None:
     c = read_dicom_report(part10(normal_sr(complete=complete, verified=verified)), RULES)
     assert c.status == status and not c.problems
@@ -78,19 +91,22 @@ def test_predecessor_documents_make_an_amendment() -> None:
 
 
 def test_critical_by_code_by_scheme_alias_and_by_keyword() -> None:
-    coded = read_dicom_report(part10(ecg_report_sr(STUDY, findings=["ST up"], impression="x",
-                                                   coded_findings=[STEMI])), RULES)
+    coded = read_dicom_report(
+        part10(ecg_report_sr(STUDY, findings=["ST up"], impression="x", coded_findings=[STEMI])), RULES
+    )
     assert coded.critical and "401303003" in coded.critical[0] and "CRITICAL RESULT" in coded.text
     old_scheme = ecg_report_sr(STUDY, findings=[], impression="x", coded_findings=[("71908006", "SRT", "VF")])
     assert read_dicom_report(part10(old_scheme), RULES).critical  # SRT is SNOMED's old designator
     keyword = read_dicom_report(part10(ecg_report_sr(STUDY, findings=[], impression="请立即处理：危急值")), RULES)
     assert keyword.critical and "危急值" in keyword.critical[0]
-    shouting = read_dicom_report(part10(ecg_report_sr(STUDY, findings=["CRITICAL RESULT called"], impression="")),
-                                 RULES)
+    shouting = read_dicom_report(
+        part10(ecg_report_sr(STUDY, findings=["CRITICAL RESULT called"], impression="")), RULES
+    )
     assert shouting.critical
     assert not read_dicom_report(part10(normal_sr()), RULES).critical
-    assert not read_dicom_report(part10(ecg_report_sr(STUDY, findings=[], impression="x", coded_findings=[STEMI])),
-                                 CriticalRules()).critical  # nothing configured: nothing critical
+    assert not read_dicom_report(
+        part10(ecg_report_sr(STUDY, findings=[], impression="x", coded_findings=[STEMI])), CriticalRules()
+    ).critical  # nothing configured: nothing critical
 
 
 def test_critical_rules_refuse_a_code_without_scheme() -> None:
@@ -166,9 +182,11 @@ SAMPLES = [part10(normal_sr()), part10(report_pdf(STUDY, ["Normal ECG"]))]
 
 
 @settings(deadline=None, max_examples=400)
-@given(sample=st.sampled_from(SAMPLES), cuts=st.lists(st.tuples(st.integers(0, 2000), st.integers(0, 255)),
-                                                     min_size=1, max_size=8),
-       truncate=st.one_of(st.none(), st.integers(0, 2000)))
+@given(
+    sample=st.sampled_from(SAMPLES),
+    cuts=st.lists(st.tuples(st.integers(0, 2000), st.integers(0, 255)), min_size=1, max_size=8),
+    truncate=st.one_of(st.none(), st.integers(0, 2000)),
+)
 def test_fuzz_mutated_reports_read_or_raise_the_typed_error(sample, cuts, truncate) -> None:
     data = bytearray(sample)
     for at, value in cuts:
@@ -183,6 +201,7 @@ def test_fuzz_mutated_reports_read_or_raise_the_typed_error(sample, cuts, trunca
 
 
 # -- FHIR ------------------------------------------------------------------------------------------
+
 
 def diagnostic_report(**overrides) -> dict:
     pdf = minimal_pdf(["Normal ECG"])
@@ -208,24 +227,26 @@ def test_fhir_diagnostic_report_is_read_like_an_sr() -> None:
     validate_resource(resource)
     c = read_fhir_report(resource, RULES, [STUDY.study_uid])
     assert (c.kind, c.object_uid, c.version, c.study_uid, c.patient_id) == (
-        "fhir", "DiagnosticReport/dr-1", "3", STUDY.study_uid, "P0042")
+        "fhir",
+        "DiagnosticReport/dr-1",
+        "3",
+        STUDY.study_uid,
+        "P0042",
+    )
     assert c.status == "final" and c.observer == "Dr. Chen Jing" and c.title == "EKG study"
     assert c.document.startswith(b"%PDF-") and c.document_type == "application/pdf"
     assert "Conclusion: Sinus rhythm. Normal ECG." in c.text and not c.critical
 
 
 def test_fhir_critical_by_interpretation_and_by_coded_conclusion() -> None:
-    obs = {"resourceType": "Observation", "id": "st", "status": "final",
-           "code": {"text": "ST segment"}, "valueString": "elevated 3 mm V1-V4",
-           "interpretation": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/"
-                                                      "v3-ObservationInterpretation", "code": "AA",
-                                           "display": "Critical abnormal"}]}]}
+    obs = critical_observation("st", "ST segment", "elevated 3 mm V1-V4")
     resource = diagnostic_report(contained=[obs], result=[{"reference": "#st"}])
     validate_resource(resource)
     c = read_fhir_report(resource, RULES)
     assert c.critical and "Critical abnormal" in c.critical[0] and "ST segment: elevated" in c.text
-    coded = diagnostic_report(conclusionCode=[{"coding": [{"system": "http://snomed.info/sct",
-                                                            "code": "401303003", "display": "STEMI"}]}])
+    coded = diagnostic_report(
+        conclusionCode=[{"coding": [{"system": "http://snomed.info/sct", "code": "401303003", "display": "STEMI"}]}]
+    )
     validate_resource(coded)
     assert read_fhir_report(coded, RULES).critical
 

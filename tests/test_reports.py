@@ -5,9 +5,11 @@ embedded reading center as a PACS that only offers C-MOVE."""
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import os
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -33,21 +35,26 @@ RULES = CriticalRules.parse(["SCT:401303003"], ["危急值"])
 
 # -- policy ------------------------------------------------------------------------------------------
 
-def clock(age_s: float, *, stat: bool = False, final: bool = False, polled_ago: float | None = None,
-          uid: str = "s") -> StudyClock:
+
+def clock(
+    age_s: float, *, stat: bool = False, final: bool = False, polled_ago: float | None = None, uid: str = "s"
+) -> StudyClock:
     return StudyClock(uid, NOW - age_s, stat, final, None if polled_ago is None else NOW - polled_ago)
 
 
-@pytest.mark.parametrize(("age", "stat", "final", "interval"), [
-    (60, True, False, 30.0),  # STAT: every 30 s in its first hour
-    (2 * HOUR, True, False, 300.0),  # then like any other
-    (60, False, False, 300.0),
-    (10 * HOUR, False, False, 900.0),
-    (2 * DAY, False, False, HOUR),
-    (10 * DAY, False, False, 4 * HOUR),
-    (15 * DAY, False, False, None),  # outside the 14-day window
-    (HOUR, False, True, 12 * HOUR),  # after a final report: only amendments
-])
+@pytest.mark.parametrize(
+    ("age", "stat", "final", "interval"),
+    [
+        (60, True, False, 30.0),  # STAT: every 30 s in its first hour
+        (2 * HOUR, True, False, 300.0),  # then like any other
+        (60, False, False, 300.0),
+        (10 * HOUR, False, False, 900.0),
+        (2 * DAY, False, False, HOUR),
+        (10 * DAY, False, False, 4 * HOUR),
+        (15 * DAY, False, False, None),  # outside the 14-day window
+        (HOUR, False, True, 12 * HOUR),  # after a final report: only amendments
+    ],
+)
 def test_interval_by_age(age, stat, final, interval) -> None:
     assert PollPolicy().interval(clock(age, stat=stat, final=final), NOW) == interval
 
@@ -82,12 +89,13 @@ def test_no_study_is_asked_more_often_than_its_interval_allows() -> None:
         t += policy.next_due_in([StudyClock(u, s, st_, False, la) for u, (s, la, st_) in studies.items()], t) or 1
     for uid, times in asked.items():
         sent, _last, stat_ = studies[uid]
-        for a, b in zip(times, times[1:], strict=False):
+        for a, b in itertools.pairwise(times):
             interval = policy.interval(StudyClock(uid, sent, stat_, False, a), a)
             assert b - a >= 0.5 * interval - 1e-6, (uid, a, b)
 
 
 # -- store ---------------------------------------------------------------------------------------------
+
 
 def utc(ts: float = NOW) -> dt.datetime:
     return dt.datetime.fromtimestamp(ts, dt.timezone.utc)
@@ -101,8 +109,11 @@ def store(tmp_path):
 
 def sent(store: ReportStore, *, patient: str = "P1", stat: bool = False, at: float = NOW) -> StudyToRead:
     uid = generate_uid()
-    assert store.record_sent(SentStudy(uid, utc(at), stat=stat, patient_id=patient, patient_name="Wang^Fang",
-                                       ecg_time="2026-11-02T09:30:00+08:00"))
+    assert store.record_sent(
+        SentStudy(
+            uid, utc(at), stat=stat, patient_id=patient, patient_name="Wang^Fang", ecg_time="2026-11-02T09:30:00+08:00"
+        )
+    )
     return StudyToRead(uid, patient_id=patient, patient_name="Wang^Fang")
 
 
@@ -137,7 +148,9 @@ def test_final_replaces_preliminary_and_a_later_amendment_replaces_the_final(sto
     amended = add(store, ecg_report_sr(study, findings=[], impression="AV block I", amends=fin_ds))
     assert amended.report.status == "amended" and amended.superseded == (fin.report.id,)
     assert [r.id for r in store.reports(study_uid=study.study_uid, current_only=True)] == [
-        other.report.id, amended.report.id]
+        other.report.id,
+        amended.report.id,
+    ]
     assert not add(store, fin_ds).created  # the same object again: kept once
 
 
@@ -168,6 +181,7 @@ def test_retention_deletes_old_studies_securely_but_keeps_unacknowledged_critica
 
 
 # -- critical alerts -----------------------------------------------------------------------------------
+
 
 def hook_script(tmp_path: Path) -> tuple[list[str], Path]:
     out = tmp_path / "hook.log"
@@ -222,11 +236,13 @@ def test_doctor_warns_when_reports_cannot_be_asked_for_an_hour(store, tmp_path) 
 
 # -- the commands ---------------------------------------------------------------------------------------
 
+
 def test_list_show_and_json(store, tmp_path, capsys) -> None:
     waiting = sent(store, patient="P-WAIT", stat=True)
     done = sent(store, patient="P-DONE")
-    report = add(store, ecg_report_sr(done, findings=["Sinus rhythm"], impression="正常心电图",
-                                      reader="Chen^Jing")).report
+    report = add(
+        store, ecg_report_sr(done, findings=["Sinus rhythm"], impression="正常心电图", reader="Chen^Jing")
+    ).report
     data = ["--data-dir", str(tmp_path / "data")]
     assert cli(["report", "list", "--all", *data]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -249,8 +265,10 @@ def fake_lp(tmp_path: Path, monkeypatch, *, fail: bool = False) -> Path:
     bin_dir.mkdir()
     spool = tmp_path / "spool"
     lp = bin_dir / "lp"
-    lp.write_text(f"#!/bin/sh\necho \"$@\" > {spool}.args\ncat > {spool}\n"
-                  + ("echo 'lp: no default destination' >&2; exit 1\n" if fail else "echo 'request id is lj-1'\n"))
+    lp.write_text(
+        f'#!/bin/sh\necho "$@" > {spool}.args\ncat > {spool}\n'
+        + ("echo 'lp: no default destination' >&2; exit 1\n" if fail else "echo 'request id is lj-1'\n")
+    )
     lp.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     return spool
@@ -282,12 +300,18 @@ def test_print_writes_a_file_without_lp_or_when_lp_fails(store, tmp_path, monkey
 
 # -- the recorder and a C-MOVE-only PACS (the embedded reading center) -----------------------------------
 
+
 @pytest.fixture
 def move_only_center(tmp_path):
     move_port = free_port()
-    center = EmbeddedReadingCenter(port=free_port(), gateway_port=free_port(), ae_title="READING_CENTER",
-                                   gateway_ae="CLINIC01", offer_get=False,
-                                   move_destinations={MOVE_AE: ("127.0.0.1", move_port)})
+    center = EmbeddedReadingCenter(
+        port=free_port(),
+        gateway_port=free_port(),
+        ae_title="READING_CENTER",
+        gateway_ae="CLINIC01",
+        offer_get=False,
+        move_destinations={MOVE_AE: ("127.0.0.1", move_port)},
+    )
     center.start()
     config = gateway_config(tmp_path, center.port, center.ae_title, listen_port=center.gateway_port)
     config.reports.move_ae, config.reports.move_port = MOVE_AE, move_port
@@ -345,7 +369,6 @@ def test_forward_service_with_reports_off_still_records_sent_studies(tmp_path) -
         from lastmile.data_dir import open_outbox
         from lastmile.ecg.intake import enqueue_recording
         from lastmile.services.forward import ForwardService
-        import threading
 
         with open_outbox(config) as outbox:
             enqueue_recording(outbox, make_recording(8), config, key="k8")

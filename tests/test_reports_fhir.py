@@ -16,12 +16,14 @@ from lastmile.demo.cardiologist import minimal_pdf
 from lastmile.reports.service import make_poller
 from lastmile.reports.store import ReportStore, SentStudy
 from tests.fhir_server import FhirTestServer, validate_resource
+from tests.report_peers import critical_observation
 
 TOKEN = "s3cret-token"
 
 
-def report_for(study_uid: str, *, status: str = "final", conclusion: str = "Sinus rhythm. Normal ECG.",
-               **extra) -> dict:
+def report_for(
+    study_uid: str, *, status: str = "final", conclusion: str = "Sinus rhythm. Normal ECG.", **extra
+) -> dict:
     resource = {
         "resourceType": "DiagnosticReport",
         "status": status,
@@ -60,8 +62,9 @@ def platform(tmp_path):
 def test_report_with_a_pdf_comes_back_and_others_are_ignored(platform) -> None:
     server, store, poller, ours, other = platform
     pdf = minimal_pdf(["Normal ECG"])
-    server.put_resource(report_for(ours, presentedForm=[{"contentType": "application/pdf",
-                                                         "data": base64.b64encode(pdf).decode()}]))
+    server.put_resource(
+        report_for(ours, presentedForm=[{"contentType": "application/pdf", "data": base64.b64encode(pdf).decode()}])
+    )
     server.put_resource(report_for(other, conclusion="not for this village"))
     result = poller.run_round(force=True)
     assert result.error is None and result.fault is None
@@ -94,10 +97,7 @@ def test_preliminary_then_corrected_with_conditional_reads_between(platform) -> 
 
 def test_critical_interpretation_raises_the_alert(platform) -> None:
     server, store, poller, ours, _other = platform
-    obs = {"resourceType": "Observation", "id": "rhythm", "status": "final", "code": {"text": "Rhythm"},
-           "valueString": "ventricular tachycardia",
-           "interpretation": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/"
-                                                     "v3-ObservationInterpretation", "code": "AA"}]}]}
+    obs = critical_observation("rhythm", "Rhythm", "ventricular tachycardia")
     server.put_resource(report_for(ours, contained=[obs], result=[{"reference": "#rhythm"}]))
     result = poller.run_round(force=True)
     assert result.critical == 1

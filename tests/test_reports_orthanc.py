@@ -12,7 +12,6 @@ import datetime as dt
 import io
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from pydicom import dcmread
@@ -31,9 +30,7 @@ pytestmark = pytest.mark.orthanc
 
 
 def orthanc_with_gateway(factory, listen_port: int, *, allow_get: bool = True, move_port: int | None = None):
-    modalities: dict = {
-        "gateway": {"AET": GATEWAY_AE, "Host": "127.0.0.1", "Port": listen_port, "AllowGet": allow_get}
-    }
+    modalities: dict = {"gateway": {"AET": GATEWAY_AE, "Host": "127.0.0.1", "Port": listen_port, "AllowGet": allow_get}}
     if move_port is not None:
         modalities["gateway-reports"] = [MOVE_AE, "127.0.0.1", move_port]
     return factory(modalities=modalities)
@@ -58,8 +55,13 @@ def site(tmp_path, orthanc_factory):
 
 def test_sr_and_pdf_of_one_study_come_back_by_c_get_and_others_wait(site) -> None:
     orthanc, config, (routine, stat) = site
-    sr = ecg_report_sr(to_read(stat), findings=["Sinus tachycardia 104/min"], impression="ST elevation V1-V4",
-                       coded_findings=[STEMI], reader="Chen^Jing")
+    sr = ecg_report_sr(
+        to_read(stat),
+        findings=["Sinus tachycardia 104/min"],
+        impression="ST elevation V1-V4",
+        coded_findings=[STEMI],
+        reader="Chen^Jing",
+    )
     pdf = report_pdf(to_read(stat), ["Sinus tachycardia", "Anterior STEMI"])
     post(orthanc, sr)
     post(orthanc, pdf)
@@ -90,8 +92,9 @@ def test_sr_and_pdf_of_one_study_come_back_by_c_get_and_others_wait(site) -> Non
 def test_amended_sr_replaces_the_earlier_one(site) -> None:
     orthanc, config, (routine, _stat) = site
     study = to_read(routine)
-    preliminary = ecg_report_sr(study, findings=["Sinus rhythm"], impression="Probably normal",
-                                complete=False, verified=False)
+    preliminary = ecg_report_sr(
+        study, findings=["Sinus rhythm"], impression="Probably normal", complete=False, verified=False
+    )
     post(orthanc, preliminary)
     with ReportStore.open(config.data_dir) as store:
         poller = poller_for(config, store)
@@ -105,8 +108,12 @@ def test_amended_sr_replaces_the_earlier_one(site) -> None:
         second = next(r for r in store.reports(study_uid=routine.study_uid) if r.object_uid == final.SOPInstanceUID)
         assert second.status == "final" and store.get(first.id).superseded_by == second.id
 
-        amended = ecg_report_sr(study, findings=["Sinus rhythm", "First-degree AV block (PR 220 ms)"],
-                                impression="Borderline ECG: first-degree AV block", amends=final)
+        amended = ecg_report_sr(
+            study,
+            findings=["Sinus rhythm", "First-degree AV block (PR 220 ms)"],
+            impression="Borderline ECG: first-degree AV block",
+            amends=final,
+        )
         post(orthanc, amended)
         result = poller.run_round(force=True)
         assert (result.stored, result.amended) == (1, 1)
@@ -217,8 +224,15 @@ def test_forward_service_polls_on_its_own_thread_stat_first(tmp_path, orthanc_fa
     service = ForwardService(config)
     stop = threading.Event()
     try:
-        post(orthanc, ecg_report_sr(to_read(stat), findings=["VF"], impression="Ventricular fibrillation",
-                                    coded_findings=[("71908006", "SCT", "Ventricular fibrillation")]))
+        post(
+            orthanc,
+            ecg_report_sr(
+                to_read(stat),
+                findings=["VF"],
+                impression="Ventricular fibrillation",
+                coded_findings=[("71908006", "SCT", "Ventricular fibrillation")],
+            ),
+        )
         deadline = time.monotonic() + 60
         while not service.reports.store.reports():
             assert time.monotonic() < deadline, service.status_line()
