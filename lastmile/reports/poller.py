@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from lastmile.reports.alerts import CriticalAlerter
 from lastmile.reports.policy import DAY, PollPolicy, StudyClock
@@ -41,7 +42,6 @@ from uploader.dicom_query import (
     move_reports,
 )
 from uploader.errors import ConfigurationFault, PermanentError, TransientError, UploadError
-from uploader.fhir_reports import FhirReportClient
 from uploader.outbox import backoff_delay
 from uploader.report_reading import (
     REPORT_SR_CLASSES,
@@ -51,6 +51,9 @@ from uploader.report_reading import (
     read_dicom_report,
     read_fhir_report,
 )
+
+if TYPE_CHECKING:
+    from uploader.fhir_reports import FhirReportClient  # requests: only where FHIR is configured
 
 log = logging.getLogger(__name__)
 
