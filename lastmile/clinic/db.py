@@ -85,28 +85,26 @@ def _held_observations(db: sqlite_utils.Database) -> None:
 def _reports(db: sqlite_utils.Database) -> None:
     # What the forwarder sent, kept past the outbox's purge so returning reports can be linked
     # to it (lastmile/reports/): one row per study, times ISO 8601 UTC.
-    db.table("sent_studies").create(
-        {
-            "study_uid": str,
-            "outbox_item_id": int,
-            "sop_instance_uid": str,  # the ECG object sent
-            "accession": str,
-            "patient_id": str,
-            "patient_name": str,
-            "ecg_time": str,  # the ECG's acquisition time (with its offset), else when it was queued
-            "description": str,
-            "stat": int,
-            "sent_at": str,
-            "committed_at": str,
-            "final_at": str,  # when a final report arrived
-            "last_polled_at": str,
-            "polls": int,
-        },
-        pk="study_uid",
-        not_null=["sent_at", "stat", "polls"],
-        defaults={"stat": 0, "polls": 0},
+    # WITHOUT ROWID, no secondary index: recording a study touches one B-tree page (one write
+    # per batch of sent ECGs on the SD card); a few hundred rows are scanned in no time.
+    db.conn.execute(
+        """CREATE TABLE sent_studies (
+            study_uid TEXT PRIMARY KEY,
+            outbox_item_id INTEGER,
+            sop_instance_uid TEXT,  -- the ECG object sent
+            accession TEXT,
+            patient_id TEXT,
+            patient_name TEXT,
+            ecg_time TEXT,  -- the ECG's acquisition time (with its offset), else when it was queued
+            description TEXT,
+            stat INTEGER NOT NULL DEFAULT 0,
+            sent_at TEXT NOT NULL,
+            committed_at TEXT,
+            final_at TEXT,  -- when a final report arrived
+            last_polled_at TEXT,
+            polls INTEGER NOT NULL DEFAULT 0
+        ) WITHOUT ROWID"""
     )
-    db.table("sent_studies").create_index(["sent_at"], index_name="sent_studies_sent_at")
     # Reports as received (`data`: the Part-10 object or the FHIR JSON), read into text.
     db.table("reports").create(
         {

@@ -134,6 +134,7 @@ def enqueue_recording(
         unassigned=recording.patient is None,
         leads=recording.n_leads,
         sampling_rate_hz=recording.sampling_rate_hz,
+        acquired_at=recording.acquired_at.isoformat(),  # shown with its report, after the purge
     )
     result = outbox.add(
         Kind.DICOM,

@@ -16,6 +16,7 @@ import io
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +31,9 @@ from uploader.report_reading import dicom_datetime_iso
 
 log = logging.getLogger(__name__)
 
+BATCH_WINDOW_S = 0.25  # sent events within this go into one transaction
+BATCH_MAX = 200
+COMMITMENT_NOTE_S = 30.0  # commitment times are copied at most this often
 ECG_FACT_TAGS = ["AcquisitionDateTime", "StudyDate", "StudyTime", "AccessionNumber", "StudyDescription"]
 _STOP = object()
 
@@ -64,7 +68,7 @@ def sent_study_of(item: OutboxItem, facts: dict[str, str], sent_at: dt.datetime)
         stat=item.priority == Priority.STAT,
         patient_id=str(patient.get("patient_id") or ""),
         patient_name=str(patient.get("name") or ""),
-        ecg_time=facts.get("ecg_time") or queued,
+        ecg_time=str(item.meta.get("acquired_at") or "") or facts.get("ecg_time") or queued,
         accession=facts.get("accession", ""),
         description=facts.get("description", ""),
         sop_instance_uid=str(item.meta.get("sop_instance_uid") or ""),
@@ -92,6 +96,8 @@ class SentStudyRecorder:
         self.clock = clock
         self._queue: queue.Queue[Any] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._commitments_pending = False
+        self._last_commitment_note = 0.0
         self.recorded = 0
 
     # -- the observer (send threads) ---------------------------------------------------------
@@ -101,7 +107,7 @@ class SentStudyRecorder:
                 # snapshot now: once committed, the item may be purged (meta and patient wiped)
                 item = self.outbox.get(int(info["id"]))
                 if item is not None and item.kind == Kind.DICOM and item.meta:
-                    self._queue.put(("sent", (item, self.payload_of(item)), self.clock()))
+                    self._queue.put(("sent", self.snapshot(item), self.clock()))
             elif kind == "committed" and info.get("committed"):
                 self._queue.put(("committed", None, self.clock()))
         except Exception:  # an observer must never break a send
@@ -122,13 +128,21 @@ class SentStudyRecorder:
 
     def _run(self) -> None:
         while True:
-            first = self._queue.get()
+            try:
+                first = self._queue.get(timeout=COMMITMENT_NOTE_S if self._commitments_pending else None)
+            except queue.Empty:
+                self._write([])  # the deferred commitment note
+                continue
             if first is _STOP:
                 return
             batch = [first]
-            while True:  # take what else is waiting: one transaction for the lot
+            # what else comes within BATCH_WINDOW_S goes in the same transaction (one fsync): a
+            # chunk of C-STOREs becomes one write, not one per ECG. The snapshots are taken
+            # already, so the purge cannot take anything from us meanwhile.
+            deadline = time.monotonic() + BATCH_WINDOW_S
+            while len(batch) < BATCH_MAX:
                 try:
-                    more = self._queue.get_nowait()
+                    more = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
                 if more is _STOP:
@@ -138,7 +152,7 @@ class SentStudyRecorder:
             self._write(batch)
 
     def drain(self) -> int:
-        """Write what is queued now (tests, close)."""
+        """Write what is queued now (tests, close), the pending commitment note included."""
         batch = []
         while True:
             try:
@@ -147,16 +161,23 @@ class SentStudyRecorder:
                 break
             if entry is not _STOP:
                 batch.append(entry)
-        return self._write(batch)
+        self._commitments_pending |= any(what == "committed" for what, _s, _a in batch)
+        return self._write(batch, note_now=True)
 
-    def _write(self, batch: list[tuple[str, Any, dt.datetime]]) -> int:
+    def _write(self, batch: list[tuple[str, Any, dt.datetime]], *, note_now: bool = False) -> int:
         new = 0
         try:
-            for what, snapshot, at in batch:
-                if what == "sent":
-                    item, payload = snapshot
-                    new += self.record(item, payload, at)
-            if any(what == "committed" for what, _i, _a in batch):
+            studies = [self.study_of(snap[0], snap[1], at) for what, snap, at in batch if what == "sent"]
+            new = self.store.record_sent_many([s for s in studies if s is not None])
+            self.recorded += new
+            if new:
+                log.info("%d sent stud(ies) recorded", new)
+            # commitment times are a nicety: copied at most every COMMITMENT_NOTE_S (one write)
+            self._commitments_pending |= any(what == "committed" for what, _s, _a in batch)
+            due = time.monotonic() - self._last_commitment_note >= COMMITMENT_NOTE_S
+            if self._commitments_pending and (due or note_now):
+                self._commitments_pending = False
+                self._last_commitment_note = time.monotonic()
                 self.note_commitments()
         except Exception:
             # a record we could not write must not stop the forwarder; backfill retries at start
@@ -165,11 +186,19 @@ class SentStudyRecorder:
             self.on_new_study()
         return new
 
+    def snapshot(self, item: OutboxItem) -> tuple[OutboxItem, bytes | None]:
+        """The item, and the object's bytes only for what intake did not note in its meta (the
+        acquisition time of objects received from the clinic LAN)."""
+        return item, None if item.meta.get("acquired_at") else self.payload_of(item)
+
     def record_item(self, item_id: int, sent_at: dt.datetime) -> int:
         item = self.outbox.get(item_id)
         if item is None or item.kind != Kind.DICOM or not item.meta:
             return 0
-        return self.record(item, self.payload_of(item), sent_at)
+        study = self.study_of(*self.snapshot(item), sent_at)
+        new = self.store.record_sent_many([study] if study else [])
+        self.recorded += new
+        return new
 
     def payload_of(self, item: OutboxItem) -> bytes | None:
         """The ECG object's bytes, or None. Read at once on the send thread (the page cache has
@@ -183,14 +212,9 @@ class SentStudyRecorder:
         except (OSError, LookupError, UploadError):
             return None
 
-    def record(self, item: OutboxItem, payload: bytes | None, sent_at: dt.datetime) -> int:
-        facts = ecg_facts(payload) if payload else {}
-        study = sent_study_of(item, facts, sent_at)
-        if study is None or not self.store.record_sent(study):
-            return 0
-        self.recorded += 1
-        log.info("sent study recorded (outbox item %d%s)", item.id, ", STAT" if study.stat else "")
-        return 1
+    @staticmethod
+    def study_of(item: OutboxItem, payload: bytes | None, sent_at: dt.datetime) -> SentStudy | None:
+        return sent_study_of(item, ecg_facts(payload) if payload else {}, sent_at)
 
     def note_commitments(self) -> None:
         """Copy commitment times from the outbox (they stay there after the purge)."""
