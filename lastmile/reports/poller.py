@@ -211,12 +211,13 @@ class ReportPoller:
         else:
             self._failures = 0
             self._retry_at = 0.0
-            self.store.mark_polled(uids, self._utc(now))
         self.rounds += 1
         self.bytes_total += result.bytes
-        self._record_status(result, now)
+        polled = [] if (result.error or result.fault) else uids
+        # one transaction per round (the SD card): the studies asked about and the status
+        self.store.mark_polled(polled, self._utc(now), status=(STATUS_NAME, self._status(result, now)))
 
-    def _record_status(self, result: PollRound, now: float) -> None:
+    def _status(self, result: PollRound, now: float) -> dict[str, object]:
         previous = self.store.status(STATUS_NAME) or {}
         status = {
             **previous,
@@ -235,7 +236,7 @@ class ReportPoller:
         else:
             status["failing_since"] = None
             status["last_success_at"] = now
-        self.store.set_status(STATUS_NAME, status, self._utc(now))
+        return status
 
     @staticmethod
     def _utc(now: float) -> dt.datetime:

@@ -264,13 +264,19 @@ class ReportStore:
         rows = self._rows("SELECT * FROM sent_studies WHERE sent_at >= ? ORDER BY sent_at DESC", (iso(since),))
         return [_study(r) for r in rows]
 
-    def mark_polled(self, study_uids: Sequence[str], now: dt.datetime) -> None:
+    def mark_polled(
+        self, study_uids: Sequence[str], now: dt.datetime, *, status: tuple[str, dict[str, Any]] | None = None
+    ) -> None:
+        """The reading center was asked about these studies now; with `status`, the poller's
+        status is written in the same transaction."""
         with self._lock, transaction(self.db) as conn:
             for uid in study_uids:
                 conn.execute(
                     "UPDATE sent_studies SET last_polled_at = ?, polls = polls + 1 WHERE study_uid = ?",
                     (iso(now), uid),
                 )
+            if status is not None:
+                self._set_status(conn, *status, now)
 
     # -- reports -------------------------------------------------------------------------------
     def has_object(self, object_uid: str, version: str = "") -> bool:
@@ -437,11 +443,15 @@ class ReportStore:
     # -- status of the poller (for `lastmile doctor`) ---------------------------------------------
     def set_status(self, name: str, value: dict[str, Any], now: dt.datetime) -> None:
         with self._lock, transaction(self.db) as conn:
-            conn.execute(
-                "INSERT INTO report_status (name, value, updated_at) VALUES (?, ?, ?) "
-                "ON CONFLICT(name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-                (name, json.dumps(value, sort_keys=True, ensure_ascii=False), iso(now)),
-            )
+            self._set_status(conn, name, value, now)
+
+    @staticmethod
+    def _set_status(conn: sqlite3.Connection, name: str, value: dict[str, Any], now: dt.datetime) -> None:
+        conn.execute(
+            "INSERT INTO report_status (name, value, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+            (name, json.dumps(value, sort_keys=True, ensure_ascii=False), iso(now)),
+        )
 
     def status(self, name: str) -> dict[str, Any] | None:
         rows = self._rows("SELECT value FROM report_status WHERE name = ?", (name,))
