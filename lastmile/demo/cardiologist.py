@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -242,9 +243,12 @@ class DemoCardiologist:
     def __init__(self, pdf_every: int = 3) -> None:
         self.pdf_every = pdf_every
         self.read = 0
+        self._lock = threading.Lock()  # the reading center stores on several associations at once
 
     def __call__(self, study: StudyToRead) -> list[Dataset]:
-        self.read += 1
+        with self._lock:
+            self.read += 1
+            number = self.read
         if study.description.upper().startswith("STAT"):
             sr = ecg_report_sr(
                 study,
@@ -260,7 +264,7 @@ class DemoCardiologist:
                 coded_findings=[SINUS_RHYTHM],
             )
         out = [sr]
-        if self.pdf_every and self.read % self.pdf_every == 0:
+        if self.pdf_every and number % self.pdf_every == 0:
             out.append(report_pdf(study, ["Sinus rhythm, 72 bpm", "Normal axis and intervals", "Normal ECG"]))
         return out
 
