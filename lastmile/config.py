@@ -170,6 +170,27 @@ class ConsoleSection:
     lockout_s: float = 900.0  # how long a locked account stays locked
 
 
+class ReportsSection:
+    source: str = "dicom"  # where reports come back from: "dicom" (the PACS), "fhir" (county platform), "both", "off"
+    window_days: float = 14.0  # look for reports on studies sent in the last this many days
+    stat_poll_s: float = 30.0  # STAT studies: ask this often during their first stat_hurry_h hours
+    stat_hurry_h: float = 1.0  # how long a STAT study is polled at stat_poll_s
+    amendment_poll_h: float = 12.0  # after a final report, look for amended ones this often (0: stop)
+    batch_size: int = 50  # studies per C-FIND / FHIR search
+    move_ae: str = ""  # C-MOVE destination (our AE) for a PACS that refuses C-GET; empty: no C-MOVE
+    move_port: int = 11114  # where that storage SCP listens while a C-MOVE runs (the PACS's entry for move_ae)
+    move_host: str = "0.0.0.0"  # address of that listener
+    # default codes: STEMI, ventricular fibrillation, ventricular tachycardia, complete AV block
+    critical_codes: list[str] = field(  # SCHEME:CODE of coded findings that make a report critical (危急值)
+        default_factory=lambda: ["SCT:401303003", "SCT:71908006", "SCT:25569003", "SCT:27885002"]
+    )
+    critical_keywords: list[str] = field(default_factory=lambda: ["危急值", "critical result"])  # in report text
+    critical_command: list[str] = field(default_factory=list)  # run (argv) on each new critical report: sound, LED
+    retention_days: float = 30.0  # keep reports this long after the ECG was sent (unacknowledged critical stay)
+    backoff_base_s: float = 30.0  # first retry delay after the reading center could not be asked
+    backoff_max_s: float = 600.0  # cap of that backoff
+
+
 @dataclass
 class Config:
     gateway: GatewaySection = field(default_factory=GatewaySection)
@@ -185,6 +206,8 @@ class Config:
     visits: VisitsSection = field(default_factory=VisitsSection)
     fhir: FhirSection = field(default_factory=FhirSection)
     console: ConsoleSection = field(default_factory=ConsoleSection)
+
+    reports: ReportsSection = field(default_factory=ReportsSection)
     source: str = "<defaults>"  # where it was read from
 
     @property
@@ -203,6 +226,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("visits", "setting"): ("home", "clinic"),
     ("patient", "id_kind"): ("", "cn-resident-id", "clinic-mrn"),
     ("console", "language"): ("zh-CN", "en"),
+    ("reports", "source"): ("dicom", "fhir", "both", "off"),
 }
 
 

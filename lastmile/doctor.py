@@ -3,8 +3,8 @@
 Each check gives one line, OK / WARN / FAIL (or SKIP), with a hint for anything not OK:
 configuration, data partition (free space, wear-relevant mount options), read-only root,
 journal size, clock and its source, the services, reading center C-ECHO, the storage-commitment
-listener, the FHIR endpoint and its token, devices seen, queue health. `--offline` skips what
-needs the network. The exit code is 1 when anything FAILs.
+listener, the FHIR endpoint and its token, devices seen, queue health, reports coming back (a
+critical report not yet acknowledged is a FAIL). `--offline` skips what needs the network. The exit code is 1 when anything FAILs.
 
 Run as root, the checks that touch the data directory or the token run with the effective
 user of the data directory's owner (the service user), so they see what the services see and
@@ -42,6 +42,7 @@ RECOMMENDED_COMMIT_S = 30  # ext4 default is 5 s: every 5 s a journal commit wea
 NETWORK_TIMEOUT_S = 10.0
 WAITING_WARN_S = 24 * 3600.0  # an item waiting longer than a day: the link has been down a while
 WAITING_FAIL_S = 7 * 24 * 3600.0
+REPORTS_FAILING_WARN_S = 3600.0  # no report query has worked for an hour
 _WEAR_OPTIONS = {"ro", "rw", "noatime", "relatime", "strictatime", "lazytime", "nodiratime", "sync"}
 
 
@@ -99,6 +100,7 @@ class Doctor:
             ("devices", self.check_devices, False),
             ("queue", self.check_queue, False),
             ("console", self.check_console, False),
+            ("reports", self.check_reports, False),
         ]
 
     def run_all(self) -> list[Finding]:
@@ -614,6 +616,70 @@ class Doctor:
                 )
             ]
         return [Finding("console", Level.OK, f"https on port {listen.port}, certificate SHA-256 {cert.fingerprint}")]
+
+    def check_reports(self) -> list[Finding]:
+        """Critical reports the doctor has not acknowledged (FAIL), and whether reports come back."""
+        from lastmile.clinic.db import DB_NAME
+
+        data = self.config.data_dir
+        if self.config.reports.source == "off":
+            return [Finding("reports", Level.SKIP, "not polled (reports.source = off)")]
+        if not (data / DB_NAME).exists():
+            return [Finding("reports", Level.OK, "no ECG sent yet")]
+        from lastmile.reports.poller import STATUS_NAME
+        from lastmile.reports.store import ReportStore
+
+        now = dt.datetime.fromtimestamp(self.now(), dt.timezone.utc)
+        with as_owner_of(data):
+            store = ReportStore.open(data)
+            try:
+                critical = store.unacknowledged_critical()
+                studies = store.studies(since=now - dt.timedelta(days=self.config.reports.window_days))
+                reports = store.reports(current_only=True)
+                status = store.status(STATUS_NAME) or {}
+                patients = {s.study_uid: s for s in store.studies()}
+            finally:
+                store.close()
+        out = []
+        for r in critical:
+            study = patients.get(r.study_uid)
+            who = (study.patient_id if study else "") or "(unassigned)"
+            ecg = study.ecg_time[:16].replace("T", " ") if study and study.ecg_time else "?"
+            out.append(
+                Finding(
+                    "reports",
+                    Level.FAIL,
+                    f"CRITICAL report {r.id} (危急值) for patient {who}, ECG {ecg}: {r.critical[0]}",
+                    f"read it now (`lastmile report show {r.id}`), act on it, then `lastmile report ack {r.id}`",
+                )
+            )
+        with_report = {r.study_uid for r in reports}
+        waiting = sum(s.study_uid not in with_report for s in studies)
+        text = f"{len(studies)} ECG(s) sent in {self.config.reports.window_days:g} days: {waiting} waiting for a report"
+        if status.get("last_success_at"):
+            text += f"; reading center last asked {_age(max(0.0, self.now() - status['last_success_at']))} ago"
+        failing_since = status.get("failing_since")
+        if status.get("fault"):
+            out.append(
+                Finding(
+                    "reports",
+                    Level.FAIL,
+                    f"{text}; the reading center refuses report queries: {status['fault']}",
+                    "fix the reading_center / reports settings, then `systemctl reload lastmile-forward`",
+                )
+            )
+        elif failing_since and self.now() - failing_since > REPORTS_FAILING_WARN_S:
+            out.append(
+                Finding(
+                    "reports",
+                    Level.WARN,
+                    f"{text}; cannot ask for reports for {_age(self.now() - failing_since)}: {status.get('error')}",
+                    "is the link down? `lastmile echo` tests the reading center",
+                )
+            )
+        else:
+            out.append(Finding("reports", Level.OK, text))
+        return out
 
 
 # -- helpers ---------------------------------------------------------------------------------------

@@ -20,5 +20,9 @@ def test_demo_delivers_everything_once_and_reports_it_as_json() -> None:
     assert summary["ble_observations"] >= 4
     assert summary["visits_synced"] == summary["visits"] == 3 and summary["visits_flagged"] >= 1
     assert summary["chain_verified"] is True
+    # 结果回传: every ECG's report came back (some with a PDF), the STAT one critical
+    assert summary["reports_returned"] == summary["recordings"] + summary["report_pdfs"]
+    assert summary["report_pdfs"] == summary["recordings"] // 3 and summary["critical_reports"] == 1
+    assert "CRITICAL" in out.stderr and "lastmile report ack" in out.stderr
     assert "reading center goes offline" in out.stderr and "back" in out.stderr
     assert time.monotonic() - t0 < 60

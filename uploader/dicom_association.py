@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from pydicom.uid import (
     UID,
@@ -99,8 +99,15 @@ def new_ae(peer: PeerSettings) -> AE:
     return ae
 
 
-def associate(peer: PeerSettings, contexts: list[PresentationContext], handlers: list[EventHandlerType]) -> Association:
-    """Open an association or raise the typed reason it could not be opened."""
+def associate(
+    peer: PeerSettings,
+    contexts: list[PresentationContext],
+    handlers: list[EventHandlerType],
+    *,
+    ext_neg: Sequence[Any] = (),
+) -> Association:
+    """Open an association or raise the typed reason it could not be opened. `ext_neg`: extended
+    negotiation items, e.g. SCP/SCU role selection for the storage contexts of a C-GET."""
     ae = new_ae(peer)
     tls_args = None
     ctx: ssl.SSLContext | None = None
@@ -123,6 +130,7 @@ def associate(peer: PeerSettings, contexts: list[PresentationContext], handlers:
             ae_title=peer.called_ae,
             tls_args=tls_args,
             evt_handlers=[(evt.EVT_CONN_OPEN, on_open), *handlers],
+            ext_neg=list(ext_neg) or None,
         )
     except ValueError as exc:  # e.g. a called AE title pynetdicom refuses to encode
         raise ConfigurationFault(f"cannot ask {peer.where} for an association: {exc}") from None
