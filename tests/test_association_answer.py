@@ -1,0 +1,89 @@
+"""A rejection of our association request is read even when pynetdicom loses it (uploader.association_answer).
+
+pynetdicom's race (see the module) is forced here every time, not waited for under load: an
+EVT_REQUESTED handler holds the association thread until the DUL reactor has received the peer's
+answer and closed the socket (EVT_CONN_CLOSE), which is the interleaving a busy CPU produces.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import pytest
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification
+
+from tests.peers import OrthancServer, RawAcsePeer
+from uploader.association_answer import REJECTED_PERMANENT, REJECTED_TRANSIENT, association_rejection
+
+Handlers = list[tuple[evt.EventType, Callable]]
+PACS_AE = "READING_CENTER"
+
+
+def answered_before_the_requestor_looks() -> Handlers:
+    """Hold the association thread until the reactor has the answer and has closed the socket."""
+    closed = threading.Event()
+
+    def hold(_event: evt.Event) -> None:
+        closed.wait(30)  # generous: only a broken peer makes this wait at all
+
+    return [(evt.EVT_CONN_CLOSE, lambda _event: closed.set()), (evt.EVT_REQUESTED, hold)]
+
+
+def associate(port: int, *, calling_ae: str = "STRANGER", called_ae: str = PACS_AE,
+              handlers: Handlers | None = None) -> Association:
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 30
+    return ae.associate("127.0.0.1", port, ae_title=called_ae, evt_handlers=handlers or [])
+
+
+@pytest.fixture(scope="module")
+def orthanc_knowing_nobody(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    server = OrthancServer(tmp_path_factory.mktemp("orthanc"), aet=PACS_AE, modalities={})
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_pynetdicom_loses_orthancs_rejection_when_the_reactor_is_first(orthanc_knowing_nobody: OrthancServer) -> None:
+    # The defect this module works around: if this starts failing after a pynetdicom upgrade,
+    # the race is fixed upstream and association_answer can go.
+    assoc = associate(orthanc_knowing_nobody.dicom_port, handlers=answered_before_the_requestor_looks())
+    assert (assoc.is_rejected, assoc.is_aborted, assoc.acceptor.primitive) == (False, True, None)
+
+
+def test_orthancs_rejection_is_read_when_pynetdicom_lost_it(orthanc_knowing_nobody: OrthancServer) -> None:
+    assoc = associate(orthanc_knowing_nobody.dicom_port, handlers=answered_before_the_requestor_looks())
+    rejection = association_rejection(assoc)
+    assert rejection is not None
+    assert (rejection.result, rejection.reason_str) == (REJECTED_PERMANENT, "Calling AE title not recognised")
+
+
+@pytest.mark.parametrize(("calling_ae", "called_ae", "reason"), [
+    ("STRANGER", PACS_AE, "Calling AE title not recognised"),
+    ("STRANGER", "NOT_THE_PACS", "Called AE title not recognised"),
+])
+def test_orthancs_rejection_read_the_ordinary_way(orthanc_knowing_nobody: OrthancServer, calling_ae: str,
+                                                  called_ae: str, reason: str) -> None:
+    assoc = associate(orthanc_knowing_nobody.dicom_port, calling_ae=calling_ae, called_ae=called_ae)
+    rejection = association_rejection(assoc)
+    assert rejection is not None and (rejection.result, rejection.reason_str) == (REJECTED_PERMANENT, reason)
+
+
+@pytest.mark.parametrize(("reply", "result"), [(RawAcsePeer.REJECT_TRANSIENT, REJECTED_TRANSIENT),
+                                               (RawAcsePeer.REJECT_PERMANENT_CALLED_AE, REJECTED_PERMANENT)])
+def test_a_lost_rejection_keeps_its_result(reply: bytes, result: int) -> None:
+    with RawAcsePeer(reply) as peer:
+        assoc = associate(peer.port, handlers=answered_before_the_requestor_looks())
+    assert not assoc.is_rejected  # pynetdicom lost it ...
+    rejection = association_rejection(assoc)
+    assert rejection is not None and rejection.result == result  # ... and it is read all the same
+
+
+def test_an_abort_is_not_taken_for_a_rejection() -> None:
+    with RawAcsePeer(RawAcsePeer.ABORT) as peer:
+        assoc = associate(peer.port, handlers=answered_before_the_requestor_looks())
+    assert assoc.is_aborted and association_rejection(assoc) is None
