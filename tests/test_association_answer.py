@@ -1,35 +1,22 @@
 """A rejection of our association request is read even when pynetdicom loses it (uploader.association_answer).
 
-pynetdicom's race (see the module) is forced here every time, not waited for under load: an
-EVT_REQUESTED handler holds the association thread until the DUL reactor has received the peer's
-answer and closed the socket (EVT_CONN_CLOSE), which is the interleaving a busy CPU produces.
+pynetdicom's race is forced every time (tests/acse_race.py), not waited for under load.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
+from collections.abc import Iterator
 
 import pytest
-from pynetdicom import AE, evt
+from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
+from tests.acse_race import Handlers, answered_before_the_requestor_looks
 from tests.peers import OrthancServer, RawAcsePeer
 from uploader.association_answer import REJECTED_PERMANENT, REJECTED_TRANSIENT, association_rejection
 
-Handlers = list[tuple[evt.EventType, Callable]]
 PACS_AE = "READING_CENTER"
-
-
-def answered_before_the_requestor_looks() -> Handlers:
-    """Hold the association thread until the reactor has the answer and has closed the socket."""
-    closed = threading.Event()
-
-    def hold(_event: evt.Event) -> None:
-        closed.wait(30)  # generous: only a broken peer makes this wait at all
-
-    return [(evt.EVT_CONN_CLOSE, lambda _event: closed.set()), (evt.EVT_REQUESTED, hold)]
 
 
 def associate(port: int, *, calling_ae: str = "STRANGER", called_ae: str = PACS_AE,
@@ -41,7 +28,7 @@ def associate(port: int, *, calling_ae: str = "STRANGER", called_ae: str = PACS_
 
 
 @pytest.fixture(scope="module")
-def orthanc_knowing_nobody(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def orthanc_knowing_nobody(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
     server = OrthancServer(tmp_path_factory.mktemp("orthanc"), aet=PACS_AE, modalities={})
     server.start()
     yield server
