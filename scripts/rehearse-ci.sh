@@ -36,7 +36,7 @@ done
 if [ -z "$shared" ]; then
   shared=$repo/../shared
   # a worktree (…/wt/NAME) has no ../shared: take the main checkout's
-  [ -d "$shared" ] || shared=$(cd "$(git -C "$repo" rev-parse --git-common-dir)/../.." && pwd)/shared
+  [ -d "$shared" ] || shared=$(dirname "$(dirname "$(git -C "$repo" rev-parse --path-format=absolute --git-common-dir)")")/shared
 fi
 [ -d "$shared" ] || { echo "rehearse-ci: no third-party files at $shared (--shared DIR)" >&2; exit 2; }
 shared=$(cd "$shared" && pwd)
