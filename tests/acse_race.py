@@ -1,4 +1,4 @@
-"""Force pynetdicom's requestor/reactor race (see uploader/association_answer.py) every time.
+"""Force pynetdicom's requestor/reactor race (see uploader/dicom_rejection.py) every time.
 
 A busy CPU produces it now and then; these handlers produce it always: EVT_REQUESTED holds the
 association thread until the DUL reactor has received the peer's answer and closed the socket

@@ -60,8 +60,20 @@ def fetch_build_requirements() -> Path:
         return target
     building = target.with_name(target.name + ".building")
     shutil.rmtree(building, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:",
-                    "--dest", str(building), *build_requirements()], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--only-binary=:all:",
+            "--dest",
+            str(building),
+            *build_requirements(),
+        ],
+        check=True,
+    )
     (building / ".complete").write_text("\n".join(build_requirements()) + "\n")
     shutil.rmtree(target, ignore_errors=True)
     building.rename(target)
@@ -85,10 +97,11 @@ def fetch() -> dict[str, float]:
     took: dict[str, float] = {}
     with open(cache_dir() / ".fetch.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        for name, step in (("nspawn rootfs", lambda: debian_rootfs(NSPAWN_PACKAGES, ARCH)),
-                           ("dependency wheels", lambda: _wheelhouse_module().dependency_wheels(
-                               ARCH, [sys.executable, "-m", "pip"])),
-                           ("build requirements", fetch_build_requirements)):
+        for name, step in (
+            ("nspawn rootfs", lambda: debian_rootfs(NSPAWN_PACKAGES, ARCH)),
+            ("dependency wheels", lambda: _wheelhouse_module().dependency_wheels(ARCH, [sys.executable, "-m", "pip"])),
+            ("build requirements", fetch_build_requirements),
+        ):
             began = time.monotonic()
             step()
             took[name] = time.monotonic() - began
@@ -104,8 +117,10 @@ def main() -> int:
         log.error("fetch-test-assets: debootstrap is missing (scripts/setup.sh --test installs it)")
         return 1
     took = fetch()
-    log.info("fetch-test-assets: system test assets ready: %s",
-             ", ".join(f"{name} {seconds:.1f} s" for name, seconds in took.items()))
+    log.info(
+        "fetch-test-assets: system test assets ready: %s",
+        ", ".join(f"{name} {seconds:.1f} s" for name, seconds in took.items()),
+    )
     return 0
 
 

@@ -1,4 +1,4 @@
-"""A rejection of our association request is read even when pynetdicom loses it (uploader.association_answer).
+"""A rejection of our association request is read even when pynetdicom loses it (uploader.dicom_rejection).
 
 pynetdicom's race is forced every time (tests/acse_race.py), not waited for under load.
 """
@@ -14,13 +14,14 @@ from pynetdicom.sop_class import Verification
 
 from tests.acse_race import Handlers, answered_before_the_requestor_looks
 from tests.peers import OrthancServer, RawAcsePeer
-from uploader.association_answer import REJECTED_PERMANENT, REJECTED_TRANSIENT, association_rejection
+from uploader.dicom_rejection import REJECTED_PERMANENT, REJECTED_TRANSIENT, association_rejection
 
 PACS_AE = "READING_CENTER"
 
 
-def associate(port: int, *, calling_ae: str = "STRANGER", called_ae: str = PACS_AE,
-              handlers: Handlers | None = None) -> Association:
+def associate(
+    port: int, *, calling_ae: str = "STRANGER", called_ae: str = PACS_AE, handlers: Handlers | None = None
+) -> Association:
     ae = AE(ae_title=calling_ae)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.network_timeout = 30
@@ -37,7 +38,7 @@ def orthanc_knowing_nobody(tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 def test_pynetdicom_loses_orthancs_rejection_when_the_reactor_is_first(orthanc_knowing_nobody: OrthancServer) -> None:
     # The defect this module works around: if this starts failing after a pynetdicom upgrade,
-    # the race is fixed upstream and association_answer can go.
+    # the race is fixed upstream and uploader/dicom_rejection.py can go.
     assoc = associate(orthanc_knowing_nobody.dicom_port, handlers=answered_before_the_requestor_looks())
     assert (assoc.is_rejected, assoc.is_aborted, assoc.acceptor.primitive) == (False, True, None)
 
@@ -49,19 +50,25 @@ def test_orthancs_rejection_is_read_when_pynetdicom_lost_it(orthanc_knowing_nobo
     assert (rejection.result, rejection.reason_str) == (REJECTED_PERMANENT, "Calling AE title not recognised")
 
 
-@pytest.mark.parametrize(("calling_ae", "called_ae", "reason"), [
-    ("STRANGER", PACS_AE, "Calling AE title not recognised"),
-    ("STRANGER", "NOT_THE_PACS", "Called AE title not recognised"),
-])
-def test_orthancs_rejection_read_the_ordinary_way(orthanc_knowing_nobody: OrthancServer, calling_ae: str,
-                                                  called_ae: str, reason: str) -> None:
+@pytest.mark.parametrize(
+    ("calling_ae", "called_ae", "reason"),
+    [
+        ("STRANGER", PACS_AE, "Calling AE title not recognised"),
+        ("STRANGER", "NOT_THE_PACS", "Called AE title not recognised"),
+    ],
+)
+def test_orthancs_rejection_read_the_ordinary_way(
+    orthanc_knowing_nobody: OrthancServer, calling_ae: str, called_ae: str, reason: str
+) -> None:
     assoc = associate(orthanc_knowing_nobody.dicom_port, calling_ae=calling_ae, called_ae=called_ae)
     rejection = association_rejection(assoc)
     assert rejection is not None and (rejection.result, rejection.reason_str) == (REJECTED_PERMANENT, reason)
 
 
-@pytest.mark.parametrize(("reply", "result"), [(RawAcsePeer.REJECT_TRANSIENT, REJECTED_TRANSIENT),
-                                               (RawAcsePeer.REJECT_PERMANENT_CALLED_AE, REJECTED_PERMANENT)])
+@pytest.mark.parametrize(
+    ("reply", "result"),
+    [(RawAcsePeer.REJECT_TRANSIENT, REJECTED_TRANSIENT), (RawAcsePeer.REJECT_PERMANENT_CALLED_AE, REJECTED_PERMANENT)],
+)
 def test_a_lost_rejection_keeps_its_result(reply: bytes, result: int) -> None:
     with RawAcsePeer(reply) as peer:
         assoc = associate(peer.port, handlers=answered_before_the_requestor_looks())
