@@ -4,7 +4,9 @@
 
 Builds (once, cached) a Debian 12 minbase rootfs with systemd, python3 and udev; installs Lastmile
 into /opt/lastmile from a wheelhouse built on the host (pip --no-index inside: the container has
-no network); installs the units, sysusers and udev files as the image does; boots it with
+no network). The rootfs and the wheels come from the network before the suite enters its private
+namespace (scripts/fetch-test-assets, tests/system/assets.py): here they are only read from the
+caches; installs the units, sysusers and udev files as the image does; boots it with
 `systemd-nspawn -b` and checks:
 - both services reach READY (Type=notify: active/running) as user lastmile;
 - a forward service frozen with SIGSTOP is killed by the watchdog and restarted;
@@ -24,8 +26,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import REPO, missing, require_tool, shared_file
+from tests.conftest import REPO, in_private_netns, missing, require_tool, shared_file
+from tests.system import assets
 from tests.system.container import Container
+from tests.system.rootfs import NSPAWN_PACKAGES, debian_rootfs
 
 pytestmark = pytest.mark.slow
 
@@ -100,21 +104,27 @@ with Outbox.open(config.data_dir, min_free_bytes=0) as outbox:
 
 @pytest.fixture(scope="module")
 def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
-    from tests.system.rootfs import debian_rootfs
-
     if os.geteuid() != 0:
         missing("systemd-nspawn -b needs root")
     for tool in ("systemd-nspawn", "debootstrap", "nsenter"):
         require_tool(tool)
     began = time.monotonic()
-    lower = debian_rootfs()
+    if not in_private_netns():
+        assets.fetch()  # the network is at hand (pytest run directly): fetch now, cheap when warm
+    if not assets.rootfs_cached():
+        missing("the nspawn rootfs was not fetched before the private network namespace: "
+                "run scripts/fetch-test-assets (scripts/test.sh does)")
+    lower = debian_rootfs(NSPAWN_PACKAGES, assets.ARCH)
     TIMINGS["rootfs"] = time.monotonic() - began
 
     work = tmp_path_factory.mktemp("nspawn")
     wheels = work / "wheels"
     t = time.monotonic()
-    subprocess.run([sys.executable, str(REPO / "image" / "wheelhouse.py"), "--arch", "amd64", str(wheels)],
-                   check=True, capture_output=True)
+    # Offline: the dependency wheels and our wheel's build requirements come from the caches.
+    built = subprocess.run([sys.executable, str(assets.WHEELHOUSE_SCRIPT), "--arch", assets.ARCH, str(wheels)],
+                           capture_output=True, text=True, env=assets.offline_pip_env())
+    assert built.returncode == 0, ("the wheelhouse cannot be built from the caches (were the assets fetched? "
+                                   f"scripts/fetch-test-assets):\n{built.stdout[-1500:]}{built.stderr[-1500:]}")
     TIMINGS["wheelhouse"] = time.monotonic() - t
 
     c = Container(lower, work / "c")
