@@ -23,10 +23,12 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     generate_uid,
 )
-from pynetdicom.sop_class import GeneralECGWaveformStorage, TwelveLeadECGWaveformStorage
+from pynetdicom import build_context
+from pynetdicom.sop_class import GeneralECGWaveformStorage, TwelveLeadECGWaveformStorage, Verification
 
 import uploader.dicom_commitment
 import uploader.dicom_part10
+from tests.acse_race import answered_before_the_requestor_looks
 from tests.peers import (
     EcgPayload,
     OrthancServer,
@@ -38,7 +40,7 @@ from tests.peers import (
     free_port,
     gateway_modality,
 )
-from uploader.dicom_association import ECG_STORAGE_CLASSES, PeerSettings, echo
+from uploader.dicom_association import ECG_STORAGE_CLASSES, PeerSettings, associate, echo
 from uploader.dicom_commitment import CommitmentListener, CommitmentReport
 from uploader.dicom_part10 import UnsendablePayload, parse_part10
 from uploader.dicom_status import classify_status
@@ -208,6 +210,19 @@ def test_association_answers_map_to_typed_errors(reply: bytes | None, error: typ
             with StoreAssociation(peer_at(raw.port, PACS_AE, timeout_s=1.0)):
                 pass
         assert time.monotonic() - started < 3.0
+
+
+@pytest.mark.parametrize(("reply", "error", "text"), [
+    (RawAcsePeer.REJECT_TRANSIENT, TransientError, "for now"),
+    (RawAcsePeer.REJECT_PERMANENT_CALLED_AE, ConfigurationFault, "Called AE title not recognised"),
+    (RawAcsePeer.ABORT, TransientError, "aborted"),
+], ids=["rejected-transient", "rejected-permanent", "aborted"])
+def test_association_answers_typed_the_same_when_pynetdicom_loses_the_race(reply: bytes, error: type,
+                                                                            text: str) -> None:
+    """pynetdicom can report a rejection it received as an abort (uploader/dicom_rejection.py):
+    forced here every time, the rejection still decides the error."""
+    with RawAcsePeer(reply) as raw, pytest.raises(error, match=text):
+        associate(peer_at(raw.port, PACS_AE), [build_context(Verification)], answered_before_the_requestor_looks())
 
 
 def test_peer_accepting_none_of_our_classes_is_a_configuration_fault(
@@ -584,6 +599,14 @@ def test_orthanc_rejects_unknown_calling_and_wrong_called_ae(orthanc: OrthancSer
     with pytest.raises(ConfigurationFault, match="Called AE title not recognised"):
         with StoreAssociation(peer_at(orthanc.dicom_port, "NOT_THE_PACS")):
             pass
+
+
+def test_orthanc_refusing_us_is_a_fault_even_when_pynetdicom_loses_the_race(orthanc: OrthancServer) -> None:
+    # what failed 3 cold CI runs of 3: the rejection handled by pynetdicom's reactor before its
+    # requestor thread looked, reported as an abort
+    with pytest.raises(ConfigurationFault, match="Calling AE title not recognised"):
+        associate(peer_at(orthanc.dicom_port, PACS_AE, calling_ae="STRANGER"), [build_context(Verification)],
+                  answered_before_the_requestor_looks())
 
 
 @pytest.mark.parametrize(("deflate", "syntax"), [(True, DeflatedExplicitVRLittleEndian),

@@ -36,6 +36,7 @@ from pynetdicom.association import Association
 from pynetdicom.events import EventHandlerType
 from pynetdicom.presentation import PresentationContext
 
+from uploader.dicom_rejection import REJECTED_PERMANENT, association_rejection
 from uploader.dicom_status import is_refusal_of_us, status_meaning
 from uploader.dicom_tls import TlsFiles, client_tls_context, describe_tls, is_trust_failure
 from uploader.errors import ConfigurationFault, TransientError
@@ -146,9 +147,12 @@ def raise_not_established(
 ) -> NoReturn:
     where, us = peer.where, peer.calling_ae
     answer = assoc.acceptor.primitive
-    if assoc.is_rejected and answer is not None:
-        why = f"{answer.reason_str} ({answer.source_str})"
-        if answer.result == 0x01:
+    # Not assoc.is_rejected: pynetdicom can report a rejection it received as an abort (a race
+    # between its threads, see uploader/dicom_rejection.py); the rejection is read all the same.
+    rejection = association_rejection(assoc)
+    if rejection is not None:
+        why = f"{rejection.reason_str} ({rejection.source_str})"
+        if rejection.result == REJECTED_PERMANENT:
             raise ConfigurationFault(f"{where} permanently rejected an association from {us}: {why}")
         raise TransientError(f"{where} rejected an association from {us} for now: {why}")
     trust = [exc for exc in tls_failures if is_trust_failure(exc)]
