@@ -25,7 +25,7 @@ from tests.conftest import require_private_netns
 from tests.ecg_factories import make_recording
 from tests.peers import free_port, gateway_modality
 from uploader.ecg_forwarder import EcgForwarder
-from uploader.outbox import ItemState
+from uploader.outbox import DB_NAME, ItemState
 
 
 def make_config(tmp_path: Path, port: int, called_ae: str, **rc_overrides) -> Config:
@@ -148,7 +148,7 @@ def test_per_object_statuses_permanent_is_quarantined_the_rest_flows(
         by_key = {i.key: i for i in outbox.items()}
         assert by_key["k1"].state == ItemState.QUARANTINED and "0xA900" in by_key["k1"].quarantine_reason
         assert by_key["k3"].state == ItemState.QUARANTINED and "0xC123" in by_key["k3"].quarantine_reason
-        assert by_key["k2"].state == ItemState.SENT and by_key["k2"].attempts == 1  # one transient retry
+        assert by_key["k2"].state == ItemState.SENT and by_key["k2"].attempts == 2  # charged per send: 0xA700, then stored
         assert by_key["k4"].state == ItemState.SENT  # warning = stored
     cfg_file = write_toml(config, tmp_path / "lastmile.toml")
     assert cli(["-c", str(cfg_file), "queue"]) == 0
@@ -205,9 +205,13 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(tmp_path, orthan
             kills += 1
         proc.wait(10)
     assert kills >= 20
-    db = Path(config.gateway.data_dir) / "outbox.db"
-    with sqlite3.connect(db) as conn:
+    # mode=rw: a missing file is an error here, not a new empty database that passes every check
+    conn = sqlite3.connect(f"file:{Path(config.gateway.data_dir) / DB_NAME}?mode=rw", uri=True)
+    try:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("SELECT COUNT(*) FROM items").fetchone()[0] == n  # the real outbox, every item in it
+    finally:
+        conn.close()
     pump(config, done(n), limit_s=120)
     assert orthanc.sop_instance_uids() == set(uids.values())  # every recording, once
     assert len(orthanc.study_uids()) == n  # one study per recording

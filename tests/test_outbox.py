@@ -255,6 +255,7 @@ OPS = {
     "retry": lambda ob, i: ob.retry(i, T0 + 1),
     "purge": lambda ob, i: ob.purge_due(T0 + 1, 0.0),
     "claim": lambda ob, i: ob.claim("dicom", 10, T0 + 1),
+    "begin_send": lambda ob, i: ob.begin_send(i, T0 + 1),
 }
 
 
