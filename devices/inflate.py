@@ -22,7 +22,7 @@ class InflateLimitError(ProtocolError):
         self.limit = limit
 
 
-def inflate(data: bytes, *, max_bytes: int, keep: int | None = None) -> bytes:
+def inflate(data: bytes | bytearray | memoryview, *, max_bytes: int, keep: int | None = None) -> bytes:
     """Inflate raw deflate `data` whole, refusing (InflateLimitError) once the output exceeds
     `max_bytes`; a stream that is not valid or ends early raises ProtocolError.
 

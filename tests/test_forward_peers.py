@@ -244,3 +244,147 @@ def test_orthanc_dies_mid_batch_and_returns_everything_arrives_exactly_once(
             time.sleep(min(fwd.step(stop), 0.1))
     assert orthanc.sop_instance_uids() == set(uids.values())
     assert len(orthanc.instances()) == 30 and len(orthanc.study_uids()) == 30
+
+
+# -- storage commitment reports: only the reading center's, only for our transactions --------------
+
+def send_report(port: int, txn: str, refs: list[tuple[str, str]], *, calling_ae: str, called_ae: str = "CLINIC01",
+                failed: list[tuple[str, str]] = (), source: str | None = None) -> str | int:
+    """A real pynetdicom peer sending one Storage Commitment N-EVENT-REPORT to the gateway's
+    listener: the report's status, or how the association failed ("rejected", "closed")."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE, build_context, build_role
+    from pynetdicom.sop_class import StorageCommitmentPushModel
+
+    from uploader.dicom_association import STORAGE_COMMITMENT_INSTANCE
+
+    def item(cls: str, uid: str, reason: int | None = None) -> Dataset:
+        ds = Dataset()
+        ds.ReferencedSOPClassUID, ds.ReferencedSOPInstanceUID = cls, uid
+        if reason is not None:
+            ds.FailureReason = reason
+        return ds
+
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    assoc = ae.associate("127.0.0.1", port, [build_context(StorageCommitmentPushModel)], ae_title=called_ae,
+                         ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)],
+                         bind_address=(source, 0) if source else None)
+    if assoc.is_rejected:
+        return "rejected"
+    if not assoc.is_established:
+        return "closed"
+    info = Dataset()
+    info.TransactionUID = txn
+    if refs:
+        info.ReferencedSOPSequence = [item(c, u) for c, u in refs]
+    if failed:
+        info.FailedSOPSequence = [item(c, u, 0x0110) for c, u in failed]
+    status, _ = assoc.send_n_event_report(info, 2 if failed else 1, StorageCommitmentPushModel,
+                                          STORAGE_COMMITMENT_INSTANCE)
+    assoc.release()
+    return int(status.get("Status", -1))
+
+
+@pytest.fixture
+def awaiting_commitment(tmp_path, scripted_scp_factory):
+    """A forwarder that sent 3 items to a reading center ("SCRIPTED", which answers the N-ACTION
+    but reports nothing yet) and awaits their commitment: (config, forwarder, outbox, scp)."""
+    scp = scripted_scp_factory(commitment=True)
+    config = make_config(tmp_path, scp.port, scp.ae_title)
+    enqueue(config, 3)
+    with open_outbox(config) as outbox, EcgForwarder(outbox, forwarder_settings(config)) as fwd:
+        result = fwd.run_round(threading.Event())
+        assert result.sent == 3 and len(scp.actions) >= 1
+        assert all(i.state == ItemState.SENT and i.transaction_uid for i in outbox.items())
+        yield config, fwd, outbox, scp
+
+
+def refs_of(items) -> list[tuple[str, str]]:
+    return [(i.meta["sop_class_uid"], i.meta["sop_instance_uid"]) for i in items]
+
+
+def test_forged_commitment_from_another_ae_or_address_changes_nothing(awaiting_commitment, caplog) -> None:
+    config, fwd, outbox, scp = awaiting_commitment
+    before = outbox.items()
+    port = fwd.listener_address[1]
+    txn = before[0].transaction_uid
+    with caplog.at_level("WARNING", logger="uploader.dicom_commitment.security"):
+        # a host on the LAN calling itself something else
+        assert send_report(port, txn, refs_of(before), calling_ae="EVIL") == "rejected"
+        # the reading center's AE title, from another address: closed before a byte is read
+        assert send_report(port, txn, refs_of(before), calling_ae=scp.ae_title, source="127.0.0.2") == "closed"
+    assert outbox.items() == before  # the real rows: still sent, same transaction, nothing committed
+    assert fwd.run_round(threading.Event()).purged == 0
+    security = [r.getMessage() for r in caplog.records if r.name == "uploader.dicom_commitment.security"]
+    assert any("rejected an association" in m and "EVIL" in m for m in security)
+    assert any("127.0.0.2" in m for m in security)
+
+
+def test_forged_commitment_with_an_unknown_transaction_changes_nothing(awaiting_commitment, caplog) -> None:
+    from pydicom.uid import generate_uid
+
+    config, fwd, outbox, scp = awaiting_commitment
+    before = outbox.items()
+    with caplog.at_level("WARNING", logger="uploader.dicom_commitment.security"):
+        status = send_report(fwd.listener_address[1], generate_uid(), refs_of(before), calling_ae=scp.ae_title)
+    assert status == 0x0115  # invalid argument value: not a transaction of ours
+    assert outbox.items() == before
+    assert fwd.run_round(threading.Event()).purged == 0
+    assert any("not issued by this gateway" in r.getMessage() for r in caplog.records)
+
+
+def test_forged_commitment_naming_instances_not_in_the_transaction_changes_nothing(
+        awaiting_commitment, tmp_path) -> None:
+    from pydicom.uid import generate_uid
+
+    config, fwd, outbox, scp = awaiting_commitment
+    before = outbox.items()
+    port = fwd.listener_address[1]
+    txn = before[0].transaction_uid
+    in_txn = [i for i in before if i.transaction_uid == txn]
+    stranger = (before[0].meta["sop_class_uid"], generate_uid())
+    assert send_report(port, txn, [*refs_of(in_txn), stranger], calling_ae=scp.ae_title) == 0x0115
+    assert send_report(port, txn, refs_of(in_txn), failed=[stranger], calling_ae=scp.ae_title) == 0x0115
+    wrong_class = [("1.2.840.10008.5.1.4.1.1.2", in_txn[0].meta["sop_instance_uid"])]  # CT, not its class
+    assert send_report(port, txn, wrong_class, calling_ae=scp.ae_title) == 0x0119
+    assert outbox.items() == before
+    # the genuine report (the reading center, our transaction, its instances) is believed
+    assert send_report(port, txn, refs_of(in_txn), calling_ae=scp.ae_title) == 0x0000
+    assert {i.id for i in outbox.items(state=ItemState.COMMITTED)} == {i.id for i in in_txn}
+    assert fwd.run_round(threading.Event()).purged == len(in_txn)
+
+
+def test_late_report_for_a_superseded_transaction_still_counts(awaiting_commitment) -> None:
+    """No report in time: the forwarder asks again under a new transaction; the first report,
+    arriving late, is still ours and commits the items in it."""
+    config, fwd, outbox, scp = awaiting_commitment
+    first = outbox.items()
+    old_txn = first[0].transaction_uid
+    in_old = [i for i in first if i.transaction_uid == old_txn]
+    outbox.set_transaction([i.id for i in in_old], "2.25.424242", time.time())  # as a re-ask would
+    assert send_report(fwd.listener_address[1], old_txn, refs_of(in_old), calling_ae=scp.ae_title) == 0x0000
+    assert {i.id for i in outbox.items(state=ItemState.COMMITTED)} == {i.id for i in in_old}
+
+
+def test_commitment_listener_binds_the_address_toward_the_reading_center(tmp_path, scripted_scp_factory) -> None:
+    scp = scripted_scp_factory(commitment=True)
+    config = make_config(tmp_path, scp.port, scp.ae_title)
+    config.reading_center.listen_host = ""  # the default: never every interface silently
+    with open_outbox(config) as outbox, EcgForwarder(outbox, forwarder_settings(config)) as fwd:
+        assert fwd.listener_address == ("127.0.0.1", config.reading_center.listen_port)
+
+
+def test_storage_commitment_off_with_purge_policy_purges_what_was_sent(tmp_path, storescp_factory) -> None:
+    scp = storescp_factory()
+    config = make_config(tmp_path, scp.port, scp.ae_title, storage_commitment=False, no_commitment_policy="purge")
+    enqueue(config, 3)
+    pump(config, done(3))
+    assert len(scp.received_files()) == 3
+    with open_outbox(config) as outbox:
+        assert all(i.state == ItemState.PURGED and i.patient is None for i in outbox.items())
+    config.reading_center.no_commitment_policy = "keep"
+    enqueue(config, 2, start=10)
+    pump(config, lambda ob: ob.stats(time.time())["counts"].get("sent", 0) == 2)
+    c = counts(config)
+    assert c.get("sent") == 2 and c.get("purged") == 3  # "keep": the local copies stay

@@ -211,7 +211,7 @@ class _ReportServer(ThreadedAssociationServer):
         address = str(client_address[0])
         if self.senders.address_allowed(address):
             return True
-        if address == str(self.server_address[0]) or address.startswith("127."):
+        if address == str(self.server_address[0]):
             # this machine itself (`lastmile doctor` probing the port): refused, but no attack
             log.info("closed a local connection to the storage commitment listener from %s", address)
             return False
