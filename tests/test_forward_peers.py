@@ -43,7 +43,7 @@ def make_config(tmp_path: Path, port: int, called_ae: str, **rc_overrides) -> Co
     return c
 
 
-def write_toml(config: Config, path: Path) -> Path:
+def write_toml(config: Config, path: Path, outbox_extra: str = "") -> Path:
     rc = config.reading_center
     path.write_text(f"""
 [gateway]
@@ -66,7 +66,7 @@ backoff_base_s = 0.1
 backoff_max_s = 0.5
 min_free_mb = 1
 config_fault_retry_s = 0.5
-""")
+""" + outbox_extra)
     return path
 
 
@@ -388,3 +388,92 @@ def test_storage_commitment_off_with_purge_policy_purges_what_was_sent(tmp_path,
     pump(config, lambda ob: ob.stats(time.time())["counts"].get("sent", 0) == 2)
     c = counts(config)
     assert c.get("sent") == 2 and c.get("purged") == 3  # "keep": the local copies stay
+
+
+# -- a send killed mid-way is charged; killed N times, the item is quarantined ---------------------
+
+def wait_until(condition, limit_s: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} within {limit_s} s"
+        time.sleep(0.05)
+
+
+def test_send_killed_n_times_is_quarantined_and_the_rest_flows(tmp_path, scripted_scp_factory) -> None:
+    """An object that takes the forwarder down mid-send (here: the peer never answers and we
+    SIGKILL the real `lastmile forward` process while it waits, as the OOM killer would) is
+    charged at each try; after `max_interrupted_sends` (3) it is quarantined with the reason,
+    never sent again, and the innocent items sent with it are not blamed."""
+    config = make_config(tmp_path, 0, "SCRIPTED", storage_commitment=False)
+    uids = enqueue(config, 4)
+    crasher = uids["k0"]
+    scp = scripted_scp_factory(hold=frozenset({crasher}))
+    config.reading_center.port = scp.port
+    cfg_file = write_toml(config, tmp_path / "lastmile.toml", "max_interrupted_sends = 3\n")
+    command = [sys.executable, "-m", "lastmile", "-c", str(cfg_file), "forward"]
+    for kill in range(1, 4):
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: scp.arrivals.count(crasher) == kill, what=f"send {kill} of the crasher")
+            proc.send_signal(signal.SIGKILL)  # mid-send: its bytes went out, no answer recorded
+        finally:
+            proc.kill()
+            proc.wait(10)
+        with open_outbox(config) as outbox:  # recovery counts the send cut short, charged
+            item = outbox.find("k0")
+            assert (item.state, item.attempts, item.interrupted_sends) == (ItemState.QUEUED, kill, kill)
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def settled() -> bool:
+            with open_outbox(config) as outbox:
+                c = outbox.stats(time.time())["counts"]
+                return c.get("quarantined") == 1 and c.get("sent") == 3
+        wait_until(settled, what="quarantine of the crasher")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    with open_outbox(config) as outbox:
+        item = outbox.find("k0")
+        assert item.state == ItemState.QUARANTINED and item.attempts == 3
+        assert "killed during send 3 times" in item.quarantine_reason
+        innocent = [outbox.find(f"k{i}") for i in range(1, 4)]
+        assert all(i.state == ItemState.SENT and i.interrupted_sends == 0 for i in innocent)
+    assert scp.arrivals.count(crasher) == 3  # never sent a fourth time
+    assert sorted(scp.received_uids()) == sorted(uids[f"k{i}"] for i in range(1, 4))
+
+
+def test_decompression_bomb_in_the_outbox_is_quarantined_by_the_forward_service(
+        tmp_path, storescp_factory) -> None:
+    """A deflate bomb that got into the outbox (stored before the receiver refused them) and a
+    reading center without deflate: the real forward service inflates it with a cap, quarantines
+    it as unsendable, sends the rest, and its peak RSS stays under 150 MB."""
+    from tests.hostile_dicom import deflate_bomb, peak_rss_mb
+    from uploader.outbox import Kind
+
+    scp = storescp_factory()  # no deflate: the forwarder would have to inflate the 1 GiB
+    config = make_config(tmp_path, scp.port, scp.ae_title, storage_commitment=False)
+    enqueue(config, 2)
+    bomb_uid, bomb = deflate_bomb(1 << 30)
+    with open_outbox(config) as outbox:
+        outbox.add(Kind.DICOM, "bomb", bomb, meta={"sop_instance_uid": bomb_uid,
+                                                   "sop_class_uid": "1.2.840.10008.5.1.4.1.1.9.1.1"})
+    cfg_file = write_toml(config, tmp_path / "lastmile.toml")
+    proc = subprocess.Popen([sys.executable, "-m", "lastmile", "-c", str(cfg_file), "forward"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def settled() -> bool:
+            with open_outbox(config) as outbox:
+                c = outbox.stats(time.time())["counts"]
+                return c.get("quarantined") == 1 and c.get("sent") == 2
+        wait_until(settled, what="bomb quarantined and the rest sent")
+        peak_mb = peak_rss_mb(proc.pid)
+        print(f"\nforward service VmHWM after a 1 GiB deflate bomb: {peak_mb:.0f} MB")
+        assert proc.poll() is None
+        assert peak_mb < 150.0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    with open_outbox(config) as outbox:
+        item = outbox.find("bomb")
+        assert item.state == ItemState.QUARANTINED and "inflates to more than" in item.quarantine_reason
+    assert len(scp.received_files()) == 2

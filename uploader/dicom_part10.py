@@ -33,7 +33,7 @@ from uploader.errors import PermanentError
 
 # A stored deflated payload inflates to at most this much (the LAN receiver refuses far smaller
 # objects; this is the forwarder's own bound against a bomb that got into the outbox).
-MAX_INFLATED_BYTES = 64 * 2**20
+MAX_INFLATED_BYTES = 32 * 2**20
 _HEAD_BYTES = 64 * 1024  # inflated bytes read for the SOP UIDs (they come first in a data set)
 
 
