@@ -98,6 +98,8 @@ PAYLOAD_DIR = "payloads"
 LOCKS_DIR = "locks"
 DEFAULT_INLINE_MAX_BYTES = 16 * 1024
 _CHUNK = 500  # ids per statement (well under SQLite's variable limit)
+WAL_AUTOCHECKPOINT_PAGES = 1000  # SQLite's default: fewer checkpoints, fewer page writes
+DRAINING_AUTOCHECKPOINT_PAGES = 64  # on a full disk: the WAL is reused every 256 KB, never grown
 DEFAULT_MAX_INTERRUPTED_SENDS = 5  # sends cut short in a row (process killed) before quarantine
 COMMITMENT_HISTORY = 4  # commitment transactions remembered per item (a late report still counts)
 _T = TypeVar("_T")
@@ -267,6 +269,7 @@ class Outbox:
         self._lock = threading.RLock()
         self._files = PayloadFiles(data_dir / PAYLOAD_DIR)
         self._reserve = SpaceReserve(data_dir, reserve_bytes)
+        self._draining = False  # the reserve was released: keep the WAL small until it is back
         self._locks_dir = data_dir / LOCKS_DIR
         self._locks_dir.mkdir(mode=0o700, exist_ok=True)
         self.owner = uuid.uuid4().hex
@@ -375,10 +378,25 @@ class Outbox:
             with self._write() as conn:
                 return body(conn)
         except sqlite3.OperationalError as exc:
-            if not (use_reserve and _is_disk_full(exc) and self._reserve.release()):
+            if not (use_reserve and _is_disk_full(exc)):
+                raise
+            self._set_draining(True)
+            if not self._reserve.release():
                 raise
         with self._write() as conn:
             return body(conn)
+
+    def _set_draining(self, draining: bool) -> None:
+        """While the disk is full, checkpoint every few pages: a checkpointed WAL is written
+        over from its start (no new blocks), instead of growing to 4 MB before the first
+        checkpoint; normally SQLite's default, which writes the database file less often."""
+        if draining == self._draining:
+            return
+        pages = DRAINING_AUTOCHECKPOINT_PAGES if draining else WAL_AUTOCHECKPOINT_PAGES
+        with self._lock:
+            if self._owner_lock is not None:
+                self._conn.execute(f"PRAGMA wal_autocheckpoint={pages}")
+        self._draining = draining
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -426,11 +444,20 @@ class Outbox:
 
     def _check_space(self, size: int) -> None:
         free = self._free_bytes()
+        if size <= self.inline_max_bytes:  # stored in the database: its free pages count too
+            free += self._free_pages_bytes()
         if free - size < self.min_free_bytes:
             raise self._full_error(
                 f"only {free / 2**20:.1f} MB free on the data partition ({self.data_dir}), "
                 f"{self.min_free_bytes / 2**20:.0f} MB must stay free"
             )
+
+    def _free_pages_bytes(self) -> int:
+        """Space purged items left inside the database file (reused before it grows)."""
+        with self._lock:
+            pages = self._conn.execute("PRAGMA freelist_count").fetchone()[0]
+            size = self._conn.execute("PRAGMA page_size").fetchone()[0]
+        return int(pages) * int(size)
 
     def _full_error(self, detail: str) -> OutboxFullError:
         """The refusal the doctor reads: what is waiting, what to do, that nothing was lost."""
@@ -458,10 +485,13 @@ class Outbox:
     def ensure_reserve(self) -> bool:
         """Set the reserve space aside again if it is missing and there is room (after a purge)."""
         try:
-            return self._reserve.ensure(self._free_bytes(), self.min_free_bytes)
+            present = self._reserve.ensure(self._free_bytes(), self.min_free_bytes)
         except OSError as exc:
             log.warning("cannot check free space for the reserve: %s", exc)
             return False
+        if present:
+            self._set_draining(False)
+        return present
 
     # -- adding -----------------------------------------------------------------------------------
     def add(

@@ -69,7 +69,10 @@ class SpaceReserve:
         return True
 
     def release(self) -> bool:
-        """Delete the reserve to make room; False if there was none to delete."""
+        """Delete the reserve to make room; False if there was none to delete (or this outbox
+        was opened without one: it leaves the others' reserve alone)."""
+        if self.size == 0:
+            return False
         try:
             self.path.unlink()
         except FileNotFoundError:
