@@ -289,7 +289,7 @@ def send_report(port: int, txn: str, refs: list[tuple[str, str]], *, calling_ae:
 @pytest.fixture
 def awaiting_commitment(tmp_path, scripted_scp_factory):
     """A forwarder that sent 3 items to a reading center ("SCRIPTED", which answers the N-ACTION
-    but reports nothing yet) and awaits their commitment: (config, forwarder, outbox, scp)."""
+    but reports nothing yet) and awaits their commitment: (forwarder, outbox, scp)."""
     scp = scripted_scp_factory(commitment=True)
     config = make_config(tmp_path, scp.port, scp.ae_title)
     enqueue(config, 3)
@@ -297,7 +297,7 @@ def awaiting_commitment(tmp_path, scripted_scp_factory):
         result = fwd.run_round(threading.Event())
         assert result.sent == 3 and len(scp.actions) >= 1
         assert all(i.state == ItemState.SENT and i.transaction_uid for i in outbox.items())
-        yield config, fwd, outbox, scp
+        yield fwd, outbox, scp
 
 
 def refs_of(items) -> list[tuple[str, str]]:
@@ -305,7 +305,7 @@ def refs_of(items) -> list[tuple[str, str]]:
 
 
 def test_forged_commitment_from_another_ae_or_address_changes_nothing(awaiting_commitment, caplog) -> None:
-    config, fwd, outbox, scp = awaiting_commitment
+    fwd, outbox, scp = awaiting_commitment
     before = outbox.items()
     port = fwd.listener_address[1]
     txn = before[0].transaction_uid
@@ -324,7 +324,7 @@ def test_forged_commitment_from_another_ae_or_address_changes_nothing(awaiting_c
 def test_forged_commitment_with_an_unknown_transaction_changes_nothing(awaiting_commitment, caplog) -> None:
     from pydicom.uid import generate_uid
 
-    config, fwd, outbox, scp = awaiting_commitment
+    fwd, outbox, scp = awaiting_commitment
     before = outbox.items()
     with caplog.at_level("WARNING", logger="uploader.dicom_commitment.security"):
         status = send_report(fwd.listener_address[1], generate_uid(), refs_of(before), calling_ae=scp.ae_title)
@@ -338,7 +338,7 @@ def test_forged_commitment_naming_instances_not_in_the_transaction_changes_nothi
         awaiting_commitment, tmp_path) -> None:
     from pydicom.uid import generate_uid
 
-    config, fwd, outbox, scp = awaiting_commitment
+    fwd, outbox, scp = awaiting_commitment
     before = outbox.items()
     port = fwd.listener_address[1]
     txn = before[0].transaction_uid
@@ -358,7 +358,7 @@ def test_forged_commitment_naming_instances_not_in_the_transaction_changes_nothi
 def test_late_report_for_a_superseded_transaction_still_counts(awaiting_commitment) -> None:
     """No report in time: the forwarder asks again under a new transaction; the first report,
     arriving late, is still ours and commits the items in it."""
-    config, fwd, outbox, scp = awaiting_commitment
+    fwd, outbox, scp = awaiting_commitment
     first = outbox.items()
     old_txn = first[0].transaction_uid
     in_old = [i for i in first if i.transaction_uid == old_txn]
@@ -414,7 +414,7 @@ def test_send_killed_n_times_is_quarantined_and_the_rest_flows(tmp_path, scripte
     for kill in range(1, 4):
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            wait_until(lambda: scp.arrivals.count(crasher) == kill, what=f"send {kill} of the crasher")
+            wait_until(lambda n=kill: scp.arrivals.count(crasher) == n, what=f"send {kill} of the crasher")
             proc.send_signal(signal.SIGKILL)  # mid-send: its bytes went out, no answer recorded
         finally:
             proc.kill()
