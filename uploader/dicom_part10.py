@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from io import BytesIO
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
 from pydicom.uid import (
@@ -111,6 +111,17 @@ def _inflated(obj: Part10) -> bytes:
         raise UnsendablePayload(f"deflated payload cannot be sent inflated: {exc}") from None
 
 
+def decode_dataset(obj: Part10) -> Dataset:
+    """The whole data set decoded, with its file meta. pydicom would inflate a deflated one
+    whole, however big: it is inflated here first, capped (UnsendablePayload past the cap)."""
+    if not obj.transfer_syntax.is_deflated:
+        return dcmread(BytesIO(obj.data))
+    ds = read_dataset(BytesIO(_inflated(obj)), False, True)
+    ds.file_meta = FileMetaDataset(read_dataset(BytesIO(obj.data[132 : obj.dataset_offset]), False, True))
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian  # what the decoded data set now is
+    return ds
+
+
 def encode_for(obj: Part10, syntax: UID, deflate_level: int = 4) -> bytes:
     """The data set encoded in `syntax`; cheap (no decoding) from Explicit VR LE."""
     source = obj.transfer_syntax
@@ -124,8 +135,7 @@ def encode_for(obj: Part10, syntax: UID, deflate_level: int = 4) -> bytes:
     if source not in uncompressed or syntax not in uncompressed:
         raise UnsendablePayload(f"cannot convert {source.name} to {syntax.name}")
     try:
-        # pydicom would inflate a deflated data set whole, however big: inflate it here, capped
-        ds = read_dataset(BytesIO(_inflated(obj)), False, True) if source.is_deflated else dcmread(BytesIO(obj.data))
+        ds = decode_dataset(obj)
     except (InvalidDicomError, ValueError, EOFError, OSError) as exc:
         raise UnsendablePayload(f"payload does not decode: {exc}") from None
     encoded = encode(ds, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
