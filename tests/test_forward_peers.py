@@ -439,7 +439,9 @@ def test_send_killed_n_times_is_quarantined_and_the_rest_flows(tmp_path, scripte
         innocent = [outbox.find(f"k{i}") for i in range(1, 4)]
         assert all(i.state == ItemState.SENT and i.interrupted_sends == 0 for i in innocent)
     assert scp.arrivals.count(crasher) == 3  # never sent a fourth time
-    assert sorted(scp.received_uids()) == sorted(uids[f"k{i}"] for i in range(1, 4))
+    # an innocent item in flight in the other association when we killed is sent again (same SOP
+    # Instance UID: the PACS keeps one copy); every innocent one arrived
+    assert set(scp.received_uids()) == {uids[f"k{i}"] for i in range(1, 4)}
 
 
 def test_decompression_bomb_in_the_outbox_is_quarantined_by_the_forward_service(
