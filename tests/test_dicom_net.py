@@ -362,6 +362,11 @@ def test_report_on_the_requesting_association(scripted_scp_factory: Callable[...
         assoc.store(ecgs[5].data)
         assoc.request_commitment(txn, refs(ecgs[5:7]))  # ecgs[6] was never sent
         report = reports.wait_for(txn)
+        # our answer reaches the SCP's thread a moment after our handler ran: wait for it before
+        # releasing, or the release races the report's response
+        deadline = time.monotonic() + REPORT_WAIT_S
+        while not scp.reports_sent and time.monotonic() < deadline:
+            time.sleep(0.02)
     assert report.committed == refs(ecgs[5:6])
     assert report.failed == [(*refs(ecgs[6:7])[0], 0x0112)]
     assert scp.reports_sent[0][2] == 0x0000

@@ -219,7 +219,9 @@ def free():
 
 out = {"uids": {}}
 intake = opened()  # the acquire process's outbox: sets the reserve aside while there is room
-out["reserve_at_start"] = (data / "reserve.space").exists()
+reserve = data / "reserve.space"
+out["reserve_at_start"] = reserve.exists()
+first_reserve = reserve.stat().st_ino
 # Days without network: the doctor records ECGs (long ones go to files, short ones inline)
 # until the gateway refuses.
 for i in range(1000):
@@ -254,16 +256,20 @@ control._conn.close()
 # The link returns: the forward process drains the partition.
 wal = data / "outbox.sqlite-wal"
 out["wal_max"] = 0
-with opened() as outbox, EcgForwarder(outbox, forwarder_settings(config)) as fwd:
+events = {}
+
+def count(kind, info):
+    events[kind] = events.get(kind, 0) + (info.get("items", 1) if kind == "link-down" else 1)
+
+with opened() as outbox, EcgForwarder(outbox, forwarder_settings(config), on_event=count) as fwd:
     stop = threading.Event()
     deadline = time.monotonic() + 120
     while outbox.stats(time.time())["counts"]["purged"] < len(out["uids"]):
         assert time.monotonic() < deadline, outbox.stats(time.time())
-        if (data / "reserve.space").exists() is False:
-            out["reserve_released"] = True
         time.sleep(min(fwd.step(stop), 0.05))
         out["wal_max"] = max(out["wal_max"], wal.stat().st_size if wal.exists() else 0)
-    out["reserve_after_drain"] = (data / "reserve.space").exists()
+    out["reserve_after_drain"] = reserve.exists()
+    out["reserve_released"] = not reserve.exists() or reserve.stat().st_ino != first_reserve  # a new file
     # intake takes ECGs again, and they go too
     out["uids"]["after"] = enqueue_recording(intake, make_recording(6000), config, key="after").item.meta["sop_instance_uid"]
     while outbox.stats(time.time())["counts"]["purged"] < len(out["uids"]):
@@ -271,6 +277,7 @@ with opened() as outbox, EcgForwarder(outbox, forwarder_settings(config)) as fwd
         time.sleep(min(fwd.step(stop), 0.05))
     out["counts"] = outbox.stats(time.time())["counts"]
     out["integrity"] = outbox.db.execute("PRAGMA integrity_check").fetchone()[0]
+    out["events"] = events
 intake.close()
 print(json.dumps(out))
 '''
@@ -283,14 +290,14 @@ def test_a_full_disk_drains_and_takes_ecgs_again(tmp_path: Path) -> None:
     A control shows the forwarder could not have claimed an item without the reserve."""
     import json
     import os
-    import shutil
     import subprocess
     import sys
 
-    from tests.conftest import REPO
+    from tests.conftest import REPO, missing, require_tool
 
-    if os.geteuid() != 0 or not shutil.which("unshare"):
-        pytest.skip("needs root and unshare to mount a private tmpfs")
+    require_tool("unshare")
+    if os.geteuid() != 0:
+        missing("mounting a private tmpfs needs root")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     port, listen = free_port(), free_port()
@@ -316,4 +323,6 @@ def test_a_full_disk_drains_and_takes_ecgs_again(tmp_path: Path) -> None:
     assert out["integrity"] == "ok"
     assert out["counts"]["purged"] == len(out["uids"]) and out["counts"]["quarantined"] == 0
     assert set(center.received) == set(out["uids"].values())  # nothing lost
-    assert all(o.times_stored == 1 for o in center.received.values())  # nothing twice
+    # nothing twice, but for a store whose answer was lost (a retry the forwarder reported)
+    again = sum(o.times_stored - 1 for o in center.received.values())
+    assert again <= out["events"].get("retry", 0) + out["events"].get("link-down", 0), out["events"]

@@ -200,15 +200,25 @@ def report_handler(
 
 
 class _ReportServer(ThreadedAssociationServer):
-    """pynetdicom's server, closing a connection from an address not allowed before reading it."""
+    """pynetdicom's server, closing a connection from an address not allowed as soon as it is
+    accepted: before a byte is read and before any TLS handshake."""
 
     senders: ReportSenders
     stopping = False
 
-    def verify_request(self, request: Any, client_address: Any) -> bool:
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        client, client_address = self.socket.accept()
+        if not self._allowed(str(client_address[0])):
+            client.close()
+            raise ConnectionRefusedError("not an allowed sender")  # socketserver drops the request
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True)
+        return client, client_address
+
+    def _allowed(self, address: str) -> bool:
         if self.stopping:
             return False  # stop_server's wake-up connection
-        address = str(client_address[0])
         if self.senders.address_allowed(address):
             return True
         if address == str(self.server_address[0]):
