@@ -71,7 +71,7 @@ class ReceiverSettings:
     sop_classes: tuple[str, ...] = ECG_STORAGE_CLASSES
     timeout_s: float = 30.0
     max_object_bytes: int = 16 * 2**20  # as sent and once inflated; larger: 0xA700, nothing kept
-    max_receiving_bytes: int = 32 * 2**20  # data sets being received, all associations together
+    max_receiving_bytes: int = 0  # data sets being received, all associations together (0: 2 objects)
 
 
 @dataclass(frozen=True)
@@ -133,8 +133,8 @@ class _CappedDataSet(BytesIO):
         return super().write(data[:granted])
 
     def close(self) -> None:
-        super().close()
         self._budget.give(self._held)
+        super().close()
 
 
 class _CappedCommand(BytesIO):
@@ -243,7 +243,7 @@ class DicomReceiver:
         ae.require_calling_aet = list(self.settings.allowed_callers)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.settings.timeout_s
         ae.maximum_associations = 4
-        budget = _ReceiveBudget(self.settings.max_receiving_bytes)
+        budget = _ReceiveBudget(self.settings.max_receiving_bytes or 2 * self.settings.max_object_bytes)
         for uid in self.settings.sop_classes:
             ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(VERIFICATION)
@@ -339,7 +339,8 @@ class DicomReceiver:
             warnings.simplefilter("ignore")  # malformed UIDs are kept, not judged here
             if syntax == DEFLATED:
                 try:
-                    source = BytesIO(inflate(received.getbuffer(), max_bytes=self.settings.max_object_bytes))
+                    with received.getbuffer() as view:  # no copy of what was received
+                        source = BytesIO(inflate(view, max_bytes=self.settings.max_object_bytes))
                 except InflateLimitError:
                     raise
                 except ProtocolError as exc:

@@ -362,3 +362,43 @@ def test_decompression_bomb_and_oversized_object_leave_the_acquire_service_small
     with Outbox.open(tmp_path / "data", min_free_bytes=0) as box:  # the real outbox: only the legit object
         assert [i.key for i in box.items()] == ["dicom-sop:" + str(_dataset(legit).SOPInstanceUID)]
         assert box.find("dicom-sop:" + bomb[0]) is None and box.find("dicom-sop:" + oversized_uid) is None
+
+
+def test_receiving_objects_share_one_memory_budget(outbox: Outbox) -> None:
+    """While an object is being checked and stored its bytes stay counted: another cart's object
+    that does not fit what is left is refused "busy" (0xA700, the cart retries) - and accepted
+    once the budget is back."""
+    import threading
+
+    from tests.hostile_dicom import oversized_object
+    from uploader.dicom_store import StoreAssociation
+
+    entered, release = threading.Event(), threading.Event()
+    keep = lan_object_store(outbox)
+
+    def slow_store(obj) -> None:
+        entered.set()
+        assert release.wait(60)
+        keep(obj)
+
+    (big_uid, big), (small_uid, small) = oversized_object(3 << 20), oversized_object(2 << 20)
+    settings = ReceiverSettings(port=0, allowed_callers=(CART,), timeout_s=60,
+                                max_object_bytes=4 << 20, max_receiving_bytes=4 << 20)
+    outcomes: dict[str, int] = {}
+    with DicomReceiver(settings, slow_store) as r:
+        def send_big() -> None:
+            with StoreAssociation(_cart(r.port, deflate=False)) as cart:
+                outcomes["big"] = cart.store(big).status
+
+        first = threading.Thread(target=send_big)
+        first.start()
+        assert entered.wait(60)  # the 3 MB object is being stored: its 3 MB are still held
+        with StoreAssociation(_cart(r.port, deflate=False)) as cart:
+            busy = cart.store(small)
+            release.set()
+            first.join(60)
+            again = cart.store(small)
+    assert outcomes["big"] == 0x0000
+    assert busy.status == 0xA700 and "busy" in busy.meaning
+    assert again.status == 0x0000
+    assert {i.key for i in outbox.items()} == {"dicom-sop:" + big_uid, "dicom-sop:" + small_uid}

@@ -313,7 +313,8 @@ def test_a_full_disk_drains_and_takes_ecgs_again(tmp_path: Path) -> None:
         center.stop()
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
-    print(f"\nfull disk: {len(out['uids']) - 1} ECGs queued; WAL at most {out['wal_max'] / 1024:.0f} KB while draining")
+    print(f"\nfull disk: {len(out['uids']) - 1} ECGs queued; WAL at most {out['wal_max'] / 1024:.0f} KB while "
+          f"draining; forwarder events {out['events']}")
     assert out["reserve_at_start"] and out["free_when_full"] < 4096
     for refusal in (out["refused_when_low"], out["refused_when_full"]):
         assert refusal.startswith("storage full: ") and "ECGs are waiting to be sent" in refusal, refusal
