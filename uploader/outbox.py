@@ -101,6 +101,7 @@ _CHUNK = 500  # ids per statement (well under SQLite's variable limit)
 WAL_AUTOCHECKPOINT_PAGES = 1000  # SQLite's default: fewer checkpoints, fewer page writes
 DRAINING_AUTOCHECKPOINT_PAGES = 64  # on a full disk: the WAL is reused every 256 KB, never grown
 DEFAULT_MAX_INTERRUPTED_SENDS = 5  # sends cut short in a row (process killed) before quarantine
+PURGE_CHUNK = 16  # items purged per transaction
 COMMITMENT_HISTORY = 4  # commitment transactions remembered per item (a late report still counts)
 _T = TypeVar("_T")
 
@@ -917,34 +918,43 @@ class Outbox:
     # -- purging ----------------------------------------------------------------------------------
     def purge_due(self, now: float, retention_s: float) -> int:
         """Committed items older than `retention_s`: payload deleted, patient and meta NULL
-        (secure_delete zeroes the old bytes), WAL checkpointed so no old copy stays there."""
+        (secure_delete zeroes the old bytes), WAL checkpointed so no old copy stays there.
+        A few items per transaction: zeroing an inline payload writes its pages to the WAL, and
+        on a full disk one transaction must fit in the room the reserve gave back."""
         cutoff = now - retention_s
 
         def body(conn: sqlite3.Connection) -> list[sqlite3.Row]:
             rows = conn.execute(
-                "SELECT id, payload_file FROM items WHERE state = ? AND committed_at <= ?", (S.COMMITTED.value, cutoff)
+                "SELECT id, payload_file FROM items WHERE state = ? AND committed_at <= ? ORDER BY id LIMIT ?",
+                (S.COMMITTED.value, cutoff, PURGE_CHUNK),
             ).fetchall()
-            for chunk in _chunks([r[0] for r in rows]):
-                marks = ",".join("?" * len(chunk))
-                conn.execute(f"DELETE FROM payloads WHERE item_id IN ({marks})", chunk)
-                conn.execute(f"DELETE FROM commitment_requests WHERE item_id IN ({marks})", chunk)
+            ids = [r[0] for r in rows]
+            marks = ",".join("?" * len(ids))
+            if ids:
+                conn.execute(f"DELETE FROM payloads WHERE item_id IN ({marks})", ids)
+                conn.execute(f"DELETE FROM commitment_requests WHERE item_id IN ({marks})", ids)
                 conn.execute(
                     f"UPDATE items SET state = ?, updated_at = ?, patient = NULL, meta = NULL, "
                     f"payload_file = NULL, claimed_by = NULL WHERE id IN ({marks}) AND state = ?",
-                    [S.PURGED.value, now, *chunk, S.COMMITTED.value],
+                    [S.PURGED.value, now, *ids, S.COMMITTED.value],
                 )
             return rows
 
-        rows = self._commit(body)
-        # after the commit: a crash between leaves orphan files, which the next open removes
-        for _id, name in rows:
-            if name:
-                self._files.delete(name)
-        if rows:
+        purged = 0
+        while True:
+            rows = self._commit(body)
+            # after the commit: a crash between leaves orphan files, which the next open removes
+            for _id, name in rows:
+                if name:
+                    self._files.delete(name)
+            purged += len(rows)
+            if len(rows) < PURGE_CHUNK:
+                break
+        if purged:
             self.checkpoint()
-            log.info("purged %d committed item(s)", len(rows))
+            log.info("purged %d committed item(s)", purged)
             self.ensure_reserve()
-        return len(rows)
+        return purged
 
     def checkpoint(self) -> bool:
         """Copy the WAL into the database and truncate it; False if readers kept it busy (or
