@@ -53,7 +53,8 @@ class ReadingCenterSection:
     called_ae: str = "READING_CENTER"  # the PACS's AE title
     calling_ae: str = "LASTMILE"  # this gateway's AE title
     listen_port: int = 11113  # where the PACS sends storage-commitment reports
-    listen_host: str = "0.0.0.0"  # address for those reports (the PACS connects to us)
+    listen_host: str = ""  # address for those reports; "": ours toward the reading center (loopback if it is)
+    report_networks: list[str] = field(default_factory=list)  # CIDR networks besides `host` that may send reports
     associations: int = 2  # parallel associations while sending
     batch_size: int = 50  # C-STOREs per association before it is released
     deflate: bool = True  # propose Deflated Explicit VR Little Endian first
@@ -71,6 +72,7 @@ class OutboxSection:
     backoff_base_s: float = 5.0  # first retry delay after a transient failure
     backoff_max_s: float = 900.0  # cap of the exponential backoff
     config_fault_retry_s: float = 300.0  # retry interval while the peer refuses our configuration
+    max_interrupted_sends: int = 5  # sends cut short by a crash (OOM, kill) before the item is quarantined
 
 
 @dataclass
@@ -101,6 +103,7 @@ class LanReceiverSection:
     ae_title: str = "LASTMILE"  # this gateway's AE title for the carts
     allowed_callers: list[str] = field(default_factory=list)  # calling AE titles allowed to store
     sop_classes: list[str] = field(default_factory=list)  # storage SOP class UIDs; empty = ECG classes
+    max_object_mb: int = 16  # larger objects (as sent, or once inflated) are refused (0xA700)
 
 
 @dataclass

@@ -377,8 +377,15 @@ class Doctor:
                 )
             ]
         port = rc.listen_port
-        bind_host = getattr(rc, "listen_host", "0.0.0.0")
-        probe = "127.0.0.1" if bind_host in ("", "0.0.0.0") else bind_host
+        bind_host = rc.listen_host
+        if not bind_host:  # the forwarder listens on its address toward the reading center
+            from uploader.ecg_forwarder import address_toward
+
+            try:
+                bind_host = address_toward(rc.host, rc.port)
+            except OSError:
+                bind_host = "127.0.0.1"
+        probe = "127.0.0.1" if bind_host in ("0.0.0.0", "::") else bind_host
         with socket.socket() as s:
             s.settimeout(1.0)
             if s.connect_ex((probe, port)) == 0:

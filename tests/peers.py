@@ -360,6 +360,8 @@ class ScriptedStoreSCP:
     - `reject="permanent"`: reject every association (calling AE not recognised);
     - `abort_after`: abort the association when this many stores have been answered;
     - `delay_s`: wait before answering each store (DIMSE timeout tests);
+    - `hold`: instances whose stores are never answered while the SCP runs (the sender stays
+      mid-send: tests kill it there); `arrivals` lists every store as it arrives;
     - `commitment`: accept Storage Commitment; N-ACTION answered `commitment_status`; with
       `report_to=(host, port, ae)` the report follows on a new association (SCP role), with
       `report_on_same_association` on the requesting one. Instances it never stored are
@@ -373,6 +375,7 @@ class ScriptedStoreSCP:
     reject: str | None = None
     abort_after: int | None = None
     delay_s: float = 0.0
+    hold: frozenset[str] = frozenset()
     transfer_syntaxes: Sequence[str] = ALL_TRANSFER_SYNTAXES
     sop_classes: Sequence[str] = ECG_STORAGE_CLASSES
     commitment: bool = False
@@ -388,6 +391,8 @@ class ScriptedStoreSCP:
     actions: list[Dataset] = field(default_factory=list)
     reports_sent: list[tuple[int, Dataset, int]] = field(default_factory=list)  # (type, info, status)
     associations: int = 0
+    arrivals: list[str] = field(default_factory=list)
+    _released: threading.Event = field(default_factory=threading.Event)
     _server: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -409,6 +414,7 @@ class ScriptedStoreSCP:
         return self
 
     def stop(self) -> None:
+        self._released.set()
         server, self._server = self._server, None
         if server is not None:
             stop_server(server)
@@ -438,10 +444,15 @@ class ScriptedStoreSCP:
         return self.default_status
 
     def _on_store(self, event: evt.Event) -> int:
-        if self.delay_s:
-            time.sleep(self.delay_s)
         req = event.request
         uid = str(req.AffectedSOPInstanceUID)
+        with self._lock:
+            self.arrivals.append(uid)
+        if uid in self.hold:
+            self._released.wait(300)
+            return 0xA700
+        if self.delay_s:
+            time.sleep(self.delay_s)
         dataset = event.dataset if self.keep_datasets else None  # decodes (inflates) it
         with self._lock:
             status = self._next_status(uid)

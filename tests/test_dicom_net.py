@@ -41,7 +41,7 @@ from tests.peers import (
     gateway_modality,
 )
 from uploader.dicom_association import ECG_STORAGE_CLASSES, PeerSettings, associate, echo
-from uploader.dicom_commitment import CommitmentListener, CommitmentReport
+from uploader.dicom_commitment import CommitmentListener, CommitmentReport, ReportSenders
 from uploader.dicom_part10 import UnsendablePayload, parse_part10
 from uploader.dicom_status import classify_status
 from uploader.dicom_store import CommitmentUnsupported, StoreAssociation
@@ -51,6 +51,11 @@ from uploader.errors import ConfigurationFault, PermanentError, TransientError
 GATEWAY_AE = "LASTMILE"
 PACS_AE = "READING_CENTER"
 REPORT_WAIT_S = 10.0
+
+
+def senders(*ae_titles: str) -> ReportSenders:
+    """Reports allowed from these AE titles on loopback (where every peer of these tests runs)."""
+    return ReportSenders(ae_titles=ae_titles, hosts=("127.0.0.1",))
 
 
 def peer_at(port: int, called_ae: str, **kw: object) -> PeerSettings:
@@ -372,6 +377,11 @@ def test_report_on_the_requesting_association(scripted_scp_factory: Callable[...
         assoc.store(ecgs[5].data)
         assoc.request_commitment(txn, refs(ecgs[5:7]))  # ecgs[6] was never sent
         report = reports.wait_for(txn)
+        # our answer reaches the SCP's thread a moment after our handler ran: wait for it before
+        # releasing, or the release races the report's response
+        deadline = time.monotonic() + REPORT_WAIT_S
+        while not scp.reports_sent and time.monotonic() < deadline:
+            time.sleep(0.02)
     assert report.committed == refs(ecgs[5:6])
     assert report.failed == [(*refs(ecgs[6:7])[0], 0x0112)]
     assert scp.reports_sent[0][2] == 0x0000
@@ -386,7 +396,7 @@ def test_listener_rejects_strangers_and_answers_bad_reports_with_failure(
         calls.append(report)
         raise RuntimeError("outbox is locked")
 
-    with CommitmentListener(GATEWAY_AE, port, broken, allowed_peers=["SCRIPTED"]) as listener:
+    with CommitmentListener(GATEWAY_AE, port, broken, senders("SCRIPTED")) as listener:
         assert listener.running
         with pytest.raises(ConfigurationFault, match="Calling AE"):
             echo(peer_at(port, GATEWAY_AE, calling_ae="STRANGER"))
@@ -407,7 +417,7 @@ def test_listener_port_in_use_is_a_configuration_fault() -> None:
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
         with pytest.raises(ConfigurationFault, match="cannot listen"):
-            CommitmentListener(GATEWAY_AE, port, lambda r: None).start()
+            CommitmentListener(GATEWAY_AE, port, lambda r: None, senders(PACS_AE)).start()
 
 
 def test_malformed_reports_are_refused() -> None:
@@ -555,7 +565,7 @@ def test_tls_listener_takes_reports_from_a_trusted_peer(
     reports = Reports()
     pacs_side = ssl.create_default_context(cafile=str(m.ca_cert))
     pacs_side.load_cert_chain(str(m.server_cert), str(m.server_key))
-    with CommitmentListener(GATEWAY_AE, port, reports, tls=_tls(m)):
+    with CommitmentListener(GATEWAY_AE, port, reports, senders("SCRIPTED"), tls=_tls(m)):
         scp = scripted_scp_factory(commitment=True, report_to=("127.0.0.1", port, GATEWAY_AE),
                                    report_tls_args=(pacs_side, "localhost"))
         txn = generate_uid()
@@ -584,7 +594,7 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory, listener_port: int) -> Ite
 @pytest.fixture(scope="module")
 def reports(listener_port: int) -> Iterator[Reports]:
     collected = Reports()
-    with CommitmentListener(GATEWAY_AE, listener_port, collected):
+    with CommitmentListener(GATEWAY_AE, listener_port, collected, senders(PACS_AE)):
         yield collected
 
 

@@ -255,6 +255,7 @@ OPS = {
     "retry": lambda ob, i: ob.retry(i, T0 + 1),
     "purge": lambda ob, i: ob.purge_due(T0 + 1, 0.0),
     "claim": lambda ob, i: ob.claim("dicom", 10, T0 + 1),
+    "begin_send": lambda ob, i: ob.begin_send(i, T0 + 1),
 }
 
 
@@ -480,6 +481,89 @@ def test_recover_interrupted_requeues_only_claims_of_dead_owners(data_dir: Path)
     finally:
         forwarder.kill()
         forwarder.communicate(timeout=30)
+
+
+SENDER_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from uploader.outbox import Outbox
+    ob = Outbox.open(Path(sys.argv[1]), min_free_bytes=0)
+    first, second = ob.claim("dicom", 10, 2e9)
+    ob.begin_send(first.id, 2e9)  # its bytes are going out when the process dies
+    print(first.id, flush=True)
+    time.sleep(60)
+""")
+
+
+def test_a_send_killed_mid_way_was_charged_before_it_started(data_dir: Path) -> None:
+    with open_outbox(data_dir) as ob:
+        add(ob, "a"), add(ob, "b")
+    sender = python(SENDER_SCRIPT, data_dir)
+    try:
+        in_flight = int(sender.stdout.readline())
+        sender.send_signal(signal.SIGKILL)
+        sender.communicate(timeout=30)
+        with open_outbox(data_dir) as ob:  # recovery at open
+            cut, waiting = (ob.get(i.id) for i in sorted(ob.items(), key=lambda i: i.id != in_flight))
+            assert (cut.state, cut.attempts, cut.interrupted_sends) == (S.QUEUED, 1, 1)
+            assert "died during the send" in cut.last_error
+            assert (waiting.state, waiting.attempts, waiting.interrupted_sends) == (S.QUEUED, 0, 0)
+    finally:
+        sender.kill()
+        sender.communicate(timeout=30)
+
+
+def test_interrupted_sends_quarantine_at_the_limit_and_outcomes_reset_them(ob: Outbox) -> None:
+    crasher, fine = add(ob, "crasher"), add(ob, "fine")
+    for n in range(1, 3):
+        t = T0 + 10_000 * n  # past any backoff
+        assert len(ob.claim("dicom", 10, t)) == 2
+        assert ob.begin_send(crasher.id, t) and ob.begin_send(fine.id, t)
+        assert ob.interrupt_sends([crasher.id], "send failed: MemoryError", t) == 1
+        ob.mark_transient_failure(fine.id, "timeout", t)  # an outcome: charged once, not twice
+        assert (ob.get(crasher.id).interrupted_sends, ob.get(crasher.id).attempts) == (n, n)
+        assert (ob.get(fine.id).interrupted_sends, ob.get(fine.id).attempts) == (0, n)
+    assert [i.key for i in ob.claim("dicom", 10, T0 + 50_000, max_interrupted_sends=3)] == ["crasher", "fine"]
+    assert ob.begin_send(crasher.id, T0) and ob.interrupt_sends([crasher.id], "again", T0) == 1
+    ob.release([fine.id], "config fault", T0, 0.0)  # not the item's fault: its attempt is given back
+    assert ob.get(fine.id).attempts == 2
+    assert [i.key for i in ob.claim("dicom", 10, T0 + 50_000, max_interrupted_sends=3)] == ["fine"]
+    q = ob.get(crasher.id)
+    assert q.state == S.QUARANTINED and "killed during send 3 times" in q.quarantine_reason
+    assert ob.begin_send(crasher.id, T0) is False  # not ours to send
+
+
+def test_commitment_transactions_are_remembered_per_item(ob: Outbox) -> None:
+    item = add(ob, "x")
+    other = add(ob, "y")
+    ob.claim("dicom", 10, T0)
+    ob.mark_sent([item.id, other.id], T0)
+    for n in range(6):
+        ob.set_transaction([item.id], f"2.25.{n}", T0 + n)
+    ob.set_transaction([other.id], "2.25.99", T0 + 9)
+    assert ob.get(item.id).transaction_uid == "2.25.5"
+    remembered = [n for n in range(6) if ob.commitment_request(f"2.25.{n}")]
+    assert remembered == [2, 3, 4, 5]  # the last four asked
+    assert [i.id for i in ob.commitment_request("2.25.99")] == [other.id]
+    assert ob.commitment_request("2.25.12345") == []  # never issued
+    ob.mark_committed([item.id, other.id], T0 + 20)
+    assert ob.purge_due(T0 + 20, 0.0) == 2
+    assert ob.commitment_request("2.25.5") == [] and ob.commitment_request("2.25.99") == []
+
+
+def test_the_refusal_says_what_waits_and_what_to_do(data_dir: Path) -> None:
+    free = {"bytes": 10 * 2**30}
+    with open_outbox(data_dir, min_free_bytes=100 * 2**20,
+                     statvfs=lambda _p: Vfs(free["bytes"] // 4096, 4096)) as ob:
+        for i in range(3):
+            add(ob, f"ecg{i}")
+        add(ob, "visit", kind="fhir-bundle", payload=SMALL)
+        free["bytes"] = 50 * 2**20
+        with pytest.raises(OutboxFullError) as refused:
+            ob.add("dicom", "new", ecg_bytes(1))
+    message = str(refused.value)
+    assert message.startswith("storage full: 3 ECGs and 1 visit record are waiting to be sent; connect the network")
+    assert "call the county IT" in message and "Nothing was lost" in message and "50.0 MB free" in message
 
 
 def test_close_gives_back_its_own_claims(data_dir: Path) -> None:

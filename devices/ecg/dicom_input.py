@@ -53,6 +53,7 @@ from devices.ecg.recording import EcgRecording
 from devices.ecg.scaling import Channel, to_common_unit
 from devices.errors import InvalidRecordingError, ProtocolError, UnsupportedFeatureError
 from devices.identity import DeviceIdentity, Patient, TimeSource
+from devices.inflate import inflate
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -62,6 +63,8 @@ _DTYPES = {(8, "SB"): "i1", (8, "UB"): "u1", (16, "SS"): "i2", (16, "US"): "u2",
 _UNIT_TO_UV = {"uV": 1.0, "mV": 1000.0, "V": 1_000_000.0, "nV": 0.001}
 _DT = re.compile(r"^(\d{4})(\d{2})(\d{2})(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,6}))?([+-]\d{4})?$")
 MAX_SAMPLES = 50_000_000  # samples x channels of one group, checked before any allocation
+MAX_INFLATED_BYTES = 64 * 2**20  # a deflated data set may inflate to this much (a 1 MB bomb would give 1 GiB)
+_DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
 # CID 3001 "ECG Leads" in MDC form: "2:n" mostly follows the SCP-ECG lead numbers, but 31-38
@@ -184,16 +187,36 @@ def _device(ds) -> DeviceIdentity:
                           software_version=str(software or "").strip())
 
 
+def _inflated_data_set(data: bytes) -> bytes | None:
+    """The data set of a Part-10 file in Deflated Explicit VR LE, inflated with a cap (pydicom
+    would inflate it whole, however big); None for any other file."""
+    from pydicom.filereader import read_dataset
+
+    if len(data) < 144 or data[128:132] != b"DICM":
+        return None
+    fp = io.BytesIO(data)
+    fp.seek(132)
+    meta = read_dataset(fp, False, True, stop_when=lambda tag, vr, length: tag >> 16 != 0x0002)
+    if str(meta.get("TransferSyntaxUID", "")).rstrip("\x00 ") != _DEFLATED:
+        return None
+    return inflate(data[fp.tell():], max_bytes=MAX_INFLATED_BYTES)
+
+
 def _read_dataset(data: bytes):
     import pydicom
 
+    data = bytes(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(io.BytesIO(bytes(data)), force=True)
+            inflated = _inflated_data_set(data)
+            # the inflated data set is read as a raw one (force): Explicit VR Little Endian
+            ds = pydicom.dcmread(io.BytesIO(inflated if inflated is not None else data), force=True)
             # touch what we need now, so that a malformed element fails here, typed
             ds.get("WaveformSequence")
         return ds
+    except ProtocolError:
+        raise  # e.g. InflateLimitError: its own message says what is wrong
     except Exception as exc:  # noqa: BLE001 — pydicom raises many kinds on bad bytes; all mean "not readable"
         raise ProtocolError(f"DICOM file is not readable ({type(exc).__name__}: {exc})"[:300]) from None
 

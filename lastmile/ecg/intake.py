@@ -537,6 +537,7 @@ def start_lan_receiver(
             section.sop_classes,
             host=section.host,
             timeout_s=config.reading_center.timeout_s,
+            max_object_bytes=max(1, section.max_object_mb) * 2**20,
         ),
         lan_object_store(outbox, current_patient_id),
     )

@@ -47,10 +47,12 @@ def forwarder_settings(config: Config) -> ForwarderSettings:
         storage_commitment=rc.storage_commitment,
         listen_port=rc.listen_port,
         listen_host=rc.listen_host,
+        report_networks=tuple(rc.report_networks),
         commitment_timeout_s=rc.commitment_timeout_s,
         no_commitment_policy=rc.no_commitment_policy,
         config_fault_retry_s=config.outbox.config_fault_retry_s,
         retention_s=config.outbox.retention_days * 86400.0,
+        max_interrupted_sends=max(1, config.outbox.max_interrupted_sends),
     )
 
 
