@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import ctypes
+import functools
 import importlib.abc
 import importlib.util
 import json
@@ -39,11 +41,13 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import CodeType, FunctionType, ModuleType
 
 import pytest
 
@@ -253,11 +257,13 @@ def generate_mutants(module: str, source: str) -> list[Mutant]:
             continue
         for kind, detail, description in _changes(node, parents):
             shown = node.test if isinstance(node, (ast.If, ast.While)) else node
+            if isinstance(node, ast.Constant) and isinstance(parents.get(node), ast.expr):
+                shown = parents[node]  # `s == 0`: 0 -> 1 says more than `0`: 0 -> 1
             base = f"{qualnames.get(node, '<module>')}: `{_snippet(source, shown)}` {description}"
             seen[base] = seen.get(base, 0) + 1
             mutant_id = base if seen[base] == 1 else f"{base} #{seen[base]}"
             statement = _enclosing_statement(node, parents)
-            end = shown.end_lineno if shown is not node or not isinstance(node, ast.stmt) else node.end_lineno
+            end = node.test.end_lineno if isinstance(node, (ast.If, ast.While)) else node.end_lineno
             span = (statement.lineno, max(statement.lineno, end or node.lineno))
             mutants.append(Mutant(module, index, kind, detail, mutant_id, node.lineno, span,
                                   not _in_function_body(node, parents)))
@@ -283,7 +289,7 @@ def _is_future_or_typing(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool
     return False
 
 
-def mutated_code(path: Path, source: str, mutant: Mutant):
+def mutated_code(path: Path, source: str, mutant: Mutant) -> CodeType:
     tree = ast.parse(source)
     node = next(n for i, n in enumerate(ast.walk(tree)) if i == mutant.index)
     if mutant.kind == "compare":
@@ -310,18 +316,23 @@ def mutated_code(path: Path, source: str, mutant: Mutant):
 
 
 # -- running tests in forked children -------------------------------------------------------------
+#
+# Fast path: a "zygote" child imports the module and collects the focused tests once, then forks one
+# grandchild per mutant. The grandchild swaps the mutated function's code object into the live
+# function objects (so `from module import f` copies elsewhere see the mutant too) and runs the chosen
+# tests. Slow path, for code that runs at import (module tables, class bodies, defaults): a fresh
+# child with an import hook that serves the whole mutated module, then pytest collects as usual.
 
 class MutantFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Serves the mutated module's code object in place of the file on disk."""
 
-    def __init__(self, name: str, path: Path, code) -> None:
+    def __init__(self, name: str, path: Path, code: CodeType) -> None:
         self.name, self.path, self.code = name, path, code
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname != self.name:
             return None
-        spec = importlib.util.spec_from_file_location(fullname, self.path, loader=self)
-        return spec
+        return importlib.util.spec_from_file_location(fullname, self.path, loader=self)
 
     def create_module(self, spec):
         return None
@@ -330,32 +341,58 @@ class MutantFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         exec(self.code, module.__dict__)
 
 
-class TestSelection:
-    """pytest plugin: keep only the chosen tests (in the given order), note the first failure."""
-
-    def __init__(self, order: list[str] | None) -> None:
-        self.order = order
-        self.first_failure = ""
-
-    def pytest_collection_modifyitems(self, session, config, items) -> None:
-        if self.order is None:
-            return
-        rank = {nodeid: i for i, nodeid in enumerate(self.order)}
-        kept = sorted((item for item in items if item.nodeid in rank), key=lambda item: rank[item.nodeid])
-        config.hook.pytest_deselected(items=[item for item in items if item.nodeid not in rank])
-        items[:] = kept
-
-    def pytest_runtest_logreport(self, report) -> None:
-        if report.failed and not self.first_failure:
-            self.first_failure = report.nodeid
+def _code_objects(code: CodeType) -> Iterator[CodeType]:
+    yield code
+    for const in code.co_consts:
+        if isinstance(const, CodeType):
+            yield from _code_objects(const)
 
 
-class LineRecorder:
-    """pytest plugin for the baseline: which test executes which lines of the module, how long it takes."""
+def _live_functions(module: ModuleType) -> Iterator[FunctionType]:
+    """Every function object defined by the module: top level, in classes, behind decorators."""
+    seen: set[int] = set()
+    stack: list[object] = list(vars(module).values())
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, FunctionType):
+            if obj.__module__ == module.__name__:
+                yield obj
+            if hasattr(obj, "__wrapped__"):
+                stack.append(obj.__wrapped__)
+        elif isinstance(obj, type) and obj.__module__ == module.__name__:
+            stack.extend(vars(obj).values())
+        elif isinstance(obj, (staticmethod, classmethod)):
+            stack.append(obj.__func__)
+        elif isinstance(obj, property):
+            stack.extend(f for f in (obj.fget, obj.fset, obj.fdel) if f is not None)
+        elif isinstance(obj, functools.cached_property):
+            stack.append(obj.func)
+        elif isinstance(obj, functools.partial):
+            stack.append(obj.func)
 
-    def __init__(self, filename: str) -> None:
+
+def swap_in(module: ModuleType, code: CodeType) -> int:
+    """Give the live functions whose code the mutation changed their mutated code; how many."""
+    new = {c.co_qualname: c for c in _code_objects(code)}
+    swapped = 0
+    for function in _live_functions(module):
+        replacement = new.get(function.__code__.co_qualname)
+        if replacement is not None and replacement != function.__code__:
+            function.__code__ = replacement
+            swapped += 1
+    return swapped
+
+
+class Recorder:
+    """pytest plugin: the first failing test, and (baseline) who executes which lines, how long."""
+
+    def __init__(self, filename: str | None = None) -> None:
         self.filename = filename
-        self.current = "<collect>"
+        self.current = "<between>"
+        self.first_failure = ""
         self.lines: dict[str, set[int]] = {}
         self.durations: dict[str, float] = {}
 
@@ -378,14 +415,38 @@ class LineRecorder:
         self.durations[item.nodeid] = time.perf_counter() - started
         self.current = "<between>"
 
+    def pytest_runtest_logreport(self, report) -> None:
+        if report.failed and not self.first_failure:
+            self.first_failure = report.nodeid
+
+
+def run_items(session, recorder: Recorder, order: list[str]) -> None:
+    """Run the chosen tests in this order, stopping at the first failure (like -x)."""
+    by_id = {item.nodeid: item for item in session.items}
+    items = [by_id[nodeid] for nodeid in order if nodeid in by_id]
+    for i, item in enumerate(items):
+        nextitem = items[i + 1] if i + 1 < len(items) else None
+        item.ihook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+        if recorder.first_failure:
+            break
+
 
 def _pytest_args(test_files: list[str]) -> list[str]:
     return [*test_files, "-x", "-q", "--no-header", "-p", "no:cacheprovider", "-p", "no:xdist",
             "-p", "no:randomly", "-o", "addopts=", "--timeout=0", "-W", "ignore"]
 
 
-def _child_setup() -> None:
+def _die_with_parent() -> None:
+    """A child (and its test's processes) must not outlive an interrupted run."""
     os.setpgid(0, 0)
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _child_setup() -> None:
+    _die_with_parent()
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)
@@ -398,36 +459,105 @@ def _child_setup() -> None:
     settings.load_profile("mutation")
 
 
-def fork_pytest(test_files: list[str], result_path: str, *, finder: MutantFinder | None = None,
-                order: list[str] | None = None, recorder_for: str | None = None) -> int:
-    """Fork a child that runs pytest and writes its result as JSON to result_path; returns its pid."""
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    os.waitpid(pid, 0)
+
+
+def _write(path: Path, result: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.rename(path)
+
+
+@dataclass
+class Job:
+    mutant: Mutant
+    order: list[str]
+    budget_s: float
+
+
+class Zygote:
+    """pytest plugin run in the zygote: after collection, one forked child per job instead of the loop."""
+
+    def __init__(self, module: str, path: Path, source: str, jobs: list[Job], workdir: Path,
+                 parallel: int, baseline_only: bool) -> None:
+        self.module, self.path, self.source = module, path, source
+        self.jobs, self.workdir, self.parallel = jobs, workdir, parallel
+        self.baseline_only = baseline_only
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtestloop(self, session) -> bool:
+        if self.baseline_only:
+            self._baseline(session)
+            return True
+        running: dict[int, tuple[int, float]] = {}
+        queue = list(enumerate(self.jobs))
+        while queue or running:
+            while queue and len(running) < self.parallel:
+                number, job = queue.pop(0)
+                pid = os.fork()
+                if pid == 0:
+                    self._child(session, number, job)
+                running[pid] = (number, time.monotonic() + job.budget_s)
+            time.sleep(0.005)
+            for pid, (number, deadline) in list(running.items()):
+                done, _status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    running.pop(pid)
+                elif time.monotonic() > deadline:
+                    _kill_group(pid)
+                    running.pop(pid)
+                    _write(self.workdir / f"{number}.json", {"status": "killed", "by": "timeout"})
+        return True
+
+    def _baseline(self, session) -> None:
+        recorder = Recorder(str(self.path))
+        session.config.pluginmanager.register(recorder)
+        sys.settrace(recorder.trace)
+        threading.settrace(recorder.trace)
+        run_items(session, recorder, [item.nodeid for item in session.items])
+        sys.settrace(None)
+        threading.settrace(None)  # type: ignore[arg-type]
+        _write(self.workdir / "baseline.json", {
+            "first_failure": recorder.first_failure, "durations": recorder.durations,
+            "lines": {k: sorted(v) for k, v in recorder.lines.items()}})
+
+    def _child(self, session, number: int, job: Job) -> None:
+        code = 3
+        try:
+            _die_with_parent()
+            result: dict[str, object]
+            module = sys.modules.get(module_name(self.module))
+            swapped = swap_in(module, mutated_code(self.path, self.source, job.mutant)) if module else 0
+            if not swapped:
+                result = {"status": "slow path"}
+            else:
+                recorder = Recorder()
+                session.config.pluginmanager.register(recorder)
+                run_items(session, recorder, job.order)
+                result = {"status": "killed" if recorder.first_failure else "survived",
+                          "by": recorder.first_failure}
+            _write(self.workdir / f"{number}.json", result)
+            code = 0
+        finally:
+            os._exit(code)
+
+
+def fork_pytest(test_files: list[str], plugin: object, *, finder: MutantFinder | None = None) -> int:
+    """Fork a child that runs pytest with this plugin (and maybe the mutated module); its pid."""
     pid = os.fork()
     if pid:
         return pid
     code = 3
     try:
         _child_setup()
-        import pytest
-
         if finder is not None:
             sys.meta_path.insert(0, finder)
-        selection = TestSelection(order)
-        plugins: list[object] = [selection]
-        recorder = None
-        if recorder_for is not None:
-            recorder = LineRecorder(recorder_for)
-            plugins.append(recorder)
-            sys.settrace(recorder.trace)
-            import threading
-            threading.settrace(recorder.trace)
-        exit_code = int(pytest.main(_pytest_args(test_files), plugins=plugins))
-        sys.settrace(None)
-        result: dict[str, object] = {"exit": exit_code, "first_failure": selection.first_failure}
-        if recorder is not None:
-            result["lines"] = {k: sorted(v) for k, v in recorder.lines.items()}
-            result["durations"] = recorder.durations
-        Path(result_path).write_text(json.dumps(result))
-        code = 0
+        code = int(pytest.main(_pytest_args(test_files), plugins=[plugin]))
     finally:
         os._exit(code)
 
@@ -440,18 +570,24 @@ def wait_child(pid: int, timeout_s: float) -> bool:
         if done:
             return True
         time.sleep(0.01)
-    with _ignore_missing():
-        os.killpg(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
+    _kill_group(pid)
     return False
 
 
-class _ignore_missing:
-    def __enter__(self) -> None:
-        return None
+class SlowPathRun:
+    """pytest plugin for a fresh child with the whole mutated module: run the chosen tests, note the verdict."""
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        return exc_type is ProcessLookupError
+    def __init__(self, order: list[str], result_path: Path) -> None:
+        self.order, self.result_path = order, result_path
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtestloop(self, session) -> bool:
+        recorder = Recorder()
+        session.config.pluginmanager.register(recorder)
+        run_items(session, recorder, self.order)
+        _write(self.result_path, {"status": "killed" if recorder.first_failure else "survived",
+                                  "by": recorder.first_failure})
+        return True
 
 
 # -- one module -----------------------------------------------------------------------------------
@@ -466,8 +602,7 @@ def load_allow_list() -> dict[str, dict[str, str]]:
     return tomllib.loads(ALLOW_LIST.read_text())
 
 
-def run_module(module: str, allowed: dict[str, str], jobs: int, workdir: Path,
-               progress: Callable[[str], None]) -> ModuleReport:
+def run_module(module: str, allowed: dict[str, str], parallel: int, workdir: Path) -> ModuleReport:
     report = ModuleReport(module)
     path = REPO / module
     source = path.read_text()
@@ -475,79 +610,71 @@ def run_module(module: str, allowed: dict[str, str], jobs: int, workdir: Path,
     if not tests:
         report.error = "no focused test file exists"
         return report
-    baseline_path = str(workdir / "baseline.json")
+    workdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    pid = fork_pytest(tests, baseline_path, recorder_for=str(path))
-    if not wait_child(pid, 1800) or not Path(baseline_path).exists():
-        report.error = "baseline run did not finish"
+    pid = fork_pytest(tests, Zygote(module, path, source, [], workdir, 1, baseline_only=True))
+    baseline_path = workdir / "baseline.json"
+    if not wait_child(pid, 3600) or not baseline_path.exists():
+        report.error = "the baseline run did not finish (collection error?)"
         return report
-    baseline = json.loads(Path(baseline_path).read_text())
-    if baseline["exit"] != 0:
+    baseline = json.loads(baseline_path.read_text())
+    if baseline["first_failure"]:
         report.error = f"the focused tests fail without any mutation (first: {baseline['first_failure']})"
         return report
-    collect_s = max(0.0, time.monotonic() - started - sum(baseline["durations"].values()))
     lines = {k: set(v) for k, v in baseline["lines"].items()}
     durations: dict[str, float] = baseline["durations"]
+    collect_s = max(0.0, time.monotonic() - started - sum(durations.values()))
     by_speed = sorted(durations, key=durations.__getitem__)
 
     mutants = generate_mutants(module, source)
-    ids = {m.mutant_id for m in mutants}
-    report.stale_equivalents = sorted(set(allowed) - ids)
-    pending: list[tuple[Mutant, list[str]]] = []
+    report.stale_equivalents = sorted(set(allowed) - {m.mutant_id for m in mutants})
+    fast: list[Job] = []
+    slow: list[Job] = []
     for mutant in mutants:
         span = set(range(mutant.span[0], mutant.span[1] + 1))
-        if mutant.at_import:
-            order = by_speed  # module-level code: any test may depend on it
-        else:
-            order = [t for t in by_speed if span & lines.get(t, set())]
+        # import-time code (tables, class bodies, defaults): any test may depend on it
+        order = by_speed if mutant.at_import else [t for t in by_speed if span & lines.get(t, set())]
+        budget = 15.0 + 4 * sum(durations[t] for t in order)
         if not order:
             report.outcomes.append(Outcome(mutant, "not covered", argued=allowed.get(mutant.mutant_id, "")))
+        elif mutant.at_import:
+            slow.append(Job(mutant, order, budget + 3 * collect_s))
         else:
-            pending.append((mutant, order))
+            fast.append(Job(mutant, order, budget))
 
-    running: dict[int, tuple[Mutant, str, float]] = {}
-    serial = 0
-
-    def reap(pid: int, status: int) -> None:
-        mutant, result_path, _deadline = running.pop(pid)
-        by = ""
-        if Path(result_path).exists():
-            result = json.loads(Path(result_path).read_text())
-            killed = result["exit"] != 0
-            by = result["first_failure"] or f"pytest exit {result['exit']}"
-            Path(result_path).unlink()
+    if fast:
+        zygote_dir = workdir / "fast"
+        zygote_dir.mkdir()
+        pid = fork_pytest(tests, Zygote(module, path, source, fast, zygote_dir, parallel, False))
+        wait_child(pid, 60 + sum(job.budget_s for job in fast))
+        for number, job in enumerate(fast):
+            result_path = zygote_dir / f"{number}.json"
+            verdict = json.loads(result_path.read_text()) if result_path.exists() else {"status": "slow path"}
+            if verdict["status"] == "slow path":
+                slow.append(Job(job.mutant, job.order, job.budget_s + 3 * collect_s))
+            else:
+                _record(report, job.mutant, verdict, allowed)
+    for number, job in enumerate(slow):
+        result_path = workdir / f"slow-{number}.json"
+        finder = MutantFinder(module_name(module), path, mutated_code(path, source, job.mutant))
+        pid = fork_pytest(tests, SlowPathRun(job.order, result_path), finder=finder)
+        if not wait_child(pid, job.budget_s):
+            verdict = {"status": "killed", "by": "timeout"}
+        elif result_path.exists():
+            verdict = json.loads(result_path.read_text())
         else:
-            killed, by = True, f"child died (status {status})"
-        argued = allowed.get(mutant.mutant_id, "")
-        status_name = "killed" if killed else ("equivalent" if argued else "survived")
-        report.outcomes.append(Outcome(mutant, status_name, by if killed else "", argued))
-
-    queue = list(pending)
-    while queue or running:
-        while queue and len(running) < jobs:
-            mutant, order = queue.pop(0)
-            serial += 1
-            result_path = str(workdir / f"mutant-{serial}.json")
-            code = mutated_code(path, source, mutant)
-            pid = fork_pytest(tests, result_path, finder=MutantFinder(module_name(module), path, code),
-                              order=order)
-            budget = 20.0 + collect_s * 3 + 4 * sum(durations[t] for t in order)
-            running[pid] = (mutant, result_path, time.monotonic() + budget)
-        time.sleep(0.01)
-        for pid, (mutant, result_path, deadline) in list(running.items()):
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                reap(pid, status)
-            elif time.monotonic() > deadline:
-                with _ignore_missing():
-                    os.killpg(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                running.pop(pid)
-                report.outcomes.append(Outcome(mutant, "killed", "timeout"))
-        progress(f"\r{module}: {len(report.outcomes)}/{len(mutants)} mutants")
-    progress("\n")
+            verdict = {"status": "killed", "by": "the mutated module fails to import"}
+        _record(report, job.mutant, verdict, allowed)
     report.outcomes.sort(key=lambda o: (o.mutant.lineno, o.mutant.index, o.mutant.mutant_id))
     return report
+
+
+def _record(report: ModuleReport, mutant: Mutant, verdict: dict, allowed: dict[str, str]) -> None:
+    argued = allowed.get(mutant.mutant_id, "")
+    if verdict["status"] == "killed":
+        report.outcomes.append(Outcome(mutant, "killed", verdict.get("by", ""), argued))
+    else:
+        report.outcomes.append(Outcome(mutant, "equivalent" if argued else "survived", argued=argued))
 
 
 def print_report(report: ModuleReport, show_killed: bool) -> None:
@@ -598,11 +725,10 @@ def main(argv: list[str] | None = None) -> int:
     allow_list = load_allow_list()
     scores: dict[str, float | None] = {}
     failed = False
-    progress = (lambda s: None) if not sys.stderr.isatty() else (lambda s: print(s, end="", file=sys.stderr))
     with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
-        for module in modules:
+        for number, module in enumerate(modules):
             started = time.monotonic()
-            report = run_module(module, allow_list.get(module, {}), args.jobs, Path(tmp), progress)
+            report = run_module(module, allow_list.get(module, {}), args.jobs, Path(tmp) / str(number))
             print_report(report, args.killed)
             print(f"  ({len(report.outcomes)} mutants in {time.monotonic() - started:.0f} s)", flush=True)
             scores[module] = None if report.error else round(report.score, 1)

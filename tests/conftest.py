@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+# ../shared beside the checkout; LASTMILE_SHARED points elsewhere (a git worktree has no ../shared)
+SHARED = Path(os.environ.get("LASTMILE_SHARED") or REPO.parent / "shared")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
