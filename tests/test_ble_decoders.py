@@ -20,7 +20,7 @@ from devices.ble.glucose import (decode_glucose_context, decode_glucose_feature,
                                  with_context)
 from devices.ble.payload import decode_date_time, encode_date_time
 from devices.ble.pulse_oximeter import decode_plx_continuous, decode_plx_features, decode_plx_spot_check
-from devices.ble.sfloat import decode_float, decode_sfloat, encode_float, encode_sfloat
+from devices.ble.sfloat import MedFloat, decode_float, decode_sfloat, encode_float, encode_sfloat
 from devices.ble.thermometer import (decode_intermediate_temperature, decode_temperature_measurement,
                                      decode_temperature_type)
 from devices.ble.weight import decode_weight_measurement
@@ -138,6 +138,63 @@ def test_sfloat_range_checks() -> None:
         encode_sfloat(2047)  # the NaN mantissa
     with pytest.raises(ValueError):
         encode_sfloat(5000)
+
+
+
+@pytest.mark.parametrize("decode,raw,value,exponent", [
+    (decode_sfloat, 0x0000, 0.0, 0),  # a real 0 (0 mmHg cuff pressure, 0 kg tare)
+    (decode_sfloat, 0xFFFF, -0.1, -1),  # the top of the range is a number, not a special value
+    (decode_sfloat, 0x07FD, 2045.0, 0), (decode_sfloat, 0x0803, -2045.0, 0),
+    (decode_float, 0x00000000, 0.0, 0),
+    (decode_float, 0xFFFFFFFF, -0.1, -1),
+    (decode_float, 0x007FFFFD, 8388605.0, 0), (decode_float, 0x00800003, -8388605.0, 0),
+])
+def test_zero_and_the_ends_of_the_range_decode_to_numbers(decode, raw: int, value: float, exponent: int) -> None:
+    """0x0000 is zero, not "no value"; 0xFFFF is -0.1: neither may be refused or become a special."""
+    got = decode(raw)
+    assert (got.value, got.exponent, got.special, got.is_special) == (value, exponent, None, False)
+
+
+@pytest.mark.parametrize("decode,raw", [(decode_sfloat, -1), (decode_sfloat, 0x10000),
+                                        (decode_float, -1), (decode_float, 0x1_0000_0000)])
+def test_values_wider_than_the_field_are_refused(decode, raw: int) -> None:
+    with pytest.raises(ProtocolError, match="must be"):
+        decode(raw)
+
+
+def test_a_special_value_says_so() -> None:
+    assert decode_sfloat(0x07FF).is_special and decode_float(0x007FFFFF).is_special
+    assert not decode_sfloat(0x0002).is_special
+    assert MedFloat(2.0).exponent == 0 and MedFloat(2.0).special is None
+
+
+@pytest.mark.parametrize("encode,value,exponent,raw", [
+    (encode_sfloat, 2045, 0, 0x07FD), (encode_sfloat, -2045, 0, 0x0803),  # largest non-special mantissas
+    (encode_sfloat, 10**7, 7, 0x7001), (encode_sfloat, 1e-8, -8, 0x8001),  # exponent limits
+    (encode_float, 8388605, 0, 0x007FFFFD), (encode_float, -8388605, 0, 0x00800003),
+    (encode_float, 10**127, 127, 0x7F000001), (encode_float, 1e-128, -128, 0x80000001),
+])
+def test_encoding_reaches_the_ends_of_the_range(encode, value: float, exponent: int, raw: int) -> None:
+    assert encode(value, exponent) == raw
+
+
+@pytest.mark.parametrize("encode,value,exponent,match", [
+    (encode_sfloat, 2048, 0, "does not fit"), (encode_sfloat, -2049, 0, "does not fit"),
+    (encode_sfloat, 2047, 0, "reserved"), (encode_sfloat, -2048, 0, "reserved"),
+    (encode_sfloat, 2046, 0, "reserved"), (encode_sfloat, -2046, 0, "reserved"), (encode_sfloat, -2047, 0, "reserved"),
+    (encode_sfloat, 10**8, 8, "does not fit"), (encode_sfloat, 1e-9, -9, "does not fit"),
+    (encode_float, 2**23, 0, "does not fit"), (encode_float, -(2**23) - 1, 0, "does not fit"),
+    (encode_float, 2**23 - 1, 0, "reserved"), (encode_float, -(2**23), 0, "reserved"),
+    (encode_float, 10**128, 128, "does not fit"), (encode_float, 1e-129, -129, "does not fit"),
+])
+def test_encoding_refuses_what_does_not_fit_or_is_reserved(encode, value: float, exponent: int, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        encode(value, exponent)
+
+
+def test_encoding_defaults_to_whole_units() -> None:
+    assert encode_sfloat(2) == 0x0002 and encode_float(2) == 0x00000002
+    assert encode_sfloat("nan") == 0x07FF and encode_float("-inf") == 0x00800002
 
 
 # ---------------------------------------------------------------------------------------------
