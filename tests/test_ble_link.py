@@ -18,12 +18,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import IN_CI
+from tests.conftest import missing
 
 if importlib.util.find_spec("bumble") is None:
-    if IN_CI:
-        raise ImportError("bumble (the test/emulation extra) is required under CI")
-    pytest.skip("bumble (the emulation extra) is not installed", allow_module_level=True)
+    missing("bumble (the emulation extra) is not installed", module=True)
 
 from bleak.exc import BleakDBusError  # noqa: E402
 
