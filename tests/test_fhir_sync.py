@@ -57,8 +57,11 @@ def test_retry_after_forms() -> None:
 
 def test_sender_types_every_failure(tmp_path: Path) -> None:
     token = _token(tmp_path)
-    with FhirTestServer(token="s3cret-token") as server, _sender(server, token, timeout_s=0.5) as sender:
-        server.timeout_delay_s = 1.5
+    # A patient sender (60 s) for the faults answered at once, so a loaded machine cannot turn a 500
+    # into a timeout; an impatient one (1 s) against a server that answers 5 s late for the timeout.
+    with FhirTestServer(token="s3cret-token") as server, _sender(server, token, timeout_s=60.0) as sender, \
+            _sender(server, token, timeout_s=1.0) as impatient:
+        server.timeout_delay_s = 5.0
         server.faults.extend(["500", "429", "drop", "400", "timeout", "commit-then-drop"])
         with pytest.raises(TransientError, match="500"):
             sender.post_transaction(_body(1))
@@ -70,14 +73,20 @@ def test_sender_types_every_failure(tmp_path: Path) -> None:
         with pytest.raises(PermanentError, match="unknown patient"):
             sender.post_transaction(_body(1))
         with pytest.raises(TransientError, match="Timeout"):
-            sender.post_transaction(_body(1))  # ... but the server committed it late
+            impatient.post_transaction(_body(1))  # ... but the server commits it late
         with pytest.raises(TransientError):
             sender.post_transaction(_body(2))  # committed, then the connection dropped
-        time.sleep(1.2)
+        # The event: both commits the client could not see have landed (not "some time has passed").
+        deadline = time.monotonic() + 60
+        while server.stats.transactions < 2:
+            assert time.monotonic() < deadline, server.stats
+            time.sleep(0.02)
+        created = server.stats.created
         for n in (1, 2, 1, 2):
             sender.post_transaction(_body(n))
         assert sorted(server.identifiers("Encounter")) == [visit(1).visit_id, visit(2).visit_id]
-        assert server.stats.deduplicated > 0
+        assert server.stats.created == created  # every re-send matched what was stored: nothing new
+        assert server.stats.transactions == 6 and server.stats.deduplicated > 0
     with FhirTestServer(token="other") as server, _sender(server, token) as sender:
         with pytest.raises(ConfigurationFault, match="401"):
             sender.post_transaction(_body(1))
