@@ -57,9 +57,8 @@ ALLOW_LIST = REPO / "bench" / "mutation_equivalent.toml"
 # Module -> the test files that state what it must do (only pure tests: no peers, no processes).
 FOCUSED_TESTS: dict[str, list[str]] = {
     "devices/errors.py": ["tests/test_ble_decoders.py", "tests/test_bridge_codec.py"],
-    "devices/identity.py": ["tests/test_patient_identity.py", "tests/test_ascii_report.py",
-                            "tests/test_ecg_scp.py", "tests/test_ecg_aecg.py", "tests/test_dicom_ecg.py"],
-    "devices/observation.py": ["tests/test_device_observation.py", "tests/test_ble_decoders.py",
+    "devices/identity.py": ["tests/test_device_identity.py", "tests/test_ascii_report.py"],
+    "devices/observation.py": ["tests/test_device_identity.py", "tests/test_ble_decoders.py",
                                "tests/test_ascii_report.py"],
     "devices/ascii_report.py": ["tests/test_ascii_report.py"],
     "devices/scanner.py": ["tests/test_scanner.py"],
