@@ -21,7 +21,8 @@ enough to run on two shared cores:
   runs only the tests that execute its lines, fastest first. A mutant on a line no focused test
   executes is counted as survived ("not covered"), without running: that is the point of the score.
 - hypothesis runs derandomized with no example database, no deadline and no health checks, so a
-  score does not depend on the machine's load or on a previous run.
+  score does not depend on the machine's load or on a previous run; at most --max-examples
+  (default 50) examples per property test, which can only lower a score.
 Messages are not mutated: constants inside a `raise` statement's exception or a logging call only
 change the text a person reads; nor are `assert` statements (type narrowing, stripped by -O),
 decorators and annotations.
@@ -420,10 +421,27 @@ class Recorder:
             self.first_failure = report.nodeid
 
 
+EXAMPLE_CAP = 50  # --max-examples
+
+
+def _cap_examples(item) -> None:
+    """At most EXAMPLE_CAP hypothesis examples per property test, in the baseline and every mutant
+    alike: a survivor then costs seconds, not minutes. It can only lower a score (fewer chances
+    to kill), never raise it."""
+    function = getattr(getattr(item, "obj", None), "__func__", getattr(item, "obj", None))
+    current = getattr(function, "_hypothesis_internal_use_settings", None)
+    if current is not None and current.max_examples > EXAMPLE_CAP:
+        from hypothesis import settings
+
+        function._hypothesis_internal_use_settings = settings(current, max_examples=EXAMPLE_CAP)
+
+
 def run_items(session, recorder: Recorder, order: list[str]) -> None:
     """Run the chosen tests in this order, stopping at the first failure (like -x)."""
     by_id = {item.nodeid: item for item in session.items}
     items = [by_id[nodeid] for nodeid in order if nodeid in by_id]
+    for item in items:
+        _cap_examples(item)
     for i, item in enumerate(items):
         nextitem = items[i + 1] if i + 1 < len(items) else None
         item.ihook.pytest_runtest_protocol(item=item, nextitem=nextitem)
@@ -706,6 +724,7 @@ def print_report(report: ModuleReport, show_killed: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global EXAMPLE_CAP
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--module", action="append", help="a module path such as devices/ecg/scaling.py "
                         "(repeatable; default: every module)")
@@ -713,7 +732,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="mutants run at once (default 1: shared cores)")
     parser.add_argument("--killed", action="store_true", help="also list killed mutants and their killer")
     parser.add_argument("--list", action="store_true", help="list the mutants, run nothing")
+    parser.add_argument("--max-examples", type=int, default=EXAMPLE_CAP,
+                        help=f"cap on hypothesis examples per test (default {EXAMPLE_CAP}; lowers, never raises, a score)")
     args = parser.parse_args(argv)
+    EXAMPLE_CAP = args.max_examples
     modules = args.module or list(FOCUSED_TESTS)
     unknown = [m for m in modules if m not in FOCUSED_TESTS]
     if unknown:
