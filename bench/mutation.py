@@ -637,6 +637,9 @@ def run_module(module: str, allowed: dict[str, str], parallel: int, workdir: Pat
     if not tests:
         report.error = "no focused test file exists"
         return report
+    mutants = generate_mutants(module, source)
+    if not mutants:
+        return report  # nothing to mutate (declarations only): no need for a baseline
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     pid = fork_pytest(tests, Zygote(module, path, source, [], workdir, 1, baseline_only=True))
@@ -653,7 +656,6 @@ def run_module(module: str, allowed: dict[str, str], parallel: int, workdir: Pat
     collect_s = max(0.0, time.monotonic() - started - sum(durations.values()))
     by_speed = sorted(durations, key=durations.__getitem__)
 
-    mutants = generate_mutants(module, source)
     report.stale_equivalents = sorted(set(allowed) - {m.mutant_id for m in mutants})
     fast: list[Job] = []
     slow: list[Job] = []
