@@ -88,7 +88,7 @@ FOCUSED_TESTS: dict[str, list[str]] = {
     "devices/ecg/contec.py": ["tests/test_ecg_contec.py"],
     "devices/ecg/dicom_input.py": ["tests/test_ecg_dicom_input.py"],
     "devices/ecg/formats.py": ["tests/test_ecg_formats.py"],
-    "devices/ecg/leads.py": ["tests/test_ecg_formats.py", "tests/test_ecg_scp.py"],
+    "devices/ecg/leads.py": ["tests/test_ecg_leads.py", "tests/test_ecg_formats.py"],
     "devices/ecg/npz.py": ["tests/test_npz.py"],
     "devices/ecg/recording.py": ["tests/test_ecg_recording.py", "tests/test_npz.py",
                                  "tests/test_dicom_ecg.py"],
