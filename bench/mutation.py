@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import collections
 import ctypes
 import functools
 import importlib.abc
@@ -513,9 +514,14 @@ class Zygote:
             return True
         running: dict[int, tuple[int, float]] = {}
         queue = list(enumerate(self.jobs))
+        killers: collections.Counter[str] = collections.Counter()  # test -> mutants it killed so far
         while queue or running:
             while queue and len(running) < self.parallel:
                 number, job = queue.pop(0)
+                # a test that killed neighbours is likely to kill this one: it goes first (only
+                # the order changes, never which tests run)
+                job.order = sorted(job.order, key=lambda t, rank={t: i for i, t in enumerate(job.order)}:
+                                   (-killers[t], rank[t]))
                 pid = os.fork()
                 if pid == 0:
                     self._child(session, number, job)
@@ -525,6 +531,9 @@ class Zygote:
                 done, _status = os.waitpid(pid, os.WNOHANG)
                 if done:
                     running.pop(pid)
+                    result = self.workdir / f"{number}.json"
+                    if result.exists():
+                        killers[json.loads(result.read_text()).get("by", "")] += 1
                 elif time.monotonic() > deadline:
                     _kill_group(pid)
                     running.pop(pid)
