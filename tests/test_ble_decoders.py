@@ -700,3 +700,14 @@ def test_flag_combination_builder_matches_the_hand_written_vector() -> None:
     # The builders above use struct, not the decoders' reader; check them against a spec vector.
     built = _bp_payload(0x1E, sf(120), sf(80), sf(93))
     assert built[:-3] == BP_MMHG_ALL_FIELDS[:14] + sf(72)
+
+
+@pytest.mark.parametrize("bit,name", [
+    (0, "body-movement-detection"), (1, "cuff-fit-detection"), (2, "irregular-pulse-detection"),
+    (3, "pulse-rate-range-detection"), (4, "measurement-position-detection"), (5, "multiple-bond"),
+])
+def test_blood_pressure_feature_bits_follow_the_gatt_supplement(bit: int, name: str) -> None:
+    """Blood Pressure Feature (0x2A49) bits 0-5, each alone: a cuff that cannot detect an
+    irregular pulse must not be shown as one that can (its silence would read as "regular")."""
+    assert decode_blood_pressure_feature(struct.pack("<H", 1 << bit)) == (name,)
+    assert decode_blood_pressure_feature(struct.pack("<H", 0xFFC0)) == ()  # reserved bits: no feature
