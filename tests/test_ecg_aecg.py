@@ -142,3 +142,17 @@ def test_fuzz_full_example(ops: list[tuple]) -> None:
     data = _read("fda_hl7_Example_aECG.xml")
     # mutate mostly around the structure before the first digits, where it matters
     decodes_or_refuses(read_aecg, apply(data, ops, lo=0, hi=data.index(b"<digits>") + 4000))
+
+
+@pytest.mark.parametrize("increment,needle", [
+    ("inf", "is not finite"), ("-inf", "is not finite"), ("nan", "is not finite"),
+    ("1e-320", "no usable sampling rate"), ("0", "positive increment"), ("-0.002", "positive increment"),
+])
+def test_a_time_increment_that_gives_no_sampling_rate_is_refused(increment: str, needle: str) -> None:
+    """Bug found by the mutation audit: "inf" and "nan" parse as floats, and 1 / 1e-320 overflows;
+    they crashed the decoder with ZeroDivisionError, ValueError and OverflowError instead of
+    the typed refusal (a cart's file must never crash the gateway)."""
+    doc = _read("fda_minimum_aecg.xml").replace(b'<increment value="0.002" unit="s"/>',
+                                                 f'<increment value="{increment}" unit="s"/>'.encode())
+    with pytest.raises(ProtocolError, match=needle):
+        read_aecg(doc)
