@@ -711,3 +711,61 @@ def test_blood_pressure_feature_bits_follow_the_gatt_supplement(bit: int, name: 
     irregular pulse must not be shown as one that can (its silence would read as "regular")."""
     assert decode_blood_pressure_feature(struct.pack("<H", 1 << bit)) == (name,)
     assert decode_blood_pressure_feature(struct.pack("<H", 0xFFC0)) == ()  # reserved bits: no feature
+
+
+# -- the bounds-checked reader and Date Time, at their limits ---------------------------------
+
+def _dt(year: int, month: int, day: int, h: int = 0, m: int = 0, s: int = 0) -> bytes:
+    return struct.pack("<HBBBBB", year, month, day, h, m, s)
+
+
+@pytest.mark.parametrize("raw,expected", [
+    (_dt(1582, 1, 1), dt.datetime(1582, 1, 1)), (_dt(9999, 12, 31, 23, 59, 59), dt.datetime(9999, 12, 31, 23, 59, 59)),
+    (_dt(2024, 2, 29, 12, 0, 0), dt.datetime(2024, 2, 29, 12)),
+])
+def test_date_time_limits_are_accepted(raw: bytes, expected: dt.datetime) -> None:
+    assert decode_date_time(raw) == expected
+    assert encode_date_time(expected) == raw
+
+
+@pytest.mark.parametrize("raw,needle", [
+    (_dt(1581, 1, 1), "outside 1582-9999"), (_dt(10000, 1, 1), "outside 1582-9999"),
+    (_dt(2024, 13, 1), "out of range"), (_dt(2024, 1, 32), "out of range"), (_dt(2024, 1, 1, 24), "out of range"),
+    (_dt(2024, 1, 1, 0, 60), "out of range"), (_dt(2024, 1, 1, 0, 0, 60), "out of range"),
+    (_dt(2023, 2, 29), "no such date"), (b"\xe8\x07\x03\x05\x09\x1e", "is 7 bytes, got 6"),
+])
+def test_date_time_out_of_range_says_which(raw: bytes, needle: str) -> None:
+    with pytest.raises(ProtocolError, match=needle):
+        decode_date_time(raw, "Date Time")
+
+
+def test_date_time_encoding_refuses_years_the_format_cannot_hold() -> None:
+    assert encode_date_time(None) == bytes(7)
+    with pytest.raises(ValueError, match="year 1581 cannot be sent"):
+        encode_date_time(dt.datetime(1581, 12, 31))
+    assert encode_date_time(dt.datetime(1582, 1, 1)) == _dt(1582, 1, 1)
+
+
+def test_the_payload_reader_reads_exactly_what_is_there() -> None:
+    from devices.ble.payload import MAX_ATTRIBUTE_LENGTH, PayloadReader
+
+    r = PayloadReader(bytes([0x01, 0x34, 0x12, 0xFE, 0xFF, 0x56, 0x34, 0x12, 0x78, 0x56, 0x34, 0x12, 0x02, 0x00]), "T")
+    assert (r.u8("a"), r.u16("b"), r.s16("c"), r.u24("d"), r.u32("e")) == (1, 0x1234, -2, 0x123456, 0x12345678)
+    assert r.remaining == 2 and r.sfloat("f").value == 2.0 and r.remaining == 0
+    r.end()
+    r = PayloadReader(b"\x01\x02\x03", "T")
+    assert r.take(0, "nothing") == b"" and r.rest() == b"\x01\x02\x03" and r.remaining == 0
+    with pytest.raises(ProtocolError, match=r"T: x needs 1 bytes at offset 3, 0 left \(payload 3 bytes\)"):
+        r.u8("x")
+    with pytest.raises(ProtocolError, match="needs -1 bytes"):
+        PayloadReader(b"\x01", "T").take(-1, "negative")
+    with pytest.raises(ProtocolError, match="1 unexpected trailing byte"):
+        reader = PayloadReader(b"\x01\x02", "T")
+        reader.u8("a")
+        reader.end()
+    f = PayloadReader(struct.pack("<I", 0xFF00016E), "T").float32("t")
+    assert f.value == 36.6
+    assert PayloadReader(bytes(MAX_ATTRIBUTE_LENGTH), "T").remaining == 512  # the GATT maximum itself
+    with pytest.raises(ProtocolError, match="513 bytes, longer than any GATT value"):
+        PayloadReader(bytes(MAX_ATTRIBUTE_LENGTH + 1), "T")
+    assert PayloadReader(b"\x00" * 7, "T").date_time("when") is None
