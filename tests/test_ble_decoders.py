@@ -769,3 +769,18 @@ def test_the_payload_reader_reads_exactly_what_is_there() -> None:
     with pytest.raises(ProtocolError, match="513 bytes, longer than any GATT value"):
         PayloadReader(bytes(MAX_ATTRIBUTE_LENGTH + 1), "T")
     assert PayloadReader(b"\x00" * 7, "T").date_time("when") is None
+
+
+def test_fahrenheit_is_converted_to_hundredths_of_a_degree() -> None:
+    """100.1 °F is 37.83 °C: the thermometer's resolution, not 37.833333 (nor 37.8)."""
+    q = decode_temperature_measurement(b"\x01" + fl(100.1, -1)).quantities[0]
+    assert (q.value, q.unit, q.sent_value, q.sent_unit) == (37.83, "Cel", 100.1, "[degF]")
+
+
+@pytest.mark.parametrize("decoder,kind", [(decode_temperature_measurement, "body-temperature"),
+                                          (decode_intermediate_temperature, "body-temperature-intermediate")])
+def test_temperature_details_say_units_and_site(decoder, kind: str) -> None:
+    m = decoder(b"\x05" + fl(98.6, -1) + b"\x01")
+    assert m.kind == kind and m.details == {"flags": 5, "units": "[degF]", "temperature_type": "armpit"}
+    m = decoder(b"\x00" + fl(36.6, -1))
+    assert m.details == {"flags": 0, "units": "Cel"}

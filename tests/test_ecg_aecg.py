@@ -370,3 +370,23 @@ def test_what_looks_like_an_aecg() -> None:
     assert not looks_like_aecg(b"<ECG/>")
     assert looks_like_aecg(b" " * 4080 + b"<AnnotatedECG")  # within the first 4 KiB
     assert not looks_like_aecg(b" " * 4084 + b"<AnnotatedECG")  # beyond them
+
+
+def test_a_birth_date_needs_all_eight_digits_and_may_be_absent() -> None:
+    person = ('<subjectDemographicPerson><name>X</name><birthTime value="19530518"/></subjectDemographicPerson>')
+    assert read_aecg(_doc(subject=_subject(person))).patient.birth_date == dt.date(1953, 5, 18)
+    no_birth = person.replace('<birthTime value="19530518"/>', "")
+    assert read_aecg(_doc(subject=_subject(no_birth))).patient.birth_date is None
+
+
+def test_a_document_type_declaration_is_refused() -> None:
+    """No DTD at all (forbid_dtd): even one without entities could be the first step of an attack."""
+    doc = b'<?xml version="1.0"?><!DOCTYPE AnnotatedECG>' + _doc()
+    with pytest.raises(ProtocolError, match="refused unsafe XML"):
+        read_aecg(doc)
+
+
+def test_the_root_element_may_end_at_the_last_byte_of_the_first_4_kib() -> None:
+    from devices.ecg.aecg import looks_like_aecg
+
+    assert looks_like_aecg(b" " * 4083 + b"<AnnotatedECG")  # "G" is byte 4096
