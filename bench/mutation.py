@@ -41,6 +41,7 @@ import importlib.abc
 import importlib.util
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -387,6 +388,81 @@ def swap_in(module: ModuleType, code: CodeType) -> int:
     return swapped
 
 
+def _is_data(value: object, depth: int = 0) -> bool:
+    """Plain data (numbers, text, containers of them, compiled patterns): safe to swap in."""
+    if depth > 20:
+        return False
+    if value is None or type(value) in (int, float, complex, bool, str, bytes, re.Pattern):
+        return True
+    if type(value) in (tuple, list, set, frozenset):
+        return all(_is_data(v, depth + 1) for v in value)  # type: ignore[attr-defined]
+    if type(value) is dict:
+        return all(_is_data(k, depth + 1) and _is_data(v, depth + 1) for k, v in value.items())  # type: ignore[attr-defined]
+    return False
+
+
+def patch_tables(module: ModuleType, code: CodeType) -> int:
+    """For a mutant in import-time code: run the mutated module into a scratch namespace and, for
+    every module-level name whose value is plain data and now differs, put the new value in the
+    live module and wherever another module imported it under the same name (`from m import X`).
+    0 (use the slow path) when anything else changed (a class, a function's defaults ...)."""
+    scratch: dict[str, object] = {"__name__": module.__name__, "__file__": module.__file__,
+                                  "__builtins__": __builtins__}
+    try:
+        exec(code, scratch)
+    except Exception:
+        return 0  # the mutated module does not even import: the slow path reports that
+    live = vars(module)
+    changed = {}
+    for name, new in scratch.items():
+        if name.startswith("__") or name not in live:
+            continue
+        old = live[name]
+        if _is_data(old):
+            try:
+                same = bool(new == old) and type(new) is type(old)
+            except Exception:
+                same = False
+            if not same:
+                if not _is_data(new):
+                    return 0
+                changed[name] = (old, new)
+        elif isinstance(old, (FunctionType, type)):
+            old_code = getattr(old, "__code__", None)
+            new_code = getattr(new, "__code__", None)
+            if old_code is not None and new_code is not None and (
+                    old_code != new_code or old.__defaults__ != new.__defaults__):
+                return 0  # a default argument changed: only a fresh import shows it
+            if isinstance(old, type) and _class_body_differs(old, new):
+                return 0
+    if not changed:
+        return 0
+    for name, (old, new) in changed.items():
+        live[name] = new
+        for other in list(sys.modules.values()):
+            namespace = getattr(other, "__dict__", None)
+            if namespace is not None and other is not module and namespace.get(name) is old:
+                namespace[name] = new
+    return len(changed)
+
+
+def _class_body_differs(old: type, new: object) -> bool:
+    """Did the mutation change a class attribute (a dataclass default, a class constant)?"""
+    if not isinstance(new, type):
+        return True
+    for key, value in vars(old).items():
+        if key.startswith("__") and key not in ("__dataclass_fields__",):
+            continue
+        other = vars(new).get(key)
+        if key == "__dataclass_fields__":
+            if {k: (f.default, f.default_factory) for k, f in value.items()} != \
+                    {k: (f.default, f.default_factory) for k, f in other.items()}:
+                return True
+        elif _is_data(value) and value != other:
+            return True
+    return False
+
+
 class Recorder:
     """pytest plugin: the first failing test, and (baseline) who executes which lines, how long."""
 
@@ -562,7 +638,13 @@ class Zygote:
             _die_with_parent()
             result: dict[str, object]
             module = sys.modules.get(module_name(self.module))
-            swapped = swap_in(module, mutated_code(self.path, self.source, job.mutant)) if module else 0
+            code = mutated_code(self.path, self.source, job.mutant)
+            if module is None:
+                swapped = 0
+            elif job.mutant.at_import:
+                swapped = patch_tables(module, code)
+            else:
+                swapped = swap_in(module, code)
             if not swapped:
                 result = {"status": "slow path"}
             else:
@@ -674,9 +756,7 @@ def run_module(module: str, allowed: dict[str, str], parallel: int, workdir: Pat
         budget = 15.0 + 4 * sum(durations[t] for t in order)
         if not order:
             report.outcomes.append(Outcome(mutant, "not covered", argued=allowed.get(mutant.mutant_id, "")))
-        elif mutant.at_import:
-            slow.append(Job(mutant, order, budget + 3 * collect_s))
-        else:
+        else:  # import-time mutants try the fast path too (patch_tables), else fall back to slow
             fast.append(Job(mutant, order, budget))
 
     if fast:
