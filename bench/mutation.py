@@ -88,7 +88,7 @@ FOCUSED_TESTS: dict[str, list[str]] = {
     "devices/bridge/session.py": ["tests/test_bridge_codec.py", "tests/test_bridge_ecg_stream.py"],
     "devices/ecg/aecg.py": ["tests/test_ecg_aecg.py"],
     "devices/ecg/contec.py": ["tests/test_ecg_contec.py", "tests/test_ecg_formats.py"],
-    "devices/ecg/dicom_input.py": ["tests/test_ecg_dicom_input.py"],
+    "devices/ecg/dicom_input.py": ["tests/test_ecg_dicom_rules.py", "tests/test_ecg_dicom_input.py"],
     "devices/ecg/formats.py": ["tests/test_ecg_formats.py"],
     "devices/ecg/leads.py": ["tests/test_ecg_leads.py", "tests/test_ecg_formats.py"],
     "devices/ecg/npz.py": ["tests/test_npz.py"],
