@@ -98,7 +98,7 @@ FOCUSED_TESTS: dict[str, list[str]] = {
     "devices/ecg/scp.py": ["tests/test_ecg_scp.py"],
     "devices/gps/dop.py": ["tests/test_gps_dop.py", "tests/test_gps_nmea.py"],
     "devices/gps/fix.py": ["tests/test_gps_fix.py", "tests/test_gps_nmea.py"],
-    "devices/gps/nmea.py": ["tests/test_gps_nmea.py"],
+    "devices/gps/nmea.py": ["tests/test_gps_sentences.py", "tests/test_gps_nmea.py"],
     "devices/gps/stream.py": ["tests/test_gps_nmea.py", "tests/test_gps_fix.py"],
     "uploader/dicom_ecg.py": ["tests/test_dicom_ecg.py"],
     "uploader/fhir_bundle.py": ["tests/test_fhir_bundle.py"],
