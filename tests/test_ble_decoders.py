@@ -784,3 +784,37 @@ def test_temperature_details_say_units_and_site(decoder, kind: str) -> None:
     assert m.kind == kind and m.details == {"flags": 5, "units": "[degF]", "temperature_type": "armpit"}
     m = decoder(b"\x00" + fl(36.6, -1))
     assert m.details == {"flags": 0, "units": "Cel"}
+
+
+@pytest.mark.parametrize("bit,name", [
+    (0, "measurement-status"), (1, "device-and-sensor-status"), (2, "spot-check-measurement-storage"),
+    (3, "spot-check-timestamp"), (4, "spo2pr-fast"), (5, "spo2pr-slow"), (6, "pulse-amplitude-index"),
+    (7, "multiple-bonds"),
+])
+def test_plx_feature_bits_and_their_support_masks(bit: int, name: str) -> None:
+    """PLX Features (0x2A60): bit 0 is followed by a u16 mask, bit 1 by a u24 mask, others by nothing."""
+    mask = {0: b"\xff\xff", 1: b"\xff\xff\xff"}.get(bit, b"")
+    assert decode_plx_features(struct.pack("<H", 1 << bit) + mask) == (name,)
+    with pytest.raises(ProtocolError):
+        decode_plx_features(struct.pack("<H", 1 << bit) + mask + b"\x00")  # one byte too many
+    assert decode_plx_features(b"\x03\x00" + b"\x01\x00" + b"\x02\x00\x00") == ("measurement-status",
+                                                                             "device-and-sensor-status")
+
+
+def test_weight_in_kilograms_pounds_and_the_unsuccessful_marker() -> None:
+    m = decode_weight_measurement(b"\x08" + struct.pack("<HHH", 14001, 253, 1753))
+    weight, bmi, height = m.quantities
+    assert (weight.value, weight.sent_value, weight.unit, weight.sent_unit) == (70.005, 70.005, "kg", "kg")
+    assert (bmi.value, bmi.sent_value, bmi.unit) == (25.3, 25.3, "kg/m2")
+    assert (height.value, height.sent_value, height.unit) == (1.753, 1.753, "m")
+    assert m.details == {"flags": 8, "units": "SI"} and m.user_id is None
+    m = decode_weight_measurement(b"\x0d" + struct.pack("<HBHH", 15432, 2, 253, 695))
+    weight, bmi, height = m.quantities
+    assert (weight.value, weight.sent_value, weight.sent_unit) == (69.9984, 154.32, "[lb_av]")  # kg to 0.1 g
+    assert (height.value, height.sent_value, height.sent_unit) == (1.765, 69.5, "[in_i]")  # m to the mm
+    assert m.details == {"flags": 13, "units": "imperial", "user_id": 2} and m.user_id == 2
+    for flags in (b"\x00", b"\x01"):  # 0xFFFF: "measurement unsuccessful", in either unit system
+        q = decode_weight_measurement(flags + b"\xff\xff").quantities[0]
+        assert q.value is None and q.special == "nan"
+    tall = decode_weight_measurement(b"\x08" + struct.pack("<HHH", 14001, 253, 0xFFFF)).quantities[2]
+    assert tall.value == 65.535  # only the weight has an "unsuccessful" code
