@@ -61,3 +61,11 @@ def test_json_round_trip() -> None:
     assert Fix.from_json({"mode": 1, "time": None, "unknown": 5}) == Fix(FixMode.NO_FIX, None)
     east8 = Fix(FixMode.FIX_2D, dt.datetime(2024, 6, 1, 20, tzinfo=dt.timezone(dt.timedelta(hours=8))), 1.0, 2.0)
     assert east8.to_json()["time"] == "2024-06-01T12:00:00Z"
+
+
+def test_modes_are_gpsds_numbers_and_defaults_claim_nothing() -> None:
+    """TPV "mode": 0 unknown, 1 no fix, 2 2D, 3 3D - the numbers in gpsd's JSON and ours."""
+    assert [int(m) for m in (FixMode.UNKNOWN, FixMode.NO_FIX, FixMode.FIX_2D, FixMode.FIX_3D)] == [0, 1, 2, 3]
+    bare = Fix(FixMode.FIX_3D, None)
+    assert not bare.dgps and bare.error_source is None and bare.systems == ()  # no DGPS claimed
+    assert Fix.from_json({}) == Fix(FixMode.UNKNOWN, None)  # a record without a mode knows nothing
