@@ -68,4 +68,4 @@ def test_modes_are_gpsds_numbers_and_defaults_claim_nothing() -> None:
     assert [int(m) for m in (FixMode.UNKNOWN, FixMode.NO_FIX, FixMode.FIX_2D, FixMode.FIX_3D)] == [0, 1, 2, 3]
     bare = Fix(FixMode.FIX_3D, None)
     assert not bare.dgps and bare.error_source is None and bare.systems == ()  # no DGPS claimed
-    assert Fix.from_json({}) == Fix(FixMode.UNKNOWN, None)  # a record without a mode knows nothing
+    assert Fix.from_json({"time": None}) == Fix(FixMode.UNKNOWN, None)  # a record without a mode knows nothing
