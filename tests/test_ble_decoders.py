@@ -818,3 +818,92 @@ def test_weight_in_kilograms_pounds_and_the_unsuccessful_marker() -> None:
         assert q.value is None and q.special == "nan"
     tall = decode_weight_measurement(b"\x08" + struct.pack("<HHH", 14001, 253, 0xFFFF)).quantities[2]
     assert tall.value == 65.535  # only the weight has an "unsuccessful" code
+
+
+# -- Glucose: every coded value of the GATT Specification Supplement, one by one -------------
+# A wrong entry shows venous plasma as capillary blood, a fasting value as after a meal, a
+# long-acting insulin dose as rapid-acting.
+
+def _glucose(type_location: int, status: int | None = None) -> Measurement:
+    flags = 0x02 | (0x08 if status is not None else 0)
+    data = bytes((flags,)) + b"\x01\x00" + DATE_TIME_2024 + sf(0.0009, -5) + bytes((type_location,))
+    return decode_glucose_measurement(data + (struct.pack("<H", status) if status is not None else b""))
+
+
+@pytest.mark.parametrize("code,name", [
+    (1, "capillary-whole-blood"), (2, "capillary-plasma"), (3, "venous-whole-blood"), (4, "venous-plasma"),
+    (5, "arterial-whole-blood"), (6, "arterial-plasma"), (7, "undetermined-whole-blood"),
+    (8, "undetermined-plasma"), (9, "interstitial-fluid"), (10, "control-solution"),
+])
+def test_glucose_sample_types(code: int, name: str) -> None:
+    assert _glucose(0x10 | code).details["sample_type"] == name
+    for reserved in (0, 11, 15):
+        with pytest.raises(ProtocolError, match=f"Type value {reserved} is reserved"):
+            _glucose(0x10 | reserved)
+
+
+@pytest.mark.parametrize("code,name", [(1, "finger"), (2, "alternate-site-test"), (3, "earlobe"),
+                                       (4, "control-solution"), (15, "not-available")])
+def test_glucose_sample_locations(code: int, name: str) -> None:
+    m = _glucose((code << 4) | 1)
+    assert m.details["sample_location"] == name
+    assert (f"site-{name}" in m.flags) is (name != "not-available")
+    assert ("control-solution" in m.flags) is (name == "control-solution")
+    for reserved in (0, 5, 14):
+        with pytest.raises(ProtocolError, match=f"Sample Location value {reserved} is reserved"):
+            _glucose((reserved << 4) | 1)
+
+
+@pytest.mark.parametrize("bit,name", [
+    (0, "battery-low"), (1, "sensor-malfunction"), (2, "sample-size-insufficient"), (3, "strip-insertion-error"),
+    (4, "strip-type-incorrect"), (5, "result-above-device-range"), (6, "result-below-device-range"),
+    (7, "sensor-temperature-too-high"), (8, "sensor-temperature-too-low"), (9, "strip-pulled-too-soon"),
+    (10, "general-device-fault"), (11, "time-fault"),
+])
+def test_glucose_sensor_status_bits(bit: int, name: str) -> None:
+    m = _glucose(0x11, status=1 << bit)
+    assert m.flags == ("sample-capillary-whole-blood", "site-finger", name)
+    assert m.clock_untrusted is (name == "time-fault")
+    assert _glucose(0x11, status=0xF000).flags == ("sample-capillary-whole-blood", "site-finger")
+
+
+def _context(flags: int, body: bytes) -> tuple[str, ...]:
+    return decode_glucose_context(bytes((flags,)) + b"\x01\x00" + body).flags
+
+
+@pytest.mark.parametrize("code,name", [(1, "breakfast"), (2, "lunch"), (3, "dinner"), (4, "snack"), (5, "drink"),
+                                       (6, "supper"), (7, "brunch")])
+def test_glucose_carbohydrate_ids(code: int, name: str) -> None:
+    assert _context(0x01, bytes((code,)) + sf(0.045, -3)) == (f"carbohydrate-{name}",)
+
+
+@pytest.mark.parametrize("code,name", [(1, "preprandial"), (2, "postprandial"), (3, "fasting"), (4, "casual"),
+                                       (5, "bedtime")])
+def test_glucose_meals(code: int, name: str) -> None:
+    assert _context(0x02, bytes((code,))) == (f"meal-{name}",)
+
+
+@pytest.mark.parametrize("tester,tester_name", [(1, "self"), (2, "health-care-professional"), (3, "lab-test"),
+                                                (15, "not-available")])
+@pytest.mark.parametrize("health,health_name", [(1, "minor-health-issues"), (2, "major-health-issues"),
+                                                (3, "during-menses"), (4, "under-stress"), (5, "no-health-issues"),
+                                                (15, "not-available")])
+def test_glucose_tester_and_health(tester: int, tester_name: str, health: int, health_name: str) -> None:
+    assert _context(0x04, bytes(((health << 4) | tester,))) == (f"tester-{tester_name}", f"health-{health_name}")
+
+
+@pytest.mark.parametrize("code,name", [(1, "rapid-acting-insulin"), (2, "short-acting-insulin"),
+                                       (3, "intermediate-acting-insulin"), (4, "long-acting-insulin"),
+                                       (5, "pre-mixed-insulin")])
+def test_glucose_medication_ids(code: int, name: str) -> None:
+    assert _context(0x10, bytes((code,)) + sf(0.000002, -6)) == (f"medication-{name}",)
+
+
+@pytest.mark.parametrize("bit,name", [
+    (0, "low-battery-detection"), (1, "sensor-malfunction-detection"), (2, "sensor-sample-size"),
+    (3, "sensor-strip-insertion-error-detection"), (4, "sensor-strip-type-error-detection"),
+    (5, "sensor-result-high-low-detection"), (6, "sensor-temperature-high-low-detection"),
+    (7, "sensor-read-interrupt-detection"), (8, "general-device-fault"), (9, "time-fault"), (10, "multiple-bond"),
+])
+def test_glucose_feature_bits(bit: int, name: str) -> None:
+    assert decode_glucose_feature(struct.pack("<H", 1 << bit)) == (name,)
