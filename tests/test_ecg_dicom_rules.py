@@ -126,7 +126,7 @@ def test_big_endian_objects_are_read_in_their_byte_order() -> None:
 def test_every_voltage_unit(unit: str, factor: float) -> None:
     channels = [_channel(_scp(1), sensitivity="4", unit=unit), _channel(_scp(2), sensitivity="4", unit=unit)]
     r = read_dicom_ecg(_dump(_group(channels)))
-    assert r.uv_per_unit == pytest.approx(4 * factor)
+    assert r.uv_per_unit == 4 * factor  # exactly: a factor off by a millionth is a wrong amplitude
     assert r.microvolts()[0].tolist() == pytest.approx([v * 4 * factor for v in (10, 30, 50)])
 
 
@@ -302,8 +302,8 @@ def test_patient_and_device_as_the_object_names_them() -> None:
     r = read_dicom_ecg(data)
     assert r.patient == Patient("P-9", "Li^Wei", dt.date(1953, 5, 18), "F", issuer="county")
     assert r.device == DeviceIdentity("Mortara", "ELI", "S1", "", "1.0\\2.1")
-    r = read_dicom_ecg(_dump(PatientID="P-9", PatientBirthDate="19531318", PatientSex="X", SoftwareVersions="3"))
-    assert r.patient == Patient("P-9") and r.device.software_version == "3"
+    r = read_dicom_ecg(_dump(PatientID="P-9", PatientBirthDate="19531318", PatientSex="X", SoftwareVersions="3.1"))
+    assert r.patient == Patient("P-9") and r.device.software_version == "3.1"
     assert read_dicom_ecg(_dump(PatientID="  ")).patient is None  # no identifier: unassigned
 
 
@@ -339,3 +339,42 @@ def test_a_raw_data_set_without_preamble_is_recognised_whatever_its_name() -> No
     assert raw[:4] == b"\x08\x00\x05\x00"
     assert detect_format(raw, "ECG0001") == "dicom"
     assert decode_ecg(raw, "ECG0001").n_samples == 10000
+
+
+@pytest.mark.parametrize("number,name", [(31, "I"), (32, "II"), (33, "V1"), (34, "V2"), (35, "V3"), (36, "V4"),
+                                         (37, "V5"), (38, "V6"), (111, "III"), (112, "aVR"), (113, "aVL"),
+                                         (114, "aVF")])
+def test_every_mdc_derived_lead_code(number: int, name: str) -> None:
+    """By the code alone (a meaningless CodeMeaning): MDC 2:31-38 and 2:111-114 are derived leads."""
+    other = _channel(_scp(9 if name != "V7" else 10))  # V7: a lead none of these is
+    r = read_dicom_ecg(_dump(_group([other, _channel(_code(f"2:{number}", "MDC", "x"))])))
+    assert name in r.lead_names and name in r.derived_leads
+
+
+@pytest.mark.parametrize("number,lead", [(39, None), (60, None), (61, "III"), (30, "fH"), (39 + 40, "V8-cal")])
+def test_mdc_numbers_that_are_scp_calibration_signals_are_not_leads(number: int, lead: str | None) -> None:
+    r = read_dicom_ecg(_dump(_group([_channel(_scp(9)), _channel(_code(f"2:{number}", "MDC", "x"))])))
+    assert r.lead_names == ("V7",) if lead is None else lead in r.lead_names
+
+
+def test_missing_counts_are_not_guessed() -> None:
+    g = _group([_channel(_scp(4))], samples=np.array([[7], [8]]))
+    del g.NumberOfWaveformChannels
+    with pytest.raises(ProtocolError, match="declares 0 channels"):
+        read_dicom_ecg(_dump(g))
+    g = _group([_channel(_scp(4))], samples=np.array([[7], [8]]))
+    del g.NumberOfWaveformSamples
+    with pytest.raises(ProtocolError, match="x 0 samples"):
+        read_dicom_ecg(_dump(g))
+
+
+def test_a_slow_but_positive_rate_is_read_and_equal_groups_keep_the_first() -> None:
+    assert read_dicom_ecg(_dump(_group(rate="0.5"))).sampling_rate_hz == 0.5
+    first = _group(label="RHYTHM")
+    second = _group(samples=SAMPLES * 2, label="RHYTHM")
+    assert read_dicom_ecg(_dump(first, second)).lead("I").tolist() == [10, 30, 50]
+
+
+def test_a_recording_the_object_cannot_make_is_a_protocol_error() -> None:
+    with pytest.raises(ProtocolError, match="DICOM ECG: acquired_at must carry a time zone"):
+        read_dicom_ecg(_dump(AcquisitionDateTime=None), received_at=dt.datetime(2026, 1, 1))
