@@ -908,3 +908,62 @@ def test_glucose_medication_ids(code: int, name: str) -> None:
 ])
 def test_glucose_feature_bits(bit: int, name: str) -> None:
     assert decode_glucose_feature(struct.pack("<H", 1 << bit)) == (name,)
+
+
+# -- Current Time (0x2A2B): every field at its limits ----------------------------------------
+
+@pytest.mark.parametrize("bit,name", [(0, "manual-time-update"), (1, "external-reference-time-update"),
+                                      (2, "time-zone-change"), (3, "dst-change")])
+def test_current_time_adjust_reasons(bit: int, name: str) -> None:
+    ct = decode_current_time(CURRENT_TIME_2024[:9] + bytes((1 << bit,)))
+    assert ct.adjust_reasons == (name,)
+    assert encode_current_time(T0, 1 << bit)[-1] == 1 << bit
+
+
+def test_current_time_limits() -> None:
+    from devices.ble.current_time import (ADJUST_DST, ADJUST_EXTERNAL_REFERENCE, ADJUST_MANUAL, ADJUST_TIME_ZONE,
+                                          CURRENT_TIME_LENGTH, UNKNOWN_DAY_OF_WEEK)
+
+    assert (ADJUST_MANUAL, ADJUST_EXTERNAL_REFERENCE, ADJUST_TIME_ZONE, ADJUST_DST) == (1, 2, 4, 8)
+    assert CURRENT_TIME_LENGTH == len(CURRENT_TIME_2024) == 10 and UNKNOWN_DAY_OF_WEEK == 0
+    assert encode_current_time(T0)[-1] == ADJUST_MANUAL | ADJUST_EXTERNAL_REFERENCE  # the default reason
+    sunday = bytes.fromhex("e8070303091e0f") + b"\x07\x00\x00"  # 2024-03-03 was a Sunday: day 7
+    assert decode_current_time(sunday).day_of_week == 7
+    assert decode_current_time(bytes.fromhex("e8070305091e0f") + b"\x00\x00\x00").day_of_week == 0  # unknown
+    with pytest.raises(ProtocolError, match="day of week 8 is reserved"):
+        decode_current_time(bytes(7) + b"\x08\x00\x00")  # even with the date unknown
+    last = decode_current_time(CURRENT_TIME_2024[:8] + b"\xff\x00")
+    assert last.local_time.microsecond == 996093  # 255/256 s, truncated to the microsecond
+    with pytest.raises(ValueError, match="reserved adjust-reason bits 0x10"):
+        encode_current_time(T0, 0x10)
+    with pytest.raises(ValueError, match="naive datetime"):
+        encode_current_time(T0.replace(tzinfo=dt.timezone.utc))
+
+
+def test_quantities_convert_only_when_asked() -> None:
+    from devices.ble.measurement import quantity
+    from devices.observation import Quantity
+
+    reading = MedFloat(1.23456789, None, -8)
+    assert quantity("x", reading, "u", "u").value == 1.23456789  # no factor, no offset: kept as sent
+    assert quantity("x", reading, "u", "v", 2.0).value == 2.469136  # converted: rounded to 6 digits
+    assert quantity("x", reading, "u", "v", 1.0, 1.0).value == 2.234568  # an offset alone converts too
+    assert quantity("x", MedFloat(None, "nres"), "u", "v", 2.0) == Quantity("x", None, "u", None, "v", "nres")
+
+
+def test_record_keys_are_24_hex_digits_of_sha256() -> None:
+    import re
+
+    from devices.ble.measurement import Measurement, record_key, to_observation
+    from devices.identity import DeviceIdentity, TimeSource
+    from devices.observation import Quantity
+
+    m = Measurement(0x2A1C, "body-temperature", (Quantity("body-temperature", 36.6, "Cel", 36.6, "Cel"),),
+                    device_time=dt.datetime(2024, 3, 5, 9, 31), flags=("site-mouth",))
+    key = record_key("aa:bb", m, T0.replace(tzinfo=dt.timezone.utc))
+    assert re.fullmatch(r"ble:AA:BB:body-temperature:20240305T093100:[0-9a-f]{24}", key), key
+    obs = to_observation(m, device=DeviceIdentity(address="AA:BB"), measured_at=T0.replace(tzinfo=dt.timezone.utc),
+                         time_source=TimeSource.DEVICE_CLOCK, received_at=T0.replace(tzinfo=dt.timezone.utc),
+                         key=key, patient_id="P-1", extra_flags=("clock-corrected",))
+    assert (obs.kind, obs.record_key, obs.patient_id, obs.flags) == ("body-temperature", key, "P-1",
+                                                                     ("site-mouth", "clock-corrected"))
