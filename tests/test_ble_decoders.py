@@ -967,3 +967,57 @@ def test_record_keys_are_24_hex_digits_of_sha256() -> None:
                          key=key, patient_id="P-1", extra_flags=("clock-corrected",))
     assert (obs.kind, obs.record_key, obs.patient_id, obs.flags) == ("body-temperature", key, "P-1",
                                                                      ("site-mouth", "clock-corrected"))
+
+
+# -- every 16-bit UUID against an independent copy of the SIG assigned numbers (bleak's) -------
+# A wrong number subscribes to the wrong characteristic: no readings, or another value read as
+# a blood pressure.
+
+SIG_NAMES = {
+    "GENERIC_ACCESS": "Generic Access Profile", "DEVICE_INFORMATION": "Device Information",
+    "CURRENT_TIME_SERVICE": "Current Time Service", "HEALTH_THERMOMETER": "Health Thermometer",
+    "BLOOD_PRESSURE": "Blood Pressure", "GLUCOSE": "Glucose", "WEIGHT_SCALE": "Weight Scale",
+    "PULSE_OXIMETER": "Pulse Oximeter", "DATE_TIME": "Date Time", "CURRENT_TIME": "Current Time",
+    "LOCAL_TIME_INFORMATION": "Local Time Information", "TEMPERATURE_MEASUREMENT": "Temperature Measurement",
+    "TEMPERATURE_TYPE": "Temperature Type", "INTERMEDIATE_TEMPERATURE": "Intermediate Temperature",
+    "GLUCOSE_MEASUREMENT": "Glucose Measurement", "GLUCOSE_MEASUREMENT_CONTEXT": "Glucose Measurement Context",
+    "GLUCOSE_FEATURE": "Glucose Feature", "BLOOD_PRESSURE_MEASUREMENT": "Blood Pressure Measurement",
+    "INTERMEDIATE_CUFF_PRESSURE": "Intermediate Cuff Pressure", "BLOOD_PRESSURE_FEATURE": "Blood Pressure Feature",
+    "RECORD_ACCESS_CONTROL_POINT": "Record Access Control Point",
+    "PLX_SPOT_CHECK_MEASUREMENT": "PLX Spot-Check Measurement",
+    "PLX_CONTINUOUS_MEASUREMENT": "PLX Continuous Measurement Characteristic", "PLX_FEATURES": "PLX Features",
+    "WEIGHT_MEASUREMENT": "Weight Measurement", "WEIGHT_SCALE_FEATURE": "Weight Scale Feature",
+    "SYSTEM_ID": "System ID", "MODEL_NUMBER": "Model Number String", "SERIAL_NUMBER": "Serial Number String",
+    "FIRMWARE_REVISION": "Firmware Revision String", "HARDWARE_REVISION": "Hardware Revision String",
+    "SOFTWARE_REVISION": "Software Revision String", "MANUFACTURER_NAME": "Manufacturer Name String",
+    "REGULATORY_CERTIFICATION": "IEEE 11073-20601 Regulatory Cert. Data List", "PNP_ID": "PnP ID",
+}
+
+
+@pytest.mark.parametrize("constant,sig_name", SIG_NAMES.items())
+def test_every_uuid_is_the_sig_assigned_number(constant: str, sig_name: str) -> None:
+    from bleak.uuids import uuid16_dict
+
+    assert uuid16_dict[getattr(uuids, constant)] == sig_name
+
+
+def test_the_health_services_and_the_base_uuid() -> None:
+    assert uuids.HEALTH_SERVICES == {0x1810: "Blood Pressure", 0x1809: "Health Thermometer",
+                                     0x1822: "Pulse Oximeter", 0x181D: "Weight Scale", 0x1808: "Glucose"}
+    assert uuids.full_uuid(0x2A35) == "00002a35-0000-1000-8000-00805f9b34fb"
+    assert uuids.full_uuid(0) == "00000000-0000-1000-8000-00805f9b34fb"
+    assert uuids.full_uuid(0xFFFF) == "0000ffff-0000-1000-8000-00805f9b34fb"
+    for bad in (-1, 0x10000):
+        with pytest.raises(ValueError, match="not a 16-bit UUID"):
+            uuids.full_uuid(bad)
+    assert uuids.short_uuid("00002A35-0000-1000-8000-00805F9B34FB") == 0x2A35
+    assert uuids.short_uuid("0000fee0-0000-1000-8000-00805f9b34fc") is None  # a vendor base
+    assert uuids.short_uuid("12345678-0000-1000-8000-00805f9b34fb") is None
+
+
+# (0x2A2A is left out: bleak abbreviates its name, "Regulatory Cert. Data List")
+@pytest.mark.parametrize("uuid16,name", [(s.uuid16, s.name) for s in registry.DECODERS.values() if s.uuid16 != 0x2A2A])
+def test_the_registry_names_each_characteristic_as_the_sig_does(uuid16: int, name: str) -> None:
+    from bleak.uuids import uuid16_dict
+
+    assert name.lower() == uuid16_dict[uuid16].lower().removesuffix(" characteristic")
