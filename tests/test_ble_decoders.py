@@ -1021,3 +1021,38 @@ def test_the_registry_names_each_characteristic_as_the_sig_does(uuid16: int, nam
     from bleak.uuids import uuid16_dict
 
     assert name.lower() == uuid16_dict[uuid16].lower().removesuffix(" characteristic")
+
+
+def test_device_information_strings_at_their_limits() -> None:
+    from devices.ble.device_information import MAX_STRING, STRING_CHARACTERISTICS
+
+    assert MAX_STRING == 248
+    assert decode_string(b"x" * 248) == "x" * 248  # the limit itself
+    with pytest.raises(ProtocolError, match="249 bytes is not a plausible device string"):
+        decode_string(b"x" * 249)
+    assert decode_string(b"A\tB") == "A\tB" and decode_string(b"  Omron  ") == "Omron"
+    with pytest.raises(ProtocolError, match="control characters"):
+        decode_string(b"A\x1fB")
+    assert decode_string(b"A B\x00") == "A B" and decode_string(b"") == ""
+    assert set(STRING_CHARACTERISTICS) == {uuids.MANUFACTURER_NAME, uuids.MODEL_NUMBER, uuids.SERIAL_NUMBER,
+                                           uuids.HARDWARE_REVISION, uuids.FIRMWARE_REVISION, uuids.SOFTWARE_REVISION}
+
+
+@pytest.mark.parametrize("source,name", [(1, "bluetooth-sig"), (2, "usb-if")])
+def test_pnp_id_vendor_sources(source: int, name: str) -> None:
+    pnp = decode_pnp_id(bytes((source,)) + struct.pack("<HHH", 0x000D, 0x1234, 0x0102))
+    assert (pnp.vendor_id_source, pnp.vendor_id, pnp.product_id, pnp.product_version) == (name, 13, 0x1234, 0x0102)
+    with pytest.raises(ProtocolError, match="vendor ID source 0 is reserved"):
+        decode_pnp_id(b"\x00" + struct.pack("<HHH", 1, 2, 3))
+
+
+def test_system_id_splits_identifier_and_oui() -> None:
+    sid = decode_system_id(bytes.fromhex("0102030405" "aabbcc"))
+    assert (sid.manufacturer_identifier, sid.organizationally_unique_identifier) == (0x0504030201, 0xCCBBAA)
+
+
+def test_device_identity_prefers_the_software_revision() -> None:
+    ident = device_identity("aa:bb", {uuids.SOFTWARE_REVISION: "2.0", uuids.FIRMWARE_REVISION: "1.0"})
+    assert (ident.software_version, ident.address) == ("2.0", "AA:BB")
+    assert device_identity("x", {uuids.FIRMWARE_REVISION: "1.0"}).software_version == "1.0"
+    assert device_identity("x", {}).software_version == ""
