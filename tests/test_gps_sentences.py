@@ -225,3 +225,57 @@ def test_time_fractions() -> None:
     assert _rmc(time="235959.999999").time == dt.time(23, 59, 59, 999999)
     assert _rmc(time="120000.5").time == dt.time(12, 0, 0, 500000)
     assert _rmc(time="120000.05").time == dt.time(12, 0, 0, 50000)
+
+
+GNS_T = "GNGNS,053232.438,3114.8789,N,12135.2442,E,ANNA,07,{f7},{f8},{f9},,"
+GSA_T = "GPGSA,A,3,04,05,,09,12,,,24,,,,,{f14},{f15},{f16}"
+EPE = "PSRFEPE,100542.000,A,{f2},{f3},{f4}"
+GST_T = "GPGST,172814.0,1,1,1,{f4},1,1,1"
+DEFAULTS = {GNS_T: {7: "1.2", 8: "153.8", 9: "8.3"}, GSA_T: {14: "2.5", 15: "1.3", 16: "2.1"},
+            EPE: {2: "0.7", 3: "6.82", 4: "10.69"}, GST_T: {4: "273.6"}}
+
+
+@pytest.mark.parametrize("template,field,low,high,attribute", [
+    (GNS_T, 7, "0", "100", "hdop"), (GNS_T, 8, "-20000", "1000000", "altitude_m"),
+    (GNS_T, 9, "-1000", "1000", "geoid_separation_m"),
+    (GSA_T, 14, "0", "100", "pdop"), (GSA_T, 15, "0", "100", "hdop"), (GSA_T, 16, "0", "100", "vdop"),
+    (EPE, 2, "0", "100", "hdop"), (EPE, 3, "0", "10000000", "ehpe_m"), (EPE, 4, "0", "10000000", "evpe_m"),
+    (GST_T, 4, "-360", "360", "orientation_deg"),
+])
+def test_every_range_is_inclusive_at_both_ends(template: str, field: int, low: str, high: str, attribute: str) -> None:
+    def parsed(value: str):
+        values = dict(DEFAULTS[template])
+        values[field] = value
+        return parse_sentence(s(template.format(**{f"f{k}": v for k, v in values.items()})))
+
+    assert getattr(parsed(low), attribute) == float(low)
+    assert getattr(parsed(high), attribute) == float(high)
+    step = 0.5 if abs(float(high)) < 1e6 else 1.0
+    for outside in (float(low) - step, float(high) + step):
+        with pytest.raises(NmeaError, match="is outside"):
+            parsed(repr(outside))
+
+
+@pytest.mark.parametrize("system_id,name", [(1, "GPS"), (2, "GLONASS"), (3, "Galileo"), (4, "BeiDou"), (5, "QZSS"),
+                                            (6, "NavIC")])
+def test_nmea_4_10_system_ids(system_id: int, name: str) -> None:
+    from devices.gps.nmea import SYSTEM_IDS
+
+    assert SYSTEM_IDS[system_id] == name and len(SYSTEM_IDS) == 6
+
+
+def test_more_framing_limits() -> None:
+    assert split_sentence(s("GPXYZ, ~"))[1] == [" ~"]  # space and tilde are printable
+    for bad in ("$GPXYZ,\x1f*00", "$GPXYZ,\x7f*00"):
+        with pytest.raises(NmeaError, match="control or non-printable"):
+            split_sentence(bad)
+    with pytest.raises(NmeaError, match="time '240000' is out of range"):
+        parse_sentence(s("GPGGA,240000,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,"))
+    assert parse_sentence(s("GPRMC,123519,A,4807.038,N,01131.000,E,022.4,084.4,230394")).date == dt.date(1994, 3, 23)
+    with pytest.raises(NmeaError, match="RMC needs at least 9 fields, got 8"):
+        parse_sentence(s("GPRMC,123519,A,4807.038,N,01131.000,E,022.4,084.4"))
+    g = parse_sentence(s("GPGSA,A,3,01,02,03,04,05,06,07,08,09,10,11,12,1,1,1"))
+    assert g.prns == tuple(range(1, 13))  # all twelve satellite slots
+    assert parse_sentence(s("PSRFEPE,100542.000,A,0.7,6.82,10.69")).evpe_m == 10.69
+    with pytest.raises(NmeaError, match="PSRFEPE needs at least 5 fields, got 4"):
+        parse_sentence(s("PSRFEPE,100542.000,A,0.7,6.82"))
