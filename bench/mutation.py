@@ -84,7 +84,7 @@ FOCUSED_TESTS: dict[str, list[str]] = {
     "devices/bridge/codec.py": ["tests/test_bridge_codec.py", "tests/test_bridge_ecg_stream.py"],
     "devices/bridge/crc.py": ["tests/test_bridge_codec.py"],
     "devices/bridge/ecg_stream.py": ["tests/test_bridge_ecg_stream.py"],
-    "devices/bridge/protocol.py": ["tests/test_bridge_codec.py"],
+    "devices/bridge/protocol.py": ["tests/test_bridge_protocol.py", "tests/test_bridge_codec.py"],
     "devices/bridge/session.py": ["tests/test_bridge_codec.py", "tests/test_bridge_ecg_stream.py"],
     "devices/ecg/aecg.py": ["tests/test_ecg_aecg.py"],
     "devices/ecg/contec.py": ["tests/test_ecg_contec.py", "tests/test_ecg_formats.py"],
