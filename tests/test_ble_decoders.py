@@ -1056,3 +1056,23 @@ def test_device_identity_prefers_the_software_revision() -> None:
     assert (ident.software_version, ident.address) == ("2.0", "AA:BB")
     assert device_identity("x", {uuids.FIRMWARE_REVISION: "1.0"}).software_version == "1.0"
     assert device_identity("x", {}).software_version == ""
+
+
+def test_glucose_units_conversions_and_context_details() -> None:
+    from devices.ble.glucose import MG_DL_PER_KG_L, MG_DL_PER_MOL_L
+
+    # 1 kg/L = 100,000 mg/dL exactly; glucose is 180.156 g/mol, so 1 mol/L = 18,015.6 mg/dL
+    assert (MG_DL_PER_KG_L, MG_DL_PER_MOL_L) == (100_000.0, 18_015.6)
+    mol = decode_glucose_measurement(b"\x06\x01\x00" + DATE_TIME_2024 + sf(0.0055, -4) + b"\x11").quantities[0]
+    assert (mol.value, mol.unit, mol.sent_value, mol.sent_unit) == (99.1, "mg/dL", 0.0055, "mol/L")  # 5.5 mmol/L
+    with pytest.raises(UnsupportedFeatureError, match="reserved flag bits 0x20"):
+        decode_glucose_measurement(b"\x20\x01\x00" + DATE_TIME_2024)
+    with pytest.raises(ProtocolError, match="leaves the calendar"):
+        decode_glucose_measurement(b"\x01\x01\x00" + _dt(9999, 12, 31, 23, 59) + struct.pack("<h", 32767))
+    carb = decode_glucose_context(b"\x01\x01\x00\x01" + sf(0.0001234, -7)).quantities[0]
+    assert (carb.value, carb.unit) == (0.123, "g")  # kg to the milligram
+    litres = decode_glucose_context(b"\x30\x01\x00\x01" + sf(0.00001234, -8))
+    assert (litres.quantities[0].value, litres.quantities[0].unit) == (0.012, "mL")
+    assert "medication_units_without_medication" not in litres.details
+    units_only = decode_glucose_context(b"\x20\x01\x00")  # the litres flag without a medication
+    assert units_only.details["medication_units_without_medication"] is True and units_only.quantities == ()
