@@ -1076,3 +1076,18 @@ def test_glucose_units_conversions_and_context_details() -> None:
     assert "medication_units_without_medication" not in litres.details
     units_only = decode_glucose_context(b"\x20\x01\x00")  # the litres flag without a medication
     assert units_only.details["medication_units_without_medication"] is True and units_only.quantities == ()
+
+
+def test_registry_decodes_strings_and_makes_json_of_anything_it_returns() -> None:
+    import enum
+
+    assert registry.decode(uuids.MANUFACTURER_NAME, b"Omron\x00") == "Omron"
+    assert registry.decode(uuids.MODEL_NUMBER, b"HEM-9200T") == "HEM-9200T"
+
+    class Colour(enum.Enum):
+        DEEP_RED = 1
+
+    assert registry.to_jsonable({1: Colour.DEEP_RED, "when": dt.date(2024, 3, 5), "list": (1, [2])}) == {
+        "1": "deep_red", "when": "2024-03-05", "list": [1, [2]]}
+    with pytest.raises(UnsupportedFeatureError, match="no decoder for characteristic 0x2a99"):
+        registry.spec_for(0x2A99)
