@@ -10,16 +10,17 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# ../shared beside the checkout; LASTMILE_SHARED_DIR points a worktree elsewhere at it
-SHARED = Path(os.environ.get("LASTMILE_SHARED_DIR") or REPO.parent / "shared")
+# ../shared beside the checkout; LASTMILE_SHARED points elsewhere (a git worktree has no ../shared)
+SHARED = Path(os.environ.get("LASTMILE_SHARED") or os.environ.get("LASTMILE_SHARED_DIR") or REPO.parent / "shared")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
-def missing(reason: str) -> None:
-    """Skip locally, fail in CI: CI must run everything."""
+def missing(reason: str, *, module: bool = False) -> None:
+    """Skip locally, fail in CI: CI must run everything. The only skip in the suite
+    (tests/test_suite_hygiene.py checks): `module=True` skips a whole test module."""
     if IN_CI:
-        pytest.fail(f"required under CI: {reason}")
-    pytest.skip(reason)
+        pytest.fail(f"required under CI: {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=module)
 
 
 def shared_file(*parts: str) -> Path:

@@ -186,6 +186,30 @@ def test_clock_reset_to_2000_is_corrected_when_offset_known() -> None:
     assert (measured, source) == (RX - dt.timedelta(minutes=20), TimeSource.DEVICE_CLOCK_CORRECTED)
 
 
+def test_clock_limits_are_inclusive() -> None:
+    """Five minutes is the tolerance itself: a stamp exactly 5 min ahead, an offset of exactly 5 min,
+    a stamp exactly at the moment the clock was set (less 5 min) are all believed; one second more
+    is not. 2020-01-01 00:00 is the earliest plausible time itself."""
+    five = dt.timedelta(minutes=5)
+    second = dt.timedelta(seconds=1)
+    assert resolve_time((RX + five).replace(tzinfo=None), RX, ClockCheck(), UTC) == (RX + five, TimeSource.DEVICE_CLOCK)
+    assert resolve_time((RX + five + second).replace(tzinfo=None), RX, ClockCheck(), UTC)[1] == \
+        TimeSource.GATEWAY_RECEIPT
+    assert resolve_time(dt.datetime(2020, 1, 1), RX, ClockCheck(), UTC)[1] == TimeSource.DEVICE_CLOCK
+    # an offset of exactly the tolerance is left alone; one second more is corrected
+    stamp = dt.datetime(2025, 6, 1, 9, 0)
+    assert resolve_time(stamp, RX, ClockCheck(offset=five), UTC)[1] == TimeSource.DEVICE_CLOCK
+    assert resolve_time(stamp, RX, ClockCheck(offset=five + second), UTC) == (
+        stamp.replace(tzinfo=UTC) - five - second, TimeSource.DEVICE_CLOCK_CORRECTED)
+    # after we set a clock that was an hour off: a stamp 5 min before the setting (clock just set,
+    # reading taken) and exactly 5 min from the receipt is the corrected clock's own
+    hour = ClockCheck(offset=dt.timedelta(hours=1), set_at=RX)
+    assert resolve_time((RX - five).replace(tzinfo=None), RX, hour, UTC) == (RX - five, TimeSource.DEVICE_CLOCK)
+    assert resolve_time((RX - five - second).replace(tzinfo=None), RX, hour, UTC)[1] == \
+        TimeSource.DEVICE_CLOCK_CORRECTED
+    assert resolve_time((RX + five).replace(tzinfo=None), RX, hour, UTC)[1] == TimeSource.DEVICE_CLOCK
+
+
 def test_small_offset_is_not_corrected_and_correction_into_future_is_refused() -> None:
     clock = ClockCheck(offset=dt.timedelta(minutes=3))
     assert resolve_time(dt.datetime(2025, 6, 1, 9, 0), RX, clock, UTC)[1] == TimeSource.DEVICE_CLOCK

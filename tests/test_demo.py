@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 
 def test_demo_delivers_everything_once_and_reports_it_as_json() -> None:
-    t0 = time.monotonic()
+    # Its duration ("under a minute") is a figure for bench/, not an assertion: load would flake it.
     out = subprocess.run([sys.executable, "-m", "lastmile", "demo", "--json"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -25,4 +24,3 @@ def test_demo_delivers_everything_once_and_reports_it_as_json() -> None:
     assert summary["report_pdfs"] == summary["recordings"] // 3 and summary["critical_reports"] == 1
     assert "CRITICAL" in out.stderr and "lastmile report ack" in out.stderr
     assert "reading center goes offline" in out.stderr and "back" in out.stderr
-    assert time.monotonic() - t0 < 60

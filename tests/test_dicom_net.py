@@ -209,12 +209,28 @@ def test_echo_refused_is_transient() -> None:
     (None, TransientError, "did not answer"),
 ])
 def test_association_answers_map_to_typed_errors(reply: bytes | None, error: type, text: str) -> None:
-    with RawAcsePeer(reply) as raw:
-        started = time.monotonic()
-        with pytest.raises(error, match=text):
-            with StoreAssociation(peer_at(raw.port, PACS_AE, timeout_s=1.0)):
+    # A peer that answers gets a generous timeout: a loaded machine must not turn "rejected" into
+    # "did not answer". Only the silent peer needs a short one, to take the timeout path at all.
+    # The events checked: the attempt returns (within a generous bound) with the typed error, after
+    # exactly one association request (no hidden retry).
+    timeout_s = 1.0 if reply is None else 60.0
+    raised: list[BaseException] = []
+
+    def attempt() -> None:
+        try:
+            with StoreAssociation(peer_at(raw.port, PACS_AE, timeout_s=timeout_s)):
                 pass
-        assert time.monotonic() - started < 3.0
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread below
+            raised.append(exc)
+
+    with RawAcsePeer(reply) as raw:
+        caller = threading.Thread(target=attempt, daemon=True)
+        caller.start()
+        caller.join(120)
+        assert not caller.is_alive(), "the association attempt never gave up"
+        assert raw.requests == 1
+    assert len(raised) == 1 and isinstance(raised[0], error), raised
+    assert text in str(raised[0])
 
 
 @pytest.mark.parametrize(("reply", "error", "text"), [
@@ -600,7 +616,7 @@ def reports(listener_port: int) -> Iterator[Reports]:
 
 def test_echo_orthanc(orthanc: OrthancServer) -> None:
     rtt = echo(peer_at(orthanc.dicom_port, PACS_AE))
-    assert 0 < rtt < 1.0
+    assert rtt > 0  # a round trip was measured (its size is bench/'s business, not a test's)
 
 
 def test_orthanc_rejects_unknown_calling_and_wrong_called_ae(orthanc: OrthancServer) -> None:

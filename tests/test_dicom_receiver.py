@@ -144,13 +144,11 @@ def test_kill_9_right_after_success_loses_nothing(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
-    started = time.monotonic()
     with Outbox.open(data_dir, min_free_bytes=0) as box:
         items = box.items()
         assert len(items) == 2
         for item in items:
             assert _dataset(box.read_payload(item)).SOPInstanceUID == item.meta["sop_instance_uid"]
-    assert time.monotonic() - started < 30
 
 
 @pytest.mark.orthanc

@@ -93,16 +93,28 @@ def test_enqueue_is_idempotent_and_uids_are_minted_once(config) -> None:
 
 def test_reading_center_outage_mid_batch_loses_and_duplicates_nothing(config, center) -> None:
     outbox = open_outbox(config)
+    uid_of: dict[int, str] = {}  # item id -> SOP Instance UID (a purged item forgets it)
+
+    def enqueue(i: int) -> None:
+        item = enqueue_recording(outbox, make_recording(i), config, key=f"k{i}").item
+        uid_of[item.id] = item.meta["sop_instance_uid"]
+
     for i in range(10):
-        enqueue_recording(outbox, make_recording(i), config, key=f"k{i}")
+        enqueue(i)
     events: list[str] = []
-    with EcgForwarder(outbox, forwarder_settings(config),
-                      on_event=lambda kind, info: events.append(kind)) as fwd:
+    sent: list[int] = []  # item ids, one per C-STORE the gateway saw succeed
+
+    def on_event(kind: str, info: dict) -> None:
+        events.append(kind)
+        if kind == "sent":
+            sent.append(info["id"])
+
+    with EcgForwarder(outbox, forwarder_settings(config), on_event=on_event) as fwd:
         stop = threading.Event()
         fwd.step(stop)  # first batches go through
         center.stop()
         for i in range(10, 14):
-            enqueue_recording(outbox, make_recording(i), config, key=f"k{i}")
+            enqueue(i)
         for _ in range(3):
             fwd.step(stop)
             time.sleep(0.2)
@@ -112,6 +124,10 @@ def test_reading_center_outage_mid_batch_loses_and_duplicates_nothing(config, ce
         pump(fwd, lambda: counts(outbox).get("purged", 0) == 14, limit_s=30)
     assert len(center.received) == 14
     assert len({o.study_uid for o in center.received.values()}) == 14
+    # What the reading center counted: one C-STORE per object, no re-send across the outage (no
+    # commitment failed), and exactly the C-STOREs the gateway recorded as sent.
+    assert {uid: o.times_stored for uid, o in center.received.items()} == dict.fromkeys(center.received, 1)
+    assert sorted(uid_of[i] for i in sent) == sorted(center.received)
     outbox.close()
 
 
@@ -176,9 +192,11 @@ def test_items_the_pacs_reports_as_failed_are_sent_again(config, center) -> None
     outbox = open_outbox(config)
     enqueue_recording(outbox, make_recording(7), config, key="k")
     lost_once: list[str] = []
+    c_stores: list[str] = []  # every C-STORE the reading center answered, lost or kept
     real_store = center._on_store
 
     def forget_first_store(event):
+        c_stores.append(str(event.dataset.SOPInstanceUID))
         status = real_store(event)
         if not lost_once:  # the PACS answers success but then loses the object
             lost_once.append(str(event.dataset.SOPInstanceUID))
@@ -194,7 +212,9 @@ def test_items_the_pacs_reports_as_failed_are_sent_again(config, center) -> None
         pump(fwd, lambda: counts(outbox).get("purged", 0) == 1, limit_s=20)
     assert any(r["failed"] == 1 for r in reports)  # first report: failed (0x0112) → re-sent
     assert center.received[lost_once[0]].times_stored == 1
-    assert committed_at_center(center, {lost_once[0]}) == {lost_once[0]}
+    assert committed_at_center(center, {lost_once[0]}) == {lost_once[0]}  # recorded a moment after our handler
+    # the one expected re-send, counted: one C-STORE, one commitment failure, one more C-STORE
+    assert c_stores == lost_once * 2 and sum(r["failed"] for r in reports) == 1
     outbox.close()
 
 

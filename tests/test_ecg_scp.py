@@ -263,7 +263,8 @@ def test_healforce_handheld_file_is_refused_clearly() -> None:
         read_scp(_read("healforce_62.SCP"))
     message = str(err.value)
     assert "non-conforming" in message and "32768" in message and "export" in message
-    assert not isinstance(err.value, UnsupportedFeatureError)  # damaged, not a feature we refuse
+    # a damaged or non-conforming file, not a well-formed one using a refused feature
+    assert type(err.value) is ProtocolError and not isinstance(err.value, UnsupportedFeatureError)
 
 
 def test_damaged_section_is_refused_by_its_checksum() -> None:

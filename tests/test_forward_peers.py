@@ -104,6 +104,7 @@ def test_orthanc_receives_each_study_once_commits_and_we_purge(tmp_path, orthanc
     uids = enqueue(config, 12)
     pump(config, done(12))
     assert orthanc.sop_instance_uids() == set(uids.values())
+    assert orthanc.c_stores() == dict.fromkeys(uids.values(), 1)  # each C-STOREd once, no silent re-send
     assert len(orthanc.study_uids()) == 12
     with open_outbox(config) as outbox:
         assert all(i.patient is None and i.state == ItemState.PURGED for i in outbox.items())
@@ -170,6 +171,7 @@ def test_storescp_without_storage_commitment_follows_the_policy(
     else:
         pump(config, done(3))
     assert len(scp.received_files()) == 3
+    assert sorted(scp.c_stores().values()) == [1, 1, 1]  # what storescp saw: three C-STOREs, one each
     c = counts(config)
     assert c.get("quarantined", 0) == 0 and c.get("queued", 0) == 0
 
@@ -183,6 +185,7 @@ def test_dicom_tls_to_storescp(tmp_path, storescp_factory, tls_material) -> None
     enqueue(config, 2)
     pump(config, lambda ob: ob.stats(time.time())["counts"].get("sent", 0) == 2)
     assert len(scp.received_files()) == 2
+    assert sorted(scp.c_stores().values()) == [1, 1]
 
 
 @pytest.mark.orthanc
@@ -217,6 +220,14 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(tmp_path, orthan
     assert orthanc.sop_instance_uids() == set(uids.values())  # every recording, once
     assert len(orthanc.study_uids()) == n  # one study per recording
     assert len(orthanc.instances()) == n
+    # What Orthanc received, C-STORE by C-STORE: a process killed after a C-STORE but before it
+    # recorded "sent" sends that object again (the PACS keeps one copy: same SOP Instance UID).
+    # Only those are allowed: at most the items one process can have in flight, per kill.
+    stores = orthanc.c_stores()
+    assert set(stores) == set(uids.values())
+    in_flight = config.reading_center.batch_size * config.reading_center.associations
+    resent = sum(stores.values()) - n
+    assert 0 <= resent <= kills * in_flight, (resent, kills, stores)
     c = counts(config)
     assert c.get("sending", 0) == 0 and c.get("purged") == n
 
@@ -230,7 +241,9 @@ def test_orthanc_dies_mid_batch_and_returns_everything_arrives_exactly_once(
                          batch_size=30, associations=1)
     uids = enqueue(config, 30)
     stop = threading.Event()
-    with open_outbox(config) as outbox, EcgForwarder(outbox, forwarder_settings(config)) as fwd:
+    failed_commitments: list[int] = []
+    on_event = lambda kind, info: failed_commitments.append(info["failed"]) if kind == "committed" else None
+    with open_outbox(config) as outbox, EcgForwarder(outbox, forwarder_settings(config), on_event=on_event) as fwd:
         killer = threading.Timer(0.15, orthanc.kill)  # a power cut at the reading center, mid-batch
         killer.start()
         first = fwd.run_round(stop)
@@ -245,6 +258,11 @@ def test_orthanc_dies_mid_batch_and_returns_everything_arrives_exactly_once(
             time.sleep(min(fwd.step(stop), 0.1))
     assert orthanc.sop_instance_uids() == set(uids.values())
     assert len(orthanc.instances()) == 30 and len(orthanc.study_uids()) == 30
+    # Re-sends, counted at Orthanc: the one C-STORE in flight when the power went (one association),
+    # and any object Orthanc reported as not committed (it died before keeping it) - no others.
+    stores = orthanc.c_stores()
+    assert set(stores) == set(uids.values())
+    assert sum(stores.values()) - 30 <= 1 + sum(failed_commitments), (stores, failed_commitments)
 
 
 # -- storage commitment reports: only the reading center's, only for our transactions --------------

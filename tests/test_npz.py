@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import re
 import zipfile
 
 import numpy as np
@@ -212,3 +213,145 @@ def test_fuzz_wrong_values_under_right_keys_decode_or_raise_protocol_error(array
         read_npz(data)
     except ProtocolError:
         pass
+
+
+# -- the limits, at the limit -------------------------------------------------------------------
+# Each limit keeps a hostile or broken file from taking the gateway's memory (a Pi with 512 MB);
+# each must let through what a real recording needs.
+
+def test_the_limits_themselves() -> None:
+    import devices.ecg.npz as npz
+
+    assert (npz.MAX_FILE_BYTES, npz.MAX_ARRAY_BYTES) == (64 * 1024 * 1024, 64 * 1024 * 1024)
+    assert (npz.MAX_LEADS, npz.MAX_TEXT, npz.MAX_GAPS) == (64, 256, 65536)
+
+
+@pytest.mark.parametrize("limit,key,value,needle", [
+    ("MAX_LEADS", "lead_names", None, "leads (1-"),
+    ("MAX_TEXT", "device_model", "x", "longer than"),
+    ("MAX_TEXT", "flags", ["x"], "too many or too long"),
+    ("MAX_GAPS", "gaps", [[1, 1]], "gaps (at most"),
+])
+def test_each_count_limit_is_inclusive(monkeypatch: pytest.MonkeyPatch, limit: str, key: str, value: object,
+                                       needle: str) -> None:
+    import devices.ecg.npz as npz
+
+    if limit == "MAX_LEADS":
+        monkeypatch.setattr(npz, "MAX_LEADS", 12)
+        assert read_npz(savez(**MINIMAL)).n_leads == 12  # exactly the limit
+        monkeypatch.setattr(npz, "MAX_LEADS", 11)
+        with pytest.raises(ProtocolError, match=re.escape(needle)):
+            read_npz(savez(**MINIMAL))
+        return
+    size = 40 if limit == "MAX_TEXT" else 3  # 40: longer than every other text of MINIMAL
+    arrays = dict(MINIMAL)
+    if key == "device_model":
+        arrays[key] = np.array("x" * size)
+    elif key == "flags":
+        arrays[key] = np.array(["x" * size])
+    else:
+        arrays[key] = np.array([[1, 1]] * size)
+    monkeypatch.setattr(npz, limit, size)
+    read_npz(savez(**arrays))  # exactly the limit
+    monkeypatch.setattr(npz, limit, size - 1)
+    with pytest.raises(ProtocolError, match=re.escape(needle)):
+        read_npz(savez(**arrays))
+
+
+def test_too_many_lead_names_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import devices.ecg.npz as npz
+
+    monkeypatch.setattr(npz, "MAX_LEADS", 11)
+    with pytest.raises(ProtocolError, match="too many or too long entries"):
+        npz._texts({"lead_names": np.array(list(STANDARD_12_LEADS))}, "lead_names")
+
+
+def test_samples_need_at_least_one_lead() -> None:
+    with pytest.raises(ProtocolError, match=re.escape("0 leads (1-64 allowed)")):
+        read_npz(savez(**{**MINIMAL, "samples": np.zeros((0, 5), dtype=np.int16), "lead_names": np.array([], dtype=str)}))
+    one = read_npz(savez(**{**MINIMAL, "samples": SAMPLES[:1], "lead_names": np.array(["II"])}))
+    assert one.lead_names == ("II",)
+
+
+def test_file_and_member_size_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    import devices.ecg.npz as npz
+
+    data = savez(**MINIMAL)
+    monkeypatch.setattr(npz, "MAX_FILE_BYTES", len(data))
+    read_npz(data)  # exactly the limit
+    monkeypatch.setattr(npz, "MAX_FILE_BYTES", len(data) - 1)
+    with pytest.raises(ProtocolError, match="is larger than"):
+        read_npz(data)
+    monkeypatch.undo()
+    biggest = max(info.file_size for info in zipfile.ZipFile(io.BytesIO(data)).infolist())
+    monkeypatch.setattr(npz, "MAX_ARRAY_BYTES", biggest)
+    read_npz(data)
+    monkeypatch.setattr(npz, "MAX_ARRAY_BYTES", biggest - 1)
+    with pytest.raises(ProtocolError, match="unpacks to"):
+        read_npz(data)
+
+
+def test_a_member_longer_than_its_directory_entry_says_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The zip directory may lie about a member's size: reading stops one byte past the limit."""
+    import devices.ecg.npz as npz
+
+    data = savez(**MINIMAL)
+    biggest = max(info.file_size for info in zipfile.ZipFile(io.BytesIO(data)).infolist())
+
+    real_infolist = zipfile.ZipFile.infolist
+
+    def lying(self: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
+        infos = real_infolist(self)
+        for info in infos:
+            info.file_size = min(info.file_size, 1)  # the directory claims tiny members
+        return infos
+
+    monkeypatch.setattr(zipfile.ZipFile, "infolist", lying)
+    monkeypatch.setattr(npz, "MAX_ARRAY_BYTES", biggest - 1)
+    with pytest.raises(ProtocolError, match=r"too large|unpacks to|Bad|CRC|not a readable"):
+        read_npz(data)
+
+
+def test_duplicate_members_and_npy_versions() -> None:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("samples.npy", b"x")
+        with pytest.warns(UserWarning, match="Duplicate name"):
+            archive.writestr("samples.npy", b"x")
+    with pytest.raises(ProtocolError, match="duplicate members"):
+        read_npz(buffer.getvalue())
+    v2 = io.BytesIO()
+    np.lib.format.write_array(v2, np.array("device-clock"), version=(2, 0))
+    arrays = {k + ".npy": _npy_bytes(v) for k, v in MINIMAL.items() if k != "time_source"}
+    arrays["time_source.npy"] = v2.getvalue()
+    assert read_npz(zipped(arrays)).time_source is TimeSource.DEVICE_CLOCK  # .npy version 2.0 is read
+    v3 = io.BytesIO()
+    np.lib.format.write_array(v3, np.array("device-clock"), version=(3, 0))
+    arrays["time_source.npy"] = v3.getvalue()
+    with pytest.raises(ProtocolError, match=r"uses .npy version \(3, 0\)"):
+        read_npz(zipped(arrays))
+
+
+def _npy_bytes(value: object) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.asanyarray(value))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("device_model", np.array(5), "must be a string"),
+    ("sampling_rate_hz", np.float64(0.0), "positive finite number, not 0.0"),
+    ("uv_per_unit", np.float64(-0.0), "positive finite number"),
+    ("acquired_at", np.array("2024-05-01T09:30:00"), "no time zone"),
+])
+def test_field_type_refusals(key: str, value: object, needle: str) -> None:
+    with pytest.raises(ProtocolError, match=needle):
+        read_npz(savez(**{**MINIMAL, key: value}))
+
+
+def test_written_files_are_reproducible_zip_entries() -> None:
+    """Fixed 1980-01-01 time stamps (the zip epoch) in every entry: the same recording, the same bytes."""
+    data = write_npz(full_recording())
+    infos = zipfile.ZipFile(io.BytesIO(data)).infolist()
+    assert {info.date_time for info in infos} == {(1980, 1, 1, 0, 0, 0)}
+    assert all(info.compress_type == zipfile.ZIP_DEFLATED for info in infos)

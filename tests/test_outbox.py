@@ -674,8 +674,10 @@ TMPFS_SCRIPT = textwrap.dedent("""
 
 
 def test_real_enospc_on_a_tiny_tmpfs(tmp_path: Path) -> None:
+    from tests.conftest import missing
+
     if os.geteuid() != 0 or not shutil.which("unshare"):
-        pytest.skip("needs root and unshare to mount a private tmpfs")
+        missing("needs root and unshare to mount a private tmpfs")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c",
@@ -684,7 +686,7 @@ def test_real_enospc_on_a_tiny_tmpfs(tmp_path: Path) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     if proc.returncode != 0 and "mount" in proc.stderr and "permission" in proc.stderr.lower():
-        pytest.skip(f"cannot mount tmpfs here: {proc.stderr.strip()}")
+        missing(f"cannot mount tmpfs here: {proc.stderr.strip()}")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     for name, r in result.items():

@@ -45,6 +45,8 @@ CHILD = textwrap.dedent("""
             self.config = config
         def step(self, stop):
             if mode == "hang" and self.n >= 2:
+                with out.open("a") as f:
+                    f.write("wedged\\n"); f.flush()
                 time.sleep(3600)  # a wedged loop: no more progress
             with out.open("a") as f:
                 f.write(f"begin {self.n}\\n"); f.flush()
@@ -87,6 +89,20 @@ class Manager:
             except TimeoutError:
                 break
         raise AssertionError(f"{line!r} never arrived; got {self.messages}")
+
+    def drain_queued(self) -> list[str]:
+        """Whatever was sent before now, without waiting."""
+        got = []
+        self.sock.setblocking(False)
+        try:
+            while True:
+                got.append(self.sock.recv(4096).decode())
+        except BlockingIOError:
+            pass
+        finally:
+            self.sock.setblocking(True)
+        self.messages += got
+        return got
 
     def drain(self, seconds: float) -> list[str]:
         got = []
@@ -180,13 +196,14 @@ def test_watchdog_pings_stop_when_the_loop_stops_making_progress(tmp_path: Path,
     try:
         manager.wait_for("READY=1")
         manager.wait_for("WATCHDOG=1")
-        deadline = time.monotonic() + 10
-        while "end 1" not in (out.read_text() if out.exists() else ""):
-            assert time.monotonic() < deadline
+        # The event: the step has wedged (the child says so from inside it). Every ping the loop
+        # sent before is already queued on the socket (a datagram is queued when sent): take them.
+        deadline = time.monotonic() + 60
+        while "wedged" not in (out.read_text() if out.exists() else ""):
+            assert time.monotonic() < deadline, "the step never wedged"
             time.sleep(0.02)
-        time.sleep(0.1)
-        manager.drain(0.1)
-        later = manager.drain(1.2)  # three watchdog periods of a wedged step
+        manager.drain_queued()
+        later = manager.drain(1.2)  # three watchdog periods of a wedged step: not one ping
         assert not any("WATCHDOG=1" in m for m in later), later
     finally:
         stop_child(proc)
@@ -318,7 +335,11 @@ def test_stop_and_reload_requests_from_another_thread(manager: Manager) -> None:
         manager.wait_for("READY=1")
         rt.request_reload()
         manager.wait_for("RELOADING=1")
-        time.sleep(0.1)
+        # the reload is over when READY=1 comes again (sd_notify's protocol), not after some time
+        deadline = time.monotonic() + 60
+        while sum("READY=1" in m.split("\n") for m in manager.messages) < 2:
+            assert time.monotonic() < deadline, manager.messages
+            manager.drain(0.05)
         rt.request_stop()
 
     t = threading.Thread(target=drive)
@@ -338,12 +359,21 @@ def test_long_waits_between_steps_still_feed_the_watchdog(manager: Manager) -> N
             return 60.0  # nothing to do for a minute
 
     rt = runtime(manager)
-    t = threading.Timer(0.7, rt.request_stop)
+    made: list[Idle] = []
+
+    def stop_after_four_pings() -> None:
+        # The event is the pings themselves: stop once four arrived (or give up after a minute).
+        deadline = time.monotonic() + 60
+        while sum("WATCHDOG=1" in m for m in manager.messages) < 4 and time.monotonic() < deadline:
+            manager.drain(0.05)
+        rt.request_stop()
+
+    t = threading.Thread(target=stop_after_four_pings)
     t.start()
-    assert rt.run(lambda c: Idle(c)) == EXIT_OK
+    assert rt.run(lambda c: made.append(Idle(c)) or made[-1]) == EXIT_OK
     t.join()
-    pings = sum("WATCHDOG=1" in m for m in manager.messages + manager.drain(0.1))
-    assert pings >= 4  # 0.7 s with a 0.2 s watchdog pinged every 0.1 s
+    pings = sum("WATCHDOG=1" in m for m in manager.messages)
+    assert pings >= 4 and made[0].steps == 1  # fed during the minute-long wait, not by new steps
 
 
 def test_without_systemd_it_still_runs() -> None:

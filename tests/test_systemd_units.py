@@ -41,7 +41,9 @@ def scratch_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("root")
     host_units = Path("/usr/lib/systemd/system")
     if not host_units.is_dir():
-        pytest.skip("no systemd unit tree on this host")
+        from tests.conftest import missing
+
+        missing("no systemd unit tree on this host")
     (root / "usr/lib/systemd").mkdir(parents=True)
     shutil.copytree(host_units, root / "usr/lib/systemd/system", symlinks=True)
     (root / "etc/systemd/system").mkdir(parents=True)

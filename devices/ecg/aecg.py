@@ -83,9 +83,12 @@ def _quantity_s(el: Element | None, what: str) -> float | None:
     if unit not in _TIME_TO_S:
         raise UnsupportedFeatureError(f"HL7 aECG: {what} in unit {unit!r} is not supported")
     try:
-        return float(el.get("value", "")) * _TIME_TO_S[unit]
+        seconds = float(el.get("value", "")) * _TIME_TO_S[unit]
     except ValueError:
         raise ProtocolError(f"HL7 aECG: {what} {el.get('value')!r} is not a number") from None
+    if not np.isfinite(seconds):  # "inf"/"nan" parse as floats and would crash the rate below
+        raise ProtocolError(f"HL7 aECG: {what} {el.get('value')!r} is not finite")
+    return seconds
 
 
 def _number(el: Element | None, what: str, default: float | None = None) -> tuple[float, str]:
@@ -343,6 +346,8 @@ def _findings(root: Element, rhythm: Element, representative: Element | None
 
 def _rate(increment_s: float) -> float:
     rate = 1.0 / increment_s
+    if not np.isfinite(rate):  # a subnormal increment such as 1e-320 s
+        raise ProtocolError(f"HL7 aECG: time increment {increment_s!r} s gives no usable sampling rate")
     whole = round(rate)
     return float(whole) if whole and abs(rate - whole) < 1e-6 * whole else rate
 

@@ -472,4 +472,7 @@ def looks_like_dicom(data: bytes) -> bool:
     """Part 10 preamble, or a raw data set that starts with a group 0002/0008 element."""
     if len(data) >= 132 and data[128:132] == b"DICM":
         return True
-    return len(data) >= 8 and data[0:2] in (b"\x02\x00", b"\x08\x00") and data[2:4] < b"\x00\x10"
+    # the element number is little endian too: compare it as a number (as bytes, (0008,0005)
+    # Specific Character Set - the usual first element - compared greater than 0x1000)
+    return len(data) >= 8 and data[0:2] in (b"\x02\x00", b"\x08\x00") and \
+        int.from_bytes(data[2:4], "little") < 0x1000
