@@ -173,6 +173,7 @@ class ConsoleSection:
     lockout_s: float = 900.0  # how long a locked account stays locked
 
 
+@dataclass
 class ReportsSection:
     source: str = "dicom"  # where reports come back from: "dicom" (the PACS), "fhir" (county platform), "both", "off"
     window_days: float = 14.0  # look for reports on studies sent in the last this many days
