@@ -379,7 +379,7 @@ class Doctor:
         port = rc.listen_port
         bind_host = rc.listen_host
         if not bind_host:  # the forwarder listens on its address toward the reading center
-            from uploader.ecg_forwarder import address_toward
+            from uploader.reachability import address_toward
 
             try:
                 bind_host = address_toward(rc.host, rc.port)
@@ -633,7 +633,7 @@ class Doctor:
             return [Finding("reports", Level.SKIP, "not polled (reports.source = off)")]
         if not (data / DB_NAME).exists():
             return [Finding("reports", Level.OK, "no ECG sent yet")]
-        from lastmile.reports.poller import STATUS_NAME
+        from lastmile.reports.store import POLLER_STATUS as STATUS_NAME
         from lastmile.reports.store import ReportStore
 
         now = dt.datetime.fromtimestamp(self.now(), dt.timezone.utc)

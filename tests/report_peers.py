@@ -36,6 +36,7 @@ def gateway_config(tmp_path: Path, port: int, called_ae: str, *, listen_port: in
     c.outbox.backoff_base_s, c.outbox.backoff_max_s, c.outbox.min_free_mb = 0.1, 0.5, 1
     c.reports.move_host = "127.0.0.1"
     c.reports.backoff_base_s, c.reports.backoff_max_s = 5.0, 20.0
+    c.ecg.re_record_hold_s = 0  # synthetic 2 s ECGs are re-record cases: reports are the subject here
     return c
 
 
@@ -76,6 +77,8 @@ move_ae = "{r.move_ae}"
 move_port = {r.move_port}
 move_host = "{r.move_host}"
 critical_command = {json.dumps(r.critical_command)}
+[ecg]
+re_record_hold_s = {config.ecg.re_record_hold_s}
 """)
     return path
 

@@ -27,9 +27,7 @@ the local copies, or "purge" them once sent.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +42,7 @@ from uploader.dicom_commitment import CommitmentListener, CommitmentReport, Repo
 from uploader.dicom_store import CommitmentUnsupported, StoreAssociation
 from uploader.errors import ConfigurationFault, CorruptPayloadError, PermanentError, TransientError
 from uploader.outbox import DEFAULT_MAX_INTERRUPTED_SENDS, ItemState, Kind, Outbox, OutboxItem
+from uploader.reachability import address_toward
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +64,6 @@ class ForwarderSettings:
     retention_s: float = 0.0
     idle_poll_s: float = 2.0
     max_interrupted_sends: int = DEFAULT_MAX_INTERRUPTED_SENDS
-
-
-def address_toward(host: str, port: int) -> str:
-    """The local address this machine sends from to reach host:port (a route lookup: no packet
-    is sent); loopback for a reading center on loopback. Raises OSError without a route."""
-    family, _type, _proto, _name, sockaddr = socket.getaddrinfo(
-        host, port, type=socket.SOCK_DGRAM, family=socket.AF_UNSPEC
-    )[0]
-    with contextlib.closing(socket.socket(family, socket.SOCK_DGRAM)) as probe:
-        probe.connect(sockaddr)
-        return str(probe.getsockname()[0])
 
 
 @dataclass

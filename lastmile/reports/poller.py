@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 from lastmile.reports.alerts import CriticalAlerter
 from lastmile.reports.policy import DAY, PollPolicy, StudyClock
-from lastmile.reports.store import ReportStore, SentStudy
+from lastmile.reports.store import POLLER_STATUS, ReportStore, SentStudy
 from uploader.dicom_association import PeerSettings
 from uploader.dicom_query import (
     FoundReport,
@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STATUS_NAME = "poller"
+STATUS_NAME = POLLER_STATUS
 GET_REFUSED_RETRY_S = DAY  # after a PACS refused C-GET, use C-MOVE this long before trying C-GET again
 FHIR_SINCE_MARGIN_S = 600.0  # clocks differ: look back this much further than the last look
 PURGE_EVERY_S = 3600.0

@@ -23,12 +23,17 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlite_utils
 
 from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
-from uploader.report_reading import ReportContent
+
+if TYPE_CHECKING:
+    # pydicom is heavy: the console and `doctor` read the store without it
+    from uploader.report_reading import ReportContent
+
+POLLER_STATUS = "poller"  # the status row the poller keeps (last success, fault, failing since)
 
 CACHE_KIB = 256
 FINAL_KINDS = frozenset({"sr", "fhir"})  # kinds whose final report replaces the preliminary ones
