@@ -3,7 +3,8 @@
 Each check gives one line, OK / WARN / FAIL (or SKIP), with a hint for anything not OK:
 configuration, data partition (free space, wear-relevant mount options), read-only root,
 journal size, clock and its source, the services, reading center C-ECHO, the storage-commitment
-listener, the FHIR endpoint and its token, devices seen, queue health. `--offline` skips what
+listener, the FHIR endpoint and its token, devices seen, queue health, the console, the metrics
+endpoint the county scrapes. `--offline` skips what
 needs the network. The exit code is 1 when anything FAILs.
 
 Run as root, the checks that touch the data directory or the token run with the effective
@@ -40,6 +41,7 @@ JOURNALD_DROPINS = (
 )
 RECOMMENDED_COMMIT_S = 30  # ext4 default is 5 s: every 5 s a journal commit wears the SD card
 NETWORK_TIMEOUT_S = 10.0
+METRICS_TIMEOUT_S = 5.0
 WAITING_WARN_S = 24 * 3600.0  # an item waiting longer than a day: the link has been down a while
 WAITING_FAIL_S = 7 * 24 * 3600.0
 _WEAR_OPTIONS = {"ro", "rw", "noatime", "relatime", "strictatime", "lazytime", "nodiratime", "sync"}
@@ -99,6 +101,7 @@ class Doctor:
             ("devices", self.check_devices, False),
             ("queue", self.check_queue, False),
             ("console", self.check_console, False),
+            ("metrics", self.check_metrics, False),
         ]
 
     def run_all(self) -> list[Finding]:
@@ -614,6 +617,36 @@ class Doctor:
                 )
             ]
         return [Finding("console", Level.OK, f"https on port {listen.port}, certificate SHA-256 {cert.fingerprint}")]
+
+    def check_metrics(self) -> list[Finding]:
+        """Where the county's Prometheus scrapes this gateway, and whether it answers."""
+        import urllib.error
+        import urllib.request
+
+        from lastmile.services.metrics import parse_listen
+
+        listen = parse_listen(self.config)
+        url = listen.url()
+        try:
+            with urllib.request.urlopen(url, timeout=METRICS_TIMEOUT_S) as response:
+                body = response.read()
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            return [
+                Finding(
+                    "metrics",
+                    Level.WARN,
+                    f"nothing answers on {url} ({reason}): the county cannot watch this gateway",
+                    "systemctl enable --now lastmile-metrics; journalctl -u lastmile-metrics says why it stopped",
+                )
+            ]
+        series = sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
+        where = (
+            "loopback only: set [metrics] listen to the VPN address for the county"
+            if listen.loopback
+            else "for the county"
+        )
+        return [Finding("metrics", Level.OK, f"{url} answers ({series} series, {len(body)} bytes), {where}")]
 
 
 # -- helpers ---------------------------------------------------------------------------------------
