@@ -48,6 +48,7 @@ CONFIG_FAULT_PREFIX = "configuration fault:"  # how uploader.fhir_forwarder rele
 BUSY_TIMEOUT_S = 5.0  # a WAL reader waits only while a writer recovers the WAL
 WAITING_STATES = ("queued", "sending")  # not yet accepted by the peer
 UNCOMMITTED_STATES = ("queued", "sending", "sent")
+KEPT_STATES = ("queued", "sending", "sent", "committed", "quarantined")  # all but purged (meta kept)
 TIMESYNCD_FLAG = Path("/run/systemd/timesync/synchronized")  # touched by systemd-timesyncd at each sync
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 DEFAULT_SLICE = "system.slice"
@@ -127,24 +128,32 @@ def read_outbox(data_dir: Path, now: float) -> OutboxSnapshot | None:
     if not path.is_file():
         return None
     with read_only(path) as conn:
-        counts: dict[tuple[str, str], int] = {}
+        # Purged rows pile up for years: counted from the claim index alone (no row is read),
+        # summed only where items are alive (an index seek), and scanned once in order for the
+        # last send: about half the time of one GROUP BY over every row (50k items, bench/metrics.py).
+        counts = {
+            (kind, state): n
+            for state, kind, n in conn.execute("SELECT state, kind, COUNT(*) FROM items GROUP BY state, kind")
+        }
         uncommitted: dict[str, int] = {}
         oldest_created: dict[str, float] = {}
-        last_sent: dict[str, float] = {}
-        last_committed: dict[str, float] = {}
-        for kind, state, n, size, first_created, sent, committed in conn.execute(
-            "SELECT kind, state, COUNT(*), COALESCE(SUM(size), 0), MIN(created_at), MAX(sent_at), MAX(committed_at) "
-            "FROM items GROUP BY kind, state"
+        for kind, state, size, first_created in conn.execute(
+            f"SELECT kind, state, COALESCE(SUM(size), 0), MIN(created_at) FROM items "
+            f"WHERE state IN ({', '.join('?' * len(UNCOMMITTED_STATES))}) GROUP BY kind, state",
+            UNCOMMITTED_STATES,
         ):
-            counts[(kind, state)] = n
-            if state in UNCOMMITTED_STATES:
-                uncommitted[kind] = uncommitted.get(kind, 0) + size
+            uncommitted[kind] = uncommitted.get(kind, 0) + size
             if state in WAITING_STATES:
                 oldest_created[kind] = min(oldest_created.get(kind, first_created), first_created)
+        last_sent: dict[str, float] = {}
+        last_committed: dict[str, float] = {}
+        for kind, sent, committed in conn.execute(
+            "SELECT kind, MAX(sent_at), MAX(committed_at) FROM items GROUP BY kind"
+        ):
             if sent is not None:
-                last_sent[kind] = max(last_sent.get(kind, sent), sent)
+                last_sent[kind] = sent
             if committed is not None:
-                last_committed[kind] = max(last_committed.get(kind, committed), committed)
+                last_committed[kind] = committed
         held = {
             (kind, reason or "unspecified"): n
             for kind, reason, n in conn.execute(
@@ -157,8 +166,9 @@ def read_outbox(data_dir: Path, now: float) -> OutboxSnapshot | None:
         quality = {
             verdict or "unchecked": n
             for verdict, n in conn.execute(
-                "SELECT json_extract(meta, '$.quality.verdict'), COUNT(*) FROM items "
-                "WHERE kind = 'dicom' AND state != 'purged' GROUP BY 1"
+                f"SELECT json_extract(meta, '$.quality.verdict'), COUNT(*) FROM items "
+                f"WHERE kind = 'dicom' AND state IN ({', '.join('?' * len(KEPT_STATES))}) GROUP BY 1",
+                KEPT_STATES,
             )
         }
         statuses = {name: _json_object(value) for name, value in conn.execute("SELECT name, value FROM status")}
