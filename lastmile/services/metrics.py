@@ -123,7 +123,7 @@ class GatewayCollector:
     ) -> None:
         self.config = config
         self.run = run
-        self.services = services or sources.ServiceProbe(SERVICES, run=run)
+        self.services = services or sources.ServiceProbe(SERVICES, run=run, cgroup_root=sources.cgroup2_mount())
         self.clock = clock
         self._lock = threading.Lock()  # one collection at a time: two scrapes never double the reads
         self._failing: dict[str, str] = {}  # source -> last error logged (logged once per change)
@@ -378,9 +378,9 @@ def make_registry(collector: GatewayCollector) -> CollectorRegistry:
 
 
 def service_probe(cgroup_root: Path | None = None) -> sources.ServiceProbe:
-    """The probe of our units; `cgroup_root` elsewhere than /sys/fs/cgroup for a container
-    that mounts the host's there (like node_exporter's --path.sysfs), or a test."""
-    return sources.ServiceProbe(SERVICES, cgroup_root=cgroup_root or sources.CGROUP_ROOT)
+    """The probe of our units: in the cgroup v2 tree where it is mounted, or `cgroup_root` (a
+    container that mounts the host's elsewhere, like node_exporter's --path.sysfs; a test)."""
+    return sources.ServiceProbe(SERVICES, cgroup_root=cgroup_root or sources.cgroup2_mount())
 
 
 def render_once(config: Config, *, cgroup_root: Path | None = None) -> str:

@@ -50,7 +50,7 @@ WAITING_STATES = ("queued", "sending")  # not yet accepted by the peer
 UNCOMMITTED_STATES = ("queued", "sending", "sent")
 KEPT_STATES = ("queued", "sending", "sent", "committed", "quarantined")  # all but purged (meta kept)
 TIMESYNCD_FLAG = Path("/run/systemd/timesync/synchronized")  # touched by systemd-timesyncd at each sync
-CGROUP_ROOT = Path("/sys/fs/cgroup")
+CGROUP_ROOT = Path("/sys/fs/cgroup")  # cgroup v2 as Debian 12 mounts it ("unified" below it in hybrid mode)
 DEFAULT_SLICE = "system.slice"
 TOOL_TIMEOUT_S = 5.0
 
@@ -522,6 +522,20 @@ class ServiceProbe:
             return None
         booted = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
         return booted + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def cgroup2_mount(mountinfo: Path = Path("/proc/self/mountinfo")) -> Path:
+    """Where the cgroup v2 hierarchy is mounted: /sys/fs/cgroup, or /sys/fs/cgroup/unified on a
+    hybrid (v1 + v2) system, where systemd keeps the units' processes in the v2 tree too."""
+    try:
+        lines = mountinfo.read_text().splitlines()
+    except OSError:
+        return CGROUP_ROOT
+    for line in lines:
+        head, sep, tail = line.partition(" - ")
+        if sep and tail.split(" ", 1)[0] == "cgroup2":
+            return Path(head.split()[4].replace("\\040", " "))
+    return CGROUP_ROOT
 
 
 def _int(value: str | None) -> int | None:
