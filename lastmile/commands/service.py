@@ -54,9 +54,12 @@ def _metrics(args: argparse.Namespace) -> int:
     if args.print:
         import sys
 
+        from lastmile.doctor import as_owner_of
         from lastmile.services.metrics import render_once
 
-        sys.stdout.write(render_once(config_from_args(args), cgroup_root=args.cgroup_root))
+        config = config_from_args(args)
+        with as_owner_of(config.data_dir):  # run as root, SQLite's -shm files must stay the service user's
+            sys.stdout.write(render_once(config, cgroup_root=args.cgroup_root))
         return 0
     from lastmile.services.metrics import MetricsService
     from lastmile.services.runtime import ServiceRuntime

@@ -37,6 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from devices.identity import EARLIEST_PLAUSIBLE
+from lastmile.clock import read_boot_id
+
 log = logging.getLogger(__name__)
 
 OUTBOX_DB = "outbox.sqlite"  # uploader.outbox.DB_NAME (not imported: that module brings sqlite-utils)
@@ -359,8 +362,6 @@ def parse_chrony_tracking(csv_line: str) -> ChronyTracking | None:
 def read_clock(
     data_dir: Path, *, run: Runner = run_tool, now: float | None = None, timesyncd_flag: Path = TIMESYNCD_FLAG
 ) -> ClockSnapshot:
-    from devices.identity import EARLIEST_PLAUSIBLE  # a constant; devices/ is pure
-
     wall = time.time() if now is None else now
     plausible = wall >= EARLIEST_PLAUSIBLE.timestamp()
     gps_offset = read_gps_offset(data_dir, wall)
@@ -388,8 +389,6 @@ def read_clock(
 def read_gps_offset(data_dir: Path, wall: float) -> float | None:
     """System clock minus GPS time, from the anchor lastmile learnt from a fix in this boot
     (visits.db `clock_anchor`: UTC = monotonic + offset); None without a GPS fix this boot."""
-    from lastmile.clock import read_boot_id
-
     path = data_dir / VISITS_DB
     if not path.is_file():
         return None
