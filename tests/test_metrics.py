@@ -261,6 +261,17 @@ def started(pid: int) -> float:
     return booted + ticks / os.sysconf("SC_CLK_TCK")
 
 
+def test_a_start_time_is_the_same_number_at_every_scrape(tmp_path: Path) -> None:
+    """Prometheus counts restarts with changes(): a start time that jitters would be restarts."""
+    group = tmp_path / "system.slice/lastmile-forward.service"
+    group.mkdir(parents=True)
+    (group / "cgroup.procs").write_text(f"{os.getpid()}\n")
+    probe = sources.ServiceProbe(("lastmile-forward.service",), run=tool({}), cgroup_root=tmp_path)
+    seen = {probe.read()[0].started_at for _ in range(200)}
+    assert len(seen) == 1 and seen != {None}
+    assert seen.pop() == pytest.approx(started(os.getpid()), abs=1.0)
+
+
 def wait_for_rss(pid: int, at_least: int) -> None:
     deadline = time.monotonic() + 60
     while vm_rss(pid) < at_least:

@@ -514,13 +514,24 @@ class ServiceProbe:
         return ticks if ticks is not None else 2**63
 
     def started_at(self, pid: int) -> float | None:
-        """Epoch seconds the process started (boot time from CLOCK_BOOTTIME: /proc/stat may be
-        hidden from a hardened unit)."""
+        """Epoch seconds the process started: the same number at every scrape, or changes()
+        would count the jitter of a computed boot time as restarts."""
         ticks = self.start_ticks(pid)
         if ticks is None:
             return None
-        booted = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
-        return booted + ticks / os.sysconf("SC_CLK_TCK")
+        return self.boot_time() + ticks / os.sysconf("SC_CLK_TCK")
+
+    def boot_time(self) -> float:
+        """The kernel's boot time (btime, whole seconds; it moves only when the clock is stepped),
+        else one computed from CLOCK_BOOTTIME, rounded to the second."""
+        try:
+            with open(self.proc / "stat", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("btime "):
+                        return float(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            pass
+        return float(round(time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)))
 
 
 def cgroup2_mount(mountinfo: Path = Path("/proc/self/mountinfo")) -> Path:
