@@ -3,7 +3,7 @@
 A process of its own, not a thread in the forward service. Measured by bench/metrics.py (x86,
 20k purged + 300 queued items): `lastmile metrics` holds 29-31 MB RSS, 17-19 MB of it private
 (the rest is libpython and friends, shared with the other services); the same endpoint inside
-the forward service would add 3 MB to its 63. On a 1 GB Pi the difference is ~2 % of RAM, and
+the forward service would add 3-5 MB to its 63. On a 1 GB Pi the difference is ~1.5 % of RAM, and
 it buys an observer that outlives what it watches: the forward service is the one most likely
 to be restarted (watchdog, crashes), and from inside it a restart loop or a hang would silence
 the very metrics that show it; a scrape would also wait on its GIL while it deflates and sends.
