@@ -196,6 +196,11 @@ class ReportsSection:
 
 
 @dataclass
+class MetricsSection:
+    listen: str = "127.0.0.1:9560"  # HOST:PORT of the Prometheus endpoint (lastmile-metrics.service): the county's VPN/LAN address lets it scrape; no patient data
+
+
+@dataclass
 class Config:
     gateway: GatewaySection = field(default_factory=GatewaySection)
     reading_center: ReadingCenterSection = field(default_factory=ReadingCenterSection)
@@ -212,6 +217,7 @@ class Config:
     console: ConsoleSection = field(default_factory=ConsoleSection)
 
     reports: ReportsSection = field(default_factory=ReportsSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     source: str = "<defaults>"  # where it was read from
 
     @property
@@ -418,6 +424,15 @@ INSTITUTION_BYTES = 64  # DICOM LO
 GATEWAY_ID_BYTES = 64  # LO too: the full id goes in the DICOM Contributing Equipment's serial
 
 
+def host_port(text: str) -> tuple[str, int] | None:
+    """ "HOST:PORT" (IPv6 in brackets, "[::1]:9560") as host and port 1-65535; None if malformed."""
+    host, sep, port = text.strip().rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535 or any(c.isspace() for c in host):
+        return None
+    return host, int(port)
+
+
 def ae_title_problem(value: str) -> str | None:
     """Why `value` is not a DICOM AE title (PS3.5 6.2: ≤ 16 characters of the default
     repertoire, no backslash or control characters, not only spaces), or None."""
@@ -601,6 +616,12 @@ def check_meaning(config: Config, problems: _Problems) -> None:
 
     if config.gps.source == "nmea" and not config.gps.nmea_port:
         problems.add("gps.source", 'is "nmea" but gps.nmea_port is empty: name the receiver\'s serial port')
+
+    if host_port(config.metrics.listen) is None:
+        problems.add(
+            "metrics.listen",
+            'must be "HOST:PORT" with a port from 1 to 65535, e.g. "127.0.0.1:9560" or the VPN address "10.8.0.12:9560"',
+        )
 
     o = config.outbox
     if o.backoff_max_s < o.backoff_base_s:

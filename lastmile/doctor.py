@@ -3,8 +3,9 @@
 Each check gives one line, OK / WARN / FAIL (or SKIP), with a hint for anything not OK:
 configuration, data partition (free space, wear-relevant mount options), read-only root,
 journal size, clock and its source, the services, reading center C-ECHO, the storage-commitment
-listener, the FHIR endpoint and its token, devices seen, queue health, reports coming back (a
-critical report not yet acknowledged is a FAIL). `--offline` skips what needs the network. The exit code is 1 when anything FAILs.
+listener, the FHIR endpoint and its token, devices seen, queue health, the console, the metrics
+endpoint the county scrapes, reports coming back (a critical report not yet acknowledged is a
+FAIL). `--offline` skips what needs the network. The exit code is 1 when anything FAILs.
 
 Run as root, the checks that touch the data directory or the token run with the effective
 user of the data directory's owner (the service user), so they see what the services see and
@@ -40,6 +41,7 @@ JOURNALD_DROPINS = (
 )
 RECOMMENDED_COMMIT_S = 30  # ext4 default is 5 s: every 5 s a journal commit wears the SD card
 NETWORK_TIMEOUT_S = 10.0
+METRICS_TIMEOUT_S = 5.0
 WAITING_WARN_S = 24 * 3600.0  # an item waiting longer than a day: the link has been down a while
 WAITING_FAIL_S = 7 * 24 * 3600.0
 REPORTS_FAILING_WARN_S = 3600.0  # no report query has worked for an hour
@@ -101,6 +103,7 @@ class Doctor:
             ("queue", self.check_queue, False),
             ("console", self.check_console, False),
             ("reports", self.check_reports, False),
+            ("metrics", self.check_metrics, False),
         ]
 
     def run_all(self) -> list[Finding]:
@@ -687,6 +690,36 @@ class Doctor:
         else:
             out.append(Finding("reports", Level.OK, text))
         return out
+
+    def check_metrics(self) -> list[Finding]:
+        """Where the county's Prometheus scrapes this gateway, and whether it answers."""
+        import urllib.error
+        import urllib.request
+
+        from lastmile.services.metrics import parse_listen
+
+        listen = parse_listen(self.config)
+        url = listen.url()
+        try:
+            with urllib.request.urlopen(url, timeout=METRICS_TIMEOUT_S) as response:
+                body = response.read()
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            return [
+                Finding(
+                    "metrics",
+                    Level.WARN,
+                    f"nothing answers on {url} ({reason}): the county cannot watch this gateway",
+                    "systemctl enable --now lastmile-metrics; journalctl -u lastmile-metrics says why it stopped",
+                )
+            ]
+        series = sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
+        where = (
+            "loopback only: set [metrics] listen to the VPN address for the county"
+            if listen.loopback
+            else "for the county"
+        )
+        return [Finding("metrics", Level.OK, f"{url} answers ({series} series, {len(body)} bytes), {where}")]
 
 
 # -- helpers ---------------------------------------------------------------------------------------
