@@ -62,8 +62,11 @@ ALLOW_LIST = REPO / "bench" / "mutation_equivalent.toml"
 FOCUSED_TESTS: dict[str, list[str]] = {
     "devices/errors.py": ["tests/test_ble_decoders.py", "tests/test_bridge_codec.py"],
     "devices/identity.py": ["tests/test_device_identity.py", "tests/test_ascii_report.py"],
-    "devices/observation.py": ["tests/test_device_identity.py", "tests/test_ble_decoders.py",
-                               "tests/test_ascii_report.py"],
+    "devices/observation.py": [
+        "tests/test_device_identity.py",
+        "tests/test_ble_decoders.py",
+        "tests/test_ascii_report.py",
+    ],
     "devices/ascii_report.py": ["tests/test_ascii_report.py"],
     "devices/scanner.py": ["tests/test_scanner.py"],
     "devices/ble/blood_pressure.py": ["tests/test_ble_decoders.py", "tests/test_ble_protocol.py"],
@@ -93,8 +96,7 @@ FOCUSED_TESTS: dict[str, list[str]] = {
     "devices/ecg/leads.py": ["tests/test_ecg_leads.py", "tests/test_ecg_formats.py"],
     "devices/ecg/npz.py": ["tests/test_npz.py"],
     "devices/ecg/recording.py": ["tests/test_ecg_recording.py", "tests/test_npz.py"],
-    "devices/ecg/scaling.py": ["tests/test_ecg_scaling.py", "tests/test_ecg_aecg.py",
-                               "tests/test_ecg_dicom_input.py"],
+    "devices/ecg/scaling.py": ["tests/test_ecg_scaling.py", "tests/test_ecg_aecg.py", "tests/test_ecg_dicom_input.py"],
     "devices/ecg/scp.py": ["tests/test_ecg_scp.py"],
     "devices/gps/dop.py": ["tests/test_gps_dop.py", "tests/test_gps_nmea.py"],
     "devices/gps/fix.py": ["tests/test_gps_fix.py", "tests/test_gps_nmea.py"],
@@ -106,23 +108,71 @@ FOCUSED_TESTS: dict[str, list[str]] = {
 }
 
 # Imported once in the parent so that each forked child starts warm. None of them imports ours.
-WARM_IMPORTS = ["numpy", "pydicom", "pydicom.dataset", "pynetdicom", "hypothesis", "pytest",
-                "sqlite_utils", "defusedxml.ElementTree", "fhir.resources", "requests", "cryptography"]
+WARM_IMPORTS = [
+    "numpy",
+    "pydicom",
+    "pydicom.dataset",
+    "pynetdicom",
+    "hypothesis",
+    "pytest",
+    "sqlite_utils",
+    "defusedxml.ElementTree",
+    "fhir.resources",
+    "requests",
+    "cryptography",
+]
 
 COMPARE_SWAPS: dict[type, type] = {
-    ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
-    ast.NotEq: ast.Eq, ast.Is: ast.IsNot, ast.IsNot: ast.Is, ast.In: ast.NotIn, ast.NotIn: ast.In,
+    ast.Lt: ast.LtE,
+    ast.LtE: ast.Lt,
+    ast.Gt: ast.GtE,
+    ast.GtE: ast.Gt,
+    ast.Eq: ast.NotEq,
+    ast.NotEq: ast.Eq,
+    ast.Is: ast.IsNot,
+    ast.IsNot: ast.Is,
+    ast.In: ast.NotIn,
+    ast.NotIn: ast.In,
 }
 BINOP_SWAPS: dict[type, type] = {
-    ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.FloorDiv, ast.Div: ast.Mult, ast.FloorDiv: ast.Mult,
-    ast.Mod: ast.FloorDiv, ast.LShift: ast.RShift, ast.RShift: ast.LShift, ast.BitAnd: ast.BitOr,
-    ast.BitOr: ast.BitAnd, ast.BitXor: ast.BitOr, ast.Pow: ast.Mult,
+    ast.Add: ast.Sub,
+    ast.Sub: ast.Add,
+    ast.Mult: ast.FloorDiv,
+    ast.Div: ast.Mult,
+    ast.FloorDiv: ast.Mult,
+    ast.Mod: ast.FloorDiv,
+    ast.LShift: ast.RShift,
+    ast.RShift: ast.LShift,
+    ast.BitAnd: ast.BitOr,
+    ast.BitOr: ast.BitAnd,
+    ast.BitXor: ast.BitOr,
+    ast.Pow: ast.Mult,
 }
 SYMBOL: dict[type, str] = {
-    ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=", ast.Eq: "==", ast.NotEq: "!=", ast.Is: "is",
-    ast.IsNot: "is not", ast.In: "in", ast.NotIn: "not in", ast.Add: "+", ast.Sub: "-", ast.Mult: "*",
-    ast.Div: "/", ast.FloorDiv: "//", ast.Mod: "%", ast.LShift: "<<", ast.RShift: ">>", ast.BitAnd: "&",
-    ast.BitOr: "|", ast.BitXor: "^", ast.Pow: "**", ast.And: "and", ast.Or: "or",
+    ast.Lt: "<",
+    ast.LtE: "<=",
+    ast.Gt: ">",
+    ast.GtE: ">=",
+    ast.Eq: "==",
+    ast.NotEq: "!=",
+    ast.Is: "is",
+    ast.IsNot: "is not",
+    ast.In: "in",
+    ast.NotIn: "not in",
+    ast.Add: "+",
+    ast.Sub: "-",
+    ast.Mult: "*",
+    ast.Div: "/",
+    ast.FloorDiv: "//",
+    ast.Mod: "%",
+    ast.LShift: "<<",
+    ast.RShift: ">>",
+    ast.BitAnd: "&",
+    ast.BitOr: "|",
+    ast.BitXor: "^",
+    ast.Pow: "**",
+    ast.And: "and",
+    ast.Or: "or",
 }
 LOG_METHODS = {"debug", "info", "warning", "error", "exception", "critical", "log"}
 
@@ -165,6 +215,7 @@ class ModuleReport:
 
 # -- generating mutants ---------------------------------------------------------------------------
 
+
 def _parents(tree: ast.AST) -> dict[ast.AST, ast.AST]:
     return {child: parent for parent in ast.walk(tree) for child in ast.iter_child_nodes(parent)}
 
@@ -176,9 +227,13 @@ def _message_only(tree: ast.AST) -> set[ast.AST]:
         roots: list[ast.AST | None] = []
         if isinstance(node, ast.Raise):
             roots = [node.exc, node.cause]
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-              and node.func.attr in LOG_METHODS and isinstance(node.func.value, ast.Name)
-              and node.func.value.id in {"log", "logger", "LOG", "_log"}):
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in LOG_METHODS
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id in {"log", "logger", "LOG", "_log"}
+        ):
             roots = [node]
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             roots = [node.returns] + [a.annotation for a in ast.walk(node.args) if isinstance(a, ast.arg)]
@@ -249,9 +304,14 @@ def _changes(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> Iterator[tuple[s
 def generate_mutants(module: str, source: str) -> list[Mutant]:
     tree = ast.parse(source)
     parents, skipped, qualnames = _parents(tree), _message_only(tree), _qualnames(tree)
-    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
-                  if isinstance(n, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-                  and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    docstrings = {
+        id(n.body[0].value)
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+        and n.body
+        and isinstance(n.body[0], ast.Expr)
+        and isinstance(n.body[0].value, ast.Constant)
+    }
     mutants: list[Mutant] = []
     seen: dict[str, int] = {}
     for index, node in enumerate(ast.walk(tree)):
@@ -267,8 +327,9 @@ def generate_mutants(module: str, source: str) -> list[Mutant]:
             statement = _enclosing_statement(node, parents)
             end = node.test.end_lineno if isinstance(node, (ast.If, ast.While)) else node.end_lineno
             span = (statement.lineno, max(statement.lineno, end or node.lineno))
-            mutants.append(Mutant(module, index, kind, detail, mutant_id, node.lineno, span,
-                                  not _in_function_body(node, parents)))
+            mutants.append(
+                Mutant(module, index, kind, detail, mutant_id, node.lineno, span, not _in_function_body(node, parents))
+            )
     return mutants
 
 
@@ -324,6 +385,7 @@ def mutated_code(path: Path, source: str, mutant: Mutant) -> CodeType:
 # function objects (so `from module import f` copies elsewhere see the mutant too) and runs the chosen
 # tests. Slow path, for code that runs at import (module tables, class bodies, defaults): a fresh
 # child with an import hook that serves the whole mutated module, then pytest collects as usual.
+
 
 class MutantFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Serves the mutated module's code object in place of the file on disk."""
@@ -404,8 +466,11 @@ def patch_tables(module: ModuleType, code: CodeType) -> int:
     every module-level name whose value is plain data and now differs, put the new value in the
     live module and wherever another module imported it under the same name (`from m import X`).
     0 (use the slow path) when anything else changed (a class, a function's defaults ...)."""
-    scratch: dict[str, object] = {"__name__": module.__name__, "__file__": module.__file__,
-                                  "__builtins__": __builtins__}
+    scratch: dict[str, object] = {
+        "__name__": module.__name__,
+        "__file__": module.__file__,
+        "__builtins__": __builtins__,
+    }
     try:
         exec(code, scratch)
     except Exception:
@@ -428,8 +493,11 @@ def patch_tables(module: ModuleType, code: CodeType) -> int:
         elif isinstance(old, (FunctionType, type)):
             old_code = getattr(old, "__code__", None)
             new_code = getattr(new, "__code__", None)
-            if old_code is not None and new_code is not None and (
-                    old_code != new_code or old.__defaults__ != new.__defaults__):
+            if (
+                old_code is not None
+                and new_code is not None
+                and (old_code != new_code or old.__defaults__ != new.__defaults__)
+            ):
                 return 0  # a default argument changed: only a fresh import shows it
             if isinstance(old, type) and _class_body_differs(old, new):
                 return 0
@@ -453,8 +521,9 @@ def _class_body_differs(old: type, new: object) -> bool:
             continue
         other = vars(new).get(key)
         if key == "__dataclass_fields__":
-            if {k: (f.default, f.default_factory) for k, f in value.items()} != \
-                    {k: (f.default, f.default_factory) for k, f in other.items()}:
+            if {k: (f.default, f.default_factory) for k, f in value.items()} != {
+                k: (f.default, f.default_factory) for k, f in other.items()
+            }:
                 return True
         elif _is_data(value) and value != other:
             return True
@@ -524,8 +593,23 @@ def run_items(session, recorder: Recorder, order: list[str]) -> None:
 
 
 def _pytest_args(test_files: list[str]) -> list[str]:
-    return [*test_files, "-x", "-q", "--no-header", "-p", "no:cacheprovider", "-p", "no:xdist",
-            "-p", "no:randomly", "-o", "addopts=", "--timeout=0", "-W", "ignore"]
+    return [
+        *test_files,
+        "-x",
+        "-q",
+        "--no-header",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "no:xdist",
+        "-p",
+        "no:randomly",
+        "-o",
+        "addopts=",
+        "--timeout=0",
+        "-W",
+        "ignore",
+    ]
 
 
 def _die_with_parent() -> None:
@@ -546,8 +630,14 @@ def _child_setup() -> None:
     from hypothesis import HealthCheck, settings
 
     # Same examples every run, no database of earlier failures, nothing that depends on load.
-    settings.register_profile("mutation", derandomize=True, database=None, deadline=None,
-                              suppress_health_check=list(HealthCheck), print_blob=False)
+    settings.register_profile(
+        "mutation",
+        derandomize=True,
+        database=None,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        print_blob=False,
+    )
     settings.load_profile("mutation")
 
 
@@ -575,8 +665,9 @@ class Job:
 class Zygote:
     """pytest plugin run in the zygote: after collection, one forked child per job instead of the loop."""
 
-    def __init__(self, module: str, path: Path, source: str, jobs: list[Job], workdir: Path,
-                 parallel: int, baseline_only: bool) -> None:
+    def __init__(
+        self, module: str, path: Path, source: str, jobs: list[Job], workdir: Path, parallel: int, baseline_only: bool
+    ) -> None:
         self.module, self.path, self.source = module, path, source
         self.jobs, self.workdir, self.parallel = jobs, workdir, parallel
         self.baseline_only = baseline_only
@@ -594,8 +685,9 @@ class Zygote:
                 number, job = queue.pop(0)
                 # a test that killed neighbours is likely to kill this one: it goes first (only
                 # the order changes, never which tests run)
-                job.order = sorted(job.order, key=lambda t, rank={t: i for i, t in enumerate(job.order)}:
-                                   (-killers[t], rank[t]))
+                job.order = sorted(
+                    job.order, key=lambda t, rank={t: i for i, t in enumerate(job.order)}: (-killers[t], rank[t])
+                )
                 pid = os.fork()
                 if pid == 0:
                     self._child(session, number, job)
@@ -616,8 +708,7 @@ class Zygote:
 
     def _baseline(self, session) -> None:
         if session.testsfailed:
-            _write(self.workdir / "baseline.json", {"first_failure": "collection error", "durations": {},
-                                                    "lines": {}})
+            _write(self.workdir / "baseline.json", {"first_failure": "collection error", "durations": {}, "lines": {}})
             return
         recorder = Recorder(str(self.path))
         session.config.pluginmanager.register(recorder)
@@ -626,9 +717,14 @@ class Zygote:
         run_items(session, recorder, [item.nodeid for item in session.items])
         sys.settrace(None)
         threading.settrace(None)  # type: ignore[arg-type]
-        _write(self.workdir / "baseline.json", {
-            "first_failure": recorder.first_failure, "durations": recorder.durations,
-            "lines": {k: sorted(v) for k, v in recorder.lines.items()}})
+        _write(
+            self.workdir / "baseline.json",
+            {
+                "first_failure": recorder.first_failure,
+                "durations": recorder.durations,
+                "lines": {k: sorted(v) for k, v in recorder.lines.items()},
+            },
+        )
 
     def _child(self, session, number: int, job: Job) -> None:
         code = 3
@@ -649,8 +745,7 @@ class Zygote:
                 recorder = Recorder()
                 session.config.pluginmanager.register(recorder)
                 run_items(session, recorder, job.order)
-                result = {"status": "killed" if recorder.first_failure else "survived",
-                          "by": recorder.first_failure}
+                result = {"status": "killed" if recorder.first_failure else "survived", "by": recorder.first_failure}
             _write(self.workdir / f"{number}.json", result)
             code = 0
         finally:
@@ -700,12 +795,15 @@ class SlowPathRun:
         recorder = Recorder()
         session.config.pluginmanager.register(recorder)
         run_items(session, recorder, self.order)
-        _write(self.result_path, {"status": "killed" if recorder.first_failure else "survived",
-                                  "by": recorder.first_failure})
+        _write(
+            self.result_path,
+            {"status": "killed" if recorder.first_failure else "survived", "by": recorder.first_failure},
+        )
         return True
 
 
 # -- one module -----------------------------------------------------------------------------------
+
 
 def module_name(path: str) -> str:
     return path.removesuffix(".py").replace("/", ".")
@@ -796,15 +894,19 @@ def print_report(report: ModuleReport, show_killed: bool) -> None:
     if report.error:
         print(f"{report.module}: ERROR {report.error}")
         return
-    print(f"{report.module}: {report.score:5.1f} %  killed {report.count('killed')}  "
-          f"survived {report.count('survived', 'not covered')} "
-          f"(not covered {report.count('not covered')})  equivalent {report.count('equivalent')}")
+    print(
+        f"{report.module}: {report.score:5.1f} %  killed {report.count('killed')}  "
+        f"survived {report.count('survived', 'not covered')} "
+        f"(not covered {report.count('not covered')})  equivalent {report.count('equivalent')}"
+    )
     for outcome in report.outcomes:
         if outcome.status in ("survived", "not covered"):
             note = "  [not covered]" if outcome.status == "not covered" else ""
             if outcome.argued:
                 note += "  [allow-listed, but not covered: not counted as equivalent]"
-            print(f"  survived {report.module}:{outcome.mutant.lineno}  {json.dumps(outcome.mutant.mutant_id, ensure_ascii=False)}{note}")
+            print(
+                f"  survived {report.module}:{outcome.mutant.lineno}  {json.dumps(outcome.mutant.mutant_id, ensure_ascii=False)}{note}"
+            )
         elif show_killed and outcome.status == "killed":
             print(f"  killed   {report.module}:{outcome.mutant.lineno}  {outcome.mutant.mutant_id}  by {outcome.by}")
     for stale in report.stale_equivalents:
@@ -814,14 +916,21 @@ def print_report(report: ModuleReport, show_killed: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     global EXAMPLE_CAP
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--module", action="append", help="a module path such as devices/ecg/scaling.py "
-                        "(repeatable; default: every module)")
+    parser.add_argument(
+        "--module",
+        action="append",
+        help="a module path such as devices/ecg/scaling.py (repeatable; default: every module)",
+    )
     parser.add_argument("--json", action="store_true", help="last line: {module: score}")
     parser.add_argument("--jobs", type=int, default=1, help="mutants run at once (default 1: shared cores)")
     parser.add_argument("--killed", action="store_true", help="also list killed mutants and their killer")
     parser.add_argument("--list", action="store_true", help="list the mutants, run nothing")
-    parser.add_argument("--max-examples", type=int, default=EXAMPLE_CAP,
-                        help=f"cap on hypothesis examples per test (default {EXAMPLE_CAP}; lowers, never raises, a score)")
+    parser.add_argument(
+        "--max-examples",
+        type=int,
+        default=EXAMPLE_CAP,
+        help=f"cap on hypothesis examples per test (default {EXAMPLE_CAP}; lowers, never raises, a score)",
+    )
     args = parser.parse_args(argv)
     EXAMPLE_CAP = args.max_examples
     modules = args.module or list(FOCUSED_TESTS)
@@ -839,8 +948,9 @@ def main(argv: list[str] | None = None) -> int:
             __import__(name)
         except ImportError:
             pass
-    assert not any(m.split(".")[0] in {"devices", "uploader", "lastmile", "firmware_bridge", "tests"}
-                   for m in sys.modules), "a warm import pulled in our own code: mutants would not load"
+    assert not any(
+        m.split(".")[0] in {"devices", "uploader", "lastmile", "firmware_bridge", "tests"} for m in sys.modules
+    ), "a warm import pulled in our own code: mutants would not load"
     allow_list = load_allow_list()
     scores: dict[str, float | None] = {}
     failed = False

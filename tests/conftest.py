@@ -51,8 +51,9 @@ def in_private_netns() -> bool:
 
 def require_private_netns() -> None:
     if not in_private_netns():
-        missing("Orthanc listens on every interface: run the tests through scripts/test.sh "
-                "(a private network namespace)")
+        missing(
+            "Orthanc listens on every interface: run the tests through scripts/test.sh (a private network namespace)"
+        )
 
 
 @pytest.fixture(scope="session")

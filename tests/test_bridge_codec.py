@@ -37,19 +37,24 @@ CRC32_CHECK = 0xCBF43926
 
 # Golden frames: the wire format of protocol version 1, frozen. A firmware author can compare
 # their encoder against these bytes (they are repeated in docs/bridge-protocol.md).
-HELLO_FRAME = (b'\x03\x01\x01\x01\x01\x01?\x07BR-0001\x16lastmile-bridge-rp2040\x051.0.0xV4\x12'
-               b'\x02\x0bmeasurement\x03ecg"!\n$\x00')
-HELLO_MESSAGE = codec.Hello("BR-0001", "lastmile-bridge-rp2040", "1.0.0", 0x12345678,
-                            ("measurement", "ecg"))
-MEASUREMENT_FRAME = (b'\x04\x01\x02\x07\x01\x01\x1a\x0eblood-pressure\x0242\x01\x88\x03i\xcf\x8f'
-                     b'\x01\x01\x0b\x02\x08systolic\x01\x01\x01\x01\x01\x016^@\x06mm[Hg]\tdiastolic'
-                     b'\x01\x04nres\x06mm[Hg]\x01\x0firregular-pulse%\x01An\x00')
+HELLO_FRAME = (
+    b'\x03\x01\x01\x01\x01\x01?\x07BR-0001\x16lastmile-bridge-rp2040\x051.0.0xV4\x12\x02\x0bmeasurement\x03ecg"!\n$\x00'
+)
+HELLO_MESSAGE = codec.Hello("BR-0001", "lastmile-bridge-rp2040", "1.0.0", 0x12345678, ("measurement", "ecg"))
+MEASUREMENT_FRAME = (
+    b"\x04\x01\x02\x07\x01\x01\x1a\x0eblood-pressure\x0242\x01\x88\x03i\xcf\x8f"
+    b"\x01\x01\x0b\x02\x08systolic\x01\x01\x01\x01\x01\x016^@\x06mm[Hg]\tdiastolic"
+    b"\x01\x04nres\x06mm[Hg]\x01\x0firregular-pulse%\x01An\x00"
+)
 MEASUREMENT_MESSAGE = codec.Measurement(
-    "blood-pressure", "42", codec.TIME_DEVICE_CLOCK, 1717171717000,
-    (codec.MeasuredValue("systolic", 120.0, "mm[Hg]"),
-     codec.MeasuredValue("diastolic", None, "mm[Hg]", "nres")),
-    ("irregular-pulse",))
-ACK_FRAME = b'\x04\x010\x03\x01\x01\x02\x07\x01\x01\x05\xc0\xfc!1\x00'
+    "blood-pressure",
+    "42",
+    codec.TIME_DEVICE_CLOCK,
+    1717171717000,
+    (codec.MeasuredValue("systolic", 120.0, "mm[Hg]"), codec.MeasuredValue("diastolic", None, "mm[Hg]", "nres")),
+    ("irregular-pulse",),
+)
+ACK_FRAME = b"\x04\x010\x03\x01\x01\x02\x07\x01\x01\x05\xc0\xfc!1\x00"
 
 
 @pytest.mark.parametrize("raw,encoded", COBS_VECTORS)
@@ -172,6 +177,7 @@ def test_lengths_from_the_wire_are_bounds_checked() -> None:
 
 # -- fuzzing: decode or raise the typed error, nothing else ---------------------------------
 
+
 @settings(deadline=None, max_examples=300)
 @given(st.binary(max_size=3000))
 def test_fuzz_cobs_round_trip(data: bytes) -> None:
@@ -218,7 +224,7 @@ def _mutate(payload: bytes, rng: random.Random) -> bytes:
         elif op == 1 and data:
             data[rng.randrange(len(data))] = rng.choice([0x00, 0x01, 0x02, 0x7F, 0x80, 0xFE, 0xFF])
         elif op == 2:
-            del data[rng.randrange(len(data) + 1):]
+            del data[rng.randrange(len(data) + 1) :]
         elif op == 3:
             data.insert(rng.randrange(len(data) + 1), rng.randrange(256))
         elif op == 4 and data:
@@ -263,8 +269,13 @@ def test_mutated_payloads_behind_a_valid_crc_reach_every_message_decoder() -> No
         assert seen["decoded"] and sum(seen.values()) > seen["decoded"], (name, seen)
         assert {"payload too short", "trailing bytes after the payload"} & set(seen), (name, seen)
     kinds = set().union(*outcomes.values())
-    assert {"string is not UTF-N", "unknown value kind N", "ECG_START with N leads", "ECG_BLOCK with N leads",
-            "ECG_BLOCK is not a whole number of samples"} <= kinds, kinds
+    assert {
+        "string is not UTF-N",
+        "unknown value kind N",
+        "ECG_START with N leads",
+        "ECG_BLOCK with N leads",
+        "ECG_BLOCK is not a whole number of samples",
+    } <= kinds, kinds
 
 
 @settings(deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow])
@@ -289,8 +300,7 @@ def test_fuzz_mutated_payloads_decode_or_refuse(message: codec.Message, rng: ran
 
 @settings(deadline=None, max_examples=200)
 @given(st.lists(st.binary(max_size=200), max_size=8), st.lists(st.sampled_from(ALL_MESSAGES), max_size=5))
-def test_fuzz_stream_reader_with_valid_frames_among_garbage(chunks: list[bytes],
-                                                            messages: list[codec.Message]) -> None:
+def test_fuzz_stream_reader_with_valid_frames_among_garbage(chunks: list[bytes], messages: list[codec.Message]) -> None:
     reader = codec.FrameReader()
     got = []
     for chunk in chunks:
@@ -313,11 +323,18 @@ def test_duplicate_window_is_bounded() -> None:
 
 
 @settings(deadline=None, max_examples=200, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.one_of(
-    st.tuples(st.sampled_from(ALL_MESSAGES), st.integers(0, 20)).map(lambda m: codec.encode_message(*m)),
-    st.tuples(st.sampled_from(sorted(codec.MESSAGE_CLASSES)), st.integers(0, 20), st.binary(max_size=120)).map(
-        lambda t: codec.encode_frame(*t)),
-    st.binary(max_size=60)), max_size=20))
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.sampled_from(ALL_MESSAGES), st.integers(0, 20)).map(lambda m: codec.encode_message(*m)),
+            st.tuples(st.sampled_from(sorted(codec.MESSAGE_CLASSES)), st.integers(0, 20), st.binary(max_size=120)).map(
+                lambda t: codec.encode_frame(*t)
+            ),
+            st.binary(max_size=60),
+        ),
+        max_size=20,
+    )
+)
 def test_fuzz_gateway_session_never_raises(chunks: list[bytes]) -> None:
     """Whatever a bridge sends, the gateway session answers with events, never an exception."""
     import datetime as dt

@@ -20,11 +20,30 @@ from tests.conftest import missing, require_tool
 REPO = Path(__file__).resolve().parents[1]
 NOW = dt.datetime(2025, 3, 4, 10, 0, tzinfo=dt.timezone.utc)
 # Files that run on the board: they must stay within what MicroPython offers.
-BOARD_FILES = ["devices/bridge/cobs.py", "devices/bridge/crc.py", "devices/bridge/codec.py",
-               "firmware_bridge/firmware/bridge_core.py", "firmware_bridge/firmware/main.py"]
-BOARD_IMPORTS = {"struct", "binascii", "devices", "devices.bridge", "devices.errors", "devices.bridge.cobs",
-                 "devices.bridge.crc", "devices.bridge.codec", "bridge_core", "micropython", "os", "select",
-                 "sys", "time", "machine"}
+BOARD_FILES = [
+    "devices/bridge/cobs.py",
+    "devices/bridge/crc.py",
+    "devices/bridge/codec.py",
+    "firmware_bridge/firmware/bridge_core.py",
+    "firmware_bridge/firmware/main.py",
+]
+BOARD_IMPORTS = {
+    "struct",
+    "binascii",
+    "devices",
+    "devices.bridge",
+    "devices.errors",
+    "devices.bridge.cobs",
+    "devices.bridge.crc",
+    "devices.bridge.codec",
+    "bridge_core",
+    "micropython",
+    "os",
+    "select",
+    "sys",
+    "time",
+    "machine",
+}
 
 
 def _frames(data: bytes) -> list[codec.Message]:
@@ -155,8 +174,10 @@ def _micropython_module() -> Path:
     folder = Path(os.environ.get("LASTMILE_MICROPYTHON_WASM") or REPO / "tests" / "npm" / "node_modules" / MPY_PACKAGE)
     module = folder / "micropython.mjs"
     if not module.is_file():
-        missing(f"MicroPython (npm {MPY_PACKAGE}) is not installed in {folder}: "
-                "run scripts/fetch-test-assets (scripts/test.sh does)")
+        missing(
+            f"MicroPython (npm {MPY_PACKAGE}) is not installed in {folder}: "
+            "run scripts/fetch-test-assets (scripts/test.sh does)"
+        )
     return module
 
 
@@ -167,13 +188,15 @@ def test_codec_and_core_give_the_same_bytes_under_micropython(tmp_path: Path) ->
     runner.write_text(RUNNER % {"module": module.as_uri()})
     script = tmp_path / "scenario.py"
     script.write_text(SCENARIO)
-    result = subprocess.run([node, str(runner), str(REPO), str(script)], capture_output=True, text=True,
-                            timeout=60, check=False)
+    result = subprocess.run(
+        [node, str(runner), str(REPO), str(script)], capture_output=True, text=True, timeout=60, check=False
+    )
     lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if line.startswith(("RESULT", "DECODED")))
     assert "RESULT" in lines, result.stdout + result.stderr
     # The same scenario under CPython.
     import io
     import sys as _sys
+
     saved = _sys.stdout
     _sys.stdout = io.StringIO()
     try:

@@ -26,8 +26,13 @@ LOG = codec.Log(20, "hello")
 
 def test_counters_start_at_zero_and_count_each_event() -> None:
     p = BridgeProtocol()
-    assert (p.counters.frames, p.counters.bad_frames, p.counters.duplicates, p.counters.nacks_sent,
-            p.counters.bytes_in) == (0, 0, 0, 0, 0)
+    assert (
+        p.counters.frames,
+        p.counters.bad_frames,
+        p.counters.duplicates,
+        p.counters.nacks_sent,
+        p.counters.bytes_in,
+    ) == (0, 0, 0, 0, 0)
     wire = codec.encode_message(LOG, 1)
     p.receive_data(wire)
     p.receive_data(wire)  # a duplicate

@@ -9,8 +9,9 @@ import sys
 
 def test_demo_delivers_everything_once_and_reports_it_as_json() -> None:
     # Its duration ("under a minute") is a figure for bench/, not an assertion: load would flake it.
-    out = subprocess.run([sys.executable, "-m", "lastmile", "demo", "--json"], capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "lastmile", "demo", "--json"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads(out.stdout)  # stdout is the JSON object and nothing else; the story is on stderr
     assert summary["lost"] == 0 and summary["duplicated"] == 0

@@ -34,18 +34,23 @@ def test_a_time_without_a_zone_is_refused() -> None:
 def test_a_device_clock_from_before_2020_is_not_believed() -> None:
     """A meter whose battery ran out restarts in 2000 or 1970: its stamp is replaced by the receipt time."""
     assert dt.datetime(2020, 1, 1, tzinfo=UTC) == EARLIEST_PLAUSIBLE
-    for stamped, source in [(dt.datetime(2019, 12, 31, 23, 59), TimeSource.GATEWAY_RECEIPT),
-                            (dt.datetime(2020, 1, 1, 0, 0), TimeSource.DEVICE_CLOCK)]:
+    for stamped, source in [
+        (dt.datetime(2019, 12, 31, 23, 59), TimeSource.GATEWAY_RECEIPT),
+        (dt.datetime(2020, 1, 1, 0, 0), TimeSource.DEVICE_CLOCK),
+    ]:
         when, got = resolve_time(stamped, NOW, ClockCheck(), UTC)
         assert got is source and when == (NOW if source is TimeSource.GATEWAY_RECEIPT else stamped.replace(tzinfo=UTC))
 
 
-@pytest.mark.parametrize("device,label", [
-    (DeviceIdentity("Omron", "HEM-9200T", "SN1", "AA:BB"), "Omron HEM-9200T SN1"),  # serial wins
-    (DeviceIdentity("Omron", "HEM-9200T", "", "AA:BB"), "Omron HEM-9200T AA:BB"),  # else the address
-    (DeviceIdentity(model="X"), "X"),
-    (DeviceIdentity(), "unknown device"),
-])
+@pytest.mark.parametrize(
+    "device,label",
+    [
+        (DeviceIdentity("Omron", "HEM-9200T", "SN1", "AA:BB"), "Omron HEM-9200T SN1"),  # serial wins
+        (DeviceIdentity("Omron", "HEM-9200T", "", "AA:BB"), "Omron HEM-9200T AA:BB"),  # else the address
+        (DeviceIdentity(model="X"), "X"),
+        (DeviceIdentity(), "unknown device"),
+    ],
+)
 def test_a_device_label_names_what_is_known(device: DeviceIdentity, label: str) -> None:
     assert device.label() == label
 
@@ -76,9 +81,14 @@ def test_a_quantity_needs_a_code_a_unit_and_a_value_or_a_reason() -> None:
 
 def _observation(**overrides: object) -> Observation:
     fields: dict[str, object] = dict(
-        kind="spo2", quantities=(Quantity("spo2", 97.0, "%"), Quantity("pulse-rate", 71.0, "/min")),
-        measured_at=NOW, time_source=TimeSource.DEVICE_CLOCK, received_at=NOW,
-        device=DeviceIdentity(model="PO3"), record_key="k1")
+        kind="spo2",
+        quantities=(Quantity("spo2", 97.0, "%"), Quantity("pulse-rate", 71.0, "/min")),
+        measured_at=NOW,
+        time_source=TimeSource.DEVICE_CLOCK,
+        received_at=NOW,
+        device=DeviceIdentity(model="PO3"),
+        record_key="k1",
+    )
     fields.update(overrides)
     return Observation(**fields)  # type: ignore[arg-type]
 

@@ -30,10 +30,28 @@ pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # the
 
 def _storescu(port: int, *files: Path, calling: str = CART) -> subprocess.CompletedProcess:
     tool = require_tool("storescu")
-    return subprocess.run([tool, "-aet", calling, "-aec", "LASTMILE", "-to", "10", "-ta", "10", "-td", "10",
-                           "127.0.0.1", str(port), *map(str, files)],
-                          capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "TCP_NODELAY": "1"})
+    return subprocess.run(
+        [
+            tool,
+            "-aet",
+            calling,
+            "-aec",
+            "LASTMILE",
+            "-to",
+            "10",
+            "-ta",
+            "10",
+            "-td",
+            "10",
+            "127.0.0.1",
+            str(port),
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "TCP_NODELAY": "1"},
+    )
 
 
 def _dataset(data: bytes) -> pydicom.Dataset:
@@ -91,8 +109,9 @@ def test_unknown_caller_is_rejected(receiver: DicomReceiver, outbox: Outbox) -> 
 
 
 def test_sop_class_not_in_the_list_is_not_accepted(outbox: Outbox) -> None:
-    settings = ReceiverSettings(port=0, allowed_callers=(CART,), sop_classes=("1.2.840.10008.5.1.4.1.1.2",),
-                                timeout_s=10)
+    settings = ReceiverSettings(
+        port=0, allowed_callers=(CART,), sop_classes=("1.2.840.10008.5.1.4.1.1.2",), timeout_s=10
+    )
     with DicomReceiver(settings, lan_object_store(outbox)) as r:
         result = _storescu(r.port, _files()[1])
     assert result.returncode != 0
@@ -189,8 +208,10 @@ def test_cart_to_orthanc_unchanged(tmp_path: Path) -> None:
             instance = orthanc.instance_id_of(str(sent.SOPInstanceUID))
             assert instance is not None
             arrived = _dataset(orthanc.instance_file(instance))
-            assert (arrived.StudyInstanceUID, arrived.SeriesInstanceUID) == (sent.StudyInstanceUID,
-                                                                            sent.SeriesInstanceUID)
+            assert (arrived.StudyInstanceUID, arrived.SeriesInstanceUID) == (
+                sent.StudyInstanceUID,
+                sent.SeriesInstanceUID,
+            )
             for group_sent, group_arrived in zip(sent.WaveformSequence, arrived.WaveformSequence):
                 assert bytes(group_arrived.WaveformData) == bytes(group_sent.WaveformData)
 
@@ -243,7 +264,8 @@ def _cart(port: int, *, deflate: bool = True):
 
 
 def test_decompression_bomb_is_refused_in_process_and_the_next_object_is_kept(
-        outbox: Outbox, bomb: tuple[str, bytes]) -> None:
+    outbox: Outbox, bomb: tuple[str, bytes]
+) -> None:
     from tests.hostile_dicom import deflate_bomb
     from uploader.dicom_store import StoreAssociation
 
@@ -280,9 +302,10 @@ def test_deflated_object_within_the_limit_is_kept_as_received(outbox: Outbox) ->
 
 def _acquire_config(tmp_path: Path, port: int) -> Path:
     path = tmp_path / "lastmile.toml"
-    path.write_text(textwrap.dedent(f"""
+    path.write_text(
+        textwrap.dedent(f"""
         [gateway]
-        data_dir = "{tmp_path / 'data'}"
+        data_dir = "{tmp_path / "data"}"
         [outbox]
         min_free_mb = 1
         [lan_receiver]
@@ -296,7 +319,8 @@ def _acquire_config(tmp_path: Path, port: int) -> Path:
         enabled = false
         [gps]
         source = "none"
-    """))
+    """)
+    )
     return path
 
 
@@ -316,7 +340,8 @@ def _huge_pdu(port: int) -> bool:
 
 
 def test_decompression_bomb_and_oversized_object_leave_the_acquire_service_small(
-        tmp_path: Path, bomb: tuple[str, bytes]) -> None:
+    tmp_path: Path, bomb: tuple[str, bytes]
+) -> None:
     """The real acquire service in its own process; an attacker (an allowed cart AE) sends a 1 MB
     deflate bomb of 1 GiB, a 128 MB plain object and a PDU announcing 2 GiB. Each is refused,
     nothing is stored, the service keeps working, and its peak RSS stays under 150 MB."""
@@ -326,8 +351,13 @@ def test_decompression_bomb_and_oversized_object_leave_the_acquire_service_small
 
     port = free_port()
     config = _acquire_config(tmp_path, port)
-    proc = subprocess.Popen([sys.executable, "-m", "lastmile", "-c", str(config), "acquire"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lastmile", "-c", str(config), "acquire"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     try:
         wait_for_port(port, 60, proc)
         idle_mb = peak_rss_mb(proc.pid)
@@ -346,8 +376,10 @@ def test_decompression_bomb_and_oversized_object_leave_the_acquire_service_small
         with StoreAssociation(_cart(port)) as cart:
             assert cart.store(legit).status == 0x0000
         peak_mb = peak_rss_mb(proc.pid)
-        print(f"\nacquire service VmHWM: idle {idle_mb:.0f} MB, after the bomb {bombed_mb:.0f} MB, "
-              f"after the bomb, a {OVERSIZED >> 20} MB object and a 2 GiB PDU {peak_mb:.0f} MB")
+        print(
+            f"\nacquire service VmHWM: idle {idle_mb:.0f} MB, after the bomb {bombed_mb:.0f} MB, "
+            f"after the bomb, a {OVERSIZED >> 20} MB object and a 2 GiB PDU {peak_mb:.0f} MB"
+        )
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         assert peak_mb < RSS_LIMIT_MB, f"peak RSS {peak_mb:.0f} MB"
     finally:
@@ -380,10 +412,12 @@ def test_receiving_objects_share_one_memory_budget(outbox: Outbox) -> None:
         keep(obj)
 
     (big_uid, big), (small_uid, small) = oversized_object(3 << 20), oversized_object(2 << 20)
-    settings = ReceiverSettings(port=0, allowed_callers=(CART,), timeout_s=60,
-                                max_object_bytes=4 << 20, max_receiving_bytes=4 << 20)
+    settings = ReceiverSettings(
+        port=0, allowed_callers=(CART,), timeout_s=60, max_object_bytes=4 << 20, max_receiving_bytes=4 << 20
+    )
     outcomes: dict[str, int] = {}
     with DicomReceiver(settings, slow_store) as r:
+
         def send_big() -> None:
             with StoreAssociation(_cart(r.port, deflate=False)) as cart:
                 outcomes["big"] = cart.store(big).status

@@ -54,7 +54,8 @@ def test_limb_leads_only_file_drops_empty_chest_leads() -> None:
     assert "leads-not-recorded:V1,V2,V3,V4,V5,V6" in r.flags
     local = dt.timezone(dt.timedelta(hours=1))
     assert read_contec(_read("0000037.ECG"), local_tz=local).acquired_at == dt.datetime(
-        2020, 11, 15, 12, 59, 50, tzinfo=local)
+        2020, 11, 15, 12, 59, 50, tzinfo=local
+    )
 
 
 def test_chest_leads_with_data_are_kept() -> None:
@@ -109,10 +110,11 @@ def test_fuzz(ops: list[tuple]) -> None:
 # A wrong limit here cuts a recording short, keeps a saturated or disconnected lead as if it were
 # signal, or misreads the acquisition time.
 
+
 def _file(rows: list[list[int]], *, case: bytes = b"0000042", stamp: bytes = b"2024-05-06 07:08:09\x00") -> bytes:
     header = bytearray(HEADER_LEN)
-    header[0:len(case)] = case
-    header[10:10 + len(stamp)] = stamp
+    header[0 : len(case)] = case
+    header[10 : 10 + len(stamp)] = stamp
     body = b"".join(struct.pack("<8H", *row) for row in rows)
     return bytes(header) + body + bytes(37)
 

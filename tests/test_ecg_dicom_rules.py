@@ -31,9 +31,16 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
     return item
 
 
-def _channel(source: Dataset | None, *, sensitivity: str | None = "2.5", unit: str = "uV",
-             correction: str | None = None, baseline: str | None = None, label: str = "",
-             skew: str | None = None) -> Dataset:
+def _channel(
+    source: Dataset | None,
+    *,
+    sensitivity: str | None = "2.5",
+    unit: str = "uV",
+    correction: str | None = None,
+    baseline: str | None = None,
+    label: str = "",
+    skew: str | None = None,
+) -> Dataset:
     ch = Dataset()
     if source is not None:
         ch.ChannelSourceSequence = Sequence([source])
@@ -55,10 +62,20 @@ def _scp(n: int) -> Dataset:
     return _code(f"5.6.3-9-{n}", "SCPECG", f"Lead {n}")
 
 
-def _group(channels: list[Dataset] | None = None, samples: np.ndarray = SAMPLES, *, bits: int = 16,
-           interpretation: str = "SS", rate: str | None = "500", label: str = "RHYTHM",
-           originality: str = "ORIGINAL", n_channels: int | None = None, n_samples: int | None = None,
-           data: bytes | None = None, big_endian: bool = False) -> Dataset:
+def _group(
+    channels: list[Dataset] | None = None,
+    samples: np.ndarray = SAMPLES,
+    *,
+    bits: int = 16,
+    interpretation: str = "SS",
+    rate: str | None = "500",
+    label: str = "RHYTHM",
+    originality: str = "ORIGINAL",
+    n_channels: int | None = None,
+    n_samples: int | None = None,
+    data: bytes | None = None,
+    big_endian: bool = False,
+) -> Dataset:
     g = Dataset()
     g.MultiplexGroupLabel, g.WaveformOriginality = label, originality
     channels = channels if channels is not None else [_channel(_scp(1)), _channel(_scp(2))]
@@ -68,8 +85,14 @@ def _group(channels: list[Dataset] | None = None, samples: np.ndarray = SAMPLES,
     if rate is not None:
         g.SamplingFrequency = rate
     g.WaveformBitsAllocated, g.WaveformSampleInterpretation = bits, interpretation
-    dtype = {(8, "SB"): "i1", (8, "UB"): "u1", (16, "SS"): "i2", (16, "US"): "u2", (32, "SL"): "i4",
-             (32, "UL"): "u4"}.get((bits, interpretation), "i2")
+    dtype = {
+        (8, "SB"): "i1",
+        (8, "UB"): "u1",
+        (16, "SS"): "i2",
+        (16, "US"): "u2",
+        (32, "SL"): "i4",
+        (32, "UL"): "u4",
+    }.get((bits, interpretation), "i2")
     g.WaveformData = data if data is not None else samples.astype((">" if big_endian else "<") + dtype).tobytes()
     return g
 
@@ -133,19 +156,25 @@ def test_every_voltage_unit(unit: str, factor: float) -> None:
 def test_correction_factor_and_baseline_default_to_none() -> None:
     plain = read_dicom_ecg(_dump(_group([_channel(_scp(1), correction=""), _channel(_scp(2), baseline="")])))
     assert plain.microvolts()[0].tolist() == [25.0, 75.0, 125.0]
-    corrected = read_dicom_ecg(_dump(_group([_channel(_scp(1), correction="2", baseline="5"),
-                                            _channel(_scp(2), correction="2", baseline="5")])))
+    corrected = read_dicom_ecg(
+        _dump(
+            _group([_channel(_scp(1), correction="2", baseline="5"), _channel(_scp(2), correction="2", baseline="5")])
+        )
+    )
     assert corrected.microvolts()[0].tolist() == [55.0, 155.0, 255.0]  # 10 x 2.5 x 2 + 5
 
 
-@pytest.mark.parametrize("kwargs,error,needle", [
-    (dict(unit="mm[Hg]"), UnsupportedFeatureError, "units 'mm[Hg]', not a voltage"),
-    (dict(sensitivity="9.99"), ProtocolError, "unreadable sensitivity or baseline"),  # 9.99: see below
-    (dict(baseline="9.99"), ProtocolError, "unreadable sensitivity or baseline"),
-    (dict(sensitivity="0"), ProtocolError, "has sensitivity 0"),
-    (dict(correction="0"), ProtocolError, "has sensitivity 0"),
-    (dict(baseline="inf"), ProtocolError, "has sensitivity 2.5"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,needle",
+    [
+        (dict(unit="mm[Hg]"), UnsupportedFeatureError, "units 'mm[Hg]', not a voltage"),
+        (dict(sensitivity="9.99"), ProtocolError, "unreadable sensitivity or baseline"),  # 9.99: see below
+        (dict(baseline="9.99"), ProtocolError, "unreadable sensitivity or baseline"),
+        (dict(sensitivity="0"), ProtocolError, "has sensitivity 0"),
+        (dict(correction="0"), ProtocolError, "has sensitivity 0"),
+        (dict(baseline="inf"), ProtocolError, "has sensitivity 2.5"),
+    ],
+)
 def test_channel_scale_refusals(kwargs: dict, error: type, needle: str) -> None:
     data = _dump(_group([_channel(_scp(1), **kwargs), _channel(_scp(2))]))
     data = data.replace(b"9.99", b"abc ")  # pydicom will not write a DS that is not a number: we do
@@ -158,26 +187,30 @@ def test_an_inverted_channel_keeps_its_sign() -> None:
     assert r.microvolts()[0].tolist() == [-25.0, -75.0, -125.0]
 
 
-@pytest.mark.parametrize("source,label,name,derived", [
-    (_scp(61), "", "III", False),
-    (_code("2:61", "MDC", "Lead III"), "", "III", False),
-    (_code("2:31", "MDC", "Derived Lead I"), "", "I", True),  # MDC 31-38, 111-114: derived leads
-    (_code("2:38", "MDC", "Derived Lead V6"), "", "V6", True),
-    (_code("2:111", "MDC", "Derived Lead III"), "", "III", True),
-    (_code("2:114", "MDC", "Derived Lead aVF"), "", "aVF", True),
-    (_code("2:30", "MDC", "Frank Lead H"), "", "fH", False),
-    (_code("2:61", "SCPECG", "x"), "", None, None),  # an MDC code under the SCP scheme: not a lead code
-    (_code("5.6.3-9-61", "MDC", "x"), "", None, None),  # and the other way round
-    (_code("2:45", "MDC", "Lead V4"), "", "V4", False),  # 31-60 (SCP calibration) are not taken as numbers
-    (_code("99", "LN", "Derived Lead aVR"), "", "aVR", True),  # by its meaning
-    (_code("99", "LN", "Lead V5R"), "", "V5R", False),
-    (None, "Lead V2", "V2", False),  # by its label
-    (None, "MDC_ECG_LEAD_V3", "V3", False),
-    (None, "Derived lead II", "II", True),
-    (None, "Respiration", None, None),
-])
-def test_how_a_channel_is_recognised_as_a_lead(source: Dataset | None, label: str, name: str | None,
-                                                derived: bool | None) -> None:
+@pytest.mark.parametrize(
+    "source,label,name,derived",
+    [
+        (_scp(61), "", "III", False),
+        (_code("2:61", "MDC", "Lead III"), "", "III", False),
+        (_code("2:31", "MDC", "Derived Lead I"), "", "I", True),  # MDC 31-38, 111-114: derived leads
+        (_code("2:38", "MDC", "Derived Lead V6"), "", "V6", True),
+        (_code("2:111", "MDC", "Derived Lead III"), "", "III", True),
+        (_code("2:114", "MDC", "Derived Lead aVF"), "", "aVF", True),
+        (_code("2:30", "MDC", "Frank Lead H"), "", "fH", False),
+        (_code("2:61", "SCPECG", "x"), "", None, None),  # an MDC code under the SCP scheme: not a lead code
+        (_code("5.6.3-9-61", "MDC", "x"), "", None, None),  # and the other way round
+        (_code("2:45", "MDC", "Lead V4"), "", "V4", False),  # 31-60 (SCP calibration) are not taken as numbers
+        (_code("99", "LN", "Derived Lead aVR"), "", "aVR", True),  # by its meaning
+        (_code("99", "LN", "Lead V5R"), "", "V5R", False),
+        (None, "Lead V2", "V2", False),  # by its label
+        (None, "MDC_ECG_LEAD_V3", "V3", False),
+        (None, "Derived lead II", "II", True),
+        (None, "Respiration", None, None),
+    ],
+)
+def test_how_a_channel_is_recognised_as_a_lead(
+    source: Dataset | None, label: str, name: str | None, derived: bool | None
+) -> None:
     channels = [_channel(_scp(4)), _channel(source, label=label)]  # V2 plus the channel under test
     if name is None:
         r = read_dicom_ecg(_dump(_group(channels)))
@@ -207,15 +240,18 @@ def test_the_rhythm_group_is_chosen_over_median_beats_and_derived_data() -> None
     assert read_dicom_ecg(_dump(one_lead, unlabelled)).n_leads == 6  # then the one with more leads
 
 
-@pytest.mark.parametrize("kwargs,needle", [
-    (dict(n_channels=3), "declares 3 channels x 3 samples but defines 2"),
-    (dict(n_channels=0), "declares 0 channels"),
-    (dict(n_samples=0), "x 0 samples"),
-    (dict(rate=None), "sampling frequency is missing or unreadable"),
-    (dict(rate="0"), "sampling frequency 0.0"),
-    (dict(rate="-500"), "sampling frequency -500.0"),
-    (dict(data=b"\x01\x02"), "2 bytes, 12 expected"),
-])
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(n_channels=3), "declares 3 channels x 3 samples but defines 2"),
+        (dict(n_channels=0), "declares 0 channels"),
+        (dict(n_samples=0), "x 0 samples"),
+        (dict(rate=None), "sampling frequency is missing or unreadable"),
+        (dict(rate="0"), "sampling frequency 0.0"),
+        (dict(rate="-500"), "sampling frequency -500.0"),
+        (dict(data=b"\x01\x02"), "2 bytes, 12 expected"),
+    ],
+)
 def test_group_refusals(kwargs: dict, needle: str) -> None:
     with pytest.raises(ProtocolError, match=needle):
         read_dicom_ecg(_dump(_group(**kwargs)))
@@ -252,29 +288,54 @@ def test_channels_sampled_apart_are_refused() -> None:
         read_dicom_ecg(_dump(_group([_channel(_scp(1), skew="0.5"), _channel(_scp(2))])))
 
 
-@pytest.mark.parametrize("attrs,expected", [
-    (dict(AcquisitionDateTime="20240506070809.25+0200"),
-     dt.datetime(2024, 5, 6, 7, 8, 9, 250000, tzinfo=dt.timezone(dt.timedelta(hours=2)))),
-    (dict(AcquisitionDateTime="20240506070809.123456-0530"),
-     dt.datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=dt.timezone(-dt.timedelta(hours=5, minutes=30)))),
-    (dict(AcquisitionDateTime="20240506070809+1400"),
-     dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.timezone(dt.timedelta(hours=14)))),
-    (dict(AcquisitionDateTime="20240506070809+1500"), dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)),  # no such zone
-    (dict(AcquisitionDateTime="20240506070809+0160"), dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)),
-    (dict(AcquisitionDateTime="20240506070809+0159"),
-     dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.timezone(dt.timedelta(hours=1, minutes=59)))),
-    (dict(AcquisitionDateTime="20240506", TimezoneOffsetFromUTC="+0800"),
-     dt.datetime(2024, 5, 6, tzinfo=dt.timezone(dt.timedelta(hours=8)))),
-    (dict(AcquisitionDateTime="2024050607", TimezoneOffsetFromUTC="-0100"),
-     dt.datetime(2024, 5, 6, 7, tzinfo=dt.timezone(-dt.timedelta(hours=1)))),
-    (dict(AcquisitionDateTime="20241306"), None),  # impossible: the next source is used
-    (dict(AcquisitionDateTime=None, AcquisitionDate="20240506", AcquisitionTime="0708"),
-     dt.datetime(2024, 5, 6, 7, 8, tzinfo=UTC)),
-    (dict(AcquisitionDateTime=None, AcquisitionDate="20240506", ContentDate="20240507", ContentTime="010203"),
-     dt.datetime(2024, 5, 7, 1, 2, 3, tzinfo=UTC)),  # a date without its time is skipped
-    (dict(AcquisitionDateTime="garbage", SeriesDate="20240508", SeriesTime="1200"), dt.datetime(2024, 5, 8, 12, tzinfo=UTC)),
-    (dict(AcquisitionDateTime=None, StudyDate="20240509", StudyTime="1300"), dt.datetime(2024, 5, 9, 13, tzinfo=UTC)),
-])
+@pytest.mark.parametrize(
+    "attrs,expected",
+    [
+        (
+            dict(AcquisitionDateTime="20240506070809.25+0200"),
+            dt.datetime(2024, 5, 6, 7, 8, 9, 250000, tzinfo=dt.timezone(dt.timedelta(hours=2))),
+        ),
+        (
+            dict(AcquisitionDateTime="20240506070809.123456-0530"),
+            dt.datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=dt.timezone(-dt.timedelta(hours=5, minutes=30))),
+        ),
+        (
+            dict(AcquisitionDateTime="20240506070809+1400"),
+            dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.timezone(dt.timedelta(hours=14))),
+        ),
+        (dict(AcquisitionDateTime="20240506070809+1500"), dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)),  # no such zone
+        (dict(AcquisitionDateTime="20240506070809+0160"), dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)),
+        (
+            dict(AcquisitionDateTime="20240506070809+0159"),
+            dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.timezone(dt.timedelta(hours=1, minutes=59))),
+        ),
+        (
+            dict(AcquisitionDateTime="20240506", TimezoneOffsetFromUTC="+0800"),
+            dt.datetime(2024, 5, 6, tzinfo=dt.timezone(dt.timedelta(hours=8))),
+        ),
+        (
+            dict(AcquisitionDateTime="2024050607", TimezoneOffsetFromUTC="-0100"),
+            dt.datetime(2024, 5, 6, 7, tzinfo=dt.timezone(-dt.timedelta(hours=1))),
+        ),
+        (dict(AcquisitionDateTime="20241306"), None),  # impossible: the next source is used
+        (
+            dict(AcquisitionDateTime=None, AcquisitionDate="20240506", AcquisitionTime="0708"),
+            dt.datetime(2024, 5, 6, 7, 8, tzinfo=UTC),
+        ),
+        (
+            dict(AcquisitionDateTime=None, AcquisitionDate="20240506", ContentDate="20240507", ContentTime="010203"),
+            dt.datetime(2024, 5, 7, 1, 2, 3, tzinfo=UTC),
+        ),  # a date without its time is skipped
+        (
+            dict(AcquisitionDateTime="garbage", SeriesDate="20240508", SeriesTime="1200"),
+            dt.datetime(2024, 5, 8, 12, tzinfo=UTC),
+        ),
+        (
+            dict(AcquisitionDateTime=None, StudyDate="20240509", StudyTime="1300"),
+            dt.datetime(2024, 5, 9, 13, tzinfo=UTC),
+        ),
+    ],
+)
 def test_acquisition_time_sources_and_zones(attrs: dict, expected: dt.datetime | None) -> None:
     data = _dump(**attrs)
     received = dt.datetime(2026, 1, 1, tzinfo=UTC)
@@ -296,9 +357,17 @@ def test_the_group_time_offset_shifts_the_start_and_no_time_is_refused() -> None
 
 
 def test_patient_and_device_as_the_object_names_them() -> None:
-    data = _dump(PatientID=" P-9 ", PatientName="Li^Wei", PatientBirthDate="19530518", PatientSex="f",
-                 IssuerOfPatientID="county", Manufacturer=" Mortara ", ManufacturerModelName="ELI",
-                 DeviceSerialNumber="S1", SoftwareVersions=["1.0", "2.1"])
+    data = _dump(
+        PatientID=" P-9 ",
+        PatientName="Li^Wei",
+        PatientBirthDate="19530518",
+        PatientSex="f",
+        IssuerOfPatientID="county",
+        Manufacturer=" Mortara ",
+        ManufacturerModelName="ELI",
+        DeviceSerialNumber="S1",
+        SoftwareVersions=["1.0", "2.1"],
+    )
     r = read_dicom_ecg(data)
     assert r.patient == Patient("P-9", "Li^Wei", dt.date(1953, 5, 18), "F", issuer="county")
     assert r.device == DeviceIdentity("Mortara", "ELI", "S1", "", "1.0\\2.1")
@@ -341,9 +410,23 @@ def test_a_raw_data_set_without_preamble_is_recognised_whatever_its_name() -> No
     assert decode_ecg(raw, "ECG0001").n_samples == 10000
 
 
-@pytest.mark.parametrize("number,name", [(31, "I"), (32, "II"), (33, "V1"), (34, "V2"), (35, "V3"), (36, "V4"),
-                                         (37, "V5"), (38, "V6"), (111, "III"), (112, "aVR"), (113, "aVL"),
-                                         (114, "aVF")])
+@pytest.mark.parametrize(
+    "number,name",
+    [
+        (31, "I"),
+        (32, "II"),
+        (33, "V1"),
+        (34, "V2"),
+        (35, "V3"),
+        (36, "V4"),
+        (37, "V5"),
+        (38, "V6"),
+        (111, "III"),
+        (112, "aVR"),
+        (113, "aVL"),
+        (114, "aVF"),
+    ],
+)
 def test_every_mdc_derived_lead_code(number: int, name: str) -> None:
     """By the code alone (a meaningless CodeMeaning): MDC 2:31-38 and 2:111-114 are derived leads."""
     other = _channel(_scp(9 if name != "V7" else 10))  # V7: a lead none of these is

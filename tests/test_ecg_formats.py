@@ -38,8 +38,15 @@ def test_detects_and_decodes_every_shared_file(where: tuple[str, str], expected:
         assert decode_ecg(data, where[1]).source_format == expected
 
 
-@pytest.mark.parametrize("where", [("scp", "ecgtoolkit_Example.scp"), ("aecg", "fda_minimum_aecg.xml"),
-                                   ("dicom", "ecgtoolkit_Example.dcm"), ("contec", "0000037.ECG")])
+@pytest.mark.parametrize(
+    "where",
+    [
+        ("scp", "ecgtoolkit_Example.scp"),
+        ("aecg", "fda_minimum_aecg.xml"),
+        ("dicom", "ecgtoolkit_Example.dcm"),
+        ("contec", "0000037.ECG"),
+    ],
+)
 def test_detection_does_not_need_the_file_name(where: tuple[str, str]) -> None:
     data = shared_file("ecg", *where).read_bytes()
     assert detect_format(data) == SHARED_FILES[where]
@@ -60,9 +67,15 @@ def test_triad_gives_identical_samples() -> None:
     assert scp.patient.patient_id == aecg.patient.patient_id == dicom.patient.patient_id == "SBJ-123"
 
 
-@pytest.mark.parametrize("data,name", [(b"", ""), (b"hello world" * 10, "notes.txt"),
-                                       (b"%PDF-1.4" + bytes(200), "ecg.pdf"),
-                                       (b"PK\x03\x04" + bytes(100), "archive.zip")])
+@pytest.mark.parametrize(
+    "data,name",
+    [
+        (b"", ""),
+        (b"hello world" * 10, "notes.txt"),
+        (b"%PDF-1.4" + bytes(200), "ecg.pdf"),
+        (b"PK\x03\x04" + bytes(100), "archive.zip"),
+    ],
+)
 def test_unknown_files_are_refused(data: bytes, name: str) -> None:
     with pytest.raises(ProtocolError, match="not an ECG file"):
         detect_format(data, name)
@@ -77,11 +90,22 @@ def test_fuzz_random_bytes(data: bytes, name: str) -> None:
         pass
 
 
-@pytest.mark.parametrize("raw,name", [
-    ("MDC_ECG_LEAD_AVR", "aVR"), ("MDC_ECG_LEAD_I", "I"), ("Lead I (Einthoven)", "I"), ("LEAD_III", "III"),
-    ("avl", "aVL"), ("V3R", "V3R"), ("v7", "V7"), ("Lead aVF, augmented", "aVF"), ("-aVR", "-aVR"),
-    ("MDC_ECG_LEAD_V4R", "V4R"), ("Respiration", "Respiration"),
-])
+@pytest.mark.parametrize(
+    "raw,name",
+    [
+        ("MDC_ECG_LEAD_AVR", "aVR"),
+        ("MDC_ECG_LEAD_I", "I"),
+        ("Lead I (Einthoven)", "I"),
+        ("LEAD_III", "III"),
+        ("avl", "aVL"),
+        ("V3R", "V3R"),
+        ("v7", "V7"),
+        ("Lead aVF, augmented", "aVF"),
+        ("-aVR", "-aVR"),
+        ("MDC_ECG_LEAD_V4R", "V4R"),
+        ("Respiration", "Respiration"),
+    ],
+)
 def test_lead_names(raw: str, name: str) -> None:
     assert normalise_lead_name(raw) == name
 
@@ -114,9 +138,15 @@ def test_derivation_from_ii_and_iii_and_nothing_from_one_lead() -> None:
     assert names == ("II",) and derived == frozenset()
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("REC.SCP", "scp"), ("rec.Ecg", "contec"), ("x.DCM", "dicom"), ("x.dicom", "dicom"),
-])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("REC.SCP", "scp"),
+        ("rec.Ecg", "contec"),
+        ("x.DCM", "dicom"),
+        ("x.dicom", "dicom"),
+    ],
+)
 def test_an_unrecognised_body_with_a_telling_name_goes_to_that_decoder(name: str, expected: str) -> None:
     """A damaged .SCP (or .ECG, .DCM) is handed to its decoder, which says what is wrong with it,
     rather than the vague "not an ECG file"; an .xml or .npz name alone proves nothing."""

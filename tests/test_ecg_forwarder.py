@@ -207,8 +207,11 @@ def test_items_the_pacs_reports_as_failed_are_sent_again(config, center) -> None
     center.stop()
     center.start()  # handlers are bound at start
     reports: list[dict] = []
-    with EcgForwarder(outbox, forwarder_settings(config),
-                      on_event=lambda kind, info: reports.append(info) if kind == "committed" else None) as fwd:
+    with EcgForwarder(
+        outbox,
+        forwarder_settings(config),
+        on_event=lambda kind, info: reports.append(info) if kind == "committed" else None,
+    ) as fwd:
         pump(fwd, lambda: counts(outbox).get("purged", 0) == 1, limit_s=20)
     assert any(r["failed"] == 1 for r in reports)  # first report: failed (0x0112) → re-sent
     assert center.received[lost_once[0]].times_stored == 1
@@ -220,7 +223,7 @@ def test_items_the_pacs_reports_as_failed_are_sent_again(config, center) -> None
 
 # -- a full data partition drains ------------------------------------------------------------------
 
-FULL_DISK_SCRIPT = r'''
+FULL_DISK_SCRIPT = r"""
 import errno, json, os, sqlite3, sys, threading, time
 from pathlib import Path
 from lastmile.config import Config
@@ -311,7 +314,7 @@ with opened() as outbox, EcgForwarder(outbox, forwarder_settings(config), on_eve
     out["events"] = events
 intake.close()
 print(json.dumps(out))
-'''
+"""
 
 
 def test_a_full_disk_drains_and_takes_ecgs_again(tmp_path: Path) -> None:
@@ -335,17 +338,34 @@ def test_a_full_disk_drains_and_takes_ecgs_again(tmp_path: Path) -> None:
     center = EmbeddedReadingCenter(port=port, gateway_port=listen, report_delay_s=0.05)
     center.start()
     try:
-        cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c",
-               'mount -t tmpfs -o size=16m tmpfs "$1" && shift && exec "$@"', "sh", str(mnt),
-               sys.executable, "-c", FULL_DISK_SCRIPT, str(mnt), str(port), str(listen)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+        cmd = [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            'mount -t tmpfs -o size=16m tmpfs "$1" && shift && exec "$@"',
+            "sh",
+            str(mnt),
+            sys.executable,
+            "-c",
+            FULL_DISK_SCRIPT,
+            str(mnt),
+            str(port),
+            str(listen),
+        ]
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}
+        )
     finally:
         center.stop()
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
-    print(f"\nfull disk: {len(out['uids']) - 1} ECGs queued; WAL at most {out['wal_max'] / 1024:.0f} KB while "
-          f"draining; forwarder events {out['events']}")
+    print(
+        f"\nfull disk: {len(out['uids']) - 1} ECGs queued; WAL at most {out['wal_max'] / 1024:.0f} KB while "
+        f"draining; forwarder events {out['events']}"
+    )
     assert out["reserve_at_start"] and out["free_when_full"] < 4096
     for refusal in (out["refused_when_low"], out["refused_when_full"]):
         assert refusal.startswith("storage full: ") and "ECGs are waiting to be sent" in refusal, refusal

@@ -33,11 +33,17 @@ def _dicom_lead_meanings() -> dict[int, str]:
 
 def _our_spelling(meaning: str) -> str:
     """DICOM's code meaning -> the short name the SCP-ECG table uses for the same lead."""
-    special = {"Unspecified lead": "unspecified", "Left Arm Lead": "LA", "Right Arm Lead": "RA",
-               "Left Leg Lead": "LL", "Chest lead per V5 and V5R placement": "CC5",
-               "Chest-manubrium lead per V5 placement": "CM5", "−aVR": "-aVR",
-               "Defibrillator lead: anterior-lateral": "Defib",
-               "External pacing lead: anterior-posterior": "ExtPace"}
+    special = {
+        "Unspecified lead": "unspecified",
+        "Left Arm Lead": "LA",
+        "Right Arm Lead": "RA",
+        "Left Leg Lead": "LL",
+        "Chest lead per V5 and V5R placement": "CC5",
+        "Chest-manubrium lead per V5 placement": "CM5",
+        "−aVR": "-aVR",
+        "Defibrillator lead: anterior-lateral": "Defib",
+        "External pacing lead: anterior-posterior": "ExtPace",
+    }
     if meaning in special:
         return special[meaning]
     if meaning.startswith("Frank Lead "):
@@ -60,21 +66,46 @@ def test_every_lead_number_matches_dicom_cid_3001(code: int) -> None:
     assert SCP_LEAD_CODES[lead_name_from_scp_code(code)] == code
 
 
-@pytest.mark.parametrize("code,name", [
-    (30, "fH"), (31, "I-cal"), (32, "II-cal"), (60, "fH-cal"), (61, "III"),
-    (78, "A4"), (79, "V8-cal"), (85, "J-cal"), (86, "lead-86"), (255, "lead-255"),
-])
+@pytest.mark.parametrize(
+    "code,name",
+    [
+        (30, "fH"),
+        (31, "I-cal"),
+        (32, "II-cal"),
+        (60, "fH-cal"),
+        (61, "III"),
+        (78, "A4"),
+        (79, "V8-cal"),
+        (85, "J-cal"),
+        (86, "lead-86"),
+        (255, "lead-255"),
+    ],
+)
 def test_calibration_codes_and_unknown_numbers(code: int, name: str) -> None:
     """SCP-ECG: 31..60 are the calibration signals of 1..30, 79..85 those of 66..72; an unknown
     number keeps its number rather than borrowing a lead's name."""
     assert lead_name_from_scp_code(code) == name
 
 
-@pytest.mark.parametrize("raw,name", [
-    ("", ""), ("  ", ""), ("LEAD II", "II"), ("MDC_ECG_AVF", "aVF"), ("DIII", "III"), ("2", "II"),
-    ("aVR,augmented", "aVR"), ("v_1", "V1"), ("V.2", "V2"), ("AVRNEG", "-aVR"), ("  V5  ", "V5"),
-    ("Lead_x", "X"), ("cc5", "CC5"), ("MDC_ECG_LEAD_Pleth", "Pleth"),
-])
+@pytest.mark.parametrize(
+    "raw,name",
+    [
+        ("", ""),
+        ("  ", ""),
+        ("LEAD II", "II"),
+        ("MDC_ECG_AVF", "aVF"),
+        ("DIII", "III"),
+        ("2", "II"),
+        ("aVR,augmented", "aVR"),
+        ("v_1", "V1"),
+        ("V.2", "V2"),
+        ("AVRNEG", "-aVR"),
+        ("  V5  ", "V5"),
+        ("Lead_x", "X"),
+        ("cc5", "CC5"),
+        ("MDC_ECG_LEAD_Pleth", "Pleth"),
+    ],
+)
 def test_more_lead_spellings(raw: str, name: str) -> None:
     assert normalise_lead_name(raw) == name
 
@@ -82,7 +113,21 @@ def test_more_lead_spellings(raw: str, name: str) -> None:
 def test_standard_order_puts_the_twelve_first() -> None:
     names = ["V6", "X", "aVF", "I", "V1", "III", "Y", "aVR", "II", "aVL", "V2", "V3", "V4", "V5"]
     assert [names[i] for i in standard_order(names)] == [
-        "I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6", "X", "Y"]
+        "I",
+        "II",
+        "III",
+        "aVR",
+        "aVL",
+        "aVF",
+        "V1",
+        "V2",
+        "V3",
+        "V4",
+        "V5",
+        "V6",
+        "X",
+        "Y",
+    ]
 
 
 def _derived(names: tuple[str, ...], rows: list[list[int]], dtype=np.int16, rounding: str = "toward-zero"):

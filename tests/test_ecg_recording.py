@@ -21,8 +21,12 @@ AT = dt.datetime(2025, 3, 5, 9, 30, tzinfo=dt.timezone.utc)
 def _rec(samples: object = None, **overrides: object) -> EcgRecording:
     fields: dict[str, object] = dict(
         samples=np.array([[1, -2, 3], [4, 5, -6]], dtype=np.int16) if samples is None else samples,
-        lead_names=("I", "II"), sampling_rate_hz=500.0, uv_per_unit=2.5, acquired_at=AT,
-        time_source=TimeSource.FILE)
+        lead_names=("I", "II"),
+        sampling_rate_hz=500.0,
+        uv_per_unit=2.5,
+        acquired_at=AT,
+        time_source=TimeSource.FILE,
+    )
     fields.update(overrides)
     return EcgRecording(**fields)  # type: ignore[arg-type]
 
@@ -33,20 +37,31 @@ def test_a_valid_recording_and_its_views() -> None:
     assert r.microvolts().tolist() == [[2.5, -5.0, 7.5], [10.0, 12.5, -15.0]]
     assert r.microvolts().dtype == np.float64  # no int16 overflow when scaled
     assert r.lead("II").tolist() == [4, 5, -6]
-    assert (r.device, r.patient, r.derived_leads, r.gaps, r.stat, r.flags, r.resampled_from_hz,
-            r.source_format) == (DeviceIdentity(), None, frozenset(), (), False, (), None, "")
+    assert (r.device, r.patient, r.derived_leads, r.gaps, r.stat, r.flags, r.resampled_from_hz, r.source_format) == (
+        DeviceIdentity(),
+        None,
+        frozenset(),
+        (),
+        False,
+        (),
+        None,
+        "",
+    )
     assert STANDARD_12_LEADS == ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
 
 
-@pytest.mark.parametrize("samples,needle", [
-    ([[1, 2], [3, 4]], "2-D array"),  # a list, not an array
-    (np.array([1, 2, 3], dtype=np.int16), "2-D array"),
-    (np.zeros((2, 3, 1), dtype=np.int16), "2-D array"),
-    (np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]), "must be integers"),
-    (np.zeros((0, 3), dtype=np.int16), "needs leads and samples"),
-    (np.zeros((2, 0), dtype=np.int16), "needs leads and samples"),
-    (np.zeros((3, 3), dtype=np.int16), "2 lead names for 3 leads"),
-])
+@pytest.mark.parametrize(
+    "samples,needle",
+    [
+        ([[1, 2], [3, 4]], "2-D array"),  # a list, not an array
+        (np.array([1, 2, 3], dtype=np.int16), "2-D array"),
+        (np.zeros((2, 3, 1), dtype=np.int16), "2-D array"),
+        (np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]), "must be integers"),
+        (np.zeros((0, 3), dtype=np.int16), "needs leads and samples"),
+        (np.zeros((2, 0), dtype=np.int16), "needs leads and samples"),
+        (np.zeros((3, 3), dtype=np.int16), "2 lead names for 3 leads"),
+    ],
+)
 def test_sample_arrays_that_are_not_a_recording(samples: object, needle: str) -> None:
     with pytest.raises(InvalidRecordingError, match=needle):
         _rec(samples)

@@ -79,10 +79,16 @@ def test_40000_microvolts_do_not_wrap_in_int16() -> None:
     assert samples.dtype == np.int32 and samples.tolist() == [[0, -40_000]]
 
 
-@pytest.mark.parametrize("values,dtype", [
-    ([-32768, 32767], np.int16), ([-32769, 0], np.int32), ([0, 32768], np.int32),
-    ([-32768, 0], np.int16), ([0, 32767], np.int16),
-])
+@pytest.mark.parametrize(
+    "values,dtype",
+    [
+        ([-32768, 32767], np.int16),
+        ([-32769, 0], np.int32),
+        ([0, 32768], np.int32),
+        ([-32768, 0], np.int16),
+        ([0, 32767], np.int16),
+    ],
+)
 def test_int16_is_used_exactly_when_every_sample_fits(values: list[int], dtype: type) -> None:
     samples, _ = to_common_unit([_ch(values, 1.0)], "test")
     assert samples.dtype == dtype and samples.tolist() == [values]

@@ -59,8 +59,11 @@ def test_sender_types_every_failure(tmp_path: Path) -> None:
     token = _token(tmp_path)
     # A patient sender (60 s) for the faults answered at once, so a loaded machine cannot turn a 500
     # into a timeout; an impatient one (1 s) against a server that answers 5 s late for the timeout.
-    with FhirTestServer(token="s3cret-token") as server, _sender(server, token, timeout_s=60.0) as sender, \
-            _sender(server, token, timeout_s=1.0) as impatient:
+    with (
+        FhirTestServer(token="s3cret-token") as server,
+        _sender(server, token, timeout_s=60.0) as sender,
+        _sender(server, token, timeout_s=1.0) as impatient,
+    ):
         server.timeout_delay_s = 5.0
         server.faults.extend(["500", "429", "drop", "400", "timeout", "commit-then-drop"])
         with pytest.raises(TransientError, match="500"):
@@ -103,27 +106,42 @@ def _ca_and_server_cert(tmp_path: Path, name: str) -> tuple[Path, Path, Path]:
     from cryptography.x509.oid import NameOID
 
     def pem_key(key: ec.EllipticCurvePrivateKey, path: Path) -> Path:
-        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+        path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
         return path
 
     now = dt.datetime.now(dt.timezone.utc)
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(1).not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-          .sign(ca_key, hashes.SHA256()))
-    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(2)
-            .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(2)
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     ca_file = tmp_path / f"{name}-ca.pem"
     ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     cert_file = tmp_path / f"{name}-cert.pem"
@@ -173,8 +191,13 @@ def _fill(outbox: Outbox, visits: range, patient_of=lambda n: f"P-{n % 3}") -> l
     keys = []
     for n in visits:
         v = visit(n, patient=patient_of(n))
-        enqueue_bundle(outbox, visit_bundle(v, all_kinds(v.started_at, v.patient_id, f"/{n}"), NAMING, signature(n)),
-                       f"fhir:visit:{v.visit_id}", patient_id=v.patient_id, now=1000.0 + n)
+        enqueue_bundle(
+            outbox,
+            visit_bundle(v, all_kinds(v.started_at, v.patient_id, f"/{n}"), NAMING, signature(n)),
+            f"fhir:visit:{v.visit_id}",
+            patient_id=v.patient_id,
+            now=1000.0 + n,
+        )
         keys.append(v.visit_id)
     return keys
 
@@ -263,8 +286,9 @@ def test_kill_9_mid_sync_leaves_no_duplicates(tmp_path: Path) -> None:
     ids = _fill(outbox, range(20))
     outbox.close()
     with FhirTestServer(response_delay_s=0.15) as server:
-        child = subprocess.Popen([sys.executable, "-c", _CHILD.format(repo=str(REPO), data=str(data),
-                                                                      url=server.base_url)])
+        child = subprocess.Popen(
+            [sys.executable, "-c", _CHILD.format(repo=str(REPO), data=str(data), url=server.base_url)]
+        )
         try:
             deadline = time.monotonic() + 30
             while server.stats.transactions < 6 and time.monotonic() < deadline:

@@ -46,7 +46,8 @@ def make_config(tmp_path: Path, port: int, called_ae: str, **rc_overrides) -> Co
 
 def write_toml(config: Config, path: Path, outbox_extra: str = "") -> Path:
     rc = config.reading_center
-    path.write_text(f"""
+    path.write_text(
+        f"""
 [gateway]
 data_dir = "{config.gateway.data_dir}"
 [reading_center]
@@ -67,15 +68,19 @@ backoff_base_s = 0.1
 backoff_max_s = 0.5
 min_free_mb = 1
 config_fault_retry_s = 0.5
-""" + outbox_extra)
+"""
+        + outbox_extra
+    )
     return path
 
 
 def enqueue(config: Config, n: int, start: int = 0) -> dict[str, str]:
     """n recordings → outbox; returns key → SOP Instance UID."""
     with open_outbox(config) as outbox:
-        return {f"k{i}": enqueue_recording(outbox, make_recording(i), config, key=f"k{i}")
-                .item.meta["sop_instance_uid"] for i in range(start, start + n)}
+        return {
+            f"k{i}": enqueue_recording(outbox, make_recording(i), config, key=f"k{i}").item.meta["sop_instance_uid"]
+            for i in range(start, start + n)
+        }
 
 
 def counts(config: Config) -> dict:
@@ -138,19 +143,21 @@ def test_orthanc_refusing_our_ae_is_a_fault_not_a_quarantine(tmp_path, orthanc_f
     assert '"fault": null' in capsys.readouterr().out
 
 
-def test_per_object_statuses_permanent_is_quarantined_the_rest_flows(
-        tmp_path, scripted_scp_factory, capsys) -> None:
+def test_per_object_statuses_permanent_is_quarantined_the_rest_flows(tmp_path, scripted_scp_factory, capsys) -> None:
     config = make_config(tmp_path, 0, "SCRIPTED", storage_commitment=False)
     uids = enqueue(config, 6)
-    scp = scripted_scp_factory(statuses={uids["k1"]: [0xA900], uids["k2"]: [0xA700, 0x0000],
-                                         uids["k3"]: [0xC123], uids["k4"]: [0xB000]})
+    scp = scripted_scp_factory(
+        statuses={uids["k1"]: [0xA900], uids["k2"]: [0xA700, 0x0000], uids["k3"]: [0xC123], uids["k4"]: [0xB000]}
+    )
     config.reading_center.port = scp.port
     pump(config, lambda ob: ob.stats(time.time())["counts"].get("sent", 0) == 4)
     with open_outbox(config) as outbox:
         by_key = {i.key: i for i in outbox.items()}
         assert by_key["k1"].state == ItemState.QUARANTINED and "0xA900" in by_key["k1"].quarantine_reason
         assert by_key["k3"].state == ItemState.QUARANTINED and "0xC123" in by_key["k3"].quarantine_reason
-        assert by_key["k2"].state == ItemState.SENT and by_key["k2"].attempts == 2  # charged per send: 0xA700, then stored
+        assert (
+            by_key["k2"].state == ItemState.SENT and by_key["k2"].attempts == 2
+        )  # charged per send: 0xA700, then stored
         assert by_key["k4"].state == ItemState.SENT  # warning = stored
     cfg_file = write_toml(config, tmp_path / "lastmile.toml")
     assert cli(["-c", str(cfg_file), "queue"]) == 0
@@ -161,8 +168,7 @@ def test_per_object_statuses_permanent_is_quarantined_the_rest_flows(
 
 
 @pytest.mark.parametrize("policy", ["keep", "purge"])
-def test_storescp_without_storage_commitment_follows_the_policy(
-        tmp_path, storescp_factory, policy) -> None:
+def test_storescp_without_storage_commitment_follows_the_policy(tmp_path, storescp_factory, policy) -> None:
     scp = storescp_factory()
     config = make_config(tmp_path, scp.port, scp.ae_title, no_commitment_policy=policy)
     enqueue(config, 3)
@@ -193,16 +199,20 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(tmp_path, orthan
     require_private_netns()
     listen = free_port()
     orthanc = orthanc_factory(modalities=gateway_modality("CLINIC01", listen))
-    config = make_config(tmp_path, orthanc.dicom_port, orthanc.aet, listen_port=listen,
-                         batch_size=4, commitment_timeout_s=2.0)
+    config = make_config(
+        tmp_path, orthanc.dicom_port, orthanc.aet, listen_port=listen, batch_size=4, commitment_timeout_s=2.0
+    )
     cfg_file = write_toml(config, tmp_path / "lastmile.toml")
     n = 60
     uids = enqueue(config, n)
     rng = random.Random(20261123)
     kills = 0
     for _ in range(22):
-        proc = subprocess.Popen([sys.executable, "-m", "lastmile", "-c", str(cfg_file), "forward"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lastmile", "-c", str(cfg_file), "forward"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(rng.uniform(0.4, 1.6))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
@@ -233,12 +243,10 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(tmp_path, orthan
 
 
 @pytest.mark.orthanc
-def test_orthanc_dies_mid_batch_and_returns_everything_arrives_exactly_once(
-        tmp_path, orthanc_factory) -> None:
+def test_orthanc_dies_mid_batch_and_returns_everything_arrives_exactly_once(tmp_path, orthanc_factory) -> None:
     listen = free_port()
     orthanc = orthanc_factory(modalities=gateway_modality("CLINIC01", listen))
-    config = make_config(tmp_path, orthanc.dicom_port, orthanc.aet, listen_port=listen,
-                         batch_size=30, associations=1)
+    config = make_config(tmp_path, orthanc.dicom_port, orthanc.aet, listen_port=listen, batch_size=30, associations=1)
     uids = enqueue(config, 30)
     stop = threading.Event()
     failed_commitments: list[int] = []
@@ -267,8 +275,17 @@ def test_orthanc_dies_mid_batch_and_returns_everything_arrives_exactly_once(
 
 # -- storage commitment reports: only the reading center's, only for our transactions --------------
 
-def send_report(port: int, txn: str, refs: list[tuple[str, str]], *, calling_ae: str, called_ae: str = "CLINIC01",
-                failed: list[tuple[str, str]] = (), source: str | None = None) -> str | int:
+
+def send_report(
+    port: int,
+    txn: str,
+    refs: list[tuple[str, str]],
+    *,
+    calling_ae: str,
+    called_ae: str = "CLINIC01",
+    failed: list[tuple[str, str]] = (),
+    source: str | None = None,
+) -> str | int:
     """A real pynetdicom peer sending one Storage Commitment N-EVENT-REPORT to the gateway's
     listener: the report's status, or how the association failed ("rejected", "closed")."""
     from pydicom.dataset import Dataset
@@ -286,9 +303,14 @@ def send_report(port: int, txn: str, refs: list[tuple[str, str]], *, calling_ae:
 
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    assoc = ae.associate("127.0.0.1", port, [build_context(StorageCommitmentPushModel)], ae_title=called_ae,
-                         ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)],
-                         bind_address=(source, 0) if source else None)
+    assoc = ae.associate(
+        "127.0.0.1",
+        port,
+        [build_context(StorageCommitmentPushModel)],
+        ae_title=called_ae,
+        ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)],
+        bind_address=(source, 0) if source else None,
+    )
     if assoc.is_rejected:
         return "rejected"
     if not assoc.is_established:
@@ -299,8 +321,9 @@ def send_report(port: int, txn: str, refs: list[tuple[str, str]], *, calling_ae:
         info.ReferencedSOPSequence = [item(c, u) for c, u in refs]
     if failed:
         info.FailedSOPSequence = [item(c, u, 0x0110) for c, u in failed]
-    status, _ = assoc.send_n_event_report(info, 2 if failed else 1, StorageCommitmentPushModel,
-                                          STORAGE_COMMITMENT_INSTANCE)
+    status, _ = assoc.send_n_event_report(
+        info, 2 if failed else 1, StorageCommitmentPushModel, STORAGE_COMMITMENT_INSTANCE
+    )
     assoc.release()
     return int(status.get("Status", -1))
 
@@ -354,7 +377,8 @@ def test_forged_commitment_with_an_unknown_transaction_changes_nothing(awaiting_
 
 
 def test_forged_commitment_naming_instances_not_in_the_transaction_changes_nothing(
-        awaiting_commitment, tmp_path) -> None:
+    awaiting_commitment, tmp_path
+) -> None:
     from pydicom.uid import generate_uid
 
     fwd, outbox, scp = awaiting_commitment
@@ -411,6 +435,7 @@ def test_storage_commitment_off_with_purge_policy_purges_what_was_sent(tmp_path,
 
 # -- a send killed mid-way is charged; killed N times, the item is quarantined ---------------------
 
+
 def wait_until(condition, limit_s: float = 60.0, what: str = "condition") -> None:
     deadline = time.monotonic() + limit_s
     while not condition():
@@ -443,10 +468,12 @@ def test_send_killed_n_times_is_quarantined_and_the_rest_flows(tmp_path, scripte
             assert (item.state, item.attempts, item.interrupted_sends) == (ItemState.QUEUED, kill, kill)
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+
         def settled() -> bool:
             with open_outbox(config) as outbox:
                 c = outbox.stats(time.time())["counts"]
                 return c.get("quarantined") == 1 and c.get("sent") == 3
+
         wait_until(settled, what="quarantine of the crasher")
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -463,8 +490,7 @@ def test_send_killed_n_times_is_quarantined_and_the_rest_flows(tmp_path, scripte
     assert set(scp.received_uids()) == {uids[f"k{i}"] for i in range(1, 4)}
 
 
-def test_decompression_bomb_in_the_outbox_is_quarantined_by_the_forward_service(
-        tmp_path, storescp_factory) -> None:
+def test_decompression_bomb_in_the_outbox_is_quarantined_by_the_forward_service(tmp_path, storescp_factory) -> None:
     """A deflate bomb that got into the outbox (stored before the receiver refused them) and a
     reading center without deflate: the real forward service inflates it with a cap, quarantines
     it as unsendable, sends the rest, and its peak RSS stays under 150 MB."""
@@ -476,16 +502,25 @@ def test_decompression_bomb_in_the_outbox_is_quarantined_by_the_forward_service(
     enqueue(config, 2)
     bomb_uid, bomb = deflate_bomb(1 << 30)
     with open_outbox(config) as outbox:
-        outbox.add(Kind.DICOM, "bomb", bomb, meta={"sop_instance_uid": bomb_uid,
-                                                   "sop_class_uid": "1.2.840.10008.5.1.4.1.1.9.1.1"})
+        outbox.add(
+            Kind.DICOM,
+            "bomb",
+            bomb,
+            meta={"sop_instance_uid": bomb_uid, "sop_class_uid": "1.2.840.10008.5.1.4.1.1.9.1.1"},
+        )
     cfg_file = write_toml(config, tmp_path / "lastmile.toml")
-    proc = subprocess.Popen([sys.executable, "-m", "lastmile", "-c", str(cfg_file), "forward"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lastmile", "-c", str(cfg_file), "forward"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
+
         def settled() -> bool:
             with open_outbox(config) as outbox:
                 c = outbox.stats(time.time())["counts"]
                 return c.get("quarantined") == 1 and c.get("sent") == 2
+
         wait_until(settled, what="bomb quarantined and the rest sent")
         peak_mb = peak_rss_mb(proc.pid)
         print(f"\nforward service VmHWM after a 1 GiB deflate bomb: {peak_mb:.0f} MB")

@@ -22,13 +22,27 @@ FOUR = [(70.0, 10.0), (20.0, 100.0), (25.0, 220.0), (30.0, 310.0)]
 
 def _reference(sky: list[tuple[float, float]]) -> dict[str, float]:
     """The DOPs the textbook way: diag((HᵀH)⁻¹) with numpy."""
-    h = np.array([[math.cos(math.radians(el)) * math.sin(math.radians(az)),
-                   math.cos(math.radians(el)) * math.cos(math.radians(az)),
-                   math.sin(math.radians(el)), 1.0] for el, az in sky])
+    h = np.array(
+        [
+            [
+                math.cos(math.radians(el)) * math.sin(math.radians(az)),
+                math.cos(math.radians(el)) * math.cos(math.radians(az)),
+                math.sin(math.radians(el)),
+                1.0,
+            ]
+            for el, az in sky
+        ]
+    )
     q = np.diag(np.linalg.inv(h.T @ h))
-    return {"xdop": math.sqrt(q[0]), "ydop": math.sqrt(q[1]), "vdop": math.sqrt(q[2]),
-            "tdop": math.sqrt(q[3]), "hdop": math.sqrt(q[0] + q[1]),
-            "pdop": math.sqrt(q[0] + q[1] + q[2]), "gdop": math.sqrt(q.sum())}
+    return {
+        "xdop": math.sqrt(q[0]),
+        "ydop": math.sqrt(q[1]),
+        "vdop": math.sqrt(q[2]),
+        "tdop": math.sqrt(q[3]),
+        "hdop": math.sqrt(q[0] + q[1]),
+        "pdop": math.sqrt(q[0] + q[1] + q[2]),
+        "gdop": math.sqrt(q.sum()),
+    }
 
 
 def _as_dict(d) -> dict[str, float]:
@@ -49,11 +63,15 @@ def test_a_fix_with_exactly_four_satellites_keeps_its_error_estimate() -> None:
     assert dops_from_geometry([]) is None
 
 
-@pytest.mark.parametrize("sky", [
-    [(90.0, 0.0)] * 4,  # four times the same satellite
-    [(45.0, 0.0), (45.0, 120.0), (45.0, 240.0), (45.0, 0.0), (45.0, 120.0)],  # one cone: height = clock
-    [(0.0, 0.0), (0.0, 90.0), (0.0, 180.0), (0.0, 270.0), (0.0, 45.0)],  # all on the horizon: no height
-], ids=["same satellite", "one elevation", "horizon"])
+@pytest.mark.parametrize(
+    "sky",
+    [
+        [(90.0, 0.0)] * 4,  # four times the same satellite
+        [(45.0, 0.0), (45.0, 120.0), (45.0, 240.0), (45.0, 0.0), (45.0, 120.0)],  # one cone: height = clock
+        [(0.0, 0.0), (0.0, 90.0), (0.0, 180.0), (0.0, 270.0), (0.0, 45.0)],  # all on the horizon: no height
+    ],
+    ids=["same satellite", "one elevation", "horizon"],
+)
 def test_singular_geometry_gives_no_estimate_and_no_crash(sky: list[tuple[float, float]]) -> None:
     """With ≥ 4 satellites that still cannot separate the unknowns there is no DOP: None, not a
     TypeError or ZeroDivisionError out of the NMEA stream (and not a made-up number)."""
@@ -74,12 +92,15 @@ def test_any_geometry_gives_the_reference_or_none(sky: list[tuple[float, float]]
         assert all(v > 0 and math.isfinite(v) for v in _as_dict(got).values())
 
 
-@pytest.mark.parametrize("m", [
-    [[2.0, 1.0], [1.0, 2.0]],
-    [[2.0, -1.0, 0.0], [-1.0, 2.0, -1.0], [0.0, -1.0, 2.0]],
-    [[4.0, 1.0, 1.0, 1.0], [1.0, 3.0, -1.0, 0.5], [1.0, -1.0, 5.0, 1.0], [1.0, 0.5, 1.0, 6.0]],
-    [[0.0, 1.0], [1.0, 0.0]],  # needs a row swap
-])
+@pytest.mark.parametrize(
+    "m",
+    [
+        [[2.0, 1.0], [1.0, 2.0]],
+        [[2.0, -1.0, 0.0], [-1.0, 2.0, -1.0], [0.0, -1.0, 2.0]],
+        [[4.0, 1.0, 1.0, 1.0], [1.0, 3.0, -1.0, 0.5], [1.0, -1.0, 5.0, 1.0], [1.0, 0.5, 1.0, 6.0]],
+        [[0.0, 1.0], [1.0, 0.0]],  # needs a row swap
+    ],
+)
 def test_the_gauss_jordan_inverse_matches_numpy(m: list[list[float]]) -> None:
     """Entries of exactly ±1 and 0 are where a skipped elimination step would hide."""
     got = _invert(m)

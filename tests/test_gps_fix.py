@@ -71,19 +71,45 @@ def test_modes_are_gpsds_numbers_and_defaults_claim_nothing() -> None:
     assert Fix.from_json({"time": None}) == Fix(FixMode.UNKNOWN, None)  # a record without a mode knows nothing
 
 
-@pytest.mark.parametrize("system,prn,key", [
-    ("GPS", 1, ("GPS", 1)), ("GPS", 32, ("GPS", 32)), ("GPS", 33, ("SBAS", 33)), ("GPS", 64, ("SBAS", 64)),
-    ("GPS", 65, ("GLONASS", 1)), ("GPS", 96, ("GLONASS", 32)), ("GPS", 97, ("GPS", 97)),
-    ("GPS", 192, ("GPS", 192)), ("GPS", 193, ("QZSS", 1)), ("GPS", 200, ("QZSS", 8)), ("GPS", 201, ("GPS", 201)),
-    ("GNSS", 201, ("BeiDou", 1)), ("GNSS", 263, ("BeiDou", 63)), ("GNSS", 264, ("GPS", 264)),
-    ("GNSS", 300, ("GPS", 300)), ("GNSS", 301, ("Galileo", 1)), ("GNSS", 336, ("Galileo", 36)),
-    ("GNSS", 337, ("GPS", 337)), ("GNSS", 400, ("GPS", 400)), ("GNSS", 401, ("BeiDou", 1)),
-    ("GNSS", 463, ("BeiDou", 63)), ("GNSS", 464, ("GPS", 464)), ("GNSS", 65, ("GLONASS", 1)),
-    ("GLONASS", 64, ("GLONASS", 64)), ("GLONASS", 65, ("GLONASS", 1)),
-    ("BeiDou", 200, ("BeiDou", 200)), ("BeiDou", 201, ("BeiDou", 1)), ("BeiDou", 400, ("BeiDou", 200)),
-    ("BeiDou", 401, ("BeiDou", 1)), ("Galileo", 300, ("Galileo", 300)), ("Galileo", 301, ("Galileo", 1)),
-    ("QZSS", 192, ("QZSS", 192)), ("QZSS", 193, ("QZSS", 1)), ("NavIC", 5, ("NavIC", 5)),
-])
+@pytest.mark.parametrize(
+    "system,prn,key",
+    [
+        ("GPS", 1, ("GPS", 1)),
+        ("GPS", 32, ("GPS", 32)),
+        ("GPS", 33, ("SBAS", 33)),
+        ("GPS", 64, ("SBAS", 64)),
+        ("GPS", 65, ("GLONASS", 1)),
+        ("GPS", 96, ("GLONASS", 32)),
+        ("GPS", 97, ("GPS", 97)),
+        ("GPS", 192, ("GPS", 192)),
+        ("GPS", 193, ("QZSS", 1)),
+        ("GPS", 200, ("QZSS", 8)),
+        ("GPS", 201, ("GPS", 201)),
+        ("GNSS", 201, ("BeiDou", 1)),
+        ("GNSS", 263, ("BeiDou", 63)),
+        ("GNSS", 264, ("GPS", 264)),
+        ("GNSS", 300, ("GPS", 300)),
+        ("GNSS", 301, ("Galileo", 1)),
+        ("GNSS", 336, ("Galileo", 36)),
+        ("GNSS", 337, ("GPS", 337)),
+        ("GNSS", 400, ("GPS", 400)),
+        ("GNSS", 401, ("BeiDou", 1)),
+        ("GNSS", 463, ("BeiDou", 63)),
+        ("GNSS", 464, ("GPS", 464)),
+        ("GNSS", 65, ("GLONASS", 1)),
+        ("GLONASS", 64, ("GLONASS", 64)),
+        ("GLONASS", 65, ("GLONASS", 1)),
+        ("BeiDou", 200, ("BeiDou", 200)),
+        ("BeiDou", 201, ("BeiDou", 1)),
+        ("BeiDou", 400, ("BeiDou", 200)),
+        ("BeiDou", 401, ("BeiDou", 1)),
+        ("Galileo", 300, ("Galileo", 300)),
+        ("Galileo", 301, ("Galileo", 1)),
+        ("QZSS", 192, ("QZSS", 192)),
+        ("QZSS", 193, ("QZSS", 1)),
+        ("NavIC", 5, ("NavIC", 5)),
+    ],
+)
 def test_satellite_numbering_schemes(system: str, prn: int, key: tuple[str, int]) -> None:
     """One satellite, one key, whichever numbering the receiver used (NMEA 2.x/4.x, gpsd's
     extended PRNs): counted twice, it would make the geometry - and the error estimate - look
@@ -103,10 +129,16 @@ def _day_rollover(rmc_time: str, rmc_date: str, gga_time: str) -> dt.datetime | 
 
 def test_a_date_learnt_before_midnight_moves_on_after_it() -> None:
     assert _day_rollover("235959.00", "010624", "000001.00") == dt.datetime(2024, 6, 2, 0, 0, 1, tzinfo=dt.timezone.utc)
-    assert _day_rollover("000001.00", "020624", "235959.00") == dt.datetime(2024, 6, 1, 23, 59, 59, tzinfo=dt.timezone.utc)
+    assert _day_rollover("000001.00", "020624", "235959.00") == dt.datetime(
+        2024, 6, 1, 23, 59, 59, tzinfo=dt.timezone.utc
+    )
     # less than 12 hours apart: the same day
-    assert _day_rollover("120000.00", "010624", "235959.00") == dt.datetime(2024, 6, 1, 23, 59, 59, tzinfo=dt.timezone.utc)
+    assert _day_rollover("120000.00", "010624", "235959.00") == dt.datetime(
+        2024, 6, 1, 23, 59, 59, tzinfo=dt.timezone.utc
+    )
     assert _day_rollover("120000.00", "010624", "000001.00") == dt.datetime(2024, 6, 1, 0, 0, 1, tzinfo=dt.timezone.utc)
     # exactly 12 hours apart is still the same day, both ways
     assert _day_rollover("120000.00", "010624", "000000.00") == dt.datetime(2024, 6, 1, 0, 0, 0, tzinfo=dt.timezone.utc)
-    assert _day_rollover("000000.00", "020624", "120000.00") == dt.datetime(2024, 6, 2, 12, 0, 0, tzinfo=dt.timezone.utc)
+    assert _day_rollover("000000.00", "020624", "120000.00") == dt.datetime(
+        2024, 6, 2, 12, 0, 0, tzinfo=dt.timezone.utc
+    )

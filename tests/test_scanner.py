@@ -25,7 +25,9 @@ RULES = ScanRules.from_patterns(r"(?P<id>\d{20})", r"DR-(?P<id>\d{6})")
 def test_patient_and_doctor_codes() -> None:
     dec = ScannerDecoder(RULES)
     assert dec.feed(PATIENT_CARD_SCAN + DOCTOR_BADGE_SCAN) == [
-        PatientScanned("80276001234567890123"), DoctorScanned("004711")]
+        PatientScanned("80276001234567890123"),
+        DoctorScanned("004711"),
+    ]
 
 
 def test_codes_split_across_reads_and_line_end_variants() -> None:

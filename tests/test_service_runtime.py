@@ -124,8 +124,9 @@ def manager(tmp_path: Path) -> Iterator[Manager]:
     m.sock.close()
 
 
-def start_child(tmp_path: Path, manager: Manager, mode: str = "normal",
-                watchdog_usec: int | None = None) -> tuple[subprocess.Popen[str], Path, Path]:
+def start_child(
+    tmp_path: Path, manager: Manager, mode: str = "normal", watchdog_usec: int | None = None
+) -> tuple[subprocess.Popen[str], Path, Path]:
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     config = tmp_path / "lastmile.toml"
@@ -134,8 +135,13 @@ def start_child(tmp_path: Path, manager: Manager, mode: str = "normal",
     env = {**os.environ, "NOTIFY_SOCKET": str(manager.path), "PYTHONPATH": str(REPO)}
     if watchdog_usec:
         env["WATCHDOG_USEC"] = str(watchdog_usec)
-    proc = subprocess.Popen([sys.executable, str(script), str(config), str(out), mode], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(config), str(out), mode],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     return proc, config, out
 
 
@@ -238,8 +244,14 @@ class Recorder:
 
 def runtime(manager: Manager | None, load=lambda: Config(), **kw: object) -> ServiceRuntime:
     env = {"NOTIFY_SOCKET": str(manager.path), "WATCHDOG_USEC": "200000"} if manager else {}
-    return ServiceRuntime("t", load_config=load, notifier=SystemdNotifier(environ=env),
-                          install_signal_handlers=False, configure_logging=False, **kw)
+    return ServiceRuntime(
+        "t",
+        load_config=load,
+        notifier=SystemdNotifier(environ=env),
+        install_signal_handlers=False,
+        configure_logging=False,
+        **kw,
+    )
 
 
 def test_a_failing_step_exits_non_zero_after_closing(manager: Manager) -> None:
@@ -271,7 +283,8 @@ def test_setup_failure_from_a_bug_is_exit_1_and_never_ready(manager: Manager) ->
 
 
 def test_an_unusable_data_dir_at_start_is_waited_out_with_backoff_not_exit(
-        manager: Manager, caplog: pytest.LogCaptureFixture) -> None:
+    manager: Manager, caplog: pytest.LogCaptureFixture
+) -> None:
     """The data partition not writable yet: READY with the fault in STATUS, retried with a
     growing delay, one ERROR line (no traceback); starts normally once it is fixed."""
     from lastmile.data_dir import DataDirError
@@ -287,8 +300,9 @@ def test_an_unusable_data_dir_at_start_is_waited_out_with_backoff_not_exit(
         return made[-1]
 
     rt = runtime(manager, fault_backoff_s=(0.05, 0.2))
-    threading.Thread(target=lambda: (manager.wait_for("READY=1"), _wait_until(lambda: made and made[0].steps > 2),
-                                     rt.request_stop())).start()
+    threading.Thread(
+        target=lambda: (manager.wait_for("READY=1"), _wait_until(lambda: made and made[0].steps > 2), rt.request_stop())
+    ).start()
     with caplog.at_level(logging.INFO, logger="lastmile.services.runtime"):
         assert rt.run(setup) == EXIT_OK
     assert len(attempts) == 4 and made[0].steps > 2 and made[0].closed
@@ -301,7 +315,8 @@ def test_an_unusable_data_dir_at_start_is_waited_out_with_backoff_not_exit(
 
 
 def test_an_operational_fault_in_a_step_backs_off_instead_of_exiting(
-        manager: Manager, caplog: pytest.LogCaptureFixture) -> None:
+    manager: Manager, caplog: pytest.LogCaptureFixture
+) -> None:
     class DiskTrouble(Recorder):
         def step(self, stop: threading.Event) -> float:
             self.steps += 1
@@ -415,8 +430,7 @@ def test_remembered_values_and_exception_text_are_masked() -> None:
     try:
         raise ValueError("no study for Nakato Achieng")
     except ValueError:
-        r = logging.LogRecord("t", logging.ERROR, __file__, 1, "failed for %s", ("Nakato Achieng",),
-                              sys.exc_info())
+        r = logging.LogRecord("t", logging.ERROR, __file__, 1, "failed for %s", ("Nakato Achieng",), sys.exc_info())
     flt.filter(r)
     assert "Nakato" not in r.getMessage() and "Nakato" not in (r.exc_text or "")
 
@@ -453,6 +467,7 @@ def test_service_logging_goes_to_stdout_with_journal_priorities(monkeypatch: pyt
 
 # -- the acquire service's composition ----------------------------------------------------------------
 
+
 def test_a_failed_part_is_restarted_with_backoff_and_a_silent_one_is_wedged() -> None:
     from lastmile.services.acquire import Wedged, WorkerPart
 
@@ -486,12 +501,17 @@ def test_acquire_reaches_ready_without_devices_and_stops_cleanly(tmp_path: Path,
     inbox = tmp_path / "usb"
     inbox.mkdir()
     config = tmp_path / "lastmile.toml"
-    config.write_text(f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n[ble]\nenabled = false\n'
-                      f'[usb_import]\nfolders = ["{inbox}"]\n')
-    env = {**os.environ, "NOTIFY_SOCKET": str(manager.path), "WATCHDOG_USEC": "2000000",
-           "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "lastmile", "-c", str(config), "acquire"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    config.write_text(
+        f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n[ble]\nenabled = false\n[usb_import]\nfolders = ["{inbox}"]\n'
+    )
+    env = {**os.environ, "NOTIFY_SOCKET": str(manager.path), "WATCHDOG_USEC": "2000000", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lastmile", "-c", str(config), "acquire"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         msgs = manager.wait_for("READY=1")
         assert any("usb-import up" in m for m in msgs)
@@ -506,10 +526,15 @@ def test_acquire_reaches_ready_without_devices_and_stops_cleanly(tmp_path: Path,
 
 def test_acquire_refuses_a_bad_receiver_configuration_with_78(tmp_path: Path) -> None:
     config = tmp_path / "lastmile.toml"
-    config.write_text(f'[gateway]\ndata_dir = "{tmp_path}"\n[ble]\nenabled = false\n'
-                      "[lan_receiver]\nenabled = true\nport = 11112\n")  # no allowed_callers
-    proc = subprocess.run([sys.executable, "-m", "lastmile", "-c", str(config), "acquire"],
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
-                          timeout=60)
+    config.write_text(
+        f'[gateway]\ndata_dir = "{tmp_path}"\n[ble]\nenabled = false\n[lan_receiver]\nenabled = true\nport = 11112\n'
+    )  # no allowed_callers
+    proc = subprocess.run(
+        [sys.executable, "-m", "lastmile", "-c", str(config), "acquire"],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == EXIT_CONFIG, proc.stdout + proc.stderr
     assert "allowed_callers" in proc.stdout + proc.stderr

@@ -53,21 +53,29 @@ def scan(source: str, relpath: str) -> list[tuple[int, str]]:
     owner = _function_at(tree)
     found: list[tuple[int, str]] = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.BoolOp) and isinstance(node.op, ast.Or) and any(
-                isinstance(v, ast.Constant) and v.value is True for v in node.values):
+        if (
+            isinstance(node, ast.BoolOp)
+            and isinstance(node.op, ast.Or)
+            and any(isinstance(v, ast.Constant) and v.value is True for v in node.values)
+        ):
             found.append((node.lineno, "or True"))
         elif isinstance(node, ast.Assert) and (
-                isinstance(node.test, ast.Tuple) or (isinstance(node.test, ast.Constant) and node.test.value)):
+            isinstance(node.test, ast.Tuple) or (isinstance(node.test, ast.Constant) and node.test.value)
+        ):
             found.append((node.lineno, "assert of a constant"))
         elif isinstance(node, ast.Call):
             name = _dotted(node.func)
             if name in {f"pytest.{c}" for c in SKIPPING_CALLS} and (relpath, owner.get(node)) != SKIP_HELPER:
                 found.append((node.lineno, name))
         elif isinstance(node, ast.Attribute) and _dotted(node) in {
-                f"{prefix}mark.{m}" for m in SKIPPING_MARKS for prefix in ("pytest.", "")}:
+            f"{prefix}mark.{m}" for m in SKIPPING_MARKS for prefix in ("pytest.", "")
+        }:
             found.append((node.lineno, _dotted(node)))
-        elif isinstance(node, ast.ImportFrom) and node.module == "pytest" and any(
-                alias.name in SKIPPING_CALLS for alias in node.names):
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.module == "pytest"
+            and any(alias.name in SKIPPING_CALLS for alias in node.names)
+        ):
             found.append((node.lineno, "from pytest import skip"))
         elif isinstance(node, ast.ExceptHandler) and node.type is not None:
             caught = node.type.elts if isinstance(node.type, ast.Tuple) else [node.type]
@@ -81,8 +89,12 @@ def _suite() -> dict[str, str]:
 
 
 def test_no_check_in_the_suite_cannot_fail() -> None:
-    problems = [f"{path}:{line}: {what}" for path, source in _suite().items()
-                for line, what in scan(source, path) if (path, what) not in KNOWN_ELSEWHERE]
+    problems = [
+        f"{path}:{line}: {what}"
+        for path, source in _suite().items()
+        for line, what in scan(source, path)
+        if (path, what) not in KNOWN_ELSEWHERE
+    ]
     assert problems == [], "use tests.conftest.missing() to skip; assert what the code must do"
 
 
@@ -96,7 +108,7 @@ def test_the_scanner_sees_the_whole_suite() -> None:
     assert "tests/conftest.py" in suite and "tests/system/test_nspawn.py" in suite and len(suite) > 40
 
 
-PLANTED = '''
+PLANTED = """
 import builtins
 import pytest
 from pytest import mark
@@ -150,14 +162,24 @@ def missing(reason):
 @mark.skip
 def test_marked_by_a_short_name():
     from pytest import importorskip
-'''
+"""
 PLANTED_EXPECTED = [
-    (8, "or True"), (9, "or True"), (15, "assert of a constant"), (16, "assert of a constant"),
-    (20, "pytest.skip"), (24, "pytest.importorskip"), (27, "pytest.mark.skipif"), (32, "pytest.mark.xfail"),
-    (34, "pytest.xfail"), (40, "except AssertionError"), (44, "except AssertionError"), (49, "pytest.skip"),
-    (52, "mark.skip"), (54, "from pytest import skip"),
+    (8, "or True"),
+    (9, "or True"),
+    (15, "assert of a constant"),
+    (16, "assert of a constant"),
+    (20, "pytest.skip"),
+    (24, "pytest.importorskip"),
+    (27, "pytest.mark.skipif"),
+    (32, "pytest.mark.xfail"),
+    (34, "pytest.xfail"),
+    (40, "except AssertionError"),
+    (44, "except AssertionError"),
+    (49, "pytest.skip"),
+    (52, "mark.skip"),
+    (54, "from pytest import skip"),
 ]
-CLEAN = '''
+CLEAN = """
 import pytest
 from tests.conftest import missing
 
@@ -172,7 +194,7 @@ def test_fine(x):
         int("a")
     except ValueError:
         pass
-'''
+"""
 
 
 def test_the_scanner_catches_planted_examples(tmp_path: Path) -> None:
