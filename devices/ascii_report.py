@@ -18,6 +18,7 @@ import math
 import re
 import tomllib
 from dataclasses import dataclass
+from typing import Any
 
 from devices.errors import DeviceError, ProtocolError
 from devices.identity import EARLIEST_PLAUSIBLE, DeviceIdentity, TimeSource
@@ -101,7 +102,12 @@ _KEYS = {
 
 
 def _get(
-    table: dict, key: str, kind: type | tuple[type, ...], where: str, default: object = None, required: bool = False
+    table: dict[str, Any],
+    key: str,
+    kind: type | tuple[type, ...],
+    where: str,
+    default: object = None,
+    required: bool = False,
 ) -> object:
     if key not in table:
         if required:
@@ -127,7 +133,7 @@ def _regex(text: object, where: str, need_group: str | None = None) -> re.Patter
     return pattern
 
 
-def _number(table: dict, key: str, where: str, default: float) -> float:
+def _number(table: dict[str, Any], key: str, where: str, default: float) -> float:
     value = _get(table, key, (int, float), where, default)
     assert isinstance(value, (int, float))
     if not math.isfinite(value):
@@ -135,7 +141,7 @@ def _number(table: dict, key: str, where: str, default: float) -> float:
     return float(value)
 
 
-def _check_keys(table: object, section: str, where: str) -> dict:
+def _check_keys(table: object, section: str, where: str) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise ProfileError(f"{where} must be a table")
     unknown = set(table) - _KEYS[section]
@@ -156,7 +162,7 @@ def _field(table: object, index: int, default_kind: str) -> FieldRule:
     if not code.strip() or not unit.strip():
         raise ProfileError(f"{where}: code and unit must not be empty")
     pattern = _regex(t.get("pattern"), f"{where}.pattern", "value")
-    units_table = _get(t, "units", dict, where, {})
+    units_table = _get(t, "units", dict[str, Any], where, {})
     assert isinstance(units_table, dict)
     units = []
     for printed, rule in units_table.items():
@@ -194,7 +200,7 @@ def _field(table: object, index: int, default_kind: str) -> FieldRule:
     )
 
 
-def profile_from_dict(data: dict) -> ReportProfile:
+def profile_from_dict(data: dict[str, Any]) -> ReportProfile:
     """Build a profile from parsed TOML; ProfileError says what is wrong."""
     if not isinstance(data, dict):
         raise ProfileError("a profile is a TOML document")

@@ -274,4 +274,5 @@ class RacpClient:
                 f"{self.state.value}"
             )
         self._go("response-code")
+        assert pending is not None  # checked equal to the response's request op code above
         return RacpResult(pending, msg.response_code, self._records, None, self._highest)

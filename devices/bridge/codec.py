@@ -21,7 +21,7 @@ from devices.bridge.crc import crc32
 try:
     from devices.errors import ProtocolError
 except ImportError:  # on a board that carries only devices/bridge/
-    from devices.bridge.cobs import ProtocolError
+    from devices.bridge.cobs import ProtocolError  # type: ignore[attr-defined]
 
 VERSION = 1
 HEADER_FORMAT = "<BBI"
@@ -558,7 +558,7 @@ class FrameReader:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list:
-        out = []
+        out = []  # type: list[Frame | FrameError]
         start = 0
         n = len(data)
         while start < n:

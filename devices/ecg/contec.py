@@ -87,7 +87,8 @@ def read_contec(
     acquired_at, source = None, TimeSource.FILE
     if stamp:
         try:
-            acquired_at = dt.datetime(*(int(g) for g in stamp.groups()), tzinfo=local_tz)
+            year, month, day, hour, minute, second = (int(g) for g in stamp.groups())
+            acquired_at = dt.datetime(year, month, day, hour, minute, second, tzinfo=local_tz)
         except ValueError:
             acquired_at = None
     if acquired_at is None:

@@ -91,7 +91,7 @@ def _from_text(text: str) -> tuple[str, bool]:
     return normalise_lead_name(text[8:] if derived else text), derived
 
 
-def _lead_of(channel) -> tuple[str, bool] | None:
+def _lead_of(channel: Dataset) -> tuple[str, bool] | None:
     """(lead name, derived) of a channel definition, None for a channel that is not an ECG lead."""
     source = channel.get("ChannelSourceSequence")
     if source:
@@ -122,7 +122,7 @@ def _is_median(group: Dataset) -> bool:
     return "MEDIAN" in label or "BEAT" in label or "REPRESENTATIVE" in label
 
 
-def _group_rank(group, n_ecg: int) -> tuple:
+def _group_rank(group: Dataset, n_ecg: int) -> tuple[int, ...]:
     label = str(group.get("MultiplexGroupLabel", "")).upper()
     originality = str(group.get("WaveformOriginality", "")).upper()
     samples = int(group.get("NumberOfWaveformSamples", 0) or 0)
@@ -149,7 +149,7 @@ def _parse_dt(text: str, local_tz: dt.tzinfo, default_offset: str = "") -> dt.da
         return None
 
 
-def _acquired_at(ds, local_tz: dt.tzinfo) -> dt.datetime | None:
+def _acquired_at(ds: Dataset, local_tz: dt.tzinfo) -> dt.datetime | None:
     offset = str(ds.get("TimezoneOffsetFromUTC", "") or "").strip()
     for value in (ds.get("AcquisitionDateTime"),):
         if value:
@@ -170,7 +170,7 @@ def _acquired_at(ds, local_tz: dt.tzinfo) -> dt.datetime | None:
     return None
 
 
-def _patient(ds) -> Patient | None:
+def _patient(ds: Dataset) -> Patient | None:
     patient_id = str(ds.get("PatientID", "") or "").strip()
     if not patient_id:
         return None
@@ -191,7 +191,7 @@ def _patient(ds) -> Patient | None:
     )
 
 
-def _device(ds) -> DeviceIdentity:
+def _device(ds: Dataset) -> DeviceIdentity:
     software = ds.get("SoftwareVersions", "")
     if software and not isinstance(software, str):
         software = "\\".join(str(s) for s in software)
@@ -218,7 +218,7 @@ def _inflated_data_set(data: bytes) -> bytes | None:
     return inflate(data[fp.tell() :], max_bytes=MAX_INFLATED_BYTES)
 
 
-def _read_dataset(data: bytes):
+def _read_dataset(data: bytes) -> Dataset:
     import pydicom
 
     data = bytes(data)
@@ -237,7 +237,7 @@ def _read_dataset(data: bytes):
         raise ProtocolError(f"DICOM file is not readable ({type(exc).__name__}: {exc})"[:300]) from None
 
 
-def _scale(channel, lead: str) -> tuple[float, float]:
+def _scale(channel: Dataset, lead: str) -> tuple[float, float]:
     """(µV per stored unit, µV of stored 0) of one channel."""
     sensitivity = channel.get("ChannelSensitivity")
     if sensitivity in (None, ""):
@@ -476,7 +476,7 @@ def _annotations(ds: Dataset, groups: list[Dataset]) -> tuple[tuple[EcgMeasureme
     return tuple(measurements.values()), tuple(statements)
 
 
-def _decode(ds, local_tz: dt.tzinfo, received_at: dt.datetime | None) -> EcgRecording:
+def _decode(ds: Dataset, local_tz: dt.tzinfo, received_at: dt.datetime | None) -> EcgRecording:
     groups = ds.get("WaveformSequence")
     if not groups:
         raise ProtocolError("DICOM file holds no waveform (no Waveform Sequence): not an ECG")

@@ -60,7 +60,7 @@ def detect_format(data: bytes, filename: str = "") -> str:
     )
 
 
-def _read_npz(data: bytes, **kwargs) -> EcgRecording:
+def _read_npz(data: bytes, **kwargs: object) -> EcgRecording:
     from devices.ecg.npz import read_npz  # written beside this module; imported only when used
 
     return read_npz(data)

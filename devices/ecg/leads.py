@@ -169,7 +169,7 @@ def derive_limb_leads(
         order = standard_order(names)
         return samples[order], tuple(names[i] for i in order), frozenset()
     s = samples.astype(np.int32)
-    lead = {n: s[present[n]] for n in have}
+    lead: dict[str, np.ndarray] = {n: s[present[n]] for n in have}
     derived: dict[str, np.ndarray] = {}
     if "III" not in lead:
         derived["III"] = lead["II"] - lead["I"]
@@ -177,7 +177,7 @@ def derive_limb_leads(
         derived["I"] = lead["II"] - lead["III"]
     elif "II" not in lead:
         derived["II"] = lead["I"] + lead["III"]
-    full = {**lead, **derived}
+    full: dict[str, np.ndarray] = {**lead, **derived}
     i_, ii, iii = full["I"], full["II"], full["III"]
     if rounding == "contec":
         augmented = {"aVR": _trunc_half(iii) - ii, "aVL": _trunc_half(ii) - iii, "aVF": _trunc_half(ii + iii)}

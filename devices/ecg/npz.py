@@ -285,14 +285,14 @@ def write_npz(recording: EcgRecording) -> bytes:
     patient = recording.patient
     if patient is not None:
         arrays["patient_id"] = np.array(patient.patient_id)
-        for key, value in (
+        for key, text in (
             ("patient_name", patient.name),
             ("patient_sex", patient.sex),
             ("patient_issuer", patient.issuer),
             ("patient_birth_date", patient.birth_date.isoformat() if patient.birth_date else ""),
         ):
-            if value:
-                arrays[key] = np.array(value)
+            if text:
+                arrays[key] = np.array(text)
     if recording.derived_leads:
         arrays["derived_leads"] = np.array(sorted(recording.derived_leads), dtype=str)
     if recording.resampled_from_hz is not None:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -190,7 +191,7 @@ class Problem:
     value: float | None = None
     unit: str = ""
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
             "leads": list(self.leads),
@@ -221,7 +222,7 @@ class QualityReport:
     leads: tuple[LeadMeasures, ...] = field(default=())
     duration_s: float = 0.0
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         """The documented JSON form (`lastmile ecg check --json`); heart rate in whole bpm."""
         rate = None if self.heart_rate_bpm is None else int(round(self.heart_rate_bpm))
         return {"verdict": self.verdict, "heart_rate_bpm": rate, "problems": [p.to_json() for p in self.problems]}
@@ -229,7 +230,7 @@ class QualityReport:
     def problems_on(self, lead: str) -> tuple[Problem, ...]:
         return tuple(p for p in self.problems if lead in p.leads)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """Everything but the per-lead figures, JSON-ready, for storing with the recording
         (`from_dict` reads it back): severities, the measured values and the beats included."""
         return {
@@ -243,7 +244,7 @@ class QualityReport:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> QualityReport:
+    def from_dict(cls, data: dict[str, Any]) -> QualityReport:
         try:
             problems = tuple(
                 Problem(
@@ -584,7 +585,7 @@ def _lead_off_problem(off: list[str], names: tuple[str, ...]) -> tuple[str, str]
     return wording.lead_off(tuple(off), names, electrode, limb, chest, other)
 
 
-def _message(f: _Finding, names: tuple[str, ...], detail: dict) -> tuple[str, str]:
+def _message(f: _Finding, names: tuple[str, ...], detail: dict[str, Any]) -> tuple[str, str]:
     leads = tuple(f.leads)
     if f.kind == LEAD_OFF:
         return _lead_off_problem(f.leads, names)
@@ -695,9 +696,9 @@ def check_quality(recording: EcgRecording) -> QualityReport:
         quiet[index[neutral]] = False
 
     findings: list[_Finding] = []
-    details: list[dict] = []
+    details: list[dict[str, Any]] = []
 
-    def add(finding: _Finding, detail: dict | None = None) -> None:
+    def add(finding: _Finding, detail: dict[str, Any] | None = None) -> None:
         findings.append(finding)
         details.append(detail or {})
 

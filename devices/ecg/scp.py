@@ -24,6 +24,7 @@ from __future__ import annotations
 import binascii
 import datetime as dt
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -752,7 +753,7 @@ def parse_scp(data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc, received_at
         if received_at is None:
             raise ProtocolError("SCP-ECG file carries no acquisition date/time")
         acquired_at, source = received_at, TimeSource.GATEWAY_RECEIPT
-    common = dict(
+    common: dict[str, Any] = dict(
         acquired_at=acquired_at,
         time_source=source,
         device=header.device,
@@ -790,7 +791,7 @@ def _reference_beats(
     leads: list[_Lead],
     names: list[str],
     tables: list[tuple[HuffmanCode, ...]] | None,
-    common: dict,
+    common: dict[str, Any],
 ) -> EcgRecording | None:
     enc = _parse_encoded(section_body(record, sections[5]), len(leads), 5)
     length_ms = 0

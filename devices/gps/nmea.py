@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from devices.errors import ProtocolError
@@ -476,4 +477,13 @@ def _epe(f: list[str]) -> SirfEPE:
     )
 
 
-_PARSERS = {"RMC": _rmc, "GGA": _gga, "GNS": _gns, "GSA": _gsa, "GSV": _gsv, "GST": _gst, "ZDA": _zda, "GLL": _gll}
+_PARSERS: dict[str, Callable[[str, list[str]], Sentence]] = {
+    "RMC": _rmc,
+    "GGA": _gga,
+    "GNS": _gns,
+    "GSA": _gsa,
+    "GSV": _gsv,
+    "GST": _gst,
+    "ZDA": _zda,
+    "GLL": _gll,
+}

@@ -191,8 +191,11 @@ class FixAssembler:
         if when is None or self._date is None or self._date_tod is None:
             return None
         date = self._date
+
         # A date learnt late on one day, applied to a time after midnight: next day.
-        seconds = lambda t: t.hour * 3600 + t.minute * 60 + t.second
+        def seconds(t: dt.time) -> int:
+            return t.hour * 3600 + t.minute * 60 + t.second
+
         if seconds(self._date_tod) - seconds(when) > 12 * 3600:
             date += dt.timedelta(days=1)
         elif seconds(when) - seconds(self._date_tod) > 12 * 3600:
@@ -298,7 +301,7 @@ class FixAssembler:
     @staticmethod
     def _gsa_system(g: GSA, prn: int) -> str:
         if g.system_id in SYSTEM_IDS:
-            return SYSTEM_IDS[g.system_id]  # type: ignore[index]
+            return SYSTEM_IDS[g.system_id]
         return TALKERS.get(g.talker, "GNSS")
 
 
