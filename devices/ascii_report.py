@@ -162,7 +162,7 @@ def _field(table: object, index: int, default_kind: str) -> FieldRule:
     if not code.strip() or not unit.strip():
         raise ProfileError(f"{where}: code and unit must not be empty")
     pattern = _regex(t.get("pattern"), f"{where}.pattern", "value")
-    units_table = _get(t, "units", dict[str, Any], where, {})
+    units_table = _get(t, "units", dict, where, {})
     assert isinstance(units_table, dict)
     units = []
     for printed, rule in units_table.items():

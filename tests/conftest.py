@@ -38,6 +38,14 @@ def require_tool(name: str) -> str:
     return found
 
 
+def require_module(name: str, reason: str) -> None:
+    """Skip locally (fail in CI) when an optional extra such as bumble is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec(name) is None:
+        missing(f"{name} is not installed: {reason}")
+
+
 def in_private_netns() -> bool:
     """True when the only network interface is loopback (scripts/test.sh runs pytest under unshare -n)."""
     import socket
