@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from devices.gps.dop import invert_matrix, dops_from_geometry
+from devices.gps.dop import dops_from_geometry, invert_matrix
 
 # (elevation, azimuth) in degrees: a usual open-sky geometry, and exactly four satellites.
 OPEN_SKY = [(62.0, 41.0), (17.0, 118.0), (35.0, 203.0), (48.0, 297.0), (8.0, 330.0), (80.0, 160.0)]
