@@ -53,9 +53,12 @@ class FhirTestServer(FhirReceiver):
 
     def apply_transaction(self, bundle: dict) -> dict:
         result = super().apply_transaction(bundle)
+        self.count_applied(bundle)
+        return result
+
+    def count_applied(self, bundle: dict) -> None:
         with self._applied_lock:
             for entry in bundle["entry"]:
                 resource = entry["resource"]
                 if resource["resourceType"] == "Encounter":
                     self.applied.update(i["value"] for i in resource.get("identifier", []))
-        return result
