@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import datetime as dt
+import json
+from urllib.parse import urlencode
 
 import pytest
 
-from tests.fhir_samples import NAMING, T0, all_kinds, blood_pressure, signature, visit
+from devices.identity import DeviceIdentity
+from devices.observation import Quantity
+from tests.fhir_samples import NAMING, T0, THERMO, all_kinds, blood_pressure, reading, signature, visit
 from tests.fhir_server import FhirTestServer, validate_transaction
 from uploader.errors import InvalidObjectError
-from uploader.fhir_bundle import bundle_bytes, bundle_identifiers, merge_transactions, observation_bundle, visit_bundle
+from uploader.fhir_bundle import (
+    OBS_CATEGORY,
+    UCUM,
+    VisitNote,
+    bundle_bytes,
+    bundle_identifiers,
+    merge_transactions,
+    observation_bundle,
+    visit_bundle,
+)
 
 
 def _by_type(bundle: dict, kind: str) -> list[dict]:
@@ -95,3 +110,191 @@ def test_conditional_create_never_duplicates_on_the_server() -> None:
         assert len(server.resources("Device")) == 6  # gateway + five devices, once each
         enc = server.resources("Encounter")[0]
         assert enc["location"][0]["location"]["reference"].startswith("Location/")
+
+
+# --- every field the county platform files on (each assertion names what goes wrong without it) ---
+
+UTC_T0 = "2026-03-02T08:00:00.000Z"
+
+
+def _entry_of(bundle: dict, resource: dict) -> dict:
+    return next(e for e in bundle["entry"] if e["resource"] is resource)
+
+
+def test_encounter_location_and_provenance_in_full() -> None:
+    v = visit(1)
+    bundle = visit_bundle(v, all_kinds(T0, "P-0001"), NAMING, signature(1))
+    (gateway,) = [d for d in _by_type(bundle, "Device") if d["identifier"][0]["system"] == "urn:lastmile:gateway"]
+    (loc,) = _by_type(bundle, "Location")
+    (enc,) = _by_type(bundle, "Encounter")
+    (prov,) = _by_type(bundle, "Provenance")
+    enc_url, loc_url, gw_url = (_entry_of(bundle, r)["fullUrl"] for r in (enc, loc, gateway))
+    # the visit's times, in UTC with milliseconds: a wrong end is a visit the platform never closes
+    assert enc["period"] == {"start": "2026-03-02T08:40:00.000Z", "end": "2026-03-02T09:05:00.000Z"}
+    assert enc["meta"]["tag"] == [{"system": "urn:lastmile:time-source", "code": "gps"}]
+    assert enc["identifier"] == [{"system": "urn:lastmile:visit", "value": v.visit_id}]
+    assert enc["participant"][0]["type"][0]["coding"][0]["code"] == "PPRF"
+    assert enc["location"] == [{"location": {"reference": loc_url}, "status": "completed"}]
+    assert enc["serviceType"] == {"text": "household HH-001"}
+    # where the family doctor stood: a rounded or swapped coordinate sends the county to the wrong house
+    assert loc["position"] == {"longitude": 121.5874, "latitude": 31.2489, "altitude": 150.0}
+    assert loc["description"] == "GNSS fix (3D) ±12 m (95 %) at 2026-03-02T08:40:00.000Z near household HH-001"
+    assert loc["physicalType"]["coding"][0]["code"] == "ho" and loc["name"] == f"Home visit {v.visit_id}"
+    assert loc["identifier"] == [{"system": "urn:lastmile:visit-location", "value": v.visit_id}]
+    # the signature covers the Encounter and every measurement: a missing target is an unsigned value
+    obs_urls = [_entry_of(bundle, o)["fullUrl"] for o in _by_type(bundle, "Observation")]
+    assert prov["target"] == [{"reference": u} for u in [enc_url, *obs_urls]]
+    assert prov["recorded"] == "2026-03-02T09:00:00.000Z" and prov["signature"][0]["when"] == prov["recorded"]
+    assert prov["agent"][1]["who"] == {"reference": gw_url} and prov["signature"][0]["who"] == {"reference": gw_url}
+    assert [a["type"]["coding"][0]["code"] for a in prov["agent"]] == ["author", "assembler"]
+    payload = json.loads(base64.b64decode(prov["signature"][0]["data"]))
+    assert payload == {
+        "alg": "Ed25519",
+        "seq": 1,
+        "hash": "ab" * 32,
+        "prev": "cd" * 32,
+        "sig": "c2lnbmF0dXJl",
+        "key": "a2V5",
+        "gateway": "gw-test-01",
+    }
+    # Provenance has no identifier: conditional create on its tag, so a re-send adds no second one
+    prov_entry = _entry_of(bundle, prov)
+    assert prov_entry["request"]["ifNoneExist"] == urlencode({"_tag": f"urn:lastmile:provenance|{v.visit_id}"})
+    assert bundle["identifier"] == {"system": "urn:lastmile:bundle", "value": f"visit/{v.visit_id}"}
+    assert bundle_identifiers(bundle)[-1] == ("Provenance", v.visit_id)
+
+
+def test_every_entry_is_a_conditional_create_on_its_own_identifier() -> None:
+    bundle = visit_bundle(visit(4), all_kinds(T0, "P-0001"), NAMING, signature(4))
+    for e in bundle["entry"]:
+        res, request = e["resource"], e["request"]
+        assert request["method"] == "POST" and request["url"] == res["resourceType"]
+        if res["resourceType"] != "Provenance":
+            ident = res["identifier"][0]
+            # a condition on another resource's identifier would swallow this one on the server
+            assert request["ifNoneExist"] == urlencode({"identifier": f"{ident['system']}|{ident['value']}"})
+    urls = [e["fullUrl"] for e in bundle["entry"]]
+    assert len(set(urls)) == len(urls) and all(u.startswith("urn:uuid:") for u in urls)
+
+
+def test_in_progress_visit_without_position_household_or_notes_times() -> None:
+    v = dataclasses.replace(visit(5), ended_at=None, household_id=None)
+    bundle = visit_bundle(v, [], NAMING)
+    validate_transaction(bundle)
+    (enc,) = _by_type(bundle, "Encounter")
+    # an open visit must not be filed as finished (the doctor may still add readings)
+    assert enc["status"] == "in-progress" and "end" not in enc["period"]
+    assert enc["location"][0]["status"] == "active" and "serviceType" not in enc
+    (loc,) = _by_type(bundle, "Location")
+    assert "near household" not in loc["description"]
+    unknown = dataclasses.replace(
+        v, position=dataclasses.replace(v.position, altitude_m=None, eph_m=None, fix_time=None)
+    )
+    (loc,) = _by_type(visit_bundle(unknown, [], NAMING), "Location")
+    assert loc["description"] == "GNSS fix (3D) accuracy unknown" and "altitude" not in loc["position"]
+    clinic = dataclasses.replace(v, setting="clinic")
+    (loc,) = _by_type(visit_bundle(clinic, [], NAMING), "Location")
+    assert loc["physicalType"]["coding"][0]["code"] == "bu" and loc["name"].startswith("Clinic visit")
+
+
+def test_visit_notes_are_observations_on_the_encounter() -> None:
+    later = T0 + dt.timedelta(hours=2)
+    v = dataclasses.replace(visit(0), notes=(VisitNote("头晕三天"), VisitNote("BP re-checked", at=later)))
+    bundle = visit_bundle(v, [], NAMING)
+    validate_transaction(bundle)
+    (enc,) = _by_type(bundle, "Encounter")
+    notes = [o for o in _by_type(bundle, "Observation") if _loinc(o) == ["34109-9"]]
+    assert [n["valueString"] for n in notes] == ["头晕三天", "BP re-checked"]
+    assert [n["identifier"][0]["value"] for n in notes] == [f"{v.visit_id}/note/1", f"{v.visit_id}/note/2"]
+    # a note with no time of its own is filed at the visit's start, not at "now"
+    assert [n["effectiveDateTime"] for n in notes] == [UTC_T0, "2026-03-02T10:00:00.000Z"]
+    assert all(n["encounter"]["reference"] == _entry_of(bundle, enc)["fullUrl"] for n in notes)
+    assert notes[0]["performer"] == [{"identifier": {"system": NAMING.practitioner_system, "value": "DR-17"}}]
+
+
+def test_reading_times_devices_and_flags() -> None:
+    bp = dataclasses.replace(blood_pressure(T0, "P-0001", "bp-9"), flags=("irregular-pulse",))
+    bundle = observation_bundle(bp, NAMING)
+    (device,) = _by_type(bundle, "Device")
+    panel, pulse = _by_type(bundle, "Observation")
+    # measured vs received: swapping them dates a reading to when the link came back
+    assert panel["effectiveDateTime"] == UTC_T0 and panel["issued"] == "2026-03-02T08:00:05.000Z"
+    assert panel["device"] == {"reference": _entry_of(bundle, device)["fullUrl"]}
+    assert panel["note"] == [{"text": "device flags: irregular-pulse"}]
+    assert panel["identifier"][0]["value"] == "gw-test-01/Omron/HEM-7600T/SN1234/bp-9"
+    assert pulse["identifier"][0]["value"] == "gw-test-01/Omron/HEM-7600T/SN1234/bp-9#heart-rate"
+    assert pulse["valueQuantity"]["value"] == 71.0 and "component" not in pulse
+    assert [c["code"]["coding"][0]["code"] for c in panel["component"]] == ["8480-6", "8462-4", "8478-0"]
+    assert device == {
+        "resourceType": "Device",
+        "identifier": [{"system": "urn:lastmile:device", "value": "Omron/HEM-7600T/SN1234"}],
+        "deviceName": [{"name": "Omron HEM-7600T SN1234", "type": "user-friendly-name"}],
+        "manufacturer": "Omron",
+        "modelNumber": "HEM-7600T",
+        "serialNumber": "SN1234",
+    }
+    assert bundle["identifier"]["value"] == "observation/gw-test-01/Omron/HEM-7600T/SN1234/bp-9"
+
+
+def test_devices_without_serial_or_address() -> None:
+    # no serial: the address identifies it (two cuffs of one model must stay two devices)
+    thermo = reading("body-temperature", T0, "P-1", "t-9", Quantity("body-temperature", 36.6, "Cel"), device=THERMO)
+    (device,) = _by_type(observation_bundle(thermo, NAMING), "Device")
+    assert device["identifier"][0]["value"] == "Braun/IRT6520/11:22:33:44:55:66" and "serialNumber" not in device
+    versioned = DeviceIdentity("Acme", "", "S1", "", software_version="2.1")
+    (device,) = _by_type(observation_bundle(dataclasses.replace(thermo, device=versioned), NAMING), "Device")
+    assert device["version"] == [{"value": "2.1"}] and "modelNumber" not in device
+    # neither: no Device resource (nothing stable to deduplicate on), the reading still goes
+    anonymous = dataclasses.replace(thermo, device=DeviceIdentity("Acme", "T1", "", ""))
+    bundle = observation_bundle(anonymous, NAMING)
+    assert not _by_type(bundle, "Device")
+    (obs,) = _by_type(bundle, "Observation")
+    assert "device" not in obs and obs["identifier"][0]["value"] == "gw-test-01/Acme T1/t-9"
+
+
+def test_codes_for_other_readings_and_absent_values() -> None:
+    def value_of(*quantities: Quantity, kind: str = "other") -> list[dict]:
+        return _by_type(observation_bundle(reading(kind, T0, "P-1", "k", *quantities), NAMING), "Observation")
+
+    (weight_lb,) = value_of(Quantity("body-weight", 157.0, "[lb_av]"))
+    # a unit we have no display for keeps its UCUM code rather than a guess
+    assert weight_lb["valueQuantity"] == {"value": 157.0, "unit": "[lb_av]", "system": UCUM, "code": "[lb_av]"}
+    (unknown,) = value_of(Quantity("respiratory-rate", 16.0, "/min"))
+    assert unknown["code"] == {"text": "respiratory-rate"}  # no LOINC we trust: no invented code
+    (mmol,) = value_of(Quantity("glucose", 5.8, "mmol/L"), kind="glucose")
+    assert _loinc(mmol) == ["15074-8"] and mmol["category"][0]["coding"][0]["code"] == "laboratory"
+    first, second = value_of(Quantity("spo2", 98.0, "%"), Quantity("pulse-rate", 66.0, "/min"), kind="spo2")
+    assert first["category"][0]["coding"][0] == {
+        "system": OBS_CATEGORY,
+        "code": "vital-signs",
+        "display": "Vital Signs",
+    }
+    assert second["identifier"][0]["value"].endswith("/k#pulse-rate") and _loinc(second) == ["8867-4"]
+    for special, reason in [("nan", "not-a-number"), ("+inf", "positive-infinity"), ("-inf", "negative-infinity")]:
+        (absent,) = value_of(Quantity("body-temperature", None, "Cel", special=special))
+        # a device's "no value" must never arrive as a number
+        assert absent["dataAbsentReason"]["coding"][0]["code"] == reason and "valueQuantity" not in absent
+    (odd,) = value_of(Quantity("body-temperature", None, "Cel", special="what"))
+    assert odd["dataAbsentReason"]["coding"][0]["code"] == "unknown"
+
+
+def test_refusals_instead_of_wrong_resources() -> None:
+    naive = dataclasses.replace(visit(1), started_at=dt.datetime(2026, 3, 2, 8, 0))
+    with pytest.raises(InvalidObjectError, match="time zone"):  # a local time sent as UTC is 8 h off
+        visit_bundle(naive, [], NAMING)
+    for broken in (dataclasses.replace(visit(1), patient_id=""), dataclasses.replace(visit(1), doctor_id="")):
+        with pytest.raises(InvalidObjectError, match="patient and a doctor"):
+            visit_bundle(broken, [], NAMING)
+    with pytest.raises(InvalidObjectError):
+        merge_transactions([])
+
+
+def test_merge_keeps_shared_devices_once_and_every_visit() -> None:
+    bundles = [visit_bundle(visit(n), all_kinds(T0, "P-0001", f"/{n}"), NAMING) for n in range(2)]
+    merged = merge_transactions(bundles)
+    assert merged["type"] == "transaction" and merged["resourceType"] == "Bundle"
+    kinds = [k for k, _ in bundle_identifiers(merged)]
+    assert kinds.count("Encounter") == 2 and kinds.count("Device") == 6  # gateway + 5 devices, once each
+    assert len(merged["entry"]) == sum(len(b["entry"]) for b in bundles) - 6
+    # the canonical bytes keep Chinese text readable and are stable across runs
+    assert bundle_bytes({"a": "头晕", "b": 1}) == '{"a":"头晕","b":1}'.encode()
