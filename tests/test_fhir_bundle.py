@@ -19,6 +19,7 @@ from uploader.fhir_bundle import (
     OBS_CATEGORY,
     UCUM,
     VisitNote,
+    VisitPosition,
     bundle_bytes,
     bundle_identifiers,
     merge_transactions,
@@ -298,3 +299,48 @@ def test_merge_keeps_shared_devices_once_and_every_visit() -> None:
     assert len(merged["entry"]) == sum(len(b["entry"]) for b in bundles) - 6
     # the canonical bytes keep Chinese text readable and are stable across runs
     assert bundle_bytes({"a": "头晕", "b": 1}) == '{"a":"头晕","b":1}'.encode()
+
+
+def test_position_precision_and_defaults() -> None:
+    # GNSS gives ~1e-7 degrees (1 cm): keep that, no more (noise) and no less (a metre per digit lost)
+    v = dataclasses.replace(visit(1), position=VisitPosition(31.248912345, 121.587412345, 150.46))
+    (loc,) = _by_type(visit_bundle(v, [], NAMING), "Location")
+    assert loc["position"] == {"longitude": 121.5874123, "latitude": 31.2489123, "altitude": 150.5}
+    assert loc["description"].startswith("GNSS fix (2D) accuracy unknown")  # mode unknown: the weaker claim
+
+
+def test_observations_link_to_their_visit_only_inside_one() -> None:
+    bundle = visit_bundle(visit(1), all_kinds(T0, "P-0001"), NAMING)
+    (enc,) = _by_type(bundle, "Encounter")
+    readings = _by_type(bundle, "Observation")
+    assert readings and all(o["encounter"] == {"reference": _entry_of(bundle, enc)["fullUrl"]} for o in readings)
+    # a reading outside any visit must not point at one (the platform would reject a dangling reference)
+    alone = observation_bundle(blood_pressure(T0, "P-0001", "bp-5"), NAMING)
+    assert all("encounter" not in o for o in _by_type(alone, "Observation"))
+
+
+def test_signed_payload_and_bundle_bytes_are_canonical() -> None:
+    bundle = visit_bundle(visit(1), [], NAMING, signature(1))
+    (prov,) = _by_type(bundle, "Provenance")
+    raw = base64.b64decode(prov["signature"][0]["data"])
+    # the county re-serialises the payload to check the chain: it must be the sorted, compact form
+    assert raw == json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":")).encode()
+    # the outbox keys re-sends on these bytes: the same bundle must give the same bytes in any key order
+    assert bundle_bytes({"b": 1, "a": "头晕"}) == '{"a":"头晕","b":1}'.encode()
+
+
+def test_bundle_identifiers_reads_the_first_identifier_or_the_provenance_tag() -> None:
+    bundle = {
+        "entry": [
+            {"resource": {"resourceType": "Device", "identifier": [{"value": "first"}, {"value": "second"}]}},
+            {"resource": {"resourceType": "Observation", "identifier": []}},
+            {
+                "resource": {
+                    "resourceType": "Provenance",
+                    "identifier": [],
+                    "meta": {"tag": [{"code": "visit-1"}, {"code": "other"}]},
+                }
+            },
+        ]
+    }
+    assert bundle_identifiers(bundle) == [("Device", "first"), ("Provenance", "visit-1")]
