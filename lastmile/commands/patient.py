@@ -264,7 +264,7 @@ def _utc(epoch: float | None) -> dt.datetime | None:
 
 def _held_ecgs(config, now: dt.datetime) -> list:  # (Config, datetime) -> list[OutboxItem]
     from lastmile.data_dir import existing_file, open_outbox
-    from lastmile.ecg.intake import held_ecgs
+    from lastmile.ecg.holds import held_ecgs
     from uploader.outbox import DB_NAME
 
     if existing_file(config, DB_NAME) is None:  # a read-only command creates nothing

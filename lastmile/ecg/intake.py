@@ -36,8 +36,22 @@ from devices.ecg.quality import RE_RECORD, EcgQualityError, QualityReport, check
 from devices.ecg.recording import EcgRecording
 from devices.identity import RESIDENT_ID_KIND, InvalidPatientIdError, Patient, parse_resident_id
 from lastmile.clinic.names import dicom_person_name
+from lastmile.clinic.patient_ids import clinic_patient as clinic_patient  # re-exported: the commands' import
 from lastmile.clock import local_zone
 from lastmile.config import Config
+from lastmile.ecg.holds import (  # re-exported: the holds' operations with the one that rebuilds
+    DOCTOR_HOLDS as DOCTOR_HOLDS,
+)
+from lastmile.ecg.holds import (
+    LAN_SOURCE_FORMAT,
+    PATIENT_MISMATCH,
+    QUALITY_HOLD,
+    UNASSIGNED_HOLD,
+    HeldEcgError,
+)
+from lastmile.ecg.holds import discard_held_ecg as discard_held_ecg
+from lastmile.ecg.holds import held_ecgs as held_ecgs
+from lastmile.ecg.holds import release_held_ecg as release_held_ecg
 from uploader.dicom_ecg import (
     StationInfo,
     StudyRequest,
@@ -55,12 +69,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PATIENT_MISMATCH = "patient-mismatch"
 PATIENT_ID_REFUSED = "patient-id-refused"
-UNASSIGNED_HOLD = "unassigned"
-QUALITY_HOLD = "re-record"  # the quality gate's verdict: the doctor may record again, or send anyway
-DOCTOR_HOLDS = (UNASSIGNED_HOLD, PATIENT_MISMATCH, QUALITY_HOLD)
-LAN_SOURCE_FORMAT = "dicom-lan"
 
 CurrentPatient = Callable[[], "str | None"]
 
@@ -77,22 +86,6 @@ def station_of(config: Config) -> StationInfo:
 
 
 # -- patients ----------------------------------------------------------------------------------------
-
-
-def clinic_patient(patient_id: str, name: str, config: Config) -> Patient:
-    """A patient entered at the gateway (CLI, scanner, console) by ID and name, checked against
-    `[patient] id_kind`: InvalidPatientIdError (bilingual message) for a wrong resident ID. A
-    resident ID gives birth date and sex; the issuer comes from `[patient] id_issuer`."""
-    patient_id = " ".join(patient_id.split())
-    if not patient_id:
-        raise InvalidPatientIdError("请输入患者编号 / a patient needs a non-empty identifier")
-    birth, sex = None, ""
-    if config.patient.id_kind == RESIDENT_ID_KIND:
-        resident = parse_resident_id(patient_id)
-        patient_id, birth, sex = resident.number, resident.birth_date, resident.sex
-    return Patient(
-        patient_id=patient_id, name=dicom_person_name(name), birth_date=birth, sex=sex, issuer=config.patient.id_issuer
-    )
 
 
 def vetted_patient(recording: EcgRecording, config: Config) -> EcgRecording:
@@ -308,16 +301,6 @@ def enqueue_recording(
     return result
 
 
-class HeldEcgError(LookupError):
-    """The ECG cannot be assigned (unknown, not an ECG, or already sent); the message says why."""
-
-
-def held_ecgs(outbox: Outbox, now: float) -> list[OutboxItem]:
-    """ECGs waiting for the doctor (unassigned, naming another patient, or to be recorded again),
-    oldest first."""
-    return [item for item in outbox.held_items(now, kind=Kind.DICOM) if item.hold_reason in DOCTOR_HOLDS]
-
-
 def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.datetime, by: str = "") -> OutboxItem:
     """Give a held ECG its patient: the stored object is rebuilt under the same UIDs for
     `patient` and released to the forwarder. HeldEcgError when it is no ECG of ours or was
@@ -361,38 +344,6 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
     updated = outbox.get(item_id)
     assert updated is not None
     return updated
-
-
-def _held_ecg(outbox: Outbox, item_id: int, now: float) -> OutboxItem:
-    item = outbox.get(item_id)
-    if item is None or item.kind != Kind.DICOM or not item.held(now):
-        raise HeldEcgError(f"no ECG E{item_id} is held at this gateway (see 'lastmile patient show')")
-    return item
-
-
-def release_held_ecg(outbox: Outbox, item_id: int, now: float, *, by: str = "") -> OutboxItem:
-    """The doctor's "send anyway": a held ECG goes now, as it is (its problems marked in it).
-    A patient still to settle stays: an ECG with no patient goes under a placeholder only when
-    its hold runs out, or at once if the doctor releases it knowingly."""
-    item = _held_ecg(outbox, item_id, now)
-    if not outbox.release_hold(item_id, now):
-        raise HeldEcgError(f"ECG E{item_id} was taken for sending meanwhile")
-    log.info("held ECG E%d (%s) released for sending%s", item_id, item.hold_reason, f" by {by}" if by else "")
-    released = outbox.get(item_id)
-    assert released is not None
-    return released
-
-
-def discard_held_ecg(outbox: Outbox, item_id: int, now: float, *, by: str = "") -> OutboxItem:
-    """The doctor recorded again: this one is never sent. It is kept, quarantined with the reason
-    (`lastmile retry E<n>` would still send it), never deleted: it is patient data."""
-    item = _held_ecg(outbox, item_id, now)
-    reason = "recorded again at the gateway: the doctor kept this ECG from being sent" + (f" ({by})" if by else "")
-    outbox.quarantine(item_id, reason, now)
-    log.info("held ECG E%d (%s) discarded: recorded again", item_id, item.hold_reason)
-    discarded = outbox.get(item_id)
-    assert discarded is not None
-    return discarded
 
 
 def with_patient_check(recording: EcgRecording, current_patient_id: str | None) -> EcgRecording:
