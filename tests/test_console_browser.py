@@ -285,7 +285,9 @@ def _reports_returned(config: Config) -> tuple[int, int]:
                     quality_verdict=verdict,
                 )
             )
-            sr = ecg_report_sr(StudyToRead(uid, patient, name), findings=[], impression=impression, coded_findings=coded)
+            sr = ecg_report_sr(
+                StudyToRead(uid, patient, name), findings=[], impression=impression, coded_findings=coded
+            )
             data = part10(sr)
             ids.append(store.add_report(read_dicom_report(data, rules), data, "dicom", now).report.id)
     return ids[0], ids[1]
