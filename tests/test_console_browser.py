@@ -21,7 +21,15 @@ from lastmile.console.service import ConsoleServer
 from lastmile.console.sources import ReportView, StaticReports
 from tests.conftest import require_module
 from tests.console_browser import PHONE, TABLET, chromium, save_screenshot, set_viewport
-from tests.console_harness import ADMIN, DOCTOR, VALID_ID, console_config, enqueue_ecg, running_console
+from tests.console_harness import (
+    ADMIN,
+    DOCTOR,
+    VALID_ID,
+    console_config,
+    enqueue_ecg,
+    running_console,
+    store_returned_reports,
+)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -256,43 +264,6 @@ def test_a_returned_report_and_a_critical_alert(browser: object, tmp_path: Path)
         save_screenshot(browser, "report-print-view-tablet")
 
 
-def _reports_returned(config: Config) -> tuple[int, int]:
-    """Two ECGs sent for this clinic and the county's reports on them, in the real report store
-    (as the poller stores them): (critical report id, routine report id)."""
-    from pydicom.uid import generate_uid
-
-    from lastmile.demo.cardiologist import STEMI, StudyToRead, ecg_report_sr, part10
-    from lastmile.reports.store import ReportStore, SentStudy
-    from uploader.report_reading import CriticalRules, read_dicom_report
-
-    rules = CriticalRules.parse(["SCT:401303003"], [])
-    now = dt.datetime.now(dt.timezone.utc)
-    ids = []
-    with ReportStore.open(config.data_dir) as store:
-        for patient, name, stat, verdict, impression, coded in (
-            (VALID_ID, "Zhang^San=张^三", True, "acceptable", "急性下壁心肌梗死，请立即转诊", [STEMI]),
-            ("DEMO-0002", "Li^Wei=李^伟", False, "warn", "窦性心律，心电图正常", []),
-        ):
-            uid = generate_uid()
-            store.record_sent(
-                SentStudy(
-                    uid,
-                    now - dt.timedelta(hours=2),
-                    stat=stat,
-                    patient_id=patient,
-                    patient_name=name,
-                    ecg_time=(now - dt.timedelta(hours=2)).isoformat(),
-                    quality_verdict=verdict,
-                )
-            )
-            sr = ecg_report_sr(
-                StudyToRead(uid, patient, name), findings=[], impression=impression, coded_findings=coded
-            )
-            data = part10(sr)
-            ids.append(store.add_report(read_dicom_report(data, rules), data, "dicom", now).report.id)
-    return ids[0], ids[1]
-
-
 def _cli_json(args: list[str]) -> object:
     """A `lastmile` command's --json answer, from its own process (the CLI's view of the state)."""
     import json
@@ -315,7 +286,7 @@ def test_real_reports_and_a_real_held_ecg(browser: object, tmp_path: Path) -> No
 
     config = console_config(tmp_path / "data")
     config.ecg.re_record_hold_s = 0  # a 2 s synthetic ECG is a re-record case: the patient hold is the subject
-    critical_id, routine_id = _reports_returned(config)
+    critical_id, routine_id = store_returned_reports(config)
     with open_outbox(config) as outbox:
         held = enqueue_recording(outbox, make_recording(7, patient=None), config, key="held-ecg").item
     assert held.hold_reason == "unassigned"
