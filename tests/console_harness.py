@@ -12,14 +12,14 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lastmile.clinic.db import open_clinic_db
 from lastmile.config import Config
 from lastmile.console.accounts import Accounts
 from lastmile.console.service import ConsoleServer
-from lastmile.console.sources import HeldEcgSource, ReportsSource
+from lastmile.console.sources import HeldEcgSource, ReportsSource, ReportView
 from lastmile.demo.loopback import free_port
 
 DOCTOR = ("王医生", "correct horse 1")
@@ -64,6 +64,31 @@ def running_console(
         yield server
     finally:
         server.stop()
+
+
+@dataclass
+class StaticReports:
+    """Reports given in memory, behind the console's `ReportsSource` (the real one: the report store)."""
+
+    items: list[ReportView] = field(default_factory=list)
+    pdfs: dict[str, bytes] = field(default_factory=dict)
+
+    def reports(self, limit: int = 200) -> list[ReportView]:
+        return sorted(self.items, key=lambda r: r.received_at, reverse=True)[:limit]
+
+    def report(self, report_id: str) -> ReportView | None:
+        return next((r for r in self.items if r.report_id == report_id), None)
+
+    def acknowledge(self, report_id: str, by: str, now: dt.datetime) -> ReportView | None:
+        found = self.report(report_id)
+        if found is None or found.acknowledged_at is not None:
+            return found
+        done = replace(found, acknowledged_at=now, acknowledged_by=by)
+        self.items[self.items.index(found)] = done
+        return done
+
+    def pdf(self, report_id: str) -> bytes | None:
+        return self.pdfs.get(report_id)
 
 
 @dataclass

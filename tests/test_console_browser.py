@@ -18,13 +18,14 @@ import pytest
 
 from lastmile.config import Config
 from lastmile.console.service import ConsoleServer
-from lastmile.console.sources import ReportView, StaticReports
+from lastmile.console.sources import ReportView
 from tests.conftest import require_module
 from tests.console_browser import PHONE, TABLET, chromium, save_screenshot, set_viewport
 from tests.console_harness import (
     ADMIN,
     DOCTOR,
     VALID_ID,
+    StaticReports,
     console_config,
     enqueue_ecg,
     running_console,

@@ -10,7 +10,7 @@ event loop that serves the pages.
 Two sources are interfaces, so tests and the bench can give them in memory:
 - `ReportsSource`: returned reports and critical results; by default `stores.StoredReports`, the
   report store in clinic.db (`lastmile/reports/`, what `lastmile report list|show|ack` use).
-  `StaticReports` for tests and the bench.
+  Tests may give reports in memory (`tests.console_harness.StaticReports`).
 - `HeldEcgSource`: ECGs the outbox holds for the doctor (unassigned, another patient, a
   "re-record" verdict) and the doctor's decisions; by default `stores.OutboxHeldEcgs`, the same
   operations as `lastmile patient assign E<n>` and `lastmile ecg release|discard E<n>`.
@@ -24,7 +24,7 @@ import datetime as dt
 import json
 import logging
 import sqlite3
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -208,31 +208,6 @@ class ReportsSource(Protocol):
     def acknowledge(self, report_id: str, by: str, now: dt.datetime) -> ReportView | None: ...
 
     def pdf(self, report_id: str) -> bytes | None: ...
-
-
-@dataclass
-class StaticReports:
-    """Reports given in memory (tests, the bench)."""
-
-    items: list[ReportView] = field(default_factory=list)
-    pdfs: dict[str, bytes] = field(default_factory=dict)
-
-    def reports(self, limit: int = 200) -> list[ReportView]:
-        return sorted(self.items, key=lambda r: r.received_at, reverse=True)[:limit]
-
-    def report(self, report_id: str) -> ReportView | None:
-        return next((r for r in self.items if r.report_id == report_id), None)
-
-    def acknowledge(self, report_id: str, by: str, now: dt.datetime) -> ReportView | None:
-        found = self.report(report_id)
-        if found is None or found.acknowledged_at is not None:
-            return found
-        done = replace(found, acknowledged_at=now, acknowledged_by=by)
-        self.items[self.items.index(found)] = done
-        return done
-
-    def pdf(self, report_id: str) -> bytes | None:
-        return self.pdfs.get(report_id)
 
 
 class HeldEcgSource(Protocol):
