@@ -300,6 +300,9 @@ def test_real_reports_and_a_real_held_ecg(browser: object, tmp_path: Path) -> No
         # the held ECG, assigned from the page: the outbox item is rebuilt for the patient
         row = browser.find_element(by("css"), f"#panel-held li[data-held-ecg='{held.id}']")
         assert f"E{held.id}" in row.text
+        set_viewport(browser, PHONE)
+        save_screenshot(browser, "today-held-ecg-phone")
+        set_viewport(browser, TABLET)
         field = row.find_element(by("css"), "input[name=patient_id]")
         field.clear()
         field.send_keys(VALID_ID)

@@ -271,6 +271,41 @@ def test_check_in_puts_stat_and_reason_on_the_session(tmp_path: Path, capsys: py
     assert shown["current_patient"]["stat"] is True  # type: ignore[index]
 
 
+def test_a_stat_check_in_makes_the_next_ecg_stat(tmp_path: Path) -> None:
+    """The console's STAT and reason reach the ECG the cart sends next (the serial bridge's path):
+    sent first, never held, the reason in the DICOM request."""
+    import io
+    from dataclasses import replace
+
+    import pydicom
+
+    from firmware_bridge.serial_link import LinkSpec, PortMatch
+    from lastmile.services.serial_devices import SerialService
+    from uploader.outbox import Priority
+
+    config = make_config(tmp_path)
+    data = ClinicData(config)
+    try:
+        data.check_in("王医生", VALID_ID, "张三", "Dr Li", True, "胸痛 chest pain", now=now())
+    finally:
+        data.close()
+    with open_outbox(config) as outbox:
+        service = SerialService.open(config, outbox=outbox)
+        try:
+            recording = replace(make_recording(4, patient=None), acquired_at=now())
+            cart = LinkSpec("ecg-cart", PortMatch(path="/dev/ttyUSB9"), profile="bridge")
+            assert service.ctx.store_recording(cart, recording, "cart-ecg")
+        finally:
+            service.close()
+        item = outbox.find("cart-ecg")
+        assert item is not None
+        ds = pydicom.dcmread(io.BytesIO(outbox.read_payload(item)))
+    assert item.priority == Priority.STAT and item.meta["stat"] and item.hold_until is None  # STAT: never held
+    assert item.patient is not None and item.patient["patient_id"] == VALID_ID
+    assert ds.StudyDescription.startswith("STAT ") and "胸痛 chest pain" in ds.StudyDescription
+    assert ds.RequestAttributesSequence[0].ReasonForTheRequestedProcedure == "胸痛 chest pain"
+
+
 @pytest.mark.parametrize(
     ("id_kind", "typed", "expected"),
     [
