@@ -15,7 +15,8 @@ Holds: a routine ECG with no patient, or one naming another patient than the cur
 added to the outbox *held* ("unassigned" / "patient-mismatch") for `patient.unassigned_ecg_hold_s`,
 listed by `lastmile patient show`; `assign_held_ecg` rebuilds it for its patient under the same
 UIDs (and Accession Number) and lets it go; when the hold runs out it goes as it is (placeholder
-ID, flagged). STAT ECGs are never held.
+ID, flagged). STAT ECGs are never held. Listing, releasing and discarding held ECGs need no
+DICOM rebuild: they are in `lastmile.ecg.holds` (re-exported here), usable without pydicom.
 """
 
 from __future__ import annotations
