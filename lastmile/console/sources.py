@@ -1,4 +1,4 @@
-"""What the console shows, read from where the gateway keeps it, and the seams for what is coming.
+"""What the console shows, read from where the gateway keeps it.
 
 `ClinicData` reads and changes the clinic's state through the modules that own it: the session
 (`lastmile.clinic.patients`), held readings (`lastmile.clinic.observations`), devices
