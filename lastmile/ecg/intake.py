@@ -38,6 +38,7 @@ from devices.ecg.recording import EcgRecording
 from devices.identity import RESIDENT_ID_KIND, InvalidPatientIdError, Patient, parse_resident_id
 from lastmile.clinic.names import dicom_person_name
 from lastmile.clinic.patient_ids import clinic_patient as clinic_patient  # re-exported: the commands' import
+from lastmile.clinic.patients import StatSession
 from lastmile.clock import local_zone
 from lastmile.config import Config
 from lastmile.ecg.holds import (  # re-exported: the holds' operations with the one that rebuilds
@@ -76,6 +77,13 @@ CurrentPatient = Callable[[], "str | None"]
 
 
 def _no_current_patient() -> str | None:
+    return None
+
+
+StatLookup = Callable[[], "StatSession | None"]
+
+
+def _no_stat_session() -> StatSession | None:
     return None
 
 
@@ -378,15 +386,25 @@ def file_enqueuer(
     current_patient_id: CurrentPatient = _no_current_patient,
     request: Callable[[], StudyRequest] = StudyRequest,
     stat: bool = False,
+    stat_session: StatLookup = _no_stat_session,
 ) -> Callable[[EcgRecording, str], bool]:
     """(recording, key) -> created, for firmware_bridge.usb_import: builds the DICOM object (UIDs
     minted once) and stores it; a recording no DICOM ECG can hold is refused (FileRefused).
-    `request`: the doctor and reason of the moment; `stat`: every file is urgent (`import --stat`)."""
+    `request`: the doctor and reason of the moment; `stat`: every file is urgent (`import --stat`);
+    `stat_session`: files of the patient the doctor checked in as STAT, recorded since, are urgent."""
     from firmware_bridge.errors import FileRefused
     from uploader.errors import InvalidObjectError
 
+    default_stat = stat
+
     def enqueue(recording: EcgRecording, key: str) -> bool:
         recording = with_patient_check(vetted_patient(recording, config), current_patient_id())
+        session = stat_session()
+        patient_id = recording.patient.patient_id if recording.patient else None
+        if session is not None and session.covers(patient_id, recording.acquired_at):
+            stat = True
+        else:
+            stat = default_stat
         if stat and not recording.stat:
             recording = dataclasses.replace(recording, stat=True)
         try:
@@ -406,6 +424,7 @@ def import_files(
     progress: Callable | None = None,
     request: Callable[[], StudyRequest] = StudyRequest,
     stat: bool = False,
+    stat_session: StatLookup = _no_stat_session,
 ) -> ImportSummary:
     """Import every ECG file under `roots`, each once (by content hash)."""
     from firmware_bridge.usb_import import import_paths
@@ -413,7 +432,7 @@ def import_files(
     return import_paths(
         roots,
         is_known=lambda key: outbox.find(key) is not None,
-        enqueue=file_enqueuer(outbox, config, current_patient_id, request, stat),
+        enqueue=file_enqueuer(outbox, config, current_patient_id, request, stat, stat_session),
         local_tz=local_zone(),
         now=lambda: dt.datetime.now(dt.timezone.utc),
         progress=progress,
@@ -421,7 +440,10 @@ def import_files(
 
 
 def usb_import_watcher(
-    config: Config, outbox: Outbox, current_patient_id: CurrentPatient = _no_current_patient
+    config: Config,
+    outbox: Outbox,
+    current_patient_id: CurrentPatient = _no_current_patient,
+    stat_session: StatLookup = _no_stat_session,
 ) -> FolderWatcher:
     """A FolderWatcher over `usb_import.folders`; call its poll() every few seconds (or on a
     udev 'add' event for a mass-storage device mounted there)."""
@@ -429,7 +451,12 @@ def usb_import_watcher(
 
     def run(roots: Iterable[str | Path]) -> ImportSummary:
         return import_files(
-            outbox, config, roots, current_patient_id=current_patient_id, request=lambda: clinic_request(config)
+            outbox,
+            config,
+            roots,
+            current_patient_id=current_patient_id,
+            request=lambda: clinic_request(config),
+            stat_session=stat_session,
         )
 
     return FolderWatcher(config.usb_import.folders, run)
@@ -439,15 +466,20 @@ def usb_import_watcher(
 
 
 def lan_object_store(
-    outbox: Outbox, current_patient_id: CurrentPatient = _no_current_patient
+    outbox: Outbox,
+    current_patient_id: CurrentPatient = _no_current_patient,
+    stat_session: StatLookup = _no_stat_session,
 ) -> Callable[[ReceivedObject], None]:
     """ReceivedObject -> durable outbox item, for firmware_bridge.dicom_receiver: the object is
     stored as received (its bytes, its UIDs); the SOP Instance UID is the key, so a cart that
     sends the same object again gets Success without a second item. A patient other than the
-    gateway's current one is flagged in the item's meta (the object itself is not touched)."""
+    gateway's current one is flagged in the item's meta (the object itself is not touched); one
+    of the patient the doctor checked in as STAT goes first (the cart sends as it records)."""
 
     def store(obj: ReceivedObject) -> None:
         current = current_patient_id()
+        session = stat_session()
+        stat = session is not None and session.covers(obj.patient["patient_id"] if obj.patient else None, None)
         mismatch = bool(current and obj.patient and obj.patient["patient_id"] != current)
         meta = ecg_item_meta(
             sop_class_uid=obj.sop_class_uid,
@@ -459,12 +491,13 @@ def lan_object_store(
             unassigned=obj.patient is None,
             transfer_syntax=obj.transfer_syntax,
             calling_ae=obj.calling_ae,
+            stat=stat,
         )
         outbox.add(
             Kind.DICOM,
             "dicom-sop:" + obj.sop_instance_uid,
             obj.data,
-            priority=Priority.ROUTINE,
+            priority=Priority.STAT if stat else Priority.ROUTINE,
             meta=meta,
             patient=obj.patient,
         )
@@ -473,7 +506,10 @@ def lan_object_store(
 
 
 def start_lan_receiver(
-    config: Config, outbox: Outbox, current_patient_id: CurrentPatient = _no_current_patient
+    config: Config,
+    outbox: Outbox,
+    current_patient_id: CurrentPatient = _no_current_patient,
+    stat_session: StatLookup = _no_stat_session,
 ) -> DicomReceiver | None:
     """The clinic-LAN storage SCP from `lan_receiver.*`, started; None when disabled."""
     from firmware_bridge.dicom_receiver import DicomReceiver, settings_from
@@ -491,7 +527,7 @@ def start_lan_receiver(
             timeout_s=config.reading_center.timeout_s,
             max_object_bytes=max(1, section.max_object_mb) * 2**20,
         ),
-        lan_object_store(outbox, current_patient_id),
+        lan_object_store(outbox, current_patient_id, stat_session),
     )
     receiver.start()
     return receiver
