@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from devices.bridge import codec
-from devices.bridge.ecg_stream import GAP_FILL, EcgAssembler
+from devices.bridge.ecg_stream import GAP_FILL, BlockOutcome, EcgAssembler
 from devices.bridge.session import BridgeSession, RecordingReady, SessionProblem
 from devices.ecg.recording import STANDARD_12_LEADS, SampleGap
 from devices.errors import ProtocolError
@@ -167,3 +167,54 @@ def test_ten_minutes_of_12_lead_500_hz_over_a_pty(tmp_path: Path) -> None:
     assert not (rec.samples == GAP_FILL).any()
     session = made[0].session
     assert session is not None and session.protocol.counters.bad_frames == 4  # only the noise
+
+
+def _start(rate: int = 500, scale: float = 2.5, leads: tuple[str, ...] = ("I", "II")) -> codec.EcgStart:
+    return codec.EcgStart(1, 0, 0, rate, scale, leads)
+
+
+def _make(start: codec.EcgStart, **kw: object) -> EcgAssembler:
+    return EcgAssembler(start, acquired_at=NOW, time_source=TimeSource.UNKNOWN, device=DeviceIdentity(), **kw)  # type: ignore[arg-type]
+
+
+def test_start_limits_refuse_what_would_mis_scale_or_mis_time_the_trace() -> None:
+    # the slowest and fastest rates we take are taken; one beyond is a corrupt header, not an ECG
+    assert _make(_start(rate=1)).max_samples == 1800 and _make(_start(rate=2000)).start.sampling_rate_hz == 2000
+    for rate in (0, 2001):
+        with pytest.raises(ProtocolError, match="sampling rate"):
+            _make(_start(rate=rate))
+    # a zero, negative, absurd or NaN scale would draw a flat or exploded trace
+    for scale in (0.0, -2.5, 1e6, float("nan"), float("inf")):
+        with pytest.raises(ProtocolError, match="scale"):
+            _make(_start(scale=scale))
+    assert _make(_start(scale=999_999.0)).start.uv_per_unit == 999_999.0
+    with pytest.raises(ProtocolError, match="unique and non-empty"):  # a lead the reader cannot name
+        _make(_start(leads=("I", " ")))
+
+
+def test_stream_length_limit_is_exact() -> None:
+    a = _make(_start(rate=10, leads=("I",)), max_seconds=1.0)  # 10 samples at most
+    assert a.max_samples == 10
+    assert a.add_block(codec.EcgBlock(1, 0, 1, np.arange(10, dtype="<i2").tobytes())).accepted == 10
+    with pytest.raises(ProtocolError, match="exceeds 10 samples"):
+        a.add_block(codec.EcgBlock(1, 10, 1, b"\x01\x00"))
+    with pytest.raises(ProtocolError, match="exceeds 10 samples"):  # an ECG_END claiming a longer tail
+        a.finish(codec.EcgEnd(1, 11))
+    rec = a.finish(codec.EcgEnd(1, 10))
+    assert rec.n_samples == 10 and rec.gaps == () and rec.flags == ()
+
+
+def test_counters_and_end_status_flags() -> None:
+    a = _make(_start(leads=("I",)))
+    assert a.recording_id == 1 and a.n_leads == 1
+    block = codec.EcgBlock(1, 0, 1, np.arange(4, dtype="<i2").tobytes())
+    a.add_block(block)
+    assert a.add_block(block) == BlockOutcome(0, 4, None)  # a resend adds nothing
+    a.add_block(codec.EcgBlock(1, 2, 1, np.arange(2, 6, dtype="<i2").tobytes()))  # 2 old, 2 new
+    assert (a.samples_held, a.duplicates, a.blocks) == (6, 6, 2)
+    # the device stopped early (lead off): the doctor must see it was not a full recording
+    assert a.finish(codec.EcgEnd(1, 6, codec.ECG_END_ABORTED)).flags == ("ecg-aborted",)
+    # the device counted fewer samples than we hold: flagged, never silently trimmed
+    rec = a.finish(codec.EcgEnd(1, 5))
+    assert rec.flags == ("sample-count-mismatch",) and rec.n_samples == 6
+    assert np.array_equal(rec.samples[0], np.arange(6))
