@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from devices.bridge import codec
+from devices.bridge import codec, ecg_stream
 from devices.bridge.ecg_stream import GAP_FILL, BlockOutcome, EcgAssembler
 from devices.bridge.session import BridgeSession, RecordingReady, SessionProblem
 from devices.ecg.recording import STANDARD_12_LEADS, SampleGap
@@ -218,3 +218,20 @@ def test_counters_and_end_status_flags() -> None:
     rec = a.finish(codec.EcgEnd(1, 5))
     assert rec.flags == ("sample-count-mismatch",) and rec.n_samples == 6
     assert np.array_equal(rec.samples[0], np.arange(6))
+
+
+def test_flags_order_tail_gap_at_the_limit_and_fine_scales() -> None:
+    # gap first, then how the recording ended: the console shows the first flag as the headline
+    a = _make(_start(leads=("I",)))
+    a.add_block(codec.EcgBlock(1, 0, 1, np.arange(2, dtype="<i2").tobytes()))
+    a.add_block(codec.EcgBlock(1, 4, 1, np.arange(4, dtype="<i2").tobytes()))  # 2..3 missing
+    rec = a.finish(codec.EcgEnd(1, 6, codec.ECG_END_ABORTED))  # device counted 6, we hold up to 8
+    assert rec.flags == ("sample-gap", "ecg-aborted", "sample-count-mismatch")
+    # a tail that ends exactly at the limit is a gap to fill, not a refusal
+    b = _make(_start(rate=10, leads=("I",)), max_seconds=1.0)
+    b.add_block(codec.EcgBlock(1, 0, 1, np.arange(5, dtype="<i2").tobytes()))
+    assert b.finish(codec.EcgEnd(1, 10)).gaps == (SampleGap(5, 5),)
+    # fine-resolution carts (0.1 µV per unit) are real ECGs, not a broken header
+    assert _make(_start(scale=0.1)).start.uv_per_unit == 0.1
+    # the default limit is half an hour of signal at any rate
+    assert _make(_start(rate=500)).max_samples == int(ecg_stream.DEFAULT_MAX_SECONDS) * 500 == 30 * 60 * 500

@@ -142,3 +142,80 @@ def test_a_date_learnt_before_midnight_moves_on_after_it() -> None:
     assert _day_rollover("000000.00", "020624", "120000.00") == dt.datetime(
         2024, 6, 2, 12, 0, 0, tzinfo=dt.timezone.utc
     )
+
+
+# --- what a visit record keeps from a cycle: times, speeds, modes, counts (mutation survivors) -----
+
+
+def _fixes(*sentences: bytes) -> list[Fix]:
+    return [e for e in decode_nmea(b"".join(sentences)) if isinstance(e, Fix)]
+
+
+RMC_10KN = _sentence("GPRMC,120000.00,A,3401.0000,N,11744.0000,W,10.0,87.5,010624,,,A")
+
+
+def test_a_date_learnt_12_hours_and_a_second_before_moves_on() -> None:
+    # one second past the 12-hour line, with minutes in play: a visit logged on the wrong day
+    assert _day_rollover("121500.00", "010624", "001459.00") == dt.datetime(
+        2024, 6, 2, 0, 14, 59, tzinfo=dt.timezone.utc
+    )
+    assert _day_rollover("001459.00", "020624", "121500.00") == dt.datetime(
+        2024, 6, 1, 12, 15, 0, tzinfo=dt.timezone.utc
+    )
+
+
+def test_speed_and_track_only_with_a_position() -> None:
+    (fix,) = _fixes(RMC_10KN)
+    assert fix.speed_mps == pytest.approx(5.14444) and fix.track_deg == 87.5  # knots, not m/s
+    no_speed = _sentence("GPRMC,120000.00,A,3401.0000,N,11744.0000,W,,,010624,,,A")
+    (fix,) = _fixes(no_speed)
+    assert fix.speed_mps is None and fix.track_deg is None
+    # a receiver without a fix still fills speed/track from its last solution: not believed
+    void = _sentence("GPRMC,120000.00,V,,,,,10.0,87.5,010624,,,N")
+    (fix,) = _fixes(void)
+    assert fix.speed_mps is None and fix.track_deg is None and fix.latitude is None
+
+
+def test_zda_dates_only_from_a_set_clock() -> None:
+    gga = _sentence("GPGGA,120001.00,3401.0000,N,11744.0000,W,1,08,1.0,100.0,M,-33.0,M,,")
+
+    def time_after(zda: str) -> dt.datetime | None:
+        return _fixes(_sentence(zda), gga)[-1].time
+
+    assert time_after("GPZDA,120000.00,01,06,1999,00,00") == dt.datetime(1999, 6, 1, 12, 0, 1, tzinfo=dt.timezone.utc)
+    assert time_after("GPZDA,120000.00,01,06,1998,00,00") is None  # an unset RTC's year
+    assert time_after("GPZDA,,01,06,2024,00,00") is None  # a date without its time of day
+    # a ZDA without a date keeps the date a valid RMC gave (it must not erase it)
+    rmc = _sentence("GPRMC,115959.00,A,3401.0000,N,11744.0000,W,0.0,0.0,010624,,,A")
+    (*_, fix) = _fixes(rmc, _sentence("GPZDA,120000.00,,,,00,00"), gga)
+    assert fix.time == dt.datetime(2024, 6, 1, 12, 0, 1, tzinfo=dt.timezone.utc)
+
+
+def test_modes_positions_and_dops_from_the_right_sentence() -> None:
+    # GGA quality 0 is "no fix": its stale position must not be used
+    (fix,) = _fixes(_sentence("GPGGA,120000.00,3401.0000,N,11744.0000,W,0,00,,,M,,M,,"))
+    assert fix.mode == FixMode.NO_FIX and fix.latitude is None and fix.satellites_visible is None
+    # the receiver says 2D: its altitude is a guess, and no vertical error is claimed
+    gga = _sentence("GPGGA,120000.00,3401.0000,N,11744.0000,W,1,08,,100.0,M,-33.0,M,,")
+    (fix,) = _fixes(gga, _sentence("GPGSA,A,2,01,02,03,,,,,,,,,,2.50,1.50,"))
+    assert fix.mode == FixMode.FIX_2D and fix.altitude_m is None and fix.epv_m is None
+    assert fix.hdop == 1.5 and fix.pdop == 2.5 and fix.eph_m == pytest.approx(1.5 * P_UERE[False])
+    # 3D from GSA even when GGA carries no altitude
+    no_alt = _sentence("GPGGA,120000.00,3401.0000,N,11744.0000,W,1,08,,,M,,M,,")
+    (fix,) = _fixes(no_alt, _sentence("GPGSA,A,3,01,02,03,04,,,,,,,,,2.50,1.50,2.00"))
+    assert fix.mode == FixMode.FIX_3D and fix.epv_m == pytest.approx(2.0 * V_UERE[False])
+    # no HDOP in GSA: GGA's is used; satellites used counted from GSA when GGA does not say
+    (fix,) = _fixes(
+        _sentence("GPGGA,120000.00,3401.0000,N,11744.0000,W,1,,1.10,100.0,M,-33.0,M,,"),
+        _sentence("GPGSA,A,3,01,02,03,04,05,,,,,,,,,,"),
+    )
+    assert fix.hdop == 1.1 and fix.satellites_used == 5
+
+
+def test_gst_altitude_sigma_gives_the_vertical_error() -> None:
+    gga = _sentence("GPGGA,172814.0,3723.4658,N,12202.2695,W,2,6,1.2,18.893,M,-25.669,M,2.0,0031")
+    gst = _sentence("GPGST,172814.0,0.006,0.023,0.020,273.6,0.023,0.020,0.031")
+    (fix,) = _fixes(gga, gst)
+    assert fix.epv_m == pytest.approx(SIGMA_TO_95_1D * 0.031) and fix.error_source == "receiver"
+    (fix,) = _fixes(gga, _sentence("GPGST,172814.0,0.006,0.023,0.020,273.6,0.023,0.020,"))
+    assert fix.epv_m is None  # no sigma, no vertical claim from GST (no VDOP either)

@@ -207,3 +207,39 @@ def test_fuzz_stream_never_raises(chunks: list[bytes]) -> None:
         for event in decoder.receive_data(chunk):
             assert isinstance(event, (Fix, BadSentence))
     decoder.flush()
+
+
+def test_decoder_counts_exactly_what_it_kept_and_dropped() -> None:
+    # the technicians' page shows these counts: off by one is a receiver blamed for nothing
+    decoder = NmeaStreamDecoder()
+    assert (decoder.sentences, decoder.bad_sentences, decoder.discarded_bytes) == (0, 0, 0)
+    decoder.receive_data(b"\r\n" + BTQ818_GGA + b"\r\n")  # clean CRLF-separated input: nothing discarded
+    assert (decoder.sentences, decoder.bad_sentences, decoder.discarded_bytes) == (1, 0, 0)
+    decoder.receive_data(b"ab$GPGGA,x" + BTQ818_RMC)  # 2 bytes of noise, one sentence cut short
+    assert (decoder.sentences, decoder.bad_sentences, decoder.discarded_bytes) == (2, 1, 2)
+    decoder.receive_data(b"$GPGGA,trunc" + BTQ818_GSA)  # cut short right at the start of the line
+    assert (decoder.sentences, decoder.bad_sentences, decoder.discarded_bytes) == (3, 2, 2)
+    (bad,) = [e for e in decoder.receive_data(b"$GPGGA," + b"9" * 150 + b"*00\r\n") if isinstance(e, BadSentence)]
+    assert len(bad.line) == 100 and decoder.bad_sentences == 3  # a 100-byte excerpt, not the whole line
+
+
+def test_noise_longer_than_a_line_is_dropped_without_losing_the_next_sentence() -> None:
+    decoder = NmeaStreamDecoder()
+    assert decoder.receive_data(b"x" * 5000) == [] and decoder.discarded_bytes == 5000
+    events = decoder.receive_data(b"y" * 5000 + BTQ818_GGA[:20])  # noise, then the start of a sentence
+    events += decoder.receive_data(BTQ818_GGA[20:] + BTQ818_RMC) + decoder.flush()
+    assert [e.mode for e in events if isinstance(e, Fix)] == [FixMode.FIX_3D]
+    assert decoder.discarded_bytes == 10000 and decoder.bad_sentences == 0
+
+
+def test_a_sentence_of_exactly_the_maximum_length_is_kept() -> None:
+    line = BTQ818_GGA.rstrip(b"\r\n")
+    decoder = NmeaStreamDecoder(max_line=len(line))
+    events = decoder.receive_data(line) + decoder.receive_data(b"\r\n") + decoder.flush()
+    assert [type(e) for e in events] == [Fix] and decoder.bad_sentences == 0
+
+
+def test_a_file_without_a_final_line_break_keeps_its_last_sentence() -> None:
+    # the last RMC gives the date: dropping it would leave the whole file's fixes without a time
+    (fix,) = [e for e in decode_nmea(BTQ818_GGA + BTQ818_RMC.rstrip(b"\r\n")) if isinstance(e, Fix)]
+    assert fix.time == dt.datetime(2010, 6, 3, 14, 52, 43, tzinfo=dt.timezone.utc)
