@@ -243,3 +243,44 @@ def test_a_file_without_a_final_line_break_keeps_its_last_sentence() -> None:
     # the last RMC gives the date: dropping it would leave the whole file's fixes without a time
     (fix,) = [e for e in decode_nmea(BTQ818_GGA + BTQ818_RMC.rstrip(b"\r\n")) if isinstance(e, Fix)]
     assert fix.time == dt.datetime(2010, 6, 3, 14, 52, 43, tzinfo=dt.timezone.utc)
+
+
+def test_comment_lines_and_over_long_sentences_are_counted() -> None:
+    decoder = NmeaStreamDecoder(max_line=40)
+    assert decoder.receive_data(b"# log start\r\n") == [] and decoder.discarded_bytes == 11
+    (bad,) = decoder.receive_data(BTQ818_GGA)  # one whole line, longer than this decoder allows
+    assert isinstance(bad, BadSentence) and bad.reason == "longer than 40 bytes" and decoder.sentences == 0
+    # noise, then a sentence of exactly the maximum length: the noise goes, the sentence stays
+    line = BTQ818_GGA.rstrip(b"\r\n")
+    decoder = NmeaStreamDecoder(max_line=len(line))
+    events = decoder.receive_data(b"zz" + line) + decoder.receive_data(b"\r\n") + decoder.flush()
+    assert [type(e) for e in events] == [Fix] and decoder.discarded_bytes == 2
+
+
+def test_gsa_system_id_finds_the_beidou_satellites_in_view() -> None:
+    # NMEA 4.11 GSA names its constellation by system id: without it the used BeiDou satellites are
+    # not found in the sky view and the fix loses its per-axis error estimate
+    def line(body: str) -> bytes:
+        return f"${body}*{checksum(body):02X}\r\n".encode()
+
+    gsv = line("GBGSV,1,1,04,201,49,147,44,202,23,250,35,204,35,123,42,213,83,243,40")
+    gsa = line("GNGSA,A,3,201,202,204,213,,,,,,,,,1.5,0.9,1.2,4")
+    gga = line("GNGGA,120000.00,3114.8789,N,12135.2442,E,1,04,0.9,153.8,M,8.3,M,,")
+    (fix,) = [e for e in decode_nmea(gsv + gsa + gga) if isinstance(e, Fix)]
+    assert fix.xdop is not None and fix.epx_m is not None and fix.satellites_visible == 4
+
+
+def test_gns_without_a_position_falls_back_to_rmc() -> None:
+    def line(body: str) -> bytes:
+        return f"${body}*{checksum(body):02X}\r\n".encode()
+
+    gns = line("GNGNS,120000.00,,,,,AN,07,1.2,,,,")
+    rmc = line("GNRMC,120000.00,A,3114.8789,N,12135.2442,E,0.0,0.0,010624,,,A")
+    (fix,) = [e for e in decode_nmea(gns + rmc) if isinstance(e, Fix)]
+    assert fix.latitude == pytest.approx(31.24798, abs=1e-5) and fix.mode >= FixMode.FIX_2D
+
+
+def test_a_receiver_that_only_sends_gll_still_gives_a_position() -> None:
+    body = "GPGLL,3114.8789,N,12135.2442,E,120000.00,A,A"
+    (fix,) = [e for e in decode_nmea(f"${body}*{checksum(body):02X}\r\n".encode()) if isinstance(e, Fix)]
+    assert fix.longitude == pytest.approx(121.58740, abs=1e-5) and fix.mode == FixMode.FIX_2D
