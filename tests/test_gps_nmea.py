@@ -284,3 +284,19 @@ def test_a_receiver_that_only_sends_gll_still_gives_a_position() -> None:
     body = "GPGLL,3114.8789,N,12135.2442,E,120000.00,A,A"
     (fix,) = [e for e in decode_nmea(f"${body}*{checksum(body):02X}\r\n".encode()) if isinstance(e, Fix)]
     assert fix.longitude == pytest.approx(121.58740, abs=1e-5) and fix.mode == FixMode.FIX_2D
+
+
+def test_the_cycle_closes_on_its_last_sentence_once_learnt() -> None:
+    # gpsd's rule: once we saw RMC end a cycle, the next cycle's fix comes out on its RMC, not one
+    # epoch late on the next GGA (a late fix is a visit position that lags the walk by a second)
+    def epoch(t: str) -> bytes:
+        gga = f"GPGGA,{t},3401.9764,N,11744.8274,W,1,08,0.9,234.7,M,-33.2,M,,"
+        rmc = f"GPRMC,{t},A,3401.9764,N,11744.8274,W,0.0,0.0,030610,,,A"
+        return b"".join(f"${b}*{checksum(b):02X}\r\n".encode() for b in (gga, rmc))
+
+    decoder = NmeaStreamDecoder()
+    assert [e for e in decoder.receive_data(epoch("145243.000")) if isinstance(e, Fix)] == []
+    first = [e for e in decoder.receive_data(epoch("145244.000")) if isinstance(e, Fix)]
+    assert [f.time.second for f in first if f.time] == [43, 44]  # 43 on the new GGA, 44 on its own RMC
+    third = [e for e in decoder.receive_data(epoch("145245.000")) if isinstance(e, Fix)]
+    assert [f.time.second for f in third if f.time] == [45]
