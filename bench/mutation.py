@@ -88,7 +88,11 @@ FOCUSED_TESTS: dict[str, list[str]] = {
     "devices/bridge/crc.py": ["tests/test_bridge_codec.py"],
     "devices/bridge/ecg_stream.py": ["tests/test_bridge_ecg_stream.py"],
     "devices/bridge/protocol.py": ["tests/test_bridge_protocol.py", "tests/test_bridge_codec.py"],
-    "devices/bridge/session.py": ["tests/test_bridge_codec.py", "tests/test_bridge_ecg_stream.py"],
+    "devices/bridge/session.py": [
+        "tests/test_bridge_session.py",
+        "tests/test_bridge_codec.py",
+        "tests/test_bridge_ecg_stream.py",
+    ],
     "devices/ecg/aecg.py": ["tests/test_ecg_aecg.py"],
     "devices/ecg/contec.py": ["tests/test_ecg_contec.py", "tests/test_ecg_formats.py"],
     "devices/ecg/dicom_input.py": ["tests/test_ecg_dicom_rules.py", "tests/test_ecg_dicom_input.py"],
