@@ -115,6 +115,7 @@ def test_values_keep_their_reason_when_the_device_had_none() -> None:
         ("e", 1.0, None),
     ]
     obs = ready.observation
+    assert obs.kind == "body-temperature"
     assert obs.measured_at == NOW - dt.timedelta(minutes=1) and obs.time_source is TimeSource.DEVICE_CLOCK_CORRECTED
     assert obs.record_key == "bridge:BR-1:r-1" and obs.device.serial == "BR-1" and obs.received_at == NOW
 
@@ -166,3 +167,16 @@ def test_max_ecg_seconds_reaches_the_assembler(seconds: float) -> None:
     session = BridgeSession("/dev/ttyACM0", max_ecg_seconds=seconds)  # 2 samples at 500 Hz
     (problem,) = session.receive_data(_start(1), NOW)
     assert isinstance(problem, SessionProblem) and "exceeds" in problem.reason
+
+
+def test_kind_defaults_and_keys_before_any_hello() -> None:
+    session = BridgeSession("/dev/ttyACM0")
+    value = codec.MeasuredValue("spo2", 97.0, "%")
+    (ready,) = session.receive_data(codec.encode_message(codec.Measurement("spo2", "r", 0, 0, (value,)), 1), NOW)
+    assert ready.observation.kind == "spo2"
+    (ready,) = session.receive_data(codec.encode_message(codec.Measurement("", "s", 0, 0, (value,)), 2), NOW)
+    assert ready.observation.kind == "measurement"  # a kind the bridge left out is not invented
+    # a stream cut before the bridge said who it is: boot 0, keyed under the port
+    session.receive_data(_start(4), NOW)
+    (lost,) = session.connection_lost(NOW)
+    assert lost.key == "bridge-ecg:/dev/ttyACM0:0:4"
