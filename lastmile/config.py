@@ -62,6 +62,8 @@ class ReadingCenterSection:
     storage_commitment: bool = True  # ask the PACS to confirm it keeps what we sent
     commitment_timeout_s: float = 120.0  # no report by then: ask again with a new transaction
     no_commitment_policy: str = "keep"  # peer without commitment: "keep" local copies or "purge"
+    stat_cuts_routine: bool = True  # a STAT ECG waiting cuts a routine transfer on the wire (resent later, uncharged)
+    stat_cut_after_s: float = 0.2  # ... only one expected to need longer than this (a slow link), not one nearly done
     tls: TlsSection = field(default_factory=TlsSection)
 
 
@@ -396,6 +398,7 @@ _RANGES: dict[str, _Range] = {
     "reading_center.batch_size": _Range(1, 10_000, "a count of C-STOREs"),
     "reading_center.timeout_s": _NETWORK_TIMEOUT,
     "reading_center.commitment_timeout_s": _Range(0, 7 * _DAY, "a number of seconds", low_open=True),
+    "reading_center.stat_cut_after_s": _Range(0, _HOUR, "a number of seconds"),
     "outbox.retention_days": _Range(0, 3650, "a number of days"),
     "outbox.min_free_mb": _Range(0, 2**40, "a number of megabytes"),
     "outbox.backoff_base_s": _Range(0, _DAY, "a number of seconds", low_open=True),

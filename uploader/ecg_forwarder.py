@@ -41,12 +41,14 @@ from uploader.dicom_association import PeerSettings
 from uploader.dicom_commitment import CommitmentListener, CommitmentReport, ReportRefused, ReportSenders
 from uploader.dicom_store import CommitmentUnsupported, StoreAssociation
 from uploader.errors import ConfigurationFault, CorruptPayloadError, PermanentError, TransientError
-from uploader.outbox import DEFAULT_MAX_INTERRUPTED_SENDS, ItemState, Kind, Outbox, OutboxItem
+from uploader.outbox import DEFAULT_MAX_INTERRUPTED_SENDS, ItemState, Kind, Outbox, OutboxItem, Priority
 from uploader.reachability import address_toward
+from uploader.stat_watch import StatWatch, TransferRate
 
 log = logging.getLogger(__name__)
 
 STATUS_NAME = "reading_center"
+YIELDED_TO_STAT = "waited for a STAT study to go first"
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,8 @@ class ForwarderSettings:
     retention_s: float = 0.0
     idle_poll_s: float = 2.0
     max_interrupted_sends: int = DEFAULT_MAX_INTERRUPTED_SENDS
+    stat_poll_s: float = 0.05  # how often a round sending routine items looks for a STAT one
+    stat_cut_after_s: float | None = 0.2  # cut a routine transfer with more than this to go; None: never
 
 
 @dataclass
@@ -106,6 +110,7 @@ class EcgForwarder:
         self._commitment_unsupported_until = 0.0
         self._fault_until = 0.0
         self._no_route_logged = False
+        self._rate = TransferRate()  # per association, what STAT preemption estimates with
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -208,9 +213,8 @@ class EcgForwarder:
     # -- sending -----------------------------------------------------------------------------
     def _send_due(self, result: RoundResult, stop: threading.Event) -> None:
         s = self.settings
-        items = self.outbox.claim(
-            Kind.DICOM, s.associations * s.batch_size, self.clock(), max_interrupted_sends=s.max_interrupted_sends
-        )
+        # STAT items take the link alone: no routine object shares it with them
+        items = self._claim(s.associations * s.batch_size, Priority.STAT) or self._claim(s.associations * s.batch_size)
         if not items:
             return
         suspects = [i for i in items if i.interrupted_sends]
@@ -226,11 +230,13 @@ class EcgForwarder:
             n = max(1, min(s.associations, len(items)))
         chunks = [items[i::n] for i in range(n)]
         faults: list[str] = []
-        if n == 1:
-            outcomes = [self._send_chunk(chunks[0], stop, faults)]
+        if items[0].priority == Priority.STAT:
+            outcomes = self._send_chunks(chunks, stop, faults, None)
         else:
-            with ThreadPoolExecutor(max_workers=n, thread_name_prefix="dicom-send") as pool:
-                outcomes = list(pool.map(lambda c: self._send_chunk(c, stop, faults), chunks))
+            with StatWatch(
+                self.outbox, Kind.DICOM, self.clock, self._rate, poll_s=s.stat_poll_s, cut_after_s=s.stat_cut_after_s
+            ) as watch:
+                outcomes = self._send_chunks(chunks, stop, faults, watch)
         for chunk_result in outcomes:
             result.sent += chunk_result.sent
             result.transient += chunk_result.transient
@@ -241,17 +247,60 @@ class EcgForwarder:
         if result.sent:
             self._update_status(fault=None, last_success=self.clock())
 
-    def _send_chunk(self, items: Sequence[OutboxItem], stop: threading.Event, faults: list[str]) -> RoundResult:
+    def _claim(self, limit: int, priority: Priority | None = None) -> list[OutboxItem]:
+        return self.outbox.claim(
+            Kind.DICOM,
+            limit,
+            self.clock(),
+            max_interrupted_sends=self.settings.max_interrupted_sends,
+            priority=priority,
+        )
+
+    def _send_chunks(
+        self, chunks: list[list[OutboxItem]], stop: threading.Event, faults: list[str], watch: StatWatch | None
+    ) -> list[RoundResult]:
+        if len(chunks) == 1:
+            return [self._send_lane(chunks[0], stop, faults, watch)]
+        with ThreadPoolExecutor(max_workers=len(chunks), thread_name_prefix="dicom-send") as pool:
+            return list(pool.map(lambda c: self._send_lane(c, stop, faults, watch), chunks))
+
+    def _send_lane(
+        self, items: Sequence[OutboxItem], stop: threading.Event, faults: list[str], watch: StatWatch | None
+    ) -> RoundResult:
+        """One association's share of a round. If a STAT item came while it sent routine ones
+        and its association ended (cut, or its share done) before carrying it: a new one does."""
+        r = self._send_chunk(items, stop, faults, watch)
+        if watch is not None and watch.stat_due.is_set() and not stop.is_set() and not faults:
+            stat = self._claim(self.settings.batch_size, Priority.STAT)
+            if stat:
+                more = self._send_chunk(stat, stop, faults)
+                r.sent += more.sent
+                r.transient += more.transient
+                r.quarantined += more.quarantined
+                r.errors += more.errors
+        return r
+
+    def _send_chunk(
+        self, items: Sequence[OutboxItem], stop: threading.Event, faults: list[str], watch: StatWatch | None = None
+    ) -> RoundResult:
         r = RoundResult()
         pending = list(items)
         in_flight: OutboxItem | None = None
+        assoc = StoreAssociation(self.settings.peer, commitment=self.settings.storage_commitment)
         try:
-            with StoreAssociation(self.settings.peer, commitment=self.settings.storage_commitment) as assoc:
+            with assoc:
                 sent_now: list[OutboxItem] = []
                 while pending:
                     if stop.is_set():
                         break  # finish the store in hand, leave the rest for the next run
                     item = pending[0]
+                    if watch is not None and item.priority != Priority.STAT and watch.stat_due.is_set():
+                        # a STAT item waits: the routine ones go back (uncharged) and this
+                        # association, open already, carries the STAT ones
+                        self.outbox.release([i.id for i in pending], YIELDED_TO_STAT, self.clock(), 0.0)
+                        pending = self._claim(self.settings.batch_size, Priority.STAT)
+                        watch = None
+                        continue
                     try:
                         # the content hash is verified here: a corrupt payload is quarantined, never sent
                         payload = self.outbox.read_payload(item)
@@ -265,8 +314,12 @@ class EcgForwarder:
                         pending.pop(0)  # no longer ours (an operator moved it meanwhile)
                         continue
                     in_flight = item
+                    if watch is not None:
+                        watch.sending(assoc, item)
                     try:
                         outcome = assoc.store(payload)
+                        if watch is not None:
+                            watch.finished(assoc, stored=outcome.category in ("success", "warning"))
                     except PermanentError as exc:  # e.g. a payload that is no DICOM we can send
                         in_flight = None
                         pending.pop(0)
@@ -303,6 +356,10 @@ class EcgForwarder:
             return r
         except TransientError as exc:
             now = self.clock()
+            if watch is not None and watch.was_cut(assoc):
+                # cut for a STAT item, not failed: back to the queue uncharged, sent again later
+                self.outbox.release([i.id for i in pending], YIELDED_TO_STAT, now, 0.0)
+                return r
             for item in pending:
                 self.outbox.mark_transient_failure(
                     item.id, str(exc), now, retry_after=getattr(exc, "retry_after", None)

@@ -53,6 +53,7 @@ def forwarder_settings(config: Config) -> ForwarderSettings:
         config_fault_retry_s=config.outbox.config_fault_retry_s,
         retention_s=config.outbox.retention_days * 86400.0,
         max_interrupted_sends=max(1, config.outbox.max_interrupted_sends),
+        stat_cut_after_s=rc.stat_cut_after_s if rc.stat_cuts_routine else None,
     )
 
 
