@@ -47,6 +47,16 @@ class TlsSection:
 
 
 @dataclass
+class MeteredSection:
+    daily_budget_mb: float = (
+        0.0  # routine traffic to this destination per local day, in MB; 0: no budget (STAT always goes, and counts)
+    )
+    windows: list[str] = field(
+        default_factory=list
+    )  # local "HH:MM-HH:MM" times routine traffic may go, e.g. ["22:00-06:00"]; empty: any time
+
+
+@dataclass
 class ReadingCenterSection:
     host: str = "127.0.0.1"  # the reading center's PACS: host name or address
     port: int = 104  # its DICOM port
@@ -65,6 +75,7 @@ class ReadingCenterSection:
     stat_cuts_routine: bool = True  # a STAT ECG waiting cuts a routine transfer on the wire (resent later, uncharged)
     stat_cut_after_s: float = 0.2  # ... only one expected to need longer than this (a slow link), not one nearly done
     tls: TlsSection = field(default_factory=TlsSection)
+    metered: MeteredSection = field(default_factory=MeteredSection)  # ECGs sent (C-STOREs)
 
 
 @dataclass
@@ -163,6 +174,7 @@ class FhirSection:
     patient_id_system: str = "urn:lastmile:patient-id"  # identifier system of patient ids (county register)
     practitioner_id_system: str = "urn:lastmile:practitioner-id"  # identifier system of doctor ids
     gzip: bool = True  # compress request bodies when the platform accepts it
+    metered: MeteredSection = field(default_factory=MeteredSection)  # visit bundles sent
 
 
 @dataclass
@@ -195,6 +207,7 @@ class ReportsSection:
     retention_days: float = 30.0  # keep reports this long after the ECG was sent (unacknowledged critical stay)
     backoff_base_s: float = 30.0  # first retry delay after the reading center could not be asked
     backoff_max_s: float = 600.0  # cap of that backoff
+    metered: MeteredSection = field(default_factory=MeteredSection)  # report polling (queries and reports fetched)
 
 
 @dataclass
@@ -524,6 +537,19 @@ def serial_device_problems(devices: list[dict], profiles: typing.Collection[str]
     return found
 
 
+def _check_metered(dotted: str, metered: MeteredSection, problems: _Problems) -> None:
+    from uploader.metering import SendWindow
+
+    problem = _Range(0, 2**30, "a number of megabytes").problem(metered.daily_budget_mb)
+    if problem:
+        problems.add(f"{dotted}.daily_budget_mb", problem)
+    for text in metered.windows:
+        try:
+            SendWindow.parse(text)
+        except ValueError as exc:
+            problems.add(f"{dotted}.windows", f'entry {exc}: write local times like "22:00-06:00"')
+
+
 def check_meaning(config: Config, problems: _Problems) -> None:
     """Every value checked for what it is used for; each mistake added to `problems`."""
     for dotted, allowed in _RANGES.items():
@@ -575,6 +601,13 @@ def check_meaning(config: Config, problems: _Problems) -> None:
             "reading_center.tls.cert_file" if tls.cert_file else "reading_center.tls.key_file",
             "goes with its pair: set both cert_file and key_file, or neither",
         )
+
+    for dotted, metered in (
+        ("reading_center.metered", rc.metered),
+        ("fhir.metered", config.fhir.metered),
+        ("reports.metered", config.reports.metered),
+    ):
+        _check_metered(dotted, metered, problems)
 
     lan = config.lan_receiver
     problem = ae_title_problem(lan.ae_title)

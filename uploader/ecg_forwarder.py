@@ -41,6 +41,7 @@ from uploader.dicom_association import PeerSettings
 from uploader.dicom_commitment import CommitmentListener, CommitmentReport, ReportRefused, ReportSenders
 from uploader.dicom_store import CommitmentUnsupported, StoreAssociation
 from uploader.errors import ConfigurationFault, CorruptPayloadError, PermanentError, TransientError
+from uploader.metering import Meter, MeterPolicy
 from uploader.outbox import DEFAULT_MAX_INTERRUPTED_SENDS, ItemState, Kind, Outbox, OutboxItem, Priority
 from uploader.reachability import address_toward
 from uploader.stat_watch import StatWatch, TransferRate
@@ -68,6 +69,7 @@ class ForwarderSettings:
     max_interrupted_sends: int = DEFAULT_MAX_INTERRUPTED_SENDS
     stat_poll_s: float = 0.05  # how often a round sending routine items looks for a STAT one
     stat_cut_after_s: float | None = 0.2  # cut a routine transfer with more than this to go; None: never
+    meter: MeterPolicy | None = None  # daily budget and send windows for routine items (STAT exempt)
 
 
 @dataclass
@@ -111,6 +113,7 @@ class EcgForwarder:
         self._fault_until = 0.0
         self._no_route_logged = False
         self._rate = TransferRate()  # per association, what STAT preemption estimates with
+        self.meter = Meter("dicom", settings.meter, outbox) if settings.meter is not None else None
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -213,8 +216,11 @@ class EcgForwarder:
     # -- sending -----------------------------------------------------------------------------
     def _send_due(self, result: RoundResult, stop: threading.Event) -> None:
         s = self.settings
-        # STAT items take the link alone: no routine object shares it with them
-        items = self._claim(s.associations * s.batch_size, Priority.STAT) or self._claim(s.associations * s.batch_size)
+        # STAT items take the link alone: no routine object shares it with them; routine ones
+        # wait while the link is metered shut (outside its windows, or the day's budget spent)
+        items = self._claim(s.associations * s.batch_size, Priority.STAT)
+        if not items and not self._metered_shut():
+            items = self._claim(s.associations * s.batch_size)
         if not items:
             return
         suspects = [i for i in items if i.interrupted_sends]
@@ -246,6 +252,11 @@ class EcgForwarder:
             raise ConfigurationFault(faults[0])
         if result.sent:
             self._update_status(fault=None, last_success=self.clock())
+
+    def _metered_shut(self) -> str | None:
+        """Why routine items may not go now (None: they may)."""
+        blocked = self.meter.blocked(self.clock()) if self.meter is not None else None
+        return None if blocked is None else f"metered link: {blocked.detail}"
 
     def _claim(self, limit: int, priority: Priority | None = None) -> list[OutboxItem]:
         return self.outbox.claim(
@@ -301,6 +312,10 @@ class EcgForwarder:
                         pending = self._claim(self.settings.batch_size, Priority.STAT)
                         watch = None
                         continue
+                    if item.priority != Priority.STAT and (shut := self._metered_shut()):
+                        self.outbox.release([i.id for i in pending], shut, self.clock(), 0.0)
+                        pending = []
+                        continue
                     try:
                         # the content hash is verified here: a corrupt payload is quarantined, never sent
                         payload = self.outbox.read_payload(item)
@@ -331,6 +346,8 @@ class EcgForwarder:
                     pending.pop(0)
                     in_flight = None
                     now = self.clock()
+                    if self.meter is not None:
+                        self.meter.spend(outcome.wire_bytes, now)
                     if outcome.category in ("success", "warning"):
                         self.outbox.mark_sent([item.id], now)
                         sent_now.append(item)
