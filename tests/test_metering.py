@@ -209,3 +209,31 @@ def test_daily_budget_stops_routine_sending_once_spent(config, center, tmp_path,
     tomorrow = dt.datetime.combine(dt.datetime.now(local_zone()).date() + dt.timedelta(days=1), dt.time(), local_zone())
     assert metered["until"] == pytest.approx(tomorrow.timestamp())
     assert time.time() < metered["until"]
+
+
+def test_fhir_bundles_stop_at_the_budget_and_wait_out_a_shut_window(tmp_path: Path) -> None:
+    from tests.fhir_samples import NAMING, all_kinds, signature, visit
+    from tests.fhir_server import FhirTestServer
+    from uploader.fhir_bundle import bundle_bytes, visit_bundle
+    from uploader.fhir_forwarder import enqueue_bundle, forward_fhir_once
+    from uploader.fhir_sender import FhirSender, FhirSenderSettings
+    from uploader.outbox import Kind, Outbox
+
+    outbox = Outbox.open(tmp_path / "data", min_free_bytes=0)
+    sizes = []
+    for n in range(6):
+        v = visit(n, patient=f"P-{n}")
+        bundle = visit_bundle(v, all_kinds(v.started_at, v.patient_id, f"/{n}"), NAMING, signature(n))
+        sizes.append(len(bundle_bytes(bundle)))
+        enqueue_bundle(outbox, bundle, f"fhir:visit:{v.visit_id}", patient_id=v.patient_id, now=1000.0 + n)
+    budget = Meter("fhir", MeterPolicy(daily_budget_bytes=int(2.5 * max(sizes)), zone=UTC), outbox)
+    shut = Meter("fhir", MeterPolicy(windows=(SendWindow.parse("00:00-00:01"),), zone=UTC), MemoryStatus())
+    with FhirTestServer() as server, FhirSender(FhirSenderSettings(base_url=server.base_url, gzip="never")) as sender:
+        assert forward_fhir_once(outbox, sender, T_NOON, batch_size=1, meter=shut).claimed == 0
+        counts = forward_fhir_once(outbox, sender, T_NOON, batch_size=1, meter=budget)
+        assert (counts.sent, counts.deferred) == (3, 3)  # checked before each request: the third still fits
+        assert len(server.resources("Encounter")) == 3
+        assert budget.spent_today(T_NOON) == sender.bytes_sent  # the request bodies as sent
+        assert forward_fhir_once(outbox, sender, T_NOON + 60, batch_size=1, meter=budget).claimed == 0
+    assert len(outbox.items(state=ItemState.QUEUED, kind=Kind.FHIR_BUNDLE)) == 3
+    outbox.close()
