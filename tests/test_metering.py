@@ -237,3 +237,37 @@ def test_fhir_bundles_stop_at_the_budget_and_wait_out_a_shut_window(tmp_path: Pa
         assert forward_fhir_once(outbox, sender, T_NOON + 60, batch_size=1, meter=budget).claimed == 0
     assert len(outbox.items(state=ItemState.QUEUED, kind=Kind.FHIR_BUNDLE)) == 3
     outbox.close()
+
+
+def test_report_polling_asks_only_about_stat_studies_while_shut(tmp_path: Path) -> None:
+    from lastmile.demo.cardiologist import ecg_report_sr
+    from lastmile.reports.service import make_poller
+    from lastmile.reports.store import ReportStore
+    from lastmile.services.forward import peer_settings
+    from tests.report_peers import GATEWAY_AE, gateway_config, send_ecgs, to_read
+
+    center = EmbeddedReadingCenter(port=free_port(), gateway_port=free_port(), gateway_ae=GATEWAY_AE)
+    center.start()
+    try:
+        config = gateway_config(tmp_path, center.port, center.ae_title, listen_port=center.gateway_port)
+        studies = send_ecgs(config, [make_recording(1), make_recording(2, stat=True)])
+        [stat] = [s for s in studies if s.stat]
+        [routine] = [s for s in studies if not s.stat]
+        for study in (routine, stat):
+            center.add_report(ecg_report_sr(to_read(study), findings=["Sinus rhythm"], impression="Normal"))
+        later = time.time() + 2 * 3600  # both are due for a poll by then
+        never_now = (dt.datetime.fromtimestamp(later, UTC).hour * 60 + 12 * 60) % 1440  # a minute 12 h away
+        window = SendWindow(never_now, never_now + 1)
+        with open_outbox(config) as outbox, ReportStore.open(config.data_dir) as store:
+            meter = Meter("reports", MeterPolicy(windows=(window,), zone=UTC), outbox)
+            poller = make_poller(config, store, peer_settings(config.reading_center), meter)
+            poller.clock = lambda: later
+            shut = poller.run_round()
+            assert (shut.study_uids, shut.stored) == ([stat.study_uid], 1)
+            assert meter.spent_today(later) == shut.bytes > 0  # the report fetched counts
+            meter.policy = MeterPolicy(zone=UTC)  # open
+            opened = poller.run_round(force=True)
+            assert set(opened.study_uids) == {routine.study_uid, stat.study_uid}
+            assert {r.study_uid for r in store.reports()} == {routine.study_uid, stat.study_uid}
+    finally:
+        center.stop()
