@@ -67,7 +67,7 @@ class ForwarderSettings:
     retention_s: float = 0.0
     idle_poll_s: float = 2.0
     max_interrupted_sends: int = DEFAULT_MAX_INTERRUPTED_SENDS
-    stat_poll_s: float = 0.05  # how often a round sending routine items looks for a STAT one
+    stat_poll_s: float = 0.025  # how often a round sending routine items looks for a STAT one
     stat_cut_after_s: float | None = 0.2  # cut a routine transfer with more than this to go; None: never
     meter: MeterPolicy | None = None  # daily budget and send windows for routine items (STAT exempt)
 

@@ -68,7 +68,7 @@ class StatWatch:
         clock: Callable[[], float],
         rate: TransferRate,
         *,
-        poll_s: float = 0.05,
+        poll_s: float = 0.025,
         cut_after_s: float | None = 0.2,  # None: never cut a transfer
     ) -> None:
         self.outbox = outbox
