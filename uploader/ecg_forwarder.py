@@ -16,6 +16,12 @@ Each send is charged before its bytes go out (`Outbox.begin_send`): a forwarder 
 times in a row is quarantined. Items with an interrupted send behind them are sent alone, one
 at a time, so the others in flight with a crashing object are not blamed with it.
 
+A STAT item takes the link: a round with STAT items due sends only those; a round sending routine
+items yields to a STAT item that becomes due meanwhile (uploader/stat_watch.py: between objects,
+and by cutting a slow transfer on the wire, which goes back to the queue uncharged). With a
+`meter` (uploader/metering.py), routine items wait outside the send windows and once the day's
+byte budget is spent; STAT items go regardless.
+
 Storage commitment reports come to a `CommitmentListener` bound to this gateway's address toward
 the reading center (or `listen_host`), accepting only the reading center (its AE title, from its
 address or `report_networks`). A report is believed only for a transaction this gateway issued
