@@ -60,6 +60,16 @@ _TABLE: tuple[tuple[str, float, float, str, str], ...] = (
     ("glucose", 5, 2700, "mg/dL", "lowest survivable hypoglycaemia to the highest reported (2656 mg/dL)"),
     ("glucose", 0.3, 150, "mmol/L", "the mg/dL bounds in mmol/L (1 mmol/L = 18.016 mg/dL)"),
     ("hba1c", 2, 25, "%", "HbA1c assays report ~4-20 %; outside 2-25 % is not a haemoglobin fraction"),
+    # not a vital sign but a device range: a rate no ECG format or cart uses means misread bytes
+    # (an aECG increment of 1e-300 s read as 1e300 Hz)
+    (
+        "ecg-sampling-rate",
+        25,
+        32_000,
+        "Hz",
+        "DICOM ECG IODs 200-1000 Hz (12-lead; ambulatory lower), carts 100-1000 Hz; "
+        "high-resolution capture a few kHz: bounds widened by an order of magnitude",
+    ),
 )
 
 PLAUSIBLE_RANGES: dict[tuple[str, str], PlausibleRange] = {
