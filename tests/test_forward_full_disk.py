@@ -226,7 +226,7 @@ def test_a_step_that_finds_no_room_backs_off_and_says_so(tmp_path: Path, storesc
     stop = threading.Event()
     try:
         full = {"on": True}
-        room_left = {"claim": 1}  # room for one more write: the claim; then none
+        room_left = {"claim": 1, "begin_send": 1}  # room for a claim and one send; none to record it
 
         def on_a_full_disk(name: str):
             real = getattr(service.outbox, name)

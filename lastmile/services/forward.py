@@ -4,8 +4,8 @@ reports coming back (lastmile.reports: its own thread, its own backoff).
 A full data partition is waited out here, not by exiting: the outbox's reserve file
 (uploader/space_reserve.py) gives the first writes room; once it is spent and SQLite still
 finds no room, a step cannot record progress: claiming fails first, so nothing is sent (a store
-whose success could not be recorded is sent again later, same SOP Instance UID, which the PACS
-keeps once). The service then logs one line saying so, shows the fault in its status,
+that succeeded but could not be recorded is remembered and recorded when there is room, not
+sent again). The service then logs one line saying so, shows the fault in its status,
 and tries again soon - every FULL_DISK_RETRY_MAX_S at most - so that the moment any room
 appears (a log rotated, the county IT freeing space) it sends and purges, which frees far more.
 `lastmile queue` shows the full partition without writing to it."""
@@ -154,7 +154,11 @@ class ForwardService:
 
     def _step(self, stop: threading.Event) -> float:
         if self._full_disk_delay:
-            # a round cut short by the full disk may have left items claimed: back to the queue
+            # a round cut short by the full disk: what the peer has is recorded as sent (not sent
+            # again), what it left claimed goes back to the queue
+            recorded = self.ecg.record_unrecorded_sends()
+            if recorded:
+                log.info("%d item(s) stored at the reading center while the disk was full recorded as sent", recorded)
             released = self.outbox.release_claims(time.time())
             if released:
                 log.info("%d item(s) claimed when the disk filled put back in the queue", released)
