@@ -267,3 +267,37 @@ def test_a_step_that_finds_no_room_backs_off_and_says_so(tmp_path: Path, storesc
     finally:
         service.close()
     assert len(scp.c_stores()) == 4 and set(scp.c_stores().values()) == {1}  # nothing sent twice
+
+
+def test_the_report_poller_survives_a_full_disk() -> None:
+    """The report poller's thread used to die on "database or disk is full" and take the whole
+    forward service with it (ReportService.check raised): now it logs and tries again."""
+    import sqlite3
+    import threading
+    from typing import cast
+
+    from lastmile.reports.poller import PollerThread, PollRound, ReportPoller
+
+    rounds: list[str] = []
+    done = threading.Event()
+
+    class DiskFullFirst:
+        def run_round(self) -> PollRound:
+            if len(rounds) < 2:
+                rounds.append("full")
+                raise sqlite3.OperationalError("database or disk is full")
+            rounds.append("ok")
+            done.set()
+            return PollRound()
+
+        def next_due_in(self) -> float:
+            return 0.01
+
+    thread = PollerThread(cast(ReportPoller, DiskFullFirst()), idle_s=0.05)
+    thread.start()
+    try:
+        assert done.wait(30), rounds
+        assert thread.alive and thread.error is None
+        assert rounds[:3] == ["full", "full", "ok"]
+    finally:
+        thread.stop()
