@@ -301,3 +301,89 @@ def test_the_report_poller_survives_a_full_disk() -> None:
         assert rounds[:3] == ["full", "full", "ok"]
     finally:
         thread.stop()
+
+
+# Runs inside `unshare -m` with a 1 MB tmpfs on argv[1]: one queued item, the outbox closed (its
+# WAL and -shm gone), the partition filled: what a power cut on a full disk leaves behind.
+CLOSED_ON_A_FULL_DISK_SCRIPT = r"""
+import errno, json, os, signal, subprocess, sys, time
+from pathlib import Path
+from lastmile.config import load_config
+from lastmile.data_dir import DataPartitionFullError, open_outbox
+
+mnt, cfg_file, log_file = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+config = load_config(cfg_file)
+with open_outbox(config) as outbox:
+    outbox.add("dicom", "k1", b"\0" * 2000)
+fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT)
+try:
+    while True:
+        os.write(fd, b"\0" * 4096)
+except OSError as exc:
+    assert exc.errno == errno.ENOSPC
+os.close(fd)
+out = {}
+try:
+    open_outbox(config).close()
+    out["open"] = "opened"
+except DataPartitionFullError as exc:
+    out["open"] = str(exc)
+queue = subprocess.run([sys.executable, "-m", "lastmile", "-c", cfg_file, "queue"], capture_output=True, text=True)
+out["queue"] = [queue.returncode, queue.stdout, queue.stderr]
+with open(log_file, "wb") as log:
+    service = subprocess.Popen([sys.executable, "-m", "lastmile", "-c", cfg_file, "forward"], stdout=log, stderr=log)
+deadline = time.monotonic() + 60
+while b"cannot start" not in Path(log_file).read_bytes() and time.monotonic() < deadline and service.poll() is None:
+    time.sleep(0.2)
+out["alive"] = service.poll() is None
+service.send_signal(signal.SIGTERM)
+out["exit"] = service.wait(60)
+print(json.dumps(out))
+"""
+
+
+def test_a_closed_outbox_on_a_full_disk_says_so(tmp_path: Path) -> None:
+    """No room even for SQLite's -shm: opening the outbox says the partition is full (not "disk
+    I/O error"), `lastmile queue` still shows what is waiting and the fault, and the forward
+    service waits with that line instead of exiting."""
+    require_tool("unshare")
+    if os.geteuid() != 0:
+        missing("mounting a private tmpfs needs root")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cfg = tmp_path / "lastmile.toml"
+    cfg.write_text(f'[gateway]\ndata_dir = "{mnt / "data"}"\n[outbox]\nmin_free_mb = 0\n[reports]\nsource = "off"\n')
+    log = tmp_path / "forward.log"
+    proc = subprocess.run(
+        [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            'mount -t tmpfs -o size=1m tmpfs "$1" && shift && exec "$@"',
+            "sh",
+            str(mnt),
+            sys.executable,
+            "-c",
+            CLOSED_ON_A_FULL_DISK_SCRIPT,
+            str(mnt),
+            str(cfg),
+            str(log),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    journal = log.read_text(errors="replace") if log.exists() else ""
+    assert proc.returncode == 0, proc.stderr[-3000:] + journal[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["open"].startswith("the data partition is full (") and "nothing stored is lost" in out["open"]
+    code, stdout, stderr = out["queue"]
+    assert code == 0 and "queued 1" in stdout, stdout + stderr
+    assert out["alive"] and out["exit"] == 0, journal
+    assert "forward: cannot start: the data partition is full" in journal, journal
+    assert "Traceback" not in journal

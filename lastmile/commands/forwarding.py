@@ -192,18 +192,16 @@ def _ecgs_with_problems(outbox: Outbox, now: float) -> list[dict[str, Any]]:
 
 def _queue(args: argparse.Namespace) -> int:
     from lastmile.commands.common import config_from_args
-    from lastmile.data_dir import open_existing_outbox
+    from lastmile.data_dir import DataPartitionFullError, open_existing_outbox
 
     config = config_from_args(args)
     now = time.time()
     try:
         outbox = open_existing_outbox(config)  # a read-only command: never creates the data directory
-    except sqlite3.OperationalError as exc:
+    except DataPartitionFullError:
         # opening writes (recovery, reserve, -shm): on a full partition read what is on disk instead
-        from uploader.outbox import is_disk_full, snapshot_stats
+        from uploader.outbox import snapshot_stats
 
-        if not is_disk_full(exc) and "disk I/O error" not in str(exc):
-            raise
         outbox = None
         stats = snapshot_stats(config.data_dir, now)
     else:
