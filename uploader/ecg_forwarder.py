@@ -34,6 +34,7 @@ the local copies, or "purge" them once sent.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -48,7 +49,15 @@ from uploader.dicom_commitment import CommitmentListener, CommitmentReport, Repo
 from uploader.dicom_store import CommitmentUnsupported, StoreAssociation
 from uploader.errors import ConfigurationFault, CorruptPayloadError, PermanentError, TransientError
 from uploader.metering import Meter, MeterPolicy
-from uploader.outbox import DEFAULT_MAX_INTERRUPTED_SENDS, ItemState, Kind, Outbox, OutboxItem, Priority
+from uploader.outbox import (
+    DEFAULT_MAX_INTERRUPTED_SENDS,
+    ItemState,
+    Kind,
+    Outbox,
+    OutboxItem,
+    Priority,
+    is_disk_full,
+)
 from uploader.reachability import address_toward
 from uploader.stat_watch import StatWatch, TransferRate
 
@@ -117,6 +126,10 @@ class EcgForwarder:
         self._pending_committed = 0
         self._commitment_unsupported_until = 0.0
         self._fault_until = 0.0
+        # stored at the peer, but the disk was too full to record it: recorded when there is room
+        # (`record_unrecorded_sends`), never sent again
+        self._unrecorded_sent: set[int] = set()
+        self._lock_unrecorded = threading.Lock()  # chunks are sent from several threads
         self._no_route_logged = False
         self._rate = TransferRate()  # per association, what STAT preemption estimates with
         self.meter = Meter("dicom", settings.meter, outbox) if settings.meter is not None else None
@@ -264,6 +277,16 @@ class EcgForwarder:
         blocked = self.meter.blocked(self.clock()) if self.meter is not None else None
         return None if blocked is None else f"metered link: {blocked.detail}"
 
+    def _spend(self, nbytes: int, now: float) -> None:
+        """Count bytes sent against the metered link's budget (after the outcome is recorded:
+        a disk too full to count them must not lose the outcome)."""
+        if self.meter is None:
+            return
+        try:
+            self.meter.spend(nbytes, now)
+        except sqlite3.OperationalError as exc:
+            log.warning("metered link: %d bytes sent not counted: %s", nbytes, exc)
+
     def _claim(self, limit: int, priority: Priority | None = None) -> list[OutboxItem]:
         return self.outbox.claim(
             Kind.DICOM,
@@ -352,10 +375,14 @@ class EcgForwarder:
                     pending.pop(0)
                     in_flight = None
                     now = self.clock()
-                    if self.meter is not None:
-                        self.meter.spend(outcome.wire_bytes, now)
                     if outcome.category in ("success", "warning"):
-                        self.outbox.mark_sent([item.id], now)
+                        try:
+                            self.outbox.mark_sent([item.id], now)
+                        except sqlite3.OperationalError as exc:
+                            if is_disk_full(exc):
+                                with self._lock_unrecorded:
+                                    self._unrecorded_sent.add(item.id)
+                            raise
                         sent_now.append(item)
                         r.sent += 1
                         self.on_event(
@@ -371,6 +398,7 @@ class EcgForwarder:
                         self.outbox.quarantine(item.id, reason, now)
                         r.quarantined += 1
                         self.on_event("quarantined", {"id": item.id, "reason": reason})
+                    self._spend(outcome.wire_bytes, now)
                 if sent_now and self.settings.storage_commitment:
                     self._request_commitment(assoc, sent_now)
         except ConfigurationFault as exc:
@@ -526,6 +554,16 @@ class EcgForwarder:
         current = self.outbox.status(STATUS_NAME) or {}
         current.update(changes)
         self.outbox.record_status(STATUS_NAME, current, now)
+
+    def record_unrecorded_sends(self) -> int:
+        """Mark sent what the peer stored while the disk was too full to record it (they are
+        still claimed by us); call before releasing this outbox's claims. Returns how many."""
+        with self._lock_unrecorded:
+            ids = sorted(self._unrecorded_sent)
+            if ids:
+                self.outbox.mark_sent(ids, self.clock())
+                self._unrecorded_sent.clear()
+        return len(ids)
 
     def clear_fault(self) -> None:
         """Forget a configuration fault now (after SIGHUP reloaded a fixed configuration)."""
