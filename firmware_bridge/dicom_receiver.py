@@ -121,7 +121,7 @@ class DicomReceiver:
             ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(VERIFICATION)
         handlers: list[EventHandlerType] = [
-            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
             (evt.EVT_CONN_OPEN, self._on_open),
         ]
@@ -154,7 +154,9 @@ class DicomReceiver:
         except (AttributeError, OSError):
             pass
 
-    def _on_store(self, event) -> int:
+    def handle_store(self, event) -> int:
+        """The C-STORE handler: keep the data set as received, or answer why not (public: the
+        fuzz harness drives it with synthetic events)."""
         calling = str(event.assoc.requestor.ae_title).strip()
         request = event.request
         sop_class = str(request.AffectedSOPClassUID)

@@ -358,7 +358,7 @@ def read_aecg(data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc,
         root = fromstring(bytes(data), forbid_dtd=True)
     except DefusedXmlException as exc:
         raise ProtocolError(f"HL7 aECG: refused unsafe XML ({type(exc).__name__})") from None
-    except (ParseError, ValueError) as exc:
+    except (ParseError, ValueError, LookupError) as exc:  # LookupError: an unknown declared encoding
         raise ProtocolError(f"HL7 aECG: not well-formed XML ({exc})") from None
     if root.tag != NS + "AnnotatedECG":
         raise ProtocolError(f"not an HL7 aECG document (root element {root.tag!r})")
@@ -393,7 +393,10 @@ def read_aecg(data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc,
         start = (_interval_start(rhythm.find(_q("effectiveTime")), duration, local_tz)
                  or _interval_start(root.find(_q("effectiveTime")), duration, local_tz))
         if start is not None and parsed.relative_s:
-            start += dt.timedelta(seconds=parsed.relative_s)
+            try:
+                start += dt.timedelta(seconds=parsed.relative_s)
+            except OverflowError:  # e.g. a date written where seconds belong
+                raise ProtocolError(f"HL7 aECG relative start {parsed.relative_s} s is out of range") from None
     if start is None:
         if received_at is None:
             raise ProtocolError("HL7 aECG document carries no acquisition time")
