@@ -86,8 +86,11 @@ class TargetReport:
 
 def where_raised(exc: BaseException) -> str:
     """The innermost frame in our code (not the harness), as path:line, for grouping failures."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if f.filename.startswith(str(REPO)) and "/bench/" not in f.filename and "/.venv/" not in f.filename]
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if f.filename.startswith(str(REPO)) and "/bench/" not in f.filename and "/.venv/" not in f.filename
+    ]
     if not frames:
         frames = traceback.extract_tb(exc.__traceback__)[-1:]
     if not frames:
@@ -147,9 +150,13 @@ class Worker:
 
     def write_stats(self, finished: bool) -> None:
         self.last_write = time.monotonic()
-        stats = {"inputs": self.inputs, "seconds": round(time.monotonic() - self.started, 1),
-                 "max_input_cpu_s": round(self.max_cpu, 3), "finished": finished,
-                 "findings": [asdict(f) for f in self.findings.values()]}
+        stats = {
+            "inputs": self.inputs,
+            "seconds": round(time.monotonic() - self.started, 1),
+            "max_input_cpu_s": round(self.max_cpu, 3),
+            "finished": finished,
+            "findings": [asdict(f) for f in self.findings.values()],
+        }
         tmp = self.stats_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(stats))
         tmp.replace(self.stats_path)
@@ -167,14 +174,22 @@ def run_worker(name: str, work_dir: Path, inputs: int, max_seconds: float | None
         for path in sorted(corpus.iterdir())[:200]:
             try:
                 target.run(path.read_bytes())
-            except Exception:  # noqa: BLE001, S110 — only the imports matter in this pass
+            except Exception:  # noqa: BLE001 — only the imports matter in this pass
                 pass
     worker = Worker(target, work_dir, inputs, max_seconds)
     worker.findings_dir.mkdir(parents=True, exist_ok=True)
     worker.write_stats(finished=False)
-    args = [sys.argv[0], f"-seed={seed}", f"-max_len={target.max_len}", f"-timeout={HARD_TIMEOUT_S}",
-            f"-rss_limit_mb={RSS_LIMIT_MB}", "-use_value_profile=1", "-print_final_stats=1",
-            f"-artifact_prefix={worker.findings_dir}/", str(corpus)]
+    args = [
+        sys.argv[0],
+        f"-seed={seed}",
+        f"-max_len={target.max_len}",
+        f"-timeout={HARD_TIMEOUT_S}",
+        f"-rss_limit_mb={RSS_LIMIT_MB}",
+        "-use_value_profile=1",
+        "-print_final_stats=1",
+        f"-artifact_prefix={worker.findings_dir}/",
+        str(corpus),
+    ]
     with tempfile.TemporaryDirectory(prefix=f"fuzz-{name}-") as scratch:
         os.chdir(scratch)  # nothing a parser might write lands in the checkout
         atheris.Setup(args, worker.one_input)
@@ -196,13 +211,24 @@ def prepare_corpus(target: Target, work_dir: Path) -> int:
     return len(seeds)
 
 
-def start_target(target: Target, work_dir: Path, inputs: int, max_seconds: float | None,
-                 seed: int) -> tuple[subprocess.Popen[bytes], Path]:
+def start_target(
+    target: Target, work_dir: Path, inputs: int, max_seconds: float | None, seed: int
+) -> tuple[subprocess.Popen[bytes], Path]:
     log_path = work_dir / "findings" / target.name / "libfuzzer.log"
     stats = work_dir / "findings" / target.name / "stats.json"
     stats.unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", target.name, "--inputs", str(inputs),
-           "--seed", str(seed), "--work-dir", str(work_dir)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        target.name,
+        "--inputs",
+        str(inputs),
+        "--seed",
+        str(seed),
+        "--work-dir",
+        str(work_dir),
+    ]
     if max_seconds:
         cmd += ["--max-seconds", str(max_seconds)]
     with log_path.open("wb") as log_file:
@@ -233,8 +259,11 @@ def collect(target: Target, work_dir: Path, returncode: int, log_path: Path, see
             report.hangs += f.count
     if returncode != 0 or not stats.get("finished"):
         # libFuzzer stopped it: an endless input (timeout), memory blow-up (oom) or a crash in C
-        artifacts = sorted(p.name for p in (work_dir / "findings" / target.name).glob("*")
-                           if p.name.startswith(("timeout-", "oom-", "crash-", "slow-unit-")))
+        artifacts = sorted(
+            p.name
+            for p in (work_dir / "findings" / target.name).glob("*")
+            if p.name.startswith(("timeout-", "oom-", "crash-", "slow-unit-"))
+        )
         tail = libfuzzer_log.decode(errors="replace").strip().splitlines()[-3:]
         report.status = "aborted"
         report.note = f"worker exit {returncode}; artifacts {artifacts}; {' | '.join(tail)}"[:500]
@@ -245,8 +274,9 @@ def collect(target: Target, work_dir: Path, returncode: int, log_path: Path, see
     return report
 
 
-def run_all(targets: list[Target], work_dir: Path, inputs: int, max_seconds: float | None, seed: int,
-            jobs: int) -> list[TargetReport]:
+def run_all(
+    targets: list[Target], work_dir: Path, inputs: int, max_seconds: float | None, seed: int, jobs: int
+) -> list[TargetReport]:
     reports: dict[str, TargetReport] = {}
     pending = []
     for target in targets:
@@ -273,9 +303,11 @@ def run_all(targets: list[Target], work_dir: Path, inputs: int, max_seconds: flo
 def one_line(r: TargetReport) -> str:
     if r.status == "skipped":
         return f"{r.target:<18} skipped: {r.note}"
-    return (f"{r.target:<18} {r.inputs:>9} inputs {r.seconds:>7.0f} s {r.exec_per_s:>6}/s  cov {r.cov:>5} "
-            f"ft {r.ft:>6} corp {r.corpus:>5}  untyped {r.untyped} implausible {r.implausible} hangs {r.hangs}"
-            f"  {r.status}")
+    return (
+        f"{r.target:<18} {r.inputs:>9} inputs {r.seconds:>7.0f} s {r.exec_per_s:>6}/s  cov {r.cov:>5} "
+        f"ft {r.ft:>6} corp {r.corpus:>5}  untyped {r.untyped} implausible {r.implausible} hangs {r.hangs}"
+        f"  {r.status}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,16 +341,28 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, "bench/fuzz.py: atheris is not installed (scripts/setup.sh --test installs it)\n")
     work_dir = args.work_dir.resolve()
     reports = run_all(chosen, work_dir, args.inputs, args.max_seconds, args.seed, args.jobs)
-    print(f"\n{'target':<18} {'inputs':>9} {'cov':>6} {'ft':>7} {'corpus':>6} {'untyped':>7} {'implaus.':>8} "
-          f"{'hangs':>5}  status")
+    print(
+        f"\n{'target':<18} {'inputs':>9} {'cov':>6} {'ft':>7} {'corpus':>6} {'untyped':>7} {'implaus.':>8} "
+        f"{'hangs':>5}  status"
+    )
     for r in reports:
-        print(f"{r.target:<18} {r.inputs:>9} {r.cov:>6} {r.ft:>7} {r.corpus:>6} {r.untyped:>7} "
-              f"{r.implausible:>8} {r.hangs:>5}  {r.status}{' (' + r.note + ')' if r.note else ''}")
+        print(
+            f"{r.target:<18} {r.inputs:>9} {r.cov:>6} {r.ft:>7} {r.corpus:>6} {r.untyped:>7} "
+            f"{r.implausible:>8} {r.hangs:>5}  {r.status}{' (' + r.note + ')' if r.note else ''}"
+        )
         for f in r.findings:
             print(f"    {f.kind}: {f.signature} x{f.count}: {f.message[:120]!r} e.g. {f.examples[:1]}")
     if args.json:
-        print(json.dumps({"inputs_per_target": args.inputs, "max_seconds": args.max_seconds, "work_dir": str(work_dir),
-                          "targets": [dict(asdict(r), failures=r.failures) for r in reports]}))
+        print(
+            json.dumps(
+                {
+                    "inputs_per_target": args.inputs,
+                    "max_seconds": args.max_seconds,
+                    "work_dir": str(work_dir),
+                    "targets": [dict(asdict(r), failures=r.failures) for r in reports],
+                }
+            )
+        )
     bad = [r for r in reports if r.status in ("failures", "aborted")]
     return 1 if bad else 0
 

@@ -129,9 +129,16 @@ def _bytes_value(node: ast.expr) -> bytes | None:
     """A module constant written as b"..." (concatenated) or bytes.fromhex("...")."""
     if isinstance(node, ast.Constant) and isinstance(node.value, bytes):
         return node.value
-    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "fromhex"
-            and isinstance(node.func.value, ast.Name) and node.func.value.id == "bytes" and len(node.args) == 1
-            and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "fromhex"
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "bytes"
+        and len(node.args) == 1
+        and isinstance(node.args[0], ast.Constant)
+        and isinstance(node.args[0].value, str)
+    ):
         return bytes.fromhex(node.args[0].value)
     return None
 
@@ -210,7 +217,7 @@ def _small_contec() -> list[bytes]:
     mutates a small file much faster than a 600 KB one."""
     out = []
     for data in shared_files("ecg/contec/*.ECG"):
-        out += [data[:43] + data[43:43 + 400 * 16] + data[-37:], data]
+        out += [data[:43] + data[43 : 43 + 400 * 16] + data[-37:], data]
     return out
 
 
@@ -243,10 +250,17 @@ def npz_seeds() -> list[bytes]:
 
     t = np.arange(250) / 250.0
     beat = (800 * np.exp(-(((t % 0.8) - 0.2) ** 2) / 0.0004)).astype(np.int16)
-    rec = EcgRecording(samples=np.stack([beat, beat // 2, -beat]), lead_names=("I", "II", "V1"),
-                       sampling_rate_hz=250.0, uv_per_unit=1.0, acquired_at=NOW,
-                       time_source=TimeSource.DEVICE_CLOCK, device=DeviceIdentity("Acme", "ECG-1", "SN1"),
-                       patient=Patient("P00001", "Test^Patient", dt.date(1960, 1, 1), "F"), source_format="test")
+    rec = EcgRecording(
+        samples=np.stack([beat, beat // 2, -beat]),
+        lead_names=("I", "II", "V1"),
+        sampling_rate_hz=250.0,
+        uv_per_unit=1.0,
+        acquired_at=NOW,
+        time_source=TimeSource.DEVICE_CLOCK,
+        device=DeviceIdentity("Acme", "ECG-1", "SN1"),
+        patient=Patient("P00001", "Test^Patient", dt.date(1960, 1, 1), "F"),
+        source_format="test",
+    )
     return [write_npz(rec)]
 
 
@@ -305,7 +319,8 @@ def _run_racp(data: bytes) -> None:
     client = RacpClient()
     step = data[0] % 3 if data else 0
     (client.report_records_after, client.report_number_of_records, client.delete_all_records)[step](
-        *((None,) if step == 0 else ()))
+        *((None,) if step == 0 else ())
+    )
     rest = data[1:]
     while rest:
         n, rest = rest[0] % 24, rest[1:]
@@ -370,8 +385,7 @@ def _run_nmea_stream(data: bytes) -> None:
     from devices.gps.stream import NmeaStreamDecoder
 
     if data and data[0] & 1:
-        data = b"\r\n".join(nmea_checksummed(line) if line.startswith(b"$") else line
-                            for line in data[1:].split(b"\n"))
+        data = b"\r\n".join(nmea_checksummed(line) if line.startswith(b"$") else line for line in data[1:].split(b"\n"))
     decoder = NmeaStreamDecoder()
     cut = len(data) // 2
     for event in decoder.receive_data(data[:cut]) + decoder.receive_data(data[cut:]) + decoder.flush():
@@ -383,7 +397,7 @@ def nmea_sentence_seeds() -> list[bytes]:
     for capture in constants_in_tests("test_gps_nmea.py") + shared_files("gps/*.log"):
         for line in capture.splitlines()[:400]:
             if line.startswith(b"$") and b"*" in line:
-                out.append(line[1:line.rindex(b"*")])
+                out.append(line[1 : line.rindex(b"*")])
     return sorted(set(out))[:600]
 
 
@@ -413,8 +427,8 @@ def messages_in(data: bytes) -> Iterator[tuple[int, int, bytes]]:
     """Fuzzer bytes as messages: type:u8 seq:u8 length:u16le payload ..."""
     while len(data) >= 4:
         msg_type, seq, length = data[0], data[1], int.from_bytes(data[2:4], "little")
-        yield msg_type, seq, data[4:4 + length]
-        data = data[4 + length:]
+        yield msg_type, seq, data[4 : 4 + length]
+        data = data[4 + length :]
 
 
 def _run_bridge_messages(data: bytes) -> None:
@@ -425,7 +439,7 @@ def _run_bridge_messages(data: bytes) -> None:
 
     session = BridgeSession("bridge-fuzz", max_ecg_seconds=30.0)
     session.connection_made(NOW)
-    stream = b"".join(codec.encode_frame(t, s, p[:codec.MAX_PAYLOAD]) for t, s, p in messages_in(data))
+    stream = b"".join(codec.encode_frame(t, s, p[: codec.MAX_PAYLOAD]) for t, s, p in messages_in(data))
     cut = len(stream) // 2
     for piece in (stream[:cut], stream[cut:]):
         for event in session.receive_data(piece, NOW):
@@ -458,13 +472,33 @@ def bridge_message_seeds() -> list[bytes]:
     hello = codec.Hello("BR-1", "bridge", "1.0", 7)
     block = struct.pack("<3h", 100, 200, -50) * 40
     return [
-        framed(hello, codec.Measurement("blood-pressure", "r1", codec.TIME_DEVICE_CLOCK, ms - 60000,
-                                        [codec.MeasuredValue("systolic", 120.0, "mm[Hg]"),
-                                         codec.MeasuredValue("diastolic", None, "mm[Hg]", "nres")])),
-        framed(hello, codec.EcgStart(1, codec.TIME_SYNCED, ms, 500, 2.5, ["I", "II", "V1"]),
-               codec.EcgBlock(1, 0, 3, block), codec.EcgBlock(1, 40, 3, block), codec.EcgEnd(1, 80)),
-        framed(codec.TimeSync(ms), codec.Log(2, "boot"), codec.SerialData(1, b"NIBP 120/80\r\n"),
-               codec.Ack(3), codec.Nack(4, codec.NACK_MALFORMED, "bad")),
+        framed(
+            hello,
+            codec.Measurement(
+                "blood-pressure",
+                "r1",
+                codec.TIME_DEVICE_CLOCK,
+                ms - 60000,
+                [
+                    codec.MeasuredValue("systolic", 120.0, "mm[Hg]"),
+                    codec.MeasuredValue("diastolic", None, "mm[Hg]", "nres"),
+                ],
+            ),
+        ),
+        framed(
+            hello,
+            codec.EcgStart(1, codec.TIME_SYNCED, ms, 500, 2.5, ["I", "II", "V1"]),
+            codec.EcgBlock(1, 0, 3, block),
+            codec.EcgBlock(1, 40, 3, block),
+            codec.EcgEnd(1, 80),
+        ),
+        framed(
+            codec.TimeSync(ms),
+            codec.Log(2, "boot"),
+            codec.SerialData(1, b"NIBP 120/80\r\n"),
+            codec.Ack(3),
+            codec.Nack(4, codec.NACK_MALFORMED, "bad"),
+        ),
     ] + constants_in_tests("test_bridge_codec.py", "test_bridge_ecg_stream.py")
 
 
@@ -516,8 +550,9 @@ def _run_scanner(data: bytes) -> None:
 
 
 def scanner_seeds() -> list[bytes]:
-    return [bytes([k]) + c for c in constants_in_tests("test_scanner.py") + [b"PAT:110101199003077578\r\n"]
-            for k in (0, 1)]
+    return [
+        bytes([k]) + c for c in constants_in_tests("test_scanner.py") + [b"PAT:110101199003077578\r\n"] for k in (0, 1)
+    ]
 
 
 # -- configuration and console -----------------------------------------------------------------
@@ -532,8 +567,11 @@ def _run_config(data: bytes) -> None:
 def config_seeds() -> list[bytes]:
     from lastmile.config import render_defaults
 
-    return [render_defaults().encode(), b'[gateway]\nid = "clinic-7"\n[reading_center]\nhost = "127.0.0.1"\nport = 11112\n',
-            b'[[serial.devices]]\npath = "/dev/ttyUSB0"\nprofile = "example-vitals-monitor"\n']
+    return [
+        render_defaults().encode(),
+        b'[gateway]\nid = "clinic-7"\n[reading_center]\nhost = "127.0.0.1"\nport = 11112\n',
+        b'[[serial.devices]]\npath = "/dev/ttyUSB0"\nprofile = "example-vitals-monitor"\n',
+    ]
 
 
 def has_control_characters(text: str) -> bool:
@@ -582,10 +620,13 @@ def _run_console_forms(data: bytes) -> None:
 
 
 def console_seeds() -> list[bytes]:
-    return ["csrf=abc&patient_id=110101199003077578&name=%E5%BC%A0%E4%B8%89&reason=fever".encode(),
-            b"csrf=abc&patient_id=C-00042&name=Zhang%5ESan%3D%E5%BC%A0%5E%E4%B8%89&next=/patients",
-            b"name=doctor+li&password=correct-horse-battery&next=//evil.example",
-            b"zh-CN,zh;q=0.9,en;q=0.8", "patient_id=11010119900307757X&reason=复诊".encode()]
+    return [
+        b"csrf=abc&patient_id=110101199003077578&name=%E5%BC%A0%E4%B8%89&reason=fever",
+        b"csrf=abc&patient_id=C-00042&name=Zhang%5ESan%3D%E5%BC%A0%5E%E4%B8%89&next=/patients",
+        b"name=doctor+li&password=correct-horse-battery&next=//evil.example",
+        b"zh-CN,zh;q=0.9,en;q=0.8",
+        "patient_id=11010119900307757X&reason=复诊".encode(),
+    ]
 
 
 # -- DICOM network input -------------------------------------------------------------------------
@@ -720,8 +761,9 @@ def _report_reader_missing() -> str:
     try:
         import uploader.report_objects  # type: ignore[import-not-found]  # noqa: F401
     except ImportError:
-        return ("issue 14's SR/PDF report reader is not on main yet (branch `reports`): "
-                "add its target here when it lands")
+        return (
+            "issue 14's SR/PDF report reader is not on main yet (branch `reports`): add its target here when it lands"
+        )
     return ""
 
 
@@ -737,44 +779,136 @@ def _targets() -> list[Target]:
 
     device = (ProtocolError,)
     return [
-        Target("scp", "SCP-ECG file (devices/ecg/scp.py)", _run_scp, device,
-               lambda: shared_files("ecg/scp/*.SCP", "ecg/scp/*.scp") + constants_in_tests("test_ecg_scp.py"), 40_000),
-        Target("aecg", "HL7 aECG XML (devices/ecg/aecg.py)", _run_aecg, device,
-               lambda: shared_files("ecg/aecg/fda_minimum*.xml", "ecg/aecg/fda_empty.xml")
-               + shared_files("ecg/aecg/fda_hl7*.xml"), 8_000),
-        Target("dicom_ecg", "DICOM ECG file (devices/ecg/dicom_input.py)", _run_dicom_ecg, device, _small_dicom, 20_000),
+        Target(
+            "scp",
+            "SCP-ECG file (devices/ecg/scp.py)",
+            _run_scp,
+            device,
+            lambda: shared_files("ecg/scp/*.SCP", "ecg/scp/*.scp") + constants_in_tests("test_ecg_scp.py"),
+            40_000,
+        ),
+        Target(
+            "aecg",
+            "HL7 aECG XML (devices/ecg/aecg.py)",
+            _run_aecg,
+            device,
+            lambda: (
+                shared_files("ecg/aecg/fda_minimum*.xml", "ecg/aecg/fda_empty.xml")
+                + shared_files("ecg/aecg/fda_hl7*.xml")
+            ),
+            8_000,
+        ),
+        Target(
+            "dicom_ecg", "DICOM ECG file (devices/ecg/dicom_input.py)", _run_dicom_ecg, device, _small_dicom, 20_000
+        ),
         Target("contec", "Contec ECG90A .ECG (devices/ecg/contec.py)", _run_contec, device, _small_contec, 8_000),
         Target("npz", "gateway .npz ECG (devices/ecg/npz.py)", _run_npz, device, npz_seeds, 12_000),
-        Target("ecg_any", "USB-stick file: format detection + decoder (devices/ecg/formats.py)", _run_any_ecg,
-               device, any_ecg_seeds, 12_000),
-        Target("ble", "BLE characteristic values (devices/ble/registry.py, every decoder)", _run_ble, device,
-               ble_seeds, 64),
-        Target("ble_racp", "Record Access Control Point transfer (devices/ble/racp.py)", _run_racp, device,
-               racp_seeds, 256),
-        Target("nmea_sentence", "one NMEA sentence, checksum made right (devices/gps/nmea.py)",
-               _run_nmea_sentence, device, nmea_sentence_seeds, 200),
-        Target("nmea_stream", "GNSS receiver byte stream (devices/gps/stream.py)", _run_nmea_stream, device,
-               nmea_stream_seeds, 2048),
-        Target("bridge_frames", "bridge serial bytes: COBS/CRC framing (devices/bridge/protocol.py)",
-               _run_bridge_frames, device, lambda: bridge_frame_seeds(), 4096),
-        Target("bridge_messages", "valid frames into the bridge session (codec, session, ecg_stream)",
-               _run_bridge_messages, device, bridge_message_seeds, 2048),
-        Target("ascii_report", "ASCII report stream (devices/ascii_report.py, example profile)",
-               _run_ascii_report, device, lambda: constants_in_tests("test_ascii_report.py"), 2048),
-        Target("ascii_profile", "ASCII report profile TOML (devices/ascii_report.py load_profile)",
-               _run_ascii_profile, _ascii_profile_errors(), lambda: [_example_profile_text()], 4096),
-        Target("scanner", "barcode/card scanner keystrokes (devices/scanner.py)", _run_scanner, device,
-               scanner_seeds, 256),
-        Target("config", "configuration file (lastmile/config.py parse_config)", _run_config, _config_errors(),
-               config_seeds, 8192),
-        Target("console_forms", "console form posts, headers, redirect target (lastmile/console)",
-               _run_console_forms, (), console_seeds, 512),
-        Target("commitment_report", "storage-commitment N-EVENT-REPORT (uploader/dicom_commitment.py)",
-               _run_commitment, (), commitment_seeds, 1024),
-        Target("lan_receiver", "clinic-LAN C-STORE data set (firmware_bridge/dicom_receiver.py)",
-               _run_lan_receiver, (), lan_receiver_seeds, 20_000),
-        Target("report_objects", "SR/PDF report objects (issue 14's reader)", _run_report_objects, (),
-               lambda: [], 4096, skip=_report_reader_missing()),
+        Target(
+            "ecg_any",
+            "USB-stick file: format detection + decoder (devices/ecg/formats.py)",
+            _run_any_ecg,
+            device,
+            any_ecg_seeds,
+            12_000,
+        ),
+        Target(
+            "ble", "BLE characteristic values (devices/ble/registry.py, every decoder)", _run_ble, device, ble_seeds, 64
+        ),
+        Target(
+            "ble_racp", "Record Access Control Point transfer (devices/ble/racp.py)", _run_racp, device, racp_seeds, 256
+        ),
+        Target(
+            "nmea_sentence",
+            "one NMEA sentence, checksum made right (devices/gps/nmea.py)",
+            _run_nmea_sentence,
+            device,
+            nmea_sentence_seeds,
+            200,
+        ),
+        Target(
+            "nmea_stream",
+            "GNSS receiver byte stream (devices/gps/stream.py)",
+            _run_nmea_stream,
+            device,
+            nmea_stream_seeds,
+            2048,
+        ),
+        Target(
+            "bridge_frames",
+            "bridge serial bytes: COBS/CRC framing (devices/bridge/protocol.py)",
+            _run_bridge_frames,
+            device,
+            lambda: bridge_frame_seeds(),
+            4096,
+        ),
+        Target(
+            "bridge_messages",
+            "valid frames into the bridge session (codec, session, ecg_stream)",
+            _run_bridge_messages,
+            device,
+            bridge_message_seeds,
+            2048,
+        ),
+        Target(
+            "ascii_report",
+            "ASCII report stream (devices/ascii_report.py, example profile)",
+            _run_ascii_report,
+            device,
+            lambda: constants_in_tests("test_ascii_report.py"),
+            2048,
+        ),
+        Target(
+            "ascii_profile",
+            "ASCII report profile TOML (devices/ascii_report.py load_profile)",
+            _run_ascii_profile,
+            _ascii_profile_errors(),
+            lambda: [_example_profile_text()],
+            4096,
+        ),
+        Target(
+            "scanner", "barcode/card scanner keystrokes (devices/scanner.py)", _run_scanner, device, scanner_seeds, 256
+        ),
+        Target(
+            "config",
+            "configuration file (lastmile/config.py parse_config)",
+            _run_config,
+            _config_errors(),
+            config_seeds,
+            8192,
+        ),
+        Target(
+            "console_forms",
+            "console form posts, headers, redirect target (lastmile/console)",
+            _run_console_forms,
+            (),
+            console_seeds,
+            512,
+        ),
+        Target(
+            "commitment_report",
+            "storage-commitment N-EVENT-REPORT (uploader/dicom_commitment.py)",
+            _run_commitment,
+            (),
+            commitment_seeds,
+            1024,
+        ),
+        Target(
+            "lan_receiver",
+            "clinic-LAN C-STORE data set (firmware_bridge/dicom_receiver.py)",
+            _run_lan_receiver,
+            (),
+            lan_receiver_seeds,
+            20_000,
+        ),
+        Target(
+            "report_objects",
+            "SR/PDF report objects (issue 14's reader)",
+            _run_report_objects,
+            (),
+            list,
+            4096,
+            skip=_report_reader_missing(),
+        ),
     ]
 
 

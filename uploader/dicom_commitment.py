@@ -5,12 +5,13 @@ keeps, read into a `CommitmentReport`, and our AE listening for it in the SCP ro
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pynetdicom import AE, evt
 from pynetdicom.events import EventHandlerType
 
@@ -42,6 +43,28 @@ class MalformedReport(ValueError):
     """An N-EVENT-REPORT we cannot read as a storage commitment result."""
 
 
+# What reading an untrusted data set raises: pydicom decodes sequences while pynetdicom hands the
+# event over and other elements lazily on first access, so a truncated element (OSError, EOFError,
+# struct.error), an odd-length number (BytesLengthException) or an unknown VR (NotImplementedError)
+# surfaces in our code, not in pynetdicom's.
+UNREADABLE_DATASET: tuple[type[Exception], ...] = (
+    AttributeError,
+    TypeError,
+    ValueError,
+    KeyError,
+    IndexError,
+    OverflowError,
+    struct.error,
+    OSError,
+    EOFError,
+    NotImplementedError,
+    BytesLengthException,
+)
+
+
+UNREADABLE_REPORT: tuple[type[Exception], ...] = (MalformedReport, InvalidDicomError, *UNREADABLE_DATASET)
+
+
 def _refs(seq: Sequence[Dataset] | None) -> list[tuple[str, str, int]]:
     """(SOP class, SOP instance, FailureReason or 0x0110 when none is given) of each item."""
     out = []
@@ -63,7 +86,7 @@ def parse_commitment_report(event_type: int | None, info: Dataset, calling_ae: s
         txn = str(info.get("TransactionUID", "") or "")
         committed = [(c, i) for c, i, _ in _refs(info.get("ReferencedSOPSequence"))]
         failed = _refs(info.get("FailedSOPSequence"))
-    except (AttributeError, TypeError, ValueError, KeyError) as exc:
+    except UNREADABLE_DATASET as exc:
         raise MalformedReport(f"unreadable event information: {exc}") from None
     if not txn:
         raise MalformedReport("no TransactionUID")
@@ -79,7 +102,7 @@ def report_handler(on_report: Callable[[CommitmentReport], None]) -> Callable[[e
         calling = str(event.assoc.requestor.ae_title)
         try:
             report = parse_commitment_report(event.event_type, event.event_information, calling)
-        except (MalformedReport, InvalidDicomError, ValueError, EOFError) as exc:
+        except UNREADABLE_REPORT as exc:
             log.warning("unreadable storage commitment report from %s: %s", calling, exc)
             return 0x0110, None
         log.info(

@@ -28,7 +28,7 @@ from defusedxml.ElementTree import ParseError, fromstring
 
 from devices.ecg.findings import EcgMeasurement, EcgStatement, MedianBeats, StatementSource, measurement
 from devices.ecg.leads import derive_limb_leads, normalise_lead_name, require_unique
-from devices.ecg.recording import EcgRecording
+from devices.ecg.recording import POSSIBLE_YEARS, EcgRecording
 from devices.ecg.scaling import Channel, to_common_unit
 from devices.errors import InvalidRecordingError, ProtocolError, UnsupportedFeatureError
 from devices.identity import DeviceIdentity, Patient, TimeSource
@@ -70,6 +70,8 @@ def parse_ts(value: str, local_tz: dt.tzinfo) -> dt.datetime:
         if hours > 14 or minutes > 59:
             raise ProtocolError(f"HL7 aECG: bad time zone in {value!r}")
         tz = dt.timezone(sign * dt.timedelta(hours=hours, minutes=minutes))
+    if year not in POSSIBLE_YEARS:
+        raise ProtocolError(f"HL7 aECG: impossible date/time {value!r}")
     try:
         return dt.datetime(year, month, day, hour, minute, second, micro, tzinfo=tz)
     except ValueError:
@@ -152,7 +154,7 @@ def _read_sequence_set(seq_set: Element, local_tz: dt.tzinfo) -> _Sequences:
             raise ProtocolError(f"HL7 aECG: lead {code} has digits beyond 32 bits")
         leads.append((code, Channel(raw=raw, uv_per_unit=scale * _UNIT_TO_UV[scale_unit],
                                     offset_uv=origin * _UNIT_TO_UV[origin_unit])))
-    if increment is None or increment <= 0:
+    if increment is None or not np.isfinite(increment) or increment <= 0:
         raise ProtocolError("HL7 aECG: the rhythm series has no time sequence with a positive increment")
     return _Sequences(start, relative, increment, leads)
 
@@ -166,7 +168,10 @@ def _interval_start(eff: Element | None, duration_s: float, local_tz: dt.tzinfo)
     if center:
         return parse_ts(center, local_tz)
     if high:
-        return parse_ts(high, local_tz) - dt.timedelta(seconds=duration_s)
+        try:
+            return parse_ts(high, local_tz) - dt.timedelta(seconds=duration_s)
+        except OverflowError:  # a near-zero rate makes the duration absurd
+            raise ProtocolError(f"HL7 aECG: a recording of {duration_s:g} s cannot end at {high!r}") from None
     return None
 
 

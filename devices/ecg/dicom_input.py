@@ -49,7 +49,7 @@ from devices.ecg.leads import (
     normalise_lead_name,
     require_unique,
 )
-from devices.ecg.recording import EcgRecording
+from devices.ecg.recording import POSSIBLE_YEARS, EcgRecording
 from devices.ecg.scaling import Channel, to_common_unit
 from devices.errors import InvalidRecordingError, ProtocolError, UnsupportedFeatureError
 from devices.identity import DeviceIdentity, Patient, TimeSource
@@ -134,6 +134,8 @@ def _parse_dt(text: str, local_tz: dt.tzinfo, default_offset: str = "") -> dt.da
         hours, minutes = int(offset[1:3]), int(offset[3:5])
         if hours <= 14 and minutes < 60:
             tz = dt.timezone(sign * dt.timedelta(hours=hours, minutes=minutes))
+    if y not in POSSIBLE_YEARS:
+        return None
     try:
         return dt.datetime(y, mo, d, h, mi, s, micro, tzinfo=tz)
     except ValueError:
@@ -163,7 +165,7 @@ def _patient(ds) -> Patient | None:
         return None
     birth = None
     text = str(ds.get("PatientBirthDate", "") or "").strip()
-    if re.fullmatch(r"\d{8}", text):
+    if re.fullmatch(r"\d{8}", text) and int(text[:4]) in POSSIBLE_YEARS:
         try:
             birth = dt.date(int(text[:4]), int(text[4:6]), int(text[6:8]))
         except ValueError:

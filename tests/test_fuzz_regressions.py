@@ -1,0 +1,224 @@
+"""Inputs `bench/fuzz.py` found that broke a parser's contract, kept as named constants.
+
+Each constant is the smallest form of what the fuzzer found (written by hand, no third-party file
+copied); its test would have failed before the fix and says what the contract is.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from urllib.parse import parse_qs
+
+import pytest
+
+from devices.ecg.aecg import read_aecg
+from devices.errors import ProtocolError
+
+NOW = dt.datetime(2025, 3, 4, 9, 0, tzinfo=dt.timezone.utc)
+
+
+SERIES_TIME = '<low value="20240501093000"/><high value="20240501093001"/>'
+
+
+def aecg_document(time_sequence: str, series_time: str = SERIES_TIME) -> bytes:
+    """A one-lead HL7 aECG (our own minimal document) around the given time sequence."""
+    return (
+        '<AnnotatedECG xmlns="urn:hl7-org:v3" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">'
+        f'<component><series><code code="RHYTHM"/><effectiveTime>{series_time}</effectiveTime>'
+        "<component><sequenceSet>"
+        f"<component><sequence>{time_sequence}</sequence></component>"
+        '<component><sequence><code code="MDC_ECG_LEAD_II"/><value xsi:type="SLIST_PQ">'
+        '<origin value="0" unit="uV"/><scale value="5" unit="uV"/><digits>1 2 3 4 5 4 3 2 1 0</digits>'
+        "</value></sequence></component>"
+        "</sequenceSet></component></series></component></AnnotatedECG>"
+    ).encode()
+
+
+# An XML declaration naming an encoding Python does not know: LookupError escaped read_aecg.
+AECG_UNKNOWN_ENCODING = b'<?xml version="1.0" encoding="UTF-6"?>\n<AnnotatedECG xmlns="urn:hl7-org:v3"/>'
+# A TIME_RELATIVE head holding a date where seconds belong: 2e13 s overflowed the time stamp
+# (OverflowError escaped read_aecg).
+AECG_RELATIVE_HEAD_AS_DATE = aecg_document(
+    '<code code="TIME_RELATIVE"/><value xsi:type="GLIST_PQ">'
+    '<head value="20240501093000"/><increment value="0.1" unit="s"/></value>'
+)
+# An absolute head whose year lost a digit ("0202"): passed on as an ECG taken in 202 AD.
+AECG_GARBLED_YEAR = aecg_document(
+    '<code code="TIME_ABSOLUTE"/><value xsi:type="GLIST_TS">'
+    '<head value="02020501093000"/><increment value="0.1" unit="s"/></value>'
+)
+# A NaN increment with only an end time: the duration became NaN and ValueError escaped.
+AECG_NAN_INCREMENT = aecg_document(
+    '<code code="TIME_RELATIVE"/><value xsi:type="GLIST_PQ"><increment value="NaN" unit="s"/></value>',
+    '<high value="20240501093001"/>',
+)
+# A 1e300 s increment with only an end time: the start before it overflowed (OverflowError).
+AECG_HUGE_INCREMENT = aecg_document(
+    '<code code="TIME_RELATIVE"/><value xsi:type="GLIST_PQ"><increment value="1e300" unit="s"/></value>',
+    '<high value="20240501093001"/>',
+)
+# The same document with a sane relative head: still decodes (the fix refuses only the absurd).
+AECG_RELATIVE_HEAD_2S = aecg_document(
+    '<code code="TIME_RELATIVE"/><value xsi:type="GLIST_PQ">'
+    '<head value="2" unit="s"/><increment value="0.1" unit="s"/></value>'
+)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [AECG_UNKNOWN_ENCODING, AECG_RELATIVE_HEAD_AS_DATE, AECG_GARBLED_YEAR, AECG_NAN_INCREMENT, AECG_HUGE_INCREMENT],
+    ids=["unknown-encoding", "relative-head-as-date", "garbled-year", "nan-increment", "huge-increment"],
+)
+def test_aecg_refuses_with_the_typed_error(data: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        read_aecg(data, received_at=NOW)
+
+
+def test_aecg_relative_head_in_seconds_still_decodes() -> None:
+    rec = read_aecg(AECG_RELATIVE_HEAD_2S, received_at=NOW)
+    assert rec.sampling_rate_hz == 10.0 and rec.n_samples == 10
+    assert rec.acquired_at == dt.datetime(2024, 5, 1, 9, 30, 2, tzinfo=dt.timezone.utc)
+
+
+# -- console form inputs -------------------------------------------------------------------------
+
+# A form post whose patient ID ends in DEL and whose name holds a NUL: both were accepted (only
+# characters below 0x20 were refused) and would have gone into DICOM PatientID / PatientName.
+CONSOLE_FORM_WITH_CONTROLS = b"csrf=abc&patient_id=C-0042%7F&name=Zhang%00San&reason=fever%C2%9Bagain"
+# An unassigned code point (U+05F5) and a right-to-left override (U+202E) in an identifier.
+CONSOLE_ID_INVISIBLE = ["C-0042\u05f5", "C-\u202e0042"]
+
+
+def form(body: bytes) -> dict[str, str]:
+    return {k: v[0] for k, v in parse_qs(body.decode("utf-8", errors="replace"), keep_blank_values=True).items()}
+
+
+def test_console_refuses_control_characters_in_ids_names_and_reasons() -> None:
+    from lastmile.console.sources import ConsoleInputError, patient_identifier, short_text
+
+    fields = form(CONSOLE_FORM_WITH_CONTROLS)
+    with pytest.raises(ConsoleInputError):
+        patient_identifier(fields["patient_id"])
+    with pytest.raises(ConsoleInputError):
+        short_text(fields["name"])
+    with pytest.raises(ConsoleInputError):
+        short_text(fields["reason"])  # U+009B (CSI), a C1 control
+    for ident in CONSOLE_ID_INVISIBLE:
+        with pytest.raises(ConsoleInputError):
+            patient_identifier(ident)
+    # what people type still passes: a clinic number, a Chinese name, a reason with spaces
+    assert patient_identifier(" C-0042 ") == "C-0042"
+    assert short_text("张三") == "张三" and short_text("fever  and\tcough") == "fever and cough"
+
+
+# -- storage-commitment N-EVENT-REPORT (uploader/dicom_commitment.py) ------------------------------
+
+# Event Information (Implicit VR LE) the fuzzer made from a well-formed report; each raised past
+# the handler's except list (pynetdicom would log "Exception in handler" instead of our warning).
+COMMITMENT_TRUNCATED_ITEM = bytes.fromhex(  # OSError: the undefined-length item ends mid-tag
+    "0800951108000000312e322e332e340008009911fffffffffeff00e0ffffffff0800501104"
+)
+COMMITMENT_UNKNOWN_VR = bytes.fromhex(  # NotImplementedError: read as explicit VR "LL"
+    "080095114c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c01000000312e322e3832362e302e3030e0"
+)
+COMMITMENT_ODD_LENGTH_US = bytes.fromhex(  # BytesLengthException: FailureReason (US) of 1 byte
+    "080095111c000000312e322e3832362e302e312e333638303034332e382e3439382e3200080098114a000000"
+    "feff00e042000000080050111e000000312e322e3834302e31303030382e352e312e342e312e312e392e312e31"
+    "00080055110a000000312e322e332e342e36000800971102002e3500"
+)
+COMMITMENT_SHORT_HEADER = bytes.fromhex("ffffffffffffffff00")  # struct.error: no full tag header
+
+
+def commitment_event(event_type: int, information: bytes) -> object:
+    """An N-EVENT-REPORT as pynetdicom hands it to the handler (its own Event and primitive)."""
+    import io
+    from types import SimpleNamespace
+
+    from pydicom.uid import UID
+    from pynetdicom import evt
+    from pynetdicom.dimse_primitives import N_EVENT_REPORT
+    from pynetdicom.events import Event
+    from pynetdicom.presentation import PresentationContextTuple
+
+    request = N_EVENT_REPORT()
+    request.AffectedSOPClassUID = "1.2.840.10008.1.20.1"
+    request.AffectedSOPInstanceUID = "1.2.840.10008.1.20.1.1"
+    request.EventTypeID = event_type
+    request.EventInformation = io.BytesIO(information)
+    context = PresentationContextTuple(1, UID("1.2.840.10008.1.20.1"), UID("1.2.840.10008.1.2"))
+    assoc = SimpleNamespace(requestor=SimpleNamespace(ae_title="ORTHANC"))
+    return Event(assoc, evt.EVT_N_EVENT_REPORT, {"request": request, "context": context})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "event_type, information",
+    [
+        (1, COMMITMENT_TRUNCATED_ITEM),
+        (2, COMMITMENT_UNKNOWN_VR),
+        (2, COMMITMENT_ODD_LENGTH_US),
+        (1, COMMITMENT_SHORT_HEADER),
+    ],
+    ids=["truncated-item", "unknown-vr", "odd-length-us", "short-header"],
+)
+def test_commitment_handler_answers_processing_failure_for_unreadable_reports(
+    event_type: int, information: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    import warnings
+
+    from uploader.dicom_commitment import report_handler
+
+    reports: list[object] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert report_handler(reports.append)(commitment_event(event_type, information)) == (0x0110, None)
+    assert reports == [] and "unreadable storage commitment report" in caplog.text
+
+
+# -- dates no ECG can carry (SCP-ECG, DICOM) -------------------------------------------------------
+
+
+def test_scp_garbled_acquisition_year_falls_back_to_the_receipt_time() -> None:
+    """Section 1 tag 25 (date of acquisition) with year 202: was passed on as an ECG of 202 AD;
+    now the date is unreadable, so the receipt time stands in (and says so)."""
+    import struct
+
+    from devices.ecg.scp import read_scp
+    from devices.identity import TimeSource
+    from tests.conftest import shared_file
+    from tests.test_ecg_scp import build_record, sections_of
+
+    bodies = sections_of(shared_file("ecg", "scp", "ecgtoolkit_Example.scp").read_bytes())
+    header = bytearray(bodies[1])
+    pos, patched = 0, False
+    while pos + 3 <= len(header) and header[pos] != 255:
+        tag, length = header[pos], struct.unpack_from("<H", header, pos + 1)[0]
+        if tag == 25:
+            struct.pack_into("<H", header, pos + 3, 202)
+            patched = True
+        pos += 3 + length
+    assert patched
+    assert read_scp(build_record(bodies), received_at=NOW).acquired_at.year == 2002  # untouched: the file's
+    bodies[1] = bytes(header)
+    rec = read_scp(build_record(bodies), received_at=NOW)
+    assert (rec.acquired_at, rec.time_source) == (NOW, TimeSource.GATEWAY_RECEIPT)
+
+
+def test_dicom_garbled_years_are_not_passed_on() -> None:
+    import io
+    import warnings
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from devices.ecg.dicom_input import read_dicom_ecg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(get_testdata_file("waveform_ecg.dcm"))
+        ds.AcquisitionDateTime = "02020501093000"  # a digit lost: 202 AD
+        ds.PatientID, ds.PatientBirthDate = "P-1", "00010101"
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=False)
+    rec = read_dicom_ecg(buffer.getvalue(), received_at=NOW)
+    assert rec.acquired_at.year >= 1900  # the next date the object has (content/study), not 0202
+    assert rec.patient is not None and rec.patient.birth_date is None
