@@ -222,3 +222,55 @@ def test_dicom_garbled_years_are_not_passed_on() -> None:
     rec = read_dicom_ecg(buffer.getvalue(), received_at=NOW)
     assert rec.acquired_at.year >= 1900  # the next date the object has (content/study), not 0202
     assert rec.patient is not None and rec.patient.birth_date is None
+
+
+def contec_file(stamp: bytes, rows: int = 40) -> bytes:
+    """A small ECG90A file of our own: case number, time stamp, `rows` sample rows, a footer."""
+    import numpy as np
+
+    header = b"0000001\x00\x00\x00" + stamp.ljust(20, b"\x00") + bytes(13)
+    samples = (2048 + np.arange(rows * 8).reshape(rows, 8) % 50).astype("<u2")
+    return header + samples.tobytes() + bytes(37)
+
+
+# The cart's clock field reading 6307: was passed on as an ECG taken in the year 6307.
+CONTEC_GARBLED_YEAR = contec_file(b"6307-11-15 12:59:50")
+
+
+def test_contec_garbled_year_falls_back_to_the_receipt_time() -> None:
+    from devices.ecg.contec import read_contec
+    from devices.identity import TimeSource
+
+    assert read_contec(contec_file(b"2024-11-15 12:59:50"), received_at=NOW).acquired_at.year == 2024
+    rec = read_contec(CONTEC_GARBLED_YEAR, received_at=NOW)
+    assert (rec.acquired_at, rec.time_source) == (NOW, TimeSource.GATEWAY_RECEIPT)
+
+
+@pytest.mark.parametrize(
+    "acquired, born",
+    [(dt.datetime(1850, 5, 1, tzinfo=dt.timezone.utc), dt.date(1960, 1, 1)), (NOW, dt.date(1, 1, 1))],
+    ids=["acquired-1850", "born-year-1"],
+)
+def test_npz_refuses_dates_no_ecg_or_patient_can_have(acquired: dt.datetime, born: dt.date) -> None:
+    import numpy as np
+
+    from devices.ecg.npz import read_npz, write_npz
+    from devices.ecg.recording import EcgRecording
+    from devices.identity import Patient, TimeSource
+
+    def npz(acquired_at: dt.datetime, birth: dt.date) -> bytes:
+        return write_npz(
+            EcgRecording(
+                samples=np.ones((1, 10), dtype=np.int16),
+                lead_names=("II",),
+                sampling_rate_hz=500.0,
+                uv_per_unit=1.0,
+                acquired_at=acquired_at,
+                time_source=TimeSource.FILE,
+                patient=Patient("P-1", "", birth, "F"),
+            )
+        )
+
+    assert read_npz(npz(NOW, dt.date(1960, 1, 1))).acquired_at == NOW
+    with pytest.raises(ProtocolError):
+        read_npz(npz(acquired, born))

@@ -26,7 +26,7 @@ import re
 import numpy as np
 
 from devices.ecg.leads import derive_limb_leads
-from devices.ecg.recording import EcgRecording
+from devices.ecg.recording import POSSIBLE_YEARS, EcgRecording
 from devices.errors import InvalidRecordingError, ProtocolError
 from devices.identity import DeviceIdentity, TimeSource
 
@@ -83,7 +83,7 @@ def read_contec(data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc,
 
     stamp = _TIMESTAMP.match(_asciiz(data[10:30]))
     acquired_at, source = None, TimeSource.FILE
-    if stamp:
+    if stamp and int(stamp.group(1)) in POSSIBLE_YEARS:  # else a garbled clock: the receipt time stands in
         try:
             acquired_at = dt.datetime(*(int(g) for g in stamp.groups()), tzinfo=local_tz)
         except ValueError:
