@@ -37,15 +37,30 @@ from devices.ecg.recording import EcgRecording
 from tests import ecg_faults as faults
 
 BUDGET_MS = 150.0
-GOOD = {"ecgtoolkit-scp": "ecg/scp/ecgtoolkit_Example.scp", "ecgtoolkit-aecg": "ecg/aecg/fda_hl7_Example_aECG.xml",
-        "ecgtoolkit-dicom": "ecg/dicom/ecgtoolkit_Example.dcm",
-        "welch-allyn-scp": "ecg/scp/abtahi_ECG_20170504_163507_123456789.SCP",
-        "contec-50": "ecg/contec/0000050.ECG", "mortara-dicom": None}
+GOOD = {
+    "ecgtoolkit-scp": "ecg/scp/ecgtoolkit_Example.scp",
+    "ecgtoolkit-aecg": "ecg/aecg/fda_hl7_Example_aECG.xml",
+    "ecgtoolkit-dicom": "ecg/dicom/ecgtoolkit_Example.dcm",
+    "welch-allyn-scp": "ecg/scp/abtahi_ECG_20170504_163507_123456789.SCP",
+    "contec-50": "ecg/contec/0000050.ECG",
+    "mortara-dicom": None,
+}
 BASES = ["ecgtoolkit-scp", "welch-allyn-scp", "contec-50", "mortara-dicom"]  # distinct ECGs
-FAULT_KINDS = ["lead-off (chest, blanked)", "lead-off (chest, floating)", "lead-off (chest, to rail)",
-               "lead-off (limb, to rail)", "saturation", "baseline-wander", "mains-noise 50 Hz",
-               "mains-noise 60 Hz", "muscle-noise", "limb-lead-reversal RA/LA", "limb-lead-reversal RA/LL",
-               "limb-lead-reversal RA/RL", "limb-lead-reversal LA/RL"]
+FAULT_KINDS = [
+    "lead-off (chest, blanked)",
+    "lead-off (chest, floating)",
+    "lead-off (chest, to rail)",
+    "lead-off (limb, to rail)",
+    "saturation",
+    "baseline-wander",
+    "mains-noise 50 Hz",
+    "mains-noise 60 Hz",
+    "muscle-noise",
+    "limb-lead-reversal RA/LA",
+    "limb-lead-reversal RA/LL",
+    "limb-lead-reversal RA/RL",
+    "limb-lead-reversal LA/RL",
+]
 
 
 def load(shared: Path) -> dict[str, tuple[EcgRecording, bytes]]:
@@ -127,19 +142,29 @@ def run(shared: Path, seeds: int, runs: int) -> dict:
     clean = {}
     for name, (rec, _) in recordings.items():
         report = timed(rec, times)
-        clean[name] = {"verdict": report.verdict, "heart_rate_bpm": report.heart_rate_bpm,
-                       "problems": [p.kind for p in report.problems]}
+        clean[name] = {
+            "verdict": report.verdict,
+            "heart_rate_bpm": report.heart_rate_bpm,
+            "problems": [p.kind for p in report.problems],
+        }
     variants = []
     for name in BASES:
         rec = recordings[name][0]
         candidates = [(f"{rate:g} Hz", faults.resampled(rec, rate)) for rate in (200.0, 250.0, 360.0, 1000.0)]
-        candidates += [(f"everyday noise #{s}", faults.with_everyday_noise(rec, np.random.default_rng(s)))
-                       for s in range(3)]
+        candidates += [
+            (f"everyday noise #{s}", faults.with_everyday_noise(rec, np.random.default_rng(s))) for s in range(3)
+        ]
         candidates += [("low voltage x0.25", faults.scaled(rec, 0.25))]
         for label, variant in candidates:
             report = timed(variant, times)
-            variants.append({"base": name, "variant": label, "verdict": report.verdict,
-                             "problems": [p.kind for p in report.problems]})
+            variants.append(
+                {
+                    "base": name,
+                    "variant": label,
+                    "verdict": report.verdict,
+                    "problems": [p.kind for p in report.problems],
+                }
+            )
 
     per_kind: dict[str, collections.Counter] = {k: collections.Counter() for k in FAULT_KINDS}
     missed = []
@@ -154,16 +179,22 @@ def run(shared: Path, seeds: int, runs: int) -> dict:
                 bad, fault = made
                 report = timed(bad, times)
                 hits = [p for p in report.problems if p.kind == fault.kind]
-                found = (any(set(fault.expect_leads) <= set(p.leads) for p in hits)
-                         and not any(set(fault.forbid_leads) & set(p.leads) for p in hits))
+                found = any(set(fault.expect_leads) <= set(p.leads) for p in hits) and not any(
+                    set(fault.forbid_leads) & set(p.leads) for p in hits
+                )
                 c = per_kind[kind]
                 c["cases"] += 1
                 c["found"] += found
                 c["not_acceptable"] += report.verdict != ACCEPTABLE
                 c["other_kinds"] += any(p.kind != fault.kind for p in report.problems)
                 if not found:
-                    missed.append({"base": name, "fault": fault.description,
-                                   "reported": [(p.kind, list(p.leads)) for p in report.problems]})
+                    missed.append(
+                        {
+                            "base": name,
+                            "fault": fault.description,
+                            "reported": [(p.kind, list(p.leads)) for p in report.problems],
+                        }
+                    )
 
     # where detection starts: fault size swept below and into the modelled range
     sweeps = {}
@@ -178,8 +209,9 @@ def run(shared: Path, seeds: int, runs: int) -> dict:
                     bad, fault = make(rec, rng, size)
                     report = timed(bad, times)
                     total += 1
-                    hits += any(p.kind == fault.kind and set(fault.expect_leads) <= set(p.leads)
-                                for p in report.problems)
+                    hits += any(
+                        p.kind == fault.kind and set(fault.expect_leads) <= set(p.leads) for p in report.problems
+                    )
             found_by_size[size] = round(hits / total, 2)
         sweeps[label] = found_by_size
 
@@ -204,20 +236,29 @@ def run(shared: Path, seeds: int, runs: int) -> dict:
         "clean_variants_false_alarms": sum(v["verdict"] != ACCEPTABLE for v in variants),
         "clean_variants": len(variants),
         "variants_flagged": [v for v in variants if v["verdict"] != ACCEPTABLE],
-        "faults": {k: {"cases": c["cases"], "found": c["found"],
-                       "sensitivity": round(c["found"] / c["cases"], 3) if c["cases"] else None,
-                       "not_acceptable": c["not_acceptable"], "with_other_kinds": c["other_kinds"]}
-                   for k, c in per_kind.items()},
+        "faults": {
+            k: {
+                "cases": c["cases"],
+                "found": c["found"],
+                "sensitivity": round(c["found"] / c["cases"], 3) if c["cases"] else None,
+                "not_acceptable": c["not_acceptable"],
+                "with_other_kinds": c["other_kinds"],
+            }
+            for k, c in per_kind.items()
+        },
         "missed": missed,
         "detection_by_size": sweeps,
-        "time_ms": {"recordings": len(times), "median": round(statistics.median(times), 1),
-                    "p95": round(ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 1),
-                    "max": round(ordered[-1], 1),
-                    "per_10_s_of_signal_median": round(statistics.median(PER_10_S), 1),
-                    "per_10_s_of_signal_p95": round(sorted(PER_10_S)[int(0.95 * (len(PER_10_S) - 1))], 1),
-                    "ten_s_12_lead_500_hz_median": round(ten_s, 1),
-                    "ten_s_vs_budget": round(ten_s / BUDGET_MS, 3),
-                    "ten_s_vs_decoding_the_file": round(ten_s / statistics.median(decode), 2)},
+        "time_ms": {
+            "recordings": len(times),
+            "median": round(statistics.median(times), 1),
+            "p95": round(ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 1),
+            "max": round(ordered[-1], 1),
+            "per_10_s_of_signal_median": round(statistics.median(PER_10_S), 1),
+            "per_10_s_of_signal_p95": round(sorted(PER_10_S)[int(0.95 * (len(PER_10_S) - 1))], 1),
+            "ten_s_12_lead_500_hz_median": round(ten_s, 1),
+            "ten_s_vs_budget": round(ten_s / BUDGET_MS, 3),
+            "ten_s_vs_decoding_the_file": round(ten_s / statistics.median(decode), 2),
+        },
     }
 
 
@@ -238,25 +279,33 @@ def main() -> None:
     for name, v in result["clean_real"].items():
         rate = "-" if v["heart_rate_bpm"] is None else f"{v['heart_rate_bpm']:.1f} bpm"
         print(f"  {name:18s} {v['verdict']:11s} {rate}")
-    print(f"  false alarms: {result['clean_real_false_alarms']}/{len(result['clean_real'])} real, "
-          f"{result['clean_variants_false_alarms']}/{result['clean_variants']} harmless variants")
+    print(
+        f"  false alarms: {result['clean_real_false_alarms']}/{len(result['clean_real'])} real, "
+        f"{result['clean_variants_false_alarms']}/{result['clean_variants']} harmless variants"
+    )
     print(f"\nModelled faults ({args.seeds} draws per base ECG and kind; swaps: 1):")
     print(f"  {'fault':28s} {'cases':>5s} {'found':>5s} {'sens.':>6s} {'not acc.':>8s} {'+other':>6s}")
     for kind, f in result["faults"].items():
         sens = "-" if f["sensitivity"] is None else f"{f['sensitivity']:.0%}"
-        print(f"  {kind:28s} {f['cases']:5d} {f['found']:5d} {sens:>6s} {f['not_acceptable']:8d} "
-              f"{f['with_other_kinds']:6d}")
+        print(
+            f"  {kind:28s} {f['cases']:5d} {f['found']:5d} {sens:>6s} {f['not_acceptable']:8d} "
+            f"{f['with_other_kinds']:6d}"
+        )
     for m in result["missed"]:
         print(f"  missed: {m['base']}: {m['fault']} -> {m['reported'] or 'nothing'}")
     print("\nDetection by fault size (one electrode, 4 ECGs x 3 draws):")
     for label, by_size in result["detection_by_size"].items():
         print(f"  {label:26s} " + "  ".join(f"{size:g}: {share:.0%}" for size, share in by_size.items()))
     t = result["time_ms"]
-    print(f"\nAnalysis time per recording ({t['recordings']} recordings): median {t['median']} ms, "
-          f"p95 {t['p95']} ms, max {t['max']} ms; per 10 s of signal: median {t['per_10_s_of_signal_median']} ms, "
-          f"p95 {t['per_10_s_of_signal_p95']} ms")
-    print(f"10 s 12-lead 500 Hz: {t['ten_s_12_lead_500_hz_median']} ms = {t['ten_s_vs_budget']:.2f} x the "
-          f"{BUDGET_MS:g} ms budget, {t['ten_s_vs_decoding_the_file']:.2f} x decoding the file")
+    print(
+        f"\nAnalysis time per recording ({t['recordings']} recordings): median {t['median']} ms, "
+        f"p95 {t['p95']} ms, max {t['max']} ms; per 10 s of signal: median {t['per_10_s_of_signal_median']} ms, "
+        f"p95 {t['per_10_s_of_signal_p95']} ms"
+    )
+    print(
+        f"10 s 12-lead 500 Hz: {t['ten_s_12_lead_500_hz_median']} ms = {t['ten_s_vs_budget']:.2f} x the "
+        f"{BUDGET_MS:g} ms budget, {t['ten_s_vs_decoding_the_file']:.2f} x decoding the file"
+    )
 
 
 if __name__ == "__main__":

@@ -637,7 +637,9 @@ STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
 
 
 def _fake_assoc(calling: str = "CART01") -> SimpleNamespace:
-    return SimpleNamespace(requestor=SimpleNamespace(ae_title=calling), acceptor=SimpleNamespace(ae_title="LASTMILE"))
+    return SimpleNamespace(
+        requestor=SimpleNamespace(ae_title=calling, address="127.0.0.1"), acceptor=SimpleNamespace(ae_title="LASTMILE")
+    )
 
 
 def _run_commitment(data: bytes) -> None:
@@ -650,7 +652,7 @@ def _run_commitment(data: bytes) -> None:
     from pynetdicom.events import Event
     from pynetdicom.presentation import PresentationContextTuple
 
-    from uploader.dicom_commitment import report_handler
+    from uploader.dicom_commitment import ReportSenders, report_handler
 
     if not data:
         return
@@ -662,7 +664,9 @@ def _run_commitment(data: bytes) -> None:
     context = PresentationContextTuple(1, UID(STORAGE_COMMITMENT_PUSH), UID(TRANSFER_SYNTAXES[0]))
     event = Event(_fake_assoc("ORTHANC"), evt.EVT_N_EVENT_REPORT, {"request": request, "context": context})  # type: ignore[arg-type]
     reports: list[object] = []
-    status, reply = report_handler(reports.append)(event)
+    # the listener's handler, trust checks included (the sender is the reading center)
+    senders = ReportSenders(ae_titles=("ORTHANC",), networks=("127.0.0.0/8",))
+    status, reply = report_handler(reports.append, senders)(event)
     if status not in (0x0000, 0x0110) or reply is not None:
         raise Implausible(f"handler answered {status:#06x}")
     for report in reports:
@@ -713,7 +717,8 @@ def _run_lan_receiver(data: bytes) -> None:
     if not data:
         return
     kept: list[ReceivedObject] = []
-    receiver = DicomReceiver(ReceiverSettings(allowed_callers=("CART01",)), kept.append)
+    # a small cap, so that a deflated input inflating past it (a bomb) is reachable
+    receiver = DicomReceiver(ReceiverSettings(allowed_callers=("CART01",), max_object_bytes=1 << 20), kept.append)
     request = C_STORE()
     request.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.9.1.1"
     request.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.7"
@@ -721,9 +726,13 @@ def _run_lan_receiver(data: bytes) -> None:
     syntax = TRANSFER_SYNTAXES[data[0] % len(TRANSFER_SYNTAXES)]
     context = PresentationContextTuple(1, UID(request.AffectedSOPClassUID), UID(syntax))
     event = Event(_fake_assoc(), evt.EVT_C_STORE, {"request": request, "context": context})  # type: ignore[arg-type]
-    status = receiver.handle_store(event)
-    if status not in (0x0000, 0xC000) or (status == 0x0000) != bool(kept):
+    answer = receiver.handle_store(event)
+    # a status, or a refusal data set (0xA700 with a comment: a deflated object inflating past the cap)
+    status = answer if isinstance(answer, int) else int(getattr(answer, "Status", -1))
+    if status not in (0x0000, 0xA700, 0xC000) or (status == 0x0000) != bool(kept):
         raise Implausible(f"receiver answered {status:#06x} with {len(kept)} objects kept")
+    if status == 0xA700 and (isinstance(answer, int) or "inflates" not in str(answer.ErrorComment)):
+        raise Implausible(f"receiver answered 0xA700 without saying the object inflates too far: {answer}")
     for obj in kept:
         if not obj.data.startswith(b"\x00" * 128 + b"DICM"):
             raise Implausible("kept object is not a Part-10 file")

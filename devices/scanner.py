@@ -62,8 +62,11 @@ class ScanRules:
 
     @classmethod
     def from_patterns(cls, patient_pattern: str, doctor_pattern: str, patient_id_kind: str = "") -> ScanRules:
-        return cls(_compile(patient_pattern, "serial.patient_card_pattern"),
-                   _compile(doctor_pattern, "serial.doctor_badge_pattern"), patient_id_kind)
+        return cls(
+            _compile(patient_pattern, "serial.patient_card_pattern"),
+            _compile(doctor_pattern, "serial.doctor_badge_pattern"),
+            patient_id_kind,
+        )
 
     def _patient(self, ident: str, length: int) -> ScanEvent:
         if self.patient_id_kind != RESIDENT_ID_KIND:

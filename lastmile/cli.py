@@ -30,6 +30,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "lastmile.commands.visit",  # visit start / note / stop / list / verify
     "lastmile.commands.service",  # acquire service, doctor
     "lastmile.commands.console",  # console service, user accounts
+    "lastmile.commands.report",  # report list / show / print / ack / poll
 )
 
 

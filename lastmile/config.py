@@ -53,7 +53,8 @@ class ReadingCenterSection:
     called_ae: str = "READING_CENTER"  # the PACS's AE title
     calling_ae: str = "LASTMILE"  # this gateway's AE title
     listen_port: int = 11113  # where the PACS sends storage-commitment reports
-    listen_host: str = "0.0.0.0"  # address for those reports (the PACS connects to us)
+    listen_host: str = ""  # address for those reports; "": ours toward the reading center (loopback if it is)
+    report_networks: list[str] = field(default_factory=list)  # CIDR networks besides `host` that may send reports
     associations: int = 2  # parallel associations while sending
     batch_size: int = 50  # C-STOREs per association before it is released
     deflate: bool = True  # propose Deflated Explicit VR Little Endian first
@@ -71,6 +72,7 @@ class OutboxSection:
     backoff_base_s: float = 5.0  # first retry delay after a transient failure
     backoff_max_s: float = 900.0  # cap of the exponential backoff
     config_fault_retry_s: float = 300.0  # retry interval while the peer refuses our configuration
+    max_interrupted_sends: int = 5  # sends cut short by a crash (OOM, kill) before the item is quarantined
 
 
 @dataclass
@@ -101,6 +103,7 @@ class LanReceiverSection:
     ae_title: str = "LASTMILE"  # this gateway's AE title for the carts
     allowed_callers: list[str] = field(default_factory=list)  # calling AE titles allowed to store
     sop_classes: list[str] = field(default_factory=list)  # storage SOP class UIDs; empty = ECG classes
+    max_object_mb: int = 16  # larger objects (as sent, or once inflated) are refused (0xA700)
 
 
 @dataclass
@@ -171,6 +174,33 @@ class ConsoleSection:
 
 
 @dataclass
+class ReportsSection:
+    source: str = "dicom"  # where reports come back from: "dicom" (the PACS), "fhir" (county platform), "both", "off"
+    window_days: float = 14.0  # look for reports on studies sent in the last this many days
+    stat_poll_s: float = 30.0  # STAT studies: ask this often during their first stat_hurry_h hours
+    stat_hurry_h: float = 1.0  # how long a STAT study is polled at stat_poll_s
+    amendment_poll_h: float = 12.0  # after a final report, look for amended ones this often (0: stop)
+    batch_size: int = 50  # studies per C-FIND / FHIR search
+    move_ae: str = ""  # C-MOVE destination (our AE) for a PACS that refuses C-GET; empty: no C-MOVE
+    move_port: int = 11114  # where that storage SCP listens while a C-MOVE runs (the PACS's entry for move_ae)
+    move_host: str = "0.0.0.0"  # address of that listener
+    # default codes: STEMI, ventricular fibrillation, ventricular tachycardia, complete AV block
+    critical_codes: list[str] = field(  # SCHEME:CODE of coded findings that make a report critical (危急值)
+        default_factory=lambda: ["SCT:401303003", "SCT:71908006", "SCT:25569003", "SCT:27885002"]
+    )
+    critical_keywords: list[str] = field(default_factory=lambda: ["危急值", "critical result"])  # in report text
+    critical_command: list[str] = field(default_factory=list)  # run (argv) on each new critical report: sound, LED
+    retention_days: float = 30.0  # keep reports this long after the ECG was sent (unacknowledged critical stay)
+    backoff_base_s: float = 30.0  # first retry delay after the reading center could not be asked
+    backoff_max_s: float = 600.0  # cap of that backoff
+
+
+@dataclass
+class MetricsSection:
+    listen: str = "127.0.0.1:9560"  # HOST:PORT of the Prometheus endpoint (lastmile-metrics.service): the county's VPN/LAN address lets it scrape; no patient data
+
+
+@dataclass
 class Config:
     gateway: GatewaySection = field(default_factory=GatewaySection)
     reading_center: ReadingCenterSection = field(default_factory=ReadingCenterSection)
@@ -185,6 +215,9 @@ class Config:
     visits: VisitsSection = field(default_factory=VisitsSection)
     fhir: FhirSection = field(default_factory=FhirSection)
     console: ConsoleSection = field(default_factory=ConsoleSection)
+
+    reports: ReportsSection = field(default_factory=ReportsSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     source: str = "<defaults>"  # where it was read from
 
     @property
@@ -203,6 +236,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("visits", "setting"): ("home", "clinic"),
     ("patient", "id_kind"): ("", "cn-resident-id", "clinic-mrn"),
     ("console", "language"): ("zh-CN", "en"),
+    ("reports", "source"): ("dicom", "fhir", "both", "off"),
 }
 
 
@@ -390,6 +424,15 @@ INSTITUTION_BYTES = 64  # DICOM LO
 GATEWAY_ID_BYTES = 64  # LO too: the full id goes in the DICOM Contributing Equipment's serial
 
 
+def host_port(text: str) -> tuple[str, int] | None:
+    """ "HOST:PORT" (IPv6 in brackets, "[::1]:9560") as host and port 1-65535; None if malformed."""
+    host, sep, port = text.strip().rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535 or any(c.isspace() for c in host):
+        return None
+    return host, int(port)
+
+
 def ae_title_problem(value: str) -> str | None:
     """Why `value` is not a DICOM AE title (PS3.5 6.2: ≤ 16 characters of the default
     repertoire, no backslash or control characters, not only spaces), or None."""
@@ -573,6 +616,12 @@ def check_meaning(config: Config, problems: _Problems) -> None:
 
     if config.gps.source == "nmea" and not config.gps.nmea_port:
         problems.add("gps.source", 'is "nmea" but gps.nmea_port is empty: name the receiver\'s serial port')
+
+    if host_port(config.metrics.listen) is None:
+        problems.add(
+            "metrics.listen",
+            'must be "HOST:PORT" with a port from 1 to 65535, e.g. "127.0.0.1:9560" or the VPN address "10.8.0.12:9560"',
+        )
 
     o = config.outbox
     if o.backoff_max_s < o.backoff_base_s:

@@ -3,8 +3,9 @@
 Each check gives one line, OK / WARN / FAIL (or SKIP), with a hint for anything not OK:
 configuration, data partition (free space, wear-relevant mount options), read-only root,
 journal size, clock and its source, the services, reading center C-ECHO, the storage-commitment
-listener, the FHIR endpoint and its token, devices seen, queue health. `--offline` skips what
-needs the network. The exit code is 1 when anything FAILs.
+listener, the FHIR endpoint and its token, devices seen, queue health, the console, the metrics
+endpoint the county scrapes, reports coming back (a critical report not yet acknowledged is a
+FAIL). `--offline` skips what needs the network. The exit code is 1 when anything FAILs.
 
 Run as root, the checks that touch the data directory or the token run with the effective
 user of the data directory's owner (the service user), so they see what the services see and
@@ -40,8 +41,10 @@ JOURNALD_DROPINS = (
 )
 RECOMMENDED_COMMIT_S = 30  # ext4 default is 5 s: every 5 s a journal commit wears the SD card
 NETWORK_TIMEOUT_S = 10.0
+METRICS_TIMEOUT_S = 5.0
 WAITING_WARN_S = 24 * 3600.0  # an item waiting longer than a day: the link has been down a while
 WAITING_FAIL_S = 7 * 24 * 3600.0
+REPORTS_FAILING_WARN_S = 3600.0  # no report query has worked for an hour
 _WEAR_OPTIONS = {"ro", "rw", "noatime", "relatime", "strictatime", "lazytime", "nodiratime", "sync"}
 
 
@@ -99,6 +102,8 @@ class Doctor:
             ("devices", self.check_devices, False),
             ("queue", self.check_queue, False),
             ("console", self.check_console, False),
+            ("reports", self.check_reports, False),
+            ("metrics", self.check_metrics, False),
         ]
 
     def run_all(self) -> list[Finding]:
@@ -375,8 +380,15 @@ class Doctor:
                 )
             ]
         port = rc.listen_port
-        bind_host = getattr(rc, "listen_host", "0.0.0.0")
-        probe = "127.0.0.1" if bind_host in ("", "0.0.0.0") else bind_host
+        bind_host = rc.listen_host
+        if not bind_host:  # the forwarder listens on its address toward the reading center
+            from uploader.reachability import address_toward
+
+            try:
+                bind_host = address_toward(rc.host, rc.port)
+            except OSError:
+                bind_host = "127.0.0.1"
+        probe = "127.0.0.1" if bind_host in ("0.0.0.0", "::") else bind_host
         with socket.socket() as s:
             s.settimeout(1.0)
             if s.connect_ex((probe, port)) == 0:
@@ -614,6 +626,100 @@ class Doctor:
                 )
             ]
         return [Finding("console", Level.OK, f"https on port {listen.port}, certificate SHA-256 {cert.fingerprint}")]
+
+    def check_reports(self) -> list[Finding]:
+        """Critical reports the doctor has not acknowledged (FAIL), and whether reports come back."""
+        from lastmile.clinic.db import DB_NAME
+
+        data = self.config.data_dir
+        if self.config.reports.source == "off":
+            return [Finding("reports", Level.SKIP, "not polled (reports.source = off)")]
+        if not (data / DB_NAME).exists():
+            return [Finding("reports", Level.OK, "no ECG sent yet")]
+        from lastmile.reports.store import POLLER_STATUS as STATUS_NAME
+        from lastmile.reports.store import ReportStore
+
+        now = dt.datetime.fromtimestamp(self.now(), dt.timezone.utc)
+        with as_owner_of(data):
+            store = ReportStore.open(data)
+            try:
+                critical = store.unacknowledged_critical()
+                studies = store.studies(since=now - dt.timedelta(days=self.config.reports.window_days))
+                reports = store.reports(current_only=True)
+                status = store.status(STATUS_NAME) or {}
+                patients = {s.study_uid: s for s in store.studies()}
+            finally:
+                store.close()
+        out = []
+        for r in critical:
+            study = patients.get(r.study_uid)
+            who = (study.patient_id if study else "") or "(unassigned)"
+            ecg = study.ecg_time[:16].replace("T", " ") if study and study.ecg_time else "?"
+            out.append(
+                Finding(
+                    "reports",
+                    Level.FAIL,
+                    f"CRITICAL report {r.id} (危急值) for patient {who}, ECG {ecg}: {r.critical[0]}",
+                    f"read it now (`lastmile report show {r.id}`), act on it, then `lastmile report ack {r.id}`",
+                )
+            )
+        with_report = {r.study_uid for r in reports}
+        waiting = sum(s.study_uid not in with_report for s in studies)
+        text = f"{len(studies)} ECG(s) sent in {self.config.reports.window_days:g} days: {waiting} waiting for a report"
+        if status.get("last_success_at"):
+            text += f"; reading center last asked {_age(max(0.0, self.now() - status['last_success_at']))} ago"
+        failing_since = status.get("failing_since")
+        if status.get("fault"):
+            out.append(
+                Finding(
+                    "reports",
+                    Level.FAIL,
+                    f"{text}; the reading center refuses report queries: {status['fault']}",
+                    "fix the reading_center / reports settings, then `systemctl reload lastmile-forward`",
+                )
+            )
+        elif failing_since and self.now() - failing_since > REPORTS_FAILING_WARN_S:
+            out.append(
+                Finding(
+                    "reports",
+                    Level.WARN,
+                    f"{text}; cannot ask for reports for {_age(self.now() - failing_since)}: {status.get('error')}",
+                    "is the link down? `lastmile echo` tests the reading center",
+                )
+            )
+        else:
+            out.append(Finding("reports", Level.OK, text))
+        return out
+
+    def check_metrics(self) -> list[Finding]:
+        """Where the county's Prometheus scrapes this gateway, and whether it answers."""
+        import urllib.error
+        import urllib.request
+
+        from lastmile.services.metrics import parse_listen
+
+        listen = parse_listen(self.config)
+        url = listen.url()
+        try:
+            with urllib.request.urlopen(url, timeout=METRICS_TIMEOUT_S) as response:
+                body = response.read()
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            return [
+                Finding(
+                    "metrics",
+                    Level.WARN,
+                    f"nothing answers on {url} ({reason}): the county cannot watch this gateway",
+                    "systemctl enable --now lastmile-metrics; journalctl -u lastmile-metrics says why it stopped",
+                )
+            ]
+        series = sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
+        where = (
+            "loopback only: set [metrics] listen to the VPN address for the county"
+            if listen.loopback
+            else "for the county"
+        )
+        return [Finding("metrics", Level.OK, f"{url} answers ({series} series, {len(body)} bytes), {where}")]
 
 
 # -- helpers ---------------------------------------------------------------------------------------

@@ -10,16 +10,17 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# ../shared beside the checkout; LASTMILE_SHARED_DIR points a worktree elsewhere at it
-SHARED = Path(os.environ.get("LASTMILE_SHARED_DIR") or REPO.parent / "shared")
+# ../shared beside the checkout; LASTMILE_SHARED points elsewhere (a git worktree has no ../shared)
+SHARED = Path(os.environ.get("LASTMILE_SHARED") or os.environ.get("LASTMILE_SHARED_DIR") or REPO.parent / "shared")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
-def missing(reason: str) -> None:
-    """Skip locally, fail in CI: CI must run everything."""
+def missing(reason: str, *, module: bool = False) -> None:
+    """Skip locally, fail in CI: CI must run everything. The only skip in the suite
+    (tests/test_suite_hygiene.py checks): `module=True` skips a whole test module."""
     if IN_CI:
-        pytest.fail(f"required under CI: {reason}")
-    pytest.skip(reason)
+        pytest.fail(f"required under CI: {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=module)
 
 
 def shared_file(*parts: str) -> Path:
@@ -37,6 +38,14 @@ def require_tool(name: str) -> str:
     return found
 
 
+def require_module(name: str, reason: str) -> None:
+    """Skip locally (fail in CI) when an optional extra such as bumble is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec(name) is None:
+        missing(f"{name} is not installed: {reason}")
+
+
 def in_private_netns() -> bool:
     """True when the only network interface is loopback (scripts/test.sh runs pytest under unshare -n)."""
     import socket
@@ -50,8 +59,9 @@ def in_private_netns() -> bool:
 
 def require_private_netns() -> None:
     if not in_private_netns():
-        missing("Orthanc listens on every interface: run the tests through scripts/test.sh "
-                "(a private network namespace)")
+        missing(
+            "Orthanc listens on every interface: run the tests through scripts/test.sh (a private network namespace)"
+        )
 
 
 @pytest.fixture(scope="session")

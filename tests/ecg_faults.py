@@ -39,7 +39,9 @@ from devices.ecg.recording import EcgRecording
 
 LIMB_ELECTRODES = ("RA", "LA", "LL")
 ELECTRODE_LEADS = {  # the leads that carry an electrode's full potential
-    "RA": ("I", "II", "aVR"), "LA": ("I", "III", "aVL"), "LL": ("II", "III", "aVF"),
+    "RA": ("I", "II", "aVR"),
+    "LA": ("I", "III", "aVL"),
+    "LL": ("II", "III", "aVF"),
 }
 UNAFFECTED = {"RA": "III", "LA": "II", "LL": "I"}  # the limb lead that does not see the electrode
 
@@ -77,8 +79,14 @@ def leads_from(rec: EcgRecording, electrodes: dict[str, np.ndarray]) -> EcgRecor
     """Form the recording's leads from electrode potentials as its cart would (see module doc)."""
     ra, la, ll = electrodes["RA"], electrodes["LA"], electrodes["LL"]
     wct = (ra + la + ll) / 3
-    formed = {"I": la - ra, "II": ll - ra, "III": ll - la, "aVR": ra - (la + ll) / 2,
-              "aVL": la - (ra + ll) / 2, "aVF": ll - (ra + la) / 2}
+    formed = {
+        "I": la - ra,
+        "II": ll - ra,
+        "III": ll - la,
+        "aVR": ra - (la + ll) / 2,
+        "aVL": la - (ra + ll) / 2,
+        "aVF": ll - (ra + la) / 2,
+    }
     for name in rec.lead_names:
         if name not in formed:
             formed[name] = electrodes[name] - wct
@@ -92,8 +100,7 @@ def leads_from(rec: EcgRecording, electrodes: dict[str, np.ndarray]) -> EcgRecor
     samples = np.stack(rows)
     if rec.derived_leads:
         rounding = "contec" if rec.source_format == "contec" else "toward-zero"
-        samples, names, _ = derive_limb_leads(samples.astype(rec.samples.dtype), tuple(recorded),
-                                              rounding=rounding)
+        samples, names, _ = derive_limb_leads(samples.astype(rec.samples.dtype), tuple(recorded), rounding=rounding)
         order = [names.index(n) for n in rec.lead_names]
         samples = samples[order]
     return dataclasses.replace(rec, samples=samples.astype(rec.samples.dtype))
@@ -105,8 +112,11 @@ def _t(rec: EcgRecording) -> np.ndarray:
 
 def _rail_uv(rec: EcgRecording) -> float:
     """The smallest positive rail (µV) among the recorded leads."""
-    rails = [lim[1] for name, lim in zip(rec.lead_names, converter_limits(rec))
-             if lim is not None and name not in rec.derived_leads]
+    rails = [
+        lim[1]
+        for name, lim in zip(rec.lead_names, converter_limits(rec))
+        if lim is not None and name not in rec.derived_leads
+    ]
     return (min(rails) if rails else 32767) * rec.uv_per_unit
 
 
@@ -123,8 +133,7 @@ def chest_electrodes(rec: EcgRecording) -> list[str]:
     return [n for n in rec.lead_names if n.startswith("V")]
 
 
-def electrode_off(rec: EcgRecording, rng: np.random.Generator, electrode: str,
-                  mode: str) -> tuple[EcgRecording, Fault]:
+def electrode_off(rec: EcgRecording, rng: np.random.Generator, electrode: str, mode: str) -> tuple[EcgRecording, Fault]:
     """mode: "blank" (chest only: the cart writes 0), "float" (chest only: the loose input
     picks up 0.2-2 mV of 50 Hz hum and no ECG) or "rail" (the input drifts to a rail)."""
     t = _t(rec)
@@ -144,8 +153,9 @@ def electrode_off(rec: EcgRecording, rng: np.random.Generator, electrode: str,
         wct = (e["RA"] + e["LA"] + e["LL"]) / 3
         hum = float(rng.uniform(200.0, 2000.0)) * np.sin(2 * np.pi * 50.0 * t + rng.uniform(0, 2 * np.pi))
         e[electrode] = np.where(t >= onset, wct + hum, e[electrode])
-        return leads_from(rec, e), Fault("lead-off", electrode, f"{electrode} off (floating) from {onset:.1f} s",
-                                         (electrode,))
+        return leads_from(rec, e), Fault(
+            "lead-off", electrode, f"{electrode} off (floating) from {onset:.1f} s", (electrode,)
+        )
     e = electrodes_of(rec)
     sign = float(rng.choice([-1.0, 1.0]))
     drift = sign * 4.0 * _rail_uv(rec) * (1 - np.exp(-np.maximum(t - onset, 0) / 0.05))
@@ -154,8 +164,9 @@ def electrode_off(rec: EcgRecording, rng: np.random.Generator, electrode: str,
         expect, forbid = _limb_expectation(electrode, rec)
     else:
         expect, forbid = (electrode,), ()
-    return leads_from(rec, e), Fault("lead-off", electrode, f"{electrode} off (to rail) from {onset:.1f} s",
-                                     expect, forbid)
+    return leads_from(rec, e), Fault(
+        "lead-off", electrode, f"{electrode} off (to rail) from {onset:.1f} s", expect, forbid
+    )
 
 
 def saturation(rec: EcgRecording, rng: np.random.Generator, electrode: str) -> tuple[EcgRecording, Fault]:
@@ -169,8 +180,9 @@ def saturation(rec: EcgRecording, rng: np.random.Generator, electrode: str) -> t
     # a limb electrode feeds the central terminal too: 1.5x keeps its own leads past the rail
     e[electrode] = e[electrode] + height * ramp * (1.5 if electrode in LIMB_ELECTRODES else 1.0)
     expect, forbid = _limb_expectation(electrode, rec) if electrode in LIMB_ELECTRODES else ((electrode,), ())
-    return leads_from(rec, e), Fault("saturation", electrode,
-                                     f"{electrode} at the rail {start:.1f}-{start + length:.1f} s", expect, forbid)
+    return leads_from(rec, e), Fault(
+        "saturation", electrode, f"{electrode} at the rail {start:.1f}-{start + length:.1f} s", expect, forbid
+    )
 
 
 def wander(rec: EcgRecording, rng: np.random.Generator, electrode: str) -> tuple[EcgRecording, Fault]:
@@ -179,13 +191,18 @@ def wander(rec: EcgRecording, rng: np.random.Generator, electrode: str) -> tuple
     e = electrodes_of(rec)
     e[electrode] = e[electrode] + amplitude * np.sin(2 * np.pi * freq * _t(rec) + rng.uniform(0, 2 * np.pi))
     expect, forbid = _limb_expectation(electrode, rec) if electrode in LIMB_ELECTRODES else ((electrode,), ())
-    return leads_from(rec, e), Fault("baseline-wander", electrode,
-                                     f"{freq:.2f} Hz wander of {amplitude / 1000:.1f} mV at {electrode}",
-                                     expect, forbid)
+    return leads_from(rec, e), Fault(
+        "baseline-wander",
+        electrode,
+        f"{freq:.2f} Hz wander of {amplitude / 1000:.1f} mV at {electrode}",
+        expect,
+        forbid,
+    )
 
 
-def mains(rec: EcgRecording, rng: np.random.Generator, electrode: str, grid_hz: float = 50.0,
-          amplitude: float | None = None) -> tuple[EcgRecording, Fault]:
+def mains(
+    rec: EcgRecording, rng: np.random.Generator, electrode: str, grid_hz: float = 50.0, amplitude: float | None = None
+) -> tuple[EcgRecording, Fault]:
     freq = grid_hz + float(rng.uniform(-0.2, 0.2))
     amplitude = float(rng.uniform(50.0, 500.0)) if amplitude is None else amplitude
     phase = rng.uniform(0, 2 * np.pi)
@@ -194,8 +211,9 @@ def mains(rec: EcgRecording, rng: np.random.Generator, electrode: str, grid_hz: 
     e = electrodes_of(rec)
     e[electrode] = e[electrode] + hum
     expect, forbid = _limb_expectation(electrode, rec) if electrode in LIMB_ELECTRODES else ((electrode,), ())
-    return leads_from(rec, e), Fault("mains-noise", electrode,
-                                     f"{freq:.1f} Hz at {amplitude:.0f} µV on {electrode}", expect, forbid)
+    return leads_from(rec, e), Fault(
+        "mains-noise", electrode, f"{freq:.1f} Hz at {amplitude:.0f} µV on {electrode}", expect, forbid
+    )
 
 
 def band_noise(n: int, rate: float, band: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
@@ -204,7 +222,7 @@ def band_noise(n: int, rate: float, band: tuple[float, float], rng: np.random.Ge
     freqs = np.fft.rfftfreq(n, 1.0 / rate)
     spectrum[(freqs < band[0]) | (freqs > band[1])] = 0
     noise = np.fft.irfft(spectrum, n=n)
-    return noise / (np.sqrt(np.mean(noise ** 2)) or 1.0)
+    return noise / (np.sqrt(np.mean(noise**2)) or 1.0)
 
 
 def muscle(rec: EcgRecording, rng: np.random.Generator, electrode: str) -> tuple[EcgRecording, Fault]:
@@ -215,8 +233,7 @@ def muscle(rec: EcgRecording, rng: np.random.Generator, electrode: str) -> tuple
     e = electrodes_of(rec)
     e[electrode] = e[electrode] + noise
     expect, forbid = _limb_expectation(electrode, rec) if electrode in LIMB_ELECTRODES else ((electrode,), ())
-    return leads_from(rec, e), Fault("muscle-noise", electrode, f"EMG {rms:.0f} µV RMS at {electrode}",
-                                     expect, forbid)
+    return leads_from(rec, e), Fault("muscle-noise", electrode, f"EMG {rms:.0f} µV RMS at {electrode}", expect, forbid)
 
 
 def swap(rec: EcgRecording, pair: str) -> tuple[EcgRecording, Fault]:

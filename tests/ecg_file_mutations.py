@@ -35,7 +35,7 @@ def apply(data: bytes, ops: list[tuple], lo: int = 0, hi: int | None = None) -> 
         elif kind == "insert":
             buf[pos:pos] = arg
         elif kind == "delete":
-            del buf[pos:pos + arg]
+            del buf[pos : pos + arg]
     return bytes(buf)
 
 

@@ -14,6 +14,9 @@
 
 from __future__ import annotations
 
+import collections
+import threading
+
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
@@ -43,3 +46,16 @@ def validate_transaction(bundle: dict) -> None:
 class FhirTestServer(FhirReceiver):
     def __init__(self, **kwargs: object) -> None:
         super().__init__(validator=validate_transaction, **kwargs)  # type: ignore[arg-type]
+        # Encounter identifier -> how many transactions carrying it the server applied: a re-send
+        # that conditional create absorbed is invisible in the stored resources, not here.
+        self.applied: collections.Counter[str] = collections.Counter()
+        self._applied_lock = threading.Lock()
+
+    def apply_transaction(self, bundle: dict) -> dict:
+        result = super().apply_transaction(bundle)
+        with self._applied_lock:
+            for entry in bundle["entry"]:
+                resource = entry["resource"]
+                if resource["resourceType"] == "Encounter":
+                    self.applied.update(i["value"] for i in resource.get("identifier", []))
+        return result

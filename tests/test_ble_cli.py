@@ -54,8 +54,12 @@ def test_pair_devices_unpair(capsys: pytest.CaptureFixture[str], tmp_path: Path)
     assert run(capsys, "ble", "pair", "not-an-address", "--data-dir", d)[0] == 2
     _code, out, _ = run(capsys, "devices", "--json", "--data-dir", d)
     (dev,) = json.loads(out)
-    assert (dev["address"], dev["name"], dev["allowed"], dev["connected"]) == ("C0:FF:EE:00:00:01", "cuff room 2",
-                                                                              True, False)
+    assert (dev["address"], dev["name"], dev["allowed"], dev["connected"]) == (
+        "C0:FF:EE:00:00:01",
+        "cuff room 2",
+        True,
+        False,
+    )
     _code, out, _ = run(capsys, "devices", "--data-dir", d)
     assert "C0:FF:EE:00:00:01  not connected" in out
     assert run(capsys, "ble", "unpair", "C0:FF:EE:00:00:01", "--data-dir", d)[0] == 0
@@ -77,9 +81,18 @@ def test_patient_set_show_assign_clear(capsys: pytest.CaptureFixture[str], tmp_p
     now = dt.datetime.now(dt.timezone.utc)
     with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
         store = ObservationStore.open(tmp_path, outbox=outbox, idle_timeout_s=900)
-        held = store.record(Observation(
-            "body-temperature", (Quantity("body-temperature", 37.5, "Cel", 37.5, "Cel"),), now, TimeSource.DEVICE_CLOCK,
-            now, DeviceIdentity("Acme", "TH-1", "7", "C0:FF:EE:00:00:02"), "test:th:1"), now=now)
+        held = store.record(
+            Observation(
+                "body-temperature",
+                (Quantity("body-temperature", 37.5, "Cel", 37.5, "Cel"),),
+                now,
+                TimeSource.DEVICE_CLOCK,
+                now,
+                DeviceIdentity("Acme", "TH-1", "7", "C0:FF:EE:00:00:02"),
+                "test:th:1",
+            ),
+            now=now,
+        )
         store.close()
     assert held.outcome == "held"
     code, out, _ = run(capsys, "patient", "show", "--data-dir", d)

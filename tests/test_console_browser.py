@@ -19,6 +19,7 @@ import pytest
 from lastmile.config import Config
 from lastmile.console.service import ConsoleServer
 from lastmile.console.sources import ReportView, StaticReports
+from tests.conftest import require_module
 from tests.console_browser import PHONE, TABLET, chromium, save_screenshot, set_viewport
 from tests.console_harness import ADMIN, DOCTOR, VALID_ID, console_config, enqueue_ecg, running_console
 
@@ -138,7 +139,7 @@ def _emulated_ble_clinic(config: Config, patient_id: str) -> threading.Thread:
 def test_a_ble_reading_appears_live_and_a_held_one_is_assigned(
     browser: object, console: ConsoleServer, tmp_path: Path
 ) -> None:
-    pytest.importorskip("bumble", reason="BLE emulation is the `emulation` extra")
+    require_module("bumble", "BLE emulation is the `emulation` extra")
     log_in(browser, console)
     browser.find_element(by("id"), "patient_id").send_keys(VALID_ID + "\n")
     text_in(browser, "#panel-session", VALID_ID)

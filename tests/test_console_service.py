@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from lastmile.demo.loopback import free_port
+from tests.conftest import require_module
 from tests.console_harness import DOCTOR, Client, add_users, console_config
 
 WAIT_S = 120.0
@@ -65,7 +66,7 @@ def test_lastmile_console_runs_under_systemds_protocol(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(600)
 def test_demo_with_the_console(tmp_path: Path) -> None:
-    pytest.importorskip("bumble", reason="the demo's BLE part is the `emulation` extra")
+    require_module("bumble", "the demo's BLE part is the `emulation` extra")
     proc = subprocess.Popen(
         [
             sys.executable,

@@ -139,8 +139,9 @@ def test_grid_has_1_mm_and_5_mm_lines_over_the_whole_paper(mortara_svg: str) -> 
 
 
 def test_calibration_pulse_is_1_mv_by_200_ms_at_scale(mortara_svg: str) -> None:
-    pulses = [p for p in parse(mortara_svg).iter(SVG + "path")
-              if p.get("class") == "c" and p.get("d", "").startswith("M13 ")]
+    pulses = [
+        p for p in parse(mortara_svg).iter(SVG + "path") if p.get("class") == "c" and p.get("d", "").startswith("M13 ")
+    ]
     assert len(pulses) == 4  # one per strip
     for strip, pulse in enumerate(pulses):
         (pts,) = points(pulse.get("d", ""))
@@ -152,8 +153,9 @@ def test_calibration_pulse_is_1_mv_by_200_ms_at_scale(mortara_svg: str) -> None:
         assert max(top) - min(top) == pytest.approx(preview.CAL_PULSE_S * preview.PAPER_SPEED_MM_PER_S) == 5.0
 
 
-def test_a_known_sample_lands_where_10_mm_per_mv_and_25_mm_per_s_put_it(mortara: EcgRecording,
-                                                                      mortara_svg: str) -> None:
+def test_a_known_sample_lands_where_10_mm_per_mv_and_25_mm_per_s_put_it(
+    mortara: EcgRecording, mortara_svg: str
+) -> None:
     (rhythm,) = [g for g in lead_groups(parse(mortara_svg)) if g.get("data-strip") == "3"]
     offset = float(rhythm.get("data-offset-uv"))
     uv = mortara.microvolts()[mortara.lead_names.index("II")]
@@ -169,8 +171,14 @@ def test_a_known_sample_lands_where_10_mm_per_mv_and_25_mm_per_s_put_it(mortara:
 def test_one_millivolt_step_is_ten_millimetres() -> None:
     samples = np.zeros((1, 5000), dtype=np.int16)
     samples[0, 2500:] = 1000  # 1 mV at 1 µV per unit
-    rec = EcgRecording(samples=samples, lead_names=("II",), sampling_rate_hz=500.0, uv_per_unit=1.0,
-                       acquired_at=T0, time_source=TimeSource.DEVICE_CLOCK)
+    rec = EcgRecording(
+        samples=samples,
+        lead_names=("II",),
+        sampling_rate_hz=500.0,
+        uv_per_unit=1.0,
+        acquired_at=T0,
+        time_source=TimeSource.DEVICE_CLOCK,
+    )
     (g,) = lead_groups(parse(render_preview_svg(rec)))
     offset = float(g.get("data-offset-uv"))
     ys = sorted({round(y, 3) for _, y in trace_points(g)})
@@ -178,8 +186,9 @@ def test_one_millivolt_step_is_ten_millimetres() -> None:
     assert ys[-1] == pytest.approx(60.0 + offset / 100.0)  # 0 µV drawn offset/100 mm below the baseline
 
 
-def test_decimation_keeps_every_peak_and_trough_of_each_fifth_of_a_millimetre(mortara: EcgRecording,
-                                                                              mortara_svg: str) -> None:
+def test_decimation_keeps_every_peak_and_trough_of_each_fifth_of_a_millimetre(
+    mortara: EcgRecording, mortara_svg: str
+) -> None:
     """Each 0.2 mm of paper (8 samples at 1000 Hz) keeps its highest and lowest sample."""
     (rhythm,) = [g for g in lead_groups(parse(mortara_svg)) if g.get("data-strip") == "3"]
     offset = float(rhythm.get("data-offset-uv"))
@@ -193,9 +202,13 @@ def test_decimation_keeps_every_peak_and_trough_of_each_fifth_of_a_millimetre(mo
     # x within 0.1 mm (a sample time exactly between two 0.1 mm steps may round either way)
     at_point = (np.abs(pts[None, :, 0] - want_x[:, None]) < 0.11) & (np.abs(pts[None, :, 1] - want_y[:, None]) < 0.01)
     a, b = pts[:-1], pts[1:]
-    flat = (np.abs(a[:, 1] - b[:, 1]) < 0.01)
-    on_flat = (flat[None, :] & (np.abs(a[None, :, 1] - want_y[:, None]) < 0.01)
-               & (a[None, :, 0] <= want_x[:, None] + 0.01) & (b[None, :, 0] >= want_x[:, None] - 0.01))
+    flat = np.abs(a[:, 1] - b[:, 1]) < 0.01
+    on_flat = (
+        flat[None, :]
+        & (np.abs(a[None, :, 1] - want_y[:, None]) < 0.01)
+        & (a[None, :, 0] <= want_x[:, None] + 0.01)
+        & (b[None, :, 0] >= want_x[:, None] - 0.01)
+    )
     missing = ~(at_point.any(1) | on_flat.any(1))
     assert not missing.any(), f"{missing.sum()} of {missing.size} extremes lost"
 
@@ -232,20 +245,36 @@ def test_limb_leads_only_get_two_columns_and_derived_leads_an_asterisk() -> None
 def test_fifteen_leads_get_five_columns_of_two_seconds() -> None:
     base = recording("mortara-dicom")
     extra = np.stack([-base.lead("V3"), -base.lead("V4"), base.lead("V6")])
-    rec = dataclasses.replace(base, samples=np.concatenate([base.samples, extra]),
-                              lead_names=STANDARD_12_LEADS + ("V7", "V3R", "V4R"))
+    rec = dataclasses.replace(
+        base, samples=np.concatenate([base.samples, extra]), lead_names=STANDARD_12_LEADS + ("V7", "V3R", "V4R")
+    )
     layout = plan_layout(rec.lead_names)
     assert layout.columns == 5 and layout.column_seconds == pytest.approx(2.0)
-    assert labels(render_preview_svg(rec)) == ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3",
-                                               "V4", "V5", "V6", "V7", "V3R", "V4R", "II"]
+    assert labels(render_preview_svg(rec)) == [
+        "I",
+        "II",
+        "III",
+        "aVR",
+        "aVL",
+        "aVF",
+        "V1",
+        "V2",
+        "V3",
+        "V4",
+        "V5",
+        "V6",
+        "V7",
+        "V3R",
+        "V4R",
+        "II",
+    ]
 
 
 def test_eight_leads_with_right_and_posterior_chest_leads_are_labelled_as_recorded() -> None:
     base = recording("mortara-dicom")
     names = ("I", "II", "V1", "V2", "V3R", "V4", "V5", "V7")
     source = ["I", "II", "V1", "V2", "V3", "V4", "V5", "V6"]
-    rec = dataclasses.replace(base, samples=base.samples[[base.lead_names.index(n) for n in source]],
-                              lead_names=names)
+    rec = dataclasses.replace(base, samples=base.samples[[base.lead_names.index(n) for n in source]], lead_names=names)
     assert labels(render_preview_svg(rec)) == ["I", "II", "V1", "V2", "V4", "V5", "V7", "V3R", "II"]
 
 
@@ -268,16 +297,22 @@ def test_header_names_the_patient_in_chinese_and_states_rate_and_verdict(mortara
     assert mortara_svg.startswith('<?xml version="1.0" encoding="UTF-8"?>')
 
 
-@pytest.mark.parametrize("pn, shown", [("王^小明", "王小明"), ("Wang^Xiaoming", "Wang Xiaoming"),
-                                       ("Wang^Xiaoming=王^小明", "王小明 (Wang Xiaoming)"), ("", ""),
-                                       ("Doe^John^Q", "Doe John Q")])
+@pytest.mark.parametrize(
+    "pn, shown",
+    [
+        ("王^小明", "王小明"),
+        ("Wang^Xiaoming", "Wang Xiaoming"),
+        ("Wang^Xiaoming=王^小明", "王小明 (Wang Xiaoming)"),
+        ("", ""),
+        ("Doe^John^Q", "Doe John Q"),
+    ],
+)
 def test_display_name(pn: str, shown: str) -> None:
     assert display_name(pn) == shown
 
 
 def test_markup_in_names_is_text_not_markup() -> None:
-    rec = dataclasses.replace(recording("mortara-dicom"),
-                              patient=Patient("P1", "<script>&amp;^\"x\"", None, ""))
+    rec = dataclasses.replace(recording("mortara-dicom"), patient=Patient("P1", '<script>&amp;^"x"', None, ""))
     root = parse(render_preview_svg(rec))  # parses: nothing was injected
     assert not list(root.iter(SVG + "script"))
 
@@ -300,8 +335,12 @@ def test_an_svg_renderer_draws_the_page(tmp_path: Path, mortara_svg: str) -> Non
     tool = require_tool("rsvg-convert")
     src, png = tmp_path / "ecg.svg", tmp_path / "ecg.png"
     src.write_text(mortara_svg, encoding="utf-8")
-    subprocess.run([tool, "-d", "96", "-p", "96", "-b", "white", str(src), "-o", str(png)], check=True,
-                   capture_output=True, timeout=60)
+    subprocess.run(
+        [tool, "-d", "96", "-p", "96", "-b", "white", str(src), "-o", str(png)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     head = png.read_bytes()[:24]
     assert head[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", head[16:24])

@@ -47,15 +47,18 @@ GOOD = {  # name -> path parts under ../shared/ecg
     "contec-50": ("contec", "0000050.ECG"),  # limb leads only, atrial fibrillation ~120/min: readable
     "mortara-dicom": None,  # pydicom's waveform_ecg.dcm
 }
-MINIMAL_AECG = ["fda_minimum_aecg.xml", "fda_minimum_aecg_effectiveTime_high.xml",
-                "fda_minimum_aecg_effectiveTime_interval.xml", "fda_minimum_aecg_effectiveTime_low.xml",
-                "fda_minimum_aecg_nouuid.xml"]
+MINIMAL_AECG = [
+    "fda_minimum_aecg.xml",
+    "fda_minimum_aecg_effectiveTime_high.xml",
+    "fda_minimum_aecg_effectiveTime_interval.xml",
+    "fda_minimum_aecg_effectiveTime_low.xml",
+    "fda_minimum_aecg_nouuid.xml",
+]
 
 
 def load(name: str) -> EcgRecording:
     parts = GOOD.get(name, ("contec", "0000037.ECG") if name == "contec-37" else None)
-    path = Path(pydicom.data.get_testdata_file("waveform_ecg.dcm")) if parts is None else \
-        shared_file("ecg", *parts)
+    path = Path(pydicom.data.get_testdata_file("waveform_ecg.dcm")) if parts is None else shared_file("ecg", *parts)
     return decode_ecg(path.read_bytes(), path.name)
 
 
@@ -119,9 +122,9 @@ def scp_cart_rate(path: Path) -> tuple[float, int]:
     types, spikes = body[0], body[1]
     rr_ms = int.from_bytes(body[2:4], "little")
     pos = 6 + 16 * types + 4 * spikes
-    qrs_count = int.from_bytes(body[pos:pos + 2], "little")
+    qrs_count = int.from_bytes(body[pos : pos + 2], "little")
     pos += 2 + qrs_count
-    return rr_ms, int.from_bytes(body[pos:pos + 2], "little")
+    return rr_ms, int.from_bytes(body[pos : pos + 2], "little")
 
 
 def dicom_cart_rr_ms(path: Path) -> float:
@@ -181,8 +184,17 @@ BASES = ["ecgtoolkit-scp", "welch-allyn-scp", "contec-50", "mortara-dicom"]
 def _fault_cases() -> list[tuple[str, str, int]]:
     cases = []
     for base in BASES:
-        for kind in ("off-blank", "off-float", "off-rail", "off-limb", "saturation", "wander", "mains-50", "mains-60",
-                     "muscle"):
+        for kind in (
+            "off-blank",
+            "off-float",
+            "off-rail",
+            "off-limb",
+            "saturation",
+            "wander",
+            "mains-50",
+            "mains-60",
+            "muscle",
+        ):
             if kind in ("off-blank", "off-float", "off-rail") and base == "contec-50":
                 continue  # no chest leads
             cases += [(base, kind, seed) for seed in range(2)]
@@ -218,8 +230,9 @@ def corrupt(rec: EcgRecording, kind: str, seed: int) -> tuple[EcgRecording, faul
 
 def detected(report: quality.QualityReport, fault: faults.Fault) -> bool:
     found = [p for p in report.problems if p.kind == fault.kind]
-    return (any(set(fault.expect_leads) <= set(p.leads) for p in found)
-            and not any(set(fault.forbid_leads) & set(p.leads) for p in found))
+    return any(set(fault.expect_leads) <= set(p.leads) for p in found) and not any(
+        set(fault.forbid_leads) & set(p.leads) for p in found
+    )
 
 
 @pytest.mark.parametrize("base, kind, seed", _fault_cases())
@@ -315,8 +328,17 @@ def test_everyday_noise_and_low_voltage_are_no_fault(base: str) -> None:
         assert report.verdict == ACCEPTABLE, [p.message_en for p in report.problems]
 
 
-@pytest.mark.parametrize("leads", [("II",), ("V1",), ("aVL",), ("I", "II", "III", "aVR", "aVL", "aVF"),
-                                   ("V4", "V5", "V6"), ("I", "II", "V1", "V2", "V3", "V4", "V5", "V6")])
+@pytest.mark.parametrize(
+    "leads",
+    [
+        ("II",),
+        ("V1",),
+        ("aVL",),
+        ("I", "II", "III", "aVR", "aVL", "aVF"),
+        ("V4", "V5", "V6"),
+        ("I", "II", "V1", "V2", "V3", "V4", "V5", "V6"),
+    ],
+)
 def test_beats_are_found_on_any_lead_set(leads: tuple[str, ...]) -> None:
     clean = recording("mortara-dicom")
     idx = [clean.lead_names.index(n) for n in leads]
@@ -341,11 +363,24 @@ def test_extra_leads_keep_their_names() -> None:
 # ----------------------------------------------------------------------------- synthetic edge cases
 
 
-def synthetic(samples: np.ndarray, *, rate: float = 500.0, names: tuple[str, ...] | None = None,
-              uv_per_unit: float = 1.0, fmt: str = "test") -> EcgRecording:
-    names = names or STANDARD_12_LEADS[:samples.shape[0]]
-    return EcgRecording(samples=samples, lead_names=names, sampling_rate_hz=rate, uv_per_unit=uv_per_unit,
-                        acquired_at=T0, time_source=TimeSource.DEVICE_CLOCK, source_format=fmt)
+def synthetic(
+    samples: np.ndarray,
+    *,
+    rate: float = 500.0,
+    names: tuple[str, ...] | None = None,
+    uv_per_unit: float = 1.0,
+    fmt: str = "test",
+) -> EcgRecording:
+    names = names or STANDARD_12_LEADS[: samples.shape[0]]
+    return EcgRecording(
+        samples=samples,
+        lead_names=names,
+        sampling_rate_hz=rate,
+        uv_per_unit=uv_per_unit,
+        acquired_at=T0,
+        time_source=TimeSource.DEVICE_CLOCK,
+        source_format=fmt,
+    )
 
 
 def test_the_issues_example_nine_flat_leads_and_one_at_the_rail() -> None:
@@ -401,7 +436,7 @@ def test_clipping_is_found_where_the_converters_range_is_unknown() -> None:
 def test_samples_lost_in_transit_do_not_shorten_an_rr_interval() -> None:
     clean = recording("mortara-dicom")
     cut = slice(4200, 4900)  # 0.7 s that never arrived over the bridge link
-    kept = np.concatenate([clean.samples[:, :cut.start], clean.samples[:, cut.stop:]], axis=1)
+    kept = np.concatenate([clean.samples[:, : cut.start], clean.samples[:, cut.stop :]], axis=1)
     streamed = dataclasses.replace(clean, samples=kept, gaps=(SampleGap(cut.start, cut.stop - cut.start),))
     assert check_quality(streamed).heart_rate_bpm == pytest.approx(60000 / 982, abs=1)
     unknown = dataclasses.replace(streamed, gaps=())  # the same samples, the gap not declared
@@ -488,12 +523,16 @@ def any_recording(draw) -> EcgRecording:
         data = rng.choice(np.array([info.min, info.max, 0]), (leads, n))
     names = tuple(draw(st.permutations(list(STANDARD_12_LEADS) + ["V3R", "V4R", "V7", "X"]))[:leads])
     derived = frozenset(draw(st.sets(st.sampled_from(names), max_size=leads)))
-    return EcgRecording(samples=data.astype(dtype), lead_names=names,
-                        sampling_rate_hz=draw(st.sampled_from([1.0, 99.9, 100.0, 128.0, 200.0, 257.3, 500.0,
-                                                               1000.0, 2000.0, 2000.1])),
-                        uv_per_unit=draw(st.sampled_from([0.001, 1.0, 2.5, 5.0, 1000.0])),
-                        acquired_at=T0, time_source=TimeSource.DEVICE_CLOCK, derived_leads=derived,
-                        source_format=draw(st.sampled_from(["contec", "scp", "aecg", "npz"])))
+    return EcgRecording(
+        samples=data.astype(dtype),
+        lead_names=names,
+        sampling_rate_hz=draw(st.sampled_from([1.0, 99.9, 100.0, 128.0, 200.0, 257.3, 500.0, 1000.0, 2000.0, 2000.1])),
+        uv_per_unit=draw(st.sampled_from([0.001, 1.0, 2.5, 5.0, 1000.0])),
+        acquired_at=T0,
+        time_source=TimeSource.DEVICE_CLOCK,
+        derived_leads=derived,
+        source_format=draw(st.sampled_from(["contec", "scp", "aecg", "npz"])),
+    )
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

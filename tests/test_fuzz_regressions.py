@@ -146,7 +146,7 @@ def commitment_event(event_type: int, information: bytes) -> object:
     request.EventTypeID = event_type
     request.EventInformation = io.BytesIO(information)
     context = PresentationContextTuple(1, UID("1.2.840.10008.1.20.1"), UID("1.2.840.10008.1.2"))
-    assoc = SimpleNamespace(requestor=SimpleNamespace(ae_title="ORTHANC"))
+    assoc = SimpleNamespace(requestor=SimpleNamespace(ae_title="ORTHANC", address="127.0.0.1"))
     return Event(assoc, evt.EVT_N_EVENT_REPORT, {"request": request, "context": context})  # type: ignore[arg-type]
 
 
@@ -165,12 +165,13 @@ def test_commitment_handler_answers_processing_failure_for_unreadable_reports(
 ) -> None:
     import warnings
 
-    from uploader.dicom_commitment import report_handler
+    from uploader.dicom_commitment import ReportSenders, report_handler
 
     reports: list[object] = []
+    senders = ReportSenders(ae_titles=("ORTHANC",), networks=("127.0.0.0/8",))  # the reading center's
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert report_handler(reports.append)(commitment_event(event_type, information)) == (0x0110, None)
+        assert report_handler(reports.append, senders)(commitment_event(event_type, information)) == (0x0110, None)
     assert reports == [] and "unreadable storage commitment report" in caplog.text
 
 

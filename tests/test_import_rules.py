@@ -9,12 +9,30 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 OURS = {"devices", "firmware_bridge", "uploader", "lastmile"}
-ALLOWED = {"devices": set(), "firmware_bridge": {"devices"}, "uploader": {"devices"},
-           "lastmile": OURS}
+ALLOWED = {"devices": set(), "firmware_bridge": {"devices"}, "uploader": {"devices"}, "lastmile": OURS}
 # devices/ is sans-I/O: no transports, storage, clocks or concurrency.
-BANNED_IN_DEVICES = {"serial", "bleak", "bumble", "socket", "sqlite3", "sqlite_utils", "requests",
-                     "pynetdicom", "asyncio", "threading", "time", "subprocess", "multiprocessing",
-                     "selectors", "os", "pathlib", "shutil", "urllib", "http", "logging.handlers"}
+BANNED_IN_DEVICES = {
+    "serial",
+    "bleak",
+    "bumble",
+    "socket",
+    "sqlite3",
+    "sqlite_utils",
+    "requests",
+    "pynetdicom",
+    "asyncio",
+    "threading",
+    "time",
+    "subprocess",
+    "multiprocessing",
+    "selectors",
+    "os",
+    "pathlib",
+    "shutil",
+    "urllib",
+    "http",
+    "logging.handlers",
+}
 
 
 def imports_of(path: Path) -> list[tuple[int, str]]:
@@ -54,11 +72,17 @@ def test_commands_are_imported_only_by_the_cli_entry() -> None:
     bad = []
     for path in sorted(REPO.glob("*/**/*.py")):
         rel = path.relative_to(REPO)
-        if rel.parts[0] in {".venv", "tests"} or rel.parts[:2] == ("lastmile", "commands") \
-                or rel == Path("lastmile/cli.py"):
+        if (
+            rel.parts[0] in {".venv", "tests"}
+            or rel.parts[:2] == ("lastmile", "commands")
+            or rel == Path("lastmile/cli.py")
+        ):
             continue
-        bad += [f"{rel}:{line} imports {name}" for line, name in imports_of(path)
-                if name == "lastmile.commands" or name.startswith("lastmile.commands.")]
+        bad += [
+            f"{rel}:{line} imports {name}"
+            for line, name in imports_of(path)
+            if name == "lastmile.commands" or name.startswith("lastmile.commands.")
+        ]
     assert not bad, "\n".join(bad)
 
 
@@ -89,10 +113,17 @@ def private_uses_across_modules(files: list[Path]) -> list[str]:
         own = defined[f]
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in OURS:
-                bad += [f"{f}:{node.lineno} imports {node.module}.{a.name}" for a in node.names
-                        if a.name.startswith("_") and not a.name.startswith("__")]
-            elif (isinstance(node, ast.Attribute) and node.attr in ours_private and node.attr not in own
-                  and not (isinstance(node.value, ast.Name) and node.value.id in {"self", "cls"})):
+                bad += [
+                    f"{f}:{node.lineno} imports {node.module}.{a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")
+                ]
+            elif (
+                isinstance(node, ast.Attribute)
+                and node.attr in ours_private
+                and node.attr not in own
+                and not (isinstance(node.value, ast.Name) and node.value.id in {"self", "cls"})
+            ):
                 bad.append(f"{f}:{node.lineno} uses .{node.attr}, private to another module")
     return bad
 

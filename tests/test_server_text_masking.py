@@ -51,7 +51,9 @@ def test_known_values_and_patient_shapes_are_masked_meaning_kept() -> None:
 def _config(tmp_path: Path, extra: str = "") -> Path:
     path = tmp_path / "lastmile.toml"
     # the synthetic ECG is a re-record case: not held, so the forwarder meets the commenting SCP
-    path.write_text(f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n[outbox]\nmin_free_mb = 0\n[ecg]\nre_record_hold_s = 0\n{extra}')
+    path.write_text(
+        f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n[outbox]\nmin_free_mb = 0\n[ecg]\nre_record_hold_s = 0\n{extra}'
+    )
     return path
 
 

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from pydicom.uid import (
     UID,
@@ -36,6 +36,7 @@ from pynetdicom.association import Association
 from pynetdicom.events import EventHandlerType
 from pynetdicom.presentation import PresentationContext
 
+from uploader.dicom_rejection import REJECTED_PERMANENT, association_rejection
 from uploader.dicom_status import is_refusal_of_us, status_meaning
 from uploader.dicom_tls import TlsFiles, client_tls_context, describe_tls, is_trust_failure
 from uploader.errors import ConfigurationFault, TransientError
@@ -99,8 +100,15 @@ def new_ae(peer: PeerSettings) -> AE:
     return ae
 
 
-def associate(peer: PeerSettings, contexts: list[PresentationContext], handlers: list[EventHandlerType]) -> Association:
-    """Open an association or raise the typed reason it could not be opened."""
+def associate(
+    peer: PeerSettings,
+    contexts: list[PresentationContext],
+    handlers: list[EventHandlerType],
+    *,
+    ext_neg: Sequence[Any] = (),
+) -> Association:
+    """Open an association or raise the typed reason it could not be opened. `ext_neg`: extended
+    negotiation items, e.g. SCP/SCU role selection for the storage contexts of a C-GET."""
     ae = new_ae(peer)
     tls_args = None
     ctx: ssl.SSLContext | None = None
@@ -123,6 +131,7 @@ def associate(peer: PeerSettings, contexts: list[PresentationContext], handlers:
             ae_title=peer.called_ae,
             tls_args=tls_args,
             evt_handlers=[(evt.EVT_CONN_OPEN, on_open), *handlers],
+            ext_neg=list(ext_neg) or None,
         )
     except ValueError as exc:  # e.g. a called AE title pynetdicom refuses to encode
         raise ConfigurationFault(f"cannot ask {peer.where} for an association: {exc}") from None
@@ -138,9 +147,12 @@ def raise_not_established(
 ) -> NoReturn:
     where, us = peer.where, peer.calling_ae
     answer = assoc.acceptor.primitive
-    if assoc.is_rejected and answer is not None:
-        why = f"{answer.reason_str} ({answer.source_str})"
-        if answer.result == 0x01:
+    # Not assoc.is_rejected: pynetdicom can report a rejection it received as an abort (a race
+    # between its threads, see uploader/dicom_rejection.py); the rejection is read all the same.
+    rejection = association_rejection(assoc)
+    if rejection is not None:
+        why = f"{rejection.reason_str} ({rejection.source_str})"
+        if rejection.result == REJECTED_PERMANENT:
             raise ConfigurationFault(f"{where} permanently rejected an association from {us}: {why}")
         raise TransientError(f"{where} rejected an association from {us} for now: {why}")
     trust = [exc for exc in tls_failures if is_trust_failure(exc)]

@@ -2,7 +2,9 @@
 data set, and the data set re-encoded for the transfer syntax the peer accepted.
 
 Explicit and deflated are produced from the stored bytes directly (a slice, or zlib over it),
-without decoding the data set: on a Pi that is most of the CPU a store costs.
+without decoding the data set: on a Pi that is most of the CPU a store costs. A deflated payload
+is never inflated whole without a cap (`MAX_INFLATED_BYTES`): its UIDs are read from the first
+inflated bytes only, and inflating it for a peer without deflate stops at the cap.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 from io import BytesIO
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
 from pydicom.uid import (
@@ -25,7 +27,14 @@ from pydicom.uid import (
 )
 from pynetdicom.dsutils import encode
 
+from devices.errors import ProtocolError
+from devices.inflate import inflate, inflate_head
 from uploader.errors import PermanentError
+
+# A stored deflated payload inflates to at most this much (the LAN receiver refuses far smaller
+# objects; this is the forwarder's own bound against a bomb that got into the outbox).
+MAX_INFLATED_BYTES = 32 * 2**20
+_HEAD_BYTES = 64 * 1024  # inflated bytes read for the SOP UIDs (they come first in a data set)
 
 
 class UnsendablePayload(PermanentError):
@@ -78,11 +87,8 @@ def parse_part10(data: bytes) -> Part10:
         meta = read_dataset(fp, False, True, stop_when=_outside_group_2)
         offset = fp.tell()
         ts = _uid_of(meta, 0x00020010, "Transfer Syntax UID")
-        head: Dataset
-        if ts.is_deflated:  # rare for a stored payload: inflate and look at the result
-            head = dcmread(BytesIO(data))
-        else:
-            head = read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian, stop_when=_past_sop_uids)
+        source = BytesIO(inflate_head(data[offset:], _HEAD_BYTES)) if ts.is_deflated else fp
+        head = read_dataset(source, ts.is_implicit_VR, ts.is_little_endian, stop_when=_past_sop_uids)
         sop_class = _uid_of(head, 0x00080016, "SOP Class UID")
         sop_instance = _uid_of(head, 0x00080018, "SOP Instance UID")
     except UnsendablePayload:
@@ -98,6 +104,24 @@ def _deflate(raw: bytes, level: int) -> bytes:
     return out + b"\x00" if len(out) % 2 else out
 
 
+def _inflated(obj: Part10) -> bytes:
+    try:
+        return inflate(obj.dataset_bytes(), max_bytes=MAX_INFLATED_BYTES)
+    except ProtocolError as exc:
+        raise UnsendablePayload(f"deflated payload cannot be sent inflated: {exc}") from None
+
+
+def decode_dataset(obj: Part10) -> Dataset:
+    """The whole data set decoded, with its file meta. pydicom would inflate a deflated one
+    whole, however big: it is inflated here first, capped (UnsendablePayload past the cap)."""
+    if not obj.transfer_syntax.is_deflated:
+        return dcmread(BytesIO(obj.data))
+    ds = read_dataset(BytesIO(_inflated(obj)), False, True)
+    ds.file_meta = FileMetaDataset(read_dataset(BytesIO(obj.data[132 : obj.dataset_offset]), False, True))
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian  # what the decoded data set now is
+    return ds
+
+
 def encode_for(obj: Part10, syntax: UID, deflate_level: int = 4) -> bytes:
     """The data set encoded in `syntax`; cheap (no decoding) from Explicit VR LE."""
     source = obj.transfer_syntax
@@ -106,15 +130,12 @@ def encode_for(obj: Part10, syntax: UID, deflate_level: int = 4) -> bytes:
     if source == ExplicitVRLittleEndian and syntax == DeflatedExplicitVRLittleEndian:
         return _deflate(obj.dataset_bytes(), deflate_level)
     if source == DeflatedExplicitVRLittleEndian and syntax == ExplicitVRLittleEndian:
-        try:
-            return zlib.decompress(obj.dataset_bytes(), -zlib.MAX_WBITS)
-        except zlib.error as exc:
-            raise UnsendablePayload(f"deflated payload does not inflate: {exc}") from None
+        return _inflated(obj)
     uncompressed = {ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian}
     if source not in uncompressed or syntax not in uncompressed:
         raise UnsendablePayload(f"cannot convert {source.name} to {syntax.name}")
     try:
-        ds = dcmread(BytesIO(obj.data))
+        ds = decode_dataset(obj)
     except (InvalidDicomError, ValueError, EOFError, OSError) as exc:
         raise UnsendablePayload(f"payload does not decode: {exc}") from None
     encoded = encode(ds, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)

@@ -20,7 +20,6 @@ from io import BytesIO
 from pathlib import Path
 from types import TracebackType
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
@@ -43,7 +42,7 @@ from uploader.dicom_association import (
     release,
 )
 from uploader.dicom_commitment import CommitmentReport, report_handler
-from uploader.dicom_part10 import Part10, UnsendablePayload, encode_for, parse_part10
+from uploader.dicom_part10 import Part10, UnsendablePayload, decode_dataset, encode_for, parse_part10
 from uploader.dicom_status import (
     SOP_CLASS_NOT_SUPPORTED,
     STORED_CATEGORIES,
@@ -330,7 +329,7 @@ class StoreAssociation:
         """Public-API path (decode, let pynetdicom encode) if its internals ever change."""
         syntax = UID(cx.transfer_syntax[0])
         try:
-            ds = dcmread(BytesIO(obj.data))
+            ds = decode_dataset(obj)  # a deflated payload inflated with a cap, not whole
             if syntax != ImplicitVRLittleEndian:  # exact match picks our context; implicit converts
                 ds.file_meta.TransferSyntaxUID = syntax
             return assoc.send_c_store(ds, msg_id=self._next_message_id())

@@ -9,6 +9,7 @@ None when the fault may be the peer's (refused or silent remote host).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import socket
@@ -80,3 +81,14 @@ def local_fault(host: str, port: int, timeout_s: float = 5.0) -> str | None:
                 continue
             return None  # reachable now
     return None
+
+
+def address_toward(host: str, port: int) -> str:
+    """The local address this machine sends from to reach host:port (a route lookup: no packet
+    is sent); loopback for a reading center on loopback. Raises OSError without a route."""
+    family, _type, _proto, _name, sockaddr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_DGRAM, family=socket.AF_UNSPEC
+    )[0]
+    with contextlib.closing(socket.socket(family, socket.SOCK_DGRAM)) as probe:
+        probe.connect(sockaddr)
+        return str(probe.getsockname()[0])

@@ -120,6 +120,24 @@ def _status(db: sqlite_utils.Database) -> None:
     )
 
 
+# Send tracking: `in_flight` = 1 from the moment an item's bytes start to go out until its outcome
+# is recorded; a process killed meanwhile leaves it at 1, and recovery counts the send in
+# `interrupted_sends`. `commitment_requests`: every storage commitment transaction asked for an
+# item (the latest few), so only a report naming one of ours, for items in it, is believed.
+_SEND_TRACKING = """
+ALTER TABLE items ADD COLUMN in_flight INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE items ADD COLUMN interrupted_sends INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE commitment_requests (
+    transaction_uid TEXT NOT NULL,
+    item_id INTEGER NOT NULL REFERENCES items (id),
+    asked_at FLOAT NOT NULL,
+    PRIMARY KEY (transaction_uid, item_id)
+) WITHOUT ROWID;
+CREATE INDEX commitment_requests_item ON commitment_requests (item_id);
+INSERT INTO commitment_requests (transaction_uid, item_id, asked_at)
+    SELECT transaction_uid, id, updated_at FROM items WHERE state = 'sent' AND transaction_uid IS NOT NULL;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration("0001_items", _items),
     Migration("0002_payloads", _payloads),
@@ -130,6 +148,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         "0004_holds",
         "ALTER TABLE items ADD COLUMN hold_until REAL;\nALTER TABLE items ADD COLUMN hold_reason TEXT;",
     ),
+    Migration.sql("0005_send_tracking", _SEND_TRACKING),
 )
 
 

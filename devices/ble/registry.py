@@ -41,10 +41,12 @@ def _string_decoder(name: str) -> Callable[[bytes], object]:
 
 
 _SPECS = [
-    CharacteristicSpec(uuids.BLOOD_PRESSURE_MEASUREMENT, "Blood Pressure Measurement",
-                       decode_blood_pressure_measurement),
-    CharacteristicSpec(uuids.INTERMEDIATE_CUFF_PRESSURE, "Intermediate Cuff Pressure",
-                       decode_intermediate_cuff_pressure),
+    CharacteristicSpec(
+        uuids.BLOOD_PRESSURE_MEASUREMENT, "Blood Pressure Measurement", decode_blood_pressure_measurement
+    ),
+    CharacteristicSpec(
+        uuids.INTERMEDIATE_CUFF_PRESSURE, "Intermediate Cuff Pressure", decode_intermediate_cuff_pressure
+    ),
     CharacteristicSpec(uuids.BLOOD_PRESSURE_FEATURE, "Blood Pressure Feature", decode_blood_pressure_feature),
     CharacteristicSpec(uuids.TEMPERATURE_MEASUREMENT, "Temperature Measurement", decode_temperature_measurement),
     CharacteristicSpec(uuids.INTERMEDIATE_TEMPERATURE, "Intermediate Temperature", decode_intermediate_temperature),

@@ -45,8 +45,7 @@ _TS = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,6}
 
 def _q(path: str) -> str:
     """'a/b' -> '{ns}a/{ns}b' for ElementTree."""
-    return "/".join(part if part in (".", "..") or part.startswith(".") else NS + part
-                    for part in path.split("/"))
+    return "/".join(part if part in (".", "..") or part.startswith(".") else NS + part for part in path.split("/"))
 
 
 def _attr(el: Element | None, path: str, name: str = "value") -> str | None:
@@ -85,9 +84,12 @@ def _quantity_s(el: Element | None, what: str) -> float | None:
     if unit not in _TIME_TO_S:
         raise UnsupportedFeatureError(f"HL7 aECG: {what} in unit {unit!r} is not supported")
     try:
-        return float(el.get("value", "")) * _TIME_TO_S[unit]
+        seconds = float(el.get("value", "")) * _TIME_TO_S[unit]
     except ValueError:
         raise ProtocolError(f"HL7 aECG: {what} {el.get('value')!r} is not a number") from None
+    if not np.isfinite(seconds):  # "inf"/"nan" parse as floats and would crash the rate below
+        raise ProtocolError(f"HL7 aECG: {what} {el.get('value')!r} is not finite")
+    return seconds
 
 
 def _number(el: Element | None, what: str, default: float | None = None) -> tuple[float, str]:
@@ -139,8 +141,7 @@ def _read_sequence_set(seq_set: Element, local_tz: dt.tzinfo) -> _Sequences:
         scale, scale_unit = _number(value.find(_q("scale")), f"lead {code} scale", 1.0)
         origin, origin_unit = _number(value.find(_q("origin")), f"lead {code} origin", 0.0)
         if scale_unit not in _UNIT_TO_UV or origin_unit not in _UNIT_TO_UV:
-            raise UnsupportedFeatureError(
-                f"HL7 aECG: lead {code} is in {scale_unit!r}/{origin_unit!r}, not a voltage")
+            raise UnsupportedFeatureError(f"HL7 aECG: lead {code} is in {scale_unit!r}/{origin_unit!r}, not a voltage")
         if scale <= 0:
             raise ProtocolError(f"HL7 aECG: lead {code} has scale {scale}")
         tokens = (digits.text or "").split()
@@ -152,8 +153,14 @@ def _read_sequence_set(seq_set: Element, local_tz: dt.tzinfo) -> _Sequences:
             raise ProtocolError(f"HL7 aECG: lead {code} has digits that are not whole numbers") from None
         if raw.size and (raw.min() < -(2**31) or raw.max() >= 2**31):
             raise ProtocolError(f"HL7 aECG: lead {code} has digits beyond 32 bits")
-        leads.append((code, Channel(raw=raw, uv_per_unit=scale * _UNIT_TO_UV[scale_unit],
-                                    offset_uv=origin * _UNIT_TO_UV[origin_unit])))
+        leads.append(
+            (
+                code,
+                Channel(
+                    raw=raw, uv_per_unit=scale * _UNIT_TO_UV[scale_unit], offset_uv=origin * _UNIT_TO_UV[origin_unit]
+                ),
+            )
+        )
     if increment is None or not np.isfinite(increment) or increment <= 0:
         raise ProtocolError("HL7 aECG: the rhythm series has no time sequence with a positive increment")
     return _Sequences(start, relative, increment, leads)
@@ -200,8 +207,13 @@ def _patient(root: Element) -> Patient | None:
                 birth = dt.date(int(born[:4]), int(born[4:6]), int(born[6:8]))
             except ValueError:
                 birth = None
-    return Patient(patient_id=patient_id, name=name, birth_date=birth, sex=sex,
-                   issuer=(ident.get("root") or "").strip() if ident is not None else "")
+    return Patient(
+        patient_id=patient_id,
+        name=name,
+        birth_date=birth,
+        sex=sex,
+        issuer=(ident.get("root") or "").strip() if ident is not None else "",
+    )
 
 
 def _device(series: Element) -> DeviceIdentity:
@@ -213,7 +225,8 @@ def _device(series: Element) -> DeviceIdentity:
         manufacturer=(author.findtext(_q("manufacturerOrganization/name")) or "").strip(),
         model=(dev.findtext(_q("manufacturerModelName")) or "").strip() if dev is not None else "",
         serial=(_attr(dev, "id", "extension") or "").strip(),
-        software_version=(dev.findtext(_q("softwareName")) or "").strip() if dev is not None else "")
+        software_version=(dev.findtext(_q("softwareName")) or "").strip() if dev is not None else "",
+    )
 
 
 # ---------------------------------------------------------------- the cart's findings
@@ -240,10 +253,21 @@ _MEASUREMENT_CODES: dict[str, tuple[str, str]] = {
     "MDC_ECG_ANGLE_QRS_FRONT": ("qrs-axis", ""),
     "MDC_ECG_ANGLE_T_FRONT": ("t-axis", ""),
 }
-_TO_UNIT = {"ms": ("ms", 1.0), "s": ("ms", 1000.0), "us": ("ms", 0.001), "deg": ("deg", 1.0),
-            "/min": ("/min", 1.0), "bpm": ("/min", 1.0), "{beats}/min": ("/min", 1.0)}
-_STATEMENT_CODES = ("MDC_ECG_RHY", "MDC_ECG_INTERPRETATION", "MDC_ECG_INTERPRETATION_STATEMENT",
-                    "MDC_ECG_INTERPRETATION_SUMMARY")
+_TO_UNIT = {
+    "ms": ("ms", 1.0),
+    "s": ("ms", 1000.0),
+    "us": ("ms", 0.001),
+    "deg": ("deg", 1.0),
+    "/min": ("/min", 1.0),
+    "bpm": ("/min", 1.0),
+    "{beats}/min": ("/min", 1.0),
+}
+_STATEMENT_CODES = (
+    "MDC_ECG_RHY",
+    "MDC_ECG_INTERPRETATION",
+    "MDC_ECG_INTERPRETATION_STATEMENT",
+    "MDC_ECG_INTERPRETATION_SUMMARY",
+)
 
 
 def _annotation_sets(series: Element) -> list[Element]:
@@ -270,8 +294,9 @@ def _walk(parent: Element, inside_beat: bool, found: list[tuple[Element, bool]])
         _walk(annotation, beat, found)
 
 
-def _findings_of_set(annotation_set: Element, where: str, measurements: dict[str, EcgMeasurement],
-                     statements: list[EcgStatement]) -> None:
+def _findings_of_set(
+    annotation_set: Element, where: str, measurements: dict[str, EcgMeasurement], statements: list[EcgStatement]
+) -> None:
     source = _set_source(annotation_set)
     found: list[tuple[Element, bool]] = []
     _walk(annotation_set, False, found)
@@ -321,17 +346,22 @@ def _representative(root: Element, rhythm: Element, local_tz: dt.tzinfo) -> tupl
                 continue
             try:
                 samples, uv_per_unit = to_common_unit([c for _, c in parsed.leads], "HL7 aECG median beats")
-                return derived, MedianBeats(samples=samples, lead_names=names,
-                                            sampling_rate_hz=_rate(parsed.increment_s),
-                                            uv_per_unit=uv_per_unit, source="aecg:representative-beat")
+                return derived, MedianBeats(
+                    samples=samples,
+                    lead_names=names,
+                    sampling_rate_hz=_rate(parsed.increment_s),
+                    uv_per_unit=uv_per_unit,
+                    source="aecg:representative-beat",
+                )
             except (ProtocolError, InvalidRecordingError):
                 continue
         return derived, None
     return None, None
 
 
-def _findings(root: Element, rhythm: Element, representative: Element | None
-              ) -> tuple[tuple[EcgMeasurement, ...], tuple[EcgStatement, ...]]:
+def _findings(
+    root: Element, rhythm: Element, representative: Element | None
+) -> tuple[tuple[EcgMeasurement, ...], tuple[EcgStatement, ...]]:
     measurements: dict[str, EcgMeasurement] = {}
     statements: list[EcgStatement] = []
     # the representative beat's global values are the cart's summary: they come first
@@ -348,12 +378,15 @@ def _findings(root: Element, rhythm: Element, representative: Element | None
 
 def _rate(increment_s: float) -> float:
     rate = 1.0 / increment_s
+    if not np.isfinite(rate):  # a subnormal increment such as 1e-320 s
+        raise ProtocolError(f"HL7 aECG: time increment {increment_s!r} s gives no usable sampling rate")
     whole = round(rate)
     return float(whole) if whole and abs(rate - whole) < 1e-6 * whole else rate
 
 
-def read_aecg(data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc,
-              received_at: dt.datetime | None = None) -> EcgRecording:
+def read_aecg(
+    data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc, received_at: dt.datetime | None = None
+) -> EcgRecording:
     """Decode the rhythm series of an HL7 aECG document.
 
     `local_tz` interprets time stamps written without a zone; `received_at` is used
@@ -373,8 +406,10 @@ def read_aecg(data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc,
             rhythm = series
             break
     if rhythm is None:
-        raise ProtocolError("HL7 aECG document contains no rhythm ECG (no RHYTHM series): "
-                            "nothing to forward; check the export settings of the cart")
+        raise ProtocolError(
+            "HL7 aECG document contains no rhythm ECG (no RHYTHM series): "
+            "nothing to forward; check the export settings of the cart"
+        )
     parsed = None
     for seq_set in rhythm.findall(_q("component/sequenceSet")):
         candidate = _read_sequence_set(seq_set, local_tz)
@@ -395,8 +430,9 @@ def read_aecg(data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc,
     source = TimeSource.FILE
     start = parsed.start
     if start is None:
-        start = (_interval_start(rhythm.find(_q("effectiveTime")), duration, local_tz)
-                 or _interval_start(root.find(_q("effectiveTime")), duration, local_tz))
+        start = _interval_start(rhythm.find(_q("effectiveTime")), duration, local_tz) or _interval_start(
+            root.find(_q("effectiveTime")), duration, local_tz
+        )
         if start is not None and parsed.relative_s:
             try:
                 start += dt.timedelta(seconds=parsed.relative_s)
@@ -410,11 +446,21 @@ def read_aecg(data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc,
     try:
         representative, median = _representative(root, rhythm, local_tz)
         measurements, statements = _findings(root, rhythm, representative)
-        return EcgRecording(samples=all_samples, lead_names=all_names, sampling_rate_hz=rate,
-                            uv_per_unit=uv_per_unit, acquired_at=start, time_source=source,
-                            device=_device(rhythm), patient=_patient(root), derived_leads=derived,
-                            source_format="aecg", measurements=measurements, statements=statements,
-                            median_beats=median)
+        return EcgRecording(
+            samples=all_samples,
+            lead_names=all_names,
+            sampling_rate_hz=rate,
+            uv_per_unit=uv_per_unit,
+            acquired_at=start,
+            time_source=source,
+            device=_device(rhythm),
+            patient=_patient(root),
+            derived_leads=derived,
+            source_format="aecg",
+            measurements=measurements,
+            statements=statements,
+            median_beats=median,
+        )
     except InvalidRecordingError as exc:
         raise ProtocolError(f"HL7 aECG: {exc}") from None
 

@@ -53,21 +53,30 @@ from devices.ecg.recording import POSSIBLE_YEARS, EcgRecording
 from devices.ecg.scaling import Channel, to_common_unit
 from devices.errors import InvalidRecordingError, ProtocolError, UnsupportedFeatureError
 from devices.identity import DeviceIdentity, Patient, TimeSource
+from devices.inflate import inflate
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
-_DTYPES = {(8, "SB"): "i1", (8, "UB"): "u1", (16, "SS"): "i2", (16, "US"): "u2",
-           (32, "SL"): "i4", (32, "UL"): "u4"}
+_DTYPES = {(8, "SB"): "i1", (8, "UB"): "u1", (16, "SS"): "i2", (16, "US"): "u2", (32, "SL"): "i4", (32, "UL"): "u4"}
 _UNIT_TO_UV = {"uV": 1.0, "mV": 1000.0, "V": 1_000_000.0, "nV": 0.001}
 _DT = re.compile(r"^(\d{4})(\d{2})(\d{2})(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,6}))?([+-]\d{4})?$")
 MAX_SAMPLES = 50_000_000  # samples x channels of one group, checked before any allocation
+MAX_INFLATED_BYTES = 64 * 2**20  # a deflated data set may inflate to this much (a 1 MB bomb would give 1 GiB)
+_DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
 # CID 3001 "ECG Leads" in MDC form: "2:n" mostly follows the SCP-ECG lead numbers, but 31-38
 # and 111-114 are the *derived* leads there (not SCP's calibration signals).
-_MDC_DERIVED: dict[int, str] = {31: "I", 32: "II", **{33 + i: f"V{i + 1}" for i in range(6)},
-                                111: "III", 112: "aVR", 113: "aVL", 114: "aVF"}
+_MDC_DERIVED: dict[int, str] = {
+    31: "I",
+    32: "II",
+    **{33 + i: f"V{i + 1}" for i in range(6)},
+    111: "III",
+    112: "aVR",
+    113: "aVL",
+    114: "aVF",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +91,7 @@ def _from_text(text: str) -> tuple[str, bool]:
     return normalise_lead_name(text[8:] if derived else text), derived
 
 
-def _lead_of(channel) -> tuple[str, bool] | None:
+def _lead_of(channel: Dataset) -> tuple[str, bool] | None:
     """(lead name, derived) of a channel definition, None for a channel that is not an ECG lead."""
     source = channel.get("ChannelSourceSequence")
     if source:
@@ -113,7 +122,7 @@ def _is_median(group: Dataset) -> bool:
     return "MEDIAN" in label or "BEAT" in label or "REPRESENTATIVE" in label
 
 
-def _group_rank(group, n_ecg: int) -> tuple:
+def _group_rank(group: Dataset, n_ecg: int) -> tuple[int, ...]:
     label = str(group.get("MultiplexGroupLabel", "")).upper()
     originality = str(group.get("WaveformOriginality", "")).upper()
     samples = int(group.get("NumberOfWaveformSamples", 0) or 0)
@@ -142,15 +151,19 @@ def _parse_dt(text: str, local_tz: dt.tzinfo, default_offset: str = "") -> dt.da
         return None
 
 
-def _acquired_at(ds, local_tz: dt.tzinfo) -> dt.datetime | None:
+def _acquired_at(ds: Dataset, local_tz: dt.tzinfo) -> dt.datetime | None:
     offset = str(ds.get("TimezoneOffsetFromUTC", "") or "").strip()
     for value in (ds.get("AcquisitionDateTime"),):
         if value:
             found = _parse_dt(str(value), local_tz, offset)
             if found is not None:
                 return found
-    for date_kw, time_kw in (("AcquisitionDate", "AcquisitionTime"), ("ContentDate", "ContentTime"),
-                             ("SeriesDate", "SeriesTime"), ("StudyDate", "StudyTime")):
+    for date_kw, time_kw in (
+        ("AcquisitionDate", "AcquisitionTime"),
+        ("ContentDate", "ContentTime"),
+        ("SeriesDate", "SeriesTime"),
+        ("StudyDate", "StudyTime"),
+    ):
         date, time = ds.get(date_kw), ds.get(time_kw)
         if date and time:
             found = _parse_dt(str(date).strip() + str(time).strip(), local_tz, offset)
@@ -159,7 +172,7 @@ def _acquired_at(ds, local_tz: dt.tzinfo) -> dt.datetime | None:
     return None
 
 
-def _patient(ds) -> Patient | None:
+def _patient(ds: Dataset) -> Patient | None:
     patient_id = str(ds.get("PatientID", "") or "").strip()
     if not patient_id:
         return None
@@ -171,36 +184,62 @@ def _patient(ds) -> Patient | None:
         except ValueError:
             birth = None
     sex = str(ds.get("PatientSex", "") or "").strip().upper()
-    return Patient(patient_id=patient_id, name=str(ds.get("PatientName", "") or "").strip(),
-                   birth_date=birth, sex=sex if sex in ("M", "F", "O") else "",
-                   issuer=str(ds.get("IssuerOfPatientID", "") or "").strip())
+    return Patient(
+        patient_id=patient_id,
+        name=str(ds.get("PatientName", "") or "").strip(),
+        birth_date=birth,
+        sex=sex if sex in ("M", "F", "O") else "",
+        issuer=str(ds.get("IssuerOfPatientID", "") or "").strip(),
+    )
 
 
-def _device(ds) -> DeviceIdentity:
+def _device(ds: Dataset) -> DeviceIdentity:
     software = ds.get("SoftwareVersions", "")
     if software and not isinstance(software, str):
         software = "\\".join(str(s) for s in software)
-    return DeviceIdentity(manufacturer=str(ds.get("Manufacturer", "") or "").strip(),
-                          model=str(ds.get("ManufacturerModelName", "") or "").strip(),
-                          serial=str(ds.get("DeviceSerialNumber", "") or "").strip(),
-                          software_version=str(software or "").strip())
+    return DeviceIdentity(
+        manufacturer=str(ds.get("Manufacturer", "") or "").strip(),
+        model=str(ds.get("ManufacturerModelName", "") or "").strip(),
+        serial=str(ds.get("DeviceSerialNumber", "") or "").strip(),
+        software_version=str(software or "").strip(),
+    )
 
 
-def _read_dataset(data: bytes):
+def _inflated_data_set(data: bytes) -> bytes | None:
+    """The data set of a Part-10 file in Deflated Explicit VR LE, inflated with a cap (pydicom
+    would inflate it whole, however big); None for any other file."""
+    from pydicom.filereader import read_dataset
+
+    if len(data) < 144 or data[128:132] != b"DICM":
+        return None
+    fp = io.BytesIO(data)
+    fp.seek(132)
+    meta = read_dataset(fp, False, True, stop_when=lambda tag, vr, length: tag >> 16 != 0x0002)
+    if str(meta.get("TransferSyntaxUID", "")).rstrip("\x00 ") != _DEFLATED:
+        return None
+    return inflate(data[fp.tell() :], max_bytes=MAX_INFLATED_BYTES)
+
+
+def _read_dataset(data: bytes) -> Dataset:
     import pydicom
 
+    data = bytes(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(io.BytesIO(bytes(data)), force=True)
+            inflated = _inflated_data_set(data)
+            # the inflated data set is read as a raw one (force): Explicit VR Little Endian
+            ds = pydicom.dcmread(io.BytesIO(inflated if inflated is not None else data), force=True)
             # touch what we need now, so that a malformed element fails here, typed
             ds.get("WaveformSequence")
         return ds
+    except ProtocolError:
+        raise  # e.g. InflateLimitError: its own message says what is wrong
     except Exception as exc:  # noqa: BLE001 — pydicom raises many kinds on bad bytes; all mean "not readable"
         raise ProtocolError(f"DICOM file is not readable ({type(exc).__name__}: {exc})"[:300]) from None
 
 
-def _scale(channel, lead: str) -> tuple[float, float]:
+def _scale(channel: Dataset, lead: str) -> tuple[float, float]:
     """(µV per stored unit, µV of stored 0) of one channel."""
     sensitivity = channel.get("ChannelSensitivity")
     if sensitivity in (None, ""):
@@ -222,8 +261,9 @@ def _scale(channel, lead: str) -> tuple[float, float]:
     return factor * _UNIT_TO_UV[unit], offset * _UNIT_TO_UV[unit]
 
 
-def read_dicom_ecg(data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc,
-                   received_at: dt.datetime | None = None) -> EcgRecording:
+def read_dicom_ecg(
+    data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc, received_at: dt.datetime | None = None
+) -> EcgRecording:
     """Decode the rhythm ECG of a DICOM waveform object."""
     ds = _read_dataset(data)
     try:
@@ -251,8 +291,10 @@ def _group_samples(ds: Dataset, group: Dataset, leads: list[_Lead]) -> tuple[np.
     n_samples = int(group.get("NumberOfWaveformSamples", 0) or 0)
     channel_defs = group.get("ChannelDefinitionSequence")
     if n_channels != len(channel_defs) or n_channels < 1 or n_samples < 1:
-        raise ProtocolError(f"DICOM ECG: group declares {n_channels} channels x {n_samples} samples "
-                            f"but defines {len(channel_defs)} channels")
+        raise ProtocolError(
+            f"DICOM ECG: group declares {n_channels} channels x {n_samples} samples "
+            f"but defines {len(channel_defs)} channels"
+        )
     if n_channels * n_samples > MAX_SAMPLES:
         raise UnsupportedFeatureError(f"DICOM ECG: {n_channels} x {n_samples} samples is more than we accept")
     bits = int(group.get("WaveformBitsAllocated", 0) or 0)
@@ -298,8 +340,13 @@ def _median_beats(ds: Dataset, groups: list[Dataset], rhythm: Dataset) -> Median
             continue
         try:
             samples, uv_per_unit, rate = _group_samples(ds, group, leads)
-            return MedianBeats(samples=samples, lead_names=tuple(lead.name for lead in leads),
-                               sampling_rate_hz=rate, uv_per_unit=uv_per_unit, source="dicom:median-group")
+            return MedianBeats(
+                samples=samples,
+                lead_names=tuple(lead.name for lead in leads),
+                sampling_rate_hz=rate,
+                uv_per_unit=uv_per_unit,
+                source="dicom:median-group",
+            )
         except (ProtocolError, InvalidRecordingError):
             continue
     return None
@@ -307,13 +354,28 @@ def _median_beats(ds: Dataset, groups: list[Dataset], rhythm: Dataset) -> Median
 
 # Retired SCPECG codes for measurements (what carts such as Mortara still write) -> ours.
 _SCPECG_MEASUREMENTS: dict[str, str] = {
-    "5.10.2.1-3": "rr-interval", "5.10.2.1-5": "pp-interval", "5.13.5-7": "pr-interval",
-    "5.13.5-9": "qrs-duration", "5.13.5-11": "qt-interval", "5.10.2.5-5": "qtc-interval",
-    "5.10.3-11": "p-axis", "5.10.3-13": "qrs-axis", "5.10.3-15": "t-axis",
+    "5.10.2.1-3": "rr-interval",
+    "5.10.2.1-5": "pp-interval",
+    "5.13.5-7": "pr-interval",
+    "5.13.5-9": "qrs-duration",
+    "5.13.5-11": "qt-interval",
+    "5.10.2.5-5": "qtc-interval",
+    "5.10.3-11": "p-axis",
+    "5.10.3-13": "qrs-axis",
+    "5.10.3-15": "t-axis",
 }
-_UNITS = {"ms": ("ms", 1.0), "s": ("ms", 1000.0), "us": ("ms", 0.001), "deg": ("deg", 1.0),
-          "/min": ("/min", 1.0), "{beats}/min": ("/min", 1.0), "{H.B.}/min": ("/min", 1.0), "bpm": ("/min", 1.0),
-          "uV": ("uV", 1.0), "mV": ("uV", 1000.0)}
+_UNITS = {
+    "ms": ("ms", 1.0),
+    "s": ("ms", 1000.0),
+    "us": ("ms", 0.001),
+    "deg": ("deg", 1.0),
+    "/min": ("/min", 1.0),
+    "{beats}/min": ("/min", 1.0),
+    "{H.B.}/min": ("/min", 1.0),
+    "bpm": ("/min", 1.0),
+    "uV": ("uV", 1.0),
+    "mV": ("uV", 1000.0),
+}
 _GROUP_SOURCES = {1: StatementSource.DEVICE, 2: StatementSource.PHYSICIAN, 3: StatementSource.COMMENT}
 _QTC_BY_CODE = {code: method for method, (code, _meaning) in QTC_FORMULA_CODES.items()}
 _QTC_BY_ALGORITHM = {code: method for method, (code, _meaning) in QTC_ALGORITHMS.items()}
@@ -324,8 +386,11 @@ def _first_code(item: Dataset, keyword: str) -> tuple[str, str, str]:
     if not seq:
         return "", "", ""
     code = seq[0]
-    return (str(code.get("CodingSchemeDesignator", "")).strip().upper(), str(code.get("CodeValue", "")).strip(),
-            str(code.get("CodeMeaning", "")).strip())
+    return (
+        str(code.get("CodingSchemeDesignator", "")).strip().upper(),
+        str(code.get("CodeValue", "")).strip(),
+        str(code.get("CodeMeaning", "")).strip(),
+    )
 
 
 def _channel_refs(item: Dataset) -> list[tuple[int, int]]:
@@ -337,8 +402,9 @@ def _channel_refs(item: Dataset) -> list[tuple[int, int]]:
 
 
 def _converted_by_lastmile(ds: Dataset) -> bool:
-    return any(str(e.get("Manufacturer", "")).strip() == "Lastmile"
-               for e in ds.get("ContributingEquipmentSequence") or [])
+    return any(
+        str(e.get("Manufacturer", "")).strip() == "Lastmile" for e in ds.get("ContributingEquipmentSequence") or []
+    )
 
 
 def _annotation_measurement(item: Dataset, groups: list[Dataset]) -> EcgMeasurement | None:
@@ -352,7 +418,7 @@ def _annotation_measurement(item: Dataset, groups: list[Dataset]) -> EcgMeasurem
         kind = _SCPECG_MEASUREMENTS[code]
     else:
         return None
-    for modifier in (item.get("ConceptNameCodeSequence")[0].get("ModifierCodeSequence") or []):
+    for modifier in item.get("ConceptNameCodeSequence")[0].get("ModifierCodeSequence") or []:
         method = _QTC_BY_ALGORITHM.get(str(modifier.get("CodeValue", "")).strip(), method)
     _scheme, unit_code, _unit_meaning = _first_code(item, "MeasurementUnitsCodeSequence")
     raw = item.get("NumericValue")
@@ -412,7 +478,7 @@ def _annotations(ds: Dataset, groups: list[Dataset]) -> tuple[tuple[EcgMeasureme
     return tuple(measurements.values()), tuple(statements)
 
 
-def _decode(ds, local_tz: dt.tzinfo, received_at: dt.datetime | None) -> EcgRecording:
+def _decode(ds: Dataset, local_tz: dt.tzinfo, received_at: dt.datetime | None) -> EcgRecording:
     groups = ds.get("WaveformSequence")
     if not groups:
         raise ProtocolError("DICOM file holds no waveform (no Waveform Sequence): not an ECG")
@@ -440,15 +506,27 @@ def _decode(ds, local_tz: dt.tzinfo, received_at: dt.datetime | None) -> EcgReco
     all_samples, all_names, derived = derive_limb_leads(samples, tuple(names))
     derived |= {lead.name for lead in leads if lead.derived}
     measurements, statements = _annotations(ds, list(groups))
-    return EcgRecording(samples=all_samples, lead_names=all_names, sampling_rate_hz=rate,
-                        uv_per_unit=uv_per_unit, acquired_at=start, time_source=source,
-                        device=_device(ds), patient=_patient(ds), derived_leads=frozenset(derived),
-                        source_format="dicom", measurements=measurements, statements=statements,
-                        median_beats=_median_beats(ds, list(groups), group))
+    return EcgRecording(
+        samples=all_samples,
+        lead_names=all_names,
+        sampling_rate_hz=rate,
+        uv_per_unit=uv_per_unit,
+        acquired_at=start,
+        time_source=source,
+        device=_device(ds),
+        patient=_patient(ds),
+        derived_leads=frozenset(derived),
+        source_format="dicom",
+        measurements=measurements,
+        statements=statements,
+        median_beats=_median_beats(ds, list(groups), group),
+    )
 
 
 def looks_like_dicom(data: bytes) -> bool:
     """Part 10 preamble, or a raw data set that starts with a group 0002/0008 element."""
     if len(data) >= 132 and data[128:132] == b"DICM":
         return True
-    return len(data) >= 8 and data[0:2] in (b"\x02\x00", b"\x08\x00") and data[2:4] < b"\x00\x10"
+    # the element number is little endian too: compare it as a number (as bytes, (0008,0005)
+    # Specific Character Set - the usual first element - compared greater than 0x1000)
+    return len(data) >= 8 and data[0:2] in (b"\x02\x00", b"\x08\x00") and int.from_bytes(data[2:4], "little") < 0x1000

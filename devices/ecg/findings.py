@@ -168,9 +168,7 @@ def measurement(kind: str, value: float, source: str, **extra: str) -> EcgMeasur
         return None
 
 
-def findings_json(
-    measurements: tuple[EcgMeasurement, ...], statements: tuple[EcgStatement, ...]
-) -> dict[str, Any]:
+def findings_json(measurements: tuple[EcgMeasurement, ...], statements: tuple[EcgStatement, ...]) -> dict[str, Any]:
     """The findings as plain JSON (`lastmile ecg decode --json`, logs, tests)."""
     return {
         "measurements": [

@@ -112,12 +112,22 @@ def median_beat(x_uv: np.ndarray, beats: tuple[int, ...] | np.ndarray, rate_hz: 
     whole = span(p_part.start, t_part.stop)
     waves = []
     for row in t:
-        qrs = row[onset:offset + 1]
+        qrs = row[onset : offset + 1]
         r, s = (float(qrs.max()), float(qrs.min())) if qrs.size else (0.0, 0.0)
-        waves.append(Waves(p_uv=_signed_extreme(row[p_part]),
-                           qrs_polarity=float(np.clip((r + s) / (r - s), -1, 1)) if r > s else 0.0,
-                           qrs_range_uv=r - s,
-                           t_uv=_signed_extreme(row[t_part]),
-                           beat_range_uv=float(np.ptp(row[whole])) if row[whole].size else 0.0))
-    return MedianBeat(template=template, peak=before, qrs_onset=int(onset), qrs_offset=int(offset),
-                      beats_used=int(peaks.size), waves=tuple(waves))
+        waves.append(
+            Waves(
+                p_uv=_signed_extreme(row[p_part]),
+                qrs_polarity=float(np.clip((r + s) / (r - s), -1, 1)) if r > s else 0.0,
+                qrs_range_uv=r - s,
+                t_uv=_signed_extreme(row[t_part]),
+                beat_range_uv=float(np.ptp(row[whole])) if row[whole].size else 0.0,
+            )
+        )
+    return MedianBeat(
+        template=template,
+        peak=before,
+        qrs_onset=int(onset),
+        qrs_offset=int(offset),
+        beats_used=int(peaks.size),
+        waves=tuple(waves),
+    )

@@ -74,8 +74,8 @@ def moving_average(x: np.ndarray, width: int) -> np.ndarray:
     half_lo, half_hi = (width - 1) // 2, width // 2
     out = np.empty(x.shape, dtype=np.float64)
     if n >= width:  # the interior by slices (fast); the edges below by index
-        out[..., half_lo:n - half_hi] = (c[..., width:] - c[..., :n + 1 - width]) / width
-    edges = np.r_[0:min(half_lo, n), max(n - half_hi, min(half_lo, n)):n] if n >= width else np.arange(n)
+        out[..., half_lo : n - half_hi] = (c[..., width:] - c[..., : n + 1 - width]) / width
+    edges = np.r_[0 : min(half_lo, n), max(n - half_hi, min(half_lo, n)) : n] if n >= width else np.arange(n)
     lo = np.clip(edges - half_lo, 0, n)
     hi = np.clip(edges + half_hi + 1, 0, n)
     out[..., edges] = (c[..., hi] - c[..., lo]) / (hi - lo)
@@ -113,8 +113,11 @@ def _combine(energy: np.ndarray, rate_hz: float) -> tuple[np.ndarray, tuple[int,
     clarity = np.where(steady, clarity, 0.0)
     order = np.argsort(-clarity, kind="stable")
     best = clarity[order[0]]
-    chosen = [int(i) for i in order[:MAX_LEADS_COMBINED]
-              if level[i] > 0 and clarity[i] > 0 and clarity[i] >= LEAD_CLARITY_RATIO * best]
+    chosen = [
+        int(i)
+        for i in order[:MAX_LEADS_COMBINED]
+        if level[i] > 0 and clarity[i] > 0 and clarity[i] >= LEAD_CLARITY_RATIO * best
+    ]
     if not chosen:
         return np.zeros(n), ()
     combined = np.sum(energy[chosen] / level[chosen, None], axis=0) / len(chosen)
@@ -152,8 +155,9 @@ def _levels(env: np.ndarray, rate_hz: float) -> float:
     return float(np.median(blocks.max(axis=1)))
 
 
-def _search_back(beats: np.ndarray, candidates: np.ndarray, env: np.ndarray, level: float,
-                 refractory: int) -> np.ndarray:
+def _search_back(
+    beats: np.ndarray, candidates: np.ndarray, env: np.ndarray, level: float, refractory: int
+) -> np.ndarray:
     """Add the strongest candidate inside RR gaps much longer than usual."""
     if beats.size < 3:
         return beats
@@ -183,8 +187,9 @@ def _fiducials(beats: np.ndarray, filtered: np.ndarray, scale: np.ndarray, rate_
     return np.unique(moved)
 
 
-def heart_rate_bpm(beats: np.ndarray | tuple[int, ...], rate_hz: float,
-                   exclude: np.ndarray | None = None) -> float | None:
+def heart_rate_bpm(
+    beats: np.ndarray | tuple[int, ...], rate_hz: float, exclude: np.ndarray | None = None
+) -> float | None:
     """60 / mean RR (the way carts state the rate), None when it cannot be trusted.
 
     RR intervals that span an `exclude`d sample (a stretch where beats could not be seen) are

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -58,8 +59,15 @@ MAINS_NOISE = "mains-noise"
 MUSCLE_NOISE = "muscle-noise"
 LIMB_LEAD_REVERSAL = "limb-lead-reversal"
 TOO_SHORT = "too-short"
-KINDS: tuple[str, ...] = (LEAD_OFF, SATURATION, BASELINE_WANDER, MAINS_NOISE, MUSCLE_NOISE,
-                          LIMB_LEAD_REVERSAL, TOO_SHORT)
+KINDS: tuple[str, ...] = (
+    LEAD_OFF,
+    SATURATION,
+    BASELINE_WANDER,
+    MAINS_NOISE,
+    MUSCLE_NOISE,
+    LIMB_LEAD_REVERSAL,
+    TOO_SHORT,
+)
 
 ACCEPTABLE = "acceptable"
 WARN = "warn"
@@ -69,7 +77,9 @@ VERDICTS: tuple[str, ...] = (ACCEPTABLE, WARN, RE_RECORD)  # in order of severit
 LIMB_LEADS = ("I", "II", "III", "aVR", "aVL", "aVF")
 LIMB_TRIAD = ("I", "II", "III")
 ELECTRODE_OF_TRIAD = {  # the triad leads a limb electrode is part of -> that electrode
-    frozenset({"I", "II"}): "RA", frozenset({"I", "III"}): "LA", frozenset({"II", "III"}): "LL",
+    frozenset({"I", "II"}): "RA",
+    frozenset({"I", "III"}): "LA",
+    frozenset({"II", "III"}): "LL",
 }
 
 # ----------------------------------------------------------------------------- thresholds
@@ -181,9 +191,13 @@ class Problem:
     value: float | None = None
     unit: str = ""
 
-    def to_json(self) -> dict:
-        return {"kind": self.kind, "leads": list(self.leads), "message_zh": self.message_zh,
-                "message_en": self.message_en}
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "leads": list(self.leads),
+            "message_zh": self.message_zh,
+            "message_en": self.message_en,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,35 +222,50 @@ class QualityReport:
     leads: tuple[LeadMeasures, ...] = field(default=())
     duration_s: float = 0.0
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         """The documented JSON form (`lastmile ecg check --json`); heart rate in whole bpm."""
         rate = None if self.heart_rate_bpm is None else int(round(self.heart_rate_bpm))
-        return {"verdict": self.verdict, "heart_rate_bpm": rate,
-                "problems": [p.to_json() for p in self.problems]}
+        return {"verdict": self.verdict, "heart_rate_bpm": rate, "problems": [p.to_json() for p in self.problems]}
 
     def problems_on(self, lead: str) -> tuple[Problem, ...]:
         return tuple(p for p in self.problems if lead in p.leads)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """Everything but the per-lead figures, JSON-ready, for storing with the recording
         (`from_dict` reads it back): severities, the measured values and the beats included."""
-        return {"verdict": self.verdict, "heart_rate_bpm": self.heart_rate_bpm, "beats": list(self.beats),
-                "duration_s": self.duration_s,
-                "problems": [{**p.to_json(), "severity": p.severity, "value": p.value, "unit": p.unit}
-                             for p in self.problems]}
+        return {
+            "verdict": self.verdict,
+            "heart_rate_bpm": self.heart_rate_bpm,
+            "beats": list(self.beats),
+            "duration_s": self.duration_s,
+            "problems": [
+                {**p.to_json(), "severity": p.severity, "value": p.value, "unit": p.unit} for p in self.problems
+            ],
+        }
 
     @classmethod
-    def from_dict(cls, data: dict) -> QualityReport:
+    def from_dict(cls, data: dict[str, Any]) -> QualityReport:
         try:
-            problems = tuple(Problem(kind=str(p["kind"]), leads=tuple(str(n) for n in p["leads"]),
-                                     severity=str(p["severity"]), message_zh=str(p["message_zh"]),
-                                     message_en=str(p["message_en"]),
-                                     value=None if p.get("value") is None else float(p["value"]),
-                                     unit=str(p.get("unit", ""))) for p in data["problems"])
+            problems = tuple(
+                Problem(
+                    kind=str(p["kind"]),
+                    leads=tuple(str(n) for n in p["leads"]),
+                    severity=str(p["severity"]),
+                    message_zh=str(p["message_zh"]),
+                    message_en=str(p["message_en"]),
+                    value=None if p.get("value") is None else float(p["value"]),
+                    unit=str(p.get("unit", "")),
+                )
+                for p in data["problems"]
+            )
             rate = data["heart_rate_bpm"]
-            report = cls(verdict=str(data["verdict"]), heart_rate_bpm=None if rate is None else float(rate),
-                         beats=tuple(int(b) for b in data["beats"]), problems=problems,
-                         duration_s=float(data.get("duration_s", 0.0)))
+            report = cls(
+                verdict=str(data["verdict"]),
+                heart_rate_bpm=None if rate is None else float(rate),
+                beats=tuple(int(b) for b in data["beats"]),
+                problems=problems,
+                duration_s=float(data.get("duration_s", 0.0)),
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise EcgQualityError(f"not a stored quality report ({type(exc).__name__}: {exc})") from None
         if report.verdict not in VERDICTS or any(p.kind not in KINDS for p in problems):
@@ -275,8 +304,7 @@ def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0]
 
 
-def _at_limits(samples: np.ndarray, x_uv: np.ndarray, limits: list[tuple[int, int] | None],
-               rate: float) -> np.ndarray:
+def _at_limits(samples: np.ndarray, x_uv: np.ndarray, limits: list[tuple[int, int] | None], rate: float) -> np.ndarray:
     """(leads, samples): at the converter's limits, or on a far plateau at the lead's extreme."""
     at = np.zeros(samples.shape, dtype=bool)
     for i, lim in enumerate(limits):
@@ -330,7 +358,7 @@ def _baseline(x_uv: np.ndarray, rate: float) -> tuple[np.ndarray, float]:
     if m < 3:
         return x_uv.mean(axis=-1, keepdims=True), rate
     work_rate = rate / block
-    d = x_uv[:, :m * block].reshape(x_uv.shape[0], m, block).mean(axis=-1)
+    d = x_uv[:, : m * block].reshape(x_uv.shape[0], m, block).mean(axis=-1)
     for seconds in WANDER_MEDIAN_S:
         w = min(m, max(1, round(seconds * work_rate)) | 1)
         half = w // 2
@@ -355,7 +383,7 @@ def _mains(x_uv: np.ndarray, rate: float) -> tuple[np.ndarray, np.ndarray]:
     n = x_uv.shape[-1]
     window = np.hanning(n)
     spectrum = np.fft.rfft((x_uv - x_uv.mean(axis=-1, keepdims=True)) * window, axis=-1)
-    power = 2.0 * (spectrum.real ** 2 + spectrum.imag ** 2) / (n * float(np.sum(window ** 2)))
+    power = 2.0 * (spectrum.real**2 + spectrum.imag**2) / (n * float(np.sum(window**2)))
     freqs = np.fft.rfftfreq(n, 1.0 / rate)
     best = np.zeros(x_uv.shape[0])
     grid = np.full(x_uv.shape[0], MAINS_GRIDS_HZ[0])
@@ -369,8 +397,9 @@ def _mains(x_uv: np.ndarray, rate: float) -> tuple[np.ndarray, np.ndarray]:
                 break
             offset = np.abs(freqs - centre)
             band = np.nonzero(offset <= MAINS_TOLERANCE_HZ * h)[0]
-            around = ((offset >= MAINS_BACKGROUND_HZ[0] + MAINS_TOLERANCE_HZ * h)
-                      & (offset <= MAINS_BACKGROUND_HZ[1] + MAINS_TOLERANCE_HZ * h))
+            around = (offset >= MAINS_BACKGROUND_HZ[0] + MAINS_TOLERANCE_HZ * h) & (
+                offset <= MAINS_BACKGROUND_HZ[1] + MAINS_TOLERANCE_HZ * h
+            )
             if band.size == 0 or not around.any():
                 continue
             # the line is where the band peaks; its power is in the window's main lobe around it.
@@ -402,8 +431,8 @@ def _comb(x: np.ndarray, period: float) -> np.ndarray:
     out = np.zeros_like(x)
     if whole + 1 >= x.shape[-1]:
         return out
-    delayed = (1 - frac) * x[:, 1:-whole] + frac * x[:, :-whole - 1]
-    out[:, whole + 1:] = x[:, whole + 1:] - delayed
+    delayed = (1 - frac) * x[:, 1:-whole] + frac * x[:, : -whole - 1]
+    out[:, whole + 1 :] = x[:, whole + 1 :] - delayed
     return out
 
 
@@ -417,8 +446,8 @@ def _bridged(x_uv: np.ndarray, gap: np.ndarray, rate: float) -> np.ndarray:
     starts, ends = _runs(gap)
     n = x_uv.shape[-1]
     for start, end in zip(starts, ends):
-        left = x_uv[:, max(0, start - side):start]
-        right = x_uv[:, end:min(n, end + side)]
+        left = x_uv[:, max(0, start - side) : start]
+        right = x_uv[:, end : min(n, end + side)]
         a = np.median(left, axis=-1) if left.shape[-1] else np.median(right, axis=-1)
         b = np.median(right, axis=-1) if right.shape[-1] else a
         out[:, start:end] = a[:, None] + (b - a)[:, None] * np.linspace(0, 1, end - start)[None, :]
@@ -454,19 +483,19 @@ def _muscle(x_uv: np.ndarray, rate: float, beats: tuple[int, ...], skip: np.ndar
     n = x_uv.shape[-1]
     band = _muscle_band(x_uv, rate) / _muscle_gain(rate)
     outside = ~skip
-    outside[:int(rate / MAINS_GRIDS_HZ[0]) + int(rate / MAINS_GRIDS_HZ[1]) + 2] = False  # comb start-up
+    outside[: int(rate / MAINS_GRIDS_HZ[0]) + int(rate / MAINS_GRIDS_HZ[1]) + 2] = False  # comb start-up
     before, after = (round(s * rate) for s in MUSCLE_QRS_MASK_S)
     for b in beats:
-        outside[max(0, b - before):b + after] = False
+        outside[max(0, b - before) : b + after] = False
     window = max(1, round(MUSCLE_WINDOW_S * rate))
     count = n // window
     if count == 0:
-        return np.sqrt(np.mean(band ** 2, axis=-1))
-    energy = (band[:, :count * window] ** 2 * outside[:count * window]).reshape(-1, count, window).sum(-1)
-    kept = outside[:count * window].reshape(count, window).sum(-1)
+        return np.sqrt(np.mean(band**2, axis=-1))
+    energy = (band[:, : count * window] ** 2 * outside[: count * window]).reshape(-1, count, window).sum(-1)
+    kept = outside[: count * window].reshape(count, window).sum(-1)
     valid = kept >= 0.3 * window
     if not valid.any():
-        return np.sqrt(np.mean(band ** 2, axis=-1))
+        return np.sqrt(np.mean(band**2, axis=-1))
     return np.percentile(np.sqrt(energy[:, valid] / kept[valid]), MUSCLE_PERCENTILE, axis=-1)
 
 
@@ -479,8 +508,9 @@ def _sign(value: float, minimum: float) -> int:
 
 def _upside_down(w: Waves) -> bool:
     """All of the lead's measurable waves negative, at least two of them: P, QRS, T."""
-    signs = [s for s in (_sign(w.p_uv, P_MIN_UV), _sign(w.qrs_polarity, QRS_POLARITY_MIN),
-                         _sign(w.t_uv, T_MIN_UV)) if s]
+    signs = [
+        s for s in (_sign(w.p_uv, P_MIN_UV), _sign(w.qrs_polarity, QRS_POLARITY_MIN), _sign(w.t_uv, T_MIN_UV)) if s
+    ]
     return len(signs) >= 2 and all(s < 0 for s in signs)
 
 
@@ -501,7 +531,7 @@ def _swap_from_waves(waves: dict[str, Waves]) -> tuple[tuple[str, str], str] | N
         return ("RA", "LA"), "I"
     if "II" in waves and "aVR" in waves:
         ii = waves["II"]
-        if (_sign(ii.p_uv, P_MIN_UV) < 0 and _sign(ii.t_uv, T_MIN_UV) < 0 and _upright_avr(waves["aVR"])):
+        if _sign(ii.p_uv, P_MIN_UV) < 0 and _sign(ii.t_uv, T_MIN_UV) < 0 and _upright_avr(waves["aVR"]):
             return ("RA", "LL"), "II"
     return None
 
@@ -555,7 +585,7 @@ def _lead_off_problem(off: list[str], names: tuple[str, ...]) -> tuple[str, str]
     return wording.lead_off(tuple(off), names, electrode, limb, chest, other)
 
 
-def _message(f: _Finding, names: tuple[str, ...], detail: dict) -> tuple[str, str]:
+def _message(f: _Finding, names: tuple[str, ...], detail: dict[str, Any]) -> tuple[str, str]:
     leads = tuple(f.leads)
     if f.kind == LEAD_OFF:
         return _lead_off_problem(f.leads, names)
@@ -572,8 +602,9 @@ def _message(f: _Finding, names: tuple[str, ...], detail: dict) -> tuple[str, st
     return wording.too_short(detail["seconds"], f.severity)
 
 
-def _lost_leads(x: np.ndarray, at_rail: np.ndarray, rate: float,
-                uv_per_unit: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _lost_leads(
+    x: np.ndarray, at_rail: np.ndarray, rate: float, uv_per_unit: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Leads whose electrode is lost: flat in a 2 s window (a pause of the heart flattens every
     lead at once, alive, and does not count) or at the rail from some moment to the end.
 
@@ -603,7 +634,7 @@ def _lost_leads(x: np.ndarray, at_rail: np.ndarray, rate: float,
     for i in range(count):
         covered = np.zeros(n, dtype=bool)
         for start in starts[flat[i]]:
-            covered[start:start + window] = True
+            covered[start : start + window] = True
         flat_s[i] = covered.sum() / rate
         run_starts, run_ends = _runs(at_rail[i])
         stuck[i] = bool(run_ends.size) and run_ends[-1] == n and run_ends[-1] - run_starts[-1] >= min_stuck
@@ -614,8 +645,9 @@ def check_quality(recording: EcgRecording) -> QualityReport:
     """Analyse a recording. Raises EcgQualityError (only) for a rate outside 100-2000 Hz."""
     rate = float(recording.sampling_rate_hz)
     if not MIN_RATE_HZ <= rate <= MAX_RATE_HZ:
-        raise EcgQualityError(f"cannot assess an ECG sampled at {rate:g} Hz "
-                              f"(supported: {MIN_RATE_HZ:g}-{MAX_RATE_HZ:g} Hz)")
+        raise EcgQualityError(
+            f"cannot assess an ECG sampled at {rate:g} Hz (supported: {MIN_RATE_HZ:g}-{MAX_RATE_HZ:g} Hz)"
+        )
     names = recording.lead_names
     samples = recording.samples
     x = samples.astype(np.float64) * recording.uv_per_unit
@@ -640,7 +672,7 @@ def check_quality(recording: EcgRecording) -> QualityReport:
     knocked = at_rail[(rail_s >= SATURATION_MIN_S) & ~off].any(axis=0)
     for gap in recording.gaps:  # samples lost in transit: the two sides do not join up
         if 0 < gap.start < n:
-            knocked[gap.start - 1:gap.start + 1] = True
+            knocked[gap.start - 1 : gap.start + 1] = True
     disturbed = knocked
     if knocked.any():
         disturbed = moving_average(knocked.astype(np.float64), 2 * round(EXCLUDE_MARGIN_S * rate) + 1) > 1e-9
@@ -664,9 +696,9 @@ def check_quality(recording: EcgRecording) -> QualityReport:
         quiet[index[neutral]] = False
 
     findings: list[_Finding] = []
-    details: list[dict] = []
+    details: list[dict[str, Any]] = []
 
-    def add(finding: _Finding, detail: dict | None = None) -> None:
+    def add(finding: _Finding, detail: dict[str, Any] | None = None) -> None:
         findings.append(finding)
         details.append(detail or {})
 
@@ -675,8 +707,15 @@ def check_quality(recording: EcgRecording) -> QualityReport:
         add(_Finding(LEAD_OFF, lost, RE_RECORD, float(ranges[off].min()), "uV"))
     if saturated.any():
         worst = float(rail_s[saturated].max())
-        add(_Finding(SATURATION, [names[i] for i in np.nonzero(saturated)[0]],
-                     RE_RECORD if worst >= SATURATION_RERECORD_S else WARN, worst, "s"))
+        add(
+            _Finding(
+                SATURATION,
+                [names[i] for i in np.nonzero(saturated)[0]],
+                RE_RECORD if worst >= SATURATION_RERECORD_S else WARN,
+                worst,
+                "s",
+            )
+        )
 
     # --- noise, on the leads that are neither lost nor clipped
     wander = np.zeros(count)
@@ -691,16 +730,24 @@ def check_quality(recording: EcgRecording) -> QualityReport:
         muscle[q] = _muscle(bridged, rate, detection.beats, disturbed)
     noisy = np.zeros(count, dtype=bool)
     for kind, values, warn_at, rerecord_at in (
-            (BASELINE_WANDER, wander, WANDER_WARN_UV, WANDER_RERECORD_UV),
-            (MAINS_NOISE, mains, MAINS_WARN_UV, MAINS_RERECORD_UV),
-            (MUSCLE_NOISE, muscle, MUSCLE_WARN_UV, MUSCLE_RERECORD_UV)):
+        (BASELINE_WANDER, wander, WANDER_WARN_UV, WANDER_RERECORD_UV),
+        (MAINS_NOISE, mains, MAINS_WARN_UV, MAINS_RERECORD_UV),
+        (MUSCLE_NOISE, muscle, MUSCLE_WARN_UV, MUSCLE_RERECORD_UV),
+    ):
         hit = quiet & (values >= warn_at)
         noisy |= hit
         if hit.any():
             worst = float(values[hit].max())
-            add(_Finding(kind, [names[i] for i in np.nonzero(hit)[0]],
-                         RE_RECORD if worst >= rerecord_at else WARN, worst, "uV"),
-                {"hz": float(grid[hit][np.argmax(values[hit])])})
+            add(
+                _Finding(
+                    kind,
+                    [names[i] for i in np.nonzero(hit)[0]],
+                    RE_RECORD if worst >= rerecord_at else WARN,
+                    worst,
+                    "uV",
+                ),
+                {"hz": float(grid[hit][np.argmax(values[hit])])},
+            )
 
     # --- swapped electrodes
     if neutral is not None:
@@ -715,19 +762,37 @@ def check_quality(recording: EcgRecording) -> QualityReport:
             add(_Finding(LIMB_LEAD_REVERSAL, [m for m in moved if m in index], RE_RECORD), {"swap": swap})
 
     if duration < TOO_SHORT_WARN_S:
-        add(_Finding(TOO_SHORT, [], RE_RECORD if duration < TOO_SHORT_RERECORD_S else WARN, duration, "s"),
-            {"seconds": duration})
+        add(
+            _Finding(TOO_SHORT, [], RE_RECORD if duration < TOO_SHORT_RERECORD_S else WARN, duration, "s"),
+            {"seconds": duration},
+        )
 
     problems = []
     verdict = ACCEPTABLE
     for finding, detail in zip(findings, details):
         finding.leads = sorted(finding.leads, key=index.__getitem__)
         zh, en = _message(finding, names, detail)
-        problems.append(Problem(finding.kind, tuple(finding.leads), finding.severity, zh, en,
-                                finding.value, finding.unit))
+        problems.append(
+            Problem(finding.kind, tuple(finding.leads), finding.severity, zh, en, finding.value, finding.unit)
+        )
         verdict = _worse(finding.severity, verdict)
-    measures = tuple(LeadMeasures(name, float(flat_s[i]), float(rail_s[i]), float(wander[i]),
-                                  float(mains[i]), float(grid[i]), float(muscle[i]))
-                     for i, name in enumerate(names))
-    return QualityReport(verdict=verdict, heart_rate_bpm=detection.heart_rate_bpm, beats=detection.beats,
-                         problems=tuple(problems), leads=measures, duration_s=duration)
+    measures = tuple(
+        LeadMeasures(
+            name,
+            float(flat_s[i]),
+            float(rail_s[i]),
+            float(wander[i]),
+            float(mains[i]),
+            float(grid[i]),
+            float(muscle[i]),
+        )
+        for i, name in enumerate(names)
+    )
+    return QualityReport(
+        verdict=verdict,
+        heart_rate_bpm=detection.heart_rate_bpm,
+        beats=detection.beats,
+        problems=tuple(problems),
+        leads=measures,
+        duration_s=duration,
+    )

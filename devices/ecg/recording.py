@@ -16,7 +16,18 @@ from devices.identity import DeviceIdentity, Patient, TimeSource, require_aware
 POSSIBLE_YEARS = range(1900, 2201)
 
 STANDARD_12_LEADS: tuple[str, ...] = (
-    "I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6",
+    "I",
+    "II",
+    "III",
+    "aVR",
+    "aVL",
+    "aVF",
+    "V1",
+    "V2",
+    "V3",
+    "V4",
+    "V5",
+    "V6",
 )
 
 
@@ -67,8 +78,7 @@ class EcgRecording:
         if s.shape[0] == 0 or s.shape[1] == 0:
             raise InvalidRecordingError(f"a recording needs leads and samples (shape {s.shape})")
         if len(self.lead_names) != s.shape[0]:
-            raise InvalidRecordingError(
-                f"{len(self.lead_names)} lead names for {s.shape[0]} leads")
+            raise InvalidRecordingError(f"{len(self.lead_names)} lead names for {s.shape[0]} leads")
         if len(set(self.lead_names)) != len(self.lead_names) or not all(self.lead_names):
             raise InvalidRecordingError(f"lead names must be unique and non-empty: {self.lead_names}")
         if not (np.isfinite(self.sampling_rate_hz) and self.sampling_rate_hz > 0):

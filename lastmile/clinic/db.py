@@ -2,7 +2,8 @@
 
 It holds what the clinic session knows beside the outbox: the current patient and doctor
 (`patient_context`), the devices and their status (`device_registry`), and observations held
-unassigned until the doctor says whose they are (`observation_store`). WAL and a busy timeout,
+unassigned until the doctor says whose they are (`observation_store`), the studies the forwarder
+sent and the reports that came back for them (`lastmile.reports.store`). WAL and a busy timeout,
 because the acquire service and the `lastmile` commands use it at the same time; FULL sync,
 because a held observation exists nowhere else.
 """
@@ -120,6 +121,66 @@ def _console(db: sqlite_utils.Database) -> None:
     db.table("audit").create_index(["action", "target"], index_name="audit_action_target")
 
 
+def _reports(db: sqlite_utils.Database) -> None:
+    # What the forwarder sent, kept past the outbox's purge so returning reports can be linked
+    # to it (lastmile/reports/): one row per study, times ISO 8601 UTC.
+    # WITHOUT ROWID, no secondary index: recording a study touches one B-tree page (one write
+    # per batch of sent ECGs on the SD card); a few hundred rows are scanned in no time.
+    db.conn.execute(
+        """CREATE TABLE sent_studies (
+            study_uid TEXT PRIMARY KEY,
+            outbox_item_id INTEGER,
+            sop_instance_uid TEXT,  -- the ECG object sent
+            accession TEXT,
+            patient_id TEXT,
+            patient_name TEXT,
+            ecg_time TEXT,  -- the ECG's acquisition time (with its offset), else when it was queued
+            description TEXT,
+            stat INTEGER NOT NULL DEFAULT 0,
+            sent_at TEXT NOT NULL,
+            committed_at TEXT,
+            final_at TEXT,  -- when a final report arrived
+            last_polled_at TEXT,
+            polls INTEGER NOT NULL DEFAULT 0
+        ) WITHOUT ROWID"""
+    )
+    # Reports as received (`data`: the Part-10 object or the FHIR JSON), read into text.
+    db.table("reports").create(
+        {
+            "id": int,
+            "study_uid": str,
+            "source": str,  # "dicom" or "fhir"
+            "kind": str,  # "sr", "pdf", "fhir"
+            "object_uid": str,  # SOP Instance UID or DiagnosticReport/<id>
+            "version": str,  # FHIR versionId ("" for DICOM)
+            "sop_class_uid": str,
+            "status": str,  # preliminary, final, amended
+            "superseded_by": int,  # the report that replaced this one
+            "title": str,
+            "text": str,
+            "observer": str,  # the reading doctor
+            "report_time": str,
+            "patient_id": str,  # as the report names the patient
+            "patient_name": str,
+            "critical": str,  # JSON list of reasons; NULL: not critical
+            "problems": str,  # JSON list of what could not be read; NULL: none
+            "document_type": str,
+            "alerted_at": str,
+            "acknowledged_at": str,
+            "acknowledged_by": str,
+            "received_at": str,
+            "data": bytes,
+        },
+        pk="id",
+        not_null=["study_uid", "source", "kind", "object_uid", "version", "status", "received_at", "data"],
+        defaults={"version": ""},
+        foreign_keys=[("study_uid", "sent_studies", "study_uid")],
+    )
+    db.table("reports").create_index(["object_uid", "version"], index_name="reports_object", unique=True)
+    db.table("reports").create_index(["study_uid"], index_name="reports_study")
+    db.table("report_status").create({"name": str, "value": str, "updated_at": str}, pk="name", not_null=["value"])
+
+
 MIGRATIONS = (
     Migration("0001_session", _session),
     Migration("0002_devices", _devices),
@@ -129,7 +190,8 @@ MIGRATIONS = (
         "0004_session_triage",
         "ALTER TABLE session ADD COLUMN stat INTEGER NOT NULL DEFAULT 0;\nALTER TABLE session ADD COLUMN reason TEXT;",
     ),
-    Migration("0004_console", _console),
+    Migration("0005_console", _console),
+    Migration("0006_reports", _reports),
 )
 
 

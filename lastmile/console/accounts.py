@@ -1,6 +1,6 @@
 """Console accounts: one per person, argon2id passwords, lockout, logins, CSRF tokens.
 
-Rows live in clinic.db (`console_users`, `console_logins`; migration 0004_console). A login is a
+Rows live in clinic.db (`console_users`, `console_logins`; migration 0005_console). A login is a
 random token in an HttpOnly cookie; only its sha256 is stored, so a copy of the database does not
 hand out sessions. Each login has its own CSRF token, required on every form the user posts.
 

@@ -1,6 +1,6 @@
 """The audit trail: every change a console user makes, with who and when.
 
-One row per action in clinic.db's `audit` table (migration 0004_console): check-in, assignment,
+One row per action in clinic.db's `audit` table (migration 0005_console): check-in, assignment,
 "send anyway", "re-record", device pairing, a critical report acknowledged, language changes,
 logins and failed logins. Rows are never updated or deleted by the console.
 """

@@ -11,12 +11,16 @@ plugged in, by the tests (tests/fhir_server.py).
 - Bearer token check, optional gzip request bodies (else 415), and injected faults, consumed one
   per request: "500", "429" (Retry-After), "400", "timeout" (answer late), "drop" (close without
   answering), "commit-then-drop" (apply, then close: the client cannot know it succeeded).
+- The county's reports: `put_resource()` stores a DiagnosticReport (a new version each time);
+  GET `DiagnosticReport?identifier=sys|val,sys|val&_lastUpdated=gtINSTANT` searches them and
+  GET `DiagnosticReport/<id>` reads one (ETag W/"version"; If-None-Match → 304).
 """
 
 from __future__ import annotations
 
 import collections
 import copy
+import datetime as dt
 import gzip
 import itertools
 import json
@@ -27,7 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 
 def check_transaction_shape(bundle: dict) -> None:
@@ -52,6 +56,8 @@ def outcome(text: str, code: str = "invalid") -> dict:
 @dataclass
 class ServerStats:
     requests: int = 0
+    reads: int = 0  # GETs of resources (searches and reads)
+    not_modified: int = 0  # conditional reads answered 304
     transactions: int = 0
     bytes_received: int = 0
     created: int = 0
@@ -112,6 +118,44 @@ class FhirReceiver:
 
     def identifiers(self, kind: str) -> list[str]:
         return [r["identifier"][0]["value"] for r in self.resources(kind) if r.get("identifier")]
+
+    # --- served resources (the county's DiagnosticReports) --------------------------------------
+    def put_resource(self, resource: dict) -> dict:
+        """Create or update a resource served by search/read: a new versionId each time."""
+        with self._lock:
+            kind = resource["resourceType"]
+            stored = copy.deepcopy(resource)
+            stored.setdefault("id", str(next(self._ids)))
+            previous = self.store[kind].get(stored["id"])
+            version = int((previous or {}).get("meta", {}).get("versionId", "0")) + 1
+            now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+            stored["meta"] = {**stored.get("meta", {}), "versionId": str(version), "lastUpdated": now}
+            self.store[kind][stored["id"]] = stored
+            return copy.deepcopy(stored)
+
+    def search(self, kind: str, query: dict[str, list[str]]) -> dict:
+        """A searchset Bundle: identifier (comma = OR of system|value) and _lastUpdated=gt/ge."""
+        wanted = {v for values in query.get("identifier", []) for v in values.split(",")}
+        since = query.get("_lastUpdated", [""])[0]
+        op, instant = since[:2], since[2:]
+        after = dt.datetime.fromisoformat(instant) if since else None
+        with self._lock:
+            found = []
+            for res in self.store[kind].values():
+                idents = {f"{i.get('system', '')}|{i.get('value', '')}" for i in res.get("identifier") or []}
+                if wanted and not idents & wanted:
+                    continue
+                if after is not None:
+                    updated = dt.datetime.fromisoformat(res["meta"]["lastUpdated"])
+                    if not (updated > after if op == "gt" else updated >= after):
+                        continue
+                found.append(copy.deepcopy(res))
+        return {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "total": len(found),
+            "entry": [{"fullUrl": f"{self.base_url}/{kind}/{r['id']}", "resource": r} for r in found],
+        }
 
     # --- transaction processing ----------------------------------------------------------------
     def _conditions(self, kind: str, condition: str) -> str:
@@ -197,7 +241,7 @@ class FhirReceiver:
 
             def do_GET(self) -> None:
                 if self.path.endswith("/metadata"):
-                    self._send(
+                    return self._send(
                         200,
                         {
                             "resourceType": "CapabilityStatement",
@@ -207,8 +251,40 @@ class FhirReceiver:
                             "format": ["application/fhir+json"],
                         },
                     )
-                else:
-                    self._send(404, outcome("only /metadata and transactions here", "not-found"))
+                url = urlsplit(self.path)
+                parts = url.path.rstrip("/").split("/")
+                if "DiagnosticReport" not in parts[-2:]:
+                    return self._send(
+                        404, outcome("only /metadata, DiagnosticReport and transactions here", "not-found")
+                    )
+                with server._lock:
+                    server.stats.requests += 1
+                    server.stats.reads += 1
+                    fault = server.faults.popleft() if server.faults else None
+                    if fault:
+                        server.stats.faults_served.append(fault)
+                if fault == "drop":
+                    return self._drop()
+                if fault == "500":
+                    return self._send(500, outcome("injected server error", "exception"))
+                if server.token is not None and self.headers.get("Authorization") != f"Bearer {server.token}":
+                    return self._send(401, outcome("bad or missing bearer token", "login"))
+                if parts[-1] == "DiagnosticReport":
+                    return self._send(200, server.search("DiagnosticReport", parse_qs(url.query)))
+                with server._lock:
+                    found = copy.deepcopy(server.store["DiagnosticReport"].get(parts[-1]))
+                if found is None:
+                    return self._send(404, outcome(f"no DiagnosticReport/{parts[-1]}", "not-found"))
+                etag = f'W/"{found["meta"]["versionId"]}"'
+                if self.headers.get("If-None-Match") == etag:
+                    with server._lock:
+                        server.stats.not_modified += 1
+                    self.send_response(304)
+                    self.send_header("ETag", etag)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return None
+                return self._send(200, found, {"ETag": etag})
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)

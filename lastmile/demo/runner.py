@@ -21,10 +21,14 @@ from devices.ecg.recording import EcgRecording
 from devices.identity import DeviceIdentity, Patient, TimeSource
 from lastmile.config import Config
 from lastmile.data_dir import open_outbox
+from lastmile.demo.cardiologist import DemoCardiologist
 from lastmile.demo.loopback import free_port
 from lastmile.demo.reading_center import EmbeddedReadingCenter
 from lastmile.ecg.intake import enqueue_recording
-from lastmile.services.forward import forwarder_settings
+from lastmile.reports.sent import SentStudyRecorder
+from lastmile.reports.service import make_poller
+from lastmile.reports.store import ReportStore
+from lastmile.services.forward import forwarder_settings, peer_settings
 from uploader.ecg_forwarder import EcgForwarder
 
 Say = Callable[[str], None]
@@ -110,17 +114,26 @@ def run_demo(say: Say, *, n_recordings: int = 12, outage_s: float = 4.0, data_di
         config.outbox.backoff_base_s, config.outbox.backoff_max_s = 0.3, 1.5
         config.outbox.min_free_mb = 1
 
+        cardiologist = DemoCardiologist()
         center = EmbeddedReadingCenter(
-            port=rc.port, gateway_port=rc.listen_port, ae_title=rc.called_ae, gateway_ae=rc.calling_ae
+            port=rc.port,
+            gateway_port=rc.listen_port,
+            ae_title=rc.called_ae,
+            gateway_ae=rc.calling_ae,
+            reader=cardiologist,
         )
         center.start()
         say(f"reading center (embedded) listening on 127.0.0.1:{rc.port} as {rc.called_ae}")
         outbox = open_outbox(config)
+        reports = ReportStore.open(config.data_dir)
+        recorder = SentStudyRecorder(outbox, reports)
+        recorder.start()
         events = {"sent": 0, "retry": 0, "link-down": 0}
 
         def on_event(kind: str, info: dict) -> None:
             if kind in events:
                 events[kind] += 1
+            recorder.on_event(kind, info)
 
         forwarder = EcgForwarder(outbox, forwarder_settings(config), on_event=on_event)
         forwarder.start()
@@ -151,9 +164,13 @@ def run_demo(say: Say, *, n_recordings: int = 12, outage_s: float = 4.0, data_di
             say("reading center is back; forwarding the backlog ...")
             done = lambda: _count(outbox, "purged") + _count(outbox, "quarantined") >= n_recordings
             _pump(forwarder, outbox, stop, until=done, limit_s=30)
+            recorder.stop()
+            _reports_part(config, reports, center, cardiologist.read, say, summary)
         finally:
             forwarder.close()
+            recorder.stop()
             center.stop()
+            reports.close()
 
         _ble_part(config, say, summary)
         _field_part(Path(tmp), say, summary)
@@ -170,6 +187,41 @@ def run_demo(say: Say, *, n_recordings: int = 12, outage_s: float = 4.0, data_di
         summary.duplicated = max(0, summary.received - n_recordings, summary.studies - n_recordings)
         summary.elapsed_s = round(time.monotonic() - t0, 2)
     return summary
+
+
+def _reports_part(
+    config: Config, store: ReportStore, center: EmbeddedReadingCenter, read: int, say: Say, summary: DemoSummary
+) -> None:
+    """结果回传: the county's reports come back to the village (C-FIND + C-GET)."""
+    say(f"the county cardiologist read {read} ECGs (reports, some with a PDF, at the reading center)")
+    poller = make_poller(config, store, peer_settings(config.reading_center))
+    # the service polls on a schedule (STAT every 30 s); the demo asks at once
+    result = poller.run_round(force=True)
+    if result.error or result.fault:
+        say(f"  could not ask the reading center: {result.error or result.fault}")
+    current = store.reports(current_only=True)
+    critical = store.unacknowledged_critical()
+    pdfs = sum(r.kind == "pdf" for r in current)
+    say(
+        f"  gateway asked about {result.asked} studies in one query, brought back {result.stored} reports "
+        f"({pdfs} PDF) with {result.retrieved_by or 'nothing'} ({result.bytes / 1024:.1f} KB on the wire)"
+    )
+    for report in critical:
+        study = store.study(report.study_uid)
+        who = study.patient_id if study else "?"
+        say(
+            f"  CRITICAL (危急值) report #{report.id} for patient {who}: {report.critical[0]} - "
+            f"`lastmile doctor` shows FAIL until the doctor runs `lastmile report ack {report.id}`"
+        )
+    say("  the doctor now sees each patient's report: `lastmile report list`, `report show ID`, `report print ID`")
+    summary.extra.update(
+        {
+            "reports_returned": len(current),
+            "critical_reports": len(critical),
+            "report_pdfs": pdfs,
+            "report_round_bytes": result.bytes,
+        }
+    )
 
 
 def _ble_part(config: Config, say: Say, summary: DemoSummary) -> None:

@@ -277,7 +277,7 @@ def enqueue_recording(
         leads=recording.n_leads,
         sampling_rate_hz=recording.sampling_rate_hz,
         accession_number=uids.accession_number,
-        acquired_at=recording.acquired_at.isoformat(),
+        acquired_at=recording.acquired_at.isoformat(),  # shown with its report, after the purge
         device=recording.device.label(),
         duration_s=round(recording.duration_s, 1),
         stat=recording.stat,
@@ -537,6 +537,7 @@ def start_lan_receiver(
             section.sop_classes,
             host=section.host,
             timeout_s=config.reading_center.timeout_s,
+            max_object_bytes=max(1, section.max_object_mb) * 2**20,
         ),
         lan_object_store(outbox, current_patient_id),
     )

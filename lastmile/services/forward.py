@@ -1,4 +1,5 @@
-"""The forward service: outbox → reading center (DICOM) and county platform (FHIR)."""
+"""The forward service: outbox → reading center (DICOM) and county platform (FHIR), and the
+reports coming back (lastmile.reports: its own thread, its own backoff)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from uploader.dicom_tls import TlsFiles
 from uploader.ecg_forwarder import EcgForwarder, ForwarderSettings
 
 if TYPE_CHECKING:
+    from lastmile.reports.service import ReportService
     from uploader.fhir_sender import FhirSender
 
 log = logging.getLogger(__name__)
@@ -45,10 +47,12 @@ def forwarder_settings(config: Config) -> ForwarderSettings:
         storage_commitment=rc.storage_commitment,
         listen_port=rc.listen_port,
         listen_host=rc.listen_host,
+        report_networks=tuple(rc.report_networks),
         commitment_timeout_s=rc.commitment_timeout_s,
         no_commitment_policy=rc.no_commitment_policy,
         config_fault_retry_s=config.outbox.config_fault_retry_s,
         retention_s=config.outbox.retention_days * 86400.0,
+        max_interrupted_sends=max(1, config.outbox.max_interrupted_sends),
     )
 
 
@@ -59,12 +63,19 @@ class ForwardService:
         self.config = config
         self.outbox = open_outbox(config)
         try:
-            self.ecg = EcgForwarder(self.outbox, forwarder_settings(config))
-            self.ecg.start()
+            self.reports = self._make_reports(config)
             try:
-                self._fhir = self._make_fhir(config)
+                self.ecg = EcgForwarder(
+                    self.outbox, forwarder_settings(config), on_event=self.reports.recorder.on_event
+                )
+                self.ecg.start()
+                try:
+                    self._fhir = self._make_fhir(config)
+                except BaseException:
+                    self.ecg.close()
+                    raise
             except BaseException:
-                self.ecg.close()
+                self.reports.close()
                 raise
         except BaseException:
             # the runtime retries a start that failed on an operational fault: leave no
@@ -72,6 +83,13 @@ class ForwardService:
             self.outbox.close()
             raise
         self._last = "starting"
+
+    def _make_reports(self, config: Config) -> ReportService:
+        from lastmile.reports.service import ReportService
+
+        reports = ReportService(config, self.outbox, peer_settings(config.reading_center))
+        reports.start()
+        return reports
 
     @staticmethod
     def _make_fhir(config: Config) -> FhirSender | None:
@@ -92,6 +110,7 @@ class ForwardService:
         )
 
     def step(self, stop: threading.Event) -> float:
+        self.reports.check()
         result = self.ecg.run_round(stop)
         waits = [0.0 if result.did_work else self.ecg.next_due_in()]
         if self._fhir is not None and not stop.is_set():
@@ -117,18 +136,21 @@ class ForwardService:
 
     def reload(self, config: Config) -> None:
         self.ecg.close()
+        self.reports.close()
         if self._fhir is not None:
             self._fhir.close()
         self.config = config
-        self.ecg = EcgForwarder(self.outbox, forwarder_settings(config))
+        self.reports = self._make_reports(config)
+        self.ecg = EcgForwarder(self.outbox, forwarder_settings(config), on_event=self.reports.recorder.on_event)
         self.ecg.start()
         self._fhir = self._make_fhir(config)
 
     def close(self) -> None:
         self.ecg.close()
+        self.reports.close()
         if self._fhir is not None:
             self._fhir.close()
         self.outbox.close()
 
     def status_line(self) -> str:
-        return self._last
+        return f"{self._last}; {self.reports.status_line()}"
