@@ -20,6 +20,7 @@ import enum
 import io
 import math
 import os
+import re
 import struct
 import unicodedata
 from collections.abc import Callable, Iterator
@@ -766,14 +767,112 @@ def lan_receiver_seeds() -> list[bytes]:
 # -- report objects coming back (issue 14) -------------------------------------------------------
 
 
-def _report_reader_missing() -> str:
-    # SEAM(issue 14): branch `reports` had nothing beyond main when this harness was written, so
-    # there is no reader to call; its target goes here (SR and PDF objects from the reading center).
-    return "issue 14's SR/PDF report reader is not on main yet (branch `reports`): add its target here when it lands"
+REPORT_DATE = re.compile(r"\s*(\d{4})-?\d{2}")  # a report time that reads as a date: its year
+
+
+def _report_rules() -> object:
+    from uploader.report_reading import CriticalRules
+
+    return CriticalRules.parse(["SCT:401303003", "SCT:71908006"], ["危急值", "Critical Result"])
 
 
 def _run_report_objects(data: bytes) -> None:
-    raise NotImplementedError("see Target.skip")
+    """A report coming back from the reading center (issue 14): first byte even, the rest a
+    Part-10 SR or Encapsulated PDF (uploader/report_reading.py read_dicom_report); odd, a FHIR
+    DiagnosticReport as JSON (read_fhir_report, after the client's own JSON check). Odd content
+    goes to `problems`; only bytes that are no DICOM at all raise UnreadableReport."""
+    import json
+
+    from uploader.report_reading import MAX_TEXT_CHARS, ReportContent, read_dicom_report, read_fhir_report
+
+    if not data:
+        return
+    rules = _report_rules()
+    if data[0] % 2 == 0:
+        content = read_dicom_report(data[1:], rules)  # type: ignore[arg-type]
+    else:
+        try:
+            resource = json.loads(data[1:])
+        except ValueError:  # FhirReportClient refuses a body that is no JSON before reading it
+            return
+        if not isinstance(resource, dict):
+            return  # ... and one that is not a resource
+        content = read_fhir_report(resource, rules, ["1.2.826.0.1.3680043.8.498.1"])  # type: ignore[arg-type]
+    if not isinstance(content, ReportContent) or content.kind not in ("sr", "pdf", "fhir"):
+        raise Implausible(f"reader returned {content!r:.80}")
+    if not content.object_uid:
+        raise Implausible("report without an object uid")
+    texts = (content.object_uid, content.study_uid, content.patient_id, content.title, content.text, content.observer)
+    if not all(isinstance(t, str) for t in (*texts, *content.findings, *content.impressions, *content.problems)):
+        raise Implausible("a report field that is not text")
+    if len(content.text) > MAX_TEXT_CHARS:
+        raise Implausible(f"report text of {len(content.text)} chars")
+    # a time that reads as a date must be a possible one (odd text is passed on as it is, by design)
+    match = REPORT_DATE.match(content.report_time)
+    if match and not EARLIEST_YEAR <= int(match.group(1)) <= LATEST_YEAR:
+        raise Implausible(f"report time = {content.report_time}")
+    if content.document is not None and not isinstance(content.document, bytes):
+        raise Implausible("a document that is not bytes")
+    check_values(content, "report")
+
+
+def report_seeds() -> list[bytes]:
+    """Reports as the demo cardiologist writes them (an SR, an amended critical SR, a PDF) and a
+    FHIR DiagnosticReport with a PDF attached."""
+    import base64
+    import json
+
+    from lastmile.demo.cardiologist import (
+        SINUS_RHYTHM,
+        STEMI,
+        StudyToRead,
+        ecg_report_sr,
+        minimal_pdf,
+        part10,
+        report_pdf,
+    )
+
+    study = StudyToRead("1.2.826.0.1.3680043.8.498.1", patient_id="P0042", patient_name="Wang^Fang")
+    normal = ecg_report_sr(
+        study,
+        findings=["Sinus rhythm, 72/min"],
+        impression="Normal ECG",
+        coded_findings=[SINUS_RHYTHM],
+        reader="Chen^Jing",
+    )
+    critical = ecg_report_sr(
+        study,
+        findings=["ST elevation V1-V4", "危急值"],
+        impression="Acute anterior STEMI",
+        coded_findings=[STEMI],
+        reader="Chen^Jing",
+        amends=normal,
+    )
+    # preliminary, unverified: its time comes from Content Date/Time, not the verifier's
+    preliminary = ecg_report_sr(
+        study, findings=["Sinus rhythm"], impression="Normal ECG", complete=False, verified=False
+    )
+    fhir = {
+        "resourceType": "DiagnosticReport",
+        "id": "dr-1",
+        "meta": {"versionId": "3"},
+        "status": "amended",
+        "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{study.study_uid}"}],
+        "code": {"coding": [{"system": "http://loinc.org", "code": "11524-6", "display": "EKG study"}]},
+        "subject": {"identifier": {"system": "urn:lastmile:patient-id", "value": "P0042"}},
+        "issued": "2026-11-02T10:00:00+08:00",
+        "resultsInterpreter": [{"display": "Dr. Chen Jing"}],
+        "conclusion": "Sinus rhythm. Normal ECG.",
+        "conclusionCode": [{"coding": [{"system": "http://snomed.info/sct", "code": "401303003"}]}],
+        "presentedForm": [{"contentType": "application/pdf", "data": base64.b64encode(minimal_pdf(["ok"])).decode()}],
+    }
+    return [
+        b"\x00" + part10(normal),
+        b"\x00" + part10(critical),
+        b"\x00" + part10(preliminary),
+        b"\x00" + part10(report_pdf(study, ["Normal ECG"])),
+        b"\x01" + json.dumps(fhir, ensure_ascii=False).encode(),
+    ]
 
 
 # -- the registry -----------------------------------------------------------------------------------
@@ -907,12 +1006,11 @@ def _targets() -> list[Target]:
         ),
         Target(
             "report_objects",
-            "SR/PDF report objects (issue 14's reader)",
+            "SR/PDF/FHIR report objects (uploader/report_reading.py)",
             _run_report_objects,
-            (),
-            list,
-            4096,
-            skip=_report_reader_missing(),
+            _report_errors(),
+            report_seeds,
+            8192,
         ),
     ]
 
@@ -934,6 +1032,12 @@ def _ascii_profile_errors() -> tuple[type[BaseException], ...]:
     from devices.ascii_report import ProfileError
 
     return (ProfileError,)
+
+
+def _report_errors() -> tuple[type[BaseException], ...]:
+    from uploader.report_reading import UnreadableReport
+
+    return (UnreadableReport,)
 
 
 def _config_errors() -> tuple[type[BaseException], ...]:

@@ -275,3 +275,50 @@ def test_npz_refuses_dates_no_ecg_or_patient_can_have(acquired: dt.datetime, bor
     assert read_npz(npz(NOW, dt.date(1960, 1, 1))).acquired_at == NOW
     with pytest.raises(ProtocolError):
         read_npz(npz(acquired, born))
+
+
+# -- reports coming back (uploader/report_reading.py) ----------------------------------------------
+
+
+def report_study() -> object:
+    from lastmile.demo.cardiologist import StudyToRead
+
+    return StudyToRead("1.2.826.0.1.3680043.8.498.1", patient_id="P0042", patient_name="Wang^Fang")
+
+
+def test_sr_content_time_past_59_seconds_is_kept_as_text_not_raised() -> None:
+    """Content Time "084967" (67 s), no verification time: `_dicom_time` raised ValueError out of
+    read_dicom_report, whose contract is to read odd content with problems and never raise."""
+    from lastmile.demo.cardiologist import ecg_report_sr, part10
+    from uploader.report_reading import read_dicom_report
+
+    sr = ecg_report_sr(report_study(), findings=["Sinus rhythm"], impression="Normal ECG", verified=False)
+    sr.ContentDate, sr.ContentTime = "20261201", "084967"
+    content = read_dicom_report(part10(sr))
+    assert content.report_time == "20261201 084967" and "Normal ECG" in content.impressions
+    sr.ContentTime = "084959"
+    assert read_dicom_report(part10(sr)).report_time == "2026-12-01T08:49:59"
+
+
+@pytest.mark.parametrize("issued", ["1013-11-02T10:00:00+08:00", "0001-01-01", "9999-12-31T23:59:59Z"])
+def test_fhir_report_issued_in_an_impossible_year_is_flagged_not_shown(issued: str) -> None:
+    """`issued` 1013-11-02 (a garbled 2013) was passed on as the report's time; now it is dropped
+    and listed in problems, so the doctor sees the report is odd rather than a date from 1013."""
+    from uploader.report_reading import read_fhir_report
+
+    resource = {"resourceType": "DiagnosticReport", "id": "dr-1", "status": "final", "conclusion": "Normal ECG."}
+    ok = read_fhir_report({**resource, "issued": "2026-11-02T10:00:00+08:00"})
+    assert (ok.report_time, ok.problems, ok.final) == ("2026-11-02T10:00:00+08:00", (), True)
+    odd = read_fhir_report({**resource, "issued": issued})
+    assert odd.report_time == "" and not odd.final
+    assert [p for p in odd.problems if "no possible date" in p and issued[:10] in p]
+
+
+def test_sr_verified_in_an_impossible_year_is_flagged_not_shown() -> None:
+    from lastmile.demo.cardiologist import ecg_report_sr, part10
+    from uploader.report_reading import read_dicom_report
+
+    sr = ecg_report_sr(report_study(), findings=["Sinus rhythm"], impression="Normal ECG")
+    sr.VerifyingObserverSequence[0].VerificationDateTime = "10131102100000+0800"
+    content = read_dicom_report(part10(sr))
+    assert content.report_time == "" and any("no possible date" in p for p in content.problems)

@@ -82,11 +82,6 @@ def test_every_seed_decodes_or_raises_the_typed_error(name: str) -> None:
     assert decoded, f"{name}: no seed decodes, so the fuzzer would start from refusals only"
 
 
-def test_report_reader_target_says_why_it_is_skipped() -> None:
-    target = TARGETS["report_objects"]
-    assert not target.skip or "issue 14" in target.skip
-
-
 # -- the harness's checks catch what they are for -------------------------------------------------
 
 
