@@ -231,8 +231,11 @@ def start_target(
     ]
     if max_seconds:
         cmd += ["--max-seconds", str(max_seconds)]
+    # a fixed hash seed: set and dict orders, so coverage and the mutations it steers, are the same
+    # each run; with the same --seed, --inputs and corpus a run replays the same inputs
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
     with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_file, cwd=work_dir)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_file, cwd=work_dir, env=env)
     return proc, log_path
 
 

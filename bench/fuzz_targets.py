@@ -743,7 +743,8 @@ def _run_lan_receiver(data: bytes) -> None:
 
 
 def lan_receiver_seeds() -> list[bytes]:
-    """The (shortened) shared DICOM ECG's data set as a cart sends it, Implicit and Explicit VR LE."""
+    """The (shortened) shared DICOM ECG's data set as a cart sends it: Implicit, Explicit and
+    Deflated Explicit VR LE."""
     import warnings
 
     import pydicom
@@ -761,7 +762,17 @@ def lan_receiver_seeds() -> list[bytes]:
                 buffer.is_little_endian, buffer.is_implicit_VR = True, index == 0
                 write_dataset(buffer, ds)
                 out.append(bytes([index]) + buffer.getvalue())
+    # Deflated Explicit VR LE (index 3): the cart's object, and a bomb (2 MiB of zeros in 2 KB)
+    # that must be refused past the harness receiver's 1 MiB cap, never inflated whole
+    out += [b"\x03" + _raw_deflate(out[1][1:]), b"\x03" + _raw_deflate(bytes(2 << 20))]
     return out
+
+
+def _raw_deflate(data: bytes) -> bytes:
+    import zlib
+
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15)
+    return packer.compress(data) + packer.flush()
 
 
 # -- report objects coming back (issue 14) -------------------------------------------------------
