@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 
@@ -843,26 +844,46 @@ def report_seeds() -> list[bytes]:
         report_pdf,
     )
 
+    # fixed UIDs and times: the same seeds every run (the builders would draw new ones)
     study = StudyToRead("1.2.826.0.1.3680043.8.498.1", patient_id="P0042", patient_name="Wang^Fang")
-    normal = ecg_report_sr(
-        study,
-        findings=["Sinus rhythm, 72/min"],
-        impression="Normal ECG",
-        coded_findings=[SINUS_RHYTHM],
-        reader="Chen^Jing",
+    when = dt.datetime(2026, 11, 2, 10, 0, tzinfo=dt.timezone(dt.timedelta(hours=8)))
+
+    def fixed(ds: Any, n: int) -> Any:
+        ds.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.1.{n}"
+        ds.SeriesInstanceUID = f"1.2.826.0.1.3680043.8.498.1.9{n}"
+        return ds
+
+    normal = fixed(
+        ecg_report_sr(
+            study,
+            findings=["Sinus rhythm, 72/min"],
+            impression="Normal ECG",
+            coded_findings=[SINUS_RHYTHM],
+            reader="Chen^Jing",
+            when=when,
+        ),
+        1,
     )
-    critical = ecg_report_sr(
-        study,
-        findings=["ST elevation V1-V4", "危急值"],
-        impression="Acute anterior STEMI",
-        coded_findings=[STEMI],
-        reader="Chen^Jing",
-        amends=normal,
+    critical = fixed(
+        ecg_report_sr(
+            study,
+            findings=["ST elevation V1-V4", "危急值"],
+            impression="Acute anterior STEMI",
+            coded_findings=[STEMI],
+            reader="Chen^Jing",
+            when=when,
+            amends=normal,
+        ),
+        2,
     )
     # preliminary, unverified: its time comes from Content Date/Time, not the verifier's
-    preliminary = ecg_report_sr(
-        study, findings=["Sinus rhythm"], impression="Normal ECG", complete=False, verified=False
+    preliminary = fixed(
+        ecg_report_sr(
+            study, findings=["Sinus rhythm"], impression="Normal ECG", when=when, complete=False, verified=False
+        ),
+        3,
     )
+    pdf = fixed(report_pdf(study, ["Normal ECG"], when=when), 4)
     fhir = {
         "resourceType": "DiagnosticReport",
         "id": "dr-1",
@@ -881,7 +902,7 @@ def report_seeds() -> list[bytes]:
         b"\x00" + part10(normal),
         b"\x00" + part10(critical),
         b"\x00" + part10(preliminary),
-        b"\x00" + part10(report_pdf(study, ["Normal ECG"])),
+        b"\x00" + part10(pdf),
         b"\x01" + json.dumps(fhir, ensure_ascii=False).encode(),
     ]
 
