@@ -705,6 +705,11 @@ def commitment_seeds() -> list[bytes]:
     return [b"\x01" + encoded(ok), b"\x02" + encoded(some)]
 
 
+# the harness receiver's object cap: above the seeds (14 KB), small enough that inflating a bomb to
+# it under atheris' instrumentation costs milliseconds, not the 0.3 s a 1 MiB cap took
+LAN_CAP = 64 * 1024
+
+
 def _run_lan_receiver(data: bytes) -> None:
     """A C-STORE from a cart on the clinic LAN: first byte the transfer syntax, the rest the
     data set as it came off the wire, into the receiver's real handler."""
@@ -720,7 +725,7 @@ def _run_lan_receiver(data: bytes) -> None:
         return
     kept: list[ReceivedObject] = []
     # a small cap, so that a deflated input inflating past it (a bomb) is reachable
-    receiver = DicomReceiver(ReceiverSettings(allowed_callers=("CART01",), max_object_bytes=1 << 20), kept.append)
+    receiver = DicomReceiver(ReceiverSettings(allowed_callers=("CART01",), max_object_bytes=LAN_CAP), kept.append)
     request = C_STORE()
     request.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.9.1.1"
     request.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.7"
@@ -763,9 +768,9 @@ def lan_receiver_seeds() -> list[bytes]:
                 buffer.is_little_endian, buffer.is_implicit_VR = True, index == 0
                 write_dataset(buffer, ds)
                 out.append(bytes([index]) + buffer.getvalue())
-    # Deflated Explicit VR LE (index 3): the cart's object, and a bomb (2 MiB of zeros in 2 KB)
-    # that must be refused past the harness receiver's 1 MiB cap, never inflated whole
-    out += [b"\x03" + _raw_deflate(out[1][1:]), b"\x03" + _raw_deflate(bytes(2 << 20))]
+    # Deflated Explicit VR LE (index 3): the cart's object, and a bomb (128 KiB of zeros in 150
+    # bytes) that must be refused past the harness receiver's cap, never inflated whole
+    out += [b"\x03" + _raw_deflate(out[1][1:]), b"\x03" + _raw_deflate(bytes(2 * LAN_CAP))]
     return out
 
 
