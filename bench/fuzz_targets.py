@@ -17,6 +17,7 @@ import ast
 import dataclasses
 import datetime as dt
 import enum
+import functools
 import io
 import math
 import os
@@ -582,6 +583,19 @@ def has_control_characters(text: str) -> bool:
     return any(unicodedata.category(ch)[0] == "C" or unicodedata.category(ch) in ("Zl", "Zp") for ch in text)
 
 
+@functools.cache
+def _console_configs() -> tuple[Any, ...]:
+    """A configuration for each `[patient] id_kind` (what the ID check depends on)."""
+    from lastmile.config import Config
+
+    configs = []
+    for kind in ("", "cn-resident-id", "clinic-mrn"):
+        config = Config()
+        config.patient.id_kind = kind
+        configs.append(config)
+    return tuple(configs)
+
+
 def _run_console_forms(data: bytes) -> None:
     """A form post and the headers/query a browser sends, through every input check the
     console runs on them (lastmile/console: patient identifier, names, reasons, account names
@@ -591,17 +605,26 @@ def _run_console_forms(data: bytes) -> None:
     from lastmile.console.accounts import AccountError, check_name, check_password
     from lastmile.console.app import local_path, person_name
     from lastmile.console.i18n import negotiate
-    from lastmile.console.sources import MAX_NAME_LENGTH, ConsoleInputError, patient_identifier, short_text
+    from lastmile.console.sources import MAX_NAME_LENGTH, ConsoleInputError, checked_patient, short_text
 
     text = data.decode("utf-8", errors="replace")
     fields = {k: v[0] for k, v in parse_qs(text, keep_blank_values=True).items()}
-    for name, value in list(fields.items()) + [("raw", text)]:
-        try:
-            ident = patient_identifier(value)
+    # the check-in form as posted (ID and name together), then every value as an ID alone
+    typed = [(fields.get("patient_id", ""), fields.get("name", ""))]
+    typed += [(value, "") for value in [*fields.values(), text]]
+    for config in _console_configs():
+        for value, name in typed:
+            try:
+                patient = checked_patient(value, name, config)
+            except ConsoleInputError:
+                continue
+            ident = patient.patient_id
             if not ident or len(ident) > MAX_NAME_LENGTH or has_control_characters(ident) or ident != ident.strip():
-                raise Implausible(f"patient identifier {ident!r} accepted ({name})")
-        except ConsoleInputError:
-            pass
+                raise Implausible(f"patient identifier {ident!r} accepted (id_kind {config.patient.id_kind!r})")
+            if has_control_characters(patient.name):
+                raise Implausible(f"patient name {patient.name!r} accepted")
+            check_values(patient, "patient", dates=True)
+    for value in [*fields.values(), text]:
         try:
             short = short_text(value)
             if len(short) > MAX_NAME_LENGTH or has_control_characters(short):
@@ -623,7 +646,7 @@ def _run_console_forms(data: bytes) -> None:
 
 def console_seeds() -> list[bytes]:
     return [
-        b"csrf=abc&patient_id=110101199003077578&name=%E5%BC%A0%E4%B8%89&reason=fever",
+        b"csrf=abc&patient_id=110101199003077571&name=%E5%BC%A0%E4%B8%89&reason=fever",  # a valid resident ID
         b"csrf=abc&patient_id=C-00042&name=Zhang%5ESan%3D%E5%BC%A0%5E%E4%B8%89&next=/patients",
         b"name=doctor+li&password=correct-horse-battery&next=//evil.example",
         b"zh-CN,zh;q=0.9,en;q=0.8",

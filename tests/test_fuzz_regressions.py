@@ -94,20 +94,24 @@ def form(body: bytes) -> dict[str, str]:
 
 
 def test_console_refuses_control_characters_in_ids_names_and_reasons() -> None:
-    from lastmile.console.sources import ConsoleInputError, patient_identifier, short_text
+    from lastmile.config import Config
+    from lastmile.console.sources import ConsoleInputError, checked_patient, patient_identifier, short_text
 
+    config = Config()  # [patient] id_kind = "": any kind of ID
     fields = form(CONSOLE_FORM_WITH_CONTROLS)
     with pytest.raises(ConsoleInputError):
-        patient_identifier(fields["patient_id"])
+        patient_identifier(fields["patient_id"], config)
     with pytest.raises(ConsoleInputError):
         short_text(fields["name"])
+    with pytest.raises(ConsoleInputError):
+        checked_patient("C-0042", fields["name"], config)  # the check-in form: the name is checked too
     with pytest.raises(ConsoleInputError):
         short_text(fields["reason"])  # U+009B (CSI), a C1 control
     for ident in CONSOLE_ID_INVISIBLE:
         with pytest.raises(ConsoleInputError):
-            patient_identifier(ident)
+            patient_identifier(ident, config)
     # what people type still passes: a clinic number, a Chinese name, a reason with spaces
-    assert patient_identifier(" C-0042 ") == "C-0042"
+    assert patient_identifier(" C-0042 ", config) == "C-0042"
     assert short_text("张三") == "张三" and short_text("fever  and\tcough") == "fever and cough"
 
 
@@ -322,3 +326,26 @@ def test_sr_verified_in_an_impossible_year_is_flagged_not_shown() -> None:
     sr.VerifyingObserverSequence[0].VerificationDateTime = "10131102100000+0800"
     content = read_dicom_report(part10(sr))
     assert content.report_time == "" and any("no possible date" in p for p in content.problems)
+
+
+# -- resident ID numbers (devices/identity.py) -----------------------------------------------------
+
+# The console's check-in form with the ID's birth year 3990 for 1990 (one digit misread, the check
+# character still right): accepted, and the patient was born in 3990.
+RESIDENT_ID_BORN_3990 = "110101399003077578"
+
+
+def test_resident_id_with_a_birth_year_no_patient_can_have_is_refused() -> None:
+    from devices.identity import InvalidPatientIdError, parse_resident_id, resident_id_check_char
+    from lastmile.config import Config
+    from lastmile.console.sources import ConsoleInputError, patient_identifier
+
+    assert parse_resident_id("110101199003077571").birth_date == dt.date(1990, 3, 7)
+    with pytest.raises(InvalidPatientIdError) as refused:
+        parse_resident_id(RESIDENT_ID_BORN_3990)
+    assert refused.value.reason == "birth-date"
+    born_1899 = "11010118991231002"
+    with pytest.raises(InvalidPatientIdError):
+        parse_resident_id(born_1899 + resident_id_check_char(born_1899))
+    with pytest.raises(ConsoleInputError):
+        patient_identifier(RESIDENT_ID_BORN_3990, Config())

@@ -39,6 +39,7 @@ from pydicom.uid import (
     ExtensibleSRStorage,
 )
 
+from devices.identity import POSSIBLE_YEARS
 from uploader.errors import UploadError
 
 REPORT_SR_CLASSES: tuple[str, ...] = (
@@ -53,7 +54,6 @@ REPORT_SOP_CLASSES: tuple[str, ...] = (*REPORT_SR_CLASSES, EncapsulatedPDFStorag
 MAX_DEPTH = 16  # content tree nesting we follow (TID 3700 uses 4)
 MAX_ITEMS = 5000  # content items we render; a bigger tree is flagged, not walked
 MAX_TEXT_CHARS = 200_000  # rendered text kept
-POSSIBLE_REPORT_YEARS = range(1900, 2201)  # as devices/ecg/recording.py POSSIBLE_YEARS (no numpy here)
 
 # DICOM concepts this module looks for (CID 7001/7002, TID 1002/2000/3700)
 FINDINGS_CONTAINER = ("DCM", "121070")
@@ -203,7 +203,7 @@ def _possible_time(when: str, problems: list[str]) -> str:
     """`when`, unless it reads as a date in a year no report was written (a garbled field, e.g.
     1013 for 2013): then "" and a problem, so that the doctor is not shown an impossible time."""
     m = re.match(r"\s*(\d{4})-?\d{2}", when)
-    if m and int(m.group(1)) not in POSSIBLE_REPORT_YEARS:
+    if m and int(m.group(1)) not in POSSIBLE_YEARS:
         problems.append(f"report time {when[:40]!r} is no possible date")
         return ""
     return when

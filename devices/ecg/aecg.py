@@ -28,10 +28,10 @@ from defusedxml.ElementTree import ParseError, fromstring
 
 from devices.ecg.findings import EcgMeasurement, EcgStatement, MedianBeats, StatementSource, measurement
 from devices.ecg.leads import derive_limb_leads, normalise_lead_name, require_unique
-from devices.ecg.recording import POSSIBLE_YEARS, EcgRecording
+from devices.ecg.recording import EcgRecording
 from devices.ecg.scaling import Channel, to_common_unit
 from devices.errors import InvalidRecordingError, ProtocolError, UnsupportedFeatureError
-from devices.identity import DeviceIdentity, Patient, TimeSource
+from devices.identity import POSSIBLE_YEARS, DeviceIdentity, Patient, TimeSource
 
 NS = "{urn:hl7-org:v3}"
 XSI_TYPE = "{http://www.w3.org/2001/XMLSchema-instance}type"

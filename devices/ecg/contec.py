@@ -26,9 +26,9 @@ import re
 import numpy as np
 
 from devices.ecg.leads import derive_limb_leads
-from devices.ecg.recording import POSSIBLE_YEARS, EcgRecording
+from devices.ecg.recording import EcgRecording
 from devices.errors import InvalidRecordingError, ProtocolError
-from devices.identity import DeviceIdentity, TimeSource
+from devices.identity import POSSIBLE_YEARS, DeviceIdentity, TimeSource
 
 HEADER_LEN = 43
 FOOTER_LEN = 37

@@ -49,10 +49,10 @@ from devices.ecg.leads import (
     normalise_lead_name,
     require_unique,
 )
-from devices.ecg.recording import POSSIBLE_YEARS, EcgRecording
+from devices.ecg.recording import EcgRecording
 from devices.ecg.scaling import Channel, to_common_unit
 from devices.errors import InvalidRecordingError, ProtocolError, UnsupportedFeatureError
-from devices.identity import DeviceIdentity, Patient, TimeSource
+from devices.identity import POSSIBLE_YEARS, DeviceIdentity, Patient, TimeSource
 from devices.inflate import inflate
 
 if TYPE_CHECKING:

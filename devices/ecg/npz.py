@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from devices.ecg.recording import POSSIBLE_YEARS, EcgRecording, SampleGap
+from devices.ecg.recording import EcgRecording, SampleGap
 from devices.errors import InvalidRecordingError, ProtocolError, UnsupportedFeatureError
-from devices.identity import DeviceIdentity, Patient, TimeSource
+from devices.identity import POSSIBLE_YEARS, DeviceIdentity, Patient, TimeSource
 
 FORMAT_VERSION = 1
 MAX_FILE_BYTES = 64 * 1024 * 1024

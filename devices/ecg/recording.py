@@ -11,10 +11,6 @@ from devices.ecg.findings import EcgMeasurement, EcgStatement, MedianBeats
 from devices.errors import InvalidRecordingError
 from devices.identity import DeviceIdentity, Patient, TimeSource, require_aware
 
-# Years a date in an ECG file (acquisition, birth) can hold; outside, the field is garbled
-# (e.g. "0202" for "2020"), and decoders treat it as unreadable rather than pass it on.
-POSSIBLE_YEARS = range(1900, 2201)
-
 STANDARD_12_LEADS: tuple[str, ...] = (
     "I",
     "II",

@@ -30,9 +30,9 @@ import numpy as np
 
 from devices.ecg.findings import EcgMeasurement, EcgStatement, MedianBeats, StatementSource, measurement
 from devices.ecg.leads import derive_limb_leads, lead_name_from_scp_code, require_unique, standard_order
-from devices.ecg.recording import POSSIBLE_YEARS, EcgRecording
+from devices.ecg.recording import EcgRecording
 from devices.errors import InvalidRecordingError, ProtocolError, UnsupportedFeatureError
-from devices.identity import DeviceIdentity, Patient, TimeSource
+from devices.identity import POSSIBLE_YEARS, DeviceIdentity, Patient, TimeSource
 
 SECTION_HEADER = 16
 DEFAULT_HUFFMAN = 19999
