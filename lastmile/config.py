@@ -8,6 +8,7 @@ refused with the file, line and reason, so a county technician sees exactly what
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
@@ -417,6 +418,22 @@ _RANGES: dict[str, _Range] = {
     "visits.fix_wait_s": _Range(0, 600, "a number of seconds"),
     "fhir.timeout_s": _NETWORK_TIMEOUT,
     "fhir.batch_size": _Range(1, 1000, "a count of bundles"),
+    # 0 would quarantine every item before its first send
+    "outbox.max_interrupted_sends": _Range(1, 1000, "a count of interrupted sends"),
+    # below 1 MB not even one ECG fits; above 1 GB one object outgrows a Pi's memory
+    "lan_receiver.max_object_mb": _Range(1, 1024, "a number of megabytes"),
+    "reports.window_days": _Range(0, 3650, "a number of days", low_open=True),
+    "reports.stat_poll_s": _Range(0, _DAY, "a number of seconds", low_open=True),
+    "reports.stat_hurry_h": _Range(0, 7 * 24, "a number of hours"),
+    "reports.amendment_poll_h": _Range(0, 24 * 365, "a number of hours"),  # 0: stop
+    "reports.batch_size": _Range(1, 1000, "a count of studies"),
+    "reports.move_port": _PORT,
+    "reports.retention_days": _Range(0, 3650, "a number of days"),
+    "reports.backoff_base_s": _Range(0, _DAY, "a number of seconds", low_open=True),
+    "reports.backoff_max_s": _Range(0, 7 * _DAY, "a number of seconds", low_open=True),
+    "console.session_idle_s": _Range(0, 30 * _DAY, "a number of seconds", low_open=True),
+    "console.max_login_failures": _Range(1, 1000, "a count of failed logins"),
+    "console.lockout_s": _Range(0, 30 * _DAY, "a number of seconds", low_open=True),
 }
 
 STATION_NAME_BYTES = 16  # DICOM SH, as dciodvfy counts it: bytes of the encoded value
@@ -468,6 +485,39 @@ def _text_problem(value: str, max_bytes: int, what: str) -> str | None:
 def _uid_problem(value: str) -> str | None:
     if len(value) > 64 or not re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+", value):
         return "is not a DICOM UID (digits and dots, at most 64 characters, e.g. 1.2.840.10008.5.1.4.1.1.9.1.1)"
+    return None
+
+
+def network_problem(text: str) -> str | None:
+    """Why `text` is not a usable CIDR network (e.g. 10.8.0.0/24) to trust reports from, or None."""
+    try:
+        net = ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        return "is not a network in CIDR form, e.g. 10.8.0.0/24 or 192.168.1.20/32"
+    if net.prefixlen == 0:
+        return "is every address: anyone could send storage-commitment reports; name the reading center's network"
+    try:
+        ipaddress.ip_network(text.strip())
+    except ValueError:  # 10.8.0.5/24: a host or its network? say both rather than guess
+        host = text.strip().split("/")[0]
+        return f"has host bits set: write {net} for the network, or {host}/{net.max_prefixlen} for one host"
+    return None
+
+
+def bind_address_problem(text: str) -> str | None:
+    """Why `text` is not an address this gateway can listen on (an IP literal), or None."""
+    if text == "localhost":
+        return None
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return "must be an IP address of this gateway, e.g. 192.168.1.10 (or 0.0.0.0 for every interface)"
+    return None
+
+
+def _identifier_system_problem(value: str) -> str | None:
+    if not re.fullmatch(r"(urn:[A-Za-z0-9][A-Za-z0-9-]*:\S+|https?://\S+)", value):
+        return "must be a URI (urn:... or http(s)://...), e.g. urn:oid:2.16.156.10011.1.1 or https://county.example/ids"
     return None
 
 
@@ -561,6 +611,13 @@ def check_meaning(config: Config, problems: _Problems) -> None:
             problems.add(f"reading_center.{key}", problem)
     if not rc.host.strip():
         problems.add("reading_center.host", "must name the reading center's PACS (host name or address)")
+    for net in rc.report_networks:
+        problem = network_problem(net)
+        if problem:
+            problems.add("reading_center.report_networks", f"entry {net!r} {problem}")
+    problem = bind_address_problem(rc.listen_host) if rc.listen_host else None
+    if problem:
+        problems.add("reading_center.listen_host", problem)
     tls = rc.tls
     if tls.enabled and not tls.ca_file:
         problems.add(
@@ -577,6 +634,9 @@ def check_meaning(config: Config, problems: _Problems) -> None:
     problem = ae_title_problem(lan.ae_title)
     if problem:
         problems.add("lan_receiver.ae_title", problem)
+    problem = bind_address_problem(lan.host)
+    if problem:
+        problems.add("lan_receiver.host", problem)
     for caller in lan.allowed_callers:
         problem = ae_title_problem(caller)
         if problem:
@@ -616,6 +676,17 @@ def check_meaning(config: Config, problems: _Problems) -> None:
 
     if config.gps.source == "nmea" and not config.gps.nmea_port:
         problems.add("gps.source", 'is "nmea" but gps.nmea_port is empty: name the receiver\'s serial port')
+    if config.gps.source == "gpsd" and not config.gps.gpsd_host.strip():
+        problems.add("gps.gpsd_host", 'must name gpsd\'s address (e.g. "127.0.0.1") when gps.source is "gpsd"')
+    if serial.profiles_dir and not os.path.isabs(serial.profiles_dir):
+        problems.add("serial.profiles_dir", "must be an absolute path, e.g. /etc/lastmile/profiles")
+
+    _check_reports(config, problems)
+    _check_console(config, problems)
+    for key in ("patient_id_system", "practitioner_id_system"):
+        problem = _identifier_system_problem(getattr(config.fhir, key))
+        if problem:
+            problems.add(f"fhir.{key}", problem)
 
     if host_port(config.metrics.listen) is None:
         problems.add(
@@ -633,6 +704,55 @@ def check_meaning(config: Config, problems: _Problems) -> None:
         problem = insecure_url_problem(config.fhir.base_url)
         if problem:
             problems.add("fhir.base_url", problem)
+
+
+def _check_reports(config: Config, problems: _Problems) -> None:
+    r = config.reports
+    if r.move_ae:
+        problem = ae_title_problem(r.move_ae)
+        if problem:
+            problems.add("reports.move_ae", problem)
+        problem = bind_address_problem(r.move_host)
+        if problem:
+            problems.add("reports.move_host", problem)
+        rc, lan = config.reading_center, config.lan_receiver
+        taken = {rc.listen_port: "the storage-commitment listener"} if rc.storage_commitment else {}
+        if lan.enabled:
+            taken[lan.port] = "the LAN receiver"
+        if r.move_port in taken:
+            problems.add(
+                "reports.move_port" if problems.written("reports.move_port") else "reports.move_ae",
+                f"is set and reports.move_port ({r.move_port}) is also the port of {taken[r.move_port]}: "
+                "two listeners cannot share a port",
+            )
+    for code in r.critical_codes:
+        scheme, sep, value = code.partition(":")
+        if not sep or not scheme.strip() or not value.strip():
+            problems.add("reports.critical_codes", f"entry {code!r} is not SCHEME:CODE (e.g. SCT:401303003)")
+    if r.critical_command and not os.path.isabs(r.critical_command[0]):
+        problems.add(
+            "reports.critical_command",
+            f"starts with {r.critical_command[0]!r}: name the program by its absolute path, e.g. /usr/bin/aplay",
+        )
+    if r.backoff_max_s < r.backoff_base_s:
+        problems.add("reports.backoff_max_s", f"({r.backoff_max_s:g}) must not be less than reports.backoff_base_s")
+
+
+def _check_console(config: Config, problems: _Problems) -> None:
+    c = config.console
+    listen = host_port(c.listen)
+    if listen is None:
+        problems.add("console.listen", 'must be "HOST:PORT" with a port from 1 to 65535, e.g. "0.0.0.0:8443"')
+        return
+    problem = bind_address_problem(listen[0])
+    if problem:
+        problems.add("console.listen", f"host {listen[0]!r} {problem}")
+    elif not c.https and listen[0] != "localhost" and not ipaddress.ip_address(listen[0]).is_loopback:
+        problems.add(
+            "console.https" if problems.written("console.https") else "console.listen",
+            f"is false with console.listen on {listen[0]}: plain HTTP is allowed on loopback only (127.0.0.1); "
+            "set https = true for the clinic LAN",
+        )
 
 
 def check_files(config: Config, text: str) -> None:

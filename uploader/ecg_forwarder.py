@@ -28,6 +28,7 @@ the local copies, or "purge" them once sent.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -41,7 +42,7 @@ from uploader.dicom_association import PeerSettings
 from uploader.dicom_commitment import CommitmentListener, CommitmentReport, ReportRefused, ReportSenders
 from uploader.dicom_store import CommitmentUnsupported, StoreAssociation
 from uploader.errors import ConfigurationFault, CorruptPayloadError, PermanentError, TransientError
-from uploader.outbox import DEFAULT_MAX_INTERRUPTED_SENDS, ItemState, Kind, Outbox, OutboxItem
+from uploader.outbox import DEFAULT_MAX_INTERRUPTED_SENDS, ItemState, Kind, Outbox, OutboxItem, is_disk_full
 from uploader.reachability import address_toward
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,10 @@ class EcgForwarder:
         self._pending_committed = 0
         self._commitment_unsupported_until = 0.0
         self._fault_until = 0.0
+        # stored at the peer, but the disk was too full to record it: recorded when there is room
+        # (`record_unrecorded_sends`), never sent again
+        self._unrecorded_sent: set[int] = set()
+        self._lock_unrecorded = threading.Lock()  # chunks are sent from several threads
         self._no_route_logged = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -279,7 +284,13 @@ class EcgForwarder:
                     in_flight = None
                     now = self.clock()
                     if outcome.category in ("success", "warning"):
-                        self.outbox.mark_sent([item.id], now)
+                        try:
+                            self.outbox.mark_sent([item.id], now)
+                        except sqlite3.OperationalError as exc:
+                            if is_disk_full(exc):
+                                with self._lock_unrecorded:
+                                    self._unrecorded_sent.add(item.id)
+                            raise
                         sent_now.append(item)
                         r.sent += 1
                         self.on_event(
@@ -446,6 +457,16 @@ class EcgForwarder:
         current = self.outbox.status(STATUS_NAME) or {}
         current.update(changes)
         self.outbox.record_status(STATUS_NAME, current, now)
+
+    def record_unrecorded_sends(self) -> int:
+        """Mark sent what the peer stored while the disk was too full to record it (they are
+        still claimed by us); call before releasing this outbox's claims. Returns how many."""
+        with self._lock_unrecorded:
+            ids = sorted(self._unrecorded_sent)
+            if ids:
+                self.outbox.mark_sent(ids, self.clock())
+                self._unrecorded_sent.clear()
+        return len(ids)
 
     def clear_fault(self) -> None:
         """Forget a configuration fault now (after SIGHUP reloaded a fixed configuration)."""

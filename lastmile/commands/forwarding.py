@@ -192,18 +192,28 @@ def _ecgs_with_problems(outbox: Outbox, now: float) -> list[dict[str, Any]]:
 
 def _queue(args: argparse.Namespace) -> int:
     from lastmile.commands.common import config_from_args
-    from lastmile.data_dir import open_existing_outbox
+    from lastmile.data_dir import DataPartitionFullError, open_existing_outbox
 
     config = config_from_args(args)
     now = time.time()
-    outbox = open_existing_outbox(config)  # a read-only command: never creates the data directory
-    if outbox is None:
-        stats = _empty_stats()
-        print(f"note: no outbox in {config.data_dir} yet: nothing has been queued there", file=sys.stderr)
+    try:
+        outbox = open_existing_outbox(config)  # a read-only command: never creates the data directory
+    except DataPartitionFullError:
+        # opening writes (recovery, reserve, -shm): on a full partition read what is on disk instead
+        from uploader.outbox import snapshot_stats
+
+        outbox = None
+        stats = snapshot_stats(config.data_dir, now)
     else:
-        with outbox:
-            stats = outbox.stats(now)
-            stats["ecgs_with_problems"] = _ecgs_with_problems(outbox, now)
+        if outbox is None:
+            stats = _empty_stats()
+            print(f"note: no outbox in {config.data_dir} yet: nothing has been queued there", file=sys.stderr)
+        else:
+            with outbox:
+                stats = outbox.stats(now)
+                stats["ecgs_with_problems"] = _ecgs_with_problems(outbox, now)
+    free, min_free = stats.get("free_bytes"), config.outbox.min_free_mb * 2**20
+    stats["storage_full"] = free is not None and free < min_free
     _mask_stats(stats)
     if args.json:
         print(json.dumps(stats, sort_keys=True, default=str))
@@ -222,6 +232,13 @@ def _queue(args: argparse.Namespace) -> int:
     print(f"oldest waiting: {'none' if oldest is None else f'{oldest / 60:.1f} min'}")
     print(f"last sent: {_ago(stats.get('last_sent_at'), now)}")
     print(f"last committed: {_ago(stats.get('last_committed_at'), now)}")
+    if stats["storage_full"] and free is not None:
+        print(
+            f"FAULT data partition full: {free / 2**20:.1f} MB free, {min_free / 2**20:.0f} MB must stay free. "
+            "New ECGs and readings are refused; what is queued is kept and sent as soon as the "
+            "reading center can be reached (sending frees space). If the network is up and this stays, "
+            "call the county IT to free space on the data partition."
+        )
     statuses = stats.get("statuses", {})
     rc = statuses.get("reading_center") or {}
     if rc.get("fault"):

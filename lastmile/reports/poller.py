@@ -23,6 +23,7 @@ import datetime as dt
 import json
 import logging
 import random
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -427,6 +428,11 @@ class PollerThread:
                 delay = self.poller.next_due_in()
             except UploadError as exc:  # typed failures are handled in run_round; this is a bug
                 log.exception("report poller: unexpected %s", type(exc).__name__)
+                delay = self.idle_s
+            except (sqlite3.OperationalError, OSError) as exc:
+                # a full or read-only data partition: waited out, never the end of the thread
+                # (the forward service would exit with it and stop draining the disk)
+                log.error("report poller: cannot write its state (%s); retrying in %g s", exc, self.idle_s)
                 delay = self.idle_s
             except Exception as exc:  # the thread must not die silently: the service checks `alive`
                 self.error = exc
