@@ -106,11 +106,19 @@ def check_recording(rec: object) -> None:
 
 
 def check_observation_like(obs: object) -> None:
-    """Quantities: a finite number or None with the reason; aware times."""
+    """Quantities: a finite, plausible number or None with the reason; aware times."""
     check_values(obs, type(obs).__name__, dates=hasattr(obs, "measured_at"))
+    from devices.observation import Observation
+    from devices.plausibility import implausibility
+
     for q in getattr(obs, "quantities", ()):
         if q.value is None and not q.special:
             raise Implausible(f"{q.code}: no value and no reason")
+        # an Observation (what is stored and sent) holds no value outside its plausible range
+        # (devices/plausibility.py): such a one is kept as "no value", flagged; a decoder's raw
+        # Measurement may, it is screened when it becomes an Observation
+        if isinstance(obs, Observation) and q.value is not None and implausibility(q.code, q.value, q.unit):
+            raise Implausible(f"{q.code} = {q.value} {q.unit} passed on as a value")
     for name in ("measured_at", "received_at"):
         when = getattr(obs, name, None)
         if isinstance(when, dt.datetime) and when.tzinfo is None:
@@ -289,7 +297,9 @@ def _ble_uuids() -> list[int]:
 
 def _run_ble(data: bytes) -> None:
     """First byte picks the characteristic (as the link knows it), the rest is its value."""
+    from devices.ble.measurement import Measurement, to_observation
     from devices.ble.registry import decode, to_jsonable
+    from devices.identity import DeviceIdentity, TimeSource
 
     if not data:
         return
@@ -297,6 +307,18 @@ def _run_ble(data: bytes) -> None:
     value = decode(uuids[data[0] % len(uuids)], data[1:])
     check_observation_like(value)
     to_jsonable(value)  # what `ble decode --json` and the logs do with it
+    # ... and what the link makes of it (firmware_bridge/ble/link.py: a record without a value is skipped)
+    if isinstance(value, Measurement) and value.quantities:
+        check_observation_like(
+            to_observation(
+                value,
+                device=DeviceIdentity(address="AA:BB:CC:DD:EE:FF"),
+                measured_at=NOW,
+                time_source=TimeSource.GATEWAY_RECEIPT,
+                received_at=NOW,
+                key="fuzz",
+            )
+        )
 
 
 def ble_seeds() -> list[bytes]:
