@@ -40,12 +40,12 @@ AECG_UNKNOWN_ENCODING = b'<?xml version="1.0" encoding="UTF-6"?>\n<AnnotatedECG 
 # (OverflowError escaped read_aecg).
 AECG_RELATIVE_HEAD_AS_DATE = aecg_document(
     '<code code="TIME_RELATIVE"/><value xsi:type="GLIST_PQ">'
-    '<head value="20240501093000"/><increment value="0.1" unit="s"/></value>'
+    '<head value="20240501093000"/><increment value="0.002" unit="s"/></value>'
 )
 # An absolute head whose year lost a digit ("0202"): passed on as an ECG taken in 202 AD.
 AECG_GARBLED_YEAR = aecg_document(
     '<code code="TIME_ABSOLUTE"/><value xsi:type="GLIST_TS">'
-    '<head value="02020501093000"/><increment value="0.1" unit="s"/></value>'
+    '<head value="02020501093000"/><increment value="0.002" unit="s"/></value>'
 )
 # A NaN increment with only an end time: the duration became NaN and ValueError escaped.
 AECG_NAN_INCREMENT = aecg_document(
@@ -60,23 +60,30 @@ AECG_HUGE_INCREMENT = aecg_document(
 # The same document with a sane relative head: still decodes (the fix refuses only the absurd).
 AECG_RELATIVE_HEAD_2S = aecg_document(
     '<code code="TIME_RELATIVE"/><value xsi:type="GLIST_PQ">'
-    '<head value="2" unit="s"/><increment value="0.1" unit="s"/></value>'
+    '<head value="2" unit="s"/><increment value="0.002" unit="s"/></value>'
 )
 
 
 @pytest.mark.parametrize(
-    "data",
-    [AECG_UNKNOWN_ENCODING, AECG_RELATIVE_HEAD_AS_DATE, AECG_GARBLED_YEAR, AECG_NAN_INCREMENT, AECG_HUGE_INCREMENT],
+    "data, why",
+    [
+        (AECG_UNKNOWN_ENCODING, "unknown encoding"),
+        (AECG_RELATIVE_HEAD_AS_DATE, "relative start .* out of range"),
+        (AECG_GARBLED_YEAR, "impossible date"),
+        (AECG_NAN_INCREMENT, "not finite"),
+        (AECG_HUGE_INCREMENT, "cannot end at"),
+    ],
     ids=["unknown-encoding", "relative-head-as-date", "garbled-year", "nan-increment", "huge-increment"],
 )
-def test_aecg_refuses_with_the_typed_error(data: bytes) -> None:
-    with pytest.raises(ProtocolError):
+def test_aecg_refuses_with_the_typed_error(data: bytes, why: str) -> None:
+    """Each for its own reason (not, say, a sampling rate check that runs first)."""
+    with pytest.raises(ProtocolError, match=why):
         read_aecg(data, received_at=NOW)
 
 
 def test_aecg_relative_head_in_seconds_still_decodes() -> None:
     rec = read_aecg(AECG_RELATIVE_HEAD_2S, received_at=NOW)
-    assert rec.sampling_rate_hz == 10.0 and rec.n_samples == 10
+    assert rec.sampling_rate_hz == 500.0 and rec.n_samples == 10
     assert rec.acquired_at == dt.datetime(2024, 5, 1, 9, 30, 2, tzinfo=dt.timezone.utc)
 
 
