@@ -48,6 +48,16 @@ class TlsSection:
 
 
 @dataclass
+class MeteredSection:
+    daily_budget_mb: float = (
+        0.0  # routine traffic to this destination per local day, in MB; 0: no budget (STAT always goes, and counts)
+    )
+    windows: list[str] = field(
+        default_factory=list
+    )  # local "HH:MM-HH:MM" times routine traffic may go, e.g. ["22:00-06:00"]; empty: any time
+
+
+@dataclass
 class ReadingCenterSection:
     host: str = "127.0.0.1"  # the reading center's PACS: host name or address
     port: int = 104  # its DICOM port
@@ -63,7 +73,10 @@ class ReadingCenterSection:
     storage_commitment: bool = True  # ask the PACS to confirm it keeps what we sent
     commitment_timeout_s: float = 120.0  # no report by then: ask again with a new transaction
     no_commitment_policy: str = "keep"  # peer without commitment: "keep" local copies or "purge"
+    stat_cuts_routine: bool = True  # a STAT ECG waiting cuts a routine transfer on the wire (resent later, uncharged)
+    stat_cut_after_s: float = 0.2  # ...only a transfer expected to need longer than this (s), not one nearly done
     tls: TlsSection = field(default_factory=TlsSection)
+    metered: MeteredSection = field(default_factory=MeteredSection)  # ECGs sent (C-STOREs)
 
 
 @dataclass
@@ -162,6 +175,7 @@ class FhirSection:
     patient_id_system: str = "urn:lastmile:patient-id"  # identifier system of patient ids (county register)
     practitioner_id_system: str = "urn:lastmile:practitioner-id"  # identifier system of doctor ids
     gzip: bool = True  # compress request bodies when the platform accepts it
+    metered: MeteredSection = field(default_factory=MeteredSection)  # visit bundles sent
 
 
 @dataclass
@@ -194,6 +208,7 @@ class ReportsSection:
     retention_days: float = 30.0  # keep reports this long after the ECG was sent (unacknowledged critical stay)
     backoff_base_s: float = 30.0  # first retry delay after the reading center could not be asked
     backoff_max_s: float = 600.0  # cap of that backoff
+    metered: MeteredSection = field(default_factory=MeteredSection)  # report polling (queries and reports fetched)
 
 
 @dataclass
@@ -397,6 +412,7 @@ _RANGES: dict[str, _Range] = {
     "reading_center.batch_size": _Range(1, 10_000, "a count of C-STOREs"),
     "reading_center.timeout_s": _NETWORK_TIMEOUT,
     "reading_center.commitment_timeout_s": _Range(0, 7 * _DAY, "a number of seconds", low_open=True),
+    "reading_center.stat_cut_after_s": _Range(0, _HOUR, "a number of seconds"),
     "outbox.retention_days": _Range(0, 3650, "a number of days"),
     "outbox.min_free_mb": _Range(0, 2**40, "a number of megabytes"),
     "outbox.backoff_base_s": _Range(0, _DAY, "a number of seconds", low_open=True),
@@ -571,6 +587,19 @@ def serial_device_problems(devices: list[dict], profiles: typing.Collection[str]
     return found
 
 
+def _check_metered(dotted: str, metered: MeteredSection, problems: _Problems) -> None:
+    from uploader.metering import SendWindow
+
+    problem = _Range(0, 2**30, "a number of megabytes").problem(metered.daily_budget_mb)
+    if problem:
+        problems.add(f"{dotted}.daily_budget_mb", problem)
+    for text in metered.windows:
+        try:
+            SendWindow.parse(text)
+        except ValueError as exc:
+            problems.add(f"{dotted}.windows", f'entry {exc}: write local times like "22:00-06:00"')
+
+
 def check_meaning(config: Config, problems: _Problems) -> None:
     """Every value checked for what it is used for; each mistake added to `problems`."""
     for dotted, allowed in _RANGES.items():
@@ -629,6 +658,13 @@ def check_meaning(config: Config, problems: _Problems) -> None:
             "reading_center.tls.cert_file" if tls.cert_file else "reading_center.tls.key_file",
             "goes with its pair: set both cert_file and key_file, or neither",
         )
+
+    for dotted, metered in (
+        ("reading_center.metered", rc.metered),
+        ("fhir.metered", config.fhir.metered),
+        ("reports.metered", config.reports.metered),
+    ):
+        _check_metered(dotted, metered, problems)
 
     lan = config.lan_receiver
     problem = ae_title_problem(lan.ae_title)

@@ -725,13 +725,21 @@ class Outbox:
 
     # -- sending ----------------------------------------------------------------------------------
     def claim(
-        self, kind: str, limit: int, now: float, *, max_interrupted_sends: int = DEFAULT_MAX_INTERRUPTED_SENDS
+        self,
+        kind: str,
+        limit: int,
+        now: float,
+        *,
+        max_interrupted_sends: int = DEFAULT_MAX_INTERRUPTED_SENDS,
+        priority: Priority | None = None,
     ) -> list[OutboxItem]:
-        """Atomically move up to `limit` due queued items of `kind` to sending: STAT first, then
-        oldest. Two claimers (threads or processes) never get the same item. Items whose sends
-        were cut short `max_interrupted_sends` times in a row are quarantined instead."""
+        """Atomically move up to `limit` due queued items of `kind` (only of `priority`, if
+        given) to sending: STAT first, then oldest. Two claimers (threads or processes) never get
+        the same item. Items whose sends were cut short `max_interrupted_sends` times in a row
+        are quarantined instead."""
         if limit <= 0:
             return []
+        only = "" if priority is None else f" AND priority = {int(Priority(priority))}"
 
         def body(conn: sqlite3.Connection) -> tuple[list[sqlite3.Row], list[tuple[int, int]]]:
             doomed = conn.execute(
@@ -744,7 +752,7 @@ class Outbox:
             rows = conn.execute(
                 f"UPDATE items SET state = ?, updated_at = ?, claimed_by = ? WHERE id IN ("
                 f"  SELECT id FROM items WHERE state = ? AND kind = ? AND next_attempt_at <= ?"
-                f"  AND (hold_until IS NULL OR hold_until <= ?)"
+                f"  AND (hold_until IS NULL OR hold_until <= ?){only}"
                 f"  ORDER BY priority, created_at, id LIMIT ?) RETURNING {_ITEM_COLUMNS}",
                 (S.SENDING.value, now, self.owner, S.QUEUED.value, kind, now, now, int(limit)),
             ).fetchall()
@@ -761,6 +769,16 @@ class Outbox:
         items = [_item(r) for r in rows]
         items.sort(key=lambda i: (i.priority, i.created_at, i.id))
         return items
+
+    def stat_waiting(self, kind: str, now: float) -> bool:
+        """Whether a STAT item of `kind` is due and unclaimed (cheap: asked between objects and
+        while routine transfers are on the wire, so that STAT can take the link)."""
+        rows = self._read(
+            "SELECT 1 FROM items WHERE state = ? AND kind = ? AND priority = ? AND next_attempt_at <= ? "
+            "AND (hold_until IS NULL OR hold_until <= ?) LIMIT 1",
+            (S.QUEUED.value, kind, int(Priority.STAT), now, now),
+        )
+        return bool(rows)
 
     def begin_send(self, item_id: int, now: float) -> bool:
         """Charge the attempt before the item's bytes go out (durable): if this process dies

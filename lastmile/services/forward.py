@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from lastmile.config import Config, ReadingCenterSection
 from lastmile.data_dir import open_outbox
+from lastmile.services.metered import meter_policy, meters
 from uploader.dicom_association import PeerSettings
 from uploader.dicom_tls import TlsFiles
 from uploader.ecg_forwarder import EcgForwarder, ForwarderSettings
@@ -68,6 +69,8 @@ def forwarder_settings(config: Config) -> ForwarderSettings:
         config_fault_retry_s=config.outbox.config_fault_retry_s,
         retention_s=config.outbox.retention_days * 86400.0,
         max_interrupted_sends=max(1, config.outbox.max_interrupted_sends),
+        stat_cut_after_s=rc.stat_cut_after_s if rc.stat_cuts_routine else None,
+        meter=meter_policy(rc.metered),
     )
 
 
@@ -98,6 +101,7 @@ class ForwardService:
             self.outbox.close()
             raise
         self._last = "starting"
+        self._fhir_meter = meters(config, self.outbox).get("fhir")
         self._full_disk_delay = 0.0  # > 0 while the data partition is too full to record progress
 
     def _make_reports(self, config: Config) -> ReportService:
@@ -174,6 +178,7 @@ class ForwardService:
                 time.time(),
                 batch_size=self.config.fhir.batch_size,
                 config_fault_retry_s=self.config.outbox.config_fault_retry_s,
+                meter=self._fhir_meter,
             )
             if fhir.sent or fhir.quarantined:
                 log.info("FHIR round: sent %d, quarantined %d", fhir.sent, fhir.quarantined)
@@ -196,6 +201,7 @@ class ForwardService:
         self.ecg = EcgForwarder(self.outbox, forwarder_settings(config), on_event=self.reports.recorder.on_event)
         self.ecg.start()
         self._fhir = self._make_fhir(config)
+        self._fhir_meter = meters(config, self.outbox).get("fhir")
 
     def close(self) -> None:
         self.ecg.close()
