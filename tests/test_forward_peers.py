@@ -357,7 +357,8 @@ def test_a_report_that_overtakes_the_n_action_response_is_believed(tmp_path, scr
             result = fwd.run_round(threading.Event())
             assert result.sent == 3
             assert [status for _type, _info, status in scp.reports_sent] == [0x0000] * len(scp.actions)
-            assert {i.state for i in outbox.items()} <= {ItemState.COMMITTED, ItemState.PURGED}  # purged: after commitment only
+            # purged only ever follows commitment
+            assert {i.state for i in outbox.items()} <= {ItemState.COMMITTED, ItemState.PURGED}
     assert not [r for r in caplog.records if r.name == "uploader.dicom_commitment.security"]
 
 
