@@ -193,7 +193,7 @@ def test_start_limits_refuse_what_would_mis_scale_or_mis_time_the_trace() -> Non
 
 
 def test_stream_length_limit_is_exact() -> None:
-    a = _make(_start(rate=10, leads=("I",)), max_seconds=1.0)  # 10 samples at most
+    a = _make(_start(rate=25, leads=("I",)), max_seconds=0.4)  # 10 samples at most
     assert a.max_samples == 10
     assert a.add_block(codec.EcgBlock(1, 0, 1, np.arange(10, dtype="<i2").tobytes())).accepted == 10
     with pytest.raises(ProtocolError, match="exceeds 10 samples"):
@@ -228,7 +228,7 @@ def test_flags_order_tail_gap_at_the_limit_and_fine_scales() -> None:
     rec = a.finish(codec.EcgEnd(1, 6, codec.ECG_END_ABORTED))  # device counted 6, we hold up to 8
     assert rec.flags == ("sample-gap", "ecg-aborted", "sample-count-mismatch")
     # a tail that ends exactly at the limit is a gap to fill, not a refusal
-    b = _make(_start(rate=10, leads=("I",)), max_seconds=1.0)
+    b = _make(_start(rate=25, leads=("I",)), max_seconds=0.4)
     b.add_block(codec.EcgBlock(1, 0, 1, np.arange(5, dtype="<i2").tobytes()))
     assert b.finish(codec.EcgEnd(1, 10)).gaps == (SampleGap(5, 5),)
     # fine-resolution carts (0.1 µV per unit) are real ECGs, not a broken header
