@@ -344,3 +344,16 @@ def test_bundle_identifiers_reads_the_first_identifier_or_the_provenance_tag() -
         ]
     }
     assert bundle_identifiers(bundle) == [("Device", "first"), ("Provenance", "visit-1")]
+
+
+def test_an_implausible_value_is_sent_as_absent_with_what_the_device_said() -> None:
+    # a reading outside the plausible range must not reach the record as a measured value, but the
+    # county must be able to see what the device sent (a broken cuff, not a dead patient)
+    odd = Quantity("body-temperature", None, "Cel", sent_value=55.5, sent_unit="Cel", special="implausible")
+    blank = Quantity("spo2", None, "%", special="implausible")
+    for q, sent in ((odd, "55.5 Cel"), (blank, "nothing")):
+        (obs,) = _by_type(observation_bundle(reading(q.code, T0, "P-1", "k", q), NAMING), "Observation")
+        assert "valueQuantity" not in obs and obs["dataAbsentReason"]
+        assert obs["note"][-1] == {
+            "text": f"{q.code}: the device sent {sent}, outside the plausible range; not a measured value"
+        }
