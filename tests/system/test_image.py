@@ -16,32 +16,13 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, missing, require_tool
+from tests.conftest import missing, require_tool
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    given = os.environ.get("LASTMILE_IMAGE")
-    if given:
-        path = Path(given)
-        assert path.is_file(), f"LASTMILE_IMAGE={given} does not exist"
-        return path
-    if os.geteuid() != 0:
-        missing("building the image needs root (debootstrap, chroot)")
-    for tool in ("debootstrap", "qemu-aarch64-static", "mkfs.vfat", "mcopy", "sfdisk"):
-        require_tool(tool)
-    out = tmp_path_factory.mktemp("image") / "lastmile.img"
-    began = time.monotonic()
-    subprocess.run([str(REPO / "image" / "build.sh"), str(out)], check=True, timeout=3600)
-    print(f"\nimage built in {time.monotonic() - began:.0f} s")
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +81,7 @@ def test_root_filesystem_has_the_units_enabled_and_spares_the_card(partitions: d
     data_line = next(ln for ln in fstab.splitlines() if "LM-DATA" in ln)
     assert "/var/lib/lastmile" in data_line and "noatime" in data_line and "commit=60" in data_line
     assert "Storage=volatile" in debugfs(root, "cat /etc/systemd/journald.conf.d/lastmile.conf")
-    assert "overlay" in debugfs(root, "ls /etc/initramfs-tools/scripts/init-bottom")
+    assert "overlay" in debugfs(root, "ls /etc/initramfs-tools/scripts/local-bottom")
     assert "lastmile:x:" in debugfs(root, "cat /etc/passwd")
     assert "dialout" in debugfs(root, "cat /usr/lib/udev/rules.d/70-lastmile.rules")
 
@@ -130,7 +111,7 @@ def test_lastmile_runs_under_qemu_user(partitions: dict[str, Path], tmp_path: Pa
         listing = subprocess.run(["chroot", str(tree), "/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
                                   "lsinitramfs", f"/boot/{initrd}"],
                                  check=True, capture_output=True, text=True, timeout=600).stdout
-        for needed in ("scripts/init-bottom/overlay-root", "overlay.ko", "ext4.ko", "sdhci-iproc.ko",
+        for needed in ("scripts/local-bottom/overlay-root", "overlay.ko", "ext4.ko", "sdhci-iproc.ko",
                        "mmc/host/bcm2835.ko"):
             assert needed in listing, needed
     finally:

@@ -1,0 +1,191 @@
+"""System test: the SD-card image booted as a whole machine (qemu-system-aarch64 -M virt).
+
+    LASTMILE_IMAGE=/path/to/lastmile.img scripts/test.sh -m slow tests/system/test_image_boot.py
+    (without LASTMILE_IMAGE the session builds one with image/build.sh first)
+
+A clinic's card, as a county technician prepares it: the test writes a lastmile.toml (with a
+watched import folder) into the boot partition of a copy-on-write overlay of the image, with a
+Contec ECG file and tests/system/guest_report.py. The machine boots the image's own kernel,
+initramfs and root with no network device at all. Once multi-user.target is reached, the kernel
+command line starts guest_report.py, which reports on the serial console and powers off. The
+test asserts: the root is the RAM overlay over the read-only SD root, provisioning installed
+this very lastmile.toml, both services are active (Type=notify: READY received) and never
+restarted, no unit failed or is looping, and the ECG dropped into the watched folder is in the
+outbox under its file-content key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_tool, shared_file
+from tests.system.qemu_machine import GatewayDisk, QemuMachine
+
+pytestmark = pytest.mark.slow
+
+GUEST_REPORT = Path(__file__).with_name("guest_report.py")
+WATCHED = "/var/lib/lastmile/import"
+CLINIC_CONFIG = f"""\
+# A clinic's configuration, as a county technician copies it to lastmile/ on the boot partition.
+[gateway]
+id = "boot-test-gateway"
+institution = "Boot test village clinic"
+
+[reading_center]
+host = "127.0.0.1"   # nothing listens: the gateway keeps the study queued, as with no link
+port = 11112
+called_ae = "COUNTY_PACS"
+
+[usb_import]
+folders = ["{WATCHED}"]
+"""
+# What starts guest_report.py: a transient unit after multi-user.target, on the console. The
+# kernel-command-line.service that systemd-run-generator makes only queues it (--no-block), so
+# nothing in the boot waits for the report.
+REPORT_CMDLINE = [
+    "systemd.unit=multi-user.target",
+    "systemd.wants=kernel-command-line.service",
+    "systemd.run_success_action=none",
+    "systemd.run_failure_action=none",
+    'systemd.run="/usr/bin/systemd-run --no-block --unit=lastmile-test-report --property=Type=exec '
+    "--property=After=multi-user.target --property=RequiresMountsFor=/boot/firmware "
+    '--property=StandardOutput=journal+console /usr/bin/python3 /boot/firmware/lastmile-test/guest_report.py"',
+    # The whole journal on the serial console: console.log says why when something fails.
+    "systemd.journald.forward_to_console=1",
+]
+BOOT_TIMEOUT_S = 1800  # software-emulated arm64 on 2 shared cores; typically a few minutes
+
+
+def reports(console: str) -> dict[str, list]:
+    """`LMTEST key json` lines from the console, by key (a key may repeat)."""
+    found: dict[str, list] = {}
+    for key, value in re.findall(r"^.*?LMTEST (\S+) (.*?)\r?$", console, re.M):
+        found.setdefault(key, []).append(json.loads(value))
+    return found
+
+
+def boot_and_report(image: Path, workdir: Path, extra_cmdline: list[str]) -> dict:
+    """Boot a fresh copy-on-write card of `image` once; what guest_report.py said, and timings."""
+    for tool in ("qemu-system-aarch64", "qemu-img", "qemu-io", "mcopy", "sfdisk"):
+        require_tool(tool)
+    ecg = shared_file("ecg", "contec", "0000037.ECG")
+    disk = GatewayDisk.create(image, workdir)
+    disk.put_boot_files({
+        "lastmile/lastmile.toml": CLINIC_CONFIG.encode(),
+        "lastmile-test/guest_report.py": GUEST_REPORT.read_bytes(),
+        f"lastmile-test/{ecg.name}": ecg.read_bytes(),
+    })
+    console_log = workdir / "console.log"
+    machine = QemuMachine(disk, console_log, extra_cmdline=[*REPORT_CMDLINE, *extra_cmdline])
+    began = time.monotonic()
+    with machine:
+        # systemd prints "Started" for a Type=notify service only once it sent READY=1.
+        for service in ("Lastmile acquire", "Lastmile forward"):
+            machine.wait_for(rf"Started .*{service}", BOOT_TIMEOUT_S)
+        both_ready_s = time.monotonic() - began
+        machine.wait_for(r"LMTEST (done|error) ", BOOT_TIMEOUT_S)
+        machine.wait_exit(300)  # guest_report.py powers off
+    duration_s = time.monotonic() - began
+    print(f"\nboot to both READY: {both_ready_s:.0f} s, whole boot: {duration_s:.0f} s (console: {console_log})")
+    return {"reports": reports(machine.console), "console": machine.console,
+            "config_sha256": hashlib.sha256(CLINIC_CONFIG.encode()).hexdigest(),
+            "ecg_sha256": hashlib.sha256(ecg.read_bytes()).hexdigest(), "log": console_log}
+
+
+@pytest.fixture(scope="module")
+def booted(image: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return boot_and_report(image, tmp_path_factory.mktemp("boot"), [])
+
+
+@pytest.fixture(scope="module")
+def booted_without_overlayfs(image: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The overlay cannot be set up: the kernel refuses to load overlayfs (what a kernel update
+    that lost the module would do). The initramfs script's real failure path runs."""
+    return boot_and_report(image, tmp_path_factory.mktemp("boot-no-overlay"), ["module_blacklist=overlay"])
+
+
+def one(booted: dict, key: str) -> object:
+    values = booted["reports"].get(key)
+    assert values, f"no LMTEST {key} on the console (see {booted['log']}); error: {booted['reports'].get('error')}"
+    return values[-1]
+
+
+def test_the_report_ran_to_the_end(booted: dict) -> None:
+    assert "error" not in booted["reports"], booted["reports"]["error"]
+    assert one(booted, "done") is True
+
+
+def test_root_is_a_ram_overlay_over_the_read_only_card(booted: dict) -> None:
+    root = one(booted, "root")
+    assert root["fstype"] == "overlay"
+    assert root["state"].startswith("overlay:")
+    source, fstype, options = root["lower"].split(maxsplit=2)
+    assert fstype == "ext4" and options.split(",")[0] == "ro"
+    assert root["upper"].startswith("tmpfs")
+    assert root["boot"].split()[1].split(",")[0] == "ro"  # the FAT the firmware reads is never written
+    assert "lastmile-overlay-root: root is a" in booted["console"]
+    assert "Failure:" not in booted["console"]
+
+
+def test_provisioning_installed_the_clinics_configuration(booted: dict) -> None:
+    config = one(booted, "config")
+    assert config["sha256"] == booted["config_sha256"]
+    assert config["owner"] == "root:lastmile 640"
+
+
+def test_both_services_are_ready_and_never_restarted(booted: dict) -> None:
+    services = {s["Id"]: s for s in booted["reports"]["service"]}
+    assert set(services) == {"lastmile-acquire.service", "lastmile-forward.service"}
+    for name, state in services.items():
+        assert state["Type"] == "notify", name
+        assert (state["ActiveState"], state["SubState"]) == ("active", "running"), state
+        assert state["NRestarts"] == "0", state
+
+
+def test_no_unit_failed_or_loops_with_no_network(booted: dict) -> None:
+    assert one(booted, "system") == "running", one(booted, "startup")
+    assert one(booted, "failed") == []
+    looping = [u for u in booted["reports"]["unit"] if u.get("NRestarts", "0") != "0"
+               or u["SubState"] in ("auto-restart", "failed")]
+    assert looping == []
+    active = {u["Id"] for u in booted["reports"]["unit"] if u["ActiveState"] == "active"}
+    for needed in ("lastmile-provision.service", "lastmile-root-check.service", "systemd-timesyncd.service",
+                   "systemd-logind.service", "systemd-networkd.service", "var-lib-lastmile.mount",
+                   "boot-firmware.mount"):
+        assert needed in active, needed
+    assert one(booted, "system-final") == "running"
+
+
+def test_an_ecg_dropped_on_the_watched_folder_reaches_the_outbox(booted: dict) -> None:
+    assert one(booted, "dropped")["sha256"] == booted["ecg_sha256"]
+    assert one(booted, "outbox-before") == []
+    after = one(booted, "outbox-after")["items"]
+    assert len(after) == 1, after
+    kind, key, state = after[0]
+    assert kind == "dicom" and key == f"ecg-file-sha256:{booted['ecg_sha256']}"
+    assert any("1 imported, 0 already known, 0 refused" in line for line in one(booted, "acquire-log"))
+    # Nothing listens at the reading center: the study waits in the outbox, it is never dropped.
+    assert state in ("queued", "sending"), after
+    assert sum(one(booted, "queue")["counts"].values()) == 1
+
+
+def test_without_overlayfs_the_gateway_runs_writable_and_says_so(booted_without_overlayfs: dict) -> None:
+    booted = booted_without_overlayfs
+    assert "lastmile-overlay-root: no overlayfs" in booted["console"]  # on the console, at boot
+    root = one(booted, "root")
+    assert root["fstype"] == "ext4" and root["state"].startswith("writable: no overlayfs")
+    # Loud: the one failed unit says why; the system is degraded, never silently "running".
+    failed = one(booted, "failed")
+    assert len(failed) == 1 and failed[0].startswith("lastmile-root-check.service"), failed
+    assert one(booted, "system") == "degraded"
+    assert "root: writable: no overlayfs" in booted["console"]
+    # ... and the clinic keeps recording.
+    services = {s["Id"]: s for s in booted["reports"]["service"]}
+    assert all(s["ActiveState"] == "active" for s in services.values()), services
+    assert len(one(booted, "outbox-after")["items"]) == 1
