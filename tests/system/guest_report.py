@@ -74,7 +74,7 @@ def report() -> None:
                  "upper": run("findmnt", "-n", "-o", "FSTYPE,OPTIONS", "/media/root-rw"),
                  "boot": run("findmnt", "-n", "-o", "FSTYPE,OPTIONS", "/boot/firmware"),
                  "data": run("findmnt", "-n", "-o", "SOURCE,FSTYPE,OPTIONS", "/var/lib/lastmile")})
-    say("config", {"sha256": hashlib.sha256(CONFIG.read_bytes()).hexdigest(),
+    say("config", {"sha256": hashlib.sha256(CONFIG.read_bytes()).hexdigest() if CONFIG.exists() else None,
                    "owner": run("stat", "-c", "%U:%G %a", str(CONFIG))})
     for state in units("lastmile-acquire.service", "lastmile-forward.service"):
         say("service", state)

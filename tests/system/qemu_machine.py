@@ -141,13 +141,19 @@ class QemuMachine:
     cache: qemu's disk cache mode. "unsafe" is fastest for tests that never cut power;
     a power-cut test wants "directsync" (nothing held in qemu or the host page cache that the
     guest believes is on the card).
+    network: qemu arguments for the network; default none at all. A test that needs a peer
+    gives user-mode networking that reaches only loopback ports it forwards, e.g.
+    ["-netdev", "user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:4242-tcp:127.0.0.1:4242",
+     "-device", "virtio-net-pci,netdev=n0,romfile="]  (romfile=: no iPXE ROM is installed).
     """
 
     def __init__(self, disk: GatewayDisk, console_log: Path, *, extra_cmdline: list[str] | None = None,
-                 memory_mb: int = 1024, cpus: int = 2, cache: str = "unsafe") -> None:
+                 memory_mb: int = 1024, cpus: int = 2, cache: str = "unsafe",
+                 network: list[str] | None = None) -> None:
         self.disk = disk
         self.console_log = console_log
         self.extra_cmdline = list(extra_cmdline or [])
+        self.network = list(network) if network is not None else ["-nic", "none"]
         self.memory_mb = memory_mb
         self.cpus = cpus
         self.cache = cache
@@ -162,7 +168,7 @@ class QemuMachine:
         append = " ".join([*self.disk.cmdline(), *self.extra_cmdline])
         return [QEMU, "-M", "virt", "-cpu", "cortex-a72", "-smp", str(self.cpus), "-m", str(self.memory_mb),
                 "-display", "none", "-monitor", "none", "-serial", "stdio",
-                "-nic", "none",  # no network device at all: the village with no link
+                *self.network,
                 "-no-reboot",  # a reboot (or a panic with panic=N) ends the process
                 # The Pi has a hardware RNG (bcm2835-rng); without one early getrandom() waits.
                 "-device", "virtio-rng-pci",

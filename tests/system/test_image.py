@@ -77,9 +77,16 @@ def test_root_filesystem_has_the_units_enabled_and_spares_the_card(partitions: d
     wants = debugfs(root, "ls -l /etc/systemd/system/multi-user.target.wants")
     for unit in ("lastmile-acquire.service", "lastmile-forward.service", "lastmile-provision.service"):
         assert unit in wants, wants
+    assert "lastmile-root-check.service" in debugfs(root, "ls -l /etc/systemd/system/sysinit.target.wants")
+    # No network at boot is normal for a village gateway: nothing waits for it.
+    assert "wait-online" not in debugfs(root, "ls -l /etc/systemd/system/network-online.target.wants")
     fstab = debugfs(root, "cat /etc/fstab")
     data_line = next(ln for ln in fstab.splitlines() if "LM-DATA" in ln)
     assert "/var/lib/lastmile" in data_line and "noatime" in data_line and "commit=60" in data_line
+    boot_line = next(ln for ln in fstab.splitlines() if ln.startswith("LABEL=LM-BOOT"))
+    assert boot_line.split()[3].split(",")[0] == "ro"  # the FAT the firmware boots from is never written
+    entries = [ln.split() for ln in fstab.splitlines() if ln.strip() and not ln.startswith("#")]
+    assert "/" not in [e[1] for e in entries]  # systemd-remount-fs would remount the overlay
     assert "Storage=volatile" in debugfs(root, "cat /etc/systemd/journald.conf.d/lastmile.conf")
     assert "overlay" in debugfs(root, "ls /etc/initramfs-tools/scripts/local-bottom")
     assert "lastmile:x:" in debugfs(root, "cat /etc/passwd")

@@ -27,7 +27,8 @@ import pytest
 from tests.conftest import require_tool, shared_file
 from tests.system.qemu_machine import GatewayDisk, QemuMachine
 
-pytestmark = pytest.mark.slow
+# A boot under software emulation takes minutes (the module's fixture boots twice).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3 * 1800)]
 
 GUEST_REPORT = Path(__file__).with_name("guest_report.py")
 WATCHED = "/var/lib/lastmile/import"
