@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build a Lastmile SD-card image for Raspberry Pi 3/4 (arm64) from Debian's archive.
 #
-#   sudo image/build.sh OUT.img            (root: debootstrap, chroot; ~10-15 min the first time)
+#   sudo image/build.sh OUT.img            (root: debootstrap, chroot; 20-45 min the first time on
+#                                           2 cores, ~4 min with the cache warm: image/README.md)
 #
 # Layout (MBR, so the Pi 3 boot ROM reads it too):
 #   p1  LM-BOOT  vfat  256 MB  /boot/firmware: Pi firmware, kernel, initrd, config.txt, cmdline.txt,
@@ -16,8 +17,8 @@
 #
 # No loop mounts: the partitions are made as files (mkfs.vfat -C + mcopy, mkfs.ext4 -d) and
 # written into an sfdisk-made image with dd conv=notrunc. arm64 code runs under qemu-user-static
-# through binfmt_misc. The debootstrapped tree is cached (key: package list), so a rebuild after a
-# code change takes a few minutes.
+# through binfmt_misc. The debootstrapped tree, the kernel tree and the initramfs are cached (keys:
+# package lists; the initramfs's inputs), so a rebuild after a code change takes a few minutes.
 #
 # Environment: DATA_MB (default 256), SUITE (bookworm), MIRROR, LASTMILE_IMAGE_CACHE.
 set -euo pipefail

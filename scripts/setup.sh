@@ -11,7 +11,7 @@ apt_packages=(python3-venv)
 if [ "$mode" = "--test" ]; then
   apt_packages+=(orthanc dcmtk dicom3tools gpsd gpsd-clients systemd systemd-container udev iproute2
                  util-linux debootstrap qemu-user-static binfmt-support dosfstools mtools
-                 e2fsprogs fdisk openssl qemu-system-arm qemu-utils)
+                 e2fsprogs fdisk openssl qemu-system-arm qemu-utils zstd)
 fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_tool, shared_file
-from tests.system.qemu_machine import GatewayDisk, QemuMachine
+from tests.system.qemu_machine import GatewayDisk, MachineError, QemuMachine
 
 # A boot under software emulation takes minutes (the module's fixture boots twice).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3 * 1800)]
@@ -86,12 +86,18 @@ def boot_and_report(image: Path, workdir: Path, extra_cmdline: list[str]) -> dic
     machine = QemuMachine(disk, console_log, extra_cmdline=[*REPORT_CMDLINE, *extra_cmdline])
     began = time.monotonic()
     with machine:
-        # systemd prints "Started" for a Type=notify service only once it sent READY=1.
-        for service in ("Lastmile acquire", "Lastmile forward"):
-            machine.wait_for(rf"Started .*{service}", BOOT_TIMEOUT_S)
-        both_ready_s = time.monotonic() - began
-        machine.wait_for(r"LMTEST (done|error) ", BOOT_TIMEOUT_S)
-        machine.wait_exit(300)  # guest_report.py powers off
+        try:
+            # systemd prints "Started" for a Type=notify service only once it sent READY=1.
+            for service in ("Lastmile acquire", "Lastmile forward"):
+                machine.wait_for(rf"Started .*{service}", BOOT_TIMEOUT_S)
+            both_ready_s = time.monotonic() - began
+            machine.wait_for(r"LMTEST (done|error) ", BOOT_TIMEOUT_S)
+            machine.wait_exit(300)  # guest_report.py powers off
+        except MachineError as exc:
+            # The console log may be gone with pytest's old temporary directories: keep what
+            # the guest reported with the failure.
+            said = "\n".join(line for line in machine.console.splitlines() if "LMTEST" in line)
+            raise MachineError(f"{exc}\n--- what the gateway reported:\n{said}") from None
     duration_s = time.monotonic() - began
     print(f"\nboot to both READY: {both_ready_s:.0f} s, whole boot: {duration_s:.0f} s (console: {console_log})")
     return {"reports": reports(machine.console), "console": machine.console,
