@@ -131,6 +131,11 @@ in_root systemctl enable gpsd.socket bluetooth.service >/dev/null
 # Village gateways often boot with no link at all: nothing here needs the network to be up at
 # boot (lastmile-forward retries on its own), and wait-online would fail after 2 minutes.
 in_root systemctl disable systemd-networkd-wait-online.service >/dev/null 2>&1
+# Updates come as whole images and the root is a RAM overlay: apt's timers would only fill RAM
+# with package lists (and wake an idle 4G link), dpkg's daily backup would go to RAM, e2scrub
+# needs LVM. fstrim.timer stays: the data partition on the SD card is trimmed weekly.
+in_root systemctl disable apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer e2scrub_all.timer \
+  >/dev/null 2>&1
 
 install -D -m 0644 "$HERE/files/journald.conf" "$ROOT/etc/systemd/journald.conf.d/lastmile.conf"
 install -D -m 0644 "$HERE/files/eth0.network" "$ROOT/etc/systemd/network/eth0.network"

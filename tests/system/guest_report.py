@@ -103,7 +103,7 @@ def report() -> None:
                            "-n", "30").splitlines())
 
     # Last, so that a unit in a restart loop has had time to show it.
-    loaded = run("systemctl", "list-units", "--all", "--plain", "--no-legend", "--type=service,socket,mount",
+    loaded = run("systemctl", "list-units", "--all", "--plain", "--no-legend", "--type=service,socket,mount,timer",
                  "--state=loaded")
     names = [line.split()[0] for line in unit_lines(loaded)]
     for state in units(*names, properties=("ActiveState", "SubState", "Result", "NRestarts")):

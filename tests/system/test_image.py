@@ -80,6 +80,11 @@ def test_root_filesystem_has_the_units_enabled_and_spares_the_card(partitions: d
     assert "lastmile-root-check.service" in debugfs(root, "ls -l /etc/systemd/system/sysinit.target.wants")
     # No network at boot is normal for a village gateway: nothing waits for it.
     assert "wait-online" not in debugfs(root, "ls -l /etc/systemd/system/network-online.target.wants")
+    timers = debugfs(root, "ls -l /etc/systemd/system/timers.target.wants")
+    assert "fstrim.timer" in timers  # the data partition is trimmed weekly
+    for pointless_on_a_ram_root in ("apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer",
+                                    "e2scrub_all.timer"):
+        assert pointless_on_a_ram_root not in timers
     fstab = debugfs(root, "cat /etc/fstab")
     data_line = next(ln for ln in fstab.splitlines() if "LM-DATA" in ln)
     assert "/var/lib/lastmile" in data_line and "noatime" in data_line and "commit=60" in data_line
