@@ -67,7 +67,10 @@ def reports(console: str) -> dict[str, list]:
     """`LMTEST key json` lines from the console, by key (a key may repeat)."""
     found: dict[str, list] = {}
     for key, value in re.findall(r"^.*?LMTEST (\S+) (.*?)\r?$", console, re.M):
-        found.setdefault(key, []).append(json.loads(value))
+        try:
+            found.setdefault(key, []).append(json.loads(value))
+        except ValueError:
+            continue  # a line another console writer (kernel, systemd) cut into
     return found
 
 
