@@ -32,15 +32,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from devices.observation import Observation  # noqa: E402
-from firmware_bridge.ble.emulated_peripherals import (BloodPressureCuff, BpRecord, PulseOximeter,  # noqa: E402
-                                                      Thermometer)
-from firmware_bridge.ble.emulation import EmulatedRadio  # noqa: E402
-from firmware_bridge.ble.link import BleDeviceManager, LinkSettings  # noqa: E402
-from lastmile.ble_acquire import ClinicBlePort  # noqa: E402
-from lastmile.device_registry import DeviceRegistry  # noqa: E402
-from lastmile.observation_store import ObservationStore, observation_payload  # noqa: E402
-from uploader.outbox import Outbox  # noqa: E402
+from devices.observation import Observation
+from firmware_bridge.ble.emulated_peripherals import BloodPressureCuff, BpRecord, PulseOximeter, Thermometer
+from firmware_bridge.ble.emulation import EmulatedRadio
+from firmware_bridge.ble.link import BleDeviceManager, LinkSettings
+from lastmile.clinic.devices import DeviceRegistry
+from lastmile.clinic.observations import ObservationStore, observation_payload
+from lastmile.services.ble_devices import ClinicBlePort
+from uploader.outbox import Outbox
 
 UTC = dt.timezone.utc
 CUFF, THERMO, OXI = "C0:00:00:00:00:01", "C0:00:00:00:00:02", "C0:00:00:00:00:03"
@@ -67,7 +66,7 @@ class TimedPort(ClinicBlePort):
 
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 async def stream(seconds: float, idle_seconds: float, data_dir: Path) -> dict:
@@ -86,14 +85,18 @@ async def stream(seconds: float, idle_seconds: float, data_dir: Path) -> dict:
     oxi = PulseOximeter(radio, OXI, "Bench oximeter", stream_interval_s=0)
     peripherals = [cuff, thermo, oxi]
     scanner, client = radio.backends()
-    manager = BleDeviceManager(port, LinkSettings(scan_pass_s=1.0, device_tz=UTC, continuous_store_interval_s=0.0),
-                               scanner_backend=scanner, client_backend=client)
+    manager = BleDeviceManager(
+        port,
+        LinkSettings(scan_pass_s=1.0, device_tz=UTC, continuous_store_interval_s=0.0),
+        scanner_backend=scanner,
+        client_backend=client,
+    )
     await radio.start()
     for p in peripherals:
         await p.start()
     stop = asyncio.Event()
     runner = asyncio.ensure_future(manager.run(stop))
-    while len(manager.connected()) < 3 or any(p.connection is None for p in peripherals):
+    while len(manager.connected()) < 3 or any(p.connection is None for p in peripherals):  # noqa: ASYNC110 — polls state no event covers
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.5)  # subscriptions and clock writes done
 
@@ -108,7 +111,8 @@ async def stream(seconds: float, idle_seconds: float, data_dir: Path) -> dict:
     await asyncio.gather(
         every(0.5, lambda k: cuff.measure(BpRecord(100 + k % 60, 60 + k % 30, 80, 60 + k % 40, None))),
         every(0.5, lambda k: thermo.measure(36.0 + (k % 30) / 10)),
-        every(0.1, lambda k: oxi.send_now(90 + k % 10, 50 + k % 100)))
+        every(0.1, lambda k: oxi.send_now(90 + k % 10, 50 + k % 100)),
+    )
     await asyncio.sleep(0.5)  # last ones land
 
     latencies: dict[str, list[float]] = {}
@@ -131,8 +135,12 @@ async def stream(seconds: float, idle_seconds: float, data_dir: Path) -> dict:
     await radio.close()
     store.close()
     outbox.close()
-    return {"latencies": latencies, "idle_cpu": idle_cpu, "connected_while_idle": still_connected,
-            "payloads": port.payloads}
+    return {
+        "latencies": latencies,
+        "idle_cpu": idle_cpu,
+        "connected_while_idle": still_connected,
+        "payloads": port.payloads,
+    }
 
 
 def bare_adds(payloads: list[bytes], data_dir: Path) -> list[float]:
@@ -168,22 +176,28 @@ def main() -> int:
     ref_idle = asyncio.run(idle_loop(min(args.idle_seconds, 5.0)))
 
     everything = [v for values in result["latencies"].values() for v in values]
-    print(f"BLE indication -> durable observation, {len(everything)} observations in {args.seconds:g} s "
-          f"(3 devices; outbox synchronous=FULL on {args.data_dir or tempfile.gettempdir()})")
+    print(
+        f"BLE indication -> durable observation, {len(everything)} observations in {args.seconds:g} s "
+        f"(3 devices; outbox synchronous=FULL on {args.data_dir or tempfile.gettempdir()})"
+    )
     print(f"  {'device':20s} {'n':>5s} {'p50 ms':>8s} {'p99 ms':>8s} {'max ms':>8s}")
     for name, values in [*result["latencies"].items(), ("all", everything)]:
         if values:
-            print(f"  {name:20s} {len(values):5d} {statistics.median(values):8.2f} {pct(values, 99):8.2f} "
-                  f"{max(values):8.2f}")
+            print(
+                f"  {name:20s} {len(values):5d} {statistics.median(values):8.2f} {pct(values, 99):8.2f} "
+                f"{max(values):8.2f}"
+            )
     ref_p50, ref_p99 = statistics.median(reference), pct(reference, 99)
     all_p50, all_p99 = statistics.median(everything), pct(everything, 99)
     print(f"  reference: bare Outbox.add of the same payloads: p50 {ref_p50:.2f} ms, p99 {ref_p99:.2f} ms")
     print(f"  ratio BLE path / bare add: p50 {all_p50 / ref_p50:.1f}x, p99 {all_p99 / ref_p99:.1f}x")
     print(f"  goal p99 <= 50 ms: {'met' if all_p99 <= 50 else 'NOT met'} ({all_p99:.1f} ms)")
-    print(f"idle but connected ({result['connected_while_idle']} links, {args.idle_seconds:g} s): "
-          f"{result['idle_cpu'] * 100:.3f} % of a core "
-          f"(reference, bare asyncio loop: {ref_idle * 100:.3f} %); goal <= 0.5 %: "
-          f"{'met' if result['idle_cpu'] <= 0.005 else 'NOT met'}")
+    print(
+        f"idle but connected ({result['connected_while_idle']} links, {args.idle_seconds:g} s): "
+        f"{result['idle_cpu'] * 100:.3f} % of a core "
+        f"(reference, bare asyncio loop: {ref_idle * 100:.3f} %); goal <= 0.5 %: "
+        f"{'met' if result['idle_cpu'] <= 0.005 else 'NOT met'}"
+    )
     return 0
 
 

@@ -1,4 +1,4 @@
-"""C-STORE throughput of uploader.dicom_net on one association, against dcmtk's storescu.
+"""C-STORE throughput of uploader.dicom_store on one association, against dcmtk's storescu.
 
 Run as root (it re-executes itself in a private network namespace, because Orthanc listens on
 every interface):
@@ -39,9 +39,21 @@ def reexec_in_netns() -> None:
         return
     if os.geteuid() != 0:
         sys.exit("run as root: Orthanc must run in a private network namespace")
-    os.execvp("unshare", ["unshare", "-n", "-m", "--", "sh", "-c",
-                          'ip link set lo up && mount -t sysfs sysfs /sys && exec "$@"', "sh",
-                          sys.executable, *sys.argv])
+    os.execvp(
+        "unshare",
+        [
+            "unshare",
+            "-n",
+            "-m",
+            "--",
+            "sh",
+            "-c",
+            'ip link set lo up && mount -t sysfs sysfs /sys && exec "$@"',
+            "sh",
+            sys.executable,
+            *sys.argv,
+        ],
+    )
 
 
 def median_time(fn: Callable[[], None], runs: int) -> float:
@@ -65,8 +77,10 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.CRITICAL)
-    import uploader.dicom_net as dn
     from tests.peers import OrthancServer, StorescpServer, ecg_payloads, gateway_modality
+    from uploader.dicom_association import PeerSettings
+    from uploader.dicom_part10 import parse_part10
+    from uploader.dicom_store import StoreAssociation
 
     payloads = ecg_payloads(args.objects)
     raw_size = len(payloads[0].data)
@@ -87,34 +101,28 @@ def main() -> None:
         srv.start()
         return srv, srv.port, "READING_CENTER"
 
-    def ours(deflate: bool, *, fast: bool = True, nodelay: bool = True, level: int = 4,
-             accept: str = "default") -> tuple[float, int]:
+    def ours(
+        deflate: bool, *, fast: bool = True, nodelay: bool = True, level: int = 4, accept: str = "default"
+    ) -> tuple[float, int]:
         wire = []
 
-        saved_fast, saved_nodelay = dn._fast_send_available, dn._set_nodelay
-        if not fast:
-            dn._fast_send_available = lambda assoc: False
-        if not nodelay:
-            dn._set_nodelay = lambda event: None
-        try:
-            # time only the sending: start/stop of the peer is outside
-            times = []
-            for _ in range(args.runs):
-                srv, port, aet = fresh_peer(accept)
-                try:
-                    peer = dn.PeerSettings("127.0.0.1", port, aet, "LASTMILE", deflate=deflate,
-                                           deflate_level=level)
-                    t = time.perf_counter()
-                    with dn.StoreAssociation(peer) as assoc:
-                        for p in payloads:
-                            o = assoc.store(p.data)
-                            assert o.stored, o
-                            wire.append(o.wire_bytes)
-                    times.append(time.perf_counter() - t)
-                finally:
-                    srv.stop()
-        finally:
-            dn._fast_send_available, dn._set_nodelay = saved_fast, saved_nodelay
+        # time only the sending: start/stop of the peer is outside
+        times = []
+        for _ in range(args.runs):
+            srv, port, aet = fresh_peer(accept)
+            try:
+                peer = PeerSettings(
+                    "127.0.0.1", port, aet, "LASTMILE", deflate=deflate, deflate_level=level, tcp_nodelay=nodelay
+                )
+                t = time.perf_counter()
+                with StoreAssociation(peer, raw_send=fast) as assoc:
+                    for p in payloads:
+                        o = assoc.store(p.data)
+                        assert o.stored, o
+                        wire.append(o.wire_bytes)
+                times.append(time.perf_counter() - t)
+            finally:
+                srv.stop()
         return statistics.median(times), int(statistics.median(wire))
 
     def storescu(*options: str) -> float:
@@ -123,21 +131,28 @@ def main() -> None:
             srv, port, aet = fresh_peer()
             try:
                 t = time.perf_counter()
-                subprocess.run(["storescu", *options, "-aet", "LASTMILE", "-aec", aet, "127.0.0.1", str(port),
-                                *map(str, files)], check=True, env={**os.environ, "TCP_NODELAY": "1"},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                subprocess.run(
+                    ["storescu", *options, "-aet", "LASTMILE", "-aec", aet, "127.0.0.1", str(port), *map(str, files)],
+                    check=True,
+                    env={**os.environ, "TCP_NODELAY": "1"},
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
                 times.append(time.perf_counter() - t)
             finally:
                 srv.stop()
         return statistics.median(times)
 
-    print(f"{args.objects} ECG objects of {raw_size / 1024:.0f} KB to {args.peer}, one association, "
-          f"median of {args.runs}")
+    print(
+        f"{args.objects} ECG objects of {raw_size / 1024:.0f} KB to {args.peer}, one association, median of {args.runs}"
+    )
     ref = storescu()
     print(f"  {'storescu (reference, process start included)':58s} {ref:6.2f} s  1.00")
     ref_deflated = storescu("-xd")
-    print(f"  {'storescu -xd (dcmtk deflates; not a ratio reference)':58s} {ref_deflated:6.2f} s  "
-          f"{ref_deflated / ref:4.2f}")
+    print(
+        f"  {'storescu -xd (dcmtk deflates; not a ratio reference)':58s} {ref_deflated:6.2f} s  "
+        f"{ref_deflated / ref:4.2f}"
+    )
     rows = [
         ("lastmile deflated (level 4, default), raw send", dict(deflate=True)),
         ("lastmile deflated (level 6), raw send", dict(deflate=True, level=6)),
@@ -149,16 +164,20 @@ def main() -> None:
     ]
     for label, kw in rows:
         secs, wire = ours(**kw)  # type: ignore[arg-type]
-        print(f"  {label:58s} {secs:6.2f} s  {secs / ref:4.2f}  {wire / 1024:6.1f} KB/object "
-              f"({wire / raw_size:.2f} of the file)")
-    body = payloads[0].data[dn.parse_part10(payloads[0].data).dataset_offset:]
+        print(
+            f"  {label:58s} {secs:6.2f} s  {secs / ref:4.2f}  {wire / 1024:6.1f} KB/object "
+            f"({wire / raw_size:.2f} of the file)"
+        )
+    body = payloads[0].data[parse_part10(payloads[0].data).dataset_offset :]
     for level in (1, 4, 6):
         t = time.perf_counter()
         for _ in range(20):
             out = zlib.compressobj(level, zlib.DEFLATED, -15)
             n = len(out.compress(body) + out.flush())
-        print(f"  zlib level {level}: {(time.perf_counter() - t) / 20 * 1000:5.1f} ms/object, "
-              f"{n / len(body):.2f} of the data set")
+        print(
+            f"  zlib level {level}: {(time.perf_counter() - t) / 20 * 1000:5.1f} ms/object, "
+            f"{n / len(body):.2f} of the data set"
+        )
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def worker(cfg: str, n: int) -> None:
     import threading
 
     from lastmile.config import load_config
-    from lastmile.forward_service import ForwardService
+    from lastmile.services.forward import ForwardService
 
     sys.modules.setdefault("numpy", None)  # as `lastmile forward` does
     t_start = float(os.environ["BENCH_T0"])
@@ -74,11 +74,20 @@ def worker(cfg: str, n: int) -> None:
             time.sleep(min(wait, 0.02))
     t_committed = time.time() - t_start
     service.close()
-    hwm = next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines()
-               if l.startswith("VmHWM"))
-    print(json.dumps({"t_sent": t_sent, "t_committed": t_committed, "rss_kb": hwm,
-                      "t_service": t_sent - (t_ready - t_start),
-                      "write_bytes": proc_io()["write_bytes"]}))
+    hwm = next(
+        int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM")
+    )
+    print(
+        json.dumps(
+            {
+                "t_sent": t_sent,
+                "t_committed": t_committed,
+                "rss_kb": hwm,
+                "t_service": t_sent - (t_ready - t_start),
+                "write_bytes": proc_io()["write_bytes"],
+            }
+        )
+    )
 
 
 def main() -> int:
@@ -97,15 +106,18 @@ def main() -> int:
         if os.geteuid() != 0:
             print("bench/forward.py: run as root (Orthanc must run in a private network namespace)")
             return 2
-        os.execvp("unshare", ["unshare", "-n", "--", "sh", "-c", 'ip link set lo up && exec "$@"',
-                              "sh", sys.executable, *sys.argv])
+        os.execvp(
+            "unshare",
+            ["unshare", "-n", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", sys.executable, *sys.argv],
+        )
+
+    import datetime as dt
 
     from lastmile.config import Config
-    from lastmile.demo import demo_recordings
-    from lastmile.ecg_intake import enqueue_recording
-    from lastmile.forward_service import open_outbox
+    from lastmile.demo.runner import demo_recordings
+    from lastmile.ecg.intake import enqueue_recording
+    from lastmile.services.forward import open_outbox
     from tests.peers import OrthancServer, free_port, gateway_modality
-    import datetime as dt
 
     storescu = shutil.which("storescu")
     if not storescu or not shutil.which("Orthanc"):
@@ -124,26 +136,38 @@ def main() -> int:
         rc.listen_port, rc.associations, rc.batch_size = listen, args.associations, args.batch_size
         c.outbox.min_free_mb = 1
         cfg = tmp / f"lastmile{run}.toml"
-        cfg.write_text(f'[gateway]\ndata_dir = "{c.gateway.data_dir}"\n[outbox]\nmin_free_mb = 1\n'
-                       f'[reading_center]\nhost = "127.0.0.1"\nport = {port}\n'
-                       f'called_ae = "READING_CENTER"\ncalling_ae = "CLINIC01"\n'
-                       f'listen_port = {listen}\nlisten_host = "127.0.0.1"\n'
-                       f"associations = {args.associations}\n"
-                       f"batch_size = {args.batch_size}\n"
-                       f"deflate = {'false' if args.no_deflate else 'true'}\n")
+        cfg.write_text(
+            f'[gateway]\ndata_dir = "{c.gateway.data_dir}"\n[outbox]\nmin_free_mb = 1\n'
+            f'[reading_center]\nhost = "127.0.0.1"\nport = {port}\n'
+            f'called_ae = "READING_CENTER"\ncalling_ae = "CLINIC01"\n'
+            f'listen_port = {listen}\nlisten_host = "127.0.0.1"\n'
+            f"associations = {args.associations}\n"
+            f"batch_size = {args.batch_size}\n"
+            f"deflate = {'false' if args.no_deflate else 'true'}\n"
+        )
         return c, cfg
 
-    results: dict[str, list[float]] = {k: [] for k in (
-        "storescu_s", "storescu_deflated_s", "lastmile_service_s", "lastmile_sent_s", "lastmile_committed_s", "wire_lastmile", "wire_storescu",
-        "disk_ratio", "rss_mb")}
+    results: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "storescu_s",
+            "storescu_deflated_s",
+            "lastmile_service_s",
+            "lastmile_sent_s",
+            "lastmile_committed_s",
+            "wire_lastmile",
+            "wire_storescu",
+            "disk_ratio",
+            "rss_mb",
+        )
+    }
     object_size = 0
     for run in range(args.runs):
         # intake: the outbox as the acquire side fills it (measured: bytes written to disk)
         config, cfg = make_config(run, 0)
         io0 = proc_io()["write_bytes"]
         with open_outbox(config) as outbox:
-            items = [enqueue_recording(outbox, r, config, key=f"bench-{i}").item
-                     for i, r in enumerate(rec)]
+            items = [enqueue_recording(outbox, r, config, key=f"bench-{i}").item for i, r in enumerate(rec)]
             files_dir = tmp / f"files{run}"
             files_dir.mkdir()
             for item in items:
@@ -152,41 +176,69 @@ def main() -> int:
         from uploader.dicom_ecg import EcgStudyUids, StationInfo, recording_to_dicom_bytes
 
         object_size = statistics.mean(
-            len(recording_to_dicom_bytes(r, EcgStudyUids("1.2", "1.3", "1.4"), StationInfo()))
-            for r in rec[:3])
+            len(recording_to_dicom_bytes(r, EcgStudyUids("1.2", "1.3", "1.4"), StationInfo())) for r in rec[:3]
+        )
         stored_size = statistics.mean(i.size for i in items)
         # the copies for storescu were written too: subtract them
         intake_io = proc_io()["write_bytes"] - io0 - sum(i.size for i in items)
 
         # reference: storescu, one association, a fresh Orthanc
-        with OrthancServer(tmp / f"orthanc-ref{run}",
-                           modalities=gateway_modality("CLINIC01", listen)) as orthanc:
+        with OrthancServer(tmp / f"orthanc-ref{run}", modalities=gateway_modality("CLINIC01", listen)) as orthanc:
             env = {**os.environ, "TCP_NODELAY": "1"}
             tx0 = lo_tx_bytes()
             t0 = time.perf_counter()
-            subprocess.run([storescu, "-aet", "CLINIC01", "-aec", "READING_CENTER",
-                            "127.0.0.1", str(orthanc.dicom_port), "+sd", str(files_dir)],
-                           check=True, env=env, capture_output=True)
+            subprocess.run(
+                [
+                    storescu,
+                    "-aet",
+                    "CLINIC01",
+                    "-aec",
+                    "READING_CENTER",
+                    "127.0.0.1",
+                    str(orthanc.dicom_port),
+                    "+sd",
+                    str(files_dir),
+                ],
+                check=True,
+                env=env,
+                capture_output=True,
+            )
             results["storescu_s"].append(time.perf_counter() - t0)
             results["wire_storescu"].append((lo_tx_bytes() - tx0) / n / object_size)
             assert len(orthanc.instances()) == n, "storescu did not store everything"
-        with OrthancServer(tmp / f"orthanc-refz{run}",
-                           modalities=gateway_modality("CLINIC01", listen)) as orthanc:
+        with OrthancServer(tmp / f"orthanc-refz{run}", modalities=gateway_modality("CLINIC01", listen)) as orthanc:
             t0 = time.perf_counter()
-            subprocess.run([storescu, "-aet", "CLINIC01", "-aec", "READING_CENTER", "-xd",
-                            "127.0.0.1", str(orthanc.dicom_port), "+sd", str(files_dir)],
-                           check=True, env=env, capture_output=True)
+            subprocess.run(
+                [
+                    storescu,
+                    "-aet",
+                    "CLINIC01",
+                    "-aec",
+                    "READING_CENTER",
+                    "-xd",
+                    "127.0.0.1",
+                    str(orthanc.dicom_port),
+                    "+sd",
+                    str(files_dir),
+                ],
+                check=True,
+                env=env,
+                capture_output=True,
+            )
             results["storescu_deflated_s"].append(time.perf_counter() - t0)
 
         # Lastmile: the forward service in its own process, a fresh Orthanc
-        with OrthancServer(tmp / f"orthanc-lm{run}",
-                           modalities=gateway_modality("CLINIC01", listen)) as orthanc:
+        with OrthancServer(tmp / f"orthanc-lm{run}", modalities=gateway_modality("CLINIC01", listen)) as orthanc:
             config, cfg = make_config(run, orthanc.dicom_port)
             tx0 = lo_tx_bytes()
             t0 = time.time()
-            out = subprocess.run([sys.executable, __file__, "--worker", str(cfg), str(n)],
-                                 check=True, capture_output=True, text=True,
-                                 env={**os.environ, "BENCH_T0": repr(t0), "MALLOC_ARENA_MAX": "2"})
+            out = subprocess.run(
+                [sys.executable, __file__, "--worker", str(cfg), str(n)],
+                check=True,
+                capture_output=True,
+                text=True,
+                env={**os.environ, "BENCH_T0": repr(t0), "MALLOC_ARENA_MAX": "2"},
+            )
             w = json.loads(out.stdout.strip().splitlines()[-1])
             results["wire_lastmile"].append((lo_tx_bytes() - tx0) / n / object_size)
             results["lastmile_sent_s"].append(w["t_sent"])
@@ -199,9 +251,11 @@ def main() -> int:
 
     med = {k: statistics.median(v) for k, v in results.items()}
     ratio = med["lastmile_service_s"] / med["storescu_s"]
-    print(f"\nforwarding {n} ECG studies ({object_size / 1024:.0f} KB each in Explicit VR LE, "
-          f"{stored_size / 1024:.0f} KB stored deflated) to Orthanc, "
-          f"medians of {args.runs} runs, {args.associations} association(s)")
+    print(
+        f"\nforwarding {n} ECG studies ({object_size / 1024:.0f} KB each in Explicit VR LE, "
+        f"{stored_size / 1024:.0f} KB stored deflated) to Orthanc, "
+        f"medians of {args.runs} runs, {args.associations} association(s)"
+    )
     print(f"{'':34}{'Lastmile':>12}{'storescu':>12}{'goal':>10}")
     print(f"{'time to store all, service (s)':34}{med['lastmile_service_s']:12.2f}{med['storescu_s']:12.2f}")
     print(f"{'  ratio Lastmile / storescu':34}{ratio:12.2f}{'':12}{'<= 1.0':>10}")
@@ -209,8 +263,9 @@ def main() -> int:
     print(f"{'  ratio / storescu deflated':34}{med['lastmile_service_s'] / med['storescu_deflated_s']:12.2f}")
     print(f"{'  whole process incl. start (s)':34}{med['lastmile_sent_s']:12.2f}")
     print(f"{'  ... until all committed (s)':34}{med['lastmile_committed_s']:12.2f}{'n/a':>12}")
-    print(f"{'wire bytes per study / object':34}{med['wire_lastmile']:12.2f}{med['wire_storescu']:12.2f}"
-          f"{'<= 0.50':>10}")
+    print(
+        f"{'wire bytes per study / object':34}{med['wire_lastmile']:12.2f}{med['wire_storescu']:12.2f}{'<= 0.50':>10}"
+    )
     print(f"{'disk bytes written per study / obj':34}{med['disk_ratio']:12.2f}{'':12}{'<= 1.5':>10}")
     print(f"{'forward process peak RSS (MB)':34}{med['rss_mb']:12.1f}{'':12}{'<= 64':>10}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -75,8 +75,14 @@ def worker(strategy: str, size: int, items: int, data_dir: Path) -> dict:
         device_before = device_write_bytes(data_dir)
         before, t0 = write_bytes(), time.perf_counter()
         for i, data in enumerate(payloads):
-            outbox.add("dicom", f"bench-{i}", data, meta={"sop_instance_uid": f"1.2.3.{i}"},
-                       patient={"name": "BENCH^PATIENT", "id": f"P{i}"}, now=1e9 + i)
+            outbox.add(
+                "dicom",
+                f"bench-{i}",
+                data,
+                meta={"sop_instance_uid": f"1.2.3.{i}"},
+                patient={"name": "BENCH^PATIENT", "id": f"P{i}"},
+                now=1e9 + i,
+            )
         outbox.checkpoint()
     elapsed = time.perf_counter() - t0
     written = write_bytes() - before
@@ -84,8 +90,11 @@ def worker(strategy: str, size: int, items: int, data_dir: Path) -> dict:
     device = device_write_bytes(data_dir) - device_before
     if strategy != "reference":
         outbox.close()
-    return {"bytes_per_payload_byte": written / (items * size), "ms_per_item": 1000 * elapsed / items,
-            "device_bytes_per_payload_byte": device / (items * size)}
+    return {
+        "bytes_per_payload_byte": written / (items * size),
+        "ms_per_item": 1000 * elapsed / items,
+        "device_bytes_per_payload_byte": device / (items * size),
+    }
 
 
 def run(strategy: str, size: int, items: int, base: Path, n: int) -> dict:
@@ -101,8 +110,7 @@ def main() -> int:
     ap.add_argument("--items", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dir", type=Path, default=None)
-    ap.add_argument("--worker", nargs=4, metavar=("STRATEGY", "SIZE", "ITEMS", "DIR"),
-                    help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=4, metavar=("STRATEGY", "SIZE", "ITEMS", "DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         strategy, size, items, data_dir = args.worker
@@ -111,8 +119,10 @@ def main() -> int:
 
     base = Path(tempfile.mkdtemp(prefix="outbox-bench-", dir=args.dir or Path.cwd()))
     print(f"outbox add: {args.items} items per run, medians of {args.repeats} runs, in {base}")
-    print(f"{'payload':>8}  {'strategy':<12} {'bytes written/payload byte':>27} {'x reference':>12} "
-          f"{'ms/item':>8} {'x reference':>12} {'device bytes/payload byte':>26}")
+    print(
+        f"{'payload':>8}  {'strategy':<12} {'bytes written/payload byte':>27} {'x reference':>12} "
+        f"{'ms/item':>8} {'x reference':>12} {'device bytes/payload byte':>26}"
+    )
     n = 0
     try:
         for label, size in SIZES.items():
@@ -129,11 +139,15 @@ def main() -> int:
             for strategy, r in results.items():
                 bpb, ms = r["bytes_per_payload_byte"], r["ms_per_item"]
                 rb = bpb / ref["bytes_per_payload_byte"] if ref["bytes_per_payload_byte"] else float("nan")
-                print(f"{label:>8}  {strategy:<12} {bpb:>27.2f} {rb:>12.2f} {ms:>8.2f} "
-                      f"{ms / ref['ms_per_item']:>12.2f} {r['device_bytes_per_payload_byte']:>26.2f}")
-        print("bytes written: /proc/self/io write_bytes of the worker (incl. the final WAL checkpoint);\n"
-              "device bytes: the whole block device's sectors written over the same span after sync\n"
-              "(adds ext4 journal and metadata writes, and other processes' writes: noisy).")
+                print(
+                    f"{label:>8}  {strategy:<12} {bpb:>27.2f} {rb:>12.2f} {ms:>8.2f} "
+                    f"{ms / ref['ms_per_item']:>12.2f} {r['device_bytes_per_payload_byte']:>26.2f}"
+                )
+        print(
+            "bytes written: /proc/self/io write_bytes of the worker (incl. the final WAL checkpoint);\n"
+            "device bytes: the whole block device's sectors written over the same span after sync\n"
+            "(adds ext4 journal and metadata writes, and other processes' writes: noisy)."
+        )
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return 0

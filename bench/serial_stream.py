@@ -48,7 +48,7 @@ def child(mode: str, path: str, expected_bytes: int) -> None:
             self.session = BridgeSession(path)
             self.link = None
 
-        def connection_made(self, link) -> None:  # noqa: ANN001
+        def connection_made(self, link) -> None:
             self.link = link
             if mode == "full":
                 link.write(self.session.connection_made(dt.datetime.now(dt.timezone.utc)))
@@ -75,17 +75,29 @@ def child(mode: str, path: str, expected_bytes: int) -> None:
         def tick(self) -> float | None:
             return None
 
-    manager = SerialLinkManager([LinkSpec("bench", PortMatch(path=path), "bridge")], lambda s, p: Handler(),
-                                watch_dirs=None, rescan_s=1.0)
+    manager = SerialLinkManager(
+        [LinkSpec("bench", PortMatch(path=path), "bridge")], lambda s, p: Handler(), watch_dirs=None, rescan_s=1.0
+    )
     while not done.is_set():
         manager.poll(1.0)
     t1, r1 = time.monotonic(), resource.getrusage(resource.RUSAGE_SELF)
     manager.close()
     cpu = (r1.ru_utime - state["r0"].ru_utime) + (r1.ru_stime - state["r0"].ru_stime)
-    print("RESULT " + json.dumps({"mode": mode, "wall_s": t1 - state["t0"], "cpu_s": cpu,
-                                  "cpu_share": cpu / (t1 - state["t0"]), "bytes": state["bytes"],
-                                  "peak_rss_mb": r1.ru_maxrss / 1024, "recording": state.get("recording")}),
-          flush=True)
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "mode": mode,
+                "wall_s": t1 - state["t0"],
+                "cpu_s": cpu,
+                "cpu_share": cpu / (t1 - state["t0"]),
+                "bytes": state["bytes"],
+                "peak_rss_mb": r1.ru_maxrss / 1024,
+                "recording": state.get("recording"),
+            }
+        ),
+        flush=True,
+    )
 
 
 def run(mode: str, seconds: float) -> dict:
@@ -101,18 +113,21 @@ def run(mode: str, seconds: float) -> dict:
     # Build the frames up front so that the writer's own CPU does not disturb the timing.
     frames = [core.hello(0) + sim.start(0)] + list(sim.blocks(n_blocks)) + [sim.end(n_blocks * BLOCK, 0)]
     total = sum(len(f) for f in frames)
-    proc = subprocess.Popen([sys.executable, __file__, "--child", mode, path, str(total)],
-                            stdout=subprocess.PIPE, text=True, cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--child", mode, path, str(total)], stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
     stop_reader = threading.Event()
 
     def drain() -> None:  # the gateway's replies (HELLO, TIME_SYNC, ACK) must not fill the pty
         import select
+
         while not stop_reader.is_set():
             if select.select([master], [], [], 0.2)[0]:
                 try:
                     os.read(master, 4096)
                 except OSError:
                     return
+
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
     try:
@@ -149,17 +164,25 @@ def main() -> None:
         mode, path, expected = args.child
         child(mode, path, int(expected))
         return
-    print(f"12-lead 500 Hz ECG, {args.seconds:.0f} s in real time per run, blocks of {BLOCK} samples "
-          f"({RATE_HZ // BLOCK} frames/s), {os.cpu_count()} cores")
+    print(
+        f"12-lead 500 Hz ECG, {args.seconds:.0f} s in real time per run, blocks of {BLOCK} samples "
+        f"({RATE_HZ // BLOCK} frames/s), {os.cpu_count()} cores"
+    )
     raw = run("raw", args.seconds)
     full = run("full", args.seconds)
-    print(f"reference (link manager, bytes only): CPU {raw['cpu_share'] * 100:.2f} % of one core, "
-          f"peak RSS {raw['peak_rss_mb']:.1f} MB, {raw['bytes'] / raw['wall_s'] / 1024:.1f} KiB/s")
-    print(f"full acquire path (frames, CRC, session, ECG assembly): CPU {full['cpu_share'] * 100:.2f} % "
-          f"of one core, peak RSS {full['peak_rss_mb']:.1f} MB; recording {full['recording']}")
+    print(
+        f"reference (link manager, bytes only): CPU {raw['cpu_share'] * 100:.2f} % of one core, "
+        f"peak RSS {raw['peak_rss_mb']:.1f} MB, {raw['bytes'] / raw['wall_s'] / 1024:.1f} KiB/s"
+    )
+    print(
+        f"full acquire path (frames, CRC, session, ECG assembly): CPU {full['cpu_share'] * 100:.2f} % "
+        f"of one core, peak RSS {full['peak_rss_mb']:.1f} MB; recording {full['recording']}"
+    )
     ratio = full["cpu_s"] / raw["cpu_s"] if raw["cpu_s"] else float("inf")
-    print(f"full / reference CPU: {ratio:.2f}x; goal <= 5 % of one core: "
-          f"{'met' if full['cpu_share'] <= 0.05 else 'NOT met'}")
+    print(
+        f"full / reference CPU: {ratio:.2f}x; goal <= 5 % of one core: "
+        f"{'met' if full['cpu_share'] <= 0.05 else 'NOT met'}"
+    )
     print("JSON " + json.dumps({"raw": raw, "full": full, "ratio": ratio}))
 
 

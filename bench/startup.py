@@ -51,8 +51,12 @@ def start_to_ready(command: list[str], env: dict[str, str], idle_s: float, sock_
         sock.bind(str(path))
         sock.settimeout(30)
         began = time.perf_counter()
-        proc = subprocess.Popen(command, env={**env, "NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "30000000"},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            command,
+            env={**env, "NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "30000000"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             while b"READY=1" not in sock.recv(4096).split(b"\n"):
                 pass
@@ -105,10 +109,12 @@ def main() -> int:
             rss = statistics.median(m for _, m in results)
             verdict = "OK" if ready <= GOAL_READY_S and rss <= GOAL_RSS_MB else "OVER GOAL"
             ok &= verdict == "OK"
-            print(f"{service:8s} start->READY median {ready * 1000:.0f} ms (x{ready / ref_t:.1f} bare python, "
-                  f"goal {GOAL_READY_S * 1000:.0f} ms); idle RSS median {rss:.1f} MB "
-                  f"(x{rss / ref_rss:.1f} bare python, goal {GOAL_RSS_MB:.0f} MB)  {verdict}"
-                  f"  [runs: {', '.join(f'{r * 1000:.0f}' for r, _ in results)} ms]")
+            print(
+                f"{service:8s} start->READY median {ready * 1000:.0f} ms (x{ready / ref_t:.1f} bare python, "
+                f"goal {GOAL_READY_S * 1000:.0f} ms); idle RSS median {rss:.1f} MB "
+                f"(x{rss / ref_rss:.1f} bare python, goal {GOAL_RSS_MB:.0f} MB)  {verdict}"
+                f"  [runs: {', '.join(f'{r * 1000:.0f}' for r, _ in results)} ms]"
+            )
     return 0 if ok else 1
 
 

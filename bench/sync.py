@@ -3,7 +3,7 @@
 700 visits (100 a day) with 5 readings each (BP panel with pulse, temperature, SpO2, weight,
 glucose → 3,500 readings, 4,200 Observation resources with the pulses) are built as transaction
 Bundles and queued in a real outbox. Then, against the same receiver (conditional create, the
-structure check of `lastmile.fhir_receiver`; a fresh receiver per run):
+structure check of `lastmile.demo.fhir_receiver`; a fresh receiver per run):
 
 - reference: a bare `requests.Session` loop POSTing each bundle as it is, no outbox;
 - ours: `forward_fhir_once` rounds (outbox claim/settle, merged transactions, gzip);
@@ -29,16 +29,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import requests  # noqa: E402
+import requests
 
-from devices.identity import DeviceIdentity, TimeSource  # noqa: E402
-from devices.observation import Observation, Quantity  # noqa: E402
-from lastmile.fhir_receiver import FhirReceiver  # noqa: E402
-from uploader.fhir_bundle import (  # noqa: E402
-    FhirNaming, VisitPosition, VisitSignature, VisitSummary, bundle_bytes, visit_bundle)
-from uploader.fhir_forwarder import FHIR_KIND, enqueue_bundle, forward_fhir_once  # noqa: E402
-from uploader.fhir_sender import FhirSender, FhirSenderSettings  # noqa: E402
-from uploader.outbox import ItemState, Outbox  # noqa: E402
+from devices.identity import DeviceIdentity, TimeSource
+from devices.observation import Observation, Quantity
+from lastmile.demo.fhir_receiver import FhirReceiver
+from uploader.fhir_bundle import FhirNaming, VisitPosition, VisitSignature, VisitSummary, bundle_bytes, visit_bundle
+from uploader.fhir_forwarder import enqueue_bundle, forward_fhir_once
+from uploader.fhir_sender import FhirSender, FhirSenderSettings
+from uploader.outbox import ItemState, Kind, Outbox
 
 NAMING = FhirNaming(gateway_id="bench-gw")
 T0 = dt.datetime(2026, 3, 2, 7, 0, tzinfo=dt.timezone.utc)
@@ -47,15 +46,30 @@ DEVICES = {k: DeviceIdentity("Acme", k, f"SN-{k}", "") for k in ("bp", "t", "o",
 
 def readings(n: int, at: dt.datetime, patient: str) -> list[Observation]:
     def obs(kind: str, dev: str, *qs: Quantity) -> Observation:
-        return Observation(kind=kind, quantities=qs, measured_at=at, time_source=TimeSource.DEVICE_CLOCK,
-                           received_at=at, device=DEVICES[dev], record_key=f"{n}/{kind}", patient_id=patient)
+        return Observation(
+            kind=kind,
+            quantities=qs,
+            measured_at=at,
+            time_source=TimeSource.DEVICE_CLOCK,
+            received_at=at,
+            device=DEVICES[dev],
+            record_key=f"{n}/{kind}",
+            patient_id=patient,
+        )
 
-    return [obs("blood-pressure", "bp", Quantity("systolic", 120.0 + n % 30, "mm[Hg]"),
-                Quantity("diastolic", 80.0 + n % 10, "mm[Hg]"), Quantity("pulse-rate", 70.0 + n % 9, "/min")),
-            obs("body-temperature", "t", Quantity("body-temperature", 36.5 + (n % 10) / 10, "Cel")),
-            obs("spo2", "o", Quantity("spo2", 95.0 + n % 4, "%")),
-            obs("body-weight", "w", Quantity("body-weight", 60.0 + n % 25, "kg")),
-            obs("glucose", "g", Quantity("glucose", 90.0 + n % 40, "mg/dL"))]
+    return [
+        obs(
+            "blood-pressure",
+            "bp",
+            Quantity("systolic", 120.0 + n % 30, "mm[Hg]"),
+            Quantity("diastolic", 80.0 + n % 10, "mm[Hg]"),
+            Quantity("pulse-rate", 70.0 + n % 9, "/min"),
+        ),
+        obs("body-temperature", "t", Quantity("body-temperature", 36.5 + (n % 10) / 10, "Cel")),
+        obs("spo2", "o", Quantity("spo2", 95.0 + n % 4, "%")),
+        obs("body-weight", "w", Quantity("body-weight", 60.0 + n % 25, "kg")),
+        obs("glucose", "g", Quantity("glucose", 90.0 + n % 40, "mg/dL")),
+    ]
 
 
 def backlog(visits: int) -> list[tuple[str, str, bytes]]:
@@ -64,9 +78,15 @@ def backlog(visits: int) -> list[tuple[str, str, bytes]]:
         start = T0 + dt.timedelta(days=n // 100, minutes=4 * (n % 100))
         patient = f"P-{n % 400:05d}"
         summary = VisitSummary(
-            visit_id=f"10000000-0000-4000-8000-{n:012d}", doctor_id="DR-1", patient_id=patient,
-            started_at=start, ended_at=start + dt.timedelta(minutes=20), time_source=TimeSource.GPS,
-            household_id=f"HH-{n:05d}", position=VisitPosition(31.2 + n * 1e-4, 121.5, 30.0, 9.5, start, 3))
+            visit_id=f"10000000-0000-4000-8000-{n:012d}",
+            doctor_id="DR-1",
+            patient_id=patient,
+            started_at=start,
+            ended_at=start + dt.timedelta(minutes=20),
+            time_source=TimeSource.GPS,
+            household_id=f"HH-{n:05d}",
+            position=VisitPosition(31.2 + n * 1e-4, 121.5, 30.0, 9.5, start, 3),
+        )
         sig = VisitSignature(n + 1, f"{n:064x}", f"{n - 1:064x}", "c2ln" * 22, "a2V5" * 11, start)
         body = bundle_bytes(visit_bundle(summary, readings(n, start, patient), NAMING, sig))
         out.append((summary.visit_id, patient, body))
@@ -77,8 +97,9 @@ def run_reference(bodies: list[bytes]) -> tuple[float, int, int]:
     with FhirReceiver() as receiver, requests.Session() as session:
         t = time.perf_counter()
         for body in bodies:
-            r = session.post(receiver.base_url, data=body, timeout=30,
-                             headers={"Content-Type": "application/fhir+json"})
+            r = session.post(
+                receiver.base_url, data=body, timeout=30, headers={"Content-Type": "application/fhir+json"}
+            )
             r.raise_for_status()
         elapsed = time.perf_counter() - t
         return elapsed, sum(len(b) for b in bodies), len(receiver.resources("Encounter"))
@@ -91,11 +112,10 @@ def run_ours(items: list[tuple[str, str, bytes]], batch: int) -> tuple[float, in
         with Outbox.open(Path(tmp), min_free_bytes=0) as outbox:
             for visit_id, patient, body in items:
                 enqueue_bundle(outbox, json.loads(body), f"fhir:visit:{visit_id}", patient_id=patient, now=1000.0)
-            with FhirReceiver() as receiver, \
-                    FhirSender(FhirSenderSettings(base_url=receiver.base_url)) as sender:
+            with FhirReceiver() as receiver, FhirSender(FhirSenderSettings(base_url=receiver.base_url)) as sender:
                 t = time.perf_counter()
                 now = 2000.0
-                while outbox.items(state=ItemState.QUEUED, kind=FHIR_KIND, limit=1):
+                while outbox.items(state=ItemState.QUEUED, kind=Kind.FHIR_BUNDLE, limit=1):
                     forward_fhir_once(outbox, sender, now, batch_size=batch, max_items=200)
                     now += 1.0
                 elapsed = time.perf_counter() - t
@@ -111,8 +131,10 @@ def main() -> int:
     items = backlog(args.visits)
     bodies = [b for _, _, b in items]
     n_obs = sum(b.count(b'"resourceType":"Observation"') for b in bodies)
-    print(f"backlog: {len(items)} visits, {args.visits * 5} readings ({n_obs} Observation resources), "
-          f"{sum(map(len, bodies)) / 1e6:.2f} MB of bundles")
+    print(
+        f"backlog: {len(items)} visits, {args.visits * 5} readings ({n_obs} Observation resources), "
+        f"{sum(map(len, bodies)) / 1e6:.2f} MB of bundles"
+    )
     ref_times, our_times, one_times = [], [], []
     for run in range(args.runs):
         ref_t, ref_bytes, ref_n = run_reference(bodies)
@@ -122,15 +144,21 @@ def main() -> int:
         ref_times.append(ref_t)
         our_times.append(our_t)
         one_times.append(one_t)
-        print(f"run {run + 1}: reference {ref_t:.2f} s ({len(bodies)} requests, {ref_bytes / 1e6:.2f} MB) | "
-              f"ours {our_t:.2f} s ({requests_sent} requests, {our_bytes / 1e6:.2f} MB) | "
-              f"ours one bundle per request {one_t:.2f} s ({one_requests} requests, {one_bytes / 1e6:.2f} MB)")
+        print(
+            f"run {run + 1}: reference {ref_t:.2f} s ({len(bodies)} requests, {ref_bytes / 1e6:.2f} MB) | "
+            f"ours {our_t:.2f} s ({requests_sent} requests, {our_bytes / 1e6:.2f} MB) | "
+            f"ours one bundle per request {one_t:.2f} s ({one_requests} requests, {one_bytes / 1e6:.2f} MB)"
+        )
     ref, ours = statistics.median(ref_times), statistics.median(our_times)
     one = statistics.median(one_times)
-    print(f"median: reference {ref:.2f} s, ours {ours:.2f} s, ratio {ours / ref:.2f} (goal <= 1.30); "
-          f"ours without merging {one:.2f} s, ratio {one / ref:.2f}")
-    print(f"bytes on the wire (request bodies): reference {ref_bytes / 1e6:.2f} MB, ours {our_bytes / 1e6:.2f} MB "
-          f"({our_bytes / ref_bytes:.2f}x)")
+    print(
+        f"median: reference {ref:.2f} s, ours {ours:.2f} s, ratio {ours / ref:.2f} (goal <= 1.30); "
+        f"ours without merging {one:.2f} s, ratio {one / ref:.2f}"
+    )
+    print(
+        f"bytes on the wire (request bodies): reference {ref_bytes / 1e6:.2f} MB, ours {our_bytes / 1e6:.2f} MB "
+        f"({our_bytes / ref_bytes:.2f}x)"
+    )
     return 0
 
 

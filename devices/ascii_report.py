@@ -18,6 +18,7 @@ import math
 import re
 import tomllib
 from dataclasses import dataclass
+from typing import Any
 
 from devices.errors import DeviceError, ProtocolError
 from devices.identity import EARLIEST_PLAUSIBLE, DeviceIdentity, TimeSource
@@ -74,8 +75,7 @@ class ReportProfile:
     fields: tuple[FieldRule, ...]
 
     def identity(self, address: str = "", serial: str = "") -> DeviceIdentity:
-        return DeviceIdentity(manufacturer=self.manufacturer, model=self.model, serial=serial,
-                              address=address)
+        return DeviceIdentity(manufacturer=self.manufacturer, model=self.model, serial=serial, address=address)
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -85,20 +85,36 @@ _KEYS = {
     "framing": {"line_end", "start", "end", "max_lines", "max_line_length"},
     "time": {"pattern", "format", "utc_offset_minutes"},
     "record": {"pattern"},
-    "field": {"code", "kind", "pattern", "unit", "sent_unit", "scale", "offset", "units", "no_value",
-              "required", "decimal_comma"},
+    "field": {
+        "code",
+        "kind",
+        "pattern",
+        "unit",
+        "sent_unit",
+        "scale",
+        "offset",
+        "units",
+        "no_value",
+        "required",
+        "decimal_comma",
+    },
 }
 
 
-def _get(table: dict, key: str, kind: type | tuple[type, ...], where: str, default: object = None,
-         required: bool = False) -> object:
+def _get(
+    table: dict[str, Any],
+    key: str,
+    kind: type | tuple[type, ...],
+    where: str,
+    default: object = None,
+    required: bool = False,
+) -> object:
     if key not in table:
         if required:
             raise ProfileError(f"{where}.{key} is required")
         return default
     value = table[key]
-    if isinstance(value, bool) and kind is not bool and (kind is int or kind is float
-                                                         or kind == (int, float)):
+    if isinstance(value, bool) and kind is not bool and (kind is int or kind is float or kind == (int, float)):
         raise ProfileError(f"{where}.{key} must be a number, not {value!r}")
     if not isinstance(value, kind):
         raise ProfileError(f"{where}.{key} has the wrong type ({type(value).__name__})")
@@ -117,7 +133,7 @@ def _regex(text: object, where: str, need_group: str | None = None) -> re.Patter
     return pattern
 
 
-def _number(table: dict, key: str, where: str, default: float) -> float:
+def _number(table: dict[str, Any], key: str, where: str, default: float) -> float:
     value = _get(table, key, (int, float), where, default)
     assert isinstance(value, (int, float))
     if not math.isfinite(value):
@@ -125,13 +141,15 @@ def _number(table: dict, key: str, where: str, default: float) -> float:
     return float(value)
 
 
-def _check_keys(table: object, section: str, where: str) -> dict:
+def _check_keys(table: object, section: str, where: str) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise ProfileError(f"{where} must be a table")
     unknown = set(table) - _KEYS[section]
     if unknown:
-        raise ProfileError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))} "
-                           f"(known: {', '.join(sorted(_KEYS[section]))})")
+        raise ProfileError(
+            f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))} "
+            f"(known: {', '.join(sorted(_KEYS[section]))})"
+        )
     return table
 
 
@@ -155,8 +173,9 @@ def _field(table: object, index: int, default_kind: str) -> FieldRule:
         assert isinstance(target, str)
         if not target.strip():
             raise ProfileError(f"{uwhere}.unit must not be empty")
-        units.append((printed, UnitRule(target, _number(rule, "scale", uwhere, 1.0),
-                                        _number(rule, "offset", uwhere, 0.0))))
+        units.append(
+            (printed, UnitRule(target, _number(rule, "scale", uwhere, 1.0), _number(rule, "offset", uwhere, 0.0)))
+        )
     if units and "unit" not in pattern.groupindex:
         raise ProfileError(f"{where}: 'units' needs a named group (?P<unit>...) in the pattern")
     no_value = _get(t, "no_value", list, where, [])
@@ -166,21 +185,30 @@ def _field(table: object, index: int, default_kind: str) -> FieldRule:
     kind = _get(t, "kind", str, where, default_kind)
     sent_unit = _get(t, "sent_unit", str, where, unit)
     assert isinstance(kind, str) and isinstance(sent_unit, str)
-    return FieldRule(code=code, kind=kind or default_kind, pattern=pattern, unit=unit, sent_unit=sent_unit,
-                     scale=_number(t, "scale", where, 1.0), offset=_number(t, "offset", where, 0.0),
-                     units=tuple(units), no_value=tuple(no_value),
-                     required=bool(_get(t, "required", bool, where, False)),
-                     decimal_comma=bool(_get(t, "decimal_comma", bool, where, False)))
+    return FieldRule(
+        code=code,
+        kind=kind or default_kind,
+        pattern=pattern,
+        unit=unit,
+        sent_unit=sent_unit,
+        scale=_number(t, "scale", where, 1.0),
+        offset=_number(t, "offset", where, 0.0),
+        units=tuple(units),
+        no_value=tuple(no_value),
+        required=bool(_get(t, "required", bool, where, False)),
+        decimal_comma=bool(_get(t, "decimal_comma", bool, where, False)),
+    )
 
 
-def profile_from_dict(data: dict) -> ReportProfile:
+def profile_from_dict(data: dict[str, Any]) -> ReportProfile:
     """Build a profile from parsed TOML; ProfileError says what is wrong."""
     if not isinstance(data, dict):
         raise ProfileError("a profile is a TOML document")
     unknown = set(data) - set(_KEYS)
     if unknown:
-        raise ProfileError(f"unknown section(s) {', '.join(sorted(map(str, unknown)))} "
-                           f"(known: {', '.join(sorted(_KEYS))})")
+        raise ProfileError(
+            f"unknown section(s) {', '.join(sorted(map(str, unknown)))} (known: {', '.join(sorted(_KEYS))})"
+        )
     p = _check_keys(data.get("profile", {}), "profile", "profile")
     name = _get(p, "name", str, "profile", required=True)
     assert isinstance(name, str)
@@ -238,11 +266,24 @@ def profile_from_dict(data: dict) -> ReportProfile:
     manufacturer = _get(p, "manufacturer", str, "profile", "")
     model = _get(p, "model", str, "profile", "")
     assert isinstance(desc, str) and isinstance(manufacturer, str) and isinstance(model, str)
-    return ReportProfile(name=name, description=desc, encoding=encoding, manufacturer=manufacturer,
-                         model=model, baudrate=baudrate, line_end=line_end, start=start, end=end,
-                         max_lines=max_lines, max_line_length=max_len, time_pattern=time_pattern,
-                         time_format=time_format, utc_offset_minutes=offset,
-                         record_pattern=record_pattern, fields=fields)
+    return ReportProfile(
+        name=name,
+        description=desc,
+        encoding=encoding,
+        manufacturer=manufacturer,
+        model=model,
+        baudrate=baudrate,
+        line_end=line_end,
+        start=start,
+        end=end,
+        max_lines=max_lines,
+        max_line_length=max_len,
+        time_pattern=time_pattern,
+        time_format=time_format,
+        utc_offset_minutes=offset,
+        record_pattern=record_pattern,
+        fields=fields,
+    )
 
 
 def load_profile(text: str) -> ReportProfile:
@@ -255,6 +296,7 @@ def load_profile(text: str) -> ReportProfile:
 
 
 # -- parsing reports ---------------------------------------------------------------------------
+
 
 @dataclass(frozen=True, slots=True)
 class ReportParsed:
@@ -271,8 +313,9 @@ class ReportRejected:
 ReportEvent = ReportParsed | ReportRejected
 
 
-def _device_time(profile: ReportProfile, match: re.Match[str], received_at: dt.datetime
-                 ) -> tuple[dt.datetime, TimeSource]:
+def _device_time(
+    profile: ReportProfile, match: re.Match[str], received_at: dt.datetime
+) -> tuple[dt.datetime, TimeSource]:
     parts = [match.group(g) for g in ("date", "time") if g in match.re.groupindex and match.group(g)]
     try:
         naive = dt.datetime.strptime(" ".join(p.strip() for p in parts), profile.time_format)
@@ -287,8 +330,9 @@ def _device_time(profile: ReportProfile, match: re.Match[str], received_at: dt.d
 
 def _quantity(rule: FieldRule, match: re.Match[str]) -> Quantity:
     text = match.group("value").strip()
-    printed_unit = match.group("unit").strip() if "unit" in match.re.groupindex and match.group("unit") \
-        else rule.sent_unit
+    printed_unit = (
+        match.group("unit").strip() if "unit" in match.re.groupindex and match.group("unit") else rule.sent_unit
+    )
     unit, scale, offset = rule.unit, rule.scale, rule.offset
     if "unit" in match.re.groupindex and rule.units:
         found = dict(rule.units).get(printed_unit)
@@ -308,8 +352,9 @@ def _quantity(rule: FieldRule, match: re.Match[str]) -> Quantity:
     return Quantity(rule.code, round(value, 6), unit, sent, printed_unit)
 
 
-def parse_report(profile: ReportProfile, lines: list[str], *, received_at: dt.datetime,
-                 device: DeviceIdentity) -> tuple[Observation, ...]:
+def parse_report(
+    profile: ReportProfile, lines: list[str], *, received_at: dt.datetime, device: DeviceIdentity
+) -> tuple[Observation, ...]:
     """The observations of one complete report; ProtocolError if it cannot be read whole."""
     found: dict[int, Quantity] = {}
     when, source = received_at, TimeSource.GATEWAY_RECEIPT
@@ -348,10 +393,17 @@ def parse_report(profile: ReportProfile, lines: list[str], *, received_at: dt.da
     for i in sorted(found):
         by_kind.setdefault(profile.fields[i].kind, []).append(found[i])
     return tuple(
-        Observation(kind=kind, quantities=tuple(qs), measured_at=when, time_source=source,
-                    received_at=received_at, device=device,
-                    record_key=f"ascii:{profile.name}:{who}:{ident}:{kind}")
-        for kind, qs in by_kind.items())
+        Observation(
+            kind=kind,
+            quantities=tuple(qs),
+            measured_at=when,
+            time_source=source,
+            received_at=received_at,
+            device=device,
+            record_key=f"ascii:{profile.name}:{who}:{ident}:{kind}",
+        )
+        for kind, qs in by_kind.items()
+    )
 
 
 class ReportParser:
@@ -424,8 +476,8 @@ class ReportParser:
             self._buf.clear()
             self._discarding = False
             step = 1
-            if mode == "any" and data[j:j + 1] == b"\r":
-                if j + 1 < n and data[j + 1:j + 2] == b"\n":
+            if mode == "any" and data[j : j + 1] == b"\r":
+                if j + 1 < n and data[j + 1 : j + 2] == b"\n":
                     step = 2
                 elif j + 1 == n:
                     self._skip_lf = True

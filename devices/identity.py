@@ -6,7 +6,7 @@ import datetime as dt
 import enum
 from dataclasses import dataclass
 
-from devices.errors import InvalidRecordingError
+from devices.errors import DeviceError, InvalidRecordingError
 
 
 class TimeSource(str, enum.Enum):
@@ -60,3 +60,82 @@ class Patient:
             raise InvalidRecordingError("a patient needs a non-empty identifier")
         if self.sex not in ("", "M", "F", "O"):
             raise InvalidRecordingError(f"patient sex must be M, F, O or empty, not {self.sex!r}")
+
+
+# -- China's resident identity number (GB 11643-1999) ----------------------------------------------
+
+RESIDENT_ID_KIND = "cn-resident-id"
+_RESIDENT_ID_WEIGHTS = tuple(2 ** (17 - i) % 11 for i in range(17))  # 7, 9, 10, 5, 8, 4, 2, 1, 6, 3, ...
+_CHECK_CHARS = "10X98765432"  # index: weighted sum mod 11 (ISO 7064 MOD 11-2)
+# full-width digits and X, and every kind of space, as a phone keyboard or a QR code gives them
+_FULL_WIDTH = str.maketrans("０１２３４５６７８９ｘＸ", "0123456789XX")
+
+
+class InvalidPatientIdError(DeviceError, ValueError):
+    """A patient identifier of the configured kind that is not valid (e.g. a wrong check digit).
+
+    The message is bilingual (Chinese first) and shown to the village doctor as it is; it never
+    repeats the whole number (it may be logged). `reason` names the rule broken ("length",
+    "check-character", "birth-date", or "" for other kinds), for pages that word it themselves."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class ResidentId:
+    """A verified 18-character resident identity number and what it encodes."""
+
+    number: str
+    birth_date: dt.date
+    sex: str  # "M" (odd sequence digit) or "F" (even)
+
+
+def resident_id_check_char(first17: str) -> str:
+    """The GB 11643 check character of the first 17 digits."""
+    total = sum(int(d) * w for d, w in zip(first17, _RESIDENT_ID_WEIGHTS))
+    return _CHECK_CHARS[total % 11]
+
+
+def normalise_resident_id(text: str) -> str:
+    """Spaces and separators out, full-width digits to ASCII, lower-case x to X."""
+    cleaned = text.translate(_FULL_WIDTH).upper()
+    return "".join(ch for ch in cleaned if not ch.isspace() and ch not in "-_")
+
+
+def looks_like_resident_id(text: str) -> bool:
+    """Digits (and perhaps an X) only, 15 to 19 of them: what someone typing or scanning a resident
+    ID produces, typos included. Such input must pass `parse_resident_id`; anything else (a clinic
+    number such as "MRN-0042") is another kind of identifier."""
+    number = normalise_resident_id(text)
+    return 15 <= len(number) <= 19 and number.rstrip("X").isdigit() and number.isascii()
+
+
+def parse_resident_id(text: str) -> ResidentId:
+    """Check a resident identity number (normalised first); InvalidPatientIdError says why not."""
+    number = normalise_resident_id(text)
+    if len(number) != 18 or not number[:17].isdigit() or not (number[17].isdigit() or number[17] == "X"):
+        raise InvalidPatientIdError(
+            f"身份证号应为18位（17位数字加校验位 0-9 或 X），输入的有 {len(number)} 位 / "
+            f"a resident ID has 18 characters (17 digits and a check digit 0-9 or X); this one has {len(number)}",
+            "length",
+        )
+    expected = resident_id_check_char(number[:17])
+    if number[17] != expected:
+        raise InvalidPatientIdError(
+            f"身份证号校验位错误（最后一位应为 {expected}，不是 {number[17]}），请核对号码 / "
+            f"wrong check digit in the resident ID (the last character should be {expected}, not "
+            f"{number[17]}): check the number",
+            "check-character",
+        )
+    try:
+        born = dt.date(int(number[6:10]), int(number[10:12]), int(number[12:14]))
+    except ValueError:
+        born = None
+    if born is None or born.year < 1900:
+        raise InvalidPatientIdError(
+            f"身份证号中的出生日期 {number[6:14]} 无效 / the birth date {number[6:14]} in the resident ID is not a date",
+            "birth-date",
+        )
+    return ResidentId(number, born, "M" if int(number[16]) % 2 else "F")

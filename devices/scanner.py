@@ -4,7 +4,9 @@
 (`serial.patient_card_pattern`, `serial.doctor_badge_pattern`); a pattern's named group `id`,
 if it has one, is the identifier, otherwise the whole code is. A code must match one pattern
 entirely (`fullmatch`): a code matching neither or both is reported as unrecognised, never
-guessed into a patient. Identifiers are opaque: nothing here parses names or birth dates.
+guessed into a patient. With `patient_id_kind` "cn-resident-id" a patient identifier must be a
+valid resident identity number (GB 11643 check digit): it is normalised (spaces, lower-case x)
+and one that fails is reported as unrecognised with the reason, never passed on.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import re
 from dataclasses import dataclass
 
 from devices.errors import DeviceError
+from devices.identity import RESIDENT_ID_KIND, InvalidPatientIdError, parse_resident_id
 
 MAX_CODE_LENGTH = 1024  # a 2D code on a card is far shorter; longer input is noise
 
@@ -55,11 +58,23 @@ def _compile(pattern: str, what: str) -> re.Pattern[str] | None:
 class ScanRules:
     patient: re.Pattern[str] | None = None
     doctor: re.Pattern[str] | None = None
+    patient_id_kind: str = ""  # "cn-resident-id": patient identifiers must pass GB 11643
 
     @classmethod
-    def from_patterns(cls, patient_pattern: str, doctor_pattern: str) -> ScanRules:
-        return cls(_compile(patient_pattern, "serial.patient_card_pattern"),
-                   _compile(doctor_pattern, "serial.doctor_badge_pattern"))
+    def from_patterns(cls, patient_pattern: str, doctor_pattern: str, patient_id_kind: str = "") -> ScanRules:
+        return cls(
+            _compile(patient_pattern, "serial.patient_card_pattern"),
+            _compile(doctor_pattern, "serial.doctor_badge_pattern"),
+            patient_id_kind,
+        )
+
+    def _patient(self, ident: str, length: int) -> ScanEvent:
+        if self.patient_id_kind != RESIDENT_ID_KIND:
+            return PatientScanned(ident)
+        try:
+            return PatientScanned(parse_resident_id(ident).number)
+        except InvalidPatientIdError as exc:
+            return CodeUnrecognised(str(exc), length)
 
     @staticmethod
     def _identifier(m: re.Match[str]) -> str:
@@ -76,7 +91,7 @@ class ScanRules:
             return CodeUnrecognised("matches both the patient and the doctor rule", len(code))
         if p:
             ident = self._identifier(p)
-            return PatientScanned(ident) if ident else CodeUnrecognised("empty patient id", len(code))
+            return self._patient(ident, len(code)) if ident else CodeUnrecognised("empty patient id", len(code))
         if d:
             ident = self._identifier(d)
             return DoctorScanned(ident) if ident else CodeUnrecognised("empty doctor id", len(code))

@@ -26,9 +26,16 @@ def ecg_samples(first: int, count: int, n_leads: int = 12) -> np.ndarray:
 class EcgStreamSimulator:
     """Frames of one streamed ECG recording as a bridge sends them."""
 
-    def __init__(self, core: BridgeCore, *, recording_id: int = 1, sampling_rate_hz: int = 500,
-                 lead_names: tuple[str, ...] = STANDARD_12_LEADS, block_samples: int = 25,
-                 uv_per_unit: float = 2.5) -> None:
+    def __init__(
+        self,
+        core: BridgeCore,
+        *,
+        recording_id: int = 1,
+        sampling_rate_hz: int = 500,
+        lead_names: tuple[str, ...] = STANDARD_12_LEADS,
+        block_samples: int = 25,
+        uv_per_unit: float = 2.5,
+    ) -> None:
         self.core = core
         self.recording_id = recording_id
         self.rate = sampling_rate_hz
@@ -38,16 +45,17 @@ class EcgStreamSimulator:
 
     def start(self, now_ms: int) -> bytes:
         flags, device_ms = self.core.time_stamp(now_ms)
-        return self.core.send(codec.EcgStart(self.recording_id, flags, device_ms, self.rate,
-                                             self.uv_per_unit, self.leads), now_ms, reliable=False)
+        return self.core.send(
+            codec.EcgStart(self.recording_id, flags, device_ms, self.rate, self.uv_per_unit, self.leads),
+            now_ms,
+            reliable=False,
+        )
 
     def block(self, first: int, now_ms: int = 0) -> bytes:
         data = ecg_samples(first, self.block_samples, len(self.leads)).astype("<i2").tobytes()
-        return self.core.send(codec.EcgBlock(self.recording_id, first, len(self.leads), data), now_ms,
-                              reliable=False)
+        return self.core.send(codec.EcgBlock(self.recording_id, first, len(self.leads), data), now_ms, reliable=False)
 
-    def blocks(self, n_blocks: int, *, skip: Iterable[int] = (), duplicate: Iterable[int] = ()
-               ) -> Iterator[bytes]:
+    def blocks(self, n_blocks: int, *, skip: Iterable[int] = (), duplicate: Iterable[int] = ()) -> Iterator[bytes]:
         """Block frames 0..n_blocks-1; `skip` ones are never sent (gaps), `duplicate` ones are
         sent twice (a resend: same counter, new sequence number)."""
         skip, duplicate = set(skip), set(duplicate)

@@ -24,15 +24,12 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from devices.gps import Fix, FixMode, NmeaStreamDecoder
+from firmware_bridge.errors import GnssError
 
 log = logging.getLogger(__name__)
 
 WATCH = b'?WATCH={"enable":true,"json":true};\n'
 MAX_REPORT_BYTES = 64 * 1024  # a SKY with 100+ satellites is ~10 KB
-
-
-class GnssError(Exception):
-    """The GNSS source cannot be used (gpsd not running, port missing ...)."""
 
 
 class FixSource(Protocol):
@@ -71,16 +68,29 @@ def tpv_to_fix(tpv: dict, sky: dict | None = None) -> Fix:
         visible = len(sky["satellites"])
     eph = _num(tpv, "eph")
     return Fix(
-        mode=mode, time=_utc(tpv.get("time")),
-        latitude=lat if has_pos else None, longitude=lon if has_pos else None,
+        mode=mode,
+        time=_utc(tpv.get("time")),
+        latitude=lat if has_pos else None,
+        longitude=lon if has_pos else None,
         altitude_m=(_num(tpv, "altMSL") if _num(tpv, "altMSL") is not None else _num(tpv, "alt"))
-        if mode == FixMode.FIX_3D else None,
-        dgps=tpv.get("status") == 2, satellites_used=used, satellites_visible=visible,
-        hdop=_num(sky, "hdop"), vdop=_num(sky, "vdop"), pdop=_num(sky, "pdop"),
-        xdop=_num(sky, "xdop"), ydop=_num(sky, "ydop"),
-        eph_m=eph, epv_m=_num(tpv, "epv"), epx_m=_num(tpv, "epx"), epy_m=_num(tpv, "epy"),
+        if mode == FixMode.FIX_3D
+        else None,
+        dgps=tpv.get("status") == 2,
+        satellites_used=used,
+        satellites_visible=visible,
+        hdop=_num(sky, "hdop"),
+        vdop=_num(sky, "vdop"),
+        pdop=_num(sky, "pdop"),
+        xdop=_num(sky, "xdop"),
+        ydop=_num(sky, "ydop"),
+        eph_m=eph,
+        epv_m=_num(tpv, "epv"),
+        epx_m=_num(tpv, "epx"),
+        epy_m=_num(tpv, "epy"),
         error_source="gpsd" if eph is not None else None,
-        speed_mps=_num(tpv, "speed"), track_deg=_num(tpv, "track"))
+        speed_mps=_num(tpv, "speed"),
+        track_deg=_num(tpv, "track"),
+    )
 
 
 class GpsdSource:
@@ -103,7 +113,7 @@ class GpsdSource:
         except OSError:
             pass
 
-    def __enter__(self) -> "GpsdSource":
+    def __enter__(self) -> GpsdSource:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -151,8 +161,7 @@ class GpsdSource:
 class NmeaSerialSource:
     """An NMEA receiver read directly with pyserial."""
 
-    def __init__(self, port: str, baud: int = 9600, *,
-                 serial_factory: Callable[..., Any] | None = None) -> None:
+    def __init__(self, port: str, baud: int = 9600, *, serial_factory: Callable[..., Any] | None = None) -> None:
         if serial_factory is None:
             import serial  # only when a serial receiver is configured
 
@@ -186,8 +195,9 @@ class NmeaSerialSource:
                     log.debug("dropped NMEA sentence: %s", event.reason)
 
 
-def open_source(source: str, *, gpsd_host: str = "127.0.0.1", gpsd_port: int = 2947,
-                nmea_port: str = "", nmea_baud: int = 9600) -> FixSource | None:
+def open_source(
+    source: str, *, gpsd_host: str = "127.0.0.1", gpsd_port: int = 2947, nmea_port: str = "", nmea_baud: int = 9600
+) -> FixSource | None:
     """The configured source ("gpsd", "nmea" or "none")."""
     if source == "none":
         return None
@@ -200,8 +210,9 @@ def open_source(source: str, *, gpsd_host: str = "127.0.0.1", gpsd_port: int = 2
     raise GnssError(f"unknown GNSS source {source!r}")
 
 
-def best_fix(source: FixSource, wait_s: float, *, good_enough_eph_m: float = 10.0,
-             on_fix: Callable[[Fix], None] | None = None) -> Fix | None:
+def best_fix(
+    source: FixSource, wait_s: float, *, good_enough_eph_m: float = 10.0, on_fix: Callable[[Fix], None] | None = None
+) -> Fix | None:
     """The most accurate fix seen within `wait_s` seconds (early out once one is good enough)."""
     best: Fix | None = None
     deadline = time.monotonic() + wait_s
@@ -210,8 +221,11 @@ def best_fix(source: FixSource, wait_s: float, *, good_enough_eph_m: float = 10.
             on_fix(fix)
         if not fix.has_position:
             continue
-        if best is None or (fix.eph_m or float("inf")) < (best.eph_m or float("inf")) \
-                or (fix.eph_m == best.eph_m and fix.mode > best.mode):
+        if (
+            best is None
+            or (fix.eph_m or float("inf")) < (best.eph_m or float("inf"))
+            or (fix.eph_m == best.eph_m and fix.mode > best.mode)
+        ):
             best = fix
         if best.eph_m is not None and best.eph_m <= good_enough_eph_m:
             break

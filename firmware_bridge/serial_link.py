@@ -49,6 +49,7 @@ READ_CHUNK = 65536
 
 # -- finding ports ------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True, slots=True)
 class PortInfo:
     device: str  # the node, e.g. /dev/ttyACM0
@@ -78,9 +79,17 @@ def list_ports(by_id_dir: Path = BY_ID_DIR) -> list[PortInfo]:
         pass
     ports = []
     for p in lp.comports():
-        ports.append(PortInfo(device=p.device, vid=p.vid, pid=p.pid, serial_number=p.serial_number or "",
-                              manufacturer=p.manufacturer or "", product=p.product or "",
-                              by_id=links.get(os.path.realpath(p.device), "")))
+        ports.append(
+            PortInfo(
+                device=p.device,
+                vid=p.vid,
+                pid=p.pid,
+                serial_number=p.serial_number or "",
+                manufacturer=p.manufacturer or "",
+                product=p.product or "",
+                by_id=links.get(os.path.realpath(p.device), ""),
+            )
+        )
     return sorted(ports, key=lambda p: p.device)
 
 
@@ -125,8 +134,11 @@ class PortMatch:
                 return None
             return PortInfo(device=os.path.realpath(self.path), by_id=self.path)
         for p in ports:
-            if p.vid == self.vid and p.pid == self.pid and \
-                    (not self.serial_number or p.serial_number == self.serial_number):
+            if (
+                p.vid == self.vid
+                and p.pid == self.pid
+                and (not self.serial_number or p.serial_number == self.serial_number)
+            ):
                 return p
         return None
 
@@ -212,6 +224,7 @@ class DevWatcher:
 
 # -- links ---------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True, slots=True)
 class LinkSpec:
     """A configured serial device: which port, at what speed, and what speaks on it."""
@@ -230,8 +243,9 @@ class Link:
         self.spec = spec
         self.port = port
         # Exclusive: a second gateway process (or a stray terminal) cannot steal half the bytes.
-        self._serial = serial.Serial(port.device, spec.baudrate, timeout=0, write_timeout=write_timeout_s,
-                                     exclusive=True)
+        self._serial = serial.Serial(
+            port.device, spec.baudrate, timeout=0, write_timeout=write_timeout_s, exclusive=True
+        )
         self.fd = self._serial.fileno()
         self.failed: str | None = None  # set when a write failed; the manager then closes the link
 
@@ -310,13 +324,18 @@ class SerialLinkManager:
     thread. Safe to call `statuses()` from another thread.
     """
 
-    def __init__(self, specs: Sequence[LinkSpec],
-                 handler_factory: Callable[[LinkSpec, PortInfo], LinkHandler], *,
-                 lister: Callable[[], list[PortInfo]] = list_ports,
-                 watch_dirs: Sequence[str | os.PathLike[str]] | None = ("/dev", BY_ID_DIR),
-                 rescan_s: float | None = None,
-                 backoff_initial_s: float = 0.5, backoff_max_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        specs: Sequence[LinkSpec],
+        handler_factory: Callable[[LinkSpec, PortInfo], LinkHandler],
+        *,
+        lister: Callable[[], list[PortInfo]] = list_ports,
+        watch_dirs: Sequence[str | os.PathLike[str]] | None = ("/dev", BY_ID_DIR),
+        rescan_s: float | None = None,
+        backoff_initial_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._slots = [_Slot(s, LinkStatus(s.name, str(s.match), s.profile)) for s in specs]
         self._factory = handler_factory
         self._lister = lister
@@ -436,8 +455,7 @@ class SerialLinkManager:
             with self._lock:
                 slot.status.last_error = f"open {port.device}: {exc}"
                 slot.status.retry_in_s = slot.backoff_s
-            log.warning("%s: cannot open %s (%s); next try in %.1f s", slot.spec.name, port.device,
-                        exc, slot.backoff_s)
+            log.warning("%s: cannot open %s (%s); next try in %.1f s", slot.spec.name, port.device, exc, slot.backoff_s)
             return
         slot.link = link
         slot.opened_at = now

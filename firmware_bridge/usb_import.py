@@ -19,34 +19,41 @@ import logging
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from devices.ecg.dicom_input import looks_like_dicom
 from devices.ecg.formats import EXTENSIONS, decode_ecg
 from devices.ecg.recording import EcgRecording
 from devices.errors import DeviceError
+from firmware_bridge.errors import FileRefused
 
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "ecg-file-sha256:"
 MAX_FILE_BYTES = 64 * 2**20  # a 12-lead resting ECG is < 1 MB; a Pi must hold one in RAM
 # Folders that operating systems put on sticks; never ECGs.
-SKIPPED_DIRS = frozenset({"System Volume Information", "$RECYCLE.BIN", ".Trashes", ".Spotlight-V100",
-                          ".fseventsd", "lost+found"})
+SKIPPED_DIRS = frozenset(
+    {"System Volume Information", "$RECYCLE.BIN", ".Trashes", ".Spotlight-V100", ".fseventsd", "lost+found"}
+)
 SKIPPED_NAMES = frozenset({"DICOMDIR"})
 
-IMPORTED, KNOWN, REFUSED = "imported", "already known", "refused"
+
+class ImportStatus(StrEnum):
+    """What happened to one file of an import."""
+
+    IMPORTED = "imported"
+    KNOWN = "already known"  # the outbox has this content already: nothing to do
+    REFUSED = "refused"  # not an ECG we can take; the reason says why
 
 
-class FileRefused(Exception):
-    """Raised by an `enqueue` callable when this one file cannot be taken (e.g. its recording
-    cannot become a valid DICOM object); the import goes on with the next file."""
+IMPORTED, KNOWN, REFUSED = ImportStatus.IMPORTED, ImportStatus.KNOWN, ImportStatus.REFUSED
 
 
 @dataclass(frozen=True, slots=True)
 class ImportOutcome:
     path: str
-    status: str  # IMPORTED, KNOWN or REFUSED
+    status: ImportStatus
     reason: str = ""  # why it was refused
     key: str = ""
     recording: EcgRecording | None = None
@@ -56,7 +63,7 @@ class ImportOutcome:
 class ImportSummary:
     outcomes: list[ImportOutcome] = field(default_factory=list)
 
-    def _count(self, status: str) -> int:
+    def _count(self, status: ImportStatus) -> int:
         return sum(1 for o in self.outcomes if o.status == status)
 
     @property
@@ -72,8 +79,10 @@ class ImportSummary:
         return [o for o in self.outcomes if o.status == REFUSED]
 
     def line(self) -> str:
-        return (f"{len(self.outcomes)} ECG file(s): {self.imported} imported, {self.known} already known, "
-                f"{len(self.refused)} refused")
+        return (
+            f"{len(self.outcomes)} ECG file(s): {self.imported} imported, {self.known} already known, "
+            f"{len(self.refused)} refused"
+        )
 
 
 ProgressCallback = Callable[[int, int, ImportOutcome], None]  # (done, total, outcome of that file)
@@ -150,9 +159,15 @@ def read_file(path: Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     return data
 
 
-def import_file(path: Path, *, is_known: Callable[[str], bool],
-                enqueue: Callable[[EcgRecording, str], bool], local_tz: dt.tzinfo,
-                now: Callable[[], dt.datetime], max_bytes: int = MAX_FILE_BYTES) -> ImportOutcome:
+def import_file(
+    path: Path,
+    *,
+    is_known: Callable[[str], bool],
+    enqueue: Callable[[EcgRecording, str], bool],
+    local_tz: dt.tzinfo,
+    now: Callable[[], dt.datetime],
+    max_bytes: int = MAX_FILE_BYTES,
+) -> ImportOutcome:
     """Import one file; never raises for a bad file (the outcome says why it was refused)."""
     shown = str(path)
     try:
@@ -174,17 +189,22 @@ def import_file(path: Path, *, is_known: Callable[[str], bool],
     return ImportOutcome(shown, IMPORTED if created else KNOWN, key=key, recording=recording)
 
 
-def import_paths(roots: Iterable[str | os.PathLike[str]], *, is_known: Callable[[str], bool],
-                 enqueue: Callable[[EcgRecording, str], bool], local_tz: dt.tzinfo,
-                 now: Callable[[], dt.datetime], progress: ProgressCallback | None = None,
-                 max_bytes: int = MAX_FILE_BYTES) -> ImportSummary:
+def import_paths(
+    roots: Iterable[str | os.PathLike[str]],
+    *,
+    is_known: Callable[[str], bool],
+    enqueue: Callable[[EcgRecording, str], bool],
+    local_tz: dt.tzinfo,
+    now: Callable[[], dt.datetime],
+    progress: ProgressCallback | None = None,
+    max_bytes: int = MAX_FILE_BYTES,
+) -> ImportSummary:
     """Find and import every ECG file under `roots`; errors of the gateway itself (outbox full,
     database unusable) propagate, a bad file never does."""
     files = find_ecg_files(roots)
     summary = ImportSummary()
     for done, path in enumerate(files, 1):
-        outcome = import_file(path, is_known=is_known, enqueue=enqueue, local_tz=local_tz, now=now,
-                              max_bytes=max_bytes)
+        outcome = import_file(path, is_known=is_known, enqueue=enqueue, local_tz=local_tz, now=now, max_bytes=max_bytes)
         summary.outcomes.append(outcome)
         if outcome.status == REFUSED:
             log.warning("ECG file refused: %s: %s", path.name, outcome.reason)
@@ -202,8 +222,9 @@ class FolderWatcher:
     then imports the folder. Re-imports are cheap: known files are skipped by their hash.
     """
 
-    def __init__(self, folders: Iterable[str | os.PathLike[str]],
-                 run_import: Callable[[list[Path]], ImportSummary]) -> None:
+    def __init__(
+        self, folders: Iterable[str | os.PathLike[str]], run_import: Callable[[list[Path]], ImportSummary]
+    ) -> None:
         self.folders = [Path(f) for f in folders]
         self._run_import = run_import
         self._seen: dict[Path, tuple] = {}

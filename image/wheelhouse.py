@@ -24,10 +24,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PLATFORMS = {
     # Debian 12: glibc 2.36, so manylinux up to 2_36 fits.
-    "amd64": ["manylinux_2_36_x86_64", "manylinux_2_34_x86_64", "manylinux_2_28_x86_64",
-              "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"],
-    "arm64": ["manylinux_2_36_aarch64", "manylinux_2_34_aarch64", "manylinux_2_28_aarch64",
-              "manylinux_2_27_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64"],
+    "amd64": [
+        "manylinux_2_36_x86_64",
+        "manylinux_2_34_x86_64",
+        "manylinux_2_28_x86_64",
+        "manylinux_2_27_x86_64",
+        "manylinux_2_17_x86_64",
+        "manylinux2014_x86_64",
+    ],
+    "arm64": [
+        "manylinux_2_36_aarch64",
+        "manylinux_2_34_aarch64",
+        "manylinux_2_28_aarch64",
+        "manylinux_2_27_aarch64",
+        "manylinux_2_17_aarch64",
+        "manylinux2014_aarch64",
+    ],
 }
 PYTHON_VERSION = "3.11"  # Debian 12 (bookworm)
 
@@ -51,9 +63,24 @@ def dependency_wheels(arch: str, pip: list[str]) -> Path:
     if (target / ".complete").exists():
         return target
     shutil.rmtree(target, ignore_errors=True)
-    cmd = [*pip, "download", "--quiet", "--dest", str(target), "--only-binary=:all:",
-           "--python-version", PYTHON_VERSION, "--implementation", "cp", "--abi", "cp311", "--abi", "abi3",
-           "--abi", "none"]
+    cmd = [
+        *pip,
+        "download",
+        "--quiet",
+        "--dest",
+        str(target),
+        "--only-binary=:all:",
+        "--python-version",
+        PYTHON_VERSION,
+        "--implementation",
+        "cp",
+        "--abi",
+        "cp311",
+        "--abi",
+        "abi3",
+        "--abi",
+        "none",
+    ]
     for tag in PLATFORMS[arch]:
         cmd += ["--platform", tag]
     subprocess.run([*cmd, *deps, "pip"], check=True)
@@ -62,8 +89,12 @@ def dependency_wheels(arch: str, pip: list[str]) -> Path:
 
 
 def project_wheel(out: Path, pip: list[str]) -> Path:
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                           cwd=REPO, check=True, capture_output=True).stdout.split(b"\0")
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    ).stdout.split(b"\0")
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "src"
         for name in filter(None, (f.decode() for f in files)):

@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
 from lastmile import __version__
+
+log = logging.getLogger(__name__)
 
 # One module per command group; each registers its sub-commands.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -28,32 +29,27 @@ COMMAND_MODULES: tuple[str, ...] = (
     "lastmile.commands.gps",  # gps decode
     "lastmile.commands.visit",  # visit start / note / stop / list / verify
     "lastmile.commands.service",  # acquire service, doctor
+    "lastmile.commands.console",  # console service, user accounts
+    "lastmile.commands.report",  # report list / show / print / ack / poll
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="lastmile",
-        description="Lastmile clinic device gateway: devices in, DICOM and FHIR out.")
+        prog="lastmile", description="Lastmile clinic device gateway: devices in, DICOM and FHIR out."
+    )
     parser.add_argument("--version", action="version", version=f"lastmile {__version__}")
-    parser.add_argument("-c", "--config", metavar="FILE",
-                        help="configuration file (default: $LASTMILE_CONFIG or /etc/lastmile/lastmile.toml)")
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="configuration file (default: $LASTMILE_CONFIG or /etc/lastmile/lastmile.toml)",
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
-
-
-def configure_logging(verbosity: int) -> None:
-    level = logging.WARNING - 10 * verbosity if verbosity else logging.INFO
-    # journald adds its own time stamps; keep lines short.
-    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("INVOCATION_ID") else \
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=max(level, logging.DEBUG), format=fmt, stream=sys.stderr)
-    if verbosity < 2:
-        # pynetdicom logs every refused connection as ERROR; our typed messages say it better
-        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,18 +58,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    configure_logging(args.verbose)
-    from lastmile.config import ConfigError
+    from lastmile.logs import configure_logging
+
+    # Commands log to stderr (stdout is their output); patient data masked as in the services.
+    level = logging.WARNING - 10 * args.verbose if args.verbose else logging.INFO
+    configure_logging(None, level=max(level, logging.DEBUG), stream=sys.stderr, verbosity=args.verbose)
+    import sqlite3
+
     from devices.errors import DeviceError
+    from lastmile.config import ConfigError
+    from lastmile.data_dir import DataDirError
+    from lastmile.logs import describe_fault
     from uploader.errors import UploadError
 
+    # Operational faults (a file system, a database, the network) get one line, not a
+    # traceback: the person at the keyboard is a county technician. -v adds the traceback.
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"lastmile: configuration error: {exc}", file=sys.stderr)
         return 78  # EX_CONFIG: systemd does not restart-loop on it with RestartPreventExitStatus
+    except DataDirError as exc:
+        _log_traceback(args, exc)
+        print(f"lastmile: {exc}", file=sys.stderr)
+        return 1
     except (DeviceError, UploadError) as exc:
+        _log_traceback(args, exc)
         print(f"lastmile: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        _log_traceback(args, exc)
+        print(f"lastmile: {describe_fault(exc)}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:
+        _log_traceback(args, exc)
+        print(f"lastmile: database error: {exc} (run `lastmile doctor`)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _log_traceback(args: argparse.Namespace, exc: BaseException) -> None:
+    if args.verbose:
+        log.error("details", exc_info=exc)

@@ -33,6 +33,37 @@ LATEST_PLAUSIBLE = dt.datetime(2100, 1, 1, tzinfo=dt.timezone.utc)
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 
 
+def local_zone() -> dt.tzinfo:
+    """This gateway's zone (with its DST rules when known): carts write local wall-clock times,
+    and the clinic reads times in it."""
+    import os
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    key = os.environ.get("TZ", "").lstrip(":")
+    if not key:
+        try:
+            key = Path("/etc/timezone").read_text().strip()
+        except OSError:
+            target = os.path.realpath("/etc/localtime")
+            key = target.split("zoneinfo/", 1)[1] if "zoneinfo/" in target else ""
+    if key:
+        try:
+            return ZoneInfo(key)
+        except (ZoneInfoNotFoundError, ValueError):
+            pass
+    return dt.datetime.now().astimezone().tzinfo or dt.timezone.utc
+
+
+def clinic_time(value: dt.datetime | None, *, minutes: bool = False) -> str:
+    """How the CLI shows a time: in the clinic's zone with its UTC offset,
+    "2026-12-01 14:03:05+08:00" ("-" when unknown); naive values are taken as UTC."""
+    if value is None:
+        return "-"
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return value.astimezone(local_zone()).isoformat(sep=" ", timespec="minutes" if minutes else "seconds")
+
+
 def read_boot_id() -> str:
     try:
         return BOOT_ID_PATH.read_text(encoding="ascii").strip()
@@ -63,13 +94,21 @@ class Stamp:
         return self.time is None
 
     def to_json(self) -> dict:
-        return {"time": self.time.isoformat() if self.time else None, "source": self.source.value,
-                "monotonic": self.monotonic, "boot_id": self.boot_id}
+        return {
+            "time": self.time.isoformat() if self.time else None,
+            "source": self.source.value,
+            "monotonic": self.monotonic,
+            "boot_id": self.boot_id,
+        }
 
     @classmethod
-    def from_json(cls, data: dict) -> "Stamp":
-        return cls(dt.datetime.fromisoformat(data["time"]) if data.get("time") else None,
-                   TimeSource(data["source"]), float(data["monotonic"]), str(data["boot_id"]))
+    def from_json(cls, data: dict) -> Stamp:
+        return cls(
+            dt.datetime.fromisoformat(data["time"]) if data.get("time") else None,
+            TimeSource(data["source"]),
+            float(data["monotonic"]),
+            str(data["boot_id"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -82,10 +121,15 @@ class Anchor:
 
 
 class GatewayClock:
-    def __init__(self, wall: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic,
-                 boot_id: Callable[[], str] = read_boot_id, *,
-                 jump_tolerance_s: float = 2.0, disagreement_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        wall: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        boot_id: Callable[[], str] = read_boot_id,
+        *,
+        jump_tolerance_s: float = 2.0,
+        disagreement_s: float = 60.0,
+    ) -> None:
         self._wall = wall
         self._monotonic = monotonic
         self.boot_id = boot_id()
@@ -138,8 +182,7 @@ class GatewayClock:
             expected = None if self._system is None else m + self._system
             if expected is not None and wall < expected - self.jump_tolerance_s:
                 # Backwards jump: keep our scale, so later stamps never precede earlier ones.
-                log.warning("system clock jumped back %.1f s; keeping the earlier time scale",
-                            expected - wall)
+                log.warning("system clock jumped back %.1f s; keeping the earlier time scale", expected - wall)
                 return self._stamp(expected, TimeSource.GATEWAY_RECEIPT, m)
             if expected is not None and wall > expected + self.jump_tolerance_s:
                 log.info("system clock jumped forward %.1f s (NTP?); following it", wall - expected)
@@ -157,8 +200,12 @@ class GatewayClock:
         anchor = self.anchor
         if not stamp.provisional or anchor is None or stamp.boot_id != self.boot_id:
             return stamp
-        return Stamp(dt.datetime.fromtimestamp(stamp.monotonic + anchor.offset, dt.timezone.utc),
-                     anchor.source, stamp.monotonic, stamp.boot_id)
+        return Stamp(
+            dt.datetime.fromtimestamp(stamp.monotonic + anchor.offset, dt.timezone.utc),
+            anchor.source,
+            stamp.monotonic,
+            stamp.boot_id,
+        )
 
     def elapsed_s(self, since: Stamp) -> float | None:
         """Seconds since a stamp of this boot, by the monotonic clock (None across reboots)."""

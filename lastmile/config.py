@@ -8,6 +8,7 @@ refused with the file, line and reason, so a county technician sees exactly what
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -25,15 +26,21 @@ class ConfigError(Exception):
 
 @dataclass
 class GatewaySection:
-    id: str = "lastmile-gateway"  # station name of this gateway (DICOM StationName, FHIR source)
-    institution: str = ""  # clinic name (DICOM InstitutionName)
+    id: str = "lastmile-gateway"  # this gateway's id (FHIR Device, visit chain, DICOM Contributing Equipment serial)
+    station_name: str = ""  # DICOM StationName (≤ 16 bytes); empty = the id, which must then fit
+    institution: str = ""  # clinic name (DICOM InstitutionName, ≤ 64 bytes)
     data_dir: str = "/var/lib/lastmile"  # outbox database and payloads; on the data partition
     log_patient_data: bool = False  # debug only: allow patient names/IDs in logs
+
+    @property
+    def dicom_station_name(self) -> str:
+        """What goes in DICOM StationName: `station_name`, else the id (checked to fit)."""
+        return self.station_name or self.id
 
 
 @dataclass
 class TlsSection:
-    enabled: bool = False
+    enabled: bool = False  # DICOM TLS (PS3.15 Annex B) to the reading center and for its commitment reports
     ca_file: str = ""  # CA that signed the reading center's certificate
     cert_file: str = ""  # this gateway's client certificate (PEM)
     key_file: str = ""  # its private key (PEM)
@@ -41,12 +48,13 @@ class TlsSection:
 
 @dataclass
 class ReadingCenterSection:
-    host: str = "127.0.0.1"
-    port: int = 104
+    host: str = "127.0.0.1"  # the reading center's PACS: host name or address
+    port: int = 104  # its DICOM port
     called_ae: str = "READING_CENTER"  # the PACS's AE title
     calling_ae: str = "LASTMILE"  # this gateway's AE title
     listen_port: int = 11113  # where the PACS sends storage-commitment reports
-    listen_host: str = "0.0.0.0"  # address for those reports (the PACS connects to us)
+    listen_host: str = ""  # address for those reports; "": ours toward the reading center (loopback if it is)
+    report_networks: list[str] = field(default_factory=list)  # CIDR networks besides `host` that may send reports
     associations: int = 2  # parallel associations while sending
     batch_size: int = 50  # C-STOREs per association before it is released
     deflate: bool = True  # propose Deflated Explicit VR Little Endian first
@@ -64,21 +72,38 @@ class OutboxSection:
     backoff_base_s: float = 5.0  # first retry delay after a transient failure
     backoff_max_s: float = 900.0  # cap of the exponential backoff
     config_fault_retry_s: float = 300.0  # retry interval while the peer refuses our configuration
+    max_interrupted_sends: int = 5  # sends cut short by a crash (OOM, kill) before the item is quarantined
 
 
 @dataclass
 class PatientSection:
     idle_timeout_s: float = 900.0  # current patient is cleared after this much inactivity
+    id_kind: str = (
+        ""  # "cn-resident-id" (GB 11643: check digit verified, birth date and sex derived), "clinic-mrn" or "" (any id)
+    )
+    id_issuer: str = ""  # who issues the patient IDs (DICOM Issuer of Patient ID), e.g. the county register
+    unassigned_ecg_hold_s: float = (
+        900.0  # routine ECG with no patient: held this long for 'patient assign', then sent UNASSIGNED
+    )
+
+
+@dataclass
+class EcgSection:
+    quality_check: bool = True  # check every ECG at intake: electrode off, hum, tremor, wander, swapped arms
+    re_record_hold_s: float = (
+        600.0  # a 're-record' verdict waits this long for the doctor ('ecg release' / 'ecg discard'), then goes flagged
+    )
 
 
 @dataclass
 class LanReceiverSection:
     enabled: bool = False  # accept DICOM from carts on the clinic LAN
     host: str = "0.0.0.0"  # address to listen on: the clinic LAN interface's, or 0.0.0.0 for all
-    port: int = 11112
-    ae_title: str = "LASTMILE"
+    port: int = 11112  # DICOM port carts on the clinic LAN send to
+    ae_title: str = "LASTMILE"  # this gateway's AE title for the carts
     allowed_callers: list[str] = field(default_factory=list)  # calling AE titles allowed to store
     sop_classes: list[str] = field(default_factory=list)  # storage SOP class UIDs; empty = ECG classes
+    max_object_mb: int = 16  # larger objects (as sent, or once inflated) are refused (0xA700)
 
 
 @dataclass
@@ -88,15 +113,15 @@ class UsbImportSection:
 
 @dataclass
 class BleSection:
-    enabled: bool = True
+    enabled: bool = True  # connect to allow-listed Bluetooth LE health devices ('lastmile ble pair')
     scan_interval_s: float = 10.0  # scan pass length; the allow-list is re-read after each pass
-    connect_attempts: int = 4
+    connect_attempts: int = 4  # tries per connection before waiting for the next scan
     continuous_store_interval_s: float = 10.0  # continuous SpO2 streams: one observation per interval
 
 
 @dataclass
 class SerialSection:
-    enabled: bool = True
+    enabled: bool = True  # read the serial devices listed below (bridges, monitors, card scanners)
     profiles_dir: str = ""  # extra ASCII-report profiles (TOML); built-in ones always available
     devices: list[dict] = field(default_factory=list)  # [{name, match = "VID:PID[:SERIAL]" or a path, profile}]
     patient_card_pattern: str = ""  # regex: a scanned code that names a patient
@@ -106,18 +131,18 @@ class SerialSection:
 @dataclass
 class GpsSection:
     source: str = "gpsd"  # "gpsd", "nmea" (serial port) or "none"
-    gpsd_host: str = "127.0.0.1"
-    gpsd_port: int = 2947
-    nmea_port: str = ""
-    nmea_baud: int = 9600
+    gpsd_host: str = "127.0.0.1"  # gpsd's address (source = "gpsd")
+    gpsd_port: int = 2947  # gpsd's port
+    nmea_port: str = ""  # serial port of an NMEA receiver (source = "nmea"), e.g. /dev/ttyACM0
+    nmea_baud: int = 9600  # its speed
 
 
 @dataclass
 class VisitsSection:
-    doctor_id: str = ""
+    doctor_id: str = ""  # the family doctor on this gateway's field visits (practitioner id)
     radius_m: float = 200.0  # a visit further than this (plus fix error) from the household is flagged
     household_register: str = ""  # CSV: household_id, latitude, longitude
-    track_max_points: int = 2000
+    track_max_points: int = 2000  # an open visit's GPS track is thinned evenly beyond this many points
     setting: str = "home"  # "home" (FHIR class HH) or "clinic" (AMB)
     max_eph_m: float = 100.0  # a best fix less accurate than this (95 %) is flagged
     stale_fix_s: float = 120.0  # a fix older than this at start/stop is flagged
@@ -131,11 +156,48 @@ class FhirSection:
     base_url: str = ""  # county health platform FHIR R4 base, https://...
     token_file: str = ""  # bearer token; must be readable by its owner only
     ca_file: str = ""  # CA bundle that signs the platform's certificate
-    timeout_s: float = 30.0
-    batch_size: int = 20
+    timeout_s: float = 30.0  # connect/read timeout of one request
+    batch_size: int = 20  # bundles merged into one transaction request
     patient_id_system: str = "urn:lastmile:patient-id"  # identifier system of patient ids (county register)
     practitioner_id_system: str = "urn:lastmile:practitioner-id"  # identifier system of doctor ids
     gzip: bool = True  # compress request bodies when the platform accepts it
+
+
+@dataclass
+class ConsoleSection:
+    listen: str = "0.0.0.0:8443"  # HOST:PORT of the doctor's console (web pages) on the clinic LAN
+    https: bool = True  # TLS with a certificate made at first start; plain HTTP is allowed on loopback only
+    language: str = "zh-CN"  # pages' language before a user picks one: "zh-CN" or "en"
+    session_idle_s: float = 43200.0  # a login ends after this long without a page being opened
+    max_login_failures: int = 5  # wrong passwords in a row before the account is locked
+    lockout_s: float = 900.0  # how long a locked account stays locked
+
+
+@dataclass
+class ReportsSection:
+    source: str = "dicom"  # where reports come back from: "dicom" (the PACS), "fhir" (county platform), "both", "off"
+    window_days: float = 14.0  # look for reports on studies sent in the last this many days
+    stat_poll_s: float = 30.0  # STAT studies: ask this often during their first stat_hurry_h hours
+    stat_hurry_h: float = 1.0  # how long a STAT study is polled at stat_poll_s
+    amendment_poll_h: float = 12.0  # after a final report, look for amended ones this often (0: stop)
+    batch_size: int = 50  # studies per C-FIND / FHIR search
+    move_ae: str = ""  # C-MOVE destination (our AE) for a PACS that refuses C-GET; empty: no C-MOVE
+    move_port: int = 11114  # where that storage SCP listens while a C-MOVE runs (the PACS's entry for move_ae)
+    move_host: str = "0.0.0.0"  # address of that listener
+    # default codes: STEMI, ventricular fibrillation, ventricular tachycardia, complete AV block
+    critical_codes: list[str] = field(  # SCHEME:CODE of coded findings that make a report critical (危急值)
+        default_factory=lambda: ["SCT:401303003", "SCT:71908006", "SCT:25569003", "SCT:27885002"]
+    )
+    critical_keywords: list[str] = field(default_factory=lambda: ["危急值", "critical result"])  # in report text
+    critical_command: list[str] = field(default_factory=list)  # run (argv) on each new critical report: sound, LED
+    retention_days: float = 30.0  # keep reports this long after the ECG was sent (unacknowledged critical stay)
+    backoff_base_s: float = 30.0  # first retry delay after the reading center could not be asked
+    backoff_max_s: float = 600.0  # cap of that backoff
+
+
+@dataclass
+class MetricsSection:
+    listen: str = "127.0.0.1:9560"  # HOST:PORT of the Prometheus endpoint (lastmile-metrics.service): the county's VPN/LAN address lets it scrape; no patient data
 
 
 @dataclass
@@ -144,6 +206,7 @@ class Config:
     reading_center: ReadingCenterSection = field(default_factory=ReadingCenterSection)
     outbox: OutboxSection = field(default_factory=OutboxSection)
     patient: PatientSection = field(default_factory=PatientSection)
+    ecg: EcgSection = field(default_factory=EcgSection)
     lan_receiver: LanReceiverSection = field(default_factory=LanReceiverSection)
     usb_import: UsbImportSection = field(default_factory=UsbImportSection)
     ble: BleSection = field(default_factory=BleSection)
@@ -151,33 +214,75 @@ class Config:
     gps: GpsSection = field(default_factory=GpsSection)
     visits: VisitsSection = field(default_factory=VisitsSection)
     fhir: FhirSection = field(default_factory=FhirSection)
+    console: ConsoleSection = field(default_factory=ConsoleSection)
+
+    reports: ReportsSection = field(default_factory=ReportsSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     source: str = "<defaults>"  # where it was read from
 
     @property
     def data_dir(self) -> Path:
+        """Where the gateway keeps its state (`gateway.data_dir`): the one spelling code reads."""
         return Path(self.gateway.data_dir)
+
+    def set_data_dir(self, path: str | os.PathLike[str]) -> None:
+        """Point the gateway at another state directory (`--data-dir`, the demo, tests)."""
+        self.gateway.data_dir = os.fspath(path)
 
 
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("reading_center", "no_commitment_policy"): ("keep", "purge"),
     ("gps", "source"): ("gpsd", "nmea", "none"),
     ("visits", "setting"): ("home", "clinic"),
+    ("patient", "id_kind"): ("", "cn-resident-id", "clinic-mrn"),
+    ("console", "language"): ("zh-CN", "en"),
+    ("reports", "source"): ("dicom", "fhir", "both", "off"),
 }
 
 
-def _line_of(text: str, dotted: str) -> int | None:
-    """Best-effort line number of a key, for error messages."""
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(?:#.*)?$")
+
+
+def _line_of(text: str, dotted: str, item: int | None = None, *, exact: bool = False) -> int | None:
+    """Best-effort line number of a key, for error messages: the key's own line in its table
+    (the `item`-th `[[table]]` for arrays of tables), else the table's header line (not with
+    `exact`: then None when the key is not written in the file)."""
     *tables, key = dotted.split(".")
+    table = ".".join(tables)
     lines = text.splitlines()
-    start = 0
-    if tables:
-        header = re.compile(r"^\s*\[+\s*" + re.escape(".".join(tables)) + r"\s*\]+")
-        start = next((i for i, ln in enumerate(lines) if header.match(ln)), 0)
-    pat = re.compile(r"^\s*" + re.escape(key) + r"\s*=")
-    for i in range(start, len(lines)):
-        if pat.match(lines[i]):
-            return i + 1
-    return start + 1 if tables else None
+    headers = [(i, m.group(2).replace(" ", ""), m.group(1)) for i, ln in enumerate(lines) if (m := _HEADER.match(ln))]
+    bounds = [i for i, _, _ in headers] + [len(lines)]
+    if not table:
+        blocks = [(0, bounds[0])]
+    else:
+        blocks = [(i + 1, bounds[n + 1]) for n, (i, name, _) in enumerate(headers) if name == table]
+        if item is not None:
+            blocks = blocks[item : item + 1]
+    key_line = re.compile(r"^\s*[\"']?" + re.escape(key) + r"[\"']?\s*=")
+    for first, stop in blocks:
+        for i in range(first, stop):
+            if key_line.match(lines[i]):
+                return i + 1
+    if exact:
+        return None
+    if blocks and table:
+        return blocks[0][0]  # the header
+    if not table:  # a whole table: its header
+        return next((i + 1 for i, name, _ in headers if name == key), None)
+    if item is not None and len(tables) >= 1:
+        return _inline_item_line(text, table, key, item)
+    return None
+
+
+def _inline_item_line(text: str, array: str, key: str, item: int) -> int | None:
+    """`array = [{...}, {...}]` written inline in its parent table: the line of `key` in the
+    item-th inline table, else the array's own line."""
+    start = _line_of(text, array)
+    if start is None:
+        return None
+    lines = text.splitlines()
+    found = [i + 1 for i in range(start - 1, len(lines)) if re.search(r"\b" + re.escape(key) + r"\s*=", lines[i])]
+    return found[item] if item < len(found) else start
 
 
 def _check_type(value: object, hint: object) -> bool:
@@ -192,8 +297,7 @@ def _check_type(value: object, hint: object) -> bool:
         return isinstance(value, str)
     if origin is list:
         (item,) = typing.get_args(hint) or (object,)
-        return isinstance(value, list) and all(
-            item is object or _check_type(v, item) for v in value)
+        return isinstance(value, list) and all(item is object or _check_type(v, item) for v in value)
     if hint is dict:
         return isinstance(value, dict)
     if origin in (typing.Union, types.UnionType):
@@ -201,8 +305,7 @@ def _check_type(value: object, hint: object) -> bool:
     return True
 
 
-_TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
-               dict: "a table"}
+_TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string", dict: "a table"}
 
 
 def _build(cls: type, data: dict, prefix: str, text: str, where: str) -> object:
@@ -219,20 +322,355 @@ def _build(cls: type, data: dict, prefix: str, text: str, where: str) -> object:
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}:{_line_of(text, dotted) or '?'}: '{dotted}' must be a table")
-            values[key] = _build(hint, value, dotted + ".", text, where)
+            values[key] = _build(typing.cast(type, hint), value, dotted + ".", text, where)
             continue
         if not _check_type(value, hint):
             want = _TYPE_NAMES.get(hint, str(hint).replace("typing.", ""))
-            raise ConfigError(
-                f"{where}:{_line_of(text, dotted) or '?'}: '{dotted}' must be {want}, not {value!r}")
+            raise ConfigError(f"{where}:{_line_of(text, dotted) or '?'}: '{dotted}' must be {want}, not {value!r}")
         choices = _CHOICES.get((prefix.rstrip("."), key))
         if choices and value not in choices:
-            raise ConfigError(f"{where}:{_line_of(text, dotted) or '?'}: '{dotted}' must be one of "
-                              f"{', '.join(choices)}, not {value!r}")
+            raise ConfigError(
+                f"{where}:{_line_of(text, dotted) or '?'}: '{dotted}' must be one of "
+                f"{', '.join(choices)}, not {value!r}"
+            )
+        if isinstance(value, float) and not math.isfinite(value):
+            # TOML allows nan and inf; no setting means either (an infinite timeout crashes a wait)
+            raise ConfigError(
+                f"{where}:{_line_of(text, dotted) or '?'}: '{dotted}' must be a finite number, not {value}"
+            )
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
             raise ConfigError(f"{where}:{_line_of(text, dotted) or '?'}: '{dotted}' must not be negative")
         values[key] = float(value) if hint is float else value
     return cls(**values)
+
+
+# -- meaning: every value checked for what it is used for, not only its type -------------------
+
+
+class _Problems:
+    """Mistakes found in one file, each with its line; reported together, in file order."""
+
+    def __init__(self, text: str, where: str) -> None:
+        self.text = text
+        self.where = where
+        self.found: list[tuple[int, str]] = []
+
+    def add(self, dotted: str, message: str, *, item: int | None = None) -> None:
+        line = _line_of(self.text, dotted, item)
+        name = dotted if item is None else f"{dotted.rsplit('.', 1)[0]}[{item}].{dotted.rsplit('.', 1)[1]}"
+        self.found.append((line or 0, f"{self.where}:{line or '?'}: '{name}' {message}"))
+
+    def written(self, dotted: str) -> bool:
+        """Whether the file sets this key itself (else it has its default)."""
+        return _line_of(self.text, dotted, exact=True) is not None
+
+    def raise_if_any(self) -> None:
+        if self.found:
+            raise ConfigError("\n".join(message for _, message in sorted(self.found, key=lambda f: f[0])))
+
+
+@dataclass(frozen=True)
+class _Range:
+    low: float
+    high: float
+    what: str
+    low_open: bool = False  # `low` itself is refused (a duration of 0 s means nothing)
+
+    def problem(self, value: float) -> str | None:
+        if value < self.low or (self.low_open and value == self.low) or value > self.high:
+            if self.low_open:
+                return f"must be {self.what} above {self.low:g} and at most {self.high:g}, not {value:g}"
+            return f"must be {self.what} from {self.low:g} to {self.high:g}, not {value:g}"
+        return None
+
+
+_PORT = _Range(1, 65535, "a TCP port")  # 0 ("any free port") is no use: a peer must know it
+_HOUR, _DAY, _YEAR = 3600.0, 86400.0, 365 * 86400.0
+_NETWORK_TIMEOUT = _Range(0, 600, "a number of seconds", low_open=True)  # longer only hides a dead peer
+_RANGES: dict[str, _Range] = {
+    "reading_center.port": _PORT,
+    "reading_center.listen_port": _PORT,
+    "lan_receiver.port": _PORT,
+    "gps.gpsd_port": _PORT,
+    "reading_center.associations": _Range(1, 16, "a count of associations"),  # each is a thread and a socket
+    "reading_center.batch_size": _Range(1, 10_000, "a count of C-STOREs"),
+    "reading_center.timeout_s": _NETWORK_TIMEOUT,
+    "reading_center.commitment_timeout_s": _Range(0, 7 * _DAY, "a number of seconds", low_open=True),
+    "outbox.retention_days": _Range(0, 3650, "a number of days"),
+    "outbox.min_free_mb": _Range(0, 2**40, "a number of megabytes"),
+    "outbox.backoff_base_s": _Range(0, _DAY, "a number of seconds", low_open=True),
+    "outbox.backoff_max_s": _Range(0, 7 * _DAY, "a number of seconds", low_open=True),
+    "outbox.config_fault_retry_s": _Range(0, _DAY, "a number of seconds", low_open=True),
+    "patient.idle_timeout_s": _Range(0, 7 * _DAY, "a number of seconds", low_open=True),
+    "patient.unassigned_ecg_hold_s": _Range(0, _DAY, "a number of seconds"),  # 0: never held
+    "ecg.re_record_hold_s": _Range(0, _DAY, "a number of seconds"),  # 0: never held for quality
+    "ble.scan_interval_s": _Range(0, _HOUR, "a number of seconds", low_open=True),
+    "ble.connect_attempts": _Range(1, 100, "a count of attempts"),
+    "ble.continuous_store_interval_s": _Range(0, _DAY, "a number of seconds", low_open=True),
+    "gps.nmea_baud": _Range(300, 4_000_000, "a baud rate"),
+    "visits.radius_m": _Range(0, 100_000, "a number of metres", low_open=True),
+    "visits.track_max_points": _Range(1, 1_000_000, "a count of points"),
+    "visits.max_eph_m": _Range(0, 100_000, "a number of metres", low_open=True),
+    "visits.stale_fix_s": _Range(0, _DAY, "a number of seconds", low_open=True),
+    "visits.max_speed_mps": _Range(0, 1000, "a speed in metres per second", low_open=True),
+    "visits.time_disagreement_s": _Range(0, _YEAR, "a number of seconds", low_open=True),
+    "visits.fix_wait_s": _Range(0, 600, "a number of seconds"),
+    "fhir.timeout_s": _NETWORK_TIMEOUT,
+    "fhir.batch_size": _Range(1, 1000, "a count of bundles"),
+}
+
+STATION_NAME_BYTES = 16  # DICOM SH, as dciodvfy counts it: bytes of the encoded value
+INSTITUTION_BYTES = 64  # DICOM LO
+GATEWAY_ID_BYTES = 64  # LO too: the full id goes in the DICOM Contributing Equipment's serial
+
+
+def host_port(text: str) -> tuple[str, int] | None:
+    """ "HOST:PORT" (IPv6 in brackets, "[::1]:9560") as host and port 1-65535; None if malformed."""
+    host, sep, port = text.strip().rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535 or any(c.isspace() for c in host):
+        return None
+    return host, int(port)
+
+
+def ae_title_problem(value: str) -> str | None:
+    """Why `value` is not a DICOM AE title (PS3.5 6.2: ≤ 16 characters of the default
+    repertoire, no backslash or control characters, not only spaces), or None."""
+    if not value.strip(" "):
+        return "must not be empty or only spaces"
+    if len(value) > 16:
+        return f"has {len(value)} characters: an AE title has at most 16"
+    odd = next((ch for ch in value if not " " <= ch <= "~" or ch == "\\"), None)
+    if odd is not None:
+        return (
+            f"contains {odd!r}: an AE title is ASCII letters, digits, spaces and punctuation "
+            "(no backslash, no other alphabet), e.g. CLINIC01"
+        )
+    if value != value.strip(" "):
+        return "has spaces at its start or end, which DICOM ignores: remove them"
+    return None
+
+
+def _text_problem(value: str, max_bytes: int, what: str) -> str | None:
+    """A DICOM string value (SH/LO) that must go in whole: never cut, never altered."""
+    if not value.strip():
+        return "must not be empty"
+    if value != value.strip():
+        return "has spaces at its start or end: remove them"
+    if "\\" in value or any(not ch.isprintable() for ch in value):
+        return "must not contain a backslash or control characters (DICOM separates values with backslashes)"
+    size = len(value.encode("utf-8"))
+    if size > max_bytes:
+        return f"is {size} bytes in UTF-8; {what} holds {max_bytes}"
+    return None
+
+
+def _uid_problem(value: str) -> str | None:
+    if len(value) > 64 or not re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+", value):
+        return "is not a DICOM UID (digits and dots, at most 64 characters, e.g. 1.2.840.10008.5.1.4.1.1.9.1.1)"
+    return None
+
+
+def _regex_problem(pattern: str) -> str | None:
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        return f"is not a valid regular expression: {exc}"
+    return None
+
+
+SERIAL_DEVICE_KEYS = ("name", "match", "profile", "baudrate", "forward_profile")
+SERIAL_HANDLERS = ("bridge", "scanner")  # profiles built into the acquire service
+
+
+def serial_device_problems(devices: list[dict], profiles: typing.Collection[str]) -> list[tuple[int, str, str]]:
+    """(index, key, what is wrong) for each mistake in `serial.devices`, given the names of the
+    ASCII-report profiles available."""
+    from firmware_bridge.serial_link import PortMatch  # pyserial: only when devices are listed
+
+    found: list[tuple[int, str, str]] = []
+    names: set[str] = set()
+    for i, entry in enumerate(devices):
+        unknown = sorted(set(entry) - set(SERIAL_DEVICE_KEYS))
+        if unknown:
+            found.append(
+                (i, unknown[0], f"unknown key(s) {', '.join(unknown)} (known: {', '.join(SERIAL_DEVICE_KEYS)})")
+            )
+        name, match, profile = entry.get("name"), entry.get("match"), entry.get("profile")
+        for key, value in (("name", name), ("match", match), ("profile", profile)):
+            if not isinstance(value, str) or not value:
+                found.append((i, key, "is required: name, match and profile are required strings"))
+        if isinstance(name, str) and name:
+            if name in names:
+                found.append((i, "name", f"device name {name!r} used twice"))
+            names.add(name)
+        if isinstance(match, str) and match:
+            try:
+                PortMatch.parse(match)
+            except ValueError as exc:
+                found.append((i, "match", str(exc)))
+        if isinstance(profile, str) and profile and profile not in SERIAL_HANDLERS and profile not in profiles:
+            known = ", ".join(sorted(profiles)) or "no ASCII profiles"
+            found.append((i, "profile", f"unknown profile {profile!r} (bridge, scanner or one of {known})"))
+        forward = entry.get("forward_profile", "")
+        if forward and (profile != SERIAL_HANDLERS[0] or forward not in profiles):
+            found.append((i, "forward_profile", "forward_profile needs profile = 'bridge' and a known ASCII profile"))
+        baud = entry.get("baudrate")
+        if baud is not None and (not isinstance(baud, int) or isinstance(baud, bool) or baud <= 0):
+            found.append((i, "baudrate", "baudrate must be a positive whole number"))
+    return found
+
+
+def check_meaning(config: Config, problems: _Problems) -> None:
+    """Every value checked for what it is used for; each mistake added to `problems`."""
+    for dotted, allowed in _RANGES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(config, section), key)
+        problem = allowed.problem(value)
+        if problem:
+            problems.add(dotted, problem)
+
+    g = config.gateway
+    problem = _text_problem(g.id, GATEWAY_ID_BYTES, "the DICOM serial number it goes in")
+    if problem:
+        problems.add("gateway.id", problem)
+    elif not g.station_name:
+        problem = _text_problem(g.id, STATION_NAME_BYTES, "DICOM StationName")
+        if problem:
+            problems.add(
+                "gateway.id",
+                f"does not fit DICOM StationName: it {problem}; set gateway.station_name to a short name "
+                f"(at most {STATION_NAME_BYTES} bytes: 16 letters or digits, or 5 Chinese characters) — "
+                "the full id is kept everywhere else",
+            )
+    if g.station_name:
+        problem = _text_problem(g.station_name, STATION_NAME_BYTES, "DICOM StationName")
+        if problem:
+            problems.add("gateway.station_name", problem)
+    if g.institution:
+        problem = _text_problem(g.institution, INSTITUTION_BYTES, "DICOM InstitutionName")
+        if problem:
+            problems.add("gateway.institution", problem)
+    if not g.data_dir.strip() or not os.path.isabs(g.data_dir):
+        problems.add("gateway.data_dir", "must be an absolute path, e.g. /var/lib/lastmile")
+
+    rc = config.reading_center
+    for key in ("called_ae", "calling_ae"):
+        problem = ae_title_problem(getattr(rc, key))
+        if problem:
+            problems.add(f"reading_center.{key}", problem)
+    if not rc.host.strip():
+        problems.add("reading_center.host", "must name the reading center's PACS (host name or address)")
+    tls = rc.tls
+    if tls.enabled and not tls.ca_file:
+        problems.add(
+            "reading_center.tls.enabled",
+            "is true but reading_center.tls.ca_file is empty: name the CA that signed the reading center's certificate",
+        )
+    if bool(tls.cert_file) != bool(tls.key_file):
+        problems.add(
+            "reading_center.tls.cert_file" if tls.cert_file else "reading_center.tls.key_file",
+            "goes with its pair: set both cert_file and key_file, or neither",
+        )
+
+    lan = config.lan_receiver
+    problem = ae_title_problem(lan.ae_title)
+    if problem:
+        problems.add("lan_receiver.ae_title", problem)
+    for caller in lan.allowed_callers:
+        problem = ae_title_problem(caller)
+        if problem:
+            problems.add("lan_receiver.allowed_callers", f"entry {caller!r} {problem}")
+    for uid in lan.sop_classes:
+        problem = _uid_problem(uid)
+        if problem:
+            problems.add("lan_receiver.sop_classes", f"entry {uid!r} {problem}")
+    if lan.enabled and not lan.allowed_callers:
+        problems.add(
+            "lan_receiver.enabled",
+            "is true but lan_receiver.allowed_callers is empty: list the AE titles of the carts allowed to send",
+        )
+    if lan.enabled and rc.storage_commitment and lan.port == rc.listen_port:
+        problems.add(
+            "lan_receiver.port" if problems.written("lan_receiver.port") else "reading_center.listen_port",
+            f"({lan.port}) is the port of both the LAN receiver and the storage-commitment listener: "
+            "two listeners cannot share a port",
+        )
+
+    for folder in config.usb_import.folders:
+        if not os.path.isabs(folder):
+            problems.add("usb_import.folders", f"entry {folder!r} must be an absolute path (a mount point)")
+
+    serial = config.serial
+    for key in ("patient_card_pattern", "doctor_badge_pattern"):
+        pattern = getattr(serial, key)
+        problem = _regex_problem(pattern) if pattern else None
+        if problem:
+            problems.add(f"serial.{key}", problem)
+    if serial.devices:
+        from firmware_bridge.profiles import profile_files
+
+        profiles = profile_files(serial.profiles_dir or None)
+        for i, key, message in serial_device_problems(serial.devices, profiles):
+            problems.add(f"serial.devices.{key}", message, item=i)
+
+    if config.gps.source == "nmea" and not config.gps.nmea_port:
+        problems.add("gps.source", 'is "nmea" but gps.nmea_port is empty: name the receiver\'s serial port')
+
+    if host_port(config.metrics.listen) is None:
+        problems.add(
+            "metrics.listen",
+            'must be "HOST:PORT" with a port from 1 to 65535, e.g. "127.0.0.1:9560" or the VPN address "10.8.0.12:9560"',
+        )
+
+    o = config.outbox
+    if o.backoff_max_s < o.backoff_base_s:
+        problems.add("outbox.backoff_max_s", f"({o.backoff_max_s:g}) must not be less than outbox.backoff_base_s")
+
+    if config.fhir.base_url:
+        from uploader.reachability import insecure_url_problem
+
+        problem = insecure_url_problem(config.fhir.base_url)
+        if problem:
+            problems.add("fhir.base_url", problem)
+
+
+def check_files(config: Config, text: str) -> None:
+    """What `lastmile config check` adds to parsing: the files the settings name exist and are
+    readable (the services find out only when they use them). ConfigError lists every miss."""
+    problems = _Problems(text, config.source)
+    named = [
+        ("reading_center.tls.ca_file", config.reading_center.tls.ca_file if config.reading_center.tls.enabled else ""),
+        (
+            "reading_center.tls.cert_file",
+            config.reading_center.tls.cert_file if config.reading_center.tls.enabled else "",
+        ),
+        (
+            "reading_center.tls.key_file",
+            config.reading_center.tls.key_file if config.reading_center.tls.enabled else "",
+        ),
+        ("fhir.ca_file", config.fhir.ca_file),
+        ("fhir.token_file", config.fhir.token_file),
+        ("visits.household_register", config.visits.household_register),
+    ]
+    for dotted, path in named:
+        if path and not os.path.isfile(path):
+            problems.add(dotted, f"names {path}, which is not a file this user can see")
+        elif path and not os.access(path, os.R_OK):
+            problems.add(dotted, f"names {path}, which this user cannot read")
+    if config.serial.profiles_dir and not os.path.isdir(config.serial.profiles_dir):
+        problems.add("serial.profiles_dir", f"names {config.serial.profiles_dir}, which is not a directory")
+    problems.raise_if_any()
+
+
+def check_config_file(path: str | os.PathLike[str] | None = None) -> Config:
+    """`lastmile config check`: parse (every meaning check), then the files named exist."""
+    config = load_config(path)
+    if config.source != "<defaults>":
+        check_files(config, Path(config.source).read_text(encoding="utf-8"))
+    else:
+        check_files(config, "")
+    return config
 
 
 def parse_config(text: str, where: str = "<string>") -> Config:
@@ -243,6 +681,9 @@ def parse_config(text: str, where: str = "<string>") -> Config:
     config = _build(Config, data, "", text, where)
     assert isinstance(config, Config)
     config.source = where
+    problems = _Problems(text, where)
+    check_meaning(config, problems)
+    problems.raise_if_any()
     return config
 
 
@@ -267,15 +708,23 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
 def render_defaults() -> str:
     """The documented default configuration, as TOML (`lastmile config --defaults`)."""
     import inspect
+    import io
+    import tokenize
 
     out: list[str] = ["# Lastmile configuration: every key, its default and what it means.", ""]
 
     def comments(cls: type) -> dict[str, str]:
-        found = {}
-        for line in inspect.getsource(cls).splitlines():
-            m = re.match(r"\s*(\w+):.*?#\s*(.+)$", line)
-            if m:
-                found[m.group(1)] = m.group(2)
+        """Each field's `# comment`, wherever the formatter put it (same line or inside the
+        parenthesised default that a long comment wraps into)."""
+        source = inspect.getsource(cls)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        found: dict[str, str] = {}
+        current = None
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.string in fields:
+                current = tok.string  # a field declaration at class-body indent
+            elif tok.type == tokenize.COMMENT and current is not None and current not in found:
+                found[current] = tok.string.lstrip("#").strip()
         return found
 
     def emit(cls: type, name: str) -> None:

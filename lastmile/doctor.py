@@ -3,8 +3,9 @@
 Each check gives one line, OK / WARN / FAIL (or SKIP), with a hint for anything not OK:
 configuration, data partition (free space, wear-relevant mount options), read-only root,
 journal size, clock and its source, the services, reading center C-ECHO, the storage-commitment
-listener, the FHIR endpoint and its token, devices seen, queue health. `--offline` skips what
-needs the network. The exit code is 1 when anything FAILs.
+listener, the FHIR endpoint and its token, devices seen, queue health, the console, the metrics
+endpoint the county scrapes, reports coming back (a critical report not yet acknowledged is a
+FAIL). `--offline` skips what needs the network. The exit code is 1 when anything FAILs.
 
 Run as root, the checks that touch the data directory or the token run with the effective
 user of the data directory's owner (the service user), so they see what the services see and
@@ -28,16 +29,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from lastmile.clinic.devices import DeviceRecord
     from lastmile.config import Config
 
-SERVICES = ("lastmile-acquire.service", "lastmile-forward.service")
+SERVICES = ("lastmile-acquire.service", "lastmile-forward.service", "lastmile-console.service")
 DEVICE_LINKS = Path("/dev/lastmile")
-JOURNALD_DROPINS = (Path("/etc/systemd/journald.conf"), Path("/etc/systemd/journald.conf.d"),
-                    Path("/usr/lib/systemd/journald.conf.d"))
+JOURNALD_DROPINS = (
+    Path("/etc/systemd/journald.conf"),
+    Path("/etc/systemd/journald.conf.d"),
+    Path("/usr/lib/systemd/journald.conf.d"),
+)
 RECOMMENDED_COMMIT_S = 30  # ext4 default is 5 s: every 5 s a journal commit wears the SD card
 NETWORK_TIMEOUT_S = 10.0
+METRICS_TIMEOUT_S = 5.0
 WAITING_WARN_S = 24 * 3600.0  # an item waiting longer than a day: the link has been down a while
 WAITING_FAIL_S = 7 * 24 * 3600.0
+REPORTS_FAILING_WARN_S = 3600.0  # no report query has worked for an hour
 _WEAR_OPTIONS = {"ro", "rw", "noatime", "relatime", "strictatime", "lazytime", "nodiratime", "sync"}
 
 
@@ -94,9 +101,14 @@ class Doctor:
             ("fhir", self.check_fhir, True),
             ("devices", self.check_devices, False),
             ("queue", self.check_queue, False),
+            ("console", self.check_console, False),
+            ("reports", self.check_reports, False),
+            ("metrics", self.check_metrics, False),
         ]
 
     def run_all(self) -> list[Finding]:
+        from lastmile.data_dir import DataDirError
+
         findings: list[Finding] = []
         for name, check, network in self.checks():
             if network and self.offline:
@@ -104,23 +116,49 @@ class Doctor:
                 continue
             try:
                 findings += check()
-            except Exception as exc:  # a check that breaks is itself a finding, never a traceback
-                findings.append(Finding(name, Level.FAIL, f"check failed: {type(exc).__name__}: {exc}",
-                                        "report this to the Lastmile maintainers"))
+            except DataDirError as exc:  # an operational fault, already worded for people
+                findings.append(Finding(name, Level.FAIL, str(exc), "fix the data directory first (see above)"))
+            except Exception as exc:  # noqa: BLE001 — a check that breaks is itself a finding, never a traceback
+                findings.append(
+                    Finding(
+                        name,
+                        Level.FAIL,
+                        f"check failed: {type(exc).__name__}: {exc}",
+                        "report this to the Lastmile maintainers",
+                    )
+                )
         return findings
 
     def check_config(self) -> list[Finding]:
         if self.config_error:
-            return [Finding("config", Level.FAIL, self.config_error,
-                            "fix that line; `lastmile config defaults` lists every key (the other "
-                            "checks below use the defaults)")]
+            return [
+                Finding(
+                    "config",
+                    Level.FAIL,
+                    self.config_error,
+                    "fix that line; `lastmile config defaults` lists every key (the other "
+                    "checks below use the defaults)",
+                )
+            ]
         return [Finding("config", Level.OK, f"{self.config.source} is valid")]
 
     def check_data_partition(self) -> list[Finding]:
+        from lastmile.data_dir import DataDirError, existing_data_dir
+
         data = self.config.data_dir
-        if not data.is_dir():
-            return [Finding("data", Level.FAIL, f"{data} does not exist",
-                            "is the data partition mounted? (systemctl status var-lib-lastmile.mount)")]
+        try:
+            found = existing_data_dir(data)  # looks, never creates
+        except DataDirError as exc:
+            return [Finding("data", Level.FAIL, str(exc), "the services cannot store anything until this is fixed")]
+        if found is None:
+            return [
+                Finding(
+                    "data",
+                    Level.FAIL,
+                    f"{data} does not exist",
+                    "is the data partition mounted? (systemctl status var-lib-lastmile.mount)",
+                )
+            ]
         out = []
         st = os.statvfs(data)
         free_mb = st.f_bavail * st.f_frsize / 2**20
@@ -128,11 +166,23 @@ class Doctor:
         need = self.config.outbox.min_free_mb
         text = f"{data}: {free_mb:.0f} MB free of {total_mb:.0f} MB"
         if free_mb < need:
-            out.append(Finding("data", Level.FAIL, text + f" (below outbox.min_free_mb = {need}: new items refused)",
-                               "forward the queue (is the link up?) or purge committed items"))
+            out.append(
+                Finding(
+                    "data",
+                    Level.FAIL,
+                    text + f" (below outbox.min_free_mb = {need}: new items refused)",
+                    "forward the queue (is the link up?) or purge committed items",
+                )
+            )
         elif free_mb < 2 * need:
-            out.append(Finding("data", Level.WARN, text + f" (close to outbox.min_free_mb = {need})",
-                               "check that forwarding keeps up (`lastmile queue`)"))
+            out.append(
+                Finding(
+                    "data",
+                    Level.WARN,
+                    text + f" (close to outbox.min_free_mb = {need})",
+                    "check that forwarding keeps up (`lastmile queue`)",
+                )
+            )
         else:
             out.append(Finding("data", Level.OK, text))
         mount = find_mount(self.mountinfo, data)
@@ -147,8 +197,12 @@ class Doctor:
         shown = sorted(o for o in opts if o in _WEAR_OPTIONS or o.startswith("commit="))
         where = f"{data} is on {mount.mount_point} ({mount.fstype}, {','.join(shown)})"
         if "ro" in opts:
-            return Finding("data", Level.FAIL, where + ": read-only",
-                           "the data partition went read-only (I/O errors?): run fsck, check the SD card")
+            return Finding(
+                "data",
+                Level.FAIL,
+                where + ": read-only",
+                "the data partition went read-only (I/O errors?): run fsck, check the SD card",
+            )
         problems = []
         if "noatime" not in opts:
             problems.append("no noatime (every read writes an access time)")
@@ -157,8 +211,12 @@ class Doctor:
             if commit < RECOMMENDED_COMMIT_S:
                 problems.append(f"journal commit every {commit} s")
         if problems:
-            return Finding("data", Level.WARN, where + ": " + "; ".join(problems),
-                           "mount it with noatime,commit=60 (image/ does) to spare the SD card")
+            return Finding(
+                "data",
+                Level.WARN,
+                where + ": " + "; ".join(problems),
+                "mount it with noatime,commit=60 (image/ does) to spare the SD card",
+            )
         return Finding("data", Level.OK, where)
 
     def check_root_fs(self) -> list[Finding]:
@@ -166,10 +224,19 @@ class Doctor:
         if mount is None:
             return [Finding("root", Level.WARN, "cannot read the mount table")]
         if mount.fstype == "overlay" or "ro" in mount.options:
-            return [Finding("root", Level.OK, f"root filesystem is {'an overlay' if mount.fstype == 'overlay' else 'read-only'}")]
-        return [Finding("root", Level.WARN, f"root filesystem is writable ({mount.fstype})",
-                        "on a clinic gateway the root should be read-only (overlayroot) so a power cut "
-                        "cannot corrupt it")]
+            return [
+                Finding(
+                    "root", Level.OK, f"root filesystem is {'an overlay' if mount.fstype == 'overlay' else 'read-only'}"
+                )
+            ]
+        return [
+            Finding(
+                "root",
+                Level.WARN,
+                f"root filesystem is writable ({mount.fstype})",
+                "on a clinic gateway the root should be read-only (overlayroot) so a power cut cannot corrupt it",
+            )
+        ]
 
     def check_journal(self) -> list[Finding]:
         settings: dict[str, str] = {}
@@ -184,8 +251,14 @@ class Doctor:
         limit = settings.get("SystemMaxUse") if storage != "volatile" else settings.get("RuntimeMaxUse", "default")
         if storage == "volatile" or settings.get("SystemMaxUse"):
             return [Finding("journal", Level.OK, f"Storage={storage}, max {limit}")]
-        return [Finding("journal", Level.WARN, f"journal Storage={storage} with no SystemMaxUse",
-                        "set SystemMaxUse=32M (or Storage=volatile) in /etc/systemd/journald.conf.d/")]
+        return [
+            Finding(
+                "journal",
+                Level.WARN,
+                f"journal Storage={storage} with no SystemMaxUse",
+                "set SystemMaxUse=32M (or Storage=volatile) in /etc/systemd/journald.conf.d/",
+            )
+        ]
 
     def check_clock(self) -> list[Finding]:
         from devices.identity import EARLIEST_PLAUSIBLE
@@ -193,15 +266,26 @@ class Doctor:
         now = dt.datetime.fromtimestamp(self.now(), dt.timezone.utc)
         stamp = now.strftime("%Y-%m-%d %H:%M:%SZ")
         if now < EARLIEST_PLAUSIBLE:
-            return [Finding("clock", Level.FAIL, f"system clock says {stamp}: not plausible",
-                            "no time source yet: connect the network (NTP) or a GPS receiver; "
-                            "measurements get the gateway-receipt time until then")]
+            return [
+                Finding(
+                    "clock",
+                    Level.FAIL,
+                    f"system clock says {stamp}: not plausible",
+                    "no time source yet: connect the network (NTP) or a GPS receiver; "
+                    "measurements get the gateway-receipt time until then",
+                )
+            ]
         source, synced = self._time_source()
         if synced:
             return [Finding("clock", Level.OK, f"{stamp}, synchronised ({source})")]
-        return [Finding("clock", Level.WARN, f"{stamp}, plausible but not synchronised ({source})",
-                        "enable systemd-timesyncd or chrony, or gpsd with a receiver; "
-                        "`timedatectl` shows the state")]
+        return [
+            Finding(
+                "clock",
+                Level.WARN,
+                f"{stamp}, plausible but not synchronised ({source})",
+                "enable systemd-timesyncd or chrony, or gpsd with a receiver; `timedatectl` shows the state",
+            )
+        ]
 
     def _time_source(self) -> tuple[str, bool]:
         if shutil.which("chronyc"):
@@ -233,19 +317,29 @@ class Doctor:
             state = f"{props.get('ActiveState', '?')}/{props.get('SubState', '?')}"
             restarts = props.get("NRestarts", "0")
             text = f"{unit}: {state}, {restarts} restarts" + (
-                f", {props['StatusText']}" if props.get("StatusText") else "")
+                f", {props['StatusText']}" if props.get("StatusText") else ""
+            )
             if props.get("ActiveState") == "active":
                 level = Level.WARN if int(restarts or 0) > 5 else Level.OK
-                out.append(Finding("services", level, text,
-                                   f"restarting often: journalctl -u {unit}" if level is Level.WARN else ""))
+                out.append(
+                    Finding(
+                        "services",
+                        level,
+                        text,
+                        f"restarting often: journalctl -u {unit}" if level is Level.WARN else "",
+                    )
+                )
             else:
-                out.append(Finding("services", Level.FAIL, text,
-                                   f"journalctl -u {unit} -n 50 says why; systemctl restart {unit}"))
+                out.append(
+                    Finding(
+                        "services", Level.FAIL, text, f"journalctl -u {unit} -n 50 says why; systemctl restart {unit}"
+                    )
+                )
         return out
 
     def check_reading_center(self) -> list[Finding]:
-        from lastmile.forward_service import peer_settings
-        from uploader.dicom_net import echo
+        from lastmile.services.forward import peer_settings
+        from uploader.dicom_association import echo
         from uploader.errors import ConfigurationFault, TransientError
 
         rc = self.config.reading_center
@@ -254,22 +348,47 @@ class Doctor:
         try:
             rtt = echo(peer)
         except ConfigurationFault as exc:
-            return [Finding("reading-center", Level.FAIL, f"C-ECHO refused: {exc}",
-                            "the PACS does not accept us: check reading_center.called_ae / calling_ae "
-                            "and that the reading center registered this gateway's AE title and address")]
+            return [
+                Finding(
+                    "reading-center",
+                    Level.FAIL,
+                    f"C-ECHO refused: {exc}",
+                    "the PACS does not accept us: check reading_center.called_ae / calling_ae "
+                    "and that the reading center registered this gateway's AE title and address",
+                )
+            ]
         except TransientError as exc:
-            return [Finding("reading-center", Level.FAIL, f"C-ECHO failed: {exc}",
-                            "check the network link and reading_center.host/port; items stay queued")]
+            return [
+                Finding(
+                    "reading-center",
+                    Level.FAIL,
+                    f"C-ECHO failed: {exc}",
+                    "check the network link and reading_center.host/port; items stay queued",
+                )
+            ]
         return [Finding("reading-center", Level.OK, f"C-ECHO {peer.where}: {rtt * 1000:.0f} ms")]
 
     def check_commitment_listener(self) -> list[Finding]:
         rc = self.config.reading_center
         if not rc.storage_commitment:
-            return [Finding("commitment", Level.OK, "storage commitment not requested "
-                            f"(local copies are kept: no_commitment_policy = {rc.no_commitment_policy})")]
+            return [
+                Finding(
+                    "commitment",
+                    Level.OK,
+                    "storage commitment not requested "
+                    f"(local copies are kept: no_commitment_policy = {rc.no_commitment_policy})",
+                )
+            ]
         port = rc.listen_port
-        bind_host = getattr(rc, "listen_host", "0.0.0.0")
-        probe = "127.0.0.1" if bind_host in ("", "0.0.0.0") else bind_host
+        bind_host = rc.listen_host
+        if not bind_host:  # the forwarder listens on its address toward the reading center
+            from uploader.reachability import address_toward
+
+            try:
+                bind_host = address_toward(rc.host, rc.port)
+            except OSError:
+                bind_host = "127.0.0.1"
+        probe = "127.0.0.1" if bind_host in ("0.0.0.0", "::") else bind_host
         with socket.socket() as s:
             s.settimeout(1.0)
             if s.connect_ex((probe, port)) == 0:
@@ -279,10 +398,22 @@ class Doctor:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.bind((bind_host, port))
         except OSError as exc:
-            return [Finding("commitment", Level.FAIL, f"port {port} cannot be bound: {exc.strerror}",
-                            "another program holds it, or it needs privileges: change reading_center.listen_port")]
-        return [Finding("commitment", Level.WARN, f"nothing listens on port {port} yet (it is free)",
-                        "lastmile-forward opens it when it runs: systemctl status lastmile-forward")]
+            return [
+                Finding(
+                    "commitment",
+                    Level.FAIL,
+                    f"port {port} cannot be bound: {exc.strerror}",
+                    "another program holds it, or it needs privileges: change reading_center.listen_port",
+                )
+            ]
+        return [
+            Finding(
+                "commitment",
+                Level.WARN,
+                f"nothing listens on port {port} yet (it is free)",
+                "lastmile-forward opens it when it runs: systemctl status lastmile-forward",
+            )
+        ]
 
     def check_fhir(self) -> list[Finding]:
         f = self.config.fhir
@@ -292,40 +423,82 @@ class Doctor:
 
         from uploader.errors import ConfigurationFault
         from uploader.fhir_sender import read_token_file
+        from uploader.reachability import insecure_url_problem
 
+        problem = insecure_url_problem(f.base_url)
+        if problem:  # never send the token (or anything) that way, not even to ask /metadata
+            return [Finding("fhir", Level.FAIL, f"fhir.base_url: {problem}", "use the platform's https:// address")]
         headers = {"Accept": "application/fhir+json"}
         if f.token_file:
             try:
                 with as_owner_of(self.config.data_dir):
                     headers["Authorization"] = "Bearer " + read_token_file(f.token_file)
             except ConfigurationFault as exc:
-                return [Finding("fhir", Level.FAIL, str(exc), "put the token in the file, owned by the "
-                                "service user, mode 600")]
+                return [
+                    Finding(
+                        "fhir", Level.FAIL, str(exc), "put the token in the file, owned by the service user, mode 600"
+                    )
+                ]
         url = f.base_url.rstrip("/") + "/metadata"
         try:
-            r = requests.get(url, headers=headers, timeout=min(f.timeout_s, NETWORK_TIMEOUT_S),
-                             verify=f.ca_file or True)
+            r = requests.get(
+                url,
+                headers=headers,
+                timeout=min(f.timeout_s, NETWORK_TIMEOUT_S),
+                verify=f.ca_file or True,
+                allow_redirects=False,
+            )
         except requests.RequestException as exc:
-            return [Finding("fhir", Level.FAIL, f"{url}: {type(exc).__name__}: {exc}",
-                            "check the network, fhir.base_url and fhir.ca_file")]
+            return [
+                Finding(
+                    "fhir",
+                    Level.FAIL,
+                    f"{url}: {type(exc).__name__}: {exc}",
+                    "check the network, fhir.base_url and fhir.ca_file",
+                )
+            ]
         if r.status_code in (401, 403):
-            return [Finding("fhir", Level.FAIL, f"{url}: HTTP {r.status_code}: the token was refused",
-                            "ask the county platform for a new token; write it to fhir.token_file")]
+            return [
+                Finding(
+                    "fhir",
+                    Level.FAIL,
+                    f"{url}: HTTP {r.status_code}: the token was refused",
+                    "ask the county platform for a new token; write it to fhir.token_file",
+                )
+            ]
         if r.status_code != 200:
-            return [Finding("fhir", Level.FAIL, f"{url}: HTTP {r.status_code}",
-                            "is fhir.base_url the FHIR R4 base (ends before /metadata)?")]
-        return [Finding("fhir", Level.OK, f"{url}: HTTP 200 in {r.elapsed.total_seconds() * 1000:.0f} ms"
-                        + (" with token" if f.token_file else " (no token configured)"))]
+            return [
+                Finding(
+                    "fhir",
+                    Level.FAIL,
+                    f"{url}: HTTP {r.status_code}",
+                    "is fhir.base_url the FHIR R4 base (ends before /metadata)?",
+                )
+            ]
+        return [
+            Finding(
+                "fhir",
+                Level.OK,
+                f"{url}: HTTP 200 in {r.elapsed.total_seconds() * 1000:.0f} ms"
+                + (" with token" if f.token_file else " (no token configured)"),
+            )
+        ]
 
     def check_devices(self) -> list[Finding]:
         links = sorted(p.name for p in self.device_links.iterdir()) if self.device_links.is_dir() else []
         plugged = f"plugged in: {', '.join(links)}" if links else "no USB device plugged in"
-        from lastmile.clinic_db import DB_NAME
+        from lastmile.clinic.db import DB_NAME
 
         if not (self.config.data_dir / DB_NAME).exists():
-            return [Finding("devices", Level.OK if links else Level.WARN, f"no device seen yet; {plugged}",
-                            "" if links else "plug in the clinic's devices, or pair BLE ones: lastmile ble pair")]
-        from lastmile.device_registry import DeviceRegistry
+            return [
+                Finding(
+                    "devices",
+                    Level.OK if links else Level.WARN,
+                    f"no device seen yet; {plugged}",
+                    "" if links else "plug in the clinic's devices, or pair BLE ones: lastmile ble pair",
+                )
+            ]
+        from lastmile.clinic.devices import DeviceRegistry
 
         with as_owner_of(self.config.data_dir):
             registry = DeviceRegistry.open(self.config.data_dir)
@@ -336,62 +509,221 @@ class Doctor:
         now = dt.datetime.fromtimestamp(self.now(), dt.timezone.utc)
         day = dt.timedelta(days=1)
 
-        def seen(r: object) -> dt.datetime | None:
-            stamps = [t for t in (getattr(r, "last_seen_at"), getattr(r, "last_connected_at"),
-                                  getattr(r, "last_reading_at")) if t is not None]
+        def seen(r: DeviceRecord) -> dt.datetime | None:
+            stamps = [t for t in (r.last_seen_at, r.last_connected_at, r.last_reading_at) if t is not None]
             return max(stamps) if stamps else None
 
         recent = [r for r in records if (t := seen(r)) is not None and now - t < day]
-        errors = [r for r in records if r.last_error and r.last_error_at
-                  and (seen(r) is None or r.last_error_at >= seen(r))]  # type: ignore[operator]
-        text = (f"{len(records)} known, {len(recent)} seen in 24 h, "
-                f"{sum(r.connected for r in records)} connected; {plugged}")
+
+        def failing_since_seen(r: DeviceRecord) -> bool:
+            last_seen = seen(r)
+            return bool(r.last_error and r.last_error_at and (last_seen is None or r.last_error_at >= last_seen))
+
+        errors = [r for r in records if failing_since_seen(r)]
+        text = (
+            f"{len(records)} known, {len(recent)} seen in 24 h, "
+            f"{sum(r.connected for r in records)} connected; {plugged}"
+        )
         if errors:
             worst = errors[0]
-            return [Finding("devices", Level.WARN, text + f"; {worst.name or worst.address}: {worst.last_error}",
-                            "`lastmile devices` lists each device's state")]
+            return [
+                Finding(
+                    "devices",
+                    Level.WARN,
+                    text + f"; {worst.name or worst.address}: {worst.last_error}",
+                    "`lastmile devices` lists each device's state",
+                )
+            ]
         return [Finding("devices", Level.OK, text)]
 
     def check_queue(self) -> list[Finding]:
-        from uploader.outbox import DB_NAME, Outbox
+        from lastmile.data_dir import DataDirError, open_existing_outbox
+        from uploader.masking import mask_server_text
 
         data = self.config.data_dir
-        if not (data / DB_NAME).exists():
-            return [Finding("queue", Level.OK, "outbox empty (not created yet)")]
-        with as_owner_of(data):
-            outbox = Outbox.open(data, min_free_bytes=0)
-            try:
-                stats = outbox.stats(self.now())
-            finally:
-                outbox.close()
+        try:
+            with as_owner_of(data):
+                outbox = open_existing_outbox(self.config)  # creates nothing
+                if outbox is None:
+                    return [Finding("queue", Level.OK, "outbox empty (not created yet)")]
+                with outbox:
+                    stats = outbox.stats(self.now())
+        except DataDirError as exc:
+            return [Finding("queue", Level.FAIL, str(exc), "the services cannot queue or forward anything meanwhile")]
         counts = stats["counts"]
         waiting = counts.get("queued", 0) + counts.get("sending", 0)
         oldest = stats["oldest_waiting_s"]
         quarantined = stats["quarantined"]
-        text = (f"{waiting} waiting, {counts.get('sent', 0)} awaiting commitment, "
-                f"{counts.get('committed', 0)} committed, {len(quarantined)} quarantined")
+        text = (
+            f"{waiting} waiting, {counts.get('sent', 0)} awaiting commitment, "
+            f"{counts.get('committed', 0)} committed, {len(quarantined)} quarantined"
+        )
         if oldest is not None:
             text += f"; oldest waiting {_age(oldest)}"
-        faults = [f"{name}: {value['fault']}" for name, value in stats["statuses"].items()
-                  if isinstance(value, dict) and value.get("fault")]
+        faults = [
+            f"{name}: {mask_server_text(value['fault'])}"
+            for name, value in stats["statuses"].items()
+            if isinstance(value, dict) and value.get("fault")
+        ]
         out = []
         if oldest is not None and oldest > WAITING_FAIL_S:
-            out.append(Finding("queue", Level.FAIL, text, "nothing has gone out for a week: check the "
-                               "reading-center and fhir lines above, then `lastmile queue`"))
+            out.append(
+                Finding(
+                    "queue",
+                    Level.FAIL,
+                    text,
+                    "nothing has gone out for a week: check the "
+                    "reading-center and fhir lines above, then `lastmile queue`",
+                )
+            )
         elif quarantined or (oldest is not None and oldest > WAITING_WARN_S):
-            out.append(Finding("queue", Level.WARN, text,
-                               "`lastmile queue` shows why items are quarantined; `lastmile retry` "
-                               "requeues them once the cause is fixed" if quarantined else
-                               "items wait for more than a day: is the link down?"))
+            out.append(
+                Finding(
+                    "queue",
+                    Level.WARN,
+                    text,
+                    "`lastmile queue` shows why items are quarantined; `lastmile retry` "
+                    "requeues them once the cause is fixed"
+                    if quarantined
+                    else "items wait for more than a day: is the link down?",
+                )
+            )
         else:
             out.append(Finding("queue", Level.OK, text))
         for fault in faults:
-            out.append(Finding("queue", Level.FAIL, f"the forwarder reports: {fault}",
-                               "the peer refuses our configuration; fix it and `systemctl reload lastmile-forward`"))
+            out.append(
+                Finding(
+                    "queue",
+                    Level.FAIL,
+                    f"the forwarder reports: {fault}",
+                    "the peer refuses our configuration; fix it and `systemctl reload lastmile-forward`",
+                )
+            )
         return out
+
+    def check_console(self) -> list[Finding]:
+        """Where the doctor's console listens, and its certificate's fingerprint (the clinic
+        compares it with what the browser shows the first time)."""
+        from lastmile.config import ConfigError
+        from lastmile.console.service import parse_listen
+        from lastmile.console.tls import existing_certificate
+
+        try:
+            listen = parse_listen(self.config)
+        except ConfigError as exc:
+            return [Finding("console", Level.FAIL, str(exc), "fix [console] listen / https")]
+        if not self.config.console.https:
+            return [Finding("console", Level.OK, f"plain HTTP on {listen.host}:{listen.port} (loopback only)")]
+        with as_owner_of(self.config.data_dir):
+            cert = existing_certificate(self.config.data_dir)
+        if cert is None:
+            return [
+                Finding(
+                    "console",
+                    Level.WARN,
+                    f"https on port {listen.port}: no certificate yet",
+                    "it is made when lastmile-console first starts: systemctl status lastmile-console",
+                )
+            ]
+        return [Finding("console", Level.OK, f"https on port {listen.port}, certificate SHA-256 {cert.fingerprint}")]
+
+    def check_reports(self) -> list[Finding]:
+        """Critical reports the doctor has not acknowledged (FAIL), and whether reports come back."""
+        from lastmile.clinic.db import DB_NAME
+
+        data = self.config.data_dir
+        if self.config.reports.source == "off":
+            return [Finding("reports", Level.SKIP, "not polled (reports.source = off)")]
+        if not (data / DB_NAME).exists():
+            return [Finding("reports", Level.OK, "no ECG sent yet")]
+        from lastmile.reports.store import POLLER_STATUS as STATUS_NAME
+        from lastmile.reports.store import ReportStore
+
+        now = dt.datetime.fromtimestamp(self.now(), dt.timezone.utc)
+        with as_owner_of(data):
+            store = ReportStore.open(data)
+            try:
+                critical = store.unacknowledged_critical()
+                studies = store.studies(since=now - dt.timedelta(days=self.config.reports.window_days))
+                reports = store.reports(current_only=True)
+                status = store.status(STATUS_NAME) or {}
+                patients = {s.study_uid: s for s in store.studies()}
+            finally:
+                store.close()
+        out = []
+        for r in critical:
+            study = patients.get(r.study_uid)
+            who = (study.patient_id if study else "") or "(unassigned)"
+            ecg = study.ecg_time[:16].replace("T", " ") if study and study.ecg_time else "?"
+            out.append(
+                Finding(
+                    "reports",
+                    Level.FAIL,
+                    f"CRITICAL report {r.id} (危急值) for patient {who}, ECG {ecg}: {r.critical[0]}",
+                    f"read it now (`lastmile report show {r.id}`), act on it, then `lastmile report ack {r.id}`",
+                )
+            )
+        with_report = {r.study_uid for r in reports}
+        waiting = sum(s.study_uid not in with_report for s in studies)
+        text = f"{len(studies)} ECG(s) sent in {self.config.reports.window_days:g} days: {waiting} waiting for a report"
+        if status.get("last_success_at"):
+            text += f"; reading center last asked {_age(max(0.0, self.now() - status['last_success_at']))} ago"
+        failing_since = status.get("failing_since")
+        if status.get("fault"):
+            out.append(
+                Finding(
+                    "reports",
+                    Level.FAIL,
+                    f"{text}; the reading center refuses report queries: {status['fault']}",
+                    "fix the reading_center / reports settings, then `systemctl reload lastmile-forward`",
+                )
+            )
+        elif failing_since and self.now() - failing_since > REPORTS_FAILING_WARN_S:
+            out.append(
+                Finding(
+                    "reports",
+                    Level.WARN,
+                    f"{text}; cannot ask for reports for {_age(self.now() - failing_since)}: {status.get('error')}",
+                    "is the link down? `lastmile echo` tests the reading center",
+                )
+            )
+        else:
+            out.append(Finding("reports", Level.OK, text))
+        return out
+
+    def check_metrics(self) -> list[Finding]:
+        """Where the county's Prometheus scrapes this gateway, and whether it answers."""
+        import urllib.error
+        import urllib.request
+
+        from lastmile.services.metrics import parse_listen
+
+        listen = parse_listen(self.config)
+        url = listen.url()
+        try:
+            with urllib.request.urlopen(url, timeout=METRICS_TIMEOUT_S) as response:
+                body = response.read()
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            return [
+                Finding(
+                    "metrics",
+                    Level.WARN,
+                    f"nothing answers on {url} ({reason}): the county cannot watch this gateway",
+                    "systemctl enable --now lastmile-metrics; journalctl -u lastmile-metrics says why it stopped",
+                )
+            ]
+        series = sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
+        where = (
+            "loopback only: set [metrics] listen to the VPN address for the county"
+            if listen.loopback
+            else "for the county"
+        )
+        return [Finding("metrics", Level.OK, f"{url} answers ({series} series, {len(body)} bytes), {where}")]
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Mount:
@@ -429,9 +761,9 @@ def find_mount(mountinfo: Path, path: Path) -> Mount | None:
     best = None
     for m in mounts:  # later lines shadow earlier ones on the same mount point
         mp = m.mount_point.rstrip("/") or "/"
-        if target == mp or target.startswith(mp.rstrip("/") + "/") or mp == "/":
-            if best is None or len(mp) >= len(best.mount_point.rstrip("/") or "/"):
-                best = m
+        covers = target == mp or target.startswith(mp.rstrip("/") + "/") or mp == "/"
+        if covers and (best is None or len(mp) >= len(best.mount_point.rstrip("/") or "/")):
+            best = m
     return best
 
 
@@ -484,16 +816,16 @@ def render_text(findings: list[Finding]) -> str:
 
 
 def render_json(findings: list[Finding]) -> str:
-    return json.dumps({"ok": exit_code(findings) == 0, "findings": [f.to_json() for f in findings]},
-                      indent=2)
+    return json.dumps({"ok": exit_code(findings) == 0, "findings": [f.to_json() for f in findings]}, indent=2)
 
 
 def exit_code(findings: list[Finding]) -> int:
     return 1 if any(f.level is Level.FAIL for f in findings) else 0
 
 
-def diagnose(config_path: str | None, *, offline: bool, data_dir: str | None = None,
-             **overrides: object) -> list[Finding]:
+def diagnose(
+    config_path: str | None, *, offline: bool, data_dir: str | None = None, **overrides: object
+) -> list[Finding]:
     """Load the configuration (a broken one is a FAIL, the rest runs on defaults) and check."""
     from lastmile.config import Config, ConfigError, load_config
 
@@ -503,5 +835,5 @@ def diagnose(config_path: str | None, *, offline: bool, data_dir: str | None = N
     except ConfigError as exc:
         config, error = Config(), str(exc)
     if data_dir:
-        config.gateway.data_dir = data_dir
+        config.set_data_dir(data_dir)
     return Doctor(config, config_error=error, offline=offline, **overrides).run_all()  # type: ignore[arg-type]

@@ -11,7 +11,14 @@ apt_packages=(python3-venv)
 if [ "$mode" = "--test" ]; then
   apt_packages+=(orthanc dcmtk dicom3tools gpsd gpsd-clients systemd systemd-container udev iproute2
                  util-linux debootstrap qemu-user-static binfmt-support dosfstools mtools
-                 e2fsprogs fdisk openssl qemu-system-arm qemu-utils zstd)
+                 e2fsprogs fdisk openssl librsvg2-bin prometheus
+                 qemu-system-arm qemu-utils zstd  # the image's whole-machine boot test
+                 chromium chromium-driver fonts-noto-cjk)  # the console's browser tests (+ CJK glyphs)
+  command -v npm >/dev/null || apt_packages+=(nodejs npm)  # Lighthouse (bench/console.py)
+fi
+# CPU load for flake hunts (scripts/rehearse-ci.sh --load).
+if [ "$mode" = "--test" ]; then
+  apt_packages+=(stress-ng)
 fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()
@@ -35,8 +42,28 @@ python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
 extras=emulation
 [ "$mode" = "--test" ] && extras=test,emulation
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[${extras}]"
+# pip again only when what it installs changed (scripts/test.sh runs this before every run).
+stamp=.venv/.lastmile-installed
+want=$(cat pyproject.toml <(echo "$extras") | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[${extras}]"
+  echo "$want" > "$stamp"
+fi
+# Lighthouse for bench/console.py and its test, in a project-local folder (.gitignored), fetched
+# here, before the suite enters its private network namespace. 12.2.3: 13 wants Node 22.
+lighthouse_version=12.2.3
+if [ "$mode" = "--test" ] && command -v npm >/dev/null; then
+  lh=.tools/lighthouse
+  if ! grep -qs "\"version\": \"$lighthouse_version\"" "$lh/node_modules/lighthouse/package.json"; then
+    echo "setup: installing lighthouse $lighthouse_version into $lh"
+    mkdir -p "$lh"
+    npm install --prefix "$lh" --no-audit --no-fund --silent --save-exact "lighthouse@$lighthouse_version" >/dev/null
+  fi
+fi
 echo "setup: ready (.venv, extras: ${extras})"
+if [ "$mode" = "--test" ]; then
+  scripts/fetch-test-assets  # everything else the tests need from the network, before test.sh's unshare -n
+fi

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+# ../shared beside the checkout; LASTMILE_SHARED points elsewhere (a git worktree has no ../shared)
+SHARED = Path(os.environ.get("LASTMILE_SHARED") or os.environ.get("LASTMILE_SHARED_DIR") or REPO.parent / "shared")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
-def missing(reason: str) -> None:
-    """Skip locally, fail in CI: CI must run everything."""
+def missing(reason: str, *, module: bool = False) -> None:
+    """Skip locally, fail in CI: CI must run everything. The only skip in the suite
+    (tests/test_suite_hygiene.py checks): `module=True` skips a whole test module."""
     if IN_CI:
-        pytest.fail(f"required under CI: {reason}")
-    pytest.skip(reason)
+        pytest.fail(f"required under CI: {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=module)
 
 
 def shared_file(*parts: str) -> Path:
@@ -35,6 +38,14 @@ def require_tool(name: str) -> str:
     return found
 
 
+def require_module(name: str, reason: str) -> None:
+    """Skip locally (fail in CI) when an optional extra such as bumble is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec(name) is None:
+        missing(f"{name} is not installed: {reason}")
+
+
 def in_private_netns() -> bool:
     """True when the only network interface is loopback (scripts/test.sh runs pytest under unshare -n)."""
     import socket
@@ -48,8 +59,9 @@ def in_private_netns() -> bool:
 
 def require_private_netns() -> None:
     if not in_private_netns():
-        missing("Orthanc listens on every interface: run the tests through scripts/test.sh "
-                "(a private network namespace)")
+        missing(
+            "Orthanc listens on every interface: run the tests through scripts/test.sh (a private network namespace)"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -57,6 +69,21 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         missing("../shared (third-party ECG and GNSS files) is absent")
     return SHARED
+
+
+@pytest.fixture
+def restored_logging() -> Iterator[None]:
+    """`lastmile.cli.main()` points the root logger at the captured stderr of the test that ran
+    it, closed once that test ends: drop such a handler left by an earlier test (pytest's own are
+    subclasses), and put the root logger back as it was afterwards."""
+    import logging
+
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if type(h) is not logging.StreamHandler]
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 # Real DICOM peers (Orthanc, storescp, scripted SCP) as fixtures for every test module.

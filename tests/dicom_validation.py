@@ -18,8 +18,7 @@ DCIODVFY_TIMEOUT_S = 60
 
 def _is_problem(line: str) -> bool:
     text = line.strip()
-    return (text.startswith(("Error", "Warning"))
-            or " - Error - " in text or " - Warning - " in text)
+    return text.startswith(("Error", "Warning")) or " - Error - " in text or " - Warning - " in text
 
 
 def dciodvfy_problems(data: bytes | Path) -> list[str]:
@@ -34,7 +33,7 @@ def dciodvfy_problems(data: bytes | Path) -> list[str]:
 
 
 def _run(tool: str, path: Path) -> list[str]:
-    result = subprocess.run([tool, str(path)], capture_output=True, text=True, errors="replace",
-                            timeout=DCIODVFY_TIMEOUT_S, check=False)
-    return [line.strip() for line in (result.stdout + result.stderr).splitlines()
-            if _is_problem(line)]
+    result = subprocess.run(
+        [tool, str(path)], capture_output=True, text=True, errors="replace", timeout=DCIODVFY_TIMEOUT_S, check=False
+    )
+    return [line.strip() for line in (result.stdout + result.stderr).splitlines() if _is_problem(line)]

@@ -12,9 +12,15 @@ from devices.identity import DeviceIdentity, Patient, TimeSource
 T0 = dt.datetime(2026, 11, 2, 9, 30, tzinfo=dt.timezone.utc)
 
 
-def make_recording(seed: int = 0, *, seconds: float = 2.0, rate: float = 500.0,
-                   leads: tuple[str, ...] = STANDARD_12_LEADS, stat: bool = False,
-                   patient: Patient | None | str = "auto") -> EcgRecording:
+def make_recording(
+    seed: int = 0,
+    *,
+    seconds: float = 2.0,
+    rate: float = 500.0,
+    leads: tuple[str, ...] = STANDARD_12_LEADS,
+    stat: bool = False,
+    patient: Patient | str | None = "auto",
+) -> EcgRecording:
     rng = np.random.default_rng(seed)
     n = int(seconds * rate)
     t = np.arange(n) / rate
@@ -23,7 +29,14 @@ def make_recording(seed: int = 0, *, seconds: float = 2.0, rate: float = 500.0,
     if patient == "auto":
         patient = Patient(f"P{seed:05d}", f"Test^Patient{seed}", dt.date(1960, 1, 1), "F")
     return EcgRecording(
-        samples=samples.astype(np.int16), lead_names=leads, sampling_rate_hz=rate, uv_per_unit=1.0,
-        acquired_at=T0 + dt.timedelta(minutes=seed), time_source=TimeSource.DEVICE_CLOCK,
-        device=DeviceIdentity("Acme", "ECG-1", f"SN{seed % 3}"), patient=patient,  # type: ignore[arg-type]
-        source_format="test", stat=stat)
+        samples=samples.astype(np.int16),
+        lead_names=leads,
+        sampling_rate_hz=rate,
+        uv_per_unit=1.0,
+        acquired_at=T0 + dt.timedelta(minutes=seed),
+        time_source=TimeSource.DEVICE_CLOCK,
+        device=DeviceIdentity("Acme", "ECG-1", f"SN{seed % 3}"),
+        patient=patient,  # type: ignore[arg-type]
+        source_format="test",
+        stat=stat,
+    )

@@ -35,7 +35,7 @@ def apply(data: bytes, ops: list[tuple], lo: int = 0, hi: int | None = None) -> 
         elif kind == "insert":
             buf[pos:pos] = arg
         elif kind == "delete":
-            del buf[pos:pos + arg]
+            del buf[pos : pos + arg]
     return bytes(buf)
 
 
@@ -48,7 +48,9 @@ def decodes_or_refuses(decode, data: bytes) -> EcgRecording | None:
     try:
         recording = decode(data)
     except ProtocolError as exc:
-        assert str(exc), "a refusal must say why"
-        return None
-    assert isinstance(recording, EcgRecording)
-    return recording
+        refusal = str(exc)
+    else:
+        assert isinstance(recording, EcgRecording)
+        return recording
+    assert refusal, "a refusal must say why"
+    return None

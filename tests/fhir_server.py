@@ -1,4 +1,4 @@
-"""The loopback FHIR R4 test server: lastmile.fhir_receiver with every resource validated.
+"""The loopback FHIR R4 test server: lastmile.demo.fhir_receiver with every resource validated.
 
 - Every resource of a POSTed transaction Bundle is validated with fhir.resources
   (the R4B models: fhir.resources 8 ships R5, R4B and STU3; R4B's Encounter, Observation,
@@ -14,10 +14,13 @@
 
 from __future__ import annotations
 
+import collections
+import threading
+
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
-from lastmile.fhir_receiver import FhirReceiver, ServerStats, check_transaction_shape, outcome
+from lastmile.demo.fhir_receiver import FhirReceiver, ServerStats, check_transaction_shape, outcome
 
 __all__ = ["FhirTestServer", "ServerStats", "outcome", "validate_resource", "validate_transaction"]
 
@@ -43,3 +46,16 @@ def validate_transaction(bundle: dict) -> None:
 class FhirTestServer(FhirReceiver):
     def __init__(self, **kwargs: object) -> None:
         super().__init__(validator=validate_transaction, **kwargs)  # type: ignore[arg-type]
+        # Encounter identifier -> how many transactions carrying it the server applied: a re-send
+        # that conditional create absorbed is invisible in the stored resources, not here.
+        self.applied: collections.Counter[str] = collections.Counter()
+        self._applied_lock = threading.Lock()
+
+    def apply_transaction(self, bundle: dict) -> dict:
+        result = super().apply_transaction(bundle)
+        with self._applied_lock:
+            for entry in bundle["entry"]:
+                resource = entry["resource"]
+                if resource["resourceType"] == "Encounter":
+                    self.applied.update(i["value"] for i in resource.get("identifier", []))
+        return result

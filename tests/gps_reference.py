@@ -30,8 +30,15 @@ def tpv_reports(path: Path) -> list[GpsdTpv]:
         report = json.loads(line)
         if report.get("class") != "TPV":
             continue
-        out.append(GpsdTpv(_utc(report["time"]) if "time" in report else None,
-                           report.get("lat"), report.get("lon"), int(report.get("mode", 0)), report))
+        out.append(
+            GpsdTpv(
+                _utc(report["time"]) if "time" in report else None,
+                report.get("lat"),
+                report.get("lon"),
+                int(report.get("mode", 0)),
+                report,
+            )
+        )
     return out
 
 

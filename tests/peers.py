@@ -10,6 +10,7 @@ namespace scripts/test.sh runs the suite in.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
@@ -38,22 +39,16 @@ from pydicom.uid import (
 from pynetdicom import AE, build_context, build_role, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 
+from lastmile.demo.loopback import free_port
 from tests.conftest import require_private_netns, require_tool
 from tests.tls_material import TlsMaterial, make_tls_material
-from uploader.dicom_net import ECG_STORAGE_CLASSES, STORAGE_COMMITMENT_INSTANCE, stop_server
+from uploader.dicom_association import ECG_STORAGE_CLASSES, STORAGE_COMMITMENT_INSTANCE, stop_server
 
 ALL_TRANSFER_SYNTAXES = (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 NO_SUCH_OBJECT_INSTANCE = 0x0112
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout_s: float, proc: subprocess.Popen | None = None,
-                  host: str = "127.0.0.1") -> None:
+def wait_for_port(port: int, timeout_s: float, proc: subprocess.Popen | None = None, host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -90,8 +85,7 @@ class EcgPayload:
     study_uid: str
 
 
-def ecg_payloads(n: int, *, study_uid: str | None = None,
-                 sop_class_uid: str | None = None) -> list[EcgPayload]:
+def ecg_payloads(n: int, *, study_uid: str | None = None, sop_class_uid: str | None = None) -> list[EcgPayload]:
     """`n` distinct ECG objects derived from pydicom's 12-lead waveform_ecg.dcm
     (`sop_class_uid` relabels them, e.g. as General ECG, for SOP-class negotiation tests)."""
     template = dcmread(get_testdata_file(ECG_SAMPLE))
@@ -127,6 +121,28 @@ LOCK_DOWN: dict[str, Any] = {  # NOTES.md: with these an unknown calling AE is r
     "Plugins": [],
 }
 
+# Orthanc's /instances and /changes show an instance once however often it was stored (a re-send is
+# "AlreadyStored"). Its Lua ReceivedInstanceFilter runs for every incoming instance, before the
+# store: it appends one line per C-STORE (checked with Orthanc 1.10.1: 4 stores of one object, 4
+# lines, 1 NewInstance change). Lua's io library is available in Orthanc's interpreter.
+C_STORE_COUNTER_LUA = """
+function ReceivedInstanceFilter(dicom, origin, info)
+  if origin["RequestOrigin"] == "DicomProtocol" then
+    local log = io.open("{path}", "a")
+    log:write(tostring(dicom.SOPInstanceUID) .. "\\n")
+    log:close()
+  end
+  return true
+end
+"""
+
+
+def _count_lines(path: Path) -> collections.Counter[str]:
+    try:
+        return collections.Counter(line for line in path.read_text().splitlines() if line)
+    except FileNotFoundError:
+        return collections.Counter()
+
 
 def gateway_modality(ae_title: str, port: int, name: str = "gateway") -> dict[str, list]:
     """A DicomModalities entry for the gateway: where Orthanc sends commitment reports."""
@@ -143,9 +159,14 @@ class OrthancServer:
     with none, it refuses every calling AE. `restart(modalities=...)` keeps the storage.
     """
 
-    def __init__(self, workdir: Path, *, aet: str = "READING_CENTER",
-                 modalities: Mapping[str, Sequence[Any]] | None = None,
-                 extra: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        aet: str = "READING_CENTER",
+        modalities: Mapping[str, Sequence[Any]] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.aet = aet
         self.modalities = dict(modalities or {})
@@ -154,9 +175,12 @@ class OrthancServer:
         self.http_port = free_port()
         self.storage = workdir / "storage"
         self.log_path = workdir / "orthanc.log"
+        self.c_store_log = workdir / "c-stores.log"
         self._proc: subprocess.Popen | None = None
 
     def config(self) -> dict[str, Any]:
+        counter = self.workdir / "count-c-stores.lua"
+        counter.write_text(C_STORE_COUNTER_LUA.replace("{path}", str(self.c_store_log)))
         return {
             "Name": "lastmile-test-reading-center",
             "StorageDirectory": str(self.storage),
@@ -167,6 +191,7 @@ class OrthancServer:
             "DicomModalities": self.modalities,
             **LOCK_DOWN,
             **self.extra,
+            "LuaScripts": [str(counter), *self.extra.get("LuaScripts", [])],
         }
 
     def start(self, timeout_s: float = 30.0) -> OrthancServer:
@@ -177,8 +202,9 @@ class OrthancServer:
         cfg.write_text(json.dumps(self.config(), indent=1))
         env = {**os.environ, "TCP_NODELAY": "1"}
         with open(self.log_path, "ab") as log:
-            self._proc = subprocess.Popen([binary, str(cfg)], stdout=log, stderr=subprocess.STDOUT,
-                                          env=env, cwd=self.workdir)
+            self._proc = subprocess.Popen(
+                [binary, str(cfg)], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -203,8 +229,9 @@ class OrthancServer:
             proc.kill()
             proc.wait(5)
 
-    def restart(self, *, modalities: Mapping[str, Sequence[Any]] | None = None,
-                extra: Mapping[str, Any] | None = None) -> OrthancServer:
+    def restart(
+        self, *, modalities: Mapping[str, Sequence[Any]] | None = None, extra: Mapping[str, Any] | None = None
+    ) -> OrthancServer:
         """Stop, change the configuration, start again on the same storage and ports."""
         self.stop()
         if modalities is not None:
@@ -231,8 +258,7 @@ class OrthancServer:
 
     # REST (what really arrived)
     def rest(self, path: str, method: str = "GET", body: bytes | None = None) -> Any:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body,
-                                     method=method)
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method)
         with _NO_PROXY.open(req, timeout=10) as rsp:
             raw = rsp.read()
         return json.loads(raw) if raw else None
@@ -249,9 +275,12 @@ class OrthancServer:
             return rsp.read().decode()
 
     def instance_file(self, instance_id: str) -> bytes:
-        with _NO_PROXY.open(f"http://127.0.0.1:{self.http_port}/instances/{instance_id}/file",
-                            timeout=10) as rsp:
+        with _NO_PROXY.open(f"http://127.0.0.1:{self.http_port}/instances/{instance_id}/file", timeout=10) as rsp:
             return rsp.read()
+
+    def c_stores(self) -> collections.Counter[str]:
+        """SOP Instance UID -> how many C-STOREs of it Orthanc received, over all its restarts."""
+        return _count_lines(self.c_store_log)
 
     def sop_instance_uids(self) -> set[str]:
         expanded = self.rest("/instances?expand")
@@ -273,6 +302,7 @@ class OrthancServer:
 
 # -- dcmtk storescp -------------------------------------------------------------------------------
 
+
 class StorescpServer:
     """dcmtk's storescp: a storage SCP without storage commitment.
 
@@ -280,9 +310,16 @@ class StorescpServer:
     "implicit" (+xi: implicit VR only). tls: (material, require client certificate).
     """
 
-    def __init__(self, workdir: Path, *, ae_title: str = "STORESCP", accept: str = "default",
-                 tls: TlsMaterial | None = None, require_client_cert: bool = True,
-                 extra_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        ae_title: str = "STORESCP",
+        accept: str = "default",
+        tls: TlsMaterial | None = None,
+        require_client_cert: bool = True,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         self.workdir = workdir
         self.ae_title = ae_title
         self.accept = accept
@@ -292,15 +329,36 @@ class StorescpServer:
         self.port = free_port()
         self.output_dir = workdir / "received"
         self.log_path = workdir / "storescp.log"
+        self.c_store_log = workdir / "c-stores.log"
         self._proc: subprocess.Popen | None = None
 
     def command(self, binary: str) -> list[str]:
-        cmd = [binary, "-aet", self.ae_title, "-od", str(self.output_dir), "-ta", "10", "-td", "30"]
+        cmd = [
+            binary,
+            "-aet",
+            self.ae_title,
+            "-od",
+            str(self.output_dir),
+            "-ta",
+            "10",
+            "-td",
+            "30",
+            # one line per received object (#f: its file name, modality prefix + SOP Instance UID):
+            # a re-send overwrites the file, the line stays; -xs: written before the C-STORE-RSP
+            "-xcr",
+            f"echo #f >> {self.c_store_log}",
+            "-xs",
+        ]
         cmd += {"default": [], "deflated": ["+xd"], "implicit": ["+xi"]}[self.accept]
         if self.tls is not None:
-            cmd += ["+tls", str(self.tls.server_key), str(self.tls.server_cert),
-                    "+cf", str(self.tls.ca_cert),
-                    "-rc" if self.require_client_cert else "-vc"]
+            cmd += [
+                "+tls",
+                str(self.tls.server_key),
+                str(self.tls.server_cert),
+                "+cf",
+                str(self.tls.ca_cert),
+                "-rc" if self.require_client_cert else "-vc",
+            ]
         return [*cmd, *self.extra_args, str(self.port)]
 
     def start(self, timeout_s: float = 10.0) -> StorescpServer:
@@ -308,8 +366,9 @@ class StorescpServer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "TCP_NODELAY": "1"}
         with open(self.log_path, "ab") as log:
-            self._proc = subprocess.Popen(self.command(binary), stdout=log,
-                                          stderr=subprocess.STDOUT, env=env, cwd=self.workdir)
+            self._proc = subprocess.Popen(
+                self.command(binary), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir
+            )
         try:
             wait_for_port(self.port, timeout_s, self._proc)
         except (RuntimeError, TimeoutError) as exc:
@@ -330,6 +389,10 @@ class StorescpServer:
     def received_files(self) -> list[Path]:
         return sorted(p for p in self.output_dir.iterdir() if p.is_file())
 
+    def c_stores(self) -> collections.Counter[str]:
+        """SOP Instance UID -> how many C-STOREs of it storescp received."""
+        return collections.Counter({name.split(".", 1)[1]: n for name, n in _count_lines(self.c_store_log).items()})
+
     def log_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -344,6 +407,7 @@ class StorescpServer:
 
 
 # -- scripted pynetdicom SCP ------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ReceivedStore:
@@ -365,6 +429,8 @@ class ScriptedStoreSCP:
     - `reject="permanent"`: reject every association (calling AE not recognised);
     - `abort_after`: abort the association when this many stores have been answered;
     - `delay_s`: wait before answering each store (DIMSE timeout tests);
+    - `hold`: instances whose stores are never answered while the SCP runs (the sender stays
+      mid-send: tests kill it there); `arrivals` lists every store as it arrives;
     - `commitment`: accept Storage Commitment; N-ACTION answered `commitment_status`; with
       `report_to=(host, port, ae)` the report follows on a new association (SCP role), with
       `report_on_same_association` on the requesting one. Instances it never stored are
@@ -378,6 +444,7 @@ class ScriptedStoreSCP:
     reject: str | None = None
     abort_after: int | None = None
     delay_s: float = 0.0
+    hold: frozenset[str] = frozenset()
     transfer_syntaxes: Sequence[str] = ALL_TRANSFER_SYNTAXES
     sop_classes: Sequence[str] = ECG_STORAGE_CLASSES
     commitment: bool = False
@@ -393,6 +460,8 @@ class ScriptedStoreSCP:
     actions: list[Dataset] = field(default_factory=list)
     reports_sent: list[tuple[int, Dataset, int]] = field(default_factory=list)  # (type, info, status)
     associations: int = 0
+    arrivals: list[str] = field(default_factory=list)
+    _released: threading.Event = field(default_factory=threading.Event)
     _server: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -408,12 +477,16 @@ class ScriptedStoreSCP:
             ae.require_calling_aet = ["NOBODY_KNOWN"]
         elif self.reject is not None:
             raise ValueError(f"reject must be 'permanent' (see RawAcsePeer for others), not {self.reject!r}")
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_N_ACTION, self._on_action),
-                    (evt.EVT_ESTABLISHED, self._on_established)]
+        handlers = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_N_ACTION, self._on_action),
+            (evt.EVT_ESTABLISHED, self._on_established),
+        ]
         self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
         return self
 
     def stop(self) -> None:
+        self._released.set()
         server, self._server = self._server, None
         if server is not None:
             stop_server(server)
@@ -443,16 +516,28 @@ class ScriptedStoreSCP:
         return self.default_status
 
     def _on_store(self, event: evt.Event) -> int:
-        if self.delay_s:
-            time.sleep(self.delay_s)
         req = event.request
         uid = str(req.AffectedSOPInstanceUID)
+        with self._lock:
+            self.arrivals.append(uid)
+        if uid in self.hold:
+            self._released.wait(300)
+            return 0xA700
+        if self.delay_s:
+            time.sleep(self.delay_s)
         dataset = event.dataset if self.keep_datasets else None  # decodes (inflates) it
         with self._lock:
             status = self._next_status(uid)
-            self.received.append(ReceivedStore(
-                uid, str(req.AffectedSOPClassUID), str(event.context.transfer_syntax),
-                str(event.assoc.requestor.ae_title).strip(), status, dataset))
+            self.received.append(
+                ReceivedStore(
+                    uid,
+                    str(req.AffectedSOPClassUID),
+                    str(event.context.transfer_syntax),
+                    str(event.assoc.requestor.ae_title).strip(),
+                    status,
+                    dataset,
+                )
+            )
             answered = len(self.received)
         if self.abort_after is not None and answered >= self.abort_after:
             event.assoc.abort()
@@ -462,8 +547,7 @@ class ScriptedStoreSCP:
         request = event.action_information
         with self._lock:
             self.actions.append(request)
-            stored = {r.sop_instance_uid for r in self.received
-                      if r.status in (0x0000, 0x0001, 0xB000, 0xB006, 0xB007)}
+            stored = {r.sop_instance_uid for r in self.received if r.status in (0x0000, 0x0001, 0xB000, 0xB006, 0xB007)}
         if self.commitment_status != 0x0000:
             return self.commitment_status, None
         info = Dataset()
@@ -496,8 +580,7 @@ class ScriptedStoreSCP:
 
     def _report_same(self, assoc: Any, event_type: int, info: Dataset) -> None:
         time.sleep(self.report_delay_s)
-        status, _ = assoc.send_n_event_report(info, event_type, StorageCommitmentPushModel,
-                                              STORAGE_COMMITMENT_INSTANCE)
+        status, _ = assoc.send_n_event_report(info, event_type, StorageCommitmentPushModel, STORAGE_COMMITMENT_INSTANCE)
         self.reports_sent.append((event_type, info, int(status.get("Status", -1))))
 
     def _report_new(self, event_type: int, info: Dataset) -> None:
@@ -506,12 +589,19 @@ class ScriptedStoreSCP:
         host, port, ae_title = self.report_to
         ae = AE(ae_title=self.ae_title)
         role = build_role(StorageCommitmentPushModel, scp_role=True)
-        assoc = ae.associate(host, port, [build_context(StorageCommitmentPushModel)],
-                             ae_title=ae_title, ext_neg=[role], tls_args=self.report_tls_args)
+        assoc = ae.associate(
+            host,
+            port,
+            [build_context(StorageCommitmentPushModel)],
+            ae_title=ae_title,
+            ext_neg=[role],
+            tls_args=self.report_tls_args,
+        )
         status_code = -1
         if assoc.is_established:
-            status, _ = assoc.send_n_event_report(info, event_type, StorageCommitmentPushModel,
-                                                  STORAGE_COMMITMENT_INSTANCE)
+            status, _ = assoc.send_n_event_report(
+                info, event_type, StorageCommitmentPushModel, STORAGE_COMMITMENT_INSTANCE
+            )
             status_code = int(status.get("Status", -1))
             assoc.release()
         self.reports_sent.append((event_type, info, status_code))
@@ -581,6 +671,7 @@ class RawAcsePeer:
 
 # -- pytest fixtures --------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def tls_material(tmp_path_factory: pytest.TempPathFactory) -> TlsMaterial:
     return make_tls_material(tmp_path_factory.mktemp("tls"))
@@ -640,9 +731,21 @@ def scripted_scp_factory() -> Iterator[Callable[..., ScriptedStoreSCP]]:
 
 
 __all__ = [
-    "ALL_TRANSFER_SYNTAXES", "EcgPayload", "OrthancServer", "RawAcsePeer", "ReceivedStore",
+    "ALL_TRANSFER_SYNTAXES",
+    "EcgPayload",
+    "OrthancServer",
+    "RawAcsePeer",
+    "ReceivedStore",
     "ScriptedStoreSCP",
-    "StorescpServer", "TlsMaterial", "ecg_payloads", "ecg_sample", "free_port", "gateway_modality",
-    "orthanc_factory", "scripted_scp_factory", "storescp_factory",
-    "tls_material", "wait_for_port",
+    "StorescpServer",
+    "TlsMaterial",
+    "ecg_payloads",
+    "ecg_sample",
+    "free_port",
+    "gateway_modality",
+    "orthanc_factory",
+    "scripted_scp_factory",
+    "storescp_factory",
+    "tls_material",
+    "wait_for_port",
 ]

@@ -95,8 +95,9 @@ class SessionHandler:
             self.events.extend(events)
         if self.auto_ack:
             for ev in events:
-                if isinstance(ev, (ObservationReady, SerialDataReceived)) or \
-                        (isinstance(ev, RecordingReady) and ev.seq is not None):
+                if isinstance(ev, (ObservationReady, SerialDataReceived)) or (
+                    isinstance(ev, RecordingReady) and ev.seq is not None
+                ):
                     self.link.write(self.session.acknowledge(ev.seq))
 
     def connection_lost(self, reason: str | None) -> None:
@@ -117,12 +118,14 @@ class SessionHandler:
 class ManagerThread:
     """Runs a SerialLinkManager in a thread for the duration of a test."""
 
-    def __init__(self, specs: list[LinkSpec], factory: Callable[[LinkSpec, PortInfo], object],
-                 **kwargs: object) -> None:
+    def __init__(
+        self, specs: list[LinkSpec], factory: Callable[[LinkSpec, PortInfo], object], **kwargs: object
+    ) -> None:
         self.manager = SerialLinkManager(specs, factory, **kwargs)  # type: ignore[arg-type]
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.manager.run, args=(self.stop,),
-                                       kwargs={"max_wait_s": 0.2}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.manager.run, args=(self.stop,), kwargs={"max_wait_s": 0.2}, daemon=True
+        )
 
     def __enter__(self) -> SerialLinkManager:
         self.thread.start()

@@ -6,9 +6,9 @@ from __future__ import annotations
 import threading
 import time
 
-from lastmile.acquire_service import gnss_part
 from lastmile.config import Config
-from lastmile.visits import VisitBook, VisitPolicy
+from lastmile.services.acquire import gnss_part
+from lastmile.visits.book import VisitBook, VisitPolicy
 from tests.conftest import shared_file
 from tests.serial_pty import PtyDevice
 
@@ -23,12 +23,12 @@ def config_for(tmp_path, **gps) -> Config:
 
 
 def test_nmea_receiver_extends_the_open_visit_track(tmp_path) -> None:
-    log_lines = [ln for ln in shared_file("gps", "bt-q818.log").read_bytes().splitlines(keepends=True)
-                 if ln.startswith(b"$")]
+    log_lines = [
+        ln for ln in shared_file("gps", "bt-q818.log").read_bytes().splitlines(keepends=True) if ln.startswith(b"$")
+    ]
     device = PtyDevice(tmp_path / "gps0")
     config = config_for(tmp_path, source="nmea", nmea_port=str(device.link_path), nmea_baud=9600)
-    with VisitBook.open(config.data_dir, gateway_id="gw",
-                        policy=VisitPolicy.from_config(config.visits)) as book:
+    with VisitBook.open(config.data_dir, gateway_id="gw", policy=VisitPolicy.from_config(config.visits)) as book:
         visit = book.start("P1", doctor_id="DR-1")
     part = gnss_part(config)
     assert part is not None
@@ -48,8 +48,9 @@ def test_nmea_receiver_extends_the_open_visit_track(tmp_path) -> None:
         deadline = time.monotonic() + 20
         points = 0
         while time.monotonic() < deadline:
-            with VisitBook.open(config.data_dir, gateway_id="gw",
-                                policy=VisitPolicy.from_config(config.visits)) as book:
+            with VisitBook.open(
+                config.data_dir, gateway_id="gw", policy=VisitPolicy.from_config(config.visits)
+            ) as book:
                 points = len(book.track(visit.id))
             if points >= 5:
                 break

@@ -12,8 +12,8 @@ import pytest
 from devices.identity import DeviceIdentity, TimeSource
 from devices.observation import Observation, Quantity
 from lastmile.cli import main
+from lastmile.clinic.observations import ObservationStore
 from tests.conftest import missing
-from lastmile.observation_store import ObservationStore
 from uploader.outbox import Outbox
 
 BP_HEX = "1e 7800 5000 5d00 e807030509 1e0f 4800 01 0400"  # see tests/test_ble_decoders.py
@@ -52,11 +52,15 @@ def test_pair_devices_unpair(capsys: pytest.CaptureFixture[str], tmp_path: Path)
     d = str(tmp_path)
     assert run(capsys, "ble", "pair", "c0:ff:ee:00:00:01", "--name", "cuff room 2", "--data-dir", d)[0] == 0
     assert run(capsys, "ble", "pair", "not-an-address", "--data-dir", d)[0] == 2
-    code, out, _ = run(capsys, "devices", "--json", "--data-dir", d)
+    _code, out, _ = run(capsys, "devices", "--json", "--data-dir", d)
     (dev,) = json.loads(out)
-    assert (dev["address"], dev["name"], dev["allowed"], dev["connected"]) == ("C0:FF:EE:00:00:01", "cuff room 2",
-                                                                              True, False)
-    code, out, _ = run(capsys, "devices", "--data-dir", d)
+    assert (dev["address"], dev["name"], dev["allowed"], dev["connected"]) == (
+        "C0:FF:EE:00:00:01",
+        "cuff room 2",
+        True,
+        False,
+    )
+    _code, out, _ = run(capsys, "devices", "--data-dir", d)
     assert "C0:FF:EE:00:00:01  not connected" in out
     assert run(capsys, "ble", "unpair", "C0:FF:EE:00:00:01", "--data-dir", d)[0] == 0
     assert run(capsys, "ble", "unpair", "C0:FF:EE:00:00:01", "--data-dir", d)[0] == 1
@@ -66,7 +70,7 @@ def test_scan_emulated(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> No
     if importlib.util.find_spec("bumble") is None:
         missing("bumble (the emulation extra) is not installed")
     run(capsys, "ble", "pair", "C0:FF:EE:00:00:01", "--data-dir", str(tmp_path))
-    code, out, _ = run(capsys, "ble", "scan", "--emulated", "--timeout", "0.3", "--json", "--data-dir", str(tmp_path))
+    _code, out, _ = run(capsys, "ble", "scan", "--emulated", "--timeout", "0.3", "--json", "--data-dir", str(tmp_path))
     found = {r["address"]: r for r in json.loads(out)}
     assert found["C0:FF:EE:00:00:01"]["services"] == ["Blood Pressure"] and found["C0:FF:EE:00:00:01"]["paired"]
     assert found["C0:FF:EE:00:00:02"]["services"] == ["Health Thermometer"]
@@ -77,9 +81,18 @@ def test_patient_set_show_assign_clear(capsys: pytest.CaptureFixture[str], tmp_p
     now = dt.datetime.now(dt.timezone.utc)
     with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
         store = ObservationStore.open(tmp_path, outbox=outbox, idle_timeout_s=900)
-        held = store.record(Observation(
-            "body-temperature", (Quantity("body-temperature", 37.5, "Cel", 37.5, "Cel"),), now, TimeSource.DEVICE_CLOCK,
-            now, DeviceIdentity("Acme", "TH-1", "7", "C0:FF:EE:00:00:02"), "test:th:1"), now=now)
+        held = store.record(
+            Observation(
+                "body-temperature",
+                (Quantity("body-temperature", 37.5, "Cel", 37.5, "Cel"),),
+                now,
+                TimeSource.DEVICE_CLOCK,
+                now,
+                DeviceIdentity("Acme", "TH-1", "7", "C0:FF:EE:00:00:02"),
+                "test:th:1",
+            ),
+            now=now,
+        )
         store.close()
     assert held.outcome == "held"
     code, out, _ = run(capsys, "patient", "show", "--data-dir", d)

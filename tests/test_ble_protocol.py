@@ -11,8 +11,18 @@ from hypothesis import strategies as st
 from devices.ble.blood_pressure import decode_blood_pressure_measurement
 from devices.ble.clock import ClockCheck, measure_offset, resolve_time
 from devices.ble.measurement import record_key
-from devices.ble.racp import (FilterType, OpCode, Operator, RacpClient, RacpState, ResponseCode, decode_racp,
-                              encode_number_of_records, encode_request, encode_response_code)
+from devices.ble.racp import (
+    FilterType,
+    OpCode,
+    Operator,
+    RacpClient,
+    RacpState,
+    ResponseCode,
+    decode_racp,
+    encode_number_of_records,
+    encode_request,
+    encode_response_code,
+)
 from devices.errors import ProtocolError
 from devices.identity import TimeSource
 
@@ -21,8 +31,8 @@ UTC = dt.timezone.utc
 # RACP spec vectors: requests and responses as the Glucose Profile writes them.
 RACP_REPORT_ALL = bytes.fromhex("0101")
 RACP_REPORT_FROM_SEQ_8 = bytes.fromhex("0103010800")  # report, >=, sequence number, 8
-RACP_REPORT_RANGE = bytes.fromhex("010401" "0500" "0a00")  # report, within 5..10
-RACP_REPORT_BY_TIME = bytes.fromhex("010302" "e8070305091e0f")  # >= user facing time
+RACP_REPORT_RANGE = bytes.fromhex("01040105000a00")  # report, within 5..10
+RACP_REPORT_BY_TIME = bytes.fromhex("010302e8070305091e0f")  # >= user facing time
 RACP_COUNT_ALL = bytes.fromhex("0401")
 RACP_ABORT = bytes.fromhex("0300")
 RACP_SUCCESS_FOR_REPORT = bytes.fromhex("06000101")
@@ -34,7 +44,11 @@ def test_racp_vectors_decode() -> None:
     assert decode_racp(RACP_REPORT_ALL).operator == Operator.ALL_RECORDS
     m = decode_racp(RACP_REPORT_FROM_SEQ_8)
     assert (m.op_code, m.operator, m.filter_type, m.filter_values) == (
-        OpCode.REPORT_STORED_RECORDS, Operator.GREATER_THAN_OR_EQUAL, FilterType.SEQUENCE_NUMBER, (8,))
+        OpCode.REPORT_STORED_RECORDS,
+        Operator.GREATER_THAN_OR_EQUAL,
+        FilterType.SEQUENCE_NUMBER,
+        (8,),
+    )
     assert decode_racp(RACP_REPORT_RANGE).filter_values == (5, 10)
     assert decode_racp(RACP_REPORT_BY_TIME).filter_values == (dt.datetime(2024, 3, 5, 9, 30, 15),)
     ok = decode_racp(RACP_SUCCESS_FOR_REPORT)
@@ -45,10 +59,14 @@ def test_racp_vectors_decode() -> None:
 
 def test_racp_encoders_match_vectors() -> None:
     assert encode_request(OpCode.REPORT_STORED_RECORDS) == RACP_REPORT_ALL
-    assert encode_request(OpCode.REPORT_STORED_RECORDS, Operator.GREATER_THAN_OR_EQUAL,
-                          FilterType.SEQUENCE_NUMBER, (8,)) == RACP_REPORT_FROM_SEQ_8
-    assert encode_request(OpCode.REPORT_STORED_RECORDS, Operator.WITHIN_RANGE,
-                          FilterType.SEQUENCE_NUMBER, (5, 10)) == RACP_REPORT_RANGE
+    assert (
+        encode_request(OpCode.REPORT_STORED_RECORDS, Operator.GREATER_THAN_OR_EQUAL, FilterType.SEQUENCE_NUMBER, (8,))
+        == RACP_REPORT_FROM_SEQ_8
+    )
+    assert (
+        encode_request(OpCode.REPORT_STORED_RECORDS, Operator.WITHIN_RANGE, FilterType.SEQUENCE_NUMBER, (5, 10))
+        == RACP_REPORT_RANGE
+    )
     assert encode_request(OpCode.ABORT_OPERATION) == RACP_ABORT
     assert encode_response_code(OpCode.REPORT_STORED_RECORDS, ResponseCode.SUCCESS) == RACP_SUCCESS_FOR_REPORT
     assert encode_number_of_records(5) == RACP_COUNT_5
@@ -58,9 +76,27 @@ def test_racp_encoders_match_vectors() -> None:
         encode_request(OpCode.REPORT_STORED_RECORDS, Operator.WITHIN_RANGE, FilterType.SEQUENCE_NUMBER, (5,))
 
 
-@pytest.mark.parametrize("data", ["", "01", "0700", "0107", "0103", "010303", "01030108", "0104010500",
-                                  "060101", "0600010a", "06000101ff", "050005", "0301", "0100", "0101ff",
-                                  "05010500"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        "",
+        "01",
+        "0700",
+        "0107",
+        "0103",
+        "010303",
+        "01030108",
+        "0104010500",
+        "060101",
+        "0600010a",
+        "06000101ff",
+        "050005",
+        "0301",
+        "0100",
+        "0101ff",
+        "05010500",
+    ],
+)
 def test_racp_malformed(data: str) -> None:
     with pytest.raises(ProtocolError):
         decode_racp(bytes.fromhex(data))
@@ -112,9 +148,16 @@ def test_racp_client_rejects_out_of_order_messages() -> None:
 
 
 @settings(deadline=None, max_examples=300)
-@given(st.lists(st.one_of(st.binary(max_size=8), st.sampled_from(
-    [RACP_SUCCESS_FOR_REPORT, RACP_NO_RECORDS, RACP_COUNT_5, bytes.fromhex("06000301")])), max_size=6),
-    st.lists(st.sampled_from(["report", "count", "abort", "record"]), max_size=6))
+@given(
+    st.lists(
+        st.one_of(
+            st.binary(max_size=8),
+            st.sampled_from([RACP_SUCCESS_FOR_REPORT, RACP_NO_RECORDS, RACP_COUNT_5, bytes.fromhex("06000301")]),
+        ),
+        max_size=6,
+    ),
+    st.lists(st.sampled_from(["report", "count", "abort", "record"]), max_size=6),
+)
 def test_fuzz_racp_client(indications: list[bytes], actions: list[str]) -> None:
     c = RacpClient()
     for action, data in zip(actions, indications):
@@ -141,17 +184,22 @@ RX = dt.datetime(2025, 6, 1, 10, 0, 0, tzinfo=UTC)
 
 def test_plausible_clock_is_used() -> None:
     assert resolve_time(dt.datetime(2025, 6, 1, 9, 58), RX, ClockCheck(), UTC) == (
-        dt.datetime(2025, 6, 1, 9, 58, tzinfo=UTC), TimeSource.DEVICE_CLOCK)
+        dt.datetime(2025, 6, 1, 9, 58, tzinfo=UTC),
+        TimeSource.DEVICE_CLOCK,
+    )
 
 
 def test_no_time_or_untrusted_clock_gives_receipt() -> None:
     assert resolve_time(None, RX, ClockCheck(), UTC) == (RX, TimeSource.GATEWAY_RECEIPT)
-    assert resolve_time(dt.datetime(2025, 6, 1, 9, 58), RX, ClockCheck(), UTC, clock_untrusted=True)[1] == \
-        TimeSource.GATEWAY_RECEIPT
+    assert (
+        resolve_time(dt.datetime(2025, 6, 1, 9, 58), RX, ClockCheck(), UTC, clock_untrusted=True)[1]
+        == TimeSource.GATEWAY_RECEIPT
+    )
 
 
-@pytest.mark.parametrize("stamp", [dt.datetime(2000, 1, 1), dt.datetime(2019, 12, 31, 23, 59),
-                                   dt.datetime(2025, 6, 1, 10, 6)])
+@pytest.mark.parametrize(
+    "stamp", [dt.datetime(2000, 1, 1), dt.datetime(2019, 12, 31, 23, 59), dt.datetime(2025, 6, 1, 10, 6)]
+)
 def test_implausible_clock_without_offset_gives_receipt(stamp: dt.datetime) -> None:
     assert resolve_time(stamp, RX, ClockCheck(), UTC) == (RX, TimeSource.GATEWAY_RECEIPT)
 
@@ -163,10 +211,14 @@ def test_clock_a_year_behind_is_corrected() -> None:
     clock = ClockCheck(offset=offset, set_at=RX)
     stored = dt.datetime(2024, 5, 31, 18, 0)  # stamped by the wrong clock before we set it
     assert resolve_time(stored, RX, clock, UTC) == (
-        dt.datetime(2025, 5, 31, 18, 0, tzinfo=UTC), TimeSource.DEVICE_CLOCK_CORRECTED)
+        dt.datetime(2025, 5, 31, 18, 0, tzinfo=UTC),
+        TimeSource.DEVICE_CLOCK_CORRECTED,
+    )
     fresh = dt.datetime(2025, 6, 1, 10, 1)  # stamped after we set the clock
     assert resolve_time(fresh, RX + dt.timedelta(minutes=1), clock, UTC) == (
-        dt.datetime(2025, 6, 1, 10, 1, tzinfo=UTC), TimeSource.DEVICE_CLOCK)
+        dt.datetime(2025, 6, 1, 10, 1, tzinfo=UTC),
+        TimeSource.DEVICE_CLOCK,
+    )
 
 
 def test_clock_reset_to_2000_is_corrected_when_offset_known() -> None:
@@ -174,6 +226,34 @@ def test_clock_reset_to_2000_is_corrected_when_offset_known() -> None:
     clock = ClockCheck(offset=measure_offset(device_now, RX, UTC), set_at=RX)
     measured, source = resolve_time(dt.datetime(2000, 1, 1, 0, 10), RX, clock, UTC)
     assert (measured, source) == (RX - dt.timedelta(minutes=20), TimeSource.DEVICE_CLOCK_CORRECTED)
+
+
+def test_clock_limits_are_inclusive() -> None:
+    """Five minutes is the tolerance itself: a stamp exactly 5 min ahead, an offset of exactly 5 min,
+    a stamp exactly at the moment the clock was set (less 5 min) are all believed; one second more
+    is not. 2020-01-01 00:00 is the earliest plausible time itself."""
+    five = dt.timedelta(minutes=5)
+    second = dt.timedelta(seconds=1)
+    assert resolve_time((RX + five).replace(tzinfo=None), RX, ClockCheck(), UTC) == (RX + five, TimeSource.DEVICE_CLOCK)
+    assert (
+        resolve_time((RX + five + second).replace(tzinfo=None), RX, ClockCheck(), UTC)[1] == TimeSource.GATEWAY_RECEIPT
+    )
+    assert resolve_time(dt.datetime(2020, 1, 1), RX, ClockCheck(), UTC)[1] == TimeSource.DEVICE_CLOCK
+    # an offset of exactly the tolerance is left alone; one second more is corrected
+    stamp = dt.datetime(2025, 6, 1, 9, 0)
+    assert resolve_time(stamp, RX, ClockCheck(offset=five), UTC)[1] == TimeSource.DEVICE_CLOCK
+    assert resolve_time(stamp, RX, ClockCheck(offset=five + second), UTC) == (
+        stamp.replace(tzinfo=UTC) - five - second,
+        TimeSource.DEVICE_CLOCK_CORRECTED,
+    )
+    # after we set a clock that was an hour off: a stamp 5 min before the setting (clock just set,
+    # reading taken) and exactly 5 min from the receipt is the corrected clock's own
+    hour = ClockCheck(offset=dt.timedelta(hours=1), set_at=RX)
+    assert resolve_time((RX - five).replace(tzinfo=None), RX, hour, UTC) == (RX - five, TimeSource.DEVICE_CLOCK)
+    assert (
+        resolve_time((RX - five - second).replace(tzinfo=None), RX, hour, UTC)[1] == TimeSource.DEVICE_CLOCK_CORRECTED
+    )
+    assert resolve_time((RX + five).replace(tzinfo=None), RX, hour, UTC)[1] == TimeSource.DEVICE_CLOCK
 
 
 def test_small_offset_is_not_corrected_and_correction_into_future_is_refused() -> None:
@@ -187,7 +267,7 @@ def test_small_offset_is_not_corrected_and_correction_into_future_is_refused() -
 # --------------------------------------------------------------------------------------------
 # Record keys
 
-BP = bytes.fromhex("1e" "7800" "5000" "5d00" "e807030509" "1e0f" "4800" "01" "0400")
+BP = bytes.fromhex("1e780050005d00e8070305091e0f4800010400")
 
 
 def test_record_key_stable_across_resends_and_distinct_otherwise() -> None:
@@ -198,5 +278,5 @@ def test_record_key_stable_across_resends_and_distinct_otherwise() -> None:
     assert record_key("aa:bb:cc:dd:ee:ff", other, RX) != k1
     assert record_key("aa:bb:cc:dd:ee:00", m, RX) != k1
     assert k1.startswith("ble:AA:BB:CC:DD:EE:FF:blood-pressure:20240305T093015:")
-    no_time = decode_blood_pressure_measurement(bytes.fromhex("00" "7800" "5000" "5d00"))
+    no_time = decode_blood_pressure_measurement(bytes.fromhex("00780050005d00"))
     assert record_key("x", no_time, RX) != record_key("x", no_time, RX + dt.timedelta(seconds=1))

@@ -6,7 +6,6 @@ import ast
 import datetime as dt
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -16,15 +15,35 @@ from devices.bridge import codec
 from devices.bridge.session import BridgeSession, DeviceHello, SerialDataReceived
 from firmware_bridge.firmware import bridge_core
 from firmware_bridge.firmware.bridge_core import LINE_MAX, MAX_PENDING, RESEND_MS, BridgeCore
+from tests.conftest import missing, require_tool
 
 REPO = Path(__file__).resolve().parents[1]
 NOW = dt.datetime(2025, 3, 4, 10, 0, tzinfo=dt.timezone.utc)
 # Files that run on the board: they must stay within what MicroPython offers.
-BOARD_FILES = ["devices/bridge/cobs.py", "devices/bridge/crc.py", "devices/bridge/codec.py",
-               "firmware_bridge/firmware/bridge_core.py", "firmware_bridge/firmware/main.py"]
-BOARD_IMPORTS = {"struct", "binascii", "devices", "devices.bridge", "devices.errors", "devices.bridge.cobs",
-                 "devices.bridge.crc", "devices.bridge.codec", "bridge_core", "micropython", "os", "select",
-                 "sys", "time", "machine"}
+BOARD_FILES = [
+    "devices/bridge/cobs.py",
+    "devices/bridge/crc.py",
+    "devices/bridge/codec.py",
+    "firmware_bridge/firmware/bridge_core.py",
+    "firmware_bridge/firmware/main.py",
+]
+BOARD_IMPORTS = {
+    "struct",
+    "binascii",
+    "devices",
+    "devices.bridge",
+    "devices.errors",
+    "devices.bridge.cobs",
+    "devices.bridge.crc",
+    "devices.bridge.codec",
+    "bridge_core",
+    "micropython",
+    "os",
+    "select",
+    "sys",
+    "time",
+    "machine",
+}
 
 
 def _frames(data: bytes) -> list[codec.Message]:
@@ -149,37 +168,40 @@ print("DECODED %d" % len(decoded))
 """
 
 
-def _micropython_module() -> Path | None:
-    candidates = [os.environ.get("LASTMILE_MICROPYTHON_WASM", ""),
-                  str(REPO / "node_modules" / MPY_PACKAGE)]
-    for c in candidates:
-        if c and (Path(c) / "micropython.mjs").exists():
-            return Path(c) / "micropython.mjs"
-    return None
+def _micropython_module() -> Path:
+    """micropython.mjs as scripts/fetch-test-assets installs it (npm, pinned in tests/npm), or from
+    the folder named by LASTMILE_MICROPYTHON_WASM."""
+    folder = Path(os.environ.get("LASTMILE_MICROPYTHON_WASM") or REPO / "tests" / "npm" / "node_modules" / MPY_PACKAGE)
+    module = folder / "micropython.mjs"
+    if not module.is_file():
+        missing(
+            f"MicroPython (npm {MPY_PACKAGE}) is not installed in {folder}: "
+            "run scripts/fetch-test-assets (scripts/test.sh does)"
+        )
+    return module
 
 
 def test_codec_and_core_give_the_same_bytes_under_micropython(tmp_path: Path) -> None:
     module = _micropython_module()
-    node = shutil.which("node")
-    if module is None or node is None:
-        pytest.skip(f"MicroPython (npm {MPY_PACKAGE}) or node not installed; "
-                    "set LASTMILE_MICROPYTHON_WASM to its folder")
+    node = require_tool("node")
     runner = tmp_path / "run.mjs"
     runner.write_text(RUNNER % {"module": module.as_uri()})
     script = tmp_path / "scenario.py"
     script.write_text(SCENARIO)
-    result = subprocess.run([node, str(runner), str(REPO), str(script)], capture_output=True, text=True,
-                            timeout=60, check=False)
+    result = subprocess.run(
+        [node, str(runner), str(REPO), str(script)], capture_output=True, text=True, timeout=60, check=False
+    )
     lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if line.startswith(("RESULT", "DECODED")))
     assert "RESULT" in lines, result.stdout + result.stderr
     # The same scenario under CPython.
     import io
     import sys as _sys
+
     saved = _sys.stdout
     _sys.stdout = io.StringIO()
     try:
         _sys.modules.setdefault("bridge_core", bridge_core)
-        exec(SCENARIO, {})  # noqa: S102 - our own test scenario
+        exec(SCENARIO, {})
         cpython = dict(line.split(" ", 1) for line in _sys.stdout.getvalue().splitlines())
     finally:
         _sys.stdout = saved

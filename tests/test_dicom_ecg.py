@@ -38,21 +38,44 @@ UIDS = EcgStudyUids(study_uid="2.25.1001", series_uid="2.25.1002", sop_instance_
 STATION = StationInfo(station_name="gw-kibera-01", institution="Kibera Health Centre")
 NAIROBI = dt.timezone(dt.timedelta(hours=3))
 ACQUIRED = dt.datetime(2024, 5, 1, 9, 30, 0, 250000, tzinfo=NAIROBI)
-CART = DeviceIdentity(manufacturer="Acme Cardio", model="Cart 5", serial="SN-0042",
-                      software_version="2.1.7")
-PATIENT = Patient(patient_id="KE-123456", name="Mwangi^Wanjirũ", birth_date=dt.date(1980, 1, 2),
-                  sex="F", issuer="Nairobi County Register")
+CART = DeviceIdentity(manufacturer="Acme Cardio", model="Cart 5", serial="SN-0042", software_version="2.1.7")
+PATIENT = Patient(
+    patient_id="KE-123456",
+    name="Mwangi^Wanjirũ",
+    birth_date=dt.date(1980, 1, 2),
+    sex="F",
+    issuer="Nairobi County Register",
+)
 
 # pydicom's waveform_ecg.dcm codes its leads in SCP-ECG numbers (5.6.3-9-N).
-SCP_LEAD_NUMBER = {1: "I", 2: "II", 61: "III", 62: "aVR", 63: "aVL", 64: "aVF",
-                   3: "V1", 4: "V2", 5: "V3", 6: "V4", 7: "V5", 8: "V6"}
+SCP_LEAD_NUMBER = {
+    1: "I",
+    2: "II",
+    61: "III",
+    62: "aVR",
+    63: "aVL",
+    64: "aVF",
+    3: "V1",
+    4: "V2",
+    5: "V3",
+    6: "V4",
+    7: "V5",
+    8: "V6",
+}
 
 
-def recording(samples: np.ndarray, leads: tuple[str, ...] = STANDARD_12_LEADS,
-              **changes: object) -> EcgRecording:
-    fields = dict(samples=samples, lead_names=leads[: samples.shape[0]], sampling_rate_hz=500.0,
-                  uv_per_unit=2.5, acquired_at=ACQUIRED, time_source=TimeSource.DEVICE_CLOCK,
-                  device=CART, patient=PATIENT, source_format="scp")
+def recording(samples: np.ndarray, leads: tuple[str, ...] = STANDARD_12_LEADS, **changes: object) -> EcgRecording:
+    fields = dict(
+        samples=samples,
+        lead_names=leads[: samples.shape[0]],
+        sampling_rate_hz=500.0,
+        uv_per_unit=2.5,
+        acquired_at=ACQUIRED,
+        time_source=TimeSource.DEVICE_CLOCK,
+        device=CART,
+        patient=PATIENT,
+        source_format="scp",
+    )
     fields.update(changes)
     return EcgRecording(**fields)
 
@@ -71,14 +94,14 @@ def raw_samples(ds: Dataset) -> np.ndarray:
 
 
 def codes(ds: Dataset) -> list[tuple[str, str, str]]:
-    return [(ch.ChannelLabel, ch.ChannelSourceSequence[0].CodeValue,
-             ch.ChannelSourceSequence[0].CodeMeaning)
-            for ch in ds.WaveformSequence[0].ChannelDefinitionSequence]
+    return [
+        (ch.ChannelLabel, ch.ChannelSourceSequence[0].CodeValue, ch.ChannelSourceSequence[0].CodeMeaning)
+        for ch in ds.WaveformSequence[0].ChannelDefinitionSequence
+    ]
 
 
 def texts(ds: Dataset) -> list[str]:
-    return [a.UnformattedTextValue for a in ds.WaveformAnnotationSequence
-            if "UnformattedTextValue" in a]
+    return [a.UnformattedTextValue for a in ds.WaveformAnnotationSequence if "UnformattedTextValue" in a]
 
 
 def assert_valid(data: bytes) -> None:
@@ -94,16 +117,21 @@ def pydicom_ecg() -> EcgRecording:
     sensitivity = float(group.ChannelDefinitionSequence[0].ChannelSensitivity)
     samples = np.rint(microvolts / sensitivity).astype(np.int32)
     assert np.array_equal(samples * sensitivity, microvolts)
-    leads = tuple(SCP_LEAD_NUMBER[int(ch.ChannelSourceSequence[0].CodeValue.rsplit("-", 1)[1])]
-                  for ch in group.ChannelDefinitionSequence)
+    leads = tuple(
+        SCP_LEAD_NUMBER[int(ch.ChannelSourceSequence[0].CodeValue.rsplit("-", 1)[1])]
+        for ch in group.ChannelDefinitionSequence
+    )
     return EcgRecording(
-        samples=samples, lead_names=leads, sampling_rate_hz=float(group.SamplingFrequency),
+        samples=samples,
+        lead_names=leads,
+        sampling_rate_hz=float(group.SamplingFrequency),
         uv_per_unit=sensitivity,
         acquired_at=dt.datetime(2013, 1, 25, 10, 59, 19, tzinfo=dt.timezone(dt.timedelta(hours=1))),
         time_source=TimeSource.FILE,
         device=DeviceIdentity(manufacturer=str(ds.Manufacturer), model=str(ds.ManufacturerModelName)),
         patient=Patient(patient_id=str(ds.PatientID), birth_date=dt.date(1971, 1, 23), sex="F"),
-        source_format="dicom")
+        source_format="dicom",
+    )
 
 
 # ---------------------------------------------------------------------------- real data
@@ -133,10 +161,17 @@ def test_pydicom_ecg_resampled_to_500_hz_says_so(pydicom_ecg: EcgRecording) -> N
     pairs = pydicom_ecg.samples.astype(np.int64)
     halved = np.rint((pairs[:, 0::2] + pairs[:, 1::2]) / 2).astype(np.int32)  # average, decimate
     resampled = EcgRecording(
-        samples=halved, lead_names=pydicom_ecg.lead_names, sampling_rate_hz=500.0,
-        uv_per_unit=pydicom_ecg.uv_per_unit, acquired_at=pydicom_ecg.acquired_at,
-        time_source=pydicom_ecg.time_source, device=pydicom_ecg.device,
-        patient=pydicom_ecg.patient, source_format="dicom", resampled_from_hz=1000.0)
+        samples=halved,
+        lead_names=pydicom_ecg.lead_names,
+        sampling_rate_hz=500.0,
+        uv_per_unit=pydicom_ecg.uv_per_unit,
+        acquired_at=pydicom_ecg.acquired_at,
+        time_source=pydicom_ecg.time_source,
+        device=pydicom_ecg.device,
+        patient=pydicom_ecg.patient,
+        source_format="dicom",
+        resampled_from_hz=1000.0,
+    )
     data = recording_to_dicom_bytes(resampled, UIDS, STATION)
     assert_valid(data)
     ds = read(data)
@@ -144,8 +179,7 @@ def test_pydicom_ecg_resampled_to_500_hz_says_so(pydicom_ecg: EcgRecording) -> N
     assert ds.SOPClassUID == TWELVE_LEAD_ECG
     assert group.WaveformOriginality == "DERIVED"
     assert float(group.SamplingFrequency) == 500.0 and group.NumberOfWaveformSamples == 5000
-    assert all("resampled from 1000 Hz" in ch.ChannelDerivationDescription
-               for ch in group.ChannelDefinitionSequence)
+    assert all("resampled from 1000 Hz" in ch.ChannelDerivationDescription for ch in group.ChannelDefinitionSequence)
     assert any(t.startswith("Resampled from 1000 Hz to 500 Hz") for t in texts(ds))
     assert "resampled from 1000 Hz" in ds.ContributingEquipmentSequence[0].ContributionDescription
     assert np.array_equal(ds.waveform_array(0).T, resampled.microvolts())
@@ -162,8 +196,7 @@ def test_fifteen_leads_make_a_general_ecg_with_true_labels_and_codes() -> None:
     assert_valid(data)
     ds = read(data)
     assert ds.SOPClassUID == GENERAL_ECG
-    assert codes(ds)[12:] == [("V3R", "2:11", "Lead V3R"), ("V4R", "2:12", "Lead V4R"),
-                              ("V7", "2:9", "Lead V7")]
+    assert codes(ds)[12:] == [("V3R", "2:11", "Lead V3R"), ("V4R", "2:12", "Lead V4R"), ("V7", "2:9", "Lead V7")]
     assert np.array_equal(ds.waveform_array(0).T, rec.microvolts())
 
 
@@ -177,8 +210,11 @@ def test_right_sided_lead_in_a_twelve_lead_set_makes_it_general() -> None:
 def test_unknown_label_is_kept_with_the_unspecified_lead_code() -> None:
     rec = recording(synthetic(3), ("I", "AVR", "chest-A"))
     ds = build_ecg_dataset(rec, UIDS, STATION)
-    assert codes(ds) == [("I", "2:1", "Lead I"), ("AVR", "2:62", "aVR, augmented voltage, right"),
-                         ("chest-A", "2:0", "Unspecified lead")]
+    assert codes(ds) == [
+        ("I", "2:1", "Lead I"),
+        ("AVR", "2:62", "aVR, augmented voltage, right"),
+        ("chest-A", "2:0", "Unspecified lead"),
+    ]
     assert ds.SOPClassUID == GENERAL_ECG
     assert_valid(encode_dataset(ds))
 
@@ -242,8 +278,9 @@ def test_naive_created_at_is_refused() -> None:
         build_ecg_dataset(recording(synthetic(2)), UIDS, STATION, created_at=dt.datetime(2024, 5, 1))
 
 
-@pytest.mark.parametrize("breakage", [
-    "rate", "interpretation", "bits", "channels", "samples", "data", "sop", "groups", "source"])
+@pytest.mark.parametrize(
+    "breakage", ["rate", "interpretation", "bits", "channels", "samples", "data", "sop", "groups", "source"]
+)
 def test_check_ecg_iod_catches_what_dciodvfy_does_not(breakage: str) -> None:
     ds = build_ecg_dataset(recording(synthetic(12, n=600)), UIDS, STATION)
     check_ecg_iod(ds)
@@ -279,13 +316,23 @@ def test_check_ecg_iod_catches_what_dciodvfy_does_not(breakage: str) -> None:
 def test_demographics_station_and_device_travel_in_the_object() -> None:
     ds = read(recording_to_dicom_bytes(recording(synthetic(12, n=500)), UIDS, STATION))
     assert (ds.PatientID, ds.IssuerOfPatientID, str(ds.PatientName)) == (
-        "KE-123456", "Nairobi County Register", "Mwangi^Wanjirũ")
+        "KE-123456",
+        "Nairobi County Register",
+        "Mwangi^Wanjirũ",
+    )
     assert (ds.PatientBirthDate, ds.PatientSex) == ("19800102", "F")
     assert (ds.InstitutionName, ds.StationName) == ("Kibera Health Centre", "gw-kibera-01")
-    assert (ds.Manufacturer, ds.ManufacturerModelName, ds.DeviceSerialNumber,
-            ds.SoftwareVersions) == ("Acme Cardio", "Cart 5", "SN-0042", "2.1.7")
+    assert (ds.Manufacturer, ds.ManufacturerModelName, ds.DeviceSerialNumber, ds.SoftwareVersions) == (
+        "Acme Cardio",
+        "Cart 5",
+        "SN-0042",
+        "2.1.7",
+    )
     assert (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID) == (
-        UIDS.study_uid, UIDS.series_uid, UIDS.sop_instance_uid)
+        UIDS.study_uid,
+        UIDS.series_uid,
+        UIDS.sop_instance_uid,
+    )
     assert ds.file_meta.MediaStorageSOPInstanceUID == UIDS.sop_instance_uid
     assert ds.ContributingEquipmentSequence[0].Manufacturer == "Lastmile"
     assert ds.StudyDescription == "12-lead ECG"
@@ -309,8 +356,7 @@ def test_unassigned_patient_is_empty_and_clearly_marked() -> None:
 
 
 def test_stat_is_in_the_description_the_context_and_an_annotation() -> None:
-    data = recording_to_dicom_bytes(recording(synthetic(12, n=500), stat=True, patient=None),
-                                    UIDS, STATION)
+    data = recording_to_dicom_bytes(recording(synthetic(12, n=500), stat=True, patient=None), UIDS, STATION)
     assert_valid(data)
     ds = read(data)
     assert ds.StudyDescription == "STAT 12-lead ECG - UNASSIGNED PATIENT"
@@ -335,13 +381,13 @@ def test_time_zone_and_time_source_are_recorded() -> None:
     assert ds.TimezoneOffsetFromUTC == "+0530"
     assert (ds.InstanceCreationDate, ds.InstanceCreationTime) == ("20250101", "054000")
     assert ds.ContributingEquipmentSequence[0].ContributionDateTime == "20250101054000+0530"
-    assert (ds.AcquisitionTimeSynchronized, ds.TimeSource, ds.TimeDistributionProtocol) == (
-        "Y", "GPS", "GPS")
+    assert (ds.AcquisitionTimeSynchronized, ds.TimeSource, ds.TimeDistributionProtocol) == ("Y", "GPS", "GPS")
     assert ds.SynchronizationFrameOfReferenceUID == "1.2.840.10008.15.1.1"
     assert any(t.startswith("Acquisition time source: gps") for t in texts(ds))
 
-    receipt = read(recording_to_dicom_bytes(
-        recording(synthetic(12, n=500), time_source=TimeSource.GATEWAY_RECEIPT), UIDS, STATION))
+    receipt = read(
+        recording_to_dicom_bytes(recording(synthetic(12, n=500), time_source=TimeSource.GATEWAY_RECEIPT), UIDS, STATION)
+    )
     assert (receipt.AcquisitionTimeSynchronized, receipt.TimeSource) == ("N", "GATEWAY RECEIPT")
     assert "TimeDistributionProtocol" not in receipt
     assert receipt.AcquisitionDateTime == "20240501093000.250000+0300"
@@ -352,10 +398,13 @@ def test_time_zone_and_time_source_are_recorded() -> None:
 
 def test_hostile_device_text_is_made_valid() -> None:
     han = "心电图导联测试数据" * 3  # 27 characters, 81 bytes of UTF-8
-    rec = recording(synthetic(3, n=300), ("I\\x", han, "V1\x07\n"),
-                    device=DeviceIdentity("Ac\\me\x00" * 5, han * 3, "S\\N", software_version="v\\1"),
-                    patient=Patient("ID-1", "王^小明=" + han, issuer=han[:21]),
-                    flags=("x\\y\n" * 300,))
+    rec = recording(
+        synthetic(3, n=300),
+        ("I\\x", han, "V1\x07\n"),
+        device=DeviceIdentity("Ac\\me\x00" * 5, han * 3, "S\\N", software_version="v\\1"),
+        patient=Patient("ID-1", "王^小明=" + han, issuer=han[:21]),
+        flags=("x\\y\n" * 300,),
+    )
     data = recording_to_dicom_bytes(rec, UIDS, StationInfo(han, "Cl\\inic" + han * 5))
     assert_valid(data)
     ds = read(data)
@@ -390,9 +439,11 @@ def test_gaps_are_padded_and_annotated_never_closed_up() -> None:
     assert np.all(raw[:, 410:460] == PADDING_VALUE)
     assert np.array_equal(raw[:, 460:1060], samples[:, 400:])
     assert np.all(raw[:, 1060:] == PADDING_VALUE)
-    coded = [(list(a.ReferencedSamplePositions), a.TemporalRangeType)
-             for a in ds.WaveformAnnotationSequence if "ConceptNameCodeSequence" in a
-             and a.ConceptNameCodeSequence[0].CodeValue == "10:11248"]
+    coded = [
+        (list(a.ReferencedSamplePositions), a.TemporalRangeType)
+        for a in ds.WaveformAnnotationSequence
+        if "ConceptNameCodeSequence" in a and a.ConceptNameCodeSequence[0].CodeValue == "10:11248"
+    ]
     assert coded == [([1, 10], "SEGMENT"), ([411, 460], "SEGMENT"), ([1061, 1065], "SEGMENT")]
     assert any("50 samples (0.100 s) missing" in t for t in texts(ds))
 
@@ -401,8 +452,7 @@ def test_gap_forces_int16_minimum_out_of_the_data() -> None:
     samples = np.array([[-32768, 0, 32767, 10]] * 2, dtype=np.int32).repeat(100, axis=1)
     plain = read(recording_to_dicom_bytes(recording(samples, ("I", "II")), UIDS, STATION))
     assert np.array_equal(raw_samples(plain), samples)  # kept as is
-    gapped = read(recording_to_dicom_bytes(recording(samples, ("I", "II"), gaps=(SampleGap(4, 3),)),
-                                           UIDS, STATION))
+    gapped = read(recording_to_dicom_bytes(recording(samples, ("I", "II"), gaps=(SampleGap(4, 3),)), UIDS, STATION))
     raw = raw_samples(gapped)
     assert raw[:, :4].min() > PADDING_VALUE  # -32768 now only ever means "no sample"
     assert float(gapped.WaveformSequence[0].ChannelDefinitionSequence[0].ChannelSensitivity) == 5.0
@@ -439,24 +489,27 @@ def test_wide_samples_without_a_common_factor_are_rounded_and_flagged() -> None:
 
 
 def test_building_twice_gives_identical_bytes() -> None:
-    rec = recording(synthetic(12, n=800), gaps=(SampleGap(5, 5),), stat=True,
-                    flags=("patient-mismatch",))
+    rec = recording(synthetic(12, n=800), gaps=(SampleGap(5, 5),), stat=True, flags=("patient-mismatch",))
     created = dt.datetime(2024, 5, 1, 7, 0, tzinfo=dt.timezone.utc)
     first = recording_to_dicom_bytes(rec, UIDS, STATION, created_at=created)
     assert recording_to_dicom_bytes(rec, UIDS, STATION, created_at=created) == first
-    later = recording_to_dicom_bytes(rec, UIDS, STATION,
-                                     created_at=created + dt.timedelta(minutes=1))
+    later = recording_to_dicom_bytes(rec, UIDS, STATION, created_at=created + dt.timedelta(minutes=1))
     assert later != first and len(later) == len(first)
     assert "Gateway flag: patient-mismatch" in texts(read(first))
 
 
 def test_mint_uids_gives_three_distinct_valid_uids_each_time() -> None:
     first, second = mint_uids(), mint_uids()
-    values = [first.study_uid, first.series_uid, first.sop_instance_uid,
-              second.study_uid, second.series_uid, second.sop_instance_uid]
+    values = [
+        first.study_uid,
+        first.series_uid,
+        first.sop_instance_uid,
+        second.study_uid,
+        second.series_uid,
+        second.sop_instance_uid,
+    ]
     assert len(set(values)) == 6
-    assert all(v.startswith("2.25.") and len(v) <= 64 and pydicom.uid.UID(v).is_valid
-               for v in values)
+    assert all(v.startswith("2.25.") and len(v) <= 64 and pydicom.uid.UID(v).is_valid for v in values)
 
 
 # ---------------------------------------------------------------------------- properties
@@ -472,20 +525,27 @@ def valid_recordings(draw: st.DrawFn) -> EcgRecording:
     peak = draw(st.sampled_from([0, 1, 300, 32767, 70000, 2**31 - 1]))
     seed = draw(st.integers(0, 2**32 - 1))
     samples = np.random.default_rng(seed).integers(-peak, peak + 1, (len(leads), n), dtype=np.int64)
-    rate = draw(st.one_of(st.sampled_from([200.0, 250.0, 500.0, 1000.0]),
-                          st.floats(200.0, 1000.0, allow_nan=False)))
-    gaps = tuple(draw(st.lists(st.builds(SampleGap, st.integers(0, n), st.integers(1, 400)),
-                               max_size=3)))
+    rate = draw(st.one_of(st.sampled_from([200.0, 250.0, 500.0, 1000.0]), st.floats(200.0, 1000.0, allow_nan=False)))
+    gaps = tuple(draw(st.lists(st.builds(SampleGap, st.integers(0, n), st.integers(1, 400)), max_size=3)))
     derived = frozenset(draw(st.lists(st.sampled_from(leads), unique=True, max_size=4)))
     patient = draw(st.one_of(st.none(), st.just(PATIENT)))
     minutes = draw(st.integers(-12 * 60, 14 * 60))
     acquired = dt.datetime(2024, 2, 29, 23, 59, 59, tzinfo=dt.timezone(dt.timedelta(minutes=minutes)))
     return EcgRecording(
-        samples=samples, lead_names=leads, sampling_rate_hz=rate,
+        samples=samples,
+        lead_names=leads,
+        sampling_rate_hz=rate,
         uv_per_unit=draw(st.sampled_from([0.001, 0.5, 1.0, 2.5, 4.88, 1000 / 3])),
-        acquired_at=acquired, time_source=draw(TIME_SOURCES), device=CART, patient=patient,
-        derived_leads=derived, gaps=gaps, stat=draw(st.booleans()),
-        resampled_from_hz=draw(st.one_of(st.none(), st.just(2000.0))), source_format="npz")
+        acquired_at=acquired,
+        time_source=draw(TIME_SOURCES),
+        device=CART,
+        patient=patient,
+        derived_leads=derived,
+        gaps=gaps,
+        stat=draw(st.booleans()),
+        resampled_from_hz=draw(st.one_of(st.none(), st.just(2000.0))),
+        source_format="npz",
+    )
 
 
 @settings(deadline=None, max_examples=15, suppress_health_check=[HealthCheck.too_slow])
@@ -501,7 +561,7 @@ def test_any_valid_recording_gives_an_object_dciodvfy_accepts(rec: EcgRecording)
     for annotation in ds.WaveformAnnotationSequence:
         if "ConceptNameCodeSequence" in annotation:
             first, last = annotation.ReferencedSamplePositions
-            padded[first - 1:last] = False
+            padded[first - 1 : last] = False
     read_back = ds.waveform_array(0).T[:, padded]
     assert read_back.shape == rec.samples.shape
     assert np.allclose(read_back, rec.microvolts(), rtol=1e-9, atol=sensitivity / 2 * (1 + 1e-9))
@@ -516,9 +576,14 @@ def invalid_recordings(draw: st.DrawFn) -> EcgRecording:
         n_leads = draw(st.integers(1, 12))
         rate = draw(st.one_of(st.floats(0.5, 199.99), st.floats(1000.01, 100000.0)))
     leads = tuple(f"L{i}" for i in range(n_leads))
-    return EcgRecording(samples=np.zeros((n_leads, draw(st.integers(1, 50))), dtype=np.int16),
-                        lead_names=leads, sampling_rate_hz=rate, uv_per_unit=1.0,
-                        acquired_at=ACQUIRED, time_source=TimeSource.UNKNOWN)
+    return EcgRecording(
+        samples=np.zeros((n_leads, draw(st.integers(1, 50))), dtype=np.int16),
+        lead_names=leads,
+        sampling_rate_hz=rate,
+        uv_per_unit=1.0,
+        acquired_at=ACQUIRED,
+        time_source=TimeSource.UNKNOWN,
+    )
 
 
 @settings(deadline=None, max_examples=60)

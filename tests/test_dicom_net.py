@@ -1,4 +1,4 @@
-"""uploader.dicom_net against real peers: Orthanc, dcmtk storescp (plain and TLS), and a scripted
+"""uploader's DICOM networking (dicom_association, dicom_store, dicom_commitment) against real peers: Orthanc, dcmtk storescp (plain and TLS), and a scripted
 pynetdicom SCP for the statuses and failures the real ones will not produce on demand."""
 
 from __future__ import annotations
@@ -23,9 +23,12 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     generate_uid,
 )
-from pynetdicom.sop_class import GeneralECGWaveformStorage, TwelveLeadECGWaveformStorage
+from pynetdicom import build_context
+from pynetdicom.sop_class import GeneralECGWaveformStorage, TwelveLeadECGWaveformStorage, Verification
 
-import uploader.dicom_net as dicom_net
+import uploader.dicom_commitment
+import uploader.dicom_part10
+from tests.acse_race import answered_before_the_requestor_looks
 from tests.peers import (
     EcgPayload,
     OrthancServer,
@@ -37,19 +40,12 @@ from tests.peers import (
     free_port,
     gateway_modality,
 )
-from uploader.dicom_net import (
-    ECG_STORAGE_CLASSES,
-    CommitmentListener,
-    CommitmentReport,
-    CommitmentUnsupported,
-    PeerSettings,
-    StoreAssociation,
-    TlsFiles,
-    UnsendablePayload,
-    classify_status,
-    echo,
-    parse_part10,
-)
+from uploader.dicom_association import ECG_STORAGE_CLASSES, PeerSettings, associate, echo
+from uploader.dicom_commitment import CommitmentListener, CommitmentReport, ReportSenders
+from uploader.dicom_part10 import UnsendablePayload, parse_part10
+from uploader.dicom_status import classify_status
+from uploader.dicom_store import CommitmentUnsupported, StoreAssociation
+from uploader.dicom_tls import TlsFiles
 from uploader.errors import ConfigurationFault, PermanentError, TransientError
 
 GATEWAY_AE = "LASTMILE"
@@ -57,9 +53,20 @@ PACS_AE = "READING_CENTER"
 REPORT_WAIT_S = 10.0
 
 
+def senders(*ae_titles: str) -> ReportSenders:
+    """Reports allowed from these AE titles on loopback (where every peer of these tests runs)."""
+    return ReportSenders(ae_titles=ae_titles, hosts=("127.0.0.1",))
+
+
 def peer_at(port: int, called_ae: str, **kw: object) -> PeerSettings:
-    return PeerSettings("127.0.0.1", port, called_ae, kw.pop("calling_ae", GATEWAY_AE),  # type: ignore[arg-type]
-                        timeout_s=kw.pop("timeout_s", 5.0), **kw)  # type: ignore[arg-type]
+    return PeerSettings(
+        "127.0.0.1",
+        port,
+        called_ae,
+        kw.pop("calling_ae", GATEWAY_AE),  # type: ignore[arg-type]
+        timeout_s=kw.pop("timeout_s", 5.0),
+        **kw,
+    )  # type: ignore[arg-type]
 
 
 def refs(payloads: list[EcgPayload]) -> list[tuple[str, str]]:
@@ -69,8 +76,10 @@ def refs(payloads: list[EcgPayload]) -> list[tuple[str, str]]:
 def same_waveform(received: bytes | Path, sent: EcgPayload) -> bool:
     got = dcmread(io.BytesIO(received) if isinstance(received, bytes) else received)
     ref = dcmread(io.BytesIO(sent.data))
-    return (got.SOPInstanceUID == sent.sop_instance_uid
-            and got.WaveformSequence[0].WaveformData == ref.WaveformSequence[0].WaveformData)
+    return (
+        got.SOPInstanceUID == sent.sop_instance_uid
+        and got.WaveformSequence[0].WaveformData == ref.WaveformSequence[0].WaveformData
+    )
 
 
 class Reports:
@@ -99,23 +108,27 @@ class Reports:
 
 # -- status classification (pure) ---------------------------------------------------------------
 
-@pytest.mark.parametrize(("status", "category", "meaning_part"), [
-    (0x0000, "success", "Success"),
-    (0x0001, "warning", "optional"),
-    (0xB000, "warning", "Coercion"),
-    (0xB006, "warning", "Element Discarded"),
-    (0xB007, "warning", "Does Not Match"),
-    (0xA700, "transient", "Out of Resources"),
-    (0xA7FF, "transient", "Out of Resources"),
-    (0x0110, "transient", "Processing Failure"),
-    (0xA900, "permanent", "Does Not Match SOP Class"),
-    (0xA9C1, "permanent", "Does Not Match SOP Class"),
-    (0xC000, "permanent", "Cannot Understand"),
-    (0xCFFF, "permanent", "Cannot Understand"),
-    (0x0122, "permanent", "SOP Class Not Supported"),
-    (0x0117, "permanent", "Invalid Object Instance"),
-    (0xD123, "permanent", "Unrecognised"),
-])
+
+@pytest.mark.parametrize(
+    ("status", "category", "meaning_part"),
+    [
+        (0x0000, "success", "Success"),
+        (0x0001, "warning", "optional"),
+        (0xB000, "warning", "Coercion"),
+        (0xB006, "warning", "Element Discarded"),
+        (0xB007, "warning", "Does Not Match"),
+        (0xA700, "transient", "Out of Resources"),
+        (0xA7FF, "transient", "Out of Resources"),
+        (0x0110, "transient", "Processing Failure"),
+        (0xA900, "permanent", "Does Not Match SOP Class"),
+        (0xA9C1, "permanent", "Does Not Match SOP Class"),
+        (0xC000, "permanent", "Cannot Understand"),
+        (0xCFFF, "permanent", "Cannot Understand"),
+        (0x0122, "permanent", "SOP Class Not Supported"),
+        (0x0117, "permanent", "Invalid Object Instance"),
+        (0xD123, "permanent", "Unrecognised"),
+    ],
+)
 def test_classify_status(status: int, category: str, meaning_part: str) -> None:
     got_category, meaning = classify_status(status)
     assert got_category == category
@@ -137,6 +150,7 @@ def test_status_outside_16_bits_is_refused() -> None:
 
 # -- payload parsing (our own stored bytes, still checked) ----------------------------------------
 
+
 @pytest.fixture(scope="module")
 def ecgs() -> list[EcgPayload]:
     return ecg_payloads(40)
@@ -147,7 +161,7 @@ def test_parse_part10_reads_uids_without_decoding(ecgs: list[EcgPayload]) -> Non
     assert obj.sop_instance_uid == ecgs[0].sop_instance_uid
     assert obj.sop_class_uid == TwelveLeadECGWaveformStorage
     assert obj.transfer_syntax == ExplicitVRLittleEndian
-    assert ecgs[0].data[obj.dataset_offset:obj.dataset_offset + 4] == b"\x08\x00\x05\x00"  # (0008,0005)
+    assert ecgs[0].data[obj.dataset_offset : obj.dataset_offset + 4] == b"\x08\x00\x05\x00"  # (0008,0005)
 
 
 @pytest.mark.parametrize("syntax", [DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian])
@@ -155,9 +169,10 @@ def test_encodings_decode_back_to_the_same_waveform(ecgs: list[EcgPayload], synt
     from pydicom.filereader import read_dataset
 
     obj = parse_part10(ecgs[0].data)
-    wire = dicom_net.encode_for(obj, syntax)
+    wire = uploader.dicom_part10.encode_for(obj, syntax)
     if syntax == DeflatedExplicitVRLittleEndian:
         import zlib
+
         assert len(wire) < 0.6 * len(obj.dataset_bytes())
         ds = read_dataset(io.BytesIO(zlib.decompress(wire, -15)), False, True)
     else:
@@ -196,28 +211,67 @@ def test_non_dicom_payload_is_unsendable_not_a_crash(scripted_scp_factory: Calla
 
 # -- association set-up failures --------------------------------------------------------------------
 
+
 def test_echo_refused_is_transient() -> None:
     with pytest.raises(TransientError, match="refused or unreachable"):
         echo(peer_at(free_port(), PACS_AE))
 
 
-@pytest.mark.parametrize(("reply", "error", "text"), [
-    (RawAcsePeer.REJECT_TRANSIENT, TransientError, "for now"),
-    (RawAcsePeer.REJECT_PERMANENT_CALLED_AE, ConfigurationFault, "Called AE title not recognised"),
-    (RawAcsePeer.ABORT, TransientError, "aborted"),
-    (None, TransientError, "did not answer"),
-])
+@pytest.mark.parametrize(
+    ("reply", "error", "text"),
+    [
+        (RawAcsePeer.REJECT_TRANSIENT, TransientError, "for now"),
+        (RawAcsePeer.REJECT_PERMANENT_CALLED_AE, ConfigurationFault, "Called AE title not recognised"),
+        (RawAcsePeer.ABORT, TransientError, "aborted"),
+        (None, TransientError, "did not answer"),
+    ],
+)
 def test_association_answers_map_to_typed_errors(reply: bytes | None, error: type, text: str) -> None:
-    with RawAcsePeer(reply) as raw:
-        started = time.monotonic()
-        with pytest.raises(error, match=text):
-            with StoreAssociation(peer_at(raw.port, PACS_AE, timeout_s=1.0)):
+    # A peer that answers gets a generous timeout: a loaded machine must not turn "rejected" into
+    # "did not answer". Only the silent peer needs a short one, to take the timeout path at all.
+    # The events checked: the attempt returns (within a generous bound) with the typed error, after
+    # exactly one association request (no hidden retry).
+    timeout_s = 1.0 if reply is None else 60.0
+    raised: list[BaseException] = []
+
+    def attempt() -> None:
+        try:
+            with StoreAssociation(peer_at(raw.port, PACS_AE, timeout_s=timeout_s)):
                 pass
-        assert time.monotonic() - started < 3.0
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread below
+            raised.append(exc)
+
+    with RawAcsePeer(reply) as raw:
+        caller = threading.Thread(target=attempt, daemon=True)
+        caller.start()
+        caller.join(120)
+        assert not caller.is_alive(), "the association attempt never gave up"
+        assert raw.requests == 1
+    assert len(raised) == 1 and isinstance(raised[0], error), raised
+    assert text in str(raised[0])
+
+
+@pytest.mark.parametrize(
+    ("reply", "error", "text"),
+    [
+        (RawAcsePeer.REJECT_TRANSIENT, TransientError, "for now"),
+        (RawAcsePeer.REJECT_PERMANENT_CALLED_AE, ConfigurationFault, "Called AE title not recognised"),
+        (RawAcsePeer.ABORT, TransientError, "aborted"),
+    ],
+    ids=["rejected-transient", "rejected-permanent", "aborted"],
+)
+def test_association_answers_typed_the_same_when_pynetdicom_loses_the_race(
+    reply: bytes, error: type, text: str
+) -> None:
+    """pynetdicom can report a rejection it received as an abort (uploader/dicom_rejection.py):
+    forced here every time, the rejection still decides the error."""
+    with RawAcsePeer(reply) as raw, pytest.raises(error, match=text):
+        associate(peer_at(raw.port, PACS_AE), [build_context(Verification)], answered_before_the_requestor_looks())
 
 
 def test_peer_accepting_none_of_our_classes_is_a_configuration_fault(
-        scripted_scp_factory: Callable[..., ScriptedStoreSCP]) -> None:
+    scripted_scp_factory: Callable[..., ScriptedStoreSCP],
+) -> None:
     scp = scripted_scp_factory(sop_classes=())  # only Verification
     assert echo(peer_at(scp.port, scp.ae_title)) > 0
     with pytest.raises(ConfigurationFault, match="accepted none"):
@@ -225,7 +279,8 @@ def test_peer_accepting_none_of_our_classes_is_a_configuration_fault(
 
 
 def test_peer_without_one_sop_class_refuses_those_objects_only(
-        scripted_scp_factory: Callable[..., ScriptedStoreSCP], ecgs: list[EcgPayload]) -> None:
+    scripted_scp_factory: Callable[..., ScriptedStoreSCP], ecgs: list[EcgPayload]
+) -> None:
     scp = scripted_scp_factory(sop_classes=(TwelveLeadECGWaveformStorage,))
     general = ecg_payloads(1, sop_class_uid=GeneralECGWaveformStorage)[0]
     with StoreAssociation(peer_at(scp.port, scp.ae_title)) as assoc:
@@ -238,7 +293,8 @@ def test_peer_without_one_sop_class_refuses_those_objects_only(
 
 
 def test_rejected_permanently_by_scripted_scp_is_configuration_fault(
-        scripted_scp_factory: Callable[..., ScriptedStoreSCP]) -> None:
+    scripted_scp_factory: Callable[..., ScriptedStoreSCP],
+) -> None:
     scp = scripted_scp_factory(reject="permanent")
     with pytest.raises(ConfigurationFault, match="Calling AE title not recognised"):
         echo(peer_at(scp.port, scp.ae_title))
@@ -246,12 +302,22 @@ def test_rejected_permanently_by_scripted_scp_is_configuration_fault(
 
 # -- statuses from a scripted SCP ----------------------------------------------------------------------
 
-@pytest.mark.parametrize(("status", "category"), [
-    (0xA700, "transient"), (0xA900, "permanent"), (0xC000, "permanent"), (0xB000, "warning"),
-    (0xB007, "warning"), (0xB006, "warning"), (0x0001, "warning"),
-])
-def test_store_statuses_are_classified(scripted_scp_factory: Callable[..., ScriptedStoreSCP],
-                                       ecgs: list[EcgPayload], status: int, category: str) -> None:
+
+@pytest.mark.parametrize(
+    ("status", "category"),
+    [
+        (0xA700, "transient"),
+        (0xA900, "permanent"),
+        (0xC000, "permanent"),
+        (0xB000, "warning"),
+        (0xB007, "warning"),
+        (0xB006, "warning"),
+        (0x0001, "warning"),
+    ],
+)
+def test_store_statuses_are_classified(
+    scripted_scp_factory: Callable[..., ScriptedStoreSCP], ecgs: list[EcgPayload], status: int, category: str
+) -> None:
     scp = scripted_scp_factory(default_status=status)
     with StoreAssociation(peer_at(scp.port, scp.ae_title)) as assoc:
         outcome = assoc.store(ecgs[1].data)
@@ -262,8 +328,9 @@ def test_store_statuses_are_classified(scripted_scp_factory: Callable[..., Scrip
     assert outcome.stored == (category in ("success", "warning"))
 
 
-def test_out_of_resources_then_success_on_retry(scripted_scp_factory: Callable[..., ScriptedStoreSCP],
-                                                ecgs: list[EcgPayload]) -> None:
+def test_out_of_resources_then_success_on_retry(
+    scripted_scp_factory: Callable[..., ScriptedStoreSCP], ecgs: list[EcgPayload]
+) -> None:
     scp = scripted_scp_factory(statuses={ecgs[2].sop_instance_uid: [0xA700, 0x0000]})
     with StoreAssociation(peer_at(scp.port, scp.ae_title)) as assoc:
         first = [assoc.store(p.data).category for p in ecgs[:4]]
@@ -273,7 +340,8 @@ def test_out_of_resources_then_success_on_retry(scripted_scp_factory: Callable[.
 
 
 def test_not_authorised_is_a_configuration_fault_not_the_objects(
-        scripted_scp_factory: Callable[..., ScriptedStoreSCP], ecgs: list[EcgPayload]) -> None:
+    scripted_scp_factory: Callable[..., ScriptedStoreSCP], ecgs: list[EcgPayload]
+) -> None:
     scp = scripted_scp_factory(default_status=0x0124)
     with StoreAssociation(peer_at(scp.port, scp.ae_title)) as assoc:
         with pytest.raises(ConfigurationFault, match="Not Authorised"):
@@ -281,7 +349,8 @@ def test_not_authorised_is_a_configuration_fault_not_the_objects(
 
 
 def test_dimse_timeout_is_transient_and_kills_the_association(
-        scripted_scp_factory: Callable[..., ScriptedStoreSCP], ecgs: list[EcgPayload]) -> None:
+    scripted_scp_factory: Callable[..., ScriptedStoreSCP], ecgs: list[EcgPayload]
+) -> None:
     scp = scripted_scp_factory(delay_s=1.5)
     with StoreAssociation(peer_at(scp.port, scp.ae_title, timeout_s=0.5)) as assoc:
         with pytest.raises(TransientError, match="died"):
@@ -291,8 +360,9 @@ def test_dimse_timeout_is_transient_and_kills_the_association(
             assoc.store(ecgs[1].data)
 
 
-def test_peer_abort_mid_batch_is_transient(scripted_scp_factory: Callable[..., ScriptedStoreSCP],
-                                           ecgs: list[EcgPayload]) -> None:
+def test_peer_abort_mid_batch_is_transient(
+    scripted_scp_factory: Callable[..., ScriptedStoreSCP], ecgs: list[EcgPayload]
+) -> None:
     scp = scripted_scp_factory(abort_after=3)
     outcomes = []
     with StoreAssociation(peer_at(scp.port, scp.ae_title)) as assoc:
@@ -303,23 +373,35 @@ def test_peer_abort_mid_batch_is_transient(scripted_scp_factory: Callable[..., S
     assert [o.category for o in outcomes] == ["success", "success"]
 
 
-@pytest.mark.parametrize(("accepted", "deflate", "sent_as"), [
-    ((DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian), True,
-     DeflatedExplicitVRLittleEndian),
-    ((DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian), False,
-     ExplicitVRLittleEndian),
-    ((ImplicitVRLittleEndian, ExplicitVRLittleEndian), True, ExplicitVRLittleEndian),
-    ((ImplicitVRLittleEndian,), True, ImplicitVRLittleEndian),
-])
+@pytest.mark.parametrize(
+    ("accepted", "deflate", "sent_as"),
+    [
+        (
+            (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian),
+            True,
+            DeflatedExplicitVRLittleEndian,
+        ),
+        (
+            (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian),
+            False,
+            ExplicitVRLittleEndian,
+        ),
+        ((ImplicitVRLittleEndian, ExplicitVRLittleEndian), True, ExplicitVRLittleEndian),
+        ((ImplicitVRLittleEndian,), True, ImplicitVRLittleEndian),
+    ],
+)
 @pytest.mark.parametrize("fast", [True, False], ids=["raw-send", "pynetdicom-encodes"])
-def test_sent_in_the_best_accepted_syntax(scripted_scp_factory: Callable[..., ScriptedStoreSCP],
-                                          monkeypatch: pytest.MonkeyPatch, ecgs: list[EcgPayload],
-                                          accepted: tuple[str, ...], deflate: bool, sent_as: str,
-                                          fast: bool) -> None:
-    if not fast:  # the public-API path used if pynetdicom's internals ever change
-        monkeypatch.setattr(dicom_net, "_fast_send_available", lambda assoc: False)
+def test_sent_in_the_best_accepted_syntax(
+    scripted_scp_factory: Callable[..., ScriptedStoreSCP],
+    ecgs: list[EcgPayload],
+    accepted: tuple[str, ...],
+    deflate: bool,
+    sent_as: str,
+    fast: bool,
+) -> None:
+    # raw_send=False: the public-API path used if pynetdicom's internals ever change
     scp = scripted_scp_factory(transfer_syntaxes=accepted, keep_datasets=True)
-    with StoreAssociation(peer_at(scp.port, scp.ae_title, deflate=deflate)) as assoc:
+    with StoreAssociation(peer_at(scp.port, scp.ae_title, deflate=deflate), raw_send=fast) as assoc:
         outcome = assoc.store(ecgs[3].data)
     assert outcome.category == "success"
     assert outcome.transfer_syntax == sent_as
@@ -332,32 +414,33 @@ def test_sent_in_the_best_accepted_syntax(scripted_scp_factory: Callable[..., Sc
 
 
 def test_payload_may_be_a_path_and_sockets_have_nodelay(
-        scripted_scp_factory: Callable[..., ScriptedStoreSCP], ecgs: list[EcgPayload],
-        tmp_path: Path) -> None:
+    scripted_scp_factory: Callable[..., ScriptedStoreSCP], ecgs: list[EcgPayload], tmp_path: Path
+) -> None:
     scp = scripted_scp_factory()
     path = tmp_path / "ecg.dcm"
     path.write_bytes(ecgs[4].data)
     with StoreAssociation(peer_at(scp.port, scp.ae_title)) as assoc:
-        raw = assoc._assoc.dul.socket.socket  # type: ignore[union-attr]
-        assert raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert assoc.tcp_nodelay
         assert assoc.store(path).sop_instance_uid == ecgs[4].sop_instance_uid
     assert not assoc.is_alive
 
 
 # -- storage commitment with a scripted peer --------------------------------------------------------
 
-def test_commitment_status_maps_to_errors(scripted_scp_factory: Callable[..., ScriptedStoreSCP],
-                                          ecgs: list[EcgPayload]) -> None:
-    for status, error in ((0x0123, CommitmentUnsupported), (0x0110, TransientError),
-                          (0x0124, ConfigurationFault)):
+
+def test_commitment_status_maps_to_errors(
+    scripted_scp_factory: Callable[..., ScriptedStoreSCP], ecgs: list[EcgPayload]
+) -> None:
+    for status, error in ((0x0123, CommitmentUnsupported), (0x0110, TransientError), (0x0124, ConfigurationFault)):
         scp = scripted_scp_factory(commitment=True, commitment_status=status)
         with StoreAssociation(peer_at(scp.port, scp.ae_title), commitment=True) as assoc:
             with pytest.raises(error, match=f"0x{status:04X}"):
                 assoc.request_commitment(generate_uid(), refs(ecgs[:1]))
 
 
-def test_report_on_the_requesting_association(scripted_scp_factory: Callable[..., ScriptedStoreSCP],
-                                              ecgs: list[EcgPayload]) -> None:
+def test_report_on_the_requesting_association(
+    scripted_scp_factory: Callable[..., ScriptedStoreSCP], ecgs: list[EcgPayload]
+) -> None:
     scp = scripted_scp_factory(commitment=True, report_on_same_association=True)
     reports = Reports()
     txn = generate_uid()
@@ -365,13 +448,19 @@ def test_report_on_the_requesting_association(scripted_scp_factory: Callable[...
         assoc.store(ecgs[5].data)
         assoc.request_commitment(txn, refs(ecgs[5:7]))  # ecgs[6] was never sent
         report = reports.wait_for(txn)
+        # our answer reaches the SCP's thread a moment after our handler ran: wait for it before
+        # releasing, or the release races the report's response
+        deadline = time.monotonic() + REPORT_WAIT_S
+        while not scp.reports_sent and time.monotonic() < deadline:
+            time.sleep(0.02)
     assert report.committed == refs(ecgs[5:6])
     assert report.failed == [(*refs(ecgs[6:7])[0], 0x0112)]
     assert scp.reports_sent[0][2] == 0x0000
 
 
 def test_listener_rejects_strangers_and_answers_bad_reports_with_failure(
-        scripted_scp_factory: Callable[..., ScriptedStoreSCP], ecgs: list[EcgPayload]) -> None:
+    scripted_scp_factory: Callable[..., ScriptedStoreSCP], ecgs: list[EcgPayload]
+) -> None:
     port = free_port()
     calls: list[CommitmentReport] = []
 
@@ -379,7 +468,7 @@ def test_listener_rejects_strangers_and_answers_bad_reports_with_failure(
         calls.append(report)
         raise RuntimeError("outbox is locked")
 
-    with CommitmentListener(GATEWAY_AE, port, broken, allowed_peers=["SCRIPTED"]) as listener:
+    with CommitmentListener(GATEWAY_AE, port, broken, senders("SCRIPTED")) as listener:
         assert listener.running
         with pytest.raises(ConfigurationFault, match="Calling AE"):
             echo(peer_at(port, GATEWAY_AE, calling_ae="STRANGER"))
@@ -400,21 +489,21 @@ def test_listener_port_in_use_is_a_configuration_fault() -> None:
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
         with pytest.raises(ConfigurationFault, match="cannot listen"):
-            CommitmentListener(GATEWAY_AE, port, lambda r: None).start()
+            CommitmentListener(GATEWAY_AE, port, lambda r: None, senders(PACS_AE)).start()
 
 
 def test_malformed_reports_are_refused() -> None:
     from pydicom.dataset import Dataset
 
     info = Dataset()
-    with pytest.raises(dicom_net.MalformedReport):
-        dicom_net.parse_commitment_report(1, info)
+    with pytest.raises(uploader.dicom_commitment.MalformedReport):
+        uploader.dicom_commitment.parse_commitment_report(1, info)
     info.TransactionUID = "1.2.3"
-    with pytest.raises(dicom_net.MalformedReport):
-        dicom_net.parse_commitment_report(7, info)
-    with pytest.raises(dicom_net.MalformedReport):
-        dicom_net.parse_commitment_report(2, info)  # "some failed" without a failed list
-    assert dicom_net.parse_commitment_report(1, info).committed == []
+    with pytest.raises(uploader.dicom_commitment.MalformedReport):
+        uploader.dicom_commitment.parse_commitment_report(7, info)
+    with pytest.raises(uploader.dicom_commitment.MalformedReport):
+        uploader.dicom_commitment.parse_commitment_report(2, info)  # "some failed" without a failed list
+    assert uploader.dicom_commitment.parse_commitment_report(1, info).committed == []
 
 
 def _ref_item(draw: st.DrawFn, *, failed: bool) -> object:
@@ -449,8 +538,8 @@ def commitment_reports(draw: st.DrawFn) -> tuple[int | None, object]:
 def test_commitment_report_fuzz_parses_or_raises_malformed(case: tuple[int | None, object]) -> None:
     event_type, info = case
     try:
-        report = dicom_net.parse_commitment_report(event_type, info)  # type: ignore[arg-type]
-    except dicom_net.MalformedReport:
+        report = uploader.dicom_commitment.parse_commitment_report(event_type, info)  # type: ignore[arg-type]
+    except uploader.dicom_commitment.MalformedReport:
         return
     assert report.transaction_uid
     assert all(uid for _c, uid in report.committed)
@@ -459,13 +548,18 @@ def test_commitment_report_fuzz_parses_or_raises_malformed(case: tuple[int | Non
 
 # -- dcmtk storescp: plain, deflated, implicit-only, TLS, killed ---------------------------------------
 
-@pytest.mark.parametrize(("accept", "syntax"), [
-    ("default", ExplicitVRLittleEndian),
-    ("deflated", DeflatedExplicitVRLittleEndian),
-    ("implicit", ImplicitVRLittleEndian),
-])
-def test_store_to_storescp(storescp_factory: Callable[..., StorescpServer], ecgs: list[EcgPayload],
-                           accept: str, syntax: str) -> None:
+
+@pytest.mark.parametrize(
+    ("accept", "syntax"),
+    [
+        ("default", ExplicitVRLittleEndian),
+        ("deflated", DeflatedExplicitVRLittleEndian),
+        ("implicit", ImplicitVRLittleEndian),
+    ],
+)
+def test_store_to_storescp(
+    storescp_factory: Callable[..., StorescpServer], ecgs: list[EcgPayload], accept: str, syntax: str
+) -> None:
     scp = storescp_factory(accept=accept)
     batch = ecgs[8:11]
     with StoreAssociation(peer_at(scp.port, scp.ae_title), commitment=True) as assoc:
@@ -478,8 +572,9 @@ def test_store_to_storescp(storescp_factory: Callable[..., StorescpServer], ecgs
         assert same_waveform(files[p.sop_instance_uid], p)
 
 
-def test_peer_killed_mid_batch_is_transient(storescp_factory: Callable[..., StorescpServer],
-                                            ecgs: list[EcgPayload]) -> None:
+def test_peer_killed_mid_batch_is_transient(
+    storescp_factory: Callable[..., StorescpServer], ecgs: list[EcgPayload]
+) -> None:
     scp = storescp_factory()
     done = 0
     with StoreAssociation(peer_at(scp.port, scp.ae_title)) as assoc:
@@ -495,16 +590,22 @@ def test_peer_killed_mid_batch_is_transient(storescp_factory: Callable[..., Stor
         echo(peer_at(scp.port, scp.ae_title))
 
 
-def _tls(material: TlsMaterial, *, ca: Path | None = None, cert: Path | None = None,
-         key: Path | None = None, no_cert: bool = False) -> TlsFiles:
+def _tls(
+    material: TlsMaterial,
+    *,
+    ca: Path | None = None,
+    cert: Path | None = None,
+    key: Path | None = None,
+    no_cert: bool = False,
+) -> TlsFiles:
     if no_cert:
         return TlsFiles(str(ca or material.ca_cert))
-    return TlsFiles(str(ca or material.ca_cert), str(cert or material.client_cert),
-                    str(key or material.client_key))
+    return TlsFiles(str(ca or material.ca_cert), str(cert or material.client_cert), str(key or material.client_key))
 
 
-def test_tls_store_to_storescp(storescp_factory: Callable[..., StorescpServer],
-                              tls_material: TlsMaterial, ecgs: list[EcgPayload]) -> None:
+def test_tls_store_to_storescp(
+    storescp_factory: Callable[..., StorescpServer], tls_material: TlsMaterial, ecgs: list[EcgPayload]
+) -> None:
     scp = storescp_factory(tls=tls_material, accept="deflated")
     peer = peer_at(scp.port, scp.ae_title, tls=_tls(tls_material))
     assert echo(peer) > 0
@@ -515,8 +616,9 @@ def test_tls_store_to_storescp(storescp_factory: Callable[..., StorescpServer],
     assert same_waveform(received, ecgs[20])
 
 
-def test_tls_trust_failures_are_configuration_faults(storescp_factory: Callable[..., StorescpServer],
-                                                     tls_material: TlsMaterial, tmp_path: Path) -> None:
+def test_tls_trust_failures_are_configuration_faults(
+    storescp_factory: Callable[..., StorescpServer], tls_material: TlsMaterial, tmp_path: Path
+) -> None:
     scp = storescp_factory(tls=tls_material)
     m = tls_material
     cases = {
@@ -541,16 +643,17 @@ def test_tls_trust_failures_are_configuration_faults(storescp_factory: Callable[
 
 
 def test_tls_listener_takes_reports_from_a_trusted_peer(
-        scripted_scp_factory: Callable[..., ScriptedStoreSCP], tls_material: TlsMaterial,
-        ecgs: list[EcgPayload]) -> None:
+    scripted_scp_factory: Callable[..., ScriptedStoreSCP], tls_material: TlsMaterial, ecgs: list[EcgPayload]
+) -> None:
     m = tls_material
     port = free_port()
     reports = Reports()
     pacs_side = ssl.create_default_context(cafile=str(m.ca_cert))
     pacs_side.load_cert_chain(str(m.server_cert), str(m.server_key))
-    with CommitmentListener(GATEWAY_AE, port, reports, tls=_tls(m)):
-        scp = scripted_scp_factory(commitment=True, report_to=("127.0.0.1", port, GATEWAY_AE),
-                                   report_tls_args=(pacs_side, "localhost"))
+    with CommitmentListener(GATEWAY_AE, port, reports, senders("SCRIPTED"), tls=_tls(m)):
+        scp = scripted_scp_factory(
+            commitment=True, report_to=("127.0.0.1", port, GATEWAY_AE), report_tls_args=(pacs_side, "localhost")
+        )
         txn = generate_uid()
         with StoreAssociation(peer_at(scp.port, scp.ae_title), commitment=True) as assoc:
             assoc.store(ecgs[21].data)
@@ -560,6 +663,7 @@ def test_tls_listener_takes_reports_from_a_trusted_peer(
 
 # -- Orthanc: the reading center ---------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def listener_port() -> int:
     return free_port()
@@ -567,8 +671,9 @@ def listener_port() -> int:
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory: pytest.TempPathFactory, listener_port: int) -> Iterator[OrthancServer]:
-    server = OrthancServer(tmp_path_factory.mktemp("orthanc"), aet=PACS_AE,
-                           modalities=gateway_modality(GATEWAY_AE, listener_port))
+    server = OrthancServer(
+        tmp_path_factory.mktemp("orthanc"), aet=PACS_AE, modalities=gateway_modality(GATEWAY_AE, listener_port)
+    )
     server.start()
     yield server
     server.stop()
@@ -577,13 +682,13 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory, listener_port: int) -> Ite
 @pytest.fixture(scope="module")
 def reports(listener_port: int) -> Iterator[Reports]:
     collected = Reports()
-    with CommitmentListener(GATEWAY_AE, listener_port, collected):
+    with CommitmentListener(GATEWAY_AE, listener_port, collected, senders(PACS_AE)):
         yield collected
 
 
 def test_echo_orthanc(orthanc: OrthancServer) -> None:
     rtt = echo(peer_at(orthanc.dicom_port, PACS_AE))
-    assert 0 < rtt < 1.0
+    assert rtt > 0  # a round trip was measured (its size is bench/'s business, not a test's)
 
 
 def test_orthanc_rejects_unknown_calling_and_wrong_called_ae(orthanc: OrthancServer) -> None:
@@ -594,10 +699,21 @@ def test_orthanc_rejects_unknown_calling_and_wrong_called_ae(orthanc: OrthancSer
             pass
 
 
-@pytest.mark.parametrize(("deflate", "syntax"), [(True, DeflatedExplicitVRLittleEndian),
-                                                 (False, ExplicitVRLittleEndian)])
-def test_store_to_orthanc(orthanc: OrthancServer, ecgs: list[EcgPayload], deflate: bool,
-                          syntax: str) -> None:
+def test_orthanc_refusing_us_is_a_fault_even_when_pynetdicom_loses_the_race(orthanc: OrthancServer) -> None:
+    # what failed 3 cold CI runs of 3: the rejection handled by pynetdicom's reactor before its
+    # requestor thread looked, reported as an abort
+    with pytest.raises(ConfigurationFault, match="Calling AE title not recognised"):
+        associate(
+            peer_at(orthanc.dicom_port, PACS_AE, calling_ae="STRANGER"),
+            [build_context(Verification)],
+            answered_before_the_requestor_looks(),
+        )
+
+
+@pytest.mark.parametrize(
+    ("deflate", "syntax"), [(True, DeflatedExplicitVRLittleEndian), (False, ExplicitVRLittleEndian)]
+)
+def test_store_to_orthanc(orthanc: OrthancServer, ecgs: list[EcgPayload], deflate: bool, syntax: str) -> None:
     batch = ecgs[22:26] if deflate else ecgs[26:30]
     before = orthanc.statistics()["CountInstances"]
     with StoreAssociation(peer_at(orthanc.dicom_port, PACS_AE, deflate=deflate)) as assoc:
@@ -631,8 +747,7 @@ def test_parallel_associations_one_per_thread(orthanc: OrthancServer, ecgs: list
     assert {p.sop_instance_uid for c in chunks for p in c} <= orthanc.sop_instance_uids()
 
 
-def test_storage_commitment_with_orthanc(orthanc: OrthancServer, reports: Reports,
-                                         ecgs: list[EcgPayload]) -> None:
+def test_storage_commitment_with_orthanc(orthanc: OrthancServer, reports: Reports, ecgs: list[EcgPayload]) -> None:
     batch = ecgs[36:39]
     never_sent = ecgs[39]
     all_ok, some_failed = generate_uid(), generate_uid()
@@ -650,8 +765,9 @@ def test_storage_commitment_with_orthanc(orthanc: OrthancServer, reports: Report
     assert partial.failed == [(never_sent.sop_class_uid, never_sent.sop_instance_uid, 0x0112)]
 
 
-def test_refused_then_fixed_configuration(orthanc_factory: Callable[..., OrthancServer],
-                                          ecgs: list[EcgPayload]) -> None:
+def test_refused_then_fixed_configuration(
+    orthanc_factory: Callable[..., OrthancServer], ecgs: list[EcgPayload]
+) -> None:
     """Orthanc that does not know our AE: a configuration fault, nothing stored; fixed and
     restarted on the same storage, it takes our objects and keeps what it had."""
     other = ecg_payloads(1)[0]
@@ -672,8 +788,7 @@ def test_store_association_usable_after_close_raises(orthanc: OrthancServer, ecg
     assert not assoc.is_alive
     with assoc:
         assert assoc.is_alive
-        assert assoc.accepted_transfer_syntaxes[TwelveLeadECGWaveformStorage][0] == \
-            DeflatedExplicitVRLittleEndian
+        assert assoc.accepted_transfer_syntaxes[TwelveLeadECGWaveformStorage][0] == DeflatedExplicitVRLittleEndian
     with pytest.raises(TransientError):
         assoc.store(ecgs[0].data)
     assert set(ECG_STORAGE_CLASSES) >= set(assoc.accepted_transfer_syntaxes)

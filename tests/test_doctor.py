@@ -16,8 +16,8 @@ import pytest
 
 from lastmile.cli import main
 from lastmile.config import Config, parse_config
-from lastmile.doctor import (Doctor, Finding, Level, exit_code, find_mount, parse_mountinfo,
-                             render_json, render_text)
+from lastmile.demo.loopback import free_port
+from lastmile.doctor import Doctor, Finding, Level, exit_code, find_mount, parse_mountinfo, render_json, render_text
 
 MOUNTINFO = """\
 22 1 179:2 / / ro,noatime shared:1 - ext4 /dev/mmcblk0p2 ro
@@ -27,12 +27,6 @@ MOUNTINFO = """\
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def no_tools(cmd: list[str]) -> None:
     return None
 
@@ -40,10 +34,11 @@ def no_tools(cmd: list[str]) -> None:
 def doctor(tmp_path: Path, toml: str = "", **kw: object) -> Doctor:
     config = parse_config(f'[gateway]\ndata_dir = "{tmp_path}"\n' + toml, "test.toml")
     mountinfo = tmp_path / "mountinfo"
-    mountinfo.write_text(f"22 1 179:2 / / ro shared:1 - ext4 /dev/root ro\n"
-                         f"30 22 179:3 / {tmp_path} rw,noatime shared:9 - ext4 /dev/p3 rw,commit=60\n")
-    defaults = dict(mountinfo=mountinfo, run=no_tools, device_links=tmp_path / "no-dev",
-                    journald_paths=())
+    mountinfo.write_text(
+        f"22 1 179:2 / / ro shared:1 - ext4 /dev/root ro\n"
+        f"30 22 179:3 / {tmp_path} rw,noatime shared:9 - ext4 /dev/p3 rw,commit=60\n"
+    )
+    defaults = dict(mountinfo=mountinfo, run=no_tools, device_links=tmp_path / "no-dev", journald_paths=())
     return Doctor(config, **{**defaults, **kw})  # type: ignore[arg-type]
 
 
@@ -52,6 +47,7 @@ def levels(findings: list[Finding], check: str) -> list[Level]:
 
 
 # -- mount table -------------------------------------------------------------------------------------
+
 
 def test_mountinfo_is_parsed_with_super_options_and_escapes() -> None:
     mounts = parse_mountinfo(MOUNTINFO)
@@ -67,12 +63,15 @@ def test_the_longest_mount_point_holds_a_path(tmp_path: Path) -> None:
     assert find_mount(info, Path("/var/lib/other")).mount_point == "/"  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("options,super_options,level", [
-    ("rw,noatime", "rw,commit=60", Level.OK),
-    ("rw,relatime", "rw", Level.WARN),  # atime writes and a 5 s journal commit wear the card
-    ("rw,noatime", "rw", Level.WARN),
-    ("ro,noatime", "ro,commit=60", Level.FAIL),  # errors=remount-ro happened
-])
+@pytest.mark.parametrize(
+    "options,super_options,level",
+    [
+        ("rw,noatime", "rw,commit=60", Level.OK),
+        ("rw,relatime", "rw", Level.WARN),  # atime writes and a 5 s journal commit wear the card
+        ("rw,noatime", "rw", Level.WARN),
+        ("ro,noatime", "ro,commit=60", Level.FAIL),  # errors=remount-ro happened
+    ],
+)
 def test_wear_relevant_mount_options(tmp_path: Path, options: str, super_options: str, level: Level) -> None:
     d = doctor(tmp_path)
     d.mountinfo.write_text(f"30 1 179:3 / {tmp_path} {options} shared:9 - ext4 /dev/p3 {super_options}\n")
@@ -104,6 +103,7 @@ def test_root_and_journal(tmp_path: Path) -> None:
 
 # -- clock ---------------------------------------------------------------------------------------------
 
+
 def test_a_1970_clock_fails(tmp_path: Path) -> None:
     d = doctor(tmp_path, now=lambda: 86400.0)
     found = d.check_clock()
@@ -126,6 +126,7 @@ def test_clock_source_from_timedatectl(tmp_path: Path) -> None:
 
 # -- reading center, commitment listener ----------------------------------------------------------------
 
+
 @contextlib.contextmanager
 def verification_scp(ae_title: str = "READING") -> Iterator[int]:
     from pynetdicom import AE
@@ -144,14 +145,17 @@ def verification_scp(ae_title: str = "READING") -> Iterator[int]:
 
 def test_c_echo_ok_refused_and_unreachable(tmp_path: Path) -> None:
     with verification_scp("READING") as port:
-        ok = doctor(tmp_path, f'[reading_center]\nhost = "127.0.0.1"\nport = {port}\ncalled_ae = "READING"\n'
-                              "timeout_s = 5.0\n").check_reading_center()
+        ok = doctor(
+            tmp_path, f'[reading_center]\nhost = "127.0.0.1"\nport = {port}\ncalled_ae = "READING"\ntimeout_s = 5.0\n'
+        ).check_reading_center()
         assert ok[0].level is Level.OK and "C-ECHO READING@127.0.0.1" in ok[0].message
-        refused = doctor(tmp_path, f'[reading_center]\nhost = "127.0.0.1"\nport = {port}\n'
-                                   'called_ae = "WRONG"\ntimeout_s = 5.0\n').check_reading_center()
+        refused = doctor(
+            tmp_path, f'[reading_center]\nhost = "127.0.0.1"\nport = {port}\ncalled_ae = "WRONG"\ntimeout_s = 5.0\n'
+        ).check_reading_center()
         assert refused[0].level is Level.FAIL and "called_ae" in refused[0].hint
-    gone = doctor(tmp_path, f'[reading_center]\nhost = "127.0.0.1"\nport = {free_port()}\n'
-                            "timeout_s = 2.0\n").check_reading_center()
+    gone = doctor(
+        tmp_path, f'[reading_center]\nhost = "127.0.0.1"\nport = {free_port()}\ntimeout_s = 2.0\n'
+    ).check_reading_center()
     assert gone[0].level is Level.FAIL and "network" in gone[0].hint
 
 
@@ -169,10 +173,11 @@ def test_commitment_listener(tmp_path: Path) -> None:
 
 # -- FHIR ---------------------------------------------------------------------------------------------
 
+
 @contextlib.contextmanager
 def fhir_server(token: str) -> Iterator[str]:
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             if self.path != "/fhir/metadata":
                 self.send_response(404)
             elif self.headers.get("Authorization") != f"Bearer {token}":
@@ -217,10 +222,11 @@ def test_fhir_endpoint_and_token(tmp_path: Path) -> None:
 
 # -- devices, queue -----------------------------------------------------------------------------------
 
+
 def test_devices_seen(tmp_path: Path) -> None:
     import datetime as dt
 
-    from lastmile.device_registry import DeviceRegistry
+    from lastmile.clinic.devices import DeviceRegistry
 
     links = tmp_path / "dev-lastmile"
     links.mkdir()
@@ -266,6 +272,7 @@ def test_an_empty_data_dir_has_no_queue_yet(tmp_path: Path) -> None:
 
 # -- the command --------------------------------------------------------------------------------------
 
+
 def test_offline_run_skips_the_network_and_exits_zero_without_fail(tmp_path: Path) -> None:
     findings = doctor(tmp_path, offline=True).run_all()
     assert levels(findings, "reading-center") == [Level.SKIP] and levels(findings, "fhir") == [Level.SKIP]
@@ -273,8 +280,7 @@ def test_offline_run_skips_the_network_and_exits_zero_without_fail(tmp_path: Pat
     assert json.loads(render_json(findings))["ok"] is True
 
 
-def test_cli_reports_a_bad_config_with_its_line_and_exits_1(tmp_path: Path,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_reports_a_bad_config_with_its_line_and_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "lastmile.toml"
     bad.write_text('[gateway]\nid = "x"\n[outbox]\nmin_free_mb = "lots"\n')
     code = main(["-c", str(bad), "doctor", "--offline", "--json", "--data-dir", str(tmp_path)])

@@ -173,7 +173,7 @@ def test_not_a_waveform_is_refused() -> None:
     del ds.WaveformSequence
     with pytest.raises(ProtocolError, match="no waveform"):
         read_dicom_ecg(_dump(ds))
-    with pytest.raises(ProtocolError, match="no waveform|not readable"):
+    with pytest.raises(ProtocolError, match=r"no waveform|not readable"):
         read_dicom_ecg(b"\x00" * 128 + b"DICM" + b"\xff" * 50)
 
 
@@ -195,8 +195,10 @@ def test_no_patient_id_means_unassigned() -> None:
 def test_fuzz_toolkit_file(ops: list[tuple]) -> None:
     data = _toolkit()
     # the header holds the structure; most of the file is sample data
-    decodes_or_refuses(read_dicom_ecg, apply(data, ops, hi=data.index(b"\x00\x54\x10\x10") + 64
-                                             if b"\x00\x54\x10\x10" in data else 4000))
+    decodes_or_refuses(
+        read_dicom_ecg,
+        apply(data, ops, hi=data.index(b"\x00\x54\x10\x10") + 64 if b"\x00\x54\x10\x10" in data else 4000),
+    )
 
 
 @settings(deadline=None, max_examples=200)

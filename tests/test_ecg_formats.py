@@ -38,8 +38,15 @@ def test_detects_and_decodes_every_shared_file(where: tuple[str, str], expected:
         assert decode_ecg(data, where[1]).source_format == expected
 
 
-@pytest.mark.parametrize("where", [("scp", "ecgtoolkit_Example.scp"), ("aecg", "fda_minimum_aecg.xml"),
-                                   ("dicom", "ecgtoolkit_Example.dcm"), ("contec", "0000037.ECG")])
+@pytest.mark.parametrize(
+    "where",
+    [
+        ("scp", "ecgtoolkit_Example.scp"),
+        ("aecg", "fda_minimum_aecg.xml"),
+        ("dicom", "ecgtoolkit_Example.dcm"),
+        ("contec", "0000037.ECG"),
+    ],
+)
 def test_detection_does_not_need_the_file_name(where: tuple[str, str]) -> None:
     data = shared_file("ecg", *where).read_bytes()
     assert detect_format(data) == SHARED_FILES[where]
@@ -60,9 +67,15 @@ def test_triad_gives_identical_samples() -> None:
     assert scp.patient.patient_id == aecg.patient.patient_id == dicom.patient.patient_id == "SBJ-123"
 
 
-@pytest.mark.parametrize("data,name", [(b"", ""), (b"hello world" * 10, "notes.txt"),
-                                       (b"%PDF-1.4" + bytes(200), "ecg.pdf"),
-                                       (b"PK\x03\x04" + bytes(100), "archive.zip")])
+@pytest.mark.parametrize(
+    "data,name",
+    [
+        (b"", ""),
+        (b"hello world" * 10, "notes.txt"),
+        (b"%PDF-1.4" + bytes(200), "ecg.pdf"),
+        (b"PK\x03\x04" + bytes(100), "archive.zip"),
+    ],
+)
 def test_unknown_files_are_refused(data: bytes, name: str) -> None:
     with pytest.raises(ProtocolError, match="not an ECG file"):
         detect_format(data, name)
@@ -77,11 +90,22 @@ def test_fuzz_random_bytes(data: bytes, name: str) -> None:
         pass
 
 
-@pytest.mark.parametrize("raw,name", [
-    ("MDC_ECG_LEAD_AVR", "aVR"), ("MDC_ECG_LEAD_I", "I"), ("Lead I (Einthoven)", "I"), ("LEAD_III", "III"),
-    ("avl", "aVL"), ("V3R", "V3R"), ("v7", "V7"), ("Lead aVF, augmented", "aVF"), ("-aVR", "-aVR"),
-    ("MDC_ECG_LEAD_V4R", "V4R"), ("Respiration", "Respiration"),
-])
+@pytest.mark.parametrize(
+    "raw,name",
+    [
+        ("MDC_ECG_LEAD_AVR", "aVR"),
+        ("MDC_ECG_LEAD_I", "I"),
+        ("Lead I (Einthoven)", "I"),
+        ("LEAD_III", "III"),
+        ("avl", "aVL"),
+        ("V3R", "V3R"),
+        ("v7", "V7"),
+        ("Lead aVF, augmented", "aVF"),
+        ("-aVR", "-aVR"),
+        ("MDC_ECG_LEAD_V4R", "V4R"),
+        ("Respiration", "Respiration"),
+    ],
+)
 def test_lead_names(raw: str, name: str) -> None:
     assert normalise_lead_name(raw) == name
 
@@ -110,5 +134,45 @@ def test_derivation_from_ii_and_iii_and_nothing_from_one_lead() -> None:
     samples, names, derived = derive_limb_leads(np.concatenate([ii, iii]), ("II", "III"), rounding="contec")
     got = dict(zip(names, samples.tolist()))
     assert got["I"] == [7, -5] and got["aVR"] == [1 - 10, -1 + 7] and got["aVF"] == [6, -4]
-    one, names, derived = derive_limb_leads(ii, ("II",))
+    _one, names, derived = derive_limb_leads(ii, ("II",))
     assert names == ("II",) and derived == frozenset()
+
+
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("REC.SCP", "scp"),
+        ("rec.Ecg", "contec"),
+        ("x.DCM", "dicom"),
+        ("x.dicom", "dicom"),
+    ],
+)
+def test_an_unrecognised_body_with_a_telling_name_goes_to_that_decoder(name: str, expected: str) -> None:
+    """A damaged .SCP (or .ECG, .DCM) is handed to its decoder, which says what is wrong with it,
+    rather than the vague "not an ECG file"; an .xml or .npz name alone proves nothing."""
+    assert detect_format(b"\x01\x02garbage" * 20, name) == expected
+    with pytest.raises(ProtocolError):
+        decode_ecg(b"\x01\x02garbage" * 20, name)
+    for weak in ("x.xml", "x.npz", "x.txt", ""):
+        with pytest.raises(ProtocolError, match=f"{weak or 'the file'} is not an ECG file"):
+            detect_format(b"\x01\x02garbage" * 20, weak)
+
+
+def test_a_gateway_npz_is_recognised_by_zip_signature_and_name() -> None:
+    from devices.ecg.npz import write_npz
+
+    recording = decode_ecg(shared_file("ecg", "scp", "ecgtoolkit_Example.scp").read_bytes())
+    data = write_npz(recording)
+    assert detect_format(data, "stored.NPZ") == "npz"
+    assert decode_ecg(data, "stored.npz").samples.tolist() == recording.samples.tolist()
+    with pytest.raises(ProtocolError, match="not an ECG file"):
+        detect_format(data, "stored.zip")  # any zip is not ours
+
+
+def test_the_time_zone_and_receipt_time_reach_the_decoder() -> None:
+    import datetime as dt
+
+    data = shared_file("ecg", "contec", "0000037.ECG").read_bytes()
+    utc = decode_ecg(data, "0000037.ECG")
+    east8 = decode_ecg(data, "0000037.ECG", local_tz=dt.timezone(dt.timedelta(hours=8)))
+    assert utc.acquired_at - east8.acquired_at == dt.timedelta(hours=8)  # a cart on Beijing time

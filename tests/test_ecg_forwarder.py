@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from lastmile.config import Config
-from lastmile.demo import free_port
-from lastmile.demo_reading_center import EmbeddedReadingCenter
-from lastmile.ecg_intake import enqueue_recording
-from lastmile.forward_service import forwarder_settings, open_outbox
+from lastmile.demo.loopback import free_port
+from lastmile.demo.reading_center import EmbeddedReadingCenter
+from lastmile.ecg.intake import enqueue_recording
+from lastmile.services.forward import forwarder_settings, open_outbox
 from tests.ecg_factories import make_recording
 from uploader.ecg_forwarder import EcgForwarder
 
@@ -28,6 +28,7 @@ def config(tmp_path: Path) -> Config:
     rc.associations, rc.batch_size, rc.timeout_s = 2, 3, 5.0
     rc.commitment_timeout_s = 3.0
     c.outbox.backoff_base_s, c.outbox.backoff_max_s, c.outbox.min_free_mb = 0.1, 0.5, 1
+    c.ecg.re_record_hold_s = 0  # the synthetic 2 s ECGs are re-record cases: forwarding is the subject here
     return c
 
 
@@ -52,6 +53,15 @@ def counts(outbox) -> dict:
     return outbox.stats(time.time())["counts"]
 
 
+def committed_at_center(center, expected: set[str], limit_s: float = 10.0) -> set[str]:
+    """What the reading center counts as committed once its report's answer came back (it
+    records that a moment after our listener took the report: we may have purged already)."""
+    deadline = time.monotonic() + limit_s
+    while center.committed != expected and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return center.committed
+
+
 def test_everything_arrives_once_is_committed_and_purged(config, center) -> None:
     outbox = open_outbox(config)
     keys = [f"k{i}" for i in range(7)]
@@ -62,7 +72,7 @@ def test_everything_arrives_once_is_committed_and_purged(config, center) -> None
     assert len(center.received) == len(keys)
     assert all(o.times_stored == 1 for o in center.received.values())
     assert len({o.study_uid for o in center.received.values()}) == len(keys)
-    assert center.committed == set(center.received)
+    assert committed_at_center(center, set(center.received)) == set(center.received)
     # the purged items keep no patient data
     for item in outbox.items(state=None):
         assert item.patient is None
@@ -83,16 +93,28 @@ def test_enqueue_is_idempotent_and_uids_are_minted_once(config) -> None:
 
 def test_reading_center_outage_mid_batch_loses_and_duplicates_nothing(config, center) -> None:
     outbox = open_outbox(config)
+    uid_of: dict[int, str] = {}  # item id -> SOP Instance UID (a purged item forgets it)
+
+    def enqueue(i: int) -> None:
+        item = enqueue_recording(outbox, make_recording(i), config, key=f"k{i}").item
+        uid_of[item.id] = item.meta["sop_instance_uid"]
+
     for i in range(10):
-        enqueue_recording(outbox, make_recording(i), config, key=f"k{i}")
+        enqueue(i)
     events: list[str] = []
-    with EcgForwarder(outbox, forwarder_settings(config),
-                      on_event=lambda kind, info: events.append(kind)) as fwd:
+    sent: list[int] = []  # item ids, one per C-STORE the gateway saw succeed
+
+    def on_event(kind: str, info: dict) -> None:
+        events.append(kind)
+        if kind == "sent":
+            sent.append(info["id"])
+
+    with EcgForwarder(outbox, forwarder_settings(config), on_event=on_event) as fwd:
         stop = threading.Event()
         fwd.step(stop)  # first batches go through
         center.stop()
         for i in range(10, 14):
-            enqueue_recording(outbox, make_recording(i), config, key=f"k{i}")
+            enqueue(i)
         for _ in range(3):
             fwd.step(stop)
             time.sleep(0.2)
@@ -102,6 +124,10 @@ def test_reading_center_outage_mid_batch_loses_and_duplicates_nothing(config, ce
         pump(fwd, lambda: counts(outbox).get("purged", 0) == 14, limit_s=30)
     assert len(center.received) == 14
     assert len({o.study_uid for o in center.received.values()}) == 14
+    # What the reading center counted: one C-STORE per object, no re-send across the outage (no
+    # commitment failed), and exactly the C-STOREs the gateway recorded as sent.
+    assert {uid: o.times_stored for uid, o in center.received.items()} == dict.fromkeys(center.received, 1)
+    assert sorted(uid_of[i] for i in sent) == sorted(center.received)
     outbox.close()
 
 
@@ -134,7 +160,7 @@ def test_commitment_report_lost_is_asked_again_with_a_new_transaction(config, ce
     center._send_report = drop_first  # type: ignore[method-assign]
     with EcgForwarder(outbox, forwarder_settings(config)) as fwd:
         pump(fwd, lambda: counts(outbox).get("purged", 0) == 1, limit_s=15)
-    assert dropped and center.committed == set(center.received)
+    assert dropped and committed_at_center(center, set(center.received)) == set(center.received)
     outbox.close()
 
 
@@ -166,9 +192,11 @@ def test_items_the_pacs_reports_as_failed_are_sent_again(config, center) -> None
     outbox = open_outbox(config)
     enqueue_recording(outbox, make_recording(7), config, key="k")
     lost_once: list[str] = []
+    c_stores: list[str] = []  # every C-STORE the reading center answered, lost or kept
     real_store = center._on_store
 
     def forget_first_store(event):
+        c_stores.append(str(event.dataset.SOPInstanceUID))
         status = real_store(event)
         if not lost_once:  # the PACS answers success but then loses the object
             lost_once.append(str(event.dataset.SOPInstanceUID))
@@ -179,9 +207,174 @@ def test_items_the_pacs_reports_as_failed_are_sent_again(config, center) -> None
     center.stop()
     center.start()  # handlers are bound at start
     reports: list[dict] = []
-    with EcgForwarder(outbox, forwarder_settings(config),
-                      on_event=lambda kind, info: reports.append(info) if kind == "committed" else None) as fwd:
+    with EcgForwarder(
+        outbox,
+        forwarder_settings(config),
+        on_event=lambda kind, info: reports.append(info) if kind == "committed" else None,
+    ) as fwd:
         pump(fwd, lambda: counts(outbox).get("purged", 0) == 1, limit_s=20)
     assert any(r["failed"] == 1 for r in reports)  # first report: failed (0x0112) → re-sent
-    assert center.received[lost_once[0]].times_stored == 1 and center.committed == {lost_once[0]}
+    assert center.received[lost_once[0]].times_stored == 1
+    assert committed_at_center(center, {lost_once[0]}) == {lost_once[0]}  # recorded a moment after our handler
+    # the one expected re-send, counted: one C-STORE, one commitment failure, one more C-STORE
+    assert c_stores == lost_once * 2 and sum(r["failed"] for r in reports) == 1
     outbox.close()
+
+
+# -- a full data partition drains ------------------------------------------------------------------
+
+FULL_DISK_SCRIPT = r"""
+import errno, json, os, sqlite3, sys, threading, time
+from pathlib import Path
+from lastmile.config import Config
+from lastmile.ecg.intake import enqueue_recording
+from lastmile.services.forward import forwarder_settings
+from tests.ecg_factories import make_recording
+from uploader.ecg_forwarder import EcgForwarder
+from uploader.errors import OutboxFullError
+from uploader.outbox import Outbox
+
+mnt, port, listen = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+config = Config()
+config.gateway.data_dir = str(mnt / "data")
+rc = config.reading_center
+rc.host, rc.port, rc.listen_port, rc.listen_host = "127.0.0.1", port, listen, "127.0.0.1"
+rc.called_ae, rc.calling_ae, rc.timeout_s, rc.commitment_timeout_s = "READING_CENTER", "LASTMILE", 10.0, 5.0
+o = config.outbox
+o.min_free_mb, o.backoff_base_s, o.backoff_max_s = 2, 0.1, 0.5
+data = Path(config.gateway.data_dir)
+
+def opened(**kw):  # as lastmile.data_dir.open_outbox does, plus test-only overrides
+    return Outbox.open(data, min_free_bytes=o.min_free_mb * 2**20, backoff_base_s=0.1, backoff_max_s=0.5, **kw)
+
+def free():
+    st = os.statvfs(mnt)
+    return st.f_bavail * st.f_frsize
+
+out = {"uids": {}}
+intake = opened()  # the acquire process's outbox: sets the reserve aside while there is room
+reserve = data / "reserve.space"
+out["reserve_at_start"] = reserve.exists()
+first_reserve = reserve.stat().st_ino
+# Days without network: the doctor records ECGs (long ones go to files, short ones inline)
+# until the gateway refuses.
+for i in range(1000):
+    try:
+        result = enqueue_recording(intake, make_recording(i, seconds=10.0 if i % 3 else 2.0), config, key=f"k{i}")
+    except OutboxFullError as exc:
+        out["refused_when_low"] = str(exc)
+        break
+    out["uids"][f"k{i}"] = result.item.meta["sop_instance_uid"]
+intake.checkpoint()  # the WAL is empty, as after any purge
+# Then something else fills the partition to the last block (a log, another program).
+fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT)
+try:
+    while True:
+        os.write(fd, b"\0" * 4096)
+except OSError as exc:
+    assert exc.errno == errno.ENOSPC
+os.close(fd)
+out["free_when_full"] = free()
+try:
+    enqueue_recording(intake, make_recording(5000), config, key="while-full")
+except OutboxFullError as exc:
+    out["refused_when_full"] = str(exc)
+# Control: without the reserve the forwarder cannot even claim an item.
+control = opened(reserve_bytes=0)
+try:
+    control.claim("dicom", 10, time.time())
+    out["control"] = "claimed"
+except sqlite3.OperationalError as exc:
+    out["control"] = str(exc)
+control._conn.close()
+# The link returns: the forward process drains the partition.
+wal = data / "outbox.sqlite-wal"
+out["wal_max"] = 0
+events = {}
+
+def count(kind, info):
+    events[kind] = events.get(kind, 0) + (info.get("items", 1) if kind == "link-down" else 1)
+
+with opened() as outbox, EcgForwarder(outbox, forwarder_settings(config), on_event=count) as fwd:
+    stop = threading.Event()
+    deadline = time.monotonic() + 120
+    while outbox.stats(time.time())["counts"]["purged"] < len(out["uids"]):
+        assert time.monotonic() < deadline, outbox.stats(time.time())
+        time.sleep(min(fwd.step(stop), 0.05))
+        out["wal_max"] = max(out["wal_max"], wal.stat().st_size if wal.exists() else 0)
+    out["reserve_after_drain"] = reserve.exists()
+    out["reserve_released"] = not reserve.exists() or reserve.stat().st_ino != first_reserve  # a new file
+    # intake takes ECGs again, and they go too
+    out["uids"]["after"] = enqueue_recording(intake, make_recording(6000), config, key="after").item.meta["sop_instance_uid"]
+    while outbox.stats(time.time())["counts"]["purged"] < len(out["uids"]):
+        assert time.monotonic() < deadline, outbox.stats(time.time())
+        time.sleep(min(fwd.step(stop), 0.05))
+    out["counts"] = outbox.stats(time.time())["counts"]
+    out["integrity"] = outbox.db.execute("PRAGMA integrity_check").fetchone()[0]
+    out["events"] = events
+intake.close()
+print(json.dumps(out))
+"""
+
+
+def test_a_full_disk_drains_and_takes_ecgs_again(tmp_path: Path) -> None:
+    """On a 16 MB tmpfs: ECGs queue until intake refuses (with a message for the doctor), the
+    partition is then filled to the last block, and the forwarder still sends everything to a
+    real reading center (storage commitment included), purges it, and intake takes ECGs again.
+    A control shows the forwarder could not have claimed an item without the reserve."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, missing, require_tool
+
+    require_tool("unshare")
+    if os.geteuid() != 0:
+        missing("mounting a private tmpfs needs root")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    port, listen = free_port(), free_port()
+    center = EmbeddedReadingCenter(port=port, gateway_port=listen, report_delay_s=0.05)
+    center.start()
+    try:
+        cmd = [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            'mount -t tmpfs -o size=16m tmpfs "$1" && shift && exec "$@"',
+            "sh",
+            str(mnt),
+            sys.executable,
+            "-c",
+            FULL_DISK_SCRIPT,
+            str(mnt),
+            str(port),
+            str(listen),
+        ]
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}
+        )
+    finally:
+        center.stop()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    print(
+        f"\nfull disk: {len(out['uids']) - 1} ECGs queued; WAL at most {out['wal_max'] / 1024:.0f} KB while "
+        f"draining; forwarder events {out['events']}"
+    )
+    assert out["reserve_at_start"] and out["free_when_full"] < 4096
+    for refusal in (out["refused_when_low"], out["refused_when_full"]):
+        assert refusal.startswith("storage full: ") and "ECGs are waiting to be sent" in refusal, refusal
+        assert "connect the network" in refusal and "county IT" in refusal and "Nothing was lost" in refusal
+    assert "database or disk is full" in out["control"]  # the failure the reserve is for
+    assert out.get("reserve_released") and out["reserve_after_drain"]  # used, then set aside again
+    assert out["integrity"] == "ok"
+    assert out["counts"]["purged"] == len(out["uids"]) and out["counts"]["quarantined"] == 0
+    assert set(center.received) == set(out["uids"].values())  # nothing lost
+    # nothing twice, but for a store whose answer was lost (a retry the forwarder reported)
+    again = sum(o.times_stored - 1 for o in center.received.values())
+    assert again <= out["events"].get("retry", 0) + out["events"].get("link-down", 0), out["events"]

@@ -9,8 +9,7 @@ import pytest
 from tests.fhir_samples import NAMING, T0, all_kinds, blood_pressure, signature, visit
 from tests.fhir_server import FhirTestServer, validate_transaction
 from uploader.errors import InvalidObjectError
-from uploader.fhir_bundle import (
-    bundle_bytes, bundle_identifiers, merge_transactions, observation_bundle, visit_bundle)
+from uploader.fhir_bundle import bundle_bytes, bundle_identifiers, merge_transactions, observation_bundle, visit_bundle
 
 
 def _by_type(bundle: dict, kind: str) -> list[dict]:
@@ -30,7 +29,8 @@ def test_visit_bundle_is_a_valid_r4_transaction() -> None:
     assert enc["participant"][0]["individual"]["identifier"]["value"] == "DR-17"
     (loc,) = _by_type(bundle, "Location")
     assert enc["location"][0]["location"]["reference"] == next(
-        e["fullUrl"] for e in bundle["entry"] if e["resource"] is loc)
+        e["fullUrl"] for e in bundle["entry"] if e["resource"] is loc
+    )
     assert loc["position"]["latitude"] == pytest.approx(31.2489)
     (prov,) = _by_type(bundle, "Provenance")
     assert prov["signature"][0]["data"] and len(prov["target"]) == 1 + 8
@@ -47,8 +47,7 @@ def test_observation_codes_and_units() -> None:
     assert ["2339-0"] in codes and ["15074-8"] in codes
     panel = next(o for o in obs if _loinc(o) == ["85354-9"])
     comps = {c["code"]["coding"][0]["code"]: c["valueQuantity"] for c in panel["component"]}
-    assert comps["8480-6"] == {"value": 128.0, "unit": "mmHg", "system": "http://unitsofmeasure.org",
-                               "code": "mm[Hg]"}
+    assert comps["8480-6"] == {"value": 128.0, "unit": "mmHg", "system": "http://unitsofmeasure.org", "code": "mm[Hg]"}
     assert comps["8462-4"]["value"] == 82.0
     temp = next(o for o in obs if _loinc(o) == ["8310-5"])
     assert temp["valueQuantity"]["code"] == "Cel" and temp["meta"]["tag"][0]["code"] == "device-clock"
@@ -87,8 +86,9 @@ def test_conditional_create_never_duplicates_on_the_server() -> None:
     bundles = [visit_bundle(visit(n), all_kinds(T0, "P-0001"), NAMING, signature(n)) for n in range(3)]
     with FhirTestServer() as server:
         for body in (bundles[0], merge_transactions(bundles), bundles[2]):
-            r = requests.post(server.base_url, data=bundle_bytes(body), timeout=10,
-                              headers={"Content-Type": "application/fhir+json"})
+            r = requests.post(
+                server.base_url, data=bundle_bytes(body), timeout=10, headers={"Content-Type": "application/fhir+json"}
+            )
             assert r.status_code == 200, r.text
         assert sorted(server.identifiers("Encounter")) == sorted(v.visit_id for v in map(visit, range(3)))
         assert len(server.resources("Provenance")) == 3

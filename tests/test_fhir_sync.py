@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.fhir_samples import NAMING, T0, all_kinds, blood_pressure, signature, visit
+from tests.fhir_samples import NAMING, T0, all_kinds, signature, visit
 from tests.fhir_server import FhirTestServer
 from uploader.errors import ConfigurationFault, PermanentError, TransientError
 from uploader.fhir_bundle import bundle_bytes, visit_bundle
-from uploader.fhir_forwarder import FHIR_KIND, enqueue_bundle, forward_fhir_once
+from uploader.fhir_forwarder import enqueue_bundle, forward_fhir_once
 from uploader.fhir_sender import FhirSender, FhirSenderSettings, read_token_file, retry_after_seconds
-from uploader.outbox import ItemState, Outbox
+from uploader.outbox import ItemState, Kind, Outbox
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,8 +57,14 @@ def test_retry_after_forms() -> None:
 
 def test_sender_types_every_failure(tmp_path: Path) -> None:
     token = _token(tmp_path)
-    with FhirTestServer(token="s3cret-token") as server, _sender(server, token, timeout_s=0.5) as sender:
-        server.timeout_delay_s = 1.5
+    # A patient sender (60 s) for the faults answered at once, so a loaded machine cannot turn a 500
+    # into a timeout; an impatient one (1 s) against a server that answers 5 s late for the timeout.
+    with (
+        FhirTestServer(token="s3cret-token") as server,
+        _sender(server, token, timeout_s=60.0) as sender,
+        _sender(server, token, timeout_s=1.0) as impatient,
+    ):
+        server.timeout_delay_s = 5.0
         server.faults.extend(["500", "429", "drop", "400", "timeout", "commit-then-drop"])
         with pytest.raises(TransientError, match="500"):
             sender.post_transaction(_body(1))
@@ -70,14 +76,20 @@ def test_sender_types_every_failure(tmp_path: Path) -> None:
         with pytest.raises(PermanentError, match="unknown patient"):
             sender.post_transaction(_body(1))
         with pytest.raises(TransientError, match="Timeout"):
-            sender.post_transaction(_body(1))  # ... but the server committed it late
+            impatient.post_transaction(_body(1))  # ... but the server commits it late
         with pytest.raises(TransientError):
             sender.post_transaction(_body(2))  # committed, then the connection dropped
-        time.sleep(1.2)
+        # The event: both commits the client could not see have landed (not "some time has passed").
+        deadline = time.monotonic() + 60
+        while server.stats.transactions < 2:
+            assert time.monotonic() < deadline, server.stats
+            time.sleep(0.02)
+        created = server.stats.created
         for n in (1, 2, 1, 2):
             sender.post_transaction(_body(n))
         assert sorted(server.identifiers("Encounter")) == [visit(1).visit_id, visit(2).visit_id]
-        assert server.stats.deduplicated > 0
+        assert server.stats.created == created  # every re-send matched what was stored: nothing new
+        assert server.stats.transactions == 6 and server.stats.deduplicated > 0
     with FhirTestServer(token="other") as server, _sender(server, token) as sender:
         with pytest.raises(ConfigurationFault, match="401"):
             sender.post_transaction(_body(1))
@@ -94,27 +106,42 @@ def _ca_and_server_cert(tmp_path: Path, name: str) -> tuple[Path, Path, Path]:
     from cryptography.x509.oid import NameOID
 
     def pem_key(key: ec.EllipticCurvePrivateKey, path: Path) -> Path:
-        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+        path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
         return path
 
     now = dt.datetime.now(dt.timezone.utc)
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(1).not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-          .sign(ca_key, hashes.SHA256()))
-    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(2)
-            .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(2)
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     ca_file = tmp_path / f"{name}-ca.pem"
     ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     cert_file = tmp_path / f"{name}-cert.pem"
@@ -164,8 +191,13 @@ def _fill(outbox: Outbox, visits: range, patient_of=lambda n: f"P-{n % 3}") -> l
     keys = []
     for n in visits:
         v = visit(n, patient=patient_of(n))
-        enqueue_bundle(outbox, visit_bundle(v, all_kinds(v.started_at, v.patient_id, f"/{n}"), NAMING, signature(n)),
-                       f"fhir:visit:{v.visit_id}", patient_id=v.patient_id, now=1000.0 + n)
+        enqueue_bundle(
+            outbox,
+            visit_bundle(v, all_kinds(v.started_at, v.patient_id, f"/{n}"), NAMING, signature(n)),
+            f"fhir:visit:{v.visit_id}",
+            patient_id=v.patient_id,
+            now=1000.0 + n,
+        )
         keys.append(v.visit_id)
     return keys
 
@@ -177,15 +209,28 @@ def test_forwarder_delivers_exactly_once_through_faults(tmp_path: Path) -> None:
         server.timeout_delay_s = 1.0
         server.faults.extend(["500", "429", "drop", "timeout", "commit-then-drop"])
         now, rounds = 2000.0, 0
-        while outbox.items(state=ItemState.QUEUED, kind=FHIR_KIND) and rounds < 40:
+        while outbox.items(state=ItemState.QUEUED, kind=Kind.FHIR_BUNDLE) and rounds < 40:
             forward_fhir_once(outbox, sender, now, batch_size=5)
             now += 60.0
             rounds += 1
-        assert not outbox.items(state=ItemState.QUEUED, kind=FHIR_KIND)
-        assert len(outbox.items(state=ItemState.COMMITTED, kind=FHIR_KIND)) == 12
+        assert not outbox.items(state=ItemState.QUEUED, kind=Kind.FHIR_BUNDLE)
+        assert len(outbox.items(state=ItemState.COMMITTED, kind=Kind.FHIR_BUNDLE)) == 12
         assert sorted(server.identifiers("Encounter")) == sorted(ids)
         assert len(server.resources("Provenance")) == 12
         assert server.stats.faults_served == ["500", "429", "drop", "timeout", "commit-then-drop"]
+        # Counted at the server: two requests were applied but never answered (the late one, the
+        # dropped one), so the visits they carried (a batch is up to 5 visits) were sent again and
+        # conditional create absorbed the re-sends; no visit was applied more often than that.
+        # Every request but the 500, 429 and drop is applied, the late one after the client gave
+        # up: wait for that event rather than for some time.
+        deadline = time.monotonic() + 60
+        while server.stats.transactions < server.stats.requests - 3:
+            assert time.monotonic() < deadline, server.stats
+            time.sleep(0.02)
+        # (here the same first batch was in flight for both, so its visits were applied 3 times)
+        extra = sum(server.applied.values()) - len(ids)
+        assert set(server.applied) == set(ids) and max(server.applied.values()) <= 1 + 2, server.applied
+        assert 0 < extra <= 2 * 5, server.applied
     outbox.close()
 
 
@@ -195,10 +240,10 @@ def test_bad_bundle_is_quarantined_alone_with_its_reason(tmp_path: Path) -> None
     bad = json.loads(_body(9))
     enc = next(e["resource"] for e in bad["entry"] if e["resource"]["resourceType"] == "Encounter")
     enc["period"] = {"start": "yesterday"}
-    outbox.add(FHIR_KIND, "fhir:bad", bundle_bytes(bad), now=1001.5)
+    outbox.add(Kind.FHIR_BUNDLE, "fhir:bad", bundle_bytes(bad), now=1001.5)
     with FhirTestServer() as server, _sender(server, None) as sender:
         counts = forward_fhir_once(outbox, sender, 2000.0, batch_size=10)
-        assert (counts["sent"], counts["quarantined"]) == (4, 1)
+        assert (counts.sent, counts.quarantined) == (4, 1)
         (q,) = outbox.stats(2000.0)["quarantined"]
         assert q["key"] == "fhir:bad" and "period" in q["reason"]
         assert len(server.resources("Encounter")) == 4
@@ -212,7 +257,7 @@ def test_patient_order_is_kept_after_a_failure(tmp_path: Path) -> None:
         server.faults.append("500")
         forward_fhir_once(outbox, sender, 2000.0, batch_size=1)  # the first fails, backoff >= 50 s
         counts = forward_fhir_once(outbox, sender, 2001.0, batch_size=1)
-        assert counts["sent"] == 0 and counts["deferred"] == 3  # later ones must not overtake
+        assert counts.sent == 0 and counts.deferred == 3  # later ones must not overtake
         for t in (2200.0, 2201.0):
             forward_fhir_once(outbox, sender, t, batch_size=1)
         arrived = [r["identifier"][0]["value"] for r in server.resources("Encounter")]
@@ -241,8 +286,9 @@ def test_kill_9_mid_sync_leaves_no_duplicates(tmp_path: Path) -> None:
     ids = _fill(outbox, range(20))
     outbox.close()
     with FhirTestServer(response_delay_s=0.15) as server:
-        child = subprocess.Popen([sys.executable, "-c", _CHILD.format(repo=str(REPO), data=str(data),
-                                                                      url=server.base_url)])
+        child = subprocess.Popen(
+            [sys.executable, "-c", _CHILD.format(repo=str(REPO), data=str(data), url=server.base_url)]
+        )
         try:
             deadline = time.monotonic() + 30
             while server.stats.transactions < 6 and time.monotonic() < deadline:
@@ -257,7 +303,9 @@ def test_kill_9_mid_sync_leaves_no_duplicates(tmp_path: Path) -> None:
             server.response_delay_s = 0.0
             for i in range(5):
                 forward_fhir_once(outbox, sender, 3000.0 + i, batch_size=5)
-        assert len(outbox.items(state=ItemState.COMMITTED, kind=FHIR_KIND)) == 20
+        assert len(outbox.items(state=ItemState.COMMITTED, kind=Kind.FHIR_BUNDLE)) == 20
         assert sorted(server.identifiers("Encounter")) == sorted(ids)  # each exactly once
         assert len(server.resources("Observation")) == 20 * 8
+        # counted at the server: only the visit in flight when the child died was applied twice
+        assert set(server.applied) == set(ids) and sum(server.applied.values()) - 20 <= 1, server.applied
         outbox.close()

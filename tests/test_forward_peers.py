@@ -19,13 +19,13 @@ import pytest
 
 from lastmile.cli import main as cli
 from lastmile.config import Config
-from lastmile.ecg_intake import enqueue_recording
-from lastmile.forward_service import forwarder_settings, open_outbox
+from lastmile.ecg.intake import enqueue_recording
+from lastmile.services.forward import forwarder_settings, open_outbox
 from tests.conftest import require_private_netns
 from tests.ecg_factories import make_recording
 from tests.peers import free_port, gateway_modality
 from uploader.ecg_forwarder import EcgForwarder
-from uploader.outbox import ItemState
+from uploader.outbox import DB_NAME, ItemState
 
 
 def make_config(tmp_path: Path, port: int, called_ae: str, **rc_overrides) -> Config:
@@ -40,12 +40,14 @@ def make_config(tmp_path: Path, port: int, called_ae: str, **rc_overrides) -> Co
         setattr(rc, k, v)
     c.outbox.backoff_base_s, c.outbox.backoff_max_s, c.outbox.min_free_mb = 0.1, 0.5, 1
     c.outbox.config_fault_retry_s = 0.5
+    c.ecg.re_record_hold_s = 0  # the synthetic 2 s ECGs are re-record cases: forwarding is the subject here
     return c
 
 
-def write_toml(config: Config, path: Path) -> Path:
+def write_toml(config: Config, path: Path, outbox_extra: str = "") -> Path:
     rc = config.reading_center
-    path.write_text(f"""
+    path.write_text(
+        f"""
 [gateway]
 data_dir = "{config.gateway.data_dir}"
 [reading_center]
@@ -66,15 +68,19 @@ backoff_base_s = 0.1
 backoff_max_s = 0.5
 min_free_mb = 1
 config_fault_retry_s = 0.5
-""")
+"""
+        + outbox_extra
+    )
     return path
 
 
 def enqueue(config: Config, n: int, start: int = 0) -> dict[str, str]:
     """n recordings → outbox; returns key → SOP Instance UID."""
     with open_outbox(config) as outbox:
-        return {f"k{i}": enqueue_recording(outbox, make_recording(i), config, key=f"k{i}")
-                .item.meta["sop_instance_uid"] for i in range(start, start + n)}
+        return {
+            f"k{i}": enqueue_recording(outbox, make_recording(i), config, key=f"k{i}").item.meta["sop_instance_uid"]
+            for i in range(start, start + n)
+        }
 
 
 def counts(config: Config) -> dict:
@@ -103,6 +109,7 @@ def test_orthanc_receives_each_study_once_commits_and_we_purge(tmp_path, orthanc
     uids = enqueue(config, 12)
     pump(config, done(12))
     assert orthanc.sop_instance_uids() == set(uids.values())
+    assert orthanc.c_stores() == dict.fromkeys(uids.values(), 1)  # each C-STOREd once, no silent re-send
     assert len(orthanc.study_uids()) == 12
     with open_outbox(config) as outbox:
         assert all(i.patient is None and i.state == ItemState.PURGED for i in outbox.items())
@@ -136,19 +143,21 @@ def test_orthanc_refusing_our_ae_is_a_fault_not_a_quarantine(tmp_path, orthanc_f
     assert '"fault": null' in capsys.readouterr().out
 
 
-def test_per_object_statuses_permanent_is_quarantined_the_rest_flows(
-        tmp_path, scripted_scp_factory, capsys) -> None:
+def test_per_object_statuses_permanent_is_quarantined_the_rest_flows(tmp_path, scripted_scp_factory, capsys) -> None:
     config = make_config(tmp_path, 0, "SCRIPTED", storage_commitment=False)
     uids = enqueue(config, 6)
-    scp = scripted_scp_factory(statuses={uids["k1"]: [0xA900], uids["k2"]: [0xA700, 0x0000],
-                                         uids["k3"]: [0xC123], uids["k4"]: [0xB000]})
+    scp = scripted_scp_factory(
+        statuses={uids["k1"]: [0xA900], uids["k2"]: [0xA700, 0x0000], uids["k3"]: [0xC123], uids["k4"]: [0xB000]}
+    )
     config.reading_center.port = scp.port
     pump(config, lambda ob: ob.stats(time.time())["counts"].get("sent", 0) == 4)
     with open_outbox(config) as outbox:
         by_key = {i.key: i for i in outbox.items()}
         assert by_key["k1"].state == ItemState.QUARANTINED and "0xA900" in by_key["k1"].quarantine_reason
         assert by_key["k3"].state == ItemState.QUARANTINED and "0xC123" in by_key["k3"].quarantine_reason
-        assert by_key["k2"].state == ItemState.SENT and by_key["k2"].attempts == 1  # one transient retry
+        assert (
+            by_key["k2"].state == ItemState.SENT and by_key["k2"].attempts == 2
+        )  # charged per send: 0xA700, then stored
         assert by_key["k4"].state == ItemState.SENT  # warning = stored
     cfg_file = write_toml(config, tmp_path / "lastmile.toml")
     assert cli(["-c", str(cfg_file), "queue"]) == 0
@@ -159,8 +168,7 @@ def test_per_object_statuses_permanent_is_quarantined_the_rest_flows(
 
 
 @pytest.mark.parametrize("policy", ["keep", "purge"])
-def test_storescp_without_storage_commitment_follows_the_policy(
-        tmp_path, storescp_factory, policy) -> None:
+def test_storescp_without_storage_commitment_follows_the_policy(tmp_path, storescp_factory, policy) -> None:
     scp = storescp_factory()
     config = make_config(tmp_path, scp.port, scp.ae_title, no_commitment_policy=policy)
     enqueue(config, 3)
@@ -169,6 +177,7 @@ def test_storescp_without_storage_commitment_follows_the_policy(
     else:
         pump(config, done(3))
     assert len(scp.received_files()) == 3
+    assert sorted(scp.c_stores().values()) == [1, 1, 1]  # what storescp saw: three C-STOREs, one each
     c = counts(config)
     assert c.get("quarantined", 0) == 0 and c.get("queued", 0) == 0
 
@@ -182,6 +191,7 @@ def test_dicom_tls_to_storescp(tmp_path, storescp_factory, tls_material) -> None
     enqueue(config, 2)
     pump(config, lambda ob: ob.stats(time.time())["counts"].get("sent", 0) == 2)
     assert len(scp.received_files()) == 2
+    assert sorted(scp.c_stores().values()) == [1, 1]
 
 
 @pytest.mark.orthanc
@@ -189,43 +199,59 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(tmp_path, orthan
     require_private_netns()
     listen = free_port()
     orthanc = orthanc_factory(modalities=gateway_modality("CLINIC01", listen))
-    config = make_config(tmp_path, orthanc.dicom_port, orthanc.aet, listen_port=listen,
-                         batch_size=4, commitment_timeout_s=2.0)
+    config = make_config(
+        tmp_path, orthanc.dicom_port, orthanc.aet, listen_port=listen, batch_size=4, commitment_timeout_s=2.0
+    )
     cfg_file = write_toml(config, tmp_path / "lastmile.toml")
     n = 60
     uids = enqueue(config, n)
     rng = random.Random(20261123)
     kills = 0
     for _ in range(22):
-        proc = subprocess.Popen([sys.executable, "-m", "lastmile", "-c", str(cfg_file), "forward"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lastmile", "-c", str(cfg_file), "forward"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(rng.uniform(0.4, 1.6))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait(10)
     assert kills >= 20
-    db = Path(config.gateway.data_dir) / "outbox.db"
-    with sqlite3.connect(db) as conn:
+    # mode=rw: a missing file is an error here, not a new empty database that passes every check
+    conn = sqlite3.connect(f"file:{Path(config.gateway.data_dir) / DB_NAME}?mode=rw", uri=True)
+    try:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("SELECT COUNT(*) FROM items").fetchone()[0] == n  # the real outbox, every item in it
+    finally:
+        conn.close()
     pump(config, done(n), limit_s=120)
     assert orthanc.sop_instance_uids() == set(uids.values())  # every recording, once
     assert len(orthanc.study_uids()) == n  # one study per recording
     assert len(orthanc.instances()) == n
+    # What Orthanc received, C-STORE by C-STORE: a process killed after a C-STORE but before it
+    # recorded "sent" sends that object again (the PACS keeps one copy: same SOP Instance UID).
+    # Only those are allowed: at most the items one process can have in flight, per kill.
+    stores = orthanc.c_stores()
+    assert set(stores) == set(uids.values())
+    in_flight = config.reading_center.batch_size * config.reading_center.associations
+    resent = sum(stores.values()) - n
+    assert 0 <= resent <= kills * in_flight, (resent, kills, stores)
     c = counts(config)
     assert c.get("sending", 0) == 0 and c.get("purged") == n
 
 
 @pytest.mark.orthanc
-def test_orthanc_dies_mid_batch_and_returns_everything_arrives_exactly_once(
-        tmp_path, orthanc_factory) -> None:
+def test_orthanc_dies_mid_batch_and_returns_everything_arrives_exactly_once(tmp_path, orthanc_factory) -> None:
     listen = free_port()
     orthanc = orthanc_factory(modalities=gateway_modality("CLINIC01", listen))
-    config = make_config(tmp_path, orthanc.dicom_port, orthanc.aet, listen_port=listen,
-                         batch_size=30, associations=1)
+    config = make_config(tmp_path, orthanc.dicom_port, orthanc.aet, listen_port=listen, batch_size=30, associations=1)
     uids = enqueue(config, 30)
     stop = threading.Event()
-    with open_outbox(config) as outbox, EcgForwarder(outbox, forwarder_settings(config)) as fwd:
+    failed_commitments: list[int] = []
+    on_event = lambda kind, info: failed_commitments.append(info["failed"]) if kind == "committed" else None
+    with open_outbox(config) as outbox, EcgForwarder(outbox, forwarder_settings(config), on_event=on_event) as fwd:
         killer = threading.Timer(0.15, orthanc.kill)  # a power cut at the reading center, mid-batch
         killer.start()
         first = fwd.run_round(stop)
@@ -240,3 +266,270 @@ def test_orthanc_dies_mid_batch_and_returns_everything_arrives_exactly_once(
             time.sleep(min(fwd.step(stop), 0.1))
     assert orthanc.sop_instance_uids() == set(uids.values())
     assert len(orthanc.instances()) == 30 and len(orthanc.study_uids()) == 30
+    # Re-sends, counted at Orthanc: the one C-STORE in flight when the power went (one association),
+    # and any object Orthanc reported as not committed (it died before keeping it) - no others.
+    stores = orthanc.c_stores()
+    assert set(stores) == set(uids.values())
+    assert sum(stores.values()) - 30 <= 1 + sum(failed_commitments), (stores, failed_commitments)
+
+
+# -- storage commitment reports: only the reading center's, only for our transactions --------------
+
+
+def send_report(
+    port: int,
+    txn: str,
+    refs: list[tuple[str, str]],
+    *,
+    calling_ae: str,
+    called_ae: str = "CLINIC01",
+    failed: list[tuple[str, str]] = (),
+    source: str | None = None,
+) -> str | int:
+    """A real pynetdicom peer sending one Storage Commitment N-EVENT-REPORT to the gateway's
+    listener: the report's status, or how the association failed ("rejected", "closed")."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE, build_context, build_role
+    from pynetdicom.sop_class import StorageCommitmentPushModel
+
+    from uploader.dicom_association import STORAGE_COMMITMENT_INSTANCE
+
+    def item(cls: str, uid: str, reason: int | None = None) -> Dataset:
+        ds = Dataset()
+        ds.ReferencedSOPClassUID, ds.ReferencedSOPInstanceUID = cls, uid
+        if reason is not None:
+            ds.FailureReason = reason
+        return ds
+
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    assoc = ae.associate(
+        "127.0.0.1",
+        port,
+        [build_context(StorageCommitmentPushModel)],
+        ae_title=called_ae,
+        ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)],
+        bind_address=(source, 0) if source else None,
+    )
+    if assoc.is_rejected:
+        return "rejected"
+    if not assoc.is_established:
+        return "closed"
+    info = Dataset()
+    info.TransactionUID = txn
+    if refs:
+        info.ReferencedSOPSequence = [item(c, u) for c, u in refs]
+    if failed:
+        info.FailedSOPSequence = [item(c, u, 0x0110) for c, u in failed]
+    status, _ = assoc.send_n_event_report(
+        info, 2 if failed else 1, StorageCommitmentPushModel, STORAGE_COMMITMENT_INSTANCE
+    )
+    assoc.release()
+    return int(status.get("Status", -1))
+
+
+@pytest.fixture
+def awaiting_commitment(tmp_path, scripted_scp_factory):
+    """A forwarder that sent 3 items to a reading center ("SCRIPTED", which answers the N-ACTION
+    but reports nothing yet) and awaits their commitment: (forwarder, outbox, scp)."""
+    scp = scripted_scp_factory(commitment=True)
+    config = make_config(tmp_path, scp.port, scp.ae_title)
+    enqueue(config, 3)
+    with open_outbox(config) as outbox, EcgForwarder(outbox, forwarder_settings(config)) as fwd:
+        result = fwd.run_round(threading.Event())
+        assert result.sent == 3 and len(scp.actions) >= 1
+        assert all(i.state == ItemState.SENT and i.transaction_uid for i in outbox.items())
+        yield fwd, outbox, scp
+
+
+def refs_of(items) -> list[tuple[str, str]]:
+    return [(i.meta["sop_class_uid"], i.meta["sop_instance_uid"]) for i in items]
+
+
+def test_forged_commitment_from_another_ae_or_address_changes_nothing(awaiting_commitment, caplog) -> None:
+    fwd, outbox, scp = awaiting_commitment
+    before = outbox.items()
+    port = fwd.listener_address[1]
+    txn = before[0].transaction_uid
+    with caplog.at_level("WARNING", logger="uploader.dicom_commitment.security"):
+        # a host on the LAN calling itself something else
+        assert send_report(port, txn, refs_of(before), calling_ae="EVIL") == "rejected"
+        # the reading center's AE title, from another address: closed before a byte is read
+        assert send_report(port, txn, refs_of(before), calling_ae=scp.ae_title, source="127.0.0.2") == "closed"
+    assert outbox.items() == before  # the real rows: still sent, same transaction, nothing committed
+    assert fwd.run_round(threading.Event()).purged == 0
+    security = [r.getMessage() for r in caplog.records if r.name == "uploader.dicom_commitment.security"]
+    assert any("rejected an association" in m and "EVIL" in m for m in security)
+    assert any("127.0.0.2" in m for m in security)
+
+
+def test_forged_commitment_with_an_unknown_transaction_changes_nothing(awaiting_commitment, caplog) -> None:
+    from pydicom.uid import generate_uid
+
+    fwd, outbox, scp = awaiting_commitment
+    before = outbox.items()
+    with caplog.at_level("WARNING", logger="uploader.dicom_commitment.security"):
+        status = send_report(fwd.listener_address[1], generate_uid(), refs_of(before), calling_ae=scp.ae_title)
+    assert status == 0x0115  # invalid argument value: not a transaction of ours
+    assert outbox.items() == before
+    assert fwd.run_round(threading.Event()).purged == 0
+    assert any("not issued by this gateway" in r.getMessage() for r in caplog.records)
+
+
+def test_forged_commitment_naming_instances_not_in_the_transaction_changes_nothing(
+    awaiting_commitment, tmp_path
+) -> None:
+    from pydicom.uid import generate_uid
+
+    fwd, outbox, scp = awaiting_commitment
+    before = outbox.items()
+    port = fwd.listener_address[1]
+    txn = before[0].transaction_uid
+    in_txn = [i for i in before if i.transaction_uid == txn]
+    stranger = (before[0].meta["sop_class_uid"], generate_uid())
+    assert send_report(port, txn, [*refs_of(in_txn), stranger], calling_ae=scp.ae_title) == 0x0115
+    assert send_report(port, txn, refs_of(in_txn), failed=[stranger], calling_ae=scp.ae_title) == 0x0115
+    wrong_class = [("1.2.840.10008.5.1.4.1.1.2", in_txn[0].meta["sop_instance_uid"])]  # CT, not its class
+    assert send_report(port, txn, wrong_class, calling_ae=scp.ae_title) == 0x0119
+    assert outbox.items() == before
+    # the genuine report (the reading center, our transaction, its instances) is believed
+    assert send_report(port, txn, refs_of(in_txn), calling_ae=scp.ae_title) == 0x0000
+    assert {i.id for i in outbox.items(state=ItemState.COMMITTED)} == {i.id for i in in_txn}
+    assert fwd.run_round(threading.Event()).purged == len(in_txn)
+
+
+def test_late_report_for_a_superseded_transaction_still_counts(awaiting_commitment) -> None:
+    """No report in time: the forwarder asks again under a new transaction; the first report,
+    arriving late, is still ours and commits the items in it."""
+    fwd, outbox, scp = awaiting_commitment
+    first = outbox.items()
+    old_txn = first[0].transaction_uid
+    in_old = [i for i in first if i.transaction_uid == old_txn]
+    outbox.set_transaction([i.id for i in in_old], "2.25.424242", time.time())  # as a re-ask would
+    assert send_report(fwd.listener_address[1], old_txn, refs_of(in_old), calling_ae=scp.ae_title) == 0x0000
+    assert {i.id for i in outbox.items(state=ItemState.COMMITTED)} == {i.id for i in in_old}
+
+
+def test_commitment_listener_binds_the_address_toward_the_reading_center(tmp_path, scripted_scp_factory) -> None:
+    scp = scripted_scp_factory(commitment=True)
+    config = make_config(tmp_path, scp.port, scp.ae_title)
+    config.reading_center.listen_host = ""  # the default: never every interface silently
+    with open_outbox(config) as outbox, EcgForwarder(outbox, forwarder_settings(config)) as fwd:
+        assert fwd.listener_address == ("127.0.0.1", config.reading_center.listen_port)
+
+
+def test_storage_commitment_off_with_purge_policy_purges_what_was_sent(tmp_path, storescp_factory) -> None:
+    scp = storescp_factory()
+    config = make_config(tmp_path, scp.port, scp.ae_title, storage_commitment=False, no_commitment_policy="purge")
+    enqueue(config, 3)
+    pump(config, done(3))
+    assert len(scp.received_files()) == 3
+    with open_outbox(config) as outbox:
+        assert all(i.state == ItemState.PURGED and i.patient is None for i in outbox.items())
+    config.reading_center.no_commitment_policy = "keep"
+    enqueue(config, 2, start=10)
+    pump(config, lambda ob: ob.stats(time.time())["counts"].get("sent", 0) == 2)
+    c = counts(config)
+    assert c.get("sent") == 2 and c.get("purged") == 3  # "keep": the local copies stay
+
+
+# -- a send killed mid-way is charged; killed N times, the item is quarantined ---------------------
+
+
+def wait_until(condition, limit_s: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} within {limit_s} s"
+        time.sleep(0.05)
+
+
+def test_send_killed_n_times_is_quarantined_and_the_rest_flows(tmp_path, scripted_scp_factory) -> None:
+    """An object that takes the forwarder down mid-send (here: the peer never answers and we
+    SIGKILL the real `lastmile forward` process while it waits, as the OOM killer would) is
+    charged at each try; after `max_interrupted_sends` (3) it is quarantined with the reason,
+    never sent again, and the innocent items sent with it are not blamed."""
+    config = make_config(tmp_path, 0, "SCRIPTED", storage_commitment=False)
+    uids = enqueue(config, 4)
+    crasher = uids["k0"]
+    scp = scripted_scp_factory(hold=frozenset({crasher}))
+    config.reading_center.port = scp.port
+    cfg_file = write_toml(config, tmp_path / "lastmile.toml", "max_interrupted_sends = 3\n")
+    command = [sys.executable, "-m", "lastmile", "-c", str(cfg_file), "forward"]
+    for kill in range(1, 4):
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_until(lambda n=kill: scp.arrivals.count(crasher) == n, what=f"send {kill} of the crasher")
+            proc.send_signal(signal.SIGKILL)  # mid-send: its bytes went out, no answer recorded
+        finally:
+            proc.kill()
+            proc.wait(10)
+        with open_outbox(config) as outbox:  # recovery counts the send cut short, charged
+            item = outbox.find("k0")
+            assert (item.state, item.attempts, item.interrupted_sends) == (ItemState.QUEUED, kill, kill)
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+
+        def settled() -> bool:
+            with open_outbox(config) as outbox:
+                c = outbox.stats(time.time())["counts"]
+                return c.get("quarantined") == 1 and c.get("sent") == 3
+
+        wait_until(settled, what="quarantine of the crasher")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    with open_outbox(config) as outbox:
+        item = outbox.find("k0")
+        assert item.state == ItemState.QUARANTINED and item.attempts == 3
+        assert "killed during send 3 times" in item.quarantine_reason
+        innocent = [outbox.find(f"k{i}") for i in range(1, 4)]
+        assert all(i.state == ItemState.SENT and i.interrupted_sends == 0 for i in innocent)
+    assert scp.arrivals.count(crasher) == 3  # never sent a fourth time
+    # an innocent item in flight in the other association when we killed is sent again (same SOP
+    # Instance UID: the PACS keeps one copy); every innocent one arrived
+    assert set(scp.received_uids()) == {uids[f"k{i}"] for i in range(1, 4)}
+
+
+def test_decompression_bomb_in_the_outbox_is_quarantined_by_the_forward_service(tmp_path, storescp_factory) -> None:
+    """A deflate bomb that got into the outbox (stored before the receiver refused them) and a
+    reading center without deflate: the real forward service inflates it with a cap, quarantines
+    it as unsendable, sends the rest, and its peak RSS stays under 150 MB."""
+    from tests.hostile_dicom import deflate_bomb, peak_rss_mb
+    from uploader.outbox import Kind
+
+    scp = storescp_factory()  # no deflate: the forwarder would have to inflate the 1 GiB
+    config = make_config(tmp_path, scp.port, scp.ae_title, storage_commitment=False)
+    enqueue(config, 2)
+    bomb_uid, bomb = deflate_bomb(1 << 30)
+    with open_outbox(config) as outbox:
+        outbox.add(
+            Kind.DICOM,
+            "bomb",
+            bomb,
+            meta={"sop_instance_uid": bomb_uid, "sop_class_uid": "1.2.840.10008.5.1.4.1.1.9.1.1"},
+        )
+    cfg_file = write_toml(config, tmp_path / "lastmile.toml")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lastmile", "-c", str(cfg_file), "forward"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+
+        def settled() -> bool:
+            with open_outbox(config) as outbox:
+                c = outbox.stats(time.time())["counts"]
+                return c.get("quarantined") == 1 and c.get("sent") == 2
+
+        wait_until(settled, what="bomb quarantined and the rest sent")
+        peak_mb = peak_rss_mb(proc.pid)
+        print(f"\nforward service VmHWM after a 1 GiB deflate bomb: {peak_mb:.0f} MB")
+        assert proc.poll() is None
+        assert peak_mb < 150.0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    with open_outbox(config) as outbox:
+        item = outbox.find("bomb")
+        assert item.state == ItemState.QUARANTINED and "inflates to more than" in item.quarantine_reason
+    assert len(scp.received_files()) == 2

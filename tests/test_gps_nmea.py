@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import datetime as dt
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from devices.errors import ProtocolError
-from devices.gps import BadSentence, ChecksumError, Fix, FixMode, NmeaError, NmeaStreamDecoder, decode_nmea, parse_sentence
+from devices.gps import (
+    BadSentence,
+    ChecksumError,
+    Fix,
+    FixMode,
+    NmeaError,
+    NmeaStreamDecoder,
+    decode_nmea,
+    parse_sentence,
+)
 from devices.gps.nmea import GGA, GSA, GST, GSV, RMC, UnknownSentence, checksum
 from devices.gps.stream import satellite_key
 from tests.conftest import shared_file
@@ -77,7 +85,7 @@ def test_stream_reassembles_split_and_noisy_input() -> None:
     decoder = NmeaStreamDecoder()
     events = []
     for i in range(0, len(data), 7):  # split anywhere
-        events += decoder.receive_data(data[i:i + 7])
+        events += decoder.receive_data(data[i : i + 7])
     events += decoder.flush()
     fixes = [e for e in events if isinstance(e, Fix)]
     bad = [e for e in events if isinstance(e, BadSentence)]
@@ -100,7 +108,7 @@ def test_gst_gives_receiver_error_estimate() -> None:
     (fix,) = [e for e in events if isinstance(e, Fix)]
     assert fix.error_source == "receiver"
     assert fix.epx_m == pytest.approx(1.96 * 0.020) and fix.epy_m == pytest.approx(1.96 * 0.023)
-    assert fix.eph_m == pytest.approx(2.4477 * ((0.023 ** 2 + 0.020 ** 2) / 2) ** 0.5)
+    assert fix.eph_m == pytest.approx(2.4477 * ((0.023**2 + 0.020**2) / 2) ** 0.5)
     assert fix.time is None  # no RMC/ZDA: the date is unknown, so no time is made up
 
 
@@ -169,9 +177,10 @@ def test_fuzz_sentence_decodes_or_raises_typed_error(data: bytes) -> None:
 _FIELD = st.text(alphabet="0123456789.,-+NSEWAVDMT", max_size=12)
 
 
-@given(kind=st.sampled_from(["GPGGA", "GNRMC", "GNGSA", "GPGSV", "GPGST", "GNGNS", "GNZDA", "GBGSV",
-                             "GPGLL", "PSRFEPE"]),
-       fields=st.lists(_FIELD, max_size=22))
+@given(
+    kind=st.sampled_from(["GPGGA", "GNRMC", "GNGSA", "GPGSV", "GPGST", "GNGNS", "GNZDA", "GBGSV", "GPGLL", "PSRFEPE"]),
+    fields=st.lists(_FIELD, max_size=22),
+)
 @settings(deadline=None, max_examples=600)
 def test_fuzz_checksummed_fields_decode_or_raise_typed_error(kind: str, fields: list[str]) -> None:
     """Past the checksum: random field contents must still only ever raise ProtocolError."""
@@ -182,8 +191,15 @@ def test_fuzz_checksummed_fields_decode_or_raise_typed_error(kind: str, fields: 
         pass
 
 
-@given(chunks=st.lists(st.one_of(st.binary(max_size=40), st.sampled_from(
-    [BTQ818_GGA, BTQ818_GSA, BTQ818_RMC, SIRF_GBGSV, SIRF_GNS, QUECTEL_GLGSV, TRIMBLE_GST])), max_size=30))
+@given(
+    chunks=st.lists(
+        st.one_of(
+            st.binary(max_size=40),
+            st.sampled_from([BTQ818_GGA, BTQ818_GSA, BTQ818_RMC, SIRF_GBGSV, SIRF_GNS, QUECTEL_GLGSV, TRIMBLE_GST]),
+        ),
+        max_size=30,
+    )
+)
 @settings(deadline=None, max_examples=300)
 def test_fuzz_stream_never_raises(chunks: list[bytes]) -> None:
     decoder = NmeaStreamDecoder()

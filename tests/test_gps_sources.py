@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -14,22 +13,22 @@ from pathlib import Path
 import pytest
 
 from devices.gps import Fix, FixMode, decode_nmea
-from firmware_bridge.gnss import GnssError, GpsdSource, NmeaSerialSource, best_fix, tpv_to_fix
+from firmware_bridge.errors import GnssError
+from firmware_bridge.gnss import GpsdSource, NmeaSerialSource, best_fix, tpv_to_fix
 from tests.conftest import require_tool, shared_file
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.peers import free_port
 
 
 def _gpsfake(log: Path) -> tuple[subprocess.Popen, int]:
     require_tool("gpsfake")
     require_tool("gpsd")
-    port = _free_port()
-    proc = subprocess.Popen(["gpsfake", "-1", "-q", "-P", str(port), "-c", "0.05", str(log)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    port = free_port()
+    proc = subprocess.Popen(
+        ["gpsfake", "-1", "-q", "-P", str(port), "-c", "0.05", str(log)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     return proc, port
 
 
@@ -62,8 +61,7 @@ def test_gpsfake_through_real_gpsd_matches_our_decoder(name: str) -> None:
     1024 weeks (the 2010 log arrives as 2030), so the comparison is on the UTC time of day.
     """
     log = shared_file("gps", f"{name}.log")
-    ours = {f.time.time(): f for f in decode_nmea(log.read_bytes())
-            if isinstance(f, Fix) and f.has_position and f.time}
+    ours = {f.time.time(): f for f in decode_nmea(log.read_bytes()) if isinstance(f, Fix) and f.has_position and f.time}
     proc, port = _gpsfake(log)
     try:
         with _connect(port, proc) as gpsd:
@@ -81,16 +79,28 @@ def test_gpsfake_through_real_gpsd_matches_our_decoder(name: str) -> None:
     for fix in received:
         mine = ours.get(fix.time.time())  # type: ignore[union-attr]
         assert mine is not None, fix
-        assert (fix.latitude, fix.longitude) == (pytest.approx(mine.latitude, abs=1e-9),
-                                                  pytest.approx(mine.longitude, abs=1e-9))
+        assert (fix.latitude, fix.longitude) == (
+            pytest.approx(mine.latitude, abs=1e-9),
+            pytest.approx(mine.longitude, abs=1e-9),
+        )
     settled = received[1:] or received  # the first report may come from a half-seen cycle
     assert all(f.mode == ours[f.time.time()].mode for f in settled)  # type: ignore[union-attr]
 
 
 def test_tpv_conversion() -> None:
-    fix = tpv_to_fix({"class": "TPV", "mode": 3, "time": "2026-08-05T05:52:34.200Z", "lat": 47.6,
-                      "lon": -122.3, "altMSL": 76.5, "eph": 17.1, "status": 2},
-                     {"uSat": 14, "nSat": 25, "hdop": 0.9})
+    fix = tpv_to_fix(
+        {
+            "class": "TPV",
+            "mode": 3,
+            "time": "2026-08-05T05:52:34.200Z",
+            "lat": 47.6,
+            "lon": -122.3,
+            "altMSL": 76.5,
+            "eph": 17.1,
+            "status": 2,
+        },
+        {"uSat": 14, "nSat": 25, "hdop": 0.9},
+    )
     assert fix.mode == FixMode.FIX_3D and fix.altitude_m == 76.5 and fix.dgps and fix.satellites_used == 14
     assert fix.time and fix.time.microsecond == 200000
     assert not tpv_to_fix({"class": "TPV", "mode": 1}).has_position
@@ -98,7 +108,7 @@ def test_tpv_conversion() -> None:
 
 def test_gpsd_not_running_is_a_typed_error() -> None:
     with pytest.raises(GnssError):
-        GpsdSource("127.0.0.1", _free_port(), connect_timeout_s=0.5)
+        GpsdSource("127.0.0.1", free_port(), connect_timeout_s=0.5)
 
 
 def test_nmea_receiver_on_a_pty_gives_the_best_fix() -> None:
@@ -111,7 +121,7 @@ def test_nmea_receiver_on_a_pty_gives_the_best_fix() -> None:
         for i in range(0, len(log), 256):
             if stop.is_set():
                 return
-            os.write(master, log[i:i + 256])
+            os.write(master, log[i : i + 256])
             time.sleep(0.01)
 
     writer = threading.Thread(target=feed, daemon=True)

@@ -36,7 +36,7 @@ from uploader.outbox import (
     Priority,
     backoff_delay,
 )
-from uploader.outbox_migrations import MIGRATIONS, Migration, applied_migrations, migrate
+from uploader.sqlite_store import MIGRATIONS, Migration, applied_migrations, migrate
 
 S = ItemState
 T0 = 1_700_000_000.0
@@ -47,7 +47,7 @@ ECG_SIZE = 124 * 1024
 def ecg_bytes(seed: int = 0, size: int = ECG_SIZE) -> bytes:
     """A DICOM-sized payload that carries the patient's name, like a real ECG object."""
     body = random.Random(seed).randbytes(size)
-    return PATIENT_NAME.encode() + body[len(PATIENT_NAME):]
+    return PATIENT_NAME.encode() + body[len(PATIENT_NAME) :]
 
 
 SMALL = b'{"resourceType": "Observation", "valueQuantity": {"value": 37.2, "unit": "Cel"}}' * 12
@@ -80,11 +80,24 @@ def ob(data_dir: Path, storage: str):
         yield outbox
 
 
-def add(ob: Outbox, key: str, *, payload: bytes | None = None, kind: str = "dicom",
-        priority: Priority = Priority.ROUTINE, now: float = T0) -> OutboxItem:
-    result = ob.add(kind, key, payload if payload is not None else ecg_bytes(hash(key) % 1000),
-                    priority=priority, meta={"sop_instance_uid": f"1.2.826.0.1.{abs(hash(key))}"},
-                    patient={"name": PATIENT_NAME, "id": "P-001"}, now=now)
+def add(
+    ob: Outbox,
+    key: str,
+    *,
+    payload: bytes | None = None,
+    kind: str = "dicom",
+    priority: Priority = Priority.ROUTINE,
+    now: float = T0,
+) -> OutboxItem:
+    result = ob.add(
+        kind,
+        key,
+        payload if payload is not None else ecg_bytes(hash(key) % 1000),
+        priority=priority,
+        meta={"sop_instance_uid": f"1.2.826.0.1.{abs(hash(key))}"},
+        patient={"name": PATIENT_NAME, "id": "P-001"},
+        now=now,
+    )
     assert result.created
     return result.item
 
@@ -137,6 +150,7 @@ def test_processes_opening_a_new_outbox_at_once_migrate_it_once(data_dir: Path) 
 
 def test_a_failing_migration_leaves_nothing_behind(data_dir: Path) -> None:
     with open_outbox(data_dir) as ob:
+
         def half_done(db) -> None:
             db["half"].create({"x": int})
             raise RuntimeError("boom")
@@ -151,18 +165,28 @@ def test_a_failing_migration_leaves_nothing_behind(data_dir: Path) -> None:
 # -- adding ---------------------------------------------------------------------------------------
 def test_add_stores_every_field_and_the_payload(ob: Outbox, storage: str) -> None:
     payload = ecg_bytes(1)
-    result = ob.add("dicom", "cart-7/ecg-1", payload, priority=Priority.STAT,
-                    meta={"sop_class_uid": "1.2.840.10008.5.1.4.1.1.9.1.1", "sop_instance_uid": "1.2.3"},
-                    patient={"name": PATIENT_NAME}, now=T0)
+    result = ob.add(
+        "dicom",
+        "cart-7/ecg-1",
+        payload,
+        priority=Priority.STAT,
+        meta={"sop_class_uid": "1.2.840.10008.5.1.4.1.1.9.1.1", "sop_instance_uid": "1.2.3"},
+        patient={"name": PATIENT_NAME},
+        now=T0,
+    )
     assert isinstance(result, AddResult) and result.created
     item = result.item
-    assert (item.kind, item.key, item.priority, item.state) == (
-        "dicom", "cart-7/ecg-1", Priority.STAT, S.QUEUED)
+    assert (item.kind, item.key, item.priority, item.state) == ("dicom", "cart-7/ecg-1", Priority.STAT, S.QUEUED)
     assert (item.attempts, item.next_attempt_at, item.created_at, item.updated_at) == (0, T0, T0, T0)
     assert item.sha256 == hashlib.sha256(payload).hexdigest() and item.size == len(payload)
     assert item.meta["sop_instance_uid"] == "1.2.3" and item.patient == {"name": PATIENT_NAME}
-    assert (item.sent_at, item.committed_at, item.transaction_uid, item.last_error,
-            item.quarantine_reason) == (None, None, None, None, None)
+    assert (item.sent_at, item.committed_at, item.transaction_uid, item.last_error, item.quarantine_reason) == (
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
     assert ob.read_payload(item) == payload
     assert ob.get(item.id) == item == ob.find("cart-7/ecg-1")
     path = ob.payload_path(item)
@@ -255,6 +279,7 @@ OPS = {
     "retry": lambda ob, i: ob.retry(i, T0 + 1),
     "purge": lambda ob, i: ob.purge_due(T0 + 1, 0.0),
     "claim": lambda ob, i: ob.claim("dicom", 10, T0 + 1),
+    "begin_send": lambda ob, i: ob.begin_send(i, T0 + 1),
 }
 
 
@@ -264,8 +289,7 @@ def test_every_operation_is_tested() -> None:
 
 @pytest.mark.parametrize("state", list(ItemState), ids=lambda s: s.value)
 @pytest.mark.parametrize("op", sorted(OPS))
-def test_each_operation_moves_only_items_in_its_source_states(data_dir: Path, op: str,
-                                                              state: ItemState) -> None:
+def test_each_operation_moves_only_items_in_its_source_states(data_dir: Path, op: str, state: ItemState) -> None:
     sources, target = TRANSITIONS[op]
     with open_outbox(data_dir, inline_max_bytes=-1) as ob:
         before = drive_to(ob, "x", state)
@@ -390,8 +414,7 @@ def test_a_corrupt_payload_is_quarantined_and_never_sent(ob: Outbox, storage: st
     ob.mark_sent([item.id], T0 + 3)  # a forwarder racing on: refused, stays quarantined
     assert ob.get(item.id).state == S.QUARANTINED
     (entry,) = ob.stats(T0 + 3)["quarantined"]
-    assert entry == {"id": item.id, "kind": "dicom", "key": "bad", "reason": q.quarantine_reason,
-                     "at": T0 + 2}
+    assert entry == {"id": item.id, "kind": "dicom", "key": "bad", "reason": q.quarantine_reason, "at": T0 + 2}
 
 
 def test_a_missing_payload_file_is_quarantined_at_read(data_dir: Path) -> None:
@@ -413,8 +436,7 @@ def test_retry_of_quarantined_items_resets_attempts(ob: Outbox) -> None:
     assert ob.retry(c.id, T0 + 2) is False  # not quarantined
     assert ob.retry(a.id, T0 + 2) is True
     back = ob.get(a.id)
-    assert (back.state, back.attempts, back.next_attempt_at, back.quarantine_reason) == (
-        S.QUEUED, 0, T0 + 2, None)
+    assert (back.state, back.attempts, back.next_attempt_at, back.quarantine_reason) == (S.QUEUED, 0, T0 + 2, None)
     assert ob.retry_quarantined(T0 + 3) == 1 and ob.get(b.id).state == S.QUEUED
     assert ob.retry_quarantined(T0 + 3) == 0
     assert ob.stats(T0 + 3)["quarantined"] == []
@@ -482,6 +504,88 @@ def test_recover_interrupted_requeues_only_claims_of_dead_owners(data_dir: Path)
         forwarder.communicate(timeout=30)
 
 
+SENDER_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from uploader.outbox import Outbox
+    ob = Outbox.open(Path(sys.argv[1]), min_free_bytes=0)
+    first, second = ob.claim("dicom", 10, 2e9)
+    ob.begin_send(first.id, 2e9)  # its bytes are going out when the process dies
+    print(first.id, flush=True)
+    time.sleep(60)
+""")
+
+
+def test_a_send_killed_mid_way_was_charged_before_it_started(data_dir: Path) -> None:
+    with open_outbox(data_dir) as ob:
+        add(ob, "a"), add(ob, "b")
+    sender = python(SENDER_SCRIPT, data_dir)
+    try:
+        in_flight = int(sender.stdout.readline())
+        sender.send_signal(signal.SIGKILL)
+        sender.communicate(timeout=30)
+        with open_outbox(data_dir) as ob:  # recovery at open
+            cut, waiting = (ob.get(i.id) for i in sorted(ob.items(), key=lambda i: i.id != in_flight))
+            assert (cut.state, cut.attempts, cut.interrupted_sends) == (S.QUEUED, 1, 1)
+            assert "died during the send" in cut.last_error
+            assert (waiting.state, waiting.attempts, waiting.interrupted_sends) == (S.QUEUED, 0, 0)
+    finally:
+        sender.kill()
+        sender.communicate(timeout=30)
+
+
+def test_interrupted_sends_quarantine_at_the_limit_and_outcomes_reset_them(ob: Outbox) -> None:
+    crasher, fine = add(ob, "crasher"), add(ob, "fine")
+    for n in range(1, 3):
+        t = T0 + 10_000 * n  # past any backoff
+        assert len(ob.claim("dicom", 10, t)) == 2
+        assert ob.begin_send(crasher.id, t) and ob.begin_send(fine.id, t)
+        assert ob.interrupt_sends([crasher.id], "send failed: MemoryError", t) == 1
+        ob.mark_transient_failure(fine.id, "timeout", t)  # an outcome: charged once, not twice
+        assert (ob.get(crasher.id).interrupted_sends, ob.get(crasher.id).attempts) == (n, n)
+        assert (ob.get(fine.id).interrupted_sends, ob.get(fine.id).attempts) == (0, n)
+    assert [i.key for i in ob.claim("dicom", 10, T0 + 50_000, max_interrupted_sends=3)] == ["crasher", "fine"]
+    assert ob.begin_send(crasher.id, T0) and ob.interrupt_sends([crasher.id], "again", T0) == 1
+    ob.release([fine.id], "config fault", T0, 0.0)  # not the item's fault: its attempt is given back
+    assert ob.get(fine.id).attempts == 2
+    assert [i.key for i in ob.claim("dicom", 10, T0 + 50_000, max_interrupted_sends=3)] == ["fine"]
+    q = ob.get(crasher.id)
+    assert q.state == S.QUARANTINED and "killed during send 3 times" in q.quarantine_reason
+    assert ob.begin_send(crasher.id, T0) is False  # not ours to send
+
+
+def test_commitment_transactions_are_remembered_per_item(ob: Outbox) -> None:
+    item = add(ob, "x")
+    other = add(ob, "y")
+    ob.claim("dicom", 10, T0)
+    ob.mark_sent([item.id, other.id], T0)
+    for n in range(6):
+        ob.set_transaction([item.id], f"2.25.{n}", T0 + n)
+    ob.set_transaction([other.id], "2.25.99", T0 + 9)
+    assert ob.get(item.id).transaction_uid == "2.25.5"
+    remembered = [n for n in range(6) if ob.commitment_request(f"2.25.{n}")]
+    assert remembered == [2, 3, 4, 5]  # the last four asked
+    assert [i.id for i in ob.commitment_request("2.25.99")] == [other.id]
+    assert ob.commitment_request("2.25.12345") == []  # never issued
+    ob.mark_committed([item.id, other.id], T0 + 20)
+    assert ob.purge_due(T0 + 20, 0.0) == 2
+    assert ob.commitment_request("2.25.5") == [] and ob.commitment_request("2.25.99") == []
+
+
+def test_the_refusal_says_what_waits_and_what_to_do(data_dir: Path) -> None:
+    free = {"bytes": 10 * 2**30}
+    with open_outbox(data_dir, min_free_bytes=100 * 2**20, statvfs=lambda _p: Vfs(free["bytes"] // 4096, 4096)) as ob:
+        for i in range(3):
+            add(ob, f"ecg{i}")
+        add(ob, "visit", kind="fhir-bundle", payload=SMALL)
+        free["bytes"] = 50 * 2**20
+        with pytest.raises(OutboxFullError) as refused:
+            ob.add("dicom", "new", ecg_bytes(1))
+    message = str(refused.value)
+    assert message.startswith("storage full: 3 ECGs and 1 visit record are waiting to be sent; connect the network")
+    assert "call the county IT" in message and "Nothing was lost" in message and "50.0 MB free" in message
+
+
 def test_close_gives_back_its_own_claims(data_dir: Path) -> None:
     with open_outbox(data_dir) as ob:
         add(ob, "a")
@@ -516,8 +620,9 @@ def test_add_refuses_when_free_space_would_drop_below_the_minimum(data_dir: Path
 
 
 @pytest.mark.parametrize("failing", ["write", "fsync"])
-def test_enospc_while_writing_a_file_leaves_nothing(data_dir: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     failing: str) -> None:
+def test_enospc_while_writing_a_file_leaves_nothing(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
     with open_outbox(data_dir, inline_max_bytes=-1) as ob:
         kept = add(ob, "kept")
         real = getattr(os, failing)
@@ -547,8 +652,7 @@ def test_database_full_becomes_outbox_full_and_leaves_nothing(data_dir: Path, st
             for i in range(50):
                 ob.add("dicom", f"new-{i}", ecg_bytes(i))
         ob.db.execute("PRAGMA max_page_count=1073741823")
-        referenced = {r[0] for r in ob.db.execute(
-            "SELECT payload_file FROM items WHERE payload_file IS NOT NULL")}
+        referenced = {r[0] for r in ob.db.execute("SELECT payload_file FROM items WHERE payload_file IS NOT NULL")}
         assert payload_files_of(data_dir) == referenced  # the refused item left no file
         assert ob.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert ob.read_payload(ob.get(kept.id)) == SMALL
@@ -590,17 +694,32 @@ TMPFS_SCRIPT = textwrap.dedent("""
 
 
 def test_real_enospc_on_a_tiny_tmpfs(tmp_path: Path) -> None:
+    from tests.conftest import missing
+
     if os.geteuid() != 0 or not shutil.which("unshare"):
-        pytest.skip("needs root and unshare to mount a private tmpfs")
+        missing("needs root and unshare to mount a private tmpfs")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c",
-           f'mount -t tmpfs -o size=2m tmpfs "$1" && shift && exec "$@"', "sh", str(mnt),
-           sys.executable, "-c", TMPFS_SCRIPT, str(mnt)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    cmd = [
+        "unshare",
+        "-m",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        'mount -t tmpfs -o size=2m tmpfs "$1" && shift && exec "$@"',
+        "sh",
+        str(mnt),
+        sys.executable,
+        "-c",
+        TMPFS_SCRIPT,
+        str(mnt),
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
     if proc.returncode != 0 and "mount" in proc.stderr and "permission" in proc.stderr.lower():
-        pytest.skip(f"cannot mount tmpfs here: {proc.stderr.strip()}")
+        missing(f"cannot mount tmpfs here: {proc.stderr.strip()}")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     for name, r in result.items():
@@ -680,9 +799,14 @@ ADDER_SCRIPT = textwrap.dedent("""
 
 
 def python(script: str, *args: object) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", script, *map(str, args)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *map(str, args)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
 
 
 def test_two_processes_never_claim_the_same_item_while_a_third_adds(data_dir: Path) -> None:
@@ -747,8 +871,7 @@ def check_consistent(data_dir: Path) -> dict:
         counts = ob.stats(time.time())["counts"]
         assert counts["sending"] == 0, counts
         assert counts["quarantined"] == 0, ob.stats(time.time())["quarantined"]
-        referenced = {r[0] for r in ob.db.execute(
-            "SELECT payload_file FROM items WHERE payload_file IS NOT NULL")}
+        referenced = {r[0] for r in ob.db.execute("SELECT payload_file FROM items WHERE payload_file IS NOT NULL")}
         assert payload_files_of(data_dir) == referenced  # no orphan, nothing missing
         for item in ob.items():
             if item.state != S.PURGED:
@@ -781,8 +904,7 @@ def files_contain(data_dir: Path, needle: bytes) -> list[str]:
 def test_purge_leaves_no_trace_of_the_patient_in_the_database_files(data_dir: Path, storage: str) -> None:
     with open_outbox(data_dir, inline_max_bytes=STORAGES[storage]) as ob:
         # inline: payloads that carry the name in the database; file: 124 KB ECG files
-        items = [add(ob, f"p{i}", payload=ecg_bytes(i, 4000) if storage == "inline" else None)
-                 for i in range(5)]
+        items = [add(ob, f"p{i}", payload=ecg_bytes(i, 4000) if storage == "inline" else None) for i in range(5)]
         anonymous = ob.add("dicom", "anonymous", b"\0" * 3000, now=T0).item
         needle = PATIENT_NAME.encode()
         assert files_contain(data_dir, needle)  # the test would prove nothing otherwise
@@ -807,11 +929,12 @@ def test_record_status_and_stats(ob: Outbox) -> None:
     add(ob, "old", now=T0)
     add(ob, "new", now=T0 + 50)
     stats = ob.stats(T0 + 100)
-    assert stats["counts"] == {"queued": 2, "sending": 0, "sent": 0, "committed": 0, "purged": 0,
-                               "quarantined": 0}
+    assert stats["counts"] == {"queued": 2, "sending": 0, "sent": 0, "committed": 0, "purged": 0, "quarantined": 0}
     assert stats["oldest_waiting_s"] == 100.0
     assert (stats["last_sent_at"], stats["last_committed_at"], stats["quarantined"]) == (None, None, [])
-    assert stats["statuses"] == {"reading_center": {"fault": None, "last_success": T0 + 5},
-                                 "storage_commitment": {"supported": False}}
+    assert stats["statuses"] == {
+        "reading_center": {"fault": None, "last_success": T0 + 5},
+        "storage_commitment": {"supported": False},
+    }
     assert stats["waiting_bytes"] == 2 * ECG_SIZE
     json.dumps(stats)  # `lastmile queue --json` prints it as is

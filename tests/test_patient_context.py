@@ -10,10 +10,16 @@ import pytest
 
 from devices.identity import DeviceIdentity, TimeSource
 from devices.observation import Observation, Quantity
-from lastmile.device_registry import DeviceRegistry
-from lastmile.observation_store import (OBSERVATION_KIND, ObservationStore, UnknownObservationError,
-                                        observation_from_json, observation_to_json, summary)
-from lastmile.patient_context import PatientContext
+from lastmile.clinic.devices import DeviceRegistry
+from lastmile.clinic.observations import (
+    OBSERVATION_KIND,
+    ObservationStore,
+    UnknownObservationError,
+    observation_from_json,
+    observation_to_json,
+    summary,
+)
+from lastmile.clinic.patients import PatientContext
 from uploader.outbox import Outbox
 
 T0 = dt.datetime(2025, 6, 1, 9, 0, tzinfo=dt.timezone.utc)
@@ -21,23 +27,29 @@ MIN = dt.timedelta(minutes=1)
 
 
 def bp(measured_at: dt.datetime, systolic: float = 120.0, key: str | None = None) -> Observation:
-    return Observation(kind="blood-pressure",
-                       quantities=(Quantity("systolic", systolic, "mm[Hg]", systolic, "mm[Hg]"),
-                                   Quantity("diastolic", 80.0, "mm[Hg]", 80.0, "mm[Hg]"),
-                                   Quantity("pulse-rate", None, "/min", None, "/min", "nan")),
-                       measured_at=measured_at, time_source=TimeSource.DEVICE_CLOCK, received_at=measured_at + MIN,
-                       device=DeviceIdentity("Acme", "BP-1", "42", "AA:BB:CC:DD:EE:01"),
-                       record_key=key or f"test:{measured_at.isoformat()}:{systolic}")
+    return Observation(
+        kind="blood-pressure",
+        quantities=(
+            Quantity("systolic", systolic, "mm[Hg]", systolic, "mm[Hg]"),
+            Quantity("diastolic", 80.0, "mm[Hg]", 80.0, "mm[Hg]"),
+            Quantity("pulse-rate", None, "/min", None, "/min", "nan"),
+        ),
+        measured_at=measured_at,
+        time_source=TimeSource.DEVICE_CLOCK,
+        received_at=measured_at + MIN,
+        device=DeviceIdentity("Acme", "BP-1", "42", "AA:BB:CC:DD:EE:01"),
+        record_key=key or f"test:{measured_at.isoformat()}:{systolic}",
+    )
 
 
-@pytest.fixture()
+@pytest.fixture
 def context(tmp_path: Path):
     ctx = PatientContext.open(tmp_path, idle_timeout_s=900)
     yield ctx
     ctx.close()
 
 
-@pytest.fixture()
+@pytest.fixture
 def store(tmp_path: Path):
     outbox = Outbox.open(tmp_path, min_free_bytes=0)
     s = ObservationStore.open(tmp_path, outbox=outbox, idle_timeout_s=900)
@@ -143,15 +155,26 @@ def test_device_registry(tmp_path: Path) -> None:
     assert not reg.is_allowed("aa:bb:cc:dd:ee:01")
     reg.allow("aa:bb:cc:dd:ee:01", name="cuff", now=T0)
     assert reg.is_allowed("AA:BB:CC:DD:EE:01") and list(reg.allowed()) == ["AA:BB:CC:DD:EE:01"]
-    reg.update_status("AA:BB:CC:DD:EE:01", now=T0 + MIN, connected=True,
-                      identity=DeviceIdentity("Acme", "BP-1", "42", "AA:BB:CC:DD:EE:01"))
+    reg.update_status(
+        "AA:BB:CC:DD:EE:01",
+        now=T0 + MIN,
+        connected=True,
+        identity=DeviceIdentity("Acme", "BP-1", "42", "AA:BB:CC:DD:EE:01"),
+    )
     reg.update_status("AA:BB:CC:DD:EE:01", now=T0 + 2 * MIN, reading="120/80 mm[Hg]", reading_at=T0 + MIN)
     reg.update_status("AA:BB:CC:DD:EE:01", now=T0 + 3 * MIN, connected=False, error="link lost")
     reg.set_last_sequence("AA:BB:CC:DD:EE:01", 12, now=T0)
     reg.set_last_sequence("AA:BB:CC:DD:EE:01", 7, now=T0)  # never moves back
     d = reg.get("aa:bb:cc:dd:ee:01")
     assert (d.name, d.model, d.connected, d.last_reading, d.last_reading_at, d.last_error, d.last_sequence) == (
-        "cuff", "BP-1", False, "120/80 mm[Hg]", T0 + MIN, "link lost", 12)
+        "cuff",
+        "BP-1",
+        False,
+        "120/80 mm[Hg]",
+        T0 + MIN,
+        "link lost",
+        12,
+    )
     assert d.to_json()["last_connected_at"] == (T0 + MIN).isoformat()
     assert reg.disallow("AA:BB:CC:DD:EE:01", now=T0) and not reg.is_allowed("AA:BB:CC:DD:EE:01")
     reg.update_status("/dev/ttyUSB0", now=T0, transport="serial", connected=True)

@@ -6,8 +6,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from devices.scanner import (MAX_CODE_LENGTH, CodeUnrecognised, DoctorScanned, PatientScanned, ScannerDecoder,
-                             ScanRuleError, ScanRules)
+from devices.scanner import (
+    MAX_CODE_LENGTH,
+    CodeUnrecognised,
+    DoctorScanned,
+    PatientScanned,
+    ScannerDecoder,
+    ScanRuleError,
+    ScanRules,
+)
 
 # What a 2D scanner in USB-CDC mode sends: the code, then CR LF (some models: CR only).
 PATIENT_CARD_SCAN = b"80276001234567890123\r\n"  # an EHIC-style card number (20 digits)
@@ -18,7 +25,9 @@ RULES = ScanRules.from_patterns(r"(?P<id>\d{20})", r"DR-(?P<id>\d{6})")
 def test_patient_and_doctor_codes() -> None:
     dec = ScannerDecoder(RULES)
     assert dec.feed(PATIENT_CARD_SCAN + DOCTOR_BADGE_SCAN) == [
-        PatientScanned("80276001234567890123"), DoctorScanned("004711")]
+        PatientScanned("80276001234567890123"),
+        DoctorScanned("004711"),
+    ]
 
 
 def test_codes_split_across_reads_and_line_end_variants() -> None:
@@ -57,3 +66,22 @@ def test_fuzz_scanner_stream(chunks: list[bytes]) -> None:
         for ev in dec.feed(chunk):
             assert isinstance(ev, (PatientScanned, DoctorScanned, CodeUnrecognised))
     assert dec.feed(b"\r\n" + PATIENT_CARD_SCAN)[-1] == PatientScanned("80276001234567890123")
+
+
+def test_without_rules_nothing_is_a_patient_and_the_reason_says_why() -> None:
+    assert ScanRules().classify("80276001234567890123") == CodeUnrecognised("no scanner rules configured", 20)
+    only_patients = ScanRules.from_patterns(r"(?P<id>\d{20})", "")
+    assert only_patients.classify("80276001234567890123") == PatientScanned("80276001234567890123")
+    assert only_patients.classify("DR-004711") == CodeUnrecognised("matches no rule", 9)
+
+
+def test_the_length_limit_is_exact_even_across_reads_and_after_a_line_end() -> None:
+    """1,024 characters is the limit itself (a long 2D code is read), one more is noise."""
+    rules = ScanRules.from_patterns(r"(?P<id>A+)", "")
+    assert MAX_CODE_LENGTH == 1024
+    longest = b"A" * MAX_CODE_LENGTH
+    assert ScannerDecoder(rules).feed(b"\r\n" + longest + b"\r\n") == [PatientScanned(longest.decode())]
+    assert ScannerDecoder(rules).feed(longest + b"A\r\n") == [CodeUnrecognised("code too long", MAX_CODE_LENGTH)]
+    dec = ScannerDecoder(rules)
+    assert dec.feed(b"A" * 1000) == []
+    assert dec.feed(b"A" * 100 + b"\r") == [CodeUnrecognised("code too long", MAX_CODE_LENGTH)]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lastmile.sdnotify import SystemdNotifier, watchdog_period
+from lastmile.services.sdnotify import SystemdNotifier, watchdog_period
 
 
 @pytest.fixture
@@ -97,8 +97,7 @@ def test_watchdog_pings_are_rate_limited(manager: tuple[socket.socket, str]) -> 
 
 def test_unset_environment_hides_the_socket_from_children(manager: tuple[socket.socket, str]) -> None:
     _, path = manager
-    env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": str(os.getpid()),
-           "PATH": "/bin"}
+    env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": str(os.getpid()), "PATH": "/bin"}
     n = SystemdNotifier(environ=env, unset_environment=True)
     assert n.enabled and n.watchdog_s == 1.0
     assert env == {"PATH": "/bin"}

@@ -16,7 +16,7 @@ def config_file(tmp_path: Path) -> Path:
     path = tmp_path / "lastmile.toml"
     path.write_text(f"""
 [gateway]
-data_dir = "{tmp_path / 'data'}"
+data_dir = "{tmp_path / "data"}"
 [serial]
 patient_card_pattern = '(?P<id>\\d{{20}})'
 doctor_badge_pattern = 'DR-(?P<id>\\d{{6}})'
@@ -48,4 +48,5 @@ def test_scan_test_and_list(config_file: Path, capsys: pytest.CaptureFixture[str
     assert main(["-c", str(config_file), "serial", "list", "--json"]) == 0
     listing = json.loads(capsys.readouterr().out.split("not recognised: matches no rule\n")[-1])
     assert listing["configured_but_absent"] == [
-        {"name": "ward-monitor", "match": "0403:6001:A50285BI", "profile": "example-vitals-monitor"}]
+        {"name": "ward-monitor", "match": "0403:6001:A50285BI", "profile": "example-vitals-monitor"}
+    ]

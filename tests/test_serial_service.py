@@ -13,10 +13,10 @@ import pytest
 from devices.bridge import codec
 from firmware_bridge.bridge_simulator import EcgStreamSimulator
 from firmware_bridge.firmware.bridge_core import BridgeCore
+from lastmile.clinic.devices import DeviceRegistry
+from lastmile.clinic.patients import PatientContext
 from lastmile.config import Config, ConfigError
-from lastmile.device_registry import DeviceRegistry
-from lastmile.patient_context import PatientContext
-from lastmile.serial_service import SerialService, link_specs, load_profiles
+from lastmile.services.serial_devices import SerialService, link_specs, load_profiles
 from tests.serial_pty import PtyDevice, wait_for
 from tests.test_ascii_report import VITALS_REPORT
 from tests.test_scanner import DOCTOR_BADGE_SCAN, PATIENT_CARD_SCAN
@@ -62,13 +62,15 @@ def running(tmp_path: Path) -> Iterator[callable]:
     def start(devices: list[dict], **kw: object) -> Running:
         started.append(Running(tmp_path, devices, **kw))  # type: ignore[arg-type]
         return started[-1]
+
     yield start
     for r in started:
         r.close()
 
 
-def _talk(dev: PtyDevice, core: BridgeCore, clock: list[int], until) -> None:  # noqa: ANN001
+def _talk(dev: PtyDevice, core: BridgeCore, clock: list[int], until) -> None:
     """Be the bridge: answer the gateway, resend on timeouts, until `until()` holds."""
+
     def step() -> bool:
         data = dev.read_available(0.05)
         if data:
@@ -76,18 +78,22 @@ def _talk(dev: PtyDevice, core: BridgeCore, clock: list[int], until) -> None:  #
         clock[0] += 100
         dev.write(core.poll(clock[0]))
         return until()
+
     wait_for(step, timeout=10)
 
 
 def test_scanner_then_bridge_measurement_lands_on_the_patient(tmp_path: Path, running) -> None:
     scanner = PtyDevice(tmp_path / "usb-scanner")
     bridge = PtyDevice(tmp_path / "usb-bridge")
-    r = running([{"name": "desk-scanner", "match": str(scanner.link_path), "profile": "scanner"},
-                 {"name": "bp-bridge", "match": str(bridge.link_path), "profile": "bridge"}])
+    r = running(
+        [
+            {"name": "desk-scanner", "match": str(scanner.link_path), "profile": "scanner"},
+            {"name": "bp-bridge", "match": str(bridge.link_path), "profile": "bridge"},
+        ]
+    )
     wait_for(lambda: all(s.connected for s in r.service.statuses()))
     scanner.write(PATIENT_CARD_SCAN + DOCTOR_BADGE_SCAN)
-    wait_for(lambda: r.patients.current(r.now()) is not None
-             and r.patients.current_doctor(r.now()) == "004711")
+    wait_for(lambda: r.patients.current(r.now()) is not None and r.patients.current_doctor(r.now()) == "004711")
     assert r.patients.current(r.now()).patient_id == "80276001234567890123"
 
     core, clock = BridgeCore("BR-77", boot_id=5), [0]
@@ -152,9 +158,17 @@ def test_streamed_ecg_becomes_a_dicom_item(tmp_path: Path, running) -> None:
 def test_ascii_monitor_and_forwarding_bridge(tmp_path: Path, running) -> None:
     monitor = PtyDevice(tmp_path / "usb-monitor")
     bridge = PtyDevice(tmp_path / "usb-bridge")
-    r = running([{"name": "monitor", "match": str(monitor.link_path), "profile": "example-vitals-monitor"},
-                 {"name": "legacy", "match": str(bridge.link_path), "profile": "bridge",
-                  "forward_profile": "example-vitals-monitor"}])
+    r = running(
+        [
+            {"name": "monitor", "match": str(monitor.link_path), "profile": "example-vitals-monitor"},
+            {
+                "name": "legacy",
+                "match": str(bridge.link_path),
+                "profile": "bridge",
+                "forward_profile": "example-vitals-monitor",
+            },
+        ]
+    )
     wait_for(lambda: all(s.connected for s in r.service.statuses()))
     r.patients.set_patient("P-9", now=r.now() - dt.timedelta(minutes=1))
     # Printed now by the monitor's clock (UTC+1): after the patient's session began, so it is theirs.

@@ -23,9 +23,9 @@ import pytest
 
 from devices.identity import Patient
 from lastmile.config import Config, ConfigError, parse_config
-from lastmile.sdnotify import SystemdNotifier
-from lastmile.service_runtime import (EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, JournalFormatter,
-                                      PatientDataFilter, ServiceRuntime, configure_service_logging)
+from lastmile.logs import JournalFormatter, PatientDataFilter, configure_logging
+from lastmile.services.runtime import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ServiceRuntime
+from lastmile.services.sdnotify import SystemdNotifier
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ CHILD = textwrap.dedent("""
     import sys, time, threading
     from pathlib import Path
     from lastmile.config import load_config
-    from lastmile.service_runtime import ServiceRuntime
+    from lastmile.services.runtime import ServiceRuntime
 
     out = Path(sys.argv[2])
     mode = sys.argv[3]
@@ -45,6 +45,8 @@ CHILD = textwrap.dedent("""
             self.config = config
         def step(self, stop):
             if mode == "hang" and self.n >= 2:
+                with out.open("a") as f:
+                    f.write("wedged\\n"); f.flush()
                 time.sleep(3600)  # a wedged loop: no more progress
             with out.open("a") as f:
                 f.write(f"begin {self.n}\\n"); f.flush()
@@ -88,6 +90,20 @@ class Manager:
                 break
         raise AssertionError(f"{line!r} never arrived; got {self.messages}")
 
+    def drain_queued(self) -> list[str]:
+        """Whatever was sent before now, without waiting."""
+        got = []
+        self.sock.setblocking(False)
+        try:
+            while True:
+                got.append(self.sock.recv(4096).decode())
+        except BlockingIOError:
+            pass
+        finally:
+            self.sock.setblocking(True)
+        self.messages += got
+        return got
+
     def drain(self, seconds: float) -> list[str]:
         got = []
         deadline = time.monotonic() + seconds
@@ -108,8 +124,9 @@ def manager(tmp_path: Path) -> Iterator[Manager]:
     m.sock.close()
 
 
-def start_child(tmp_path: Path, manager: Manager, mode: str = "normal",
-                watchdog_usec: int | None = None) -> tuple[subprocess.Popen[str], Path, Path]:
+def start_child(
+    tmp_path: Path, manager: Manager, mode: str = "normal", watchdog_usec: int | None = None
+) -> tuple[subprocess.Popen[str], Path, Path]:
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     config = tmp_path / "lastmile.toml"
@@ -118,8 +135,13 @@ def start_child(tmp_path: Path, manager: Manager, mode: str = "normal",
     env = {**os.environ, "NOTIFY_SOCKET": str(manager.path), "PYTHONPATH": str(REPO)}
     if watchdog_usec:
         env["WATCHDOG_USEC"] = str(watchdog_usec)
-    proc = subprocess.Popen([sys.executable, str(script), str(config), str(out), mode], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(config), str(out), mode],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     return proc, config, out
 
 
@@ -180,13 +202,14 @@ def test_watchdog_pings_stop_when_the_loop_stops_making_progress(tmp_path: Path,
     try:
         manager.wait_for("READY=1")
         manager.wait_for("WATCHDOG=1")
-        deadline = time.monotonic() + 10
-        while "end 1" not in (out.read_text() if out.exists() else ""):
-            assert time.monotonic() < deadline
+        # The event: the step has wedged (the child says so from inside it). Every ping the loop
+        # sent before is already queued on the socket (a datagram is queued when sent): take them.
+        deadline = time.monotonic() + 60
+        while "wedged" not in (out.read_text() if out.exists() else ""):
+            assert time.monotonic() < deadline, "the step never wedged"
             time.sleep(0.02)
-        time.sleep(0.1)
-        manager.drain(0.1)
-        later = manager.drain(1.2)  # three watchdog periods of a wedged step
+        manager.drain_queued()
+        later = manager.drain(1.2)  # three watchdog periods of a wedged step: not one ping
         assert not any("WATCHDOG=1" in m for m in later), later
     finally:
         stop_child(proc)
@@ -221,8 +244,14 @@ class Recorder:
 
 def runtime(manager: Manager | None, load=lambda: Config(), **kw: object) -> ServiceRuntime:
     env = {"NOTIFY_SOCKET": str(manager.path), "WATCHDOG_USEC": "200000"} if manager else {}
-    return ServiceRuntime("t", load_config=load, notifier=SystemdNotifier(environ=env),
-                          install_signal_handlers=False, configure_logging=False, **kw)
+    return ServiceRuntime(
+        "t",
+        load_config=load,
+        notifier=SystemdNotifier(environ=env),
+        install_signal_handlers=False,
+        configure_logging=False,
+        **kw,
+    )
 
 
 def test_a_failing_step_exits_non_zero_after_closing(manager: Manager) -> None:
@@ -245,12 +274,71 @@ def test_a_refused_configuration_exits_78_without_ready(manager: Manager) -> Non
     assert any("ERRNO=78" in m for m in msgs)
 
 
-def test_setup_failure_is_exit_1_and_never_ready(manager: Manager) -> None:
+def test_setup_failure_from_a_bug_is_exit_1_and_never_ready(manager: Manager) -> None:
     def setup(c: Config) -> Recorder:
-        raise OSError("data partition missing")
+        raise KeyError("a bug, not the machine")
 
     assert runtime(manager).run(setup) == EXIT_FAILURE
     assert not any("READY=1" in m for m in manager.drain(0.2))
+
+
+def test_an_unusable_data_dir_at_start_is_waited_out_with_backoff_not_exit(
+    manager: Manager, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The data partition not writable yet: READY with the fault in STATUS, retried with a
+    growing delay, one ERROR line (no traceback); starts normally once it is fixed."""
+    from lastmile.data_dir import DataDirError
+
+    attempts: list[float] = []
+    made: list[Recorder] = []
+
+    def setup(c: Config) -> Recorder:
+        attempts.append(time.monotonic())
+        if len(attempts) <= 3:
+            raise DataDirError("/var/lib/lastmile is on a read-only file system")
+        made.append(Recorder(c))
+        return made[-1]
+
+    rt = runtime(manager, fault_backoff_s=(0.05, 0.2))
+    threading.Thread(
+        target=lambda: (manager.wait_for("READY=1"), _wait_until(lambda: made and made[0].steps > 2), rt.request_stop())
+    ).start()
+    with caplog.at_level(logging.INFO, logger="lastmile.services.runtime"):
+        assert rt.run(setup) == EXIT_OK
+    assert len(attempts) == 4 and made[0].steps > 2 and made[0].closed
+    ready = next(m for m in manager.messages if "READY=1" in m)
+    assert "STATUS=t: cannot start: /var/lib/lastmile is on a read-only file system; retrying in 0.05 s" in ready
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is None  # said once, no traceback
+    assert "retrying in 0.1 s" in caplog.text and "retrying in 0.2 s" in caplog.text  # the delay grows
+    assert "working again" in caplog.text
+
+
+def test_an_operational_fault_in_a_step_backs_off_instead_of_exiting(
+    manager: Manager, caplog: pytest.LogCaptureFixture
+) -> None:
+    class DiskTrouble(Recorder):
+        def step(self, stop: threading.Event) -> float:
+            self.steps += 1
+            if 2 <= self.steps <= 4:
+                raise OSError(30, "Read-only file system", "/var/lib/lastmile/outbox.sqlite")
+            return 0.01
+
+    made: list[Recorder] = []
+    rt = runtime(manager, fault_backoff_s=(0.05, 1.0))
+    threading.Thread(target=lambda: (_wait_until(lambda: made and made[0].steps > 6), rt.request_stop())).start()
+    with caplog.at_level(logging.INFO, logger="lastmile.services.runtime"):
+        assert rt.run(lambda c: made.append(DiskTrouble(c)) or made[-1]) == EXIT_OK
+    statuses = [m for m in manager.messages + manager.drain(0.1) if "Read-only file system" in m]
+    assert statuses and "STATUS=t: step failed: Read-only file system: /var/lib/lastmile/outbox.sqlite" in statuses[0]
+    assert sum(r.levelno >= logging.ERROR for r in caplog.records) == 1
+    assert rt.fault is None  # cleared once a step worked again
+
+
+def _wait_until(condition: object, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:  # type: ignore[operator]
+        time.sleep(0.01)
 
 
 def test_stop_and_reload_requests_from_another_thread(manager: Manager) -> None:
@@ -262,7 +350,11 @@ def test_stop_and_reload_requests_from_another_thread(manager: Manager) -> None:
         manager.wait_for("READY=1")
         rt.request_reload()
         manager.wait_for("RELOADING=1")
-        time.sleep(0.1)
+        # the reload is over when READY=1 comes again (sd_notify's protocol), not after some time
+        deadline = time.monotonic() + 60
+        while sum("READY=1" in m.split("\n") for m in manager.messages) < 2:
+            assert time.monotonic() < deadline, manager.messages
+            manager.drain(0.05)
         rt.request_stop()
 
     t = threading.Thread(target=drive)
@@ -282,12 +374,21 @@ def test_long_waits_between_steps_still_feed_the_watchdog(manager: Manager) -> N
             return 60.0  # nothing to do for a minute
 
     rt = runtime(manager)
-    t = threading.Timer(0.7, rt.request_stop)
+    made: list[Idle] = []
+
+    def stop_after_four_pings() -> None:
+        # The event is the pings themselves: stop once four arrived (or give up after a minute).
+        deadline = time.monotonic() + 60
+        while sum("WATCHDOG=1" in m for m in manager.messages) < 4 and time.monotonic() < deadline:
+            manager.drain(0.05)
+        rt.request_stop()
+
+    t = threading.Thread(target=stop_after_four_pings)
     t.start()
-    assert rt.run(lambda c: Idle(c)) == EXIT_OK
+    assert rt.run(lambda c: made.append(Idle(c)) or made[-1]) == EXIT_OK
     t.join()
-    pings = sum("WATCHDOG=1" in m for m in manager.messages + manager.drain(0.1))
-    assert pings >= 4  # 0.7 s with a 0.2 s watchdog pinged every 0.1 s
+    pings = sum("WATCHDOG=1" in m for m in manager.messages)
+    assert pings >= 4 and made[0].steps == 1  # fed during the minute-long wait, not by new steps
 
 
 def test_without_systemd_it_still_runs() -> None:
@@ -329,8 +430,7 @@ def test_remembered_values_and_exception_text_are_masked() -> None:
     try:
         raise ValueError("no study for Nakato Achieng")
     except ValueError:
-        r = logging.LogRecord("t", logging.ERROR, __file__, 1, "failed for %s", ("Nakato Achieng",),
-                              sys.exc_info())
+        r = logging.LogRecord("t", logging.ERROR, __file__, 1, "failed for %s", ("Nakato Achieng",), sys.exc_info())
     flt.filter(r)
     assert "Nakato" not in r.getMessage() and "Nakato" not in (r.exc_text or "")
 
@@ -354,7 +454,7 @@ def test_service_logging_goes_to_stdout_with_journal_priorities(monkeypatch: pyt
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     try:
-        configure_service_logging(None, stream=buf, level=logging.INFO)
+        configure_logging(None, stream=buf, level=logging.INFO)
         logging.getLogger("lastmile.x").warning("PatientID=%s rejected", "MRN-1")
         assert "MRN-1" not in buf.getvalue() and "rejected" in buf.getvalue()
     finally:
@@ -367,8 +467,9 @@ def test_service_logging_goes_to_stdout_with_journal_priorities(monkeypatch: pyt
 
 # -- the acquire service's composition ----------------------------------------------------------------
 
+
 def test_a_failed_part_is_restarted_with_backoff_and_a_silent_one_is_wedged() -> None:
-    from lastmile.acquire_service import Wedged, WorkerPart
+    from lastmile.services.acquire import Wedged, WorkerPart
 
     now = [100.0]
     runs: list[int] = []
@@ -400,12 +501,17 @@ def test_acquire_reaches_ready_without_devices_and_stops_cleanly(tmp_path: Path,
     inbox = tmp_path / "usb"
     inbox.mkdir()
     config = tmp_path / "lastmile.toml"
-    config.write_text(f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n[ble]\nenabled = false\n'
-                      f'[usb_import]\nfolders = ["{inbox}"]\n')
-    env = {**os.environ, "NOTIFY_SOCKET": str(manager.path), "WATCHDOG_USEC": "2000000",
-           "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "lastmile", "-c", str(config), "acquire"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    config.write_text(
+        f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n[ble]\nenabled = false\n[usb_import]\nfolders = ["{inbox}"]\n'
+    )
+    env = {**os.environ, "NOTIFY_SOCKET": str(manager.path), "WATCHDOG_USEC": "2000000", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lastmile", "-c", str(config), "acquire"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         msgs = manager.wait_for("READY=1")
         assert any("usb-import up" in m for m in msgs)
@@ -420,10 +526,15 @@ def test_acquire_reaches_ready_without_devices_and_stops_cleanly(tmp_path: Path,
 
 def test_acquire_refuses_a_bad_receiver_configuration_with_78(tmp_path: Path) -> None:
     config = tmp_path / "lastmile.toml"
-    config.write_text(f'[gateway]\ndata_dir = "{tmp_path}"\n[ble]\nenabled = false\n'
-                      "[lan_receiver]\nenabled = true\nport = 0\n")  # no allowed_callers
-    proc = subprocess.run([sys.executable, "-m", "lastmile", "-c", str(config), "acquire"],
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
-                          timeout=60)
+    config.write_text(
+        f'[gateway]\ndata_dir = "{tmp_path}"\n[ble]\nenabled = false\n[lan_receiver]\nenabled = true\nport = 11112\n'
+    )  # no allowed_callers
+    proc = subprocess.run(
+        [sys.executable, "-m", "lastmile", "-c", str(config), "acquire"],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == EXIT_CONFIG, proc.stdout + proc.stderr
     assert "allowed_callers" in proc.stdout + proc.stderr

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from lastmile.service_runtime import EXIT_CONFIG
+from lastmile.services.runtime import EXIT_CONFIG
 from tests.conftest import REPO, require_tool
 
-UNITS = ("lastmile-acquire.service", "lastmile-forward.service")
+UNITS = ("lastmile-acquire.service", "lastmile-forward.service", "lastmile-console.service", "lastmile-metrics.service")
 SYSTEMD = REPO / "systemd"
 EXPOSURE_LIMIT = 2.0  # the bound; the goal is 1.5
 
@@ -41,7 +41,9 @@ def scratch_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("root")
     host_units = Path("/usr/lib/systemd/system")
     if not host_units.is_dir():
-        pytest.skip("no systemd unit tree on this host")
+        from tests.conftest import missing
+
+        missing("no systemd unit tree on this host")
     (root / "usr/lib/systemd").mkdir(parents=True)
     shutil.copytree(host_units, root / "usr/lib/systemd/system", symlinks=True)
     (root / "etc/systemd/system").mkdir(parents=True)
@@ -56,8 +58,9 @@ def scratch_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_units_verify_with_nothing_on_stderr(scratch_root: Path) -> None:
-    proc = subprocess.run(["systemd-analyze", "verify", f"--root={scratch_root}", *UNITS],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", f"--root={scratch_root}", *UNITS], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0 and proc.stderr == "" and proc.stdout == "", proc.stderr + proc.stdout
 
 
@@ -66,8 +69,12 @@ def test_verify_would_catch_a_bad_key(scratch_root: Path, tmp_path: Path) -> Non
     bad = scratch_root / "etc/systemd/system/lastmile-bad.service"
     bad.write_text((SYSTEMD / UNITS[1]).read_text().replace("UMask=", "UMaks="))
     try:
-        proc = subprocess.run(["systemd-analyze", "verify", f"--root={scratch_root}", bad.name],
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            ["systemd-analyze", "verify", f"--root={scratch_root}", bad.name],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     finally:
         bad.unlink()
     assert "Unknown key 'UMaks'" in proc.stderr
@@ -76,9 +83,18 @@ def test_verify_would_catch_a_bad_key(scratch_root: Path, tmp_path: Path) -> Non
 @pytest.mark.parametrize("name", UNITS)
 def test_security_exposure_is_within_budget(name: str) -> None:
     require_tool("systemd-analyze")
-    proc = subprocess.run(["systemd-analyze", "security", "--offline=true",
-                           f"--threshold={int(EXPOSURE_LIMIT * 10)}", str(SYSTEMD / name)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            "systemd-analyze",
+            "security",
+            "--offline=true",
+            f"--threshold={int(EXPOSURE_LIMIT * 10)}",
+            str(SYSTEMD / name),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     m = re.search(r"Overall exposure level for \S+: (\d+\.\d)", proc.stdout)
     assert m, proc.stdout + proc.stderr
     exposure = float(m.group(1))
@@ -114,6 +130,14 @@ def test_the_acquire_unit_keeps_serial_ports_and_nothing_else() -> None:
     assert forward["PrivateDevices"] == ["yes"] and "AF_NETLINK" not in forward["RestrictAddressFamilies"][0]
 
 
+def test_the_console_unit_reaches_the_lan_and_nothing_else() -> None:
+    u = unit("lastmile-console.service")
+    assert u["PrivateDevices"] == ["yes"] and u["IPAddressDeny"] == ["any"]
+    allowed = u["IPAddressAllow"][0].split()
+    assert "localhost" in allowed and "192.168.0.0/16" in allowed and "any" not in allowed
+    assert u["CapabilityBoundingSet"] == [""]  # port 8443: no capability to bind it
+
+
 @pytest.mark.parametrize("name", UNITS)
 def test_each_service_command_exists_in_the_cli(name: str) -> None:
     from lastmile.cli import build_parser
@@ -127,11 +151,14 @@ def test_each_service_command_exists_in_the_cli(name: str) -> None:
 def test_sysusers_creates_the_service_account(tmp_path: Path) -> None:
     require_tool("systemd-sysusers")
     (tmp_path / "etc").mkdir()
-    subprocess.run(["systemd-sysusers", f"--root={tmp_path}", str(SYSTEMD / "lastmile.sysusers")],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        ["systemd-sysusers", f"--root={tmp_path}", str(SYSTEMD / "lastmile.sysusers")],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     passwd = (tmp_path / "etc/passwd").read_text()
-    groups = {ln.split(":")[0]: ln.split(":")[3].split(",") for ln in
-              (tmp_path / "etc/group").read_text().splitlines()}
+    groups = {ln.split(":")[0]: ln.split(":")[3].split(",") for ln in (tmp_path / "etc/group").read_text().splitlines()}
     assert re.search(r"^lastmile:x:\d+:\d+:.*:/var/lib/lastmile:/usr/sbin/nologin$", passwd, re.M)
     assert "lastmile" in groups["dialout"] and "lastmile" in groups["bluetooth"]
 

@@ -34,14 +34,18 @@ def udevadm_test_output(rules: list[Path], tmp_path: Path) -> str:
         shutil.copy(r, staging / r.name)
     host = shutil.which("udevadm")
     if host:
-        script = ('mount -t tmpfs tmpfs /etc/udev/rules.d && cp "$1"/* /etc/udev/rules.d/ && '
-                  'exec udevadm test /sys/class/tty/tty')
+        script = (
+            'mount -t tmpfs tmpfs /etc/udev/rules.d && cp "$1"/* /etc/udev/rules.d/ && '
+            "exec udevadm test /sys/class/tty/tty"
+        )
         cmd = ["unshare", "-m", "--", "sh", "-c", script, "sh", str(staging)]
     else:
         root = cached_rootfs_with_udev()
-        script = ('R="$2"; mount --bind /sys "$R/sys" && mount -t proc proc "$R/proc" && '
-                  'mount -t tmpfs tmpfs "$R/run" && mount -t tmpfs tmpfs "$R/etc/udev/rules.d" && '
-                  'cp "$1"/* "$R/etc/udev/rules.d/" && exec chroot "$R" udevadm test /sys/class/tty/tty')
+        script = (
+            'R="$2"; mount --bind /sys "$R/sys" && mount -t proc proc "$R/proc" && '
+            'mount -t tmpfs tmpfs "$R/run" && mount -t tmpfs tmpfs "$R/etc/udev/rules.d" && '
+            'cp "$1"/* "$R/etc/udev/rules.d/" && exec chroot "$R" udevadm test /sys/class/tty/tty'
+        )
         cmd = ["unshare", "-m", "--", "sh", "-c", script, "sh", str(staging), str(root)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     return proc.stdout + proc.stderr
@@ -57,8 +61,7 @@ def cached_rootfs_with_udev() -> Path:
 
 
 def problems_in(output: str, names: set[str]) -> list[str]:
-    return [ln for ln in output.splitlines()
-            if any(re.search(rf"{re.escape(n)}:\d+ ", ln) for n in names)]
+    return [ln for ln in output.splitlines() if any(re.search(rf"{re.escape(n)}:\d+ ", ln) for n in names)]
 
 
 def test_there_are_rules() -> None:
@@ -115,10 +118,12 @@ def test_each_device_rule_is_commented_and_complete() -> None:
 
 def test_the_supported_devices_are_covered() -> None:
     covered = {DEVICE_RULE.search(rule).group("vid", "pid") for _, _, rule in device_rules()}  # type: ignore[union-attr]
-    expected = {("0403", "6001"),  # FTDI FT232R
-                ("1a86", "7523"),  # CH340
-                ("10c4", "ea60"),  # CP210x
-                ("067b", "2303"),  # PL2303
-                ("2e8a", "000a"),  # RP2040 bridge
-                ("1546", "01a7")}  # u-blox 7
+    expected = {
+        ("0403", "6001"),  # FTDI FT232R
+        ("1a86", "7523"),  # CH340
+        ("10c4", "ea60"),  # CP210x
+        ("067b", "2303"),  # PL2303
+        ("2e8a", "000a"),  # RP2040 bridge
+        ("1546", "01a7"),
+    }  # u-blox 7
     assert expected <= covered

@@ -12,18 +12,22 @@ from pathlib import Path
 
 import pytest
 
-from firmware_bridge.usb_import import (IMPORTED, KNOWN, REFUSED, FileRefused, content_key, find_ecg_files,
-                                        import_paths)
+from firmware_bridge.usb_import import IMPORTED, KNOWN, REFUSED, FileRefused, content_key, find_ecg_files, import_paths
 from lastmile.cli import main
-from lastmile.commands.ecg import enqueue_callable
 from lastmile.config import parse_config
+from lastmile.ecg.intake import file_enqueuer
 from tests.conftest import shared_file
 from uploader.outbox import Outbox
 
 UTC = dt.timezone.utc
 NOW = dt.datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
-GOOD = [("scp", "ecgtoolkit_Example.scp"), ("scp", "abtahi_ECG_20170504_163507_123456789.SCP"),
-        ("aecg", "fda_hl7_Example_aECG.xml"), ("contec", "0000050.ECG"), ("contec", "0000037.ECG")]
+GOOD = [
+    ("scp", "ecgtoolkit_Example.scp"),
+    ("scp", "abtahi_ECG_20170504_163507_123456789.SCP"),
+    ("aecg", "fda_hl7_Example_aECG.xml"),
+    ("contec", "0000050.ECG"),
+    ("contec", "0000037.ECG"),
+]
 BAD = [("scp", "healforce_62.SCP"), ("aecg", "fda_empty.xml")]
 
 
@@ -39,7 +43,7 @@ def _snapshot(root: Path) -> dict[str, tuple]:
     return out
 
 
-@pytest.fixture()
+@pytest.fixture
 def stick(tmp_path: Path) -> Path:
     root = tmp_path / "stick"
     (root / "ECG" / "2026").mkdir(parents=True)
@@ -52,13 +56,13 @@ def stick(tmp_path: Path) -> Path:
     shutil.copyfile(shared_file("ecg", "scp", "ecgtoolkit_Example.scp"), root / "System Volume Information" / "x.scp")
     (root / ".hidden").mkdir()
     (root / "ECG" / "link.scp").symlink_to(root / "ECG" / "2026" / "ecgtoolkit_Example.scp")
-    for folder, dirs, files in os.walk(root):
+    for folder, _dirs, files in os.walk(root):
         for name in files:
             os.chmod(Path(folder) / name, 0o444)
     return root
 
 
-@pytest.fixture()
+@pytest.fixture
 def outbox(tmp_path: Path):
     box = Outbox.open(tmp_path / "data", min_free_bytes=0)
     yield box
@@ -67,9 +71,14 @@ def outbox(tmp_path: Path):
 
 def _run(stick: Path, outbox: Outbox, progress=None):
     config = parse_config('[gateway]\nid = "clinic-test"\n')
-    return import_paths([stick], is_known=lambda key: outbox.find(key) is not None,
-                        enqueue=enqueue_callable(outbox, config), local_tz=UTC, now=lambda: NOW,
-                        progress=progress)
+    return import_paths(
+        [stick],
+        is_known=lambda key: outbox.find(key) is not None,
+        enqueue=file_enqueuer(outbox, config),
+        local_tz=UTC,
+        now=lambda: NOW,
+        progress=progress,
+    )
 
 
 def test_finds_ecg_files_only(stick: Path) -> None:
@@ -129,16 +138,18 @@ def test_oversized_and_unreadable_files_are_refused(tmp_path: Path) -> None:
     root.mkdir()
     shutil.copyfile(shared_file("ecg", "contec", "0000050.ECG"), root / "big.ECG")
     shutil.copyfile(shared_file("ecg", "contec", "0000037.ECG"), root / "small.ECG")
-    summary = import_paths([root], is_known=lambda key: False, enqueue=lambda r, k: True, local_tz=UTC,
-                           now=lambda: NOW, max_bytes=200_000)
+    summary = import_paths(
+        [root], is_known=lambda key: False, enqueue=lambda r, k: True, local_tz=UTC, now=lambda: NOW, max_bytes=200_000
+    )
     status = {Path(o.path).name: (o.status, o.reason) for o in summary.outcomes}
     assert status["small.ECG"][0] == IMPORTED
     assert status["big.ECG"][0] == REFUSED and "larger than any ECG file" in status["big.ECG"][1]
 
 
 def test_enqueue_reporting_existing_item_counts_as_known(stick: Path) -> None:
-    summary = import_paths([stick], is_known=lambda key: False, enqueue=lambda r, k: False, local_tz=UTC,
-                           now=lambda: NOW)
+    summary = import_paths(
+        [stick], is_known=lambda key: False, enqueue=lambda r, k: False, local_tz=UTC, now=lambda: NOW
+    )
     assert summary.imported == 0 and summary.known == len(GOOD) + 1
 
 
@@ -165,8 +176,13 @@ def test_folder_watcher_imports_what_shows_up(tmp_path: Path) -> None:
     taken: list[str] = []
 
     def run(roots):
-        return import_paths(roots, is_known=lambda key: key in taken,
-                            enqueue=lambda r, key: taken.append(key) is None, local_tz=UTC, now=lambda: NOW)
+        return import_paths(
+            roots,
+            is_known=lambda key: key in taken,
+            enqueue=lambda r, key: taken.append(key) is None,
+            local_tz=UTC,
+            now=lambda: NOW,
+        )
 
     watcher = FolderWatcher([folder], run)
     assert watcher.poll() == []  # not there yet
@@ -183,9 +199,13 @@ def test_folder_watcher_imports_what_shows_up(tmp_path: Path) -> None:
 
 def test_other_current_patient_flags_never_reassigns(stick: Path, outbox: Outbox) -> None:
     config = parse_config('[gateway]\nid = "clinic-test"\n')
-    summary = import_paths([stick], is_known=lambda key: outbox.find(key) is not None,
-                           enqueue=enqueue_callable(outbox, config, lambda: "P-OTHER"), local_tz=UTC,
-                           now=lambda: NOW)
+    summary = import_paths(
+        [stick],
+        is_known=lambda key: outbox.find(key) is not None,
+        enqueue=file_enqueuer(outbox, config, lambda: "P-OTHER"),
+        local_tz=UTC,
+        now=lambda: NOW,
+    )
     assert summary.imported == len(GOOD) + 1
     by_key = {item.key: item for item in outbox.items()}
     scp = by_key[content_key(shared_file("ecg", "scp", "ecgtoolkit_Example.scp").read_bytes())]

@@ -13,9 +13,9 @@ import pytest
 from devices.gps import Fix, FixMode
 from devices.identity import EARLIEST_PLAUSIBLE, TimeSource
 from lastmile.clock import GatewayClock, Stamp
-from lastmile.households import RegisterError, distance_m, parse_register
-from lastmile.visit_chain import KEY_FILE, verify_export
-from lastmile.visits import FixRecord, VisitBook, VisitError, VisitPolicy
+from lastmile.visits.book import FixRecord, VisitBook, VisitError, VisitPolicy
+from lastmile.visits.chain import KEY_FILE, verify_export
+from lastmile.visits.households import RegisterError, distance_m, parse_register
 from tests.fhir_samples import blood_pressure
 
 GPS_T = dt.datetime(2026, 3, 2, 8, 0, tzinfo=dt.timezone.utc)
@@ -43,21 +43,33 @@ class FakeClocks:
 
 
 def fix_at(lat: float, lon: float, when: dt.datetime | None, eph: float = 8.0) -> Fix:
-    return Fix(mode=FixMode.FIX_3D, time=when, latitude=lat, longitude=lon, altitude_m=20.0,
-               eph_m=eph, satellites_used=9, hdop=0.9)
+    return Fix(
+        mode=FixMode.FIX_3D,
+        time=when,
+        latitude=lat,
+        longitude=lon,
+        altitude_m=20.0,
+        eph_m=eph,
+        satellites_used=9,
+        hdop=0.9,
+    )
 
 
 def offset(lat: float, lon: float, north_m: float) -> tuple[float, float]:
     return lat + north_m / 111_195.0, lon
 
 
-@pytest.fixture()
+@pytest.fixture
 def book_factory(tmp_path: Path):
     books = []
 
     def make(clocks: FakeClocks, **policy: object) -> VisitBook:
-        book = VisitBook.open(tmp_path / "data", gateway_id="gw-1", policy=VisitPolicy(**policy),  # type: ignore[arg-type]
-                              clock=clocks.clock())
+        book = VisitBook.open(
+            tmp_path / "data",
+            gateway_id="gw-1",
+            policy=VisitPolicy(**policy),  # type: ignore[arg-type]
+            clock=clocks.clock(),
+        )
         books.append(book)
         register = tmp_path / "households.csv"
         register.write_text("household_id,latitude,longitude\nHH-1,%f,%f\n" % HOUSE)
@@ -179,8 +191,9 @@ def test_chain_verifies_and_detects_edits_and_removals(book_factory, tmp_path: P
     clocks = FakeClocks(wall=GPS_T.timestamp())
     book = book_factory(clocks)
     for n in range(4):
-        book.start(f"P-{n}", doctor_id="DR-1", household_id="HH-1",
-                   fix=FixRecord(fix_at(*HOUSE, GPS_T), book.clock.now()))
+        book.start(
+            f"P-{n}", doctor_id="DR-1", household_id="HH-1", fix=FixRecord(fix_at(*HOUSE, GPS_T), book.clock.now())
+        )
         book.note(f"note {n}")
         clocks.advance(300)
         book.stop()
@@ -210,8 +223,12 @@ def test_chain_verifies_and_detects_edits_and_removals(book_factory, tmp_path: P
 def test_household_register_parsing() -> None:
     rows = parse_register("latitude,household_id,longitude,name\n31.1,HH-9,121.2,Wang\n")
     assert rows[0].household_id == "HH-9" and rows[0].longitude == 121.2
-    for bad in ("household_id,latitude\nx,1\n", "household_id,latitude,longitude\nx,91,0\n",
-                "household_id,latitude,longitude\nx,1,1\nx,2,2\n", "household_id,latitude,longitude\nx,a,1\n"):
+    for bad in (
+        "household_id,latitude\nx,1\n",
+        "household_id,latitude,longitude\nx,91,0\n",
+        "household_id,latitude,longitude\nx,1,1\nx,2,2\n",
+        "household_id,latitude,longitude\nx,a,1\n",
+    ):
         with pytest.raises(RegisterError):
             parse_register(bad)
 
@@ -222,7 +239,7 @@ def test_stamp_round_trip() -> None:
 
 
 def test_follow_receiver_tracks_the_open_visit(book_factory) -> None:
-    from lastmile.visits import follow_receiver
+    from lastmile.visits.book import follow_receiver
 
     clocks = FakeClocks(wall=0.0)
     book = book_factory(clocks)
@@ -232,7 +249,7 @@ def test_follow_receiver_tracks_the_open_visit(book_factory) -> None:
         def __init__(self) -> None:
             self.left = [fix_at(*HOUSE, GPS_T + dt.timedelta(seconds=i)) for i in range(5)]
 
-        def fixes(self, deadline: float):  # noqa: ANN201
+        def fixes(self, deadline: float):
             while self.left:
                 clocks.advance(1)
                 yield self.left.pop(0)

@@ -27,10 +27,12 @@ def test_visit_commands_offline(tmp_path: Path, capsys: pytest.CaptureFixture[st
     register = tmp_path / "households.csv"
     register.write_text("household_id,latitude,longitude\nHH-1,31.2,121.5\n")
     config = tmp_path / "lastmile.toml"
-    config.write_text(f'[gateway]\nid = "gw-cli"\ndata_dir = "{tmp_path / "data"}"\n'
-                      f'[visits]\ndoctor_id = "DR-9"\nhousehold_register = "{register}"\n'
-                      '[gps]\nsource = "none"\n')
-    run = lambda *a: main(["-c", str(config), *a])  # noqa: E731
+    config.write_text(
+        f'[gateway]\nid = "gw-cli"\ndata_dir = "{tmp_path / "data"}"\n'
+        f'[visits]\ndoctor_id = "DR-9"\nhousehold_register = "{register}"\n'
+        '[gps]\nsource = "none"\n'
+    )
+    run = lambda *a: main(["-c", str(config), *a])
     assert run("visit", "stop") == 1  # nothing open
     assert run("visit", "start", "--patient", "P-1", "--household", "HH-1") == 0
     assert run("visit", "start", "--patient", "P-2") == 1  # one at a time

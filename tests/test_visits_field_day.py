@@ -7,9 +7,9 @@ import sqlite3
 from pathlib import Path
 
 from devices.identity import EARLIEST_PLAUSIBLE, TimeSource
-from lastmile.field_demo import run_field_day
-from lastmile.visit_chain import verify_export
-from lastmile.visits import VisitBook
+from lastmile.demo.field_day import run_field_day
+from lastmile.visits.book import VisitBook
+from lastmile.visits.chain import verify_export
 from tests.fhir_server import FhirTestServer
 
 
@@ -20,8 +20,9 @@ def test_field_day_every_visit_arrives_exactly_once(tmp_path: Path) -> None:
         servers.append(FhirTestServer())  # every resource validated with fhir.resources
         return servers[-1]
 
-    result = run_field_day(tmp_path, visits=12, far_visit=7, receiver_factory=validating_server,
-                           gps_day=dt.date(2026, 3, 2))
+    result = run_field_day(
+        tmp_path, visits=12, far_visit=7, receiver_factory=validating_server, gps_day=dt.date(2026, 3, 2)
+    )
     assert result["link_down_attempts"] >= 12  # the link was down: tried, nothing lost
     assert result["visits_synced"] == 12 and result["encounters_on_server"] == 12  # exactly once
     assert result["bundles_committed"] == 12

@@ -45,6 +45,19 @@ Choices that go beyond "fill in the attributes" (PS3.3 A.34.3 / A.34.4 / C.10.9 
 - STAT: Study Description starts with "STAT" (what every worklist shows), a coded Acquisition
   Context item Priority (SCT 260870009) = Urgent Procedure (SCT 103391001, CID 3414) and an
   annotation. (Requested Procedure Priority is not part of these IODs: dciodvfy warns.)
+- Triage (`StudyRequest`): the doctor on duty as Referring Physician's Name, the reason for the
+  ECG in the Request Attributes Sequence (Reason for the Requested Procedure), the Study
+  Description and an annotation; Accession Number minted with the UIDs; Patient's Age at
+  acquisition from the birth date.
+- The cart's findings (devices.ecg.findings): each measurement is a Waveform Annotation item
+  with its coded concept name (MDC, CID 3227/3228/3229; a QTc formula without a code of its own
+  as a CID 3678 modifier), numeric value and UCUM unit, over the whole rhythm group or one
+  lead's channel; each statement a text item. Annotation Group Number says whose they are:
+  1 the device's automatic analysis, 2 a physician's, 3 comments recorded with the ECG; a
+  gateway note (no group) says so in words. Median beats become a second multiplex group
+  "MEDIAN BEAT" (DERIVED) where the IOD allows it: the General ECG IOD takes up to 4 groups of
+  24 channels, but the 12-lead ECG IOD at most 13 channels in all (PS3.3 A.34.3.4.4), so a
+  12-lead object carries the rhythm only and a note says the median beats were left out.
 """
 
 from __future__ import annotations
@@ -54,6 +67,7 @@ import hashlib
 import io
 import logging
 import math
+import secrets
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,11 +75,20 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import dcmwrite
 from pydicom.sequence import Sequence
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
+from devices.ecg.findings import (
+    MEASUREMENT_KINDS,
+    QTC_ALGORITHMS,
+    QTC_FORMULA_CODES,
+    EcgMeasurement,
+    EcgStatement,
+    StatementSource,
+)
+from devices.ecg.quality import ACCEPTABLE, QualityReport
 from devices.ecg.recording import STANDARD_12_LEADS, EcgRecording, SampleGap
-from devices.identity import TimeSource
+from devices.identity import Patient, TimeSource
 from uploader.errors import InvalidObjectError
 
 log = logging.getLogger(__name__)
@@ -78,7 +101,16 @@ INT16_MAX = 32767
 PADDING_VALUE = -32768  # Waveform Padding Value where samples never arrived
 MAX_WAVEFORM_BYTES = 32 * 1024 * 1024  # one object's sample data; a Pi must build it in RAM
 UNASSIGNED_ISSUER = "LASTMILE-UNASSIGNED"
+_UNASSIGNED_DESCRIPTION = " - UNASSIGNED PATIENT"
+_UNASSIGNED_NOTE = "UNASSIGNED PATIENT"
 MULTIPLEX_GROUP_LABEL = "RHYTHM"
+MEDIAN_GROUP_LABEL = "MEDIAN BEAT"
+# Annotation Group Number of the cart's findings, by who made them
+FINDINGS_GROUPS: dict[StatementSource, int] = {
+    StatementSource.DEVICE: 1,
+    StatementSource.PHYSICIAN: 2,
+    StatementSource.COMMENT: 3,
+}
 
 
 @dataclass(frozen=True)
@@ -86,12 +118,22 @@ class EcgStudyUids:
     study_uid: str
     series_uid: str
     sop_instance_uid: str
+    accession_number: str = ""  # minted with the UIDs (SH, 16 characters); "" leaves it empty
+
+
+@dataclass(frozen=True)
+class StudyRequest:
+    """What the village doctor asked for: who refers, why. (Urgency is `recording.stat`.)"""
+
+    referring_physician: str = ""  # the doctor on duty, DICOM PN ("Li^Ming=李^明" or an id)
+    reason: str = ""  # reason for the ECG, e.g. "胸痛 chest pain"
 
 
 @dataclass(frozen=True)
 class StationInfo:
-    station_name: str = ""  # the gateway id (DICOM StationName, SH: 16 characters kept)
+    station_name: str = ""  # the gateway's short name (DICOM StationName, SH: 16 bytes)
     institution: str = ""  # the clinic (InstitutionName)
+    gateway_id: str = ""  # the gateway's full id: the Contributing Equipment's DeviceSerialNumber
 
 
 @dataclass(frozen=True)
@@ -110,38 +152,56 @@ class IodLimits:
 
 TWELVE_LEAD_LIMITS = IodLimits(TWELVE_LEAD_ECG, "12-lead ECG", 200.0, 1000.0, 5, 13, 13, 16384)
 GENERAL_ECG_LIMITS = IodLimits(GENERAL_ECG, "General ECG", 200.0, 1000.0, 4, 24, None, None)
-IOD_LIMITS: dict[str, IodLimits] = {
-    limits.sop_class_uid: limits for limits in (TWELVE_LEAD_LIMITS, GENERAL_ECG_LIMITS)}
+IOD_LIMITS: dict[str, IodLimits] = {limits.sop_class_uid: limits for limits in (TWELVE_LEAD_LIMITS, GENERAL_ECG_LIMITS)}
 
 # CID 3001 "ECG Lead", MDC partition 2 (numbered as the SCP-ECG lead table): our label -> code.
 _LEAD_CODES: dict[str, tuple[str, str]] = {
-    "I": ("2:1", "Lead I"), "II": ("2:2", "Lead II"), "III": ("2:61", "Lead III"),
+    "I": ("2:1", "Lead I"),
+    "II": ("2:2", "Lead II"),
+    "III": ("2:61", "Lead III"),
     "aVR": ("2:62", "aVR, augmented voltage, right"),
     "aVL": ("2:63", "aVL, augmented voltage, left"),
     "aVF": ("2:64", "aVF, augmented voltage, foot"),
     "-aVR": ("2:65", "\u2212aVR"),
     **{f"V{i}": (f"2:{i + 2}", f"Lead V{i}") for i in range(1, 8)},  # V1 2:3 ... V7 2:9
-    "V8": ("2:66", "Lead V8"), "V9": ("2:67", "Lead V9"),
+    "V8": ("2:66", "Lead V8"),
+    "V9": ("2:67", "Lead V9"),
     **{f"V{i}R": (f"2:{i + 8}", f"Lead V{i}R") for i in range(2, 8)},  # V2R 2:10 ... V7R 2:15
-    "V8R": ("2:68", "Lead V8R"), "V9R": ("2:69", "Lead V9R"),
-    "X": ("2:16", "Lead X"), "Y": ("2:17", "Lead Y"), "Z": ("2:18", "Lead Z"),
-    "LA": ("2:21", "Left Arm Lead"), "RA": ("2:22", "Right Arm Lead"),
-    "LL": ("2:23", "Left Leg Lead"), "RL": ("2:147", "Right Leg Lead"),
+    "V8R": ("2:68", "Lead V8R"),
+    "V9R": ("2:69", "Lead V9R"),
+    "X": ("2:16", "Lead X"),
+    "Y": ("2:17", "Lead Y"),
+    "Z": ("2:18", "Lead Z"),
+    "LA": ("2:21", "Left Arm Lead"),
+    "RA": ("2:22", "Right Arm Lead"),
+    "LL": ("2:23", "Left Leg Lead"),
+    "RL": ("2:147", "Right Leg Lead"),
 }
 _DERIVED_LEAD_CODES: dict[str, tuple[str, str]] = {
-    "I": ("2:31", "Derived Lead I"), "II": ("2:32", "Derived Lead II"),
+    "I": ("2:31", "Derived Lead I"),
+    "II": ("2:32", "Derived Lead II"),
     **{f"V{i}": (f"2:{i + 32}", f"Derived Lead V{i}") for i in range(1, 7)},  # V1 2:33 ...
-    "III": ("2:111", "Derived Lead III"), "aVR": ("2:112", "Derived Lead aVR"),
-    "aVL": ("2:113", "Derived Lead aVL"), "aVF": ("2:114", "Derived Lead aVF"),
+    "III": ("2:111", "Derived Lead III"),
+    "aVR": ("2:112", "Derived Lead aVR"),
+    "aVL": ("2:113", "Derived Lead aVL"),
+    "aVF": ("2:114", "Derived Lead aVF"),
 }
 _UNSPECIFIED_LEAD = ("2:0", "Unspecified lead")
 _EINTHOVEN_GOLDBERGER = {
-    "III": "III = II - I", "aVR": "aVR = -(I + II) / 2",
-    "aVL": "aVL = I - II / 2", "aVF": "aVF = II - I / 2",
+    "III": "III = II - I",
+    "aVR": "aVR = -(I + II) / 2",
+    "aVL": "aVL = I - II / 2",
+    "aVF": "aVF = II - I / 2",
 }
 _CANONICAL = {label.upper(): label for label in _LEAD_CODES}
 
 _GAP_CONCEPT = ("10:11248", "MDC", "No ECG signal is available")  # CID 3335 ECG Annotation
+_UCUM_MEANINGS = {"ms": "millisecond", "deg": "degree", "/min": "per minute", "uV": "microvolt"}
+_FINDINGS_NOTE = {
+    StatementSource.DEVICE: "the ECG device's own measurements and automatic interpretation, not confirmed by a physician",
+    StatementSource.PHYSICIAN: "statements confirmed or over-read by a physician, as the device's file says",
+    StatementSource.COMMENT: "comments recorded with the ECG (not findings)",
+}
 _PRIORITY_CONCEPT = ("260870009", "SCT", "Priority")
 _URGENT = ("103391001", "SCT", "Urgent Procedure")  # CID 3414 Procedure Urgency
 _PROCESSING_EQUIPMENT = ("109102", "DCM", "Processing Equipment")  # CID 7005
@@ -160,8 +220,9 @@ _TIME_SOURCE_TEXT = {
     TimeSource.DEVICE_CLOCK: "the ECG device's own clock",
     TimeSource.DEVICE_CLOCK_CORRECTED: "the ECG device's clock, corrected by a measured offset",
     TimeSource.FILE: "the time written into the file by the device",
-    TimeSource.GATEWAY_RECEIPT: ("the time the gateway received it (device time unknown or "
-                                 "implausible): acquisition was earlier"),
+    TimeSource.GATEWAY_RECEIPT: (
+        "the time the gateway received it (device time unknown or implausible): acquisition was earlier"
+    ),
     TimeSource.GPS: "GNSS (GPS) time",
     TimeSource.UNKNOWN: "unknown",
 }
@@ -172,8 +233,12 @@ _MAX_CHARS = {"SH": 16, "LO": 64, "ST": 1024, "LT": 10240, "PN": 64}
 
 def mint_uids() -> EcgStudyUids:
     """New Study/Series/SOP Instance UIDs (2.25 UUID form). Call once per recording and keep them."""
-    return EcgStudyUids(study_uid=generate_uid(prefix=None), series_uid=generate_uid(prefix=None),
-                        sop_instance_uid=generate_uid(prefix=None))
+    return EcgStudyUids(
+        study_uid=generate_uid(prefix=None),
+        series_uid=generate_uid(prefix=None),
+        sop_instance_uid=generate_uid(prefix=None),
+        accession_number="LM" + secrets.token_hex(7).upper(),  # 16 characters, 56 random bits
+    )
 
 
 # ---------------------------------------------------------------------------- IOD choice
@@ -181,8 +246,7 @@ def mint_uids() -> EcgStudyUids:
 
 def canonical_lead(label: str) -> str | None:
     """Our standard spelling of a lead label ("AVR" -> "aVR", "Lead V4R" -> "V4R"), or None."""
-    key = "".join(ch for ch in label.upper().replace("\u2212", "-")
-                  if ch.isprintable() and not ch.isspace())
+    key = "".join(ch for ch in label.upper().replace("\u2212", "-") if ch.isprintable() and not ch.isspace())
     if key.startswith("LEAD") and key[4:] in _CANONICAL:
         key = key[4:]
     return _CANONICAL.get(key)
@@ -195,8 +259,7 @@ def padded_length(recording: EcgRecording) -> int:
 
 def _is_twelve_lead_set(recording: EcgRecording) -> bool:
     canonical = [canonical_lead(name) for name in recording.lead_names]
-    return (all(c in STANDARD_12_LEADS for c in canonical)
-            and len(set(canonical)) == len(canonical))
+    return all(c in STANDARD_12_LEADS for c in canonical) and len(set(canonical)) == len(canonical)
 
 
 def choose_sop_class(recording: EcgRecording) -> str:
@@ -205,18 +268,25 @@ def choose_sop_class(recording: EcgRecording) -> str:
     if not (TWELVE_LEAD_LIMITS.min_rate_hz <= rate <= TWELVE_LEAD_LIMITS.max_rate_hz):
         raise InvalidObjectError(
             f"sampling rate {rate:g} Hz is outside 200-1000 Hz, the range of both DICOM ECG "
-            "IODs; the decoder must resample it (and set resampled_from_hz)")
+            "IODs; the decoder must resample it (and set resampled_from_hz)"
+        )
     if recording.n_leads > GENERAL_ECG_LIMITS.max_channels_per_group:
         raise InvalidObjectError(
             f"{recording.n_leads} leads: a DICOM ECG object holds at most "
-            f"{GENERAL_ECG_LIMITS.max_channels_per_group} channels in one multiplex group")
+            f"{GENERAL_ECG_LIMITS.max_channels_per_group} channels in one multiplex group"
+        )
     samples = padded_length(recording)
     if samples * recording.n_leads * 2 > MAX_WAVEFORM_BYTES:
         raise InvalidObjectError(
             f"{recording.n_leads} leads x {samples} samples (with gaps padded) exceed "
-            f"{MAX_WAVEFORM_BYTES // 2**20} MiB of waveform data")
-    if (_is_twelve_lead_set(recording) and recording.n_leads <= TWELVE_LEAD_LIMITS.max_total_channels
-            and samples <= (TWELVE_LEAD_LIMITS.max_samples or samples)):
+            f"{MAX_WAVEFORM_BYTES // 2**20} MiB of waveform data"
+        )
+    twelve = TWELVE_LEAD_LIMITS
+    if (
+        _is_twelve_lead_set(recording)
+        and (twelve.max_total_channels is None or recording.n_leads <= twelve.max_total_channels)
+        and (twelve.max_samples is None or samples <= twelve.max_samples)
+    ):
         return TWELVE_LEAD_ECG
     return GENERAL_ECG
 
@@ -246,13 +316,14 @@ def _quantise(samples: np.ndarray, lowest: int) -> _Quantised:
     needed = max(_ceil_div(max(hi, 0), INT16_MAX), _ceil_div(max(-lo, 0), -lowest), 1)
     # Prefer a divisor of every sample: the requantisation is then lossless.
     common = int(np.gcd.reduce(np.abs(wide).ravel()))
-    divisor = next((d for d in range(needed, min(common, needed + 4096) + 1) if common % d == 0),
-                   common if common >= needed else 0)
+    divisor = next(
+        (d for d in range(needed, min(common, needed + 4096) + 1) if common % d == 0), common if common >= needed else 0
+    )
     if divisor:
         return _Quantised((wide // divisor).astype(np.int16), divisor, True)
     quotient = wide // needed
     remainder = wide - quotient * needed
-    quotient += (2 * remainder >= needed)  # round half up
+    quotient += 2 * remainder >= needed  # round half up
     return _Quantised(np.clip(quotient, lowest, INT16_MAX).astype(np.int16), needed, False)
 
 
@@ -272,7 +343,7 @@ def _multiplexed(samples: np.ndarray, gaps: list[tuple[int, int]]) -> tuple[byte
     positions = []
     src = dst = 0
     for start, missing in gaps:
-        out[dst:dst + start - src] = samples[:, src:start].T
+        out[dst : dst + start - src] = samples[:, src:start].T
         dst += start - src
         positions.append((dst, missing))
         dst += missing
@@ -293,9 +364,7 @@ def _text(value: str, vr: str) -> str:
     """A string a DICOM text VR accepts: no backslash (value separator), no control
     characters (except in ST/LT newlines), cut to the VR's length."""
     keep_newlines = vr in ("ST", "LT")
-    cleaned = "".join(
-        ch for ch in value.replace("\\", "/")
-        if ch.isprintable() or (keep_newlines and ch in "\r\n"))
+    cleaned = "".join(ch for ch in value.replace("\\", "/") if ch.isprintable() or (keep_newlines and ch in "\r\n"))
     return _fit(cleaned.strip(), _MAX_CHARS[vr]).strip()
 
 
@@ -305,7 +374,8 @@ def _identifier(value: str, what: str) -> str:
     if _text(value, "LO") != value:
         raise InvalidObjectError(
             f"{what} does not fit a DICOM LO value (64 bytes, no backslash or control "
-            "characters, no leading/trailing spaces)")
+            "characters, no leading/trailing spaces)"
+        )
     return value
 
 
@@ -386,8 +456,7 @@ def _channel(label: str, *, derived: bool, sensitivity: float, derivation_notes:
     notes = []
     if derived:
         formula = _EINTHOVEN_GOLDBERGER.get(canonical or "")
-        notes.append(f"computed, not recorded: {formula}" if formula
-                     else "computed from other leads, not recorded")
+        notes.append(f"computed, not recorded: {formula}" if formula else "computed from other leads, not recorded")
     notes += derivation_notes
     if notes:
         channel.ChannelDerivationDescription = _text("; ".join(notes), "LO")
@@ -429,6 +498,8 @@ class _Context:
     sop_class: str
     acquired: dt.datetime  # in the zone the object states
     created: dt.datetime | None  # None: not known, so not written (never "now")
+    request: StudyRequest = StudyRequest()
+    quality: QualityReport | None = None  # the gateway's quality check, shown to the reader
 
     @property
     def rate(self) -> float:
@@ -446,27 +517,79 @@ def _set_patient(ds: Dataset, ctx: _Context) -> None:
         ds.PatientComments = (
             "UNASSIGNED: no patient was identified at the gateway. The Patient ID is a "
             "temporary per-study placeholder, not a real identifier; assign the patient "
-            "before reporting.")
+            "before reporting."
+        )
         return
+    _write_patient(ds, patient, ctx.acquired.date())
+
+
+def _write_patient(ds: Dataset, patient: Patient, acquired_on: dt.date) -> None:
     ds.PatientName = _person_name(patient.name)
     ds.PatientID = _identifier(patient.patient_id, "patient ID")
     if patient.issuer:
         ds.IssuerOfPatientID = _identifier(patient.issuer, "issuer of the patient ID")
+    elif "IssuerOfPatientID" in ds:
+        del ds.IssuerOfPatientID
     ds.PatientBirthDate = patient.birth_date.strftime("%Y%m%d") if patient.birth_date else ""
     ds.PatientSex = patient.sex
+    age = patient_age(patient.birth_date, acquired_on) if patient.birth_date is not None else ""
+    if age:
+        ds.PatientAge = age
+    elif "PatientAge" in ds:
+        del ds.PatientAge
+    if "PatientComments" in ds:
+        del ds.PatientComments
+
+
+def reassign_patient(ds: Dataset, patient: Patient, note: str) -> Dataset:
+    """An object built for an unassigned (or another) patient, given `patient`: same UIDs, same
+    waveform and findings; the patient module, the Study Description's UNASSIGNED mark and the
+    UNASSIGNED annotation change, and `note` (who assigned it, when) is added as an annotation."""
+    acquired = str(ds.get("AcquisitionDateTime", "") or ds.get("ContentDate", ""))[:8]
+    try:
+        acquired_on = dt.date(int(acquired[:4]), int(acquired[4:6]), int(acquired[6:8]))
+    except ValueError:
+        raise InvalidObjectError(f"cannot read the acquisition date {acquired!r} of the object") from None
+    _write_patient(ds, patient, acquired_on)
+    description = str(ds.get("StudyDescription", "")).replace(_UNASSIGNED_DESCRIPTION, "")
+    ds.StudyDescription = _text(description, "LO")
+    kept = [
+        item
+        for item in ds.get("WaveformAnnotationSequence") or []
+        if not str(item.get("UnformattedTextValue", "")).startswith(_UNASSIGNED_NOTE)
+    ]
+    ds.WaveformAnnotationSequence = Sequence(kept + [_annotation(note)])
+    return ds
+
+
+def patient_age(born: dt.date, on: dt.date) -> str:
+    """DICOM AS at `on`: years from 2 years, months below, days below a month; "" if `on` is
+    before the birth (a wrong date somewhere: better no age than a false one)."""
+    if on < born:
+        return ""
+    months = (on.year - born.year) * 12 + on.month - born.month - (on.day < born.day)
+    if months >= 24:
+        return f"{min(months // 12, 999):03d}Y"
+    if months >= 1:
+        return f"{months:03d}M"
+    return f"{(on - born).days:03d}D"
 
 
 def _set_study_and_series(ds: Dataset, ctx: _Context) -> None:
-    rec, acquired = ctx.recording, ctx.acquired
+    rec, acquired, request = ctx.recording, ctx.acquired, ctx.request
     description = ("STAT " if rec.stat else "") + IOD_LIMITS[ctx.sop_class].name
     if rec.patient is None:
-        description += " - UNASSIGNED PATIENT"
+        description += _UNASSIGNED_DESCRIPTION
+    if request.reason:
+        description += " - " + request.reason
+    if ctx.quality is not None and ctx.quality.verdict != ACCEPTABLE:
+        description += f" - quality: {ctx.quality.verdict}"
     ds.StudyInstanceUID = ctx.uids.study_uid
     ds.StudyDate = _da(acquired)
     ds.StudyTime = _tm(acquired)
-    ds.ReferringPhysicianName = ""
+    ds.ReferringPhysicianName = _person_name(request.referring_physician)
     ds.StudyID = "ECG" + acquired.strftime("%y%m%d%H%M%S")
-    ds.AccessionNumber = ""
+    ds.AccessionNumber = _text(ctx.uids.accession_number, "SH")
     ds.StudyDescription = _text(description, "LO")
     ds.Modality = "ECG"
     ds.SeriesInstanceUID = ctx.uids.series_uid
@@ -474,6 +597,10 @@ def _set_study_and_series(ds: Dataset, ctx: _Context) -> None:
     ds.SeriesDate = _da(acquired)
     ds.SeriesTime = _tm(acquired)
     ds.SeriesDescription = _text(f"ECG from {rec.device.label()}", "LO")
+    if request.reason:
+        asked = Dataset()
+        asked.ReasonForTheRequestedProcedure = _text(request.reason, "LO")
+        ds.RequestAttributesSequence = Sequence([asked])
 
 
 def _set_time_source(ds: Dataset, ctx: _Context) -> None:
@@ -514,6 +641,8 @@ def _set_equipment(ds: Dataset, ctx: _Context) -> None:
         gateway.InstitutionName = _text(station.institution, "LO")
     if station.station_name:
         gateway.StationName = _text(station.station_name, "SH")
+    if station.gateway_id:
+        gateway.DeviceSerialNumber = _text(station.gateway_id, "LO")
     if ctx.created is not None:
         gateway.ContributionDateTime = _dt(ctx.created)
     gateway.ContributionDescription = _text(conversion, "ST")
@@ -530,8 +659,7 @@ def _acquisition_context(ctx: _Context) -> Sequence:
     return Sequence([urgent])
 
 
-def _waveform_group(ctx: _Context, quantised: _Quantised, gaps: list[tuple[int, int]],
-                    data: bytes) -> Dataset:
+def _waveform_group(ctx: _Context, quantised: _Quantised, gaps: list[tuple[int, int]], data: bytes) -> Dataset:
     rec = ctx.recording
     resampled = rec.resampled_from_hz
     derivation_notes = [f"resampled from {resampled:g} Hz"] if resampled is not None else []
@@ -542,10 +670,14 @@ def _waveform_group(ctx: _Context, quantised: _Quantised, gaps: list[tuple[int, 
     group.NumberOfWaveformSamples = rec.n_samples + sum(missing for _, missing in gaps)
     group.SamplingFrequency = _ds(ctx.rate)
     group.MultiplexGroupLabel = MULTIPLEX_GROUP_LABEL
-    group.ChannelDefinitionSequence = Sequence([
-        _channel(name, derived=name in rec.derived_leads, sensitivity=sensitivity,
-                 derivation_notes=derivation_notes)
-        for name in rec.lead_names])
+    group.ChannelDefinitionSequence = Sequence(
+        [
+            _channel(
+                name, derived=name in rec.derived_leads, sensitivity=sensitivity, derivation_notes=derivation_notes
+            )
+            for name in rec.lead_names
+        ]
+    )
     group.WaveformBitsAllocated = 16
     group.WaveformSampleInterpretation = "SS"
     if gaps:
@@ -554,55 +686,211 @@ def _waveform_group(ctx: _Context, quantised: _Quantised, gaps: list[tuple[int, 
     return group
 
 
-def _annotations(ctx: _Context, patient_id: str, quantised: _Quantised,
-                 gap_positions: list[tuple[int, int]]) -> Sequence:
-    """Gaps (coded + text) and the facts a reader must see, as ECG statements."""
+def _median_group(ctx: _Context) -> Dataset | None:
+    """The cart's median beats as a second multiplex group, where the IOD allows it."""
+    median = ctx.recording.median_beats
+    if median is None or median_left_out(ctx.recording, ctx.sop_class):
+        return None
+    quantised = _quantise(median.samples, PADDING_VALUE)
+    group = Dataset()
+    group.WaveformOriginality = "DERIVED"
+    group.NumberOfWaveformChannels = len(median.lead_names)
+    group.NumberOfWaveformSamples = median.n_samples
+    group.SamplingFrequency = _ds(median.sampling_rate_hz)
+    group.MultiplexGroupLabel = MEDIAN_GROUP_LABEL
+    sensitivity = float(median.uv_per_unit) * quantised.factor
+    group.ChannelDefinitionSequence = Sequence(
+        [
+            _channel(
+                name, derived=False, sensitivity=sensitivity, derivation_notes=["median beat computed by the device"]
+            )
+            for name in median.lead_names
+        ]
+    )
+    group.WaveformBitsAllocated = 16
+    group.WaveformSampleInterpretation = "SS"
+    group.add_new(0x54001010, "OW", quantised.samples.T.astype("<i2").tobytes())
+    return group
+
+
+def median_left_out(recording: EcgRecording, sop_class: str) -> str:
+    """Why the median beats cannot go in the object ("" when they can, or there are none)."""
+    median = recording.median_beats
+    if median is None:
+        return ""
+    limits = IOD_LIMITS[sop_class]
+    channels = recording.n_leads + len(median.lead_names)
+    if limits.max_total_channels is not None and channels > limits.max_total_channels:
+        return (
+            f"the {limits.name} IOD allows at most {limits.max_total_channels} channels in all "
+            f"(PS3.3 A.34.3.4.4); rhythm and median beats would need {channels}"
+        )
+    if len(median.lead_names) > limits.max_channels_per_group:
+        return f"{len(median.lead_names)} median-beat leads exceed {limits.max_channels_per_group} per group"
+    if not limits.min_rate_hz <= median.sampling_rate_hz <= limits.max_rate_hz:
+        return f"median beats at {median.sampling_rate_hz:g} Hz are outside {limits.min_rate_hz:g}-{limits.max_rate_hz:g} Hz"
+    if limits.max_samples is not None and median.n_samples > limits.max_samples:
+        return f"{median.n_samples} median-beat samples exceed {limits.max_samples}"
+    return ""
+
+
+def _measurement_item(m: EcgMeasurement, channel: int) -> Dataset:
+    kind = MEASUREMENT_KINDS[m.kind]
+    code, meaning = kind.mdc, kind.meaning
+    concept = _code(code, "MDC", meaning)
+    if m.kind == "qtc-interval" and m.method in QTC_FORMULA_CODES:
+        concept = _code(QTC_FORMULA_CODES[m.method][0], "MDC", QTC_FORMULA_CODES[m.method][1])
+    elif m.kind == "qtc-interval" and m.method:
+        # no code of its own: "QTc interval global" specialised by the algorithm (CID 3678)
+        concept.ModifierCodeSequence = Sequence(
+            [_code(QTC_ALGORITHMS[m.method][0], "DCM", QTC_ALGORITHMS[m.method][1])]
+        )
+    item = Dataset()
+    item.ConceptNameCodeSequence = Sequence([concept])
+    item.NumericValue = _ds(m.value)
+    item.MeasurementUnitsCodeSequence = Sequence([_code(kind.unit, "UCUM", _UCUM_MEANINGS[kind.unit])])
+    item.ReferencedWaveformChannels = [1, channel]
+    item.AnnotationGroupNumber = FINDINGS_GROUPS[StatementSource.DEVICE]
+    return item
+
+
+def _statement_item(statement: EcgStatement) -> Dataset:
+    item = _annotation(statement.text)
+    item.AnnotationGroupNumber = FINDINGS_GROUPS[statement.source]
+    return item
+
+
+def _findings(ctx: _Context) -> tuple[list[Dataset], list[str]]:
+    """(annotation items of the cart's findings, gateway notes about them)."""
+    rec = ctx.recording
+    items: list[Dataset] = []
+    notes: list[str] = []
+    for m in rec.measurements:
+        channel = 0
+        if m.lead:
+            if m.lead not in rec.lead_names:
+                notes.append(f"Device measurement {m.kind} of lead {m.lead} left out: no such lead in the waveform")
+                continue
+            channel = rec.lead_names.index(m.lead) + 1
+        items.append(_measurement_item(m, channel))
+        if m.note:
+            notes.append(f"Device measurement {MEASUREMENT_KINDS[m.kind].meaning}: {m.note}")
+    items += [_statement_item(s) for s in rec.statements]
+    sources = [src for src in StatementSource if any(s.source is src for s in rec.statements)]
+    if rec.measurements and StatementSource.DEVICE not in sources:
+        sources.insert(0, StatementSource.DEVICE)
+    if sources:
+        by = f" ({rec.device.label()})" if rec.device.label() != "unknown device" else ""
+        groups = "; ".join(f"group {FINDINGS_GROUPS[src]}: {_FINDINGS_NOTE[src]}" for src in sources)
+        notes.insert(0, f"Annotation groups from the device{by}: {groups}")
+    why = median_left_out(rec, ctx.sop_class)
+    if why:
+        median = rec.median_beats
+        assert median is not None
+        notes.append(
+            f"The device's median beats ({len(median.lead_names)} leads x {median.n_samples} samples) are not "
+            f"included: {why}"
+        )
+    return items, notes
+
+
+def _quality_annotations(ctx: _Context) -> list[Dataset]:
+    """What the gateway's quality check saw, for the reader: the verdict with its own heart rate
+    (text: the device's measurements are group 1), then one statement per problem on its leads."""
+    q = ctx.quality
+    if q is None:
+        return []
+    rate = f"; QRS detected at {q.heart_rate_bpm:.0f}/min" if q.heart_rate_bpm is not None else ""
+    items = [_annotation(f"Gateway quality check: {q.verdict}{rate}")]
+    names = ctx.recording.lead_names
+    for problem in q.problems:
+        item = _annotation(f"Gateway quality check, {problem.kind} ({problem.severity}): {problem.message_en}")
+        channels = [names.index(lead) + 1 for lead in problem.leads if lead in names]
+        if channels:
+            item.ReferencedWaveformChannels = [v for ch in channels for v in (1, ch)]
+        items.append(item)
+    return items
+
+
+def _annotations(
+    ctx: _Context, patient_id: str, quantised: _Quantised, gap_positions: list[tuple[int, int]]
+) -> Sequence:
+    """The cart's findings, gaps (coded + text) and the facts a reader must see, as ECG statements."""
     rec, rate = ctx.recording, ctx.rate
-    notes: list[Dataset] = []
+    findings, finding_notes = _findings(ctx)
+    notes: list[Dataset] = findings + [_annotation(text) for text in finding_notes]
     for first, count in gap_positions:
         notes.append(_gap_annotation(first, count))
-        notes.append(_annotation(
-            f"Signal lost in transit: {count} samples ({count / rate:.3f} s) missing, shown as "
-            f"padding value {PADDING_VALUE}", (first, count)))
+        notes.append(
+            _annotation(
+                f"Signal lost in transit: {count} samples ({count / rate:.3f} s) missing, shown as "
+                f"padding value {PADDING_VALUE}",
+                (first, count),
+            )
+        )
+    notes += _quality_annotations(ctx)
     if rec.stat:
         notes.append(_annotation("STAT: urgent read requested"))
+    if ctx.request.reason:
+        notes.append(_annotation(f"Reason for the ECG: {ctx.request.reason}"))
     if rec.patient is None:
-        notes.append(_annotation(
-            f"UNASSIGNED PATIENT: no patient identified at the gateway; Patient ID "
-            f"{patient_id} is a temporary placeholder"))
+        notes.append(
+            _annotation(
+                f"{_UNASSIGNED_NOTE}: no patient identified at the gateway; Patient ID "
+                f"{patient_id} is a temporary placeholder"
+            )
+        )
     if rec.resampled_from_hz is not None:
-        notes.append(_annotation(
-            f"Resampled from {rec.resampled_from_hz:g} Hz to {rate:g} Hz before storage: the "
-            "samples are not the device's original samples"))
+        notes.append(
+            _annotation(
+                f"Resampled from {rec.resampled_from_hz:g} Hz to {rate:g} Hz before storage: the "
+                "samples are not the device's original samples"
+            )
+        )
     if rec.derived_leads:
         derived = [n for n in rec.lead_names if n in rec.derived_leads]
         notes.append(_annotation(f"Derived leads (computed, not recorded): {', '.join(derived)}"))
     if quantised.factor != 1:
         sensitivity = float(rec.uv_per_unit) * quantised.factor
-        how = ("exactly (every sample was a multiple)" if quantised.exact else
-               f"rounded, error at most {quantised.factor * rec.uv_per_unit / 2:g} uV")
-        notes.append(_annotation(
-            f"Amplitudes requantised to 16 bits: 1 unit = {_ds(sensitivity)} uV instead of "
-            f"{_ds(rec.uv_per_unit)} uV, {how}"))
-    notes.append(_annotation(
-        f"Acquisition time source: {rec.time_source.value} - {_TIME_SOURCE_TEXT[rec.time_source]}"))
+        how = (
+            "exactly (every sample was a multiple)"
+            if quantised.exact
+            else f"rounded, error at most {quantised.factor * rec.uv_per_unit / 2:g} uV"
+        )
+        notes.append(
+            _annotation(
+                f"Amplitudes requantised to 16 bits: 1 unit = {_ds(sensitivity)} uV instead of "
+                f"{_ds(rec.uv_per_unit)} uV, {how}"
+            )
+        )
+    notes.append(
+        _annotation(f"Acquisition time source: {rec.time_source.value} - {_TIME_SOURCE_TEXT[rec.time_source]}")
+    )
     notes += [_annotation(f"Gateway flag: {flag}") for flag in rec.flags]
     return Sequence(notes)
 
 
 def _file_meta(ctx: _Context) -> FileMetaDataset:
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ctx.sop_class
-    meta.MediaStorageSOPInstanceUID = ctx.uids.sop_instance_uid
+    meta.MediaStorageSOPClassUID = UID(ctx.sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(ctx.uids.sop_instance_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = f"PYDICOM {pydicom.__version__}"[:16]
     return meta
 
 
-def build_ecg_dataset(recording: EcgRecording, uids: EcgStudyUids, station: StationInfo, *,
-                      created_at: dt.datetime | None = None) -> Dataset:
-    """The DICOM object for `recording` (with file meta, Explicit VR Little Endian).
+def build_ecg_dataset(
+    recording: EcgRecording,
+    uids: EcgStudyUids,
+    station: StationInfo,
+    *,
+    created_at: dt.datetime | None = None,
+    request: StudyRequest | None = None,
+    quality: QualityReport | None = None,
+) -> Dataset:
+    """The DICOM object for `recording` (with file meta, Explicit VR Little Endian); `quality`,
+    the gateway's quality check of it, goes in as statements and marks the Study Description.
 
     Raises InvalidObjectError when neither ECG IOD can hold the recording as it is.
     """
@@ -613,7 +901,7 @@ def build_ecg_dataset(recording: EcgRecording, uids: EcgStudyUids, station: Stat
         if created_at.tzinfo is None or created_at.utcoffset() is None:
             raise InvalidObjectError("created_at must carry a time zone")
         created = created_at.astimezone(acquired.tzinfo)  # one Timezone Offset From UTC for all
-    ctx = _Context(recording, uids, station, sop_class, acquired, created)
+    ctx = _Context(recording, uids, station, sop_class, acquired, created, request or StudyRequest(), quality)
     gaps = _merged_gaps(recording.gaps)
     quantised = _quantise(recording.samples, -INT16_MAX if gaps else PADDING_VALUE)
     data, gap_positions = _multiplexed(quantised.samples, gaps)
@@ -636,7 +924,8 @@ def build_ecg_dataset(recording: EcgRecording, uids: EcgStudyUids, station: Stat
     ds.ContentTime = _tm(acquired)
     ds.AcquisitionDateTime = _dt(acquired)
     ds.AcquisitionContextSequence = _acquisition_context(ctx)
-    ds.WaveformSequence = Sequence([_waveform_group(ctx, quantised, gaps, data)])
+    median = _median_group(ctx)
+    ds.WaveformSequence = Sequence([_waveform_group(ctx, quantised, gaps, data)] + ([median] if median else []))
     ds.WaveformAnnotationSequence = _annotations(ctx, ds.PatientID, quantised, gap_positions)
     ds.file_meta = _file_meta(ctx)
     if not quantised.exact:
@@ -682,19 +971,18 @@ def _check_ecg_iod(ds: Dataset) -> None:
         if not 1 <= channels <= limits.max_channels_per_group:
             _fail(f"{where}: {channels} channels (1-{limits.max_channels_per_group} allowed)")
         if len(group.ChannelDefinitionSequence) != channels:
-            _fail(f"{where}: {len(group.ChannelDefinitionSequence)} channel definitions "
-                  f"for {channels} channels")
+            _fail(f"{where}: {len(group.ChannelDefinitionSequence)} channel definitions for {channels} channels")
         if samples < 1 or (limits.max_samples is not None and samples > limits.max_samples):
             _fail(f"{where}: {samples} samples (1-{limits.max_samples or 'any'} allowed)")
         if not (math.isfinite(rate) and limits.min_rate_hz <= rate <= limits.max_rate_hz):
-            _fail(f"{where}: sampling frequency {rate:g} Hz outside "
-                  f"{limits.min_rate_hz:g}-{limits.max_rate_hz:g} Hz")
+            _fail(f"{where}: sampling frequency {rate:g} Hz outside {limits.min_rate_hz:g}-{limits.max_rate_hz:g} Hz")
         if int(group.WaveformBitsAllocated) != 16 or group.WaveformSampleInterpretation != "SS":
-            _fail(f"{where}: samples must be 16-bit SS, not {group.WaveformBitsAllocated}-bit "
-                  f"{group.WaveformSampleInterpretation}")
+            _fail(
+                f"{where}: samples must be 16-bit SS, not {group.WaveformBitsAllocated}-bit "
+                f"{group.WaveformSampleInterpretation}"
+            )
         if len(group.WaveformData) != channels * samples * 2:
-            _fail(f"{where}: {len(group.WaveformData)} bytes of waveform data, expected "
-                  f"{channels * samples * 2}")
+            _fail(f"{where}: {len(group.WaveformData)} bytes of waveform data, expected {channels * samples * 2}")
         for channel in group.ChannelDefinitionSequence:
             source = channel.get("ChannelSourceSequence")
             if not source or not source[0].get("CodeValue"):
@@ -702,8 +990,7 @@ def _check_ecg_iod(ds: Dataset) -> None:
             if int(channel.WaveformBitsStored) > 16:
                 _fail(f"{where}: {channel.WaveformBitsStored} bits stored in 16-bit samples")
     if limits.max_total_channels is not None and total_channels > limits.max_total_channels:
-        _fail(f"{limits.name}: {total_channels} channels in all (at most "
-              f"{limits.max_total_channels})")
+        _fail(f"{limits.name}: {total_channels} channels in all (at most {limits.max_total_channels})")
 
 
 def encode_dataset(ds: Dataset) -> bytes:
@@ -713,9 +1000,16 @@ def encode_dataset(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def recording_to_dicom_bytes(recording: EcgRecording, uids: EcgStudyUids, station: StationInfo, *,
-                             created_at: dt.datetime | None = None) -> bytes:
+def recording_to_dicom_bytes(
+    recording: EcgRecording,
+    uids: EcgStudyUids,
+    station: StationInfo,
+    *,
+    created_at: dt.datetime | None = None,
+    request: StudyRequest | None = None,
+    quality: QualityReport | None = None,
+) -> bytes:
     """Build, check and encode: the bytes to store, or InvalidObjectError."""
-    ds = build_ecg_dataset(recording, uids, station, created_at=created_at)
+    ds = build_ecg_dataset(recording, uids, station, created_at=created_at, request=request, quality=quality)
     check_ecg_iod(ds)
     return encode_dataset(ds)

@@ -14,12 +14,21 @@ sender raise a configuration fault instead of quarantining a good ECG.
 
 from __future__ import annotations
 
+import enum
+
 from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS
 
-SUCCESS = "success"
-WARNING = "warning"
-TRANSIENT = "transient"
-PERMANENT = "permanent"
+
+class Category(enum.StrEnum):
+    """What a status means for the item (see the module docstring)."""
+
+    SUCCESS = "success"
+    WARNING = "warning"
+    TRANSIENT = "transient"
+    PERMANENT = "permanent"
+
+
+SUCCESS, WARNING, TRANSIENT, PERMANENT = Category.SUCCESS, Category.WARNING, Category.TRANSIENT, Category.PERMANENT
 STORED_CATEGORIES = frozenset({SUCCESS, WARNING})
 
 NOT_AUTHORISED = 0x0124
@@ -31,7 +40,7 @@ _TRANSIENT_CODES = frozenset({0x0110, 0x0210, 0x0213, 0xFE00})
 _WARNING_CODES = frozenset({0x0001, 0x0107, 0x0116})
 
 # (first, last, category, meaning) for the ranges PS3.4 B.2.3 reserves per service.
-_RANGES: tuple[tuple[int, int, str, str], ...] = (
+_RANGES: tuple[tuple[int, int, Category, str], ...] = (
     (0xA700, 0xA7FF, TRANSIENT, "Refused: Out of Resources"),
     (0xA900, 0xA9FF, PERMANENT, "Error: Data Set Does Not Match SOP Class"),
     (0xB000, 0xBFFF, WARNING, "Warning"),
@@ -56,7 +65,7 @@ def status_meaning(status: int) -> str:
     return "Unrecognised status"
 
 
-def classify_status(status: int) -> tuple[str, str]:
+def classify_status(status: int) -> tuple[Category, str]:
     """(category, meaning) of a C-STORE response status; see the module docstring."""
     if not 0 <= status <= 0xFFFF:
         raise ValueError(f"a DIMSE status is 16 bits, not {status!r}")

@@ -10,6 +10,19 @@ time, purge what is committed. Item by item the outcome is typed:
 - the peer refusing *us* (association rejected permanently) → a configuration fault: every
   item goes back to the queue uncharged, the fault is recorded for `lastmile queue`/`echo`,
   and we retry slowly. Nothing is quarantined for a fault that is not the item's.
+
+Each send is charged before its bytes go out (`Outbox.begin_send`): a forwarder killed mid-send
+(OOM, a crash in a library) has paid for it, and an item that kills it `max_interrupted_sends`
+times in a row is quarantined. Items with an interrupted send behind them are sent alone, one
+at a time, so the others in flight with a crashing object are not blamed with it.
+
+Storage commitment reports come to a `CommitmentListener` bound to this gateway's address toward
+the reading center (or `listen_host`), accepting only the reading center (its AE title, from its
+address or `report_networks`). A report is believed only for a transaction this gateway issued
+(the outbox remembers the last few per item) and only for the instances in it; anything else is
+refused with a failure status and changes nothing. Without storage commitment
+(`storage_commitment = False`, or a peer that has none), `no_commitment_policy` decides: "keep"
+the local copies, or "purge" them once sent.
 """
 
 from __future__ import annotations
@@ -20,22 +33,19 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydicom.uid import generate_uid
 
-from uploader.dicom_net import (
-    CommitmentListener,
-    CommitmentReport,
-    CommitmentUnsupported,
-    PeerSettings,
-    StoreAssociation,
-)
+from uploader.dicom_association import PeerSettings
+from uploader.dicom_commitment import CommitmentListener, CommitmentReport, ReportRefused, ReportSenders
+from uploader.dicom_store import CommitmentUnsupported, StoreAssociation
 from uploader.errors import ConfigurationFault, CorruptPayloadError, PermanentError, TransientError
-from uploader.outbox import ItemState, Outbox, OutboxItem
+from uploader.outbox import DEFAULT_MAX_INTERRUPTED_SENDS, ItemState, Kind, Outbox, OutboxItem
+from uploader.reachability import address_toward
 
 log = logging.getLogger(__name__)
 
-DICOM_KIND = "dicom"
 STATUS_NAME = "reading_center"
 
 
@@ -46,12 +56,14 @@ class ForwarderSettings:
     batch_size: int = 50
     storage_commitment: bool = True
     listen_port: int = 11113
-    listen_host: str = "127.0.0.1"
+    listen_host: str = ""  # "": this gateway's address toward the reading center
+    report_networks: tuple[str, ...] = ()  # besides the reading center's own address
     commitment_timeout_s: float = 120.0
     no_commitment_policy: str = "keep"  # "keep" or "purge"
     config_fault_retry_s: float = 300.0
     retention_s: float = 0.0
     idle_poll_s: float = 2.0
+    max_interrupted_sends: int = DEFAULT_MAX_INTERRUPTED_SENDS
 
 
 @dataclass
@@ -69,17 +81,21 @@ class RoundResult:
 
     @property
     def did_work(self) -> bool:
-        return bool(self.sent or self.transient or self.quarantined or self.committed
-                    or self.requeued or self.purged)
+        return bool(self.sent or self.transient or self.quarantined or self.committed or self.requeued or self.purged)
 
 
-EventCallback = Callable[[str, dict], None]
+EventCallback = Callable[[str, dict[str, Any]], None]
 
 
 class EcgForwarder:
-    def __init__(self, outbox: Outbox, settings: ForwarderSettings, *,
-                 clock: Callable[[], float] = time.time,
-                 on_event: EventCallback | None = None) -> None:
+    def __init__(
+        self,
+        outbox: Outbox,
+        settings: ForwarderSettings,
+        *,
+        clock: Callable[[], float] = time.time,
+        on_event: EventCallback | None = None,
+    ) -> None:
         self.outbox = outbox
         self.settings = settings
         self.clock = clock
@@ -89,21 +105,60 @@ class EcgForwarder:
         self._pending_committed = 0
         self._commitment_unsupported_until = 0.0
         self._fault_until = 0.0
+        self._no_route_logged = False
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        if self.settings.storage_commitment and self._listener is None:
-            self._listener = CommitmentListener(
-                self.settings.peer.calling_ae, self.settings.listen_port, self._on_report,
-                host=self.settings.listen_host, tls=self.settings.peer.tls)
-            self._listener.start()
+        self._ensure_listener()
+
+    def _listen_host(self) -> str | None:
+        if self.settings.listen_host:
+            return self.settings.listen_host
+        peer = self.settings.peer
+        try:
+            host = address_toward(peer.host, peer.port)
+        except OSError as exc:  # no route yet (link down at boot): listen once there is one
+            if not self._no_route_logged:
+                log.warning("no route to the reading center %s (%s): commitment listener waits", peer.where, exc)
+                self._no_route_logged = True
+            return None
+        self._no_route_logged = False
+        return host
+
+    def _ensure_listener(self) -> None:
+        """Listen for commitment reports on the address toward the reading center; follow it
+        when it changes (DHCP), start once a route exists."""
+        if not self.settings.storage_commitment:
+            return
+        host = self._listen_host()
+        if host is None or (self._listener is not None and self._listener.host == host):
+            return
+        if self._listener is not None:
+            log.info("the address toward the reading center is now %s: moving the commitment listener", host)
+            self._listener.stop()
+            self._listener = None
+        peer = self.settings.peer
+        listener = CommitmentListener(
+            peer.calling_ae,
+            self.settings.listen_port,
+            self._on_report,
+            ReportSenders(ae_titles=(peer.called_ae,), hosts=(peer.host,), networks=self.settings.report_networks),
+            host=host,
+            tls=peer.tls,
+        )
+        listener.start()
+        self._listener = listener
+
+    @property
+    def listener_address(self) -> tuple[str, int] | None:
+        return self._listener.address if self._listener is not None else None
 
     def close(self) -> None:
         if self._listener is not None:
             self._listener.stop()
             self._listener = None
 
-    def __enter__(self) -> "EcgForwarder":
+    def __enter__(self) -> EcgForwarder:
         self.start()
         return self
 
@@ -117,7 +172,7 @@ class EcgForwarder:
         result = self.run_round(stop)
         if result.did_work:
             return 0.0
-        return self._idle_delay()
+        return self.next_due_in()
 
     def run_round(self, stop: threading.Event) -> RoundResult:
         result = RoundResult()
@@ -129,9 +184,11 @@ class EcgForwarder:
             result.committed += self._pending_committed
             self._pending_committed = 0
         try:
+            self._ensure_listener()
             self._ask_commitment(result, now)
             if not stop.is_set():
                 self._send_due(result, stop)
+            result.committed += self._settle_without_commitment()
         except ConfigurationFault as exc:
             self._record_fault(str(exc))
             result.fault = str(exc)
@@ -140,7 +197,9 @@ class EcgForwarder:
             self.on_event("purged", {"count": result.purged})
         return result
 
-    def _idle_delay(self) -> float:
+    def next_due_in(self) -> float:
+        """Seconds until this forwarder wants its next round when it has nothing to do now
+        (longer while the peer refuses our configuration)."""
         now = self.clock()
         if now < self._fault_until:
             return min(self._fault_until - now, self.settings.idle_poll_s * 5)
@@ -149,11 +208,22 @@ class EcgForwarder:
     # -- sending -----------------------------------------------------------------------------
     def _send_due(self, result: RoundResult, stop: threading.Event) -> None:
         s = self.settings
-        items = self.outbox.claim(DICOM_KIND, s.associations * s.batch_size, self.clock())
+        items = self.outbox.claim(
+            Kind.DICOM, s.associations * s.batch_size, self.clock(), max_interrupted_sends=s.max_interrupted_sends
+        )
         if not items:
             return
-        # STAT items were claimed first; deal them out so each association starts with them.
-        n = max(1, min(s.associations, len(items)))
+        suspects = [i for i in items if i.interrupted_sends]
+        if suspects:
+            # a send was cut short (the process died) with these in flight: send them alone, one
+            # at a time, so that only the object that kills us is counted against
+            others = [i.id for i in items if not i.interrupted_sends]
+            self.outbox.release(others, "waiting while a suspect item is sent alone", self.clock(), 0.0)
+            items = suspects
+            n = 1
+        else:
+            # STAT items were claimed first; deal them out so each association starts with them.
+            n = max(1, min(s.associations, len(items)))
         chunks = [items[i::n] for i in range(n)]
         faults: list[str] = []
         if n == 1:
@@ -171,13 +241,12 @@ class EcgForwarder:
         if result.sent:
             self._update_status(fault=None, last_success=self.clock())
 
-    def _send_chunk(self, items: Sequence[OutboxItem], stop: threading.Event,
-                    faults: list[str]) -> RoundResult:
+    def _send_chunk(self, items: Sequence[OutboxItem], stop: threading.Event, faults: list[str]) -> RoundResult:
         r = RoundResult()
         pending = list(items)
+        in_flight: OutboxItem | None = None
         try:
-            with StoreAssociation(self.settings.peer,
-                                  commitment=self.settings.storage_commitment) as assoc:
+            with StoreAssociation(self.settings.peer, commitment=self.settings.storage_commitment) as assoc:
                 sent_now: list[OutboxItem] = []
                 while pending:
                     if stop.is_set():
@@ -192,9 +261,14 @@ class EcgForwarder:
                         r.errors.append(str(exc))
                         self.on_event("quarantined", {"id": item.id, "reason": str(exc)})
                         continue
+                    if not self.outbox.begin_send(item.id, self.clock()):
+                        pending.pop(0)  # no longer ours (an operator moved it meanwhile)
+                        continue
+                    in_flight = item
                     try:
                         outcome = assoc.store(payload)
                     except PermanentError as exc:  # e.g. a payload that is no DICOM we can send
+                        in_flight = None
                         pending.pop(0)
                         reason = f"cannot be sent: {exc}"
                         self.outbox.quarantine(item.id, reason, self.clock())
@@ -202,19 +276,20 @@ class EcgForwarder:
                         self.on_event("quarantined", {"id": item.id, "reason": reason})
                         continue
                     pending.pop(0)
+                    in_flight = None
                     now = self.clock()
                     if outcome.category in ("success", "warning"):
                         self.outbox.mark_sent([item.id], now)
                         sent_now.append(item)
                         r.sent += 1
-                        self.on_event("sent", {"id": item.id, "status": outcome.status,
-                                               "transfer_syntax": outcome.transfer_syntax})
+                        self.on_event(
+                            "sent",
+                            {"id": item.id, "status": outcome.status, "transfer_syntax": outcome.transfer_syntax},
+                        )
                     elif outcome.category == "transient":
-                        self.outbox.mark_transient_failure(
-                            item.id, f"0x{outcome.status:04X} {outcome.meaning}", now)
+                        self.outbox.mark_transient_failure(item.id, f"0x{outcome.status:04X} {outcome.meaning}", now)
                         r.transient += 1
-                        self.on_event("retry", {"id": item.id, "status": outcome.status,
-                                                "meaning": outcome.meaning})
+                        self.on_event("retry", {"id": item.id, "status": outcome.status, "meaning": outcome.meaning})
                     else:
                         reason = f"refused by the reading center: 0x{outcome.status:04X} {outcome.meaning}"
                         self.outbox.quarantine(item.id, reason, now)
@@ -224,23 +299,31 @@ class EcgForwarder:
                     self._request_commitment(assoc, sent_now)
         except ConfigurationFault as exc:
             faults.append(str(exc))
-            self.outbox.release([i.id for i in pending], str(exc), self.clock(),
-                                self.settings.config_fault_retry_s)
+            self.outbox.release([i.id for i in pending], str(exc), self.clock(), self.settings.config_fault_retry_s)
             return r
         except TransientError as exc:
             now = self.clock()
             for item in pending:
-                self.outbox.mark_transient_failure(item.id, str(exc), now,
-                                                   retry_after=getattr(exc, "retry_after", None))
+                self.outbox.mark_transient_failure(
+                    item.id, str(exc), now, retry_after=getattr(exc, "retry_after", None)
+                )
             r.transient += len(pending)
             r.errors.append(str(exc))
             self._update_status(last_error=str(exc), last_error_at=now)
             self.on_event("link-down", {"error": str(exc), "items": len(pending)})
             return r
+        except Exception as exc:
+            # neither the peer's answer nor a link failure: a bug, or an object that breaks the
+            # sender (e.g. exhausts its memory). The attempt stays charged and counts as an
+            # interrupted send: repeated, the item is quarantined, not retried forever.
+            if in_flight is not None:
+                self.outbox.interrupt_sends([in_flight.id], f"send failed: {type(exc).__name__}: {exc}", self.clock())
+            raise
         finally:
             # stop mid-chunk: whatever is still claimed goes back, uncharged
-            left = [i.id for i in pending if (cur := self.outbox.get(i.id)) is not None
-                    and cur.state == ItemState.SENDING]
+            left = [
+                i.id for i in pending if (cur := self.outbox.get(i.id)) is not None and cur.state == ItemState.SENDING
+            ]
             if left:
                 self.outbox.release(left, "forwarder stopped", self.clock(), 0.0)
         return r
@@ -269,20 +352,23 @@ class EcgForwarder:
         self.outbox.record_status("storage_commitment", {"supported": False, "detail": why}, now)
         if self.settings.no_commitment_policy == "purge":
             self.outbox.mark_committed([i.id for i in items], now)
-        log.warning("reading center does not offer storage commitment (%s); policy: %s",
-                    why, self.settings.no_commitment_policy)
+        log.warning(
+            "reading center does not offer storage commitment (%s); policy: %s", why, self.settings.no_commitment_policy
+        )
 
     def _ask_commitment(self, result: RoundResult, now: float) -> None:
         """(Re-)ask for items sent without a transaction, or whose report is overdue."""
         if not self.settings.storage_commitment or now < self._commitment_unsupported_until:
             return
-        due = [i for i in self.outbox.awaiting_commitment(DICOM_KIND)
-               if i.transaction_uid is None
-               or now - i.updated_at >= self.settings.commitment_timeout_s]
+        due = [
+            i
+            for i in self.outbox.awaiting_commitment(Kind.DICOM)
+            if i.transaction_uid is None or now - i.updated_at >= self.settings.commitment_timeout_s
+        ]
         if not due:
             return
         for start in range(0, len(due), self.settings.batch_size):
-            batch = due[start:start + self.settings.batch_size]
+            batch = due[start : start + self.settings.batch_size]
             try:
                 with StoreAssociation(self.settings.peer, commitment=True) as assoc:
                     self._request_commitment(assoc, batch)
@@ -290,11 +376,39 @@ class EcgForwarder:
                 log.info("cannot ask for storage commitment now: %s", exc)
                 return
 
+    def _settle_without_commitment(self) -> int:
+        """`storage_commitment = False` with `no_commitment_policy = "purge"`: what was sent is
+        done (purged after the retention time); with "keep", sent items stay as they are."""
+        s = self.settings
+        if s.storage_commitment or s.no_commitment_policy != "purge":
+            return 0
+        sent = [i.id for i in self.outbox.awaiting_commitment(Kind.DICOM)]
+        if sent:
+            self.outbox.mark_committed(sent, self.clock())
+        return len(sent)
+
     def _on_report(self, report: CommitmentReport) -> None:
-        """N-EVENT-REPORT from the PACS (listener thread)."""
+        """N-EVENT-REPORT from the PACS (listener thread). Believed only for a transaction this
+        gateway issued and the instances in it: anything else raises ReportRefused (the
+        listener answers a failure status and logs a security event) and changes nothing."""
         now = self.clock()
-        by_uid = {i.meta.get("sop_instance_uid"): i
-                  for i in self.outbox.awaiting_commitment(DICOM_KIND)}
+        asked = self.outbox.commitment_request(report.transaction_uid)
+        if not asked:
+            raise ReportRefused(f"transaction {report.transaction_uid} was not issued by this gateway")
+        in_txn = {i.meta.get("sop_instance_uid"): i for i in asked}
+        named = [(c, u) for c, u in report.committed] + [(c, u) for c, u, _r in report.failed]
+        strangers = sorted({u for _c, u in named if u not in in_txn})
+        if strangers:
+            raise ReportRefused(
+                f"report for transaction {report.transaction_uid} names {len(strangers)} instance(s) not in it"
+            )
+        conflicts = sorted({u for c, u in named if c and c != in_txn[u].meta.get("sop_class_uid")})
+        if conflicts:
+            raise ReportRefused(
+                f"report for transaction {report.transaction_uid} gives {len(conflicts)} instance(s) another SOP class",
+                0x0119,  # class-instance conflict
+            )
+        by_uid = {u: i for u, i in in_txn.items() if i.state == ItemState.SENT}
         committed = [by_uid[uid].id for _cls, uid in report.committed if uid in by_uid]
         failed = [by_uid[uid].id for _cls, uid, _reason in report.failed if uid in by_uid]
         if committed:
@@ -302,22 +416,29 @@ class EcgForwarder:
         if failed:
             reasons = ", ".join(sorted({f"0x{r:04X}" for _c, _u, r in report.failed}))
             self.outbox.requeue(failed, f"storage commitment failed ({reasons}); sending again", now)
-        unknown = len(report.committed) + len(report.failed) - len(committed) - len(failed)
-        if unknown:
-            log.info("commitment report %s names %d instance(s) not awaiting commitment",
-                     report.transaction_uid, unknown)
+        settled = len(report.committed) + len(report.failed) - len(committed) - len(failed)
+        if settled:
+            log.info(
+                "commitment report %s names %d instance(s) no longer awaiting commitment",
+                report.transaction_uid,
+                settled,
+            )
         with self._report_lock:
             self._pending_committed += len(committed)
-        self.on_event("committed", {"transaction_uid": report.transaction_uid,
-                                    "committed": len(committed), "failed": len(failed)})
+        self.on_event(
+            "committed", {"transaction_uid": report.transaction_uid, "committed": len(committed), "failed": len(failed)}
+        )
 
     # -- faults ------------------------------------------------------------------------------
     def _record_fault(self, message: str) -> None:
         now = self.clock()
         self._fault_until = now + self.settings.config_fault_retry_s
         self._update_status(fault=message, fault_since=now, retry_at=self._fault_until)
-        log.error("reading center refuses this gateway (configuration fault): %s; "
-                  "items stay queued, retrying in %.0f s", message, self.settings.config_fault_retry_s)
+        log.error(
+            "reading center refuses this gateway (configuration fault): %s; items stay queued, retrying in %.0f s",
+            message,
+            self.settings.config_fault_retry_s,
+        )
         self.on_event("config-fault", {"error": message})
 
     def _update_status(self, **changes: object) -> None:

@@ -23,6 +23,7 @@ import json
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlencode
 
 from devices.identity import DeviceIdentity, TimeSource
@@ -80,6 +81,14 @@ class VisitSignature:
 
 
 @dataclass(frozen=True)
+class VisitNote:
+    """A note the family doctor wrote during the visit; `at` None when its time is unknown."""
+
+    text: str
+    at: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
 class VisitSummary:
     visit_id: str
     doctor_id: str
@@ -91,13 +100,22 @@ class VisitSummary:
     household_id: str | None = None
     position: VisitPosition | None = None
     flags: tuple[str, ...] = ()
-    notes: tuple[str, ...] = field(default=())
+    notes: tuple[VisitNote, ...] = field(default=())
 
 
 # --- observations: our vocabulary → LOINC/UCUM --------------------------------------------------
 
-_UNITS = {"mm[Hg]": "mmHg", "/min": "beats/minute", "Cel": "°C", "%": "%", "kg": "kg",
-          "mg/dL": "mg/dL", "mmol/L": "mmol/L", "[degF]": "°F", "g": "g"}
+_UNITS = {
+    "mm[Hg]": "mmHg",
+    "/min": "beats/minute",
+    "Cel": "°C",
+    "%": "%",
+    "kg": "kg",
+    "mg/dL": "mg/dL",
+    "mmol/L": "mmol/L",
+    "[degF]": "°F",
+    "g": "g",
+}
 _QUANTITY_CODES: dict[str, tuple[str, str]] = {
     "systolic": ("8480-6", "Systolic blood pressure"),
     "diastolic": ("8462-4", "Diastolic blood pressure"),
@@ -107,23 +125,30 @@ _QUANTITY_CODES: dict[str, tuple[str, str]] = {
     "body-temperature": ("8310-5", "Body temperature"),
     "body-weight": ("29463-7", "Body weight"),
 }
-_SPECIAL = {"nan": "not-a-number", "nres": "error", "+inf": "positive-infinity",
-            "-inf": "negative-infinity", "reserved": "unknown"}
+_SPECIAL = {
+    "nan": "not-a-number",
+    "nres": "error",
+    "+inf": "positive-infinity",
+    "-inf": "negative-infinity",
+    "reserved": "unknown",
+}
 
 
-def _coding(system: str, code: str, display: str) -> dict:
+def _coding(system: str, code: str, display: str) -> dict[str, Any]:
     return {"system": system, "code": code, "display": display}
 
 
-def _loinc(code: str, display: str, *more: tuple[str, str]) -> dict:
-    return {"coding": [_coding(LOINC, code, display)] + [_coding(LOINC, c, d) for c, d in more],
-            "text": display}
+def _loinc(code: str, display: str, *more: tuple[str, str]) -> dict[str, Any]:
+    return {"coding": [_coding(LOINC, code, display)] + [_coding(LOINC, c, d) for c, d in more], "text": display}
 
 
-def _quantity_code(q: Quantity) -> dict:
+def _quantity_code(q: Quantity) -> dict[str, Any]:
     if q.code == "spo2":
-        return _loinc("59408-5", "Oxygen saturation in Arterial blood by Pulse oximetry",
-                      ("2708-6", "Oxygen saturation in Arterial blood"))
+        return _loinc(
+            "59408-5",
+            "Oxygen saturation in Arterial blood by Pulse oximetry",
+            ("2708-6", "Oxygen saturation in Arterial blood"),
+        )
     if q.code == "glucose":
         if q.unit == "mmol/L":
             return _loinc("15074-8", "Glucose [Moles/volume] in Blood")
@@ -134,12 +159,11 @@ def _quantity_code(q: Quantity) -> dict:
     return {"text": q.code}  # no LOINC mapping we trust: keep our name rather than guess
 
 
-def _value(q: Quantity) -> dict:
+def _value(q: Quantity) -> dict[str, Any]:
     if q.value is None:
         reason = _SPECIAL.get(q.special or "", "unknown")
         return {"dataAbsentReason": {"coding": [_coding(DATA_ABSENT, reason, reason)]}}
-    return {"valueQuantity": {"value": q.value, "unit": _UNITS.get(q.unit, q.unit), "system": UCUM,
-                              "code": q.unit}}
+    return {"valueQuantity": {"value": q.value, "unit": _UNITS.get(q.unit, q.unit), "system": UCUM, "code": q.unit}}
 
 
 def _instant(value: dt.datetime) -> str:
@@ -148,7 +172,7 @@ def _instant(value: dt.datetime) -> str:
     return value.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _ref_id(system: str, value: str) -> dict:
+def _ref_id(system: str, value: str) -> dict[str, Any]:
     return {"identifier": {"system": system, "value": value}}
 
 
@@ -156,13 +180,16 @@ def _full_url(system: str, value: str) -> str:
     return f"urn:uuid:{uuid.uuid5(_NAMESPACE, f'{system}|{value}')}"
 
 
-def _entry(resource: dict, system: str, value: str, *, search: str | None = None) -> dict:
+def _entry(resource: dict[str, Any], system: str, value: str, *, search: str | None = None) -> dict[str, Any]:
     condition = search or urlencode({"identifier": f"{system}|{value}"})
-    return {"fullUrl": _full_url(system, value), "resource": resource,
-            "request": {"method": "POST", "url": resource["resourceType"], "ifNoneExist": condition}}
+    return {
+        "fullUrl": _full_url(system, value),
+        "resource": resource,
+        "request": {"method": "POST", "url": resource["resourceType"], "ifNoneExist": condition},
+    }
 
 
-def _tag(naming: FhirNaming, kind: str, code: str) -> dict:
+def _tag(naming: FhirNaming, kind: str, code: str) -> dict[str, Any]:
     return {"system": naming.system(kind), "code": code}
 
 
@@ -172,13 +199,16 @@ def device_key(device: DeviceIdentity) -> str | None:
     return "/".join(parts) if (device.serial or device.address) else None
 
 
-def _device_entry(device: DeviceIdentity, naming: FhirNaming) -> dict | None:
+def _device_entry(device: DeviceIdentity, naming: FhirNaming) -> dict[str, Any] | None:
     key = device_key(device)
     if key is None:
         return None
     system = naming.system("device")
-    resource: dict = {"resourceType": "Device", "identifier": [{"system": system, "value": key}],
-                      "deviceName": [{"name": device.label(), "type": "user-friendly-name"}]}
+    resource: dict[str, Any] = {
+        "resourceType": "Device",
+        "identifier": [{"system": system, "value": key}],
+        "deviceName": [{"name": device.label(), "type": "user-friendly-name"}],
+    }
     if device.manufacturer:
         resource["manufacturer"] = device.manufacturer
     if device.model:
@@ -190,10 +220,13 @@ def _device_entry(device: DeviceIdentity, naming: FhirNaming) -> dict | None:
     return _entry(resource, system, key)
 
 
-def _gateway_entry(naming: FhirNaming) -> dict:
+def _gateway_entry(naming: FhirNaming) -> dict[str, Any]:
     system = naming.system("gateway")
-    resource = {"resourceType": "Device", "identifier": [{"system": system, "value": naming.gateway_id}],
-                "deviceName": [{"name": f"Lastmile gateway {naming.gateway_id}", "type": "user-friendly-name"}]}
+    resource = {
+        "resourceType": "Device",
+        "identifier": [{"system": system, "value": naming.gateway_id}],
+        "deviceName": [{"name": f"Lastmile gateway {naming.gateway_id}", "type": "user-friendly-name"}],
+    }
     return _entry(resource, system, naming.gateway_id)
 
 
@@ -203,23 +236,23 @@ def observation_identifier(obs: Observation, naming: FhirNaming, suffix: str = "
     return f"{naming.gateway_id}/{device}/{obs.record_key}{suffix}"
 
 
-def observation_entries(obs: Observation, naming: FhirNaming, *, encounter_url: str | None = None,
-                        patient_id: str | None = None) -> list[dict]:
+def observation_entries(
+    obs: Observation, naming: FhirNaming, *, encounter_url: str | None = None, patient_id: str | None = None
+) -> list[dict[str, Any]]:
     """Device + Observation(s) for one reading. A BP or SpO2 reading's pulse becomes its own
     heart-rate Observation (that is where the vital-signs profile wants it)."""
     subject = patient_id if patient_id is not None else obs.patient_id
     if subject is None:
         raise InvalidObjectError("an unassigned observation is held for the doctor, not sent")
-    entries: list[dict] = []
+    entries: list[dict[str, Any]] = []
     device = _device_entry(obs.device, naming)
     if device is not None:
         entries.append(device)
-    groups: list[tuple[str, dict, list[Quantity], str]] = []  # (suffix, code, quantities, category)
+    groups: list[tuple[str, dict[str, Any], list[Quantity], str]] = []  # (suffix, code, quantities, category)
     pulse = obs.quantity("pulse-rate") or obs.quantity("heart-rate")
     if obs.kind == "blood-pressure":
         rest = [q for q in obs.quantities if q is not pulse]
-        groups.append(("", _loinc("85354-9", "Blood pressure panel with all children optional"), rest,
-                       "vital-signs"))
+        groups.append(("", _loinc("85354-9", "Blood pressure panel with all children optional"), rest, "vital-signs"))
         if pulse is not None:
             groups.append(("#heart-rate", _quantity_code(pulse), [pulse], "vital-signs"))
     else:
@@ -230,7 +263,7 @@ def observation_entries(obs: Observation, naming: FhirNaming, *, encounter_url: 
     system = naming.system("observation")
     for suffix, code, quantities, category in groups:
         ident = observation_identifier(obs, naming, suffix)
-        resource: dict = {
+        resource: dict[str, Any] = {
             "resourceType": "Observation",
             "meta": {"tag": [_tag(naming, "time-source", obs.time_source.value)]},
             "identifier": [{"system": system, "value": ident}],
@@ -257,11 +290,12 @@ def observation_entries(obs: Observation, naming: FhirNaming, *, encounter_url: 
 
 # --- visits ---------------------------------------------------------------------------------------
 
-def _location_entry(visit: VisitSummary, naming: FhirNaming) -> dict | None:
+
+def _location_entry(visit: VisitSummary, naming: FhirNaming) -> dict[str, Any] | None:
     p = visit.position
     if p is None:
         return None
-    position: dict = {"longitude": round(p.longitude, 7), "latitude": round(p.latitude, 7)}
+    position: dict[str, Any] = {"longitude": round(p.longitude, 7), "latitude": round(p.latitude, 7)}
     if p.altitude_m is not None:
         position["altitude"] = round(p.altitude_m, 1)
     accuracy = f"±{p.eph_m:.0f} m (95 %)" if p.eph_m is not None else "accuracy unknown"
@@ -271,50 +305,91 @@ def _location_entry(visit: VisitSummary, naming: FhirNaming) -> dict | None:
     resource = {
         "resourceType": "Location",
         "identifier": [{"system": system, "value": visit.visit_id}],
-        "status": "active", "mode": "instance",
+        "status": "active",
+        "mode": "instance",
         "name": f"{'Home' if visit.setting == 'home' else 'Clinic'} visit {visit.visit_id}",
         "description": f"GNSS fix ({p.mode}D) {accuracy}{when}{house}",
-        "physicalType": {"coding": [_coding(LOCATION_TYPE, "ho", "House") if visit.setting == "home"
-                                    else _coding(LOCATION_TYPE, "bu", "Building")]},
+        "physicalType": {
+            "coding": [
+                _coding(LOCATION_TYPE, "ho", "House")
+                if visit.setting == "home"
+                else _coding(LOCATION_TYPE, "bu", "Building")
+            ]
+        },
         "position": position,
     }
     return _entry(resource, system, visit.visit_id)
 
 
-def _encounter_entry(visit: VisitSummary, naming: FhirNaming, location_url: str | None) -> dict:
+def _encounter_entry(visit: VisitSummary, naming: FhirNaming, location_url: str | None) -> dict[str, Any]:
     system = naming.system("visit")
-    klass = _coding(ACT_CODE, "HH", "home health") if visit.setting == "home" \
-        else _coding(ACT_CODE, "AMB", "ambulatory")
+    klass = (
+        _coding(ACT_CODE, "HH", "home health") if visit.setting == "home" else _coding(ACT_CODE, "AMB", "ambulatory")
+    )
     period = {"start": _instant(visit.started_at)}
     if visit.ended_at is not None:
         period["end"] = _instant(visit.ended_at)
     tags = [_tag(naming, "time-source", visit.time_source.value)]
     tags += [_tag(naming, "visit-check", flag) for flag in visit.flags]
-    resource: dict = {
+    resource: dict[str, Any] = {
         "resourceType": "Encounter",
         "meta": {"tag": tags},
         "identifier": [{"system": system, "value": visit.visit_id}],
         "status": "finished" if visit.ended_at is not None else "in-progress",
         "class": klass,
         "subject": _ref_id(naming.patient_system, visit.patient_id),
-        "participant": [{
-            "type": [{"coding": [_coding(PARTICIPATION, "PPRF", "primary performer")]}],
-            "individual": _ref_id(naming.practitioner_system, visit.doctor_id)}],
+        "participant": [
+            {
+                "type": [{"coding": [_coding(PARTICIPATION, "PPRF", "primary performer")]}],
+                "individual": _ref_id(naming.practitioner_system, visit.doctor_id),
+            }
+        ],
         "period": period,
     }
     if location_url:
-        resource["location"] = [{"location": {"reference": location_url},
-                                 "status": "completed" if visit.ended_at else "active"}]
+        resource["location"] = [
+            {"location": {"reference": location_url}, "status": "completed" if visit.ended_at else "active"}
+        ]
     if visit.household_id:
         resource["serviceType"] = {"text": f"household {visit.household_id}"}
     return _entry(resource, system, visit.visit_id)
 
 
-def _provenance_entry(visit: VisitSummary, naming: FhirNaming, signature: VisitSignature,
-                      targets: Sequence[str], gateway_url: str) -> dict:
-    payload = {"alg": "Ed25519", "seq": signature.chain_seq, "hash": signature.record_hash,
-               "prev": signature.prev_hash, "sig": signature.signature, "key": signature.public_key,
-               "gateway": naming.gateway_id}
+def _note_entries(visit: VisitSummary, naming: FhirNaming, encounter_url: str) -> list[dict[str, Any]]:
+    """Each visit note as an Observation (LOINC 34109-9 "Note") linked to the Encounter: R4's
+    Encounter has no note element, and the county platform files notes with the visit this way."""
+    system = naming.system("visit-note")
+    entries = []
+    for number, note in enumerate(visit.notes, start=1):
+        ident = f"{visit.visit_id}/note/{number}"
+        resource: dict[str, Any] = {
+            "resourceType": "Observation",
+            "identifier": [{"system": system, "value": ident}],
+            "status": "final",
+            "category": [{"coding": [_coding(OBS_CATEGORY, "exam", "Exam")]}],
+            "code": _loinc("34109-9", "Note"),
+            "subject": _ref_id(naming.patient_system, visit.patient_id),
+            "encounter": {"reference": encounter_url},
+            "effectiveDateTime": _instant(note.at or visit.started_at),
+            "performer": [_ref_id(naming.practitioner_system, visit.doctor_id)],
+            "valueString": note.text,
+        }
+        entries.append(_entry(resource, system, ident))
+    return entries
+
+
+def _provenance_entry(
+    visit: VisitSummary, naming: FhirNaming, signature: VisitSignature, targets: Sequence[str], gateway_url: str
+) -> dict[str, Any]:
+    payload = {
+        "alg": "Ed25519",
+        "seq": signature.chain_seq,
+        "hash": signature.record_hash,
+        "prev": signature.prev_hash,
+        "sig": signature.signature,
+        "key": signature.public_key,
+        "gateway": naming.gateway_id,
+    }
     data = base64.b64encode(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).decode()
     tag_system = naming.system("provenance")
     resource = {
@@ -323,75 +398,88 @@ def _provenance_entry(visit: VisitSummary, naming: FhirNaming, signature: VisitS
         "target": [{"reference": url} for url in targets],
         "recorded": _instant(signature.signed_at),
         "agent": [
-            {"type": {"coding": [_coding(PROVENANCE_AGENT, "author", "Author")]},
-             "who": _ref_id(naming.practitioner_system, visit.doctor_id)},
-            {"type": {"coding": [_coding(PROVENANCE_AGENT, "assembler", "Assembler")]},
-             "who": {"reference": gateway_url}},
+            {
+                "type": {"coding": [_coding(PROVENANCE_AGENT, "author", "Author")]},
+                "who": _ref_id(naming.practitioner_system, visit.doctor_id),
+            },
+            {
+                "type": {"coding": [_coding(PROVENANCE_AGENT, "assembler", "Assembler")]},
+                "who": {"reference": gateway_url},
+            },
         ],
-        "signature": [{
-            "type": [_coding(SIGNATURE_TYPE, "1.2.840.10065.1.12.1.5", "Verification Signature")],
-            "when": _instant(signature.signed_at),
-            "who": {"reference": gateway_url},
-            "sigFormat": CHAIN_SIGNATURE_FORMAT,
-            "data": data,
-        }],
+        "signature": [
+            {
+                "type": [_coding(SIGNATURE_TYPE, "1.2.840.10065.1.12.1.5", "Verification Signature")],
+                "when": _instant(signature.signed_at),
+                "who": {"reference": gateway_url},
+                "sigFormat": CHAIN_SIGNATURE_FORMAT,
+                "data": data,
+            }
+        ],
     }
-    return _entry(resource, tag_system, visit.visit_id,
-                  search=urlencode({"_tag": f"{tag_system}|{visit.visit_id}"}))
+    return _entry(resource, tag_system, visit.visit_id, search=urlencode({"_tag": f"{tag_system}|{visit.visit_id}"}))
 
 
-def _transaction(entries: Iterable[dict], bundle_id: str, naming: FhirNaming) -> dict:
-    unique: dict[str, dict] = {}
+def _transaction(entries: Iterable[dict[str, Any]], bundle_id: str, naming: FhirNaming) -> dict[str, Any]:
+    unique: dict[str, dict[str, Any]] = {}
     for e in entries:
         unique.setdefault(e["fullUrl"], e)  # the same device twice is one entry
-    return {"resourceType": "Bundle", "type": "transaction",
-            "identifier": {"system": naming.system("bundle"), "value": bundle_id},
-            "entry": list(unique.values())}
+    return {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "identifier": {"system": naming.system("bundle"), "value": bundle_id},
+        "entry": list(unique.values()),
+    }
 
 
-def visit_bundle(visit: VisitSummary, observations: Sequence[Observation], naming: FhirNaming,
-                 signature: VisitSignature | None = None) -> dict:
+def visit_bundle(
+    visit: VisitSummary,
+    observations: Sequence[Observation],
+    naming: FhirNaming,
+    signature: VisitSignature | None = None,
+) -> dict[str, Any]:
     """Encounter + Location + Devices + Observations (+ Provenance with the chain signature)."""
     if not visit.patient_id or not visit.doctor_id:
         raise InvalidObjectError("a visit needs a patient and a doctor")
     gateway = _gateway_entry(naming)
     location = _location_entry(visit, naming)
     encounter = _encounter_entry(visit, naming, location["fullUrl"] if location else None)
-    obs_entries: list[dict] = []
+    obs_entries: list[dict[str, Any]] = []
     for obs in observations:
-        obs_entries += observation_entries(obs, naming, encounter_url=encounter["fullUrl"],
-                                           patient_id=visit.patient_id)
+        obs_entries += observation_entries(obs, naming, encounter_url=encounter["fullUrl"], patient_id=visit.patient_id)
+    obs_entries += _note_entries(visit, naming, encounter["fullUrl"])
     entries = [gateway] + ([location] if location else []) + [encounter] + obs_entries
     if signature is not None:
-        targets = [encounter["fullUrl"]] + [e["fullUrl"] for e in obs_entries
-                                            if e["resource"]["resourceType"] == "Observation"]
+        targets = [encounter["fullUrl"]] + [
+            e["fullUrl"] for e in obs_entries if e["resource"]["resourceType"] == "Observation"
+        ]
         entries.append(_provenance_entry(visit, naming, signature, targets, gateway["fullUrl"]))
     return _transaction(entries, f"visit/{visit.visit_id}", naming)
 
 
-def observation_bundle(obs: Observation, naming: FhirNaming) -> dict:
+def observation_bundle(obs: Observation, naming: FhirNaming) -> dict[str, Any]:
     """A reading taken outside any visit (patient known): Device + Observation(s)."""
     entries = observation_entries(obs, naming)
     return _transaction(entries, f"observation/{observation_identifier(obs, naming)}", naming)
 
 
-def merge_transactions(bundles: Sequence[dict]) -> dict:
+def merge_transactions(bundles: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Several transactions as one (fewer round trips); shared Devices appear once."""
     if not bundles:
         raise InvalidObjectError("nothing to merge")
     entries = [e for b in bundles for e in b.get("entry", [])]
-    unique: dict[str, dict] = {}
+    unique: dict[str, dict[str, Any]] = {}
     for e in entries:
         unique.setdefault(e["fullUrl"], e)
     return {"resourceType": "Bundle", "type": "transaction", "entry": list(unique.values())}
 
 
-def bundle_bytes(bundle: dict) -> bytes:
+def bundle_bytes(bundle: dict[str, Any]) -> bytes:
     """Canonical compact JSON (what the outbox stores and the sender posts)."""
     return json.dumps(bundle, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode("utf-8")
 
 
-def bundle_identifiers(bundle: dict) -> list[tuple[str, str]]:
+def bundle_identifiers(bundle: dict[str, Any]) -> list[tuple[str, str]]:
     """(resourceType, identifier value) of every entry, for logs and tests."""
     out = []
     for e in bundle.get("entry", []):

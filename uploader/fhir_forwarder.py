@@ -17,29 +17,57 @@ conditional create, so the platform never stores a visit twice.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from uploader.errors import ConfigurationFault, CorruptPayloadError, PermanentError, TransientError
 from uploader.fhir_bundle import bundle_bytes, merge_transactions
 from uploader.fhir_sender import FhirSender
-from uploader.outbox import ItemState, Outbox, OutboxItem, Priority
+from uploader.outbox import ItemState, Kind, Outbox, OutboxItem, Priority
 
 log = logging.getLogger(__name__)
 
-FHIR_KIND = "fhir-bundle"
 STATUS_NAME = "fhir"
 
 
-def enqueue_bundle(outbox: Outbox, bundle: dict, key: str, *, patient_id: str | None,
-                   meta: dict | None = None, now: float | None = None) -> bool:
+def enqueue_bundle(
+    outbox: Outbox,
+    bundle: dict[str, Any],
+    key: str,
+    *,
+    patient_id: str | None,
+    meta: dict[str, Any] | None = None,
+    now: float | None = None,
+) -> bool:
     """Queue one transaction Bundle under an idempotency key; False if it was already queued."""
-    result = outbox.add(FHIR_KIND, key, bundle_bytes(bundle), priority=Priority.ROUTINE,
-                        meta=meta or {}, patient={"patient_id": patient_id} if patient_id else None,
-                        now=now)
+    result = outbox.add(
+        Kind.FHIR_BUNDLE,
+        key,
+        bundle_bytes(bundle),
+        priority=Priority.ROUTINE,
+        meta=meta or {},
+        patient={"patient_id": patient_id} if patient_id else None,
+        now=now,
+    )
     return result.created
+
+
+@dataclass
+class FhirRoundResult:
+    """What one round did; the forward service logs it, `lastmile queue` shows the last one."""
+
+    claimed: int = 0
+    sent: int = 0  # accepted by the platform (and so committed: FHIR has no later confirmation)
+    transient: int = 0  # failed for now: backoff
+    quarantined: int = 0
+    deferred: int = 0  # released unsent (behind an earlier bundle of the patient, or the round stopped)
+    requests: int = 0
+    fault: str | None = None  # the platform refuses this gateway (token, TLS): nothing sent
+    errors: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -48,16 +76,14 @@ class _Round:
     sender: FhirSender
     now: float
     config_fault_retry_s: float
-    counts: dict = field(default_factory=lambda: {
-        "claimed": 0, "sent": 0, "transient": 0, "quarantined": 0, "deferred": 0, "requests": 0,
-        "fault": None, "errors": []})
+    counts: FhirRoundResult = field(default_factory=FhirRoundResult)
     blocked: set[str] = field(default_factory=set)
     stop: bool = False
 
     def release(self, items: Sequence[OutboxItem], why: str, delay_s: float) -> None:
         if items:
             self.outbox.release([i.id for i in items], why, self.now, delay_s)
-            self.counts["deferred"] += len(items)
+            self.counts.deferred += len(items)
 
     def send(self, batch: list[tuple[OutboxItem, bytes]]) -> list[tuple[OutboxItem, bytes]]:
         """Send a batch; returns what is left unsent when the round has to stop."""
@@ -66,28 +92,28 @@ class _Round:
         else:
             body = bundle_bytes(merge_transactions([json.loads(p) for _, p in batch]))
         ids = [item.id for item, _ in batch]
-        self.counts["requests"] += 1
+        self.counts.requests += 1
         try:
             self.sender.post_transaction(body)
         except TransientError as exc:
             for item, _ in batch:
                 self.outbox.mark_transient_failure(item.id, str(exc), self.now, exc.retry_after)
                 self._block(item)
-            self.counts["transient"] += len(batch)
-            self.counts["errors"].append(str(exc))
+            self.counts.transient += len(batch)
+            self.counts.errors.append(str(exc))
             self.stop = True
             self.retry_after = exc.retry_after
             return []
         except ConfigurationFault as exc:
-            self.counts["fault"] = str(exc)
+            self.counts.fault = str(exc)
             self.stop = True
             return batch
         except PermanentError as exc:
             if len(batch) == 1:
                 item = batch[0][0]
                 self.outbox.quarantine(item.id, str(exc), self.now)
-                self.counts["quarantined"] += 1
-                self.counts["errors"].append(str(exc))
+                self.counts.quarantined += 1
+                self.counts.errors.append(str(exc))
                 log.error("FHIR bundle %s quarantined: %s", item.key, exc)
                 return []
             half = len(batch) // 2
@@ -97,7 +123,7 @@ class _Round:
             return self.send(batch[half:])
         self.outbox.mark_sent(ids, self.now)
         self.outbox.mark_committed(ids, self.now)
-        self.counts["sent"] += len(batch)
+        self.counts.sent += len(batch)
         return []
 
     def _block(self, item: OutboxItem) -> None:
@@ -108,17 +134,23 @@ class _Round:
     retry_after: float | None = None
 
 
-def forward_fhir_once(outbox: Outbox, sender: FhirSender, now: float, *, batch_size: int = 20,
-                      max_items: int = 200, config_fault_retry_s: float = 300.0) -> dict:
-    """One round; returns counts {claimed, sent, transient, quarantined, deferred, requests,
-    fault, errors}."""
-    items = outbox.claim(FHIR_KIND, max_items, now)
+def forward_fhir_once(
+    outbox: Outbox,
+    sender: FhirSender,
+    now: float,
+    *,
+    batch_size: int = 20,
+    max_items: int = 200,
+    config_fault_retry_s: float = 300.0,
+) -> FhirRoundResult:
+    """One round: claim due bundles, send them merged in batches, settle each."""
+    items = outbox.claim(Kind.FHIR_BUNDLE, max_items, now)
     rnd = _Round(outbox, sender, now, config_fault_retry_s)
-    rnd.counts["claimed"] = len(items)
+    rnd.counts.claimed = len(items)
     # A patient's bundle still waiting out a backoff must not be overtaken by a later one.
     waiting: dict[str, OutboxItem] = {}
     if items:
-        for queued in outbox.items(state=ItemState.QUEUED, kind=FHIR_KIND):
+        for queued in outbox.items(state=ItemState.QUEUED, kind=Kind.FHIR_BUNDLE):
             patient = (queued.patient or {}).get("patient_id")
             if patient and patient not in waiting:
                 waiting[patient] = queued
@@ -126,8 +158,9 @@ def forward_fhir_once(outbox: Outbox, sender: FhirSender, now: float, *, batch_s
     for item in items:
         earlier = waiting.get((item.patient or {}).get("patient_id") or "")
         if earlier is not None and (earlier.created_at, earlier.id) < (item.created_at, item.id):
-            rnd.release([item], "waiting for an earlier bundle of the same patient",
-                        max(0.0, earlier.next_attempt_at - now))
+            rnd.release(
+                [item], "waiting for an earlier bundle of the same patient", max(0.0, earlier.next_attempt_at - now)
+            )
         else:
             pending.append(item)
     while pending and not rnd.stop:
@@ -141,16 +174,15 @@ def forward_fhir_once(outbox: Outbox, sender: FhirSender, now: float, *, batch_s
             try:
                 batch.append((item, outbox.read_payload(item, now)))
             except CorruptPayloadError as exc:  # the outbox quarantined it already
-                rnd.counts["quarantined"] += 1
-                rnd.counts["errors"].append(str(exc))
+                rnd.counts.quarantined += 1
+                rnd.counts.errors.append(str(exc))
         leftover = rnd.send(batch) if batch else []
         if rnd.stop:
             rest = [i for i, _ in leftover] + pending
-            if rnd.counts["fault"]:
-                rnd.release(rest, f"configuration fault: {rnd.counts['fault']}", config_fault_retry_s)
+            if rnd.counts.fault:
+                rnd.release(rest, f"configuration fault: {rnd.counts.fault}", config_fault_retry_s)
             else:
-                rnd.release(rest, "FHIR server unavailable; sent in a later round",
-                            rnd.retry_after or 0.0)
+                rnd.release(rest, "FHIR server unavailable; sent in a later round", rnd.retry_after or 0.0)
             pending = []
-    outbox.record_status(STATUS_NAME, {"last_round": rnd.counts, "at": now}, now)
+    outbox.record_status(STATUS_NAME, {"last_round": dataclasses.asdict(rnd.counts), "at": now}, now)
     return rnd.counts

@@ -7,6 +7,12 @@ Life of an item::
       |   transient /   |  |                  +--requeue (commitment failed)--> queued
       +---release-------+  +--quarantine--> quarantined --retry--> queued
 
+Holds: a queued item may carry `hold_until` (epoch seconds) and `hold_reason`; `claim` never
+takes it before that time, so the forwarder cannot send it. An ECG with no patient is added held
+("unassigned") for the doctor to assign; `replace_held_payload` swaps its payload (the object
+rebuilt under the same UIDs) only while it is queued and was never attempted, and releases it;
+when the hold runs out it goes as it is. The quality gate's "re-record" hold uses the same columns.
+
 Design (see also `outbox_migrations.py` and `payload_files.py`):
 
 - One database `outbox.sqlite` in the data directory, WAL, synchronous=FULL (an `add` that
@@ -52,12 +58,24 @@ Design (see also `outbox_migrations.py` and `payload_files.py`):
   old page images leave the WAL too. Payload *files* are unlinked, not overwritten (on flash the
   controller remaps blocks anyway): protect the data partition itself if that matters.
 - All files are created 0600 and directories 0700: every lastmile service runs as one user.
+- A send is charged before its bytes go out (`begin_send`: attempts + 1, in_flight = 1, durable),
+  so a process killed mid-send has paid for it: recovery counts it in `interrupted_sends`, and an
+  item whose sends were cut short `max_interrupted_sends` times in a row (an object that crashes
+  the forwarder, e.g. by exhausting its memory) is quarantined at the next claim instead of
+  taking the forwarder down at every restart.
+- A full disk drains (see `space_reserve.py`): writes that move items along (claim, sent,
+  committed, purged, status) free the reserve file and try again when SQLite reports a full
+  disk; adding a new item never does, and is refused with a message that says what to do.
+- Storage commitment transactions asked for each item are kept (the latest few, in
+  `commitment_requests`) so a report is believed only for a transaction we issued, and only
+  for the items in it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import hashlib
 import json
 import logging
@@ -70,13 +88,14 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlite_utils
 
 from uploader.errors import CorruptPayloadError, OutboxFullError
-from uploader.outbox_migrations import MIGRATIONS, open_database
 from uploader.payload_files import OwnerLock, PayloadFiles
+from uploader.space_reserve import DEFAULT_RESERVE_BYTES, SpaceReserve
+from uploader.sqlite_store import MIGRATIONS, open_database
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +104,19 @@ PAYLOAD_DIR = "payloads"
 LOCKS_DIR = "locks"
 DEFAULT_INLINE_MAX_BYTES = 16 * 1024
 _CHUNK = 500  # ids per statement (well under SQLite's variable limit)
+WAL_AUTOCHECKPOINT_PAGES = 1000  # SQLite's default: fewer checkpoints, fewer page writes
+DRAINING_AUTOCHECKPOINT_PAGES = 64  # on a full disk: the WAL is reused every 256 KB, never grown
+DEFAULT_MAX_INTERRUPTED_SENDS = 5  # sends cut short in a row (process killed) before quarantine
+PURGE_CHUNK = 16  # items purged per transaction
+COMMITMENT_HISTORY = 4  # commitment transactions remembered per item (a late report still counts)
+_T = TypeVar("_T")
+
+
+class Kind(enum.StrEnum):
+    """What an item is, which decides who sends it (one sender per kind)."""
+
+    DICOM = "dicom"  # a Part-10 ECG object for the reading center (uploader/ecg_forwarder.py)
+    FHIR_BUNDLE = "fhir-bundle"  # a FHIR R4 transaction bundle (uploader/fhir_forwarder.py)
 
 
 class Priority(enum.IntEnum):
@@ -118,9 +150,23 @@ class OutboxItem:
     transaction_uid: str | None
     sha256: str
     size: int
-    meta: dict
-    patient: dict | None
+    meta: dict[str, Any]
+    patient: dict[str, Any] | None
     quarantine_reason: str | None
+    hold_until: float | None = None  # not claimable before this time (None: not held)
+    hold_reason: str | None = None  # why: "unassigned" (no patient yet), "re-record" ...
+    interrupted_sends: int = 0  # sends cut short in a row by the sending process dying
+
+    def held(self, now: float) -> bool:
+        return self.state == ItemState.QUEUED and self.hold_until is not None and self.hold_until > now
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Keep an item out of the forwarder's reach until `until` (epoch seconds), for `reason`."""
+
+    reason: str
+    until: float
 
 
 @dataclass(frozen=True)
@@ -138,6 +184,7 @@ S = ItemState
 # untouched (logged): another process or an operator may have moved them meanwhile.
 TRANSITIONS: dict[str, tuple[frozenset[ItemState], ItemState]] = {
     "claim": (frozenset({S.QUEUED}), S.SENDING),
+    "begin_send": (frozenset({S.SENDING}), S.SENDING),
     "mark_sent": (frozenset({S.SENDING}), S.SENT),
     "transient_failure": (frozenset({S.SENDING}), S.QUEUED),
     "release": (frozenset({S.SENDING}), S.QUEUED),
@@ -150,9 +197,16 @@ TRANSITIONS: dict[str, tuple[frozenset[ItemState], ItemState]] = {
     "purge": (frozenset({S.COMMITTED}), S.PURGED),
 }
 
-_ITEM_COLUMNS = ("id, kind, key, priority, state, attempts, next_attempt_at, last_error, created_at, "
-                 "updated_at, sent_at, committed_at, transaction_uid, sha256, size, meta, patient, "
-                 "quarantine_reason")
+_ITEM_COLUMNS = (
+    "id, kind, key, priority, state, attempts, next_attempt_at, last_error, created_at, "
+    "updated_at, sent_at, committed_at, transaction_uid, sha256, size, meta, patient, "
+    "quarantine_reason, hold_until, hold_reason, interrupted_sends"
+)
+_WAITING_NAMES = {Kind.DICOM.value: ("ECG", "ECGs"), Kind.FHIR_BUNDLE.value: ("visit record", "visit records")}
+
+
+class _Sql(str):
+    """A column value given as an SQL expression (e.g. "attempts - in_flight"), not a parameter."""
 
 
 def backoff_delay(attempts: int, base_s: float, max_s: float, rng: random.Random) -> float:
@@ -160,16 +214,16 @@ def backoff_delay(attempts: int, base_s: float, max_s: float, rng: random.Random
     uniformly random in [ceiling/2, ceiling] so gateways that failed together spread out
     without ever retrying at once."""
     exponent = min(max(attempts - 1, 0), 62)
-    ceiling = min(max_s, base_s * float(2 ** exponent))
+    ceiling = min(max_s, base_s * float(2**exponent))
     return ceiling / 2 + rng.uniform(0.0, ceiling / 2)
 
 
-def _is_disk_full(exc: sqlite3.Error) -> bool:
+def _is_disk_full(exc: BaseException) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
     return code == sqlite3.SQLITE_FULL or "database or disk is full" in str(exc)
 
 
-def _json(value: dict | None) -> str | None:
+def _json(value: dict[str, Any] | None) -> str | None:
     return None if value is None else json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
@@ -179,30 +233,52 @@ def _time(value: float | None) -> float | None:
 
 def _item(row: sqlite3.Row) -> OutboxItem:
     return OutboxItem(
-        id=row["id"], kind=row["kind"], key=row["key"], priority=Priority(row["priority"]),
-        state=ItemState(row["state"]), attempts=row["attempts"],
-        next_attempt_at=float(row["next_attempt_at"]), last_error=row["last_error"],
-        created_at=float(row["created_at"]), updated_at=float(row["updated_at"]),
-        sent_at=_time(row["sent_at"]), committed_at=_time(row["committed_at"]),
+        id=row["id"],
+        kind=row["kind"],
+        key=row["key"],
+        priority=Priority(row["priority"]),
+        state=ItemState(row["state"]),
+        attempts=row["attempts"],
+        next_attempt_at=float(row["next_attempt_at"]),
+        last_error=row["last_error"],
+        created_at=float(row["created_at"]),
+        updated_at=float(row["updated_at"]),
+        sent_at=_time(row["sent_at"]),
+        committed_at=_time(row["committed_at"]),
         transaction_uid=row["transaction_uid"],
-        sha256=row["sha256"], size=row["size"],
+        sha256=row["sha256"],
+        size=row["size"],
         meta=json.loads(row["meta"]) if row["meta"] else {},
         patient=json.loads(row["patient"]) if row["patient"] else None,
-        quarantine_reason=row["quarantine_reason"])
+        quarantine_reason=row["quarantine_reason"],
+        hold_until=_time(row["hold_until"]),
+        hold_reason=row["hold_reason"],
+        interrupted_sends=row["interrupted_sends"],
+    )
 
 
 def _chunks(ids: Sequence[int]) -> Iterator[list[int]]:
     unique = list(dict.fromkeys(int(i) for i in ids))
     for start in range(0, len(unique), _CHUNK):
-        yield unique[start:start + _CHUNK]
+        yield unique[start : start + _CHUNK]
 
 
 class Outbox:
     """Open with `Outbox.open(data_dir)`; safe to share between threads; close when done."""
 
-    def __init__(self, data_dir: Path, db: sqlite_utils.Database, *, min_free_bytes: int,
-                 backoff_base_s: float, backoff_max_s: float, rng: random.Random,
-                 statvfs: Callable[[Any], os.statvfs_result], inline_max_bytes: int) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        db: sqlite_utils.Database,
+        *,
+        min_free_bytes: int,
+        backoff_base_s: float,
+        backoff_max_s: float,
+        rng: random.Random,
+        statvfs: Callable[[Any], os.statvfs_result],
+        inline_max_bytes: int,
+        reserve_bytes: int,
+    ) -> None:
         self.data_dir = data_dir
         self.db = db
         self.min_free_bytes = min_free_bytes
@@ -214,6 +290,8 @@ class Outbox:
         self._statvfs = statvfs
         self._lock = threading.RLock()
         self._files = PayloadFiles(data_dir / PAYLOAD_DIR)
+        self._reserve = SpaceReserve(data_dir, reserve_bytes)
+        self._draining = False  # the reserve was released: keep the WAL small until it is back
         self._locks_dir = data_dir / LOCKS_DIR
         self._locks_dir.mkdir(mode=0o700, exist_ok=True)
         self.owner = uuid.uuid4().hex
@@ -221,21 +299,40 @@ class Outbox:
 
     # -- opening and closing ---------------------------------------------------------------------
     @classmethod
-    def open(cls, data_dir: Path, *, min_free_bytes: int = 200 * 2**20, backoff_base_s: float = 5.0,
-             backoff_max_s: float = 900.0, rng: random.Random | None = None,
-             statvfs: Callable[[Any], os.statvfs_result] = os.statvfs,
-             inline_max_bytes: int = DEFAULT_INLINE_MAX_BYTES, now: float | None = None) -> "Outbox":
+    def open(
+        cls,
+        data_dir: Path,
+        *,
+        min_free_bytes: int = 200 * 2**20,
+        backoff_base_s: float = 5.0,
+        backoff_max_s: float = 900.0,
+        rng: random.Random | None = None,
+        statvfs: Callable[[Any], os.statvfs_result] = os.statvfs,
+        inline_max_bytes: int = DEFAULT_INLINE_MAX_BYTES,
+        reserve_bytes: int | None = None,
+        now: float | None = None,
+    ) -> Outbox:
         """Open (creating or migrating) the outbox in `data_dir`, then recover from any crash:
         interrupted sends back to queued, orphaned payload files removed, queued items whose
-        payload is lost quarantined."""
+        payload is lost quarantined. `reserve_bytes` (default: 16 MiB, at most half of
+        `min_free_bytes`) is set aside for draining a full disk (space_reserve.py)."""
         data_dir = Path(data_dir)
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        db = open_database(data_dir / DB_NAME, MIGRATIONS,
-                           pragmas=(f"journal_size_limit={8 * 2**20}",))
+        db = open_database(data_dir / DB_NAME, MIGRATIONS, pragmas=(f"journal_size_limit={8 * 2**20}",))
         try:
-            outbox = cls(data_dir, db, min_free_bytes=min_free_bytes, backoff_base_s=backoff_base_s,
-                         backoff_max_s=backoff_max_s, rng=rng or random.Random(),
-                         statvfs=statvfs, inline_max_bytes=inline_max_bytes)
+            outbox = cls(
+                data_dir,
+                db,
+                min_free_bytes=min_free_bytes,
+                backoff_base_s=backoff_base_s,
+                backoff_max_s=backoff_max_s,
+                rng=rng or random.Random(),
+                statvfs=statvfs,
+                inline_max_bytes=inline_max_bytes,
+                reserve_bytes=min(DEFAULT_RESERVE_BYTES, min_free_bytes // 2)
+                if reserve_bytes is None
+                else reserve_bytes,
+            )
         except BaseException:
             db.close()
             raise
@@ -252,6 +349,8 @@ class Outbox:
             log.warning("%d interrupted send(s) put back in the queue (not charged)", recovered)
         self._files.remove_orphans(self._referenced_files)
         self._quarantine_lost_payloads(now)
+        self._reserve.remove_leftovers()
+        self.ensure_reserve()
 
     def close(self) -> None:
         """Release this Outbox's claims (back to queued, uncharged) and close the database."""
@@ -261,16 +360,17 @@ class Outbox:
             try:
                 with self._write() as conn:
                     conn.execute(
-                        "UPDATE items SET state = ?, claimed_by = NULL, updated_at = ? "
-                        "WHERE state = ? AND claimed_by = ?",
-                        (S.QUEUED.value, time.time(), S.SENDING.value, self.owner))
+                        "UPDATE items SET state = ?, claimed_by = NULL, updated_at = ?, "
+                        "attempts = attempts - in_flight, in_flight = 0 WHERE state = ? AND claimed_by = ?",
+                        (S.QUEUED.value, time.time(), S.SENDING.value, self.owner),
+                    )
             except sqlite3.Error as exc:  # a claim left behind is recovered at the next open
                 log.warning("could not release claims at close: %s", exc)
             self._conn.close()
             self._owner_lock.release()
             self._owner_lock = None
 
-    def __enter__(self) -> "Outbox":
+    def __enter__(self) -> Outbox:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -292,55 +392,144 @@ class Outbox:
                     self._conn.execute("ROLLBACK")
                 raise
 
+    def _commit(self, body: Callable[[sqlite3.Connection], _T], *, use_reserve: bool = True) -> _T:
+        """`body` in one write transaction. If SQLite finds the disk full, the reserve file is
+        deleted and the transaction tried once more: moving items along must not stop on a
+        full disk (adding new ones may: they go through `_write` directly)."""
+        try:
+            with self._write() as conn:
+                return body(conn)
+        except sqlite3.OperationalError as exc:
+            if not (use_reserve and _is_disk_full(exc)):
+                raise
+            self._set_draining(True)
+            if not self._reserve.release():
+                raise
+        with self._write() as conn:
+            return body(conn)
+
+    def _set_draining(self, draining: bool) -> None:
+        """While the disk is full, checkpoint every few pages: a checkpointed WAL is written
+        over from its start (no new blocks), instead of growing to 4 MB before the first
+        checkpoint; normally SQLite's default, which writes the database file less often."""
+        if draining == self._draining:
+            return
+        pages = DRAINING_AUTOCHECKPOINT_PAGES if draining else WAL_AUTOCHECKPOINT_PAGES
+        with self._lock:
+            if self._owner_lock is not None:
+                self._conn.execute(f"PRAGMA wal_autocheckpoint={pages}")
+        self._draining = draining
+
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
             if self._owner_lock is None:
                 raise RuntimeError("the outbox is closed")
             return self._conn.execute(sql, params).fetchall()
 
-    def _transition(self, op: str, item_ids: Sequence[int], now: float,
-                    sets: dict[str, Any] | None = None) -> list[int]:
+    def _transition(
+        self, op: str, item_ids: Sequence[int], now: float, sets: dict[str, Any] | None = None
+    ) -> list[int]:
         """Move the given items from op's source states to its target; return the ids moved."""
         sources, target = TRANSITIONS[op]
         assignments = {"state": target.value, "updated_at": now, **(sets or {})}
-        set_sql = ", ".join(f"{col} = ?" for col in assignments)
+        set_sql = ", ".join(f"{col} = {v}" if isinstance(v, _Sql) else f"{col} = ?" for col, v in assignments.items())
+        values = [v for v in assignments.values() if not isinstance(v, _Sql)]
         src = sorted(s.value for s in sources)
-        moved: list[int] = []
         wanted = list(dict.fromkeys(int(i) for i in item_ids))
         if not wanted:
-            return moved
-        with self._write() as conn:
+            return []
+
+        def body(conn: sqlite3.Connection) -> list[int]:
+            moved: list[int] = []
             for chunk in _chunks(wanted):
                 marks = ",".join("?" * len(chunk))
                 rows = conn.execute(
                     f"UPDATE items SET {set_sql} WHERE id IN ({marks}) "
                     f"AND state IN ({','.join('?' * len(src))}) RETURNING id",
-                    [*assignments.values(), *chunk, *src]).fetchall()
+                    [*values, *chunk, *src],
+                ).fetchall()
                 moved += [r[0] for r in rows]
+            return moved
+
+        moved = self._commit(body)
         skipped = sorted(set(wanted) - set(moved))
         if skipped:
-            log.warning("%s: item(s) %s not in state %s, left unchanged", op, skipped,
-                        "/".join(src))
+            log.warning("%s: item(s) %s not in state %s, left unchanged", op, skipped, "/".join(src))
         return moved
 
     def _referenced_files(self) -> set[str]:
         return {r[0] for r in self._read("SELECT payload_file FROM items WHERE payload_file IS NOT NULL")}
 
-    def _check_space(self, size: int) -> None:
+    def _free_bytes(self) -> int:
         st = self._statvfs(self.data_dir)
-        free = st.f_bavail * st.f_frsize
+        return int(st.f_bavail * st.f_frsize)
+
+    def _check_space(self, size: int) -> None:
+        free = self._free_bytes()
+        if size <= self.inline_max_bytes:  # stored in the database: its free pages count too
+            free += self._free_pages_bytes()
         if free - size < self.min_free_bytes:
-            raise OutboxFullError(
-                f"outbox refuses a new {size} byte item: only {free / 2**20:.1f} MB free on the data "
-                f"partition ({self.data_dir}); at least {self.min_free_bytes / 2**20:.0f} MB must stay "
-                f"free. Items already queued are safe; free space or connect the network to drain it.")
+            raise self._full_error(
+                f"only {free / 2**20:.1f} MB free on the data partition ({self.data_dir}), "
+                f"{self.min_free_bytes / 2**20:.0f} MB must stay free"
+            )
+
+    def _free_pages_bytes(self) -> int:
+        """Space purged items left inside the database file (reused before it grows)."""
+        with self._lock:
+            pages = self._conn.execute("PRAGMA freelist_count").fetchone()[0]
+            size = self._conn.execute("PRAGMA page_size").fetchone()[0]
+        return int(pages) * int(size)
+
+    def _full_error(self, detail: str) -> OutboxFullError:
+        """The refusal the doctor reads: what is waiting, what to do, that nothing was lost."""
+        try:
+            rows = self._read(
+                "SELECT kind, COUNT(*) FROM items WHERE state IN (?, ?, ?) GROUP BY kind ORDER BY kind",
+                (S.QUEUED.value, S.SENDING.value, S.SENT.value),
+            )
+        except sqlite3.Error:
+            rows = []
+        waiting = [f"{n} {_WAITING_NAMES.get(kind, ('item', 'items'))[n != 1]}" for kind, n in rows if n]
+        if waiting:
+            what = f"{' and '.join(waiting)} {'is' if sum(n for _k, n in rows) == 1 else 'are'} waiting to be sent"
+            todo = (
+                "connect the network so they can go to the reading center (space is freed once it "
+                "has them), or call the county IT"
+            )
+        else:
+            what, todo = "nothing is waiting to be sent", "call the county IT to free space"
+        return OutboxFullError(
+            f"storage full: {what}; {todo}. Nothing was lost: everything stored before is kept. "
+            f"This one was not stored: try again later. ({detail})"
+        )
+
+    def ensure_reserve(self) -> bool:
+        """Set the reserve space aside again if it is missing and there is room (after a purge)."""
+        try:
+            present = self._reserve.ensure(self._free_bytes(), self.min_free_bytes)
+        except OSError as exc:
+            log.warning("cannot check free space for the reserve: %s", exc)
+            return False
+        if present:
+            self._set_draining(False)
+        return present
 
     # -- adding -----------------------------------------------------------------------------------
-    def add(self, kind: str, key: str, payload: bytes, *, priority: Priority = Priority.ROUTINE,
-            meta: dict | None = None, patient: dict | None = None,
-            now: float | None = None) -> AddResult:
+    def add(
+        self,
+        kind: str,
+        key: str,
+        payload: bytes,
+        *,
+        priority: Priority = Priority.ROUTINE,
+        meta: dict[str, Any] | None = None,
+        patient: dict[str, Any] | None = None,
+        now: float | None = None,
+        hold: Hold | None = None,
+    ) -> AddResult:
         """Store `payload` durably under the idempotency `key`; an existing key returns the
-        existing item (created=False) and writes nothing."""
+        existing item (created=False) and writes nothing. `hold`: not sendable until then."""
         now = time.time() if now is None else now
         existing = self.find(key)
         if existing is not None:
@@ -351,17 +540,29 @@ class Outbox:
         inline = len(payload) <= self.inline_max_bytes
         writing = contextlib.nullcontext() if inline else self._files.writing()
         with writing:
-            name = None if inline else self._files.write(payload)
             try:
-                item_id, created = self._insert(kind, key, payload if inline else None, name,
-                                                len(payload), priority, meta, patient, digest, now)
+                name = None if inline else self._files.write(payload)
+            except OutboxFullError as exc:
+                raise self._full_error(str(exc)) from exc
+            try:
+                item_id, created = self._insert(
+                    kind,
+                    key,
+                    payload if inline else None,
+                    name,
+                    len(payload),
+                    priority,
+                    meta,
+                    patient,
+                    digest,
+                    now,
+                    hold,
+                )
             except sqlite3.Error as exc:
                 if name:
                     self._files.delete(name)
                 if _is_disk_full(exc):
-                    raise OutboxFullError(
-                        f"the data partition is full: the outbox database could not store item "
-                        f"{key!r} ({exc}); nothing was stored") from exc
+                    raise self._full_error(f"the outbox database could not store item {key!r}: {exc}") from exc
                 raise
             except BaseException:
                 if name:
@@ -372,23 +573,50 @@ class Outbox:
         item = self.get(item_id)
         assert item is not None
         if created:
-            log.debug("outbox item %d added (%s, %d bytes, %s)", item_id, kind, len(payload),
-                      "inline" if inline else "file")
+            log.debug(
+                "outbox item %d added (%s, %d bytes, %s)", item_id, kind, len(payload), "inline" if inline else "file"
+            )
         return AddResult(item, created=created)
 
-    def _insert(self, kind: str, key: str, inline: bytes | None, name: str | None, size: int,
-                priority: Priority, meta: dict | None, patient: dict | None, digest: str,
-                now: float) -> tuple[int, bool]:
+    def _insert(
+        self,
+        kind: str,
+        key: str,
+        inline: bytes | None,
+        name: str | None,
+        size: int,
+        priority: Priority,
+        meta: dict[str, Any] | None,
+        patient: dict[str, Any] | None,
+        digest: str,
+        now: float,
+        hold: Hold | None = None,
+    ) -> tuple[int, bool]:
         with self._write() as conn:
             row = conn.execute("SELECT id FROM items WHERE key = ?", (key,)).fetchone()
             if row is not None:
                 return row[0], False
             cur = conn.execute(
                 "INSERT INTO items (kind, key, priority, state, attempts, next_attempt_at, "
-                "created_at, updated_at, sha256, size, meta, patient, payload_file) "
-                "VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (kind, key, int(Priority(priority)), S.QUEUED.value, now, now, now, digest, size,
-                 _json(meta or {}), _json(patient), name))
+                "created_at, updated_at, sha256, size, meta, patient, payload_file, hold_until, hold_reason) "
+                "VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    kind,
+                    key,
+                    int(Priority(priority)),
+                    S.QUEUED.value,
+                    now,
+                    now,
+                    now,
+                    digest,
+                    size,
+                    _json(meta or {}),
+                    _json(patient),
+                    name,
+                    None if hold is None else float(hold.until),
+                    None if hold is None else hold.reason,
+                ),
+            )
             item_id = int(cur.lastrowid or 0)
             if inline is not None:
                 conn.execute("INSERT INTO payloads (item_id, data) VALUES (?, ?)", (item_id, inline))
@@ -403,8 +631,9 @@ class Outbox:
         rows = self._read(f"SELECT {_ITEM_COLUMNS} FROM items WHERE key = ?", (key,))
         return _item(rows[0]) if rows else None
 
-    def items(self, *, state: ItemState | None = None, kind: str | None = None,
-              limit: int | None = None) -> list[OutboxItem]:
+    def items(
+        self, *, state: ItemState | None = None, kind: str | None = None, limit: int | None = None
+    ) -> list[OutboxItem]:
         where, params = [], []
         if state is not None:
             where.append("state = ?")
@@ -417,8 +646,7 @@ class Outbox:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id"
         if limit is not None:
-            sql += " LIMIT ?"
-            params.append(int(limit))
+            sql += f" LIMIT {int(limit)}"
         return [_item(r) for r in self._read(sql, params)]
 
     def awaiting_commitment(self, kind: str) -> list[OutboxItem]:
@@ -459,8 +687,10 @@ class Outbox:
         if problem is None:
             actual = hashlib.sha256(data).hexdigest()
             if actual != digest:
-                problem = (f"payload corrupt: sha256 {actual[:16]}... ({len(data)} bytes) "
-                           f"does not match the stored {digest[:16]}... ({size} bytes)")
+                problem = (
+                    f"payload corrupt: sha256 {actual[:16]}... ({len(data)} bytes) "
+                    f"does not match the stored {digest[:16]}... ({size} bytes)"
+                )
         if problem is not None:
             reason = f"{problem}; not sent"
             self.quarantine(item.id, reason, time.time() if now is None else now)
@@ -469,27 +699,89 @@ class Outbox:
         return data
 
     # -- sending ----------------------------------------------------------------------------------
-    def claim(self, kind: str, limit: int, now: float) -> list[OutboxItem]:
+    def claim(
+        self, kind: str, limit: int, now: float, *, max_interrupted_sends: int = DEFAULT_MAX_INTERRUPTED_SENDS
+    ) -> list[OutboxItem]:
         """Atomically move up to `limit` due queued items of `kind` to sending: STAT first, then
-        oldest. Two claimers (threads or processes) never get the same item."""
+        oldest. Two claimers (threads or processes) never get the same item. Items whose sends
+        were cut short `max_interrupted_sends` times in a row are quarantined instead."""
         if limit <= 0:
             return []
-        with self._write() as conn:
+
+        def body(conn: sqlite3.Connection) -> tuple[list[sqlite3.Row], list[tuple[int, int]]]:
+            doomed = conn.execute(
+                "UPDATE items SET state = ?, updated_at = ?, quarantined_at = ?, claimed_by = NULL, "
+                "quarantine_reason = 'killed during send ' || interrupted_sends || ' times - possibly an "
+                "object that crashes the forwarder; not sent again', last_error = 'killed during send' "
+                "WHERE state = ? AND kind = ? AND interrupted_sends >= ? RETURNING id, interrupted_sends",
+                (S.QUARANTINED.value, now, now, S.QUEUED.value, kind, max(1, int(max_interrupted_sends))),
+            ).fetchall()
             rows = conn.execute(
                 f"UPDATE items SET state = ?, updated_at = ?, claimed_by = ? WHERE id IN ("
                 f"  SELECT id FROM items WHERE state = ? AND kind = ? AND next_attempt_at <= ?"
+                f"  AND (hold_until IS NULL OR hold_until <= ?)"
                 f"  ORDER BY priority, created_at, id LIMIT ?) RETURNING {_ITEM_COLUMNS}",
-                (S.SENDING.value, now, self.owner, S.QUEUED.value, kind, now, int(limit))).fetchall()
+                (S.SENDING.value, now, self.owner, S.QUEUED.value, kind, now, now, int(limit)),
+            ).fetchall()
+            return rows, [(r[0], r[1]) for r in doomed]
+
+        rows, doomed = self._commit(body)
+        for item_id, times in doomed:
+            log.error(
+                "outbox item %d quarantined: killed during send %d times - possibly an object that crashes the "
+                "forwarder",
+                item_id,
+                times,
+            )
         items = [_item(r) for r in rows]
         items.sort(key=lambda i: (i.priority, i.created_at, i.id))
         return items
 
-    def mark_sent(self, item_ids: Sequence[int], now: float) -> None:
-        self._transition("mark_sent", item_ids, now,
-                         {"sent_at": now, "last_error": None, "claimed_by": None})
+    def begin_send(self, item_id: int, now: float) -> bool:
+        """Charge the attempt before the item's bytes go out (durable): if this process dies
+        before the outcome is recorded, recovery counts an interrupted send. False if the item
+        is not ours to send (any more)."""
 
-    def mark_transient_failure(self, item_id: int, error: str, now: float,
-                               retry_after: float | None = None) -> OutboxItem:
+        def body(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "UPDATE items SET attempts = attempts + 1, in_flight = 1, updated_at = ? "
+                "WHERE id = ? AND state = ? AND claimed_by = ?",
+                (now, int(item_id), S.SENDING.value, self.owner),
+            )
+            return cur.rowcount == 1
+
+        return self._commit(body)
+
+    def interrupt_sends(self, item_ids: Sequence[int], reason: str, now: float) -> int:
+        """Sends of ours that ended without an outcome (an unexpected error mid-send): back to
+        queued, the attempt stays charged and counts as interrupted. Returns how many."""
+        wanted = list(dict.fromkeys(int(i) for i in item_ids))
+
+        def body(conn: sqlite3.Connection) -> int:
+            n = 0
+            for chunk in _chunks(wanted):
+                marks = ",".join("?" * len(chunk))
+                n += conn.execute(
+                    "UPDATE items SET state = ?, updated_at = ?, claimed_by = NULL, in_flight = 0, "
+                    f"interrupted_sends = interrupted_sends + 1, last_error = ? WHERE id IN ({marks}) "
+                    "AND state = ? AND in_flight = 1 AND claimed_by = ?",
+                    (S.QUEUED.value, now, reason, *chunk, S.SENDING.value, self.owner),
+                ).rowcount
+            return n
+
+        return self._commit(body) if wanted else 0
+
+    def mark_sent(self, item_ids: Sequence[int], now: float) -> None:
+        self._transition(
+            "mark_sent",
+            item_ids,
+            now,
+            {"sent_at": now, "last_error": None, "claimed_by": None, "in_flight": 0, "interrupted_sends": 0},
+        )
+
+    def mark_transient_failure(
+        self, item_id: int, error: str, now: float, retry_after: float | None = None
+    ) -> OutboxItem:
         """Back to queued with one more attempt and a backoff (at least `retry_after` seconds)."""
         self._charge_and_queue("transient_failure", [item_id], error, now, retry_after)
         item = self.get(item_id)
@@ -497,43 +789,132 @@ class Outbox:
             raise LookupError(f"outbox item {item_id} does not exist")
         return item
 
-    def _charge_and_queue(self, op: str, item_ids: Sequence[int], error: str, now: float,
-                          retry_after: float | None = None, extra: dict[str, Any] | None = None) -> None:
-        """One more attempt and the backoff it earns, read and written in one transaction."""
+    def _charge_and_queue(
+        self,
+        op: str,
+        item_ids: Sequence[int],
+        error: str,
+        now: float,
+        retry_after: float | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """One more attempt (unless `begin_send` charged it already) and the backoff it earns,
+        read and written in one transaction."""
         sources, target = TRANSITIONS[op]
-        skipped: list[int] = []
-        with self._write() as conn:
+
+        def body(conn: sqlite3.Connection) -> list[int]:
+            skipped: list[int] = []
             for item_id in dict.fromkeys(int(i) for i in item_ids):
-                row = conn.execute("SELECT attempts, state FROM items WHERE id = ?", (item_id,)).fetchone()
+                row = conn.execute("SELECT attempts, state, in_flight FROM items WHERE id = ?", (item_id,)).fetchone()
                 if row is None or ItemState(row[1]) not in sources:
                     skipped.append(item_id)
                     continue
-                attempts = row[0] + 1
+                attempts = row[0] + (0 if row[2] else 1)
                 delay = backoff_delay(attempts, self.backoff_base_s, self.backoff_max_s, self._rng)
                 if retry_after is not None:
                     delay = max(delay, float(retry_after))
-                sets = {"state": target.value, "updated_at": now, "attempts": attempts,
-                        "next_attempt_at": now + delay, "last_error": error, "claimed_by": None,
-                        **(extra or {})}
-                conn.execute(f"UPDATE items SET {', '.join(f'{c} = ?' for c in sets)} WHERE id = ?",
-                             [*sets.values(), item_id])
+                sets = {
+                    "state": target.value,
+                    "updated_at": now,
+                    "attempts": attempts,
+                    "next_attempt_at": now + delay,
+                    "last_error": error,
+                    "claimed_by": None,
+                    "in_flight": 0,
+                    "interrupted_sends": 0,  # an outcome came back: this object did not kill us
+                    **(extra or {}),
+                }
+                conn.execute(
+                    f"UPDATE items SET {', '.join(f'{c} = ?' for c in sets)} WHERE id = ?", [*sets.values(), item_id]
+                )
+            return skipped
+
+        skipped = self._commit(body)
         if skipped:
-            log.warning("%s: item(s) %s not in state %s, left unchanged", op, skipped,
-                        "/".join(sorted(s.value for s in sources)))
+            log.warning(
+                "%s: item(s) %s not in state %s, left unchanged",
+                op,
+                skipped,
+                "/".join(sorted(s.value for s in sources)),
+            )
 
     def release(self, item_ids: Sequence[int], error: str, now: float, delay_s: float) -> None:
         """Back to queued without charging an attempt (the fault was not the item's)."""
-        self._transition("release", item_ids, now, {"next_attempt_at": now + delay_s,
-                                                    "last_error": error, "claimed_by": None})
+        self._transition(
+            "release",
+            item_ids,
+            now,
+            {
+                "next_attempt_at": now + delay_s,
+                "last_error": error,
+                "claimed_by": None,
+                "attempts": _Sql("attempts - in_flight"),
+                "in_flight": 0,
+            },
+        )
 
     def quarantine(self, item_id: int, reason: str, now: float) -> None:
-        self._transition("quarantine", [item_id], now,
-                         {"quarantine_reason": reason, "quarantined_at": now, "last_error": reason,
-                          "claimed_by": None})
+        self._transition(
+            "quarantine",
+            [item_id],
+            now,
+            {
+                "quarantine_reason": reason,
+                "quarantined_at": now,
+                "last_error": reason,
+                "claimed_by": None,
+                "in_flight": 0,
+            },
+        )
 
     def set_transaction(self, item_ids: Sequence[int], transaction_uid: str, now: float) -> None:
-        """Storage commitment was asked for these sent items under `transaction_uid`."""
-        self._transition("set_transaction", item_ids, now, {"transaction_uid": transaction_uid})
+        """Storage commitment was asked for these sent items under `transaction_uid`: recorded
+        with the item, and remembered with the last few asked for it (a late report for an
+        earlier transaction still counts)."""
+        wanted = list(dict.fromkeys(int(i) for i in item_ids))
+
+        def body(conn: sqlite3.Connection) -> list[int]:
+            moved: list[int] = []
+            for chunk in _chunks(wanted):
+                marks = ",".join("?" * len(chunk))
+                moved += [
+                    r[0]
+                    for r in conn.execute(
+                        f"UPDATE items SET transaction_uid = ?, updated_at = ? WHERE id IN ({marks}) AND state = ? "
+                        "RETURNING id",
+                        (transaction_uid, now, *chunk, S.SENT.value),
+                    )
+                ]
+            for item_id in moved:
+                conn.execute(
+                    "INSERT OR IGNORE INTO commitment_requests (transaction_uid, item_id, asked_at) VALUES (?, ?, ?)",
+                    (transaction_uid, item_id, now),
+                )
+                conn.execute(
+                    "DELETE FROM commitment_requests WHERE item_id = ? AND transaction_uid NOT IN ("
+                    "  SELECT transaction_uid FROM commitment_requests WHERE item_id = ? "
+                    "  ORDER BY asked_at DESC LIMIT ?)",
+                    (item_id, item_id, COMMITMENT_HISTORY),
+                )
+            return moved
+
+        moved = self._commit(body) if wanted else []
+        skipped = sorted(set(wanted) - set(moved))
+        if skipped:
+            log.warning("set_transaction: item(s) %s not in state sent, left unchanged", skipped)
+
+    def commitment_request(self, transaction_uid: str) -> list[OutboxItem]:
+        """The items storage commitment was asked for under `transaction_uid` (in any state
+        now); empty if this outbox never issued that transaction (or its items are purged)."""
+        cols = ", ".join(f"i.{c.strip()}" for c in _ITEM_COLUMNS.split(","))
+        return [
+            _item(r)
+            for r in self._read(
+                f"SELECT {cols} FROM commitment_requests c JOIN items i ON i.id = c.item_id "
+                "WHERE c.transaction_uid = ? ORDER BY i.id",
+                (transaction_uid,),
+            )
+        ]
 
     def mark_committed(self, item_ids: Sequence[int], now: float) -> None:
         self._transition("mark_committed", item_ids, now, {"committed_at": now})
@@ -543,49 +924,168 @@ class Outbox:
         peer that keeps failing is not hammered; charged as an attempt."""
         self._charge_and_queue("requeue", item_ids, reason, now, extra={"transaction_uid": None})
 
+    # -- holds ------------------------------------------------------------------------------------
+    def held_items(self, now: float, *, kind: str | None = None, reason: str | None = None) -> list[OutboxItem]:
+        """Queued items still held at `now` (oldest first)."""
+        sql = f"SELECT {_ITEM_COLUMNS} FROM items WHERE state = ? AND hold_until > ?"
+        params: list[Any] = [S.QUEUED.value, now]
+        if kind is not None:
+            sql += " AND kind = ?"
+            params.append(kind)
+        if reason is not None:
+            sql += " AND hold_reason = ?"
+            params.append(reason)
+        return [_item(r) for r in self._read(sql + " ORDER BY id", params)]
+
+    def release_hold(self, item_id: int, now: float) -> bool:
+        """Let a held item go now; False if it is not a queued item."""
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE items SET hold_until = NULL, updated_at = ? WHERE id = ? AND state = ?",
+                (now, item_id, S.QUEUED.value),
+            )
+        return cur.rowcount == 1
+
+    def replace_held_payload(
+        self,
+        item_id: int,
+        payload: bytes,
+        now: float,
+        *,
+        meta: dict[str, Any] | None = None,
+        patient: dict[str, Any] | None = None,
+        hold: Hold | None = None,
+    ) -> bool:
+        """Swap the payload (and meta/patient) of an item that was never attempted and is still
+        queued, e.g. an ECG rebuilt under its own UIDs once its patient is known, and set its hold
+        (None: release it). False, and nothing changed, if the item was claimed or tried meanwhile:
+        what went out cannot be taken back."""
+        payload = bytes(payload)
+        self._check_space(len(payload))
+        digest = hashlib.sha256(payload).hexdigest()
+        inline = len(payload) <= self.inline_max_bytes
+        writing = contextlib.nullcontext() if inline else self._files.writing()
+        old_file: str | None = None
+        replaced = False
+        with writing:
+            name = None if inline else self._files.write(payload)
+            try:
+                with self._write() as conn:
+                    row = conn.execute(
+                        "SELECT payload_file FROM items WHERE id = ? AND state = ? AND attempts = 0",
+                        (item_id, S.QUEUED.value),
+                    ).fetchone()
+                    if row is not None:
+                        old_file = row[0]
+                        sets: dict[str, Any] = {
+                            "sha256": digest,
+                            "size": len(payload),
+                            "payload_file": name,
+                            "updated_at": now,
+                            "hold_until": None if hold is None else float(hold.until),
+                            "hold_reason": None if hold is None else hold.reason,
+                        }
+                        if meta is not None:
+                            sets["meta"] = _json(meta)
+                        if patient is not None:
+                            sets["patient"] = _json(patient)
+                        conn.execute(
+                            f"UPDATE items SET {', '.join(f'{c} = ?' for c in sets)} WHERE id = ?",
+                            [*sets.values(), item_id],
+                        )
+                        conn.execute("DELETE FROM payloads WHERE item_id = ?", (item_id,))
+                        if inline:
+                            conn.execute("INSERT INTO payloads (item_id, data) VALUES (?, ?)", (item_id, payload))
+                        replaced = True
+            except BaseException:
+                if name:
+                    self._files.delete(name)
+                raise
+            if not replaced and name:
+                self._files.delete(name)
+        if replaced and old_file and old_file != name:
+            self._files.delete(old_file)  # after the commit: a crash leaves an orphan, removed at open
+        return replaced
+
     # -- operator actions -------------------------------------------------------------------------
     def retry(self, item_id: int, now: float) -> bool:
         """Quarantined -> queued, attempts reset; False if the item is not quarantined."""
-        return bool(self._transition("retry", [item_id], now, {
-            "attempts": 0, "next_attempt_at": now, "quarantine_reason": None,
-            "quarantined_at": None}))
+        return bool(
+            self._transition(
+                "retry",
+                [item_id],
+                now,
+                {"attempts": 0, "next_attempt_at": now, "quarantine_reason": None, "quarantined_at": None},
+            )
+        )
 
     def retry_quarantined(self, now: float) -> int:
         ids = [r[0] for r in self._read("SELECT id FROM items WHERE state = ?", (S.QUARANTINED.value,))]
-        return len(self._transition("retry", ids, now, {
-            "attempts": 0, "next_attempt_at": now, "quarantine_reason": None,
-            "quarantined_at": None})) if ids else 0
+        return (
+            len(
+                self._transition(
+                    "retry",
+                    ids,
+                    now,
+                    {"attempts": 0, "next_attempt_at": now, "quarantine_reason": None, "quarantined_at": None},
+                )
+            )
+            if ids
+            else 0
+        )
 
     # -- purging ----------------------------------------------------------------------------------
     def purge_due(self, now: float, retention_s: float) -> int:
         """Committed items older than `retention_s`: payload deleted, patient and meta NULL
-        (secure_delete zeroes the old bytes), WAL checkpointed so no old copy stays there."""
+        (secure_delete zeroes the old bytes), WAL checkpointed so no old copy stays there.
+        A few items per transaction: zeroing an inline payload writes its pages to the WAL, and
+        on a full disk one transaction must fit in the room the reserve gave back."""
         cutoff = now - retention_s
-        with self._write() as conn:
+
+        def body(conn: sqlite3.Connection) -> list[sqlite3.Row]:
             rows = conn.execute(
-                "SELECT id, payload_file FROM items WHERE state = ? AND committed_at <= ?",
-                (S.COMMITTED.value, cutoff)).fetchall()
+                "SELECT id, payload_file FROM items WHERE state = ? AND committed_at <= ? ORDER BY id LIMIT ?",
+                (S.COMMITTED.value, cutoff, PURGE_CHUNK),
+            ).fetchall()
             ids = [r[0] for r in rows]
-            for chunk in _chunks(ids):
-                marks = ",".join("?" * len(chunk))
-                conn.execute(f"DELETE FROM payloads WHERE item_id IN ({marks})", chunk)
+            marks = ",".join("?" * len(ids))
+            if ids:
+                conn.execute(f"DELETE FROM payloads WHERE item_id IN ({marks})", ids)
+                conn.execute(f"DELETE FROM commitment_requests WHERE item_id IN ({marks})", ids)
                 conn.execute(
                     f"UPDATE items SET state = ?, updated_at = ?, patient = NULL, meta = NULL, "
                     f"payload_file = NULL, claimed_by = NULL WHERE id IN ({marks}) AND state = ?",
-                    [S.PURGED.value, now, *chunk, S.COMMITTED.value])
-        # after the commit: a crash between leaves orphan files, which the next open removes
-        for _id, name in rows:
-            if name:
-                self._files.delete(name)
-        if ids:
+                    [S.PURGED.value, now, *ids, S.COMMITTED.value],
+                )
+            return rows
+
+        purged = 0
+        while True:
+            rows = self._commit(body)
+            # after the commit: a crash between leaves orphan files, which the next open removes
+            for _id, name in rows:
+                if name:
+                    self._files.delete(name)
+            purged += len(rows)
+            if len(rows) < PURGE_CHUNK:
+                break
+        if purged:
             self.checkpoint()
-            log.info("purged %d committed item(s)", len(ids))
-        return len(ids)
+            log.info("purged %d committed item(s)", purged)
+            self.ensure_reserve()
+        return purged
 
     def checkpoint(self) -> bool:
-        """Copy the WAL into the database and truncate it; False if readers kept it busy."""
-        with self._lock:
-            busy, _log, _done = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        """Copy the WAL into the database and truncate it; False if readers kept it busy (or
+        the disk is too full for it now: the next purge tries again)."""
+        try:
+            with self._lock:
+                busy, _log, _done = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.OperationalError as exc:
+            if not _is_disk_full(exc):
+                raise
+            log.warning("WAL checkpoint failed on a full disk; retried next purge")
+            return False
         if busy:
             log.info("WAL checkpoint incomplete: another connection is reading; retried next purge")
         return not busy
@@ -595,18 +1095,31 @@ class Outbox:
         """Items left in `sending` by an owner that is gone (killed, crashed, closed) go back to
         queued, attempts not charged. Claims of a live process are left alone."""
         now = time.time() if now is None else now
-        owners = {r[0] for r in self._read("SELECT DISTINCT claimed_by FROM items WHERE state = ?",
-                                           (S.SENDING.value,))}
-        dead = [o for o in owners
-                if o is None or (o != self.owner and not OwnerLock.is_alive(self._locks_dir, o))]
+        owners = {r[0] for r in self._read("SELECT DISTINCT claimed_by FROM items WHERE state = ?", (S.SENDING.value,))}
+        dead = [o for o in owners if o is None or (o != self.owner and not OwnerLock.is_alive(self._locks_dir, o))]
         recovered = 0
+
+        def body(conn: sqlite3.Connection, *, owner: str | None) -> int:
+            # killed with the bytes going out: the attempt stays charged and counts as interrupted
+            cut = conn.execute(
+                "UPDATE items SET state = ?, claimed_by = NULL, updated_at = ?, in_flight = 0, "
+                "interrupted_sends = interrupted_sends + 1, "
+                "last_error = 'the sending process died during the send; queued again' "
+                "WHERE state = ? AND claimed_by IS ? AND in_flight = 1",
+                (S.QUEUED.value, now, S.SENDING.value, owner),
+            ).rowcount
+            waiting = conn.execute(
+                "UPDATE items SET state = ?, claimed_by = NULL, updated_at = ?, "
+                "last_error = 'interrupted while sending (process stopped); queued again' "
+                "WHERE state = ? AND claimed_by IS ?",
+                (S.QUEUED.value, now, S.SENDING.value, owner),
+            ).rowcount
+            if cut:
+                log.warning("%d send(s) cut short by a dead process: charged and counted", cut)
+            return int(cut + waiting)
+
         for owner in dead:
-            with self._write() as conn:
-                recovered += conn.execute(
-                    "UPDATE items SET state = ?, claimed_by = NULL, updated_at = ?, "
-                    "last_error = 'interrupted while sending (process stopped); queued again' "
-                    "WHERE state = ? AND claimed_by IS ?",
-                    (S.QUEUED.value, now, S.SENDING.value, owner)).rowcount
+            recovered += self._commit(functools.partial(body, owner=owner))
         self._remove_stale_owner_locks()
         return recovered
 
@@ -620,7 +1133,9 @@ class Outbox:
         """A queued item whose payload is gone can never be sent: say so now, not at send time."""
         rows = self._read(
             "SELECT i.id, i.payload_file, p.item_id IS NOT NULL FROM items i "
-            "LEFT JOIN payloads p ON p.item_id = i.id WHERE i.state = ?", (S.QUEUED.value,))
+            "LEFT JOIN payloads p ON p.item_id = i.id WHERE i.state = ?",
+            (S.QUEUED.value,),
+        )
         present = self._files.names()
         for item_id, name, inline_present in rows:
             if name is not None and name not in present:
@@ -633,18 +1148,21 @@ class Outbox:
             log.error("outbox item %d quarantined at open: %s", item_id, reason)
 
     # -- health -----------------------------------------------------------------------------------
-    def record_status(self, name: str, value: dict, now: float) -> None:
-        with self._write() as conn:
-            conn.execute(
+    def record_status(self, name: str, value: dict[str, Any], now: float) -> None:
+        encoded = json.dumps(value, sort_keys=True, default=str)
+        self._commit(
+            lambda conn: conn.execute(
                 "INSERT INTO status (name, value, updated_at) VALUES (?, ?, ?) "
                 "ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-                (name, json.dumps(value, sort_keys=True, default=str), now))
+                (name, encoded, now),
+            )
+        )
 
-    def status(self, name: str) -> dict | None:
+    def status(self, name: str) -> dict[str, Any] | None:
         rows = self._read("SELECT value FROM status WHERE name = ?", (name,))
         return json.loads(rows[0][0]) if rows else None
 
-    def stats(self, now: float) -> dict:
+    def stats(self, now: float) -> dict[str, Any]:
         counts = {s.value: 0 for s in ItemState}
         for state, n in self._read("SELECT state, COUNT(*) FROM items GROUP BY state"):
             counts[state] = n
@@ -652,14 +1170,23 @@ class Outbox:
             "SELECT MIN(CASE WHEN state IN ('queued', 'sending') THEN created_at END), "
             "MAX(sent_at), MAX(committed_at), "
             "COALESCE(SUM(CASE WHEN state IN ('queued', 'sending', 'sent') THEN size END), 0) "
-            "FROM items")[0]
+            "FROM items"
+        )[0]
         quarantined = [
-            {"id": r["id"], "kind": r["kind"], "key": r["key"], "reason": r["quarantine_reason"],
-             "at": r["quarantined_at"]}
-            for r in self._read("SELECT id, kind, key, quarantine_reason, quarantined_at FROM items "
-                                "WHERE state = ? ORDER BY id", (S.QUARANTINED.value,))]
-        statuses = {r[0]: json.loads(r[1])
-                    for r in self._read("SELECT name, value FROM status ORDER BY name")}
+            {
+                "id": r["id"],
+                "kind": r["kind"],
+                "key": r["key"],
+                "reason": r["quarantine_reason"],
+                "at": r["quarantined_at"],
+            }
+            for r in self._read(
+                "SELECT id, kind, key, quarantine_reason, quarantined_at FROM items WHERE state = ? ORDER BY id",
+                (S.QUARANTINED.value,),
+            )
+        ]
+        statuses = {r[0]: json.loads(r[1]) for r in self._read("SELECT name, value FROM status ORDER BY name")}
+        held = self._read("SELECT COUNT(*) FROM items WHERE state = ? AND hold_until > ?", (S.QUEUED.value, now))[0][0]
         try:
             st = self._statvfs(self.data_dir)
             free_bytes: int | None = st.f_bavail * st.f_frsize
@@ -667,6 +1194,7 @@ class Outbox:
             free_bytes = None
         return {
             "counts": counts,
+            "held": held,  # of the queued: held back (e.g. for the doctor to assign a patient)
             "oldest_waiting_s": None if oldest is None else max(0.0, now - oldest),
             "last_sent_at": last_sent,
             "last_committed_at": last_committed,

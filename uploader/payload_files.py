@@ -91,10 +91,11 @@ class PayloadFiles:
             for leftover in (tmp, final):
                 with contextlib.suppress(FileNotFoundError):
                     leftover.unlink()
-            if is_no_space(exc):
+            if isinstance(exc, OSError) and is_no_space(exc):
                 raise OutboxFullError(
                     f"the data partition is full: could not write a {len(data)} byte payload "
-                    f"into {self.root} ({os.strerror(exc.errno)}); nothing was stored") from exc
+                    f"into {self.root} ({os.strerror(exc.errno or 0)}); nothing was stored"
+                ) from exc
             raise
         return name
 
@@ -127,8 +128,7 @@ class PayloadFiles:
                     break
                 except BlockingIOError:
                     if time.monotonic() >= deadline:
-                        log.warning("payload orphan sweep skipped: writers held %s for %.0f s",
-                                    self._lock_path, wait_s)
+                        log.warning("payload orphan sweep skipped: writers held %s for %.0f s", self._lock_path, wait_s)
                         return []
                     time.sleep(0.02)
             orphans = sorted(self.names() - referenced())
@@ -137,8 +137,7 @@ class PayloadFiles:
                     (self.root / name).unlink()
             if orphans:
                 fsync_dir(self.root)
-                log.warning("removed %d orphaned payload file(s) left by an interrupted write or purge",
-                            len(orphans))
+                log.warning("removed %d orphaned payload file(s) left by an interrupted write or purge", len(orphans))
             return orphans
         finally:
             os.close(fd)
@@ -168,7 +167,7 @@ class OwnerLock:
     def token_of(path: Path) -> str | None:
         name = path.name
         if name.startswith("owner-") and name.endswith(".lock"):
-            return name[len("owner-"):-len(".lock")]
+            return name[len("owner-") : -len(".lock")]
         return None
 
     @staticmethod

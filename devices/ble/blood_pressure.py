@@ -50,8 +50,9 @@ def _decode(data: bytes, characteristic: int, what: str) -> Measurement:
     r = PayloadReader(data, what)
     flags = r.u8("Flags")
     if flags & FLAGS_RESERVED:
-        raise UnsupportedFeatureError(f"{what}: reserved flag bits {flags & FLAGS_RESERVED:#04x} set "
-                                      "(a newer format we do not read)")
+        raise UnsupportedFeatureError(
+            f"{what}: reserved flag bits {flags & FLAGS_RESERVED:#04x} set (a newer format we do not read)"
+        )
     kpa = bool(flags & FLAG_UNITS_KPA)
     sent_unit = "kPa" if kpa else "mm[Hg]"
     factor, digits = (MMHG_PER_KPA, 1) if kpa else (1.0, 6)
@@ -75,9 +76,11 @@ def _decode(data: bytes, characteristic: int, what: str) -> Measurement:
     if user is not None:
         details["user_id"] = user
     if characteristic == BLOOD_PRESSURE_MEASUREMENT:
-        quantities = [quantity("systolic", systolic, "mm[Hg]", sent_unit, factor, digits=digits),
-                      quantity("diastolic", diastolic, "mm[Hg]", sent_unit, factor, digits=digits),
-                      quantity("mean-arterial-pressure", mean, "mm[Hg]", sent_unit, factor, digits=digits)]
+        quantities = [
+            quantity("systolic", systolic, "mm[Hg]", sent_unit, factor, digits=digits),
+            quantity("diastolic", diastolic, "mm[Hg]", sent_unit, factor, digits=digits),
+            quantity("mean-arterial-pressure", mean, "mm[Hg]", sent_unit, factor, digits=digits),
+        ]
         kind = "blood-pressure"
     else:
         # Diastolic and MAP are unused (NaN) in a cuff-pressure update.
@@ -85,10 +88,16 @@ def _decode(data: bytes, characteristic: int, what: str) -> Measurement:
         kind = "cuff-pressure"
     if pulse is not None:
         quantities.append(quantity("pulse-rate", pulse, "/min", "/min"))
-    return Measurement(characteristic=characteristic, kind=kind, quantities=tuple(quantities),
-                       device_time=device_time, flags=status_flags, details=details,
-                       user_id=None if user in (None, UNKNOWN_USER) else user,
-                       live=characteristic == INTERMEDIATE_CUFF_PRESSURE)
+    return Measurement(
+        characteristic=characteristic,
+        kind=kind,
+        quantities=tuple(quantities),
+        device_time=device_time,
+        flags=status_flags,
+        details=details,
+        user_id=None if user in (None, UNKNOWN_USER) else user,
+        live=characteristic == INTERMEDIATE_CUFF_PRESSURE,
+    )
 
 
 def decode_blood_pressure_measurement(data: bytes) -> Measurement:

@@ -33,9 +33,15 @@ def measure_offset(device_now: dt.datetime, gateway_now: dt.datetime, tz: dt.tzi
     return device_now.replace(tzinfo=tz) - gateway_now
 
 
-def resolve_time(device_time: dt.datetime | None, received_at: dt.datetime, clock: ClockCheck,
-                 tz: dt.tzinfo, *, clock_untrusted: bool = False,
-                 tolerance: dt.timedelta = DEFAULT_TOLERANCE) -> tuple[dt.datetime, TimeSource]:
+def resolve_time(
+    device_time: dt.datetime | None,
+    received_at: dt.datetime,
+    clock: ClockCheck,
+    tz: dt.tzinfo,
+    *,
+    clock_untrusted: bool = False,
+    tolerance: dt.timedelta = DEFAULT_TOLERANCE,
+) -> tuple[dt.datetime, TimeSource]:
     """(measured_at, source) for a reading stamped `device_time` (naive) received at `received_at`."""
     if device_time is None or clock_untrusted:
         return received_at, TimeSource.GATEWAY_RECEIPT
@@ -46,8 +52,7 @@ def resolve_time(device_time: dt.datetime | None, received_at: dt.datetime, cloc
     stamped = device_time.replace(tzinfo=tz)
     off = clock.offset
     if off is None or abs(off) <= tolerance:
-        return (stamped, TimeSource.DEVICE_CLOCK) if plausible(stamped) else \
-            (received_at, TimeSource.GATEWAY_RECEIPT)
+        return (stamped, TimeSource.DEVICE_CLOCK) if plausible(stamped) else (received_at, TimeSource.GATEWAY_RECEIPT)
     # The clock was off by `off`. A stamp agreeing with the receipt time, made after we set the
     # clock, was made by the corrected clock; anything else was stamped by the wrong one.
     if clock.set_at is not None and clock.set_at - tolerance <= stamped and abs(stamped - received_at) <= tolerance:

@@ -20,8 +20,7 @@ ADJUST_EXTERNAL_REFERENCE = 0x02
 ADJUST_TIME_ZONE = 0x04
 ADJUST_DST = 0x08
 ADJUST_RESERVED = 0xF0
-ADJUST_REASONS = {0: "manual-time-update", 1: "external-reference-time-update", 2: "time-zone-change",
-                  3: "dst-change"}
+ADJUST_REASONS = {0: "manual-time-update", 1: "external-reference-time-update", 2: "time-zone-change", 3: "dst-change"}
 UNKNOWN_DAY_OF_WEEK = 0
 
 
@@ -51,8 +50,9 @@ def decode_current_time(data: bytes) -> CurrentTime:
     return CurrentTime(local, day_of_week, bit_flags(adjust, ADJUST_REASONS))
 
 
-def encode_current_time(local_time: dt.datetime,
-                        adjust_reason: int = ADJUST_MANUAL | ADJUST_EXTERNAL_REFERENCE) -> bytes:
+def encode_current_time(
+    local_time: dt.datetime, adjust_reason: int = ADJUST_MANUAL | ADJUST_EXTERNAL_REFERENCE
+) -> bytes:
     """Current Time value setting a device clock to `local_time` (naive wall clock)."""
     if local_time.tzinfo is not None:
         raise ValueError("a device clock keeps local wall-clock time: pass a naive datetime")

@@ -11,8 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from devices.ble.payload import PayloadReader
-from devices.ble.uuids import (FIRMWARE_REVISION, HARDWARE_REVISION, MANUFACTURER_NAME, MODEL_NUMBER,
-                               SERIAL_NUMBER, SOFTWARE_REVISION)
+from devices.ble.uuids import (
+    FIRMWARE_REVISION,
+    HARDWARE_REVISION,
+    MANUFACTURER_NAME,
+    MODEL_NUMBER,
+    SERIAL_NUMBER,
+    SOFTWARE_REVISION,
+)
 from devices.errors import ProtocolError
 from devices.identity import DeviceIdentity
 
@@ -80,6 +86,10 @@ def decode_pnp_id(data: bytes) -> PnpId:
 def device_identity(address: str, strings: dict[int, str]) -> DeviceIdentity:
     """A DeviceIdentity from the decoded Device Information strings (UUID -> text)."""
     software = strings.get(SOFTWARE_REVISION) or strings.get(FIRMWARE_REVISION, "")
-    return DeviceIdentity(manufacturer=strings.get(MANUFACTURER_NAME, ""), model=strings.get(MODEL_NUMBER, ""),
-                          serial=strings.get(SERIAL_NUMBER, ""), address=address.upper(),
-                          software_version=software)
+    return DeviceIdentity(
+        manufacturer=strings.get(MANUFACTURER_NAME, ""),
+        model=strings.get(MODEL_NUMBER, ""),
+        serial=strings.get(SERIAL_NUMBER, ""),
+        address=address.upper(),
+        software_version=software,
+    )

@@ -47,35 +47,76 @@ MG_DL_PER_KG_L = 100_000.0
 MG_DL_PER_MOL_L = 18_015.6
 
 SAMPLE_TYPES: dict[int, str] = {
-    1: "capillary-whole-blood", 2: "capillary-plasma", 3: "venous-whole-blood", 4: "venous-plasma",
-    5: "arterial-whole-blood", 6: "arterial-plasma", 7: "undetermined-whole-blood",
-    8: "undetermined-plasma", 9: "interstitial-fluid", 10: "control-solution",
+    1: "capillary-whole-blood",
+    2: "capillary-plasma",
+    3: "venous-whole-blood",
+    4: "venous-plasma",
+    5: "arterial-whole-blood",
+    6: "arterial-plasma",
+    7: "undetermined-whole-blood",
+    8: "undetermined-plasma",
+    9: "interstitial-fluid",
+    10: "control-solution",
 }
 SAMPLE_LOCATIONS: dict[int, str] = {
-    1: "finger", 2: "alternate-site-test", 3: "earlobe", 4: "control-solution", 15: "not-available",
+    1: "finger",
+    2: "alternate-site-test",
+    3: "earlobe",
+    4: "control-solution",
+    15: "not-available",
 }
 SENSOR_STATUS_BITS: dict[int, str] = {
-    0: "battery-low", 1: "sensor-malfunction", 2: "sample-size-insufficient", 3: "strip-insertion-error",
-    4: "strip-type-incorrect", 5: "result-above-device-range", 6: "result-below-device-range",
-    7: "sensor-temperature-too-high", 8: "sensor-temperature-too-low", 9: "strip-pulled-too-soon",
-    10: "general-device-fault", 11: "time-fault",
+    0: "battery-low",
+    1: "sensor-malfunction",
+    2: "sample-size-insufficient",
+    3: "strip-insertion-error",
+    4: "strip-type-incorrect",
+    5: "result-above-device-range",
+    6: "result-below-device-range",
+    7: "sensor-temperature-too-high",
+    8: "sensor-temperature-too-low",
+    9: "strip-pulled-too-soon",
+    10: "general-device-fault",
+    11: "time-fault",
 }
 CARBOHYDRATE_IDS: dict[int, str] = {
-    1: "breakfast", 2: "lunch", 3: "dinner", 4: "snack", 5: "drink", 6: "supper", 7: "brunch",
+    1: "breakfast",
+    2: "lunch",
+    3: "dinner",
+    4: "snack",
+    5: "drink",
+    6: "supper",
+    7: "brunch",
 }
 MEALS: dict[int, str] = {1: "preprandial", 2: "postprandial", 3: "fasting", 4: "casual", 5: "bedtime"}
 TESTERS: dict[int, str] = {1: "self", 2: "health-care-professional", 3: "lab-test", 15: "not-available"}
-HEALTH: dict[int, str] = {1: "minor-health-issues", 2: "major-health-issues", 3: "during-menses",
-                          4: "under-stress", 5: "no-health-issues", 15: "not-available"}
-MEDICATION_IDS: dict[int, str] = {1: "rapid-acting-insulin", 2: "short-acting-insulin",
-                                  3: "intermediate-acting-insulin", 4: "long-acting-insulin",
-                                  5: "pre-mixed-insulin"}
+HEALTH: dict[int, str] = {
+    1: "minor-health-issues",
+    2: "major-health-issues",
+    3: "during-menses",
+    4: "under-stress",
+    5: "no-health-issues",
+    15: "not-available",
+}
+MEDICATION_IDS: dict[int, str] = {
+    1: "rapid-acting-insulin",
+    2: "short-acting-insulin",
+    3: "intermediate-acting-insulin",
+    4: "long-acting-insulin",
+    5: "pre-mixed-insulin",
+}
 EXERCISE_DURATION_OVERRUN = 0xFFFF
 FEATURE_BITS: dict[int, str] = {
-    0: "low-battery-detection", 1: "sensor-malfunction-detection", 2: "sensor-sample-size",
-    3: "sensor-strip-insertion-error-detection", 4: "sensor-strip-type-error-detection",
-    5: "sensor-result-high-low-detection", 6: "sensor-temperature-high-low-detection",
-    7: "sensor-read-interrupt-detection", 8: "general-device-fault", 9: "time-fault",
+    0: "low-battery-detection",
+    1: "sensor-malfunction-detection",
+    2: "sensor-sample-size",
+    3: "sensor-strip-insertion-error-detection",
+    4: "sensor-strip-type-error-detection",
+    5: "sensor-result-high-low-detection",
+    6: "sensor-temperature-high-low-detection",
+    7: "sensor-read-interrupt-detection",
+    8: "general-device-fault",
+    9: "time-fault",
     10: "multiple-bond",
 }
 
@@ -126,10 +167,17 @@ def decode_glucose_measurement(data: bytes) -> Measurement:
             device_time = base_time + dt.timedelta(minutes=offset_min)
         except OverflowError:
             raise ProtocolError(f"{what}: base time plus offset leaves the calendar") from None
-    return Measurement(characteristic=GLUCOSE_MEASUREMENT, kind="glucose", quantities=quantities,
-                       device_time=device_time, flags=status_flags, details=details, sequence=sequence,
-                       clock_untrusted="time-fault" in status_flags,
-                       context_follows=bool(flags & FLAG_CONTEXT_FOLLOWS))
+    return Measurement(
+        characteristic=GLUCOSE_MEASUREMENT,
+        kind="glucose",
+        quantities=quantities,
+        device_time=device_time,
+        flags=status_flags,
+        details=details,
+        sequence=sequence,
+        clock_untrusted="time-fault" in status_flags,
+        context_follows=bool(flags & FLAG_CONTEXT_FOLLOWS),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,8 +242,13 @@ def with_context(m: Measurement, context: GlucoseContext) -> Measurement:
     """The measurement with its context's quantities and labels added (same sequence only)."""
     if m.sequence != context.sequence:
         raise ProtocolError(f"context for record {context.sequence} does not belong to record {m.sequence}")
-    return dataclasses.replace(m, quantities=m.quantities + context.quantities, flags=m.flags + context.flags,
-                               details={**m.details, "context": context.details}, context_follows=False)
+    return dataclasses.replace(
+        m,
+        quantities=m.quantities + context.quantities,
+        flags=m.flags + context.flags,
+        details={**m.details, "context": context.details},
+        context_follows=False,
+    )
 
 
 def decode_glucose_feature(data: bytes) -> tuple[str, ...]:

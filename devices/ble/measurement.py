@@ -31,13 +31,13 @@ class Measurement:
     context_follows: bool = False  # glucose: a Measurement Context with this sequence follows
 
 
-def quantity(code: str, reading: MedFloat, unit: str, sent_unit: str, factor: float = 1.0,
-             offset: float = 0.0, digits: int = 6) -> Quantity:
+def quantity(
+    code: str, reading: MedFloat, unit: str, sent_unit: str, factor: float = 1.0, offset: float = 0.0, digits: int = 6
+) -> Quantity:
     """A Quantity normalised to `unit`; specials stay "no value" with their reason."""
     if reading.value is None:
         return Quantity(code, None, unit, None, sent_unit, reading.special)
-    value = reading.value if factor == 1.0 and offset == 0.0 else \
-        round(reading.value * factor + offset, digits)
+    value = reading.value if factor == 1.0 and offset == 0.0 else round(reading.value * factor + offset, digits)
     return Quantity(code, value, unit, reading.value, sent_unit)
 
 
@@ -60,16 +60,33 @@ def record_key(address: str, m: Measurement, received_at: dt.datetime) -> str:
         anchors.append(m.device_time.strftime("%Y%m%dT%H%M%S"))
     if not anchors:
         anchors.append("rx" + received_at.astimezone(dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%f"))
-    values = ";".join(f"{q.code}={q.sent_value if q.value is not None else q.special}{q.sent_unit}"
-                      for q in m.quantities)
+    values = ";".join(
+        f"{q.code}={q.sent_value if q.value is not None else q.special}{q.sent_unit}" for q in m.quantities
+    )
     ident = f"{address.upper()}|{m.characteristic:04x}|{'|'.join(anchors)}|{values}|u{m.user_id}"
     digest = hashlib.sha256(ident.encode()).hexdigest()[:24]
     return f"ble:{address.upper()}:{m.kind}:{'-'.join(anchors)}:{digest}"
 
 
-def to_observation(m: Measurement, *, device: DeviceIdentity, measured_at: dt.datetime,
-                   time_source: TimeSource, received_at: dt.datetime, key: str,
-                   patient_id: str | None = None, extra_flags: tuple[str, ...] = ()) -> Observation:
-    return Observation(kind=m.kind, quantities=m.quantities, measured_at=measured_at,
-                       time_source=time_source, received_at=received_at, device=device,
-                       record_key=key, patient_id=patient_id, flags=m.flags + extra_flags)
+def to_observation(
+    m: Measurement,
+    *,
+    device: DeviceIdentity,
+    measured_at: dt.datetime,
+    time_source: TimeSource,
+    received_at: dt.datetime,
+    key: str,
+    patient_id: str | None = None,
+    extra_flags: tuple[str, ...] = (),
+) -> Observation:
+    return Observation(
+        kind=m.kind,
+        quantities=m.quantities,
+        measured_at=measured_at,
+        time_source=time_source,
+        received_at=received_at,
+        device=device,
+        record_key=key,
+        patient_id=patient_id,
+        flags=m.flags + extra_flags,
+    )

@@ -29,9 +29,11 @@ class PayloadReader:
 
     def take(self, n: int, field: str) -> bytes:
         if n < 0 or self.remaining < n:
-            raise ProtocolError(f"{self.what}: {field} needs {n} bytes at offset {self._pos}, "
-                                f"{self.remaining} left (payload {len(self._data)} bytes)")
-        chunk = self._data[self._pos:self._pos + n]
+            raise ProtocolError(
+                f"{self.what}: {field} needs {n} bytes at offset {self._pos}, "
+                f"{self.remaining} left (payload {len(self._data)} bytes)"
+            )
+        chunk = self._data[self._pos : self._pos + n]
         self._pos += n
         return chunk
 
@@ -65,8 +67,7 @@ class PayloadReader:
     def end(self) -> None:
         """The format says the value ends here: extra bytes mean we misread the flags."""
         if self.remaining:
-            raise ProtocolError(f"{self.what}: {self.remaining} unexpected trailing byte(s) "
-                                f"after offset {self._pos}")
+            raise ProtocolError(f"{self.what}: {self.remaining} unexpected trailing byte(s) after offset {self._pos}")
 
 
 def decode_date_time(data: bytes, what: str = "Date Time") -> dt.datetime | None:
@@ -82,8 +83,9 @@ def decode_date_time(data: bytes, what: str = "Date Time") -> dt.datetime | None
     if year and not 1582 <= year <= 9999:
         raise ProtocolError(f"{what}: year {year} outside 1582-9999")
     if month > 12 or day > 31 or hours > 23 or minutes > 59 or seconds > 59:
-        raise ProtocolError(f"{what}: field out of range in "
-                            f"{year:04d}-{month:02d}-{day:02d} {hours:02d}:{minutes:02d}:{seconds:02d}")
+        raise ProtocolError(
+            f"{what}: field out of range in {year:04d}-{month:02d}-{day:02d} {hours:02d}:{minutes:02d}:{seconds:02d}"
+        )
     if year == 0 or month == 0 or day == 0:
         return None
     try:
@@ -98,5 +100,4 @@ def encode_date_time(value: dt.datetime | None) -> bytes:
         return bytes(DATE_TIME_LENGTH)
     if not 1582 <= value.year <= 9999:
         raise ValueError(f"year {value.year} cannot be sent as a Date Time")
-    return (value.year.to_bytes(2, "little")
-            + bytes((value.month, value.day, value.hour, value.minute, value.second)))
+    return value.year.to_bytes(2, "little") + bytes((value.month, value.day, value.hour, value.minute, value.second))

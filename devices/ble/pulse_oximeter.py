@@ -75,12 +75,19 @@ FEATURE_BITS: dict[int, str] = {
     7: "multiple-bonds",
 }
 # Status bits that mean the numbers must not be taken as a result.
-UNUSABLE = frozenset({"measurement-unavailable", "invalid-measurement", "data-for-demonstration",
-                      "data-for-testing", "calibration-ongoing", "measurement-ongoing"})
+UNUSABLE = frozenset(
+    {
+        "measurement-unavailable",
+        "invalid-measurement",
+        "data-for-demonstration",
+        "data-for-testing",
+        "calibration-ongoing",
+        "measurement-ongoing",
+    }
+)
 
 
-def _statuses(r: PayloadReader, has_measurement: bool, has_sensor: bool,
-              details: dict[str, object]) -> tuple[str, ...]:
+def _statuses(r: PayloadReader, has_measurement: bool, has_sensor: bool, details: dict[str, object]) -> tuple[str, ...]:
     flags: tuple[str, ...] = ()
     if has_measurement:
         status = r.u16("Measurement Status")
@@ -108,17 +115,22 @@ def decode_plx_spot_check(data: bytes) -> Measurement:
     quantities = _pair(r, "", "spot-check")
     device_time = r.date_time("Timestamp") if flags & SPOT_TIMESTAMP else None
     details: dict[str, object] = {"flags": flags}
-    status_flags = _statuses(r, bool(flags & SPOT_MEASUREMENT_STATUS),
-                             bool(flags & SPOT_DEVICE_SENSOR_STATUS), details)
+    status_flags = _statuses(r, bool(flags & SPOT_MEASUREMENT_STATUS), bool(flags & SPOT_DEVICE_SENSOR_STATUS), details)
     if flags & SPOT_PULSE_AMPLITUDE_INDEX:
         quantities.append(quantity("pulse-amplitude-index", r.sfloat("Pulse Amplitude Index"), "%", "%"))
     r.end()
     clock_not_set = bool(flags & SPOT_CLOCK_NOT_SET)
     if clock_not_set:
         status_flags += ("device-clock-not-set",)
-    return Measurement(characteristic=PLX_SPOT_CHECK_MEASUREMENT, kind="spo2",
-                       quantities=tuple(quantities), device_time=device_time, flags=status_flags,
-                       details=details, clock_untrusted=clock_not_set)
+    return Measurement(
+        characteristic=PLX_SPOT_CHECK_MEASUREMENT,
+        kind="spo2",
+        quantities=tuple(quantities),
+        device_time=device_time,
+        flags=status_flags,
+        details=details,
+        clock_untrusted=clock_not_set,
+    )
 
 
 def decode_plx_continuous(data: bytes) -> Measurement:
@@ -133,13 +145,18 @@ def decode_plx_continuous(data: bytes) -> Measurement:
     if flags & CONT_SLOW:
         quantities += _pair(r, "-slow", "slow")
     details: dict[str, object] = {"flags": flags}
-    status_flags = _statuses(r, bool(flags & CONT_MEASUREMENT_STATUS),
-                             bool(flags & CONT_DEVICE_SENSOR_STATUS), details)
+    status_flags = _statuses(r, bool(flags & CONT_MEASUREMENT_STATUS), bool(flags & CONT_DEVICE_SENSOR_STATUS), details)
     if flags & CONT_PULSE_AMPLITUDE_INDEX:
         quantities.append(quantity("pulse-amplitude-index", r.sfloat("Pulse Amplitude Index"), "%", "%"))
     r.end()
-    return Measurement(characteristic=PLX_CONTINUOUS_MEASUREMENT, kind="spo2", quantities=tuple(quantities),
-                       flags=status_flags, details=details, live=True)
+    return Measurement(
+        characteristic=PLX_CONTINUOUS_MEASUREMENT,
+        kind="spo2",
+        quantities=tuple(quantities),
+        flags=status_flags,
+        details=details,
+        live=True,
+    )
 
 
 def decode_plx_features(data: bytes) -> tuple[str, ...]:

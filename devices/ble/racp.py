@@ -57,8 +57,12 @@ class ResponseCode(enum.IntEnum):
 
 
 FILTERED = {Operator.LESS_THAN_OR_EQUAL, Operator.GREATER_THAN_OR_EQUAL, Operator.WITHIN_RANGE}
-REQUESTS = {OpCode.REPORT_STORED_RECORDS, OpCode.DELETE_STORED_RECORDS, OpCode.ABORT_OPERATION,
-            OpCode.REPORT_NUMBER_OF_STORED_RECORDS}
+REQUESTS = {
+    OpCode.REPORT_STORED_RECORDS,
+    OpCode.DELETE_STORED_RECORDS,
+    OpCode.ABORT_OPERATION,
+    OpCode.REPORT_NUMBER_OF_STORED_RECORDS,
+}
 MAX_SEQUENCE = 0xFFFF
 
 
@@ -92,8 +96,9 @@ def decode_racp(data: bytes) -> RacpMessage:
     operator = _enum(Operator, r.u8("Operator"), "operator")
     if op == OpCode.RESPONSE_CODE:
         if operator != Operator.NULL:
-            raise ProtocolError(f"Record Access Control Point: a response code needs the Null operator, "
-                                f"not {operator.name}")
+            raise ProtocolError(
+                f"Record Access Control Point: a response code needs the Null operator, not {operator.name}"
+            )
         request = _enum(OpCode, r.u8("Request Op Code"), "request op code")
         code = _enum(ResponseCode, r.u8("Response Code Value"), "response code")
         r.end()
@@ -127,9 +132,12 @@ def decode_racp(data: bytes) -> RacpMessage:
     return RacpMessage(op, operator, filter_type, tuple(values))  # type: ignore[arg-type]
 
 
-def encode_request(op: OpCode, operator: Operator = Operator.ALL_RECORDS,
-                   filter_type: FilterType | None = None,
-                   values: tuple[int | dt.datetime, ...] = ()) -> bytes:
+def encode_request(
+    op: OpCode,
+    operator: Operator = Operator.ALL_RECORDS,
+    filter_type: FilterType | None = None,
+    values: tuple[int | dt.datetime, ...] = (),
+) -> bytes:
     if op not in REQUESTS:
         raise ValueError(f"{op.name} is not a request")
     if op == OpCode.ABORT_OPERATION:
@@ -179,9 +187,12 @@ TRANSITIONS: dict[tuple[RacpState, str], RacpState] = {
     (RacpState.ABORTING, "response-code"): RacpState.IDLE,
     (RacpState.ABORTING, "record"): RacpState.ABORTING,  # records already in flight
 }
-PENDING_OP = {RacpState.REPORTING: OpCode.REPORT_STORED_RECORDS,
-              RacpState.COUNTING: OpCode.REPORT_NUMBER_OF_STORED_RECORDS,
-              RacpState.DELETING: OpCode.DELETE_STORED_RECORDS, RacpState.ABORTING: OpCode.ABORT_OPERATION}
+PENDING_OP = {
+    RacpState.REPORTING: OpCode.REPORT_STORED_RECORDS,
+    RacpState.COUNTING: OpCode.REPORT_NUMBER_OF_STORED_RECORDS,
+    RacpState.DELETING: OpCode.DELETE_STORED_RECORDS,
+    RacpState.ABORTING: OpCode.ABORT_OPERATION,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,8 +230,12 @@ class RacpClient:
         self._records, self._highest = 0, None
         if last_sequence is None or last_sequence == MAX_SEQUENCE:
             return encode_request(OpCode.REPORT_STORED_RECORDS, Operator.ALL_RECORDS)
-        return encode_request(OpCode.REPORT_STORED_RECORDS, Operator.GREATER_THAN_OR_EQUAL,
-                              FilterType.SEQUENCE_NUMBER, (last_sequence + 1,))
+        return encode_request(
+            OpCode.REPORT_STORED_RECORDS,
+            Operator.GREATER_THAN_OR_EQUAL,
+            FilterType.SEQUENCE_NUMBER,
+            (last_sequence + 1,),
+        )
 
     def report_number_of_records(self) -> bytes:
         self._go("count")
@@ -253,8 +268,11 @@ class RacpClient:
             self._go("number-of-records")
             return RacpResult(OpCode.REPORT_NUMBER_OF_STORED_RECORDS, None, number_of_records=msg.number_of_records)
         if msg.request_op_code != pending:
-            raise ProtocolError(f"Record Access Control Point: response to "
-                                f"{msg.request_op_code.name if msg.request_op_code else '?'} while "
-                                f"{self.state.value}")
+            raise ProtocolError(
+                f"Record Access Control Point: response to "
+                f"{msg.request_op_code.name if msg.request_op_code else '?'} while "
+                f"{self.state.value}"
+            )
         self._go("response-code")
+        assert pending is not None  # checked equal to the response's request op code above
         return RacpResult(pending, msg.response_code, self._records, None, self._highest)

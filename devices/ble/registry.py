@@ -9,16 +9,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from devices.ble import uuids
-from devices.ble.blood_pressure import (decode_blood_pressure_feature, decode_blood_pressure_measurement,
-                                        decode_intermediate_cuff_pressure)
+from devices.ble.blood_pressure import (
+    decode_blood_pressure_feature,
+    decode_blood_pressure_measurement,
+    decode_intermediate_cuff_pressure,
+)
 from devices.ble.current_time import decode_current_time
 from devices.ble.device_information import STRING_CHARACTERISTICS, decode_pnp_id, decode_string, decode_system_id
 from devices.ble.glucose import decode_glucose_context, decode_glucose_feature, decode_glucose_measurement
 from devices.ble.payload import decode_date_time
 from devices.ble.pulse_oximeter import decode_plx_continuous, decode_plx_features, decode_plx_spot_check
 from devices.ble.racp import decode_racp
-from devices.ble.thermometer import (decode_intermediate_temperature, decode_temperature_measurement,
-                                     decode_temperature_type)
+from devices.ble.thermometer import (
+    decode_intermediate_temperature,
+    decode_temperature_measurement,
+    decode_temperature_type,
+)
 from devices.ble.weight import decode_weight_measurement
 from devices.errors import UnsupportedFeatureError
 
@@ -35,10 +41,12 @@ def _string_decoder(name: str) -> Callable[[bytes], object]:
 
 
 _SPECS = [
-    CharacteristicSpec(uuids.BLOOD_PRESSURE_MEASUREMENT, "Blood Pressure Measurement",
-                       decode_blood_pressure_measurement),
-    CharacteristicSpec(uuids.INTERMEDIATE_CUFF_PRESSURE, "Intermediate Cuff Pressure",
-                       decode_intermediate_cuff_pressure),
+    CharacteristicSpec(
+        uuids.BLOOD_PRESSURE_MEASUREMENT, "Blood Pressure Measurement", decode_blood_pressure_measurement
+    ),
+    CharacteristicSpec(
+        uuids.INTERMEDIATE_CUFF_PRESSURE, "Intermediate Cuff Pressure", decode_intermediate_cuff_pressure
+    ),
     CharacteristicSpec(uuids.BLOOD_PRESSURE_FEATURE, "Blood Pressure Feature", decode_blood_pressure_feature),
     CharacteristicSpec(uuids.TEMPERATURE_MEASUREMENT, "Temperature Measurement", decode_temperature_measurement),
     CharacteristicSpec(uuids.INTERMEDIATE_TEMPERATURE, "Intermediate Temperature", decode_intermediate_temperature),

@@ -56,10 +56,15 @@ def _decode(data: bytes, characteristic: int, what: str) -> Measurement:
     if site:
         details["temperature_type"] = site
     live = characteristic == INTERMEDIATE_TEMPERATURE
-    return Measurement(characteristic=characteristic,
-                       kind="body-temperature-intermediate" if live else "body-temperature",
-                       quantities=(q,), device_time=device_time,
-                       flags=(f"site-{site}",) if site else (), details=details, live=live)
+    return Measurement(
+        characteristic=characteristic,
+        kind="body-temperature-intermediate" if live else "body-temperature",
+        quantities=(q,),
+        device_time=device_time,
+        flags=(f"site-{site}",) if site else (),
+        details=details,
+        live=live,
+    )
 
 
 def decode_temperature_measurement(data: bytes) -> Measurement:

@@ -26,8 +26,16 @@ KG_PER_LB = 0.45359237
 M_PER_IN = 0.0254
 
 
-def _scaled(code: str, raw: int, resolution: float, sent_unit: str, unit: str, factor: float,
-            digits: int, unsuccessful_marker: bool = False) -> Quantity:
+def _scaled(
+    code: str,
+    raw: int,
+    resolution: float,
+    sent_unit: str,
+    unit: str,
+    factor: float,
+    digits: int,
+    unsuccessful_marker: bool = False,
+) -> Quantity:
     if unsuccessful_marker and raw == UNSUCCESSFUL:
         return Quantity(code, None, unit, None, sent_unit, NAN)
     sent = round(raw * resolution, digits)
@@ -61,7 +69,12 @@ def decode_weight_measurement(data: bytes) -> Measurement:
     details: dict[str, object] = {"flags": flags, "units": "imperial" if imperial else "SI"}
     if user is not None:
         details["user_id"] = user
-    return Measurement(characteristic=WEIGHT_MEASUREMENT, kind="body-weight", quantities=tuple(quantities),
-                       device_time=device_time,
-                       flags=("measurement-unsuccessful",) if raw_weight == UNSUCCESSFUL else (),
-                       details=details, user_id=None if user in (None, UNKNOWN_USER) else user)
+    return Measurement(
+        characteristic=WEIGHT_MEASUREMENT,
+        kind="body-weight",
+        quantities=tuple(quantities),
+        device_time=device_time,
+        flags=("measurement-unsuccessful",) if raw_weight == UNSUCCESSFUL else (),
+        details=details,
+        user_id=None if user in (None, UNKNOWN_USER) else user,
+    )

@@ -6,6 +6,7 @@ Runs unchanged on MicroPython (bridge firmware) and CPython: no `__future__`, no
 try:
     from devices.errors import ProtocolError
 except ImportError:  # on a board that carries only devices/bridge/
+
     class ProtocolError(ValueError):  # type: ignore[no-redef]
         pass
 
@@ -40,7 +41,7 @@ def decode(encoded: bytes) -> bytes:
         end = i + code
         if end > n:
             raise ProtocolError("COBS block runs past the end of the frame")
-        out.extend(encoded[i + 1:end])
+        out.extend(encoded[i + 1 : end])
         i = end
         if code < 0xFF and i < n:
             out.append(0)

@@ -21,7 +21,7 @@ from devices.bridge.crc import crc32
 try:
     from devices.errors import ProtocolError
 except ImportError:  # on a board that carries only devices/bridge/
-    from devices.bridge.cobs import ProtocolError
+    from devices.bridge.cobs import ProtocolError  # type: ignore[attr-defined]
 
 VERSION = 1
 HEADER_FORMAT = "<BBI"
@@ -103,7 +103,7 @@ class _Reader:
         end = self.pos + n
         if n < 0 or end > len(self.data):
             raise ProtocolError("payload too short")
-        chunk = self.data[self.pos:end]
+        chunk = self.data[self.pos : end]
         self.pos = end
         return bytes(chunk)
 
@@ -118,7 +118,7 @@ class _Reader:
         try:
             return raw.decode("utf-8")
         except UnicodeError:
-            raise ProtocolError("string is not UTF-8")
+            raise ProtocolError("string is not UTF-8") from None
 
     def strings(self) -> tuple:
         return tuple(self.string() for _ in range(self.u8()))
@@ -164,8 +164,9 @@ class Hello(Message):
     TYPE = HELLO
     FIELDS = ("device_id", "model", "firmware_version", "boot_id", "capabilities")
 
-    def __init__(self, device_id: str, model: str, firmware_version: str, boot_id: int,
-                 capabilities: tuple = ()) -> None:
+    def __init__(
+        self, device_id: str, model: str, firmware_version: str, boot_id: int, capabilities: tuple = ()
+    ) -> None:
         self.device_id = device_id
         self.model = model
         self.firmware_version = firmware_version
@@ -213,8 +214,9 @@ class Measurement(Message):
     TYPE = MEASUREMENT
     FIELDS = ("kind", "record_id", "time_flags", "device_time_ms", "values", "flags")
 
-    def __init__(self, kind: str, record_id: str, time_flags: int, device_time_ms: int,
-                 values: tuple, flags: tuple = ()) -> None:
+    def __init__(
+        self, kind: str, record_id: str, time_flags: int, device_time_ms: int, values: tuple, flags: tuple = ()
+    ) -> None:
         self.kind = kind
         self.record_id = record_id  # the device's own id for this reading ("" if none)
         self.time_flags = time_flags
@@ -267,11 +269,17 @@ class EcgStart(Message):
     """Start of a streamed ECG: its leads, rate and scale. Blocks follow with the same recording id."""
 
     TYPE = ECG_START
-    FIELDS = ("recording_id", "time_flags", "device_time_ms", "sampling_rate_hz", "uv_per_unit",
-              "lead_names")
+    FIELDS = ("recording_id", "time_flags", "device_time_ms", "sampling_rate_hz", "uv_per_unit", "lead_names")
 
-    def __init__(self, recording_id: int, time_flags: int, device_time_ms: int,
-                 sampling_rate_hz: int, uv_per_unit: float, lead_names: tuple) -> None:
+    def __init__(
+        self,
+        recording_id: int,
+        time_flags: int,
+        device_time_ms: int,
+        sampling_rate_hz: int,
+        uv_per_unit: float,
+        lead_names: tuple,
+    ) -> None:
         self.recording_id = recording_id
         self.time_flags = time_flags
         self.device_time_ms = device_time_ms  # time of sample 0
@@ -281,8 +289,9 @@ class EcgStart(Message):
 
     def encode_payload(self) -> bytes:
         w = _Writer()
-        w.pack("<IBqHd", self.recording_id, self.time_flags, self.device_time_ms,
-               self.sampling_rate_hz, self.uv_per_unit)
+        w.pack(
+            "<IBqHd", self.recording_id, self.time_flags, self.device_time_ms, self.sampling_rate_hz, self.uv_per_unit
+        )
         w.strings(self.lead_names)
         return bytes(w.buf)
 
@@ -318,8 +327,7 @@ class EcgBlock(Message):
     def encode_payload(self) -> bytes:
         if len(self.samples) % (2 * self.n_leads):
             raise ProtocolError("ECG block is not a whole number of samples")
-        return struct.pack("<IIB", self.recording_id, self.first_sample, self.n_leads) + \
-            bytes(self.samples)
+        return struct.pack("<IIB", self.recording_id, self.first_sample, self.n_leads) + bytes(self.samples)
 
     @classmethod
     def decode_payload(cls, r: _Reader) -> "EcgBlock":
@@ -452,8 +460,9 @@ class SerialData(Message):
         return cls(channel, r.blob16())
 
 
-MESSAGE_CLASSES = {cls.TYPE: cls for cls in (Hello, Measurement, EcgStart, EcgBlock, EcgEnd, TimeSync,
-                                             Ack, Nack, Log, SerialData)}
+MESSAGE_CLASSES = {
+    cls.TYPE: cls for cls in (Hello, Measurement, EcgStart, EcgBlock, EcgEnd, TimeSync, Ack, Nack, Log, SerialData)
+}
 
 
 class Frame:
@@ -466,12 +475,20 @@ class Frame:
         self.payload = payload
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, Frame) and (self.version, self.msg_type, self.seq, self.payload) == \
-            (other.version, other.msg_type, other.seq, other.payload)
+        return isinstance(other, Frame) and (self.version, self.msg_type, self.seq, self.payload) == (
+            other.version,
+            other.msg_type,
+            other.seq,
+            other.payload,
+        )
 
     def __repr__(self) -> str:
         return "Frame(version=%d, type=0x%02x, seq=%d, %d bytes)" % (
-            self.version, self.msg_type, self.seq, len(self.payload))
+            self.version,
+            self.msg_type,
+            self.seq,
+            len(self.payload),
+        )
 
 
 def encode_frame(msg_type: int, seq: int, payload: bytes, version: int = VERSION) -> bytes:
@@ -494,7 +511,7 @@ def decode_frame(encoded: bytes) -> Frame:
     try:
         body = cobs.decode(encoded)
     except ProtocolError as exc:
-        raise FrameError(str(exc))
+        raise FrameError(str(exc)) from None
     if len(body) < HEADER_SIZE + CRC_SIZE:
         raise FrameError("frame of %d bytes is shorter than header and CRC" % len(body))
     if len(body) > MAX_BODY:
@@ -541,7 +558,7 @@ class FrameReader:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list:
-        out = []
+        out = []  # type: list[Frame | FrameError]
         start = 0
         n = len(data)
         while start < n:

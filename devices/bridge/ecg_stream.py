@@ -36,8 +36,15 @@ class BlockOutcome:
 class EcgAssembler:
     """Collects the blocks of one recording; `finish()` returns the recording."""
 
-    def __init__(self, start: codec.EcgStart, *, acquired_at: dt.datetime, time_source: TimeSource,
-                 device: DeviceIdentity, max_seconds: float = DEFAULT_MAX_SECONDS) -> None:
+    def __init__(
+        self,
+        start: codec.EcgStart,
+        *,
+        acquired_at: dt.datetime,
+        time_source: TimeSource,
+        device: DeviceIdentity,
+        max_seconds: float = DEFAULT_MAX_SECONDS,
+    ) -> None:
         if not 1 <= start.sampling_rate_hz <= MAX_RATE_HZ:
             raise ProtocolError(f"ECG_START with a sampling rate of {start.sampling_rate_hz} Hz")
         if not (np.isfinite(start.uv_per_unit) and 0 < start.uv_per_unit < 1e6):

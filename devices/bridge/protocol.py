@@ -120,8 +120,11 @@ class BridgeProtocol:
         try:
             message = codec.decode_message(frame)
         except ProtocolError as exc:
-            reason = codec.NACK_UNSUPPORTED if frame.version != codec.VERSION or \
-                frame.msg_type not in codec.MESSAGE_CLASSES else codec.NACK_MALFORMED
+            reason = (
+                codec.NACK_UNSUPPORTED
+                if frame.version != codec.VERSION or frame.msg_type not in codec.MESSAGE_CLASSES
+                else codec.NACK_MALFORMED
+            )
             return [self._refuse(frame.seq, reason, str(exc))]
         return self._deliver(frame.seq, message)
 

@@ -77,12 +77,10 @@ class SessionProblem:
     seq: int | None = None
 
 
-SessionEvent = (DeviceHello | ObservationReady | RecordingReady | SerialDataReceived | DeviceLog
-                | SessionProblem)
+SessionEvent = DeviceHello | ObservationReady | RecordingReady | SerialDataReceived | DeviceLog | SessionProblem
 
 
-def device_time(time_flags: int, device_time_ms: int, received_at: dt.datetime
-                ) -> tuple[dt.datetime, TimeSource]:
+def device_time(time_flags: int, device_time_ms: int, received_at: dt.datetime) -> tuple[dt.datetime, TimeSource]:
     """A device time stamp, or the receipt time when the device's clock cannot be believed."""
     if time_flags in (codec.TIME_DEVICE_CLOCK, codec.TIME_SYNCED) and device_time_ms > 0:
         try:
@@ -90,8 +88,7 @@ def device_time(time_flags: int, device_time_ms: int, received_at: dt.datetime
         except OverflowError:
             when = None
         if when is not None and EARLIEST_PLAUSIBLE <= when <= received_at + MAX_CLOCK_AHEAD:
-            source = TimeSource.DEVICE_CLOCK_CORRECTED if time_flags == codec.TIME_SYNCED \
-                else TimeSource.DEVICE_CLOCK
+            source = TimeSource.DEVICE_CLOCK_CORRECTED if time_flags == codec.TIME_SYNCED else TimeSource.DEVICE_CLOCK
             return when, source
     return received_at, TimeSource.GATEWAY_RECEIPT
 
@@ -106,15 +103,27 @@ def _quantity(value: codec.MeasuredValue) -> Quantity:
     if number is not None and not math.isfinite(number):
         special = "nan" if math.isnan(number) else ("+inf" if number > 0 else "-inf")
         number = None
-    return Quantity(code=value.code, value=number, unit=value.unit, sent_value=number,
-                    sent_unit=value.unit, special=special if number is None else None)
+    return Quantity(
+        code=value.code,
+        value=number,
+        unit=value.unit,
+        sent_value=number,
+        sent_unit=value.unit,
+        special=special if number is None else None,
+    )
 
 
 class BridgeSession:
     """One connected bridge, from the gateway's side."""
 
-    def __init__(self, address: str, *, gateway_hello: codec.Hello | None = None,
-                 max_ecg_seconds: float = DEFAULT_MAX_SECONDS, window: int = 4096) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        gateway_hello: codec.Hello | None = None,
+        max_ecg_seconds: float = DEFAULT_MAX_SECONDS,
+        window: int = 4096,
+    ) -> None:
         self.address = address
         self.protocol = BridgeProtocol(window=window)
         self.gateway_hello = gateway_hello or codec.Hello("lastmile", "lastmile-gateway", "", 0)
@@ -183,8 +192,7 @@ class BridgeSession:
             return self._ecg_block(seq, msg)
         if isinstance(msg, codec.EcgEnd):
             if msg.recording_id not in self._recordings:
-                self._out += self.protocol.reject(seq, codec.NACK_UNKNOWN_RECORDING,
-                                                  "no such recording in progress")
+                self._out += self.protocol.reject(seq, codec.NACK_UNKNOWN_RECORDING, "no such recording in progress")
                 return [SessionProblem("ECG_END for an unknown recording", seq)]
             return self._close_recording(msg.recording_id, msg, seq)
         if isinstance(msg, codec.TimeSync):
@@ -205,8 +213,9 @@ class BridgeSession:
             for rec_id in list(self._recordings):
                 events.extend(self._close_recording(rec_id, None, None))
         self.hello = msg
-        self.identity = DeviceIdentity(model=msg.model, serial=msg.device_id, address=self.address,
-                                       software_version=msg.firmware_version)
+        self.identity = DeviceIdentity(
+            model=msg.model, serial=msg.device_id, address=self.address, software_version=msg.firmware_version
+        )
         self._out += self.protocol.acknowledge(seq) + self.time_sync(now)
         events.append(DeviceHello(seq, self.identity, msg.capabilities, msg.boot_id))
         return events
@@ -223,13 +232,20 @@ class BridgeSession:
         if msg.record_id:
             key = f"bridge:{self._device_key()}:{msg.record_id}"
         else:  # the content identifies a resent reading even across gateway restarts
-            digest = hashlib.sha256(repr((msg.kind, msg.time_flags, msg.device_time_ms,
-                                          [v.as_tuple() for v in msg.values])).encode()).hexdigest()
+            digest = hashlib.sha256(
+                repr((msg.kind, msg.time_flags, msg.device_time_ms, [v.as_tuple() for v in msg.values])).encode()
+            ).hexdigest()
             key = f"bridge:{self._device_key()}:sha256:{digest[:32]}"
-        return Observation(kind=msg.kind or "measurement",
-                           quantities=tuple(_quantity(v) for v in msg.values),
-                           measured_at=measured_at, time_source=source, received_at=now,
-                           device=self.identity, record_key=key, flags=tuple(msg.flags))
+        return Observation(
+            kind=msg.kind or "measurement",
+            quantities=tuple(_quantity(v) for v in msg.values),
+            measured_at=measured_at,
+            time_source=source,
+            received_at=now,
+            device=self.identity,
+            record_key=key,
+            flags=tuple(msg.flags),
+        )
 
     def _ecg_start(self, msg: codec.EcgStart, now: dt.datetime) -> list[SessionEvent]:
         events: list[SessionEvent] = []
@@ -240,21 +256,19 @@ class BridgeSession:
             events.extend(self._close_recording(oldest, None, None))
         acquired_at, source = device_time(msg.time_flags, msg.device_time_ms, now)
         self._recordings[msg.recording_id] = EcgAssembler(
-            msg, acquired_at=acquired_at, time_source=source, device=self.identity,
-            max_seconds=self.max_ecg_seconds)
+            msg, acquired_at=acquired_at, time_source=source, device=self.identity, max_seconds=self.max_ecg_seconds
+        )
         return events
 
     def _ecg_block(self, seq: int, msg: codec.EcgBlock) -> list[SessionEvent]:
         assembler = self._recordings.get(msg.recording_id)
         if assembler is None:
-            self._out += self.protocol.reject(seq, codec.NACK_UNKNOWN_RECORDING,
-                                              "no such recording in progress")
+            self._out += self.protocol.reject(seq, codec.NACK_UNKNOWN_RECORDING, "no such recording in progress")
             return [SessionProblem("ECG_BLOCK for an unknown recording", seq)]
         assembler.add_block(msg)
         return []
 
-    def _close_recording(self, rec_id: int, end: codec.EcgEnd | None, seq: int | None
-                         ) -> list[SessionEvent]:
+    def _close_recording(self, rec_id: int, end: codec.EcgEnd | None, seq: int | None) -> list[SessionEvent]:
         assembler = self._recordings.pop(rec_id)
         boot = self.hello.boot_id if self.hello is not None else 0
         key = f"bridge-ecg:{self._device_key()}:{boot}:{rec_id}"

@@ -1,5 +1,5 @@
 """ECG recordings and the file formats carts deliver them in."""
 
-from devices.ecg.recording import EcgRecording, STANDARD_12_LEADS
+from devices.ecg.recording import STANDARD_12_LEADS, EcgRecording
 
-__all__ = ["EcgRecording", "STANDARD_12_LEADS"]
+__all__ = ["STANDARD_12_LEADS", "EcgRecording"]

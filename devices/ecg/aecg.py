@@ -2,8 +2,12 @@
 
 Parsed with defusedxml (no DTDs, no entity expansion: the XML is untrusted). We read the
 first RHYTHM series: its TIME_ABSOLUTE or TIME_RELATIVE sequence (start and increment) and
-its lead sequences (SLIST: physical value = digits * scale + origin). Median beats
-(REPRESENTATIVE_BEAT, derived series) are not needed for forwarding and are not read.
+its lead sequences (SLIST: physical value = digits * scale + origin), and the cart's findings:
+the representative beats (REPRESENTATIVE_BEAT derived series) as median beats, the global
+measurements of its annotation sets (MDC_ECG_TIME_PD_*, MDC_ECG_ANGLE_*, MDC_ECG_HEART_RATE;
+those of the representative beat first, per-beat values inside MDC_ECG_BEAT never), the
+statements (rhythm and interpretation annotations; a set authored by a person is a physician's)
+and the subject finding comment.
 
 Acquisition time, first that is present: the absolute time sequence's head; else the
 series' effectiveTime (low; center; high minus the duration); else the document's
@@ -22,6 +26,7 @@ import numpy as np
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import ParseError, fromstring
 
+from devices.ecg.findings import EcgMeasurement, EcgStatement, MedianBeats, StatementSource, measurement
 from devices.ecg.leads import derive_limb_leads, normalise_lead_name, require_unique
 from devices.ecg.recording import EcgRecording
 from devices.ecg.scaling import Channel, to_common_unit
@@ -40,8 +45,7 @@ _TS = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,6}
 
 def _q(path: str) -> str:
     """'a/b' -> '{ns}a/{ns}b' for ElementTree."""
-    return "/".join(part if part in (".", "..") or part.startswith(".") else NS + part
-                    for part in path.split("/"))
+    return "/".join(part if part in (".", "..") or part.startswith(".") else NS + part for part in path.split("/"))
 
 
 def _attr(el: Element | None, path: str, name: str = "value") -> str | None:
@@ -78,9 +82,12 @@ def _quantity_s(el: Element | None, what: str) -> float | None:
     if unit not in _TIME_TO_S:
         raise UnsupportedFeatureError(f"HL7 aECG: {what} in unit {unit!r} is not supported")
     try:
-        return float(el.get("value", "")) * _TIME_TO_S[unit]
+        seconds = float(el.get("value", "")) * _TIME_TO_S[unit]
     except ValueError:
         raise ProtocolError(f"HL7 aECG: {what} {el.get('value')!r} is not a number") from None
+    if not np.isfinite(seconds):  # "inf"/"nan" parse as floats and would crash the rate below
+        raise ProtocolError(f"HL7 aECG: {what} {el.get('value')!r} is not finite")
+    return seconds
 
 
 def _number(el: Element | None, what: str, default: float | None = None) -> tuple[float, str]:
@@ -132,8 +139,7 @@ def _read_sequence_set(seq_set: Element, local_tz: dt.tzinfo) -> _Sequences:
         scale, scale_unit = _number(value.find(_q("scale")), f"lead {code} scale", 1.0)
         origin, origin_unit = _number(value.find(_q("origin")), f"lead {code} origin", 0.0)
         if scale_unit not in _UNIT_TO_UV or origin_unit not in _UNIT_TO_UV:
-            raise UnsupportedFeatureError(
-                f"HL7 aECG: lead {code} is in {scale_unit!r}/{origin_unit!r}, not a voltage")
+            raise UnsupportedFeatureError(f"HL7 aECG: lead {code} is in {scale_unit!r}/{origin_unit!r}, not a voltage")
         if scale <= 0:
             raise ProtocolError(f"HL7 aECG: lead {code} has scale {scale}")
         tokens = (digits.text or "").split()
@@ -145,8 +151,14 @@ def _read_sequence_set(seq_set: Element, local_tz: dt.tzinfo) -> _Sequences:
             raise ProtocolError(f"HL7 aECG: lead {code} has digits that are not whole numbers") from None
         if raw.size and (raw.min() < -(2**31) or raw.max() >= 2**31):
             raise ProtocolError(f"HL7 aECG: lead {code} has digits beyond 32 bits")
-        leads.append((code, Channel(raw=raw, uv_per_unit=scale * _UNIT_TO_UV[scale_unit],
-                                    offset_uv=origin * _UNIT_TO_UV[origin_unit])))
+        leads.append(
+            (
+                code,
+                Channel(
+                    raw=raw, uv_per_unit=scale * _UNIT_TO_UV[scale_unit], offset_uv=origin * _UNIT_TO_UV[origin_unit]
+                ),
+            )
+        )
     if increment is None or increment <= 0:
         raise ProtocolError("HL7 aECG: the rhythm series has no time sequence with a positive increment")
     return _Sequences(start, relative, increment, leads)
@@ -190,8 +202,13 @@ def _patient(root: Element) -> Patient | None:
                 birth = dt.date(int(born[:4]), int(born[4:6]), int(born[6:8]))
             except ValueError:
                 birth = None
-    return Patient(patient_id=patient_id, name=name, birth_date=birth, sex=sex,
-                   issuer=(ident.get("root") or "").strip() if ident is not None else "")
+    return Patient(
+        patient_id=patient_id,
+        name=name,
+        birth_date=birth,
+        sex=sex,
+        issuer=(ident.get("root") or "").strip() if ident is not None else "",
+    )
 
 
 def _device(series: Element) -> DeviceIdentity:
@@ -203,17 +220,168 @@ def _device(series: Element) -> DeviceIdentity:
         manufacturer=(author.findtext(_q("manufacturerOrganization/name")) or "").strip(),
         model=(dev.findtext(_q("manufacturerModelName")) or "").strip() if dev is not None else "",
         serial=(_attr(dev, "id", "extension") or "").strip(),
-        software_version=(dev.findtext(_q("softwareName")) or "").strip() if dev is not None else "")
+        software_version=(dev.findtext(_q("softwareName")) or "").strip() if dev is not None else "",
+    )
+
+
+# ---------------------------------------------------------------- the cart's findings
+
+_MEASUREMENT_CODES: dict[str, tuple[str, str]] = {
+    "MDC_ECG_HEART_RATE": ("heart-rate", ""),
+    "MDC_ECG_TIME_PD_RR": ("rr-interval", ""),
+    "MDC_ECG_TIME_PD_RR_GL": ("rr-interval", ""),
+    "MDC_ECG_TIME_PD_PP": ("pp-interval", ""),
+    "MDC_ECG_TIME_PD_PP_GL": ("pp-interval", ""),
+    "MDC_ECG_TIME_PD_P": ("p-duration", ""),
+    "MDC_ECG_TIME_PD_P_GL": ("p-duration", ""),
+    "MDC_ECG_TIME_PD_PR": ("pr-interval", ""),
+    "MDC_ECG_TIME_PD_PR_GL": ("pr-interval", ""),
+    "MDC_ECG_TIME_PD_QRS": ("qrs-duration", ""),
+    "MDC_ECG_TIME_PD_QRS_GL": ("qrs-duration", ""),
+    "MDC_ECG_TIME_PD_QT": ("qt-interval", ""),
+    "MDC_ECG_TIME_PD_QT_GL": ("qt-interval", ""),
+    "MDC_ECG_TIME_PD_QTc": ("qtc-interval", ""),
+    "MDC_ECG_TIME_PD_QTcB": ("qtc-interval", "bazett"),
+    "MDC_ECG_TIME_PD_QTcF": ("qtc-interval", "fridericia"),
+    "MDC_ECG_TIME_PD_QTcH": ("qtc-interval", "hodges"),
+    "MDC_ECG_ANGLE_P_FRONT": ("p-axis", ""),
+    "MDC_ECG_ANGLE_QRS_FRONT": ("qrs-axis", ""),
+    "MDC_ECG_ANGLE_T_FRONT": ("t-axis", ""),
+}
+_TO_UNIT = {
+    "ms": ("ms", 1.0),
+    "s": ("ms", 1000.0),
+    "us": ("ms", 0.001),
+    "deg": ("deg", 1.0),
+    "/min": ("/min", 1.0),
+    "bpm": ("/min", 1.0),
+    "{beats}/min": ("/min", 1.0),
+}
+_STATEMENT_CODES = (
+    "MDC_ECG_RHY",
+    "MDC_ECG_INTERPRETATION",
+    "MDC_ECG_INTERPRETATION_STATEMENT",
+    "MDC_ECG_INTERPRETATION_SUMMARY",
+)
+
+
+def _annotation_sets(series: Element) -> list[Element]:
+    return series.findall(_q("subjectOf/annotationSet"))
+
+
+def _set_source(annotation_set: Element) -> StatementSource:
+    person = annotation_set.find(_q("author/assignedEntity/assignedAuthorType/assignedPerson"))
+    return StatementSource.PHYSICIAN if person is not None else StatementSource.DEVICE
+
+
+def _has_lead(annotation: Element) -> bool:
+    """A supporting region that names a lead makes the annotation per-lead, not global."""
+    for code in annotation.findall(_q("support/supportingROI/component/boundary/code")):
+        if (code.get("code") or "").startswith("MDC_ECG_LEAD"):
+            return True
+    return False
+
+
+def _walk(parent: Element, inside_beat: bool, found: list[tuple[Element, bool]]) -> None:
+    for annotation in parent.findall(_q("component/annotation")):
+        found.append((annotation, inside_beat))
+        beat = inside_beat or _attr(annotation, "code", "code") == "MDC_ECG_BEAT"
+        _walk(annotation, beat, found)
+
+
+def _findings_of_set(
+    annotation_set: Element, where: str, measurements: dict[str, EcgMeasurement], statements: list[EcgStatement]
+) -> None:
+    source = _set_source(annotation_set)
+    found: list[tuple[Element, bool]] = []
+    _walk(annotation_set, False, found)
+    for annotation, inside_beat in found:
+        code = _attr(annotation, "code", "code") or ""
+        value = annotation.find(_q("value"))
+        if value is None:
+            continue
+        vtype = value.get(XSI_TYPE, "")
+        if code in _MEASUREMENT_CODES and vtype == "PQ" and not inside_beat and not _has_lead(annotation):
+            kind, method = _MEASUREMENT_CODES[code]
+            unit = _TO_UNIT.get(value.get("unit", ""))
+            try:
+                number = float(value.get("value", ""))
+            except ValueError:
+                continue
+            if unit is None or kind in measurements:
+                continue
+            extra = {"method": method} if method else {}
+            m = measurement(kind, number * unit[1], f"aecg:{where}", **extra)
+            if m is not None and m.unit == unit[0]:
+                measurements[kind] = m
+        elif code in _STATEMENT_CODES and not inside_beat:
+            if vtype in ("ST", "ED"):
+                text, coded = (value.text or "").strip(), ""
+            else:
+                coded = value.get("code", "")
+                text = (value.get("displayName") or coded).strip()
+            if text:
+                statements.append(EcgStatement(text, source, f"aecg:{where}", coded))
+
+
+def _representative(root: Element, rhythm: Element, local_tz: dt.tzinfo) -> tuple[Element | None, MedianBeats | None]:
+    for derived in rhythm.findall(_q("derivation/derivedSeries")) + root.findall(_q("component/series")):
+        if _attr(derived, "code", "code") != "REPRESENTATIVE_BEAT":
+            continue
+        for seq_set in derived.findall(_q("component/sequenceSet")):
+            try:
+                parsed = _read_sequence_set(seq_set, local_tz)
+            except ProtocolError:
+                continue  # the median beats are unreadable: the rhythm and its findings still go
+            lengths = {c.raw.size for _, c in parsed.leads}
+            if not parsed.leads or len(lengths) != 1 or 0 in lengths:
+                continue
+            names = tuple(normalise_lead_name(code) for code, _ in parsed.leads)
+            if len(set(names)) != len(names):
+                continue
+            try:
+                samples, uv_per_unit = to_common_unit([c for _, c in parsed.leads], "HL7 aECG median beats")
+                return derived, MedianBeats(
+                    samples=samples,
+                    lead_names=names,
+                    sampling_rate_hz=_rate(parsed.increment_s),
+                    uv_per_unit=uv_per_unit,
+                    source="aecg:representative-beat",
+                )
+            except (ProtocolError, InvalidRecordingError):
+                continue
+        return derived, None
+    return None, None
+
+
+def _findings(
+    root: Element, rhythm: Element, representative: Element | None
+) -> tuple[tuple[EcgMeasurement, ...], tuple[EcgStatement, ...]]:
+    measurements: dict[str, EcgMeasurement] = {}
+    statements: list[EcgStatement] = []
+    # the representative beat's global values are the cart's summary: they come first
+    if representative is not None:
+        for annotation_set in _annotation_sets(representative):
+            _findings_of_set(annotation_set, "representative-beat", measurements, statements)
+    for annotation_set in _annotation_sets(rhythm):
+        _findings_of_set(annotation_set, "rhythm", measurements, statements)
+    comment = (root.findtext(_q("pertainsTo/subjectFindingComment/text")) or "").strip()
+    if comment:
+        statements.append(EcgStatement(comment, StatementSource.COMMENT, "aecg:subjectFindingComment"))
+    return tuple(measurements.values()), tuple(statements)
 
 
 def _rate(increment_s: float) -> float:
     rate = 1.0 / increment_s
+    if not np.isfinite(rate):  # a subnormal increment such as 1e-320 s
+        raise ProtocolError(f"HL7 aECG: time increment {increment_s!r} s gives no usable sampling rate")
     whole = round(rate)
     return float(whole) if whole and abs(rate - whole) < 1e-6 * whole else rate
 
 
-def read_aecg(data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc,
-              received_at: dt.datetime | None = None) -> EcgRecording:
+def read_aecg(
+    data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc, received_at: dt.datetime | None = None
+) -> EcgRecording:
     """Decode the rhythm series of an HL7 aECG document.
 
     `local_tz` interprets time stamps written without a zone; `received_at` is used
@@ -233,8 +401,10 @@ def read_aecg(data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc,
             rhythm = series
             break
     if rhythm is None:
-        raise ProtocolError("HL7 aECG document contains no rhythm ECG (no RHYTHM series): "
-                            "nothing to forward; check the export settings of the cart")
+        raise ProtocolError(
+            "HL7 aECG document contains no rhythm ECG (no RHYTHM series): "
+            "nothing to forward; check the export settings of the cart"
+        )
     parsed = None
     for seq_set in rhythm.findall(_q("component/sequenceSet")):
         candidate = _read_sequence_set(seq_set, local_tz)
@@ -255,8 +425,9 @@ def read_aecg(data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc,
     source = TimeSource.FILE
     start = parsed.start
     if start is None:
-        start = (_interval_start(rhythm.find(_q("effectiveTime")), duration, local_tz)
-                 or _interval_start(root.find(_q("effectiveTime")), duration, local_tz))
+        start = _interval_start(rhythm.find(_q("effectiveTime")), duration, local_tz) or _interval_start(
+            root.find(_q("effectiveTime")), duration, local_tz
+        )
         if start is not None and parsed.relative_s:
             start += dt.timedelta(seconds=parsed.relative_s)
     if start is None:
@@ -265,10 +436,23 @@ def read_aecg(data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc,
         start, source = received_at, TimeSource.GATEWAY_RECEIPT
     all_samples, all_names, derived = derive_limb_leads(samples, tuple(names))
     try:
-        return EcgRecording(samples=all_samples, lead_names=all_names, sampling_rate_hz=rate,
-                            uv_per_unit=uv_per_unit, acquired_at=start, time_source=source,
-                            device=_device(rhythm), patient=_patient(root), derived_leads=derived,
-                            source_format="aecg")
+        representative, median = _representative(root, rhythm, local_tz)
+        measurements, statements = _findings(root, rhythm, representative)
+        return EcgRecording(
+            samples=all_samples,
+            lead_names=all_names,
+            sampling_rate_hz=rate,
+            uv_per_unit=uv_per_unit,
+            acquired_at=start,
+            time_source=source,
+            device=_device(rhythm),
+            patient=_patient(root),
+            derived_leads=derived,
+            source_format="aecg",
+            measurements=measurements,
+            statements=statements,
+            median_beats=median,
+        )
     except InvalidRecordingError as exc:
         raise ProtocolError(f"HL7 aECG: {exc}") from None
 

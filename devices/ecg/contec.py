@@ -54,20 +54,22 @@ def looks_like_contec(data: bytes) -> bool:
     return bool(case) and case.isdigit() and _TIMESTAMP.match(_asciiz(data[10:30])) is not None
 
 
-def read_contec(data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc,
-                received_at: dt.datetime | None = None) -> EcgRecording:
+def read_contec(
+    data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc, received_at: dt.datetime | None = None
+) -> EcgRecording:
     """Decode an ECG90A file. `local_tz` is the cart's clock zone (the file has none)."""
     data = bytes(data)
     payload = len(data) - HEADER_LEN - FOOTER_LEN
     if payload < 2 * SERIES or payload % (2 * SERIES):
         raise ProtocolError(
             f"not a Contec ECG90A file: {len(data)} bytes is not a 43-byte header + 37-byte footer "
-            "+ whole 16-byte sample rows (file truncated?)")
+            "+ whole 16-byte sample rows (file truncated?)"
+        )
     rows = np.frombuffer(data, dtype="<u2", count=payload // 2, offset=HEADER_LEN).reshape(-1, SERIES)
     # the export tool stops at the first all-zero row: it marks the end of the recording
     zero_rows = np.nonzero(~rows.any(axis=1))[0]
     if zero_rows.size:
-        rows = rows[:zero_rows[0]]
+        rows = rows[: zero_rows[0]]
     if rows.shape[0] == 0:
         raise ProtocolError("Contec ECG90A file holds no samples")
     missing = rows == NO_DATA
@@ -85,7 +87,8 @@ def read_contec(data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc,
     acquired_at, source = None, TimeSource.FILE
     if stamp:
         try:
-            acquired_at = dt.datetime(*(int(g) for g in stamp.groups()), tzinfo=local_tz)
+            year, month, day, hour, minute, second = (int(g) for g in stamp.groups())
+            acquired_at = dt.datetime(year, month, day, hour, minute, second, tzinfo=local_tz)
         except ValueError:
             acquired_at = None
     if acquired_at is None:
@@ -97,9 +100,17 @@ def read_contec(data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc,
     try:
         # The file names the patient (name, sex, age) but carries no identifier: the
         # recording stays unassigned (patient None) for the doctor.
-        return EcgRecording(samples=all_samples, lead_names=all_names,
-                            sampling_rate_hz=SAMPLE_RATE_HZ, uv_per_unit=UV_PER_COUNT,
-                            acquired_at=acquired_at, time_source=source, device=DEVICE,
-                            derived_leads=derived, source_format="contec", flags=flags)
+        return EcgRecording(
+            samples=all_samples,
+            lead_names=all_names,
+            sampling_rate_hz=SAMPLE_RATE_HZ,
+            uv_per_unit=UV_PER_COUNT,
+            acquired_at=acquired_at,
+            time_source=source,
+            device=DEVICE,
+            derived_leads=derived,
+            source_format="contec",
+            flags=flags,
+        )
     except InvalidRecordingError as exc:
         raise ProtocolError(f"Contec ECG90A: {exc}") from None

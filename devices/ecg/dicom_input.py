@@ -10,6 +10,15 @@ integer unit or refused. Non-ECG channels (pressure, respiration) are left out.
 
 Malformed UIDs (trailing or doubled dots, as some converters write) do not stop decoding: the
 recording does not carry the input's UIDs (the gateway mints its own for what it sends).
+
+The cart's findings: a median-beat group (label MEDIAN/BEAT/REPRESENTATIVE) becomes the
+recording's median beats; Waveform Annotation items become measurements (a coded name we know,
+MDC or the retired SCPECG codes carts still write, a numeric value and units, no temporal range)
+and statements (text, or a coded name/coded value pair). In an object the gateway itself
+converted (Contributing Equipment "Lastmile"), annotation group 1 holds the device's findings,
+2 a physician's, 3 comments, and items without a group are the gateway's own notes (skipped).
+A writer that gives an axis in a time unit (ECGToolkit writes "ms" for every value) has its
+value read as degrees, and the measurement says so in its note.
 """
 
 from __future__ import annotations
@@ -19,27 +28,55 @@ import io
 import re
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from devices.ecg.leads import (SCP_LEAD_NAMES, derive_limb_leads, lead_name_from_scp_code, normalise_lead_name,
-                               require_unique)
+from devices.ecg.findings import (
+    KIND_BY_MDC,
+    QTC_ALGORITHMS,
+    QTC_FORMULA_CODES,
+    EcgMeasurement,
+    EcgStatement,
+    MedianBeats,
+    StatementSource,
+    measurement,
+)
+from devices.ecg.leads import (
+    SCP_LEAD_NAMES,
+    derive_limb_leads,
+    lead_name_from_scp_code,
+    normalise_lead_name,
+    require_unique,
+)
 from devices.ecg.recording import EcgRecording
 from devices.ecg.scaling import Channel, to_common_unit
 from devices.errors import InvalidRecordingError, ProtocolError, UnsupportedFeatureError
 from devices.identity import DeviceIdentity, Patient, TimeSource
+from devices.inflate import inflate
 
-_DTYPES = {(8, "SB"): "i1", (8, "UB"): "u1", (16, "SS"): "i2", (16, "US"): "u2",
-           (32, "SL"): "i4", (32, "UL"): "u4"}
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+_DTYPES = {(8, "SB"): "i1", (8, "UB"): "u1", (16, "SS"): "i2", (16, "US"): "u2", (32, "SL"): "i4", (32, "UL"): "u4"}
 _UNIT_TO_UV = {"uV": 1.0, "mV": 1000.0, "V": 1_000_000.0, "nV": 0.001}
 _DT = re.compile(r"^(\d{4})(\d{2})(\d{2})(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,6}))?([+-]\d{4})?$")
 MAX_SAMPLES = 50_000_000  # samples x channels of one group, checked before any allocation
+MAX_INFLATED_BYTES = 64 * 2**20  # a deflated data set may inflate to this much (a 1 MB bomb would give 1 GiB)
+_DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
 # CID 3001 "ECG Leads" in MDC form: "2:n" mostly follows the SCP-ECG lead numbers, but 31-38
 # and 111-114 are the *derived* leads there (not SCP's calibration signals).
-_MDC_DERIVED: dict[int, str] = {31: "I", 32: "II", **{33 + i: f"V{i + 1}" for i in range(6)},
-                                111: "III", 112: "aVR", 113: "aVL", 114: "aVF"}
+_MDC_DERIVED: dict[int, str] = {
+    31: "I",
+    32: "II",
+    **{33 + i: f"V{i + 1}" for i in range(6)},
+    111: "III",
+    112: "aVR",
+    113: "aVL",
+    114: "aVF",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +91,7 @@ def _from_text(text: str) -> tuple[str, bool]:
     return normalise_lead_name(text[8:] if derived else text), derived
 
 
-def _lead_of(channel) -> tuple[str, bool] | None:
+def _lead_of(channel: Dataset) -> tuple[str, bool] | None:
     """(lead name, derived) of a channel definition, None for a channel that is not an ECG lead."""
     source = channel.get("ChannelSourceSequence")
     if source:
@@ -80,11 +117,16 @@ def _lead_of(channel) -> tuple[str, bool] | None:
     return None
 
 
-def _group_rank(group, n_ecg: int) -> tuple:
+def _is_median(group: Dataset) -> bool:
+    label = str(group.get("MultiplexGroupLabel", "")).upper()
+    return "MEDIAN" in label or "BEAT" in label or "REPRESENTATIVE" in label
+
+
+def _group_rank(group: Dataset, n_ecg: int) -> tuple[int, ...]:
     label = str(group.get("MultiplexGroupLabel", "")).upper()
     originality = str(group.get("WaveformOriginality", "")).upper()
     samples = int(group.get("NumberOfWaveformSamples", 0) or 0)
-    is_median = "MEDIAN" in label or "BEAT" in label
+    is_median = _is_median(group)
     return ("RHYTHM" in label, not is_median, originality == "ORIGINAL", n_ecg, samples)
 
 
@@ -107,15 +149,19 @@ def _parse_dt(text: str, local_tz: dt.tzinfo, default_offset: str = "") -> dt.da
         return None
 
 
-def _acquired_at(ds, local_tz: dt.tzinfo) -> dt.datetime | None:
+def _acquired_at(ds: Dataset, local_tz: dt.tzinfo) -> dt.datetime | None:
     offset = str(ds.get("TimezoneOffsetFromUTC", "") or "").strip()
     for value in (ds.get("AcquisitionDateTime"),):
         if value:
             found = _parse_dt(str(value), local_tz, offset)
             if found is not None:
                 return found
-    for date_kw, time_kw in (("AcquisitionDate", "AcquisitionTime"), ("ContentDate", "ContentTime"),
-                             ("SeriesDate", "SeriesTime"), ("StudyDate", "StudyTime")):
+    for date_kw, time_kw in (
+        ("AcquisitionDate", "AcquisitionTime"),
+        ("ContentDate", "ContentTime"),
+        ("SeriesDate", "SeriesTime"),
+        ("StudyDate", "StudyTime"),
+    ):
         date, time = ds.get(date_kw), ds.get(time_kw)
         if date and time:
             found = _parse_dt(str(date).strip() + str(time).strip(), local_tz, offset)
@@ -124,7 +170,7 @@ def _acquired_at(ds, local_tz: dt.tzinfo) -> dt.datetime | None:
     return None
 
 
-def _patient(ds) -> Patient | None:
+def _patient(ds: Dataset) -> Patient | None:
     patient_id = str(ds.get("PatientID", "") or "").strip()
     if not patient_id:
         return None
@@ -136,36 +182,62 @@ def _patient(ds) -> Patient | None:
         except ValueError:
             birth = None
     sex = str(ds.get("PatientSex", "") or "").strip().upper()
-    return Patient(patient_id=patient_id, name=str(ds.get("PatientName", "") or "").strip(),
-                   birth_date=birth, sex=sex if sex in ("M", "F", "O") else "",
-                   issuer=str(ds.get("IssuerOfPatientID", "") or "").strip())
+    return Patient(
+        patient_id=patient_id,
+        name=str(ds.get("PatientName", "") or "").strip(),
+        birth_date=birth,
+        sex=sex if sex in ("M", "F", "O") else "",
+        issuer=str(ds.get("IssuerOfPatientID", "") or "").strip(),
+    )
 
 
-def _device(ds) -> DeviceIdentity:
+def _device(ds: Dataset) -> DeviceIdentity:
     software = ds.get("SoftwareVersions", "")
     if software and not isinstance(software, str):
         software = "\\".join(str(s) for s in software)
-    return DeviceIdentity(manufacturer=str(ds.get("Manufacturer", "") or "").strip(),
-                          model=str(ds.get("ManufacturerModelName", "") or "").strip(),
-                          serial=str(ds.get("DeviceSerialNumber", "") or "").strip(),
-                          software_version=str(software or "").strip())
+    return DeviceIdentity(
+        manufacturer=str(ds.get("Manufacturer", "") or "").strip(),
+        model=str(ds.get("ManufacturerModelName", "") or "").strip(),
+        serial=str(ds.get("DeviceSerialNumber", "") or "").strip(),
+        software_version=str(software or "").strip(),
+    )
 
 
-def _read_dataset(data: bytes):
+def _inflated_data_set(data: bytes) -> bytes | None:
+    """The data set of a Part-10 file in Deflated Explicit VR LE, inflated with a cap (pydicom
+    would inflate it whole, however big); None for any other file."""
+    from pydicom.filereader import read_dataset
+
+    if len(data) < 144 or data[128:132] != b"DICM":
+        return None
+    fp = io.BytesIO(data)
+    fp.seek(132)
+    meta = read_dataset(fp, False, True, stop_when=lambda tag, vr, length: tag >> 16 != 0x0002)
+    if str(meta.get("TransferSyntaxUID", "")).rstrip("\x00 ") != _DEFLATED:
+        return None
+    return inflate(data[fp.tell() :], max_bytes=MAX_INFLATED_BYTES)
+
+
+def _read_dataset(data: bytes) -> Dataset:
     import pydicom
 
+    data = bytes(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(io.BytesIO(bytes(data)), force=True)
+            inflated = _inflated_data_set(data)
+            # the inflated data set is read as a raw one (force): Explicit VR Little Endian
+            ds = pydicom.dcmread(io.BytesIO(inflated if inflated is not None else data), force=True)
             # touch what we need now, so that a malformed element fails here, typed
             ds.get("WaveformSequence")
         return ds
-    except Exception as exc:  # pydicom raises many kinds on bad bytes; all mean "not readable"
+    except ProtocolError:
+        raise  # e.g. InflateLimitError: its own message says what is wrong
+    except Exception as exc:  # noqa: BLE001 — pydicom raises many kinds on bad bytes; all mean "not readable"
         raise ProtocolError(f"DICOM file is not readable ({type(exc).__name__}: {exc})"[:300]) from None
 
 
-def _scale(channel, lead: str) -> tuple[float, float]:
+def _scale(channel: Dataset, lead: str) -> tuple[float, float]:
     """(µV per stored unit, µV of stored 0) of one channel."""
     sensitivity = channel.get("ChannelSensitivity")
     if sensitivity in (None, ""):
@@ -187,8 +259,9 @@ def _scale(channel, lead: str) -> tuple[float, float]:
     return factor * _UNIT_TO_UV[unit], offset * _UNIT_TO_UV[unit]
 
 
-def read_dicom_ecg(data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc,
-                   received_at: dt.datetime | None = None) -> EcgRecording:
+def read_dicom_ecg(
+    data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc, received_at: dt.datetime | None = None
+) -> EcgRecording:
     """Decode the rhythm ECG of a DICOM waveform object."""
     ds = _read_dataset(data)
     try:
@@ -205,25 +278,21 @@ def read_dicom_ecg(data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc,
         raise ProtocolError(f"DICOM ECG: damaged element ({type(exc).__name__}: {exc})"[:300]) from None
 
 
-def _decode(ds, local_tz: dt.tzinfo, received_at: dt.datetime | None) -> EcgRecording:
-    groups = ds.get("WaveformSequence")
-    if not groups:
-        raise ProtocolError("DICOM file holds no waveform (no Waveform Sequence): not an ECG")
-    best = None
-    for group in groups:
-        channels = group.get("ChannelDefinitionSequence") or []
-        leads = [_Lead(found[0], i, found[1]) for i, ch in enumerate(channels) if (found := _lead_of(ch))]
-        if leads and (best is None or _group_rank(group, len(leads)) > _group_rank(best[0], len(best[1]))):
-            best = (group, leads)
-    if best is None:
-        raise ProtocolError("DICOM waveform holds no ECG leads (no channel is coded as an ECG lead)")
-    group, leads = best
+def _ecg_leads(group: Dataset) -> list[_Lead]:
+    channels = group.get("ChannelDefinitionSequence") or []
+    return [_Lead(found[0], i, found[1]) for i, ch in enumerate(channels) if (found := _lead_of(ch))]
+
+
+def _group_samples(ds: Dataset, group: Dataset, leads: list[_Lead]) -> tuple[np.ndarray, float, float]:
+    """(samples (leads, n), µV per unit, rate) of the ECG leads of one multiplex group."""
     n_channels = int(group.get("NumberOfWaveformChannels", 0) or 0)
     n_samples = int(group.get("NumberOfWaveformSamples", 0) or 0)
     channel_defs = group.get("ChannelDefinitionSequence")
     if n_channels != len(channel_defs) or n_channels < 1 or n_samples < 1:
-        raise ProtocolError(f"DICOM ECG: group declares {n_channels} channels x {n_samples} samples "
-                            f"but defines {len(channel_defs)} channels")
+        raise ProtocolError(
+            f"DICOM ECG: group declares {n_channels} channels x {n_samples} samples "
+            f"but defines {len(channel_defs)} channels"
+        )
     if n_channels * n_samples > MAX_SAMPLES:
         raise UnsupportedFeatureError(f"DICOM ECG: {n_channels} x {n_samples} samples is more than we accept")
     bits = int(group.get("WaveformBitsAllocated", 0) or 0)
@@ -254,9 +323,173 @@ def _decode(ds, local_tz: dt.tzinfo, received_at: dt.datetime | None) -> EcgReco
             raise UnsupportedFeatureError(f"DICOM ECG: lead {lead.name} is sampled {skew} ms apart from the others")
         scale, offset = _scale(definition, lead.name)
         channels.append(Channel(raw=matrix[:, lead.index], uv_per_unit=scale, offset_uv=offset))
-    names = [lead.name for lead in leads]
-    require_unique(names, "DICOM ECG")
+    require_unique([lead.name for lead in leads], "DICOM ECG")
     samples, uv_per_unit = to_common_unit(channels, "DICOM ECG")
+    return samples, uv_per_unit, rate
+
+
+def _median_beats(ds: Dataset, groups: list[Dataset], rhythm: Dataset) -> MedianBeats | None:
+    """The median-beat group, if there is one besides the rhythm; unreadable ones are skipped."""
+    for group in groups:
+        if group is rhythm or not _is_median(group):
+            continue
+        leads = _ecg_leads(group)
+        if not leads:
+            continue
+        try:
+            samples, uv_per_unit, rate = _group_samples(ds, group, leads)
+            return MedianBeats(
+                samples=samples,
+                lead_names=tuple(lead.name for lead in leads),
+                sampling_rate_hz=rate,
+                uv_per_unit=uv_per_unit,
+                source="dicom:median-group",
+            )
+        except (ProtocolError, InvalidRecordingError):
+            continue
+    return None
+
+
+# Retired SCPECG codes for measurements (what carts such as Mortara still write) -> ours.
+_SCPECG_MEASUREMENTS: dict[str, str] = {
+    "5.10.2.1-3": "rr-interval",
+    "5.10.2.1-5": "pp-interval",
+    "5.13.5-7": "pr-interval",
+    "5.13.5-9": "qrs-duration",
+    "5.13.5-11": "qt-interval",
+    "5.10.2.5-5": "qtc-interval",
+    "5.10.3-11": "p-axis",
+    "5.10.3-13": "qrs-axis",
+    "5.10.3-15": "t-axis",
+}
+_UNITS = {
+    "ms": ("ms", 1.0),
+    "s": ("ms", 1000.0),
+    "us": ("ms", 0.001),
+    "deg": ("deg", 1.0),
+    "/min": ("/min", 1.0),
+    "{beats}/min": ("/min", 1.0),
+    "{H.B.}/min": ("/min", 1.0),
+    "bpm": ("/min", 1.0),
+    "uV": ("uV", 1.0),
+    "mV": ("uV", 1000.0),
+}
+_GROUP_SOURCES = {1: StatementSource.DEVICE, 2: StatementSource.PHYSICIAN, 3: StatementSource.COMMENT}
+_QTC_BY_CODE = {code: method for method, (code, _meaning) in QTC_FORMULA_CODES.items()}
+_QTC_BY_ALGORITHM = {code: method for method, (code, _meaning) in QTC_ALGORITHMS.items()}
+
+
+def _first_code(item: Dataset, keyword: str) -> tuple[str, str, str]:
+    seq = item.get(keyword)
+    if not seq:
+        return "", "", ""
+    code = seq[0]
+    return (
+        str(code.get("CodingSchemeDesignator", "")).strip().upper(),
+        str(code.get("CodeValue", "")).strip(),
+        str(code.get("CodeMeaning", "")).strip(),
+    )
+
+
+def _channel_refs(item: Dataset) -> list[tuple[int, int]]:
+    refs = item.get("ReferencedWaveformChannels")
+    if refs is None:
+        return []
+    values = [int(v) for v in (refs if hasattr(refs, "__iter__") else [refs])]
+    return [(values[i], values[i + 1]) for i in range(0, len(values) - 1, 2)]
+
+
+def _converted_by_lastmile(ds: Dataset) -> bool:
+    return any(
+        str(e.get("Manufacturer", "")).strip() == "Lastmile" for e in ds.get("ContributingEquipmentSequence") or []
+    )
+
+
+def _annotation_measurement(item: Dataset, groups: list[Dataset]) -> EcgMeasurement | None:
+    scheme, code, _meaning = _first_code(item, "ConceptNameCodeSequence")
+    method = ""
+    if scheme == "MDC" and code in _QTC_BY_CODE:
+        kind, method = "qtc-interval", _QTC_BY_CODE[code]
+    elif scheme == "MDC" and code in KIND_BY_MDC:
+        kind = KIND_BY_MDC[code].name
+    elif scheme.startswith("SCPECG") and code in _SCPECG_MEASUREMENTS:
+        kind = _SCPECG_MEASUREMENTS[code]
+    else:
+        return None
+    for modifier in item.get("ConceptNameCodeSequence")[0].get("ModifierCodeSequence") or []:
+        method = _QTC_BY_ALGORITHM.get(str(modifier.get("CodeValue", "")).strip(), method)
+    _scheme, unit_code, _unit_meaning = _first_code(item, "MeasurementUnitsCodeSequence")
+    raw = item.get("NumericValue")
+    if hasattr(raw, "__len__") and not isinstance(raw, str):
+        raw = raw[0] if len(raw) else None  # several values: the first is the measurement
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        return None
+    refs = _channel_refs(item)
+    lead = ""
+    if refs and all(channel != 0 for _group, channel in refs):
+        if len(refs) != 1 or not 1 <= refs[0][0] <= len(groups):
+            return None
+        leads = {lead.index + 1: lead.name for lead in _ecg_leads(groups[refs[0][0] - 1])}
+        lead = leads.get(refs[0][1], "")
+        kind = kind if kind.startswith("lead-") else f"lead-{kind}"
+        if not lead:
+            return None
+    elif kind.startswith("lead-"):
+        return None
+    note = ""
+    unit = _UNITS.get(unit_code)
+    wanted = "deg" if kind.endswith("axis") else None
+    if wanted and (unit is None or unit[0] != "deg"):
+        # an axis is an angle whatever the writer called its unit
+        note, unit = f"unit written as {unit_code or 'nothing'!r}, read as degrees", ("deg", 1.0)
+    if unit is None:
+        return None
+    extra = {k: v for k, v in (("lead", lead), ("method", method), ("note", note)) if v}
+    found = measurement(kind, value * unit[1], "dicom:annotation", **extra)
+    return found if found is not None and found.unit == unit[0] else None
+
+
+def _annotations(ds: Dataset, groups: list[Dataset]) -> tuple[tuple[EcgMeasurement, ...], tuple[EcgStatement, ...]]:
+    ours = _converted_by_lastmile(ds)
+    measurements: dict[tuple[str, str], EcgMeasurement] = {}
+    statements: list[EcgStatement] = []
+    for item in ds.get("WaveformAnnotationSequence") or []:
+        if item.get("TemporalRangeType"):
+            continue  # a fiducial point or a segment (gap, event), not a finding
+        group_number = item.get("AnnotationGroupNumber")
+        if ours and group_number not in _GROUP_SOURCES:
+            continue  # the gateway's own notes
+        source = _GROUP_SOURCES.get(group_number, StatementSource.DEVICE) if ours else StatementSource.DEVICE
+        if item.get("NumericValue") not in (None, ""):
+            found = _annotation_measurement(item, groups)
+            if found is not None:
+                measurements.setdefault((found.kind, found.lead), found)
+            continue
+        text = str(item.get("UnformattedTextValue", "") or "").strip()
+        code = ""
+        if not text:
+            _s, code, text = _first_code(item, "ConceptCodeSequence")
+        if text:
+            statements.append(EcgStatement(text, source, "dicom:annotation", code))
+    return tuple(measurements.values()), tuple(statements)
+
+
+def _decode(ds: Dataset, local_tz: dt.tzinfo, received_at: dt.datetime | None) -> EcgRecording:
+    groups = ds.get("WaveformSequence")
+    if not groups:
+        raise ProtocolError("DICOM file holds no waveform (no Waveform Sequence): not an ECG")
+    best = None
+    for group in groups:
+        leads = _ecg_leads(group)
+        if leads and (best is None or _group_rank(group, len(leads)) > _group_rank(best[0], len(best[1]))):
+            best = (group, leads)
+    if best is None:
+        raise ProtocolError("DICOM waveform holds no ECG leads (no channel is coded as an ECG lead)")
+    group, leads = best
+    samples, uv_per_unit, rate = _group_samples(ds, group, leads)
+    names = [lead.name for lead in leads]
 
     start = _acquired_at(ds, local_tz)
     source = TimeSource.FILE
@@ -270,14 +503,28 @@ def _decode(ds, local_tz: dt.tzinfo, received_at: dt.datetime | None) -> EcgReco
         raise ProtocolError("DICOM ECG carries no acquisition date/time")
     all_samples, all_names, derived = derive_limb_leads(samples, tuple(names))
     derived |= {lead.name for lead in leads if lead.derived}
-    return EcgRecording(samples=all_samples, lead_names=all_names, sampling_rate_hz=rate,
-                        uv_per_unit=uv_per_unit, acquired_at=start, time_source=source,
-                        device=_device(ds), patient=_patient(ds), derived_leads=frozenset(derived),
-                        source_format="dicom")
+    measurements, statements = _annotations(ds, list(groups))
+    return EcgRecording(
+        samples=all_samples,
+        lead_names=all_names,
+        sampling_rate_hz=rate,
+        uv_per_unit=uv_per_unit,
+        acquired_at=start,
+        time_source=source,
+        device=_device(ds),
+        patient=_patient(ds),
+        derived_leads=frozenset(derived),
+        source_format="dicom",
+        measurements=measurements,
+        statements=statements,
+        median_beats=_median_beats(ds, list(groups), group),
+    )
 
 
 def looks_like_dicom(data: bytes) -> bool:
     """Part 10 preamble, or a raw data set that starts with a group 0002/0008 element."""
     if len(data) >= 132 and data[128:132] == b"DICM":
         return True
-    return len(data) >= 8 and data[0:2] in (b"\x02\x00", b"\x08\x00") and data[2:4] < b"\x00\x10"
+    # the element number is little endian too: compare it as a number (as bytes, (0008,0005)
+    # Specific Character Set - the usual first element - compared greater than 0x1000)
+    return len(data) >= 8 and data[0:2] in (b"\x02\x00", b"\x08\x00") and int.from_bytes(data[2:4], "little") < 0x1000

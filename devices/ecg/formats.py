@@ -20,7 +20,12 @@ from devices.errors import ProtocolError
 FORMATS: tuple[str, ...] = ("scp", "aecg", "dicom", "contec", "npz")
 # file name endings that name a format (lower case); used when the bytes are not conclusive
 EXTENSIONS: dict[str, str] = {
-    ".scp": "scp", ".xml": "aecg", ".dcm": "dicom", ".dicom": "dicom", ".ecg": "contec", ".npz": "npz",
+    ".scp": "scp",
+    ".xml": "aecg",
+    ".dcm": "dicom",
+    ".dicom": "dicom",
+    ".ecg": "contec",
+    ".npz": "npz",
 }
 _ZIP = b"PK\x03\x04"
 
@@ -49,23 +54,30 @@ def detect_format(data: bytes, filename: str = "") -> str:
     if by_name in ("scp", "contec", "dicom"):
         return by_name
     shown = filename or "the file"
-    raise ProtocolError(f"{shown} is not an ECG file this gateway reads (SCP-ECG, HL7 aECG XML, "
-                        "DICOM ECG, Contec ECG90A .ECG, or gateway .npz)")
+    raise ProtocolError(
+        f"{shown} is not an ECG file this gateway reads (SCP-ECG, HL7 aECG XML, "
+        "DICOM ECG, Contec ECG90A .ECG, or gateway .npz)"
+    )
 
 
-def _read_npz(data: bytes, **kwargs) -> EcgRecording:
+def _read_npz(data: bytes, **kwargs: object) -> EcgRecording:
     from devices.ecg.npz import read_npz  # written beside this module; imported only when used
 
     return read_npz(data)
 
 
 _DECODERS: dict[str, Callable[..., EcgRecording]] = {
-    "scp": read_scp, "aecg": read_aecg, "dicom": read_dicom_ecg, "contec": read_contec, "npz": _read_npz,
+    "scp": read_scp,
+    "aecg": read_aecg,
+    "dicom": read_dicom_ecg,
+    "contec": read_contec,
+    "npz": _read_npz,
 }
 
 
-def decode_ecg(data: bytes, filename: str = "", *, local_tz: dt.tzinfo = dt.timezone.utc,
-               received_at: dt.datetime | None = None) -> EcgRecording:
+def decode_ecg(
+    data: bytes, filename: str = "", *, local_tz: dt.tzinfo = dt.timezone.utc, received_at: dt.datetime | None = None
+) -> EcgRecording:
     """Decode any supported ECG file.
 
     `local_tz`: the zone of the cart's clock, for times written without one. `received_at`:

@@ -29,13 +29,55 @@ DERIVATION_ROUNDING: tuple[str, ...] = ("toward-zero", "contec")
 # SCP-ECG lead identification (EN 1064 section 3 / ISO 11073-91064 table); the MDC codes of
 # ECG leads (MDC_ECG_LEAD_*, DICOM "2:n") use the same numbers.
 SCP_LEAD_NAMES: dict[int, str] = {
-    0: "unspecified", 1: "I", 2: "II", 3: "V1", 4: "V2", 5: "V3", 6: "V4", 7: "V5", 8: "V6",
-    9: "V7", 10: "V2R", 11: "V3R", 12: "V4R", 13: "V5R", 14: "V6R", 15: "V7R", 16: "X",
-    17: "Y", 18: "Z", 19: "CC5", 20: "CM5", 21: "LA", 22: "RA", 23: "LL", 24: "fI", 25: "fE",
-    26: "fC", 27: "fA", 28: "fM", 29: "fF", 30: "fH",
-    61: "III", 62: "aVR", 63: "aVL", 64: "aVF", 65: "-aVR", 66: "V8", 67: "V9", 68: "V8R",
-    69: "V9R", 70: "D", 71: "A", 72: "J", 73: "Defib", 74: "ExtPace", 75: "A1", 76: "A2",
-    77: "A3", 78: "A4",
+    0: "unspecified",
+    1: "I",
+    2: "II",
+    3: "V1",
+    4: "V2",
+    5: "V3",
+    6: "V4",
+    7: "V5",
+    8: "V6",
+    9: "V7",
+    10: "V2R",
+    11: "V3R",
+    12: "V4R",
+    13: "V5R",
+    14: "V6R",
+    15: "V7R",
+    16: "X",
+    17: "Y",
+    18: "Z",
+    19: "CC5",
+    20: "CM5",
+    21: "LA",
+    22: "RA",
+    23: "LL",
+    24: "fI",
+    25: "fE",
+    26: "fC",
+    27: "fA",
+    28: "fM",
+    29: "fF",
+    30: "fH",
+    61: "III",
+    62: "aVR",
+    63: "aVL",
+    64: "aVF",
+    65: "-aVR",
+    66: "V8",
+    67: "V9",
+    68: "V8R",
+    69: "V9R",
+    70: "D",
+    71: "A",
+    72: "J",
+    73: "Defib",
+    74: "ExtPace",
+    75: "A1",
+    76: "A2",
+    77: "A3",
+    78: "A4",
 }
 # 31..60 are the calibration signals of 1..30, 79..85 those of 66..72.
 SCP_LEAD_NAMES.update({31 + i: f"{SCP_LEAD_NAMES[1 + i]}-cal" for i in range(30)})
@@ -44,9 +86,21 @@ SCP_LEAD_CODES: dict[str, int] = {name: code for code, name in SCP_LEAD_NAMES.it
 
 # Spellings seen in files (upper-cased, separators removed) -> our lead name.
 _ALIASES: dict[str, str] = {
-    "AVR": "aVR", "AVL": "aVL", "AVF": "aVF", "-AVR": "-aVR", "AVRNEG": "-aVR", "NEGAVR": "-aVR",
-    "LEADI": "I", "LEADII": "II", "LEADIII": "III", "DI": "I", "DII": "II", "DIII": "III",
-    "1": "I", "2": "II", "3": "III",
+    "AVR": "aVR",
+    "AVL": "aVL",
+    "AVF": "aVF",
+    "-AVR": "-aVR",
+    "AVRNEG": "-aVR",
+    "NEGAVR": "-aVR",
+    "LEADI": "I",
+    "LEADII": "II",
+    "LEADIII": "III",
+    "DI": "I",
+    "DII": "II",
+    "DIII": "III",
+    "1": "I",
+    "2": "II",
+    "3": "III",
 }
 _CANONICAL_UPPER: dict[str, str] = {name.upper(): name for name in SCP_LEAD_NAMES.values()}
 _PREFIXES = ("MDC_ECG_LEAD_", "MDC_ECG_", "LEAD_", "LEAD ")
@@ -69,7 +123,7 @@ def normalise_lead_name(raw: str) -> str:
     upper = text.upper()
     for prefix in _PREFIXES:
         if upper.startswith(prefix):
-            text, upper = text[len(prefix):], upper[len(prefix):]
+            text, upper = text[len(prefix) :], upper[len(prefix) :]
             break
     # "Lead I (Einthoven)", "Lead aVR, augmented voltage, right": keep the first word.
     word = re.split(r"[\s,(]", text.strip(), maxsplit=1)[0]
@@ -94,8 +148,9 @@ def _trunc_half(x: np.ndarray) -> np.ndarray:
     return np.where(x < 0, -((-x) // 2), x // 2)
 
 
-def derive_limb_leads(samples: np.ndarray, names: tuple[str, ...], *,
-                      rounding: str = "toward-zero") -> tuple[np.ndarray, tuple[str, ...], frozenset[str]]:
+def derive_limb_leads(
+    samples: np.ndarray, names: tuple[str, ...], *, rounding: str = "toward-zero"
+) -> tuple[np.ndarray, tuple[str, ...], frozenset[str]]:
     """Add the missing limb leads when two of I, II, III are recorded.
 
     Returns (samples, names, derived) with the leads in standard order; nothing is added when
@@ -114,7 +169,7 @@ def derive_limb_leads(samples: np.ndarray, names: tuple[str, ...], *,
         order = standard_order(names)
         return samples[order], tuple(names[i] for i in order), frozenset()
     s = samples.astype(np.int32)
-    lead = {n: s[present[n]] for n in have}
+    lead: dict[str, np.ndarray] = {n: s[present[n]] for n in have}
     derived: dict[str, np.ndarray] = {}
     if "III" not in lead:
         derived["III"] = lead["II"] - lead["I"]
@@ -122,14 +177,12 @@ def derive_limb_leads(samples: np.ndarray, names: tuple[str, ...], *,
         derived["I"] = lead["II"] - lead["III"]
     elif "II" not in lead:
         derived["II"] = lead["I"] + lead["III"]
-    full = {**lead, **derived}
+    full: dict[str, np.ndarray] = {**lead, **derived}
     i_, ii, iii = full["I"], full["II"], full["III"]
     if rounding == "contec":
-        augmented = {"aVR": _trunc_half(iii) - ii, "aVL": _trunc_half(ii) - iii,
-                     "aVF": _trunc_half(ii + iii)}
+        augmented = {"aVR": _trunc_half(iii) - ii, "aVL": _trunc_half(ii) - iii, "aVF": _trunc_half(ii + iii)}
     else:
-        augmented = {"aVR": -_trunc_half(i_ + ii), "aVL": _trunc_half(i_ - iii),
-                     "aVF": _trunc_half(ii + iii)}
+        augmented = {"aVR": -_trunc_half(i_ + ii), "aVL": _trunc_half(i_ - iii), "aVF": _trunc_half(ii + iii)}
     for name, values in augmented.items():
         if name not in present:
             derived[name] = values
@@ -140,8 +193,7 @@ def derive_limb_leads(samples: np.ndarray, names: tuple[str, ...], *,
     if stacked.size and (stacked.min() < info.min or stacked.max() > info.max):
         dtype = np.dtype(np.int32)
     order = standard_order(out_names)
-    return (stacked[order].astype(dtype, copy=False), tuple(out_names[i] for i in order),
-            frozenset(derived))
+    return (stacked[order].astype(dtype, copy=False), tuple(out_names[i] for i in order), frozenset(derived))
 
 
 def require_unique(names: list[str], what: str) -> None:

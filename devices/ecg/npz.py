@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from devices.errors import InvalidRecordingError, ProtocolError, UnsupportedFeatureError
 from devices.ecg.recording import EcgRecording, SampleGap
+from devices.errors import InvalidRecordingError, ProtocolError, UnsupportedFeatureError
 from devices.identity import DeviceIdentity, Patient, TimeSource
 
 FORMAT_VERSION = 1
@@ -45,12 +45,24 @@ MAX_TEXT = 256
 MAX_GAPS = 65536
 
 REQUIRED = ("samples", "lead_names", "sampling_rate_hz", "uv_per_unit", "acquired_at", "time_source")
-_DEVICE_KEYS = {"device_manufacturer": "manufacturer", "device_model": "model",
-                "device_serial": "serial", "device_address": "address",
-                "device_software_version": "software_version"}
+_DEVICE_KEYS = {
+    "device_manufacturer": "manufacturer",
+    "device_model": "model",
+    "device_serial": "serial",
+    "device_address": "address",
+    "device_software_version": "software_version",
+}
 _PATIENT_KEYS = ("patient_id", "patient_name", "patient_birth_date", "patient_sex", "patient_issuer")
-OPTIONAL = ("format_version", *_DEVICE_KEYS, *_PATIENT_KEYS, "derived_leads", "resampled_from_hz",
-            "gaps", "stat", "flags")
+OPTIONAL = (
+    "format_version",
+    *_DEVICE_KEYS,
+    *_PATIENT_KEYS,
+    "derived_leads",
+    "resampled_from_hz",
+    "gaps",
+    "stat",
+    "flags",
+)
 
 
 def _load_npy(raw: bytes, name: str) -> np.ndarray:
@@ -67,8 +79,7 @@ def _load_npy(raw: bytes, name: str) -> np.ndarray:
         raise ProtocolError(f"npz member {name!r} holds Python objects (pickles are refused)")
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if expected != len(raw) - stream.tell():
-        raise ProtocolError(f"npz member {name!r} declares {expected} bytes of data, "
-                            f"has {len(raw) - stream.tell()}")
+        raise ProtocolError(f"npz member {name!r} declares {expected} bytes of data, has {len(raw) - stream.tell()}")
     stream.seek(0)
     return np.lib.format.read_array(stream, allow_pickle=False)
 
@@ -86,8 +97,9 @@ def _members(data: bytes) -> dict[str, np.ndarray]:
                 if not info.filename.endswith(".npy"):
                     raise ProtocolError(f"npz member {info.filename!r} is not a .npy array")
                 if info.file_size > MAX_ARRAY_BYTES:
-                    raise ProtocolError(f"npz member {info.filename!r} unpacks to "
-                                        f"{info.file_size} bytes (limit {MAX_ARRAY_BYTES})")
+                    raise ProtocolError(
+                        f"npz member {info.filename!r} unpacks to {info.file_size} bytes (limit {MAX_ARRAY_BYTES})"
+                    )
             arrays = {}
             for info in infos:
                 with archive.open(info) as member:
@@ -98,9 +110,23 @@ def _members(data: bytes) -> dict[str, np.ndarray]:
             return arrays
     except ProtocolError:
         raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, OSError,
-            ValueError, TypeError, KeyError, IndexError, OverflowError, MemoryError,
-            UnicodeDecodeError, RuntimeError, zlib.error, lzma.LZMAError) as exc:
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        NotImplementedError,
+        EOFError,
+        OSError,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        OverflowError,
+        MemoryError,
+        UnicodeDecodeError,
+        RuntimeError,
+        zlib.error,
+        lzma.LZMAError,
+    ) as exc:
         # RuntimeError: zipfile's "encrypted, password required"; ValueError covers pickles
         raise ProtocolError(f"not a readable npz file: {exc}") from exc
 
@@ -164,9 +190,13 @@ def _patient(arrays: dict[str, np.ndarray]) -> Patient | None:
         birth_date = dt.date.fromisoformat(birth) if birth else None
     except ValueError as exc:
         raise ProtocolError(f"patient_birth_date is not an ISO date: {birth!r}") from exc
-    return Patient(patient_id=_text(arrays, "patient_id"), name=_text(arrays, "patient_name"),
-                   birth_date=birth_date, sex=_text(arrays, "patient_sex"),
-                   issuer=_text(arrays, "patient_issuer"))
+    return Patient(
+        patient_id=_text(arrays, "patient_id"),
+        name=_text(arrays, "patient_name"),
+        birth_date=birth_date,
+        sex=_text(arrays, "patient_sex"),
+        issuer=_text(arrays, "patient_issuer"),
+    )
 
 
 def _gaps(arrays: dict[str, np.ndarray]) -> tuple[SampleGap, ...]:
@@ -222,8 +252,7 @@ def read_npz(data: bytes) -> EcgRecording:
             patient=_patient(arrays),
             derived_leads=frozenset(_texts(arrays, "derived_leads")),
             source_format="npz",
-            resampled_from_hz=(_number(arrays, "resampled_from_hz")
-                               if "resampled_from_hz" in arrays else None),
+            resampled_from_hz=(_number(arrays, "resampled_from_hz") if "resampled_from_hz" in arrays else None),
             gaps=_gaps(arrays),
             stat=stat,
             flags=_texts(arrays, "flags"),
@@ -256,12 +285,14 @@ def write_npz(recording: EcgRecording) -> bytes:
     patient = recording.patient
     if patient is not None:
         arrays["patient_id"] = np.array(patient.patient_id)
-        for key, value in (("patient_name", patient.name), ("patient_sex", patient.sex),
-                           ("patient_issuer", patient.issuer),
-                           ("patient_birth_date",
-                            patient.birth_date.isoformat() if patient.birth_date else "")):
-            if value:
-                arrays[key] = np.array(value)
+        for key, text in (
+            ("patient_name", patient.name),
+            ("patient_sex", patient.sex),
+            ("patient_issuer", patient.issuer),
+            ("patient_birth_date", patient.birth_date.isoformat() if patient.birth_date else ""),
+        ):
+            if text:
+                arrays[key] = np.array(text)
     if recording.derived_leads:
         arrays["derived_leads"] = np.array(sorted(recording.derived_leads), dtype=str)
     if recording.resampled_from_hz is not None:

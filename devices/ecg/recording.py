@@ -7,11 +7,23 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from devices.ecg.findings import EcgMeasurement, EcgStatement, MedianBeats
 from devices.errors import InvalidRecordingError
 from devices.identity import DeviceIdentity, Patient, TimeSource, require_aware
 
 STANDARD_12_LEADS: tuple[str, ...] = (
-    "I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6",
+    "I",
+    "II",
+    "III",
+    "aVR",
+    "aVL",
+    "aVF",
+    "V1",
+    "V2",
+    "V3",
+    "V4",
+    "V5",
+    "V6",
 )
 
 
@@ -49,6 +61,9 @@ class EcgRecording:
     gaps: tuple[SampleGap, ...] = ()  # samples lost in transit (streamed ECG)
     stat: bool = False  # urgent read requested
     flags: tuple[str, ...] = ()  # e.g. "patient-mismatch": things the doctor must look at
+    measurements: tuple[EcgMeasurement, ...] = ()  # the cart's own findings, as it reported them
+    statements: tuple[EcgStatement, ...] = ()  # its interpretation statements and comments
+    median_beats: MedianBeats | None = None  # its representative beats, when the file has them
 
     def __post_init__(self) -> None:
         s = self.samples
@@ -59,8 +74,7 @@ class EcgRecording:
         if s.shape[0] == 0 or s.shape[1] == 0:
             raise InvalidRecordingError(f"a recording needs leads and samples (shape {s.shape})")
         if len(self.lead_names) != s.shape[0]:
-            raise InvalidRecordingError(
-                f"{len(self.lead_names)} lead names for {s.shape[0]} leads")
+            raise InvalidRecordingError(f"{len(self.lead_names)} lead names for {s.shape[0]} leads")
         if len(set(self.lead_names)) != len(self.lead_names) or not all(self.lead_names):
             raise InvalidRecordingError(f"lead names must be unique and non-empty: {self.lead_names}")
         if not (np.isfinite(self.sampling_rate_hz) and self.sampling_rate_hz > 0):

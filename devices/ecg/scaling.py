@@ -32,6 +32,13 @@ def _fraction(value: float) -> Fraction:
 
 def to_common_unit(channels: list[Channel], what: str) -> tuple[np.ndarray, float]:
     """Stack channels as integers in one unit: returns (samples (channels, n), µV per unit)."""
+    if not channels:
+        raise UnsupportedFeatureError(f"{what}: no channel to scale")
+    if len({c.raw.shape for c in channels}) != 1:
+        # a lead one sample short would shift its beats against the other leads
+        raise UnsupportedFeatureError(
+            f"{what}: channels have different lengths {sorted({c.raw.shape[0] for c in channels})}"
+        )
     scales = [_fraction(c.uv_per_unit) for c in channels]
     offsets = [_fraction(c.offset_uv) for c in channels]
     if any(s == 0 for s in scales):
@@ -48,13 +55,14 @@ def to_common_unit(channels: list[Channel], what: str) -> tuple[np.ndarray, floa
     if max(abs(k) for k in multipliers) > MAX_MULTIPLIER:
         raise UnsupportedFeatureError(
             f"{what}: channel scales {sorted({float(s) for s in scales})} µV have no practical "
-            "common unit; the samples cannot be represented exactly")
+            "common unit; the samples cannot be represented exactly"
+        )
     n = channels[0].raw.shape[0]
     out = np.empty((len(channels), n), dtype=np.int64)
     for i, (channel, k, offset) in enumerate(zip(channels, multipliers, offsets)):
         out[i] = channel.raw.astype(np.int64) * k + int(offset / unit)
     lo, hi = (int(out.min()), int(out.max())) if out.size else (0, 0)
-    dtype = np.int16 if -32768 <= lo and hi <= 32767 else np.int32
-    if not (-(2**31) <= lo and hi < 2**31):
+    dtype = np.int16 if lo >= -32768 and hi <= 32767 else np.int32
+    if not (lo >= -(2**31) and hi < 2**31):
         raise UnsupportedFeatureError(f"{what}: samples exceed 32-bit range after scaling")
     return out.astype(dtype), float(unit)

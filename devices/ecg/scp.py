@@ -7,7 +7,10 @@ CRC-CCITT (and the record's) is checked before anything is decoded.
 
 What we decode: section 1 (patient, device, acquisition time), 2 (default or custom Huffman
 tables with table switching), 3 (lead definitions), 4 (reference beat length), 5 (reference
-beats), 6 (rhythm data: no, first or second differences). What we refuse, because no public
+beats), 6 (rhythm data: no, first or second differences), and the cart's findings: 7 (global
+measurements), 8 (interpretation statements), 10 (per-lead measurements), 11 (universal
+statement codes). A findings section that does not parse costs only its findings (the
+recording is flagged "cart-findings-unreadable:scp-section-N"), never the ECG. What we refuse, because no public
 file lets us prove a decoder right and a wrong guess would look like a plausible ECG:
 bimodal compression and reference-beat subtraction (UnsupportedFeatureError).
 
@@ -20,11 +23,12 @@ from __future__ import annotations
 
 import binascii
 import datetime as dt
-import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from devices.ecg.findings import EcgMeasurement, EcgStatement, MedianBeats, StatementSource, measurement
 from devices.ecg.leads import derive_limb_leads, lead_name_from_scp_code, require_unique, standard_order
 from devices.ecg.recording import EcgRecording
 from devices.errors import InvalidRecordingError, ProtocolError, UnsupportedFeatureError
@@ -37,10 +41,26 @@ MAX_SAMPLES_PER_LEAD = 10_000_000  # sanity bound before allocating (a 24 h Holt
 
 _SEX = {1: "M", 2: "F"}
 _MANUFACTURERS = {
-    1: "Burdick", 2: "Cambridge", 3: "Compumed", 4: "Datamed", 5: "Fukuda", 6: "Hewlett-Packard",
-    7: "Marquette Electronics", 8: "Mortara Instruments", 9: "Nihon Kohden", 10: "Okin",
-    11: "Quinton", 12: "Siemens", 13: "Spacelabs", 14: "Telemed", 15: "Hellige", 16: "ESA-OTE",
-    17: "Schiller", 18: "Picker-Schwarzer", 19: "et medical devices", 20: "Zwönitz",
+    1: "Burdick",
+    2: "Cambridge",
+    3: "Compumed",
+    4: "Datamed",
+    5: "Fukuda",
+    6: "Hewlett-Packard",
+    7: "Marquette Electronics",
+    8: "Mortara Instruments",
+    9: "Nihon Kohden",
+    10: "Okin",
+    11: "Quinton",
+    12: "Siemens",
+    13: "Spacelabs",
+    14: "Telemed",
+    15: "Hellige",
+    16: "ESA-OTE",
+    17: "Schiller",
+    18: "Picker-Schwarzer",
+    19: "et medical devices",
+    20: "Zwönitz",
 }
 
 
@@ -80,11 +100,11 @@ def _crc(chunk: bytes) -> int:
 
 
 def _u16(b: bytes, p: int) -> int:
-    return int.from_bytes(b[p:p + 2], "little")
+    return int.from_bytes(b[p : p + 2], "little")
 
 
 def _u32(b: bytes, p: int) -> int:
-    return int.from_bytes(b[p:p + 4], "little")
+    return int.from_bytes(b[p : p + 4], "little")
 
 
 def _asciiz(raw: bytes) -> str:
@@ -98,7 +118,8 @@ def _asciiz(raw: bytes) -> str:
 # ---------------------------------------------------------------- record and sections
 
 
-def _read_sections(data: bytes) -> tuple[bytes, dict[int, ScpSection]]:
+def read_sections(data: bytes) -> tuple[bytes, dict[int, ScpSection]]:
+    """The record (CRC checked) and its sections by id, from a whole SCP-ECG file."""
     if len(data) < 6 + SECTION_HEADER + 10:
         raise ProtocolError(f"not an SCP-ECG file: only {len(data)} bytes")
     record_len = _u32(data, 2)
@@ -108,11 +129,14 @@ def _read_sections(data: bytes) -> tuple[bytes, dict[int, ScpSection]]:
             f"but the file has {len(data)} bytes. Either the copy is incomplete, or the device "
             "writes a non-conforming 'SCP' variant (some handheld recorders do) that cannot be "
             "read safely. Copy the file from the device again; if that does not help, export the "
-            "ECG in another format (DICOM, or SCP-ECG from the maker's PC program)")
+            "ECG in another format (DICOM, or SCP-ECG from the maker's PC program)"
+        )
     record = data[:record_len]  # bytes after the record (padding) are not ours to read
     if _crc(record[2:]) != _u16(record, 0):
-        raise ProtocolError("SCP-ECG file is damaged (record checksum mismatch): it was altered "
-                            "or not copied completely; copy it from the cart again")
+        raise ProtocolError(
+            "SCP-ECG file is damaged (record checksum mismatch): it was altered "
+            "or not copied completely; copy it from the cart again"
+        )
     sec0_len = _u32(record, 10)
     if sec0_len < SECTION_HEADER or 6 + sec0_len > record_len:
         raise ProtocolError(f"SCP-ECG section 0 claims {sec0_len} bytes in a {record_len}-byte record")
@@ -126,8 +150,9 @@ def _read_sections(data: bytes) -> tuple[bytes, dict[int, ScpSection]]:
             continue
         offset = index - 1
         if index == 0 or length < SECTION_HEADER or offset + length > record_len:
-            raise ProtocolError(f"SCP-ECG section {sid} ({length} bytes at byte {index}) lies "
-                                f"outside the {record_len}-byte record")
+            raise ProtocolError(
+                f"SCP-ECG section {sid} ({length} bytes at byte {index}) lies outside the {record_len}-byte record"
+            )
         if _u16(record, offset + 2) != sid or _u32(record, offset + 4) != length:
             raise ProtocolError(f"SCP-ECG section {sid}: its header does not match section 0's pointer")
         if sid in sections:
@@ -139,14 +164,17 @@ def _read_sections(data: bytes) -> tuple[bytes, dict[int, ScpSection]]:
 
 
 def _check_section_crc(record: bytes, section: ScpSection) -> None:
-    chunk = record[section.offset:section.offset + section.length]
+    chunk = record[section.offset : section.offset + section.length]
     if _crc(chunk[2:]) != _u16(chunk, 0):
-        raise ProtocolError(f"SCP-ECG section {section.id} is damaged (checksum mismatch): the "
-                            "file was altered or not copied completely; copy it from the cart again")
+        raise ProtocolError(
+            f"SCP-ECG section {section.id} is damaged (checksum mismatch): the "
+            "file was altered or not copied completely; copy it from the cart again"
+        )
 
 
-def _body(record: bytes, section: ScpSection) -> bytes:
-    return record[section.offset + SECTION_HEADER:section.offset + section.length]
+def section_body(record: bytes, section: ScpSection) -> bytes:
+    """The bytes of one section after its 16-byte header."""
+    return record[section.offset + SECTION_HEADER : section.offset + section.length]
 
 
 # ---------------------------------------------------------------- section 1
@@ -155,7 +183,7 @@ def _body(record: bytes, section: ScpSection) -> bytes:
 @dataclass
 class _Header:
     patient: Patient | None = None
-    device: DeviceIdentity = DeviceIdentity()
+    device: DeviceIdentity = field(default_factory=DeviceIdentity)
     acquired_at: dt.datetime | None = None
     protocol: int = 0
     stat: bool = False
@@ -171,7 +199,7 @@ def _tags(body: bytes) -> list[tuple[int, bytes]]:
             return tags
         if pos + length > len(body):
             raise ProtocolError(f"SCP-ECG section 1: tag {tag} claims {length} bytes beyond the section end")
-        tags.append((tag, body[pos:pos + length]))
+        tags.append((tag, body[pos : pos + length]))
         pos += length
     return tags
 
@@ -198,16 +226,21 @@ def _parse_section1(body: bytes, local_tz: dt.tzinfo) -> _Header:
             patient_id=patient_id,
             name="^".join(p for p in (last, first) if p) if first else last,
             birth_date=_date(values.get(5, b"")),
-            sex=_SEX.get(sex[0], "") if sex else "")
+            sex=_SEX.get(sex[0], "") if sex else "",
+        )
     device = values.get(14)
     if device is not None and len(device) >= 36:
         # byte 35: length of the analysing-program revision; then NUL-terminated serial number,
         # system software, SCP implementation software and manufacturer.
         n = device[35]
-        strings = [device[36:36 + n]] + device[36 + n:].split(b"\x00") + [b""] * 5
+        strings = [device[36 : 36 + n]] + device[36 + n :].split(b"\x00") + [b""] * 5
         manufacturer = _asciiz(strings[4]) or _MANUFACTURERS.get(device[7], "")
-        header.device = DeviceIdentity(manufacturer=manufacturer, model=_asciiz(device[8:14]),
-                                       serial=_asciiz(strings[1]), software_version=_asciiz(strings[2]))
+        header.device = DeviceIdentity(
+            manufacturer=manufacturer,
+            model=_asciiz(device[8:14]),
+            serial=_asciiz(strings[1]),
+            software_version=_asciiz(strings[2]),
+        )
         header.protocol = device[14]
     stat = values.get(24, b"")
     header.stat = bool(stat) and stat[0] > 0
@@ -220,8 +253,7 @@ def _parse_section1(body: bytes, local_tz: dt.tzinfo) -> _Header:
             minutes = int.from_bytes(zone[:2], "little", signed=True)
             if minutes != 0x7FFF and abs(minutes) <= 14 * 60:
                 tz = dt.timezone(dt.timedelta(minutes=minutes))
-        header.acquired_at = dt.datetime(day.year, day.month, day.day, clock[0], clock[1], clock[2],
-                                         tzinfo=tz)
+        header.acquired_at = dt.datetime(day.year, day.month, day.day, clock[0], clock[1], clock[2], tzinfo=tz)
     return header
 
 
@@ -273,7 +305,7 @@ def _parse_section2(body: bytes) -> list[tuple[HuffmanCode, ...]]:
         codes = []
         for _ in range(n):
             prefix, total, mode = body[pos], body[pos + 1], body[pos + 2]
-            value = int.from_bytes(body[pos + 3:pos + 5], "little", signed=True)
+            value = int.from_bytes(body[pos + 3 : pos + 5], "little", signed=True)
             stored = _u32(body, pos + 5)
             pos += 9
             if not 1 <= prefix <= 32 or total < prefix or total - prefix > 32:
@@ -306,7 +338,7 @@ def _decode_default(chunk: bytes, count: int, what: str) -> np.ndarray:
     ones = np.zeros(nbits, dtype=np.uint8)  # leading ones at every position, capped at 10
     run = np.ones(nbits, dtype=bool)
     for k in range(10):
-        run &= padded[k:k + nbits] == 1
+        run &= padded[k : k + nbits] == 1
         ones += run
     length = np.where(ones == 0, 1, ones + 2).astype(np.uint8)  # 0 -> "0"; n ones, 0, sign
     length[ones == 9] = 18  # "1111111110" + 8-bit value
@@ -319,8 +351,7 @@ def _decode_default(chunk: bytes, count: int, what: str) -> np.ndarray:
         append(pos)
         pos += step[pos]
     if len(positions) < count or pos > nbits:
-        raise ProtocolError(f"SCP-ECG {what}: Huffman data ends after {max(len(positions) - 1, 0)} "
-                            f"of {count} samples")
+        raise ProtocolError(f"SCP-ECG {what}: Huffman data ends after {max(len(positions) - 1, 0)} of {count} samples")
     idx = np.asarray(positions, dtype=np.int64)
     n = ones[idx].astype(np.int64)
     sign = padded[idx + np.minimum(n, 8) + 1]
@@ -378,8 +409,9 @@ def _decode_custom(chunk: bytes, count: int, tables: list[tuple[HuffmanCode, ...
     return out
 
 
-def huffman_decode(chunk: bytes, count: int, tables: list[tuple[HuffmanCode, ...]] | None,
-                   what: str = "data") -> np.ndarray:
+def huffman_decode(
+    chunk: bytes, count: int, tables: list[tuple[HuffmanCode, ...]] | None, what: str = "data"
+) -> np.ndarray:
     """Decode `count` values (before undoing differences); tables None means 16-bit integers."""
     if tables is None:
         if 2 * count > len(chunk):
@@ -457,19 +489,19 @@ def _parse_encoded(body: bytes, n_leads: int, sid: int) -> _Encoded:
         raise ProtocolError(f"SCP-ECG section {sid}: lead data ({sum(sizes)} bytes) exceeds the section")
     chunks = []
     for size in sizes:
-        chunks.append(body[pos:pos + size])
+        chunks.append(body[pos : pos + size])
         pos += size
     return _Encoded(avm, interval, diff, flag, tuple(chunks))
 
 
-def _decode_leads(enc: _Encoded, counts: list[int], tables: list[tuple[HuffmanCode, ...]] | None,
-                  sid: int) -> np.ndarray:
+def _decode_leads(
+    enc: _Encoded, counts: list[int], tables: list[tuple[HuffmanCode, ...]] | None, sid: int
+) -> np.ndarray:
     # every code is at least one bit (16 without compression): check before allocating
     per_byte = 8 if tables is not None else 0.5
     for i, (chunk, count) in enumerate(zip(enc.chunks, counts)):
         if count > len(chunk) * per_byte:
-            raise ProtocolError(f"SCP-ECG section {sid} lead {i + 1}: {len(chunk)} bytes cannot hold "
-                                f"{count} samples")
+            raise ProtocolError(f"SCP-ECG section {sid} lead {i + 1}: {len(chunk)} bytes cannot hold {count} samples")
     out = np.empty((len(counts), counts[0]), dtype=np.int16)
     for i, (chunk, count) in enumerate(zip(enc.chunks, counts)):
         values = huffman_decode(chunk, count, tables, f"section {sid} lead {i + 1}")
@@ -485,40 +517,233 @@ def _rate(interval_us: int) -> float:
     return 1_000_000 / interval_us
 
 
-def parse_scp(data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc,
-              received_at: dt.datetime | None = None) -> ScpEcg:
+# ---------------------------------------------------------------- findings (sections 7, 8, 10, 11)
+
+# "not computed", "rejected", "wave not present" (EN 1064 5.9 / 5.11): never a value
+_SCP_UNDEFINED = frozenset({29999, 29998, 19999, -29999, -32768, 32767})
+_AXIS_UNDEFINED = 999
+_QTC_FORMULA = {1: "bazett", 2: "hodges"}
+# section 10 per-lead values (int16, in this order): index -> our measurement, and the index of
+# the wave duration that must be non-zero for an amplitude to mean anything
+_SECTION10 = {
+    0: ("lead-p-duration", None),
+    1: ("lead-pr-interval", None),
+    2: ("lead-qrs-duration", None),
+    3: ("lead-qt-interval", None),
+    9: ("lead-q-amplitude", 4),
+    10: ("lead-r-amplitude", 5),
+    11: ("lead-s-amplitude", 6),
+    14: ("lead-j-amplitude", None),
+}
+
+
+@dataclass
+class _Findings:
+    measurements: list[EcgMeasurement] = field(default_factory=list)
+    statements: list[EcgStatement] = field(default_factory=list)
+    unreadable: list[int] = field(default_factory=list)
+
+    def add(self, kind: str, value: int, source: str, **extra: str) -> None:
+        if value in _SCP_UNDEFINED:
+            return
+        found = measurement(kind, value, source, **extra)
+        if found is not None:
+            self.measurements.append(found)
+
+
+def _i16(b: bytes, p: int) -> int:
+    return int.from_bytes(b[p : p + 2], "little", signed=True)
+
+
+def _parse_section7(body: bytes, out: _Findings) -> None:
+    """Global measurements. The first measurement block is the dominant (reference) beat: its
+    wave boundaries give PR, QRS and QT as the standard defines them (QRS onset - P onset ...)."""
+    if len(body) < 6:
+        raise ProtocolError("section 7 is shorter than its header")
+    blocks, spikes = body[0], body[1]
+    source = "scp:section7"
+    out.add("rr-interval", _u16(body, 2), source)
+    out.add("pp-interval", _u16(body, 4), source)
+    pos = 6
+    if pos + 16 * blocks > len(body):
+        raise ProtocolError(f"section 7 declares {blocks} measurement blocks beyond its end")
+    if blocks:
+        p_on, p_off, qrs_on, qrs_off, t_off = (_u16(body, pos + 2 * i) for i in range(5))
+        fiducials = source + " (reference-beat wave boundaries)"
+
+        def span(start: int, end: int) -> int:
+            if start in _SCP_UNDEFINED or end in _SCP_UNDEFINED or end < start:
+                return 29999
+            return end - start
+
+        out.add("p-duration", span(p_on, p_off), fiducials)
+        out.add("pr-interval", span(p_on, qrs_on), fiducials)
+        out.add("qrs-duration", span(qrs_on, qrs_off), fiducials)
+        out.add("qt-interval", span(qrs_on, t_off), fiducials)
+        for i, kind in enumerate(("p-axis", "qrs-axis", "t-axis")):
+            axis = _i16(body, pos + 10 + 2 * i)
+            if abs(axis) != _AXIS_UNDEFINED:
+                out.add(kind, axis, source)
+    pos += 16 * blocks + 10 * spikes  # pacemaker spikes: 4 bytes each, then 6 bytes of info each
+    if pos + 2 > len(body):
+        return  # version 1.x: no QRS types and no additional measurements
+    qrs_types = _u16(body, pos)
+    pos += 2 + qrs_types
+    if pos + 7 > len(body):
+        return
+    out.add("heart-rate", _u16(body, pos), source)  # ventricular rate
+    qtc, formula = _u16(body, pos + 4), body[pos + 6]
+    out.add("qtc-interval", qtc, source, **({"method": _QTC_FORMULA[formula]} if formula in _QTC_FORMULA else {}))
+
+
+def _statement_header(body: bytes, sid: int) -> tuple[StatementSource, int]:
+    if len(body) < 9:
+        raise ProtocolError(f"section {sid} is shorter than its header")
+    # byte 0: 0 original (not over-read), 1 confirmed report, 2 over-read but not confirmed
+    return (StatementSource.DEVICE if body[0] == 0 else StatementSource.PHYSICIAN), body[8]
+
+
+def _statement_fields(body: bytes, count: int, sid: int) -> list[bytes]:
+    fields: list[bytes] = []
+    pos = 9
+    for n in range(count):
+        if pos + 3 > len(body):
+            raise ProtocolError(f"section {sid} ends inside statement {n + 1} of {count}")
+        length = _u16(body, pos + 1)
+        if pos + 3 + length > len(body):
+            raise ProtocolError(f"section {sid} statement {n + 1} claims {length} bytes beyond its end")
+        fields.append(body[pos + 3 : pos + 3 + length])
+        pos += 3 + length
+    return fields
+
+
+def _parse_section8(body: bytes, out: _Findings) -> None:
+    """Full-text interpretation statements."""
+    source, count = _statement_header(body, 8)
+    for raw in _statement_fields(body, count, 8):
+        text = _asciiz(raw)
+        if text:
+            out.statements.append(EcgStatement(text, source, "scp:section8"))
+
+
+def _parse_section11(body: bytes, out: _Findings) -> None:
+    """Universal statement codes: type 1 coded (NUL-separated acronyms), 2 full text,
+    3 statement logic (kept as text)."""
+    source, count = _statement_header(body, 11)
+    for raw in _statement_fields(body, count, 11):
+        if not raw:
+            continue
+        parts = [_asciiz(part) for part in raw[1:].split(b"\x00")]
+        text = " ".join(p for p in parts if p)
+        if text:
+            code = text if raw[0] == 1 else ""
+            out.statements.append(EcgStatement(text, source, "scp:section11", code))
+
+
+def _lead_blocks(body: bytes, count: int, header_counted: bool) -> list[tuple[int, bytes]] | None:
+    blocks = []
+    pos = 4
+    for _ in range(count):
+        if pos + 4 > len(body):
+            return None
+        code, size = _u16(body, pos), _u16(body, pos + 2)
+        size -= 4 if header_counted else 0
+        if size < 0 or pos + 4 + size > len(body):
+            return None
+        blocks.append((code, body[pos + 4 : pos + 4 + size]))
+        pos += 4 + size
+    return blocks
+
+
+def _parse_section10(body: bytes, out: _Findings) -> None:
+    """Per-lead measurements (lead id, byte count, then int16 values in a fixed order)."""
+    if len(body) < 4:
+        raise ProtocolError("section 10 is shorter than its header")
+    count = _u16(body, 0)
+    # some writers count the 4-byte block header in the block length
+    blocks = _lead_blocks(body, count, False) or _lead_blocks(body, count, True)
+    if blocks is None:
+        raise ProtocolError(f"section 10: {count} lead blocks do not fit in {len(body)} bytes")
+    for code, block in blocks:
+        lead = lead_name_from_scp_code(code)
+        values = [_i16(block, 2 * i) for i in range(len(block) // 2)]
+        for index, (kind, duration_index) in _SECTION10.items():
+            if index >= len(values):
+                continue
+            if duration_index is not None and (duration_index >= len(values) or values[duration_index] <= 0):
+                continue  # no such wave in this lead: its amplitude means nothing
+            out.add(kind, values[index], "scp:section10", lead=lead)
+
+
+_FINDINGS_PARSERS = {7: _parse_section7, 8: _parse_section8, 10: _parse_section10, 11: _parse_section11}
+
+
+def _findings(record: bytes, sections: dict[int, ScpSection]) -> _Findings:
+    out = _Findings()
+    for sid, parse in _FINDINGS_PARSERS.items():
+        if sid not in sections:
+            continue
+        partial = _Findings()
+        try:
+            parse(section_body(record, sections[sid]), partial)
+        except (ProtocolError, InvalidRecordingError):
+            out.unreadable.append(sid)
+            continue
+        out.measurements += partial.measurements
+        out.statements += partial.statements
+    return out
+
+
+def _median(reference: EcgRecording | None) -> MedianBeats | None:
+    if reference is None:
+        return None
+    return MedianBeats(
+        samples=reference.samples,
+        lead_names=reference.lead_names,
+        sampling_rate_hz=reference.sampling_rate_hz,
+        uv_per_unit=reference.uv_per_unit,
+        source="scp:section5",
+    )
+
+
+def parse_scp(data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc, received_at: dt.datetime | None = None) -> ScpEcg:
     """Decode an SCP-ECG record.
 
     `local_tz` interprets an acquisition time written without a zone (tag 34 absent);
     `received_at` is used (TimeSource.GATEWAY_RECEIPT) only when the file carries no time.
     Raises ProtocolError / UnsupportedFeatureError for anything we cannot decode exactly.
     """
-    record, sections = _read_sections(bytes(data))
+    record, sections = read_sections(bytes(data))
     for required in (3, 6):
         if required not in sections:
             if required == 6 and 12 in sections:
                 raise UnsupportedFeatureError("SCP-ECG long-term rhythm data (section 12) is not supported")
-            raise ProtocolError(f"SCP-ECG section {required} ({'lead definition' if required == 3 else 'rhythm data'}) is missing")
-    header = _parse_section1(_body(record, sections[1]), local_tz) if 1 in sections else _Header()
+            raise ProtocolError(
+                f"SCP-ECG section {required} ({'lead definition' if required == 3 else 'rhythm data'}) is missing"
+            )
+    header = _parse_section1(section_body(record, sections[1]), local_tz) if 1 in sections else _Header()
     protocol = sections[0].protocol or header.protocol
-    tables = _parse_section2(_body(record, sections[2])) if 2 in sections else None
-    leads, flags = _parse_section3(_body(record, sections[3]))
+    tables = _parse_section2(section_body(record, sections[2])) if 2 in sections else None
+    leads, flags = _parse_section3(section_body(record, sections[3]))
     if flags & 0x01:
         raise UnsupportedFeatureError(
             "this SCP-ECG file uses reference-beat subtraction, which this gateway does not decode "
             "(no test file exists to prove a decoder right); export the ECG without compression "
-            "or as DICOM")
-    rhythm_enc = _parse_encoded(_body(record, sections[6]), len(leads), 6)
+            "or as DICOM"
+        )
+    rhythm_enc = _parse_encoded(section_body(record, sections[6]), len(leads), 6)
     if rhythm_enc.flag and protocol < 30:
         raise UnsupportedFeatureError(
             "this SCP-ECG file uses bimodal compression (rhythm stored at reduced resolution "
             "outside the QRS complexes), which this gateway does not decode; export the ECG "
-            "without compression or as DICOM")
+            "without compression or as DICOM"
+        )
     starts, ends = {lead.start for lead in leads}, {lead.end for lead in leads}
     if len(starts) != 1 or len(ends) != 1:
         raise UnsupportedFeatureError(
             "SCP-ECG leads were recorded at different times (sequential acquisition); only "
-            "simultaneously recorded leads are supported")
+            "simultaneously recorded leads are supported"
+        )
     names = [lead_name_from_scp_code(lead.code) for lead in leads]
     require_unique(names, "SCP-ECG section 3")
     samples = _decode_leads(rhythm_enc, [lead.count for lead in leads], tables, 6)
@@ -528,30 +753,50 @@ def parse_scp(data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc,
         if received_at is None:
             raise ProtocolError("SCP-ECG file carries no acquisition date/time")
         acquired_at, source = received_at, TimeSource.GATEWAY_RECEIPT
-    common = dict(acquired_at=acquired_at, time_source=source, device=header.device,
-                  patient=header.patient, source_format="scp", stat=header.stat)
-    all_samples, all_names, derived = derive_limb_leads(samples, tuple(names))
-    try:
-        rhythm = EcgRecording(samples=all_samples, lead_names=all_names,
-                              sampling_rate_hz=_rate(rhythm_enc.interval_us),
-                              uv_per_unit=rhythm_enc.avm_nv / 1000.0, derived_leads=derived, **common)
-    except InvalidRecordingError as exc:
-        raise ProtocolError(f"SCP-ECG rhythm data: {exc}") from None
-
+    common: dict[str, Any] = dict(
+        acquired_at=acquired_at,
+        time_source=source,
+        device=header.device,
+        patient=header.patient,
+        source_format="scp",
+        stat=header.stat,
+    )
     reference = None
     if 5 in sections:
         reference = _reference_beats(record, sections, leads, names, tables, common)
-    return ScpEcg(rhythm=rhythm, reference_beats=reference, protocol_version=protocol,
-                  sections=tuple(sorted(sections)))
+    found = _findings(record, sections)
+    all_samples, all_names, derived = derive_limb_leads(samples, tuple(names))
+    try:
+        rhythm = EcgRecording(
+            samples=all_samples,
+            lead_names=all_names,
+            sampling_rate_hz=_rate(rhythm_enc.interval_us),
+            uv_per_unit=rhythm_enc.avm_nv / 1000.0,
+            derived_leads=derived,
+            measurements=tuple(found.measurements),
+            statements=tuple(found.statements),
+            median_beats=_median(reference),
+            flags=tuple(f"cart-findings-unreadable:scp-section-{sid}" for sid in found.unreadable),
+            **common,
+        )
+    except InvalidRecordingError as exc:
+        raise ProtocolError(f"SCP-ECG rhythm data: {exc}") from None
+
+    return ScpEcg(rhythm=rhythm, reference_beats=reference, protocol_version=protocol, sections=tuple(sorted(sections)))
 
 
-def _reference_beats(record: bytes, sections: dict[int, ScpSection], leads: list[_Lead],
-                     names: list[str], tables: list[tuple[HuffmanCode, ...]] | None,
-                     common: dict) -> EcgRecording | None:
-    enc = _parse_encoded(_body(record, sections[5]), len(leads), 5)
+def _reference_beats(
+    record: bytes,
+    sections: dict[int, ScpSection],
+    leads: list[_Lead],
+    names: list[str],
+    tables: list[tuple[HuffmanCode, ...]] | None,
+    common: dict[str, Any],
+) -> EcgRecording | None:
+    enc = _parse_encoded(section_body(record, sections[5]), len(leads), 5)
     length_ms = 0
     if 4 in sections:
-        body4 = _body(record, sections[4])
+        body4 = section_body(record, sections[4])
         if len(body4) < 6:
             raise ProtocolError("SCP-ECG section 4 is too short")
         length_ms = _u16(body4, 0)
@@ -566,15 +811,20 @@ def _reference_beats(record: bytes, sections: dict[int, ScpSection], leads: list
     beats = _decode_leads(enc, [count] * len(leads), tables, 5)
     order = standard_order(names)
     try:
-        return EcgRecording(samples=beats[order], lead_names=tuple(names[i] for i in order),
-                            sampling_rate_hz=_rate(enc.interval_us), uv_per_unit=enc.avm_nv / 1000.0,
-                            **common)
+        return EcgRecording(
+            samples=beats[order],
+            lead_names=tuple(names[i] for i in order),
+            sampling_rate_hz=_rate(enc.interval_us),
+            uv_per_unit=enc.avm_nv / 1000.0,
+            **common,
+        )
     except InvalidRecordingError as exc:
         raise ProtocolError(f"SCP-ECG reference beats: {exc}") from None
 
 
-def read_scp(data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc,
-             received_at: dt.datetime | None = None) -> EcgRecording:
+def read_scp(
+    data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc, received_at: dt.datetime | None = None
+) -> EcgRecording:
     """The rhythm recording of an SCP-ECG file (see parse_scp)."""
     return parse_scp(data, local_tz=local_tz, received_at=received_at).rhythm
 
@@ -583,5 +833,8 @@ def looks_like_scp(data: bytes) -> bool:
     """Cheap structural check: section 0 header right after the 6-byte record header."""
     if len(data) < 32:
         return False
-    return (_u16(data, 8) == 0 and _u32(data, 10) >= SECTION_HEADER
-            and (data[16:22] == b"SCPECG" or (_u16(data, 22) == 0 and _u32(data, 28) == 7)))
+    return (
+        _u16(data, 8) == 0
+        and _u32(data, 10) >= SECTION_HEADER
+        and (data[16:22] == b"SCPECG" or (_u16(data, 22) == 0 and _u32(data, 28) == 7))
+    )

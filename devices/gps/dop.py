@@ -53,5 +53,6 @@ def dops_from_geometry(sky: Sequence[tuple[float, float]]) -> Dops | None:
     if q is None or any(q[i][i] <= 0.0 for i in range(4)):
         return None
     x, y, v, t = (math.sqrt(q[i][i]) for i in range(4))
-    return Dops(x, y, v, t, math.hypot(x, y), math.sqrt(x * x + y * y + v * v),
-                math.sqrt(x * x + y * y + v * v + t * t))
+    return Dops(
+        x, y, v, t, math.hypot(x, y), math.sqrt(x * x + y * y + v * v), math.sqrt(x * x + y * y + v * v + t * t)
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 from dataclasses import asdict, dataclass
+from typing import Any
 
 # gpsd's user equivalent range errors (metres, 95 %): eph = HDOP x P_UERE, epv = VDOP x V_UERE,
 # epx/epy = xdop/ydop x H_UERE; the DGPS values apply to DGPS and RTK solutions.
@@ -54,7 +55,7 @@ class Fix:
     def has_position(self) -> bool:
         return self.mode >= FixMode.FIX_2D and self.latitude is not None and self.longitude is not None
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         """Plain JSON-able dict (ISO time with "Z", mode as a number)."""
         out = asdict(self)
         out["mode"] = int(self.mode)
@@ -64,7 +65,7 @@ class Fix:
         return out
 
     @classmethod
-    def from_json(cls, data: dict) -> "Fix":
+    def from_json(cls, data: dict[str, Any]) -> Fix:
         values = dict(data)
         values["mode"] = FixMode(int(values.get("mode", 0)))
         if values.get("time"):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from devices.errors import ProtocolError
@@ -35,8 +36,15 @@ class ChecksumError(NmeaError):
 
 # Talker ids we interpret, and the GNSS each one stands for ("GN" = combined solution).
 TALKERS: dict[str, str] = {
-    "GP": "GPS", "GL": "GLONASS", "GA": "Galileo", "BD": "BeiDou", "GB": "BeiDou",
-    "GN": "GNSS", "GQ": "QZSS", "QZ": "QZSS", "GI": "NavIC",
+    "GP": "GPS",
+    "GL": "GLONASS",
+    "GA": "Galileo",
+    "BD": "BeiDou",
+    "GB": "BeiDou",
+    "GN": "GNSS",
+    "GQ": "QZSS",
+    "QZ": "QZSS",
+    "GI": "NavIC",
 }
 
 # NMEA 4.10 system ids (GSA field 18, GSV signal-id context).
@@ -199,7 +207,7 @@ def split_sentence(line: bytes | str) -> tuple[str, list[str]]:
     star = text.rfind("*")
     if star < 0:
         raise NmeaError("sentence has no checksum")
-    body, given = text[1:star], text[star + 1:]
+    body, given = text[1:star], text[star + 1 :]
     if len(given) != 2 or any(ch not in "0123456789ABCDEFabcdef" for ch in given):
         raise NmeaError(f"checksum field {given!r} is not two hex digits")
     if int(given, 16) != checksum(body):
@@ -226,6 +234,7 @@ def parse_sentence(line: bytes | str) -> Sentence:
 
 
 # --- field syntax -------------------------------------------------------------------------
+
 
 def _need(fields: list[str], count: int, kind: str) -> None:
     if len(fields) < count:
@@ -308,6 +317,7 @@ def _range(value: float | None, low: float, high: float, what: str) -> float | N
 
 # --- sentences ------------------------------------------------------------------------------
 
+
 def _rmc(talker: str, f: list[str]) -> RMC:
     _need(f, 9, "RMC")
     status = f[1]
@@ -323,10 +333,16 @@ def _rmc(talker: str, f: list[str]) -> RMC:
     mode = f[11] if len(f) > 11 else ""
     if len(mode) > 1:
         raise NmeaError(f"RMC mode indicator {mode!r} is not one character")
-    return RMC(talker, _time(f[0]), status in ("A", "D") and mode != "N",
-               _position(f[2], f[3], f[4], f[5]),
-               _range(_float(f[6], "speed"), 0.0, 1e5, "speed"),
-               _range(_float(f[7], "track"), -360.0, 360.0, "track"), date, mode)
+    return RMC(
+        talker,
+        _time(f[0]),
+        status in ("A", "D") and mode != "N",
+        _position(f[2], f[3], f[4], f[5]),
+        _range(_float(f[6], "speed"), 0.0, 1e5, "speed"),
+        _range(_float(f[7], "track"), -360.0, 360.0, "track"),
+        date,
+        mode,
+    )
 
 
 def _gga(talker: str, f: list[str]) -> GGA:
@@ -334,11 +350,16 @@ def _gga(talker: str, f: list[str]) -> GGA:
     quality = _int(f[5], "GGA quality")
     if quality is None or quality > 9:
         raise NmeaError(f"GGA quality {f[5]!r} is not 0..9")
-    return GGA(talker, _time(f[0]), _position(f[1], f[2], f[3], f[4]), quality,
-               _int(f[6], "satellites used"),
-               _range(_float(f[7], "HDOP"), 0.0, 100.0, "HDOP"),
-               _range(_float(f[8], "altitude"), -20000.0, 1e6, "altitude"),
-               _range(_float(f[10], "geoid separation"), -1000.0, 1000.0, "geoid separation"))
+    return GGA(
+        talker,
+        _time(f[0]),
+        _position(f[1], f[2], f[3], f[4]),
+        quality,
+        _int(f[6], "satellites used"),
+        _range(_float(f[7], "HDOP"), 0.0, 100.0, "HDOP"),
+        _range(_float(f[8], "altitude"), -20000.0, 1e6, "altitude"),
+        _range(_float(f[10], "geoid separation"), -1000.0, 1000.0, "geoid separation"),
+    )
 
 
 def _gns(talker: str, f: list[str]) -> GNS:
@@ -346,11 +367,16 @@ def _gns(talker: str, f: list[str]) -> GNS:
     mode = f[5]
     if not re.fullmatch(r"[ADEFMNPRS]{0,8}", mode):
         raise NmeaError(f"GNS mode {mode!r} is not a string of mode indicators")
-    return GNS(talker, _time(f[0]), _position(f[1], f[2], f[3], f[4]), mode,
-               _int(f[6], "satellites used"),
-               _range(_float(f[7], "HDOP"), 0.0, 100.0, "HDOP"),
-               _range(_float(f[8], "altitude"), -20000.0, 1e6, "altitude"),
-               _range(_float(f[9], "geoid separation"), -1000.0, 1000.0, "geoid separation"))
+    return GNS(
+        talker,
+        _time(f[0]),
+        _position(f[1], f[2], f[3], f[4]),
+        mode,
+        _int(f[6], "satellites used"),
+        _range(_float(f[7], "HDOP"), 0.0, 100.0, "HDOP"),
+        _range(_float(f[8], "altitude"), -20000.0, 1e6, "altitude"),
+        _range(_float(f[9], "geoid separation"), -1000.0, 1000.0, "geoid separation"),
+    )
 
 
 def _gsa(talker: str, f: list[str]) -> GSA:
@@ -363,10 +389,16 @@ def _gsa(talker: str, f: list[str]) -> GSA:
     system_id = _int(f[17], "GSA system id") if len(f) > 17 else None
     if len(f) > 18:
         raise NmeaError(f"GSA has {len(f)} fields (at most 18)")
-    return GSA(talker, selection, mode, prns,
-               _range(_float(f[14], "PDOP"), 0.0, 100.0, "PDOP"),
-               _range(_float(f[15], "HDOP"), 0.0, 100.0, "HDOP"),
-               _range(_float(f[16], "VDOP"), 0.0, 100.0, "VDOP"), system_id)
+    return GSA(
+        talker,
+        selection,
+        mode,
+        prns,
+        _range(_float(f[14], "PDOP"), 0.0, 100.0, "PDOP"),
+        _range(_float(f[15], "HDOP"), 0.0, 100.0, "HDOP"),
+        _range(_float(f[16], "VDOP"), 0.0, 100.0, "VDOP"),
+        system_id,
+    )
 
 
 def _gsv(talker: str, f: list[str]) -> GSV:
@@ -387,10 +419,14 @@ def _gsv(talker: str, f: list[str]) -> GSV:
         prn = _int(rest[i], "satellite PRN")
         if prn is None:
             continue  # padding groups some receivers send
-        sats.append(SatelliteInView(
-            prn, _range(_float(rest[i + 1], "elevation"), -90.0, 90.0, "elevation"),
-            _range(_float(rest[i + 2], "azimuth"), 0.0, 360.0, "azimuth"),
-            _range(_float(rest[i + 3], "SNR"), 0.0, 99.0, "SNR")))
+        sats.append(
+            SatelliteInView(
+                prn,
+                _range(_float(rest[i + 1], "elevation"), -90.0, 90.0, "elevation"),
+                _range(_float(rest[i + 2], "azimuth"), 0.0, 360.0, "azimuth"),
+                _range(_float(rest[i + 3], "SNR"), 0.0, 99.0, "SNR"),
+            )
+        )
     return GSV(talker, count, number, in_view or 0, tuple(sats), signal_id)
 
 
@@ -400,9 +436,17 @@ def _gst(talker: str, f: list[str]) -> GST:
     def sigma(value: str) -> float | None:
         return _range(_float(value, "GST error"), 0.0, 1e7, "GST error")
 
-    return GST(talker, _time(f[0]), sigma(f[1]), sigma(f[2]), sigma(f[3]),
-               _range(_float(f[4], "GST orientation"), -360.0, 360.0, "GST orientation"),
-               sigma(f[5]), sigma(f[6]), sigma(f[7]))
+    return GST(
+        talker,
+        _time(f[0]),
+        sigma(f[1]),
+        sigma(f[2]),
+        sigma(f[3]),
+        _range(_float(f[4], "GST orientation"), -360.0, 360.0, "GST orientation"),
+        sigma(f[5]),
+        sigma(f[6]),
+        sigma(f[7]),
+    )
 
 
 def _zda(talker: str, f: list[str]) -> ZDA:
@@ -424,10 +468,22 @@ def _gll(talker: str, f: list[str]) -> GLL:
 
 def _epe(f: list[str]) -> SirfEPE:
     _need(f, 5, "PSRFEPE")
-    return SirfEPE(_time(f[0]), f[1] == "A", _range(_float(f[2], "HDOP"), 0.0, 100.0, "HDOP"),
-                   _range(_float(f[3], "EHPE"), 0.0, 1e7, "EHPE"),
-                   _range(_float(f[4], "EVPE"), 0.0, 1e7, "EVPE"))
+    return SirfEPE(
+        _time(f[0]),
+        f[1] == "A",
+        _range(_float(f[2], "HDOP"), 0.0, 100.0, "HDOP"),
+        _range(_float(f[3], "EHPE"), 0.0, 1e7, "EHPE"),
+        _range(_float(f[4], "EVPE"), 0.0, 1e7, "EVPE"),
+    )
 
 
-_PARSERS = {"RMC": _rmc, "GGA": _gga, "GNS": _gns, "GSA": _gsa, "GSV": _gsv, "GST": _gst,
-            "ZDA": _zda, "GLL": _gll}
+_PARSERS: dict[str, Callable[[str, list[str]], Sentence]] = {
+    "RMC": _rmc,
+    "GGA": _gga,
+    "GNS": _gns,
+    "GSA": _gsa,
+    "GSV": _gsv,
+    "GST": _gst,
+    "ZDA": _zda,
+    "GLL": _gll,
+}

@@ -24,8 +24,24 @@ from dataclasses import dataclass, field
 from devices.gps.dop import dops_from_geometry
 from devices.gps.fix import H_UERE, P_UERE, SIGMA_TO_95_1D, SIGMA_TO_95_2D, V_UERE, Fix, FixMode
 from devices.gps.nmea import (
-    GGA, GLL, GNS, GSA, GST, GSV, MAX_SENTENCE_LENGTH, RMC, SYSTEM_IDS, TALKERS, ZDA, NmeaError,
-    SatelliteInView, Sentence, SirfEPE, UnknownSentence, parse_sentence)
+    GGA,
+    GLL,
+    GNS,
+    GSA,
+    GST,
+    GSV,
+    MAX_SENTENCE_LENGTH,
+    RMC,
+    SYSTEM_IDS,
+    TALKERS,
+    ZDA,
+    NmeaError,
+    SatelliteInView,
+    Sentence,
+    SirfEPE,
+    UnknownSentence,
+    parse_sentence,
+)
 
 KNOTS_TO_MPS = 0.514444
 
@@ -154,9 +170,8 @@ class FixAssembler:
             cycle.gst = s
         elif isinstance(s, SirfEPE):
             cycle.epe = s
-        elif isinstance(s, ZDA):
-            if s.date is not None and s.time is not None and s.date.year >= 1999:
-                self._date, self._date_tod = s.date, s.time
+        elif isinstance(s, ZDA) and s.date is not None and s.time is not None and s.date.year >= 1999:
+            self._date, self._date_tod = s.date, s.time
 
     def _add_gsv(self, s: GSV) -> None:
         key = (s.talker, s.signal_id)
@@ -169,16 +184,18 @@ class FixAssembler:
         parts.append(s)
         if s.message_number == s.message_count:
             system = TALKERS.get(s.talker, s.talker)
-            self._sky[key] = {satellite_key(system, sat.prn): sat
-                              for part in parts for sat in part.satellites}
+            self._sky[key] = {satellite_key(system, sat.prn): sat for part in parts for sat in part.satellites}
             del self._gsv_parts[key]
 
     def _utc(self, when: dt.time | None) -> dt.datetime | None:
         if when is None or self._date is None or self._date_tod is None:
             return None
         date = self._date
+
         # A date learnt late on one day, applied to a time after midnight: next day.
-        seconds = lambda t: t.hour * 3600 + t.minute * 60 + t.second  # noqa: E731
+        def seconds(t: dt.time) -> int:
+            return t.hour * 3600 + t.minute * 60 + t.second
+
         if seconds(self._date_tod) - seconds(when) > 12 * 3600:
             date += dt.timedelta(days=1)
         elif seconds(when) - seconds(self._date_tod) > 12 * 3600:
@@ -195,11 +212,11 @@ class FixAssembler:
     def _fix(self, c: _Cycle) -> Fix:
         gga, gns, rmc, gll = c.gga, c.gns, c.rmc, c.gll
         position = None
-        altitude = geoid = None
+        altitude = None
         if gga is not None and gga.quality > 0 and gga.position is not None:
-            position, altitude, geoid = gga.position, gga.altitude_m, gga.geoid_separation_m
+            position, altitude = gga.position, gga.altitude_m
         elif gns is not None and gns.position is not None and gns.mode.strip("N"):
-            position, altitude, geoid = gns.position, gns.altitude_m, gns.geoid_separation_m
+            position, altitude = gns.position, gns.altitude_m
         elif rmc is not None and rmc.valid and rmc.position is not None:
             position = rmc.position
         elif gll is not None and gll.valid and gll.position is not None:
@@ -213,19 +230,23 @@ class FixAssembler:
             mode = FixMode.FIX_3D if altitude is not None else FixMode.FIX_2D
         quality = gga.quality if gga is not None else None
         dgps = (quality in (2, 4, 5)) or (rmc is not None and rmc.mode == "D")
-        used_sets = [set(satellite_key(self._gsa_system(g, prn), prn) for prn in g.prns) for g in c.gsa]
+        used_sets = [{satellite_key(self._gsa_system(g, prn), prn) for prn in g.prns} for g in c.gsa]
         used = set().union(*used_sets) if used_sets else set()
-        sats_used = next((n for n in (gga.satellites_used if gga else None,
-                                      gns.satellites_used if gns else None) if n is not None),
-                         len(used) if used else None)
+        sats_used = next(
+            (n for n in (gga.satellites_used if gga else None, gns.satellites_used if gns else None) if n is not None),
+            len(used) if used else None,
+        )
         hdop = next((g.hdop for g in c.gsa if g.hdop is not None), None)
         if hdop is None:
             hdop = next((x.hdop for x in (gga, gns) if x is not None and x.hdop is not None), None)
         vdop = next((g.vdop for g in c.gsa if g.vdop is not None), None)
         pdop = next((g.pdop for g in c.gsa if g.pdop is not None), None)
         sky = {k: v for view in self._sky.values() for k, v in view.items()}
-        geometry = [(sky[k].elevation_deg, sky[k].azimuth_deg) for k in sorted(used)
-                    if k in sky and sky[k].elevation_deg is not None and sky[k].azimuth_deg is not None]
+        geometry = [
+            (sky[k].elevation_deg, sky[k].azimuth_deg)
+            for k in sorted(used)
+            if k in sky and sky[k].elevation_deg is not None and sky[k].azimuth_deg is not None
+        ]
         dops = dops_from_geometry(geometry)  # type: ignore[arg-type]
         xdop, ydop = (dops.xdop, dops.ydop) if dops else (None, None)
         eph = epv = epx = epy = None
@@ -233,10 +254,9 @@ class FixAssembler:
         if mode >= FixMode.FIX_2D:
             if c.epe is not None and c.epe.valid and c.epe.ehpe_m is not None:
                 eph, epv, source = c.epe.ehpe_m, c.epe.evpe_m, "receiver"
-            elif c.gst is not None and c.gst.latitude_sigma_m is not None \
-                    and c.gst.longitude_sigma_m is not None:
+            elif c.gst is not None and c.gst.latitude_sigma_m is not None and c.gst.longitude_sigma_m is not None:
                 lat_s, lon_s = c.gst.latitude_sigma_m, c.gst.longitude_sigma_m
-                eph = SIGMA_TO_95_2D * ((lat_s ** 2 + lon_s ** 2) / 2) ** 0.5
+                eph = SIGMA_TO_95_2D * ((lat_s**2 + lon_s**2) / 2) ** 0.5
                 epx, epy = SIGMA_TO_95_1D * lon_s, SIGMA_TO_95_1D * lat_s
                 if c.gst.altitude_sigma_m is not None:
                     epv = SIGMA_TO_95_1D * c.gst.altitude_sigma_m
@@ -247,24 +267,41 @@ class FixAssembler:
                 epv = vdop * V_UERE[dgps]
             if epx is None and xdop is not None and ydop is not None:
                 epx, epy = xdop * H_UERE[dgps], ydop * H_UERE[dgps]
-        speed = rmc.speed_knots * KNOTS_TO_MPS if rmc is not None and rmc.speed_knots is not None \
-            and position is not None else None
+        speed = (
+            rmc.speed_knots * KNOTS_TO_MPS
+            if rmc is not None and rmc.speed_knots is not None and position is not None
+            else None
+        )
         track = rmc.track_deg if rmc is not None and position is not None else None
         return Fix(
-            mode=mode, time=self._utc(c.time),
+            mode=mode,
+            time=self._utc(c.time),
             latitude=position.latitude if position else None,
             longitude=position.longitude if position else None,
             altitude_m=altitude if mode == FixMode.FIX_3D else None,
-            quality=quality, dgps=dgps and position is not None,
-            satellites_used=sats_used, satellites_visible=len(sky) or None,
-            hdop=hdop, vdop=vdop, pdop=pdop, xdop=xdop, ydop=ydop,
-            eph_m=eph, epv_m=epv, epx_m=epx, epy_m=epy, error_source=source,
-            speed_mps=speed, track_deg=track, systems=tuple(sorted(c.systems)))
+            quality=quality,
+            dgps=dgps and position is not None,
+            satellites_used=sats_used,
+            satellites_visible=len(sky) or None,
+            hdop=hdop,
+            vdop=vdop,
+            pdop=pdop,
+            xdop=xdop,
+            ydop=ydop,
+            eph_m=eph,
+            epv_m=epv,
+            epx_m=epx,
+            epy_m=epy,
+            error_source=source,
+            speed_mps=speed,
+            track_deg=track,
+            systems=tuple(sorted(c.systems)),
+        )
 
     @staticmethod
     def _gsa_system(g: GSA, prn: int) -> str:
         if g.system_id in SYSTEM_IDS:
-            return SYSTEM_IDS[g.system_id]  # type: ignore[index]
+            return SYSTEM_IDS[g.system_id]
         return TALKERS.get(g.talker, "GNSS")
 
 
@@ -283,12 +320,11 @@ class NmeaStreamDecoder:
         events: list[Event] = []
         self._buffer += data
         while True:
-            cut = min((i for i in (self._buffer.find(b"\n"), self._buffer.find(b"\r")) if i >= 0),
-                      default=-1)
+            cut = min((i for i in (self._buffer.find(b"\n"), self._buffer.find(b"\r")) if i >= 0), default=-1)
             if cut < 0:
                 break
             line = bytes(self._buffer[:cut])
-            del self._buffer[:cut + 1]
+            del self._buffer[: cut + 1]
             events += self._line(line)
         if len(self._buffer) > self._max_line:
             start = self._buffer.find(b"$")
@@ -301,8 +337,9 @@ class NmeaStreamDecoder:
                 events += self._garbage(bytes(self._buffer[:last]))
                 del self._buffer[:last]
                 if len(self._buffer) > self._max_line:
-                    events.append(self._bad(bytes(self._buffer), "line longer than "
-                                            f"{self._max_line} bytes without an end"))
+                    events.append(
+                        self._bad(bytes(self._buffer), f"line longer than {self._max_line} bytes without an end")
+                    )
                     self._buffer.clear()
         return events
 

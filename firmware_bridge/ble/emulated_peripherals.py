@@ -24,8 +24,12 @@ from typing import Any, ClassVar
 
 from bumble import att
 from bumble.device import Connection, Device
-from bumble.gatt import (GATT_CLIENT_CHARACTERISTIC_CONFIGURATION_DESCRIPTOR, Characteristic, CharacteristicValue,
-                         Service)
+from bumble.gatt import (
+    GATT_CLIENT_CHARACTERISTIC_CONFIGURATION_DESCRIPTOR,
+    Characteristic,
+    CharacteristicValue,
+    Service,
+)
 
 from devices.ble import racp, uuids
 from devices.ble.current_time import decode_current_time, encode_current_time
@@ -48,8 +52,12 @@ def _sf(value: float | str | None, exponent: int = 0) -> bytes:
 class DeviceClock:
     """A device's wall clock: true local time plus `offset` (wrong after a battery change)."""
 
-    def __init__(self, tz: dt.tzinfo, offset: dt.timedelta = dt.timedelta(0),
-                 now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc)) -> None:
+    def __init__(
+        self,
+        tz: dt.tzinfo,
+        offset: dt.timedelta = dt.timedelta(0),
+        now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc),
+    ) -> None:
         self.tz, self.offset, self._now = tz, offset, now
         self.set_count = 0
 
@@ -89,6 +97,11 @@ class EmulatedPeripheral:
     _dropped: bool = field(init=False, default=False)
     _dropped_now: bool = field(init=False, default=False)
 
+    @property
+    def dropped(self) -> bool:
+        """Whether it has hung up mid-transfer as `drop_after` asked."""
+        return self._dropped
+
     SERVICE: ClassVar[int] = 0  # the health service 16-bit UUID, set by subclasses
 
     def __post_init__(self) -> None:
@@ -100,16 +113,34 @@ class EmulatedPeripheral:
         raise NotImplementedError
 
     def _services(self) -> list[Service]:
-        dis = Service(f"{uuids.DEVICE_INFORMATION:04X}", [
-            Characteristic(f"{u:04X}", P.READ, READABLE, text.encode())
-            for u, text in ((uuids.MANUFACTURER_NAME, self.manufacturer), (uuids.MODEL_NUMBER, self.model),
-                            (uuids.SERIAL_NUMBER, self.serial), (uuids.FIRMWARE_REVISION, "1.0"))])
+        dis = Service(
+            f"{uuids.DEVICE_INFORMATION:04X}",
+            [
+                Characteristic(f"{u:04X}", P.READ, READABLE, text.encode())
+                for u, text in (
+                    (uuids.MANUFACTURER_NAME, self.manufacturer),
+                    (uuids.MODEL_NUMBER, self.model),
+                    (uuids.SERIAL_NUMBER, self.serial),
+                    (uuids.FIRMWARE_REVISION, "1.0"),
+                )
+            ],
+        )
         services = [dis, Service(f"{self.SERVICE:04X}", self.health_characteristics())]
         if self.current_time_service:
-            value = CharacteristicValue(read=lambda _c: encode_current_time(self.clock.now().replace(microsecond=0)),
-                                        write=self._write_current_time)
-            services.append(Service(f"{uuids.CURRENT_TIME_SERVICE:04X}", [
-                Characteristic(f"{uuids.CURRENT_TIME:04X}", P.READ | P.WRITE | P.NOTIFY, READABLE | WRITEABLE, value)]))
+            value = CharacteristicValue(
+                read=lambda _c: encode_current_time(self.clock.now().replace(microsecond=0)),
+                write=self._write_current_time,
+            )
+            services.append(
+                Service(
+                    f"{uuids.CURRENT_TIME_SERVICE:04X}",
+                    [
+                        Characteristic(
+                            f"{uuids.CURRENT_TIME:04X}", P.READ | P.WRITE | P.NOTIFY, READABLE | WRITEABLE, value
+                        )
+                    ],
+                )
+            )
         return services
 
     def _write_current_time(self, _conn: Connection, value: bytes) -> None:
@@ -135,7 +166,8 @@ class EmulatedPeripheral:
         await self.device.start_advertising(
             advertising_data=advertising_data(self.name, [self.SERVICE]),
             advertising_interval_min=self.advertising_interval_ms,
-            advertising_interval_max=self.advertising_interval_ms)
+            advertising_interval_max=self.advertising_interval_ms,
+        )
 
     async def stop(self) -> None:
         for task in list(self._tasks):
@@ -168,8 +200,9 @@ class EmulatedPeripheral:
         if not task.cancelled() and task.exception() is not None:
             log.warning("%s: %r", self.name, task.exception())
 
-    def _on_subscription(self, connection: Connection, characteristic: Characteristic, notify: bool,
-                         indicate: bool) -> None:
+    def _on_subscription(
+        self, connection: Connection, characteristic: Characteristic, notify: bool, indicate: bool
+    ) -> None:
         if notify or indicate:
             self.on_subscribed(connection, characteristic)
 
@@ -247,8 +280,15 @@ class BloodPressureCuff(EmulatedPeripheral):
 
     async def measure(self, record: BpRecord) -> None:
         """A new measurement: into memory, then sent now if connected, else advertised for."""
-        stamped = BpRecord(record.systolic, record.diastolic, record.mean, record.pulse,
-                           record.taken_at or self.clock.now().replace(microsecond=0), record.user_id, record.status)
+        stamped = BpRecord(
+            record.systolic,
+            record.diastolic,
+            record.mean,
+            record.pulse,
+            record.taken_at or self.clock.now().replace(microsecond=0),
+            record.user_id,
+            record.status,
+        )
         self.memory.append(stamped)
         if self.connection is not None:
             await self.send(self.measurement, encode_bp(stamped, stamped.taken_at), indicate=True)
@@ -336,8 +376,9 @@ class PulseOximeter(EmulatedPeripheral):
             await asyncio.sleep(self.stream_interval_s)
 
     async def send_now(self, spo2: float | None = None, pulse: float | None = None) -> bool:
-        return await self.send(self.continuous, encode_plx_continuous(spo2 or self.spo2, pulse or self.pulse),
-                               indicate=False)
+        return await self.send(
+            self.continuous, encode_plx_continuous(spo2 or self.spo2, pulse or self.pulse), indicate=False
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,8 +392,13 @@ class GlucoseRecord:
 
 def encode_glucose(r: GlucoseRecord) -> bytes:
     flags = 0x02 | (0x10 if r.meal else 0)  # concentration in kg/L (+ context follows)
-    return (bytes((flags,)) + struct.pack("<H", r.sequence) + encode_date_time(r.taken_at)
-            + _sf(round(r.mg_dl) / 100_000, -5) + b"\x11")
+    return (
+        bytes((flags,))
+        + struct.pack("<H", r.sequence)
+        + encode_date_time(r.taken_at)
+        + _sf(round(r.mg_dl) / 100_000, -5)
+        + b"\x11"
+    )
 
 
 def encode_glucose_context(r: GlucoseRecord) -> bytes:
@@ -372,8 +418,12 @@ class GlucoseMeter(EmulatedPeripheral):
         self.measurement = Characteristic(f"{uuids.GLUCOSE_MEASUREMENT:04X}", P.NOTIFY, READABLE, b"")
         self.context = Characteristic(f"{uuids.GLUCOSE_MEASUREMENT_CONTEXT:04X}", P.NOTIFY, READABLE, b"")
         feature = Characteristic(f"{uuids.GLUCOSE_FEATURE:04X}", P.READ, READABLE, b"\x00\x00")
-        self.racp = Characteristic(f"{uuids.RECORD_ACCESS_CONTROL_POINT:04X}", P.WRITE | P.INDICATE,
-                                   WRITEABLE, CharacteristicValue(write=self._on_racp_write))
+        self.racp: Characteristic[bytes] = Characteristic(
+            f"{uuids.RECORD_ACCESS_CONTROL_POINT:04X}",
+            P.WRITE | P.INDICATE,
+            WRITEABLE,
+            CharacteristicValue(write=self._on_racp_write),
+        )
         return [self.measurement, self.context, feature, self.racp]
 
     def _on_racp_write(self, _conn: Connection, value: bytes) -> None:
@@ -385,8 +435,10 @@ class GlucoseMeter(EmulatedPeripheral):
         try:
             request = racp.decode_racp(value)
         except ProtocolError:
-            await self._respond(racp.OpCode(value[0]) if value and value[0] in racp.REQUESTS else
-                                racp.OpCode.REPORT_STORED_RECORDS, racp.ResponseCode.INVALID_OPERAND)
+            await self._respond(
+                racp.OpCode(value[0]) if value and value[0] in racp.REQUESTS else racp.OpCode.REPORT_STORED_RECORDS,
+                racp.ResponseCode.INVALID_OPERAND,
+            )
             return
         op = request.op_code
         if op == racp.OpCode.ABORT_OPERATION:
@@ -418,8 +470,10 @@ class GlucoseMeter(EmulatedPeripheral):
         ordered = sorted(self.records, key=lambda r: r.sequence)
         if request.operator == racp.Operator.ALL_RECORDS:
             return ordered
-        if request.operator == racp.Operator.GREATER_THAN_OR_EQUAL and \
-                request.filter_type == racp.FilterType.SEQUENCE_NUMBER:
+        if (
+            request.operator == racp.Operator.GREATER_THAN_OR_EQUAL
+            and request.filter_type == racp.FilterType.SEQUENCE_NUMBER
+        ):
             first = request.filter_values[0]
             return [r for r in ordered if r.sequence >= first]  # type: ignore[operator]
         if request.operator == racp.Operator.LAST_RECORD:

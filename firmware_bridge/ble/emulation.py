@@ -14,6 +14,7 @@ import this module only when emulation is asked for.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -41,9 +42,16 @@ CENTRAL_ADDRESS = "F0:F0:F0:F0:F0:F0"
 SIG_SUFFIX = "-0000-1000-8000-00805f9b34fb"
 
 # GATT characteristic property bits -> bleak's property names.
-_PROPERTY_NAMES = {0x01: "broadcast", 0x02: "read", 0x04: "write-without-response", 0x08: "write",
-                   0x10: "notify", 0x20: "indicate", 0x40: "authenticated-signed-writes",
-                   0x80: "extended-properties"}
+_PROPERTY_NAMES = {
+    0x01: "broadcast",
+    0x02: "read",
+    0x04: "write-without-response",
+    0x08: "write",
+    0x10: "notify",
+    0x20: "indicate",
+    0x40: "authenticated-signed-writes",
+    0x80: "extended-properties",
+}
 
 
 def bleak_uuid(uuid: Any) -> str:
@@ -57,21 +65,27 @@ def bleak_uuid(uuid: Any) -> str:
 
 def parse_advertising_data(data: bytes) -> dict[str, Any]:
     """The AD structures bleak reports (name, service UUIDs, service/manufacturer data, tx power)."""
-    out: dict[str, Any] = {"local_name": None, "service_uuids": [], "service_data": {},
-                           "manufacturer_data": {}, "tx_power": None}
+    out: dict[str, Any] = {
+        "local_name": None,
+        "service_uuids": [],
+        "service_data": {},
+        "manufacturer_data": {},
+        "tx_power": None,
+    }
     i = 0
     while i < len(data):
         length = data[i]
         if length == 0 or i + 1 + length > len(data):
             break
-        ad_type, value = data[i + 1], data[i + 2:i + 1 + length]
+        ad_type, value = data[i + 1], data[i + 2 : i + 1 + length]
         i += 1 + length
         if ad_type in (0x02, 0x03):
-            out["service_uuids"] += [f"0000{int.from_bytes(value[k:k + 2], 'little'):04x}{SIG_SUFFIX}"
-                                     for k in range(0, len(value) - 1, 2)]
+            out["service_uuids"] += [
+                f"0000{int.from_bytes(value[k : k + 2], 'little'):04x}{SIG_SUFFIX}" for k in range(0, len(value) - 1, 2)
+            ]
         elif ad_type in (0x06, 0x07):
             for k in range(0, len(value) - 15, 16):
-                h = value[k:k + 16][::-1].hex()
+                h = value[k : k + 16][::-1].hex()
                 out["service_uuids"].append(f"{h[0:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}")
         elif ad_type in (0x08, 0x09):
             out["local_name"] = value.decode("utf-8", "replace")
@@ -90,7 +104,7 @@ def advertising_data(name: str, service_uuids16: list[int]) -> bytes:
     if service_uuids16:
         uuids = b"".join(u.to_bytes(2, "little") for u in service_uuids16)
         out += bytes((len(uuids) + 1, 0x03)) + uuids
-    encoded = name.encode()[:29 - len(out)]
+    encoded = name.encode()[: 29 - len(out)]
     return out + bytes((len(encoded) + 1, 0x09)) + encoded
 
 
@@ -118,7 +132,7 @@ class EmulatedRadio:
         for conn in list(self.central.connections.values()):
             try:
                 await conn.disconnect()
-            except Exception:  # noqa: BLE001 - closing down: best effort
+            except Exception:
                 log.debug("disconnect at close failed", exc_info=True)
         if self.central.scanning:
             await self.central.stop_scanning()
@@ -126,8 +140,10 @@ class EmulatedRadio:
     def backends(self) -> tuple[type[BaseBleakScanner], type[BaseBleakClient]]:
         """A bleak scanner backend and client backend bound to this radio."""
         radio = self
-        return (type("EmulatedBleakScanner", (EmulatedBleakScanner,), {"radio": radio}),
-                type("EmulatedBleakClient", (EmulatedBleakClient,), {"radio": radio}))
+        return (
+            type("EmulatedBleakScanner", (EmulatedBleakScanner,), {"radio": radio}),
+            type("EmulatedBleakClient", (EmulatedBleakClient,), {"radio": radio}),
+        )
 
     # -- scanning, shared by all scanners ---------------------------------------------------
     def _on_advertisement(self, adv: Advertisement) -> None:
@@ -155,8 +171,13 @@ class EmulatedRadio:
 class EmulatedBleakScanner(BaseBleakScanner):
     radio: EmulatedRadio
 
-    def __init__(self, detection_callback: AdvertisementDataCallback | None, service_uuids: list[str] | None,
-                 scanning_mode: str = "active", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        detection_callback: AdvertisementDataCallback | None,
+        service_uuids: list[str] | None,
+        scanning_mode: str = "active",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(detection_callback, service_uuids)
 
     async def start(self) -> None:
@@ -171,9 +192,15 @@ class EmulatedBleakScanner(BaseBleakScanner):
         if not self.is_allowed_uuid(ad["service_uuids"]):
             return
         address = adv.address.to_string(False)
-        data = AdvertisementData(local_name=ad["local_name"], manufacturer_data=ad["manufacturer_data"],
-                                 service_data=ad["service_data"], service_uuids=ad["service_uuids"],
-                                 tx_power=ad["tx_power"], rssi=adv.rssi, platform_data=(adv,))
+        data = AdvertisementData(
+            local_name=ad["local_name"],
+            manufacturer_data=ad["manufacturer_data"],
+            service_data=ad["service_data"],
+            service_uuids=ad["service_uuids"],
+            tx_power=ad["tx_power"],
+            rssi=adv.rssi,
+            platform_data=(adv,),
+        )
         device = self.create_or_update_device(address, address, ad["local_name"], {"emulated": address}, data)
         self.call_detection_callbacks(device, data)
 
@@ -185,9 +212,14 @@ def _protocol_error(exc: ATT_Error) -> BleakGATTProtocolError:
 class EmulatedBleakClient(BaseBleakClient):
     radio: EmulatedRadio
 
-    def __init__(self, address_or_ble_device: BLEDevice | str, *,
-                 disconnected_callback: Callable[[], None] | None = None, timeout: float = 10.0,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        address_or_ble_device: BLEDevice | str,
+        *,
+        disconnected_callback: Callable[[], None] | None = None,
+        timeout: float = 10.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(address_or_ble_device, disconnected_callback=disconnected_callback, timeout=timeout)
         self.address = self.address.upper()
         self._conn: Connection | None = None
@@ -217,7 +249,7 @@ class EmulatedBleakClient(BaseBleakClient):
         timeout = float(kwargs.get("timeout", self._timeout))
         try:
             conn = await self.radio.connect(self.address, timeout)
-        except (bumble_core.TimeoutError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, bumble_core.TimeoutError) as exc:
             raise BleakDeviceNotFoundError(self.address, f"Device with address {self.address} was not found") from exc
         except bumble_core.BaseBumbleError as exc:
             raise BleakError(f"connection to {self.address} failed: {exc}") from exc
@@ -252,8 +284,14 @@ class EmulatedBleakClient(BaseBleakClient):
             collection.add_service(service)
             for c in await s.discover_characteristics():
                 props = [name for bit, name in _PROPERTY_NAMES.items() if int(c.properties) & bit]
-                char = BleakGATTCharacteristic(c, c.handle, bleak_uuid(c.uuid), props,  # type: ignore[arg-type]
-                                               lambda: self.mtu_size - 3, service)
+                char = BleakGATTCharacteristic(
+                    c,
+                    c.handle,
+                    bleak_uuid(c.uuid),
+                    props,  # type: ignore[arg-type]
+                    lambda: self.mtu_size - 3,
+                    service,
+                )
                 collection.add_characteristic(char)
                 for d in await peer.discover_descriptors(c):
                     collection.add_descriptor(BleakGATTDescriptor(d, d.handle, bleak_uuid(d.type), char))
@@ -314,13 +352,16 @@ class EmulatedBleakClient(BaseBleakClient):
         except ATT_Error as exc:
             raise _protocol_error(exc) from exc
 
-    async def start_notify(self, characteristic: BleakGATTCharacteristic, callback: NotifyCallback,
-                           **kwargs: Any) -> None:
+    async def start_notify(
+        self, characteristic: BleakGATTCharacteristic, callback: NotifyCallback, **kwargs: Any
+    ) -> None:
         _, peer = self._require()
         handle = characteristic.handle
         self._callbacks[handle] = callback
         # One stable dispatcher per handle: subscribing again (after pairing) must not register twice.
-        dispatcher = self._dispatchers.setdefault(handle, lambda value, h=handle: self._dispatch(h, value))
+        dispatcher = self._dispatchers.get(handle)
+        if dispatcher is None:
+            dispatcher = self._dispatchers[handle] = functools.partial(self._dispatch, handle)
         try:
             await peer.subscribe(characteristic.obj, dispatcher, prefer_notify=True)
         except ATT_Error as exc:

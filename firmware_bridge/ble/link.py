@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -56,15 +57,24 @@ from devices.ble.uuids import full_uuid, short_uuid
 from devices.errors import ProtocolError
 from devices.identity import DeviceIdentity
 from devices.observation import Observation
+from firmware_bridge.errors import SessionEnded
 
 log = logging.getLogger(__name__)
 
 HEALTH_SERVICE_UUIDS = [full_uuid(u) for u in uuids.HEALTH_SERVICES]
 # Subscribed in this order: glucose records and context before the RACP that asks for them.
-SUBSCRIBED = (uuids.GLUCOSE_MEASUREMENT, uuids.GLUCOSE_MEASUREMENT_CONTEXT, uuids.RECORD_ACCESS_CONTROL_POINT,
-              uuids.BLOOD_PRESSURE_MEASUREMENT, uuids.INTERMEDIATE_CUFF_PRESSURE, uuids.TEMPERATURE_MEASUREMENT,
-              uuids.INTERMEDIATE_TEMPERATURE, uuids.PLX_SPOT_CHECK_MEASUREMENT, uuids.PLX_CONTINUOUS_MEASUREMENT,
-              uuids.WEIGHT_MEASUREMENT)
+SUBSCRIBED = (
+    uuids.GLUCOSE_MEASUREMENT,
+    uuids.GLUCOSE_MEASUREMENT_CONTEXT,
+    uuids.RECORD_ACCESS_CONTROL_POINT,
+    uuids.BLOOD_PRESSURE_MEASUREMENT,
+    uuids.INTERMEDIATE_CUFF_PRESSURE,
+    uuids.TEMPERATURE_MEASUREMENT,
+    uuids.INTERMEDIATE_TEMPERATURE,
+    uuids.PLX_SPOT_CHECK_MEASUREMENT,
+    uuids.PLX_CONTINUOUS_MEASUREMENT,
+    uuids.WEIGHT_MEASUREMENT,
+)
 AUTH_ERROR_CODES = {0x05, 0x0C, 0x0F}  # insufficient authentication / key size / encryption
 AUTH_DBUS_HINTS = ("NotPermitted", "NotAuthorized", "Insufficient", "AuthenticationFailed")
 
@@ -122,14 +132,10 @@ class LinkSettings:
     device_tz: dt.tzinfo = field(default_factory=local_tz)  # the zone device clocks are set to
 
 
-class SessionEnded(Exception):
-    """The device went away."""
-
-
 class DeviceSession:
     """One connection to one device, from connect to hang-up."""
 
-    def __init__(self, manager: "BleDeviceManager", ble_device: BLEDevice, pair_required: bool) -> None:
+    def __init__(self, manager: BleDeviceManager, ble_device: BLEDevice, pair_required: bool) -> None:
         self.m = manager
         self.port = manager.port
         self.s = manager.settings
@@ -156,9 +162,14 @@ class DeviceSession:
         if self.m.client_backend is not None:
             kwargs["backend"] = self.m.client_backend
         self.client = await establish_connection(
-            self.m.client_class, self.ble_device, self.ble_device.name or self.address,
-            disconnected_callback=lambda _c: self._gone.set(), max_attempts=self.s.connect_attempts,
-            pair=self.pair_required, **kwargs)
+            self.m.client_class,
+            self.ble_device,
+            self.ble_device.name or self.address,
+            disconnected_callback=lambda _c: self._gone.set(),
+            max_attempts=self.s.connect_attempts,
+            pair=self.pair_required,
+            **kwargs,
+        )
         self.paired = self.pair_required
         try:
             log.info("%s: connected", self.address)
@@ -180,13 +191,13 @@ class DeviceSession:
         finally:
             try:
                 self._flush_glucose()  # records whose context never came are still records
-            except Exception:  # noqa: BLE001 - do not hide why the session ended
+            except Exception:
                 log.exception("%s: could not store the last glucose records", self.address)
             client, self.client = self.client, None
             if client is not None and client.is_connected:
                 try:
                     await asyncio.wait_for(client.disconnect(), 10)
-                except (BleakError, asyncio.TimeoutError, OSError):
+                except (TimeoutError, BleakError, OSError):
                     log.debug("%s: disconnect failed", self.address, exc_info=True)
             self.port.report(DeviceStatus(self.address, connected=False))
 
@@ -227,12 +238,14 @@ class DeviceSession:
                 ct = registry.decode(uuids.CURRENT_TIME, raw)
                 assert isinstance(ct, CurrentTime)
                 if ct.local_time is not None:
-                    self.clock = ClockCheck(offset=measure_offset(ct.local_time, gateway_now, self.s.device_tz))
-                    log.info("%s: device clock off by %+.0f s", self.address, self.clock.offset.total_seconds())
+                    offset = measure_offset(ct.local_time, gateway_now, self.s.device_tz)
+                    self.clock = ClockCheck(offset=offset)
+                    log.info("%s: device clock off by %+.0f s", self.address, offset.total_seconds())
             if "write" in char.properties:
                 now = self.m.clock()
-                await self.client.write_gatt_char(char, encode_current_time(
-                    now.astimezone(self.s.device_tz).replace(tzinfo=None)), response=True)
+                await self.client.write_gatt_char(
+                    char, encode_current_time(now.astimezone(self.s.device_tz).replace(tzinfo=None)), response=True
+                )
                 self.clock = ClockCheck(offset=self.clock.offset, set_at=now)
         except (ProtocolError, BleakGATTProtocolError) as exc:
             log.warning("%s: current time not usable: %s", self.address, exc)
@@ -243,8 +256,10 @@ class DeviceSession:
             char = self._char(uuid16)
             if char is None or not {"notify", "indicate"} & set(char.properties):
                 continue
+
             def callback(_sender: BleakGATTCharacteristic, data: bytearray, u: int = uuid16) -> None:
                 self._on_value(u, data)
+
             try:
                 await self.client.start_notify(char, callback)
             except (BleakGATTProtocolError, BleakDBusError) as exc:
@@ -261,18 +276,25 @@ class DeviceSession:
         assert char is not None and self.client is not None
         last = self.port.last_sequence(self.address)
         request = self.racp.report_records_after(last)
-        self._racp_result = asyncio.get_running_loop().create_future()
+        answer: asyncio.Future[RacpResult] = asyncio.get_running_loop().create_future()
+        self._racp_result = answer
         await self.client.write_gatt_char(char, request, response=True)
-        gone = asyncio.ensure_future(self._gone.wait())
+        gone: asyncio.Future[bool] = asyncio.ensure_future(self._gone.wait())
         try:
-            done, _ = await asyncio.wait({self._racp_result, gone}, timeout=self.s.racp_timeout_s,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                [answer, gone],
+                timeout=self.s.racp_timeout_s,  # type: ignore[type-var]
+                return_when=asyncio.FIRST_COMPLETED,
+            )
         finally:
             gone.cancel()
-        if self._racp_result not in done:
-            raise SessionEnded("link lost during the record download" if self._gone.is_set()
-                               else f"no RACP answer in {self.s.racp_timeout_s:.0f} s")
-        result = self._racp_result.result()
+        if answer not in done:
+            raise SessionEnded(
+                "link lost during the record download"
+                if self._gone.is_set()
+                else f"no RACP answer in {self.s.racp_timeout_s:.0f} s"
+            )
+        result = answer.result()
         self._flush_glucose()
         if not result.ok:
             raise ProtocolError(f"record download refused: {result.response_code}")
@@ -293,7 +315,7 @@ class DeviceSession:
         except ProtocolError as exc:
             log.warning("%s: malformed %04X value %s: %s", self.address, uuid16, bytes(data).hex(), exc)
             self.port.report(DeviceStatus(self.address, error=f"malformed {uuid16:04X} value: {exc}"))
-        except Exception as exc:  # noqa: BLE001 - a callback must not take the link down
+        except Exception as exc:
             log.exception("%s: could not handle a %04X value", self.address, uuid16)
             self.port.report(DeviceStatus(self.address, error=f"{type(exc).__name__}: {exc}"))
 
@@ -344,11 +366,22 @@ class DeviceSession:
         if not m.quantities:
             log.info("%s: %s record without a value skipped", self.address, m.kind)
             return
-        measured_at, source = resolve_time(m.device_time, received_at, self.clock, self.s.device_tz,
-                                           clock_untrusted=m.clock_untrusted,
-                                           tolerance=dt.timedelta(seconds=self.s.clock_tolerance_s))
-        obs = to_observation(m, device=self.identity, measured_at=measured_at, time_source=source,
-                             received_at=received_at, key=record_key(self.address, m, received_at))
+        measured_at, source = resolve_time(
+            m.device_time,
+            received_at,
+            self.clock,
+            self.s.device_tz,
+            clock_untrusted=m.clock_untrusted,
+            tolerance=dt.timedelta(seconds=self.s.clock_tolerance_s),
+        )
+        obs = to_observation(
+            m,
+            device=self.identity,
+            measured_at=measured_at,
+            time_source=source,
+            received_at=received_at,
+            key=record_key(self.address, m, received_at),
+        )
         try:
             created = self.port.store(obs)
         except Exception:
@@ -372,12 +405,17 @@ def _needs_bonding(exc: Exception) -> bool:
 class BleDeviceManager:
     """Scans for allow-listed devices and runs one `DeviceSession` task per connected device."""
 
-    def __init__(self, port: GatewayPort, settings: LinkSettings | None = None, *,
-                 scanner_backend: type[BaseBleakScanner] | None = None,
-                 client_backend: type[BaseBleakClient] | None = None,
-                 client_class: type[BleakClient] = BleakClient,
-                 clock: Callable[[], dt.datetime] = utc_now,
-                 observation_listener: Callable[[str, Observation, bool], None] | None = None) -> None:
+    def __init__(
+        self,
+        port: GatewayPort,
+        settings: LinkSettings | None = None,
+        *,
+        scanner_backend: type[BaseBleakScanner] | None = None,
+        client_backend: type[BaseBleakClient] | None = None,
+        client_class: type[BleakClient] = BleakClient,
+        clock: Callable[[], dt.datetime] = utc_now,
+        observation_listener: Callable[[str, Observation, bool], None] | None = None,
+    ) -> None:
         self.port = port
         self.settings = settings or LinkSettings()
         self.scanner_backend = scanner_backend
@@ -406,7 +444,7 @@ class BleDeviceManager:
             while not stop.is_set():
                 try:
                     self._allowed = self.port.allowed_devices()
-                except Exception:  # noqa: BLE001 - e.g. clinic.db locked: keep the last list
+                except Exception:
                     log.exception("allow-list not readable; using the previous one")
                 loop_now = time.monotonic()
                 missing = [a for a in self._allowed if a not in self.sessions]
@@ -420,8 +458,11 @@ class BleDeviceManager:
                         await self._wait(stopping, self.settings.scan_pass_s)
                         continue
                     try:
-                        await self._wait(stopping, self.settings.scan_pass_s,
-                                         until=lambda: all(a in self.sessions for a in self._allowed))
+                        await self._wait(
+                            stopping,
+                            self.settings.scan_pass_s,
+                            until=lambda: all(a in self.sessions for a in self._allowed),
+                        )
                     finally:
                         try:
                             await scanner.stop()
@@ -467,7 +508,7 @@ class BleDeviceManager:
         session = DeviceSession(self, device, self._allowed[address])
         task = asyncio.get_running_loop().create_task(session.run(), name=f"ble {address}")
         self.sessions[address] = task
-        task.add_done_callback(lambda t, a=address: self._session_done(a, t))
+        task.add_done_callback(functools.partial(self._session_done, address))
         self._changed.set()
 
     def _session_done(self, address: str, task: asyncio.Task[None]) -> None:
@@ -486,7 +527,7 @@ class BleDeviceManager:
         log.warning("%s: session failed (%s: %s); retrying in %.0f s", address, type(exc).__name__, exc, backoff)
         try:
             self.port.report(DeviceStatus(address, connected=False, error=f"{type(exc).__name__}: {exc}"))
-        except Exception:  # noqa: BLE001 - reporting must not break the manager
+        except Exception:
             log.exception("%s: could not record the error", address)
 
 
@@ -498,19 +539,22 @@ class ScanResult:
     services: tuple[str, ...]  # names of the health services advertised
 
 
-async def scan_health_devices(timeout_s: float = 5.0, *, backend: type[BaseBleakScanner] | None = None,
-                              every_device: bool = False) -> list[ScanResult]:
+async def scan_health_devices(
+    timeout_s: float = 5.0, *, backend: type[BaseBleakScanner] | None = None, every_device: bool = False
+) -> list[ScanResult]:
     """Devices advertising a health service (or every device), strongest first."""
     found: dict[str, ScanResult] = {}
 
     def on_detection(device: BLEDevice, adv: AdvertisementData) -> None:
-        names = tuple(uuids.HEALTH_SERVICES[u] for u in map(short_uuid, adv.service_uuids)
-                      if u in uuids.HEALTH_SERVICES)
+        names = tuple(
+            uuids.HEALTH_SERVICES[u] for u in map(short_uuid, adv.service_uuids) if u in uuids.HEALTH_SERVICES
+        )
         if names or every_device:
-            found[device.address.upper()] = ScanResult(device.address.upper(), adv.local_name or device.name or "",
-                                                       adv.rssi, names)
+            found[device.address.upper()] = ScanResult(
+                device.address.upper(), adv.local_name or device.name or "", adv.rssi, names
+            )
 
-    scanner = BleakScanner(on_detection, **({"backend": backend} if backend is not None else {}))
+    scanner = BleakScanner(on_detection, backend=backend)
     await scanner.start()
     try:
         await asyncio.sleep(timeout_s)

@@ -31,9 +31,15 @@ class _Pending:
 class BridgeCore:
     """One bridge: build frames for the gateway, track ACKs, resend, forward lines."""
 
-    def __init__(self, device_id: str, boot_id: int, capabilities: tuple = ("serial-forward", "time-sync"),
-                 model: str = MODEL, firmware_version: str = FIRMWARE_VERSION,
-                 first_seq: int = 0) -> None:
+    def __init__(
+        self,
+        device_id: str,
+        boot_id: int,
+        capabilities: tuple = ("serial-forward", "time-sync"),
+        model: str = MODEL,
+        firmware_version: str = FIRMWARE_VERSION,
+        first_seq: int = 0,
+    ) -> None:
         self.device_id = device_id
         self.boot_id = boot_id & 0xFFFFFFFF
         self.capabilities = tuple(capabilities)
@@ -76,16 +82,14 @@ class BridgeCore:
     def hello(self, now_ms: int) -> bytes:
         """What to send at power-up or when the gateway says HELLO: a flush, our HELLO, and
         everything still unacknowledged (same sequence numbers)."""
-        msg = codec.Hello(self.device_id, self.model, self.firmware_version, self.boot_id,
-                          self.capabilities)
+        msg = codec.Hello(self.device_id, self.model, self.firmware_version, self.boot_id, self.capabilities)
         out = b"\x00" + self.send(msg, now_ms)
         for p in self._pending[:-1]:
             out += p.frame
             p.due_ms = now_ms + p.interval_ms
         return out
 
-    def measurement(self, kind: str, values: tuple, now_ms: int, record_id: str = "",
-                    flags: tuple = ()) -> bytes:
+    def measurement(self, kind: str, values: tuple, now_ms: int, record_id: str = "", flags: tuple = ()) -> bytes:
         time_flags, device_ms = self.time_stamp(now_ms)
         return self.send(codec.Measurement(kind, record_id, time_flags, device_ms, values, flags), now_ms)
 

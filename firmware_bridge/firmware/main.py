@@ -9,14 +9,13 @@
 # Nothing may print(): the USB-CDC port is the protocol stream (a stray traceback is garbage
 # the gateway skips, but it costs the frame around it).
 
-import micropython
 import os
 import select
 import sys
 import time
 
 import machine
-
+import micropython
 from bridge_core import BridgeCore
 
 UART_ID = 0
@@ -48,14 +47,14 @@ def hexlify(data):
 def main():
     micropython.kbd_intr(-1)  # 0x03 in a frame must not raise KeyboardInterrupt
     led = machine.Pin("LED", machine.Pin.OUT)
-    uart = machine.UART(UART_ID, baudrate=UART_BAUD, tx=machine.Pin(UART_TX_PIN),
-                        rx=machine.Pin(UART_RX_PIN), rxbuf=4096)
+    uart = machine.UART(
+        UART_ID, baudrate=UART_BAUD, tx=machine.Pin(UART_TX_PIN), rx=machine.Pin(UART_RX_PIN), rxbuf=4096
+    )
     usb_in = sys.stdin.buffer
     usb_out = sys.stdout.buffer
     clock = Clock()
     boot_id = int.from_bytes(os.urandom(4), "little")
-    core = BridgeCore(hexlify(machine.unique_id()), boot_id,
-                      capabilities=("serial-forward", "time-sync"))
+    core = BridgeCore(hexlify(machine.unique_id()), boot_id, capabilities=("serial-forward", "time-sync"))
     poller = select.poll()
     poller.register(usb_in, select.POLLIN)
     poller.register(uart, select.POLLIN)
@@ -89,7 +88,7 @@ def main():
 
 try:
     main()
-except Exception as exc:  # last words for the gateway's log, then restart clean
+except Exception as exc:  # noqa: BLE001 — last words for the gateway's log, then restart clean
     try:
         sys.stdout.buffer.write(BridgeCore("unknown", 0).log(40, "firmware crashed: %r" % (exc,), 0))
     finally:

@@ -6,30 +6,31 @@ import argparse
 import json
 import sys
 
+from lastmile.commands.common import DATA_DIR
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     ble = sub.add_parser("ble", help="Bluetooth LE health devices: scan, pair, decode")
     bsub = ble.add_subparsers(dest="ble_command", metavar="COMMAND")
     ble.set_defaults(func=lambda _a: (ble.print_help(), 2)[1])
 
-    p = bsub.add_parser("scan", help="nearby devices advertising a health service (BP, thermometer ...)")
+    p = bsub.add_parser(
+        "scan", help="nearby devices advertising a health service (BP, thermometer ...)", parents=[DATA_DIR]
+    )
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to listen (default 5)")
     p.add_argument("--all", action="store_true", help="every advertising device, not only health devices")
     p.add_argument("--json", action="store_true", help="one JSON array")
     p.add_argument("--emulated", action="store_true", help=argparse.SUPPRESS)  # scan the demo's emulated devices
-    p.add_argument("--data-dir", help="override gateway.data_dir (to show which are paired)")
     p.set_defaults(func=_scan)
 
-    p = bsub.add_parser("pair", help="allow this device to be connected by this clinic's gateway")
+    p = bsub.add_parser("pair", help="allow this device to be connected by this clinic's gateway", parents=[DATA_DIR])
     p.add_argument("address", help="Bluetooth address, e.g. C0:26:DA:01:02:03")
     p.add_argument("--name", default="", help="a name for the device list, e.g. 'cuff, room 2'")
     p.add_argument("--bond", action="store_true", help="bond (encrypt) before using it (found out by itself otherwise)")
-    p.add_argument("--data-dir", help="override gateway.data_dir")
     p.set_defaults(func=_pair)
 
-    p = bsub.add_parser("unpair", help="take a device off the allow-list")
+    p = bsub.add_parser("unpair", help="take a device off the allow-list", parents=[DATA_DIR])
     p.add_argument("address")
-    p.add_argument("--data-dir", help="override gateway.data_dir")
     p.set_defaults(func=_unpair)
 
     p = bsub.add_parser("decode", help="what a characteristic value means (2a35 1e7800...)")
@@ -47,29 +48,33 @@ def _valid_address(address: str) -> bool:
 def _pair(args: argparse.Namespace) -> int:
     import datetime as dt
 
-    from lastmile.app_context import config_from_args
-    from lastmile.device_registry import DeviceRegistry
+    from lastmile.clinic.devices import DeviceRegistry
+    from lastmile.commands.common import config_from_args
 
     if not _valid_address(args.address):
-        print(f"lastmile ble pair: {args.address!r} is not a Bluetooth address (like C0:26:DA:01:02:03)",
-              file=sys.stderr)
+        print(
+            f"lastmile ble pair: {args.address!r} is not a Bluetooth address (like C0:26:DA:01:02:03)", file=sys.stderr
+        )
         return 2
     registry = DeviceRegistry.open(config_from_args(args).data_dir)
     try:
-        record = registry.allow(args.address, name=args.name, pair_required=args.bond,
-                                now=dt.datetime.now(dt.timezone.utc))
+        record = registry.allow(
+            args.address, name=args.name, pair_required=args.bond, now=dt.datetime.now(dt.timezone.utc)
+        )
     finally:
         registry.close()
-    print(f"paired {record.address}{' (' + record.name + ')' if record.name else ''}: the gateway will connect "
-          f"it when it advertises{'; bonding first' if record.pair_required else ''}")
+    print(
+        f"paired {record.address}{' (' + record.name + ')' if record.name else ''}: the gateway will connect "
+        f"it when it advertises{'; bonding first' if record.pair_required else ''}"
+    )
     return 0
 
 
 def _unpair(args: argparse.Namespace) -> int:
     import datetime as dt
 
-    from lastmile.app_context import config_from_args
-    from lastmile.device_registry import DeviceRegistry
+    from lastmile.clinic.devices import DeviceRegistry
+    from lastmile.commands.common import config_from_args
 
     registry = DeviceRegistry.open(config_from_args(args).data_dir)
     try:
@@ -90,8 +95,8 @@ def _scan(args: argparse.Namespace) -> int:
     paired: set[str] = set()
     if args.data_dir or not args.emulated:
         try:
-            from lastmile.app_context import config_from_args
-            from lastmile.device_registry import DeviceRegistry
+            from lastmile.clinic.devices import DeviceRegistry
+            from lastmile.commands.common import config_from_args
 
             registry = DeviceRegistry.open(config_from_args(args).data_dir)
             paired = set(registry.allowed())
@@ -104,11 +109,13 @@ def _scan(args: argparse.Namespace) -> int:
             return await scan_health_devices(args.timeout, every_device=args.all)
         from firmware_bridge.ble.emulated_peripherals import BloodPressureCuff, Thermometer
         from firmware_bridge.ble.emulation import EmulatedRadio
-        from lastmile.ble_acquire import DEMO_CUFF, DEMO_THERMOMETER
+        from lastmile.services.ble_devices import DEMO_CUFF, DEMO_THERMOMETER
 
         radio = EmulatedRadio()
-        devices = [BloodPressureCuff(radio, DEMO_CUFF, "Demo BP Cuff"), Thermometer(radio, DEMO_THERMOMETER,
-                                                                                   "Demo Thermometer")]
+        devices = [
+            BloodPressureCuff(radio, DEMO_CUFF, "Demo BP Cuff"),
+            Thermometer(radio, DEMO_THERMOMETER, "Demo Thermometer"),
+        ]
         for d in devices:
             await d.start()
         try:
@@ -123,8 +130,21 @@ def _scan(args: argparse.Namespace) -> int:
         print(f"lastmile ble scan: Bluetooth is not available: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps([{"address": r.address, "name": r.name, "rssi": r.rssi, "services": list(r.services),
-                           "paired": r.address in paired} for r in results], indent=2))
+        print(
+            json.dumps(
+                [
+                    {
+                        "address": r.address,
+                        "name": r.name,
+                        "rssi": r.rssi,
+                        "services": list(r.services),
+                        "paired": r.address in paired,
+                    }
+                    for r in results
+                ],
+                indent=2,
+            )
+        )
         return 0
     if not results:
         print(f"no health devices heard in {args.timeout:g} s (wake the device: take a measurement)")
@@ -151,8 +171,13 @@ def _decode(args: argparse.Namespace) -> int:
     spec = registry.spec_for(uuid16)
     value = registry.to_jsonable(spec.decode(data))
     if args.json:
-        print(json.dumps({"characteristic": f"0x{uuid16:04X}", "name": spec.name, "bytes": data.hex(),
-                          "value": value}, indent=2, ensure_ascii=False))
+        print(
+            json.dumps(
+                {"characteristic": f"0x{uuid16:04X}", "name": spec.name, "bytes": data.hex(), "value": value},
+                indent=2,
+                ensure_ascii=False,
+            )
+        )
         return 0
     print(f"{spec.name} (0x{uuid16:04X}), {len(data)} bytes")
     for line in _describe(value):
@@ -163,8 +188,9 @@ def _decode(args: argparse.Namespace) -> int:
 def _describe(value: object, prefix: str = "") -> list[str]:
     """Human lines for a decoded value; quantities as 'code: value unit (sent ...)'."""
     if isinstance(value, dict) and {"code", "value", "unit"} <= set(value):
-        shown = (f"{value['value']:g} {value['unit']}" if value["value"] is not None
-                 else f"no value ({value['special']})")
+        shown = (
+            f"{value['value']:g} {value['unit']}" if value["value"] is not None else f"no value ({value['special']})"
+        )
         sent = ""
         if value.get("sent_unit") and value["sent_unit"] != value["unit"] and value["sent_value"] is not None:
             sent = f"  (sent {value['sent_value']:g} {value['sent_unit']})"

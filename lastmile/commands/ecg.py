@@ -9,82 +9,163 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
+import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
+
+from lastmile.commands.common import DATA_DIR
 
 if TYPE_CHECKING:
     from devices.ecg.recording import EcgRecording
 
-FORMAT_NAMES = {"scp": "SCP-ECG", "aecg": "HL7 aECG", "dicom": "DICOM ECG", "contec": "Contec ECG90A",
-                "npz": "gateway npz"}
+FORMAT_NAMES = {
+    "scp": "SCP-ECG",
+    "aecg": "HL7 aECG",
+    "dicom": "DICOM ECG",
+    "contec": "Contec ECG90A",
+    "npz": "gateway npz",
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    ecg = sub.add_parser("ecg", help="decode ECG files (SCP-ECG, HL7 aECG, DICOM, Contec .ECG) or "
-                                     "convert them to DICOM")
+    ecg = sub.add_parser(
+        "ecg", help="decode ECG files (SCP-ECG, HL7 aECG, DICOM, Contec .ECG) or convert them to DICOM"
+    )
     ecg_sub = ecg.add_subparsers(dest="ecg_command", metavar="ACTION")
 
     p = ecg_sub.add_parser("decode", help="decode an ECG file: one-line summary, samples to CSV")
     p.add_argument("input", metavar="INPUT", help="ECG file")
-    p.add_argument("--csv", metavar="OUT", help="write the samples in µV, one column per lead "
-                                                "(header row of lead names)")
+    p.add_argument(
+        "--csv", metavar="OUT", help="write the samples in µV, one column per lead (header row of lead names)"
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object: the summary and the cart's findings")
     p.set_defaults(func=_decode)
 
-    p = ecg_sub.add_parser("to-dicom", help="convert an ECG file to a DICOM 12-lead / General ECG object")
+    p = ecg_sub.add_parser(
+        "to-dicom", help="convert an ECG file to a DICOM 12-lead / General ECG object", parents=[DATA_DIR]
+    )
     p.add_argument("input", metavar="INPUT", help="ECG file")
     p.add_argument("output", metavar="OUTPUT", help="DICOM file to write")
+    p.add_argument("--patient-id", default="", help="the patient, for a file that names none (checked per id_kind)")
+    p.add_argument("--patient-name", default="", help='the patient\'s name, e.g. "张三" (a pinyin group is added)')
+    _triage_options(p)
+    p.add_argument(
+        "--override-patient",
+        action="store_true",
+        help="use --patient-id even though the file names another patient (the object is flagged)",
+    )
     p.set_defaults(func=_to_dicom)
+
+    p = ecg_sub.add_parser(
+        "check", help="is this ECG good enough to send? verdict, heart rate, and what to fix (electrodes, hum ...)"
+    )
+    p.add_argument("input", metavar="INPUT", help="ECG file")
+    p.add_argument("--json", action="store_true", help="one JSON object: verdict, heart_rate_bpm, problems")
+    p.set_defaults(func=_check)
+
+    p = ecg_sub.add_parser(
+        "preview", help="the standard 12-lead print layout (25 mm/s, 10 mm/mV) as SVG, problems marked"
+    )
+    p.add_argument("input", metavar="INPUT", help="ECG file")
+    p.add_argument("output", metavar="OUT.svg", help="SVG file to write")
+    p.set_defaults(func=_preview)
+
+    p = ecg_sub.add_parser(
+        "release",
+        help="send a held ECG now (the doctor's 'send anyway'; see 'lastmile patient show')",
+        parents=[DATA_DIR],
+    )
+    p.add_argument("held_id", metavar="E12", help="the held ECG's number")
+    p.set_defaults(func=_release)
+
+    p = ecg_sub.add_parser(
+        "discard",
+        help="never send a held ECG: it was recorded again (kept locally, quarantined)",
+        parents=[DATA_DIR],
+    )
+    p.add_argument("held_id", metavar="E12", help="the held ECG's number")
+    p.set_defaults(func=_discard)
     ecg.set_defaults(func=lambda args: (ecg.print_help(), 2)[1])
 
-    p = sub.add_parser("import", help="import ECG files from a USB stick or folder into the outbox "
-                                      "(each file once; the stick is only read)")
+    p = sub.add_parser(
+        "import",
+        help="import ECG files from a USB stick or folder into the outbox (each file once; the stick is only read)",
+        parents=[DATA_DIR],
+    )
     p.add_argument("paths", metavar="PATH", nargs="+", help="files or folders (e.g. the stick's mount point)")
-    p.add_argument("--data-dir", help="override gateway.data_dir")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, only the summary")
+    p.add_argument("--stat", action="store_true", help="urgent: these ECGs are read first, never held")
+    p.add_argument("--reason", default="", metavar="TEXT", help='why the ECGs were taken, e.g. "胸痛 chest pain"')
     p.set_defaults(func=_import)
 
 
-def local_zone() -> dt.tzinfo:
-    """This gateway's zone (with its DST rules when known): carts write local wall-clock times."""
-    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-    key = os.environ.get("TZ", "").lstrip(":")
-    if not key:
-        try:
-            key = Path("/etc/timezone").read_text().strip()
-        except OSError:
-            target = os.path.realpath("/etc/localtime")
-            key = target.split("zoneinfo/", 1)[1] if "zoneinfo/" in target else ""
-    if key:
-        try:
-            return ZoneInfo(key)
-        except (ZoneInfoNotFoundError, ValueError):
-            pass
-    return dt.datetime.now().astimezone().tzinfo or dt.timezone.utc
+def _triage_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--doctor", default="", help="the referring doctor (name or id)")
+    p.add_argument("--stat", action="store_true", help="urgent read requested")
+    p.add_argument("--reason", default="", metavar="TEXT", help='why the ECG was taken, e.g. "胸痛 chest pain"')
 
 
-def read_ecg_file(path: str) -> "EcgRecording":
-    """Decode a file from disk (read-only); the receipt time stands in when the file has none."""
-    from devices.ecg.formats import decode_ecg
-
-    data = Path(path).read_bytes()
-    return decode_ecg(data, Path(path).name, local_tz=local_zone(),
-                      received_at=dt.datetime.now(dt.timezone.utc))
-
-
-def summary(name: str, recording: "EcgRecording") -> str:
+def summary(name: str, recording: EcgRecording) -> str:
     r = recording
     leads = ", ".join(r.lead_names)
     derived = f"; derived {', '.join(n for n in r.lead_names if n in r.derived_leads)}" if r.derived_leads else ""
+    from lastmile.clock import clinic_time
+
     patient = f"patient {r.patient.patient_id}" if r.patient else "patient unassigned"
     device = r.device.label()
     flags = f", flags: {' '.join(r.flags)}" if r.flags else ""
-    return (f"{name}: {FORMAT_NAMES.get(r.source_format, r.source_format)}, {r.n_leads} leads ({leads}{derived}), "
-            f"{r.n_samples} samples at {r.sampling_rate_hz:g} Hz ({r.duration_s:.1f} s), "
-            f"{r.uv_per_unit:g} µV/unit, acquired {r.acquired_at.isoformat()} ({r.time_source.value}), "
-            f"{patient}, {device}{flags}")
+    findings = ""
+    if r.measurements or r.statements:
+        found = [m for m in r.measurements if not m.lead]
+        findings = ", cart findings: " + "; ".join(
+            [f"{m.kind} {m.value:g} {m.unit}" for m in found] + [f'"{st.text}"' for st in r.statements]
+        )
+    return (
+        f"{name}: {FORMAT_NAMES.get(r.source_format, r.source_format)}, {r.n_leads} leads ({leads}{derived}), "
+        f"{r.n_samples} samples at {r.sampling_rate_hz:g} Hz ({r.duration_s:.1f} s), "
+        f"{r.uv_per_unit:g} µV/unit, acquired {clinic_time(r.acquired_at)} ({r.time_source.value}), "
+        f"{patient}, {device}{flags}{findings}"
+    )
+
+
+def recording_json(name: str, r: EcgRecording) -> dict:
+    """`ecg decode --json`: what the file holds besides its samples."""
+    from devices.ecg.findings import findings_json
+
+    median = r.median_beats
+    return {
+        "file": name,
+        "format": r.source_format,
+        "leads": list(r.lead_names),
+        "derived_leads": [n for n in r.lead_names if n in r.derived_leads],
+        "samples": r.n_samples,
+        "sampling_rate_hz": r.sampling_rate_hz,
+        "uv_per_unit": r.uv_per_unit,
+        "acquired_at": r.acquired_at.isoformat(),
+        "time_source": r.time_source.value,
+        "patient": None
+        if r.patient is None
+        else {
+            "patient_id": r.patient.patient_id,
+            "name": r.patient.name,
+            "birth_date": r.patient.birth_date.isoformat() if r.patient.birth_date else None,
+            "sex": r.patient.sex,
+            "issuer": r.patient.issuer,
+        },
+        "device": r.device.label(),
+        "stat": r.stat,
+        "flags": list(r.flags),
+        **findings_json(r.measurements, r.statements),
+        "median_beats": None
+        if median is None
+        else {
+            "leads": list(median.lead_names),
+            "samples": median.n_samples,
+            "sampling_rate_hz": median.sampling_rate_hz,
+            "source": median.source,
+        },
+    }
 
 
 def _fail(message: str) -> int:
@@ -92,7 +173,7 @@ def _fail(message: str) -> int:
     return 1
 
 
-def write_csv(recording: "EcgRecording", out) -> None:
+def write_csv(recording: EcgRecording, out) -> None:
     """µV, one column per lead; values are exact (shortest decimal that round-trips)."""
     out.write(",".join(recording.lead_names) + "\n")
     uv = recording.microvolts().T
@@ -102,6 +183,7 @@ def write_csv(recording: "EcgRecording", out) -> None:
 
 def _decode(args: argparse.Namespace) -> int:
     from devices.errors import DeviceError
+    from lastmile.ecg.intake import read_ecg_file
 
     try:
         recording = read_ecg_file(args.input)
@@ -115,14 +197,21 @@ def _decode(args: argparse.Namespace) -> int:
                 write_csv(recording, out)
         except OSError as exc:
             return _fail(f"cannot write {args.csv}: {exc.strerror or exc}")
+    if args.json:
+        import json
+
+        print(json.dumps(recording_json(Path(args.input).name, recording), ensure_ascii=False, indent=2))
+        return 0
     print(summary(Path(args.input).name, recording))
     return 0
 
 
 def _to_dicom(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from devices.errors import DeviceError
-    from lastmile.app_context import config_from_args
-    from lastmile.ecg_intake import station_of
+    from lastmile.commands.common import config_from_args
+    from lastmile.ecg.intake import clinic_patient, read_ecg_file, session_request, station_of, vetted_patient
     from uploader.dicom_ecg import choose_sop_class, mint_uids, recording_to_dicom_bytes
     from uploader.errors import UploadError
 
@@ -133,8 +222,30 @@ def _to_dicom(args: argparse.Namespace) -> int:
     except DeviceError as exc:
         return _fail(f"{args.input}: {exc}")
     config = config_from_args(args)
+    recording = vetted_patient(recording, config)
+    if args.patient_id:
+        try:
+            patient = clinic_patient(args.patient_id, args.patient_name, config)
+        except ValueError as exc:
+            return _fail(str(exc))
+        named = recording.patient
+        if named is not None and named.patient_id != patient.patient_id:
+            if not args.override_patient:
+                return _fail(
+                    f"{args.input} names patient {named.patient_id}, not {patient.patient_id}: check the file, "
+                    "or give --override-patient to use yours (the object is then flagged)"
+                )
+            recording = dataclasses.replace(
+                recording, flags=(*recording.flags, f"patient-overridden:file-named-{named.patient_id}")
+            )
+        recording = dataclasses.replace(recording, patient=patient)
+    elif args.patient_name:
+        return _fail("--patient-name needs --patient-id")
+    if args.stat:
+        recording = dataclasses.replace(recording, stat=True)
+    request = session_request(args.doctor, reason=args.reason)
     try:
-        data = recording_to_dicom_bytes(recording, mint_uids(), station_of(config))
+        data = recording_to_dicom_bytes(recording, mint_uids(), station_of(config), request=request)
         sop_class = choose_sop_class(recording)
     except UploadError as exc:
         return _fail(f"{args.input} cannot become a DICOM ECG: {exc}")
@@ -147,13 +258,102 @@ def _to_dicom(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_for_check(path: str) -> tuple[EcgRecording | None, int]:
+    from devices.errors import DeviceError
+    from lastmile.ecg.intake import read_ecg_file
+
+    try:
+        return read_ecg_file(path), 0
+    except OSError as exc:
+        return None, _fail(f"cannot read {path}: {exc.strerror or exc}")
+    except DeviceError as exc:
+        return None, _fail(f"{path}: {exc}")
+
+
+def _check(args: argparse.Namespace) -> int:
+    from devices.ecg.quality import EcgQualityError, check_quality
+
+    recording, code = _read_for_check(args.input)
+    if recording is None:
+        return code
+    try:
+        report = check_quality(recording)
+    except EcgQualityError as exc:
+        return _fail(f"{args.input}: {exc}")
+    if args.json:
+        print(json.dumps(report.to_json(), ensure_ascii=False))
+        return 0
+    rate = f"{report.heart_rate_bpm:.0f} bpm" if report.heart_rate_bpm is not None else "no heart rate"
+    print(f"{Path(args.input).name}: {report.verdict} ({rate}, {report.duration_s:.1f} s)")
+    for problem in report.problems:
+        print(f"  {problem.message_zh}")
+        print(f"  {problem.message_en}")
+    return 0
+
+
+def _preview(args: argparse.Namespace) -> int:
+    from devices.ecg.quality import EcgQualityError
+    from lastmile.ecg.preview import render_preview_svg
+
+    recording, code = _read_for_check(args.input)
+    if recording is None:
+        return code
+    try:
+        svg = render_preview_svg(recording)
+    except EcgQualityError as exc:
+        return _fail(f"{args.input}: {exc}")
+    try:
+        Path(args.output).write_text(svg, encoding="utf-8")
+    except OSError as exc:
+        return _fail(f"cannot write {args.output}: {exc.strerror or exc}")
+    print(f"{Path(args.input).name} -> {args.output} ({len(svg.encode())} bytes)")
+    return 0
+
+
+def _held_number(text: str) -> int:
+    text = text.strip()
+    return int(text[1:] if text[:1] in ("E", "e") else text)
+
+
+def _release(args: argparse.Namespace) -> int:
+    return _decide(args, release=True)
+
+
+def _discard(args: argparse.Namespace) -> int:
+    return _decide(args, release=False)
+
+
+def _decide(args: argparse.Namespace, *, release: bool) -> int:
+    import time
+
+    from lastmile.commands.common import config_from_args
+    from lastmile.data_dir import open_outbox
+    from lastmile.ecg.intake import HeldEcgError, discard_held_ecg, release_held_ecg
+
+    try:
+        number = _held_number(args.held_id)
+    except ValueError:
+        print(f"lastmile ecg: {args.held_id!r} is not a held ECG's number (E12)", file=sys.stderr)
+        return 2
+    with open_outbox(config_from_args(args)) as outbox:
+        try:
+            if release:
+                release_held_ecg(outbox, number, time.time())
+            else:
+                discard_held_ecg(outbox, number, time.time())
+        except HeldEcgError as exc:
+            return _fail(str(exc))
+    print(f"ECG E{number} " + ("released: it is sent now" if release else "discarded: it will not be sent"))
+    return 0
+
+
 class ProgressBar:
     """A one-line progress bar on a terminal; plain lines (one per file) otherwise."""
 
-    def __init__(self, stream=sys.stderr, width: int = 30) -> None:
-        self.stream = stream
+    def __init__(self, stream: TextIO | None = None, width: int = 30) -> None:
+        self.stream = stream if stream is not None else sys.stderr  # the one in use now, not at import
         self.width = width
-        self.tty = stream.isatty()
+        self.tty = self.stream.isatty()
 
     def __call__(self, done: int, total: int, outcome) -> None:
         name = Path(outcome.path).name
@@ -168,47 +368,16 @@ class ProgressBar:
         self.stream.flush()
 
 
-PATIENT_MISMATCH = "patient-mismatch"
-
-
-def with_patient_check(recording: "EcgRecording", current_patient_id: str | None) -> "EcgRecording":
-    """The file's patient is kept; if the gateway's current patient is another one, the
-    recording is flagged for the doctor (never re-assigned). A file without a patient stays
-    unassigned: a stick may hold ECGs of many patients."""
-    import dataclasses
-
-    if (current_patient_id and recording.patient is not None
-            and recording.patient.patient_id != current_patient_id and PATIENT_MISMATCH not in recording.flags):
-        return dataclasses.replace(recording, flags=recording.flags + (PATIENT_MISMATCH,))
-    return recording
-
-
-def enqueue_callable(outbox, config, current_patient_id=lambda: None):
-    """(recording, key) -> created, for firmware_bridge.usb_import: the lead's intake builds the
-    DICOM object (UIDs minted once) and stores it; a recording no DICOM ECG can hold is refused."""
-    from firmware_bridge.usb_import import FileRefused
-    from lastmile.ecg_intake import enqueue_recording
-    from uploader.errors import InvalidObjectError
-
-    def enqueue(recording, key: str) -> bool:
-        recording = with_patient_check(recording, current_patient_id())
-        try:
-            return enqueue_recording(outbox, recording, config, key=key).created
-        except InvalidObjectError as exc:
-            raise FileRefused(f"cannot become a DICOM ECG: {exc}") from None
-
-    return enqueue
-
-
 def _import(args: argparse.Namespace) -> int:
-    from firmware_bridge.usb_import import import_paths
-    from lastmile.app_context import config_from_args
-    from lastmile.app_context import open_outbox
+    from lastmile.clinic.patients import PatientContext
+    from lastmile.commands.common import config_from_args
+    from lastmile.data_dir import open_outbox
+    from lastmile.ecg.intake import import_files, session_request
+    from uploader.dicom_ecg import StudyRequest
 
     missing = [p for p in args.paths if not Path(p).exists()]
     if missing:
         return _fail(f"no such file or folder: {', '.join(missing)}")
-    from lastmile.patient_context import PatientContext
 
     config = config_from_args(args)
     outbox = open_outbox(config)
@@ -218,12 +387,22 @@ def _import(args: argparse.Namespace) -> int:
         current = patients.current(dt.datetime.now(dt.timezone.utc))
         return current.patient_id if current else None
 
+    def request() -> StudyRequest:
+        now = dt.datetime.now(dt.timezone.utc)
+        current = patients.current(now)
+        reason = args.reason or (current.reason if current else "")
+        return session_request(patients.current_doctor(now), reason=reason)
+
     try:
-        summary = import_paths(
-            args.paths, is_known=lambda key: outbox.find(key) is not None,
-            enqueue=enqueue_callable(outbox, config, current_patient_id), local_tz=local_zone(),
-            now=lambda: dt.datetime.now(dt.timezone.utc),
-            progress=None if args.quiet else ProgressBar())
+        summary = import_files(
+            outbox,
+            config,
+            args.paths,
+            current_patient_id=current_patient_id,
+            progress=None if args.quiet else ProgressBar(),
+            request=request,
+            stat=args.stat,
+        )
     finally:
         patients.close()
         outbox.close()
@@ -231,56 +410,3 @@ def _import(args: argparse.Namespace) -> int:
         print(f"refused: {outcome.path}: {outcome.reason}")
     print(summary.line())
     return 1 if summary.refused else 0  # scripts notice refused files; the good ones are in
-
-
-def store_received_callable(outbox, current_patient_id=lambda: None):
-    """ReceivedObject -> durable outbox item, for firmware_bridge.dicom_receiver: the object is
-    stored as received (its bytes, its UIDs); the SOP Instance UID is the key, so a cart that
-    sends the same object again gets Success without a second item. A patient other than the
-    gateway's current one is flagged in the item's meta (the object itself is not touched)."""
-    from uploader.outbox import Priority
-
-    def store(obj) -> None:
-        current = current_patient_id()
-        mismatch = bool(current and obj.patient and obj.patient["patient_id"] != current)
-        meta = {"sop_class_uid": obj.sop_class_uid, "sop_instance_uid": obj.sop_instance_uid,
-                "study_uid": obj.study_uid, "series_uid": obj.series_uid,
-                "transfer_syntax": obj.transfer_syntax, "source_format": "dicom-lan",
-                "calling_ae": obj.calling_ae, "flags": [PATIENT_MISMATCH] if mismatch else [],
-                "unassigned": obj.patient is None}
-        outbox.add("dicom", "dicom-sop:" + obj.sop_instance_uid, obj.data, priority=Priority.ROUTINE,
-                   meta=meta, patient=obj.patient)
-
-    return store
-
-
-# -- for the acquire service (lastmile/commands/service.py): how it composes the two intakes --
-
-def start_lan_receiver(config, outbox, current_patient_id=lambda: None):
-    """The clinic-LAN storage SCP from `lan_receiver.*`, started; None when disabled."""
-    from firmware_bridge.dicom_receiver import DicomReceiver, settings_from
-
-    section = config.lan_receiver
-    if not section.enabled:
-        return None
-    receiver = DicomReceiver(
-        settings_from(section.ae_title, section.port, section.allowed_callers, section.sop_classes,
-                      host=section.host, timeout_s=config.reading_center.timeout_s),
-        store_received_callable(outbox, current_patient_id))
-    receiver.start()
-    return receiver
-
-
-def usb_import_watcher(config, outbox, current_patient_id=lambda: None):
-    """A FolderWatcher over `usb_import.folders`; call its poll() every few seconds (or on a
-    udev 'add' event for a mass-storage device mounted there)."""
-    from firmware_bridge.usb_import import FolderWatcher, import_paths
-
-    enqueue = enqueue_callable(outbox, config, current_patient_id)
-    zone = local_zone()
-
-    def run(roots):
-        return import_paths(roots, is_known=lambda key: outbox.find(key) is not None, enqueue=enqueue,
-                            local_tz=zone, now=lambda: dt.datetime.now(dt.timezone.utc))
-
-    return FolderWatcher(config.usb_import.folders, run)

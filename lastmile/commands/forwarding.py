@@ -5,33 +5,42 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import sqlite3
 import sys
 import time
+from typing import TYPE_CHECKING, Any
+
+from lastmile.commands.common import DATA_DIR
+from uploader.masking import mask_server_text
+
+if TYPE_CHECKING:
+    from lastmile.config import Config
+    from uploader.outbox import Outbox
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("forward", help="run the forwarder in the foreground until stopped")
-    p.add_argument("--data-dir", help="override gateway.data_dir")
+    p = sub.add_parser("forward", help="run the forwarder in the foreground until stopped", parents=[DATA_DIR])
     p.add_argument("--once", action="store_true", help="one round, then exit (for scripts)")
     p.set_defaults(func=_forward)
 
-    p = sub.add_parser("echo", help="C-ECHO the configured reading center, or HOST PORT (like echoscu)")
+    p = sub.add_parser(
+        "echo", help="C-ECHO the configured reading center, or HOST PORT (like echoscu)", parents=[DATA_DIR]
+    )
     p.add_argument("host", nargs="?")
     p.add_argument("port", nargs="?", type=int)
     p.add_argument("--called-ae", "-aec", help="called AE title (default: from the configuration)")
-    p.add_argument("--data-dir", help="override gateway.data_dir (for the recorded fault)")
     p.set_defaults(func=_echo)
 
-    p = sub.add_parser("queue", help="outbox counts per state, oldest waiting, last success, quarantined")
+    p = sub.add_parser(
+        "queue", help="outbox counts per state, oldest waiting, last success, quarantined", parents=[DATA_DIR]
+    )
     p.add_argument("--json", action="store_true", help="one JSON object")
-    p.add_argument("--data-dir", help="override gateway.data_dir")
     p.set_defaults(func=_queue)
 
-    p = sub.add_parser("retry", help="send a quarantined item again (after fixing its cause)")
+    p = sub.add_parser("retry", help="send a quarantined item again (after fixing its cause)", parents=[DATA_DIR])
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("id", nargs="?", type=int, help="outbox item id")
     g.add_argument("--quarantined", action="store_true", help="every quarantined item")
-    p.add_argument("--data-dir", help="override gateway.data_dir")
     p.set_defaults(func=_retry)
 
 
@@ -39,8 +48,8 @@ def _forward(args: argparse.Namespace) -> int:
     # The forwarder only moves bytes. pydicom and sqlite-utils import numpy when it is there,
     # which costs ~15 MB of RSS on a 512 MB Pi: keep it out of this process.
     sys.modules.setdefault("numpy", None)  # type: ignore[arg-type]
-    from lastmile.app_context import config_from_args
-    from lastmile.forward_service import ForwardService
+    from lastmile.commands.common import config_from_args
+    from lastmile.services.forward import ForwardService
 
     if args.once:
         import threading
@@ -52,37 +61,49 @@ def _forward(args: argparse.Namespace) -> int:
         finally:
             service.close()
         return 0
-    from lastmile.service_runtime import ServiceRuntime
+    from lastmile.services.runtime import ServiceRuntime
 
     runtime = ServiceRuntime("forward", load_config=lambda: config_from_args(args))
     return runtime.run(ForwardService)
 
 
 def _echo(args: argparse.Namespace) -> int:
-    from lastmile.app_context import config_from_args
-    from lastmile.forward_service import peer_settings
-    from uploader.dicom_net import echo
+    from lastmile.commands.common import config_from_args
+    from lastmile.services.forward import peer_settings
+    from uploader.dicom_association import echo
     from uploader.errors import ConfigurationFault, TransientError
 
     config = config_from_args(args)
     if (args.host is None) != (args.port is None):
         print("lastmile echo: give both HOST and PORT, or neither", file=sys.stderr)
         return 2
-    peer = peer_settings(config.reading_center, host=args.host, port=args.port,
-                         called_ae=args.called_ae)
+    peer = peer_settings(config.reading_center, host=args.host, port=args.port, called_ae=args.called_ae)
     where = f"{peer.called_ae}@{peer.host}:{peer.port} as {peer.calling_ae}"
     code = 0
     try:
         rtt = echo(peer)
         print(f"OK    C-ECHO {where}: {rtt * 1000:.0f} ms")
     except ConfigurationFault as exc:
-        print(f"FAIL  {where}: the reading center refuses this gateway: {exc}\n"
-              f"      hint: ask the reading center to register AE {peer.calling_ae!r} "
-              f"(and this gateway's address), or fix reading_center.* in {config.source}")
+        print(
+            f"FAIL  {where}: the reading center refuses this gateway: {exc}\n"
+            f"      hint: ask the reading center to register AE {peer.calling_ae!r} "
+            f"(and this gateway's address), or fix reading_center.* in {config.source}"
+        )
         code = 1
     except TransientError as exc:
-        print(f"FAIL  {where}: not reachable now: {exc}\n"
-              "      hint: check the network link and the reading center's host/port")
+        from uploader.reachability import local_fault
+
+        local = local_fault(peer.host, peer.port, timeout_s=min(peer.timeout_s, 5.0))
+        if local:
+            print(
+                f"FAIL  {where}: not reachable: {exc}\n      LOCAL FAULT (this gateway, not the reading center): {local}"
+            )
+        else:
+            print(
+                f"FAIL  {where}: not reachable now: {exc}\n"
+                "      hint: this gateway's network works; check the reading center's host/port, "
+                "or ask the reading center whether its PACS is up"
+            )
         code = 1
     if args.host is None:
         fault = _recorded_fault(config)
@@ -91,42 +112,112 @@ def _echo(args: argparse.Namespace) -> int:
     return code
 
 
-def _recorded_fault(config) -> str | None:
-    from lastmile.app_context import open_outbox
+def _recorded_fault(config: Config) -> str | None:
+    from lastmile.data_dir import DataDirError, open_existing_outbox
 
     try:
-        with open_outbox(config) as outbox:
+        outbox = open_existing_outbox(config)  # never creates the data directory
+        if outbox is None:
+            return None
+        with outbox:
             status = outbox.status("reading_center") or {}
-    except Exception:  # no data dir yet: nothing recorded
+    except (DataDirError, OSError, sqlite3.Error):  # unreadable: nothing to add to the echo
         return None
-    return status.get("fault")
+    fault = status.get("fault")
+    return mask_server_text(fault) if fault else None
+
+
+def _empty_stats() -> dict[str, Any]:
+    """What `Outbox.stats` says of an outbox that was never created."""
+    from uploader.outbox import ItemState
+
+    return {
+        "counts": {s.value: 0 for s in ItemState},
+        "oldest_waiting_s": None,
+        "last_sent_at": None,
+        "last_committed_at": None,
+        "quarantined": [],
+        "statuses": {},
+        "waiting_bytes": 0,
+        "free_bytes": None,
+    }
+
+
+def _mask_stats(stats: dict[str, Any]) -> None:
+    """Reasons recorded by an older version may still hold a server's unmasked text."""
+    for q in stats.get("quarantined", []):
+        if q.get("reason"):
+            q["reason"] = mask_server_text(q["reason"])
+    for value in stats.get("statuses", {}).values():
+        if isinstance(value, dict):
+            for key in ("fault", "last_error", "detail"):
+                if isinstance(value.get(key), str):
+                    value[key] = mask_server_text(value[key])
 
 
 def _ago(ts: float | None, now: float) -> str:
     if not ts:
         return "never"
     secs = max(0.0, now - ts)
-    when = dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    from lastmile.clock import clinic_time
+
+    when = clinic_time(dt.datetime.fromtimestamp(ts, dt.timezone.utc))
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
         if secs >= size:
             return f"{when} ({secs / size:.1f} {unit} ago)"
     return f"{when} ({secs:.0f} s ago)"
 
 
+def _ecgs_with_problems(outbox: Outbox, now: float) -> list[dict[str, Any]]:
+    """ECGs not yet sent whose quality check found something, for the doctor to see."""
+    from uploader.outbox import ItemState, Kind
+
+    found = []
+    for state in (ItemState.QUEUED, ItemState.SENDING):
+        for item in outbox.items(state=state, kind=Kind.DICOM):
+            quality = item.meta.get("quality") or {}
+            if quality.get("verdict") not in (None, "acceptable"):
+                held = item.held(now)
+                found.append(
+                    {
+                        "id": f"E{item.id}",
+                        "state": state.value,
+                        "held": held,
+                        "held_until": item.hold_until if held else None,
+                        "quality": quality,
+                    }
+                )
+    return found
+
+
 def _queue(args: argparse.Namespace) -> int:
-    from lastmile.app_context import config_from_args
-    from lastmile.app_context import open_outbox
+    from lastmile.commands.common import config_from_args
+    from lastmile.data_dir import open_existing_outbox
 
     config = config_from_args(args)
     now = time.time()
-    with open_outbox(config) as outbox:
-        stats = outbox.stats(now)
+    outbox = open_existing_outbox(config)  # a read-only command: never creates the data directory
+    if outbox is None:
+        stats = _empty_stats()
+        print(f"note: no outbox in {config.data_dir} yet: nothing has been queued there", file=sys.stderr)
+    else:
+        with outbox:
+            stats = outbox.stats(now)
+            stats["ecgs_with_problems"] = _ecgs_with_problems(outbox, now)
+    _mask_stats(stats)
     if args.json:
         print(json.dumps(stats, sort_keys=True, default=str))
         return 0
     counts = stats.get("counts", {})
     order = ("queued", "sending", "sent", "committed", "purged", "quarantined")
-    print("outbox: " + ", ".join(f"{k} {counts.get(k, 0)}" for k in order))
+    held = stats.get("held", 0)
+    print(
+        "outbox: "
+        + ", ".join(
+            f"{k} {counts.get(k, 0)}" + (f" ({held} held for the doctor)" if k == "queued" and held else "")
+            for k in order
+        )
+    )
     oldest = stats.get("oldest_waiting_s")
     print(f"oldest waiting: {'none' if oldest is None else f'{oldest / 60:.1f} min'}")
     print(f"last sent: {_ago(stats.get('last_sent_at'), now)}")
@@ -134,22 +225,34 @@ def _queue(args: argparse.Namespace) -> int:
     statuses = stats.get("statuses", {})
     rc = statuses.get("reading_center") or {}
     if rc.get("fault"):
-        print(f"FAULT reading center refuses this gateway: {rc['fault']}"
-              f" (since {_ago(rc.get('fault_since'), now)}; items stay queued and are retried)")
+        print(
+            f"FAULT reading center refuses this gateway: {rc['fault']}"
+            f" (since {_ago(rc.get('fault_since'), now)}; items stay queued and are retried)"
+        )
     elif rc.get("last_error"):
         print(f"last network error: {rc['last_error']} ({_ago(rc.get('last_error_at'), now)})")
     sc = statuses.get("storage_commitment") or {}
     if sc.get("supported") is False:
-        print(f"note: the reading center does not offer storage commitment ({sc.get('detail', '')}); "
-              f"policy: {config.reading_center.no_commitment_policy}")
+        print(
+            f"note: the reading center does not offer storage commitment ({sc.get('detail', '')}); "
+            f"policy: {config.reading_center.no_commitment_policy}"
+        )
     for q in stats.get("quarantined", []):
         print(f"quarantined #{q['id']} {q['kind']} {q['key']}: {q['reason']}")
+    from lastmile.commands.common import quality_lines
+
+    for ecg in stats.get("ecgs_with_problems", []):
+        where = f"held until {_ago(ecg['held_until'], now)}" if ecg["held"] else ecg["state"]
+        lines = quality_lines(ecg["quality"])
+        print(f"ECG {ecg['id']} ({where}): " + lines[0])
+        for line in lines[1:]:
+            print(f"    {line}")
     return 0
 
 
 def _retry(args: argparse.Namespace) -> int:
-    from lastmile.app_context import config_from_args
-    from lastmile.app_context import open_outbox
+    from lastmile.commands.common import config_from_args
+    from lastmile.data_dir import open_outbox
 
     config = config_from_args(args)
     now = time.time()

@@ -31,17 +31,31 @@ def format_fix(fix: object) -> str:
 
     assert isinstance(fix, Fix)
     when = fix.to_json()["time"] or "time-unknown"
-    return (f"{when}  {_fmt(fix.latitude, '.7f')}  {_fmt(fix.longitude, '.7f')}  "
-            f"alt {_fmt(fix.altitude_m, '.1f', ' m')}  mode {int(fix.mode)}  "
-            f"hdop {_fmt(fix.hdop, '.2f')}  eph {_fmt(fix.eph_m, '.1f', ' m')}")
+    return (
+        f"{when}  {_fmt(fix.latitude, '.7f')}  {_fmt(fix.longitude, '.7f')}  "
+        f"alt {_fmt(fix.altitude_m, '.1f', ' m')}  mode {int(fix.mode)}  "
+        f"hdop {_fmt(fix.hdop, '.2f')}  eph {_fmt(fix.eph_m, '.1f', ' m')}"
+    )
 
 
 def _line(fix: object, as_json: bool) -> str:
     if not as_json:
         return format_fix(fix)
     data = fix.to_json()  # type: ignore[attr-defined]
-    keys = ("time", "latitude", "longitude", "altitude_m", "mode", "hdop", "eph_m", "epx_m", "epy_m",
-            "satellites_used", "dgps", "systems")
+    keys = (
+        "time",
+        "latitude",
+        "longitude",
+        "altitude_m",
+        "mode",
+        "hdop",
+        "eph_m",
+        "epx_m",
+        "epy_m",
+        "satellites_used",
+        "dgps",
+        "systems",
+    )
     return json.dumps({k: data[k] for k in keys})
 
 
@@ -74,14 +88,16 @@ def decode(args: argparse.Namespace) -> int:
 
 
 def live_fix(args: argparse.Namespace) -> int:
-    from firmware_bridge.gnss import GnssError, best_fix, open_source
-    from lastmile.app_context import config_from_args
+    from firmware_bridge.errors import GnssError
+    from firmware_bridge.gnss import best_fix, open_source
+    from lastmile.commands.common import config_from_args
 
     config = config_from_args(args)
     g = config.gps
     try:
-        source = open_source(g.source, gpsd_host=g.gpsd_host, gpsd_port=g.gpsd_port,
-                             nmea_port=g.nmea_port, nmea_baud=g.nmea_baud)
+        source = open_source(
+            g.source, gpsd_host=g.gpsd_host, gpsd_port=g.gpsd_port, nmea_port=g.nmea_port, nmea_baud=g.nmea_baud
+        )
         if source is None:
             print("gps.source is none: no receiver configured", file=sys.stderr)
             return 1

@@ -7,38 +7,45 @@ import datetime as dt
 import json
 import sys
 
+from lastmile.commands.common import DATA_DIR
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     patient = sub.add_parser("patient", help="the current patient; assign held (unassigned) observations")
     psub = patient.add_subparsers(dest="patient_command", metavar="COMMAND")
     patient.set_defaults(func=lambda _a: (patient.print_help(), 2)[1])
 
-    p = psub.add_parser("set", help="make ID the current patient (readings from now on land on them)")
-    p.add_argument("patient_id")
-    p.add_argument("--name", default="", help='name in DICOM form, "Family^Given"')
-    p.add_argument("--doctor", default="", help="the examining doctor's id")
-    p.add_argument("--data-dir", help="override gateway.data_dir")
+    p = psub.add_parser(
+        "set", help="make ID the current patient (readings from now on land on them)", parents=[DATA_DIR]
+    )
+    p.add_argument("patient_id", help="the patient's ID (a resident ID is checked when [patient] id_kind says so)")
+    p.add_argument("--name", default="", help='name, e.g. "张三" or "Family^Given" (a pinyin group is added)')
+    p.add_argument("--doctor", default="", help="the doctor on duty (name or id): Referring Physician of the ECGs")
+    p.add_argument("--stat", action="store_true", help="urgent: this patient's ECGs are read first, never held")
+    p.add_argument("--reason", default="", metavar="TEXT", help='why the ECG is taken, e.g. "胸痛 chest pain"')
     p.set_defaults(func=_set)
 
-    p = psub.add_parser("clear", help="end the current patient's session (next readings are held)")
-    p.add_argument("--data-dir", help="override gateway.data_dir")
+    p = psub.add_parser("clear", help="end the current patient's session (next readings are held)", parents=[DATA_DIR])
     p.set_defaults(func=_clear)
 
-    p = psub.add_parser("assign", help="give a held observation (see 'patient show') its patient")
-    p.add_argument("observation_id", type=int, help="the held observation's number")
+    p = psub.add_parser(
+        "assign", help="give a held observation or ECG (see 'patient show') its patient", parents=[DATA_DIR]
+    )
+    p.add_argument("held_id", metavar="HELD", help="a held observation's number (12) or ECG's (E12)")
     p.add_argument("patient_id")
-    p.add_argument("--name", default="", help='name in DICOM form, "Family^Given"')
-    p.add_argument("--data-dir", help="override gateway.data_dir")
+    p.add_argument("--name", default="", help='name, e.g. "张三" or "Family^Given" (a pinyin group is added)')
     p.set_defaults(func=_assign)
 
-    p = psub.add_parser("show", help="the current patient and the observations waiting to be assigned")
+    p = psub.add_parser(
+        "show", help="the current patient and the observations waiting to be assigned", parents=[DATA_DIR]
+    )
     p.add_argument("--json", action="store_true", help="one JSON object")
-    p.add_argument("--data-dir", help="override gateway.data_dir")
     p.set_defaults(func=_show)
 
-    p = sub.add_parser("devices", help="every known device: connected or not, last reading, last error")
+    p = sub.add_parser(
+        "devices", help="every known device: connected or not, last reading, last error", parents=[DATA_DIR]
+    )
     p.add_argument("--json", action="store_true", help="one JSON array")
-    p.add_argument("--data-dir", help="override gateway.data_dir")
     p.set_defaults(func=_devices)
 
 
@@ -46,31 +53,48 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def _context(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from lastmile.app_context import config_from_args
-    from lastmile.patient_context import PatientContext
+def _context(args: argparse.Namespace):  # -> (Config, PatientContext), both imported lazily
+    from lastmile.clinic.patients import PatientContext
+    from lastmile.commands.common import config_from_args
 
     config = config_from_args(args)
     return PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
 
 
 def _local(t: dt.datetime | None) -> str:
-    return t.astimezone().strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+    """A time as the clinic reads it: in its zone, with the offset (+08:00)."""
+    from lastmile.clock import clinic_time
+
+    return clinic_time(t)
 
 
 def _set(args: argparse.Namespace) -> int:
-    context = _context(args)
+    from lastmile.clinic.patients import PatientContext
+    from lastmile.commands.common import config_from_args
+    from lastmile.ecg.intake import clinic_patient
+
+    config = config_from_args(args)
+    try:
+        patient = clinic_patient(args.patient_id, args.name, config)
+    except ValueError as exc:
+        print(f"lastmile patient set: {exc}", file=sys.stderr)
+        return 2
+    context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
     try:
         if args.doctor:
             context.set_doctor(args.doctor, now=_now())
-        current = context.set_patient(args.patient_id, args.name, now=_now())
+        current = context.set_patient(patient.patient_id, patient.name, now=_now(), stat=args.stat, reason=args.reason)
     except ValueError as exc:
         print(f"lastmile patient set: {exc}", file=sys.stderr)
         return 2
     finally:
         context.close()
-    print(f"current patient: {current.patient_id}{' ' + current.name if current.name else ''} "
-          f"(until {_local(current.expires_at)} without activity)")
+    born = f", born {patient.birth_date.isoformat()} {patient.sex}" if patient.birth_date else ""
+    triage = (" STAT" if current.stat else "") + (f", reason: {current.reason}" if current.reason else "")
+    print(
+        f"current patient: {current.patient_id}{' ' + current.name if current.name else ''}{born}{triage} "
+        f"(until {_local(current.expires_at)} without activity)"
+    )
     return 0
 
 
@@ -85,15 +109,25 @@ def _clear(args: argparse.Namespace) -> int:
 
 
 def _assign(args: argparse.Namespace) -> int:
-    from lastmile.app_context import config_from_args
-    from lastmile.observation_store import ObservationStore, UnknownObservationError
-    from uploader.outbox import Outbox
+    from lastmile.clinic.observations import ObservationStore, UnknownObservationError
+    from lastmile.commands.common import config_from_args
+    from lastmile.data_dir import open_outbox
+    from lastmile.ecg.intake import clinic_patient
 
     config = config_from_args(args)
-    with Outbox.open(config.data_dir, min_free_bytes=config.outbox.min_free_mb * 2**20) as outbox:
+    held = args.held_id.strip()
+    try:
+        patient = clinic_patient(args.patient_id, args.name, config)
+        number = int(held[1:] if held[:1] in ("E", "e") else held)
+    except ValueError as exc:
+        print(f"lastmile patient assign: {exc}", file=sys.stderr)
+        return 2
+    if held[:1] in ("E", "e"):
+        return _assign_ecg(config, number, patient)
+    with open_outbox(config) as outbox:
         store = ObservationStore.open(config.data_dir, outbox=outbox, idle_timeout_s=config.patient.idle_timeout_s)
         try:
-            result = store.assign(args.observation_id, args.patient_id, name=args.name, now=_now())
+            result = store.assign(number, patient.patient_id, name=patient.name, now=_now())
         except UnknownObservationError as exc:
             print(f"lastmile patient assign: {exc} (see 'lastmile patient show')", file=sys.stderr)
             return 1
@@ -102,44 +136,119 @@ def _assign(args: argparse.Namespace) -> int:
             return 2
         finally:
             store.close()
-    print(f"observation #{args.observation_id} assigned to {result.patient_id} (outbox item {result.item_id})")
+    print(f"observation #{number} assigned to {result.patient_id} (outbox item {result.item_id})")
+    return 0
+
+
+def _assign_ecg(config, item_id: int, patient) -> int:  # (Config, int, Patient)
+    from lastmile.clinic.patients import PatientContext
+    from lastmile.data_dir import open_outbox
+    from lastmile.ecg.intake import HeldEcgError, assign_held_ecg
+
+    context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+    try:
+        doctor = context.current_doctor(_now()) or ""
+    finally:
+        context.close()
+    with open_outbox(config) as outbox:
+        try:
+            item = assign_held_ecg(outbox, item_id, patient, now=_now(), by=doctor)
+        except HeldEcgError as exc:
+            print(f"lastmile patient assign: {exc} (see 'lastmile patient show')", file=sys.stderr)
+            return 1
+    print(
+        f"ECG E{item_id} assigned to {patient.patient_id} {patient.name} and released for sending".rstrip()
+        + f" (accession {item.meta.get('accession_number', '-')})"
+    )
     return 0
 
 
 def _show(args: argparse.Namespace) -> int:
-    from lastmile.app_context import config_from_args
-    from lastmile.clinic_db import open_clinic_db
-    from lastmile.observation_store import observation_to_json, summary
-    from lastmile.patient_context import PatientContext
+    from lastmile.clinic.db import DB_NAME, open_clinic_db
+    from lastmile.clinic.observations import observation_to_json, summary
+    from lastmile.clinic.patients import PatientContext
+    from lastmile.commands.common import config_from_args, quality_lines
+    from lastmile.data_dir import existing_file
 
     config = config_from_args(args)
-    db = open_clinic_db(config.data_dir)
-    try:
-        context = PatientContext(db, config.patient.idle_timeout_s)
-        now = _now()
-        current = context.current(now)
-        doctor = context.current_doctor(now)
-        # Held observations live in clinic.db: no outbox needed to list them.
-        rows = db.conn.execute("SELECT id, observation FROM held_observations ORDER BY id").fetchall()
-    finally:
-        db.conn.close()
-    from lastmile.observation_store import observation_from_json
+    current, doctor, rows = None, None, []
+    now = _now()
+    if existing_file(config, DB_NAME) is not None:  # a read-only command creates nothing
+        db = open_clinic_db(config.data_dir)
+        try:
+            context = PatientContext(db, config.patient.idle_timeout_s)
+            current = context.current(now)
+            doctor = context.current_doctor(now)
+            # Held observations live in clinic.db: no outbox needed to list them.
+            rows = db.conn.execute("SELECT id, observation FROM held_observations ORDER BY id").fetchall()
+        finally:
+            db.conn.close()
+    from lastmile.clinic.observations import observation_from_json
 
     held = [(int(r["id"]), observation_from_json(json.loads(r["observation"]))) for r in rows]
+    ecgs = _held_ecgs(config, now)
     if args.json:
-        print(json.dumps({
-            "current_patient": None if current is None else {
-                "patient_id": current.patient_id, "name": current.name, "since": current.since.isoformat(),
-                "expires_at": current.expires_at.isoformat()},
-            "doctor_id": doctor,
-            "unassigned": [{"id": i, **observation_to_json(o)} for i, o in held]}, indent=2, ensure_ascii=False))
+        print(
+            json.dumps(
+                {
+                    "current_patient": None
+                    if current is None
+                    else {
+                        "patient_id": current.patient_id,
+                        "name": current.name,
+                        "since": current.since.isoformat(),
+                        "expires_at": current.expires_at.isoformat(),
+                        "stat": current.stat,
+                        "reason": current.reason,
+                    },
+                    "doctor_id": doctor,
+                    "unassigned": [{"id": i, **observation_to_json(o)} for i, o in held],
+                    "held_ecgs": [
+                        {
+                            "id": f"E{item.id}",
+                            "reason": item.hold_reason,
+                            "held_until": _local(_utc(item.hold_until)),
+                            "acquired_at": item.meta.get("acquired_at"),
+                            "device": item.meta.get("device"),
+                            "file_patient_id": item.meta.get("file_patient_id"),
+                            "flags": item.meta.get("flags", []),
+                            "quality": item.meta.get("quality"),
+                        }
+                        for item in ecgs
+                    ],
+                },
+                indent=2,
+                ensure_ascii=False,
+            )
+        )
         return 0
     if current is None:
         print("no current patient" + (f" (doctor {doctor})" if doctor else ""))
     else:
-        print(f"current patient: {current.patient_id}{' ' + current.name if current.name else ''} since "
-              f"{_local(current.since)}, until {_local(current.expires_at)} without activity"
-              + (f", doctor {doctor}" if doctor else ""))
+        print(
+            f"current patient: {current.patient_id}{' ' + current.name if current.name else ''} since "
+            f"{_local(current.since)}, until {_local(current.expires_at)} without activity"
+            + (f", doctor {doctor}" if doctor else "")
+        )
+    if ecgs:
+        print(
+            f"{len(ecgs)} ECG(s) held for you: 'lastmile patient assign E<n> PATIENT', "
+            "'lastmile ecg release E<n>' (send anyway) or 'lastmile ecg discard E<n>' (recorded again):"
+        )
+        for item in ecgs:
+            acquired = item.meta.get("acquired_at")
+            when = _local(dt.datetime.fromisoformat(acquired)) if acquired else "-"
+            why = {
+                "unassigned": "names no patient",
+                "re-record": "quality check says record again",
+            }.get(item.hold_reason or "", f"names patient {item.meta.get('file_patient_id', '?')}, not the current one")
+            print(
+                f"  E{item.id:<5d} {when}  ECG {item.meta.get('leads', '?')} leads "
+                f"{item.meta.get('duration_s', '?')} s  {item.meta.get('device', '')}: {why}; "
+                f"sent as it is at {_local(_utc(item.hold_until))}"
+            )
+            for line in quality_lines(item.meta.get("quality")):
+                print(f"         {line}")
     if not held:
         print("no observations waiting to be assigned")
         return 0
@@ -149,15 +258,35 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _devices(args: argparse.Namespace) -> int:
-    from lastmile.app_context import config_from_args
-    from lastmile.device_registry import DeviceRegistry
+def _utc(epoch: float | None) -> dt.datetime | None:
+    return None if epoch is None else dt.datetime.fromtimestamp(epoch, dt.timezone.utc)
 
-    registry = DeviceRegistry.open(config_from_args(args).data_dir)
-    try:
-        records = registry.all()
-    finally:
-        registry.close()
+
+def _held_ecgs(config, now: dt.datetime) -> list:  # (Config, datetime) -> list[OutboxItem]
+    from lastmile.data_dir import existing_file, open_outbox
+    from lastmile.ecg.intake import held_ecgs
+    from uploader.outbox import DB_NAME
+
+    if existing_file(config, DB_NAME) is None:  # a read-only command creates nothing
+        return []
+    with open_outbox(config) as outbox:
+        return held_ecgs(outbox, now.timestamp())
+
+
+def _devices(args: argparse.Namespace) -> int:
+    from lastmile.clinic.db import DB_NAME
+    from lastmile.clinic.devices import DeviceRegistry
+    from lastmile.commands.common import config_from_args
+    from lastmile.data_dir import existing_file
+
+    config = config_from_args(args)
+    records = []
+    if existing_file(config, DB_NAME) is not None:  # a read-only command creates nothing
+        registry = DeviceRegistry.open(config.data_dir)
+        try:
+            records = registry.all()
+        finally:
+            registry.close()
     if args.json:
         print(json.dumps([r.to_json() for r in records], indent=2, ensure_ascii=False))
         return 0

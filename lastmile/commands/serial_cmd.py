@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,26 +34,37 @@ def cmd_list(args: argparse.Namespace) -> int:
     import os
 
     from firmware_bridge.serial_link import list_ports
-    from lastmile.app_context import config_from_args
-    from lastmile.serial_service import link_specs, load_profiles
+    from lastmile.commands.common import config_from_args
+    from lastmile.services.serial_devices import link_specs, load_profiles
 
     config = config_from_args(args)
     specs = link_specs(config, load_profiles(config))
     ports = list_ports()
+
     def is_spec(spec: object, port: object) -> bool:
         if spec.match.path:  # type: ignore[attr-defined]
             found = spec.match.find([])  # type: ignore[attr-defined]
             return found is not None and found.device == os.path.realpath(port.device)  # type: ignore[attr-defined]
         return spec.match.find([port]) is not None  # type: ignore[attr-defined]
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for port in ports:
         names = [s.name for s in specs if is_spec(s, port)]
-        rows.append({"device": port.device, "usb_id": port.usb_id(), "by_id": port.by_id,
-                     "manufacturer": port.manufacturer, "product": port.product,
-                     "configured_as": names})
-    missing = [{"name": s.name, "match": str(s.match), "profile": s.profile} for s in specs
-               if not any(s.name in r["configured_as"] for r in rows)]
+        rows.append(
+            {
+                "device": port.device,
+                "usb_id": port.usb_id(),
+                "by_id": port.by_id,
+                "manufacturer": port.manufacturer,
+                "product": port.product,
+                "configured_as": names,
+            }
+        )
+    missing: list[dict[str, str]] = [
+        {"name": s.name, "match": str(s.match), "profile": s.profile}
+        for s in specs
+        if not any(s.name in r["configured_as"] for r in rows)
+    ]
     if args.json:
         print(json.dumps({"ports": rows, "configured_but_absent": missing}, indent=2))
         return 0
@@ -71,8 +83,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_profiles(args: argparse.Namespace) -> int:
-    from lastmile.app_context import config_from_args
-    from lastmile.serial_service import load_profiles
+    from lastmile.commands.common import config_from_args
+    from lastmile.services.serial_devices import load_profiles
 
     for name, profile in sorted(load_profiles(config_from_args(args)).items()):
         codes = ", ".join(f.code for f in profile.fields)
@@ -85,9 +97,9 @@ def cmd_profile_test(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from devices.ascii_report import ReportParsed, ReportParser, load_profile
-    from lastmile.app_context import config_from_args
-    from lastmile.observation_store import observation_to_json
-    from lastmile.serial_service import load_profiles
+    from lastmile.clinic.observations import observation_to_json
+    from lastmile.commands.common import config_from_args
+    from lastmile.services.serial_devices import load_profiles
 
     if args.profile.endswith(".toml"):
         profile = load_profile(Path(args.profile).read_text(encoding="utf-8"))
@@ -114,8 +126,8 @@ def cmd_profile_test(args: argparse.Namespace) -> int:
 
 def cmd_scan_test(args: argparse.Namespace) -> int:
     from devices.scanner import CodeUnrecognised, DoctorScanned, PatientScanned
-    from lastmile.app_context import config_from_args
-    from lastmile.serial_service import scan_rules
+    from lastmile.commands.common import config_from_args
+    from lastmile.services.serial_devices import scan_rules
 
     rules = scan_rules(config_from_args(args))
     ok = True

@@ -7,6 +7,8 @@ import json
 import logging
 import sys
 
+from lastmile.clock import clinic_time
+
 log = logging.getLogger(__name__)
 
 
@@ -43,13 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     visit.set_defaults(func=lambda args: (visit.print_help(), 2)[1])
 
 
-def _book(args: argparse.Namespace):  # noqa: ANN202
-    from lastmile.app_context import config_from_args
-    from lastmile.visits import VisitBook, VisitPolicy
+def _book(args: argparse.Namespace):
+    from lastmile.commands.common import config_from_args
+    from lastmile.visits.book import VisitBook, VisitPolicy
 
     config = config_from_args(args)
-    book = VisitBook.open(config.data_dir, gateway_id=config.gateway.id,
-                          policy=VisitPolicy.from_config(config.visits))
+    book = VisitBook.open(config.data_dir, gateway_id=config.gateway.id, policy=VisitPolicy.from_config(config.visits))
     if config.visits.household_register:
         stamp = book.clock.now()
         try:
@@ -60,22 +61,24 @@ def _book(args: argparse.Namespace):  # noqa: ANN202
     return config, book
 
 
-def _fix(config, book, skip: bool):  # noqa: ANN001, ANN202
+def _fix(config, book, skip: bool):
     """The best fix within visits.fix_wait_s; every fix seen also feeds the clock and the track."""
     if skip or config.gps.source == "none":
         return None
-    from firmware_bridge.gnss import GnssError, best_fix, open_source
-    from lastmile.visits import FixRecord
+    from firmware_bridge.errors import GnssError
+    from firmware_bridge.gnss import best_fix, open_source
+    from lastmile.visits.book import FixRecord
 
     g = config.gps
     records = {}
 
-    def seen(fix) -> None:  # noqa: ANN001
+    def seen(fix) -> None:
         records[id(fix)] = book.observe_fix(fix)
 
     try:
-        source = open_source(g.source, gpsd_host=g.gpsd_host, gpsd_port=g.gpsd_port,
-                             nmea_port=g.nmea_port, nmea_baud=g.nmea_baud)
+        source = open_source(
+            g.source, gpsd_host=g.gpsd_host, gpsd_port=g.gpsd_port, nmea_port=g.nmea_port, nmea_baud=g.nmea_baud
+        )
         assert source is not None
         try:
             fix = best_fix(source, config.visits.fix_wait_s, on_fix=seen)
@@ -97,24 +100,39 @@ def _fail(exc: Exception) -> int:
 
 
 def start(args: argparse.Namespace) -> int:
-    from lastmile.visits import VisitError
+    from lastmile.ecg.intake import clinic_patient
+    from lastmile.visits.book import VisitError
 
     config, book = _book(args)
     with book:
         try:
+            patient_id = clinic_patient(args.patient, "", config).patient_id  # checked per [patient] id_kind
+        except ValueError as exc:
+            return _fail(exc)
+        try:
             fix = _fix(config, book, args.no_gps)
-            visit = book.start(args.patient, doctor_id=config.visits.doctor_id, household_id=args.household,
-                               fix=fix, setting="clinic" if args.clinic else None)
+            visit = book.start(
+                patient_id,
+                doctor_id=config.visits.doctor_id,
+                household_id=args.household,
+                fix=fix,
+                setting="clinic" if args.clinic else None,
+            )
         except VisitError as exc:
             return _fail(exc)
-        print(f"visit {visit.id} started"
-              + (f" at {visit.start.time.isoformat()} ({visit.start.source.value})" if visit.start.time
-                 else " (time provisional until GPS or NTP)"))
+        print(
+            f"visit {visit.id} started"
+            + (
+                f" at {clinic_time(visit.start.time)} ({visit.start.source.value})"
+                if visit.start.time
+                else " (time provisional until GPS or NTP)"
+            )
+        )
     return 0
 
 
 def note(args: argparse.Namespace) -> int:
-    from lastmile.visits import VisitError
+    from lastmile.visits.book import VisitError
 
     _, book = _book(args)
     with book:
@@ -126,9 +144,8 @@ def note(args: argparse.Namespace) -> int:
 
 
 def stop(args: argparse.Namespace) -> int:
-    from lastmile.visits import VisitError
-    from uploader.fhir_bundle import FhirNaming
-    from uploader.outbox import Outbox
+    from lastmile.data_dir import open_outbox
+    from lastmile.visits.book import VisitError
 
     config, book = _book(args)
     with book:
@@ -140,7 +157,7 @@ def stop(args: argparse.Namespace) -> int:
         flags = ", ".join(visit.flags) or "none"
         print(f"visit {visit.id} stopped; chain record {visit.chain_seq}; flags: {flags}")
         naming = fhir_naming(config)
-        with Outbox.open(config.data_dir, min_free_bytes=config.outbox.min_free_mb * 2**20) as outbox:
+        with open_outbox(config) as outbox:
             queued = book.queue_closed(outbox, naming)
         if queued:
             print(f"{queued} visit(s) queued for the county platform")
@@ -149,11 +166,14 @@ def stop(args: argparse.Namespace) -> int:
     return 0
 
 
-def fhir_naming(config):  # noqa: ANN001, ANN201
+def fhir_naming(config):
     from uploader.fhir_bundle import FhirNaming
 
-    return FhirNaming(gateway_id=config.gateway.id, patient_system=config.fhir.patient_id_system,
-                      practitioner_system=config.fhir.practitioner_id_system)
+    return FhirNaming(
+        gateway_id=config.gateway.id,
+        patient_system=config.fhir.patient_id_system,
+        practitioner_system=config.fhir.practitioner_id_system,
+    )
 
 
 def list_visits(args: argparse.Namespace) -> int:
@@ -167,10 +187,12 @@ def list_visits(args: argparse.Namespace) -> int:
     if not visits:
         print("no visits")
     for v in visits:
-        when = v.start.time.strftime("%Y-%m-%d %H:%M") if v.start.time else "time pending  "
+        when = clinic_time(v.start.time, minutes=True) if v.start.time else "time pending          "
         dist = f"{v.distance_m:.0f} m" if v.distance_m is not None else "-"
-        print(f"{when}  {v.state:6}  patient {v.patient_id:12} household {v.household_id or '-':10} "
-              f"{dist:>8}  {', '.join(v.flags) or 'ok'}")
+        print(
+            f"{when}  {v.state:6}  patient {v.patient_id:12} household {v.household_id or '-':10} "
+            f"{dist:>8}  {', '.join(v.flags) or 'ok'}"
+        )
     return 0
 
 
@@ -183,25 +205,37 @@ def export(args: argparse.Namespace) -> int:
 
 
 def verify(args: argparse.Namespace) -> int:
-    from lastmile.visit_chain import verify_export
+    from lastmile.visits.chain import verify_export
 
     try:
         report = verify_export(args.file, args.public_key)
     except OSError as exc:
         return _fail(exc)
     if args.json:
-        print(json.dumps({"ok": report.ok, "records": report.records, "gateway_id": report.gateway_id,
-                          "public_key": report.public_key, "head": report.head, "problems": report.problems}))
+        print(
+            json.dumps(
+                {
+                    "ok": report.ok,
+                    "records": report.records,
+                    "gateway_id": report.gateway_id,
+                    "public_key": report.public_key,
+                    "head": report.head,
+                    "problems": report.problems,
+                }
+            )
+        )
     else:
         for problem in report.problems:
             print(f"FAIL {problem}")
-        print(f"{'OK' if report.ok else 'FAILED'}: {report.records} records from gateway {report.gateway_id}; "
-              f"head {report.head[:16]}...")
+        print(
+            f"{'OK' if report.ok else 'FAILED'}: {report.records} records from gateway {report.gateway_id}; "
+            f"head {report.head[:16]}..."
+        )
     return 0 if report.ok else 1
 
 
 def households(args: argparse.Namespace) -> int:
-    from lastmile.households import RegisterError
+    from lastmile.visits.households import RegisterError
 
     config, book = _book(args)
     path = args.file or config.visits.household_register

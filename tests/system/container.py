@@ -31,9 +31,18 @@ class Container:
     def mount(self) -> None:
         for d in (self.upper, self.root, self._ovl):
             d.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                        f"lowerdir={self.lower},upperdir={self.upper},workdir={self._ovl}", str(self.root)],
-                       check=True)
+        subprocess.run(
+            [
+                "mount",
+                "-t",
+                "overlay",
+                "overlay",
+                "-o",
+                f"lowerdir={self.lower},upperdir={self.upper},workdir={self._ovl}",
+                str(self.root),
+            ],
+            check=True,
+        )
         self._mounted = True
 
     def unmount(self) -> None:
@@ -51,9 +60,24 @@ class Container:
 
     def run_offline(self, *cmd: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         """Run a command in the (not booted) container, e.g. to install software."""
-        return subprocess.run(["systemd-nspawn", "-q", "--register=no", "--keep-unit", "--private-network",
-                               "-D", str(self.root), "--pipe", "--", *cmd],
-                              capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            [
+                "systemd-nspawn",
+                "-q",
+                "--register=no",
+                "--keep-unit",
+                "--private-network",
+                "-D",
+                str(self.root),
+                "--pipe",
+                "--",
+                *cmd,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
 
     # -- booting ------------------------------------------------------------------------------------
 
@@ -62,16 +86,24 @@ class Container:
         began = time.monotonic()
         log = self.console.open("wb")
         self.proc = subprocess.Popen(
-            ["systemd-nspawn", "-q", "-b", "--register=no", "--keep-unit", "--private-network",
-             "-D", str(self.root)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            ["systemd-nspawn", "-q", "-b", "--register=no", "--keep-unit", "--private-network", "-D", str(self.root)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"systemd-nspawn exited {self.proc.returncode}: {self.console.read_text()[-3000:]}")
             if self.leader() is not None:
-                r = self.exec("systemctl", "is-system-running", "--wait", timeout=max(1.0, deadline - time.monotonic()),
-                              check=False)
+                r = self.exec(
+                    "systemctl",
+                    "is-system-running",
+                    "--wait",
+                    timeout=max(1.0, deadline - time.monotonic()),
+                    check=False,
+                )
                 if r.stdout.strip() in ("running", "degraded"):
                     return time.monotonic() - began
             time.sleep(0.2)
@@ -93,14 +125,37 @@ class Container:
                 continue
         return None
 
-    def exec(self, *cmd: str, timeout: float = 60, check: bool = True,
-             input: str | None = None) -> subprocess.CompletedProcess[str]:
+    def exec(
+        self, *cmd: str, timeout: float = 60, check: bool = True, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         leader = self.leader()
         if leader is None:
             raise RuntimeError("container not running")
-        r = subprocess.run(["nsenter", "-t", str(leader), "-m", "-u", "-i", "-n", "-p", "-C", "--root", "--wd=/",
-                            "--", "/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8", *cmd],
-                           capture_output=True, text=True, timeout=timeout, input=input)
+        r = subprocess.run(
+            [
+                "nsenter",
+                "-t",
+                str(leader),
+                "-m",
+                "-u",
+                "-i",
+                "-n",
+                "-p",
+                "-C",
+                "--root",
+                "--wd=/",
+                "--",
+                "/usr/bin/env",
+                "-i",
+                "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+                "LANG=C.UTF-8",
+                *cmd,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+        )
         if check and r.returncode != 0:
             raise AssertionError(f"{cmd} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
         return r

@@ -31,18 +31,38 @@ def rootfs_key(arch: str, packages: tuple[str, ...], suite: str = SUITE) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def debian_rootfs(packages: tuple[str, ...] = NSPAWN_PACKAGES, arch: str = "amd64",
-                  suite: str = SUITE) -> Path:
-    """A debootstrapped minbase tree with `packages`, built on first use (a few minutes)."""
-    target = cache_dir() / f"rootfs-{suite}-{arch}-{rootfs_key(arch, packages, suite)}"
+def rootfs_path(packages: tuple[str, ...] = NSPAWN_PACKAGES, arch: str = "amd64", suite: str = SUITE) -> Path:
+    """Where the tree for these packages is cached (complete when it holds `.complete`)."""
+    return cache_dir() / f"rootfs-{suite}-{arch}-{rootfs_key(arch, packages, suite)}"
+
+
+def debian_rootfs(packages: tuple[str, ...] = NSPAWN_PACKAGES, arch: str = "amd64", suite: str = SUITE) -> Path:
+    """A debootstrapped minbase tree with `packages`, built on first use (a few minutes, and the
+    network: tests/system/assets.py fetches it before the suite's private network namespace)."""
+    target = rootfs_path(packages, arch, suite)
     if (target / ".complete").exists():
         return target
     building = target.with_name(target.name + ".building")
     shutil.rmtree(building, ignore_errors=True)
     began = time.monotonic()
-    subprocess.run(["debootstrap", "--variant=minbase", f"--arch={arch}",
-                    "--include=" + ",".join(packages), suite, str(building), MIRROR],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    done = subprocess.run(
+        [
+            "debootstrap",
+            "--variant=minbase",
+            f"--arch={arch}",
+            "--include=" + ",".join(packages),
+            suite,
+            str(building),
+            MIRROR,
+        ],
+        check=False,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    if done.returncode != 0:  # say why: "exit status 1" alone sent people hunting
+        tail = "\n".join(done.stdout.splitlines()[-15:])
+        raise RuntimeError(f"debootstrap {suite} {arch} failed ({done.returncode}):\n{tail}")
     # Smaller and quieter: no apt lists or archives kept in the cache.
     shutil.rmtree(building / "var/cache/apt/archives", ignore_errors=True)
     (building / "var/cache/apt/archives/partial").mkdir(parents=True, exist_ok=True)

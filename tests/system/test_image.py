@@ -28,8 +28,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def partitions(image: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     require_tool("sfdisk")
-    table = json.loads(subprocess.run(["sfdisk", "--json", str(image)], check=True, capture_output=True,
-                                      text=True).stdout)["partitiontable"]
+    table = json.loads(
+        subprocess.run(["sfdisk", "--json", str(image)], check=True, capture_output=True, text=True).stdout
+    )["partitiontable"]
     assert table["label"] == "dos"  # the Pi 3 boot ROM reads MBR only
     parts = table["partitions"]
     assert [p["type"] for p in parts] == ["c", "83", "83"]
@@ -38,14 +39,23 @@ def partitions(image: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     files = {}
     for name, p in zip(("boot", "root", "data"), parts):
         files[name] = out / f"{name}.img"
-        subprocess.run(["dd", f"if={image}", f"of={files[name]}", "bs=512", f"skip={p['start']}",
-                        f"count={p['size']}", "status=none"], check=True)
+        subprocess.run(
+            [
+                "dd",
+                f"if={image}",
+                f"of={files[name]}",
+                "bs=512",
+                f"skip={p['start']}",
+                f"count={p['size']}",
+                "status=none",
+            ],
+            check=True,
+        )
     return files
 
 
 def debugfs(fs: Path, request: str) -> str:
-    return subprocess.run(["debugfs", "-R", request, str(fs)], check=True, capture_output=True,
-                          text=True).stdout
+    return subprocess.run(["debugfs", "-R", request, str(fs)], check=True, capture_output=True, text=True).stdout
 
 
 def test_every_partition_passes_fsck(partitions: dict[str, Path]) -> None:
@@ -53,21 +63,27 @@ def test_every_partition_passes_fsck(partitions: dict[str, Path]) -> None:
     subprocess.run(["fsck.vfat", "-n", str(partitions["boot"])], check=True, capture_output=True)
     for name in ("root", "data"):
         subprocess.run(["e2fsck", "-fn", str(partitions[name])], check=True, capture_output=True)
-    labels = {name: subprocess.run(["e2label", str(partitions[name])], check=True, capture_output=True,
-                                   text=True).stdout.strip() for name in ("root", "data")}
+    labels = {
+        name: subprocess.run(
+            ["e2label", str(partitions[name])], check=True, capture_output=True, text=True
+        ).stdout.strip()
+        for name in ("root", "data")
+    }
     assert labels == {"root": "LM-ROOT", "data": "LM-DATA"}
 
 
 def test_boot_partition_boots_a_read_only_root(partitions: dict[str, Path], tmp_path: Path) -> None:
     require_tool("mcopy")
-    listing = subprocess.run(["mdir", "-b", "-i", str(partitions["boot"]), "::/"], check=True,
-                             capture_output=True, text=True).stdout
+    listing = subprocess.run(
+        ["mdir", "-b", "-i", str(partitions["boot"]), "::/"], check=True, capture_output=True, text=True
+    ).stdout
     for name in ("config.txt", "cmdline.txt", "lastmile"):
         assert f"::/{name}" in listing, listing
     assert any("bcm2711-rpi-4-b.dtb" in ln for ln in listing.splitlines()), "no Pi 4 device tree"
     assert any("bcm2837-rpi-3-b" in ln for ln in listing.splitlines()), "no Pi 3 device tree"
-    subprocess.run(["mcopy", "-i", str(partitions["boot"]), "::/cmdline.txt", str(tmp_path / "cmdline.txt")],
-                   check=True)
+    subprocess.run(
+        ["mcopy", "-i", str(partitions["boot"]), "::/cmdline.txt", str(tmp_path / "cmdline.txt")], check=True
+    )
     cmdline = (tmp_path / "cmdline.txt").read_text().split()
     assert "root=LABEL=LM-ROOT" in cmdline and "ro" in cmdline
 
@@ -105,26 +121,60 @@ def test_lastmile_runs_under_qemu_user(partitions: dict[str, Path], tmp_path: Pa
         missing("qemu-aarch64 is not registered with binfmt_misc (image/build.sh registers it)")
     tree = tmp_path / "root"
     tree.mkdir()
-    subprocess.run(["debugfs", "-R", f"rdump / {tree}", str(partitions["root"])], check=True,
-                   capture_output=True)
+    subprocess.run(["debugfs", "-R", f"rdump / {tree}", str(partitions["root"])], check=True, capture_output=True)
     env = ["/usr/bin/env", "-i", "PATH=/usr/bin:/bin", "LANG=C.UTF-8"]
     try:
-        version = subprocess.run(["chroot", str(tree), *env, "/opt/lastmile/bin/lastmile", "--version"],
-                                 check=True, capture_output=True, text=True, timeout=300).stdout
+        version = subprocess.run(
+            ["chroot", str(tree), *env, "/opt/lastmile/bin/lastmile", "--version"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        ).stdout
         assert version.startswith("lastmile ")
-        doctor = subprocess.run(["chroot", str(tree), *env, "/opt/lastmile/bin/lastmile", "doctor", "--offline",
-                                 "--json", "--data-dir", "/var/lib/lastmile"], capture_output=True, text=True,
-                                timeout=300)
+        doctor = subprocess.run(
+            [
+                "chroot",
+                str(tree),
+                *env,
+                "/opt/lastmile/bin/lastmile",
+                "doctor",
+                "--offline",
+                "--json",
+                "--data-dir",
+                "/var/lib/lastmile",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         findings = json.loads(doctor.stdout)["findings"]
         assert {f["check"] for f in findings} >= {"config", "data", "clock", "queue"}
         assert not [f for f in findings if f["level"] == "FAIL"], doctor.stdout
         # The initramfs carries the overlay-root script and what mounts an SD-card root.
         initrd = sorted((tree / "boot").glob("initrd.img-*"))[-1].name
-        listing = subprocess.run(["chroot", str(tree), "/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
-                                  "lsinitramfs", f"/boot/{initrd}"],
-                                 check=True, capture_output=True, text=True, timeout=600).stdout
-        for needed in ("scripts/local-bottom/overlay-root", "overlay.ko", "ext4.ko", "sdhci-iproc.ko",
-                       "mmc/host/bcm2835.ko"):
+        listing = subprocess.run(
+            [
+                "chroot",
+                str(tree),
+                "/usr/bin/env",
+                "-i",
+                "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+                "lsinitramfs",
+                f"/boot/{initrd}",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        ).stdout
+        for needed in (
+            "scripts/local-bottom/overlay-root",
+            "overlay.ko",
+            "ext4.ko",
+            "sdhci-iproc.ko",
+            "mmc/host/bcm2835.ko",
+        ):
             assert needed in listing, needed
     finally:
         shutil.rmtree(tree, ignore_errors=True)

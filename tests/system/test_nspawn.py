@@ -4,7 +4,9 @@
 
 Builds (once, cached) a Debian 12 minbase rootfs with systemd, python3 and udev; installs Lastmile
 into /opt/lastmile from a wheelhouse built on the host (pip --no-index inside: the container has
-no network); installs the units, sysusers and udev files as the image does; boots it with
+no network). The rootfs and the wheels come from the network before the suite enters its private
+namespace (scripts/fetch-test-assets, tests/system/assets.py): here they are only read from the
+caches; installs the units, sysusers and udev files as the image does; boots it with
 `systemd-nspawn -b` and checks:
 - both services reach READY (Type=notify: active/running) as user lastmile;
 - a forward service frozen with SIGSTOP is killed by the watchdog and restarted;
@@ -24,8 +26,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import REPO, missing, require_tool, shared_file
+from tests.conftest import REPO, in_private_netns, missing, require_tool, shared_file
+from tests.system import assets
 from tests.system.container import Container
+from tests.system.rootfs import NSPAWN_PACKAGES, debian_rootfs
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +57,8 @@ min_free_mb = 10
 FORWARD_DROPIN = "[Service]\nWatchdogSec=4\nRestartSec=1\nTimeoutAbortSec=3\n"
 
 # The reading center stand-in: a storage SCP that notes every SOP Instance UID it keeps.
-SCP = """\
+SCP = (
+    """\
 import os, sys
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
@@ -69,14 +74,16 @@ for cx in AllStoragePresentationContexts:
     ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
 ae.add_supported_context(Verification)
 ae.start_server(("127.0.0.1", %d), evt_handlers=[(evt.EVT_C_STORE, on_store)])
-""" % SCP_PORT
+"""
+    % SCP_PORT
+)
 
 # Run as the service user inside: N distinct ECG objects into the outbox (as the acquire side would).
 ENQUEUE = """\
 import sys
 from devices.ecg.formats import decode_ecg
 from lastmile.config import load_config
-from lastmile.ecg_intake import enqueue_recording
+from lastmile.ecg.intake import enqueue_recording
 from uploader.outbox import Outbox
 config = load_config()
 path, n, prefix = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -100,21 +107,35 @@ with Outbox.open(config.data_dir, min_free_bytes=0) as outbox:
 
 @pytest.fixture(scope="module")
 def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
-    from tests.system.rootfs import debian_rootfs
-
     if os.geteuid() != 0:
         missing("systemd-nspawn -b needs root")
     for tool in ("systemd-nspawn", "debootstrap", "nsenter"):
         require_tool(tool)
     began = time.monotonic()
-    lower = debian_rootfs()
+    if not in_private_netns():
+        assets.fetch()  # the network is at hand (pytest run directly): fetch now, cheap when warm
+    if not assets.rootfs_cached():
+        missing(
+            "the nspawn rootfs was not fetched before the private network namespace: "
+            "run scripts/fetch-test-assets (scripts/test.sh does)"
+        )
+    lower = debian_rootfs(NSPAWN_PACKAGES, assets.ARCH)
     TIMINGS["rootfs"] = time.monotonic() - began
 
     work = tmp_path_factory.mktemp("nspawn")
     wheels = work / "wheels"
     t = time.monotonic()
-    subprocess.run([sys.executable, str(REPO / "image" / "wheelhouse.py"), "--arch", "amd64", str(wheels)],
-                   check=True, capture_output=True)
+    # Offline: the dependency wheels and our wheel's build requirements come from the caches.
+    built = subprocess.run(
+        [sys.executable, str(assets.WHEELHOUSE_SCRIPT), "--arch", assets.ARCH, str(wheels)],
+        capture_output=True,
+        text=True,
+        env=assets.offline_pip_env(),
+    )
+    assert built.returncode == 0, (
+        "the wheelhouse cannot be built from the caches (were the assets fetched? "
+        f"scripts/fetch-test-assets):\n{built.stdout[-1500:]}{built.stderr[-1500:]}"
+    )
     TIMINGS["wheelhouse"] = time.monotonic() - t
 
     c = Container(lower, work / "c")
@@ -135,10 +156,13 @@ def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
 
 def install_lastmile(c: Container) -> None:
     """What image/build.sh does to the root filesystem, minus the Pi-specific parts."""
-    r = c.run_offline("/bin/sh", "-c",
-                      "python3 -m venv /opt/lastmile && "
-                      "/opt/lastmile/bin/pip install -q --no-index --no-compile --find-links /var/tmp/lastmile-wheels lastmile && "
-                      "rm -rf /var/tmp/lastmile-wheels")
+    r = c.run_offline(
+        "/bin/sh",
+        "-c",
+        "python3 -m venv /opt/lastmile && "
+        "/opt/lastmile/bin/pip install -q --no-index --no-compile --find-links /var/tmp/lastmile-wheels lastmile && "
+        "rm -rf /var/tmp/lastmile-wheels",
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     for unit in ("lastmile-acquire.service", "lastmile-forward.service"):
         shutil.copy(REPO / "systemd" / unit, c.root / "etc/systemd/system" / unit)
@@ -175,7 +199,7 @@ def test_both_services_reach_ready_as_the_service_user(container: Container) -> 
     c = container
     t = time.monotonic()
     for unit in ("lastmile-acquire.service", "lastmile-forward.service"):
-        props = c.wait_for(f"{unit} READY", lambda: active_running(c, unit), timeout=60)
+        props = c.wait_for(f"{unit} READY", lambda unit=unit: active_running(c, unit), timeout=60)
         assert props["User"] == "lastmile"
         assert "ready after" in c.journal(unit)
     TIMINGS["ready"] = time.monotonic() - t
@@ -208,9 +232,11 @@ def test_a_frozen_forward_service_is_killed_by_the_watchdog_and_restarted(contai
     before = c.wait_for("forward running", lambda: active_running(c, "lastmile-forward.service"))
     t = time.monotonic()
     c.exec("kill", "-STOP", before["MainPID"])
-    after = c.wait_for("a restarted forward service",
-                       lambda: (p := active_running(c, "lastmile-forward.service"))
-                       and p["MainPID"] != before["MainPID"] and p, timeout=60)
+    after = c.wait_for(
+        "a restarted forward service",
+        lambda: (p := active_running(c, "lastmile-forward.service")) and p["MainPID"] != before["MainPID"] and p,
+        timeout=60,
+    )
     TIMINGS["watchdog restart"] = time.monotonic() - t
     assert int(after["NRestarts"]) == int(before["NRestarts"]) + 1
     journal = c.journal("lastmile-forward.service")
@@ -223,28 +249,52 @@ def test_nothing_in_the_outbox_is_lost_across_restarts(container: Container) -> 
     c = container
     t = time.monotonic()
     # The reading center is down: items wait in the outbox.
-    c.exec("runuser", "-u", "lastmile", "--", "/opt/lastmile/bin/python", "/usr/local/lib/enqueue.py",
-           "/usr/local/lib/example.scp", str(ITEMS), "before", timeout=120)
+    c.exec(
+        "runuser",
+        "-u",
+        "lastmile",
+        "--",
+        "/opt/lastmile/bin/python",
+        "/usr/local/lib/enqueue.py",
+        "/usr/local/lib/example.scp",
+        str(ITEMS),
+        "before",
+        timeout=120,
+    )
     state = outbox_state(c)
     assert len(state["uids"]) == ITEMS and set(state["states"]) <= {"queued", "sending"}
     c.exec("systemctl", "restart", "lastmile-forward.service", "lastmile-acquire.service")
     for unit in ("lastmile-acquire.service", "lastmile-forward.service"):
-        c.wait_for(f"{unit} back", lambda: active_running(c, unit))
+        c.wait_for(f"{unit} back", lambda unit=unit: active_running(c, unit))
     state = outbox_state(c)
     assert len(state["uids"]) == ITEMS, "items disappeared across a restart"
     uids = set(state["uids"])
 
     # The reading center comes up; restart the forwarder again while it is sending.
     c.exec("systemd-run", "--unit=test-scp", "/opt/lastmile/bin/python", "/usr/local/lib/test-scp.py")
-    c.exec("runuser", "-u", "lastmile", "--", "/opt/lastmile/bin/python", "/usr/local/lib/enqueue.py",
-           "/usr/local/lib/example.scp", str(ITEMS), "during", timeout=120)
+    c.exec(
+        "runuser",
+        "-u",
+        "lastmile",
+        "--",
+        "/opt/lastmile/bin/python",
+        "/usr/local/lib/enqueue.py",
+        "/usr/local/lib/example.scp",
+        str(ITEMS),
+        "during",
+        timeout=120,
+    )
     c.wait_for("the first objects to arrive", lambda: received(c), timeout=60, interval=0.1)
     c.exec("systemctl", "restart", "lastmile-forward.service")
     state = outbox_state(c)
     assert len(state["uids"]) == 2 * ITEMS
     uids = set(state["uids"])
-    got = c.wait_for(f"all {2 * ITEMS} objects at the reading center",
-                     lambda: (r := received(c)) >= uids and r, timeout=180, interval=0.5)
+    got = c.wait_for(
+        f"all {2 * ITEMS} objects at the reading center",
+        lambda: (r := received(c)) >= uids and r,
+        timeout=180,
+        interval=0.5,
+    )
     TIMINGS["outbox drained"] = time.monotonic() - t
     assert got == uids  # every item arrived; nothing unknown arrived
     state = outbox_state(c)

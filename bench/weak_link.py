@@ -1,0 +1,291 @@
+"""Forwarding over village links: Lastmile vs dcmtk's storescu through an emulated link into Orthanc.
+
+Run as root (it puts itself, Orthanc and the link relay in a private network namespace):
+
+    .venv/bin/python bench/weak_link.py [--profile P] [--studies N] [--json]
+
+For each link profile (tests/link_emulator.py: lan, 4g, 3g, edge, satellite), with the same ECG
+objects, each sender into a fresh Orthanc through the same relay:
+- Lastmile's forward service (its own process, the configured associations, deflate on);
+- storescu, one association, uncompressed; storescu `-xd` (proposing deflate).
+Figures per profile:
+- floor_ratio       = Lastmile's time to store all ÷ the floor (deflated wire bytes ÷ uplink rate + 1 RTT);
+- storescu_xd_ratio = Lastmile's time ÷ storescu -xd's;
+- stat_ratio        = time from a STAT ECG made durable (while 100 routine studies wait and are in
+                      flight) to Orthanc having it ÷ that one object's own floor.
+Goals (issue 16): floor_ratio ≤ 1.10 everywhere; storescu_xd_ratio ≤ 0.6 on edge and satellite;
+stat_ratio ≤ 1.5 everywhere. With --json the last line is one JSON object: profile → figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+ORDER = ("lan", "4g", "3g", "edge", "satellite")
+STAT_BACKLOG = 100
+
+
+def in_private_netns() -> bool:
+    return {n for _i, n in socket.if_nameindex()} <= {"lo"}
+
+
+def worker(cfg: str, stop_file: str) -> None:
+    """The real forward service, in its own process, until the bench creates `stop_file`."""
+    from lastmile.config import load_config
+    from lastmile.services.forward import ForwardService
+
+    sys.modules.setdefault("numpy", None)  # as `lastmile forward` does
+    service = ForwardService(load_config(cfg))
+    stop = threading.Event()
+    print("ready", flush=True)
+    while not os.path.exists(stop_file):
+        wait = service.step(stop)
+        if wait:
+            time.sleep(min(wait, 0.02))
+    service.close()
+
+
+def write_config(path: Path, data_dir: Path, port: int, listen: int) -> None:
+    path.write_text(
+        f'[gateway]\ndata_dir = "{data_dir}"\n[outbox]\nmin_free_mb = 1\n'
+        f'[reading_center]\nhost = "127.0.0.1"\nport = {port}\ncalled_ae = "READING_CENTER"\n'
+        f'calling_ae = "CLINIC01"\nlisten_port = {listen}\nlisten_host = "127.0.0.1"\n'
+        "timeout_s = 120.0\n"
+    )
+
+
+class Forwarder:
+    """The forward service as a child process of the bench."""
+
+    def __init__(self, cfg: Path, tmp: Path) -> None:
+        self.stop_file = tmp / f"stop-{cfg.stem}"
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker", str(cfg), str(self.stop_file)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "MALLOC_ARENA_MAX": "2"},
+        )
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("forward worker did not start")
+
+    def close(self) -> None:
+        self.stop_file.touch()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def wait_until(check, timeout_s: float, what: str, poll_s: float = 0.01) -> float:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return time.monotonic()
+        time.sleep(poll_s)
+    raise TimeoutError(what)
+
+
+def run_profile(
+    name: str, n: int, tmp: Path, files: Path, deflated_bytes: int, recordings: list, stat_recording
+) -> dict[str, float]:
+    from lastmile.config import load_config
+    from lastmile.data_dir import open_outbox
+    from lastmile.ecg.intake import enqueue_recording
+    from tests.link_emulator import PROFILES, LinkRelay
+    from tests.peers import OrthancServer, free_port, gateway_modality
+
+    profile = PROFILES[name]
+    storescu = shutil.which("storescu")
+    assert storescu
+    listen = free_port()
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    out: dict[str, float] = {}
+
+    def storescu_time(*options: str) -> float:
+        with (
+            OrthancServer(
+                tmp / f"orthanc-{name}-scu{len(options)}", modalities=gateway_modality("CLINIC01", listen)
+            ) as orthanc,
+            LinkRelay(profile, "127.0.0.1", orthanc.dicom_port) as relay,
+        ):
+            t0 = time.monotonic()
+            subprocess.run(
+                [
+                    storescu,
+                    "-aet",
+                    "CLINIC01",
+                    "-aec",
+                    "READING_CENTER",
+                    *options,
+                    "-to",
+                    "120",
+                    "-ta",
+                    "120",
+                    "-td",
+                    "120",
+                    "127.0.0.1",
+                    str(relay.port),
+                    "+sd",
+                    str(files),
+                ],
+                check=True,
+                env=env,
+                capture_output=True,
+            )
+            took = time.monotonic() - t0
+            assert len(orthanc.instances()) == n, "storescu did not store everything"
+        return took
+
+    out["storescu_s"] = storescu_time()
+    out["storescu_xd_s"] = storescu_time("-xd")
+
+    # Lastmile: everything queued first (as after an outage), then the service starts
+    with (
+        OrthancServer(tmp / f"orthanc-{name}-lm", modalities=gateway_modality("CLINIC01", listen)) as orthanc,
+        LinkRelay(profile, "127.0.0.1", orthanc.dicom_port) as relay,
+    ):
+        cfg = tmp / f"lm-{name}.toml"
+        write_config(cfg, tmp / f"data-{name}", relay.port, listen)
+        config = load_config(cfg)
+        with open_outbox(config) as outbox:
+            for i, r in enumerate(recordings):
+                enqueue_recording(outbox, r, config, key=f"bench-{i}")
+        t0 = time.monotonic()
+        fwd = Forwarder(cfg, tmp)
+        try:
+            t1 = wait_until(
+                lambda: int(orthanc.rest("/statistics")["CountInstances"]) >= n,
+                3600,
+                f"{name}: Lastmile did not store {n}",
+                poll_s=0.02,
+            )
+        finally:
+            fwd.close()
+        out["lastmile_s"] = t1 - t0
+    out["floor_s"] = profile.floor_s(deflated_bytes)
+    out["floor_ratio"] = out["lastmile_s"] / out["floor_s"]
+    out["storescu_xd_ratio"] = out["lastmile_s"] / out["storescu_xd_s"]
+
+    # STAT overtakes: 100 routine waiting and in flight, then a STAT becomes durable
+    with (
+        OrthancServer(tmp / f"orthanc-{name}-stat", modalities=gateway_modality("CLINIC01", listen)) as orthanc,
+        LinkRelay(profile, "127.0.0.1", orthanc.dicom_port) as relay,
+    ):
+        cfg = tmp / f"stat-{name}.toml"
+        write_config(cfg, tmp / f"data-stat-{name}", relay.port, listen)
+        config = load_config(cfg)
+        backlog = [recordings[i % len(recordings)] for i in range(STAT_BACKLOG)]
+        with open_outbox(config) as outbox:
+            for i, r in enumerate(backlog):
+                enqueue_recording(outbox, r, config, key=f"routine-{i}")
+        fwd = Forwarder(cfg, tmp)
+        try:
+            # routine transfers are on the wire: the first one has arrived
+            wait_until(
+                lambda: int(orthanc.rest("/statistics")["CountInstances"]) >= 1,
+                3600,
+                f"{name}: no routine study arrived",
+            )
+            with open_outbox(config) as outbox:
+                t_durable = time.monotonic()
+                item = enqueue_recording(outbox, stat_recording, config, key="stat").item
+            sop = item.meta["sop_instance_uid"]
+            stat_size = item.size
+            t_stored = wait_until(
+                lambda: orthanc.instance_id_of(sop) is not None,
+                3600,
+                f"{name}: the STAT study never arrived",
+                poll_s=0.02,
+            )
+        finally:
+            fwd.close()
+    out["stat_s"] = t_stored - t_durable
+    out["stat_floor_s"] = profile.floor_s(stat_size)
+    out["stat_ratio"] = out["stat_s"] / out["stat_floor_s"]
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--profile", choices=ORDER, help="one profile (default: all)")
+    ap.add_argument("--studies", type=int, default=20)
+    ap.add_argument("--json", action="store_true", help="last line: one JSON object")
+    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(*args.worker)
+        return 0
+    if not in_private_netns():
+        if os.geteuid() != 0:
+            print("bench/weak_link.py: run as root (Orthanc must run in a private network namespace)")
+            return 2
+        os.execvp(
+            "unshare",
+            ["unshare", "-n", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", sys.executable, *sys.argv],
+        )
+    if not shutil.which("storescu") or not shutil.which("Orthanc"):
+        print("bench/weak_link.py: needs dcmtk (storescu) and Orthanc: run scripts/setup.sh --test")
+        return 2
+
+    from dataclasses import replace
+
+    from lastmile.config import Config
+    from lastmile.data_dir import open_outbox
+    from lastmile.demo.runner import demo_recordings
+    from lastmile.ecg.intake import enqueue_recording
+    from uploader.dicom_ecg import StationInfo, mint_uids, recording_to_dicom_bytes
+
+    tmp = Path(tempfile.mkdtemp(prefix="lastmile-weak-"))
+    n = args.studies
+    recordings = [replace(r, stat=False) for r in demo_recordings(n, dt.datetime(2026, 11, 1, 8, tzinfo=dt.UTC))]
+    stat_recording = replace(recordings[0], stat=True, acquired_at=recordings[0].acquired_at + dt.timedelta(hours=9))
+    # storescu sends uncompressed Explicit VR LE files (what the builder makes); the floor counts
+    # the deflated objects Lastmile stores and sends
+    files = tmp / "files"
+    files.mkdir()
+    for i, r in enumerate(recordings):
+        (files / f"{i:04d}.dcm").write_bytes(recording_to_dicom_bytes(r, mint_uids(), StationInfo()))
+    probe = Config()
+    probe.set_data_dir(tmp / "probe")
+    probe.outbox.min_free_mb = 1
+    with open_outbox(probe) as outbox:
+        deflated = sum(enqueue_recording(outbox, r, probe, key=f"p{i}").item.size for i, r in enumerate(recordings))
+
+    results: dict[str, dict[str, float]] = {}
+    for name in (args.profile,) if args.profile else ORDER:
+        results[name] = run_profile(name, n, tmp, files, deflated, recordings, stat_recording)
+        r = results[name]
+        print(
+            f"{name:10} Lastmile {r['lastmile_s']:7.2f} s  floor {r['floor_s']:7.2f} s  "
+            f"storescu {r['storescu_s']:7.2f} s  -xd {r['storescu_xd_s']:7.2f} s  |  "
+            f"floor_ratio {r['floor_ratio']:.2f}  storescu_xd_ratio {r['storescu_xd_ratio']:.2f}  "
+            f"stat {r['stat_s']:.2f} s / {r['stat_floor_s']:.2f} s = {r['stat_ratio']:.2f}",
+            flush=True,
+        )
+    print(
+        f"({n} studies, {deflated / n / 1024:.0f} KB each deflated; STAT behind {STAT_BACKLOG} routine; "
+        "goals: floor_ratio <= 1.10, storescu_xd_ratio <= 0.6 on edge/satellite, stat_ratio <= 1.5)"
+    )
+    if args.json:
+        print(json.dumps({k: {m: round(v, 3) for m, v in r.items()} for k, r in results.items()}))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""The one error family of `firmware_bridge/`: a link, a source or an import that cannot go on.
+
+Callers catch `BridgeError` to survive anything a transport can throw at them; bad bytes inside
+a transport are `devices.errors.ProtocolError`, never these.
+"""
+
+from __future__ import annotations
+
+
+class BridgeError(Exception):
+    """Base of every error raised by `firmware_bridge/`."""
+
+
+class LinkConfigError(BridgeError, ValueError):
+    """A link cannot start with these settings (the message says what to fix)."""
+
+
+class ReceiverConfigError(LinkConfigError):
+    """The LAN receiver cannot start with these settings."""
+
+
+class GnssError(BridgeError):
+    """The GNSS source cannot be used (gpsd not running, port missing ...)."""
+
+
+class FileRefused(BridgeError):
+    """Raised by an `enqueue` callable when this one file cannot be taken (e.g. its recording
+    cannot become a valid DICOM object); the import goes on with the next file."""
+
+
+class SessionEnded(BridgeError):
+    """A BLE session ended before its work was done (link lost, device hung up)."""

@@ -1,0 +1,216 @@
+"""The clinic's small state database (`clinic.db` in the data directory).
+
+It holds what the clinic session knows beside the outbox: the current patient and doctor
+(`patient_context`), the devices and their status (`device_registry`), and observations held
+unassigned until the doctor says whose they are (`observation_store`), the studies the forwarder
+sent and the reports that came back for them (`lastmile.reports.store`). WAL and a busy timeout,
+because the acquire service and the `lastmile` commands use it at the same time; FULL sync,
+because a held observation exists nowhere else.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+
+import sqlite_utils
+
+from lastmile.data_dir import ensure_data_dir
+from uploader.sqlite_store import Migration, open_database, transaction
+
+__all__ = ["DB_NAME", "from_iso", "iso", "open_clinic_db", "transaction", "utc_now"]
+
+DB_NAME = "clinic.db"
+
+
+def _session(db: sqlite_utils.Database) -> None:
+    # One row (id 1): the clinic session now. Times are ISO 8601 UTC.
+    db.table("session").create(
+        {
+            "id": int,
+            "patient_id": str,
+            "patient_name": str,
+            "patient_since": str,
+            "doctor_id": str,
+            "doctor_since": str,
+            "last_activity": str,
+        },
+        pk="id",
+    )
+    db.table("session_log").create(
+        {"id": int, "at": str, "event": str, "patient_id": str, "doctor_id": str, "detail": str},
+        pk="id",
+        not_null=["at", "event"],
+    )
+
+
+def _devices(db: sqlite_utils.Database) -> None:
+    db.table("devices").create(
+        {
+            "address": str,  # BLE address (upper case) or serial port identity
+            "transport": str,  # "ble", "serial" ...
+            "name": str,
+            "allowed": int,  # 1: paired for this clinic (BLE allow-list)
+            "pair_required": int,  # 1: bond (encrypt) before using it
+            "added_at": str,
+            "manufacturer": str,
+            "model": str,
+            "serial": str,
+            "software_version": str,
+            "connected": int,
+            "last_seen_at": str,
+            "last_connected_at": str,
+            "last_reading_at": str,
+            "last_reading": str,  # short summary "120/80 mm[Hg]"
+            "last_error": str,
+            "last_error_at": str,
+            "last_sequence": int,  # highest record sequence number stored (glucose RACP)
+            "updated_at": str,
+        },
+        pk="address",
+        not_null=["transport", "updated_at"],
+        defaults={"allowed": 0, "pair_required": 0, "connected": 0},
+    )
+
+
+def _held_observations(db: sqlite_utils.Database) -> None:
+    db.table("held_observations").create(
+        {"id": int, "key": str, "kind": str, "measured_at": str, "device": str, "observation": str, "held_at": str},
+        pk="id",
+        not_null=["key", "kind", "observation", "held_at"],
+    )
+    db.table("held_observations").create_index(["key"], index_name="held_key", unique=True)
+
+
+def _console(db: sqlite_utils.Database) -> None:
+    # The doctor's console (lastmile.console): one account per person, their logins, and the
+    # audit trail of every change a user makes (who, when, what).
+    db.table("console_users").create(
+        {
+            "name": str,
+            "role": str,  # "doctor" or "admin"
+            "password_hash": str,  # argon2id, encoded with its parameters
+            "language": str,  # "zh-CN", "en" or "" (the browser's)
+            "created_at": str,
+            "failed_logins": int,  # wrong passwords in a row
+            "locked_until": str,  # ISO UTC; locked while in the future
+            "last_login_at": str,
+            "disabled": int,
+        },
+        pk="name",
+        not_null=["role", "password_hash", "created_at"],
+        defaults={"failed_logins": 0, "disabled": 0, "language": ""},
+    )
+    db.table("console_logins").create(
+        {
+            "token_hash": str,  # sha256 of the cookie's token: the token itself is never stored
+            "user_name": str,
+            "csrf_token": str,
+            "created_at": str,
+            "last_seen_at": str,
+        },
+        pk="token_hash",
+        not_null=["user_name", "csrf_token", "created_at", "last_seen_at"],
+        foreign_keys=[("user_name", "console_users", "name")],
+    )
+    db.table("audit").create(
+        {"id": int, "at": str, "user_name": str, "action": str, "target": str, "detail": str},
+        pk="id",
+        not_null=["at", "user_name", "action"],
+    )
+    db.table("audit").create_index(["action", "target"], index_name="audit_action_target")
+
+
+def _reports(db: sqlite_utils.Database) -> None:
+    # What the forwarder sent, kept past the outbox's purge so returning reports can be linked
+    # to it (lastmile/reports/): one row per study, times ISO 8601 UTC.
+    # WITHOUT ROWID, no secondary index: recording a study touches one B-tree page (one write
+    # per batch of sent ECGs on the SD card); a few hundred rows are scanned in no time.
+    db.conn.execute(
+        """CREATE TABLE sent_studies (
+            study_uid TEXT PRIMARY KEY,
+            outbox_item_id INTEGER,
+            sop_instance_uid TEXT,  -- the ECG object sent
+            accession TEXT,
+            patient_id TEXT,
+            patient_name TEXT,
+            ecg_time TEXT,  -- the ECG's acquisition time (with its offset), else when it was queued
+            description TEXT,
+            stat INTEGER NOT NULL DEFAULT 0,
+            sent_at TEXT NOT NULL,
+            committed_at TEXT,
+            final_at TEXT,  -- when a final report arrived
+            last_polled_at TEXT,
+            polls INTEGER NOT NULL DEFAULT 0
+        ) WITHOUT ROWID"""
+    )
+    # Reports as received (`data`: the Part-10 object or the FHIR JSON), read into text.
+    db.table("reports").create(
+        {
+            "id": int,
+            "study_uid": str,
+            "source": str,  # "dicom" or "fhir"
+            "kind": str,  # "sr", "pdf", "fhir"
+            "object_uid": str,  # SOP Instance UID or DiagnosticReport/<id>
+            "version": str,  # FHIR versionId ("" for DICOM)
+            "sop_class_uid": str,
+            "status": str,  # preliminary, final, amended
+            "superseded_by": int,  # the report that replaced this one
+            "title": str,
+            "text": str,
+            "observer": str,  # the reading doctor
+            "report_time": str,
+            "patient_id": str,  # as the report names the patient
+            "patient_name": str,
+            "critical": str,  # JSON list of reasons; NULL: not critical
+            "problems": str,  # JSON list of what could not be read; NULL: none
+            "document_type": str,
+            "alerted_at": str,
+            "acknowledged_at": str,
+            "acknowledged_by": str,
+            "received_at": str,
+            "data": bytes,
+        },
+        pk="id",
+        not_null=["study_uid", "source", "kind", "object_uid", "version", "status", "received_at", "data"],
+        defaults={"version": ""},
+        foreign_keys=[("study_uid", "sent_studies", "study_uid")],
+    )
+    db.table("reports").create_index(["object_uid", "version"], index_name="reports_object", unique=True)
+    db.table("reports").create_index(["study_uid"], index_name="reports_study")
+    db.table("report_status").create({"name": str, "value": str, "updated_at": str}, pk="name", not_null=["value"])
+
+
+MIGRATIONS = (
+    Migration("0001_session", _session),
+    Migration("0002_devices", _devices),
+    Migration("0003_held_observations", _held_observations),
+    # triage of the current patient's examination: urgent (STAT) and why (`patient set --stat --reason`)
+    Migration.sql(
+        "0004_session_triage",
+        "ALTER TABLE session ADD COLUMN stat INTEGER NOT NULL DEFAULT 0;\nALTER TABLE session ADD COLUMN reason TEXT;",
+    ),
+    Migration("0005_console", _console),
+    Migration("0006_reports", _reports),
+)
+
+
+def open_clinic_db(data_dir: str | os.PathLike[str]) -> sqlite_utils.Database:
+    """Open (creating or migrating) clinic.db in `data_dir`; autocommit, explicit transactions."""
+    path = ensure_data_dir(data_dir)
+    # same connection discipline as the outbox (WAL, busy_timeout, 0600, transactional migrations)
+    return open_database(path / DB_NAME, MIGRATIONS)
+
+
+def iso(value: dt.datetime) -> str:
+    if value.tzinfo is None:
+        raise ValueError(f"naive time {value.isoformat()} (clinic.db keeps UTC)")
+    return value.astimezone(dt.timezone.utc).isoformat()
+
+
+def from_iso(value: str | None) -> dt.datetime | None:
+    return dt.datetime.fromisoformat(value) if value else None
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)

@@ -1,0 +1,212 @@
+"""Every device the clinic knows (BLE now, serial later): allow-list, identity and status.
+
+`lastmile ble pair ADDRESS` puts a BLE device on the allow-list; the acquire service connects
+only to those, and reports here whether each is connected, its last reading and its last
+error, for `lastmile devices`. Rows live in clinic.db.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sqlite3
+from dataclasses import dataclass, fields
+
+import sqlite_utils
+
+from devices.identity import DeviceIdentity
+from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    address: str
+    transport: str
+    name: str
+    allowed: bool
+    pair_required: bool
+    added_at: dt.datetime | None
+    manufacturer: str
+    model: str
+    serial: str
+    software_version: str
+    connected: bool
+    last_seen_at: dt.datetime | None
+    last_connected_at: dt.datetime | None
+    last_reading_at: dt.datetime | None
+    last_reading: str
+    last_error: str
+    last_error_at: dt.datetime | None
+    last_sequence: int | None
+
+    def to_json(self) -> dict:
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.isoformat() if isinstance(v, dt.datetime) else v
+        return out
+
+
+def normalise_address(address: str) -> str:
+    return address.strip().upper()
+
+
+def _record(row: sqlite3.Row) -> DeviceRecord:
+    return DeviceRecord(
+        address=row["address"],
+        transport=row["transport"],
+        name=row["name"] or "",
+        allowed=bool(row["allowed"]),
+        pair_required=bool(row["pair_required"]),
+        added_at=from_iso(row["added_at"]),
+        manufacturer=row["manufacturer"] or "",
+        model=row["model"] or "",
+        serial=row["serial"] or "",
+        software_version=row["software_version"] or "",
+        connected=bool(row["connected"]),
+        last_seen_at=from_iso(row["last_seen_at"]),
+        last_connected_at=from_iso(row["last_connected_at"]),
+        last_reading_at=from_iso(row["last_reading_at"]),
+        last_reading=row["last_reading"] or "",
+        last_error=row["last_error"] or "",
+        last_error_at=from_iso(row["last_error_at"]),
+        last_sequence=row["last_sequence"],
+    )
+
+
+class DeviceRegistry:
+    def __init__(self, db: sqlite_utils.Database) -> None:
+        self.db = db
+
+    @classmethod
+    def open(cls, data_dir: str | os.PathLike[str]) -> DeviceRegistry:
+        return cls(open_clinic_db(data_dir))
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    def _ensure(self, conn: sqlite3.Connection, address: str, transport: str, now: dt.datetime) -> None:
+        conn.execute(
+            "INSERT INTO devices (address, transport, updated_at) VALUES (?, ?, ?) ON CONFLICT(address) DO NOTHING",
+            (address, transport, iso(now)),
+        )
+
+    # -- allow-list -------------------------------------------------------------------------
+    def allow(
+        self, address: str, *, now: dt.datetime, name: str = "", pair_required: bool = False, transport: str = "ble"
+    ) -> DeviceRecord:
+        address = normalise_address(address)
+        with transaction(self.db) as conn:
+            self._ensure(conn, address, transport, now)
+            conn.execute(
+                "UPDATE devices SET allowed = 1, pair_required = MAX(pair_required, ?), "
+                "name = COALESCE(NULLIF(?, ''), name), added_at = COALESCE(added_at, ?), updated_at = ? "
+                "WHERE address = ?",
+                (int(pair_required), name, iso(now), iso(now), address),
+            )
+        record = self.get(address)
+        assert record is not None
+        return record
+
+    def disallow(self, address: str, *, now: dt.datetime) -> bool:
+        with transaction(self.db) as conn:
+            cur = conn.execute(
+                "UPDATE devices SET allowed = 0, updated_at = ? WHERE address = ? AND allowed = 1",
+                (iso(now), normalise_address(address)),
+            )
+            return cur.rowcount > 0
+
+    def allowed(self, transport: str = "ble") -> dict[str, DeviceRecord]:
+        rows = self.db.conn.execute(
+            "SELECT * FROM devices WHERE allowed = 1 AND transport = ?", (transport,)
+        ).fetchall()
+        return {r["address"]: _record(r) for r in rows}
+
+    def is_allowed(self, address: str) -> bool:
+        row = self.db.conn.execute(
+            "SELECT allowed FROM devices WHERE address = ?", (normalise_address(address),)
+        ).fetchone()
+        return bool(row and row["allowed"])
+
+    # -- status -----------------------------------------------------------------------------
+    def update_status(
+        self,
+        address: str,
+        *,
+        now: dt.datetime,
+        transport: str = "ble",
+        connected: bool | None = None,
+        seen: bool = False,
+        error: str | None = None,
+        identity: DeviceIdentity | None = None,
+        reading: str | None = None,
+        reading_at: dt.datetime | None = None,
+        name: str | None = None,
+    ) -> None:
+        """Record what just happened to a device; only the given facts change."""
+        address = normalise_address(address)
+        sets: dict[str, object] = {"updated_at": iso(now)}
+        if connected is not None:
+            sets["connected"] = int(connected)
+            if connected:
+                sets["last_connected_at"] = iso(now)
+        if seen:
+            sets["last_seen_at"] = iso(now)
+        if error is not None:
+            sets["last_error"] = error
+            sets["last_error_at"] = iso(now)
+        if identity is not None:
+            for f in ("manufacturer", "model", "serial", "software_version"):
+                if getattr(identity, f):
+                    sets[f] = getattr(identity, f)
+        if reading is not None:
+            sets["last_reading"] = reading
+            sets["last_reading_at"] = iso(reading_at or now)
+        if name:
+            sets["name"] = name
+        assignments = ", ".join(f"{k} = ?" for k in sets)
+        with transaction(self.db) as conn:
+            self._ensure(conn, address, transport, now)
+            conn.execute(f"UPDATE devices SET {assignments} WHERE address = ?", (*sets.values(), address))
+
+    def mark_all_disconnected(self, *, now: dt.datetime, transport: str = "ble") -> None:
+        """At service start: nothing is connected yet, whatever a crash left behind."""
+        with transaction(self.db) as conn:
+            conn.execute(
+                "UPDATE devices SET connected = 0, updated_at = ? WHERE transport = ? AND connected = 1",
+                (iso(now), transport),
+            )
+
+    def set_pair_required(self, address: str, *, now: dt.datetime) -> None:
+        with transaction(self.db) as conn:
+            conn.execute(
+                "UPDATE devices SET pair_required = 1, updated_at = ? WHERE address = ?",
+                (iso(now), normalise_address(address)),
+            )
+
+    # -- record sequence numbers (RACP) -------------------------------------------------------
+    def last_sequence(self, address: str) -> int | None:
+        row = self.db.conn.execute(
+            "SELECT last_sequence FROM devices WHERE address = ?", (normalise_address(address),)
+        ).fetchone()
+        return None if row is None else row["last_sequence"]
+
+    def set_last_sequence(self, address: str, sequence: int, *, now: dt.datetime) -> None:
+        """Remember the highest stored sequence (never moves back: a re-sent old record is not news)."""
+        address = normalise_address(address)
+        with transaction(self.db) as conn:
+            self._ensure(conn, address, "ble", now)
+            conn.execute(
+                "UPDATE devices SET last_sequence = MAX(COALESCE(last_sequence, -1), ?), updated_at = ? "
+                "WHERE address = ?",
+                (sequence, iso(now), address),
+            )
+
+    # -- reading ----------------------------------------------------------------------------
+    def get(self, address: str) -> DeviceRecord | None:
+        row = self.db.conn.execute("SELECT * FROM devices WHERE address = ?", (normalise_address(address),)).fetchone()
+        return _record(row) if row else None
+
+    def all(self) -> list[DeviceRecord]:
+        rows = self.db.conn.execute("SELECT * FROM devices ORDER BY transport, address").fetchall()
+        return [_record(r) for r in rows]

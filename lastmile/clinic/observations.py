@@ -1,0 +1,245 @@
+"""Observations (BP, temperature, SpO2 ...) from any device -> durable storage, once each.
+
+An observation whose patient is known goes into the outbox (kind "observation", the JSON below
+as payload, its record key as the idempotency key), from where the visits/FHIR uploader sends
+it. One with no patient is *held* in clinic.db, unassigned, until the doctor assigns it
+(`lastmile patient assign`): it is never guessed, and the uploader never sees it.
+
+Which patient: the one the observation already names, else the current patient of the clinic
+session - but only if the reading was measured after that patient's session began. A reading
+from before (a cuff's memory sent late, the previous patient's reading delivered after the
+switch) is held instead; that can cost the doctor an assignment, never a wrong record.
+
+Duplicates: a record key already in the outbox or held is not stored again, whatever the
+current patient, so a device re-sending its memory neither duplicates nor re-assigns anything.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import sqlite3
+from dataclasses import dataclass, replace
+from typing import Any
+
+import sqlite_utils
+
+from devices.identity import DeviceIdentity, TimeSource
+from devices.observation import Observation, Quantity
+from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
+from lastmile.clinic.patients import PatientContext
+from uploader.outbox import AddResult, Outbox, Priority
+
+log = logging.getLogger(__name__)
+
+OBSERVATION_KIND = "observation"
+TOUCH_EVERY = dt.timedelta(seconds=5)
+SCHEMA = "lastmile.observation/1"
+
+
+def observation_to_json(obs: Observation) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA,
+        "kind": obs.kind,
+        "quantities": [
+            {
+                "code": q.code,
+                "value": q.value,
+                "unit": q.unit,
+                "sent_value": q.sent_value,
+                "sent_unit": q.sent_unit,
+                "special": q.special,
+            }
+            for q in obs.quantities
+        ],
+        "measured_at": obs.measured_at.isoformat(),
+        "time_source": obs.time_source.value,
+        "received_at": obs.received_at.isoformat(),
+        "device": {
+            "manufacturer": obs.device.manufacturer,
+            "model": obs.device.model,
+            "serial": obs.device.serial,
+            "address": obs.device.address,
+            "software_version": obs.device.software_version,
+        },
+        "record_key": obs.record_key,
+        "patient_id": obs.patient_id,
+        "flags": list(obs.flags),
+    }
+
+
+def observation_from_json(data: dict[str, Any]) -> Observation:
+    """The one observation codec's reader (clinic.db held readings, visits.db visit items).
+    Visit items written before the codec was shared carry no "schema"; their fields are these."""
+    if data.get("schema", SCHEMA) != SCHEMA:
+        raise ValueError(f"not a {SCHEMA} document: {data.get('schema')!r}")
+    return Observation(
+        kind=data["kind"],
+        quantities=tuple(
+            Quantity(q["code"], q["value"], q["unit"], q["sent_value"], q["sent_unit"], q["special"])
+            for q in data["quantities"]
+        ),
+        measured_at=dt.datetime.fromisoformat(data["measured_at"]),
+        time_source=TimeSource(data["time_source"]),
+        received_at=dt.datetime.fromisoformat(data["received_at"]),
+        device=DeviceIdentity(**data["device"]),
+        record_key=data["record_key"],
+        patient_id=data.get("patient_id"),
+        flags=tuple(data.get("flags", ())),
+    )
+
+
+def observation_payload(obs: Observation) -> bytes:
+    return json.dumps(observation_to_json(obs), sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def summary(obs: Observation) -> str:
+    """One line for `lastmile devices` and logs, e.g. "120/80 mm[Hg], pulse-rate 72 /min"."""
+
+    def fmt(q: Quantity) -> str:
+        return f"{q.value:g}" if q.value is not None else f"({q.special})"
+
+    sys_, dia = obs.quantity("systolic"), obs.quantity("diastolic")
+    parts = []
+    rest = list(obs.quantities)
+    if sys_ and dia:
+        parts.append(f"{fmt(sys_)}/{fmt(dia)} {sys_.unit}")
+        rest = [q for q in rest if q.code not in ("systolic", "diastolic", "mean-arterial-pressure")]
+    parts += [f"{q.code} {fmt(q)} {q.unit}" for q in rest[:3]]
+    return ", ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreResult:
+    outcome: str  # "stored" (in the outbox), "held" (unassigned), "duplicate" (already known)
+    patient_id: str | None = None
+    item_id: int | None = None  # outbox item
+    held_id: int | None = None  # held_observations row
+
+
+@dataclass(frozen=True, slots=True)
+class HeldObservation:
+    held_id: int
+    observation: Observation
+    held_at: dt.datetime
+
+
+class UnknownObservationError(LookupError):
+    pass
+
+
+class ObservationStore:
+    def __init__(self, outbox: Outbox, db: sqlite_utils.Database, context: PatientContext) -> None:
+        self.outbox = outbox
+        self.db = db
+        self.context = context
+
+    @classmethod
+    def open(cls, data_dir: str | os.PathLike[str], *, outbox: Outbox, idle_timeout_s: float) -> ObservationStore:
+        db = open_clinic_db(data_dir)
+        return cls(outbox, db, PatientContext(db, idle_timeout_s))
+
+    def close(self) -> None:
+        """Closes clinic.db (the outbox belongs to the caller)."""
+        self.db.conn.close()
+
+    # -- storing ----------------------------------------------------------------------------
+    def known(self, key: str) -> bool:
+        if self.outbox.find(key) is not None:
+            return True
+        return self.db.conn.execute("SELECT 1 FROM held_observations WHERE key = ?", (key,)).fetchone() is not None
+
+    def record(self, obs: Observation, *, now: dt.datetime) -> StoreResult:
+        """Store `obs` durably (outbox or held) unless its record key is already known."""
+        if self.known(obs.record_key):
+            return StoreResult("duplicate")
+        patient_id, name = obs.patient_id, ""
+        current = None
+        if patient_id is None:
+            current = self.context.current(now)
+            # Device time stamps have whole seconds: compare at that resolution.
+            if current is not None and obs.measured_at >= current.since.replace(microsecond=0):
+                patient_id, name = current.patient_id, current.name
+        if patient_id is None:
+            return self._hold(obs, now)
+        result = self._enqueue(replace(obs, patient_id=patient_id), name, now)
+        # A reading is activity in the session; one write per TOUCH_EVERY is enough for that.
+        if current is not None and now - current.last_activity >= TOUCH_EVERY:
+            self.context.touch(now=now)
+        return StoreResult("stored" if result.created else "duplicate", patient_id, result.item.id)
+
+    def _enqueue(self, obs: Observation, patient_name: str, now: dt.datetime) -> AddResult:
+        meta = {
+            "kind": obs.kind,
+            "device": obs.device.label(),
+            "measured_at": obs.measured_at.isoformat(),
+            "time_source": obs.time_source.value,
+            "flags": list(obs.flags),
+        }
+        return self.outbox.add(
+            OBSERVATION_KIND,
+            obs.record_key,
+            observation_payload(obs),
+            priority=Priority.ROUTINE,
+            meta=meta,
+            patient={"patient_id": obs.patient_id, "name": patient_name},
+            now=now.timestamp(),
+        )
+
+    def _hold(self, obs: Observation, now: dt.datetime) -> StoreResult:
+        with transaction(self.db) as conn:
+            cur = conn.execute(
+                "INSERT INTO held_observations (key, kind, measured_at, device, observation, held_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO NOTHING",
+                (
+                    obs.record_key,
+                    obs.kind,
+                    iso(obs.measured_at),
+                    obs.device.label(),
+                    observation_payload(obs).decode(),
+                    iso(now),
+                ),
+            )
+            if cur.rowcount == 0:
+                return StoreResult("duplicate")
+            held_id = int(cur.lastrowid or 0)
+        log.info("%s observation held unassigned (no current patient): #%d", obs.kind, held_id)
+        return StoreResult("held", None, None, held_id)
+
+    # -- unassigned observations ------------------------------------------------------------
+    def held(self, limit: int = 200) -> list[HeldObservation]:
+        rows = self.db.conn.execute("SELECT * FROM held_observations ORDER BY id LIMIT ?", (limit,)).fetchall()
+        return [_held(r) for r in rows]
+
+    def get_held(self, held_id: int) -> HeldObservation | None:
+        row = self.db.conn.execute("SELECT * FROM held_observations WHERE id = ?", (held_id,)).fetchone()
+        return _held(row) if row else None
+
+    def assign(self, held_id: int, patient_id: str, *, now: dt.datetime, name: str = "") -> StoreResult:
+        """Give a held observation its patient: it moves to the outbox (the doctor's decision)."""
+        patient_id = patient_id.strip()
+        if not patient_id:
+            raise ValueError("a patient needs a non-empty identifier")
+        held = self.get_held(held_id)
+        if held is None:
+            raise UnknownObservationError(f"no unassigned observation #{held_id}")
+        # Outbox first, then forget the held copy: a crash in between leaves a held row whose
+        # key is in the outbox, which the next assign (same key, idempotent) just removes.
+        result = self._enqueue(replace(held.observation, patient_id=patient_id), name, now)
+        with transaction(self.db) as conn:
+            conn.execute("DELETE FROM held_observations WHERE id = ?", (held_id,))
+        log.info("observation #%d assigned (outbox item %d)", held_id, result.item.id)
+        return StoreResult("stored", patient_id, result.item.id)
+
+    def counts(self) -> dict[str, int]:
+        held = self.db.conn.execute("SELECT COUNT(*) FROM held_observations").fetchone()[0]
+        stored = len(self.outbox.items(kind=OBSERVATION_KIND))
+        return {"stored": stored, "held": int(held)}
+
+
+def _held(row: sqlite3.Row) -> HeldObservation:
+    held_at = from_iso(row["held_at"])
+    assert held_at is not None
+    return HeldObservation(int(row["id"]), observation_from_json(json.loads(row["observation"])), held_at)

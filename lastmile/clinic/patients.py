@@ -1,0 +1,215 @@
+"""Who is being examined now: the clinic session's current patient (and doctor).
+
+Set by `lastmile patient set`, a scanned patient card or a visit; every reading that lands on
+the patient counts as activity. After `idle_timeout_s` without activity the session ends on
+its own, so the next patient's reading can never land on the previous patient: it is held
+unassigned instead, for the doctor to assign. Persisted in clinic.db so the acquire service and
+the commands (separate processes) see the same session, and a restart does not lose it - nor
+revive an expired one.
+
+Every method takes `now` (an aware datetime): the caller's clock, testable.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import sqlite3
+from dataclasses import dataclass
+
+import sqlite_utils
+
+from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
+
+log = logging.getLogger(__name__)
+
+_ROW = 1
+
+
+@dataclass(frozen=True, slots=True)
+class CurrentPatient:
+    patient_id: str
+    name: str
+    since: dt.datetime  # when this patient was set
+    last_activity: dt.datetime
+    expires_at: dt.datetime  # unless something happens before
+    doctor_id: str = ""
+    stat: bool = False  # the doctor asked for an urgent read of this patient's ECGs
+    reason: str = ""  # why the ECG is taken, e.g. "胸痛 chest pain"
+
+
+class PatientContext:
+    def __init__(self, db: sqlite_utils.Database, idle_timeout_s: float) -> None:
+        if idle_timeout_s <= 0:
+            raise ValueError("the patient idle timeout must be positive")
+        self.db = db
+        self.idle_timeout = dt.timedelta(seconds=idle_timeout_s)
+
+    @classmethod
+    def open(cls, data_dir: str | os.PathLike[str], idle_timeout_s: float) -> PatientContext:
+        return cls(open_clinic_db(data_dir), idle_timeout_s)
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    # -- changing the session ---------------------------------------------------------------
+    def set_patient(
+        self, patient_id: str, name: str = "", *, now: dt.datetime, stat: bool = False, reason: str = ""
+    ) -> CurrentPatient:
+        """Make `patient_id` current (setting the same patient again keeps their session's start);
+        `stat`/`reason`: the triage of this examination (replaced each time the patient is set)."""
+        patient_id = patient_id.strip()
+        if not patient_id:
+            raise ValueError("a patient needs a non-empty identifier")
+        with transaction(self.db) as conn:
+            row = self._expire_locked(conn, now)
+            doctor = row["doctor_id"] if row else None
+            if row and row["patient_id"] and row["patient_id"] != patient_id:
+                self._log(conn, now, "patient-replaced", row["patient_id"], doctor)
+            conn.execute(
+                "INSERT INTO session (id, patient_id, patient_name, patient_since, doctor_id, "
+                "doctor_since, last_activity, stat, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE "
+                "SET patient_since = CASE WHEN session.patient_id IS excluded.patient_id "
+                "THEN session.patient_since ELSE excluded.patient_since END, "
+                "patient_id = excluded.patient_id, patient_name = excluded.patient_name, "
+                "last_activity = excluded.last_activity, stat = excluded.stat, reason = excluded.reason",
+                (
+                    _ROW,
+                    patient_id,
+                    name,
+                    iso(now),
+                    doctor,
+                    row["doctor_since"] if row else None,
+                    iso(now),
+                    int(stat),
+                    reason.strip() or None,
+                ),
+            )
+            self._log(conn, now, "patient-set", patient_id, doctor)
+        log.debug("current patient set")
+        current = self.current(now)
+        assert current is not None
+        return current
+
+    def set_doctor(self, doctor_id: str, *, now: dt.datetime) -> None:
+        doctor_id = doctor_id.strip()
+        if not doctor_id:
+            raise ValueError("a doctor needs a non-empty identifier")
+        with transaction(self.db) as conn:
+            self._expire_locked(conn, now)
+            conn.execute(
+                "INSERT INTO session (id, doctor_id, doctor_since, last_activity) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET doctor_id = excluded.doctor_id, "
+                "doctor_since = excluded.doctor_since, last_activity = excluded.last_activity",
+                (_ROW, doctor_id, iso(now), iso(now)),
+            )
+            self._log(conn, now, "doctor-set", None, doctor_id)
+
+    def touch(self, *, now: dt.datetime) -> bool:
+        """Activity in the session: the idle timer starts again. False if nothing was current."""
+        with transaction(self.db) as conn:
+            row = self._expire_locked(conn, now)
+            if row is None:
+                return False
+            latest = max(now, _t(row["last_activity"]))
+            conn.execute("UPDATE session SET last_activity = ? WHERE id = ?", (iso(latest), _ROW))
+            return True
+
+    def clear(self, *, now: dt.datetime, reason: str = "cleared") -> bool:
+        """End the patient's session (the doctor stays). False if no patient was current."""
+        with transaction(self.db) as conn:
+            row = self._expire_locked(conn, now)
+            if row is None or not row["patient_id"]:
+                return False
+            conn.execute(
+                "UPDATE session SET patient_id = NULL, patient_name = NULL, patient_since = NULL, stat = 0, "
+                "reason = NULL WHERE id = ?",
+                (_ROW,),
+            )
+            self._log(conn, now, f"patient-{reason}", row["patient_id"], row["doctor_id"])
+        return True
+
+    # -- reading it -------------------------------------------------------------------------
+    def current(self, now: dt.datetime) -> CurrentPatient | None:
+        """The current patient, or None (never set, cleared, or idle for too long)."""
+        row = self._row()
+        if row is None or self._expired(row, now):
+            if row is not None:
+                with transaction(self.db) as conn:
+                    self._expire_locked(conn, now)
+            return None
+        if not row["patient_id"]:
+            return None
+        last = _t(row["last_activity"])
+        return CurrentPatient(
+            patient_id=row["patient_id"],
+            name=row["patient_name"] or "",
+            since=_t(row["patient_since"]),
+            last_activity=last,
+            expires_at=last + self.idle_timeout,
+            doctor_id=row["doctor_id"] or "",
+            stat=bool(row["stat"]),
+            reason=row["reason"] or "",
+        )
+
+    def current_doctor(self, now: dt.datetime) -> str | None:
+        row = self._row()
+        if row is None or self._expired(row, now):
+            return None
+        return row["doctor_id"] or None
+
+    def history(self, limit: int = 20) -> list[dict]:
+        rows = self.db.conn.execute(
+            "SELECT at, event, patient_id, doctor_id, detail FROM session_log ORDER BY id DESC LIMIT ?", (limit,)
+        ).fetchall()
+        return [dict(r) for r in rows]
+
+    # -- internals --------------------------------------------------------------------------
+    def _row(self) -> sqlite3.Row | None:
+        return self.db.conn.execute("SELECT * FROM session WHERE id = ?", (_ROW,)).fetchone()
+
+    def _expired(self, row: sqlite3.Row, now: dt.datetime) -> bool:
+        last = from_iso(row["last_activity"])
+        return last is None or now - last > self.idle_timeout
+
+    def _expire_locked(self, conn: sqlite3.Connection, now: dt.datetime) -> sqlite3.Row | None:
+        """Inside a transaction: end an idle session; return the live row or None."""
+        row = conn.execute("SELECT * FROM session WHERE id = ?", (_ROW,)).fetchone()
+        if row is None:
+            return None
+        if self._expired(row, now):
+            if row["patient_id"] or row["doctor_id"]:
+                self._log(
+                    conn,
+                    now,
+                    "session-expired",
+                    row["patient_id"],
+                    row["doctor_id"],
+                    f"idle since {row['last_activity']}",
+                )
+                log.info("clinic session expired after %.0f s idle", self.idle_timeout.total_seconds())
+            conn.execute("DELETE FROM session WHERE id = ?", (_ROW,))
+            return None
+        return row
+
+    @staticmethod
+    def _log(
+        conn: sqlite3.Connection,
+        now: dt.datetime,
+        event: str,
+        patient_id: str | None,
+        doctor_id: str | None,
+        detail: str = "",
+    ) -> None:
+        conn.execute(
+            "INSERT INTO session_log (at, event, patient_id, doctor_id, detail) VALUES (?, ?, ?, ?, ?)",
+            (iso(now), event, patient_id, doctor_id, detail),
+        )
+
+
+def _t(value: str) -> dt.datetime:
+    parsed = from_iso(value)
+    assert parsed is not None
+    return parsed

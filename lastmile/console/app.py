@@ -1,0 +1,765 @@
+"""The console's web application: pages, forms, the event stream, and what guards them.
+
+Server-rendered (Starlette + Jinja2); one small script of our own (`static/console.js`) swaps
+the live panels that the event stream (`/events`, server-sent events) sends. Every page works
+without it: forms post and redirect.
+
+Guards, on every request:
+- nothing but the login page and static files without a live login (pages redirect to the
+  login, everything else answers 401), checked against clinic.db;
+- every POST carries the login's CSRF token (or, for the login form, the pre-login cookie's)
+  and, when the browser sends one, an Origin of this very host;
+- plain HTTP only from loopback, with a loopback Host (no DNS rebinding);
+- pages are never cached (patient data), framed or allowed to load anything from elsewhere
+  (Content-Security-Policy: 'self' only, no inline script).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime as dt
+import gzip
+import hmac
+import ipaddress
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, quote, urlsplit
+
+import jinja2
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from lastmile import __version__
+from lastmile.config import Config
+from lastmile.console import views
+from lastmile.console.accounts import LANGUAGES, AccountError, Login, LoginRefused
+from lastmile.console.ecg_analysis import EcgAnalyses
+from lastmile.console.i18n import LANGUAGE_NAMES, N_, Localizer, negotiate
+from lastmile.console.live import Broker
+from lastmile.console.sources import ClinicData, ConsoleInputError
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).parent
+SESSION_COOKIE = "lastmile_session"
+PRE_LOGIN_COOKIE = "lastmile_prelogin"
+LANGUAGE_COOKIE = "lastmile_lang"
+MAX_FORM_BYTES = 16 * 1024
+LOGIN_FAILURES_PER_CLIENT = 20  # per LOGIN_WINDOW_S from one address, whatever the names tried
+LOGIN_WINDOW_S = 600.0
+HEARTBEAT_S = 15.0
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "font-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+T = TypeVar("T")
+
+
+class LoginRequired(Exception):
+    """No live login: pages redirect to the login page, everything else gets 401."""
+
+
+class Forbidden(Exception):
+    """A POST without the right CSRF token or from another origin, or an admin-only action."""
+
+
+@dataclass
+class ConsoleState:
+    """What every request shares. `data` is used on the database thread only (`run_db`)."""
+
+    config: Config
+    data: ClinicData
+    https: bool
+    zone: dt.tzinfo
+    broker: Broker = field(default_factory=Broker)
+    executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="console-db")
+    )
+    analyses: EcgAnalyses | None = None
+    fingerprint: str = ""
+    login_failures: dict[str, collections.deque[float]] = field(default_factory=dict)
+    shutting_down: asyncio.Event | None = None
+
+    async def run_db(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+
+@dataclass(frozen=True)
+class Context:
+    """One request's view: who, in which language, with which CSRF token."""
+
+    login: Login | None
+    localizer: Localizer
+    csrf: str
+
+    @property
+    def user(self) -> str:
+        return self.login.user.name if self.login else ""
+
+
+def state_of(request: Request) -> ConsoleState:
+    state: ConsoleState = request.app.state.console
+    return state
+
+
+def now_utc() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+# -- the security layer ----------------------------------------------------------------------------
+
+
+def is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class SecurityHeaders:
+    """Headers on every response; refuses plain HTTP from anything but loopback."""
+
+    def __init__(self, app: ASGIApp, *, https: bool) -> None:
+        self.app = app
+        self.https = https
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        client = scope.get("client")
+        if scope.get("scheme") == "http":
+            host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+            host_name = urlsplit(f"//{host}").hostname if host else None
+            if not is_loopback(client[0] if client else None) or not is_loopback(host_name):
+                response = PlainTextResponse("HTTPS only / 仅限 HTTPS", status_code=403)
+                await response(scope, receive, send)
+                return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = message.setdefault("headers", [])
+                present = {k.lower() for k, _ in headers}
+                extra = [
+                    (b"x-content-type-options", b"nosniff"),
+                    (b"referrer-policy", b"no-referrer"),
+                    (b"x-frame-options", b"DENY"),
+                    (b"cross-origin-opener-policy", b"same-origin"),
+                    (b"permissions-policy", b"camera=(), microphone=(), geolocation=()"),
+                ]
+                if b"content-security-policy" not in present:
+                    extra.append((b"content-security-policy", CSP.encode()))
+                if b"cache-control" not in present:
+                    extra.append((b"cache-control", b"no-store"))
+                if self.https:
+                    extra.append((b"strict-transport-security", b"max-age=31536000"))
+                headers.extend(extra)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def cookie_flags(state: ConsoleState) -> dict[str, Any]:
+    # Secure even on loopback HTTP: browsers treat 127.0.0.1 and localhost as secure origins.
+    return {"httponly": True, "secure": True, "samesite": "strict", "path": "/"}
+
+
+async def context_for(request: Request, *, required: bool = True) -> Context:
+    state = state_of(request)
+    token = request.cookies.get(SESSION_COOKIE)
+    login = await state.run_db(lambda: state.data.accounts.login_for(token, now=now_utc())) if token else None
+    if login is None and required:
+        raise LoginRequired()
+    language = (
+        (login.user.language if login else "")
+        or request.cookies.get(LANGUAGE_COOKIE, "")
+        or negotiate(request.headers.get("accept-language"), state.config.console.language)
+    )
+    if language not in LANGUAGES:
+        language = state.config.console.language
+    csrf = login.csrf_token if login else request.cookies.get(PRE_LOGIN_COOKIE, "")
+    return Context(login, Localizer(language, state.zone), csrf)
+
+
+async def read_form(request: Request, ctx: Context) -> dict[str, str]:
+    """The posted form, after the CSRF and Origin checks."""
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
+        raise Forbidden("form posts only")
+    origin = request.headers.get("origin")
+    if origin and origin != "null" and urlsplit(origin).netloc != request.headers.get("host", ""):
+        raise Forbidden("cross-origin post")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            raise Forbidden("form too large")
+    fields = {k: v[0] for k, v in parse_qs(body.decode("utf-8", errors="replace"), keep_blank_values=True).items()}
+    sent = fields.get("csrf", "")
+    if not ctx.csrf or not hmac.compare_digest(sent.encode(), ctx.csrf.encode()):
+        raise Forbidden("missing or wrong CSRF token")
+    return fields
+
+
+def local_path(target: str | None, default: str = "/today") -> str:
+    """Only paths on this console (no open redirect)."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return default
+    return target
+
+
+# -- rendering -------------------------------------------------------------------------------------
+
+
+def person_name(pn: str) -> str:
+    """A DICOM person name as people read it: the ideographic group when there is one
+    ("Zhang^San=张^三" -> 张三), else the parts with spaces ("Zhang^San" -> Zhang San)."""
+    groups = (pn or "").split("=")
+    chosen = groups[1] if len(groups) > 1 and groups[1].strip("^") else groups[0]
+    parts = [p for p in chosen.split("^") if p]
+    cjk = any("\u3400" <= ch <= "\u9fff" for ch in chosen)
+    return ("" if cjk else " ").join(parts)
+
+
+# Codes and UCUM units in reading summaries ("118/76 mm[Hg], pulse-rate 64 /min"), as people read them.
+QUANTITY_LABELS = {
+    "mean-arterial-pressure": N_("mean pressure"),
+    "pulse-rate": N_("pulse"),
+    "body-temperature": N_("temperature"),
+    "body-weight": N_("weight"),
+    "body-mass-index": N_("BMI"),
+    "spo2": N_("SpO2"),
+    "glucose": N_("glucose"),
+    "cuff-pressure": N_("cuff pressure"),
+}
+UNIT_DISPLAY = {" mm[Hg]": " mmHg", " Cel": " °C", " [degF]": " °F", " [lb_av]": " lb"}
+
+
+def reading_text(summary: str, localizer: Localizer) -> str:
+    for code in sorted(QUANTITY_LABELS, key=len, reverse=True):
+        summary = summary.replace(code + " ", localizer.gettext(QUANTITY_LABELS[code]) + " ")
+    for unit, shown in UNIT_DISPLAY.items():
+        summary = summary.replace(unit, shown)
+    return summary
+
+
+def make_templates() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(HERE / "templates"),
+        autoescape=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    env.filters["pn"] = person_name
+    return env
+
+
+TEMPLATES = make_templates()
+
+
+def page_vars(request: Request, ctx: Context, **values: Any) -> dict[str, Any]:
+    loc = ctx.localizer
+    state = state_of(request)
+    return {
+        "_": loc.gettext,
+        "ngettext": loc.ngettext,
+        "reading_text": lambda text: reading_text(text, loc),
+        "fmt": loc,
+        "lang": loc.language,
+        "languages": LANGUAGE_NAMES,
+        "csrf": ctx.csrf,
+        "login": ctx.login,
+        "path": request.url.path,
+        "version": __version__,
+        "https": state.https,
+        **values,
+    }
+
+
+def render(request: Request, ctx: Context, template: str, *, status: int = 200, **values: Any) -> HTMLResponse:
+    html = TEMPLATES.get_template(template).render(page_vars(request, ctx, **values))
+    return HTMLResponse(html, status_code=status)
+
+
+def render_fragment(template: str, ctx: Context, request: Request, **values: Any) -> str:
+    return TEMPLATES.get_template(template).render(page_vars(request, ctx, **values))
+
+
+async def page_model(
+    request: Request, ctx: Context, build: Callable[..., dict[str, Any]], *args: Any
+) -> dict[str, Any]:
+    """A page's data from the database thread, plus the critical-report alert every page shows."""
+    state = state_of(request)
+    now = now_utc()
+    model = await state.run_db(build, state.data, now, *args)
+    model["alerts"] = await state.run_db(views.critical_alerts, state.data)
+    return model
+
+
+# -- login -----------------------------------------------------------------------------------------
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else "?"
+
+
+def too_many_failures(state: ConsoleState, address: str) -> bool:
+    window = state.login_failures.get(address)
+    if not window:
+        return False
+    cutoff = time.monotonic() - LOGIN_WINDOW_S
+    while window and window[0] < cutoff:
+        window.popleft()
+    return len(window) >= LOGIN_FAILURES_PER_CLIENT
+
+
+def note_failure(state: ConsoleState, address: str) -> None:
+    state.login_failures.setdefault(address, collections.deque()).append(time.monotonic())
+    if len(state.login_failures) > 1000:  # bounded: a scan of many addresses cannot grow it forever
+        state.login_failures.pop(next(iter(state.login_failures)))
+
+
+async def login_page(request: Request) -> Response:
+    ctx = await context_for(request, required=False)
+    if ctx.login is not None:
+        return RedirectResponse(local_path(request.query_params.get("next")), status_code=303)
+    return login_response(request, ctx, status=200, error="")
+
+
+def login_response(request: Request, ctx: Context, *, status: int, error: str, name: str = "") -> Response:
+    token = ctx.csrf or secrets.token_urlsafe(24)
+    ctx = Context(None, ctx.localizer, token)
+    response = render(
+        request,
+        ctx,
+        "login.html",
+        status=status,
+        error=error,
+        name=name,
+        next=local_path(request.query_params.get("next")),
+    )
+    response.set_cookie(PRE_LOGIN_COOKIE, token, **cookie_flags(state_of(request)))
+    return response
+
+
+async def login_submit(request: Request) -> Response:
+    state = state_of(request)
+    ctx = await context_for(request, required=False)
+    fields = await read_form(request, ctx)
+    address = client_address(request)
+    _ = ctx.localizer.gettext
+    if too_many_failures(state, address):
+        return login_response(
+            request, ctx, status=429, error=_("Too many failed logins from this device. Wait 10 minutes.")
+        )
+    name, password = fields.get("name", ""), fields.get("password", "")
+    now = now_utc()
+    try:
+        user = await state.run_db(lambda: state.data.accounts.authenticate(name, password, now=now))
+    except LoginRefused as exc:
+        note_failure(state, address)
+        await state.run_db(
+            lambda: state.data.audit.record(name[:64] or "?", "login-failed", now=now, detail={"from": address})
+        )
+        if exc.locked_until is not None:
+            error = _(
+                "This account is locked until %(time)s after too many wrong passwords. "
+                "An administrator can unlock it: lastmile user unlock NAME",
+                time=ctx.localizer.when(exc.locked_until),
+            )
+        else:
+            error = _("Wrong name or password.")
+        return login_response(request, ctx, status=401, error=error, name=name)
+    token = await state.run_db(lambda: state.data.accounts.start_login(user, now=now))
+    await state.run_db(lambda: state.data.audit.record(user.name, "login", now=now, detail={"from": address}))
+    response = RedirectResponse(local_path(fields.get("next")), status_code=303)
+    response.set_cookie(SESSION_COOKIE, token, **cookie_flags(state))
+    response.delete_cookie(PRE_LOGIN_COOKIE, path="/", secure=True, httponly=True, samesite="strict")
+    return response
+
+
+async def logout(request: Request) -> Response:
+    state = state_of(request)
+    ctx = await context_for(request)
+    await read_form(request, ctx)
+    token = request.cookies.get(SESSION_COOKIE, "")
+    await state.run_db(lambda: state.data.accounts.end_login(token))
+    await state.run_db(lambda: state.data.audit.record(ctx.user, "logout", now=now_utc()))
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/", secure=True, httponly=True, samesite="strict")
+    return response
+
+
+async def set_language(request: Request) -> Response:
+    state = state_of(request)
+    ctx = await context_for(request, required=False)
+    fields = await read_form(request, ctx)
+    language = fields.get("language", "")
+    if language not in LANGUAGES:
+        raise Forbidden("unknown language")
+    if ctx.login is not None:
+        user = ctx.user
+        await state.run_db(lambda: state.data.accounts.set_language(user, language))
+        await state.run_db(
+            lambda: state.data.audit.record(user, "language", now=now_utc(), detail={"language": language})
+        )
+    response = RedirectResponse(local_path(fields.get("next")), status_code=303)
+    response.set_cookie(LANGUAGE_COOKIE, language, max_age=10 * 365 * 86400, **cookie_flags(state))
+    return response
+
+
+# -- Today -----------------------------------------------------------------------------------------
+
+
+async def today_model(request: Request, ctx: Context) -> dict[str, Any]:
+    state = state_of(request)
+    model = await page_model(request, ctx, views.today)
+    ecg = model.get("ecg")
+    model["analysis"] = None
+    model["analysis_pending"] = False
+    if ecg is not None and ecg.payload_available and state.analyses is not None:
+        analysis = state.analyses.result(ecg.sha256)
+        if analysis is None:
+            item_id = ecg.item_id
+            state.analyses.request(ecg.sha256, lambda: state.run_db(state.data.ecg_payload, item_id))
+            model["analysis_pending"] = True
+        model["analysis"] = analysis
+    return model
+
+
+async def today(request: Request) -> Response:
+    ctx = await context_for(request)
+    model = await today_model(request, ctx)
+    return render(request, ctx, "today.html", done=request.query_params.get("done", ""), error="", form={}, **model)
+
+
+async def today_action(
+    request: Request, action: Callable[[Context, dict[str, str], dt.datetime], str | None]
+) -> Response:
+    """Run a form's action; success redirects back to Today (saying what was done), a refused
+    input shows Today again with the message and what was typed."""
+    state = state_of(request)
+    ctx = await context_for(request)
+    fields = await read_form(request, ctx)
+    try:
+        done = await state.run_db(action, ctx, fields, now_utc())
+    except ConsoleInputError as exc:
+        model = await today_model(request, ctx)
+        error = ctx.localizer.gettext(exc.message, **exc.values)
+        return render(request, ctx, "today.html", status=400, done="", error=error, form=fields, **model)
+    state.broker.publish()
+    return RedirectResponse(f"/today?done={quote(done or '')}", status_code=303)
+
+
+async def check_in(request: Request) -> Response:
+    def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> str:
+        data = state_of(request).data
+        data.check_in(
+            ctx.user,
+            f.get("patient_id", ""),
+            f.get("name", ""),
+            f.get("doctor", ""),
+            f.get("stat") == "on",
+            f.get("reason", ""),
+            now=now,
+        )
+        return "check-in"
+
+    return await today_action(request, action)
+
+
+async def end_session(request: Request) -> Response:
+    return await today_action(
+        request, lambda ctx, f, now: "end-session" if state_of(request).data.end_session(ctx.user, now=now) else ""
+    )
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConsoleInputError(N_("That is not a valid number.")) from None
+
+
+async def assign_reading(request: Request) -> Response:
+    def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> str:
+        state_of(request).data.assign_reading(
+            ctx.user, _int(f.get("held_id", "")), f.get("patient_id", ""), f.get("name", ""), now=now
+        )
+        return "assigned"
+
+    return await today_action(request, action)
+
+
+async def assign_ecg(request: Request) -> Response:
+    def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> str:
+        done = state_of(request).data.assign_ecg(
+            ctx.user, _int(f.get("item_id", "")), f.get("patient_id", ""), f.get("name", ""), now=now
+        )
+        return "assigned" if done else "too-late"
+
+    return await today_action(request, action)
+
+
+async def re_record(request: Request) -> Response:
+    item_id = int(request.path_params["item_id"])
+
+    def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> str:
+        state_of(request).data.re_record(ctx.user, item_id, now=now)
+        return "re-record"
+
+    return await today_action(request, action)
+
+
+async def send_anyway(request: Request) -> Response:
+    item_id = int(request.path_params["item_id"])
+
+    def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> str:
+        return "sending" if state_of(request).data.send_anyway(ctx.user, item_id, now=now) else "too-late"
+
+    return await today_action(request, action)
+
+
+async def ecg_preview(request: Request) -> Response:
+    state = state_of(request)
+    await context_for(request)
+    item_id = int(request.path_params["item_id"])
+    ecg = await state.run_db(state.data.ecg, item_id)
+    analysis = state.analyses.result(ecg.sha256) if ecg is not None and state.analyses else None
+    if analysis is None or analysis.svg_gzip is None:
+        return PlainTextResponse("preview not available (yet)", status_code=404)
+    headers = {
+        "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'",
+        "cache-control": "private, no-store",
+    }
+    if "gzip" in request.headers.get("accept-encoding", ""):
+        headers["content-encoding"] = "gzip"
+        return Response(analysis.svg_gzip, media_type="image/svg+xml", headers=headers)
+    return Response(gzip.decompress(analysis.svg_gzip), media_type="image/svg+xml", headers=headers)
+
+
+LIVE_PANELS = ("session", "readings", "ecg", "held")
+
+
+async def events(request: Request) -> Response:
+    """Server-sent events: the Today page's live panels, each sent again when it changed."""
+    state = state_of(request)
+    ctx = await context_for(request)
+    wake = state.broker.subscribe()
+    token = request.cookies.get(SESSION_COOKIE)
+
+    async def stream() -> AsyncIterator[str]:
+        sent: dict[str, str] = {}
+        try:
+            yield "retry: 3000\n\n"
+            while True:
+                login = await state.run_db(lambda: state.data.accounts.login_for(token, now=now_utc()))
+                if login is None:
+                    yield "event: logout\ndata: {}\n\n"
+                    return
+                model = await today_model(request, ctx)
+                for name in LIVE_PANELS:
+                    html = render_fragment(f"panel_{name}.html", ctx, request, **model)
+                    if sent.get(name) != html:
+                        sent[name] = html
+                        yield f"event: panel\ndata: {json.dumps({'id': f'panel-{name}', 'html': html})}\n\n"
+                try:
+                    await asyncio.wait_for(wake.wait(), HEARTBEAT_S)
+                except TimeoutError:
+                    yield ": keep-alive\n\n"
+                wake.clear()
+                if state.shutting_down is not None and state.shutting_down.is_set():
+                    return
+                if await request.is_disconnected():
+                    return
+        finally:
+            state.broker.unsubscribe(wake)
+
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"cache-control": "no-store", "x-accel-buffering": "no"}
+    )
+
+
+# -- the other pages -------------------------------------------------------------------------------
+
+
+async def sent_page(request: Request) -> Response:
+    ctx = await context_for(request)
+    return render(request, ctx, "sent.html", **await page_model(request, ctx, views.sent))
+
+
+async def reports_page(request: Request) -> Response:
+    ctx = await context_for(request)
+    return render(request, ctx, "reports.html", **await page_model(request, ctx, views.reports))
+
+
+async def report_page(request: Request) -> Response:
+    ctx = await context_for(request)
+    model = await page_model(request, ctx, views.report, request.path_params["report_id"])
+    if model["report"] is None:
+        return PlainTextResponse("no such report", status_code=404)
+    return render(request, ctx, "report.html", **model)
+
+
+async def report_pdf(request: Request) -> Response:
+    state = state_of(request)
+    await context_for(request)
+    report_id = request.path_params["report_id"]
+    pdf = await state.run_db(state.data.reports.pdf, report_id)
+    if pdf is None:
+        return PlainTextResponse("no PDF for this report", status_code=404)
+    return Response(
+        pdf,
+        media_type="application/pdf",
+        headers={"content-disposition": "inline", "content-security-policy": "default-src 'none'"},
+    )
+
+
+async def acknowledge_report(request: Request) -> Response:
+    state = state_of(request)
+    ctx = await context_for(request)
+    fields = await read_form(request, ctx)
+    report_id = request.path_params["report_id"]
+    await state.run_db(views.acknowledge, state.data, ctx.user, report_id, now_utc())
+    state.broker.publish()
+    return RedirectResponse(local_path(fields.get("next"), "/reports"), status_code=303)
+
+
+async def devices_page(request: Request) -> Response:
+    ctx = await context_for(request)
+    return render(
+        request,
+        ctx,
+        "devices.html",
+        error="",
+        form={},
+        done=request.query_params.get("done", ""),
+        **await page_model(request, ctx, views.devices),
+    )
+
+
+async def pair_device(request: Request) -> Response:
+    state = state_of(request)
+    ctx = await context_for(request)
+    fields = await read_form(request, ctx)
+    try:
+        await state.run_db(
+            lambda: state.data.pair_device(ctx.user, fields.get("address", ""), fields.get("name", ""), now=now_utc())
+        )
+    except ConsoleInputError as exc:
+        model = await page_model(request, ctx, views.devices)
+        error = ctx.localizer.gettext(exc.message, **exc.values)
+        return render(request, ctx, "devices.html", status=400, error=error, form=fields, done="", **model)
+    return RedirectResponse("/devices?done=paired", status_code=303)
+
+
+async def unpair_device(request: Request) -> Response:
+    state = state_of(request)
+    ctx = await context_for(request)
+    fields = await read_form(request, ctx)
+    await state.run_db(lambda: state.data.unpair_device(ctx.user, fields.get("address", ""), now=now_utc()))
+    return RedirectResponse("/devices?done=unpaired", status_code=303)
+
+
+async def visits_page(request: Request) -> Response:
+    ctx = await context_for(request)
+    return render(request, ctx, "visits.html", **await page_model(request, ctx, views.visits))
+
+
+async def system_page(request: Request) -> Response:
+    state = state_of(request)
+    ctx = await context_for(request)
+    model = await page_model(request, ctx, views.system, ctx.login.user.is_admin if ctx.login else False)
+    model["findings"] = await views.doctor_findings(state.config)
+    model["fingerprint"] = state.fingerprint
+    return render(request, ctx, "system.html", **model)
+
+
+async def home(request: Request) -> Response:
+    await context_for(request)
+    return RedirectResponse("/today", status_code=303)
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+async def on_login_required(request: Request, exc: Exception) -> Response:
+    wants_page = request.method == "GET" and "text/html" in request.headers.get("accept", "")
+    if wants_page:
+        return RedirectResponse(f"/login?next={quote(request.url.path)}", status_code=303)
+    return PlainTextResponse("login required / 请先登录", status_code=401)
+
+
+async def on_forbidden(request: Request, exc: Exception) -> Response:
+    log.warning("refused %s %s: %s", request.method, request.url.path, exc)
+    return PlainTextResponse("refused / 已拒绝", status_code=403)
+
+
+async def on_account_error(request: Request, exc: Exception) -> Response:
+    return PlainTextResponse(str(exc), status_code=400)
+
+
+# -- the application -------------------------------------------------------------------------------
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def routes() -> list[Route | Mount]:
+    return [
+        Route("/", home),
+        Route("/login", login_page, methods=["GET"]),
+        Route("/login", login_submit, methods=["POST"]),
+        Route("/logout", logout, methods=["POST"]),
+        Route("/language", set_language, methods=["POST"]),
+        Route("/today", today),
+        Route("/today/check-in", check_in, methods=["POST"]),
+        Route("/today/end-session", end_session, methods=["POST"]),
+        Route("/today/assign-reading", assign_reading, methods=["POST"]),
+        Route("/today/assign-ecg", assign_ecg, methods=["POST"]),
+        Route("/today/ecg/{item_id:int}/re-record", re_record, methods=["POST"]),
+        Route("/today/ecg/{item_id:int}/send-anyway", send_anyway, methods=["POST"]),
+        Route("/ecg/{item_id:int}/preview.svg", ecg_preview),
+        Route("/events", events),
+        Route("/sent", sent_page),
+        Route("/reports", reports_page),
+        Route("/reports/{report_id}", report_page),
+        Route("/reports/{report_id}/pdf", report_pdf),
+        Route("/reports/{report_id}/acknowledge", acknowledge_report, methods=["POST"]),
+        Route("/devices", devices_page),
+        Route("/devices/pair", pair_device, methods=["POST"]),
+        Route("/devices/unpair", unpair_device, methods=["POST"]),
+        Route("/visits", visits_page),
+        Route("/system", system_page),
+        Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
+    ]
+
+
+# Reachable without a login: the login form itself, the language switch of that form, static files.
+PUBLIC_PATHS = ("/login", "/language", "/static")
+
+
+def build_app(state: ConsoleState) -> ASGIApp:
+    app = Starlette(
+        routes=routes(),
+        exception_handlers={
+            LoginRequired: on_login_required,
+            Forbidden: on_forbidden,
+            AccountError: on_account_error,
+        },
+    )
+    app.state.console = state
+    return SecurityHeaders(app, https=state.https)

@@ -1,0 +1,276 @@
+"""`lastmile console`: the doctor's console as a systemd service (lastmile-console.service).
+
+`ConsoleServer` runs uvicorn (h11, asyncio) on a thread of its own with the change watcher
+beside it; `ConsoleService` is the `Service` that `ServiceRuntime` drives (READY=1 once the
+socket listens, the watchdog fed only while the server's event loop answers, SIGHUP, SIGTERM).
+
+Listening: `[console] listen = "HOST:PORT"`. HTTPS with the certificate made at first start
+(`lastmile.console.tls`); `https = false` is accepted only for a loopback address (a demo, the
+tests, an SSH tunnel): a clinic LAN never sees a login or a patient in clear text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from lastmile.config import Config, ConfigError
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from lastmile.console.app import ConsoleState
+    from lastmile.console.sources import HeldEcgSource, ReportsSource
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 30.0
+LOOP_CHECK_TIMEOUT_S = 10.0  # the event loop must answer within this (WatchdogSec=30)
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    host: str
+    port: int
+
+    @property
+    def loopback(self) -> bool:
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return self.host == "localhost"
+
+
+M_MMAP_THRESHOLD = -3  # mallopt(3)
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def prepare_console_process() -> None:
+    """Call first thing in the console process; both measured by bench/console.py.
+
+    - numpy stays out: sqlite-utils imports it when it can (to map numpy column types, which we
+      never store), and numpy alone is ~15 MB of RSS and 0.2 s of start. The ECG worker, a
+      separate process, has it.
+    - A fixed mmap threshold: glibc otherwise raises it after the first argon2 hash (12 MiB) is
+      freed, so every later hash is carved from the heap and its 12 MiB stay resident.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    sys.modules.setdefault("numpy", None)  # type: ignore[arg-type]
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):
+        log.debug("mallopt not available (not glibc): argon2 buffers may stay resident")
+
+
+def parse_listen(config: Config) -> Listen:
+    """`console.listen` as host and port; ConfigError (with the file) when it cannot be used."""
+    text = config.console.listen.strip()
+    where = f"{config.source}: console.listen = {text!r}"
+    host, sep, port_text = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
+        raise ConfigError(f'{where}: write it as "HOST:PORT", e.g. "0.0.0.0:8443" or "127.0.0.1:8080"')
+    listen = Listen(host, int(port_text))
+    if not config.console.https and not listen.loopback:
+        raise ConfigError(
+            f"{where} with console.https = false: plain HTTP is allowed on loopback only "
+            "(127.0.0.1); set https = true for the clinic LAN"
+        )
+    return listen
+
+
+def bind(listen: Listen) -> socket.socket:
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((listen.host, listen.port))
+        sock.listen(64)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+class ConsoleServer:
+    """The app on its own thread and event loop; start() returns once it accepts connections."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        reports: ReportsSource | None = None,
+        held_ecgs: HeldEcgSource | None = None,
+        sock: socket.socket | None = None,
+    ) -> None:
+        self.config = config
+        self.listen = parse_listen(config)
+        self._reports = reports
+        self._held_ecgs = held_ecgs
+        self._sock = sock
+        self.state: ConsoleState | None = None
+        self.server: uvicorn.Server | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread: threading.Thread | None = None
+        self._stop: asyncio.Event | None = None
+        self.error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        assert self._sock is not None
+        host, port = self._sock.getsockname()[:2]
+        shown = "127.0.0.1" if host == "0.0.0.0" else host
+        if ":" in shown:
+            shown = f"[{shown}]"
+        return f"{'https' if self.config.console.https else 'http'}://{shown}:{port}"
+
+    def start(self) -> None:
+        import uvicorn
+
+        from lastmile.clock import local_zone
+        from lastmile.console.app import ConsoleState, build_app
+        from lastmile.console.sources import ClinicData
+        from lastmile.console.tls import ensure_certificate
+
+        if self._sock is None:
+            try:
+                self._sock = bind(self.listen)
+            except OSError as exc:
+                raise ConfigError(
+                    f"{self.config.source}: console.listen {self.config.console.listen!r} cannot be used: {exc.strerror}"
+                ) from None
+        https = self.config.console.https
+        certificate = ensure_certificate(self.config.data_dir, self.listen.host) if https else None
+        data = ClinicData(self.config, reports=self._reports, held_ecgs=self._held_ecgs)
+        state = ConsoleState(
+            config=self.config,
+            data=data,
+            https=https,
+            zone=local_zone(),
+            fingerprint=certificate.fingerprint if certificate else "",
+        )
+        self.state = state
+        uv_config = uvicorn.Config(
+            build_app(state),
+            http="h11",
+            loop="asyncio",
+            ws="none",
+            lifespan="off",
+            log_config=None,  # ours (lastmile.logs) stays in charge
+            access_log=False,  # no patient IDs in URLs or logs
+            server_header=False,
+            proxy_headers=False,
+            timeout_graceful_shutdown=3,
+            ssl_certfile=str(certificate.cert_path) if certificate else None,
+            ssl_keyfile=str(certificate.key_path) if certificate else None,
+        )
+        self.server = uvicorn.Server(uv_config)
+        self.thread = threading.Thread(target=self._run, name="console-http", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self.server.started:
+            if self.error is not None or not self.thread.is_alive():
+                raise RuntimeError(f"the console did not start: {self.error!r}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("the console did not start in time")
+            time.sleep(0.01)
+        log.info("console serving on %s", self.url)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:
+            self.error = exc
+            log.exception("console server failed")
+
+    async def _main(self) -> None:
+        from lastmile.console.ecg_analysis import EcgAnalyses
+        from lastmile.console.live import ChangeWatcher
+
+        assert self.server is not None and self.state is not None and self._sock is not None
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        state = self.state
+        state.shutting_down = self._stop
+        state.analyses = EcgAnalyses(state.broker.publish)
+        watcher = ChangeWatcher(state.data.watched_files(), state.broker)
+        watch = asyncio.create_task(watcher.run(self._stop))
+        try:
+            await self.server.serve(sockets=[self._sock])
+        finally:
+            self._stop.set()
+            state.broker.publish()  # event streams see the stop and end
+            await watch
+
+    def alive(self) -> bool:
+        """The server thread runs and its event loop answers."""
+        if self.thread is None or not self.thread.is_alive() or self.loop is None:
+            return False
+        future = asyncio.run_coroutine_threadsafe(asyncio.sleep(0), self.loop)
+        try:
+            future.result(LOOP_CHECK_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 — any failure to answer is a dead loop
+            return False
+        return True
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+            if self.loop is not None and self._stop is not None:
+                with contextlib.suppress(RuntimeError):
+                    self.loop.call_soon_threadsafe(self._stop.set)
+                    self.loop.call_soon_threadsafe(self.state.broker.publish if self.state else (lambda: None))
+        if self.thread is not None:
+            self.thread.join(timeout=15)
+        if self.state is not None:
+            self.state.executor.submit(self.state.data.close).result(timeout=15)
+            self.state.executor.shutdown(wait=True)
+        if self._sock is not None:
+            self._sock.close()
+
+
+class ConsoleService:
+    """The `Service` of `lastmile console`."""
+
+    def __init__(self, server: ConsoleServer) -> None:
+        self.server = server
+
+    @classmethod
+    def start(cls, config: Config) -> ConsoleService:
+        server = ConsoleServer(config)
+        server.start()
+        return cls(server)
+
+    def step(self, stop: threading.Event) -> float:
+        if not self.server.alive():
+            raise RuntimeError(f"the console's server stopped answering ({self.server.error!r})")
+        return 5.0
+
+    def reload(self, config: Config) -> None:
+        # Language, lockout and idle limits apply from the next request; a new address needs a restart.
+        if config.console.listen != self.server.config.console.listen:
+            log.warning("console.listen changed: restart lastmile-console to listen there")
+        self.server.config.console.language = config.console.language
+        if self.server.state is not None:
+            accounts = self.server.state.data.accounts
+            accounts.max_failures = config.console.max_login_failures
+
+    def close(self) -> None:
+        self.server.stop()
+
+    def status_line(self) -> str:
+        state = self.server.state
+        pages = state.broker.subscribers if state else 0
+        return f"console on {self.server.url}, {pages} live page(s)"

@@ -1,0 +1,141 @@
+"""Each page's data, gathered on the database thread from `ClinicData` (plain values for the
+templates; nothing here renders or speaks a language)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import importlib.metadata
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lastmile import __version__
+from lastmile.config import Config
+from lastmile.console.sources import ClinicData, ReportView
+
+DOCTOR_CACHE_S = 60.0
+PACKAGES = ("pydicom", "pynetdicom", "bleak", "starlette", "uvicorn", "jinja2", "babel", "argon2-cffi", "sqlite-utils")
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    report_id: str
+    patient_name: str
+    patient_id: str
+    received_at: dt.datetime
+
+
+def critical_alerts(data: ClinicData) -> list[Alert]:
+    """Critical results not yet acknowledged by anyone: shown on every page until they are."""
+    out = []
+    for r in data.reports.reports():
+        if r.critical and data.audit.latest("acknowledge-report", r.report_id) is None:
+            out.append(Alert(r.report_id, r.patient_name, r.patient_id, r.received_at))
+    return out
+
+
+def acknowledge(data: ClinicData, user: str, report_id: str, now: dt.datetime) -> None:
+    if data.reports.report(report_id) is not None:
+        data.audit.record(user, "acknowledge-report", now=now, target=report_id)
+
+
+def today(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
+    session = data.session(now)
+    latest = data.latest_ecg(now=now)
+    held_ecgs = data.held_ecgs(now)
+    return {
+        "session": session,
+        "doctor_on_duty": data.doctor_on_duty(now),
+        "devices": [d for d in data.devices() if d.allowed or d.last_reading_at or d.connected],
+        "readings": data.patient_readings(session.patient_id, session.since) if session else [],
+        "held": data.held_readings(),
+        "held_ecgs": held_ecgs,
+        "ecg": latest,
+        "ecg_held": latest is not None and any(h.item_id == latest.item_id for h in held_ecgs),
+        "ecg_re_record_noted": latest is not None and data.re_record_noted(latest.item_id),
+        "now": now,
+    }
+
+
+def sent(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
+    return {"journeys": data.journeys(), "link": data.link_status(now), "now": now}
+
+
+def _acknowledged(data: ClinicData, report: ReportView) -> Any:
+    return data.audit.latest("acknowledge-report", report.report_id)
+
+
+def reports(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
+    found = data.reports.reports()
+    acks = {r.report_id: _acknowledged(data, r) for r in found}
+    # Critical results first (unacknowledged before acknowledged), then newest first.
+    ordered = sorted(
+        found,
+        key=lambda r: (not r.critical, acks[r.report_id] is not None, -r.received_at.timestamp()),
+    )
+    return {"reports": ordered, "acks": acks, "now": now}
+
+
+def report(data: ClinicData, now: dt.datetime, report_id: str) -> dict[str, Any]:
+    found = data.reports.report(report_id)
+    return {"report": found, "ack": _acknowledged(data, found) if found else None, "now": now}
+
+
+def devices(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
+    return {"devices": data.devices(), "serial": list(data.config.serial.devices), "now": now}
+
+
+def visits(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
+    found = data.visits()
+    return {"visits": found, "flagged": [v for v in found if v.flags], "now": now}
+
+
+def versions() -> dict[str, str]:
+    out = {"lastmile": __version__, "Python": platform.python_version(), "kernel": platform.release()}
+    try:
+        text = Path("/etc/os-release").read_text(encoding="utf-8")
+        os_release = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+        out["OS"] = os_release.get("PRETTY_NAME", "").strip('"')
+    except OSError:
+        pass
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def system(data: ClinicData, now: dt.datetime, is_admin: bool) -> dict[str, Any]:
+    usage = shutil.disk_usage(data.config.data_dir)
+    return {
+        "now": now,
+        "link": data.link_status(now),
+        "disk": {"free": usage.free, "total": usage.total, "min_free": data.config.outbox.min_free_mb * 2**20},
+        "versions": versions(),
+        "users": data.accounts.users() if is_admin else [],
+        "audit": data.audit.recent(30) if is_admin else [],
+        "uptime_s": time.monotonic(),
+        "pid": os.getpid(),
+    }
+
+
+_doctor_cache: dict[str, Any] = {}
+
+
+async def doctor_findings(config: Config) -> list[Any]:
+    """`lastmile doctor --offline`'s checks, at most once a minute (they run systemctl and the like);
+    the network ones are left to `lastmile doctor` itself: the console's unit reaches only the LAN."""
+    cached = _doctor_cache.get("findings")
+    if cached is not None and time.monotonic() - _doctor_cache["at"] < DOCTOR_CACHE_S:
+        return list(cached)
+    from lastmile.doctor import Doctor
+
+    findings = await asyncio.to_thread(lambda: Doctor(config, offline=True).run_all())
+    _doctor_cache.update(findings=findings, at=time.monotonic())
+    return findings

@@ -1,0 +1,1 @@
+"""The demo clinic: stand-ins for the reading center, the county FHIR platform and devices."""

@@ -1,0 +1,1 @@
+"""ECG room: intake, quality hold and preview."""

@@ -1,0 +1,545 @@
+"""How an ECG recording enters the outbox: once, with its UIDs minted once, from every path.
+
+The paths: a file (`lastmile import`, a USB stick's watched folder), the clinic-LAN DICOM
+receiver, the serial bridge's streamed ECG. The DICOM object is built here, at intake, and
+stored as the payload: a retry, a crash or a restart later sends the very same bytes (same
+Study/Series/SOP Instance UIDs), so the reading center can never see one recording as two
+studies. Every path describes its item with the one `ecg_item_meta` builder.
+
+Patients: a file's patient is vetted against `[patient] id_kind` (`vetted_patient`): a resident
+ID with a wrong check digit is refused (the ECG stays unassigned, flagged "patient-id-refused"),
+a valid one gives birth date and sex when the file has none, and a file that says otherwise is
+flagged ("patient-id-conflict:birth-date" / ":sex"); names get their pinyin group.
+
+Holds: a routine ECG with no patient, or one naming another patient than the current one, is
+added to the outbox *held* ("unassigned" / "patient-mismatch") for `patient.unassigned_ecg_hold_s`,
+listed by `lastmile patient show`; `assign_held_ecg` rebuilds it for its patient under the same
+UIDs (and Accession Number) and lets it go; when the hold runs out it goes as it is (placeholder
+ID, flagged). STAT ECGs are never held.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import io
+import logging
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydicom.dataset import Dataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+from devices.ecg.quality import RE_RECORD, EcgQualityError, QualityReport, check_quality
+from devices.ecg.recording import EcgRecording
+from devices.identity import RESIDENT_ID_KIND, InvalidPatientIdError, Patient, parse_resident_id
+from lastmile.clinic.names import dicom_person_name
+from lastmile.clock import local_zone
+from lastmile.config import Config
+from uploader.dicom_ecg import (
+    StationInfo,
+    StudyRequest,
+    build_ecg_dataset,
+    check_ecg_iod,
+    choose_sop_class,
+    mint_uids,
+    reassign_patient,
+)
+from uploader.outbox import AddResult, Hold, ItemState, Kind, Outbox, OutboxItem, Priority
+
+if TYPE_CHECKING:
+    from firmware_bridge.dicom_receiver import DicomReceiver, ReceivedObject
+    from firmware_bridge.usb_import import FolderWatcher, ImportSummary
+
+log = logging.getLogger(__name__)
+
+PATIENT_MISMATCH = "patient-mismatch"
+PATIENT_ID_REFUSED = "patient-id-refused"
+UNASSIGNED_HOLD = "unassigned"
+QUALITY_HOLD = "re-record"  # the quality gate's verdict: the doctor may record again, or send anyway
+DOCTOR_HOLDS = (UNASSIGNED_HOLD, PATIENT_MISMATCH, QUALITY_HOLD)
+LAN_SOURCE_FORMAT = "dicom-lan"
+
+CurrentPatient = Callable[[], "str | None"]
+
+
+def _no_current_patient() -> str | None:
+    return None
+
+
+def station_of(config: Config) -> StationInfo:
+    """StationName is the configured short name (checked to fit 16 bytes by the configuration,
+    never cut); the full gateway id goes with it as the converting equipment's serial number."""
+    g = config.gateway
+    return StationInfo(station_name=g.dicom_station_name, institution=g.institution, gateway_id=g.id)
+
+
+# -- patients ----------------------------------------------------------------------------------------
+
+
+def clinic_patient(patient_id: str, name: str, config: Config) -> Patient:
+    """A patient entered at the gateway (CLI, scanner, console) by ID and name, checked against
+    `[patient] id_kind`: InvalidPatientIdError (bilingual message) for a wrong resident ID. A
+    resident ID gives birth date and sex; the issuer comes from `[patient] id_issuer`."""
+    patient_id = " ".join(patient_id.split())
+    if not patient_id:
+        raise InvalidPatientIdError("请输入患者编号 / a patient needs a non-empty identifier")
+    birth, sex = None, ""
+    if config.patient.id_kind == RESIDENT_ID_KIND:
+        resident = parse_resident_id(patient_id)
+        patient_id, birth, sex = resident.number, resident.birth_date, resident.sex
+    return Patient(
+        patient_id=patient_id, name=dicom_person_name(name), birth_date=birth, sex=sex, issuer=config.patient.id_issuer
+    )
+
+
+def vetted_patient(recording: EcgRecording, config: Config) -> EcgRecording:
+    """The file's patient checked against `[patient] id_kind` (see the module docstring)."""
+    p = recording.patient
+    if p is None:
+        return recording
+    flags = list(recording.flags)
+    birth, sex, number = p.birth_date, p.sex, p.patient_id
+    if config.patient.id_kind == RESIDENT_ID_KIND:
+        try:
+            resident = parse_resident_id(p.patient_id)
+        except InvalidPatientIdError as exc:
+            log.warning("ECG file's patient ID refused: %s", exc)
+            return dataclasses.replace(recording, patient=None, flags=(*flags, PATIENT_ID_REFUSED))
+        number = resident.number
+        if birth is not None and birth != resident.birth_date:
+            flags.append("patient-id-conflict:birth-date")
+        if sex and sex != resident.sex:
+            flags.append("patient-id-conflict:sex")
+        birth, sex = birth or resident.birth_date, sex or resident.sex
+    patient = Patient(
+        patient_id=number,
+        name=dicom_person_name(p.name),
+        birth_date=birth,
+        sex=sex,
+        issuer=p.issuer or config.patient.id_issuer,
+    )
+    return dataclasses.replace(recording, patient=patient, flags=tuple(dict.fromkeys(flags)))
+
+
+def session_request(doctor: str | None, *, reason: str = "") -> StudyRequest:
+    """What the referring doctor asks for: the doctor on duty (name with its pinyin group) and why."""
+    return StudyRequest(referring_physician=dicom_person_name(doctor or ""), reason=" ".join(reason.split()))
+
+
+def clinic_request(config: Config) -> StudyRequest:
+    """The request of the moment from the clinic session: the doctor on duty and the reason given
+    with the current patient (for files that arrive on their own, e.g. a cart's USB stick)."""
+    from lastmile.clinic.patients import PatientContext
+
+    now = dt.datetime.now(dt.timezone.utc)
+    context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+    try:
+        current = context.current(now)
+        return session_request(context.current_doctor(now), reason=current.reason if current else "")
+    finally:
+        context.close()
+
+
+def quality_of(recording: EcgRecording, config: Config) -> QualityReport | None:
+    """The quality gate's report (None when switched off or when the rate is outside what the
+    analysis covers: the builder refuses such rates anyway). It never blocks an ECG."""
+    if not config.ecg.quality_check:
+        return None
+    try:
+        return check_quality(recording)
+    except EcgQualityError as exc:
+        log.warning("ECG quality not checked: %s", exc)
+        return None
+
+
+def quality_hold_until(
+    recording: EcgRecording, config: Config, now: float, quality: QualityReport | None
+) -> float | None:
+    """Until when a 're-record' verdict keeps a routine ECG for the doctor (None: not held)."""
+    if recording.stat or quality is None or quality.verdict != RE_RECORD or config.ecg.re_record_hold_s <= 0:
+        return None
+    return now + config.ecg.re_record_hold_s
+
+
+def hold_for(recording: EcgRecording, config: Config, now: float, quality: QualityReport | None = None) -> Hold | None:
+    """Routine ECGs the doctor must look at are held: a patient to settle, or a 're-record'
+    verdict (record again while the patient is here, or send anyway). STAT ones never: an
+    urgent ECG with problems is still sent, its problems marked. With two reasons, the patient's
+    comes first and the hold lasts as long as the longer one."""
+    if recording.stat:
+        return None
+    holds = []
+    patient_s = config.patient.unassigned_ecg_hold_s
+    if patient_s > 0 and recording.patient is None:
+        holds.append(Hold(UNASSIGNED_HOLD, now + patient_s))
+    elif patient_s > 0 and PATIENT_MISMATCH in recording.flags:
+        holds.append(Hold(PATIENT_MISMATCH, now + patient_s))
+    until = quality_hold_until(recording, config, now, quality)
+    if until is not None:
+        holds.append(Hold(QUALITY_HOLD, until))
+    if not holds:
+        return None
+    return Hold(holds[0].reason, max(h.until for h in holds))
+
+
+def patient_fields(recording: EcgRecording) -> dict | None:
+    p = recording.patient
+    if p is None:
+        return None
+    return {
+        "patient_id": p.patient_id,
+        "name": p.name,
+        "issuer": p.issuer,
+        "sex": p.sex,
+        "birth_date": p.birth_date.isoformat() if p.birth_date else None,
+    }
+
+
+def ecg_item_meta(
+    *,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    study_uid: str,
+    series_uid: str,
+    source_format: str,
+    flags: Iterable[str],
+    unassigned: bool,
+    **extra: object,
+) -> dict:
+    """The outbox meta of an ECG item, whatever path it came by: the routing UIDs, where it came
+    from, the flags the doctor must see, whether a patient is known. `extra` carries what only
+    one path knows (leads and rate of a decoded recording; transfer syntax and calling AE of an
+    object received as it is)."""
+    return {
+        "sop_class_uid": sop_class_uid,
+        "sop_instance_uid": sop_instance_uid,
+        "study_uid": study_uid,
+        "series_uid": series_uid,
+        "source_format": source_format,
+        "flags": list(flags),
+        "unassigned": unassigned,
+        **extra,
+    }
+
+
+def deflated_part10(ds: Dataset) -> bytes:
+    """The object as a Deflated Explicit VR Little Endian Part-10 file.
+
+    Deflated once here, at intake: the SD card stores ~40 % fewer bytes, and the forwarder sends
+    the stored bytes as they are to a PACS that accepts deflate (inflating only for one that
+    does not), instead of compressing again at every send.
+    """
+    check_ecg_iod(ds)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def enqueue_recording(
+    outbox: Outbox,
+    recording: EcgRecording,
+    config: Config,
+    *,
+    key: str,
+    now: float | None = None,
+    created_at: dt.datetime | None = None,
+    request: StudyRequest | None = None,
+) -> AddResult:
+    """Build the DICOM object for `recording` and make it durable in the outbox under `key`
+    (held for the doctor when its patient must be settled, see `hold_for`).
+
+    Idempotent: a key already in the outbox returns the existing item and builds nothing.
+    """
+    existing = outbox.find(key)
+    if existing is not None:
+        return AddResult(item=existing, created=False)
+    now = time.time() if now is None else now
+    request = request or StudyRequest()
+    recording = vetted_patient(recording, config)
+    quality = quality_of(recording, config)
+    uids = mint_uids()
+    data = deflated_part10(
+        build_ecg_dataset(recording, uids, station_of(config), created_at=created_at, request=request, quality=quality)
+    )
+    hold = hold_for(recording, config, now, quality)
+    meta = ecg_item_meta(
+        sop_class_uid=choose_sop_class(recording),
+        sop_instance_uid=uids.sop_instance_uid,
+        study_uid=uids.study_uid,
+        series_uid=uids.series_uid,
+        source_format=recording.source_format,
+        flags=recording.flags,
+        unassigned=recording.patient is None,
+        leads=recording.n_leads,
+        sampling_rate_hz=recording.sampling_rate_hz,
+        accession_number=uids.accession_number,
+        acquired_at=recording.acquired_at.isoformat(),  # shown with its report, after the purge
+        device=recording.device.label(),
+        duration_s=round(recording.duration_s, 1),
+        stat=recording.stat,
+        quality=quality.to_json() if quality is not None else None,
+        quality_hold_until=quality_hold_until(recording, config, now, quality),
+        **({"file_patient_id": recording.patient.patient_id} if recording.patient and hold else {}),
+    )
+    result = outbox.add(
+        Kind.DICOM,
+        key,
+        data,
+        priority=Priority.STAT if recording.stat else Priority.ROUTINE,
+        meta=meta,
+        patient=patient_fields(recording),
+        now=now,
+        hold=hold,
+    )
+    if result.created:
+        log.info(
+            "ECG queued as item %d (%d leads, %.0f Hz, %d bytes%s%s)",
+            result.item.id,
+            recording.n_leads,
+            recording.sampling_rate_hz,
+            len(data),
+            ", STAT" if recording.stat else "",
+            f", held ({hold.reason}) for the doctor" if hold else "",
+        )
+    return result
+
+
+class HeldEcgError(LookupError):
+    """The ECG cannot be assigned (unknown, not an ECG, or already sent); the message says why."""
+
+
+def held_ecgs(outbox: Outbox, now: float) -> list[OutboxItem]:
+    """ECGs waiting for the doctor (unassigned, naming another patient, or to be recorded again),
+    oldest first."""
+    return [item for item in outbox.held_items(now, kind=Kind.DICOM) if item.hold_reason in DOCTOR_HOLDS]
+
+
+def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.datetime, by: str = "") -> OutboxItem:
+    """Give a held ECG its patient: the stored object is rebuilt under the same UIDs for
+    `patient` and released to the forwarder. HeldEcgError when it is no ECG of ours or was
+    already sent (then the reading center must correct the study)."""
+    import pydicom
+
+    item = outbox.get(item_id)
+    if item is None or item.kind != Kind.DICOM or item.meta.get("source_format") == LAN_SOURCE_FORMAT:
+        raise HeldEcgError(f"no ECG E{item_id} held at this gateway")
+    if item.attempts or item.state != ItemState.QUEUED:
+        raise HeldEcgError(
+            f"ECG E{item_id} was already sent (state {item.state.value}) as "
+            f"{'UNASSIGNED' if item.meta.get('unassigned') else 'its file patient'}: ask the reading center to "
+            "correct the study's patient"
+        )
+    ds = pydicom.dcmread(io.BytesIO(outbox.read_payload(item)))
+    when = now.astimezone(local_zone()).isoformat(timespec="seconds")
+    note = f"Patient assigned at the gateway on {when}" + (f" by {by}" if by else "")
+    if item.meta.get("unassigned"):
+        note += ": the ECG named no patient"
+    elif item.meta.get("file_patient_id"):
+        note += f": the ECG file named patient {item.meta['file_patient_id']}"
+    data = deflated_part10(reassign_patient(ds, patient, note))
+    flags = [f for f in item.meta.get("flags", []) if f != PATIENT_MISMATCH] + ["patient-assigned-by-doctor"]
+    meta = {**item.meta, "unassigned": False, "flags": flags}
+    fields = {
+        "patient_id": patient.patient_id,
+        "name": patient.name,
+        "issuer": patient.issuer,
+        "sex": patient.sex,
+        "birth_date": patient.birth_date.isoformat() if patient.birth_date else None,
+    }
+    # a 're-record' verdict still waits for the doctor's decision on the recording itself
+    keep = None
+    quality_until = item.meta.get("quality_hold_until")
+    if quality_until is not None and quality_until > now.timestamp():
+        keep = Hold(QUALITY_HOLD, float(quality_until))
+    if not outbox.replace_held_payload(item_id, data, now.timestamp(), meta=meta, patient=fields, hold=keep):
+        raise HeldEcgError(f"ECG E{item_id} was claimed for sending meanwhile: ask the reading center to correct it")
+    log.info("held ECG E%d assigned%s", item_id, " (still held: re-record)" if keep else " and released")
+    updated = outbox.get(item_id)
+    assert updated is not None
+    return updated
+
+
+def _held_ecg(outbox: Outbox, item_id: int, now: float) -> OutboxItem:
+    item = outbox.get(item_id)
+    if item is None or item.kind != Kind.DICOM or not item.held(now):
+        raise HeldEcgError(f"no ECG E{item_id} is held at this gateway (see 'lastmile patient show')")
+    return item
+
+
+def release_held_ecg(outbox: Outbox, item_id: int, now: float, *, by: str = "") -> OutboxItem:
+    """The doctor's "send anyway": a held ECG goes now, as it is (its problems marked in it).
+    A patient still to settle stays: an ECG with no patient goes under a placeholder only when
+    its hold runs out, or at once if the doctor releases it knowingly."""
+    item = _held_ecg(outbox, item_id, now)
+    if not outbox.release_hold(item_id, now):
+        raise HeldEcgError(f"ECG E{item_id} was taken for sending meanwhile")
+    log.info("held ECG E%d (%s) released for sending%s", item_id, item.hold_reason, f" by {by}" if by else "")
+    released = outbox.get(item_id)
+    assert released is not None
+    return released
+
+
+def discard_held_ecg(outbox: Outbox, item_id: int, now: float, *, by: str = "") -> OutboxItem:
+    """The doctor recorded again: this one is never sent. It is kept, quarantined with the reason
+    (`lastmile retry E<n>` would still send it), never deleted: it is patient data."""
+    item = _held_ecg(outbox, item_id, now)
+    reason = "recorded again at the gateway: the doctor kept this ECG from being sent" + (f" ({by})" if by else "")
+    outbox.quarantine(item_id, reason, now)
+    log.info("held ECG E%d (%s) discarded: recorded again", item_id, item.hold_reason)
+    discarded = outbox.get(item_id)
+    assert discarded is not None
+    return discarded
+
+
+def with_patient_check(recording: EcgRecording, current_patient_id: str | None) -> EcgRecording:
+    """The file's patient is kept; if the gateway's current patient is another one, the
+    recording is flagged for the doctor (never re-assigned). A file without a patient stays
+    unassigned: a stick may hold ECGs of many patients."""
+    if (
+        current_patient_id
+        and recording.patient is not None
+        and recording.patient.patient_id != current_patient_id
+        and PATIENT_MISMATCH not in recording.flags
+    ):
+        return dataclasses.replace(recording, flags=recording.flags + (PATIENT_MISMATCH,))
+    return recording
+
+
+# -- files: `lastmile import` and the watched USB folders -----------------------------------------
+
+
+def read_ecg_file(path: str | Path) -> EcgRecording:
+    """Decode a file from disk (read-only); the receipt time stands in when the file has none."""
+    from devices.ecg.formats import decode_ecg
+
+    path = Path(path)
+    return decode_ecg(path.read_bytes(), path.name, local_tz=local_zone(), received_at=dt.datetime.now(dt.timezone.utc))
+
+
+def file_enqueuer(
+    outbox: Outbox,
+    config: Config,
+    current_patient_id: CurrentPatient = _no_current_patient,
+    request: Callable[[], StudyRequest] = StudyRequest,
+    stat: bool = False,
+) -> Callable[[EcgRecording, str], bool]:
+    """(recording, key) -> created, for firmware_bridge.usb_import: builds the DICOM object (UIDs
+    minted once) and stores it; a recording no DICOM ECG can hold is refused (FileRefused).
+    `request`: the doctor and reason of the moment; `stat`: every file is urgent (`import --stat`)."""
+    from firmware_bridge.errors import FileRefused
+    from uploader.errors import InvalidObjectError
+
+    def enqueue(recording: EcgRecording, key: str) -> bool:
+        recording = with_patient_check(vetted_patient(recording, config), current_patient_id())
+        if stat and not recording.stat:
+            recording = dataclasses.replace(recording, stat=True)
+        try:
+            return enqueue_recording(outbox, recording, config, key=key, request=request()).created
+        except InvalidObjectError as exc:
+            raise FileRefused(f"cannot become a DICOM ECG: {exc}") from None
+
+    return enqueue
+
+
+def import_files(
+    outbox: Outbox,
+    config: Config,
+    roots: Iterable[str | Path],
+    *,
+    current_patient_id: CurrentPatient = _no_current_patient,
+    progress: Callable | None = None,
+    request: Callable[[], StudyRequest] = StudyRequest,
+    stat: bool = False,
+) -> ImportSummary:
+    """Import every ECG file under `roots`, each once (by content hash)."""
+    from firmware_bridge.usb_import import import_paths
+
+    return import_paths(
+        roots,
+        is_known=lambda key: outbox.find(key) is not None,
+        enqueue=file_enqueuer(outbox, config, current_patient_id, request, stat),
+        local_tz=local_zone(),
+        now=lambda: dt.datetime.now(dt.timezone.utc),
+        progress=progress,
+    )
+
+
+def usb_import_watcher(
+    config: Config, outbox: Outbox, current_patient_id: CurrentPatient = _no_current_patient
+) -> FolderWatcher:
+    """A FolderWatcher over `usb_import.folders`; call its poll() every few seconds (or on a
+    udev 'add' event for a mass-storage device mounted there)."""
+    from firmware_bridge.usb_import import FolderWatcher
+
+    def run(roots: Iterable[str | Path]) -> ImportSummary:
+        return import_files(
+            outbox, config, roots, current_patient_id=current_patient_id, request=lambda: clinic_request(config)
+        )
+
+    return FolderWatcher(config.usb_import.folders, run)
+
+
+# -- the clinic-LAN receiver: objects stored as received ------------------------------------------
+
+
+def lan_object_store(
+    outbox: Outbox, current_patient_id: CurrentPatient = _no_current_patient
+) -> Callable[[ReceivedObject], None]:
+    """ReceivedObject -> durable outbox item, for firmware_bridge.dicom_receiver: the object is
+    stored as received (its bytes, its UIDs); the SOP Instance UID is the key, so a cart that
+    sends the same object again gets Success without a second item. A patient other than the
+    gateway's current one is flagged in the item's meta (the object itself is not touched)."""
+
+    def store(obj: ReceivedObject) -> None:
+        current = current_patient_id()
+        mismatch = bool(current and obj.patient and obj.patient["patient_id"] != current)
+        meta = ecg_item_meta(
+            sop_class_uid=obj.sop_class_uid,
+            sop_instance_uid=obj.sop_instance_uid,
+            study_uid=obj.study_uid,
+            series_uid=obj.series_uid,
+            source_format=LAN_SOURCE_FORMAT,
+            flags=[PATIENT_MISMATCH] if mismatch else [],
+            unassigned=obj.patient is None,
+            transfer_syntax=obj.transfer_syntax,
+            calling_ae=obj.calling_ae,
+        )
+        outbox.add(
+            Kind.DICOM,
+            "dicom-sop:" + obj.sop_instance_uid,
+            obj.data,
+            priority=Priority.ROUTINE,
+            meta=meta,
+            patient=obj.patient,
+        )
+
+    return store
+
+
+def start_lan_receiver(
+    config: Config, outbox: Outbox, current_patient_id: CurrentPatient = _no_current_patient
+) -> DicomReceiver | None:
+    """The clinic-LAN storage SCP from `lan_receiver.*`, started; None when disabled."""
+    from firmware_bridge.dicom_receiver import DicomReceiver, settings_from
+
+    section = config.lan_receiver
+    if not section.enabled:
+        return None
+    receiver = DicomReceiver(
+        settings_from(
+            section.ae_title,
+            section.port,
+            section.allowed_callers,
+            section.sop_classes,
+            host=section.host,
+            timeout_s=config.reading_center.timeout_s,
+            max_object_bytes=max(1, section.max_object_mb) * 2**20,
+        ),
+        lan_object_store(outbox, current_patient_id),
+    )
+    receiver.start()
+    return receiver

@@ -1,0 +1,1 @@
+"""Reports from the county reading center: what we sent, what came back, critical alerts."""

@@ -1,0 +1,242 @@
+"""Which studies did we send: the forwarder's "sent" events → `sent_studies` in clinic.db.
+
+The forwarder knows nothing of clinic.db: the forward service hands it `SentStudyRecorder.on_event`
+as its observer. The observer runs on the send threads, between C-STOREs, so it only takes a
+snapshot (the outbox item: study UID, patient, STAT; the payload file's bytes, from the page cache
+— the purge deletes them after commitment) and queues it; no write, no fsync. A small thread reads
+the ECG's own acquisition time and accession from those bytes and writes the records in batches
+(one fsync per batch, off the send path). Items still in the outbox at start
+(a crash before a batch was written) are recorded by `backfill`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from lastmile.clinic.db import utc_now
+from lastmile.reports.store import ReportStore, SentStudy
+from uploader.errors import UploadError
+from uploader.outbox import ItemState, Kind, Outbox, OutboxItem, Priority
+from uploader.report_reading import dicom_datetime_iso
+
+log = logging.getLogger(__name__)
+
+BATCH_WINDOW_S = 0.25  # sent events within this go into one transaction
+BATCH_MAX = 200
+COMMITMENT_NOTE_S = 30.0  # commitment times are copied at most this often
+ECG_FACT_TAGS = ["AcquisitionDateTime", "StudyDate", "StudyTime", "AccessionNumber", "StudyDescription"]
+_STOP = object()
+
+
+def ecg_facts(payload: bytes) -> dict[str, str]:
+    """The ECG's acquisition time (ISO, with its offset), accession and description; {} if the
+    payload cannot be read (the record then falls back to when the item was queued)."""
+    try:
+        ds = dcmread(io.BytesIO(payload), specific_tags=ECG_FACT_TAGS)
+    except (OSError, InvalidDicomError, ValueError, EOFError, KeyError, TypeError) as exc:
+        log.debug("cannot read the ECG facts from a payload: %s", exc)
+        return {}
+    when = dicom_datetime_iso(ds.get("AcquisitionDateTime"))
+    if not when and ds.get("StudyDate"):
+        when = dicom_datetime_iso(f"{ds.get('StudyDate')}{ds.get('StudyTime', '')}")
+    return {
+        "ecg_time": when,
+        "accession": str(ds.get("AccessionNumber", "") or ""),
+        "description": str(ds.get("StudyDescription", "") or ""),
+    }
+
+
+def sent_study_of(item: OutboxItem, facts: dict[str, str], sent_at: dt.datetime) -> SentStudy | None:
+    study_uid = str(item.meta.get("study_uid") or "")
+    if not study_uid:
+        return None
+    patient = item.patient or {}
+    queued = dt.datetime.fromtimestamp(item.created_at, dt.timezone.utc).isoformat()
+    return SentStudy(
+        study_uid=study_uid,
+        sent_at=sent_at,
+        stat=item.priority == Priority.STAT,
+        patient_id=str(patient.get("patient_id") or ""),
+        patient_name=str(patient.get("name") or ""),
+        ecg_time=str(item.meta.get("acquired_at") or "") or facts.get("ecg_time") or queued,
+        accession=facts.get("accession", ""),
+        description=facts.get("description", ""),
+        sop_instance_uid=str(item.meta.get("sop_instance_uid") or ""),
+        outbox_item_id=item.id,
+        committed_at=(
+            dt.datetime.fromtimestamp(item.committed_at, dt.timezone.utc) if item.committed_at is not None else None
+        ),
+    )
+
+
+class SentStudyRecorder:
+    """Forwarder observer (`on_event`) that keeps the sent-study records, off the send path."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        store: ReportStore,
+        *,
+        on_new_study: Callable[[], None] | None = None,
+        clock: Callable[[], dt.datetime] = utc_now,
+    ) -> None:
+        self.outbox = outbox
+        self.store = store
+        self.on_new_study = on_new_study or (lambda: None)
+        self.clock = clock
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._commitments_pending = False
+        self._last_commitment_note = 0.0
+        self.recorded = 0
+
+    # -- the observer (send threads) ---------------------------------------------------------
+    def on_event(self, kind: str, info: dict[str, Any]) -> None:
+        try:
+            if kind == "sent" and "id" in info:
+                # snapshot now: once committed, the item may be purged (meta and patient wiped)
+                item = self.outbox.get(int(info["id"]))
+                if item is not None and item.kind == Kind.DICOM and item.meta:
+                    self._queue.put(("sent", self.snapshot(item), self.clock()))
+            elif kind == "committed" and info.get("committed"):
+                self._queue.put(("committed", None, self.clock()))
+        except Exception:  # an observer must never break a send
+            log.exception("could not note a sent study")
+
+    # -- the writer thread ---------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="sent-studies", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(_STOP)
+            thread.join(timeout_s)
+        self.drain()  # whatever came after the thread stopped
+
+    def _run(self) -> None:
+        while True:
+            try:
+                first = self._queue.get(timeout=COMMITMENT_NOTE_S if self._commitments_pending else None)
+            except queue.Empty:
+                self._write([])  # the deferred commitment note
+                continue
+            if first is _STOP:
+                return
+            batch = [first]
+            # what else comes within BATCH_WINDOW_S goes in the same transaction (one fsync): a
+            # chunk of C-STOREs becomes one write, not one per ECG. The snapshots are taken
+            # already, so the purge cannot take anything from us meanwhile.
+            deadline = time.monotonic() + BATCH_WINDOW_S
+            while len(batch) < BATCH_MAX:
+                try:
+                    more = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if more is _STOP:
+                    self._write(batch)
+                    return
+                batch.append(more)
+            self._write(batch)
+
+    def drain(self) -> int:
+        """Write what is queued now (tests, close), the pending commitment note included."""
+        batch = []
+        while True:
+            try:
+                entry = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if entry is not _STOP:
+                batch.append(entry)
+        self._commitments_pending |= any(what == "committed" for what, _s, _a in batch)
+        return self._write(batch, note_now=True)
+
+    def _write(self, batch: list[tuple[str, Any, dt.datetime]], *, note_now: bool = False) -> int:
+        new = 0
+        try:
+            studies = [self.study_of(snap[0], snap[1], at) for what, snap, at in batch if what == "sent"]
+            new = self.store.record_sent_many([s for s in studies if s is not None])
+            self.recorded += new
+            if new:
+                log.info("%d sent stud(ies) recorded", new)
+            # commitment times are a nicety: copied at most every COMMITMENT_NOTE_S (one write)
+            self._commitments_pending |= any(what == "committed" for what, _s, _a in batch)
+            due = time.monotonic() - self._last_commitment_note >= COMMITMENT_NOTE_S
+            if self._commitments_pending and (due or note_now):
+                self._commitments_pending = False
+                self._last_commitment_note = time.monotonic()
+                self.note_commitments()
+        except Exception:
+            # a record we could not write must not stop the forwarder; backfill retries at start
+            log.exception("could not record sent studies")
+        if new:
+            self.on_new_study()
+        return new
+
+    def snapshot(self, item: OutboxItem) -> tuple[OutboxItem, bytes | None]:
+        """The item, and the object's bytes only for what intake did not note in its meta (the
+        acquisition time of objects received from the clinic LAN)."""
+        return item, None if item.meta.get("acquired_at") else self.payload_of(item)
+
+    def record_item(self, item_id: int, sent_at: dt.datetime) -> int:
+        item = self.outbox.get(item_id)
+        if item is None or item.kind != Kind.DICOM or not item.meta:
+            return 0
+        study = self.study_of(*self.snapshot(item), sent_at)
+        new = self.store.record_sent_many([study] if study else [])
+        self.recorded += new
+        return new
+
+    def payload_of(self, item: OutboxItem) -> bytes | None:
+        """The ECG object's bytes, or None. Read at once on the send thread (the page cache has
+        them: they were just sent), because after commitment the purge deletes them. A payload
+        file is read as a file: the outbox's verifying read_payload would quarantine from here."""
+        path = self.outbox.payload_path(item)
+        try:
+            if path is not None:
+                return path.read_bytes()
+            return self.outbox.read_payload(item)  # a small object kept in the database
+        except (OSError, LookupError, UploadError):
+            return None
+
+    @staticmethod
+    def study_of(item: OutboxItem, payload: bytes | None, sent_at: dt.datetime) -> SentStudy | None:
+        return sent_study_of(item, ecg_facts(payload) if payload else {}, sent_at)
+
+    def note_commitments(self) -> None:
+        """Copy commitment times from the outbox (they stay there after the purge)."""
+        done = []
+        for study in self.store.uncommitted():
+            if study.outbox_item_id is None:
+                continue
+            item = self.outbox.get(study.outbox_item_id)
+            if item is not None and item.committed_at is not None:
+                done.append((study.study_uid, dt.datetime.fromtimestamp(item.committed_at, dt.timezone.utc)))
+        if done:
+            self.store.set_committed(done)
+
+    def backfill(self) -> int:
+        """Record sent or committed ECG items of the outbox that have no record yet."""
+        new = 0
+        for state in (ItemState.SENT, ItemState.COMMITTED):
+            for item in self.outbox.items(state=state, kind=Kind.DICOM):
+                sent_at = dt.datetime.fromtimestamp(item.sent_at or item.updated_at, dt.timezone.utc)
+                uid = str(item.meta.get("study_uid") or "")
+                if uid and self.store.study(uid) is None:
+                    new += self.record_item(item.id, sent_at)
+        if new:
+            log.info("%d sent stud(ies) recorded from the outbox at start", new)
+        return new

@@ -1,0 +1,134 @@
+"""The reports part of the forward service: record what was sent, poll for what comes back.
+
+`ReportService(config, outbox)` owns its clinic.db connection, the sent-study recorder (whose
+`on_event` the forward service hands to the ECG forwarder) and the poller thread. The forward
+service's step only checks that the thread is alive: polling never holds up a C-STORE.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from lastmile.config import Config
+from lastmile.reports.alerts import CriticalAlerter
+from lastmile.reports.policy import DAY, HOUR, PollPolicy
+from lastmile.reports.poller import PollerSettings, PollerThread, PollRound, ReportPoller
+from lastmile.reports.sent import SentStudyRecorder
+from lastmile.reports.store import ReportStore
+from uploader.dicom_association import PeerSettings
+from uploader.report_reading import CriticalRules
+
+if TYPE_CHECKING:
+    from uploader.fhir_reports import FhirReportClient
+    from uploader.outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+
+def poller_settings(config: Config) -> PollerSettings:
+    r = config.reports
+    return PollerSettings(
+        source=r.source,
+        policy=PollPolicy(
+            stat_poll_s=max(1.0, r.stat_poll_s),
+            stat_hurry_s=r.stat_hurry_h * HOUR,
+            amendment_poll_s=r.amendment_poll_h * HOUR,
+            window_s=r.window_days * DAY,
+        ),
+        batch_size=max(1, r.batch_size),
+        move_ae=r.move_ae,
+        move_port=r.move_port,
+        move_host=r.move_host,
+        backoff_base_s=r.backoff_base_s,
+        backoff_max_s=r.backoff_max_s,
+        config_fault_retry_s=config.outbox.config_fault_retry_s,
+        retention_days=r.retention_days,
+    )
+
+
+def critical_rules(config: Config) -> CriticalRules:
+    from lastmile.config import ConfigError
+
+    try:
+        return CriticalRules.parse(config.reports.critical_codes, config.reports.critical_keywords)
+    except ValueError as exc:
+        raise ConfigError(f"reports.critical_codes: {exc}") from None
+
+
+def fhir_report_client(config: Config) -> FhirReportClient | None:
+    if not config.fhir.base_url:
+        return None
+    from uploader.fhir_reports import FhirReportClient
+    from uploader.fhir_sender import FhirSenderSettings
+
+    f = config.fhir
+    return FhirReportClient(
+        FhirSenderSettings(base_url=f.base_url, token_file=f.token_file, ca_file=f.ca_file, timeout_s=f.timeout_s)
+    )
+
+
+def make_poller(config: Config, store: ReportStore, peer: PeerSettings | None) -> ReportPoller:
+    settings = poller_settings(config)
+    return ReportPoller(
+        store,
+        settings,
+        peer=peer if settings.dicom else None,
+        fhir=fhir_report_client(config) if settings.fhir else None,
+        rules=critical_rules(config),
+        alerter=CriticalAlerter(store, config.reports.critical_command),
+    )
+
+
+class ReportService:
+    def __init__(self, config: Config, outbox: Outbox, peer: PeerSettings) -> None:
+        self.enabled = config.reports.source != "off"
+        self.store = ReportStore.open(config.data_dir)
+        try:
+            self.poller = make_poller(config, self.store, peer) if self.enabled else None
+        except BaseException:
+            self.store.close()
+            raise
+        self.thread = PollerThread(self.poller, on_round=self._log_round) if self.poller else None
+        wake = self.thread.wake if self.thread else None
+        # studies are recorded even with polling off: turning it on later finds them
+        self.recorder = SentStudyRecorder(outbox, self.store, on_new_study=wake)
+
+    def start(self) -> None:
+        self.recorder.backfill()
+        self.recorder.start()
+        if self.thread is not None:
+            self.thread.start()
+
+    def check(self) -> None:
+        """Raise if the poller thread died (the service then exits and systemd restarts it)."""
+        if self.thread is not None and not self.thread.alive:
+            raise RuntimeError(f"the report poller stopped: {self.thread.error!r}")
+
+    def close(self) -> None:
+        if self.thread is not None:
+            self.thread.stop()
+        self.recorder.stop()
+        if self.poller is not None and self.poller.fhir is not None:
+            self.poller.fhir.close()
+        self.store.close()
+
+    def status_line(self) -> str:
+        if self.thread is None or self.thread.last_round is None:
+            return "reports: waiting" if self.enabled else "reports: off"
+        r = self.thread.last_round
+        return f"reports: asked {r.asked}, stored {r.stored}" + (
+            f", ERROR {r.error or r.fault}" if r.error or r.fault else ""
+        )
+
+    @staticmethod
+    def _log_round(result: PollRound) -> None:
+        log.info(
+            "report round: asked %d, found %d, stored %d (critical %d), %d bytes%s",
+            result.asked,
+            result.found,
+            result.stored,
+            result.critical,
+            result.bytes,
+            f", {result.error or result.fault}" if result.error or result.fault else "",
+        )

@@ -1,0 +1,489 @@
+"""The studies we sent and the reports that came back for them, in clinic.db.
+
+`sent_studies` is the durable "which studies did we send" record: written when the forwarder
+reports an ECG sent (lastmile.reports.sent), it outlives the outbox's purge of the item, so a
+report arriving days later is still linked to its ECG (time, patient, STAT). `reports` keeps each
+report object as received (bytes or JSON) with its readable text, status and flags.
+
+Replacement rules (`add_report`): a report naming earlier ones as predecessors (SR Predecessor
+Documents, a new version of the same FHIR DiagnosticReport) supersedes them; a final SR or FHIR
+report supersedes the preliminary ones of its study. Superseded reports stay (marked) until the
+retention purge. A final report without problems ends routine polling for its study.
+
+Thread-safe (one connection under a lock): the forwarder's send threads record studies while
+the poller thread adds reports; other processes (`lastmile report ack`) share the file (WAL).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import sqlite_utils
+
+from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
+
+if TYPE_CHECKING:
+    # pydicom is heavy: the console and `doctor` read the store without it
+    from uploader.report_reading import ReportContent
+
+POLLER_STATUS = "poller"  # the status row the poller keeps (last success, fault, failing since)
+
+CACHE_KIB = 256
+FINAL_KINDS = frozenset({"sr", "fhir"})  # kinds whose final report replaces the preliminary ones
+
+
+@dataclass(frozen=True)
+class SentStudy:
+    study_uid: str
+    sent_at: dt.datetime
+    stat: bool = False
+    patient_id: str = ""
+    patient_name: str = ""
+    ecg_time: str = ""
+    accession: str = ""
+    description: str = ""
+    sop_instance_uid: str = ""
+    outbox_item_id: int | None = None
+    committed_at: dt.datetime | None = None
+    final_at: dt.datetime | None = None
+    last_polled_at: dt.datetime | None = None
+    polls: int = 0
+
+
+@dataclass(frozen=True)
+class StoredReport:
+    id: int
+    study_uid: str
+    source: str
+    kind: str
+    object_uid: str
+    version: str
+    status: str
+    superseded_by: int | None
+    title: str
+    text: str
+    observer: str
+    report_time: str
+    patient_id: str
+    patient_name: str
+    critical: tuple[str, ...]
+    problems: tuple[str, ...]
+    document_type: str
+    alerted_at: dt.datetime | None
+    acknowledged_at: dt.datetime | None
+    acknowledged_by: str
+    received_at: dt.datetime
+
+    @property
+    def current(self) -> bool:
+        return self.superseded_by is None
+
+    @property
+    def needs_acknowledgement(self) -> bool:
+        return bool(self.critical) and self.acknowledged_at is None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "study_uid": self.study_uid,
+            "source": self.source,
+            "kind": self.kind,
+            "status": self.status,
+            "superseded_by": self.superseded_by,
+            "title": self.title,
+            "observer": self.observer,
+            "report_time": self.report_time,
+            "critical": list(self.critical),
+            "problems": list(self.problems),
+            "acknowledged_at": self.acknowledged_at.isoformat() if self.acknowledged_at else None,
+            "acknowledged_by": self.acknowledged_by or None,
+            "received_at": self.received_at.isoformat(),
+            "document_type": self.document_type or None,
+        }
+
+
+@dataclass(frozen=True)
+class AddedReport:
+    report: StoredReport
+    created: bool
+    superseded: tuple[int, ...] = ()
+
+
+_REPORT_COLUMNS = (
+    "id, study_uid, source, kind, object_uid, version, status, superseded_by, title, text, observer, "
+    "report_time, patient_id, patient_name, critical, problems, document_type, alerted_at, "
+    "acknowledged_at, acknowledged_by, received_at"
+)
+
+
+def _study(row: sqlite3.Row) -> SentStudy:
+    return SentStudy(
+        study_uid=row["study_uid"],
+        sent_at=from_iso(row["sent_at"]) or dt.datetime.fromtimestamp(0, dt.timezone.utc),
+        stat=bool(row["stat"]),
+        patient_id=row["patient_id"] or "",
+        patient_name=row["patient_name"] or "",
+        ecg_time=row["ecg_time"] or "",
+        accession=row["accession"] or "",
+        description=row["description"] or "",
+        sop_instance_uid=row["sop_instance_uid"] or "",
+        outbox_item_id=row["outbox_item_id"],
+        committed_at=from_iso(row["committed_at"]),
+        final_at=from_iso(row["final_at"]),
+        last_polled_at=from_iso(row["last_polled_at"]),
+        polls=row["polls"] or 0,
+    )
+
+
+def _report(row: sqlite3.Row) -> StoredReport:
+    return StoredReport(
+        id=row["id"],
+        study_uid=row["study_uid"],
+        source=row["source"],
+        kind=row["kind"],
+        object_uid=row["object_uid"],
+        version=row["version"] or "",
+        status=row["status"],
+        superseded_by=row["superseded_by"],
+        title=row["title"] or "",
+        text=row["text"] or "",
+        observer=row["observer"] or "",
+        report_time=row["report_time"] or "",
+        patient_id=row["patient_id"] or "",
+        patient_name=row["patient_name"] or "",
+        critical=tuple(json.loads(row["critical"])) if row["critical"] else (),
+        problems=tuple(json.loads(row["problems"])) if row["problems"] else (),
+        document_type=row["document_type"] or "",
+        alerted_at=from_iso(row["alerted_at"]),
+        acknowledged_at=from_iso(row["acknowledged_at"]),
+        acknowledged_by=row["acknowledged_by"] or "",
+        received_at=from_iso(row["received_at"]) or dt.datetime.fromtimestamp(0, dt.timezone.utc),
+    )
+
+
+def _json_list(values: Sequence[str]) -> str | None:
+    return json.dumps(list(values), ensure_ascii=False) if values else None
+
+
+def _placeholders(values: Sequence[object]) -> str:
+    return ",".join("?" * len(values))
+
+
+class ReportStore:
+    def __init__(self, db: sqlite_utils.Database) -> None:
+        self.db = db
+        self._lock = threading.RLock()
+
+    @classmethod
+    def open(cls, data_dir: str | os.PathLike[str]) -> ReportStore:
+        db = open_clinic_db(data_dir)
+        # a few hundred small rows: SQLite's default 2 MB page cache would only grow the
+        # forward process's RSS (goal 64 MB on a 512 MB Pi)
+        db.conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
+        return cls(db)
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.conn.close()
+
+    def __enter__(self) -> ReportStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return list(self.db.conn.execute(sql, params).fetchall())
+
+    # -- sent studies --------------------------------------------------------------------------
+    def record_sent(self, study: SentStudy) -> bool:
+        """Remember a sent study; True if it is new. Sent again (a re-send after a failed
+        commitment, a second series): the first record stays, STAT and a known patient win."""
+        return self.record_sent_many([study]) == 1
+
+    def record_sent_many(self, studies: Sequence[SentStudy]) -> int:
+        """`record_sent` for many, in one transaction (one fsync); returns how many were new."""
+        if not studies:
+            return 0
+        with self._lock, transaction(self.db) as conn:
+            return sum(self._record_one(conn, s) for s in studies)
+
+    @staticmethod
+    def _record_one(conn: sqlite3.Connection, study: SentStudy) -> int:
+        row = conn.execute("SELECT study_uid FROM sent_studies WHERE study_uid = ?", (study.study_uid,)).fetchone()
+        if row is not None:
+            conn.execute(
+                "UPDATE sent_studies SET stat = MAX(stat, ?), "
+                "patient_id = COALESCE(NULLIF(patient_id, ''), ?), "
+                "patient_name = COALESCE(NULLIF(patient_name, ''), ?) WHERE study_uid = ?",
+                (int(study.stat), study.patient_id, study.patient_name, study.study_uid),
+            )
+            return 0
+        conn.execute(
+            "INSERT INTO sent_studies (study_uid, outbox_item_id, sop_instance_uid, accession, patient_id, "
+            "patient_name, ecg_time, description, stat, sent_at, committed_at, polls) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
+            (
+                study.study_uid,
+                study.outbox_item_id,
+                study.sop_instance_uid,
+                study.accession,
+                study.patient_id,
+                study.patient_name,
+                study.ecg_time,
+                study.description,
+                int(study.stat),
+                iso(study.sent_at),
+                iso(study.committed_at) if study.committed_at else None,
+            ),
+        )
+        return 1
+
+    def set_committed(self, committed: Iterable[tuple[str, dt.datetime]]) -> None:
+        with self._lock, transaction(self.db) as conn:
+            for study_uid, at in committed:
+                conn.execute(
+                    "UPDATE sent_studies SET committed_at = ? WHERE study_uid = ? AND committed_at IS NULL",
+                    (iso(at), study_uid),
+                )
+
+    def uncommitted(self) -> list[SentStudy]:
+        return [_study(r) for r in self._rows("SELECT * FROM sent_studies WHERE committed_at IS NULL")]
+
+    def study(self, study_uid: str) -> SentStudy | None:
+        rows = self._rows("SELECT * FROM sent_studies WHERE study_uid = ?", (study_uid,))
+        return _study(rows[0]) if rows else None
+
+    def studies(self, *, since: dt.datetime | None = None) -> list[SentStudy]:
+        """Sent studies, newest first (those sent at or after `since`)."""
+        if since is None:
+            return [_study(r) for r in self._rows("SELECT * FROM sent_studies ORDER BY sent_at DESC")]
+        rows = self._rows("SELECT * FROM sent_studies WHERE sent_at >= ? ORDER BY sent_at DESC", (iso(since),))
+        return [_study(r) for r in rows]
+
+    def mark_polled(
+        self, study_uids: Sequence[str], now: dt.datetime, *, status: tuple[str, dict[str, Any]] | None = None
+    ) -> None:
+        """The reading center was asked about these studies now; with `status`, the poller's
+        status is written in the same transaction."""
+        with self._lock, transaction(self.db) as conn:
+            for uid in study_uids:
+                conn.execute(
+                    "UPDATE sent_studies SET last_polled_at = ?, polls = polls + 1 WHERE study_uid = ?",
+                    (iso(now), uid),
+                )
+            if status is not None:
+                self._set_status(conn, *status, now)
+
+    # -- reports -------------------------------------------------------------------------------
+    def has_object(self, object_uid: str, version: str = "") -> bool:
+        rows = self._rows("SELECT 1 FROM reports WHERE object_uid = ? AND version = ?", (object_uid, version))
+        return bool(rows)
+
+    def known_versions(self, object_uids: Iterable[str]) -> dict[str, str]:
+        """object uid → the version of its current report (FHIR conditional reads)."""
+        uids = list(object_uids)
+        if not uids:
+            return {}
+        rows = self._rows(
+            f"SELECT object_uid, version FROM reports WHERE superseded_by IS NULL "
+            f"AND object_uid IN ({_placeholders(uids)})",
+            uids,
+        )
+        return {r[0]: r[1] for r in rows}
+
+    def add_report(self, content: ReportContent, data: bytes, source: str, now: dt.datetime) -> AddedReport:
+        """Store one report object (as received) for its study; see the module docstring for what
+        it replaces. The study must be one we sent (KeyError otherwise): reports for studies this
+        gateway did not send are never stored."""
+        with self._lock, transaction(self.db) as conn:
+            existing = conn.execute(
+                f"SELECT {_REPORT_COLUMNS} FROM reports WHERE object_uid = ? AND version = ?",
+                (content.object_uid, content.version),
+            ).fetchone()
+            if existing is not None:
+                return AddedReport(_report(existing), created=False)
+            study = conn.execute(
+                "SELECT patient_id FROM sent_studies WHERE study_uid = ?", (content.study_uid,)
+            ).fetchone()
+            if study is None:
+                raise KeyError(f"study {content.study_uid} was not sent by this gateway")
+            problems = list(content.problems)
+            ours = study["patient_id"] or ""
+            if ours and content.patient_id and content.patient_id != ours:
+                problems.append(
+                    f"the report names patient {content.patient_id}, the ECG was of {ours}: check before use"
+                )
+            final = content.final and not problems
+            status = content.status if final else "preliminary"
+            text = content.text
+            if len(problems) > len(content.problems):
+                text += "\nCheck: " + problems[-1]
+            cur = conn.execute(
+                "INSERT INTO reports (study_uid, source, kind, object_uid, version, sop_class_uid, status, title, "
+                "text, observer, report_time, patient_id, patient_name, critical, problems, document_type, "
+                "received_at, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    content.study_uid,
+                    source,
+                    content.kind,
+                    content.object_uid,
+                    content.version,
+                    content.sop_class_uid,
+                    status,
+                    content.title,
+                    text,
+                    content.observer,
+                    content.report_time,
+                    content.patient_id,
+                    content.patient_name,
+                    _json_list(content.critical),
+                    _json_list(problems),
+                    content.document_type,
+                    iso(now),
+                    data,
+                ),
+            )
+            new_id = int(cur.lastrowid or 0)
+            replaced = {
+                r[0]
+                for r in conn.execute(
+                    "SELECT id FROM reports WHERE object_uid = ? AND id != ? AND superseded_by IS NULL",
+                    (content.object_uid, new_id),
+                )
+            }
+            amends = [u for u in content.amends if u != content.object_uid]
+            if amends:
+                replaced |= {
+                    r[0]
+                    for r in conn.execute(
+                        f"SELECT id FROM reports WHERE superseded_by IS NULL AND object_uid IN ({_placeholders(amends)})",
+                        amends,
+                    )
+                }
+            if final and content.kind in FINAL_KINDS:
+                replaced |= {
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT id FROM reports WHERE study_uid = ? AND kind = ? AND status = 'preliminary' "
+                        "AND superseded_by IS NULL AND id != ?",
+                        (content.study_uid, content.kind, new_id),
+                    )
+                }
+            if replaced:
+                ids = sorted(replaced)
+                replaced_final = conn.execute(
+                    f"SELECT 1 FROM reports WHERE id IN ({_placeholders(ids)}) AND status != 'preliminary'", ids
+                ).fetchone()
+                conn.execute(f"UPDATE reports SET superseded_by = ? WHERE id IN ({_placeholders(ids)})", [new_id, *ids])
+                if status == "final" and replaced_final:
+                    status = "amended"  # it corrects a final report the doctor may have acted on
+                    conn.execute("UPDATE reports SET status = ? WHERE id = ?", (status, new_id))
+            if final:
+                conn.execute(
+                    "UPDATE sent_studies SET final_at = COALESCE(final_at, ?) WHERE study_uid = ?",
+                    (iso(now), content.study_uid),
+                )
+            row = conn.execute(f"SELECT {_REPORT_COLUMNS} FROM reports WHERE id = ?", (new_id,)).fetchone()
+            return AddedReport(_report(row), created=True, superseded=tuple(sorted(replaced)))
+
+    def get(self, report_id: int) -> StoredReport | None:
+        rows = self._rows(f"SELECT {_REPORT_COLUMNS} FROM reports WHERE id = ?", (report_id,))
+        return _report(rows[0]) if rows else None
+
+    def data_of(self, report_id: int) -> bytes | None:
+        rows = self._rows("SELECT data FROM reports WHERE id = ?", (report_id,))
+        return bytes(rows[0][0]) if rows else None
+
+    def reports(self, *, study_uid: str | None = None, current_only: bool = False) -> list[StoredReport]:
+        where, params = [], []
+        if study_uid is not None:
+            where.append("study_uid = ?")
+            params.append(study_uid)
+        if current_only:
+            where.append("superseded_by IS NULL")
+        sql = f"SELECT {_REPORT_COLUMNS} FROM reports" + (" WHERE " + " AND ".join(where) if where else "")
+        return [_report(r) for r in self._rows(sql + " ORDER BY id", params)]
+
+    # -- critical results ------------------------------------------------------------------------
+    def unacknowledged_critical(self) -> list[StoredReport]:
+        rows = self._rows(
+            f"SELECT {_REPORT_COLUMNS} FROM reports WHERE critical IS NOT NULL AND acknowledged_at IS NULL ORDER BY id"
+        )
+        return [_report(r) for r in rows]
+
+    def not_alerted(self) -> list[StoredReport]:
+        rows = self._rows(
+            f"SELECT {_REPORT_COLUMNS} FROM reports WHERE critical IS NOT NULL AND alerted_at IS NULL "
+            "AND acknowledged_at IS NULL ORDER BY id"
+        )
+        return [_report(r) for r in rows]
+
+    def mark_alerted(self, report_id: int, now: dt.datetime) -> None:
+        with self._lock, transaction(self.db) as conn:
+            conn.execute("UPDATE reports SET alerted_at = ? WHERE id = ?", (iso(now), report_id))
+
+    def acknowledge(self, report_id: int, by: str, now: dt.datetime) -> StoredReport:
+        """The doctor has seen this report (a critical one stops failing `lastmile doctor`)."""
+        with self._lock, transaction(self.db) as conn:
+            cur = conn.execute(
+                "UPDATE reports SET acknowledged_at = COALESCE(acknowledged_at, ?), "
+                "acknowledged_by = COALESCE(acknowledged_by, ?) WHERE id = ?",
+                (iso(now), by or None, report_id),
+            )
+            if cur.rowcount == 0:
+                raise KeyError(f"no report {report_id}")
+        report = self.get(report_id)
+        assert report is not None
+        return report
+
+    # -- status of the poller (for `lastmile doctor`) ---------------------------------------------
+    def set_status(self, name: str, value: dict[str, Any], now: dt.datetime) -> None:
+        with self._lock, transaction(self.db) as conn:
+            self._set_status(conn, name, value, now)
+
+    @staticmethod
+    def _set_status(conn: sqlite3.Connection, name: str, value: dict[str, Any], now: dt.datetime) -> None:
+        conn.execute(
+            "INSERT INTO report_status (name, value, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+            (name, json.dumps(value, sort_keys=True, ensure_ascii=False), iso(now)),
+        )
+
+    def status(self, name: str) -> dict[str, Any] | None:
+        rows = self._rows("SELECT value FROM report_status WHERE name = ?", (name,))
+        return dict(json.loads(rows[0][0])) if rows else None
+
+    # -- retention ---------------------------------------------------------------------------------
+    def purge_expired(self, now: dt.datetime, retention_days: float, window_days: float) -> int:
+        """Delete studies sent more than `retention_days` ago (and longer ago than the polling
+        window) with their reports, except where a critical report awaits acknowledgement.
+        secure_delete zeroes the rows; the WAL is truncated so no copy stays there."""
+        keep_s = max(retention_days, window_days) * 86400.0
+        cutoff = iso(now - dt.timedelta(seconds=keep_s))
+        with self._lock, transaction(self.db) as conn:
+            uids = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT study_uid FROM sent_studies s WHERE sent_at < ? AND NOT EXISTS ("
+                    " SELECT 1 FROM reports r WHERE r.study_uid = s.study_uid"
+                    " AND r.critical IS NOT NULL AND r.acknowledged_at IS NULL)",
+                    (cutoff,),
+                )
+            ]
+            for start in range(0, len(uids), 500):
+                chunk = uids[start : start + 500]
+                conn.execute(f"DELETE FROM reports WHERE study_uid IN ({_placeholders(chunk)})", chunk)
+                conn.execute(f"DELETE FROM sent_studies WHERE study_uid IN ({_placeholders(chunk)})", chunk)
+        if uids:
+            with self._lock:
+                self.db.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return len(uids)

@@ -1,0 +1,118 @@
+"""What the doctor sees of the reports: the list (one line per ECG sent), one report in full,
+and the printable document (the PDF as sent, else the readable text)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from lastmile.reports.store import ReportStore, SentStudy, StoredReport
+from uploader.report_reading import UnreadableReport, read_dicom_report, read_fhir_report
+
+
+@dataclass(frozen=True)
+class StudyLine:
+    """One ECG we sent and where its report stands."""
+
+    study: SentStudy
+    reports: tuple[StoredReport, ...]  # current ones (not superseded), oldest first
+
+    @property
+    def status(self) -> str:
+        """waiting, preliminary, received, amended, or CRITICAL (until acknowledged)."""
+        if not self.reports:
+            return "waiting"
+        if any(r.needs_acknowledgement for r in self.reports):
+            return "CRITICAL"
+        if any(r.critical for r in self.reports):
+            return "critical (seen)"
+        if any(r.status == "amended" for r in self.reports):
+            return "amended"
+        if all(r.status == "preliminary" for r in self.reports):
+            return "preliminary"
+        return "received"
+
+    @property
+    def observer(self) -> str:
+        return next((r.observer for r in reversed(self.reports) if r.observer), "")
+
+    def to_json(self) -> dict[str, Any]:
+        s = self.study
+        return {
+            "study_uid": s.study_uid,
+            "patient_id": s.patient_id or None,
+            "patient_name": s.patient_name or None,
+            "ecg_time": s.ecg_time or None,
+            "stat": s.stat,
+            "sent_at": s.sent_at.isoformat(),
+            "committed_at": s.committed_at.isoformat() if s.committed_at else None,
+            "status": self.status,
+            "reading_doctor": self.observer or None,
+            "reports": [r.to_json() for r in self.reports],
+        }
+
+
+def study_lines(store: ReportStore, *, since: dt.datetime | None = None) -> list[StudyLine]:
+    current: dict[str, list[StoredReport]] = {}
+    for report in store.reports(current_only=True):
+        current.setdefault(report.study_uid, []).append(report)
+    return [StudyLine(s, tuple(current.get(s.study_uid, ()))) for s in store.studies(since=since)]
+
+
+def short_time(iso_text: str) -> str:
+    """'2026-01-01T12:34:56+08:00' → '2026-01-01 12:34' (as the ECG's own clock said)."""
+    return iso_text[:16].replace("T", " ") if iso_text else "-"
+
+
+def render_list(lines: list[StudyLine]) -> str:
+    if not lines:
+        return "no ECG has been sent yet"
+    rows = [("REPORT", "PATIENT", "ECG TIME", "STATUS", "READ BY")]
+    for line in lines:
+        s = line.study
+        ids = ",".join(str(r.id) for r in line.reports) or "-"
+        who = " ".join(x for x in (s.patient_id, s.patient_name.replace("^", " ")) if x) or "(unassigned)"
+        rows.append((ids, who, short_time(s.ecg_time) + (" STAT" if s.stat else ""), line.status, line.observer or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def render_report(store: ReportStore, report: StoredReport) -> str:
+    study = store.study(report.study_uid)
+    out = [f"Report {report.id} ({report.kind}, {report.status}, from the {report.source} reading center)"]
+    if study is not None:
+        who = " ".join(x for x in (study.patient_id, study.patient_name.replace("^", " ")) if x) or "(unassigned)"
+        out.append(f"Patient: {who}")
+        out.append(f"ECG: {short_time(study.ecg_time)}" + (" (STAT)" if study.stat else ""))
+    if report.superseded_by is not None:
+        out.append(f"REPLACED by report {report.superseded_by}: read that one")
+    if report.critical:
+        seen = (
+            f"acknowledged {report.acknowledged_at:%Y-%m-%d %H:%M}"
+            + (f" by {report.acknowledged_by}" if report.acknowledged_by else "")
+            if report.acknowledged_at
+            else f"NOT acknowledged: lastmile report ack {report.id}"
+        )
+        out.append(f"CRITICAL RESULT (危急值), {seen}")
+    if report.problems:
+        out.append("Problems: " + "; ".join(report.problems))
+    out += ["", report.text]
+    return "\n".join(out)
+
+
+def printable(store: ReportStore, report: StoredReport) -> tuple[bytes, str]:
+    """(bytes, file suffix): the report's own document (a PDF) as sent, else its text."""
+    data = store.data_of(report.id) or b""
+    document: bytes | None = None
+    try:
+        if report.source == "fhir":
+            document = read_fhir_report(json.loads(data)).document
+        else:
+            document = read_dicom_report(data).document
+    except (UnreadableReport, ValueError):
+        document = None
+    if document and document.startswith(b"%PDF-"):
+        return document, ".pdf"
+    return (render_report(store, report) + "\n").encode("utf-8"), ".txt"

@@ -1,0 +1,518 @@
+"""Serial devices in the acquire service: bridges, ASCII-report monitors and card scanners.
+
+    service = SerialService.open(config, outbox=outbox)   # outbox owned by the caller
+    service.start()          # a thread running the link manager
+    ...
+    service.close()
+
+Each configured `[[serial.devices]]` entry (`name`, `match`, `profile`, optional `baudrate` and,
+for a bridge, `forward_profile`) becomes a `LinkSpec`; the profile decides the handler:
+
+- `bridge`: the bridge protocol (docs/bridge-protocol.md). Measurements go to the observation
+  store (outbox, or held unassigned), streamed ECGs through `enqueue_recording` into the outbox;
+  only then is the message acknowledged. SERIAL_DATA is parsed with `forward_profile`.
+- `scanner`: ID/health-card codes set the clinic session's patient or doctor.
+- any other name: an ASCII-report profile (built-in `firmware_bridge/profiles/` or
+  `serial.profiles_dir`), whose reports become observations.
+
+Device status (connected, last reading, last error) goes to the device registry (clinic.db) under
+the address `serial:<name>`, which `lastmile devices` lists next to the BLE devices.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from devices.ascii_report import ProfileError, ReportParsed, ReportParser, ReportProfile, ReportRejected, load_profile
+from devices.bridge import codec
+from devices.bridge.session import (
+    BridgeSession,
+    DeviceHello,
+    DeviceLog,
+    ObservationReady,
+    RecordingReady,
+    SerialDataReceived,
+    SessionEvent,
+    SessionProblem,
+)
+from devices.ecg.recording import EcgRecording
+from devices.errors import DeviceError
+from devices.identity import Patient
+from devices.observation import Observation
+from devices.scanner import CodeUnrecognised, DoctorScanned, PatientScanned, ScannerDecoder, ScanRules
+from firmware_bridge.profiles import profile_files
+from firmware_bridge.serial_link import (
+    BY_ID_DIR,
+    Link,
+    LinkSpec,
+    LinkStatus,
+    PortInfo,
+    PortMatch,
+    SerialLinkManager,
+    list_ports,
+)
+from lastmile import __version__
+from lastmile.clinic.devices import DeviceRegistry
+from lastmile.clinic.observations import ObservationStore, summary
+from lastmile.clinic.patients import PatientContext
+from lastmile.config import SERIAL_HANDLERS, Config, ConfigError, serial_device_problems
+from lastmile.ecg.intake import enqueue_recording, session_request
+from uploader.errors import UploadError
+from uploader.outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+BRIDGE, SCANNER = SERIAL_HANDLERS
+DEFAULT_BAUD = {BRIDGE: 115200, SCANNER: 9600}
+ASCII_IDLE_FLUSH_S = 5.0  # a device quiet this long: finish (or reject) the report in hand
+TIME_SYNC_EVERY_S = 600.0
+ERROR_STATUS_EVERY_S = 5.0  # a port spewing garbage must not turn into a database write per frame
+RETRY_STORE_S = 30.0
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def registry_address(name: str) -> str:
+    return f"serial:{name}"
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+
+def load_profiles(config: Config) -> dict[str, ReportProfile]:
+    """Every ASCII-report profile available (built-in, then `serial.profiles_dir`); ConfigError if one is bad."""
+    profiles = {}
+    for name, path in profile_files(config.serial.profiles_dir or None).items():
+        try:
+            profile = load_profile(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read profile: {exc}") from None
+        except ProfileError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        if profile.name != name:
+            raise ConfigError(f"{path}: profile.name is {profile.name!r}; it must match the file name {name!r}")
+        profiles[name] = profile
+    return profiles
+
+
+def link_specs(config: Config, profiles: dict[str, ReportProfile]) -> list[LinkSpec]:
+    """`[[serial.devices]]` as link specs; ConfigError names the entry and what is wrong (the
+    same checks `lastmile config check` runs, there with the file's line)."""
+    problems = serial_device_problems(config.serial.devices, profiles)
+    if problems:
+        i, _key, message = problems[0]
+        raise ConfigError(f"{config.source}: serial.devices[{i}]: {message}")
+    specs = []
+    for entry in config.serial.devices:
+        name, match, profile = entry["name"], entry["match"], entry["profile"]
+        forward = entry.get("forward_profile", "")
+        default_baud = profiles[profile].baudrate if profile in profiles else DEFAULT_BAUD[profile]
+        baud = entry.get("baudrate", default_baud)
+        specs.append(LinkSpec(name, PortMatch.parse(match), profile, baud, {"forward_profile": forward}))
+    return specs
+
+
+def scan_rules(config: Config) -> ScanRules:
+    try:
+        return ScanRules.from_patterns(
+            config.serial.patient_card_pattern, config.serial.doctor_badge_pattern, config.patient.id_kind
+        )
+    except DeviceError as exc:
+        raise ConfigError(f"{config.source}: {exc}") from None
+
+
+# -- what handlers share -------------------------------------------------------------------------
+
+
+@dataclass
+class SerialContext:
+    """Everything a handler needs to make things durable and report status."""
+
+    config: Config
+    outbox: Outbox
+    store: ObservationStore
+    patients: PatientContext
+    registry: DeviceRegistry
+    profiles: dict[str, ReportProfile]
+    rules: ScanRules
+    now: Callable[[], dt.datetime] = utc_now
+    _last_error_write: dict[str, float] = field(default_factory=dict)
+
+    def status(self, spec: LinkSpec, port: str = "", **facts: object) -> None:
+        """Record device facts; `port` (given on connect) goes into the name `lastmile devices` shows."""
+        name = f"{spec.name} ({spec.profile}) on {port}" if port else None
+        try:
+            self.registry.update_status(
+                registry_address(spec.name),
+                now=self.now(),
+                transport="serial",
+                name=name,
+                **facts,  # type: ignore[arg-type]
+            )
+        except Exception:  # status is best effort; readings are not
+            log.exception("%s: cannot record device status", spec.name)
+
+    def error(self, spec: LinkSpec, message: str) -> None:
+        last = self._last_error_write.get(spec.name, 0.0)
+        if time.monotonic() - last >= ERROR_STATUS_EVERY_S:
+            self._last_error_write[spec.name] = time.monotonic()
+            self.status(spec, error=message[:200])
+
+    def store_observation(self, spec: LinkSpec, obs: Observation) -> bool:
+        """Make `obs` durable (outbox or held); False if it could not be stored now."""
+        now = self.now()
+        try:
+            result = self.store.record(obs, now=now)
+        except (UploadError, DeviceError, sqlite3.Error, OSError, ValueError) as exc:
+            log.error("%s: cannot store a %s observation: %s", spec.name, obs.kind, exc)
+            self.error(spec, f"cannot store reading: {exc}")
+            return False
+        log.info("%s: %s observation %s", spec.name, obs.kind, result.outcome)
+        self.status(spec, reading=summary(obs), reading_at=obs.measured_at, identity=obs.device)
+        return True
+
+    def store_recording(self, spec: LinkSpec, recording: EcgRecording, key: str) -> bool:
+        now = self.now()
+        current = self.patients.current(now)
+        patient = None
+        request = session_request(self.patients.current_doctor(now))
+        # Only a patient whose session began before the recording: never the next patient's.
+        if current is not None and recording.acquired_at >= current.since:
+            patient = Patient(patient_id=current.patient_id, name=current.name)
+            request = session_request(current.doctor_id, reason=current.reason)
+            recording = replace(recording, stat=recording.stat or current.stat)
+        try:
+            enqueue_recording(
+                self.outbox,
+                replace(recording, patient=patient),
+                self.config,
+                key=key,
+                now=now.timestamp(),
+                request=request,
+            )
+        except (UploadError, DeviceError, sqlite3.Error, OSError, ValueError) as exc:
+            log.error("%s: cannot store an ECG recording: %s", spec.name, exc)
+            self.error(spec, f"cannot store ECG: {exc}")
+            return False
+        if patient is not None:
+            self.patients.touch(now=now)
+        gaps = sum(g.missing for g in recording.gaps)
+        text = f"ECG {recording.n_leads} leads {recording.duration_s:.0f} s" + (
+            f", {gaps} samples missing" if gaps else ""
+        )
+        self.status(spec, reading=text, reading_at=recording.acquired_at, identity=recording.device)
+        return True
+
+
+# -- handlers --------------------------------------------------------------------------------------
+
+
+class BridgeHandler:
+    """A bridge: protocol session, storage, then ACK."""
+
+    def __init__(self, ctx: SerialContext, spec: LinkSpec, port: PortInfo) -> None:
+        self.ctx = ctx
+        self.spec = spec
+        self.address = port.by_id or port.device
+        hello = codec.Hello(ctx.config.gateway.id, "lastmile-gateway", __version__, 0, ("ack-when-durable",))
+        self.session = BridgeSession(self.address, gateway_hello=hello)
+        self.link: Link | None = None
+        forward = spec.options.get("forward_profile", "")
+        self.forward = ctx.profiles.get(forward) if forward else None
+        self._parsers: dict[int, ReportParser] = {}
+        self._unsettled: dict[int, list[int]] = {}  # channel -> SERIAL_DATA seqs not yet ACKed
+        self._last_data = time.monotonic()
+        self._next_sync = time.monotonic() + TIME_SYNC_EVERY_S
+        self._unstored: list[RecordingReady] = []  # recordings the outbox refused; retried
+        self._next_retry = 0.0
+
+    def connection_made(self, link: Link) -> None:
+        self.link = link
+        link.write(self.session.connection_made(self.ctx.now()))
+        self.ctx.status(self.spec, port=self.address, connected=True, seen=True)
+
+    def data_received(self, data: bytes) -> None:
+        assert self.link is not None
+        self._last_data = time.monotonic()
+        for event in self.session.receive_data(data, self.ctx.now()):
+            self._event(event)
+        self.link.write(self.session.data_to_send())
+
+    def _event(self, event: SessionEvent) -> None:
+        assert self.link is not None
+        if isinstance(event, ObservationReady):
+            if self.ctx.store_observation(self.spec, event.observation):
+                self.link.write(self.session.acknowledge(event.seq))
+            else:
+                self.link.write(self.session.reject(event.seq, codec.NACK_REFUSED, "not stored"))
+        elif isinstance(event, RecordingReady):
+            self._recording(event)
+        elif isinstance(event, SerialDataReceived):
+            self._serial_data(event)
+        elif isinstance(event, DeviceHello):
+            log.info(
+                "%s: bridge %s firmware %s (boot %08x)",
+                self.spec.name,
+                event.identity.serial,
+                event.identity.software_version,
+                event.boot_id,
+            )
+            self.ctx.status(self.spec, identity=event.identity, seen=True)
+        elif isinstance(event, DeviceLog):
+            log.log(
+                max(logging.DEBUG, min(event.level, logging.CRITICAL)), "%s (bridge): %s", self.spec.name, event.text
+            )
+        elif isinstance(event, SessionProblem):
+            log.debug("%s: %s", self.spec.name, event.reason)
+            self.ctx.error(self.spec, event.reason)
+
+    def _recording(self, event: RecordingReady) -> None:
+        if self.ctx.store_recording(self.spec, event.recording, event.key):
+            if event.seq is not None and self.link is not None:
+                self.link.write(self.session.acknowledge(event.seq))
+        else:  # the bridge cannot resend a stream: keep it here and retry
+            self._unstored.append(event)
+            self._next_retry = time.monotonic() + RETRY_STORE_S
+
+    def _serial_data(self, event: SerialDataReceived) -> None:
+        assert self.link is not None
+        if self.forward is None:
+            log.warning("%s: SERIAL_DATA but no forward_profile configured; dropped", self.spec.name)
+            self.link.write(self.session.acknowledge(event.seq))
+            return
+        parser = self._parsers.get(event.channel)
+        if parser is None:
+            identity = replace(self.session.identity, manufacturer=self.forward.manufacturer, model=self.forward.model)
+            parser = self._parsers[event.channel] = ReportParser(self.forward, identity)
+        self._unsettled.setdefault(event.channel, []).append(event.seq)
+        self._report_events(event.channel, parser.feed(event.data, self.ctx.now()))
+
+    def _report_events(self, channel: int, events: list) -> None:
+        assert self.link is not None
+        stored_all = True
+        for ev in events:
+            if isinstance(ev, ReportParsed):
+                for obs in ev.observations:
+                    stored_all &= self.ctx.store_observation(self.spec, obs)
+            elif isinstance(ev, ReportRejected):
+                log.warning("%s: report rejected: %s", self.spec.name, ev.reason)
+                self.ctx.error(self.spec, f"report rejected: {ev.reason}")
+        parser = self._parsers[channel]
+        if parser.idle and stored_all:
+            # Every line received so far is part of a stored report or of nothing: all durable.
+            for seq in self._unsettled.pop(channel, []):
+                self.link.write(self.session.acknowledge(seq))
+        elif not stored_all:
+            for seq in self._unsettled.pop(channel, []):
+                self.link.write(self.session.reject(seq, codec.NACK_REFUSED, "not stored"))
+
+    def connection_lost(self, reason: str | None) -> None:
+        for event in self.session.connection_lost(self.ctx.now()):
+            if isinstance(event, RecordingReady):
+                self._recording(event)  # kept, flagged truncated
+        self._retry_unstored()
+        self.ctx.status(self.spec, connected=False, error=reason)
+
+    def _retry_unstored(self) -> None:
+        still = []
+        for event in self._unstored:
+            if self.ctx.store_recording(self.spec, event.recording, event.key):
+                if event.seq is not None and self.link is not None:
+                    self.link.write(self.session.acknowledge(event.seq))
+            else:
+                still.append(event)
+        if still:
+            log.error("%s: %d ECG recording(s) could not be stored; held in memory", self.spec.name, len(still))
+        self._unstored = still
+
+    def tick(self) -> float | None:
+        now = time.monotonic()
+        if self.link is not None and now >= self._next_sync:
+            self.link.write(self.session.time_sync(self.ctx.now()))
+            self._next_sync = now + TIME_SYNC_EVERY_S
+        if self._unstored and now >= self._next_retry:
+            self._retry_unstored()
+            self._next_retry = now + RETRY_STORE_S
+        if self._parsers and now - self._last_data >= ASCII_IDLE_FLUSH_S:
+            for channel, parser in self._parsers.items():
+                if not parser.idle:
+                    self._report_events(channel, parser.flush(self.ctx.now()))
+        return min(ASCII_IDLE_FLUSH_S, self._next_sync - now)
+
+
+class AsciiReportHandler:
+    """A monitor printing reports: parse, store each observation (nothing to acknowledge)."""
+
+    def __init__(self, ctx: SerialContext, spec: LinkSpec, port: PortInfo) -> None:
+        self.ctx = ctx
+        self.spec = spec
+        profile = ctx.profiles[spec.profile]
+        self.address = port.by_id or port.device
+        self.parser = ReportParser(profile, profile.identity(address=self.address))
+        self._last_data = time.monotonic()
+        self._unstored: list[Observation] = []  # the device cannot resend: retried from here
+        self._next_retry = 0.0
+
+    def connection_made(self, link: Link) -> None:
+        self.ctx.status(self.spec, port=self.address, connected=True, seen=True)
+
+    def data_received(self, data: bytes) -> None:
+        self._last_data = time.monotonic()
+        self._events(self.parser.feed(data, self.ctx.now()))
+
+    def _events(self, events: list) -> None:
+        for ev in events:
+            if isinstance(ev, ReportParsed):
+                for obs in ev.observations:
+                    if not self.ctx.store_observation(self.spec, obs):
+                        self._unstored.append(obs)
+                        self._next_retry = time.monotonic() + RETRY_STORE_S
+            elif isinstance(ev, ReportRejected):
+                log.warning("%s: report rejected: %s", self.spec.name, ev.reason)
+                self.ctx.error(self.spec, f"report rejected: {ev.reason}")
+
+    def connection_lost(self, reason: str | None) -> None:
+        self._events(self.parser.flush(self.ctx.now()))  # a half report is rejected, never half-stored
+        self.ctx.status(self.spec, connected=False, error=reason)
+
+    def tick(self) -> float | None:
+        now = time.monotonic()
+        if not self.parser.idle and now - self._last_data >= ASCII_IDLE_FLUSH_S:
+            self._events(self.parser.flush(self.ctx.now()))
+        if self._unstored and now >= self._next_retry:
+            self._unstored = [o for o in self._unstored if not self.ctx.store_observation(self.spec, o)]
+            self._next_retry = now + RETRY_STORE_S
+        return ASCII_IDLE_FLUSH_S
+
+
+class ScannerHandler:
+    """A card scanner: patient cards set the current patient, badges the doctor."""
+
+    def __init__(self, ctx: SerialContext, spec: LinkSpec, port: PortInfo) -> None:
+        self.ctx = ctx
+        self.spec = spec
+        self.address = port.by_id or port.device
+        self.decoder = ScannerDecoder(ctx.rules)
+
+    def connection_made(self, link: Link) -> None:
+        self.ctx.status(self.spec, port=self.address, connected=True, seen=True)
+
+    def data_received(self, data: bytes) -> None:
+        for ev in self.decoder.feed(data):
+            now = self.ctx.now()
+            if isinstance(ev, PatientScanned):
+                self.ctx.patients.set_patient(ev.patient_id, now=now)
+                self.ctx.status(self.spec, reading="patient card", reading_at=now)
+            elif isinstance(ev, DoctorScanned):
+                self.ctx.patients.set_doctor(ev.doctor_id, now=now)
+                self.ctx.status(self.spec, reading="doctor badge", reading_at=now)
+            elif isinstance(ev, CodeUnrecognised):
+                # The code itself may be personal data: log its length only.
+                log.warning("%s: scanned code not recognised (%s, %d characters)", self.spec.name, ev.reason, ev.length)
+                self.ctx.error(self.spec, f"code not recognised: {ev.reason}")
+
+    def connection_lost(self, reason: str | None) -> None:
+        self.ctx.status(self.spec, connected=False, error=reason)
+
+    def tick(self) -> float | None:
+        return None
+
+
+def handler_for(
+    ctx: SerialContext, spec: LinkSpec, port: PortInfo
+) -> BridgeHandler | AsciiReportHandler | ScannerHandler:
+    if spec.profile == BRIDGE:
+        return BridgeHandler(ctx, spec, port)
+    if spec.profile == SCANNER:
+        return ScannerHandler(ctx, spec, port)
+    return AsciiReportHandler(ctx, spec, port)
+
+
+# -- the service -----------------------------------------------------------------------------------
+
+
+class SerialService:
+    """Runs the serial link manager for the acquire service (in a thread, or step by step)."""
+
+    def __init__(
+        self,
+        ctx: SerialContext,
+        specs: Sequence[LinkSpec],
+        *,
+        lister: Callable[[], list[PortInfo]] = list_ports,
+        watch_dirs: Sequence[str | Path] | None = ("/dev", BY_ID_DIR),
+        rescan_s: float | None = None,
+        owned: Sequence[object] = (),
+    ) -> None:
+        self.ctx = ctx
+        self.specs = list(specs)
+        self.manager = SerialLinkManager(
+            self.specs,
+            lambda spec, port: handler_for(ctx, spec, port),
+            lister=lister,
+            watch_dirs=watch_dirs,
+            rescan_s=rescan_s,
+        )
+        self._owned = list(owned)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        ctx.registry.mark_all_disconnected(now=ctx.now(), transport="serial")
+
+    @classmethod
+    def open(cls, config: Config, *, outbox: Outbox, **kwargs: object) -> SerialService:
+        """Check the configuration (ConfigError) and open clinic.db; the outbox stays the caller's."""
+        profiles = load_profiles(config)
+        specs = link_specs(config, profiles)
+        rules = scan_rules(config)
+        store = ObservationStore.open(config.data_dir, outbox=outbox, idle_timeout_s=config.patient.idle_timeout_s)
+        registry = DeviceRegistry(store.db)
+        ctx = SerialContext(
+            config=config,
+            outbox=outbox,
+            store=store,
+            patients=store.context,
+            registry=registry,
+            profiles=profiles,
+            rules=rules,
+        )
+        return cls(ctx, specs, owned=[store], **kwargs)  # type: ignore[arg-type]
+
+    def start(self) -> None:
+        if not self.specs:
+            log.info("no serial devices configured")
+            return
+        self._thread = threading.Thread(target=self.manager.run, args=(self._stop,), name="serial-links", daemon=True)
+        self._thread.start()
+
+    def step(self, stop: threading.Event) -> float:
+        """One `ServiceRuntime` step, for running without a thread."""
+        self.manager.poll(0.5)
+        return 0.0
+
+    def statuses(self) -> list[LinkStatus]:
+        return self.manager.statuses()
+
+    def status_line(self) -> str:
+        states = self.statuses()
+        up = sum(s.connected for s in states)
+        return f"serial {up}/{len(states)} connected"
+
+    def close(self) -> None:
+        self._stop.set()
+        self.manager.wakeup()
+        if self._thread is not None:
+            self._thread.join(10)
+        self.manager.close()
+        for thing in self._owned:
+            close = getattr(thing, "close", None)
+            if close is not None:
+                close()

@@ -1,0 +1,1 @@
+"""Family doctors' field visits: the visit book, its signed hash chain, households."""

@@ -1,0 +1,749 @@
+"""Home visits: captured offline with where and when, checked, chained, signed, queued as FHIR.
+
+One SQLite database `visits.db` in the data directory (WAL, named migrations), separate from the
+outbox: a visit is the doctor's record first and a message to the county second. A visit holds
+doctor, patient, household, start/end stamps (time + its source + monotonic reading + boot, see
+`lastmile.clock`), the best fix at start and at stop, a bounded GPS track while open, notes, and
+the observations/ECGs taken during it (linked by their outbox key; observations are kept whole
+so the FHIR bundle can be built offline).
+
+Authenticity checks run at stop and are stored as flags, never as rejections:
+
+- no-fix: no position at all; poor-accuracy: the best fix's 95 % error exceeds `max_eph_m`;
+- stale-fix: the fix used is older than `stale_fix_s`;
+- outside-radius: household farther than `radius_m` + the fix's error; unknown-household /
+  no-household: cannot be checked against the register;
+- impossible-jump: consecutive track points further apart than speed x time + their errors;
+- time-disagreement: GPS and system clock further apart than `time_disagreement_s`;
+- provisional-time: no plausible time was known when the visit started (repaired later).
+
+A stopped visit becomes a record in the gateway's hash chain, signed with its Ed25519 key
+(`lastmile.visits.chain`); an export re-derives every record from the tables, so a row edited in
+the database afterwards no longer matches its signed hash.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import itertools
+import json
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import sqlite_utils
+
+from devices.gps.fix import Fix
+from devices.identity import TimeSource
+from devices.observation import Observation
+from lastmile.clinic.observations import observation_from_json, observation_to_json
+from lastmile.clock import Anchor, GatewayClock, Stamp
+from lastmile.data_dir import ensure_data_dir
+from lastmile.visits.chain import (
+    GENESIS,
+    ChainLink,
+    VerifyReport,
+    canonical,
+    export_lines,
+    link,
+    load_or_create_key,
+    public_key_b64,
+    verify_lines,
+)
+from lastmile.visits.households import Household, HouseholdRegister, distance_m
+from uploader.sqlite_store import Migration, open_database, transaction
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from firmware_bridge.gnss import FixSource
+    from uploader.fhir_bundle import FhirNaming
+    from uploader.outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "visits.db"
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration.sql(
+        "0001_visits",
+        """
+        CREATE TABLE visits (
+            id TEXT PRIMARY KEY, gateway_id TEXT NOT NULL, doctor_id TEXT NOT NULL,
+            patient_id TEXT NOT NULL, household_id TEXT, setting TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('open', 'closed')),
+            start_stamp TEXT NOT NULL, end_stamp TEXT, started_at TEXT, ended_at TEXT,
+            start_fix TEXT, end_fix TEXT, flags TEXT NOT NULL DEFAULT '[]', distance_m REAL,
+            household_lat REAL, household_lon REAL, fhir_queued_at TEXT);
+        CREATE UNIQUE INDEX one_open_visit ON visits (state) WHERE state = 'open';
+        CREATE TABLE visit_notes (id INTEGER PRIMARY KEY, visit_id TEXT NOT NULL REFERENCES visits(id),
+            stamp TEXT NOT NULL, text TEXT NOT NULL);
+        CREATE TABLE visit_track (id INTEGER PRIMARY KEY, visit_id TEXT NOT NULL REFERENCES visits(id),
+            fix TEXT NOT NULL, received TEXT NOT NULL);
+        CREATE INDEX visit_track_visit ON visit_track (visit_id, id);
+        CREATE TABLE visit_items (id INTEGER PRIMARY KEY, visit_id TEXT NOT NULL REFERENCES visits(id),
+            kind TEXT NOT NULL, item_key TEXT NOT NULL, record TEXT, sha256 TEXT NOT NULL,
+            UNIQUE (visit_id, kind, item_key));
+        CREATE TABLE chain (seq INTEGER PRIMARY KEY, visit_id TEXT NOT NULL UNIQUE REFERENCES visits(id),
+            prev_hash TEXT NOT NULL, hash TEXT NOT NULL, signature TEXT NOT NULL, signed_at TEXT NOT NULL);
+        CREATE TABLE households (household_id TEXT PRIMARY KEY, latitude REAL NOT NULL,
+            longitude REAL NOT NULL);
+        CREATE TABLE register_imports (id INTEGER PRIMARY KEY, imported_at TEXT, source TEXT,
+            sha256 TEXT, count INTEGER);
+        CREATE TABLE clock_anchor (boot_id TEXT PRIMARY KEY, offset REAL NOT NULL, source TEXT NOT NULL);
+    """,
+    ),
+)
+
+
+class VisitError(Exception):
+    """A visit command that cannot be done as asked (no open visit, one already open ...)."""
+
+
+@dataclass(frozen=True)
+class VisitPolicy:
+    radius_m: float = 200.0
+    max_eph_m: float = 100.0
+    stale_fix_s: float = 120.0
+    max_speed_mps: float = 60.0
+    time_disagreement_s: float = 60.0
+    track_max_points: int = 2000
+    setting: str = "home"
+
+    @classmethod
+    def from_config(cls, visits_section: object) -> VisitPolicy:
+        names = cls.__dataclass_fields__
+        return cls(**{n: getattr(visits_section, n) for n in names if hasattr(visits_section, n)})
+
+
+@dataclass(frozen=True)
+class FixRecord:
+    """A fix as the gateway received it (the reception stamp tells how fresh it was)."""
+
+    fix: Fix
+    received: Stamp
+
+    def to_json(self) -> str:
+        return json.dumps({"fix": self.fix.to_json(), "received": self.received.to_json()}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | None) -> FixRecord | None:
+        if not text:
+            return None
+        data = json.loads(text)
+        return cls(Fix.from_json(data["fix"]), Stamp.from_json(data["received"]))
+
+
+@dataclass
+class Visit:
+    id: str
+    doctor_id: str
+    patient_id: str
+    household_id: str | None
+    setting: str
+    state: str
+    start: Stamp
+    end: Stamp | None
+    start_fix: FixRecord | None
+    end_fix: FixRecord | None
+    flags: list[str] = field(default_factory=list)
+    distance_m: float | None = None
+    chain_seq: int | None = None
+    fhir_queued: bool = False
+
+    def to_json(self) -> dict:
+        def fix(r: FixRecord | None) -> dict | None:
+            if r is None or not r.fix.has_position:
+                return None
+            return {"lat": r.fix.latitude, "lon": r.fix.longitude, "eph_m": r.fix.eph_m, "mode": int(r.fix.mode)}
+
+        return {
+            "visit_id": self.id,
+            "state": self.state,
+            "doctor_id": self.doctor_id,
+            "patient_id": self.patient_id,
+            "household_id": self.household_id,
+            "setting": self.setting,
+            "started_at": _iso(self.start.time),
+            "start_source": self.start.source.value,
+            "ended_at": _iso(self.end.time) if self.end else None,
+            "start_fix": fix(self.start_fix),
+            "end_fix": fix(self.end_fix),
+            "flags": self.flags,
+            "distance_m": self.distance_m,
+            "chain_seq": self.chain_seq,
+            "fhir_queued": self.fhir_queued,
+        }
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return (
+        value.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z") if value else None
+    )
+
+
+def _r(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+# --- observations kept whole (for the FHIR bundle built after days offline) ---------------------
+
+# --- checks ---------------------------------------------------------------------------------------
+
+
+def _age_s(record: FixRecord, at: Stamp) -> float | None:
+    if record.received.boot_id == at.boot_id:
+        return at.monotonic - record.received.monotonic
+    if record.fix.time and at.time:
+        return (at.time - record.fix.time).total_seconds()
+    return None
+
+
+def check_visit(
+    policy: VisitPolicy,
+    *,
+    household_id: str | None,
+    household: Household | None,
+    start: Stamp,
+    end: Stamp,
+    start_fix: FixRecord | None,
+    end_fix: FixRecord | None,
+    track: Sequence[FixRecord],
+    clock_disagreement_s: float | None,
+) -> tuple[list[str], float | None]:
+    """Flags (sorted) and the distance from the household of the best fix."""
+    flags: set[str] = set()
+    ends = [(r, s) for r, s in ((start_fix, start), (end_fix, end)) if r is not None and r.fix.has_position]
+    candidates = [r for r, _ in ends] or [r for r in track if r.fix.has_position]
+    if not candidates:
+        flags.add("no-fix")
+    for record, stamp in ends:
+        age = _age_s(record, stamp)
+        if age is not None and age > policy.stale_fix_s:
+            flags.add("stale-fix")
+    best = min(candidates, key=lambda r: r.fix.eph_m if r.fix.eph_m is not None else float("inf"), default=None)
+    if best is not None and (best.fix.eph_m is None or best.fix.eph_m > policy.max_eph_m):
+        flags.add("poor-accuracy")
+    distance = None
+    if household_id is None:
+        flags.add("no-household")
+    elif household is None:
+        flags.add("unknown-household")
+    elif best is not None:
+        assert best.fix.latitude is not None and best.fix.longitude is not None
+        distance = distance_m(best.fix.latitude, best.fix.longitude, household.latitude, household.longitude)
+        if distance - (best.fix.eph_m or 0.0) > policy.radius_m:
+            flags.add("outside-radius")
+    points = [r for r in track if r.fix.has_position]
+    for a, b in itertools.pairwise(points):
+        dt_s = b.received.monotonic - a.received.monotonic if a.received.boot_id == b.received.boot_id else None
+        if dt_s is None and a.fix.time and b.fix.time:
+            dt_s = (b.fix.time - a.fix.time).total_seconds()
+        if dt_s is None or dt_s < 0:
+            continue
+        d = distance_m(a.fix.latitude, a.fix.longitude, b.fix.latitude, b.fix.longitude)  # type: ignore[arg-type]
+        slack = (a.fix.eph_m or 0.0) + (b.fix.eph_m or 0.0)
+        if d - slack > policy.max_speed_mps * max(dt_s, 1.0):
+            flags.add("impossible-jump")
+            break
+    if clock_disagreement_s is not None and abs(clock_disagreement_s) > policy.time_disagreement_s:
+        flags.add("time-disagreement")
+    if start.source == TimeSource.UNKNOWN:
+        flags.add("provisional-time")
+    return sorted(flags), distance
+
+
+# --- the book -------------------------------------------------------------------------------------
+
+
+class VisitBook:
+    def __init__(
+        self, db: sqlite_utils.Database, data_dir: Path, gateway_id: str, policy: VisitPolicy, clock: GatewayClock
+    ) -> None:
+        self.db = db
+        self.data_dir = data_dir
+        self.gateway_id = gateway_id
+        self.policy = policy
+        self.clock = clock
+        self.register = HouseholdRegister(db)
+        self._key: Ed25519PrivateKey | None = None
+        rows = list(db.query("SELECT offset, source FROM clock_anchor WHERE boot_id = ?", [clock.boot_id]))
+        if rows:
+            clock.restore(Anchor(clock.boot_id, rows[0]["offset"], TimeSource(rows[0]["source"])))
+
+    @classmethod
+    def open(
+        cls,
+        data_dir: str | Path,
+        *,
+        gateway_id: str,
+        policy: VisitPolicy | None = None,
+        clock: GatewayClock | None = None,
+    ) -> VisitBook:
+        data_dir = ensure_data_dir(data_dir)
+        db = open_database(data_dir / DB_NAME, MIGRATIONS)
+        return cls(db, data_dir, gateway_id, policy or VisitPolicy(), clock or GatewayClock())
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> VisitBook:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def signing_key(self) -> Ed25519PrivateKey:
+        if self._key is None:
+            self._key = load_or_create_key(self.data_dir)
+        return self._key
+
+    # --- time ------------------------------------------------------------------------------------
+    def _save_anchor(self) -> None:
+        anchor = self.clock.anchor
+        if anchor is not None:
+            self.db.table("clock_anchor").upsert(
+                {"boot_id": anchor.boot_id, "offset": anchor.offset, "source": anchor.source.value}, pk="boot_id"
+            )
+
+    def observe_fix(self, fix: Fix, received: Stamp | None = None) -> FixRecord:
+        """Every fix from the receiver: anchors the clock (GPS time), extends the open visit's track."""
+        received = received or self.clock.now()
+        if fix.time is not None and fix.has_position and self.clock.observe_gps(fix.time, received.monotonic):
+            self._save_anchor()
+            received = self.clock.repair(received) if received.provisional else received
+            self._repair_provisional()
+        record = FixRecord(fix, received)
+        visit = self.open_visit()
+        if visit is not None and fix.has_position:
+            with transaction(self.db):
+                self.db.table("visit_track").insert(
+                    {"visit_id": visit.id, "fix": record.to_json(), "received": json.dumps(received.to_json())}
+                )
+                self._bound_track(visit.id)
+        return record
+
+    def _bound_track(self, visit_id: str) -> None:
+        count = self.db.execute("SELECT COUNT(*) FROM visit_track WHERE visit_id = ?", [visit_id]).fetchone()[0]
+        if count <= self.policy.track_max_points:
+            return
+        # Halve the resolution evenly, keeping the first and last points.
+        self.db.execute(
+            """DELETE FROM visit_track WHERE id IN (
+            SELECT id FROM (SELECT id, ROW_NUMBER() OVER (ORDER BY id) AS rn, COUNT(*) OVER () AS n
+                            FROM visit_track WHERE visit_id = ?) WHERE rn % 2 = 0 AND rn < n)""",
+            [visit_id],
+        )
+
+    def _repair_provisional(self) -> None:
+        """Give provisional stamps of this boot their time, now that the clock has an anchor."""
+        with transaction(self.db):
+            for row in list(
+                self.db.query(
+                    "SELECT id, start_stamp, end_stamp FROM visits WHERE started_at IS NULL "
+                    "OR (end_stamp IS NOT NULL AND ended_at IS NULL)"
+                )
+            ):
+                sets = {}
+                for col, at_col in (("start_stamp", "started_at"), ("end_stamp", "ended_at")):
+                    if row[col]:
+                        fixed = self.clock.repair(Stamp.from_json(json.loads(row[col])))
+                        if fixed.time is not None:
+                            sets[col], sets[at_col] = json.dumps(fixed.to_json()), fixed.time.isoformat()
+                if sets:
+                    self.db.table("visits").update(row["id"], sets)
+            for row in list(self.db.query("SELECT id, stamp FROM visit_notes")):
+                stamp = Stamp.from_json(json.loads(row["stamp"]))
+                if stamp.provisional:
+                    fixed = self.clock.repair(stamp)
+                    if not fixed.provisional:
+                        self.db.table("visit_notes").update(row["id"], {"stamp": json.dumps(fixed.to_json())})
+
+    # --- visits ----------------------------------------------------------------------------------
+    def _visit(self, row: dict) -> Visit:
+        chain = list(self.db.query("SELECT seq FROM chain WHERE visit_id = ?", [row["id"]]))
+        return Visit(
+            id=row["id"],
+            doctor_id=row["doctor_id"],
+            patient_id=row["patient_id"],
+            household_id=row["household_id"],
+            setting=row["setting"],
+            state=row["state"],
+            start=Stamp.from_json(json.loads(row["start_stamp"])),
+            end=Stamp.from_json(json.loads(row["end_stamp"])) if row["end_stamp"] else None,
+            start_fix=FixRecord.from_json(row["start_fix"]),
+            end_fix=FixRecord.from_json(row["end_fix"]),
+            flags=json.loads(row["flags"]),
+            distance_m=row["distance_m"],
+            chain_seq=chain[0]["seq"] if chain else None,
+            fhir_queued=bool(row["fhir_queued_at"]),
+        )
+
+    def get(self, visit_id: str) -> Visit | None:
+        rows = list(self.db.query("SELECT * FROM visits WHERE id = ?", [visit_id]))
+        return self._visit(rows[0]) if rows else None
+
+    def open_visit(self) -> Visit | None:
+        rows = list(self.db.query("SELECT * FROM visits WHERE state = 'open'"))
+        return self._visit(rows[0]) if rows else None
+
+    def visits(self, limit: int | None = None) -> list[Visit]:
+        sql = "SELECT * FROM visits ORDER BY rowid DESC" + (f" LIMIT {int(limit)}" if limit else "")
+        return [self._visit(r) for r in self.db.query(sql)]
+
+    def start(
+        self,
+        patient_id: str,
+        *,
+        doctor_id: str,
+        household_id: str | None = None,
+        fix: FixRecord | None = None,
+        setting: str | None = None,
+    ) -> Visit:
+        if not patient_id.strip():
+            raise VisitError("a visit needs a patient id")
+        if not doctor_id.strip():
+            raise VisitError("no doctor configured: set visits.doctor_id")
+        if self.open_visit() is not None:
+            raise VisitError("a visit is already open: stop it first (lastmile visit stop)")
+        stamp = self.clock.now()
+        visit_id = str(uuid.uuid4())  # minted at capture: the FHIR identifiers derive from it
+        self.db.table("visits").insert(
+            {
+                "id": visit_id,
+                "gateway_id": self.gateway_id,
+                "doctor_id": doctor_id,
+                "patient_id": patient_id,
+                "household_id": household_id,
+                "setting": setting or self.policy.setting,
+                "state": "open",
+                "start_stamp": json.dumps(stamp.to_json()),
+                "started_at": stamp.time.isoformat() if stamp.time else None,
+                "start_fix": fix.to_json() if fix else None,
+            }
+        )
+        visit = self.get(visit_id)
+        assert visit is not None
+        log.info("visit %s started", visit_id)
+        return visit
+
+    def _require_open(self) -> Visit:
+        visit = self.open_visit()
+        if visit is None:
+            raise VisitError("no visit is open (lastmile visit start --patient ID)")
+        return visit
+
+    def note(self, text: str) -> None:
+        visit = self._require_open()
+        if not text.strip():
+            raise VisitError("empty note")
+        self.db.table("visit_notes").insert(
+            {"visit_id": visit.id, "stamp": json.dumps(self.clock.now().to_json()), "text": text}
+        )
+
+    def attach_observation(self, obs: Observation, *, outbox_key: str | None = None) -> str | None:
+        """Link a reading to the open visit if it is of the visit's patient; returns the visit id.
+        An unassigned reading is not linked (it is held for the doctor, never guessed)."""
+        visit = self.open_visit()
+        if visit is None or obs.patient_id != visit.patient_id:
+            return None
+        record = observation_to_json(obs)
+        digest = hashlib.sha256(canonical(record)).hexdigest()
+        self.db.table("visit_items").insert(
+            {
+                "visit_id": visit.id,
+                "kind": "observation",
+                "item_key": outbox_key or obs.record_key,
+                "record": json.dumps(record),
+                "sha256": digest,
+            },
+            ignore=True,
+        )
+        return visit.id
+
+    def attach_ecg(self, outbox_key: str, patient_id: str | None, sha256: str = "") -> str | None:
+        visit = self.open_visit()
+        if visit is None or patient_id != visit.patient_id:
+            return None
+        self.db.table("visit_items").insert(
+            {
+                "visit_id": visit.id,
+                "kind": "ecg",
+                "item_key": outbox_key,
+                "record": None,
+                "sha256": sha256 or hashlib.sha256(outbox_key.encode()).hexdigest(),
+            },
+            ignore=True,
+        )
+        return visit.id
+
+    def track(self, visit_id: str) -> list[FixRecord]:
+        return [
+            FixRecord.from_json(r["fix"])  # type: ignore[misc]
+            for r in self.db.query("SELECT fix FROM visit_track WHERE visit_id = ? ORDER BY id", [visit_id])
+        ]
+
+    def stop(self, fix: FixRecord | None = None) -> Visit:
+        visit = self._require_open()
+        end = self.clock.now()
+        if visit.start.provisional:
+            visit.start = self.clock.repair(visit.start)
+        if visit.start.time is not None and not end.provisional and visit.start.boot_id == end.boot_id:
+            # Duration by the monotonic clock: a clock jump during the visit changes nothing.
+            end = Stamp(
+                visit.start.time + dt.timedelta(seconds=end.monotonic - visit.start.monotonic),
+                visit.start.source if visit.start.source != TimeSource.UNKNOWN else end.source,
+                end.monotonic,
+                end.boot_id,
+            )
+        household = self.register.get(visit.household_id) if visit.household_id else None
+        flags, distance = check_visit(
+            self.policy,
+            household_id=visit.household_id,
+            household=household,
+            start=visit.start,
+            end=end,
+            start_fix=visit.start_fix,
+            end_fix=fix,
+            track=self.track(visit.id),
+            clock_disagreement_s=self.clock.last_disagreement_s,
+        )
+        with transaction(self.db):
+            self.db.table("visits").update(
+                visit.id,
+                {
+                    "state": "closed",
+                    "end_stamp": json.dumps(end.to_json()),
+                    "ended_at": end.time.isoformat() if end.time else None,
+                    "start_stamp": json.dumps(visit.start.to_json()),
+                    "started_at": visit.start.time.isoformat() if visit.start.time else None,
+                    "end_fix": fix.to_json() if fix else None,
+                    "flags": json.dumps(flags),
+                    "distance_m": distance,
+                    "household_lat": household.latitude if household else None,
+                    "household_lon": household.longitude if household else None,
+                },
+            )
+            self._chain(visit.id)
+        closed = self.get(visit.id)
+        assert closed is not None
+        log.info("visit %s stopped; flags: %s", visit.id, ", ".join(flags) or "none")
+        return closed
+
+    # --- chain -----------------------------------------------------------------------------------
+    def record_body(self, visit_id: str) -> dict:
+        """The canonical content of a visit as hashed: re-derived from the tables every time."""
+        row = next(iter(self.db.query("SELECT * FROM visits WHERE id = ?", [visit_id])))
+
+        def fix(text: str | None) -> dict | None:
+            r = FixRecord.from_json(text)
+            if r is None:
+                return None
+            f = r.fix
+            return {
+                "lat": _r(f.latitude, 7),
+                "lon": _r(f.longitude, 7),
+                "alt": _r(f.altitude_m, 1),
+                "eph": _r(f.eph_m, 1),
+                "mode": int(f.mode),
+                "time": _iso(f.time),
+                "sats": f.satellites_used,
+            }
+
+        start, end = json.loads(row["start_stamp"]), json.loads(row["end_stamp"]) if row["end_stamp"] else {}
+        track = [
+            r["fix"] for r in self.db.query("SELECT fix FROM visit_track WHERE visit_id = ? ORDER BY id", [visit_id])
+        ]
+        notes = [
+            {"at": json.loads(r["stamp"]).get("time"), "text": r["text"]}
+            for r in self.db.query("SELECT stamp, text FROM visit_notes WHERE visit_id = ? ORDER BY id", [visit_id])
+        ]
+        items = [
+            {"kind": r["kind"], "key": r["item_key"], "sha256": r["sha256"]}
+            for r in self.db.query(
+                "SELECT kind, item_key, sha256 FROM visit_items WHERE visit_id = ? ORDER BY id", [visit_id]
+            )
+        ]
+        return {
+            "visit_id": row["id"],
+            "gateway_id": row["gateway_id"],
+            "doctor_id": row["doctor_id"],
+            "patient_id": row["patient_id"],
+            "household_id": row["household_id"],
+            "setting": row["setting"],
+            "started_at": row["started_at"],
+            "start_source": start.get("source"),
+            "ended_at": row["ended_at"],
+            "end_source": end.get("source"),
+            "start_fix": fix(row["start_fix"]),
+            "end_fix": fix(row["end_fix"]),
+            "household": None
+            if row["household_lat"] is None
+            else {"lat": _r(row["household_lat"], 7), "lon": _r(row["household_lon"], 7)},
+            "distance_m": _r(row["distance_m"], 1),
+            "flags": json.loads(row["flags"]),
+            "notes": notes,
+            "items": items,
+            "track": {"points": len(track), "sha256": hashlib.sha256("\n".join(track).encode()).hexdigest()},
+        }
+
+    def _chain(self, visit_id: str) -> ChainLink:
+        last = list(self.db.query("SELECT seq, hash FROM chain ORDER BY seq DESC LIMIT 1"))
+        seq, prev = (last[0]["seq"] + 1, last[0]["hash"]) if last else (1, GENESIS)
+        _, chain_link = link(self.record_body(visit_id), seq, prev, self.signing_key)
+        self.db.table("chain").insert(
+            {
+                "seq": seq,
+                "visit_id": visit_id,
+                "prev_hash": prev,
+                "hash": chain_link.hash,
+                "signature": chain_link.signature,
+                "signed_at": (self.clock.now().time or dt.datetime.now(dt.timezone.utc)).isoformat(),
+            }
+        )
+        return chain_link
+
+    def chain_entries(self) -> list[tuple[dict, ChainLink]]:
+        out = []
+        for row in self.db.query("SELECT * FROM chain ORDER BY seq"):
+            record = dict(self.record_body(row["visit_id"]), seq=row["seq"], prev_hash=row["prev_hash"])
+            out.append((record, ChainLink(row["seq"], row["prev_hash"], row["hash"], row["signature"])))
+        return out
+
+    def export_chain(self, path: str | Path) -> int:
+        entries = self.chain_entries()
+        tmp = Path(str(path) + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for line in export_lines(self.gateway_id, public_key_b64(self.signing_key), entries):
+                f.write(line + "\n")
+        tmp.replace(path)
+        return len(entries)
+
+    def verify_local(self) -> VerifyReport:
+        return verify_lines(export_lines(self.gateway_id, public_key_b64(self.signing_key), self.chain_entries()))
+
+    # --- FHIR --------------------------------------------------------------------------------------
+    def observations(self, visit_id: str) -> list[Observation]:
+        return [
+            observation_from_json(json.loads(r["record"]))
+            for r in self.db.query(
+                "SELECT record FROM visit_items WHERE visit_id = ? AND kind = 'observation' ORDER BY id", [visit_id]
+            )
+        ]
+
+    def fhir_bundle(self, visit_id: str, naming: FhirNaming) -> dict:
+        from uploader.fhir_bundle import VisitNote, VisitPosition, VisitSignature, VisitSummary, visit_bundle
+
+        visit = self.get(visit_id)
+        if visit is None or visit.state != "closed" or visit.start.time is None:
+            raise VisitError(f"visit {visit_id} is not closed with a known time yet")
+        fixes = [r for r in (visit.start_fix, visit.end_fix) if r is not None and r.fix.has_position]
+        best = min(fixes, key=lambda r: r.fix.eph_m if r.fix.eph_m is not None else float("inf"), default=None)
+        position = None
+        if best is not None:
+            f = best.fix
+            position = VisitPosition(f.latitude, f.longitude, f.altitude_m, f.eph_m, f.time, int(f.mode))  # type: ignore[arg-type]
+        chain = next(iter(self.db.query("SELECT * FROM chain WHERE visit_id = ?", [visit_id])))
+        signed_at = dt.datetime.fromisoformat(chain["signed_at"])
+        summary = VisitSummary(
+            visit_id=visit.id,
+            doctor_id=visit.doctor_id,
+            patient_id=visit.patient_id,
+            started_at=visit.start.time,
+            ended_at=visit.end.time if visit.end else None,
+            time_source=visit.start.source,
+            setting=visit.setting,
+            household_id=visit.household_id,
+            position=position,
+            flags=tuple(visit.flags),
+            notes=tuple(
+                VisitNote(r["text"], Stamp.from_json(json.loads(r["stamp"])).time)
+                for r in self.db.query("SELECT stamp, text FROM visit_notes WHERE visit_id = ? ORDER BY id", [visit_id])
+            ),
+        )
+        signature = VisitSignature(
+            chain["seq"],
+            chain["hash"],
+            chain["prev_hash"],
+            chain["signature"],
+            public_key_b64(self.signing_key),
+            signed_at,
+        )
+        return visit_bundle(summary, self.observations(visit_id), naming, signature)
+
+    def queue_closed(self, outbox: Outbox, naming: FhirNaming, now: float | None = None) -> int:
+        """Queue every closed, not yet queued visit as a FHIR bundle (idempotent)."""
+        from uploader.fhir_forwarder import enqueue_bundle
+
+        queued = 0
+        for row in list(
+            self.db.query(
+                "SELECT id, patient_id FROM visits WHERE state = 'closed' "
+                "AND fhir_queued_at IS NULL AND started_at IS NOT NULL ORDER BY rowid"
+            )
+        ):
+            bundle = self.fhir_bundle(row["id"], naming)
+            enqueue_bundle(
+                outbox,
+                bundle,
+                f"fhir:visit:{row['id']}",
+                patient_id=row["patient_id"],
+                meta={"visit_id": row["id"], "type": "visit"},
+                now=now,
+            )
+            self.db.table("visits").update(row["id"], {"fhir_queued_at": dt.datetime.now(dt.timezone.utc).isoformat()})
+            queued += 1
+        return queued
+
+
+def record_observation(
+    book: VisitBook,
+    outbox: Outbox,
+    naming: FhirNaming,
+    obs: Observation,
+    *,
+    outbox_key: str | None = None,
+    now: float | None = None,
+) -> str:
+    """Where a reading goes: "visit" (linked to the open visit of its patient, sent with it),
+    "queued" (a known patient outside any visit: its own FHIR bundle), or "held" (unassigned)."""
+    from uploader.fhir_bundle import observation_bundle, observation_identifier
+    from uploader.fhir_forwarder import enqueue_bundle
+
+    if book.attach_observation(obs, outbox_key=outbox_key):
+        return "visit"
+    if obs.patient_id is None:
+        return "held"
+    enqueue_bundle(
+        outbox,
+        observation_bundle(obs, naming),
+        f"fhir:obs:{observation_identifier(obs, naming)}",
+        patient_id=obs.patient_id,
+        meta={"type": "observation", "record_key": obs.record_key},
+        now=now,
+    )
+    return "queued"
+
+
+def follow_receiver(book: VisitBook, source: FixSource, should_stop: Callable[[], bool], chunk_s: float = 1.0) -> int:
+    """Service loop: every fix anchors the clock and extends the open visit's track. Returns the
+    number of fixes seen when `should_stop()` says so or the source ends."""
+    import time
+
+    seen = 0
+    while not should_stop():
+        got = 0
+        for fix in source.fixes(time.monotonic() + chunk_s):
+            book.observe_fix(fix)
+            got += 1
+            if should_stop():
+                break
+        seen += got
+        if got == 0 and should_stop():
+            break
+    return seen

@@ -1,0 +1,164 @@
+"""Tamper evidence for visits: a per-gateway hash chain, signed with the gateway's Ed25519 key.
+
+Each closed visit becomes one canonical JSON record (sorted keys, no spaces, UTF-8) that names
+its place in the chain (`seq`, `prev_hash`); its SHA-256 is the link the next record names, and
+the gateway signs that hash. Editing a record changes its hash; removing one breaks the next
+record's `prev_hash`; re-signing needs the private key, which never leaves the data directory
+(file mode 0600). The FHIR Provenance of each visit carries its hash, signature and public key,
+so the county holds the chain head as it grows.
+
+Export format (JSON Lines): a header line {"format": "lastmile-visit-chain", "version": 1,
+"gateway_id", "public_key"}, then one line per visit {"seq", "record", "hash", "signature"}.
+`verify_export()` needs nothing but that file (and, to pin it, the expected public key).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+KEY_FILE = "gateway_ed25519.pem"
+GENESIS = "0" * 64
+FORMAT = "lastmile-visit-chain"
+
+
+def canonical(record: dict) -> bytes:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
+        "utf-8"
+    )
+
+
+def record_hash(record: dict) -> str:
+    return hashlib.sha256(canonical(record)).hexdigest()
+
+
+def load_or_create_key(data_dir: Path) -> Ed25519PrivateKey:
+    """The gateway's signing key; created once, 0600, never overwritten."""
+    path = Path(data_dir) / KEY_FILE
+    if not path.exists():
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another process made it first: use theirs
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(pem)
+                f.flush()
+                os.fsync(f.fileno())
+    loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(loaded, Ed25519PrivateKey):
+        raise ValueError(f"{path} is not an Ed25519 private key")
+    return loaded
+
+
+def public_key_b64(key: Ed25519PrivateKey) -> str:
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return base64.b64encode(raw).decode("ascii")
+
+
+@dataclass(frozen=True)
+class ChainLink:
+    seq: int
+    prev_hash: str
+    hash: str
+    signature: str  # base64
+
+
+def link(record_body: dict, seq: int, prev_hash: str, key: Ed25519PrivateKey) -> tuple[dict, ChainLink]:
+    """Put a record in the chain: returns the record as hashed and its signed link."""
+    record = dict(record_body, seq=seq, prev_hash=prev_hash)
+    digest = record_hash(record)
+    signature = base64.b64encode(key.sign(bytes.fromhex(digest))).decode("ascii")
+    return record, ChainLink(seq, prev_hash, digest, signature)
+
+
+@dataclass
+class VerifyReport:
+    ok: bool
+    records: int = 0
+    gateway_id: str = ""
+    public_key: str = ""
+    head: str = GENESIS
+    problems: list[str] = field(default_factory=list)
+
+
+def export_lines(gateway_id: str, public_key: str, entries: Iterable[tuple[dict, ChainLink]]) -> Iterable[str]:
+    yield json.dumps(
+        {"format": FORMAT, "version": 1, "gateway_id": gateway_id, "public_key": public_key}, sort_keys=True
+    )
+    for record, chain_link in entries:
+        yield json.dumps(
+            {"seq": chain_link.seq, "record": record, "hash": chain_link.hash, "signature": chain_link.signature},
+            sort_keys=True,
+            ensure_ascii=False,
+        )
+
+
+def verify_lines(lines: Iterable[str], expected_public_key: str | None = None) -> VerifyReport:
+    report = VerifyReport(ok=False)
+    it = iter(lines)
+    try:
+        header = json.loads(next(it))
+    except (StopIteration, ValueError):
+        report.problems.append("no header line")
+        return report
+    if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") != 1:
+        report.problems.append("not a lastmile visit chain (version 1)")
+        return report
+    report.gateway_id, report.public_key = str(header.get("gateway_id")), str(header.get("public_key"))
+    if expected_public_key and expected_public_key != report.public_key:
+        report.problems.append("the chain is signed with another key than the one expected")
+        return report
+    try:
+        public = Ed25519PublicKey.from_public_bytes(base64.b64decode(report.public_key, validate=True))
+    except ValueError:
+        report.problems.append("header public key is not an Ed25519 key")
+        return report
+    expected_prev, expected_seq = GENESIS, 1
+    for number, line in enumerate(it, start=2):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            record, seq, digest = entry["record"], int(entry["seq"]), str(entry["hash"])
+            signature = base64.b64decode(entry["signature"], validate=True)
+        except (ValueError, KeyError, TypeError) as exc:
+            report.problems.append(f"line {number}: unreadable ({exc})")
+            return report
+        who = f"record {seq} (visit {record.get('visit_id', '?')})"
+        if seq != expected_seq or record.get("seq") != seq:
+            report.problems.append(
+                f"line {number}: expected record {expected_seq}, found {seq}: records were removed or reordered"
+            )
+        if record.get("prev_hash") != expected_prev:
+            report.problems.append(f"{who}: does not follow the previous record (chain broken)")
+        if record_hash(record) != digest:
+            report.problems.append(f"{who}: content does not match its hash (edited after capture)")
+        try:
+            public.verify(signature, bytes.fromhex(digest))
+        except (InvalidSignature, ValueError):
+            report.problems.append(f"{who}: signature does not verify")
+        expected_prev, expected_seq = digest, seq + 1
+        report.records += 1
+    report.head = expected_prev
+    report.ok = not report.problems
+    return report
+
+
+def verify_export(path: str | os.PathLike[str], expected_public_key: str | None = None) -> VerifyReport:
+    with open(path, encoding="utf-8") as f:
+        return verify_lines(f, expected_public_key)

@@ -1,0 +1,98 @@
+"""Debian's Chromium driven through chromium-driver (Selenium), as the console's browser tests use it.
+
+Never downloads a browser or a driver: /usr/bin/chromium and /usr/bin/chromedriver come from apt
+(scripts/setup.sh --test). Flags as verified on these machines: headless, no sandbox (root), and no
+background networking (the machine's closed network refuses it, many connections at a time).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tests.conftest import REPO, missing
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+CHROMIUM_FLAGS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-extensions",
+    "--disable-default-apps",
+    "--metrics-recording-only",
+    "--password-store=basic",
+)
+PHONE = (360, 640)
+TABLET = (1280, 800)
+
+
+def screenshot_dir() -> Path:
+    folder = Path(os.environ.get("LASTMILE_SCREENSHOTS") or REPO / "tmp" / "console-screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@contextmanager
+def chromium(language: str = "zh-CN,zh") -> Iterator[object]:
+    """A headless Chromium under Selenium, with a fresh profile that asks for `language`."""
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not Path(path).exists():
+            missing(f"{path} is not installed (scripts/setup.sh --test installs chromium and chromium-driver)")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        missing("selenium is not installed (pip install -e '.[test]')")
+        raise
+    profile = tempfile.mkdtemp(prefix="lastmile-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={profile}")
+    options.add_argument(f"--lang={language.split(',')[0]}")
+    options.add_argument(f"--window-size={TABLET[0]},{TABLET[1]}")
+    options.add_experimental_option("prefs", {"intl.accept_languages": language})
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    driver.set_page_load_timeout(120)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def set_viewport(driver: object, size: tuple[int, int]) -> None:
+    width, height = size
+    driver.execute_cdp_cmd(  # type: ignore[attr-defined]
+        "Emulation.setDeviceMetricsOverride",
+        {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600},
+    )
+
+
+def save_screenshot(driver: object, name: str, *, full_page: bool = True) -> Path:
+    """The page as a PNG in the screenshot folder (the whole page, not only what is in view)."""
+    params: dict[str, object] = {"format": "png"}
+    if full_page:
+        metrics = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})  # type: ignore[attr-defined]
+        size = metrics["cssContentSize"]
+        params.update(
+            captureBeyondViewport=True,
+            clip={"x": 0, "y": 0, "width": size["width"], "height": min(size["height"], 6000), "scale": 1},
+        )
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot", params)  # type: ignore[attr-defined]
+    path = screenshot_dir() / f"{name}.png"
+    path.write_bytes(base64.b64decode(shot["data"]))
+    return path

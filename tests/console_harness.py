@@ -1,0 +1,166 @@
+"""The doctor's console for tests: a real server on loopback over a data directory, and a small
+HTTP client that logs in like a browser (cookies, the CSRF token of each page's forms)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import http.cookiejar
+import re
+import ssl
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from lastmile.clinic.db import open_clinic_db
+from lastmile.config import Config
+from lastmile.console.accounts import Accounts
+from lastmile.console.service import ConsoleServer
+from lastmile.console.sources import HeldEcgSource, ReportsSource
+from lastmile.demo.loopback import free_port
+
+DOCTOR = ("王医生", "correct horse 1")
+VALID_ID = "11010519491231002X"  # GB 11643's own example
+ADMIN = ("admin", "battery staple 2")
+
+CSRF_FIELD = re.compile(r'name="csrf" value="([^"]+)"')
+
+
+def console_config(data_dir: Path, *, https: bool = False, port: int | None = None) -> Config:
+    config = Config()
+    config.set_data_dir(data_dir)
+    config.console.listen = f"127.0.0.1:{port or free_port()}"
+    config.console.https = https
+    config.gps.source = "none"
+    config.outbox.min_free_mb = 1
+    return config
+
+
+def add_users(config: Config) -> None:
+    db = open_clinic_db(config.data_dir)
+    try:
+        accounts = Accounts(db)
+        now = dt.datetime.now(dt.timezone.utc)
+        existing = {u.name for u in accounts.users()}
+        if DOCTOR[0] not in existing:
+            accounts.add_user(DOCTOR[0], "doctor", DOCTOR[1], now=now)
+        if ADMIN[0] not in existing:
+            accounts.add_user(ADMIN[0], "admin", ADMIN[1], now=now)
+    finally:
+        db.conn.close()
+
+
+@contextmanager
+def running_console(
+    config: Config, *, reports: ReportsSource | None = None, held_ecgs: HeldEcgSource | None = None
+) -> Iterator[ConsoleServer]:
+    add_users(config)
+    server = ConsoleServer(config, reports=reports, held_ecgs=held_ecgs)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
+class Reply:
+    status: int
+    body: str
+    headers: dict[str, str]
+    cookies: list[str]  # raw Set-Cookie headers
+
+    @property
+    def location(self) -> str:
+        return self.headers.get("location", "")
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+class _LoopbackIsSecure(http.cookiejar.DefaultCookiePolicy):
+    """As browsers do: Secure cookies go to http://127.0.0.1 too (a potentially trustworthy origin)."""
+
+    def return_ok_secure(self, cookie: http.cookiejar.Cookie, request: urllib.request.Request) -> bool:
+        host = urllib.parse.urlsplit(request.full_url).hostname
+        return host in ("127.0.0.1", "localhost", "::1") or super().return_ok_secure(cookie, request)
+
+
+class Client:
+    """A browser-like client: keeps cookies, never follows redirects (tests look at them)."""
+
+    def __init__(self, base_url: str, *, language: str = "zh-CN") -> None:
+        self.base = base_url
+        self.jar = http.cookiejar.CookieJar(policy=_LoopbackIsSecure())
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        self.opener = urllib.request.build_opener(
+            urllib.request.HTTPCookieProcessor(self.jar), urllib.request.HTTPSHandler(context=context), _NoRedirect()
+        )
+        self.language = language
+        self.csrf = ""
+
+    def request(
+        self, method: str, path: str, form: dict[str, str] | None = None, headers: dict[str, str] | None = None
+    ) -> Reply:
+        data = urllib.parse.urlencode(form).encode() if form is not None else None
+        req = urllib.request.Request(self.base + path, data=data, method=method)
+        req.add_header("Accept", "text/html")
+        req.add_header("Accept-Language", self.language)
+        if data is not None:
+            req.add_header("Content-Type", "application/x-www-form-urlencoded")
+        for k, v in (headers or {}).items():
+            req.add_header(k, v)
+        try:
+            resp = self.opener.open(req, timeout=60)
+        except urllib.error.HTTPError as err:
+            resp = err
+        body = resp.read().decode("utf-8", errors="replace")
+        reply = Reply(
+            resp.status, body, {k.lower(): v for k, v in resp.headers.items()}, resp.headers.get_all("set-cookie") or []
+        )
+        found = CSRF_FIELD.search(body)
+        if found:
+            self.csrf = found.group(1)
+        return reply
+
+    def get(self, path: str, **kw: object) -> Reply:
+        return self.request("GET", path, **kw)  # type: ignore[arg-type]
+
+    def post(self, path: str, form: dict[str, str] | None = None, *, csrf: bool = True, **kw: object) -> Reply:
+        form = dict(form or {})
+        if csrf:
+            form.setdefault("csrf", self.csrf)
+        return self.request("POST", path, form, **kw)  # type: ignore[arg-type]
+
+    def login(self, user: tuple[str, str] = DOCTOR) -> Reply:
+        self.get("/login")
+        reply = self.post("/login", {"name": user[0], "password": user[1], "next": "/today"})
+        assert reply.status == 303, (reply.status, reply.body[:500])
+        self.get("/today")  # the login's own CSRF token
+        return reply
+
+
+def enqueue_ecg(config: Config, *, lead_off: bool) -> None:
+    """An ECG for VALID_ID arrives, as from a cart (V3 electrode off: a "re-record" verdict)."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from devices.identity import Patient
+    from lastmile.data_dir import open_outbox
+    from lastmile.demo.runner import source_ecg
+    from lastmile.ecg.intake import enqueue_recording
+    from tests.ecg_faults import electrode_off
+
+    rec = replace(source_ecg(), patient=Patient(VALID_ID, "Zhang^San"), acquired_at=dt.datetime.now(dt.timezone.utc))
+    if lead_off:
+        rec, _fault = electrode_off(rec, np.random.default_rng(1), "V3", "blank")
+    with open_outbox(config) as outbox:
+        enqueue_recording(outbox, rec, config, key=f"test-ecg-{lead_off}")

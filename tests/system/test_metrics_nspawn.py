@@ -1,0 +1,123 @@
+"""lastmile-metrics.service under a real systemd 252 (systemd-nspawn -b), hardened as shipped:
+it sees the other units' processes, asks systemd for their restarts over D-Bus, reads the outbox.
+
+    scripts/test.sh -m slow tests/system/test_metrics_nspawn.py   (root; about 1 min with a warm cache)
+
+What this found: ProtectProc=invisible hid the other units' processes (each PrivateUsers=yes)
+from this one, and a hybrid cgroup host keeps the v2 tree under /sys/fs/cgroup/unified.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import REPO, missing, require_tool
+from tests.metrics_harness import parse_exposition, value
+from tests.system.container import Container
+from tests.system.test_nspawn import active_running, install_lastmile
+
+pytestmark = pytest.mark.slow
+
+UNIT = "lastmile-metrics.service"
+URL = "http://127.0.0.1:9560/metrics"
+
+
+@pytest.fixture(scope="module")
+def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
+    from tests.system.rootfs import debian_rootfs
+
+    if os.geteuid() != 0:
+        missing("systemd-nspawn -b needs root")
+    for tool in ("systemd-nspawn", "debootstrap", "nsenter"):
+        require_tool(tool)
+    lower = debian_rootfs()
+    work = tmp_path_factory.mktemp("nspawn-metrics")
+    wheels = work / "wheels"
+    subprocess.run(
+        [sys.executable, str(REPO / "image" / "wheelhouse.py"), "--arch", "amd64", str(wheels)],
+        check=True,
+        capture_output=True,
+    )
+    c = Container(lower, work / "c")
+    c.mount()
+    try:
+        shutil.copytree(wheels, c.root / "var/tmp/lastmile-wheels")
+        install_lastmile(c)
+        shutil.copy(REPO / "systemd" / UNIT, c.root / "etc/systemd/system" / UNIT)
+        (c.root / "etc/systemd/system/multi-user.target.wants" / UNIT).symlink_to(f"/etc/systemd/system/{UNIT}")
+        c.boot()
+        yield c
+    finally:
+        c.poweroff()
+        c.unmount()
+
+
+def scrape(c: Container) -> list[tuple[str, dict[str, str], float]]:
+    r = c.exec(
+        "/opt/lastmile/bin/python",
+        "-c",
+        f"import urllib.request; print(urllib.request.urlopen({URL!r}, timeout=20).read().decode())",
+    )
+    return parse_exposition(r.stdout)
+
+
+def test_the_metrics_unit_sees_the_services_the_queue_and_a_restart(container: Container) -> None:
+    c = container
+    for unit in ("lastmile-acquire.service", "lastmile-forward.service", UNIT):
+        props = c.wait_for(f"{unit} READY", lambda unit=unit: active_running(c, unit), timeout=90)
+        assert props["User"] == "lastmile"
+    samples = c.wait_for("a scrape", lambda: scrape(c))
+    for service in ("acquire", "forward", "metrics"):
+        assert value(samples, "lastmile_service_up", service=service) == 1
+        rss = value(samples, "lastmile_service_resident_bytes", service=service)
+        assert rss is not None and rss > 10 * 2**20, (service, rss)  # /proc of the other units is visible
+        assert value(samples, "lastmile_service_restarts_total", service=service) == 0  # systemd answered
+    assert value(samples, "lastmile_service_up", service="console") == 0  # not installed here
+    assert value(samples, "lastmile_source_up", source="services") == 1
+
+    # ECGs queued while the reading center is down: counted, and the link shown down
+    c.exec(
+        "runuser",
+        "-u",
+        "lastmile",
+        "--",
+        "/opt/lastmile/bin/python",
+        "/usr/local/lib/enqueue.py",
+        "/usr/local/lib/example.scp",
+        "3",
+        "metrics",
+        timeout=120,
+    )
+    c.wait_for(
+        "3 ECGs waiting, the link down",
+        lambda: (
+            (s := scrape(c))
+            and sum(value(s, "lastmile_queue_items", kind="dicom", state=st) or 0 for st in ("queued", "sending")) == 3
+            and value(s, "lastmile_link_state", destination="dicom", state="down") == 1
+        ),
+        timeout=60,
+    )
+
+    # systemd restarts a killed forward service: its counter and the start time both show it
+    before = value(scrape(c), "lastmile_service_start_time_seconds", service="forward")
+    old = active_running(c, "lastmile-forward.service")
+    assert old is not None
+    c.exec("kill", "-KILL", old["MainPID"])
+    c.wait_for(
+        "forward restarted",
+        lambda: (p := active_running(c, "lastmile-forward.service")) and p["MainPID"] != old["MainPID"],
+        timeout=60,
+    )
+    after = c.wait_for(
+        "the restart counted",
+        lambda: (s := scrape(c)) and value(s, "lastmile_service_restarts_total", service="forward") == 1 and s,
+        timeout=30,
+    )
+    assert value(after, "lastmile_service_start_time_seconds", service="forward") > before
+    assert "Traceback" not in c.journal(UNIT)

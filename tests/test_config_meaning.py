@@ -1,0 +1,185 @@
+"""Settings checked for what they mean, not only their type: every mistake refused by
+`lastmile config check` with its file:line (issue 10, item 6)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from lastmile.cli import main as cli
+from lastmile.config import ConfigError, parse_config, render_defaults
+
+pytestmark = pytest.mark.usefixtures("restored_logging")
+
+# (file text, line of the mistake, words of the message); one case per mistake.
+MISTAKES = [
+    ("[reading_center]\nhost = 'pacs'\nport = 70000\n", 3, "'reading_center.port' must be a TCP port from 1 to 65535"),
+    ("[reading_center]\nlisten_port = 0\n", 2, "'reading_center.listen_port' must be a TCP port"),
+    ("[lan_receiver]\nae_title = 'GW'\nport = 0\n", 3, "'lan_receiver.port' must be a TCP port"),
+    ("[gps]\ngpsd_port = 65536\n", 2, "'gps.gpsd_port' must be a TCP port"),
+    ("[reading_center]\nassociations = 0\n", 2, "'reading_center.associations' must be a count"),
+    ("[reading_center]\nbatch_size = 0\n", 2, "'reading_center.batch_size' must be a count"),
+    ("[fhir]\nbatch_size = 0\n", 2, "'fhir.batch_size' must be a count"),
+    ("[ble]\nconnect_attempts = 0\n", 2, "'ble.connect_attempts' must be a count"),
+    ("[visits]\ntrack_max_points = 0\n", 2, "'visits.track_max_points' must be a count"),
+    (
+        "[reading_center]\nport = 104\ntimeout_s = inf\n",
+        3,
+        "'reading_center.timeout_s' must be a finite number, not inf",
+    ),
+    ("[fhir]\ntimeout_s = nan\n", 2, "'fhir.timeout_s' must be a finite number, not nan"),
+    ("[outbox]\nbackoff_max_s = -inf\n", 2, "'outbox.backoff_max_s' must be a finite number"),
+    ("[reading_center]\ntimeout_s = 0\n", 2, "'reading_center.timeout_s' must be a number of seconds above 0"),
+    ("[outbox]\nbackoff_base_s = 60.0\nbackoff_max_s = 10.0\n", 3, "must not be less than outbox.backoff_base_s"),
+    ("[reading_center]\ncalled_ae = 'COUNTY_READING_CENTER_01'\n", 2, "has 24 characters: an AE title has at most 16"),
+    ("[reading_center]\ncalling_ae = '石桥村卫生室'\n", 2, "'reading_center.calling_ae' contains '石'"),
+    ("[reading_center]\ncalling_ae = 'CLINIC\\\\01'\n", 2, "contains '\\\\'"),
+    ("[reading_center]\ncalled_ae = '    '\n", 2, "must not be empty or only spaces"),
+    ('[reading_center]\ncalling_ae = "CLINIC\\t1"\n', 2, "contains '\\t'"),
+    ("[lan_receiver]\nae_title = 'LASTMILE-LAN-RECEIVER'\n", 2, "'lan_receiver.ae_title' has 21 characters"),
+    (
+        "[lan_receiver]\nenabled = true\nallowed_callers = ['CART1', '心电图机']\n",
+        3,
+        "'lan_receiver.allowed_callers' entry '心电图机' contains",
+    ),
+    ("[lan_receiver]\nenabled = true\n", 2, "lan_receiver.allowed_callers is empty"),
+    (
+        "[lan_receiver]\nsop_classes = ['1.2.840.10008.5.1.4.1.1.9.1.1', 'twelve-lead']\n",
+        2,
+        "entry 'twelve-lead' is not a DICOM UID",
+    ),
+    (
+        "[reading_center.tls]\nenabled = true\n",
+        2,
+        "'reading_center.tls.enabled' is true but reading_center.tls.ca_file is empty",
+    ),
+    (
+        "[reading_center.tls]\nca_file = '/etc/ca.pem'\ncert_file = '/etc/gw.pem'\n",
+        3,
+        "set both cert_file and key_file",
+    ),
+    (
+        "[serial]\npatient_card_pattern = '(?P<id>[0-9]{18'\n",
+        2,
+        "'serial.patient_card_pattern' is not a valid regular expression",
+    ),
+    (
+        "[serial]\ndoctor_badge_pattern = 'DR-(?P<id>\\d+'\n",
+        2,
+        "'serial.doctor_badge_pattern' is not a valid regular expression",
+    ),
+    (
+        "[serial]\n\n[[serial.devices]]\nname = 'bp'\nmatch = '2e8a:000a'\nprofile = 'bridge'\n\n"
+        "[[serial.devices]]\nname = 'vitals'\nmatch = '0403:6001'\nprofile = 'no-such-monitor'\n",
+        11,
+        "'serial.devices[1].profile' unknown profile 'no-such-monitor'",
+    ),
+    (
+        "[serial]\ndevices = [\n  {name = 'a', match = '2e8a:000a', profile = 'bridge'},\n"
+        "  {name = 'b', match = 'ttyUSB0', profile = 'scanner'},\n]\n",
+        4,
+        "'serial.devices[1].match' device match 'ttyUSB0'",
+    ),
+    (
+        "[[serial.devices]]\nname = 'a'\nmatch = '2e8a:000a'\nprofile = 'bridge'\nspeed = 9600\n",
+        5,
+        "'serial.devices[0].speed' unknown key(s) speed",
+    ),
+    ("[gateway]\nid = '云南省石桥村卫生室网关'\n", 2, "does not fit DICOM StationName: it is 33 bytes in UTF-8"),
+    ("[gateway]\nid = 'clinic-gateway-0001'\n", 2, "set gateway.station_name to a short name"),
+    (
+        "[gateway]\nid = 'gw'\nstation_name = '石桥村卫生室网关'\n",
+        3,
+        "'gateway.station_name' is 24 bytes in UTF-8; DICOM StationName holds 16",
+    ),
+    ("[gateway]\nid = 'gw\\\\01'\n", 2, "'gateway.id' must not contain a backslash"),
+    (
+        "[gateway]\ninstitution = '" + "卫生院" * 8 + "'\n",
+        2,
+        "'gateway.institution' is 72 bytes in UTF-8; DICOM InstitutionName holds 64",
+    ),
+    ("[gateway]\ndata_dir = 'data'\n", 2, "'gateway.data_dir' must be an absolute path"),
+    ("[usb_import]\nfolders = ['media/usb0']\n", 2, "'usb_import.folders' entry 'media/usb0' must be an absolute path"),
+    ("[gps]\nsource = 'nmea'\n", 2, "gps.nmea_port is empty"),
+    (
+        "[fhir]\nbase_url = 'http://county.example/fhir'\ntoken_file = '/etc/lastmile/certs/fhir.token'\n",
+        2,
+        "'fhir.base_url' http://county.example/fhir is plain http to another machine",
+    ),
+    (
+        "[reading_center]\nlisten_port = 11112\n[lan_receiver]\nenabled = true\nallowed_callers = ['CART1']\n",
+        2,
+        "'reading_center.listen_port' (11112) is the port of both the LAN receiver and the storage-commitment",
+    ),
+    (
+        "[lan_receiver]\nenabled = true\nallowed_callers = ['CART1']\nport = 11113\n",
+        4,
+        "'lan_receiver.port' (11113) is the port of both",
+    ),
+]
+
+
+@pytest.mark.parametrize("text, line, words", MISTAKES, ids=[m[2][:48] for m in MISTAKES])
+def test_config_check_refuses_it_with_its_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, line: int, words: str
+) -> None:
+    path = tmp_path / "lastmile.toml"
+    path.write_text(text, encoding="utf-8")
+    assert cli(["-c", str(path), "config", "check"]) == 78
+    err = capsys.readouterr().err
+    matching = [ln for ln in err.splitlines() if words in ln]
+    assert matching, err
+    assert f"lastmile.toml:{line}: " in matching[0], err
+
+
+def test_every_problem_is_reported_at_once_in_file_order() -> None:
+    text = "[reading_center]\nport = 0\ncalling_ae = 'A_VERY_LONG_AE_TITLE'\nassociations = 0\n"
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, "x.toml")
+    lines = str(err.value).splitlines()
+    assert [ln.split(":")[1] for ln in lines] == ["2", "3", "4"]
+
+
+def test_the_defaults_and_sane_files_pass() -> None:
+    parse_config(render_defaults())
+    parse_config(
+        "[gateway]\nid = '云南石桥村-01'\nstation_name = '石桥村-01'\n"  # 12 bytes: fits
+        "[reading_center]\nport = 11112\nlisten_port = 11113\ncalled_ae = 'ORTHANC'\n"
+        "[lan_receiver]\nenabled = true\nallowed_callers = ['CART 1']\n"
+        "[fhir]\nbase_url = 'http://127.0.0.1:8080/fhir'\n"
+        "[[serial.devices]]\nname = 'bp'\nmatch = '2e8a:000a'\nprofile = 'bridge'\n"
+    )
+
+
+def test_config_check_also_wants_the_files_it_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "lastmile.toml"
+    path.write_text(f"[reading_center.tls]\nenabled = true\nca_file = '{tmp_path / 'missing-ca.pem'}'\n")
+    assert cli(["-c", str(path), "config", "check"]) == 78
+    err = capsys.readouterr().err
+    assert "lastmile.toml:3: 'reading_center.tls.ca_file' names" in err and "not a file" in err
+    (tmp_path / "missing-ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    assert cli(["-c", str(path), "config", "check"]) == 0
+
+
+def test_a_long_gateway_id_is_mapped_never_cut(tmp_path: Path) -> None:
+    """The full id stays whole (FHIR, the visit chain, and the DICOM converting equipment's
+    serial number); DICOM StationName is the configured short name."""
+    from lastmile.data_dir import open_outbox
+    from lastmile.ecg.intake import enqueue_recording
+    from tests.ecg_factories import make_recording
+
+    full_id = "云南省石桥村卫生室网关"  # 33 bytes: does not fit StationName
+    config = parse_config(
+        f"[gateway]\nid = '{full_id}'\nstation_name = '石桥村网关'\n"
+        f"data_dir = '{tmp_path / 'data'}'\n[outbox]\nmin_free_mb = 0\n"
+    )
+    with open_outbox(config) as outbox:
+        item = enqueue_recording(outbox, make_recording(1), config, key="ecg-1").item
+        data = outbox.read_payload(item)
+    ds = dcmread(io.BytesIO(data))
+    assert ds.StationName == "石桥村网关"
+    (gateway,) = ds.ContributingEquipmentSequence
+    assert gateway.StationName == "石桥村网关" and gateway.DeviceSerialNumber == full_id

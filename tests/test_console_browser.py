@@ -1,0 +1,299 @@
+"""The doctor's console in a real browser (Debian's Chromium through chromium-driver).
+
+Each test gets its own data directory and console (real HTTP on loopback, the real SSE path fed
+by the acquire-side code writing clinic.db and the outbox) and logs in like a person. Screenshots
+of each page, Chinese, on a phone and a tablet, land in $LASTMILE_SCREENSHOTS (default
+tmp/console-screenshots).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lastmile.config import Config
+from lastmile.console.service import ConsoleServer
+from lastmile.console.sources import ReportView, StaticReports
+from tests.conftest import require_module
+from tests.console_browser import PHONE, TABLET, chromium, save_screenshot, set_viewport
+from tests.console_harness import ADMIN, DOCTOR, VALID_ID, console_config, enqueue_ecg, running_console
+
+pytestmark = pytest.mark.timeout(600)
+
+WAIT_S = 90.0  # generous: two cores, other suites running
+WRONG_CHECK = "110105194912310021"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    with chromium() as driver:
+        yield driver
+
+
+@pytest.fixture
+def console(tmp_path: Path) -> Iterator[ConsoleServer]:
+    with running_console(console_config(tmp_path / "data")) as server:
+        yield server
+
+
+def by(kind: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    return {"id": By.ID, "css": By.CSS_SELECTOR, "xpath": By.XPATH}[kind]
+
+
+def wait_for(driver: object, condition: object, timeout: float = WAIT_S) -> object:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(condition)
+
+
+def text_in(driver: object, css: str, text: str, timeout: float = WAIT_S) -> None:
+    from selenium.webdriver.support import expected_conditions as ec
+
+    wait_for(driver, ec.text_to_be_present_in_element((by("css"), css), text), timeout)
+
+
+def log_in(driver: object, server: ConsoleServer, user: tuple[str, str] = DOCTOR) -> None:
+    driver.delete_all_cookies()  # type: ignore[attr-defined]
+    driver.get(server.url + "/login")  # type: ignore[attr-defined]
+    driver.find_element(by("id"), "name").send_keys(user[0])  # type: ignore[attr-defined]
+    driver.find_element(by("id"), "password").send_keys(user[1] + "\n")  # type: ignore[attr-defined]
+    wait_for(driver, lambda d: d.current_url.endswith("/today"))
+
+
+def live_stream_open(driver: object) -> None:
+    wait_for(driver, lambda d: d.execute_script("return document.documentElement.dataset.live") == "on")
+
+
+# -- flows -----------------------------------------------------------------------------------------
+
+
+def test_keyboard_only_login(browser: object, console: ConsoleServer) -> None:
+    """Name has the focus on arrival; Tab to the password, Enter logs in. No mouse."""
+    from selenium.webdriver.common.keys import Keys
+
+    browser.delete_all_cookies()
+    browser.get(console.url + "/today")
+    wait_for(browser, lambda d: "/login" in d.current_url)  # no session: sent to the login
+    active = browser.switch_to.active_element
+    assert active.get_attribute("id") == "name"
+    active.send_keys(DOCTOR[0], Keys.TAB)
+    active = browser.switch_to.active_element
+    assert active.get_attribute("id") == "password"
+    active.send_keys(DOCTOR[1], Keys.ENTER)
+    wait_for(browser, lambda d: d.current_url.endswith("/today"))
+    assert browser.find_element(by("css"), "h1").text == "今天"
+    # and on, by keyboard: the check-in field has the focus, ready for the scanner
+    assert browser.switch_to.active_element.get_attribute("id") == "patient_id"
+
+
+def test_a_wrong_password_is_refused_in_chinese(browser: object, console: ConsoleServer) -> None:
+    browser.delete_all_cookies()
+    browser.get(console.url + "/login")
+    browser.find_element(by("id"), "name").send_keys(DOCTOR[0])
+    browser.find_element(by("id"), "password").send_keys("not the password\n")
+    text_in(browser, "#login-error", "姓名或密码错误")
+    assert "/login" in browser.current_url
+
+
+def test_check_in_by_scanned_resident_id(browser: object, console: ConsoleServer) -> None:
+    """A keyboard-wedge scanner types the number into the focused field and ends with Enter."""
+    log_in(browser, console)
+    field = browser.switch_to.active_element
+    assert field.get_attribute("id") == "patient_id"  # focused on arrival: scan straight away
+    field.send_keys(WRONG_CHECK + "\n")
+    text_in(browser, "#form-error", "校验码")  # refused, in Chinese, saying what is wrong
+    assert "没有登记患者" in browser.find_element(by("id"), "panel-session").text
+    field = browser.find_element(by("id"), "patient_id")
+    field.clear()
+    browser.find_element(by("id"), "reason").send_keys("胸痛")
+    browser.find_element(by("css"), "input[name=stat]").click()
+    field.send_keys(VALID_ID.lower() + "\n")  # a lower-case x from a phone keyboard is normalised
+    text_in(browser, "#panel-session", VALID_ID)
+    session = browser.find_element(by("id"), "panel-session").text
+    assert "急" in session and "胸痛" in session
+    assert "患者已登记" in browser.find_element(by("css"), "p.done").text
+
+
+def _emulated_ble_clinic(config: Config, patient_id: str) -> threading.Thread:
+    """The acquire side's real BLE path (bleak over an emulated radio) into the same data dir."""
+    from lastmile.services.ble_devices import emulated_clinic
+
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        result["summary"] = asyncio.run(emulated_clinic(config, patient_id=patient_id, timeout_s=60.0))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.result = result  # type: ignore[attr-defined]
+    thread.start()
+    return thread
+
+
+def test_a_ble_reading_appears_live_and_a_held_one_is_assigned(
+    browser: object, console: ConsoleServer, tmp_path: Path
+) -> None:
+    require_module("bumble", "BLE emulation is the `emulation` extra")
+    log_in(browser, console)
+    browser.find_element(by("id"), "patient_id").send_keys(VALID_ID + "\n")
+    text_in(browser, "#panel-session", VALID_ID)
+    live_stream_open(browser)
+    browser.execute_script("window.__sameDocument = true")
+    ble = _emulated_ble_clinic(console.config, VALID_ID)
+    # The cuff's "now" reading lands on the patient; its two older readings are held.
+    text_in(browser, "#panel-readings", "118/76")
+    text_in(browser, "#panel-held", "122/79")
+    ble.join(90)
+    summary = ble.result["summary"]  # type: ignore[attr-defined]
+    assert summary.stored == 2 and summary.held == 2, summary.to_json()
+    assert browser.execute_script("return window.__sameDocument") is True  # it came live, no reload
+    readings = browser.find_element(by("id"), "panel-readings").text
+    assert "Demo BP Cuff" in readings and "118/76 mmHg" in readings and "脉搏 64" in readings
+    save_screenshot(browser, "today-live-readings-tablet")
+    set_viewport(browser, PHONE)
+    save_screenshot(browser, "today-live-readings-phone")
+    set_viewport(browser, TABLET)
+
+    held_before = len(browser.find_elements(by("css"), "#panel-held li"))
+    assert held_before == 2
+    first = browser.find_element(by("css"), "#panel-held form.assign")
+    assert first.find_element(by("css"), "input[name=patient_id]").get_attribute("value") == VALID_ID
+    first.find_element(by("css"), "button").click()
+    text_in(browser, "p.done", "已指定")
+    assert len(browser.find_elements(by("css"), "#panel-held li")) == held_before - 1
+    # the audit trail has who and when
+    from lastmile.clinic.db import open_clinic_db
+    from lastmile.console.audit import AuditLog
+
+    db = open_clinic_db(console.config.data_dir)
+    try:
+        entry = AuditLog(db).latest("assign-reading", VALID_ID)
+    finally:
+        db.conn.close()
+    assert entry is not None and entry.user_name == DOCTOR[0]
+
+
+def test_an_ecg_preview_and_its_re_record_verdict(browser: object, console: ConsoleServer) -> None:
+    log_in(browser, console)
+    live_stream_open(browser)
+    enqueue_ecg(console.config, lead_off=True)  # the cart's file arrives while the page is open
+    text_in(browser, "#panel-ecg", "需要重做")
+    assert browser.find_element(by("css"), "#panel-ecg [data-verdict]").get_attribute("data-verdict") == "re-record"
+    assert "V3 电极脱落" in browser.find_element(by("id"), "panel-ecg").text
+    assert "心率" in browser.find_element(by("id"), "panel-ecg").text
+    # the verdict stored at intake shows at once; the preview follows when the worker has drawn it
+    preview = wait_for(browser, lambda d: (d.find_elements(by("css"), "#panel-ecg figure.preview img") or [None])[0])
+    wait_for(browser, lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", preview))
+    assert browser.execute_script("return arguments[0].naturalWidth", preview) > 500
+    set_viewport(browser, PHONE)
+    save_screenshot(browser, "today-ecg-re-record-phone")
+    set_viewport(browser, TABLET)
+    save_screenshot(browser, "today-ecg-re-record-tablet")
+    browser.find_element(by("xpath"), "//button[normalize-space()='重做']").click()
+    text_in(browser, "p.done", "请重新做心电图")
+    text_in(browser, "#panel-ecg", "新的记录会显示在这里")
+
+
+REPORTS = StaticReports(
+    [
+        ReportView(
+            report_id="r-normal",
+            study_uid="1.2.3.1",
+            patient_id="DEMO-0002",
+            patient_name="李伟",
+            ecg_time=dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=3),
+            received_at=dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1),
+            status="received",
+            critical=False,
+            reading_doctor="县医院 赵医生",
+            text="窦性心律，心电图正常。\nSinus rhythm, normal ECG.",
+        ),
+        ReportView(
+            report_id="r-critical",
+            study_uid="1.2.3.2",
+            patient_id=VALID_ID,
+            patient_name="张三",
+            ecg_time=dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=2),
+            received_at=dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=20),
+            status="received",
+            critical=True,
+            reading_doctor="县医院 赵医生",
+            text="急性下壁心肌梗死（ST段抬高）。请立即转诊。\nAcute inferior STEMI: refer now.",
+            quality_verdict="acceptable",
+        ),
+    ]
+)
+
+
+def test_a_returned_report_and_a_critical_alert(browser: object, tmp_path: Path) -> None:
+    """Against the ReportsSource seam (issue 14's store plugs in there)."""
+    with running_console(console_config(tmp_path / "data"), reports=REPORTS) as server:
+        log_in(browser, server)
+        alert = browser.find_element(by("css"), "[role=alert].critical")
+        assert "张三" in alert.text and "危急值" in alert.text  # on Today, impossible to miss
+        browser.get(server.url + "/devices")
+        assert browser.find_elements(by("css"), "[role=alert].critical")  # and on every page
+        browser.get(server.url + "/reports")
+        cards = browser.find_elements(by("css"), "ol.reports > li")
+        assert [("critical" in c.get_attribute("class")) for c in cards] == [True, False]  # critical on top
+        set_viewport(browser, TABLET)
+        save_screenshot(browser, "reports-tablet")
+        set_viewport(browser, PHONE)
+        save_screenshot(browser, "reports-phone")
+        set_viewport(browser, TABLET)
+        browser.find_element(by("xpath"), "//button[normalize-space()='我已看到这个危急值']").click()
+        wait_for(browser, lambda d: not d.find_elements(by("css"), "[role=alert].critical"))
+        text_in(browser, "ol.reports", f"{DOCTOR[0]} 已于")
+        browser.get(server.url + "/reports/r-critical")
+        assert "急性下壁心肌梗死" in browser.find_element(by("css"), "pre.report-text").text
+        save_screenshot(browser, "report-print-view-tablet")
+
+
+def test_switch_language_per_user(browser: object, console: ConsoleServer) -> None:
+    log_in(browser, console)
+    assert browser.find_element(by("css"), "html").get_attribute("lang") == "zh-CN"
+    browser.find_element(by("xpath"), "//button[@value='en']").click()
+    text_in(browser, "h1", "Today")
+    assert browser.find_element(by("css"), "html").get_attribute("lang") == "en"
+    # the choice is the user's: a fresh login (new cookies) keeps it
+    log_in(browser, console)
+    text_in(browser, "h1", "Today")
+    save_screenshot(browser, "today-english-tablet")
+    browser.find_element(by("xpath"), "//button[@value='zh-CN']").click()
+    text_in(browser, "h1", "今天")
+
+
+PAGES = ("today", "sent", "reports", "devices", "visits", "system")
+
+
+def test_every_page_on_a_phone_and_a_tablet(browser: object, tmp_path: Path) -> None:
+    """No sideways scrolling at 360 px, every page in Chinese; a screenshot of each."""
+    config = console_config(tmp_path / "data")
+    with running_console(config, reports=REPORTS) as server:
+        enqueue_ecg(config, lead_off=False)
+        log_in(browser, server, ADMIN)
+        browser.find_element(by("id"), "patient_name").send_keys("张三")
+        browser.find_element(by("id"), "reason").send_keys("胸痛")
+        browser.find_element(by("css"), "input[name=stat]").click()
+        browser.find_element(by("id"), "patient_id").send_keys(VALID_ID + "\n")
+        text_in(browser, "#panel-session", VALID_ID)
+        text_in(browser, "#panel-ecg", "合格", timeout=WAIT_S)
+        for name, size in (("phone", PHONE), ("tablet", TABLET)):
+            set_viewport(browser, size)
+            for page in PAGES:
+                browser.get(f"{server.url}/{page}")
+                assert browser.find_element(by("css"), "html").get_attribute("lang") == "zh-CN"
+                overflow = browser.execute_script(
+                    "return document.documentElement.scrollWidth - document.documentElement.clientWidth"
+                )
+                assert overflow <= 0, f"{page} scrolls sideways by {overflow}px on a {name}"
+                if page == "today":
+                    wait_for(browser, lambda d: d.find_elements(by("css"), "#panel-ecg figure.preview img"))
+                save_screenshot(browser, f"{page}-{name}")
+        set_viewport(browser, TABLET)

@@ -1,0 +1,263 @@
+"""The console's guards over real HTTP: no session, no patient data; CSRF; lockout; cookie flags;
+HTTPS with a certificate made at first start; plain HTTP only on loopback."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import socket
+import ssl
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lastmile.config import ConfigError
+from lastmile.console.app import PUBLIC_PATHS, routes
+from lastmile.console.service import ConsoleServer, parse_listen
+from lastmile.console.sources import ReportView, StaticReports
+from lastmile.console.tls import existing_certificate, fingerprint_of
+from tests.console_harness import DOCTOR, Client, console_config, running_console
+
+PATIENT_ID = "11010519491231002X"
+PATIENT_NAME = "张三"
+REPORTS = StaticReports(
+    [
+        ReportView(
+            report_id="r1",
+            study_uid="1.2.3",
+            patient_id=PATIENT_ID,
+            patient_name=PATIENT_NAME,
+            ecg_time=None,
+            received_at=dt.datetime.now(dt.timezone.utc),
+            status="received",
+            critical=True,
+            reading_doctor="赵医生",
+            text="急性心肌梗死",
+        )
+    ],
+    pdfs={"r1": b"%PDF-1.4 report of " + PATIENT_NAME.encode()},
+)
+
+
+@pytest.fixture(scope="module")
+def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsoleServer]:
+    config = console_config(tmp_path_factory.mktemp("console") / "data")
+    with running_console(config, reports=REPORTS) as server:
+        doctor = Client(server.url)
+        doctor.login()
+        reply = doctor.post("/today/check-in", {"patient_id": PATIENT_ID, "name": PATIENT_NAME})
+        assert reply.status == 303
+        yield server
+
+
+def concrete_paths() -> list[tuple[str, str]]:
+    """Every route of the app but the public ones, with its path parameters filled in."""
+    found = []
+    for route in routes():
+        path = getattr(route, "path", "")
+        if any(path == p or path.startswith(p + "/") for p in PUBLIC_PATHS):
+            continue
+        concrete = re.sub(r"\{item_id:int\}", "1", path).replace("{report_id}", "r1")
+        for method in sorted(getattr(route, "methods", None) or {"GET"}):
+            if method != "HEAD":
+                found.append((method, concrete))
+    return found
+
+
+def test_the_route_list_is_not_empty_and_covers_the_pages() -> None:
+    paths = {p for _m, p in concrete_paths()}
+    assert {"/today", "/sent", "/reports", "/devices", "/visits", "/system", "/events"} <= paths
+    assert "/ecg/1/preview.svg" in paths and "/reports/r1/pdf" in paths and "/today/check-in" in paths
+
+
+@pytest.mark.parametrize("method,path", concrete_paths())
+def test_nothing_without_a_session(console: ConsoleServer, method: str, path: str) -> None:
+    anonymous = Client(console.url)
+    reply = anonymous.request(method, path, form={} if method == "POST" else None)
+    if method == "GET":
+        assert reply.status == 303 and reply.location.startswith("/login"), (reply.status, reply.location)
+    else:
+        assert reply.status in (401, 403), reply.status
+    assert PATIENT_ID not in reply.body and PATIENT_NAME not in reply.body
+    # an API-style request (no text/html) gets 401, never the page
+    reply = anonymous.request(method, path, form={} if method == "POST" else None, headers={"Accept": "*/*"})
+    assert reply.status in (401, 403)
+
+
+def test_a_forged_or_stale_cookie_is_no_session(console: ConsoleServer) -> None:
+    client = Client(console.url)
+    reply = client.get("/today", headers={"Cookie": "lastmile_session=" + "A" * 43})
+    assert reply.status == 303 and PATIENT_ID not in reply.body
+
+
+def test_with_a_session_the_patient_is_there(console: ConsoleServer) -> None:
+    """The guard above is not vacuous: the same pages do show the patient to a logged-in user."""
+    client = Client(console.url)
+    client.login()
+    assert PATIENT_ID in client.get("/today").body
+    assert PATIENT_NAME in client.get("/reports").body
+    assert client.get("/reports/r1/pdf").body.startswith("%PDF")
+
+
+def test_posts_without_the_csrf_token_are_refused(console: ConsoleServer) -> None:
+    client = Client(console.url)
+    client.login()
+    before = client.get("/today").body
+    assert PATIENT_ID in before
+    for form in ({}, {"csrf": "wrong"}, {"csrf": ""}):
+        reply = client.post("/today/end-session", form, csrf=False)
+        assert reply.status == 403
+    assert PATIENT_ID in client.get("/today").body  # the session was not ended
+    # the right token, but posted from another site's page: refused too
+    reply = client.post("/today/end-session", headers={"Origin": "http://evil.example"})
+    assert reply.status == 403
+    assert PATIENT_ID in client.get("/today").body
+    # a GET never changes anything
+    assert client.get("/today/end-session").status == 405
+
+
+def test_the_login_form_has_its_own_csrf_token(console: ConsoleServer) -> None:
+    client = Client(console.url)
+    client.get("/login")
+    reply = client.post("/login", {"name": DOCTOR[0], "password": DOCTOR[1], "csrf": "forged"}, csrf=False)
+    assert reply.status == 403 and not any("lastmile_session" in c for c in reply.cookies)
+
+
+def test_session_cookie_flags(console: ConsoleServer) -> None:
+    client = Client(console.url)
+    reply = client.login()
+    cookie = next(c for c in reply.cookies if c.startswith("lastmile_session="))
+    flags = {part.strip().split("=")[0].lower(): part.strip() for part in cookie.split(";")[1:]}
+    assert "httponly" in flags and "secure" in flags
+    assert flags["samesite"].lower() == "samesite=strict" and flags["path"] == "Path=/"
+    assert "max-age" not in flags and "expires" not in flags  # ends with the browser
+
+
+def test_security_headers(console: ConsoleServer) -> None:
+    client = Client(console.url)
+    client.login()
+    reply = client.get("/today")
+    assert "script-src 'self'" in reply.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in reply.headers["content-security-policy"]
+    assert reply.headers["cache-control"] == "no-store" and reply.headers["x-content-type-options"] == "nosniff"
+    assert "<script>" not in reply.body and "onclick" not in reply.body  # nothing inline the CSP would block
+
+
+def test_lockout_after_repeated_failures(tmp_path: Path) -> None:
+    config = console_config(tmp_path / "data")
+    config.console.max_login_failures = 3
+    with running_console(config) as server:
+        client = Client(server.url)
+        for _ in range(3):
+            client.get("/login")
+            reply = client.post("/login", {"name": DOCTOR[0], "password": "guess"})
+            assert reply.status == 401
+        client.get("/login")
+        reply = client.post("/login", {"name": DOCTOR[0], "password": DOCTOR[1]})  # right, but locked
+        assert reply.status == 401 and "锁定" in reply.body
+        assert not any("lastmile_session" in c for c in reply.cookies)
+        # unlocking from the command line lets them in again, and the trail says who failed when
+        proc = subprocess.run(
+            [sys.executable, "-m", "lastmile", "user", "unlock", DOCTOR[0], "--data-dir", str(config.data_dir)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        client.login()
+        from lastmile.clinic.db import open_clinic_db
+        from lastmile.console.audit import AuditLog
+
+        db = open_clinic_db(config.data_dir)
+        try:
+            actions = [e.action for e in AuditLog(db).recent(20)]
+        finally:
+            db.conn.close()
+        assert actions.count("login-failed") == 4 and actions[0] == "login" and "user-unlock" in actions
+
+
+def test_plain_http_only_on_loopback(tmp_path: Path) -> None:
+    config = console_config(tmp_path / "data")
+    config.console.listen = "0.0.0.0:8443"
+    config.console.https = False
+    with pytest.raises(ConfigError, match="loopback only"):
+        parse_listen(config)
+    config.console.listen = "192.168.1.10:8080"
+    with pytest.raises(ConfigError, match="loopback only"):
+        parse_listen(config)
+    config.console.https = True
+    assert parse_listen(config).port == 8080
+    config.console.listen = "nonsense"
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        parse_listen(config)
+    # the service refuses such a configuration before it listens (exit 78: not restarted)
+    config_file = tmp_path / "lastmile.toml"
+    config_file.write_text(
+        f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n[console]\nlisten = "0.0.0.0:18080"\nhttps = false\n'
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "lastmile", "-c", str(config_file), "console"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 78, proc.stderr
+    assert "loopback only" in proc.stdout + proc.stderr  # the service logs to the journal (stdout)
+
+
+def test_a_loopback_console_refuses_foreign_hosts(console: ConsoleServer) -> None:
+    """Plain HTTP answers loopback names only: a DNS-rebinding page cannot read it."""
+    client = Client(console.url)
+    assert client.get("/login", headers={"Host": "evil.example"}).status == 403
+    assert client.get("/login").status == 200
+
+
+def test_https_with_a_certificate_made_at_first_start(tmp_path: Path) -> None:
+    config = console_config(tmp_path / "data", https=True)
+    assert existing_certificate(config.data_dir) is None
+    with running_console(config) as server:
+        assert server.url.startswith("https://")
+        cert = existing_certificate(config.data_dir)
+        assert cert is not None
+        assert (cert.key_path.stat().st_mode & 0o777) == 0o600
+        host, port = server.url.removeprefix("https://").split(":")
+        # the certificate the server presents is the one whose fingerprint doctor shows
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        with socket.create_connection((host, int(port)), timeout=30) as raw:
+            with context.wrap_socket(raw, server_hostname=host) as tls:
+                der = tls.getpeercert(binary_form=True)
+        import hashlib
+
+        presented = ":".join(f"{b:02X}" for b in hashlib.sha256(der).digest())
+        assert presented == cert.fingerprint == fingerprint_of(cert.cert_path)
+        client = Client(server.url)
+        reply = client.login()
+        cookie = next(c for c in reply.cookies if c.startswith("lastmile_session="))
+        assert "Secure" in cookie
+        assert client.get("/today").headers["strict-transport-security"].startswith("max-age=")
+        # plain HTTP to the HTTPS port gets no page
+        with socket.create_connection((host, int(port)), timeout=30) as raw:
+            raw.sendall(b"GET /login HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            raw.settimeout(30)
+            try:
+                answer = raw.recv(4096)
+            except (ConnectionResetError, TimeoutError):
+                answer = b""
+        assert b"<html" not in answer
+    # the second start keeps the same certificate (the clinic checked its fingerprint once)
+    with running_console(config):
+        again = existing_certificate(config.data_dir)
+        assert again is not None and again.fingerprint == cert.fingerprint
+    # and `lastmile doctor` shows it
+    proc = subprocess.run(
+        [sys.executable, "-m", "lastmile", "doctor", "--offline", "--json", "--data-dir", str(config.data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert cert.fingerprint in proc.stdout

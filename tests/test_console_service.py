@@ -1,0 +1,111 @@
+"""`lastmile console` and `lastmile demo --console` as real processes: READY=1 once serving over
+HTTPS, the watchdog fed, SIGTERM ends it cleanly; the demo prints a URL and a login that work."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lastmile.demo.loopback import free_port
+from tests.conftest import require_module
+from tests.console_harness import DOCTOR, Client, add_users, console_config
+
+WAIT_S = 120.0
+
+
+def test_lastmile_console_runs_under_systemds_protocol(tmp_path: Path) -> None:
+    port = free_port()
+    config = console_config(tmp_path / "data", https=True, port=port)
+    add_users(config)
+    config_file = tmp_path / "lastmile.toml"
+    config_file.write_text(
+        f'[gateway]\ndata_dir = "{config.data_dir}"\n[gps]\nsource = "none"\n[outbox]\nmin_free_mb = 1\n'
+        f'[console]\nlisten = "127.0.0.1:{port}"\n'
+    )
+    notify = tmp_path / "notify.sock"
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    manager.bind(str(notify))
+    manager.settimeout(WAIT_S)
+    env = {**os.environ, "NOTIFY_SOCKET": str(notify), "WATCHDOG_USEC": "4000000", "WATCHDOG_PID": ""}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lastmile", "-c", str(config_file), "console"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        messages: list[str] = []
+        while not any(m.startswith("READY=1") or "\nREADY=1" in m for m in messages):
+            messages.append(manager.recv(4096).decode())
+        client = Client(f"https://127.0.0.1:{port}")  # READY means it serves, certificate made
+        client.login(DOCTOR)
+        assert client.get("/today").status == 200
+        deadline = time.monotonic() + WAIT_S
+        while not any("WATCHDOG=1" in m for m in messages[1:]) and time.monotonic() < deadline:
+            messages.append(manager.recv(4096).decode())
+        assert any("WATCHDOG=1" in m for m in messages)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=WAIT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        manager.close()
+    assert proc.returncode == 0, out
+    assert "certificate made; SHA-256 fingerprint" in out
+
+
+@pytest.mark.timeout(600)
+def test_demo_with_the_console(tmp_path: Path) -> None:
+    require_module("bumble", "the demo's BLE part is the `emulation` extra")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lastmile",
+            "demo",
+            "--console",
+            "--console-port",
+            "0",
+            "--recordings",
+            "4",
+            "--outage",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    try:
+        url = password = None
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if m := re.search(r"console is at (http://127\.0\.0\.1:\d+)/", line):
+                url = m.group(1)
+            if m := re.search(r"log in as: (\S+)\s+password: (\S+)", line):
+                password = m.group(2)
+                break
+        assert url and password, "the demo printed no URL and login"
+        client = Client(url)
+        client.login(("demo", password))
+        today = client.get("/today").body
+        assert "DEMO-0001" in today  # the patient still with the doctor
+        assert "Demo BP Cuff" in today  # the emulated cuff's reading
+        assert client.get("/sent").body.count('class="card journey') >= 4
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=WAIT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0

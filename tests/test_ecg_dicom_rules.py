@@ -1,0 +1,463 @@
+"""DICOM ECG input (devices/ecg/dicom_input.py) on built waveform objects: every rule, stated.
+
+Each check stands between a file and a misread ECG: a lead named after the wrong electrode,
+samples read with the wrong width or byte order, a median beat taken for the rhythm, an
+acquisition time in the wrong zone, an amplitude off by the units' factor.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import warnings
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian
+
+from devices.ecg.dicom_input import looks_like_dicom, read_dicom_ecg
+from devices.errors import ProtocolError, UnsupportedFeatureError
+from devices.identity import DeviceIdentity, Patient, TimeSource
+
+UTC = dt.timezone.utc
+SAMPLES = np.array([[10, -20], [30, -40], [50, -60]])  # 3 samples x 2 channels (I, II)
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+def _channel(
+    source: Dataset | None,
+    *,
+    sensitivity: str | None = "2.5",
+    unit: str = "uV",
+    correction: str | None = None,
+    baseline: str | None = None,
+    label: str = "",
+    skew: str | None = None,
+) -> Dataset:
+    ch = Dataset()
+    if source is not None:
+        ch.ChannelSourceSequence = Sequence([source])
+    if label:
+        ch.ChannelLabel = label
+    if sensitivity is not None:
+        ch.ChannelSensitivity = sensitivity
+        ch.ChannelSensitivityUnitsSequence = Sequence([_code(unit, "UCUM", unit)])
+    if correction is not None:
+        ch.ChannelSensitivityCorrectionFactor = correction
+    if baseline is not None:
+        ch.ChannelBaseline = baseline
+    if skew is not None:
+        ch.ChannelSampleSkew = skew
+    return ch
+
+
+def _scp(n: int) -> Dataset:
+    return _code(f"5.6.3-9-{n}", "SCPECG", f"Lead {n}")
+
+
+def _group(
+    channels: list[Dataset] | None = None,
+    samples: np.ndarray = SAMPLES,
+    *,
+    bits: int = 16,
+    interpretation: str = "SS",
+    rate: str | None = "500",
+    label: str = "RHYTHM",
+    originality: str = "ORIGINAL",
+    n_channels: int | None = None,
+    n_samples: int | None = None,
+    data: bytes | None = None,
+    big_endian: bool = False,
+) -> Dataset:
+    g = Dataset()
+    g.MultiplexGroupLabel, g.WaveformOriginality = label, originality
+    channels = channels if channels is not None else [_channel(_scp(1)), _channel(_scp(2))]
+    g.ChannelDefinitionSequence = Sequence(channels)
+    g.NumberOfWaveformChannels = len(channels) if n_channels is None else n_channels
+    g.NumberOfWaveformSamples = samples.shape[0] if n_samples is None else n_samples
+    if rate is not None:
+        g.SamplingFrequency = rate
+    g.WaveformBitsAllocated, g.WaveformSampleInterpretation = bits, interpretation
+    dtype = {
+        (8, "SB"): "i1",
+        (8, "UB"): "u1",
+        (16, "SS"): "i2",
+        (16, "US"): "u2",
+        (32, "SL"): "i4",
+        (32, "UL"): "u4",
+    }.get((bits, interpretation), "i2")
+    g.WaveformData = data if data is not None else samples.astype((">" if big_endian else "<") + dtype).tobytes()
+    return g
+
+
+def _dump(*groups: Dataset, big_endian: bool = False, **attrs: object) -> bytes:
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.9.1.1"
+    ds.SOPInstanceUID = "1.2.3.4"
+    ds.AcquisitionDateTime = "20240506070809"
+    for key, value in attrs.items():
+        if value is None:
+            if key in ds:
+                delattr(ds, key)
+        else:
+            setattr(ds, key, value)
+    ds.WaveformSequence = Sequence(list(groups) or [_group(big_endian=big_endian)])
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian if big_endian else ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, "1.2.3.4"
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.save_as(buf, enforce_file_format=True, little_endian=not big_endian, implicit_vr=False)
+    return buf.getvalue()
+
+
+def test_a_built_object_decodes() -> None:
+    r = read_dicom_ecg(_dump())
+    assert r.lead_names[:3] == ("I", "II", "III") and r.uv_per_unit == 2.5 and r.sampling_rate_hz == 500.0
+    assert r.lead("I").tolist() == [10, 30, 50] and r.lead("II").tolist() == [-20, -40, -60]
+    assert r.acquired_at == dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC) and r.time_source is TimeSource.FILE
+    assert r.derived_leads == {"III", "aVR", "aVL", "aVF"}
+
+
+@pytest.mark.parametrize("bits,interpretation", [(8, "SB"), (8, "UB"), (16, "SS"), (16, "US"), (32, "SL"), (32, "UL")])
+def test_every_sample_width_and_sign(bits: int, interpretation: str) -> None:
+    samples = np.abs(SAMPLES) if interpretation.startswith("U") else SAMPLES
+    r = read_dicom_ecg(_dump(_group(samples=samples, bits=bits, interpretation=interpretation)))
+    assert r.lead("I").tolist() == samples[:, 0].tolist() and r.lead("II").tolist() == samples[:, 1].tolist()
+
+
+@pytest.mark.parametrize("bits,interpretation", [(12, "SS"), (16, "SB"), (64, "SV"), (16, "")])
+def test_sample_formats_we_do_not_read_are_refused(bits: int, interpretation: str) -> None:
+    with pytest.raises(UnsupportedFeatureError, match="samples are not supported"):
+        read_dicom_ecg(_dump(_group(bits=bits, interpretation=interpretation)))
+
+
+def test_big_endian_objects_are_read_in_their_byte_order() -> None:
+    r = read_dicom_ecg(_dump(big_endian=True))
+    assert r.lead("I").tolist() == [10, 30, 50]
+
+
+@pytest.mark.parametrize("unit,factor", [("uV", 1.0), ("mV", 1000.0), ("V", 1_000_000.0), ("nV", 0.001)])
+def test_every_voltage_unit(unit: str, factor: float) -> None:
+    channels = [_channel(_scp(1), sensitivity="4", unit=unit), _channel(_scp(2), sensitivity="4", unit=unit)]
+    r = read_dicom_ecg(_dump(_group(channels)))
+    assert r.uv_per_unit == 4 * factor  # exactly: a factor off by a millionth is a wrong amplitude
+    assert r.microvolts()[0].tolist() == pytest.approx([v * 4 * factor for v in (10, 30, 50)])
+
+
+def test_correction_factor_and_baseline_default_to_none() -> None:
+    plain = read_dicom_ecg(_dump(_group([_channel(_scp(1), correction=""), _channel(_scp(2), baseline="")])))
+    assert plain.microvolts()[0].tolist() == [25.0, 75.0, 125.0]
+    corrected = read_dicom_ecg(
+        _dump(
+            _group([_channel(_scp(1), correction="2", baseline="5"), _channel(_scp(2), correction="2", baseline="5")])
+        )
+    )
+    assert corrected.microvolts()[0].tolist() == [55.0, 155.0, 255.0]  # 10 x 2.5 x 2 + 5
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,needle",
+    [
+        (dict(unit="mm[Hg]"), UnsupportedFeatureError, "units 'mm[Hg]', not a voltage"),
+        (dict(sensitivity="9.99"), ProtocolError, "unreadable sensitivity or baseline"),  # 9.99: see below
+        (dict(baseline="9.99"), ProtocolError, "unreadable sensitivity or baseline"),
+        (dict(sensitivity="0"), ProtocolError, "has sensitivity 0"),
+        (dict(correction="0"), ProtocolError, "has sensitivity 0"),
+        (dict(baseline="inf"), ProtocolError, "has sensitivity 2.5"),
+    ],
+)
+def test_channel_scale_refusals(kwargs: dict, error: type, needle: str) -> None:
+    data = _dump(_group([_channel(_scp(1), **kwargs), _channel(_scp(2))]))
+    data = data.replace(b"9.99", b"abc ")  # pydicom will not write a DS that is not a number: we do
+    with pytest.raises(error, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        read_dicom_ecg(data)
+
+
+def test_an_inverted_channel_keeps_its_sign() -> None:
+    r = read_dicom_ecg(_dump(_group([_channel(_scp(1), sensitivity="-2.5"), _channel(_scp(2))])))
+    assert r.microvolts()[0].tolist() == [-25.0, -75.0, -125.0]
+
+
+@pytest.mark.parametrize(
+    "source,label,name,derived",
+    [
+        (_scp(61), "", "III", False),
+        (_code("2:61", "MDC", "Lead III"), "", "III", False),
+        (_code("2:31", "MDC", "Derived Lead I"), "", "I", True),  # MDC 31-38, 111-114: derived leads
+        (_code("2:38", "MDC", "Derived Lead V6"), "", "V6", True),
+        (_code("2:111", "MDC", "Derived Lead III"), "", "III", True),
+        (_code("2:114", "MDC", "Derived Lead aVF"), "", "aVF", True),
+        (_code("2:30", "MDC", "Frank Lead H"), "", "fH", False),
+        (_code("2:61", "SCPECG", "x"), "", None, None),  # an MDC code under the SCP scheme: not a lead code
+        (_code("5.6.3-9-61", "MDC", "x"), "", None, None),  # and the other way round
+        (_code("2:45", "MDC", "Lead V4"), "", "V4", False),  # 31-60 (SCP calibration) are not taken as numbers
+        (_code("99", "LN", "Derived Lead aVR"), "", "aVR", True),  # by its meaning
+        (_code("99", "LN", "Lead V5R"), "", "V5R", False),
+        (None, "Lead V2", "V2", False),  # by its label
+        (None, "MDC_ECG_LEAD_V3", "V3", False),
+        (None, "Derived lead II", "II", True),
+        (None, "Respiration", None, None),
+    ],
+)
+def test_how_a_channel_is_recognised_as_a_lead(
+    source: Dataset | None, label: str, name: str | None, derived: bool | None
+) -> None:
+    channels = [_channel(_scp(4)), _channel(source, label=label)]  # V2 plus the channel under test
+    if name is None:
+        r = read_dicom_ecg(_dump(_group(channels)))
+        assert r.lead_names == ("V2",) or (name is None and len(r.lead_names) == 1)
+        return
+    if name == "V2":
+        channels[0] = _channel(_scp(5))  # keep the names unique
+    r = read_dicom_ecg(_dump(_group(channels)))
+    assert name in r.lead_names
+    assert (name in r.derived_leads) is derived
+
+
+def test_the_rhythm_group_is_chosen_over_median_beats_and_derived_data() -> None:
+    median = _group(samples=np.ones((3, 2), dtype=int), label="MEDIAN BEAT")
+    rhythm = _group(label="RHYTHM")
+    assert read_dicom_ecg(_dump(median, rhythm)).lead("I").tolist() == [10, 30, 50]
+    assert read_dicom_ecg(_dump(rhythm, median)).lead("I").tolist() == [10, 30, 50]
+    beat = _group(samples=np.ones((3, 2), dtype=int), label="BEAT 1")
+    unlabelled = _group(label="")
+    assert read_dicom_ecg(_dump(beat, unlabelled)).lead("I").tolist() == [10, 30, 50]
+    derived = _group(samples=np.ones((3, 2), dtype=int), label="", originality="DERIVED")
+    assert read_dicom_ecg(_dump(derived, unlabelled)).lead("I").tolist() == [10, 30, 50]
+    short = _group(samples=SAMPLES[:2], label="")
+    assert read_dicom_ecg(_dump(short, unlabelled)).n_samples == 3  # then the longest
+    assert read_dicom_ecg(_dump(unlabelled, short)).n_samples == 3
+    one_lead = _group([_channel(_scp(1)), _channel(None, label="Pleth")], label="")
+    assert read_dicom_ecg(_dump(one_lead, unlabelled)).n_leads == 6  # then the one with more leads
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(n_channels=3), "declares 3 channels x 3 samples but defines 2"),
+        (dict(n_channels=0), "declares 0 channels"),
+        (dict(n_samples=0), "x 0 samples"),
+        (dict(rate=None), "sampling frequency is missing or unreadable"),
+        (dict(rate="0"), "sampling frequency 0.0"),
+        (dict(rate="-500"), "sampling frequency -500.0"),
+        (dict(data=b"\x01\x02"), "2 bytes, 12 expected"),
+    ],
+)
+def test_group_refusals(kwargs: dict, needle: str) -> None:
+    with pytest.raises(ProtocolError, match=needle):
+        read_dicom_ecg(_dump(_group(**kwargs)))
+
+
+def test_one_channel_and_one_sample_is_enough() -> None:
+    r = read_dicom_ecg(_dump(_group([_channel(_scp(4))], samples=np.array([[7]]))))
+    assert r.lead_names == ("V2",) and r.samples.tolist() == [[7]]
+
+
+def test_the_sample_count_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import devices.ecg.dicom_input as dicom_input
+
+    assert dicom_input.MAX_SAMPLES == 50_000_000  # 12 leads x 500 Hz x 2.3 h: far beyond a rest ECG
+    monkeypatch.setattr(dicom_input, "MAX_SAMPLES", 6)
+    assert read_dicom_ecg(_dump()).n_samples == 3  # 2 x 3 = 6: the limit itself
+    monkeypatch.setattr(dicom_input, "MAX_SAMPLES", 5)
+    with pytest.raises(UnsupportedFeatureError, match="2 x 3 samples is more than we accept"):
+        read_dicom_ecg(_dump())
+
+
+def test_a_group_without_data_or_without_leads_is_refused() -> None:
+    g = _group()
+    del g.WaveformData
+    with pytest.raises(ProtocolError, match="no Waveform Data"):
+        read_dicom_ecg(_dump(g))
+    with pytest.raises(ProtocolError, match="no ECG leads"):
+        read_dicom_ecg(_dump(_group([_channel(None, label="Pleth"), _channel(None, label="Resp")])))
+
+
+def test_channels_sampled_apart_are_refused() -> None:
+    assert read_dicom_ecg(_dump(_group([_channel(_scp(1), skew="0"), _channel(_scp(2), skew="")]))).n_leads == 6
+    with pytest.raises(UnsupportedFeatureError, match=r"sampled 0\.5 ms apart"):
+        read_dicom_ecg(_dump(_group([_channel(_scp(1), skew="0.5"), _channel(_scp(2))])))
+
+
+@pytest.mark.parametrize(
+    "attrs,expected",
+    [
+        (
+            dict(AcquisitionDateTime="20240506070809.25+0200"),
+            dt.datetime(2024, 5, 6, 7, 8, 9, 250000, tzinfo=dt.timezone(dt.timedelta(hours=2))),
+        ),
+        (
+            dict(AcquisitionDateTime="20240506070809.123456-0530"),
+            dt.datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=dt.timezone(-dt.timedelta(hours=5, minutes=30))),
+        ),
+        (
+            dict(AcquisitionDateTime="20240506070809+1400"),
+            dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.timezone(dt.timedelta(hours=14))),
+        ),
+        (dict(AcquisitionDateTime="20240506070809+1500"), dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)),  # no such zone
+        (dict(AcquisitionDateTime="20240506070809+0160"), dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)),
+        (
+            dict(AcquisitionDateTime="20240506070809+0159"),
+            dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.timezone(dt.timedelta(hours=1, minutes=59))),
+        ),
+        (
+            dict(AcquisitionDateTime="20240506", TimezoneOffsetFromUTC="+0800"),
+            dt.datetime(2024, 5, 6, tzinfo=dt.timezone(dt.timedelta(hours=8))),
+        ),
+        (
+            dict(AcquisitionDateTime="2024050607", TimezoneOffsetFromUTC="-0100"),
+            dt.datetime(2024, 5, 6, 7, tzinfo=dt.timezone(-dt.timedelta(hours=1))),
+        ),
+        (dict(AcquisitionDateTime="20241306"), None),  # impossible: the next source is used
+        (
+            dict(AcquisitionDateTime=None, AcquisitionDate="20240506", AcquisitionTime="0708"),
+            dt.datetime(2024, 5, 6, 7, 8, tzinfo=UTC),
+        ),
+        (
+            dict(AcquisitionDateTime=None, AcquisitionDate="20240506", ContentDate="20240507", ContentTime="010203"),
+            dt.datetime(2024, 5, 7, 1, 2, 3, tzinfo=UTC),
+        ),  # a date without its time is skipped
+        (
+            dict(AcquisitionDateTime="garbage", SeriesDate="20240508", SeriesTime="1200"),
+            dt.datetime(2024, 5, 8, 12, tzinfo=UTC),
+        ),
+        (
+            dict(AcquisitionDateTime=None, StudyDate="20240509", StudyTime="1300"),
+            dt.datetime(2024, 5, 9, 13, tzinfo=UTC),
+        ),
+    ],
+)
+def test_acquisition_time_sources_and_zones(attrs: dict, expected: dt.datetime | None) -> None:
+    data = _dump(**attrs)
+    received = dt.datetime(2026, 1, 1, tzinfo=UTC)
+    r = read_dicom_ecg(data, received_at=received)
+    if expected is None:
+        assert (r.acquired_at, r.time_source) == (received, TimeSource.GATEWAY_RECEIPT)
+    else:
+        assert (r.acquired_at, r.time_source) == (expected, TimeSource.FILE)
+
+
+def test_the_group_time_offset_shifts_the_start_and_no_time_is_refused() -> None:
+    g = _group()
+    g.MultiplexGroupTimeOffset = "1500"
+    assert read_dicom_ecg(_dump(g)).acquired_at == dt.datetime(2024, 5, 6, 7, 8, 10, 500000, tzinfo=UTC)
+    g.MultiplexGroupTimeOffset = ""
+    assert read_dicom_ecg(_dump(g)).acquired_at == dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
+    with pytest.raises(ProtocolError, match="no acquisition date/time"):
+        read_dicom_ecg(_dump(AcquisitionDateTime=None))
+
+
+def test_patient_and_device_as_the_object_names_them() -> None:
+    data = _dump(
+        PatientID=" P-9 ",
+        PatientName="Li^Wei",
+        PatientBirthDate="19530518",
+        PatientSex="f",
+        IssuerOfPatientID="county",
+        Manufacturer=" Mortara ",
+        ManufacturerModelName="ELI",
+        DeviceSerialNumber="S1",
+        SoftwareVersions=["1.0", "2.1"],
+    )
+    r = read_dicom_ecg(data)
+    assert r.patient == Patient("P-9", "Li^Wei", dt.date(1953, 5, 18), "F", issuer="county")
+    assert r.device == DeviceIdentity("Mortara", "ELI", "S1", "", "1.0\\2.1")
+    r = read_dicom_ecg(_dump(PatientID="P-9", PatientBirthDate="19531318", PatientSex="X", SoftwareVersions="3.1"))
+    assert r.patient == Patient("P-9") and r.device.software_version == "3.1"
+    assert read_dicom_ecg(_dump(PatientID="  ")).patient is None  # no identifier: unassigned
+
+
+def test_what_looks_like_dicom() -> None:
+    assert looks_like_dicom(_dump())
+    assert looks_like_dicom(bytes(128) + b"DICM")  # the preamble alone says so
+    assert not looks_like_dicom(bytes(128) + b"DICX")
+    assert not looks_like_dicom(bytes(127) + b"DICM")
+    assert looks_like_dicom(b"\x08\x00\x05\x00CS\x0a\x00")  # a raw data set: (0008,0005) first
+    assert looks_like_dicom(b"\x08\x00\xff\x0fCS\x0a\x00")  # element 0FFF: still the header
+    assert looks_like_dicom(b"\x02\x00\x00\x00UL\x04\x00")  # or its file meta group 0002
+    assert not looks_like_dicom(b"\x08\x00\x05\x00CS\x0a")  # shorter than one element header
+    assert not looks_like_dicom(b"\x10\x00\x10\x00PN\x04\x00")  # group 0010 first: not a start
+    assert not looks_like_dicom(b"\x08\x00\x00\x10CS\x0a\x00")  # element 1000 of group 0008: too far
+    assert not looks_like_dicom(b"\x00\x08\x00\x05CS\x0a\x00")  # big-endian tag order
+
+
+def test_a_raw_data_set_without_preamble_is_recognised_whatever_its_name() -> None:
+    """Bug found by the mutation audit: the element number was compared as bytes, so a raw data
+    set starting with (0008,0005) Specific Character Set - the usual first element - was not
+    recognised, and a cart's file named without ".dcm" was refused as "not an ECG file"."""
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    from devices.ecg.formats import decode_ecg, detect_format
+
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, False
+    write_dataset(buf, dcmread(get_testdata_file("waveform_ecg.dcm")))
+    raw = buf.getvalue()
+    assert raw[:4] == b"\x08\x00\x05\x00"
+    assert detect_format(raw, "ECG0001") == "dicom"
+    assert decode_ecg(raw, "ECG0001").n_samples == 10000
+
+
+@pytest.mark.parametrize(
+    "number,name",
+    [
+        (31, "I"),
+        (32, "II"),
+        (33, "V1"),
+        (34, "V2"),
+        (35, "V3"),
+        (36, "V4"),
+        (37, "V5"),
+        (38, "V6"),
+        (111, "III"),
+        (112, "aVR"),
+        (113, "aVL"),
+        (114, "aVF"),
+    ],
+)
+def test_every_mdc_derived_lead_code(number: int, name: str) -> None:
+    """By the code alone (a meaningless CodeMeaning): MDC 2:31-38 and 2:111-114 are derived leads."""
+    other = _channel(_scp(9 if name != "V7" else 10))  # V7: a lead none of these is
+    r = read_dicom_ecg(_dump(_group([other, _channel(_code(f"2:{number}", "MDC", "x"))])))
+    assert name in r.lead_names and name in r.derived_leads
+
+
+@pytest.mark.parametrize("number,lead", [(39, None), (60, None), (61, "III"), (30, "fH"), (39 + 40, "V8-cal")])
+def test_mdc_numbers_that_are_scp_calibration_signals_are_not_leads(number: int, lead: str | None) -> None:
+    r = read_dicom_ecg(_dump(_group([_channel(_scp(9)), _channel(_code(f"2:{number}", "MDC", "x"))])))
+    assert r.lead_names == ("V7",) if lead is None else lead in r.lead_names
+
+
+def test_missing_counts_are_not_guessed() -> None:
+    g = _group([_channel(_scp(4))], samples=np.array([[7], [8]]))
+    del g.NumberOfWaveformChannels
+    with pytest.raises(ProtocolError, match="declares 0 channels"):
+        read_dicom_ecg(_dump(g))
+    g = _group([_channel(_scp(4))], samples=np.array([[7], [8]]))
+    del g.NumberOfWaveformSamples
+    with pytest.raises(ProtocolError, match="x 0 samples"):
+        read_dicom_ecg(_dump(g))
+
+
+def test_a_slow_but_positive_rate_is_read_and_equal_groups_keep_the_first() -> None:
+    assert read_dicom_ecg(_dump(_group(rate="0.5"))).sampling_rate_hz == 0.5
+    first = _group(label="RHYTHM")
+    second = _group(samples=SAMPLES * 2, label="RHYTHM")
+    assert read_dicom_ecg(_dump(first, second)).lead("I").tolist() == [10, 30, 50]
+
+
+def test_a_recording_the_object_cannot_make_is_a_protocol_error() -> None:
+    with pytest.raises(ProtocolError, match="DICOM ECG: acquired_at must carry a time zone"):
+        read_dicom_ecg(_dump(AcquisitionDateTime=None), received_at=dt.datetime(2026, 1, 1))

@@ -1,0 +1,124 @@
+"""The FHIR bearer token (and the patient data with it) goes out only over https, or to this
+machine (loopback); never where a redirect points (issue 10, item 4)."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from lastmile.config import Config
+from lastmile.doctor import Doctor, Level
+from tests.fhir_samples import NAMING, T0, all_kinds, signature, visit
+from tests.fhir_server import FhirTestServer
+from uploader.errors import ConfigurationFault
+from uploader.fhir_bundle import bundle_bytes, visit_bundle
+from uploader.fhir_sender import FhirSender, FhirSenderSettings
+from uploader.reachability import insecure_url_problem
+
+
+class NoNetwork(requests.Session):
+    """A session that records any attempt to send."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attempts: list[str] = []
+
+    def request(self, method: str, url: str, *args: object, **kwargs: object) -> requests.Response:  # type: ignore[override]
+        self.attempts.append(url)
+        raise AssertionError(f"nothing may be sent to {url}")
+
+
+def visit_body() -> bytes:
+    return bundle_bytes(visit_bundle(visit(1), all_kinds(T0, "P-0001"), NAMING, signature(1)))
+
+
+def _token(tmp_path: Path) -> str:
+    path = tmp_path / "fhir.token"
+    path.write_text("s3cret-token\n")
+    path.chmod(0o600)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://county.example/fhir", "http://192.0.2.10:8080/fhir", "ftp://x/fhir", "county.example/fhir"]
+)
+def test_plain_http_to_another_machine_is_refused_before_anything_is_sent(tmp_path: Path, url: str) -> None:
+    session = NoNetwork()
+    with pytest.raises(ConfigurationFault, match="https://"):
+        FhirSender(FhirSenderSettings(base_url=url, token_file=_token(tmp_path)), session=session)
+    assert session.attempts == []
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://county.example/fhir", "http://127.0.0.1:8080/fhir", "http://localhost/fhir", "http://[::1]:8080/fhir"],
+)
+def test_https_anywhere_and_http_to_loopback_are_allowed(url: str) -> None:
+    assert insecure_url_problem(url) is None
+
+
+def test_the_token_goes_to_a_loopback_receiver_over_http(tmp_path: Path) -> None:
+    with (
+        FhirTestServer(token="s3cret-token") as server,
+        FhirSender(FhirSenderSettings(base_url=server.base_url, token_file=_token(tmp_path))) as sender,
+    ):
+        sender.post_transaction(visit_body())
+        assert server.stats.transactions == 1
+
+
+class Redirector(http.server.BaseHTTPRequestHandler):
+    requests_seen: list[str] = []
+
+    def do_POST(self) -> None:
+        Redirector.requests_seen.append(self.path)
+        self.send_response(307)
+        self.send_header("Location", "http://192.0.2.10/fhir")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        return None
+
+
+@pytest.fixture
+def redirector() -> Iterator[str]:
+    Redirector.requests_seen = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirector)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/fhir"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_redirect_is_not_followed_with_the_token(tmp_path: Path, redirector: str) -> None:
+    with FhirSender(FhirSenderSettings(base_url=redirector, token_file=_token(tmp_path), gzip="never")) as sender:
+        with pytest.raises(ConfigurationFault, match=r"redirects \(307\) to http://192.0.2.10/fhir"):
+            sender.post_transaction(visit_body())
+    assert Redirector.requests_seen == ["/fhir"]  # asked once, never followed
+
+
+def test_the_forward_service_refuses_to_start_its_fhir_sender_over_http(tmp_path: Path) -> None:
+    from lastmile.services.forward import ForwardService
+
+    config = Config()  # built in code, so `config check` never saw it: the sender still refuses
+    config.set_data_dir(tmp_path / "data")
+    config.reading_center.storage_commitment = False
+    config.fhir.base_url = "http://county.example/fhir"
+    config.fhir.token_file = _token(tmp_path)
+    with pytest.raises(ConfigurationFault, match="in clear"):
+        ForwardService(config)
+
+
+def test_doctor_does_not_send_the_token_over_http(tmp_path: Path) -> None:
+    config = Config()
+    config.set_data_dir(tmp_path)
+    config.fhir.base_url = "http://192.0.2.10/fhir"
+    config.fhir.token_file = _token(tmp_path)
+    (finding,) = Doctor(config).check_fhir()
+    assert finding.level is Level.FAIL and "in clear" in finding.message

@@ -1,0 +1,120 @@
+"""The link emulator really adds the latency and rate it is configured with, shares one bottleneck
+between connections, and delivers every byte in order. Elapsed times are only ever checked as
+lower bounds: a loaded machine can make a link slower, never faster than configured."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.link_emulator import PROFILES, LinkProfile, LinkRelay
+
+
+@pytest.fixture
+def echo_server() -> Iterator[int]:
+    """A plain TCP echo server on loopback."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    yield port
+    stop.set()
+    t.join(5)
+    listener.close()
+
+
+def round_trip(port: int, payload: bytes) -> tuple[bytes, float]:
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        started = time.monotonic()
+        sender = threading.Thread(target=s.sendall, args=(payload,))
+        sender.start()
+        got = bytearray()
+        while len(got) < len(payload):
+            chunk = s.recv(65536)
+            assert chunk, "connection closed early"
+            got += chunk
+        elapsed = time.monotonic() - started
+        sender.join()
+    return bytes(got), elapsed
+
+
+def test_latency_is_added_both_ways(echo_server: int) -> None:
+    profile = LinkProfile("slow", None, None, rtt_s=0.3)
+    with LinkRelay(profile, "127.0.0.1", echo_server) as relay:
+        got, elapsed = round_trip(relay.port, b"ping")
+    assert got == b"ping"
+    assert elapsed >= 0.3  # there and back: two one-way delays
+
+
+def test_rate_limits_the_uplink_and_every_byte_arrives_in_order(echo_server: int) -> None:
+    payload = os.urandom(100_000)  # 800 kbit
+    profile = LinkProfile("1mbit", up_bps=1e6, down_bps=None, rtt_s=0.02, jitter_s=0.01)
+    with LinkRelay(profile, "127.0.0.1", echo_server) as relay:
+        got, elapsed = round_trip(relay.port, payload)
+        assert relay.up is not None and relay.up.bytes_total == len(payload)
+    assert got == payload  # jitter never reorders one connection's bytes
+    assert elapsed >= 0.8
+
+
+def test_connections_share_one_bottleneck(echo_server: int) -> None:
+    payload = os.urandom(50_000)  # 400 kbit each; two at once need 0.8 s of a 1 Mbit/s uplink
+    profile = LinkProfile("shared", up_bps=1e6, down_bps=None, rtt_s=0.0)
+    results: list[tuple[bytes, float]] = []
+    with LinkRelay(profile, "127.0.0.1", echo_server) as relay:
+        threads = [threading.Thread(target=lambda: results.append(round_trip(relay.port, payload))) for _ in range(2)]
+        started = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        both = time.monotonic() - started
+        assert relay.connections == 2
+    assert [r[0] == payload for r in results] == [True, True]
+    assert both >= 0.8
+
+
+def test_loss_stalls_the_link_without_losing_bytes(echo_server: int) -> None:
+    payload = os.urandom(200_000)
+    profile = LinkProfile("lossy", None, None, rtt_s=0.0, loss=0.05, stall_s=0.05)
+    with LinkRelay(profile, "127.0.0.1", echo_server, seed=7) as relay:
+        got, elapsed = round_trip(relay.port, payload)
+        stalls = relay.stalls
+    assert got == payload
+    assert stalls > 0
+    assert elapsed >= 0.05  # at least one stall held the stream
+
+
+@pytest.mark.parametrize("name", sorted(PROFILES))
+def test_profiles_are_the_issue_s(name: str) -> None:
+    p = PROFILES[name]
+    expected = {
+        "lan": (None, 0.0005),
+        "4g": (8e6, 0.060),
+        "3g": (1e6, 0.150),
+        "edge": (200e3, 0.400),
+        "satellite": (1e6, 0.650),
+    }[name]
+    assert (p.up_bps, p.rtt_s) == expected
+    assert (p.loss > 0) == (name == "edge")  # the profile that stalls

@@ -1,0 +1,387 @@
+"""The report room without Orthanc: polling policy, the store's replacement rules and retention,
+the sent-study recorder, critical alerts (hook, doctor), the `lastmile report` commands, and the
+embedded reading center as a PACS that only offers C-MOVE."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import json
+import os
+import stat
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+
+from lastmile.cli import main as cli
+from lastmile.config import Config
+from lastmile.demo.cardiologist import STEMI, StudyToRead, ecg_report_sr, part10, report_pdf
+from lastmile.demo.reading_center import EmbeddedReadingCenter
+from lastmile.doctor import Doctor, Level
+from lastmile.reports.alerts import CriticalAlerter
+from lastmile.reports.policy import DAY, HOUR, PollPolicy, StudyClock
+from lastmile.reports.store import ReportStore, SentStudy
+from tests.ecg_factories import make_recording
+from tests.peers import free_port
+from tests.report_peers import MOVE_AE, gateway_config, poller_for, send_ecgs, to_read, write_config
+from uploader.report_reading import CriticalRules, read_dicom_report
+
+NOW = 1_800_000_000.0
+RULES = CriticalRules.parse(["SCT:401303003"], ["危急值"])
+
+
+# -- policy ------------------------------------------------------------------------------------------
+
+
+def clock(
+    age_s: float, *, stat: bool = False, final: bool = False, polled_ago: float | None = None, uid: str = "s"
+) -> StudyClock:
+    return StudyClock(uid, NOW - age_s, stat, final, None if polled_ago is None else NOW - polled_ago)
+
+
+@pytest.mark.parametrize(
+    ("age", "stat", "final", "interval"),
+    [
+        (60, True, False, 30.0),  # STAT: every 30 s in its first hour
+        (2 * HOUR, True, False, 300.0),  # then like any other
+        (60, False, False, 300.0),
+        (10 * HOUR, False, False, 900.0),
+        (2 * DAY, False, False, HOUR),
+        (10 * DAY, False, False, 4 * HOUR),
+        (15 * DAY, False, False, None),  # outside the 14-day window
+        (HOUR, False, True, 12 * HOUR),  # after a final report: only amendments
+    ],
+)
+def test_interval_by_age(age, stat, final, interval) -> None:
+    assert PollPolicy().interval(clock(age, stat=stat, final=final), NOW) == interval
+
+
+def test_a_round_waits_for_one_due_study_then_takes_along_who_would_be_due_before_the_next() -> None:
+    policy = PollPolicy()
+    fresh = clock(100, uid="fresh")  # 100 s of a 300 s interval: not half-way
+    almost = clock(1000, polled_ago=240, uid="almost")  # due in 60 s
+    assert policy.round([fresh, almost], NOW) == []  # none due: no round at all
+    due = clock(2000, polled_ago=310, uid="due")
+    assert policy.round([fresh, almost, due], NOW) == ["due", "almost"]  # next round in 300 s: join now
+    stat = clock(40, stat=True, uid="stat")  # due; the next STAT round comes in 30 s
+    assert policy.round([fresh, almost, stat], NOW) == ["stat"]  # "almost" joins a later STAT round
+    soon = clock(1000, polled_ago=285, uid="soon")  # due in 15 s: before the next STAT round
+    assert policy.round([fresh, soon, stat], NOW) == ["stat", "soon"]
+    assert policy.next_due_in([fresh, almost], NOW) == pytest.approx(60.0)
+    assert policy.next_due_in([clock(20 * DAY)], NOW) is None
+
+
+def test_no_study_is_asked_more_often_than_its_interval_allows() -> None:
+    """Simulated day with 50 studies: every study's polls are spaced ≥ half its interval, and
+    rounds are no more frequent than the most urgent study needs."""
+    policy = PollPolicy()
+    studies = {f"s{i}": [NOW - i * 1800.0, None, i % 10 == 0] for i in range(50)}
+    asked: dict[str, list[float]] = {}
+    t = NOW
+    while t < NOW + DAY:
+        clocks = [StudyClock(u, sent, stat_, False, last) for u, (sent, last, stat_) in studies.items()]
+        for uid in policy.round(clocks, t):
+            studies[uid][1] = t
+            asked.setdefault(uid, []).append(t)
+        t += policy.next_due_in([StudyClock(u, s, st_, False, la) for u, (s, la, st_) in studies.items()], t) or 1
+    for uid, times in asked.items():
+        sent, _last, stat_ = studies[uid]
+        for a, b in itertools.pairwise(times):
+            interval = policy.interval(StudyClock(uid, sent, stat_, False, a), a)
+            assert b - a >= 0.5 * interval - 1e-6, (uid, a, b)
+
+
+# -- store ---------------------------------------------------------------------------------------------
+
+
+def utc(ts: float = NOW) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc)
+
+
+@pytest.fixture
+def store(tmp_path):
+    with ReportStore.open(tmp_path / "data") as s:
+        yield s
+
+
+def sent(store: ReportStore, *, patient: str = "P1", stat: bool = False, at: float = NOW) -> StudyToRead:
+    uid = generate_uid()
+    assert store.record_sent(
+        SentStudy(
+            uid, utc(at), stat=stat, patient_id=patient, patient_name="Wang^Fang", ecg_time="2026-11-02T09:30:00+08:00"
+        )
+    )
+    return StudyToRead(uid, patient_id=patient, patient_name="Wang^Fang")
+
+
+def add(store: ReportStore, ds, at: float = NOW):
+    data = part10(ds)
+    return store.add_report(read_dicom_report(data, RULES), data, "dicom", utc(at))
+
+
+def test_a_study_is_recorded_once_and_stat_wins(store) -> None:
+    study = sent(store)
+    assert not store.record_sent(SentStudy(study.study_uid, utc(NOW + 5), stat=True))
+    assert store.study(study.study_uid).stat and store.study(study.study_uid).patient_id == "P1"
+
+
+def test_reports_for_studies_we_did_not_send_are_refused(store) -> None:
+    with pytest.raises(KeyError):
+        add(store, ecg_report_sr(StudyToRead(generate_uid()), findings=[], impression="x"))
+    assert store.reports() == []
+
+
+def test_final_replaces_preliminary_and_a_later_amendment_replaces_the_final(store) -> None:
+    study = sent(store)
+    pre = add(store, ecg_report_sr(study, findings=[], impression="pending", complete=False)).report
+    assert pre.status == "preliminary" and store.study(study.study_uid).final_at is None
+    fin_ds = ecg_report_sr(study, findings=[], impression="normal")
+    fin = add(store, fin_ds)
+    assert fin.report.status == "final" and fin.superseded == (pre.id,)
+    assert store.study(study.study_uid).final_at is not None
+    # a second final without predecessors is another report, not a replacement
+    other = add(store, ecg_report_sr(study, findings=[], impression="rhythm strip"))
+    assert other.superseded == ()
+    amended = add(store, ecg_report_sr(study, findings=[], impression="AV block I", amends=fin_ds))
+    assert amended.report.status == "amended" and amended.superseded == (fin.report.id,)
+    assert [r.id for r in store.reports(study_uid=study.study_uid, current_only=True)] == [
+        other.report.id,
+        amended.report.id,
+    ]
+    assert not add(store, fin_ds).created  # the same object again: kept once
+
+
+def test_a_report_naming_another_patient_is_flagged_not_final(store) -> None:
+    study = sent(store, patient="P1")
+    wrong = StudyToRead(study.study_uid, patient_id="P999")
+    added = add(store, ecg_report_sr(wrong, findings=[], impression="normal"))
+    assert added.report.status == "preliminary"
+    assert "P999" in added.report.problems[-1] and "Check:" in added.report.text
+    assert store.study(study.study_uid).final_at is None
+
+
+def test_retention_deletes_old_studies_securely_but_keeps_unacknowledged_critical(store, tmp_path) -> None:
+    old = sent(store, at=NOW - 40 * DAY)
+    old_critical = sent(store, at=NOW - 40 * DAY)
+    recent = sent(store)
+    add(store, ecg_report_sr(old, findings=["MARKER-OLD-REPORT-TEXT"], impression="x"))
+    crit = add(store, ecg_report_sr(old_critical, findings=[], impression="x", coded_findings=[STEMI])).report
+    add(store, ecg_report_sr(recent, findings=[], impression="x"))
+    assert store.purge_expired(utc(), retention_days=30, window_days=14) == 1
+    assert store.study(old.study_uid) is None and store.study(recent.study_uid) is not None
+    assert store.get(crit.id) is not None  # the doctor has not seen it yet
+    files = [p for p in (tmp_path / "data").iterdir() if p.name.startswith("clinic.db")]
+    assert not any(b"MARKER-OLD-REPORT-TEXT" in p.read_bytes() for p in files)  # secure_delete + WAL truncate
+    store.acknowledge(crit.id, "dr-li", utc())
+    assert store.purge_expired(utc(), retention_days=30, window_days=14) == 1
+    assert store.get(crit.id) is None
+
+
+# -- critical alerts -----------------------------------------------------------------------------------
+
+
+def hook_script(tmp_path: Path) -> tuple[list[str], Path]:
+    out = tmp_path / "hook.log"
+    script = tmp_path / "beep.sh"
+    script.write_text(f'#!/bin/sh\necho "$LASTMILE_REPORT_ID|$LASTMILE_CRITICAL_REASON" >> {out}\n')
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return [str(script)], out
+
+
+def wait_for(predicate, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_critical_report_runs_the_hook_once_and_fails_doctor_until_acknowledged(store, tmp_path, capsys) -> None:
+    command, log_file = hook_script(tmp_path)
+    study = sent(store, patient="P7")
+    crit = add(store, ecg_report_sr(study, findings=[], impression="STEMI", coded_findings=[STEMI])).report
+    add(store, ecg_report_sr(sent(store), findings=[], impression="normal"))
+    alerter = CriticalAlerter(store, command)
+    assert [r.id for r in alerter.alert_pending()] == [crit.id]
+    assert alerter.alert_pending() == []  # announced once
+    wait_for(lambda: log_file.exists() and log_file.read_text().count("\n") == 1)
+    report_id, reason = log_file.read_text().strip().split("|")
+    assert report_id == str(crit.id) and "401303003" in reason and "P7" not in reason  # no patient data
+
+    config = Config()
+    config.set_data_dir(tmp_path / "data")
+    doctor = Doctor(config, now=lambda: NOW + 60)
+    (finding, *rest) = doctor.check_reports()
+    assert finding.level is Level.FAIL and f"report {crit.id}" in finding.message and "P7" in finding.message
+    assert f"lastmile report ack {crit.id}" in finding.hint
+    assert [f.level for f in rest] == [Level.OK]
+    assert cli(["report", "ack", str(crit.id), "--by", "dr-li", "--data-dir", str(config.data_dir)]) == 0
+    assert f"critical report {crit.id} acknowledged by dr-li" in capsys.readouterr().out
+    assert [f.level for f in doctor.check_reports()] == [Level.OK]
+    assert cli(["report", "ack", "999", "--data-dir", str(config.data_dir)]) == 1
+
+
+def test_doctor_warns_when_reports_cannot_be_asked_for_an_hour(store, tmp_path) -> None:
+    store.set_status("poller", {"error": "cannot connect", "failing_since": NOW - 2 * HOUR, "fault": None}, utc())
+    config = Config()
+    config.set_data_dir(tmp_path / "data")
+    (finding,) = Doctor(config, now=lambda: NOW).check_reports()
+    assert finding.level is Level.WARN and "cannot connect" in finding.message
+    store.set_status("poller", {"fault": "C-FIND refused", "failing_since": NOW}, utc())
+    (finding,) = Doctor(config, now=lambda: NOW).check_reports()
+    assert finding.level is Level.FAIL and "refuses" in finding.message
+
+
+# -- the commands ---------------------------------------------------------------------------------------
+
+
+def test_list_show_and_json(store, tmp_path, capsys) -> None:
+    waiting = sent(store, patient="P-WAIT", stat=True)
+    done = sent(store, patient="P-DONE")
+    report = add(
+        store, ecg_report_sr(done, findings=["Sinus rhythm"], impression="正常心电图", reader="Chen^Jing")
+    ).report
+    data = ["--data-dir", str(tmp_path / "data")]
+    assert cli(["report", "list", "--all", *data]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["REPORT", "PATIENT", "ECG", "TIME", "STATUS", "READ", "BY"]
+    rows = {ln.split()[1]: ln for ln in out[1:]}
+    assert rows["P-WAIT"].startswith("-") and "waiting" in rows["P-WAIT"] and "STAT" in rows["P-WAIT"]
+    assert rows["P-DONE"].startswith(str(report.id)) and "received" in rows["P-DONE"] and "Chen Jing" in rows["P-DONE"]
+    assert cli(["report", "list", "--json", "--all", *data]) == 0
+    listed = {s["patient_id"]: s for s in json.loads(capsys.readouterr().out)}
+    assert listed["P-WAIT"]["status"] == "waiting" and listed["P-WAIT"]["stat"] is True
+    assert listed["P-DONE"]["reports"][0]["id"] == report.id and waiting.study_uid == listed["P-WAIT"]["study_uid"]
+    assert cli(["report", "show", str(report.id), *data]) == 0
+    shown = capsys.readouterr().out
+    assert "Patient: P-DONE Wang Fang" in shown and "正常心电图" in shown and "Read by Chen Jing" in shown
+    assert cli(["report", "show", "12345", *data]) == 1
+
+
+def fake_lp(tmp_path: Path, monkeypatch, *, fail: bool = False) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    spool = tmp_path / "spool"
+    lp = bin_dir / "lp"
+    lp.write_text(
+        f'#!/bin/sh\necho "$@" > {spool}.args\ncat > {spool}\n'
+        + ("echo 'lp: no default destination' >&2; exit 1\n" if fail else "echo 'request id is lj-1'\n")
+    )
+    lp.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return spool
+
+
+def test_print_sends_the_pdf_itself_to_cups(store, tmp_path, monkeypatch, capsys) -> None:
+    spool = fake_lp(tmp_path, monkeypatch)
+    pdf = report_pdf(sent(store), ["Normal ECG"])
+    report = add(store, pdf).report
+    assert cli(["report", "print", str(report.id), "-d", "clinic", "--data-dir", str(tmp_path / "data")]) == 0
+    assert "request id is lj-1" in capsys.readouterr().out
+    assert spool.read_bytes() == pdf.EncapsulatedDocument[: pdf.EncapsulatedDocumentLength]
+    assert "-d clinic" in Path(f"{spool}.args").read_text()
+
+
+def test_print_writes_a_file_without_lp_or_when_lp_fails(store, tmp_path, monkeypatch, capsys) -> None:
+    report = add(store, ecg_report_sr(sent(store), findings=["Sinus rhythm"], impression="Normal")).report
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no lp anywhere
+    monkeypatch.chdir(tmp_path)
+    assert cli(["report", "print", str(report.id), "--data-dir", str(tmp_path / "data")]) == 0
+    written = tmp_path / f"lastmile-report-{report.id}.txt"
+    assert "Impression: Normal" in written.read_text() and (written.stat().st_mode & 0o777) == 0o600
+    assert "no printer" in capsys.readouterr().out
+    fake_lp(tmp_path, monkeypatch, fail=True)
+    target = tmp_path / "out.txt"
+    assert cli(["report", "print", str(report.id), "-o", str(target), "--data-dir", str(tmp_path / "data")]) == 0
+    assert target.read_text() == written.read_text()
+
+
+# -- the recorder and a C-MOVE-only PACS (the embedded reading center) -----------------------------------
+
+
+@pytest.fixture
+def move_only_center(tmp_path):
+    move_port = free_port()
+    center = EmbeddedReadingCenter(
+        port=free_port(),
+        gateway_port=free_port(),
+        ae_title="READING_CENTER",
+        gateway_ae="CLINIC01",
+        offer_get=False,
+        move_destinations={MOVE_AE: ("127.0.0.1", move_port)},
+    )
+    center.start()
+    config = gateway_config(tmp_path, center.port, center.ae_title, listen_port=center.gateway_port)
+    config.reports.move_ae, config.reports.move_port = MOVE_AE, move_port
+    yield center, config
+    center.stop()
+
+
+def test_recorder_keeps_what_the_doctor_needs_after_the_outbox_purged_it(move_only_center) -> None:
+    _center, config = move_only_center
+    (study,) = send_ecgs(config, [make_recording(5, stat=True)])
+    assert (study.patient_id, study.patient_name, study.stat) == ("P00005", "Test^Patient5", True)
+    assert study.ecg_time == "2026-11-02T09:35:00+00:00"  # the ECG's own time, read from the object
+    assert study.sop_instance_uid and study.outbox_item_id == 1
+    from lastmile.data_dir import open_outbox
+
+    with open_outbox(config) as outbox:
+        assert outbox.purge_due(time.time() + 1, 0.0) == 1
+        item = outbox.get(1)
+        assert item.patient is None and not item.meta  # purged: the record is all that is left
+        assert study.committed_at == dt.datetime.fromtimestamp(item.committed_at, dt.timezone.utc)
+
+
+def test_c_move_when_the_pacs_offers_no_c_get(move_only_center) -> None:
+    center, config = move_only_center
+    (study,) = send_ecgs(config, [make_recording(6)])
+    center.add_report(ecg_report_sr(to_read(study), findings=["Sinus rhythm"], impression="Normal"))
+    center.add_report(ecg_report_sr(StudyToRead(generate_uid()), findings=[], impression="not ours"))
+    with ReportStore.open(config.data_dir) as store:
+        result = poller_for(config, store).run_round(force=True)
+        assert result.error is None and result.fault is None
+        assert (result.found, result.stored, result.retrieved_by) == (1, 1, "C-MOVE")
+        assert [r.study_uid for r in store.reports()] == [study.study_uid]
+
+
+def test_report_poll_command_prints_the_round(move_only_center, tmp_path, capsys) -> None:
+    center, config = move_only_center
+    (study,) = send_ecgs(config, [make_recording(7)])
+    center.add_report(ecg_report_sr(to_read(study), findings=[], impression="危急值: VF", coded_findings=[STEMI]))
+    cfg = write_config(config, tmp_path / "lastmile.toml")
+    assert cli(["-c", str(cfg), "report", "poll"]) == 0
+    assert "1 new (1 critical)" in capsys.readouterr().out
+    config.reading_center.port = free_port()  # nobody there
+    cfg = write_config(config, tmp_path / "lastmile.toml")
+    assert cli(["-c", str(cfg), "report", "poll"]) == 1
+    assert "cannot connect" in capsys.readouterr().err
+
+
+def test_forward_service_with_reports_off_still_records_sent_studies(tmp_path) -> None:
+    """Turning reports on later finds the studies sent meanwhile."""
+    center = EmbeddedReadingCenter(port=free_port(), gateway_port=free_port(), gateway_ae="CLINIC01")
+    center.start()
+    try:
+        config = gateway_config(tmp_path, center.port, center.ae_title, listen_port=center.gateway_port)
+        config.reports.source = "off"
+        from lastmile.data_dir import open_outbox
+        from lastmile.ecg.intake import enqueue_recording
+        from lastmile.services.forward import ForwardService
+
+        with open_outbox(config) as outbox:
+            enqueue_recording(outbox, make_recording(8), config, key="k8")
+        service = ForwardService(config)
+        try:
+            assert service.reports.thread is None
+            stop = threading.Event()
+            deadline = time.monotonic() + 30
+            while not service.reports.store.studies():
+                assert time.monotonic() < deadline
+                time.sleep(min(service.step(stop), 0.1))
+            assert "reports: off" in service.status_line()
+        finally:
+            service.close()
+    finally:
+        center.stop()

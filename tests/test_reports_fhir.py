@@ -1,0 +1,121 @@
+"""Reports as FHIR R4 DiagnosticReports from the county platform (the loopback test FHIR server):
+search by the ECG studies' UIDs, conditional reads, amendments, critical interpretation, faults."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import os
+import time
+
+import pytest
+from pydicom.uid import generate_uid
+
+from lastmile.config import Config
+from lastmile.demo.cardiologist import minimal_pdf
+from lastmile.reports.service import make_poller
+from lastmile.reports.store import ReportStore, SentStudy
+from tests.fhir_server import FhirTestServer, validate_resource
+from tests.report_peers import critical_observation
+
+TOKEN = "s3cret-token"
+
+
+def report_for(
+    study_uid: str, *, status: str = "final", conclusion: str = "Sinus rhythm. Normal ECG.", **extra
+) -> dict:
+    resource = {
+        "resourceType": "DiagnosticReport",
+        "status": status,
+        "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{study_uid}"}],
+        "code": {"coding": [{"system": "http://loinc.org", "code": "11524-6", "display": "EKG study"}]},
+        "subject": {"identifier": {"system": "urn:lastmile:patient-id", "value": "P1"}},
+        "issued": "2026-11-02T10:00:00+08:00",
+        "resultsInterpreter": [{"display": "Dr. Chen Jing"}],
+        "conclusion": conclusion,
+        **extra,
+    }
+    validate_resource(resource)  # what the platform serves is valid R4
+    return resource
+
+
+@pytest.fixture
+def platform(tmp_path):
+    with FhirTestServer(token=TOKEN) as server:
+        token_file = tmp_path / "token"
+        token_file.write_text(TOKEN)
+        os.chmod(token_file, 0o600)
+        config = Config()
+        config.set_data_dir(tmp_path / "data")
+        config.fhir.base_url = server.base_url
+        config.fhir.token_file = str(token_file)
+        config.reports.source = "fhir"
+        config.reports.backoff_base_s = 5.0
+        with ReportStore.open(config.data_dir) as store:
+            ours, other = generate_uid(), generate_uid()
+            store.record_sent(SentStudy(ours, dt.datetime.now(dt.timezone.utc), patient_id="P1"))
+            poller = make_poller(config, store, None)
+            yield server, store, poller, ours, other
+            poller.fhir.close()
+
+
+def test_report_with_a_pdf_comes_back_and_others_are_ignored(platform) -> None:
+    server, store, poller, ours, other = platform
+    pdf = minimal_pdf(["Normal ECG"])
+    server.put_resource(
+        report_for(ours, presentedForm=[{"contentType": "application/pdf", "data": base64.b64encode(pdf).decode()}])
+    )
+    server.put_resource(report_for(other, conclusion="not for this village"))
+    result = poller.run_round(force=True)
+    assert result.error is None and result.fault is None
+    assert (result.asked, result.stored, result.retrieved_by) == (1, 1, "FHIR")
+    (kept,) = store.reports()
+    assert (kept.kind, kept.source, kept.status, kept.study_uid) == ("fhir", "fhir", "final", ours)
+    assert kept.observer == "Dr. Chen Jing" and "Normal ECG" in kept.text
+    from lastmile.reports.views import printable
+
+    assert printable(store, kept) == (pdf, ".pdf")
+    assert store.study(ours).final_at is not None
+
+
+def test_preliminary_then_corrected_with_conditional_reads_between(platform) -> None:
+    server, store, poller, ours, _other = platform
+    first = server.put_resource(report_for(ours, status="preliminary", conclusion="Preliminary: sinus rhythm"))
+    poller.run_round(force=True)
+    (pre,) = store.reports()
+    assert pre.status == "preliminary" and pre.version == "1"
+    reads_before = server.stats.not_modified
+    unchanged = poller.run_round(force=True)
+    assert unchanged.stored == 0 and server.stats.not_modified == reads_before + 1  # 304: a few bytes
+    server.put_resource({**first, "status": "corrected", "conclusion": "First-degree AV block"})
+    result = poller.run_round(force=True)
+    assert (result.stored, result.amended) == (1, 1)
+    (current,) = store.reports(current_only=True)
+    assert current.version == "2" and current.status == "amended" and "AV block" in current.text
+    assert store.get(pre.id).superseded_by == current.id
+
+
+def test_critical_interpretation_raises_the_alert(platform) -> None:
+    server, store, poller, ours, _other = platform
+    obs = critical_observation("rhythm", "Rhythm", "ventricular tachycardia")
+    server.put_resource(report_for(ours, contained=[obs], result=[{"reference": "#rhythm"}]))
+    result = poller.run_round(force=True)
+    assert result.critical == 1
+    (alert,) = store.unacknowledged_critical()
+    assert alert.alerted_at is not None and "Rhythm" in alert.critical[0]
+
+
+def test_platform_errors_back_off_and_bad_tokens_are_a_fault(platform, tmp_path) -> None:
+    server, store, poller, ours, _other = platform
+    server.put_resource(report_for(ours))
+    server.faults.append("500")
+    before = time.time()
+    failed = poller.run_round(force=True)
+    assert failed.error and "500" in failed.error and failed.stored == 0
+    assert store.status("poller")["retry_at"] - before >= 2.5  # backs off (base 5 s, jittered)
+    retried = poller.run_round(force=True)
+    assert retried.stored == 1
+    server.token = "rotated"
+    refused = poller.run_round(force=True)
+    assert refused.fault and "401" in refused.fault
+    assert store.status("poller")["fault"]

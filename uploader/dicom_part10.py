@@ -1,0 +1,144 @@
+"""Part-10 payloads as they go on the wire: the file meta and SOP UIDs read without decoding the
+data set, and the data set re-encoded for the transfer syntax the peer accepted.
+
+Explicit and deflated are produced from the stored bytes directly (a slice, or zlib over it),
+without decoding the data set: on a Pi that is most of the CPU a store costs. A deflated payload
+is never inflated whole without a cap (`MAX_INFLATED_BYTES`): its UIDs are read from the first
+inflated bytes only, and inflating it for a peer without deflate stops at the cap.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+from io import BytesIO
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom.dsutils import encode
+
+from devices.errors import ProtocolError
+from devices.inflate import inflate, inflate_head
+from uploader.errors import PermanentError
+
+# A stored deflated payload inflates to at most this much (the LAN receiver refuses far smaller
+# objects; this is the forwarder's own bound against a bomb that got into the outbox).
+MAX_INFLATED_BYTES = 32 * 2**20
+_HEAD_BYTES = 64 * 1024  # inflated bytes read for the SOP UIDs (they come first in a data set)
+
+
+class UnsendablePayload(PermanentError):
+    """The payload is not a DICOM Part-10 file we can put on the wire (never will be)."""
+
+
+@dataclass(frozen=True)
+class Part10:
+    data: bytes
+    sop_class_uid: UID
+    sop_instance_uid: UID
+    transfer_syntax: UID
+    dataset_offset: int  # where the data set starts, after the file meta information
+
+    def dataset_bytes(self) -> bytes:
+        return self.data[self.dataset_offset :]
+
+
+def _outside_group_2(tag: int, vr: str | None, length: int) -> bool:
+    return tag >> 16 != 0x0002
+
+
+def _past_sop_uids(tag: int, vr: str | None, length: int) -> bool:
+    return tag > 0x00080018
+
+
+# Digits and dots: carts in the field write malformed UIDs (trailing dots, leading zeros);
+# we forward objects as received and let the PACS's answer decide.
+_UID_TEXT = re.compile(r"[0-9.]*[0-9][0-9.]*\Z")
+
+
+def _uid_of(ds: Dataset, tag: int, what: str) -> UID:
+    elem = ds.get_item(tag)  # raw element: no pydicom conversion (or warnings) for a peek
+    if elem is None or elem.value is None:
+        raise UnsendablePayload(f"payload has no {what}")
+    value = elem.value
+    text = value.rstrip(b"\x00 ").decode("ascii") if isinstance(value, bytes) else str(value)
+    if len(text) > 64 or not _UID_TEXT.match(text):
+        raise UnsendablePayload(f"payload's {what} {text[:80]!r} is not a valid UID")
+    return UID(text)
+
+
+def parse_part10(data: bytes) -> Part10:
+    """File meta and the data set's SOP class/instance UIDs, without decoding the rest."""
+    if len(data) < 144 or data[128:132] != b"DICM":
+        raise UnsendablePayload("payload is not a DICOM Part-10 file (no DICM prefix)")
+    fp = BytesIO(data)
+    fp.seek(132)
+    try:
+        meta = read_dataset(fp, False, True, stop_when=_outside_group_2)
+        offset = fp.tell()
+        ts = _uid_of(meta, 0x00020010, "Transfer Syntax UID")
+        source = BytesIO(inflate_head(data[offset:], _HEAD_BYTES)) if ts.is_deflated else fp
+        head = read_dataset(source, ts.is_implicit_VR, ts.is_little_endian, stop_when=_past_sop_uids)
+        sop_class = _uid_of(head, 0x00080016, "SOP Class UID")
+        sop_instance = _uid_of(head, 0x00080018, "SOP Instance UID")
+    except UnsendablePayload:
+        raise
+    except Exception as exc:  # noqa: BLE001 — pydicom raises many types on damaged bytes
+        raise UnsendablePayload(f"payload has no readable file meta / SOP UIDs: {type(exc).__name__}: {exc}") from None
+    return Part10(data, sop_class, sop_instance, ts, offset)
+
+
+def _deflate(raw: bytes, level: int) -> bytes:
+    compressor = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)  # raw deflate (PS3.5 A.5)
+    out = compressor.compress(raw) + compressor.flush()
+    return out + b"\x00" if len(out) % 2 else out
+
+
+def _inflated(obj: Part10) -> bytes:
+    try:
+        return inflate(obj.dataset_bytes(), max_bytes=MAX_INFLATED_BYTES)
+    except ProtocolError as exc:
+        raise UnsendablePayload(f"deflated payload cannot be sent inflated: {exc}") from None
+
+
+def decode_dataset(obj: Part10) -> Dataset:
+    """The whole data set decoded, with its file meta. pydicom would inflate a deflated one
+    whole, however big: it is inflated here first, capped (UnsendablePayload past the cap)."""
+    if not obj.transfer_syntax.is_deflated:
+        return dcmread(BytesIO(obj.data))
+    ds = read_dataset(BytesIO(_inflated(obj)), False, True)
+    ds.file_meta = FileMetaDataset(read_dataset(BytesIO(obj.data[132 : obj.dataset_offset]), False, True))
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian  # what the decoded data set now is
+    return ds
+
+
+def encode_for(obj: Part10, syntax: UID, deflate_level: int = 4) -> bytes:
+    """The data set encoded in `syntax`; cheap (no decoding) from Explicit VR LE."""
+    source = obj.transfer_syntax
+    if source == syntax:
+        return obj.dataset_bytes()
+    if source == ExplicitVRLittleEndian and syntax == DeflatedExplicitVRLittleEndian:
+        return _deflate(obj.dataset_bytes(), deflate_level)
+    if source == DeflatedExplicitVRLittleEndian and syntax == ExplicitVRLittleEndian:
+        return _inflated(obj)
+    uncompressed = {ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian}
+    if source not in uncompressed or syntax not in uncompressed:
+        raise UnsendablePayload(f"cannot convert {source.name} to {syntax.name}")
+    try:
+        ds = decode_dataset(obj)
+    except (InvalidDicomError, ValueError, EOFError, OSError) as exc:
+        raise UnsendablePayload(f"payload does not decode: {exc}") from None
+    encoded = encode(ds, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+    if encoded is None:
+        raise UnsendablePayload(f"payload cannot be encoded as {syntax.name}")
+    return encoded

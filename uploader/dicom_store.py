@@ -1,0 +1,385 @@
+"""C-STOREs (and the storage-commitment N-ACTION after them) on one association.
+
+Payloads are stored as Part-10 files. For each SOP class we propose one presentation context per
+transfer syntax (Deflated Explicit VR LE first, then Explicit VR LE, then Implicit VR LE) so the
+peer can pick; each object is sent in the best one it accepted. Per object,
+`StoreOutcome.category` says stored / retry / never (see uploader.dicom_status).
+
+Objects are not thread-safe; use one `StoreAssociation` per thread (each has its own AE).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from types import TracebackType
+
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID, ImplicitVRLittleEndian
+from pynetdicom import build_context, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import EventHandlerType
+from pynetdicom.presentation import PresentationContext
+
+from uploader.dicom_association import (
+    COMMITMENT_SYNTAXES,
+    ECG_STORAGE_CLASSES,
+    STORAGE_COMMITMENT_INSTANCE,
+    STORAGE_COMMITMENT_PUSH,
+    STORE_SYNTAXES_DEFLATE,
+    STORE_SYNTAXES_PLAIN,
+    PeerSettings,
+    associate,
+    release,
+)
+from uploader.dicom_commitment import CommitmentReport, report_handler
+from uploader.dicom_part10 import Part10, UnsendablePayload, decode_dataset, encode_for, parse_part10
+from uploader.dicom_status import (
+    SOP_CLASS_NOT_SUPPORTED,
+    STORED_CATEGORIES,
+    Category,
+    classify_status,
+    is_refusal_of_us,
+    status_meaning,
+)
+from uploader.errors import ConfigurationFault, PermanentError, TransientError
+from uploader.masking import mask_server_text
+
+log = logging.getLogger(__name__)
+
+COMMITMENT_REQUEST = 1  # N-ACTION Action Type ID
+MAX_CONTEXTS = 127  # odd context IDs 1..255
+# N-ACTION statuses that mean "this peer does not do storage commitment"
+NO_COMMITMENT_STATUSES = frozenset({0x0118, 0x0122, 0x0123, 0x0211})
+
+
+class CommitmentUnsupported(PermanentError):
+    """The peer accepted no Storage Commitment Push Model context (or says it has none):
+    the forwarder applies its no-commitment policy."""
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    status: int
+    category: Category
+    meaning: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax: str  # the one it travelled in
+    wire_bytes: int = 0  # size of the data set as sent (after deflating)
+
+    @property
+    def stored(self) -> bool:
+        return self.category in STORED_CATEGORIES
+
+
+def store_contexts(sop_class_uids: Sequence[str], *, deflate: bool, commitment: bool) -> list[PresentationContext]:
+    syntaxes = STORE_SYNTAXES_DEFLATE if deflate else STORE_SYNTAXES_PLAIN
+    # one context per transfer syntax: the peer accepts each it can read, we pick the best
+    contexts = [build_context(uid, [ts]) for uid in sop_class_uids for ts in syntaxes]
+    if commitment:
+        contexts.append(build_context(STORAGE_COMMITMENT_PUSH, COMMITMENT_SYNTAXES))
+    if len(contexts) > MAX_CONTEXTS:
+        raise ValueError(f"{len(contexts)} presentation contexts; an association allows {MAX_CONTEXTS}")
+    return contexts
+
+
+def raw_send_available(assoc: Association) -> bool:
+    """Whether pynetdicom still has the internals the raw send path mirrors (3.0)."""
+    return all(
+        hasattr(assoc, name)
+        for name in ("_reactor_checkpoint", "_is_paused", "_handle_no_response", "_check_received_status")
+    )
+
+
+# Patient Module attributes whose values a peer's ErrorComment might repeat.
+_PATIENT_TAGS = (0x00100010, 0x00100020, 0x00100030, 0x00101000, 0x00101001)
+_PATIENT_PEEK_BYTES = 64 * 1024  # group 0010 comes long before the waveform
+
+
+def patient_values(obj: Part10) -> list[str]:
+    """The object's patient names, ids and birth date (to mask them in what the peer says
+    about it). Reads at most the first 64 KiB of the data set, inflated if deflated."""
+    raw = obj.dataset_bytes()
+    ts = obj.transfer_syntax
+    try:
+        if ts.is_deflated:
+            raw = zlib.decompressobj(-zlib.MAX_WBITS).decompress(raw, _PATIENT_PEEK_BYTES)
+        ds = read_dataset(
+            BytesIO(raw[:_PATIENT_PEEK_BYTES]),
+            ts.is_implicit_VR,
+            ts.is_little_endian,
+            stop_when=lambda tag, vr, length: tag > _PATIENT_TAGS[-1],
+        )
+        values: list[str] = []
+        for tag in _PATIENT_TAGS:
+            elem = ds.get(tag)
+            if elem is None or elem.value in (None, ""):
+                continue
+            items = elem.value if elem.VM > 1 else [elem.value]
+            for item in items:
+                text = str(item)
+                values += [text, text.replace("^", " ").strip(), text.replace("^", "")]
+                values += [group for group in text.split("=") if group]
+        return values
+    except Exception:  # noqa: BLE001 — damaged bytes: the patterns still mask what they can
+        return []
+
+
+class StoreAssociation:
+    """One association for many C-STOREs (and, with commitment=True, the N-ACTION after them).
+
+    `with StoreAssociation(peer) as a: a.store(bytes)`; opening raises TransientError or
+    ConfigurationFault. `on_report` receives an N-EVENT-REPORT if the peer sends it on this
+    association (most send it on a new one, to the CommitmentListener).
+    `raw_send=False` takes pynetdicom's public path (decode, let it encode) instead of sending the
+    stored bytes as they are: what we fall back to if its internals change, kept testable.
+    """
+
+    def __init__(
+        self,
+        peer: PeerSettings,
+        sop_class_uids: Sequence[str] = ECG_STORAGE_CLASSES,
+        *,
+        commitment: bool = False,
+        on_report: Callable[[CommitmentReport], None] | None = None,
+        raw_send: bool = True,
+    ) -> None:
+        self.peer = peer
+        self.raw_send = raw_send
+        self.sop_class_uids = tuple(sop_class_uids)
+        self.commitment = commitment
+        self._on_report = on_report
+        self._assoc: Association | None = None
+        self._message_id = 0
+        self._preference = STORE_SYNTAXES_DEFLATE if peer.deflate else STORE_SYNTAXES_PLAIN
+        self._contexts_by_class: dict[str, list[PresentationContext]] = {}
+        self._broken = False  # a request went unanswered: never use (or politely release) it again
+        self.stores = 0
+
+    # -- lifecycle --
+    def open(self) -> None:
+        if self._assoc is not None:
+            raise RuntimeError("association already opened")
+        self._broken = False
+        self._contexts_by_class = {}
+        contexts = store_contexts(self.sop_class_uids, deflate=self.peer.deflate, commitment=self.commitment)
+        handlers: list[EventHandlerType] = []
+        if self._on_report is not None:
+            handlers.append((evt.EVT_N_EVENT_REPORT, report_handler(self._on_report)))
+        self._assoc = associate(self.peer, contexts, handlers)
+        rank = {ts: i for i, ts in enumerate(self._preference)}
+        for cx in self._assoc.accepted_contexts:
+            ts = UID(cx.transfer_syntax[0])
+            if cx.abstract_syntax in self.sop_class_uids and cx.as_scu and ts in rank:
+                self._contexts_by_class.setdefault(str(cx.abstract_syntax), []).append(cx)
+        for found in self._contexts_by_class.values():
+            found.sort(key=lambda cx: rank[UID(cx.transfer_syntax[0])])
+        if self.sop_class_uids and not self._contexts_by_class:
+            # e.g. only commitment accepted: every object would bounce; that is the PACS's
+            # configuration, not the objects' fault
+            self.close()
+            names = ", ".join(sorted(UID(u).name for u in self.sop_class_uids))
+            raise ConfigurationFault(
+                f"{self.peer.where} accepts none of the storage SOP classes {self.peer.calling_ae} sends ({names})"
+            )
+        log.debug(
+            "association with %s: %s",
+            self.peer.where,
+            {UID(k).name: [UID(c.transfer_syntax[0]).name for c in v] for k, v in self._contexts_by_class.items()},
+        )
+
+    def close(self) -> None:
+        assoc, self._assoc = self._assoc, None
+        if assoc is None:
+            return
+        if self._broken:
+            if assoc.is_established:
+                assoc.abort()
+            return
+        release(assoc)
+
+    def abort(self) -> None:
+        assoc, self._assoc = self._assoc, None
+        if assoc is not None and assoc.is_established:
+            assoc.abort()
+
+    def __enter__(self) -> StoreAssociation:
+        self.open()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @property
+    def is_alive(self) -> bool:
+        a = self._assoc
+        return a is not None and not self._broken and a.is_established and not a.is_aborted and not a.is_released
+
+    @property
+    def tcp_nodelay(self) -> bool:
+        """Whether Nagle is off on this association's TCP socket (it stalled every C-STORE)."""
+        raw = getattr(getattr(getattr(self._assoc, "dul", None), "socket", None), "socket", None)
+        return bool(raw is not None and raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    @property
+    def accepted_transfer_syntaxes(self) -> dict[str, list[str]]:
+        """SOP class UID -> accepted transfer syntaxes, best first."""
+        return {k: [str(c.transfer_syntax[0]) for c in v] for k, v in self._contexts_by_class.items()}
+
+    def _require_alive(self) -> Association:
+        if not self.is_alive:
+            raise TransientError(f"the association with {self.peer.where} is no longer open")
+        assert self._assoc is not None
+        return self._assoc
+
+    def _next_message_id(self) -> int:
+        self._message_id = self._message_id % 0xFFFF + 1
+        return self._message_id
+
+    # -- C-STORE --
+    def store(self, payload: bytes | Path) -> StoreOutcome:
+        """Send one Part-10 object. Returns the peer's verdict; raises TransientError if the
+        association died (nothing is known about this object), ConfigurationFault if the peer
+        says the gateway is not authorised, UnsendablePayload for bytes that are not DICOM."""
+        assoc = self._require_alive()
+        if isinstance(payload, Path):
+            try:
+                data = payload.read_bytes()
+            except OSError as exc:
+                raise UnsendablePayload(f"cannot read payload {payload}: {exc}") from None
+        else:
+            data = payload
+        obj = parse_part10(data)
+        candidates = self._contexts_by_class.get(str(obj.sop_class_uid), [])
+        if not candidates:
+            why = (
+                "the peer accepted no presentation context for it"
+                if obj.sop_class_uid in self.sop_class_uids
+                else "it was not proposed"
+            )
+            return StoreOutcome(
+                SOP_CLASS_NOT_SUPPORTED,
+                Category.PERMANENT,
+                f"{status_meaning(SOP_CLASS_NOT_SUPPORTED)}: {obj.sop_class_uid.name} ({why})",
+                str(obj.sop_instance_uid),
+                str(obj.sop_class_uid),
+                "",
+            )
+        cx = candidates[0]
+        syntax = UID(cx.transfer_syntax[0])
+        data = encode_for(obj, syntax, self.peer.deflate_level)
+        status = self._send_store(assoc, cx, obj, data)
+        if "Status" not in status:
+            self._broken = True
+            raise TransientError(
+                f"the association with {self.peer.where} died during a C-STORE (aborted, reset or timed out)"
+            )
+        code = int(status.Status)
+        category, meaning = classify_status(code)
+        if is_refusal_of_us(code):
+            raise ConfigurationFault(
+                f"{self.peer.where} refuses C-STOREs from {self.peer.calling_ae}: 0x{code:04X} {meaning}"
+            )
+        comment = status.get("ErrorComment")
+        if comment:
+            # the peer's free text may name the patient: it goes into logs and stored reasons
+            meaning = f"{meaning} ({mask_server_text(str(comment), patient_values(obj))})"
+        self.stores += 1
+        return StoreOutcome(
+            code, category, meaning, str(obj.sop_instance_uid), str(obj.sop_class_uid), str(syntax), len(data)
+        )
+
+    def _send_store(self, assoc: Association, cx: PresentationContext, obj: Part10, data: bytes) -> Dataset:
+        if not (self.raw_send and raw_send_available(assoc)):
+            return self._send_store_decoded(assoc, cx, obj)
+        req = C_STORE()
+        req.MessageID = self._next_message_id()
+        req.AffectedSOPClassUID = obj.sop_class_uid
+        req.AffectedSOPInstanceUID = obj.sop_instance_uid
+        req.Priority = 2  # low: the default every SCP handles
+        req.DataSet = BytesIO(data)
+        # Mirrors Association.send_c_store() after its encoding step (pynetdicom 3.0): pause the
+        # reactor so it does not take our response off the queue, send, wait, resume.
+        assoc._reactor_checkpoint.clear()
+        while not assoc._is_paused:
+            time.sleep(0.0001)
+        try:
+            assoc.dimse.send_msg(req, int(cx.context_id))  # type: ignore[arg-type]
+            _cx_id, rsp = assoc.dimse.get_msg(block=True)
+        finally:
+            assoc._reactor_checkpoint.set()
+        if rsp is None:
+            assoc._handle_no_response()
+            return Dataset()
+        return assoc._check_received_status(rsp)
+
+    def _send_store_decoded(self, assoc: Association, cx: PresentationContext, obj: Part10) -> Dataset:
+        """Public-API path (decode, let pynetdicom encode) if its internals ever change."""
+        syntax = UID(cx.transfer_syntax[0])
+        try:
+            ds = decode_dataset(obj)  # a deflated payload inflated with a cap, not whole
+            if syntax != ImplicitVRLittleEndian:  # exact match picks our context; implicit converts
+                ds.file_meta.TransferSyntaxUID = syntax
+            return assoc.send_c_store(ds, msg_id=self._next_message_id())
+        except (AttributeError, ValueError, InvalidDicomError, EOFError) as exc:
+            raise UnsendablePayload(f"cannot encode the payload as {syntax.name}: {exc}") from None
+
+    # -- storage commitment (N-ACTION) --
+    def request_commitment(self, transaction_uid: str, refs: Sequence[tuple[str, str]]) -> None:
+        """Ask the peer to commit to (SOP class, SOP instance) pairs. The answer comes later as
+        an N-EVENT-REPORT (to the CommitmentListener). Raises CommitmentUnsupported if the peer
+        has no storage commitment, TransientError if it failed now."""
+        if not self.commitment:
+            raise ValueError("open the StoreAssociation with commitment=True to request commitment")
+        if not refs:
+            raise ValueError("no instances to ask commitment for")
+        assoc = self._require_alive()
+        accepted = [cx for cx in assoc.accepted_contexts if cx.abstract_syntax == STORAGE_COMMITMENT_PUSH and cx.as_scu]
+        if not accepted:
+            raise CommitmentUnsupported(
+                f"{self.peer.where} does not offer Storage Commitment Push Model (presentation context rejected)"
+            )
+        request = Dataset()
+        request.TransactionUID = transaction_uid
+        items = []
+        for sop_class, sop_instance in refs:
+            item = Dataset()
+            item.ReferencedSOPClassUID = sop_class
+            item.ReferencedSOPInstanceUID = sop_instance
+            items.append(item)
+        request.ReferencedSOPSequence = items
+        status, _reply = assoc.send_n_action(
+            request,
+            COMMITMENT_REQUEST,
+            STORAGE_COMMITMENT_PUSH,
+            STORAGE_COMMITMENT_INSTANCE,
+            msg_id=self._next_message_id(),
+        )
+        if "Status" not in status:
+            self._broken = True
+            raise TransientError(
+                f"no answer from {self.peer.where} to the storage commitment request (aborted or timed out)"
+            )
+        code = int(status.Status)
+        category, meaning = classify_status(code)
+        if category in STORED_CATEGORIES:
+            log.debug("commitment requested: %s (%d instances)", transaction_uid, len(refs))
+            return
+        message = f"{self.peer.where} refused the storage commitment request: 0x{code:04X} {meaning}"
+        if code in NO_COMMITMENT_STATUSES:
+            raise CommitmentUnsupported(message)
+        if is_refusal_of_us(code):
+            raise ConfigurationFault(message)
+        raise TransientError(message)

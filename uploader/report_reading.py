@@ -1,0 +1,627 @@
+"""What a report from the reading center says: pure reading, no I/O.
+
+- DICOM Structured Reports (Basic/Enhanced/Comprehensive/Extensible SR; a 12-lead ECG report is a
+  Comprehensive SR, TID 3700) are rendered to readable text: title, findings, impression, the
+  reading doctor (Verifying Observer, else the Person Observer in the content tree), the time.
+- Encapsulated PDFs are kept as they are (the document bytes, with the header fields around).
+- FHIR R4 `DiagnosticReport`s (text conclusion, coded conclusion, a PDF or text `presentedForm`)
+  are read into the same `ReportContent`.
+- Status: final (SR COMPLETE + VERIFIED, a PDF, FHIR final), preliminary, or amended (an SR with a
+  Predecessor Documents Sequence, FHIR amended/corrected); `amends` names what it replaces.
+- Critical results (危急值): a coded finding in the configured code list (`CriticalRules`), a
+  configured keyword in the text, or a FHIR result Observation interpreted AA/HH/LL.
+
+Reports are untrusted bytes: reading never raises on odd content. What cannot be read is listed in
+`ReportContent.problems` (the object is still kept as received and the doctor is told); only bytes
+that are no DICOM at all raise `UnreadableReport`. The content tree walk is bounded (depth, items).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import io
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    UID,
+    BasicTextSRStorage,
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    EncapsulatedPDFStorage,
+    EnhancedSRStorage,
+    ExtensibleSRStorage,
+)
+
+from uploader.errors import UploadError
+
+REPORT_SR_CLASSES: tuple[str, ...] = (
+    BasicTextSRStorage,
+    EnhancedSRStorage,
+    ComprehensiveSRStorage,
+    Comprehensive3DSRStorage,
+    ExtensibleSRStorage,
+)
+REPORT_SOP_CLASSES: tuple[str, ...] = (*REPORT_SR_CLASSES, EncapsulatedPDFStorage)
+
+MAX_DEPTH = 16  # content tree nesting we follow (TID 3700 uses 4)
+MAX_ITEMS = 5000  # content items we render; a bigger tree is flagged, not walked
+MAX_TEXT_CHARS = 200_000  # rendered text kept
+
+# DICOM concepts this module looks for (CID 7001/7002, TID 1002/2000/3700)
+FINDINGS_CONTAINER = ("DCM", "121070")
+FINDING = ("DCM", "121071")
+IMPRESSIONS_CONTAINER = ("DCM", "121072")
+IMPRESSION = ("DCM", "121073")
+PERSON_OBSERVER_NAME = ("DCM", "121008")
+FHIR_CRITICAL_INTERPRETATIONS = frozenset({"AA", "HH", "LL"})  # v3 ObservationInterpretation
+DICOM_UID_SYSTEM = "urn:dicom:uid"
+
+# coding scheme spellings that mean the same thing
+_SCHEME_ALIASES = {
+    "SRT": "SCT",
+    "SNM3": "SCT",
+    "HTTP://SNOMED.INFO/SCT": "SCT",
+    "HTTP://LOINC.ORG": "LN",
+    "HTTP://TERMINOLOGY.HL7.ORG/CODESYSTEM/V3-OBSERVATIONINTERPRETATION": "V3-OBSINT",
+}
+
+
+class UnreadableReport(UploadError, ValueError):
+    """Bytes that are not a DICOM object at all (an odd one is read, with `problems`)."""
+
+
+def normal_scheme(scheme: str) -> str:
+    s = scheme.strip().upper()
+    return _SCHEME_ALIASES.get(s, s)
+
+
+@dataclass(frozen=True)
+class CriticalRules:
+    """What makes a report critical: coded findings (scheme, code) and keywords in its text."""
+
+    codes: frozenset[tuple[str, str]] = frozenset()
+    keywords: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, codes: Iterable[str], keywords: Iterable[str]) -> CriticalRules:
+        """`codes` as "SCHEME:CODE" (e.g. "SCT:401303003"); keywords matched case-insensitively."""
+        parsed = set()
+        for text in codes:
+            scheme, sep, value = text.partition(":")
+            if not sep or not scheme.strip() or not value.strip():
+                raise ValueError(f"critical code {text!r} is not SCHEME:CODE (e.g. SCT:401303003)")
+            parsed.add((normal_scheme(scheme), value.strip()))
+        return cls(frozenset(parsed), tuple(k.casefold() for k in keywords if k.strip()))
+
+    def code_matches(self, scheme: str, value: str) -> bool:
+        return (normal_scheme(scheme), value.strip()) in self.codes
+
+    def keyword_in(self, text: str) -> str | None:
+        folded = text.casefold()
+        return next((k for k in self.keywords if k in folded), None)
+
+
+@dataclass(frozen=True)
+class ReportContent:
+    """One report object, read. `object_uid` identifies it at its source (SOP Instance UID, or
+    "DiagnosticReport/<id>"); `version` changes when a FHIR report is updated in place."""
+
+    kind: str  # "sr", "pdf" or "fhir"
+    object_uid: str
+    study_uid: str = ""
+    series_uid: str = ""
+    sop_class_uid: str = ""
+    version: str = ""
+    patient_id: str = ""
+    patient_name: str = ""
+    title: str = ""
+    findings: tuple[str, ...] = ()
+    impressions: tuple[str, ...] = ()
+    text: str = ""  # the whole report as readable text
+    observer: str = ""  # the reading doctor
+    report_time: str = ""  # ISO 8601 as the report gives it (zone only if it has one)
+    final: bool = False
+    amends: tuple[str, ...] = ()  # object uids this one replaces
+    completion_flag: str = ""
+    verification_flag: str = ""
+    critical: tuple[str, ...] = ()  # why it is critical; empty: not critical
+    problems: tuple[str, ...] = ()  # what could not be read
+    document: bytes | None = None  # PDF (or other) document bytes as sent
+    document_type: str = ""  # its MIME type
+
+    @property
+    def status(self) -> str:
+        if not self.final:
+            return "preliminary"
+        return "amended" if self.amends else "final"
+
+
+# -- DICOM -----------------------------------------------------------------------------------------
+
+
+def read_dicom_report(data: bytes, rules: CriticalRules = CriticalRules()) -> ReportContent:
+    """A Part-10 SR or Encapsulated PDF → ReportContent. Raises UnreadableReport only for bytes
+    pydicom cannot parse as DICOM; any odd content is listed in `problems`."""
+    try:
+        ds = dcmread(io.BytesIO(data), force=True)
+        sop_class = str(ds.get("SOPClassUID", "") or "")
+        sop_instance = str(ds.get("SOPInstanceUID", "") or "")
+    except Exception as exc:  # noqa: BLE001 — pydicom raises many types on hostile bytes; one typed error out
+        raise UnreadableReport(f"not a DICOM object: {type(exc).__name__}: {exc}") from None
+    if not sop_instance:
+        raise UnreadableReport("no SOP Instance UID")
+    reader = _DicomReader(ds, rules)
+    if sop_class == EncapsulatedPDFStorage:
+        return reader.pdf(sop_instance)
+    return reader.sr(sop_class, sop_instance)
+
+
+def _code(item: Dataset | None) -> tuple[str, str, str]:
+    """(scheme, value, meaning) of a code sequence item; long/URN code values included."""
+    if item is None:
+        return "", "", ""
+    value = item.get("CodeValue") or item.get("LongCodeValue") or item.get("URNCodeValue") or ""
+    return str(item.get("CodingSchemeDesignator", "") or ""), str(value), str(item.get("CodeMeaning", "") or "")
+
+
+def _first(ds: Dataset, keyword: str) -> Dataset | None:
+    seq = ds.get(keyword)
+    try:
+        return seq[0] if seq else None
+    except (TypeError, IndexError):
+        return None
+
+
+def _dicom_time(date: object, time: object) -> str:
+    """DA + TM (or a DT) → ISO text; unparseable values are returned as they are."""
+    d, t = str(date or "").strip(), str(time or "").strip()
+    if not d:
+        return ""
+    try:
+        day = dt.datetime.strptime(d[:8], "%Y%m%d")
+    except ValueError:
+        return f"{d} {t}".strip()
+    m = re.match(r"(\d{2})(\d{2})?(\d{2})?", t)
+    if m:
+        day = day.replace(hour=int(m.group(1)), minute=int(m.group(2) or 0), second=int(m.group(3) or 0))
+        return day.isoformat()
+    return day.date().isoformat()
+
+
+def dicom_datetime_iso(value: object) -> str:
+    """A DICOM DT value (with its UTC offset, if any) as ISO 8601 text; odd values as they are."""
+    text = str(value or "").strip()
+    if not text:
+        return ""
+    zone = ""
+    m = re.search(r"([+-])(\d{2})(\d{2})$", text)
+    if m:
+        zone = f"{m.group(1)}{m.group(2)}:{m.group(3)}"
+        text = text[: m.start()]
+    return (_dicom_time(text[:8], text[8:]) or text) + zone
+
+
+@dataclass
+class _DicomReader:
+    ds: Dataset
+    rules: CriticalRules
+    problems: list[str] = field(default_factory=list)
+    critical: list[str] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)
+    impressions: list[str] = field(default_factory=list)
+    observers: list[str] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+    items_seen: int = 0
+
+    def get(self, keyword: str) -> str:
+        try:
+            value = self.ds.get(keyword, "")
+        except Exception as exc:  # noqa: BLE001 — a value pydicom cannot decode is a problem, not a crash
+            self.problems.append(f"{keyword} unreadable ({type(exc).__name__})")
+            return ""
+        return str(value or "").strip()
+
+    def header(self, kind: str, sop_class: str, sop_instance: str) -> dict[str, Any]:
+        return {
+            "kind": kind,
+            "object_uid": sop_instance,
+            "sop_class_uid": sop_class,
+            "study_uid": self.get("StudyInstanceUID"),
+            "series_uid": self.get("SeriesInstanceUID"),
+            "patient_id": self.get("PatientID"),
+            "patient_name": self.get("PatientName").replace("^", " ").strip(),
+        }
+
+    def verifying_observer(self) -> tuple[str, str]:
+        """(name, verification time) of the first Verifying Observer."""
+        try:
+            item = _first(self.ds, "VerifyingObserverSequence")
+            if item is None:
+                return "", ""
+            name = str(item.get("VerifyingObserverName", "") or "").replace("^", " ").strip()
+            return name, dicom_datetime_iso(item.get("VerificationDateTime"))
+        except Exception as exc:  # noqa: BLE001
+            self.problems.append(f"VerifyingObserverSequence unreadable ({type(exc).__name__})")
+            return "", ""
+
+    def amends(self) -> tuple[str, ...]:
+        """SOP Instance UIDs in the Predecessor Documents Sequence (study → series → SOP)."""
+        found: list[str] = []
+        try:
+            for study in self.ds.get("PredecessorDocumentsSequence") or []:
+                for series in study.get("ReferencedSeriesSequence") or []:
+                    for sop in series.get("ReferencedSOPSequence") or []:
+                        uid = str(sop.get("ReferencedSOPInstanceUID", "") or "")
+                        if uid:
+                            found.append(uid)
+        except Exception as exc:  # noqa: BLE001
+            self.problems.append(f"PredecessorDocumentsSequence unreadable ({type(exc).__name__})")
+        return tuple(dict.fromkeys(found))
+
+    # -- SR --
+    def sr(self, sop_class: str, sop_instance: str) -> ReportContent:
+        head = self.header("sr", sop_class, sop_instance)
+        if sop_class not in REPORT_SR_CLASSES:
+            self.problems.append(f"SOP class {UID(sop_class).name or sop_class or '(none)'} is not a report SR")
+        completion = self.get("CompletionFlag").upper()
+        verification = self.get("VerificationFlag").upper()
+        if completion not in ("COMPLETE", "PARTIAL"):
+            self.problems.append(f"CompletionFlag {completion or '(missing)'} is not COMPLETE or PARTIAL")
+        if verification not in ("VERIFIED", "UNVERIFIED"):
+            self.problems.append(f"VerificationFlag {verification or '(missing)'} is not VERIFIED or UNVERIFIED")
+        title = ""
+        try:
+            if self.ds.get("ValueType", "") != "CONTAINER":
+                self.problems.append(
+                    f"root content item is {self.ds.get('ValueType') or '(no value type)'}, not CONTAINER"
+                )
+            title = _code(_first(self.ds, "ConceptNameCodeSequence"))[2]
+            if not title:
+                self.problems.append("the document has no title (root ConceptNameCodeSequence)")
+            self.walk(self.ds.get("ContentSequence") or [], 0, None)
+            if not self.ds.get("ContentSequence"):
+                self.problems.append("the content tree is empty")
+        except Exception as exc:  # noqa: BLE001 — bytes from a PACS: render what we can, flag the rest
+            self.problems.append(f"content tree unreadable ({type(exc).__name__}: {exc})")
+        name, verified_at = self.verifying_observer()
+        observer = name or next(iter(self.observers), "")
+        when = verified_at or _dicom_time(self.get("ContentDate"), self.get("ContentTime"))
+        amends = self.amends()
+        final = completion == "COMPLETE" and verification == "VERIFIED"
+        self.scan_keywords([title, *self.lines])
+        text = self.render(title or "Report", observer, when, amends)
+        return ReportContent(
+            **head,
+            title=title,
+            findings=tuple(self.findings),
+            impressions=tuple(self.impressions),
+            text=text,
+            observer=observer,
+            report_time=when,
+            final=final,
+            amends=amends,
+            completion_flag=completion,
+            verification_flag=verification,
+            critical=tuple(dict.fromkeys(self.critical)),
+            problems=tuple(dict.fromkeys(self.problems)),
+        )
+
+    def walk(self, items: Sequence[Dataset], depth: int, section: tuple[str, str] | None) -> None:
+        if depth >= MAX_DEPTH:
+            self.problems.append(f"content tree deeper than {MAX_DEPTH} levels: not rendered beyond")
+            return
+        for item in items:
+            self.items_seen += 1
+            if self.items_seen > MAX_ITEMS:
+                if self.items_seen == MAX_ITEMS + 1:
+                    self.problems.append(f"more than {MAX_ITEMS} content items: the rest is not rendered")
+                return
+            self.item(item, depth, section)
+
+    def item(self, item: Dataset, depth: int, section: tuple[str, str] | None) -> None:
+        indent = "  " * depth
+        value_type = str(item.get("ValueType", "") or "")
+        scheme, code, name = _code(_first(item, "ConceptNameCodeSequence"))
+        concept = (normal_scheme(scheme), code)
+        if self.rules.code_matches(scheme, code):
+            self.critical.append(f"coded concept {name or code} ({scheme} {code})")
+        if not value_type:
+            if "ReferencedContentItemIdentifier" in item:
+                return  # by-reference relationship: the target is rendered where it stands
+            self.problems.append(f"a content item ({name or 'unnamed'}) has no ValueType")
+            return
+        if not name and value_type != "CONTAINER":
+            self.problems.append(f"a {value_type} content item has no concept name")
+        label = name or value_type.title()
+        value = self.value_of(item, value_type, label)
+        if value_type == "CONTAINER":
+            self.lines.append(f"{indent}{label}")
+            self.walk(item.get("ContentSequence") or [], depth + 1, concept)
+            return
+        if value is None:
+            return
+        if concept == PERSON_OBSERVER_NAME and value:
+            self.observers.append(value)
+        self.lines.append(f"{indent}{label}: {value}")
+        if value_type in ("TEXT", "CODE"):
+            if concept == IMPRESSION or section == IMPRESSIONS_CONTAINER:
+                self.impressions.append(value)
+            elif concept == FINDING or section == FINDINGS_CONTAINER:
+                self.findings.append(value)
+        children = item.get("ContentSequence")
+        if children:
+            self.walk(children, depth + 1, section)
+
+    def value_of(self, item: Dataset, value_type: str, label: str) -> str | None:
+        """The rendered value of one content item, or None (problem noted) when it has none."""
+        if value_type == "CONTAINER":
+            return ""
+        if value_type == "TEXT":
+            text = item.get("TextValue")
+            if text is None:
+                self.problems.append(f"TEXT item {label} has no TextValue")
+                return None
+            return str(text).strip()
+        if value_type == "CODE":
+            found = _first(item, "ConceptCodeSequence")
+            if found is None:
+                self.problems.append(f"CODE item {label} has no ConceptCodeSequence")
+                return None
+            scheme, code, meaning = _code(found)
+            if self.rules.code_matches(scheme, code):
+                self.critical.append(f"{label}: {meaning or code} ({scheme} {code})")
+            return meaning or f"{scheme} {code}"
+        if value_type == "NUM":
+            measured = _first(item, "MeasuredValueSequence")
+            if measured is None:
+                return "(no value)"
+            units = _code(_first(measured, "MeasurementUnitsCodeSequence"))
+            unit = units[1] if units[0].upper() == "UCUM" else units[2]
+            return f"{measured.get('NumericValue', '?')} {'' if unit == '1' else unit}".strip()
+        if value_type == "PNAME":
+            return str(item.get("PersonName", "") or "").replace("^", " ").strip()
+        if value_type == "DATETIME":
+            return dicom_datetime_iso(item.get("DateTime"))
+        if value_type == "DATE":
+            return _dicom_time(item.get("Date"), "")
+        if value_type == "TIME":
+            return str(item.get("Time", "") or "")
+        if value_type == "UIDREF":
+            return str(item.get("UID", "") or "")
+        if value_type in ("COMPOSITE", "IMAGE", "WAVEFORM"):
+            ref = _first(item, "ReferencedSOPSequence")
+            cls = str(ref.get("ReferencedSOPClassUID", "")) if ref is not None else ""
+            return f"(reference to {UID(cls).name if cls else 'an object'})"
+        if value_type in ("SCOORD", "SCOORD3D", "TCOORD"):
+            return "(coordinates)"
+        self.problems.append(f"content item {label} has unknown ValueType {value_type!r}")
+        return None
+
+    def scan_keywords(self, texts: Iterable[str]) -> None:
+        for text in texts:
+            keyword = self.rules.keyword_in(text)
+            if keyword:
+                self.critical.append(f"keyword {keyword!r} in: {text.strip()[:120]}")
+
+    def render(self, title: str, observer: str, when: str, amends: Sequence[str]) -> str:
+        out = [title, "=" * min(len(title), 60)]
+        if amends:
+            out.append(f"AMENDED: replaces {len(amends)} earlier report(s)")
+        if self.critical:
+            out.append("CRITICAL RESULT: " + "; ".join(dict.fromkeys(self.critical)))
+        out += [*self.lines, ""]
+        if observer or when:
+            out.append(f"Read by {observer or '(not named)'}" + (f", {when}" if when else ""))
+        if self.problems:
+            out.append("Could not read: " + "; ".join(dict.fromkeys(self.problems)))
+        return "\n".join(out)[:MAX_TEXT_CHARS]
+
+    # -- PDF --
+    def pdf(self, sop_instance: str) -> ReportContent:
+        head = self.header("pdf", EncapsulatedPDFStorage, sop_instance)
+        mime = self.get("MIMETypeOfEncapsulatedDocument") or "application/pdf"
+        try:
+            raw = self.ds.get("EncapsulatedDocument")
+            document = bytes(raw) if raw is not None else b""
+        except Exception as exc:  # noqa: BLE001
+            self.problems.append(f"EncapsulatedDocument unreadable ({type(exc).__name__})")
+            document = b""
+        if not document:
+            self.problems.append("no EncapsulatedDocument")
+        elif not document.startswith(b"%PDF-"):
+            self.problems.append("the encapsulated document is not a PDF (no %PDF- header)")
+        # the value is padded to even length: drop the pad after %%EOF
+        if document.endswith(b"\x00") and b"%%EOF" in document[-16:]:
+            document = document[:-1]
+        title = self.get("DocumentTitle")
+        if not title:
+            try:
+                title = _code(_first(self.ds, "ConceptNameCodeSequence"))[2]
+            except Exception as exc:  # noqa: BLE001
+                self.problems.append(f"ConceptNameCodeSequence unreadable ({type(exc).__name__})")
+        observer, verified_at = self.verifying_observer()
+        when = verified_at or _dicom_time(self.get("ContentDate"), self.get("ContentTime"))
+        self.scan_keywords([title])
+        kb = len(document) / 1024
+        text = "\n".join(
+            [
+                title or "PDF report",
+                f"PDF document, {kb:.0f} KB: `lastmile report print` prints it",
+                *(["CRITICAL RESULT: " + "; ".join(self.critical)] if self.critical else []),
+                *([f"Read by {observer}" + (f", {when}" if when else "")] if observer else []),
+                *(["Could not read: " + "; ".join(self.problems)] if self.problems else []),
+            ]
+        )
+        return ReportContent(
+            **head,
+            title=title,
+            text=text,
+            observer=observer,
+            report_time=when,
+            final=not self.problems,
+            amends=self.amends(),
+            critical=tuple(dict.fromkeys(self.critical)),
+            problems=tuple(dict.fromkeys(self.problems)),
+            document=document or None,
+            document_type=mime,
+        )
+
+
+# -- FHIR DiagnosticReport -----------------------------------------------------------------------
+
+FHIR_FINAL = frozenset({"final", "amended", "corrected", "appended"})
+FHIR_AMENDED = frozenset({"amended", "corrected"})
+
+
+def dicom_uid_identifier(uid: str) -> tuple[str, str]:
+    """(system, value) of a DICOM UID as FHIR writes it (urn:dicom:uid, urn:oid:1.2...)."""
+    return DICOM_UID_SYSTEM, f"urn:oid:{uid}"
+
+
+def _codings(concept: object) -> Iterator[tuple[str, str, str]]:
+    if not isinstance(concept, Mapping):
+        return
+    for coding in concept.get("coding") or []:
+        if isinstance(coding, Mapping):
+            yield str(coding.get("system", "")), str(coding.get("code", "")), str(coding.get("display", ""))
+
+
+def _concept_text(concept: object) -> str:
+    if not isinstance(concept, Mapping):
+        return ""
+    text = concept.get("text")
+    if isinstance(text, str) and text.strip():
+        return text.strip()
+    return next((d or c for _s, c, d in _codings(concept) if d or c), "")
+
+
+def _reference_display(refs: object) -> str:
+    names = []
+    for ref in refs if isinstance(refs, list) else []:
+        if isinstance(ref, Mapping):
+            name = ref.get("display") or ref.get("reference")
+            if isinstance(name, str) and name:
+                names.append(name)
+    return ", ".join(names)
+
+
+def _study_of(resource: Mapping[str, Any], known: Iterable[str]) -> str:
+    """The study UID this report is linked to, from its identifiers (urn:dicom:uid urn:oid:...)."""
+    wanted = {dicom_uid_identifier(u)[1]: u for u in known}
+    for ident in resource.get("identifier") or []:
+        if isinstance(ident, Mapping) and ident.get("value") in wanted:
+            return wanted[str(ident["value"])]
+    for ident in resource.get("identifier") or []:
+        value = ident.get("value", "") if isinstance(ident, Mapping) else ""
+        if ident.get("system") == DICOM_UID_SYSTEM and str(value).startswith("urn:oid:"):
+            return str(value)[len("urn:oid:") :]
+    return ""
+
+
+def read_fhir_report(
+    resource: Mapping[str, Any], rules: CriticalRules = CriticalRules(), known_studies: Iterable[str] = ()
+) -> ReportContent:
+    """A DiagnosticReport (R4 JSON) → ReportContent; oddities go to `problems`."""
+    problems: list[str] = []
+    critical: list[str] = []
+    if resource.get("resourceType") != "DiagnosticReport":
+        raise UnreadableReport(f"not a DiagnosticReport: {resource.get('resourceType')!r}")
+    rid = str(resource.get("id") or "")
+    if not rid:
+        raise UnreadableReport("a DiagnosticReport without an id")
+    meta = resource.get("meta")
+    version = str(meta.get("versionId", "") or meta.get("lastUpdated", "") or "") if isinstance(meta, Mapping) else ""
+    status = str(resource.get("status", ""))
+    if status in ("cancelled", "entered-in-error"):
+        problems.append(f"the reading center withdrew this report (status {status})")
+    title = _concept_text(resource.get("code")) or "Report"
+    conclusion = str(resource.get("conclusion") or "").strip()
+    coded = [d or c for _s, c, d in (x for cc in resource.get("conclusionCode") or [] for x in _codings(cc))]
+    for cc in resource.get("conclusionCode") or []:
+        for system, code, display in _codings(cc):
+            if rules.code_matches(system, code):
+                critical.append(f"coded conclusion {display or code} ({system} {code})")
+    contained = {
+        f"#{r.get('id')}": r for r in resource.get("contained") or [] if isinstance(r, Mapping) and r.get("id")
+    }
+    result_lines = []
+    for ref in resource.get("result") or []:
+        obs = contained.get(str(ref.get("reference", ""))) if isinstance(ref, Mapping) else None
+        if obs is None:
+            continue
+        name = _concept_text(obs.get("code"))
+        value = obs.get("valueString") or _concept_text(obs.get("valueCodeableConcept"))
+        quantity = obs.get("valueQuantity")
+        if isinstance(quantity, Mapping):
+            value = f"{quantity.get('value', '?')} {quantity.get('unit', '')}".strip()
+        result_lines.append(f"{name}: {value}")
+        for interp in obs.get("interpretation") or []:
+            for _system, code, display in _codings(interp):
+                if code in FHIR_CRITICAL_INTERPRETATIONS:
+                    critical.append(f"{name or 'result'} interpreted {display or code}")
+    document: bytes | None = None
+    document_type = ""
+    presented_text = []
+    for form in resource.get("presentedForm") or []:
+        if not isinstance(form, Mapping):
+            continue
+        ctype = str(form.get("contentType", ""))
+        try:
+            raw = base64.b64decode(str(form.get("data", "")), validate=True)
+        except (binascii.Error, ValueError):
+            problems.append(f"presentedForm ({ctype}) is not valid base64")
+            continue
+        if ctype.startswith("text/"):
+            presented_text.append(raw.decode("utf-8", "replace").strip())
+        elif document is None and raw:
+            document, document_type = raw, ctype
+    observer = _reference_display(resource.get("resultsInterpreter")) or _reference_display(resource.get("performer"))
+    when = str(resource.get("issued") or resource.get("effectiveDateTime") or "")
+    texts = [conclusion, *coded, *result_lines, *presented_text]
+    for text in (title, *texts):
+        keyword = rules.keyword_in(text) if text else None
+        if keyword:
+            critical.append(f"keyword {keyword!r} in: {text.strip()[:120]}")
+    amends = (f"DiagnosticReport/{rid}",) if status in FHIR_AMENDED else ()
+    lines = [title, "=" * min(len(title), 60)]
+    if amends:
+        lines.append(f"AMENDED ({status})")
+    if critical:
+        lines.append("CRITICAL RESULT: " + "; ".join(dict.fromkeys(critical)))
+    lines += [f"Conclusion: {conclusion}"] if conclusion else []
+    lines += [f"Coded: {c}" for c in coded] + result_lines + presented_text
+    if document is not None:
+        lines.append(f"{document_type} document, {len(document) / 1024:.0f} KB: `lastmile report print` prints it")
+    if observer or when:
+        lines.append(f"Read by {observer or '(not named)'}" + (f", {when}" if when else ""))
+    if problems:
+        lines.append("Could not read: " + "; ".join(problems))
+    subject = resource.get("subject")
+    subject_id = subject.get("identifier") if isinstance(subject, Mapping) else None
+    patient_id = str(subject_id.get("value", "") or "") if isinstance(subject_id, Mapping) else ""
+    return ReportContent(
+        kind="fhir",
+        object_uid=f"DiagnosticReport/{rid}",
+        study_uid=_study_of(resource, known_studies),
+        version=version,
+        patient_id=patient_id,
+        title=title,
+        findings=tuple(result_lines),
+        impressions=tuple(x for x in (conclusion, *coded) if x),
+        text="\n".join(lines)[:MAX_TEXT_CHARS],
+        observer=observer,
+        report_time=when,
+        final=status in FHIR_FINAL and not problems,
+        amends=amends,
+        critical=tuple(dict.fromkeys(critical)),
+        problems=tuple(problems),
+        document=document,
+        document_type=document_type,
+    )
