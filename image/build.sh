@@ -11,8 +11,8 @@
 #                               overlay-root), so a power cut cannot corrupt it. `lastmile.overlay=0`
 #                               on the kernel command line boots it writable for maintenance.
 #   p3  LM-DATA  ext4  DATA_MB /var/lib/lastmile: outbox and clinic state; noatime,commit=60
-# journald: volatile (RAM), at most 24 MB. Services: lastmile-acquire, lastmile-forward (units
-# from systemd/), lastmile-provision (copies /boot/firmware/lastmile/* to /etc/lastmile at each
+# journald: volatile (RAM), at most 24 MB. Services: lastmile-acquire, -forward, -console, -metrics
+# (every unit in systemd/), lastmile-provision (copies /boot/firmware/lastmile/* to /etc/lastmile at each
 # boot), systemd-networkd (eth0 DHCP), systemd-timesyncd, gpsd, bluetooth.
 #
 # No loop mounts: the partitions are made as files (mkfs.vfat -C + mcopy, mkfs.ext4 -d) and
@@ -116,8 +116,11 @@ in_root /opt/lastmile/bin/pip install --quiet --no-index --find-links /var/tmp/w
 rm -rf "$ROOT/var/tmp/wheels"
 
 say "units, udev rules, service account, configuration"
-install -m 0644 "$REPO"/systemd/lastmile-acquire.service "$REPO"/systemd/lastmile-forward.service \
-  "$HERE"/files/lastmile-provision.service "$HERE"/files/lastmile-root-check.service "$ROOT/etc/systemd/system/"
+# Every unit in systemd/ (acquire, forward, console, metrics: each WantedBy=multi-user.target) is
+# installed and enabled, so a service added there is on the next image without an edit here.
+LASTMILE_UNITS=$(cd "$REPO/systemd" && echo *.service)
+(cd "$REPO/systemd" && install -m 0644 $LASTMILE_UNITS "$ROOT/etc/systemd/system/")
+install -m 0644 "$HERE"/files/lastmile-provision.service "$HERE"/files/lastmile-root-check.service "$ROOT/etc/systemd/system/"
 install -m 0644 "$REPO/systemd/lastmile.sysusers" "$ROOT/usr/lib/sysusers.d/lastmile.conf"
 install -m 0644 "$REPO"/systemd/udev/*.rules "$ROOT/usr/lib/udev/rules.d/"
 install -m 0755 "$HERE/files/lastmile-provision" "$HERE/files/lastmile-root-check" "$ROOT/usr/local/sbin/"
@@ -125,8 +128,9 @@ install -m 0755 "$HERE/files/lastmile-provision" "$HERE/files/lastmile-root-chec
 in_root systemd-sysusers
 mkdir -p "$ROOT/etc/lastmile" "$ROOT/var/lib/lastmile"
 in_root /opt/lastmile/bin/lastmile config defaults > "$ROOT/etc/lastmile/lastmile.toml.defaults"
-in_root systemctl enable lastmile-acquire.service lastmile-forward.service lastmile-provision.service \
-  lastmile-root-check.service systemd-networkd.service systemd-timesyncd.service >/dev/null
+# (unquoted on purpose: one word per unit)
+in_root systemctl enable $LASTMILE_UNITS lastmile-provision.service lastmile-root-check.service \
+  systemd-networkd.service systemd-timesyncd.service >/dev/null
 in_root systemctl enable gpsd.socket bluetooth.service >/dev/null
 # Village gateways often boot with no link at all: nothing here needs the network to be up at
 # boot (lastmile-forward retries on its own), and wait-online would fail after 2 minutes.
