@@ -53,11 +53,13 @@ class Partition:
 
 
 def partitions(image: Path) -> list[Partition]:
-    table = json.loads(subprocess.run(["sfdisk", "--json", str(image)], check=True, capture_output=True,
-                                      text=True).stdout)["partitiontable"]
+    table = json.loads(
+        subprocess.run(["sfdisk", "--json", str(image)], check=True, capture_output=True, text=True).stdout
+    )["partitiontable"]
     sector = table.get("sectorsize", 512)
-    return [Partition(i + 1, p["start"] * sector, p["size"] * sector, p["type"])
-            for i, p in enumerate(table["partitions"])]
+    return [
+        Partition(i + 1, p["start"] * sector, p["size"] * sector, p["type"]) for i, p in enumerate(table["partitions"])
+    ]
 
 
 class GatewayDisk:
@@ -72,8 +74,9 @@ class GatewayDisk:
     def create(cls, image: Path, workdir: Path) -> GatewayDisk:
         workdir.mkdir(parents=True, exist_ok=True)
         path = workdir / "gateway.qcow2"
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(image.resolve()),
-                        str(path)], check=True)
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(image.resolve()), str(path)], check=True
+        )
         return cls(image, path, workdir)
 
     def _boot_fat(self) -> Path:
@@ -81,9 +84,23 @@ class GatewayDisk:
         fat = self.workdir / "boot.vfat"
         if not fat.exists():
             boot = partitions(self.image)[0]
-            subprocess.run(["qemu-img", "dd", "-f", "qcow2", "-O", "raw", f"if={self.path}", f"of={fat}",
-                            "bs=512", f"skip={boot.start // 512}", f"count={boot.size // 512}"],
-                           check=True, capture_output=True)
+            subprocess.run(
+                [
+                    "qemu-img",
+                    "dd",
+                    "-f",
+                    "qcow2",
+                    "-O",
+                    "raw",
+                    f"if={self.path}",
+                    f"of={fat}",
+                    "bs=512",
+                    f"skip={boot.start // 512}",
+                    f"count={boot.size // 512}",
+                ],
+                check=True,
+                capture_output=True,
+            )
         return fat
 
     def put_boot_files(self, files: dict[str, bytes]) -> None:
@@ -97,18 +114,23 @@ class GatewayDisk:
                     subprocess.run(["mmd", "-i", str(fat), folder], check=True, capture_output=True)
             local = self.workdir / "boot-file.tmp"
             local.write_bytes(data)
-            subprocess.run(["mcopy", "-o", "-i", str(fat), str(local), f"::/{name}"], check=True,
-                           capture_output=True)
+            subprocess.run(["mcopy", "-o", "-i", str(fat), str(local), f"::/{name}"], check=True, capture_output=True)
             local.unlink()
         boot = partitions(self.image)[0]
-        subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -q -s {fat} {boot.start} {boot.size}",
-                        str(self.path)], check=True, capture_output=True)
+        subprocess.run(
+            ["qemu-io", "-f", "qcow2", "-c", f"write -q -s {fat} {boot.start} {boot.size}", str(self.path)],
+            check=True,
+            capture_output=True,
+        )
 
     def boot_file(self, name: str) -> bytes:
         """A file from this disk's boot partition (as the machine will see it)."""
         local = self.workdir / "boot-file.tmp"
-        subprocess.run(["mcopy", "-o", "-n", "-i", str(self._boot_fat()), f"::/{name}", str(local)], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["mcopy", "-o", "-n", "-i", str(self._boot_fat()), f"::/{name}", str(local)],
+            check=True,
+            capture_output=True,
+        )
         try:
             return local.read_bytes()
         finally:
@@ -147,9 +169,17 @@ class QemuMachine:
      "-device", "virtio-net-pci,netdev=n0,romfile="]  (romfile=: no iPXE ROM is installed).
     """
 
-    def __init__(self, disk: GatewayDisk, console_log: Path, *, extra_cmdline: list[str] | None = None,
-                 memory_mb: int = 1024, cpus: int = 2, cache: str = "unsafe",
-                 network: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        disk: GatewayDisk,
+        console_log: Path,
+        *,
+        extra_cmdline: list[str] | None = None,
+        memory_mb: int = 1024,
+        cpus: int = 2,
+        cache: str = "unsafe",
+        network: list[str] | None = None,
+    ) -> None:
         self.disk = disk
         self.console_log = console_log
         self.extra_cmdline = list(extra_cmdline or [])
@@ -166,14 +196,36 @@ class QemuMachine:
     def command(self) -> list[str]:
         kernel, initrd = self.disk.kernel_and_initrd()
         append = " ".join([*self.disk.cmdline(), *self.extra_cmdline])
-        return [QEMU, "-M", "virt", "-cpu", "cortex-a72", "-smp", str(self.cpus), "-m", str(self.memory_mb),
-                "-display", "none", "-monitor", "none", "-serial", "stdio",
-                *self.network,
-                "-no-reboot",  # a reboot (or a panic with panic=N) ends the process
-                # The Pi has a hardware RNG (bcm2835-rng); without one early getrandom() waits.
-                "-device", "virtio-rng-pci",
-                "-kernel", str(kernel), "-initrd", str(initrd), "-append", append,
-                "-drive", f"file={self.disk.path},if=virtio,format=qcow2,cache={self.cache}"]
+        return [
+            QEMU,
+            "-M",
+            "virt",
+            "-cpu",
+            "cortex-a72",
+            "-smp",
+            str(self.cpus),
+            "-m",
+            str(self.memory_mb),
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-serial",
+            "stdio",
+            *self.network,
+            "-no-reboot",  # a reboot (or a panic with panic=N) ends the process
+            # The Pi has a hardware RNG (bcm2835-rng); without one early getrandom() waits.
+            "-device",
+            "virtio-rng-pci",
+            "-kernel",
+            str(kernel),
+            "-initrd",
+            str(initrd),
+            "-append",
+            append,
+            "-drive",
+            f"file={self.disk.path},if=virtio,format=qcow2,cache={self.cache}",
+        ]
 
     def boot(self) -> None:
         if self.process and self.process.poll() is None:
@@ -183,8 +235,9 @@ class QemuMachine:
         with self._changed:
             self._console.clear()
         self.started_at = time.monotonic()
-        self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self._reader = threading.Thread(target=self._read_console, args=(self.process,), daemon=True)
         self._reader.start()
 

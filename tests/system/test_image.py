@@ -98,8 +98,12 @@ def test_root_filesystem_has_the_units_enabled_and_spares_the_card(partitions: d
     assert "wait-online" not in debugfs(root, "ls -l /etc/systemd/system/network-online.target.wants")
     timers = debugfs(root, "ls -l /etc/systemd/system/timers.target.wants")
     assert "fstrim.timer" in timers  # the data partition is trimmed weekly
-    for pointless_on_a_ram_root in ("apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer",
-                                    "e2scrub_all.timer"):
+    for pointless_on_a_ram_root in (
+        "apt-daily.timer",
+        "apt-daily-upgrade.timer",
+        "dpkg-db-backup.timer",
+        "e2scrub_all.timer",
+    ):
         assert pointless_on_a_ram_root not in timers
     fstab = debugfs(root, "cat /etc/fstab")
     data_line = next(ln for ln in fstab.splitlines() if "LM-DATA" in ln)

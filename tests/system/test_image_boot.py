@@ -9,9 +9,10 @@ Contec ECG file and tests/system/guest_report.py. The machine boots the image's 
 initramfs and root with no network device at all. Once multi-user.target is reached, the kernel
 command line starts guest_report.py, which reports on the serial console and powers off. The
 test asserts: the root is the RAM overlay over the read-only SD root, provisioning installed
-this very lastmile.toml, both services are active (Type=notify: READY received) and never
-restarted, no unit failed or is looping, and the ECG dropped into the watched folder is in the
-outbox under its file-content key.
+this very lastmile.toml, all four Lastmile services (acquire, forward, console, metrics) are
+active (Type=notify: READY received) and never restarted, the console answers over HTTPS in
+Chinese and the metrics endpoint counts the queued study, no unit failed or is looping, and the
+ECG dropped into the watched folder is in the outbox under its file-content key.
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ from tests.system.qemu_machine import GatewayDisk, MachineError, QemuMachine
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3 * 1800)]
 
 GUEST_REPORT = Path(__file__).with_name("guest_report.py")
+SERVICES = {
+    "lastmile-acquire.service": "Lastmile acquire",
+    "lastmile-forward.service": "Lastmile forward",
+    "lastmile-console.service": "Lastmile console",
+    "lastmile-metrics.service": "Lastmile metrics",
+}
 WATCHED = "/var/lib/lastmile/import"
 CLINIC_CONFIG = f"""\
 # A clinic's configuration, as a county technician copies it to lastmile/ on the boot partition.
@@ -80,20 +87,22 @@ def boot_and_report(image: Path, workdir: Path, extra_cmdline: list[str]) -> dic
         require_tool(tool)
     ecg = shared_file("ecg", "contec", "0000037.ECG")
     disk = GatewayDisk.create(image, workdir)
-    disk.put_boot_files({
-        "lastmile/lastmile.toml": CLINIC_CONFIG.encode(),
-        "lastmile-test/guest_report.py": GUEST_REPORT.read_bytes(),
-        f"lastmile-test/{ecg.name}": ecg.read_bytes(),
-    })
+    disk.put_boot_files(
+        {
+            "lastmile/lastmile.toml": CLINIC_CONFIG.encode(),
+            "lastmile-test/guest_report.py": GUEST_REPORT.read_bytes(),
+            f"lastmile-test/{ecg.name}": ecg.read_bytes(),
+        }
+    )
     console_log = workdir / "console.log"
     machine = QemuMachine(disk, console_log, extra_cmdline=[*REPORT_CMDLINE, *extra_cmdline])
     began = time.monotonic()
     with machine:
         try:
             # systemd prints "Started" for a Type=notify service only once it sent READY=1.
-            for service in ("Lastmile acquire", "Lastmile forward"):
+            for service in SERVICES.values():
                 machine.wait_for(rf"Started .*{service}", BOOT_TIMEOUT_S)
-            both_ready_s = time.monotonic() - began
+            all_ready_s = time.monotonic() - began
             machine.wait_for(r"LMTEST (done|error) ", BOOT_TIMEOUT_S)
             machine.wait_exit(300)  # guest_report.py powers off
         except MachineError as exc:
@@ -102,10 +111,14 @@ def boot_and_report(image: Path, workdir: Path, extra_cmdline: list[str]) -> dic
             said = "\n".join(line for line in machine.console.splitlines() if "LMTEST" in line)
             raise MachineError(f"{exc}\n--- what the gateway reported:\n{said}") from None
     duration_s = time.monotonic() - began
-    print(f"\nboot to both READY: {both_ready_s:.0f} s, whole boot: {duration_s:.0f} s (console: {console_log})")
-    return {"reports": reports(machine.console), "console": machine.console,
-            "config_sha256": hashlib.sha256(CLINIC_CONFIG.encode()).hexdigest(),
-            "ecg_sha256": hashlib.sha256(ecg.read_bytes()).hexdigest(), "log": console_log}
+    print(f"\nboot to all READY: {all_ready_s:.0f} s, whole boot: {duration_s:.0f} s (console: {console_log})")
+    return {
+        "reports": reports(machine.console),
+        "console": machine.console,
+        "config_sha256": hashlib.sha256(CLINIC_CONFIG.encode()).hexdigest(),
+        "ecg_sha256": hashlib.sha256(ecg.read_bytes()).hexdigest(),
+        "log": console_log,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +148,7 @@ def test_root_is_a_ram_overlay_over_the_read_only_card(booted: dict) -> None:
     root = one(booted, "root")
     assert root["fstype"] == "overlay"
     assert root["state"].startswith("overlay:")
-    source, fstype, options = root["lower"].split(maxsplit=2)
+    _source, fstype, options = root["lower"].split(maxsplit=2)
     assert fstype == "ext4" and options.split(",")[0] == "ro"
     assert root["upper"].startswith("tmpfs")
     assert root["boot"].split()[1].split(",")[0] == "ro"  # the FAT the firmware reads is never written
@@ -149,25 +162,44 @@ def test_provisioning_installed_the_clinics_configuration(booted: dict) -> None:
     assert config["owner"] == "root:lastmile 640"
 
 
-def test_both_services_are_ready_and_never_restarted(booted: dict) -> None:
+def test_every_service_is_ready_and_never_restarted(booted: dict) -> None:
     services = {s["Id"]: s for s in booted["reports"]["service"]}
-    assert set(services) == {"lastmile-acquire.service", "lastmile-forward.service"}
+    assert set(services) == set(SERVICES)
     for name, state in services.items():
         assert state["Type"] == "notify", name
         assert (state["ActiveState"], state["SubState"]) == ("active", "running"), state
         assert state["NRestarts"] == "0", state
 
 
+def test_the_console_answers_in_chinese_and_metrics_count_the_queue(booted: dict) -> None:
+    console = one(booted, "console")
+    assert console["status"] == 200 and console["lang"] == "zh-CN", console
+    metrics = one(booted, "metrics")
+    assert metrics["status"] == 200, metrics
+    queued = [ln for ln in metrics["queue"] if 'kind="dicom"' in ln and not ln.endswith(" 0.0")]
+    assert len(queued) == 1 and queued[0].endswith(" 1.0"), metrics["queue"]
+    assert len(metrics["up"]) == len(SERVICES) and all(ln.endswith(" 1.0") for ln in metrics["up"]), metrics["up"]
+
+
 def test_no_unit_failed_or_loops_with_no_network(booted: dict) -> None:
     assert one(booted, "system") == "running", one(booted, "startup")
     assert one(booted, "failed") == []
-    looping = [u for u in booted["reports"]["unit"] if u.get("NRestarts", "0") != "0"
-               or u["SubState"] in ("auto-restart", "failed")]
+    looping = [
+        u
+        for u in booted["reports"]["unit"]
+        if u.get("NRestarts", "0") != "0" or u["SubState"] in ("auto-restart", "failed")
+    ]
     assert looping == []
     active = {u["Id"] for u in booted["reports"]["unit"] if u["ActiveState"] == "active"}
-    for needed in ("lastmile-provision.service", "lastmile-root-check.service", "systemd-timesyncd.service",
-                   "systemd-logind.service", "systemd-networkd.service", "var-lib-lastmile.mount",
-                   "boot-firmware.mount"):
+    for needed in (
+        "lastmile-provision.service",
+        "lastmile-root-check.service",
+        "systemd-timesyncd.service",
+        "systemd-logind.service",
+        "systemd-networkd.service",
+        "var-lib-lastmile.mount",
+        "boot-firmware.mount",
+    ):
         assert needed in active, needed
     assert one(booted, "system-final") == "running"
     # Updates come as images; apt would only fill the RAM overlay.

@@ -1,57 +1,146 @@
-"""The image's own units and boot scripts (image/files), checked without building the image.
+"""The image's own units and scripts (image/files, image/build.sh), checked without building the image.
 
-The whole-machine boot (test_image_boot.py, slow) is what proves them; this catches a typo in
-seconds: `systemd-analyze verify` silent on the image's units, the shell scripts parse under
-dash (the initramfs runs klibc's sh, a dash descendant: no bashisms), and the overlay script
-calls no command beyond those build.sh checks the initramfs for.
+The whole-machine boot (test_image_boot.py, slow) is what proves them; this catches a mistake in
+seconds, in the normal suite: `systemd-analyze verify` silent on the image's units next to
+systemd/'s, every Lastmile unit enabled into multi-user.target with provisioning ordered before
+it, the shell scripts parse (the initramfs runs klibc's sh, a dash descendant: no bashisms), the
+overlay script calls no command beyond those build.sh checks the initramfs for, and
+lastmile-provision run for real (real `install`, real owners and modes) against a scratch tree.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, require_tool
+from tests.conftest import REPO, missing, require_tool
 
 FILES = REPO / "image" / "files"
+SYSTEMD = REPO / "systemd"
 IMAGE_UNITS = ("lastmile-provision.service", "lastmile-root-check.service")
+# build.sh installs and enables every unit in systemd/ (acquire, forward, console, metrics).
+LASTMILE_UNITS = tuple(sorted(p.name for p in SYSTEMD.glob("*.service")))
 SCRIPTS = ("overlay-root", "lastmile-provision", "lastmile-root-check")
 # What the initramfs has besides shell builtins (klibc-utils, kmod); build.sh asks the built
 # initramfs's own shell for each of these.
 INITRAMFS_COMMANDS = {"mount", "umount", "mkdir", "modprobe"}
 # dash builtins and keywords the overlay script may use, and initramfs-tools' /scripts/functions.
-SHELL_WORDS = {"case", "esac", "in", "for", "do", "done", "if", "then", "else", "fi", "while", "read", "echo",
-               "exit", "prereqs", "[", "]", ".", "||", "&&", "!", "return", "local"}
+SHELL_WORDS = {
+    "case",
+    "esac",
+    "in",
+    "for",
+    "do",
+    "done",
+    "if",
+    "then",
+    "else",
+    "fi",
+    "while",
+    "read",
+    "echo",
+    "exit",
+    "prereqs",
+    "[",
+    "]",
+    ".",
+    "||",
+    "&&",
+    "!",
+    "return",
+    "local",
+}
 FUNCTIONS = {"log_failure_msg", "log_success_msg", "log_warning_msg", "loud", "boot_writable"}
+# The service account inside the provisioning test's mount namespace (not on the host).
+LM_UID = 4242
+CERT = "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUQ2xpbmljQ0E=\n-----END CERTIFICATE-----\n"
+KEY = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n-----END PRIVATE KEY-----\n"
 
 
-def test_image_units_verify_with_nothing_on_stderr(tmp_path: Path) -> None:
+def unit_values(path: Path, key: str) -> list[str]:
+    """Every value of `key` in a unit file (space-separated lists split), over all sections."""
+    found: list[str] = []
+    for line in path.read_text().splitlines():
+        name, sep, value = line.partition("=")
+        if sep and name.strip() == key:
+            found.extend(value.split())
+    return found
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The host's unit tree plus the image's units and scripts where build.sh puts them."""
     require_tool("systemd-analyze")
     host_units = Path("/usr/lib/systemd/system")
     if not host_units.is_dir():
-        pytest.skip("no systemd unit tree on this host")
-    (tmp_path / "usr/lib/systemd").mkdir(parents=True)
-    shutil.copytree(host_units, tmp_path / "usr/lib/systemd/system", symlinks=True)
-    (tmp_path / "etc/systemd/system").mkdir(parents=True)
-    (tmp_path / "usr/local/sbin").mkdir(parents=True)
-    for name in IMAGE_UNITS:
-        shutil.copy(FILES / name, tmp_path / "etc/systemd/system" / name)
+        missing("no systemd unit tree on this host")
+    root = tmp_path_factory.mktemp("image-root")
+    (root / "usr/lib/systemd").mkdir(parents=True)
+    shutil.copytree(host_units, root / "usr/lib/systemd/system", symlinks=True)
+    (root / "etc/systemd/system").mkdir(parents=True)
+    for unit in (*(FILES / n for n in IMAGE_UNITS), *(SYSTEMD / n for n in LASTMILE_UNITS)):
+        shutil.copy(unit, root / "etc/systemd/system" / unit.name)
+    (root / "usr/local/sbin").mkdir(parents=True)
     for name in ("lastmile-provision", "lastmile-root-check"):
-        shutil.copy(FILES / name, tmp_path / "usr/local/sbin" / name)
-        (tmp_path / "usr/local/sbin" / name).chmod(0o755)  # as build.sh installs them
-    proc = subprocess.run(["systemd-analyze", "verify", f"--root={tmp_path}", *IMAGE_UNITS],
-                          capture_output=True, text=True, timeout=60)
+        shutil.copy(FILES / name, root / "usr/local/sbin" / name)
+        (root / "usr/local/sbin" / name).chmod(0o755)  # as build.sh installs them
+    for exe in ("opt/lastmile/bin/lastmile", "bin/kill"):  # ExecStart= targets of systemd/'s units
+        (root / exe).parent.mkdir(parents=True, exist_ok=True)
+        (root / exe).write_text("#!/bin/sh\n")
+        (root / exe).chmod(0o755)
+    return root
+
+
+def test_image_units_verify_with_nothing_on_stderr(image_root: Path) -> None:
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", f"--root={image_root}", *IMAGE_UNITS],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0 and proc.stderr == "" and proc.stdout == "", proc.stderr + proc.stdout
+
+
+def test_every_lastmile_unit_is_enabled_as_build_sh_does(image_root: Path) -> None:
+    """`systemctl enable` as build.sh runs it (offline, --root): a unit without an [Install] section,
+    or one wanted by a target the image never reaches, would be installed but never started."""
+    require_tool("systemctl")
+    assert {"lastmile-acquire.service", "lastmile-forward.service"} <= set(LASTMILE_UNITS)
+    assert "$LASTMILE_UNITS" in (REPO / "image" / "build.sh").read_text()  # build.sh enables the same set
+    proc = subprocess.run(
+        ["systemctl", f"--root={image_root}", "enable", *LASTMILE_UNITS, *IMAGE_UNITS],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    wants = image_root / "etc/systemd/system"
+    for name in (*LASTMILE_UNITS, "lastmile-provision.service"):
+        assert (wants / "multi-user.target.wants" / name).is_symlink(), name
+    assert (wants / "sysinit.target.wants/lastmile-root-check.service").is_symlink()
+
+
+def test_provisioning_runs_before_every_lastmile_service() -> None:
+    """Each service reads /etc/lastmile at start: one started before provisioning runs on defaults."""
+    before = set(unit_values(FILES / "lastmile-provision.service", "Before"))
+    assert set(LASTMILE_UNITS) <= before, f"lastmile-provision.service is not Before= {set(LASTMILE_UNITS) - before}"
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_scripts_parse_under_dash(name: str) -> None:
     dash = require_tool("dash")
     proc = subprocess.run([dash, "-n", str(FILES / name)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_build_script_parses() -> None:
+    proc = subprocess.run(["bash", "-n", str(REPO / "image" / "build.sh")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -75,10 +164,96 @@ def test_overlay_script_uses_only_what_the_initramfs_has() -> None:
     used = commands_of((FILES / "overlay-root").read_text())
     unknown = used - INITRAMFS_COMMANDS - SHELL_WORDS - FUNCTIONS
     assert unknown == set(), f"overlay-root calls {unknown}: not in the initramfs (no busybox there)"
-    assert INITRAMFS_COMMANDS <= used | {"umount"}
+    assert used | {"umount"} >= INITRAMFS_COMMANDS
 
 
 def test_the_command_check_would_catch_grep() -> None:
     """The check above is not vacuous: the grep that broke the first image is caught."""
     broken = (FILES / "overlay-root").read_text() + "\ngrep -qw overlay /proc/filesystems || exit 0\n"
     assert "grep" in commands_of(broken) - INITRAMFS_COMMANDS - SHELL_WORDS - FUNCTIONS
+
+
+def provision(tree: Path, tmp_path: Path, check_exit: int = 0) -> subprocess.CompletedProcess[str]:
+    """Run image/files/lastmile-provision against `tree` (LASTMILE_PROVISION_ROOT) as root, in a
+    private mount namespace whose /etc/passwd and /etc/group have the image's `lastmile` account,
+    so `install -o lastmile` resolves and chowns for real. The stand-in `lastmile` records its
+    arguments and what certs/ held when it ran, and exits with `check_exit`."""
+    if os.geteuid() != 0:
+        missing("provisioning installs files as root:lastmile: run as root (scripts/test.sh does)")
+    require_tool("unshare")
+    passwd, group = tmp_path / "passwd", tmp_path / "group"
+    passwd.write_text(Path("/etc/passwd").read_text() + f"lastmile:x:{LM_UID}:{LM_UID}::/nonexistent:/bin/false\n")
+    group.write_text(Path("/etc/group").read_text() + f"lastmile:x:{LM_UID}:\n")
+    stand_in = tree / "opt/lastmile/bin/lastmile"
+    stand_in.parent.mkdir(parents=True, exist_ok=True)
+    stand_in.write_text(
+        f'#!/bin/sh\necho "$*" > "{tmp_path}/lastmile.args"\nls "$(dirname "$2")/certs" > "{tmp_path}/certs.seen"\n'
+        f"exit {check_exit}\n"
+    )
+    stand_in.chmod(0o755)
+    script = (
+        f"mount --bind {passwd} /etc/passwd && mount --bind {group} /etc/group && "
+        f'LASTMILE_PROVISION_ROOT="{tree}" exec {FILES / "lastmile-provision"}'
+    )
+    return subprocess.run(["unshare", "-m", "--", "sh", "-c", script], capture_output=True, text=True, timeout=60)
+
+
+def mode_owner(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return oct(stat.S_IMODE(st.st_mode)), st.st_uid, st.st_gid
+
+
+def test_provisioning_installs_the_clinic_files_with_their_owners_and_modes(tmp_path: Path) -> None:
+    tree = tmp_path / "root"
+    source = tree / "boot/firmware/lastmile"
+    (source / "certs/notes").mkdir(parents=True)  # a folder among the certificates: skipped
+    (source / "lastmile.toml").write_text('[gateway]\nid = "clinic-7"\n')
+    certs = {
+        "pacs-ca.pem": CERT,  # a certificate and nothing else: public
+        "chain.crt": CERT + CERT,
+        "gateway.pem": CERT + KEY,  # a key bundled with its certificate, named like a certificate
+        "client.key": KEY,
+        "fhir-token": "eyJhbGciOiJIUzI1NiJ9.c2VjcmV0.sig\n",
+        "odd.pem": CERT + "Proc-Type: 4,ENCRYPTED\n",  # not purely a certificate: kept private
+    }
+    for name, text in certs.items():
+        (source / "certs" / name).write_text(text)
+        (source / "certs" / name).chmod(0o755)  # FAT shows everything 0755: modes come from the script
+    proc = provision(tree, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    etc = tree / "etc/lastmile"
+    assert mode_owner(etc) == ("0o755", 0, 0)  # the units' ConfigurationDirectory= mode
+    assert mode_owner(etc / "certs") == ("0o750", 0, LM_UID)
+    assert mode_owner(etc / "lastmile.toml") == ("0o640", 0, LM_UID)
+    assert (etc / "lastmile.toml").read_text() == (source / "lastmile.toml").read_text()
+    public = {"pacs-ca.pem", "chain.crt"}
+    assert {p.name for p in (etc / "certs").iterdir()} == set(certs)
+    for name, text in certs.items():
+        assert (etc / "certs" / name).read_text() == text
+        expected = ("0o644", 0, 0) if name in public else ("0o600", LM_UID, LM_UID)
+        assert mode_owner(etc / "certs" / name) == expected, name
+    # The configuration was checked, after the certificates it names were in place.
+    assert (tmp_path / "lastmile.args").read_text().split() == ["-c", str(etc / "lastmile.toml"), "config", "check"]
+    assert set((tmp_path / "certs.seen").read_text().split()) == set(certs)
+    assert f"provisioned {etc}" in proc.stdout
+
+
+def test_a_refused_configuration_is_installed_and_said(tmp_path: Path) -> None:
+    """The services then refuse to start with the reason; provisioning itself does not fail the boot."""
+    tree = tmp_path / "root"
+    (tree / "boot/firmware/lastmile").mkdir(parents=True)
+    (tree / "boot/firmware/lastmile/lastmile.toml").write_text("[gateway\n")
+    proc = provision(tree, tmp_path, check_exit=78)
+    assert proc.returncode == 0, proc.stderr
+    assert "lastmile.toml refused" in proc.stderr
+    assert (tree / "etc/lastmile/lastmile.toml").read_text() == "[gateway\n"
+
+
+def test_no_configuration_on_the_card_leaves_the_defaults(tmp_path: Path) -> None:
+    tree = tmp_path / "root"
+    (tree / "boot/firmware/lastmile").mkdir(parents=True)
+    proc = provision(tree, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert not (tree / "etc/lastmile/lastmile.toml").exists()
+    assert not (tmp_path / "lastmile.args").exists()  # nothing to check
+    assert mode_owner(tree / "etc/lastmile/certs") == ("0o750", 0, LM_UID)

@@ -33,13 +33,13 @@ def extract_newc(archive: bytes, dest: Path) -> int:
     """Unpack a "newc" cpio archive (what mkinitramfs writes) without cpio; entries unpacked."""
     offset, count = 0, 0
     while offset < len(archive):
-        header = archive[offset:offset + 110]
+        header = archive[offset : offset + 110]
         if header[:6] != b"070701":
             break  # padding after the trailer
-        mode, size, namesize = (int(header[6 + 8 * i:14 + 8 * i], 16) for i in (1, 6, 11))
-        name = archive[offset + 110:offset + 110 + namesize - 1].decode()
+        mode, size, namesize = (int(header[6 + 8 * i : 14 + 8 * i], 16) for i in (1, 6, 11))
+        name = archive[offset + 110 : offset + 110 + namesize - 1].decode()
         offset = (offset + 110 + namesize + 3) & ~3
-        body = archive[offset:offset + size]
+        body = archive[offset : offset + size]
         offset = (offset + size + 3) & ~3
         if name == "TRAILER!!!":
             break
@@ -110,8 +110,9 @@ echo "@lower $(findmnt -n -o FSTYPE,OPTIONS {t}/root/media/root-ro)"
 echo upper > {t}/root/etc/marker 2>/dev/null; echo "@written $(cat {t}/root/etc/marker)"
 echo "@lower-marker $(cat {t}/root/media/root-ro/etc/marker 2>/dev/null)"
 """
-    proc = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", setup], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", setup], capture_output=True, text=True, timeout=300
+    )
     found = {}
     for line in proc.stdout.splitlines():
         if line.startswith("@"):
@@ -135,12 +136,16 @@ def test_overlay_over_the_read_only_root(initramfs: Path) -> None:
     assert result["kmsg"] == ""  # nothing critical to say
 
 
-@pytest.mark.parametrize(("cmdline", "hide_overlayfs", "reason"), [
-    ("root=LABEL=LM-ROOT ro lastmile.overlay=0", False, "overlay disabled by lastmile.overlay=0"),
-    ("root=LABEL=LM-ROOT ro", True, "no overlayfs"),
-])
-def test_without_the_overlay_the_root_is_writable_and_it_says_so(initramfs: Path, cmdline: str,
-                                                                  hide_overlayfs: bool, reason: str) -> None:
+@pytest.mark.parametrize(
+    ("cmdline", "hide_overlayfs", "reason"),
+    [
+        ("root=LABEL=LM-ROOT ro lastmile.overlay=0", False, "overlay disabled by lastmile.overlay=0"),
+        ("root=LABEL=LM-ROOT ro", True, "no overlayfs"),
+    ],
+)
+def test_without_the_overlay_the_root_is_writable_and_it_says_so(
+    initramfs: Path, cmdline: str, hide_overlayfs: bool, reason: str
+) -> None:
     result = run_script(initramfs, cmdline, hide_overlayfs=hide_overlayfs)
     assert result["rc"] == "0", result["console"]
     assert result["state"].startswith(f"writable: {reason}")
