@@ -5,7 +5,8 @@ seconds, in the normal suite: `systemd-analyze verify` silent on the image's uni
 systemd/'s, every Lastmile unit enabled into multi-user.target with provisioning ordered before
 it, the shell scripts parse (the initramfs runs klibc's sh, a dash descendant: no bashisms), the
 overlay script calls no command beyond those build.sh checks the initramfs for, and
-lastmile-provision run for real (real `install`, real owners and modes) against a scratch tree.
+lastmile-provision run for real (real `install`, real owners and modes) against a scratch tree,
+and the boot test's clinic lastmile.toml passes `lastmile config check` (a boot costs minutes).
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO, missing, require_tool
+from tests.system.test_image_boot import CLINIC_CONFIG
 
 FILES = REPO / "image" / "files"
 SYSTEMD = REPO / "systemd"
@@ -257,3 +260,16 @@ def test_no_configuration_on_the_card_leaves_the_defaults(tmp_path: Path) -> Non
     assert not (tree / "etc/lastmile/lastmile.toml").exists()
     assert not (tmp_path / "lastmile.args").exists()  # nothing to check
     assert mode_owner(tree / "etc/lastmile/certs") == ("0o750", 0, LM_UID)
+
+
+def test_the_boot_tests_clinic_configuration_is_accepted(tmp_path: Path) -> None:
+    """A refused file stops every service at boot: learn it here, not after minutes of emulation."""
+    config = tmp_path / "lastmile.toml"
+    config.write_text(CLINIC_CONFIG)
+    lastmile = Path(sys.executable).with_name("lastmile")
+    proc = subprocess.run([str(lastmile), "-c", str(config), "config", "check"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    refused = config.with_name("refused.toml")
+    refused.write_text(CLINIC_CONFIG.replace('id = "boot-test-gw"', 'id = "boot-test-gateway"'))  # 17 bytes
+    proc = subprocess.run([str(lastmile), "-c", str(refused), "config", "check"], capture_output=True, text=True)
+    assert proc.returncode == 78 and "StationName" in proc.stderr, proc.stderr
