@@ -10,7 +10,8 @@
 #   p2  LM-ROOT  ext4          / : read-only; the initramfs puts a tmpfs overlay on top (image/files/
 #                               overlay-root), so a power cut cannot corrupt it. `lastmile.overlay=0`
 #                               on the kernel command line boots it writable for maintenance.
-#   p3  LM-DATA  ext4  DATA_MB /var/lib/lastmile: outbox and clinic state; noatime,commit=60
+#   p3  LM-DATA  ext4  DATA_MB /var/lib/lastmile: outbox and clinic state; noatime,commit=60; grown to
+#                               the card's end at boot (files/lastmile-grow-data + x-systemd.growfs)
 # journald: volatile (RAM), at most 24 MB. Services: lastmile-acquire, -forward, -console, -metrics
 # (every unit in systemd/), lastmile-provision (copies /boot/firmware/lastmile/* to /etc/lastmile at each
 # boot), systemd-networkd (eth0 DHCP), systemd-timesyncd, gpsd, bluetooth.
@@ -120,17 +121,25 @@ say "units, udev rules, service account, configuration"
 # installed and enabled, so a service added there is on the next image without an edit here.
 LASTMILE_UNITS=$(cd "$REPO/systemd" && echo *.service)
 (cd "$REPO/systemd" && install -m 0644 $LASTMILE_UNITS "$ROOT/etc/systemd/system/")
-install -m 0644 "$HERE"/files/lastmile-provision.service "$HERE"/files/lastmile-root-check.service "$ROOT/etc/systemd/system/"
+for unit in $LASTMILE_UNITS; do
+  install -D -m 0644 "$HERE/files/lastmile-start.conf" "$ROOT/etc/systemd/system/$unit.d/image-start.conf"
+done
+for unit in lastmile-console.service lastmile-metrics.service; do
+  install -D -m 0644 "$HERE/files/lastmile-after-recording.conf" "$ROOT/etc/systemd/system/$unit.d/image-order.conf"
+done
+install -m 0644 "$HERE"/files/lastmile-provision.service "$HERE"/files/lastmile-root-check.service \
+  "$HERE"/files/lastmile-grow-data.service "$ROOT/etc/systemd/system/"
 install -m 0644 "$REPO/systemd/lastmile.sysusers" "$ROOT/usr/lib/sysusers.d/lastmile.conf"
 install -m 0644 "$REPO"/systemd/udev/*.rules "$ROOT/usr/lib/udev/rules.d/"
-install -m 0755 "$HERE/files/lastmile-provision" "$HERE/files/lastmile-root-check" "$ROOT/usr/local/sbin/"
+install -m 0755 "$HERE/files/lastmile-provision" "$HERE/files/lastmile-root-check" "$HERE/files/lastmile-grow-data" \
+  "$ROOT/usr/local/sbin/"
 # The account is baked into the read-only root, so its uid never changes between boots.
 in_root systemd-sysusers
 mkdir -p "$ROOT/etc/lastmile" "$ROOT/var/lib/lastmile"
 in_root /opt/lastmile/bin/lastmile config defaults > "$ROOT/etc/lastmile/lastmile.toml.defaults"
 # (unquoted on purpose: one word per unit)
 in_root systemctl enable $LASTMILE_UNITS lastmile-provision.service lastmile-root-check.service \
-  systemd-networkd.service systemd-timesyncd.service >/dev/null
+  lastmile-grow-data.service systemd-networkd.service systemd-timesyncd.service >/dev/null
 in_root systemctl enable gpsd.socket bluetooth.service >/dev/null
 # Village gateways often boot with no link at all: nothing here needs the network to be up at
 # boot (lastmile-forward retries on its own), and wait-online would fail after 2 minutes.

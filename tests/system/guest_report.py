@@ -116,6 +116,18 @@ def report() -> None:
             "data": run("findmnt", "-n", "-o", "SOURCE,FSTYPE,OPTIONS", "/var/lib/lastmile"),
         },
     )
+    data_part = Path("/sys/class/block", Path(run("findmnt", "-n", "-o", "SOURCE", "/var/lib/lastmile")).name)
+    data_fs = os.statvfs("/var/lib/lastmile")
+    say(
+        "data",
+        {
+            "fs_bytes": data_fs.f_blocks * data_fs.f_frsize,
+            "partition_start": int((data_part / "start").read_text()) * 512,
+            "partition_bytes": int((data_part / "size").read_text()) * 512,
+            "card_bytes": int((data_part.resolve().parent / "size").read_text()) * 512,
+            "grow": run("journalctl", "-b", "-u", "lastmile-grow-data", "-o", "cat", "--no-pager").splitlines(),
+        },
+    )
     say(
         "config",
         {

@@ -79,6 +79,10 @@ class GatewayDisk:
         )
         return cls(image, path, workdir)
 
+    def resize(self, size: int) -> None:
+        """Make this "card" `size` bytes (a bigger SD card than the image: the space is after the last partition)."""
+        subprocess.run(["qemu-img", "resize", "-q", "-f", "qcow2", str(self.path), str(size)], check=True)
+
     def _boot_fat(self) -> Path:
         """This disk's boot partition as a raw FAT file (as it is now, earlier writes included)."""
         fat = self.workdir / "boot.vfat"

@@ -67,6 +67,10 @@ REPORT_CMDLINE = [
     # The whole journal on the serial console: console.log says why when something fails.
     "systemd.journald.forward_to_console=1",
 ]
+# SD cards as sold: "32 GB" and "8 GB" are decimal (qemu-img rounds nothing: both are whole sectors).
+CARD_32GB = 32_000_000_000
+CARD_8GB = 8_000_000_000
+MIB = 2**20
 REPORT_END = r"LMTEST (done|error) "
 BOOT_TIMEOUT_S = 1800  # software-emulated arm64 on 2 shared cores; typically a few minutes
 
@@ -82,12 +86,13 @@ def reports(console: str) -> dict[str, list]:
     return found
 
 
-def boot_and_report(image: Path, workdir: Path, extra_cmdline: list[str]) -> dict:
+def boot_and_report(image: Path, workdir: Path, extra_cmdline: list[str], card_bytes: int) -> dict:
     """Boot a fresh copy-on-write card of `image` once; what guest_report.py said, and timings."""
     for tool in ("qemu-system-aarch64", "qemu-img", "qemu-io", "mcopy", "sfdisk"):
         require_tool(tool)
     ecg = shared_file("ecg", "contec", "0000037.ECG")
     disk = GatewayDisk.create(image, workdir)
+    disk.resize(card_bytes)  # the clinic's card is bigger than the image: the data partition grows
     disk.put_boot_files(
         {
             "lastmile/lastmile.toml": CLINIC_CONFIG.encode(),
@@ -129,14 +134,14 @@ def boot_and_report(image: Path, workdir: Path, extra_cmdline: list[str]) -> dic
 
 @pytest.fixture(scope="module")
 def booted(image: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return boot_and_report(image, tmp_path_factory.mktemp("boot"), [])
+    return boot_and_report(image, tmp_path_factory.mktemp("boot"), [], CARD_32GB)
 
 
 @pytest.fixture(scope="module")
 def booted_without_overlayfs(image: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The overlay cannot be set up: the kernel refuses to load overlayfs (what a kernel update
     that lost the module would do). The initramfs script's real failure path runs."""
-    return boot_and_report(image, tmp_path_factory.mktemp("boot-no-overlay"), ["module_blacklist=overlay"])
+    return boot_and_report(image, tmp_path_factory.mktemp("boot-no-overlay"), ["module_blacklist=overlay"], CARD_8GB)
 
 
 def one(booted: dict, key: str) -> object:
@@ -160,6 +165,19 @@ def test_root_is_a_ram_overlay_over_the_read_only_card(booted: dict) -> None:
     assert root["boot"].split()[1].split(",")[0] == "ro"  # the FAT the firmware reads is never written
     assert "lastmile-overlay-root: root is a" in booted["console"]
     assert "Failure:" not in booted["console"]
+
+
+def test_the_data_partition_grew_to_the_end_of_the_card(booted: dict) -> None:
+    assert_data_fills_the_card(one(booted, "data"), CARD_32GB)
+
+
+def assert_data_fills_the_card(data: dict, card_bytes: int) -> None:
+    assert data["card_bytes"] == card_bytes
+    # the partition ends at the card's last whole MiB (build.sh's alignment) ...
+    assert data["partition_start"] + data["partition_bytes"] == card_bytes // MIB * MIB, data
+    # ... and the filesystem fills it (x-systemd.growfs): statfs leaves out ext4's own metadata
+    assert data["fs_bytes"] > 0.95 * data["partition_bytes"], data
+    assert any("grown to" in line for line in data["grow"]), data["grow"]
 
 
 def test_provisioning_installed_the_clinics_configuration(booted: dict) -> None:
@@ -240,3 +258,4 @@ def test_without_overlayfs_the_gateway_runs_writable_and_says_so(booted_without_
     services = {s["Id"]: s for s in booted["reports"]["service"]}
     assert all(s["ActiveState"] == "active" for s in services.values()), services
     assert len(one(booted, "outbox-after")["items"]) == 1
+    assert_data_fills_the_card(one(booted, "data"), CARD_8GB)  # an 8 GB card

@@ -11,6 +11,9 @@ and the boot test's clinic lastmile.toml passes `lastmile config check` (a boot 
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
+import json
 import os
 import re
 import shutil
@@ -18,6 +21,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -26,10 +30,13 @@ from tests.system.test_image_boot import CLINIC_CONFIG
 
 FILES = REPO / "image" / "files"
 SYSTEMD = REPO / "systemd"
-IMAGE_UNITS = ("lastmile-provision.service", "lastmile-root-check.service")
+IMAGE_UNITS = ("lastmile-provision.service", "lastmile-root-check.service", "lastmile-grow-data.service")
 # build.sh installs and enables every unit in systemd/ (acquire, forward, console, metrics).
 LASTMILE_UNITS = tuple(sorted(p.name for p in SYSTEMD.glob("*.service")))
-SCRIPTS = ("overlay-root", "lastmile-provision", "lastmile-root-check")
+# build.sh's drop-ins: installed name -> file in image/files
+DROP_INS = {"image-start.conf": "lastmile-start.conf", "image-order.conf": "lastmile-after-recording.conf"}
+ORDERED_AFTER_RECORDING = ("lastmile-console.service", "lastmile-metrics.service")
+SCRIPTS = ("overlay-root", "lastmile-provision", "lastmile-root-check")  # sh; lastmile-grow-data is python3
 # What the initramfs has besides shell builtins (klibc-utils, kmod); build.sh asks the built
 # initramfs's own shell for each of these.
 INITRAMFS_COMMANDS = {"mount", "umount", "mkdir", "modprobe"}
@@ -89,8 +96,12 @@ def image_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "etc/systemd/system").mkdir(parents=True)
     for unit in (*(FILES / n for n in IMAGE_UNITS), *(SYSTEMD / n for n in LASTMILE_UNITS)):
         shutil.copy(unit, root / "etc/systemd/system" / unit.name)
+    for name, dropin in DROP_INS.items():
+        for unit in LASTMILE_UNITS if name == "image-start.conf" else ORDERED_AFTER_RECORDING:
+            (root / f"etc/systemd/system/{unit}.d").mkdir(exist_ok=True)
+            shutil.copy(FILES / dropin, root / f"etc/systemd/system/{unit}.d" / name)
     (root / "usr/local/sbin").mkdir(parents=True)
-    for name in ("lastmile-provision", "lastmile-root-check"):
+    for name in ("lastmile-provision", "lastmile-root-check", "lastmile-grow-data"):
         shutil.copy(FILES / name, root / "usr/local/sbin" / name)
         (root / "usr/local/sbin" / name).chmod(0o755)  # as build.sh installs them
     for exe in ("opt/lastmile/bin/lastmile", "bin/kill"):  # ExecStart= targets of systemd/'s units
@@ -101,8 +112,9 @@ def image_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_image_units_verify_with_nothing_on_stderr(image_root: Path) -> None:
+    """The image's own units, and systemd/'s with the image's drop-ins."""
     proc = subprocess.run(
-        ["systemd-analyze", "verify", f"--root={image_root}", *IMAGE_UNITS],
+        ["systemd-analyze", "verify", f"--root={image_root}", *IMAGE_UNITS, *LASTMILE_UNITS],
         capture_output=True,
         text=True,
         timeout=120,
@@ -127,6 +139,15 @@ def test_every_lastmile_unit_is_enabled_as_build_sh_does(image_root: Path) -> No
     for name in (*LASTMILE_UNITS, "lastmile-provision.service"):
         assert (wants / "multi-user.target.wants" / name).is_symlink(), name
     assert (wants / "sysinit.target.wants/lastmile-root-check.service").is_symlink()
+    assert (wants / "local-fs.target.wants/lastmile-grow-data.service").is_symlink()
+
+
+def test_build_sh_installs_the_drop_ins_the_tests_verify() -> None:
+    build = (REPO / "image" / "build.sh").read_text()
+    for name, dropin in DROP_INS.items():
+        assert re.search(rf'files/{re.escape(dropin)}" "\$ROOT/etc/systemd/system/\$unit\.d/{name}"', build), name
+    assert "for unit in lastmile-console.service lastmile-metrics.service; do" in build
+    assert unit_values(FILES / "lastmile-start.conf", "TimeoutStartSec") == ["300"]
 
 
 def test_provisioning_runs_before_every_lastmile_service() -> None:
@@ -273,3 +294,83 @@ def test_the_boot_tests_clinic_configuration_is_accepted(tmp_path: Path) -> None
     refused.write_text(CLINIC_CONFIG.replace('id = "boot-test-gw"', 'id = "boot-test-gateway"'))  # 17 bytes
     proc = subprocess.run([str(lastmile), "-c", str(refused), "config", "check"], capture_output=True, text=True)
     assert proc.returncode == 78 and "StationName" in proc.stderr, proc.stderr
+
+
+def grow_module() -> ModuleType:
+    """image/files/lastmile-grow-data (a script without .py: the image installs it as a command)."""
+    loader = importlib.machinery.SourceFileLoader("lastmile_grow_data", str(FILES / "lastmile-grow-data"))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(module)
+    return module
+
+
+def card_image(path: Path, card_bytes: int, data_mb: int = 8) -> None:
+    """build.sh's partition table (FAT boot, root, data last; 1 MiB aligned) on a small image file,
+    then the file made as big as the card (sparse)."""
+    mib = 2048
+    path.write_bytes(b"")
+    os.truncate(path, (1 + 8 + 8 + data_mb + 1) * 2**20)
+    table = (
+        "label: dos\n"
+        f"start={mib}, size={8 * mib}, type=c, bootable\n"
+        f"start={9 * mib}, size={8 * mib}, type=83\n"
+        f"start={17 * mib}, size={data_mb * mib}, type=83\n"
+    )
+    subprocess.run(["sfdisk", "--quiet", str(path)], input=table, text=True, check=True)
+    os.truncate(path, card_bytes)
+
+
+def sfdisk_partitions(path: Path) -> list[dict[str, object]]:
+    out = subprocess.run(["sfdisk", "--json", str(path)], capture_output=True, text=True, check=True).stdout
+    return json.loads(out)["partitiontable"]["partitions"]
+
+
+@pytest.mark.parametrize("card_gb", [8, 16, 32])
+def test_the_data_partition_grows_to_the_end_of_a_card(tmp_path: Path, card_gb: int) -> None:
+    """The new table, read back by sfdisk (not by our code): the data partition ends at the card's
+    last whole MiB, the other two are untouched, and a second run changes nothing."""
+    require_tool("sfdisk")
+    grow = grow_module()
+    card = tmp_path / "card.img"
+    card_bytes = card_gb * 10**9  # cards are sold in decimal GB
+    card_image(card, card_bytes)
+    before = sfdisk_partitions(card)
+    with card.open("r+b") as f:
+        grown = grow.grown_mbr(f.read(512), 3, card_bytes // 512)
+        assert grown is not None
+        f.seek(0)
+        f.write(grown)
+    after = sfdisk_partitions(card)
+    assert after[:2] == before[:2]
+    assert after[2]["start"] == before[2]["start"] and after[2]["type"] == "83"
+    assert after[2]["start"] + after[2]["size"] == card_bytes // 2**20 * 2048
+    assert grow.grown_mbr(grown, 3, card_bytes // 512) is None  # idempotent: every boot runs it
+
+
+def test_growing_refuses_what_build_sh_did_not_make(tmp_path: Path) -> None:
+    require_tool("sfdisk")
+    grow = grow_module()
+    card = tmp_path / "card.img"
+    card_image(card, 8 * 10**9)
+    with card.open("rb") as f:
+        sector0 = f.read(512)
+    with pytest.raises(grow.NotGrowable, match="not the last"):
+        grow.grown_mbr(sector0, 2, 8 * 10**9 // 512)  # the root: the data partition follows it
+    with pytest.raises(grow.NotGrowable, match="not an MBR"):
+        grow.grown_mbr(sector0[:510] + b"\0\0", 3, 8 * 10**9 // 512)
+    with pytest.raises(grow.NotGrowable, match="not a data partition"):
+        grow.grown_mbr(sector0, 4, 8 * 10**9 // 512)  # empty entry
+    # a card the size of the image (the boot test's disk): nothing worth a table write
+    assert grow.grown_mbr(sector0, 3, (1 + 8 + 8 + 8 + 1) * 2**20 // 512) is None
+
+
+def test_an_mbr_entry_stops_at_2_tib(tmp_path: Path) -> None:
+    require_tool("sfdisk")
+    grow = grow_module()
+    card = tmp_path / "card.img"
+    card_image(card, 64 * 2**20)
+    with card.open("rb") as f:
+        grown = grow.grown_mbr(f.read(512), 3, 3 * 2**41 // 512)  # a 6 TiB "card"
+    assert grown is not None
+    size = int.from_bytes(grown[446 + 32 + 12 : 446 + 32 + 16], "little")
+    assert size <= 0xFFFFFFFF and (17 * 2048 + size) % 2048 == 0
