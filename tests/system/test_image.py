@@ -91,9 +91,17 @@ def test_boot_partition_boots_a_read_only_root(partitions: dict[str, Path], tmp_
 def test_root_filesystem_has_the_units_enabled_and_spares_the_card(partitions: dict[str, Path]) -> None:
     root = partitions["root"]
     wants = debugfs(root, "ls -l /etc/systemd/system/multi-user.target.wants")
-    for unit in ("lastmile-acquire.service", "lastmile-forward.service", "lastmile-provision.service"):
+    for unit in (
+        "lastmile-acquire.service",
+        "lastmile-forward.service",
+        "lastmile-console.service",
+        "lastmile-metrics.service",
+        "lastmile-provision.service",
+    ):
         assert unit in wants, wants
     assert "lastmile-root-check.service" in debugfs(root, "ls -l /etc/systemd/system/sysinit.target.wants")
+    assert "lastmile-grow-data.service" in debugfs(root, "ls -l /etc/systemd/system/local-fs.target.wants")
+    assert "TimeoutStartSec=300" in debugfs(root, "cat /etc/systemd/system/lastmile-console.service.d/image-start.conf")
     # No network at boot is normal for a village gateway: nothing waits for it.
     assert "wait-online" not in debugfs(root, "ls -l /etc/systemd/system/network-online.target.wants")
     timers = debugfs(root, "ls -l /etc/systemd/system/timers.target.wants")

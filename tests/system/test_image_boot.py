@@ -218,6 +218,7 @@ def test_no_unit_failed_or_loops_with_no_network(booted: dict) -> None:
     for needed in (
         "lastmile-provision.service",
         "lastmile-root-check.service",
+        "lastmile-grow-data.service",
         "systemd-timesyncd.service",
         "systemd-logind.service",
         "systemd-networkd.service",
