@@ -2,7 +2,7 @@
 
 tests/system/test_image_boot.py copies it and a test ECG to the boot partition and starts it
 from the kernel command line once multi-user.target is reached. It reports on the serial
-console as `LMTEST <key> <json>` lines: the root filesystem, the provisioned configuration,
+console as `LMTEST <key> <json>` lines (lastmile-test/expect.json, when present, says what else to wait for): the root filesystem, the provisioned configuration,
 every Lastmile service, what the console (HTTPS) and the metrics endpoint answer, then drops the ECG into the provisioned watched folder, waits for it in
 the outbox, reports every unit's state and powers the machine off (also after an error, so the
 host never waits for a timeout to learn what went wrong).
@@ -160,6 +160,14 @@ def report() -> None:
         time.sleep(5)
         items = outbox_items()
     say("outbox-after", {"items": items, "seconds": round(time.monotonic() - dropped, 1)})
+    expect = json.loads((TEST_DIR / "expect.json").read_text()) if (TEST_DIR / "expect.json").exists() else {}
+    if "outbox_states" in expect:  # a boot with a reading center: wait for every item to get there
+        done = set(expect["outbox_states"])
+        while any(state not in done for _, _, state in items) and time.monotonic() - dropped < OUTBOX_WAIT_S:
+            time.sleep(5)
+            items = outbox_items()
+        reached = bool(items) and all(state in done for _, _, state in items)
+        say("outbox-final", {"items": items, "reached": reached, "seconds": round(time.monotonic() - dropped, 1)})
     say("queue", json.loads(as_lastmile(LASTMILE, "queue", "--json") or "null"))
     scrape = fetch(METRICS_URL)
     say(

@@ -72,6 +72,19 @@ def test_every_partition_passes_fsck(partitions: dict[str, Path]) -> None:
     assert labels == {"root": "LM-ROOT", "data": "LM-DATA"}
 
 
+def test_data_filesystem_is_made_to_be_grown(partitions: dict[str, Path]) -> None:
+    """It grows to the card at boot keeping its block size and inodes per byte: mke2fs's "small"
+    profile (1 KiB blocks, an inode per 4 KiB) would put 6 % of a 32 GB card in inode tables."""
+    header = subprocess.run(
+        ["dumpe2fs", "-h", str(partitions["data"])], check=True, capture_output=True, text=True
+    ).stdout
+    fields = dict(line.split(":", 1) for line in header.splitlines() if ":" in line)
+    blocks, block_size, inodes = (int(fields[k]) for k in ("Block count", "Block size", "Inode count"))
+    assert block_size == 4096
+    assert blocks * block_size // inodes >= 16384
+    assert int(fields["Reserved GDT blocks"]) > 0  # online growth (x-systemd.growfs) needs them
+
+
 def test_boot_partition_boots_a_read_only_root(partitions: dict[str, Path], tmp_path: Path) -> None:
     require_tool("mcopy")
     listing = subprocess.run(

@@ -20,12 +20,15 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from lastmile.demo.loopback import free_port
 from tests.conftest import require_tool, shared_file
+from tests.peers import OrthancServer, gateway_modality
 from tests.system.qemu_machine import GatewayDisk, MachineError, QemuMachine
 
 # A boot under software emulation takes minutes (the module's fixture boots twice).
@@ -53,6 +56,34 @@ called_ae = "COUNTY_PACS"
 [usb_import]
 folders = ["{WATCHED}"]
 """
+# The reading center as the gateway sees it through qemu's user-mode network (restrict=on: only
+# these two forwards exist): the PACS at a fixed guest-side address, carried by tests/system/
+# tcp_relay.py to the test's Orthanc on host loopback; Orthanc's storage-commitment report comes
+# back through a host-loopback port forwarded to the gateway's listener (slirp's 10.0.2.2 calls it).
+PACS_ADDRESS = "10.0.2.100"
+PACS_PORT = 4242
+GATEWAY_AE = "BOOT_TEST_GW"
+NETWORKED_CONFIG = f"""\
+# A clinic with a link to the county reading center.
+[gateway]
+id = "boot-test-gw"
+institution = "Boot test village clinic"
+
+[reading_center]
+host = "{PACS_ADDRESS}"
+port = {PACS_PORT}
+called_ae = "READING_CENTER"
+calling_ae = "{GATEWAY_AE}"
+report_networks = ["10.0.2.2/32"]   # qemu's gateway address: where the forwarded reports come from
+
+[ecg]
+re_record_hold_s = 0   # the test ECG goes out whatever its quality verdict
+
+[usb_import]
+folders = ["{WATCHED}"]
+"""
+RELAY = Path(__file__).with_name("tcp_relay.py")
+DELIVERED = ("committed", "purged")
 # What starts guest_report.py: a transient unit after multi-user.target, on the console. The
 # kernel-command-line.service that systemd-run-generator makes only queues it (--no-block), so
 # nothing in the boot waits for the report.
@@ -86,7 +117,16 @@ def reports(console: str) -> dict[str, list]:
     return found
 
 
-def boot_and_report(image: Path, workdir: Path, extra_cmdline: list[str], card_bytes: int) -> dict:
+def boot_and_report(
+    image: Path,
+    workdir: Path,
+    extra_cmdline: list[str],
+    card_bytes: int,
+    *,
+    config: str = CLINIC_CONFIG,
+    network: list[str] | None = None,
+    expect: dict[str, object] | None = None,
+) -> dict:
     """Boot a fresh copy-on-write card of `image` once; what guest_report.py said, and timings."""
     for tool in ("qemu-system-aarch64", "qemu-img", "qemu-io", "mcopy", "sfdisk"):
         require_tool(tool)
@@ -95,13 +135,14 @@ def boot_and_report(image: Path, workdir: Path, extra_cmdline: list[str], card_b
     disk.resize(card_bytes)  # the clinic's card is bigger than the image: the data partition grows
     disk.put_boot_files(
         {
-            "lastmile/lastmile.toml": CLINIC_CONFIG.encode(),
+            "lastmile/lastmile.toml": config.encode(),
             "lastmile-test/guest_report.py": GUEST_REPORT.read_bytes(),
             f"lastmile-test/{ecg.name}": ecg.read_bytes(),
+            **({"lastmile-test/expect.json": json.dumps(expect).encode()} if expect else {}),
         }
     )
     console_log = workdir / "console.log"
-    machine = QemuMachine(disk, console_log, extra_cmdline=[*REPORT_CMDLINE, *extra_cmdline])
+    machine = QemuMachine(disk, console_log, extra_cmdline=[*REPORT_CMDLINE, *extra_cmdline], network=network)
     began = time.monotonic()
     with machine:
         try:
@@ -126,7 +167,7 @@ def boot_and_report(image: Path, workdir: Path, extra_cmdline: list[str], card_b
     return {
         "reports": reports(machine.console),
         "console": machine.console,
-        "config_sha256": hashlib.sha256(CLINIC_CONFIG.encode()).hexdigest(),
+        "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
         "ecg_sha256": hashlib.sha256(ecg.read_bytes()).hexdigest(),
         "log": console_log,
     }
@@ -142,6 +183,34 @@ def booted_without_overlayfs(image: Path, tmp_path_factory: pytest.TempPathFacto
     """The overlay cannot be set up: the kernel refuses to load overlayfs (what a kernel update
     that lost the module would do). The initramfs script's real failure path runs."""
     return boot_and_report(image, tmp_path_factory.mktemp("boot-no-overlay"), ["module_blacklist=overlay"], CARD_8GB)
+
+
+@pytest.fixture(scope="module")
+def booted_with_a_reading_center(image: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The gateway with a link: user-mode networking that reaches only the test's Orthanc (in the
+    suite's private network namespace) and lets only its commitment reports in."""
+    workdir = tmp_path_factory.mktemp("boot-networked")
+    report_port = free_port()
+    orthanc = OrthancServer(workdir / "orthanc", modalities=gateway_modality(GATEWAY_AE, report_port)).start()
+    try:
+        slirp = (
+            f"user,id=n0,restrict=on,guestfwd=tcp:{PACS_ADDRESS}:{PACS_PORT}-cmd:{sys.executable} {RELAY} "
+            f"{orthanc.dicom_port},hostfwd=tcp:127.0.0.1:{report_port}-:11113"
+        )
+        network = ["-netdev", slirp, "-device", "virtio-net-pci,netdev=n0,romfile="]
+        booted = boot_and_report(
+            image,
+            workdir,
+            [],
+            CARD_8GB,
+            config=NETWORKED_CONFIG,
+            network=network,
+            expect={"outbox_states": list(DELIVERED)},
+        )
+        booted["orthanc"] = {"uids": orthanc.sop_instance_uids(), "c_stores": orthanc.c_stores()}
+        return booted
+    finally:
+        orthanc.stop()
 
 
 def one(booted: dict, key: str) -> object:
@@ -260,3 +329,20 @@ def test_without_overlayfs_the_gateway_runs_writable_and_says_so(booted_without_
     assert all(s["ActiveState"] == "active" for s in services.values()), services
     assert len(one(booted, "outbox-after")["items"]) == 1
     assert_data_fills_the_card(one(booted, "data"), CARD_8GB)  # an 8 GB card
+
+
+def test_an_ecg_reaches_the_reading_center_over_the_link_and_is_committed(booted_with_a_reading_center: dict) -> None:
+    booted = booted_with_a_reading_center
+    assert "error" not in booted["reports"], booted["reports"]["error"]
+    final = one(booted, "outbox-final")
+    assert final["reached"], final
+    [(kind, key, state)] = final["items"]
+    # committed: the PACS confirmed it keeps the study (then purged at once: retention_days = 0)
+    assert kind == "dicom" and key == f"ecg-file-sha256:{booted['ecg_sha256']}" and state in DELIVERED
+    # What the reading center really holds: one instance, stored once (no duplicate on retries).
+    uids = booted["orthanc"]["uids"]
+    assert len(uids) == 1, booted["orthanc"]
+    assert booted["orthanc"]["c_stores"] == {next(iter(uids)): 1}
+    services = {s["Id"]: s for s in booted["reports"]["service"]}
+    assert all(s["NRestarts"] == "0" and s["ActiveState"] == "active" for s in services.values()), services
+    assert one(booted, "failed") == []
