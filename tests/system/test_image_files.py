@@ -26,7 +26,7 @@ from types import ModuleType
 import pytest
 
 from tests.conftest import REPO, missing, require_tool
-from tests.system.test_image_boot import CLINIC_CONFIG
+from tests.system.test_image_boot import CLINIC_CONFIG, NETWORKED_CONFIG
 
 FILES = REPO / "image" / "files"
 SYSTEMD = REPO / "systemd"
@@ -283,13 +283,14 @@ def test_no_configuration_on_the_card_leaves_the_defaults(tmp_path: Path) -> Non
     assert mode_owner(tree / "etc/lastmile/certs") == ("0o750", 0, LM_UID)
 
 
-def test_the_boot_tests_clinic_configuration_is_accepted(tmp_path: Path) -> None:
+def test_the_boot_tests_clinic_configurations_are_accepted(tmp_path: Path) -> None:
     """A refused file stops every service at boot: learn it here, not after minutes of emulation."""
-    config = tmp_path / "lastmile.toml"
-    config.write_text(CLINIC_CONFIG)
     lastmile = Path(sys.executable).with_name("lastmile")
-    proc = subprocess.run([str(lastmile), "-c", str(config), "config", "check"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    config = tmp_path / "lastmile.toml"
+    for text in (CLINIC_CONFIG, NETWORKED_CONFIG):
+        config.write_text(text)
+        proc = subprocess.run([str(lastmile), "-c", str(config), "config", "check"], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
     refused = config.with_name("refused.toml")
     refused.write_text(CLINIC_CONFIG.replace('id = "boot-test-gw"', 'id = "boot-test-gateway"'))  # 17 bytes
     proc = subprocess.run([str(lastmile), "-c", str(refused), "config", "check"], capture_output=True, text=True)
