@@ -77,7 +77,10 @@ calling_ae = "{GATEWAY_AE}"
 report_networks = ["10.0.2.2/32"]   # qemu's gateway address: where the forwarded reports come from
 
 [ecg]
-re_record_hold_s = 0   # the test ECG goes out whatever its quality verdict
+re_record_hold_s = 0   # the test ECG goes out whatever its quality verdict ...
+
+[patient]
+unassigned_ecg_hold_s = 0   # ... and with no patient checked in (the doctor is not in this test)
 
 [usb_import]
 folders = ["{WATCHED}"]
