@@ -15,6 +15,7 @@ the stored files) and compared with the truth.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import io
@@ -42,6 +43,8 @@ if str(REPO) not in sys.path:
 GATEWAY_AE = "CLINIC01"
 CART_AE = "CART01"
 DOCTOR = ("王医生", "correct horse 1")
+# how the ECGs of the day come in, in turn: USB stick, the cart over the LAN, a stick file naming nobody
+CHANNELS = ("usb", "lan", "usb", "unassigned", "lan")
 SERVICES = ("acquire", "forward", "console")
 DB_SUFFIXES = (".sqlite", ".db")
 from lastmile.demo.loopback import free_port
@@ -220,6 +223,7 @@ class Supervisor:
         self.thread = threading.Thread(target=self._watch, daemon=True, name="supervisor")
 
     def start(self) -> None:
+        atexit.register(self.stop)  # a bench that fails leaves no service behind
         for name in SERVICES:
             self._spawn(name)
         self.thread.start()
@@ -269,7 +273,8 @@ class Supervisor:
 
     def stop(self) -> None:
         self.stop_event.set()
-        self.thread.join(5)
+        if self.thread.is_alive():
+            self.thread.join(5)
         with self.lock:
             for proc in self.procs.values():
                 if proc.poll() is None:
@@ -329,6 +334,8 @@ def outbox_states(data_dir: Path) -> dict[str, int]:
             "FROM items WHERE kind = 'dicom' GROUP BY 1",
             (time.time(),),
         ).fetchall()
+    except sqlite3.OperationalError:  # created, its tables not yet (the service is starting)
+        return {}
     finally:
         conn.close()
     return {str(state): int(n) for state, n in rows}
@@ -345,6 +352,8 @@ def held_ecg_ids(data_dir: Path) -> list[tuple[int, str]]:
             "SELECT id, key FROM items WHERE kind = 'dicom' AND state = 'queued' AND hold_until > ? ORDER BY id",
             (time.time(),),
         ).fetchall()
+    except sqlite3.OperationalError:  # created, its tables not yet
+        return []
     finally:
         conn.close()
     return [(int(i), str(k)) for i, k in rows]
@@ -445,8 +454,7 @@ class Clinic:
             stick.mkdir(parents=True, exist_ok=True)
             on_stick = 0
             for _ in range(ecgs):
-                roll = self.rng.random()
-                channel = "lan" if roll < 0.4 else "unassigned" if roll < 0.55 else "usb"
+                channel = CHANNELS[len(self.truth.patient_of) % len(CHANNELS)]
                 serial = self.truth.new(patient_id, channel)
                 data, uid = self.cart.ecg_bytes(
                     serial, None if channel == "unassigned" else patient_id, name, time.time() - 60
@@ -535,6 +543,8 @@ class Clinic:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
         try:
             row = conn.execute("SELECT payload_file FROM items WHERE id = ?", (item_id,)).fetchone()
+        except sqlite3.OperationalError:
+            row = None
         finally:
             conn.close()
         if not row or not row[0]:

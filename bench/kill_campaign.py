@@ -132,13 +132,20 @@ class Campaign:
         return stick, serials
 
     def kill_import(self) -> bool:
-        stick, _serials = self.new_stick("P-KILL-USB", self.rng.randint(2, 4))
-        killed = killed_cli(self.config, ["import", "-q", str(stick)], self.rng.uniform(0.5, 3.0))
-        self.clinic.import_stick(stick)  # the doctor plugs the stick in again
+        # between two patients of the day (a stick naming another patient than the one checked in
+        # is rightly held for the doctor: not this test's subject)
+        with self.clinic.lock:
+            stick, _serials = self.new_stick("P-KILL-USB", self.rng.randint(2, 4))
+            killed = killed_cli(self.config, ["import", "-q", str(stick)], self.rng.uniform(0.5, 3.0))
+            self.clinic.import_stick(stick)  # the doctor plugs the stick in again
         self.moments["import:mid-import"] += 1
         return killed
 
     def kill_assign(self) -> bool:
+        with self.clinic.lock:
+            return self.assign_killed()
+
+    def assign_killed(self) -> bool:
         stick, (serial,) = self.new_stick(None, 1)
         self.clinic.import_stick(stick)
         item = next((i for i, _k in cd.held_ecg_ids(self.data_dir) if self.clinic.serial_of_item(i) == serial), None)
@@ -223,6 +230,8 @@ def run(kills: int, seed: int, say: Any) -> dict[str, Any]:
                 "integrity_failures": campaign.integrity_failures[:5],
                 "service_exits": services.unexpected_exits[:5],
                 "cli_errors": clinic.stats.cli_errors[:5],
+                "console_actions": clinic.stats.console_actions,
+                "console_errors": clinic.stats.console_errors,
                 "elapsed_s": round(time.monotonic() - began, 1),
             }
     return result

@@ -79,6 +79,7 @@ def run(minutes: float, patients: int | None, seed: int, say: Any) -> dict[str, 
                     clinic.visit(i + 1, clinic.rng.choice((1, 2, 2, 3)))
                     say(f"{time.monotonic() - began:5.0f} s  patient {i + 1}/{patients}, {cd.outbox_states(data_dir)}")
                 link.join(max(0.0, began + day_s - time.monotonic()) + 60)
+                day_over = time.monotonic()
             finally:
                 stop.set()
                 link.join(60)
@@ -86,7 +87,7 @@ def run(minutes: float, patients: int | None, seed: int, say: Any) -> dict[str, 
                 orthanc.start()
             clinic.assign_held_all()
             states = cd.wait_drained(data_dir, limit_s=300)
-            day_end = time.monotonic()
+            drained = time.monotonic()
             services.stop()
             verdict = cd.judge(orthanc, truth)
             figures = cd.rss_figures(services.samples, DAY_H * minutes / 20)
@@ -109,12 +110,13 @@ def run(minutes: float, patients: int | None, seed: int, say: Any) -> dict[str, 
                 "payload_mb": round(cd.dir_mb(data_dir / "payloads"), 2) if (data_dir / "payloads").exists() else 0.0,
                 "console_pages": clinic.stats.console_pages,
                 "console_errors": clinic.stats.console_errors,
+                "console_actions": clinic.stats.console_actions,
                 "imports_retried": clinic.stats.imports_failed,
                 "lan_retries": clinic.stats.lan_retries,
                 "service_exits": services.unexpected_exits,
                 "cli_errors": clinic.stats.cli_errors[:5],
                 "outages": link_log,
-                "drain_s": round(day_end - began - minutes * 60, 1),
+                "drain_s": round(drained - day_over, 1),  # link back, day over -> outbox empty
                 "integrity": cd.integrity_problems(data_dir) or "ok",
             }
     return result

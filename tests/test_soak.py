@@ -1,0 +1,63 @@
+"""Short versions of bench/soak.py (a 2-minute clinic day) and bench/kill_campaign.py (30 kill
+rounds), run by CI: the real services against Orthanc, judged against the truth the simulated
+devices carry in a side channel. Their figures (RSS, growth, time) are bench output, not asserted
+here; the zeros are."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_private_netns, require_tool
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bench(script: str, *args: str, timeout_s: float) -> dict:
+    require_private_netns()
+    require_tool("Orthanc")
+    sys.path.insert(0, str(REPO / "bench"))
+    from clinic_day import last_json_line
+
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), *args, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return last_json_line(proc.stdout)
+
+
+@pytest.mark.orthanc
+def test_a_short_clinic_day_loses_duplicates_and_misattributes_nothing() -> None:
+    result = bench("soak.py", "--minutes", "2", "--patients", "8", timeout_s=900)
+    # the day really happened: every channel carried ECGs, the link went down and came back
+    assert result["measurements"] >= 8
+    assert len(result["outages"]) == 6
+    assert result["by_channel"].get("usb", 0) and result["by_channel"].get("lan", 0)
+    assert result["console_actions"] > 0
+    assert set(result["rss_max_mb"]) == {"acquire", "forward", "console"}
+    # and the reading center holds each ECG once, on its true patient
+    assert result["received"] == result["measurements"]
+    assert (result["lost"], result["duplicated"], result["misattributed"], result["unreadable"]) == (0, 0, 0, 0)
+    assert (result["held_unassigned"], result["stuck"], result["quarantined"]) == (0, 0, 0)
+    assert result["integrity"] == "ok"
+    assert result["payload_mb"] == 0.0  # everything committed was purged
+    assert result["service_exits"] == [] and result["cli_errors"] == []
+
+
+@pytest.mark.orthanc
+def test_thirty_kills_across_the_services_lose_and_duplicate_nothing() -> None:
+    result = bench("kill_campaign.py", "--kills", "30", timeout_s=1200)
+    assert result["kills"] >= 20  # most rounds caught their target still running
+    assert len(result["by_target"]) >= 4
+    assert result["integrity_checks_failed"] == 0, result["integrity_failures"]
+    assert result["received"] == result["measurements"] > 0
+    assert (result["lost"], result["duplicated"], result["misattributed"], result["unreadable"]) == (0, 0, 0, 0)
+    assert (result["stuck"], result["held_unassigned"], result["quarantined"]) == (0, 0, 0)
+    assert result["service_exits"] == [] and result["cli_errors"] == []
