@@ -96,8 +96,17 @@ class Campaign:
         for problem in cd.integrity_problems(self.data_dir):
             self.integrity_failures.append(f"after killing {target}: {problem}")
 
+    def cart_burst(self, n: int) -> None:
+        """A few ECGs from the cart at once, so that the forwarder has a batch in hand."""
+        for _ in range(n):
+            serial = self.clinic.truth.new("P-KILL-LAN", "lan")
+            data, uid = self.clinic.cart.ecg_bytes(serial, "P-KILL-LAN", "Kill^Lan", time.time())
+            self.clinic.lan_store(data, uid)
+
     def kill_forward(self) -> bool:
         moment = self.rng.choice(FORWARD_MOMENTS)
+        if moment != "any":
+            self.cart_burst(self.rng.randint(1, 4))
         if moment != "any" and wait_for_state(self.data_dir, moment, 4.0):
             self.moments[f"forward:{moment}"] += 1
         else:

@@ -61,3 +61,22 @@ def test_thirty_kills_across_the_services_lose_and_duplicate_nothing() -> None:
     assert (result["lost"], result["duplicated"], result["misattributed"], result["unreadable"]) == (0, 0, 0, 0)
     assert (result["stuck"], result["held_unassigned"], result["quarantined"]) == (0, 0, 0)
     assert result["service_exits"] == [] and result["cli_errors"] == []
+
+
+def test_the_acquire_process_leaves_out_what_it_never_uses() -> None:
+    """Found by the soak: `lastmile acquire` with the LAN receiver sat at 65 MB RSS (goal 64),
+    ~4.5 MB of it requests and tqdm, pulled in by pydicom's test-file downloader. The process is
+    started as the CLI starts it; what it imports for its parts must not bring them back."""
+    probe = (
+        "import sys\n"
+        "import lastmile.cli\n"
+        "assert 'pydicom' not in sys.modules, 'too late: pydicom is imported before the acquire command runs'\n"
+        "from lastmile.services.acquire import prepare_acquire_process\n"
+        "prepare_acquire_process()\n"
+        "import firmware_bridge.dicom_receiver, lastmile.ecg.intake, lastmile.services.acquire\n"
+        "import pydicom.data\n"
+        "print(sorted(n for n in ('requests', 'tqdm', 'pydicom') if sys.modules.get(n) is not None))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["['pydicom']"]  # pydicom there (it is used), requests and tqdm not
