@@ -573,6 +573,95 @@ class Clinic:
             self.stats.console_errors += 1
 
 
+# -- the county cardiologist ----------------------------------------------------------------------
+
+
+WAVEFORM_CLASSES = "1.2.840.10008.5.1.4.1.1.9."
+
+
+def ecg_instances(orthanc: Any) -> list[str]:
+    """Orthanc ids of the ECGs it holds (the reports the cardiologist adds are not ECGs)."""
+    out = []
+    for series in orthanc.rest("/series?expand"):
+        if series["MainDicomTags"].get("Modality") == "ECG":
+            out += series["Instances"]
+    return out
+
+
+class Cardiologist:
+    """Reads each ECG that reaches the reading center and files the report there (an SR, and a
+    PDF for every third), as the county does; the gateway's report retrieval brings them back."""
+
+    def __init__(self, orthanc: Any) -> None:
+        from lastmile.demo.cardiologist import DemoCardiologist
+
+        self.orthanc = orthanc
+        self.reader = DemoCardiologist()
+        self.read: dict[str, str] = {}  # study UID -> the patient the ECG named
+        self.failures = 0
+
+    def round(self) -> None:
+        from lastmile.demo.cardiologist import StudyToRead, part10
+
+        if not self.orthanc.running:
+            return
+        try:
+            for instance_id in ecg_instances(self.orthanc):
+                tags = self.orthanc.instance_tags(instance_id)
+                study_uid = str(tags.get("StudyInstanceUID", ""))
+                if study_uid in self.read:
+                    continue
+                study = StudyToRead(
+                    study_uid=study_uid,
+                    patient_id=str(tags.get("PatientID", "")),
+                    patient_name=str(tags.get("PatientName", "")),
+                    accession=str(tags.get("AccessionNumber", "")),
+                    description=str(tags.get("StudyDescription", "")),
+                    ecg_sop_class_uid=str(tags.get("SOPClassUID", "")),
+                    ecg_sop_instance_uid=str(tags.get("SOPInstanceUID", "")),
+                    ecg_series_uid=str(tags.get("SeriesInstanceUID", "")),
+                )
+                for report in self.reader(study):
+                    self.orthanc.rest("/instances", "POST", part10(report))
+                self.read[study_uid] = study.patient_id
+        except (OSError, ValueError):
+            self.failures += 1  # the reading center went down under us: next round
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.wait(3.0):
+            self.round()
+
+
+def judge_reports(data_dir: Path, orthanc: Any, truth: Truth) -> dict[str, int]:
+    """The reports the gateway brought back, each on the patient its ECG was really taken from."""
+    from lastmile.reports.store import ReportStore
+
+    study_truth: dict[str, str] = {}
+    for instance_id in ecg_instances(orthanc):
+        tags = orthanc.instance_tags(instance_id)
+        with contextlib.suppress(ValueError, KeyError, AttributeError):
+            serial = serial_of(orthanc.instance_file(instance_id))
+            study_truth[str(tags["StudyInstanceUID"])] = truth.patient_of.get(serial, "?")
+    store = ReportStore.open(data_dir)
+    try:
+        current = store.reports(current_only=True)
+        wrong = 0
+        for report in current:
+            sent = store.study(report.study_uid)
+            shown_on = {report.patient_id, sent.patient_id if sent else "?"}
+            if shown_on != {study_truth.get(report.study_uid)}:
+                wrong += 1
+        studies_back = {r.study_uid for r in current}
+    finally:
+        store.close()
+    return {
+        "reports_returned": len(current),
+        "studies_reported": len(studies_back),
+        "reports_misattributed": wrong,
+        "reports_missing": len(set(study_truth) - studies_back),
+    }
+
+
 # -- the judge ----------------------------------------------------------------------------------------
 
 
@@ -591,14 +680,14 @@ def judge(orthanc: Any, truth: Truth) -> Verdict:
     """What the reading center holds, compared with the truth: each ECG once, on its patient."""
     seen: collections.Counter[int] = collections.Counter()
     misattributed = unreadable = 0
-    ids = orthanc.instances()
+    ids = ecg_instances(orthanc)
     for instance_id in ids:
+        tags = orthanc.instance_tags(instance_id)
         try:
             serial = serial_of(orthanc.instance_file(instance_id))
         except (ValueError, KeyError, AttributeError):
             unreadable += 1
             continue
-        tags = orthanc.instance_tags(instance_id)
         seen[serial] += 1
         if truth.patient_of.get(serial) != tags.get("PatientID"):
             misattributed += 1

@@ -69,6 +69,10 @@ def run(minutes: float, patients: int | None, seed: int, say: Any) -> dict[str, 
             began = time.monotonic()
             link = threading.Thread(target=outages, args=(orthanc, minutes, began, stop, link_log), daemon=True)
             link.start()
+            cardiologist = cd.Cardiologist(orthanc)
+            reading = threading.Thread(target=cardiologist.run, args=(stop,), daemon=True)
+            reading.start()
+            polls_failed = 0
             try:
                 day_s = minutes * 60
                 for i in range(patients):
@@ -77,6 +81,8 @@ def run(minutes: float, patients: int | None, seed: int, say: Any) -> dict[str, 
                         clinic.look_at_console()
                         time.sleep(min(5.0, max(0.0, due - time.monotonic())))
                     clinic.visit(i + 1, clinic.rng.choice((1, 2, 2, 3)))
+                    if i % 3 == 2:  # the doctor asks for the reports now and then (`report poll`)
+                        polls_failed += cd.lastmile(config, "report", "poll").returncode != 0
                     say(f"{time.monotonic() - began:5.0f} s  patient {i + 1}/{patients}, {cd.outbox_states(data_dir)}")
                 link.join(max(0.0, began + day_s - time.monotonic()) + 60)
                 day_over = time.monotonic()
@@ -88,6 +94,13 @@ def run(minutes: float, patients: int | None, seed: int, say: Any) -> dict[str, 
             clinic.assign_held_all()
             states = cd.wait_drained(data_dir, limit_s=300)
             drained = time.monotonic()
+            reading.join(10)
+            reports = cd.judge_reports(data_dir, orthanc, truth)
+            deadline = time.monotonic() + 120
+            while reports["reports_missing"] and time.monotonic() < deadline:
+                cardiologist.round()  # the last ECGs of the day are read, the doctor asks again
+                polls_failed += cd.lastmile(config, "report", "poll").returncode != 0
+                reports = cd.judge_reports(data_dir, orthanc, truth)
             services.stop()
             verdict = cd.judge(orthanc, truth)
             figures = cd.rss_figures(services.samples, DAY_H * minutes / 20)
@@ -105,6 +118,8 @@ def run(minutes: float, patients: int | None, seed: int, say: Any) -> dict[str, 
                 "stuck": sum(states.get(s, 0) for s in ("queued", "sending", "sent", "committed")),
                 "quarantined": states.get("quarantined", 0),
                 "by_channel": verdict.by_channel,
+                **reports,
+                "report_polls_failed": polls_failed,
                 **figures,
                 "db_mb": round(sum(p.stat().st_size for p in cd.database_files(data_dir)) / 2**20, 2),
                 "payload_mb": round(cd.dir_mb(data_dir / "payloads"), 2) if (data_dir / "payloads").exists() else 0.0,
