@@ -39,13 +39,16 @@ def test_a_short_clinic_day_loses_duplicates_and_misattributes_nothing() -> None
     # the day really happened: every channel carried ECGs, the link went down and came back
     assert result["measurements"] >= 8
     assert len(result["outages"]) == 6
-    assert result["by_channel"].get("usb", 0) and result["by_channel"].get("lan", 0)
+    assert all(result["by_channel"].get(c, 0) for c in ("usb", "lan", "unassigned"))
     assert result["console_actions"] > 0
     assert set(result["rss_max_mb"]) == {"acquire", "forward", "console"}
     # and the reading center holds each ECG once, on its true patient
     assert result["received"] == result["measurements"]
     assert (result["lost"], result["duplicated"], result["misattributed"], result["unreadable"]) == (0, 0, 0, 0)
     assert (result["held_unassigned"], result["stuck"], result["quarantined"]) == (0, 0, 0)
+    # the county's reports came back, each on the patient the ECG was really taken from
+    assert result["studies_reported"] == result["measurements"]
+    assert (result["reports_missing"], result["reports_misattributed"]) == (0, 0)
     assert result["integrity"] == "ok"
     assert result["payload_mb"] == 0.0  # everything committed was purged
     assert result["service_exits"] == [] and result["cli_errors"] == []
