@@ -5,7 +5,7 @@ Lighthouse (accessibility >= 95, best practices >= 95) on Today and Reports.
 
 The console runs as its own process (`--serve`: the real ConsoleServer over a data directory
 filled with a checked-in patient, BLE readings, held readings, an ECG with its preview and two
-returned reports through the reports seam). Start = process spawn to the first answered page;
+returned reports in the report store, read through the console's real sources). Start = process spawn to the first answered page;
 RSS = VmRSS after every page and Lighthouse run (VmHWM: the peak). The reference, measured in
 the same run: a bare `python -c pass` (start, RSS), so a slower or busier machine shows as a
 ratio. Lighthouse is npm's (scripts/setup.sh --test puts it in .tools/lighthouse) run against
@@ -47,7 +47,7 @@ def fill_data_dir(data_dir: Path) -> None:
     from lastmile.demo.runner import source_ecg
     from lastmile.ecg.intake import enqueue_recording
     from lastmile.services.ble_devices import run_emulated_clinic
-    from tests.console_harness import add_users
+    from tests.console_harness import add_users, store_returned_reports
 
     config = Config()
     config.set_data_dir(data_dir)
@@ -61,40 +61,7 @@ def fill_data_dir(data_dir: Path) -> None:
     context = PatientContext.open(data_dir, config.patient.idle_timeout_s)
     context.set_patient(patient.patient_id, patient.name, now=now)
     context.close()
-
-
-def sample_reports() -> object:
-    from lastmile.console.sources import ReportView, StaticReports
-
-    now = dt.datetime.now(dt.timezone.utc)
-    return StaticReports(
-        [
-            ReportView(
-                "r1",
-                "1.2.3",
-                "11010519491231002X",
-                "张三",
-                now - dt.timedelta(hours=2),
-                now,
-                "received",
-                True,
-                "县医院 赵医生",
-                "急性下壁心肌梗死（ST段抬高）。请立即转诊。",
-            ),
-            ReportView(
-                "r2",
-                "1.2.4",
-                "DEMO-0002",
-                "李伟",
-                now - dt.timedelta(hours=5),
-                now - dt.timedelta(hours=1),
-                "received",
-                False,
-                "县医院 赵医生",
-                "窦性心律，心电图正常。",
-            ),
-        ]
-    )
+    store_returned_reports(config)  # a critical and a routine report, in the report store
 
 
 def serve(data_dir: Path, port: int) -> None:
@@ -114,7 +81,7 @@ def serve(data_dir: Path, port: int) -> None:
     config.gps.source = "none"
     config.console.listen = f"127.0.0.1:{port}"
     config.console.https = False
-    ConsoleServer(config, reports=sample_reports()).start()  # type: ignore[arg-type]
+    ConsoleServer(config).start()  # the real sources: report store, outbox holds
     threading.Event().wait()
 
 

@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from lastmile.config import Config
 
 SERVICES = ("lastmile-acquire.service", "lastmile-forward.service", "lastmile-console.service")
+# A gateway may run without the console (a clinic that uses the CLI, a test container): its unit
+# not installed or disabled is said, not failed. The other two are the gateway.
+OPTIONAL_SERVICES = frozenset({"lastmile-console.service"})
 DEVICE_LINKS = Path("/dev/lastmile")
 JOURNALD_DROPINS = (
     Path("/etc/systemd/journald.conf"),
@@ -79,6 +82,7 @@ class Doctor:
     mountinfo: Path = Path("/proc/self/mountinfo")
     device_links: Path = DEVICE_LINKS
     journald_paths: tuple[Path, ...] = JOURNALD_DROPINS
+    systemd_run_dir: Path = Path("/run/systemd/system")  # present when systemd is the init
     run: Callable[[list[str]], subprocess.CompletedProcess[str] | None] = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
@@ -306,14 +310,21 @@ class Doctor:
         return "no time daemon found; year check only", False
 
     def check_services(self) -> list[Finding]:
-        if not Path("/run/systemd/system").is_dir():
+        if not self.systemd_run_dir.is_dir():
             return [Finding("services", Level.SKIP, "systemd is not running here")]
         out = []
         for unit in SERVICES:
-            r = self.run(["systemctl", "show", unit, "-p", "ActiveState,SubState,NRestarts,StatusText"])
+            r = self.run(
+                ["systemctl", "show", unit, "-p", "ActiveState,SubState,NRestarts,StatusText,LoadState,UnitFileState"]
+            )
             if r is None:
                 return [Finding("services", Level.SKIP, "systemctl not found")]
             props = dict(ln.split("=", 1) for ln in r.stdout.splitlines() if "=" in ln)
+            unused = props.get("LoadState") == "not-found" or props.get("UnitFileState") in ("disabled", "masked")
+            if unit in OPTIONAL_SERVICES and unused and props.get("ActiveState") != "active":
+                why = "not installed" if props.get("LoadState") == "not-found" else props.get("UnitFileState", "")
+                out.append(Finding("services", Level.SKIP, f"{unit}: {why} (optional)"))
+                continue
             state = f"{props.get('ActiveState', '?')}/{props.get('SubState', '?')}"
             restarts = props.get("NRestarts", "0")
             text = f"{unit}: {state}, {restarts} restarts" + (

@@ -12,14 +12,14 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lastmile.clinic.db import open_clinic_db
 from lastmile.config import Config
 from lastmile.console.accounts import Accounts
 from lastmile.console.service import ConsoleServer
-from lastmile.console.sources import HeldEcgSource, ReportsSource
+from lastmile.console.sources import HeldEcgSource, ReportsSource, ReportView
 from lastmile.demo.loopback import free_port
 
 DOCTOR = ("王医生", "correct horse 1")
@@ -64,6 +64,31 @@ def running_console(
         yield server
     finally:
         server.stop()
+
+
+@dataclass
+class StaticReports:
+    """Reports given in memory, behind the console's `ReportsSource` (the real one: the report store)."""
+
+    items: list[ReportView] = field(default_factory=list)
+    pdfs: dict[str, bytes] = field(default_factory=dict)
+
+    def reports(self, limit: int = 200) -> list[ReportView]:
+        return sorted(self.items, key=lambda r: r.received_at, reverse=True)[:limit]
+
+    def report(self, report_id: str) -> ReportView | None:
+        return next((r for r in self.items if r.report_id == report_id), None)
+
+    def acknowledge(self, report_id: str, by: str, now: dt.datetime) -> ReportView | None:
+        found = self.report(report_id)
+        if found is None or found.acknowledged_at is not None:
+            return found
+        done = replace(found, acknowledged_at=now, acknowledged_by=by)
+        self.items[self.items.index(found)] = done
+        return done
+
+    def pdf(self, report_id: str) -> bytes | None:
+        return self.pdfs.get(report_id)
 
 
 @dataclass
@@ -164,3 +189,40 @@ def enqueue_ecg(config: Config, *, lead_off: bool) -> None:
         rec, _fault = electrode_off(rec, np.random.default_rng(1), "V3", "blank")
     with open_outbox(config) as outbox:
         enqueue_recording(outbox, rec, config, key=f"test-ecg-{lead_off}")
+
+
+def store_returned_reports(config: Config) -> tuple[int, int]:
+    """Two ECGs sent for this clinic and the county's reports on them, in the real report store
+    (as the poller stores them): (critical report id, routine report id)."""
+    from pydicom.uid import generate_uid
+
+    from lastmile.demo.cardiologist import STEMI, StudyToRead, ecg_report_sr, part10
+    from lastmile.reports.store import ReportStore, SentStudy
+    from uploader.report_reading import CriticalRules, read_dicom_report
+
+    rules = CriticalRules.parse(["SCT:401303003"], [])
+    now = dt.datetime.now(dt.timezone.utc)
+    ids = []
+    with ReportStore.open(config.data_dir) as store:
+        for patient, name, stat, verdict, impression, coded in (
+            (VALID_ID, "Zhang^San=张^三", True, "acceptable", "急性下壁心肌梗死，请立即转诊", [STEMI]),
+            ("DEMO-0002", "Li^Wei=李^伟", False, "warn", "窦性心律，心电图正常", []),
+        ):
+            uid = generate_uid()
+            store.record_sent(
+                SentStudy(
+                    uid,
+                    now - dt.timedelta(hours=2),
+                    stat=stat,
+                    patient_id=patient,
+                    patient_name=name,
+                    ecg_time=(now - dt.timedelta(hours=2)).isoformat(),
+                    quality_verdict=verdict,
+                )
+            )
+            sr = ecg_report_sr(
+                StudyToRead(uid, patient, name), findings=[], impression=impression, coded_findings=coded
+            )
+            data = part10(sr)
+            ids.append(store.add_report(read_dicom_report(data, rules), data, "dicom", now).report.id)
+    return ids[0], ids[1]

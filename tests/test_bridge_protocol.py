@@ -124,5 +124,7 @@ def test_the_duplicate_window_holds_exactly_its_size(window: int) -> None:
 def test_the_default_window_is_4096() -> None:
     p = BridgeProtocol()
     for seq in range(4097):
-        p._seen.add(seq)
-    assert 0 not in p._seen and 1 in p._seen and 4096 in p._seen
+        p.receive_data(codec.encode_message(LOG, seq))
+    assert p.receive_data(codec.encode_message(LOG, 1)) == [DuplicateDropped(1, False)]
+    assert p.receive_data(codec.encode_message(LOG, 4096)) == [DuplicateDropped(4096, False)]
+    assert p.receive_data(codec.encode_message(LOG, 0)) == [MessageReceived(0, LOG)]  # forgotten

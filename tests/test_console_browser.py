@@ -18,10 +18,19 @@ import pytest
 
 from lastmile.config import Config
 from lastmile.console.service import ConsoleServer
-from lastmile.console.sources import ReportView, StaticReports
+from lastmile.console.sources import ReportView
 from tests.conftest import require_module
 from tests.console_browser import PHONE, TABLET, chromium, save_screenshot, set_viewport
-from tests.console_harness import ADMIN, DOCTOR, VALID_ID, console_config, enqueue_ecg, running_console
+from tests.console_harness import (
+    ADMIN,
+    DOCTOR,
+    VALID_ID,
+    StaticReports,
+    console_config,
+    enqueue_ecg,
+    running_console,
+    store_returned_reports,
+)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -232,8 +241,9 @@ REPORTS = StaticReports(
 
 
 def test_a_returned_report_and_a_critical_alert(browser: object, tmp_path: Path) -> None:
-    """Against the ReportsSource seam (issue 14's store plugs in there)."""
-    with running_console(console_config(tmp_path / "data"), reports=REPORTS) as server:
+    """Against reports given in memory (the real store: the next test)."""
+    reports = StaticReports(list(REPORTS.items))  # acknowledging changes them: a copy per test
+    with running_console(console_config(tmp_path / "data"), reports=reports) as server:
         log_in(browser, server)
         alert = browser.find_element(by("css"), "[role=alert].critical")
         assert "张三" in alert.text and "危急值" in alert.text  # on Today, impossible to miss
@@ -253,6 +263,79 @@ def test_a_returned_report_and_a_critical_alert(browser: object, tmp_path: Path)
         browser.get(server.url + "/reports/r-critical")
         assert "急性下壁心肌梗死" in browser.find_element(by("css"), "pre.report-text").text
         save_screenshot(browser, "report-print-view-tablet")
+
+
+def _cli_json(args: list[str]) -> object:
+    """A `lastmile` command's --json answer, from its own process (the CLI's view of the state)."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "lastmile", *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_real_reports_and_a_real_held_ecg(browser: object, tmp_path: Path) -> None:
+    """The console over the real stores: a report the county returned (report store) is on the
+    Reports page, critical first and unread ones marked; acknowledging it there is what `lastmile
+    report list` sees. A held ECG (outbox hold) is assigned from Today and `lastmile patient show`
+    no longer holds it."""
+    from lastmile.data_dir import open_outbox
+    from lastmile.ecg.intake import enqueue_recording
+    from tests.ecg_factories import make_recording
+
+    config = console_config(tmp_path / "data")
+    config.ecg.re_record_hold_s = 0  # a 2 s synthetic ECG is a re-record case: the patient hold is the subject
+    critical_id, routine_id = store_returned_reports(config)
+    with open_outbox(config) as outbox:
+        held = enqueue_recording(outbox, make_recording(7, patient=None), config, key="held-ecg").item
+    assert held.hold_reason == "unassigned"
+    data_dir = ["--data-dir", str(config.data_dir)]
+    with running_console(config) as server:
+        log_in(browser, server)
+        alert = browser.find_element(by("css"), "[role=alert].critical")
+        assert "张三" in alert.text  # the real critical report, on Today
+
+        # the held ECG, assigned from the page: the outbox item is rebuilt for the patient
+        row = browser.find_element(by("css"), f"#panel-held li[data-held-ecg='{held.id}']")
+        assert f"E{held.id}" in row.text
+        set_viewport(browser, PHONE)
+        save_screenshot(browser, "today-held-ecg-phone")
+        set_viewport(browser, TABLET)
+        field = row.find_element(by("css"), "input[name=patient_id]")
+        field.clear()
+        field.send_keys(VALID_ID)
+        row.find_element(by("css"), "form.assign button").click()
+        text_in(browser, "p.done", "已指定")
+        assert not browser.find_elements(by("css"), f"#panel-held li[data-held-ecg='{held.id}']")
+        shown = _cli_json(["patient", "show", "--json", *data_dir])
+        assert shown["held_ecgs"] == []  # type: ignore[index]
+        with open_outbox(config) as outbox:
+            item = outbox.get(held.id)
+        assert item is not None and item.patient is not None and item.patient["patient_id"] == VALID_ID
+        assert item.hold_until is None and "patient-assigned-by-doctor" in item.meta["flags"]
+
+        # the reports page: the real reports, critical first, both unread
+        browser.get(server.url + "/reports")
+        cards = browser.find_elements(by("css"), "ol.reports > li")
+        assert [c.get_attribute("data-report") for c in cards] == [str(critical_id), str(routine_id)]
+        assert ["critical" in c.get_attribute("class") for c in cards] == [True, False]
+        assert all("unread" in c.get_attribute("class") for c in cards)
+        assert "Acute ST segment elevation" in cards[0].text  # why it is critical, on the card
+        assert "发送时心电图质量：合格" in cards[0].text  # the ECG's quality when it was sent (issue 14)
+        set_viewport(browser, TABLET)
+        save_screenshot(browser, "reports-real-store-tablet")
+        browser.find_element(by("xpath"), "//button[normalize-space()='我已看到这个危急值']").click()
+        wait_for(browser, lambda d: not d.find_elements(by("css"), "[role=alert].critical"))
+        # opening the routine one reads it
+        browser.find_element(by("css"), f"a[href='/reports/{routine_id}']").click()
+        text_in(browser, "pre.report-text", "窦性心律")
+        assert "合格，但有问题" in browser.find_element(by("css"), "dl.facts").text  # its ECG's quality when sent
+        listed = {s["patient_id"]: s for s in _cli_json(["report", "list", "--json", *data_dir])}  # type: ignore[union-attr]
+        for patient in (VALID_ID, "DEMO-0002"):
+            assert listed[patient]["reports"][0]["acknowledged_by"] == DOCTOR[0], listed[patient]
+        assert listed[VALID_ID]["status"] == "critical (seen)"
 
 
 def test_switch_language_per_user(browser: object, console: ConsoleServer) -> None:

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from devices.identity import Patient
 from lastmile.clinic.db import open_clinic_db
+from lastmile.config import Config
 from lastmile.console.accounts import AccountError, Accounts, LoginRefused
 from lastmile.console.app import person_name
 from lastmile.console.live import Broker, ChangeWatcher
@@ -75,11 +77,12 @@ def test_logins_end_when_idle_disabled_or_the_password_changes(accounts: Account
 
 
 def test_patient_identifiers() -> None:
-    assert patient_identifier(" 11010519491231002x ") == "11010519491231002X"
-    assert patient_identifier("MRN-0042") == "MRN-0042"
+    config = Config()  # [patient] id_kind = "": any ID, but a resident ID must be a valid one
+    assert patient_identifier(" 11010519491231002x ", config) == "11010519491231002X"
+    assert patient_identifier("MRN-0042", config) == "MRN-0042"
     for bad in ("110105194912310021", "", "   ", "x" * 65):
         with pytest.raises(ConsoleInputError):
-            patient_identifier(bad)
+            patient_identifier(bad, config)
 
 
 def test_person_names() -> None:
@@ -178,7 +181,7 @@ def test_the_visits_page_reads_the_visit_book(tmp_path: Path) -> None:
 
 
 class FakeHeldEcgs:
-    """Stands in for issue 12/13's outbox holds behind the HeldEcgSource seam."""
+    """Stands in for the outbox holds behind HeldEcgSource (the real one: test_console_stores)."""
 
     def __init__(self) -> None:
         self.items: dict[int, str] = {}  # item id -> hold reason
@@ -193,12 +196,15 @@ class FakeHeldEcgs:
             for i, reason in self.items.items()
         ]
 
-    def assign(self, item_id: int, patient_id: str, patient_name: str, *, now: dt.datetime) -> bool:
-        self.assigned.append((item_id, patient_id, patient_name))
+    def assign(self, item_id: int, patient: Patient, *, now: dt.datetime, by: str = "") -> bool:
+        self.assigned.append((item_id, patient.patient_id, patient.name))
         return self.items.pop(item_id, None) is not None
 
-    def send_anyway(self, item_id: int, *, now: dt.datetime) -> bool:
+    def send_anyway(self, item_id: int, *, now: dt.datetime, by: str = "") -> bool:
         self.released.append(item_id)
+        return self.items.pop(item_id, None) is not None
+
+    def discard(self, item_id: int, *, now: dt.datetime, by: str = "") -> bool:
         return self.items.pop(item_id, None) is not None
 
 
@@ -227,7 +233,7 @@ def test_held_ecgs_through_the_seam(tmp_path: Path) -> None:
             page = client.get("/today").body
         assert "仍然发送" in page and 'name="item_id" value="99"' in page
         reply = client.post("/today/assign-ecg", {"item_id": "99", "patient_id": VALID_ID.lower(), "name": "张三"})
-        assert reply.status == 303 and held.assigned == [(99, VALID_ID, "张三")]
+        assert reply.status == 303 and held.assigned == [(99, VALID_ID, "Zhang^San=张^三")]
         client.get("/today")
         reply = client.post(f"/today/ecg/{latest}/send-anyway")
         assert reply.status == 303 and held.released == [latest]

@@ -17,9 +17,9 @@ import pytest
 from lastmile.config import ConfigError
 from lastmile.console.app import PUBLIC_PATHS, routes
 from lastmile.console.service import ConsoleServer, parse_listen
-from lastmile.console.sources import ReportView, StaticReports
+from lastmile.console.sources import ReportView
 from lastmile.console.tls import existing_certificate, fingerprint_of
-from tests.console_harness import DOCTOR, Client, console_config, running_console
+from tests.console_harness import DOCTOR, Client, StaticReports, console_config, running_console
 
 PATIENT_ID = "11010519491231002X"
 PATIENT_NAME = "张三"

@@ -124,6 +124,37 @@ def test_clock_source_from_timedatectl(tmp_path: Path) -> None:
     assert found[0].level is Level.WARN
 
 
+# -- services --------------------------------------------------------------------------------------------
+
+
+def test_services_the_console_is_optional_the_others_are_not(tmp_path: Path) -> None:
+    import subprocess
+
+    units = {
+        "lastmile-acquire.service": "LoadState=loaded\nUnitFileState=enabled\nActiveState=active\nSubState=running\nNRestarts=0\n",
+        "lastmile-forward.service": "LoadState=not-found\nActiveState=inactive\nSubState=dead\nNRestarts=0\n",
+        "lastmile-console.service": "LoadState=not-found\nActiveState=inactive\nSubState=dead\nNRestarts=0\n",
+    }
+
+    def fake(cmd: list[str]) -> subprocess.CompletedProcess[str] | None:
+        return subprocess.CompletedProcess(cmd, 0, units[cmd[2]], "")
+
+    (tmp_path / "systemd").mkdir()
+    found = doctor(tmp_path, run=fake, systemd_run_dir=tmp_path / "systemd").check_services()
+    assert [(f.level, f.message.split(":")[0]) for f in found] == [
+        (Level.OK, "lastmile-acquire.service"),
+        (Level.FAIL, "lastmile-forward.service"),  # the gateway without its forwarder: never optional
+        (Level.SKIP, "lastmile-console.service"),
+    ]
+    assert found[2].message == "lastmile-console.service: not installed (optional)"
+    units["lastmile-console.service"] = (
+        "LoadState=loaded\nUnitFileState=enabled\nActiveState=failed\nSubState=failed\nNRestarts=9\n"
+    )
+    assert doctor(tmp_path, run=fake, systemd_run_dir=tmp_path / "systemd").check_services()[2].level is Level.FAIL
+    no_systemd = doctor(tmp_path, run=fake, systemd_run_dir=tmp_path / "absent")
+    assert no_systemd.check_services()[0].level is Level.SKIP
+
+
 # -- reading center, commitment listener ----------------------------------------------------------------
 
 

@@ -236,6 +236,7 @@ from uploader.outbox import Outbox
 
 mnt, port, listen = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 config = Config()
+config.ecg.re_record_hold_s = 0  # synthetic ECGs: quality is not this test's subject
 config.gateway.data_dir = str(mnt / "data")
 rc = config.reading_center
 rc.host, rc.port, rc.listen_port, rc.listen_host = "127.0.0.1", port, listen, "127.0.0.1"

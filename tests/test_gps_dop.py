@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from devices.gps.dop import _invert, dops_from_geometry
+from devices.gps.dop import dops_from_geometry, invert_matrix
 
 # (elevation, azimuth) in degrees: a usual open-sky geometry, and exactly four satellites.
 OPEN_SKY = [(62.0, 41.0), (17.0, 118.0), (35.0, 203.0), (48.0, 297.0), (8.0, 330.0), (80.0, 160.0)]
@@ -103,11 +103,11 @@ def test_any_geometry_gives_the_reference_or_none(sky: list[tuple[float, float]]
 )
 def test_the_gauss_jordan_inverse_matches_numpy(m: list[list[float]]) -> None:
     """Entries of exactly ±1 and 0 are where a skipped elimination step would hide."""
-    got = _invert(m)
+    got = invert_matrix(m)
     assert got is not None
     np.testing.assert_allclose(np.array(got), np.linalg.inv(np.array(m)), rtol=1e-12, atol=1e-12)
 
 
-def test_a_singular_matrix_is_not_inverted() -> None:
-    assert _invert([[1.0, 2.0], [2.0, 4.0]]) is None
-    assert _invert([[0.0, 0.0], [0.0, 1.0]]) is None
+def test_a_singular_matrix_is_notinvert_matrixed() -> None:
+    assert invert_matrix([[1.0, 2.0], [2.0, 4.0]]) is None
+    assert invert_matrix([[0.0, 0.0], [0.0, 1.0]]) is None

@@ -141,15 +141,18 @@ def test_fhir_refused_is_read_from_the_items_the_round_released(outbox: Outbox, 
     assert sources.read_outbox(tmp_path, NOW).links["fhir"].state == "refused"  # type: ignore[union-attr]
 
 
-# -- returned reports (SEAM(issue 14)) ----------------------------------------------------------------
+# -- returned reports ----------------------------------------------------------------
 
 
-def test_reports_are_none_until_the_report_store_exists(tmp_path: Path) -> None:
+def test_reports_are_none_until_clinic_db_exists_then_zero(tmp_path: Path) -> None:
     from lastmile.clinic.db import open_clinic_db
 
     assert sources.read_reports(tmp_path, NOW) is None  # no clinic.db
-    open_clinic_db(tmp_path).close()  # clinic.db as main makes it: no report store yet
-    assert sources.read_reports(tmp_path, NOW) is None
+    open_clinic_db(tmp_path).close()  # its migrations make the report store, empty
+    snapshot = sources.read_reports(tmp_path, NOW)
+    assert snapshot is not None
+    assert (snapshot.critical_unacknowledged, snapshot.awaited_studies, snapshot.awaited_stat) == (0, 0, 0)
+    assert snapshot.critical_oldest_s is None and snapshot.awaited_oldest_s is None
 
 
 def test_critical_reports_not_opened_and_studies_awaiting_their_report(tmp_path: Path) -> None:

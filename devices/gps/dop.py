@@ -23,7 +23,8 @@ class Dops:
     gdop: float
 
 
-def _invert(m: list[list[float]]) -> list[list[float]] | None:
+def invert_matrix(m: list[list[float]]) -> list[list[float]] | None:
+    """Gauss-Jordan inverse with partial pivoting; None for a (near-)singular matrix."""
     n = len(m)
     a = [row[:] + [1.0 if i == j else 0.0 for j in range(n)] for i, row in enumerate(m)]
     for col in range(n):
@@ -49,7 +50,7 @@ def dops_from_geometry(sky: Sequence[tuple[float, float]]) -> Dops | None:
         el, az = math.radians(el_deg), math.radians(az_deg)
         rows.append((math.cos(el) * math.sin(az), math.cos(el) * math.cos(az), math.sin(el), 1.0))
     normal = [[sum(r[i] * r[j] for r in rows) for j in range(4)] for i in range(4)]
-    q = _invert(normal)
+    q = invert_matrix(normal)
     if q is None or any(q[i][i] <= 0.0 for i in range(4)):
         return None
     x, y, v, t = (math.sqrt(q[i][i]) for i in range(4))

@@ -192,6 +192,9 @@ MIGRATIONS = (
     ),
     Migration("0005_console", _console),
     Migration("0006_reports", _reports),
+    # the quality gate's verdict on the ECG sent ("acceptable", "re-record", ...): its report,
+    # days later, still says what quality the county was sent (the outbox item may be purged)
+    Migration.sql("0007_sent_study_quality", "ALTER TABLE sent_studies ADD COLUMN quality_verdict TEXT;"),
 )
 
 

@@ -27,6 +27,19 @@ log = logging.getLogger(__name__)
 _ROW = 1
 
 
+@dataclass(frozen=True)
+class StatSession:
+    """The clinic session's patient, checked in as STAT by the doctor, and since when."""
+
+    patient_id: str
+    since: dt.datetime
+
+    def covers(self, patient_id: str | None, acquired_at: dt.datetime | None) -> bool:
+        """An ECG of this patient recorded during this session (never an older one of theirs that a
+        stick still holds: that one keeps its own priority)."""
+        return bool(patient_id) and patient_id == self.patient_id and (acquired_at is None or acquired_at >= self.since)
+
+
 @dataclass(frozen=True, slots=True)
 class CurrentPatient:
     patient_id: str

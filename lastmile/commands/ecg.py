@@ -328,7 +328,7 @@ def _decide(args: argparse.Namespace, *, release: bool) -> int:
 
     from lastmile.commands.common import config_from_args
     from lastmile.data_dir import open_outbox
-    from lastmile.ecg.intake import HeldEcgError, discard_held_ecg, release_held_ecg
+    from lastmile.ecg.holds import HeldEcgError, discard_held_ecg, release_held_ecg
 
     try:
         number = _held_number(args.held_id)

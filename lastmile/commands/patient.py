@@ -69,9 +69,9 @@ def _local(t: dt.datetime | None) -> str:
 
 
 def _set(args: argparse.Namespace) -> int:
+    from lastmile.clinic.patient_ids import clinic_patient
     from lastmile.clinic.patients import PatientContext
     from lastmile.commands.common import config_from_args
-    from lastmile.ecg.intake import clinic_patient
 
     config = config_from_args(args)
     try:
@@ -110,9 +110,9 @@ def _clear(args: argparse.Namespace) -> int:
 
 def _assign(args: argparse.Namespace) -> int:
     from lastmile.clinic.observations import ObservationStore, UnknownObservationError
+    from lastmile.clinic.patient_ids import clinic_patient
     from lastmile.commands.common import config_from_args
     from lastmile.data_dir import open_outbox
-    from lastmile.ecg.intake import clinic_patient
 
     config = config_from_args(args)
     held = args.held_id.strip()
@@ -264,7 +264,7 @@ def _utc(epoch: float | None) -> dt.datetime | None:
 
 def _held_ecgs(config, now: dt.datetime) -> list:  # (Config, datetime) -> list[OutboxItem]
     from lastmile.data_dir import existing_file, open_outbox
-    from lastmile.ecg.intake import held_ecgs
+    from lastmile.ecg.holds import held_ecgs
     from uploader.outbox import DB_NAME
 
     if existing_file(config, DB_NAME) is None:  # a read-only command creates nothing

@@ -100,7 +100,7 @@ def _fail(exc: Exception) -> int:
 
 
 def start(args: argparse.Namespace) -> int:
-    from lastmile.ecg.intake import clinic_patient
+    from lastmile.clinic.patient_ids import clinic_patient
     from lastmile.visits.book import VisitError
 
     config, book = _book(args)

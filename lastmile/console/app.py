@@ -609,7 +609,7 @@ async def reports_page(request: Request) -> Response:
 
 async def report_page(request: Request) -> Response:
     ctx = await context_for(request)
-    model = await page_model(request, ctx, views.report, request.path_params["report_id"])
+    model = await page_model(request, ctx, views.report, request.path_params["report_id"], ctx.user)
     if model["report"] is None:
         return PlainTextResponse("no such report", status_code=404)
     return render(request, ctx, "report.html", **model)

@@ -1,4 +1,4 @@
-"""What the console shows, read from where the gateway keeps it, and the seams for what is coming.
+"""What the console shows, read from where the gateway keeps it.
 
 `ClinicData` reads and changes the clinic's state through the modules that own it: the session
 (`lastmile.clinic.patients`), held readings (`lastmile.clinic.observations`), devices
@@ -7,15 +7,15 @@
 who made it. One thread uses it (the console's database thread): SQLite calls never block the
 event loop that serves the pages.
 
-Seams (issues not on main yet, marked `SEAM(issue N)`):
-- `ReportsSource`: returned reports and critical results (issue 14 stores them in clinic.db,
-  `lastmile/reports/`). `NoReports` until then; `StaticReports` for tests.
-- `HeldEcgSource`: ECGs the outbox holds back, unassigned or waiting for the doctor after a
-  "re-record" verdict (issues 12 and 13: `Outbox.held_items` / `release_hold` /
-  `replace_held_payload`). `NoHeldEcgs` until then.
-- STAT and reason of a check-in (issue 12 puts them on the session): kept in the audit trail of
-  the check-in meanwhile and read back from there for the current patient.
-- Resident ID check (issue 12 puts it in `devices/identity.py`): `devices/resident_id.py`.
+Two sources are interfaces, so tests and the bench can give them in memory:
+- `ReportsSource`: returned reports and critical results; by default `stores.StoredReports`, the
+  report store in clinic.db (`lastmile/reports/`, what `lastmile report list|show|ack` use).
+  Tests may give reports in memory (`tests.console_harness.StaticReports`).
+- `HeldEcgSource`: ECGs the outbox holds for the doctor (unassigned, another patient, a
+  "re-record" verdict) and the doctor's decisions; by default `stores.OutboxHeldEcgs`, the same
+  operations as `lastmile patient assign E<n>` and `lastmile ecg release|discard E<n>`.
+A check-in is `lastmile patient set`: the ID checked against `[patient] id_kind` as the commands
+check it, STAT and reason on the session, so the ECG recorded next is STAT.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import datetime as dt
 import json
 import logging
 import sqlite3
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from devices.identity import InvalidPatientIdError, looks_like_resident_id, parse_resident_id
+from devices.identity import InvalidPatientIdError, Patient, looks_like_resident_id, parse_resident_id
 from lastmile.clinic.db import DB_NAME as CLINIC_DB
 from lastmile.clinic.db import from_iso, open_clinic_db, utc_now
 from lastmile.clinic.devices import DeviceRecord, DeviceRegistry, normalise_address
@@ -38,12 +38,14 @@ from lastmile.clinic.observations import (
     observation_from_json,
     summary,
 )
+from lastmile.clinic.patient_ids import clinic_patient
 from lastmile.clinic.patients import PatientContext
 from lastmile.config import Config
 from lastmile.console.accounts import Accounts
 from lastmile.console.audit import AuditLog
 from lastmile.console.i18n import N_
 from lastmile.data_dir import open_outbox
+from lastmile.reports.store import ReportStore
 from uploader.outbox import ItemState, Kind, OutboxItem
 
 log = logging.getLogger(__name__)
@@ -163,12 +165,20 @@ class ReportView:
     patient_name: str
     ecg_time: dt.datetime | None
     received_at: dt.datetime
-    status: str  # "received" or "amended"
+    status: str  # "received", "preliminary" or "amended"
     critical: bool
     reading_doctor: str
     text: str  # SR content rendered to text (findings, impression)
     has_pdf: bool = False
-    quality_verdict: str = ""
+    quality_verdict: str = ""  # the quality gate's verdict on the ECG when it was sent
+    acknowledged_at: dt.datetime | None = None  # read by a doctor (console or `lastmile report ack`)
+    acknowledged_by: str = ""
+    stat: bool = False
+    critical_reasons: tuple[str, ...] = ()
+
+    @property
+    def unread(self) -> bool:
+        return self.acknowledged_at is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,94 +191,64 @@ class HeldEcg:
     hold_until: dt.datetime
     patient_hint: str = ""  # what the file says, if anything
     device: str = ""
+    quality_verdict: str = ""
 
 
-# -- seams -----------------------------------------------------------------------------------------
+# -- sources -----------------------------------------------------------------------------------------
 
 
 class ReportsSource(Protocol):
-    """SEAM(issue 14): the store of returned reports. The Reports page, the critical alert and the
-    Sent page's "report received" step read only this."""
+    """Returned reports. The Reports page, the critical alert and the Sent page's "report
+    received" step read only this; acknowledging one is `lastmile report ack`."""
 
     def reports(self, limit: int = 200) -> list[ReportView]: ...
 
     def report(self, report_id: str) -> ReportView | None: ...
 
+    def acknowledge(self, report_id: str, by: str, now: dt.datetime) -> ReportView | None: ...
+
     def pdf(self, report_id: str) -> bytes | None: ...
 
 
-class NoReports:
-    """No report store yet: the pages say no report has come back."""
-
-    def reports(self, limit: int = 200) -> list[ReportView]:
-        return []
-
-    def report(self, report_id: str) -> ReportView | None:
-        return None
-
-    def pdf(self, report_id: str) -> bytes | None:
-        return None
-
-
-@dataclass
-class StaticReports:
-    """Reports given in memory (tests; a demo that has no reading doctor)."""
-
-    items: list[ReportView] = field(default_factory=list)
-    pdfs: dict[str, bytes] = field(default_factory=dict)
-
-    def reports(self, limit: int = 200) -> list[ReportView]:
-        return sorted(self.items, key=lambda r: r.received_at, reverse=True)[:limit]
-
-    def report(self, report_id: str) -> ReportView | None:
-        return next((r for r in self.items if r.report_id == report_id), None)
-
-    def pdf(self, report_id: str) -> bytes | None:
-        return self.pdfs.get(report_id)
-
-
 class HeldEcgSource(Protocol):
-    """SEAM(issues 12, 13): ECGs held in the outbox for the doctor, and the doctor's decisions."""
+    """ECGs held in the outbox for the doctor, and the doctor's decisions on them."""
 
     def held_ecgs(self, now: dt.datetime) -> list[HeldEcg]: ...
 
-    def assign(self, item_id: int, patient_id: str, patient_name: str, *, now: dt.datetime) -> bool: ...
+    def assign(self, item_id: int, patient: Patient, *, now: dt.datetime, by: str = "") -> bool: ...
 
-    def send_anyway(self, item_id: int, *, now: dt.datetime) -> bool: ...
+    def send_anyway(self, item_id: int, *, now: dt.datetime, by: str = "") -> bool: ...
 
-
-class NoHeldEcgs:
-    """Nothing is held on main yet: every ECG goes straight to the outbox queue."""
-
-    def held_ecgs(self, now: dt.datetime) -> list[HeldEcg]:
-        return []
-
-    def assign(self, item_id: int, patient_id: str, patient_name: str, *, now: dt.datetime) -> bool:
-        return False
-
-    def send_anyway(self, item_id: int, *, now: dt.datetime) -> bool:
-        return False
+    def discard(self, item_id: int, *, now: dt.datetime, by: str = "") -> bool: ...
 
 
 # -- input checks ----------------------------------------------------------------------------------
 
 
-def patient_identifier(text: str) -> str:
-    """The identifier as typed or scanned, checked: a resident ID (digits, 15-19 of them) must
-    be a valid GB 11643 number; anything else (a clinic number) is taken as it is, trimmed.
-    SEAM(issue 12): use the configured `patient.id_kind` when it lands."""
+def checked_patient(text: str, name: str, config: Config) -> Patient:
+    """The patient as typed or scanned, checked as the commands check it (`clinic_patient`,
+    `[patient] id_kind`): with "cn-resident-id" every ID must be a valid GB 11643 number (birth
+    date and sex come from it). With any kind of ID allowed (""), what looks like a resident ID
+    must still be a valid one: a misread scan must not become a patient. A clinic number is
+    taken as it is, trimmed."""
     text = text.strip()
     if not text:
         raise ConsoleInputError(N_("Type or scan the patient's ID."))
-    if looks_like_resident_id(text):
-        try:
-            return parse_resident_id(text).number
-        except InvalidPatientIdError as exc:
-            problem = _ID_PROBLEMS.get(exc.reason)
-            raise ConsoleInputError(problem or N_("The resident ID is not valid: check the number.")) from None
     if len(text) > MAX_NAME_LENGTH or any(ord(ch) < 32 for ch in text):
         raise ConsoleInputError(N_("A patient ID has at most %(n)d characters and no line breaks."), n=MAX_NAME_LENGTH)
-    return text
+    name = short_text(name)
+    try:
+        if not config.patient.id_kind and looks_like_resident_id(text):
+            text = parse_resident_id(text).number
+        return clinic_patient(text, name, config)
+    except InvalidPatientIdError as exc:
+        problem = _ID_PROBLEMS.get(exc.reason)
+        raise ConsoleInputError(problem or N_("The resident ID is not valid: check the number.")) from None
+
+
+def patient_identifier(text: str, config: Config) -> str:
+    """The patient ID as typed or scanned, checked (`checked_patient`)."""
+    return checked_patient(text, "", config).patient_id
 
 
 def short_text(text: str) -> str:
@@ -300,10 +280,12 @@ class ClinicData:
         held_ecgs: HeldEcgSource | None = None,
     ) -> None:
         self.config = config
-        self.reports: ReportsSource = reports or NoReports()
-        self.held_ecg_source: HeldEcgSource = held_ecgs or NoHeldEcgs()
+        from lastmile.console.stores import OutboxHeldEcgs, StoredReports
+
         self.db = open_clinic_db(config.data_dir)
         self.outbox = open_outbox(config)
+        self.reports: ReportsSource = reports or StoredReports(ReportStore(self.db))
+        self.held_ecg_source: HeldEcgSource = held_ecgs or OutboxHeldEcgs(self.outbox, config)
         self.context = PatientContext(self.db, config.patient.idle_timeout_s)
         self.registry = DeviceRegistry(self.db)
         self.store = ObservationStore(self.outbox, self.db, self.context)
@@ -322,19 +304,14 @@ class ClinicData:
         current = self.context.current(now)
         if current is None:
             return None
-        stat, reason = False, ""
-        # SEAM(issue 12): STAT and reason from the session row once it carries them.
-        entry = self.audit.latest("check-in", current.patient_id)
-        if entry is not None and entry.at >= current.since.replace(microsecond=0) - dt.timedelta(seconds=1):
-            stat, reason = bool(entry.detail.get("stat")), str(entry.detail.get("reason", ""))
         return SessionView(
             current.patient_id,
             current.name,
             current.since,
             current.expires_at,
             current.doctor_id,
-            stat,
-            reason,
+            current.stat,
+            current.reason,
         )
 
     def doctor_on_duty(self, now: dt.datetime) -> str:
@@ -343,20 +320,19 @@ class ClinicData:
     def check_in(
         self, user: str, patient_text: str, name: str, doctor: str, stat: bool, reason: str, *, now: dt.datetime
     ) -> SessionView:
-        patient_id = patient_identifier(patient_text)
-        name = short_text(name)
+        patient = checked_patient(patient_text, name, self.config)
         doctor = short_text(doctor)
         reason = short_text(reason)
         if doctor:
             self.context.set_doctor(doctor, now=now)
-        # SEAM(issue 12): pass stat/reason to set_patient when the session carries them.
-        self.context.set_patient(patient_id, name, now=now)
+        # as `lastmile patient set --stat --reason`: the next ECG recorded is STAT, with its reason
+        self.context.set_patient(patient.patient_id, patient.name, now=now, stat=stat, reason=reason)
         self.audit.record(
             user,
             "check-in",
             now=now,
-            target=patient_id,
-            detail={"name": name, "doctor": doctor, "stat": stat, "reason": reason},
+            target=patient.patient_id,
+            detail={"name": patient.name, "doctor": doctor, "stat": stat, "reason": reason},
         )
         view = self.session(now)
         assert view is not None
@@ -428,12 +404,12 @@ class ClinicData:
         ]
 
     def assign_reading(self, user: str, held_id: int, patient_text: str, name: str, *, now: dt.datetime) -> str:
-        patient_id = patient_identifier(patient_text)
-        name = short_text(name)
+        patient = checked_patient(patient_text, name, self.config)
+        patient_id = patient.patient_id
         held = self.store.get_held(held_id)
         if held is None:
             raise ConsoleInputError(N_("That reading has been assigned already."))
-        result = self.store.assign(held_id, patient_id, name=name, now=now)
+        result = self.store.assign(held_id, patient_id, name=patient.name, now=now)
         self.audit.record(
             user,
             "assign-reading",
@@ -484,20 +460,31 @@ class ClinicData:
         return self.held_ecg_source.held_ecgs(now)
 
     def assign_ecg(self, user: str, item_id: int, patient_text: str, name: str, *, now: dt.datetime) -> bool:
-        patient_id = patient_identifier(patient_text)
-        name = short_text(name)
-        done = self.held_ecg_source.assign(item_id, patient_id, name, now=now)
-        self.audit.record(user, "assign-ecg", now=now, target=patient_id, detail={"item": item_id, "done": done})
+        patient = checked_patient(patient_text, name, self.config)
+        done = self.held_ecg_source.assign(item_id, patient, now=now, by=user)
+        self.audit.record(
+            user, "assign-ecg", now=now, target=patient.patient_id, detail={"item": item_id, "done": done}
+        )
         return done
 
     def send_anyway(self, user: str, item_id: int, *, now: dt.datetime) -> bool:
-        done = self.held_ecg_source.send_anyway(item_id, now=now)
+        done = self.held_ecg_source.send_anyway(item_id, now=now, by=user)
         self.audit.record(user, "send-anyway", now=now, target=str(item_id), detail={"done": done})
         return done
 
-    def re_record(self, user: str, item_id: int, *, now: dt.datetime) -> None:
-        """The doctor will record again: noted (the new ECG comes as a new study)."""
-        self.audit.record(user, "re-record", now=now, target=str(item_id))
+    def re_record(self, user: str, item_id: int, *, now: dt.datetime) -> bool:
+        """The doctor will record again (the new ECG comes as a new study): a held one is never
+        sent (`lastmile ecg discard`); one already on its way is only noted. True if discarded."""
+        discarded = self.held_ecg_source.discard(item_id, now=now, by=user)
+        self.audit.record(user, "re-record", now=now, target=str(item_id), detail={"discarded": discarded})
+        return discarded
+
+    def acknowledge_report(self, user: str, report_id: str, *, now: dt.datetime) -> ReportView | None:
+        """The doctor has read this report: the store's acknowledgement (`lastmile report ack`)."""
+        done = self.reports.acknowledge(report_id, user, now)
+        if done is not None:
+            self.audit.record(user, "acknowledge-report", now=now, target=report_id)
+        return done
 
     def re_record_noted(self, item_id: int) -> bool:
         return self.audit.latest("re-record", str(item_id)) is not None

@@ -31,17 +31,17 @@ class Alert:
 
 
 def critical_alerts(data: ClinicData) -> list[Alert]:
-    """Critical results not yet acknowledged by anyone: shown on every page until they are."""
-    out = []
-    for r in data.reports.reports():
-        if r.critical and data.audit.latest("acknowledge-report", r.report_id) is None:
-            out.append(Alert(r.report_id, r.patient_name, r.patient_id, r.received_at))
-    return out
+    """Critical results not yet acknowledged by anyone (here or by `lastmile report ack`): shown
+    on every page until they are."""
+    return [
+        Alert(r.report_id, r.patient_name, r.patient_id, r.received_at)
+        for r in data.reports.reports()
+        if r.critical and r.acknowledged_at is None
+    ]
 
 
 def acknowledge(data: ClinicData, user: str, report_id: str, now: dt.datetime) -> None:
-    if data.reports.report(report_id) is not None:
-        data.audit.record(user, "acknowledge-report", now=now, target=report_id)
+    data.acknowledge_report(user, report_id, now=now)
 
 
 def today(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
@@ -66,24 +66,27 @@ def sent(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
     return {"journeys": data.journeys(), "link": data.link_status(now), "now": now}
 
 
-def _acknowledged(data: ClinicData, report: ReportView) -> Any:
-    return data.audit.latest("acknowledge-report", report.report_id)
+def report_order(report: ReportView) -> tuple[bool, bool, bool, float]:
+    """Unread critical results first, then the other critical ones, then unread reports; newest first."""
+    return (
+        not (report.critical and report.unread),
+        not report.critical,
+        not report.unread,
+        -report.received_at.timestamp(),
+    )
 
 
 def reports(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
-    found = data.reports.reports()
-    acks = {r.report_id: _acknowledged(data, r) for r in found}
-    # Critical results first (unacknowledged before acknowledged), then newest first.
-    ordered = sorted(
-        found,
-        key=lambda r: (not r.critical, acks[r.report_id] is not None, -r.received_at.timestamp()),
-    )
-    return {"reports": ordered, "acks": acks, "now": now}
+    return {"reports": sorted(data.reports.reports(), key=report_order), "now": now}
 
 
-def report(data: ClinicData, now: dt.datetime, report_id: str) -> dict[str, Any]:
+def report(data: ClinicData, now: dt.datetime, report_id: str, user: str = "") -> dict[str, Any]:
+    """One report, opened by `user`: a routine report opened is read (acknowledged, as by
+    `lastmile report ack`); a critical one needs the doctor's explicit "I have seen it"."""
     found = data.reports.report(report_id)
-    return {"report": found, "ack": _acknowledged(data, found) if found else None, "now": now}
+    if found is not None and user and found.unread and not found.critical:
+        found = data.acknowledge_report(user, report_id, now=now) or found
+    return {"report": found, "now": now}
 
 
 def devices(data: ClinicData, now: dt.datetime) -> dict[str, Any]:

@@ -15,7 +15,8 @@ Holds: a routine ECG with no patient, or one naming another patient than the cur
 added to the outbox *held* ("unassigned" / "patient-mismatch") for `patient.unassigned_ecg_hold_s`,
 listed by `lastmile patient show`; `assign_held_ecg` rebuilds it for its patient under the same
 UIDs (and Accession Number) and lets it go; when the hold runs out it goes as it is (placeholder
-ID, flagged). STAT ECGs are never held.
+ID, flagged). STAT ECGs are never held. Listing, releasing and discarding held ECGs need no
+DICOM rebuild: they are in `lastmile.ecg.holds` (re-exported here), usable without pydicom.
 """
 
 from __future__ import annotations
@@ -36,8 +37,23 @@ from devices.ecg.quality import RE_RECORD, EcgQualityError, QualityReport, check
 from devices.ecg.recording import EcgRecording
 from devices.identity import RESIDENT_ID_KIND, InvalidPatientIdError, Patient, parse_resident_id
 from lastmile.clinic.names import dicom_person_name
+from lastmile.clinic.patient_ids import clinic_patient as clinic_patient  # re-exported: the commands' import
+from lastmile.clinic.patients import StatSession
 from lastmile.clock import local_zone
 from lastmile.config import Config
+from lastmile.ecg.holds import (  # re-exported: the holds' operations with the one that rebuilds
+    DOCTOR_HOLDS as DOCTOR_HOLDS,
+)
+from lastmile.ecg.holds import (
+    LAN_SOURCE_FORMAT,
+    PATIENT_MISMATCH,
+    QUALITY_HOLD,
+    UNASSIGNED_HOLD,
+    HeldEcgError,
+)
+from lastmile.ecg.holds import discard_held_ecg as discard_held_ecg
+from lastmile.ecg.holds import held_ecgs as held_ecgs
+from lastmile.ecg.holds import release_held_ecg as release_held_ecg
 from uploader.dicom_ecg import (
     StationInfo,
     StudyRequest,
@@ -55,17 +71,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PATIENT_MISMATCH = "patient-mismatch"
 PATIENT_ID_REFUSED = "patient-id-refused"
-UNASSIGNED_HOLD = "unassigned"
-QUALITY_HOLD = "re-record"  # the quality gate's verdict: the doctor may record again, or send anyway
-DOCTOR_HOLDS = (UNASSIGNED_HOLD, PATIENT_MISMATCH, QUALITY_HOLD)
-LAN_SOURCE_FORMAT = "dicom-lan"
 
 CurrentPatient = Callable[[], "str | None"]
 
 
 def _no_current_patient() -> str | None:
+    return None
+
+
+StatLookup = Callable[[], "StatSession | None"]
+
+
+def _no_stat_session() -> StatSession | None:
     return None
 
 
@@ -77,22 +95,6 @@ def station_of(config: Config) -> StationInfo:
 
 
 # -- patients ----------------------------------------------------------------------------------------
-
-
-def clinic_patient(patient_id: str, name: str, config: Config) -> Patient:
-    """A patient entered at the gateway (CLI, scanner, console) by ID and name, checked against
-    `[patient] id_kind`: InvalidPatientIdError (bilingual message) for a wrong resident ID. A
-    resident ID gives birth date and sex; the issuer comes from `[patient] id_issuer`."""
-    patient_id = " ".join(patient_id.split())
-    if not patient_id:
-        raise InvalidPatientIdError("请输入患者编号 / a patient needs a non-empty identifier")
-    birth, sex = None, ""
-    if config.patient.id_kind == RESIDENT_ID_KIND:
-        resident = parse_resident_id(patient_id)
-        patient_id, birth, sex = resident.number, resident.birth_date, resident.sex
-    return Patient(
-        patient_id=patient_id, name=dicom_person_name(name), birth_date=birth, sex=sex, issuer=config.patient.id_issuer
-    )
 
 
 def vetted_patient(recording: EcgRecording, config: Config) -> EcgRecording:
@@ -308,16 +310,6 @@ def enqueue_recording(
     return result
 
 
-class HeldEcgError(LookupError):
-    """The ECG cannot be assigned (unknown, not an ECG, or already sent); the message says why."""
-
-
-def held_ecgs(outbox: Outbox, now: float) -> list[OutboxItem]:
-    """ECGs waiting for the doctor (unassigned, naming another patient, or to be recorded again),
-    oldest first."""
-    return [item for item in outbox.held_items(now, kind=Kind.DICOM) if item.hold_reason in DOCTOR_HOLDS]
-
-
 def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.datetime, by: str = "") -> OutboxItem:
     """Give a held ECG its patient: the stored object is rebuilt under the same UIDs for
     `patient` and released to the forwarder. HeldEcgError when it is no ECG of ours or was
@@ -363,38 +355,6 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
     return updated
 
 
-def _held_ecg(outbox: Outbox, item_id: int, now: float) -> OutboxItem:
-    item = outbox.get(item_id)
-    if item is None or item.kind != Kind.DICOM or not item.held(now):
-        raise HeldEcgError(f"no ECG E{item_id} is held at this gateway (see 'lastmile patient show')")
-    return item
-
-
-def release_held_ecg(outbox: Outbox, item_id: int, now: float, *, by: str = "") -> OutboxItem:
-    """The doctor's "send anyway": a held ECG goes now, as it is (its problems marked in it).
-    A patient still to settle stays: an ECG with no patient goes under a placeholder only when
-    its hold runs out, or at once if the doctor releases it knowingly."""
-    item = _held_ecg(outbox, item_id, now)
-    if not outbox.release_hold(item_id, now):
-        raise HeldEcgError(f"ECG E{item_id} was taken for sending meanwhile")
-    log.info("held ECG E%d (%s) released for sending%s", item_id, item.hold_reason, f" by {by}" if by else "")
-    released = outbox.get(item_id)
-    assert released is not None
-    return released
-
-
-def discard_held_ecg(outbox: Outbox, item_id: int, now: float, *, by: str = "") -> OutboxItem:
-    """The doctor recorded again: this one is never sent. It is kept, quarantined with the reason
-    (`lastmile retry E<n>` would still send it), never deleted: it is patient data."""
-    item = _held_ecg(outbox, item_id, now)
-    reason = "recorded again at the gateway: the doctor kept this ECG from being sent" + (f" ({by})" if by else "")
-    outbox.quarantine(item_id, reason, now)
-    log.info("held ECG E%d (%s) discarded: recorded again", item_id, item.hold_reason)
-    discarded = outbox.get(item_id)
-    assert discarded is not None
-    return discarded
-
-
 def with_patient_check(recording: EcgRecording, current_patient_id: str | None) -> EcgRecording:
     """The file's patient is kept; if the gateway's current patient is another one, the
     recording is flagged for the doctor (never re-assigned). A file without a patient stays
@@ -426,15 +386,25 @@ def file_enqueuer(
     current_patient_id: CurrentPatient = _no_current_patient,
     request: Callable[[], StudyRequest] = StudyRequest,
     stat: bool = False,
+    stat_session: StatLookup = _no_stat_session,
 ) -> Callable[[EcgRecording, str], bool]:
     """(recording, key) -> created, for firmware_bridge.usb_import: builds the DICOM object (UIDs
     minted once) and stores it; a recording no DICOM ECG can hold is refused (FileRefused).
-    `request`: the doctor and reason of the moment; `stat`: every file is urgent (`import --stat`)."""
+    `request`: the doctor and reason of the moment; `stat`: every file is urgent (`import --stat`);
+    `stat_session`: files of the patient the doctor checked in as STAT, recorded since, are urgent."""
     from firmware_bridge.errors import FileRefused
     from uploader.errors import InvalidObjectError
 
+    default_stat = stat
+
     def enqueue(recording: EcgRecording, key: str) -> bool:
         recording = with_patient_check(vetted_patient(recording, config), current_patient_id())
+        session = stat_session()
+        patient_id = recording.patient.patient_id if recording.patient else None
+        if session is not None and session.covers(patient_id, recording.acquired_at):
+            stat = True
+        else:
+            stat = default_stat
         if stat and not recording.stat:
             recording = dataclasses.replace(recording, stat=True)
         try:
@@ -454,6 +424,7 @@ def import_files(
     progress: Callable | None = None,
     request: Callable[[], StudyRequest] = StudyRequest,
     stat: bool = False,
+    stat_session: StatLookup = _no_stat_session,
 ) -> ImportSummary:
     """Import every ECG file under `roots`, each once (by content hash)."""
     from firmware_bridge.usb_import import import_paths
@@ -461,7 +432,7 @@ def import_files(
     return import_paths(
         roots,
         is_known=lambda key: outbox.find(key) is not None,
-        enqueue=file_enqueuer(outbox, config, current_patient_id, request, stat),
+        enqueue=file_enqueuer(outbox, config, current_patient_id, request, stat, stat_session),
         local_tz=local_zone(),
         now=lambda: dt.datetime.now(dt.timezone.utc),
         progress=progress,
@@ -469,7 +440,10 @@ def import_files(
 
 
 def usb_import_watcher(
-    config: Config, outbox: Outbox, current_patient_id: CurrentPatient = _no_current_patient
+    config: Config,
+    outbox: Outbox,
+    current_patient_id: CurrentPatient = _no_current_patient,
+    stat_session: StatLookup = _no_stat_session,
 ) -> FolderWatcher:
     """A FolderWatcher over `usb_import.folders`; call its poll() every few seconds (or on a
     udev 'add' event for a mass-storage device mounted there)."""
@@ -477,7 +451,12 @@ def usb_import_watcher(
 
     def run(roots: Iterable[str | Path]) -> ImportSummary:
         return import_files(
-            outbox, config, roots, current_patient_id=current_patient_id, request=lambda: clinic_request(config)
+            outbox,
+            config,
+            roots,
+            current_patient_id=current_patient_id,
+            request=lambda: clinic_request(config),
+            stat_session=stat_session,
         )
 
     return FolderWatcher(config.usb_import.folders, run)
@@ -487,15 +466,20 @@ def usb_import_watcher(
 
 
 def lan_object_store(
-    outbox: Outbox, current_patient_id: CurrentPatient = _no_current_patient
+    outbox: Outbox,
+    current_patient_id: CurrentPatient = _no_current_patient,
+    stat_session: StatLookup = _no_stat_session,
 ) -> Callable[[ReceivedObject], None]:
     """ReceivedObject -> durable outbox item, for firmware_bridge.dicom_receiver: the object is
     stored as received (its bytes, its UIDs); the SOP Instance UID is the key, so a cart that
     sends the same object again gets Success without a second item. A patient other than the
-    gateway's current one is flagged in the item's meta (the object itself is not touched)."""
+    gateway's current one is flagged in the item's meta (the object itself is not touched); one
+    of the patient the doctor checked in as STAT goes first (the cart sends as it records)."""
 
     def store(obj: ReceivedObject) -> None:
         current = current_patient_id()
+        session = stat_session()
+        stat = session is not None and session.covers(obj.patient["patient_id"] if obj.patient else None, None)
         mismatch = bool(current and obj.patient and obj.patient["patient_id"] != current)
         meta = ecg_item_meta(
             sop_class_uid=obj.sop_class_uid,
@@ -507,12 +491,13 @@ def lan_object_store(
             unassigned=obj.patient is None,
             transfer_syntax=obj.transfer_syntax,
             calling_ae=obj.calling_ae,
+            stat=stat,
         )
         outbox.add(
             Kind.DICOM,
             "dicom-sop:" + obj.sop_instance_uid,
             obj.data,
-            priority=Priority.ROUTINE,
+            priority=Priority.STAT if stat else Priority.ROUTINE,
             meta=meta,
             patient=obj.patient,
         )
@@ -521,7 +506,10 @@ def lan_object_store(
 
 
 def start_lan_receiver(
-    config: Config, outbox: Outbox, current_patient_id: CurrentPatient = _no_current_patient
+    config: Config,
+    outbox: Outbox,
+    current_patient_id: CurrentPatient = _no_current_patient,
+    stat_session: StatLookup = _no_stat_session,
 ) -> DicomReceiver | None:
     """The clinic-LAN storage SCP from `lan_receiver.*`, started; None when disabled."""
     from firmware_bridge.dicom_receiver import DicomReceiver, settings_from
@@ -539,7 +527,7 @@ def start_lan_receiver(
             timeout_s=config.reading_center.timeout_s,
             max_object_bytes=max(1, section.max_object_mb) * 2**20,
         ),
-        lan_object_store(outbox, current_patient_id),
+        lan_object_store(outbox, current_patient_id, stat_session),
     )
     receiver.start()
     return receiver

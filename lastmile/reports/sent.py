@@ -62,6 +62,7 @@ def sent_study_of(item: OutboxItem, facts: dict[str, str], sent_at: dt.datetime)
         return None
     patient = item.patient or {}
     queued = dt.datetime.fromtimestamp(item.created_at, dt.timezone.utc).isoformat()
+    quality = item.meta.get("quality")
     return SentStudy(
         study_uid=study_uid,
         sent_at=sent_at,
@@ -76,6 +77,7 @@ def sent_study_of(item: OutboxItem, facts: dict[str, str], sent_at: dt.datetime)
         committed_at=(
             dt.datetime.fromtimestamp(item.committed_at, dt.timezone.utc) if item.committed_at is not None else None
         ),
+        quality_verdict=str(quality.get("verdict") or "") if isinstance(quality, dict) else "",
     )
 
 

@@ -55,6 +55,7 @@ class SentStudy:
     final_at: dt.datetime | None = None
     last_polled_at: dt.datetime | None = None
     polls: int = 0
+    quality_verdict: str = ""  # the quality gate's verdict on the ECG sent ("" if not checked)
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,7 @@ def _study(row: sqlite3.Row) -> SentStudy:
         final_at=from_iso(row["final_at"]),
         last_polled_at=from_iso(row["last_polled_at"]),
         polls=row["polls"] or 0,
+        quality_verdict=row["quality_verdict"] or "",
     )
 
 
@@ -223,14 +225,15 @@ class ReportStore:
             conn.execute(
                 "UPDATE sent_studies SET stat = MAX(stat, ?), "
                 "patient_id = COALESCE(NULLIF(patient_id, ''), ?), "
-                "patient_name = COALESCE(NULLIF(patient_name, ''), ?) WHERE study_uid = ?",
-                (int(study.stat), study.patient_id, study.patient_name, study.study_uid),
+                "patient_name = COALESCE(NULLIF(patient_name, ''), ?), "
+                "quality_verdict = COALESCE(NULLIF(quality_verdict, ''), ?) WHERE study_uid = ?",
+                (int(study.stat), study.patient_id, study.patient_name, study.quality_verdict, study.study_uid),
             )
             return 0
         conn.execute(
             "INSERT INTO sent_studies (study_uid, outbox_item_id, sop_instance_uid, accession, patient_id, "
-            "patient_name, ecg_time, description, stat, sent_at, committed_at, polls) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
+            "patient_name, ecg_time, description, stat, sent_at, committed_at, quality_verdict, polls) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
             (
                 study.study_uid,
                 study.outbox_item_id,
@@ -243,6 +246,7 @@ class ReportStore:
                 int(study.stat),
                 iso(study.sent_at),
                 iso(study.committed_at) if study.committed_at else None,
+                study.quality_verdict or None,
             ),
         )
         return 1

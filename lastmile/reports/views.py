@@ -48,6 +48,7 @@ class StudyLine:
             "stat": s.stat,
             "sent_at": s.sent_at.isoformat(),
             "committed_at": s.committed_at.isoformat() if s.committed_at else None,
+            "ecg_quality": s.quality_verdict or None,
             "status": self.status,
             "reading_doctor": self.observer or None,
             "reports": [r.to_json() for r in self.reports],
@@ -86,6 +87,8 @@ def render_report(store: ReportStore, report: StoredReport) -> str:
         who = " ".join(x for x in (study.patient_id, study.patient_name.replace("^", " ")) if x) or "(unassigned)"
         out.append(f"Patient: {who}")
         out.append(f"ECG: {short_time(study.ecg_time)}" + (" (STAT)" if study.stat else ""))
+        if study.quality_verdict:
+            out.append(f"ECG quality at the clinic: {study.quality_verdict}")
     if report.superseded_by is not None:
         out.append(f"REPLACED by report {report.superseded_by}: read that one")
     if report.critical:

@@ -25,9 +25,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from lastmile.clinic.patients import StatSession
     from lastmile.config import Config
     from uploader.outbox import Outbox
 
@@ -231,7 +233,19 @@ def ble_part(config: Config, outbox: Outbox) -> Part | None:
     return WorkerPart("ble", work)
 
 
-def lan_receiver_part(config: Config, outbox: Outbox, current_patient_id: Callable[[], str | None]) -> Part | None:
+@dataclass(frozen=True)
+class SessionLookup:
+    """What the clinic session says at this moment, for ECGs that arrive on their own (LAN, stick):
+    the current patient's id, and that patient when the doctor checked them in as STAT."""
+
+    patient_id: Callable[[], str | None]
+    stat_session: Callable[[], StatSession | None]
+
+
+NO_SESSION = SessionLookup(lambda: None, lambda: None)
+
+
+def lan_receiver_part(config: Config, outbox: Outbox, session: SessionLookup) -> Part | None:
     if not config.lan_receiver.enabled:
         return None
     from firmware_bridge.errors import LinkConfigError
@@ -239,18 +253,18 @@ def lan_receiver_part(config: Config, outbox: Outbox, current_patient_id: Callab
     from lastmile.ecg.intake import start_lan_receiver
 
     try:
-        receiver = start_lan_receiver(config, outbox, current_patient_id)
+        receiver = start_lan_receiver(config, outbox, session.patient_id, session.stat_session)
     except LinkConfigError as exc:  # empty allow-list and the like
         raise ConfigError(f"{config.source}: lan_receiver: {exc}") from None
     return ReceiverPart(receiver) if receiver is not None else None
 
 
-def usb_import_part(config: Config, outbox: Outbox, current_patient_id: Callable[[], str | None]) -> Part | None:
+def usb_import_part(config: Config, outbox: Outbox, session: SessionLookup) -> Part | None:
     if not config.usb_import.folders:
         return None
     from lastmile.ecg.intake import usb_import_watcher
 
-    watcher = usb_import_watcher(config, outbox, current_patient_id)
+    watcher = usb_import_watcher(config, outbox, session.patient_id, session.stat_session)
 
     def work(stop: threading.Event, beat: Beat) -> None:
         while not stop.is_set():
@@ -305,15 +319,13 @@ def gnss_part(config: Config) -> Part | None:
     return WorkerPart("gnss", work)
 
 
-def build_parts(
-    config: Config, outbox: Outbox, current_patient_id: Callable[[], str | None], *, into: list[Part]
-) -> None:
+def build_parts(config: Config, outbox: Outbox, session: SessionLookup, *, into: list[Part]) -> None:
     """Every enabled part, appended to `into` as it is made (so a failure can close those made)."""
     for build in (
         lambda: serial_part(config, outbox),
         lambda: ble_part(config, outbox),
-        lambda: lan_receiver_part(config, outbox, current_patient_id),
-        lambda: usb_import_part(config, outbox, current_patient_id),
+        lambda: lan_receiver_part(config, outbox, session),
+        lambda: usb_import_part(config, outbox, session),
         lambda: gnss_part(config),
     ):
         part = build()
@@ -339,8 +351,7 @@ class AcquireService:
         closers: list[Callable[[], None]] = [outbox.close]
         parts: list[Part] = []
         try:
-            current_patient_id = cls._patient_lookup(config, closers)
-            build_parts(config, outbox, current_patient_id, into=parts)
+            build_parts(config, outbox, cls._session_lookup(config, closers), into=parts)
             service = cls(config, outbox, parts, closers)
             service.check_parts()  # starts the worker threads
         except BaseException:
@@ -353,11 +364,11 @@ class AcquireService:
         return service
 
     @staticmethod
-    def _patient_lookup(config: Config, closers: list[Callable[[], None]]) -> Callable[[], str | None]:
+    def _session_lookup(config: Config, closers: list[Callable[[], None]]) -> SessionLookup:
         try:
-            from lastmile.clinic.patients import PatientContext
+            from lastmile.clinic.patients import PatientContext, StatSession
         except ImportError:
-            return lambda: None
+            return NO_SESSION
         context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
         closers.append(context.close)
         lock = threading.Lock()
@@ -367,7 +378,14 @@ class AcquireService:
                 current = context.current(dt.datetime.now(dt.timezone.utc))
             return current.patient_id if current else None
 
-        return current_patient_id
+        def stat_session() -> StatSession | None:
+            with lock:
+                current = context.current(dt.datetime.now(dt.timezone.utc))
+            if current is None or not current.stat:
+                return None
+            return StatSession(current.patient_id, current.since)
+
+        return SessionLookup(current_patient_id, stat_session)
 
     def check_parts(self) -> None:
         now = time.monotonic()
@@ -388,9 +406,9 @@ class AcquireService:
             close()
         self.config = config
         self._closers = self._closers[:1]
-        current_patient_id = self._patient_lookup(config, self._closers)
+        session = self._session_lookup(config, self._closers)
         self.parts = []
-        build_parts(config, self.outbox, current_patient_id, into=self.parts)
+        build_parts(config, self.outbox, session, into=self.parts)
         self.check_parts()
 
     def close(self) -> None:

@@ -16,9 +16,9 @@ a Pi with an SD card:
   runs, else systemd-timesyncd's flag file; and lastmile's own GPS anchor of this boot in
   visits.db (`lastmile.clock`): the gateway's guard when no time daemon has a reference.
 
-SEAM(issue 14): returned reports live in clinic.db (`reports`, `sent_studies`, `report_status`)
-once issue 14 is merged; `read_reports` reads those tables when they exist and answers None
-before, so the metrics appear by themselves with the store.
+Returned reports live in clinic.db (`reports`, `sent_studies`, `report_status`, written by
+lastmile.reports.store); `read_reports` answers None until clinic.db exists, and also when its
+columns do not match what is read here (a wrong number is worse than none).
 """
 
 from __future__ import annotations
@@ -229,7 +229,7 @@ def _epoch(iso: object) -> float | None:
     return value.timestamp()
 
 
-# -- returned reports (SEAM(issue 14)) -------------------------------------------------------------
+# -- returned reports -------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -250,9 +250,8 @@ REPORT_TABLES = {
 
 
 def read_reports(data_dir: Path, now: float) -> ReportsSnapshot | None:
-    """SEAM(issue 14): the report store in clinic.db; None while that store does not exist
-    (issue 14 not merged, or clinic.db never created). Written against the store's schema on
-    branch `reports` (lastmile/reports/store.py); a mismatch answers None, never a wrong number."""
+    """The report store in clinic.db (lastmile/reports/store.py); None while clinic.db does not
+    exist, and on a schema mismatch: never a wrong number."""
     path = data_dir / CLINIC_DB
     if not path.is_file():
         return None

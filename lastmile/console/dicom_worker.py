@@ -1,0 +1,76 @@
+"""The console's helper process for what needs pydicom: one job as JSON on stdin, its result on stdout.
+
+    python -m lastmile.console.dicom_worker < job.json
+
+pydicom (and the DICOM builders) take ~25 MB that the long-lived console must not keep (its
+budget is 64 MB), so the two things the doctor rarely does that need them run here, in a
+short-lived child, through the very functions the commands use:
+- {"job": "assign-ecg", ...}: `lastmile patient assign E<n>` (`lastmile.ecg.intake.assign_held_ecg`);
+  answers {"item": ...} or {"error": ...}.
+- {"job": "report-document", "source": ..., "data": base64}: the document (PDF) a stored report
+  carries, as `lastmile report print` finds it; answers {"document": base64 | null, "type": ...}.
+The exit code is 0 either way (1 only for a crash).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def assign_ecg(job: dict[str, Any]) -> dict[str, Any]:
+    from devices.identity import Patient
+    from lastmile.ecg.intake import HeldEcgError, assign_held_ecg
+    from uploader.outbox import Outbox
+
+    p = job["patient"]
+    patient = Patient(
+        patient_id=p["patient_id"],
+        name=p.get("name", ""),
+        birth_date=dt.date.fromisoformat(p["birth_date"]) if p.get("birth_date") else None,
+        sex=p.get("sex", ""),
+        issuer=p.get("issuer", ""),
+    )
+    outbox = Outbox.open(Path(job["data_dir"]), **job.get("outbox", {}))
+    try:
+        item = assign_held_ecg(
+            outbox, int(job["item_id"]), patient, now=dt.datetime.fromisoformat(job["now"]), by=job.get("by", "")
+        )
+    except HeldEcgError as exc:
+        return {"error": str(exc)}
+    finally:
+        outbox.close()
+    return {"item": item.id, "held": item.hold_until is not None, "accession": item.meta.get("accession_number")}
+
+
+def report_document(job: dict[str, Any]) -> dict[str, Any]:
+    from uploader.report_reading import UnreadableReport, read_dicom_report, read_fhir_report
+
+    data = base64.b64decode(job["data"])
+    try:
+        content = read_fhir_report(json.loads(data)) if job["source"] == "fhir" else read_dicom_report(data)
+    except (UnreadableReport, ValueError) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    document = content.document
+    return {
+        "document": base64.b64encode(document).decode("ascii") if document else None,
+        "type": content.document_type,
+    }
+
+
+JOBS = {"assign-ecg": assign_ecg, "report-document": report_document}
+
+
+def main() -> int:
+    job = json.loads(sys.stdin.buffer.read())
+    result = JOBS[job["job"]](job)
+    sys.stdout.write(json.dumps(result, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""The console's sources over the gateway's real state: the report store and the outbox's held ECGs.
+
+- `StoredReports`: the reports returned by the reading center (`lastmile.reports.store`, in
+  clinic.db), each with what is known of the ECG it reads (patient, time, STAT, the quality
+  verdict the ECG had when sent). Acknowledging here is `lastmile report ack`: one state.
+- `OutboxHeldEcgs`: the ECGs held for the doctor (`lastmile.ecg.holds`); release and discard are
+  `lastmile ecg release|discard E<n>`; assigning a patient is `lastmile patient assign E<n>`, run
+  in `dicom_worker` (it rebuilds the DICOM object: pydicom stays out of the console).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import logging
+import subprocess
+import sys
+from typing import Any
+
+from devices.identity import Patient
+from lastmile.config import Config
+from lastmile.console.sources import HeldEcg, ReportView
+from lastmile.ecg.holds import HeldEcgError, discard_held_ecg, held_ecgs, release_held_ecg
+from lastmile.reports.store import ReportStore, SentStudy, StoredReport
+from uploader.outbox import Outbox, OutboxItem
+
+log = logging.getLogger(__name__)
+
+WORKER_TIMEOUT_S = 120.0  # a Pi 3 under load: start Python, import pydicom, rebuild one ECG
+PDF_TYPE = "application/pdf"
+
+
+def run_worker(job: dict[str, Any], worker: list[str]) -> dict[str, Any]:
+    """One job of `lastmile.console.dicom_worker`; {"error": ...} when it could not be done."""
+    try:
+        done = subprocess.run(
+            worker, input=json.dumps(job).encode(), capture_output=True, timeout=WORKER_TIMEOUT_S, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("DICOM worker failed: %s", exc)
+        return {"error": type(exc).__name__}
+    if done.returncode != 0:
+        log.warning("DICOM worker exited %d: %s", done.returncode, done.stderr.decode(errors="replace")[-500:])
+        return {"error": f"worker exited {done.returncode}"}
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def default_worker() -> list[str]:
+    return [sys.executable, "-m", "lastmile.console.dicom_worker"]
+
+
+def _when(text: str) -> dt.datetime | None:
+    """An ECG time as `sent_studies` keeps it (ISO with its offset); None if unreadable."""
+    try:
+        value = dt.datetime.fromisoformat(text) if text else None
+    except ValueError:
+        return None
+    if value is not None and value.tzinfo is None:
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return value
+
+
+def report_view(report: StoredReport, study: SentStudy | None) -> ReportView:
+    """A stored report as the pages show it: the patient and ECG as we sent them (the report's
+    own patient fields are what the reading center wrote; a disagreement is in its problems)."""
+    status = {"final": "received"}.get(report.status, report.status)
+    return ReportView(
+        report_id=str(report.id),
+        study_uid=report.study_uid,
+        patient_id=(study.patient_id if study else "") or report.patient_id,
+        patient_name=(study.patient_name if study else "") or report.patient_name,
+        ecg_time=_when(study.ecg_time) if study else None,
+        received_at=report.received_at,
+        status=status,
+        critical=bool(report.critical),
+        reading_doctor=report.observer,
+        text=report.text,
+        has_pdf=report.document_type == PDF_TYPE,
+        quality_verdict=study.quality_verdict if study else "",
+        acknowledged_at=report.acknowledged_at,
+        acknowledged_by=report.acknowledged_by,
+        stat=study.stat if study else False,
+        critical_reasons=report.critical,
+    )
+
+
+class StoredReports:
+    """`ReportsSource` over the report store (current reports only: an amended one replaces)."""
+
+    def __init__(self, store: ReportStore, *, worker: list[str] | None = None) -> None:
+        self.store = store
+        self.worker = worker or default_worker()
+
+    def reports(self, limit: int = 200) -> list[ReportView]:
+        studies = {s.study_uid: s for s in self.store.studies()}
+        found = self.store.reports(current_only=True)
+        found.sort(key=lambda r: (r.received_at, r.id), reverse=True)
+        return [report_view(r, studies.get(r.study_uid)) for r in found[:limit]]
+
+    def _stored(self, report_id: str) -> StoredReport | None:
+        return self.store.get(int(report_id)) if report_id.isdigit() else None
+
+    def report(self, report_id: str) -> ReportView | None:
+        found = self._stored(report_id)
+        return None if found is None else report_view(found, self.store.study(found.study_uid))
+
+    def acknowledge(self, report_id: str, by: str, now: dt.datetime) -> ReportView | None:
+        if self._stored(report_id) is None:
+            return None
+        done = self.store.acknowledge(int(report_id), by, now)
+        return report_view(done, self.store.study(done.study_uid))
+
+    def pdf(self, report_id: str) -> bytes | None:
+        found = self._stored(report_id)
+        data = self.store.data_of(found.id) if found is not None and found.document_type == PDF_TYPE else None
+        if not data:
+            return None
+        job = {
+            "job": "report-document",
+            "source": found.source if found else "",
+            "data": base64.b64encode(data).decode(),
+        }
+        result = run_worker(job, self.worker)
+        document = result.get("document")
+        if not document:
+            log.warning("report %s: no PDF could be taken out (%s)", report_id, result.get("error", "none in it"))
+            return None
+        return base64.b64decode(document)
+
+
+def held_view(item: OutboxItem) -> HeldEcg:
+    acquired = _when(str(item.meta.get("acquired_at") or ""))
+    quality = item.meta.get("quality")
+    return HeldEcg(
+        item_id=item.id,
+        recorded_at=acquired or dt.datetime.fromtimestamp(item.created_at, dt.timezone.utc),
+        reason=item.hold_reason or "",
+        hold_until=dt.datetime.fromtimestamp(item.hold_until or item.created_at, dt.timezone.utc),
+        patient_hint=str(item.meta.get("file_patient_id") or (item.patient or {}).get("patient_id") or ""),
+        device=str(item.meta.get("device") or ""),
+        quality_verdict=str(quality.get("verdict") or "") if isinstance(quality, dict) else "",
+    )
+
+
+class OutboxHeldEcgs:
+    """`HeldEcgSource` over the outbox: the same holds and decisions as the commands."""
+
+    def __init__(self, outbox: Outbox, config: Config, *, worker: list[str] | None = None) -> None:
+        self.outbox = outbox
+        self.config = config
+        self.worker = worker or default_worker()
+
+    def held_ecgs(self, now: dt.datetime) -> list[HeldEcg]:
+        return [held_view(item) for item in held_ecgs(self.outbox, now.timestamp())]
+
+    def assign(self, item_id: int, patient: Patient, *, now: dt.datetime, by: str = "") -> bool:
+        o = self.config.outbox
+        job = {
+            "job": "assign-ecg",
+            "data_dir": str(self.config.data_dir),
+            "outbox": {
+                "min_free_bytes": o.min_free_mb * 2**20,
+                "backoff_base_s": o.backoff_base_s,
+                "backoff_max_s": o.backoff_max_s,
+            },
+            "item_id": item_id,
+            "patient": {
+                "patient_id": patient.patient_id,
+                "name": patient.name,
+                "birth_date": patient.birth_date.isoformat() if patient.birth_date else None,
+                "sex": patient.sex,
+                "issuer": patient.issuer,
+            },
+            "now": now.isoformat(),
+            "by": by,
+        }
+        result = run_worker(job, self.worker)
+        if "error" in result:
+            log.info("held ECG E%d not assigned: %s", item_id, result["error"])
+            return False
+        return True
+
+    def send_anyway(self, item_id: int, *, now: dt.datetime, by: str = "") -> bool:
+        try:
+            release_held_ecg(self.outbox, item_id, now.timestamp(), by=by)
+        except HeldEcgError as exc:
+            log.info("%s", exc)
+            return False
+        return True
+
+    def discard(self, item_id: int, *, now: dt.datetime, by: str = "") -> bool:
+        try:
+            discard_held_ecg(self.outbox, item_id, now.timestamp(), by=by)
+        except HeldEcgError as exc:
+            log.info("%s", exc)
+            return False
+        return True

@@ -1,0 +1,64 @@
+"""ECGs held for the doctor in the outbox, and the doctor's decisions that need no DICOM rebuild.
+
+Listing the held ECGs, "send anyway" (release) and "recorded again" (discard) touch only the
+outbox, so they live apart from `lastmile.ecg.intake` (which builds DICOM objects with pydicom):
+the console process (64 MB budget) uses them without loading pydicom. Assigning a patient
+rebuilds the object: `lastmile.ecg.intake.assign_held_ecg`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from uploader.outbox import Kind, Outbox, OutboxItem
+
+log = logging.getLogger(__name__)
+
+PATIENT_MISMATCH = "patient-mismatch"
+UNASSIGNED_HOLD = "unassigned"
+QUALITY_HOLD = "re-record"  # the quality gate's verdict: the doctor may record again, or send anyway
+DOCTOR_HOLDS = (UNASSIGNED_HOLD, PATIENT_MISMATCH, QUALITY_HOLD)
+LAN_SOURCE_FORMAT = "dicom-lan"
+
+
+class HeldEcgError(LookupError):
+    """The ECG cannot be assigned (unknown, not an ECG, or already sent); the message says why."""
+
+
+def held_ecgs(outbox: Outbox, now: float) -> list[OutboxItem]:
+    """ECGs waiting for the doctor (unassigned, naming another patient, or to be recorded again),
+    oldest first."""
+    return [item for item in outbox.held_items(now, kind=Kind.DICOM) if item.hold_reason in DOCTOR_HOLDS]
+
+
+def held_ecg(outbox: Outbox, item_id: int, now: float) -> OutboxItem:
+    """The ECG `item_id` if it is held now; HeldEcgError otherwise."""
+    item = outbox.get(item_id)
+    if item is None or item.kind != Kind.DICOM or not item.held(now):
+        raise HeldEcgError(f"no ECG E{item_id} is held at this gateway (see 'lastmile patient show')")
+    return item
+
+
+def release_held_ecg(outbox: Outbox, item_id: int, now: float, *, by: str = "") -> OutboxItem:
+    """The doctor's "send anyway": a held ECG goes now, as it is (its problems marked in it).
+    A patient still to settle stays: an ECG with no patient goes under a placeholder only when
+    its hold runs out, or at once if the doctor releases it knowingly."""
+    item = held_ecg(outbox, item_id, now)
+    if not outbox.release_hold(item_id, now):
+        raise HeldEcgError(f"ECG E{item_id} was taken for sending meanwhile")
+    log.info("held ECG E%d (%s) released for sending%s", item_id, item.hold_reason, f" by {by}" if by else "")
+    released = outbox.get(item_id)
+    assert released is not None
+    return released
+
+
+def discard_held_ecg(outbox: Outbox, item_id: int, now: float, *, by: str = "") -> OutboxItem:
+    """The doctor recorded again: this one is never sent. It is kept, quarantined with the reason
+    (`lastmile retry E<n>` would still send it), never deleted: it is patient data."""
+    item = held_ecg(outbox, item_id, now)
+    reason = "recorded again at the gateway: the doctor kept this ECG from being sent" + (f" ({by})" if by else "")
+    outbox.quarantine(item_id, reason, now)
+    log.info("held ECG E%d (%s) discarded: recorded again", item_id, item.hold_reason)
+    discarded = outbox.get(item_id)
+    assert discarded is not None
+    return discarded

@@ -1,0 +1,340 @@
+"""The console's sources over the real stores of a real data directory: returned reports (the
+report store the `lastmile report` commands use), held ECGs (the outbox holds the `lastmile
+patient assign` / `ecg release|discard` commands use), the check-in's STAT and reason on the
+session, the patient ID checked against `[patient] id_kind` - and each time, what the CLI then sees."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+
+from devices.identity import Patient
+from lastmile.cli import main as cli
+from lastmile.clinic.patients import PatientContext
+from lastmile.config import Config
+from lastmile.console import views
+from lastmile.console.sources import ClinicData, ConsoleInputError, checked_patient
+from lastmile.console.stores import OutboxHeldEcgs, StoredReports
+from lastmile.data_dir import open_outbox
+from lastmile.demo.cardiologist import STEMI, StudyToRead, ecg_report_sr, part10, report_pdf
+from lastmile.ecg.intake import enqueue_recording
+from lastmile.reports.sent import sent_study_of
+from lastmile.reports.store import ReportStore, SentStudy
+from lastmile.reports.views import render_report
+from tests.ecg_factories import make_recording
+from uploader.outbox import ItemState, Kind
+from uploader.report_reading import CriticalRules, read_dicom_report
+
+VALID_ID = "11010519491231002X"  # GB 11643's own example
+WRONG_CHECK = "110105194912310021"
+RULES = CriticalRules.parse(["SCT:401303003"], ["危急值"])
+
+
+def make_config(tmp_path: Path, id_kind: str = "") -> Config:
+    config = Config()
+    config.set_data_dir(tmp_path / "data")
+    config.outbox.min_free_mb = 1
+    config.patient.id_kind = id_kind
+    config.patient.unassigned_ecg_hold_s = 3600
+    config.ecg.re_record_hold_s = 3600
+    return config
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def sent_study(store: ReportStore, patient_id: str, name: str, *, verdict: str = "acceptable", stat: bool = False):
+    uid = generate_uid()
+    store.record_sent(
+        SentStudy(
+            uid,
+            now() - dt.timedelta(hours=2),
+            stat=stat,
+            patient_id=patient_id,
+            patient_name=name,
+            ecg_time="2026-11-02T09:30:00+08:00",
+            quality_verdict=verdict,
+        )
+    )
+    return StudyToRead(uid, patient_id=patient_id, patient_name=name)
+
+
+def add_report(store: ReportStore, ds, at: dt.datetime | None = None) -> int:
+    data = part10(ds)
+    return store.add_report(read_dicom_report(data, RULES), data, "dicom", at or now()).report.id
+
+
+def cli_json(args: list[str], capsys: pytest.CaptureFixture[str]) -> object:
+    assert cli(args) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+# -- reports -----------------------------------------------------------------------------------------
+
+
+def test_reports_come_from_the_store_and_acknowledging_is_the_cli_s_ack(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = make_config(tmp_path)
+    data_args = ["--data-dir", str(config.data_dir)]
+    with ReportStore.open(config.data_dir) as store:
+        normal = sent_study(store, "DEMO-0002", "Li^Wei=李^伟", verdict="warn")
+        urgent = sent_study(store, VALID_ID, "Zhang^San=张^三", stat=True)
+        normal_id = add_report(
+            store,
+            ecg_report_sr(normal, findings=["Sinus rhythm"], impression="正常心电图"),
+            now() - dt.timedelta(hours=1),
+        )
+        critical_id = add_report(
+            store,
+            ecg_report_sr(
+                urgent, findings=["ST elevation II III aVF"], impression="急性下壁心肌梗死", coded_findings=[STEMI]
+            ),
+            now() - dt.timedelta(hours=3),  # older: critical still comes first
+        )
+    data = ClinicData(config)  # the real sources, by default
+    try:
+        assert isinstance(data.reports, StoredReports)
+        listed = views.reports(data, now())["reports"]
+        assert [r.report_id for r in listed] == [str(critical_id), str(normal_id)]
+        critical, routine = listed
+        assert critical.critical and critical.stat and critical.patient_name == "Zhang^San=张^三"
+        assert critical.ecg_time == dt.datetime.fromisoformat("2026-11-02T09:30:00+08:00")
+        assert routine.quality_verdict == "warn" and routine.unread and not routine.critical
+        assert "正常心电图" in routine.text
+        assert [a.report_id for a in views.critical_alerts(data)] == [str(critical_id)]
+
+        # the CLI acknowledges the critical one: the console's alert is gone
+        assert cli(["report", "ack", str(critical_id), "--by", "Dr Chen", *data_args]) == 0
+        capsys.readouterr()
+        assert views.critical_alerts(data) == []
+        assert data.reports.report(str(critical_id)).acknowledged_by == "Dr Chen"  # type: ignore[union-attr]
+
+        # opening the routine report in the console reads it: the CLI sees it acknowledged
+        opened = views.report(data, now(), str(normal_id), "王医生")["report"]
+        assert opened is not None and not opened.unread and opened.acknowledged_by == "王医生"
+    finally:
+        data.close()
+    listed_cli = cli_json(["report", "list", "--json", "--all", *data_args], capsys)
+    by_patient = {s["patient_id"]: s for s in listed_cli}  # type: ignore[union-attr]
+    assert by_patient["DEMO-0002"]["reports"][0]["acknowledged_by"] == "王医生"
+    assert by_patient["DEMO-0002"]["ecg_quality"] == "warn"
+    assert by_patient[VALID_ID]["status"] == "critical (seen)"
+
+
+def test_a_critical_report_is_not_read_by_opening_it_but_by_saying_so(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    with ReportStore.open(config.data_dir) as store:
+        study = sent_study(store, VALID_ID, "Zhang^San")
+        report_id = str(add_report(store, ecg_report_sr(study, findings=[], impression="x", coded_findings=[STEMI])))
+    data = ClinicData(config)
+    try:
+        assert views.report(data, now(), report_id, "王医生")["report"].unread
+        views.acknowledge(data, "王医生", report_id, now())
+        assert views.critical_alerts(data) == []
+        assert data.audit.latest("acknowledge-report", report_id) is not None  # who, in the audit trail
+        assert views.acknowledge(data, "王医生", "999", now()) is None  # an unknown report: nothing
+    finally:
+        data.close()
+    with ReportStore.open(config.data_dir) as store:
+        assert store.unacknowledged_critical() == []
+        assert store.get(int(report_id)).acknowledged_by == "王医生"  # type: ignore[union-attr]
+
+
+def test_the_pdf_of_a_report_comes_out_of_the_stored_object(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    with ReportStore.open(config.data_dir) as store:
+        study = sent_study(store, VALID_ID, "Zhang^San")
+        pdf_id = str(add_report(store, report_pdf(study, ["Sinus rhythm", "Normal ECG"])))
+        sr_id = str(add_report(store, ecg_report_sr(study, findings=[], impression="normal")))
+        stored = store.data_of(int(pdf_id))
+        source = StoredReports(store)
+        assert source.report(pdf_id).has_pdf and not source.report(sr_id).has_pdf  # type: ignore[union-attr]
+        document = source.pdf(pdf_id)
+        assert document is not None and document.startswith(b"%PDF-") and document in (stored or b"")
+        assert source.pdf(sr_id) is None and source.pdf("nope") is None
+
+
+def test_the_sent_study_keeps_the_quality_verdict_of_the_ecg(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    config.ecg.re_record_hold_s = 0
+    with open_outbox(config) as outbox:
+        item = enqueue_recording(outbox, make_recording(1, patient=Patient(VALID_ID)), config, key="q").item
+    verdict = item.meta["quality"]["verdict"]
+    study = sent_study_of(item, {}, now())
+    assert study is not None and study.quality_verdict == verdict
+    with ReportStore.open(config.data_dir) as store:
+        store.record_sent(study)
+        assert store.study(study.study_uid).quality_verdict == verdict  # type: ignore[union-attr]
+        report_id = add_report(
+            store, ecg_report_sr(StudyToRead(study.study_uid, patient_id=VALID_ID), findings=[], impression="ok")
+        )
+        shown = render_report(store, store.get(report_id))  # type: ignore[arg-type]
+    assert f"ECG quality at the clinic: {verdict}" in shown
+
+
+# -- held ECGs -----------------------------------------------------------------------------------------
+
+
+def test_held_ecgs_are_the_outbox_holds_and_the_decisions_are_the_cli_s(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = make_config(tmp_path, "cn-resident-id")
+    config.patient.id_issuer = "county register"
+    data_args = ["--data-dir", str(config.data_dir)]
+    t = time.time()
+    with open_outbox(config) as outbox:
+        unassigned = enqueue_recording(outbox, make_recording(1, patient=None), config, key="u", now=t).item
+        to_release = enqueue_recording(
+            outbox, make_recording(2, patient=Patient(VALID_ID)), config, key="r", now=t
+        ).item
+        to_discard = enqueue_recording(
+            outbox, make_recording(3, patient=Patient(VALID_ID)), config, key="d", now=t
+        ).item
+    assert {unassigned.hold_reason, to_release.hold_reason} == {"unassigned", "re-record"}
+    data = ClinicData(config)
+    try:
+        assert isinstance(data.held_ecg_source, OutboxHeldEcgs)
+        held = {h.item_id: h for h in data.held_ecgs(now())}
+        assert set(held) == {unassigned.id, to_release.id, to_discard.id}
+        assert held[unassigned.id].reason == "unassigned" and held[to_release.id].quality_verdict == "re-record"
+        with pytest.raises(ConsoleInputError):
+            data.assign_ecg("王医生", unassigned.id, WRONG_CHECK, "张三", now=now())  # checked as the CLI checks
+        assert data.assign_ecg("王医生", unassigned.id, VALID_ID.lower(), "张三", now=now())
+        assert data.send_anyway("王医生", to_release.id, now=now())
+        assert data.re_record("王医生", to_discard.id, now=now())
+        assert not data.send_anyway("王医生", to_discard.id, now=now())  # decided already: nothing happens
+        # the assigned ECG keeps only its quality hold (a 2 s synthetic ECG: "re-record"), for the doctor
+        assert [(h.item_id, h.reason) for h in data.held_ecgs(now())] == [(unassigned.id, "re-record")]
+    finally:
+        data.close()
+    with open_outbox(config) as outbox:
+        assigned = outbox.get(unassigned.id)
+        released = outbox.get(to_release.id)
+        discarded = outbox.get(to_discard.id)
+    assert assigned is not None and released is not None and discarded is not None
+    # the object was rebuilt for the patient, with what the resident ID says (the CLI's clinic_patient)
+    assert assigned.patient is not None and assigned.patient["patient_id"] == VALID_ID
+    assert assigned.patient["name"] == "Zhang^San=张^三" and assigned.patient["sex"] == "F"
+    assert assigned.patient["issuer"] == "county register"
+    assert "patient-assigned-by-doctor" in assigned.meta["flags"] and not assigned.meta["unassigned"]
+    assert released.hold_until is None and released.state == ItemState.QUEUED
+    assert discarded.state == ItemState.QUARANTINED and "王医生" in (discarded.quarantine_reason or "")
+    shown = cli_json(["patient", "show", "--json", *data_args], capsys)
+    still_held = {e["id"] for e in shown["held_ecgs"]}  # type: ignore[index]
+    assert still_held == {f"E{unassigned.id}"}  # as the console said
+
+
+def test_an_ecg_already_on_its_way_cannot_be_assigned(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    t = time.time()
+    with open_outbox(config) as outbox:
+        item = enqueue_recording(outbox, make_recording(1, patient=None), config, key="u", now=t).item
+        source = OutboxHeldEcgs(outbox, config)
+        assert outbox.release_hold(item.id, t)
+        assert [c.id for c in outbox.claim(Kind.DICOM, 10, t)] == [item.id]  # the forwarder took it
+        assert outbox.begin_send(item.id, t)
+        assert not source.assign(item.id, Patient("MRN-1"), now=now())
+        assert not source.assign(4242, Patient("MRN-1"), now=now())  # no such ECG
+        assert not source.send_anyway(item.id, now=now()) and not source.discard(item.id, now=now())
+        after = outbox.get(item.id)
+    assert after is not None and after.patient is None and after.meta["unassigned"]
+
+
+# -- check-in --------------------------------------------------------------------------------------------
+
+
+def test_check_in_puts_stat_and_reason_on_the_session(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = make_config(tmp_path, "cn-resident-id")
+    data = ClinicData(config)
+    try:
+        view = data.check_in("王医生", VALID_ID, "张三", "Dr Li", True, "胸痛 chest pain", now=now())
+    finally:
+        data.close()
+    assert view.stat and view.reason == "胸痛 chest pain"
+    context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+    try:
+        current = context.current(now())
+    finally:
+        context.close()
+    assert current is not None and current.stat and current.reason == "胸痛 chest pain"
+    assert current.patient_id == VALID_ID and current.name == "Zhang^San=张^三"
+    shown = cli_json(["patient", "show", "--json", "--data-dir", str(config.data_dir)], capsys)
+    assert shown["current_patient"]["stat"] is True  # type: ignore[index]
+
+
+def test_a_stat_check_in_makes_the_next_ecg_stat(tmp_path: Path) -> None:
+    """The console's STAT and reason reach the ECG the cart sends next (the serial bridge's path):
+    sent first, never held, the reason in the DICOM request."""
+    import io
+    from dataclasses import replace
+
+    import pydicom
+
+    from firmware_bridge.serial_link import LinkSpec, PortMatch
+    from lastmile.services.serial_devices import SerialService
+    from uploader.outbox import Priority
+
+    config = make_config(tmp_path)
+    data = ClinicData(config)
+    try:
+        data.check_in("王医生", VALID_ID, "张三", "Dr Li", True, "胸痛 chest pain", now=now())
+    finally:
+        data.close()
+    with open_outbox(config) as outbox:
+        service = SerialService.open(config, outbox=outbox)
+        try:
+            recording = replace(make_recording(4, patient=None), acquired_at=now())
+            cart = LinkSpec("ecg-cart", PortMatch(path="/dev/ttyUSB9"), profile="bridge")
+            assert service.ctx.store_recording(cart, recording, "cart-ecg")
+        finally:
+            service.close()
+        item = outbox.find("cart-ecg")
+        assert item is not None
+        ds = pydicom.dcmread(io.BytesIO(outbox.read_payload(item)))
+    assert item.priority == Priority.STAT and item.meta["stat"] and item.hold_until is None  # STAT: never held
+    assert item.patient is not None and item.patient["patient_id"] == VALID_ID
+    assert ds.StudyDescription.startswith("STAT ") and "胸痛 chest pain" in ds.StudyDescription
+    assert ds.RequestAttributesSequence[0].ReasonForTheRequestedProcedure == "胸痛 chest pain"
+
+
+@pytest.mark.parametrize(
+    ("id_kind", "typed", "expected"),
+    [
+        ("cn-resident-id", VALID_ID.lower(), VALID_ID),
+        ("cn-resident-id", WRONG_CHECK, None),
+        ("cn-resident-id", "MRN-0042", None),  # the clinic says: resident IDs only
+        ("", "MRN-0042", "MRN-0042"),
+        ("", WRONG_CHECK, None),  # any ID, but a misread resident ID is still caught
+        ("clinic-mrn", "0042 ", "0042"),
+    ],
+)
+def test_the_patient_id_is_checked_against_the_configured_kind(
+    tmp_path: Path, id_kind: str, typed: str, expected: str | None
+) -> None:
+    config = make_config(tmp_path, id_kind)
+    if expected is None:
+        with pytest.raises(ConsoleInputError):
+            checked_patient(typed, "", config)
+    else:
+        assert checked_patient(typed, "", config).patient_id == expected
+
+
+def test_the_console_process_does_not_load_pydicom_for_held_ecgs_and_reports(tmp_path: Path) -> None:
+    """The sources are imported as the console imports them (numpy blocked first, as
+    `lastmile console` does): pydicom only in the worker."""
+    code = (
+        "import sys; from lastmile.console.service import prepare_console_process; prepare_console_process(); "
+        "import lastmile.console.app, lastmile.console.stores, lastmile.console.sources; "
+        "print(sorted(m for m, mod in sys.modules.items() if mod and m.split('.')[0] in ('pydicom', 'pynetdicom', 'numpy')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

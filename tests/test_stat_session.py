@@ -1,0 +1,98 @@
+"""A patient the doctor checked in as STAT: ECGs of theirs that arrive on their own — from the cart's
+USB stick or over the clinic LAN — go first, like the serial cart's; older ECGs of the same patient on
+the stick, and other patients' ECGs, keep their routine priority."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from pathlib import Path
+
+from devices.ecg.npz import write_npz
+from firmware_bridge.dicom_receiver import ReceivedObject
+from lastmile.clinic.patients import PatientContext, StatSession
+from lastmile.config import Config
+from lastmile.data_dir import open_outbox
+from lastmile.ecg.intake import import_files, lan_object_store
+from tests.ecg_factories import T0, make_recording
+from uploader.outbox import Priority
+
+
+def _config(tmp_path: Path) -> Config:
+    config = Config()
+    config.set_data_dir(tmp_path / "data")
+    config.outbox.min_free_mb = 1
+    config.ecg.re_record_hold_s = 0  # synthetic ECGs: quality is not this test's subject
+    return config
+
+
+def test_a_stat_session_covers_its_patient_from_check_in_on() -> None:
+    session = StatSession("P00001", T0)
+    assert session.covers("P00001", T0) and session.covers("P00001", T0 + dt.timedelta(minutes=5))
+    assert not session.covers("P00001", T0 - dt.timedelta(seconds=1))  # recorded before the check-in
+    assert not session.covers("P00002", T0 + dt.timedelta(minutes=5))
+    assert not session.covers(None, T0) and not session.covers("", T0)
+    assert session.covers("P00001", None)  # no time known (LAN object): the patient decides
+
+
+def test_stick_files_of_the_stat_patient_since_check_in_go_first(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    files = {
+        "now.npz": make_recording(1),  # P00001, T0 + 1 min
+        "older.npz": dataclasses.replace(make_recording(1, seconds=3.0), acquired_at=T0 - dt.timedelta(days=3)),
+        "other.npz": make_recording(2),  # P00002
+    }
+    for name, recording in files.items():
+        (stick / name).write_bytes(write_npz(recording))
+    session = StatSession("P00001", T0)
+    with open_outbox(config) as outbox:
+        summary = import_files(outbox, config, [stick], stat_session=lambda: session)
+        assert summary.imported == 3, summary
+        priorities = {item.meta["acquired_at"]: (item.priority, item.meta["stat"]) for item in outbox.items()}
+    assert priorities == {
+        (T0 + dt.timedelta(minutes=1)).isoformat(): (Priority.STAT, True),
+        (T0 - dt.timedelta(days=3)).isoformat(): (Priority.ROUTINE, False),
+        (T0 + dt.timedelta(minutes=2)).isoformat(): (Priority.ROUTINE, False),
+    }
+
+
+def _received(patient_id: str, uid: str) -> ReceivedObject:
+    return ReceivedObject(
+        data=b"\0" * 128 + b"DICM" + b"\0" * 64,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.9.1.1",
+        sop_instance_uid=uid,
+        study_uid=uid + ".1",
+        series_uid=uid + ".2",
+        transfer_syntax="1.2.840.10008.1.2.1",
+        calling_ae="CART",
+        patient={"patient_id": patient_id, "name": "", "birth_date": "", "sex": "", "issuer": ""},
+    )
+
+
+def test_lan_objects_of_the_stat_patient_go_first(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
+    now = dt.datetime.now(dt.timezone.utc)
+    context.set_patient("P00001", "Test^One", now=now, stat=True, reason="chest pain")
+
+    def stat_session() -> StatSession | None:
+        current = context.current(dt.datetime.now(dt.timezone.utc))
+        return StatSession(current.patient_id, current.since) if current is not None and current.stat else None
+
+    try:
+        with open_outbox(config) as outbox:
+            store = lan_object_store(outbox, lambda: "P00001", stat_session)
+            store(_received("P00001", "1.2.3.1"))
+            store(_received("P00002", "1.2.3.2"))
+            context.set_patient("P00001", "Test^One", now=now, stat=False)  # the doctor took STAT back
+            store(_received("P00001", "1.2.3.3"))
+            got = {item.meta["sop_instance_uid"]: (item.priority, item.meta["stat"]) for item in outbox.items()}
+    finally:
+        context.close()
+    assert got == {
+        "1.2.3.1": (Priority.STAT, True),
+        "1.2.3.2": (Priority.ROUTINE, False),
+        "1.2.3.3": (Priority.ROUTINE, False),
+    }
