@@ -19,7 +19,6 @@ import atexit
 import collections
 import contextlib
 import io
-import json
 import os
 import random
 import signal
@@ -742,7 +741,3 @@ def wait_drained(data_dir: Path, limit_s: float) -> dict[str, int]:
             break
         time.sleep(1.0)
     return states
-
-
-def last_json_line(text: str) -> dict[str, Any]:
-    return dict(json.loads(text.strip().splitlines()[-1]))

@@ -5,6 +5,7 @@ here; the zeros are."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +20,6 @@ REPO = Path(__file__).resolve().parents[1]
 def bench(script: str, *args: str, timeout_s: float) -> dict:
     require_private_netns()
     require_tool("Orthanc")
-    sys.path.insert(0, str(REPO / "bench"))
-    from clinic_day import last_json_line
-
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / script), *args, "--json"],
         capture_output=True,
@@ -30,7 +28,7 @@ def bench(script: str, *args: str, timeout_s: float) -> dict:
         cwd=REPO,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return last_json_line(proc.stdout)
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))  # --json: the last line
 
 
 @pytest.mark.orthanc
