@@ -81,3 +81,40 @@ def test_the_acquire_process_leaves_out_what_it_never_uses() -> None:
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["['pydicom']"]  # pydicom there (it is used), requests and tqdm not
+
+
+def test_the_judge_sees_a_lost_a_duplicated_and_a_misattributed_ecg(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The soak's zeros mean something: the same judge, shown a reading center that lost one
+    ECG, holds another twice and has a third on the wrong patient, counts each."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("clinic_day", REPO / "bench" / "clinic_day.py")
+    assert spec is not None and spec.loader is not None
+    clinic_day = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "clinic_day", clinic_day)  # bench/ is not a package
+    spec.loader.exec_module(clinic_day)
+
+    truth = clinic_day.Truth()
+    cart = clinic_day.EcgCart()
+    serials = [truth.new(f"P{i}", "usb") for i in range(4)]
+    held = {  # Orthanc id -> (file, PatientID it shows)
+        "a": (cart.ecg_bytes(serials[0], "P0", "A", 0.0)[0], "P0"),
+        "b": (cart.ecg_bytes(serials[1], "P1", "B", 0.0)[0], "P1"),
+        "b2": (cart.ecg_bytes(serials[1], "P1", "B", 0.0)[0], "P1"),  # sent twice as two objects
+        "c": (cart.ecg_bytes(serials[2], "P0", "C", 0.0)[0], "P0"),  # P2's ECG on P0
+    }  # serials[3] never arrived
+
+    class ReadingCenter:
+        def rest(self, path: str) -> list:
+            assert path == "/series?expand"
+            return [{"MainDicomTags": {"Modality": "ECG"}, "Instances": list(held)}]
+
+        def instance_file(self, instance_id: str) -> bytes:
+            return held[instance_id][0]
+
+        def instance_tags(self, instance_id: str) -> dict:
+            return {"PatientID": held[instance_id][1]}
+
+    verdict = clinic_day.judge(ReadingCenter(), truth)
+    assert (verdict.measurements, verdict.received) == (4, 4)
+    assert (verdict.lost, verdict.duplicated, verdict.misattributed, verdict.unreadable) == (1, 1, 1, 0)
