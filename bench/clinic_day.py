@@ -377,6 +377,7 @@ class ClinicStats:
     console_pages: int = 0
     console_errors: int = 0
     console_actions: int = 0  # check-ins, check-outs and assignments done on the console
+    console_problems: list[str] = field(default_factory=list)  # what the console errors were
     cli_errors: list[str] = field(default_factory=list)
 
 
@@ -420,19 +421,24 @@ class Clinic:
             reply = self.browser.get("/today")
             if reply.status != 200:  # logged out (or a console just restarted): log in again
                 self.browser = None
-                self.stats.console_errors += 1
+                self.console_problem(f"GET /today: {reply.status}")
                 return False
             reply = self.browser.post(path, form)
-        except (OSError, AssertionError):
+        except (OSError, AssertionError) as exc:
             self.browser = None
-            self.stats.console_errors += 1
+            self.console_problem(f"POST {path}: {type(exc).__name__} {str(exc)[:80]}")
             return False
         ok = reply.status == 303 and "too-late" not in reply.location
         if ok:
             self.stats.console_actions += 1
         else:
-            self.stats.console_errors += 1
+            self.console_problem(f"POST {path}: {reply.status} {reply.location}")
         return ok
+
+    def console_problem(self, what: str) -> None:
+        self.stats.console_errors += 1
+        if len(self.stats.console_problems) < 5:
+            self.stats.console_problems.append(what)
 
     def _cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         result = lastmile(self.config, *args)
@@ -563,13 +569,14 @@ class Clinic:
                 browser.login(DOCTOR)
                 self.browser = browser
             for page in ("/today", "/sent", "/reports"):
-                if self.browser.get(page).status == 200:
+                status = self.browser.get(page).status
+                if status == 200:
                     self.stats.console_pages += 1
                 else:
-                    self.stats.console_errors += 1
-        except (OSError, AssertionError):
+                    self.console_problem(f"GET {page}: {status}")
+        except (OSError, AssertionError) as exc:
             self.browser = None
-            self.stats.console_errors += 1
+            self.console_problem(f"pages: {type(exc).__name__} {str(exc)[:80]}")
 
 
 # -- the county cardiologist ----------------------------------------------------------------------

@@ -240,6 +240,7 @@ def run(kills: int, seed: int, say: Any) -> dict[str, Any]:
                 "service_exits": services.unexpected_exits[:5],
                 "cli_errors": clinic.stats.cli_errors[:5],
                 "console_actions": clinic.stats.console_actions,
+                "console_problems": clinic.stats.console_problems,
                 "console_errors": clinic.stats.console_errors,
                 "elapsed_s": round(time.monotonic() - began, 1),
             }
