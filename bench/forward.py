@@ -9,7 +9,9 @@ Prints, side by side from one run (medians):
   (one association, same objects, same fresh Orthanc); goal ≤ 1.0;
 - bytes on the wire per study ÷ the object's uncompressed Explicit VR LE size; goal ≤ 0.50;
 - bytes written to disk per study (intake + forwarding, /proc/<pid>/io) ÷ object size; goal ≤ 1.5;
-- the forward process's peak RSS (VmHWM); goal ≤ 64 MB.
+- the forward process's peak RSS (VmHWM); goal ≤ 64 MB;
+- CPU seconds (user + sys) per study: the forward process from READY to all stored, storescu's
+  whole process; goal ≤ 1.5 times storescu's (issue 16).
 TCP_NODELAY is set on every side (Orthanc and storescu through the environment, Lastmile itself).
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -50,6 +53,11 @@ def proc_io(pid: int | str = "self") -> dict[str, int]:
     return out
 
 
+def cpu_s(who: int = resource.RUSAGE_SELF) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
 def worker(cfg: str, n: int) -> None:
     """The measured side: the real forward service until every study is stored and committed."""
     import threading
@@ -61,13 +69,16 @@ def worker(cfg: str, n: int) -> None:
     t_start = float(os.environ["BENCH_T0"])
     service = ForwardService(load_config(cfg))
     t_ready = time.time()
+    cpu_ready = cpu_s()
     stop = threading.Event()
     t_sent = None
+    cpu_sent = 0.0
     while True:
         wait = service.step(stop)
         c = service.outbox.stats(time.time())["counts"]
         if t_sent is None and c.get("sent", 0) + c.get("committed", 0) + c.get("purged", 0) >= n:
             t_sent = time.time() - t_start
+            cpu_sent = cpu_s() - cpu_ready
         if c.get("purged", 0) + c.get("committed", 0) >= n:
             break
         if wait:
@@ -85,6 +96,7 @@ def worker(cfg: str, n: int) -> None:
                 "rss_kb": hwm,
                 "t_service": t_sent - (t_ready - t_start),
                 "write_bytes": proc_io()["write_bytes"],
+                "cpu_sent_s": cpu_sent,
             }
         )
     )
@@ -159,6 +171,8 @@ def main() -> int:
             "wire_storescu",
             "disk_ratio",
             "rss_mb",
+            "cpu_lastmile_ms",
+            "cpu_storescu_ms",
         )
     }
     object_size = 0
@@ -187,6 +201,7 @@ def main() -> int:
             env = {**os.environ, "TCP_NODELAY": "1"}
             tx0 = lo_tx_bytes()
             t0 = time.perf_counter()
+            cpu0 = cpu_s(resource.RUSAGE_CHILDREN)
             subprocess.run(
                 [
                     storescu,
@@ -204,6 +219,7 @@ def main() -> int:
                 capture_output=True,
             )
             results["storescu_s"].append(time.perf_counter() - t0)
+            results["cpu_storescu_ms"].append((cpu_s(resource.RUSAGE_CHILDREN) - cpu0) / n * 1000)
             results["wire_storescu"].append((lo_tx_bytes() - tx0) / n / object_size)
             assert len(orthanc.instances()) == n, "storescu did not store everything"
         with OrthancServer(tmp / f"orthanc-refz{run}", modalities=gateway_modality("CLINIC01", listen)) as orthanc:
@@ -245,6 +261,7 @@ def main() -> int:
             results["lastmile_service_s"].append(w["t_service"])
             results["lastmile_committed_s"].append(w["t_committed"])
             results["rss_mb"].append(w["rss_kb"] / 1024)
+            results["cpu_lastmile_ms"].append(w["cpu_sent_s"] / n * 1000)
             results["disk_ratio"].append((intake_io + w["write_bytes"]) / n / object_size)
             got = len(orthanc.instances())
             assert got == n, f"Orthanc has {got} of {n}"
@@ -268,6 +285,9 @@ def main() -> int:
     )
     print(f"{'disk bytes written per study / obj':34}{med['disk_ratio']:12.2f}{'':12}{'<= 1.5':>10}")
     print(f"{'forward process peak RSS (MB)':34}{med['rss_mb']:12.1f}{'':12}{'<= 64':>10}")
+    cpu_ratio = med["cpu_lastmile_ms"] / med["cpu_storescu_ms"]
+    print(f"{'CPU per study, user+sys (ms)':34}{med['cpu_lastmile_ms']:12.2f}{med['cpu_storescu_ms']:12.2f}")
+    print(f"{'  ratio Lastmile / storescu':34}{cpu_ratio:12.2f}{'':12}{'<= 1.5':>10}")
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

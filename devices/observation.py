@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from devices.errors import InvalidRecordingError
 from devices.identity import DeviceIdentity, TimeSource, require_aware
+from devices.plausibility import FLAG_PREFIX, IMPLAUSIBLE, implausibility
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,7 +18,9 @@ class Quantity:
     "body-temperature", "spo2", "body-weight", "glucose" ...). `value`/`unit` are normalised
     (UCUM: "mm[Hg]", "Cel", "%", "kg", "mg/dL", "/min"); `sent_value`/`sent_unit` keep what the
     device sent. `value` None means the device reported "no value" (`special` says which:
-    "nan", "nres", "+inf", "-inf", "reserved") — never a 0.
+    "nan", "nres", "+inf", "-inf", "reserved") — never a 0 — or that what it sent is outside
+    the plausible range (`special` "implausible", the number kept in `sent_value`; see
+    devices/plausibility.py).
     """
 
     code: str
@@ -34,12 +37,27 @@ class Quantity:
             raise InvalidRecordingError(f"{self.code}: no value and no reason why")
 
 
+def screened(q: Quantity) -> Quantity:
+    """`q`, or - if its value is outside the plausible range - the same quantity with no value
+    (special "implausible") and the device's number kept in `sent_value`/`sent_unit`."""
+    if q.value is None or implausibility(q.code, q.value, q.unit) is None:
+        return q
+    if q.sent_value is None:
+        return Quantity(q.code, None, q.unit, q.value, q.unit, IMPLAUSIBLE)
+    return Quantity(q.code, None, q.unit, q.sent_value, q.sent_unit or q.unit, IMPLAUSIBLE)
+
+
 @dataclass(frozen=True, slots=True)
 class Observation:
     """A measurement event: one or more quantities taken together (a BP panel, a temperature ...).
 
     `patient_id` None means unassigned (held for the doctor). `record_key` identifies the
     reading on its device (record time/sequence + values) so re-sent memory is recognised.
+
+    Every observation is screened when it is made, whichever device or file it came from: a
+    value outside its plausible range (devices/plausibility.py) loses its `value` (kept as
+    `sent_value`) and the observation gains the flag "implausible-<code>", so it is shown to
+    the doctor and never passed on as a normal value.
     """
 
     kind: str  # "blood-pressure", "body-temperature", "spo2", "body-weight", "glucose" ...
@@ -59,6 +77,21 @@ class Observation:
         require_aware(self.received_at, "received_at")
         if not self.record_key:
             raise InvalidRecordingError("an observation needs a record key")
+        quantities = tuple(screened(q) for q in self.quantities)
+        if quantities != self.quantities:  # frozen: set once, here, before anyone sees it
+            object.__setattr__(self, "quantities", quantities)
+        extra = tuple(
+            FLAG_PREFIX + q.code
+            for q in quantities
+            if q.special == IMPLAUSIBLE and FLAG_PREFIX + q.code not in self.flags
+        )
+        if extra:
+            object.__setattr__(self, "flags", self.flags + extra)
+
+    @property
+    def implausible(self) -> tuple[Quantity, ...]:
+        """The quantities whose device value was outside the plausible range."""
+        return tuple(q for q in self.quantities if q.special == IMPLAUSIBLE)
 
     def quantity(self, code: str) -> Quantity | None:
         return next((q for q in self.quantities if q.code == code), None)

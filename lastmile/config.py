@@ -8,6 +8,7 @@ refused with the file, line and reason, so a county technician sees exactly what
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
@@ -47,6 +48,16 @@ class TlsSection:
 
 
 @dataclass
+class MeteredSection:
+    daily_budget_mb: float = (
+        0.0  # routine traffic to this destination per local day, in MB; 0: no budget (STAT always goes, and counts)
+    )
+    windows: list[str] = field(
+        default_factory=list
+    )  # local "HH:MM-HH:MM" times routine traffic may go, e.g. ["22:00-06:00"]; empty: any time
+
+
+@dataclass
 class ReadingCenterSection:
     host: str = "127.0.0.1"  # the reading center's PACS: host name or address
     port: int = 104  # its DICOM port
@@ -62,7 +73,10 @@ class ReadingCenterSection:
     storage_commitment: bool = True  # ask the PACS to confirm it keeps what we sent
     commitment_timeout_s: float = 120.0  # no report by then: ask again with a new transaction
     no_commitment_policy: str = "keep"  # peer without commitment: "keep" local copies or "purge"
+    stat_cuts_routine: bool = True  # a STAT ECG waiting cuts a routine transfer on the wire (resent later, uncharged)
+    stat_cut_after_s: float = 0.2  # ...only a transfer expected to need longer than this (s), not one nearly done
     tls: TlsSection = field(default_factory=TlsSection)
+    metered: MeteredSection = field(default_factory=MeteredSection)  # ECGs sent (C-STOREs)
 
 
 @dataclass
@@ -161,6 +175,7 @@ class FhirSection:
     patient_id_system: str = "urn:lastmile:patient-id"  # identifier system of patient ids (county register)
     practitioner_id_system: str = "urn:lastmile:practitioner-id"  # identifier system of doctor ids
     gzip: bool = True  # compress request bodies when the platform accepts it
+    metered: MeteredSection = field(default_factory=MeteredSection)  # visit bundles sent
 
 
 @dataclass
@@ -193,6 +208,7 @@ class ReportsSection:
     retention_days: float = 30.0  # keep reports this long after the ECG was sent (unacknowledged critical stay)
     backoff_base_s: float = 30.0  # first retry delay after the reading center could not be asked
     backoff_max_s: float = 600.0  # cap of that backoff
+    metered: MeteredSection = field(default_factory=MeteredSection)  # report polling (queries and reports fetched)
 
 
 @dataclass
@@ -396,6 +412,7 @@ _RANGES: dict[str, _Range] = {
     "reading_center.batch_size": _Range(1, 10_000, "a count of C-STOREs"),
     "reading_center.timeout_s": _NETWORK_TIMEOUT,
     "reading_center.commitment_timeout_s": _Range(0, 7 * _DAY, "a number of seconds", low_open=True),
+    "reading_center.stat_cut_after_s": _Range(0, _HOUR, "a number of seconds"),
     "outbox.retention_days": _Range(0, 3650, "a number of days"),
     "outbox.min_free_mb": _Range(0, 2**40, "a number of megabytes"),
     "outbox.backoff_base_s": _Range(0, _DAY, "a number of seconds", low_open=True),
@@ -417,6 +434,22 @@ _RANGES: dict[str, _Range] = {
     "visits.fix_wait_s": _Range(0, 600, "a number of seconds"),
     "fhir.timeout_s": _NETWORK_TIMEOUT,
     "fhir.batch_size": _Range(1, 1000, "a count of bundles"),
+    # 0 would quarantine every item before its first send
+    "outbox.max_interrupted_sends": _Range(1, 1000, "a count of interrupted sends"),
+    # below 1 MB not even one ECG fits; above 1 GB one object outgrows a Pi's memory
+    "lan_receiver.max_object_mb": _Range(1, 1024, "a number of megabytes"),
+    "reports.window_days": _Range(0, 3650, "a number of days", low_open=True),
+    "reports.stat_poll_s": _Range(0, _DAY, "a number of seconds", low_open=True),
+    "reports.stat_hurry_h": _Range(0, 7 * 24, "a number of hours"),
+    "reports.amendment_poll_h": _Range(0, 24 * 365, "a number of hours"),  # 0: stop
+    "reports.batch_size": _Range(1, 1000, "a count of studies"),
+    "reports.move_port": _PORT,
+    "reports.retention_days": _Range(0, 3650, "a number of days"),
+    "reports.backoff_base_s": _Range(0, _DAY, "a number of seconds", low_open=True),
+    "reports.backoff_max_s": _Range(0, 7 * _DAY, "a number of seconds", low_open=True),
+    "console.session_idle_s": _Range(0, 30 * _DAY, "a number of seconds", low_open=True),
+    "console.max_login_failures": _Range(1, 1000, "a count of failed logins"),
+    "console.lockout_s": _Range(0, 30 * _DAY, "a number of seconds", low_open=True),
 }
 
 STATION_NAME_BYTES = 16  # DICOM SH, as dciodvfy counts it: bytes of the encoded value
@@ -471,6 +504,39 @@ def _uid_problem(value: str) -> str | None:
     return None
 
 
+def network_problem(text: str) -> str | None:
+    """Why `text` is not a usable CIDR network (e.g. 10.8.0.0/24) to trust reports from, or None."""
+    try:
+        net = ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        return "is not a network in CIDR form, e.g. 10.8.0.0/24 or 192.168.1.20/32"
+    if net.prefixlen == 0:
+        return "is every address: anyone could send storage-commitment reports; name the reading center's network"
+    try:
+        ipaddress.ip_network(text.strip())
+    except ValueError:  # 10.8.0.5/24: a host or its network? say both rather than guess
+        host = text.strip().split("/")[0]
+        return f"has host bits set: write {net} for the network, or {host}/{net.max_prefixlen} for one host"
+    return None
+
+
+def bind_address_problem(text: str) -> str | None:
+    """Why `text` is not an address this gateway can listen on (an IP literal), or None."""
+    if text == "localhost":
+        return None
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return "must be an IP address of this gateway, e.g. 192.168.1.10 (or 0.0.0.0 for every interface)"
+    return None
+
+
+def _identifier_system_problem(value: str) -> str | None:
+    if not re.fullmatch(r"(urn:[A-Za-z0-9][A-Za-z0-9-]*:\S+|https?://\S+)", value):
+        return "must be a URI (urn:... or http(s)://...), e.g. urn:oid:2.16.156.10011.1.1 or https://county.example/ids"
+    return None
+
+
 def _regex_problem(pattern: str) -> str | None:
     try:
         re.compile(pattern)
@@ -521,6 +587,19 @@ def serial_device_problems(devices: list[dict], profiles: typing.Collection[str]
     return found
 
 
+def _check_metered(dotted: str, metered: MeteredSection, problems: _Problems) -> None:
+    from uploader.metering import SendWindow
+
+    problem = _Range(0, 2**30, "a number of megabytes").problem(metered.daily_budget_mb)
+    if problem:
+        problems.add(f"{dotted}.daily_budget_mb", problem)
+    for text in metered.windows:
+        try:
+            SendWindow.parse(text)
+        except ValueError as exc:
+            problems.add(f"{dotted}.windows", f'entry {exc}: write local times like "22:00-06:00"')
+
+
 def check_meaning(config: Config, problems: _Problems) -> None:
     """Every value checked for what it is used for; each mistake added to `problems`."""
     for dotted, allowed in _RANGES.items():
@@ -561,6 +640,13 @@ def check_meaning(config: Config, problems: _Problems) -> None:
             problems.add(f"reading_center.{key}", problem)
     if not rc.host.strip():
         problems.add("reading_center.host", "must name the reading center's PACS (host name or address)")
+    for net in rc.report_networks:
+        problem = network_problem(net)
+        if problem:
+            problems.add("reading_center.report_networks", f"entry {net!r} {problem}")
+    problem = bind_address_problem(rc.listen_host) if rc.listen_host else None
+    if problem:
+        problems.add("reading_center.listen_host", problem)
     tls = rc.tls
     if tls.enabled and not tls.ca_file:
         problems.add(
@@ -573,10 +659,20 @@ def check_meaning(config: Config, problems: _Problems) -> None:
             "goes with its pair: set both cert_file and key_file, or neither",
         )
 
+    for dotted, metered in (
+        ("reading_center.metered", rc.metered),
+        ("fhir.metered", config.fhir.metered),
+        ("reports.metered", config.reports.metered),
+    ):
+        _check_metered(dotted, metered, problems)
+
     lan = config.lan_receiver
     problem = ae_title_problem(lan.ae_title)
     if problem:
         problems.add("lan_receiver.ae_title", problem)
+    problem = bind_address_problem(lan.host)
+    if problem:
+        problems.add("lan_receiver.host", problem)
     for caller in lan.allowed_callers:
         problem = ae_title_problem(caller)
         if problem:
@@ -616,6 +712,17 @@ def check_meaning(config: Config, problems: _Problems) -> None:
 
     if config.gps.source == "nmea" and not config.gps.nmea_port:
         problems.add("gps.source", 'is "nmea" but gps.nmea_port is empty: name the receiver\'s serial port')
+    if config.gps.source == "gpsd" and not config.gps.gpsd_host.strip():
+        problems.add("gps.gpsd_host", 'must name gpsd\'s address (e.g. "127.0.0.1") when gps.source is "gpsd"')
+    if serial.profiles_dir and not os.path.isabs(serial.profiles_dir):
+        problems.add("serial.profiles_dir", "must be an absolute path, e.g. /etc/lastmile/profiles")
+
+    _check_reports(config, problems)
+    _check_console(config, problems)
+    for key in ("patient_id_system", "practitioner_id_system"):
+        problem = _identifier_system_problem(getattr(config.fhir, key))
+        if problem:
+            problems.add(f"fhir.{key}", problem)
 
     if host_port(config.metrics.listen) is None:
         problems.add(
@@ -633,6 +740,55 @@ def check_meaning(config: Config, problems: _Problems) -> None:
         problem = insecure_url_problem(config.fhir.base_url)
         if problem:
             problems.add("fhir.base_url", problem)
+
+
+def _check_reports(config: Config, problems: _Problems) -> None:
+    r = config.reports
+    if r.move_ae:
+        problem = ae_title_problem(r.move_ae)
+        if problem:
+            problems.add("reports.move_ae", problem)
+        problem = bind_address_problem(r.move_host)
+        if problem:
+            problems.add("reports.move_host", problem)
+        rc, lan = config.reading_center, config.lan_receiver
+        taken = {rc.listen_port: "the storage-commitment listener"} if rc.storage_commitment else {}
+        if lan.enabled:
+            taken[lan.port] = "the LAN receiver"
+        if r.move_port in taken:
+            problems.add(
+                "reports.move_port" if problems.written("reports.move_port") else "reports.move_ae",
+                f"is set and reports.move_port ({r.move_port}) is also the port of {taken[r.move_port]}: "
+                "two listeners cannot share a port",
+            )
+    for code in r.critical_codes:
+        scheme, sep, value = code.partition(":")
+        if not sep or not scheme.strip() or not value.strip():
+            problems.add("reports.critical_codes", f"entry {code!r} is not SCHEME:CODE (e.g. SCT:401303003)")
+    if r.critical_command and not os.path.isabs(r.critical_command[0]):
+        problems.add(
+            "reports.critical_command",
+            f"starts with {r.critical_command[0]!r}: name the program by its absolute path, e.g. /usr/bin/aplay",
+        )
+    if r.backoff_max_s < r.backoff_base_s:
+        problems.add("reports.backoff_max_s", f"({r.backoff_max_s:g}) must not be less than reports.backoff_base_s")
+
+
+def _check_console(config: Config, problems: _Problems) -> None:
+    c = config.console
+    listen = host_port(c.listen)
+    if listen is None:
+        problems.add("console.listen", 'must be "HOST:PORT" with a port from 1 to 65535, e.g. "0.0.0.0:8443"')
+        return
+    problem = bind_address_problem(listen[0])
+    if problem:
+        problems.add("console.listen", f"host {listen[0]!r} {problem}")
+    elif not c.https and listen[0] != "localhost" and not ipaddress.ip_address(listen[0]).is_loopback:
+        problems.add(
+            "console.https" if problems.written("console.https") else "console.listen",
+            f"is false with console.listen on {listen[0]}: plain HTTP is allowed on loopback only (127.0.0.1); "
+            "set https = true for the clinic LAN",
+        )
 
 
 def check_files(config: Config, text: str) -> None:

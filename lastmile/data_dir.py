@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import sqlite3
 import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,6 +44,10 @@ _SQLITE_SUFFIXES = ("-wal", "-shm", "-journal")
 
 class DataDirError(Exception):
     """The data directory cannot be used as it is; the message is one line: what and what to do."""
+
+
+class DataPartitionFullError(DataDirError):
+    """The data partition has no room for the outbox to open (SQLite needs a few blocks)."""
 
 
 def _is_ours(name: str) -> bool:
@@ -183,15 +188,37 @@ def existing_file(config: Config, name: str) -> Path | None:
 
 def open_outbox(config: Config) -> Outbox:
     """The outbox in the data directory (created if needed) with the configured limits."""
-    from uploader.outbox import Outbox
+    from uploader.outbox import Outbox, is_disk_full
 
     o = config.outbox
-    return Outbox.open(
-        ensure_data_dir(config.data_dir),
-        min_free_bytes=o.min_free_mb * 2**20,
-        backoff_base_s=o.backoff_base_s,
-        backoff_max_s=o.backoff_max_s,
-    )
+    data_dir = ensure_data_dir(config.data_dir)
+    try:
+        return Outbox.open(
+            data_dir,
+            min_free_bytes=o.min_free_mb * 2**20,
+            backoff_base_s=o.backoff_base_s,
+            backoff_max_s=o.backoff_max_s,
+        )
+    except sqlite3.OperationalError as exc:
+        free = _free_bytes(data_dir)
+        # SQLite reports a -shm it cannot size as "disk I/O error": on an empty partition that is room
+        if not (is_disk_full(exc) or ("disk I/O error" in str(exc) and free is not None and free < NO_ROOM_BYTES)):
+            raise
+        raise DataPartitionFullError(
+            f"the data partition is full ({'?' if free is None else free // 1024} KB free in {data_dir}): "
+            "the outbox cannot be opened; nothing stored is lost. Free space on it (call the county IT)"
+        ) from exc
+
+
+NO_ROOM_BYTES = 2**20  # below this, an I/O error opening SQLite is the full partition
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 def open_existing_outbox(config: Config) -> Outbox | None:

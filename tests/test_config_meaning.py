@@ -119,6 +119,43 @@ MISTAKES = [
         4,
         "'lan_receiver.port' (11113) is the port of both",
     ),
+    # keys added after the first round of checks (report networks, bounded objects, reports, console)
+    (
+        "[reading_center]\nreport_networks = ['10.8.0.0/24', 'county-pacs']\n",
+        2,
+        "'reading_center.report_networks' entry 'county-pacs' is not a network in CIDR form",
+    ),
+    (
+        "[reading_center]\nreport_networks = ['10.8.0.5/24']\n",
+        2,
+        "has host bits set: write 10.8.0.0/24 for the network, or 10.8.0.5/32 for one host",
+    ),
+    ("[reading_center]\nreport_networks = ['0.0.0.0/0']\n", 2, "is every address: anyone could send"),
+    ("[reading_center]\nlisten_host = 'gateway.local'\n", 2, "'reading_center.listen_host' must be an IP address"),
+    ("[outbox]\nmax_interrupted_sends = 0\n", 2, "'outbox.max_interrupted_sends' must be a count of interrupted"),
+    ("[lan_receiver]\nmax_object_mb = 0\n", 2, "'lan_receiver.max_object_mb' must be a number of megabytes from 1"),
+    ("[lan_receiver]\nhost = 'all'\n", 2, "'lan_receiver.host' must be an IP address of this gateway"),
+    ("[reports]\nmove_port = 70000\n", 2, "'reports.move_port' must be a TCP port from 1 to 65535"),
+    ("[reports]\nbatch_size = 0\n", 2, "'reports.batch_size' must be a count of studies"),
+    ("[reports]\nstat_poll_s = 0\n", 2, "'reports.stat_poll_s' must be a number of seconds above 0"),
+    ("[reports]\nwindow_days = 0\n", 2, "'reports.window_days' must be a number of days above 0"),
+    ("[reports]\nmove_ae = 'LASTMILE_REPORT_RECEIVER'\n", 2, "'reports.move_ae' has 24 characters"),
+    (
+        "[reading_center]\nlisten_port = 11114\n[reports]\nmove_ae = 'GW_MOVE'\n",
+        4,
+        "'reports.move_ae' is set and reports.move_port (11114) is also the port of the storage-commitment",
+    ),
+    ("[reports]\ncritical_codes = ['401303003']\n", 2, "entry '401303003' is not SCHEME:CODE"),
+    ("[reports]\ncritical_command = ['aplay', 'alarm.wav']\n", 2, "name the program by its absolute path"),
+    ("[reports]\nbackoff_base_s = 60.0\nbackoff_max_s = 10.0\n", 3, "must not be less than reports.backoff_base_s"),
+    ("[console]\nlisten = '0.0.0.0:0'\n", 2, "'console.listen' must be \"HOST:PORT\" with a port from 1 to 65535"),
+    ("[console]\nlisten = 'clinic-pc:8443'\n", 2, "'console.listen' host 'clinic-pc' must be an IP address"),
+    ("[console]\nlisten = '0.0.0.0:8443'\nhttps = false\n", 3, "plain HTTP is allowed on loopback only"),
+    ("[console]\nmax_login_failures = 0\n", 2, "'console.max_login_failures' must be a count"),
+    ("[console]\nsession_idle_s = 0\n", 2, "'console.session_idle_s' must be a number of seconds above 0"),
+    ("[fhir]\npatient_id_system = 'county register'\n", 2, "'fhir.patient_id_system' must be a URI"),
+    ("[gps]\ngpsd_host = ''\n", 2, "'gps.gpsd_host' must name gpsd's address"),
+    ("[serial]\nprofiles_dir = 'profiles'\n", 2, "'serial.profiles_dir' must be an absolute path"),
 ]
 
 
@@ -133,6 +170,7 @@ def test_config_check_refuses_it_with_its_line(
     matching = [ln for ln in err.splitlines() if words in ln]
     assert matching, err
     assert f"lastmile.toml:{line}: " in matching[0], err
+    assert len([ln for ln in err.splitlines() if "lastmile.toml:" in ln]) == 1, err  # one mistake, one line
 
 
 def test_every_problem_is_reported_at_once_in_file_order() -> None:
@@ -151,6 +189,13 @@ def test_the_defaults_and_sane_files_pass() -> None:
         "[lan_receiver]\nenabled = true\nallowed_callers = ['CART 1']\n"
         "[fhir]\nbase_url = 'http://127.0.0.1:8080/fhir'\n"
         "[[serial.devices]]\nname = 'bp'\nmatch = '2e8a:000a'\nprofile = 'bridge'\n"
+    )
+    parse_config(
+        "[reading_center]\nreport_networks = ['10.8.0.0/24', '192.168.1.20', 'fd00::/8']\nlisten_host = '10.8.0.12'\n"
+        "[outbox]\nmax_interrupted_sends = 1\n[lan_receiver]\nmax_object_mb = 1\nhost = '192.168.1.10'\n"
+        "[reports]\nmove_ae = 'GW_MOVE'\nmove_host = '127.0.0.1'\ncritical_command = ['/usr/bin/aplay', 'a.wav']\n"
+        "amendment_poll_h = 0\n[console]\nlisten = '127.0.0.1:8080'\nhttps = false\n"
+        "[fhir]\npatient_id_system = 'urn:oid:2.16.156.10011.1.1'\npractitioner_id_system = 'https://county.example/ids'\n"
     )
 
 

@@ -174,6 +174,9 @@ def test_fuzz_full_example(ops: list[tuple]) -> None:
         ("1e-320", "no usable sampling rate"),
         ("0", "positive increment"),
         ("-0.002", "positive increment"),
+        # issue 10: decoded as 1e300 Hz; a rate no ECG format or cart uses (devices/plausibility.py)
+        ("1e-300", "ecg-sampling-rate 1e\\+300 Hz is outside the plausible 25-32000 Hz"),
+        ("10", "ecg-sampling-rate 0.1 Hz is outside the plausible"),
     ],
 )
 def test_a_time_increment_that_gives_no_sampling_rate_is_refused(increment: str, needle: str) -> None:

@@ -86,7 +86,7 @@ def test_a_scale_must_be_a_positive_number(scale: float) -> None:
 
 
 def test_small_positive_rate_and_scale_are_accepted() -> None:
-    assert _rec(sampling_rate_hz=1e-3, uv_per_unit=1e-3).uv_per_unit == 1e-3
+    assert _rec(sampling_rate_hz=25.0, uv_per_unit=1e-3).uv_per_unit == 1e-3
 
 
 def test_acquisition_time_needs_a_zone() -> None:

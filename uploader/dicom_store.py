@@ -213,6 +213,18 @@ class StoreAssociation:
         if assoc is not None and assoc.is_established:
             assoc.abort()
 
+    def cut(self) -> None:
+        """Drop the connection now, from another thread: a C-STORE on the wire ends with
+        TransientError and the peer discards the partial object. (An A-ABORT would queue behind
+        the object's remaining PDUs and go out only after them.)"""
+        self._broken = True
+        raw = getattr(getattr(getattr(self._assoc, "dul", None), "socket", None), "socket", None)
+        if raw is not None:
+            try:
+                raw.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already closed: nothing left to cut
+                pass
+
     def __enter__(self) -> StoreAssociation:
         self.open()
         return self

@@ -131,6 +131,7 @@ _SPECIAL = {
     "+inf": "positive-infinity",
     "-inf": "negative-infinity",
     "reserved": "unknown",
+    "implausible": "error",  # outside devices/plausibility.py's range: the number goes in a note
 }
 
 
@@ -164,6 +165,12 @@ def _value(q: Quantity) -> dict[str, Any]:
         reason = _SPECIAL.get(q.special or "", "unknown")
         return {"dataAbsentReason": {"coding": [_coding(DATA_ABSENT, reason, reason)]}}
     return {"valueQuantity": {"value": q.value, "unit": _UNITS.get(q.unit, q.unit), "system": UCUM, "code": q.unit}}
+
+
+def _implausible_note(q: Quantity) -> str:
+    """What the device sent for a value it could not have measured (not sent as a value)."""
+    sent = "nothing" if q.sent_value is None else f"{q.sent_value:g} {q.sent_unit}"
+    return f"{q.code}: the device sent {sent}, outside the plausible range; not a measured value"
 
 
 def _instant(value: dt.datetime) -> str:
@@ -282,8 +289,10 @@ def observation_entries(
             resource["component"] = [{"code": _quantity_code(q), **_value(q)} for q in quantities]
         else:
             resource.update(_value(quantities[0]))
-        if obs.flags:
-            resource["note"] = [{"text": "device flags: " + ", ".join(obs.flags)}]
+        notes = [{"text": "device flags: " + ", ".join(obs.flags)}] if obs.flags else []
+        notes += [{"text": _implausible_note(q)} for q in quantities if q.special == "implausible"]
+        if notes:
+            resource["note"] = notes
         entries.append(_entry(resource, system, ident))
     return entries
 

@@ -27,6 +27,7 @@ from typing import Any
 from uploader.errors import ConfigurationFault, CorruptPayloadError, PermanentError, TransientError
 from uploader.fhir_bundle import bundle_bytes, merge_transactions
 from uploader.fhir_sender import FhirSender
+from uploader.metering import Meter
 from uploader.outbox import ItemState, Kind, Outbox, OutboxItem, Priority
 
 log = logging.getLogger(__name__)
@@ -142,9 +143,12 @@ def forward_fhir_once(
     batch_size: int = 20,
     max_items: int = 200,
     config_fault_retry_s: float = 300.0,
+    meter: Meter | None = None,
 ) -> FhirRoundResult:
-    """One round: claim due bundles, send them merged in batches, settle each."""
-    items = outbox.claim(Kind.FHIR_BUNDLE, max_items, now)
+    """One round: claim due bundles, send them merged in batches, settle each. With a `meter`,
+    routine bundles wait while it is shut (outside its windows, the day's budget spent)."""
+    shut = meter.blocked(now) if meter is not None else None
+    items = outbox.claim(Kind.FHIR_BUNDLE, max_items, now, priority=Priority.STAT if shut else None)
     rnd = _Round(outbox, sender, now, config_fault_retry_s)
     rnd.counts.claimed = len(items)
     # A patient's bundle still waiting out a backoff must not be overtaken by a later one.
@@ -155,6 +159,7 @@ def forward_fhir_once(
             if patient and patient not in waiting:
                 waiting[patient] = queued
     pending = []
+    spent_before = sender.bytes_sent
     for item in items:
         earlier = waiting.get((item.patient or {}).get("patient_id") or "")
         if earlier is not None and (earlier.created_at, earlier.id) < (item.created_at, item.id):
@@ -164,6 +169,15 @@ def forward_fhir_once(
         else:
             pending.append(item)
     while pending and not rnd.stop:
+        if meter is not None:
+            meter.spend(sender.bytes_sent - spent_before, now)
+            spent_before = sender.bytes_sent
+            routine = [i for i in pending if i.priority != Priority.STAT]
+            shut = meter.blocked(now)
+            if shut is not None and routine:
+                rnd.release(routine, f"metered link: {shut.detail}", 0.0)
+                pending = [i for i in pending if i.priority == Priority.STAT]
+                continue
         batch: list[tuple[OutboxItem, bytes]] = []
         while pending and len(batch) < max(1, batch_size):
             item = pending.pop(0)
@@ -184,5 +198,7 @@ def forward_fhir_once(
             else:
                 rnd.release(rest, "FHIR server unavailable; sent in a later round", rnd.retry_after or 0.0)
             pending = []
+    if meter is not None:
+        meter.spend(sender.bytes_sent - spent_before, now)
     outbox.record_status(STATUS_NAME, {"last_round": dataclasses.asdict(rnd.counts), "at": now}, now)
     return rnd.counts

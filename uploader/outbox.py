@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import functools
 import hashlib
 import json
@@ -95,7 +96,7 @@ import sqlite_utils
 from uploader.errors import CorruptPayloadError, OutboxFullError
 from uploader.payload_files import OwnerLock, PayloadFiles
 from uploader.space_reserve import DEFAULT_RESERVE_BYTES, SpaceReserve
-from uploader.sqlite_store import MIGRATIONS, open_database
+from uploader.sqlite_store import BUSY_TIMEOUT_MS, MIGRATIONS, open_database
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +219,10 @@ def backoff_delay(attempts: int, base_s: float, max_s: float, rng: random.Random
     return ceiling / 2 + rng.uniform(0.0, ceiling / 2)
 
 
-def _is_disk_full(exc: BaseException) -> bool:
+def is_disk_full(exc: BaseException) -> bool:
+    """SQLite (or the file system under it) found no room to write."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
     code = getattr(exc, "sqlite_errorcode", None)
     return code == sqlite3.SQLITE_FULL or "database or disk is full" in str(exc)
 
@@ -358,17 +362,23 @@ class Outbox:
             if self._owner_lock is None:
                 return
             try:
-                with self._write() as conn:
-                    conn.execute(
-                        "UPDATE items SET state = ?, claimed_by = NULL, updated_at = ?, "
-                        "attempts = attempts - in_flight, in_flight = 0 WHERE state = ? AND claimed_by = ?",
-                        (S.QUEUED.value, time.time(), S.SENDING.value, self.owner),
-                    )
+                self.release_claims(time.time())
             except sqlite3.Error as exc:  # a claim left behind is recovered at the next open
                 log.warning("could not release claims at close: %s", exc)
             self._conn.close()
             self._owner_lock.release()
             self._owner_lock = None
+
+    def release_claims(self, now: float) -> int:
+        """This Outbox's claims back to queued, uncharged (at close, or after a write failed
+        mid-round, e.g. on a full disk, and left items claimed); returns how many."""
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE items SET state = ?, claimed_by = NULL, updated_at = ?, "
+                "attempts = attempts - in_flight, in_flight = 0 WHERE state = ? AND claimed_by = ?",
+                (S.QUEUED.value, now, S.SENDING.value, self.owner),
+            )
+            return cur.rowcount
 
     def __enter__(self) -> Outbox:
         return self
@@ -394,19 +404,34 @@ class Outbox:
 
     def _commit(self, body: Callable[[sqlite3.Connection], _T], *, use_reserve: bool = True) -> _T:
         """`body` in one write transaction. If SQLite finds the disk full, the reserve file is
-        deleted and the transaction tried once more: moving items along must not stop on a
-        full disk (adding new ones may: they go through `_write` directly)."""
+        deleted (or, once it is spent, the WAL restarted over its own blocks) and the transaction
+        tried once more: moving items along must not stop on a full disk (adding new ones may:
+        they go through `_write` directly)."""
         try:
             with self._write() as conn:
                 return body(conn)
         except sqlite3.OperationalError as exc:
-            if not (use_reserve and _is_disk_full(exc)):
+            if not (use_reserve and is_disk_full(exc)):
                 raise
             self._set_draining(True)
-            if not self._reserve.release():
+            if not self._reserve.release() and not self._restart_wal():
                 raise
         with self._write() as conn:
             return body(conn)
+
+    def _restart_wal(self) -> bool:
+        """The reserve is spent and the WAL cannot grow: copy it into the database (whose pages
+        exist already) so the next transaction writes over the WAL's own blocks from its start
+        instead of asking the file system for new ones. False if readers kept it busy or the
+        checkpoint itself found no room."""
+        try:
+            with self._lock:
+                busy, _log, _done = self._conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+        except sqlite3.OperationalError as exc:
+            if not is_disk_full(exc):
+                raise
+            return False
+        return not busy
 
     def _set_draining(self, draining: bool) -> None:
         """While the disk is full, checkpoint every few pages: a checkpointed WAL is written
@@ -561,7 +586,7 @@ class Outbox:
             except sqlite3.Error as exc:
                 if name:
                     self._files.delete(name)
-                if _is_disk_full(exc):
+                if is_disk_full(exc):
                     raise self._full_error(f"the outbox database could not store item {key!r}: {exc}") from exc
                 raise
             except BaseException:
@@ -700,13 +725,21 @@ class Outbox:
 
     # -- sending ----------------------------------------------------------------------------------
     def claim(
-        self, kind: str, limit: int, now: float, *, max_interrupted_sends: int = DEFAULT_MAX_INTERRUPTED_SENDS
+        self,
+        kind: str,
+        limit: int,
+        now: float,
+        *,
+        max_interrupted_sends: int = DEFAULT_MAX_INTERRUPTED_SENDS,
+        priority: Priority | None = None,
     ) -> list[OutboxItem]:
-        """Atomically move up to `limit` due queued items of `kind` to sending: STAT first, then
-        oldest. Two claimers (threads or processes) never get the same item. Items whose sends
-        were cut short `max_interrupted_sends` times in a row are quarantined instead."""
+        """Atomically move up to `limit` due queued items of `kind` (only of `priority`, if
+        given) to sending: STAT first, then oldest. Two claimers (threads or processes) never get
+        the same item. Items whose sends were cut short `max_interrupted_sends` times in a row
+        are quarantined instead."""
         if limit <= 0:
             return []
+        only = "" if priority is None else f" AND priority = {int(Priority(priority))}"
 
         def body(conn: sqlite3.Connection) -> tuple[list[sqlite3.Row], list[tuple[int, int]]]:
             doomed = conn.execute(
@@ -719,7 +752,7 @@ class Outbox:
             rows = conn.execute(
                 f"UPDATE items SET state = ?, updated_at = ?, claimed_by = ? WHERE id IN ("
                 f"  SELECT id FROM items WHERE state = ? AND kind = ? AND next_attempt_at <= ?"
-                f"  AND (hold_until IS NULL OR hold_until <= ?)"
+                f"  AND (hold_until IS NULL OR hold_until <= ?){only}"
                 f"  ORDER BY priority, created_at, id LIMIT ?) RETURNING {_ITEM_COLUMNS}",
                 (S.SENDING.value, now, self.owner, S.QUEUED.value, kind, now, now, int(limit)),
             ).fetchall()
@@ -736,6 +769,16 @@ class Outbox:
         items = [_item(r) for r in rows]
         items.sort(key=lambda i: (i.priority, i.created_at, i.id))
         return items
+
+    def stat_waiting(self, kind: str, now: float) -> bool:
+        """Whether a STAT item of `kind` is due and unclaimed (cheap: asked between objects and
+        while routine transfers are on the wire, so that STAT can take the link)."""
+        rows = self._read(
+            "SELECT 1 FROM items WHERE state = ? AND kind = ? AND priority = ? AND next_attempt_at <= ? "
+            "AND (hold_until IS NULL OR hold_until <= ?) LIMIT 1",
+            (S.QUEUED.value, kind, int(Priority.STAT), now, now),
+        )
+        return bool(rows)
 
     def begin_send(self, item_id: int, now: float) -> bool:
         """Charge the attempt before the item's bytes go out (durable): if this process dies
@@ -1082,7 +1125,7 @@ class Outbox:
             with self._lock:
                 busy, _log, _done = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         except sqlite3.OperationalError as exc:
-            if not _is_disk_full(exc):
+            if not is_disk_full(exc):
                 raise
             log.warning("WAL checkpoint failed on a full disk; retried next purge")
             return False
@@ -1163,43 +1206,68 @@ class Outbox:
         return json.loads(rows[0][0]) if rows else None
 
     def stats(self, now: float) -> dict[str, Any]:
-        counts = {s.value: 0 for s in ItemState}
-        for state, n in self._read("SELECT state, COUNT(*) FROM items GROUP BY state"):
-            counts[state] = n
-        oldest, last_sent, last_committed, waiting_bytes = self._read(
-            "SELECT MIN(CASE WHEN state IN ('queued', 'sending') THEN created_at END), "
-            "MAX(sent_at), MAX(committed_at), "
-            "COALESCE(SUM(CASE WHEN state IN ('queued', 'sending', 'sent') THEN size END), 0) "
-            "FROM items"
-        )[0]
-        quarantined = [
-            {
-                "id": r["id"],
-                "kind": r["kind"],
-                "key": r["key"],
-                "reason": r["quarantine_reason"],
-                "at": r["quarantined_at"],
-            }
-            for r in self._read(
-                "SELECT id, kind, key, quarantine_reason, quarantined_at FROM items WHERE state = ? ORDER BY id",
-                (S.QUARANTINED.value,),
-            )
-        ]
-        statuses = {r[0]: json.loads(r[1]) for r in self._read("SELECT name, value FROM status ORDER BY name")}
-        held = self._read("SELECT COUNT(*) FROM items WHERE state = ? AND hold_until > ?", (S.QUEUED.value, now))[0][0]
-        try:
-            st = self._statvfs(self.data_dir)
-            free_bytes: int | None = st.f_bavail * st.f_frsize
-        except OSError:
-            free_bytes = None
-        return {
-            "counts": counts,
-            "held": held,  # of the queued: held back (e.g. for the doctor to assign a patient)
-            "oldest_waiting_s": None if oldest is None else max(0.0, now - oldest),
-            "last_sent_at": last_sent,
-            "last_committed_at": last_committed,
-            "quarantined": quarantined,
-            "statuses": statuses,
-            "waiting_bytes": waiting_bytes,
-            "free_bytes": free_bytes,
+        return _stats(self._read, self.data_dir, self._statvfs, now)
+
+
+def snapshot_stats(data_dir: Path, now: float) -> dict[str, Any]:
+    """`Outbox.stats` read without writing anything (no recovery, no reserve, no -shm created
+    where SQLite can use the existing one): for `lastmile queue` when the data partition is too
+    full for the outbox to open. FileNotFoundError if there is no outbox."""
+    db_path = Path(data_dir) / DB_NAME
+    if not db_path.exists():
+        raise FileNotFoundError(db_path)
+    try:
+        conn = sqlite3.connect(f"{db_path.as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+        conn.execute("SELECT 1 FROM items LIMIT 1").fetchall()
+    except sqlite3.OperationalError:  # no -shm and no room to make one: the file as it is on disk
+        conn = sqlite3.connect(f"{db_path.as_uri()}?immutable=1", uri=True)
+    try:
+        conn.row_factory = sqlite3.Row
+        return _stats(lambda sql, params=(): conn.execute(sql, params).fetchall(), Path(data_dir), os.statvfs, now)
+    finally:
+        conn.close()
+
+
+def _stats(
+    read: Callable[..., list[sqlite3.Row]], data_dir: Path, statvfs: Callable[[Any], os.statvfs_result], now: float
+) -> dict[str, Any]:
+    counts = {s.value: 0 for s in ItemState}
+    for state, n in read("SELECT state, COUNT(*) FROM items GROUP BY state"):
+        counts[state] = n
+    oldest, last_sent, last_committed, waiting_bytes = read(
+        "SELECT MIN(CASE WHEN state IN ('queued', 'sending') THEN created_at END), "
+        "MAX(sent_at), MAX(committed_at), "
+        "COALESCE(SUM(CASE WHEN state IN ('queued', 'sending', 'sent') THEN size END), 0) "
+        "FROM items"
+    )[0]
+    quarantined = [
+        {
+            "id": r["id"],
+            "kind": r["kind"],
+            "key": r["key"],
+            "reason": r["quarantine_reason"],
+            "at": r["quarantined_at"],
         }
+        for r in read(
+            "SELECT id, kind, key, quarantine_reason, quarantined_at FROM items WHERE state = ? ORDER BY id",
+            (S.QUARANTINED.value,),
+        )
+    ]
+    statuses = {r[0]: json.loads(r[1]) for r in read("SELECT name, value FROM status ORDER BY name")}
+    held = read("SELECT COUNT(*) FROM items WHERE state = ? AND hold_until > ?", (S.QUEUED.value, now))[0][0]
+    try:
+        st = statvfs(data_dir)
+        free_bytes: int | None = st.f_bavail * st.f_frsize
+    except OSError:
+        free_bytes = None
+    return {
+        "counts": counts,
+        "held": held,  # of the queued: held back (e.g. for the doctor to assign a patient)
+        "oldest_waiting_s": None if oldest is None else max(0.0, now - oldest),
+        "last_sent_at": last_sent,
+        "last_committed_at": last_committed,
+        "quarantined": quarantined,
+        "statuses": statuses,
+        "waiting_bytes": waiting_bytes,
+        "free_bytes": free_bytes,
+    }

@@ -10,6 +10,7 @@ import numpy as np
 from devices.ecg.findings import EcgMeasurement, EcgStatement, MedianBeats
 from devices.errors import InvalidRecordingError
 from devices.identity import DeviceIdentity, Patient, TimeSource, require_aware
+from devices.plausibility import implausibility
 
 STANDARD_12_LEADS: tuple[str, ...] = (
     "I",
@@ -79,6 +80,9 @@ class EcgRecording:
             raise InvalidRecordingError(f"lead names must be unique and non-empty: {self.lead_names}")
         if not (np.isfinite(self.sampling_rate_hz) and self.sampling_rate_hz > 0):
             raise InvalidRecordingError(f"bad sampling rate {self.sampling_rate_hz!r}")
+        implausible = implausibility("ecg-sampling-rate", float(self.sampling_rate_hz), "Hz")
+        if implausible:  # decoders turn this into their ProtocolError: misread bytes, not an ECG
+            raise InvalidRecordingError(f"bad sampling rate: {implausible}")
         if not (np.isfinite(self.uv_per_unit) and self.uv_per_unit > 0):
             raise InvalidRecordingError(f"bad scale {self.uv_per_unit!r} µV per unit")
         require_aware(self.acquired_at, "acquired_at")

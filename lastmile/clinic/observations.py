@@ -99,7 +99,11 @@ def summary(obs: Observation) -> str:
     """One line for `lastmile devices` and logs, e.g. "120/80 mm[Hg], pulse-rate 72 /min"."""
 
     def fmt(q: Quantity) -> str:
-        return f"{q.value:g}" if q.value is not None else f"({q.special})"
+        if q.value is not None:
+            return f"{q.value:g}"
+        if q.special == "implausible" and q.sent_value is not None:  # what the device said, marked
+            return f"({q.special}: {q.sent_value:g} {q.sent_unit})"
+        return f"({q.special})"
 
     sys_, dia = obs.quantity("systolic"), obs.quantity("diastolic")
     parts = []
@@ -155,6 +159,13 @@ class ObservationStore:
         """Store `obs` durably (outbox or held) unless its record key is already known."""
         if self.known(obs.record_key):
             return StoreResult("duplicate")
+        if obs.implausible:
+            log.warning(
+                "%s from %s: %s outside the plausible range; stored flagged, not as a value",
+                obs.kind,
+                obs.device.label(),
+                ", ".join(q.code for q in obs.implausible),
+            )
         patient_id, name = obs.patient_id, ""
         current = None
         if patient_id is None:

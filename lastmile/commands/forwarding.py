@@ -168,6 +168,56 @@ def _ago(ts: float | None, now: float) -> str:
     return f"{when} ({secs:.0f} s ago)"
 
 
+def _metered(config: Config, outbox: Outbox | None, now: float) -> dict[str, dict[str, Any]]:
+    """Per metered destination: whether routine traffic waits on its window or budget, until
+    when, what is spent today and (for queued kinds) how many items wait."""
+    from lastmile.services.metered import DESTINATIONS, meters
+    from uploader.outbox import ItemState, Kind, Priority
+
+    if outbox is None:
+        return {}
+    kinds = {"dicom": Kind.DICOM, "fhir": Kind.FHIR_BUNDLE}
+    found: dict[str, dict[str, Any]] = {}
+    for name, meter in meters(config, outbox).items():
+        blocked = meter.blocked(now)
+        kind = kinds.get(name)
+        waiting = (
+            None
+            if kind is None
+            else sum(1 for i in outbox.items(state=ItemState.QUEUED, kind=kind) if i.priority != Priority.STAT)
+        )
+        found[name] = {
+            "what": DESTINATIONS[name],
+            "waits_on": None if blocked is None else blocked.reason,
+            "until": None if blocked is None else blocked.until,
+            "detail": None if blocked is None else blocked.detail,
+            "spent_today_bytes": meter.spent_today(now),
+            "budget_bytes": meter.policy.daily_budget_bytes or None,
+            "windows": [str(w) for w in meter.policy.windows],
+            "routine_waiting": waiting,
+        }
+    return found
+
+
+def _metered_line(m: dict[str, Any], now: float) -> str:
+    from lastmile.clock import clinic_time
+
+    used = f"{m['spent_today_bytes'] / 2**20:.1f} MB used today" + (
+        f" of {m['budget_bytes'] / 2**20:.1f} MB" if m["budget_bytes"] else ""
+    )
+    windows = f"; sends {', '.join(m['windows'])}" if m["windows"] else ""
+    if m["waits_on"] is None:
+        return f"metered {m['what']}: open; {used}{windows}"
+    count = "" if m["routine_waiting"] is None else f"{m['routine_waiting']} routine item(s) "
+    until = clinic_time(dt.datetime.fromtimestamp(m["until"], dt.timezone.utc), minutes=True)
+    what = "the send window" if m["waits_on"] == "window" else "the daily budget"
+    hours = max(0.0, m["until"] - now) / 3600
+    return (
+        f"metered {m['what']}: {count}waiting on {what} until {until} (in {hours:.1f} h): {m['detail']}; "
+        f"{used}{windows}; STAT goes anyway"
+    )
+
+
 def _ecgs_with_problems(outbox: Outbox, now: float) -> list[dict[str, Any]]:
     """ECGs not yet sent whose quality check found something, for the doctor to see."""
     from uploader.outbox import ItemState, Kind
@@ -192,18 +242,29 @@ def _ecgs_with_problems(outbox: Outbox, now: float) -> list[dict[str, Any]]:
 
 def _queue(args: argparse.Namespace) -> int:
     from lastmile.commands.common import config_from_args
-    from lastmile.data_dir import open_existing_outbox
+    from lastmile.data_dir import DataPartitionFullError, open_existing_outbox
 
     config = config_from_args(args)
     now = time.time()
-    outbox = open_existing_outbox(config)  # a read-only command: never creates the data directory
-    if outbox is None:
-        stats = _empty_stats()
-        print(f"note: no outbox in {config.data_dir} yet: nothing has been queued there", file=sys.stderr)
+    try:
+        outbox = open_existing_outbox(config)  # a read-only command: never creates the data directory
+    except DataPartitionFullError:
+        # opening writes (recovery, reserve, -shm): on a full partition read what is on disk instead
+        from uploader.outbox import snapshot_stats
+
+        outbox = None
+        stats = snapshot_stats(config.data_dir, now)
     else:
-        with outbox:
-            stats = outbox.stats(now)
-            stats["ecgs_with_problems"] = _ecgs_with_problems(outbox, now)
+        if outbox is None:
+            stats = _empty_stats()
+            print(f"note: no outbox in {config.data_dir} yet: nothing has been queued there", file=sys.stderr)
+        else:
+            with outbox:
+                stats = outbox.stats(now)
+                stats["ecgs_with_problems"] = _ecgs_with_problems(outbox, now)
+                stats["metered"] = _metered(config, outbox, now)
+    free, min_free = stats.get("free_bytes"), config.outbox.min_free_mb * 2**20
+    stats["storage_full"] = free is not None and free < min_free
     _mask_stats(stats)
     if args.json:
         print(json.dumps(stats, sort_keys=True, default=str))
@@ -222,6 +283,13 @@ def _queue(args: argparse.Namespace) -> int:
     print(f"oldest waiting: {'none' if oldest is None else f'{oldest / 60:.1f} min'}")
     print(f"last sent: {_ago(stats.get('last_sent_at'), now)}")
     print(f"last committed: {_ago(stats.get('last_committed_at'), now)}")
+    if stats["storage_full"] and free is not None:
+        print(
+            f"FAULT data partition full: {free / 2**20:.1f} MB free, {min_free / 2**20:.0f} MB must stay free. "
+            "New ECGs and readings are refused; what is queued is kept and sent as soon as the "
+            "reading center can be reached (sending frees space). If the network is up and this stays, "
+            "call the county IT to free space on the data partition."
+        )
     statuses = stats.get("statuses", {})
     rc = statuses.get("reading_center") or {}
     if rc.get("fault"):
@@ -237,6 +305,8 @@ def _queue(args: argparse.Namespace) -> int:
             f"note: the reading center does not offer storage commitment ({sc.get('detail', '')}); "
             f"policy: {config.reading_center.no_commitment_policy}"
         )
+    for m in stats.get("metered", {}).values():
+        print(_metered_line(m, now))
     for q in stats.get("quarantined", []):
         print(f"quarantined #{q['id']} {q['kind']} {q['key']}: {q['reason']}")
     from lastmile.commands.common import quality_lines

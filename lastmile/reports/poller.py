@@ -23,6 +23,7 @@ import datetime as dt
 import json
 import logging
 import random
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -42,6 +43,7 @@ from uploader.dicom_query import (
     move_reports,
 )
 from uploader.errors import ConfigurationFault, PermanentError, TransientError, UploadError
+from uploader.metering import Meter
 from uploader.outbox import backoff_delay
 from uploader.report_reading import (
     REPORT_SR_CLASSES,
@@ -117,6 +119,7 @@ class ReportPoller:
         rules: CriticalRules | None = None,
         alerter: CriticalAlerter | None = None,
         clock: Callable[[], float] = time.time,
+        meter: Meter | None = None,
     ) -> None:
         if settings.dicom and peer is None:
             raise ValueError("DICOM polling needs the reading center's PeerSettings")
@@ -129,6 +132,7 @@ class ReportPoller:
         self.rules = rules or CriticalRules()
         self.alerter = alerter or CriticalAlerter(store)
         self.clock = clock
+        self.meter = meter  # while it is shut, only STAT studies are asked about
         self._rng = random.Random()
         self._failures = 0
         self._retry_at = 0.0
@@ -175,6 +179,9 @@ class ReportPoller:
             uids = [c.study_uid for _s, c in clocks if policy.interval(c, now) is not None]
         else:
             uids = policy.round([c for _s, c in clocks], now)
+            if self.meter is not None and uids and self.meter.blocked(now) is not None:
+                stat = {c.study_uid for _s, c in clocks if c.stat}
+                uids = [u for u in uids if u in stat]
         studies = {s.study_uid: s for s, _c in clocks if s.study_uid in set(uids)}
         if uids:
             result.asked = len(uids)
@@ -213,6 +220,8 @@ class ReportPoller:
             self._retry_at = 0.0
         self.rounds += 1
         self.bytes_total += result.bytes
+        if self.meter is not None:
+            self.meter.spend(result.bytes, now)
         polled = [] if (result.error or result.fault) else uids
         # one transaction per round (the SD card): the studies asked about and the status
         self.store.mark_polled(polled, self._utc(now), status=(STATUS_NAME, self._status(result, now)))
@@ -427,6 +436,11 @@ class PollerThread:
                 delay = self.poller.next_due_in()
             except UploadError as exc:  # typed failures are handled in run_round; this is a bug
                 log.exception("report poller: unexpected %s", type(exc).__name__)
+                delay = self.idle_s
+            except (sqlite3.OperationalError, OSError) as exc:
+                # a full or read-only data partition: waited out, never the end of the thread
+                # (the forward service would exit with it and stop draining the disk)
+                log.error("report poller: cannot write its state (%s); retrying in %g s", exc, self.idle_s)
                 delay = self.idle_s
             except Exception as exc:  # the thread must not die silently: the service checks `alive`
                 self.error = exc

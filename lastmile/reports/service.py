@@ -16,7 +16,9 @@ from lastmile.reports.policy import DAY, HOUR, PollPolicy
 from lastmile.reports.poller import PollerSettings, PollerThread, PollRound, ReportPoller
 from lastmile.reports.sent import SentStudyRecorder
 from lastmile.reports.store import ReportStore
+from lastmile.services.metered import meters
 from uploader.dicom_association import PeerSettings
+from uploader.metering import Meter
 from uploader.report_reading import CriticalRules
 
 if TYPE_CHECKING:
@@ -68,7 +70,9 @@ def fhir_report_client(config: Config) -> FhirReportClient | None:
     )
 
 
-def make_poller(config: Config, store: ReportStore, peer: PeerSettings | None) -> ReportPoller:
+def make_poller(
+    config: Config, store: ReportStore, peer: PeerSettings | None, meter: Meter | None = None
+) -> ReportPoller:
     settings = poller_settings(config)
     return ReportPoller(
         store,
@@ -77,6 +81,7 @@ def make_poller(config: Config, store: ReportStore, peer: PeerSettings | None) -
         fhir=fhir_report_client(config) if settings.fhir else None,
         rules=critical_rules(config),
         alerter=CriticalAlerter(store, config.reports.critical_command),
+        meter=meter,
     )
 
 
@@ -85,7 +90,8 @@ class ReportService:
         self.enabled = config.reports.source != "off"
         self.store = ReportStore.open(config.data_dir)
         try:
-            self.poller = make_poller(config, self.store, peer) if self.enabled else None
+            meter = meters(config, outbox).get("reports")
+            self.poller = make_poller(config, self.store, peer, meter) if self.enabled else None
         except BaseException:
             self.store.close()
             raise

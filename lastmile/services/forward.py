@@ -1,24 +1,40 @@
 """The forward service: outbox → reading center (DICOM) and county platform (FHIR), and the
-reports coming back (lastmile.reports: its own thread, its own backoff)."""
+reports coming back (lastmile.reports: its own thread, its own backoff).
+
+A full data partition is waited out here, not by exiting: the outbox's reserve file
+(uploader/space_reserve.py) gives the first writes room; once it is spent and SQLite still
+finds no room, a step cannot record progress: claiming fails first, so nothing is sent (a store
+that succeeded but could not be recorded is remembered and recorded when there is room, not
+sent again). The service then logs one line saying so, shows the fault in its status,
+and tries again soon - every FULL_DISK_RETRY_MAX_S at most - so that the moment any room
+appears (a log rotated, the county IT freeing space) it sends and purges, which frees far more.
+`lastmile queue` shows the full partition without writing to it."""
 
 from __future__ import annotations
 
 import logging
+import os
+import sqlite3
 import threading
 import time
 from typing import TYPE_CHECKING
 
 from lastmile.config import Config, ReadingCenterSection
 from lastmile.data_dir import open_outbox
+from lastmile.services.metered import meter_policy, meters
 from uploader.dicom_association import PeerSettings
 from uploader.dicom_tls import TlsFiles
 from uploader.ecg_forwarder import EcgForwarder, ForwarderSettings
+from uploader.outbox import is_disk_full
 
 if TYPE_CHECKING:
     from lastmile.reports.service import ReportService
     from uploader.fhir_sender import FhirSender
 
 log = logging.getLogger(__name__)
+
+FULL_DISK_RETRY_FIRST_S = 1.0
+FULL_DISK_RETRY_MAX_S = 15.0  # short: a retry on a full disk costs a failed write, nothing more
 
 
 def peer_settings(
@@ -53,6 +69,8 @@ def forwarder_settings(config: Config) -> ForwarderSettings:
         config_fault_retry_s=config.outbox.config_fault_retry_s,
         retention_s=config.outbox.retention_days * 86400.0,
         max_interrupted_sends=max(1, config.outbox.max_interrupted_sends),
+        stat_cut_after_s=rc.stat_cut_after_s if rc.stat_cuts_routine else None,
+        meter=meter_policy(rc.metered),
     )
 
 
@@ -83,6 +101,8 @@ class ForwardService:
             self.outbox.close()
             raise
         self._last = "starting"
+        self._fhir_meter = meters(config, self.outbox).get("fhir")
+        self._full_disk_delay = 0.0  # > 0 while the data partition is too full to record progress
 
     def _make_reports(self, config: Config) -> ReportService:
         from lastmile.reports.service import ReportService
@@ -110,6 +130,42 @@ class ForwardService:
         )
 
     def step(self, stop: threading.Event) -> float:
+        try:
+            delay = self._step(stop)
+        except (sqlite3.OperationalError, OSError) as exc:
+            if not is_disk_full(exc):
+                raise  # the runtime waits out other operational faults
+            return self._wait_for_space(exc)
+        if self._full_disk_delay:
+            log.warning("data partition has room again: sending and purging (was full)")
+            self._full_disk_delay = 0.0
+        return delay
+
+    def _wait_for_space(self, exc: BaseException) -> float:
+        first = not self._full_disk_delay
+        self._full_disk_delay = min(FULL_DISK_RETRY_MAX_S, max(FULL_DISK_RETRY_FIRST_S, self._full_disk_delay * 2))
+        free = _free_kb(self.config)
+        line = (
+            f"data partition full ({free} KB free, reserve spent): cannot record what is sent, so nothing is "
+            f"sent until some space is freed; nothing is lost; retrying every {self._full_disk_delay:g} s ({exc})"
+        )
+        if first:
+            log.error("%s", line)
+        else:
+            log.debug("%s", line)
+        self._last = f"FAULT data partition full ({free} KB free): waiting for space to send and purge"
+        return self._full_disk_delay
+
+    def _step(self, stop: threading.Event) -> float:
+        if self._full_disk_delay:
+            # a round cut short by the full disk: what the peer has is recorded as sent (not sent
+            # again), what it left claimed goes back to the queue
+            recorded = self.ecg.record_unrecorded_sends()
+            if recorded:
+                log.info("%d item(s) stored at the reading center while the disk was full recorded as sent", recorded)
+            released = self.outbox.release_claims(time.time())
+            if released:
+                log.info("%d item(s) claimed when the disk filled put back in the queue", released)
         self.reports.check()
         result = self.ecg.run_round(stop)
         waits = [0.0 if result.did_work else self.ecg.next_due_in()]
@@ -122,6 +178,7 @@ class ForwardService:
                 time.time(),
                 batch_size=self.config.fhir.batch_size,
                 config_fault_retry_s=self.config.outbox.config_fault_retry_s,
+                meter=self._fhir_meter,
             )
             if fhir.sent or fhir.quarantined:
                 log.info("FHIR round: sent %d, quarantined %d", fhir.sent, fhir.quarantined)
@@ -144,6 +201,7 @@ class ForwardService:
         self.ecg = EcgForwarder(self.outbox, forwarder_settings(config), on_event=self.reports.recorder.on_event)
         self.ecg.start()
         self._fhir = self._make_fhir(config)
+        self._fhir_meter = meters(config, self.outbox).get("fhir")
 
     def close(self) -> None:
         self.ecg.close()
@@ -154,3 +212,11 @@ class ForwardService:
 
     def status_line(self) -> str:
         return f"{self._last}; {self.reports.status_line()}"
+
+
+def _free_kb(config: Config) -> str:
+    try:
+        st = os.statvfs(config.data_dir)
+    except OSError:
+        return "?"
+    return str(st.f_bavail * st.f_frsize // 1024)

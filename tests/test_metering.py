@@ -1,0 +1,273 @@
+"""Metered links (issue 16, item 5): daily byte budgets and send windows per destination, STAT
+exempt, and what `lastmile queue` says is waiting on them.
+
+The forwarder tests send to the demo's real pynetdicom reading center on loopback and count what
+it received; windows are set relative to the present local time so that they are shut (or open)
+whenever the test runs."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from lastmile.cli import main as cli
+from lastmile.clock import local_zone
+from lastmile.config import Config, ConfigError, load_config
+from lastmile.demo.loopback import free_port
+from lastmile.demo.reading_center import EmbeddedReadingCenter
+from lastmile.ecg.intake import enqueue_recording
+from lastmile.services.forward import forwarder_settings, open_outbox
+from tests.ecg_factories import make_recording
+from uploader.ecg_forwarder import EcgForwarder
+from uploader.metering import Meter, MeterPolicy, SendWindow
+from uploader.outbox import ItemState
+
+UTC = dt.timezone.utc
+T_NOON = dt.datetime(2026, 12, 1, 12, 0, tzinfo=UTC).timestamp()
+
+
+class MemoryStatus:
+    def __init__(self) -> None:
+        self.values: dict[str, dict] = {}
+
+    def status(self, name: str) -> dict | None:
+        return self.values.get(name)
+
+    def record_status(self, name: str, value: dict, now: float) -> None:
+        self.values[name] = dict(value)
+
+
+# -- windows and budgets --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "inside", "outside"),
+    [
+        ("22:00-06:00", ["22:00", "23:59", "00:00", "05:59"], ["06:00", "12:00", "21:59"]),
+        ("09:30-17:00", ["09:30", "16:59"], ["09:29", "17:00", "00:00"]),
+        ("00:00-24:00", ["00:00", "12:00", "23:59"], []),
+    ],
+)
+def test_send_windows_contain_their_minutes_and_wrap_midnight(text, inside, outside) -> None:
+    w = SendWindow.parse(text)
+
+    def minute(hhmm: str) -> int:
+        h, m = hhmm.split(":")
+        return int(h) * 60 + int(m)
+
+    assert all(w.contains(minute(t)) for t in inside)
+    assert not any(w.contains(minute(t)) for t in outside)
+
+
+@pytest.mark.parametrize("text", ["22-06", "25:00-06:00", "10:60-11:00", "08:00-08:00", "", "24:30-01:00"])
+def test_malformed_windows_are_refused(text) -> None:
+    with pytest.raises(ValueError):
+        SendWindow.parse(text)
+
+
+def test_shut_window_says_when_it_opens() -> None:
+    meter = Meter("dicom", MeterPolicy(windows=(SendWindow.parse("22:00-06:00"),), zone=UTC), MemoryStatus())
+    blocked = meter.blocked(T_NOON)
+    assert blocked is not None and blocked.reason == "window"
+    assert blocked.until == dt.datetime(2026, 12, 1, 22, 0, tzinfo=UTC).timestamp()
+    assert meter.blocked(T_NOON + 10 * 3600) is None  # 22:00
+    after_midnight = meter.blocked(T_NOON + 18 * 3600)  # 06:00 next day: shut until 22:00 that day
+    assert after_midnight is not None
+    assert after_midnight.until == dt.datetime(2026, 12, 2, 22, 0, tzinfo=UTC).timestamp()
+
+
+def test_budget_is_per_local_day_and_survives_a_new_meter() -> None:
+    store = MemoryStatus()
+    cst = dt.timezone(dt.timedelta(hours=8))
+    policy = MeterPolicy(daily_budget_bytes=1000, zone=cst)
+    meter = Meter("fhir", policy, store)
+    meter.spend(600, T_NOON)
+    assert meter.blocked(T_NOON) is None
+    meter.spend(400, T_NOON)
+    blocked = Meter("fhir", policy, store).blocked(T_NOON + 60)  # a restart: same spend
+    assert blocked is not None and blocked.reason == "budget" and "used today" in blocked.detail
+    # 12:00 UTC is 20:00 in China: the day (and the budget) turns at 16:00 UTC
+    assert blocked.until == dt.datetime(2026, 12, 2, 0, 0, tzinfo=cst).timestamp()
+    assert meter.blocked(blocked.until) is None and meter.spent_today(blocked.until) == 0
+
+
+# -- configuration --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [
+        ('windows = ["22:00-6"]', "reading_center.metered.windows"),
+        ("daily_budget_mb = -1", "fhir.metered.daily_budget_mb"),
+    ],
+)
+def test_config_refuses_meaningless_metering(tmp_path: Path, section: str, key: str) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(f'[gateway]\ndata_dir = "{tmp_path}"\n[{key.rsplit(".", 1)[0]}]\n{section}\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    assert f"'{key}'" in str(err.value) and ":4:" in str(err.value)  # names the key and its line
+
+
+# -- the forwarder and `lastmile queue` -----------------------------------------------------------
+
+
+def window_around(hours_from_now: float, length_h: float = 1.0) -> str:
+    start = dt.datetime.now(local_zone()) + dt.timedelta(hours=hours_from_now)
+    end = start + dt.timedelta(hours=length_h)
+    return f"{start:%H:%M}-{end:%H:%M}"
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    c = Config()
+    c.gateway.data_dir = str(tmp_path / "data")
+    rc = c.reading_center
+    rc.port, rc.listen_port, rc.listen_host = free_port(), free_port(), "127.0.0.1"
+    rc.called_ae, rc.calling_ae = "READING_CENTER", "LASTMILE"
+    rc.associations, rc.batch_size, rc.timeout_s = 1, 10, 10.0
+    rc.storage_commitment, rc.no_commitment_policy = False, "keep"
+    c.outbox.backoff_base_s, c.outbox.backoff_max_s, c.outbox.min_free_mb = 0.1, 0.5, 1
+    c.ecg.re_record_hold_s = 0  # the synthetic 2 s ECGs are re-record cases: forwarding is the subject here
+    return c
+
+
+@pytest.fixture
+def center(config: Config):
+    rc = config.reading_center
+    c = EmbeddedReadingCenter(port=rc.port, gateway_port=rc.listen_port)
+    c.start()
+    yield c
+    c.stop()
+
+
+def write_toml(config: Config, path: Path) -> Path:
+    rc, m = config.reading_center, config.reading_center.metered
+    path.write_text(
+        f'[gateway]\ndata_dir = "{config.gateway.data_dir}"\n'
+        f'[reading_center]\nport = {rc.port}\nlisten_port = {rc.listen_port}\nlisten_host = "127.0.0.1"\n'
+        f"[reading_center.metered]\ndaily_budget_mb = {m.daily_budget_mb}\nwindows = {m.windows!r}\n".replace("'", '"')
+    )
+    return path
+
+
+def enqueue(config: Config, n: int, *, stat: bool = False, start: int = 0) -> list[str]:
+    with open_outbox(config) as outbox:
+        return [
+            enqueue_recording(outbox, make_recording(i, stat=stat), config, key=f"k{i}").item.meta["sop_instance_uid"]
+            for i in range(start, start + n)
+        ]
+
+
+def rounds(config: Config, n: int = 3) -> None:
+    with open_outbox(config) as outbox, EcgForwarder(outbox, forwarder_settings(config)) as fwd:
+        for _ in range(n):
+            fwd.run_round(threading.Event())
+
+
+def test_routine_ecgs_wait_for_the_window_stat_goes_and_queue_says_until_when(config, center, tmp_path, capsys) -> None:
+    config.reading_center.metered.windows = [window_around(2)]
+    routine = enqueue(config, 3)
+    [stat] = enqueue(config, 1, stat=True, start=50)
+    rounds(config)
+    assert set(center.received) == {stat}  # STAT is exempt; the routine ones were not sent
+    with open_outbox(config) as outbox:
+        assert [i.state for i in outbox.items() if i.meta["sop_instance_uid"] in routine] == [ItemState.QUEUED] * 3
+
+    assert cli(["-c", str(write_toml(config, tmp_path / "lastmile.toml")), "queue"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("metered ECGs"))
+    assert "3 routine item(s) waiting on the send window until" in line
+    assert config.reading_center.metered.windows[0].split("-")[0] in line  # until the window opens
+
+    config.reading_center.metered.windows = [window_around(-0.5)]  # now open
+    rounds(config)
+    assert set(center.received) == {stat, *routine}
+
+
+def test_daily_budget_stops_routine_sending_once_spent(config, center, tmp_path, capsys) -> None:
+    with open_outbox(config) as outbox:
+        size = enqueue_recording(outbox, make_recording(0), config, key="k0").item.size
+    enqueue(config, 4, start=1)
+    # room for two objects (a budget is checked before each object, so the second fits)
+    config.reading_center.metered.daily_budget_mb = 1.5 * size / 2**20
+    rounds(config)
+    assert len(center.received) == 2
+    [stat] = enqueue(config, 1, stat=True, start=50)
+    rounds(config)  # a new forwarder: the day's spend is remembered
+    assert len(center.received) == 3 and stat in center.received
+
+    assert cli(["-c", str(write_toml(config, tmp_path / "lastmile.toml")), "queue", "--json"]) == 0
+    metered = json.loads(capsys.readouterr().out)["metered"]["dicom"]
+    assert metered["waits_on"] == "budget" and metered["routine_waiting"] == 3
+    assert metered["spent_today_bytes"] >= 3 * size * 0.9  # what went on the wire, STAT included
+    tomorrow = dt.datetime.combine(dt.datetime.now(local_zone()).date() + dt.timedelta(days=1), dt.time(), local_zone())
+    assert metered["until"] == pytest.approx(tomorrow.timestamp())
+    assert time.time() < metered["until"]
+
+
+def test_fhir_bundles_stop_at_the_budget_and_wait_out_a_shut_window(tmp_path: Path) -> None:
+    from tests.fhir_samples import NAMING, all_kinds, signature, visit
+    from tests.fhir_server import FhirTestServer
+    from uploader.fhir_bundle import bundle_bytes, visit_bundle
+    from uploader.fhir_forwarder import enqueue_bundle, forward_fhir_once
+    from uploader.fhir_sender import FhirSender, FhirSenderSettings
+    from uploader.outbox import Kind, Outbox
+
+    outbox = Outbox.open(tmp_path / "data", min_free_bytes=0)
+    sizes = []
+    for n in range(6):
+        v = visit(n, patient=f"P-{n}")
+        bundle = visit_bundle(v, all_kinds(v.started_at, v.patient_id, f"/{n}"), NAMING, signature(n))
+        sizes.append(len(bundle_bytes(bundle)))
+        enqueue_bundle(outbox, bundle, f"fhir:visit:{v.visit_id}", patient_id=v.patient_id, now=1000.0 + n)
+    budget = Meter("fhir", MeterPolicy(daily_budget_bytes=int(2.5 * max(sizes)), zone=UTC), outbox)
+    shut = Meter("fhir", MeterPolicy(windows=(SendWindow.parse("00:00-00:01"),), zone=UTC), MemoryStatus())
+    with FhirTestServer() as server, FhirSender(FhirSenderSettings(base_url=server.base_url, gzip="never")) as sender:
+        assert forward_fhir_once(outbox, sender, T_NOON, batch_size=1, meter=shut).claimed == 0
+        counts = forward_fhir_once(outbox, sender, T_NOON, batch_size=1, meter=budget)
+        assert (counts.sent, counts.deferred) == (3, 3)  # checked before each request: the third still fits
+        assert len(server.resources("Encounter")) == 3
+        assert budget.spent_today(T_NOON) == sender.bytes_sent  # the request bodies as sent
+        assert forward_fhir_once(outbox, sender, T_NOON + 60, batch_size=1, meter=budget).claimed == 0
+    assert len(outbox.items(state=ItemState.QUEUED, kind=Kind.FHIR_BUNDLE)) == 3
+    outbox.close()
+
+
+def test_report_polling_asks_only_about_stat_studies_while_shut(tmp_path: Path) -> None:
+    from lastmile.demo.cardiologist import ecg_report_sr
+    from lastmile.reports.service import make_poller
+    from lastmile.reports.store import ReportStore
+    from lastmile.services.forward import peer_settings
+    from tests.report_peers import GATEWAY_AE, gateway_config, send_ecgs, to_read
+
+    center = EmbeddedReadingCenter(port=free_port(), gateway_port=free_port(), gateway_ae=GATEWAY_AE)
+    center.start()
+    try:
+        config = gateway_config(tmp_path, center.port, center.ae_title, listen_port=center.gateway_port)
+        studies = send_ecgs(config, [make_recording(1), make_recording(2, stat=True)])
+        [stat] = [s for s in studies if s.stat]
+        [routine] = [s for s in studies if not s.stat]
+        for study in (routine, stat):
+            center.add_report(ecg_report_sr(to_read(study), findings=["Sinus rhythm"], impression="Normal"))
+        later = time.time() + 2 * 3600  # both are due for a poll by then
+        never_now = (dt.datetime.fromtimestamp(later, UTC).hour * 60 + 12 * 60) % 1440  # a minute 12 h away
+        window = SendWindow(never_now, never_now + 1)
+        with open_outbox(config) as outbox, ReportStore.open(config.data_dir) as store:
+            meter = Meter("reports", MeterPolicy(windows=(window,), zone=UTC), outbox)
+            poller = make_poller(config, store, peer_settings(config.reading_center), meter)
+            poller.clock = lambda: later
+            shut = poller.run_round()
+            assert (shut.study_uids, shut.stored) == ([stat.study_uid], 1)
+            assert meter.spent_today(later) == shut.bytes > 0  # the report fetched counts
+            meter.policy = MeterPolicy(zone=UTC)  # open
+            opened = poller.run_round(force=True)
+            assert set(opened.study_uids) == {routine.study_uid, stat.study_uid}
+            assert {r.study_uid for r in store.reports()} == {routine.study_uid, stat.study_uid}
+    finally:
+        center.stop()

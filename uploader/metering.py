@@ -1,0 +1,137 @@
+"""Metered links: a daily byte budget and send windows per destination; STAT is exempt.
+
+Village clinics often pay for mobile data by the gigabyte, or share a link that is cheap only at
+night. Per destination (the reading center's DICOM, the county platform's FHIR, report polling)
+a `MeterPolicy` says how many bytes a day routine traffic may use and in which local time windows
+it may be sent. A STAT study always goes (chest pain does not wait for the night tariff), and its
+bytes count against the day's budget like any others.
+
+The bytes spent today are kept in the outbox's status table (`meter:<name>`), so a restart does
+not give the day a fresh budget, and `lastmile queue` reads the same numbers the senders use.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import threading
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+STATUS_PREFIX = "meter:"
+_WINDOW = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
+
+
+class StatusStore(Protocol):
+    def status(self, name: str) -> dict[str, Any] | None: ...
+
+    def record_status(self, name: str, value: dict[str, Any], now: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class SendWindow:
+    """Local wall-clock minutes [start, end) of a day; `end` before `start` runs past midnight."""
+
+    start_min: int
+    end_min: int
+
+    @classmethod
+    def parse(cls, text: str) -> SendWindow:
+        """ "HH:MM-HH:MM" (24 h, local time), e.g. "22:00-06:00". Raises ValueError."""
+        m = _WINDOW.match(text)
+        if not m:
+            raise ValueError(f"{text!r} is not HH:MM-HH:MM")
+        h1, m1, h2, m2 = (int(g) for g in m.groups())
+        if not (h1 <= 24 and h2 <= 24 and m1 < 60 and m2 < 60) or (h1 == 24 and m1) or (h2 == 24 and m2):
+            raise ValueError(f"{text!r}: hours are 00-24, minutes 00-59")
+        start, end = h1 * 60 + m1, h2 * 60 + m2
+        if start % 1440 == end % 1440 and start != end:
+            end = start + 1440  # "00:00-24:00": the whole day
+        if start == end:
+            raise ValueError(f"{text!r} is empty: start and end are the same time")
+        return cls(start, end)
+
+    def contains(self, minute: float) -> bool:
+        if self.start_min < self.end_min:
+            return self.start_min <= minute < self.end_min
+        return minute >= self.start_min or minute < self.end_min
+
+    def __str__(self) -> str:
+        return f"{self.start_min // 60:02d}:{self.start_min % 60:02d}-{self.end_min // 60:02d}:{self.end_min % 60:02d}"
+
+
+@dataclass(frozen=True)
+class MeterPolicy:
+    daily_budget_bytes: int = 0  # 0: no budget
+    windows: tuple[SendWindow, ...] = ()  # empty: any time
+    zone: dt.tzinfo = dt.timezone.utc  # the clinic's: windows and "today" are local
+
+    @property
+    def limited(self) -> bool:
+        return bool(self.daily_budget_bytes or self.windows)
+
+
+@dataclass(frozen=True)
+class Blocked:
+    """Why routine traffic waits and until when (epoch seconds)."""
+
+    reason: str  # "window" or "budget"
+    until: float
+    detail: str
+
+
+class Meter:
+    """One destination's budget and windows. Thread-safe within a process."""
+
+    def __init__(self, name: str, policy: MeterPolicy, store: StatusStore) -> None:
+        self.name = name
+        self.policy = policy
+        self.store = store
+        self._lock = threading.Lock()
+
+    @property
+    def status_name(self) -> str:
+        return STATUS_PREFIX + self.name
+
+    def _local(self, now: float) -> dt.datetime:
+        return dt.datetime.fromtimestamp(now, self.policy.zone)
+
+    def spent_today(self, now: float) -> int:
+        record = self.store.status(self.status_name) or {}
+        return int(record.get("bytes", 0)) if record.get("day") == self._local(now).date().isoformat() else 0
+
+    def spend(self, nbytes: int, now: float) -> None:
+        """Count bytes sent now (STAT's too)."""
+        if nbytes <= 0:
+            return
+        with self._lock:
+            day = self._local(now).date().isoformat()
+            self.store.record_status(self.status_name, {"day": day, "bytes": self.spent_today(now) + nbytes}, now)
+
+    def blocked(self, now: float) -> Blocked | None:
+        """None if routine traffic may go now."""
+        p = self.policy
+        local = self._local(now)
+        if p.windows:
+            minute = local.hour * 60 + local.minute + local.second / 60
+            if not any(w.contains(minute) for w in p.windows):
+                return Blocked("window", self._next_window_start(local), "outside " + ", ".join(map(str, p.windows)))
+        if p.daily_budget_bytes:
+            spent = self.spent_today(now)
+            if spent >= p.daily_budget_bytes:
+                midnight = dt.datetime.combine(local.date() + dt.timedelta(days=1), dt.time(), p.zone)
+                until = midnight.timestamp()
+                detail = f"{spent / 2**20:.1f} of {p.daily_budget_bytes / 2**20:.1f} MB used today"
+                return Blocked("budget", until, detail)
+        return None
+
+    def _next_window_start(self, local: dt.datetime) -> float:
+        starts = []
+        for w in self.policy.windows:
+            for days in (0, 1):
+                day = local.date() + dt.timedelta(days=days)
+                at = dt.datetime.combine(day, dt.time(), self.policy.zone) + dt.timedelta(minutes=w.start_min)
+                if at > local:
+                    starts.append(at.timestamp())
+                    break
+        return min(starts)

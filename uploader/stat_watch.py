@@ -1,0 +1,146 @@
+"""STAT takes the link: while routine objects are on the wire, watch for a STAT item.
+
+A STAT ECG (chest pain → PCI) that becomes durable while a forwarder round is sending routine
+studies must not wait for the round, nor share a slow link with it. During a round, a thread asks
+the outbox every `poll_s` whether a STAT item is due. Once one is:
+
+- every association stops taking routine objects at its next object boundary; the first there
+  carries the STAT object(s) on its open association (no association to negotiate first);
+- a routine transfer still on the wire that is expected to need more than `cut_after_s` is cut
+  (connection dropped): on a slow link it would hold the link for seconds. The cut item goes back
+  to the queue uncharged (the fault is not its) and is sent later with the same UIDs.
+
+On a fast link transfers end within milliseconds and nothing is cut.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from uploader.dicom_store import StoreAssociation
+from uploader.outbox import Outbox, OutboxItem
+
+log = logging.getLogger(__name__)
+
+
+class TransferRate:
+    """Payload bytes per second one association achieves (smoothed over the last objects)."""
+
+    SMOOTHING = 0.3
+
+    def __init__(self) -> None:
+        self.bytes_per_s: float | None = None
+
+    def observe(self, size: int, seconds: float) -> None:
+        if size <= 0 or seconds <= 0:
+            return
+        rate = size / seconds
+        old = self.bytes_per_s
+        self.bytes_per_s = rate if old is None else old + self.SMOOTHING * (rate - old)
+
+    def remaining_s(self, size: int, elapsed_s: float) -> float | None:
+        """Expected seconds still needed by a transfer of `size` bytes started `elapsed_s` ago
+        (None: no rate known yet)."""
+        if self.bytes_per_s is None:
+            return None
+        return size / self.bytes_per_s - elapsed_s
+
+
+@dataclass
+class InFlight:
+    assoc: StoreAssociation
+    item: OutboxItem
+    started: float  # time.monotonic()
+
+
+class StatWatch:
+    """One per round that sends routine items: `with StatWatch(...) as watch:`; senders call
+    `sending()`/`finished()` around each C-STORE and check `stat_due` between objects."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        kind: str,
+        clock: Callable[[], float],
+        rate: TransferRate,
+        *,
+        poll_s: float = 0.025,
+        cut_after_s: float | None = 0.2,  # None: never cut a transfer
+    ) -> None:
+        self.outbox = outbox
+        self.kind = kind
+        self.clock = clock
+        self.rate = rate
+        self.poll_s = poll_s
+        self.cut_after_s = cut_after_s
+        self.stat_due = threading.Event()
+        self.cuts = 0
+        self._lock = threading.Lock()
+        self._in_flight: dict[int, InFlight] = {}  # id(assoc) → what it is sending
+        self._cut: set[int] = set()  # id(assoc) of associations cut
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> StatWatch:
+        self._thread = threading.Thread(target=self._run, name="stat-watch", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def sending(self, assoc: StoreAssociation, item: OutboxItem) -> None:
+        with self._lock:
+            self._in_flight[id(assoc)] = InFlight(assoc, item, time.monotonic())
+
+    def finished(self, assoc: StoreAssociation, *, stored: bool) -> None:
+        with self._lock:
+            flight = self._in_flight.pop(id(assoc), None)
+        if flight is not None and stored:
+            self.rate.observe(flight.item.size, time.monotonic() - flight.started)
+
+    def was_cut(self, assoc: StoreAssociation) -> bool:
+        with self._lock:
+            return id(assoc) in self._cut
+
+    def _run(self) -> None:
+        while not self._done.wait(self.poll_s):
+            try:
+                if not self.stat_due.is_set() and self.outbox.stat_waiting(self.kind, self.clock()):
+                    log.info("a STAT study is waiting: routine sending yields the link")
+                    self.stat_due.set()
+            except Exception as exc:  # noqa: BLE001 — the outbox closing under us ends the watch, not the round
+                log.debug("STAT watch stopped: %s", exc)
+                return
+            if self.stat_due.is_set():
+                self._cut_slow_transfers()
+
+    def _cut_slow_transfers(self) -> None:
+        if self.cut_after_s is None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            flights = [f for f in self._in_flight.values() if id(f.assoc) not in self._cut]
+        for f in flights:
+            elapsed = now - f.started
+            remaining = self.rate.remaining_s(f.item.size, elapsed)
+            # no rate known yet: a transfer already slower than the threshold is a slow one
+            if (elapsed if remaining is None else remaining) <= self.cut_after_s:
+                continue
+            with self._lock:
+                if self._in_flight.get(id(f.assoc)) is not f:
+                    continue  # it ended meanwhile
+                self._cut.add(id(f.assoc))
+            log.info(
+                "cutting routine transfer of outbox item %d (%.1f s in) so that the STAT study gets the link",
+                f.item.id,
+                elapsed,
+            )
+            self.cuts += 1
+            f.assoc.cut()
