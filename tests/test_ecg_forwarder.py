@@ -385,7 +385,8 @@ def test_a_report_that_comes_at_once_finds_its_transaction_recorded(config, capl
     """Found by bench/kill_campaign.py: a PACS that reports before the gateway has written down
     the transaction it asked for (a slow SD card, or the forwarder killed between the N-ACTION and
     that write) had its report refused as a forgery ("not issued by this gateway", a security
-    event) and the items waited a whole commitment timeout. The transaction is recorded first."""
+    event) and the items waited a whole commitment timeout. The transaction is known before the
+    N-ACTION leaves (the fuzz branch found the same seam and its fix is the one kept)."""
     rc = config.reading_center
     rc.commitment_timeout_s = 120.0  # a refused report would leave the items waiting past the test
     center = EmbeddedReadingCenter(port=rc.port, gateway_port=rc.listen_port, report_delay_s=0.0)

@@ -443,11 +443,8 @@ class EcgForwarder:
             return
         refs = [(i.meta["sop_class_uid"], i.meta["sop_instance_uid"]) for i in items]
         txn = generate_uid()
-        # Recorded before asking: the PACS may report at once, on another thread, before a slow
-        # write (or a process killed in between) would record it; an unrecorded transaction's
-        # report is refused as a forgery. A request that fails leaves a transaction nobody
-        # answers: it is asked again after commitment_timeout_s, as a lost report is.
-        self.outbox.set_transaction([i.id for i in items], txn, now)
+        # known before asking: the report may overtake the N-ACTION's response
+        self.outbox.remember_commitment_request([i.id for i in items], txn, now)
         try:
             assoc.request_commitment(txn, refs)
         except CommitmentUnsupported as exc:
@@ -456,6 +453,7 @@ class EcgForwarder:
         except TransientError as exc:
             log.warning("storage commitment request failed, will ask again: %s", exc)
             return
+        self.outbox.set_transaction([i.id for i in items], txn, now)
         self.on_event("commitment-asked", {"transaction_uid": txn, "items": len(items)})
 
     def _commitment_unsupported(self, items: Sequence[OutboxItem], why: str) -> None:
