@@ -8,6 +8,11 @@ from dataclasses import dataclass
 
 from devices.errors import DeviceError, InvalidRecordingError
 
+# Years a date from a device, a file or an ID card (acquisition, birth, a report) can hold;
+# outside, the field is garbled (e.g. "0202" for "2020", 3990 for 1990), and parsers treat it
+# as unreadable rather than pass it on.
+POSSIBLE_YEARS = range(1900, 2201)
+
 
 class TimeSource(str, enum.Enum):
     """Where the time stamp of a measurement came from."""
@@ -133,7 +138,7 @@ def parse_resident_id(text: str) -> ResidentId:
         born = dt.date(int(number[6:10]), int(number[10:12]), int(number[12:14]))
     except ValueError:
         born = None
-    if born is None or born.year < 1900:
+    if born is None or born.year not in POSSIBLE_YEARS:
         raise InvalidPatientIdError(
             f"身份证号中的出生日期 {number[6:14]} 无效 / the birth date {number[6:14]} in the resident ID is not a date",
             "birth-date",

@@ -248,7 +248,7 @@ class DicomReceiver:
             ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(VERIFICATION)
         handlers: list[EventHandlerType] = [
-            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
             (evt.EVT_CONN_OPEN, self._on_open),
             (evt.EVT_CONN_OPEN, lambda event: _bound_receipt(event, self.settings.max_object_bytes, budget)),
@@ -282,7 +282,11 @@ class DicomReceiver:
         except (AttributeError, OSError):
             pass
 
-    def _on_store(self, event: Any) -> Any:
+    def handle_store(self, event: Any) -> Any:
+        """The EVT_C_STORE handler: check the received data set, keep it, answer a status (or a
+        refusal data set with a comment). Public so that the fuzz harness (bench/fuzz_targets.py)
+        drives the real handler with pynetdicom events; `event.request.DataSet` is what
+        `_bound_receipt` assembled, or any BytesIO (a plain one has dropped nothing)."""
         calling = str(event.assoc.requestor.ae_title).strip()
         request = event.request
         sop_instance = str(request.AffectedSOPInstanceUID)

@@ -452,6 +452,7 @@ class ScriptedStoreSCP:
     report_to: tuple[str, int, str] | None = None
     report_on_same_association: bool = False
     report_delay_s: float = 0.05
+    report_before_response: bool = False  # send the report (report_to) before answering the N-ACTION
     report_tls_args: tuple[Any, str] | None = None  # (ssl.SSLContext, server name) for report_to
     keep_datasets: bool = False
     host: str = "127.0.0.1"
@@ -569,6 +570,9 @@ class ScriptedStoreSCP:
         event_type = 2 if failed else 1
         if self.report_on_same_association:
             target: Callable[[], None] = lambda: self._report_same(event.assoc, event_type, info)
+        elif self.report_to is not None and self.report_before_response:
+            self._report_new(event_type, info)  # the report overtakes the N-ACTION's response
+            return 0x0000, None
         elif self.report_to is not None:
             target = lambda: self._report_new(event_type, info)
         else:

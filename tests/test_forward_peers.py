@@ -342,6 +342,26 @@ def awaiting_commitment(tmp_path, scripted_scp_factory):
         yield fwd, outbox, scp
 
 
+def test_a_report_that_overtakes_the_n_action_response_is_believed(tmp_path, scripted_scp_factory, caplog) -> None:
+    """A PACS may send its N-EVENT-REPORT (a new association) before the N-ACTION's response reaches
+    us; the transaction is known before the N-ACTION leaves, so that report commits the items
+    instead of being refused as forged (and the studies waiting another commitment timeout)."""
+    listen = free_port()
+    scp = scripted_scp_factory(
+        commitment=True, report_to=("127.0.0.1", listen, "CLINIC01"), report_before_response=True, report_delay_s=0
+    )
+    config = make_config(tmp_path, scp.port, scp.ae_title, listen_port=listen)
+    enqueue(config, 3)
+    with caplog.at_level("WARNING", logger="uploader.dicom_commitment.security"):
+        with open_outbox(config) as outbox, EcgForwarder(outbox, forwarder_settings(config)) as fwd:
+            result = fwd.run_round(threading.Event())
+            assert result.sent == 3
+            assert [status for _type, _info, status in scp.reports_sent] == [0x0000] * len(scp.actions)
+            # purged only ever follows commitment
+            assert {i.state for i in outbox.items()} <= {ItemState.COMMITTED, ItemState.PURGED}
+    assert not [r for r in caplog.records if r.name == "uploader.dicom_commitment.security"]
+
+
 def refs_of(items) -> list[tuple[str, str]]:
     return [(i.meta["sop_class_uid"], i.meta["sop_instance_uid"]) for i in items]
 
@@ -436,7 +456,9 @@ def test_storage_commitment_off_with_purge_policy_purges_what_was_sent(tmp_path,
 # -- a send killed mid-way is charged; killed N times, the item is quarantined ---------------------
 
 
-def wait_until(condition, limit_s: float = 60.0, what: str = "condition") -> None:
+def wait_until(condition, limit_s: float = 150.0, what: str = "condition") -> None:
+    """Event-driven wait; the limit is generous because each wait includes a `lastmile forward`
+    start-up, which takes over 10 s on a 2-core machine under full load."""
     deadline = time.monotonic() + limit_s
     while not condition():
         assert time.monotonic() < deadline, f"no {what} within {limit_s} s"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import struct
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from io import BytesIO
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pynetdicom import AE, evt
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.events import EventHandlerType
@@ -120,6 +121,28 @@ def _addresses_of(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Addres
     return {ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos}
 
 
+# What reading an untrusted data set raises: pydicom decodes sequences while pynetdicom hands the
+# event over and other elements lazily on first access, so a truncated element (OSError, EOFError,
+# struct.error), an odd-length number (BytesLengthException) or an unknown VR (NotImplementedError)
+# surfaces in our code, not in pynetdicom's.
+UNREADABLE_DATASET: tuple[type[Exception], ...] = (
+    AttributeError,
+    TypeError,
+    ValueError,
+    KeyError,
+    IndexError,
+    OverflowError,
+    struct.error,
+    OSError,
+    EOFError,
+    NotImplementedError,
+    BytesLengthException,
+)
+
+
+UNREADABLE_REPORT: tuple[type[Exception], ...] = (MalformedReport, InvalidDicomError, *UNREADABLE_DATASET)
+
+
 def _refs(seq: Sequence[Dataset] | None) -> list[tuple[str, str, int]]:
     """(SOP class, SOP instance, FailureReason or 0x0110 when none is given) of each item."""
     out = []
@@ -141,7 +164,7 @@ def parse_commitment_report(event_type: int | None, info: Dataset, calling_ae: s
         txn = str(info.get("TransactionUID", "") or "")
         committed = [(c, i) for c, i, _ in _refs(info.get("ReferencedSOPSequence"))]
         failed = _refs(info.get("FailedSOPSequence"))
-    except (AttributeError, TypeError, ValueError, KeyError) as exc:
+    except UNREADABLE_DATASET as exc:
         raise MalformedReport(f"unreadable event information: {exc}") from None
     if not txn:
         raise MalformedReport("no TransactionUID")
@@ -169,7 +192,7 @@ def report_handler(
             return 0x0118, None  # no such SOP class
         try:
             report = parse_commitment_report(event.event_type, event.event_information, calling)
-        except (MalformedReport, InvalidDicomError, ValueError, EOFError) as exc:
+        except UNREADABLE_REPORT as exc:
             log.warning("unreadable storage commitment report from %s: %s", calling, exc)
             return PROCESSING_FAILURE, None
         log.info(

@@ -443,6 +443,8 @@ class EcgForwarder:
             return
         refs = [(i.meta["sop_class_uid"], i.meta["sop_instance_uid"]) for i in items]
         txn = generate_uid()
+        # known before asking: the report may overtake the N-ACTION's response
+        self.outbox.remember_commitment_request([i.id for i in items], txn, now)
         try:
             assoc.request_commitment(txn, refs)
         except CommitmentUnsupported as exc:

@@ -267,6 +267,20 @@ def _chunks(ids: Sequence[int]) -> Iterator[list[int]]:
         yield unique[start : start + _CHUNK]
 
 
+def _remember_request(conn: sqlite3.Connection, transaction_uid: str, item_id: int, now: float) -> None:
+    """One (transaction, item) asked for, keeping only the last COMMITMENT_HISTORY per item."""
+    conn.execute(
+        "INSERT OR IGNORE INTO commitment_requests (transaction_uid, item_id, asked_at) VALUES (?, ?, ?)",
+        (transaction_uid, item_id, now),
+    )
+    conn.execute(
+        "DELETE FROM commitment_requests WHERE item_id = ? AND transaction_uid NOT IN ("
+        "  SELECT transaction_uid FROM commitment_requests WHERE item_id = ? "
+        "  ORDER BY asked_at DESC LIMIT ?)",
+        (item_id, item_id, COMMITMENT_HISTORY),
+    )
+
+
 class Outbox:
     """Open with `Outbox.open(data_dir)`; safe to share between threads; close when done."""
 
@@ -929,22 +943,26 @@ class Outbox:
                     )
                 ]
             for item_id in moved:
-                conn.execute(
-                    "INSERT OR IGNORE INTO commitment_requests (transaction_uid, item_id, asked_at) VALUES (?, ?, ?)",
-                    (transaction_uid, item_id, now),
-                )
-                conn.execute(
-                    "DELETE FROM commitment_requests WHERE item_id = ? AND transaction_uid NOT IN ("
-                    "  SELECT transaction_uid FROM commitment_requests WHERE item_id = ? "
-                    "  ORDER BY asked_at DESC LIMIT ?)",
-                    (item_id, item_id, COMMITMENT_HISTORY),
-                )
+                _remember_request(conn, transaction_uid, item_id, now)
             return moved
 
         moved = self._commit(body) if wanted else []
         skipped = sorted(set(wanted) - set(moved))
-        if skipped:
-            log.warning("set_transaction: item(s) %s not in state sent, left unchanged", skipped)
+        if skipped:  # e.g. the PACS's report came before we got here: already committed
+            log.info("set_transaction: item(s) %s no longer just sent, left as they are", skipped)
+
+    def remember_commitment_request(self, item_ids: Sequence[int], transaction_uid: str, now: float) -> None:
+        """Before the N-ACTION goes out: a PACS may send its report (on another association) before
+        the N-ACTION's response reaches us, and a report is believed only for a transaction this
+        outbox knows it issued. `set_transaction` marks the items once the request was accepted."""
+        wanted = list(dict.fromkeys(int(i) for i in item_ids))
+
+        def body(conn: sqlite3.Connection) -> None:
+            for item_id in wanted:
+                _remember_request(conn, transaction_uid, item_id, now)
+
+        if wanted:
+            self._commit(body)
 
     def commitment_request(self, transaction_uid: str) -> list[OutboxItem]:
         """The items storage commitment was asked for under `transaction_uid` (in any state

@@ -39,6 +39,7 @@ from pydicom.uid import (
     ExtensibleSRStorage,
 )
 
+from devices.identity import POSSIBLE_YEARS
 from uploader.errors import UploadError
 
 REPORT_SR_CLASSES: tuple[str, ...] = (
@@ -190,9 +191,22 @@ def _dicom_time(date: object, time: object) -> str:
         return f"{d} {t}".strip()
     m = re.match(r"(\d{2})(\d{2})?(\d{2})?", t)
     if m:
-        day = day.replace(hour=int(m.group(1)), minute=int(m.group(2) or 0), second=int(m.group(3) or 0))
+        try:
+            day = day.replace(hour=int(m.group(1)), minute=int(m.group(2) or 0), second=int(m.group(3) or 0))
+        except ValueError:  # e.g. TM "996000": no time of day
+            return f"{d} {t}"
         return day.isoformat()
     return day.date().isoformat()
+
+
+def _possible_time(when: str, problems: list[str]) -> str:
+    """`when`, unless it reads as a date in a year no report was written (a garbled field, e.g.
+    1013 for 2013): then "" and a problem, so that the doctor is not shown an impossible time."""
+    m = re.match(r"\s*(\d{4})-?\d{2}", when)
+    if m and int(m.group(1)) not in POSSIBLE_YEARS:
+        problems.append(f"report time {when[:40]!r} is no possible date")
+        return ""
+    return when
 
 
 def dicom_datetime_iso(value: object) -> str:
@@ -292,7 +306,9 @@ class _DicomReader:
             self.problems.append(f"content tree unreadable ({type(exc).__name__}: {exc})")
         name, verified_at = self.verifying_observer()
         observer = name or next(iter(self.observers), "")
-        when = verified_at or _dicom_time(self.get("ContentDate"), self.get("ContentTime"))
+        when = _possible_time(
+            verified_at or _dicom_time(self.get("ContentDate"), self.get("ContentTime")), self.problems
+        )
         amends = self.amends()
         final = completion == "COMPLETE" and verification == "VERIFIED"
         self.scan_keywords([title, *self.lines])
@@ -447,7 +463,9 @@ class _DicomReader:
             except Exception as exc:  # noqa: BLE001
                 self.problems.append(f"ConceptNameCodeSequence unreadable ({type(exc).__name__})")
         observer, verified_at = self.verifying_observer()
-        when = verified_at or _dicom_time(self.get("ContentDate"), self.get("ContentTime"))
+        when = _possible_time(
+            verified_at or _dicom_time(self.get("ContentDate"), self.get("ContentTime")), self.problems
+        )
         self.scan_keywords([title])
         kb = len(document) / 1024
         text = "\n".join(
@@ -583,7 +601,7 @@ def read_fhir_report(
         elif document is None and raw:
             document, document_type = raw, ctype
     observer = _reference_display(resource.get("resultsInterpreter")) or _reference_display(resource.get("performer"))
-    when = str(resource.get("issued") or resource.get("effectiveDateTime") or "")
+    when = _possible_time(str(resource.get("issued") or resource.get("effectiveDateTime") or ""), problems)
     texts = [conclusion, *coded, *result_lines, *presented_text]
     for text in (title, *texts):
         keyword = rules.keyword_in(text) if text else None

@@ -31,7 +31,7 @@ from devices.ecg.leads import derive_limb_leads, normalise_lead_name, require_un
 from devices.ecg.recording import EcgRecording
 from devices.ecg.scaling import Channel, to_common_unit
 from devices.errors import InvalidRecordingError, ProtocolError, UnsupportedFeatureError
-from devices.identity import DeviceIdentity, Patient, TimeSource
+from devices.identity import POSSIBLE_YEARS, DeviceIdentity, Patient, TimeSource
 
 NS = "{urn:hl7-org:v3}"
 XSI_TYPE = "{http://www.w3.org/2001/XMLSchema-instance}type"
@@ -69,6 +69,8 @@ def parse_ts(value: str, local_tz: dt.tzinfo) -> dt.datetime:
         if hours > 14 or minutes > 59:
             raise ProtocolError(f"HL7 aECG: bad time zone in {value!r}")
         tz = dt.timezone(sign * dt.timedelta(hours=hours, minutes=minutes))
+    if year not in POSSIBLE_YEARS:
+        raise ProtocolError(f"HL7 aECG: impossible date/time {value!r}")
     try:
         return dt.datetime(year, month, day, hour, minute, second, micro, tzinfo=tz)
     except ValueError:
@@ -159,7 +161,7 @@ def _read_sequence_set(seq_set: Element, local_tz: dt.tzinfo) -> _Sequences:
                 ),
             )
         )
-    if increment is None or increment <= 0:
+    if increment is None or not np.isfinite(increment) or increment <= 0:
         raise ProtocolError("HL7 aECG: the rhythm series has no time sequence with a positive increment")
     return _Sequences(start, relative, increment, leads)
 
@@ -173,7 +175,10 @@ def _interval_start(eff: Element | None, duration_s: float, local_tz: dt.tzinfo)
     if center:
         return parse_ts(center, local_tz)
     if high:
-        return parse_ts(high, local_tz) - dt.timedelta(seconds=duration_s)
+        try:
+            return parse_ts(high, local_tz) - dt.timedelta(seconds=duration_s)
+        except OverflowError:  # a near-zero rate makes the duration absurd
+            raise ProtocolError(f"HL7 aECG: a recording of {duration_s:g} s cannot end at {high!r}") from None
     return None
 
 
@@ -391,7 +396,7 @@ def read_aecg(
         root = fromstring(bytes(data), forbid_dtd=True)
     except DefusedXmlException as exc:
         raise ProtocolError(f"HL7 aECG: refused unsafe XML ({type(exc).__name__})") from None
-    except (ParseError, ValueError) as exc:
+    except (ParseError, ValueError, LookupError) as exc:  # LookupError: an unknown declared encoding
         raise ProtocolError(f"HL7 aECG: not well-formed XML ({exc})") from None
     if root.tag != NS + "AnnotatedECG":
         raise ProtocolError(f"not an HL7 aECG document (root element {root.tag!r})")
@@ -429,7 +434,10 @@ def read_aecg(
             root.find(_q("effectiveTime")), duration, local_tz
         )
         if start is not None and parsed.relative_s:
-            start += dt.timedelta(seconds=parsed.relative_s)
+            try:
+                start += dt.timedelta(seconds=parsed.relative_s)
+            except OverflowError:  # e.g. a date written where seconds belong
+                raise ProtocolError(f"HL7 aECG relative start {parsed.relative_s} s is out of range") from None
     if start is None:
         if received_at is None:
             raise ProtocolError("HL7 aECG document carries no acquisition time")

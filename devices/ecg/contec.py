@@ -28,7 +28,7 @@ import numpy as np
 from devices.ecg.leads import derive_limb_leads
 from devices.ecg.recording import EcgRecording
 from devices.errors import InvalidRecordingError, ProtocolError
-from devices.identity import DeviceIdentity, TimeSource
+from devices.identity import POSSIBLE_YEARS, DeviceIdentity, TimeSource
 
 HEADER_LEN = 43
 FOOTER_LEN = 37
@@ -85,7 +85,7 @@ def read_contec(
 
     stamp = _TIMESTAMP.match(_asciiz(data[10:30]))
     acquired_at, source = None, TimeSource.FILE
-    if stamp:
+    if stamp and int(stamp.group(1)) in POSSIBLE_YEARS:  # else a garbled clock: the receipt time stands in
         try:
             year, month, day, hour, minute, second = (int(g) for g in stamp.groups())
             acquired_at = dt.datetime(year, month, day, hour, minute, second, tzinfo=local_tz)

@@ -52,7 +52,7 @@ from devices.ecg.leads import (
 from devices.ecg.recording import EcgRecording
 from devices.ecg.scaling import Channel, to_common_unit
 from devices.errors import InvalidRecordingError, ProtocolError, UnsupportedFeatureError
-from devices.identity import DeviceIdentity, Patient, TimeSource
+from devices.identity import POSSIBLE_YEARS, DeviceIdentity, Patient, TimeSource
 from devices.inflate import inflate
 
 if TYPE_CHECKING:
@@ -143,6 +143,8 @@ def _parse_dt(text: str, local_tz: dt.tzinfo, default_offset: str = "") -> dt.da
         hours, minutes = int(offset[1:3]), int(offset[3:5])
         if hours <= 14 and minutes < 60:
             tz = dt.timezone(sign * dt.timedelta(hours=hours, minutes=minutes))
+    if y not in POSSIBLE_YEARS:
+        return None
     try:
         return dt.datetime(y, mo, d, h, mi, s, micro, tzinfo=tz)
     except ValueError:
@@ -176,7 +178,7 @@ def _patient(ds: Dataset) -> Patient | None:
         return None
     birth = None
     text = str(ds.get("PatientBirthDate", "") or "").strip()
-    if re.fullmatch(r"\d{8}", text):
+    if re.fullmatch(r"\d{8}", text) and int(text[:4]) in POSSIBLE_YEARS:
         try:
             birth = dt.date(int(text[:4]), int(text[4:6]), int(text[6:8]))
         except ValueError:

@@ -35,7 +35,7 @@ import numpy as np
 
 from devices.ecg.recording import EcgRecording, SampleGap
 from devices.errors import InvalidRecordingError, ProtocolError, UnsupportedFeatureError
-from devices.identity import DeviceIdentity, Patient, TimeSource
+from devices.identity import POSSIBLE_YEARS, DeviceIdentity, Patient, TimeSource
 
 FORMAT_VERSION = 1
 MAX_FILE_BYTES = 64 * 1024 * 1024
@@ -177,6 +177,8 @@ def _aware(text: str, key: str) -> dt.datetime:
         raise ProtocolError(f"{key} is not ISO-8601: {text!r}") from exc
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise ProtocolError(f"{key} has no time zone: {text!r}")
+    if moment.year not in POSSIBLE_YEARS:
+        raise ProtocolError(f"{key} {text!r} is no date an ECG was taken")
     return moment
 
 
@@ -190,6 +192,8 @@ def _patient(arrays: dict[str, np.ndarray]) -> Patient | None:
         birth_date = dt.date.fromisoformat(birth) if birth else None
     except ValueError as exc:
         raise ProtocolError(f"patient_birth_date is not an ISO date: {birth!r}") from exc
+    if birth_date is not None and birth_date.year not in POSSIBLE_YEARS:
+        raise ProtocolError(f"patient_birth_date {birth!r} is no date of birth")
     return Patient(
         patient_id=_text(arrays, "patient_id"),
         name=_text(arrays, "patient_name"),

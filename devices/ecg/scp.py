@@ -32,7 +32,7 @@ from devices.ecg.findings import EcgMeasurement, EcgStatement, MedianBeats, Stat
 from devices.ecg.leads import derive_limb_leads, lead_name_from_scp_code, require_unique, standard_order
 from devices.ecg.recording import EcgRecording
 from devices.errors import InvalidRecordingError, ProtocolError, UnsupportedFeatureError
-from devices.identity import DeviceIdentity, Patient, TimeSource
+from devices.identity import POSSIBLE_YEARS, DeviceIdentity, Patient, TimeSource
 
 SECTION_HEADER = 16
 DEFAULT_HUFFMAN = 19999
@@ -205,7 +205,7 @@ def _tags(body: bytes) -> list[tuple[int, bytes]]:
 
 
 def _date(v: bytes) -> dt.date | None:
-    if len(v) < 4 or not _u16(v, 0):
+    if len(v) < 4 or _u16(v, 0) not in POSSIBLE_YEARS:
         return None
     try:
         return dt.date(_u16(v, 0), v[2], v[3])

@@ -24,6 +24,7 @@ import datetime as dt
 import json
 import logging
 import sqlite3
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -234,7 +235,7 @@ def checked_patient(text: str, name: str, config: Config) -> Patient:
     text = text.strip()
     if not text:
         raise ConsoleInputError(N_("Type or scan the patient's ID."))
-    if len(text) > MAX_NAME_LENGTH or any(ord(ch) < 32 for ch in text):
+    if len(text) > MAX_NAME_LENGTH or _has_invisible(text):
         raise ConsoleInputError(N_("A patient ID has at most %(n)d characters and no line breaks."), n=MAX_NAME_LENGTH)
     name = short_text(name)
     try:
@@ -251,10 +252,18 @@ def patient_identifier(text: str, config: Config) -> str:
     return checked_patient(text, "", config).patient_id
 
 
+def _has_invisible(text: str) -> bool:
+    # Controls (DEL and C1 too), format characters, unassigned code points, line separators:
+    # nothing a person types, and nothing a DICOM LO/PN value or the outbox should carry.
+    return any(unicodedata.category(ch)[0] == "C" or unicodedata.category(ch) in ("Zl", "Zp") for ch in text)
+
+
 def short_text(text: str) -> str:
     text = " ".join(text.split())
     if len(text) > MAX_NAME_LENGTH:
         raise ConsoleInputError(N_("Names and reasons have at most %(n)d characters."), n=MAX_NAME_LENGTH)
+    if _has_invisible(text):
+        raise ConsoleInputError(N_("Names and reasons cannot contain control characters."))
     return text
 
 

@@ -1,0 +1,153 @@
+"""The fuzz harness (bench/fuzz.py) in short: every target under atheris for a few hundred inputs
+with a fixed seed (a count, not a time: the same inputs on a fast or a loaded machine), every
+seed through its target, and the harness's own checks shown to catch what they are for (an
+untyped exception, an impossible value, a hang). The long runs are bench/fuzz.py's, not the suite's."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.fuzz import Worker
+from bench.fuzz_targets import Implausible, Target, all_targets, check_recording, check_values
+from tests.conftest import REPO, SHARED, missing
+
+# per target: the seeds first (libFuzzer runs its corpus: up to 217, NMEA sentences), then
+# mutations; ~1 s of CPU per target with the worker's start-up: ~15 s on two idle cores
+SMOKE_INPUTS = 300
+TARGETS = all_targets()
+
+
+def test_every_target_runs_under_atheris_without_a_failure(tmp_path: Path) -> None:
+    try:
+        import atheris  # noqa: F401
+    except ImportError:
+        missing("atheris is not installed (scripts/setup.sh --test installs it on x86-64)")
+    if not SHARED.is_dir():
+        missing("../shared (the ECG files and GNSS logs that seed the fuzzer) is absent")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "fuzz.py"),
+            "--inputs",
+            str(SMOKE_INPUTS),
+            "--seed",
+            "7",
+            "--jobs",
+            "2",
+            "--work-dir",
+            str(tmp_path),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
+    assert proc.stdout.strip(), proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    by_name = {t["target"]: t for t in result["targets"]}
+    assert set(by_name) == set(TARGETS)
+    for name, t in by_name.items():
+        if TARGETS[name].skip:
+            assert t["status"] == "skipped"
+            continue
+        assert t["status"] == "ok", f"{name}: {t['status']} {t['note']} {t['findings']}"
+        # it really ran, instrumented, past its seeds, exactly the inputs asked for
+        assert t["inputs"] == SMOKE_INPUTS > t["seeds"] and t["cov"] > 0 and t["corpus"] >= 1, t
+    assert proc.returncode == 0
+    # nothing outside the work dir: corpora and findings only there
+    assert {p.name for p in tmp_path.iterdir()} == {"corpus", "findings"}
+
+
+@pytest.mark.parametrize("name", [n for n, t in TARGETS.items() if not t.skip])
+def test_every_seed_decodes_or_raises_the_typed_error(name: str) -> None:
+    target = TARGETS[name]
+    seeds = target.seeds()
+    if not seeds:
+        missing(f"{name}: no seeds (../shared absent?)")
+    decoded = 0
+    for seed in seeds:
+        try:
+            target.run(seed)
+            decoded += 1
+        except target.typed:
+            pass
+    assert decoded, f"{name}: no seed decodes, so the fuzzer would start from refusals only"
+
+
+# -- the harness's checks catch what they are for -------------------------------------------------
+
+
+def test_plausibility_checks_catch_impossible_values() -> None:
+    from devices.ecg.recording import EcgRecording
+    from devices.identity import TimeSource
+    from devices.observation import Quantity
+
+    with pytest.raises(Implausible):
+        check_values(Quantity("spo2", math.nan, "%"))
+    with pytest.raises(Implausible):
+        check_values({"track": [1.0, math.inf]})
+    check_values(Quantity("spo2", None, "%", special="nres"))  # "no value" with its reason is fine
+    rec = EcgRecording(
+        samples=np.ones((1, 10), dtype=np.int16),
+        lead_names=("II",),
+        sampling_rate_hz=500.0,
+        uv_per_unit=1.0,
+        acquired_at=dt.datetime(1850, 1, 1, tzinfo=dt.timezone.utc),
+        time_source=TimeSource.FILE,
+    )
+    with pytest.raises(Implausible):
+        check_recording(rec)  # an ECG from 1850
+
+
+def _target(run, typed=(ValueError,)) -> Target:
+    return Target("probe", "harness self-test", run, typed, lambda: [b""])
+
+
+@pytest.mark.parametrize("error, kind", [(KeyError("x"), "untyped"), (Implausible("rate = nan"), "implausible")])
+def test_worker_records_untyped_errors_and_impossible_values(tmp_path: Path, error: Exception, kind: str) -> None:
+    def run(data: bytes) -> None:
+        if data == b"bad":
+            raise error
+        raise ValueError("typed: refused")
+
+    worker = Worker(_target(run), tmp_path, inputs=10**9, max_seconds=None)
+    worker.findings_dir.mkdir(parents=True)
+    for data in (b"ok", b"bad", b"bad", b"fine"):
+        worker.one_input(data)
+    assert worker.inputs == 4
+    [finding] = worker.findings.values()
+    assert finding.kind == kind and finding.count == 2
+    assert (tmp_path / finding.examples[0]).read_bytes() == b"bad"  # the input is kept to reproduce it
+    stats = json.loads(worker.stats_path.read_text())
+    assert stats["findings"][0]["count"] >= 1
+
+
+def test_worker_records_an_input_that_costs_more_than_a_second_of_cpu(tmp_path: Path) -> None:
+    import time
+
+    def run(data: bytes) -> None:
+        end = time.process_time() + 1.1
+        while time.process_time() < end:
+            pass
+
+    worker = Worker(_target(run), tmp_path, inputs=10**9, max_seconds=None)
+    worker.findings_dir.mkdir(parents=True)
+    worker.one_input(b"slow")
+    assert [f.kind for f in worker.findings.values()] == ["hang"]
+
+
+def test_seeds_come_from_shared_files_and_test_constants() -> None:
+    if not SHARED.is_dir():
+        missing("../shared (the ECG files and GNSS logs that seed the fuzzer) is absent")
+    # the SCP target starts from the three shared carts' files, the BLE one from the tests' captures
+    assert len(TARGETS["scp"].seeds()) >= 3
+    assert len(TARGETS["ble"].seeds()) >= 15
