@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build a Lastmile SD-card image for Raspberry Pi 3/4 (arm64) from Debian's archive.
 #
-#   sudo image/build.sh OUT.img            (root: debootstrap, chroot; ~10-15 min the first time)
+#   sudo image/build.sh OUT.img            (root: debootstrap, chroot; 20-45 min the first time on
+#                                           2 cores, ~4 min with the cache warm: image/README.md)
 #
 # Layout (MBR, so the Pi 3 boot ROM reads it too):
 #   p1  LM-BOOT  vfat  256 MB  /boot/firmware: Pi firmware, kernel, initrd, config.txt, cmdline.txt,
@@ -9,15 +10,16 @@
 #   p2  LM-ROOT  ext4          / : read-only; the initramfs puts a tmpfs overlay on top (image/files/
 #                               overlay-root), so a power cut cannot corrupt it. `lastmile.overlay=0`
 #                               on the kernel command line boots it writable for maintenance.
-#   p3  LM-DATA  ext4  DATA_MB /var/lib/lastmile: outbox and clinic state; noatime,commit=60
-# journald: volatile (RAM), at most 24 MB. Services: lastmile-acquire, lastmile-forward (units
-# from systemd/), lastmile-provision (copies /boot/firmware/lastmile/* to /etc/lastmile at each
+#   p3  LM-DATA  ext4  DATA_MB /var/lib/lastmile: outbox and clinic state; noatime,commit=60; grown to
+#                               the card's end at boot (files/lastmile-grow-data + x-systemd.growfs)
+# journald: volatile (RAM), at most 24 MB. Services: lastmile-acquire, -forward, -console, -metrics
+# (every unit in systemd/), lastmile-provision (copies /boot/firmware/lastmile/* to /etc/lastmile at each
 # boot), systemd-networkd (eth0 DHCP), systemd-timesyncd, gpsd, bluetooth.
 #
 # No loop mounts: the partitions are made as files (mkfs.vfat -C + mcopy, mkfs.ext4 -d) and
 # written into an sfdisk-made image with dd conv=notrunc. arm64 code runs under qemu-user-static
-# through binfmt_misc. The debootstrapped tree is cached (key: package list), so a rebuild after a
-# code change takes a few minutes.
+# through binfmt_misc. The debootstrapped tree, the kernel tree and the initramfs are cached (keys:
+# package lists; the initramfs's inputs), so a rebuild after a code change takes a few minutes.
 #
 # Environment: DATA_MB (default 256), SUITE (bookworm), MIRROR, LASTMILE_IMAGE_CACHE.
 set -euo pipefail
@@ -65,23 +67,21 @@ if [ ! -e "$BASE/.complete" ]; then
 fi
 say "base tree: $BASE ($(du -sh "$BASE" | cut -f1))"
 
-# -- 1b. kernel, Pi firmware and the read-only-root initramfs (cached: mkinitramfs under qemu takes
-#        minutes, so the kernel goes in after our initramfs settings; the kernel's own postinst
-#        builds the initrd once, later triggers (firmware packages) are held back) --------------
-BKEY=$(cat "$BASE/.complete" "$HERE/files/overlay-root" "$HERE/files/raspi-firmware-custom" - <<<"$KEY $BOOT_PACKAGES" \
-  | sha256sum | cut -c1-16)
-BOOTREADY=$CACHE/rootfs-$SUITE-arm64-boot-$BKEY
+# -- 1b. kernel and Pi firmware packages (cached; key: base tree, boot packages).
+#        No initramfs is made here (the kernel hook is held back): it depends on our initramfs
+#        scripts and is made, and cached by their hash, in step 2; raspi-firmware fills
+#        /boot/firmware (kernel, initrd, DTBs, config.txt) only once there is an initrd ----------
+BKEY=$(cat "$BASE/.complete" - <<<"$KEY $BOOT_PACKAGES" | sha256sum | cut -c1-16)
+BOOTREADY=$CACHE/rootfs-$SUITE-arm64-kernel-$BKEY
 if [ ! -e "$BOOTREADY/.complete" ]; then
   LOG=$CACHE/kernel-$BKEY.log
-  say "kernel, firmware, initramfs with the overlay root (first time: several minutes; log $LOG)"
+  say "kernel and Pi firmware packages (first time: a few minutes; log $LOG)"
   rm -rf "$BOOTREADY.building"; cp -a "$BASE" "$BOOTREADY.building"
   B=$BOOTREADY.building
-  install -m 0755 "$HERE/files/overlay-root" "$B/etc/initramfs-tools/scripts/init-bottom/overlay-root"
-  grep -qx overlay "$B/etc/initramfs-tools/modules" || echo overlay >> "$B/etc/initramfs-tools/modules"
-  echo 'ROOTPART=LABEL=LM-ROOT' > "$B/etc/default/raspi-firmware"
-  install -m 0644 "$HERE/files/raspi-firmware-custom" "$B/etc/default/raspi-firmware-custom"
   mkdir -p "$B/boot/firmware"
   cp /etc/resolv.conf "$B/etc/resolv.conf"
+  # run-parts skips a hook that is not executable: no mkinitramfs (minutes under qemu) here.
+  chmod -x "$B/etc/kernel/postinst.d/initramfs-tools"
   mount -t proc proc "$B/proc"; mount --bind /dev "$B/dev"; mount --bind /sys "$B/sys"
   set +e
   chroot "$B" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8 \
@@ -93,7 +93,8 @@ if [ ! -e "$BOOTREADY/.complete" ]; then
   set -e
   umount -l "$B/proc" "$B/dev" "$B/sys"
   [ $rc = 0 ] || { tail -30 "$LOG" >&2; exit 1; }
-  ls "$B"/boot/firmware/initrd.img-* >/dev/null || { echo "no initrd in /boot/firmware (see $LOG)" >&2; exit 1; }
+  chmod +x "$B/etc/kernel/postinst.d/initramfs-tools"
+  ls "$B"/boot/vmlinuz-* >/dev/null || { echo "no kernel in /boot (see $LOG)" >&2; exit 1; }
   rm -rf "$B/var/lib/apt/lists"/*; : > "$B/etc/resolv.conf"
   date > "$B/.complete"
   rm -rf "$BOOTREADY"; mv "$B" "$BOOTREADY"
@@ -116,27 +117,83 @@ in_root /opt/lastmile/bin/pip install --quiet --no-index --find-links /var/tmp/w
 rm -rf "$ROOT/var/tmp/wheels"
 
 say "units, udev rules, service account, configuration"
-install -m 0644 "$REPO"/systemd/lastmile-acquire.service "$REPO"/systemd/lastmile-forward.service \
-  "$HERE"/files/lastmile-provision.service "$ROOT/etc/systemd/system/"
+# Every unit in systemd/ (acquire, forward, console, metrics: each WantedBy=multi-user.target) is
+# installed and enabled, so a service added there is on the next image without an edit here.
+LASTMILE_UNITS=$(cd "$REPO/systemd" && echo *.service)
+(cd "$REPO/systemd" && install -m 0644 $LASTMILE_UNITS "$ROOT/etc/systemd/system/")
+for unit in $LASTMILE_UNITS; do
+  install -D -m 0644 "$HERE/files/lastmile-start.conf" "$ROOT/etc/systemd/system/$unit.d/image-start.conf"
+done
+for unit in lastmile-console.service lastmile-metrics.service; do
+  install -D -m 0644 "$HERE/files/lastmile-after-recording.conf" "$ROOT/etc/systemd/system/$unit.d/image-order.conf"
+done
+install -m 0644 "$HERE"/files/lastmile-provision.service "$HERE"/files/lastmile-root-check.service \
+  "$HERE"/files/lastmile-grow-data.service "$ROOT/etc/systemd/system/"
 install -m 0644 "$REPO/systemd/lastmile.sysusers" "$ROOT/usr/lib/sysusers.d/lastmile.conf"
 install -m 0644 "$REPO"/systemd/udev/*.rules "$ROOT/usr/lib/udev/rules.d/"
-install -m 0755 "$HERE/files/lastmile-provision" "$ROOT/usr/local/sbin/lastmile-provision"
+install -m 0755 "$HERE/files/lastmile-provision" "$HERE/files/lastmile-root-check" "$HERE/files/lastmile-grow-data" \
+  "$ROOT/usr/local/sbin/"
 # The account is baked into the read-only root, so its uid never changes between boots.
 in_root systemd-sysusers
 mkdir -p "$ROOT/etc/lastmile" "$ROOT/var/lib/lastmile"
 in_root /opt/lastmile/bin/lastmile config defaults > "$ROOT/etc/lastmile/lastmile.toml.defaults"
-in_root systemctl enable lastmile-acquire.service lastmile-forward.service lastmile-provision.service \
-  systemd-networkd.service systemd-timesyncd.service >/dev/null
+# (unquoted on purpose: one word per unit)
+in_root systemctl enable $LASTMILE_UNITS lastmile-provision.service lastmile-root-check.service \
+  lastmile-grow-data.service systemd-networkd.service systemd-timesyncd.service >/dev/null
 in_root systemctl enable gpsd.socket bluetooth.service >/dev/null
+# Village gateways often boot with no link at all: nothing here needs the network to be up at
+# boot (lastmile-forward retries on its own), and wait-online would fail after 2 minutes.
+in_root systemctl disable systemd-networkd-wait-online.service >/dev/null 2>&1
+# Updates come as whole images and the root is a RAM overlay: apt's timers would only fill RAM
+# with package lists (and wake an idle 4G link), dpkg's daily backup would go to RAM, e2scrub
+# needs LVM. fstrim.timer stays: the data partition on the SD card is trimmed weekly.
+in_root systemctl disable apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer e2scrub_all.timer \
+  >/dev/null 2>&1
 
 install -D -m 0644 "$HERE/files/journald.conf" "$ROOT/etc/systemd/journald.conf.d/lastmile.conf"
 install -D -m 0644 "$HERE/files/eth0.network" "$ROOT/etc/systemd/network/eth0.network"
 echo lastmile > "$ROOT/etc/hostname"
-cat > "$ROOT/etc/fstab" <<FSTAB
-# / is not listed: the initramfs mounts LM-ROOT read-only under a tmpfs overlay.
-LABEL=LM-BOOT  /boot/firmware     vfat  defaults,noatime,umask=0077,nofail                0 2
-LABEL=LM-DATA  /var/lib/lastmile  ext4  noatime,commit=60,errors=remount-ro,x-systemd.growfs  0 2
-FSTAB
+install -m 0644 "$HERE/files/fstab" "$ROOT/etc/fstab"
+mkdir -p "$ROOT/media/root-ro" "$ROOT/media/root-rw"  # where overlay-root puts the two layers
+
+# The initramfs is made here, not with the kernel: it depends on our script, and mkinitramfs
+# under qemu takes minutes, so it is cached by its inputs (kernel tree + our files). Once it is
+# in /boot, raspi-firmware's hook copies kernel, initrd and DTBs to /boot/firmware and writes
+# config.txt (with files/raspi-firmware-custom appended).
+say "initramfs with the overlay root"
+echo 'ROOTPART=LABEL=LM-ROOT' > "$ROOT/etc/default/raspi-firmware"
+install -m 0644 "$HERE/files/raspi-firmware-custom" "$ROOT/etc/default/raspi-firmware-custom"
+install -m 0755 "$HERE/files/overlay-root" "$ROOT/etc/initramfs-tools/scripts/local-bottom/overlay-root"
+grep -qx overlay "$ROOT/etc/initramfs-tools/modules" || echo overlay >> "$ROOT/etc/initramfs-tools/modules"
+KVER=$(ls "$ROOT/lib/modules")
+IKEY=$(cat "$BOOTREADY/.complete" "$HERE/files/overlay-root" "$ROOT/etc/fstab" "$ROOT/etc/initramfs-tools/modules" \
+  - <<<"$BKEY $KVER" | sha256sum | cut -c1-16)
+INITRD_CACHE=$CACHE/initrd-$IKEY
+if [ ! -e "$INITRD_CACHE/.complete" ]; then
+  say "mkinitramfs $KVER under qemu (first time after a change of the overlay script: minutes; log $CACHE/initrd-$IKEY.log)"
+  in_root update-initramfs -c -k "$KVER" > "$CACHE/initrd-$IKEY.log" 2>&1 || { tail -30 "$CACHE/initrd-$IKEY.log" >&2; exit 1; }
+  # The overlay script may use only what the initramfs has (it has no busybox): ask the
+  # initramfs's own shell for every external command the script calls.
+  rm -rf "$ROOT/var/tmp/initrd"
+  in_root unmkinitramfs "/boot/initrd.img-$KVER" /var/tmp/initrd
+  IROOT=$ROOT/var/tmp/initrd; [ -d "$IROOT/main" ] && IROOT=$IROOT/main
+  [ -x "$IROOT/scripts/local-bottom/overlay-root" ] || { echo "overlay-root is not in the initramfs" >&2; exit 1; }
+  [ -n "$(find "$IROOT/" -name 'overlay.ko*' -path '*/fs/overlayfs/*')" ] || { echo "no overlay.ko in the initramfs" >&2; exit 1; }
+  # (no /dev in the extracted tree: nothing may be redirected to /dev/null there)
+  chroot "$IROOT" /bin/sh -c 'PATH=/sbin:/usr/sbin:/bin:/usr/bin; for c in mount umount mkdir modprobe; do
+      command -v "$c" || { echo "the initramfs has no $c: image/files/overlay-root cannot run"; exit 1; }; done' \
+    > "$CACHE/initrd-$IKEY.commands" || { cat "$CACHE/initrd-$IKEY.commands" >&2; exit 1; }
+  rm -rf "$ROOT/var/tmp/initrd" "$INITRD_CACHE.building"; mkdir -p "$INITRD_CACHE.building"
+  cp "$ROOT/boot/initrd.img-$KVER" "$INITRD_CACHE.building/"
+  date > "$INITRD_CACHE.building/.complete"
+  rm -rf "$INITRD_CACHE"; mv "$INITRD_CACHE.building" "$INITRD_CACHE"
+else
+  cp "$INITRD_CACHE/initrd.img-$KVER" "$ROOT/boot/"
+  mkdir -p "$ROOT/var/lib/initramfs-tools"
+  (cd "$ROOT" && sha1sum "boot/initrd.img-$KVER" | sed 's| boot/| /boot/|') > "$ROOT/var/lib/initramfs-tools/$KVER"
+  # What update-initramfs would have run: raspi-firmware copies the initrd to /boot/firmware.
+  in_root /etc/initramfs/post-update.d/z50-raspi-firmware "$KVER" "/boot/initrd.img-$KVER"
+fi
 
 say "boot partition files"
 # raspi-firmware's hooks copied kernel, initrd and DTBs to /boot/firmware and wrote config.txt
@@ -165,7 +222,9 @@ mkfs.vfat -C -n LM-BOOT -F 32 "$WORK/boot.vfat" $(( BOOT_MB * 1024 )) >/dev/null
 mkfs.ext4 -q -L LM-ROOT -d "$ROOT" -E root_owner=0:0 "$WORK/root.ext4" "${ROOT_MB}M"
 DATA_TREE=$WORK/data; mkdir -p "$DATA_TREE"
 LM_UID=$(awk -F: '$1=="lastmile"{print $3}' "$ROOT/etc/passwd"); LM_GID=$(awk -F: '$1=="lastmile"{print $4}' "$ROOT/etc/passwd")
-mkfs.ext4 -q -L LM-DATA -d "$DATA_TREE" -E root_owner="$LM_UID:$LM_GID" "$WORK/data.ext4" "${DATA_MB}M"
+# -T default: mke2fs would pick its "small" profile for DATA_MB (1 KiB blocks, an inode per 4 KiB),
+# and growing keeps both: on a 32 GB card that was 6 % of it in inode tables (the boot test saw it).
+mkfs.ext4 -q -T default -L LM-DATA -d "$DATA_TREE" -E root_owner="$LM_UID:$LM_GID" "$WORK/data.ext4" "${DATA_MB}M"
 
 say "image $OUT"
 START=2048  # sectors: 1 MiB alignment

@@ -12,6 +12,7 @@ if [ "$mode" = "--test" ]; then
   apt_packages+=(orthanc dcmtk dicom3tools gpsd gpsd-clients systemd systemd-container udev iproute2
                  util-linux debootstrap qemu-user-static binfmt-support dosfstools mtools
                  e2fsprogs fdisk openssl librsvg2-bin prometheus
+                 qemu-system-arm qemu-utils zstd  # the image's whole-machine boot test
                  chromium chromium-driver fonts-noto-cjk)  # the console's browser tests (+ CJK glyphs)
   command -v npm >/dev/null || apt_packages+=(nodejs npm)  # Lighthouse (bench/console.py)
 fi

@@ -574,7 +574,8 @@ def invalid_recordings(draw: st.DrawFn) -> EcgRecording:
         n_leads, rate = draw(st.integers(25, 40)), draw(st.floats(200.0, 1000.0))
     else:
         n_leads = draw(st.integers(1, 12))
-        rate = draw(st.one_of(st.floats(0.5, 199.99), st.floats(1000.01, 100000.0)))
+        # a DICOM ECG takes 200-1000 Hz; below 25 Hz or above 32 kHz no recording is made at all
+        rate = draw(st.one_of(st.floats(25.0, 199.99), st.floats(1000.01, 32000.0)))
     leads = tuple(f"L{i}" for i in range(n_leads))
     return EcgRecording(
         samples=np.zeros((n_leads, draw(st.integers(1, 50))), dtype=np.int16),

@@ -452,7 +452,9 @@ def test_missing_counts_are_not_guessed() -> None:
 
 
 def test_a_slow_but_positive_rate_is_read_and_equal_groups_keep_the_first() -> None:
-    assert read_dicom_ecg(_dump(_group(rate="0.5"))).sampling_rate_hz == 0.5
+    assert read_dicom_ecg(_dump(_group(rate="25"))).sampling_rate_hz == 25.0  # the slowest an ECG can be
+    with pytest.raises(ProtocolError, match=r"0\.5 Hz is outside the plausible 25-32000 Hz"):
+        read_dicom_ecg(_dump(_group(rate="0.5")))
     first = _group(label="RHYTHM")
     second = _group(samples=SAMPLES * 2, label="RHYTHM")
     assert read_dicom_ecg(_dump(first, second)).lead("I").tolist() == [10, 30, 50]

@@ -379,3 +379,32 @@ def test_a_full_disk_drains_and_takes_ecgs_again(tmp_path: Path) -> None:
     # nothing twice, but for a store whose answer was lost (a retry the forwarder reported)
     again = sum(o.times_stored - 1 for o in center.received.values())
     assert again <= out["events"].get("retry", 0) + out["events"].get("link-down", 0), out["events"]
+
+
+def test_a_report_that_comes_at_once_finds_its_transaction_recorded(config, caplog) -> None:
+    """Found by bench/kill_campaign.py: a PACS that reports before the gateway has written down
+    the transaction it asked for (a slow SD card, or the forwarder killed between the N-ACTION and
+    that write) had its report refused as a forgery ("not issued by this gateway", a security
+    event) and the items waited a whole commitment timeout. The transaction is known before the
+    N-ACTION leaves (the fuzz branch found the same seam and its fix is the one kept)."""
+    rc = config.reading_center
+    rc.commitment_timeout_s = 120.0  # a refused report would leave the items waiting past the test
+    center = EmbeddedReadingCenter(port=rc.port, gateway_port=rc.listen_port, report_delay_s=0.0)
+    center.start()
+    outbox = open_outbox(config)
+    record = outbox.set_transaction
+
+    def slow_record(item_ids, transaction_uid, now) -> None:
+        time.sleep(1.0)  # the SD card busy: the report is already on its way back
+        record(item_ids, transaction_uid, now)
+
+    outbox.set_transaction = slow_record
+    try:
+        for i in range(3):
+            enqueue_recording(outbox, make_recording(i), config, key=f"k{i}")
+        with EcgForwarder(outbox, forwarder_settings(config)) as fwd:
+            pump(fwd, lambda: counts(outbox).get("purged", 0) == 3, limit_s=30.0)
+    finally:
+        center.stop()
+        outbox.close()
+    assert not [r for r in caplog.records if "refused storage commitment report" in r.getMessage()]

@@ -526,7 +526,7 @@ def any_recording(draw) -> EcgRecording:
     return EcgRecording(
         samples=data.astype(dtype),
         lead_names=names,
-        sampling_rate_hz=draw(st.sampled_from([1.0, 99.9, 100.0, 128.0, 200.0, 257.3, 500.0, 1000.0, 2000.0, 2000.1])),
+        sampling_rate_hz=draw(st.sampled_from([25.0, 99.9, 100.0, 128.0, 200.0, 257.3, 500.0, 1000.0, 2000.0, 2000.1])),
         uv_per_unit=draw(st.sampled_from([0.001, 1.0, 2.5, 5.0, 1000.0])),
         acquired_at=T0,
         time_source=TimeSource.DEVICE_CLOCK,

@@ -456,7 +456,9 @@ def test_storage_commitment_off_with_purge_policy_purges_what_was_sent(tmp_path,
 # -- a send killed mid-way is charged; killed N times, the item is quarantined ---------------------
 
 
-def wait_until(condition, limit_s: float = 60.0, what: str = "condition") -> None:
+def wait_until(condition, limit_s: float = 150.0, what: str = "condition") -> None:
+    """Event-driven wait; the limit is generous because each wait includes a `lastmile forward`
+    start-up, which takes over 10 s on a 2-core machine under full load."""
     deadline = time.monotonic() + limit_s
     while not condition():
         assert time.monotonic() < deadline, f"no {what} within {limit_s} s"

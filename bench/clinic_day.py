@@ -1,0 +1,750 @@
+"""A clinic day on loopback, shared by bench/soak.py and bench/kill_campaign.py.
+
+The gateway runs as its real services (`lastmile acquire` with the clinic-LAN receiver,
+`lastmile forward` with report retrieval, `lastmile console`), each its own process, restarted
+when it dies as systemd would. Orthanc is the reading center (private network namespace only).
+The clinic is driven the way its users drive it, through the CLI: `lastmile patient set/clear`,
+`lastmile import` of a USB stick's folder, `lastmile patient assign E<n>` for an ECG that named
+no patient; the ECG cart also sends over the LAN (C-STORE to the acquire service).
+
+The truth travels in a side channel the gateway never reads: every ECG carries a serial number
+in its first two waveform samples (all leads), and `Truth` maps that number to the patient it
+was really taken from. At the end the reading center's copies are read back (Orthanc REST,
+the stored files) and compared with the truth.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import contextlib
+import io
+import os
+import random
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+GATEWAY_AE = "CLINIC01"
+CART_AE = "CART01"
+DOCTOR = ("王医生", "correct horse 1")
+# how the ECGs of the day come in, in turn: USB stick, the cart over the LAN, a stick file naming nobody
+CHANNELS = ("usb", "lan", "usb", "unassigned", "lan")
+SERVICES = ("acquire", "forward", "console")
+DB_SUFFIXES = (".sqlite", ".db")
+from lastmile.demo.loopback import free_port
+
+__all__ = ["free_port"]
+
+
+def in_private_netns() -> bool:
+    return {n for _i, n in socket.if_nameindex()} <= {"lo"}
+
+
+def reexec_in_private_netns() -> None:
+    """Orthanc listens on every interface: run the whole bench where only loopback exists."""
+    if in_private_netns():
+        return
+    if os.geteuid() != 0:
+        sys.exit("run as root (the bench puts itself and Orthanc in a private network namespace)")
+    argv = ["unshare", "-n", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", sys.executable, *sys.argv]
+    os.execvp("unshare", argv)
+
+
+# -- the ECGs and their truth -----------------------------------------------------------------------
+
+
+@dataclass
+class Truth:
+    """Serial number of each ECG -> the patient it was taken from (never shown to the gateway)."""
+
+    patient_of: dict[int, str] = field(default_factory=dict)
+    channel_of: dict[int, str] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def new(self, patient_id: str, channel: str) -> int:
+        with self.lock:
+            serial = len(self.patient_of) + 1
+            self.patient_of[serial] = patient_id
+            self.channel_of[serial] = channel
+            return serial
+
+
+class EcgCart:
+    """Makes 12-lead ECG files from pydicom's real Mortara ECG, each marked with its serial."""
+
+    def __init__(self) -> None:
+        from pydicom import dcmread
+        from pydicom.data import get_testdata_file
+
+        self.template = dcmread(get_testdata_file("waveform_ecg.dcm"))
+        del self.template.WaveformSequence[1:]  # the rhythm group only: a smaller object
+        self.base = np.frombuffer(self.template.WaveformSequence[0].WaveformData, dtype="<i2").copy()
+        self.lock = threading.Lock()
+
+    def ecg_bytes(self, serial: int, patient_id: str | None, name: str, taken: float) -> tuple[bytes, str]:
+        """Part-10 bytes and the SOP Instance UID; patient_id None: a file that names no patient."""
+        from pydicom.uid import generate_uid
+
+        with self.lock:
+            ds = self.template
+            channels = int(ds.WaveformSequence[0].NumberOfWaveformChannels)
+            samples = self.base.reshape(-1, channels).copy()
+            samples[0, :] = serial % 30000
+            samples[1, :] = serial // 30000
+            ds.WaveformSequence[0].WaveformData = samples.astype("<i2").tobytes()
+            uid = generate_uid()
+            ds.SOPInstanceUID = uid
+            ds.file_meta.MediaStorageSOPInstanceUID = uid
+            ds.StudyInstanceUID = generate_uid()
+            ds.SeriesInstanceUID = generate_uid()
+            ds.PatientID = patient_id or ""
+            ds.PatientName = name if patient_id else ""
+            stamp = time.strftime("%Y%m%d%H%M%S", time.localtime(taken))
+            ds.AcquisitionDateTime = stamp
+            ds.ContentDate, ds.ContentTime = stamp[:8], stamp[8:]
+            ds.StudyDate, ds.StudyTime = stamp[:8], stamp[8:]
+            buf = io.BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            return buf.getvalue(), uid
+
+
+def serial_of(part10: bytes) -> int:
+    """The serial the cart wrote into the first two samples (the same on every lead)."""
+    from pydicom import dcmread
+
+    ds = dcmread(io.BytesIO(part10))
+    group = ds.WaveformSequence[0]
+    rows = np.frombuffer(group.WaveformData, dtype="<i2").reshape(-1, int(group.NumberOfWaveformChannels))
+    low = collections.Counter(rows[0].tolist()).most_common(1)[0][0]
+    high = collections.Counter(rows[1].tolist()).most_common(1)[0][0]
+    return int(high) * 30000 + int(low)
+
+
+# -- the gateway, as its services --------------------------------------------------------------------
+
+
+@dataclass
+class Ports:
+    reading_center: int
+    listen: int
+    lan: int
+    console: int
+
+
+def write_config(path: Path, data_dir: Path, ports: Ports, orthanc_ae: str) -> Path:
+    path.write_text(
+        f"""
+[gateway]
+id = "soak-gateway"
+institution = "Soak Village Clinic"
+data_dir = "{data_dir}"
+[reading_center]
+host = "127.0.0.1"
+port = {ports.reading_center}
+called_ae = "{orthanc_ae}"
+calling_ae = "{GATEWAY_AE}"
+listen_port = {ports.listen}
+listen_host = "127.0.0.1"
+associations = 2
+batch_size = 8
+timeout_s = 10.0
+commitment_timeout_s = 6.0
+[outbox]
+backoff_base_s = 0.5
+backoff_max_s = 3.0
+min_free_mb = 1
+config_fault_retry_s = 2.0
+[patient]
+unassigned_ecg_hold_s = 86400.0
+[ecg]
+re_record_hold_s = 0
+[lan_receiver]
+enabled = true
+host = "127.0.0.1"
+port = {ports.lan}
+ae_title = "{GATEWAY_AE}"
+allowed_callers = ["{CART_AE}"]
+[ble]
+enabled = false
+[serial]
+enabled = false
+[gps]
+source = "none"
+[console]
+listen = "127.0.0.1:{ports.console}"
+https = false
+[reports]
+stat_poll_s = 5.0
+backoff_base_s = 2.0
+backoff_max_s = 10.0
+"""
+    )
+    return path
+
+
+def lastmile(config: Path, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lastmile", "-c", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=REPO,
+    )
+
+
+class Supervisor:
+    """Keeps each service running, as systemd's Restart=always would; samples RSS and fds."""
+
+    def __init__(self, config: Path, log_dir: Path) -> None:
+        self.config = config
+        self.log_dir = log_dir
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.restarts: collections.Counter[str] = collections.Counter()
+        self.unexpected_exits: list[str] = []
+        self.samples: dict[str, list[tuple[float, float, int]]] = collections.defaultdict(list)  # (t, MB, fds)
+        self.lock = threading.Lock()
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True, name="supervisor")
+
+    def start(self) -> None:
+        atexit.register(self.stop)  # a bench that fails leaves no service behind
+        for name in SERVICES:
+            self._spawn(name)
+        self.thread.start()
+
+    def _spawn(self, name: str) -> None:
+        with open(self.log_dir / f"{name}.log", "ab") as log:
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "lastmile", "-c", str(self.config), name],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+            )
+
+    def pid(self, name: str) -> int | None:
+        with self.lock:
+            proc = self.procs.get(name)
+            return proc.pid if proc is not None and proc.poll() is None else None
+
+    def kill(self, name: str) -> bool:
+        """SIGKILL the service (the OOM killer, a power cut for that process); the watcher restarts it."""
+        with self.lock:
+            proc = self.procs[name]
+            if proc.poll() is not None:
+                return False
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            self.restarts[name] += 1
+            self._spawn(name)
+            return True
+
+    def _watch(self) -> None:
+        while not self.stop_event.wait(0.5):
+            now = time.monotonic()
+            with self.lock:
+                for name, proc in list(self.procs.items()):
+                    if proc.poll() is not None:
+                        # systemd's RestartSec: a service that keeps failing is not spun
+                        self.unexpected_exits.append(f"{name} exited {proc.returncode}")
+                        if len(self.unexpected_exits) > 20:
+                            raise SystemExit(f"services keep failing: {self.unexpected_exits[-3:]}")
+                        time.sleep(1.0)
+                        self._spawn(name)
+                        continue
+                    sample = rss_and_fds(proc.pid)
+                    if sample is not None:
+                        self.samples[name].append((now, *sample))
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self.thread.is_alive():
+            self.thread.join(5)
+        with self.lock:
+            for proc in self.procs.values():
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            for proc in self.procs.values():
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+
+
+def rss_and_fds(pid: int) -> tuple[float, int] | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024, fds
+    return None
+
+
+# -- the outbox, read as the kill campaign's judge (read-only) --------------------------------------
+
+
+def database_files(data_dir: Path) -> list[Path]:
+    return sorted(p for p in data_dir.rglob("*") if p.is_file() and p.suffix in DB_SUFFIXES)
+
+
+def integrity_problems(data_dir: Path) -> list[str]:
+    """PRAGMA integrity_check on every real database file (read-only: the services keep writing)."""
+    bad = []
+    for path in database_files(data_dir):
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        try:
+            result = [r[0] for r in conn.execute("PRAGMA integrity_check")]
+        except sqlite3.DatabaseError as exc:
+            result = [str(exc)]
+        finally:
+            conn.close()
+        if result != ["ok"]:
+            bad.append(f"{path.name}: {'; '.join(result[:3])}")
+    return bad
+
+
+def outbox_states(data_dir: Path) -> dict[str, int]:
+    """DICOM items by state ('held' counted apart from queued)."""
+    path = data_dir / "outbox.sqlite"
+    if not path.exists():
+        return {}
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = conn.execute(
+            "SELECT CASE WHEN state = 'queued' AND hold_until > ? THEN 'held' ELSE state END, COUNT(*) "
+            "FROM items WHERE kind = 'dicom' GROUP BY 1",
+            (time.time(),),
+        ).fetchall()
+    except sqlite3.OperationalError:  # created, its tables not yet (the service is starting)
+        return {}
+    finally:
+        conn.close()
+    return {str(state): int(n) for state, n in rows}
+
+
+def held_ecg_ids(data_dir: Path) -> list[tuple[int, str]]:
+    """(item id, key) of ECGs held for the doctor."""
+    path = data_dir / "outbox.sqlite"
+    if not path.exists():
+        return []
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = conn.execute(
+            "SELECT id, key FROM items WHERE kind = 'dicom' AND state = 'queued' AND hold_until > ? ORDER BY id",
+            (time.time(),),
+        ).fetchall()
+    except sqlite3.OperationalError:  # created, its tables not yet
+        return []
+    finally:
+        conn.close()
+    return [(int(i), str(k)) for i, k in rows]
+
+
+def dir_mb(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20
+
+
+# -- the clinic ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClinicStats:
+    patients: int = 0
+    usb: int = 0
+    lan: int = 0
+    unassigned: int = 0
+    assigned: int = 0
+    imports_failed: int = 0
+    lan_retries: int = 0
+    console_pages: int = 0
+    console_errors: int = 0
+    console_actions: int = 0  # check-ins, check-outs and assignments done on the console
+    console_problems: list[str] = field(default_factory=list)  # what the console errors were
+    cli_errors: list[str] = field(default_factory=list)
+
+
+class Clinic:
+    """The village doctor's day: patients one after another, ECGs by USB stick and LAN."""
+
+    def __init__(self, config: Path, work: Path, ports: Ports, truth: Truth, seed: int) -> None:
+        self.config = config
+        self.work = work
+        self.ports = ports
+        self.truth = truth
+        self.rng = random.Random(seed)
+        self.cart = EcgCart()
+        self.stats = ClinicStats()
+        self.pending_assign: dict[str, tuple[int, str]] = {}  # outbox key -> (serial, true patient)
+        self.lock = threading.Lock()  # the doctor does one thing at a time
+        self.browser: Any = None  # tests/console_harness.Client, logged in as the doctor
+
+    def add_doctor(self) -> None:
+        """The doctor's console account (before the console starts)."""
+        result = subprocess.run(
+            [sys.executable, "-m", "lastmile", "-c", str(self.config), "user", "add", DOCTOR[0], "--role", "doctor"],
+            input=DOCTOR[1] + "\n",
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"lastmile user add: {result.stderr}")
+
+    def console_post(self, path: str, form: dict[str, str]) -> bool:
+        """One action on the console as the doctor's browser does it; False if it did not take."""
+        from tests.console_harness import Client
+
+        try:
+            if self.browser is None:
+                browser = Client(f"http://127.0.0.1:{self.ports.console}")
+                browser.login(DOCTOR)
+                self.browser = browser
+            reply = self.browser.get("/today")
+            if reply.status != 200:  # logged out (or a console just restarted): log in again
+                self.browser = None
+                self.console_problem(f"GET /today: {reply.status}")
+                return False
+            reply = self.browser.post(path, form)
+        except (OSError, AssertionError) as exc:
+            self.browser = None
+            self.console_problem(f"POST {path}: {type(exc).__name__} {str(exc)[:80]}")
+            return False
+        ok = reply.status == 303 and "too-late" not in reply.location
+        if ok:
+            self.stats.console_actions += 1
+        else:
+            self.console_problem(f"POST {path}: {reply.status} {reply.location}")
+        return ok
+
+    def console_problem(self, what: str) -> None:
+        self.stats.console_errors += 1
+        if len(self.stats.console_problems) < 5:
+            self.stats.console_problems.append(what)
+
+    def _cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        result = lastmile(self.config, *args)
+        if result.returncode != 0:
+            self.stats.cli_errors.append(f"{' '.join(args[:2])}: rc {result.returncode} {result.stderr.strip()[-200:]}")
+        return result
+
+    def visit(self, index: int, ecgs: int) -> None:
+        """One patient: checked in, ECGs taken (USB, LAN, or a file naming nobody), checked out."""
+        patient_id = f"P{index:05d}"
+        name = f"Soak^Patient{index}"
+        on_console = index % 2 == 0  # every other patient is checked in on the console
+        with self.lock:
+            if not (on_console and self.console_post("/today/check-in", {"patient_id": patient_id, "name": name})):
+                self._cli("patient", "set", patient_id, "--name", name)
+            self.stats.patients += 1
+            stick = self.work / "sticks" / f"visit-{index:05d}"
+            stick.mkdir(parents=True, exist_ok=True)
+            on_stick = 0
+            for _ in range(ecgs):
+                channel = CHANNELS[len(self.truth.patient_of) % len(CHANNELS)]
+                serial = self.truth.new(patient_id, channel)
+                data, uid = self.cart.ecg_bytes(
+                    serial, None if channel == "unassigned" else patient_id, name, time.time() - 60
+                )
+                if channel == "lan":
+                    self.lan_store(data, uid)
+                    self.stats.lan += 1
+                else:
+                    (stick / f"ECG{serial:06d}.dcm").write_bytes(data)
+                    on_stick += 1
+                    if channel == "unassigned":
+                        self.stats.unassigned += 1
+                        self.pending_assign[f"serial:{serial}"] = (serial, patient_id)
+                    else:
+                        self.stats.usb += 1
+            if on_stick:
+                self.import_stick(stick)
+            self.assign_held(patient_id, name, on_console=on_console)
+            if not (on_console and self.console_post("/today/end-session", {})):
+                self._cli("patient", "clear")
+
+    def import_stick(self, stick: Path) -> None:
+        """`lastmile import` until it succeeds (a killed import is run again, as the doctor would)."""
+        for _ in range(20):
+            if lastmile(self.config, "import", "-q", str(stick)).returncode == 0:
+                return
+            self.stats.imports_failed += 1
+            time.sleep(0.5)
+        self.stats.cli_errors.append(f"import {stick.name}: never succeeded")
+
+    def lan_store(self, data: bytes, uid: str) -> None:
+        """The cart's C-STORE to the acquire service; a cart retries until it gets Success."""
+        from pydicom import dcmread
+        from pynetdicom import AE
+
+        ds = dcmread(io.BytesIO(data))
+        for attempt in range(60):
+            ae = AE(ae_title=CART_AE)
+            ae.add_requested_context(str(ds.SOPClassUID), [str(ds.file_meta.TransferSyntaxUID)])
+            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+            assoc = ae.associate("127.0.0.1", self.ports.lan, ae_title=GATEWAY_AE)
+            if assoc.is_established:
+                try:
+                    status = assoc.send_c_store(ds)
+                    if status is not None and status.get("Status") == 0x0000:
+                        return
+                finally:
+                    assoc.release()
+            if attempt:
+                self.stats.lan_retries += 1
+            time.sleep(0.5)
+        self.stats.cli_errors.append(f"LAN store of {uid}: never succeeded")
+
+    def assign_held(self, patient_id: str, name: str, *, on_console: bool = False) -> None:
+        """The doctor assigns each held ECG of this patient (matched by file name in the key)."""
+        for _ in range(40):
+            mine = [s for s, p in list(self.pending_assign.values()) if p == patient_id]
+            if not mine:
+                return
+            held = held_ecg_ids(Path(self.work / "data"))
+            by_serial = {}
+            for item_id, _key in held:
+                serial = self.serial_of_item(item_id)
+                if serial is not None:
+                    by_serial[serial] = item_id
+            for serial in list(mine):
+                item_id = by_serial.get(serial)
+                if item_id is None:
+                    continue
+                form = {"item_id": str(item_id), "patient_id": patient_id, "name": name}
+                if (on_console and self.console_post("/today/assign-ecg", form)) or lastmile(
+                    self.config, "patient", "assign", f"E{item_id}", patient_id, "--name", name
+                ).returncode == 0:
+                    self.pending_assign.pop(f"serial:{serial}", None)
+                    self.stats.assigned += 1
+            time.sleep(0.25)
+
+    def assign_held_all(self) -> None:
+        """At the end of the day: whatever is still waiting for the doctor."""
+        for patient_id in sorted({p for _s, p in list(self.pending_assign.values())}):
+            self.assign_held(patient_id, "")
+
+    def serial_of_item(self, item_id: int) -> int | None:
+        """Which ECG an outbox item is (read from its payload, as the judge: never by the gateway)."""
+        path = self.work / "data" / "outbox.sqlite"
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        try:
+            row = conn.execute("SELECT payload_file FROM items WHERE id = ?", (item_id,)).fetchone()
+        except sqlite3.OperationalError:
+            row = None
+        finally:
+            conn.close()
+        if not row or not row[0]:
+            return None
+        try:
+            return serial_of((self.work / "data" / "payloads" / str(row[0])).read_bytes())
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    def look_at_console(self) -> None:
+        """The console open all day: its pages asked for now and then."""
+        from tests.console_harness import Client
+
+        try:
+            if self.browser is None:
+                browser = Client(f"http://127.0.0.1:{self.ports.console}")
+                browser.login(DOCTOR)
+                self.browser = browser
+            for page in ("/today", "/sent", "/reports"):
+                status = self.browser.get(page).status
+                if status == 200:
+                    self.stats.console_pages += 1
+                else:
+                    self.console_problem(f"GET {page}: {status}")
+        except (OSError, AssertionError) as exc:
+            self.browser = None
+            self.console_problem(f"pages: {type(exc).__name__} {str(exc)[:80]}")
+
+
+# -- the county cardiologist ----------------------------------------------------------------------
+
+
+WAVEFORM_CLASSES = "1.2.840.10008.5.1.4.1.1.9."
+
+
+def ecg_instances(orthanc: Any) -> list[str]:
+    """Orthanc ids of the ECGs it holds (the reports the cardiologist adds are not ECGs)."""
+    out = []
+    for series in orthanc.rest("/series?expand"):
+        if series["MainDicomTags"].get("Modality") == "ECG":
+            out += series["Instances"]
+    return out
+
+
+class Cardiologist:
+    """Reads each ECG that reaches the reading center and files the report there (an SR, and a
+    PDF for every third), as the county does; the gateway's report retrieval brings them back."""
+
+    def __init__(self, orthanc: Any) -> None:
+        from lastmile.demo.cardiologist import DemoCardiologist
+
+        self.orthanc = orthanc
+        self.reader = DemoCardiologist()
+        self.read: dict[str, str] = {}  # study UID -> the patient the ECG named
+        self.failures = 0
+
+    def round(self) -> None:
+        from lastmile.demo.cardiologist import StudyToRead, part10
+
+        if not self.orthanc.running:
+            return
+        try:
+            for instance_id in ecg_instances(self.orthanc):
+                tags = self.orthanc.instance_tags(instance_id)
+                study_uid = str(tags.get("StudyInstanceUID", ""))
+                if study_uid in self.read:
+                    continue
+                study = StudyToRead(
+                    study_uid=study_uid,
+                    patient_id=str(tags.get("PatientID", "")),
+                    patient_name=str(tags.get("PatientName", "")),
+                    accession=str(tags.get("AccessionNumber", "")),
+                    description=str(tags.get("StudyDescription", "")),
+                    ecg_sop_class_uid=str(tags.get("SOPClassUID", "")),
+                    ecg_sop_instance_uid=str(tags.get("SOPInstanceUID", "")),
+                    ecg_series_uid=str(tags.get("SeriesInstanceUID", "")),
+                )
+                for report in self.reader(study):
+                    self.orthanc.rest("/instances", "POST", part10(report))
+                self.read[study_uid] = study.patient_id
+        except (OSError, ValueError):
+            self.failures += 1  # the reading center went down under us: next round
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.wait(3.0):
+            self.round()
+
+
+def judge_reports(data_dir: Path, orthanc: Any, truth: Truth) -> dict[str, int]:
+    """The reports the gateway brought back, each on the patient its ECG was really taken from."""
+    from lastmile.reports.store import ReportStore
+
+    study_truth: dict[str, str] = {}
+    for instance_id in ecg_instances(orthanc):
+        tags = orthanc.instance_tags(instance_id)
+        with contextlib.suppress(ValueError, KeyError, AttributeError):
+            serial = serial_of(orthanc.instance_file(instance_id))
+            study_truth[str(tags["StudyInstanceUID"])] = truth.patient_of.get(serial, "?")
+    store = ReportStore.open(data_dir)
+    try:
+        current = store.reports(current_only=True)
+        wrong = 0
+        for report in current:
+            sent = store.study(report.study_uid)
+            shown_on = {report.patient_id, sent.patient_id if sent else "?"}
+            if shown_on != {study_truth.get(report.study_uid)}:
+                wrong += 1
+        studies_back = {r.study_uid for r in current}
+    finally:
+        store.close()
+    return {
+        "reports_returned": len(current),
+        "studies_reported": len(studies_back),
+        "reports_misattributed": wrong,
+        "reports_missing": len(set(study_truth) - studies_back),
+    }
+
+
+# -- the judge ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Verdict:
+    measurements: int
+    received: int
+    lost: int
+    duplicated: int
+    misattributed: int
+    unreadable: int
+    by_channel: dict[str, int]
+
+
+def judge(orthanc: Any, truth: Truth) -> Verdict:
+    """What the reading center holds, compared with the truth: each ECG once, on its patient."""
+    seen: collections.Counter[int] = collections.Counter()
+    misattributed = unreadable = 0
+    ids = ecg_instances(orthanc)
+    for instance_id in ids:
+        tags = orthanc.instance_tags(instance_id)
+        try:
+            serial = serial_of(orthanc.instance_file(instance_id))
+        except (ValueError, KeyError, AttributeError):
+            unreadable += 1
+            continue
+        seen[serial] += 1
+        if truth.patient_of.get(serial) != tags.get("PatientID"):
+            misattributed += 1
+    expected = set(truth.patient_of)
+    return Verdict(
+        measurements=len(expected),
+        received=len(ids),
+        lost=len(expected - set(seen)),
+        duplicated=sum(n - 1 for n in seen.values() if n > 1) + len(set(seen) - expected),
+        misattributed=misattributed,
+        unreadable=unreadable,
+        by_channel=dict(collections.Counter(truth.channel_of.values())),
+    )
+
+
+def rss_figures(samples: dict[str, list[tuple[float, float, int]]], simulated_h: float) -> dict[str, Any]:
+    """Peak RSS per service; growth from the first quarter's median to the last quarter's, per
+    simulated hour (a restarted service starts again from its baseline, so only rises count)."""
+    out: dict[str, Any] = {"rss_max_mb": {}, "rss_growth_mb_per_h": {}, "fds_growth": {}}
+    for name, rows in samples.items():
+        if not rows:
+            continue
+        out["rss_max_mb"][name] = round(max(r[1] for r in rows), 1)
+        q = max(1, len(rows) // 4)
+        first, last = rows[:q], rows[-q:]
+        rss_rise = float(np.median([r[1] for r in last]) - np.median([r[1] for r in first]))
+        out["rss_growth_mb_per_h"][name] = round(rss_rise / simulated_h, 2) if simulated_h else 0.0
+        out["fds_growth"][name] = int(np.median([r[2] for r in last]) - np.median([r[2] for r in first]))
+    return out
+
+
+@contextlib.contextmanager
+def reading_center(work: Path, listen_port: int) -> Iterator[Any]:
+    """Orthanc (tests/peers.py) knowing the gateway's AE and its commitment listener."""
+    from tests.peers import OrthancServer, gateway_modality
+
+    orthanc = OrthancServer(work / "orthanc", modalities=gateway_modality(GATEWAY_AE, listen_port))
+    orthanc.start()
+    try:
+        yield orthanc
+    finally:
+        orthanc.stop()
+
+
+def wait_drained(data_dir: Path, limit_s: float) -> dict[str, int]:
+    """Until every DICOM item is purged (or quarantined) or the limit passes."""
+    deadline = time.monotonic() + limit_s
+    states = outbox_states(data_dir)
+    while time.monotonic() < deadline:
+        states = outbox_states(data_dir)
+        if not any(states.get(s, 0) for s in ("queued", "sending", "sent", "committed", "held")):
+            break
+        time.sleep(1.0)
+    return states

@@ -1,0 +1,162 @@
+"""Soak: a compressed clinic day against the real services and Orthanc, judged against the truth.
+
+Run as root (it puts itself and Orthanc in a private network namespace):
+
+    .venv/bin/python bench/soak.py [--minutes 20] [--patients N] [--json]
+
+A day of 8 hours is played at 24x (20 minutes; `--minutes` scales the day and the number of
+patients with it): patients checked in and out with `lastmile patient set/clear`, ECGs by USB
+stick (`lastmile import`), by the cart's LAN C-STORE to `lastmile acquire`, and files naming no
+patient that the doctor assigns (`lastmile patient assign`); the console's pages opened now and
+then; the reading center down for a third of the day in three outages. See bench/clinic_day.py.
+
+Prints the figures; with --json the last line is one object: measurements, lost, duplicated,
+misattributed, held_unassigned, rss_max_mb (per service), rss_growth_mb_per_h (per service,
+per simulated hour), fds_growth, db_mb, payload_mb (after the purge). Goals: lost, duplicated,
+misattributed 0; every service <= 64 MB; growth <= 1 MB per simulated hour; payloads back to 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import clinic_day as cd
+
+DAY_H = 8.0  # a clinic day
+COMPRESSION = DAY_H * 60 / 20  # 8 h in 20 min
+OUTAGES = ((0.12, 0.23), (0.42, 0.53), (0.70, 0.81))  # fractions of the day the link is down: 1/3
+
+
+def outages(orthanc: Any, minutes: float, began: float, stop: threading.Event, log: list[str]) -> None:
+    """The reading center goes away three times (a third of the day) and comes back."""
+    day_s = minutes * 60
+    for start, end in OUTAGES:
+        if stop.wait(max(0.0, began + start * day_s - time.monotonic())):
+            return
+        orthanc.stop()
+        log.append(f"link down at {time.monotonic() - began:.0f} s")
+        stop.wait(max(0.0, began + end * day_s - time.monotonic()))
+        orthanc.start()
+        log.append(f"link up at {time.monotonic() - began:.0f} s")
+
+
+def run(minutes: float, patients: int | None, seed: int, say: Any) -> dict[str, Any]:
+    patients = patients or max(6, round(30 * minutes / 20))
+    with tempfile.TemporaryDirectory(prefix="lastmile-soak-") as tmp:
+        work = Path(tmp)
+        data_dir = work / "data"
+        (work / "logs").mkdir()
+        ports = cd.Ports(*(cd.free_port() for _ in range(4)))
+        with cd.reading_center(work, ports.listen) as orthanc:
+            ports.reading_center = orthanc.dicom_port
+            config = cd.write_config(work / "lastmile.toml", data_dir, ports, orthanc.aet)
+            truth = cd.Truth()
+            clinic = cd.Clinic(config, work, ports, truth, seed)
+            clinic.add_doctor()
+            services = cd.Supervisor(config, work / "logs")
+            services.start()
+            stop = threading.Event()
+            link_log: list[str] = []
+            began = time.monotonic()
+            link = threading.Thread(target=outages, args=(orthanc, minutes, began, stop, link_log), daemon=True)
+            link.start()
+            cardiologist = cd.Cardiologist(orthanc)
+            reading = threading.Thread(target=cardiologist.run, args=(stop,), daemon=True)
+            reading.start()
+            polls_failed = 0
+            try:
+                day_s = minutes * 60
+                for i in range(patients):
+                    due = began + day_s * i / patients
+                    while time.monotonic() < due:
+                        clinic.look_at_console()
+                        time.sleep(min(5.0, max(0.0, due - time.monotonic())))
+                    clinic.visit(i + 1, clinic.rng.choice((1, 2, 2, 3)))
+                    if i % 3 == 2:  # the doctor asks for the reports now and then (`report poll`)
+                        polls_failed += cd.lastmile(config, "report", "poll").returncode != 0
+                    say(f"{time.monotonic() - began:5.0f} s  patient {i + 1}/{patients}, {cd.outbox_states(data_dir)}")
+                link.join(max(0.0, began + day_s - time.monotonic()) + 60)
+                day_over = time.monotonic()
+            finally:
+                stop.set()
+                link.join(60)
+            if not orthanc.running:
+                orthanc.start()
+            clinic.assign_held_all()
+            states = cd.wait_drained(data_dir, limit_s=300)
+            drained = time.monotonic()
+            reading.join(10)
+            reports = cd.judge_reports(data_dir, orthanc, truth)
+            deadline = time.monotonic() + 120
+            while reports["reports_missing"] and time.monotonic() < deadline:
+                cardiologist.round()  # the last ECGs of the day are read, the doctor asks again
+                polls_failed += cd.lastmile(config, "report", "poll").returncode != 0
+                reports = cd.judge_reports(data_dir, orthanc, truth)
+            services.stop()
+            verdict = cd.judge(orthanc, truth)
+            figures = cd.rss_figures(services.samples, DAY_H * minutes / 20)
+            result: dict[str, Any] = {
+                "minutes": minutes,
+                "simulated_h": round(DAY_H * minutes / 20, 2),
+                "patients": clinic.stats.patients,
+                "measurements": verdict.measurements,
+                "received": verdict.received,
+                "lost": verdict.lost,
+                "duplicated": verdict.duplicated,
+                "misattributed": verdict.misattributed,
+                "unreadable": verdict.unreadable,
+                "held_unassigned": states.get("held", 0),
+                "stuck": sum(states.get(s, 0) for s in ("queued", "sending", "sent", "committed")),
+                "quarantined": states.get("quarantined", 0),
+                "by_channel": verdict.by_channel,
+                **reports,
+                "report_polls_failed": polls_failed,
+                **figures,
+                "db_mb": round(sum(p.stat().st_size for p in cd.database_files(data_dir)) / 2**20, 2),
+                "payload_mb": round(cd.dir_mb(data_dir / "payloads"), 2) if (data_dir / "payloads").exists() else 0.0,
+                "console_pages": clinic.stats.console_pages,
+                "console_errors": clinic.stats.console_errors,
+                "console_actions": clinic.stats.console_actions,
+                "console_problems": clinic.stats.console_problems,
+                "imports_retried": clinic.stats.imports_failed,
+                "lan_retries": clinic.stats.lan_retries,
+                "service_exits": services.unexpected_exits,
+                "cli_errors": clinic.stats.cli_errors[:5],
+                "outages": link_log,
+                "drain_s": round(drained - day_over, 1),  # link back, day over -> outbox empty
+                "integrity": cd.integrity_problems(data_dir) or "ok",
+            }
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--minutes", type=float, default=20.0, help="length of the compressed day (default 20)")
+    ap.add_argument("--patients", type=int, help="patients in the day (default 30 per 20 minutes)")
+    ap.add_argument("--seed", type=int, default=20261201)
+    ap.add_argument("--json", action="store_true", help="last line: one JSON object")
+    args = ap.parse_args()
+    cd.reexec_in_private_netns()
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    result = run(args.minutes, args.patients, args.seed, say)
+    for key, value in result.items():
+        print(f"{key:>22}: {value}")
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
