@@ -303,7 +303,18 @@ def test_real_reports_and_a_real_held_ecg(browser: object, tmp_path: Path) -> No
         set_viewport(browser, PHONE)
         save_screenshot(browser, "today-held-ecg-phone")
         set_viewport(browser, TABLET)
-        field = row.find_element(by("css"), "input[name=patient_id]")
+        # The live panel may be swapped in anew at any moment until a field in it has the focus
+        # (console.js then holds swaps back): find the row afresh and focus its field first.
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        for _attempt in range(20):
+            try:
+                row = browser.find_element(by("css"), f"#panel-held li[data-held-ecg='{held.id}']")
+                field = row.find_element(by("css"), "input[name=patient_id]")
+                field.click()
+                break
+            except StaleElementReferenceException:
+                continue
         field.clear()
         field.send_keys(VALID_ID)
         row.find_element(by("css"), "form.assign button").click()
