@@ -1,0 +1,20 @@
+"""Test servers listen below the ephemeral port range, where no outgoing connection (nor a client's
+TCP self-connect while the server restarts) can take their port from under them."""
+
+from __future__ import annotations
+
+import socket
+
+from lastmile.demo.loopback import FREE_PORT_RANGE, free_port
+
+
+def test_free_ports_are_below_the_ephemeral_range_and_bindable() -> None:
+    low, high = FREE_PORT_RANGE
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral_low = int(f.read().split()[0])
+    assert high < ephemeral_low
+    ports = {free_port() for _ in range(20)}
+    assert all(low <= p <= high for p in ports) and len(ports) > 1
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", port))  # free when handed out
