@@ -65,10 +65,11 @@ def partitions(image: Path) -> list[Partition]:
 class GatewayDisk:
     """A writable copy-on-write "SD card" over a built image (qcow2 with the raw image as backing)."""
 
-    def __init__(self, image: Path, path: Path, workdir: Path) -> None:
+    def __init__(self, image: Path, path: Path, workdir: Path, disk_format: str = "qcow2") -> None:
         self.image = image
         self.path = path
         self.workdir = workdir
+        self.format = disk_format  # "qcow2" (overlay) or "raw" (a whole copy: the card is one plain file)
 
     @classmethod
     def create(cls, image: Path, workdir: Path) -> GatewayDisk:
@@ -79,9 +80,18 @@ class GatewayDisk:
         )
         return cls(image, path, workdir)
 
+    @classmethod
+    def copy_of(cls, image: Path, workdir: Path) -> GatewayDisk:
+        """A raw copy of the image (sparse): a power-cut campaign cuts a plain file, no qcow2
+        metadata between the guest's writes and the "card", and reads its partitions afterwards."""
+        workdir.mkdir(parents=True, exist_ok=True)
+        path = workdir / "card.img"
+        subprocess.run(["cp", "--sparse=always", str(image), str(path)], check=True)
+        return cls(path, path, workdir, "raw")
+
     def resize(self, size: int) -> None:
         """Make this "card" `size` bytes (a bigger SD card than the image: the space is after the last partition)."""
-        subprocess.run(["qemu-img", "resize", "-q", "-f", "qcow2", str(self.path), str(size)], check=True)
+        subprocess.run(["qemu-img", "resize", "-q", "-f", self.format, str(self.path), str(size)], check=True)
 
     def _boot_fat(self) -> Path:
         """This disk's boot partition as a raw FAT file (as it is now, earlier writes included)."""
@@ -93,7 +103,7 @@ class GatewayDisk:
                     "qemu-img",
                     "dd",
                     "-f",
-                    "qcow2",
+                    self.format,
                     "-O",
                     "raw",
                     f"if={self.path}",
@@ -122,7 +132,7 @@ class GatewayDisk:
             local.unlink()
         boot = partitions(self.image)[0]
         subprocess.run(
-            ["qemu-io", "-f", "qcow2", "-c", f"write -q -s {fat} {boot.start} {boot.size}", str(self.path)],
+            ["qemu-io", "-f", self.format, "-c", f"write -q -s {fat} {boot.start} {boot.size}", str(self.path)],
             check=True,
             capture_output=True,
         )
@@ -165,8 +175,8 @@ class QemuMachine:
     """One boot of a GatewayDisk; the serial console goes to `console_log` and a buffer.
 
     cache: qemu's disk cache mode. "unsafe" is fastest for tests that never cut power;
-    a power-cut test wants "directsync" (nothing held in qemu or the host page cache that the
-    guest believes is on the card).
+    a power-cut test wants "directsync" or "none,aio=threads" (nothing held in qemu or the host
+    page cache that the guest believes is on the card; bench/power_cut.py says which and why).
     network: qemu arguments for the network; default none at all. A test that needs a peer
     gives user-mode networking that reaches only loopback ports it forwards, e.g.
     ["-netdev", "user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:4242-tcp:127.0.0.1:4242",
@@ -228,7 +238,7 @@ class QemuMachine:
             "-append",
             append,
             "-drive",
-            f"file={self.disk.path},if=virtio,format=qcow2,cache={self.cache}",
+            f"file={self.disk.path},if=virtio,format={self.disk.format},cache={self.cache}",
         ]
 
     def boot(self) -> None:
