@@ -21,11 +21,13 @@ from pathlib import Path
 
 import pytest
 
+import uploader.outbox as outbox_module
 import uploader.payload_files as payload_files
 from tests.conftest import REPO
 from uploader.errors import CorruptPayloadError, OutboxFullError
 from uploader.outbox import (
     DB_NAME,
+    DEFAULT_MAX_INTERRUPTED_SENDS,
     PAYLOAD_DIR,
     TRANSITIONS,
     AddResult,
@@ -35,6 +37,8 @@ from uploader.outbox import (
     PayloadGoneError,
     Priority,
     backoff_delay,
+    boot_of,
+    current_boot,
 )
 from uploader.sqlite_store import MIGRATIONS, Migration, applied_migrations, migrate
 
@@ -532,6 +536,42 @@ def test_a_send_killed_mid_way_was_charged_before_it_started(data_dir: Path) -> 
     finally:
         sender.kill()
         sender.communicate(timeout=30)
+
+
+def test_a_send_cut_by_the_gateway_going_down_is_never_charged(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A power cut mid-send (bench/power_cut.py) is not the object's fault: the oldest study is the
+    one in flight at every cut of a flickering supply, and more cuts than max_interrupted_sends
+    must not quarantine it. The sender runs in this boot; recovery runs as if after a reboot."""
+    with open_outbox(data_dir) as ob:
+        add(ob, "a"), add(ob, "b")
+    rebooted = tmp_path / "boot_id"
+    for cut in range(1, DEFAULT_MAX_INTERRUPTED_SENDS + 2):
+        monkeypatch.setattr(outbox_module, "BOOT_ID", Path("/proc/sys/kernel/random/boot_id"))
+        sender = python(SENDER_SCRIPT, data_dir)
+        try:
+            in_flight = int(sender.stdout.readline())
+            sender.send_signal(signal.SIGKILL)  # the power goes with the bytes on the wire
+            sender.communicate(timeout=30)
+        finally:
+            sender.kill()
+            sender.communicate(timeout=30)
+        rebooted.write_text(f"00000000-0000-4000-8000-{cut:012d}\n")  # the next boot's id
+        monkeypatch.setattr(outbox_module, "BOOT_ID", rebooted)
+        with open_outbox(data_dir) as ob:  # recovery at open, in the next boot
+            item = ob.get(in_flight)
+            assert (item.state, item.attempts, item.interrupted_sends) == (S.QUEUED, 0, 0), cut
+            assert "power cut or reboot" in item.last_error
+    with open_outbox(data_dir) as ob:
+        assert {i.key for i in ob.claim("dicom", 10, 2e9)} == {"a", "b"}  # nothing quarantined
+
+
+def test_owner_tokens_name_their_boot() -> None:
+    boot = current_boot()
+    assert len(boot) == 32 and boot == Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")
+    assert boot_of(f"{boot}-{'ab' * 16}") == boot
+    assert boot_of("ab" * 16) == ""  # a token from before boots were named: charged as a crash
 
 
 def test_interrupted_sends_quarantine_at_the_limit_and_outcomes_reset_them(ob: Outbox) -> None:

@@ -62,7 +62,11 @@ Design (see also `outbox_migrations.py` and `payload_files.py`):
   so a process killed mid-send has paid for it: recovery counts it in `interrupted_sends`, and an
   item whose sends were cut short `max_interrupted_sends` times in a row (an object that crashes
   the forwarder, e.g. by exhausting its memory) is quarantined at the next claim instead of
-  taking the forwarder down at every restart.
+  taking the forwarder down at every restart. An owner token names the boot it ran in: a send
+  whose owner died with an earlier boot was cut by the whole gateway going down (a power cut,
+  a reboot), not by its object, and is queued again uncharged - in a village whose power
+  flickers, the oldest study is the one in flight at every cut and was quarantined after five
+  (bench/power_cut.py).
 - A full disk drains (see `space_reserve.py`): writes that move items along (claim, sent,
   committed, purged, status) free the reserve file and try again when SQLite reports a full
   disk; adding a new item never does, and is refused with a message that says what to do.
@@ -281,6 +285,24 @@ def _remember_request(conn: sqlite3.Connection, transaction_uid: str, item_id: i
     )
 
 
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def current_boot() -> str:
+    """This boot's id (Linux: a new random one at every boot), in the form owner tokens carry it;
+    "" where the kernel does not say."""
+    try:
+        return BOOT_ID.read_text().strip().replace("-", "")
+    except OSError:
+        return ""
+
+
+def boot_of(owner: str) -> str:
+    """The boot an owner token was made in; "" for a token that does not say (older versions)."""
+    boot, sep, _rest = owner.rpartition("-")
+    return boot if sep else ""
+
+
 class Outbox:
     """Open with `Outbox.open(data_dir)`; safe to share between threads; close when done."""
 
@@ -312,7 +334,7 @@ class Outbox:
         self._draining = False  # the reserve was released: keep the WAL small until it is back
         self._locks_dir = data_dir / LOCKS_DIR
         self._locks_dir.mkdir(mode=0o700, exist_ok=True)
-        self.owner = uuid.uuid4().hex
+        self.owner = f"{current_boot()}-{uuid.uuid4().hex}"
         self._owner_lock: OwnerLock | None = OwnerLock(self._locks_dir, self.owner)
 
     # -- opening and closing ---------------------------------------------------------------------
@@ -364,7 +386,7 @@ class Outbox:
     def _recover_at_open(self, now: float) -> None:
         recovered = self.recover_interrupted(now)
         if recovered:
-            log.warning("%d interrupted send(s) put back in the queue (not charged)", recovered)
+            log.warning("%d interrupted send(s) put back in the queue", recovered)
         self._files.remove_orphans(self._referenced_files)
         self._quarantine_lost_payloads(now)
         self._reserve.remove_leftovers()
@@ -1161,14 +1183,25 @@ class Outbox:
         recovered = 0
 
         def body(conn: sqlite3.Connection, *, owner: str | None) -> int:
-            # killed with the bytes going out: the attempt stays charged and counts as interrupted
-            cut = conn.execute(
-                "UPDATE items SET state = ?, claimed_by = NULL, updated_at = ?, in_flight = 0, "
-                "interrupted_sends = interrupted_sends + 1, "
-                "last_error = 'the sending process died during the send; queued again' "
-                "WHERE state = ? AND claimed_by IS ? AND in_flight = 1",
-                (S.QUEUED.value, now, S.SENDING.value, owner),
-            ).rowcount
+            if owner is not None and boot_of(owner) not in ("", current_boot()):
+                # the owner went down with an earlier boot: the gateway lost power or rebooted
+                # during the send; the object did not kill anything (attempt given back)
+                cut = conn.execute(
+                    "UPDATE items SET state = ?, claimed_by = NULL, updated_at = ?, in_flight = 0, "
+                    "attempts = MAX(0, attempts - 1), "
+                    "last_error = 'the gateway went down (power cut or reboot) during the send; queued again' "
+                    "WHERE state = ? AND claimed_by IS ? AND in_flight = 1",
+                    (S.QUEUED.value, now, S.SENDING.value, owner),
+                ).rowcount
+            else:
+                # killed with the bytes going out: the attempt stays charged and counts as interrupted
+                cut = conn.execute(
+                    "UPDATE items SET state = ?, claimed_by = NULL, updated_at = ?, in_flight = 0, "
+                    "interrupted_sends = interrupted_sends + 1, "
+                    "last_error = 'the sending process died during the send; queued again' "
+                    "WHERE state = ? AND claimed_by IS ? AND in_flight = 1",
+                    (S.QUEUED.value, now, S.SENDING.value, owner),
+                ).rowcount
             waiting = conn.execute(
                 "UPDATE items SET state = ?, claimed_by = NULL, updated_at = ?, "
                 "last_error = 'interrupted while sending (process stopped); queued again' "
