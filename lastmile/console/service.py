@@ -198,6 +198,7 @@ class ConsoleServer:
             self._stop.set()
             state.broker.publish()  # event streams see the stop and end
             await watch
+            await state.analyses.close()
 
     def alive(self) -> bool:
         """The server thread runs and its event loop answers."""
