@@ -111,7 +111,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         return pytest.TestReport(
             item.nodeid,
             item.location,
-            {k: 1 for k in item.keywords},
+            dict.fromkeys(item.keywords, 1),
             "failed",
             longrepr,
             call.when,
