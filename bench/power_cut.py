@@ -210,6 +210,7 @@ class Cart:
 
     port: int
     rng: random.Random
+    log_path: Path | None = None  # acknowledged SOP Instance UIDs, one a line
     acknowledged: dict[str, float] = field(default_factory=dict)  # SOP Instance UID -> when
     attempts: int = 0
     in_flight_since: float = 0.0  # 0: no C-STORE in flight
@@ -246,6 +247,9 @@ class Cart:
                         if status is not None and status.get("Status") == 0x0000:
                             self.acknowledged[payload.sop_instance_uid] = time.monotonic()
                             self.last_ack_at = time.monotonic()
+                            if self.log_path:  # the truth survives the bench being stopped
+                                with self.log_path.open("a") as out:
+                                    out.write(payload.sop_instance_uid + "\n")
                             break
                         time.sleep(2.0)  # the gateway is down (or booting): a cart retries
                     if self.stopping.is_set():
@@ -365,7 +369,7 @@ class Campaign:
         self.orthanc = OrthancServer(work / "orthanc", modalities=gateway_modality(GATEWAY_AE, self.reports.port))
         self.orthanc.start()
         self.pacs = WatchingRelay("pacs", self.orthanc.dicom_port)
-        self.cart = Cart(self.lan_port, random.Random(seed + 1))
+        self.cart = Cart(self.lan_port, random.Random(seed + 1), work / "acknowledged.txt")
         self.cuts: list[Cut] = []
         self.boots = 0
         self.stores_at_cut: list[int] = []  # Orthanc's C-STORE count at each cut: which boot sent what
@@ -511,10 +515,13 @@ class Campaign:
         final.ready_s = ready_s
         return {"cut": final, "drained": drained}
 
-    def run(self, cuts: int) -> dict[str, Any]:
+    def run(self, cuts: int, budget_s: float = 0.0) -> dict[str, Any]:
         began = time.monotonic()
         threading.Thread(target=self.cart.run, daemon=True, name="cart").start()
         for number in range(1, cuts + 1):
+            if budget_s and self.cuts and time.monotonic() - began > budget_s:
+                log.info("time budget spent after %d cuts: draining", len(self.cuts))
+                break
             self.cuts.append(self.one_cut(number))
             # so far (nothing drained yet: `lost` is only final after the last boot)
             (self.work / "so-far.json").write_text(json.dumps(self.per_cut(), indent=1))
@@ -616,6 +623,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     ap.add_argument("--image", default=os.environ.get("LASTMILE_IMAGE", ""), help="built image (LASTMILE_IMAGE)")
+    ap.add_argument("--budget-min", type=float, default=0.0, help="start no cut after this many minutes (0: none)")
     ap.add_argument("--workdir", default="", help="where the card copy, consoles and Orthanc go (default: a temp dir)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
@@ -631,7 +639,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     campaign = Campaign(Path(args.image), work, args.seed)
     try:
-        result = campaign.run(args.cuts)
+        result = campaign.run(args.cuts, args.budget_min * 60)
     finally:
         campaign.orthanc.stop()
     result["workdir"] = str(work)
