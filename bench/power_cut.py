@@ -83,6 +83,7 @@ READY_TIMEOUT_S = 1200.0
 DRAIN_TIMEOUT_S = 1200.0
 QUIET_S = 60.0  # > [reading_center] commitment_timeout_s below
 DELIVERED = ("committed", "purged")
+EMERGENCY = r"Reached target emergency\.target"
 READY = {
     "acquire": r"Started lastmile-acquire\.service",
     "forward": r"Started lastmile-forward\.service",
@@ -396,8 +397,12 @@ class Campaign:
         )
 
     def wait_ready(self, vm: Any, timeout: float) -> float:
+        from tests.system.qemu_machine import MachineError
+
         for pattern in READY.values():
-            vm.wait_for(pattern, timeout)
+            if vm.wait_for(f"{pattern}|{EMERGENCY}", timeout).group(0).startswith("Reached"):
+                # nobody can log in there (root is locked): the gateway is dead until a visit
+                raise MachineError("the boot fell into emergency mode")
         return time.monotonic() - vm.started_at
 
     def wait_moment(self, moment: str, vm: Any) -> bool:
