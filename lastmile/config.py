@@ -192,10 +192,11 @@ class ConsoleSection:
 class ReportsSection:
     source: str = "dicom"  # where reports come back from: "dicom" (the PACS), "fhir" (county platform), "both", "off"
     window_days: float = 14.0  # look for reports on studies sent in the last this many days
-    stat_poll_s: float = 30.0  # STAT studies: ask this often during their first stat_hurry_h hours
+    stat_poll_s: float = 25.0  # STAT studies: ask this often during their first stat_hurry_h hours
     stat_hurry_h: float = 1.0  # how long a STAT study is polled at stat_poll_s
     amendment_poll_h: float = 12.0  # after a final report, look for amended ones this often (0: stop)
     batch_size: int = 50  # studies per C-FIND / FHIR search
+    keep_association_s: float = 28.0  # keep the C-FIND association open for a round due within this many seconds (a STAT study's hurry); below the PACS's idle timeout (Orthanc DicomScpTimeout: 30); 0: a new one each round
     move_ae: str = ""  # C-MOVE destination (our AE) for a PACS that refuses C-GET; empty: no C-MOVE
     move_port: int = 11114  # where that storage SCP listens while a C-MOVE runs (the PACS's entry for move_ae)
     move_host: str = "0.0.0.0"  # address of that listener
@@ -443,6 +444,7 @@ _RANGES: dict[str, _Range] = {
     "reports.stat_hurry_h": _Range(0, 7 * 24, "a number of hours"),
     "reports.amendment_poll_h": _Range(0, 24 * 365, "a number of hours"),  # 0: stop
     "reports.batch_size": _Range(1, 1000, "a count of studies"),
+    "reports.keep_association_s": _Range(0, 3600, "a number of seconds"),
     "reports.move_port": _PORT,
     "reports.retention_days": _Range(0, 3650, "a number of days"),
     "reports.backoff_base_s": _Range(0, _DAY, "a number of seconds", low_open=True),
@@ -760,6 +762,24 @@ def _check_reports(config: Config, problems: _Problems) -> None:
                 "reports.move_port" if problems.written("reports.move_port") else "reports.move_ae",
                 f"is set and reports.move_port ({r.move_port}) is also the port of {taken[r.move_port]}: "
                 "two listeners cannot share a port",
+            )
+    if 0 < r.keep_association_s < r.stat_poll_s:
+        # said at the key the file sets (both, or neither: at keep_association_s)
+        consequence = (
+            "the association would never be kept between a STAT study's rounds; make keep_association_s a few "
+            "seconds longer than stat_poll_s and below the PACS's idle timeout, or 0 for a new association each round"
+        )
+        if problems.written("reports.stat_poll_s") and not problems.written("reports.keep_association_s"):
+            problems.add(
+                "reports.stat_poll_s",
+                f"({r.stat_poll_s:g} s) is longer than reports.keep_association_s ({r.keep_association_s:g} s): "
+                + consequence,
+            )
+        else:
+            problems.add(
+                "reports.keep_association_s",
+                f"({r.keep_association_s:g} s) is shorter than reports.stat_poll_s ({r.stat_poll_s:g} s): "
+                + consequence,
             )
     for code in r.critical_codes:
         scheme, sep, value = code.partition(":")

@@ -39,6 +39,7 @@ def poller_settings(config: Config) -> PollerSettings:
             window_s=r.window_days * DAY,
         ),
         batch_size=max(1, r.batch_size),
+        keep_association_s=r.keep_association_s,
         move_ae=r.move_ae,
         move_port=r.move_port,
         move_host=r.move_host,
@@ -114,6 +115,8 @@ class ReportService:
     def close(self) -> None:
         if self.thread is not None:
             self.thread.stop()
+        if self.poller is not None:
+            self.poller.close()  # the kept association, released rather than dropped
         self.recorder.stop()
         if self.poller is not None and self.poller.fhir is not None:
             self.poller.fhir.close()
