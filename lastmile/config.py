@@ -197,9 +197,9 @@ class ReportsSection:
     amendment_poll_h: float = 12.0  # after a final report, look for amended ones this often (0: stop)
     batch_size: int = 50  # studies per C-FIND / FHIR search
     keep_association_s: float = 28.0  # keep the C-FIND association open for a round due within this many seconds (a STAT study's hurry); below the PACS's idle timeout (Orthanc DicomScpTimeout: 30); 0: a new one each round
-    move_ae: str = ""  # C-MOVE destination (our AE) for a PACS that refuses C-GET; empty: no C-MOVE
-    move_port: int = 11114  # where that storage SCP listens while a C-MOVE runs (the PACS's entry for move_ae)
-    move_host: str = "0.0.0.0"  # address of that listener
+    move_ae: str = ""  # C-MOVE destination for a PACS that refuses C-GET: "" = this gateway's own AE (reading_center.calling_ae at reading_center.listen_port, which the PACS already knows for storage commitment); set only if the PACS must move reports to a separate AE
+    move_port: int = 11114  # port of that separate move_ae's storage SCP (it listens only while a C-MOVE runs)
+    move_host: str = ""  # address of that listener; "" = reading_center.listen_host, or every interface
     # default codes: STEMI, ventricular fibrillation, ventricular tachycardia, complete AV block
     critical_codes: list[str] = field(  # SCHEME:CODE of coded findings that make a report critical (危急值)
         default_factory=lambda: ["SCT:401303003", "SCT:71908006", "SCT:25569003", "SCT:27885002"]
@@ -746,22 +746,27 @@ def check_meaning(config: Config, problems: _Problems) -> None:
 
 def _check_reports(config: Config, problems: _Problems) -> None:
     r = config.reports
+    rc, lan = config.reading_center, config.lan_receiver
     if r.move_ae:
         problem = ae_title_problem(r.move_ae)
         if problem:
             problems.add("reports.move_ae", problem)
+    if r.move_host:
         problem = bind_address_problem(r.move_host)
         if problem:
             problems.add("reports.move_host", problem)
-        rc, lan = config.reading_center, config.lan_receiver
+    if r.move_ae.strip() and r.move_ae.strip() != rc.calling_ae.strip():
+        # a separate AE needs a listener of its own: not on a port another listener holds
+        move_port = r.move_port
         taken = {rc.listen_port: "the storage-commitment listener"} if rc.storage_commitment else {}
         if lan.enabled:
             taken[lan.port] = "the LAN receiver"
-        if r.move_port in taken:
+        if move_port in taken:
             problems.add(
                 "reports.move_port" if problems.written("reports.move_port") else "reports.move_ae",
-                f"is set and reports.move_port ({r.move_port}) is also the port of {taken[r.move_port]}: "
-                "two listeners cannot share a port",
+                f"is set and reports.move_port ({move_port}) is also the port of {taken[move_port]}: "
+                "two listeners cannot share a port (leave reports.move_ae empty: the PACS then moves reports to "
+                "the gateway's own AE, reading_center.calling_ae, on that listener)",
             )
     if 0 < r.keep_association_s < r.stat_poll_s:
         # said at the key the file sets (both, or neither: at keep_association_s)

@@ -23,6 +23,7 @@ from lastmile.config import ConfigError, parse_config
 from lastmile.demo.cardiologist import ecg_report_sr, part10
 from lastmile.reports.poller import ReportPoller
 from lastmile.reports.store import ReportStore, SentStudy
+from lastmile.services.forward import ForwardService
 from tests.ecg_factories import make_recording
 from tests.peers import OrthancServer, free_port
 from tests.report_peers import GATEWAY_AE, gateway_config, poller_for, send_ecgs, to_read
@@ -311,3 +312,36 @@ def test_keeping_off_or_longer_than_the_stat_interval_passes() -> None:
     parse_config("[reports]\nkeep_association_s = 0\nstat_poll_s = 40\n")
     parse_config("[reports]\nkeep_association_s = 45\nstat_poll_s = 40\n")
     assert parse_config("").reports.keep_association_s > parse_config("").reports.stat_poll_s
+
+
+# -- C-MOVE to the gateway's one AE, received by the storage-commitment listener ------------------
+
+
+@pytest.mark.orthanc
+def test_c_move_goes_to_the_gateways_own_ae_on_its_commitment_listener(tmp_path, orthanc_factory) -> None:
+    """Orthanc knows the gateway as one AE (its storage-commitment entry) and refuses C-GET: the
+    real forward service's poller moves the STAT report to that AE, and the commitment listener
+    (already bound on that port) takes it; no second listener, no second AE to configure."""
+    listen = free_port()
+    modalities = {"gateway": {"AET": GATEWAY_AE, "Host": "127.0.0.1", "Port": listen, "AllowGet": False}}
+    orthanc = orthanc_factory(modalities=modalities)
+    config = gateway_config(tmp_path, orthanc.dicom_port, orthanc.aet, listen_port=listen)
+    config.reports.stat_poll_s, config.reports.keep_association_s = 1.0, 5.0
+    assert config.reports.move_ae == "" and config.reading_center.storage_commitment
+    (stat,) = send_ecgs(config, [make_recording(6, stat=True)])
+    service = ForwardService(config)
+    stop = threading.Event()
+    try:
+        assert service.reports.poller is not None and service.reports.poller.receiver.hosted
+        assert service.ecg.listener_address == ("127.0.0.1", listen)
+        sr = ecg_report_sr(to_read(stat), findings=["VT"], impression="Ventricular tachycardia")
+        assert orthanc.rest("/instances", "POST", part10(sr))["Status"] == "Success"
+        deadline = time.monotonic() + 90
+        while not service.reports.store.reports():
+            assert time.monotonic() < deadline, service.status_line()
+            time.sleep(min(service.step(stop), 0.2))
+        (report,) = service.reports.store.reports()
+        assert report.object_uid == sr.SOPInstanceUID
+        assert service.reports.store.status("poller")["c_move"] is True
+    finally:
+        service.close()

@@ -12,7 +12,9 @@
   it meanwhile (its idle timeout, a restart, a reset link): the next round opens a new one, and a
   query that meets a closing association is asked once more on a new one.
 - `move_reports(peer, destination, receiver, found)`: C-MOVE to our own AE, for a PACS that only
-  offers that; `ReportReceiver` is the storage SCP the PACS connects to meanwhile.
+  offers that; `ReportReceiver` is the storage SCP the PACS connects to meanwhile: its own
+  listener while the move runs, or offered to the storage-commitment listener that already
+  holds the gateway's AE and port at the PACS (`offer()`; uploader.dicom_commitment).
 - Every object is kept as the bytes that arrived (Part-10 with the meta of the transfer syntax
   it came in): a report is stored as received, whatever we can read of it.
 - Failures are typed like the sender's (uploader.errors): TransientError (unreachable, aborted,
@@ -46,6 +48,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from uploader.dicom_association import PeerSettings, associate, release, set_nodelay, stop_server
+from uploader.dicom_commitment import ExtraStorage
 from uploader.dicom_status import is_refusal_of_us
 from uploader.dicom_tls import server_tls_context
 from uploader.errors import ConfigurationFault, PermanentError, TransientError
@@ -375,8 +378,9 @@ class QueryAssociation:
                     final = code
             if final == MOVE_DESTINATION_UNKNOWN:
                 raise ConfigurationFault(
-                    f"{self.peer.where} does not know the move destination {destination_ae!r}: "
-                    "add it (host and port of reports.move_port) to the PACS's modalities"
+                    f"{self.peer.where} does not know the move destination {destination_ae!r}: add it to the "
+                    "PACS's modalities with this gateway's address and port (reading_center.listen_port, "
+                    "or reports.move_port for a separate reports.move_ae)"
                 )
             if final is None:
                 raise TransientError(f"{self.peer.where} ended the C-MOVE without a final status")
@@ -483,8 +487,9 @@ class KeptQueryAssociation:
 
 
 class ReportReceiver:
-    """Our storage SCP for C-MOVE: listens while a move runs, accepts report classes only, and
-    only the SOP instances we asked for (`expect`)."""
+    """Our storage SCP for C-MOVE: accepts report classes only, and only the SOP instances we
+    asked for (`expect`). It listens on its own while a move runs, unless `offer()`ed to another
+    listener of ours (the storage-commitment listener: the PACS knows one port for our AE)."""
 
     def __init__(
         self,
@@ -504,6 +509,16 @@ class ReportReceiver:
         self._expected: set[str] = set()
         self._lock = threading.Lock()
         self._server: object | None = None
+        self.hosted = False  # offered to another listener: never listens itself
+
+    def offer(self) -> ExtraStorage:
+        """What another listener must accept for us; from now on this receiver never binds a port."""
+        self.hosted = True
+        return ExtraStorage(
+            self.sop_classes,
+            tuple(str(ts) for ts in RETRIEVE_SYNTAXES),
+            storage_handler(self.received, self._lock, self._expected),
+        )
 
     def expect(self, sop_instance_uids: Iterable[str]) -> None:
         # mutated in place: the running server's handler holds these very objects
@@ -520,10 +535,10 @@ class ReportReceiver:
 
     @property
     def running(self) -> bool:
-        return self._server is not None
+        return self._server is not None or self.hosted
 
     def start(self) -> None:
-        if self._server is not None:
+        if self._server is not None or self.hosted:
             return
         try:
             ae = AE(ae_title=self.ae_title)

@@ -8,8 +8,9 @@ the reading center about all of them at once and keeps what is new:
   `keep_association_s` (a STAT study's hurry) and released otherwise (uploader.dicom_query
   KeptQueryAssociation); only when something new was found, a second one with
   C-GET and the storage contexts brings it back. A PACS that refuses C-GET gets a C-MOVE to
-  `reports.move_ae` (our storage SCP listens only while the move runs); C-GET is tried again a
-  day later.
+  the gateway's own AE (the one the PACS already knows, with the storage-commitment listener's
+  port, which then takes the C-STOREs too; or our own storage SCP on that port while the move
+  runs), or to a separate `reports.move_ae`; C-GET is tried again a day later.
 - FHIR: DiagnosticReport search by the studies' UIDs (changed since the last look), then
   conditional reads of the preliminary reports we hold.
 
@@ -74,7 +75,7 @@ class PollerSettings:
     policy: PollPolicy = field(default_factory=PollPolicy)
     batch_size: int = 50
     keep_association_s: float = 28.0  # keep the C-FIND association for a round due within this; 0: never
-    move_ae: str = ""
+    move_ae: str = ""  # C-MOVE destination; "": no C-MOVE
     move_port: int = 11114
     move_host: str = "0.0.0.0"
     backoff_base_s: float = 30.0
@@ -124,6 +125,7 @@ class ReportPoller:
         alerter: CriticalAlerter | None = None,
         clock: Callable[[], float] = time.time,
         meter: Meter | None = None,
+        receiver: ReportReceiver | None = None,
     ) -> None:
         if settings.dicom and peer is None:
             raise ValueError("DICOM polling needs the reading center's PeerSettings")
@@ -137,6 +139,10 @@ class ReportPoller:
         self.alerter = alerter or CriticalAlerter(store)
         self.clock = clock
         self.meter = meter  # while it is shut, only STAT studies are asked about
+        # where C-MOVEd reports arrive: offered to the commitment listener, or listening on its own
+        self.receiver = receiver or ReportReceiver(
+            settings.move_ae, settings.move_port, host=settings.move_host, peer=peer
+        )
         self._rng = random.Random()
         self._failures = 0
         self._retry_at = 0.0
@@ -314,18 +320,12 @@ class ReportPoller:
                 return objects
             except RetrieveRefused as exc:
                 if not self.settings.move_ae:
-                    raise ConfigurationFault(
-                        f"{exc}; set reports.move_ae and reports.move_port (and that AE at the PACS) "
-                        "to retrieve reports with C-MOVE"
-                    ) from None
+                    raise ConfigurationFault(f"{exc}; and no C-MOVE destination is configured") from None
                 log.warning("reports: %s; retrieving with C-MOVE to %s", exc, self.settings.move_ae)
                 refused = True
         else:
             refused = False
-        receiver = ReportReceiver(
-            self.settings.move_ae, self.settings.move_port, host=self.settings.move_host, peer=self.peer
-        )
-        objects, cost = move_reports(self.peer, self.settings.move_ae, receiver, new)
+        objects, cost = move_reports(self.peer, self.settings.move_ae, self.receiver, new)
         result.bytes += cost
         result.retrieved_by = "C-MOVE"
         if refused:  # C-MOVE worked where C-GET did not: the PACS refuses C-GET, not the link
