@@ -63,7 +63,7 @@ class ReadingCenterSection:
     port: int = 104  # its DICOM port
     called_ae: str = "READING_CENTER"  # the PACS's AE title
     calling_ae: str = "LASTMILE"  # this gateway's AE title
-    listen_port: int = 11113  # where the PACS sends storage-commitment reports
+    listen_port: int = 11113  # where the PACS sends storage-commitment reports, and reports C-MOVEd to calling_ae
     listen_host: str = ""  # address for those reports; "": ours toward the reading center (loopback if it is)
     report_networks: list[str] = field(default_factory=list)  # CIDR networks besides `host` that may send reports
     associations: int = 2  # parallel associations while sending
@@ -199,7 +199,7 @@ class ReportsSection:
     keep_association_s: float = 28.0  # keep the C-FIND association open for a round due within this many seconds (a STAT study's hurry); below the PACS's idle timeout (Orthanc DicomScpTimeout: 30); 0: a new one each round
     move_ae: str = ""  # C-MOVE destination for a PACS that refuses C-GET: "" = this gateway's own AE (reading_center.calling_ae at reading_center.listen_port, which the PACS already knows for storage commitment); set only if the PACS must move reports to a separate AE
     move_port: int = 11114  # port of that separate move_ae's storage SCP (it listens only while a C-MOVE runs)
-    move_host: str = ""  # address of that listener; "" = reading_center.listen_host, or every interface
+    move_host: str = ""  # address our C-MOVE storage SCP listens on while a move runs (when no commitment listener holds the port); "" = reading_center.listen_host, or every interface
     # default codes: STEMI, ventricular fibrillation, ventricular tachycardia, complete AV block
     critical_codes: list[str] = field(  # SCHEME:CODE of coded findings that make a report critical (危急值)
         default_factory=lambda: ["SCT:401303003", "SCT:71908006", "SCT:25569003", "SCT:27885002"]
