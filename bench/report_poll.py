@@ -279,7 +279,8 @@ def main() -> int:
                 )
             if not args.no_hour:
                 print(
-                    "goal: wire KB/h <= 100 with nothing new; a STAT study is asked about every 30 s in its first hour"
+                    "goal: wire KB/h <= 100 with nothing new; a STAT study is asked about every "
+                    f"{Config().reports.stat_poll_s:g} s in its first hour"
                 )
 
             if args.samples < 1:
@@ -319,6 +320,13 @@ def main() -> int:
                 f"{', '.join(f'{x:.1f}' for x in latencies)} s (median {statistics.median(latencies):.1f}, "
                 f"max {max(latencies):.1f}; goal <= 60 s; poll interval {config.reports.stat_poll_s:g} s)"
             )
+            kept = getattr(poller, "queries", None)
+            if kept is not None:  # real time, Orthanc's default idle timeout (DicomScpTimeout 30 s)
+                getattr(poller, "close", lambda: None)()
+                print(
+                    f"  C-FIND associations in real time: {kept.opened} opened, {kept.reused} rounds reused one, "
+                    f"{kept.closed_by_peer} closed by Orthanc (keep_association_s {config.reports.keep_association_s:g})"
+                )
         finally:
             orthanc.stop()
     return 0
