@@ -101,6 +101,9 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=3, help="STAT reports timed in real time")
     ap.add_argument("--no-hour", action="store_true", help="skip the bytes-per-hour part")
     ap.add_argument("--no-stat-hour", action="store_true", help="skip the STAT-first-hour part")
+    ap.add_argument(
+        "--realtime-stat-s", type=float, default=0.0, help="also poll one STAT study in real time this long"
+    )
     ap.add_argument("--stat-poll-s", type=float, help="reports.stat_poll_s (default: the configured default)")
     ap.add_argument("--keep-s", type=float, help="reports.keep_association_s (default: the configured default)")
     args = ap.parse_args()
@@ -283,6 +286,32 @@ def main() -> int:
                     f"{Config().reports.stat_poll_s:g} s in its first hour"
                 )
 
+            if args.realtime_stat_s:
+                # -- a STAT study polled in real time: does the PACS's idle timeout leave the kept
+                # association alone? (Orthanc's default DicomScpTimeout, 30 s)
+                config = config_for("realtime-stat")
+                ecg = ecg_payloads(1)[0]
+                orthanc.rest("/instances", "POST", ecg.data)
+                round_bytes: list[int] = []
+                with ReportStore.open(config.data_dir) as store:
+                    store.record_sent(SentStudy(ecg.study_uid, dt.datetime.now(dt.timezone.utc), stat=True))
+                    poller = make_poller(config, store, peer_settings(config.reading_center))
+                    thread = PollerThread(poller, on_round=lambda r: round_bytes.append(r.bytes))
+                    (payload0, conns0), lo0 = relay.snapshot(), lo_bytes()
+                    thread.start()
+                    time.sleep(args.realtime_stat_s)
+                    thread.stop()
+                    getattr(poller, "close", lambda: None)()
+                    (payload1, conns1), lo1 = relay.snapshot(), lo_bytes()
+                    kept = getattr(poller, "queries", None)
+                print(
+                    f"one STAT study polled in real time for {args.realtime_stat_s:g} s (stat_poll_s "
+                    f"{config.reports.stat_poll_s:g}, keep_association_s "
+                    f"{getattr(config.reports, 'keep_association_s', 0):g}, Orthanc's default idle timeout): "
+                    f"{len(round_bytes)} rounds, {conns1 - conns0} associations, payload per round {round_bytes}, "
+                    f"{(payload1 - payload0) / 1024:.1f} KB payload, {(lo1 - lo0) / 2 / 1024:.1f} KB on the wire"
+                    + (f"; closed by Orthanc: {kept.closed_by_peer}" if kept is not None else "")
+                )
             if args.samples < 1:
                 return 0
             # -- time to availability, real time -----------------------------------------------

@@ -9,6 +9,8 @@ round, never a report lost or doubled, and no error in the log.
 from __future__ import annotations
 
 import logging
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +20,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import EnhancedSRStorage, generate_uid
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 
 from lastmile.config import ConfigError, parse_config
 from lastmile.demo.cardiologist import ecg_report_sr, part10
@@ -190,6 +193,7 @@ class FindPeer:
         self.associations = 0
         self.finds = 0
         self._per_assoc: dict[int, int] = {}
+        self._open: list[Association] = []
         self._lock = threading.Lock()
         ae = AE(ae_title="FINDPEER")
         ae.add_supported_context(FIND)
@@ -203,6 +207,18 @@ class FindPeer:
     def _established(self, event: evt.Event) -> None:
         with self._lock:
             self.associations += 1
+            self._open.append(event.assoc)
+
+    def reset_connections(self) -> None:
+        """Drop every connection with a TCP reset (RST, no A-RELEASE or A-ABORT): a NAT or a
+        4G link forgetting it."""
+        with self._lock:
+            opened, self._open = self._open, []
+        for assoc in opened:
+            raw = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+            if raw is not None:
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                raw.close()
 
     def _find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
         with self._lock:
@@ -273,6 +289,24 @@ def test_an_association_ended_under_the_query_is_asked_again_on_a_new_one(find_p
         assert (kept.opened, kept.closed_by_peer) == (2, 1)
         assert any("asking on a new one" in r.getMessage() for r in caplog.records)
         assert all(r.levelno < logging.WARNING for r in caplog.records if r.name.startswith("uploader"))
+    finally:
+        kept.close()
+
+
+def test_a_tcp_reset_of_the_kept_association_costs_a_new_one_quietly(find_peer, caplog) -> None:
+    peer = find_peer()
+    kept = KeptQueryAssociation(peer_of(peer), idle_limit_s=30.0)
+    try:
+        kept.find_reports([generate_uid()])
+        kept.keep_for(25.0)
+        assert kept.is_open
+        peer.reset_connections()
+        wait_for(lambda: not kept.is_open, what="the reset to be seen")
+        study = generate_uid()
+        with caplog.at_level(logging.DEBUG):
+            assert [f.study_uid for f in kept.find_reports([study])] == [study]
+        assert (peer.associations, kept.opened, kept.closed_by_peer) == (2, 2, 1)
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("uploader")]
     finally:
         kept.close()
 
