@@ -340,6 +340,18 @@ def outbox_items(path: Path) -> list[tuple[str, str, int]]:
         conn.close()
 
 
+def acknowledged_before(work: Path) -> set[str]:
+    """What a stopped campaign's cart was acknowledged: its acknowledged.txt, or (a run without
+    one) every object the gateway logged as kept, a superset (kept, then cut before Success)."""
+    listed = work / "acknowledged.txt"
+    if listed.exists():
+        return set(listed.read_text().split())
+    kept = re.compile(r"C-STORE from CART: kept ([0-9.]+)")
+    return {
+        uid for log_file in work.glob("console-*.log") for uid in kept.findall(log_file.read_text(errors="replace"))
+    }
+
+
 # -- the campaign -----------------------------------------------------------------------------------
 
 
@@ -356,14 +368,18 @@ class Cut:
 
 
 class Campaign:
-    def __init__(self, image: Path, work: Path, seed: int) -> None:
+    def __init__(self, image: Path, work: Path, seed: int, *, resume: bool = False) -> None:
         from tests.peers import OrthancServer, gateway_modality
         from tests.system.qemu_machine import GatewayDisk
 
         self.work = work
         self.rng = random.Random(seed)
-        self.disk = GatewayDisk.copy_of(image, work / "card")  # pristine: this campaign's card
-        self.disk.put_boot_files({"lastmile/lastmile.toml": CONFIG.encode()})
+        if resume:  # a stopped campaign's card, Orthanc storage and truth, as they were left
+            card = work / "card" / "card.img"
+            self.disk = GatewayDisk(card, card, work / "card", "raw")
+        else:
+            self.disk = GatewayDisk.copy_of(image, work / "card")  # pristine: this campaign's card
+            self.disk.put_boot_files({"lastmile/lastmile.toml": CONFIG.encode()})
         self.report_port = cd.free_port()  # qemu's hostfwd to the guest's commitment listener
         self.lan_port = cd.free_port()  # qemu's hostfwd to the guest's LAN receiver
         self.reports = WatchingRelay("reports", self.report_port)
@@ -374,6 +390,11 @@ class Campaign:
         self.cuts: list[Cut] = []
         self.boots = 0
         self.stores_at_cut: list[int] = []  # Orthanc's C-STORE count at each cut: which boot sent what
+        if resume:
+            self.cart.acknowledged = dict.fromkeys(acknowledged_before(work), 0.0)
+            self.boots = len(list(work.glob("console-*.log")))
+            # the stopped run's boot boundaries are unknown: none of its stores is called a same-boot repeat
+            self.stores_at_cut = list(range(1, len(self.stored()) + 1))
 
     def network(self) -> list[str]:
         slirp = (
@@ -628,6 +649,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     ap.add_argument("--image", default=os.environ.get("LASTMILE_IMAGE", ""), help="built image (LASTMILE_IMAGE)")
+    ap.add_argument("--resume", action="store_true", help="go on with --workdir's card and Orthanc (--cuts 0: drain)")
     ap.add_argument("--budget-min", type=float, default=0.0, help="start no cut after this many minutes (0: none)")
     ap.add_argument("--workdir", default="", help="where the card copy, consoles and Orthanc go (default: a temp dir)")
     args = ap.parse_args()
@@ -642,7 +664,7 @@ def main() -> int:
             return 2
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="power-cut-"))
     work.mkdir(parents=True, exist_ok=True)
-    campaign = Campaign(Path(args.image), work, args.seed)
+    campaign = Campaign(Path(args.image), work, args.seed, resume=args.resume)
     try:
         result = campaign.run(args.cuts, args.budget_min * 60)
     finally:
