@@ -22,6 +22,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -70,6 +71,17 @@ def worker(cfg: str, n: int) -> None:
     service = ForwardService(load_config(cfg))
     t_ready = time.time()
     cpu_ready = cpu_s()
+    spy = None
+    if os.environ.get("BENCH_PY_SPY"):  # where the CPU goes: sampled stacks of every thread
+        out_file, pid = os.environ["BENCH_PY_SPY"], str(os.getpid())
+        spy = subprocess.Popen(
+            ["perf", "record", "-F", "999", "-g", "-p", pid, "-o", out_file]
+            if ".perf" in out_file
+            else ["py-spy", "record", "-p", pid, "-r", "250", "-f", "raw", "-o", out_file],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(1.0)  # py-spy attaches
     stop = threading.Event()
     t_sent = None
     cpu_sent = 0.0
@@ -79,6 +91,9 @@ def worker(cfg: str, n: int) -> None:
         if t_sent is None and c.get("sent", 0) + c.get("committed", 0) + c.get("purged", 0) >= n:
             t_sent = time.time() - t_start
             cpu_sent = cpu_s() - cpu_ready
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)
+                spy.wait()
         if c.get("purged", 0) + c.get("committed", 0) >= n:
             break
         if wait:
@@ -109,6 +124,7 @@ def main() -> int:
     ap.add_argument("--associations", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--no-deflate", action="store_true", help="send uncompressed")
+    ap.add_argument("--py-spy", metavar="OUT", help="record the forward process with py-spy (raw stacks)")
     ap.add_argument("--worker", nargs=2, metavar=("CFG", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -253,7 +269,12 @@ def main() -> int:
                 check=True,
                 capture_output=True,
                 text=True,
-                env={**os.environ, "BENCH_T0": repr(t0), "MALLOC_ARENA_MAX": "2"},
+                env={
+                    **os.environ,
+                    "BENCH_T0": repr(t0),
+                    "MALLOC_ARENA_MAX": "2",
+                    **({"BENCH_PY_SPY": f"{args.py_spy}.{run}"} if args.py_spy else {}),
+                },
             )
             w = json.loads(out.stdout.strip().splitlines()[-1])
             results["wire_lastmile"].append((lo_tx_bytes() - tx0) / n / object_size)
