@@ -45,10 +45,10 @@ def in_private_netns() -> bool:
 
 def worker(cfg: str, stop_file: str) -> None:
     """The real forward service, in its own process, until the bench creates `stop_file`."""
+    sys.modules.setdefault("numpy", None)  # before anything imports pydicom, as `lastmile forward` does
     from lastmile.config import load_config
     from lastmile.services.forward import ForwardService
 
-    sys.modules.setdefault("numpy", None)  # as `lastmile forward` does
     service = ForwardService(load_config(cfg))
     stop = threading.Event()
     print("ready", flush=True)
