@@ -52,6 +52,7 @@ from uploader.dicom_status import (
     status_meaning,
 )
 from uploader.errors import ConfigurationFault, PermanentError, TransientError
+from uploader.link_pacing import LinkPacer
 from uploader.masking import mask_server_text
 
 log = logging.getLogger(__name__)
@@ -153,8 +154,12 @@ class StoreAssociation:
         commitment: bool = False,
         on_report: Callable[[CommitmentReport], None] | None = None,
         raw_send: bool = True,
+        pacer: LinkPacer | None = None,
     ) -> None:
         self.peer = peer
+        self.pacer = pacer
+        self.paced = pacer is not None  # False: this association's bytes go unpaced (a STAT object)
+        self.opened_in_s = 0.0  # the association negotiation's time: about one round trip
         self.raw_send = raw_send
         self.sop_class_uids = tuple(sop_class_uids)
         self.commitment = commitment
@@ -176,7 +181,13 @@ class StoreAssociation:
         handlers: list[EventHandlerType] = []
         if self._on_report is not None:
             handlers.append((evt.EVT_N_EVENT_REPORT, report_handler(self._on_report)))
+        if self.pacer is not None:
+            handlers.append((evt.EVT_DATA_SENT, self._pace))
+        started = time.monotonic()
         self._assoc = associate(self.peer, contexts, handlers)
+        self.opened_in_s = time.monotonic() - started
+        if self.pacer is not None:
+            self.pacer.observe_rtt(self.opened_in_s)
         rank = {ts: i for i, ts in enumerate(self._preference)}
         for cx in self._assoc.accepted_contexts:
             ts = UID(cx.transfer_syntax[0])
@@ -197,6 +208,10 @@ class StoreAssociation:
             self.peer.where,
             {UID(k).name: [UID(c.transfer_syntax[0]).name for c in v] for k, v in self._contexts_by_class.items()},
         )
+
+    def _pace(self, event: evt.Event) -> None:
+        if self.paced and self.pacer is not None:
+            self.pacer.on_data_sent(event)
 
     def close(self) -> None:
         assoc, self._assoc = self._assoc, None

@@ -18,7 +18,8 @@ Design (see also `outbox_migrations.py` and `payload_files.py`):
 - One database `outbox.sqlite` in the data directory, WAL, synchronous=FULL (an `add` that
   returned survives a power cut: a device may delete its copy once we said "stored"; only the
   per-object send bookkeeping, `begin_send` and `mark_sent`, commits without an fsync: a power
-  cut may undo it, which costs a counter or a resend under the same UIDs, never an object),
+  cut may undo it, which costs a counter or a resend under the same UIDs, never an object; and
+  `claim`/`release`, which recovery at open redoes),
   busy_timeout so the acquire and forward processes share it, secure_delete=ON so purged
   patient data is zeroed in the file. Every write is one `BEGIN IMMEDIATE` transaction, so
   `claim` is atomic across threads and processes: two claimers never get the same item.
@@ -789,7 +790,8 @@ class Outbox:
             ).fetchall()
             return rows, [(r[0], r[1]) for r in doomed]
 
-        rows, doomed = self._commit(body)
+        # not fsynced: a claim a power cut undoes leaves the items queued, as before it
+        rows, doomed = self._commit(body, durable=False)
         for item_id, times in doomed:
             log.error(
                 "outbox item %d quarantined: killed during send %d times - possibly an object that crashes the "
@@ -919,7 +921,9 @@ class Outbox:
             )
 
     def release(self, item_ids: Sequence[int], error: str, now: float, delay_s: float) -> None:
-        """Back to queued without charging an attempt (the fault was not the item's)."""
+        """Back to queued without charging an attempt (the fault was not the item's). Not
+        fsynced: a release a power cut undoes leaves them claimed by a dead owner, and the next
+        open puts them back the same way."""
         self._transition(
             "release",
             item_ids,
@@ -931,6 +935,7 @@ class Outbox:
                 "attempts": _Sql("attempts - in_flight"),
                 "in_flight": 0,
             },
+            durable=False,
         )
 
     def quarantine(self, item_id: int, reason: str, now: float) -> None:
