@@ -26,6 +26,7 @@ from pydicom.filereader import read_dataset
 from pydicom.uid import UID, ImplicitVRLittleEndian
 from pynetdicom import build_context, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import EventHandlerType
 from pynetdicom.presentation import PresentationContext
@@ -343,7 +344,11 @@ class StoreAssociation:
         while not assoc._is_paused:
             time.sleep(0.0001)
         try:
-            assoc.dimse.send_msg(req, int(cx.context_id))  # type: ignore[arg-type]
+            pdu_bytes = self.pacer.pdu_bytes() if self.paced and self.pacer is not None else None
+            if pdu_bytes is None:
+                assoc.dimse.send_msg(req, int(cx.context_id))  # type: ignore[arg-type]
+            else:
+                self._send_in_small_pdus(assoc, req, int(cx.context_id), pdu_bytes)  # type: ignore[arg-type]
             _cx_id, rsp = assoc.dimse.get_msg(block=True)
         finally:
             assoc._reactor_checkpoint.set()
@@ -351,6 +356,19 @@ class StoreAssociation:
             assoc._handle_no_response()
             return Dataset()
         return assoc._check_received_status(rsp)
+
+    @staticmethod
+    def _send_in_small_pdus(assoc: Association, req: C_STORE, context_id: int, pdu_bytes: int) -> None:
+        """DIMSEServiceProvider.send_msg (pynetdicom 3.0) with P-DATA PDUs of at most `pdu_bytes`
+        (a sender may always send smaller PDUs than its peer accepts): a paced link's bursts."""
+        msg = C_STORE_RQ()
+        msg.primitive_to_message(req)
+        msg.context_id = context_id
+        evt.trigger(assoc, evt.EVT_DIMSE_SENT, {"message": msg})
+        peer_max = assoc.dimse.maximum_pdu_size
+        limit = min(peer_max, pdu_bytes) if peer_max else pdu_bytes
+        for pdata in msg.encode_msg(context_id, limit):
+            assoc.dul.send_pdu(pdata)
 
     def _send_store_decoded(self, assoc: Association, cx: PresentationContext, obj: Part10) -> Dataset:
         """Public-API path (decode, let pynetdicom encode) if its internals ever change."""

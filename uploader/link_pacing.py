@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 HEADROOM = 0.95  # pace at this fraction of the measured rate
 FAST_BYTES_PER_S = 2.5e6  # 20 Mbit/s and faster: not paced
+PDU_TIME_S = 0.02  # a paced PDU carries about this much of the link's time ...
+MIN_PDU_BYTES = 4096  # ... but no less: the burst one PDU may make stays small in the buffer
 
 
 class LinkPacer:
@@ -83,6 +85,12 @@ class LinkPacer:
         with self._lock:
             self._window_start = None
             self._delivered = 0
+
+    def pdu_bytes(self) -> int | None:
+        """The largest PDU a paced association should send (None: not paced, the peer's limit):
+        the pace allows one PDU of burst, so a small one keeps the modem buffer small."""
+        pace = self.pace
+        return None if pace is None else max(MIN_PDU_BYTES, int(pace * PDU_TIME_S))
 
     # -- pacing -----------------------------------------------------------------------------------
     def on_data_sent(self, event: Any) -> None:
