@@ -21,7 +21,7 @@ from lastmile.services.forward import forwarder_settings, open_outbox
 from tests.link_emulator import LinkProfile, LinkRelay
 from tests.test_stat_overtakes import arrivals, enqueue, make_config, slow_link, wait_until
 from uploader.ecg_forwarder import EcgForwarder, RoundResult, StatLane
-from uploader.link_pacing import FAST_BYTES_PER_S, HEADROOM, LinkPacer
+from uploader.link_pacing import DRAIN_HEADROOM, FAST_BYTES_PER_S, HEADROOM, LinkPacer
 
 
 # -- the pacer's arithmetic ----------------------------------------------------------------------
@@ -80,6 +80,22 @@ def test_sends_are_spaced_to_the_pace_with_one_pdu_of_burst() -> None:
     pace = 50_000 * HEADROOM
     # the last PDU may leave at once (burst of one): everything before it took the pace's time
     assert t.now - start == pytest.approx((sent - 10_000) / pace)
+
+
+def test_a_late_response_paces_lower_until_the_buffer_drained() -> None:
+    t = FakeTime()
+    pacer = LinkPacer(clock=t.clock, sleep=t.sleep)
+    pacer.observe_rtt(0.4)
+    pacer.on_data_sent(Sent(b"x"))
+    t.now += 3.4
+    pacer.observe_object(75_000, tail_s=0.45)  # 25 kB/s, the response one round trip after
+    assert pacer.pace == pytest.approx(25_000 * HEADROOM)
+    t.now += 3.0
+    pacer.observe_object(75_000, tail_s=1.5)  # a stall held bytes back: they wait in the buffer
+    assert pacer.draining and pacer.pace == pytest.approx(25_000 * DRAIN_HEADROOM)
+    t.now += 3.0
+    pacer.observe_object(75_000, tail_s=0.42)  # drained
+    assert not pacer.draining and pacer.pace == pytest.approx(25_000 * HEADROOM)
 
 
 def test_a_paced_link_gets_small_pdus() -> None:

@@ -161,6 +161,7 @@ class StoreAssociation:
         self.pacer = pacer
         self.paced = pacer is not None  # False: this association's bytes go unpaced (a STAT object)
         self.opened_in_s = 0.0  # the association negotiation's time: about one round trip
+        self.last_sent_at = 0.0  # when the last PDU was handed to the socket (paced associations)
         self.raw_send = raw_send
         self.sop_class_uids = tuple(sop_class_uids)
         self.commitment = commitment
@@ -213,6 +214,7 @@ class StoreAssociation:
     def _pace(self, event: evt.Event) -> None:
         if self.paced and self.pacer is not None:
             self.pacer.on_data_sent(event)
+        self.last_sent_at = time.monotonic()
 
     def close(self) -> None:
         assoc, self._assoc = self._assoc, None

@@ -430,7 +430,8 @@ class EcgForwarder:
                         if watch is not None:
                             watch.finished(assoc, stored=outcome.category in ("success", "warning"))
                         if outcome.stored:
-                            self.pacer.observe_object(outcome.wire_bytes)
+                            tail = time.monotonic() - assoc.last_sent_at if assoc.paced else None
+                            self.pacer.observe_object(outcome.wire_bytes, tail)
                     except PermanentError as exc:  # e.g. a payload that is no DICOM we can send
                         in_flight = None
                         pending.pop(0)

@@ -15,7 +15,9 @@ makes that thread wait until the link would have carried what was sent before.
 The rate is measured, not configured: the bytes stored (all associations together) since the
 first byte of a busy spell, over its time less one round trip (the association negotiation's,
 the least seen). Until the first object is stored nothing is paced; then the pace is `HEADROOM`
-below the largest such rate. Fast links (above `FAST_BYTES_PER_S`) are not paced at all: their
+below the largest such rate, and lower (`DRAIN_HEADROOM`) while an object's response comes
+late, i.e. bytes wait in the buffer (a loss stalled the link): they would otherwise drain at 5 %
+of the rate. Fast links (above `FAST_BYTES_PER_S`) are not paced at all: their
 buffer drains in milliseconds.
 """
 
@@ -30,6 +32,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 HEADROOM = 0.95  # pace at this fraction of the measured rate
+DRAIN_HEADROOM = 0.7  # ... and at this one while bytes wait in the buffer (a stall held them back)
+QUEUED_TAIL_S = 0.1  # an object's response later than one round trip by this: bytes were waiting
 FAST_BYTES_PER_S = 2.5e6  # 20 Mbit/s and faster: not paced
 PDU_TIME_S = 0.02  # a paced PDU carries about this much of the link's time ...
 MIN_PDU_BYTES = 4096  # ... but no less: the burst one PDU may make stays small in the buffer
@@ -48,6 +52,7 @@ class LinkPacer:
         self.rtt_s: float | None = None  # least round trip seen
         self._window_start: float | None = None  # first byte of this busy spell
         self._delivered = 0  # bytes stored since then
+        self.draining = False  # the last object's response came late: a queue to drain
 
     # -- measuring --------------------------------------------------------------------------------
     def observe_rtt(self, seconds: float) -> None:
@@ -56,10 +61,15 @@ class LinkPacer:
             with self._lock:
                 self.rtt_s = seconds if self.rtt_s is None else min(self.rtt_s, seconds)
 
-    def observe_object(self, wire_bytes: int) -> None:
+    def observe_object(self, wire_bytes: int, tail_s: float | None = None) -> None:
         """An object of `wire_bytes` was stored: a sample of what the link delivers, counted over
-        the window since the first byte of this busy spell (all associations together)."""
+        the window since the first byte of this busy spell (all associations together).
+        `tail_s`: from its last PDU handed to the socket to its response. More than a round trip
+        (and a PDU's time) means bytes were waiting in the buffer ahead of it - e.g. what a
+        stall held back: paced well below the rate until a clean tail shows it drained."""
         with self._lock:
+            if tail_s is not None and self.rtt_s is not None:
+                self.draining = tail_s - self.rtt_s > QUEUED_TAIL_S
             now = self._clock()
             if self._window_start is None or wire_bytes <= 0:
                 return
@@ -71,7 +81,7 @@ class LinkPacer:
             # what was delivered over a window can only be less than the link's rate (pacing, gaps
             # between objects, a stall): the largest sample is the best estimate
             self.measured = sample if self.measured is None else max(self.measured, sample)
-            pace = self.measured * HEADROOM
+            pace = self.measured * (DRAIN_HEADROOM if self.draining else HEADROOM)
             self.pace = None if pace >= FAST_BYTES_PER_S else pace
             log.debug(
                 "link: sample %.0f B/s, measured %.0f B/s, pace %s",
