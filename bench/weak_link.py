@@ -52,7 +52,10 @@ def worker(cfg: str, stop_file: str) -> None:
     if os.environ.get("BENCH_LOG"):  # --log: what the forwarder did, with times, on stderr
         import logging
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s.%(msecs)03d %(threadName)s %(name)s %(message)s")
+        logging.basicConfig(
+            level=logging.DEBUG if os.environ["BENCH_LOG"] == "debug" else logging.INFO,
+            format="%(asctime)s.%(msecs)03d %(threadName)s %(name)s %(message)s",
+        )
     service = ForwardService(load_config(cfg))
     stop = threading.Event()
     print("ready", flush=True)
@@ -81,7 +84,11 @@ class Forwarder:
             [sys.executable, __file__, "--worker", str(cfg), str(self.stop_file)],
             stdout=subprocess.PIPE,
             text=True,
-            env={**os.environ, "MALLOC_ARENA_MAX": "2", **({"BENCH_LOG": "1"} if log else {})},
+            env={
+                **os.environ,
+                "MALLOC_ARENA_MAX": "2",
+                **({"BENCH_LOG": os.environ.get("BENCH_LOG", "1")} if log else {}),
+            },
         )
         assert self.proc.stdout is not None
         if self.proc.stdout.readline().strip() != "ready":
@@ -181,7 +188,7 @@ def run_profile(
                 for i, r in enumerate(recordings):
                     enqueue_recording(outbox, r, config, key=f"bench-{i}")
             t0 = time.monotonic()
-            fwd = Forwarder(cfg, tmp)
+            fwd = Forwarder(cfg, tmp, log=log)
             try:
                 t1 = wait_until(
                     lambda: int(orthanc.rest("/statistics")["CountInstances"]) >= n,

@@ -106,6 +106,10 @@ def test_a_paced_link_gets_small_pdus() -> None:
     t.now += 1.0
     pacer.observe_object(125_000)  # 1 Mbit/s
     assert pacer.pdu_bytes() == 4096  # a burst of one PDU holds the link ~30 ms, not 130
+    t.now += 0.1
+    pacer.observe_object(537_000)  # faster: ~20 ms of it, in whole KiB (never an odd length)
+    rate = (125_000 + 537_000) / 1.1
+    assert pacer.pdu_bytes() == int(rate * HEADROOM * 0.02) // 1024 * 1024 == 11 * 1024
 
 
 def test_a_fast_link_is_not_paced() -> None:

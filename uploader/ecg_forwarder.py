@@ -18,7 +18,10 @@ at a time, so the others in flight with a crashing object are not blamed with it
 
 A STAT item takes the link: a round with STAT items due sends only those; a round sending routine
 items yields to a STAT item that becomes due meanwhile (uploader/stat_watch.py: between objects,
-and by cutting a slow transfer on the wire, which goes back to the queue uncharged). With a
+and by cutting a slow transfer on the wire, which goes back to the queue uncharged; the STAT item
+then goes at once on an association of its own, `StatLane`). Routine objects are paced just below
+the link's measured rate (uploader/link_pacing.py) so that little waits in the modem's buffer
+ahead of a STAT one. With a
 `meter` (uploader/metering.py), routine items wait outside the send windows and once the day's
 byte budget is spent; STAT items go regardless.
 

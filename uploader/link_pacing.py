@@ -100,7 +100,8 @@ class LinkPacer:
         """The largest PDU a paced association should send (None: not paced, the peer's limit):
         the pace allows one PDU of burst, so a small one keeps the modem buffer small."""
         pace = self.pace
-        return None if pace is None else max(MIN_PDU_BYTES, int(pace * PDU_TIME_S))
+        # whole KiB: an odd PDU length makes odd data-set fragments, and Orthanc (dcmtk) aborts
+        return None if pace is None else max(MIN_PDU_BYTES, int(pace * PDU_TIME_S) // 1024 * 1024)
 
     # -- pacing -----------------------------------------------------------------------------------
     def on_data_sent(self, event: Any) -> None:
