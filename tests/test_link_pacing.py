@@ -123,6 +123,17 @@ def test_a_fast_link_is_not_paced() -> None:
     assert t.slept == []
 
 
+def test_a_lan_is_not_paced_however_slow_the_sender() -> None:
+    t = FakeTime()
+    pacer = LinkPacer(clock=t.clock, sleep=t.sleep)
+    pacer.observe_rtt(0.002)
+    pacer.on_data_sent(Sent(b"x"))
+    t.now += 1.0
+    pacer.observe_object(300_000)  # CPU-bound on a Pi, say: not a modem buffer to keep empty
+    assert pacer.measured == pytest.approx(300_000 / 0.998)
+    assert pacer.pace is None
+
+
 def test_a_new_busy_spell_starts_a_new_window() -> None:
     t = FakeTime()
     pacer = LinkPacer(clock=t.clock, sleep=t.sleep)

@@ -15,7 +15,7 @@ makes that thread wait until the link would have carried what was sent before.
 The rate is measured, not configured: the bytes stored (all associations together) since the
 first byte of a busy spell, over its time less one round trip (the association negotiation's,
 the least seen). Until the first object is stored nothing is paced; then the pace is `HEADROOM`
-below the largest such rate, and lower (`DRAIN_HEADROOM`) while an object's response comes
+below the largest such rate (not on a LAN: a round trip under `NEAR_RTT_S`), and lower (`DRAIN_HEADROOM`) while an object's response comes
 late, i.e. bytes wait in the buffer (a loss stalled the link): they would otherwise drain at 5 %
 of the rate. Fast links (above `FAST_BYTES_PER_S`) are not paced at all: their
 buffer drains in milliseconds.
@@ -35,6 +35,7 @@ HEADROOM = 0.95  # pace at this fraction of the measured rate
 DRAIN_HEADROOM = 0.7  # ... and at this one while bytes wait in the buffer (a stall held them back)
 QUEUED_TAIL_S = 0.1  # an object's response later than one round trip by this: bytes were waiting
 FAST_BYTES_PER_S = 2.5e6  # 20 Mbit/s and faster: not paced
+NEAR_RTT_S = 0.02  # a round trip shorter than this: a LAN (or CPU-bound), not paced
 PDU_TIME_S = 0.02  # a paced PDU carries about this much of the link's time ...
 MIN_PDU_BYTES = 4096  # ... but no less: the burst one PDU may make stays small in the buffer
 
@@ -82,7 +83,8 @@ class LinkPacer:
             # between objects, a stall): the largest sample is the best estimate
             self.measured = sample if self.measured is None else max(self.measured, sample)
             pace = self.measured * (DRAIN_HEADROOM if self.draining else HEADROOM)
-            self.pace = None if pace >= FAST_BYTES_PER_S else pace
+            near = self.rtt_s is not None and self.rtt_s < NEAR_RTT_S
+            self.pace = None if pace >= FAST_BYTES_PER_S or near else pace
             log.debug(
                 "link: sample %.0f B/s, measured %.0f B/s, pace %s",
                 sample,
