@@ -84,7 +84,11 @@ FOCUSED_TESTS: dict[str, list[str]] = {
     "devices/ble/uuids.py": ["tests/test_ble_decoders.py", "tests/test_ble_protocol.py"],
     "devices/ble/weight.py": ["tests/test_ble_decoders.py"],
     "devices/bridge/cobs.py": ["tests/test_bridge_codec.py"],
-    "devices/bridge/codec.py": ["tests/test_bridge_codec.py", "tests/test_bridge_ecg_stream.py"],
+    "devices/bridge/codec.py": [
+        "tests/test_bridge_codec.py",
+        "tests/test_bridge_codec_mutants.py",
+        "tests/test_bridge_ecg_stream.py",
+    ],
     "devices/bridge/crc.py": ["tests/test_bridge_codec.py"],
     "devices/bridge/ecg_stream.py": ["tests/test_bridge_ecg_stream.py"],
     "devices/bridge/protocol.py": ["tests/test_bridge_protocol.py", "tests/test_bridge_codec.py"],
