@@ -1,0 +1,1 @@
+"""Outbox: the edges the mutation score found untested (issue 20)."""
