@@ -106,12 +106,16 @@ FOCUSED_TESTS: dict[str, list[str]] = {
     "devices/ecg/npz.py": ["tests/test_npz.py"],
     "devices/ecg/recording.py": ["tests/test_ecg_recording.py", "tests/test_npz.py"],
     "devices/ecg/scaling.py": ["tests/test_ecg_scaling.py", "tests/test_ecg_aecg.py", "tests/test_ecg_dicom_input.py"],
-    "devices/ecg/scp.py": ["tests/test_ecg_scp.py"],
+    "devices/ecg/scp.py": ["tests/test_ecg_scp.py", "tests/test_ecg_scp_mutants.py", "tests/test_ecg_findings.py"],
     "devices/gps/dop.py": ["tests/test_gps_dop.py", "tests/test_gps_nmea.py"],
     "devices/gps/fix.py": ["tests/test_gps_fix.py", "tests/test_gps_nmea.py"],
     "devices/gps/nmea.py": ["tests/test_gps_sentences.py", "tests/test_gps_nmea.py"],
     "devices/gps/stream.py": ["tests/test_gps_nmea.py", "tests/test_gps_fix.py"],
-    "uploader/dicom_ecg.py": ["tests/test_dicom_ecg.py"],
+    "uploader/dicom_ecg.py": [
+        "tests/test_dicom_ecg.py",
+        "tests/test_dicom_ecg_mutants.py",
+        "tests/test_ecg_findings.py",
+    ],
     "uploader/fhir_bundle.py": ["tests/test_fhir_bundle.py"],
     "uploader/outbox.py": [
         "tests/test_outbox.py",

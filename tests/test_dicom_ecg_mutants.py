@@ -1,0 +1,1 @@
+"""DICOM ECG builder: the edges the mutation score found untested (issue 20)."""
