@@ -21,6 +21,7 @@ from uploader.errors import OutboxFullError
 from uploader.outbox import (
     COMMITMENT_HISTORY,
     DEFAULT_INLINE_MAX_BYTES,
+    Hold,
     Kind,
     Outbox,
     backoff_delay,
@@ -141,3 +142,46 @@ def test_a_dead_processes_owner_lock_is_removed_at_open(tmp_path: Path) -> None:
     with _open(tmp_path) as outbox:
         assert not stale.exists()
         assert (tmp_path / "data" / "locks" / f"owner-{outbox.owner}.lock").exists()
+
+
+def _payload_files(tmp_path: Path) -> list[Path]:
+    return sorted((tmp_path / "data" / "payloads").rglob("*.bin"))
+
+
+def test_an_unassigned_ecg_is_held_found_rebuilt_for_its_patient_and_released(tmp_path: Path) -> None:
+    """The doctor assigns the patient later: the held object is found by kind and reason, its
+    payload swapped (file for file, the old one removed; database for database) with the new
+    patient and meta, and it goes. One already on its way is never swapped: what went out
+    cannot be taken back."""
+    with _open(tmp_path) as outbox:
+        hold = Hold("unassigned", until=1000.0)
+        ecg = outbox.add(Kind.DICOM, "ecg", b"a" * 20_000, now=1.0, hold=hold).item
+        small = outbox.add(Kind.DICOM, "small", b"s", now=1.0, hold=Hold("re-record", until=1000.0)).item
+        bundle = outbox.add(Kind.FHIR_BUNDLE, "fhir", b"{}", now=1.0, hold=hold).item
+        assert ecg.held(10.0) and not ecg.held(1000.0)
+        assert [i.key for i in outbox.held_items(10.0)] == ["ecg", "small", "fhir"]
+        assert [i.key for i in outbox.held_items(10.0, kind=Kind.DICOM)] == ["ecg", "small"]
+        assert [i.key for i in outbox.held_items(10.0, kind=Kind.DICOM, reason="unassigned")] == ["ecg"]
+        old_files = _payload_files(tmp_path)
+        assert len(old_files) == 1
+
+        assert outbox.replace_held_payload(ecg.id, b"b" * 20_000, 20.0, meta={"v": 2}, patient={"id": "P-1"})
+        swapped = outbox.get(ecg.id)
+        assert swapped is not None and not swapped.held(20.0) and swapped.hold_reason is None
+        assert (swapped.meta, swapped.patient) == ({"v": 2}, {"id": "P-1"})
+        assert outbox.read_payload(swapped) == b"b" * 20_000
+        new_files = _payload_files(tmp_path)
+        assert len(new_files) == 1 and new_files != old_files  # the old file is gone, not orphaned
+
+        assert outbox.replace_held_payload(small.id, b"t", 20.0, hold=Hold("re-record", until=2000.0))
+        kept = outbox.get(small.id)
+        assert kept is not None and kept.held(1500.0) and kept.meta == {} and outbox.read_payload(kept) == b"t"
+        assert outbox.payload_path(kept) is None
+
+        assert outbox.release_hold(bundle.id, 30.0) is True
+        assert outbox.release_hold(999, 30.0) is False
+        (claimed,) = outbox.claim(Kind.FHIR_BUNDLE, 5, 31.0)
+        assert outbox.begin_send(claimed.id, 31.0)  # on its way: no longer replaceable
+        assert outbox.replace_held_payload(bundle.id, b"x" * 20_000, 40.0) is False
+        assert outbox.read_payload(outbox.get(bundle.id)) == b"{}"  # type: ignore[arg-type]
+        assert len(_payload_files(tmp_path)) == 1  # the unused new file was removed
