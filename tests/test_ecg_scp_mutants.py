@@ -12,7 +12,7 @@ import struct
 import numpy as np
 import pytest
 
-from devices.ecg.scp import parse_scp, read_scp, read_sections
+from devices.ecg.scp import DEFAULT_TABLE, huffman_decode, looks_like_scp, parse_scp, read_scp, read_sections
 from devices.errors import ProtocolError, UnsupportedFeatureError
 from tests.test_ecg_scp import build_record, lead_body, rhythm_body
 
@@ -158,3 +158,103 @@ def test_a_section0_shorter_than_its_own_header_is_refused() -> None:
     struct.pack_into("<H", record, 0, _crc(bytes(record[2:])))
     with pytest.raises(ProtocolError, match="section 0 claims 10 bytes"):
         read_sections(bytes(record))
+
+
+def _bodies(n_leads: int = 2, n: int = 10, avm: int = 1000, interval: int = 2000, diff: int = 0) -> dict[int, bytes]:
+    samples = np.arange(n_leads * n, dtype="<i2").reshape(n_leads, n)
+    return {
+        1: _section1(),
+        3: lead_body(list(range(1, n_leads + 1)), n),
+        6: rhythm_body(samples, avm, interval, [row.tobytes() for row in samples], diff),
+    }
+
+
+def _with(**changes: bytes | None) -> bytes:
+    bodies: dict[int, bytes] = _bodies()
+    for key, body in changes.items():
+        sid = int(key.removeprefix("s"))
+        if body is None:
+            del bodies[sid]
+        else:
+            bodies[sid] = body
+    return build_record(bodies)
+
+
+# Each refusal keeps a wrong ECG out of the reading centre: without it the bytes would still
+# decode, into a plausible-looking but false tracing (or a crash that loses the file's news).
+REFUSALS = {
+    "a zero amplitude multiplier would make every lead a flat line": (
+        _with(s6=_bodies(avm=0)[6]),
+        "amplitude multiplier is 0",
+    ),
+    "a zero sample interval has no sampling rate": (_with(s6=_bodies(interval=0)[6]), "sample interval is 0"),
+    "an unknown difference encoding would integrate the samples wrongly": (
+        _with(s6=_bodies(diff=3)[6]),
+        "unknown difference encoding 3",
+    ),
+    "rhythm data too short for its lead table": (
+        _with(s6=struct.pack("<HHBB", 1000, 2000, 0, 0)),
+        "too short for 2 leads",
+    ),
+    "lead sizes beyond the section": (
+        _with(s6=struct.pack("<HHBBHH", 1000, 2000, 0, 0, 20, 9999) + bytes(20)),
+        "exceeds the section",
+    ),
+    "an empty lead definition": (_with(s3=b""), "lead definition\\) is empty"),
+    "a lead definition with no leads": (_with(s3=b"\x00\x04"), "defines no leads"),
+    "more leads declared than defined": (
+        _with(s3=lead_body([1, 2], 10)[:-9].replace(b"\x02", b"\x03", 1)),
+        "declares 3 leads but holds 1",
+    ),
+    "an empty Huffman section": (_with(s2=b""), "Huffman tables\\) is empty"),
+    "zero Huffman tables": (_with(s2=struct.pack("<H", 0)), "declares 0 Huffman tables"),
+    "257 Huffman tables": (_with(s2=struct.pack("<H", 257)), "declares 257 Huffman tables"),
+    "a Huffman section ending before its table": (_with(s2=struct.pack("<H", 1)), "ends inside Huffman table 1"),
+    "a Huffman table without codes": (_with(s2=struct.pack("<HH", 1, 0)), "table 1 claims 0 codes"),
+    "a section 1 tag running past the section": (_with(s1=_tag(2, b"P-1\x00")[:3] + b"P"), "tag 2 claims 4 bytes"),
+    "no rhythm data": (_with(s6=None), "section 6 \\(rhythm data\\) is missing"),
+    "no lead definition": (_with(s3=None), "section 3 \\(lead definition\\) is missing"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_malformed_sections_are_refused_with_their_reason(case: str) -> None:
+    record, reason = REFUSALS[case]
+    with pytest.raises(ProtocolError, match=reason):
+        read_scp(record)
+
+
+def test_long_term_rhythm_data_is_refused_as_unsupported_not_as_missing() -> None:
+    bodies = _bodies()
+    bodies[12] = bodies.pop(6)
+    with pytest.raises(UnsupportedFeatureError, match="section 12"):
+        read_scp(build_record(bodies))
+
+
+@pytest.mark.parametrize(("interval_us", "rate"), [(2000, 500.0), (1667, 600.0), (3000, 1_000_000 / 3000)])
+def test_the_rate_is_the_whole_rate_the_interval_was_rounded_from(interval_us: int, rate: float) -> None:
+    """1667 µs is a 600 Hz cart (the field holds whole µs), not 599.88 Hz; 3000 µs stays 333.3 Hz."""
+    assert read_scp(build_record(_bodies(interval=interval_us))).sampling_rate_hz == rate
+
+
+def test_scp_files_are_recognised_by_their_structure_and_other_bytes_are_not() -> None:
+    """Format detection picks the decoder: a DICOM or aECG file taken for SCP-ECG would be
+    refused as damaged instead of read."""
+    record = build_record(_bodies())
+    assert looks_like_scp(record)
+    assert not looks_like_scp(record[:31])
+    assert not looks_like_scp(b"\x00" * 128 + b"DICM" + bytes(200))
+    no_marker = bytearray(record)
+    no_marker[16:22] = b"XXXXXX"  # without "SCPECG" the section-0 shape must decide: pointer to section 0
+    assert looks_like_scp(bytes(no_marker)) is (struct.unpack_from("<H", record, 22)[0] == 0)
+    broken = bytearray(record)
+    struct.pack_into("<I", broken, 10, 8)  # section 0 shorter than a section header
+    assert not looks_like_scp(bytes(broken))
+
+
+def test_sample_counts_that_the_bytes_cannot_hold_are_refused_before_decoding() -> None:
+    with pytest.raises(ProtocolError, match="hold fewer than 5 samples"):
+        huffman_decode(bytes(8), 5, None)
+    with pytest.raises(ProtocolError, match="cannot hold 17 samples"):
+        huffman_decode(bytes(2), 17, [DEFAULT_TABLE])
+    assert huffman_decode(bytes(2), 16, [DEFAULT_TABLE]).tolist() == [0] * 16  # 16 one-bit zeros
