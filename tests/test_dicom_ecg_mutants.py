@@ -13,6 +13,7 @@ import datetime as dt
 import numpy as np
 import pytest
 
+from devices.ecg.quality import ACCEPTABLE, Problem, QualityReport
 from devices.ecg.recording import SampleGap
 from tests.test_dicom_ecg import PATIENT, STATION, UIDS, raw_samples, read, recording, synthetic
 from uploader.dicom_ecg import (
@@ -137,3 +138,27 @@ def test_the_gateway_names_its_institution_station_and_serial_as_contributing_eq
         recording(synthetic(12, 600)), UIDS, StationInfo(station_name="", institution="")
     ).ContributingEquipmentSequence[0]
     assert "InstitutionName" not in bare and "StationName" not in bare and "DeviceSerialNumber" not in bare
+
+
+def test_the_quality_check_is_in_the_object_on_the_leads_it_concerns() -> None:
+    """The reader sees the gateway's verdict and each problem hung on its own leads (group 1,
+    channel n), and a poor recording says so in its Study Description; an acceptable one does not."""
+    rec = recording(synthetic(12, 600))
+    noisy = Problem("noise", ("V2", "V5"), "warn", "噪声", "mains noise on V2, V5")
+    whole = Problem("short", (), "warn", "太短", "recording shorter than 10 s")
+    report = QualityReport("poor", 72.4, (), (noisy, whole))
+    ds = build_ecg_dataset(rec, UIDS, STATION, quality=report)
+    notes = {
+        str(a.UnformattedTextValue): list(a.ReferencedWaveformChannels)
+        for a in ds.WaveformAnnotationSequence
+        if "UnformattedTextValue" in a
+    }
+    assert notes["Gateway quality check: poor; QRS detected at 72/min"] == [1, 0]
+    assert notes["Gateway quality check, noise (warn): mains noise on V2, V5"] == [1, 8, 1, 11]
+    assert notes["Gateway quality check, short (warn): recording shorter than 10 s"] == [1, 0]
+    assert ds.StudyDescription.endswith(" - quality: poor")
+    fine = build_ecg_dataset(rec, UIDS, STATION, quality=QualityReport(ACCEPTABLE, None, (), ()))
+    assert "quality" not in fine.StudyDescription
+    assert "Gateway quality check: " + ACCEPTABLE in [
+        str(a.get("UnformattedTextValue", "")) for a in fine.WaveformAnnotationSequence
+    ]
