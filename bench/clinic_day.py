@@ -26,6 +26,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -42,10 +43,15 @@ if str(REPO) not in sys.path:
 GATEWAY_AE = "CLINIC01"
 CART_AE = "CART01"
 DOCTOR = ("王医生", "correct horse 1")
+FAMILY_DOCTOR = "D-SOAK-01"  # the practitioner id on the field visits
 # how the ECGs of the day come in, in turn: USB stick, the cart over the LAN, a stick file naming nobody
 CHANNELS = ("usb", "lan", "usb", "unassigned", "lan")
+ECG_CHANNELS = frozenset(CHANNELS)
+FIELD_VISIT = "field-visit"  # a family doctor's home visit, synced to the county platform
+NOTE_PREFIX = "soak truth serial "  # a field visit's note: the platform's copy says which visit it was
 SERVICES = ("acquire", "forward", "console")
 DB_SUFFIXES = (".sqlite", ".db")
+FHIR_KIND = "fhir-bundle"
 from lastmile.demo.loopback import free_port
 
 __all__ = ["free_port"]
@@ -144,6 +150,7 @@ class Ports:
     listen: int
     lan: int
     console: int
+    county_platform: int
 
 
 def write_config(path: Path, data_dir: Path, ports: Ports, orthanc_ae: str) -> Path:
@@ -188,6 +195,12 @@ source = "none"
 [console]
 listen = "127.0.0.1:{ports.console}"
 https = false
+[fhir]
+base_url = "http://127.0.0.1:{ports.county_platform}/fhir"
+timeout_s = 10.0
+batch_size = 5
+[visits]
+doctor_id = "{FAMILY_DOCTOR}"
 [reports]
 stat_poll_s = 5.0
 backoff_base_s = 2.0
@@ -321,8 +334,8 @@ def integrity_problems(data_dir: Path) -> list[str]:
     return bad
 
 
-def outbox_states(data_dir: Path) -> dict[str, int]:
-    """DICOM items by state ('held' counted apart from queued)."""
+def outbox_states(data_dir: Path, kind: str = "dicom") -> dict[str, int]:
+    """Items of one kind by state ('held' counted apart from queued)."""
     path = data_dir / "outbox.sqlite"
     if not path.exists():
         return {}
@@ -330,8 +343,8 @@ def outbox_states(data_dir: Path) -> dict[str, int]:
     try:
         rows = conn.execute(
             "SELECT CASE WHEN state = 'queued' AND hold_until > ? THEN 'held' ELSE state END, COUNT(*) "
-            "FROM items WHERE kind = 'dicom' GROUP BY 1",
-            (time.time(),),
+            "FROM items WHERE kind = ? GROUP BY 1",
+            (time.time(), kind),
         ).fetchall()
     except sqlite3.OperationalError:  # created, its tables not yet (the service is starting)
         return {}
@@ -376,6 +389,7 @@ class ClinicStats:
     lan_retries: int = 0
     console_pages: int = 0
     console_errors: int = 0
+    field_visits: int = 0
     console_actions: int = 0  # check-ins, check-outs and assignments done on the console
     console_problems: list[str] = field(default_factory=list)  # what the console errors were
     cli_errors: list[str] = field(default_factory=list)
@@ -480,6 +494,28 @@ class Clinic:
             self.assign_held(patient_id, name, on_console=on_console)
             if not (on_console and self.console_post("/today/end-session", {})):
                 self._cli("patient", "clear")
+            if index % 3 == 0:  # the family doctor sees every third patient at home, too
+                self.field_visit(patient_id)
+
+    def field_visit(self, patient_id: str) -> None:
+        """A home visit by the CLI (no GPS here): started, a note, stopped and queued for the county.
+        The note carries the truth's serial: the platform's copy names it and the patient."""
+        serial = self.truth.new(patient_id, FIELD_VISIT)
+        self.stats.field_visits += 1
+        self._cli("visit", "start", "--patient", patient_id, "--no-gps")
+        self._cli("visit", "note", f"{NOTE_PREFIX}{serial}")
+        self.stop_visit()
+
+    def stop_visit(self) -> None:
+        """`lastmile visit stop` until it succeeds (a stop killed part-way is run again)."""
+        for _ in range(20):
+            result = lastmile(self.config, "visit", "stop", "--no-gps")
+            if result.returncode == 0:
+                return
+            if "no visit is open" in result.stderr + result.stdout:
+                return  # the killed stop had got as far as closing it
+            time.sleep(0.5)
+        self.stats.cli_errors.append("visit stop: never succeeded")
 
     def import_stick(self, stick: Path) -> None:
         """`lastmile import` until it succeeds (a killed import is run again, as the doctor would)."""
@@ -668,6 +704,117 @@ def judge_reports(data_dir: Path, orthanc: Any, truth: Truth) -> dict[str, int]:
     }
 
 
+# -- the county health platform ------------------------------------------------------------------
+
+
+def county_platform_class() -> type[Any]:
+    """The county FHIR platform: tests/fhir_server's receiver (every resource validated with
+    fhir.resources, conditional create, atomic transactions) on a fixed port, whose link goes down
+    and comes back, and which answers each transaction a little late (a kill lands in between)."""
+    from http.server import ThreadingHTTPServer
+
+    from tests.fhir_server import FhirTestServer
+
+    class QuietHttpServer(ThreadingHTTPServer):
+        daemon_threads = True
+
+        def handle_error(self, request: object, client_address: object) -> None:
+            pass  # a killed forwarder leaves a broken pipe: expected here
+
+    class CountyPlatform(FhirTestServer):
+        def __init__(self, port: int) -> None:
+            super().__init__(response_delay_s=0.3)
+            self.port = port
+            self.running = False
+            self.applied_unanswered = threading.Event()  # a transaction applied, its answer not yet sent
+            self._httpd.server_close()  # bound to an ephemeral port: listen on ours instead
+            self._listen()
+
+        @property
+        def base_url(self) -> str:
+            return f"http://127.0.0.1:{self.port}/fhir"
+
+        def _listen(self) -> None:
+            self._httpd = QuietHttpServer(("127.0.0.1", self.port), self._handler())
+            self._thread = threading.Thread(target=self._httpd.serve_forever, name="county-platform", daemon=True)
+
+        def start(self) -> None:
+            if not self.running:
+                self._thread.start()
+                self.running = True
+
+        def stop(self) -> None:
+            if self.running:
+                self._httpd.shutdown()
+                self._httpd.server_close()
+                self.running = False
+                self._listen()
+
+        def close(self) -> None:
+            self.stop()
+            self._httpd.server_close()
+
+        def apply_transaction(self, bundle: dict) -> dict:
+            result = super().apply_transaction(bundle)
+            self.applied_unanswered.set()  # the answer follows response_delay_s later
+            return result
+
+    return CountyPlatform
+
+
+@contextlib.contextmanager
+def county_platform(port: int) -> Iterator[Any]:
+    platform = county_platform_class()(port)
+    platform.start()
+    try:
+        yield platform
+    finally:
+        platform.close()
+
+
+def identifier_of(resource: dict) -> str:
+    idents = resource.get("identifier") or []
+    return str(idents[0].get("value", "")) if idents else ""
+
+
+def subject_of(resource: dict) -> str:
+    return str(((resource.get("subject") or {}).get("identifier") or {}).get("value", ""))
+
+
+def judge_platform(platform: Any, truth: Truth) -> dict[str, int]:
+    """The county platform's resources, compared with the truth: each field visit once (its
+    Encounter, its note, its Provenance), on its patient; no resource stored twice."""
+    encounters = {f"Encounter/{r['id']}": r for r in platform.resources("Encounter")}
+    seen: collections.Counter[int] = collections.Counter()
+    misattributed = 0
+    for obs in platform.resources("Observation"):
+        text = str(obs.get("valueString", ""))
+        if not text.startswith(NOTE_PREFIX):
+            continue
+        serial = int(text.removeprefix(NOTE_PREFIX))
+        seen[serial] += 1
+        encounter = encounters.get(str((obs.get("encounter") or {}).get("reference", "")), {})
+        if {subject_of(obs), subject_of(encounter)} != {truth.patient_of.get(serial)}:
+            misattributed += 1
+    duplicated_resources = 0
+    for kind in ("Encounter", "Observation", "Provenance", "Device", "Location"):
+        counts = collections.Counter(identifier_of(r) for r in platform.resources(kind) if identifier_of(r))
+        duplicated_resources += sum(n - 1 for n in counts.values() if n > 1)
+    # one Provenance per visit bundle (the signed chain record): more means a visit applied twice
+    duplicated_resources += max(0, len(platform.resources("Provenance")) - len(encounters))
+    expected = {s for s, channel in truth.channel_of.items() if channel == FIELD_VISIT}
+    return {
+        "visits": len(expected),
+        "visits_received": sum(seen.values()),
+        "visits_lost": len(expected - set(seen)),
+        "visits_duplicated": sum(n - 1 for n in seen.values() if n > 1) + len(set(seen) - expected),
+        "visits_misattributed": misattributed,
+        "fhir_resources": sum(len(platform.resources(k)) for k in ("Encounter", "Observation", "Provenance")),
+        "fhir_resources_duplicated": duplicated_resources,
+        "fhir_resends_absorbed": sum(platform.applied.values()) - len(platform.applied),
+    }
+
+
 # -- the judge ----------------------------------------------------------------------------------------
 
 
@@ -697,7 +844,7 @@ def judge(orthanc: Any, truth: Truth) -> Verdict:
         seen[serial] += 1
         if truth.patient_of.get(serial) != tags.get("PatientID"):
             misattributed += 1
-    expected = set(truth.patient_of)
+    expected = {s for s, channel in truth.channel_of.items() if channel in ECG_CHANNELS}
     return Verdict(
         measurements=len(expected),
         received=len(ids),
@@ -705,7 +852,7 @@ def judge(orthanc: Any, truth: Truth) -> Verdict:
         duplicated=sum(n - 1 for n in seen.values() if n > 1) + len(set(seen) - expected),
         misattributed=misattributed,
         unreadable=unreadable,
-        by_channel=dict(collections.Counter(truth.channel_of.values())),
+        by_channel=dict(collections.Counter(c for c in truth.channel_of.values() if c in ECG_CHANNELS)),
     )
 
 
@@ -738,13 +885,78 @@ def reading_center(work: Path, listen_port: int) -> Iterator[Any]:
         orthanc.stop()
 
 
+UNFINISHED = ("queued", "sending", "sent", "committed")
+
+
 def wait_drained(data_dir: Path, limit_s: float) -> dict[str, int]:
-    """Until every DICOM item is purged (or quarantined) or the limit passes."""
+    """Until every DICOM item is purged (or quarantined) and every FHIR bundle delivered, or the
+    limit passes; the DICOM states, with the FHIR bundles still unsent as 'fhir_unsent'."""
     deadline = time.monotonic() + limit_s
-    states = outbox_states(data_dir)
-    while time.monotonic() < deadline:
+    while True:
         states = outbox_states(data_dir)
-        if not any(states.get(s, 0) for s in ("queued", "sending", "sent", "committed", "held")):
-            break
+        fhir = outbox_states(data_dir, FHIR_KIND)
+        states["fhir_unsent"] = sum(fhir.get(s, 0) for s in ("queued", "sending", "held"))
+        states["fhir_quarantined"] = fhir.get("quarantined", 0)
+        waiting = any(states.get(s, 0) for s in (*UNFINISHED, "held")) or states["fhir_unsent"]
+        if not waiting or time.monotonic() >= deadline:
+            return states
         time.sleep(1.0)
-    return states
+
+
+# -- the day's set-up, shared by the soak and the kill campaign ---------------------------------------
+
+
+@dataclass
+class Day:
+    work: Path
+    data_dir: Path
+    config: Path
+    orthanc: Any
+    platform: Any
+    truth: Truth
+    clinic: Clinic
+    services: Supervisor
+
+
+@contextlib.contextmanager
+def clinic_day(prefix: str, seed: int) -> Iterator[Day]:
+    """A working directory, the reading center and the county platform, the gateway's services
+    running and the doctor's console account made; everything stopped and removed at the end."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        work = Path(tmp)
+        data_dir = work / "data"
+        (work / "logs").mkdir()
+        ports = Ports(*(free_port() for _ in range(5)))
+        with reading_center(work, ports.listen) as orthanc, county_platform(ports.county_platform) as platform:
+            ports.reading_center = orthanc.dicom_port
+            config = write_config(work / "lastmile.toml", data_dir, ports, orthanc.aet)
+            truth = Truth()
+            clinic = Clinic(config, work, ports, truth, seed)
+            clinic.add_doctor()
+            services = Supervisor(config, work / "logs")
+            services.start()
+            try:
+                yield Day(work, data_dir, config, orthanc, platform, truth, clinic, services)
+            finally:
+                services.stop()
+
+
+def verdict_figures(day: Day, states: dict[str, int]) -> dict[str, Any]:
+    """The issue's figures over every kind of measurement (ECGs at the reading center, field
+    visits at the county platform), and each kind's own."""
+    ecg = judge(day.orthanc, day.truth)
+    visits = judge_platform(day.platform, day.truth)
+    return {
+        "measurements": ecg.measurements + visits["visits"],
+        "lost": ecg.lost + visits["visits_lost"],
+        "duplicated": ecg.duplicated + visits["visits_duplicated"] + visits["fhir_resources_duplicated"],
+        "misattributed": ecg.misattributed + visits["visits_misattributed"],
+        "ecgs": ecg.measurements,
+        "received": ecg.received,
+        "unreadable": ecg.unreadable,
+        "by_channel": ecg.by_channel,
+        **visits,
+        "held_unassigned": states.get("held", 0),
+        "stuck": sum(states.get(s, 0) for s in UNFINISHED) + states.get("fhir_unsent", 0),
+        "quarantined": states.get("quarantined", 0) + states.get("fhir_quarantined", 0),
+    }

@@ -28,7 +28,6 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -40,6 +39,8 @@ import clinic_day as cd
 
 TARGETS = {  # weight of each target
     "forward": 5,
+    "forward-fhir": 2,
+    "visit-stop": 1,
     "acquire": 2,
     "import": 2,
     "assign": 1,
@@ -76,12 +77,13 @@ def killed_cli(config: Path, args: list[str], after_s: float) -> bool:
 
 
 class Campaign:
-    def __init__(self, work: Path, config: Path, clinic: cd.Clinic, services: cd.Supervisor, seed: int) -> None:
-        self.work = work
-        self.data_dir = work / "data"
-        self.config = config
-        self.clinic = clinic
-        self.services = services
+    def __init__(self, day: cd.Day, seed: int) -> None:
+        self.day = day
+        self.work = day.work
+        self.data_dir = day.data_dir
+        self.config = day.config
+        self.clinic = day.clinic
+        self.services = day.services
         self.rng = random.Random(seed)
         self.kills: collections.Counter[str] = collections.Counter()
         self.moments: collections.Counter[str] = collections.Counter()
@@ -113,6 +115,32 @@ class Campaign:
             time.sleep(self.rng.uniform(0.0, 1.5))
             self.moments["forward:any"] += 1
         return self.services.kill("forward")
+
+    def kill_forward_fhir(self) -> bool:
+        """Mid-FHIR-send: the platform has applied a field visit's transaction and not yet answered
+        (conditional create must absorb the re-send: no resource twice)."""
+        platform = self.day.platform
+        platform.applied_unanswered.clear()
+        with self.clinic.lock:
+            self.clinic.field_visit("P-KILL-FHIR")
+        if platform.applied_unanswered.wait(15.0):
+            time.sleep(self.rng.uniform(0.0, 0.2))  # within the platform's 0.3 s before it answers
+            self.moments["forward-fhir:applied-unanswered"] += 1
+        else:
+            self.moments["forward-fhir:any"] += 1
+        return self.services.kill("forward")
+
+    def kill_visit_stop(self) -> bool:
+        """A `lastmile visit stop` (close, sign, queue for the county), part-way; then again."""
+        with self.clinic.lock:
+            serial = self.clinic.truth.new("P-KILL-VISIT", cd.FIELD_VISIT)
+            self.clinic.stats.field_visits += 1
+            cd.lastmile(self.config, "visit", "start", "--patient", "P-KILL-VISIT", "--no-gps")
+            cd.lastmile(self.config, "visit", "note", f"{cd.NOTE_PREFIX}{serial}")
+            killed = killed_cli(self.config, ["visit", "stop", "--no-gps"], self.rng.uniform(0.2, 1.2))
+            self.clinic.stop_visit()
+        self.moments["visit-stop:mid-stop"] += 1
+        return killed
 
     def kill_acquire(self) -> bool:
         """Mid-intake: a cart's C-STORE under way."""
@@ -187,63 +215,43 @@ def traffic(clinic: cd.Clinic, stop: threading.Event) -> None:
 
 
 def run(kills: int, seed: int, say: Any) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="lastmile-kills-") as tmp:
-        work = Path(tmp)
-        data_dir = work / "data"
-        (work / "logs").mkdir()
-        ports = cd.Ports(*(cd.free_port() for _ in range(4)))
-        with cd.reading_center(work, ports.listen) as orthanc:
-            ports.reading_center = orthanc.dicom_port
-            config = cd.write_config(work / "lastmile.toml", data_dir, ports, orthanc.aet)
-            truth = cd.Truth()
-            clinic = cd.Clinic(config, work, ports, truth, seed)
-            clinic.add_doctor()
-            services = cd.Supervisor(config, work / "logs")
-            services.start()
-            campaign = Campaign(work, config, clinic, services, seed)
-            stop = threading.Event()
-            day = threading.Thread(target=traffic, args=(clinic, stop), daemon=True)
-            began = time.monotonic()
-            day.start()
-            try:
-                for k in range(kills):
-                    campaign.one()
-                    if (k + 1) % 10 == 0:
-                        say(f"{time.monotonic() - began:5.0f} s  {k + 1} rounds, {dict(campaign.kills)}")
-            finally:
-                stop.set()
-                day.join(300)
-            clinic.assign_held_all()
-            states = cd.wait_drained(data_dir, limit_s=300)
-            clinic.assign_held_all()
-            states = cd.wait_drained(data_dir, limit_s=120)
-            services.stop()
-            verdict = cd.judge(orthanc, truth)
-            c_stores = orthanc.c_stores()
-            result: dict[str, Any] = {
-                "kills": sum(campaign.kills.values()),
-                "rounds": kills,
-                "by_target": dict(campaign.kills),
-                "moments": dict(campaign.moments),
-                "measurements": verdict.measurements,
-                "received": verdict.received,
-                "lost": verdict.lost,
-                "duplicated": verdict.duplicated,
-                "misattributed": verdict.misattributed,
-                "unreadable": verdict.unreadable,
-                "stuck": sum(states.get(s, 0) for s in ("queued", "sending", "sent", "committed")),
-                "held_unassigned": states.get("held", 0),
-                "quarantined": states.get("quarantined", 0),
-                "resent_c_stores": sum(c_stores.values()) - len(c_stores),
-                "integrity_checks_failed": len(campaign.integrity_failures),
-                "integrity_failures": campaign.integrity_failures[:5],
-                "service_exits": services.unexpected_exits[:5],
-                "cli_errors": clinic.stats.cli_errors[:5],
-                "console_actions": clinic.stats.console_actions,
-                "console_problems": clinic.stats.console_problems,
-                "console_errors": clinic.stats.console_errors,
-                "elapsed_s": round(time.monotonic() - began, 1),
-            }
+    with cd.clinic_day("lastmile-kills-", seed) as day:
+        data_dir, clinic, services = day.data_dir, day.clinic, day.services
+        campaign = Campaign(day, seed)
+        stop = threading.Event()
+        traffic_thread = threading.Thread(target=traffic, args=(clinic, stop), daemon=True)
+        began = time.monotonic()
+        traffic_thread.start()
+        try:
+            for k in range(kills):
+                campaign.one()
+                if (k + 1) % 10 == 0:
+                    say(f"{time.monotonic() - began:5.0f} s  {k + 1} rounds, {dict(campaign.kills)}")
+        finally:
+            stop.set()
+            traffic_thread.join(300)
+        clinic.assign_held_all()
+        states = cd.wait_drained(data_dir, limit_s=300)
+        clinic.assign_held_all()
+        states = cd.wait_drained(data_dir, limit_s=120)
+        services.stop()
+        c_stores = day.orthanc.c_stores()
+        result: dict[str, Any] = {
+            "kills": sum(campaign.kills.values()),
+            "rounds": kills,
+            "by_target": dict(campaign.kills),
+            "moments": dict(campaign.moments),
+            **cd.verdict_figures(day, states),
+            "resent_c_stores": sum(c_stores.values()) - len(c_stores),
+            "integrity_checks_failed": len(campaign.integrity_failures),
+            "integrity_failures": campaign.integrity_failures[:5],
+            "service_exits": services.unexpected_exits[:5],
+            "cli_errors": clinic.stats.cli_errors[:5],
+            "console_actions": clinic.stats.console_actions,
+            "console_problems": clinic.stats.console_problems,
+            "console_errors": clinic.stats.console_errors,
+            "elapsed_s": round(time.monotonic() - began, 1),
+        }
     return result
 
 
