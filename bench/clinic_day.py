@@ -44,8 +44,9 @@ GATEWAY_AE = "CLINIC01"
 CART_AE = "CART01"
 DOCTOR = ("王医生", "correct horse 1")
 FAMILY_DOCTOR = "D-SOAK-01"  # the practitioner id on the field visits
-# how the ECGs of the day come in, in turn: USB stick, the cart over the LAN, a stick file naming nobody
-CHANNELS = ("usb", "lan", "usb", "unassigned", "lan")
+# how the ECGs of the day come in, in turn: USB stick, the cart over the LAN, the cart behind the
+# serial bridge, a stick file naming nobody
+CHANNELS = ("usb", "lan", "bridge", "usb", "unassigned", "lan")
 ECG_CHANNELS = frozenset(CHANNELS)
 FIELD_VISIT = "field-visit"  # a family doctor's home visit, synced to the county platform
 NOTE_PREFIX = "soak truth serial "  # a field visit's note: the platform's copy says which visit it was
@@ -129,6 +130,100 @@ class EcgCart:
             return buf.getvalue(), uid
 
 
+class BridgeCart:
+    """An ECG cart behind the serial bridge: the firmware's own BridgeCore on the master side of a
+    pty pair, whose slave the acquire service opens as it would /dev/serial/by-id/... The cart
+    streams each recording (start, blocks, end); ECG_END is ACKed once the gateway made it
+    durable. A recording the gateway refused or never confirmed (acquire killed mid-stream: the
+    bridge cannot resend a stream) is taken again, as the nurse would when the cart says so."""
+
+    def __init__(self, link_path: Path) -> None:
+        from firmware_bridge.firmware.bridge_core import BridgeCore
+        from tests.serial_pty import PtyDevice
+
+        self.device = PtyDevice(link_path)
+        self.core = BridgeCore("BR-SOAK-ECG", boot_id=1, capabilities=("ecg", "time-sync"))
+        self.lock = threading.Lock()  # the core is the board's single loop: one caller at a time
+        self.acked: set[int] = set()
+        self.refused: set[int] = set()
+        self.recording_id = 0
+        self.retaken = 0
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="bridge-cart")
+
+    def start(self) -> None:
+        with self.lock:
+            hello = self.core.hello(self.clock_ms())
+        self.device.write(hello)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(5)
+        self.device.unplug()
+
+    @staticmethod
+    def clock_ms() -> int:
+        return int(time.monotonic() * 1000)
+
+    def _run(self) -> None:
+        from devices.bridge import codec
+
+        reader = codec.FrameReader()  # the cart's own view of ACK/NACK (the core just forgets)
+        while not self.stop_event.is_set():
+            data = self.device.read_available(0.05)
+            with self.lock:
+                now = self.clock_ms()
+                out = self.core.receive(data, now) if data else b""
+                out += self.core.poll(now)
+            for item in reader.feed(data) if data else ():
+                if not isinstance(item, codec.Frame):
+                    continue
+                try:
+                    msg = codec.decode_message(item)
+                except codec.ProtocolError:
+                    continue
+                if isinstance(msg, codec.Ack):
+                    self.acked.add(msg.seq)
+                elif isinstance(msg, codec.Nack):
+                    self.refused.add(msg.seq)
+            if out:
+                self.device.write(out)  # blocks while acquire is down and the pty is full: as a USB link
+
+    def record(self, serial: int, samples: int = 1000) -> bool:
+        """One 2-s 12-lead recording carrying `serial` in its first two samples; True once ACKed."""
+        from devices.bridge import codec
+        from devices.ecg.recording import STANDARD_12_LEADS
+        from firmware_bridge.bridge_simulator import ecg_samples
+
+        signal_ = ecg_samples(0, samples)
+        signal_[0, :] = serial % 30000
+        signal_[1, :] = serial // 30000
+        for _attempt in range(5):
+            with self.lock:
+                self.recording_id += 1
+                rid, now = self.recording_id, self.clock_ms()
+                flags, device_ms = self.core.time_stamp(now)
+                frames = [
+                    self.core.send(
+                        codec.EcgStart(rid, flags, device_ms, 500, 2.5, STANDARD_12_LEADS), now, reliable=False
+                    )
+                ]
+                for first in range(0, samples, 25):
+                    block = signal_[first : first + 25].astype("<i2").tobytes()
+                    frames.append(self.core.send(codec.EcgBlock(rid, first, 12, block), now, reliable=False))
+                frames.append(self.core.send(codec.EcgEnd(rid, samples), now))
+                end_seq = self.core.pending_seqs()[-1]
+            self.device.write(b"".join(frames))
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline and end_seq not in self.acked and end_seq not in self.refused:
+                time.sleep(0.05)
+            if end_seq in self.acked:
+                return True
+            self.retaken += 1
+        return False
+
+
 def serial_of(part10: bytes) -> int:
     """The serial the cart wrote into the first two samples (the same on every lead)."""
     from pydicom import dcmread
@@ -153,7 +248,7 @@ class Ports:
     county_platform: int
 
 
-def write_config(path: Path, data_dir: Path, ports: Ports, orthanc_ae: str) -> Path:
+def write_config(path: Path, data_dir: Path, ports: Ports, orthanc_ae: str, bridge_link: Path) -> Path:
     path.write_text(
         f"""
 [gateway]
@@ -189,7 +284,8 @@ allowed_callers = ["{CART_AE}"]
 [ble]
 enabled = false
 [serial]
-enabled = false
+enabled = true
+devices = [{{ name = "ecg-bridge", match = "{bridge_link}", profile = "bridge" }}]
 [gps]
 source = "none"
 [console]
@@ -383,6 +479,7 @@ class ClinicStats:
     patients: int = 0
     usb: int = 0
     lan: int = 0
+    bridge: int = 0
     unassigned: int = 0
     assigned: int = 0
     imports_failed: int = 0
@@ -409,6 +506,7 @@ class Clinic:
         self.pending_assign: dict[str, tuple[int, str]] = {}  # outbox key -> (serial, true patient)
         self.lock = threading.Lock()  # the doctor does one thing at a time
         self.browser: Any = None  # tests/console_harness.Client, logged in as the doctor
+        self.bridge: BridgeCart | None = None  # the ECG cart on the serial bridge
 
     def add_doctor(self) -> None:
         """The doctor's console account (before the console starts)."""
@@ -481,6 +579,10 @@ class Clinic:
                 if channel == "lan":
                     self.lan_store(data, uid)
                     self.stats.lan += 1
+                elif channel == "bridge":
+                    if self.bridge is None or not self.bridge.record(serial):
+                        self.stats.cli_errors.append(f"bridge ECG {serial}: never ACKed")
+                    self.stats.bridge += 1
                 else:
                     (stick / f"ECG{serial:06d}.dcm").write_bytes(data)
                     on_stick += 1
@@ -929,16 +1031,20 @@ def clinic_day(prefix: str, seed: int) -> Iterator[Day]:
         ports = Ports(*(free_port() for _ in range(5)))
         with reading_center(work, ports.listen) as orthanc, county_platform(ports.county_platform) as platform:
             ports.reading_center = orthanc.dicom_port
-            config = write_config(work / "lastmile.toml", data_dir, ports, orthanc.aet)
+            bridge = BridgeCart(work / "usb-ecg-bridge")
+            config = write_config(work / "lastmile.toml", data_dir, ports, orthanc.aet, bridge.device.link_path)
             truth = Truth()
             clinic = Clinic(config, work, ports, truth, seed)
+            clinic.bridge = bridge
             clinic.add_doctor()
             services = Supervisor(config, work / "logs")
             services.start()
+            bridge.start()
             try:
                 yield Day(work, data_dir, config, orthanc, platform, truth, clinic, services)
             finally:
                 services.stop()
+                bridge.stop()
 
 
 def verdict_figures(day: Day, states: dict[str, int]) -> dict[str, Any]:
