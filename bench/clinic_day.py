@@ -18,7 +18,9 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
+import datetime as dt
 import io
+import json
 import os
 import random
 import signal
@@ -50,7 +52,7 @@ CHANNELS = ("usb", "lan", "bridge", "usb", "unassigned", "lan")
 ECG_CHANNELS = frozenset(CHANNELS)
 FIELD_VISIT = "field-visit"  # a family doctor's home visit, synced to the county platform
 NOTE_PREFIX = "soak truth serial "  # a field visit's note: the platform's copy says which visit it was
-SERVICES = ("acquire", "forward", "console")
+SERVICES = ("acquire", "forward", "console", "ble")
 DB_SUFFIXES = (".sqlite", ".db")
 FHIR_KIND = "fhir-bundle"
 from lastmile.demo.loopback import free_port
@@ -224,6 +226,158 @@ class BridgeCart:
         return False
 
 
+BLE_CUFF, BLE_THERMOMETER, BLE_OXIMETER = "ble-cuff", "ble-thermometer", "ble-oximeter"
+BLE_CHANNELS = (BLE_CUFF, BLE_THERMOMETER, BLE_OXIMETER)
+
+
+def reading_key(quantities: list[dict[str, Any]]) -> tuple[float, ...]:
+    """What identifies a reading among its device's readings of the day: its values."""
+    return tuple(sorted(round(float(q["value"]), 2) for q in quantities if q.get("value") is not None))
+
+
+class BleDevices:
+    """The clinic's side of bench/ble_room.py: a reading is written into its device's memory file
+    (the device's flash). Each reading of a device has values no other of its readings has: they
+    carry the truth's serial (`code_of`) to the gateway's stored observation."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.code_of: dict[tuple[str, tuple[float, ...]], int] = {}  # (channel, values) -> serial
+        self.count: collections.Counter[str] = collections.Counter()
+        self.uploads = 0
+        self.oximeter_generation = 0
+
+    def _remember(self, channel: str, values: tuple[float, ...], serial: int) -> None:
+        self.code_of[(channel, tuple(sorted(round(v, 2) for v in values)))] = serial
+
+    @staticmethod
+    def _append(path: Path, record: dict[str, Any]) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    @staticmethod
+    def device_now() -> str:
+        """The device's clock (set by the gateway over CTS): UTC here, to the second."""
+        return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None, microsecond=0).isoformat()
+
+    def cuff_reading(self, serial: int) -> None:
+        """Taken and stored in the cuff, out of the gateway's range: sent when it next uploads."""
+        k = self.count[BLE_CUFF]
+        self.count[BLE_CUFF] += 1
+        systolic, diastolic, pulse = 90 + k % 60, 55 + (k // 60) % 30, 70
+        mean = round((systolic + 2 * diastolic) / 3)
+        self._remember(BLE_CUFF, (systolic, diastolic, mean, pulse), serial)
+        record = {"systolic": systolic, "diastolic": diastolic, "mean": mean, "pulse": pulse}
+        self._append(self.directory / "cuff.jsonl", {**record, "taken_at": self.device_now()})
+
+    def cuff_upload(self) -> None:
+        """The cuff comes into range: everything it stored goes to the gateway."""
+        self.uploads += 1
+        (self.directory / "cuff.upload").write_text(str(self.uploads))
+
+    def thermometer_reading(self, serial: int) -> tuple[str, tuple[float, ...]]:
+        k = self.count[BLE_THERMOMETER]
+        self.count[BLE_THERMOMETER] += 1
+        celsius = round(35.5 + 0.01 * (k % 300), 2)
+        self._remember(BLE_THERMOMETER, (celsius,), serial)
+        self._append(self.directory / "thermometer.jsonl", {"celsius": celsius, "taken_at": self.device_now()})
+        return BLE_THERMOMETER, (celsius,)
+
+    def oximeter_on(self, serial: int) -> tuple[str, tuple[float, ...]]:
+        k = self.count[BLE_OXIMETER]
+        self.count[BLE_OXIMETER] += 1
+        spo2, pulse = 94 + k % 6, 50 + (k // 6) % 120
+        self._remember(BLE_OXIMETER, (spo2, pulse), serial)
+        self._oximeter({"on": True, "spo2": spo2, "pulse": pulse})
+        return BLE_OXIMETER, (spo2, pulse)
+
+    def oximeter_off(self, limit_s: float = 60.0) -> bool:
+        """The finger out of the clip; True once the room has hung up (nothing more will come)."""
+        generation = self._oximeter({"on": False})
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                if int((self.directory / "oximeter.done").read_text()) >= generation:
+                    return True
+            time.sleep(0.1)
+        return False
+
+    def _oximeter(self, state: dict[str, Any]) -> int:
+        self.oximeter_generation += 1
+        tmp = self.directory / "oximeter.json.new"
+        tmp.write_text(json.dumps({"generation": self.oximeter_generation, **state}))
+        tmp.replace(self.directory / "oximeter.json")  # atomic: the room never reads half a state
+        return self.oximeter_generation
+
+    def serial_of(self, observation: dict[str, Any]) -> int | None:
+        channel = {
+            "blood-pressure": BLE_CUFF,
+            "body-temperature": BLE_THERMOMETER,
+            "temperature": BLE_THERMOMETER,
+        }.get(str(observation.get("kind")), BLE_OXIMETER)
+        return self.code_of.get((channel, reading_key(observation.get("quantities", []))))
+
+
+def stored_observations(data_dir: Path) -> list[tuple[str, dict[str, Any]]]:
+    """Every BLE observation the gateway keeps: ('outbox', JSON) with its patient, or ('held', JSON)
+    with its held id in "held_id" (read-only, as the judge)."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    outbox = data_dir / "outbox.sqlite"
+    if outbox.exists():
+        conn = sqlite3.connect(f"file:{outbox}?mode=ro", uri=True, timeout=30)
+        try:  # small payloads live in the database (table payloads), not in payload files
+            rows = conn.execute(
+                "SELECT p.data FROM items i JOIN payloads p ON p.item_id = i.id WHERE i.kind = 'observation'"
+            ).fetchall()
+        except sqlite3.OperationalError:
+            rows = []
+        finally:
+            conn.close()
+        for (data,) in rows:
+            with contextlib.suppress(ValueError):
+                out.append(("outbox", json.loads(data)))
+    clinic_db = data_dir / "clinic.db"
+    if clinic_db.exists():
+        conn = sqlite3.connect(f"file:{clinic_db}?mode=ro", uri=True, timeout=30)
+        try:
+            held = conn.execute("SELECT id, observation FROM held_observations ORDER BY id").fetchall()
+        except sqlite3.OperationalError:
+            held = []
+        finally:
+            conn.close()
+        out += [("held", {**json.loads(text), "held_id": int(i)}) for i, text in held]
+    return out
+
+
+def judge_ble(data_dir: Path, ble: BleDevices, truth: Truth) -> dict[str, Any]:
+    """The BLE readings the gateway made durable, compared with the truth: each once (the
+    oximeter streams: several per clip-on are expected), on its patient; none held at the end."""
+    seen: collections.Counter[int] = collections.Counter()
+    misattributed = held = unknown = 0
+    for where, observation in stored_observations(data_dir):
+        serial = ble.serial_of(observation)
+        if serial is None:
+            unknown += 1
+            continue
+        seen[serial] += 1
+        if where == "held":
+            held += 1
+        elif observation.get("patient_id") != truth.patient_of.get(serial):
+            misattributed += 1
+    expected = {s for s, channel in truth.channel_of.items() if channel in BLE_CHANNELS}
+    once_each = {s for s in expected if truth.channel_of[s] != BLE_OXIMETER}
+    return {
+        "ble_readings": len(expected),
+        "ble_lost": len(expected - set(seen)),
+        "ble_duplicated": sum(seen[s] - 1 for s in once_each if seen[s] > 1),
+        "ble_misattributed": misattributed,
+        "ble_held": held,
+        "ble_unknown": unknown,
+        "ble_by_device": dict(collections.Counter(truth.channel_of[s] for s in expected)),
+    }
+
+
 def serial_of(part10: bytes) -> int:
     """The serial the cart wrote into the first two samples (the same on every lead)."""
     from pydicom import dcmread
@@ -319,9 +473,10 @@ def lastmile(config: Path, *args: str, timeout_s: float = 120.0) -> subprocess.C
 class Supervisor:
     """Keeps each service running, as systemd's Restart=always would; samples RSS and fds."""
 
-    def __init__(self, config: Path, log_dir: Path) -> None:
+    def __init__(self, config: Path, log_dir: Path, ble_devices: Path) -> None:
         self.config = config
         self.log_dir = log_dir
+        self.ble_devices = ble_devices
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.restarts: collections.Counter[str] = collections.Counter()
         self.unexpected_exits: list[str] = []
@@ -336,10 +491,15 @@ class Supervisor:
             self._spawn(name)
         self.thread.start()
 
+    def command(self, name: str) -> list[str]:
+        if name == "ble":  # the acquire service's BLE part over the emulated radio (bench/ble_room.py)
+            return [sys.executable, str(REPO / "bench" / "ble_room.py"), str(self.config), str(self.ble_devices)]
+        return [sys.executable, "-m", "lastmile", "-c", str(self.config), name]
+
     def _spawn(self, name: str) -> None:
         with open(self.log_dir / f"{name}.log", "ab") as log:
             self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "lastmile", "-c", str(self.config), name],
+                self.command(name),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
@@ -487,6 +647,8 @@ class ClinicStats:
     console_pages: int = 0
     console_errors: int = 0
     field_visits: int = 0
+    readings_assigned: int = 0  # held BLE readings the doctor assigned
+    ble_waits_timed_out: int = 0
     console_actions: int = 0  # check-ins, check-outs and assignments done on the console
     console_problems: list[str] = field(default_factory=list)  # what the console errors were
     cli_errors: list[str] = field(default_factory=list)
@@ -504,9 +666,11 @@ class Clinic:
         self.cart = EcgCart()
         self.stats = ClinicStats()
         self.pending_assign: dict[str, tuple[int, str]] = {}  # outbox key -> (serial, true patient)
+        self.ecgs_taken = 0
         self.lock = threading.Lock()  # the doctor does one thing at a time
         self.browser: Any = None  # tests/console_harness.Client, logged in as the doctor
         self.bridge: BridgeCart | None = None  # the ECG cart on the serial bridge
+        self.ble: BleDevices | None = None  # the cuff, thermometer and oximeter (bench/ble_room.py)
 
     def add_doctor(self) -> None:
         """The doctor's console account (before the console starts)."""
@@ -566,12 +730,14 @@ class Clinic:
         with self.lock:
             if not (on_console and self.console_post("/today/check-in", {"patient_id": patient_id, "name": name})):
                 self._cli("patient", "set", patient_id, "--name", name)
+            session_began = time.time()  # the session's start is at or before this
             self.stats.patients += 1
             stick = self.work / "sticks" / f"visit-{index:05d}"
             stick.mkdir(parents=True, exist_ok=True)
             on_stick = 0
             for _ in range(ecgs):
-                channel = CHANNELS[len(self.truth.patient_of) % len(CHANNELS)]
+                channel = CHANNELS[self.ecgs_taken % len(CHANNELS)]
+                self.ecgs_taken += 1
                 serial = self.truth.new(patient_id, channel)
                 data, uid = self.cart.ecg_bytes(
                     serial, None if channel == "unassigned" else patient_id, name, time.time() - 60
@@ -593,11 +759,53 @@ class Clinic:
                         self.stats.usb += 1
             if on_stick:
                 self.import_stick(stick)
+            if self.ble is not None:
+                self.ble_readings(index, patient_id, session_began)
             self.assign_held(patient_id, name, on_console=on_console)
+            self.assign_held_readings()
             if not (on_console and self.console_post("/today/end-session", {})):
                 self._cli("patient", "clear")
             if index % 3 == 0:  # the family doctor sees every third patient at home, too
                 self.field_visit(patient_id)
+
+    def ble_readings(self, index: int, patient_id: str, session_began: float) -> None:
+        """The cuff (stored, uploaded every third patient), the thermometer, and for every other
+        patient the oximeter's clip; the live ones waited for, so they land in this session."""
+        assert self.ble is not None
+        # device clocks count whole seconds: a reading stamped in the second the session began
+        # would be before it (and rightly held for the doctor)
+        time.sleep(max(0.0, session_began + 1.2 - time.time()))
+        self.ble.cuff_reading(self.truth.new(patient_id, BLE_CUFF))
+        if index % 3 == 0:
+            self.ble.cuff_upload()
+        self.wait_stored(self.ble.thermometer_reading(self.truth.new(patient_id, BLE_THERMOMETER)))
+        if index % 2:
+            self.wait_stored(self.ble.oximeter_on(self.truth.new(patient_id, BLE_OXIMETER)))
+            if not self.ble.oximeter_off():
+                self.stats.cli_errors.append("oximeter: never hung up")
+
+    def wait_stored(self, reading: tuple[str, tuple[float, ...]], limit_s: float = 60.0) -> None:
+        """Until the gateway made the reading durable (the doctor sees it on the console)."""
+        assert self.ble is not None
+        serial = self.ble.code_of[(reading[0], tuple(sorted(round(v, 2) for v in reading[1])))]
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            if any(self.ble.serial_of(o) == serial for _w, o in stored_observations(self.work / "data")):
+                return
+            time.sleep(0.2)
+        self.stats.ble_waits_timed_out += 1
+
+    def assign_held_readings(self) -> None:
+        """The doctor gives each held reading its patient (she knows whose it was: the truth)."""
+        if self.ble is None:
+            return
+        for where, observation in stored_observations(self.work / "data"):
+            serial = self.ble.serial_of(observation)
+            if where != "held" or serial is None:
+                continue
+            patient_id = self.truth.patient_of[serial]
+            if self._cli("patient", "assign", str(observation["held_id"]), patient_id).returncode == 0:
+                self.stats.readings_assigned += 1
 
     def field_visit(self, patient_id: str) -> None:
         """A home visit by the CLI (no GPS here): started, a note, stopped and queued for the county.
@@ -676,7 +884,18 @@ class Clinic:
             time.sleep(0.25)
 
     def assign_held_all(self) -> None:
-        """At the end of the day: whatever is still waiting for the doctor."""
+        """At the end of the day: the cuff brought into range, and whatever is still waiting for
+        the doctor assigned."""
+        if self.ble is not None:
+            self.ble.cuff_upload()
+            cuff = [s for s, channel in self.truth.channel_of.items() if channel == BLE_CUFF]
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                stored = {self.ble.serial_of(o) for _w, o in stored_observations(self.work / "data")}
+                if stored >= set(cuff):
+                    break
+                time.sleep(0.5)
+        self.assign_held_readings()
         for patient_id in sorted({p for _s, p in list(self.pending_assign.values())}):
             self.assign_held(patient_id, "")
 
@@ -1036,8 +1255,9 @@ def clinic_day(prefix: str, seed: int) -> Iterator[Day]:
             truth = Truth()
             clinic = Clinic(config, work, ports, truth, seed)
             clinic.bridge = bridge
+            clinic.ble = BleDevices(work / "ble-devices")
             clinic.add_doctor()
-            services = Supervisor(config, work / "logs")
+            services = Supervisor(config, work / "logs", clinic.ble.directory)
             services.start()
             bridge.start()
             try:
@@ -1052,17 +1272,28 @@ def verdict_figures(day: Day, states: dict[str, int]) -> dict[str, Any]:
     visits at the county platform), and each kind's own."""
     ecg = judge(day.orthanc, day.truth)
     visits = judge_platform(day.platform, day.truth)
+    assert day.clinic.ble is not None
+    ble = judge_ble(day.data_dir, day.clinic.ble, day.truth)
     return {
-        "measurements": ecg.measurements + visits["visits"],
-        "lost": ecg.lost + visits["visits_lost"],
-        "duplicated": ecg.duplicated + visits["visits_duplicated"] + visits["fhir_resources_duplicated"],
-        "misattributed": ecg.misattributed + visits["visits_misattributed"],
+        "measurements": ecg.measurements + visits["visits"] + ble["ble_readings"],
+        "lost": ecg.lost + visits["visits_lost"] + ble["ble_lost"],
+        "duplicated": ecg.duplicated
+        + visits["visits_duplicated"]
+        + visits["fhir_resources_duplicated"]
+        + ble["ble_duplicated"],
+        "misattributed": ecg.misattributed + visits["visits_misattributed"] + ble["ble_misattributed"],
         "ecgs": ecg.measurements,
         "received": ecg.received,
         "unreadable": ecg.unreadable,
         "by_channel": ecg.by_channel,
         **visits,
-        "held_unassigned": states.get("held", 0),
+        **ble,
+        # BLE readings in the outbox that nothing sends on (kind "observation" has no sender)
+        "observations_unsent": outbox_states(day.data_dir, "observation").get("queued", 0),
+        "ble_readings_assigned": day.clinic.stats.readings_assigned,
+        "ble_waits_timed_out": day.clinic.stats.ble_waits_timed_out,
+        "bridge_ecgs_retaken": day.clinic.bridge.retaken if day.clinic.bridge else 0,
+        "held_unassigned": states.get("held", 0) + ble["ble_held"],
         "stuck": sum(states.get(s, 0) for s in UNFINISHED) + states.get("fhir_unsent", 0),
         "quarantined": states.get("quarantined", 0) + states.get("fhir_quarantined", 0),
     }

@@ -4,19 +4,25 @@ Run as root (it puts itself and Orthanc in a private network namespace):
 
     .venv/bin/python bench/kill_campaign.py [--kills 500] [--json]
 
-The gateway runs as its services (bench/clinic_day.py: acquire with the LAN receiver, forward
-with report retrieval, console; restarted at once after a kill, as systemd would) while the
-clinic's day goes on (patients, USB imports, LAN C-STOREs, assignments). Each kill picks a target
+The gateway runs as its services (bench/clinic_day.py: acquire with the LAN receiver and the
+serial bridge, forward with report retrieval and FHIR, console, the BLE part; restarted at once
+after a kill, as systemd would) while the clinic's day goes on (patients, USB imports, LAN
+C-STOREs, bridge ECGs, BLE readings, assignments, field visits). Each kill picks a target
 and waits for a risky moment:
 - forward: mid-send (items `sending`), awaiting commitment (`sent`), committed-not-purged, or any;
-- acquire: mid-intake, while a cart's C-STORE is arriving (the cart retries until Success);
+- acquire: mid-intake, while a cart's C-STORE is arriving (the cart retries until Success), or
+  mid-stream (below);
 - import: a `lastmile import` of a stick, part-way (then run again, as the doctor would);
 - assign: a `lastmile patient assign E<n>`, part-way (then again);
 - report-poll: a `lastmile report poll`, part-way;
-- console: any moment.
+- console: any moment;
+- forward-fhir: a field visit's transaction applied by the county platform, not yet answered;
+- visit-stop: a `lastmile visit stop` (close, sign, queue), part-way (then again);
+- acquire mid-stream: the serial bridge's ECG recording arriving (the cart takes it again);
+- ble: the BLE part (bench/ble_room.py: the gateway's BLE link and the emulated devices).
 After every kill, `PRAGMA integrity_check` on every database file in the data directory. At the
-end the link stays up until the outbox drains; the reading center's copies are judged against
-the truth. Goals: integrity ok after every kill; 0 lost, 0 duplicated, 0 misattributed, 0 stuck.
+end the link stays up until the outbox drains; the reading center's and the county platform's
+copies (and the BLE readings the gateway keeps) are judged against the truth. Goals: integrity ok after every kill; 0 lost, 0 duplicated, 0 misattributed, 0 stuck.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ TARGETS = {  # weight of each target
     "assign": 1,
     "report-poll": 1,
     "console": 1,
+    "ble": 2,
 }
 FORWARD_MOMENTS = ("sending", "sent", "committed", "any")
 
@@ -143,6 +150,32 @@ class Campaign:
         return killed
 
     def kill_acquire(self) -> bool:
+        return self.kill_acquire_mid_stream() if self.rng.random() < 0.5 else self.kill_acquire_mid_store()
+
+    def kill_acquire_mid_stream(self) -> bool:
+        """Mid-stream: the cart behind the serial bridge is sending a recording (it takes it again
+        when the gateway does not ACK its end)."""
+        assert self.clinic.bridge is not None
+        with self.clinic.lock:  # a patient of its own: the bridge ECG lands on the current one
+            cd.lastmile(self.config, "patient", "set", "P-KILL-BRIDGE", "--name", "Kill^Bridge")
+            time.sleep(1.0)  # an ECG begun in the second the session began would be held
+            serial = self.clinic.truth.new("P-KILL-BRIDGE", "bridge")
+            cart = threading.Thread(target=self.clinic.bridge.record, args=(serial,), daemon=True)
+            cart.start()
+            time.sleep(self.rng.uniform(0.0, 0.4))
+            killed = self.services.kill("acquire")
+            cart.join(600)
+            cd.lastmile(self.config, "patient", "clear")
+        self.moments["acquire:mid-bridge-stream"] += 1
+        return killed
+
+    def kill_ble(self) -> bool:
+        """The BLE part (bench/ble_room.py), at any moment of the clinic's readings."""
+        time.sleep(self.rng.uniform(0.0, 2.0))
+        self.moments["ble:any"] += 1
+        return self.services.kill("ble")
+
+    def kill_acquire_mid_store(self) -> bool:
         """Mid-intake: a cart's C-STORE under way."""
         serial = self.clinic.truth.new("P-KILL-LAN", "lan")
         data, uid = self.clinic.cart.ecg_bytes(serial, "P-KILL-LAN", "Kill^Lan", time.time())
