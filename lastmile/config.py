@@ -457,6 +457,26 @@ INSTITUTION_BYTES = 64  # DICOM LO
 GATEWAY_ID_BYTES = 64  # LO too: the full id goes in the DICOM Contributing Equipment's serial
 
 
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """A HOST:PORT a service of ours listens on (`console.listen`, `metrics.listen`)."""
+
+    host: str
+    port: int
+
+    @property
+    def loopback(self) -> bool:
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return self.host == "localhost"
+
+    def url(self, path: str = "") -> str:
+        """Where a client on this machine reaches it (0.0.0.0 / :: are reached on loopback)."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
+        return f"http://[{host}]:{self.port}{path}" if ":" in host else f"http://{host}:{self.port}{path}"
+
+
 def host_port(text: str) -> tuple[str, int] | None:
     """ "HOST:PORT" (IPv6 in brackets, "[::1]:9560") as host and port 1-65535; None if malformed."""
     host, sep, port = text.strip().rpartition(":")
