@@ -667,6 +667,7 @@ class Clinic:
         self.stats = ClinicStats()
         self.pending_assign: dict[str, tuple[int, str]] = {}  # outbox key -> (serial, true patient)
         self.ecgs_taken = 0
+        self.field_visit_every = 3  # every third patient is also seen at home (0: none)
         self.lock = threading.Lock()  # the doctor does one thing at a time
         self.browser: Any = None  # tests/console_harness.Client, logged in as the doctor
         self.bridge: BridgeCart | None = None  # the ECG cart on the serial bridge
@@ -765,8 +766,8 @@ class Clinic:
             self.assign_held_readings()
             if not (on_console and self.console_post("/today/end-session", {})):
                 self._cli("patient", "clear")
-            if index % 3 == 0:  # the family doctor sees every third patient at home, too
-                self.field_visit(patient_id)
+            if self.field_visit_every and index % self.field_visit_every == 0:
+                self.field_visit(patient_id)  # the family doctor sees the patient at home, too
 
     def ble_readings(self, index: int, patient_id: str, session_began: float) -> None:
         """The cuff (stored, uploaded every third patient), the thermometer, and for every other
