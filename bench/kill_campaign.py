@@ -94,12 +94,15 @@ class Campaign:
         self.rng = random.Random(seed)
         self.kills: collections.Counter[str] = collections.Counter()
         self.moments: collections.Counter[str] = collections.Counter()
+        self.seconds: collections.Counter[str] = collections.Counter()  # time spent per target
         self.integrity_failures: list[str] = []
         self.sticks = 0
 
     def one(self) -> None:
         target = self.rng.choices(list(TARGETS), weights=list(TARGETS.values()))[0]
+        began = time.monotonic()
         killed = getattr(self, "kill_" + target.replace("-", "_"))()
+        self.seconds[target] += time.monotonic() - began
         if killed:
             self.kills[target] += 1
         for problem in cd.integrity_problems(self.data_dir):
@@ -276,6 +279,7 @@ def run(kills: int, seed: int, say: Any) -> dict[str, Any]:
             "rounds": kills,
             "by_target": dict(campaign.kills),
             "moments": dict(campaign.moments),
+            "seconds_by_target": {t: round(v, 1) for t, v in campaign.seconds.most_common()},
             **cd.verdict_figures(day, states),
             "resent_c_stores": sum(c_stores.values()) - len(c_stores),
             "integrity_checks_failed": len(campaign.integrity_failures),
