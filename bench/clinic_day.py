@@ -668,6 +668,7 @@ class Clinic:
         self.pending_assign: dict[str, tuple[int, str]] = {}  # outbox key -> (serial, true patient)
         self.ecgs_taken = 0
         self.field_visit_every = 3  # every third patient is also seen at home (0: none)
+        self.ble_every = 1  # the BLE devices are used on every n-th patient
         self.lock = threading.Lock()  # the doctor does one thing at a time
         self.browser: Any = None  # tests/console_harness.Client, logged in as the doctor
         self.bridge: BridgeCart | None = None  # the ECG cart on the serial bridge
@@ -760,7 +761,7 @@ class Clinic:
                         self.stats.usb += 1
             if on_stick:
                 self.import_stick(stick)
-            if self.ble is not None:
+            if self.ble is not None and index % self.ble_every == 0:
                 self.ble_readings(index, patient_id, session_began)
             self.assign_held(patient_id, name, on_console=on_console)
             self.assign_held_readings()

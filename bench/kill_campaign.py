@@ -52,7 +52,7 @@ TARGETS = {  # weight of each target
     "assign": 1,
     "report-poll": 1,
     "console": 1,
-    "ble": 2,
+    "ble": 1,
 }
 FORWARD_MOMENTS = ("sending", "sent", "committed", "any")
 
@@ -241,15 +241,17 @@ class Campaign:
 
 
 def traffic(clinic: cd.Clinic, stop: threading.Event) -> None:
-    """The clinic's own day goes on under the kills (short visits: a kill that needs the doctor
-    waits for the visit in hand; field visits come from the kill targets that make them)."""
+    """The clinic's own day goes on under the kills (short visits, BLE readings every other one:
+    a kill that needs the doctor waits for the visit in hand; field visits come from the kill
+    targets that make them)."""
     clinic.field_visit_every = 0
+    clinic.ble_every = 2
     i = 0
     while not stop.is_set():
         i += 1
         clinic.visit(i, clinic.rng.choice((1, 2)))
         clinic.look_at_console()
-        stop.wait(1.0)
+        stop.wait(2.0)  # the doctor free between patients: a kill that needs her comes in then
 
 
 def run(kills: int, seed: int, say: Any) -> dict[str, Any]:
