@@ -16,8 +16,8 @@ and waits for a risky moment:
 - assign: a `lastmile patient assign E<n>`, part-way (then again);
 - report-poll: a `lastmile report poll`, part-way;
 - console: any moment;
-- forward-fhir: a field visit's transaction applied by the county platform, not yet answered;
-- visit-stop: a `lastmile visit stop` (close, sign, queue), part-way (then again);
+- field visit: a `lastmile visit stop` (close, sign, queue), part-way (then again), and then
+  forward mid-FHIR-send: the visit's transaction applied by the county platform, not yet answered;
 - acquire mid-stream: the serial bridge's ECG recording arriving (the cart takes it again);
 - ble: the BLE part (bench/ble_room.py: the gateway's BLE link and the emulated devices).
 After every kill, `PRAGMA integrity_check` on every database file in the data directory. At the
@@ -45,8 +45,7 @@ import clinic_day as cd
 
 TARGETS = {  # weight of each target
     "forward": 5,
-    "forward-fhir": 2,
-    "visit-stop": 1,
+    "field-visit": 2,  # kills `visit stop`, then forward mid-FHIR-send ("forward-fhir")
     "acquire": 2,
     "import": 2,
     "assign": 1,
@@ -104,7 +103,7 @@ class Campaign:
         killed = getattr(self, "kill_" + target.replace("-", "_"))()
         self.seconds[target] += time.monotonic() - began
         if killed:
-            self.kills[target] += 1
+            self.kills["forward-fhir" if target == "field-visit" else target] += 1
         for problem in cd.integrity_problems(self.data_dir):
             self.integrity_failures.append(f"after killing {target}: {problem}")
 
@@ -126,31 +125,28 @@ class Campaign:
             self.moments["forward:any"] += 1
         return self.services.kill("forward")
 
-    def kill_forward_fhir(self) -> bool:
-        """Mid-FHIR-send: the platform has applied a field visit's transaction and not yet answered
-        (conditional create must absorb the re-send: no resource twice)."""
+    def kill_field_visit(self) -> bool:
+        """Two kills on one field visit (its CLI runs are what costs here): `lastmile visit stop`
+        (close, sign, queue) part-way, then again; then the forwarder mid-FHIR-send, once the
+        county platform has applied the visit's transaction and not yet answered (conditional
+        create must absorb the re-send: no resource twice). No clinic lock: a field visit is not
+        the clinic's session, and the day's own visits make none here (traffic)."""
         platform = self.day.platform
         platform.applied_unanswered.clear()
-        # no clinic lock: a field visit is not the clinic's session, and the day's own visits
-        # make none here (traffic), so no other visit is open
-        self.clinic.field_visit("P-KILL-FHIR")
-        if platform.applied_unanswered.wait(15.0):
+        serial = self.clinic.truth.new("P-KILL-VISIT", cd.FIELD_VISIT)
+        self.clinic.stats.field_visits += 1
+        cd.lastmile(self.config, "visit", "start", "--patient", "P-KILL-VISIT", "--no-gps")
+        cd.lastmile(self.config, "visit", "note", f"{cd.NOTE_PREFIX}{serial}")
+        if killed_cli(self.config, ["visit", "stop", "--no-gps"], self.rng.uniform(0.2, 1.2)):
+            self.kills["visit-stop"] += 1
+        self.moments["visit-stop:mid-stop"] += 1
+        self.clinic.stop_visit()
+        if platform.applied_unanswered.wait(30.0):
             time.sleep(self.rng.uniform(0.0, 0.2))  # within the platform's 0.3 s before it answers
             self.moments["forward-fhir:applied-unanswered"] += 1
         else:
             self.moments["forward-fhir:any"] += 1
         return self.services.kill("forward")
-
-    def kill_visit_stop(self) -> bool:
-        """A `lastmile visit stop` (close, sign, queue for the county), part-way; then again."""
-        serial = self.clinic.truth.new("P-KILL-VISIT", cd.FIELD_VISIT)  # (no clinic lock: as above)
-        self.clinic.stats.field_visits += 1
-        cd.lastmile(self.config, "visit", "start", "--patient", "P-KILL-VISIT", "--no-gps")
-        cd.lastmile(self.config, "visit", "note", f"{cd.NOTE_PREFIX}{serial}")
-        killed = killed_cli(self.config, ["visit", "stop", "--no-gps"], self.rng.uniform(0.2, 1.2))
-        self.clinic.stop_visit()
-        self.moments["visit-stop:mid-stop"] += 1
-        return killed
 
     def kill_acquire(self) -> bool:
         return self.kill_acquire_mid_stream() if self.rng.random() < 0.5 else self.kill_acquire_mid_store()
