@@ -157,7 +157,7 @@ class Campaign:
         assert self.clinic.bridge is not None
         with self.clinic.lock:  # a patient of its own: the bridge ECG lands on the current one
             cd.lastmile(self.config, "patient", "set", "P-KILL-BRIDGE", "--name", "Kill^Bridge")
-            time.sleep(1.0)  # an ECG begun in the second the session began would be held
+            time.sleep(2.0)  # an ECG begun in the first seconds of the session could be dated before it
             serial = self.clinic.truth.new("P-KILL-BRIDGE", "bridge")
             cart = threading.Thread(target=self.clinic.bridge.record, args=(serial,), daemon=True)
             cart.start()
