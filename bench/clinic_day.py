@@ -18,7 +18,9 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
+import datetime as dt
 import io
+import json
 import os
 import random
 import signal
@@ -26,6 +28,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -42,10 +45,16 @@ if str(REPO) not in sys.path:
 GATEWAY_AE = "CLINIC01"
 CART_AE = "CART01"
 DOCTOR = ("王医生", "correct horse 1")
-# how the ECGs of the day come in, in turn: USB stick, the cart over the LAN, a stick file naming nobody
-CHANNELS = ("usb", "lan", "usb", "unassigned", "lan")
-SERVICES = ("acquire", "forward", "console")
+FAMILY_DOCTOR = "D-SOAK-01"  # the practitioner id on the field visits
+# how the ECGs of the day come in, in turn: USB stick, the cart over the LAN, the cart behind the
+# serial bridge, a stick file naming nobody
+CHANNELS = ("usb", "lan", "bridge", "usb", "unassigned", "lan")
+ECG_CHANNELS = frozenset(CHANNELS)
+FIELD_VISIT = "field-visit"  # a family doctor's home visit, synced to the county platform
+NOTE_PREFIX = "soak truth serial "  # a field visit's note: the platform's copy says which visit it was
+SERVICES = ("acquire", "forward", "console", "ble")
 DB_SUFFIXES = (".sqlite", ".db")
+FHIR_KIND = "fhir-bundle"
 from lastmile.demo.loopback import free_port
 
 __all__ = ["free_port"]
@@ -123,6 +132,252 @@ class EcgCart:
             return buf.getvalue(), uid
 
 
+class BridgeCart:
+    """An ECG cart behind the serial bridge: the firmware's own BridgeCore on the master side of a
+    pty pair, whose slave the acquire service opens as it would /dev/serial/by-id/... The cart
+    streams each recording (start, blocks, end); ECG_END is ACKed once the gateway made it
+    durable. A recording the gateway refused or never confirmed (acquire killed mid-stream: the
+    bridge cannot resend a stream) is taken again, as the nurse would when the cart says so."""
+
+    def __init__(self, link_path: Path) -> None:
+        from firmware_bridge.firmware.bridge_core import BridgeCore
+        from tests.serial_pty import PtyDevice
+
+        self.device = PtyDevice(link_path)
+        self.core = BridgeCore("BR-SOAK-ECG", boot_id=1, capabilities=("ecg", "time-sync"))
+        self.lock = threading.Lock()  # the core is the board's single loop: one caller at a time
+        self.acked: set[int] = set()
+        self.refused: set[int] = set()
+        self.recording_id = 0
+        self.retaken = 0
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="bridge-cart")
+
+    def start(self) -> None:
+        with self.lock:
+            hello = self.core.hello(self.clock_ms())
+        self.device.write(hello)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(5)
+        self.device.unplug()
+
+    @staticmethod
+    def clock_ms() -> int:
+        return int(time.monotonic() * 1000)
+
+    def _run(self) -> None:
+        from devices.bridge import codec
+
+        reader = codec.FrameReader()  # the cart's own view of ACK/NACK (the core just forgets)
+        while not self.stop_event.is_set():
+            data = self.device.read_available(0.05)
+            with self.lock:
+                now = self.clock_ms()
+                out = self.core.receive(data, now) if data else b""
+                out += self.core.poll(now)
+            for item in reader.feed(data) if data else ():
+                if not isinstance(item, codec.Frame):
+                    continue
+                try:
+                    msg = codec.decode_message(item)
+                except codec.ProtocolError:
+                    continue
+                if isinstance(msg, codec.Ack):
+                    self.acked.add(msg.seq)
+                elif isinstance(msg, codec.Nack):
+                    self.refused.add(msg.seq)
+            if out:
+                self.device.write(out)  # blocks while acquire is down and the pty is full: as a USB link
+
+    def record(self, serial: int, samples: int = 1000) -> bool:
+        """One 2-s 12-lead recording carrying `serial` in its first two samples; True once ACKed."""
+        from devices.bridge import codec
+        from devices.ecg.recording import STANDARD_12_LEADS
+        from firmware_bridge.bridge_simulator import ecg_samples
+
+        signal_ = ecg_samples(0, samples)
+        signal_[0, :] = serial % 30000
+        signal_[1, :] = serial // 30000
+        for _attempt in range(5):
+            with self.lock:
+                self.recording_id += 1
+                rid, now = self.recording_id, self.clock_ms()
+                flags, device_ms = self.core.time_stamp(now)
+                frames = [
+                    self.core.send(
+                        codec.EcgStart(rid, flags, device_ms, 500, 2.5, STANDARD_12_LEADS), now, reliable=False
+                    )
+                ]
+                for first in range(0, samples, 25):
+                    block = signal_[first : first + 25].astype("<i2").tobytes()
+                    frames.append(self.core.send(codec.EcgBlock(rid, first, 12, block), now, reliable=False))
+                frames.append(self.core.send(codec.EcgEnd(rid, samples), now))
+                end_seq = self.core.pending_seqs()[-1]
+            self.device.write(b"".join(frames))
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline and end_seq not in self.acked and end_seq not in self.refused:
+                time.sleep(0.05)
+            if end_seq in self.acked:
+                return True
+            self.retaken += 1
+        return False
+
+
+BLE_CUFF, BLE_THERMOMETER, BLE_OXIMETER = "ble-cuff", "ble-thermometer", "ble-oximeter"
+BLE_CHANNELS = (BLE_CUFF, BLE_THERMOMETER, BLE_OXIMETER)
+
+
+def reading_key(quantities: list[dict[str, Any]]) -> tuple[float, ...]:
+    """What identifies a reading among its device's readings of the day: its values."""
+    return tuple(sorted(round(float(q["value"]), 2) for q in quantities if q.get("value") is not None))
+
+
+class BleDevices:
+    """The clinic's side of bench/ble_room.py: a reading is written into its device's memory file
+    (the device's flash). Each reading of a device has values no other of its readings has: they
+    carry the truth's serial (`code_of`) to the gateway's stored observation."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.code_of: dict[tuple[str, tuple[float, ...]], int] = {}  # (channel, values) -> serial
+        self.count: collections.Counter[str] = collections.Counter()
+        self.uploads = 0
+        self.oximeter_generation = 0
+
+    def _remember(self, channel: str, values: tuple[float, ...], serial: int) -> None:
+        self.code_of[(channel, tuple(sorted(round(v, 2) for v in values)))] = serial
+
+    @staticmethod
+    def _append(path: Path, record: dict[str, Any]) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    @staticmethod
+    def device_now() -> str:
+        """The device's clock (set by the gateway over CTS): UTC here, to the second."""
+        return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None, microsecond=0).isoformat()
+
+    def cuff_reading(self, serial: int) -> None:
+        """Taken and stored in the cuff, out of the gateway's range: sent when it next uploads."""
+        k = self.count[BLE_CUFF]
+        self.count[BLE_CUFF] += 1
+        systolic, diastolic, pulse = 90 + k % 60, 55 + (k // 60) % 30, 70
+        mean = round((systolic + 2 * diastolic) / 3)
+        self._remember(BLE_CUFF, (systolic, diastolic, mean, pulse), serial)
+        record = {"systolic": systolic, "diastolic": diastolic, "mean": mean, "pulse": pulse}
+        self._append(self.directory / "cuff.jsonl", {**record, "taken_at": self.device_now()})
+
+    def cuff_upload(self) -> None:
+        """The cuff comes into range: everything it stored goes to the gateway."""
+        self.uploads += 1
+        (self.directory / "cuff.upload").write_text(str(self.uploads))
+
+    def thermometer_reading(self, serial: int) -> tuple[str, tuple[float, ...]]:
+        k = self.count[BLE_THERMOMETER]
+        self.count[BLE_THERMOMETER] += 1
+        celsius = round(35.5 + 0.01 * (k % 300), 2)
+        self._remember(BLE_THERMOMETER, (celsius,), serial)
+        self._append(self.directory / "thermometer.jsonl", {"celsius": celsius, "taken_at": self.device_now()})
+        return BLE_THERMOMETER, (celsius,)
+
+    def oximeter_on(self, serial: int) -> tuple[str, tuple[float, ...]]:
+        k = self.count[BLE_OXIMETER]
+        self.count[BLE_OXIMETER] += 1
+        spo2, pulse = 94 + k % 6, 50 + (k // 6) % 120
+        self._remember(BLE_OXIMETER, (spo2, pulse), serial)
+        self._oximeter({"on": True, "spo2": spo2, "pulse": pulse})
+        return BLE_OXIMETER, (spo2, pulse)
+
+    def oximeter_off(self, limit_s: float = 60.0) -> bool:
+        """The finger out of the clip; True once the room has hung up (nothing more will come)."""
+        generation = self._oximeter({"on": False})
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                if int((self.directory / "oximeter.done").read_text()) >= generation:
+                    return True
+            time.sleep(0.1)
+        return False
+
+    def _oximeter(self, state: dict[str, Any]) -> int:
+        self.oximeter_generation += 1
+        tmp = self.directory / "oximeter.json.new"
+        tmp.write_text(json.dumps({"generation": self.oximeter_generation, **state}))
+        tmp.replace(self.directory / "oximeter.json")  # atomic: the room never reads half a state
+        return self.oximeter_generation
+
+    def serial_of(self, observation: dict[str, Any]) -> int | None:
+        channel = {
+            "blood-pressure": BLE_CUFF,
+            "body-temperature": BLE_THERMOMETER,
+            "temperature": BLE_THERMOMETER,
+        }.get(str(observation.get("kind")), BLE_OXIMETER)
+        return self.code_of.get((channel, reading_key(observation.get("quantities", []))))
+
+
+def stored_observations(data_dir: Path) -> list[tuple[str, dict[str, Any]]]:
+    """Every BLE observation the gateway keeps: ('outbox', JSON) with its patient, or ('held', JSON)
+    with its held id in "held_id" (read-only, as the judge)."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    outbox = data_dir / "outbox.sqlite"
+    if outbox.exists():
+        conn = sqlite3.connect(f"file:{outbox}?mode=ro", uri=True, timeout=30)
+        try:  # small payloads live in the database (table payloads), not in payload files
+            rows = conn.execute(
+                "SELECT p.data FROM items i JOIN payloads p ON p.item_id = i.id WHERE i.kind = 'observation'"
+            ).fetchall()
+        except sqlite3.OperationalError:
+            rows = []
+        finally:
+            conn.close()
+        for (data,) in rows:
+            with contextlib.suppress(ValueError):
+                out.append(("outbox", json.loads(data)))
+    clinic_db = data_dir / "clinic.db"
+    if clinic_db.exists():
+        conn = sqlite3.connect(f"file:{clinic_db}?mode=ro", uri=True, timeout=30)
+        try:
+            held = conn.execute("SELECT id, observation FROM held_observations ORDER BY id").fetchall()
+        except sqlite3.OperationalError:
+            held = []
+        finally:
+            conn.close()
+        out += [("held", {**json.loads(text), "held_id": int(i)}) for i, text in held]
+    return out
+
+
+def judge_ble(data_dir: Path, ble: BleDevices, truth: Truth) -> dict[str, Any]:
+    """The BLE readings the gateway made durable, compared with the truth: each once (the
+    oximeter streams: several per clip-on are expected), on its patient; none held at the end."""
+    seen: collections.Counter[int] = collections.Counter()
+    misattributed = held = unknown = 0
+    for where, observation in stored_observations(data_dir):
+        serial = ble.serial_of(observation)
+        if serial is None:
+            unknown += 1
+            continue
+        seen[serial] += 1
+        if where == "held":
+            held += 1
+        elif observation.get("patient_id") != truth.patient_of.get(serial):
+            misattributed += 1
+    expected = {s for s, channel in truth.channel_of.items() if channel in BLE_CHANNELS}
+    once_each = {s for s in expected if truth.channel_of[s] != BLE_OXIMETER}
+    return {
+        "ble_readings": len(expected),
+        "ble_lost": len(expected - set(seen)),
+        "ble_duplicated": sum(seen[s] - 1 for s in once_each if seen[s] > 1),
+        "ble_misattributed": misattributed,
+        "ble_held": held,
+        "ble_unknown": unknown,
+        "ble_by_device": dict(collections.Counter(truth.channel_of[s] for s in expected)),
+    }
+
+
 def serial_of(part10: bytes) -> int:
     """The serial the cart wrote into the first two samples (the same on every lead)."""
     from pydicom import dcmread
@@ -144,9 +399,10 @@ class Ports:
     listen: int
     lan: int
     console: int
+    county_platform: int
 
 
-def write_config(path: Path, data_dir: Path, ports: Ports, orthanc_ae: str) -> Path:
+def write_config(path: Path, data_dir: Path, ports: Ports, orthanc_ae: str, bridge_link: Path) -> Path:
     path.write_text(
         f"""
 [gateway]
@@ -182,12 +438,19 @@ allowed_callers = ["{CART_AE}"]
 [ble]
 enabled = false
 [serial]
-enabled = false
+enabled = true
+devices = [{{ name = "ecg-bridge", match = "{bridge_link}", profile = "bridge" }}]
 [gps]
 source = "none"
 [console]
 listen = "127.0.0.1:{ports.console}"
 https = false
+[fhir]
+base_url = "http://127.0.0.1:{ports.county_platform}/fhir"
+timeout_s = 10.0
+batch_size = 5
+[visits]
+doctor_id = "{FAMILY_DOCTOR}"
 [reports]
 stat_poll_s = 5.0
 backoff_base_s = 2.0
@@ -210,9 +473,10 @@ def lastmile(config: Path, *args: str, timeout_s: float = 120.0) -> subprocess.C
 class Supervisor:
     """Keeps each service running, as systemd's Restart=always would; samples RSS and fds."""
 
-    def __init__(self, config: Path, log_dir: Path) -> None:
+    def __init__(self, config: Path, log_dir: Path, ble_devices: Path) -> None:
         self.config = config
         self.log_dir = log_dir
+        self.ble_devices = ble_devices
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.restarts: collections.Counter[str] = collections.Counter()
         self.unexpected_exits: list[str] = []
@@ -227,10 +491,15 @@ class Supervisor:
             self._spawn(name)
         self.thread.start()
 
+    def command(self, name: str) -> list[str]:
+        if name == "ble":  # the acquire service's BLE part over the emulated radio (bench/ble_room.py)
+            return [sys.executable, str(REPO / "bench" / "ble_room.py"), str(self.config), str(self.ble_devices)]
+        return [sys.executable, "-m", "lastmile", "-c", str(self.config), name]
+
     def _spawn(self, name: str) -> None:
         with open(self.log_dir / f"{name}.log", "ab") as log:
             self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "lastmile", "-c", str(self.config), name],
+                self.command(name),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
@@ -321,8 +590,8 @@ def integrity_problems(data_dir: Path) -> list[str]:
     return bad
 
 
-def outbox_states(data_dir: Path) -> dict[str, int]:
-    """DICOM items by state ('held' counted apart from queued)."""
+def outbox_states(data_dir: Path, kind: str = "dicom") -> dict[str, int]:
+    """Items of one kind by state ('held' counted apart from queued)."""
     path = data_dir / "outbox.sqlite"
     if not path.exists():
         return {}
@@ -330,8 +599,8 @@ def outbox_states(data_dir: Path) -> dict[str, int]:
     try:
         rows = conn.execute(
             "SELECT CASE WHEN state = 'queued' AND hold_until > ? THEN 'held' ELSE state END, COUNT(*) "
-            "FROM items WHERE kind = 'dicom' GROUP BY 1",
-            (time.time(),),
+            "FROM items WHERE kind = ? GROUP BY 1",
+            (time.time(), kind),
         ).fetchall()
     except sqlite3.OperationalError:  # created, its tables not yet (the service is starting)
         return {}
@@ -370,12 +639,17 @@ class ClinicStats:
     patients: int = 0
     usb: int = 0
     lan: int = 0
+    bridge: int = 0
     unassigned: int = 0
     assigned: int = 0
     imports_failed: int = 0
     lan_retries: int = 0
     console_pages: int = 0
     console_errors: int = 0
+    field_visits: int = 0
+    readings_assigned: int = 0  # held BLE readings the doctor assigned
+    ecgs_held_then_assigned: int = 0  # ECGs naming a patient but dated before the session began
+    ble_waits_timed_out: int = 0
     console_actions: int = 0  # check-ins, check-outs and assignments done on the console
     console_problems: list[str] = field(default_factory=list)  # what the console errors were
     cli_errors: list[str] = field(default_factory=list)
@@ -393,8 +667,13 @@ class Clinic:
         self.cart = EcgCart()
         self.stats = ClinicStats()
         self.pending_assign: dict[str, tuple[int, str]] = {}  # outbox key -> (serial, true patient)
+        self.ecgs_taken = 0
+        self.field_visit_every = 3  # every third patient is also seen at home (0: none)
+        self.ble_every = 1  # the BLE devices are used on every n-th patient
         self.lock = threading.Lock()  # the doctor does one thing at a time
         self.browser: Any = None  # tests/console_harness.Client, logged in as the doctor
+        self.bridge: BridgeCart | None = None  # the ECG cart on the serial bridge
+        self.ble: BleDevices | None = None  # the cuff, thermometer and oximeter (bench/ble_room.py)
 
     def add_doctor(self) -> None:
         """The doctor's console account (before the console starts)."""
@@ -454,12 +733,14 @@ class Clinic:
         with self.lock:
             if not (on_console and self.console_post("/today/check-in", {"patient_id": patient_id, "name": name})):
                 self._cli("patient", "set", patient_id, "--name", name)
+            session_began = time.time()  # the session's start is at or before this
             self.stats.patients += 1
             stick = self.work / "sticks" / f"visit-{index:05d}"
             stick.mkdir(parents=True, exist_ok=True)
             on_stick = 0
             for _ in range(ecgs):
-                channel = CHANNELS[len(self.truth.patient_of) % len(CHANNELS)]
+                channel = CHANNELS[self.ecgs_taken % len(CHANNELS)]
+                self.ecgs_taken += 1
                 serial = self.truth.new(patient_id, channel)
                 data, uid = self.cart.ecg_bytes(
                     serial, None if channel == "unassigned" else patient_id, name, time.time() - 60
@@ -467,6 +748,13 @@ class Clinic:
                 if channel == "lan":
                     self.lan_store(data, uid)
                     self.stats.lan += 1
+                elif channel == "bridge":
+                    # the bridge's clock is synced, not exact: a stream begun in the first
+                    # seconds of the session could be dated before it (and rightly held)
+                    time.sleep(max(0.0, session_began + 2.0 - time.time()))
+                    if self.bridge is None or not self.bridge.record(serial):
+                        self.stats.cli_errors.append(f"bridge ECG {serial}: never ACKed")
+                    self.stats.bridge += 1
                 else:
                     (stick / f"ECG{serial:06d}.dcm").write_bytes(data)
                     on_stick += 1
@@ -477,9 +765,73 @@ class Clinic:
                         self.stats.usb += 1
             if on_stick:
                 self.import_stick(stick)
+            if self.ble is not None and index % self.ble_every == 0:
+                self.ble_readings(index, patient_id, session_began)
             self.assign_held(patient_id, name, on_console=on_console)
+            self.assign_held_readings()
             if not (on_console and self.console_post("/today/end-session", {})):
                 self._cli("patient", "clear")
+            if self.field_visit_every and index % self.field_visit_every == 0:
+                self.field_visit(patient_id)  # the family doctor sees the patient at home, too
+
+    def ble_readings(self, index: int, patient_id: str, session_began: float) -> None:
+        """The cuff (stored, uploaded every third patient), the thermometer, and for every other
+        patient the oximeter's clip; the live ones waited for, so they land in this session."""
+        assert self.ble is not None
+        # device clocks count whole seconds: a reading stamped in the second the session began
+        # would be before it (and rightly held for the doctor)
+        time.sleep(max(0.0, session_began + 1.2 - time.time()))
+        self.ble.cuff_reading(self.truth.new(patient_id, BLE_CUFF))
+        if index % 3 == 0:
+            self.ble.cuff_upload()
+        self.wait_stored(self.ble.thermometer_reading(self.truth.new(patient_id, BLE_THERMOMETER)))
+        if index % 2:
+            self.wait_stored(self.ble.oximeter_on(self.truth.new(patient_id, BLE_OXIMETER)))
+            if not self.ble.oximeter_off():
+                self.stats.cli_errors.append("oximeter: never hung up")
+
+    def wait_stored(self, reading: tuple[str, tuple[float, ...]], limit_s: float = 60.0) -> None:
+        """Until the gateway made the reading durable (the doctor sees it on the console)."""
+        assert self.ble is not None
+        serial = self.ble.code_of[(reading[0], tuple(sorted(round(v, 2) for v in reading[1])))]
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            if any(self.ble.serial_of(o) == serial for _w, o in stored_observations(self.work / "data")):
+                return
+            time.sleep(0.2)
+        self.stats.ble_waits_timed_out += 1
+
+    def assign_held_readings(self) -> None:
+        """The doctor gives each held reading its patient (she knows whose it was: the truth)."""
+        if self.ble is None:
+            return
+        for where, observation in stored_observations(self.work / "data"):
+            serial = self.ble.serial_of(observation)
+            if where != "held" or serial is None:
+                continue
+            patient_id = self.truth.patient_of[serial]
+            if self._cli("patient", "assign", str(observation["held_id"]), patient_id).returncode == 0:
+                self.stats.readings_assigned += 1
+
+    def field_visit(self, patient_id: str) -> None:
+        """A home visit by the CLI (no GPS here): started, a note, stopped and queued for the county.
+        The note carries the truth's serial: the platform's copy names it and the patient."""
+        serial = self.truth.new(patient_id, FIELD_VISIT)
+        self.stats.field_visits += 1
+        self._cli("visit", "start", "--patient", patient_id, "--no-gps")
+        self._cli("visit", "note", f"{NOTE_PREFIX}{serial}")
+        self.stop_visit()
+
+    def stop_visit(self) -> None:
+        """`lastmile visit stop` until it succeeds (a stop killed part-way is run again)."""
+        for _ in range(20):
+            result = lastmile(self.config, "visit", "stop", "--no-gps")
+            if result.returncode == 0:
+                return
+            if "no visit is open" in result.stderr + result.stdout:
+                return  # the killed stop had got as far as closing it
+            time.sleep(0.5)
+        self.stats.cli_errors.append("visit stop: never succeeded")
 
     def import_stick(self, stick: Path) -> None:
         """`lastmile import` until it succeeds (a killed import is run again, as the doctor would)."""
@@ -538,9 +890,27 @@ class Clinic:
             time.sleep(0.25)
 
     def assign_held_all(self) -> None:
-        """At the end of the day: whatever is still waiting for the doctor."""
+        """At the end of the day: the cuff brought into range, and whatever is still waiting for
+        the doctor assigned."""
+        if self.ble is not None:
+            self.ble.cuff_upload()
+            cuff = [s for s, channel in self.truth.channel_of.items() if channel == BLE_CUFF]
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                stored = {self.ble.serial_of(o) for _w, o in stored_observations(self.work / "data")}
+                if stored >= set(cuff):
+                    break
+                time.sleep(0.5)
+        self.assign_held_readings()
         for patient_id in sorted({p for _s, p in list(self.pending_assign.values())}):
             self.assign_held(patient_id, "")
+        # any other ECG held for her (dated before its session began): she knows whose it was
+        for item_id, _key in held_ecg_ids(self.work / "data"):
+            serial = self.serial_of_item(item_id)
+            if serial is not None and serial in self.truth.patient_of:
+                patient_id = self.truth.patient_of[serial]
+                if lastmile(self.config, "patient", "assign", f"E{item_id}", patient_id).returncode == 0:
+                    self.stats.ecgs_held_then_assigned += 1
 
     def serial_of_item(self, item_id: int) -> int | None:
         """Which ECG an outbox item is (read from its payload, as the judge: never by the gateway)."""
@@ -668,6 +1038,117 @@ def judge_reports(data_dir: Path, orthanc: Any, truth: Truth) -> dict[str, int]:
     }
 
 
+# -- the county health platform ------------------------------------------------------------------
+
+
+def county_platform_class() -> type[Any]:
+    """The county FHIR platform: tests/fhir_server's receiver (every resource validated with
+    fhir.resources, conditional create, atomic transactions) on a fixed port, whose link goes down
+    and comes back, and which answers each transaction a little late (a kill lands in between)."""
+    from http.server import ThreadingHTTPServer
+
+    from tests.fhir_server import FhirTestServer
+
+    class QuietHttpServer(ThreadingHTTPServer):
+        daemon_threads = True
+
+        def handle_error(self, request: object, client_address: object) -> None:
+            pass  # a killed forwarder leaves a broken pipe: expected here
+
+    class CountyPlatform(FhirTestServer):
+        def __init__(self, port: int) -> None:
+            super().__init__(response_delay_s=0.3)
+            self.port = port
+            self.running = False
+            self.applied_unanswered = threading.Event()  # a transaction applied, its answer not yet sent
+            self._httpd.server_close()  # bound to an ephemeral port: listen on ours instead
+            self._listen()
+
+        @property
+        def base_url(self) -> str:
+            return f"http://127.0.0.1:{self.port}/fhir"
+
+        def _listen(self) -> None:
+            self._httpd = QuietHttpServer(("127.0.0.1", self.port), self._handler())
+            self._thread = threading.Thread(target=self._httpd.serve_forever, name="county-platform", daemon=True)
+
+        def start(self) -> None:
+            if not self.running:
+                self._thread.start()
+                self.running = True
+
+        def stop(self) -> None:
+            if self.running:
+                self._httpd.shutdown()
+                self._httpd.server_close()
+                self.running = False
+                self._listen()
+
+        def close(self) -> None:
+            self.stop()
+            self._httpd.server_close()
+
+        def apply_transaction(self, bundle: dict) -> dict:
+            result = super().apply_transaction(bundle)
+            self.applied_unanswered.set()  # the answer follows response_delay_s later
+            return result
+
+    return CountyPlatform
+
+
+@contextlib.contextmanager
+def county_platform(port: int) -> Iterator[Any]:
+    platform = county_platform_class()(port)
+    platform.start()
+    try:
+        yield platform
+    finally:
+        platform.close()
+
+
+def identifier_of(resource: dict) -> str:
+    idents = resource.get("identifier") or []
+    return str(idents[0].get("value", "")) if idents else ""
+
+
+def subject_of(resource: dict) -> str:
+    return str(((resource.get("subject") or {}).get("identifier") or {}).get("value", ""))
+
+
+def judge_platform(platform: Any, truth: Truth) -> dict[str, int]:
+    """The county platform's resources, compared with the truth: each field visit once (its
+    Encounter, its note, its Provenance), on its patient; no resource stored twice."""
+    encounters = {f"Encounter/{r['id']}": r for r in platform.resources("Encounter")}
+    seen: collections.Counter[int] = collections.Counter()
+    misattributed = 0
+    for obs in platform.resources("Observation"):
+        text = str(obs.get("valueString", ""))
+        if not text.startswith(NOTE_PREFIX):
+            continue
+        serial = int(text.removeprefix(NOTE_PREFIX))
+        seen[serial] += 1
+        encounter = encounters.get(str((obs.get("encounter") or {}).get("reference", "")), {})
+        if {subject_of(obs), subject_of(encounter)} != {truth.patient_of.get(serial)}:
+            misattributed += 1
+    duplicated_resources = 0
+    for kind in ("Encounter", "Observation", "Provenance", "Device", "Location"):
+        counts = collections.Counter(identifier_of(r) for r in platform.resources(kind) if identifier_of(r))
+        duplicated_resources += sum(n - 1 for n in counts.values() if n > 1)
+    # one Provenance per visit bundle (the signed chain record): more means a visit applied twice
+    duplicated_resources += max(0, len(platform.resources("Provenance")) - len(encounters))
+    expected = {s for s, channel in truth.channel_of.items() if channel == FIELD_VISIT}
+    return {
+        "visits": len(expected),
+        "visits_received": sum(seen.values()),
+        "visits_lost": len(expected - set(seen)),
+        "visits_duplicated": sum(n - 1 for n in seen.values() if n > 1) + len(set(seen) - expected),
+        "visits_misattributed": misattributed,
+        "fhir_resources": sum(len(platform.resources(k)) for k in ("Encounter", "Observation", "Provenance")),
+        "fhir_resources_duplicated": duplicated_resources,
+        "fhir_resends_absorbed": sum(platform.applied.values()) - len(platform.applied),
+    }
+
+
 # -- the judge ----------------------------------------------------------------------------------------
 
 
@@ -697,7 +1178,7 @@ def judge(orthanc: Any, truth: Truth) -> Verdict:
         seen[serial] += 1
         if truth.patient_of.get(serial) != tags.get("PatientID"):
             misattributed += 1
-    expected = set(truth.patient_of)
+    expected = {s for s, channel in truth.channel_of.items() if channel in ECG_CHANNELS}
     return Verdict(
         measurements=len(expected),
         received=len(ids),
@@ -705,7 +1186,7 @@ def judge(orthanc: Any, truth: Truth) -> Verdict:
         duplicated=sum(n - 1 for n in seen.values() if n > 1) + len(set(seen) - expected),
         misattributed=misattributed,
         unreadable=unreadable,
-        by_channel=dict(collections.Counter(truth.channel_of.values())),
+        by_channel=dict(collections.Counter(c for c in truth.channel_of.values() if c in ECG_CHANNELS)),
     )
 
 
@@ -738,13 +1219,95 @@ def reading_center(work: Path, listen_port: int) -> Iterator[Any]:
         orthanc.stop()
 
 
+UNFINISHED = ("queued", "sending", "sent", "committed")
+
+
 def wait_drained(data_dir: Path, limit_s: float) -> dict[str, int]:
-    """Until every DICOM item is purged (or quarantined) or the limit passes."""
+    """Until every DICOM item is purged (or quarantined) and every FHIR bundle delivered, or the
+    limit passes; the DICOM states, with the FHIR bundles still unsent as 'fhir_unsent'."""
     deadline = time.monotonic() + limit_s
-    states = outbox_states(data_dir)
-    while time.monotonic() < deadline:
+    while True:
         states = outbox_states(data_dir)
-        if not any(states.get(s, 0) for s in ("queued", "sending", "sent", "committed", "held")):
-            break
+        fhir = outbox_states(data_dir, FHIR_KIND)
+        states["fhir_unsent"] = sum(fhir.get(s, 0) for s in ("queued", "sending", "held"))
+        states["fhir_quarantined"] = fhir.get("quarantined", 0)
+        waiting = any(states.get(s, 0) for s in (*UNFINISHED, "held")) or states["fhir_unsent"]
+        if not waiting or time.monotonic() >= deadline:
+            return states
         time.sleep(1.0)
-    return states
+
+
+# -- the day's set-up, shared by the soak and the kill campaign ---------------------------------------
+
+
+@dataclass
+class Day:
+    work: Path
+    data_dir: Path
+    config: Path
+    orthanc: Any
+    platform: Any
+    truth: Truth
+    clinic: Clinic
+    services: Supervisor
+
+
+@contextlib.contextmanager
+def clinic_day(prefix: str, seed: int) -> Iterator[Day]:
+    """A working directory, the reading center and the county platform, the gateway's services
+    running and the doctor's console account made; everything stopped and removed at the end."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        work = Path(tmp)
+        data_dir = work / "data"
+        (work / "logs").mkdir()
+        ports = Ports(*(free_port() for _ in range(5)))
+        with reading_center(work, ports.listen) as orthanc, county_platform(ports.county_platform) as platform:
+            ports.reading_center = orthanc.dicom_port
+            bridge = BridgeCart(work / "usb-ecg-bridge")
+            config = write_config(work / "lastmile.toml", data_dir, ports, orthanc.aet, bridge.device.link_path)
+            truth = Truth()
+            clinic = Clinic(config, work, ports, truth, seed)
+            clinic.bridge = bridge
+            clinic.ble = BleDevices(work / "ble-devices")
+            clinic.add_doctor()
+            services = Supervisor(config, work / "logs", clinic.ble.directory)
+            services.start()
+            bridge.start()
+            try:
+                yield Day(work, data_dir, config, orthanc, platform, truth, clinic, services)
+            finally:
+                services.stop()
+                bridge.stop()
+
+
+def verdict_figures(day: Day, states: dict[str, int]) -> dict[str, Any]:
+    """The issue's figures over every kind of measurement (ECGs at the reading center, field
+    visits at the county platform), and each kind's own."""
+    ecg = judge(day.orthanc, day.truth)
+    visits = judge_platform(day.platform, day.truth)
+    assert day.clinic.ble is not None
+    ble = judge_ble(day.data_dir, day.clinic.ble, day.truth)
+    return {
+        "measurements": ecg.measurements + visits["visits"] + ble["ble_readings"],
+        "lost": ecg.lost + visits["visits_lost"] + ble["ble_lost"],
+        "duplicated": ecg.duplicated
+        + visits["visits_duplicated"]
+        + visits["fhir_resources_duplicated"]
+        + ble["ble_duplicated"],
+        "misattributed": ecg.misattributed + visits["visits_misattributed"] + ble["ble_misattributed"],
+        "ecgs": ecg.measurements,
+        "received": ecg.received,
+        "unreadable": ecg.unreadable,
+        "by_channel": ecg.by_channel,
+        **visits,
+        **ble,
+        # BLE readings in the outbox that nothing sends on (kind "observation" has no sender)
+        "observations_unsent": outbox_states(day.data_dir, "observation").get("queued", 0),
+        "ble_readings_assigned": day.clinic.stats.readings_assigned,
+        "ecgs_held_then_assigned": day.clinic.stats.ecgs_held_then_assigned,
+        "ble_waits_timed_out": day.clinic.stats.ble_waits_timed_out,
+        "bridge_ecgs_retaken": day.clinic.bridge.retaken if day.clinic.bridge else 0,
+        "held_unassigned": states.get("held", 0) + ble["ble_held"],
+        "stuck": sum(states.get(s, 0) for s in UNFINISHED) + states.get("fhir_unsent", 0),
+        "quarantined": states.get("quarantined", 0) + states.get("fhir_quarantined", 0),
+    }

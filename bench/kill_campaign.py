@@ -4,19 +4,25 @@ Run as root (it puts itself and Orthanc in a private network namespace):
 
     .venv/bin/python bench/kill_campaign.py [--kills 500] [--json]
 
-The gateway runs as its services (bench/clinic_day.py: acquire with the LAN receiver, forward
-with report retrieval, console; restarted at once after a kill, as systemd would) while the
-clinic's day goes on (patients, USB imports, LAN C-STOREs, assignments). Each kill picks a target
+The gateway runs as its services (bench/clinic_day.py: acquire with the LAN receiver and the
+serial bridge, forward with report retrieval and FHIR, console, the BLE part; restarted at once
+after a kill, as systemd would) while the clinic's day goes on (patients, USB imports, LAN
+C-STOREs, bridge ECGs, BLE readings, assignments, field visits). Each kill picks a target
 and waits for a risky moment:
 - forward: mid-send (items `sending`), awaiting commitment (`sent`), committed-not-purged, or any;
-- acquire: mid-intake, while a cart's C-STORE is arriving (the cart retries until Success);
+- acquire: mid-intake, while a cart's C-STORE is arriving (the cart retries until Success), or
+  mid-stream (below);
 - import: a `lastmile import` of a stick, part-way (then run again, as the doctor would);
 - assign: a `lastmile patient assign E<n>`, part-way (then again);
 - report-poll: a `lastmile report poll`, part-way;
-- console: any moment.
+- console: any moment;
+- field visit: a `lastmile visit stop` (close, sign, queue), part-way (then again), and then
+  forward mid-FHIR-send: the visit's transaction applied by the county platform, not yet answered;
+- acquire mid-stream: the serial bridge's ECG recording arriving (the cart takes it again);
+- ble: the BLE part (bench/ble_room.py: the gateway's BLE link and the emulated devices).
 After every kill, `PRAGMA integrity_check` on every database file in the data directory. At the
-end the link stays up until the outbox drains; the reading center's copies are judged against
-the truth. Goals: integrity ok after every kill; 0 lost, 0 duplicated, 0 misattributed, 0 stuck.
+end the link stays up until the outbox drains; the reading center's and the county platform's
+copies (and the BLE readings the gateway keeps) are judged against the truth. Goals: integrity ok after every kill; 0 lost, 0 duplicated, 0 misattributed, 0 stuck.
 """
 
 from __future__ import annotations
@@ -28,7 +34,6 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -40,11 +45,13 @@ import clinic_day as cd
 
 TARGETS = {  # weight of each target
     "forward": 5,
+    "field-visit": 2,  # kills `visit stop`, then forward mid-FHIR-send ("forward-fhir")
     "acquire": 2,
     "import": 2,
     "assign": 1,
     "report-poll": 1,
     "console": 1,
+    "ble": 1,
 }
 FORWARD_MOMENTS = ("sending", "sent", "committed", "any")
 
@@ -76,23 +83,27 @@ def killed_cli(config: Path, args: list[str], after_s: float) -> bool:
 
 
 class Campaign:
-    def __init__(self, work: Path, config: Path, clinic: cd.Clinic, services: cd.Supervisor, seed: int) -> None:
-        self.work = work
-        self.data_dir = work / "data"
-        self.config = config
-        self.clinic = clinic
-        self.services = services
+    def __init__(self, day: cd.Day, seed: int) -> None:
+        self.day = day
+        self.work = day.work
+        self.data_dir = day.data_dir
+        self.config = day.config
+        self.clinic = day.clinic
+        self.services = day.services
         self.rng = random.Random(seed)
         self.kills: collections.Counter[str] = collections.Counter()
         self.moments: collections.Counter[str] = collections.Counter()
+        self.seconds: collections.Counter[str] = collections.Counter()  # time spent per target
         self.integrity_failures: list[str] = []
         self.sticks = 0
 
     def one(self) -> None:
         target = self.rng.choices(list(TARGETS), weights=list(TARGETS.values()))[0]
+        began = time.monotonic()
         killed = getattr(self, "kill_" + target.replace("-", "_"))()
+        self.seconds[target] += time.monotonic() - began
         if killed:
-            self.kills[target] += 1
+            self.kills["forward-fhir" if target == "field-visit" else target] += 1
         for problem in cd.integrity_problems(self.data_dir):
             self.integrity_failures.append(f"after killing {target}: {problem}")
 
@@ -114,7 +125,56 @@ class Campaign:
             self.moments["forward:any"] += 1
         return self.services.kill("forward")
 
+    def kill_field_visit(self) -> bool:
+        """Two kills on one field visit (its CLI runs are what costs here): `lastmile visit stop`
+        (close, sign, queue) part-way, then again; then the forwarder mid-FHIR-send, once the
+        county platform has applied the visit's transaction and not yet answered (conditional
+        create must absorb the re-send: no resource twice). No clinic lock: a field visit is not
+        the clinic's session, and the day's own visits make none here (traffic)."""
+        platform = self.day.platform
+        platform.applied_unanswered.clear()
+        serial = self.clinic.truth.new("P-KILL-VISIT", cd.FIELD_VISIT)
+        self.clinic.stats.field_visits += 1
+        cd.lastmile(self.config, "visit", "start", "--patient", "P-KILL-VISIT", "--no-gps")
+        cd.lastmile(self.config, "visit", "note", f"{cd.NOTE_PREFIX}{serial}")
+        if killed_cli(self.config, ["visit", "stop", "--no-gps"], self.rng.uniform(0.2, 1.2)):
+            self.kills["visit-stop"] += 1
+        self.moments["visit-stop:mid-stop"] += 1
+        self.clinic.stop_visit()
+        if platform.applied_unanswered.wait(30.0):
+            time.sleep(self.rng.uniform(0.0, 0.2))  # within the platform's 0.3 s before it answers
+            self.moments["forward-fhir:applied-unanswered"] += 1
+        else:
+            self.moments["forward-fhir:any"] += 1
+        return self.services.kill("forward")
+
     def kill_acquire(self) -> bool:
+        return self.kill_acquire_mid_stream() if self.rng.random() < 0.5 else self.kill_acquire_mid_store()
+
+    def kill_acquire_mid_stream(self) -> bool:
+        """Mid-stream: the cart behind the serial bridge is sending a recording (it takes it again
+        when the gateway does not ACK its end)."""
+        assert self.clinic.bridge is not None
+        with self.clinic.lock:  # a patient of its own: the bridge ECG lands on the current one
+            cd.lastmile(self.config, "patient", "set", "P-KILL-BRIDGE", "--name", "Kill^Bridge")
+            time.sleep(2.0)  # an ECG begun in the first seconds of the session could be dated before it
+            serial = self.clinic.truth.new("P-KILL-BRIDGE", "bridge")
+            cart = threading.Thread(target=self.clinic.bridge.record, args=(serial,), daemon=True)
+            cart.start()
+            time.sleep(self.rng.uniform(0.0, 0.4))
+            killed = self.services.kill("acquire")
+            cart.join(600)
+            cd.lastmile(self.config, "patient", "clear")
+        self.moments["acquire:mid-bridge-stream"] += 1
+        return killed
+
+    def kill_ble(self) -> bool:
+        """The BLE part (bench/ble_room.py), at any moment of the clinic's readings."""
+        time.sleep(self.rng.uniform(0.0, 1.0))
+        self.moments["ble:any"] += 1
+        return self.services.kill("ble")
+
+    def kill_acquire_mid_store(self) -> bool:
         """Mid-intake: a cart's C-STORE under way."""
         serial = self.clinic.truth.new("P-KILL-LAN", "lan")
         data, uid = self.clinic.cart.ecg_bytes(serial, "P-KILL-LAN", "Kill^Lan", time.time())
@@ -177,73 +237,58 @@ class Campaign:
 
 
 def traffic(clinic: cd.Clinic, stop: threading.Event) -> None:
-    """The clinic's own day goes on under the kills."""
+    """The clinic's own day goes on under the kills (short visits, BLE readings every other one:
+    a kill that needs the doctor waits for the visit in hand; field visits come from the kill
+    targets that make them)."""
+    clinic.field_visit_every = 0
+    clinic.ble_every = 2
     i = 0
     while not stop.is_set():
         i += 1
-        clinic.visit(i, clinic.rng.choice((1, 2, 3)))
+        clinic.visit(i, clinic.rng.choice((1, 2)))
         clinic.look_at_console()
-        stop.wait(1.0)
+        stop.wait(2.0)  # the doctor free between patients: a kill that needs her comes in then
 
 
 def run(kills: int, seed: int, say: Any) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="lastmile-kills-") as tmp:
-        work = Path(tmp)
-        data_dir = work / "data"
-        (work / "logs").mkdir()
-        ports = cd.Ports(*(cd.free_port() for _ in range(4)))
-        with cd.reading_center(work, ports.listen) as orthanc:
-            ports.reading_center = orthanc.dicom_port
-            config = cd.write_config(work / "lastmile.toml", data_dir, ports, orthanc.aet)
-            truth = cd.Truth()
-            clinic = cd.Clinic(config, work, ports, truth, seed)
-            clinic.add_doctor()
-            services = cd.Supervisor(config, work / "logs")
-            services.start()
-            campaign = Campaign(work, config, clinic, services, seed)
-            stop = threading.Event()
-            day = threading.Thread(target=traffic, args=(clinic, stop), daemon=True)
-            began = time.monotonic()
-            day.start()
-            try:
-                for k in range(kills):
-                    campaign.one()
-                    if (k + 1) % 10 == 0:
-                        say(f"{time.monotonic() - began:5.0f} s  {k + 1} rounds, {dict(campaign.kills)}")
-            finally:
-                stop.set()
-                day.join(300)
-            clinic.assign_held_all()
-            states = cd.wait_drained(data_dir, limit_s=300)
-            clinic.assign_held_all()
-            states = cd.wait_drained(data_dir, limit_s=120)
-            services.stop()
-            verdict = cd.judge(orthanc, truth)
-            c_stores = orthanc.c_stores()
-            result: dict[str, Any] = {
-                "kills": sum(campaign.kills.values()),
-                "rounds": kills,
-                "by_target": dict(campaign.kills),
-                "moments": dict(campaign.moments),
-                "measurements": verdict.measurements,
-                "received": verdict.received,
-                "lost": verdict.lost,
-                "duplicated": verdict.duplicated,
-                "misattributed": verdict.misattributed,
-                "unreadable": verdict.unreadable,
-                "stuck": sum(states.get(s, 0) for s in ("queued", "sending", "sent", "committed")),
-                "held_unassigned": states.get("held", 0),
-                "quarantined": states.get("quarantined", 0),
-                "resent_c_stores": sum(c_stores.values()) - len(c_stores),
-                "integrity_checks_failed": len(campaign.integrity_failures),
-                "integrity_failures": campaign.integrity_failures[:5],
-                "service_exits": services.unexpected_exits[:5],
-                "cli_errors": clinic.stats.cli_errors[:5],
-                "console_actions": clinic.stats.console_actions,
-                "console_problems": clinic.stats.console_problems,
-                "console_errors": clinic.stats.console_errors,
-                "elapsed_s": round(time.monotonic() - began, 1),
-            }
+    with cd.clinic_day("lastmile-kills-", seed) as day:
+        data_dir, clinic, services = day.data_dir, day.clinic, day.services
+        campaign = Campaign(day, seed)
+        stop = threading.Event()
+        traffic_thread = threading.Thread(target=traffic, args=(clinic, stop), daemon=True)
+        began = time.monotonic()
+        traffic_thread.start()
+        try:
+            for k in range(kills):
+                campaign.one()
+                if (k + 1) % 10 == 0:
+                    say(f"{time.monotonic() - began:5.0f} s  {k + 1} rounds, {dict(campaign.kills)}")
+        finally:
+            stop.set()
+            traffic_thread.join(300)
+        clinic.assign_held_all()
+        states = cd.wait_drained(data_dir, limit_s=300)
+        clinic.assign_held_all()
+        states = cd.wait_drained(data_dir, limit_s=120)
+        services.stop()
+        c_stores = day.orthanc.c_stores()
+        result: dict[str, Any] = {
+            "kills": sum(campaign.kills.values()),
+            "rounds": kills,
+            "by_target": dict(campaign.kills),
+            "moments": dict(campaign.moments),
+            "seconds_by_target": {t: round(v, 1) for t, v in campaign.seconds.most_common()},
+            **cd.verdict_figures(day, states),
+            "resent_c_stores": sum(c_stores.values()) - len(c_stores),
+            "integrity_checks_failed": len(campaign.integrity_failures),
+            "integrity_failures": campaign.integrity_failures[:5],
+            "service_exits": services.unexpected_exits[:5],
+            "cli_errors": clinic.stats.cli_errors[:5],
+            "console_actions": clinic.stats.console_actions,
+            "console_problems": clinic.stats.console_problems,
+            "console_errors": clinic.stats.console_errors,
+            "elapsed_s": round(time.monotonic() - began, 1),
+        }
     return result
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -36,105 +35,88 @@ COMPRESSION = DAY_H * 60 / 20  # 8 h in 20 min
 OUTAGES = ((0.12, 0.23), (0.42, 0.53), (0.70, 0.81))  # fractions of the day the link is down: 1/3
 
 
-def outages(orthanc: Any, minutes: float, began: float, stop: threading.Event, log: list[str]) -> None:
-    """The reading center goes away three times (a third of the day) and comes back."""
+def outages(day: cd.Day, minutes: float, began: float, stop: threading.Event, log: list[str]) -> None:
+    """The link to the reading center and the county platform goes away three times (a third of
+    the day) and comes back."""
     day_s = minutes * 60
     for start, end in OUTAGES:
         if stop.wait(max(0.0, began + start * day_s - time.monotonic())):
             return
-        orthanc.stop()
+        day.orthanc.stop()
+        day.platform.stop()
         log.append(f"link down at {time.monotonic() - began:.0f} s")
         stop.wait(max(0.0, began + end * day_s - time.monotonic()))
-        orthanc.start()
+        day.orthanc.start()
+        day.platform.start()
         log.append(f"link up at {time.monotonic() - began:.0f} s")
 
 
 def run(minutes: float, patients: int | None, seed: int, say: Any) -> dict[str, Any]:
     patients = patients or max(6, round(30 * minutes / 20))
-    with tempfile.TemporaryDirectory(prefix="lastmile-soak-") as tmp:
-        work = Path(tmp)
-        data_dir = work / "data"
-        (work / "logs").mkdir()
-        ports = cd.Ports(*(cd.free_port() for _ in range(4)))
-        with cd.reading_center(work, ports.listen) as orthanc:
-            ports.reading_center = orthanc.dicom_port
-            config = cd.write_config(work / "lastmile.toml", data_dir, ports, orthanc.aet)
-            truth = cd.Truth()
-            clinic = cd.Clinic(config, work, ports, truth, seed)
-            clinic.add_doctor()
-            services = cd.Supervisor(config, work / "logs")
-            services.start()
-            stop = threading.Event()
-            link_log: list[str] = []
-            began = time.monotonic()
-            link = threading.Thread(target=outages, args=(orthanc, minutes, began, stop, link_log), daemon=True)
-            link.start()
-            cardiologist = cd.Cardiologist(orthanc)
-            reading = threading.Thread(target=cardiologist.run, args=(stop,), daemon=True)
-            reading.start()
-            polls_failed = 0
-            try:
-                day_s = minutes * 60
-                for i in range(patients):
-                    due = began + day_s * i / patients
-                    while time.monotonic() < due:
-                        clinic.look_at_console()
-                        time.sleep(min(5.0, max(0.0, due - time.monotonic())))
-                    clinic.visit(i + 1, clinic.rng.choice((1, 2, 2, 3)))
-                    if i % 3 == 2:  # the doctor asks for the reports now and then (`report poll`)
-                        polls_failed += cd.lastmile(config, "report", "poll").returncode != 0
-                    say(f"{time.monotonic() - began:5.0f} s  patient {i + 1}/{patients}, {cd.outbox_states(data_dir)}")
-                link.join(max(0.0, began + day_s - time.monotonic()) + 60)
-                day_over = time.monotonic()
-            finally:
-                stop.set()
-                link.join(60)
-            if not orthanc.running:
-                orthanc.start()
-            clinic.assign_held_all()
-            states = cd.wait_drained(data_dir, limit_s=300)
-            drained = time.monotonic()
-            reading.join(10)
-            reports = cd.judge_reports(data_dir, orthanc, truth)
-            deadline = time.monotonic() + 120
-            while reports["reports_missing"] and time.monotonic() < deadline:
-                cardiologist.round()  # the last ECGs of the day are read, the doctor asks again
-                polls_failed += cd.lastmile(config, "report", "poll").returncode != 0
-                reports = cd.judge_reports(data_dir, orthanc, truth)
-            services.stop()
-            verdict = cd.judge(orthanc, truth)
-            figures = cd.rss_figures(services.samples, DAY_H * minutes / 20)
-            result: dict[str, Any] = {
-                "minutes": minutes,
-                "simulated_h": round(DAY_H * minutes / 20, 2),
-                "patients": clinic.stats.patients,
-                "measurements": verdict.measurements,
-                "received": verdict.received,
-                "lost": verdict.lost,
-                "duplicated": verdict.duplicated,
-                "misattributed": verdict.misattributed,
-                "unreadable": verdict.unreadable,
-                "held_unassigned": states.get("held", 0),
-                "stuck": sum(states.get(s, 0) for s in ("queued", "sending", "sent", "committed")),
-                "quarantined": states.get("quarantined", 0),
-                "by_channel": verdict.by_channel,
-                **reports,
-                "report_polls_failed": polls_failed,
-                **figures,
-                "db_mb": round(sum(p.stat().st_size for p in cd.database_files(data_dir)) / 2**20, 2),
-                "payload_mb": round(cd.dir_mb(data_dir / "payloads"), 2) if (data_dir / "payloads").exists() else 0.0,
-                "console_pages": clinic.stats.console_pages,
-                "console_errors": clinic.stats.console_errors,
-                "console_actions": clinic.stats.console_actions,
-                "console_problems": clinic.stats.console_problems,
-                "imports_retried": clinic.stats.imports_failed,
-                "lan_retries": clinic.stats.lan_retries,
-                "service_exits": services.unexpected_exits,
-                "cli_errors": clinic.stats.cli_errors[:5],
-                "outages": link_log,
-                "drain_s": round(drained - day_over, 1),  # link back, day over -> outbox empty
-                "integrity": cd.integrity_problems(data_dir) or "ok",
-            }
+    with cd.clinic_day("lastmile-soak-", seed) as day:
+        data_dir, config, orthanc, clinic, services = day.data_dir, day.config, day.orthanc, day.clinic, day.services
+        stop = threading.Event()
+        link_log: list[str] = []
+        began = time.monotonic()
+        link = threading.Thread(target=outages, args=(day, minutes, began, stop, link_log), daemon=True)
+        link.start()
+        cardiologist = cd.Cardiologist(orthanc)
+        reading = threading.Thread(target=cardiologist.run, args=(stop,), daemon=True)
+        reading.start()
+        polls_failed = 0
+        try:
+            day_s = minutes * 60
+            for i in range(patients):
+                due = began + day_s * i / patients
+                while time.monotonic() < due:
+                    clinic.look_at_console()
+                    time.sleep(min(5.0, max(0.0, due - time.monotonic())))
+                clinic.visit(i + 1, clinic.rng.choice((1, 2, 2, 3)))
+                if i % 3 == 2:  # the doctor asks for the reports now and then (`report poll`)
+                    polls_failed += cd.lastmile(config, "report", "poll").returncode != 0
+                say(f"{time.monotonic() - began:5.0f} s  patient {i + 1}/{patients}, {cd.outbox_states(data_dir)}")
+            link.join(max(0.0, began + day_s - time.monotonic()) + 60)
+            day_over = time.monotonic()
+        finally:
+            stop.set()
+            link.join(60)
+        if not orthanc.running:
+            orthanc.start()
+        day.platform.start()
+        clinic.assign_held_all()
+        states = cd.wait_drained(data_dir, limit_s=300)
+        drained = time.monotonic()
+        reading.join(10)
+        reports = cd.judge_reports(data_dir, orthanc, day.truth)
+        deadline = time.monotonic() + 120
+        while reports["reports_missing"] and time.monotonic() < deadline:
+            cardiologist.round()  # the last ECGs of the day are read, the doctor asks again
+            polls_failed += cd.lastmile(config, "report", "poll").returncode != 0
+            reports = cd.judge_reports(data_dir, orthanc, day.truth)
+        services.stop()
+        figures = cd.rss_figures(services.samples, DAY_H * minutes / 20)
+        result: dict[str, Any] = {
+            "minutes": minutes,
+            "simulated_h": round(DAY_H * minutes / 20, 2),
+            "patients": clinic.stats.patients,
+            **cd.verdict_figures(day, states),
+            **reports,
+            "report_polls_failed": polls_failed,
+            **figures,
+            "db_mb": round(sum(p.stat().st_size for p in cd.database_files(data_dir)) / 2**20, 2),
+            "payload_mb": round(cd.dir_mb(data_dir / "payloads"), 2) if (data_dir / "payloads").exists() else 0.0,
+            "console_pages": clinic.stats.console_pages,
+            "console_errors": clinic.stats.console_errors,
+            "console_actions": clinic.stats.console_actions,
+            "console_problems": clinic.stats.console_problems,
+            "imports_retried": clinic.stats.imports_failed,
+            "lan_retries": clinic.stats.lan_retries,
+            "service_exits": services.unexpected_exits,
+            "cli_errors": clinic.stats.cli_errors[:5],
+            "outages": link_log,
+            "drain_s": round(drained - day_over, 1),  # link back, day over -> outbox empty
+            "integrity": cd.integrity_problems(data_dir) or "ok",
+        }
     return result
 
 

@@ -155,6 +155,40 @@ def test_streamed_ecg_becomes_a_dicom_item(tmp_path: Path, running) -> None:
     assert "25 samples missing" in status.last_reading
 
 
+def test_an_ecg_end_resent_after_a_restart_is_acked_if_stored(tmp_path: Path, running) -> None:
+    """Found by bench/kill_campaign.py (a duplicate study at the reading center): the gateway
+    stored a streamed ECG and was killed before its ACK; the bridge resent ECG_END to the restarted
+    gateway, which NACKed it as unknown, so the cart asked for the ECG again. A resent END of a
+    recording already durable is ACKed (once, no second item); one never stored is still NACKed."""
+    bridge = PtyDevice(tmp_path / "usb-ecg")
+    r = running([{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}])
+    core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
+    wait_for(lambda: r.service.statuses()[0].connected)
+    _talk(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+    sim = EcgStreamSimulator(core, recording_id=3)
+    bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(40)) + sim.end(40 * 25, clock[0]))
+    _talk(bridge, core, clock, lambda: core.pending_count == 0)
+    assert r.outbox.find("bridge-ecg:BR-ECG:9:3") is not None
+    # the restarted gateway has no recording 3 in progress: the END comes again (its ACK was lost)
+    # and, for recording 4, an END of a stream it never stored
+    resent_end = core.send(codec.EcgEnd(3, 40 * 25), clock[0])
+    never_stored_end = core.send(codec.EcgEnd(4, 40 * 25), clock[0])
+    resent, never_stored = core.pending_seqs()[-2:]
+    bridge.write(resent_end + never_stored_end)
+    answers: list = []
+    reader = codec.FrameReader()
+
+    def answered() -> bool:
+        answers.extend(codec.decode_message(f) for f in reader.feed(bridge.read_available(0.05)))
+        return len([a for a in answers if isinstance(a, (codec.Ack, codec.Nack))]) >= 2
+
+    wait_for(answered, timeout=10)
+    acks = {a.seq for a in answers if isinstance(a, codec.Ack)}
+    nacks = {a.seq: a.reason for a in answers if isinstance(a, codec.Nack)}
+    assert resent in acks and nacks == {never_stored: codec.NACK_UNKNOWN_RECORDING}
+    assert [i.key for i in r.outbox.items(kind="dicom")] == ["bridge-ecg:BR-ECG:9:3"]  # no second item
+
+
 def test_ascii_monitor_and_forwarding_bridge(tmp_path: Path, running) -> None:
     monitor = PtyDevice(tmp_path / "usb-monitor")
     bridge = PtyDevice(tmp_path / "usb-bridge")

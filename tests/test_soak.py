@@ -1,6 +1,7 @@
 """Short versions of bench/soak.py (a 2-minute clinic day) and bench/kill_campaign.py (30 kill
-rounds), run by CI: the real services against Orthanc, judged against the truth the simulated
-devices carry in a side channel. Their figures (RSS, growth, time) are bench output, not asserted
+rounds), run by CI: the real services against Orthanc and the county FHIR platform, with BLE
+devices (bumble, through bleak), the serial bridge (pty) and field visits, judged against the
+truth the simulated devices carry in a side channel. Their figures (RSS, growth, time) are bench output, not asserted
 here; the zeros are."""
 
 from __future__ import annotations
@@ -33,19 +34,26 @@ def bench(script: str, *args: str, timeout_s: float) -> dict:
 
 @pytest.mark.orthanc
 def test_a_short_clinic_day_loses_duplicates_and_misattributes_nothing() -> None:
-    result = bench("soak.py", "--minutes", "2", "--patients", "8", timeout_s=900)
-    # the day really happened: every channel carried ECGs, the link went down and came back
-    assert result["measurements"] >= 8
+    result = bench("soak.py", "--minutes", "2", "--patients", "8", timeout_s=1200)
+    # the day really happened: every channel carried ECGs, every BLE device readings, field
+    # visits were made, the link went down and came back
+    assert result["ecgs"] >= 8
     assert len(result["outages"]) == 6
-    assert all(result["by_channel"].get(c, 0) for c in ("usb", "lan", "unassigned"))
+    assert all(result["by_channel"].get(c, 0) for c in ("usb", "lan", "bridge", "unassigned"))
+    assert all(result["ble_by_device"].get(d, 0) for d in ("ble-cuff", "ble-thermometer", "ble-oximeter"))
+    assert result["visits"] >= 2
     assert result["console_actions"] > 0
-    assert set(result["rss_max_mb"]) == {"acquire", "forward", "console"}
-    # and the reading center holds each ECG once, on its true patient
-    assert result["received"] == result["measurements"]
+    assert set(result["rss_max_mb"]) == {"acquire", "forward", "console", "ble"}
+    assert result["measurements"] == result["ecgs"] + result["visits"] + result["ble_readings"]
+    # and the reading center holds each ECG once, on its true patient; the county platform each
+    # visit once, on its patient, no resource twice; the gateway each BLE reading once, on its patient
+    assert result["received"] == result["ecgs"]
+    assert result["visits_received"] == result["visits"]
     assert (result["lost"], result["duplicated"], result["misattributed"], result["unreadable"]) == (0, 0, 0, 0)
     assert (result["held_unassigned"], result["stuck"], result["quarantined"]) == (0, 0, 0)
+    assert result["ble_unknown"] == 0
     # the county's reports came back, each on the patient the ECG was really taken from
-    assert result["studies_reported"] == result["measurements"]
+    assert result["studies_reported"] == result["ecgs"]
     assert (result["reports_missing"], result["reports_misattributed"]) == (0, 0)
     assert result["integrity"] == "ok"
     assert result["payload_mb"] == 0.0  # everything committed was purged
@@ -58,8 +66,10 @@ def test_thirty_kills_across_the_services_lose_and_duplicate_nothing() -> None:
     assert result["kills"] >= 20  # most rounds caught their target still running
     assert len(result["by_target"]) >= 4
     assert result["integrity_checks_failed"] == 0, result["integrity_failures"]
-    assert result["received"] == result["measurements"] > 0
+    assert result["received"] == result["ecgs"] > 0
+    assert result["visits_received"] == result["visits"] > 0 and result["ble_readings"] > 0
     assert (result["lost"], result["duplicated"], result["misattributed"], result["unreadable"]) == (0, 0, 0, 0)
+    assert result["fhir_resources_duplicated"] == 0  # a kill mid-FHIR-send re-sends; nothing is stored twice
     assert (result["stuck"], result["held_unassigned"], result["quarantined"]) == (0, 0, 0)
     assert result["service_exits"] == [] and result["cli_errors"] == []
 
@@ -118,3 +128,56 @@ def test_the_judge_sees_a_lost_a_duplicated_and_a_misattributed_ecg(monkeypatch:
     verdict = clinic_day.judge(ReadingCenter(), truth)
     assert (verdict.measurements, verdict.received) == (4, 4)
     assert (verdict.lost, verdict.duplicated, verdict.misattributed, verdict.unreadable) == (1, 1, 1, 0)
+
+
+def test_the_platform_judge_sees_a_lost_a_twice_stored_and_a_misattributed_visit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The field visits' zeros mean something too: a county platform that lost one visit, stored
+    another's Encounter twice and filed a third's note on the wrong patient is counted so."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("clinic_day", REPO / "bench" / "clinic_day.py")
+    assert spec is not None and spec.loader is not None
+    clinic_day = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "clinic_day", clinic_day)
+    spec.loader.exec_module(clinic_day)
+
+    truth = clinic_day.Truth()
+    serials = [truth.new(f"P{i}", clinic_day.FIELD_VISIT) for i in range(4)]
+
+    def on(patient: str) -> dict:
+        return {"identifier": {"system": "urn:lastmile:patient-id", "value": patient}}
+
+    def encounter(n: int, patient: str) -> dict:
+        return {"id": f"e{n}", "identifier": [{"value": f"visit-{n}"}], "subject": on(patient)}
+
+    def note(n: int, serial: int, patient: str, encounter_id: str) -> dict:
+        return {
+            "id": f"o{n}",
+            "identifier": [{"value": f"visit-{n}/note/1"}],
+            "subject": on(patient),
+            "encounter": {"reference": f"Encounter/{encounter_id}"},
+            "valueString": f"{clinic_day.NOTE_PREFIX}{serial}",
+        }
+
+    class Platform:
+        applied = {"visit-0": 1, "visit-1": 2, "visit-2": 1}
+        stored = {
+            "Encounter": [encounter(0, "P0"), encounter(1, "P1"), encounter(1, "P1"), encounter(2, "P0")],
+            "Observation": [
+                note(0, serials[0], "P0", "e0"),
+                note(1, serials[1], "P1", "e1"),
+                note(2, serials[2], "P0", "e2"),
+            ],
+            "Provenance": [{"id": "p0"}, {"id": "p1"}, {"id": "p2"}],
+        }  # serials[3]'s visit never arrived; P2's visit filed on P0
+
+        def resources(self, kind: str) -> list:
+            return self.stored.get(kind, [])
+
+    verdict = clinic_day.judge_platform(Platform(), truth)
+    assert (verdict["visits"], verdict["visits_received"], verdict["visits_lost"]) == (4, 3, 1)
+    assert (verdict["visits_duplicated"], verdict["visits_misattributed"]) == (0, 1)
+    assert verdict["fhir_resources_duplicated"] == 1  # visit-1's Encounter stored twice
+    assert verdict["fhir_resends_absorbed"] == 1

@@ -50,3 +50,30 @@ def test_visit_commands_offline(tmp_path: Path, capsys: pytest.CaptureFixture[st
     export.write_text(export.read_text().replace('"P-1"', '"P-7"'))
     assert run("visit", "verify", "--json", str(export)) == 1
     assert "edited after capture" in capsys.readouterr().out
+
+
+def test_a_stop_that_died_before_queueing_is_queued_by_the_next_stop(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by bench/kill_campaign.py: `visit stop` killed after closing the visit and before
+    queueing it left the visit closed and unqueued, and the doctor's second stop ("no visit is
+    open") returned without queueing it: the county never got it."""
+    from lastmile.visits.book import VisitBook, VisitPolicy
+    from uploader.outbox import Outbox
+
+    config = tmp_path / "lastmile.toml"
+    config.write_text(
+        f'[gateway]\nid = "gw-cli"\ndata_dir = "{tmp_path / "data"}"\n[visits]\ndoctor_id = "DR-9"\n[gps]\nsource = "none"\n'
+    )
+    run = lambda *a: main(["-c", str(config), *a])
+    assert run("visit", "start", "--patient", "P-1") == 0
+    with VisitBook.open(tmp_path / "data", gateway_id="gw-cli", policy=VisitPolicy()) as book:
+        book.stop(None)  # what the killed stop got done: closed and signed, not queued
+    capsys.readouterr()
+    assert run("visit", "stop") == 1  # nothing open any more ...
+    assert "1 visit(s) queued" in capsys.readouterr().out  # ... and the closed visit is queued
+    outbox = Outbox.open(tmp_path / "data", min_free_bytes=0)
+    try:
+        assert [i.key.split(":")[1] for i in outbox.items(kind="fhir-bundle")] == ["visit"]
+    finally:
+        outbox.close()

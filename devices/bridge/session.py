@@ -55,6 +55,16 @@ class RecordingReady:
 
 
 @dataclass(frozen=True, slots=True)
+class EcgEndUnknown:
+    """ECG_END of a recording not in progress here: `acknowledge(seq)` if `key` is already durable
+    (stored before this gateway restarted: only its ACK was lost, and a NACK would make the nurse
+    take the ECG again - a duplicate study), else `reject(seq, NACK_UNKNOWN_RECORDING)`."""
+
+    seq: int
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
 class SerialDataReceived:
     """Bytes from a legacy port of the bridge; acknowledge once what they completed is durable."""
 
@@ -77,7 +87,9 @@ class SessionProblem:
     seq: int | None = None
 
 
-SessionEvent = DeviceHello | ObservationReady | RecordingReady | SerialDataReceived | DeviceLog | SessionProblem
+SessionEvent = (
+    DeviceHello | ObservationReady | RecordingReady | EcgEndUnknown | SerialDataReceived | DeviceLog | SessionProblem
+)
 
 
 def device_time(time_flags: int, device_time_ms: int, received_at: dt.datetime) -> tuple[dt.datetime, TimeSource]:
@@ -192,8 +204,7 @@ class BridgeSession:
             return self._ecg_block(seq, msg)
         if isinstance(msg, codec.EcgEnd):
             if msg.recording_id not in self._recordings:
-                self._out += self.protocol.reject(seq, codec.NACK_UNKNOWN_RECORDING, "no such recording in progress")
-                return [SessionProblem("ECG_END for an unknown recording", seq)]
+                return [EcgEndUnknown(seq, self._recording_key(msg.recording_id))]
             return self._close_recording(msg.recording_id, msg, seq)
         if isinstance(msg, codec.TimeSync):
             self._out += self.protocol.acknowledge(seq) + self.time_sync(now)
@@ -219,6 +230,10 @@ class BridgeSession:
         self._out += self.protocol.acknowledge(seq) + self.time_sync(now)
         events.append(DeviceHello(seq, self.identity, msg.capabilities, msg.boot_id))
         return events
+
+    def _recording_key(self, rec_id: int) -> str:
+        boot = self.hello.boot_id if self.hello is not None else 0
+        return f"bridge-ecg:{self._device_key()}:{boot}:{rec_id}"
 
     def _device_key(self) -> str:
         if self.hello is not None and self.hello.device_id:
@@ -270,8 +285,7 @@ class BridgeSession:
 
     def _close_recording(self, rec_id: int, end: codec.EcgEnd | None, seq: int | None) -> list[SessionEvent]:
         assembler = self._recordings.pop(rec_id)
-        boot = self.hello.boot_id if self.hello is not None else 0
-        key = f"bridge-ecg:{self._device_key()}:{boot}:{rec_id}"
+        key = self._recording_key(rec_id)
         try:
             recording = assembler.finish(end)
         except (ProtocolError, InvalidRecordingError) as exc:

@@ -144,7 +144,6 @@ def note(args: argparse.Namespace) -> int:
 
 
 def stop(args: argparse.Namespace) -> int:
-    from lastmile.data_dir import open_outbox
     from lastmile.visits.book import VisitError
 
     config, book = _book(args)
@@ -153,17 +152,26 @@ def stop(args: argparse.Namespace) -> int:
             fix = _fix(config, book, args.no_gps)
             visit = book.stop(fix)
         except VisitError as exc:
+            # A stop that died after closing the visit but before queueing it (power cut, kill)
+            # leaves it closed and unqueued: the doctor's second stop finds nothing open, and
+            # must still queue it (found by bench/kill_campaign.py).
+            _queue_closed(config, book)
             return _fail(exc)
         flags = ", ".join(visit.flags) or "none"
         print(f"visit {visit.id} stopped; chain record {visit.chain_seq}; flags: {flags}")
-        naming = fhir_naming(config)
-        with open_outbox(config) as outbox:
-            queued = book.queue_closed(outbox, naming)
-        if queued:
-            print(f"{queued} visit(s) queued for the county platform")
-        elif visit.start.time is None:
+        if not _queue_closed(config, book) and visit.start.time is None:
             print("not queued yet: its time is provisional until GPS or NTP gives one")
     return 0
+
+
+def _queue_closed(config, book) -> int:
+    from lastmile.data_dir import open_outbox
+
+    with open_outbox(config) as outbox:
+        queued = book.queue_closed(outbox, fhir_naming(config))
+    if queued:
+        print(f"{queued} visit(s) queued for the county platform")
+    return queued
 
 
 def fhir_naming(config):

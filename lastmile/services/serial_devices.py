@@ -36,6 +36,7 @@ from devices.bridge.session import (
     BridgeSession,
     DeviceHello,
     DeviceLog,
+    EcgEndUnknown,
     ObservationReady,
     RecordingReady,
     SerialDataReceived,
@@ -256,6 +257,14 @@ class BridgeHandler:
                 self.link.write(self.session.reject(event.seq, codec.NACK_REFUSED, "not stored"))
         elif isinstance(event, RecordingReady):
             self._recording(event)
+        elif isinstance(event, EcgEndUnknown):
+            if self.ctx.outbox.find(event.key) is not None:  # stored before a restart: only the ACK was lost
+                self.link.write(self.session.acknowledge(event.seq))
+            else:
+                self.link.write(
+                    self.session.reject(event.seq, codec.NACK_UNKNOWN_RECORDING, "no such recording in progress")
+                )
+                self.ctx.error(self.spec, "ECG_END for an unknown recording")
         elif isinstance(event, SerialDataReceived):
             self._serial_data(event)
         elif isinstance(event, DeviceHello):

@@ -1,0 +1,194 @@
+"""The clinic's BLE room, for the soak and the kill campaign: a BP cuff, a thermometer and a pulse
+oximeter (bumble-emulated) and the gateway's own BLE link (firmware_bridge.ble.link's
+BleDeviceManager with lastmile.services.ble_devices.ClinicBlePort on the real data directory),
+through the real bleak API.
+
+It stands in for the acquire service's BLE part, which talks to BlueZ (there is no Bluetooth
+here): the same code, in its own process, with the emulated radio in place of the adapter; the
+bench's supervisor restarts it when it dies. The devices' memory is theirs, not this process's:
+each device reads its stored readings from a file the clinic writes (its flash), so a killed
+gateway loses nothing a device still holds:
+
+- `cuff.jsonl`: readings the cuff stored offline; sent (all of them, every time: the gateway
+  knows each by its record key) when `cuff.upload` changes - the cuff came into range;
+- `thermometer.jsonl`: the thermometer's readings; it advertises as soon as one is added;
+- `oximeter.json`: {"generation", "on", "spo2", "pulse"}: a finger in the clip (it streams while
+  the gateway is subscribed) or not; the process writes `oximeter.done` = generation once the
+  state is applied (off: the link is down, nothing more will come).
+
+    python bench/ble_room.py CONFIG DEVICES_DIR
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+CUFF = "C0:FF:EE:50:00:01"
+THERMOMETER = "C0:FF:EE:50:00:02"
+OXIMETER = "C0:FF:EE:50:00:03"
+POLL_S = 0.2
+
+log = logging.getLogger("ble_room")
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    # the clinic appends whole lines; a line being written is taken on the next look
+    return [json.loads(line) for line in text.splitlines() if line.endswith("}")]
+
+
+def stamp(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+
+
+async def advertise_when_free(peripheral: Any, powered: set[str]) -> bool:
+    """Advertise (the device has something to send) unless a link is up; False: try again.
+    A device is powered on the first time it has something: an idle one stays silent, so the
+    gateway's connections are made one after another, as in a clinic."""
+    from bumble.core import BaseBumbleError, BaseError
+
+    if peripheral.connection is not None:
+        return False
+    try:
+        if peripheral.address not in powered:
+            await peripheral.start()
+            powered.add(peripheral.address)
+        else:
+            await peripheral.advertise()
+    except (BaseBumbleError, BaseError) as exc:  # already advertising, controller busy: look again later
+        log.debug("%s: advertise: %s", peripheral.name, exc)
+        return False
+    return True
+
+
+async def run(config_path: Path, devices: Path) -> None:
+    from firmware_bridge.ble.emulated_peripherals import (
+        BloodPressureCuff,
+        BpRecord,
+        PulseOximeter,
+        TemperatureRecord,
+        Thermometer,
+    )
+    from firmware_bridge.ble.emulation import EmulatedRadio
+    from firmware_bridge.ble.link import BleDeviceManager, LinkSettings
+    from lastmile.clinic.db import utc_now
+    from lastmile.clinic.devices import DeviceRegistry
+    from lastmile.clinic.observations import ObservationStore
+    from lastmile.config import load_config
+    from lastmile.data_dir import open_outbox
+    from lastmile.services.ble_devices import ClinicBlePort
+
+    config = load_config(config_path)
+    utc = dt.timezone.utc
+    radio = EmulatedRadio()
+    common: dict[str, Any] = {"manufacturer": "Lastmile Emulation", "tz": utc}
+    cuff = BloodPressureCuff(radio, CUFF, "Soak BP Cuff", model="BP-EMU", serial="CUFF-SOAK", **common)
+    thermometer = Thermometer(radio, THERMOMETER, "Soak Thermometer", model="TH-EMU", serial="TH-SOAK", **common)
+    oximeter = PulseOximeter(radio, OXIMETER, "Soak Oximeter", model="OX-EMU", serial="OX-SOAK", **common)
+
+    def cuff_memory() -> list[BpRecord]:
+        return [
+            BpRecord(r["systolic"], r["diastolic"], r["mean"], r["pulse"], dt.datetime.fromisoformat(r["taken_at"]))
+            for r in read_lines(devices / "cuff.jsonl")
+        ]
+
+    def thermometer_memory() -> list[TemperatureRecord]:
+        return [
+            TemperatureRecord(r["celsius"], dt.datetime.fromisoformat(r["taken_at"]))
+            for r in read_lines(devices / "thermometer.jsonl")
+        ]
+
+    def oximeter_state() -> dict[str, Any]:
+        try:
+            return dict(json.loads((devices / "oximeter.json").read_text()))
+        except (FileNotFoundError, ValueError):
+            return {"generation": 0, "on": False}
+
+    cuff.memory = cuff_memory()
+    thermometer.memory = thermometer_memory()
+    state = oximeter_state()
+    oximeter.stream_interval_s = 0.5 if state["on"] else 0.0  # no finger, no stream
+    oximeter.spo2, oximeter.pulse = state.get("spo2", 97.0), state.get("pulse", 68.0)
+
+    outbox = open_outbox(config)
+    store = ObservationStore.open(config.data_dir, outbox=outbox, idle_timeout_s=config.patient.idle_timeout_s)
+    registry = DeviceRegistry(store.db)
+    registry.mark_all_disconnected(now=utc_now())
+    for peripheral in (cuff, thermometer, oximeter):
+        registry.allow(peripheral.address, name=peripheral.name, now=utc_now())
+    scanner, client = radio.backends()
+    settings = LinkSettings(
+        scan_pass_s=1.0,
+        reconnect_delay_s=0.5,
+        retry_backoff_s=1.0,
+        retry_backoff_max_s=4.0,
+        continuous_store_interval_s=1.0,
+        device_tz=utc,
+    )
+    manager = BleDeviceManager(ClinicBlePort(store, registry), settings, scanner_backend=scanner, client_backend=client)
+    await radio.start()
+    powered: set[str] = set()
+    stop = asyncio.Event()
+    runner = asyncio.ensure_future(manager.run(stop))
+    seen_upload, seen_thermometer = stamp(devices / "cuff.upload"), len(thermometer.memory)
+    # what a device holds is sent again after a restart (the gateway knows each by its record key)
+    cuff_due, thermometer_due = bool(cuff.memory), bool(thermometer.memory)
+    applied = -1
+    try:
+        while not runner.done():
+            await asyncio.sleep(POLL_S)
+            upload = stamp(devices / "cuff.upload")
+            if upload != seen_upload:  # the cuff came into range
+                seen_upload, cuff.memory, cuff_due = upload, cuff_memory(), True
+            memory = thermometer_memory()
+            if len(memory) != seen_thermometer:
+                seen_thermometer, thermometer.memory, thermometer_due = len(memory), memory, True
+            if cuff_due:
+                cuff_due = not await advertise_when_free(cuff, powered)
+            if thermometer_due:
+                thermometer_due = not await advertise_when_free(thermometer, powered)
+            state = oximeter_state()
+            if state["generation"] != applied:
+                if state["on"]:
+                    oximeter.spo2, oximeter.pulse, oximeter.stream_interval_s = state["spo2"], state["pulse"], 0.5
+                    if not await advertise_when_free(oximeter, powered):
+                        continue
+                else:
+                    oximeter.stream_interval_s = 0.0
+                    if OXIMETER in powered:
+                        await oximeter.stop()  # the finger is out: hang up, stop advertising
+                applied = state["generation"]
+                (devices / "oximeter.done").write_text(str(applied))
+    finally:
+        stop.set()
+        await runner
+        store.close()
+        outbox.close()
+
+
+def main() -> int:
+    from lastmile.logs import configure_logging
+
+    configure_logging(None)
+    asyncio.run(run(Path(sys.argv[1]), Path(sys.argv[2])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
