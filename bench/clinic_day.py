@@ -319,16 +319,18 @@ class BleDevices:
         return self.code_of.get((channel, reading_key(observation.get("quantities", []))))
 
 
-def stored_observations(data_dir: Path) -> list[tuple[str, dict[str, Any]]]:
+def stored_observations(data_dir: Path, *, unsent_only: bool = False) -> list[tuple[str, dict[str, Any]]]:
     """Every BLE observation the gateway keeps: ('outbox', JSON) with its patient, or ('held', JSON)
-    with its held id in "held_id" (read-only, as the judge)."""
+    with its held id in "held_id" (read-only, as the judge). `unsent_only`: not those already
+    relayed to the county platform (the judge counts those there)."""
     out: list[tuple[str, dict[str, Any]]] = []
     outbox = data_dir / "outbox.sqlite"
     if outbox.exists():
         conn = sqlite3.connect(f"file:{outbox}?mode=ro", uri=True, timeout=30)
         try:  # small payloads live in the database (table payloads), not in payload files
+            relayed = " AND i.state NOT IN ('committed', 'purged')" if unsent_only else ""
             rows = conn.execute(
-                "SELECT p.data FROM items i JOIN payloads p ON p.item_id = i.id WHERE i.kind = 'observation'"
+                "SELECT p.data FROM items i JOIN payloads p ON p.item_id = i.id WHERE i.kind = 'observation'" + relayed
             ).fetchall()
         except sqlite3.OperationalError:
             rows = []
@@ -350,17 +352,41 @@ def stored_observations(data_dir: Path) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def judge_ble(data_dir: Path, ble: BleDevices, truth: Truth) -> dict[str, Any]:
-    """The BLE readings the gateway made durable, compared with the truth: each once (the
-    oximeter streams: several per clip-on are expected), on its patient; none held at the end."""
+def platform_readings(platform: Any) -> list[tuple[str, dict[str, Any]]]:
+    """The device readings the county platform stored, in the gateway's JSON shape (kind, values,
+    patient): a reading's Observations share one identifier up to '#' (a BP's pulse is its own)."""
+    groups: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+    for obs in platform.resources("Observation"):
+        if str(obs.get("valueString", "")).startswith(NOTE_PREFIX):
+            continue  # a field visit's note, judged by judge_platform
+        groups[identifier_of(obs).split("#", 1)[0]].append(obs)
+    readings = []
+    for parts in groups.values():
+        codes = {c.get("code") for o in parts for c in o["code"].get("coding", [])}
+        values = [o["valueQuantity"] for o in parts if "valueQuantity" in o]
+        values += [c["valueQuantity"] for o in parts for c in o.get("component", []) if "valueQuantity" in c]
+        kind = "blood-pressure" if "85354-9" in codes else "body-temperature" if "8310-5" in codes else "other"
+        subjects = {subject_of(o) for o in parts}
+        patient = subjects.pop() if len(subjects) == 1 else f"split between {sorted(subjects)}"
+        readings.append(("platform", {"kind": kind, "quantities": values, "patient_id": patient}))
+    return readings
+
+
+def judge_ble(data_dir: Path, ble: BleDevices, truth: Truth, platform: Any) -> dict[str, Any]:
+    """The BLE readings, compared with the truth where they are: at the county platform, or still
+    on the gateway (not yet sent, or held): each once (the oximeter streams: several per clip-on
+    are expected), on its patient; none held at the end."""
     seen: collections.Counter[int] = collections.Counter()
+    at_platform: set[int] = set()
     misattributed = held = unknown = 0
-    for where, observation in stored_observations(data_dir):
+    for where, observation in stored_observations(data_dir, unsent_only=True) + platform_readings(platform):
         serial = ble.serial_of(observation)
         if serial is None:
             unknown += 1
             continue
         seen[serial] += 1
+        if where == "platform":
+            at_platform.add(serial)
         if where == "held":
             held += 1
         elif observation.get("patient_id") != truth.patient_of.get(serial):
@@ -374,6 +400,7 @@ def judge_ble(data_dir: Path, ble: BleDevices, truth: Truth) -> dict[str, Any]:
         "ble_misattributed": misattributed,
         "ble_held": held,
         "ble_unknown": unknown,
+        "ble_at_platform": len(at_platform & expected),
         "ble_by_device": dict(collections.Counter(truth.channel_of[s] for s in expected)),
     }
 
@@ -1286,7 +1313,7 @@ def verdict_figures(day: Day, states: dict[str, int]) -> dict[str, Any]:
     ecg = judge(day.orthanc, day.truth)
     visits = judge_platform(day.platform, day.truth)
     assert day.clinic.ble is not None
-    ble = judge_ble(day.data_dir, day.clinic.ble, day.truth)
+    ble = judge_ble(day.data_dir, day.clinic.ble, day.truth, day.platform)
     return {
         "measurements": ecg.measurements + visits["visits"] + ble["ble_readings"],
         "lost": ecg.lost + visits["visits_lost"] + ble["ble_lost"],

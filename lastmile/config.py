@@ -18,6 +18,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+if typing.TYPE_CHECKING:
+    from uploader.fhir_bundle import FhirNaming
+
 DEFAULT_CONFIG_PATH = Path("/etc/lastmile/lastmile.toml")
 
 
@@ -958,3 +961,14 @@ def _toml_value(v: object) -> str:
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return repr(v)
+
+
+def fhir_naming(config: Config) -> FhirNaming:
+    """The identifier systems of the FHIR resources this gateway makes (visits, readings)."""
+    from uploader.fhir_bundle import FhirNaming
+
+    return FhirNaming(
+        gateway_id=config.gateway.id,
+        patient_system=config.fhir.patient_id_system,
+        practitioner_system=config.fhir.practitioner_id_system,
+    )

@@ -52,6 +52,8 @@ def test_a_short_clinic_day_loses_duplicates_and_misattributes_nothing() -> None
     assert (result["lost"], result["duplicated"], result["misattributed"], result["unreadable"]) == (0, 0, 0, 0)
     assert (result["held_unassigned"], result["stuck"], result["quarantined"]) == (0, 0, 0)
     assert result["ble_unknown"] == 0
+    # every reading went on to the county platform (none left unsent on the gateway)
+    assert result["ble_at_platform"] == result["ble_readings"] and result["observations_unsent"] == 0
     # the county's reports came back, each on the patient the ECG was really taken from
     assert result["studies_reported"] == result["ecgs"]
     assert (result["reports_missing"], result["reports_misattributed"]) == (0, 0)
@@ -70,6 +72,7 @@ def test_thirty_kills_across_the_services_lose_and_duplicate_nothing() -> None:
     assert result["visits_received"] == result["visits"] > 0 and result["ble_readings"] > 0
     assert (result["lost"], result["duplicated"], result["misattributed"], result["unreadable"]) == (0, 0, 0, 0)
     assert result["fhir_resources_duplicated"] == 0  # a kill mid-FHIR-send re-sends; nothing is stored twice
+    assert result["ble_at_platform"] == result["ble_readings"] and result["observations_unsent"] == 0
     assert (result["stuck"], result["held_unassigned"], result["quarantined"]) == (0, 0, 0)
     assert result["service_exits"] == [] and result["cli_errors"] == []
 

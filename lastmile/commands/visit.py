@@ -8,6 +8,7 @@ import logging
 import sys
 
 from lastmile.clock import clinic_time
+from lastmile.config import fhir_naming
 
 log = logging.getLogger(__name__)
 
@@ -172,16 +173,6 @@ def _queue_closed(config, book) -> int:
     if queued:
         print(f"{queued} visit(s) queued for the county platform")
     return queued
-
-
-def fhir_naming(config):
-    from uploader.fhir_bundle import FhirNaming
-
-    return FhirNaming(
-        gateway_id=config.gateway.id,
-        patient_system=config.fhir.patient_id_system,
-        practitioner_system=config.fhir.practitioner_id_system,
-    )
 
 
 def list_visits(args: argparse.Namespace) -> int:

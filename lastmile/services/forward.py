@@ -20,7 +20,7 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from lastmile.config import Config, ReadingCenterSection
+from lastmile.config import Config, ReadingCenterSection, fhir_naming
 from lastmile.data_dir import open_outbox
 from lastmile.services.metered import meter_policy, meters
 from uploader.dicom_association import PeerSettings
@@ -171,7 +171,10 @@ class ForwardService:
         result = self.ecg.run_round(stop)
         waits = [0.0 if result.did_work else self.ecg.next_due_in()]
         if self._fhir is not None and not stop.is_set():
+            from lastmile.services.observation_relay import relay_observations
             from uploader.fhir_forwarder import forward_fhir_once
+
+            relay_observations(self.outbox, fhir_naming(self.config), time.time())
 
             fhir = forward_fhir_once(
                 self.outbox,

@@ -1,0 +1,55 @@
+"""Readings recorded for a known patient go on to the county platform as FHIR bundles.
+
+The clinic keeps each reading as an outbox item of kind "observation" (its JSON record: what
+the console shows, what `patient assign` moves). Nothing sends that kind itself: the forward
+service turns each into a FHIR transaction bundle (kind "fhir-bundle", keyed by the reading's
+FHIR identifier), which the FHIR forwarder sends, and then marks the reading done.
+
+Crash-safe in any order: the bundle is queued (durable) before the reading is marked, and the
+bundle's key is derived from the reading, so a relay cut short queues nothing twice; the
+platform's conditional create on the same identifier makes a visit bundle carrying the same
+reading store it once too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from lastmile.clinic.observations import OBSERVATION_KIND, observation_from_json
+from uploader.fhir_bundle import FhirNaming, observation_bundle, observation_identifier
+from uploader.fhir_forwarder import enqueue_bundle
+from uploader.outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+RELAY_BATCH = 50
+
+
+def relay_observations(outbox: Outbox, naming: FhirNaming, now: float, *, limit: int = RELAY_BATCH) -> int:
+    """Queue a FHIR bundle for each waiting reading (up to `limit`); returns how many were relayed."""
+    claimed = outbox.claim(OBSERVATION_KIND, limit, now)
+    done: list[int] = []
+    for item in claimed:
+        try:
+            obs = observation_from_json(json.loads(outbox.read_payload(item, now)))
+            if obs.patient_id is None:  # held readings never reach the outbox; be sure
+                raise ValueError("the reading names no patient")
+            enqueue_bundle(
+                outbox,
+                observation_bundle(obs, naming),
+                f"fhir:obs:{observation_identifier(obs, naming)}",
+                patient_id=obs.patient_id,
+                meta={"type": "observation", "record_key": obs.record_key, "reading_item": item.id},
+                now=now,
+            )
+        except Exception as exc:  # noqa: BLE001 — one bad record never stops the others
+            log.error("reading #%d cannot be sent to the county platform: %s", item.id, exc)
+            outbox.quarantine(item.id, f"cannot be made a FHIR bundle: {exc}", now)
+            continue
+        done.append(item.id)
+    if done:
+        outbox.mark_sent(done, now)
+        outbox.mark_committed(done, now)  # durable: the bundle carries the reading from here
+        log.info("%d reading(s) queued for the county platform", len(done))
+    return len(done)

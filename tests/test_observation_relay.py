@@ -1,0 +1,128 @@
+"""Readings recorded for a known patient reach the county platform, once, with their units.
+
+Before the relay the outbox kept them (kind "observation") and nothing ever sent that kind:
+every BLE and serial reading stayed on the gateway, silently (found by the soak).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from devices.identity import DeviceIdentity, TimeSource
+from devices.observation import Observation, Quantity
+from lastmile.clinic.observations import OBSERVATION_KIND, ObservationStore
+from lastmile.services.observation_relay import relay_observations
+from tests.fhir_server import FhirTestServer
+from uploader.fhir_bundle import FhirNaming
+from uploader.fhir_forwarder import forward_fhir_once
+from uploader.fhir_sender import FhirSender, FhirSenderSettings
+from uploader.outbox import ItemState, Kind, Outbox
+
+T0 = dt.datetime(2026, 6, 1, 9, 0, tzinfo=dt.timezone.utc)
+MIN = dt.timedelta(minutes=1)
+NAMING = FhirNaming(gateway_id="relay-test-gw")
+CUFF = DeviceIdentity("Acme", "BP-1", "42", "AA:BB:CC:DD:EE:01")
+
+
+def bp(measured_at: dt.datetime, systolic: float) -> Observation:
+    return Observation(
+        kind="blood-pressure",
+        quantities=(
+            Quantity("systolic", systolic, "mm[Hg]", systolic, "mm[Hg]"),
+            Quantity("diastolic", 80.0, "mm[Hg]", 80.0, "mm[Hg]"),
+        ),
+        measured_at=measured_at,
+        time_source=TimeSource.DEVICE_CLOCK,
+        received_at=measured_at + MIN,
+        device=CUFF,
+        record_key=f"relay-test:{measured_at.isoformat()}",
+    )
+
+
+def record_three(tmp_path: Path) -> tuple[Outbox, ObservationStore]:
+    outbox = Outbox.open(tmp_path, min_free_bytes=0)
+    store = ObservationStore.open(tmp_path, outbox=outbox, idle_timeout_s=900)
+    store.context.set_patient("P-1", "Wang^Fang", now=T0)
+    assert store.record(bp(T0 + MIN, 131), now=T0 + 2 * MIN).outcome == "stored"
+    store.context.set_patient("P-2", "Li^Lei", now=T0 + 3 * MIN)
+    assert store.record(bp(T0 + 4 * MIN, 152), now=T0 + 5 * MIN).outcome == "stored"
+    assert store.record(bp(T0 + 6 * MIN, 118), now=T0 + 7 * MIN).outcome == "stored"
+    return outbox, store
+
+
+def systolic_by_patient(server: FhirTestServer) -> dict[str, list[float]]:
+    """Systolic values per patient identifier, as the platform stored them (with their units)."""
+    found: dict[str, list[float]] = {}
+    for obs in sorted(server.resources("Observation"), key=lambda o: o["effectiveDateTime"]):
+        for component in obs.get("component", []):
+            if component["code"]["coding"][0]["code"] == "8480-6":  # LOINC systolic
+                quantity = component["valueQuantity"]
+                assert quantity["code"] == "mm[Hg]" and quantity["system"] == "http://unitsofmeasure.org"
+                found.setdefault(obs["subject"]["identifier"]["value"], []).append(quantity["value"])
+    return found
+
+
+def test_readings_reach_the_platform_once_on_their_patients(tmp_path: Path) -> None:
+    outbox, store = record_three(tmp_path)
+    now = (T0 + 10 * MIN).timestamp()
+    with FhirTestServer() as server, FhirSender(FhirSenderSettings(base_url=server.base_url)) as sender:
+        assert relay_observations(outbox, NAMING, now) == 3
+        assert relay_observations(outbox, NAMING, now) == 0  # nothing waits twice
+        result = forward_fhir_once(outbox, sender, now)
+        assert result.sent == 3 and not result.quarantined
+        by_patient = systolic_by_patient(server)
+        assert len(server.resources("Observation")) == 3
+    assert by_patient == {"P-1": [131.0], "P-2": [152.0, 118.0]}, by_patient
+    # the readings are done (committed: purged after retention like everything else)
+    states = {i.state for i in outbox.items(kind=OBSERVATION_KIND)}
+    assert states == {ItemState.COMMITTED}
+    store.close()
+    outbox.close()
+
+
+def test_a_relay_cut_short_queues_nothing_twice(tmp_path: Path) -> None:
+    outbox, store = record_three(tmp_path)
+    now = (T0 + 10 * MIN).timestamp()
+    # As if killed after queueing the bundles but before marking the readings: put them back.
+    claimed = outbox.claim(OBSERVATION_KIND, 10, now)
+    relay_observations_with(outbox, claimed, now)
+    outbox.release([i.id for i in claimed], "killed", now, 0.0)
+    assert relay_observations(outbox, NAMING, now) == 3
+    bundles = outbox.items(kind=Kind.FHIR_BUNDLE)
+    assert len(bundles) == 3, "a bundle was queued twice for one reading"
+    with FhirTestServer() as server, FhirSender(FhirSenderSettings(base_url=server.base_url)) as sender:
+        assert forward_fhir_once(outbox, sender, now).sent == 3
+        assert len(server.resources("Observation")) == 3
+    store.close()
+    outbox.close()
+
+
+def relay_observations_with(outbox: Outbox, claimed: list, now: float) -> None:
+    """The first half of a relay: the bundles queued, the readings not yet marked."""
+    import json
+
+    from lastmile.clinic.observations import observation_from_json
+    from uploader.fhir_bundle import observation_bundle, observation_identifier
+    from uploader.fhir_forwarder import enqueue_bundle
+
+    for item in claimed:
+        obs = observation_from_json(json.loads(outbox.read_payload(item, now)))
+        enqueue_bundle(
+            outbox,
+            observation_bundle(obs, NAMING),
+            f"fhir:obs:{observation_identifier(obs, NAMING)}",
+            patient_id=obs.patient_id,
+            now=now,
+        )
+
+
+def test_a_record_that_cannot_be_a_bundle_is_quarantined_alone(tmp_path: Path) -> None:
+    outbox, store = record_three(tmp_path)
+    now = (T0 + 10 * MIN).timestamp()
+    outbox.add(OBSERVATION_KIND, "broken", b"{not json", now=now)
+    assert relay_observations(outbox, NAMING, now) == 3
+    (broken,) = outbox.items(kind=OBSERVATION_KIND, state=ItemState.QUARANTINED)
+    assert broken.key == "broken" and "FHIR bundle" in (broken.quarantine_reason or "")
+    store.close()
+    outbox.close()
