@@ -48,7 +48,7 @@ from lastmile.console.accounts import LANGUAGES, AccountError, Login, LoginRefus
 from lastmile.console.ecg_analysis import EcgAnalyses
 from lastmile.console.i18n import LANGUAGE_NAMES, N_, Localizer, negotiate
 from lastmile.console.live import Broker
-from lastmile.console.sources import ClinicData, ConsoleInputError
+from lastmile.console.sources import ClinicData, ConsoleInputError, ReportView
 from lastmile.reports.printing import lp_command, print_document
 
 log = logging.getLogger(__name__)
@@ -632,6 +632,21 @@ async def report_pdf(request: Request) -> Response:
     )
 
 
+def printable_text(found: ReportView, localizer: Localizer) -> str:
+    """The report as the clinic printer gets it when the county sent no PDF: the page's facts and
+    text, in the page's language (CUPS lays the UTF-8 text out with the image's Noto CJK fonts)."""
+    _ = localizer.gettext
+    lines = [
+        f"{_('ECG report')}: {person_name(found.patient_name) or found.patient_id}  {found.patient_id}",
+        f"{_('ECG recorded')}: {localizer.full(found.ecg_time) or '—'}",
+        f"{_('Report received')}: {localizer.full(found.received_at)}",
+        f"{_('Read by')}: {found.reading_doctor or '—'}",
+    ]
+    if found.critical:
+        lines.append(f"{_('Critical result')}: {'; '.join(found.critical_reasons)}")
+    return "\n".join([*lines, "", found.text, ""])
+
+
 async def print_report(request: Request) -> Response:
     """The report on the clinic's printer through CUPS (the county's PDF as sent, else its text);
     the page says whether the scheduler took it. The browser's own Print stays the fallback."""
@@ -643,7 +658,7 @@ async def print_report(request: Request) -> Response:
     if found is None:
         return PlainTextResponse("no such report", status_code=404)
     pdf = await state.run_db(state.data.reports.pdf, report_id) if found.has_pdf else None
-    document = pdf or views.printable_text(found, ctx.localizer).encode("utf-8")
+    document = pdf or printable_text(found, ctx.localizer).encode("utf-8")
     outcome = await asyncio.to_thread(print_document, document, f"ECG report {report_id}")
     log.info("report %s printed by %s: %s", report_id, ctx.user, outcome.message)
     return RedirectResponse(f"/reports/{quote(report_id)}?printed={int(outcome.sent)}", status_code=303)

@@ -16,8 +16,7 @@ from typing import Any
 
 from lastmile import __version__
 from lastmile.config import Config
-from lastmile.console.i18n import Localizer
-from lastmile.console.sources import ClinicData, ReportView, person_name
+from lastmile.console.sources import ClinicData, ReportView
 
 DOCTOR_CACHE_S = 60.0
 PACKAGES = ("pydicom", "pynetdicom", "bleak", "starlette", "uvicorn", "jinja2", "babel", "argon2-cffi", "sqlite-utils")
@@ -88,21 +87,6 @@ def report(data: ClinicData, now: dt.datetime, report_id: str, user: str = "") -
     if found is not None and user and found.unread and not found.critical:
         found = data.acknowledge_report(user, report_id, now=now) or found
     return {"report": found, "now": now}
-
-
-def printable_text(found: ReportView, localizer: Localizer) -> str:
-    """The report as the clinic printer gets it when the county sent no PDF: the page's facts and
-    text, in the page's language (CUPS lays the UTF-8 text out with the image's Noto CJK fonts)."""
-    _ = localizer.gettext
-    lines = [
-        f"{_('ECG report')}: {person_name(found.patient_name) or found.patient_id}  {found.patient_id}",
-        f"{_('ECG recorded')}: {localizer.full(found.ecg_time) or '—'}",
-        f"{_('Report received')}: {localizer.full(found.received_at)}",
-        f"{_('Read by')}: {found.reading_doctor or '—'}",
-    ]
-    if found.critical:
-        lines.append(f"{_('Critical result')}: {'; '.join(found.critical_reasons)}")
-    return "\n".join([*lines, "", found.text, ""])
 
 
 def devices(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
