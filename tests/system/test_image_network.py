@@ -20,8 +20,8 @@ import os
 import shutil
 import stat
 import subprocess
-from pathlib import Path
 from functools import cache
+from pathlib import Path
 from types import ModuleType
 
 import pytest
