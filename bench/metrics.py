@@ -177,7 +177,7 @@ from lastmile.services.metrics import MetricsService
 metrics = MetricsService(config)
 import urllib.request
 for _ in range(5):
-    urllib.request.urlopen(metrics.server.listen.url(), timeout=30).read()
+    urllib.request.urlopen(metrics.server.listen.url("/metrics"), timeout=30).read()
 time.sleep(1)
 after = mem()
 metrics.close()

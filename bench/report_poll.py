@@ -10,6 +10,9 @@ The gateway's real poller talks to Orthanc through a counting TCP relay on loopb
   jumps to the next due round): counted as TCP payload at the relay, and as IP packets on `lo`
   (headers included: what a 4G link carries), beside a reference in the same run — the same
   schedule asking one study per C-FIND (no batching);
+- bytes on the wire for one STAT study's first hour (polled every reports.stat_poll_s), alone, with
+  nothing new and with its report arriving after 10 minutes, with and without the association kept
+  between rounds (reports.keep_association_s), and how many associations that opened;
 - time from a report stored at the PACS (REST) to it being in the gateway's clinic.db, for a STAT
   study in its first hour, in real time with the poller thread (goal ≤ 60 s).
 """
@@ -97,6 +100,12 @@ def main() -> int:
     ap.add_argument("--studies", type=int, default=50)
     ap.add_argument("--samples", type=int, default=3, help="STAT reports timed in real time")
     ap.add_argument("--no-hour", action="store_true", help="skip the bytes-per-hour part")
+    ap.add_argument("--no-stat-hour", action="store_true", help="skip the STAT-first-hour part")
+    ap.add_argument(
+        "--realtime-stat-s", type=float, default=0.0, help="also poll one STAT study in real time this long"
+    )
+    ap.add_argument("--stat-poll-s", type=float, help="reports.stat_poll_s (default: the configured default)")
+    ap.add_argument("--keep-s", type=float, help="reports.keep_association_s (default: the configured default)")
     args = ap.parse_args()
     if not in_private_netns():
         if os.geteuid() != 0:
@@ -182,6 +191,72 @@ def main() -> int:
                         "asked": measured["asked"] - counts0["asked"],
                     }
 
+            def stat_first_hour(name: str, keep_s: float, report_after_s: float | None) -> dict:
+                """One STAT study alone, its first hour on a simulated clock (real rounds): bytes on
+                the wire, associations opened; with `report_after_s`, its report lands then."""
+                config = config_for(name)
+                config.reports.keep_association_s = keep_s
+                config.reports.stat_poll_s = stat_s
+                ecg = ecg_payloads(1)[0]
+                orthanc.rest("/instances", "POST", ecg.data)
+                t0 = time.time()
+                now = [t0]
+                study = SentStudy(ecg.study_uid, dt.datetime.fromtimestamp(t0, dt.timezone.utc), stat=True)
+                report = ecg_report_sr(to_read(study), findings=["VT"], impression="Ventricular tachycardia")
+                rest_bytes = 0
+                with ReportStore.open(config.data_dir) as store:
+                    store.record_sent(study)
+                    poller = make_poller(config, store, peer_settings(config.reading_center))
+                    poller.clock = lambda: now[0]
+                    (payload0, conns0), lo0 = relay.snapshot(), lo_bytes()
+                    rounds = stored = 0
+                    while now[0] < t0 + HOUR:
+                        if report_after_s is not None and now[0] >= t0 + report_after_s and not stored:
+                            before = lo_bytes()
+                            orthanc.rest("/instances", "POST", part10(report))
+                            rest_bytes += lo_bytes() - before  # the PACS's REST upload is not polling
+                            report_after_s = None
+                        result = poller.run_round()
+                        assert result.error is None and result.fault is None, result
+                        rounds += bool(result.asked)
+                        stored += result.stored
+                        wait = poller.next_due_in()
+                        now[0] += max(wait if wait is not None else HOUR, 0.001)
+                    getattr(poller, "close", lambda: None)()  # (absent before the association was kept)
+                    kept = getattr(poller, "queries", None)
+                    payload1, conns1 = relay.snapshot()
+                    return {
+                        "wire": (lo_bytes() - lo0 - rest_bytes) / 2,
+                        "payload": payload1 - payload0,
+                        "connections": conns1 - conns0,
+                        "rounds": rounds,
+                        "stored": stored,
+                        "reused": kept.reused if kept else 0,
+                    }
+
+            if not args.no_stat_hour:
+                stat_s = args.stat_poll_s or Config().reports.stat_poll_s
+                keep_default = (
+                    args.keep_s if args.keep_s is not None else getattr(Config().reports, "keep_association_s", 0.0)
+                )
+                print(
+                    f"one STAT study's first hour, alone (simulated clock, real rounds with Orthanc), stat_poll_s {stat_s:g}"
+                )
+                print(
+                    f"{'case':44} {'rounds':>6} {'assocs':>6} {'reused':>6} {'stored':>6} {'payload KB':>10} {'wire KB':>8}"
+                )
+                for keep_s in sorted({0.0, keep_default}):
+                    for report_after in (None, 600.0):
+                        r = stat_first_hour(f"stat-{keep_s}-{report_after}", keep_s, report_after)
+                        label = (
+                            f"{'kept (keep_association_s ' + format(keep_s, 'g') + ')' if keep_s else 'new association per round'}"
+                            f", {'report at 10 min' if report_after else 'nothing new'}"
+                        )
+                        print(
+                            f"{label:44} {r['rounds']:>6} {r['connections']:>6} {r['reused']:>6} {r['stored']:>6} "
+                            f"{r['payload'] / 1024:>10.1f} {r['wire'] / 1024:>8.1f}"
+                        )
+
             rng = random.Random(14)
             mixes = {
                 "spread over 14 days": ([rng.uniform(0, 14 * 24 * HOUR) for _ in range(n)], False),
@@ -207,9 +282,38 @@ def main() -> int:
                 )
             if not args.no_hour:
                 print(
-                    "goal: wire KB/h <= 100 with nothing new; a STAT study is asked about every 30 s in its first hour"
+                    "goal: wire KB/h <= 100 with nothing new; a STAT study is asked about every "
+                    f"{Config().reports.stat_poll_s:g} s in its first hour"
                 )
 
+            if args.realtime_stat_s:
+                # -- a STAT study polled in real time: does the PACS's idle timeout leave the kept
+                # association alone? (Orthanc's default DicomScpTimeout, 30 s)
+                config = config_for("realtime-stat")
+                ecg = ecg_payloads(1)[0]
+                orthanc.rest("/instances", "POST", ecg.data)
+                round_bytes: list[int] = []
+                with ReportStore.open(config.data_dir) as store:
+                    store.record_sent(SentStudy(ecg.study_uid, dt.datetime.now(dt.timezone.utc), stat=True))
+                    poller = make_poller(config, store, peer_settings(config.reading_center))
+                    thread = PollerThread(poller, on_round=lambda r: round_bytes.append(r.bytes))
+                    (payload0, conns0), lo0 = relay.snapshot(), lo_bytes()
+                    thread.start()
+                    time.sleep(args.realtime_stat_s)
+                    thread.stop()
+                    getattr(poller, "close", lambda: None)()
+                    (payload1, conns1), lo1 = relay.snapshot(), lo_bytes()
+                    kept = getattr(poller, "queries", None)
+                print(
+                    f"one STAT study polled in real time for {args.realtime_stat_s:g} s (stat_poll_s "
+                    f"{config.reports.stat_poll_s:g}, keep_association_s "
+                    f"{getattr(config.reports, 'keep_association_s', 0):g}, Orthanc's default idle timeout): "
+                    f"{len(round_bytes)} rounds, {conns1 - conns0} associations, payload per round {round_bytes}, "
+                    f"{(payload1 - payload0) / 1024:.1f} KB payload, {(lo1 - lo0) / 2 / 1024:.1f} KB on the wire"
+                    + (f"; closed by Orthanc: {kept.closed_by_peer}" if kept is not None else "")
+                )
+            if args.samples < 1:
+                return 0
             # -- time to availability, real time -----------------------------------------------
             # Each sample is a new STAT study (a final report ends its hurry), sent a few seconds
             # before, among the N outstanding routine ones; its report lands at a random moment.
@@ -245,6 +349,13 @@ def main() -> int:
                 f"{', '.join(f'{x:.1f}' for x in latencies)} s (median {statistics.median(latencies):.1f}, "
                 f"max {max(latencies):.1f}; goal <= 60 s; poll interval {config.reports.stat_poll_s:g} s)"
             )
+            kept = getattr(poller, "queries", None)
+            if kept is not None:  # real time, Orthanc's default idle timeout (DicomScpTimeout 30 s)
+                getattr(poller, "close", lambda: None)()
+                print(
+                    f"  C-FIND associations in real time: {kept.opened} opened, {kept.reused} rounds reused one, "
+                    f"{kept.closed_by_peer} closed by Orthanc (keep_association_s {config.reports.keep_association_s:g})"
+                )
         finally:
             orthanc.stop()
     return 0

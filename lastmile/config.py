@@ -63,7 +63,7 @@ class ReadingCenterSection:
     port: int = 104  # its DICOM port
     called_ae: str = "READING_CENTER"  # the PACS's AE title
     calling_ae: str = "LASTMILE"  # this gateway's AE title
-    listen_port: int = 11113  # where the PACS sends storage-commitment reports
+    listen_port: int = 11113  # where the PACS sends storage-commitment reports, and reports C-MOVEd to calling_ae
     listen_host: str = ""  # address for those reports; "": ours toward the reading center (loopback if it is)
     report_networks: list[str] = field(default_factory=list)  # CIDR networks besides `host` that may send reports
     associations: int = 2  # parallel associations while sending
@@ -192,13 +192,14 @@ class ConsoleSection:
 class ReportsSection:
     source: str = "dicom"  # where reports come back from: "dicom" (the PACS), "fhir" (county platform), "both", "off"
     window_days: float = 14.0  # look for reports on studies sent in the last this many days
-    stat_poll_s: float = 30.0  # STAT studies: ask this often during their first stat_hurry_h hours
+    stat_poll_s: float = 25.0  # STAT studies: ask this often during their first stat_hurry_h hours
     stat_hurry_h: float = 1.0  # how long a STAT study is polled at stat_poll_s
     amendment_poll_h: float = 12.0  # after a final report, look for amended ones this often (0: stop)
     batch_size: int = 50  # studies per C-FIND / FHIR search
-    move_ae: str = ""  # C-MOVE destination (our AE) for a PACS that refuses C-GET; empty: no C-MOVE
-    move_port: int = 11114  # where that storage SCP listens while a C-MOVE runs (the PACS's entry for move_ae)
-    move_host: str = "0.0.0.0"  # address of that listener
+    keep_association_s: float = 28.0  # keep the C-FIND association open for a round due within this many seconds (a STAT study's hurry); below the PACS's idle timeout (Orthanc DicomScpTimeout: 30); 0: a new one each round
+    move_ae: str = ""  # C-MOVE destination for a PACS that refuses C-GET: "" = this gateway's own AE (reading_center.calling_ae at reading_center.listen_port, which the PACS already knows for storage commitment); set only if the PACS must move reports to a separate AE
+    move_port: int = 11114  # port of that separate move_ae's storage SCP (it listens only while a C-MOVE runs)
+    move_host: str = ""  # address our C-MOVE storage SCP listens on while a move runs (when no commitment listener holds the port); "" = reading_center.listen_host, or every interface
     # default codes: STEMI, ventricular fibrillation, ventricular tachycardia, complete AV block
     critical_codes: list[str] = field(  # SCHEME:CODE of coded findings that make a report critical (危急值)
         default_factory=lambda: ["SCT:401303003", "SCT:71908006", "SCT:25569003", "SCT:27885002"]
@@ -443,6 +444,7 @@ _RANGES: dict[str, _Range] = {
     "reports.stat_hurry_h": _Range(0, 7 * 24, "a number of hours"),
     "reports.amendment_poll_h": _Range(0, 24 * 365, "a number of hours"),  # 0: stop
     "reports.batch_size": _Range(1, 1000, "a count of studies"),
+    "reports.keep_association_s": _Range(0, 3600, "a number of seconds"),
     "reports.move_port": _PORT,
     "reports.retention_days": _Range(0, 3650, "a number of days"),
     "reports.backoff_base_s": _Range(0, _DAY, "a number of seconds", low_open=True),
@@ -455,6 +457,26 @@ _RANGES: dict[str, _Range] = {
 STATION_NAME_BYTES = 16  # DICOM SH, as dciodvfy counts it: bytes of the encoded value
 INSTITUTION_BYTES = 64  # DICOM LO
 GATEWAY_ID_BYTES = 64  # LO too: the full id goes in the DICOM Contributing Equipment's serial
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """A HOST:PORT a service of ours listens on (`console.listen`, `metrics.listen`)."""
+
+    host: str
+    port: int
+
+    @property
+    def loopback(self) -> bool:
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return self.host == "localhost"
+
+    def url(self, path: str = "") -> str:
+        """Where a client on this machine reaches it (0.0.0.0 / :: are reached on loopback)."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
+        return f"http://[{host}]:{self.port}{path}" if ":" in host else f"http://{host}:{self.port}{path}"
 
 
 def host_port(text: str) -> tuple[str, int] | None:
@@ -744,22 +766,45 @@ def check_meaning(config: Config, problems: _Problems) -> None:
 
 def _check_reports(config: Config, problems: _Problems) -> None:
     r = config.reports
+    rc, lan = config.reading_center, config.lan_receiver
     if r.move_ae:
         problem = ae_title_problem(r.move_ae)
         if problem:
             problems.add("reports.move_ae", problem)
+    if r.move_host:
         problem = bind_address_problem(r.move_host)
         if problem:
             problems.add("reports.move_host", problem)
-        rc, lan = config.reading_center, config.lan_receiver
+    if r.move_ae.strip() and r.move_ae.strip() != rc.calling_ae.strip():
+        # a separate AE needs a listener of its own: not on a port another listener holds
+        move_port = r.move_port
         taken = {rc.listen_port: "the storage-commitment listener"} if rc.storage_commitment else {}
         if lan.enabled:
             taken[lan.port] = "the LAN receiver"
-        if r.move_port in taken:
+        if move_port in taken:
             problems.add(
                 "reports.move_port" if problems.written("reports.move_port") else "reports.move_ae",
-                f"is set and reports.move_port ({r.move_port}) is also the port of {taken[r.move_port]}: "
-                "two listeners cannot share a port",
+                f"is set and reports.move_port ({move_port}) is also the port of {taken[move_port]}: "
+                "two listeners cannot share a port (leave reports.move_ae empty: the PACS then moves reports to "
+                "the gateway's own AE, reading_center.calling_ae, on that listener)",
+            )
+    if 0 < r.keep_association_s < r.stat_poll_s:
+        # said at the key the file sets (both, or neither: at keep_association_s)
+        consequence = (
+            "the association would never be kept between a STAT study's rounds; make keep_association_s a few "
+            "seconds longer than stat_poll_s and below the PACS's idle timeout, or 0 for a new association each round"
+        )
+        if problems.written("reports.stat_poll_s") and not problems.written("reports.keep_association_s"):
+            problems.add(
+                "reports.stat_poll_s",
+                f"({r.stat_poll_s:g} s) is longer than reports.keep_association_s ({r.keep_association_s:g} s): "
+                + consequence,
+            )
+        else:
+            problems.add(
+                "reports.keep_association_s",
+                f"({r.keep_association_s:g} s) is shorter than reports.stat_poll_s ({r.stat_poll_s:g} s): "
+                + consequence,
             )
     for code in r.critical_codes:
         scheme, sep, value = code.partition(":")

@@ -710,7 +710,7 @@ class Doctor:
         from lastmile.services.metrics import parse_listen
 
         listen = parse_listen(self.config)
-        url = listen.url()
+        url = listen.url("/metrics")
         try:
             with urllib.request.urlopen(url, timeout=METRICS_TIMEOUT_S) as response:
                 body = response.read()

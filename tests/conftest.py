@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -88,3 +89,33 @@ def restored_logging() -> Iterator[None]:
 
 # Real DICOM peers (Orthanc, storescp, scripted SCP) as fixtures for every test module.
 pytest_plugins = ["tests.peers"]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+    """Report a failure even when pytest cannot render it.
+
+    CPython 3.11 before 3.11.8 can raise `SystemError: AST constructor recursion depth mismatch` from
+    the `ast.parse` pytest runs to show a failing test's source (cpython#106905): the whole run then
+    ends in INTERNALERROR and the failing test is never named. Fall back to a plain traceback.
+    """
+    try:
+        return (yield)
+    except SystemError as exc:
+        if "recursion depth mismatch" not in str(exc):
+            raise
+        error = call.excinfo.value if call.excinfo else exc
+        frames = traceback.extract_tb(error.__traceback__)  # no source parsing, unlike format_tb
+        text = "\n".join(f"  {f.filename}:{f.lineno} in {f.name}" for f in frames)
+        longrepr = f"{text}\n{type(error).__name__}: {error}\n(pytest could not render this failure: {exc})"
+        return pytest.TestReport(
+            item.nodeid,
+            item.location,
+            dict.fromkeys(item.keywords, 1),
+            "failed",
+            longrepr,
+            call.when,
+            duration=call.duration,
+            start=call.start,
+            stop=call.stop,
+        )

@@ -409,7 +409,7 @@ def test_the_service_serves_over_http_until_closed(tmp_path: Path) -> None:
     config = config_at(write_config(tmp_path, metrics_port=free_port()))
     queue_ecgs(config, good=1)
     service = MetricsService(config)
-    url = service.server.listen.url()
+    url = service.server.listen.url("/metrics")
     try:
         assert service.step(__import__("threading").Event()) > 0
         samples = parse_exposition(scrape(url).decode())

@@ -45,7 +45,7 @@ def clock(
 @pytest.mark.parametrize(
     ("age", "stat", "final", "interval"),
     [
-        (60, True, False, 30.0),  # STAT: every 30 s in its first hour
+        (60, True, False, 25.0),  # STAT: every 25 s in its first hour
         (2 * HOUR, True, False, 300.0),  # then like any other
         (60, False, False, 300.0),
         (10 * HOUR, False, False, 900.0),
@@ -66,7 +66,7 @@ def test_a_round_waits_for_one_due_study_then_takes_along_who_would_be_due_befor
     assert policy.round([fresh, almost], NOW) == []  # none due: no round at all
     due = clock(2000, polled_ago=310, uid="due")
     assert policy.round([fresh, almost, due], NOW) == ["due", "almost"]  # next round in 300 s: join now
-    stat = clock(40, stat=True, uid="stat")  # due; the next STAT round comes in 30 s
+    stat = clock(40, stat=True, uid="stat")  # due; the next STAT round comes in 25 s
     assert policy.round([fresh, almost, stat], NOW) == ["stat"]  # "almost" joins a later STAT round
     soon = clock(1000, polled_ago=285, uid="soon")  # due in 15 s: before the next STAT round
     assert policy.round([fresh, soon, stat], NOW) == ["stat", "soon"]

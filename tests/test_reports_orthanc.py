@@ -157,18 +157,16 @@ def test_reading_center_offline_then_back(site) -> None:
         assert store.study(routine.study_uid).polls == 1
 
 
-def test_pacs_refusing_c_get_falls_back_to_c_move(tmp_path, orthanc_factory) -> None:
-    listen, move_port = free_port(), free_port()
-    orthanc = orthanc_with_gateway(orthanc_factory, listen, allow_get=False, move_port=move_port)
+def test_pacs_refusing_c_get_falls_back_to_c_move_to_the_gateways_own_ae(tmp_path, orthanc_factory) -> None:
+    """The PACS knows the gateway as one AE (the storage-commitment entry): reports are moved there.
+    (With the forward service running, the commitment listener takes them: test_report_association.)"""
+    listen = free_port()
+    orthanc = orthanc_with_gateway(orthanc_factory, listen, allow_get=False)
     config = gateway_config(tmp_path, orthanc.dicom_port, orthanc.aet, listen_port=listen)
+    assert config.reports.move_ae == ""  # nothing configured for C-MOVE
     (study,) = send_ecgs(config, [make_recording(3)])
     post(orthanc, ecg_report_sr(to_read(study), findings=["Sinus rhythm"], impression="Normal"))
     with ReportStore.open(config.data_dir) as store:
-        # without a move destination the gateway says what to configure, and keeps nothing half-done
-        refused = poller_for(config, store).run_round(force=True)
-        assert refused.fault and "reports.move_ae" in refused.fault and refused.stored == 0
-
-        config.reports.move_ae, config.reports.move_port = MOVE_AE, move_port
         poller = poller_for(config, store)
         moved = poller.run_round(force=True)
         assert moved.error is None and moved.fault is None
@@ -179,6 +177,19 @@ def test_pacs_refusing_c_get_falls_back_to_c_move(tmp_path, orthanc_factory) -> 
         assert (later.stored, later.retrieved_by) == (1, "C-MOVE")
         assert {r.kind for r in store.reports()} == {"sr", "pdf"}
         assert store.status("poller")["c_move"] is True
+
+
+def test_a_separate_move_ae_gets_the_reports_where_the_pacs_needs_one(tmp_path, orthanc_factory) -> None:
+    listen, move_port = free_port(), free_port()
+    orthanc = orthanc_with_gateway(orthanc_factory, listen, allow_get=False, move_port=move_port)
+    config = gateway_config(tmp_path, orthanc.dicom_port, orthanc.aet, listen_port=listen)
+    (study,) = send_ecgs(config, [make_recording(3)])
+    post(orthanc, ecg_report_sr(to_read(study), findings=["Sinus rhythm"], impression="Normal"))
+    config.reports.move_ae, config.reports.move_port = MOVE_AE, move_port
+    with ReportStore.open(config.data_dir) as store:
+        moved = poller_for(config, store).run_round(force=True)
+        assert moved.error is None and moved.fault is None
+        assert (moved.stored, moved.retrieved_by) == (1, "C-MOVE")
 
 
 def malformed_sr(study: StudyToRead) -> Dataset:

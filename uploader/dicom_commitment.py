@@ -11,6 +11,8 @@ transaction we issued and the instances in it (the forwarder's `on_report` raise
 on the `uploader.dicom_commitment.security` logger, and changes nothing.
 The listener binds one address (the forwarder picks the interface toward the reading center),
 speaks TLS when the sender does, and bounds what a peer can make it hold in memory.
+It is the gateway's one AE and port at the PACS, so it can also take C-STOREs for a C-MOVE to
+our AE (`also_store`: report objects, lastmile.reports), from the same senders only.
 """
 
 from __future__ import annotations
@@ -53,6 +55,16 @@ INVALID_ARGUMENT_VALUE = 0x0115  # e.g. a Transaction UID we never issued
 NOT_AUTHORISED = 0x0124
 MAX_PDU_BYTES = 1 << 20  # any PDU: a report's PDUs are 16 KB, an A-ASSOCIATE-RQ a few KB
 MAX_REPORT_BYTES = 8 << 20  # one N-EVENT-REPORT (~100 bytes per instance: 80 000 instances)
+
+
+@dataclass(frozen=True)
+class ExtraStorage:
+    """Storage contexts the listener also accepts, and their EVT_C_STORE handler (which answers
+    the status): e.g. report objects the PACS C-MOVEs to our AE."""
+
+    sop_classes: tuple[str, ...]
+    transfer_syntaxes: tuple[str, ...]
+    on_store: Callable[[evt.Event], int]
 
 
 @dataclass(frozen=True)
@@ -341,6 +353,7 @@ class CommitmentListener:
         host: str = "127.0.0.1",
         tls: TlsFiles | None = None,
         timeout_s: float = 30.0,
+        also_store: ExtraStorage | None = None,
     ) -> None:
         if not senders.ae_titles:
             raise ConfigurationFault("storage commitment listener: no AE title is allowed to send reports")
@@ -351,6 +364,7 @@ class CommitmentListener:
         self.senders = senders
         self.tls = tls
         self.timeout_s = timeout_s
+        self.also_store = also_store
         self._server: _ReportServer | None = None
         self._lock = threading.Lock()
 
@@ -381,6 +395,9 @@ class CommitmentListener:
             # the reporting PACS is the Storage Commitment SCP: accept it in that role
             ae.add_supported_context(STORAGE_COMMITMENT_PUSH, COMMITMENT_SYNTAXES, scu_role=False, scp_role=True)
             ae.add_supported_context(VERIFICATION)
+            if self.also_store is not None:
+                for uid in self.also_store.sop_classes:
+                    ae.add_supported_context(uid, list(self.also_store.transfer_syntaxes))
             ssl_context = server_tls_context(self.tls) if self.tls is not None else None
             handlers: list[EventHandlerType] = [
                 (evt.EVT_CONN_OPEN, bound_receipt),
@@ -388,6 +405,8 @@ class CommitmentListener:
                 (evt.EVT_REJECTED, log_rejection),
                 (evt.EVT_N_EVENT_REPORT, report_handler(self.on_report, self.senders)),
             ]
+            if self.also_store is not None:
+                handlers.append((evt.EVT_C_STORE, self.also_store.on_store))
             try:
                 server = cast(
                     _ReportServer,

@@ -6,8 +6,15 @@
   With `retrieve=True` it also proposes C-GET and the report storage classes with SCP role
   selection: `get(found)` brings the objects back on the same association — no inbound port, so
   it works from behind the village's NAT.
+- `KeptQueryAssociation(peer)`: the C-FIND association kept open *between* rounds while they come
+  often (a STAT study's hurry): set-up and teardown cost more bytes than "nothing new" does.
+  The caller says after each round how soon the next one comes (`keep_for`); the PACS may close
+  it meanwhile (its idle timeout, a restart, a reset link): the next round opens a new one, and a
+  query that meets a closing association is asked once more on a new one.
 - `move_reports(peer, destination, receiver, found)`: C-MOVE to our own AE, for a PACS that only
-  offers that; `ReportReceiver` is the storage SCP the PACS connects to meanwhile.
+  offers that; `ReportReceiver` is the storage SCP the PACS connects to meanwhile: its own
+  listener while the move runs, or offered to the storage-commitment listener that already
+  holds the gateway's AE and port at the PACS (`offer()`; uploader.dicom_commitment).
 - Every object is kept as the bytes that arrived (Part-10 with the meta of the transfer syntax
   it came in): a report is stored as received, whatever we can read of it.
 - Failures are typed like the sender's (uploader.errors): TransientError (unreachable, aborted,
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -40,6 +48,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from uploader.dicom_association import PeerSettings, associate, release, set_nodelay, stop_server
+from uploader.dicom_commitment import ExtraStorage
 from uploader.dicom_status import is_refusal_of_us
 from uploader.dicom_tls import server_tls_context
 from uploader.errors import ConfigurationFault, PermanentError, TransientError
@@ -165,6 +174,12 @@ class QueryAssociation:
         self._received: list[RetrievedObject] = []
         self._lock = threading.Lock()
 
+    @property
+    def is_open(self) -> bool:
+        """Opened and not released or aborted since (by us or by the peer)."""
+        assoc = self._assoc
+        return assoc is not None and assoc.is_established
+
     def contexts(self) -> list[PresentationContext]:
         contexts = []
         if self.find:
@@ -176,7 +191,9 @@ class QueryAssociation:
             contexts.append(build_context(MOVE, QUERY_SYNTAXES))
         return contexts
 
-    def open(self) -> None:
+    def open(self, *, idle_timeout_s: float | None = None) -> None:
+        """`idle_timeout_s`: how long the open association may sit without a PDU before
+        pynetdicom aborts it (default: the peer's timeout)."""
         if self._assoc is not None:
             raise RuntimeError("association already opened")
         handlers: list[EventHandlerType] = [
@@ -187,6 +204,8 @@ class QueryAssociation:
             handlers.append((evt.EVT_C_STORE, storage_handler(self._received, self._lock)))
         roles = [build_role(uid, scp_role=True) for uid in self.sop_classes] if self.retrieve else []
         self._assoc = associate(self.peer, self.contexts(), handlers, ext_neg=roles)
+        if idle_timeout_s is not None:
+            self._assoc.network_timeout = idle_timeout_s
 
     def close(self) -> None:
         assoc, self._assoc = self._assoc, None
@@ -359,8 +378,9 @@ class QueryAssociation:
                     final = code
             if final == MOVE_DESTINATION_UNKNOWN:
                 raise ConfigurationFault(
-                    f"{self.peer.where} does not know the move destination {destination_ae!r}: "
-                    "add it (host and port of reports.move_port) to the PACS's modalities"
+                    f"{self.peer.where} does not know the move destination {destination_ae!r}: add it to the "
+                    "PACS's modalities with this gateway's address and port (reading_center.listen_port, "
+                    "or reports.move_port for a separate reports.move_ae)"
                 )
             if final is None:
                 raise TransientError(f"{self.peer.where} ended the C-MOVE without a final status")
@@ -368,9 +388,108 @@ class QueryAssociation:
                 self._raise_for(final, "C-MOVE", None)
 
 
+class KeptQueryAssociation:
+    """A C-FIND association (QueryAssociation) kept open between polling rounds.
+
+    `find_reports(uids)` uses the open association, or opens one. After each round the caller
+    says when the next one comes (`keep_for(seconds)`): sooner than `idle_limit_s` keeps the
+    association, later releases it now. `idle_limit_s` stays below the PACS's idle timeout
+    (Orthanc's DicomScpTimeout: 30 s), so the PACS rarely closes it under us; when it does
+    (A-RELEASE, A-ABORT, a TCP reset), that is expected, not an error: the next round opens a new
+    one, and a C-FIND that meets a closing association is asked again once on a new one (a C-FIND
+    changes nothing at the PACS, so asking twice cannot double anything).
+    """
+
+    def __init__(self, peer: PeerSettings, *, idle_limit_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.peer = peer
+        self.idle_limit_s = idle_limit_s
+        self.clock = clock
+        self.opened = 0  # associations opened (the bench and tests count them)
+        self.reused = 0  # rounds that found the association still open
+        self.closed_by_peer = 0  # kept associations the PACS released or aborted
+        self._query: QueryAssociation | None = None
+        self._idle_since = 0.0
+        self._bytes_done = 0  # of associations already closed
+        self._bytes_taken = 0
+
+    @property
+    def is_open(self) -> bool:
+        return self._query is not None and self._query.is_open
+
+    def take_bytes(self) -> int:
+        """PDU bytes both ways since the last call (a release after a round counts in the next)."""
+        total = self._bytes_done
+        if self._query is not None:
+            total += self._query.bytes_sent + self._query.bytes_received
+        taken, self._bytes_taken = total - self._bytes_taken, total
+        return taken
+
+    def find_reports(self, study_uids: Sequence[str], *, batch_size: int = 50) -> list[FoundReport]:
+        query, reused = self._ready()
+        try:
+            return query.find_reports(study_uids, batch_size=batch_size)
+        except TransientError as exc:
+            if not reused:
+                self.close()
+                raise
+            # the PACS closed the kept association as we asked (its idle timeout, a restart)
+            log.info("the kept association with %s ended under a query (%s); asking on a new one", self.peer.where, exc)
+            self.closed_by_peer += 1
+            self.close()
+            query, _reused = self._ready()
+            try:
+                return query.find_reports(study_uids, batch_size=batch_size)
+            except BaseException:
+                self.close()
+                raise
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            self._idle_since = self.clock()
+
+    def _ready(self) -> tuple[QueryAssociation, bool]:
+        """The open association and True, or a new one and False."""
+        query = self._query
+        if query is not None:
+            idle = self.clock() - self._idle_since
+            if not query.is_open:
+                # the PACS's idle timeout came first: expected, said quietly
+                log.debug("%s closed the kept association after %.0f s idle", self.peer.where, idle)
+                self.closed_by_peer += 1
+                self.close()
+            elif idle > self.idle_limit_s:
+                # the round came later than planned: the PACS may be closing it right now
+                log.debug("releasing the association with %s idle for %.0f s", self.peer.where, idle)
+                self.close()
+            else:
+                self.reused += 1
+                return query, True
+        query = QueryAssociation(self.peer)
+        # pynetdicom's network timeout would abort it while it waits for the next round (with an
+        # ERROR in its log); the idle limit closes it instead, the timeout only backs that up
+        query.open(idle_timeout_s=self.idle_limit_s + self.peer.timeout_s)
+        self.opened += 1
+        self._query = query
+        return query, False
+
+    def keep_for(self, next_round_in: float | None) -> None:
+        """After a round: keep the association for a next round due within the idle limit,
+        else release it now. None: no round planned."""
+        if next_round_in is None or next_round_in > self.idle_limit_s:
+            self.close()
+
+    def close(self) -> None:
+        query, self._query = self._query, None
+        if query is not None:
+            query.close()
+            self._bytes_done += query.bytes_sent + query.bytes_received
+
+
 class ReportReceiver:
-    """Our storage SCP for C-MOVE: listens while a move runs, accepts report classes only, and
-    only the SOP instances we asked for (`expect`)."""
+    """Our storage SCP for C-MOVE: accepts report classes only, and only the SOP instances we
+    asked for (`expect`). It listens on its own while a move runs, unless `offer()`ed to another
+    listener of ours (the storage-commitment listener: the PACS knows one port for our AE)."""
 
     def __init__(
         self,
@@ -390,6 +509,16 @@ class ReportReceiver:
         self._expected: set[str] = set()
         self._lock = threading.Lock()
         self._server: object | None = None
+        self.hosted = False  # offered to another listener: never listens itself
+
+    def offer(self) -> ExtraStorage:
+        """What another listener must accept for us; from now on this receiver never binds a port."""
+        self.hosted = True
+        return ExtraStorage(
+            self.sop_classes,
+            tuple(str(ts) for ts in RETRIEVE_SYNTAXES),
+            storage_handler(self.received, self._lock, self._expected),
+        )
 
     def expect(self, sop_instance_uids: Iterable[str]) -> None:
         # mutated in place: the running server's handler holds these very objects
@@ -406,10 +535,10 @@ class ReportReceiver:
 
     @property
     def running(self) -> bool:
-        return self._server is not None
+        return self._server is not None or self.hosted
 
     def start(self) -> None:
-        if self._server is not None:
+        if self._server is not None or self.hosted:
             return
         try:
             ae = AE(ae_title=self.ae_title)

@@ -45,7 +45,13 @@ from typing import Any
 from pydicom.uid import generate_uid
 
 from uploader.dicom_association import PeerSettings
-from uploader.dicom_commitment import CommitmentListener, CommitmentReport, ReportRefused, ReportSenders
+from uploader.dicom_commitment import (
+    CommitmentListener,
+    CommitmentReport,
+    ExtraStorage,
+    ReportRefused,
+    ReportSenders,
+)
 from uploader.dicom_store import CommitmentUnsupported, StoreAssociation
 from uploader.errors import ConfigurationFault, CorruptPayloadError, PermanentError, TransientError
 from uploader.metering import Meter, MeterPolicy
@@ -85,6 +91,7 @@ class ForwarderSettings:
     stat_poll_s: float = 0.025  # how often a round sending routine items looks for a STAT one
     stat_cut_after_s: float | None = 0.2  # cut a routine transfer with more than this to go; None: never
     meter: MeterPolicy | None = None  # daily budget and send windows for routine items (STAT exempt)
+    also_store: ExtraStorage | None = None  # the commitment listener also takes these (reports C-MOVEd to our AE)
 
 
 @dataclass
@@ -172,6 +179,7 @@ class EcgForwarder:
             ReportSenders(ae_titles=(peer.called_ae,), hosts=(peer.host,), networks=self.settings.report_networks),
             host=host,
             tls=peer.tls,
+            also_store=self.settings.also_store,
         )
         listener.start()
         self._listener = listener

@@ -9,6 +9,7 @@ live page updates itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import logging
@@ -57,6 +58,17 @@ class EcgAnalyses:
         task = asyncio.get_running_loop().create_task(self._run(sha256, load_payload))
         self._running[sha256] = task
 
+    async def close(self) -> None:
+        """Stop the running analyses and their workers before the event loop ends.
+
+        A worker left running outlives the console, and its transport, collected after the loop
+        closed, raises from its finaliser ("Event loop is closed").
+        """
+        tasks = list(self._running.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     async def _run(self, sha256: str, load_payload: Callable[[], Awaitable[bytes | None]]) -> None:
         try:
             payload = await load_payload()
@@ -81,9 +93,11 @@ class EcgAnalyses:
         try:
             out, err = await asyncio.wait_for(proc.communicate(payload), WORKER_TIMEOUT_S)
         except TimeoutError:
-            proc.kill()
-            await proc.wait()
+            await self._end(proc)
             return EcgAnalysis(None, None, "analysis timed out")
+        except asyncio.CancelledError:
+            await self._end(proc)  # the console is stopping
+            raise
         if proc.returncode != 0:
             log.warning("ECG worker exited %s: %s", proc.returncode, err.decode(errors="replace")[-500:])
             return EcgAnalysis(None, None, f"worker exited {proc.returncode}")
@@ -91,3 +105,9 @@ class EcgAnalyses:
         if "error" in data:
             return EcgAnalysis(None, None, str(data["error"]))
         return EcgAnalysis(data["quality"], gzip.compress(data["svg"].encode(), 6))
+
+    @staticmethod
+    async def _end(proc: asyncio.subprocess.Process) -> None:
+        with contextlib.suppress(ProcessLookupError):  # it may have just exited
+            proc.kill()
+        await proc.wait()

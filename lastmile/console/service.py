@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import socket
 import threading
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lastmile.config import Config, ConfigError
+from lastmile.config import Config, ConfigError, Listen
 
 if TYPE_CHECKING:
     import uvicorn
@@ -33,19 +31,6 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 30.0
 LOOP_CHECK_TIMEOUT_S = 10.0  # the event loop must answer within this (WatchdogSec=30)
-
-
-@dataclass(frozen=True, slots=True)
-class Listen:
-    host: str
-    port: int
-
-    @property
-    def loopback(self) -> bool:
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return self.host == "localhost"
 
 
 M_MMAP_THRESHOLD = -3  # mallopt(3)
@@ -213,6 +198,7 @@ class ConsoleServer:
             self._stop.set()
             state.broker.publish()  # event streams see the stop and end
             await watch
+            await state.analyses.close()
 
     def alive(self) -> bool:
         """The server thread runs and its event loop answers."""

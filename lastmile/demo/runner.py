@@ -195,7 +195,7 @@ def _reports_part(
     """结果回传: the county's reports come back to the village (C-FIND + C-GET)."""
     say(f"the county cardiologist read {read} ECGs (reports, some with a PDF, at the reading center)")
     poller = make_poller(config, store, peer_settings(config.reading_center))
-    # the service polls on a schedule (STAT every 30 s); the demo asks at once
+    # the service polls on a schedule (STAT every `reports.stat_poll_s`); the demo asks at once
     result = poller.run_round(force=True)
     if result.error or result.fault:
         say(f"  could not ask the reading center: {result.error or result.fault}")

@@ -3,7 +3,7 @@ rarely once it is old — every byte on a metered 4G link is paid for.
 
 Interval by the study's age (since it was sent):
 
-    STAT, first `stat_hurry_s` (1 h)       stat_poll_s (30 s)
+    STAT, first `stat_hurry_s` (1 h)       stat_poll_s (25 s)
     younger than 6 h                        5 min
     6 h - 1 day                             15 min
     1 - 3 days                              1 h
@@ -14,7 +14,7 @@ A round is due when any study's interval has run out. It also takes along every 
 otherwise fall due before the next round comes anyway (within the shortest interval among the due
 ones) and is at least `coalesce` (half) of the way to its turn: a study costs ~65 bytes in a shared
 C-FIND, a round of its own ~2 KB on the wire. So studies on one schedule fall into step and share
-rounds, and during a STAT study's 30 s hurry the routine ones join only the round just before
+rounds, and during a STAT study's 25 s hurry the routine ones join only the round just before
 their own turn, not every one.
 Pure: times are passed in (seconds since the epoch).
 """
@@ -47,7 +47,7 @@ class StudyClock:
 
 @dataclass(frozen=True)
 class PollPolicy:
-    stat_poll_s: float = 30.0
+    stat_poll_s: float = 25.0
     stat_hurry_s: float = HOUR
     amendment_poll_s: float = 12 * HOUR
     window_s: float = 14 * DAY

@@ -4,10 +4,13 @@ A round (`run_round`) takes the studies the policy says are due (lastmile.report
 the reading center about all of them at once and keeps what is new:
 
 - DICOM: one association with only the C-FIND context (the usual answer is "nothing new", and
-  that should cost a few hundred bytes); only when something new was found, a second one with
+  that should cost a few hundred bytes), kept open for the next round while rounds come within
+  `keep_association_s` (a STAT study's hurry) and released otherwise (uploader.dicom_query
+  KeptQueryAssociation); only when something new was found, a second one with
   C-GET and the storage contexts brings it back. A PACS that refuses C-GET gets a C-MOVE to
-  `reports.move_ae` (our storage SCP listens only while the move runs); C-GET is tried again a
-  day later.
+  the gateway's own AE (the one the PACS already knows, with the storage-commitment listener's
+  port, which then takes the C-STOREs too; or our own storage SCP on that port while the move
+  runs), or to a separate `reports.move_ae`; C-GET is tried again a day later.
 - FHIR: DiagnosticReport search by the studies' UIDs (changed since the last look), then
   conditional reads of the preliminary reports we hold.
 
@@ -36,6 +39,7 @@ from lastmile.reports.store import POLLER_STATUS, ReportStore, SentStudy
 from uploader.dicom_association import PeerSettings
 from uploader.dicom_query import (
     FoundReport,
+    KeptQueryAssociation,
     QueryAssociation,
     ReportReceiver,
     RetrievedObject,
@@ -70,7 +74,8 @@ class PollerSettings:
     source: str = "dicom"  # "dicom", "fhir", "both"
     policy: PollPolicy = field(default_factory=PollPolicy)
     batch_size: int = 50
-    move_ae: str = ""
+    keep_association_s: float = 28.0  # keep the C-FIND association for a round due within this; 0: never
+    move_ae: str = ""  # C-MOVE destination; "": no C-MOVE
     move_port: int = 11114
     move_host: str = "0.0.0.0"
     backoff_base_s: float = 30.0
@@ -120,6 +125,7 @@ class ReportPoller:
         alerter: CriticalAlerter | None = None,
         clock: Callable[[], float] = time.time,
         meter: Meter | None = None,
+        receiver: ReportReceiver | None = None,
     ) -> None:
         if settings.dicom and peer is None:
             raise ValueError("DICOM polling needs the reading center's PeerSettings")
@@ -133,6 +139,10 @@ class ReportPoller:
         self.alerter = alerter or CriticalAlerter(store)
         self.clock = clock
         self.meter = meter  # while it is shut, only STAT studies are asked about
+        # where C-MOVEd reports arrive: offered to the commitment listener, or listening on its own
+        self.receiver = receiver or ReportReceiver(
+            settings.move_ae, settings.move_port, host=settings.move_host, peer=peer
+        )
         self._rng = random.Random()
         self._failures = 0
         self._retry_at = 0.0
@@ -140,6 +150,22 @@ class ReportPoller:
         self._last_purge = 0.0
         self.bytes_total = 0
         self.rounds = 0
+        self.queries = (
+            KeptQueryAssociation(peer, idle_limit_s=settings.keep_association_s, clock=lambda: self.clock())
+            if peer is not None
+            else None
+        )
+
+    def close(self) -> None:
+        """Release the kept association (the service stops, a test ends)."""
+        if self.queries is not None:
+            self.queries.close()
+
+    def __enter__(self) -> ReportPoller:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- scheduling ---------------------------------------------------------------------------
     def _clocks(self, now: float) -> list[tuple[SentStudy, StudyClock]]:
@@ -186,7 +212,7 @@ class ReportPoller:
         if uids:
             result.asked = len(uids)
             result.study_uids = list(uids)
-            self._ask(uids, studies, result, now)
+            self._ask(uids, studies, result, now, keep=not force)
         self.alerter.alert_pending()
         if now - self._last_purge >= PURGE_EVERY_S:
             self._last_purge = now
@@ -195,7 +221,9 @@ class ReportPoller:
                 log.info("%d old stud(ies) and their reports deleted (retention)", purged)
         return result
 
-    def _ask(self, uids: list[str], studies: dict[str, SentStudy], result: PollRound, now: float) -> None:
+    def _ask(
+        self, uids: list[str], studies: dict[str, SentStudy], result: PollRound, now: float, *, keep: bool
+    ) -> None:
         try:
             if self.settings.dicom:
                 self._dicom_round(uids, result)
@@ -225,6 +253,10 @@ class ReportPoller:
         polled = [] if (result.error or result.fault) else uids
         # one transaction per round (the SD card): the studies asked about and the status
         self.store.mark_polled(polled, self._utc(now), status=(STATUS_NAME, self._status(result, now)))
+        if self.queries is not None:
+            # kept only while the next round comes soon (a STAT study's hurry), released otherwise;
+            # a forced round (`lastmile report poll`, the demo) is a one-off: released at once
+            self.queries.keep_for(self.next_due_in() if keep else None)
 
     def _status(self, result: PollRound, now: float) -> dict[str, object]:
         previous = self.store.status(STATUS_NAME) or {}
@@ -253,12 +285,11 @@ class ReportPoller:
 
     # -- DICOM ----------------------------------------------------------------------------------
     def _dicom_round(self, uids: Sequence[str], result: PollRound) -> None:
-        assert self.peer is not None
-        with QueryAssociation(self.peer) as query:
-            try:
-                found = query.find_reports(uids, batch_size=self.settings.batch_size)
-            finally:
-                result.bytes += query.bytes_sent + query.bytes_received
+        assert self.queries is not None
+        try:
+            found = self.queries.find_reports(uids, batch_size=self.settings.batch_size)
+        finally:
+            result.bytes += self.queries.take_bytes()
         result.found += len(found)
         new = [f for f in found if not self.store.has_object(f.sop_instance_uid)]
         if not new:
@@ -289,18 +320,12 @@ class ReportPoller:
                 return objects
             except RetrieveRefused as exc:
                 if not self.settings.move_ae:
-                    raise ConfigurationFault(
-                        f"{exc}; set reports.move_ae and reports.move_port (and that AE at the PACS) "
-                        "to retrieve reports with C-MOVE"
-                    ) from None
+                    raise ConfigurationFault(f"{exc}; and no C-MOVE destination is configured") from None
                 log.warning("reports: %s; retrieving with C-MOVE to %s", exc, self.settings.move_ae)
                 refused = True
         else:
             refused = False
-        receiver = ReportReceiver(
-            self.settings.move_ae, self.settings.move_port, host=self.settings.move_host, peer=self.peer
-        )
-        objects, cost = move_reports(self.peer, self.settings.move_ae, receiver, new)
+        objects, cost = move_reports(self.peer, self.settings.move_ae, self.receiver, new)
         result.bytes += cost
         result.retrieved_by = "C-MOVE"
         if refused:  # C-MOVE worked where C-GET did not: the PACS refuses C-GET, not the link
@@ -396,7 +421,7 @@ class ReportPoller:
 
 class PollerThread:
     """Runs a ReportPoller on its own thread, so a slow or absent reading center never holds up
-    the forwarder's C-STOREs. `wake()` when a study was sent (a STAT one is due in 30 s)."""
+    the forwarder's C-STOREs. `wake()` when a study was sent (a STAT one is due in 25 s)."""
 
     def __init__(
         self, poller: ReportPoller, *, idle_s: float = 300.0, on_round: Callable[[PollRound], None] | None = None

@@ -18,6 +18,8 @@ from lastmile.reports.sent import SentStudyRecorder
 from lastmile.reports.store import ReportStore
 from lastmile.services.metered import meters
 from uploader.dicom_association import PeerSettings
+from uploader.dicom_commitment import ExtraStorage
+from uploader.dicom_query import ReportReceiver
 from uploader.metering import Meter
 from uploader.report_reading import CriticalRules
 
@@ -28,8 +30,22 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def move_destination(config: Config) -> tuple[str, int, bool]:
+    """Where a C-MOVE sends reports: (AE title, port, whether it is the gateway's own AE).
+
+    The PACS knows the gateway as one AE title with one address and port (reading_center
+    calling_ae and listen_port: its storage-commitment reports go there), so that is the
+    destination unless a separate reports.move_ae is configured (then on reports.move_port)."""
+    r, rc = config.reports, config.reading_center
+    own = not r.move_ae.strip() or r.move_ae.strip() == rc.calling_ae.strip()
+    if own:
+        return rc.calling_ae, rc.listen_port, True
+    return r.move_ae, r.move_port, False
+
+
 def poller_settings(config: Config) -> PollerSettings:
     r = config.reports
+    move_ae, move_port, _own = move_destination(config)
     return PollerSettings(
         source=r.source,
         policy=PollPolicy(
@@ -39,9 +55,10 @@ def poller_settings(config: Config) -> PollerSettings:
             window_s=r.window_days * DAY,
         ),
         batch_size=max(1, r.batch_size),
-        move_ae=r.move_ae,
-        move_port=r.move_port,
-        move_host=r.move_host,
+        keep_association_s=r.keep_association_s,
+        move_ae=move_ae,
+        move_port=move_port,
+        move_host=r.move_host or config.reading_center.listen_host or "0.0.0.0",
         backoff_base_s=r.backoff_base_s,
         backoff_max_s=r.backoff_max_s,
         config_fault_retry_s=config.outbox.config_fault_retry_s,
@@ -71,7 +88,11 @@ def fhir_report_client(config: Config) -> FhirReportClient | None:
 
 
 def make_poller(
-    config: Config, store: ReportStore, peer: PeerSettings | None, meter: Meter | None = None
+    config: Config,
+    store: ReportStore,
+    peer: PeerSettings | None,
+    meter: Meter | None = None,
+    receiver: ReportReceiver | None = None,
 ) -> ReportPoller:
     settings = poller_settings(config)
     return ReportPoller(
@@ -82,6 +103,7 @@ def make_poller(
         rules=critical_rules(config),
         alerter=CriticalAlerter(store, config.reports.critical_command),
         meter=meter,
+        receiver=receiver,
     )
 
 
@@ -89,9 +111,18 @@ class ReportService:
     def __init__(self, config: Config, outbox: Outbox, peer: PeerSettings) -> None:
         self.enabled = config.reports.source != "off"
         self.store = ReportStore.open(config.data_dir)
+        # reports C-MOVEd to the gateway's own AE arrive at the storage-commitment listener (the
+        # port the PACS knows for that AE): the forwarder's listener takes them (`move_storage`)
+        self.move_storage: ExtraStorage | None = None
+        receiver = None
+        _ae, _port, own = move_destination(config)
+        if self.enabled and config.reports.source != "fhir" and own and config.reading_center.storage_commitment:
+            settings = poller_settings(config)
+            receiver = ReportReceiver(settings.move_ae, settings.move_port, host=settings.move_host, peer=peer)
+            self.move_storage = receiver.offer()
         try:
             meter = meters(config, outbox).get("reports")
-            self.poller = make_poller(config, self.store, peer, meter) if self.enabled else None
+            self.poller = make_poller(config, self.store, peer, meter, receiver) if self.enabled else None
         except BaseException:
             self.store.close()
             raise
@@ -114,6 +145,8 @@ class ReportService:
     def close(self) -> None:
         if self.thread is not None:
             self.thread.stop()
+        if self.poller is not None:
+            self.poller.close()  # the kept association, released rather than dropped
         self.recorder.stop()
         if self.poller is not None and self.poller.fhir is not None:
             self.poller.fhir.close()

@@ -17,6 +17,7 @@ import os
 import sqlite3
 import threading
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from lastmile.config import Config, ReadingCenterSection
@@ -83,9 +84,9 @@ class ForwardService:
         try:
             self.reports = self._make_reports(config)
             try:
-                self.ecg = EcgForwarder(
-                    self.outbox, forwarder_settings(config), on_event=self.reports.recorder.on_event
-                )
+                # the commitment listener also takes reports C-MOVEd to our AE (the PACS knows one port)
+                settings = replace(forwarder_settings(config), also_store=self.reports.move_storage)
+                self.ecg = EcgForwarder(self.outbox, settings, on_event=self.reports.recorder.on_event)
                 self.ecg.start()
                 try:
                     self._fhir = self._make_fhir(config)

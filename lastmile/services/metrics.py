@@ -47,13 +47,11 @@ Metric names (all gauges unless marked):
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from socketserver import TCPServer, ThreadingMixIn
 from typing import TYPE_CHECKING, TypeVar
@@ -63,7 +61,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from lastmile import __version__
-from lastmile.config import Config, ConfigError, host_port
+from lastmile.config import Config, ConfigError, Listen, host_port
 from lastmile.services import metrics_sources as sources
 
 if TYPE_CHECKING:
@@ -85,24 +83,6 @@ REQUEST_TIMEOUT_S = 10.0  # a client that connects and sends nothing does not ke
 SELF_CHECK_S = 5.0  # how often the service checks its server thread (the watchdog sees the loop)
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class Listen:
-    host: str
-    port: int
-
-    @property
-    def loopback(self) -> bool:
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return self.host == "localhost"
-
-    def url(self) -> str:
-        """Where a client on this machine reaches it (0.0.0.0 / :: are reached on loopback)."""
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
-        return f"http://[{host}]:{self.port}/metrics" if ":" in host else f"http://{host}:{self.port}/metrics"
 
 
 def parse_listen(config: Config) -> Listen:
@@ -462,7 +442,7 @@ class MetricsService:
             raise OSError(
                 exc.errno, f"metrics.listen {config.metrics.listen!r} cannot be used: {exc.strerror}"
             ) from exc
-        log.info("metrics on %s", self.server.listen.url())
+        log.info("metrics on %s", self.server.listen.url("/metrics"))
 
     def step(self, stop: threading.Event) -> float:
         if not self.server.alive:
@@ -479,4 +459,4 @@ class MetricsService:
         self.server.stop()
 
     def status_line(self) -> str:
-        return f"serving {self.server.listen.url()}"
+        return f"serving {self.server.listen.url('/metrics')}"
