@@ -40,11 +40,14 @@ BOOT_PACKAGES="linux-image-arm64 raspi-firmware firmware-brcm80211 bluez-firmwar
 # reuses the debootstrap, kernel and initramfs caches: none of these touch the initramfs):
 #   printing   cups-daemon cups-client cups-filters cups-server-common: the scheduler, `lp`, and the
 #              filters (pdftopdf, texttopdf, ghostscript) that turn a PDF or UTF-8 text into what a
-#              USB printer takes; fonts-noto-cjk + fontconfig: the report's Chinese glyphs
+#              USB printer takes; fonts-noto-cjk + fontconfig: the report's Chinese glyphs;
+#              fonts-wqy-microhei: texttopdf cannot use Noto CJK (CFF in a .ttc: "Bad TTC subfont
+#              number", the Chinese printed as empty boxes): it lays out a text report in this
+#              TrueType CJK font (files/fonts-zh-cn.conf)
 #   time       chrony (replaces systemd-timesyncd: both provide time-daemon) with gpsd's clock
 #   links      network-manager + modemmanager (+ usb-modeswitch for 4G sticks that first show up
 #              as a CD-ROM, wireless-regdb for the Wi-Fi regulatory domain): image/README.md
-EXTRA_PACKAGES="cups-daemon cups-client cups-filters cups-server-common fontconfig fonts-noto-cjk chrony network-manager modemmanager usb-modeswitch wireless-regdb"
+EXTRA_PACKAGES="cups-daemon cups-client cups-filters cups-server-common fontconfig fonts-noto-cjk fonts-wqy-microhei chrony network-manager modemmanager usb-modeswitch wireless-regdb"
 T0=$(date +%s)
 say() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 

@@ -222,6 +222,8 @@ def report_printing_time_links() -> None:
         env=env,
     )
     Path("/run/lastmile-print-sample.pdf").write_bytes(pdf.stdout)
+    # kept on the data partition too, for a look from the host after the boot (debugfs)
+    Path("/var/lib/lastmile/print-sample.pdf").write_bytes(pdf.stdout)
     say(
         "texttopdf",
         {
@@ -229,6 +231,8 @@ def report_printing_time_links() -> None:
             "bytes": len(pdf.stdout),
             "stderr": pdf.stderr.decode(errors="replace")[-400:],
             "fonts": run("pdffonts", "/run/lastmile-print-sample.pdf").splitlines(),
+            "charset": [ln for ln in Path("/usr/share/cups/charsets/pdf.utf-8.simple").read_text().splitlines()
+                        if ln and not ln.startswith("#")][:12] if Path("/usr/share/cups/charsets/pdf.utf-8.simple").exists() else None,
         },
     )
     # The whole path, scheduler and all, into a queue that writes to /dev/null (no printer here).
