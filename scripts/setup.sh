@@ -14,7 +14,8 @@ if [ "$mode" = "--test" ]; then
                  e2fsprogs fdisk openssl librsvg2-bin prometheus
                  qemu-system-arm qemu-utils zstd  # the image's whole-machine boot test
                  chromium chromium-driver fonts-noto-cjk  # the console's browser tests (+ CJK glyphs)
-                 network-manager chrony)  # the image's links and clock: their configs checked by nmcli, chronyd -p
+                 network-manager chrony  # the image's links and clock: their configs checked by nmcli, chronyd -p
+                 fonts-wqy-microhei)  # the image's fontconfig rule for CUPS's texttopdf
   command -v npm >/dev/null || apt_packages+=(nodejs npm)  # Lighthouse (bench/console.py)
 fi
 # CPU load for flake hunts (scripts/rehearse-ci.sh --load).

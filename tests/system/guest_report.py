@@ -211,6 +211,7 @@ def report_printing_time_links() -> None:
     """CUPS and the CJK fonts, chrony with gpsd, the watchdog, NetworkManager's connections."""
     say("lpstat", run("lpstat", "-r"))
     say("fc-match", run("fc-match", "-f", "%{family[0]}|%{file}", "sans-serif:lang=zh-cn"))
+    say("fc-match-texttopdf", run("fc-match", "-f", "%{family[0]}|%{fontformat}", "ARPLUmingCN"))
     # A Chinese text as CUPS's own filter lays it out (cups-filters' texttopdf, the fonts through
     # fontconfig): which fonts the PDF embeds (poppler's pdffonts).
     sample = Path("/run/lastmile-print-sample.txt")
@@ -231,8 +232,18 @@ def report_printing_time_links() -> None:
             "bytes": len(pdf.stdout),
             "stderr": pdf.stderr.decode(errors="replace")[-400:],
             "fonts": run("pdffonts", "/run/lastmile-print-sample.pdf").splitlines(),
-            "charset": [ln for ln in Path("/usr/share/cups/charsets/pdf.utf-8.simple").read_text().splitlines()
-                        if ln and not ln.startswith("#")][:12] if Path("/usr/share/cups/charsets/pdf.utf-8.simple").exists() else None,
+            # ghostscript's text extraction: with no ToUnicode the characters come out shifted,
+            # but a glyph the font lacks (an empty box) comes out as a blank
+            "text": run(
+                "gs", "-q", "-dNOPAUSE", "-dBATCH", "-sDEVICE=txtwrite", "-o", "-", "/run/lastmile-print-sample.pdf"
+            ).splitlines(),
+            "charset": [
+                ln
+                for ln in Path("/usr/share/cups/charsets/pdf.utf-8.simple").read_text().splitlines()
+                if ln and not ln.startswith("#")
+            ][:12]
+            if Path("/usr/share/cups/charsets/pdf.utf-8.simple").exists()
+            else None,
         },
     )
     # The whole path, scheduler and all, into a queue that writes to /dev/null (no printer here).

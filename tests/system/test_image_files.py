@@ -470,13 +470,16 @@ def test_the_hardware_watchdog_drop_in() -> None:
         ("sans-serif:lang=zh-cn", "Noto Sans CJK SC"),
         ("serif:lang=zh-cn", "Noto Serif CJK SC"),
         ("monospace:lang=zh-cn", "Noto Sans Mono CJK SC"),
+        # what CUPS's texttopdf asks for its CJK range: a TrueType font, it refuses Noto's CFF .ttc
+        ("ARPLUmingCN", "WenQuanYi Micro Hei Mono|TrueType"),
     ],
 )
 def test_fontconfig_picks_noto_cjk_sc_for_chinese(tmp_path: Path, pattern: str, family: str) -> None:
     """fc-match with the host's fonts (fonts-noto-cjk, as on the image) and the image's rule."""
     fc_match = require_tool("fc-match")
-    if not list(Path("/usr/share/fonts").rglob("NotoSansCJK-Regular.ttc")):
-        missing("fonts-noto-cjk is not installed (scripts/setup.sh --test installs it)")
+    for font in ("NotoSansCJK-Regular.ttc", "wqy-microhei.ttc"):  # as on the image
+        if not list(Path("/usr/share/fonts").rglob(font)):
+            missing(f"no {font}: fonts-noto-cjk, fonts-wqy-microhei (scripts/setup.sh --test installs them)")
     conf = tmp_path / "fonts.conf"
     conf.write_text(
         '<?xml version="1.0"?>\n<!DOCTYPE fontconfig SYSTEM "urn:fontconfig:fonts.dtd">\n<fontconfig>\n'
@@ -484,7 +487,7 @@ def test_fontconfig_picks_noto_cjk_sc_for_chinese(tmp_path: Path, pattern: str, 
         f"  <cachedir>{tmp_path / 'cache'}</cachedir>\n</fontconfig>\n"
     )
     done = subprocess.run(
-        [fc_match, "-f", "%{family[0]}", pattern],
+        [fc_match, "-f", "%{family[0]}|%{fontformat}" if "|" in family else "%{family[0]}", pattern],
         env={**os.environ, "FONTCONFIG_FILE": str(conf)},
         capture_output=True,
         text=True,
