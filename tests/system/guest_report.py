@@ -263,6 +263,7 @@ def report_printing_time_links() -> None:
             "pending": run("lpstat", "-o", "boottest").splitlines(),
         },
     )
+    say("pcl-driver", [ln for ln in run("lpinfo", "-m").splitlines() if "pxlmono.ppd" in ln])
     say("printer-unit", run("journalctl", "-b", "-u", "lastmile-printer", "-o", "cat", "--no-pager").splitlines())
     say(
         "chrony",

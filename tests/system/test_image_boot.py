@@ -384,6 +384,8 @@ def test_cups_runs_and_prints_chinese_with_noto_cjk(booted: dict) -> None:
     assert job["lp"].startswith("request id is boottest-"), job
     assert len(job["completed"]) == 1 and job["pending"] == [], job
     assert any("no USB printer" in line for line in one(booted, "printer-unit")), one(booted, "printer-unit")
+    # the driver lastmile-printer gives a USB printer, as CUPS names it
+    assert len(one(booted, "pcl-driver")) == 1 and one(booted, "pcl-driver")[0].split()[0].endswith("/pxlmono.ppd")
 
 
 def test_chrony_is_the_one_time_daemon_with_gpsd_as_its_reference(booted: dict) -> None:
