@@ -263,7 +263,15 @@ def report_printing_time_links() -> None:
             "pending": run("lpstat", "-o", "boottest").splitlines(),
         },
     )
-    say("pcl-driver", [ln for ln in run("lpinfo", "-m").splitlines() if "pxlmono.ppd" in ln])
+    models = run("lpinfo", "-m").splitlines()
+    say(
+        "pcl-driver",
+        {
+            "lpinfo_models": len(models),
+            "lpinfo_pxlmono": [ln for ln in models if "pxlmono.ppd" in ln],
+            "ppd_file": Path("/usr/share/ppd/cupsfilters/pxlmono.ppd").is_file(),
+        },
+    )
     say("printer-unit", run("journalctl", "-b", "-u", "lastmile-printer", "-o", "cat", "--no-pager").splitlines())
     say(
         "chrony",
