@@ -73,9 +73,10 @@ def _crc(chunk: bytes) -> int:
     return binascii.crc_hqx(chunk, 0xFFFF)
 
 
-def build_record(bodies: dict[int, bytes], protocol: int = 20) -> bytes:
-    """An SCP-ECG record from section bodies (without headers); section 0 is made here."""
-    ids = sorted(set(range(1, 12)) | set(bodies))
+def build_record(bodies: dict[int, bytes], protocol: int = 20, *, listed_only: bool = False) -> bytes:
+    """An SCP-ECG record from section bodies (without headers); section 0 is made here and lists
+    sections 1-11 (absent ones with length 0), or with `listed_only` just the given ones."""
+    ids = sorted(set(bodies) if listed_only else set(range(1, 12)) | set(bodies))
     sec0_len = 16 + 10 * (len(ids) + 1)
     layout = []
     index = 7 + sec0_len

@@ -387,8 +387,11 @@ def _person_name(value: str) -> str:
     while len(groups) > 1 and len("=".join(groups).encode("utf-8")) > _MAX_CHARS["PN"]:
         groups.pop()
     name = _fit("=".join(groups), _MAX_CHARS["PN"]).rstrip("=^ ")
-    # a one-word name is the family name: "Clark^" (plain "Clark" is the retired PN form)
-    return name + "^" if name and "^" not in name and "=" not in name else name
+    # a one-word name is the family name: "Clark^" (plain "Clark" is the retired PN form); the
+    # "^" counts towards the 64 bytes too
+    if name and "^" not in name and "=" not in name:
+        return _fit(name, _MAX_CHARS["PN"] - 1) + "^"
+    return name
 
 
 def _ds(value: float) -> str:

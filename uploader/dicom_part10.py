@@ -34,7 +34,9 @@ from uploader.errors import PermanentError
 # A stored deflated payload inflates to at most this much (the LAN receiver refuses far smaller
 # objects; this is the forwarder's own bound against a bomb that got into the outbox).
 MAX_INFLATED_BYTES = 32 * 2**20
-_HEAD_BYTES = 64 * 1024  # inflated bytes read for the SOP UIDs (they come first in a data set)
+_HEAD_BYTES = 64 * 1024  # inflated bytes read at most for the SOP UIDs (they come first in a data set)
+_FIRST_HEAD_BYTES = 2048  # tried first: inflating 64 KiB was most of the CPU a store cost here
+_TAG_HEADER_BYTES = 8
 
 
 class UnsendablePayload(PermanentError):
@@ -87,8 +89,10 @@ def parse_part10(data: bytes) -> Part10:
         meta = read_dataset(fp, False, True, stop_when=_outside_group_2)
         offset = fp.tell()
         ts = _uid_of(meta, 0x00020010, "Transfer Syntax UID")
-        source = BytesIO(inflate_head(data[offset:], _HEAD_BYTES)) if ts.is_deflated else fp
-        head = read_dataset(source, ts.is_implicit_VR, ts.is_little_endian, stop_when=_past_sop_uids)
+        if ts.is_deflated:
+            head = _deflated_head(data[offset:], ts)
+        else:
+            head = read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian, stop_when=_past_sop_uids)
         sop_class = _uid_of(head, 0x00080016, "SOP Class UID")
         sop_instance = _uid_of(head, 0x00080018, "SOP Instance UID")
     except UnsendablePayload:
@@ -96,6 +100,26 @@ def parse_part10(data: bytes) -> Part10:
     except Exception as exc:  # noqa: BLE001 — pydicom raises many types on damaged bytes
         raise UnsendablePayload(f"payload has no readable file meta / SOP UIDs: {type(exc).__name__}: {exc}") from None
     return Part10(data, sop_class, sop_instance, ts, offset)
+
+
+def _deflated_head(deflated: bytes, ts: UID) -> Dataset:
+    """The elements up to the SOP UIDs of a deflated data set, inflating as little as it takes:
+    2 KiB, then four times more, up to `_HEAD_BYTES`. A head is believed only if reading stopped
+    at the element after the SOP UIDs (so none was cut short) or the stream ended within it."""
+    size = _FIRST_HEAD_BYTES
+    while True:
+        head = inflate_head(deflated, size)
+        source = BytesIO(head)
+        try:
+            ds = read_dataset(source, ts.is_implicit_VR, ts.is_little_endian, stop_when=_past_sop_uids)
+        except Exception:  # a head cut inside an element: read more, or give up at the cap
+            if size >= _HEAD_BYTES:
+                raise
+        else:
+            whole = len(head) < size or source.tell() + _TAG_HEADER_BYTES <= len(head)
+            if whole or size >= _HEAD_BYTES:
+                return ds
+        size = min(size * 4, _HEAD_BYTES)
 
 
 def _deflate(raw: bytes, level: int) -> bytes:

@@ -26,6 +26,7 @@ from pydicom.filereader import read_dataset
 from pydicom.uid import UID, ImplicitVRLittleEndian
 from pynetdicom import build_context, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import EventHandlerType
 from pynetdicom.presentation import PresentationContext
@@ -52,6 +53,7 @@ from uploader.dicom_status import (
     status_meaning,
 )
 from uploader.errors import ConfigurationFault, PermanentError, TransientError
+from uploader.link_pacing import LinkPacer
 from uploader.masking import mask_server_text
 
 log = logging.getLogger(__name__)
@@ -153,8 +155,13 @@ class StoreAssociation:
         commitment: bool = False,
         on_report: Callable[[CommitmentReport], None] | None = None,
         raw_send: bool = True,
+        pacer: LinkPacer | None = None,
     ) -> None:
         self.peer = peer
+        self.pacer = pacer
+        self.paced = pacer is not None  # False: this association's bytes go unpaced (a STAT object)
+        self.opened_in_s = 0.0  # the association negotiation's time: about one round trip
+        self.last_sent_at = 0.0  # when the last PDU was handed to the socket (paced associations)
         self.raw_send = raw_send
         self.sop_class_uids = tuple(sop_class_uids)
         self.commitment = commitment
@@ -176,7 +183,13 @@ class StoreAssociation:
         handlers: list[EventHandlerType] = []
         if self._on_report is not None:
             handlers.append((evt.EVT_N_EVENT_REPORT, report_handler(self._on_report)))
+        if self.pacer is not None:
+            handlers.append((evt.EVT_DATA_SENT, self._pace))
+        started = time.monotonic()
         self._assoc = associate(self.peer, contexts, handlers)
+        self.opened_in_s = time.monotonic() - started
+        if self.pacer is not None:
+            self.pacer.observe_rtt(self.opened_in_s)
         rank = {ts: i for i, ts in enumerate(self._preference)}
         for cx in self._assoc.accepted_contexts:
             ts = UID(cx.transfer_syntax[0])
@@ -197,6 +210,11 @@ class StoreAssociation:
             self.peer.where,
             {UID(k).name: [UID(c.transfer_syntax[0]).name for c in v] for k, v in self._contexts_by_class.items()},
         )
+
+    def _pace(self, event: evt.Event) -> None:
+        if self.paced and self.pacer is not None:
+            self.pacer.on_data_sent(event)
+        self.last_sent_at = time.monotonic()
 
     def close(self) -> None:
         assoc, self._assoc = self._assoc, None
@@ -328,7 +346,11 @@ class StoreAssociation:
         while not assoc._is_paused:
             time.sleep(0.0001)
         try:
-            assoc.dimse.send_msg(req, int(cx.context_id))  # type: ignore[arg-type]
+            pdu_bytes = self.pacer.pdu_bytes() if self.paced and self.pacer is not None else None
+            if pdu_bytes is None:
+                assoc.dimse.send_msg(req, int(cx.context_id))  # type: ignore[arg-type]
+            else:
+                self._send_in_small_pdus(assoc, req, int(cx.context_id), pdu_bytes)  # type: ignore[arg-type]
             _cx_id, rsp = assoc.dimse.get_msg(block=True)
         finally:
             assoc._reactor_checkpoint.set()
@@ -336,6 +358,19 @@ class StoreAssociation:
             assoc._handle_no_response()
             return Dataset()
         return assoc._check_received_status(rsp)
+
+    @staticmethod
+    def _send_in_small_pdus(assoc: Association, req: C_STORE, context_id: int, pdu_bytes: int) -> None:
+        """DIMSEServiceProvider.send_msg (pynetdicom 3.0) with P-DATA PDUs of at most `pdu_bytes`
+        (a sender may always send smaller PDUs than its peer accepts): a paced link's bursts."""
+        msg = C_STORE_RQ()
+        msg.primitive_to_message(req)
+        msg.context_id = context_id
+        evt.trigger(assoc, evt.EVT_DIMSE_SENT, {"message": msg})
+        peer_max = assoc.dimse.maximum_pdu_size
+        limit = min(peer_max, pdu_bytes) if peer_max else pdu_bytes
+        for pdata in msg.encode_msg(context_id, limit):
+            assoc.dul.send_pdu(pdata)
 
     def _send_store_decoded(self, assoc: Association, cx: PresentationContext, obj: Part10) -> Dataset:
         """Public-API path (decode, let pynetdicom encode) if its internals ever change."""

@@ -18,7 +18,10 @@ at a time, so the others in flight with a crashing object are not blamed with it
 
 A STAT item takes the link: a round with STAT items due sends only those; a round sending routine
 items yields to a STAT item that becomes due meanwhile (uploader/stat_watch.py: between objects,
-and by cutting a slow transfer on the wire, which goes back to the queue uncharged). With a
+and by cutting a slow transfer on the wire, which goes back to the queue uncharged; the STAT item
+then goes at once on an association of its own, `StatLane`). Routine objects are paced just below
+the link's measured rate (uploader/link_pacing.py) so that little waits in the modem's buffer
+ahead of a STAT one. With a
 `meter` (uploader/metering.py), routine items wait outside the send windows and once the day's
 byte budget is spent; STAT items go regardless.
 
@@ -54,6 +57,7 @@ from uploader.dicom_commitment import (
 )
 from uploader.dicom_store import CommitmentUnsupported, StoreAssociation
 from uploader.errors import ConfigurationFault, CorruptPayloadError, PermanentError, TransientError
+from uploader.link_pacing import LinkPacer
 from uploader.metering import Meter, MeterPolicy
 from uploader.outbox import (
     DEFAULT_MAX_INTERRUPTED_SENDS,
@@ -115,6 +119,40 @@ class RoundResult:
 EventCallback = Callable[[str, dict[str, Any]], None]
 
 
+class StatLane:
+    """At most one extra sender thread per round, started when a routine transfer is cut for a
+    STAT item: the STAT item's association opens while the cut ones are still being cleaned up."""
+
+    def __init__(self, send: Callable[[], RoundResult]) -> None:
+        self._send = send
+        self._thread: threading.Thread | None = None
+        self._results: list[RoundResult] = []
+        self._errors: list[BaseException] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._run, name="dicom-send-stat", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._results.append(self._send())
+        except BaseException as exc:  # noqa: BLE001 — re-raised by join() in the round's thread
+            self._errors.append(exc)
+
+    def join(self) -> list[RoundResult]:
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        if self._errors:
+            raise self._errors[0]
+        return self._results
+
+
 class EcgForwarder:
     def __init__(
         self,
@@ -139,6 +177,9 @@ class EcgForwarder:
         self._lock_unrecorded = threading.Lock()  # chunks are sent from several threads
         self._no_route_logged = False
         self._rate = TransferRate()  # per association, what STAT preemption estimates with
+        self.pacer = LinkPacer()  # routine sends just below the link's rate (uploader/link_pacing.py)
+        self._lanes = 0  # associations sending right now (the link's rate is shared among them)
+        self._lanes_lock = threading.Lock()
         self.meter = Meter("dicom", settings.meter, outbox) if settings.meter is not None else None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -266,10 +307,18 @@ class EcgForwarder:
         if items[0].priority == Priority.STAT:
             outcomes = self._send_chunks(chunks, stop, faults, None)
         else:
+            stat_lane = StatLane(lambda: self._send_stat(stop, faults))
             with StatWatch(
-                self.outbox, Kind.DICOM, self.clock, self._rate, poll_s=s.stat_poll_s, cut_after_s=s.stat_cut_after_s
+                self.outbox,
+                Kind.DICOM,
+                self.clock,
+                self._rate,
+                poll_s=s.stat_poll_s,
+                cut_after_s=s.stat_cut_after_s,
+                on_cut=stat_lane.start,
             ) as watch:
                 outcomes = self._send_chunks(chunks, stop, faults, watch)
+            outcomes += stat_lane.join()
         for chunk_result in outcomes:
             result.sent += chunk_result.sent
             result.transient += chunk_result.transient
@@ -312,6 +361,11 @@ class EcgForwarder:
         with ThreadPoolExecutor(max_workers=len(chunks), thread_name_prefix="dicom-send") as pool:
             return list(pool.map(lambda c: self._send_lane(c, stop, faults, watch), chunks))
 
+    def _send_stat(self, stop: threading.Event, faults: list[str]) -> RoundResult:
+        """The STAT items due, on an association of their own (none if another took them)."""
+        stat = self._claim(self.settings.batch_size, Priority.STAT)
+        return self._send_chunk(stat, stop, faults) if stat else RoundResult()
+
     def _send_lane(
         self, items: Sequence[OutboxItem], stop: threading.Event, faults: list[str], watch: StatWatch | None
     ) -> RoundResult:
@@ -334,7 +388,12 @@ class EcgForwarder:
         r = RoundResult()
         pending = list(items)
         in_flight: OutboxItem | None = None
-        assoc = StoreAssociation(self.settings.peer, commitment=self.settings.storage_commitment)
+        routine = bool(items) and items[0].priority != Priority.STAT
+        assoc = StoreAssociation(
+            self.settings.peer, commitment=self.settings.storage_commitment, pacer=self.pacer if routine else None
+        )
+        with self._lanes_lock:
+            self._lanes += 1
         try:
             with assoc:
                 sent_now: list[OutboxItem] = []
@@ -348,6 +407,7 @@ class EcgForwarder:
                         self.outbox.release([i.id for i in pending], YIELDED_TO_STAT, self.clock(), 0.0)
                         pending = self._claim(self.settings.batch_size, Priority.STAT)
                         watch = None
+                        assoc.paced = False  # STAT goes as fast as the link allows
                         continue
                     if item.priority != Priority.STAT and (shut := self._metered_shut()):
                         self.outbox.release([i.id for i in pending], shut, self.clock(), 0.0)
@@ -372,6 +432,9 @@ class EcgForwarder:
                         outcome = assoc.store(payload)
                         if watch is not None:
                             watch.finished(assoc, stored=outcome.category in ("success", "warning"))
+                        if outcome.stored:
+                            tail = time.monotonic() - assoc.last_sent_at if assoc.paced else None
+                            self.pacer.observe_object(outcome.wire_bytes, tail)
                     except PermanentError as exc:  # e.g. a payload that is no DICOM we can send
                         in_flight = None
                         pending.pop(0)
@@ -418,6 +481,7 @@ class EcgForwarder:
             if watch is not None and watch.was_cut(assoc):
                 # cut for a STAT item, not failed: back to the queue uncharged, sent again later
                 self.outbox.release([i.id for i in pending], YIELDED_TO_STAT, now, 0.0)
+                pending = []  # all released: nothing for the clean-up below to look up
                 return r
             for item in pending:
                 self.outbox.mark_transient_failure(
@@ -436,6 +500,10 @@ class EcgForwarder:
                 self.outbox.interrupt_sends([in_flight.id], f"send failed: {type(exc).__name__}: {exc}", self.clock())
             raise
         finally:
+            with self._lanes_lock:
+                self._lanes -= 1
+                if not self._lanes:
+                    self.pacer.idle()
             # stop mid-chunk: whatever is still claimed goes back, uncharged
             left = [
                 i.id for i in pending if (cur := self.outbox.get(i.id)) is not None and cur.state == ItemState.SENDING

@@ -16,7 +16,10 @@ when the hold runs out it goes as it is. The quality gate's "re-record" hold use
 Design (see also `outbox_migrations.py` and `payload_files.py`):
 
 - One database `outbox.sqlite` in the data directory, WAL, synchronous=FULL (an `add` that
-  returned survives a power cut: a device may delete its copy once we said "stored"),
+  returned survives a power cut: a device may delete its copy once we said "stored"; only the
+  per-object send bookkeeping, `begin_send` and `mark_sent`, commits without an fsync: a power
+  cut may undo it, which costs a counter or a resend under the same UIDs, never an object; and
+  `claim`/`release`, which recovery at open redoes),
   busy_timeout so the acquire and forward processes share it, secure_delete=ON so purged
   patient data is zeroed in the file. Every write is one `BEGIN IMMEDIATE` transaction, so
   `claim` is atomic across threads and processes: two claimers never get the same item.
@@ -402,27 +405,42 @@ class Outbox:
 
     # -- plumbing ---------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, taken with the write lock up front (BEGIN IMMEDIATE)."""
+    def _write(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken with the write lock up front (BEGIN IMMEDIATE).
+        `durable=False`: committed without an fsync (see `_commit`)."""
         with self._lock:
             if self._owner_lock is None:
                 raise RuntimeError("the outbox is closed")
-            self._conn.execute("BEGIN IMMEDIATE")
+            if not durable:
+                self._conn.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield self._conn
-                self._conn.execute("COMMIT")
-            except BaseException:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
-                raise
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    if self._conn.in_transaction:
+                        self._conn.execute("ROLLBACK")
+                    raise
+            finally:
+                if not durable:
+                    self._conn.execute("PRAGMA synchronous=FULL")
 
-    def _commit(self, body: Callable[[sqlite3.Connection], _T], *, use_reserve: bool = True) -> _T:
+    def _commit(
+        self, body: Callable[[sqlite3.Connection], _T], *, use_reserve: bool = True, durable: bool = True
+    ) -> _T:
         """`body` in one write transaction. If SQLite finds the disk full, the reserve file is
         deleted (or, once it is spent, the WAL restarted over its own blocks) and the transaction
         tried once more: moving items along must not stop on a full disk (adding new ones may:
-        they go through `_write` directly)."""
+        they go through `_write` directly).
+
+        `durable=False` (WAL with synchronous=NORMAL for this one commit): no fsync, so it survives
+        the process being killed (the page cache keeps it) but a power cut may undo it. Only for
+        writes whose loss is harmless - the per-object send bookkeeping (`begin_send`,
+        `mark_sent`); the next durable commit (any FULL one appends after it in the WAL and
+        fsyncs the whole file) makes it durable too."""
         try:
-            with self._write() as conn:
+            with self._write(durable=durable) as conn:
                 return body(conn)
         except sqlite3.OperationalError as exc:
             if not (use_reserve and is_disk_full(exc)):
@@ -430,7 +448,7 @@ class Outbox:
             self._set_draining(True)
             if not self._reserve.release() and not self._restart_wal():
                 raise
-        with self._write() as conn:
+        with self._write(durable=durable) as conn:
             return body(conn)
 
     def _restart_wal(self) -> bool:
@@ -466,7 +484,7 @@ class Outbox:
             return self._conn.execute(sql, params).fetchall()
 
     def _transition(
-        self, op: str, item_ids: Sequence[int], now: float, sets: dict[str, Any] | None = None
+        self, op: str, item_ids: Sequence[int], now: float, sets: dict[str, Any] | None = None, *, durable: bool = True
     ) -> list[int]:
         """Move the given items from op's source states to its target; return the ids moved."""
         sources, target = TRANSITIONS[op]
@@ -490,7 +508,7 @@ class Outbox:
                 moved += [r[0] for r in rows]
             return moved
 
-        moved = self._commit(body)
+        moved = self._commit(body, durable=durable)
         skipped = sorted(set(wanted) - set(moved))
         if skipped:
             log.warning("%s: item(s) %s not in state %s, left unchanged", op, skipped, "/".join(src))
@@ -772,7 +790,8 @@ class Outbox:
             ).fetchall()
             return rows, [(r[0], r[1]) for r in doomed]
 
-        rows, doomed = self._commit(body)
+        # not fsynced: a claim a power cut undoes leaves the items queued, as before it
+        rows, doomed = self._commit(body, durable=False)
         for item_id, times in doomed:
             log.error(
                 "outbox item %d quarantined: killed during send %d times - possibly an object that crashes the "
@@ -795,9 +814,11 @@ class Outbox:
         return bool(rows)
 
     def begin_send(self, item_id: int, now: float) -> bool:
-        """Charge the attempt before the item's bytes go out (durable): if this process dies
-        before the outcome is recorded, recovery counts an interrupted send. False if the item
-        is not ours to send (any more)."""
+        """Charge the attempt before the item's bytes go out: if this process dies before the
+        outcome is recorded, recovery counts an interrupted send. False if the item is not ours
+        to send (any more). Committed without an fsync (it is in the file for any process to
+        see, only a power cut can undo it): what a power cut loses is one charge on a counter,
+        and the fsync was the largest CPU cost of sending an object."""
 
         def body(conn: sqlite3.Connection) -> bool:
             cur = conn.execute(
@@ -807,7 +828,7 @@ class Outbox:
             )
             return cur.rowcount == 1
 
-        return self._commit(body)
+        return self._commit(body, durable=False)
 
     def interrupt_sends(self, item_ids: Sequence[int], reason: str, now: float) -> int:
         """Sends of ours that ended without an outcome (an unexpected error mid-send): back to
@@ -829,11 +850,15 @@ class Outbox:
         return self._commit(body) if wanted else 0
 
     def mark_sent(self, item_ids: Sequence[int], now: float) -> None:
+        """The peer stored them. Committed without an fsync: a power cut may lose the mark, and
+        then the item is sent again under the same UIDs (the PACS keeps one copy); everything
+        after it that frees a payload (`mark_committed`, purge) is durable and makes it so."""
         self._transition(
             "mark_sent",
             item_ids,
             now,
             {"sent_at": now, "last_error": None, "claimed_by": None, "in_flight": 0, "interrupted_sends": 0},
+            durable=False,
         )
 
     def mark_transient_failure(
@@ -896,7 +921,9 @@ class Outbox:
             )
 
     def release(self, item_ids: Sequence[int], error: str, now: float, delay_s: float) -> None:
-        """Back to queued without charging an attempt (the fault was not the item's)."""
+        """Back to queued without charging an attempt (the fault was not the item's). Not
+        fsynced: a release a power cut undoes leaves them claimed by a dead owner, and the next
+        open puts them back the same way."""
         self._transition(
             "release",
             item_ids,
@@ -908,6 +935,7 @@ class Outbox:
                 "attempts": _Sql("attempts - in_flight"),
                 "in_flight": 0,
             },
+            durable=False,
         )
 
     def quarantine(self, item_id: int, reason: str, now: float) -> None:

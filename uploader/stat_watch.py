@@ -8,7 +8,9 @@ the outbox every `poll_s` whether a STAT item is due. Once one is:
   carries the STAT object(s) on its open association (no association to negotiate first);
 - a routine transfer still on the wire that is expected to need more than `cut_after_s` is cut
   (connection dropped): on a slow link it would hold the link for seconds. The cut item goes back
-  to the queue uncharged (the fault is not its) and is sent later with the same UIDs.
+  to the queue uncharged (the fault is not its) and is sent later with the same UIDs. `on_cut`
+  starts the STAT item's own association at once (its request then queues behind nothing of
+  ours but what the modem holds already).
 
 On a fast link transfers end within milliseconds and nothing is cut.
 """
@@ -70,7 +72,9 @@ class StatWatch:
         *,
         poll_s: float = 0.025,
         cut_after_s: float | None = 0.2,  # None: never cut a transfer
+        on_cut: Callable[[], None] | None = None,  # called (watch thread) after a cut, to carry the STAT item
     ) -> None:
+        self.on_cut = on_cut
         self.outbox = outbox
         self.kind = kind
         self.clock = clock
@@ -144,3 +148,6 @@ class StatWatch:
             )
             self.cuts += 1
             f.assoc.cut()
+            if self.on_cut is not None:
+                # a new association for the STAT item now, not once the cut one is cleaned up
+                self.on_cut()

@@ -5,9 +5,12 @@ plugged in, by the tests (tests/fhir_server.py).
 
 - POST of a transaction Bundle to the base URL; `validator(bundle)` may raise ValueError → 400
   with an OperationOutcome (the default checks the transaction's structure only).
-- Conditional create: an entry whose `ifNoneExist` (identifier=system|value or _tag=system|code)
-  matches a stored resource is not created again (200 instead of 201); urn:uuid references are
-  rewritten to the stored ids. The whole transaction is applied atomically.
+- Conditional create (FHIR R4 http.html#ccreate): an entry whose `ifNoneExist`
+  (identifier=system|value or _tag=system|code) matches one stored resource is not created again
+  (200 instead of 201); urn:uuid references are rewritten to the stored ids. A condition that
+  matches several resources (possible: a plain create need not carry a unique identifier) fails
+  the whole transaction with 412 Precondition Failed, nothing applied. The whole transaction is
+  applied atomically.
 - Bearer token check, optional gzip request bodies (else 415), and injected faults, consumed one
   per request: "500", "429" (Retry-After), "400", "timeout" (answer late), "drop" (close without
   answering), "commit-then-drop" (apply, then close: the client cannot know it succeeded).
@@ -65,6 +68,10 @@ class ServerStats:
     faults_served: list[str] = field(default_factory=list)
 
 
+class MultipleMatches(Exception):
+    """A conditional create's criteria match more than one resource: R4 says 412, not "take one"."""
+
+
 class FhirReceiver:
     def __init__(
         self,
@@ -84,7 +91,8 @@ class FhirReceiver:
         self.timeout_delay_s = 3.0
         self.stats = ServerStats()
         self.store: dict[str, dict[str, dict]] = collections.defaultdict(dict)  # type → id → resource
-        self._index: dict[str, str] = {}  # "Type?identifier=sys|val" → id
+        # "Type?identifier=sys|val" → ids of every resource carrying it (several: a 412 on ifNoneExist)
+        self._index: dict[str, list[str]] = collections.defaultdict(list)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._httpd = _QuietServer(("127.0.0.1", 0), self._handler())
@@ -171,12 +179,12 @@ class FhirReceiver:
             if isinstance(i, dict) and "value" in i
         ]
         keys += [f"{kind}?_tag={t.get('system', '')}|{t['code']}" for t in (resource.get("meta") or {}).get("tag", [])]
-        return keys
+        return list(dict.fromkeys(keys))  # an identifier listed twice is still one resource
 
     def apply_transaction(self, bundle: dict) -> dict:
         """All entries or none: new resources are staged and only stored at the end."""
         with self._lock:
-            staged_index: dict[str, str] = {}
+            staged_index: dict[str, list[str]] = collections.defaultdict(list)
             resolved: dict[str, str] = {}
             responses = []
             created = dedup = 0
@@ -188,7 +196,12 @@ class FhirReceiver:
                 existing = None
                 if condition:
                     key = self._conditions(kind, condition)
-                    existing = self._index.get(key) or staged_index.get(key)
+                    matches = self._index.get(key, []) + staged_index.get(key, [])
+                    if len(matches) > 1:
+                        # "Multiple matches: The server returns a 412 Precondition Failed error
+                        # indicating the client's criteria were not selective enough" (R4 ccreate)
+                        raise MultipleMatches(f"ifNoneExist {condition} matches {len(matches)} {kind} resources")
+                    existing = matches[0] if matches else None
                 if existing is not None:
                     resolved[entry["fullUrl"]] = f"{kind}/{existing}"
                     responses.append({"response": {"status": "200 OK", "location": f"{kind}/{existing}"}})
@@ -198,15 +211,15 @@ class FhirReceiver:
                 resolved[entry["fullUrl"]] = f"{kind}/{new_id}"
                 pending.append((kind, new_id, copy.deepcopy(res)))
                 for key in self._keys_of(res):
-                    staged_index.setdefault(key, new_id)
+                    staged_index[key].append(new_id)
                 responses.append({"response": {"status": "201 Created", "location": f"{kind}/{new_id}"}})
                 created += 1
             for kind, new_id, res in pending:
                 _rewrite_references(res, resolved)
                 res["id"] = new_id
                 self.store[kind][new_id] = res
-            for key, value in staged_index.items():
-                self._index.setdefault(key, value)
+            for key, ids in staged_index.items():
+                self._index[key].extend(ids)
             self.stats.created += created
             self.stats.deduplicated += dedup
             self.stats.transactions += 1
@@ -324,6 +337,8 @@ class FhirReceiver:
                     time.sleep(server.timeout_delay_s)
                 try:
                     result = server.apply_transaction(bundle)
+                except MultipleMatches as exc:
+                    return self._send(412, outcome(f"the transaction is not applied: {exc}", "multiple-matches"))
                 except (ValueError, KeyError, TypeError) as exc:
                     return self._send(400, outcome(f"cannot apply the transaction: {exc}"))
                 if fault == "commit-then-drop":

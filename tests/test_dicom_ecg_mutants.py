@@ -1,0 +1,164 @@
+"""DICOM ECG builder: the edges the mutation score found untested (issue 20).
+
+Each test names what the reading centre would see if the edge moved: a toddler's age off by a
+unit (paediatric ECG criteria depend on it), a full-scale sample halved in resolution, a lead
+label taken for another lead, an annotation that points at no channel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+
+import numpy as np
+import pytest
+
+from devices.ecg.quality import ACCEPTABLE, Problem, QualityReport
+from devices.ecg.recording import SampleGap
+from tests.test_dicom_ecg import PATIENT, STATION, UIDS, raw_samples, read, recording, synthetic
+from uploader.dicom_ecg import (
+    StationInfo,
+    build_ecg_dataset,
+    canonical_lead,
+    patient_age,
+    reassign_patient,
+    recording_to_dicom_bytes,
+)
+
+BORN = dt.date(2020, 3, 15)
+
+
+@pytest.mark.parametrize(
+    ("on", "age"),
+    [
+        (dt.date(2020, 3, 15), "000D"),  # the day of birth: 0 days, not "no age"
+        (dt.date(2020, 4, 14), "030D"),  # a day short of a month: still days
+        (dt.date(2020, 4, 15), "001M"),
+        (dt.date(2021, 1, 20), "010M"),  # month arithmetic across a year
+        (dt.date(2022, 3, 14), "023M"),  # a day short of two years: still months
+        (dt.date(2022, 3, 15), "002Y"),
+        (dt.date(2026, 3, 14), "005Y"),
+        (dt.date(2020, 3, 14), ""),  # before the birth: a wrong date somewhere, no age at all
+    ],
+)
+def test_patient_age_follows_dicom_as_at_every_unit_boundary(on: dt.date, age: str) -> None:
+    """PS3.5 AS: days below a month, months below two years, then years. An infant's age in the
+    wrong unit would apply adult (or newborn) ECG criteria."""
+    assert patient_age(BORN, on) == age
+
+
+def test_a_centenarian_age_is_capped_at_three_digits() -> None:
+    assert patient_age(dt.date(1000, 1, 1), dt.date(2026, 1, 1)) == "999Y"
+
+
+def test_assigning_a_patient_writes_the_age_and_a_patient_without_birth_date_has_none() -> None:
+    ds = build_ecg_dataset(recording(synthetic(12, 600)), UIDS, STATION)
+    reassign_patient(ds, PATIENT, "assigned by Dr Li\nat the clinic")
+    assert ds.PatientAge == "044Y"  # born 1980-01-02, recorded 2024-05-01
+    # ST keeps the note's line break (a person wrote two lines)
+    assert any(
+        str(a.get("UnformattedTextValue", "")) == "assigned by Dr Li\nat the clinic"
+        for a in ds.WaveformAnnotationSequence
+    )
+    reassign_patient(ds, dataclasses.replace(PATIENT, birth_date=None), "corrected")
+    assert "PatientAge" not in ds
+
+
+@pytest.mark.parametrize(
+    ("name", "written"),
+    [
+        ("Clark", "Clark^"),  # one word is the family name
+        ("A" * 70, "A" * 63 + "^"),  # one long word is cut (to 64 bytes with its "^"), never emptied
+        ("A" * 40 + "^" + "B" * 10 + "=" + "C" * 12, "A" * 40 + "^" + "B" * 10 + "=" + "C" * 12),  # exactly 64 bytes
+        ("A" * 40 + "^" + "B" * 10 + "=" + "C" * 13, "A" * 40 + "^" + "B" * 10),  # 65: the second group goes
+    ],
+)
+def test_person_names_are_cut_by_whole_groups_and_never_emptied(name: str, written: str) -> None:
+    ds = build_ecg_dataset(recording(synthetic(12, 600)), UIDS, STATION)
+    reassign_patient(ds, dataclasses.replace(PATIENT, name=name), "assigned")
+    assert str(ds.PatientName) == written
+
+
+@pytest.mark.parametrize(("label", "lead"), [("Lead II", "II"), ("LEAD V4R", "V4R"), ("aVR", "aVR")])
+def test_lead_labels_with_and_without_the_word_lead_are_recognised(label: str, lead: str) -> None:
+    assert canonical_lead(label) == lead
+
+
+def test_a_label_is_not_stripped_of_a_prefix_that_is_not_lead() -> None:
+    """ "ABCDV1" is some unknown channel, not V1: taking it for V1 would file a signal as a lead
+    the cardiologist reads against V1 criteria."""
+    assert canonical_lead("ABCDV1") is None
+
+
+def test_full_scale_samples_are_stored_as_they_are_not_requantised() -> None:
+    """A sample at -32768 or +32767 (without gaps) fits int16: dividing would halve the
+    resolution of the whole recording."""
+    samples = np.array([[-32768, 0, 32767, 10]] * 2, dtype=np.int32).repeat(50, axis=1)
+    ds = read(recording_to_dicom_bytes(recording(samples, ("I", "II")), UIDS, STATION))
+    assert np.array_equal(raw_samples(ds), samples)
+    assert float(ds.WaveformSequence[0].ChannelDefinitionSequence[0].ChannelSensitivity) == 2.5
+
+
+def test_requantised_samples_round_half_up() -> None:
+    """65534 needs a factor of 2; with no common factor the values are rounded, half up:
+    5 -> 3 (2.5), -5 -> -2 (-2.5), 7 -> 4 (3.5), and the sensitivity doubles."""
+    samples = np.array([[65534, 5, -5, 7]] * 2, dtype=np.int64).repeat(50, axis=1)
+    ds = read(recording_to_dicom_bytes(recording(samples, ("I", "II")), UIDS, STATION))
+    raw = raw_samples(ds)
+    assert raw[0, ::50].tolist() == [32767, 3, -2, 4]
+    assert float(ds.WaveformSequence[0].ChannelDefinitionSequence[0].ChannelSensitivity) == 5.0
+
+
+def test_time_zone_offsets_are_signed_utc_is_plus_zero() -> None:
+    utc = dt.datetime(2024, 5, 1, 9, 30, tzinfo=dt.timezone.utc)
+    west = dt.datetime(2024, 5, 1, 9, 30, tzinfo=dt.timezone(-dt.timedelta(hours=2, minutes=30)))
+    for when, offset in ((utc, "+0000"), (west, "-0230")):
+        ds = build_ecg_dataset(recording(synthetic(12, 600), acquired_at=when), UIDS, STATION)
+        assert ds.AcquisitionDateTime.endswith(offset)
+
+
+def test_every_annotation_points_at_all_channels_of_group_one_and_every_channel_stores_16_bits() -> None:
+    """ReferencedWaveformChannels [1, 0] is "multiplex group 1, all channels" (PS3.3
+    C.10.10.1.1): another value would hang a gap or a note on one lead, or on none."""
+    ds = build_ecg_dataset(recording(synthetic(12, 600), gaps=(SampleGap(100, 20),)), UIDS, STATION)
+    annotations = list(ds.WaveformAnnotationSequence)
+    assert annotations and all(list(a.ReferencedWaveformChannels) == [1, 0] for a in annotations)
+    assert {int(c.WaveformBitsStored) for c in ds.WaveformSequence[0].ChannelDefinitionSequence} == {16}
+
+
+def test_the_gateway_names_its_institution_station_and_serial_as_contributing_equipment() -> None:
+    station = dataclasses.replace(STATION, gateway_id="GW-0007")
+    gateway = build_ecg_dataset(recording(synthetic(12, 600)), UIDS, station).ContributingEquipmentSequence[0]
+    assert (gateway.InstitutionName, gateway.StationName, gateway.DeviceSerialNumber) == (
+        STATION.institution,
+        STATION.station_name,
+        "GW-0007",
+    )
+    bare = build_ecg_dataset(
+        recording(synthetic(12, 600)), UIDS, StationInfo(station_name="", institution="")
+    ).ContributingEquipmentSequence[0]
+    assert "InstitutionName" not in bare and "StationName" not in bare and "DeviceSerialNumber" not in bare
+
+
+def test_the_quality_check_is_in_the_object_on_the_leads_it_concerns() -> None:
+    """The reader sees the gateway's verdict and each problem hung on its own leads (group 1,
+    channel n), and a poor recording says so in its Study Description; an acceptable one does not."""
+    rec = recording(synthetic(12, 600))
+    noisy = Problem("noise", ("V2", "V5"), "warn", "噪声", "mains noise on V2, V5")
+    whole = Problem("short", (), "warn", "太短", "recording shorter than 10 s")
+    report = QualityReport("poor", 72.4, (), (noisy, whole))
+    ds = build_ecg_dataset(rec, UIDS, STATION, quality=report)
+    notes = {
+        str(a.UnformattedTextValue): list(a.ReferencedWaveformChannels)
+        for a in ds.WaveformAnnotationSequence
+        if "UnformattedTextValue" in a
+    }
+    assert notes["Gateway quality check: poor; QRS detected at 72/min"] == [1, 0]
+    assert notes["Gateway quality check, noise (warn): mains noise on V2, V5"] == [1, 8, 1, 11]
+    assert notes["Gateway quality check, short (warn): recording shorter than 10 s"] == [1, 0]
+    assert ds.StudyDescription.endswith(" - quality: poor")
+    fine = build_ecg_dataset(rec, UIDS, STATION, quality=QualityReport(ACCEPTABLE, None, (), ()))
+    assert "quality" not in fine.StudyDescription
+    assert "Gateway quality check: " + ACCEPTABLE in [
+        str(a.get("UnformattedTextValue", "")) for a in fine.WaveformAnnotationSequence
+    ]

@@ -1,0 +1,260 @@
+"""SCP-ECG decoder: the edges the mutation score found untested (issue 20).
+
+Synthetic records built field by field (EN 1064 layout) around the one thing each test moves:
+a truncated birth date, a cart that names its maker only by code, a lead count at the limit.
+"""
+
+from __future__ import annotations
+
+import binascii
+import struct
+
+import numpy as np
+import pytest
+
+from devices.ecg.scp import DEFAULT_TABLE, huffman_decode, looks_like_scp, parse_scp, read_scp, read_sections
+from devices.errors import ProtocolError, UnsupportedFeatureError
+from tests.test_ecg_scp import build_record, lead_body, rhythm_body
+
+# EN 1064 section 1 tag 14, byte 7: the manufacturer code table (codes 1-20).
+EN1064_MANUFACTURERS = {
+    1: "Burdick",
+    2: "Cambridge",
+    3: "Compumed",
+    4: "Datamed",
+    5: "Fukuda",
+    6: "Hewlett-Packard",
+    7: "Marquette Electronics",
+    8: "Mortara Instruments",
+    9: "Nihon Kohden",
+    10: "Okin",
+    11: "Quinton",
+    12: "Siemens",
+    13: "Spacelabs",
+    14: "Telemed",
+    15: "Hellige",
+    16: "ESA-OTE",
+    17: "Schiller",
+    18: "Picker-Schwarzer",
+    19: "et medical devices",
+    20: "Zwönitz",
+}
+
+
+def _tag(tag: int, value: bytes) -> bytes:
+    return struct.pack("<BH", tag, len(value)) + value
+
+
+def _section1(*extra: bytes, when: bool = True) -> bytes:
+    tags = [_tag(2, b"P-1\x00")]
+    if when:
+        tags += [_tag(25, struct.pack("<HBB", 2026, 11, 30)), _tag(26, bytes([8, 30, 0]))]
+    return b"".join(tags) + b"".join(extra) + _tag(255, b"")
+
+
+def _device(code: int, manufacturer: bytes = b"") -> bytes:
+    head = bytearray(36)
+    head[7] = code
+    head[8:14] = b"CART\x00\x00"
+    return _tag(14, bytes(head) + b"\x00\x00\x00" + manufacturer + b"\x00")
+
+
+def _record(section1: bytes | None, n_leads: int = 2, n: int = 10, **kw: object) -> bytes:
+    samples = np.arange(n_leads * n, dtype="<i2").reshape(n_leads, n)
+    bodies = {
+        3: lead_body(list(range(1, n_leads + 1)) if n_leads <= 12 else list(range(190, 190 + n_leads)), n),
+        6: rhythm_body(samples, 1000, 2000, [row.tobytes() for row in samples], 0),
+    }
+    if section1 is not None:
+        bodies[1] = section1
+    return build_record(bodies, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("code", "maker"), sorted(EN1064_MANUFACTURERS.items()))
+def test_a_cart_that_names_its_maker_only_by_code_gets_the_en1064_name(code: int, maker: str) -> None:
+    """The maker goes into the DICOM object: a recall or a reading-centre query finds the
+    device by it, so code 7 must read Marquette, not its neighbour."""
+    assert read_scp(_record(_section1(_device(code)))).device.manufacturer == maker
+
+
+def test_a_written_maker_name_wins_over_the_code() -> None:
+    assert read_scp(_record(_section1(_device(7, b"GE Healthcare")))).device.manufacturer == "GE Healthcare"
+
+
+@pytest.mark.parametrize(("code", "sex"), [(0, ""), (1, "M"), (2, "F"), (3, ""), (9, "")])
+def test_sex_codes_are_read_as_en1064_defines_them(code: int, sex: str) -> None:
+    """1 male, 2 female; anything else (0 not known, 9 unspecified) is left unknown, not guessed."""
+    patient = read_scp(_record(_section1(_tag(8, bytes([code]))))).patient
+    assert patient is not None and patient.sex == sex
+
+
+def test_a_truncated_birth_date_is_dropped_not_a_crash() -> None:
+    """Three bytes of a four-byte date: the patient is kept without a birth date (bad device
+    bytes never raise anything but the typed error, and here they need not raise at all)."""
+    patient = read_scp(_record(_section1(_tag(5, struct.pack("<HB", 1950, 3))))).patient
+    assert patient is not None and patient.patient_id == "P-1" and patient.birth_date is None
+
+
+def test_a_section1_without_a_device_tag_reads_with_the_device_unknown() -> None:
+    recording = read_scp(_record(_section1()))
+    assert recording.device.manufacturer == "" and recording.device.model == ""
+
+
+def test_a_stat_flag_of_zero_is_routine_and_one_is_stat() -> None:
+    """A STAT ECG jumps the queue at the reading centre: tag 24 byte 0 decides it."""
+    assert read_scp(_record(_section1(_tag(24, b"\x00")))).stat is False
+    assert read_scp(_record(_section1(_tag(24, b"\x01")))).stat is True
+
+
+def test_sixty_four_leads_are_read_and_sixty_five_refused_as_unsupported() -> None:
+    assert len(read_scp(_record(_section1(), n_leads=64)).lead_names) >= 64
+    with pytest.raises(UnsupportedFeatureError, match="65 leads"):
+        read_scp(_record(_section1(), n_leads=65))
+
+
+def test_the_sample_count_bound_is_ten_million_per_lead() -> None:
+    """At the bound the lengths are believed (and then found not to fit the data); one more is a
+    bad range: either way nothing is allocated for samples that are not there."""
+    bodies = {3: struct.pack("<BB", 1, 4) + struct.pack("<IIB", 1, 10_000_000, 1)}
+    bodies[6] = rhythm_body(np.zeros((1, 4)), 1000, 2000, [bytes(8)], 0)
+    with pytest.raises(ProtocolError, match="cannot hold"):
+        read_scp(build_record({1: _section1(), **bodies}))
+    bodies[3] = struct.pack("<BB", 1, 4) + struct.pack("<IIB", 1, 10_000_001, 1)
+    with pytest.raises(ProtocolError, match="bad sample range"):
+        read_scp(build_record({1: _section1(), **bodies}))
+
+
+def test_a_record_listing_only_its_own_sections_reads_its_last_pointer() -> None:
+    """Section 0's last pointer ends exactly at section 0's end: the rhythm data it points to
+    must not be skipped (no "missing rhythm data" for a complete file)."""
+    record = _record(_section1(), listed_only=True)
+    assert parse_scp(record).sections == (0, 1, 3, 6)
+
+
+def _crc(chunk: bytes) -> int:
+    return binascii.crc_hqx(chunk, 0xFFFF)
+
+
+def _bare_record(sec0_len: int, pointers: bytes) -> bytes:
+    """A record holding only section 0 (with the given declared length and pointer bytes)."""
+    rest = struct.pack("<HIBB", 0, sec0_len, 20, 20) + b"SCPECG" + pointers
+    section0 = struct.pack("<H", _crc(rest)) + rest
+    tail = struct.pack("<I", 6 + len(section0)) + section0
+    return struct.pack("<H", _crc(tail)) + tail
+
+
+def test_the_smallest_record_is_read_and_one_byte_less_is_refused() -> None:
+    smallest = _bare_record(26, struct.pack("<HII", 0, 26, 7))
+    assert len(smallest) == 32
+    assert set(read_sections(smallest)[1]) == {0}
+    with pytest.raises(ProtocolError, match="only 31 bytes"):
+        read_sections(smallest[:31])
+
+
+def test_a_section0_shorter_than_its_own_header_is_refused() -> None:
+    record = bytearray(_bare_record(26, struct.pack("<HII", 0, 26, 7)))
+    struct.pack_into("<I", record, 10, 10)  # section 0 claims 10 bytes: less than its 16-byte header
+    struct.pack_into("<H", record, 6, _crc(bytes(record[8:32])))
+    struct.pack_into("<H", record, 0, _crc(bytes(record[2:])))
+    with pytest.raises(ProtocolError, match="section 0 claims 10 bytes"):
+        read_sections(bytes(record))
+
+
+def _bodies(n_leads: int = 2, n: int = 10, avm: int = 1000, interval: int = 2000, diff: int = 0) -> dict[int, bytes]:
+    samples = np.arange(n_leads * n, dtype="<i2").reshape(n_leads, n)
+    return {
+        1: _section1(),
+        3: lead_body(list(range(1, n_leads + 1)), n),
+        6: rhythm_body(samples, avm, interval, [row.tobytes() for row in samples], diff),
+    }
+
+
+def _with(**changes: bytes | None) -> bytes:
+    bodies: dict[int, bytes] = _bodies()
+    for key, body in changes.items():
+        sid = int(key.removeprefix("s"))
+        if body is None:
+            del bodies[sid]
+        else:
+            bodies[sid] = body
+    return build_record(bodies)
+
+
+# Each refusal keeps a wrong ECG out of the reading centre: without it the bytes would still
+# decode, into a plausible-looking but false tracing (or a crash that loses the file's news).
+REFUSALS = {
+    "a zero amplitude multiplier would make every lead a flat line": (
+        _with(s6=_bodies(avm=0)[6]),
+        "amplitude multiplier is 0",
+    ),
+    "a zero sample interval has no sampling rate": (_with(s6=_bodies(interval=0)[6]), "sample interval is 0"),
+    "an unknown difference encoding would integrate the samples wrongly": (
+        _with(s6=_bodies(diff=3)[6]),
+        "unknown difference encoding 3",
+    ),
+    "rhythm data too short for its lead table": (
+        _with(s6=struct.pack("<HHBB", 1000, 2000, 0, 0)),
+        "too short for 2 leads",
+    ),
+    "lead sizes beyond the section": (
+        _with(s6=struct.pack("<HHBBHH", 1000, 2000, 0, 0, 20, 9999) + bytes(20)),
+        "exceeds the section",
+    ),
+    "an empty lead definition": (_with(s3=b""), "lead definition\\) is empty"),
+    "a lead definition with no leads": (_with(s3=b"\x00\x04"), "defines no leads"),
+    "more leads declared than defined": (
+        _with(s3=lead_body([1, 2], 10)[:-9].replace(b"\x02", b"\x03", 1)),
+        "declares 3 leads but holds 1",
+    ),
+    "an empty Huffman section": (_with(s2=b""), "Huffman tables\\) is empty"),
+    "zero Huffman tables": (_with(s2=struct.pack("<H", 0)), "declares 0 Huffman tables"),
+    "257 Huffman tables": (_with(s2=struct.pack("<H", 257)), "declares 257 Huffman tables"),
+    "a Huffman section ending before its table": (_with(s2=struct.pack("<H", 1)), "ends inside Huffman table 1"),
+    "a Huffman table without codes": (_with(s2=struct.pack("<HH", 1, 0)), "table 1 claims 0 codes"),
+    "a section 1 tag running past the section": (_with(s1=_tag(2, b"P-1\x00")[:3] + b"P"), "tag 2 claims 4 bytes"),
+    "no rhythm data": (_with(s6=None), "section 6 \\(rhythm data\\) is missing"),
+    "no lead definition": (_with(s3=None), "section 3 \\(lead definition\\) is missing"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_malformed_sections_are_refused_with_their_reason(case: str) -> None:
+    record, reason = REFUSALS[case]
+    with pytest.raises(ProtocolError, match=reason):
+        read_scp(record)
+
+
+def test_long_term_rhythm_data_is_refused_as_unsupported_not_as_missing() -> None:
+    bodies = _bodies()
+    bodies[12] = bodies.pop(6)
+    with pytest.raises(UnsupportedFeatureError, match="section 12"):
+        read_scp(build_record(bodies))
+
+
+@pytest.mark.parametrize(("interval_us", "rate"), [(2000, 500.0), (1667, 600.0), (3000, 1_000_000 / 3000)])
+def test_the_rate_is_the_whole_rate_the_interval_was_rounded_from(interval_us: int, rate: float) -> None:
+    """1667 µs is a 600 Hz cart (the field holds whole µs), not 599.88 Hz; 3000 µs stays 333.3 Hz."""
+    assert read_scp(build_record(_bodies(interval=interval_us))).sampling_rate_hz == rate
+
+
+def test_scp_files_are_recognised_by_their_structure_and_other_bytes_are_not() -> None:
+    """Format detection picks the decoder: a DICOM or aECG file taken for SCP-ECG would be
+    refused as damaged instead of read."""
+    record = build_record(_bodies())
+    assert looks_like_scp(record)
+    assert not looks_like_scp(record[:31])
+    assert not looks_like_scp(b"\x00" * 128 + b"DICM" + bytes(200))
+    no_marker = bytearray(record)
+    no_marker[16:22] = b"XXXXXX"  # without "SCPECG" the section-0 shape must decide: pointer to section 0
+    assert looks_like_scp(bytes(no_marker)) is (struct.unpack_from("<H", record, 22)[0] == 0)
+    broken = bytearray(record)
+    struct.pack_into("<I", broken, 10, 8)  # section 0 shorter than a section header
+    assert not looks_like_scp(bytes(broken))
+
+
+def test_sample_counts_that_the_bytes_cannot_hold_are_refused_before_decoding() -> None:
+    with pytest.raises(ProtocolError, match="hold fewer than 5 samples"):
+        huffman_decode(bytes(8), 5, None)
+    with pytest.raises(ProtocolError, match="cannot hold 17 samples"):
+        huffman_decode(bytes(2), 17, [DEFAULT_TABLE])
+    assert huffman_decode(bytes(2), 16, [DEFAULT_TABLE]).tolist() == [0] * 16  # 16 one-bit zeros

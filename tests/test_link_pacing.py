@@ -1,0 +1,252 @@
+"""Routine sends paced below the link's rate (uploader/link_pacing.py) and the STAT item's own
+association opened at the cut (issue 16, item 3).
+
+The pacer's arithmetic is checked with a fake clock; its effect through the link emulator
+(tests/link_emulator.py) into dcmtk's storescp: the bytes waiting in the emulated modem's buffer
+while routine studies go, which is what a STAT study would queue behind."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from lastmile.config import Config
+from lastmile.services.forward import forwarder_settings, open_outbox
+from tests.link_emulator import LinkProfile, LinkRelay
+from tests.test_stat_overtakes import arrivals, enqueue, make_config, slow_link, wait_until
+from uploader.ecg_forwarder import EcgForwarder, RoundResult, StatLane
+from uploader.link_pacing import DRAIN_HEADROOM, FAST_BYTES_PER_S, HEADROOM, LinkPacer
+
+
+# -- the pacer's arithmetic ----------------------------------------------------------------------
+@dataclass
+class Sent:
+    data: bytes
+
+
+class FakeTime:
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.slept: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def test_nothing_is_paced_until_an_object_was_measured() -> None:
+    t = FakeTime()
+    pacer = LinkPacer(clock=t.clock, sleep=t.sleep)
+    for _ in range(10):
+        pacer.on_data_sent(Sent(b"x" * 16384))
+    assert pacer.pace is None and t.slept == []
+
+
+def test_the_pace_is_headroom_below_what_the_link_delivered() -> None:
+    t = FakeTime()
+    pacer = LinkPacer(clock=t.clock, sleep=t.sleep)
+    pacer.observe_rtt(0.2)
+    pacer.on_data_sent(Sent(b"x" * 1000))  # the window starts with the first byte
+    t.now += 1.2
+    pacer.observe_object(100_000)  # 100 kB in 1.2 s less one round trip: 100 kB/s
+    assert pacer.measured == pytest.approx(100_000)
+    assert pacer.pace == pytest.approx(100_000 * HEADROOM)
+    # a later, lower sample (the pace itself, a stall) does not lower the estimate
+    t.now += 10.0
+    pacer.observe_object(10_000)
+    assert pacer.measured == pytest.approx(100_000)
+
+
+def test_sends_are_spaced_to_the_pace_with_one_pdu_of_burst() -> None:
+    t = FakeTime()
+    pacer = LinkPacer(clock=t.clock, sleep=t.sleep)
+    pacer.on_data_sent(Sent(b"x"))
+    t.now += 1.0
+    pacer.observe_object(50_000)  # 50 kB/s measured
+    start = t.now
+    sent = 0
+    for _ in range(20):
+        pacer.on_data_sent(Sent(b"x" * 10_000))
+        sent += 10_000
+    pace = 50_000 * HEADROOM
+    # the last PDU may leave at once (burst of one): everything before it took the pace's time
+    assert t.now - start == pytest.approx((sent - 10_000) / pace)
+
+
+def test_a_late_response_paces_lower_until_the_buffer_drained() -> None:
+    t = FakeTime()
+    pacer = LinkPacer(clock=t.clock, sleep=t.sleep)
+    pacer.observe_rtt(0.4)
+    pacer.on_data_sent(Sent(b"x"))
+    t.now += 3.4
+    pacer.observe_object(75_000, tail_s=0.45)  # 25 kB/s, the response one round trip after
+    assert pacer.pace == pytest.approx(25_000 * HEADROOM)
+    t.now += 3.0
+    pacer.observe_object(75_000, tail_s=1.5)  # a stall held bytes back: they wait in the buffer
+    assert pacer.draining and pacer.pace == pytest.approx(25_000 * DRAIN_HEADROOM)
+    t.now += 3.0
+    pacer.observe_object(75_000, tail_s=0.42)  # drained
+    assert not pacer.draining and pacer.pace == pytest.approx(25_000 * HEADROOM)
+
+
+def test_a_paced_link_gets_small_pdus() -> None:
+    t = FakeTime()
+    pacer = LinkPacer(clock=t.clock, sleep=t.sleep)
+    assert pacer.pdu_bytes() is None  # not paced: the peer's limit
+    pacer.on_data_sent(Sent(b"x"))
+    t.now += 1.0
+    pacer.observe_object(125_000)  # 1 Mbit/s
+    assert pacer.pdu_bytes() == 4096  # a burst of one PDU holds the link ~30 ms, not 130
+    t.now += 0.1
+    pacer.observe_object(537_000)  # faster: ~20 ms of it, in whole KiB (never an odd length)
+    rate = (125_000 + 537_000) / 1.1
+    assert pacer.pdu_bytes() == int(rate * HEADROOM * 0.02) // 1024 * 1024 == 11 * 1024
+
+
+def test_a_fast_link_is_not_paced() -> None:
+    t = FakeTime()
+    pacer = LinkPacer(clock=t.clock, sleep=t.sleep)
+    pacer.on_data_sent(Sent(b"x"))
+    t.now += 0.01
+    pacer.observe_object(int(FAST_BYTES_PER_S))  # 100x the threshold
+    assert pacer.pace is None
+    pacer.on_data_sent(Sent(b"x" * 16384))
+    assert t.slept == []
+
+
+def test_a_lan_is_not_paced_however_slow_the_sender() -> None:
+    t = FakeTime()
+    pacer = LinkPacer(clock=t.clock, sleep=t.sleep)
+    pacer.observe_rtt(0.002)
+    pacer.on_data_sent(Sent(b"x"))
+    t.now += 1.0
+    pacer.observe_object(300_000)  # CPU-bound on a Pi, say: not a modem buffer to keep empty
+    assert pacer.measured == pytest.approx(300_000 / 0.998)
+    assert pacer.pace is None
+
+
+def test_a_new_busy_spell_starts_a_new_window() -> None:
+    t = FakeTime()
+    pacer = LinkPacer(clock=t.clock, sleep=t.sleep)
+    pacer.on_data_sent(Sent(b"x"))
+    t.now += 1.0
+    pacer.observe_object(50_000)
+    pacer.idle()
+    t.now += 3600  # an hour without sending must not count as a slow link
+    pacer.on_data_sent(Sent(b"x"))
+    t.now += 1.0
+    pacer.observe_object(80_000)
+    assert pacer.measured == pytest.approx(80_000)
+
+
+def test_the_stat_lane_starts_once_and_hands_back_results_and_errors() -> None:
+    calls: list[str] = []
+
+    def send() -> RoundResult:
+        calls.append(threading.current_thread().name)
+        return RoundResult(sent=1)
+
+    lane = StatLane(send)
+    lane.start()
+    lane.start()
+    assert [r.sent for r in lane.join()] == [1]
+    assert calls == ["dicom-send-stat"]
+    assert StatLane(send).join() == []  # never started: nothing
+
+    def boom() -> RoundResult:
+        raise RuntimeError("bug in a sender")
+
+    failing = StatLane(boom)
+    failing.start()
+    with pytest.raises(RuntimeError, match="bug in a sender"):
+        failing.join()
+
+
+# -- through the emulated link -------------------------------------------------------------------
+@contextmanager
+def forwarding_observed(config: Config, events: list[tuple[str, str, int]]) -> Iterator[EcgForwarder]:
+    """The forwarder in rounds on its own thread; `events` gets (kind, thread name, item id)."""
+    stop = threading.Event()
+    failure: list[BaseException] = []
+    ready = threading.Event()
+    holder: list[EcgForwarder] = []
+
+    def on_event(kind: str, info: dict[str, object]) -> None:
+        events.append((kind, threading.current_thread().name, int(info.get("id", 0) or 0)))  # type: ignore[call-overload]
+
+    def run() -> None:
+        try:
+            with (
+                open_outbox(config) as outbox,
+                EcgForwarder(outbox, forwarder_settings(config), on_event=on_event) as fwd,
+            ):
+                holder.append(fwd)
+                ready.set()
+                while not stop.is_set():
+                    stop.wait(min(fwd.step(stop), 0.05))
+        except BaseException as exc:  # noqa: BLE001 — re-raised in the test thread
+            failure.append(exc)
+            ready.set()
+
+    thread = threading.Thread(target=run, name="forwarder", daemon=True)
+    thread.start()
+    assert ready.wait(60)
+    try:
+        yield holder[0] if holder else None  # type: ignore[misc]
+    finally:
+        stop.set()
+        thread.join(120)
+    assert not failure, failure
+
+
+def test_paced_routine_sending_keeps_the_modem_buffer_nearly_empty(tmp_path: Path, storescp_factory) -> None:
+    scp = storescp_factory(accept="deflated")
+    profile = LinkProfile("paced", 800e3, 2e6, 0.1, queue_bytes=64 * 1024)
+    events: list[tuple[str, str, int]] = []
+    with LinkRelay(profile, "127.0.0.1", scp.port) as relay:
+        config = make_config(tmp_path, relay.port, associations=2)
+        enqueue(config, range(12), seconds=10.0)  # ~64 kB each deflated
+        with forwarding_observed(config, events) as fwd:
+            # unpaced until the first objects are measured: the buffer fills, then drains
+            wait_until(lambda: len(arrivals(scp)) >= 5, "five routine studies")
+            assert fwd.pacer.pace is not None
+            most = 0
+            while len(arrivals(scp)) < 11:
+                assert relay.up is not None
+                most = max(most, relay.up.queued)
+                threading.Event().wait(0.005)
+            wait_until(lambda: len(set(arrivals(scp))) == 12, "all twelve")
+    # unpaced, two associations keep the buffer at its limit (64 kB + the bandwidth-delay product)
+    limit = relay.up.limit
+    assert most < 0.4 * limit, (most, limit, fwd.pacer.pace, fwd.pacer.measured)
+    # the pace is the link's rate less the headroom, not a fraction of it
+    assert fwd.pacer.pace is not None and fwd.pacer.pace > 0.7 * 800e3 / 8
+
+
+def test_a_cut_sends_the_stat_study_on_its_own_association_at_once(
+    tmp_path: Path, storescp_factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="uploader.stat_watch")
+    scp = storescp_factory(accept="deflated")
+    events: list[tuple[str, str, int]] = []
+    with LinkRelay(slow_link(96e3), "127.0.0.1", scp.port) as relay:
+        config = make_config(tmp_path, relay.port, associations=1)
+        [routine] = enqueue(config, range(1), seconds=10.0)
+        with forwarding_observed(config, events):
+            wait_until(lambda: relay.up is not None and relay.up.bytes_total > 4000, "a routine transfer on the wire")
+            [stat] = enqueue(config, range(100, 101), stat=True)
+            wait_until(lambda: set(arrivals(scp)) == {routine, stat}, "both studies", limit_s=180)
+    assert arrivals(scp)[0] == stat
+    with open_outbox(config) as outbox:
+        stat_id = next(i.id for i in outbox.items() if i.meta["sop_instance_uid"] == stat)
+    # sent by the lane started at the cut, not by the cut association's thread after its clean-up
+    assert ("sent", "dicom-send-stat", stat_id) in events, events

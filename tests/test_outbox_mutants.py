@@ -1,0 +1,187 @@
+"""Outbox: the edges the mutation score found untested (issue 20).
+
+Each test names what a clinic loses if the edge moves: a full disk misread (the forwarder stops
+instead of draining), space inside the database not counted (an observation refused on a card
+that has room), a purge that leaves patient data in the WAL, a late commitment report ignored.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import sqlite3
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from uploader.errors import OutboxFullError
+from uploader.outbox import (
+    COMMITMENT_HISTORY,
+    DEFAULT_INLINE_MAX_BYTES,
+    Hold,
+    Kind,
+    Outbox,
+    backoff_delay,
+    is_disk_full,
+)
+
+
+class LowestDraw(random.Random):
+    """A random source that always draws the lowest value: the shortest delay allowed."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return a
+
+
+def test_a_full_disk_is_recognised_in_each_form_sqlite_and_the_kernel_report_it() -> None:
+    """Recognised, the outbox drains (frees its reserve and goes on); missed, the forwarder stops
+    on its first write; and an I/O error taken for "full" would be retried for ever, silently."""
+    assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert not is_disk_full(OSError(errno.EIO, "Input/output error"))
+    full = sqlite3.OperationalError("database or disk is full")
+    assert is_disk_full(full)
+    coded = sqlite3.OperationalError("disk I/O error")
+    coded.sqlite_errorcode = sqlite3.SQLITE_FULL  # type: ignore[attr-defined]
+    assert is_disk_full(coded)
+    other = sqlite3.OperationalError("disk I/O error")
+    other.sqlite_errorcode = sqlite3.SQLITE_IOERR  # type: ignore[attr-defined]
+    assert not is_disk_full(other)
+
+
+def test_backoff_is_never_shorter_than_half_its_ceiling_and_attempt_zero_is_attempt_one() -> None:
+    """Gateways that failed together spread out but never retry at once: the lowest draw is
+    exactly half the ceiling (base, then doubling), not more and not less."""
+    low = LowestDraw()
+    assert backoff_delay(0, 10.0, 1000.0, low) == 5.0
+    assert backoff_delay(1, 10.0, 1000.0, low) == 5.0
+    assert backoff_delay(3, 10.0, 1000.0, low) == 20.0
+    assert backoff_delay(50, 10.0, 1000.0, low) == 500.0
+
+
+def _open(tmp_path: Path, **kw: Any) -> Outbox:
+    return Outbox.open(tmp_path / "data", min_free_bytes=0, **kw)
+
+
+def test_payloads_up_to_16_kib_stay_in_the_database_and_larger_ones_go_to_files(tmp_path: Path) -> None:
+    """The measured crossing point (module docstring): an ECG goes to a file, a FHIR bundle or
+    an observation stays in the database, where it costs fewer card writes."""
+    assert DEFAULT_INLINE_MAX_BYTES == 16 * 1024
+    with _open(tmp_path) as outbox:
+        at_limit = outbox.add(Kind.FHIR_BUNDLE, "k1", b"x" * 16384, now=1.0).item
+        over = outbox.add(Kind.FHIR_BUNDLE, "k2", b"x" * 16385, now=1.0).item
+        assert outbox.payload_path(at_limit) is None
+        assert outbox.payload_path(over) is not None
+        assert outbox.read_payload(at_limit) == b"x" * 16384 and outbox.read_payload(over) == b"x" * 16385
+
+
+def test_space_freed_inside_the_database_counts_for_database_payloads_only(tmp_path: Path) -> None:
+    """After a purge the database file has free pages that SQLite reuses before growing: a
+    16 KiB observation fits there even when the partition is at its floor. A payload that goes
+    to a file gets no such credit."""
+    floor = 50 * 2**20
+    free = {"bytes": 10 * 2**30}
+
+    def statvfs(_path: object) -> os.statvfs_result:
+        return SimpleNamespace(f_bavail=free["bytes"] // 4096, f_frsize=4096)  # type: ignore[return-value]
+
+    with Outbox.open(tmp_path / "data", min_free_bytes=floor, statvfs=statvfs, reserve_bytes=0) as outbox:
+        ids = [outbox.add(Kind.FHIR_BUNDLE, f"old{i}", os.urandom(12_000), now=1.0).item.id for i in range(40)]
+        assert len(outbox.claim(Kind.FHIR_BUNDLE, len(ids), 1.5)) == len(ids)
+        outbox.mark_sent(ids, now=2.0)
+        outbox.mark_committed(ids, now=3.0)
+        assert outbox.purge_due(now=10.0, retention_s=0.0) == 40
+        free["bytes"] = floor + 100  # the partition itself has 100 bytes to spare
+        assert outbox.add(Kind.FHIR_BUNDLE, "fits-in-free-pages", b"y" * 16384, now=11.0).created
+        with pytest.raises(OutboxFullError):
+            outbox.add(Kind.FHIR_BUNDLE, "needs-a-file", b"z" * 16385, now=11.0)
+
+
+def test_a_purge_leaves_no_patient_bytes_in_the_wal(tmp_path: Path) -> None:
+    """The purge checkpoints at once (TRUNCATE): the old page images with the patient's data
+    must not wait in the WAL for some later checkpoint."""
+    with _open(tmp_path) as outbox:
+        ids = [outbox.add(Kind.FHIR_BUNDLE, f"k{i}", b"PATIENT-ZHANG-SAN", now=1.0).item.id for i in range(3)]
+        assert len(outbox.claim(Kind.FHIR_BUNDLE, len(ids), 1.5)) == len(ids)
+        outbox.mark_sent(ids, now=2.0)
+        outbox.mark_committed(ids, now=3.0)
+        assert outbox.purge_due(now=10.0, retention_s=0.0) == 3
+        wal = tmp_path / "data" / "outbox.sqlite-wal"
+        assert not wal.exists() or wal.stat().st_size == 0
+
+
+def test_the_last_four_commitment_transactions_of_an_item_are_believed(tmp_path: Path) -> None:
+    """A PACS may answer a commitment request late, after we asked again: the latest
+    COMMITMENT_HISTORY (4) requests still count, an older one no longer does."""
+    assert COMMITMENT_HISTORY == 4
+    with _open(tmp_path) as outbox:
+        item = outbox.add(Kind.DICOM, "ecg", b"dicom", now=1.0).item
+        for n in range(6):
+            outbox.remember_commitment_request([item.id], f"1.2.3.{n}", now=10.0 + n)
+        remembered = [n for n in range(6) if outbox.commitment_request(f"1.2.3.{n}")]
+        assert remembered == [2, 3, 4, 5]
+
+
+def test_release_claims_says_how_many_it_put_back_and_the_reserve_says_it_is_there(tmp_path: Path) -> None:
+    with Outbox.open(tmp_path / "data", min_free_bytes=64 * 2**20) as outbox:
+        for i in range(3):
+            outbox.add(Kind.FHIR_BUNDLE, f"k{i}", b"v", now=1.0)
+        assert len(outbox.claim(Kind.FHIR_BUNDLE, 2, 1.0)) == 2
+        assert outbox.release_claims(now=2.0) == 2
+        assert outbox.ensure_reserve() is True
+
+
+def test_a_dead_processes_owner_lock_is_removed_at_open(tmp_path: Path) -> None:
+    """Lock files of processes that are gone do not pile up in the data directory."""
+    with _open(tmp_path):
+        pass
+    stale = tmp_path / "data" / "locks" / "owner-0123456789abcdef0123456789abcdef.lock"
+    stale.write_text("")
+    with _open(tmp_path) as outbox:
+        assert not stale.exists()
+        assert (tmp_path / "data" / "locks" / f"owner-{outbox.owner}.lock").exists()
+
+
+def _payload_files(tmp_path: Path) -> list[Path]:
+    return sorted((tmp_path / "data" / "payloads").rglob("*.bin"))
+
+
+def test_an_unassigned_ecg_is_held_found_rebuilt_for_its_patient_and_released(tmp_path: Path) -> None:
+    """The doctor assigns the patient later: the held object is found by kind and reason, its
+    payload swapped (file for file, the old one removed; database for database) with the new
+    patient and meta, and it goes. One already on its way is never swapped: what went out
+    cannot be taken back."""
+    with _open(tmp_path) as outbox:
+        hold = Hold("unassigned", until=1000.0)
+        ecg = outbox.add(Kind.DICOM, "ecg", b"a" * 20_000, now=1.0, hold=hold).item
+        small = outbox.add(Kind.DICOM, "small", b"s", now=1.0, hold=Hold("re-record", until=1000.0)).item
+        bundle = outbox.add(Kind.FHIR_BUNDLE, "fhir", b"{}", now=1.0, hold=hold).item
+        assert ecg.held(10.0) and not ecg.held(1000.0)
+        assert [i.key for i in outbox.held_items(10.0)] == ["ecg", "small", "fhir"]
+        assert [i.key for i in outbox.held_items(10.0, kind=Kind.DICOM)] == ["ecg", "small"]
+        assert [i.key for i in outbox.held_items(10.0, kind=Kind.DICOM, reason="unassigned")] == ["ecg"]
+        old_files = _payload_files(tmp_path)
+        assert len(old_files) == 1
+
+        assert outbox.replace_held_payload(ecg.id, b"b" * 20_000, 20.0, meta={"v": 2}, patient={"id": "P-1"})
+        swapped = outbox.get(ecg.id)
+        assert swapped is not None and not swapped.held(20.0) and swapped.hold_reason is None
+        assert (swapped.meta, swapped.patient) == ({"v": 2}, {"id": "P-1"})
+        assert outbox.read_payload(swapped) == b"b" * 20_000
+        new_files = _payload_files(tmp_path)
+        assert len(new_files) == 1 and new_files != old_files  # the old file is gone, not orphaned
+
+        assert outbox.replace_held_payload(small.id, b"t", 20.0, hold=Hold("re-record", until=2000.0))
+        kept = outbox.get(small.id)
+        assert kept is not None and kept.held(1500.0) and kept.meta == {} and outbox.read_payload(kept) == b"t"
+        assert outbox.payload_path(kept) is None
+
+        assert outbox.release_hold(bundle.id, 30.0) is True
+        assert outbox.release_hold(999, 30.0) is False
+        (claimed,) = outbox.claim(Kind.FHIR_BUNDLE, 5, 31.0)
+        assert outbox.begin_send(claimed.id, 31.0)  # on its way: no longer replaceable
+        assert outbox.replace_held_payload(bundle.id, b"x" * 20_000, 40.0) is False
+        assert outbox.read_payload(outbox.get(bundle.id)) == b"{}"  # type: ignore[arg-type]
+        assert len(_payload_files(tmp_path)) == 1  # the unused new file was removed
