@@ -14,7 +14,8 @@
 #                               the card's end at boot (files/lastmile-grow-data + x-systemd.growfs)
 # journald: volatile (RAM), at most 24 MB. Services: lastmile-acquire, -forward, -console, -metrics
 # (every unit in systemd/), lastmile-provision (copies /boot/firmware/lastmile/* to /etc/lastmile at each
-# boot), systemd-networkd (eth0 DHCP), systemd-timesyncd, gpsd, bluetooth.
+# boot), lastmile-network (Wi-Fi/4G from lastmile/network.toml), NetworkManager + ModemManager,
+# chrony (with gpsd as its reference clock), gpsd, bluetooth, CUPS; systemd feeds the watchdog.
 #
 # No loop mounts: the partitions are made as files (mkfs.vfat -C + mcopy, mkfs.ext4 -d) and
 # written into an sfdisk-made image with dd conv=notrunc. arm64 code runs under qemu-user-static
@@ -35,6 +36,18 @@ CACHE=${LASTMILE_IMAGE_CACHE:-$HOME/.cache/lastmile-image}
 PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 PACKAGES=systemd,systemd-sysv,systemd-timesyncd,udev,dbus,kmod,iproute2,procps,ca-certificates,python3,python3-venv,initramfs-tools,zstd,bluez,gpsd,wpasupplicant
 BOOT_PACKAGES="linux-image-arm64 raspi-firmware firmware-brcm80211 bluez-firmware"
+# The clinic's own services on top of the kernel tree (cached as their own stage, so a change here
+# reuses the debootstrap, kernel and initramfs caches: none of these touch the initramfs):
+#   printing   cups-daemon cups-client cups-filters cups-server-common: the scheduler, `lp`, and the
+#              filters (pdftopdf, texttopdf, ghostscript) that turn a PDF or UTF-8 text into what a
+#              USB printer takes; fonts-noto-cjk + fontconfig: the report's Chinese glyphs;
+#              fonts-wqy-microhei: texttopdf cannot use Noto CJK (CFF in a .ttc: "Bad TTC subfont
+#              number", the Chinese printed as empty boxes): it lays out a text report in this
+#              TrueType CJK font (files/fonts-zh-cn.conf)
+#   time       chrony (replaces systemd-timesyncd: both provide time-daemon) with gpsd's clock
+#   links      network-manager + modemmanager (+ usb-modeswitch for 4G sticks that first show up
+#              as a CD-ROM, wireless-regdb for the Wi-Fi regulatory domain): image/README.md
+EXTRA_PACKAGES="cups-daemon cups-client cups-filters cups-server-common fontconfig fonts-noto-cjk fonts-wqy-microhei chrony network-manager modemmanager usb-modeswitch wireless-regdb"
 T0=$(date +%s)
 say() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 
@@ -100,11 +113,39 @@ if [ ! -e "$BOOTREADY/.complete" ]; then
   rm -rf "$BOOTREADY"; mv "$B" "$BOOTREADY"
 fi
 
+# -- 1c. the clinic's services (printing, time, links), cached; key: kernel tree, extra packages.
+#        policy-rc.d: nothing starts in the chroot (cups and chrony ship init scripts) ---------------
+XKEY=$(cat "$BOOTREADY/.complete" - <<<"$BKEY $EXTRA_PACKAGES" | sha256sum | cut -c1-16)
+EXTRAS=$CACHE/rootfs-$SUITE-arm64-extras-$XKEY
+if [ ! -e "$EXTRAS/.complete" ]; then
+  LOG=$CACHE/extras-$XKEY.log
+  say "printing, time and link packages (first time: several minutes; log $LOG)"
+  rm -rf "$EXTRAS.building"; cp -a "$BOOTREADY" "$EXTRAS.building"
+  X=$EXTRAS.building
+  cp /etc/resolv.conf "$X/etc/resolv.conf"
+  printf '#!/bin/sh\nexit 101\n' > "$X/usr/sbin/policy-rc.d"; chmod 0755 "$X/usr/sbin/policy-rc.d"
+  mount -t proc proc "$X/proc"; mount --bind /dev "$X/dev"; mount --bind /sys "$X/sys"
+  set +e
+  chroot "$X" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8 \
+    sh -c "sed -i 's/^update_initramfs=.*/update_initramfs=no/' /etc/initramfs-tools/update-initramfs.conf &&
+           apt-get update && apt-get install -y --no-install-recommends -o Dpkg::Options::=--force-confold \
+             -o Dpkg::Options::=--force-confdef $EXTRA_PACKAGES && apt-get clean &&
+           sed -i 's/^update_initramfs=.*/update_initramfs=yes/' /etc/initramfs-tools/update-initramfs.conf" > "$LOG" 2>&1
+  rc=$?
+  set -e
+  umount -l "$X/proc" "$X/dev" "$X/sys"
+  [ $rc = 0 ] || { tail -30 "$LOG" >&2; exit 1; }
+  rm -f "$X/usr/sbin/policy-rc.d"
+  rm -rf "$X/var/lib/apt/lists"/*; : > "$X/etc/resolv.conf"
+  date > "$X/.complete"
+  rm -rf "$EXTRAS"; mv "$X" "$EXTRAS"
+fi
+
 # -- 2. a working copy with Lastmile installed ---------------------------------------------------
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/lastmile-image.XXXXXX")
 trap 'for m in proc sys dev; do umount -l "$WORK/root/$m" 2>/dev/null || true; done; rm -rf "$WORK"' EXIT
 ROOT=$WORK/root
-cp -a "$BOOTREADY" "$ROOT"
+cp -a "$EXTRAS" "$ROOT"
 rm -f "$ROOT/.complete"
 mount -t proc proc "$ROOT/proc"; mount --bind /sys "$ROOT/sys"; mount --bind /dev "$ROOT/dev"
 in_root() { chroot "$ROOT" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "$@"; }
@@ -128,7 +169,7 @@ for unit in lastmile-console.service lastmile-metrics.service; do
   install -D -m 0644 "$HERE/files/lastmile-after-recording.conf" "$ROOT/etc/systemd/system/$unit.d/image-order.conf"
 done
 install -m 0644 "$HERE"/files/lastmile-provision.service "$HERE"/files/lastmile-root-check.service \
-  "$HERE"/files/lastmile-grow-data.service "$ROOT/etc/systemd/system/"
+  "$HERE"/files/lastmile-grow-data.service "$HERE"/files/lastmile-emergency-reboot.service "$ROOT/etc/systemd/system/"
 install -m 0644 "$REPO/systemd/lastmile.sysusers" "$ROOT/usr/lib/sysusers.d/lastmile.conf"
 install -m 0644 "$REPO"/systemd/udev/*.rules "$ROOT/usr/lib/udev/rules.d/"
 install -m 0755 "$HERE/files/lastmile-provision" "$HERE/files/lastmile-root-check" "$HERE/files/lastmile-grow-data" \
@@ -139,11 +180,18 @@ mkdir -p "$ROOT/etc/lastmile" "$ROOT/var/lib/lastmile"
 in_root /opt/lastmile/bin/lastmile config defaults > "$ROOT/etc/lastmile/lastmile.toml.defaults"
 # (unquoted on purpose: one word per unit)
 in_root systemctl enable $LASTMILE_UNITS lastmile-provision.service lastmile-root-check.service \
-  lastmile-grow-data.service systemd-networkd.service systemd-timesyncd.service >/dev/null
+  lastmile-grow-data.service lastmile-emergency-reboot.service NetworkManager.service ModemManager.service \
+  chrony.service cups.socket cups.service >/dev/null
 in_root systemctl enable gpsd.socket bluetooth.service >/dev/null
+# NetworkManager owns every link (Ethernet, Wi-Fi, 4G): networkd would fight it over eth0.
 # Village gateways often boot with no link at all: nothing here needs the network to be up at
 # boot (lastmile-forward retries on its own), and wait-online would fail after 2 minutes.
-in_root systemctl disable systemd-networkd-wait-online.service >/dev/null 2>&1
+in_root systemctl disable systemd-networkd.service systemd-networkd.socket systemd-networkd-wait-online.service \
+  NetworkManager-wait-online.service >/dev/null 2>&1
+# chrony replaced systemd-timesyncd (apt removed it: both provide time-daemon); make sure no
+# second time daemon is left enabled to step the clock against chrony.
+[ ! -e "$ROOT/usr/lib/systemd/system/systemd-timesyncd.service" ] \
+  || in_root systemctl mask systemd-timesyncd.service >/dev/null
 # Updates come as whole images and the root is a RAM overlay: apt's timers would only fill RAM
 # with package lists (and wake an idle 4G link), dpkg's daily backup would go to RAM, e2scrub
 # needs LVM. fstrim.timer stays: the data partition on the SD card is trimmed weekly.
@@ -151,7 +199,30 @@ in_root systemctl disable apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup
   >/dev/null 2>&1
 
 install -D -m 0644 "$HERE/files/journald.conf" "$ROOT/etc/systemd/journald.conf.d/lastmile.conf"
-install -D -m 0644 "$HERE/files/eth0.network" "$ROOT/etc/systemd/network/eth0.network"
+# Links: Ethernet by DHCP always; Wi-Fi and 4G from the boot partition's lastmile/network.toml
+# (files/lastmile-network, at each boot before NetworkManager).
+install -D -m 0600 "$HERE/files/ethernet.nmconnection" "$ROOT/etc/NetworkManager/system-connections/ethernet.nmconnection"
+install -D -m 0644 "$HERE/files/NetworkManager.conf" "$ROOT/etc/NetworkManager/conf.d/lastmile.conf"
+install -m 0644 "$HERE/files/lastmile-network.service" "$ROOT/etc/systemd/system/"
+install -m 0755 "$HERE/files/lastmile-network" "$ROOT/usr/local/sbin/"
+in_root systemctl enable lastmile-network.service >/dev/null
+# Time: chrony disciplined by gpsd (files/chrony-gps.conf), gpsd reading its receiver without
+# waiting for a client (-n), or chrony would get no samples until something asked gpsd.
+install -D -m 0644 "$HERE/files/chrony-gps.conf" "$ROOT/etc/chrony/conf.d/lastmile-gps.conf"
+sed -i 's/^GPSD_OPTIONS=.*/GPSD_OPTIONS="-n"/' "$ROOT/etc/default/gpsd"
+grep -qx 'GPSD_OPTIONS="-n"' "$ROOT/etc/default/gpsd" || { echo "gpsd: GPSD_OPTIONS not set" >&2; exit 1; }
+# The Pi's hardware watchdog (bcm2835-wdt), fed by systemd itself.
+install -D -m 0644 "$HERE/files/watchdog.conf" "$ROOT/etc/systemd/system.conf.d/lastmile-watchdog.conf"
+# Printing: the county's reports in Chinese.
+install -D -m 0644 "$HERE/files/fonts-zh-cn.conf" "$ROOT/etc/fonts/conf.d/64-lastmile-zh-cn.conf"
+install -m 0644 "$HERE/files/lastmile-printer.service" "$ROOT/etc/systemd/system/"
+install -m 0755 "$HERE/files/lastmile-printer" "$ROOT/usr/local/sbin/"
+install -m 0644 "$HERE/files/70-lastmile-printer.rules" "$ROOT/usr/lib/udev/rules.d/"
+in_root systemctl enable lastmile-printer.service >/dev/null
+# The service account prints (`lp` over CUPS's socket needs no group); its fonts are cached
+# in the read-only root so fontconfig never rebuilds them into the RAM overlay.
+in_root fc-cache -s >/dev/null
+install -D -m 0644 "$HERE/files/network.toml.example" "$ROOT/boot/firmware/lastmile/network.toml.example"
 echo lastmile > "$ROOT/etc/hostname"
 install -m 0644 "$HERE/files/fstab" "$ROOT/etc/fstab"
 mkdir -p "$ROOT/media/root-ro" "$ROOT/media/root-rw"  # where overlay-root puts the two layers

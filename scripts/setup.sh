@@ -13,7 +13,9 @@ if [ "$mode" = "--test" ]; then
                  util-linux debootstrap qemu-user-static binfmt-support dosfstools mtools
                  e2fsprogs fdisk openssl librsvg2-bin prometheus
                  qemu-system-arm qemu-utils zstd  # the image's whole-machine boot test
-                 chromium chromium-driver fonts-noto-cjk)  # the console's browser tests (+ CJK glyphs)
+                 chromium chromium-driver fonts-noto-cjk  # the console's browser tests (+ CJK glyphs)
+                 network-manager chrony  # the image's links and clock: their configs checked by nmcli, chronyd -p
+                 fonts-wqy-microhei)  # the image's fontconfig rule for CUPS's texttopdf
   command -v npm >/dev/null || apt_packages+=(nodejs npm)  # Lighthouse (bench/console.py)
 fi
 # CPU load for flake hunts (scripts/rehearse-ci.sh --load).
@@ -27,6 +29,12 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   done
   if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]}"
+    # Only their parsers are wanted (nmcli --offline, chronyd -p): masked first, so that on a
+    # machine run by systemd neither daemon starts and takes over its network or its clock.
+    if command -v systemctl >/dev/null; then
+      systemctl mask NetworkManager.service NetworkManager-wait-online.service NetworkManager-dispatcher.service \
+        chrony.service >/dev/null 2>&1 || true
+    fi
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   fi

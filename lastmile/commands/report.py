@@ -6,8 +6,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -89,6 +87,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _print(args: argparse.Namespace) -> int:
+    from lastmile.reports.printing import lp_command, print_document
     from lastmile.reports.views import printable
 
     _config, store = _store(args)
@@ -97,19 +96,19 @@ def _print(args: argparse.Namespace) -> int:
         if report is None:
             return 1
         data, suffix = printable(store, report)
-    lp = shutil.which("lp")
-    if lp and not args.output:
-        cmd = [lp, "-t", f"ECG report {report.id}"] + (["-d", args.printer] if args.printer else [])
-        done = subprocess.run(cmd, input=data, capture_output=True, timeout=60)
-        if done.returncode == 0:
-            print(f"report {report.id} sent to the printer: {done.stdout.decode(errors='replace').strip()}")
+    if lp_command() and not args.output:
+        done = print_document(data, f"ECG report {report.id}", args.printer)
+        if done.sent:
+            print(f"report {report.id} sent to the printer: {done.message}")
             return 0
-        print(f"lp failed ({done.stderr.decode(errors='replace').strip()}); writing a file instead", file=sys.stderr)
+        print(f"lp failed ({done.message}); writing a file instead", file=sys.stderr)
     path = Path(args.output or f"lastmile-report-{report.id}{suffix}")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # patient data: owner only
     with os.fdopen(fd, "wb") as f:
         f.write(data)
-    print(f"report {report.id} written to {path}" + ("" if lp else " (no printer: CUPS `lp` is not installed)"))
+    print(
+        f"report {report.id} written to {path}" + ("" if lp_command() else " (no printer: CUPS `lp` is not installed)")
+    )
     return 0
 
 

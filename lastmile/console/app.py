@@ -48,7 +48,8 @@ from lastmile.console.accounts import LANGUAGES, AccountError, Login, LoginRefus
 from lastmile.console.ecg_analysis import EcgAnalyses
 from lastmile.console.i18n import LANGUAGE_NAMES, N_, Localizer, negotiate
 from lastmile.console.live import Broker
-from lastmile.console.sources import ClinicData, ConsoleInputError
+from lastmile.console.sources import ClinicData, ConsoleInputError, ReportView
+from lastmile.reports.printing import lp_command, print_document
 
 log = logging.getLogger(__name__)
 
@@ -612,6 +613,8 @@ async def report_page(request: Request) -> Response:
     model = await page_model(request, ctx, views.report, request.path_params["report_id"], ctx.user)
     if model["report"] is None:
         return PlainTextResponse("no such report", status_code=404)
+    model["clinic_printer"] = lp_command() is not None  # CUPS on this gateway (the image has it)
+    model["printed"] = request.query_params.get("printed")
     return render(request, ctx, "report.html", **model)
 
 
@@ -627,6 +630,38 @@ async def report_pdf(request: Request) -> Response:
         media_type="application/pdf",
         headers={"content-disposition": "inline", "content-security-policy": "default-src 'none'"},
     )
+
+
+def printable_text(found: ReportView, localizer: Localizer) -> str:
+    """The report as the clinic printer gets it when the county sent no PDF: the page's facts and
+    text, in the page's language (CUPS lays the UTF-8 text out with the image's Noto CJK fonts)."""
+    _ = localizer.gettext
+    lines = [
+        f"{_('ECG report')}: {person_name(found.patient_name) or found.patient_id}  {found.patient_id}",
+        f"{_('ECG recorded')}: {localizer.full(found.ecg_time) or '—'}",
+        f"{_('Report received')}: {localizer.full(found.received_at)}",
+        f"{_('Read by')}: {found.reading_doctor or '—'}",
+    ]
+    if found.critical:
+        lines.append(f"{_('Critical result')}: {'; '.join(found.critical_reasons)}")
+    return "\n".join([*lines, "", found.text, ""])
+
+
+async def print_report(request: Request) -> Response:
+    """The report on the clinic's printer through CUPS (the county's PDF as sent, else its text);
+    the page says whether the scheduler took it. The browser's own Print stays the fallback."""
+    state = state_of(request)
+    ctx = await context_for(request)
+    await read_form(request, ctx)
+    report_id = request.path_params["report_id"]
+    found = await state.run_db(state.data.reports.report, report_id)
+    if found is None:
+        return PlainTextResponse("no such report", status_code=404)
+    pdf = await state.run_db(state.data.reports.pdf, report_id) if found.has_pdf else None
+    document = pdf or printable_text(found, ctx.localizer).encode("utf-8")
+    outcome = await asyncio.to_thread(print_document, document, f"ECG report {report_id}")
+    log.info("report %s printed by %s: %s", report_id, ctx.user, outcome.message)
+    return RedirectResponse(f"/reports/{quote(report_id)}?printed={int(outcome.sent)}", status_code=303)
 
 
 async def acknowledge_report(request: Request) -> Response:
@@ -739,6 +774,7 @@ def routes() -> list[Route | Mount]:
         Route("/reports/{report_id}", report_page),
         Route("/reports/{report_id}/pdf", report_pdf),
         Route("/reports/{report_id}/acknowledge", acknowledge_report, methods=["POST"]),
+        Route("/reports/{report_id}/print", print_report, methods=["POST"]),
         Route("/devices", devices_page),
         Route("/devices/pair", pair_device, methods=["POST"]),
         Route("/devices/unpair", unpair_device, methods=["POST"]),

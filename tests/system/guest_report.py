@@ -184,6 +184,8 @@ def report() -> None:
         run("journalctl", "-b", "-u", "lastmile-acquire", "-o", "cat", "--no-pager", "-n", "30").splitlines(),
     )
 
+    report_printing_time_links()
+
     # Last, so that a unit in a restart loop has had time to show it.
     loaded = run(
         "systemctl",
@@ -200,6 +202,114 @@ def report() -> None:
             say("unit", state)
     say("failed", unit_lines(run("systemctl", "--failed", "--plain", "--no-legend")))
     say("system-final", run("systemctl", "is-system-running"))
+
+
+ZH_TEXT = "心电图报告：窦性心律，心电图正常。\nECG report: sinus rhythm, normal ECG.\n"
+
+
+def report_printing_time_links() -> None:
+    """CUPS and the CJK fonts, chrony with gpsd, the watchdog, NetworkManager's connections."""
+    say("lpstat", run("lpstat", "-r"))
+    say("fc-match", run("fc-match", "-f", "%{family[0]}|%{file}", "sans-serif:lang=zh-cn"))
+    say("fc-match-texttopdf", run("fc-match", "-f", "%{family[0]}|%{fontformat}", "ARPLUmingCN"))
+    # A Chinese text as CUPS's own filter lays it out (cups-filters' texttopdf, the fonts through
+    # fontconfig): which fonts the PDF embeds (poppler's pdffonts).
+    sample = Path("/run/lastmile-print-sample.txt")
+    sample.write_text(ZH_TEXT, encoding="utf-8")
+    env = {**os.environ, "CHARSET": "utf-8", "CONTENT_TYPE": "text/plain", "PPD": "", "PRINTER": "boottest"}
+    pdf = subprocess.run(
+        ["/usr/lib/cups/filter/texttopdf", "1", "root", "zh", "1", "", str(sample)],
+        capture_output=True,
+        env=env,
+    )
+    Path("/run/lastmile-print-sample.pdf").write_bytes(pdf.stdout)
+    # kept on the data partition too, for a look from the host after the boot (debugfs)
+    Path("/var/lib/lastmile/print-sample.pdf").write_bytes(pdf.stdout)
+    say(
+        "texttopdf",
+        {
+            "exit": pdf.returncode,
+            "bytes": len(pdf.stdout),
+            "stderr": pdf.stderr.decode(errors="replace")[-400:],
+            "fonts": run("pdffonts", "/run/lastmile-print-sample.pdf").splitlines(),
+            # ghostscript's text extraction: with no ToUnicode the characters come out shifted,
+            # but a glyph the font lacks (an empty box) comes out as a blank
+            "text": run(
+                "gs", "-q", "-dNOPAUSE", "-dBATCH", "-sDEVICE=txtwrite", "-o", "-", "/run/lastmile-print-sample.pdf"
+            ).splitlines(),
+            "charset": [
+                ln
+                for ln in Path("/usr/share/cups/charsets/pdf.utf-8.simple").read_text().splitlines()
+                if ln and not ln.startswith("#")
+            ][:12]
+            if Path("/usr/share/cups/charsets/pdf.utf-8.simple").exists()
+            else None,
+        },
+    )
+    # The whole path, scheduler and all, into a queue that writes to /dev/null (no printer here).
+    made = subprocess.run(["lpadmin", "-p", "boottest", "-E", "-v", "file:///dev/null"], capture_output=True, text=True)
+    job = subprocess.run(["lp", "-d", "boottest", "-t", "boot test", str(sample)], capture_output=True, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and run("lpstat", "-o", "boottest"):
+        time.sleep(2)  # the job leaves the queue once the (emulated) filters are done
+    say(
+        "lp",
+        {
+            "lpadmin": made.returncode,
+            "lpadmin_err": made.stderr.strip(),
+            "lp": job.stdout.strip(),
+            "lp_err": job.stderr.strip(),
+            "completed": run("lpstat", "-W", "completed", "-o", "boottest").splitlines(),
+            "pending": run("lpstat", "-o", "boottest").splitlines(),
+        },
+    )
+    models = run("lpinfo", "-m").splitlines()
+    say(
+        "pcl-driver",
+        {
+            "lpinfo_models": len(models),
+            "lpinfo_pxlmono": [ln for ln in models if "pxlmono.ppd" in ln],
+            "ppd_file": Path("/usr/share/ppd/cupsfilters/pxlmono.ppd").is_file(),
+        },
+    )
+    say("printer-unit", run("journalctl", "-b", "-u", "lastmile-printer", "-o", "cat", "--no-pager").splitlines())
+    say(
+        "chrony",
+        {
+            "state": units("chrony.service", properties=("ActiveState", "SubState"))[0],
+            "sources": run("chronyc", "-n", "sources").splitlines(),
+            "tracking": run("chronyc", "-c", "-n", "tracking"),
+            "timesyncd": units("systemd-timesyncd.service", properties=("LoadState", "ActiveState"))[0],
+            "gpsd_options": [ln for ln in Path("/etc/default/gpsd").read_text().splitlines() if "GPSD_OPTIONS" in ln],
+        },
+    )
+    say(
+        "watchdog",
+        {
+            "manager": run("systemctl", "show", "-p", "RuntimeWatchdogUSec,RebootWatchdogUSec"),
+            "devices": sorted(str(p) for p in Path("/dev").glob("watchdog*")),
+            "journal": [
+                ln
+                for ln in run("journalctl", "-b", "_PID=1", "-o", "cat", "--no-pager").splitlines()
+                if "atchdog" in ln
+            ][:10],
+        },
+    )
+    say(
+        "links",
+        {
+            "connections": run("nmcli", "-t", "-f", "NAME,TYPE,FILENAME", "connection", "show").splitlines(),
+            "devices": run("nmcli", "-t", "-f", "DEVICE,TYPE,STATE", "device").splitlines(),
+            "units": units(
+                "NetworkManager.service",
+                "ModemManager.service",
+                "lastmile-network.service",
+                "systemd-networkd.service",
+                properties=("ActiveState", "SubState", "Result"),
+            ),
+            "provisioned": run("journalctl", "-b", "-u", "lastmile-network", "-o", "cat", "--no-pager").splitlines(),
+        },
+    )
 
 
 def main() -> int:

@@ -11,6 +11,7 @@ and the boot test's clinic lastmile.toml passes `lastmile config check` (a boot 
 
 from __future__ import annotations
 
+import configparser
 import importlib.machinery
 import importlib.util
 import json
@@ -30,13 +31,21 @@ from tests.system.test_image_boot import CLINIC_CONFIG, NETWORKED_CONFIG
 
 FILES = REPO / "image" / "files"
 SYSTEMD = REPO / "systemd"
-IMAGE_UNITS = ("lastmile-provision.service", "lastmile-root-check.service", "lastmile-grow-data.service")
+IMAGE_UNITS = (
+    "lastmile-provision.service",
+    "lastmile-root-check.service",
+    "lastmile-grow-data.service",
+    "lastmile-network.service",
+    "lastmile-printer.service",
+    "lastmile-emergency-reboot.service",
+)
 # build.sh installs and enables every unit in systemd/ (acquire, forward, console, metrics).
 LASTMILE_UNITS = tuple(sorted(p.name for p in SYSTEMD.glob("*.service")))
 # build.sh's drop-ins: installed name -> file in image/files
 DROP_INS = {"image-start.conf": "lastmile-start.conf", "image-order.conf": "lastmile-after-recording.conf"}
 ORDERED_AFTER_RECORDING = ("lastmile-console.service", "lastmile-metrics.service")
-SCRIPTS = ("overlay-root", "lastmile-provision", "lastmile-root-check")  # sh; lastmile-grow-data is python3
+# sh; lastmile-grow-data and lastmile-network are python3
+SCRIPTS = ("overlay-root", "lastmile-provision", "lastmile-root-check", "lastmile-printer")
 # What the initramfs has besides shell builtins (klibc-utils, kmod); build.sh asks the built
 # initramfs's own shell for each of these.
 INITRAMFS_COMMANDS = {"mount", "umount", "mkdir", "modprobe"}
@@ -101,10 +110,16 @@ def image_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
             (root / f"etc/systemd/system/{unit}.d").mkdir(exist_ok=True)
             shutil.copy(FILES / dropin, root / f"etc/systemd/system/{unit}.d" / name)
     (root / "usr/local/sbin").mkdir(parents=True)
-    for name in ("lastmile-provision", "lastmile-root-check", "lastmile-grow-data"):
+    for name in (
+        "lastmile-provision",
+        "lastmile-root-check",
+        "lastmile-grow-data",
+        "lastmile-network",
+        "lastmile-printer",
+    ):
         shutil.copy(FILES / name, root / "usr/local/sbin" / name)
         (root / "usr/local/sbin" / name).chmod(0o755)  # as build.sh installs them
-    for exe in ("opt/lastmile/bin/lastmile", "bin/kill"):  # ExecStart= targets of systemd/'s units
+    for exe in ("opt/lastmile/bin/lastmile", "bin/kill", "bin/sh"):  # ExecStart= targets of the units
         (root / exe).parent.mkdir(parents=True, exist_ok=True)
         (root / exe).write_text("#!/bin/sh\n")
         (root / exe).chmod(0o755)
@@ -136,10 +151,20 @@ def test_every_lastmile_unit_is_enabled_as_build_sh_does(image_root: Path) -> No
     )
     assert proc.returncode == 0, proc.stderr
     wants = image_root / "etc/systemd/system"
-    for name in (*LASTMILE_UNITS, "lastmile-provision.service"):
+    for name in (*LASTMILE_UNITS, "lastmile-provision.service", "lastmile-network.service", "lastmile-printer.service"):
         assert (wants / "multi-user.target.wants" / name).is_symlink(), name
     assert (wants / "sysinit.target.wants/lastmile-root-check.service").is_symlink()
     assert (wants / "local-fs.target.wants/lastmile-grow-data.service").is_symlink()
+    for target in ("emergency.target", "rescue.target"):  # a headless gateway never stays there
+        assert (wants / f"{target}.wants/lastmile-emergency-reboot.service").is_symlink(), target
+
+
+def test_the_card_partitions_get_a_long_device_timeout() -> None:
+    """A slow card (a loaded emulator: 90 s was not enough) must not send the boot to emergency mode."""
+    lines = [line.split() for line in (FILES / "fstab").read_text().splitlines() if line.startswith("LABEL=")]
+    assert {f[0] for f in lines} == {"LABEL=LM-BOOT", "LABEL=LM-DATA"}
+    for fields in lines:
+        assert "x-systemd.device-timeout=10min" in fields[3].split(","), fields
 
 
 def test_build_sh_installs_the_drop_ins_the_tests_verify() -> None:
@@ -375,3 +400,109 @@ def test_an_mbr_entry_stops_at_2_tib(tmp_path: Path) -> None:
     assert grown is not None
     size = int.from_bytes(grown[446 + 32 + 12 : 446 + 32 + 16], "little")
     assert size <= 0xFFFFFFFF and (17 * 2048 + size) % 2048 == 0
+
+
+# -- time, watchdog, printing (issue 18 item 6, issue 15) --------------------------------------------
+
+
+def test_chrony_reads_the_gpsd_reference_clocks(tmp_path: Path) -> None:
+    """`chronyd -p` (chrony's own parser: print the configuration and exit) over Debian's
+    chrony.conf with the image's conf.d file in its confdir: every directive parses, and gpsd's
+    shared-memory clocks are there with the options the comment explains."""
+    chronyd = shutil.which("chronyd") or "/usr/sbin/chronyd"
+    if not Path(chronyd).exists():
+        require_tool("chronyd")
+    debian_conf = Path("/etc/chrony/chrony.conf")
+    if not debian_conf.exists():
+        missing("no /etc/chrony/chrony.conf (Debian's chrony package)")
+    confdir = tmp_path / "conf.d"
+    confdir.mkdir()
+    shutil.copy(FILES / "chrony-gps.conf", confdir / "lastmile-gps.conf")
+    main = re.sub(r"(?m)^confdir .*$", f"confdir {confdir}", debian_conf.read_text())
+    assert f"confdir {confdir}" in main  # Debian's file includes conf.d: the image relies on it
+    (tmp_path / "chrony.conf").write_text(main)
+    done = subprocess.run(
+        [chronyd, "-p", "-f", str(tmp_path / "chrony.conf")], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and "Fatal" not in done.stderr, done.stderr
+    refclocks = [line.split() for line in done.stdout.splitlines() if line.startswith("refclock ")]
+    gps = next(r for r in refclocks if r[1:3] == ["SHM", "0"])
+    assert gps[gps.index("refid") + 1] == "GPS" and "trust" in gps  # alone with no network: believed
+    assert "noselect" not in gps
+    pps = next(r for r in refclocks if r[1:3] == ["SHM", "1"])
+    assert pps[pps.index("lock") + 1] == "GPS"
+    assert any(line.startswith("makestep ") for line in done.stdout.splitlines())  # a Pi boots far off: steps
+    # chronyd refuses what it does not know: the check is not vacuous
+    (confdir / "lastmile-gps.conf").write_text("refclock SHM 0 refid GPS trusted\n")
+    done = subprocess.run(
+        [chronyd, "-p", "-f", str(tmp_path / "chrony.conf")], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode != 0 and "Invalid refclock option" in done.stderr
+
+
+def test_one_time_daemon_on_the_image_and_gpsd_feeds_it_without_a_client() -> None:
+    """chrony replaces systemd-timesyncd (apt removes it: both provide time-daemon); build.sh
+    masks it should it ever stay, and enables chrony; gpsd reads its receiver with no client (-n)."""
+    build = (REPO / "image" / "build.sh").read_text()
+    extra = re.search(r'^EXTRA_PACKAGES="([^"]+)"', build, re.M)
+    assert extra is not None
+    for package in (
+        "chrony",
+        "cups-daemon",
+        "cups-client",
+        "cups-filters",
+        "fonts-noto-cjk",
+        "network-manager",
+        "modemmanager",
+    ):
+        assert package in extra.group(1).split(), package
+    assert "in_root systemctl mask systemd-timesyncd.service" in build
+    assert re.search(r"systemctl enable [^\n]*\\\n[^\n]*\n[^\n]*chrony\.service", build)
+    assert "systemd-timesyncd.service >/dev/null" not in build.split("mask systemd-timesyncd")[0]
+    assert 'GPSD_OPTIONS="-n"' in build
+    assert "systemctl disable systemd-networkd.service" in build  # NetworkManager owns the links
+
+
+def test_the_hardware_watchdog_drop_in() -> None:
+    """systemd feeds /dev/watchdog0 every RuntimeWatchdogSec/2; the BCM2835's timer counts at most
+    about 15.9 s, so a longer value would be clamped or refused by the driver."""
+    manager = configparser.RawConfigParser()
+    manager.optionxform = str  # type: ignore[assignment,method-assign]
+    manager.read_string((FILES / "watchdog.conf").read_text())
+    assert manager.sections() == ["Manager"]
+    assert manager["Manager"]["RuntimeWatchdogSec"] == "15s"
+    assert manager["Manager"]["RebootWatchdogSec"] == "2min"
+    assert '"$ROOT/etc/systemd/system.conf.d/lastmile-watchdog.conf"' in (REPO / "image" / "build.sh").read_text()
+
+
+@pytest.mark.parametrize(
+    ("pattern", "family"),
+    [
+        ("sans-serif:lang=zh-cn", "Noto Sans CJK SC"),
+        ("serif:lang=zh-cn", "Noto Serif CJK SC"),
+        ("monospace:lang=zh-cn", "Noto Sans Mono CJK SC"),
+        # what CUPS's texttopdf asks for its CJK range: a TrueType font, it refuses Noto's CFF .ttc
+        ("ARPLUmingCN", "WenQuanYi Micro Hei Mono|TrueType"),
+    ],
+)
+def test_fontconfig_picks_noto_cjk_sc_for_chinese(tmp_path: Path, pattern: str, family: str) -> None:
+    """fc-match with the host's fonts (fonts-noto-cjk, as on the image) and the image's rule."""
+    fc_match = require_tool("fc-match")
+    for font in ("NotoSansCJK-Regular.ttc", "wqy-microhei.ttc"):  # as on the image
+        if not list(Path("/usr/share/fonts").rglob(font)):
+            missing(f"no {font}: fonts-noto-cjk, fonts-wqy-microhei (scripts/setup.sh --test installs them)")
+    conf = tmp_path / "fonts.conf"
+    conf.write_text(
+        '<?xml version="1.0"?>\n<!DOCTYPE fontconfig SYSTEM "urn:fontconfig:fonts.dtd">\n<fontconfig>\n'
+        f"  <include>{FILES / 'fonts-zh-cn.conf'}</include>\n  <include>/etc/fonts/fonts.conf</include>\n"
+        f"  <cachedir>{tmp_path / 'cache'}</cachedir>\n</fontconfig>\n"
+    )
+    done = subprocess.run(
+        [fc_match, "-f", "%{family[0]}|%{fontformat}" if "|" in family else "%{family[0]}", pattern],
+        env={**os.environ, "FONTCONFIG_FILE": str(conf)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "Fontconfig error" not in done.stderr, done.stderr  # the image's file parses
+    assert done.stdout == family
