@@ -133,14 +133,17 @@ def test_unplug_mid_message_keeps_complete_ones_and_replug_reconnects(tmp_path: 
         dev2.unplug()
 
 
-def _counting_rescans(threaded: ManagerThread) -> list[float]:
-    """The times at which the manager rescanned: the events a hot-plug test can wait on."""
-    scans: list[float] = []
+def _counting_rescans(threaded: ManagerThread) -> list[tuple[float, bool]]:
+    """Each finished rescan: its time and whether it connected the (first) device. The events a
+    hot-plug test can wait on: which scan connected is known without racing the manager thread
+    (the status says "connected" inside the scan, before the scan is counted)."""
+    scans: list[tuple[float, bool]] = []
     rescan = threaded.manager._rescan
 
     def counted(now: float) -> None:
+        before = threaded.manager.statuses()[0].connected
         rescan(now)
-        scans.append(now)
+        scans.append((now, threaded.manager.statuses()[0].connected and not before))
 
     threaded.manager._rescan = counted  # type: ignore[method-assign]
     return scans
@@ -156,8 +159,9 @@ def test_hot_plug_noticed_by_the_one_second_rescan(tmp_path: Path) -> None:
         wait_for(lambda: scans, timeout=60.0)  # the start-up scan is done, before the device exists
         assert not manager.statuses()[0].present
         dev = PtyDevice(link)
-        wait_for(lambda: manager.statuses()[0].connected, timeout=60.0)
-        assert len(scans) >= 2  # a later rescan, the only way to notice it here, found it
+        wait_for(lambda: any(connected for _t, connected in scans), timeout=60.0)
+        # a later rescan, the only way to notice it here, found it (not the start-up scan)
+        assert next(i for i, (_t, connected) in enumerate(scans) if connected) >= 1
         dev.unplug()
 
 
@@ -173,11 +177,12 @@ def test_inotify_wakes_the_manager_at_once(tmp_path: Path) -> None:
     # An hour between rescans: only the inotify event can explain a connect within the minute waited.
     threaded = ManagerThread([_spec(link)], factory, watch_dirs=[tmp_path], rescan_s=3600.0)
     scans = _counting_rescans(threaded)
-    with threaded as manager:
+    with threaded:
         wait_for(lambda: scans, timeout=60.0)  # the start-up scan is done, before the device exists
         dev = PtyDevice(link)
-        wait_for(lambda: manager.statuses()[0].connected, timeout=60.0)
-        assert scans[-1] - scans[0] < 3600.0  # woken early by inotify, not by the hourly rescan
+        wait_for(lambda: any(connected for _t, connected in scans), timeout=60.0)
+        (at, _), *_ = [scan for scan in scans if scan[1]]
+        assert at - scans[0][0] < 3600.0  # a rescan woken early by inotify, not the hourly one
         dev.unplug()
 
 
