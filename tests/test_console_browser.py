@@ -276,6 +276,16 @@ def _cli_json(args: list[str]) -> object:
     return json.loads(done.stdout)
 
 
+def text_of(driver: object, css: str) -> str | bool:
+    """The element's text, or False while it is missing or being swapped (stale): for `wait_for`."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+    try:
+        return str(driver.find_element(by("css"), css).text) or False  # type: ignore[attr-defined]
+    except (NoSuchElementException, StaleElementReferenceException):
+        return False
+
+
 def test_real_reports_and_a_real_held_ecg(browser: object, tmp_path: Path) -> None:
     """The console over the real stores: a report the county returned (report store) is on the
     Reports page, critical first and unread ones marked; acknowledging it there is what `lastmile
@@ -294,12 +304,13 @@ def test_real_reports_and_a_real_held_ecg(browser: object, tmp_path: Path) -> No
     data_dir = ["--data-dir", str(config.data_dir)]
     with running_console(config) as server:
         log_in(browser, server)
-        alert = browser.find_element(by("css"), "[role=alert].critical")
-        assert "张三" in alert.text  # the real critical report, on Today
+        alert_text = str(wait_for(browser, lambda d: text_of(d, "[role=alert].critical")))
+        assert "张三" in alert_text  # the real critical report, on Today
 
         # the held ECG, assigned from the page: the outbox item is rebuilt for the patient
-        row = browser.find_element(by("css"), f"#panel-held li[data-held-ecg='{held.id}']")
-        assert f"E{held.id}" in row.text
+        # (the live panel may be swapped in anew between finding the row and reading it)
+        row_text = str(wait_for(browser, lambda d: text_of(d, f"#panel-held li[data-held-ecg='{held.id}']")))
+        assert f"E{held.id}" in row_text
         set_viewport(browser, PHONE)
         save_screenshot(browser, "today-held-ecg-phone")
         set_viewport(browser, TABLET)
