@@ -19,7 +19,7 @@ import logging
 from lastmile.clinic.observations import OBSERVATION_KIND, observation_from_json
 from uploader.fhir_bundle import FhirNaming, observation_bundle, observation_identifier
 from uploader.fhir_forwarder import enqueue_bundle
-from uploader.outbox import Outbox
+from uploader.outbox import ItemState, Outbox
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,9 @@ RELAY_BATCH = 50
 
 def relay_observations(outbox: Outbox, naming: FhirNaming, now: float, *, limit: int = RELAY_BATCH) -> int:
     """Queue a FHIR bundle for each waiting reading (up to `limit`); returns how many were relayed."""
+    # Every forward round calls this: a read first, so an idle round takes no write lock.
+    if not outbox.items(kind=OBSERVATION_KIND, state=ItemState.QUEUED, limit=1):
+        return 0
     claimed = outbox.claim(OBSERVATION_KIND, limit, now)
     done: list[int] = []
     for item in claimed:
