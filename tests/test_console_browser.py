@@ -30,6 +30,7 @@ from tests.console_harness import (
     console_config,
     enqueue_ecg,
     running_console,
+    stand_in_lp,
     store_returned_reports,
 )
 
@@ -328,6 +329,29 @@ def test_a_returned_report_and_a_critical_alert(browser: object, tmp_path: Path)
         browser.get(server.url + "/reports/r-critical")
         assert "急性下壁心肌梗死" in browser.find_element(by("css"), "pre.report-text").text
         save_screenshot(browser, "report-print-view-tablet")
+
+
+def test_a_report_printed_on_the_clinic_printer_from_a_phone(
+    browser: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The doctor's phone sends the county's report to the clinic printer (CUPS's `lp`: a stand-in
+    that keeps the job); the page says it was sent, in Chinese."""
+    spool = stand_in_lp(tmp_path, monkeypatch)
+    config = console_config(tmp_path / "data")
+    _critical, routine = store_returned_reports(config)
+    with running_console(config) as server:
+        log_in(browser, server)
+        set_viewport(browser, PHONE)
+        try:
+            browser.get(f"{server.url}/reports/{routine}")
+            text_in(browser, "pre.report-text", "窦性心律")
+            save_screenshot(browser, "report-print-buttons-phone")
+            browser.find_element(by("xpath"), "//button[normalize-space()='用诊所打印机打印']").click()
+            text_in(browser, "[role=status]", "已发送到诊所打印机")
+            save_screenshot(browser, "report-printed-phone")
+        finally:
+            set_viewport(browser, TABLET)
+    assert "窦性心律，心电图正常" in spool.read_text(encoding="utf-8")  # the job the printer got
 
 
 def _cli_json(args: list[str]) -> object:
