@@ -837,6 +837,9 @@ def load_allow_list() -> dict[str, dict[str, str]]:
     return tomllib.loads(ALLOW_LIST.read_text())
 
 
+ONLY: list[str] = []  # --only: run just the mutants whose id contains one of these
+
+
 def run_module(module: str, allowed: dict[str, str], parallel: int, workdir: Path) -> ModuleReport:
     report = ModuleReport(module)
     path = REPO / module
@@ -846,6 +849,8 @@ def run_module(module: str, allowed: dict[str, str], parallel: int, workdir: Pat
         report.error = "no focused test file exists"
         return report
     mutants = generate_mutants(module, source)
+    if ONLY:  # a partial run while killing survivors: its score covers the chosen mutants only
+        mutants = [m for m in mutants if any(part in m.mutant_id for part in ONLY)]
     if not mutants:
         return report  # nothing to mutate (declarations only): no need for a baseline
     workdir.mkdir(parents=True, exist_ok=True)
@@ -936,7 +941,7 @@ def print_report(report: ModuleReport, show_killed: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global EXAMPLE_CAP
+    global EXAMPLE_CAP, ONLY
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--module",
@@ -953,8 +958,16 @@ def main(argv: list[str] | None = None) -> int:
         default=EXAMPLE_CAP,
         help=f"cap on hypothesis examples per test (default {EXAMPLE_CAP}; lowers, never raises, a score)",
     )
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="run only the mutants whose id contains TEXT, e.g. a function's name (repeatable; partial score)",
+    )
     args = parser.parse_args(argv)
     EXAMPLE_CAP = args.max_examples
+    ONLY = args.only
     modules = args.module or list(FOCUSED_TESTS)
     unknown = [m for m in modules if m not in FOCUSED_TESTS]
     if unknown:

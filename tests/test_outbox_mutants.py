@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+import uploader.outbox as outbox_module
 from uploader.errors import OutboxFullError
 from uploader.outbox import (
     COMMITMENT_HISTORY,
@@ -185,3 +186,80 @@ def test_an_unassigned_ecg_is_held_found_rebuilt_for_its_patient_and_released(tm
         assert outbox.replace_held_payload(bundle.id, b"x" * 20_000, 40.0) is False
         assert outbox.read_payload(outbox.get(bundle.id)) == b"{}"  # type: ignore[arg-type]
         assert len(_payload_files(tmp_path)) == 1  # the unused new file was removed
+
+
+# -- recovery of claims whose owner is gone: who pays for the attempt -----------------------------
+EARLIER_BOOT = "0" * 32  # a boot id that is not this one (current_boot() is 32 random hex digits)
+
+
+def _claimed_by_a_dead_owner(outbox: Outbox, data_dir: Path, owner: str | None, *, in_flight: int) -> list[int]:
+    """Claim `in_flight` + 1 items and start sending `in_flight` of them, then hand the claims to
+    `owner`, a process that is gone (no one holds its lock): what a SIGKILL or a power cut leaves."""
+    ids = [outbox.add(Kind.DICOM, f"ecg{n}", b"dicom", now=1.0).item.id for n in range(in_flight + 1)]
+    assert [i.id for i in outbox.claim(Kind.DICOM, 10, 2.0)] == ids
+    for item_id in ids[:in_flight]:
+        assert outbox.begin_send(item_id, 2.0)
+    with sqlite3.connect(data_dir / "outbox.sqlite") as conn:
+        conn.execute("UPDATE items SET claimed_by = ? WHERE state = 'sending'", (owner,))
+    conn.close()
+    return ids
+
+
+def _progress(outbox: Outbox, item_id: int) -> tuple[str, int, int, float]:
+    item = outbox.get(item_id)
+    assert item is not None
+    return item.state.value, item.attempts, item.interrupted_sends, item.updated_at
+
+
+def test_a_send_cut_by_a_power_cut_is_given_back_and_the_waiting_claim_was_never_charged(tmp_path: Path) -> None:
+    """The oldest study is the one on the wire at every cut of a flickering supply: charged for
+    each cut, it would be quarantined as "an object that crashes the forwarder" after five."""
+    data_dir = tmp_path / "data"
+    with _open(tmp_path) as outbox:
+        cut, waiting = _claimed_by_a_dead_owner(outbox, data_dir, f"{EARLIER_BOOT}-{'ab' * 16}", in_flight=1)
+        assert outbox.recover_interrupted(now=5.0) == 2
+        assert _progress(outbox, cut) == ("queued", 0, 0, 5.0)
+        assert _progress(outbox, waiting) == ("queued", 0, 0, 5.0)
+        assert "power cut or reboot" in (outbox.get(cut).last_error or "")
+        assert "process stopped" in (outbox.get(waiting).last_error or "")
+        # both can be claimed again, by anyone: the dead owner's name is gone from them
+        assert [i.id for i in outbox.claim(Kind.DICOM, 10, 6.0)] == [cut, waiting]
+
+
+@pytest.mark.parametrize(
+    "owner",
+    [f"{'cd' * 16}-{'ab' * 16}", "ab" * 16, None],
+    ids=["killed-in-this-boot", "token-without-a-boot", "no-owner-recorded"],
+)
+def test_a_send_cut_by_its_process_dying_stays_charged_and_counts_as_interrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, owner: str | None
+) -> None:
+    """A process killed in this boot with an object's bytes going out may have been killed by
+    that object (memory): the attempt stays charged and counts towards quarantine, so one bad
+    object cannot take the forwarder down at every restart. A token that does not name its boot
+    (older versions) or no owner at all cannot prove a power cut: charged alike."""
+    boot = tmp_path / "boot_id"
+    boot.write_text("cdcdcdcd-cdcd-cdcd-cdcd-cdcdcdcdcdcd\n")
+    monkeypatch.setattr(outbox_module, "BOOT_ID", boot)
+    data_dir = tmp_path / "data"
+    with _open(tmp_path) as outbox:
+        cut, waiting = _claimed_by_a_dead_owner(outbox, data_dir, owner, in_flight=1)
+        assert outbox.recover_interrupted(now=5.0) == 2
+        assert _progress(outbox, cut) == ("queued", 1, 1, 5.0)
+        assert _progress(outbox, waiting) == ("queued", 0, 0, 5.0)
+        assert "died during the send" in (outbox.get(cut).last_error or "")
+
+
+def test_recovery_leaves_the_claims_of_this_outbox_and_of_a_live_one_alone(tmp_path: Path) -> None:
+    """`lastmile queue` opens the outbox while the forwarder sends: taking the forwarder's items
+    back would send them twice."""
+    with _open(tmp_path) as forwarder, _open(tmp_path) as cli:
+        mine = forwarder.add(Kind.DICOM, "a", b"dicom", now=1.0).item.id
+        theirs = forwarder.add(Kind.DICOM, "b", b"dicom", now=1.0).item.id
+        assert [i.id for i in forwarder.claim(Kind.DICOM, 1, 2.0)] == [mine]
+        assert forwarder.begin_send(mine, 2.0)
+        assert [i.id for i in cli.claim(Kind.DICOM, 1, 2.0)] == [theirs]
+        assert forwarder.recover_interrupted(now=5.0) == 0
+        assert cli.recover_interrupted(now=5.0) == 0
+        assert _progress(cli, mine) == ("sending", 1, 0, 2.0)
+        assert _progress(cli, theirs) == ("sending", 0, 0, 2.0)
