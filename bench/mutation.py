@@ -849,6 +849,7 @@ def run_module(module: str, allowed: dict[str, str], parallel: int, workdir: Pat
         report.error = "no focused test file exists"
         return report
     mutants = generate_mutants(module, source)
+    every_id = {m.mutant_id for m in mutants}
     if ONLY:  # a partial run while killing survivors: its score covers the chosen mutants only
         mutants = [m for m in mutants if any(part in m.mutant_id for part in ONLY)]
     if not mutants:
@@ -869,7 +870,7 @@ def run_module(module: str, allowed: dict[str, str], parallel: int, workdir: Pat
     collect_s = max(0.0, time.monotonic() - started - sum(durations.values()))
     by_speed = sorted(durations, key=durations.__getitem__)
 
-    report.stale_equivalents = sorted(set(allowed) - {m.mutant_id for m in mutants})
+    report.stale_equivalents = sorted(set(allowed) - every_id)
     fast: list[Job] = []
     slow: list[Job] = []
     for mutant in mutants:

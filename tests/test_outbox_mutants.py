@@ -25,9 +25,13 @@ from uploader.outbox import (
     Hold,
     Kind,
     Outbox,
+    Priority,
     backoff_delay,
+    current_boot,
     is_disk_full,
+    snapshot_stats,
 )
+from uploader.space_reserve import SpaceReserve
 
 
 class LowestDraw(random.Random):
@@ -263,3 +267,256 @@ def test_recovery_leaves_the_claims_of_this_outbox_and_of_a_live_one_alone(tmp_p
         assert cli.recover_interrupted(now=5.0) == 0
         assert _progress(cli, mine) == ("sending", 1, 0, 2.0)
         assert _progress(cli, theirs) == ("sending", 0, 0, 2.0)
+
+
+# -- a full disk: moving items along must go on ----------------------------------------------------
+def _autocheckpoint(outbox: Outbox) -> int:
+    return int(outbox.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
+
+
+def _cap_database_at_its_size(outbox: Outbox) -> None:
+    """SQLite answers "database or disk is full" as soon as the file would grow."""
+    pages = outbox.db.execute("PRAGMA page_count").fetchone()[0]
+    outbox.db.execute(f"PRAGMA max_page_count={pages}")
+
+
+def _uncap(outbox: Outbox) -> None:
+    outbox.db.execute("PRAGMA max_page_count=1073741823")
+
+
+def test_on_a_full_disk_a_write_that_moves_items_along_spends_the_reserve_and_keeps_the_wal_small(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sending and purging free space; stopping them on a full disk would keep it full for ever.
+    The reserve file's room is given to the database, and while it is spent the WAL is
+    checkpointed every 64 pages (reused, never grown), back to SQLite's 1000 once it is back."""
+    reserve = tmp_path / "data" / "reserve.space"
+    with Outbox.open(tmp_path / "data", min_free_bytes=2 * 2**20, reserve_bytes=2**20) as outbox:
+        assert reserve.exists() and _autocheckpoint(outbox) == 1000
+        real_release = SpaceReserve.release
+
+        def release(self: SpaceReserve) -> bool:  # the reserve file's blocks are free again
+            freed = real_release(self)
+            _uncap(outbox)
+            return freed
+
+        monkeypatch.setattr(SpaceReserve, "release", release)
+        _cap_database_at_its_size(outbox)
+        outbox.record_status("reading_center", {"log": "x" * 200_000}, 1.0)
+        assert outbox.status("reading_center") == {"log": "x" * 200_000}
+        assert not reserve.exists() and _autocheckpoint(outbox) == 64
+        assert outbox.ensure_reserve() is True
+        assert reserve.exists() and _autocheckpoint(outbox) == 1000
+
+
+def test_with_the_reserve_spent_the_wal_is_restarted_and_the_write_tried_once_more(tmp_path: Path) -> None:
+    """No reserve left: the WAL is copied into the database so the next transaction writes over
+    its own blocks, and the write is tried once more; when even that finds no room the error
+    reaches the caller (the forwarder backs off and says so). A reader keeping the WAL busy
+    means no room was made: not tried again."""
+    with Outbox.open(tmp_path / "data", min_free_bytes=0, reserve_bytes=0) as outbox:
+        statements: list[str] = []
+        outbox.db.conn.set_trace_callback(statements.append)
+        _cap_database_at_its_size(outbox)
+        with pytest.raises(sqlite3.OperationalError, match="full"):
+            outbox.record_status("reading_center", {"log": "x" * 200_000}, 1.0)
+        tries = [s for s in statements if s.startswith("INSERT INTO status")]
+        assert len(tries) == 2 and "PRAGMA wal_checkpoint(RESTART)" in statements
+
+        outbox.db.execute("PRAGMA busy_timeout=0")  # the busy reader answers at once
+        outbox.record_status("small", {"ok": True}, 1.5)  # fits in a page: a frame in the WAL
+        reader = sqlite3.connect(tmp_path / "data" / "outbox.sqlite", isolation_level=None)
+        try:
+            reader.execute("BEGIN")
+            reader.execute("SELECT COUNT(*) FROM status").fetchall()  # reads from the WAL
+            statements.clear()
+            with pytest.raises(sqlite3.OperationalError, match="full"):
+                outbox.record_status("reading_center", {"log": "x" * 200_000}, 2.0)
+        finally:
+            reader.close()
+        assert len([s for s in statements if s.startswith("INSERT INTO status")]) == 1
+        _uncap(outbox)
+        outbox.record_status("reading_center", {"ok": True}, 3.0)
+        assert outbox.status("reading_center") == {"ok": True}
+
+
+def test_an_error_that_is_not_a_full_disk_spends_no_reserve(tmp_path: Path) -> None:
+    """The reserve is for a full disk only: spent on any other error, it would be gone when the
+    disk really fills."""
+    reserve = tmp_path / "data" / "reserve.space"
+    with Outbox.open(tmp_path / "data", min_free_bytes=2 * 2**20, reserve_bytes=2**20) as outbox:
+        outbox.db.execute("PRAGMA query_only=ON")  # "attempt to write a readonly database"
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            outbox.record_status("reading_center", {"ok": True}, 1.0)
+        assert reserve.exists() and _autocheckpoint(outbox) == 1000
+
+
+def test_a_free_space_check_that_fails_does_not_claim_a_reserve(tmp_path: Path) -> None:
+    def statvfs(_path: object) -> os.statvfs_result:
+        raise OSError(errno.EIO, "Input/output error")
+
+    with Outbox.open(tmp_path / "data", min_free_bytes=0, reserve_bytes=2**20, statvfs=statvfs) as outbox:
+        assert outbox.ensure_reserve() is False
+
+
+# -- what add and replace leave behind when the database refuses ------------------------------------
+def _files(tmp_path: Path) -> list[str]:
+    return sorted(p.name for p in (tmp_path / "data" / "payloads").rglob("*.bin"))
+
+
+def test_an_add_the_database_refuses_leaves_no_payload_file_and_says_why(tmp_path: Path) -> None:
+    """Not a full disk: the real error reaches the caller (no "storage full" advice that would
+    send the doctor to free space), and the file written for it is removed, not orphaned."""
+    with _open(tmp_path) as outbox:
+        kept = outbox.add(Kind.DICOM, "kept", b"a" * 20_000, now=1.0).item
+        held = outbox.add(Kind.DICOM, "held", b"b" * 20_000, now=1.0, hold=Hold("unassigned", 100.0)).item
+        before = _files(tmp_path)
+        outbox.db.execute("PRAGMA query_only=ON")
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            outbox.add(Kind.DICOM, "new", b"c" * 20_000, now=2.0)
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            outbox.replace_held_payload(held.id, b"d" * 20_000, 2.0)
+        assert _files(tmp_path) == before
+        outbox.db.execute("PRAGMA query_only=OFF")
+        assert outbox.find("new") is None
+        assert outbox.read_payload(kept) == b"a" * 20_000 and outbox.read_payload(held) == b"b" * 20_000
+
+
+def test_the_same_key_added_by_two_writers_at_once_is_stored_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes importing the same ECG: the second finds no item, writes its file, and
+    meets the first one's row inside its transaction. One item (sent once), the first payload,
+    the second file removed."""
+    with _open(tmp_path) as outbox:
+        first = outbox.add(Kind.DICOM, "ecg", b"a" * 20_000, now=1.0).item
+        files = _files(tmp_path)
+        monkeypatch.setattr(outbox, "find", lambda key: None)  # the other writer's row came after the look-up
+        again = outbox.add(Kind.DICOM, "ecg", b"b" * 20_000, now=2.0)
+        assert (again.created, again.item.id, again.item.sha256) == (False, first.id, first.sha256)
+        assert _files(tmp_path) == files
+        assert outbox.read_payload(again.item) == b"a" * 20_000
+        assert len(outbox.items()) == 1
+
+
+# -- the defaults a gateway runs with ---------------------------------------------------------------
+def test_an_outbox_opened_with_the_defaults_keeps_200_mb_free_and_retries_from_5_s_to_15_min(tmp_path: Path) -> None:
+    with Outbox.open(tmp_path / "data") as outbox:
+        assert outbox.min_free_bytes == 200 * 2**20
+        assert (outbox.backoff_base_s, outbox.backoff_max_s) == (5.0, 900.0)
+
+
+def test_adding_is_fsynced_and_only_the_send_bookkeeping_is_not(tmp_path: Path) -> None:
+    """A device may delete its copy once `add` returned: that commit must survive a power cut
+    (synchronous=FULL). Claims, send charges, sent marks and releases skip the fsync (a power
+    cut costs a counter or a resend under the same UIDs); quarantine and commitment do not."""
+    with _open(tmp_path) as outbox:
+        statements: list[str] = []
+        outbox.db.conn.set_trace_callback(statements.append)
+
+        def relaxed(action: Any) -> bool:
+            statements.clear()
+            action()
+            return "PRAGMA synchronous=NORMAL" in statements
+
+        item = outbox.add(Kind.DICOM, "a", b"x", now=1.0).item
+        other = outbox.add(Kind.DICOM, "b", b"y", now=1.0).item
+        assert not relaxed(lambda: outbox.add(Kind.DICOM, "c", b"z", now=1.0))
+        assert relaxed(lambda: outbox.claim(Kind.DICOM, 10, 2.0))
+        assert relaxed(lambda: outbox.begin_send(item.id, 2.0))
+        assert relaxed(lambda: outbox.mark_sent([item.id], 3.0))
+        assert relaxed(lambda: outbox.release([other.id], "peer down", 3.0, 0.0))
+        assert not relaxed(lambda: outbox.quarantine(other.id, "refused", 4.0))
+        assert not relaxed(lambda: outbox.mark_committed([item.id], 5.0))
+
+
+def test_a_stat_ecg_stored_by_an_earlier_version_is_still_stat(tmp_path: Path) -> None:
+    """Priorities are stored as numbers (0 STAT, 1 routine) that every version must read alike:
+    read otherwise after an upgrade, a waiting STAT ECG would queue behind routine ones."""
+    with _open(tmp_path) as outbox:
+        outbox.add(Kind.DICOM, "routine", b"r", now=1.0)
+        outbox.add(Kind.DICOM, "stat", b"s", priority=Priority.STAT, now=2.0)
+    with sqlite3.connect(tmp_path / "data" / "outbox.sqlite") as conn:
+        assert conn.execute("SELECT key, priority FROM items ORDER BY id").fetchall() == [("routine", 1), ("stat", 0)]
+    conn.close()
+    assert (Priority(0), Priority(1)) == (Priority.STAT, Priority.ROUTINE)
+
+
+def test_an_object_that_kills_the_forwarder_five_times_is_quarantined_not_four(tmp_path: Path) -> None:
+    with _open(tmp_path) as outbox:
+        item = outbox.add(Kind.DICOM, "crasher", b"x", now=1.0).item
+        for n in range(1, 6):
+            assert [i.id for i in outbox.claim(Kind.DICOM, 1, 10.0 * n)] == [item.id], n
+            assert outbox.begin_send(item.id, 10.0 * n)
+            assert outbox.interrupt_sends([item.id], "killed", 10.0 * n) == 1
+        assert outbox.claim(Kind.DICOM, 1, 100.0) == []
+        quarantined = outbox.get(item.id)
+        assert quarantined is not None and "killed during send 5 times" in (quarantined.quarantine_reason or "")
+
+
+# -- edges of reading and opening --------------------------------------------------------------------
+def test_a_closed_outbox_says_so(tmp_path: Path) -> None:
+    outbox = _open(tmp_path)
+    outbox.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        outbox.get(1)
+    with pytest.raises(RuntimeError, match="closed"):
+        outbox.record_status("x", {}, 1.0)
+    outbox.close()  # twice is fine
+
+
+def test_reading_the_payload_of_an_item_that_is_not_there_says_so(tmp_path: Path) -> None:
+    with _open(tmp_path) as outbox, _open(tmp_path / "other") as other:
+        stranger = other.add(Kind.DICOM, "x", b"x", now=1.0).item
+        with pytest.raises(LookupError, match="does not exist"):
+            outbox.read_payload(stranger)
+
+
+def test_an_outbox_that_cannot_be_opened_says_why(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "locks").write_text("not a directory")
+    with pytest.raises(FileExistsError):
+        _open(tmp_path)
+
+
+def test_an_empty_batch_changes_nothing(tmp_path: Path) -> None:
+    with _open(tmp_path) as outbox:
+        outbox.add(Kind.DICOM, "a", b"x", now=1.0)
+        changes = outbox.db.conn.total_changes
+        outbox.mark_sent([], 2.0)
+        outbox.release([], "x", 2.0, 0.0)
+        assert outbox.interrupt_sends([], "x", 2.0) == 0
+        outbox.set_transaction([], "1.2.3", 2.0)
+        outbox.remember_commitment_request([], "1.2.3", 2.0)
+        assert outbox.db.conn.total_changes == changes
+
+
+def test_a_kernel_that_does_not_name_its_boot_gives_tokens_without_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a boot id a send cut short can never be taken for a power cut: charged."""
+    monkeypatch.setattr(outbox_module, "BOOT_ID", tmp_path / "no-such-file")
+    assert current_boot() == ""
+    with _open(tmp_path) as outbox:
+        assert outbox.owner.startswith("-") and len(outbox.owner) == 33
+
+
+def test_lastmile_queue_reads_the_outbox_without_writing_and_sees_what_is_in_the_wal(tmp_path: Path) -> None:
+    """`lastmile queue` on a partition too full for the outbox to open: the same figures, read
+    only, including items committed to the WAL but not yet checkpointed into the database."""
+    with pytest.raises(FileNotFoundError):
+        snapshot_stats(tmp_path / "data", 10.0)
+    with _open(tmp_path) as outbox:
+        outbox.add(Kind.DICOM, "a", b"x" * 100, now=1.0)
+        outbox.add(Kind.FHIR_BUNDLE, "b", b"y" * 50, now=2.0, hold=Hold("unassigned", 100.0))
+        outbox.claim(Kind.DICOM, 1, 3.0)
+        outbox.record_status("reading_center", {"fault": None}, 3.0)
+        snapshot = snapshot_stats(tmp_path / "data", 10.0)
+        live = outbox.stats(10.0)
+        assert snapshot["counts"]["queued"] == snapshot["counts"]["sending"] == 1
+        assert (snapshot["held"], snapshot["waiting_bytes"], snapshot["oldest_waiting_s"]) == (1, 150, 9.0)
+        assert snapshot["statuses"] == {"reading_center": {"fault": None}}
+        assert {k: v for k, v in snapshot.items() if k != "free_bytes"} == {
+            k: v for k, v in live.items() if k != "free_bytes"
+        }
+        assert isinstance(snapshot["free_bytes"], int)
