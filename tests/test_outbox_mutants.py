@@ -520,3 +520,146 @@ def test_lastmile_queue_reads_the_outbox_without_writing_and_sees_what_is_in_the
             k: v for k, v in live.items() if k != "free_bytes"
         }
         assert isinstance(snapshot["free_bytes"], int)
+
+
+# -- what each outcome leaves on the item: the next send must be charged exactly once ---------------
+def _attempts(outbox: Outbox, item_id: int) -> tuple[int, int]:
+    item = outbox.get(item_id)
+    assert item is not None
+    return item.attempts, item.interrupted_sends
+
+
+def test_a_successful_send_clears_the_crash_count_and_a_later_requeue_is_charged(tmp_path: Path) -> None:
+    """An object stored by the peer did not crash the forwarder: its count of cut-short sends
+    starts again (else an old count could quarantine it later), and when the commitment then
+    fails the resend is charged like any other."""
+    with _open(tmp_path) as outbox:
+        item = outbox.add(Kind.DICOM, "ecg", b"x", now=1.0).item.id
+        outbox.claim(Kind.DICOM, 1, 2.0)
+        assert outbox.begin_send(item, 2.0) and outbox.interrupt_sends([item], "killed", 2.0) == 1
+        assert _attempts(outbox, item) == (1, 1)
+        outbox.claim(Kind.DICOM, 1, 10_000.0)
+        assert outbox.begin_send(item, 10_000.0)
+        outbox.mark_sent([item], 10_001.0)
+        assert _attempts(outbox, item) == (2, 0)
+        outbox.requeue([item], "commitment failed", 10_002.0)
+        assert _attempts(outbox, item) == (3, 0)
+
+
+def test_an_item_released_or_quarantined_mid_send_is_charged_once_on_its_next_failure(tmp_path: Path) -> None:
+    """Released (the fault was not the item's) or quarantined and retried by the operator, an
+    item is no longer on the wire: its next failure without a new `begin_send` charges one."""
+    with _open(tmp_path) as outbox:
+        released = outbox.add(Kind.DICOM, "released", b"x", now=1.0).item.id
+        retried = outbox.add(Kind.DICOM, "retried", b"y", now=1.0).item.id
+        outbox.claim(Kind.DICOM, 10, 2.0)
+        assert outbox.begin_send(released, 2.0) and outbox.begin_send(retried, 2.0)
+        outbox.release([released], "association rejected", 3.0, 0.0)
+        outbox.quarantine(retried, "refused", 3.0)
+        assert outbox.retry(retried, 4.0)
+        assert _attempts(outbox, released) == (0, 0) and _attempts(outbox, retried) == (0, 0)
+        assert {i.id for i in outbox.claim(Kind.DICOM, 10, 5.0)} == {released, retried}
+        for item_id in (released, retried):
+            outbox.mark_transient_failure(item_id, "timeout", 5.0)
+            assert _attempts(outbox, item_id) == (1, 0)
+
+
+def test_retrying_every_quarantined_item_starts_their_attempts_again(tmp_path: Path) -> None:
+    with _open(tmp_path) as outbox:
+        item = outbox.add(Kind.DICOM, "ecg", b"x", now=1.0).item.id
+        outbox.claim(Kind.DICOM, 1, 2.0)
+        outbox.mark_transient_failure(item, "timeout", 2.0)
+        outbox.quarantine(item, "refused", 3.0)
+        assert outbox.retry_quarantined(4.0) == 1
+        retried = outbox.get(item)
+        assert retried is not None and (retried.state.value, retried.attempts, retried.next_attempt_at) == (
+            "queued",
+            0,
+            4.0,
+        )
+
+
+@pytest.mark.parametrize("limit", [0, 1])
+def test_a_limit_of_zero_or_one_interrupted_send_quarantines_after_the_first_never_before(
+    tmp_path: Path, limit: int
+) -> None:
+    """However low the setting, an object that never cut a send short is never quarantined for it."""
+    with _open(tmp_path) as outbox:
+        crasher = outbox.add(Kind.DICOM, "crasher", b"x", now=1.0).item.id
+        fine = outbox.add(Kind.DICOM, "fine", b"y", now=1.0).item.id
+        outbox.claim(Kind.DICOM, 10, 2.0, max_interrupted_sends=limit)
+        assert outbox.begin_send(crasher, 2.0) and outbox.interrupt_sends([crasher], "killed", 2.0) == 1
+        outbox.release([fine], "peer down", 2.0, 0.0)
+        assert [i.id for i in outbox.claim(Kind.DICOM, 10, 100.0, max_interrupted_sends=limit)] == [fine]
+        assert outbox.get(crasher).state.value == "quarantined"  # type: ignore[union-attr]
+
+
+def test_claiming_nothing_writes_nothing(tmp_path: Path) -> None:
+    """A forwarder with no free association asks for 0 items: no claim and no quarantine."""
+    with _open(tmp_path) as outbox:
+        item = outbox.add(Kind.DICOM, "crasher", b"x", now=1.0).item.id
+        outbox.claim(Kind.DICOM, 1, 2.0)
+        assert outbox.begin_send(item, 2.0) and outbox.interrupt_sends([item], "killed", 2.0) == 1
+        changes = outbox.db.conn.total_changes
+        assert outbox.claim(Kind.DICOM, 0, 100.0, max_interrupted_sends=1) == []
+        assert outbox.db.conn.total_changes == changes
+        assert outbox.get(item).state.value == "queued"  # type: ignore[union-attr]
+
+
+# -- what the doctor and the forwarder are told ------------------------------------------------------
+def _full_outbox(tmp_path: Path) -> tuple[Outbox, dict[str, int]]:
+    free = {"bytes": 10 * 2**30}
+
+    def statvfs(_path: object) -> os.statvfs_result:
+        return SimpleNamespace(f_bavail=free["bytes"] // 4096, f_frsize=4096)  # type: ignore[return-value]
+
+    return Outbox.open(tmp_path / "data", min_free_bytes=100 * 2**20, statvfs=statvfs, reserve_bytes=0), free
+
+
+def test_the_refusal_counts_one_waiting_item_in_the_singular_and_says_when_nothing_waits(tmp_path: Path) -> None:
+    outbox, free = _full_outbox(tmp_path)
+    with outbox:
+        free["bytes"] = 50 * 2**20
+        with pytest.raises(OutboxFullError) as nothing:
+            outbox.add(Kind.DICOM, "new", b"x" * 20_000)
+        assert str(nothing.value).startswith("storage full: nothing is waiting to be sent; call the county IT")
+        free["bytes"] = 10 * 2**30
+        outbox.add(Kind.DICOM, "ecg", b"x" * 20_000)
+        free["bytes"] = 50 * 2**20
+        with pytest.raises(OutboxFullError) as one:
+            outbox.add(Kind.DICOM, "new", b"x" * 20_000)
+        assert str(one.value).startswith("storage full: 1 ECG is waiting to be sent; connect the network")
+
+
+def test_a_stat_ecg_waiting_takes_the_link_only_while_it_is_due_unclaimed_and_not_held(tmp_path: Path) -> None:
+    """The forwarder asks between routine objects whether a STAT one waits: a wrong "no" lets a
+    STAT ECG be overtaken by a backlog; a wrong "yes" stalls the routine ones for nothing."""
+    with _open(tmp_path) as outbox:
+        outbox.add(Kind.DICOM, "routine", b"r", now=1.0)
+        assert outbox.stat_waiting(Kind.DICOM, 2.0) is False
+        outbox.add(Kind.DICOM, "held", b"h", priority=Priority.STAT, now=1.0, hold=Hold("re-record", 50.0))
+        assert outbox.stat_waiting(Kind.DICOM, 2.0) is False
+        assert outbox.stat_waiting(Kind.DICOM, 50.0) is True
+        assert outbox.stat_waiting(Kind.FHIR_BUNDLE, 50.0) is False
+        outbox.claim(Kind.DICOM, 10, 50.0)
+        assert outbox.stat_waiting(Kind.DICOM, 50.0) is False
+
+
+def test_the_oldest_wait_is_never_negative_when_the_clock_was_set_back(tmp_path: Path) -> None:
+    with _open(tmp_path) as outbox:
+        outbox.add(Kind.DICOM, "ecg", b"x", now=100.0)
+        assert outbox.stats(40.0)["oldest_waiting_s"] == 0.0
+        assert outbox.stats(100.5)["oldest_waiting_s"] == 0.5
+
+
+def test_an_item_of_another_outbox_has_no_payload_file_here(tmp_path: Path) -> None:
+    with _open(tmp_path) as outbox, _open(tmp_path / "other") as other:
+        stranger = other.add(Kind.DICOM, "x", b"x" * 20_000, now=1.0).item
+        assert other.payload_path(stranger) is not None
+        assert outbox.payload_path(stranger) is None
+
+
+def test_the_owner_locks_directory_is_private(tmp_path: Path) -> None:
+    """Every lastmile service runs as one user: nobody else lists who is sending."""
+    with _open(tmp_path):
+        assert (tmp_path / "data" / "locks").stat().st_mode & 0o777 == 0o700
