@@ -31,6 +31,7 @@ from uploader.outbox import (
     is_disk_full,
     snapshot_stats,
 )
+from uploader.payload_files import PayloadFiles
 from uploader.space_reserve import SpaceReserve
 
 
@@ -426,6 +427,8 @@ def test_adding_is_fsynced_and_only_the_send_bookkeeping_is_not(tmp_path: Path) 
         assert relaxed(lambda: outbox.begin_send(item.id, 2.0))
         assert relaxed(lambda: outbox.mark_sent([item.id], 3.0))
         assert relaxed(lambda: outbox.release([other.id], "peer down", 3.0, 0.0))
+        outbox.claim(Kind.DICOM, 10, 3.0)
+        assert not relaxed(lambda: outbox.mark_transient_failure(other.id, "timeout", 3.0))
         assert not relaxed(lambda: outbox.quarantine(other.id, "refused", 4.0))
         assert not relaxed(lambda: outbox.mark_committed([item.id], 5.0))
 
@@ -663,3 +666,39 @@ def test_the_owner_locks_directory_is_private(tmp_path: Path) -> None:
     """Every lastmile service runs as one user: nobody else lists who is sending."""
     with _open(tmp_path):
         assert (tmp_path / "data" / "locks").stat().st_mode & 0o777 == 0o700
+
+
+def test_a_payload_file_being_added_is_not_swept_as_an_orphan_by_another_process_opening(tmp_path: Path) -> None:
+    """Between writing an ECG's file and committing its row, the file has no row: another
+    process opening the outbox then (`lastmile queue`, a restarted service) sweeps files without
+    a row. The writer holds the payload lock until its commit, so the sweep waits (here: gives
+    up) instead of deleting an ECG the device was told is stored. Replacing a held payload alike."""
+    with _open(tmp_path) as outbox:
+        held = outbox.add(Kind.DICOM, "held", b"h" * 20_000, now=1.0, hold=Hold("unassigned", 100.0)).item
+        sweeps: list[list[str]] = []
+
+        def sweep_at_commit(statement: str) -> None:
+            if statement == "BEGIN IMMEDIATE":  # the file is written, its row not yet committed
+                other = PayloadFiles(tmp_path / "data" / "payloads")
+                sweeps.append(other.remove_orphans(lambda: set(_files(tmp_path)) - set(new_files()), wait_s=0.05))
+
+        def new_files() -> list[str]:
+            return [name for name in _files(tmp_path) if name not in before]
+
+        before = _files(tmp_path)
+        outbox.db.conn.set_trace_callback(sweep_at_commit)
+        item = outbox.add(Kind.DICOM, "ecg", b"e" * 20_000, now=2.0).item
+        before = _files(tmp_path)
+        assert outbox.replace_held_payload(held.id, b"r" * 20_000, 3.0)
+        outbox.db.conn.set_trace_callback(None)
+        assert sweeps == [[], []]
+        assert outbox.read_payload(item) == b"e" * 20_000
+        assert outbox.read_payload(held) == b"r" * 20_000
+
+
+def test_a_replacement_of_exactly_16_kib_stays_in_the_database(tmp_path: Path) -> None:
+    with _open(tmp_path) as outbox:
+        held = outbox.add(Kind.DICOM, "held", b"h" * 20_000, now=1.0, hold=Hold("unassigned", 100.0)).item
+        assert outbox.replace_held_payload(held.id, b"r" * 16384, 2.0)
+        assert outbox.payload_path(held) is None and _files(tmp_path) == []
+        assert outbox.read_payload(held) == b"r" * 16384
