@@ -702,3 +702,37 @@ def test_a_replacement_of_exactly_16_kib_stays_in_the_database(tmp_path: Path) -
         assert outbox.replace_held_payload(held.id, b"r" * 16384, 2.0)
         assert outbox.payload_path(held) is None and _files(tmp_path) == []
         assert outbox.read_payload(held) == b"r" * 16384
+
+
+def test_the_data_directory_is_private_and_made_with_its_parents(tmp_path: Path) -> None:
+    """Patient data: only lastmile's user may enter; a fresh SD card has no directories yet."""
+    data_dir = tmp_path / "card" / "lastmile" / "data"
+    with Outbox.open(data_dir, min_free_bytes=0):
+        assert data_dir.stat().st_mode & 0o777 == 0o700
+
+
+def test_the_wal_is_cut_back_to_8_mib_after_a_checkpoint(tmp_path: Path) -> None:
+    """A burst of ECGs may grow the WAL; left at its largest it would hold card space for ever."""
+    with _open(tmp_path) as outbox:
+        assert outbox.db.execute("PRAGMA journal_size_limit").fetchone()[0] == 8 * 2**20
+
+
+@pytest.mark.parametrize(("min_free_mb", "reserve_mb"), [(4, 2), (200, 16)])
+def test_the_reserve_is_half_the_free_space_floor_at_most_16_mib(
+    tmp_path: Path, min_free_mb: int, reserve_mb: int
+) -> None:
+    """The reserve must fit in the space the floor keeps free (else adding would eat it), and
+    16 MiB is enough to send and purge about a hundred items on a full disk."""
+    with Outbox.open(tmp_path / "data", min_free_bytes=min_free_mb * 2**20):
+        assert (tmp_path / "data" / "reserve.space").stat().st_size == reserve_mb * 2**20
+
+
+def test_recovery_at_open_is_stamped_with_the_time_given(tmp_path: Path) -> None:
+    """`lastmile` passes its own clock (tests, or a clock set from GPS): the recovered claims
+    and the items quarantined at open carry that time, not the system's."""
+    data_dir = tmp_path / "data"
+    with _open(tmp_path) as outbox:
+        cut, waiting = _claimed_by_a_dead_owner(outbox, data_dir, f"{EARLIER_BOOT}-{'ab' * 16}", in_flight=1)
+    with Outbox.open(data_dir, min_free_bytes=0, now=50.0) as outbox:
+        assert _progress(outbox, cut) == ("queued", 0, 0, 50.0)
+        assert _progress(outbox, waiting) == ("queued", 0, 0, 50.0)
