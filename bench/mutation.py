@@ -518,7 +518,11 @@ def patch_tables(module: ModuleType, code: CodeType) -> int:
             if (
                 old_code is not None
                 and new_code is not None
-                and (old_code != new_code or old.__defaults__ != new.__defaults__)
+                and (
+                    old_code != new_code
+                    or old.__defaults__ != new.__defaults__
+                    or old.__kwdefaults__ != new.__kwdefaults__
+                )
             ):
                 return 0  # a default argument changed: only a fresh import shows it
             if isinstance(old, type) and _class_body_differs(old, new):
@@ -547,9 +551,20 @@ def _class_body_differs(old: type, new: object) -> bool:
                 k: (f.default, f.default_factory) for k, f in other.items()
             }:
                 return True
+        elif isinstance(value, (FunctionType, classmethod, staticmethod)):
+            if _data_defaults(value) != _data_defaults(other):
+                return True  # a method's default argument (`limit: int = SOME_CONSTANT`) changed
         elif _is_data(value) and value != other:
             return True
     return False
+
+
+def _data_defaults(function: object) -> list[object]:
+    """The plain-data default arguments of a function or method, positional and keyword-only."""
+    function = getattr(function, "__func__", function)
+    positional = getattr(function, "__defaults__", None) or ()
+    keyword = getattr(function, "__kwdefaults__", None) or {}
+    return [value for value in (*positional, *keyword.values()) if _is_data(value)]
 
 
 class Recorder:
