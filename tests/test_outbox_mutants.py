@@ -736,3 +736,18 @@ def test_recovery_at_open_is_stamped_with_the_time_given(tmp_path: Path) -> None
     with Outbox.open(data_dir, min_free_bytes=0, now=50.0) as outbox:
         assert _progress(outbox, cut) == ("queued", 0, 0, 50.0)
         assert _progress(outbox, waiting) == ("queued", 0, 0, 50.0)
+
+
+def test_an_outbox_whose_recovery_fails_at_open_is_not_handed_out_half_open(tmp_path: Path) -> None:
+    """The caller gets the error, not an outbox that skipped its recovery; its owner lock is let
+    go, so the next open (once the cause is gone) recovers normally."""
+    with _open(tmp_path):
+        pass
+    odd = tmp_path / "data" / "locks" / f"owner-{'ef' * 16}.lock"
+    odd.mkdir()  # a lock "file" that cannot be opened: the stale-lock sweep fails
+    with pytest.raises(IsADirectoryError):
+        _open(tmp_path)
+    assert sorted(p.name for p in odd.parent.iterdir()) == [odd.name]
+    odd.rmdir()
+    with _open(tmp_path) as outbox:
+        assert outbox.items() == []
