@@ -751,3 +751,20 @@ def test_an_outbox_whose_recovery_fails_at_open_is_not_handed_out_half_open(tmp_
     odd.rmdir()
     with _open(tmp_path) as outbox:
         assert outbox.items() == []
+
+
+class _StopsTheService:
+    """A hold time whose conversion is where the service's SIGTERM handler raises SystemExit."""
+
+    def __float__(self) -> float:
+        raise SystemExit("SIGTERM")
+
+
+def test_a_service_stopped_while_the_row_is_written_leaves_no_payload_file(tmp_path: Path) -> None:
+    """systemd stops the acquire service in the middle of an add: the transaction rolls back and
+    the ECG's file, written a moment before, goes with it (no orphan until the next open), and
+    the stop goes on."""
+    with _open(tmp_path) as outbox:
+        with pytest.raises(SystemExit):
+            outbox.add(Kind.DICOM, "ecg", b"e" * 20_000, now=1.0, hold=Hold("unassigned", _StopsTheService()))  # type: ignore[arg-type]
+        assert _files(tmp_path) == [] and outbox.find("ecg") is None
