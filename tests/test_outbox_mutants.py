@@ -42,6 +42,13 @@ class LowestDraw(random.Random):
         return a
 
 
+class HighestDraw(random.Random):
+    """A random source that always draws the highest value: the longest delay allowed."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
 def test_a_full_disk_is_recognised_in_each_form_sqlite_and_the_kernel_report_it() -> None:
     """Recognised, the outbox drains (frees its reserve and goes on); missed, the forwarder stops
     on its first write; and an I/O error taken for "full" would be retried for ever, silently."""
@@ -65,6 +72,10 @@ def test_backoff_is_never_shorter_than_half_its_ceiling_and_attempt_zero_is_atte
     assert backoff_delay(1, 10.0, 1000.0, low) == 5.0
     assert backoff_delay(3, 10.0, 1000.0, low) == 20.0
     assert backoff_delay(50, 10.0, 1000.0, low) == 500.0
+    high = HighestDraw()  # and the longest is the ceiling itself: the whole window is used
+    assert backoff_delay(1, 10.0, 1000.0, high) == 10.0
+    assert backoff_delay(3, 10.0, 1000.0, high) == 40.0
+    assert backoff_delay(50, 10.0, 1000.0, high) == 1000.0
 
 
 def _open(tmp_path: Path, **kw: Any) -> Outbox:
@@ -418,6 +429,8 @@ def test_adding_is_fsynced_and_only_the_send_bookkeeping_is_not(tmp_path: Path) 
         def relaxed(action: Any) -> bool:
             statements.clear()
             action()
+            # whatever the write, the connection is back to FULL for the next one
+            assert outbox.db.execute("PRAGMA synchronous").fetchone()[0] == 2
             return "PRAGMA synchronous=NORMAL" in statements
 
         item = outbox.add(Kind.DICOM, "a", b"x", now=1.0).item
