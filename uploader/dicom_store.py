@@ -223,6 +223,7 @@ class StoreAssociation:
         self._preference = STORE_SYNTAXES_DEFLATE if peer.deflate else STORE_SYNTAXES_PLAIN
         self._contexts_by_class: dict[str, list[PresentationContext]] = {}
         self._broken = False  # a request went unanswered: never use (or politely release) it again
+        self._reactor_held = False  # pynetdicom's association reactor paused by us (raw sends)
         self.stores = 0
 
     # -- lifecycle --
@@ -230,6 +231,7 @@ class StoreAssociation:
         if self._assoc is not None:
             raise RuntimeError("association already opened")
         self._broken = False
+        self._reactor_held = False
         self._contexts_by_class = {}
         contexts = store_contexts(self.sop_class_uids, deflate=self.peer.deflate, commitment=self.commitment)
         handlers: list[EventHandlerType] = []
@@ -269,6 +271,7 @@ class StoreAssociation:
         self.last_sent_at = time.monotonic()
 
     def close(self) -> None:
+        self._resume_reactor()
         assoc, self._assoc = self._assoc, None
         if assoc is None:
             return
@@ -279,6 +282,7 @@ class StoreAssociation:
         release(assoc)
 
     def abort(self) -> None:
+        self._resume_reactor()
         assoc, self._assoc = self._assoc, None
         if assoc is not None and assoc.is_established:
             assoc.abort()
@@ -386,17 +390,12 @@ class StoreAssociation:
     def _send_store(self, assoc: Association, cx: PresentationContext, obj: Part10, data: bytes) -> Dataset:
         if not (self.raw_send and raw_send_available(assoc)):
             return self._send_store_decoded(assoc, cx, obj)
-        req = C_STORE()
-        req.MessageID = self._next_message_id()
-        req.AffectedSOPClassUID = obj.sop_class_uid
-        req.AffectedSOPInstanceUID = obj.sop_instance_uid
-        req.Priority = 2  # low: the default every SCP handles
-        req.DataSet = BytesIO(data)
+        message_id = self._next_message_id()
         # Mirrors Association.send_c_store() after its encoding step (pynetdicom 3.0): pause the
-        # reactor so it does not take our response off the queue, send, wait, resume.
-        assoc._reactor_checkpoint.clear()
-        while not assoc._is_paused:
-            time.sleep(0.0001)
+        # reactor so it does not take our response off the queue, send, wait. It stays paused
+        # until something else needs it (`_resume_reactor`): resuming it between objects cost a
+        # thread waking every millisecond, and each new pause raced with its waking up.
+        self._hold_reactor(assoc)
         try:
             limit = assoc.dimse.maximum_pdu_size
             pdu_bytes = self.pacer.pdu_bytes() if self.paced and self.pacer is not None else None
@@ -404,23 +403,33 @@ class StoreAssociation:
                 limit = min(limit, pdu_bytes) if limit else pdu_bytes
             if assoc.get_handlers(evt.EVT_DIMSE_SENT):
                 # someone wants pynetdicom's message object (e.g. its logging handlers): build it
-                self._send_as_message(assoc, req, int(cx.context_id), limit)  # type: ignore[arg-type]
+                self._send_as_message(assoc, message_id, obj, data, int(cx.context_id), limit)  # type: ignore[arg-type]
             else:
-                command = store_command_set(req.MessageID, str(obj.sop_class_uid), str(obj.sop_instance_uid))
+                command = store_command_set(message_id, str(obj.sop_class_uid), str(obj.sop_instance_uid))
                 for pdata in pdata_fragments(int(cx.context_id), command, data, limit):  # type: ignore[arg-type]
                     assoc.dul.send_pdu(pdata)
             _cx_id, rsp = assoc.dimse.get_msg(block=True)
-        finally:
-            assoc._reactor_checkpoint.set()
+        except BaseException:
+            self._resume_reactor()
+            raise
         if rsp is None:
+            self._resume_reactor()
             assoc._handle_no_response()
             return Dataset()
         return assoc._check_received_status(rsp)
 
     @staticmethod
-    def _send_as_message(assoc: Association, req: C_STORE, context_id: int, limit: int) -> None:
+    def _send_as_message(
+        assoc: Association, message_id: int, obj: Part10, data: bytes, context_id: int, limit: int
+    ) -> None:
         """DIMSEServiceProvider.send_msg (pynetdicom 3.0), with P-DATA PDUs of at most `limit`
         bytes (a sender may always send smaller PDUs than its peer accepts: a paced link's bursts)."""
+        req = C_STORE()
+        req.MessageID = message_id
+        req.AffectedSOPClassUID = obj.sop_class_uid
+        req.AffectedSOPInstanceUID = obj.sop_instance_uid
+        req.Priority = 2  # low: the default every SCP handles
+        req.DataSet = BytesIO(data)
         msg = C_STORE_RQ()
         msg.primitive_to_message(req)
         msg.context_id = context_id
@@ -428,8 +437,25 @@ class StoreAssociation:
         for pdata in msg.encode_msg(context_id, limit):
             assoc.dul.send_pdu(pdata)
 
+    def _hold_reactor(self, assoc: Association) -> None:
+        if self._reactor_held:
+            return
+        assoc._reactor_checkpoint.clear()
+        while not assoc._is_paused:
+            time.sleep(0.0001)
+        self._reactor_held = True
+
+    def _resume_reactor(self) -> None:
+        """Before anything pynetdicom does itself on this association (N-ACTION, release,
+        abort): its methods pause the reactor on their own, and expect it running."""
+        if self._reactor_held:
+            self._reactor_held = False
+            if self._assoc is not None:
+                self._assoc._reactor_checkpoint.set()
+
     def _send_store_decoded(self, assoc: Association, cx: PresentationContext, obj: Part10) -> Dataset:
         """Public-API path (decode, let pynetdicom encode) if its internals ever change."""
+        self._resume_reactor()
         syntax = UID(cx.transfer_syntax[0])
         try:
             ds = decode_dataset(obj)  # a deflated payload inflated with a cap, not whole
@@ -454,6 +480,7 @@ class StoreAssociation:
             raise CommitmentUnsupported(
                 f"{self.peer.where} does not offer Storage Commitment Push Model (presentation context rejected)"
             )
+        self._resume_reactor()
         request = Dataset()
         request.TransactionUID = transaction_uid
         items = []
