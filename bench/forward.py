@@ -13,6 +13,10 @@ Prints, side by side from one run (medians):
 - CPU seconds (user + sys) per study: the forward process from READY to all stored, storescu's
   whole process; goal ≤ 1.5 times storescu's (issue 16).
 TCP_NODELAY is set on every side (Orthanc and storescu through the environment, Lastmile itself).
+
+Where the forward process's CPU goes: `--thread-cpu` prints CPU per study by kind of thread
+(pynetdicom's DUL and association reactors, the send threads, ...); `--cprofile OUT` writes a
+cProfile (CPU time, every thread merged) to OUT.<run> for `python -m pstats`.
 """
 
 from __future__ import annotations
