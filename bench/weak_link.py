@@ -14,7 +14,10 @@ Figures per profile:
                       bytes ÷ uplink rate + 1 RTT);
 - storescu_xd_ratio = Lastmile's time ÷ storescu -xd's;
 - stat_ratio        = time from a STAT ECG made durable (while 100 routine studies wait and are in
-                      flight) to Orthanc having it ÷ that one object's own floor.
+                      flight) to Orthanc having it ÷ that one object's own floor. The STAT run is
+                      the same gateway after an outage: its forwarder starts with the link rate the
+                      bulk run measured and kept in the outbox (`stat_warm` 1; with --stat-only
+                      nothing was measured before: 0, the first objects go unpaced).
 Goals (issue 16): floor_ratio ≤ 1.10 everywhere; storescu_xd_ratio ≤ 0.6 on edge and satellite;
 stat_ratio ≤ 1.5 everywhere. With --json the last line is one JSON object: profile → figures.
 """
@@ -131,6 +134,7 @@ def run_profile(
     from lastmile.ecg.intake import enqueue_recording
     from tests.link_emulator import PROFILES, LinkRelay
     from tests.peers import OrthancServer, free_port, gateway_modality
+    from uploader.ecg_forwarder import LINK_STATUS_NAME
 
     profile = PROFILES[name]
     storescu = shutil.which("storescu")
@@ -174,6 +178,7 @@ def run_profile(
             assert len(orthanc.instances()) == n, "storescu did not store everything"
         return took
 
+    link_kept = None  # the link rate the bulk run's forwarder measured and kept
     if not stat_only:
         out["storescu_s"] = storescu_time()
         out["storescu_xd_s"] = storescu_time("-xd")
@@ -205,6 +210,8 @@ def run_profile(
                 fwd.close()
             out["lastmile_s"] = t1 - t_ready
             out["lastmile_with_start_s"] = t1 - t0
+            with open_outbox(config) as outbox:
+                link_kept = outbox.status(LINK_STATUS_NAME)
         out["floor_s"] = profile.floor_s(deflated_bytes)
         out["floor_ratio"] = out["lastmile_s"] / out["floor_s"]
         out["storescu_xd_ratio"] = out["lastmile_s"] / out["storescu_xd_s"]
@@ -221,6 +228,10 @@ def run_profile(
         with open_outbox(config) as outbox:
             for i, r in enumerate(backlog):
                 enqueue_recording(outbox, r, config, key=f"routine-{i}")
+            if link_kept is not None:
+                # the same gateway after an outage: it remembers the link's rate from the bulk run
+                outbox.record_status(LINK_STATUS_NAME, link_kept, time.time())
+        out["stat_warm"] = float(link_kept is not None)
         fwd = Forwarder(cfg, tmp, log=log)
         try:
             # routine transfers are on the wire: the first `stat_after` have arrived

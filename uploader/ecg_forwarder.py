@@ -75,6 +75,8 @@ log = logging.getLogger(__name__)
 
 STATUS_NAME = "reading_center"
 YIELDED_TO_STAT = "waited for a STAT study to go first"
+LINK_STATUS_NAME = "reading_center_link"  # the link's measured rate, kept across restarts
+LINK_RATE_CHANGE = 0.05  # kept again when it moved by more than this fraction
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,9 @@ class EcgForwarder:
         self._no_route_logged = False
         self._rate = TransferRate()  # per association, what STAT preemption estimates with
         self.pacer = LinkPacer()  # routine sends just below the link's rate (uploader/link_pacing.py)
+        # the rate the last process measured: a backlog after a restart is paced from its first byte
+        self._link_kept = outbox.status(LINK_STATUS_NAME)
+        self.pacer.remember(self._link_kept)
         self._lanes = 0  # associations sending right now (the link's rate is shared among them)
         self._lanes_lock = threading.Lock()
         self.meter = Meter("dicom", settings.meter, outbox) if settings.meter is not None else None
@@ -324,10 +329,27 @@ class EcgForwarder:
             result.transient += chunk_result.transient
             result.quarantined += chunk_result.quarantined
             result.errors += chunk_result.errors
+        self._keep_link_rate()
         if faults:
             raise ConfigurationFault(faults[0])
         if result.sent:
             self._update_status(fault=None, last_success=self.clock())
+
+    def _keep_link_rate(self) -> None:
+        """Record the link's measured rate for the next start, when it changed by more than a
+        little (not a write per round)."""
+        now = self.pacer.remembered()
+        if now is None:
+            return
+        kept = (self._link_kept or {}).get("bytes_per_s") or 0.0
+        if kept and abs(now["bytes_per_s"] - kept) <= LINK_RATE_CHANGE * kept:
+            return
+        try:
+            self.outbox.record_status(LINK_STATUS_NAME, now, self.clock())
+        except sqlite3.OperationalError as exc:  # a full disk: measured again next time
+            log.debug("link rate not kept: %s", exc)
+            return
+        self._link_kept = now
 
     def _metered_shut(self) -> str | None:
         """Why routine items may not go now (None: they may)."""
@@ -422,19 +444,25 @@ class EcgForwarder:
                         r.errors.append(str(exc))
                         self.on_event("quarantined", {"id": item.id, "reason": str(exc)})
                         continue
+                    if assoc.paced and not self.pacer.take_turn(assoc, watch.stat_due if watch else None):
+                        continue  # a STAT item came while it waited for the link: it goes first
+                    alone = assoc.paced and self.pacer.owns_turn(assoc)  # the link to itself
                     if not self.outbox.begin_send(item.id, self.clock()):
+                        self.pacer.end_turn(assoc)
                         pending.pop(0)  # no longer ours (an operator moved it meanwhile)
                         continue
                     in_flight = item
                     if watch is not None:
                         watch.sending(assoc, item)
                     try:
+                        started = time.monotonic()
                         outcome = assoc.store(payload)
                         if watch is not None:
                             watch.finished(assoc, stored=outcome.category in ("success", "warning"))
                         if outcome.stored:
                             tail = time.monotonic() - assoc.last_sent_at if assoc.paced else None
-                            self.pacer.observe_object(outcome.wire_bytes, tail)
+                            took = time.monotonic() - started if alone else None
+                            self.pacer.observe_object(outcome.wire_bytes, tail, took)
                     except PermanentError as exc:  # e.g. a payload that is no DICOM we can send
                         in_flight = None
                         pending.pop(0)
@@ -443,6 +471,8 @@ class EcgForwarder:
                         r.quarantined += 1
                         self.on_event("quarantined", {"id": item.id, "reason": reason})
                         continue
+                    finally:
+                        self.pacer.end_turn(assoc)
                     pending.pop(0)
                     in_flight = None
                     now = self.clock()
@@ -471,6 +501,7 @@ class EcgForwarder:
                         self.on_event("quarantined", {"id": item.id, "reason": reason})
                     self._spend(outcome.wire_bytes, now)
                 if sent_now and self.settings.storage_commitment:
+                    assoc.paced = False  # a small request, and no object's turn
                     self._request_commitment(assoc, sent_now)
         except ConfigurationFault as exc:
             faults.append(str(exc))
