@@ -238,3 +238,24 @@ def test_three_paced_associations_send_each_study_once_and_stat_overtakes(
     assert order.index(stat) <= before + 3, (order.index(stat), before, order)
     assert order.index(stat) < len(order) - 3
     assert_none_lost_and_uncharged(config, scp, [*routine, stat], cut_uids(config, caplog))
+
+
+@pytest.mark.parametrize(
+    ("kept", "associations"),
+    [
+        (None, 2),  # nothing known of the link: the configured count
+        ({"bytes_per_s": 125_000.0, "rtt_s": 0.65, "object_bytes": 75_000}, 3),  # satellite
+        ({"bytes_per_s": 25_000.0, "rtt_s": 0.4, "object_bytes": 75_000}, 2),  # EDGE: the object outlasts the RTT
+        ({"bytes_per_s": 125_000.0, "rtt_s": 2.0, "object_bytes": 20_000}, 4),  # at most max_associations
+    ],
+)
+def test_more_associations_where_the_round_trip_is_long_against_an_object(
+    tmp_path: Path, kept: dict[str, float] | None, associations: int
+) -> None:
+    config = make_config(tmp_path, 104, associations=2)
+    config.reading_center.max_associations = 4
+    with open_outbox(config) as outbox:
+        if kept is not None:
+            outbox.record_status(LINK_STATUS_NAME, kept, time.time())
+        fwd = EcgForwarder(outbox, forwarder_settings(config))
+        assert fwd.associations_for_link() == associations

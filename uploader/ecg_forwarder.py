@@ -37,6 +37,7 @@ the local copies, or "purge" them once sent.
 from __future__ import annotations
 
 import logging
+import math
 import sqlite3
 import threading
 import time
@@ -77,12 +78,14 @@ STATUS_NAME = "reading_center"
 YIELDED_TO_STAT = "waited for a STAT study to go first"
 LINK_STATUS_NAME = "reading_center_link"  # the link's measured rate, kept across restarts
 LINK_RATE_CHANGE = 0.05  # kept again when it moved by more than this fraction
+RESPONSE_MARGIN_S = 0.05  # the peer's time to store an object, on top of the round trip
 
 
 @dataclass(frozen=True)
 class ForwarderSettings:
     peer: PeerSettings
     associations: int = 2
+    max_associations: int = 0  # more where the round trip is long against an object's time; 0: `associations`
     batch_size: int = 50
     storage_commitment: bool = True
     listen_port: int = 11113
@@ -184,6 +187,7 @@ class EcgForwarder:
         self._link_kept = outbox.status(LINK_STATUS_NAME)
         self.pacer.remember(self._link_kept)
         self._lanes = 0  # associations sending right now (the link's rate is shared among them)
+        self._object_bytes: float | None = None  # a routine object's wire bytes (smoothed)
         self._lanes_lock = threading.Lock()
         self.meter = Meter("dicom", settings.meter, outbox) if settings.meter is not None else None
 
@@ -291,9 +295,10 @@ class EcgForwarder:
         s = self.settings
         # STAT items take the link alone: no routine object shares it with them; routine ones
         # wait while the link is metered shut (outside its windows, or the day's budget spent)
-        items = self._claim(s.associations * s.batch_size, Priority.STAT)
+        lanes = self.associations_for_link()
+        items = self._claim(lanes * s.batch_size, Priority.STAT)
         if not items and not self._metered_shut():
-            items = self._claim(s.associations * s.batch_size)
+            items = self._claim(lanes * s.batch_size)
         if not items:
             return
         suspects = [i for i in items if i.interrupted_sends]
@@ -306,7 +311,7 @@ class EcgForwarder:
             n = 1
         else:
             # STAT items were claimed first; deal them out so each association starts with them.
-            n = max(1, min(s.associations, len(items)))
+            n = max(1, min(lanes, len(items)))
         chunks = [items[i::n] for i in range(n)]
         faults: list[str] = []
         if items[0].priority == Priority.STAT:
@@ -335,12 +340,18 @@ class EcgForwarder:
         if result.sent:
             self._update_status(fault=None, last_success=self.clock())
 
+    def _observe_object_bytes(self, wire_bytes: int) -> None:
+        old = self._object_bytes
+        self._object_bytes = float(wire_bytes) if old is None else old + 0.2 * (wire_bytes - old)
+
     def _keep_link_rate(self) -> None:
         """Record the link's measured rate for the next start, when it changed by more than a
         little (not a write per round)."""
         now = self.pacer.remembered()
         if now is None:
             return
+        if self._object_bytes is not None:
+            now["object_bytes"] = round(self._object_bytes)
         kept = (self._link_kept or {}).get("bytes_per_s") or 0.0
         if kept and abs(now["bytes_per_s"] - kept) <= LINK_RATE_CHANGE * kept:
             return
@@ -350,6 +361,21 @@ class EcgForwarder:
             log.debug("link rate not kept: %s", exc)
             return
         self._link_kept = now
+
+    def associations_for_link(self) -> int:
+        """Associations for this round: `associations`, and more (up to `max_associations`) on a
+        paced link whose round trip is long against an object's time there - with one object on
+        the link at a time, the others wait for their responses meanwhile: 1 + RTT ÷ object time
+        keep it busy (satellite: 1 Mbit/s, 650 ms, 75 kB objects → 3)."""
+        s = self.settings
+        most = max(s.associations, s.max_associations)
+        kept = self._link_kept or {}  # before this process measured them: what the last one kept
+        pace, rtt = self.pacer.pace, self.pacer.rtt_s or kept.get("rtt_s")
+        size = self._object_bytes or kept.get("object_bytes")
+        if most <= s.associations or pace is None or not rtt or not size:
+            return s.associations
+        needed = 1 + math.ceil((rtt + RESPONSE_MARGIN_S) * pace / size)
+        return max(s.associations, min(most, needed))
 
     def _metered_shut(self) -> str | None:
         """Why routine items may not go now (None: they may)."""
@@ -463,6 +489,7 @@ class EcgForwarder:
                             tail = time.monotonic() - assoc.last_sent_at if assoc.paced else None
                             took = time.monotonic() - started if alone else None
                             self.pacer.observe_object(outcome.wire_bytes, tail, took)
+                            self._observe_object_bytes(outcome.wire_bytes)
                     except PermanentError as exc:  # e.g. a payload that is no DICOM we can send
                         in_flight = None
                         pending.pop(0)
