@@ -213,7 +213,9 @@ def test_the_forwarder_keeps_the_link_rate_for_the_next_start(tmp_path: Path, st
             while fwd.step() == 0.0 or len(set(arrivals(scp))) < 3:
                 assert time.monotonic() < deadline, "the three studies were not sent"
             kept = outbox.status(LINK_STATUS_NAME)
-        assert kept is not None and 0 < kept["bytes_per_s"] < 400e3 / 8 * 1.05
+        # measured from three small objects (round trips count for much) on a loaded machine:
+        # roughly the link's rate, never a multiple of it
+        assert kept is not None and 400e3 / 8 / 4 < kept["bytes_per_s"] < 400e3 / 8 * 1.4
         with open_outbox(config) as outbox, EcgForwarder(outbox, forwarder_settings(config)) as fwd:
             assert fwd.pacer.pace == pytest.approx(kept["bytes_per_s"] * HEADROOM)  # paced from the first byte
 

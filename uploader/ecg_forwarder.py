@@ -318,15 +318,17 @@ class EcgForwarder:
             outcomes = self._send_chunks(chunks, stop, faults, None)
         else:
             stat_lane = StatLane(lambda: self._send_stat(stop, faults))
-            with StatWatch(
+            watch = StatWatch(
                 self.outbox,
                 Kind.DICOM,
                 self.clock,
                 self._rate,
                 poll_s=s.stat_poll_s,
                 cut_after_s=s.stat_cut_after_s,
-                on_cut=stat_lane.start,
-            ) as watch:
+                still_sending=self._still_sending,
+            )
+            watch.on_cut = lambda: self._carry_stat_after_cut(stat_lane, watch)
+            with watch:
                 outcomes = self._send_chunks(chunks, stop, faults, watch)
             outcomes += stat_lane.join()
         for chunk_result in outcomes:
@@ -376,6 +378,20 @@ class EcgForwarder:
             return s.associations
         needed = 1 + math.ceil((rtt + RESPONSE_MARGIN_S) * pace / size)
         return max(s.associations, min(most, needed))
+
+    def _still_sending(self, assoc: StoreAssociation) -> bool:
+        """Whether `assoc` has object bytes left to send (on a paced link only the turn's owner
+        has; the others wait for their responses)."""
+        return not assoc.paced or self.pacer.pace is None or self.pacer.owns_turn(assoc)
+
+    def _carry_stat_after_cut(self, stat_lane: StatLane, watch: StatWatch) -> None:
+        """After a cut: a new association for the STAT item only if every open one was cut -
+        otherwise one of them carries it, without a new association's round trip (it is waiting
+        for its turn, and gives it up, or for a response a round trip away at most)."""
+        with self._lanes_lock:
+            every_one_cut = watch.cuts >= self._lanes
+        if every_one_cut:
+            stat_lane.start()
 
     def _metered_shut(self) -> str | None:
         """Why routine items may not go now (None: they may)."""

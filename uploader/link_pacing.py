@@ -148,8 +148,14 @@ class LinkPacer:
             if busy <= 0:
                 return
             sample = self._delivered / busy
-            if alone_s is not None and alone_s - (self.rtt_s or 0.0) > 0:
-                sample = max(sample, wire_bytes / (alone_s - (self.rtt_s or 0.0)))
+            if alone_s is not None and alone_s - (self.rtt_s or 0.0) > 0 and not self.draining:
+                # believed only with nothing queued ahead of it, and at most the probe's rate: the
+                # round trip subtracted is the association negotiation's, which a busy peer or CPU
+                # makes longer - a small object would seem to cross faster than it was sent
+                alone = wire_bytes / (alone_s - (self.rtt_s or 0.0))
+                if self.measured is not None:
+                    alone = min(alone, self.measured * HEADROOM * PROBE_GAIN)
+                sample = max(sample, alone)
             # what was delivered over a window can only be less than the link's rate (pacing, gaps
             # between objects, a stall): the largest sample is the best estimate
             self._sampled = max(self._sampled, sample)
