@@ -209,6 +209,9 @@ def run_profile(
             finally:
                 fwd.close()
             out["lastmile_s"] = t1 - t_ready
+            # the link's stalls (emulated loss) are not in the floor: how much of the time they took
+            assert relay.up is not None
+            out["stall_s"] = relay.up.stalls * profile.stall_s
             out["lastmile_with_start_s"] = t1 - t0
             with open_outbox(config) as outbox:
                 link_kept = outbox.status(LINK_STATUS_NAME)
@@ -338,7 +341,8 @@ def main() -> int:
         print(
             f"{name:10} Lastmile {r['lastmile_s']:7.2f} s (with start-up {r['lastmile_with_start_s']:.2f})  "
             f"floor {r['floor_s']:7.2f} s  "
-            f"storescu {r['storescu_s']:7.2f} s  -xd {r['storescu_xd_s']:7.2f} s  |  "
+            f"storescu {r['storescu_s']:7.2f} s  -xd {r['storescu_xd_s']:7.2f} s  "
+            f"(Lastmile's link stalled {r['stall_s']:.0f} s)  |  "
             f"floor_ratio {r['floor_ratio']:.2f}  storescu_xd_ratio {r['storescu_xd_ratio']:.2f}  "
             f"stat {r['stat_s']:.2f} s / {r['stat_floor_s']:.2f} s = {r['stat_ratio']:.2f}",
             flush=True,
