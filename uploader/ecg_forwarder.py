@@ -350,8 +350,8 @@ class EcgForwarder:
         """Record the link's measured rate for the next start, when it changed by more than a
         little (not a write per round)."""
         now = self.pacer.remembered()
-        if now is None:
-            return
+        if now is None or self.pacer.pace is None:
+            return  # nothing new, or a link not paced (a LAN): nothing to start paced with
         if self._object_bytes is not None:
             now["object_bytes"] = round(self._object_bytes)
         kept = (self._link_kept or {}).get("bytes_per_s") or 0.0
