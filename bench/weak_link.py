@@ -217,6 +217,7 @@ def run_profile(
                 link_kept = outbox.status(LINK_STATUS_NAME)
         out["floor_s"] = profile.floor_s(deflated_bytes)
         out["floor_ratio"] = out["lastmile_s"] / out["floor_s"]
+        out["floor_with_stalls_ratio"] = out["lastmile_s"] / (out["floor_s"] + out["stall_s"])
         out["storescu_xd_ratio"] = out["lastmile_s"] / out["storescu_xd_s"]
 
     # STAT overtakes: 100 routine waiting and in flight, then a STAT becomes durable
@@ -342,7 +343,7 @@ def main() -> int:
             f"{name:10} Lastmile {r['lastmile_s']:7.2f} s (with start-up {r['lastmile_with_start_s']:.2f})  "
             f"floor {r['floor_s']:7.2f} s  "
             f"storescu {r['storescu_s']:7.2f} s  -xd {r['storescu_xd_s']:7.2f} s  "
-            f"(Lastmile's link stalled {r['stall_s']:.0f} s)  |  "
+            f"(Lastmile's link stalled {r['stall_s']:.0f} s: ÷ floor + stalls {r['floor_with_stalls_ratio']:.2f})  |  "
             f"floor_ratio {r['floor_ratio']:.2f}  storescu_xd_ratio {r['storescu_xd_ratio']:.2f}  "
             f"stat {r['stat_s']:.2f} s / {r['stat_floor_s']:.2f} s = {r['stat_ratio']:.2f}",
             flush=True,
