@@ -345,6 +345,9 @@ def test_a_report_printed_on_the_clinic_printer_from_a_phone(
         try:
             browser.get(f"{server.url}/reports/{routine}")
             text_in(browser, "pre.report-text", "窦性心律")
+            # the cardiologist's conclusion first, under its own heading, then the whole report
+            assert "窦性心律，心电图正常" in text_of(browser, ".conclusion .impression")
+            assert "诊断意见" in text_of(browser, ".conclusion h2")
             save_screenshot(browser, "report-print-buttons-phone")
             browser.find_element(by("xpath"), "//button[normalize-space()='用诊所打印机打印']").click()
             text_in(browser, "[role=status]", "已发送到诊所打印机")
