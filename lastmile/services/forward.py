@@ -173,7 +173,7 @@ class ForwardService:
         waits = [0.0 if result.did_work else self.ecg.next_due_in()]
         if self._fhir is not None and not stop.is_set():
             from lastmile.services.observation_relay import relay_observations
-            from lastmile.visits.book import visit_link
+            from lastmile.visits.relay_link import visit_link
             from uploader.fhir_forwarder import forward_fhir_once
 
             link = visit_link(self.config.data_dir, self.config.gateway.id)
