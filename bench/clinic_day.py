@@ -1220,15 +1220,30 @@ def judge(orthanc: Any, truth: Truth) -> Verdict:
 def rss_figures(samples: dict[str, list[tuple[float, float, int]]], simulated_h: float) -> dict[str, Any]:
     """Peak RSS per service; growth from the first quarter's median to the last quarter's, per
     simulated hour (a restarted service starts again from its baseline, so only rises count)."""
-    out: dict[str, Any] = {"rss_max_mb": {}, "rss_growth_mb_per_h": {}, "fds_growth": {}}
+    out: dict[str, Any] = {
+        "rss_max_mb": {},
+        "rss_growth_mb_per_h": {},
+        "rss_growth_after_warmup_mb_per_h": {},
+        "rss_mb_by_tenth": {},
+        "fds_growth": {},
+    }
     for name, rows in samples.items():
         if not rows:
             continue
         out["rss_max_mb"][name] = round(max(r[1] for r in rows), 1)
         q = max(1, len(rows) // 4)
-        first, last = rows[:q], rows[-q:]
+        first, second, last = rows[:q], rows[q : 2 * q] or rows[:q], rows[-q:]
         rss_rise = float(np.median([r[1] for r in last]) - np.median([r[1] for r in first]))
         out["rss_growth_mb_per_h"][name] = round(rss_rise / simulated_h, 2) if simulated_h else 0.0
+        # warm-up (first ECG decoded, first association, caches filled) against a leak: the rise
+        # from the second quarter to the last, over the half-day between their middles
+        steady_rise = float(np.median([r[1] for r in last]) - np.median([r[1] for r in second]))
+        out["rss_growth_after_warmup_mb_per_h"][name] = round(steady_rise / (simulated_h / 2), 2) if simulated_h else 0.0
+        # the curve itself: the median RSS of each tenth of the day
+        tenth = max(1, len(rows) // 10)
+        out["rss_mb_by_tenth"][name] = [
+            round(float(np.median([r[1] for r in rows[i : i + tenth]])), 1) for i in range(0, tenth * 10, tenth)
+        ][:10]
         out["fds_growth"][name] = int(np.median([r[2] for r in last]) - np.median([r[2] for r in first]))
     return out
 
