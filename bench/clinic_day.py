@@ -1238,7 +1238,9 @@ def rss_figures(samples: dict[str, list[tuple[float, float, int]]], simulated_h:
         # warm-up (first ECG decoded, first association, caches filled) against a leak: the rise
         # from the second quarter to the last, over the half-day between their middles
         steady_rise = float(np.median([r[1] for r in last]) - np.median([r[1] for r in second]))
-        out["rss_growth_after_warmup_mb_per_h"][name] = round(steady_rise / (simulated_h / 2), 2) if simulated_h else 0.0
+        out["rss_growth_after_warmup_mb_per_h"][name] = (
+            round(steady_rise / (simulated_h / 2), 2) if simulated_h else 0.0
+        )
         # the curve itself: the median RSS of each tenth of the day
         tenth = max(1, len(rows) // 10)
         out["rss_mb_by_tenth"][name] = [
