@@ -115,13 +115,13 @@ def test_opening_a_database_reads_no_installed_packages_for_plugins(tmp_path: Pa
     assert out.stdout.split() == ["False"]
 
 
-def test_the_acquire_process_keeps_few_malloc_arenas_and_trims_them() -> None:
-    """glibc takes the arena limit before acquire starts its threads (each thread would
-    otherwise keep an arena of its own), and a trim can run at any time."""
+def test_the_acquire_process_tunes_glibc_malloc_and_trims_it() -> None:
+    """glibc takes the arena limit and the fixed mmap threshold before acquire starts its threads
+    (each thread would otherwise keep an arena of its own), and a trim can run at any time."""
     probe = (
-        "from lastmile.services.acquire import MALLOC_ARENAS, GlibcMalloc\n"
+        "from lastmile.services.acquire import MALLOC_ARENAS, MMAP_THRESHOLD, GlibcMalloc\n"
         "malloc = GlibcMalloc()\n"
-        "print(malloc.limit_arenas(MALLOC_ARENAS))\n"
+        "print(malloc.tune(arenas=MALLOC_ARENAS, mmap_threshold=MMAP_THRESHOLD))\n"
         "malloc.trim()\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)

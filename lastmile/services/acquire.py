@@ -180,16 +180,19 @@ def prepare_acquire_process() -> None:
 
     for name in NOT_IN_ACQUIRE:
         sys.modules.setdefault(name, None)  # type: ignore[arg-type]
-    GLIBC_MALLOC.limit_arenas(MALLOC_ARENAS)
+    GLIBC_MALLOC.tune(arenas=MALLOC_ARENAS, mmap_threshold=MMAP_THRESHOLD)
 
 
 # glibc gives each thread that allocates its own malloc arena (up to 8 per core), and an arena
 # rarely hands freed memory back: the LAN receiver's association threads, the serial link's and
-# the BLE loop's each kept one. Two arenas are plenty for a handful of device threads; with them
-# and a trim now and then, acquire's peak fell ~1.5 MB (bench/soak.py, serial and LAN parts).
+# the BLE loop's each kept one. And glibc raises its mmap threshold to the size of each large
+# block freed, so after the first ECG's quality check the next ones' arrays (~1.5 MB) came from
+# the heap and stayed there. Two arenas, a fixed threshold and a trim now and then took ~2 MB
+# off acquire's RSS with the serial bridge and the LAN receiver (bench/soak.py).
 MALLOC_ARENAS = 2
+MMAP_THRESHOLD = 128 * 1024  # glibc's initial value, kept: larger blocks are mapped and unmapped
 TRIM_EVERY_S = 60.0  # how often free heap pages go back to the system
-M_ARENA_MAX = -8  # glibc's mallopt() parameter number
+M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # glibc's mallopt() parameter numbers
 
 
 class GlibcMalloc:
@@ -212,10 +215,13 @@ class GlibcMalloc:
                 pass  # not glibc (musl, another system): nothing to tune
         return self._libc
 
-    def limit_arenas(self, arenas: int) -> bool:
-        """Before the process starts its threads; True if glibc took the setting."""
+    def tune(self, *, arenas: int, mmap_threshold: int) -> bool:
+        """Before the process starts its threads; True if glibc took both settings."""
         libc = self._lib()
-        return bool(libc is not None and libc.mallopt(M_ARENA_MAX, arenas) == 1)
+        if libc is None:
+            return False
+        took_arenas = libc.mallopt(M_ARENA_MAX, arenas) == 1
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1 and took_arenas)
 
     def trim(self) -> None:
         """Give free pages at the top and in the middle of every arena back to the system."""
