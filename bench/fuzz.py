@@ -32,6 +32,7 @@ import traceback
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make `bench` and the packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -61,10 +62,14 @@ class Finding:
 class TargetReport:
     target: str
     what: str
-    status: str = "ok"  # ok | failures | aborted | skipped
+    status: str = "ok"  # ok | failures | aborted | skipped | not run
     inputs: int = 0
-    seconds: float = 0.0
+    sessions: int = 0  # worker runs these figures add up (--resume)
+    seconds: float = 0.0  # wall
+    cpu_seconds: float = 0.0
     exec_per_s: float = 0.0
+    exec_per_cpu_s: float = 0.0
+    cpu_s_to_goal: float = 0.0  # CPU seconds still needed for --inputs, at this target's rate
     cov: int = 0  # atheris/libFuzzer coverage counters: edges
     ft: int = 0  # features
     corpus: int = 0
@@ -107,6 +112,7 @@ class Worker:
         self.inputs_limit = inputs
         self.deadline = time.monotonic() + max_seconds if max_seconds else None
         self.started = time.monotonic()
+        self.cpu_started = time.process_time()
         self.inputs = 0
         self.max_cpu = 0.0
         self.findings: dict[str, Finding] = {}
@@ -153,6 +159,8 @@ class Worker:
         stats = {
             "inputs": self.inputs,
             "seconds": round(time.monotonic() - self.started, 1),
+            # CPU, not wall: on a shared box the wall rate says more about the neighbours
+            "cpu_seconds": round(time.process_time() - self.cpu_started, 1),
             "max_input_cpu_s": round(self.max_cpu, 3),
             "finished": finished,
             "findings": [asdict(f) for f in self.findings.values()],
@@ -211,19 +219,45 @@ def prepare_corpus(target: Target, work_dir: Path) -> int:
     return len(seeds)
 
 
+def findings_dir(work_dir: Path, target: Target) -> Path:
+    return work_dir / "findings" / target.name
+
+
+def session_files(work_dir: Path, target: Target) -> list[Path]:
+    """Earlier sessions' stats (kept by --resume), oldest first."""
+    return sorted(findings_dir(work_dir, target).glob("stats-session-*.json"))
+
+
+def inputs_done(work_dir: Path, target: Target) -> int:
+    """Inputs run on this target so far: earlier sessions and the last one."""
+    paths = session_files(work_dir, target) + [findings_dir(work_dir, target) / "stats.json"]
+    return sum(json.loads(p.read_text()).get("inputs", 0) for p in paths if p.exists())
+
+
 def start_target(
-    target: Target, work_dir: Path, inputs: int, max_seconds: float | None, seed: int
+    target: Target, work_dir: Path, inputs: int, max_seconds: float | None, seed: int, resume: bool
 ) -> tuple[subprocess.Popen[bytes], Path]:
-    log_path = work_dir / "findings" / target.name / "libfuzzer.log"
-    stats = work_dir / "findings" / target.name / "stats.json"
-    stats.unlink(missing_ok=True)
+    """Start one target's worker. With `resume` the last session's stats and log are kept as
+    session N and the worker runs only the inputs still missing; libFuzzer goes on from the
+    corpus directory (every input earlier sessions found interesting), so sessions add up."""
+    folder = findings_dir(work_dir, target)
+    log_path = folder / "libfuzzer.log"
+    stats = folder / "stats.json"
+    if resume and stats.exists():
+        number = len(session_files(work_dir, target)) + 1
+        stats.replace(folder / f"stats-session-{number:03d}.json")
+        if log_path.exists():
+            log_path.replace(folder / f"libfuzzer-session-{number:03d}.log")
+    elif not resume:  # a fresh count (the corpus stays: it is what earlier runs found)
+        for old in [stats, *session_files(work_dir, target), *folder.glob("libfuzzer-session-*.log")]:
+            old.unlink(missing_ok=True)
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
         "--worker",
         target.name,
         "--inputs",
-        str(inputs),
+        str(inputs - inputs_done(work_dir, target)),
         "--seed",
         str(seed),
         "--work-dir",
@@ -239,20 +273,42 @@ def start_target(
     return proc, log_path
 
 
-def collect(target: Target, work_dir: Path, returncode: int, log_path: Path, seeds: int) -> TargetReport:
+def merged_findings(sessions: list[dict[str, Any]]) -> list[Finding]:
+    merged: dict[str, Finding] = {}
+    for stats in sessions:
+        for f in stats.get("findings", []):
+            finding = merged.setdefault(f["signature"], Finding(f["kind"], f["signature"], f["message"]))
+            finding.count += f["count"]
+            finding.examples = (finding.examples + f["examples"])[:EXAMPLES_PER_SIGNATURE]
+    return list(merged.values())
+
+
+def collect(target: Target, work_dir: Path, returncode: int, seeds: int) -> TargetReport:
+    """One target's figures over all its sessions (one unless --resume added more)."""
     report = TargetReport(target.name, target.what, seeds=seeds)
-    stats_path = work_dir / "findings" / target.name / "stats.json"
-    stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
-    report.inputs = stats.get("inputs", 0)
-    report.seconds = stats.get("seconds", 0.0)
+    folder = findings_dir(work_dir, target)
+    paths = session_files(work_dir, target) + [p for p in [folder / "stats.json"] if p.exists()]
+    sessions = [json.loads(p.read_text()) for p in paths]
+    last = sessions[-1] if sessions else {}
+    report.sessions = len(sessions)
+    report.inputs = sum(s.get("inputs", 0) for s in sessions)
+    report.seconds = round(sum(s.get("seconds", 0.0) for s in sessions), 1)
+    report.cpu_seconds = round(sum(s.get("cpu_seconds", s.get("seconds", 0.0)) for s in sessions), 1)
     report.exec_per_s = round(report.inputs / report.seconds) if report.seconds else 0
-    report.max_input_cpu_s = stats.get("max_input_cpu_s", 0.0)
-    report.findings = [Finding(**f) for f in stats.get("findings", [])]
-    libfuzzer_log = log_path.read_bytes() if log_path.exists() else b""
-    matches = COVERAGE_LINE.findall(libfuzzer_log)
-    if matches:
-        _n, cov, ft, corp = matches[-1]
-        report.cov, report.ft, report.corpus = int(cov), int(ft), int(corp)
+    report.exec_per_cpu_s = round(report.inputs / report.cpu_seconds) if report.cpu_seconds else 0
+    report.max_input_cpu_s = max((s.get("max_input_cpu_s", 0.0) for s in sessions), default=0.0)
+    report.findings = merged_findings(sessions)
+    # the newest log with a coverage line: libFuzzer re-reads the whole corpus at start, so the
+    # last session's figures are those of everything found so far
+    logs = sorted(folder.glob("libfuzzer-session-*.log")) + [folder / "libfuzzer.log"]
+    libfuzzer_log = b""
+    for log_path in reversed(logs):
+        libfuzzer_log = log_path.read_bytes() if log_path.exists() else b""
+        matches = COVERAGE_LINE.findall(libfuzzer_log)
+        if matches:
+            _n, cov, ft, corp = matches[-1]
+            report.cov, report.ft, report.corpus = int(cov), int(ft), int(corp)
+            break
     for f in report.findings:
         if f.kind == "untyped":
             report.untyped += f.count
@@ -260,15 +316,13 @@ def collect(target: Target, work_dir: Path, returncode: int, log_path: Path, see
             report.implausible += f.count
         else:
             report.hangs += f.count
-    if returncode != 0 or not stats.get("finished"):
+    if returncode != 0 or not last.get("finished"):
         # libFuzzer stopped it: an endless input (timeout), memory blow-up (oom) or a crash in C
         artifacts = sorted(
-            p.name
-            for p in (work_dir / "findings" / target.name).glob("*")
-            if p.name.startswith(("timeout-", "oom-", "crash-", "slow-unit-"))
+            p.name for p in folder.glob("*") if p.name.startswith(("timeout-", "oom-", "crash-", "slow-unit-"))
         )
         tail = libfuzzer_log.decode(errors="replace").strip().splitlines()[-3:]
-        report.status = "aborted"
+        report.status = "aborted" if sessions or returncode else "not run"  # not run: no session here
         report.note = f"worker exit {returncode}; artifacts {artifacts}; {' | '.join(tail)}"[:500]
         if any(a.startswith("timeout-") for a in artifacts):
             report.hangs += 1
@@ -278,7 +332,13 @@ def collect(target: Target, work_dir: Path, returncode: int, log_path: Path, see
 
 
 def run_all(
-    targets: list[Target], work_dir: Path, inputs: int, max_seconds: float | None, seed: int, jobs: int
+    targets: list[Target],
+    work_dir: Path,
+    inputs: int,
+    max_seconds: float | None,
+    seed: int,
+    jobs: int,
+    resume: bool = False,
 ) -> list[TargetReport]:
     reports: dict[str, TargetReport] = {}
     pending = []
@@ -287,30 +347,62 @@ def run_all(
             reports[target.name] = TargetReport(target.name, target.what, status="skipped", note=target.skip)
         else:
             pending.append((target, prepare_corpus(target, work_dir)))
-    running: list[tuple[Target, int, subprocess.Popen[bytes], Path]] = []
+    running: list[tuple[Target, int, subprocess.Popen[bytes]]] = []
     while pending or running:
         while pending and len(running) < jobs:
             target, seeds = pending.pop(0)
-            proc, log_path = start_target(target, work_dir, inputs, max_seconds, seed)
-            running.append((target, seeds, proc, log_path))
+            if resume and inputs_done(work_dir, target) >= inputs:  # earlier sessions ran them all
+                reports[target.name] = collect(target, work_dir, 0, seeds)
+                print(f"fuzz: {one_line(reports[target.name])} (done before)", file=sys.stderr, flush=True)
+                continue
+            proc, _log = start_target(target, work_dir, inputs, max_seconds, seed, resume)
+            running.append((target, seeds, proc))
         time.sleep(0.2)
         for item in list(running):
-            target, seeds, proc, log_path = item
+            target, seeds, proc = item
             if proc.poll() is not None:
                 running.remove(item)
-                reports[target.name] = collect(target, work_dir, proc.returncode, log_path, seeds)
+                reports[target.name] = collect(target, work_dir, proc.returncode, seeds)
                 print(f"fuzz: {one_line(reports[target.name])}", file=sys.stderr, flush=True)
     return [reports[t.name] for t in targets]
+
+
+def table_only(targets: list[Target], work_dir: Path) -> list[TargetReport]:
+    """The figures already in the work dir (a run, or several --resume sessions), nothing run."""
+    reports = []
+    for target in targets:
+        if target.skip:
+            reports.append(TargetReport(target.name, target.what, status="skipped", note=target.skip))
+            continue
+        corpus = work_dir / "corpus" / target.name
+        seeds = sum(1 for p in corpus.glob("seed-*")) if corpus.is_dir() else 0
+        reports.append(collect(target, work_dir, 0, seeds))
+    return reports
 
 
 def one_line(r: TargetReport) -> str:
     if r.status == "skipped":
         return f"{r.target:<18} skipped: {r.note}"
     return (
-        f"{r.target:<18} {r.inputs:>9} inputs {r.seconds:>7.0f} s {r.exec_per_s:>6}/s  cov {r.cov:>5} "
-        f"ft {r.ft:>6} corp {r.corpus:>5}  untyped {r.untyped} implausible {r.implausible} hangs {r.hangs}"
-        f"  {r.status}"
+        f"{r.target:<18} {r.inputs:>9} inputs {r.seconds:>7.0f} s {r.exec_per_s:>6}/s "
+        f"{r.exec_per_cpu_s:>6}/CPU s  cov {r.cov:>5} ft {r.ft:>6} corp {r.corpus:>5}  untyped {r.untyped} "
+        f"implausible {r.implausible} hangs {r.hangs}  {r.status}"
     )
+
+
+def print_table(reports: list[TargetReport]) -> None:
+    print(
+        f"\n{'target':<18} {'inputs':>9} {'sess':>4} {'wall s':>7} {'/s':>6} {'/CPU s':>6} {'cov':>6} {'ft':>7} "
+        f"{'corpus':>6} {'untyped':>7} {'implaus.':>8} {'hangs':>5} {'max s':>6}  status"
+    )
+    for r in reports:
+        print(
+            f"{r.target:<18} {r.inputs:>9} {r.sessions:>4} {r.seconds:>7.0f} {r.exec_per_s:>6} {r.exec_per_cpu_s:>6} "
+            f"{r.cov:>6} {r.ft:>7} {r.corpus:>6} {r.untyped:>7} {r.implausible:>8} {r.hangs:>5} "
+            f"{r.max_input_cpu_s:>6.3f}  {r.status}{' (' + r.note + ')' if r.note else ''}"
+        )
+        for f in r.findings:
+            print(f"    {f.kind}: {f.signature} x{f.count}: {f.message[:120]!r} e.g. {f.examples[:1]}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,6 +414,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="libFuzzer's random seed")
     parser.add_argument("--work-dir", type=Path, default=REPO / ".fuzz", help="corpora and findings")
     parser.add_argument("--json", action="store_true", help="last line: one JSON object")
+    parser.add_argument(
+        "--resume", action="store_true", help="go on from the work dir's earlier sessions: inputs add up to --inputs"
+    )
+    parser.add_argument("--table", action="store_true", help="print the work dir's figures, run nothing")
     parser.add_argument("--list", action="store_true", help="list the targets and exit")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -338,23 +434,22 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown target(s) {unknown}; --list shows them")
     chosen = [targets[t] for t in args.target] if args.target else list(targets.values())
-    try:
-        import atheris  # noqa: F401
-    except ImportError:
-        parser.exit(2, "bench/fuzz.py: atheris is not installed (scripts/setup.sh --test installs it)\n")
     work_dir = args.work_dir.resolve()
-    reports = run_all(chosen, work_dir, args.inputs, args.max_seconds, args.seed, args.jobs)
-    print(
-        f"\n{'target':<18} {'inputs':>9} {'cov':>6} {'ft':>7} {'corpus':>6} {'untyped':>7} {'implaus.':>8} "
-        f"{'hangs':>5}  status"
-    )
-    for r in reports:
-        print(
-            f"{r.target:<18} {r.inputs:>9} {r.cov:>6} {r.ft:>7} {r.corpus:>6} {r.untyped:>7} "
-            f"{r.implausible:>8} {r.hangs:>5}  {r.status}{' (' + r.note + ')' if r.note else ''}"
-        )
-        for f in r.findings:
-            print(f"    {f.kind}: {f.signature} x{f.count}: {f.message[:120]!r} e.g. {f.examples[:1]}")
+    if args.table:
+        reports = table_only(chosen, work_dir)
+    else:
+        try:
+            import atheris  # noqa: F401
+        except ImportError:
+            parser.exit(2, "bench/fuzz.py: atheris is not installed (scripts/setup.sh --test installs it)\n")
+        reports = run_all(chosen, work_dir, args.inputs, args.max_seconds, args.seed, args.jobs, args.resume)
+    for r in reports:  # what is missing, in CPU seconds at the rate seen (wall depends on the neighbours)
+        if r.exec_per_cpu_s and r.inputs < args.inputs:
+            r.cpu_s_to_goal = round((args.inputs - r.inputs) / r.exec_per_cpu_s)
+    print_table(reports)
+    short = [f"{r.target} {r.cpu_s_to_goal} CPU s" for r in reports if r.cpu_s_to_goal]
+    if short:
+        print(f"\nto reach {args.inputs} inputs (at each one's rate per CPU second): {', '.join(short)}")
     if args.json:
         print(
             json.dumps(

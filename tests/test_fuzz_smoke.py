@@ -151,3 +151,22 @@ def test_seeds_come_from_shared_files_and_test_constants() -> None:
     # the SCP target starts from the three shared carts' files, the BLE one from the tests' captures
     assert len(TARGETS["scp"].seeds()) >= 3
     assert len(TARGETS["ble"].seeds()) >= 15
+
+
+def test_harness_frames_bridge_messages_as_the_codec_does() -> None:
+    """bench/fuzz_targets.plain_frame (an uninstrumented copy, for speed) writes the same bytes as
+    devices/bridge/codec.encode_frame: the bridge_messages target feeds the session real frames."""
+    import random
+
+    from bench.fuzz_targets import bridge_message_seeds, messages_in, plain_frame
+    from devices.bridge import codec
+
+    cases = [(t, s, p[: codec.MAX_PAYLOAD]) for seed in bridge_message_seeds() for t, s, p in messages_in(seed)]
+    rng = random.Random(17)
+    for _ in range(300):  # zeros, runs past 254 bytes (COBS' long blocks), up to the largest payload
+        size = rng.choice([0, 1, 253, 254, 255, 508, rng.randrange(codec.MAX_PAYLOAD + 1)])
+        payload = bytes(0 if rng.random() < 0.1 else rng.randrange(1, 256) for _ in range(size))
+        cases.append((rng.randrange(256), rng.randrange(256), payload))
+    assert len(cases) > 300
+    for msg_type, seq, payload in cases:
+        assert plain_frame(msg_type, seq, payload) == codec.encode_frame(msg_type, seq, payload)
