@@ -44,6 +44,7 @@ log = logging.getLogger("bench.fuzz")
 HANG_CPU_S = 1.0  # an input costing more CPU than this is a hang (CPU, not wall: the box is shared)
 HARD_TIMEOUT_S = 300  # libFuzzer kills an input stuck this long (wall): an endless loop
 RSS_LIMIT_MB = 2048
+SESSION_INPUTS = 250_000  # inputs per worker process at most (see run_all)
 EXAMPLES_PER_SIGNATURE = 3
 OUR_PACKAGES = ["devices", "uploader", "firmware_bridge", "lastmile"]
 COVERAGE_LINE = re.compile(rb"#(\d+)\s+\w+\s+cov: (\d+) ft: (\d+) corp: (\d+)/")
@@ -237,9 +238,9 @@ def inputs_done(work_dir: Path, target: Target) -> int:
 def start_target(
     target: Target, work_dir: Path, inputs: int, max_seconds: float | None, seed: int, resume: bool
 ) -> tuple[subprocess.Popen[bytes], Path]:
-    """Start one target's worker. With `resume` the last session's stats and log are kept as
-    session N and the worker runs only the inputs still missing; libFuzzer goes on from the
-    corpus directory (every input earlier sessions found interesting), so sessions add up."""
+    """Start one worker session of `inputs` inputs. With `resume` the last session's stats and
+    log are kept as session N; libFuzzer goes on from the corpus directory (every input earlier
+    sessions found interesting), so sessions add up."""
     folder = findings_dir(work_dir, target)
     log_path = folder / "libfuzzer.log"
     stats = folder / "stats.json"
@@ -257,7 +258,7 @@ def start_target(
         "--worker",
         target.name,
         "--inputs",
-        str(inputs - inputs_done(work_dir, target)),
+        str(inputs),
         "--seed",
         str(seed),
         "--work-dir",
@@ -293,9 +294,11 @@ def collect(target: Target, work_dir: Path, returncode: int, seeds: int) -> Targ
     report.sessions = len(sessions)
     report.inputs = sum(s.get("inputs", 0) for s in sessions)
     report.seconds = round(sum(s.get("seconds", 0.0) for s in sessions), 1)
-    report.cpu_seconds = round(sum(s.get("cpu_seconds", s.get("seconds", 0.0)) for s in sessions), 1)
+    timed = [s for s in sessions if "cpu_seconds" in s]  # sessions of an older harness have wall time only
+    report.cpu_seconds = round(sum(s["cpu_seconds"] for s in timed), 1)
     report.exec_per_s = round(report.inputs / report.seconds) if report.seconds else 0
-    report.exec_per_cpu_s = round(report.inputs / report.cpu_seconds) if report.cpu_seconds else 0
+    timed_inputs = sum(s.get("inputs", 0) for s in timed)
+    report.exec_per_cpu_s = round(timed_inputs / report.cpu_seconds) if report.cpu_seconds else 0
     report.max_input_cpu_s = max((s.get("max_input_cpu_s", 0.0) for s in sessions), default=0.0)
     report.findings = merged_findings(sessions)
     # the newest log with a coverage line: libFuzzer re-reads the whole corpus at start, so the
@@ -339,31 +342,47 @@ def run_all(
     seed: int,
     jobs: int,
     resume: bool = False,
+    session_inputs: int = SESSION_INPUTS,
 ) -> list[TargetReport]:
+    """Each target in worker sessions of at most `session_inputs` until it has run `inputs`
+    (counting earlier sessions with `resume`), spent `max_seconds` of wall time in this run,
+    or failed. A fresh worker per session keeps the worker's memory bounded: under atheris the
+    SCP and Contec workers grow by about 1-2 KB per input (the same decoders run
+    uninstrumented do not), which would reach libFuzzer's RSS limit before 1M inputs."""
     reports: dict[str, TargetReport] = {}
     pending = []
     for target in targets:
         if target.skip:
             reports[target.name] = TargetReport(target.name, target.what, status="skipped", note=target.skip)
         else:
-            pending.append((target, prepare_corpus(target, work_dir)))
-    running: list[tuple[Target, int, subprocess.Popen[bytes]]] = []
+            pending.append((target, prepare_corpus(target, work_dir), resume, time.monotonic()))
+    running: list[tuple[Target, int, subprocess.Popen[bytes], float]] = []
     while pending or running:
         while pending and len(running) < jobs:
-            target, seeds = pending.pop(0)
-            if resume and inputs_done(work_dir, target) >= inputs:  # earlier sessions ran them all
+            target, seeds, keep, started = pending.pop(0)
+            missing = inputs - inputs_done(work_dir, target) if keep else inputs
+            left = max_seconds - (time.monotonic() - started) if max_seconds else None
+            if missing <= 0 or (left is not None and left <= 0):  # done, or out of time
                 reports[target.name] = collect(target, work_dir, 0, seeds)
-                print(f"fuzz: {one_line(reports[target.name])} (done before)", file=sys.stderr, flush=True)
+                print(f"fuzz: {one_line(reports[target.name])}", file=sys.stderr, flush=True)
                 continue
-            proc, _log = start_target(target, work_dir, inputs, max_seconds, seed, resume)
-            running.append((target, seeds, proc))
+            # each session its own seed: the same corpus and seed would replay the same mutations
+            session_seed = seed + len(session_files(work_dir, target)) if keep else seed
+            proc, _log = start_target(target, work_dir, min(missing, session_inputs), left, session_seed, keep)
+            running.append((target, seeds, proc, started))
         time.sleep(0.2)
         for item in list(running):
-            target, seeds, proc = item
-            if proc.poll() is not None:
-                running.remove(item)
-                reports[target.name] = collect(target, work_dir, proc.returncode, seeds)
-                print(f"fuzz: {one_line(reports[target.name])}", file=sys.stderr, flush=True)
+            target, seeds, proc, started = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            report = collect(target, work_dir, proc.returncode, seeds)
+            if report.status == "ok" and report.inputs < inputs:  # a session's worth done: the next one
+                pending.insert(0, (target, seeds, True, started))
+                print(f"fuzz: {one_line(report)} (session {report.sessions})", file=sys.stderr, flush=True)
+            else:
+                reports[target.name] = report
+                print(f"fuzz: {one_line(report)}", file=sys.stderr, flush=True)
     return [reports[t.name] for t in targets]
 
 
@@ -417,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--resume", action="store_true", help="go on from the work dir's earlier sessions: inputs add up to --inputs"
     )
+    parser.add_argument("--session-inputs", type=int, default=SESSION_INPUTS, help="inputs per worker process at most")
     parser.add_argument("--table", action="store_true", help="print the work dir's figures, run nothing")
     parser.add_argument("--list", action="store_true", help="list the targets and exit")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -442,7 +462,9 @@ def main(argv: list[str] | None = None) -> int:
             import atheris  # noqa: F401
         except ImportError:
             parser.exit(2, "bench/fuzz.py: atheris is not installed (scripts/setup.sh --test installs it)\n")
-        reports = run_all(chosen, work_dir, args.inputs, args.max_seconds, args.seed, args.jobs, args.resume)
+        reports = run_all(
+            chosen, work_dir, args.inputs, args.max_seconds, args.seed, args.jobs, args.resume, args.session_inputs
+        )
     for r in reports:  # what is missing, in CPU seconds at the rate seen (wall depends on the neighbours)
         if r.exec_per_cpu_s and r.inputs < args.inputs:
             r.cpu_s_to_goal = round((args.inputs - r.inputs) / r.exec_per_cpu_s)
