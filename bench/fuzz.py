@@ -168,9 +168,9 @@ class Worker:
         self.last_write = time.monotonic()
         stats = {
             "inputs": self.inputs,
-            "seconds": round(time.monotonic() - self.started, 1),
+            "seconds": round(time.monotonic() - self.started, 3),
             # CPU, not wall: on a shared box the wall rate says more about the neighbours
-            "cpu_seconds": round(time.process_time() - self.cpu_started, 1),
+            "cpu_seconds": round(time.process_time() - self.cpu_started, 3),
             "max_input_cpu_s": round(self.max_cpu, 3),
             "finished": finished,
             "findings": [asdict(f) for f in self.findings.values()],
@@ -302,12 +302,12 @@ def collect(target: Target, work_dir: Path, returncode: int, seeds: int) -> Targ
     last = sessions[-1] if sessions else {}
     report.sessions = len(sessions)
     report.inputs = sum(s.get("inputs", 0) for s in sessions)
-    report.seconds = round(sum(s.get("seconds", 0.0) for s in sessions), 1)
+    wall = sum(s.get("seconds", 0.0) for s in sessions)
     timed = [s for s in sessions if "cpu_seconds" in s]  # sessions of an older harness have wall time only
-    report.cpu_seconds = round(sum(s["cpu_seconds"] for s in timed), 1)
-    report.exec_per_s = round(report.inputs / report.seconds) if report.seconds else 0
-    timed_inputs = sum(s.get("inputs", 0) for s in timed)
-    report.exec_per_cpu_s = round(timed_inputs / report.cpu_seconds) if report.cpu_seconds else 0
+    cpu = sum(s["cpu_seconds"] for s in timed)
+    report.seconds, report.cpu_seconds = round(wall, 1), round(cpu, 2)
+    report.exec_per_s = round(report.inputs / wall) if wall else 0
+    report.exec_per_cpu_s = round(sum(s.get("inputs", 0) for s in timed) / cpu) if cpu else 0
     report.max_input_cpu_s = max((s.get("max_input_cpu_s", 0.0) for s in sessions), default=0.0)
     report.findings = merged_findings(sessions)
     # the newest log with a coverage line: libFuzzer re-reads the whole corpus at start, so the
