@@ -335,7 +335,8 @@ def collect(target: Target, work_dir: Path, returncode: int, seeds: int) -> Targ
         )
         tail = libfuzzer_log.decode(errors="replace").strip().splitlines()[-3:]
         report.status = "aborted" if sessions or returncode else "not run"  # not run: no session here
-        report.note = f"worker exit {returncode}; artifacts {artifacts}; {' | '.join(tail)}"[:500]
+        if report.status == "aborted":
+            report.note = f"worker exit {returncode}; artifacts {artifacts}; {' | '.join(tail)}"[:500]
         if any(a.startswith("timeout-") for a in artifacts):
             report.hangs += 1
     elif report.failures or report.hangs:
@@ -364,11 +365,13 @@ def run_all(
         if target.skip:
             reports[target.name] = TargetReport(target.name, target.what, status="skipped", note=target.skip)
         else:
-            pending.append((target, prepare_corpus(target, work_dir), resume, time.monotonic()))
+            pending.append((target, prepare_corpus(target, work_dir), resume, None))
+    # a target's wall-time cap counts from its own first session, not from the start of the run
     running: list[tuple[Target, int, subprocess.Popen[bytes], float]] = []
     while pending or running:
         while pending and len(running) < jobs:
-            target, seeds, keep, started = pending.pop(0)
+            target, seeds, keep, first_started = pending.pop(0)
+            started = time.monotonic() if first_started is None else first_started
             missing = inputs - inputs_done(work_dir, target) if keep else inputs
             left = max_seconds - (time.monotonic() - started) if max_seconds else None
             if missing <= 0 or (left is not None and left <= 0):  # done, or out of time
