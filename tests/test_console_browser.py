@@ -121,7 +121,12 @@ def text_of(driver: object, css: str) -> str:
 def click_live(driver: object, kind: str, selector: str) -> None:
     """Click an element of a live panel; a click that met a swapped-out element never happened,
     so it is tried again on the element found afresh."""
-    live_read(driver, lambda d: d.find_element(by(kind), selector).click() or True)
+
+    def click(d: Any) -> bool:
+        d.find_element(by(kind), selector).click()
+        return True
+
+    live_read(driver, click)
 
 
 def no_panel_swapped_on_connect(driver: object) -> None:
@@ -345,6 +350,9 @@ def test_a_report_printed_on_the_clinic_printer_from_a_phone(
         try:
             browser.get(f"{server.url}/reports/{routine}")
             text_in(browser, "pre.report-text", "窦性心律")
+            # the cardiologist's conclusion first, under its own heading, then the whole report
+            assert "窦性心律，心电图正常" in text_of(browser, ".conclusion .impression")
+            assert "诊断意见" in text_of(browser, ".conclusion h2")
             save_screenshot(browser, "report-print-buttons-phone")
             browser.find_element(by("xpath"), "//button[normalize-space()='用诊所打印机打印']").click()
             text_in(browser, "[role=status]", "已发送到诊所打印机")
