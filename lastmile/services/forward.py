@@ -60,6 +60,7 @@ def forwarder_settings(config: Config) -> ForwarderSettings:
     return ForwarderSettings(
         peer=peer_settings(rc),
         associations=rc.associations,  # ≥ 1: lastmile/config.py refuses anything else
+        max_associations=max(rc.associations, rc.max_associations),
         batch_size=rc.batch_size,
         storage_commitment=rc.storage_commitment,
         listen_port=rc.listen_port,
