@@ -1,6 +1,7 @@
 """Coverage-guided fuzzing of every decoder and network-facing parser (issue 17, item 3).
 
-    bench/fuzz.py [--inputs N] [--target T ...] [--max-seconds S] [--jobs J] [--json]
+    bench/fuzz.py [--inputs N] [--target T ...] [--max-seconds S] [--jobs J] [--resume] [--json]
+    bench/fuzz.py --table [--inputs N] [--work-dir D]   (the figures a work dir holds, nothing run)
 
 Each target (bench/fuzz_targets.py) runs in its own process under atheris (libFuzzer over
 Python bytecode coverage), seeded from ../shared's ECG files and GNSS logs, the captured bytes the
@@ -8,7 +9,15 @@ tests name, and objects built by the harness. The contract checked on every inpu
 raise the typed error of that layer (devices: ProtocolError family), nothing else; no impossible
 value passed on. Per target it reports inputs run, atheris' coverage counters (cov = edges,
 ft = features, corpus size), failures (untyped exceptions, implausible values, with where they
-came from), and hangs (an input that took more than 1 s of CPU).
+came from), and hangs (an input that took more than 1 s of CPU). Rates are given per wall second
+and per CPU second of the worker: on a shared box (a niced run among busy neighbours) the wall
+rate says more about the neighbours, the CPU rate is the target's, and the table gives the CPU
+seconds a target still needs to reach --inputs at that rate.
+
+A target runs in worker sessions of at most --session-inputs (a fresh process each: a worker's
+memory grows under atheris), each going on from the corpus the earlier ones left. With --resume
+a run also goes on from the sessions already in the work dir, so several runs (or a run stopped
+and started again) add up to --inputs per target, reported as one table.
 
 Corpora and findings (failing inputs, hangs, libFuzzer's log) go under --work-dir (default
 .fuzz/ in the checkout, gitignored); the parsers themselves run in a temporary directory.
@@ -32,6 +41,7 @@ import traceback
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make `bench` and the packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -43,6 +53,7 @@ log = logging.getLogger("bench.fuzz")
 HANG_CPU_S = 1.0  # an input costing more CPU than this is a hang (CPU, not wall: the box is shared)
 HARD_TIMEOUT_S = 300  # libFuzzer kills an input stuck this long (wall): an endless loop
 RSS_LIMIT_MB = 2048
+SESSION_INPUTS = 250_000  # inputs per worker process at most (see run_all)
 EXAMPLES_PER_SIGNATURE = 3
 OUR_PACKAGES = ["devices", "uploader", "firmware_bridge", "lastmile"]
 COVERAGE_LINE = re.compile(rb"#(\d+)\s+\w+\s+cov: (\d+) ft: (\d+) corp: (\d+)/")
@@ -61,10 +72,14 @@ class Finding:
 class TargetReport:
     target: str
     what: str
-    status: str = "ok"  # ok | failures | aborted | skipped
+    status: str = "ok"  # ok | failures | aborted | skipped | not run
     inputs: int = 0
-    seconds: float = 0.0
+    sessions: int = 0  # worker runs these figures add up (--resume)
+    seconds: float = 0.0  # wall
+    cpu_seconds: float = 0.0
     exec_per_s: float = 0.0
+    exec_per_cpu_s: float = 0.0
+    cpu_s_to_goal: float = 0.0  # CPU seconds still needed for --inputs, at this target's rate
     cov: int = 0  # atheris/libFuzzer coverage counters: edges
     ft: int = 0  # features
     corpus: int = 0
@@ -107,6 +122,7 @@ class Worker:
         self.inputs_limit = inputs
         self.deadline = time.monotonic() + max_seconds if max_seconds else None
         self.started = time.monotonic()
+        self.cpu_started = time.process_time()
         self.inputs = 0
         self.max_cpu = 0.0
         self.findings: dict[str, Finding] = {}
@@ -152,7 +168,9 @@ class Worker:
         self.last_write = time.monotonic()
         stats = {
             "inputs": self.inputs,
-            "seconds": round(time.monotonic() - self.started, 1),
+            "seconds": round(time.monotonic() - self.started, 3),
+            # CPU, not wall: on a shared box the wall rate says more about the neighbours
+            "cpu_seconds": round(time.process_time() - self.cpu_started, 3),
             "max_input_cpu_s": round(self.max_cpu, 3),
             "finished": finished,
             "findings": [asdict(f) for f in self.findings.values()],
@@ -211,12 +229,38 @@ def prepare_corpus(target: Target, work_dir: Path) -> int:
     return len(seeds)
 
 
+def findings_dir(work_dir: Path, target: Target) -> Path:
+    return work_dir / "findings" / target.name
+
+
+def session_files(work_dir: Path, target: Target) -> list[Path]:
+    """Earlier sessions' stats (kept by --resume), oldest first."""
+    return sorted(findings_dir(work_dir, target).glob("stats-session-*.json"))
+
+
+def inputs_done(work_dir: Path, target: Target) -> int:
+    """Inputs run on this target so far: earlier sessions and the last one."""
+    paths = session_files(work_dir, target) + [findings_dir(work_dir, target) / "stats.json"]
+    return sum(json.loads(p.read_text()).get("inputs", 0) for p in paths if p.exists())
+
+
 def start_target(
-    target: Target, work_dir: Path, inputs: int, max_seconds: float | None, seed: int
+    target: Target, work_dir: Path, inputs: int, max_seconds: float | None, seed: int, resume: bool
 ) -> tuple[subprocess.Popen[bytes], Path]:
-    log_path = work_dir / "findings" / target.name / "libfuzzer.log"
-    stats = work_dir / "findings" / target.name / "stats.json"
-    stats.unlink(missing_ok=True)
+    """Start one worker session of `inputs` inputs. With `resume` the last session's stats and
+    log are kept as session N; libFuzzer goes on from the corpus directory (every input earlier
+    sessions found interesting), so sessions add up."""
+    folder = findings_dir(work_dir, target)
+    log_path = folder / "libfuzzer.log"
+    stats = folder / "stats.json"
+    if resume and stats.exists():
+        number = len(session_files(work_dir, target)) + 1
+        stats.replace(folder / f"stats-session-{number:03d}.json")
+        if log_path.exists():
+            log_path.replace(folder / f"libfuzzer-session-{number:03d}.log")
+    elif not resume:  # a fresh count (the corpus stays: it is what earlier runs found)
+        for old in [stats, *session_files(work_dir, target), *folder.glob("libfuzzer-session-*.log")]:
+            old.unlink(missing_ok=True)
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -239,20 +283,44 @@ def start_target(
     return proc, log_path
 
 
-def collect(target: Target, work_dir: Path, returncode: int, log_path: Path, seeds: int) -> TargetReport:
+def merged_findings(sessions: list[dict[str, Any]]) -> list[Finding]:
+    merged: dict[str, Finding] = {}
+    for stats in sessions:
+        for f in stats.get("findings", []):
+            finding = merged.setdefault(f["signature"], Finding(f["kind"], f["signature"], f["message"]))
+            finding.count += f["count"]
+            finding.examples = (finding.examples + f["examples"])[:EXAMPLES_PER_SIGNATURE]
+    return list(merged.values())
+
+
+def collect(target: Target, work_dir: Path, returncode: int, seeds: int) -> TargetReport:
+    """One target's figures over all its sessions (one unless --resume added more)."""
     report = TargetReport(target.name, target.what, seeds=seeds)
-    stats_path = work_dir / "findings" / target.name / "stats.json"
-    stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
-    report.inputs = stats.get("inputs", 0)
-    report.seconds = stats.get("seconds", 0.0)
-    report.exec_per_s = round(report.inputs / report.seconds) if report.seconds else 0
-    report.max_input_cpu_s = stats.get("max_input_cpu_s", 0.0)
-    report.findings = [Finding(**f) for f in stats.get("findings", [])]
-    libfuzzer_log = log_path.read_bytes() if log_path.exists() else b""
-    matches = COVERAGE_LINE.findall(libfuzzer_log)
-    if matches:
-        _n, cov, ft, corp = matches[-1]
-        report.cov, report.ft, report.corpus = int(cov), int(ft), int(corp)
+    folder = findings_dir(work_dir, target)
+    paths = session_files(work_dir, target) + [p for p in [folder / "stats.json"] if p.exists()]
+    sessions = [json.loads(p.read_text()) for p in paths]
+    last = sessions[-1] if sessions else {}
+    report.sessions = len(sessions)
+    report.inputs = sum(s.get("inputs", 0) for s in sessions)
+    wall = sum(s.get("seconds", 0.0) for s in sessions)
+    timed = [s for s in sessions if "cpu_seconds" in s]  # sessions of an older harness have wall time only
+    cpu = sum(s["cpu_seconds"] for s in timed)
+    report.seconds, report.cpu_seconds = round(wall, 1), round(cpu, 2)
+    report.exec_per_s = round(report.inputs / wall) if wall else 0
+    report.exec_per_cpu_s = round(sum(s.get("inputs", 0) for s in timed) / cpu) if cpu else 0
+    report.max_input_cpu_s = max((s.get("max_input_cpu_s", 0.0) for s in sessions), default=0.0)
+    report.findings = merged_findings(sessions)
+    # the newest log with a coverage line: libFuzzer re-reads the whole corpus at start, so the
+    # last session's figures are those of everything found so far
+    logs = sorted(folder.glob("libfuzzer-session-*.log")) + [folder / "libfuzzer.log"]
+    libfuzzer_log = b""
+    for log_path in reversed(logs):
+        libfuzzer_log = log_path.read_bytes() if log_path.exists() else b""
+        matches = COVERAGE_LINE.findall(libfuzzer_log)
+        if matches:
+            _n, cov, ft, corp = matches[-1]
+            report.cov, report.ft, report.corpus = int(cov), int(ft), int(corp)
+            break
     for f in report.findings:
         if f.kind == "untyped":
             report.untyped += f.count
@@ -260,16 +328,15 @@ def collect(target: Target, work_dir: Path, returncode: int, log_path: Path, see
             report.implausible += f.count
         else:
             report.hangs += f.count
-    if returncode != 0 or not stats.get("finished"):
+    if returncode != 0 or not last.get("finished"):
         # libFuzzer stopped it: an endless input (timeout), memory blow-up (oom) or a crash in C
         artifacts = sorted(
-            p.name
-            for p in (work_dir / "findings" / target.name).glob("*")
-            if p.name.startswith(("timeout-", "oom-", "crash-", "slow-unit-"))
+            p.name for p in folder.glob("*") if p.name.startswith(("timeout-", "oom-", "crash-", "slow-unit-"))
         )
         tail = libfuzzer_log.decode(errors="replace").strip().splitlines()[-3:]
-        report.status = "aborted"
-        report.note = f"worker exit {returncode}; artifacts {artifacts}; {' | '.join(tail)}"[:500]
+        report.status = "aborted" if sessions or returncode else "not run"  # not run: no session here
+        if report.status == "aborted":
+            report.note = f"worker exit {returncode}; artifacts {artifacts}; {' | '.join(tail)}"[:500]
         if any(a.startswith("timeout-") for a in artifacts):
             report.hangs += 1
     elif report.failures or report.hangs:
@@ -278,39 +345,95 @@ def collect(target: Target, work_dir: Path, returncode: int, log_path: Path, see
 
 
 def run_all(
-    targets: list[Target], work_dir: Path, inputs: int, max_seconds: float | None, seed: int, jobs: int
+    targets: list[Target],
+    work_dir: Path,
+    inputs: int,
+    max_seconds: float | None,
+    seed: int,
+    jobs: int,
+    resume: bool = False,
+    session_inputs: int = SESSION_INPUTS,
 ) -> list[TargetReport]:
+    """Each target in worker sessions of at most `session_inputs` until it has run `inputs`
+    (counting earlier sessions with `resume`), spent `max_seconds` of wall time in this run,
+    or failed. A fresh worker per session keeps the worker's memory bounded: under atheris the
+    SCP worker grew from 85 MB to 1060 MB in 540k inputs, Contec's by 60 MB in 250k (the same
+    decoders run uninstrumented do not grow), which would reach libFuzzer's RSS limit before 1M."""
     reports: dict[str, TargetReport] = {}
     pending = []
     for target in targets:
         if target.skip:
             reports[target.name] = TargetReport(target.name, target.what, status="skipped", note=target.skip)
         else:
-            pending.append((target, prepare_corpus(target, work_dir)))
-    running: list[tuple[Target, int, subprocess.Popen[bytes], Path]] = []
+            pending.append((target, prepare_corpus(target, work_dir), resume, None))
+    # a target's wall-time cap counts from its own first session, not from the start of the run
+    running: list[tuple[Target, int, subprocess.Popen[bytes], float]] = []
     while pending or running:
         while pending and len(running) < jobs:
-            target, seeds = pending.pop(0)
-            proc, log_path = start_target(target, work_dir, inputs, max_seconds, seed)
-            running.append((target, seeds, proc, log_path))
+            target, seeds, keep, first_started = pending.pop(0)
+            started = time.monotonic() if first_started is None else first_started
+            missing = inputs - inputs_done(work_dir, target) if keep else inputs
+            left = max_seconds - (time.monotonic() - started) if max_seconds else None
+            if missing <= 0 or (left is not None and left <= 0):  # done, or out of time
+                reports[target.name] = collect(target, work_dir, 0, seeds)
+                print(f"fuzz: {one_line(reports[target.name])}", file=sys.stderr, flush=True)
+                continue
+            # each session its own seed: the same corpus and seed would replay the same mutations
+            session_seed = seed + len(session_files(work_dir, target)) if keep else seed
+            proc, _log = start_target(target, work_dir, min(missing, session_inputs), left, session_seed, keep)
+            running.append((target, seeds, proc, started))
         time.sleep(0.2)
         for item in list(running):
-            target, seeds, proc, log_path = item
-            if proc.poll() is not None:
-                running.remove(item)
-                reports[target.name] = collect(target, work_dir, proc.returncode, log_path, seeds)
-                print(f"fuzz: {one_line(reports[target.name])}", file=sys.stderr, flush=True)
+            target, seeds, proc, started = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            report = collect(target, work_dir, proc.returncode, seeds)
+            if report.status == "ok" and report.inputs < inputs:  # a session's worth done: the next one
+                pending.insert(0, (target, seeds, True, started))
+                print(f"fuzz: {one_line(report)} (session {report.sessions})", file=sys.stderr, flush=True)
+            else:
+                reports[target.name] = report
+                print(f"fuzz: {one_line(report)}", file=sys.stderr, flush=True)
     return [reports[t.name] for t in targets]
+
+
+def table_only(targets: list[Target], work_dir: Path) -> list[TargetReport]:
+    """The figures already in the work dir (a run, or several --resume sessions), nothing run."""
+    reports = []
+    for target in targets:
+        if target.skip:
+            reports.append(TargetReport(target.name, target.what, status="skipped", note=target.skip))
+            continue
+        corpus = work_dir / "corpus" / target.name
+        seeds = sum(1 for p in corpus.glob("seed-*")) if corpus.is_dir() else 0
+        reports.append(collect(target, work_dir, 0, seeds))
+    return reports
 
 
 def one_line(r: TargetReport) -> str:
     if r.status == "skipped":
         return f"{r.target:<18} skipped: {r.note}"
     return (
-        f"{r.target:<18} {r.inputs:>9} inputs {r.seconds:>7.0f} s {r.exec_per_s:>6}/s  cov {r.cov:>5} "
-        f"ft {r.ft:>6} corp {r.corpus:>5}  untyped {r.untyped} implausible {r.implausible} hangs {r.hangs}"
-        f"  {r.status}"
+        f"{r.target:<18} {r.inputs:>9} inputs {r.seconds:>7.0f} s {r.exec_per_s:>6}/s "
+        f"{r.exec_per_cpu_s:>6}/CPU s  cov {r.cov:>5} ft {r.ft:>6} corp {r.corpus:>5}  untyped {r.untyped} "
+        f"implausible {r.implausible} hangs {r.hangs}  {r.status}"
     )
+
+
+def print_table(reports: list[TargetReport]) -> None:
+    print(
+        f"\n{'target':<18} {'inputs':>9} {'sess':>4} {'wall s':>7} {'/s':>6} {'/CPU s':>6} {'cov':>6} {'ft':>7} "
+        f"{'corpus':>6} {'untyped':>7} {'implaus.':>8} {'hangs':>5} {'max s':>6}  status"
+    )
+    for r in reports:
+        print(
+            f"{r.target:<18} {r.inputs:>9} {r.sessions:>4} {r.seconds:>7.0f} {r.exec_per_s:>6} {r.exec_per_cpu_s:>6} "
+            f"{r.cov:>6} {r.ft:>7} {r.corpus:>6} {r.untyped:>7} {r.implausible:>8} {r.hangs:>5} "
+            f"{r.max_input_cpu_s:>6.3f}  {r.status}{' (' + r.note + ')' if r.note else ''}"
+        )
+        for f in r.findings:
+            print(f"    {f.kind}: {f.signature} x{f.count}: {f.message[:120]!r} e.g. {f.examples[:1]}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,6 +445,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="libFuzzer's random seed")
     parser.add_argument("--work-dir", type=Path, default=REPO / ".fuzz", help="corpora and findings")
     parser.add_argument("--json", action="store_true", help="last line: one JSON object")
+    parser.add_argument(
+        "--resume", action="store_true", help="go on from the work dir's earlier sessions: inputs add up to --inputs"
+    )
+    parser.add_argument("--session-inputs", type=int, default=SESSION_INPUTS, help="inputs per worker process at most")
+    parser.add_argument("--table", action="store_true", help="print the work dir's figures, run nothing")
     parser.add_argument("--list", action="store_true", help="list the targets and exit")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -338,23 +466,24 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown target(s) {unknown}; --list shows them")
     chosen = [targets[t] for t in args.target] if args.target else list(targets.values())
-    try:
-        import atheris  # noqa: F401
-    except ImportError:
-        parser.exit(2, "bench/fuzz.py: atheris is not installed (scripts/setup.sh --test installs it)\n")
     work_dir = args.work_dir.resolve()
-    reports = run_all(chosen, work_dir, args.inputs, args.max_seconds, args.seed, args.jobs)
-    print(
-        f"\n{'target':<18} {'inputs':>9} {'cov':>6} {'ft':>7} {'corpus':>6} {'untyped':>7} {'implaus.':>8} "
-        f"{'hangs':>5}  status"
-    )
-    for r in reports:
-        print(
-            f"{r.target:<18} {r.inputs:>9} {r.cov:>6} {r.ft:>7} {r.corpus:>6} {r.untyped:>7} "
-            f"{r.implausible:>8} {r.hangs:>5}  {r.status}{' (' + r.note + ')' if r.note else ''}"
+    if args.table:
+        reports = table_only(chosen, work_dir)
+    else:
+        try:
+            import atheris  # noqa: F401
+        except ImportError:
+            parser.exit(2, "bench/fuzz.py: atheris is not installed (scripts/setup.sh --test installs it)\n")
+        reports = run_all(
+            chosen, work_dir, args.inputs, args.max_seconds, args.seed, args.jobs, args.resume, args.session_inputs
         )
-        for f in r.findings:
-            print(f"    {f.kind}: {f.signature} x{f.count}: {f.message[:120]!r} e.g. {f.examples[:1]}")
+    for r in reports:  # what is missing, in CPU seconds at the rate seen (wall depends on the neighbours)
+        if r.exec_per_cpu_s and r.inputs < args.inputs:
+            r.cpu_s_to_goal = round((args.inputs - r.inputs) / r.exec_per_cpu_s)
+    print_table(reports)
+    short = [f"{r.target} {r.cpu_s_to_goal} CPU s" for r in reports if r.cpu_s_to_goal]
+    if short:
+        print(f"\nto reach {args.inputs} inputs (at each one's rate per CPU second): {', '.join(short)}")
     if args.json:
         print(
             json.dumps(

@@ -14,10 +14,12 @@ Nothing here writes a file: parsers run on bytes in memory.
 from __future__ import annotations
 
 import ast
+import binascii
 import dataclasses
 import datetime as dt
 import enum
 import functools
+import importlib.util
 import io
 import math
 import os
@@ -58,6 +60,13 @@ class Target:
 # -- plausibility: nothing impossible is passed on --------------------------------------------
 
 
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...] | None:
+    """A dataclass's field names (None: not a dataclass), once per class: the walk below runs
+    on every decoded object, and `dataclasses.fields` per object was a tenth of a fast target's time."""
+    return tuple(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else None
+
+
 def check_values(value: object, where: str = "result", depth: int = 0, *, dates: bool = False) -> None:
     """Walk a decoded object: every float finite, every float array finite, and with `dates`
     every date/time in a possible year (not for raw device clocks, which the gateway's clock
@@ -76,9 +85,9 @@ def check_values(value: object, where: str = "result", depth: int = 0, *, dates:
             raise Implausible(f"{where}: array with NaN or infinity")
     elif isinstance(value, np.generic):
         check_values(value.item(), where, depth + 1, dates=dates)
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        for f in dataclasses.fields(value):
-            check_values(getattr(value, f.name), f"{where}.{f.name}", depth + 1, dates=dates)
+    elif not isinstance(value, type) and (names := _field_names(type(value))) is not None:
+        for name in names:
+            check_values(getattr(value, name), f"{where}.{name}", depth + 1, dates=dates)
     elif isinstance(value, dict):
         for k, v in value.items():
             check_values(v, f"{where}[{k!r}]", depth + 1, dates=dates)
@@ -232,8 +241,11 @@ def _small_contec() -> list[bytes]:
     return out
 
 
-def _small_dicom() -> list[bytes]:
-    """The shared DICOM ECG, and a copy cut to 0.2 s per multiplex group."""
+def _small_dicom(annotations: int | None = None, channels: int | None = None) -> list[bytes]:
+    """The shared DICOM ECG, and before it a copy cut to 0.2 s per multiplex group, keeping only
+    the first `annotations` annotation items and `channels` channels per group if given. Each
+    element costs pydicom time on every input: the shrunk copy is what makes a target fast (the
+    file's three kinds of annotation item are all among its first 14)."""
     out = []
     for data in shared_files("ecg/dicom/*.dcm"):
         out.append(data)
@@ -243,9 +255,15 @@ def _small_dicom() -> list[bytes]:
             ds = pydicom.dcmread(io.BytesIO(data))
             for group in ds.WaveformSequence:
                 keep = max(1, int(float(group.SamplingFrequency) * 0.2))
-                width = group.NumberOfWaveformChannels * group.WaveformBitsAllocated // 8
-                group.WaveformData = bytes(group.WaveformData)[: keep * width]
+                count = group.NumberOfWaveformChannels
+                samples = np.frombuffer(group.WaveformData, dtype="<i2")[: keep * count].reshape(keep, count)
+                count = min(count, channels or count)
+                group.WaveformData = samples[:, :count].tobytes()
                 group.NumberOfWaveformSamples = keep
+                group.NumberOfWaveformChannels = count
+                group.ChannelDefinitionSequence = group.ChannelDefinitionSequence[:count]
+            if annotations is not None:
+                ds.WaveformAnnotationSequence = ds.WaveformAnnotationSequence[:annotations]
             buffer = io.BytesIO()
             ds.save_as(buffer)
             out.insert(0, buffer.getvalue())
@@ -289,6 +307,7 @@ def any_ecg_seeds() -> list[bytes]:
 # -- BLE characteristics -----------------------------------------------------------------------
 
 
+@functools.cache
 def _ble_uuids() -> list[int]:
     from devices.ble.registry import DECODERS
 
@@ -456,6 +475,26 @@ def messages_in(data: bytes) -> Iterator[tuple[int, int, bytes]]:
         data = data[4 + length :]
 
 
+@functools.cache
+def _plain_cobs() -> Any:
+    """devices/bridge/cobs.py loaded a second time, under a name atheris does not instrument: the
+    harness frames its messages with it, so the encoder's edges do not count as the target's
+    coverage (the target is the decoding side) and encoding runs at plain-Python speed."""
+    spec = importlib.util.spec_from_file_location("fuzz_plain_cobs", REPO / "devices/bridge/cobs.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def plain_frame(msg_type: int, seq: int, payload: bytes) -> bytes:
+    """One frame as devices/bridge/codec.py `encode_frame` writes it (a test checks they agree)."""
+    from devices.bridge.codec import HEADER_FORMAT, VERSION
+
+    body = struct.pack(HEADER_FORMAT, VERSION, msg_type, seq) + payload
+    return bytes(_plain_cobs().encode(body + struct.pack("<I", binascii.crc32(body)))) + b"\x00"
+
+
 def _run_bridge_messages(data: bytes) -> None:
     """Well-framed messages (valid COBS and CRC, so the message decoder and the session are
     reached) into a BridgeSession, acknowledged as the service does once a thing is durable."""
@@ -464,7 +503,7 @@ def _run_bridge_messages(data: bytes) -> None:
 
     session = BridgeSession("bridge-fuzz", max_ecg_seconds=30.0)
     session.connection_made(NOW)
-    stream = b"".join(codec.encode_frame(t, s, p[: codec.MAX_PAYLOAD]) for t, s, p in messages_in(data))
+    stream = b"".join(plain_frame(t, s, p[: codec.MAX_PAYLOAD]) for t, s, p in messages_in(data))
     cut = len(stream) // 2
     for piece in (stream[:cut], stream[cut:]):
         for event in session.receive_data(piece, NOW):
@@ -563,15 +602,22 @@ def _run_ascii_profile(data: bytes) -> None:
 def _run_scanner(data: bytes) -> None:
     """A barcode/card scanner's keystrokes; the first byte picks the rules (with or without a
     GB 11643 resident-ID check), the rest arrives in two reads."""
-    from devices.scanner import PatientScanned, ScannerDecoder, ScanRules
+    from devices.scanner import PatientScanned, ScannerDecoder
 
     kind = "cn-resident-id" if data[:1] and data[0] & 1 else ""
-    rules = ScanRules.from_patterns(r"(?:PAT:)?(?P<id>[0-9X]{15,20})", r"DR-(?P<id>\d{3,8})", kind)
-    decoder = ScannerDecoder(rules)
+    decoder = ScannerDecoder(_scan_rules(kind))
     cut = len(data) // 2
     for event in decoder.feed(data[1:cut]) + decoder.feed(data[cut:]):
         if isinstance(event, PatientScanned) and (not event.patient_id or not event.patient_id.isprintable()):
             raise Implausible(f"patient id {event.patient_id!r}")
+
+
+@functools.cache
+def _scan_rules(kind: str) -> Any:
+    """The rules once per kind, not compiled again for every input (frozen: nothing carries over)."""
+    from devices.scanner import ScanRules
+
+    return ScanRules.from_patterns(r"(?:PAT:)?(?P<id>[0-9X]{15,20})", r"DR-(?P<id>\d{3,8})", kind)
 
 
 def scanner_seeds() -> list[bytes]:
@@ -699,7 +745,7 @@ def _run_commitment(data: bytes) -> None:
     from pynetdicom.events import Event
     from pynetdicom.presentation import PresentationContextTuple
 
-    from uploader.dicom_commitment import ReportSenders, report_handler
+    from uploader.dicom_commitment import report_handler
 
     if not data:
         return
@@ -712,14 +758,21 @@ def _run_commitment(data: bytes) -> None:
     event = Event(_fake_assoc("ORTHANC"), evt.EVT_N_EVENT_REPORT, {"request": request, "context": context})  # type: ignore[arg-type]
     reports: list[object] = []
     # the listener's handler, trust checks included (the sender is the reading center)
-    senders = ReportSenders(ae_titles=("ORTHANC",), networks=("127.0.0.0/8",))
-    status, reply = report_handler(reports.append, senders)(event)
+    status, reply = report_handler(reports.append, _report_senders())(event)
     if status not in (0x0000, 0x0110) or reply is not None:
         raise Implausible(f"handler answered {status:#06x}")
     for report in reports:
         check_values(report, "report")
         if not getattr(report, "transaction_uid", ""):
             raise Implausible("report without a transaction UID")
+
+
+@functools.cache
+def _report_senders() -> Any:
+    """Built once (frozen; its networks parsed once), not per input."""
+    from uploader.dicom_commitment import ReportSenders
+
+    return ReportSenders(ae_titles=("ORTHANC",), networks=("127.0.0.0/8",))
 
 
 def commitment_seeds() -> list[bytes]:
@@ -805,7 +858,9 @@ def lan_receiver_seeds() -> list[bytes]:
     out = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for data in _small_dicom()[:1]:
+        # the receiver reads the whole data set but judges only its header: one with two
+        # channels and no annotations (~90 elements, not ~570) gives the fuzzer 4x the inputs
+        for data in _small_dicom(annotations=0, channels=2)[:1]:
             ds = pydicom.dcmread(io.BytesIO(data))
             del ds.file_meta
             for index in (0, 1):
@@ -832,6 +887,7 @@ def _raw_deflate(data: bytes) -> bytes:
 REPORT_DATE = re.compile(r"\s*(\d{4})-?\d{2}")  # a report time that reads as a date: its year
 
 
+@functools.cache
 def _report_rules() -> object:
     from uploader.report_reading import CriticalRules
 
@@ -985,7 +1041,12 @@ def _targets() -> list[Target]:
             8_000,
         ),
         Target(
-            "dicom_ecg", "DICOM ECG file (devices/ecg/dicom_input.py)", _run_dicom_ecg, device, _small_dicom, 20_000
+            "dicom_ecg",
+            "DICOM ECG file (devices/ecg/dicom_input.py)",
+            _run_dicom_ecg,
+            device,
+            lambda: _small_dicom(annotations=14),
+            20_000,
         ),
         Target("contec", "Contec ECG90A .ECG (devices/ecg/contec.py)", _run_contec, device, _small_contec, 8_000),
         Target("npz", "gateway .npz ECG (devices/ecg/npz.py)", _run_npz, device, npz_seeds, 12_000),

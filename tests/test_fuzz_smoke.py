@@ -151,3 +151,99 @@ def test_seeds_come_from_shared_files_and_test_constants() -> None:
     # the SCP target starts from the three shared carts' files, the BLE one from the tests' captures
     assert len(TARGETS["scp"].seeds()) >= 3
     assert len(TARGETS["ble"].seeds()) >= 15
+
+
+def test_harness_frames_bridge_messages_as_the_codec_does() -> None:
+    """bench/fuzz_targets.plain_frame (an uninstrumented copy, for speed) writes the same bytes as
+    devices/bridge/codec.encode_frame: the bridge_messages target feeds the session real frames."""
+    import random
+
+    from bench.fuzz_targets import bridge_message_seeds, messages_in, plain_frame
+    from devices.bridge import codec
+
+    cases = [(t, s, p[: codec.MAX_PAYLOAD]) for seed in bridge_message_seeds() for t, s, p in messages_in(seed)]
+    rng = random.Random(17)
+    for _ in range(300):  # zeros, runs past 254 bytes (COBS' long blocks), up to the largest payload
+        size = rng.choice([0, 1, 253, 254, 255, 508, rng.randrange(codec.MAX_PAYLOAD + 1)])
+        payload = bytes(0 if rng.random() < 0.1 else rng.randrange(1, 256) for _ in range(size))
+        cases.append((rng.randrange(256), rng.randrange(256), payload))
+    assert len(cases) > 300
+    for msg_type, seq, payload in cases:
+        assert plain_frame(msg_type, seq, payload) == codec.encode_frame(msg_type, seq, payload)
+
+
+def test_sessions_add_up_and_findings_merge(tmp_path: Path) -> None:
+    """--resume and the per-worker sessions: the figures are the sum of every session's, a
+    finding seen in two sessions is one line with both counts, coverage is the last session's."""
+    from bench.fuzz import collect, table_only
+
+    target = TARGETS["ble_racp"]
+    folder = tmp_path / "findings" / target.name
+    folder.mkdir(parents=True)
+    finding = {"kind": "untyped", "signature": "KeyError at devices/x.py:1", "message": "k", "examples": ["a"]}
+    sessions = [
+        {
+            "inputs": 250_000,
+            "seconds": 40.0,
+            "cpu_seconds": 10.0,
+            "max_input_cpu_s": 0.2,
+            "finished": True,
+            "findings": [dict(finding, count=2)],
+        },
+        # an older harness's session: wall time only, so it counts in inputs but not in the CPU rate
+        {"inputs": 100_000, "seconds": 50.0, "max_input_cpu_s": 0.1, "finished": False, "findings": []},
+    ]
+    for number, stats in enumerate(sessions, 1):
+        (folder / f"stats-session-{number:03d}.json").write_text(json.dumps(stats))
+    (folder / "libfuzzer-session-001.log").write_bytes(b"#250000\tpulse  cov: 80 ft: 150 corp: 40/1Kb lim: 9\n")
+    last = {
+        "inputs": 150_000,
+        "seconds": 30.0,
+        "cpu_seconds": 5.0,
+        "max_input_cpu_s": 0.05,
+        "finished": True,
+        "findings": [dict(finding, count=1, examples=["b"])],
+    }
+    (folder / "stats.json").write_text(json.dumps(last))
+    (folder / "libfuzzer.log").write_bytes(b"#150000\tREDUCE cov: 87 ft: 163 corp: 43/2Kb lim: 9 exec/s: 1\n")
+
+    report = collect(target, tmp_path, 0, seeds=3)
+    assert (report.inputs, report.sessions, report.seconds) == (500_000, 3, 120.0)
+    assert report.cpu_seconds == 15.0 and report.exec_per_cpu_s == 26667  # 400k inputs timed in CPU
+    assert (report.cov, report.ft, report.corpus) == (87, 163, 43)
+    assert report.max_input_cpu_s == 0.2
+    [merged] = report.findings
+    assert merged.count == 3 and merged.examples == ["a", "b"] and report.untyped == 3
+    assert report.status == "failures"
+    # --table reads the same figures without running anything; a target with no session says so
+    racp, npz = table_only([target, TARGETS["npz"]], tmp_path)
+    assert racp.inputs == 500_000 and npz.status == "not run" and npz.inputs == 0
+
+
+def test_a_target_runs_in_sessions_and_resume_goes_on(tmp_path: Path) -> None:
+    """Each worker runs at most --session-inputs; --resume adds sessions up to the new --inputs
+    from the corpus the earlier ones left (the count is exact: a count, not a time)."""
+    try:
+        import atheris  # noqa: F401
+    except ImportError:
+        missing("atheris is not installed (scripts/setup.sh --test installs it on x86-64)")
+
+    def run(*extra: str) -> dict:
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "bench" / "fuzz.py"), "--target", "ble_racp", "--seed", "3",
+             "--work-dir", str(tmp_path), "--json", *extra],
+            capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        [result] = json.loads(proc.stdout.strip().splitlines()[-1])["targets"]
+        return result
+
+    first = run("--inputs", "500", "--session-inputs", "200")
+    assert (first["inputs"], first["sessions"], first["status"]) == (500, 3, "ok")
+    again = run("--inputs", "800", "--session-inputs", "200", "--resume")
+    assert (again["inputs"], again["sessions"]) == (800, 5)
+    assert again["corpus"] >= first["corpus"] > 0 and "cpu_seconds" in again
+    table = run("--inputs", "800", "--table")
+    assert (table["inputs"], table["sessions"]) == (800, 5)
+    fresh = run("--inputs", "300")  # without --resume the count starts again (the corpus stays)
+    assert (fresh["inputs"], fresh["sessions"]) == (300, 1)
