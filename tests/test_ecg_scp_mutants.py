@@ -14,7 +14,7 @@ import pytest
 
 from devices.ecg.scp import DEFAULT_TABLE, huffman_decode, looks_like_scp, parse_scp, read_scp, read_sections
 from devices.errors import ProtocolError, UnsupportedFeatureError
-from tests.test_ecg_scp import build_record, lead_body, rhythm_body
+from tests.test_ecg_scp import build_record, encode_default, lead_body, rhythm_body
 
 # EN 1064 section 1 tag 14, byte 7: the manufacturer code table (codes 1-20).
 EN1064_MANUFACTURERS = {
@@ -258,3 +258,34 @@ def test_sample_counts_that_the_bytes_cannot_hold_are_refused_before_decoding() 
     with pytest.raises(ProtocolError, match="cannot hold 17 samples"):
         huffman_decode(bytes(2), 17, [DEFAULT_TABLE])
     assert huffman_decode(bytes(2), 16, [DEFAULT_TABLE]).tolist() == [0] * 16  # 16 one-bit zeros
+
+
+# EN 1064 default Huffman table, written out as the standard lists it: the bit string sent, the
+# extra bits that follow it, the value (for an escape: the extra bits are the sample itself).
+EN1064_DEFAULT_HUFFMAN = [
+    ("0", 0, 0),
+    *((("1" * n + "0" + sign), 0, n if sign == "0" else -n) for n in range(1, 9) for sign in "01"),
+    ("1111111110", 8, 0),
+    ("1111111111", 16, 0),
+]
+
+
+def test_the_default_huffman_table_is_the_en1064_table_code_for_code() -> None:
+    """Most carts compress with this table. One wrong code and the decoder loses step at the first
+    sample that uses it: every later sample of the lead is read from the wrong bits."""
+    as_listed = sorted(
+        (format(c.code, f"0{c.prefix_bits}b"), c.total_bits - c.prefix_bits, c.value, c.switch) for c in DEFAULT_TABLE
+    )
+    assert as_listed == sorted((bits, extra, value, False) for bits, extra, value in EN1064_DEFAULT_HUFFMAN)
+
+
+def test_the_default_table_read_as_a_table_decodes_like_the_fast_default_decoder() -> None:
+    """The fast decoder for the default table does not read DEFAULT_TABLE; the table-driven decoder
+    does. Every kind of code (0, +-1..8, 8- and 16-bit escapes) must come out the same from both,
+    and be the sample the cart coded: a mismatch is a lead drawn in the wrong shape."""
+    values = np.array([0, 1, -1, 2, -2, 5, -5, 8, -8, 9, -9, 127, -128, 128, -129, 32767, -32768, 0] * 3)
+    chunk = encode_default(values)
+    as_table = tuple(code for code in DEFAULT_TABLE)  # a copy: not the default table by identity
+    assert as_table is not DEFAULT_TABLE
+    assert huffman_decode(chunk, len(values), [as_table]).tolist() == values.tolist()
+    assert huffman_decode(chunk, len(values), [DEFAULT_TABLE]).tolist() == values.tolist()
