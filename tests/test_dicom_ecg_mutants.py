@@ -12,18 +12,26 @@ import datetime as dt
 
 import numpy as np
 import pytest
+from pydicom.dataset import Dataset
 
+from devices.ecg.findings import EcgMeasurement, EcgStatement, MedianBeats, StatementSource
 from devices.ecg.quality import ACCEPTABLE, Problem, QualityReport
-from devices.ecg.recording import SampleGap
+from devices.ecg.recording import STANDARD_12_LEADS, SampleGap
 from tests.test_dicom_ecg import PATIENT, STATION, UIDS, raw_samples, read, recording, synthetic
 from uploader.dicom_ecg import (
+    GENERAL_ECG,
+    TWELVE_LEAD_ECG,
     StationInfo,
+    StudyRequest,
     build_ecg_dataset,
     canonical_lead,
+    check_ecg_iod,
+    median_left_out,
     patient_age,
     reassign_patient,
     recording_to_dicom_bytes,
 )
+from uploader.errors import InvalidObjectError
 
 BORN = dt.date(2020, 3, 15)
 
@@ -162,3 +170,124 @@ def test_the_quality_check_is_in_the_object_on_the_leads_it_concerns() -> None:
     assert "Gateway quality check: " + ACCEPTABLE in [
         str(a.get("UnformattedTextValue", "")) for a in fine.WaveformAnnotationSequence
     ]
+
+
+# ---------------------------------------------------------------------------- survivors of the second run
+
+
+def _texts(ds: Dataset) -> list[str]:
+    return [str(a.UnformattedTextValue) for a in ds.WaveformAnnotationSequence if "UnformattedTextValue" in a]
+
+
+def test_assigning_a_patient_returns_the_object_with_the_patient_and_refuses_one_without_a_date() -> None:
+    """Intake encodes and sends what reassign_patient returns: it must be the object with the new
+    patient in it. An object whose acquisition date cannot be read gets no age computed from a
+    guessed date: it is refused."""
+    ds = build_ecg_dataset(recording(synthetic(12, 600), patient=None), UIDS, STATION)
+    assigned = reassign_patient(ds, PATIENT, "assigned by Dr Wang")
+    assert assigned is ds and assigned.PatientID == PATIENT.patient_id
+    undated = build_ecg_dataset(recording(synthetic(12, 600), patient=None), UIDS, STATION)
+    del undated.AcquisitionDateTime
+    del undated.ContentDate
+    with pytest.raises(InvalidObjectError, match="acquisition date"):
+        reassign_patient(undated, PATIENT, "assigned by Dr Wang")
+
+
+def _median(leads: int, n: int = 600, rate: float = 500.0) -> MedianBeats:
+    return MedianBeats(
+        synthetic(leads, n),
+        STANDARD_12_LEADS[:leads] if leads <= 12 else tuple(f"L{i}" for i in range(leads)),
+        rate,
+        2.5,
+    )
+
+
+def test_median_beats_are_left_out_with_the_iod_limit_they_break_and_kept_when_they_fit() -> None:
+    """A median-beat group the IOD forbids makes the reading centre refuse the whole object;
+    left out, the reader is told which limit it broke (PS3.3 A.34)."""
+    limb = recording(synthetic(3, 600), leads=("I", "II", "III"))
+    assert median_left_out(limb, GENERAL_ECG) == ""  # nothing to say: the group goes in
+    assert median_left_out(dataclasses.replace(limb, median_beats=_median(3)), GENERAL_ECG) == ""
+    assert median_left_out(dataclasses.replace(limb, median_beats=_median(3)), TWELVE_LEAD_ECG) == ""
+    why = median_left_out(dataclasses.replace(limb, median_beats=_median(25)), GENERAL_ECG)
+    assert why == "25 median-beat leads exceed 24 per group"
+    why = median_left_out(dataclasses.replace(limb, median_beats=_median(3, rate=150.0)), GENERAL_ECG)
+    assert why == "median beats at 150 Hz are outside 200-1000 Hz"
+    why = median_left_out(dataclasses.replace(limb, median_beats=_median(3, n=16385)), TWELVE_LEAD_ECG)
+    assert why == "16385 median-beat samples exceed 16384"
+    assert median_left_out(dataclasses.replace(limb, median_beats=_median(3, n=16384)), TWELVE_LEAD_ECG) == ""
+
+
+def test_the_annotation_groups_are_explained_for_the_sources_present_and_only_then() -> None:
+    """Group 1 is the cart's own unconfirmed analysis, group 2 a physician's: the reader must be
+    told which is which, and a measurement alone makes group 1 present."""
+    rate = EcgMeasurement("heart-rate", 72.0, "test")
+    over_read = EcgStatement("Sinus rhythm", StatementSource.PHYSICIAN)
+
+    def group_notes(**findings: object) -> list[str]:
+        ds = build_ecg_dataset(recording(synthetic(12, 600), **findings), UIDS, STATION)
+        return [t for t in _texts(ds) if t.startswith("Annotation groups")]
+
+    assert group_notes() == []
+    device = "group 1: the ECG device's own measurements and automatic interpretation, not confirmed by a physician"
+    physician = "group 2: statements confirmed or over-read by a physician, as the device's file says"
+    by = " (Acme Cardio Cart 5 SN-0042)"
+    assert group_notes(measurements=(rate,)) == [f"Annotation groups from the device{by}: {device}"]
+    assert group_notes(statements=(over_read,)) == [f"Annotation groups from the device{by}: {physician}"]
+    assert group_notes(measurements=(rate,), statements=(over_read,)) == [
+        f"Annotation groups from the device{by}: {device}; {physician}"
+    ]
+
+
+def test_the_reason_for_the_ecg_is_a_statement_only_when_one_was_given() -> None:
+    asked = build_ecg_dataset(recording(synthetic(12, 600)), UIDS, STATION, request=StudyRequest(reason="chest pain"))
+    assert "Reason for the ECG: chest pain" in _texts(asked)
+    plain = build_ecg_dataset(recording(synthetic(12, 600)), UIDS, STATION)
+    assert not any(t.startswith("Reason for the ECG") for t in _texts(plain))
+
+
+def test_a_qtc_by_a_formula_without_its_own_code_is_coded_as_qtc_with_the_algorithm() -> None:
+    """Hodges has no QTc code of its own (CID 3227): the value is "QTc interval global" with the
+    algorithm as modifier (CID 3678), so the reader knows which correction the cart used."""
+    qtc = EcgMeasurement("qtc-interval", 431.0, "test", method="hodges")
+    ds = build_ecg_dataset(recording(synthetic(12, 600), measurements=(qtc,)), UIDS, STATION)
+    item = next(a for a in ds.WaveformAnnotationSequence if "NumericValue" in a)
+    concept = item.ConceptNameCodeSequence[0]
+    assert (concept.CodeValue, concept.CodeMeaning) == ("2:15876", "QTc interval global")
+    modifier = concept.ModifierCodeSequence[0]
+    assert (modifier.CodeValue, modifier.CodingSchemeDesignator, modifier.CodeMeaning) == (
+        "122731",
+        "DCM",
+        "Hodges QTc Algorithm",
+    )
+
+
+def test_samples_beyond_64_bits_are_refused_not_wrapped() -> None:
+    """Such a value is a decoder's bug, not a voltage; cast to int64 it would wrap to a huge
+    negative deflection on the reader's screen."""
+    too_high = np.zeros((12, 600), dtype=np.uint64)
+    too_high[3, 10] = 2**63
+    with pytest.raises(InvalidObjectError, match="beyond 64-bit range"):
+        build_ecg_dataset(recording(too_high), UIDS, STATION)
+    too_low = np.zeros((12, 600), dtype=np.int64)
+    too_low[3, 10] = -(2**63)
+    with pytest.raises(InvalidObjectError, match="beyond 64-bit range"):
+        build_ecg_dataset(recording(too_low), UIDS, STATION)
+
+
+def test_a_zone_offset_in_seconds_is_stated_in_utc_at_the_same_instant() -> None:
+    """DICOM offsets are whole minutes: a zone such as Shanghai's local mean time (+08:05:43)
+    cannot be written, so the object states the same instant in UTC, not a shifted time."""
+    lmt = dt.timezone(dt.timedelta(hours=8, minutes=5, seconds=43))
+    when = dt.datetime(2024, 5, 1, 9, 30, 0, tzinfo=lmt)
+    ds = build_ecg_dataset(recording(synthetic(12, 600), acquired_at=when), UIDS, STATION)
+    assert ds.AcquisitionDateTime == when.astimezone(dt.timezone.utc).strftime("%Y%m%d%H%M%S") + "+0000"
+
+
+def test_a_malformed_object_is_refused_as_invalid_not_passed() -> None:
+    """check_ecg_iod is the last gate before the outbox: an object missing a required waveform
+    attribute must be refused (InvalidObjectError), never let through or crash the caller."""
+    ds = build_ecg_dataset(recording(synthetic(12, 600)), UIDS, STATION)
+    del ds.WaveformSequence[0].NumberOfWaveformSamples
+    with pytest.raises(InvalidObjectError, match="malformed ECG object"):
+        check_ecg_iod(ds)

@@ -7,14 +7,24 @@ a truncated birth date, a cart that names its maker only by code, a lead count a
 from __future__ import annotations
 
 import binascii
+import datetime as dt
 import struct
 
 import numpy as np
 import pytest
 
-from devices.ecg.scp import DEFAULT_TABLE, huffman_decode, looks_like_scp, parse_scp, read_scp, read_sections
+from devices.ecg.scp import (
+    DEFAULT_TABLE,
+    HuffmanCode,
+    huffman_decode,
+    looks_like_scp,
+    parse_scp,
+    read_scp,
+    read_sections,
+)
 from devices.errors import ProtocolError, UnsupportedFeatureError
-from tests.test_ecg_scp import build_record, encode_default, lead_body, rhythm_body
+from devices.identity import TimeSource
+from tests.test_ecg_scp import build_record, encode_default, lead_body, restamp, rhythm_body, table_body
 
 # EN 1064 section 1 tag 14, byte 7: the manufacturer code table (codes 1-20).
 EN1064_MANUFACTURERS = {
@@ -213,6 +223,34 @@ REFUSALS = {
     "a Huffman table without codes": (_with(s2=struct.pack("<HH", 1, 0)), "table 1 claims 0 codes"),
     "a section 1 tag running past the section": (_with(s1=_tag(2, b"P-1\x00")[:3] + b"P"), "tag 2 claims 4 bytes"),
     "no rhythm data": (_with(s6=None), "section 6 \\(rhythm data\\) is missing"),
+    "leads whose data is 0 bytes": (
+        _with(s6=struct.pack("<HHBBHH", 1000, 2000, 0, 0, 0, 0)),
+        "lead 1: 0 bytes cannot hold 10 samples",
+    ),
+    "a Huffman code of 0 bits": (
+        _with(s2=table_body([[HuffmanCode(0, 0, False, 0, 0)]])),
+        "bad code lengths 0/0",
+    ),
+    "a table switch code followed by value bits": (
+        _with(s2=table_body([[HuffmanCode(1, 3, True, 1, 0), HuffmanCode(1, 1, False, 0, 1)]])),
+        "a table switch code carries extra bits",
+    ),
+    "a Huffman table giving one code two meanings": (
+        _with(s2=table_body([[HuffmanCode(1, 1, False, 0, 0), HuffmanCode(1, 1, False, 5, 0)]])),
+        "table 1 repeats a code",
+    ),
+    "a switch to a Huffman table that is not there": (
+        _with(s2=table_body([[HuffmanCode(1, 1, True, 2, 0), HuffmanCode(1, 1, False, 0, 1)]])),
+        "switch to missing Huffman table 2",
+    ),
+    "a rhythm interval of 1 us (1 MHz) is misread bytes, not an ECG": (
+        _with(s6=_bodies(interval=1)[6]),
+        "SCP-ECG rhythm data: bad sampling rate",
+    ),
+    "two leads with the same lead code": (
+        _with(s3=lead_body([1, 1], 10)),
+        "lead I appears twice",
+    ),
     "no lead definition": (_with(s3=None), "section 3 \\(lead definition\\) is missing"),
 }
 
@@ -289,3 +327,131 @@ def test_the_default_table_read_as_a_table_decodes_like_the_fast_default_decoder
     assert as_table is not DEFAULT_TABLE
     assert huffman_decode(chunk, len(values), [as_table]).tolist() == values.tolist()
     assert huffman_decode(chunk, len(values), [DEFAULT_TABLE]).tolist() == values.tolist()
+
+
+# -- third run: what the mutants still got past ---------------------------------------------------
+
+
+def _pointer(record: bytes, sid: int) -> int:
+    """Offset of section `sid`'s pointer in section 0 (build_record lists sections 1-11 in order)."""
+    return 22 + 10 * sid
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        ("index 0", "section 6 \\(\\d+ bytes at byte 0\\) lies outside"),
+        ("header names another section", "section 6: its header does not match"),
+        ("listed twice", "section 6 is listed twice"),
+    ],
+)
+def test_a_section_table_that_lies_is_refused(damage: str, reason: str) -> None:
+    """Section 0 says where each section is: a pointer that lies would hand the rhythm decoder
+    another section's bytes (or the same lead data twice) and draw a false tracing."""
+    buf = bytearray(build_record(_bodies()))
+    at = _pointer(bytes(buf), 6)
+    _sid, length, index = struct.unpack_from("<HII", buf, at)
+    if damage == "index 0":
+        struct.pack_into("<I", buf, at + 6, 0)
+    elif damage == "header names another section":
+        struct.pack_into("<H", buf, index - 1 + 2, 7)
+    else:
+        struct.pack_into("<HII", buf, _pointer(bytes(buf), 9), 6, length, index)
+    with pytest.raises(ProtocolError, match=reason):
+        read_scp(restamp(bytes(buf)))
+
+
+def test_a_section1_without_its_terminator_tag_is_read_to_its_end() -> None:
+    """Tag 255 ends section 1, but a cart that leaves it out still names the patient: the ECG
+    must stay on that patient, not become unassigned or unreadable."""
+    bodies = _bodies()
+    bodies[1] = _tag(2, b"P-77\x00") + _tag(25, struct.pack("<HBB", 2026, 11, 30)) + _tag(26, bytes([8, 30, 0]))
+    recording = read_scp(build_record(bodies))
+    assert recording.patient is not None and recording.patient.patient_id == "P-77"
+    assert recording.acquired_at == dt.datetime(2026, 11, 30, 8, 30, tzinfo=dt.timezone.utc)
+
+
+def test_a_date_without_a_time_of_day_is_not_an_acquisition_time() -> None:
+    """Midnight is not a time the cart gave: with the date alone the gateway's receipt time is
+    used and said to be so (and the file is not refused)."""
+    bodies = _bodies()
+    bodies[1] = _tag(2, b"P-1\x00") + _tag(25, struct.pack("<HBB", 2026, 11, 30)) + _tag(255, b"")
+    received = dt.datetime(2026, 12, 1, 15, 0, tzinfo=dt.timezone.utc)
+    recording = read_scp(build_record(bodies), received_at=received)
+    assert recording.acquired_at == received and recording.time_source is TimeSource.GATEWAY_RECEIPT
+
+
+def test_a_custom_table_of_two_bit_codes_is_read_from_the_first_bit() -> None:
+    """A fixed-length code is a valid Huffman table: decoding must start at bit 0, or every
+    sample is read from the wrong bit pair."""
+    table = tuple(HuffmanCode(2, 2, False, v, v) for v in range(4))  # 00 -> 0, 01 -> 1, 10 -> 2, 11 -> 3
+    assert huffman_decode(bytes([0b01101100, 0b11100100]), 8, [table]).tolist() == [1, 2, 3, 0, 3, 2, 1, 0]
+
+
+def test_custom_huffman_data_that_stops_inside_a_code_or_its_value_bits_is_refused() -> None:
+    short_code = (HuffmanCode(2, 2, False, 0, 0b00), HuffmanCode(2, 2, False, 1, 0b01))
+    with pytest.raises(ProtocolError, match="ends after 4 of 5 samples"):
+        huffman_decode(b"\x00", 5, [short_code])
+    value_bits = (HuffmanCode(1, 9, False, 0, 0b0),)  # "0" then an 8-bit value
+    with pytest.raises(ProtocolError, match="ends after 0 of 1 samples"):
+        huffman_decode(b"\x00", 1, [value_bits])
+
+
+def test_a_table_switch_of_zero_bits_is_refused_not_an_endless_loop() -> None:
+    """Section 2 refuses such a code, but huffman_decode takes tables from any caller: a switch
+    that consumes no bits would spin forever and hang the ECG intake."""
+    spin = (HuffmanCode(0, 0, True, 1, 0),)
+    with pytest.raises(ProtocolError, match="endless Huffman table switching"):
+        huffman_decode(b"\x00", 1, [spin])
+
+
+@pytest.mark.parametrize("sid", [7, 10])
+def test_a_findings_section_shorter_than_its_header_is_flagged_unreadable(sid: int) -> None:
+    """Not the same as "the cart found nothing": the reader is told the cart's findings could
+    not be read (a flag in the object), and the waveform still goes."""
+    bodies = _bodies()
+    bodies[sid] = b"\x00\x00"
+    recording = read_scp(build_record(bodies))
+    assert f"cart-findings-unreadable:scp-section-{sid}" in recording.flags
+    assert recording.measurements == ()
+
+
+def test_wave_boundaries_in_the_wrong_order_give_no_duration_not_a_crash() -> None:
+    """P offset before P onset: that duration is unknown and left out; the others are kept."""
+    bodies = _bodies()
+    block = struct.pack("<HHHHHhhh", 100, 90, 260, 360, 700, 999, 999, 999)
+    bodies[7] = struct.pack("<BBHH", 1, 0, 800, 800) + block
+    kinds = {m.kind: m.value for m in read_scp(build_record(bodies)).measurements}
+    assert kinds == {
+        "rr-interval": 800,
+        "pp-interval": 800,
+        "pr-interval": 160,
+        "qrs-duration": 100,
+        "qt-interval": 440,
+    }
+
+
+def test_uncompressed_reference_beats_without_a_section4_are_as_long_as_their_bytes() -> None:
+    """Without section 4 the beat length of 16-bit samples is the bytes / 2; Huffman-coded beats of
+    unknown length cannot be cut exactly and are left out, never guessed."""
+    beats = np.array([[1, 2, 3, 4, 5], [-5, -4, -3, -2, -1]], dtype="<i2")
+    bodies = _bodies()
+    bodies[5] = rhythm_body(beats, 1000, 2000, [row.tobytes() for row in beats], 0)
+    reference = parse_scp(build_record(bodies)).reference_beats
+    assert reference is not None and reference.samples.tolist() == beats.tolist()
+    bodies[2] = struct.pack("<H", 19999)
+    bodies[6] = rhythm_body(np.zeros((2, 10)), 1000, 2000, [bytes(2), bytes(2)], 0)  # 10 one-bit zeros a lead
+    bodies[5] = rhythm_body(beats, 1000, 2000, [bytes(2), bytes(2)], 0)
+    assert parse_scp(build_record(bodies)).reference_beats is None
+
+
+def test_reference_beats_that_are_not_an_ecg_are_refused() -> None:
+    beats = np.array([[1, 2, 3, 4, 5], [-5, -4, -3, -2, -1]], dtype="<i2")
+    bodies = _bodies()
+    bodies[5] = rhythm_body(beats, 1000, 1, [row.tobytes() for row in beats], 0)  # 1 us: 1 MHz
+    with pytest.raises(ProtocolError, match="SCP-ECG reference beats: bad sampling rate"):
+        parse_scp(build_record(bodies))
+    bodies[5] = rhythm_body(beats, 1000, 2000, [row.tobytes() for row in beats], 0)
+    bodies[4] = b"\x00\x00"
+    with pytest.raises(ProtocolError, match="section 4 is too short"):
+        parse_scp(build_record(bodies))
