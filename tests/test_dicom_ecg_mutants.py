@@ -7,6 +7,7 @@ label taken for another lead, an annotation that points at no channel.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime as dt
 
@@ -26,6 +27,7 @@ from uploader.dicom_ecg import (
     build_ecg_dataset,
     canonical_lead,
     check_ecg_iod,
+    choose_sop_class,
     median_left_out,
     patient_age,
     reassign_patient,
@@ -209,6 +211,7 @@ def test_median_beats_are_left_out_with_the_iod_limit_they_break_and_kept_when_t
     assert median_left_out(limb, GENERAL_ECG) == ""  # nothing to say: the group goes in
     assert median_left_out(dataclasses.replace(limb, median_beats=_median(3)), GENERAL_ECG) == ""
     assert median_left_out(dataclasses.replace(limb, median_beats=_median(3)), TWELVE_LEAD_ECG) == ""
+    assert median_left_out(dataclasses.replace(limb, median_beats=_median(24)), GENERAL_ECG) == ""
     why = median_left_out(dataclasses.replace(limb, median_beats=_median(25)), GENERAL_ECG)
     assert why == "25 median-beat leads exceed 24 per group"
     why = median_left_out(dataclasses.replace(limb, median_beats=_median(3, rate=150.0)), GENERAL_ECG)
@@ -290,4 +293,55 @@ def test_a_malformed_object_is_refused_as_invalid_not_passed() -> None:
     ds = build_ecg_dataset(recording(synthetic(12, 600)), UIDS, STATION)
     del ds.WaveformSequence[0].NumberOfWaveformSamples
     with pytest.raises(InvalidObjectError, match="malformed ECG object"):
+        check_ecg_iod(ds)
+
+
+def test_twenty_four_leads_fit_one_general_ecg_group_and_twenty_five_do_not() -> None:
+    """PS3.3 A.34.3.4.3: at most 24 channels in a General ECG multiplex group."""
+    names = tuple(f"L{i}" for i in range(1, 26))
+    assert choose_sop_class(recording(synthetic(24, 600), leads=names)) == GENERAL_ECG
+    with pytest.raises(InvalidObjectError, match="25 leads"):
+        choose_sop_class(recording(synthetic(25, 600), leads=names))
+
+
+def test_the_waveform_size_limit_is_32_mib_to_the_byte() -> None:
+    """A Pi builds the object in RAM: 32 MiB of samples (gaps padded) is the most it takes."""
+    names = tuple(f"L{i}" for i in range(1, 17))
+    limit = 32 * 1024 * 1024 // (16 * 2)  # samples per lead, padding included
+    at_limit = recording(synthetic(16, 1000), leads=names, gaps=(SampleGap(500, limit - 1000),))
+    assert choose_sop_class(at_limit) == GENERAL_ECG
+    over = recording(synthetic(16, 1000), leads=names, gaps=(SampleGap(500, limit - 999),))
+    with pytest.raises(InvalidObjectError, match="exceed 32 MiB"):
+        choose_sop_class(over)
+
+
+def test_the_conversion_says_what_the_gateway_converted_from() -> None:
+    def described(source_format: str) -> str:
+        ds = build_ecg_dataset(recording(synthetic(12, 600), source_format=source_format), UIDS, STATION)
+        return str(ds.ContributingEquipmentSequence[0].ContributionDescription)
+
+    assert described("scp") == "Converted to DICOM by the Lastmile gateway from scp"
+    assert described("") == "Converted to DICOM by the Lastmile gateway from a device recording"
+
+
+def test_median_beats_keep_their_own_scale_in_microvolts() -> None:
+    """The median group's sensitivity is the cart's 2.5 µV per unit: stored as 2 µV, every
+    median-beat amplitude (and the ST levels read from it) would be 20 % low."""
+    limb = recording(synthetic(3, 600), leads=("I", "II", "III"), median_beats=_median(3))
+    ds = build_ecg_dataset(limb, UIDS, STATION)
+    assert [g.MultiplexGroupLabel for g in ds.WaveformSequence] == ["RHYTHM", "MEDIAN BEAT"]
+    assert {str(c.ChannelSensitivity) for c in ds.WaveformSequence[1].ChannelDefinitionSequence} == {"2.5"}
+
+
+def test_the_channel_count_over_all_groups_is_checked_against_the_iod() -> None:
+    """12-Lead ECG: at most 13 channels in all groups together (rhythm + median)."""
+    rec = recording(synthetic(12, 600), median_beats=_median(1))
+    ds = build_ecg_dataset(rec, UIDS, STATION)
+    assert ds.SOPClassUID == TWELVE_LEAD_ECG and len(ds.WaveformSequence) == 2
+    check_ecg_iod(ds)  # 12 + 1
+    median = ds.WaveformSequence[1]
+    median.ChannelDefinitionSequence.append(copy.deepcopy(median.ChannelDefinitionSequence[0]))
+    median.NumberOfWaveformChannels = 2
+    median.WaveformData = bytes(2 * int(median.NumberOfWaveformSamples) * 2)
+    with pytest.raises(InvalidObjectError, match="14 channels in all"):
         check_ecg_iod(ds)
