@@ -219,6 +219,13 @@ def test_median_beats_are_left_out_with_the_iod_limit_they_break_and_kept_when_t
     why = median_left_out(dataclasses.replace(limb, median_beats=_median(3, n=16385)), TWELVE_LEAD_ECG)
     assert why == "16385 median-beat samples exceed 16384"
     assert median_left_out(dataclasses.replace(limb, median_beats=_median(3, n=16384)), TWELVE_LEAD_ECG) == ""
+    for rate in (200.0, 1000.0):  # the IOD's range, both ends included
+        assert median_left_out(dataclasses.replace(limb, median_beats=_median(3, rate=rate)), GENERAL_ECG) == ""
+    twelve = recording(synthetic(12, 600))
+    assert median_left_out(dataclasses.replace(twelve, median_beats=_median(1)), TWELVE_LEAD_ECG) == ""  # 13 in all
+    assert median_left_out(dataclasses.replace(twelve, median_beats=_median(2)), TWELVE_LEAD_ECG) == (
+        "the 12-lead ECG IOD allows at most 13 channels in all (PS3.3 A.34.3.4.4); rhythm and median beats would need 14"
+    )
 
 
 def test_the_annotation_groups_are_explained_for_the_sources_present_and_only_then() -> None:
