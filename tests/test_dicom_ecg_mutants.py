@@ -352,3 +352,45 @@ def test_the_channel_count_over_all_groups_is_checked_against_the_iod() -> None:
     median.WaveformData = bytes(2 * int(median.NumberOfWaveformSamples) * 2)
     with pytest.raises(InvalidObjectError, match="14 channels in all"):
         check_ecg_iod(ds)
+
+
+def test_the_requantisation_note_gives_the_new_and_the_old_unit_and_only_when_there_is_one() -> None:
+    """The reader must know a unit is no longer the cart's: 1 unit = 5 µV instead of 2.5 µV. An
+    object stored at the cart's own unit carries no such note."""
+    wide = synthetic(12, 600, peak=20000) * 2  # +-40000 units: needs a factor of 2, all even
+    ds = build_ecg_dataset(recording(wide), UIDS, STATION)
+    assert [t for t in _texts(ds) if t.startswith("Amplitudes requantised")] == [
+        "Amplitudes requantised to 16 bits: 1 unit = 5 uV instead of 2.5 uV, exactly (every sample was a multiple)"
+    ]
+    plain = build_ecg_dataset(recording(synthetic(12, 600)), UIDS, STATION)
+    assert not any(t.startswith("Amplitudes requantised") for t in _texts(plain))
+
+
+class _NoOffset(dt.tzinfo):
+    """A zone object that does not know its offset (utcoffset() is None): aware in name only."""
+
+    def utcoffset(self, moment: dt.datetime | None) -> dt.timedelta | None:
+        return None
+
+    def dst(self, moment: dt.datetime | None) -> dt.timedelta | None:
+        return None
+
+
+def test_a_creation_time_whose_zone_gives_no_offset_is_refused_like_a_naive_one() -> None:
+    """Python would read it as the gateway's local time: an instance time that silently depends
+    on the machine's zone setting."""
+    with pytest.raises(InvalidObjectError, match="created_at must carry a time zone"):
+        build_ecg_dataset(
+            recording(synthetic(12, 600)), UIDS, STATION, created_at=dt.datetime(2024, 5, 1, tzinfo=_NoOffset())
+        )
+
+
+def test_five_multiplex_groups_are_the_most_a_twelve_lead_object_holds() -> None:
+    """PS3.3 A.34.3.4.2: 1-5 multiplex groups in a 12-Lead ECG."""
+    ds = build_ecg_dataset(recording(synthetic(1, 600), leads=("II",)), UIDS, STATION)
+    rhythm = ds.WaveformSequence[0]
+    ds.WaveformSequence.extend(copy.deepcopy(rhythm) for _ in range(4))
+    check_ecg_iod(ds)  # 5 groups, 5 channels in all
+    ds.WaveformSequence.append(copy.deepcopy(rhythm))
+    with pytest.raises(InvalidObjectError, match="6 multiplex groups"):
+        check_ecg_iod(ds)
