@@ -455,3 +455,21 @@ def test_reference_beats_that_are_not_an_ecg_are_refused() -> None:
     bodies[4] = b"\x00\x00"
     with pytest.raises(ProtocolError, match="section 4 is too short"):
         parse_scp(build_record(bodies))
+
+
+def test_default_coded_data_cut_inside_its_last_sample_is_refused() -> None:
+    """A file cut inside its last code: that sample would be made up from zero bits."""
+    with pytest.raises(ProtocolError, match="ends after 0 of 1 samples"):
+        huffman_decode(b"\xff", 1, [DEFAULT_TABLE])  # a 16-bit escape needs 26 bits, 8 are there
+    with pytest.raises(ProtocolError, match="ends after 5 of 7 samples"):
+        huffman_decode(b"\x80", 7, [DEFAULT_TABLE])  # "100" then five "0": 6 samples, exactly 8 bits
+
+
+@pytest.mark.parametrize(("code", "method"), [(1, "bazett"), (2, "hodges"), (3, "")])
+def test_the_qtc_formula_code_names_the_correction_the_cart_used(code: int, method: str) -> None:
+    """EN 1064 section 7: formula 1 is Bazett, 2 Hodges; the reader compares QTc values only
+    under the same correction. An unknown code names none."""
+    bodies = _bodies()
+    bodies[7] = struct.pack("<BBHHH", 0, 0, 800, 800, 0) + struct.pack("<HHHB", 75, 75, 420, code)
+    qtc = [m for m in read_scp(build_record(bodies)).measurements if m.kind == "qtc-interval"]
+    assert [(m.value, m.method) for m in qtc] == [(420, method)]
