@@ -473,3 +473,59 @@ def test_the_qtc_formula_code_names_the_correction_the_cart_used(code: int, meth
     bodies[7] = struct.pack("<BBHHH", 0, 0, 800, 800, 0) + struct.pack("<HHHB", 75, 75, 420, code)
     qtc = [m for m in read_scp(build_record(bodies)).measurements if m.kind == "qtc-interval"]
     assert [(m.value, m.method) for m in qtc] == [(420, method)]
+
+
+def _findings_of(**sections: bytes) -> tuple[dict[str, float], tuple[str, ...]]:
+    bodies = _bodies()
+    bodies.update({int(key.removeprefix("s")): body for key, body in sections.items()})
+    recording = read_scp(build_record(bodies))
+    return {m.kind + (f"@{m.lead}" if m.lead else ""): m.value for m in recording.measurements}, recording.flags
+
+
+def test_section10_values_are_read_from_their_en1064_slots() -> None:
+    """Per-lead values come in a fixed order (P, PR, QRS, QT, Q/R/S durations, ..., Q/R/S
+    amplitudes, ..., J): an R amplitude read from the S slot would turn voltage criteria for
+    hypertrophy upside down. An amplitude of a wave with no duration is no amplitude."""
+    values = [90, 160, 100, 400, 20, 40, 30, 0, 0, -150, 1200, -400, 0, 0, 50]
+    block = struct.pack("<HH", 1, 2 * len(values)) + struct.pack(f"<{len(values)}h", *values)
+    found, _flags = _findings_of(s10=struct.pack("<HH", 1, 0) + block)
+    assert found == {
+        "lead-p-duration@I": 90,
+        "lead-pr-interval@I": 160,
+        "lead-qrs-duration@I": 100,
+        "lead-qt-interval@I": 400,
+        "lead-q-amplitude@I": -150,
+        "lead-r-amplitude@I": 1200,
+        "lead-s-amplitude@I": -400,
+        "lead-j-amplitude@I": 50,
+    }
+    no_q = list(values)
+    no_q[4] = 0  # no Q wave: its amplitude slot means nothing
+    block = struct.pack("<HH", 1, 2 * len(no_q)) + struct.pack(f"<{len(no_q)}h", *no_q)
+    found, _flags = _findings_of(s10=struct.pack("<HH", 1, 0) + block)
+    assert "lead-q-amplitude@I" not in found and found["lead-r-amplitude@I"] == 1200
+
+
+def test_section7_of_just_its_header_gives_the_rr_and_pp_intervals() -> None:
+    found, flags = _findings_of(s7=struct.pack("<BBHH", 0, 0, 800, 810))
+    assert found == {"rr-interval": 800, "pp-interval": 810} and flags == ()
+    for cut in (b"", b"\x00"):  # shorter than the 6-byte header: unreadable, said so, no crash
+        found, flags = _findings_of(s7=cut)
+        assert found == {} and flags == ("cart-findings-unreadable:scp-section-7",)
+
+
+def test_section7_measurements_after_pacemaker_spikes_and_qrs_types_are_found() -> None:
+    """Pacemaker spikes (10 bytes each) and QRS types (1 byte each) come before the heart rate and
+    QTc: skipping them wrongly reads the heart rate from a spike's bytes."""
+    spike = struct.pack("<HhHBBH", 120, 800, 0, 0, 0, 0)
+    body = struct.pack("<BBHH", 0, 1, 800, 800) + spike + struct.pack("<HBB", 2, 0, 1)
+    body += struct.pack("<HHHB", 75, 76, 420, 1)
+    found, flags = _findings_of(s7=body)
+    assert found == {"rr-interval": 800, "pp-interval": 800, "heart-rate": 75, "qtc-interval": 420}
+    assert flags == ()
+
+
+@pytest.mark.parametrize("sid", [8, 11])
+def test_a_statement_section_of_just_its_header_holds_no_statements_and_is_not_unreadable(sid: int) -> None:
+    _found, flags = _findings_of(**{f"s{sid}": bytes(9)})
+    assert flags == ()
