@@ -394,3 +394,9 @@ def test_five_multiplex_groups_are_the_most_a_twelve_lead_object_holds() -> None
     ds.WaveformSequence.append(copy.deepcopy(rhythm))
     with pytest.raises(InvalidObjectError, match="6 multiplex groups"):
         check_ecg_iod(ds)
+
+
+def test_a_twelve_lead_ecg_of_exactly_16384_samples_stays_a_twelve_lead_ecg() -> None:
+    """PS3.3 A.34.3.4.4: at most 16384 samples per channel; the limit itself is allowed."""
+    assert choose_sop_class(recording(synthetic(12, 16384))) == TWELVE_LEAD_ECG
+    assert choose_sop_class(recording(synthetic(12, 16385))) == GENERAL_ECG

@@ -529,3 +529,23 @@ def test_section7_measurements_after_pacemaker_spikes_and_qrs_types_are_found() 
 def test_a_statement_section_of_just_its_header_holds_no_statements_and_is_not_unreadable(sid: int) -> None:
     _found, flags = _findings_of(**{f"s{sid}": bytes(9)})
     assert flags == ()
+
+
+def test_section10_blocks_whose_length_counts_their_header_are_read_too() -> None:
+    values = [90, 160, 100, 400]
+    block = struct.pack("<HH", 1, 4 + 2 * len(values)) + struct.pack(f"<{len(values)}h", *values)
+    found, flags = _findings_of(s10=struct.pack("<HH", 1, 0) + block)
+    assert found["lead-qt-interval@I"] == 400 and flags == ()
+    found, flags = _findings_of(s10=struct.pack("<HH", 0, 0))  # just the header: no leads, readable
+    assert found == {} and flags == ()
+
+
+def test_empty_reference_beats_are_left_out_and_the_rhythm_still_read() -> None:
+    bodies = _bodies()
+    bodies[5] = rhythm_body(np.zeros((2, 0)), 1000, 2000, [b"", b""], 0)
+    ecg = parse_scp(build_record(bodies))
+    assert ecg.reference_beats is None and ecg.rhythm.n_samples == 10
+
+
+def test_the_smallest_record_is_recognised_as_scp() -> None:
+    assert looks_like_scp(_bare_record(26, struct.pack("<HII", 0, 26, 7)))
