@@ -122,7 +122,8 @@ def test_requantised_samples_round_half_up() -> None:
 def test_time_zone_offsets_are_signed_utc_is_plus_zero() -> None:
     utc = dt.datetime(2024, 5, 1, 9, 30, tzinfo=dt.timezone.utc)
     west = dt.datetime(2024, 5, 1, 9, 30, tzinfo=dt.timezone(-dt.timedelta(hours=2, minutes=30)))
-    for when, offset in ((utc, "+0000"), (west, "-0230")):
+    one_west = dt.datetime(2024, 5, 1, 9, 30, tzinfo=dt.timezone(-dt.timedelta(minutes=1)))
+    for when, offset in ((utc, "+0000"), (west, "-0230"), (one_west, "-0001")):
         ds = build_ecg_dataset(recording(synthetic(12, 600), acquired_at=when), UIDS, STATION)
         assert ds.AcquisitionDateTime.endswith(offset)
 
