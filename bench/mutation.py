@@ -49,7 +49,7 @@ import threading
 import time
 import tomllib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import CodeType, FunctionType, ModuleType
 
@@ -601,6 +601,8 @@ class Recorder:
             self.first_failure = report.nodeid
 
 
+IMPORT_RUN = "<import>"  # the baseline's name for lines run while the module is imported
+
 EXAMPLE_CAP = 50  # --max-examples
 
 
@@ -708,6 +710,16 @@ class Zygote:
         self.module, self.path, self.source = module, path, source
         self.jobs, self.workdir, self.parallel = jobs, workdir, parallel
         self.baseline_only = baseline_only
+        self.import_recorder: Recorder | None = None
+
+    def before_collection(self) -> None:
+        """Baseline only, in the child before pytest starts: trace the module's import, so that a
+        function the module calls while importing (a table built by `TABLE = _build()`) is known to
+        run at import, where swapping its code in afterwards changes nothing."""
+        if self.baseline_only:
+            self.import_recorder = Recorder(str(self.path))
+            self.import_recorder.current = IMPORT_RUN
+            sys.settrace(self.import_recorder.trace)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtestloop(self, session) -> bool:
@@ -744,6 +756,8 @@ class Zygote:
         return True
 
     def _baseline(self, session) -> None:
+        sys.settrace(None)  # the import trace ends with collection
+        import_lines = sorted(self.import_recorder.lines.get(IMPORT_RUN, ())) if self.import_recorder else []
         if session.testsfailed:
             _write(self.workdir / "baseline.json", {"first_failure": "collection error", "durations": {}, "lines": {}})
             return
@@ -760,6 +774,7 @@ class Zygote:
                 "first_failure": recorder.first_failure,
                 "durations": recorder.durations,
                 "lines": {k: sorted(v) for k, v in recorder.lines.items()},
+                "import_lines": import_lines,
             },
         )
 
@@ -799,6 +814,8 @@ def fork_pytest(test_files: list[str], plugin: object, *, finder: MutantFinder |
         _child_setup()
         if finder is not None:
             sys.meta_path.insert(0, finder)
+        if isinstance(plugin, Zygote):
+            plugin.before_collection()
         code = int(pytest.main(_pytest_args(test_files), plugins=[plugin]))
     finally:
         os._exit(code)
@@ -881,6 +898,13 @@ def run_module(module: str, allowed: dict[str, str], parallel: int, workdir: Pat
         report.error = f"the focused tests fail without any mutation (first: {baseline['first_failure']})"
         return report
     lines = {k: set(v) for k, v in baseline["lines"].items()}
+    # Function bodies the module runs while importing (DEFAULT_TABLE = _default_table()): their
+    # mutants are import-time mutants too, run on a fresh import of the mutated module.
+    import_lines = set(baseline.get("import_lines", ()))
+    mutants = [
+        replace(m, at_import=True) if not m.at_import and import_lines & set(range(m.span[0], m.span[1] + 1)) else m
+        for m in mutants
+    ]
     durations: dict[str, float] = baseline["durations"]
     collect_s = max(0.0, time.monotonic() - started - sum(durations.values()))
     by_speed = sorted(durations, key=durations.__getitem__)

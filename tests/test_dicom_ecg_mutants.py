@@ -7,23 +7,33 @@ label taken for another lead, an annotation that points at no channel.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime as dt
 
 import numpy as np
 import pytest
+from pydicom.dataset import Dataset
 
+from devices.ecg.findings import EcgMeasurement, EcgStatement, MedianBeats, StatementSource
 from devices.ecg.quality import ACCEPTABLE, Problem, QualityReport
-from devices.ecg.recording import SampleGap
+from devices.ecg.recording import STANDARD_12_LEADS, SampleGap
 from tests.test_dicom_ecg import PATIENT, STATION, UIDS, raw_samples, read, recording, synthetic
 from uploader.dicom_ecg import (
+    GENERAL_ECG,
+    TWELVE_LEAD_ECG,
     StationInfo,
+    StudyRequest,
     build_ecg_dataset,
     canonical_lead,
+    check_ecg_iod,
+    choose_sop_class,
+    median_left_out,
     patient_age,
     reassign_patient,
     recording_to_dicom_bytes,
 )
+from uploader.errors import InvalidObjectError
 
 BORN = dt.date(2020, 3, 15)
 
@@ -112,7 +122,8 @@ def test_requantised_samples_round_half_up() -> None:
 def test_time_zone_offsets_are_signed_utc_is_plus_zero() -> None:
     utc = dt.datetime(2024, 5, 1, 9, 30, tzinfo=dt.timezone.utc)
     west = dt.datetime(2024, 5, 1, 9, 30, tzinfo=dt.timezone(-dt.timedelta(hours=2, minutes=30)))
-    for when, offset in ((utc, "+0000"), (west, "-0230")):
+    one_west = dt.datetime(2024, 5, 1, 9, 30, tzinfo=dt.timezone(-dt.timedelta(minutes=1)))
+    for when, offset in ((utc, "+0000"), (west, "-0230"), (one_west, "-0001")):
         ds = build_ecg_dataset(recording(synthetic(12, 600), acquired_at=when), UIDS, STATION)
         assert ds.AcquisitionDateTime.endswith(offset)
 
@@ -162,3 +173,231 @@ def test_the_quality_check_is_in_the_object_on_the_leads_it_concerns() -> None:
     assert "Gateway quality check: " + ACCEPTABLE in [
         str(a.get("UnformattedTextValue", "")) for a in fine.WaveformAnnotationSequence
     ]
+
+
+# ---------------------------------------------------------------------------- survivors of the second run
+
+
+def _texts(ds: Dataset) -> list[str]:
+    return [str(a.UnformattedTextValue) for a in ds.WaveformAnnotationSequence if "UnformattedTextValue" in a]
+
+
+def test_assigning_a_patient_returns_the_object_with_the_patient_and_refuses_one_without_a_date() -> None:
+    """Intake encodes and sends what reassign_patient returns: it must be the object with the new
+    patient in it. An object whose acquisition date cannot be read gets no age computed from a
+    guessed date: it is refused."""
+    ds = build_ecg_dataset(recording(synthetic(12, 600), patient=None), UIDS, STATION)
+    assigned = reassign_patient(ds, PATIENT, "assigned by Dr Wang")
+    assert assigned is ds and assigned.PatientID == PATIENT.patient_id
+    undated = build_ecg_dataset(recording(synthetic(12, 600), patient=None), UIDS, STATION)
+    del undated.AcquisitionDateTime
+    del undated.ContentDate
+    with pytest.raises(InvalidObjectError, match="acquisition date"):
+        reassign_patient(undated, PATIENT, "assigned by Dr Wang")
+
+
+def _median(leads: int, n: int = 600, rate: float = 500.0) -> MedianBeats:
+    return MedianBeats(
+        synthetic(leads, n),
+        STANDARD_12_LEADS[:leads] if leads <= 12 else tuple(f"L{i}" for i in range(leads)),
+        rate,
+        2.5,
+    )
+
+
+def test_median_beats_are_left_out_with_the_iod_limit_they_break_and_kept_when_they_fit() -> None:
+    """A median-beat group the IOD forbids makes the reading centre refuse the whole object;
+    left out, the reader is told which limit it broke (PS3.3 A.34)."""
+    limb = recording(synthetic(3, 600), leads=("I", "II", "III"))
+    assert median_left_out(limb, GENERAL_ECG) == ""  # nothing to say: the group goes in
+    assert median_left_out(dataclasses.replace(limb, median_beats=_median(3)), GENERAL_ECG) == ""
+    assert median_left_out(dataclasses.replace(limb, median_beats=_median(3)), TWELVE_LEAD_ECG) == ""
+    assert median_left_out(dataclasses.replace(limb, median_beats=_median(24)), GENERAL_ECG) == ""
+    why = median_left_out(dataclasses.replace(limb, median_beats=_median(25)), GENERAL_ECG)
+    assert why == "25 median-beat leads exceed 24 per group"
+    why = median_left_out(dataclasses.replace(limb, median_beats=_median(3, rate=150.0)), GENERAL_ECG)
+    assert why == "median beats at 150 Hz are outside 200-1000 Hz"
+    why = median_left_out(dataclasses.replace(limb, median_beats=_median(3, n=16385)), TWELVE_LEAD_ECG)
+    assert why == "16385 median-beat samples exceed 16384"
+    assert median_left_out(dataclasses.replace(limb, median_beats=_median(3, n=16384)), TWELVE_LEAD_ECG) == ""
+    for rate in (200.0, 1000.0):  # the IOD's range, both ends included
+        assert median_left_out(dataclasses.replace(limb, median_beats=_median(3, rate=rate)), GENERAL_ECG) == ""
+    twelve = recording(synthetic(12, 600))
+    assert median_left_out(dataclasses.replace(twelve, median_beats=_median(1)), TWELVE_LEAD_ECG) == ""  # 13 in all
+    assert median_left_out(dataclasses.replace(twelve, median_beats=_median(2)), TWELVE_LEAD_ECG) == (
+        "the 12-lead ECG IOD allows at most 13 channels in all (PS3.3 A.34.3.4.4); rhythm and median beats would need 14"
+    )
+
+
+def test_the_annotation_groups_are_explained_for_the_sources_present_and_only_then() -> None:
+    """Group 1 is the cart's own unconfirmed analysis, group 2 a physician's: the reader must be
+    told which is which, and a measurement alone makes group 1 present."""
+    rate = EcgMeasurement("heart-rate", 72.0, "test")
+    over_read = EcgStatement("Sinus rhythm", StatementSource.PHYSICIAN)
+
+    def group_notes(**findings: object) -> list[str]:
+        ds = build_ecg_dataset(recording(synthetic(12, 600), **findings), UIDS, STATION)
+        return [t for t in _texts(ds) if t.startswith("Annotation groups")]
+
+    assert group_notes() == []
+    device = "group 1: the ECG device's own measurements and automatic interpretation, not confirmed by a physician"
+    physician = "group 2: statements confirmed or over-read by a physician, as the device's file says"
+    by = " (Acme Cardio Cart 5 SN-0042)"
+    assert group_notes(measurements=(rate,)) == [f"Annotation groups from the device{by}: {device}"]
+    assert group_notes(statements=(over_read,)) == [f"Annotation groups from the device{by}: {physician}"]
+    assert group_notes(measurements=(rate,), statements=(over_read,)) == [
+        f"Annotation groups from the device{by}: {device}; {physician}"
+    ]
+
+
+def test_the_reason_for_the_ecg_is_a_statement_only_when_one_was_given() -> None:
+    asked = build_ecg_dataset(recording(synthetic(12, 600)), UIDS, STATION, request=StudyRequest(reason="chest pain"))
+    assert "Reason for the ECG: chest pain" in _texts(asked)
+    plain = build_ecg_dataset(recording(synthetic(12, 600)), UIDS, STATION)
+    assert not any(t.startswith("Reason for the ECG") for t in _texts(plain))
+
+
+def test_a_qtc_by_a_formula_without_its_own_code_is_coded_as_qtc_with_the_algorithm() -> None:
+    """Hodges has no QTc code of its own (CID 3227): the value is "QTc interval global" with the
+    algorithm as modifier (CID 3678), so the reader knows which correction the cart used."""
+    qtc = EcgMeasurement("qtc-interval", 431.0, "test", method="hodges")
+    ds = build_ecg_dataset(recording(synthetic(12, 600), measurements=(qtc,)), UIDS, STATION)
+    item = next(a for a in ds.WaveformAnnotationSequence if "NumericValue" in a)
+    concept = item.ConceptNameCodeSequence[0]
+    assert (concept.CodeValue, concept.CodeMeaning) == ("2:15876", "QTc interval global")
+    modifier = concept.ModifierCodeSequence[0]
+    assert (modifier.CodeValue, modifier.CodingSchemeDesignator, modifier.CodeMeaning) == (
+        "122731",
+        "DCM",
+        "Hodges QTc Algorithm",
+    )
+
+
+def test_samples_beyond_64_bits_are_refused_not_wrapped() -> None:
+    """Such a value is a decoder's bug, not a voltage; cast to int64 it would wrap to a huge
+    negative deflection on the reader's screen."""
+    too_high = np.zeros((12, 600), dtype=np.uint64)
+    too_high[3, 10] = 2**63
+    with pytest.raises(InvalidObjectError, match="beyond 64-bit range"):
+        build_ecg_dataset(recording(too_high), UIDS, STATION)
+    too_low = np.zeros((12, 600), dtype=np.int64)
+    too_low[3, 10] = -(2**63)
+    with pytest.raises(InvalidObjectError, match="beyond 64-bit range"):
+        build_ecg_dataset(recording(too_low), UIDS, STATION)
+
+
+def test_a_zone_offset_in_seconds_is_stated_in_utc_at_the_same_instant() -> None:
+    """DICOM offsets are whole minutes: a zone such as Shanghai's local mean time (+08:05:43)
+    cannot be written, so the object states the same instant in UTC, not a shifted time."""
+    lmt = dt.timezone(dt.timedelta(hours=8, minutes=5, seconds=43))
+    when = dt.datetime(2024, 5, 1, 9, 30, 0, tzinfo=lmt)
+    ds = build_ecg_dataset(recording(synthetic(12, 600), acquired_at=when), UIDS, STATION)
+    assert ds.AcquisitionDateTime == when.astimezone(dt.timezone.utc).strftime("%Y%m%d%H%M%S") + "+0000"
+
+
+def test_a_malformed_object_is_refused_as_invalid_not_passed() -> None:
+    """check_ecg_iod is the last gate before the outbox: an object missing a required waveform
+    attribute must be refused (InvalidObjectError), never let through or crash the caller."""
+    ds = build_ecg_dataset(recording(synthetic(12, 600)), UIDS, STATION)
+    del ds.WaveformSequence[0].NumberOfWaveformSamples
+    with pytest.raises(InvalidObjectError, match="malformed ECG object"):
+        check_ecg_iod(ds)
+
+
+def test_twenty_four_leads_fit_one_general_ecg_group_and_twenty_five_do_not() -> None:
+    """PS3.3 A.34.3.4.3: at most 24 channels in a General ECG multiplex group."""
+    names = tuple(f"L{i}" for i in range(1, 26))
+    assert choose_sop_class(recording(synthetic(24, 600), leads=names)) == GENERAL_ECG
+    with pytest.raises(InvalidObjectError, match="25 leads"):
+        choose_sop_class(recording(synthetic(25, 600), leads=names))
+
+
+def test_the_waveform_size_limit_is_32_mib_to_the_byte() -> None:
+    """A Pi builds the object in RAM: 32 MiB of samples (gaps padded) is the most it takes."""
+    names = tuple(f"L{i}" for i in range(1, 17))
+    limit = 32 * 1024 * 1024 // (16 * 2)  # samples per lead, padding included
+    at_limit = recording(synthetic(16, 1000), leads=names, gaps=(SampleGap(500, limit - 1000),))
+    assert choose_sop_class(at_limit) == GENERAL_ECG
+    over = recording(synthetic(16, 1000), leads=names, gaps=(SampleGap(500, limit - 999),))
+    with pytest.raises(InvalidObjectError, match="exceed 32 MiB"):
+        choose_sop_class(over)
+
+
+def test_the_conversion_says_what_the_gateway_converted_from() -> None:
+    def described(source_format: str) -> str:
+        ds = build_ecg_dataset(recording(synthetic(12, 600), source_format=source_format), UIDS, STATION)
+        return str(ds.ContributingEquipmentSequence[0].ContributionDescription)
+
+    assert described("scp") == "Converted to DICOM by the Lastmile gateway from scp"
+    assert described("") == "Converted to DICOM by the Lastmile gateway from a device recording"
+
+
+def test_median_beats_keep_their_own_scale_in_microvolts() -> None:
+    """The median group's sensitivity is the cart's 2.5 µV per unit: stored as 2 µV, every
+    median-beat amplitude (and the ST levels read from it) would be 20 % low."""
+    limb = recording(synthetic(3, 600), leads=("I", "II", "III"), median_beats=_median(3))
+    ds = build_ecg_dataset(limb, UIDS, STATION)
+    assert [g.MultiplexGroupLabel for g in ds.WaveformSequence] == ["RHYTHM", "MEDIAN BEAT"]
+    assert {str(c.ChannelSensitivity) for c in ds.WaveformSequence[1].ChannelDefinitionSequence} == {"2.5"}
+
+
+def test_the_channel_count_over_all_groups_is_checked_against_the_iod() -> None:
+    """12-Lead ECG: at most 13 channels in all groups together (rhythm + median)."""
+    rec = recording(synthetic(12, 600), median_beats=_median(1))
+    ds = build_ecg_dataset(rec, UIDS, STATION)
+    assert ds.SOPClassUID == TWELVE_LEAD_ECG and len(ds.WaveformSequence) == 2
+    check_ecg_iod(ds)  # 12 + 1
+    median = ds.WaveformSequence[1]
+    median.ChannelDefinitionSequence.append(copy.deepcopy(median.ChannelDefinitionSequence[0]))
+    median.NumberOfWaveformChannels = 2
+    median.WaveformData = bytes(2 * int(median.NumberOfWaveformSamples) * 2)
+    with pytest.raises(InvalidObjectError, match="14 channels in all"):
+        check_ecg_iod(ds)
+
+
+def test_the_requantisation_note_gives_the_new_and_the_old_unit_and_only_when_there_is_one() -> None:
+    """The reader must know a unit is no longer the cart's: 1 unit = 5 µV instead of 2.5 µV. An
+    object stored at the cart's own unit carries no such note."""
+    wide = synthetic(12, 600, peak=20000) * 2  # +-40000 units: needs a factor of 2, all even
+    ds = build_ecg_dataset(recording(wide), UIDS, STATION)
+    assert [t for t in _texts(ds) if t.startswith("Amplitudes requantised")] == [
+        "Amplitudes requantised to 16 bits: 1 unit = 5 uV instead of 2.5 uV, exactly (every sample was a multiple)"
+    ]
+    plain = build_ecg_dataset(recording(synthetic(12, 600)), UIDS, STATION)
+    assert not any(t.startswith("Amplitudes requantised") for t in _texts(plain))
+
+
+class _NoOffset(dt.tzinfo):
+    """A zone object that does not know its offset (utcoffset() is None): aware in name only."""
+
+    def utcoffset(self, moment: dt.datetime | None) -> dt.timedelta | None:
+        return None
+
+    def dst(self, moment: dt.datetime | None) -> dt.timedelta | None:
+        return None
+
+
+def test_a_creation_time_whose_zone_gives_no_offset_is_refused_like_a_naive_one() -> None:
+    """Python would read it as the gateway's local time: an instance time that silently depends
+    on the machine's zone setting."""
+    with pytest.raises(InvalidObjectError, match="created_at must carry a time zone"):
+        build_ecg_dataset(
+            recording(synthetic(12, 600)), UIDS, STATION, created_at=dt.datetime(2024, 5, 1, tzinfo=_NoOffset())
+        )
+
+
+def test_five_multiplex_groups_are_the_most_a_twelve_lead_object_holds() -> None:
+    """PS3.3 A.34.3.4.2: 1-5 multiplex groups in a 12-Lead ECG."""
+    ds = build_ecg_dataset(recording(synthetic(1, 600), leads=("II",)), UIDS, STATION)
+    rhythm = ds.WaveformSequence[0]
+    ds.WaveformSequence.extend(copy.deepcopy(rhythm) for _ in range(4))
+    check_ecg_iod(ds)  # 5 groups, 5 channels in all
+    ds.WaveformSequence.append(copy.deepcopy(rhythm))
+    with pytest.raises(InvalidObjectError, match="6 multiplex groups"):
+        check_ecg_iod(ds)
+
+
+def test_a_twelve_lead_ecg_of_exactly_16384_samples_stays_a_twelve_lead_ecg() -> None:
+    """PS3.3 A.34.3.4.4: at most 16384 samples per channel; the limit itself is allowed."""
+    assert choose_sop_class(recording(synthetic(12, 16384))) == TWELVE_LEAD_ECG
+    assert choose_sop_class(recording(synthetic(12, 16385))) == GENERAL_ECG

@@ -7,14 +7,24 @@ a truncated birth date, a cart that names its maker only by code, a lead count a
 from __future__ import annotations
 
 import binascii
+import datetime as dt
 import struct
 
 import numpy as np
 import pytest
 
-from devices.ecg.scp import DEFAULT_TABLE, huffman_decode, looks_like_scp, parse_scp, read_scp, read_sections
+from devices.ecg.scp import (
+    DEFAULT_TABLE,
+    HuffmanCode,
+    huffman_decode,
+    looks_like_scp,
+    parse_scp,
+    read_scp,
+    read_sections,
+)
 from devices.errors import ProtocolError, UnsupportedFeatureError
-from tests.test_ecg_scp import build_record, lead_body, rhythm_body
+from devices.identity import TimeSource
+from tests.test_ecg_scp import build_record, encode_default, lead_body, restamp, rhythm_body, table_body
 
 # EN 1064 section 1 tag 14, byte 7: the manufacturer code table (codes 1-20).
 EN1064_MANUFACTURERS = {
@@ -213,6 +223,34 @@ REFUSALS = {
     "a Huffman table without codes": (_with(s2=struct.pack("<HH", 1, 0)), "table 1 claims 0 codes"),
     "a section 1 tag running past the section": (_with(s1=_tag(2, b"P-1\x00")[:3] + b"P"), "tag 2 claims 4 bytes"),
     "no rhythm data": (_with(s6=None), "section 6 \\(rhythm data\\) is missing"),
+    "leads whose data is 0 bytes": (
+        _with(s6=struct.pack("<HHBBHH", 1000, 2000, 0, 0, 0, 0)),
+        "lead 1: 0 bytes cannot hold 10 samples",
+    ),
+    "a Huffman code of 0 bits": (
+        _with(s2=table_body([[HuffmanCode(0, 0, False, 0, 0)]])),
+        "bad code lengths 0/0",
+    ),
+    "a table switch code followed by value bits": (
+        _with(s2=table_body([[HuffmanCode(1, 3, True, 1, 0), HuffmanCode(1, 1, False, 0, 1)]])),
+        "a table switch code carries extra bits",
+    ),
+    "a Huffman table giving one code two meanings": (
+        _with(s2=table_body([[HuffmanCode(1, 1, False, 0, 0), HuffmanCode(1, 1, False, 5, 0)]])),
+        "table 1 repeats a code",
+    ),
+    "a switch to a Huffman table that is not there": (
+        _with(s2=table_body([[HuffmanCode(1, 1, True, 2, 0), HuffmanCode(1, 1, False, 0, 1)]])),
+        "switch to missing Huffman table 2",
+    ),
+    "a rhythm interval of 1 us (1 MHz) is misread bytes, not an ECG": (
+        _with(s6=_bodies(interval=1)[6]),
+        "SCP-ECG rhythm data: bad sampling rate",
+    ),
+    "two leads with the same lead code": (
+        _with(s3=lead_body([1, 1], 10)),
+        "lead I appears twice",
+    ),
     "no lead definition": (_with(s3=None), "section 3 \\(lead definition\\) is missing"),
 }
 
@@ -258,3 +296,256 @@ def test_sample_counts_that_the_bytes_cannot_hold_are_refused_before_decoding() 
     with pytest.raises(ProtocolError, match="cannot hold 17 samples"):
         huffman_decode(bytes(2), 17, [DEFAULT_TABLE])
     assert huffman_decode(bytes(2), 16, [DEFAULT_TABLE]).tolist() == [0] * 16  # 16 one-bit zeros
+
+
+# EN 1064 default Huffman table, written out as the standard lists it: the bit string sent, the
+# extra bits that follow it, the value (for an escape: the extra bits are the sample itself).
+EN1064_DEFAULT_HUFFMAN = [
+    ("0", 0, 0),
+    *((("1" * n + "0" + sign), 0, n if sign == "0" else -n) for n in range(1, 9) for sign in "01"),
+    ("1111111110", 8, 0),
+    ("1111111111", 16, 0),
+]
+
+
+def test_the_default_huffman_table_is_the_en1064_table_code_for_code() -> None:
+    """Most carts compress with this table. One wrong code and the decoder loses step at the first
+    sample that uses it: every later sample of the lead is read from the wrong bits."""
+    as_listed = sorted(
+        (format(c.code, f"0{c.prefix_bits}b"), c.total_bits - c.prefix_bits, c.value, c.switch) for c in DEFAULT_TABLE
+    )
+    assert as_listed == sorted((bits, extra, value, False) for bits, extra, value in EN1064_DEFAULT_HUFFMAN)
+
+
+def test_the_default_table_read_as_a_table_decodes_like_the_fast_default_decoder() -> None:
+    """The fast decoder for the default table does not read DEFAULT_TABLE; the table-driven decoder
+    does. Every kind of code (0, +-1..8, 8- and 16-bit escapes) must come out the same from both,
+    and be the sample the cart coded: a mismatch is a lead drawn in the wrong shape."""
+    values = np.array([0, 1, -1, 2, -2, 5, -5, 8, -8, 9, -9, 127, -128, 128, -129, 32767, -32768, 0] * 3)
+    chunk = encode_default(values)
+    as_table = tuple(code for code in DEFAULT_TABLE)  # a copy: not the default table by identity
+    assert as_table is not DEFAULT_TABLE
+    assert huffman_decode(chunk, len(values), [as_table]).tolist() == values.tolist()
+    assert huffman_decode(chunk, len(values), [DEFAULT_TABLE]).tolist() == values.tolist()
+
+
+# -- third run: what the mutants still got past ---------------------------------------------------
+
+
+def _pointer(record: bytes, sid: int) -> int:
+    """Offset of section `sid`'s pointer in section 0 (build_record lists sections 1-11 in order)."""
+    return 22 + 10 * sid
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        ("index 0", "section 6 \\(\\d+ bytes at byte 0\\) lies outside"),
+        ("header names another section", "section 6: its header does not match"),
+        ("listed twice", "section 6 is listed twice"),
+    ],
+)
+def test_a_section_table_that_lies_is_refused(damage: str, reason: str) -> None:
+    """Section 0 says where each section is: a pointer that lies would hand the rhythm decoder
+    another section's bytes (or the same lead data twice) and draw a false tracing."""
+    buf = bytearray(build_record(_bodies()))
+    at = _pointer(bytes(buf), 6)
+    _sid, length, index = struct.unpack_from("<HII", buf, at)
+    if damage == "index 0":
+        struct.pack_into("<I", buf, at + 6, 0)
+    elif damage == "header names another section":
+        struct.pack_into("<H", buf, index - 1 + 2, 7)
+    else:
+        struct.pack_into("<HII", buf, _pointer(bytes(buf), 9), 6, length, index)
+    with pytest.raises(ProtocolError, match=reason):
+        read_scp(restamp(bytes(buf)))
+
+
+def test_a_section1_without_its_terminator_tag_is_read_to_its_end() -> None:
+    """Tag 255 ends section 1, but a cart that leaves it out still names the patient: the ECG
+    must stay on that patient, not become unassigned or unreadable."""
+    bodies = _bodies()
+    bodies[1] = _tag(2, b"P-77\x00") + _tag(25, struct.pack("<HBB", 2026, 11, 30)) + _tag(26, bytes([8, 30, 0]))
+    recording = read_scp(build_record(bodies))
+    assert recording.patient is not None and recording.patient.patient_id == "P-77"
+    assert recording.acquired_at == dt.datetime(2026, 11, 30, 8, 30, tzinfo=dt.timezone.utc)
+
+
+def test_a_date_without_a_time_of_day_is_not_an_acquisition_time() -> None:
+    """Midnight is not a time the cart gave: with the date alone the gateway's receipt time is
+    used and said to be so (and the file is not refused)."""
+    bodies = _bodies()
+    bodies[1] = _tag(2, b"P-1\x00") + _tag(25, struct.pack("<HBB", 2026, 11, 30)) + _tag(255, b"")
+    received = dt.datetime(2026, 12, 1, 15, 0, tzinfo=dt.timezone.utc)
+    recording = read_scp(build_record(bodies), received_at=received)
+    assert recording.acquired_at == received and recording.time_source is TimeSource.GATEWAY_RECEIPT
+
+
+def test_a_custom_table_of_two_bit_codes_is_read_from_the_first_bit() -> None:
+    """A fixed-length code is a valid Huffman table: decoding must start at bit 0, or every
+    sample is read from the wrong bit pair."""
+    table = tuple(HuffmanCode(2, 2, False, v, v) for v in range(4))  # 00 -> 0, 01 -> 1, 10 -> 2, 11 -> 3
+    assert huffman_decode(bytes([0b01101100, 0b11100100]), 8, [table]).tolist() == [1, 2, 3, 0, 3, 2, 1, 0]
+
+
+def test_custom_huffman_data_that_stops_inside_a_code_or_its_value_bits_is_refused() -> None:
+    short_code = (HuffmanCode(2, 2, False, 0, 0b00), HuffmanCode(2, 2, False, 1, 0b01))
+    with pytest.raises(ProtocolError, match="ends after 4 of 5 samples"):
+        huffman_decode(b"\x00", 5, [short_code])
+    value_bits = (HuffmanCode(1, 9, False, 0, 0b0),)  # "0" then an 8-bit value
+    with pytest.raises(ProtocolError, match="ends after 0 of 1 samples"):
+        huffman_decode(b"\x00", 1, [value_bits])
+
+
+def test_a_table_switch_of_zero_bits_is_refused_not_an_endless_loop() -> None:
+    """Section 2 refuses such a code, but huffman_decode takes tables from any caller: a switch
+    that consumes no bits would spin forever and hang the ECG intake."""
+    spin = (HuffmanCode(0, 0, True, 1, 0),)
+    with pytest.raises(ProtocolError, match="endless Huffman table switching"):
+        huffman_decode(b"\x00", 1, [spin])
+
+
+@pytest.mark.parametrize("sid", [7, 10])
+def test_a_findings_section_shorter_than_its_header_is_flagged_unreadable(sid: int) -> None:
+    """Not the same as "the cart found nothing": the reader is told the cart's findings could
+    not be read (a flag in the object), and the waveform still goes."""
+    bodies = _bodies()
+    bodies[sid] = b"\x00\x00"
+    recording = read_scp(build_record(bodies))
+    assert f"cart-findings-unreadable:scp-section-{sid}" in recording.flags
+    assert recording.measurements == ()
+
+
+def test_wave_boundaries_in_the_wrong_order_give_no_duration_not_a_crash() -> None:
+    """P offset before P onset: that duration is unknown and left out; the others are kept."""
+    bodies = _bodies()
+    block = struct.pack("<HHHHHhhh", 100, 90, 260, 360, 700, 999, 999, 999)
+    bodies[7] = struct.pack("<BBHH", 1, 0, 800, 800) + block
+    kinds = {m.kind: m.value for m in read_scp(build_record(bodies)).measurements}
+    assert kinds == {
+        "rr-interval": 800,
+        "pp-interval": 800,
+        "pr-interval": 160,
+        "qrs-duration": 100,
+        "qt-interval": 440,
+    }
+
+
+def test_uncompressed_reference_beats_without_a_section4_are_as_long_as_their_bytes() -> None:
+    """Without section 4 the beat length of 16-bit samples is the bytes / 2; Huffman-coded beats of
+    unknown length cannot be cut exactly and are left out, never guessed."""
+    beats = np.array([[1, 2, 3, 4, 5], [-5, -4, -3, -2, -1]], dtype="<i2")
+    bodies = _bodies()
+    bodies[5] = rhythm_body(beats, 1000, 2000, [row.tobytes() for row in beats], 0)
+    reference = parse_scp(build_record(bodies)).reference_beats
+    assert reference is not None and reference.samples.tolist() == beats.tolist()
+    bodies[2] = struct.pack("<H", 19999)
+    bodies[6] = rhythm_body(np.zeros((2, 10)), 1000, 2000, [bytes(2), bytes(2)], 0)  # 10 one-bit zeros a lead
+    bodies[5] = rhythm_body(beats, 1000, 2000, [bytes(2), bytes(2)], 0)
+    assert parse_scp(build_record(bodies)).reference_beats is None
+
+
+def test_reference_beats_that_are_not_an_ecg_are_refused() -> None:
+    beats = np.array([[1, 2, 3, 4, 5], [-5, -4, -3, -2, -1]], dtype="<i2")
+    bodies = _bodies()
+    bodies[5] = rhythm_body(beats, 1000, 1, [row.tobytes() for row in beats], 0)  # 1 us: 1 MHz
+    with pytest.raises(ProtocolError, match="SCP-ECG reference beats: bad sampling rate"):
+        parse_scp(build_record(bodies))
+    bodies[5] = rhythm_body(beats, 1000, 2000, [row.tobytes() for row in beats], 0)
+    bodies[4] = b"\x00\x00"
+    with pytest.raises(ProtocolError, match="section 4 is too short"):
+        parse_scp(build_record(bodies))
+
+
+def test_default_coded_data_cut_inside_its_last_sample_is_refused() -> None:
+    """A file cut inside its last code: that sample would be made up from zero bits."""
+    with pytest.raises(ProtocolError, match="ends after 0 of 1 samples"):
+        huffman_decode(b"\xff", 1, [DEFAULT_TABLE])  # a 16-bit escape needs 26 bits, 8 are there
+    with pytest.raises(ProtocolError, match="ends after 5 of 7 samples"):
+        huffman_decode(b"\x80", 7, [DEFAULT_TABLE])  # "100" then five "0": 6 samples, exactly 8 bits
+
+
+@pytest.mark.parametrize(("code", "method"), [(1, "bazett"), (2, "hodges"), (3, "")])
+def test_the_qtc_formula_code_names_the_correction_the_cart_used(code: int, method: str) -> None:
+    """EN 1064 section 7: formula 1 is Bazett, 2 Hodges; the reader compares QTc values only
+    under the same correction. An unknown code names none."""
+    bodies = _bodies()
+    bodies[7] = struct.pack("<BBHHH", 0, 0, 800, 800, 0) + struct.pack("<HHHB", 75, 75, 420, code)
+    qtc = [m for m in read_scp(build_record(bodies)).measurements if m.kind == "qtc-interval"]
+    assert [(m.value, m.method) for m in qtc] == [(420, method)]
+
+
+def _findings_of(**sections: bytes) -> tuple[dict[str, float], tuple[str, ...]]:
+    bodies = _bodies()
+    bodies.update({int(key.removeprefix("s")): body for key, body in sections.items()})
+    recording = read_scp(build_record(bodies))
+    return {m.kind + (f"@{m.lead}" if m.lead else ""): m.value for m in recording.measurements}, recording.flags
+
+
+def test_section10_values_are_read_from_their_en1064_slots() -> None:
+    """Per-lead values come in a fixed order (P, PR, QRS, QT, Q/R/S durations, ..., Q/R/S
+    amplitudes, ..., J): an R amplitude read from the S slot would turn voltage criteria for
+    hypertrophy upside down. An amplitude of a wave with no duration is no amplitude."""
+    values = [90, 160, 100, 400, 20, 40, 30, 0, 0, -150, 1200, -400, 0, 0, 50]
+    block = struct.pack("<HH", 1, 2 * len(values)) + struct.pack(f"<{len(values)}h", *values)
+    found, _flags = _findings_of(s10=struct.pack("<HH", 1, 0) + block)
+    assert found == {
+        "lead-p-duration@I": 90,
+        "lead-pr-interval@I": 160,
+        "lead-qrs-duration@I": 100,
+        "lead-qt-interval@I": 400,
+        "lead-q-amplitude@I": -150,
+        "lead-r-amplitude@I": 1200,
+        "lead-s-amplitude@I": -400,
+        "lead-j-amplitude@I": 50,
+    }
+    no_q = list(values)
+    no_q[4] = 0  # no Q wave: its amplitude slot means nothing
+    block = struct.pack("<HH", 1, 2 * len(no_q)) + struct.pack(f"<{len(no_q)}h", *no_q)
+    found, _flags = _findings_of(s10=struct.pack("<HH", 1, 0) + block)
+    assert "lead-q-amplitude@I" not in found and found["lead-r-amplitude@I"] == 1200
+
+
+def test_section7_of_just_its_header_gives_the_rr_and_pp_intervals() -> None:
+    found, flags = _findings_of(s7=struct.pack("<BBHH", 0, 0, 800, 810))
+    assert found == {"rr-interval": 800, "pp-interval": 810} and flags == ()
+    for cut in (b"", b"\x00"):  # shorter than the 6-byte header: unreadable, said so, no crash
+        found, flags = _findings_of(s7=cut)
+        assert found == {} and flags == ("cart-findings-unreadable:scp-section-7",)
+
+
+def test_section7_measurements_after_pacemaker_spikes_and_qrs_types_are_found() -> None:
+    """Pacemaker spikes (10 bytes each) and QRS types (1 byte each) come before the heart rate and
+    QTc: skipping them wrongly reads the heart rate from a spike's bytes."""
+    spike = struct.pack("<HhHBBH", 120, 800, 0, 0, 0, 0)
+    body = struct.pack("<BBHH", 0, 1, 800, 800) + spike + struct.pack("<HBB", 2, 0, 1)
+    body += struct.pack("<HHHB", 75, 76, 420, 1)
+    found, flags = _findings_of(s7=body)
+    assert found == {"rr-interval": 800, "pp-interval": 800, "heart-rate": 75, "qtc-interval": 420}
+    assert flags == ()
+
+
+@pytest.mark.parametrize("sid", [8, 11])
+def test_a_statement_section_of_just_its_header_holds_no_statements_and_is_not_unreadable(sid: int) -> None:
+    _found, flags = _findings_of(**{f"s{sid}": bytes(9)})
+    assert flags == ()
+
+
+def test_section10_blocks_whose_length_counts_their_header_are_read_too() -> None:
+    values = [90, 160, 100, 400]
+    block = struct.pack("<HH", 1, 4 + 2 * len(values)) + struct.pack(f"<{len(values)}h", *values)
+    found, flags = _findings_of(s10=struct.pack("<HH", 1, 0) + block)
+    assert found["lead-qt-interval@I"] == 400 and flags == ()
+    found, flags = _findings_of(s10=struct.pack("<HH", 0, 0))  # just the header: no leads, readable
+    assert found == {} and flags == ()
+
+
+def test_empty_reference_beats_are_left_out_and_the_rhythm_still_read() -> None:
+    bodies = _bodies()
+    bodies[5] = rhythm_body(np.zeros((2, 0)), 1000, 2000, [b"", b""], 0)
+    ecg = parse_scp(build_record(bodies))
+    assert ecg.reference_beats is None and ecg.rhythm.n_samples == 10
+
+
+def test_the_smallest_record_is_recognised_as_scp() -> None:
+    assert looks_like_scp(_bare_record(26, struct.pack("<HII", 0, 26, 7)))

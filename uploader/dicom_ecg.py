@@ -430,8 +430,7 @@ def _dt(moment: dt.datetime) -> str:
 def _local_zone_moment(moment: dt.datetime) -> dt.datetime:
     """DICOM offsets are whole minutes: keep the zone if it is, else use UTC."""
     offset = moment.utcoffset()
-    if offset is None:
-        raise InvalidObjectError(f"time {moment.isoformat()} has no zone")
+    assert offset is not None  # EcgRecording refuses an acquired_at without an offset (require_aware)
     if offset.total_seconds() % 60:
         return moment.astimezone(dt.timezone.utc)
     return moment
