@@ -151,7 +151,10 @@ class _ReceiptRefused(OSError):
 def _bound_receipt(event: Any, max_object_bytes: int, budget: _ReceiveBudget) -> None:
     """EVT_CONN_OPEN: cap what one connection can make pynetdicom hold in memory (its own
     receive path has no limit): each PDU (a longer one ends the connection) and each message's
-    data set (bytes past the limit are dropped and the object refused)."""
+    data set (bytes past the limit are dropped and the object refused).
+    Its twin is `uploader.dicom_commitment.bound_receipt` (reports: refused outright): the import
+    rules keep firmware_bridge and uploader apart, and devices/ holds no sockets, so each layer
+    keeps its own; a change to one is due in the other."""
     from pynetdicom.dimse_messages import DIMSEMessage
 
     assoc = event.assoc

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import http.cookiejar
+import os
 import re
 import ssl
 import urllib.error
@@ -14,6 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import pytest
 
 from lastmile.clinic.db import open_clinic_db
 from lastmile.config import Config
@@ -226,3 +229,22 @@ def store_returned_reports(config: Config) -> tuple[int, int]:
             data = part10(sr)
             ids.append(store.add_report(read_dicom_report(data, rules), data, "dicom", now).report.id)
     return ids[0], ids[1]
+
+
+def stand_in_lp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, refuse: bool = False) -> Path:
+    """An `lp` that keeps its stdin in `spool` and its arguments in spool.args."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    spool = tmp_path / "spool"
+    lp = bin_dir / "lp"
+    lp.write_text(
+        f'#!/bin/sh\necho "$@" > {spool}.args\ncat > {spool}\n'
+        + (
+            "echo 'lp: Error - no default destination available.' >&2; exit 1\n"
+            if refuse
+            else "echo 'request id is clinic-7 (0 file(s))'\n"
+        )
+    )
+    lp.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return spool

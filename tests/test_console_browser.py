@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
@@ -29,11 +30,13 @@ from tests.console_harness import (
     console_config,
     enqueue_ecg,
     running_console,
+    stand_in_lp,
     store_returned_reports,
 )
 
 pytestmark = pytest.mark.timeout(600)
 
+T = TypeVar("T")
 WAIT_S = 90.0  # generous: two cores, other suites running
 WRONG_CHECK = "110105194912310021"
 
@@ -68,16 +71,67 @@ def text_in(driver: object, css: str, text: str, timeout: float = WAIT_S) -> Non
     wait_for(driver, ec.text_to_be_present_in_element((by("css"), css), text), timeout)
 
 
+def on_page(path: str) -> Callable[[Any], bool]:
+    """The browser shows `path` (not merely a URL ending in it: `/login?next=/today` does)."""
+    from urllib.parse import urlsplit
+
+    return lambda d: urlsplit(d.current_url).path == path
+
+
 def log_in(driver: object, server: ConsoleServer, user: tuple[str, str] = DOCTOR) -> None:
     driver.delete_all_cookies()  # type: ignore[attr-defined]
     driver.get(server.url + "/login")  # type: ignore[attr-defined]
     driver.find_element(by("id"), "name").send_keys(user[0])  # type: ignore[attr-defined]
     driver.find_element(by("id"), "password").send_keys(user[1] + "\n")  # type: ignore[attr-defined]
-    wait_for(driver, lambda d: d.current_url.endswith("/today"))
+    wait_for(driver, on_page("/today"))
 
 
 def live_stream_open(driver: object) -> None:
     wait_for(driver, lambda d: d.execute_script("return document.documentElement.dataset.live") == "on")
+
+
+# The Today page's live panels are swapped in by server-sent events whenever what they show
+# changes; an element found a moment ago may be gone (stale) by the time it is read or clicked.
+# Every read or click inside a live panel goes through these, which find the element afresh.
+
+
+def _swapped() -> tuple[type[Exception], ...]:
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+    return (NoSuchElementException, StaleElementReferenceException)
+
+
+def live_read(driver: object, read: Callable[[Any], T]) -> T:
+    """`read(driver)`'s first truthy answer, retried while its element is missing or swapped out."""
+
+    def attempt(d: object) -> T | bool:
+        try:
+            return read(d) or False
+        except _swapped():
+            return False
+
+    return wait_for(driver, attempt)  # type: ignore[return-value]
+
+
+def text_of(driver: object, css: str) -> str:
+    """The live element's text (waits until it exists and has some)."""
+    return live_read(driver, lambda d: str(d.find_element(by("css"), css).text))
+
+
+def click_live(driver: object, kind: str, selector: str) -> None:
+    """Click an element of a live panel; a click that met a swapped-out element never happened,
+    so it is tried again on the element found afresh."""
+    live_read(driver, lambda d: d.find_element(by(kind), selector).click() or True)
+
+
+def no_panel_swapped_on_connect(driver: object) -> None:
+    """The stream's first round (every panel) has come and swapped nothing: the page had them."""
+    live_stream_open(driver)
+    wait_for(driver, lambda d: int(d.execute_script("return document.documentElement.dataset.liveEvents || 0")) >= 4)
+    swapped = driver.execute_script(  # type: ignore[attr-defined]
+        "return [...document.querySelectorAll('[data-live][data-updated]')].map(e => e.id)"
+    )
+    assert swapped == [], swapped
 
 
 # -- flows -----------------------------------------------------------------------------------------
@@ -96,10 +150,11 @@ def test_keyboard_only_login(browser: object, console: ConsoleServer) -> None:
     active = browser.switch_to.active_element
     assert active.get_attribute("id") == "password"
     active.send_keys(DOCTOR[1], Keys.ENTER)
-    wait_for(browser, lambda d: d.current_url.endswith("/today"))
+    wait_for(browser, on_page("/today"))
     assert browser.find_element(by("css"), "h1").text == "今天"
     # and on, by keyboard: the check-in field has the focus, ready for the scanner
     assert browser.switch_to.active_element.get_attribute("id") == "patient_id"
+    no_panel_swapped_on_connect(browser)
 
 
 def test_a_wrong_password_is_refused_in_chinese(browser: object, console: ConsoleServer) -> None:
@@ -118,14 +173,14 @@ def test_check_in_by_scanned_resident_id(browser: object, console: ConsoleServer
     assert field.get_attribute("id") == "patient_id"  # focused on arrival: scan straight away
     field.send_keys(WRONG_CHECK + "\n")
     text_in(browser, "#form-error", "校验码")  # refused, in Chinese, saying what is wrong
-    assert "没有登记患者" in browser.find_element(by("id"), "panel-session").text
+    assert "没有登记患者" in text_of(browser, "#panel-session")
     field = browser.find_element(by("id"), "patient_id")
     field.clear()
     browser.find_element(by("id"), "reason").send_keys("胸痛")
     browser.find_element(by("css"), "input[name=stat]").click()
     field.send_keys(VALID_ID.lower() + "\n")  # a lower-case x from a phone keyboard is normalised
     text_in(browser, "#panel-session", VALID_ID)
-    session = browser.find_element(by("id"), "panel-session").text
+    session = text_of(browser, "#panel-session")
     assert "急" in session and "胸痛" in session
     assert "患者已登记" in browser.find_element(by("css"), "p.done").text
 
@@ -162,20 +217,23 @@ def test_a_ble_reading_appears_live_and_a_held_one_is_assigned(
     summary = ble.result["summary"]  # type: ignore[attr-defined]
     assert summary.stored == 2 and summary.held == 2, summary.to_json()
     assert browser.execute_script("return window.__sameDocument") is True  # it came live, no reload
-    readings = browser.find_element(by("id"), "panel-readings").text
+    readings = text_of(browser, "#panel-readings")
     assert "Demo BP Cuff" in readings and "118/76 mmHg" in readings and "脉搏 64" in readings
     save_screenshot(browser, "today-live-readings-tablet")
     set_viewport(browser, PHONE)
     save_screenshot(browser, "today-live-readings-phone")
     set_viewport(browser, TABLET)
 
-    held_before = len(browser.find_elements(by("css"), "#panel-held li"))
-    assert held_before == 2
-    first = browser.find_element(by("css"), "#panel-held form.assign")
-    assert first.find_element(by("css"), "input[name=patient_id]").get_attribute("value") == VALID_ID
-    first.find_element(by("css"), "button").click()
+    # both held readings are stored (the summary): wait for the panel to show both
+    wait_for(browser, lambda d: len(d.find_elements(by("css"), "#panel-held li")) == 2)
+    first_patient = live_read(
+        browser,
+        lambda d: d.find_element(by("css"), "#panel-held form.assign input[name=patient_id]").get_attribute("value"),
+    )
+    assert first_patient == VALID_ID
+    click_live(browser, "css", "#panel-held form.assign button")
     text_in(browser, "p.done", "已指定")
-    assert len(browser.find_elements(by("css"), "#panel-held li")) == held_before - 1
+    assert len(browser.find_elements(by("css"), "#panel-held li")) == 1
     # the audit trail has who and when
     from lastmile.clinic.db import open_clinic_db
     from lastmile.console.audit import AuditLog
@@ -190,21 +248,29 @@ def test_a_ble_reading_appears_live_and_a_held_one_is_assigned(
 
 def test_an_ecg_preview_and_its_re_record_verdict(browser: object, console: ConsoleServer) -> None:
     log_in(browser, console)
-    live_stream_open(browser)
+    no_panel_swapped_on_connect(browser)
     enqueue_ecg(console.config, lead_off=True)  # the cart's file arrives while the page is open
     text_in(browser, "#panel-ecg", "需要重做")
-    assert browser.find_element(by("css"), "#panel-ecg [data-verdict]").get_attribute("data-verdict") == "re-record"
-    assert "V3 电极脱落" in browser.find_element(by("id"), "panel-ecg").text
-    assert "心率" in browser.find_element(by("id"), "panel-ecg").text
+    verdict = live_read(
+        browser, lambda d: d.find_element(by("css"), "#panel-ecg [data-verdict]").get_attribute("data-verdict")
+    )
+    assert verdict == "re-record"
+    panel = text_of(browser, "#panel-ecg")
+    assert "V3 电极脱落" in panel and "心率" in panel
     # the verdict stored at intake shows at once; the preview follows when the worker has drawn it
-    preview = wait_for(browser, lambda d: (d.find_elements(by("css"), "#panel-ecg figure.preview img") or [None])[0])
-    wait_for(browser, lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", preview))
-    assert browser.execute_script("return arguments[0].naturalWidth", preview) > 500
+    width = live_read(
+        browser,
+        lambda d: d.execute_script(
+            "return arguments[0].complete && arguments[0].naturalWidth",
+            d.find_element(by("css"), "#panel-ecg figure.preview img"),
+        ),
+    )
+    assert width > 500
     set_viewport(browser, PHONE)
     save_screenshot(browser, "today-ecg-re-record-phone")
     set_viewport(browser, TABLET)
     save_screenshot(browser, "today-ecg-re-record-tablet")
-    browser.find_element(by("xpath"), "//button[normalize-space()='重做']").click()
+    click_live(browser, "xpath", "//button[normalize-space()='重做']")
     text_in(browser, "p.done", "请重新做心电图")
     text_in(browser, "#panel-ecg", "新的记录会显示在这里")
 
@@ -265,6 +331,32 @@ def test_a_returned_report_and_a_critical_alert(browser: object, tmp_path: Path)
         save_screenshot(browser, "report-print-view-tablet")
 
 
+def test_a_report_printed_on_the_clinic_printer_from_a_phone(
+    browser: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The doctor's phone sends the county's report to the clinic printer (CUPS's `lp`: a stand-in
+    that keeps the job); the page says it was sent, in Chinese."""
+    spool = stand_in_lp(tmp_path, monkeypatch)
+    config = console_config(tmp_path / "data")
+    _critical, routine = store_returned_reports(config)
+    with running_console(config) as server:
+        log_in(browser, server)
+        set_viewport(browser, PHONE)
+        try:
+            browser.get(f"{server.url}/reports/{routine}")
+            text_in(browser, "pre.report-text", "窦性心律")
+            # the cardiologist's conclusion first, under its own heading, then the whole report
+            assert "窦性心律，心电图正常" in text_of(browser, ".conclusion .impression")
+            assert "诊断意见" in text_of(browser, ".conclusion h2")
+            save_screenshot(browser, "report-print-buttons-phone")
+            browser.find_element(by("xpath"), "//button[normalize-space()='用诊所打印机打印']").click()
+            text_in(browser, "[role=status]", "已发送到诊所打印机")
+            save_screenshot(browser, "report-printed-phone")
+        finally:
+            set_viewport(browser, TABLET)
+    assert "窦性心律，心电图正常" in spool.read_text(encoding="utf-8")  # the job the printer got
+
+
 def _cli_json(args: list[str]) -> object:
     """A `lastmile` command's --json answer, from its own process (the CLI's view of the state)."""
     import json
@@ -274,16 +366,6 @@ def _cli_json(args: list[str]) -> object:
     done = subprocess.run([sys.executable, "-m", "lastmile", *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
-
-
-def text_of(driver: object, css: str) -> str | bool:
-    """The element's text, or False while it is missing or being swapped (stale): for `wait_for`."""
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
-
-    try:
-        return str(driver.find_element(by("css"), css).text) or False  # type: ignore[attr-defined]
-    except (NoSuchElementException, StaleElementReferenceException):
-        return False
 
 
 def test_real_reports_and_a_real_held_ecg(browser: object, tmp_path: Path) -> None:
@@ -304,28 +386,21 @@ def test_real_reports_and_a_real_held_ecg(browser: object, tmp_path: Path) -> No
     data_dir = ["--data-dir", str(config.data_dir)]
     with running_console(config) as server:
         log_in(browser, server)
-        alert_text = str(wait_for(browser, lambda d: text_of(d, "[role=alert].critical")))
+        alert_text = text_of(browser, "[role=alert].critical")
         assert "张三" in alert_text  # the real critical report, on Today
 
         # the held ECG, assigned from the page: the outbox item is rebuilt for the patient
-        # (the live panel may be swapped in anew between finding the row and reading it)
-        row_text = str(wait_for(browser, lambda d: text_of(d, f"#panel-held li[data-held-ecg='{held.id}']")))
+        row_text = text_of(browser, f"#panel-held li[data-held-ecg='{held.id}']")
         assert f"E{held.id}" in row_text
         set_viewport(browser, PHONE)
         save_screenshot(browser, "today-held-ecg-phone")
         set_viewport(browser, TABLET)
-        # The live panel may be swapped in anew at any moment until a field in it has the focus
-        # (console.js then holds swaps back): find the row afresh and focus its field first.
-        from selenium.common.exceptions import StaleElementReferenceException
-
-        for _attempt in range(20):
-            try:
-                row = browser.find_element(by("css"), f"#panel-held li[data-held-ecg='{held.id}']")
-                field = row.find_element(by("css"), "input[name=patient_id]")
-                field.click()
-                break
-            except StaleElementReferenceException:
-                continue
+        # Once a field in the live panel has the focus, console.js holds swaps back: focus the
+        # row's field first (found afresh), then type and send.
+        row_css = f"#panel-held li[data-held-ecg='{held.id}']"
+        click_live(browser, "css", f"{row_css} input[name=patient_id]")
+        row = browser.find_element(by("css"), row_css)
+        field = row.find_element(by("css"), "input[name=patient_id]")
         field.clear()
         field.send_keys(VALID_ID)
         row.find_element(by("css"), "form.assign button").click()

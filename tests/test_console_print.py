@@ -7,31 +7,18 @@ in this process, so it finds the stand-in as it would find /usr/bin/lp on the im
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-from tests.console_harness import DOCTOR, Client, console_config, running_console, store_returned_reports
-
-
-def stand_in_lp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, refuse: bool = False) -> Path:
-    """An `lp` that keeps its stdin in `spool` and its arguments in spool.args."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    spool = tmp_path / "spool"
-    lp = bin_dir / "lp"
-    lp.write_text(
-        f'#!/bin/sh\necho "$@" > {spool}.args\ncat > {spool}\n'
-        + (
-            "echo 'lp: Error - no default destination available.' >&2; exit 1\n"
-            if refuse
-            else "echo 'request id is clinic-7 (0 file(s))'\n"
-        )
-    )
-    lp.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    return spool
+from tests.console_harness import (
+    DOCTOR,
+    Client,
+    console_config,
+    running_console,
+    stand_in_lp,
+    store_returned_reports,
+)
 
 
 def test_a_report_prints_on_the_clinic_printer_in_chinese(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,6 +4,7 @@ machine (loopback); never where a redirect points (issue 10, item 4)."""
 from __future__ import annotations
 
 import http.server
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +16,9 @@ from lastmile.config import Config
 from lastmile.doctor import Doctor, Level
 from tests.fhir_samples import NAMING, T0, all_kinds, signature, visit
 from tests.fhir_server import FhirTestServer
-from uploader.errors import ConfigurationFault
+from uploader.errors import ConfigurationFault, PermanentError
 from uploader.fhir_bundle import bundle_bytes, visit_bundle
+from uploader.fhir_reports import FhirReportClient
 from uploader.fhir_sender import FhirSender, FhirSenderSettings
 from uploader.reachability import insecure_url_problem
 
@@ -122,3 +124,61 @@ def test_doctor_does_not_send_the_token_over_http(tmp_path: Path) -> None:
     config.fhir.token_file = _token(tmp_path)
     (finding,) = Doctor(config).check_fhir()
     assert finding.level is Level.FAIL and "in clear" in finding.message
+
+
+class Searcher(http.server.BaseHTTPRequestHandler):
+    """A platform whose search answer's `next` link points at another server (`elsewhere`)."""
+
+    elsewhere = ""
+    seen: list[tuple[str, str]] = []  # (path, Authorization header) of every request it got
+
+    def do_GET(self) -> None:
+        Searcher.seen.append((self.path, self.headers.get("Authorization", "")))
+        body = json.dumps(
+            {
+                "resourceType": "Bundle",
+                "type": "searchset",
+                "link": [{"relation": "next", "url": f"{Searcher.elsewhere}/DiagnosticReport?page=2"}],
+                "entry": [],
+            }
+        ).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/fhir+json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        return None
+
+
+def _serve(handler: type[http.server.BaseHTTPRequestHandler]) -> tuple[http.server.ThreadingHTTPServer, str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/fhir"
+
+
+def test_a_next_link_to_another_server_is_not_followed_with_the_token(tmp_path: Path) -> None:
+    """The report search follows `next` links the server hands back: one pointing off the
+    platform (here another port on this machine) would take the bearer token with it."""
+    Searcher.seen = []
+    platform, platform_url = _serve(Searcher)
+    other, other_url = _serve(Searcher)
+    Searcher.elsewhere = other_url
+    try:
+        settings = FhirSenderSettings(base_url=platform_url, token_file=_token(tmp_path))
+        with FhirReportClient(settings) as client, pytest.raises(PermanentError, match="not followed"):
+            client.search(["1.2.3.4"])
+    finally:
+        for server in (platform, other):
+            server.shutdown()
+            server.server_close()
+    assert [auth for _path, auth in Searcher.seen] == ["Bearer s3cret-token"]  # the platform alone
+
+
+def test_the_report_client_refuses_plain_http_to_another_machine(tmp_path: Path) -> None:
+    session = NoNetwork()
+    settings = FhirSenderSettings(base_url="http://192.0.2.10/fhir", token_file=_token(tmp_path))
+    with pytest.raises(ConfigurationFault, match="https://"):
+        FhirReportClient(settings, session=session)
+    assert session.attempts == []

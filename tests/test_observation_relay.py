@@ -126,3 +126,41 @@ def test_a_record_that_cannot_be_a_bundle_is_quarantined_alone(tmp_path: Path) -
     assert broken.key == "broken" and "FHIR bundle" in (broken.quarantine_reason or "")
     store.close()
     outbox.close()
+
+
+def test_a_reading_taken_during_a_home_visit_goes_with_the_visit(tmp_path: Path) -> None:
+    """A reading of the visit's patient taken while the visit is open is linked to it: the
+    visit's bundle carries it with its Encounter, and the relay does not send it on its own first
+    (conditional create would then have kept the copy without the Encounter). A reading of the
+    same patient from before the visit began (a cuff's memory) is not the visit's: sent alone."""
+    from lastmile.clock import GatewayClock
+    from lastmile.visits.book import VisitBook, visit_link
+
+    outbox, store = record_three(tmp_path)  # P-2's readings at T0+4 and T0+6 min
+    wall = [(T0 + 5 * MIN).timestamp()]
+    clock = GatewayClock(lambda: wall[0], lambda: wall[0] - T0.timestamp() + 100.0, lambda: "boot-1")
+    with VisitBook.open(tmp_path, gateway_id="gw-1", clock=clock) as book:
+        visit = book.start("P-2", doctor_id="DOC-1")
+        now = (T0 + 10 * MIN).timestamp()
+        assert relay_observations(outbox, NAMING, now, visit_link=visit_link(tmp_path, "gw-1")) == 3
+        assert len(outbox.items(kind=Kind.FHIR_BUNDLE)) == 2  # P-1's, and P-2's from before the visit
+        assert [o.quantities[0].value for o in book.observations(visit.id)] == [118.0]
+        wall[0] = (T0 + 20 * MIN).timestamp()
+        book.stop()
+        assert book.queue_closed(outbox, NAMING, now) == 1
+    with FhirTestServer() as server, FhirSender(FhirSenderSettings(base_url=server.base_url)) as sender:
+        assert forward_fhir_once(outbox, sender, now).sent == 3
+        observations = server.resources("Observation")
+        by_value = {
+            c["valueQuantity"]["value"]: o
+            for o in observations
+            for c in o.get("component", [])
+            if c["code"]["coding"][0]["code"] == "8480-6"
+        }
+        assert len(observations) == 3, "a reading reached the platform twice"
+        assert sorted(by_value) == [118.0, 131.0, 152.0]
+        assert "encounter" in by_value[118.0]  # with the visit
+        assert "encounter" not in by_value[152.0] and "encounter" not in by_value[131.0]
+    assert {i.state for i in outbox.items(kind=OBSERVATION_KIND)} == {ItemState.COMMITTED}
+    store.close()
+    outbox.close()

@@ -154,6 +154,16 @@ def test_final_replaces_preliminary_and_a_later_amendment_replaces_the_final(sto
     assert not add(store, fin_ds).created  # the same object again: kept once
 
 
+def test_the_conclusion_and_findings_are_kept_as_read(store) -> None:
+    """What the console shows first (under its own heading): the cardiologist's impression and
+    findings as the report gave them, not only the whole rendered text."""
+    study = sent(store)
+    added = add(store, ecg_report_sr(study, findings=["PR 210 ms"], impression="一度房室传导阻滞")).report
+    kept = store.get(added.id)
+    assert kept is not None
+    assert (kept.impressions, kept.findings) == (("一度房室传导阻滞",), ("PR 210 ms",))
+
+
 def test_a_report_naming_another_patient_is_flagged_not_final(store) -> None:
     study = sent(store, patient="P1")
     wrong = StudyToRead(study.study_uid, patient_id="P999")

@@ -287,7 +287,9 @@ class _TooBig(OSError):
 
 def bound_receipt(event: evt.Event) -> None:
     """EVT_CONN_OPEN: pynetdicom reads a PDU of whatever length its header claims, and a
-    message of any number of PDUs, into memory. Cap both; a peer going past is cut off."""
+    message of any number of PDUs, into memory. Cap both; a peer going past is cut off.
+    Its twin is `firmware_bridge.dicom_receiver`'s receipt bound (carts' objects, with a shared
+    memory budget): the import rules keep the two layers apart; a change to one is due in the other."""
     assoc = event.assoc
     sock = assoc.dul.socket
     if sock is None:

@@ -1,6 +1,6 @@
 """Reports from the county platform as FHIR R4 `DiagnosticReport`s (requests), failures typed.
 
-Next to `fhir_sender`, with its token, CA and error mapping:
+On the same `FhirConnection` as `fhir_sender` (token, https only, same origin, CA, error mapping):
 - `search(study_uids, since)`: DiagnosticReports whose identifier is one of the ECG studies' UIDs
   (`urn:dicom:uid|urn:oid:<uid>`, several per request, comma = OR), changed after `since`
   (`_lastUpdated=gt...`), following `next` links;
@@ -18,8 +18,8 @@ from typing import Any
 
 import requests
 
-from uploader.errors import ConfigurationFault, PermanentError, TransientError
-from uploader.fhir_sender import FhirSenderSettings, outcome_text, read_token_file, retry_after_seconds
+from uploader.errors import PermanentError, TransientError
+from uploader.fhir_connection import FhirConnection, FhirSenderSettings
 from uploader.report_reading import dicom_uid_identifier
 
 log = logging.getLogger(__name__)
@@ -27,67 +27,24 @@ log = logging.getLogger(__name__)
 MAX_PAGES = 20  # a search answering more pages than this is cut short (logged)
 
 
-class FhirReportClient:
+class FhirReportClient(FhirConnection):
     def __init__(self, settings: FhirSenderSettings, session: requests.Session | None = None) -> None:
-        if not settings.base_url:
-            raise ConfigurationFault("fhir.base_url is not configured")
-        self.settings = settings
-        self._token = read_token_file(settings.token_file) if settings.token_file else None
-        self._session = session or requests.Session()
+        super().__init__(settings, session)
         self.bytes_sent = 0  # request lines and headers (approximate)
         self.bytes_received = 0  # response bodies and headers (approximate)
-        self.requests_sent = 0
-
-    def close(self) -> None:
-        self._session.close()
 
     def __enter__(self) -> FhirReportClient:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
-        headers = {"Accept": "application/fhir+json", "User-Agent": self.settings.user_agent}
-        if self._token:
-            headers["Authorization"] = f"Bearer {self._token}"
-        return {**headers, **(extra or {})}
-
     def _get(self, url: str, params: dict[str, str] | None = None, headers: dict[str, str] | None = None) -> Any:
-        verify: bool | str = self.settings.ca_file or True
-        try:
-            response = self._session.get(
-                url,
-                params=params,
-                headers=self._headers(headers),
-                verify=verify,
-                timeout=(self.settings.connect_timeout_s, self.settings.timeout_s),
-            )
-        except requests.exceptions.SSLError as exc:
-            raise ConfigurationFault(f"TLS with the FHIR server failed: {exc}") from None
-        except (
-            requests.exceptions.ConnectionError,
-            requests.exceptions.Timeout,
-            requests.exceptions.ChunkedEncodingError,
-        ) as exc:
-            raise TransientError(f"FHIR server unreachable: {type(exc).__name__}: {exc}") from None
-        self.requests_sent += 1
+        response = self.request("GET", url, headers or {}, params=params)
         request = response.request
         self.bytes_sent += len(str(request.url)) + sum(len(k) + len(v) + 4 for k, v in request.headers.items())
         self.bytes_received += len(response.content) + sum(len(k) + len(v) + 4 for k, v in response.headers.items())
         return response
 
     def _check(self, response: requests.Response) -> None:
-        code = response.status_code
-        if code in (408, 429) or code >= 500:
-            raise TransientError(
-                f"FHIR server answered {code}: {outcome_text(response)}",
-                retry_after=retry_after_seconds(response.headers.get("Retry-After")),
-            )
-        if code in (401, 403):
-            raise ConfigurationFault(f"FHIR server refused our credentials ({code}): {outcome_text(response)}")
-        if code >= 400:
-            raise PermanentError(f"FHIR server refused the request ({code}): {outcome_text(response)}")
+        self.raise_for_refusal(response, "the request")
 
     def _json(self, response: requests.Response) -> dict[str, Any]:
         try:
@@ -108,7 +65,7 @@ class FhirReportClient:
         }
         if since:
             params["_lastUpdated"] = f"gt{since}"
-        url: str | None = f"{self.settings.base_url.rstrip('/')}/DiagnosticReport"
+        url: str | None = self.url("DiagnosticReport")
         found: list[dict[str, Any]] = []
         pages = 0
         query: dict[str, str] | None = params
@@ -138,7 +95,7 @@ class FhirReportClient:
     def read(self, report_id: str, version: str = "") -> dict[str, Any] | None:
         """The DiagnosticReport, or None when it still is `version` (304 Not Modified)."""
         headers = {"If-None-Match": f'W/"{version}"'} if version else None
-        response = self._get(f"{self.settings.base_url.rstrip('/')}/DiagnosticReport/{report_id}", None, headers)
+        response = self._get(self.url(f"DiagnosticReport/{report_id}"), None, headers)
         if response.status_code == 304:
             return None
         self._check(response)

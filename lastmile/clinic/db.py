@@ -195,6 +195,12 @@ MIGRATIONS = (
     # the quality gate's verdict on the ECG sent ("acceptable", "re-record", ...): its report,
     # days later, still says what quality the county was sent (the outbox item may be purged)
     Migration.sql("0007_sent_study_quality", "ALTER TABLE sent_studies ADD COLUMN quality_verdict TEXT;"),
+    # the cardiologist's impressions and findings as read (JSON lists): the console shows the
+    # conclusion first, under its own heading, before the whole report's text
+    Migration.sql(
+        "0008_report_conclusions",
+        "ALTER TABLE reports ADD COLUMN impressions TEXT;\nALTER TABLE reports ADD COLUMN findings TEXT;",
+    ),
 )
 
 

@@ -20,6 +20,7 @@ import asyncio
 import collections
 import datetime as dt
 import gzip
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -34,6 +35,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, quote, urlsplit
 
 import jinja2
+from markupsafe import Markup
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
@@ -445,7 +447,9 @@ async def today_model(request: Request, ctx: Context) -> dict[str, Any]:
 async def today(request: Request) -> Response:
     ctx = await context_for(request)
     model = await today_model(request, ctx)
-    return render(request, ctx, "today.html", done=request.query_params.get("done", ""), error="", form={}, **model)
+    live = live_panels(request, ctx, model)
+    done = request.query_params.get("done", "")
+    return render(request, ctx, "today.html", done=done, error="", form={}, live=live, **model)
 
 
 async def today_action(
@@ -461,7 +465,8 @@ async def today_action(
     except ConsoleInputError as exc:
         model = await today_model(request, ctx)
         error = ctx.localizer.gettext(exc.message, **exc.values)
-        return render(request, ctx, "today.html", status=400, done="", error=error, form=fields, **model)
+        live = live_panels(request, ctx, model)
+        return render(request, ctx, "today.html", status=400, done="", error=error, form=fields, live=live, **model)
     state.broker.publish()
     return RedirectResponse(f"/today?done={quote(done or '')}", status_code=303)
 
@@ -556,6 +561,24 @@ async def ecg_preview(request: Request) -> Response:
 LIVE_PANELS = ("session", "readings", "ecg", "held")
 
 
+@dataclass(frozen=True)
+class LivePanel:
+    """A live panel as rendered, and its version: the page and the event stream render it the same
+    way, so the page swaps a panel in only when its version changed (a swap on every connect would
+    pull elements from under the doctor's eyes and make screen readers announce every panel)."""
+
+    html: Markup
+    version: str
+
+    @classmethod
+    def of(cls, html: str) -> LivePanel:
+        return cls(Markup(html), hashlib.sha256(html.encode()).hexdigest()[:16])
+
+
+def live_panels(request: Request, ctx: Context, model: dict[str, Any]) -> dict[str, LivePanel]:
+    return {name: LivePanel.of(render_fragment(f"panel_{name}.html", ctx, request, **model)) for name in LIVE_PANELS}
+
+
 async def events(request: Request) -> Response:
     """Server-sent events: the Today page's live panels, each sent again when it changed."""
     state = state_of(request)
@@ -573,11 +596,11 @@ async def events(request: Request) -> Response:
                     yield "event: logout\ndata: {}\n\n"
                     return
                 model = await today_model(request, ctx)
-                for name in LIVE_PANELS:
-                    html = render_fragment(f"panel_{name}.html", ctx, request, **model)
-                    if sent.get(name) != html:
-                        sent[name] = html
-                        yield f"event: panel\ndata: {json.dumps({'id': f'panel-{name}', 'html': html})}\n\n"
+                for name, panel in live_panels(request, ctx, model).items():
+                    if sent.get(name) != panel.version:
+                        sent[name] = panel.version
+                        data = {"id": f"panel-{name}", "html": str(panel.html), "version": panel.version}
+                        yield f"event: panel\ndata: {json.dumps(data)}\n\n"
                 try:
                     await asyncio.wait_for(wake.wait(), HEARTBEAT_S)
                 except TimeoutError:

@@ -176,6 +176,8 @@ class ReportView:
     acknowledged_by: str = ""
     stat: bool = False
     critical_reasons: tuple[str, ...] = ()
+    impressions: tuple[str, ...] = ()  # the reading doctor's conclusion(s), shown first
+    findings: tuple[str, ...] = ()
 
     @property
     def unread(self) -> bool:

@@ -83,6 +83,8 @@ def report_view(report: StoredReport, study: SentStudy | None) -> ReportView:
         acknowledged_by=report.acknowledged_by,
         stat=study.stat if study else False,
         critical_reasons=report.critical,
+        impressions=report.impressions,
+        findings=report.findings,
     )
 
 

@@ -81,6 +81,8 @@ class StoredReport:
     acknowledged_at: dt.datetime | None
     acknowledged_by: str
     received_at: dt.datetime
+    impressions: tuple[str, ...] = ()  # the reading doctor's conclusion(s), as read
+    findings: tuple[str, ...] = ()
 
     @property
     def current(self) -> bool:
@@ -120,7 +122,7 @@ class AddedReport:
 _REPORT_COLUMNS = (
     "id, study_uid, source, kind, object_uid, version, status, superseded_by, title, text, observer, "
     "report_time, patient_id, patient_name, critical, problems, document_type, alerted_at, "
-    "acknowledged_at, acknowledged_by, received_at"
+    "acknowledged_at, acknowledged_by, received_at, impressions, findings"
 )
 
 
@@ -167,6 +169,8 @@ def _report(row: sqlite3.Row) -> StoredReport:
         acknowledged_at=from_iso(row["acknowledged_at"]),
         acknowledged_by=row["acknowledged_by"] or "",
         received_at=from_iso(row["received_at"]) or dt.datetime.fromtimestamp(0, dt.timezone.utc),
+        impressions=tuple(json.loads(row["impressions"])) if row["impressions"] else (),
+        findings=tuple(json.loads(row["findings"])) if row["findings"] else (),
     )
 
 
@@ -334,7 +338,8 @@ class ReportStore:
             cur = conn.execute(
                 "INSERT INTO reports (study_uid, source, kind, object_uid, version, sop_class_uid, status, title, "
                 "text, observer, report_time, patient_id, patient_name, critical, problems, document_type, "
-                "received_at, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "received_at, data, impressions, findings) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     content.study_uid,
                     source,
@@ -354,6 +359,8 @@ class ReportStore:
                     content.document_type,
                     iso(now),
                     data,
+                    _json_list(content.impressions),
+                    _json_list(content.findings),
                 ),
             )
             new_id = int(cur.lastrowid or 0)

@@ -172,9 +172,11 @@ class ForwardService:
         waits = [0.0 if result.did_work else self.ecg.next_due_in()]
         if self._fhir is not None and not stop.is_set():
             from lastmile.services.observation_relay import relay_observations
+            from lastmile.visits.book import visit_link
             from uploader.fhir_forwarder import forward_fhir_once
 
-            relay_observations(self.outbox, fhir_naming(self.config), time.time())
+            link = visit_link(self.config.data_dir, self.config.gateway.id)
+            relay_observations(self.outbox, fhir_naming(self.config), time.time(), visit_link=link)
 
             fhir = forward_fhir_once(
                 self.outbox,

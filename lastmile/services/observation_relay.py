@@ -8,14 +8,18 @@ FHIR identifier), which the FHIR forwarder sends, and then marks the reading don
 Crash-safe in any order: the bundle is queued (durable) before the reading is marked, and the
 bundle's key is derived from the reading, so a relay cut short queues nothing twice; the
 platform's conditional create on the same identifier makes a visit bundle carrying the same
-reading store it once too.
+reading store it once too. A reading taken during an open home visit of its patient is linked to
+that visit instead (`visit_link`): the visit's bundle carries it with its Encounter, and it is
+not sent on its own first.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 
+from devices.observation import Observation
 from lastmile.clinic.observations import OBSERVATION_KIND, observation_from_json
 from uploader.fhir_bundle import FhirNaming, observation_bundle, observation_identifier
 from uploader.fhir_forwarder import enqueue_bundle
@@ -26,8 +30,14 @@ log = logging.getLogger(__name__)
 RELAY_BATCH = 50
 
 
-def relay_observations(outbox: Outbox, naming: FhirNaming, now: float, *, limit: int = RELAY_BATCH) -> int:
-    """Queue a FHIR bundle for each waiting reading (up to `limit`); returns how many were relayed."""
+VisitLink = Callable[[Observation, str], "str | None"]  # (reading, its outbox key) -> the visit it joined
+
+
+def relay_observations(
+    outbox: Outbox, naming: FhirNaming, now: float, *, limit: int = RELAY_BATCH, visit_link: VisitLink | None = None
+) -> int:
+    """Queue a FHIR bundle for each waiting reading (up to `limit`), or link it to the open visit
+    it was taken during; returns how many were relayed either way."""
     # Every forward round calls this: a read first, so an idle round takes no write lock.
     if not outbox.items(kind=OBSERVATION_KIND, state=ItemState.QUEUED, limit=1):
         return 0
@@ -38,6 +48,11 @@ def relay_observations(outbox: Outbox, naming: FhirNaming, now: float, *, limit:
             obs = observation_from_json(json.loads(outbox.read_payload(item, now)))
             if obs.patient_id is None:  # held readings never reach the outbox; be sure
                 raise ValueError("the reading names no patient")
+            visit_id = visit_link(obs, item.key) if visit_link is not None else None
+            if visit_id is not None:
+                log.info("reading #%d goes with home visit %s", item.id, visit_id)
+                done.append(item.id)
+                continue
             enqueue_bundle(
                 outbox,
                 observation_bundle(obs, naming),

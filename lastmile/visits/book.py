@@ -446,24 +446,35 @@ class VisitBook:
             {"visit_id": visit.id, "stamp": json.dumps(self.clock.now().to_json()), "text": text}
         )
 
-    def attach_observation(self, obs: Observation, *, outbox_key: str | None = None) -> str | None:
+    def attach_observation(
+        self, obs: Observation, *, outbox_key: str | None = None, taken_during: bool = False
+    ) -> str | None:
         """Link a reading to the open visit if it is of the visit's patient; returns the visit id.
-        An unassigned reading is not linked (it is held for the doctor, never guessed)."""
-        visit = self.open_visit()
-        if visit is None or obs.patient_id != visit.patient_id:
+        An unassigned reading is not linked (it is held for the doctor, never guessed).
+        `taken_during`: link it only if it was measured after the visit began (a reading relayed
+        later, or one a cuff kept in its memory from days before, is not the visit's).
+        Checked and linked in one write transaction: `stop` closes and chains the visit in one
+        too, so a reading is either in the signed visit or not linked at all."""
+        if obs.patient_id is None:
             return None
         record = observation_to_json(obs)
         digest = hashlib.sha256(canonical(record)).hexdigest()
-        self.db.table("visit_items").insert(
-            {
-                "visit_id": visit.id,
-                "kind": "observation",
-                "item_key": outbox_key or obs.record_key,
-                "record": json.dumps(record),
-                "sha256": digest,
-            },
-            ignore=True,
-        )
+        with transaction(self.db):
+            visit = self.open_visit()
+            if visit is None or obs.patient_id != visit.patient_id:
+                return None
+            if taken_during and visit.start.time is not None and obs.measured_at < visit.start.time:
+                return None
+            self.db.table("visit_items").insert(
+                {
+                    "visit_id": visit.id,
+                    "kind": "observation",
+                    "item_key": outbox_key or obs.record_key,
+                    "record": json.dumps(record),
+                    "sha256": digest,
+                },
+                ignore=True,
+            )
         return visit.id
 
     def attach_ecg(self, outbox_key: str, patient_id: str | None, sha256: str = "") -> str | None:
@@ -699,6 +710,20 @@ class VisitBook:
             self.db.table("visits").update(row["id"], {"fhir_queued_at": dt.datetime.now(dt.timezone.utc).isoformat()})
             queued += 1
         return queued
+
+
+def visit_link(data_dir: Path, gateway_id: str) -> Callable[[Observation, str], str | None]:
+    """For the forward service's relay: links a reading to the open visit of its patient if it
+    was taken during it (the visit's bundle then carries it, with its Encounter), else None.
+    A gateway that never kept a visit has no visits.db: nothing is linked, nothing is created."""
+
+    def link(obs: Observation, outbox_key: str) -> str | None:
+        if not (data_dir / DB_NAME).exists():
+            return None
+        with VisitBook.open(data_dir, gateway_id=gateway_id) as book:
+            return book.attach_observation(obs, outbox_key=outbox_key, taken_during=True)
+
+    return link
 
 
 def record_observation(

@@ -8,27 +8,33 @@
   });
   if (!window.EventSource || !document.querySelector("[data-live]")) { return; }
   var pending = {};
-  function swap(id, html) {
+  function swap(id, html, version) {
     var panel = document.getElementById(id);
     if (!panel) { return; }
+    // The stream sends every panel when it (re)connects: swap only what changed since rendering.
+    if (version && panel.getAttribute("data-version") === version) { delete pending[id]; return; }
     // Never pull a field away from under someone typing in it: wait until they leave it.
     if (panel.contains(document.activeElement) && document.activeElement !== document.body) {
-      pending[id] = html;
+      pending[id] = [html, version];
       return;
     }
     delete pending[id];
     panel.innerHTML = html;
+    if (version) { panel.setAttribute("data-version", version); }
     panel.setAttribute("data-updated", String(Date.now()));
   }
   document.addEventListener("focusout", function () {
     setTimeout(function () {
-      Object.keys(pending).forEach(function (id) { swap(id, pending[id]); });
+      Object.keys(pending).forEach(function (id) { swap(id, pending[id][0], pending[id][1]); });
     }, 0);
   });
   var source = new EventSource("/events");
+  var received = 0;
   source.addEventListener("panel", function (event) {
     var data = JSON.parse(event.data);
-    swap(data.id, data.html);
+    // How many panel events came: lets a reader (or a test) know the first round has arrived.
+    document.documentElement.setAttribute("data-live-events", String(++received));
+    swap(data.id, data.html, data.version);
   });
   source.addEventListener("logout", function () { source.close(); window.location.reload(); });
   source.addEventListener("open", function () { document.documentElement.setAttribute("data-live", "on"); });
