@@ -23,6 +23,9 @@
 # package lists; the initramfs's inputs), so a rebuild after a code change takes a few minutes.
 #
 # Environment: DATA_MB (default 256), SUITE (bookworm), MIRROR, LASTMILE_IMAGE_CACHE.
+# LASTMILE_BUNDLE=OUT.raucb also makes a signed RAUC update bundle of this root (docs/updates.md;
+# the A/B layout that installs it is not built yet), signed with RAUC_CERT/RAUC_KEY and checked
+# against RAUC_KEYRING (the county's CA); with none given, a throwaway test PKI beside OUT.
 set -euo pipefail
 
 OUT=${1:?usage: image/build.sh OUT.img}
@@ -317,4 +320,17 @@ say "fsck of each partition"
 fsck.vfat -n "$WORK/boot.vfat" >/dev/null
 e2fsck -fn "$WORK/root.ext4" >/dev/null
 e2fsck -fn "$WORK/data.ext4" >/dev/null
+
+if [ -n "${LASTMILE_BUNDLE:-}" ]; then
+  if [ -z "${RAUC_CERT:-}" ]; then
+    PKI=$(dirname "$OUT")/test-pki
+    [ -e "$PKI/ca.cert.pem" ] || "$HERE/rauc/make-test-pki" "$PKI"
+    RAUC_CERT=$PKI/signing.cert.pem RAUC_KEY=$PKI/signing.key.pem RAUC_KEYRING=$PKI/ca.cert.pem
+    say "WARNING: bundle signed with the throwaway test PKI in $PKI (not for clinics)"
+  fi
+  VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' "$REPO/pyproject.toml")+$(date -u +%Y%m%dT%H%MZ)
+  say "update bundle $LASTMILE_BUNDLE (version $VERSION)"
+  "$HERE/rauc/make-bundle" "$WORK/root.ext4" "$VERSION" "$RAUC_CERT" "${RAUC_KEY:?RAUC_KEY}" \
+    "${RAUC_KEYRING:?RAUC_KEYRING}" "$LASTMILE_BUNDLE"
+fi
 say "done: $OUT ($(( TOTAL_S / 2048 )) MB: boot $BOOT_MB, root $ROOT_MB, data $DATA_MB)"
