@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, require_tool
+from tests.conftest import REPO, missing, require_tool
 
 RAUC_DIR = REPO / "image" / "rauc"
 SYSTEM_CONF = RAUC_DIR / "system.conf"
@@ -180,7 +180,7 @@ class Card:
         for tool in ("qemu-system-aarch64", "mkimage", "mkfs.vfat", "mcopy", "mkfs.ext4", "sfdisk", "fw_printenv"):
             require_tool(tool)
         if not UBOOT_QEMU.exists():
-            pytest.fail(f"{UBOOT_QEMU} is missing (apt-get install u-boot-qemu; scripts/setup.sh --test does)")
+            missing(f"{UBOOT_QEMU} is absent (apt-get install u-boot-qemu; scripts/setup.sh --test installs it)")
         self.work = work
         self.path = work / "card.img"
         self.boots = 0
