@@ -507,7 +507,9 @@ class Supervisor:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.restarts: collections.Counter[str] = collections.Counter()
         self.unexpected_exits: list[str] = []
-        self.samples: dict[str, list[tuple[float, float, int]]] = collections.defaultdict(list)  # (t, MB, fds)
+        self.samples: dict[str, list[tuple[float, float, int, float]]] = collections.defaultdict(
+            list
+        )  # t, RSS, fds, PSS
         self.lock = threading.Lock()
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True, name="supervisor")
@@ -582,15 +584,20 @@ class Supervisor:
                     proc.wait(5)
 
 
-def rss_and_fds(pid: int) -> tuple[float, int] | None:
+def rss_and_fds(pid: int) -> tuple[float, int, float] | None:
+    """RSS (MB), open fds, and PSS (MB): RSS counts every shared library page in full in each
+    service (libpython, numpy's, OpenSSL's: ~20 MB each here); PSS shares them out, as the Pi's
+    RAM does."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
         fds = len(os.listdir(f"/proc/{pid}/fd"))
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
     except OSError:
         return None
+    pss = next((int(line.split()[1]) / 1024 for line in rollup.splitlines() if line.startswith("Pss:")), 0.0)
     for line in status.splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024, fds
+            return int(line.split()[1]) / 1024, fds, pss
     return None
 
 
@@ -1217,18 +1224,39 @@ def judge(orthanc: Any, truth: Truth) -> Verdict:
     )
 
 
-def rss_figures(samples: dict[str, list[tuple[float, float, int]]], simulated_h: float) -> dict[str, Any]:
-    """Peak RSS per service; growth from the first quarter's median to the last quarter's, per
-    simulated hour (a restarted service starts again from its baseline, so only rises count)."""
-    out: dict[str, Any] = {"rss_max_mb": {}, "rss_growth_mb_per_h": {}, "fds_growth": {}}
+def rss_figures(samples: dict[str, list[tuple[float, float, int, float]]], simulated_h: float) -> dict[str, Any]:
+    """Peak RSS (and PSS) per service; growth from the first quarter's median to the last
+    quarter's, per simulated hour (a restarted service starts again from its baseline, so only
+    rises count); the same from the second quarter (after warm-up); the median of each tenth."""
+    out: dict[str, Any] = {
+        "rss_max_mb": {},
+        "pss_max_mb": {},
+        "rss_growth_mb_per_h": {},
+        "rss_growth_after_warmup_mb_per_h": {},
+        "rss_mb_by_tenth": {},
+        "fds_growth": {},
+    }
     for name, rows in samples.items():
         if not rows:
             continue
         out["rss_max_mb"][name] = round(max(r[1] for r in rows), 1)
+        out["pss_max_mb"][name] = round(max(r[3] for r in rows), 1)
         q = max(1, len(rows) // 4)
-        first, last = rows[:q], rows[-q:]
+        first, second, last = rows[:q], rows[q : 2 * q] or rows[:q], rows[-q:]
         rss_rise = float(np.median([r[1] for r in last]) - np.median([r[1] for r in first]))
-        out["rss_growth_mb_per_h"][name] = round(rss_rise / simulated_h, 2) if simulated_h else 0.0
+        # the quarters' middles are three quarters of the day apart
+        out["rss_growth_mb_per_h"][name] = round(rss_rise / (simulated_h * 0.75), 2) if simulated_h else 0.0
+        # warm-up (first ECG decoded, first association, caches filled) against a leak: the rise
+        # from the second quarter to the last, over the half-day between their middles
+        steady_rise = float(np.median([r[1] for r in last]) - np.median([r[1] for r in second]))
+        out["rss_growth_after_warmup_mb_per_h"][name] = (
+            round(steady_rise / (simulated_h / 2), 2) if simulated_h else 0.0
+        )
+        # the curve itself: the median RSS of each tenth of the day
+        tenth = max(1, len(rows) // 10)
+        out["rss_mb_by_tenth"][name] = [
+            round(float(np.median([r[1] for r in rows[i : i + tenth]])), 1) for i in range(0, tenth * 10, tenth)
+        ][:10]
         out["fds_growth"][name] = int(np.median([r[2] for r in last]) - np.median([r[2] for r in first]))
     return out
 

@@ -13,6 +13,10 @@ Prints, side by side from one run (medians):
 - CPU seconds (user + sys) per study: the forward process from READY to all stored, storescu's
   whole process; goal ≤ 1.5 times storescu's (issue 16).
 TCP_NODELAY is set on every side (Orthanc and storescu through the environment, Lastmile itself).
+
+Where the forward process's CPU goes: `--thread-cpu` prints CPU per study by kind of thread
+(pynetdicom's DUL and association reactors, the send threads, ...); `--cprofile OUT` writes a
+cProfile (CPU time, every thread merged) to OUT.<run> for `python -m pstats`.
 """
 
 from __future__ import annotations
@@ -59,6 +63,75 @@ def cpu_s(who: int = resource.RUSAGE_SELF) -> float:
     return r.ru_utime + r.ru_stime
 
 
+def thread_kind(thread: object) -> str:
+    """A name for a family of threads (pynetdicom's are per association)."""
+    name = getattr(thread, "name", "")
+    cls = type(thread).__name__
+    if cls in ("DULServiceProvider", "Association"):
+        return f"pynetdicom {cls}"
+    if name.startswith("Thread-") and "(" in name:  # Thread-12 (target): the target says what it is
+        return name[name.index("(") :]
+    return name.rstrip("0123456789_-").rstrip() or cls
+
+
+def count_thread_cpu() -> dict[str, float]:
+    """CPU seconds per kind of thread, counted as each thread ends (most are short-lived:
+    two per association); the main thread is added on reading."""
+    import threading
+
+    spent: dict[str, float] = {}
+    lock = threading.Lock()
+    original = threading.Thread.run
+
+    def run(self: threading.Thread) -> None:
+        try:
+            original(self)
+        finally:
+            with lock:
+                kind = thread_kind(self)
+                spent[kind] = spent.get(kind, 0.0) + time.thread_time()
+
+    threading.Thread.run = run  # type: ignore[method-assign]
+
+    class WithMain(dict):  # type: ignore[type-arg]
+        at_ready = 0.0  # the main thread's start-up is not per-study work
+
+        def values(self):  # type: ignore[no-untyped-def, override]
+            self.refresh()
+            return super().values()
+
+        def items(self):  # type: ignore[no-untyped-def, override]
+            self.refresh()
+            return super().items()
+
+        def refresh(self) -> None:
+            with lock:
+                self.update(spent)
+            self["main"] = time.thread_time() - self.at_ready
+
+    return WithMain()
+
+
+def profile_threads() -> list[object]:
+    """cProfile in every thread started from now on (and the main one)."""
+    import cProfile
+    import threading
+
+    profiles: list[object] = []
+    original = threading.Thread.run
+
+    def run(self: threading.Thread) -> None:
+        prof = cProfile.Profile(time.thread_time)  # CPU, not waits
+        profiles.append(prof)
+        prof.runcall(original, self)
+
+    threading.Thread.run = run  # type: ignore[method-assign]
+    main = cProfile.Profile(time.thread_time)
+    main.enable()
+    profiles.append(main)
+    return profiles
+
+
 def worker(cfg: str, n: int) -> None:
     """The measured side: the real forward service until every study is stored and committed."""
     import threading
@@ -70,9 +143,13 @@ def worker(cfg: str, n: int) -> None:
     from lastmile.services.forward import ForwardService
 
     t_start = float(os.environ["BENCH_T0"])
+    thread_cpu = count_thread_cpu() if os.environ.get("BENCH_THREAD_CPU") else None
+    profiles = profile_threads() if os.environ.get("BENCH_CPROFILE") else None
     service = ForwardService(load_config(cfg))
     t_ready = time.time()
     cpu_ready = cpu_s()
+    if thread_cpu is not None:
+        thread_cpu.at_ready = time.thread_time()  # type: ignore[attr-defined]
     spy = None
     if os.environ.get("BENCH_PY_SPY"):  # where the CPU goes: sampled stacks of every thread
         out_file, pid = os.environ["BENCH_PY_SPY"], str(os.getpid())
@@ -102,6 +179,17 @@ def worker(cfg: str, n: int) -> None:
             time.sleep(min(wait, 0.02))
     t_committed = time.time() - t_start
     service.close()
+    if thread_cpu is not None:
+        total = sum(thread_cpu.values())
+        for name, seconds in sorted(thread_cpu.items(), key=lambda kv: -kv[1]):
+            print(f"thread CPU {name:28} {seconds * 1000 / n:7.2f} ms/study ({seconds / total:5.1%})")
+    if profiles is not None:
+        import pstats
+
+        merged = pstats.Stats(profiles[0])
+        for prof in profiles[1:]:
+            merged.add(prof)
+        merged.dump_stats(os.environ["BENCH_CPROFILE"])
     hwm = next(
         int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM")
     )
@@ -127,6 +215,8 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--no-deflate", action="store_true", help="send uncompressed")
     ap.add_argument("--py-spy", metavar="OUT", help="record the forward process with py-spy (raw stacks)")
+    ap.add_argument("--thread-cpu", action="store_true", help="print CPU per study by kind of thread (forward process)")
+    ap.add_argument("--cprofile", metavar="OUT", help="cProfile every thread of the forward process into OUT.<run>")
     ap.add_argument("--worker", nargs=2, metavar=("CFG", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -276,9 +366,14 @@ def main() -> int:
                     "BENCH_T0": repr(t0),
                     "MALLOC_ARENA_MAX": "2",
                     **({"BENCH_PY_SPY": f"{args.py_spy}.{run}"} if args.py_spy else {}),
+                    **({"BENCH_THREAD_CPU": "1"} if args.thread_cpu else {}),
+                    **({"BENCH_CPROFILE": f"{args.cprofile}.{run}"} if args.cprofile else {}),
                 },
             )
-            w = json.loads(out.stdout.strip().splitlines()[-1])
+            *notes, last = out.stdout.strip().splitlines()
+            for line in notes:
+                print(f"run {run}: {line}")
+            w = json.loads(last)
             results["wire_lastmile"].append((lo_tx_bytes() - tx0) / n / object_size)
             results["lastmile_sent_s"].append(w["t_sent"])
             results["lastmile_service_s"].append(w["t_service"])

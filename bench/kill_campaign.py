@@ -250,7 +250,7 @@ def traffic(clinic: cd.Clinic, stop: threading.Event) -> None:
         stop.wait(2.0)  # the doctor free between patients: a kill that needs her comes in then
 
 
-def run(kills: int, seed: int, say: Any) -> dict[str, Any]:
+def run(kills: int, seed: int, say: Any, budget_s: float | None = None) -> dict[str, Any]:
     with cd.clinic_day("lastmile-kills-", seed) as day:
         data_dir, clinic, services = day.data_dir, day.clinic, day.services
         campaign = Campaign(day, seed)
@@ -258,9 +258,14 @@ def run(kills: int, seed: int, say: Any) -> dict[str, Any]:
         traffic_thread = threading.Thread(target=traffic, args=(clinic, stop), daemon=True)
         began = time.monotonic()
         traffic_thread.start()
+        rounds = 0
         try:
             for k in range(kills):
+                if budget_s is not None and time.monotonic() - began > budget_s:
+                    say(f"budget of {budget_s / 60:.0f} min spent after {k} rounds: draining")
+                    break
                 campaign.one()
+                rounds += 1
                 if (k + 1) % 10 == 0:
                     say(f"{time.monotonic() - began:5.0f} s  {k + 1} rounds, {dict(campaign.kills)}")
         finally:
@@ -274,7 +279,8 @@ def run(kills: int, seed: int, say: Any) -> dict[str, Any]:
         c_stores = day.orthanc.c_stores()
         result: dict[str, Any] = {
             "kills": sum(campaign.kills.values()),
-            "rounds": kills,
+            "rounds": rounds,
+            "rounds_asked": kills,
             "by_target": dict(campaign.kills),
             "moments": dict(campaign.moments),
             "seconds_by_target": {t: round(v, 1) for t, v in campaign.seconds.most_common()},
@@ -297,13 +303,18 @@ def main() -> int:
     ap.add_argument("--kills", type=int, default=500, help="kill rounds (default 500)")
     ap.add_argument("--seed", type=int, default=20261201)
     ap.add_argument("--json", action="store_true", help="last line: one JSON object")
+    ap.add_argument(
+        "--budget-min",
+        type=float,
+        help="start no new kill round after this many minutes (then drain and judge as usual)",
+    )
     args = ap.parse_args()
     cd.reexec_in_private_netns()
 
     def say(line: str) -> None:
         print(line, flush=True)
 
-    result = run(args.kills, args.seed, say)
+    result = run(args.kills, args.seed, say, args.budget_min * 60 if args.budget_min else None)
     for key, value in result.items():
         print(f"{key:>24}: {value}")
     if args.json:

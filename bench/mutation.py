@@ -518,7 +518,11 @@ def patch_tables(module: ModuleType, code: CodeType) -> int:
             if (
                 old_code is not None
                 and new_code is not None
-                and (old_code != new_code or old.__defaults__ != new.__defaults__)
+                and (
+                    old_code != new_code
+                    or old.__defaults__ != new.__defaults__
+                    or old.__kwdefaults__ != new.__kwdefaults__
+                )
             ):
                 return 0  # a default argument changed: only a fresh import shows it
             if isinstance(old, type) and _class_body_differs(old, new):
@@ -547,9 +551,20 @@ def _class_body_differs(old: type, new: object) -> bool:
                 k: (f.default, f.default_factory) for k, f in other.items()
             }:
                 return True
+        elif isinstance(value, (FunctionType, classmethod, staticmethod)):
+            if _data_defaults(value) != _data_defaults(other):
+                return True  # a method's default argument (`limit: int = SOME_CONSTANT`) changed
         elif _is_data(value) and value != other:
             return True
     return False
+
+
+def _data_defaults(function: object) -> list[object]:
+    """The plain-data default arguments of a function or method, positional and keyword-only."""
+    function = getattr(function, "__func__", function)
+    positional = getattr(function, "__defaults__", None) or ()
+    keyword = getattr(function, "__kwdefaults__", None) or {}
+    return [value for value in (*positional, *keyword.values()) if _is_data(value)]
 
 
 class Recorder:
@@ -837,6 +852,9 @@ def load_allow_list() -> dict[str, dict[str, str]]:
     return tomllib.loads(ALLOW_LIST.read_text())
 
 
+ONLY: list[str] = []  # --only: run just the mutants whose id contains one of these
+
+
 def run_module(module: str, allowed: dict[str, str], parallel: int, workdir: Path) -> ModuleReport:
     report = ModuleReport(module)
     path = REPO / module
@@ -846,6 +864,9 @@ def run_module(module: str, allowed: dict[str, str], parallel: int, workdir: Pat
         report.error = "no focused test file exists"
         return report
     mutants = generate_mutants(module, source)
+    every_id = {m.mutant_id for m in mutants}
+    if ONLY:  # a partial run while killing survivors: its score covers the chosen mutants only
+        mutants = [m for m in mutants if any(part in m.mutant_id for part in ONLY)]
     if not mutants:
         return report  # nothing to mutate (declarations only): no need for a baseline
     workdir.mkdir(parents=True, exist_ok=True)
@@ -864,7 +885,7 @@ def run_module(module: str, allowed: dict[str, str], parallel: int, workdir: Pat
     collect_s = max(0.0, time.monotonic() - started - sum(durations.values()))
     by_speed = sorted(durations, key=durations.__getitem__)
 
-    report.stale_equivalents = sorted(set(allowed) - {m.mutant_id for m in mutants})
+    report.stale_equivalents = sorted(set(allowed) - every_id)
     fast: list[Job] = []
     slow: list[Job] = []
     for mutant in mutants:
@@ -936,7 +957,7 @@ def print_report(report: ModuleReport, show_killed: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global EXAMPLE_CAP
+    global EXAMPLE_CAP, ONLY
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--module",
@@ -953,8 +974,16 @@ def main(argv: list[str] | None = None) -> int:
         default=EXAMPLE_CAP,
         help=f"cap on hypothesis examples per test (default {EXAMPLE_CAP}; lowers, never raises, a score)",
     )
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="run only the mutants whose id contains TEXT, e.g. a function's name (repeatable; partial score)",
+    )
     args = parser.parse_args(argv)
     EXAMPLE_CAP = args.max_examples
+    ONLY = args.only
     modules = args.module or list(FOCUSED_TESTS)
     unknown = [m for m in modules if m not in FOCUSED_TESTS]
     if unknown:

@@ -14,17 +14,23 @@ On loopback each small request of a plain requests loop stalls ~40 ms (headers a
 segments: Nagle + delayed ACK, see NOTES); merging bundles is what removes most of that.
 
 Prints wall times (median of --runs), the ratio ours/reference (goal ≤ 1.3) and bytes on the wire.
-Usage: .venv/bin/python bench/sync.py [--visits 700] [--runs 3] [--batch 20]
+With `--profile P` (or `all`) both go through the emulated village link (tests/link_emulator.py:
+rate, latency, stalls) instead of loopback, one figure set per profile; `--json`: the last line is
+one JSON object, profile → figures. Keep --visits small on slow profiles (edge: ~1 s per visit).
+Usage: .venv/bin/python bench/sync.py [--visits 700] [--runs 3] [--batch 20] [--profile P|all] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import json
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -93,13 +99,27 @@ def backlog(visits: int) -> list[tuple[str, str, bytes]]:
     return out
 
 
+LINK: str | None = None  # --profile: the link every request crosses (None: loopback)
+
+
+@contextlib.contextmanager
+def receiver_url(receiver: FhirReceiver) -> Iterator[str]:
+    """The receiver's base URL, through the emulated link when a profile is chosen."""
+    if LINK is None:
+        yield receiver.base_url
+        return
+    from tests.link_emulator import PROFILES, LinkRelay
+
+    port = int(receiver.base_url.rsplit(":", 1)[1].split("/")[0])
+    with LinkRelay(PROFILES[LINK], "127.0.0.1", port) as relay:
+        yield f"http://127.0.0.1:{relay.port}/fhir"
+
+
 def run_reference(bodies: list[bytes]) -> tuple[float, int, int]:
-    with FhirReceiver() as receiver, requests.Session() as session:
+    with FhirReceiver() as receiver, requests.Session() as session, receiver_url(receiver) as url:
         t = time.perf_counter()
         for body in bodies:
-            r = session.post(
-                receiver.base_url, data=body, timeout=30, headers={"Content-Type": "application/fhir+json"}
-            )
+            r = session.post(url, data=body, timeout=30, headers={"Content-Type": "application/fhir+json"})
             r.raise_for_status()
         elapsed = time.perf_counter() - t
         return elapsed, sum(len(b) for b in bodies), len(receiver.resources("Encounter"))
@@ -112,7 +132,11 @@ def run_ours(items: list[tuple[str, str, bytes]], batch: int) -> tuple[float, in
         with Outbox.open(Path(tmp), min_free_bytes=0) as outbox:
             for visit_id, patient, body in items:
                 enqueue_bundle(outbox, json.loads(body), f"fhir:visit:{visit_id}", patient_id=patient, now=1000.0)
-            with FhirReceiver() as receiver, FhirSender(FhirSenderSettings(base_url=receiver.base_url)) as sender:
+            with (
+                FhirReceiver() as receiver,
+                receiver_url(receiver) as url,
+                FhirSender(FhirSenderSettings(base_url=url)) as sender,
+            ):
                 t = time.perf_counter()
                 now = 2000.0
                 while outbox.items(state=ItemState.QUEUED, kind=Kind.FHIR_BUNDLE, limit=1):
@@ -127,7 +151,22 @@ def main() -> int:
     parser.add_argument("--visits", type=int, default=700)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--batch", type=int, default=20)
+    parser.add_argument("--profile", choices=("lan", "4g", "3g", "edge", "satellite", "all"), help="emulated link")
+    parser.add_argument("--json", action="store_true", help="last line: one JSON object, profile → figures")
     args = parser.parse_args()
+    global LINK
+    figures: dict[str, dict[str, float]] = {}
+    profiles = ("lan", "4g", "3g", "edge", "satellite") if args.profile == "all" else (args.profile,)
+    for LINK in profiles:
+        if LINK is not None:
+            print(f"-- link profile {LINK}")
+        figures[LINK or "loopback"] = run(args)
+    if args.json:
+        print(json.dumps(figures))
+    return 0
+
+
+def run(args: argparse.Namespace) -> dict[str, float]:
     items = backlog(args.visits)
     bodies = [b for _, _, b in items]
     n_obs = sum(b.count(b'"resourceType":"Observation"') for b in bodies)
@@ -159,7 +198,7 @@ def main() -> int:
         f"bytes on the wire (request bodies): reference {ref_bytes / 1e6:.2f} MB, ours {our_bytes / 1e6:.2f} MB "
         f"({our_bytes / ref_bytes:.2f}x)"
     )
-    return 0
+    return {"reference_s": round(ref, 3), "ours_s": round(ours, 3), "ratio": round(ours / ref, 3)}
 
 
 if __name__ == "__main__":

@@ -14,7 +14,10 @@ Figures per profile:
                       bytes ÷ uplink rate + 1 RTT);
 - storescu_xd_ratio = Lastmile's time ÷ storescu -xd's;
 - stat_ratio        = time from a STAT ECG made durable (while 100 routine studies wait and are in
-                      flight) to Orthanc having it ÷ that one object's own floor.
+                      flight) to Orthanc having it ÷ that one object's own floor. The STAT run is
+                      the same gateway after an outage: its forwarder starts with the link rate the
+                      bulk run measured and kept in the outbox (`stat_warm` 1; with --stat-only
+                      nothing was measured before: 0, the first objects go unpaced).
 Goals (issue 16): floor_ratio ≤ 1.10 everywhere; storescu_xd_ratio ≤ 0.6 on edge and satellite;
 stat_ratio ≤ 1.5 everywhere. With --json the last line is one JSON object: profile → figures.
 """
@@ -131,6 +134,7 @@ def run_profile(
     from lastmile.ecg.intake import enqueue_recording
     from tests.link_emulator import PROFILES, LinkRelay
     from tests.peers import OrthancServer, free_port, gateway_modality
+    from uploader.ecg_forwarder import LINK_STATUS_NAME
 
     profile = PROFILES[name]
     storescu = shutil.which("storescu")
@@ -174,6 +178,7 @@ def run_profile(
             assert len(orthanc.instances()) == n, "storescu did not store everything"
         return took
 
+    link_kept = None  # the link rate the bulk run's forwarder measured and kept
     if not stat_only:
         out["storescu_s"] = storescu_time()
         out["storescu_xd_s"] = storescu_time("-xd")
@@ -204,9 +209,15 @@ def run_profile(
             finally:
                 fwd.close()
             out["lastmile_s"] = t1 - t_ready
+            # the link's stalls (emulated loss) are not in the floor: how much of the time they took
+            assert relay.up is not None
+            out["stall_s"] = relay.up.stalls * profile.stall_s
             out["lastmile_with_start_s"] = t1 - t0
+            with open_outbox(config) as outbox:
+                link_kept = outbox.status(LINK_STATUS_NAME)
         out["floor_s"] = profile.floor_s(deflated_bytes)
         out["floor_ratio"] = out["lastmile_s"] / out["floor_s"]
+        out["floor_with_stalls_ratio"] = out["lastmile_s"] / (out["floor_s"] + out["stall_s"])
         out["storescu_xd_ratio"] = out["lastmile_s"] / out["storescu_xd_s"]
 
     # STAT overtakes: 100 routine waiting and in flight, then a STAT becomes durable
@@ -221,6 +232,10 @@ def run_profile(
         with open_outbox(config) as outbox:
             for i, r in enumerate(backlog):
                 enqueue_recording(outbox, r, config, key=f"routine-{i}")
+            if link_kept is not None:
+                # the same gateway after an outage: it remembers the link's rate from the bulk run
+                outbox.record_status(LINK_STATUS_NAME, link_kept, time.time())
+        out["stat_warm"] = float(link_kept is not None)
         fwd = Forwarder(cfg, tmp, log=log)
         try:
             # routine transfers are on the wire: the first `stat_after` have arrived
@@ -327,7 +342,8 @@ def main() -> int:
         print(
             f"{name:10} Lastmile {r['lastmile_s']:7.2f} s (with start-up {r['lastmile_with_start_s']:.2f})  "
             f"floor {r['floor_s']:7.2f} s  "
-            f"storescu {r['storescu_s']:7.2f} s  -xd {r['storescu_xd_s']:7.2f} s  |  "
+            f"storescu {r['storescu_s']:7.2f} s  -xd {r['storescu_xd_s']:7.2f} s  "
+            f"(Lastmile's link stalled {r['stall_s']:.0f} s: ÷ floor + stalls {r['floor_with_stalls_ratio']:.2f})  |  "
             f"floor_ratio {r['floor_ratio']:.2f}  storescu_xd_ratio {r['storescu_xd_ratio']:.2f}  "
             f"stat {r['stat_s']:.2f} s / {r['stat_floor_s']:.2f} s = {r['stat_ratio']:.2f}",
             flush=True,

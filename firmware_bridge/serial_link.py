@@ -26,7 +26,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -165,7 +164,9 @@ class DevWatcher:
         self._wanted = [str(d) for d in directories]
         self._watched: set[str] = set()
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            # the process's own symbols (libc among them): find_library("c") would run
+            # `ldconfig -p` in a child process and import subprocess into the acquire service
+            libc = ctypes.CDLL(None, use_errno=True)
             self._add = libc.inotify_add_watch
             self._add.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32)
             fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)

@@ -70,6 +70,7 @@ class ReadingCenterSection:
     listen_host: str = ""  # address for those reports; "": ours toward the reading center (loopback if it is)
     report_networks: list[str] = field(default_factory=list)  # CIDR networks besides `host` that may send reports
     associations: int = 2  # parallel associations while sending
+    max_associations: int = 4  # ...more, up to this, where the link's round trip is long against an object's time
     batch_size: int = 50  # C-STOREs per association before it is released
     deflate: bool = True  # propose Deflated Explicit VR Little Endian first
     timeout_s: float = 30.0  # ACSE/DIMSE/network timeouts
@@ -413,6 +414,7 @@ _RANGES: dict[str, _Range] = {
     "lan_receiver.port": _PORT,
     "gps.gpsd_port": _PORT,
     "reading_center.associations": _Range(1, 16, "a count of associations"),  # each is a thread and a socket
+    "reading_center.max_associations": _Range(1, 16, "a count of associations"),
     "reading_center.batch_size": _Range(1, 10_000, "a count of C-STOREs"),
     "reading_center.timeout_s": _NETWORK_TIMEOUT,
     "reading_center.commitment_timeout_s": _Range(0, 7 * _DAY, "a number of seconds", low_open=True),
@@ -669,6 +671,12 @@ def check_meaning(config: Config, problems: _Problems) -> None:
         problem = network_problem(net)
         if problem:
             problems.add("reading_center.report_networks", f"entry {net!r} {problem}")
+    if rc.max_associations < rc.associations and problems.written("reading_center.max_associations"):
+        problems.add(
+            "reading_center.max_associations",
+            f"({rc.max_associations}) is below reading_center.associations ({rc.associations}): "
+            "it is the most associations a long round trip may add to those",
+        )
     problem = bind_address_problem(rc.listen_host) if rc.listen_host else None
     if problem:
         problems.add("reading_center.listen_host", problem)

@@ -22,6 +22,12 @@ MISTAKES = [
     ("[gps]\ngpsd_port = 65536\n", 2, "'gps.gpsd_port' must be a TCP port"),
     ("[reading_center]\nassociations = 0\n", 2, "'reading_center.associations' must be a count"),
     ("[reading_center]\nbatch_size = 0\n", 2, "'reading_center.batch_size' must be a count"),
+    ("[reading_center]\nmax_associations = 17\n", 2, "'reading_center.max_associations' must be a count"),
+    (
+        "[reading_center]\nassociations = 3\nmax_associations = 2\n",
+        3,
+        "'reading_center.max_associations' (2) is below reading_center.associations (3)",
+    ),
     ("[fhir]\nbatch_size = 0\n", 2, "'fhir.batch_size' must be a count"),
     ("[ble]\nconnect_attempts = 0\n", 2, "'ble.connect_attempts' must be a count"),
     ("[visits]\ntrack_max_points = 0\n", 2, "'visits.track_max_points' must be a count"),

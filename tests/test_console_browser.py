@@ -121,7 +121,12 @@ def text_of(driver: object, css: str) -> str:
 def click_live(driver: object, kind: str, selector: str) -> None:
     """Click an element of a live panel; a click that met a swapped-out element never happened,
     so it is tried again on the element found afresh."""
-    live_read(driver, lambda d: d.find_element(by(kind), selector).click() or True)
+
+    def click(d: Any) -> bool:
+        d.find_element(by(kind), selector).click()
+        return True
+
+    live_read(driver, click)
 
 
 def no_panel_swapped_on_connect(driver: object) -> None:

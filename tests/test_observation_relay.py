@@ -134,7 +134,8 @@ def test_a_reading_taken_during_a_home_visit_goes_with_the_visit(tmp_path: Path)
     (conditional create would then have kept the copy without the Encounter). A reading of the
     same patient from before the visit began (a cuff's memory) is not the visit's: sent alone."""
     from lastmile.clock import GatewayClock
-    from lastmile.visits.book import VisitBook, visit_link
+    from lastmile.visits.book import VisitBook
+    from lastmile.visits.relay_link import visit_link
 
     outbox, store = record_three(tmp_path)  # P-2's readings at T0+4 and T0+6 min
     wall = [(T0 + 5 * MIN).timestamp()]
@@ -164,3 +165,27 @@ def test_a_reading_taken_during_a_home_visit_goes_with_the_visit(tmp_path: Path)
     assert {i.state for i in outbox.items(kind=OBSERVATION_KIND)} == {ItemState.COMMITTED}
     store.close()
     outbox.close()
+
+
+def test_asking_about_visits_costs_the_forward_process_no_signing_code(tmp_path: Path) -> None:
+    """The relay asks the visit book for every reading; the book signs visits (cryptography, ~8 MB
+    of the forward process's 64). Asking must not import it while no visit of the patient is open."""
+    import subprocess
+    import sys
+
+    from lastmile.visits import book, relay_link
+
+    assert relay_link.DB_NAME == book.DB_NAME
+    with book.VisitBook.open(tmp_path, gateway_id="gw-1") as visits:
+        visits.start("P-OTHER", doctor_id="DOC-1")  # a visit is open, of another patient
+    probe = (
+        "import sys, pathlib, dataclasses\n"
+        "from lastmile.visits.relay_link import visit_link\n"
+        "from tests.test_observation_relay import bp, T0\n"
+        "reading = dataclasses.replace(bp(T0, 120), patient_id='P-1')\n"
+        "assert visit_link(pathlib.Path(sys.argv[1]), 'gw-1')(reading, 'k') is None\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('cryptography', 'bcrypt')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -186,6 +186,26 @@ def test_inotify_wakes_the_manager_at_once(tmp_path: Path) -> None:
         dev.unplug()
 
 
+def test_the_hot_plug_watcher_starts_no_child_process(tmp_path: Path) -> None:
+    """Found looking at acquire's RSS (bench/soak.py): finding libc by name ran `ldconfig -p` in a
+    child process (a fork of the whole service) and left subprocess imported in it. The watcher
+    takes libc from the process's own symbols, and still sees an entry appear."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import os, select, sys\n"
+        "from firmware_bridge.serial_link import DevWatcher\n"
+        f"watcher = DevWatcher([{str(tmp_path)!r}])\n"
+        f"open(os.path.join({str(tmp_path)!r}, 'ttyUSB0'), 'w').close()\n"
+        "seen = bool(select.select([watcher], [], [], 30)[0]) if watcher.available else 'no inotify'\n"
+        "print(seen, 'subprocess' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "False"]
+
+
 def test_open_is_exclusive(tmp_path: Path) -> None:
     dev = PtyDevice(tmp_path / "usb-bridge")
     _made, factory = _handlers()

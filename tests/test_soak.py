@@ -96,6 +96,39 @@ def test_the_acquire_process_leaves_out_what_it_never_uses() -> None:
     assert out.stdout.split() == ["['pydicom']"]  # pydicom there (it is used), requests and tqdm not
 
 
+def test_opening_a_database_reads_no_installed_packages_for_plugins(tmp_path: Path) -> None:
+    """Found by the soak (acquire over 64 MB): sqlite-utils looked for plugins in every installed
+    package's metadata when the first database was opened (importlib.metadata and the packages'
+    metadata kept in memory, in every service), and a plugin that anything installed could have
+    changed our connections."""
+    probe = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from uploader.sqlite_store import MIGRATIONS, open_database\n"
+        f"db = open_database(Path({str(tmp_path / 'outbox.sqlite')!r}), MIGRATIONS)\n"
+        "db['probe'].insert({'a': 1})\n"
+        "db.close()\n"
+        "print('importlib.metadata' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False"]
+
+
+def test_the_acquire_process_tunes_glibc_malloc_and_trims_it() -> None:
+    """glibc takes the arena limit and the fixed mmap threshold before acquire starts its threads
+    (each thread would otherwise keep an arena of its own), and a trim can run at any time."""
+    probe = (
+        "from lastmile.services.acquire import MALLOC_ARENAS, MMAP_THRESHOLD, GlibcMalloc\n"
+        "malloc = GlibcMalloc()\n"
+        "print(malloc.tune(arenas=MALLOC_ARENAS, mmap_threshold=MMAP_THRESHOLD))\n"
+        "malloc.trim()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True"]  # this is a glibc system: mallopt() said yes
+
+
 def test_the_judge_sees_a_lost_a_duplicated_and_a_misattributed_ecg(monkeypatch: pytest.MonkeyPatch) -> None:
     """The soak's zeros mean something: the same judge, shown a reading center that lost one
     ECG, holds another twice and has a third on the wrong patient, counts each."""

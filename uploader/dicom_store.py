@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -29,6 +30,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import EventHandlerType
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 
 from uploader.dicom_association import (
@@ -62,6 +64,8 @@ COMMITMENT_REQUEST = 1  # N-ACTION Action Type ID
 MAX_CONTEXTS = 127  # odd context IDs 1..255
 # N-ACTION statuses that mean "this peer does not do storage commitment"
 NO_COMMITMENT_STATUSES = frozenset({0x0118, 0x0122, 0x0123, 0x0211})
+C_STORE_RQ_COMMAND = 0x0001  # Command Field (PS3.7 E.1)
+DATA_SET_PRESENT = 0x0001  # Command Data Set Type: anything but 0x0101 (what pynetdicom 3.0 writes)
 
 
 class CommitmentUnsupported(PermanentError):
@@ -93,6 +97,54 @@ def store_contexts(sop_class_uids: Sequence[str], *, deflate: bool, commitment: 
     if len(contexts) > MAX_CONTEXTS:
         raise ValueError(f"{len(contexts)} presentation contexts; an association allows {MAX_CONTEXTS}")
     return contexts
+
+
+def _element(tag: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+
+def _uid_value(uid: str) -> bytes:
+    raw = uid.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def store_command_set(message_id: int, sop_class_uid: str, sop_instance_uid: str, priority: int = 2) -> bytes:
+    """A C-STORE-RQ's command set (PS3.7 9.3.1.1) in Implicit VR Little Endian, byte for byte as
+    pynetdicom 3.0 encodes it; built with pydicom it was the largest share of a store's CPU."""
+    body = b"".join(
+        (
+            _element(0x00000002, _uid_value(sop_class_uid)),  # Affected SOP Class UID
+            _element(0x00000100, struct.pack("<H", C_STORE_RQ_COMMAND)),  # Command Field
+            _element(0x00000110, struct.pack("<H", message_id)),  # Message ID
+            _element(0x00000700, struct.pack("<H", priority)),  # Priority
+            _element(0x00000800, struct.pack("<H", DATA_SET_PRESENT)),  # Command Data Set Type
+            _element(0x00001000, _uid_value(sop_instance_uid)),  # Affected SOP Instance UID
+        )
+    )
+    return _element(0x00000000, struct.pack("<I", len(body))) + body  # Command Group Length
+
+
+def pdata_fragments(context_id: int, command: bytes, dataset: bytes, max_pdu_length: int) -> Iterator[P_DATA]:
+    """The P-DATA primitives of one DIMSE message, as pynetdicom 3.0's `encode_msg` cuts them: the
+    command set, then the data set, each in PDVs of at most `max_pdu_length - 6` bytes (0: whole),
+    the first byte of each saying command/data and last/not last (PS3.8 E.2)."""
+    parts = [(_fragments(command, max_pdu_length), 0x01, 0x03)]
+    if dataset:
+        parts.append((_fragments(dataset, max_pdu_length), 0x00, 0x02))
+    for fragments, more, last in parts:
+        for i, fragment in enumerate(fragments):
+            pdata = P_DATA()
+            header = last if i == len(fragments) - 1 else more
+            pdata.presentation_data_value_list.append((context_id, bytes((header,)) + fragment))
+            yield pdata
+
+
+def _fragments(data: bytes, max_pdu_length: int) -> list[memoryview]:
+    view = memoryview(data)
+    if max_pdu_length == 0:
+        return [view]
+    size = max_pdu_length - 6  # the PDV item's own length and context ID
+    return [view[i : i + size] for i in range(0, len(data), size)]
 
 
 def raw_send_available(assoc: Association) -> bool:
@@ -171,6 +223,7 @@ class StoreAssociation:
         self._preference = STORE_SYNTAXES_DEFLATE if peer.deflate else STORE_SYNTAXES_PLAIN
         self._contexts_by_class: dict[str, list[PresentationContext]] = {}
         self._broken = False  # a request went unanswered: never use (or politely release) it again
+        self._reactor_held = False  # pynetdicom's association reactor paused by us (raw sends)
         self.stores = 0
 
     # -- lifecycle --
@@ -178,6 +231,7 @@ class StoreAssociation:
         if self._assoc is not None:
             raise RuntimeError("association already opened")
         self._broken = False
+        self._reactor_held = False
         self._contexts_by_class = {}
         contexts = store_contexts(self.sop_class_uids, deflate=self.peer.deflate, commitment=self.commitment)
         handlers: list[EventHandlerType] = []
@@ -217,6 +271,7 @@ class StoreAssociation:
         self.last_sent_at = time.monotonic()
 
     def close(self) -> None:
+        self._resume_reactor()
         assoc, self._assoc = self._assoc, None
         if assoc is None:
             return
@@ -227,6 +282,7 @@ class StoreAssociation:
         release(assoc)
 
     def abort(self) -> None:
+        self._resume_reactor()
         assoc, self._assoc = self._assoc, None
         if assoc is not None and assoc.is_established:
             assoc.abort()
@@ -334,46 +390,72 @@ class StoreAssociation:
     def _send_store(self, assoc: Association, cx: PresentationContext, obj: Part10, data: bytes) -> Dataset:
         if not (self.raw_send and raw_send_available(assoc)):
             return self._send_store_decoded(assoc, cx, obj)
-        req = C_STORE()
-        req.MessageID = self._next_message_id()
-        req.AffectedSOPClassUID = obj.sop_class_uid
-        req.AffectedSOPInstanceUID = obj.sop_instance_uid
-        req.Priority = 2  # low: the default every SCP handles
-        req.DataSet = BytesIO(data)
+        message_id = self._next_message_id()
         # Mirrors Association.send_c_store() after its encoding step (pynetdicom 3.0): pause the
-        # reactor so it does not take our response off the queue, send, wait, resume.
-        assoc._reactor_checkpoint.clear()
-        while not assoc._is_paused:
-            time.sleep(0.0001)
+        # reactor so it does not take our response off the queue, send, wait. It stays paused
+        # until something else needs it (`_resume_reactor`): resuming it between objects cost a
+        # thread waking every millisecond, and each new pause raced with its waking up.
+        self._hold_reactor(assoc)
         try:
+            limit = assoc.dimse.maximum_pdu_size
             pdu_bytes = self.pacer.pdu_bytes() if self.paced and self.pacer is not None else None
-            if pdu_bytes is None:
-                assoc.dimse.send_msg(req, int(cx.context_id))  # type: ignore[arg-type]
+            if pdu_bytes is not None:
+                limit = min(limit, pdu_bytes) if limit else pdu_bytes
+            if assoc.get_handlers(evt.EVT_DIMSE_SENT):
+                # someone wants pynetdicom's message object (e.g. its logging handlers): build it
+                self._send_as_message(assoc, message_id, obj, data, int(cx.context_id), limit)  # type: ignore[arg-type]
             else:
-                self._send_in_small_pdus(assoc, req, int(cx.context_id), pdu_bytes)  # type: ignore[arg-type]
+                command = store_command_set(message_id, str(obj.sop_class_uid), str(obj.sop_instance_uid))
+                for pdata in pdata_fragments(int(cx.context_id), command, data, limit):  # type: ignore[arg-type]
+                    assoc.dul.send_pdu(pdata)
             _cx_id, rsp = assoc.dimse.get_msg(block=True)
-        finally:
-            assoc._reactor_checkpoint.set()
+        except BaseException:
+            self._resume_reactor()
+            raise
         if rsp is None:
+            self._resume_reactor()
             assoc._handle_no_response()
             return Dataset()
         return assoc._check_received_status(rsp)
 
     @staticmethod
-    def _send_in_small_pdus(assoc: Association, req: C_STORE, context_id: int, pdu_bytes: int) -> None:
-        """DIMSEServiceProvider.send_msg (pynetdicom 3.0) with P-DATA PDUs of at most `pdu_bytes`
-        (a sender may always send smaller PDUs than its peer accepts): a paced link's bursts."""
+    def _send_as_message(
+        assoc: Association, message_id: int, obj: Part10, data: bytes, context_id: int, limit: int
+    ) -> None:
+        """DIMSEServiceProvider.send_msg (pynetdicom 3.0), with P-DATA PDUs of at most `limit`
+        bytes (a sender may always send smaller PDUs than its peer accepts: a paced link's bursts)."""
+        req = C_STORE()
+        req.MessageID = message_id
+        req.AffectedSOPClassUID = obj.sop_class_uid
+        req.AffectedSOPInstanceUID = obj.sop_instance_uid
+        req.Priority = 2  # low: the default every SCP handles
+        req.DataSet = BytesIO(data)
         msg = C_STORE_RQ()
         msg.primitive_to_message(req)
         msg.context_id = context_id
         evt.trigger(assoc, evt.EVT_DIMSE_SENT, {"message": msg})
-        peer_max = assoc.dimse.maximum_pdu_size
-        limit = min(peer_max, pdu_bytes) if peer_max else pdu_bytes
         for pdata in msg.encode_msg(context_id, limit):
             assoc.dul.send_pdu(pdata)
 
+    def _hold_reactor(self, assoc: Association) -> None:
+        if self._reactor_held:
+            return
+        assoc._reactor_checkpoint.clear()
+        while not assoc._is_paused:
+            time.sleep(0.0001)
+        self._reactor_held = True
+
+    def _resume_reactor(self) -> None:
+        """Before anything pynetdicom does itself on this association (N-ACTION, release,
+        abort): its methods pause the reactor on their own, and expect it running."""
+        if self._reactor_held:
+            self._reactor_held = False
+            if self._assoc is not None:
+                self._assoc._reactor_checkpoint.set()
+
     def _send_store_decoded(self, assoc: Association, cx: PresentationContext, obj: Part10) -> Dataset:
         """Public-API path (decode, let pynetdicom encode) if its internals ever change."""
+        self._resume_reactor()
         syntax = UID(cx.transfer_syntax[0])
         try:
             ds = decode_dataset(obj)  # a deflated payload inflated with a cap, not whole
@@ -398,6 +480,7 @@ class StoreAssociation:
             raise CommitmentUnsupported(
                 f"{self.peer.where} does not offer Storage Commitment Push Model (presentation context rejected)"
             )
+        self._resume_reactor()
         request = Dataset()
         request.TransactionUID = transaction_uid
         items = []

@@ -37,6 +37,7 @@ the local copies, or "purge" them once sent.
 from __future__ import annotations
 
 import logging
+import math
 import sqlite3
 import threading
 import time
@@ -75,12 +76,16 @@ log = logging.getLogger(__name__)
 
 STATUS_NAME = "reading_center"
 YIELDED_TO_STAT = "waited for a STAT study to go first"
+LINK_STATUS_NAME = "reading_center_link"  # the link's measured rate, kept across restarts
+LINK_RATE_CHANGE = 0.05  # kept again when it moved by more than this fraction
+RESPONSE_MARGIN_S = 0.05  # the peer's time to store an object, on top of the round trip
 
 
 @dataclass(frozen=True)
 class ForwarderSettings:
     peer: PeerSettings
     associations: int = 2
+    max_associations: int = 0  # more where the round trip is long against an object's time; 0: `associations`
     batch_size: int = 50
     storage_commitment: bool = True
     listen_port: int = 11113
@@ -178,7 +183,11 @@ class EcgForwarder:
         self._no_route_logged = False
         self._rate = TransferRate()  # per association, what STAT preemption estimates with
         self.pacer = LinkPacer()  # routine sends just below the link's rate (uploader/link_pacing.py)
+        # the rate the last process measured: a backlog after a restart is paced from its first byte
+        self._link_kept = outbox.status(LINK_STATUS_NAME)
+        self.pacer.remember(self._link_kept)
         self._lanes = 0  # associations sending right now (the link's rate is shared among them)
+        self._object_bytes: float | None = None  # a routine object's wire bytes (smoothed)
         self._lanes_lock = threading.Lock()
         self.meter = Meter("dicom", settings.meter, outbox) if settings.meter is not None else None
 
@@ -286,9 +295,10 @@ class EcgForwarder:
         s = self.settings
         # STAT items take the link alone: no routine object shares it with them; routine ones
         # wait while the link is metered shut (outside its windows, or the day's budget spent)
-        items = self._claim(s.associations * s.batch_size, Priority.STAT)
+        lanes = self.associations_for_link()
+        items = self._claim(lanes * s.batch_size, Priority.STAT)
         if not items and not self._metered_shut():
-            items = self._claim(s.associations * s.batch_size)
+            items = self._claim(lanes * s.batch_size)
         if not items:
             return
         suspects = [i for i in items if i.interrupted_sends]
@@ -301,22 +311,24 @@ class EcgForwarder:
             n = 1
         else:
             # STAT items were claimed first; deal them out so each association starts with them.
-            n = max(1, min(s.associations, len(items)))
+            n = max(1, min(lanes, len(items)))
         chunks = [items[i::n] for i in range(n)]
         faults: list[str] = []
         if items[0].priority == Priority.STAT:
             outcomes = self._send_chunks(chunks, stop, faults, None)
         else:
             stat_lane = StatLane(lambda: self._send_stat(stop, faults))
-            with StatWatch(
+            watch = StatWatch(
                 self.outbox,
                 Kind.DICOM,
                 self.clock,
                 self._rate,
                 poll_s=s.stat_poll_s,
                 cut_after_s=s.stat_cut_after_s,
-                on_cut=stat_lane.start,
-            ) as watch:
+                still_sending=self._still_sending,
+            )
+            watch.on_cut = lambda: self._carry_stat_after_cut(stat_lane, watch)
+            with watch:
                 outcomes = self._send_chunks(chunks, stop, faults, watch)
             outcomes += stat_lane.join()
         for chunk_result in outcomes:
@@ -324,10 +336,62 @@ class EcgForwarder:
             result.transient += chunk_result.transient
             result.quarantined += chunk_result.quarantined
             result.errors += chunk_result.errors
+        self._keep_link_rate()
         if faults:
             raise ConfigurationFault(faults[0])
         if result.sent:
             self._update_status(fault=None, last_success=self.clock())
+
+    def _observe_object_bytes(self, wire_bytes: int) -> None:
+        old = self._object_bytes
+        self._object_bytes = float(wire_bytes) if old is None else old + 0.2 * (wire_bytes - old)
+
+    def _keep_link_rate(self) -> None:
+        """Record the link's measured rate for the next start, when it changed by more than a
+        little (not a write per round)."""
+        now = self.pacer.remembered()
+        if now is None or self.pacer.pace is None:
+            return  # nothing new, or a link not paced (a LAN): nothing to start paced with
+        if self._object_bytes is not None:
+            now["object_bytes"] = round(self._object_bytes)
+        kept = (self._link_kept or {}).get("bytes_per_s") or 0.0
+        if kept and abs(now["bytes_per_s"] - kept) <= LINK_RATE_CHANGE * kept:
+            return
+        try:
+            self.outbox.record_status(LINK_STATUS_NAME, now, self.clock())
+        except sqlite3.OperationalError as exc:  # a full disk: measured again next time
+            log.debug("link rate not kept: %s", exc)
+            return
+        self._link_kept = now
+
+    def associations_for_link(self) -> int:
+        """Associations for this round: `associations`, and more (up to `max_associations`) on a
+        paced link whose round trip is long against an object's time there - with one object on
+        the link at a time, the others wait for their responses meanwhile: 1 + RTT ÷ object time
+        keep it busy (satellite: 1 Mbit/s, 650 ms, 75 kB objects → 3)."""
+        s = self.settings
+        most = max(s.associations, s.max_associations)
+        kept = self._link_kept or {}  # before this process measured them: what the last one kept
+        pace, rtt = self.pacer.pace, self.pacer.rtt_s or kept.get("rtt_s")
+        size = self._object_bytes or kept.get("object_bytes")
+        if most <= s.associations or pace is None or not rtt or not size:
+            return s.associations
+        needed = 1 + math.ceil((rtt + RESPONSE_MARGIN_S) * pace / size)
+        return max(s.associations, min(most, needed))
+
+    def _still_sending(self, assoc: StoreAssociation) -> bool:
+        """Whether `assoc` has object bytes left to send (on a paced link only the turn's owner
+        has; the others wait for their responses)."""
+        return not assoc.paced or self.pacer.pace is None or self.pacer.owns_turn(assoc)
+
+    def _carry_stat_after_cut(self, stat_lane: StatLane, watch: StatWatch) -> None:
+        """After a cut: a new association for the STAT item only if every open one was cut -
+        otherwise one of them carries it, without a new association's round trip (it is waiting
+        for its turn, and gives it up, or for a response a round trip away at most)."""
+        with self._lanes_lock:
+            every_one_cut = watch.cuts >= self._lanes
+        if every_one_cut:
+            stat_lane.start()
 
     def _metered_shut(self) -> str | None:
         """Why routine items may not go now (None: they may)."""
@@ -422,19 +486,26 @@ class EcgForwarder:
                         r.errors.append(str(exc))
                         self.on_event("quarantined", {"id": item.id, "reason": str(exc)})
                         continue
+                    if assoc.paced and not self.pacer.take_turn(assoc, watch.stat_due if watch else None):
+                        continue  # a STAT item came while it waited for the link: it goes first
+                    alone = assoc.paced and self.pacer.owns_turn(assoc)  # the link to itself
                     if not self.outbox.begin_send(item.id, self.clock()):
+                        self.pacer.end_turn(assoc)
                         pending.pop(0)  # no longer ours (an operator moved it meanwhile)
                         continue
                     in_flight = item
                     if watch is not None:
                         watch.sending(assoc, item)
                     try:
+                        started = time.monotonic()
                         outcome = assoc.store(payload)
                         if watch is not None:
                             watch.finished(assoc, stored=outcome.category in ("success", "warning"))
                         if outcome.stored:
                             tail = time.monotonic() - assoc.last_sent_at if assoc.paced else None
-                            self.pacer.observe_object(outcome.wire_bytes, tail)
+                            took = time.monotonic() - started if alone else None
+                            self.pacer.observe_object(outcome.wire_bytes, tail, took)
+                            self._observe_object_bytes(outcome.wire_bytes)
                     except PermanentError as exc:  # e.g. a payload that is no DICOM we can send
                         in_flight = None
                         pending.pop(0)
@@ -443,6 +514,8 @@ class EcgForwarder:
                         r.quarantined += 1
                         self.on_event("quarantined", {"id": item.id, "reason": reason})
                         continue
+                    finally:
+                        self.pacer.end_turn(assoc)
                     pending.pop(0)
                     in_flight = None
                     now = self.clock()
@@ -471,6 +544,7 @@ class EcgForwarder:
                         self.on_event("quarantined", {"id": item.id, "reason": reason})
                     self._spend(outcome.wire_bytes, now)
                 if sent_now and self.settings.storage_commitment:
+                    assoc.paced = False  # a small request, and no object's turn
                     self._request_commitment(assoc, sent_now)
         except ConfigurationFault as exc:
             faults.append(str(exc))

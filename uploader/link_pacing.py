@@ -19,6 +19,14 @@ below the largest such rate (not on a LAN: a round trip under `NEAR_RTT_S`), and
 late, i.e. bytes wait in the buffer (a loss stalled the link): they would otherwise drain at 5 %
 of the rate. Fast links (above `FAST_BYTES_PER_S`) are not paced at all: their
 buffer drains in milliseconds.
+
+The rate is remembered (`remembered()`/`remember()`, kept in the outbox by the forwarder): a
+backlog that starts after a restart is paced from its first byte at the last measured rate
+instead of filling the modem buffer until its first object is stored - a STAT study made in
+those first seconds would wait for all of it. The remembered rate only seeds the estimate: a
+higher sample raises it as before, and responses late `STALE_AFTER_LATE` times in a row (the
+buffer keeps filling: the link got worse, e.g. 4G fell back to EDGE) replace it with what this
+process measured.
 """
 
 from __future__ import annotations
@@ -38,6 +46,27 @@ FAST_BYTES_PER_S = 2.5e6  # 20 Mbit/s and faster: not paced
 NEAR_RTT_S = 0.02  # a round trip shorter than this: a LAN (or CPU-bound), not paced
 PDU_TIME_S = 0.02  # a paced PDU carries about this much of the link's time ...
 MIN_PDU_BYTES = 4096  # ... but no less: the burst one PDU may make stays small in the buffer
+STALE_AFTER_LATE = 3  # this many late responses in a row paced at a remembered rate: it is stale
+PROBE_EVERY = 6  # every this many objects one is sent faster, to see whether the link is faster ...
+PROBE_GAIN = 1.15  # ... by this factor (what may queue in the buffer meanwhile stays a fraction of one object)
+TURN_POLL_S = 0.01  # an association waiting for its turn looks this often whether it should give up
+P_DATA_TF = 0x04
+CONTROL_PDU_TYPES = frozenset({0x01, 0x02, 0x03, 0x05, 0x06, 0x07})  # A-ASSOCIATE, A-RELEASE, A-ABORT
+COMMAND_DONE = 0x03  # message control header: command, last fragment
+DATA_SET_DONE = 0x02  # ... data set, last fragment
+
+
+def last_fragment(pdu: bytes) -> int | None:
+    """The message control header of the last PDV in a P-DATA-TF PDU, masked to its command and
+    last-fragment bits (COMMAND_DONE, DATA_SET_DONE, ...); None for any other PDU."""
+    if len(pdu) < 12 or pdu[0] != P_DATA_TF:
+        return None
+    end = min(len(pdu), 6 + int.from_bytes(pdu[2:6], "big"))
+    at, header = 6, None
+    while at + 6 <= end:  # PDV items: length (4), context id (1), message control header (1), data
+        header = pdu[at + 5] & 0x03
+        at += 4 + int.from_bytes(pdu[at : at + 4], "big")
+    return header
 
 
 class LinkPacer:
@@ -54,6 +83,34 @@ class LinkPacer:
         self._window_start: float | None = None  # first byte of this busy spell
         self._delivered = 0  # bytes stored since then
         self.draining = False  # the last object's response came late: a queue to drain
+        self._seeded = False  # `measured` is a remembered rate no sample of this process exceeded yet
+        self._sampled = 0.0  # the largest sample of this process
+        self._late = 0  # late responses in a row
+        self._turn = threading.Condition()
+        self._turn_owner: object | None = None  # whose object is on the link (`take_turn`)
+        self._objects = 0  # turns taken
+        self._gain = 1.0  # the pace's factor for the object on the link now (PROBE_GAIN: a probe)
+
+    # -- remembering -----------------------------------------------------------------------------
+    def remembered(self) -> dict[str, float] | None:
+        """What to keep for the next start (None: nothing measured yet)."""
+        with self._lock:
+            if self.measured is None or self._seeded:
+                return None
+            return {"bytes_per_s": round(self.measured, 1), **({"rtt_s": self.rtt_s} if self.rtt_s else {})}
+
+    def remember(self, record: dict[str, float] | None) -> None:
+        """Start from a rate measured before (e.g. by the previous process): paced from the first byte."""
+        rate = (record or {}).get("bytes_per_s")
+        if not isinstance(rate, int | float) or rate <= 0:
+            return
+        with self._lock:
+            if self.measured is not None:
+                return  # measured here already: that is newer
+            self.measured = float(rate)
+            self._seeded = True
+            self._set_pace()
+        log.debug("link: starting from the remembered rate %.0f B/s", rate)
 
     # -- measuring --------------------------------------------------------------------------------
     def observe_rtt(self, seconds: float) -> None:
@@ -61,13 +118,25 @@ class LinkPacer:
         if seconds > 0:
             with self._lock:
                 self.rtt_s = seconds if self.rtt_s is None else min(self.rtt_s, seconds)
+                self._set_pace()  # a LAN is not paced, whatever was remembered
 
-    def observe_object(self, wire_bytes: int, tail_s: float | None = None) -> None:
+    def _set_pace(self) -> None:
+        """The pace from the estimate (lock held)."""
+        if self.measured is None:
+            self.pace = None
+            return
+        pace = self.measured * (DRAIN_HEADROOM if self.draining else HEADROOM)
+        near = self.rtt_s is not None and self.rtt_s < NEAR_RTT_S
+        self.pace = None if pace >= FAST_BYTES_PER_S or near else pace
+
+    def observe_object(self, wire_bytes: int, tail_s: float | None = None, alone_s: float | None = None) -> None:
         """An object of `wire_bytes` was stored: a sample of what the link delivers, counted over
         the window since the first byte of this busy spell (all associations together).
         `tail_s`: from its last PDU handed to the socket to its response. More than a round trip
         (and a PDU's time) means bytes were waiting in the buffer ahead of it - e.g. what a
-        stall held back: paced well below the rate until a clean tail shows it drained."""
+        stall held back: paced well below the rate until a clean tail shows it drained.
+        `alone_s`: from its C-STORE request to its response, for an object that had the link to
+        itself (`take_turn`): one more sample, this object's own rate (a probe's shows a faster link)."""
         with self._lock:
             if tail_s is not None and self.rtt_s is not None:
                 self.draining = tail_s - self.rtt_s > QUEUED_TAIL_S
@@ -79,12 +148,28 @@ class LinkPacer:
             if busy <= 0:
                 return
             sample = self._delivered / busy
+            if alone_s is not None and alone_s - (self.rtt_s or 0.0) > 0 and not self.draining:
+                # believed only with nothing queued ahead of it, and at most the probe's rate: the
+                # round trip subtracted is the association negotiation's, which a busy peer or CPU
+                # makes longer - a small object would seem to cross faster than it was sent
+                alone = wire_bytes / (alone_s - (self.rtt_s or 0.0))
+                if self.measured is not None:
+                    alone = min(alone, self.measured * HEADROOM * PROBE_GAIN)
+                sample = max(sample, alone)
             # what was delivered over a window can only be less than the link's rate (pacing, gaps
             # between objects, a stall): the largest sample is the best estimate
-            self.measured = sample if self.measured is None else max(self.measured, sample)
-            pace = self.measured * (DRAIN_HEADROOM if self.draining else HEADROOM)
-            near = self.rtt_s is not None and self.rtt_s < NEAR_RTT_S
-            self.pace = None if pace >= FAST_BYTES_PER_S or near else pace
+            self._sampled = max(self._sampled, sample)
+            self._late = self._late + 1 if self.draining else 0
+            if self._seeded and self._late >= STALE_AFTER_LATE:
+                # paced at the remembered rate, responses keep coming late: the link is slower
+                # now than it was; what this process measured replaces what it remembered
+                log.info("link: slower than remembered (%.0f B/s): %.0f B/s", self.measured or 0, self._sampled)
+                self.measured = self._sampled
+                self._seeded = False
+            elif self.measured is None or self._sampled > self.measured:
+                self.measured = self._sampled
+                self._seeded = False
+            self._set_pace()
             log.debug(
                 "link: sample %.0f B/s, measured %.0f B/s, pace %s",
                 sample,
@@ -97,6 +182,8 @@ class LinkPacer:
         with self._lock:
             self._window_start = None
             self._delivered = 0
+        with self._turn:
+            self._release_turn()
 
     def pdu_bytes(self) -> int | None:
         """The largest PDU a paced association should send (None: not paced, the peer's limit):
@@ -105,15 +192,63 @@ class LinkPacer:
         # whole KiB: an odd PDU length makes odd data-set fragments, and Orthanc (dcmtk) aborts
         return None if pace is None else max(MIN_PDU_BYTES, int(pace * PDU_TIME_S) // 1024 * 1024)
 
+    # -- one object on the link at a time -------------------------------------------------------
+    def take_turn(self, owner: object, give_up: threading.Event | None = None) -> bool:
+        """Before a routine C-STORE on a paced link: wait until no other association's object is
+        on the link, then hold the turn until this object's last data-set PDU went (or
+        `end_turn`). One object at a time goes at the whole pace; the other associations' round
+        trips (waiting for their responses) overlap it, instead of every association sending at
+        a fraction of the pace and then all waiting together. False: `give_up` was set while
+        waiting (a STAT study is due: the caller carries it instead, on its open association)."""
+        with self._turn:
+            while self._turn_owner is not None and self._turn_owner is not owner:
+                if self.pace is None:
+                    return True  # not paced (any more): no turns
+                if give_up is not None and give_up.is_set():
+                    return False
+                self._turn.wait(TURN_POLL_S)
+            if self.pace is None:
+                return True
+            self._turn_owner = owner
+            self._objects += 1
+            # now and then one object goes faster: paced objects only ever show the pace
+            self._gain = PROBE_GAIN if self._objects % PROBE_EVERY == 0 else 1.0
+            return True
+
+    def owns_turn(self, owner: object) -> bool:
+        return self._turn_owner is owner
+
+    def end_turn(self, owner: object) -> None:
+        """The owner's C-STORE ended (whatever its outcome): its turn, if it still holds it, ends."""
+        with self._turn:
+            if self._turn_owner is owner:
+                self._release_turn()
+
+    def _release_turn(self) -> None:
+        """(turn lock held)"""
+        self._turn_owner = None
+        self._gain = 1.0
+        self._turn.notify_all()
+
     # -- pacing -----------------------------------------------------------------------------------
     def on_data_sent(self, event: Any) -> None:
         """pynetdicom EVT_DATA_SENT handler (the association's DUL thread): wait until the link
-        would have carried what was sent before this PDU."""
-        nbytes = len(getattr(event, "data", b"") or b"")
+        would have carried what was sent before this P-DATA PDU."""
+        data = getattr(event, "data", b"") or b""
+        nbytes = len(data)
+        if data and data[0] in CONTROL_PDU_TYPES:
+            return  # association set-up and release: not an object's bytes, not paced
+        marks = last_fragment(data)
+        gain = self._gain
+        if marks == DATA_SET_DONE and self._turn_owner is not None:
+            # only the turn's owner sends a data set on a paced association: its object has
+            # left, the next association may send while this one waits for its response
+            with self._turn:
+                self._release_turn()
         with self._lock:
             if self._window_start is None:
                 self._window_start = self._clock()
-            pace = self.pace
+            pace = None if self.pace is None else self.pace * gain
             if pace is None or nbytes == 0:
                 return
             now = self._clock()

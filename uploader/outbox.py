@@ -1204,32 +1204,35 @@ class Outbox:
     # -- crash recovery ---------------------------------------------------------------------------
     def recover_interrupted(self, now: float | None = None) -> int:
         """Items left in `sending` by an owner that is gone (killed, crashed, closed) go back to
-        queued, attempts not charged. Claims of a live process are left alone."""
+        queued. A claim whose bytes had not started to go out is not charged; a send cut short is
+        charged and counted as interrupted, unless its owner died with an earlier boot (a power
+        cut or reboot: the attempt is given back). Claims of a live process are left alone."""
         now = time.time() if now is None else now
         owners = {r[0] for r in self._read("SELECT DISTINCT claimed_by FROM items WHERE state = ?", (S.SENDING.value,))}
         dead = [o for o in owners if o is None or (o != self.owner and not OwnerLock.is_alive(self._locks_dir, o))]
         recovered = 0
 
         def body(conn: sqlite3.Connection, *, owner: str | None) -> int:
-            if owner is not None and boot_of(owner) not in ("", current_boot()):
-                # the owner went down with an earlier boot: the gateway lost power or rebooted
-                # during the send; the object did not kill anything (attempt given back)
-                cut = conn.execute(
-                    "UPDATE items SET state = ?, claimed_by = NULL, updated_at = ?, in_flight = 0, "
-                    "attempts = MAX(0, attempts - 1), "
-                    "last_error = 'the gateway went down (power cut or reboot) during the send; queued again' "
-                    "WHERE state = ? AND claimed_by IS ? AND in_flight = 1",
-                    (S.QUEUED.value, now, S.SENDING.value, owner),
-                ).rowcount
-            else:
-                # killed with the bytes going out: the attempt stays charged and counts as interrupted
-                cut = conn.execute(
-                    "UPDATE items SET state = ?, claimed_by = NULL, updated_at = ?, in_flight = 0, "
-                    "interrupted_sends = interrupted_sends + 1, "
-                    "last_error = 'the sending process died during the send; queued again' "
-                    "WHERE state = ? AND claimed_by IS ? AND in_flight = 1",
-                    (S.QUEUED.value, now, S.SENDING.value, owner),
-                ).rowcount
+            # An owner that went down with an earlier boot was cut by the gateway losing power or
+            # rebooting, not by its object: the attempt is given back. Killed in this boot (or a
+            # token that does not say): the attempt stays charged and counts as interrupted.
+            power_cut = owner is not None and boot_of(owner) not in ("", current_boot())
+            cut = conn.execute(
+                "UPDATE items SET state = :queued, claimed_by = NULL, updated_at = :now, in_flight = 0, "
+                "attempts = CASE WHEN :power_cut THEN MAX(0, attempts - 1) ELSE attempts END, "
+                "interrupted_sends = interrupted_sends + CASE WHEN :power_cut THEN 0 ELSE 1 END, "
+                "last_error = CASE WHEN :power_cut "
+                "  THEN 'the gateway went down (power cut or reboot) during the send; queued again' "
+                "  ELSE 'the sending process died during the send; queued again' END "
+                "WHERE state = :sending AND claimed_by IS :owner AND in_flight = 1",
+                {
+                    "queued": S.QUEUED.value,
+                    "now": now,
+                    "power_cut": power_cut,
+                    "sending": S.SENDING.value,
+                    "owner": owner,
+                },
+            ).rowcount
             waiting = conn.execute(
                 "UPDATE items SET state = ?, claimed_by = NULL, updated_at = ?, "
                 "last_error = 'interrupted while sending (process stopped); queued again' "
@@ -1237,7 +1240,11 @@ class Outbox:
                 (S.QUEUED.value, now, S.SENDING.value, owner),
             ).rowcount
             if cut:
-                log.warning("%d send(s) cut short by a dead process: charged and counted", cut)
+                log.warning(
+                    "%d send(s) cut short by %s",
+                    cut,
+                    "the gateway going down: not charged" if power_cut else "a dead process: charged and counted",
+                )
             return int(cut + waiting)
 
         for owner in dead:

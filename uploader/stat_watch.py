@@ -73,8 +73,12 @@ class StatWatch:
         poll_s: float = 0.025,
         cut_after_s: float | None = 0.2,  # None: never cut a transfer
         on_cut: Callable[[], None] | None = None,  # called (watch thread) after a cut, to carry the STAT item
+        # False for an association whose object has left (it waits for its response): cutting it
+        # frees nothing on the link and loses a transfer already made
+        still_sending: Callable[[StoreAssociation], bool] | None = None,
     ) -> None:
         self.on_cut = on_cut
+        self.still_sending = still_sending
         self.outbox = outbox
         self.kind = kind
         self.clock = clock
@@ -132,6 +136,8 @@ class StatWatch:
         with self._lock:
             flights = [f for f in self._in_flight.values() if id(f.assoc) not in self._cut]
         for f in flights:
+            if self.still_sending is not None and not self.still_sending(f.assoc):
+                continue
             elapsed = now - f.started
             remaining = self.rate.remaining_s(f.item.size, elapsed)
             # no rate known yet: a transfer already slower than the threshold is a slow one

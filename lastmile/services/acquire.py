@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from lastmile.clinic.patients import StatSession
@@ -180,6 +180,57 @@ def prepare_acquire_process() -> None:
 
     for name in NOT_IN_ACQUIRE:
         sys.modules.setdefault(name, None)  # type: ignore[arg-type]
+    GLIBC_MALLOC.tune(arenas=MALLOC_ARENAS, mmap_threshold=MMAP_THRESHOLD)
+
+
+# glibc gives each thread that allocates its own malloc arena (up to 8 per core), and an arena
+# rarely hands freed memory back: the LAN receiver's association threads, the serial link's and
+# the BLE loop's each kept one. And glibc raises its mmap threshold to the size of each large
+# block freed, so after the first ECG's quality check the next ones' arrays (~1.5 MB) came from
+# the heap and stayed there. Two arenas, a fixed threshold and a trim now and then took ~2 MB
+# off acquire's RSS with the serial bridge and the LAN receiver (bench/soak.py).
+MALLOC_ARENAS = 2
+MMAP_THRESHOLD = 128 * 1024  # glibc's initial value, kept: larger blocks are mapped and unmapped
+TRIM_EVERY_S = 60.0  # how often free heap pages go back to the system
+M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # glibc's mallopt() parameter numbers
+
+
+class GlibcMalloc:
+    """glibc's allocator tuning, through ctypes; does nothing on another C library."""
+
+    def __init__(self) -> None:
+        self._libc: Any = None
+        self._loaded = False
+
+    def _lib(self) -> Any:
+        if not self._loaded:
+            self._loaded = True
+            import ctypes
+
+            try:
+                libc = ctypes.CDLL("libc.so.6")
+                if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim"):
+                    self._libc = libc
+            except OSError:
+                pass  # not glibc (musl, another system): nothing to tune
+        return self._libc
+
+    def tune(self, *, arenas: int, mmap_threshold: int) -> bool:
+        """Before the process starts its threads; True if glibc took both settings."""
+        libc = self._lib()
+        if libc is None:
+            return False
+        took_arenas = libc.mallopt(M_ARENA_MAX, arenas) == 1
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1 and took_arenas)
+
+    def trim(self) -> None:
+        """Give free pages at the top and in the middle of every arena back to the system."""
+        libc = self._lib()
+        if libc is not None:
+            libc.malloc_trim(0)
+
+
+GLIBC_MALLOC = GlibcMalloc()
 
 
 def serial_part(config: Config, outbox: Outbox) -> Part | None:
@@ -342,6 +393,7 @@ class AcquireService:
         self.parts = parts
         self._closers = closers
         self.started = time.monotonic()
+        self.trimmed = self.started
 
     @classmethod
     def start(cls, config: Config) -> AcquireService:
@@ -396,6 +448,10 @@ class AcquireService:
 
     def step(self, stop: threading.Event) -> float:
         self.check_parts()  # raises Wedged: the runtime exits and systemd restarts us
+        now = time.monotonic()
+        if now - self.trimmed >= TRIM_EVERY_S:  # what an ECG's decoding freed goes back
+            self.trimmed = now
+            GLIBC_MALLOC.trim()
         return STEP_S
 
     def reload(self, config: Config) -> None:

@@ -60,6 +60,7 @@ def forwarder_settings(config: Config) -> ForwarderSettings:
     return ForwarderSettings(
         peer=peer_settings(rc),
         associations=rc.associations,  # ≥ 1: lastmile/config.py refuses anything else
+        max_associations=max(rc.associations, rc.max_associations),
         batch_size=rc.batch_size,
         storage_commitment=rc.storage_commitment,
         listen_port=rc.listen_port,
@@ -172,7 +173,7 @@ class ForwardService:
         waits = [0.0 if result.did_work else self.ecg.next_due_in()]
         if self._fhir is not None and not stop.is_set():
             from lastmile.services.observation_relay import relay_observations
-            from lastmile.visits.book import visit_link
+            from lastmile.visits.relay_link import visit_link
             from uploader.fhir_forwarder import forward_fhir_once
 
             link = visit_link(self.config.data_dir, self.config.gateway.id)

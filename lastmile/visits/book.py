@@ -712,20 +712,6 @@ class VisitBook:
         return queued
 
 
-def visit_link(data_dir: Path, gateway_id: str) -> Callable[[Observation, str], str | None]:
-    """For the forward service's relay: links a reading to the open visit of its patient if it
-    was taken during it (the visit's bundle then carries it, with its Encounter), else None.
-    A gateway that never kept a visit has no visits.db: nothing is linked, nothing is created."""
-
-    def link(obs: Observation, outbox_key: str) -> str | None:
-        if not (data_dir / DB_NAME).exists():
-            return None
-        with VisitBook.open(data_dir, gateway_id=gateway_id) as book:
-            return book.attach_observation(obs, outbox_key=outbox_key, taken_during=True)
-
-    return link
-
-
 def record_observation(
     book: VisitBook,
     outbox: Outbox,
