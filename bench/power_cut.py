@@ -76,7 +76,6 @@ PACS_ADDRESS = "10.0.2.100"  # the reading center as the guest sees it (a guestf
 PACS_PORT = 4242
 GUEST_LAN_PORT = 11112
 GUEST_REPORT_PORT = 11113
-RELAY = REPO / "tests" / "system" / "tcp_relay.py"
 MOMENTS = {"receive": 3, "send": 3, "awaiting": 2, "committed": 2, "boot": 1, "any": 1}
 MOMENT_WAIT_S = 300.0  # a moment that does not come by then: cut anyway (recorded as missed)
 READY_TIMEOUT_S = 1200.0
@@ -397,13 +396,12 @@ class Campaign:
             self.stores_at_cut = list(range(1, len(self.stored()) + 1))
 
     def network(self) -> list[str]:
-        slirp = (
-            f"user,id=n0,restrict=on,"
-            f"guestfwd=tcp:{PACS_ADDRESS}:{PACS_PORT}-cmd:{sys.executable} {RELAY} {self.pacs.port},"
-            f"hostfwd=tcp:127.0.0.1:{self.report_port}-:{GUEST_REPORT_PORT},"
-            f"hostfwd=tcp:127.0.0.1:{self.lan_port}-:{GUEST_LAN_PORT}"
+        from tests.system.qemu_machine import loopback_network
+
+        return loopback_network(
+            relays={f"{PACS_ADDRESS}:{PACS_PORT}": self.pacs.port},
+            host_forwards={self.report_port: GUEST_REPORT_PORT, self.lan_port: GUEST_LAN_PORT},
         )
-        return ["-netdev", slirp, "-device", "virtio-net-pci,netdev=n0,romfile="]
 
     def machine(self) -> Any:
         from tests.system.qemu_machine import QemuMachine

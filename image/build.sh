@@ -23,6 +23,9 @@
 # package lists; the initramfs's inputs), so a rebuild after a code change takes a few minutes.
 #
 # Environment: DATA_MB (default 256), SUITE (bookworm), MIRROR, LASTMILE_IMAGE_CACHE.
+# LASTMILE_BUNDLE=OUT.raucb also makes a signed RAUC update bundle of this root (docs/updates.md;
+# the A/B layout that installs it is not built yet), signed with RAUC_CERT/RAUC_KEY and checked
+# against RAUC_KEYRING (the county's CA); with none given, a throwaway test PKI beside OUT.
 set -euo pipefail
 
 OUT=${1:?usage: image/build.sh OUT.img}
@@ -34,7 +37,7 @@ DATA_MB=${DATA_MB:-256}
 BOOT_MB=256
 CACHE=${LASTMILE_IMAGE_CACHE:-$HOME/.cache/lastmile-image}
 PYTHON=${PYTHON:-$REPO/.venv/bin/python}
-PACKAGES=systemd,systemd-sysv,systemd-timesyncd,udev,dbus,kmod,iproute2,procps,ca-certificates,python3,python3-venv,initramfs-tools,zstd,bluez,gpsd,wpasupplicant
+PACKAGES=systemd,systemd-sysv,udev,dbus,kmod,iproute2,procps,ca-certificates,python3,python3-venv,initramfs-tools,zstd,bluez,gpsd,wpasupplicant
 BOOT_PACKAGES="linux-image-arm64 raspi-firmware firmware-brcm80211 bluez-firmware"
 # The clinic's own services on top of the kernel tree (cached as their own stage, so a change here
 # reuses the debootstrap, kernel and initramfs caches: none of these touch the initramfs):
@@ -44,7 +47,8 @@ BOOT_PACKAGES="linux-image-arm64 raspi-firmware firmware-brcm80211 bluez-firmwar
 #              fonts-wqy-microhei: texttopdf cannot use Noto CJK (CFF in a .ttc: "Bad TTC subfont
 #              number", the Chinese printed as empty boxes): it lays out a text report in this
 #              TrueType CJK font (files/fonts-zh-cn.conf)
-#   time       chrony (replaces systemd-timesyncd: both provide time-daemon) with gpsd's clock
+#   time       chrony with gpsd's clock (the base tree has no systemd-timesyncd: one time daemon,
+#              not one installed and then removed by apt because both provide time-daemon)
 #   links      network-manager + modemmanager (+ usb-modeswitch for 4G sticks that first show up
 #              as a CD-ROM, wireless-regdb for the Wi-Fi regulatory domain): image/README.md
 EXTRA_PACKAGES="cups-daemon cups-client cups-filters cups-server-common fontconfig fonts-noto-cjk fonts-wqy-microhei chrony network-manager modemmanager usb-modeswitch wireless-regdb"
@@ -188,8 +192,8 @@ in_root systemctl enable gpsd.socket bluetooth.service >/dev/null
 # boot (lastmile-forward retries on its own), and wait-online would fail after 2 minutes.
 in_root systemctl disable systemd-networkd.service systemd-networkd.socket systemd-networkd-wait-online.service \
   NetworkManager-wait-online.service >/dev/null 2>&1
-# chrony replaced systemd-timesyncd (apt removed it: both provide time-daemon); make sure no
-# second time daemon is left enabled to step the clock against chrony.
+# chrony is the only time daemon (systemd-timesyncd is not in the package list); should a
+# dependency ever pull it in, it must not step the clock against chrony.
 [ ! -e "$ROOT/usr/lib/systemd/system/systemd-timesyncd.service" ] \
   || in_root systemctl mask systemd-timesyncd.service >/dev/null
 # Updates come as whole images and the root is a RAM overlay: apt's timers would only fill RAM
@@ -316,4 +320,17 @@ say "fsck of each partition"
 fsck.vfat -n "$WORK/boot.vfat" >/dev/null
 e2fsck -fn "$WORK/root.ext4" >/dev/null
 e2fsck -fn "$WORK/data.ext4" >/dev/null
+
+if [ -n "${LASTMILE_BUNDLE:-}" ]; then
+  if [ -z "${RAUC_CERT:-}" ]; then
+    PKI=$(dirname "$OUT")/test-pki
+    [ -e "$PKI/ca.cert.pem" ] || "$HERE/rauc/make-test-pki" "$PKI"
+    RAUC_CERT=$PKI/signing.cert.pem RAUC_KEY=$PKI/signing.key.pem RAUC_KEYRING=$PKI/ca.cert.pem
+    say "WARNING: bundle signed with the throwaway test PKI in $PKI (not for clinics)"
+  fi
+  VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' "$REPO/pyproject.toml")+$(date -u +%Y%m%dT%H%MZ)
+  say "update bundle $LASTMILE_BUNDLE (version $VERSION)"
+  "$HERE/rauc/make-bundle" "$WORK/root.ext4" "$VERSION" "$RAUC_CERT" "${RAUC_KEY:?RAUC_KEY}" \
+    "${RAUC_KEYRING:?RAUC_KEYRING}" "$LASTMILE_BUNDLE"
+fi
 say "done: $OUT ($(( TOTAL_S / 2048 )) MB: boot $BOOT_MB, root $ROOT_MB, data $DATA_MB)"

@@ -28,6 +28,7 @@ import re
 import shlex
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -38,6 +39,25 @@ log = logging.getLogger(__name__)
 QEMU = "qemu-system-aarch64"
 # virt's first serial port is a PL011; the Pi's cmdline.txt names the Pi's consoles.
 VIRT_CONSOLE = "console=ttyAMA0"
+
+
+# Carries one guestfwd connection to a host loopback port (qemu runs it per connection).
+TCP_RELAY = Path(__file__).with_name("tcp_relay.py")
+
+
+def loopback_network(*, relays: dict[str, int] | None = None, host_forwards: dict[int, int] | None = None) -> list[str]:
+    """qemu arguments for a guest network that reaches only what a test names: user-mode
+    networking with restrict=on (no route out), one virtio NIC.
+
+    relays: guest-side "address:port" -> a host loopback port, e.g. {"10.0.2.100:4242": orthanc_port}:
+        the gateway's reading center at a fixed address, carried by tcp_relay.py.
+    host_forwards: host loopback port -> guest port, e.g. {report_port: 11113}: a peer on the host
+        (Orthanc's commitment report) reaching a listener in the guest (which sees it come from 10.0.2.2).
+    """
+    rules = [f"guestfwd=tcp:{guest}-cmd:{sys.executable} {TCP_RELAY} {port}" for guest, port in (relays or {}).items()]
+    rules += [f"hostfwd=tcp:127.0.0.1:{host}-:{guest}" for host, guest in (host_forwards or {}).items()]
+    # romfile=: no iPXE option ROM is installed (nor needed: the kernel is loaded directly)
+    return ["-netdev", ",".join(["user,id=n0,restrict=on", *rules]), "-device", "virtio-net-pci,netdev=n0,romfile="]
 
 
 class MachineError(Exception):
@@ -178,9 +198,7 @@ class QemuMachine:
     a power-cut test wants "directsync" or "none,aio=threads" (nothing held in qemu or the host
     page cache that the guest believes is on the card; bench/power_cut.py says which and why).
     network: qemu arguments for the network; default none at all. A test that needs a peer
-    gives user-mode networking that reaches only loopback ports it forwards, e.g.
-    ["-netdev", "user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:4242-tcp:127.0.0.1:4242",
-     "-device", "virtio-net-pci,netdev=n0,romfile="]  (romfile=: no iPXE ROM is installed).
+    gives `loopback_network(...)`: user-mode networking that reaches only the loopback ports it names.
     """
 
     def __init__(

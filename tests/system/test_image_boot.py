@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import pytest
 from lastmile.demo.loopback import free_port
 from tests.conftest import require_tool, shared_file
 from tests.peers import OrthancServer, gateway_modality
-from tests.system.qemu_machine import GatewayDisk, MachineError, QemuMachine
+from tests.system.qemu_machine import GatewayDisk, MachineError, QemuMachine, loopback_network
 
 # A boot under software emulation takes minutes (the module's fixture boots twice).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3 * 1800)]
@@ -85,7 +84,6 @@ unassigned_ecg_hold_s = 0   # ... and with no patient checked in (the doctor is 
 [usb_import]
 folders = ["{WATCHED}"]
 """
-RELAY = Path(__file__).with_name("tcp_relay.py")
 NETWORK_TOML = (Path(__file__).parents[2] / "image" / "files" / "network.toml.example").read_text()
 DELIVERED = ("committed", "purged")
 # What starts guest_report.py: a transient unit after multi-user.target, on the console. The
@@ -206,11 +204,9 @@ def booted_with_a_reading_center(image: Path, tmp_path_factory: pytest.TempPathF
     report_port = free_port()
     orthanc = OrthancServer(workdir / "orthanc", modalities=gateway_modality(GATEWAY_AE, report_port)).start()
     try:
-        slirp = (
-            f"user,id=n0,restrict=on,guestfwd=tcp:{PACS_ADDRESS}:{PACS_PORT}-cmd:{sys.executable} {RELAY} "
-            f"{orthanc.dicom_port},hostfwd=tcp:127.0.0.1:{report_port}-:11113"
+        network = loopback_network(
+            relays={f"{PACS_ADDRESS}:{PACS_PORT}": orthanc.dicom_port}, host_forwards={report_port: 11113}
         )
-        network = ["-netdev", slirp, "-device", "virtio-net-pci,netdev=n0,romfile="]
         booted = boot_and_report(
             image,
             workdir,

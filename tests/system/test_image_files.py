@@ -441,9 +441,13 @@ def test_chrony_reads_the_gpsd_reference_clocks(tmp_path: Path) -> None:
 
 
 def test_one_time_daemon_on_the_image_and_gpsd_feeds_it_without_a_client() -> None:
-    """chrony replaces systemd-timesyncd (apt removes it: both provide time-daemon); build.sh
-    masks it should it ever stay, and enables chrony; gpsd reads its receiver with no client (-n)."""
+    """chrony is the time daemon: systemd-timesyncd is not debootstrapped (and build.sh masks it
+    should a dependency pull it in); gpsd reads its receiver with no client (-n)."""
     build = (REPO / "image" / "build.sh").read_text()
+    base = re.search(r"^PACKAGES=(\S+)", build, re.M)
+    assert base is not None
+    assert "systemd" in base.group(1).split(",")
+    assert "systemd-timesyncd" not in base.group(1).split(","), base.group(1)
     extra = re.search(r'^EXTRA_PACKAGES="([^"]+)"', build, re.M)
     assert extra is not None
     for package in (
