@@ -549,3 +549,22 @@ def test_empty_reference_beats_are_left_out_and_the_rhythm_still_read() -> None:
 
 def test_the_smallest_record_is_recognised_as_scp() -> None:
     assert looks_like_scp(_bare_record(26, struct.pack("<HII", 0, 26, 7)))
+
+
+def test_a_section0_of_exactly_its_header_is_read() -> None:
+    """Section 0 may hold no pointers at all (16 bytes, its header): the record is read, not
+    refused as too short (the boundary of `sec0_len < 16`)."""
+    rest = struct.pack("<HIBB", 0, 16, 20, 20) + b"SCPECG"
+    section0 = struct.pack("<H", _crc(rest)) + rest
+    tail = struct.pack("<I", 6 + len(section0) + 10) + section0 + bytes(10)  # padded to the 32-byte minimum
+    assert set(read_sections(struct.pack("<H", _crc(tail)) + tail)[1]) == {0}
+
+
+def test_a_device_tag_of_exactly_its_fixed_part_names_the_cart() -> None:
+    """Tag 14 may end right after its 36 fixed bytes (no strings): the cart's model and maker code
+    are still read, so the ECG keeps its device (the boundary of `len(device) >= 36`)."""
+    head = bytearray(36)
+    head[7] = 7
+    head[8:14] = b"CART\x00\x00"
+    device = read_scp(_record(_section1(_tag(14, bytes(head))))).device
+    assert (device.model, device.manufacturer) == ("CART", "Marquette Electronics")
