@@ -371,7 +371,8 @@ def test_c_move_goes_to_the_gateways_own_ae_on_its_commitment_listener(tmp_path,
         sr = ecg_report_sr(to_read(stat), findings=["VT"], impression="Ventricular tachycardia")
         assert orthanc.rest("/instances", "POST", part10(sr))["Status"] == "Success"
         deadline = time.monotonic() + 90
-        while not service.reports.store.reports():
+        # the round stores the report, then records how it was retrieved: wait for that round's record
+        while not (service.reports.store.status("poller") or {}).get("stored"):
             assert time.monotonic() < deadline, service.status_line()
             time.sleep(min(service.step(stop), 0.2))
         (report,) = service.reports.store.reports()

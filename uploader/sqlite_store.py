@@ -168,12 +168,35 @@ def open_database(
         # connections, and looking for them reads every installed package's metadata
         # (importlib.metadata, ~0.6 MB of RSS in each service; bench/soak.py).
         db = sqlite_utils.Database(conn, execute_plugins=False)
-        db.enable_wal()
+        enable_wal(conn)
         migrate(db, migrations)
     except BaseException:
         conn.close()
         raise
     return db
+
+
+def enable_wal(conn: sqlite3.Connection) -> None:
+    """Switch a database to WAL, as the first of several processes opening a new one at once.
+    The switch needs the exclusive lock, and SQLite answers "database is locked" at once instead
+    of waiting when another connection's lock makes waiting a possible deadlock (seen 1 in 40 with
+    three services starting on a new data directory): so it is tried again, within the busy timeout."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            mode = str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+            if mode != "wal":
+                mode = str(conn.execute("PRAGMA journal_mode=wal").fetchone()[0]).lower()
+            if mode == "wal":
+                return
+            problem = f"the journal mode stayed {mode!r}"
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc):
+                raise
+            problem = str(exc)
+        if time.monotonic() > deadline:
+            raise sqlite3.OperationalError(f"cannot switch the database to WAL: {problem}")
+        time.sleep(0.05)
 
 
 def create_private(db_path: Path) -> None:
