@@ -16,6 +16,26 @@ SHARED = Path(os.environ.get("LASTMILE_SHARED") or os.environ.get("LASTMILE_SHAR
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
+def _worker_port_slice() -> None:
+    """Parallel workers (pytest-xdist) share one network namespace: each picks its servers' ports
+    from its own slice of the free range (lastmile.demo.loopback.port_range), so a port one worker
+    picked is never picked by another while its server restarts (seen once: a forward service
+    killed and restarted 22 times found its commitment port taken)."""
+    from lastmile.demo.loopback import FREE_PORT_RANGE
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw") or "LASTMILE_PORT_RANGE" in os.environ:
+        return
+    count = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    index = int(worker[2:]) % count
+    width = (FREE_PORT_RANGE[1] - FREE_PORT_RANGE[0] + 1) // count
+    low = FREE_PORT_RANGE[0] + index * width
+    os.environ["LASTMILE_PORT_RANGE"] = f"{low}-{low + width - 1}"
+
+
+_worker_port_slice()
+
+
 def missing(reason: str, *, module: bool = False) -> None:
     """Skip locally, fail in CI: CI must run everything. The only skip in the suite
     (tests/test_suite_hygiene.py checks): `module=True` skips a whole test module."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 
@@ -11,11 +12,25 @@ import socket
 FREE_PORT_RANGE = (20000, 32767)
 
 
+def port_range() -> tuple[int, int]:
+    """FREE_PORT_RANGE, or the slice of it named by LASTMILE_PORT_RANGE ("LOW-HIGH"): parallel test
+    workers share one network namespace, and a port one picked is free only until its server
+    listens; between a server's restarts another worker could pick it. Each takes its own slice."""
+    try:
+        low, high = (int(part) for part in os.environ.get("LASTMILE_PORT_RANGE", "").split("-"))
+    except ValueError:
+        return FREE_PORT_RANGE
+    if FREE_PORT_RANGE[0] <= low < high <= FREE_PORT_RANGE[1]:
+        return (low, high)
+    return FREE_PORT_RANGE
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing uses right now, outside the ephemeral range (above)."""
     pick = random.SystemRandom()
+    low, high = port_range()
     for _attempt in range(200):
-        port = pick.randint(*FREE_PORT_RANGE)
+        port = pick.randint(low, high)
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind(("127.0.0.1", port))
