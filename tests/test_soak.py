@@ -77,6 +77,14 @@ def test_thirty_kills_across_the_services_lose_and_duplicate_nothing() -> None:
     assert result["service_exits"] == [] and result["cli_errors"] == []
 
 
+def run_probe(probe: str) -> str:
+    """A fresh interpreter runs `probe` (what a service imports and holds, unclouded by this
+    process's); its stdout."""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 def test_the_acquire_process_leaves_out_what_it_never_uses() -> None:
     """Found by the soak: `lastmile acquire` with the LAN receiver sat at 65 MB RSS (goal 64),
     ~4.5 MB of it requests and tqdm, pulled in by pydicom's test-file downloader. The process is
@@ -91,9 +99,7 @@ def test_the_acquire_process_leaves_out_what_it_never_uses() -> None:
         "import pydicom.data\n"
         "print(sorted(n for n in ('requests', 'tqdm', 'pydicom') if sys.modules.get(n) is not None))\n"
     )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["['pydicom']"]  # pydicom there (it is used), requests and tqdm not
+    assert run_probe(probe).split() == ["['pydicom']"]  # pydicom there (it is used), requests and tqdm not
 
 
 def test_opening_a_database_reads_no_installed_packages_for_plugins(tmp_path: Path) -> None:
@@ -110,9 +116,7 @@ def test_opening_a_database_reads_no_installed_packages_for_plugins(tmp_path: Pa
         "db.close()\n"
         "print('importlib.metadata' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["False"]
+    assert run_probe(probe).split() == ["False"]
 
 
 def test_the_acquire_process_tunes_glibc_malloc_and_trims_it() -> None:
@@ -124,9 +128,7 @@ def test_the_acquire_process_tunes_glibc_malloc_and_trims_it() -> None:
         "print(malloc.tune(arenas=MALLOC_ARENAS, mmap_threshold=MMAP_THRESHOLD))\n"
         "malloc.trim()\n"
     )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["True"]  # this is a glibc system: mallopt() said yes
+    assert run_probe(probe).split() == ["True"]  # this is a glibc system: mallopt() said yes
 
 
 def test_the_judge_sees_a_lost_a_duplicated_and_a_misattributed_ecg(monkeypatch: pytest.MonkeyPatch) -> None:
