@@ -1278,15 +1278,24 @@ UNFINISHED = ("queued", "sending", "sent", "committed")
 
 
 def wait_drained(data_dir: Path, limit_s: float) -> dict[str, int]:
-    """Until every DICOM item is purged (or quarantined) and every FHIR bundle delivered, or the
-    limit passes; the DICOM states, with the FHIR bundles still unsent as 'fhir_unsent'."""
+    """Until every DICOM item is purged (or quarantined), every reading relayed and every FHIR
+    bundle delivered, or the limit passes; the DICOM states, with the readings not yet relayed as
+    'observations_unrelayed' and the FHIR bundles still unsent as 'fhir_unsent'."""
     deadline = time.monotonic() + limit_s
     while True:
         states = outbox_states(data_dir)
+        # a reading assigned in the day's last minutes is relayed (made a FHIR bundle) by the
+        # forward service's next round: the bundles can all be sent before it is even queued
+        readings = outbox_states(data_dir, "observation")
+        states["observations_unrelayed"] = sum(readings.get(s, 0) for s in ("queued", "sending", "held"))
         fhir = outbox_states(data_dir, FHIR_KIND)
         states["fhir_unsent"] = sum(fhir.get(s, 0) for s in ("queued", "sending", "held"))
         states["fhir_quarantined"] = fhir.get("quarantined", 0)
-        waiting = any(states.get(s, 0) for s in (*UNFINISHED, "held")) or states["fhir_unsent"]
+        waiting = (
+            any(states.get(s, 0) for s in (*UNFINISHED, "held"))
+            or states["observations_unrelayed"]
+            or states["fhir_unsent"]
+        )
         if not waiting or time.monotonic() >= deadline:
             return states
         time.sleep(1.0)
@@ -1363,6 +1372,8 @@ def verdict_figures(day: Day, states: dict[str, int]) -> dict[str, Any]:
         "ble_waits_timed_out": day.clinic.stats.ble_waits_timed_out,
         "bridge_ecgs_retaken": day.clinic.bridge.retaken if day.clinic.bridge else 0,
         "held_unassigned": states.get("held", 0) + ble["ble_held"],
-        "stuck": sum(states.get(s, 0) for s in UNFINISHED) + states.get("fhir_unsent", 0),
+        "stuck": sum(states.get(s, 0) for s in UNFINISHED)
+        + states.get("observations_unrelayed", 0)
+        + states.get("fhir_unsent", 0),
         "quarantined": states.get("quarantined", 0) + states.get("fhir_quarantined", 0),
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -219,3 +220,33 @@ def test_the_platform_judge_sees_a_lost_a_twice_stored_and_a_misattributed_visit
     assert (verdict["visits_duplicated"], verdict["visits_misattributed"]) == (0, 1)
     assert verdict["fhir_resources_duplicated"] == 1  # visit-1's Encounter stored twice
     assert verdict["fhir_resends_absorbed"] == 1
+
+
+def test_the_day_is_not_over_while_a_reading_waits_to_be_relayed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A reading the doctor assigns in the day's last minute is made a FHIR bundle by the forward
+    service's next round: the drain must wait for it, not stop because no bundle is unsent yet
+    (the soak once judged two readings 'not at the platform' that were about to be relayed)."""
+    import importlib.util
+
+    from uploader.outbox import Outbox
+
+    spec = importlib.util.spec_from_file_location("clinic_day", REPO / "bench" / "clinic_day.py")
+    assert spec is not None and spec.loader is not None
+    clinic_day = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "clinic_day", clinic_day)
+    spec.loader.exec_module(clinic_day)
+
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        item = outbox.add("observation", "obs:1", b"{}", now=1.0).item
+        began = time.monotonic()
+        states = clinic_day.wait_drained(tmp_path, limit_s=1.0)
+        assert time.monotonic() - began >= 1.0  # it waited for the reading, to the limit
+        assert states["observations_unrelayed"] == 1
+        assert states.get("fhir_unsent", 0) == 0  # the state that once ended the day early
+        assert [i.id for i in outbox.claim("observation", 10, 2.0)] == [item.id]  # as the relay does
+        outbox.mark_sent([item.id], 2.0)
+        outbox.mark_committed([item.id], 2.0)
+        states = clinic_day.wait_drained(tmp_path, limit_s=60.0)  # relayed: over at once
+        assert states["observations_unrelayed"] == 0
