@@ -401,3 +401,22 @@ def test_a_twelve_lead_ecg_of_exactly_16384_samples_stays_a_twelve_lead_ecg() ->
     """PS3.3 A.34.3.4.4: at most 16384 samples per channel; the limit itself is allowed."""
     assert choose_sop_class(recording(synthetic(12, 16384))) == TWELVE_LEAD_ECG
     assert choose_sop_class(recording(synthetic(12, 16385))) == GENERAL_ECG
+
+
+def test_a_patient_id_with_a_line_break_inside_is_refused_not_sent() -> None:
+    """A scanned ID split by a stray CR/LF is not a DICOM LO value: sent as it is, the reading
+    centre would file the ECG under an ID that matches no patient (only ST/LT keep line breaks)."""
+    ds = build_ecg_dataset(recording(synthetic(12, 600)), UIDS, STATION)
+    with pytest.raises(InvalidObjectError, match="patient ID"):
+        reassign_patient(ds, dataclasses.replace(PATIENT, patient_id="KE-123\n456"), "assigned")
+
+
+def test_a_note_keeps_its_line_breaks_but_no_other_control_character() -> None:
+    """ST keeps a person's line breaks, never a bell or NUL: a control character in the note makes
+    the object invalid DICOM that a strict PACS refuses, so the ECG would not be read."""
+    ds = build_ecg_dataset(recording(synthetic(12, 600)), UIDS, STATION)
+    reassign_patient(ds, PATIENT, "assigned by\x07 Dr Li\x00\nat the clinic")
+    assert any(
+        str(a.get("UnformattedTextValue", "")) == "assigned by Dr Li\nat the clinic"
+        for a in ds.WaveformAnnotationSequence
+    )

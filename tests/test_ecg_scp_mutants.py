@@ -568,3 +568,14 @@ def test_a_device_tag_of_exactly_its_fixed_part_names_the_cart() -> None:
     head[8:14] = b"CART\x00\x00"
     device = read_scp(_record(_section1(_tag(14, bytes(head))))).device
     assert (device.model, device.manufacturer) == ("CART", "Marquette Electronics")
+
+
+def test_the_shortest_record_followed_by_padding_is_read_by_its_own_length() -> None:
+    """A 22-byte record (CRC, length, a section 0 of only its header) padded to the 32-byte file
+    minimum is read by the length it declares, not refused: carts pad files to a block size, and
+    the padding is not ours to read (the boundary of `record_len < 22`; the file-size minimum
+    bounds the file, not the record)."""
+    record = _bare_record(16, b"")
+    assert len(record) == 22
+    data, sections = read_sections(record + bytes(10))
+    assert (data, set(sections)) == (record, {0})
