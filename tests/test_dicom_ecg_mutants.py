@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import datetime as dt
 
 import numpy as np
@@ -420,3 +421,307 @@ def test_a_note_keeps_its_line_breaks_but_no_other_control_character() -> None:
         str(a.get("UnformattedTextValue", "")) == "assigned by Dr Li\nat the clinic"
         for a in ds.WaveformAnnotationSequence
     )
+
+
+# ---------------------------------------------------------------- survivors of the full run (issue 20)
+
+
+def _source_codes(ds: Dataset, group: int = 0) -> dict[str, str]:
+    return {
+        str(c.ChannelLabel): str(c.ChannelSourceSequence[0].CodeValue)
+        for c in ds.WaveformSequence[group].ChannelDefinitionSequence
+    }
+
+
+def test_every_chest_and_right_chest_lead_gets_its_own_code_and_unknown_leads_none() -> None:
+    """CID 3001: V1-V7 are 2:3-2:9 and V2R-V7R 2:10-2:15. A lead coded as another (or an unknown
+    "V0"/"V1R" channel coded as a real lead) is read against the wrong lead's criteria."""
+    leads = tuple(f"V{i}" for i in range(1, 8)) + tuple(f"V{i}R" for i in range(2, 8)) + ("V0", "V1R")
+    ds = build_ecg_dataset(recording(synthetic(len(leads), 600), leads), UIDS, STATION)
+    expected = {f"V{i}": f"2:{i + 2}" for i in range(1, 8)} | {f"V{i}R": f"2:{i + 8}" for i in range(2, 8)}
+    assert _source_codes(ds) == expected | {"V0": "2:0", "V1R": "2:0"}
+
+
+def test_derived_chest_leads_get_the_derived_codes_from_v1_to_v6() -> None:
+    """A computed V1 or V6 is coded "Derived Lead V1" (2:33) / "Derived Lead V6" (2:38), never as a
+    recorded lead: the reader must not take an estimate for a measured signal."""
+    rec = recording(synthetic(12, 600), derived_leads=frozenset({"V1", "V6"}))
+    codes = _source_codes(build_ecg_dataset(rec, UIDS, STATION))
+    assert (codes["V1"], codes["V2"], codes["V6"]) == ("2:33", "2:4", "2:38")
+
+
+@pytest.mark.parametrize(
+    ("station", "written"),
+    [
+        (StationInfo(station_name="S" * 16, institution="I" * 64), ("S" * 16, "I" * 64)),  # exactly full
+        (StationInfo(station_name="S" * 17, institution="I" * 65), ("S" * 16, "I" * 64)),  # one over: cut
+    ],
+)
+def test_sh_and_lo_values_are_cut_exactly_at_their_dicom_length(station: StationInfo, written: tuple[str, str]) -> None:
+    """SH holds 16 characters and LO 64: one more makes the object invalid (a strict PACS refuses
+    the study), one fewer loses the last character of the clinic's name."""
+    ds = build_ecg_dataset(recording(synthetic(12, 600)), UIDS, station)
+    assert (str(ds.StationName), str(ds.InstitutionName)) == written
+
+
+def test_a_note_of_exactly_1024_characters_is_kept_whole() -> None:
+    """ST holds 1024 characters: the doctor's whole note reaches the reader, and no more."""
+    ds = build_ecg_dataset(recording(synthetic(12, 600)), UIDS, STATION)
+    reassign_patient(ds, PATIENT, "n" * 1025)
+    assert str(ds.WaveformAnnotationSequence[-1].UnformattedTextValue) == "n" * 1024
+    reassign_patient(ds, PATIENT, "m" * 1024)
+    assert str(ds.WaveformAnnotationSequence[-1].UnformattedTextValue) == "m" * 1024
+
+
+@pytest.mark.parametrize("extreme", [2**62, -(2**62)])
+def test_samples_within_64_bits_are_requantised_not_refused(extreme: int) -> None:
+    """Only values beyond 64 bits are refused: a wild but representable sample (a saturated
+    amplifier's garbage) still gives the reader the rest of the ECG."""
+    samples = np.array([[extreme, 0]] * 2, dtype=np.int64).repeat(50, axis=1)
+    ds = build_ecg_dataset(recording(samples, ("I", "II")), UIDS, STATION)
+    check_ecg_iod(ds)
+
+
+def _sensitivity(samples: np.ndarray) -> float:
+    ds = build_ecg_dataset(recording(samples, ("I", "II")), UIDS, STATION)
+    return float(ds.WaveformSequence[0].ChannelDefinitionSequence[0].ChannelSensitivity)
+
+
+def test_requantisation_divides_by_the_smallest_exact_factor_not_the_common_one() -> None:
+    """65532 and 6 need a factor of 2 and every sample is a multiple of 6: dividing by 2 is exact
+    and keeps three times the resolution dividing by 6 would (1 unit = 5 uV, not 15)."""
+    assert _sensitivity(np.array([[65532, 6, -6]] * 2, dtype=np.int64).repeat(50, axis=1)) == 5.0
+
+
+@pytest.mark.parametrize(
+    ("top", "factor"),
+    [
+        (120, 4127),  # needs 31: 4127 is the last factor searched (31 + 4096), found: lossless and finest
+        (116, 8254),  # needs 30: 4127 is one past the search, the common factor 8254 is used (still exact)
+    ],
+)
+def test_the_exact_factor_search_ends_4096_past_the_factor_needed(top: int, factor: int) -> None:
+    """Every sample a multiple of 8254 = 2 x 4127: the search for an exact factor stops 4096 past the
+    one needed, its last candidate included, so the resolution kept does not depend on an
+    off-by-one."""
+    samples = np.array([[8254, top * 8254, 0]] * 2, dtype=np.int64).repeat(50, axis=1)
+    assert _sensitivity(samples) == 2.5 * factor
+
+
+def test_a_rounded_requantisation_states_its_error_bound() -> None:
+    """Rounding to a factor of 2 at 2.5 uV/unit is off by at most 2.5 uV: the reader is told the
+    true bound, not one twice or half as large."""
+    samples = np.array([[65534, 5, -5, 7]] * 2, dtype=np.int64).repeat(50, axis=1)
+    ds = build_ecg_dataset(recording(samples, ("I", "II")), UIDS, STATION)
+    assert [t for t in _texts(ds) if t.startswith("Amplitudes requantised")] == [
+        "Amplitudes requantised to 16 bits: 1 unit = 5 uV instead of 2.5 uV, rounded, error at most 2.5 uV"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "written"),
+    [
+        ("A=B=C", "A=B=C"),  # three groups: all kept
+        ("A=B=C=D", "A=B=C"),  # a fourth group is not PN
+        ("A^B^C^D^E", "A^B^C^D^E"),  # five components: all kept
+        ("A^B^C^D^E^F", "A^B^C^D^E"),  # a sixth component is not PN
+    ],
+)
+def test_person_names_keep_three_groups_of_five_components(name: str, written: str) -> None:
+    """PS3.5 PN: a component lost is a wrong name on the report; one too many makes it invalid."""
+    ds = build_ecg_dataset(recording(synthetic(12, 600)), UIDS, STATION)
+    reassign_patient(ds, dataclasses.replace(PATIENT, name=name), "assigned")
+    assert str(ds.PatientName) == written
+
+
+def test_a_zone_of_59_minutes_is_written_as_0059_not_an_hour() -> None:
+    """The hours of an offset are whole 60-minute hours: +00:59 written as +01:59 would put the
+    ECG an hour away from when it was taken."""
+    acquired = dt.datetime(2024, 5, 1, 9, 30, tzinfo=dt.timezone(dt.timedelta(minutes=59)))
+    ds = build_ecg_dataset(recording(synthetic(12, 600), acquired_at=acquired), UIDS, STATION)
+    assert (str(ds.TimezoneOffsetFromUTC), str(ds.AcquisitionDateTime)[-5:]) == ("+0059", "+0059")
+
+
+def test_the_unassigned_patient_id_is_unassigned_and_20_hex_digits() -> None:
+    """The temporary ID names the study (80 bits of its UID's hash): what the console and the
+    reading centre match an unassigned ECG by."""
+    ds = build_ecg_dataset(recording(synthetic(12, 600), patient=None), UIDS, STATION)
+    assert str(ds.PatientID) == "UNASSIGNED-" + hashlib.sha256(UIDS.study_uid.encode()).hexdigest()[:20].upper()
+
+
+def test_assigning_reads_the_acquisition_date_with_two_digit_month_and_day() -> None:
+    """Born 1980-11-23, recorded 2024-11-23 09:30: 44 years that day. A month or day read from the
+    wrong digits would give the wrong age (or refuse the assignment)."""
+    acquired = dt.datetime(2024, 11, 23, 9, 30, tzinfo=dt.timezone(dt.timedelta(hours=8)))
+    ds = build_ecg_dataset(recording(synthetic(12, 600), acquired_at=acquired), UIDS, STATION)
+    reassign_patient(ds, dataclasses.replace(PATIENT, birth_date=dt.date(1980, 11, 23)), "assigned")
+    assert ds.PatientAge == "044Y"
+
+
+def test_an_object_without_acquisition_datetime_is_assigned_by_its_content_date() -> None:
+    """An object written by another tool may carry only Content Date: the age still comes from it."""
+    ds = build_ecg_dataset(recording(synthetic(12, 600)), UIDS, STATION)
+    del ds.AcquisitionDateTime
+    ds.ContentDate = "20240501"
+    reassign_patient(ds, PATIENT, "assigned")
+    assert ds.PatientAge == "044Y"
+
+
+def test_an_object_without_annotations_gets_the_assignment_note() -> None:
+    ds = build_ecg_dataset(recording(synthetic(12, 600)), UIDS, STATION)
+    del ds.WaveformAnnotationSequence
+    reassign_patient(ds, PATIENT, "assigned by Dr Li")
+    assert [str(a.UnformattedTextValue) for a in ds.WaveformAnnotationSequence] == ["assigned by Dr Li"]
+
+
+def test_median_beat_channels_are_recorded_leads_not_derived_ones() -> None:
+    """The cart's median beat of lead I is lead I (2:1), described as a median, not as "computed
+    from other leads": the reader would distrust a real lead."""
+    ds = build_ecg_dataset(recording(synthetic(12, 600), median_beats=_median(1)), UIDS, STATION)
+    channel = ds.WaveformSequence[1].ChannelDefinitionSequence[0]
+    assert (str(channel.ChannelSourceSequence[0].CodeValue), str(channel.ChannelDerivationDescription)) == (
+        "2:1",
+        "median beat computed by the device",
+    )
+
+
+def test_a_bazett_qtc_carries_its_formula_meaning() -> None:
+    qtc = EcgMeasurement("qtc-interval", 431.0, "test", method="bazett")
+    ds = build_ecg_dataset(recording(synthetic(12, 600), measurements=(qtc,)), UIDS, STATION)
+    concept = next(a for a in ds.WaveformAnnotationSequence if "NumericValue" in a).ConceptNameCodeSequence[0]
+    assert (str(concept.CodeValue), str(concept.CodeMeaning)) == ("2:15880", "QTc global using Bazett formula")
+
+
+def test_the_device_group_is_explained_first_and_the_groups_note_leads_the_notes() -> None:
+    """With measurements, a physician's and a comment statement: groups 1, 2, 3 in order, and that
+    explanation before the measurement notes it explains."""
+    measured = tuple(
+        EcgMeasurement(kind, value, "test", note="read from a non-standard field")
+        for kind, value in (("heart-rate", 72.0), ("pr-interval", 160.0))
+    )
+    statements = (EcgStatement("Sinus rhythm", StatementSource.PHYSICIAN), EcgStatement("ok", StatementSource.COMMENT))
+    ds = build_ecg_dataset(
+        recording(synthetic(12, 600), measurements=measured, statements=statements), UIDS, STATION
+    )
+    notes = [t for t in _texts(ds) if t.startswith(("Annotation groups", "Device measurement"))]
+    assert notes[0].startswith("Annotation groups") and len(notes) == 3
+    assert notes[0].index("group 1") < notes[0].index("group 2") < notes[0].index("group 3")
+
+
+# check_ecg_iod: the last gate before the outbox; each limit at its boundary, each refusal naming
+# the group and the limit, so the log tells the maintainer what to fix.
+
+
+def _twelve_lead() -> Dataset:
+    ds = build_ecg_dataset(recording(synthetic(12, 600)), UIDS, STATION)
+    assert ds.SOPClassUID == TWELVE_LEAD_ECG
+    return ds
+
+
+def _add_channel(group: Dataset) -> None:
+    group.ChannelDefinitionSequence.append(copy.deepcopy(group.ChannelDefinitionSequence[0]))
+    group.NumberOfWaveformChannels = len(group.ChannelDefinitionSequence)
+    group.WaveformData = bytes(int(group.NumberOfWaveformChannels) * int(group.NumberOfWaveformSamples) * 2)
+
+
+def test_a_twelve_lead_group_holds_13_channels_and_a_14th_is_refused_by_the_group_limit() -> None:
+    """PS3.3 A.34.3.4.3: 1-13 channels per 12-lead group (12 leads and one more, e.g. a rhythm strip)."""
+    ds = _twelve_lead()
+    _add_channel(ds.WaveformSequence[0])
+    check_ecg_iod(ds)
+    _add_channel(ds.WaveformSequence[0])
+    with pytest.raises(InvalidObjectError, match=r"12-lead ECG group 1: 14 channels \(1-13 allowed\)"):
+        check_ecg_iod(ds)
+
+
+def test_a_general_ecg_holds_four_multiplex_groups_and_not_five() -> None:
+    """PS3.3 A.34.4.4.2: 1-4 multiplex groups in a General ECG."""
+    ds = build_ecg_dataset(recording(synthetic(1, 16385), leads=("II",)), UIDS, STATION)
+    assert ds.SOPClassUID == GENERAL_ECG
+    ds.WaveformSequence.extend(copy.deepcopy(ds.WaveformSequence[0]) for _ in range(3))
+    check_ecg_iod(ds)
+    ds.WaveformSequence.append(copy.deepcopy(ds.WaveformSequence[0]))
+    with pytest.raises(InvalidObjectError, match=r"5 multiplex groups \(1-4 allowed\)"):
+        check_ecg_iod(ds)
+
+
+def test_a_general_ecg_group_of_24_channels_passes_the_gate() -> None:
+    ds = build_ecg_dataset(recording(synthetic(24, 600), tuple(f"L{i}" for i in range(1, 25))), UIDS, STATION)
+    assert ds.SOPClassUID == GENERAL_ECG
+    check_ecg_iod(ds)
+
+
+def test_a_twelve_lead_ecg_of_exactly_16384_samples_passes_the_gate() -> None:
+    check_ecg_iod(build_ecg_dataset(recording(synthetic(12, 16384)), UIDS, STATION))
+
+
+@pytest.mark.parametrize(
+    ("emptied", "refusal"),
+    [
+        ("NumberOfWaveformChannels", r"12-lead ECG group 1: 0 channels \(1-13 allowed\)"),
+        ("NumberOfWaveformSamples", r"12-lead ECG group 1: 0 samples \(1-16384 allowed\)"),
+    ],
+)
+def test_a_group_with_no_channels_or_no_samples_is_refused(emptied: str, refusal: str) -> None:
+    """An empty waveform would be stored as an ECG with nothing to read."""
+    ds = _twelve_lead()
+    group = ds.WaveformSequence[0]
+    setattr(group, emptied, 0)
+    if emptied == "NumberOfWaveformChannels":
+        group.ChannelDefinitionSequence = []
+    group.WaveformData = b""
+    with pytest.raises(InvalidObjectError, match=refusal):
+        check_ecg_iod(ds)
+
+
+def test_a_general_ecg_with_no_samples_is_refused_with_no_sample_limit_named() -> None:
+    ds = build_ecg_dataset(recording(synthetic(1, 16385), leads=("II",)), UIDS, STATION)
+    ds.WaveformSequence[0].NumberOfWaveformSamples = 0
+    with pytest.raises(InvalidObjectError, match=r"General ECG group 1: 0 samples \(1-any allowed\)"):
+        check_ecg_iod(ds)
+
+
+def test_waveform_data_of_the_wrong_length_is_refused_with_the_length_expected() -> None:
+    """A truncated waveform would shift every later sample onto the wrong lead."""
+    ds = _twelve_lead()
+    group = ds.WaveformSequence[0]
+    group.WaveformData = bytes(group.WaveformData)[:-2]
+    with pytest.raises(InvalidObjectError, match=f"group 1: {12 * 600 * 2 - 2} bytes of waveform data, expected 14400$"):
+        check_ecg_iod(ds)
+
+
+def test_a_channel_without_a_source_code_is_refused_as_such() -> None:
+    """A channel with no lead code cannot be told apart from another lead by the reader."""
+    ds = _twelve_lead()
+    del ds.WaveformSequence[0].ChannelDefinitionSequence[3].ChannelSourceSequence
+    with pytest.raises(InvalidObjectError, match="group 1: a channel has no Channel Source code"):
+        check_ecg_iod(ds)
+
+
+def test_seventeen_bits_stored_in_16_bit_samples_are_refused() -> None:
+    ds = _twelve_lead()
+    ds.WaveformSequence[0].ChannelDefinitionSequence[0].WaveformBitsStored = 17
+    with pytest.raises(InvalidObjectError, match="17 bits stored"):
+        check_ecg_iod(ds)
+
+
+def test_the_signal_lost_note_points_at_the_padded_samples_themselves() -> None:
+    """The text note of a gap spans the same samples as its coded annotation (1-based,
+    inclusive): pointing one sample off, the reader would take padding for signal or hide a
+    real beat."""
+    rec = recording(synthetic(12, n=1000), gaps=(SampleGap(0, 10), SampleGap(400, 50)))
+    ds = build_ecg_dataset(rec, UIDS, STATION)
+    spans = [
+        (list(a.ReferencedSamplePositions), str(a.TemporalRangeType))
+        for a in ds.WaveformAnnotationSequence
+        if str(a.get("UnformattedTextValue", "")).startswith("Signal lost in transit")
+    ]
+    assert spans == [([1, 10], "SEGMENT"), ([411, 460], "SEGMENT")]
+
+
+def test_an_integral_sensitivity_of_fifteen_digits_is_written_exactly() -> None:
+    """DS holds 16 characters: an integer below 10**15 fits as it is and is not rounded to
+    1e+15 (the reader would scale every sample by a unit that is not the cart's)."""
+    rec = recording(synthetic(2, 600), ("I", "II"), uv_per_unit=999_999_999_999_999.0)
+    channel = build_ecg_dataset(rec, UIDS, STATION).WaveformSequence[0].ChannelDefinitionSequence[0]
+    assert str(channel.ChannelSensitivity) == "999999999999999"
