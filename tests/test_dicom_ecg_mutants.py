@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import datetime as dt
+import hashlib
 
 import numpy as np
 import pytest
@@ -600,9 +600,7 @@ def test_the_device_group_is_explained_first_and_the_groups_note_leads_the_notes
         for kind, value in (("heart-rate", 72.0), ("pr-interval", 160.0))
     )
     statements = (EcgStatement("Sinus rhythm", StatementSource.PHYSICIAN), EcgStatement("ok", StatementSource.COMMENT))
-    ds = build_ecg_dataset(
-        recording(synthetic(12, 600), measurements=measured, statements=statements), UIDS, STATION
-    )
+    ds = build_ecg_dataset(recording(synthetic(12, 600), measurements=measured, statements=statements), UIDS, STATION)
     notes = [t for t in _texts(ds) if t.startswith(("Annotation groups", "Device measurement"))]
     assert notes[0].startswith("Annotation groups") and len(notes) == 3
     assert notes[0].index("group 1") < notes[0].index("group 2") < notes[0].index("group 3")
@@ -686,7 +684,9 @@ def test_waveform_data_of_the_wrong_length_is_refused_with_the_length_expected()
     ds = _twelve_lead()
     group = ds.WaveformSequence[0]
     group.WaveformData = bytes(group.WaveformData)[:-2]
-    with pytest.raises(InvalidObjectError, match=f"group 1: {12 * 600 * 2 - 2} bytes of waveform data, expected 14400$"):
+    with pytest.raises(
+        InvalidObjectError, match=f"group 1: {12 * 600 * 2 - 2} bytes of waveform data, expected 14400$"
+    ):
         check_ecg_iod(ds)
 
 
