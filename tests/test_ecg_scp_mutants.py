@@ -579,3 +579,123 @@ def test_the_shortest_record_followed_by_padding_is_read_by_its_own_length() -> 
     assert len(record) == 22
     data, sections = read_sections(record + bytes(10))
     assert (data, set(sections)) == (record, {0})
+
+
+# ---------------------------------------------------------------- survivors of the full run (issue 20)
+
+RECEIVED = dt.datetime(2026, 12, 1, 15, 0, tzinfo=dt.timezone.utc)
+
+
+def _acquired(*tags: bytes, clock: bytes = bytes([8, 30, 0])) -> dt.datetime | None:
+    """The acquisition time read from a section 1 dated 2026-11-30 with this clock and extra tags;
+    the gateway's receipt time when the file's time is refused."""
+    section1 = _tag(2, b"P-1\x00") + _tag(25, struct.pack("<HBB", 2026, 11, 30)) + _tag(26, clock) + b"".join(tags)
+    recording = read_scp(_record(section1 + _tag(255, b"")), received_at=RECEIVED)
+    if recording.time_source is TimeSource.GATEWAY_RECEIPT:
+        return None
+    return recording.acquired_at
+
+
+def test_the_last_second_of_the_day_is_a_time_and_24_or_60_is_not() -> None:
+    """23:59:59 is read; an hour of 24 or a minute or second of 60 is a broken clock: the ECG gets
+    the gateway's receipt time (said so), never a crash or a time an hour off."""
+    assert _acquired(clock=bytes([23, 59, 59])) == dt.datetime(2026, 11, 30, 23, 59, 59, tzinfo=dt.timezone.utc)
+    assert _acquired(clock=bytes([8, 30, 45])) == dt.datetime(2026, 11, 30, 8, 30, 45, tzinfo=dt.timezone.utc)
+    for broken in ([24, 0, 0], [0, 60, 0], [0, 0, 60], [8, 30]):
+        assert _acquired(clock=bytes(broken)) is None, broken
+
+
+@pytest.mark.parametrize(
+    ("zone", "offset_min"),
+    [
+        (struct.pack("<h", 480), 480),  # exactly the 2 offset bytes: China Standard Time
+        (struct.pack("<hH", 840, 0), 840),  # +14:00 (Kiribati), the largest real offset
+        (struct.pack("<hH", -720, 0), -720),
+        (struct.pack("<hH", 841, 0), None),  # beyond any real zone: the local zone is used
+        (struct.pack("<hH", 0x7FFF, 0), None),  # "not specified"
+        (b"\x08", None),  # one byte is no offset
+    ],
+)
+def test_the_zone_tag_gives_the_offset_only_when_it_is_a_real_one(zone: bytes, offset_min: int | None) -> None:
+    """Tag 34: a wrong zone moves the ECG hours away from when it was taken (and a ward's ECG
+    out of order with the other measurements of that visit)."""
+    acquired = _acquired(_tag(34, zone))
+    minutes = offset_min if offset_min is not None else 0  # the local zone here is UTC
+    assert acquired == dt.datetime(2026, 11, 30, 8, 30, tzinfo=dt.timezone(dt.timedelta(minutes=minutes)))
+    assert acquired is not None and acquired.utcoffset() == dt.timedelta(minutes=minutes)
+
+
+def test_the_device_tag_gives_serial_and_software_after_the_revision_string() -> None:
+    """Tag 14 after its 36 fixed bytes: revision (length in byte 35), then serial, system software,
+    SCP software and maker, NUL-terminated. A serial off by one field files the ECG under
+    another cart (the device audit trail and recalls follow it)."""
+    head = bytearray(36)
+    head[7] = 7
+    head[8:14] = b"CART\x00\x00"
+    head[35] = 3
+    device_tag = _tag(14, bytes(head) + b"R01" + b"SN-42\x00" + b"SW 9.1\x00" + b"IMPL\x00" + b"Maker\x00")
+    device = read_scp(_record(_section1(device_tag))).device
+    assert (device.serial, device.software_version, device.manufacturer, device.model) == (
+        "SN-42",
+        "SW 9.1",
+        "Maker",
+        "CART",
+    )
+
+
+def test_a_device_tag_shorter_than_its_fixed_part_is_ignored_not_a_crash() -> None:
+    recording = read_scp(_record(_section1(_tag(14, bytes(35)))))
+    assert recording.device.manufacturer == "" and recording.patient is not None
+
+
+def test_a_patient_with_first_and_last_name_is_named_last_caret_first() -> None:
+    """Tags 0 (last) and 1 (first): "Wang^Fang"; the first name lost would make two patients alike."""
+    section1 = _tag(0, b"Wang\x00") + _tag(1, b"Fang\x00")
+    patient = read_scp(_record(_section1(section1))).patient
+    assert patient is not None and patient.name == "Wang^Fang"
+
+
+def test_sex_and_stat_are_read_from_the_first_byte_of_their_tags() -> None:
+    """A cart writing a wider tag still means its first byte: female stays female, STAT stays urgent."""
+    recording = read_scp(_record(_section1(_tag(8, bytes([2, 1])), _tag(24, bytes([1, 0])))))
+    assert recording.patient is not None and recording.patient.sex == "F"
+    assert recording.stat
+
+
+def test_a_section1_ending_in_two_stray_bytes_is_read() -> None:
+    """Fewer than a tag header's 3 bytes at the end are padding, not a tag claiming bytes beyond."""
+    body = _tag(2, b"P-1\x00") + _tag(25, struct.pack("<HBB", 2026, 11, 30)) + _tag(26, bytes([8, 30, 0]))
+    patient = read_scp(_record(body + b"\x07\x09")).patient
+    assert patient is not None and patient.patient_id == "P-1"
+
+
+def test_tags_after_the_255_terminator_are_not_read_and_tag_254_does_not_end_the_list() -> None:
+    """Bytes after the terminator (here a tag claiming more than the section) are not ours to
+    read; tag 254 is some other tag and the patient's ID after it is still read."""
+    body = _tag(254, b"x") + _tag(2, b"P-1\x00") + _tag(25, struct.pack("<HBB", 2026, 11, 30)) + _tag(26, bytes(3))
+    patient = read_scp(_record(body + _tag(255, b"") + struct.pack("<BH", 3, 500))).patient
+    assert patient is not None and patient.patient_id == "P-1"
+
+
+def test_the_protocol_version_is_section0s_protocol_byte_not_its_version_byte() -> None:
+    """Byte 15 of section 0 is the protocol version (which decides how compressed rhythm data is
+    read), byte 14 the section's own version."""
+    data = bytearray(_record(_section1()))
+    data[14] = 10
+    assert parse_scp(restamp(bytes(data))).protocol_version == 20
+
+
+def test_a_damaged_section0_is_named_as_section_0() -> None:
+    """The doctor is told which part of the file is damaged: section 0, the table of contents."""
+    data = bytearray(_record(_section1()))
+    data[16] ^= 0xFF  # in section 0's reserved bytes: its CRC no longer matches
+    data[0:2] = struct.pack("<H", _crc(bytes(data[2:])))
+    with pytest.raises(ProtocolError, match="section 0 is damaged"):
+        read_sections(bytes(data))
+
+
+def test_a_section0_ending_in_a_partial_pointer_ignores_it() -> None:
+    """9 stray bytes after section 0's pointers are not a 10-byte pointer: reading one would take
+    its last byte from beyond section 0 and refuse a readable file."""
+    record = _bare_record(16 + 9, struct.pack("<HIBBB", 1, 40, 1, 0, 0))
+    assert set(read_sections(record + bytes(10))[1]) == {0}
