@@ -252,6 +252,38 @@ REFUSALS = {
         "lead I appears twice",
     ),
     "no lead definition": (_with(s3=None), "section 3 \\(lead definition\\) is missing"),
+    # boundaries found by the full mutation run (issue 20)
+    "a 1-byte Huffman section": (_with(s2=b"\x01"), "Huffman tables\\) is empty"),
+    "256 Huffman tables are allowed, then the first must be there": (
+        _with(s2=struct.pack("<H", 256)),
+        "ends inside Huffman table 1",
+    ),
+    "a Huffman table with only one byte of its code count": (
+        _with(s2=struct.pack("<HB", 1, 1)),
+        "ends inside Huffman table 1",
+    ),
+    "a Huffman table one byte short of its codes": (
+        _with(s2=table_body([[HuffmanCode(1, 1, False, 0, 0)]])[:-1]),
+        "table 1 claims 1 codes",
+    ),
+    "a Huffman prefix of 33 bits": (
+        _with(s2=table_body([[HuffmanCode(33, 33, False, 0, 0)]])),
+        "bad code lengths 33/33",
+    ),
+    "33 value bits after a Huffman prefix": (
+        _with(s2=table_body([[HuffmanCode(1, 34, False, 0, 0)]])),
+        "bad code lengths 1/34",
+    ),
+    "a switch to Huffman table 0": (
+        _with(s2=table_body([[HuffmanCode(1, 1, True, 0, 0), HuffmanCode(1, 1, False, 0, 1)]])),
+        "switch to missing Huffman table 0",
+    ),
+    "a 1-byte lead definition": (_with(s3=b"\x01"), "lead definition\\) is empty"),
+    "a lead definition one byte short": (_with(s3=lead_body([1, 2], 10)[:-1]), "declares 2 leads but holds 1"),
+    "a lead starting at sample 0 (samples are numbered from 1)": (
+        _with(s3=bytes([1, 4]) + struct.pack("<IIB", 0, 10, 1)),
+        "bad sample range 0..10",
+    ),
 }
 
 
@@ -699,3 +731,37 @@ def test_a_section0_ending_in_a_partial_pointer_ignores_it() -> None:
     its last byte from beyond section 0 and refuse a readable file."""
     record = _bare_record(16 + 9, struct.pack("<HIBBB", 1, 40, 1, 0, 0))
     assert set(read_sections(record + bytes(10))[1]) == {0}
+
+
+def test_huffman_codes_of_the_widest_allowed_lengths_are_accepted() -> None:
+    """A 32-bit prefix, and 32 value bits after a prefix, are within EN 1064: a table holding them
+    (unused by this rhythm) is read, not refused, so the cart's ECG still reaches the reader."""
+    table = [HuffmanCode(1, 1, False, 0, 0), HuffmanCode(32, 32, False, 1, 1 << 31), HuffmanCode(2, 34, False, 0, 0b10)]
+    zeros = rhythm_body(np.zeros((2, 10)), 1000, 2000, [b"\x00\x00"] * 2, 0)
+    recording = read_scp(_with(s2=table_body([table]), s6=zeros))
+    assert recording.samples.shape[1] == 10 and not recording.samples.any()
+
+
+def test_only_the_prefix_bits_of_a_stored_huffman_code_are_the_code() -> None:
+    """The 4 stored bytes of a code hold its prefix bits in the low bits; bits above them are not
+    part of the code: a cart leaving them set must decode to the same samples."""
+    body = table_body([[HuffmanCode(1, 1, False, 0, 0), HuffmanCode(1, 1, False, 1, 1)]])
+    high = bytearray(body)
+    high[2 + 2 + 5 + 3] = 0x80  # the first code's stored value: bit 31 set above its 1-bit prefix
+    rhythm = rhythm_body(np.zeros((2, 10)), 1000, 2000, [b"\x55\x01"] * 2, 0)
+    plain = read_scp(_with(s2=body, s6=rhythm)).samples
+    assert plain.any() and np.array_equal(read_scp(_with(s2=bytes(high), s6=rhythm)).samples, plain)
+
+
+def test_a_lead_of_a_single_sample_is_a_valid_range() -> None:
+    """Start == end is one sample, not an empty lead."""
+    assert read_scp(_record(_section1(), n=1)).samples.shape[1] == 1
+
+
+def test_scp_is_recognised_by_its_scpecg_mark_and_a_section0_of_exactly_its_header() -> None:
+    """The import picks the decoder by this check: a real SCP file missed would be refused as an
+    unknown format, a non-SCP file taken for one gets a misleading refusal."""
+    assert looks_like_scp(_bare_record(16, b"") + bytes(10))
+    not_scp = bytearray(_bare_record(16, b"") + bytes(10))
+    not_scp[16:22] = b"NOTSCP"
+    assert not looks_like_scp(bytes(not_scp))
