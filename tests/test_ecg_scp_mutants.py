@@ -21,6 +21,7 @@ from devices.ecg.scp import (
     parse_scp,
     read_scp,
     read_sections,
+    undo_differences,
 )
 from devices.errors import ProtocolError, UnsupportedFeatureError
 from devices.identity import TimeSource
@@ -280,6 +281,15 @@ REFUSALS = {
     ),
     "a 1-byte lead definition": (_with(s3=b"\x01"), "lead definition\\) is empty"),
     "a lead definition one byte short": (_with(s3=lead_body([1, 2], 10)[:-1]), "declares 2 leads but holds 1"),
+    "rhythm data one byte short of its lead table": (
+        _with(s6=struct.pack("<HHBBHB", 1000, 2000, 0, 0, 0, 0)),
+        "SCP-ECG section 6 is too short for 2 leads",
+    ),
+    "a rhythm refusal names section 6": (_with(s6=_bodies(avm=0)[6]), "SCP-ECG section 6: amplitude multiplier"),
+    "a lead decoding refusal names section 6": (
+        _with(s6=struct.pack("<HHBBHH", 1000, 2000, 0, 0, 0, 0)),
+        "SCP-ECG section 6 lead 1: 0 bytes",
+    ),
     "a lead starting at sample 0 (samples are numbered from 1)": (
         _with(s3=bytes([1, 4]) + struct.pack("<IIB", 0, 10, 1)),
         "bad sample range 0..10",
@@ -765,3 +775,65 @@ def test_scp_is_recognised_by_its_scpecg_mark_and_a_section0_of_exactly_its_head
     not_scp = bytearray(_bare_record(16, b"") + bytes(10))
     not_scp[16:22] = b"NOTSCP"
     assert not looks_like_scp(bytes(not_scp))
+
+
+def test_bimodal_compression_is_refused_up_to_protocol_29() -> None:
+    """Before protocol 3.0 the flag means bimodal compression (reduced resolution outside the QRS):
+    decoding it as plain data would halve or quarter amplitudes between beats."""
+    bodies = _bodies()
+    samples = np.arange(20, dtype="<i2").reshape(2, 10)
+    bodies[6] = rhythm_body(samples, 1000, 2000, [row.tobytes() for row in samples], 0, bimodal=1)
+    with pytest.raises(UnsupportedFeatureError, match="bimodal"):
+        read_scp(build_record(bodies, protocol=29))
+
+
+def test_second_differences_of_three_values_are_integrated() -> None:
+    """x2 = d2 + 2 x1 - x0: with exactly three samples the third is still a difference, not a sample."""
+    assert undo_differences(np.array([1, 3, 0]), 2).tolist() == [1, 3, 5]
+    assert undo_differences(np.array([1, 3]), 2).tolist() == [1, 3]
+
+
+def _custom_switching(stream: bytes, count: int) -> bytes:
+    """A rhythm of one custom-coded lead where "1" switches table and "0" is the value 0."""
+    tables = table_body(
+        [
+            [HuffmanCode(1, 1, True, 2, 1), HuffmanCode(1, 1, False, 0, 0)],
+            [HuffmanCode(1, 1, True, 1, 1), HuffmanCode(1, 1, False, 0, 0)],
+        ]
+    )
+    bodies = _bodies(n_leads=1, n=count)
+    bodies[2] = tables
+    bodies[6] = rhythm_body(np.zeros((1, count)), 1000, 2000, [stream], 0)
+    return build_record(bodies)
+
+
+def test_many_table_switches_in_a_row_are_data_not_an_endless_loop() -> None:
+    """Seven switches then a value: switches consume bits, so a stream mostly of switches is valid;
+    one that ends after its switches is short, not "endless"."""
+    assert read_scp(_custom_switching(b"\xfe", 1)).samples.shape[1] == 1
+    with pytest.raises(ProtocolError, match="ends after 0 of 1 samples"):
+        read_scp(_custom_switching(b"\xff", 1))
+
+
+def _section7(*, p_on: int = 100, p_off: int = 200, qrs_on: int = 260, qrs_off: int = 350, t_off: int = 700) -> bytes:
+    block = struct.pack("<5H3h", p_on, p_off, qrs_on, qrs_off, t_off, 60, 45, 30)
+    return struct.pack("<BBHH", 1, 0, 800, 810) + block
+
+
+def test_section7_with_an_undefined_p_onset_gives_no_p_measurements_but_keeps_qrs_and_qt() -> None:
+    """An undefined boundary (29999) leaves out only the intervals that start or end at it."""
+    found, flags = _findings_of(s7=_section7(p_on=29999))
+    assert "p-duration" not in found and "pr-interval" not in found
+    assert (found["qrs-duration"], found["qt-interval"], flags) == (90, 440, ())
+
+
+def test_section7_block_one_byte_short_is_unreadable_and_a_short_tail_is_no_heart_rate() -> None:
+    """A measurement block cut short is flagged unreadable (no half-read QRS axis); additional
+    measurements one byte short of their 7 are absent, not read from beyond the section."""
+    found, flags = _findings_of(s7=_section7()[:-1])
+    assert found == {} and flags == ("cart-findings-unreadable:scp-section-7",)
+    tail = struct.pack("<H", 0) + struct.pack("<HHH", 75, 76, 420)  # no QRS types; 6 of 7 bytes
+    found, flags = _findings_of(s7=_section7() + tail)
+    assert "heart-rate" not in found and found["qt-interval"] == 440 and flags == ()
+    found, flags = _findings_of(s7=_section7() + tail + b"\x01")
+    assert (found["heart-rate"], found["qtc-interval"]) == (75, 420)
