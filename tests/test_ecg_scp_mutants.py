@@ -837,3 +837,13 @@ def test_section7_block_one_byte_short_is_unreadable_and_a_short_tail_is_no_hear
     assert "heart-rate" not in found and found["qt-interval"] == 440 and flags == ()
     found, flags = _findings_of(s7=_section7() + tail + b"\x01")
     assert (found["heart-rate"], found["qtc-interval"]) == (75, 420)
+
+
+def test_a_custom_code_value_uses_both_bytes() -> None:
+    """A code's base value is 16 bits: 300 read from its low byte alone would be 44 (a lead
+    silently scaled wrong wherever that code occurs)."""
+    table = [HuffmanCode(1, 1, False, 300, 0), HuffmanCode(1, 1, False, -300, 1)]
+    bodies = _bodies(n_leads=1, n=8)
+    bodies[2] = table_body([table])
+    bodies[6] = rhythm_body(np.zeros((1, 8)), 1000, 2000, [b"\x0f"], 0)
+    assert read_scp(build_record(bodies)).lead("I").tolist() == [300] * 4 + [-300] * 4
