@@ -847,3 +847,31 @@ def test_a_custom_code_value_uses_both_bytes() -> None:
     bodies[2] = table_body([table])
     bodies[6] = rhythm_body(np.zeros((1, 8)), 1000, 2000, [b"\x0f"], 0)
     assert read_scp(build_record(bodies)).lead("I").tolist() == [300] * 4 + [-300] * 4
+
+
+def test_a_record_shorter_than_section0s_header_is_refused_with_the_copy_again_advice() -> None:
+    """A 21-byte record cannot hold section 0's 16-byte header: the doctor is told the file is not
+    readable and to copy it again, whatever its bytes claim further on."""
+    record = bytearray(_bare_record(16, b"") + bytes(10))
+    record[2:6] = struct.pack("<I", 21)
+    record[0:2] = struct.pack("<H", _crc(bytes(record[2:21])))
+    with pytest.raises(ProtocolError, match="record length of 21 bytes.*Copy the file from the device again"):
+        read_sections(bytes(record))
+
+
+def test_a_section0_claiming_one_byte_beyond_the_record_is_refused() -> None:
+    with pytest.raises(ProtocolError, match="section 0 claims 17 bytes in a 22-byte record"):
+        read_sections(_bare_record(17, b"") + bytes(10))
+
+
+def test_a_last_section_claiming_one_byte_beyond_the_record_is_refused() -> None:
+    """The rhythm section must end inside the record: its last byte would be read from padding."""
+    data = bytearray(_record(_section1()))
+    sec0_len = struct.unpack_from("<I", data, 10)[0]
+    for pos in range(22, 6 + sec0_len, 10):
+        sid, length, index = struct.unpack_from("<HII", data, pos)
+        if sid == 6:
+            struct.pack_into("<I", data, pos + 2, length + 1)
+            struct.pack_into("<I", data, index - 1 + 4, length + 1)
+    with pytest.raises(ProtocolError, match="section 6 .* lies outside the .*-byte record"):
+        read_sections(restamp(bytes(data)))
