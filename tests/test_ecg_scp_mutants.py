@@ -290,6 +290,14 @@ REFUSALS = {
         _with(s6=struct.pack("<HHBBHH", 1000, 2000, 0, 0, 0, 0)),
         "SCP-ECG section 6 lead 1: 0 bytes",
     ),
+    "uncompressed lead data one byte short": (
+        _with(s6=struct.pack("<HHBBHH", 1000, 2000, 0, 0, 19, 19) + bytes(38)),
+        "section 6 lead 1: 19 bytes cannot hold 10 samples",
+    ),
+    "Huffman data of the second lead ending early": (
+        _with(s2=struct.pack("<H", 19999), s6=struct.pack("<HHBBHH", 1000, 2000, 0, 0, 2, 2) + bytes(2) + b"\xff\xff"),
+        "section 6 lead 2: Huffman data ends",
+    ),
     "a lead starting at sample 0 (samples are numbered from 1)": (
         _with(s3=bytes([1, 4]) + struct.pack("<IIB", 0, 10, 1)),
         "bad sample range 0..10",
@@ -875,3 +883,54 @@ def test_a_last_section_claiming_one_byte_beyond_the_record_is_refused() -> None
             struct.pack_into("<I", data, index - 1 + 4, length + 1)
     with pytest.raises(ProtocolError, match="section 6 .* lies outside the .*-byte record"):
         read_sections(restamp(bytes(data)))
+
+
+@pytest.mark.parametrize("undefined", [29999, 29998, 19999, 32767])
+def test_every_scp_undefined_marker_leaves_the_interval_out(undefined: int) -> None:
+    """EN 1064 marks an unknown wave boundary with 29999, 29998, 19999 or 32767: read as a sample
+    number it would give a P duration of ~29,900 ms on the report."""
+    found, flags = _findings_of(s7=_section7(p_off=undefined))
+    assert "p-duration" not in found and found["pr-interval"] == 160 and flags == ()
+
+
+@pytest.mark.parametrize("undefined", [-29999, -32768])
+def test_negative_undefined_markers_in_section10_are_left_out(undefined: int) -> None:
+    values = [undefined, 160, 100, 400]
+    block = struct.pack("<HH", 1, 2 * len(values)) + struct.pack(f"<{len(values)}h", *values)
+    found, flags = _findings_of(s10=struct.pack("<HH", 1, 0) + block)
+    assert "lead-p-duration@I" not in found and found["lead-qt-interval@I"] == 400
+
+
+def test_an_r_wave_amplitude_needs_an_r_duration_and_an_s_amplitude_an_s_duration() -> None:
+    """With an R wave (40 ms) and no S wave: the R amplitude is reported and no S amplitude (an S
+    amplitude without an S wave would feed voltage criteria a wave that is not there)."""
+    values = [90, 160, 100, 400, 0, 40, 0, 0, 0, 0, 1200, -400, 0, 0, 50]
+    block = struct.pack("<HH", 1, 2 * len(values)) + struct.pack(f"<{len(values)}h", *values)
+    found, _flags = _findings_of(s10=struct.pack("<HH", 1, 0) + block)
+    assert found["lead-r-amplitude@I"] == 1200 and "lead-s-amplitude@I" not in found
+
+
+def test_a_record_without_section1_is_not_stat_and_keeps_protocol_0() -> None:
+    """No header: the ECG is routine (a false STAT jumps the reading queue) and the protocol is
+    what section 0 says."""
+    bodies = _bodies()
+    del bodies[1]
+    scp = parse_scp(build_record(bodies, protocol=0), received_at=RECEIVED)
+    assert scp.rhythm.stat is False and scp.protocol_version == 0
+
+
+def test_a_record_length_beyond_16_mib_is_read_as_32_bits() -> None:
+    """The record length is 4 bytes: a header claiming 16 MiB + 32 bytes is refused as longer than
+    the file, not read as a 32-byte record."""
+    record = bytearray(_bare_record(16, b"") + bytes(10))
+    record[2:6] = struct.pack("<I", (1 << 24) + 32)
+    with pytest.raises(ProtocolError, match="record length of 16777248 bytes"):
+        read_sections(bytes(record))
+
+
+def test_eight_one_bit_codes_fit_in_one_byte() -> None:
+    """Default Huffman "0" is one bit: 8 samples in a byte are a valid lead, not refused."""
+    bodies = _bodies(n_leads=1, n=8)
+    bodies[2] = struct.pack("<H", 19999)
+    bodies[6] = rhythm_body(np.zeros((1, 8)), 1000, 2000, [b"\x00"], 0)
+    assert read_scp(build_record(bodies)).lead("I").tolist() == [0] * 8
