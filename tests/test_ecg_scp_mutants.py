@@ -934,3 +934,13 @@ def test_eight_one_bit_codes_fit_in_one_byte() -> None:
     bodies[2] = struct.pack("<H", 19999)
     bodies[6] = rhythm_body(np.zeros((1, 8)), 1000, 2000, [b"\x00"], 0)
     assert read_scp(build_record(bodies)).lead("I").tolist() == [0] * 8
+
+
+@pytest.mark.parametrize("undefined", [29999, 29998, 19999, -29999, -32768, 32767])
+def test_an_undefined_marker_is_no_r_amplitude(undefined: int) -> None:
+    """Amplitudes may be up to 100 mV, so the plausibility bounds do not catch a marker: read as a
+    value, 29999 would be a 30 mV R wave, a false voltage criterion for hypertrophy."""
+    values = [90, 160, 100, 400, 0, 40, 0, 0, 0, 0, undefined]
+    block = struct.pack("<HH", 1, 2 * len(values)) + struct.pack(f"<{len(values)}h", *values)
+    found, _flags = _findings_of(s10=struct.pack("<HH", 1, 0) + block)
+    assert "lead-r-amplitude@I" not in found and found["lead-qt-interval@I"] == 400
