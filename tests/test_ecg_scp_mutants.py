@@ -863,7 +863,7 @@ def test_a_record_shorter_than_section0s_header_is_refused_with_the_copy_again_a
     record = bytearray(_bare_record(16, b"") + bytes(10))
     record[2:6] = struct.pack("<I", 21)
     record[0:2] = struct.pack("<H", _crc(bytes(record[2:21])))
-    with pytest.raises(ProtocolError, match="record length of 21 bytes.*Copy the file from the device again"):
+    with pytest.raises(ProtocolError, match=r"record length of 21 bytes.*Copy the file from the device again"):
         read_sections(bytes(record))
 
 
@@ -881,7 +881,7 @@ def test_a_last_section_claiming_one_byte_beyond_the_record_is_refused() -> None
         if sid == 6:
             struct.pack_into("<I", data, pos + 2, length + 1)
             struct.pack_into("<I", data, index - 1 + 4, length + 1)
-    with pytest.raises(ProtocolError, match="section 6 .* lies outside the .*-byte record"):
+    with pytest.raises(ProtocolError, match=r"section 6 .* lies outside the .*-byte record"):
         read_sections(restamp(bytes(data)))
 
 
@@ -897,7 +897,7 @@ def test_every_scp_undefined_marker_leaves_the_interval_out(undefined: int) -> N
 def test_negative_undefined_markers_in_section10_are_left_out(undefined: int) -> None:
     values = [undefined, 160, 100, 400]
     block = struct.pack("<HH", 1, 2 * len(values)) + struct.pack(f"<{len(values)}h", *values)
-    found, flags = _findings_of(s10=struct.pack("<HH", 1, 0) + block)
+    found, _flags = _findings_of(s10=struct.pack("<HH", 1, 0) + block)
     assert "lead-p-duration@I" not in found and found["lead-qt-interval@I"] == 400
 
 
