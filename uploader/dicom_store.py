@@ -45,6 +45,7 @@ from uploader.dicom_association import (
     release,
 )
 from uploader.dicom_commitment import CommitmentReport, report_handler
+from uploader.dicom_reactor import decode_store_responses
 from uploader.dicom_part10 import Part10, UnsendablePayload, decode_dataset, encode_for, parse_part10
 from uploader.dicom_status import (
     SOP_CLASS_NOT_SUPPORTED,
@@ -189,6 +190,14 @@ def patient_values(obj: Part10) -> list[str]:
         return []
 
 
+def _status_and_comment(status: Dataset) -> tuple[int, object] | None:
+    """Status and ErrorComment of pynetdicom's status data set (None if it has no Status: no
+    valid response came, the association is aborted)."""
+    if "Status" not in status:
+        return None
+    return int(status.Status), status.get("ErrorComment")
+
+
 class StoreAssociation:
     """One association for many C-STOREs (and, with commitment=True, the N-ACTION after them).
 
@@ -242,6 +251,7 @@ class StoreAssociation:
         started = time.monotonic()
         self._assoc = associate(self.peer, contexts, handlers)
         self.opened_in_s = time.monotonic() - started
+        decode_store_responses(self._assoc)  # the usual C-STORE-RSP read without pydicom
         if self.pacer is not None:
             self.pacer.observe_rtt(self.opened_in_s)
         rank = {ts: i for i, ts in enumerate(self._preference)}
@@ -320,6 +330,11 @@ class StoreAssociation:
         return bool(raw is not None and raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
     @property
+    def responses_decoded_by_hand(self) -> int:
+        """C-STORE responses on this association read without pydicom (uploader.dicom_reactor)."""
+        return int(getattr(getattr(self._assoc, "dimse", None), "lastmile_decodes", 0))
+
+    @property
     def accepted_transfer_syntaxes(self) -> dict[str, list[str]]:
         """SOP class UID -> accepted transfer syntaxes, best first."""
         return {k: [str(c.transfer_syntax[0]) for c in v] for k, v in self._contexts_by_class.items()}
@@ -366,19 +381,18 @@ class StoreAssociation:
         cx = candidates[0]
         syntax = UID(cx.transfer_syntax[0])
         data = encode_for(obj, syntax, self.peer.deflate_level)
-        status = self._send_store(assoc, cx, obj, data)
-        if "Status" not in status:
+        answer = self._send_store(assoc, cx, obj, data)
+        if answer is None:
             self._broken = True
             raise TransientError(
                 f"the association with {self.peer.where} died during a C-STORE (aborted, reset or timed out)"
             )
-        code = int(status.Status)
+        code, comment = answer
         category, meaning = classify_status(code)
         if is_refusal_of_us(code):
             raise ConfigurationFault(
                 f"{self.peer.where} refuses C-STOREs from {self.peer.calling_ae}: 0x{code:04X} {meaning}"
             )
-        comment = status.get("ErrorComment")
         if comment:
             # the peer's free text may name the patient: it goes into logs and stored reasons
             meaning = f"{meaning} ({mask_server_text(str(comment), patient_values(obj))})"
@@ -387,9 +401,12 @@ class StoreAssociation:
             code, category, meaning, str(obj.sop_instance_uid), str(obj.sop_class_uid), str(syntax), len(data)
         )
 
-    def _send_store(self, assoc: Association, cx: PresentationContext, obj: Part10, data: bytes) -> Dataset:
+    def _send_store(
+        self, assoc: Association, cx: PresentationContext, obj: Part10, data: bytes
+    ) -> tuple[int, object] | None:
+        """The peer's Status and ErrorComment (None: no comment), or None if no valid response came."""
         if not (self.raw_send and raw_send_available(assoc)):
-            return self._send_store_decoded(assoc, cx, obj)
+            return _status_and_comment(self._send_store_decoded(assoc, cx, obj))
         message_id = self._next_message_id()
         # Mirrors Association.send_c_store() after its encoding step (pynetdicom 3.0): pause the
         # reactor so it does not take our response off the queue, send, wait. It stays paused
@@ -415,8 +432,11 @@ class StoreAssociation:
         if rsp is None:
             self._resume_reactor()
             assoc._handle_no_response()
-            return Dataset()
-        return assoc._check_received_status(rsp)
+            return None
+        if rsp.is_valid_response and not any(getattr(rsp, k, None) is not None for k in rsp.STATUS_OPTIONAL_KEYWORDS):
+            # what _check_received_status would say, without building a pydicom Dataset for it
+            return int(rsp.Status), None  # type: ignore[arg-type]
+        return _status_and_comment(assoc._check_received_status(rsp))
 
     @staticmethod
     def _send_as_message(
