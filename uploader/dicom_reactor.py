@@ -192,7 +192,7 @@ def store_response(command: bytes) -> C_STORE | None:
             values[tag] = text.decode("ascii")
         elif length != 4:  # the group length (UL): pynetdicom does not check its value either
             return None
-    if not _REQUIRED <= values.keys():
+    if not values.keys() >= _REQUIRED:
         return None
     if values[_COMMAND_FIELD] != C_STORE_RSP_COMMAND or values[_DATA_SET_TYPE] != NO_DATA_SET:
         return None

@@ -45,8 +45,8 @@ from uploader.dicom_association import (
     release,
 )
 from uploader.dicom_commitment import CommitmentReport, report_handler
-from uploader.dicom_reactor import decode_store_responses
 from uploader.dicom_part10 import Part10, UnsendablePayload, decode_dataset, encode_for, parse_part10
+from uploader.dicom_reactor import decode_store_responses
 from uploader.dicom_status import (
     SOP_CLASS_NOT_SUPPORTED,
     STORED_CATEGORIES,
