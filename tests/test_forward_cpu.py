@@ -11,6 +11,7 @@ import logging
 import struct
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from io import BytesIO
 from typing import Any
@@ -28,6 +29,13 @@ from pynetdicom.sop_class import Verification
 
 from tests.peers import EcgPayload, ScriptedStoreSCP, ecg_payloads
 from uploader.dicom_association import PeerSettings, associate, release
+from uploader.dicom_part10 import (
+    Part10,
+    UnsendablePayload,
+    parse_part10,
+    read_part10_by_hand,
+    read_part10_with_pydicom,
+)
 from uploader.dicom_reactor import MAX_WAIT_S, decode_store_responses, drop_log_formatting, store_response
 from uploader.dicom_store import StoreAssociation, pdata_fragments, store_command_set
 from uploader.errors import TransientError
@@ -401,3 +409,122 @@ def test_peer_abort_while_the_reactor_is_paused_is_transient(
         with pytest.raises(TransientError, match="died during a C-STORE"):
             assoc.store(ecgs[2].data)
         assert not assoc.is_alive
+
+
+# -- the Part-10 file meta and SOP UIDs read by hand -------------------------------------------------
+def part10(dataset: bytes, transfer_syntax: str = "1.2.840.10008.1.2.1", meta_extra: bytes = b"") -> bytes:
+    """A Part-10 file: preamble, file meta (Explicit VR LE) and `dataset` as given."""
+    ts = transfer_syntax.encode() + b"\0" * (len(transfer_syntax) % 2)
+    meta = (
+        explicit(0x00020001, b"OB", b"\0\1")
+        + explicit(0x00020002, b"UI", ECG_CLASS.encode() + b"\0")
+        + explicit(0x00020003, b"UI", b"1.2.3.4\0")
+        + explicit(0x00020010, b"UI", ts)
+        + meta_extra
+    )
+    return b"\0" * 128 + b"DICM" + explicit(0x00020000, b"UL", struct.pack("<I", len(meta))) + meta + dataset
+
+
+def explicit(tag: int, vr: bytes, value: bytes) -> bytes:
+    if vr in (b"OB", b"OW", b"SQ", b"UN", b"UT"):
+        return struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+
+def ecg_head(
+    instance: bytes = b"1.2.3.4.5\0", sop_class: bytes = ECG_CLASS.encode() + b"\0", before: bytes = b""
+) -> bytes:
+    return (
+        explicit(0x00080005, b"CS", b"ISO_IR 192")
+        + before
+        + explicit(0x00080016, b"UI", sop_class)
+        + explicit(0x00080018, b"UI", instance)
+        + explicit(0x00100010, b"PN", b"DOE^JOHN")
+        + explicit(0x54000100, b"SQ", b"")
+    )
+
+
+def deflated(dataset: bytes) -> bytes:
+    out = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body = out.compress(dataset) + out.flush()
+    return body + b"\0" * (len(body) % 2)
+
+
+def parsed(reader: Callable[[bytes], Part10], data: bytes) -> object:
+    try:
+        return reader(data)
+    except UnsendablePayload as exc:
+        return ("unsendable", str(exc))
+
+
+DEFLATED_TS = "1.2.840.10008.1.2.1.99"
+PART10_CASES: dict[str, tuple[bytes, bool]] = {  # name: (file, read by hand)
+    "explicit": (part10(ecg_head()), True),
+    "deflated": (part10(deflated(ecg_head()), DEFLATED_TS), True),
+    "implicit: pydicom": (part10(b"", "1.2.840.10008.1.2"), False),
+    "big endian: pydicom": (part10(ecg_head(), "1.2.840.10008.1.2.2"), False),
+    "UIDs padded with spaces, odd length": (part10(ecg_head(b"1.2.3.4 ", ECG_CLASS.encode() + b" ")), True),
+    "UID ending in a dot (carts write them)": (part10(ecg_head(b"1.2.3.")), True),
+    "UID of 64 chars": (part10(ecg_head(b"1." + b"2" * 62)), True),
+    "UID of 65 chars": (part10(ecg_head(b"1." + b"2" * 63 + b"\0")), False),
+    "UID with a letter": (part10(ecg_head(b"1.2.a.4\0")), False),
+    "UID not ASCII": (part10(ecg_head(b"1.2.\xff\0")), False),
+    "empty UID": (part10(ecg_head(b"")), False),
+    "no SOP Instance UID": (
+        part10(explicit(0x00080016, b"UI", b"1.2\0") + explicit(0x00100010, b"PN", b"X^Y\0")),
+        False,
+    ),
+    "undefined-length sequence first": (
+        part10(ecg_head(before=struct.pack("<HH2sHI", 8, 6, b"SQ", 0, 0xFFFFFFFF) + b"\xfe\xff\xdd\xe0\0\0\0\0")),
+        False,
+    ),
+    "unknown VR first": (part10(ecg_head(before=explicit(0x00080006, b"ZZ", b"ab"))), False),
+    "long element first": (part10(ecg_head(before=explicit(0x00080010, b"UN", bytes(300)))), True),
+    "data set out of order": (
+        part10(explicit(0x00080018, b"UI", b"1.2\0") + explicit(0x00080016, b"UI", b"1.3\0")),
+        False,
+    ),
+    "meta out of order": (part10(ecg_head(), meta_extra=explicit(0x00020002, b"UI", b"1.2\0")), False),
+    "private meta element": (part10(ecg_head(), meta_extra=explicit(0x00020100, b"UI", b"1.2\0")), True),
+    "deflated, UIDs beyond the first head": (
+        part10(deflated(ecg_head(before=explicit(0x00080010, b"UN", bytes(3000)))), DEFLATED_TS),
+        False,
+    ),
+    "deflated stream damaged": (part10(b"\xff" * 40, DEFLATED_TS), False),
+    "no data set": (part10(b""), False),
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on the damaged bytes
+@pytest.mark.parametrize("case", sorted(PART10_CASES))
+def test_part10_read_by_hand_is_what_pydicom_reads(case: str) -> None:
+    data, by_hand = PART10_CASES[case]
+    assert parsed(parse_part10, data) == parsed(read_part10_with_pydicom, data)
+    assert (read_part10_by_hand(data) is not None) == by_hand
+
+
+def test_real_ecgs_are_read_by_hand(ecgs: list[EcgPayload]) -> None:
+    for payload in ecgs:
+        obj = read_part10_by_hand(payload.data)
+        assert obj is not None and obj == read_part10_with_pydicom(payload.data)
+        assert str(obj.sop_instance_uid) == payload.sop_instance_uid
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("case", ["explicit", "deflated", "long element first"])
+def test_every_cut_of_a_part10_file_reads_as_with_pydicom(case: str) -> None:
+    data = PART10_CASES[case][0]
+    for size in range(144, min(len(data), 700)):
+        assert parsed(parse_part10, data[:size]) == parsed(read_part10_with_pydicom, data[:size]), size
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@settings(deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_damaged_part10_files_read_as_with_pydicom(data: st.DataObject) -> None:
+    original = PART10_CASES[data.draw(st.sampled_from(["explicit", "deflated", "long element first"]))][0]
+    damaged = bytearray(original)
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(132, min(len(damaged), 500) - 1))
+        damaged[at] = data.draw(st.integers(0, 255))
+    assert parsed(parse_part10, bytes(damaged)) == parsed(read_part10_with_pydicom, bytes(damaged))
