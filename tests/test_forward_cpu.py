@@ -24,6 +24,7 @@ from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import Verification
 
@@ -37,7 +38,13 @@ from uploader.dicom_part10 import (
     read_part10_with_pydicom,
 )
 from uploader.dicom_reactor import MAX_WAIT_S, decode_store_responses, drop_log_formatting, store_response
-from uploader.dicom_store import StoreAssociation, pdata_fragments, store_command_set
+from uploader.dicom_store import (
+    StoreAssociation,
+    commitment_request,
+    commitment_request_bytes,
+    pdata_fragments,
+    store_command_set,
+)
 from uploader.errors import TransientError
 
 ECG_CLASS = "1.2.840.10008.5.1.4.1.1.9.1.1"
@@ -283,6 +290,25 @@ def test_responses_are_left_to_pynetdicom_while_its_logging_wants_them() -> None
         logger.setLevel(before)
 
 
+# -- the storage commitment request encoded by hand ------------------------------------------------
+@pytest.mark.parametrize("implicit", [True, False], ids=["implicit", "explicit"])
+@pytest.mark.parametrize("count", [1, 2, 40, 500])
+@pytest.mark.parametrize("instance_chars", [7, 8, 64])
+def test_commitment_request_is_pydicoms_bytes(implicit: bool, count: int, instance_chars: int) -> None:
+    refs = [(ECG_CLASS, f"1.{i}." + "9" * (instance_chars - 3 - len(str(i)))) for i in range(count)]
+    refs.append(("1.2.840.10008.5.1.4.1.1.9.1.2", "2.25.1"))
+    assert all(len(uid) == instance_chars for _c, uid in refs[:-1])
+    for txn in ("2.25.12345", "2.25.123456"):
+        theirs = encode(commitment_request(txn, refs), implicit, True)
+        assert commitment_request_bytes(txn, refs, implicit=implicit) == theirs
+
+
+@pytest.mark.parametrize("odd", ["1.2.3 ", "", "1." + "2" * 63, "1.2.a", "1.2.\u0663", "1.2\\1.3"])
+def test_commitment_request_with_an_odd_uid_is_left_to_pydicom(odd: str) -> None:
+    assert commitment_request_bytes("2.25.1", [(ECG_CLASS, odd)], implicit=True) is None
+    assert commitment_request_bytes(odd, [(ECG_CLASS, "1.2")], implicit=False) is None
+
+
 # -- the DUL thread waits ---------------------------------------------------------------------------
 class CountingTimer:
     """Stands in for the DUL's ARTIM timer, which its loop reads once per turn: counts the turns."""
@@ -492,6 +518,14 @@ PART10_CASES: dict[str, tuple[bytes, bool]] = {  # name: (file, read by hand)
     ),
     "deflated stream damaged": (part10(b"\xff" * 40, DEFLATED_TS), False),
     "no data set": (part10(b""), False),
+    "character set pydicom cannot look up": (
+        part10(explicit(0x00080005, b"CS", b"\0SO_IR 192") + ecg_head()[18:]),
+        False,
+    ),
+    "unknown character set (pydicom warns)": (
+        part10(explicit(0x00080005, b"CS", b"ISO_IR 999") + ecg_head()[18:]),
+        True,
+    ),
 }
 
 

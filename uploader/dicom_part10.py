@@ -17,9 +17,12 @@ from dataclasses import dataclass
 from io import BytesIO
 
 from pydicom import dcmread
+from pydicom.charset import convert_encodings
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -27,6 +30,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
+from pydicom.values import convert_string
 from pynetdicom.dsutils import encode
 
 from devices.errors import ProtocolError
@@ -96,17 +100,18 @@ _LONG_LENGTH = struct.Struct("<I")
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _META_START = 132
 _SOP_CLASS_TAG, _SOP_INSTANCE_TAG, _TRANSFER_SYNTAX_TAG = 0x00080016, 0x00080018, 0x00020010
+_CHARSET_TAG = 0x00080005
 _READ_BY_HAND = frozenset({ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian})
 
 
 def _scan_explicit(
     data: bytes, offset: int, stop: Callable[[int], bool], wanted: tuple[int, ...]
-) -> tuple[dict[int, bytes], int] | None:
-    """The values of the `wanted` elements from `offset` (Explicit VR Little Endian) up to the
+) -> tuple[dict[int, tuple[bytes, bytes]], int] | None:
+    """The VRs and values of the `wanted` elements from `offset` (Explicit VR Little Endian) up to the
     first whose tag `stop`s the reading, and where that one starts (or the end of `data`).
     None for what a plain reading does not cover (undefined lengths, unknown VRs, tags out of
     order, an element cut short): pydicom reads those."""
-    found: dict[int, bytes] = {}
+    found: dict[int, tuple[bytes, bytes]] = {}
     end, previous = len(data), -1
     while offset < end:
         if end - offset < _SHORT_HEADER.size:
@@ -129,7 +134,7 @@ def _scan_explicit(
         if length == _UNDEFINED_LENGTH or length > end - start:
             return None
         if tag in wanted:
-            found[tag] = data[start : start + length]
+            found[tag] = (vr, data[start : start + length])
         offset = start + length
     return found, offset
 
@@ -138,11 +143,11 @@ def _scan_explicit(
 _UID_BYTES = re.compile(rb"[0-9.]*[0-9][0-9.]*\Z")
 
 
-def _uid_from_bytes(raw: bytes | None) -> UID | None:
+def _uid_from_bytes(element: tuple[bytes, bytes] | None) -> UID | None:
     """The UID `_uid_of` would read from the raw value, or None (then `_uid_of` says what is wrong)."""
-    if raw is None:
+    if element is None:
         return None
-    text = raw.rstrip(b"\x00 ")
+    text = element[1].rstrip(b"\x00 ")
     if len(text) > 64 or not _UID_BYTES.match(text):
         return None
     return UID(text.decode("ascii"))
@@ -165,13 +170,28 @@ def read_part10_by_hand(data: bytes) -> Part10 | None:
             body, start = inflate_head(data[offset:], _FIRST_HEAD_BYTES), 0
         except ProtocolError:
             return None
-    head = _scan_explicit(body, start, _past_sop_uids_tag, (_SOP_CLASS_TAG, _SOP_INSTANCE_TAG))
+    head = _scan_explicit(body, start, _past_sop_uids_tag, (_CHARSET_TAG, _SOP_CLASS_TAG, _SOP_INSTANCE_TAG))
     if head is None:
+        return None
+    charset = head[0].get(_CHARSET_TAG)
+    if charset is not None and not _charset_reads(*charset):
         return None
     sop_class, sop_instance = (_uid_from_bytes(head[0].get(tag)) for tag in (_SOP_CLASS_TAG, _SOP_INSTANCE_TAG))
     if sop_class is None or sop_instance is None or ts is None:
         return None
     return Part10(data, sop_class, sop_instance, ts, offset)
+
+
+def _charset_reads(vr: bytes, value: bytes) -> bool:
+    """Whether pydicom reads this Specific Character Set without raising: it looks the
+    encodings up as it reads the data set, before the SOP UIDs (twice, as here)."""
+    try:
+        convert_encodings(convert_string(value, True))
+        raw = RawDataElement(BaseTag(_CHARSET_TAG), vr.decode("ascii"), len(value), value, 0, False, True)
+        convert_encodings(convert_raw_data_element(raw).value)
+    except Exception:  # noqa: BLE001 — whatever pydicom raises there, it raises reading the file
+        return False
+    return True
 
 
 def _outside_group_2_tag(tag: int) -> bool:
