@@ -9,6 +9,7 @@ inflated bytes only, and inflating it for a peer without deflate stops at the ca
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 import zlib
@@ -147,16 +148,20 @@ def _uid_from_bytes(element: tuple[bytes, bytes] | None) -> UID | None:
     """The UID `_uid_of` would read from the raw value, or None (then `_uid_of` says what is wrong)."""
     if element is None:
         return None
-    text = element[1].rstrip(b"\x00 ")
+    return _uid_text(element[1].rstrip(b"\x00 "))
+
+
+@functools.lru_cache(maxsize=64)  # the transfer syntax and SOP class repeat: pydicom's UID() validates
+def _uid_text(text: bytes) -> UID | None:
     if len(text) > 64 or not _UID_BYTES.match(text):
         return None
     return UID(text.decode("ascii"))
 
 
 def read_part10_by_hand(data: bytes) -> Part10 | None:
-    """`parse_part10`'s answer (a file with the DICM prefix) for the usual file (Explicit VR LE, deflated or not), read without
-    pydicom: its reading of a few elements was a tenth of a store's CPU. None where pydicom must
-    read the file (then it also says what is wrong with it)."""
+    """`parse_part10`'s answer for the usual file with the DICM prefix (Explicit VR LE, deflated
+    or not), read without pydicom: its reading of a few elements was a tenth of a store's CPU.
+    None where pydicom must read the file (then it also says what is wrong with it)."""
     meta = _scan_explicit(data, _META_START, _outside_group_2_tag, (_TRANSFER_SYNTAX_TAG,))
     if meta is None:
         return None
@@ -182,9 +187,11 @@ def read_part10_by_hand(data: bytes) -> Part10 | None:
     return Part10(data, sop_class, sop_instance, ts, offset)
 
 
+@functools.lru_cache(maxsize=16)  # one or two character sets in a clinic's files
 def _charset_reads(vr: bytes, value: bytes) -> bool:
     """Whether pydicom reads this Specific Character Set without raising: it looks the
-    encodings up as it reads the data set, before the SOP UIDs (twice, as here)."""
+    encodings up as it reads the data set, before the SOP UIDs (twice, as here). Its warning
+    about an unknown one is given once per character set, not once per file."""
     try:
         convert_encodings(convert_string(value, True))
         raw = RawDataElement(BaseTag(_CHARSET_TAG), vr.decode("ascii"), len(value), value, 0, False, True)
