@@ -12,8 +12,7 @@ service's RSS, whose goal is 64 MB; bench/soak.py).
 from __future__ import annotations
 
 import datetime as dt
-import importlib
-from typing import Any
+from collections.abc import Callable
 
 from devices.ecg.recording import EcgRecording
 from devices.errors import ProtocolError
@@ -70,14 +69,23 @@ def detect_format(data: bytes, filename: str = "") -> str:
     )
 
 
-# format -> (module, its decoding function), imported when the format is first met
-_DECODERS: dict[str, tuple[str, str]] = {
-    "scp": ("devices.ecg.scp", "read_scp"),
-    "aecg": ("devices.ecg.aecg", "read_aecg"),
-    "dicom": ("devices.ecg.dicom_input", "read_dicom_ecg"),
-    "contec": ("devices.ecg.contec", "read_contec"),
-    "npz": ("devices.ecg.npz", "read_npz"),
-}
+def _decoder(fmt: str) -> Callable[..., EcgRecording]:
+    """`fmt`'s decoding function, its module imported the first time it is asked for."""
+    if fmt == "dicom":
+        from devices.ecg.dicom_input import read_dicom_ecg
+
+        return read_dicom_ecg
+    if fmt == "scp":
+        from devices.ecg.scp import read_scp
+
+        return read_scp
+    if fmt == "aecg":
+        from devices.ecg.aecg import read_aecg
+
+        return read_aecg
+    from devices.ecg.contec import read_contec
+
+    return read_contec
 
 
 def decode_ecg(
@@ -90,8 +98,8 @@ def decode_ecg(
     Raises ProtocolError (or UnsupportedFeatureError) and nothing else for bad bytes.
     """
     fmt = detect_format(data, filename)
-    module, name = _DECODERS[fmt]
-    decode: Any = getattr(importlib.import_module(module), name)
     if fmt == "npz":  # the gateway's own files carry their times and zone
-        return decode(data)  # type: ignore[no-any-return]
-    return decode(data, local_tz=local_tz, received_at=received_at)  # type: ignore[no-any-return]
+        from devices.ecg.npz import read_npz
+
+        return read_npz(data)
+    return _decoder(fmt)(data, local_tz=local_tz, received_at=received_at)
