@@ -266,7 +266,8 @@ def test_list_show_and_json(store, tmp_path, capsys) -> None:
     assert listed["P-DONE"]["reports"][0]["id"] == report.id and waiting.study_uid == listed["P-WAIT"]["study_uid"]
     assert cli(["report", "show", str(report.id), *data]) == 0
     shown = capsys.readouterr().out
-    assert "Patient: P-DONE Wang Fang" in shown and "正常心电图" in shown and "Read by Chen Jing" in shown
+    assert "Patient: P-DONE Wang Fang" in shown and "正常心电图" in shown
+    assert "诊断医生：Chen Jing" in shown  # the report's own text in console.language (zh-CN by default)
     assert cli(["report", "show", "12345", *data]) == 1
 
 

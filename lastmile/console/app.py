@@ -52,6 +52,7 @@ from lastmile.console.i18n import LANGUAGE_NAMES, N_, Localizer, negotiate
 from lastmile.console.live import Broker
 from lastmile.console.sources import ClinicData, ConsoleInputError, ReportView
 from lastmile.reports.printing import lp_command, print_document
+from lastmile.reports.report_text import shown_reasons, shown_text
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +282,8 @@ def page_vars(request: Request, ctx: Context, **values: Any) -> dict[str, Any]:
         "_": loc.gettext,
         "ngettext": loc.ngettext,
         "reading_text": lambda text: reading_text(text, loc),
+        "report_text": lambda report: shown_text(report.lines, report.text, loc),
+        "critical_reasons": lambda report: shown_reasons(report.lines, report.critical_reasons, loc),
         "fmt": loc,
         "lang": loc.language,
         "languages": LANGUAGE_NAMES,
@@ -666,8 +669,9 @@ def printable_text(found: ReportView, localizer: Localizer) -> str:
         f"{_('Read by')}: {found.reading_doctor or '—'}",
     ]
     if found.critical:
-        lines.append(f"{_('Critical result')}: {'; '.join(found.critical_reasons)}")
-    return "\n".join([*lines, "", found.text, ""])
+        reasons = shown_reasons(found.lines, found.critical_reasons, localizer)
+        lines.append(f"{_('Critical result')}: {'; '.join(reasons)}")
+    return "\n".join([*lines, "", shown_text(found.lines, found.text, localizer), ""])
 
 
 async def print_report(request: Request) -> Response:

@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from lastmile.reports.report_text import English, Speaker, shown_reasons, shown_text
 from lastmile.reports.store import ReportStore, SentStudy, StoredReport
 from uploader.report_reading import UnreadableReport, read_dicom_report, read_fhir_report
 
@@ -80,7 +81,19 @@ def render_list(lines: list[StudyLine]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
-def render_report(store: ReportStore, report: StoredReport) -> str:
+def speaker_for(language: str) -> Speaker:
+    """The words of `console.language` for the command line's report text (as on the pages)."""
+    if language == "en":
+        return English()
+    from lastmile.console.i18n import Localizer  # Babel: only when a catalog is needed
+
+    return Localizer(language, dt.timezone.utc)
+
+
+def render_report(store: ReportStore, report: StoredReport, speaker: Speaker | None = None) -> str:
+    """The report for `lastmile report show` and the text printout: the facts (for the operator,
+    in English) and the report itself in `speaker`'s language (English when None)."""
+    speaker = speaker or English()
     study = store.study(report.study_uid)
     out = [f"Report {report.id} ({report.kind}, {report.status}, from the {report.source} reading center)"]
     if study is not None:
@@ -98,14 +111,16 @@ def render_report(store: ReportStore, report: StoredReport) -> str:
             if report.acknowledged_at
             else f"NOT acknowledged: lastmile report ack {report.id}"
         )
-        out.append(f"CRITICAL RESULT (危急值), {seen}")
+        out.append(
+            f"CRITICAL RESULT (危急值), {seen}: " + "; ".join(shown_reasons(report.lines, report.critical, speaker))
+        )
     if report.problems:
         out.append("Problems: " + "; ".join(report.problems))
-    out += ["", report.text]
+    out += ["", shown_text(report.lines, report.text, speaker)]
     return "\n".join(out)
 
 
-def printable(store: ReportStore, report: StoredReport) -> tuple[bytes, str]:
+def printable(store: ReportStore, report: StoredReport, speaker: Speaker | None = None) -> tuple[bytes, str]:
     """(bytes, file suffix): the report's own document (a PDF) as sent, else its text."""
     data = store.data_of(report.id) or b""
     document: bytes | None = None
@@ -118,4 +133,4 @@ def printable(store: ReportStore, report: StoredReport) -> tuple[bytes, str]:
         document = None
     if document and document.startswith(b"%PDF-"):
         return document, ".pdf"
-    return (render_report(store, report) + "\n").encode("utf-8"), ".txt"
+    return (render_report(store, report, speaker) + "\n").encode("utf-8"), ".txt"
