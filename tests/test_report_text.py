@@ -19,7 +19,7 @@ from pydicom.uid import TwelveLeadECGWaveformStorage
 from lastmile.clinic.db import DB_NAME, MIGRATIONS
 from lastmile.console.i18n import Localizer
 from lastmile.demo.cardiologist import STEMI, StudyToRead, content_item, ecg_report_sr, part10, report_pdf
-from lastmile.reports.report_text import English, Speaker, report_text, shown_reasons, shown_text
+from lastmile.reports.report_text import English, Speaker, readable_time, report_text, shown_reasons, shown_text
 from lastmile.reports.store import ReportStore, SentStudy
 from lastmile.reports.views import render_report, speaker_for
 from tests.report_peers import critical_observation
@@ -95,9 +95,14 @@ def the_reports() -> dict[str, tuple[ReportLine, ...]]:
     return {"sr": sr.lines, "pdf": pdf.lines, "fhir": fhir.lines, "unreadable": unreadable, "mismatch": mismatch}
 
 
+def shown_value(line: ReportLine) -> str:
+    """A line's value as the text shows it: the report's time only spaced for reading."""
+    return readable_time(line.value) if line.kind == LineKind.READ_BY else line.value
+
+
 def county_words(lines: tuple[ReportLine, ...]) -> list[str]:
     """Everything in the lines that the county (or DICOM, or the gateway's technical record) wrote."""
-    return [w for line in lines for w in (line.name, line.value, line.code) if w]
+    return [w for line in lines for w in (line.name, shown_value(line), line.code) if w]
 
 
 @pytest.mark.parametrize("name", ["sr", "pdf", "fhir", "unreadable", "mismatch"])
@@ -108,7 +113,7 @@ def test_every_gateway_word_is_chinese_and_the_countys_words_are_as_written(name
     for text in (zh, en):  # the county's words, verbatim, in both languages
         for line in lines:
             if line.kind != LineKind.DOCUMENT:  # its MIME type is worded ("PDF document")
-                assert line.name in text and line.value in text, (line, text)
+                assert line.name in text and shown_value(line) in text, (line, text)
     leftover = zh
     for word in sorted(county_words(lines) + list(LATIN_IN_CHINESE), key=len, reverse=True):
         leftover = leftover.replace(word, " ")
@@ -139,7 +144,7 @@ def test_pdf_fhir_and_the_patient_check_in_both_languages() -> None:
     fhir_zh = report_text(reports["fhir"], ZH)
     assert "已更正：这是本报告的更正版本" in fhir_zh and "诊断意见：窦性心律。Critical Result: 室性心动过速" in fhir_zh
     assert "编码诊断：STEMI" in fhir_zh and "ST 段：抬高" in fhir_zh and "全文：窦性心律" in fhir_zh
-    assert "ST 段 标记为 Critical abnormal" in fhir_zh and "诊断医生：陈静，2026-12-01T10:15:00+08:00" in fhir_zh
+    assert "ST 段 标记为 Critical abnormal" in fhir_zh and "诊断医生：陈静，2026-12-01 10:15:00 +08:00" in fhir_zh
     check = report_text(reports["mismatch"], ZH).splitlines()[-1]
     assert check == "请核对：报告写的患者是 P999，心电图是 P0077 的：使用前请核对"
     assert report_text(reports["unreadable"], ZH).splitlines()[:2] == ["无法读取的报告", "=" * 14]  # wide characters
@@ -153,6 +158,20 @@ def test_english_without_a_catalog_is_the_localizers_english() -> None:
     assert isinstance(speaker_for("en"), English) and report_text(the_reports()["sr"], speaker_for("zh-CN")).count(
         "已更正"
     )
+
+
+@pytest.mark.parametrize(
+    ("given", "shown"),
+    [
+        ("2026-12-01T10:15:00+08:00", "2026-12-01 10:15:00 +08:00"),
+        ("2026-12-01T10:15:00.123456", "2026-12-01 10:15:00"),
+        ("2026-12-01T10:15Z", "2026-12-01 10:15 Z"),
+        ("20261201 1015", "20261201 1015"),  # odd: as the report gave it
+        ("", ""),
+    ],
+)
+def test_the_reports_time_is_spaced_for_reading_not_changed(given: str, shown: str) -> None:
+    assert readable_time(given) == shown
 
 
 def test_lines_survive_the_store_as_json() -> None:

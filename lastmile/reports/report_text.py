@@ -11,6 +11,7 @@ shown as it is.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Sequence
 from typing import Protocol
@@ -60,6 +61,15 @@ def underline(title: str) -> str:
     """As wide as the title on a terminal or a printout: a Chinese character takes two columns."""
     width = sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in title)
     return "=" * min(width, UNDERLINE_MAX)
+
+
+def readable_time(text: str) -> str:
+    """The report's time as it gives it, spaced for reading: 2026-12-01T10:15:00+08:00 →
+    2026-12-01 10:15:00 +08:00 (its own clock and offset; anything else as it is)."""
+    m = re.fullmatch(r"(\d{4}-\d{2}-\d{2})T(\d{2}:\d{2}(?::\d{2})?)(?:\.\d+)?([+-]\d{2}:\d{2}|Z)?", text)
+    if m is None:
+        return text
+    return " ".join(part for part in m.groups() if part)
 
 
 def critical_reasons(lines: Sequence[ReportLine], speaker: Speaker) -> list[str]:
@@ -120,7 +130,7 @@ def footer_line(line: ReportLine, speaker: Speaker) -> str:
         case LineKind.READ_BY:
             who = line.name or _("(not named)")
             if line.value:
-                return _("Read by %(doctor)s, %(time)s", doctor=who, time=line.value)
+                return _("Read by %(doctor)s, %(time)s", doctor=who, time=readable_time(line.value))
             return _("Read by %(doctor)s", doctor=who)
         case LineKind.CHECK_PATIENT:
             return _(
