@@ -21,7 +21,7 @@ from lastmile.console.i18n import Localizer
 from lastmile.demo.cardiologist import STEMI, StudyToRead, content_item, ecg_report_sr, part10, report_pdf
 from lastmile.reports.report_text import English, Speaker, readable_time, report_text, shown_reasons, shown_text
 from lastmile.reports.store import ReportStore, SentStudy
-from lastmile.reports.views import render_report, speaker_for
+from lastmile.reports.views import printable, render_report, speaker_for
 from tests.report_peers import critical_observation
 from uploader.report_lines import LineKind, ReportLine
 from uploader.report_reading import CriticalRules, ReportContent, read_dicom_report, read_fhir_report
@@ -154,9 +154,37 @@ def test_pdf_fhir_and_the_patient_check_in_both_languages() -> None:
 def test_english_without_a_catalog_is_the_localizers_english() -> None:
     plain: Speaker = English()
     for lines in the_reports().values():
-        assert report_text(lines, plain) == report_text(lines, EN)
-    assert isinstance(speaker_for("en"), English) and report_text(the_reports()["sr"], speaker_for("zh-CN")).count(
-        "已更正"
+        assert report_text(lines, plain) == report_text(lines, EN) == report_text(lines, speaker_for("en"))
+    assert "已更正" in report_text(the_reports()["sr"], speaker_for("zh-CN"))
+
+
+def test_the_text_printout_is_the_consoles_in_the_configured_language(tmp_path: Path) -> None:
+    """`lastmile report print` without a PDF: the facts and the report as the console's clinic
+    printer gets them, in console.language."""
+    now = dt.datetime(2026, 12, 1, 2, 5, tzinfo=dt.timezone.utc)
+    with ReportStore.open(tmp_path / "data") as store:
+        store.record_sent(
+            SentStudy(
+                STUDY.study_uid, now, patient_id="P0077", patient_name=STUDY.patient_name, ecg_time=now.isoformat()
+            )
+        )
+        data = part10(everything_sr())
+        report = store.add_report(read_dicom_report(data, RULES), data, "dicom", now).report
+        zh, suffix = printable(store, report, ZH)
+        en, _ = printable(store, report, EN)
+    assert suffix == ".txt"
+    head = zh.decode().splitlines()
+    assert head[:4] == [
+        "心电图报告：张三 (Zhang San)  P0077",  # the name as lastmile.ecg.preview prints it
+        f"心电图记录时间：{ZH.full(now)}",
+        f"已收到报告：{ZH.full(now)}",
+        "诊断医生：李 明",
+    ]
+    assert head[4].startswith("危急值：Finding：Acute ST segment elevation") and "关键词“危急值”" in head[4]
+    assert "  Impression：急性前壁心肌梗死，危急值，请立即转诊" in head
+    assert (
+        en.decode().startswith("ECG report: 张三 (Zhang San)  P0077\nECG recorded: ")
+        and "Read by 李 明, " in en.decode()
     )
 
 

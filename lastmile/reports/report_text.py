@@ -11,6 +11,7 @@ shown as it is.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -28,6 +29,12 @@ class Speaker(Protocol):
     def gettext(self, message: str, /, **values: object) -> str: ...
 
     def ngettext(self, singular: str, plural: str, n: int, /, **values: object) -> str: ...
+
+
+class Reader(Speaker, Protocol):
+    """A language and the clinic's zone, for a printout's dates (a `Localizer` is one)."""
+
+    def full(self, value: dt.datetime | None) -> str: ...
 
 
 class English:
@@ -184,3 +191,29 @@ def shown_text(lines: Sequence[ReportLine] | None, stored_text: str, speaker: Sp
 def shown_reasons(lines: Sequence[ReportLine] | None, stored: Sequence[str], speaker: Speaker) -> list[str]:
     """Why it is critical, in `speaker`'s language (an old report: its English reasons)."""
     return list(stored) if lines is None else critical_reasons(lines, speaker)
+
+
+def printout(
+    reader: Reader,
+    *,
+    patient: str,
+    patient_id: str,
+    ecg_time: dt.datetime | None,
+    received_at: dt.datetime,
+    reading_doctor: str,
+    reasons: Sequence[str],
+    text: str,
+) -> str:
+    """A report on paper when the county sent no PDF (the console's clinic printer, `lastmile
+    report print`): the page's facts, then the whole report, in `reader`'s language (CUPS lays
+    the UTF-8 text out with the image's Noto CJK fonts). `reasons`: why it is critical, if it is."""
+    _ = reader.gettext
+    lines = [
+        labelled(_("ECG report"), f"{patient or patient_id}  {patient_id}", reader),
+        labelled(_("ECG recorded"), reader.full(ecg_time) or "—", reader),
+        labelled(_("Report received"), reader.full(received_at), reader),
+        labelled(_("Read by"), reading_doctor or "—", reader),
+    ]
+    if reasons:
+        lines.append(labelled(_("Critical result"), "; ".join(reasons), reader))
+    return "\n".join([*lines, "", text, ""])

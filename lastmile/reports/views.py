@@ -8,7 +8,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from lastmile.reports.report_text import English, Speaker, shown_reasons, shown_text
+from lastmile.ecg.preview import display_name
+from lastmile.reports.report_text import English, Reader, Speaker, printout, shown_reasons, shown_text
 from lastmile.reports.store import ReportStore, SentStudy, StoredReport
 from uploader.report_reading import UnreadableReport, read_dicom_report, read_fhir_report
 
@@ -81,18 +82,27 @@ def render_list(lines: list[StudyLine]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
-def speaker_for(language: str) -> Speaker:
-    """The words of `console.language` for the command line's report text (as on the pages)."""
-    if language == "en":
-        return English()
-    from lastmile.console.i18n import Localizer  # Babel: only when a catalog is needed
+def speaker_for(language: str) -> Reader:
+    """`console.language` and the clinic's zone, for the command line's report text and printout
+    (the same words as the console's pages)."""
+    from lastmile.clock import local_zone
+    from lastmile.console.i18n import Localizer  # Babel: only in the commands that word a report
 
-    return Localizer(language, dt.timezone.utc)
+    return Localizer(language, local_zone())
+
+
+def ecg_time_of(study: SentStudy | None) -> dt.datetime | None:
+    """The ECG's time as `sent_studies` keeps it (ISO, with its offset); None if unknown."""
+    try:
+        value = dt.datetime.fromisoformat(study.ecg_time) if study and study.ecg_time else None
+    except ValueError:
+        return None
+    return value.replace(tzinfo=dt.timezone.utc) if value and value.tzinfo is None else value
 
 
 def render_report(store: ReportStore, report: StoredReport, speaker: Speaker | None = None) -> str:
-    """The report for `lastmile report show` and the text printout: the facts (for the operator,
-    in English) and the report itself in `speaker`'s language (English when None)."""
+    """The report for `lastmile report show`: the facts (for the operator, in English) and the
+    report itself in `speaker`'s language (English when None)."""
     speaker = speaker or English()
     study = store.study(report.study_uid)
     out = [f"Report {report.id} ({report.kind}, {report.status}, from the {report.source} reading center)"]
@@ -120,8 +130,9 @@ def render_report(store: ReportStore, report: StoredReport, speaker: Speaker | N
     return "\n".join(out)
 
 
-def printable(store: ReportStore, report: StoredReport, speaker: Speaker | None = None) -> tuple[bytes, str]:
-    """(bytes, file suffix): the report's own document (a PDF) as sent, else its text."""
+def printable(store: ReportStore, report: StoredReport, reader: Reader | None = None) -> tuple[bytes, str]:
+    """(bytes, file suffix): the report's own document (a PDF) as sent, else the printout the
+    console's clinic printer gets, in `reader`'s language (English when None)."""
     data = store.data_of(report.id) or b""
     document: bytes | None = None
     try:
@@ -133,4 +144,16 @@ def printable(store: ReportStore, report: StoredReport, speaker: Speaker | None 
         document = None
     if document and document.startswith(b"%PDF-"):
         return document, ".pdf"
-    return (render_report(store, report, speaker) + "\n").encode("utf-8"), ".txt"
+    reader = reader or speaker_for("en")
+    study = store.study(report.study_uid)
+    text = printout(
+        reader,
+        patient=display_name(study.patient_name if study else report.patient_name),
+        patient_id=(study.patient_id if study else "") or report.patient_id,
+        ecg_time=ecg_time_of(study),
+        received_at=report.received_at,
+        reading_doctor=report.observer,
+        reasons=shown_reasons(report.lines, report.critical, reader),
+        text=shown_text(report.lines, report.text, reader),
+    )
+    return text.encode("utf-8"), ".txt"
