@@ -17,6 +17,7 @@ gateway loses nothing a device still holds:
   state is applied (off: the link is down, nothing more will come).
 
     python bench/ble_room.py CONFIG DEVICES_DIR
+    python bench/ble_room.py --emulation-only | --bare   (prints its RSS in MB: the radio's share)
 """
 
 from __future__ import annotations
@@ -77,30 +78,49 @@ async def advertise_when_free(peripheral: Any, powered: set[str]) -> bool:
     return True
 
 
-async def run(config_path: Path, devices: Path) -> None:
-    from firmware_bridge.ble.emulated_peripherals import (
-        BloodPressureCuff,
-        BpRecord,
-        PulseOximeter,
-        TemperatureRecord,
-        Thermometer,
-    )
+def emulated_room() -> tuple[Any, Any, Any, Any]:
+    """The emulated radio and the cuff, thermometer and oximeter on it (not started)."""
+    from firmware_bridge.ble.emulated_peripherals import BloodPressureCuff, PulseOximeter, Thermometer
     from firmware_bridge.ble.emulation import EmulatedRadio
+
+    radio = EmulatedRadio()
+    common: dict[str, Any] = {"manufacturer": "Lastmile Emulation", "tz": dt.timezone.utc}
+    cuff = BloodPressureCuff(radio, CUFF, "Soak BP Cuff", model="BP-EMU", serial="CUFF-SOAK", **common)
+    thermometer = Thermometer(radio, THERMOMETER, "Soak Thermometer", model="TH-EMU", serial="TH-SOAK", **common)
+    oximeter = PulseOximeter(radio, OXIMETER, "Soak Oximeter", model="OX-EMU", serial="OX-SOAK", **common)
+    return radio, cuff, thermometer, oximeter
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        return int(status.read().split("VmRSS:")[1].split()[0]) / 1024
+
+
+async def emulation_only() -> float:
+    """This process's RSS with only the emulated room started: what the radio and the devices
+    hold, which a gateway on a Pi does not (bench/clinic_day.py subtracts a bare process's)."""
+    radio = emulated_room()[0]
+    await radio.start()
+    try:
+        return rss_mb()
+    finally:
+        await radio.close()
+
+
+async def run(config_path: Path, devices: Path) -> None:
+    from firmware_bridge.ble.emulated_peripherals import BpRecord, TemperatureRecord
     from firmware_bridge.ble.link import BleDeviceManager, LinkSettings
     from lastmile.clinic.db import utc_now
     from lastmile.clinic.devices import DeviceRegistry
     from lastmile.clinic.observations import ObservationStore
     from lastmile.config import load_config
     from lastmile.data_dir import open_outbox
+    from lastmile.services.acquire import GLIBC_MALLOC, TRIM_EVERY_S
     from lastmile.services.ble_devices import ClinicBlePort
 
     config = load_config(config_path)
     utc = dt.timezone.utc
-    radio = EmulatedRadio()
-    common: dict[str, Any] = {"manufacturer": "Lastmile Emulation", "tz": utc}
-    cuff = BloodPressureCuff(radio, CUFF, "Soak BP Cuff", model="BP-EMU", serial="CUFF-SOAK", **common)
-    thermometer = Thermometer(radio, THERMOMETER, "Soak Thermometer", model="TH-EMU", serial="TH-SOAK", **common)
-    oximeter = PulseOximeter(radio, OXIMETER, "Soak Oximeter", model="OX-EMU", serial="OX-SOAK", **common)
+    radio, cuff, thermometer, oximeter = emulated_room()
 
     def cuff_memory() -> list[BpRecord]:
         return [
@@ -150,9 +170,14 @@ async def run(config_path: Path, devices: Path) -> None:
     # what a device holds is sent again after a restart (the gateway knows each by its record key)
     cuff_due, thermometer_due = bool(cuff.memory), bool(thermometer.memory)
     applied = -1
+    loop = asyncio.get_running_loop()
+    trimmed = loop.time()
     try:
         while not runner.done():
             await asyncio.sleep(POLL_S)
+            if loop.time() - trimmed >= TRIM_EVERY_S:  # as the acquire service does
+                trimmed = loop.time()
+                GLIBC_MALLOC.trim()
             upload = stamp(devices / "cuff.upload")
             if upload != seen_upload:  # the cuff came into range
                 seen_upload, cuff.memory, cuff_due = upload, cuff_memory(), True
@@ -184,9 +209,17 @@ async def run(config_path: Path, devices: Path) -> None:
 
 def main() -> int:
     from lastmile.logs import configure_logging
+    from lastmile.services.acquire import prepare_acquire_process
 
+    # the BLE part runs in the acquire process, whose malloc is tuned before anything else
+    prepare_acquire_process()
     configure_logging(None)
-    asyncio.run(run(Path(sys.argv[1]), Path(sys.argv[2])))
+    if sys.argv[1:] == ["--bare"]:  # the reference for --emulation-only: the same start, nothing else
+        print(f"{rss_mb():.2f}")
+    elif sys.argv[1:] == ["--emulation-only"]:
+        print(f"{asyncio.run(emulation_only()):.2f}")
+    else:
+        asyncio.run(run(Path(sys.argv[1]), Path(sys.argv[2])))
     return 0
 
 

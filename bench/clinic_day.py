@@ -497,6 +497,33 @@ def lastmile(config: Path, *args: str, timeout_s: float = 120.0) -> subprocess.C
     )
 
 
+def ble_emulation_mb() -> float:
+    """What the emulated radio and its three devices add to the "ble" service's RSS (it is
+    bench/ble_room.py: the gateway's BLE part and bumble's radio in one process): a process with
+    only them started, less one started the same way with nothing. A gateway holds neither: its
+    BLE part talks to BlueZ."""
+
+    def rss(mode: str) -> float:
+        script = str(REPO / "bench" / "ble_room.py")
+        out = subprocess.run([sys.executable, script, mode], capture_output=True, text=True, timeout=120, cwd=REPO)
+        return float(out.stdout.split()[-1])
+
+    return round(rss("--emulation-only") - rss("--bare"), 1)
+
+
+def poll_failure(proc: subprocess.CompletedProcess[str], *, link_down: bool) -> str:
+    """Why a `lastmile report poll` failed, in a few words. While the link is down the command
+    must say so on its last line (expected: "link down, said so"); anything else, a traceback or
+    a failure with the link up (a lock, a refusal), is a real error, shown with its message."""
+    said = proc.stderr.strip()
+    last = said.splitlines()[-1].removeprefix("lastmile report poll: ") if said else f"exit {proc.returncode}, silent"
+    if "Traceback" in said:
+        return f"exception: {last[:160]}"
+    if link_down and last.startswith("cannot connect to "):
+        return "link down, said so"
+    return f"{'link down' if link_down else 'link up'}: {last[:160]}"
+
+
 class Supervisor:
     """Keeps each service running, as systemd's Restart=always would; samples RSS and fds."""
 

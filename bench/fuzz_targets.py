@@ -901,7 +901,10 @@ def _run_report_objects(data: bytes) -> None:
     goes to `problems`; only bytes that are no DICOM at all raise UnreadableReport."""
     import json
 
+    from uploader.report_lines import LineKind, ReportLine
     from uploader.report_reading import MAX_TEXT_CHARS, ReportContent, read_dicom_report, read_fhir_report
+
+    CONTENT_TREE = {LineKind.CONTAINER, LineKind.ITEM, LineKind.NO_VALUE, LineKind.REFERENCE, LineKind.COORDINATES}
 
     if not data:
         return
@@ -920,11 +923,17 @@ def _run_report_objects(data: bytes) -> None:
         raise Implausible(f"reader returned {content!r:.80}")
     if not content.object_uid:
         raise Implausible("report without an object uid")
-    texts = (content.object_uid, content.study_uid, content.patient_id, content.title, content.text, content.observer)
-    if not all(isinstance(t, str) for t in (*texts, *content.findings, *content.impressions, *content.problems)):
+    texts = (content.object_uid, content.study_uid, content.patient_id, content.title, content.observer)
+    words = [w for line in content.lines for w in (line.name, line.value, line.code)]
+    if not all(
+        isinstance(t, str) for t in (*texts, *words, *content.findings, *content.impressions, *content.problems)
+    ):
         raise Implausible("a report field that is not text")
-    if len(content.text) > MAX_TEXT_CHARS:
-        raise Implausible(f"report text of {len(content.text)} chars")
+    if not all(isinstance(line, ReportLine) and isinstance(line.kind, LineKind) for line in content.lines):
+        raise Implausible("a report line of no known kind")
+    tree = sum(len(line.name) + len(line.value) for line in content.lines if line.kind in CONTENT_TREE)
+    if data[0] % 2 == 0 and tree > MAX_TEXT_CHARS:  # an SR's content tree is cut there
+        raise Implausible(f"report content tree of {tree} chars")
     # a time that reads as a date must be a possible one (odd text is passed on as it is, by design)
     match = REPORT_DATE.match(content.report_time)
     if match and not EARLIEST_YEAR <= int(match.group(1)) <= LATEST_YEAR:

@@ -14,6 +14,9 @@ Prints the figures; with --json the last line is one object: measurements, lost,
 misattributed, held_unassigned, rss_max_mb (per service), rss_growth_mb_per_h (per service,
 per simulated hour), fds_growth, db_mb, payload_mb (after the purge). Goals: lost, duplicated,
 misattributed 0; every service <= 64 MB; growth <= 1 MB per simulated hour; payloads back to 0.
+The "ble" service (bench/ble_room.py) carries bumble's emulated radio and devices, which a gateway
+does not: `ble_emulation_mb` is their share, measured in the same run. `report_polls_failed_by_reason`
+says why each `lastmile report poll` failed ("link down, said so" is expected; anything else is not).
 """
 
 from __future__ import annotations
@@ -35,19 +38,23 @@ COMPRESSION = DAY_H * 60 / 20  # 8 h in 20 min
 OUTAGES = ((0.12, 0.23), (0.42, 0.53), (0.70, 0.81))  # fractions of the day the link is down: 1/3
 
 
-def outages(day: cd.Day, minutes: float, began: float, stop: threading.Event, log: list[str]) -> None:
+def outages(
+    day: cd.Day, minutes: float, began: float, stop: threading.Event, log: list[str], down: threading.Event
+) -> None:
     """The link to the reading center and the county platform goes away three times (a third of
-    the day) and comes back."""
+    the day) and comes back; `down` is set while it is away."""
     day_s = minutes * 60
     for start, end in OUTAGES:
         if stop.wait(max(0.0, began + start * day_s - time.monotonic())):
             return
+        down.set()
         day.orthanc.stop()
         day.platform.stop()
         log.append(f"link down at {time.monotonic() - began:.0f} s")
         stop.wait(max(0.0, began + end * day_s - time.monotonic()))
         day.orthanc.start()
         day.platform.start()
+        down.clear()
         log.append(f"link up at {time.monotonic() - began:.0f} s")
 
 
@@ -57,13 +64,23 @@ def run(minutes: float, patients: int | None, seed: int, say: Any) -> dict[str, 
         data_dir, config, orthanc, clinic, services = day.data_dir, day.config, day.orthanc, day.clinic, day.services
         stop = threading.Event()
         link_log: list[str] = []
+        link_down = threading.Event()
         began = time.monotonic()
-        link = threading.Thread(target=outages, args=(day, minutes, began, stop, link_log), daemon=True)
+        link = threading.Thread(target=outages, args=(day, minutes, began, stop, link_log, link_down), daemon=True)
         link.start()
         cardiologist = cd.Cardiologist(orthanc)
         reading = threading.Thread(target=cardiologist.run, args=(stop,), daemon=True)
         reading.start()
-        polls_failed = 0
+        polls_failed: dict[str, int] = {}  # why each failed `report poll` failed -> how many times
+
+        def report_poll() -> None:
+            down_before = link_down.is_set()
+            proc = cd.lastmile(config, "report", "poll")
+            if proc.returncode != 0:
+                reason = cd.poll_failure(proc, link_down=down_before or link_down.is_set())
+                polls_failed[reason] = polls_failed.get(reason, 0) + 1
+                say(f"report poll failed ({reason}): {proc.stderr.strip()[-300:]}")
+
         try:
             day_s = minutes * 60
             for i in range(patients):
@@ -73,7 +90,7 @@ def run(minutes: float, patients: int | None, seed: int, say: Any) -> dict[str, 
                     time.sleep(min(5.0, max(0.0, due - time.monotonic())))
                 clinic.visit(i + 1, clinic.rng.choice((1, 2, 2, 3)))
                 if i % 3 == 2:  # the doctor asks for the reports now and then (`report poll`)
-                    polls_failed += cd.lastmile(config, "report", "poll").returncode != 0
+                    report_poll()
                 say(f"{time.monotonic() - began:5.0f} s  patient {i + 1}/{patients}, {cd.outbox_states(data_dir)}")
             link.join(max(0.0, began + day_s - time.monotonic()) + 60)
             day_over = time.monotonic()
@@ -91,18 +108,23 @@ def run(minutes: float, patients: int | None, seed: int, say: Any) -> dict[str, 
         deadline = time.monotonic() + 120
         while reports["reports_missing"] and time.monotonic() < deadline:
             cardiologist.round()  # the last ECGs of the day are read, the doctor asks again
-            polls_failed += cd.lastmile(config, "report", "poll").returncode != 0
+            report_poll()
             reports = cd.judge_reports(data_dir, orthanc, day.truth)
         services.stop()
         figures = cd.rss_figures(services.samples, DAY_H * minutes / 20)
+        emulation_mb = cd.ble_emulation_mb()
         result: dict[str, Any] = {
             "minutes": minutes,
             "simulated_h": round(DAY_H * minutes / 20, 2),
             "patients": clinic.stats.patients,
             **cd.verdict_figures(day, states),
             **reports,
-            "report_polls_failed": polls_failed,
+            "report_polls_failed": sum(polls_failed.values()),
+            "report_polls_failed_by_reason": polls_failed,
             **figures,
+            # the "ble" service less the emulated radio and devices it carries (a gateway has none)
+            "ble_emulation_mb": emulation_mb,
+            "ble_rss_max_mb_less_emulation": round(figures["rss_max_mb"].get("ble", 0.0) - emulation_mb, 1),
             "db_mb": round(sum(p.stat().st_size for p in cd.database_files(data_dir)) / 2**20, 2),
             "payload_mb": round(cd.dir_mb(data_dir / "payloads"), 2) if (data_dir / "payloads").exists() else 0.0,
             "console_pages": clinic.stats.console_pages,

@@ -362,6 +362,51 @@ def test_a_report_printed_on_the_clinic_printer_from_a_phone(
     assert "窦性心律，心电图正常" in spool.read_text(encoding="utf-8")  # the job the printer got
 
 
+def test_the_whole_report_in_chinese_on_a_phone(browser: object, tmp_path: Path) -> None:
+    """报告全文 on the village doctor's phone: the gateway's words around the county's report in
+    Chinese (amended, critical, no value, read by, could not read), the county's words as written."""
+    from lastmile.demo.cardiologist import part10
+    from lastmile.reports.store import ReportStore, SentStudy
+    from tests.test_report_text import RULES, STUDY, everything_sr
+    from uploader.report_reading import read_dicom_report
+
+    config = console_config(tmp_path / "data")
+    now = dt.datetime.now(dt.timezone.utc)
+    with ReportStore.open(config.data_dir) as store:
+        store.record_sent(
+            SentStudy(
+                STUDY.study_uid,
+                now,
+                patient_id=STUDY.patient_id,
+                patient_name=STUDY.patient_name,
+                ecg_time=(now - dt.timedelta(hours=1)).isoformat(),
+            )
+        )
+        data = part10(everything_sr())
+        report = store.add_report(read_dicom_report(data, RULES), data, "dicom", now).report
+    with running_console(config) as server:
+        log_in(browser, server)
+        set_viewport(browser, PHONE)
+        try:
+            browser.get(f"{server.url}/reports/{report.id}")
+            text = text_of(browser, "pre.report-text")
+            for chinese in (
+                "已更正：替代之前的 1 份报告",
+                "危急值：",
+                "心率：（无数值）",
+                "诊断医生：李 明",
+                "无法读取：",
+            ):
+                assert chinese in text, text
+            for english in ("AMENDED", "CRITICAL RESULT", "(no value)", "Read by", "Could not read"):
+                assert english not in text, text
+            assert "Impression：急性前壁心肌梗死，危急值，请立即转诊" in text  # the county's words as written
+            assert "关键词“危急值”" in text_of(browser, ".report-full > p strong")  # why critical, in Chinese
+            save_screenshot(browser, "report-whole-text-zh-phone")
+        finally:
+            set_viewport(browser, TABLET)
+
+
 def _cli_json(args: list[str]) -> object:
     """A `lastmile` command's --json answer, from its own process (the CLI's view of the state)."""
     import json

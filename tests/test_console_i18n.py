@@ -22,7 +22,11 @@ def extracted_ids() -> set[str]:
     from babel.messages.extract import extract_from_dir
 
     root = Path(LOCALE_DIR).parents[2]
-    method_map = [("lastmile/console/**.py", "python"), ("lastmile/console/templates/**.html", "jinja2")]
+    method_map = [
+        ("lastmile/console/**.py", "python"),
+        ("lastmile/reports/report_text.py", "python"),
+        ("lastmile/console/templates/**.html", "jinja2"),
+    ]
     found = set()
     for _file, _line, message, _comments, _context in extract_from_dir(
         str(root), method_map=method_map, keywords=KEYWORDS

@@ -176,3 +176,24 @@ def test_the_time_zone_and_receipt_time_reach_the_decoder() -> None:
     utc = decode_ecg(data, "0000037.ECG")
     east8 = decode_ecg(data, "0000037.ECG", local_tz=dt.timezone(dt.timedelta(hours=8)))
     assert utc.acquired_at - east8.acquired_at == dt.timedelta(hours=8)  # a cart on Beijing time
+
+
+def test_a_format_s_reader_is_loaded_only_when_a_file_of_it_comes() -> None:
+    """The acquire service (goal: 64 MB) of a clinic whose cart sends DICOM never loads the aECG
+    reader's XML parser nor the SCP reader: a fresh interpreter decodes a DICOM ECG, then an SCP."""
+    from tests.test_soak import run_probe
+
+    dicom = shared_file("ecg", "dicom", "ecgtoolkit_Example.dcm")
+    scp = shared_file("ecg", "scp", "ecgtoolkit_Example.scp")
+    probe = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from devices.ecg.formats import decode_ecg\n"
+        "def loaded():\n"
+        "    return ','.join(m.split('.')[-1] for m in ('devices.ecg.aecg', 'devices.ecg.scp', 'xml.etree') if m in sys.modules)\n"
+        f"decode_ecg(Path({str(dicom)!r}).read_bytes(), 'a.dcm')\n"
+        "print(loaded() or '-')\n"
+        f"decode_ecg(Path({str(scp)!r}).read_bytes(), 'a.scp')\n"
+        "print(loaded() or '-')\n"
+    )
+    assert run_probe(probe).split() == ["-", "scp"]

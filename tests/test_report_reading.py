@@ -23,11 +23,13 @@ from lastmile.demo.cardiologist import (
     part10,
     report_pdf,
 )
+from lastmile.reports.report_text import English, report_text
 from tests.fhir_server import validate_resource
 from tests.report_peers import critical_observation
 from uploader.report_reading import (
     MAX_DEPTH,
     CriticalRules,
+    ReportContent,
     UnreadableReport,
     read_dicom_report,
     read_fhir_report,
@@ -35,6 +37,11 @@ from uploader.report_reading import (
 
 STUDY = StudyToRead("1.2.826.0.1.3680043.8.498.1", patient_id="P0042", patient_name="Wang^Fang")
 RULES = CriticalRules.parse(["SCT:401303003", "SCT:71908006"], ["危急值", "Critical Result"])
+
+
+def text_of(c: ReportContent) -> str:
+    """The report's lines worded in English (as the store keeps its text)."""
+    return report_text(c.lines, English())
 
 
 def normal_sr(**kw) -> Dataset:
@@ -57,7 +64,7 @@ def test_sr_is_rendered_to_readable_text_with_its_reading_doctor() -> None:
     assert c.impressions == ("Normal ECG",)
     assert c.observer == "Chen Jing"
     assert c.report_time.startswith(sr.ContentDate[:4])
-    lines = c.text.splitlines()
+    lines = text_of(c).splitlines()
     assert lines[0] == "ECG Report"
     assert "  Finding: Sinus rhythm, 72/min" in lines and "  Impression: Normal ECG" in lines
     assert lines[-1].startswith("Read by Chen Jing, ")
@@ -66,7 +73,7 @@ def test_sr_is_rendered_to_readable_text_with_its_reading_doctor() -> None:
 def test_chinese_text_survives() -> None:
     sr = ecg_report_sr(STUDY, findings=["窦性心律"], impression="正常心电图")
     c = read_dicom_report(part10(sr), RULES)
-    assert c.impressions == ("正常心电图",) and "窦性心律" in c.text
+    assert c.impressions == ("正常心电图",) and "窦性心律" in text_of(c)
 
 
 @pytest.mark.parametrize(
@@ -87,14 +94,14 @@ def test_predecessor_documents_make_an_amendment() -> None:
     first = normal_sr()
     second = normal_sr(amends=first)
     c = read_dicom_report(part10(second), RULES)
-    assert c.status == "amended" and c.amends == (first.SOPInstanceUID,) and "AMENDED" in c.text
+    assert c.status == "amended" and c.amends == (first.SOPInstanceUID,) and "AMENDED" in text_of(c)
 
 
 def test_critical_by_code_by_scheme_alias_and_by_keyword() -> None:
     coded = read_dicom_report(
         part10(ecg_report_sr(STUDY, findings=["ST up"], impression="x", coded_findings=[STEMI])), RULES
     )
-    assert coded.critical and "401303003" in coded.critical[0] and "CRITICAL RESULT" in coded.text
+    assert coded.critical and "401303003" in coded.critical[0] and "CRITICAL RESULT" in text_of(coded)
     old_scheme = ecg_report_sr(STUDY, findings=[], impression="x", coded_findings=[("71908006", "SRT", "VF")])
     assert read_dicom_report(part10(old_scheme), RULES).critical  # SRT is SNOMED's old designator
     keyword = read_dicom_report(part10(ecg_report_sr(STUDY, findings=[], impression="请立即处理：危急值")), RULES)
@@ -150,7 +157,7 @@ def test_malformed_tree_is_read_with_problems_never_raised() -> None:
     problems = " ".join(c.problems)
     for expected in ("no TextValue", "SPLINE", "no ConceptCodeSequence", "no ValueType", "not CONTAINER"):
         assert expected in problems
-    assert "Could not read:" in c.text and "Normal ECG" in c.text  # the rest is still shown
+    assert "Could not read:" in text_of(c) and "Normal ECG" in text_of(c)  # the rest is still shown
 
 
 def test_deep_and_huge_trees_are_bounded() -> None:
@@ -197,7 +204,7 @@ def test_fuzz_mutated_reports_read_or_raise_the_typed_error(sample, cuts, trunca
         c = read_dicom_report(bytes(data), RULES)
     except UnreadableReport:
         return
-    assert isinstance(c.text, str) and c.object_uid
+    assert isinstance(text_of(c), str) and c.object_uid
 
 
 # -- FHIR ------------------------------------------------------------------------------------------
@@ -235,7 +242,7 @@ def test_fhir_diagnostic_report_is_read_like_an_sr() -> None:
     )
     assert c.status == "final" and c.observer == "Dr. Chen Jing" and c.title == "EKG study"
     assert c.document.startswith(b"%PDF-") and c.document_type == "application/pdf"
-    assert "Conclusion: Sinus rhythm. Normal ECG." in c.text and not c.critical
+    assert "Conclusion: Sinus rhythm. Normal ECG." in text_of(c) and not c.critical
 
 
 def test_fhir_critical_by_interpretation_and_by_coded_conclusion() -> None:
@@ -243,7 +250,7 @@ def test_fhir_critical_by_interpretation_and_by_coded_conclusion() -> None:
     resource = diagnostic_report(contained=[obs], result=[{"reference": "#st"}])
     validate_resource(resource)
     c = read_fhir_report(resource, RULES)
-    assert c.critical and "Critical abnormal" in c.critical[0] and "ST segment: elevated" in c.text
+    assert c.critical and "Critical abnormal" in c.critical[0] and "ST segment: elevated" in text_of(c)
     coded = diagnostic_report(
         conclusionCode=[{"coding": [{"system": "http://snomed.info/sct", "code": "401303003", "display": "STEMI"}]}]
     )

@@ -266,7 +266,8 @@ def test_list_show_and_json(store, tmp_path, capsys) -> None:
     assert listed["P-DONE"]["reports"][0]["id"] == report.id and waiting.study_uid == listed["P-WAIT"]["study_uid"]
     assert cli(["report", "show", str(report.id), *data]) == 0
     shown = capsys.readouterr().out
-    assert "Patient: P-DONE Wang Fang" in shown and "正常心电图" in shown and "Read by Chen Jing" in shown
+    assert "Patient: P-DONE Wang Fang" in shown and "正常心电图" in shown
+    assert "诊断医生：Chen Jing" in shown  # the report's own text in console.language (zh-CN by default)
     assert cli(["report", "show", "12345", *data]) == 1
 
 
@@ -300,7 +301,8 @@ def test_print_writes_a_file_without_lp_or_when_lp_fails(store, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     assert cli(["report", "print", str(report.id), "--data-dir", str(tmp_path / "data")]) == 0
     written = tmp_path / f"lastmile-report-{report.id}.txt"
-    assert "Impression: Normal" in written.read_text() and (written.stat().st_mode & 0o777) == 0o600
+    # the report in console.language (zh-CN by default): its labels with the full-width colon
+    assert "Impression：Normal" in written.read_text() and (written.stat().st_mode & 0o777) == 0o600
     assert "no printer" in capsys.readouterr().out
     fake_lp(tmp_path, monkeypatch, fail=True)
     target = tmp_path / "out.txt"

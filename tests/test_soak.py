@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,6 +79,19 @@ def test_thirty_kills_across_the_services_lose_and_duplicate_nothing() -> None:
     assert result["service_exits"] == [] and result["cli_errors"] == []
 
 
+@pytest.fixture
+def clinic_day(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """bench/clinic_day.py, the soak's and the kill campaign's clinic (bench/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("clinic_day", REPO / "bench" / "clinic_day.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "clinic_day", module)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_probe(probe: str) -> str:
     """A fresh interpreter runs `probe` (what a service imports and holds, unclouded by this
     process's); its stdout."""
@@ -132,16 +146,9 @@ def test_the_acquire_process_tunes_glibc_malloc_and_trims_it() -> None:
     assert run_probe(probe).split() == ["True"]  # this is a glibc system: mallopt() said yes
 
 
-def test_the_judge_sees_a_lost_a_duplicated_and_a_misattributed_ecg(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_judge_sees_a_lost_a_duplicated_and_a_misattributed_ecg(clinic_day: Any) -> None:
     """The soak's zeros mean something: the same judge, shown a reading center that lost one
     ECG, holds another twice and has a third on the wrong patient, counts each."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("clinic_day", REPO / "bench" / "clinic_day.py")
-    assert spec is not None and spec.loader is not None
-    clinic_day = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "clinic_day", clinic_day)  # bench/ is not a package
-    spec.loader.exec_module(clinic_day)
 
     truth = clinic_day.Truth()
     cart = clinic_day.EcgCart()
@@ -169,18 +176,9 @@ def test_the_judge_sees_a_lost_a_duplicated_and_a_misattributed_ecg(monkeypatch:
     assert (verdict.lost, verdict.duplicated, verdict.misattributed, verdict.unreadable) == (1, 1, 1, 0)
 
 
-def test_the_platform_judge_sees_a_lost_a_twice_stored_and_a_misattributed_visit(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_the_platform_judge_sees_a_lost_a_twice_stored_and_a_misattributed_visit(clinic_day: Any) -> None:
     """The field visits' zeros mean something too: a county platform that lost one visit, stored
     another's Encounter twice and filed a third's note on the wrong patient is counted so."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("clinic_day", REPO / "bench" / "clinic_day.py")
-    assert spec is not None and spec.loader is not None
-    clinic_day = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "clinic_day", clinic_day)
-    spec.loader.exec_module(clinic_day)
 
     truth = clinic_day.Truth()
     serials = [truth.new(f"P{i}", clinic_day.FIELD_VISIT) for i in range(4)]
@@ -223,20 +221,12 @@ def test_the_platform_judge_sees_a_lost_a_twice_stored_and_a_misattributed_visit
 
 
 def test_the_day_is_not_over_while_a_reading_waits_to_be_relayed(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    clinic_day: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """A reading the doctor assigns in the day's last minute is made a FHIR bundle by the forward
     service's next round: the drain must wait for it, not stop because no bundle is unsent yet
     (the soak once judged two readings 'not at the platform' that were about to be relayed)."""
-    import importlib.util
-
     from uploader.outbox import Outbox
-
-    spec = importlib.util.spec_from_file_location("clinic_day", REPO / "bench" / "clinic_day.py")
-    assert spec is not None and spec.loader is not None
-    clinic_day = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "clinic_day", clinic_day)
-    spec.loader.exec_module(clinic_day)
 
     with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
         item = outbox.add("observation", "obs:1", b"{}", now=1.0).item
@@ -250,3 +240,26 @@ def test_the_day_is_not_over_while_a_reading_waits_to_be_relayed(
         outbox.mark_committed([item.id], 2.0)
         states = clinic_day.wait_drained(tmp_path, limit_s=60.0)  # relayed: over at once
         assert states["observations_unrelayed"] == 0
+
+
+def test_the_soak_tells_a_poll_that_said_the_link_is_down_from_a_real_error(clinic_day: Any) -> None:
+    """The 20-minute soak counted 5 of 10 `report poll` calls failed and could not say why: each
+    failure is now counted by its reason, and only "link down, said so" is expected."""
+
+    def failed(stderr: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(["lastmile", "report", "poll"], 1, "", stderr)
+
+    refused = (
+        "2026-12-01 18:12:52,578 WARNING lastmile.reports.poller: reports: cannot ask the reading center now"
+        " (cannot connect to READING_CENTER@127.0.0.1:31540: refused or unreachable); again in 1 s\n"
+        "lastmile report poll: cannot connect to READING_CENTER@127.0.0.1:31540: refused or unreachable\n"
+    )
+    locked = 'Traceback (most recent call last):\n  File "x.py"\nsqlite3.OperationalError: database is locked\n'
+    assert clinic_day.poll_failure(failed(refused), link_down=True) == "link down, said so"
+    assert clinic_day.poll_failure(failed(refused), link_down=False) == (
+        "link up: cannot connect to READING_CENTER@127.0.0.1:31540: refused or unreachable"
+    )
+    assert clinic_day.poll_failure(failed(locked), link_down=True) == (
+        "exception: sqlite3.OperationalError: database is locked"
+    )
+    assert clinic_day.poll_failure(failed(""), link_down=True) == "link down: exit 1, silent"

@@ -7,9 +7,13 @@ log level, were a third of the CPU a study cost. `wait_for_traffic` makes the DU
 in `select()` on its socket and a wake-up pipe (written when a PDU is queued to send or the
 thread is told to stop) until either has something, with a short cap so pynetdicom's timers
 are still looked at. `drop_log_formatting` unbinds the standard logging handlers while their
-logger would discard what they format.
+logger would discard what they format. `decode_store_responses` reads the usual C-STORE-RSP (a
+few fixed Implicit VR LE elements of group 0000) by hand: decoding it with pydicom and turning
+it into pynetdicom's primitive was a third of the DUL thread's CPU per store. Anything else
+(another message, an ErrorComment, an odd length, a UID pydicom would warn about) goes through
+pynetdicom's own decoding, as before.
 
-Both reach into pynetdicom's internals (as `uploader.dicom_store`'s raw send does): each checks
+All reach into pynetdicom's internals (as `uploader.dicom_store`'s raw send does): each checks
 that what it needs is there and otherwise leaves the association as pynetdicom made it.
 """
 
@@ -17,8 +21,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import select
 import ssl
+import struct
 import time
 import weakref
 from collections.abc import Callable
@@ -26,6 +32,8 @@ from typing import Any
 
 from pynetdicom import evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import P_DATA
 
 log = logging.getLogger(__name__)
 
@@ -122,3 +130,106 @@ def drop_log_formatting(assoc: Association) -> int:
                 assoc.unbind(event, handler)
                 dropped += 1
     return dropped
+
+
+# -- C-STORE responses decoded by hand --------------------------------------------------------------
+C_STORE_RSP_COMMAND = 0x8001  # Command Field (PS3.7 9.3.1.2)
+NO_DATA_SET = 0x0101  # Command Data Set Type: no data set follows
+LAST_COMMAND_FRAGMENT = 0x03  # PDV message control header: command, last fragment (PS3.8 E.2)
+_GROUP_LENGTH, _COMMAND_FIELD, _DATA_SET_TYPE = 0x00000000, 0x00000100, 0x00000800
+# The elements of a C-STORE-RSP read here, with their VR; any other element (ErrorComment,
+# OffendingElement, ...) leaves the response to pynetdicom's decoding.
+_STORE_RSP_VRS = {
+    _GROUP_LENGTH: "UL",
+    0x00000002: "UI",  # Affected SOP Class UID
+    _COMMAND_FIELD: "US",
+    0x00000120: "US",  # Message ID Being Responded To
+    _DATA_SET_TYPE: "US",
+    0x00000900: "US",  # Status
+    0x00001000: "UI",  # Affected SOP Instance UID
+}
+_PRIMITIVE_ATTRIBUTES = {
+    0x00000002: "AffectedSOPClassUID",
+    0x00000120: "MessageIDBeingRespondedTo",
+    0x00000900: "Status",
+    0x00001000: "AffectedSOPInstanceUID",
+}
+_REQUIRED = frozenset({_COMMAND_FIELD, _DATA_SET_TYPE, 0x00000120, 0x00000900})
+# A conformant UID (PS3.5 9.1), as pydicom checks it: pynetdicom logs about any other, so those
+# are left to it.
+_CONFORMANT_UID = re.compile(rb"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+_MAX_UID_CHARS = 64
+_ELEMENT_HEADER = struct.Struct("<HHI")
+_US = struct.Struct("<H")
+
+
+def store_response(command: bytes) -> C_STORE | None:
+    """The C-STORE primitive pynetdicom 3.0 would decode from `command` (a whole command set,
+    Implicit VR LE), or None where the bytes are not a plain C-STORE-RSP: then pynetdicom's own
+    decoding must read them. Bounds-checked: never reads past `command`."""
+    values: dict[int, int | str] = {}
+    offset, end, previous = 0, len(command), -1
+    while offset < end:
+        if end - offset < _ELEMENT_HEADER.size:
+            return None
+        group, element, length = _ELEMENT_HEADER.unpack_from(command, offset)
+        tag = group << 16 | element
+        offset += _ELEMENT_HEADER.size
+        vr = _STORE_RSP_VRS.get(tag)
+        if vr is None or tag <= previous or length > end - offset:
+            return None  # another element, out of order or repeated, or cut short
+        previous = tag
+        value = command[offset : offset + length]
+        offset += length
+        if vr == "US":
+            if length != _US.size:
+                return None
+            values[tag] = _US.unpack(value)[0]
+        elif vr == "UI":
+            text = bytes(value).rstrip(b"\0 ")  # as pydicom reads a UI value
+            if len(text) > _MAX_UID_CHARS or not _CONFORMANT_UID.fullmatch(text):
+                return None
+            values[tag] = text.decode("ascii")
+        elif length != 4:  # the group length (UL): pynetdicom does not check its value either
+            return None
+    if not values.keys() >= _REQUIRED:
+        return None
+    if values[_COMMAND_FIELD] != C_STORE_RSP_COMMAND or values[_DATA_SET_TYPE] != NO_DATA_SET:
+        return None
+    primitive = C_STORE()
+    for tag, name in _PRIMITIVE_ATTRIBUTES.items():  # in tag order, as pynetdicom sets them
+        if tag in values:
+            setattr(primitive, name, values[tag])
+    return primitive
+
+
+def decode_store_responses(assoc: Association) -> bool:
+    """Decode the C-STORE responses `assoc` receives by hand where they have the usual form
+    (`store_response`); everything else still goes through pynetdicom's DIMSE decoding.
+    Returns False, changing nothing, where pynetdicom lacks what it needs."""
+    dimse: Any = getattr(assoc, "dimse", None)
+    if dimse is None or not all(hasattr(dimse, name) for name in ("receive_primitive", "message", "msg_queue")):
+        return False
+    if getattr(dimse, "lastmile_decodes", None) is not None:
+        return True
+    receive: Callable[[Any], None] = dimse.receive_primitive
+
+    def receive_primitive(primitive: Any) -> None:
+        # the DUL thread's call for each P-DATA received (pynetdicom 3.0's DT-2)
+        if dimse.message is None and type(primitive) is P_DATA and not assoc.get_handlers(evt.EVT_DIMSE_RECV):
+            pdvs = primitive.presentation_data_value_list
+            if len(pdvs) == 1 and pdvs[0][1][:1] == bytes((LAST_COMMAND_FRAGMENT,)):
+                context_id, data = pdvs[0]
+                response = store_response(data[1:])
+                if response is not None:
+                    # as pynetdicom's message_to_primitive leaves it
+                    response._context_id = context_id
+                    response._dataset_path = response._dataset_file = None
+                    dimse.lastmile_decodes += 1
+                    dimse.msg_queue.put((context_id, response))
+                    return
+        receive(primitive)
+
+    dimse.receive_primitive = receive_primitive
+    dimse.lastmile_decodes = 0  # how many responses were decoded here (tests look)
+    return True

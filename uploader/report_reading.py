@@ -1,7 +1,8 @@
 """What a report from the reading center says: pure reading, no I/O.
 
 - DICOM Structured Reports (Basic/Enhanced/Comprehensive/Extensible SR; a 12-lead ECG report is a
-  Comprehensive SR, TID 3700) are rendered to readable text: title, findings, impression, the
+  Comprehensive SR, TID 3700) are read into lines (`uploader.report_lines`, in no language: the
+  gateway's own words are worded where the report is shown): title, findings, impression, the
   reading doctor (Verifying Observer, else the Person Observer in the content tree), the time.
 - Encapsulated PDFs are kept as they are (the document bytes, with the header fields around).
 - FHIR R4 `DiagnosticReport`s (text conclusion, coded conclusion, a PDF or text `presentedForm`)
@@ -24,7 +25,7 @@ import datetime as dt
 import io
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydicom import dcmread
@@ -41,6 +42,7 @@ from pydicom.uid import (
 
 from devices.identity import POSSIBLE_YEARS
 from uploader.errors import UploadError
+from uploader.report_lines import LineKind, ReportLine
 
 REPORT_SR_CLASSES: tuple[str, ...] = (
     BasicTextSRStorage,
@@ -53,7 +55,7 @@ REPORT_SOP_CLASSES: tuple[str, ...] = (*REPORT_SR_CLASSES, EncapsulatedPDFStorag
 
 MAX_DEPTH = 16  # content tree nesting we follow (TID 3700 uses 4)
 MAX_ITEMS = 5000  # content items we render; a bigger tree is flagged, not walked
-MAX_TEXT_CHARS = 200_000  # rendered text kept
+MAX_TEXT_CHARS = 200_000  # text kept of one value or presented form
 
 # DICOM concepts this module looks for (CID 7001/7002, TID 1002/2000/3700)
 FINDINGS_CONTAINER = ("DCM", "121070")
@@ -125,7 +127,7 @@ class ReportContent:
     title: str = ""
     findings: tuple[str, ...] = ()
     impressions: tuple[str, ...] = ()
-    text: str = ""  # the whole report as readable text
+    lines: tuple[ReportLine, ...] = ()  # the whole report, to be worded in the reader's language
     observer: str = ""  # the reading doctor
     report_time: str = ""  # ISO 8601 as the report gives it (zone only if it has one)
     final: bool = False
@@ -231,8 +233,30 @@ class _DicomReader:
     findings: list[str] = field(default_factory=list)
     impressions: list[str] = field(default_factory=list)
     observers: list[str] = field(default_factory=list)
-    lines: list[str] = field(default_factory=list)
+    lines: list[ReportLine] = field(default_factory=list)  # the content tree
+    reasons: list[ReportLine] = field(default_factory=list)  # why it is critical
+    texts: list[str] = field(default_factory=list)  # the tree's words, for the keyword scan
     items_seen: int = 0
+    chars: int = 0
+
+    def add(self, line: ReportLine) -> None:
+        self.chars += len(line.name) + len(line.value)
+        if self.chars > MAX_TEXT_CHARS:
+            if self.chars - len(line.name) - len(line.value) <= MAX_TEXT_CHARS:
+                self.problems.append(f"more than {MAX_TEXT_CHARS} characters of content: the rest is not rendered")
+            return
+        self.lines.append(line)
+        self.texts.append(f"{line.name}: {line.value}" if line.value else line.name)
+
+    def coded_critical(self, name: str, meaning: str, scheme: str, code: str, why: str) -> None:
+        self.critical.append(why)
+        self.reasons.append(ReportLine(LineKind.CRITICAL_CODE, name=name, value=meaning, code=f"{scheme} {code}"))
+
+    def footer(self, observer: str, when: str) -> list[ReportLine]:
+        """Who read it and when, then what could not be read."""
+        read_by = [ReportLine(LineKind.READ_BY, name=observer, value=when)] if observer or when else []
+        problems = [ReportLine(LineKind.PROBLEM, value=p) for p in dict.fromkeys(self.problems)]
+        return read_by + problems
 
     def get(self, keyword: str) -> str:
         try:
@@ -311,14 +335,13 @@ class _DicomReader:
         )
         amends = self.amends()
         final = completion == "COMPLETE" and verification == "VERIFIED"
-        self.scan_keywords([title, *self.lines])
-        text = self.render(title or "Report", observer, when, amends)
+        self.scan_keywords([title, *self.texts])
         return ReportContent(
             **head,
             title=title,
             findings=tuple(self.findings),
             impressions=tuple(self.impressions),
-            text=text,
+            lines=(*self.top(title, len(amends)), *self.lines, *self.footer(observer, when)),
             observer=observer,
             report_time=when,
             final=final,
@@ -342,12 +365,11 @@ class _DicomReader:
             self.item(item, depth, section)
 
     def item(self, item: Dataset, depth: int, section: tuple[str, str] | None) -> None:
-        indent = "  " * depth
         value_type = str(item.get("ValueType", "") or "")
         scheme, code, name = _code(_first(item, "ConceptNameCodeSequence"))
         concept = (normal_scheme(scheme), code)
         if self.rules.code_matches(scheme, code):
-            self.critical.append(f"coded concept {name or code} ({scheme} {code})")
+            self.coded_critical(name or code, "", scheme, code, f"coded concept {name or code} ({scheme} {code})")
         if not value_type:
             if "ReferencedContentItemIdentifier" in item:
                 return  # by-reference relationship: the target is rendered where it stands
@@ -356,16 +378,19 @@ class _DicomReader:
         if not name and value_type != "CONTAINER":
             self.problems.append(f"a {value_type} content item has no concept name")
         label = name or value_type.title()
-        value = self.value_of(item, value_type, label)
+        unnamed = "" if name else value_type
         if value_type == "CONTAINER":
-            self.lines.append(f"{indent}{label}")
+            self.add(ReportLine(LineKind.CONTAINER, name=name, code=unnamed, depth=depth))
             self.walk(item.get("ContentSequence") or [], depth + 1, concept)
             return
-        if value is None:
+        line = self.value_of(item, value_type, label)
+        if line is None:
             return
+        line = replace(line, name=name, code=line.code or unnamed, depth=depth)
+        value = line.value
         if concept == PERSON_OBSERVER_NAME and value:
             self.observers.append(value)
-        self.lines.append(f"{indent}{label}: {value}")
+        self.add(line)
         if value_type in ("TEXT", "CODE"):
             if concept == IMPRESSION or section == IMPRESSIONS_CONTAINER:
                 self.impressions.append(value)
@@ -375,16 +400,15 @@ class _DicomReader:
         if children:
             self.walk(children, depth + 1, section)
 
-    def value_of(self, item: Dataset, value_type: str, label: str) -> str | None:
-        """The rendered value of one content item, or None (problem noted) when it has none."""
-        if value_type == "CONTAINER":
-            return ""
+    def value_of(self, item: Dataset, value_type: str, label: str) -> ReportLine | None:
+        """One content item's value as a line (its name and depth set by the caller), or None
+        (problem noted) when it has none."""
         if value_type == "TEXT":
             text = item.get("TextValue")
             if text is None:
                 self.problems.append(f"TEXT item {label} has no TextValue")
                 return None
-            return str(text).strip()
+            return ReportLine(LineKind.ITEM, value=str(text).strip())
         if value_type == "CODE":
             found = _first(item, "ConceptCodeSequence")
             if found is None:
@@ -392,31 +416,35 @@ class _DicomReader:
                 return None
             scheme, code, meaning = _code(found)
             if self.rules.code_matches(scheme, code):
-                self.critical.append(f"{label}: {meaning or code} ({scheme} {code})")
-            return meaning or f"{scheme} {code}"
+                self.coded_critical(
+                    label, meaning or code, scheme, code, f"{label}: {meaning or code} ({scheme} {code})"
+                )
+            return ReportLine(LineKind.ITEM, value=meaning or f"{scheme} {code}")
         if value_type == "NUM":
             measured = _first(item, "MeasuredValueSequence")
             if measured is None:
-                return "(no value)"
+                return ReportLine(LineKind.NO_VALUE)
             units = _code(_first(measured, "MeasurementUnitsCodeSequence"))
             unit = units[1] if units[0].upper() == "UCUM" else units[2]
-            return f"{measured.get('NumericValue', '?')} {'' if unit == '1' else unit}".strip()
-        if value_type == "PNAME":
-            return str(item.get("PersonName", "") or "").replace("^", " ").strip()
-        if value_type == "DATETIME":
-            return dicom_datetime_iso(item.get("DateTime"))
-        if value_type == "DATE":
-            return _dicom_time(item.get("Date"), "")
-        if value_type == "TIME":
-            return str(item.get("Time", "") or "")
-        if value_type == "UIDREF":
-            return str(item.get("UID", "") or "")
+            return ReportLine(
+                LineKind.ITEM, value=f"{measured.get('NumericValue', '?')} {'' if unit == '1' else unit}".strip()
+            )
         if value_type in ("COMPOSITE", "IMAGE", "WAVEFORM"):
             ref = _first(item, "ReferencedSOPSequence")
             cls = str(ref.get("ReferencedSOPClassUID", "")) if ref is not None else ""
-            return f"(reference to {UID(cls).name if cls else 'an object'})"
+            return ReportLine(LineKind.REFERENCE, value=UID(cls).name if cls else "")
         if value_type in ("SCOORD", "SCOORD3D", "TCOORD"):
-            return "(coordinates)"
+            return ReportLine(LineKind.COORDINATES, code=value_type)
+        if value_type == "PNAME":
+            return ReportLine(LineKind.ITEM, value=str(item.get("PersonName", "") or "").replace("^", " ").strip())
+        if value_type == "DATETIME":
+            return ReportLine(LineKind.ITEM, value=dicom_datetime_iso(item.get("DateTime")))
+        if value_type == "DATE":
+            return ReportLine(LineKind.ITEM, value=_dicom_time(item.get("Date"), ""))
+        if value_type == "TIME":
+            return ReportLine(LineKind.ITEM, value=str(item.get("Time", "") or ""))
+        if value_type == "UIDREF":
+            return ReportLine(LineKind.ITEM, value=str(item.get("UID", "") or ""))
         self.problems.append(f"content item {label} has unknown ValueType {value_type!r}")
         return None
 
@@ -425,19 +453,12 @@ class _DicomReader:
             keyword = self.rules.keyword_in(text)
             if keyword:
                 self.critical.append(f"keyword {keyword!r} in: {text.strip()[:120]}")
+                self.reasons.append(ReportLine(LineKind.CRITICAL_KEYWORD, name=keyword, value=text.strip()[:120]))
 
-    def render(self, title: str, observer: str, when: str, amends: Sequence[str]) -> str:
-        out = [title, "=" * min(len(title), 60)]
-        if amends:
-            out.append(f"AMENDED: replaces {len(amends)} earlier report(s)")
-        if self.critical:
-            out.append("CRITICAL RESULT: " + "; ".join(dict.fromkeys(self.critical)))
-        out += [*self.lines, ""]
-        if observer or when:
-            out.append(f"Read by {observer or '(not named)'}" + (f", {when}" if when else ""))
-        if self.problems:
-            out.append("Could not read: " + "; ".join(dict.fromkeys(self.problems)))
-        return "\n".join(out)[:MAX_TEXT_CHARS]
+    def top(self, title: str, amends: int) -> list[ReportLine]:
+        """The title, whether it replaces earlier reports, why it is critical."""
+        amended = [ReportLine(LineKind.AMENDED, number=amends)] if amends else []
+        return [ReportLine(LineKind.TITLE, value=title), *amended, *dict.fromkeys(self.reasons)]
 
     # -- PDF --
     def pdf(self, sop_instance: str) -> ReportContent:
@@ -467,20 +488,11 @@ class _DicomReader:
             verified_at or _dicom_time(self.get("ContentDate"), self.get("ContentTime")), self.problems
         )
         self.scan_keywords([title])
-        kb = len(document) / 1024
-        text = "\n".join(
-            [
-                title or "PDF report",
-                f"PDF document, {kb:.0f} KB: `lastmile report print` prints it",
-                *(["CRITICAL RESULT: " + "; ".join(self.critical)] if self.critical else []),
-                *([f"Read by {observer}" + (f", {when}" if when else "")] if observer else []),
-                *(["Could not read: " + "; ".join(self.problems)] if self.problems else []),
-            ]
-        )
+        document_line = ReportLine(LineKind.DOCUMENT, value=mime, number=len(document))
         return ReportContent(
             **head,
             title=title,
-            text=text,
+            lines=(*self.top(title, 0), document_line, *self.footer(observer, when)),
             observer=observer,
             report_time=when,
             final=not self.problems,
@@ -549,6 +561,7 @@ def read_fhir_report(
     """A DiagnosticReport (R4 JSON) → ReportContent; oddities go to `problems`."""
     problems: list[str] = []
     critical: list[str] = []
+    reasons: list[ReportLine] = []
     if resource.get("resourceType") != "DiagnosticReport":
         raise UnreadableReport(f"not a DiagnosticReport: {resource.get('resourceType')!r}")
     rid = str(resource.get("id") or "")
@@ -559,17 +572,19 @@ def read_fhir_report(
     status = str(resource.get("status", ""))
     if status in ("cancelled", "entered-in-error"):
         problems.append(f"the reading center withdrew this report (status {status})")
-    title = _concept_text(resource.get("code")) or "Report"
+    title = _concept_text(resource.get("code"))
     conclusion = str(resource.get("conclusion") or "").strip()
     coded = [d or c for _s, c, d in (x for cc in resource.get("conclusionCode") or [] for x in _codings(cc))]
     for cc in resource.get("conclusionCode") or []:
         for system, code, display in _codings(cc):
             if rules.code_matches(system, code):
                 critical.append(f"coded conclusion {display or code} ({system} {code})")
+                reasons.append(ReportLine(LineKind.CRITICAL_CODE, name=display or code, code=f"{system} {code}"))
     contained = {
         f"#{r.get('id')}": r for r in resource.get("contained") or [] if isinstance(r, Mapping) and r.get("id")
     }
     result_lines = []
+    results: list[ReportLine] = []
     for ref in resource.get("result") or []:
         obs = contained.get(str(ref.get("reference", ""))) if isinstance(ref, Mapping) else None
         if obs is None:
@@ -580,10 +595,12 @@ def read_fhir_report(
         if isinstance(quantity, Mapping):
             value = f"{quantity.get('value', '?')} {quantity.get('unit', '')}".strip()
         result_lines.append(f"{name}: {value}")
+        results.append(ReportLine(LineKind.RESULT, name=name, value=str(value or "")))
         for interp in obs.get("interpretation") or []:
             for _system, code, display in _codings(interp):
                 if code in FHIR_CRITICAL_INTERPRETATIONS:
                     critical.append(f"{name or 'result'} interpreted {display or code}")
+                    reasons.append(ReportLine(LineKind.CRITICAL_INTERPRETED, name=name, value=display or code))
     document: bytes | None = None
     document_type = ""
     presented_text = []
@@ -597,7 +614,7 @@ def read_fhir_report(
             problems.append(f"presentedForm ({ctype}) is not valid base64")
             continue
         if ctype.startswith("text/"):
-            presented_text.append(raw.decode("utf-8", "replace").strip())
+            presented_text.append(raw.decode("utf-8", "replace").strip()[:MAX_TEXT_CHARS])
         elif document is None and raw:
             document, document_type = raw, ctype
     observer = _reference_display(resource.get("resultsInterpreter")) or _reference_display(resource.get("performer"))
@@ -607,20 +624,20 @@ def read_fhir_report(
         keyword = rules.keyword_in(text) if text else None
         if keyword:
             critical.append(f"keyword {keyword!r} in: {text.strip()[:120]}")
+            reasons.append(ReportLine(LineKind.CRITICAL_KEYWORD, name=keyword, value=text.strip()[:120]))
     amends = (f"DiagnosticReport/{rid}",) if status in FHIR_AMENDED else ()
-    lines = [title, "=" * min(len(title), 60)]
-    if amends:
-        lines.append(f"AMENDED ({status})")
-    if critical:
-        lines.append("CRITICAL RESULT: " + "; ".join(dict.fromkeys(critical)))
-    lines += [f"Conclusion: {conclusion}"] if conclusion else []
-    lines += [f"Coded: {c}" for c in coded] + result_lines + presented_text
-    if document is not None:
-        lines.append(f"{document_type} document, {len(document) / 1024:.0f} KB: `lastmile report print` prints it")
-    if observer or when:
-        lines.append(f"Read by {observer or '(not named)'}" + (f", {when}" if when else ""))
-    if problems:
-        lines.append("Could not read: " + "; ".join(problems))
+    lines = [
+        ReportLine(LineKind.TITLE, value=title),
+        *([ReportLine(LineKind.AMENDED)] if amends else []),  # a corrected version of itself
+        *dict.fromkeys(reasons),
+        *([ReportLine(LineKind.CONCLUSION, value=conclusion)] if conclusion else []),
+        *(ReportLine(LineKind.CODED, value=c) for c in coded),
+        *results,
+        *(ReportLine(LineKind.PRESENTED, value=t) for t in presented_text),
+        *([ReportLine(LineKind.DOCUMENT, value=document_type, number=len(document))] if document is not None else []),
+        *([ReportLine(LineKind.READ_BY, name=observer, value=when)] if observer or when else []),
+        *(ReportLine(LineKind.PROBLEM, value=p) for p in problems),
+    ]
     subject = resource.get("subject")
     subject_id = subject.get("identifier") if isinstance(subject, Mapping) else None
     patient_id = str(subject_id.get("value", "") or "") if isinstance(subject_id, Mapping) else ""
@@ -633,7 +650,7 @@ def read_fhir_report(
         title=title,
         findings=tuple(result_lines),
         impressions=tuple(x for x in (conclusion, *coded) if x),
-        text="\n".join(lines)[:MAX_TEXT_CHARS],
+        lines=tuple(lines),
         observer=observer,
         report_time=when,
         final=status in FHIR_FINAL and not problems,

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from devices.ecg import order_statistics as stats
+
 TEMPLATE_S = (0.45, 0.60)  # before / after the QRS peak
 MIN_BEATS = 3  # fewer beats than this make no median
 EDGE_SLOPE_OF_PEAK = 0.10  # QRS onset/offset: combined slope below 10 % of its peak ...
@@ -77,11 +79,11 @@ def median_beat(x_uv: np.ndarray, beats: tuple[int, ...] | np.ndarray, rate_hz: 
     if peaks.size < MIN_BEATS:
         return None
     offsets = np.arange(-before, after)
-    template = np.median(x_uv[:, peaks[:, None] + offsets[None, :]], axis=1)
+    template = stats.median(x_uv[:, peaks[:, None] + offsets[None, :]], axis=1)
     slope = np.abs(np.diff(template, axis=-1, prepend=template[:, :1]))
     near = slice(max(0, before - round(0.05 * rate_hz)), before + round(0.05 * rate_hz))
     peak = slope[:, near].max(axis=-1)
-    floor = np.median(slope, axis=-1)
+    floor = stats.median(slope, axis=-1)
     # QRS edges from the leads where the QRS stands out of the beat's own noise: a lead full of
     # hum or tremor would make the whole beat look like QRS
     clarity = peak / (floor + 1e-9 * (peak.max() + 1e-30))
@@ -101,10 +103,10 @@ def median_beat(x_uv: np.ndarray, beats: tuple[int, ...] | np.ndarray, rate_hz: 
         return slice(int(np.clip(a, 0, template.shape[-1])), int(np.clip(b, 0, template.shape[-1])))
 
     base = span(onset - round(BASELINE_S[0] * rate_hz), onset - round(BASELINE_S[1] * rate_hz) + 1)
-    level = np.median(template[:, base], axis=-1, keepdims=True)
+    level = stats.median(template[:, base], axis=-1, keepdims=True)
     t = template - level
     # at fast rates the neighbouring beats come close: P after the previous T, T before the next QRS
-    rr = float(np.median(np.diff(np.sort(peaks)))) if peaks.size > 1 else float(after + before)
+    rr = float(stats.median(np.diff(np.sort(peaks)))) if peaks.size > 1 else float(after + before)
     p_first = max(onset - round(P_SEARCH_S[0] * rate_hz), before - round(P_OF_RR * rr))
     t_last = min(offset + round(T_SEARCH_S[1] * rate_hz), before + round(T_OF_RR * rr))
     p_part = span(p_first, onset - round(P_SEARCH_S[1] * rate_hz))

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from devices.ecg import order_statistics as stats
+
 # --- filter lengths (seconds) --------------------------------------------------------------
 MAINS_PERIODS_S = (1 / 50, 1 / 60)  # boxcar low-pass with zeros on both mains grids
 HIGH_PASS_WINDOW_S = 0.12  # subtracting a 120 ms mean removes P, T and baseline (< ~5 Hz)
@@ -104,8 +106,8 @@ def _combine(energy: np.ndarray, rate_hz: float) -> tuple[np.ndarray, tuple[int,
     usable = n // window * window or n
     blocks = energy[:, :usable].reshape(energy.shape[0], -1, min(window, usable))
     peaks = blocks.max(axis=-1)
-    level = np.median(peaks, axis=-1)  # a typical QRS peak of each lead
-    background = np.median(energy, axis=-1)
+    level = stats.median(peaks, axis=-1)  # a typical QRS peak of each lead
+    background = stats.median(energy, axis=-1)
     clarity = level / (background + 1e-12 * level.max() + 1e-30)
     # a lead must beat in every stretch: one that died half-way (or carries one huge artifact)
     # has a typical peak far below its largest and would turn its noise into beats
@@ -152,7 +154,7 @@ def _levels(env: np.ndarray, rate_hz: float) -> float:
     if n <= window:
         return float(env.max())
     blocks = env[: n // window * window].reshape(-1, window)
-    return float(np.median(blocks.max(axis=1)))
+    return float(stats.median(blocks.max(axis=1)))
 
 
 def _search_back(
@@ -161,7 +163,7 @@ def _search_back(
     """Add the strongest candidate inside RR gaps much longer than usual."""
     if beats.size < 3:
         return beats
-    median_rr = float(np.median(np.diff(beats)))
+    median_rr = float(stats.median(np.diff(beats)))
     added: list[int] = []
     for a, b in itertools.pairwise(beats):
         if b - a < SEARCH_BACK_RR * median_rr:
@@ -184,7 +186,7 @@ def _fiducials(beats: np.ndarray, filtered: np.ndarray, scale: np.ndarray, rate_
     idx = np.clip(beats[:, None] + offsets[None, :], 0, n - 1)
     strength = np.sum((filtered[:, idx] / scale[:, None, None]) ** 2, axis=0)  # (beats, window)
     moved = idx[np.arange(beats.size), np.argmax(strength, axis=1)]
-    return np.unique(moved)
+    return stats.sorted_unique(moved)
 
 
 def heart_rate_bpm(
@@ -218,7 +220,7 @@ def detect_qrs(x_uv: np.ndarray, rate_hz: float, exclude: np.ndarray | None = No
     refractory = max(1, round(REFRACTORY_S * rate_hz))
     if x.shape[0] == 0 or n < 2 * refractory:
         return QrsDetection((), None, ())
-    x = x - np.median(x, axis=-1, keepdims=True)
+    x = x - stats.median(x, axis=-1, keepdims=True)
     filtered = band_pass(x, rate_hz)
     slope = np.diff(filtered, axis=-1, prepend=filtered[..., :1])
     energy = moving_average(slope * slope, round(ENERGY_WINDOW_S * rate_hz))
@@ -238,7 +240,7 @@ def detect_qrs(x_uv: np.ndarray, rate_hz: float, exclude: np.ndarray | None = No
     beats = _search_back(beats, candidates, env, level, refractory)
     beats = _suppress_neighbours(beats, env[beats], refractory)
     chosen = filtered[list(used)]
-    scale = np.percentile(np.abs(chosen), 99, axis=-1) + 1e-12  # each lead's QRS size
+    scale = stats.percentile(np.abs(chosen), 99, axis=-1) + 1e-12  # each lead's QRS size
     beats = _fiducials(beats, chosen, scale, rate_hz)
     rate = heart_rate_bpm(beats, rate_hz, blocked)
     return QrsDetection(tuple(int(b) for b in beats), rate, used)

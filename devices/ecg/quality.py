@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from devices.ecg import contec
+from devices.ecg import order_statistics as stats
 from devices.ecg import quality_wording as wording
 from devices.ecg.median_beat import MedianBeat, Waves, median_beat
 from devices.ecg.qrs import EXCLUDE_MARGIN_S, QrsDetection, detect_qrs, moving_average
@@ -311,7 +312,7 @@ def _at_limits(samples: np.ndarray, x_uv: np.ndarray, limits: list[tuple[int, in
         if lim is not None:
             at[i] = (samples[i] <= lim[0]) | (samples[i] >= lim[1])
     min_run = max(2, round(PLATEAU_MIN_S * rate))
-    median = np.median(x_uv, axis=-1)
+    median = stats.median(x_uv, axis=-1)
     for i in range(samples.shape[0]):
         for extreme in (samples[i].max(), samples[i].min()):
             hits = samples[i] == extreme
@@ -363,7 +364,7 @@ def _baseline(x_uv: np.ndarray, rate: float) -> tuple[np.ndarray, float]:
         w = min(m, max(1, round(seconds * work_rate)) | 1)
         half = w // 2
         padded = np.pad(d, ((0, 0), (half, half)), mode="edge")
-        d = np.median(np.lib.stride_tricks.sliding_window_view(padded, w, axis=-1), axis=-1)
+        d = stats.median(np.lib.stride_tricks.sliding_window_view(padded, w, axis=-1), axis=-1)
     return d, work_rate
 
 
@@ -406,7 +407,7 @@ def _mains(x_uv: np.ndarray, rate: float) -> tuple[np.ndarray, np.ndarray]:
             # A noise bin's power is exponentially distributed: its mean is the median / ln 2.
             peak = band[np.argmax(power[:, band], axis=-1)]
             line = np.clip(peak[:, None] + lobe[None, :], 0, freqs.size - 1)
-            background = np.median(power[:, around], axis=-1) / np.log(2)
+            background = stats.median(power[:, around], axis=-1) / np.log(2)
             excess += power[rows, line].sum(axis=-1) - background * lobe.size
         amplitude = np.sqrt(2.0 * np.maximum(excess, 0.0))
         worse = amplitude > best
@@ -448,8 +449,8 @@ def _bridged(x_uv: np.ndarray, gap: np.ndarray, rate: float) -> np.ndarray:
     for start, end in zip(starts, ends):
         left = x_uv[:, max(0, start - side) : start]
         right = x_uv[:, end : min(n, end + side)]
-        a = np.median(left, axis=-1) if left.shape[-1] else np.median(right, axis=-1)
-        b = np.median(right, axis=-1) if right.shape[-1] else a
+        a = stats.median(left, axis=-1) if left.shape[-1] else stats.median(right, axis=-1)
+        b = stats.median(right, axis=-1) if right.shape[-1] else a
         out[:, start:end] = a[:, None] + (b - a)[:, None] * np.linspace(0, 1, end - start)[None, :]
     return out
 
@@ -496,7 +497,7 @@ def _muscle(x_uv: np.ndarray, rate: float, beats: tuple[int, ...], skip: np.ndar
     valid = kept >= 0.3 * window
     if not valid.any():
         return np.sqrt(np.mean(band**2, axis=-1))
-    return np.percentile(np.sqrt(energy[:, valid] / kept[valid]), MUSCLE_PERCENTILE, axis=-1)
+    return stats.percentile(np.sqrt(energy[:, valid] / kept[valid]), MUSCLE_PERCENTILE, axis=-1)
 
 
 # ----------------------------------------------------------------------------- electrode swaps
@@ -619,7 +620,7 @@ def _lost_leads(
     # an input left floating picks up hum and nothing else: flat once the mains is taken out
     ranges = np.minimum(ranges, _windowed_range(_mains_free(x, rate), window, hop)[0])
     if duration >= FLAT_WINDOW_S:
-        typical = np.median(ranges, axis=0)  # when most leads are alive, flat is also relative
+        typical = stats.median(ranges, axis=0)  # when most leads are alive, flat is also relative
         small = (typical < FLAT_RANGE_UV) | (ranges < FLAT_SHARE_OF_TYPICAL * typical)
         flat = constant | ((ranges < FLAT_RANGE_UV) & small)
     else:  # too short for a beat in every window: only a constant lead is surely lost

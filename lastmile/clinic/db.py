@@ -201,6 +201,10 @@ MIGRATIONS = (
         "0008_report_conclusions",
         "ALTER TABLE reports ADD COLUMN impressions TEXT;\nALTER TABLE reports ADD COLUMN findings TEXT;",
     ),
+    # the whole report as lines in no language (JSON, uploader.report_lines): the county's words
+    # as written, the gateway's own worded in the reader's language where it is shown. NULL: a
+    # report stored before, shown as its English `text`
+    Migration.sql("0009_report_lines", "ALTER TABLE reports ADD COLUMN lines TEXT;"),
 )
 
 

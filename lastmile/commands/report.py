@@ -75,27 +75,27 @@ def _report_or_fail(store: ReportStore, report_id: int) -> StoredReport | None:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from lastmile.reports.views import render_report
+    from lastmile.reports.views import render_report, speaker_for
 
-    _config, store = _store(args)
+    config, store = _store(args)
     with store:
         report = _report_or_fail(store, args.id)
         if report is None:
             return 1
-        print(render_report(store, report))
+        print(render_report(store, report, speaker_for(config.console.language)))
     return 0
 
 
 def _print(args: argparse.Namespace) -> int:
     from lastmile.reports.printing import lp_command, print_document
-    from lastmile.reports.views import printable
+    from lastmile.reports.views import printable, speaker_for
 
-    _config, store = _store(args)
+    config, store = _store(args)
     with store:
         report = _report_or_fail(store, args.id)
         if report is None:
             return 1
-        data, suffix = printable(store, report)
+        data, suffix = printable(store, report, speaker_for(config.console.language))
     if lp_command() and not args.output:
         done = print_document(data, f"ECG report {report.id}", args.printer)
         if done.sent:

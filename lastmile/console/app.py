@@ -52,6 +52,7 @@ from lastmile.console.i18n import LANGUAGE_NAMES, N_, Localizer, negotiate
 from lastmile.console.live import Broker
 from lastmile.console.sources import ClinicData, ConsoleInputError, ReportView
 from lastmile.reports.printing import lp_command, print_document
+from lastmile.reports.report_text import printout, shown_reasons, shown_text
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +282,8 @@ def page_vars(request: Request, ctx: Context, **values: Any) -> dict[str, Any]:
         "_": loc.gettext,
         "ngettext": loc.ngettext,
         "reading_text": lambda text: reading_text(text, loc),
+        "report_text": lambda report: shown_text(report.lines, report.text, loc),
+        "critical_reasons": lambda report: shown_reasons(report.lines, report.critical_reasons, loc),
         "fmt": loc,
         "lang": loc.language,
         "languages": LANGUAGE_NAMES,
@@ -656,18 +659,17 @@ async def report_pdf(request: Request) -> Response:
 
 
 def printable_text(found: ReportView, localizer: Localizer) -> str:
-    """The report as the clinic printer gets it when the county sent no PDF: the page's facts and
-    text, in the page's language (CUPS lays the UTF-8 text out with the image's Noto CJK fonts)."""
-    _ = localizer.gettext
-    lines = [
-        f"{_('ECG report')}: {person_name(found.patient_name) or found.patient_id}  {found.patient_id}",
-        f"{_('ECG recorded')}: {localizer.full(found.ecg_time) or '—'}",
-        f"{_('Report received')}: {localizer.full(found.received_at)}",
-        f"{_('Read by')}: {found.reading_doctor or '—'}",
-    ]
-    if found.critical:
-        lines.append(f"{_('Critical result')}: {'; '.join(found.critical_reasons)}")
-    return "\n".join([*lines, "", found.text, ""])
+    """The report as the clinic printer gets it when the county sent no PDF, in the page's language."""
+    return printout(
+        localizer,
+        patient=person_name(found.patient_name),
+        patient_id=found.patient_id,
+        ecg_time=found.ecg_time,
+        received_at=found.received_at,
+        reading_doctor=found.reading_doctor,
+        reasons=shown_reasons(found.lines, found.critical_reasons, localizer) if found.critical else [],
+        text=shown_text(found.lines, found.text, localizer),
+    )
 
 
 async def print_report(request: Request) -> Response:

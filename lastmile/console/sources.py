@@ -48,6 +48,7 @@ from lastmile.console.i18n import N_
 from lastmile.data_dir import open_outbox
 from lastmile.reports.store import ReportStore
 from uploader.outbox import ItemState, Kind, OutboxItem
+from uploader.report_lines import ReportLine
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ class ReportView:
     status: str  # "received", "preliminary" or "amended"
     critical: bool
     reading_doctor: str
-    text: str  # SR content rendered to text (findings, impression)
+    text: str  # the whole report in English as stored (all a report stored before `lines` has)
     has_pdf: bool = False
     quality_verdict: str = ""  # the quality gate's verdict on the ECG when it was sent
     acknowledged_at: dt.datetime | None = None  # read by a doctor (console or `lastmile report ack`)
@@ -178,6 +179,7 @@ class ReportView:
     critical_reasons: tuple[str, ...] = ()
     impressions: tuple[str, ...] = ()  # the reading doctor's conclusion(s), shown first
     findings: tuple[str, ...] = ()
+    lines: tuple[ReportLine, ...] | None = None  # the whole report, worded in the page's language
 
     @property
     def unread(self) -> bool:

@@ -85,6 +85,7 @@ def report_view(report: StoredReport, study: SentStudy | None) -> ReportView:
         critical_reasons=report.critical,
         impressions=report.impressions,
         findings=report.findings,
+        lines=report.lines,
     )
 
 

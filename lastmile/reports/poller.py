@@ -30,7 +30,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from lastmile.reports.alerts import CriticalAlerter
@@ -49,6 +49,7 @@ from uploader.dicom_query import (
 from uploader.errors import ConfigurationFault, PermanentError, TransientError, UploadError
 from uploader.metering import Meter
 from uploader.outbox import backoff_delay
+from uploader.report_lines import LineKind, ReportLine
 from uploader.report_reading import (
     REPORT_SR_CLASSES,
     CriticalRules,
@@ -344,14 +345,17 @@ class ReportPoller:
                 series_uid=found.series_uid,
                 sop_class_uid=obj.sop_class_uid,
                 title="Unreadable report",
-                text=f"The reading center sent a report this gateway cannot read ({exc}); it is kept as received.",
+                lines=(ReportLine(LineKind.UNREADABLE), ReportLine(LineKind.PROBLEM, value=str(exc))),
                 problems=(str(exc),),
             )
         if content.study_uid != found.study_uid:
             # the PACS filed it under our study: keep it there, and say the object disagrees
             problem = f"the object names study {content.study_uid or '(none)'}, the PACS filed it under ours"
-            content = ReportContent(
-                **{**content.__dict__, "study_uid": found.study_uid, "problems": (*content.problems, problem)}
+            content = replace(
+                content,
+                study_uid=found.study_uid,
+                problems=(*content.problems, problem),
+                lines=(*content.lines, ReportLine(LineKind.PROBLEM, value=problem)),
             )
         return content
 

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 import sqlite_utils
 
 from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
+from lastmile.reports.report_text import English, report_text
+from uploader.report_lines import LineKind, ReportLine
 
 if TYPE_CHECKING:
     # pydicom is heavy: the console and `doctor` read the store without it
@@ -83,6 +85,9 @@ class StoredReport:
     received_at: dt.datetime
     impressions: tuple[str, ...] = ()  # the reading doctor's conclusion(s), as read
     findings: tuple[str, ...] = ()
+    # the whole report in no language (report_text words it); None: stored before lines were
+    # kept (or unreadable), `text` (English) is all there is
+    lines: tuple[ReportLine, ...] | None = None
 
     @property
     def current(self) -> bool:
@@ -122,7 +127,7 @@ class AddedReport:
 _REPORT_COLUMNS = (
     "id, study_uid, source, kind, object_uid, version, status, superseded_by, title, text, observer, "
     "report_time, patient_id, patient_name, critical, problems, document_type, alerted_at, "
-    "acknowledged_at, acknowledged_by, received_at, impressions, findings"
+    "acknowledged_at, acknowledged_by, received_at, impressions, findings, lines"
 )
 
 
@@ -171,7 +176,19 @@ def _report(row: sqlite3.Row) -> StoredReport:
         received_at=from_iso(row["received_at"]) or dt.datetime.fromtimestamp(0, dt.timezone.utc),
         impressions=tuple(json.loads(row["impressions"])) if row["impressions"] else (),
         findings=tuple(json.loads(row["findings"])) if row["findings"] else (),
+        lines=_lines(row["lines"]),
     )
+
+
+def _lines(stored: str | None) -> tuple[ReportLine, ...] | None:
+    """Stored lines, or None (the English text is shown) when there are none or this version
+    cannot read them (a newer gateway's line kind after a downgrade)."""
+    if not stored:
+        return None
+    try:
+        return tuple(ReportLine.from_json(x) for x in json.loads(stored))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
 
 
 def _json_list(values: Sequence[str]) -> str | None:
@@ -330,16 +347,17 @@ class ReportStore:
                 problems.append(
                     f"the report names patient {content.patient_id}, the ECG was of {ours}: check before use"
                 )
+            lines = list(content.lines)
+            if len(problems) > len(content.problems):
+                lines.append(ReportLine(LineKind.CHECK_PATIENT, name=content.patient_id, value=ours))
             final = content.final and not problems
             status = content.status if final else "preliminary"
-            text = content.text
-            if len(problems) > len(content.problems):
-                text += "\nCheck: " + problems[-1]
+            text = report_text(lines, English())
             cur = conn.execute(
                 "INSERT INTO reports (study_uid, source, kind, object_uid, version, sop_class_uid, status, title, "
                 "text, observer, report_time, patient_id, patient_name, critical, problems, document_type, "
-                "received_at, data, impressions, findings) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "received_at, data, impressions, findings, lines) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     content.study_uid,
                     source,
@@ -361,6 +379,7 @@ class ReportStore:
                     data,
                     _json_list(content.impressions),
                     _json_list(content.findings),
+                    json.dumps([line.to_json() for line in lines], ensure_ascii=False),
                 ),
             )
             new_id = int(cur.lastrowid or 0)

@@ -8,6 +8,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from lastmile.ecg.preview import display_name
+from lastmile.reports.report_text import English, Reader, Speaker, printout, shown_reasons, shown_text
 from lastmile.reports.store import ReportStore, SentStudy, StoredReport
 from uploader.report_reading import UnreadableReport, read_dicom_report, read_fhir_report
 
@@ -80,7 +82,28 @@ def render_list(lines: list[StudyLine]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
-def render_report(store: ReportStore, report: StoredReport) -> str:
+def speaker_for(language: str) -> Reader:
+    """`console.language` and the clinic's zone, for the command line's report text and printout
+    (the same words as the console's pages)."""
+    from lastmile.clock import local_zone
+    from lastmile.console.i18n import Localizer  # Babel: only in the commands that word a report
+
+    return Localizer(language, local_zone())
+
+
+def ecg_time_of(study: SentStudy | None) -> dt.datetime | None:
+    """The ECG's time as `sent_studies` keeps it (ISO, with its offset); None if unknown."""
+    try:
+        value = dt.datetime.fromisoformat(study.ecg_time) if study and study.ecg_time else None
+    except ValueError:
+        return None
+    return value.replace(tzinfo=dt.timezone.utc) if value and value.tzinfo is None else value
+
+
+def render_report(store: ReportStore, report: StoredReport, speaker: Speaker | None = None) -> str:
+    """The report for `lastmile report show`: the facts (for the operator, in English) and the
+    report itself in `speaker`'s language (English when None)."""
+    speaker = speaker or English()
     study = store.study(report.study_uid)
     out = [f"Report {report.id} ({report.kind}, {report.status}, from the {report.source} reading center)"]
     if study is not None:
@@ -98,15 +121,18 @@ def render_report(store: ReportStore, report: StoredReport) -> str:
             if report.acknowledged_at
             else f"NOT acknowledged: lastmile report ack {report.id}"
         )
-        out.append(f"CRITICAL RESULT (危急值), {seen}")
+        out.append(
+            f"CRITICAL RESULT (危急值), {seen}: " + "; ".join(shown_reasons(report.lines, report.critical, speaker))
+        )
     if report.problems:
         out.append("Problems: " + "; ".join(report.problems))
-    out += ["", report.text]
+    out += ["", shown_text(report.lines, report.text, speaker)]
     return "\n".join(out)
 
 
-def printable(store: ReportStore, report: StoredReport) -> tuple[bytes, str]:
-    """(bytes, file suffix): the report's own document (a PDF) as sent, else its text."""
+def printable(store: ReportStore, report: StoredReport, reader: Reader | None = None) -> tuple[bytes, str]:
+    """(bytes, file suffix): the report's own document (a PDF) as sent, else the printout the
+    console's clinic printer gets, in `reader`'s language (English when None)."""
     data = store.data_of(report.id) or b""
     document: bytes | None = None
     try:
@@ -118,4 +144,16 @@ def printable(store: ReportStore, report: StoredReport) -> tuple[bytes, str]:
         document = None
     if document and document.startswith(b"%PDF-"):
         return document, ".pdf"
-    return (render_report(store, report) + "\n").encode("utf-8"), ".txt"
+    reader = reader or speaker_for("en")
+    study = store.study(report.study_uid)
+    text = printout(
+        reader,
+        patient=display_name(study.patient_name if study else report.patient_name),
+        patient_id=(study.patient_id if study else "") or report.patient_id,
+        ecg_time=ecg_time_of(study),
+        received_at=report.received_at,
+        reading_doctor=report.observer,
+        reasons=shown_reasons(report.lines, report.critical, reader),
+        text=shown_text(report.lines, report.text, reader),
+    )
+    return text.encode("utf-8"), ".txt"

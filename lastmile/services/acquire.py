@@ -188,10 +188,12 @@ def prepare_acquire_process() -> None:
 # the BLE loop's each kept one. And glibc raises its mmap threshold to the size of each large
 # block freed, so after the first ECG's quality check the next ones' arrays (~1.5 MB) came from
 # the heap and stayed there. Two arenas, a fixed threshold and a trim now and then took ~2 MB
-# off acquire's RSS with the serial bridge and the LAN receiver (bench/soak.py).
+# off acquire's RSS with the serial bridge and the LAN receiver (bench/soak.py). The trim comes
+# soon after each ECG: decoding, checking and building one leaves ~1.3 MB of free heap pages,
+# which a trim a minute later left resident meanwhile (a trim with nothing to give back: ~25 µs).
 MALLOC_ARENAS = 2
 MMAP_THRESHOLD = 128 * 1024  # glibc's initial value, kept: larger blocks are mapped and unmapped
-TRIM_EVERY_S = 60.0  # how often free heap pages go back to the system
+TRIM_EVERY_S = 2.0  # how often free heap pages go back to the system
 M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # glibc's mallopt() parameter numbers
 
 

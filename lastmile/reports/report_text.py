@@ -1,0 +1,219 @@
+"""A returned report's whole text in the reader's language (报告全文 on the console's page, the
+printout, `lastmile report show`).
+
+The report is stored as lines in no language (`uploader.report_lines`): the cardiologist's words
+are printed exactly as written; the gateway's own words around them ("Read by", "Critical
+result", "(no value)") come from the console's gettext catalog (`scripts/i18n.sh` extracts this
+module too), so a Chinese village doctor reads 审核医生 and 危急值 around the county's text.
+Reports stored before the lines were kept (an old clinic.db) have only their English text: it is
+shown as it is.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import unicodedata
+from collections.abc import Sequence
+from typing import Protocol
+
+from uploader.report_lines import CRITICAL, FOOTER, HEADER, LineKind, ReportLine, critical_lines
+
+UNDERLINE_MAX = 60
+INDENT = "  "
+
+
+class Speaker(Protocol):
+    """What wording needs of a language (`lastmile.console.i18n.Localizer` is one)."""
+
+    def gettext(self, message: str, /, **values: object) -> str: ...
+
+    def ngettext(self, singular: str, plural: str, n: int, /, **values: object) -> str: ...
+
+
+class Reader(Speaker, Protocol):
+    """A language and the clinic's zone, for a printout's dates (a `Localizer` is one)."""
+
+    def full(self, value: dt.datetime | None) -> str: ...
+
+
+class English:
+    """The source strings as they are: the English text the store keeps beside the lines (for
+    `lastmile report list --json`, logs and older readers) without loading a catalog."""
+
+    def gettext(self, message: str, /, **values: object) -> str:
+        return message % values if values else message
+
+    def ngettext(self, singular: str, plural: str, n: int, /, **values: object) -> str:
+        return (singular if n == 1 else plural) % {"n": n, **values}
+
+
+def critical_reason(line: ReportLine, speaker: Speaker) -> str:
+    """Why a report is critical, as one phrase (the county's words kept as written)."""
+    _ = speaker.gettext
+    if line.kind == LineKind.CRITICAL_KEYWORD:
+        return _("the words “%(keyword)s” in: %(text)s", keyword=line.name, text=line.value)
+    if line.kind == LineKind.CRITICAL_INTERPRETED:
+        return _("%(result)s marked %(flag)s", result=line.name or _("a result"), flag=line.value)
+    name = labelled(line.name, line.value, speaker) if line.value else line.name
+    return f"{name} ({line.code})"
+
+
+def labelled(label: str, value: str, speaker: Speaker) -> str:
+    """ "label: value" with the language's own colon (Chinese: full width)."""
+    return speaker.gettext("%(label)s: %(value)s", label=label, value=value)
+
+
+def underline(title: str) -> str:
+    """As wide as the title on a terminal or a printout: a Chinese character takes two columns."""
+    width = sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in title)
+    return "=" * min(width, UNDERLINE_MAX)
+
+
+def readable_time(text: str) -> str:
+    """The report's time as it gives it, spaced for reading: 2026-12-01T10:15:00+08:00 →
+    2026-12-01 10:15:00 +08:00 (its own clock and offset; anything else as it is)."""
+    m = re.fullmatch(r"(\d{4}-\d{2}-\d{2})T(\d{2}:\d{2}(?::\d{2})?)(?:\.\d+)?([+-]\d{2}:\d{2}|Z)?", text)
+    if m is None:
+        return text
+    return " ".join(part for part in m.groups() if part)
+
+
+def critical_reasons(lines: Sequence[ReportLine], speaker: Speaker) -> list[str]:
+    return [critical_reason(line, speaker) for line in critical_lines(lines)]
+
+
+def unnamed(value_type: str, speaker: Speaker) -> str:
+    """The label of a content item the county gave no name: what kind of item it is."""
+    _ = speaker.gettext
+    names = {
+        "CONTAINER": _("Section"),
+        "TEXT": _("Text"),
+        "CODE": _("Code"),
+        "NUM": _("Number"),
+        "PNAME": _("Name"),
+        "DATE": _("Date"),
+        "TIME": _("Time"),
+        "DATETIME": _("Date and time"),
+        "UIDREF": _("Identifier"),
+    }
+    return names.get(value_type, _("Item"))
+
+
+def body_line(line: ReportLine, speaker: Speaker) -> str:
+    """One line of the report's body, indented as its place in the content tree (gettext calls
+    stay out of f-strings: Babel's extractor does not look inside them)."""
+    _ = speaker.gettext
+    indent = INDENT * line.depth
+    label = line.name or unnamed(line.code, speaker)
+    match line.kind:
+        case LineKind.CONTAINER:
+            return indent + label
+        case LineKind.NO_VALUE:
+            value = _("(no value)")
+        case LineKind.REFERENCE:
+            value = _("(reference to %(what)s)", what=line.value or _("an object"))
+        case LineKind.COORDINATES:
+            value = _("(coordinates, not drawn here)")
+        case LineKind.CONCLUSION:
+            indent, label, value = "", _("Conclusion"), line.value
+        case LineKind.CODED:
+            indent, label, value = "", _("Coded conclusion"), line.value
+        case LineKind.PRESENTED:
+            return line.value
+        case _:  # ITEM, RESULT: the county's name and value
+            value = line.value
+    return indent + labelled(label, value, speaker)
+
+
+def footer_line(line: ReportLine, speaker: Speaker) -> str:
+    _ = speaker.gettext
+    match line.kind:
+        case LineKind.DOCUMENT:
+            kb = f"{line.number / 1024:.0f}"
+            if line.value == "application/pdf":
+                return _("PDF document, %(kb)s KB: print it from this page or with `lastmile report print`", kb=kb)
+            return _("%(type)s document, %(kb)s KB", type=line.value or "?", kb=kb)
+        case LineKind.READ_BY:
+            who = line.name or _("(not named)")
+            if line.value:
+                return _("Read by %(doctor)s, %(time)s", doctor=who, time=readable_time(line.value))
+            return _("Read by %(doctor)s", doctor=who)
+        case LineKind.CHECK_PATIENT:
+            return _(
+                "Check: the report names patient %(theirs)s, the ECG was of %(ours)s: check before use",
+                theirs=line.name,
+                ours=line.value,
+            )
+        case _:
+            return ""
+
+
+def report_text(lines: Sequence[ReportLine], speaker: Speaker) -> str:
+    """The whole report: its title, what the gateway found about it (amended, critical), the
+    county's content as written, then who read it and what could not be read."""
+    _ = speaker.gettext
+    unreadable = any(line.kind == LineKind.UNREADABLE for line in lines)
+    title = next((line.value for line in lines if line.kind == LineKind.TITLE), "")
+    title = title or (_("Unreadable report") if unreadable else _("Report"))
+    out = [title, underline(title)]
+    for line in lines:
+        if line.kind == LineKind.UNREADABLE:
+            out.append(_("The reading center sent a report this gateway cannot read; it is kept as received."))
+        elif line.kind == LineKind.AMENDED:
+            if line.number:
+                out.append(
+                    speaker.ngettext(
+                        "AMENDED: replaces %(n)d earlier report", "AMENDED: replaces %(n)d earlier reports", line.number
+                    )
+                )
+            else:
+                out.append(_("AMENDED: this is a corrected version of the report"))
+    reasons = critical_reasons(lines, speaker)
+    if reasons:
+        out.append(_("CRITICAL RESULT: %(reasons)s", reasons="; ".join(reasons)))
+    out += [body_line(line, speaker) for line in lines if line.kind not in HEADER | CRITICAL | FOOTER]
+    out.append("")
+    out += [footer_line(line, speaker) for line in lines if line.kind in (LineKind.DOCUMENT, LineKind.READ_BY)]
+    problems = [line.value for line in lines if line.kind == LineKind.PROBLEM]
+    if problems:
+        out.append(_("Could not read: %(problems)s", problems="; ".join(problems)))
+    out += [footer_line(line, speaker) for line in lines if line.kind == LineKind.CHECK_PATIENT]
+    return "\n".join(out)
+
+
+def shown_text(lines: Sequence[ReportLine] | None, stored_text: str, speaker: Speaker) -> str:
+    """The report's text in `speaker`'s language; a report stored before lines were kept has
+    only its English text, shown as it is."""
+    return stored_text if lines is None else report_text(lines, speaker)
+
+
+def shown_reasons(lines: Sequence[ReportLine] | None, stored: Sequence[str], speaker: Speaker) -> list[str]:
+    """Why it is critical, in `speaker`'s language (an old report: its English reasons)."""
+    return list(stored) if lines is None else critical_reasons(lines, speaker)
+
+
+def printout(
+    reader: Reader,
+    *,
+    patient: str,
+    patient_id: str,
+    ecg_time: dt.datetime | None,
+    received_at: dt.datetime,
+    reading_doctor: str,
+    reasons: Sequence[str],
+    text: str,
+) -> str:
+    """A report on paper when the county sent no PDF (the console's clinic printer, `lastmile
+    report print`): the page's facts, then the whole report, in `reader`'s language (CUPS lays
+    the UTF-8 text out with the image's Noto CJK fonts). `reasons`: why it is critical, if it is."""
+    _ = reader.gettext
+    lines = [
+        labelled(_("ECG report"), f"{patient or patient_id}  {patient_id}", reader),
+        labelled(_("ECG recorded"), reader.full(ecg_time) or "—", reader),
+        labelled(_("Report received"), reader.full(received_at), reader),
+        labelled(_("Read by"), reading_doctor or "—", reader),
+    ]
+    if reasons:
+        lines.append(labelled(_("Critical result"), "; ".join(reasons), reader))
+    return "\n".join([*lines, "", text, ""])

@@ -1,0 +1,256 @@
+"""A returned report's whole text in the reader's language (issue 15): the gateway's own words
+around the report come from the console's catalog (zh-CN first, English second); the county's
+words (titles, concept names, values, Chinese or not) are printed exactly as written; a report
+stored before lines were kept still shows its English text after the store's migration."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import re
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import TwelveLeadECGWaveformStorage
+
+from lastmile.clinic.db import DB_NAME, MIGRATIONS
+from lastmile.console.i18n import Localizer
+from lastmile.demo.cardiologist import STEMI, StudyToRead, content_item, ecg_report_sr, part10, report_pdf
+from lastmile.reports.report_text import English, Speaker, readable_time, report_text, shown_reasons, shown_text
+from lastmile.reports.store import ReportStore, SentStudy
+from lastmile.reports.views import printable, render_report, speaker_for
+from tests.report_peers import critical_observation
+from uploader.report_lines import LineKind, ReportLine
+from uploader.report_reading import CriticalRules, ReportContent, read_dicom_report, read_fhir_report
+from uploader.sqlite_store import open_database
+
+STUDY = StudyToRead("1.2.826.0.1.3680043.8.498.77", patient_id="P0077", patient_name="Zhang^San=张^三")
+RULES = CriticalRules.parse(["SCT:401303003"], ["危急值", "Critical Result"])
+ZH = Localizer("zh-CN", ZoneInfo("Asia/Shanghai"))
+EN = Localizer("en", ZoneInfo("Asia/Shanghai"))
+# what may stay Latin in the Chinese text besides the county's words: a file type and the command
+LATIN_IN_CHINESE = ("PDF", "KB", "lastmile report print")
+
+
+def everything_sr() -> Dataset:
+    """An amended, critical SR with every kind of content line the gateway must label: a NUM
+    without a value, a reference to the ECG, coordinates, an item with no concept name."""
+    first = ecg_report_sr(STUDY, findings=["窦性心律"], impression="正常心电图")
+    sr = ecg_report_sr(
+        STUDY,
+        findings=["ST 段抬高 V1-V4", "Sinus rhythm, 88/min"],
+        impression="急性前壁心肌梗死，危急值，请立即转诊",
+        coded_findings=[STEMI],
+        reader="李^明",
+        amends=first,
+    )
+    waveform = content_item("CONTAINS", "WAVEFORM", ("122170", "DCM", "心电波形"))
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = TwelveLeadECGWaveformStorage
+    reference.ReferencedSOPInstanceUID = "1.2.3.4"
+    waveform.ReferencedSOPSequence = [reference]
+    unnamed = Dataset()
+    unnamed.RelationshipType = "CONTAINS"
+    unnamed.ValueType = "TEXT"
+    unnamed.TextValue = "备注：复查"
+    sr.ContentSequence += [
+        content_item("CONTAINS", "NUM", ("8867-4", "LN", "心率")),
+        waveform,
+        content_item("CONTAINS", "SCOORD", ("111030", "DCM", "Image Region")),
+        unnamed,
+    ]
+    return sr
+
+
+def fhir_everything() -> dict:
+    pdf = report_pdf(STUDY, ["ECG report"], reader="Chen^Jing")
+    return {
+        "resourceType": "DiagnosticReport",
+        "id": "r1",
+        "meta": {"versionId": "2"},
+        "status": "corrected",
+        "code": {"text": "心电图报告"},
+        "conclusion": "窦性心律。Critical Result: 室性心动过速",
+        "conclusionCode": [{"coding": [{"system": "http://snomed.info/sct", "code": "401303003", "display": "STEMI"}]}],
+        "contained": [critical_observation("o1", "ST 段", "抬高")],
+        "result": [{"reference": "#o1"}],
+        "presentedForm": [
+            {"contentType": "text/plain", "data": base64.b64encode("全文：窦性心律".encode()).decode()},
+            {"contentType": "application/pdf", "data": base64.b64encode(pdf.EncapsulatedDocument).decode()},
+        ],
+        "resultsInterpreter": [{"display": "陈静"}],
+        "issued": "2026-12-01T10:15:00+08:00",
+    }
+
+
+def the_reports() -> dict[str, tuple[ReportLine, ...]]:
+    sr = read_dicom_report(part10(everything_sr()), RULES)
+    pdf = read_dicom_report(part10(report_pdf(STUDY, ["ECG report"], reader="Chen^Jing")), RULES)
+    fhir = read_fhir_report(fhir_everything(), RULES)
+    unreadable = (ReportLine(LineKind.UNREADABLE), ReportLine(LineKind.PROBLEM, value="not a DICOM object"))
+    mismatch = (*pdf.lines, ReportLine(LineKind.CHECK_PATIENT, name="P999", value="P0077"))
+    return {"sr": sr.lines, "pdf": pdf.lines, "fhir": fhir.lines, "unreadable": unreadable, "mismatch": mismatch}
+
+
+def shown_value(line: ReportLine) -> str:
+    """A line's value as the text shows it: the report's time only spaced for reading."""
+    return readable_time(line.value) if line.kind == LineKind.READ_BY else line.value
+
+
+def county_words(lines: tuple[ReportLine, ...]) -> list[str]:
+    """Everything in the lines that the county (or DICOM, or the gateway's technical record) wrote."""
+    return [w for line in lines for w in (line.name, shown_value(line), line.code) if w]
+
+
+@pytest.mark.parametrize("name", ["sr", "pdf", "fhir", "unreadable", "mismatch"])
+def test_every_gateway_word_is_chinese_and_the_countys_words_are_as_written(name: str) -> None:
+    lines = the_reports()[name]
+    zh, en = report_text(lines, ZH), report_text(lines, EN)
+    assert zh != en
+    for text in (zh, en):  # the county's words, verbatim, in both languages
+        for line in lines:
+            if line.kind != LineKind.DOCUMENT:  # its MIME type is worded ("PDF document")
+                assert line.name in text and shown_value(line) in text, (line, text)
+    leftover = zh
+    for word in sorted(county_words(lines) + list(LATIN_IN_CHINESE), key=len, reverse=True):
+        leftover = leftover.replace(word, " ")
+    assert not re.findall(r"[A-Za-z]{2,}", leftover), f"English left in the Chinese text:\n{zh}"
+
+
+def test_the_chinese_sr_reads_as_a_village_doctor_expects() -> None:
+    lines = the_reports()["sr"]
+    zh = report_text(lines, ZH).splitlines()
+    assert zh[0] == "ECG Report" and zh[1] == "=" * len("ECG Report")  # the county's title as written
+    assert zh[2] == "已更正：替代之前的 1 份报告"
+    assert zh[3].startswith("危急值：") and "(SCT 401303003)" in zh[3] and "关键词“危急值”出现在：" in zh[3]
+    assert "  Impression：急性前壁心肌梗死，危急值，请立即转诊" in zh  # concept name and value as written
+    assert "  Finding：ST 段抬高 V1-V4" in zh and "  Finding：Sinus rhythm, 88/min" in zh
+    assert "心率：（无数值）" in zh and "Image Region：（坐标，此处不显示）" in zh
+    assert "心电波形：（引用：12-lead ECG Waveform Storage）" in zh
+    assert "文字：备注：复查" in zh  # an item the county gave no name: named by its kind
+    assert any(line.startswith("诊断医生：李 明，") for line in zh)
+    assert zh[-1].startswith("无法读取：") and "has no concept name" in zh[-1]  # the technical detail as recorded
+    en = report_text(lines, EN).splitlines()
+    assert en[2] == "AMENDED: replaces 1 earlier report" and en[3].startswith("CRITICAL RESULT: ")
+    assert "心率: (no value)" in en and any(line.startswith("Read by 李 明, ") for line in en)
+
+
+def test_pdf_fhir_and_the_patient_check_in_both_languages() -> None:
+    reports = the_reports()
+    assert "PDF 文件，" in report_text(reports["pdf"], ZH) and "PDF document, " in report_text(reports["pdf"], EN)
+    fhir_zh = report_text(reports["fhir"], ZH)
+    assert "已更正：这是本报告的更正版本" in fhir_zh and "诊断意见：窦性心律。Critical Result: 室性心动过速" in fhir_zh
+    assert "编码诊断：STEMI" in fhir_zh and "ST 段：抬高" in fhir_zh and "全文：窦性心律" in fhir_zh
+    assert "ST 段 标记为 Critical abnormal" in fhir_zh and "诊断医生：陈静，2026-12-01 10:15:00 +08:00" in fhir_zh
+    check = report_text(reports["mismatch"], ZH).splitlines()[-1]
+    assert check == "请核对：报告写的患者是 P999，心电图是 P0077 的：使用前请核对"
+    assert report_text(reports["unreadable"], ZH).splitlines()[:2] == ["无法读取的报告", "=" * 14]  # wide characters
+    assert shown_reasons(reports["fhir"], ("english reason",), ZH)[0] == "STEMI (http://snomed.info/sct 401303003)"
+
+
+def test_english_without_a_catalog_is_the_localizers_english() -> None:
+    plain: Speaker = English()
+    for lines in the_reports().values():
+        assert report_text(lines, plain) == report_text(lines, EN) == report_text(lines, speaker_for("en"))
+    assert "已更正" in report_text(the_reports()["sr"], speaker_for("zh-CN"))
+
+
+def test_the_text_printout_is_the_consoles_in_the_configured_language(tmp_path: Path) -> None:
+    """`lastmile report print` without a PDF: the facts and the report as the console's clinic
+    printer gets them, in console.language."""
+    now = dt.datetime(2026, 12, 1, 2, 5, tzinfo=dt.timezone.utc)
+    with ReportStore.open(tmp_path / "data") as store:
+        store.record_sent(
+            SentStudy(
+                STUDY.study_uid, now, patient_id="P0077", patient_name=STUDY.patient_name, ecg_time=now.isoformat()
+            )
+        )
+        data = part10(everything_sr())
+        report = store.add_report(read_dicom_report(data, RULES), data, "dicom", now).report
+        zh, suffix = printable(store, report, ZH)
+        en, _ = printable(store, report, EN)
+    assert suffix == ".txt"
+    head = zh.decode().splitlines()
+    assert head[:4] == [
+        "心电图报告：张三 (Zhang San)  P0077",  # the name as lastmile.ecg.preview prints it
+        f"心电图记录时间：{ZH.full(now)}",
+        f"已收到报告：{ZH.full(now)}",
+        "诊断医生：李 明",
+    ]
+    assert head[4].startswith("危急值：Finding：Acute ST segment elevation") and "关键词“危急值”" in head[4]
+    assert "  Impression：急性前壁心肌梗死，危急值，请立即转诊" in head
+    assert (
+        en.decode().startswith("ECG report: 张三 (Zhang San)  P0077\nECG recorded: ")
+        and "Read by 李 明, " in en.decode()
+    )
+
+
+@pytest.mark.parametrize(
+    ("given", "shown"),
+    [
+        ("2026-12-01T10:15:00+08:00", "2026-12-01 10:15:00 +08:00"),
+        ("2026-12-01T10:15:00.123456", "2026-12-01 10:15:00"),
+        ("2026-12-01T10:15Z", "2026-12-01 10:15 Z"),
+        ("20261201 1015", "20261201 1015"),  # odd: as the report gave it
+        ("", ""),
+    ],
+)
+def test_the_reports_time_is_spaced_for_reading_not_changed(given: str, shown: str) -> None:
+    assert readable_time(given) == shown
+
+
+def test_lines_survive_the_store_as_json() -> None:
+    for lines in the_reports().values():
+        stored = json.loads(json.dumps([line.to_json() for line in lines], ensure_ascii=False))
+        assert tuple(ReportLine.from_json(x) for x in stored) == lines
+    with pytest.raises(ValueError):
+        ReportLine.from_json({"kind": "a kind from a newer gateway"})
+
+
+OLD_TEXT = "ECG Report\n==========\n  Impression: 窦性心律\n\nRead by Chen Jing, 2026-11-30T10:00:00"
+
+
+def old_clinic_db(data_dir: Path) -> None:
+    """clinic.db as the gateway left it before 0009_report_lines: a report with its English text only."""
+    data_dir.mkdir(mode=0o700)
+    db = open_database(data_dir / DB_NAME, tuple(m for m in MIGRATIONS if m.name != "0009_report_lines"))
+    db.conn.execute(
+        "INSERT INTO sent_studies (study_uid, patient_id, sent_at, stat, polls) VALUES (?, 'P0077', ?, 0, 0)",
+        (STUDY.study_uid, "2026-11-30T01:00:00+00:00"),
+    )
+    db.conn.execute(
+        "INSERT INTO reports (study_uid, source, kind, object_uid, version, status, title, text, observer, "
+        "critical, received_at, data) VALUES (?, 'dicom', 'sr', '1.2.3.9', '', 'final', 'ECG Report', ?, "
+        "'Chen Jing', ?, '2026-11-30T02:00:00+00:00', x'00')",
+        (STUDY.study_uid, OLD_TEXT, json.dumps(["keyword '危急值' in: 危急值"], ensure_ascii=False)),
+    )
+    db.conn.close()
+
+
+def test_an_old_database_is_migrated_and_its_reports_still_show(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    old_clinic_db(data_dir)
+    with ReportStore.open(data_dir) as store:
+        applied = [r[0] for r in store.db.conn.execute("SELECT name FROM migrations ORDER BY name")]
+        assert applied[-1] == "0009_report_lines"
+        old = store.get(1)
+        assert old is not None and old.lines is None and old.text == OLD_TEXT
+        assert shown_text(old.lines, old.text, ZH) == OLD_TEXT  # as it was stored: nothing lost
+        assert shown_reasons(old.lines, old.critical, ZH) == ["keyword '危急值' in: 危急值"]
+        assert render_report(store, old, ZH).endswith(OLD_TEXT)
+        new = store.add_report(
+            read_dicom_report(part10(everything_sr()), RULES), b"x", "dicom", dt.datetime.now(dt.timezone.utc)
+        ).report
+        assert new.lines and new.text == report_text(new.lines, English())  # English kept beside the lines
+        assert "已更正：替代之前的 1 份报告" in render_report(store, new, ZH)
+
+
+def test_the_stored_lines_of_a_content_are_the_lines_it_was_read_into(tmp_path: Path) -> None:
+    content: ReportContent = read_dicom_report(part10(everything_sr()), RULES)
+    with ReportStore.open(tmp_path / "data") as store:
+        store.record_sent(SentStudy(STUDY.study_uid, dt.datetime.now(dt.timezone.utc), patient_id="P0077"))
+        kept = store.add_report(content, b"x", "dicom", dt.datetime.now(dt.timezone.utc)).report
+    assert kept.lines == content.lines

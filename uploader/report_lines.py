@@ -1,0 +1,84 @@
+"""A returned report's readable text as lines in no language (pure; no pydicom, so the console
+and `lastmile report show` read stored lines without it).
+
+The reading center's words (the title, concept names, values, the conclusion, the reading
+doctor's name, the report's time) are kept exactly as written. What the gateway itself says
+about them ("amended", "critical result", "read by", "could not read", "(no value)") is a line's
+`kind`: it is worded in the reader's language where the report is shown
+(`lastmile.reports.report_text`, through the console's gettext catalog).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, fields
+from enum import StrEnum
+from typing import Any
+
+
+class LineKind(StrEnum):
+    # the header
+    TITLE = "title"  # value: the title as written ("": none given)
+    UNREADABLE = "unreadable"  # the object could not be read at all (kept as received)
+    AMENDED = "amended"  # number: earlier reports it replaces (0: a corrected version of itself)
+    CRITICAL_CODE = "critical-code"  # name: the concept; value: its coded value's meaning; code: "SCHEME CODE"
+    CRITICAL_KEYWORD = "critical-keyword"  # name: the configured keyword; value: the text it is in
+    CRITICAL_INTERPRETED = "critical-interpreted"  # name: the result; value: its interpretation (FHIR)
+    # the body: one content item each (SR), at `depth`; `code` holds the ValueType when the
+    # item has no concept name (the gateway then names the kind of item)
+    CONTAINER = "container"  # name: the section's heading
+    ITEM = "item"  # name: the concept; value: its value as written
+    NO_VALUE = "no-value"  # a NUM item without a measured value
+    REFERENCE = "reference"  # value: the kind of object referred to (DICOM's SOP class name; "": unknown)
+    COORDINATES = "coordinates"  # a spatial or temporal coordinates item (not drawn)
+    CONCLUSION = "conclusion"  # value: a FHIR report's conclusion
+    CODED = "coded"  # value: one coded conclusion's display
+    RESULT = "result"  # name: a result's name; value: its value
+    PRESENTED = "presented"  # value: a text form of the report as sent
+    # the footer
+    DOCUMENT = "document"  # value: its MIME type; number: its size in bytes
+    READ_BY = "read-by"  # name: the reading doctor ("": not named); value: the report's time
+    PROBLEM = "problem"  # value: what could not be read (technical, for the county's IT)
+    CHECK_PATIENT = "check-patient"  # name: the patient the report names; value: the one the ECG was of
+
+
+HEADER = frozenset({LineKind.TITLE, LineKind.UNREADABLE, LineKind.AMENDED})
+CRITICAL = frozenset({LineKind.CRITICAL_CODE, LineKind.CRITICAL_KEYWORD, LineKind.CRITICAL_INTERPRETED})
+FOOTER = frozenset({LineKind.DOCUMENT, LineKind.READ_BY, LineKind.PROBLEM, LineKind.CHECK_PATIENT})
+
+
+@dataclass(frozen=True)
+class ReportLine:
+    kind: LineKind
+    name: str = ""
+    value: str = ""
+    code: str = ""
+    depth: int = 0
+    number: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """Only what differs from the defaults: a report of 200 lines stays small in clinic.db."""
+        return {k: v for k, v in asdict(self).items() if k == "kind" or v != _DEFAULTS[k]}
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> ReportLine:
+        """A stored line; raises ValueError on a kind or field this version does not know."""
+        unknown = set(value) - _DEFAULTS.keys() - {"kind"}
+        if unknown:
+            raise ValueError(f"unknown report line fields {sorted(unknown)}")
+        return cls(
+            kind=LineKind(value["kind"]),
+            name=str(value.get("name", "")),
+            value=str(value.get("value", "")),
+            code=str(value.get("code", "")),
+            depth=int(value.get("depth", 0)),
+            number=int(value.get("number", 0)),
+        )
+
+
+_DEFAULTS = {f.name: f.default for f in fields(ReportLine) if f.name != "kind"}
+
+
+def critical_lines(lines: Iterable[ReportLine]) -> list[ReportLine]:
+    """The reasons a report is critical, each once, in order."""
+    return list(dict.fromkeys(line for line in lines if line.kind in CRITICAL))
