@@ -944,3 +944,33 @@ def test_an_undefined_marker_is_no_r_amplitude(undefined: int) -> None:
     block = struct.pack("<HH", 1, 2 * len(values)) + struct.pack(f"<{len(values)}h", *values)
     found, _flags = _findings_of(s10=struct.pack("<HH", 1, 0) + block)
     assert "lead-r-amplitude@I" not in found and found["lead-qt-interval@I"] == 400
+
+
+def _section8(*statements: bytes, count: int | None = None) -> bytes:
+    head = struct.pack("<B7sB", 0, bytes(7), len(statements) if count is None else count)
+    return head + b"".join(struct.pack("<BH", n + 1, len(s)) + s for n, s in enumerate(statements))
+
+
+def _statements_of(body: bytes) -> tuple[list[str], tuple[str, ...]]:
+    bodies = _bodies()
+    bodies[8] = body
+    recording = read_scp(build_record(bodies))
+    return [s.text for s in recording.statements], recording.flags
+
+
+def test_the_cart_statements_are_all_read_one_after_the_other() -> None:
+    """Two statements: the second starts right after the first's 3-byte header and text; an
+    empty last statement ending the section exactly is no damage."""
+    assert _statements_of(_section8(b"Sinus rhythm\x00", b"Normal ECG\x00", b"")) == (
+        ["Sinus rhythm", "Normal ECG"],
+        (),
+    )
+
+
+def test_a_statement_section_cut_short_is_flagged_unreadable_without_half_statements() -> None:
+    """A statement claiming one byte more than the section, or a section shorter than its 9-byte
+    header: the cart's interpretation is flagged unreadable, never shown truncated (a cut "no
+    signs of infarction" could read "no signs of"), and never a crash."""
+    cut = _section8(b"Sinus rhythm\x00")[:-1]
+    assert _statements_of(cut) == ([], ("cart-findings-unreadable:scp-section-8",))
+    assert _statements_of(bytes(8)) == ([], ("cart-findings-unreadable:scp-section-8",))
