@@ -959,9 +959,10 @@ def _statements_of(body: bytes) -> tuple[list[str], tuple[str, ...]]:
 
 
 def test_the_cart_statements_are_all_read_one_after_the_other() -> None:
-    """Two statements: the second starts right after the first's 3-byte header and text; an
-    empty last statement ending the section exactly is no damage."""
-    assert _statements_of(_section8(b"Sinus rhythm\x00", b"Normal ECG\x00", b"")) == (
+    """Two statements: the second starts right after the first's 3-byte header and text, and keeps
+    its last letter when it has no NUL; an empty last statement ending the section exactly is no
+    damage."""
+    assert _statements_of(_section8(b"Sinus rhythm\x00", b"Normal ECG", b"")) == (
         ["Sinus rhythm", "Normal ECG"],
         (),
     )
