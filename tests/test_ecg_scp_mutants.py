@@ -975,3 +975,195 @@ def test_a_statement_section_cut_short_is_flagged_unreadable_without_half_statem
     cut = _section8(b"Sinus rhythm\x00")[:-1]
     assert _statements_of(cut) == ([], ("cart-findings-unreadable:scp-section-8",))
     assert _statements_of(bytes(8)) == ([], ("cart-findings-unreadable:scp-section-8",))
+
+
+# Lead I's P duration, PR, QRS and QT (section 10's first four slots) and what they read as.
+LEAD_I_INTERVALS = {
+    "lead-p-duration@I": 90,
+    "lead-pr-interval@I": 160,
+    "lead-qrs-duration@I": 100,
+    "lead-qt-interval@I": 400,
+}
+
+
+def _lead10(code: int, values: list[int], size: int | None = None) -> bytes:
+    """A section 10 lead block: lead code, byte count (the values' unless given), int16 values."""
+    raw = struct.pack(f"<{len(values)}h", *values)
+    return struct.pack("<HH", code, len(raw) if size is None else size) + raw
+
+
+def test_a_last_lead_with_no_measurements_keeps_the_other_leads_measurements() -> None:
+    """Lead II's block is just its header, ending the section exactly: lead I's P, PR, QRS and QT
+    still reach the reader, and the section is not called unreadable (which would drop them all)."""
+    body = struct.pack("<HH", 2, 0) + _lead10(1, [90, 160, 100, 400]) + _lead10(2, [])
+    found, flags = _findings_of(s10=body)
+    assert found == LEAD_I_INTERVALS and flags == ()
+
+
+def test_a_lead_block_claiming_one_byte_beyond_section10_is_unreadable_not_read_in_part() -> None:
+    """Lead II's block claims 9 bytes and 8 are there: the section is cut, so its per-lead values
+    are flagged unreadable; never a lead II QT read from a block whose end is missing."""
+    body = struct.pack("<HH", 2, 0) + _lead10(1, [90, 160, 100, 400]) + _lead10(2, [80, 150, 90, 380], size=9)
+    found, flags = _findings_of(s10=body)
+    assert found == {} and flags == ("cart-findings-unreadable:scp-section-10",)
+
+
+def test_a_lead_block_shorter_than_its_own_header_is_unreadable() -> None:
+    """A block length of 3 fits neither reading (3 value bytes are not there; 3 bytes cannot
+    include the 4-byte header): the section is damaged and said to be, not read as an empty lead."""
+    body = struct.pack("<HH", 1, 0) + struct.pack("<HH", 1, 3) + struct.pack("<h", 90)
+    found, flags = _findings_of(s10=body)
+    assert found == {} and flags == ("cart-findings-unreadable:scp-section-10",)
+
+
+def test_a_lead_block_of_odd_length_is_read_to_its_own_end_not_into_the_next_lead() -> None:
+    """Lead I's block is 3 bytes (one value and a stray byte): its PR interval must not be made up
+    from that byte and lead II's header; lead II is read from where its block starts."""
+    body = struct.pack("<HH", 2, 0) + struct.pack("<HHhB", 1, 3, 90, 7) + _lead10(2, [80, 150, 90, 380])
+    found, flags = _findings_of(s10=body)
+    assert flags == ()
+    assert found == {
+        "lead-p-duration@I": 90,
+        "lead-p-duration@II": 80,
+        "lead-pr-interval@II": 150,
+        "lead-qrs-duration@II": 90,
+        "lead-qt-interval@II": 380,
+    }
+
+
+def test_a_section10_of_three_bytes_is_unreadable_not_an_ecg_without_lead_measurements() -> None:
+    """One byte short of its 4-byte header: the reader is told the per-lead findings could not be
+    read, rather than shown an ECG whose cart seemingly measured nothing."""
+    found, flags = _findings_of(s10=b"\x00\x00\x00")
+    assert found == {} and flags == ("cart-findings-unreadable:scp-section-10",)
+
+
+def test_a_lead_with_durations_but_no_amplitudes_gets_no_made_up_zero_amplitudes() -> None:
+    """Eight values (P, PR, QRS, QT and the Q, R, S, R' durations) and no amplitude slots: no Q, R,
+    S or J amplitude of 0 µV may appear (an R of 0 µV in every lead reads as low voltage)."""
+    found, flags = _findings_of(s10=struct.pack("<HH", 1, 0) + _lead10(1, [90, 160, 100, 400, 20, 40, 30, 0]))
+    assert found == LEAD_I_INTERVALS and flags == ()
+
+
+def test_a_lead_of_three_values_gives_them_and_no_qt_not_a_crash() -> None:
+    """The block stops before the QT slot: P, PR and QRS are read and the QT is absent; reading
+    the slot just past the values would crash the ECG intake on the cart's bytes."""
+    found, flags = _findings_of(s10=struct.pack("<HH", 1, 0) + _lead10(1, [90, 160, 100]))
+    assert found == {"lead-p-duration@I": 90, "lead-pr-interval@I": 160, "lead-qrs-duration@I": 100}
+    assert flags == ()
+
+
+def test_an_r_wave_of_the_shortest_duration_keeps_its_amplitude() -> None:
+    """Any positive R duration (here 1 ms) means the cart found an R wave: its amplitude is a real
+    finding for the voltage criteria and is kept; only a duration of 0 means no wave."""
+    values = [90, 160, 100, 400, 0, 1, 0, 0, 0, 0, 1200]
+    found, _flags = _findings_of(s10=struct.pack("<HH", 1, 0) + _lead10(1, values))
+    assert found["lead-r-amplitude@I"] == 1200
+
+
+def test_a_damaged_median_beat_section_is_named_section_5_in_the_refusal() -> None:
+    """The refusal says which part of the file is broken: section 5 (the median beats), not the
+    rhythm (6) or section 4, so the service desk knows the tracing itself was not the problem."""
+    beats = np.array([[1, 2, 3, 4, 5], [-5, -4, -3, -2, -1]], dtype="<i2")
+    bodies = _bodies()
+    bodies[5] = rhythm_body(beats, 0, 2000, [row.tobytes() for row in beats], 0)  # no amplitude unit
+    with pytest.raises(ProtocolError, match=r"^SCP-ECG section 5: amplitude multiplier is 0"):
+        parse_scp(build_record(bodies))
+
+
+def test_a_section4_one_byte_short_is_refused_not_used_to_cut_the_median_beat() -> None:
+    """Section 4 (6-byte header: beat length, then QRS positions) cut to 5 bytes: its beat length
+    is not trusted to cut the median beats."""
+    beats = np.array([[1, 2, 3, 4, 5], [-5, -4, -3, -2, -1]], dtype="<i2")
+    bodies = _bodies()
+    bodies[5] = rhythm_body(beats, 1000, 2000, [row.tobytes() for row in beats], 0)
+    bodies[4] = struct.pack("<HHB", 10, 0, 0)
+    with pytest.raises(ProtocolError, match="section 4 is too short"):
+        parse_scp(build_record(bodies))
+
+
+def test_a_median_beat_of_one_sample_is_read_not_dropped() -> None:
+    """One sample per lead is the shortest beat there is: it is returned as it is, never dropped as
+    empty (only zero samples are "no median beat")."""
+    beats = np.array([[7], [-7]], dtype="<i2")
+    bodies = _bodies()
+    bodies[5] = rhythm_body(beats, 1000, 2000, [row.tobytes() for row in beats], 0)
+    reference = parse_scp(build_record(bodies)).reference_beats
+    assert reference is not None and reference.samples.tolist() == [[7], [-7]]
+
+
+def test_median_beats_of_ten_million_samples_are_checked_against_their_bytes_and_refused() -> None:
+    """Section 4 says 20 s of beats at 2 µs: 10,000,000 samples, at the bound, so believed and then
+    found not to fit the 10 bytes there (a damaged file refused, naming section 5's lead 1), never
+    silently sent without its median beats."""
+    beats = np.array([[1, 2, 3, 4, 5], [-5, -4, -3, -2, -1]], dtype="<i2")
+    bodies = _bodies()
+    bodies[5] = rhythm_body(beats, 1000, 2, [row.tobytes() for row in beats], 0)
+    bodies[4] = struct.pack("<HHH", 20_000, 0, 0)
+    with pytest.raises(ProtocolError, match=r"^SCP-ECG section 5 lead 1: 10 bytes cannot hold 10000000 samples"):
+        parse_scp(build_record(bodies))
+
+
+@pytest.mark.parametrize(
+    ("interval_us", "rate"),
+    [(640, 1562.0), (814, 1229.0), (1562, 640.0), (1229, 814.0), (3200, 312.5)],
+)
+def test_fast_carts_get_the_whole_rate_their_interval_came_from_and_no_neighbour(interval_us: int, rate: float) -> None:
+    """Where neighbouring whole rates round to nearly the same interval the exact one must win:
+    814 µs is a 1229 Hz cart, not 1228 Hz; 1562 µs is 640 Hz, not 640.2 Hz. A rate off by one
+    stretches every interval measured on the tracing (0.08% at 1229 Hz: 8 ms over a 10 s strip)
+    and mis-times the samples against the cart's own measurements. 312.5 Hz has no whole rate."""
+    assert read_scp(build_record(_bodies(interval=interval_us))).sampling_rate_hz == rate
+
+
+def test_an_undefined_p_onset_gives_no_p_duration_even_with_a_defined_p_offset_near_it() -> None:
+    """P onset 19999 (undefined) and a P offset of 20090: the difference, 91 ms, looks like a normal
+    P wave but was never measured; it must be left out, not reported."""
+    found, flags = _findings_of(s7=_section7(p_on=19999, p_off=20090))
+    assert "p-duration" not in found and found["qrs-duration"] == 90 and flags == ()
+
+
+def test_custom_huffman_data_tells_a_cut_file_from_a_corrupt_one() -> None:
+    """The refusal tells the user what to do: "ends after" means the copy was cut (copy it again),
+    "not in the Huffman table" means the bytes are corrupt (copying again will not help). A pattern
+    filling exactly the last bits, or one shorter than the table's longest code, is corruption."""
+    two_bit = (HuffmanCode(2, 2, False, 0, 0b00), HuffmanCode(2, 2, False, 1, 0b01))
+    with pytest.raises(ProtocolError, match="bit pattern at bit 6 is not in the Huffman table"):
+        huffman_decode(bytes([0b00000010]), 5, [two_bit])  # 00 00 00 then 10 in the last two bits
+    one_or_three = (HuffmanCode(1, 1, False, 0, 0b0), HuffmanCode(3, 3, False, 1, 0b110))
+    with pytest.raises(ProtocolError, match="bit pattern at bit 6 is not in the Huffman table"):
+        huffman_decode(bytes([0b00000010]), 8, [one_or_three])  # six "0", then "10": no code starts so
+
+
+def test_the_protocol_from_the_device_tag_is_used_when_section0_says_0() -> None:
+    """Section 0 leaves the protocol at 0 and tag 14 (byte 14) says 3.0: the ECG is read as
+    protocol 3.0, where the rhythm flag is not bimodal compression, so it is not wrongly refused."""
+    head = bytearray(36)
+    head[8:14] = b"CART\x00\x00"
+    head[13], head[14], head[15] = 29, 30, 29  # neighbours of the protocol byte say otherwise
+    bodies = _bodies()
+    bodies[1] = _section1(_tag(14, bytes(head) + b"\x00\x00\x00\x00"))
+    samples = np.arange(20, dtype="<i2").reshape(2, 10)
+    bodies[6] = rhythm_body(samples, 1000, 2000, [row.tobytes() for row in samples], 0, bimodal=1)
+    scp = parse_scp(build_record(bodies, protocol=0))
+    assert scp.protocol_version == 30 and scp.rhythm.lead("I").tolist() == samples[0].tolist()
+
+
+def test_a_huffman_table_cut_inside_its_codes_is_refused_not_a_crash() -> None:
+    """A table claiming 2 codes with the bytes of 1: a typed refusal of the damaged file, never an
+    IndexError from reading the missing code (a crash on bad device bytes)."""
+    table = table_body([[HuffmanCode(1, 1, False, 0, 0), HuffmanCode(1, 1, False, 1, 1)]])
+    cut = table[: 2 + 2 + 9]
+    with pytest.raises(ProtocolError, match="Huffman table 1 claims 2 codes"):
+        read_scp(_with(s2=cut))
+
+
+def test_the_bit_just_above_a_stored_huffman_prefix_is_not_part_of_the_code() -> None:
+    """The cart leaves bit 1 set above the 1-bit prefix "0": still code "0" (reading 2 bits would
+    turn it into "1", a repeated code, and refuse a good ECG)."""
+    body = table_body([[HuffmanCode(1, 1, False, 0, 0), HuffmanCode(1, 1, False, 1, 1)]])
+    high = bytearray(body)
+    high[2 + 2 + 5] |= 0x02  # the first code's stored value, bit 1
+    rhythm = rhythm_body(np.zeros((2, 10)), 1000, 2000, [b"\x55\x01"] * 2, 0)
+    plain = read_scp(_with(s2=body, s6=rhythm)).samples
+    assert plain.any() and np.array_equal(read_scp(_with(s2=bytes(high), s6=rhythm)).samples, plain)
