@@ -1373,3 +1373,29 @@ def test_registry_decodes_strings_and_makes_json_of_anything_it_returns() -> Non
     }
     with pytest.raises(UnsupportedFeatureError, match="no decoder for characteristic 0x2a99"):
         registry.spec_for(0x2A99)
+
+
+def test_a_reading_that_says_nothing_of_its_clock_or_context_keeps_its_time_and_is_not_held() -> None:
+    """Measurement's defaults are the safe "no" for decoders that never set them: a blood-pressure
+    record is neither re-stamped with its receipt time (clock_untrusted: a stored reading charted at
+    the wrong time) nor held for a glucose context that never comes (context_follows: reading lost)."""
+    m = decode_blood_pressure_measurement(BP_MMHG_ALL_FIELDS)
+    assert m.device_time is not None and m.clock_untrusted is False and m.context_follows is False
+    bare = Measurement(0x2A35, "blood-pressure", ())
+    assert (bare.live, bare.clock_untrusted, bare.context_follows) == (False, False, False)
+
+
+def test_a_low_glucose_in_kg_per_l_is_charted_to_the_tenth_of_a_mg_per_dl() -> None:
+    """kg/L readings are rounded to 0.1 mg/dL like mol/L ones: a hypoglycaemic 0.0001234 kg/L is
+    12.3 mg/dL, neither 12.0 (a low value charted 0.3 mg/dL off) nor 12.34 (a precision no other
+    glucose reading has)."""
+    data = b"\x02" + struct.pack("<H", 1) + DATE_TIME_2024 + sf(0.0001234, -7) + b"\x11"
+    q = decode_glucose_measurement(data).quantities[0]
+    assert (q.value, q.unit, q.sent_value, q.sent_unit) == (12.3, "mg/dL", 0.0001234, "kg/L")
+
+
+def test_a_glucose_context_without_medication_is_not_flagged_as_a_protocol_oddity() -> None:
+    """Only the litres flag without a medication is odd: a plain context (meal only) carries no
+    'medication_units_without_medication' note that would make a clean record look suspect."""
+    plain = decode_glucose_context(b"\x02\x01\x00\x01")  # meal: preprandial
+    assert plain.flags == ("meal-preprandial",) and "medication_units_without_medication" not in plain.details
