@@ -432,10 +432,10 @@ class ReportParser:
         """The device went quiet: finish what can be finished (a report needing an end line
         that never came is rejected, never half-stored)."""
         events: list[ReportEvent] = []
-        if self._buf and not self._discarding:
-            line = self._decode(bytes(self._buf))
-            self._buf.clear()
-            events.extend(self._line(line, now))
+        if self._discarding:  # an over-long line cut by silence is refused like one that ended
+            events.extend(self._line(None, now))
+        elif self._buf:
+            events.extend(self._line(self._decode(bytes(self._buf)), now))
         self._buf.clear()
         self._discarding = False
         if self._report is not None:

@@ -537,3 +537,30 @@ def test_blank_lines_end_a_report_only_without_an_end_line() -> None:
     parser = ReportParser(load_profile(without_end), DEVICE)
     (event,) = parser.feed(b"B\nT=36.6\n\n", NOW)
     assert isinstance(event, ReportParsed) and parser.idle
+
+
+def test_an_over_long_line_cut_off_by_silence_spoils_its_report_like_one_that_ended() -> None:
+    """Bug found by mutation (issue 20): flush() dropped an over-long last line silently, so a
+    report without an end line was stored without it (a value on a line we could not read went
+    missing from a report that looked whole) and a lone over-long line vanished unrecorded."""
+    framed = _profile("[framing]\nstart='^B$'\nmax_line_length=8\n")
+    ended = ReportParser(load_profile(framed), DEVICE).feed(b"B\nT=36.6\n" + b"y" * 20 + b"\n", NOW)
+    cut = ReportParser(load_profile(framed), DEVICE)
+    assert cut.feed(b"B\nT=36.6\n" + b"y" * 20, NOW) == []
+    assert cut.flush(NOW) == ended == [ReportRejected("line longer than framing.max_line_length", 2)]
+    assert cut.idle
+    lone = ReportParser(load_profile(_profile("[framing]\nmax_line_length=8\n")), DEVICE)
+    assert lone.feed(b"T=36.6666", NOW) == []
+    assert lone.flush(NOW) == [ReportRejected("line longer than framing.max_line_length", 0)]
+    assert lone.flush(NOW) == [] and lone.idle
+
+
+def test_a_fresh_parser_frames_its_first_bytes_like_any_later_ones() -> None:
+    """No CR ended a line before the first read: in CR mode a leading LF is line content from the
+    very first byte, so a first line over the length limit is refused as it would be later on (a
+    fresh connection does not get a laxer limit: no bad line accepted)."""
+    cr = load_profile(_profile("[framing]\nline_end='cr'\nmax_line_length=8\n"))
+    first = ReportParser(cr, DEVICE).feed(b"\nT=36.666\r", NOW)
+    later = ReportParser(cr, DEVICE)
+    assert later.feed(b"\r", NOW) == []
+    assert first == later.feed(b"\nT=36.666\r", NOW) == [ReportRejected("line longer than framing.max_line_length", 0)]
