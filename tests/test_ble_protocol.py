@@ -280,3 +280,105 @@ def test_record_key_stable_across_resends_and_distinct_otherwise() -> None:
     assert k1.startswith("ble:AA:BB:CC:DD:EE:FF:blood-pressure:20240305T093015:")
     no_time = decode_blood_pressure_measurement(bytes.fromhex("00780050005d00"))
     assert record_key("x", no_time, RX) != record_key("x", no_time, RX + dt.timedelta(seconds=1))
+
+
+# RACP codes as the Glucose Profile numbers them (GATT Specification Supplement, 0x2A52).
+RACP_RESPONSE_CODES = {
+    0x01: ResponseCode.SUCCESS,
+    0x02: ResponseCode.OP_CODE_NOT_SUPPORTED,
+    0x03: ResponseCode.INVALID_OPERATOR,
+    0x04: ResponseCode.OPERATOR_NOT_SUPPORTED,
+    0x05: ResponseCode.INVALID_OPERAND,
+    0x06: ResponseCode.NO_RECORDS_FOUND,
+    0x07: ResponseCode.ABORT_UNSUCCESSFUL,
+    0x08: ResponseCode.PROCEDURE_NOT_COMPLETED,
+    0x09: ResponseCode.OPERAND_NOT_SUPPORTED,
+}
+
+
+@pytest.mark.parametrize(("code", "meaning"), RACP_RESPONSE_CODES.items())
+def test_each_racp_response_code_is_read_as_the_meter_meant_it(code: int, meaning: ResponseCode) -> None:
+    """A meter's 'procedure not completed' or 'abort unsuccessful' must not be read as another
+    code (nor 'no records found' as a failure): a download taken for complete loses the readings
+    still on the meter."""
+    c = RacpClient()
+    c.report_records_after(None)
+    result = c.on_indication(bytes((0x06, 0x00, 0x01, code)))
+    assert result.response_code is meaning and result.response_code.name == meaning.name
+    assert result.ok is (meaning in (ResponseCode.SUCCESS, ResponseCode.NO_RECORDS_FOUND))
+
+
+def test_racp_operators_and_delete_are_the_profile_numbers() -> None:
+    """A request is read with the operator the bytes name: <= is not >= (the wrong records
+    asked for), first and last record are not swapped, 0x02 is delete (not a report)."""
+    assert decode_racp(bytes.fromhex("0102010800")).operator is Operator.LESS_THAN_OR_EQUAL
+    assert decode_racp(bytes.fromhex("0105")).operator is Operator.FIRST_RECORD
+    assert decode_racp(bytes.fromhex("0106")).operator is Operator.LAST_RECORD
+    assert decode_racp(bytes.fromhex("0201")).op_code is OpCode.DELETE_STORED_RECORDS
+    assert [(o.name, o.value) for o in Operator][4:] == [("WITHIN_RANGE", 4), ("FIRST_RECORD", 5), ("LAST_RECORD", 6)]
+    assert RacpClient().delete_all_records() == bytes.fromhex("0201")
+
+
+def test_a_fresh_client_counts_no_records_for_a_delete_or_a_count() -> None:
+    """Only records received during a report are counted: a delete or a count on a fresh
+    client reports 0 received (a count would otherwise claim readings that never arrived)."""
+    c = RacpClient()
+    c.delete_all_records()
+    deleted = c.on_indication(bytes.fromhex("06000201"))
+    assert (deleted.op_code, deleted.ok, deleted.records) == (OpCode.DELETE_STORED_RECORDS, True, 0)
+    c.report_number_of_records()
+    counted = c.on_indication(RACP_COUNT_5)
+    assert (counted.records, counted.number_of_records) == (0, 5)
+
+
+def test_records_after_every_sequence_number_and_no_other() -> None:
+    """0 and 65535 are sequence numbers a meter has (0: ask from 1; 65535: nothing can follow,
+    ask for all); -1 or 65536 are a caller's bug, refused rather than asking for the wrong records."""
+    assert RacpClient().report_records_after(0) == bytes.fromhex("0103010100")
+    assert RacpClient().report_records_after(0xFFFE) == bytes.fromhex("010301ffff")
+    assert RacpClient().report_records_after(0xFFFF) == RACP_REPORT_ALL
+    for wrong in (-1, 0x10000):
+        c = RacpClient()
+        with pytest.raises(ValueError, match="out of range"):
+            c.report_records_after(wrong)
+        assert c.state is RacpState.IDLE
+
+
+def test_a_time_filtered_request_is_encoded_like_the_profile_vector() -> None:
+    request = encode_request(
+        OpCode.REPORT_STORED_RECORDS,
+        Operator.GREATER_THAN_OR_EQUAL,
+        FilterType.USER_FACING_TIME,
+        (dt.datetime(2024, 3, 5, 9, 30, 15),),
+    )
+    assert request == RACP_REPORT_BY_TIME
+
+
+def test_a_cut_range_request_names_the_missing_bound() -> None:
+    """The error says which bound of a range is missing, so a log shows what the meter sent."""
+    with pytest.raises(ProtocolError, match="Sequence Number 2 needs 2 bytes"):
+        decode_racp(bytes.fromhex("0104010500"))
+    with pytest.raises(ProtocolError, match="Sequence Number 1 needs 2 bytes"):
+        decode_racp(bytes.fromhex("010401"))
+    with pytest.raises(ProtocolError, match="User Facing Time 2 needs 7 bytes"):
+        decode_racp(bytes.fromhex("010402e8070305091e0f"))
+    with pytest.raises(ProtocolError, match="User Facing Time 1 needs 7 bytes"):
+        decode_racp(bytes.fromhex("010402"))
+
+
+def test_a_response_must_answer_the_running_request() -> None:
+    """A response code with an operator, a request sent by the server, or a response to another
+    procedure is refused: never taken as the end of the running download (readings still in
+    flight would be lost)."""
+    with pytest.raises(ProtocolError, match="needs the Null operator"):
+        decode_racp(bytes.fromhex("06010101"))
+    c = RacpClient()
+    c.report_records_after(None)
+    with pytest.raises(ProtocolError, match="server sent a request"):
+        c.on_indication(RACP_REPORT_ALL)
+    c.on_record(1)
+    with pytest.raises(ProtocolError, match="response to DELETE_STORED_RECORDS while reporting"):
+        c.on_indication(bytes.fromhex("06000201"))
+    assert c.state is RacpState.REPORTING
+    result = c.on_indication(RACP_SUCCESS_FOR_REPORT)
+    assert (result.op_code, result.records, result.highest_sequence) == (OpCode.REPORT_STORED_RECORDS, 1, 1)
