@@ -180,3 +180,18 @@ def test_kind_defaults_and_keys_before_any_hello() -> None:
     session.receive_data(_start(4), NOW)
     (lost,) = session.connection_lost(NOW)
     assert lost.key == "bridge-ecg:/dev/ttyACM0:0:4"
+
+
+def test_a_reading_resent_within_the_bridges_4096_frame_window_is_stored_once() -> None:
+    """The session keeps the bridge's window of 4096 sequence numbers: a reading resent after a
+    lost ACK 4095 frames later is dropped (not stored twice), while the frame 4096 back is
+    forgotten, so a number the bridge uses again is a new reading (not one lost as a duplicate)."""
+    session = BridgeSession("/dev/ttyACM0")
+    first = codec.encode_message(_reading("r0", codec.MeasuredValue("body-temperature", 36.6, "Cel")), 0)
+    resent = codec.encode_message(_reading("r1", codec.MeasuredValue("body-temperature", 38.2, "Cel")), 1)
+    logs = b"".join(codec.encode_message(codec.Log(20, "tick"), seq) for seq in range(2, 4097))
+    events = session.receive_data(first + resent + logs, NOW)
+    assert sum(isinstance(e, ObservationReady) for e in events) == 2
+    assert session.receive_data(resent, NOW) == []
+    (again,) = session.receive_data(first, NOW)
+    assert isinstance(again, ObservationReady) and again.seq == 0
