@@ -128,3 +128,13 @@ def test_the_default_window_is_4096() -> None:
     assert p.receive_data(codec.encode_message(LOG, 1)) == [DuplicateDropped(1, False)]
     assert p.receive_data(codec.encode_message(LOG, 4096)) == [DuplicateDropped(4096, False)]
     assert p.receive_data(codec.encode_message(LOG, 0)) == [MessageReceived(0, LOG)]  # forgotten
+
+
+def test_every_undecodable_frame_counts_one_nack_sent() -> None:
+    """The NACK counter counts refusals of frames we could not decode too, one each: a bridge
+    whose firmware sends what we cannot read shows on the technician's counters."""
+    p = BridgeProtocol()
+    p.receive_data(codec.encode_frame(0x7F, 3, b"\x00"))  # a type we do not know
+    assert p.counters.nacks_sent == 1
+    p.receive_data(codec.encode_frame(LOG.TYPE, 4, b"\x01") + codec.encode_frame(codec.HELLO, 8, b"\x01"))
+    assert p.counters.nacks_sent == 3 and len(_decode_all(p.data_to_send())) == 3
