@@ -98,7 +98,7 @@ FOCUSED_TESTS: dict[str, list[str]] = {
         "tests/test_bridge_codec.py",
         "tests/test_bridge_ecg_stream.py",
     ],
-    "devices/ecg/aecg.py": ["tests/test_ecg_aecg.py"],
+    "devices/ecg/aecg.py": ["tests/test_ecg_aecg.py", "tests/test_ecg_findings.py"],
     "devices/ecg/contec.py": ["tests/test_ecg_contec.py", "tests/test_ecg_formats.py"],
     "devices/ecg/dicom_input.py": ["tests/test_ecg_dicom_rules.py", "tests/test_ecg_dicom_input.py"],
     "devices/ecg/formats.py": ["tests/test_ecg_formats.py"],

@@ -471,3 +471,57 @@ def test_the_root_element_may_end_at_the_last_byte_of_the_first_4_kib() -> None:
     from devices.ecg.aecg import looks_like_aecg
 
     assert looks_like_aecg(b" " * 4083 + b"<AnnotatedECG")  # "G" is byte 4096
+
+
+def _annotation(code: str, value: str, inner: str = "") -> str:
+    return f'<component><annotation><code code="{code}"/>{value}{inner}</annotation></component>'
+
+
+def _pq(value: str, unit: str) -> str:
+    return f'<value xsi:type="PQ" value="{value}" unit="{unit}"/>'
+
+
+def test_only_the_global_findings_of_the_whole_ecg_are_kept_in_the_cart_unit() -> None:
+    """A beat's or a lead's own QT is not the ECG's QT (a value put on the wrong record), the
+    first global value of a kind wins, seconds and microseconds become ms, the QTc keeps its
+    formula, an angle sent in ms is not taken for degrees, and an empty statement is no statement."""
+    per_lead = "<support><supportingROI><component><boundary><code code='MDC_ECG_LEAD_V2'/></boundary></component></supportingROI></support>"
+    annotations = (
+        _annotation("MDC_ECG_BEAT", "", _annotation("MDC_ECG_TIME_PD_QT", _pq("999", "ms")))
+        + _annotation("MDC_ECG_TIME_PD_QT", _pq("450", "ms"), per_lead)
+        + _annotation("MDC_ECG_TIME_PD_QT", _pq("0.4", "s"))
+        + _annotation("MDC_ECG_TIME_PD_QT", _pq("380", "ms"))
+        + _annotation("MDC_ECG_TIME_PD_QTcB", _pq("420000", "us"))
+        + _annotation("MDC_ECG_ANGLE_QRS_FRONT", _pq("45", "ms"))
+        + _annotation("MDC_ECG_INTERPRETATION_STATEMENT", '<value xsi:type="ST"/>')
+        + _annotation("MDC_ECG_INTERPRETATION_STATEMENT", '<value xsi:type="ST"> Sinus rhythm </value>')
+    )
+    # a representative beat whose only sequence set is unreadable: no median beats, the rhythm stands
+    representative = (
+        '<derivation><derivedSeries><code code="REPRESENTATIVE_BEAT"/>'
+        "<component><sequenceSet></sequenceSet></component></derivedSeries></derivation>"
+    )
+    r = read_aecg(_doc(author=f"{representative}<subjectOf><annotationSet>{annotations}</annotationSet></subjectOf>"))
+    assert [(m.kind, m.value, m.method) for m in r.measurements] == [
+        ("qt-interval", 400.0, ""),
+        ("qtc-interval", 420.0, "bazett"),
+    ]
+    assert [s.text for s in r.statements] == ["Sinus rhythm"] and r.median_beats is None
+
+
+@pytest.mark.parametrize(
+    "code,value,unit,expected",
+    [
+        ("MDC_ECG_HEART_RATE", "72", "/min", ("heart-rate", 72.0)),
+        ("MDC_ECG_HEART_RATE", "72", "bpm", ("heart-rate", 72.0)),
+        ("MDC_ECG_HEART_RATE", "72", "{beats}/min", ("heart-rate", 72.0)),
+        ("MDC_ECG_TIME_PD_QT", "0.4", "s", ("qt-interval", 400.0)),
+        ("MDC_ECG_TIME_PD_QT", "400000", "us", ("qt-interval", 400.0)),
+    ],
+)
+def test_each_unit_a_cart_writes_gives_the_value_it_meant(code: str, value: str, unit: str, expected: tuple) -> None:
+    """72 bpm is charted as 72/min and 0.4 s or 400,000 µs as a 400 ms QT: a wrong factor puts a
+    doubled heart rate or a stretched QT on the patient's ECG."""
+    annotation_set = f"<subjectOf><annotationSet>{_annotation(code, _pq(value, unit))}</annotationSet></subjectOf>"
+    (m,) = read_aecg(_doc(author=annotation_set)).measurements
+    assert (m.kind, m.value) == expected
