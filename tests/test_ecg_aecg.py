@@ -525,3 +525,24 @@ def test_each_unit_a_cart_writes_gives_the_value_it_meant(code: str, value: str,
     annotation_set = f"<subjectOf><annotationSet>{_annotation(code, _pq(value, unit))}</annotationSet></subjectOf>"
     (m,) = read_aecg(_doc(author=annotation_set)).measurements
     assert (m.kind, m.value) == expected
+
+
+def _representative_beat(*digits: str) -> str:
+    time = (
+        '<component><sequence><code code="TIME_RELATIVE"/><value xsi:type="GLIST_PQ"><head value="0" unit="s"/>'
+        '<increment value="0.002" unit="s"/></value></sequence></component>'
+    )
+    leads = "".join(_lead(code, digits=d) for code, d in zip(("MDC_ECG_LEAD_II", "MDC_ECG_LEAD_I"), digits))
+    return (
+        '<derivation><derivedSeries><code code="REPRESENTATIVE_BEAT"/><component><sequenceSet>'
+        f"{time}{leads}</sequenceSet></component></derivedSeries></derivation>"
+    )
+
+
+def test_median_beats_need_samples_in_every_lead_even_one() -> None:
+    """Empty median beats are no median beats (a blank beat would be stored and shown as the
+    cart's summary); a one-sample beat is still the cart's beat and kept."""
+    assert read_aecg(_doc(author=_representative_beat("", ""))).median_beats is None
+    assert read_aecg(_doc(author=_representative_beat("5 6", "5"))).median_beats is None
+    one = read_aecg(_doc(author=_representative_beat("5", "7"))).median_beats
+    assert one is not None and one.samples.tolist() == [[5], [7]] and one.lead_names == ("II", "I")
