@@ -546,3 +546,25 @@ def test_median_beats_need_samples_in_every_lead_even_one() -> None:
     assert read_aecg(_doc(author=_representative_beat("5 6", "5"))).median_beats is None
     one = read_aecg(_doc(author=_representative_beat("5", "7"))).median_beats
     assert one is not None and one.samples.tolist() == [[5], [7]] and one.lead_names == ("II", "I")
+
+
+def test_an_ecg_dated_outside_possible_years_is_refused_not_filed_a_century_off() -> None:
+    """A garbled cart clock (1899, 2201) is refused: the ECG is never filed at an impossible date."""
+    for stamp in ("18991231235959", "22010101"):
+        with pytest.raises(ProtocolError, match="impossible date/time"):
+            parse_ts(stamp, UTC)
+
+
+@pytest.mark.parametrize(
+    "head,increment,series_time,needle",
+    [
+        ("1e20", "0.002", '<effectiveTime><low value="20021122091000"/></effectiveTime>', "relative start 1e\\+20 s"),
+        ("0", "1e12", '<effectiveTime><high value="20021122091000"/></effectiveTime>', "3e\\+12 s cannot end"),
+    ],
+)
+def test_a_start_time_off_the_calendar_is_refused(head: str, increment: str, series_time: str, needle: str) -> None:
+    """A date written where seconds belong, or a recording too long to end at its stated end, has no
+    start we could trust: refused, never filed at a made-up time."""
+    time = f'<head value="{head}" unit="s"/><increment value="{increment}" unit="s"/>'
+    with pytest.raises(ProtocolError, match=needle):
+        read_aecg(_doc(time=time, time_code="TIME_RELATIVE", series_time=series_time))
