@@ -197,3 +197,9 @@ def test_a_format_s_reader_is_loaded_only_when_a_file_of_it_comes() -> None:
         "print(loaded() or '-')\n"
     )
     assert run_probe(probe).split() == ["-", "scp"]
+
+
+def test_an_aecg_whose_root_element_ends_at_byte_4096_is_still_recognised() -> None:
+    """Detection reads the first 4 KiB whole: an aECG with a long XML prologue is not refused as
+    an unknown file (an ECG lost) because its root element's last letter is byte 4096."""
+    assert detect_format(b" " * 4083 + b"<AnnotatedECG xmlns='urn:hl7-org:v3'/>") == "aecg"
