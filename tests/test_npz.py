@@ -420,3 +420,17 @@ def test_written_files_are_reproducible_zip_entries() -> None:
     infos = zipfile.ZipFile(io.BytesIO(data)).infolist()
     assert {info.date_time for info in infos} == {(1980, 1, 1, 0, 0, 0)}
     assert all(info.compress_type == zipfile.ZIP_DEFLATED for info in infos)
+
+
+def test_impossible_dates_and_non_matrix_samples_are_refused() -> None:
+    """An ECG dated 1899, a patient born in 1899 (a garbled clock or form) or samples that are not a
+    leads x samples integer matrix are refused, never filed a century off or read as other leads."""
+    cases = [
+        (valid_with(acquired_at=np.array("1899-12-31T23:00:00+00:00")), "is no date an ECG was taken"),
+        (valid_with(patient_id=np.array("P1"), patient_birth_date=np.array("1899-01-01")), "is no date of birth"),
+        (valid_with(samples=SAMPLES.astype(np.float32)), "2-D integer array"),
+        (valid_with(samples=SAMPLES[0]), "2-D integer array"),
+    ]
+    for data, needle in cases:
+        with pytest.raises(ProtocolError, match=needle):
+            read_npz(data)
