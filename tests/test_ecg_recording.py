@@ -109,3 +109,24 @@ def test_gaps_inside_or_at_the_ends_are_accepted(gap: SampleGap) -> None:
 def test_gaps_outside_the_record_or_empty_are_refused(gap: SampleGap) -> None:
     with pytest.raises(InvalidRecordingError, match="bad gap"):
         _rec(gaps=(SampleGap(0, 2), gap))
+
+
+@pytest.mark.parametrize(
+    "rate,reason",
+    [
+        (0.0, r"^bad sampling rate 0\.0$"),
+        (float("inf"), r"^bad sampling rate inf$"),
+        (0.5, r"^bad sampling rate: "),  # a number, but no ECG is sampled at 0.5 Hz: misread bytes
+        (1e6, r"^bad sampling rate: "),
+    ],
+)
+def test_a_rate_that_is_no_number_is_told_apart_from_an_implausible_one(rate: float, reason: str) -> None:
+    """The refusal says which: a zero or infinite rate is a broken field, an implausible finite
+    rate is a misread file; the technician reading the refusal knows which device to look at."""
+    with pytest.raises(InvalidRecordingError, match=reason):
+        _rec(sampling_rate_hz=rate)
+
+
+def test_every_lead_may_be_derived() -> None:
+    """A recording whose leads were all computed from others is still stored (not refused and lost)."""
+    assert _rec(derived_leads=frozenset({"I", "II"})).derived_leads == {"I", "II"}
