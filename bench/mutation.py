@@ -67,6 +67,7 @@ FOCUSED_TESTS: dict[str, list[str]] = {
         "tests/test_device_identity.py",
         "tests/test_ble_decoders.py",
         "tests/test_ascii_report.py",
+        "tests/test_plausibility.py",
     ],
     "devices/ascii_report.py": ["tests/test_ascii_report.py"],
     "devices/scanner.py": ["tests/test_scanner.py"],

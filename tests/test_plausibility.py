@@ -206,3 +206,10 @@ def test_screening_is_idempotent_and_total(code: str, value: float) -> None:
     q = screened(Quantity(code, value, unit, value, unit))
     assert screened(q) == q
     assert (q.value is None) == (implausibility(code, value, unit) is not None)
+
+
+def test_an_implausible_value_sent_without_its_original_keeps_the_number_it_had() -> None:
+    """A quantity with no separate sent value (the device's number is its value) still keeps that
+    number when screened out, so the clinician sees what the device said (not a reading lost)."""
+    q = screened(Quantity("spo2", 140.0, "%"))
+    assert (q.value, q.sent_value, q.sent_unit, q.special) == (None, 140.0, "%", IMPLAUSIBLE)
