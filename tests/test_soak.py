@@ -143,6 +143,27 @@ def test_the_acquire_process_defers_dateutil_until_a_date_recipe_is_used(tmp_pat
     assert run_probe(probe).split("\n")[:3] == ["[]", "2024-01-02", str(sorted(heavy))]
 
 
+def test_the_acquire_process_loads_the_ble_stack_only_for_its_ble_part() -> None:
+    """Issue 17: bleak, dbus-fast and asyncio are ~7 MB of acquire's RSS; a gateway without BLE
+    devices must not carry them. What acquire imports for its other parts leaves them out."""
+    probe = (
+        "import sys\n"
+        "import lastmile.cli\n"
+        "from lastmile.services.acquire import prepare_acquire_process\n"
+        "prepare_acquire_process()\n"
+        "import firmware_bridge.dicom_receiver, lastmile.ecg.intake, lastmile.services.acquire\n"
+        "import lastmile.services.serial_devices, lastmile.clinic.patients, lastmile.visits.book\n"
+        "stack = ('bleak', 'bleak_retry_connector', 'dbus_fast', 'asyncio')\n"
+        "print(sorted(n for n in stack if n in sys.modules))\n"
+        "import lastmile.services.ble_devices\n"
+        "print(sorted(n for n in stack if n in sys.modules))\n"
+    )
+    assert run_probe(probe).split("\n")[:2] == [
+        "[]",
+        str(sorted(("bleak", "bleak_retry_connector", "dbus_fast", "asyncio"))),
+    ]
+
+
 def test_deferring_leaves_imported_and_missing_modules_alone() -> None:
     from lastmile.services.acquire import defer_import
 
