@@ -1,4 +1,4 @@
-"""`lastmile ble scan | pair | unpair | decode`: Bluetooth LE health devices."""
+"""`lastmile ble run | scan | pair | unpair | decode`: Bluetooth LE health devices (`run`: the BLE service)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,16 @@ from lastmile.commands.common import DATA_DIR
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    ble = sub.add_parser("ble", help="Bluetooth LE health devices: scan, pair, decode")
+    ble = sub.add_parser("ble", help="Bluetooth LE health devices: the BLE service, scan, pair, decode")
     bsub = ble.add_subparsers(dest="ble_command", metavar="COMMAND")
     ble.set_defaults(func=lambda _a: (ble.print_help(), 2)[1])
+
+    p = bsub.add_parser(
+        "run",
+        help="run the BLE service: paired devices' readings into the outbox (systemd: lastmile-ble.service)",
+        parents=[DATA_DIR],
+    )
+    p.set_defaults(func=_run)
 
     p = bsub.add_parser(
         "scan", help="nearby devices advertising a health service (BP, thermometer ...)", parents=[DATA_DIR]
@@ -38,6 +45,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("hex", nargs="+", help="the value in hex (spaces and colons allowed)")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=_decode)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from lastmile.services.acquire import prepare_acquire_process
+
+    prepare_acquire_process()  # the same process tuning as acquire: sqlite-utils' recipes deferred, malloc
+    from lastmile.commands.common import config_from_args
+    from lastmile.services.ble_service import BleService
+    from lastmile.services.runtime import ServiceRuntime
+
+    runtime = ServiceRuntime("ble", load_config=lambda: config_from_args(args))
+    return runtime.run(BleService.start)
 
 
 def _valid_address(address: str) -> bool:

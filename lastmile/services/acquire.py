@@ -5,7 +5,6 @@
 
 Parts (each only when its module exists and the configuration enables it):
 - serial: `lastmile.services.serial_devices` (bridges, ASCII-report monitors, card scanners)
-- ble: `lastmile.services.ble_devices.run_ble` (BlueZ through bleak) on its own asyncio loop
 - lan-receiver: the clinic-LAN DICOM storage SCP (`lastmile.ecg.intake.start_lan_receiver`)
 - usb-import: folders in `usb_import.folders` watched for new ECG files
 
@@ -14,7 +13,9 @@ heartbeat as it goes round. The service's `step()` (the loop the watchdog is tie
 parts: a part whose thread ended or failed (BlueZ not up yet, a port in use) is restarted with
 backoff and the service stays up; a part that stops beating is wedged, and the step raises so
 the process exits and systemd restarts it. Forwarding is another process (lastmile-forward), so
-a hung association or HTTP call never stalls device reads.
+a hung association or HTTP call never stalls device reads. Bluetooth LE devices are another too
+(lastmile-ble, `lastmile.services.ble_service`): the BlueZ/D-Bus/bleak stack restarts on its own
+and its ~9 MB stay out of this process.
 """
 
 from __future__ import annotations
@@ -174,12 +175,12 @@ class ReceiverPart:
 NOT_IN_ACQUIRE = ("requests", "tqdm")
 # sqlite-utils imports dateutil's parser for its command line's date recipes (sqlite_utils.recipes),
 # which no service calls: deferred, its code (and dateutil.tz, relativedelta, six) loads only if
-# one ever is. ~1 MB of acquire's RSS (bench/soak.py --ble-in-acquire).
+# one ever is. ~1 MB of acquire's RSS (bench/soak.py with the BLE part then in acquire).
 DEFERRED_IN_ACQUIRE = ("dateutil.parser",)
 
 
 def prepare_acquire_process() -> None:
-    """Call first thing in the acquire process, before pydicom and sqlite-utils are imported."""
+    """Call first thing in the acquire (and BLE) process, before pydicom and sqlite-utils are imported."""
     import sys
 
     for name in NOT_IN_ACQUIRE:
@@ -282,39 +283,6 @@ def serial_part(config: Config, outbox: Outbox) -> Part | None:
     return WorkerPart("serial", work, on_close=service.close)
 
 
-def ble_part(config: Config, outbox: Outbox) -> Part | None:
-    if not config.ble.enabled:
-        return None
-    try:
-        from lastmile.services.ble_devices import run_ble
-    except ImportError:
-        log.warning("BLE enabled but the BLE link module is not installed")
-        return None
-
-    def work(stop: threading.Event, beat: Beat) -> None:
-        import asyncio
-
-        async def main() -> None:
-            done = asyncio.Event()
-
-            async def pulse() -> None:
-                # Beats only while the event loop turns: a blocked loop is a wedged BLE link.
-                while not stop.is_set():
-                    beat()
-                    await asyncio.sleep(1.0)
-                done.set()
-
-            pulser = asyncio.create_task(pulse())
-            try:
-                await run_ble(config, done, outbox=outbox)
-            finally:
-                pulser.cancel()
-
-        asyncio.run(main())
-
-    return WorkerPart("ble", work)
-
-
 @dataclass(frozen=True)
 class SessionLookup:
     """What the clinic session says at this moment, for ECGs that arrive on their own (LAN, stick):
@@ -405,7 +373,6 @@ def build_parts(config: Config, outbox: Outbox, session: SessionLookup, *, into:
     """Every enabled part, appended to `into` as it is made (so a failure can close those made)."""
     for build in (
         lambda: serial_part(config, outbox),
-        lambda: ble_part(config, outbox),
         lambda: lan_receiver_part(config, outbox, session),
         lambda: usb_import_part(config, outbox, session),
         lambda: gnss_part(config),

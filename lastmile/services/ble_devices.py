@@ -3,7 +3,7 @@
 
 - `ClinicBlePort`: the link's `GatewayPort` over clinic.db (devices, patient context, held
   observations) and the outbox.
-- `run_ble(config, stop)`: the BLE part of the acquire service (BlueZ through bleak).
+- `run_ble(config, stop)`: the BLE service's link (BlueZ through bleak; lastmile.services.ble_service).
 - `run_emulated_clinic(config, ...)`: the same path over an emulated radio with an emulated BP
   cuff and thermometer (bumble, the `emulation` extra), for `lastmile demo`.
 """
@@ -15,6 +15,7 @@ import datetime as dt
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from devices.observation import Observation
 from firmware_bridge.ble.link import BleDeviceManager, DeviceStatus, LinkSettings
@@ -24,6 +25,10 @@ from lastmile.clinic.observations import ObservationStore, summary
 from lastmile.config import Config
 from lastmile.data_dir import open_outbox
 from uploader.outbox import Outbox
+
+if TYPE_CHECKING:
+    from bleak.backends.client import BaseBleakClient
+    from bleak.backends.scanner import BaseBleakScanner
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +87,29 @@ def link_settings(config: Config) -> LinkSettings:
     )
 
 
-async def run_ble(config: Config, stop: asyncio.Event, *, outbox: Outbox | None = None) -> None:
-    """The acquire service's BLE loop on the real radio (BlueZ), until `stop` is set."""
+async def run_ble(
+    config: Config,
+    stop: asyncio.Event,
+    *,
+    outbox: Outbox | None = None,
+    scanner_backend: type[BaseBleakScanner] | None = None,
+    client_backend: type[BaseBleakClient] | None = None,
+) -> None:
+    """The BLE service's link, until `stop` is set: on the real radio (BlueZ), or on the radio
+    whose bleak backends are given (bumble's emulated one in tests and the bench)."""
     own_outbox = outbox is None
     outbox = outbox or open_outbox(config)
     store = ObservationStore.open(config.data_dir, outbox=outbox, idle_timeout_s=config.patient.idle_timeout_s)
     registry = DeviceRegistry(store.db)
     registry.mark_all_disconnected(now=utc_now())
     try:
-        await BleDeviceManager(ClinicBlePort(store, registry), link_settings(config)).run(stop)
+        manager = BleDeviceManager(
+            ClinicBlePort(store, registry),
+            link_settings(config),
+            scanner_backend=scanner_backend,
+            client_backend=client_backend,
+        )
+        await manager.run(stop)
     finally:
         store.close()
         if own_outbox:

@@ -1,0 +1,150 @@
+"""The BLE service: Bluetooth LE health devices (BlueZ through bleak) into the outbox, in a process
+of its own (`lastmile ble run`, lastmile-ble.service).
+
+    runtime = ServiceRuntime("ble", load_config=...)
+    runtime.run(BleService.start)
+
+Why not a part of acquire: the BlueZ / D-Bus / asyncio / bleak stack is the least robust part of
+the box and the heaviest (acquire with it peaked at 71 MB RSS, goal 64: bench/soak.py). In its
+own unit it has its own watchdog and restarts without cutting a serial ECG stream, a USB import
+or the LAN receiver, and its own privileges (the bluetooth group and D-Bus, no serial ports).
+
+The link runs as a `WorkerPart` (thread + event loop, beating while the loop turns) on the same
+outbox and clinic.db as acquire; SQLite's locking keeps the two processes' writes apart.
+
+With `[ble] enabled = false` the service stays up, idle and READY, and says so in its status:
+`systemctl status`, `lastmile doctor`, the console and the metrics then show a healthy unit
+(`lastmile_service_up` 1, no restarts) rather than an inactive one that looks like a fault, and
+`systemctl reload lastmile-ble` after enabling BLE starts the link without a restart. Idle, it
+imports none of the BLE stack and opens no database (~13 MB RSS).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Any
+
+from lastmile.services.acquire import GLIBC_MALLOC, STEP_S, TRIM_EVERY_S, Beat, Part, WorkerPart
+
+if TYPE_CHECKING:
+    from lastmile.config import Config
+    from uploader.outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+IDLE_STEP_S = 60.0  # BLE not enabled: nothing to check (the runtime still feeds the watchdog)
+
+# The radio's bleak backends, entered on the link's own event loop: (scanner, client) classes, or
+# (None, None) for bleak's default (BlueZ on Linux). Tests and the bench put bumble's emulated
+# radio here; a gateway uses the default.
+Backends = tuple[Any, Any]
+RadioFactory = Callable[[], AbstractAsyncContextManager[Backends]]
+
+
+def not_enabled_text(config: Config) -> str:
+    return f"BLE not enabled ([ble] enabled = false in {config.source}): idle; enable it and reload lastmile-ble"
+
+
+def ble_part(config: Config, outbox: Outbox, *, radio: RadioFactory | None = None) -> Part | None:
+    """The BLE link on a thread of its own with its own event loop; None when BLE is not enabled."""
+    if not config.ble.enabled:
+        return None
+    try:
+        from lastmile.services.ble_devices import run_ble
+    except ImportError:
+        log.warning("BLE enabled but the BLE link module is not installed")
+        return None
+
+    def work(stop: threading.Event, beat: Beat) -> None:
+        import asyncio
+        import contextlib
+
+        async def main() -> None:
+            done = asyncio.Event()
+
+            async def pulse() -> None:
+                # Beats only while the event loop turns: a blocked loop is a wedged BLE link.
+                while not stop.is_set():
+                    beat()
+                    await asyncio.sleep(1.0)
+                done.set()
+
+            pulser = asyncio.create_task(pulse())
+            try:
+                async with radio() if radio is not None else contextlib.nullcontext((None, None)) as backends:
+                    scanner, client = backends
+                    await run_ble(config, done, outbox=outbox, scanner_backend=scanner, client_backend=client)
+            finally:
+                pulser.cancel()
+
+        asyncio.run(main())
+
+    return WorkerPart("ble", work)
+
+
+class BleService:
+    """The `Service` for `lastmile ble run`: the BLE part around one outbox, or idle when disabled."""
+
+    def __init__(self, config: Config, *, radio: RadioFactory | None = None) -> None:
+        self.config = config
+        self.radio = radio
+        self.outbox: Outbox | None = None
+        self.part: Part | None = None
+        self.trimmed = time.monotonic()
+
+    @classmethod
+    def start(cls, config: Config, *, radio: RadioFactory | None = None) -> BleService:
+        service = cls(config, radio=radio)
+        service._build()
+        return service
+
+    def _build(self) -> None:
+        if not self.config.ble.enabled:
+            log.warning("%s", not_enabled_text(self.config))
+            return
+        from lastmile.data_dir import open_outbox
+
+        if self.outbox is None:
+            self.outbox = open_outbox(self.config)
+        self.part = ble_part(self.config, self.outbox, radio=self.radio)
+        if self.part is not None:
+            self.part.check(time.monotonic())  # starts the link's thread
+            log.info("ble: link started")
+
+    # -- Service ----------------------------------------------------------------------------------
+
+    def step(self, stop: threading.Event) -> float:
+        if self.part is None:
+            return IDLE_STEP_S
+        self.part.check(time.monotonic())  # raises Wedged: the runtime exits and systemd restarts us
+        now = time.monotonic()
+        if now - self.trimmed >= TRIM_EVERY_S:
+            self.trimmed = now
+            GLIBC_MALLOC.trim()
+        return STEP_S
+
+    def reload(self, config: Config) -> None:
+        """The link is rebuilt from the new configuration (started, stopped); the outbox stays open."""
+        if self.part is not None:
+            self.part.close()
+            self.part = None
+        self.config = config
+        self._build()
+
+    def close(self) -> None:
+        # The link first: it finishes the reading in hand and makes it durable before the outbox closes.
+        if self.part is not None:
+            self.part.close()
+        if self.outbox is not None:
+            self.outbox.close()
+
+    def status_line(self) -> str:
+        if self.part is not None:
+            return self.part.status()
+        if not self.config.ble.enabled:
+            return not_enabled_text(self.config)
+        return "ble: the BLE link module is not installed"
