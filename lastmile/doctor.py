@@ -32,9 +32,15 @@ if TYPE_CHECKING:
     from lastmile.clinic.devices import DeviceRecord
     from lastmile.config import Config
 
-SERVICES = ("lastmile-acquire.service", "lastmile-forward.service", "lastmile-console.service")
+SERVICES = (
+    "lastmile-acquire.service",
+    "lastmile-ble.service",
+    "lastmile-forward.service",
+    "lastmile-console.service",
+)
 # A gateway may run without the console (a clinic that uses the CLI, a test container): its unit
-# not installed or disabled is said, not failed. The other two are the gateway.
+# not installed or disabled is said, not failed. The others are the gateway; lastmile-ble stays
+# up (idle, saying so in its status) when BLE is not enabled, so inactive is a fault there too.
 OPTIONAL_SERVICES = frozenset({"lastmile-console.service"})
 DEVICE_LINKS = Path("/dev/lastmile")
 JOURNALD_DROPINS = (

@@ -132,6 +132,8 @@ def test_services_the_console_is_optional_the_others_are_not(tmp_path: Path) -> 
 
     units = {
         "lastmile-acquire.service": "LoadState=loaded\nUnitFileState=enabled\nActiveState=active\nSubState=running\nNRestarts=0\n",
+        "lastmile-ble.service": "LoadState=loaded\nUnitFileState=enabled\nActiveState=active\nSubState=running\n"
+        "NRestarts=0\nStatusText=BLE not enabled ([ble] enabled = false in /etc/lastmile/lastmile.toml): idle\n",
         "lastmile-forward.service": "LoadState=not-found\nActiveState=inactive\nSubState=dead\nNRestarts=0\n",
         "lastmile-console.service": "LoadState=not-found\nActiveState=inactive\nSubState=dead\nNRestarts=0\n",
     }
@@ -143,14 +145,18 @@ def test_services_the_console_is_optional_the_others_are_not(tmp_path: Path) -> 
     found = doctor(tmp_path, run=fake, systemd_run_dir=tmp_path / "systemd").check_services()
     assert [(f.level, f.message.split(":")[0]) for f in found] == [
         (Level.OK, "lastmile-acquire.service"),
+        (Level.OK, "lastmile-ble.service"),  # idle when BLE is not enabled: up, and it says why
         (Level.FAIL, "lastmile-forward.service"),  # the gateway without its forwarder: never optional
         (Level.SKIP, "lastmile-console.service"),
     ]
-    assert found[2].message == "lastmile-console.service: not installed (optional)"
+    assert "BLE not enabled" in found[1].message
+    assert found[3].message == "lastmile-console.service: not installed (optional)"
     units["lastmile-console.service"] = (
         "LoadState=loaded\nUnitFileState=enabled\nActiveState=failed\nSubState=failed\nNRestarts=9\n"
     )
-    assert doctor(tmp_path, run=fake, systemd_run_dir=tmp_path / "systemd").check_services()[2].level is Level.FAIL
+    assert doctor(tmp_path, run=fake, systemd_run_dir=tmp_path / "systemd").check_services()[3].level is Level.FAIL
+    units["lastmile-ble.service"] = "LoadState=loaded\nUnitFileState=enabled\nActiveState=inactive\nSubState=dead\n"
+    assert doctor(tmp_path, run=fake, systemd_run_dir=tmp_path / "systemd").check_services()[1].level is Level.FAIL
     no_systemd = doctor(tmp_path, run=fake, systemd_run_dir=tmp_path / "absent")
     assert no_systemd.check_services()[0].level is Level.SKIP
 

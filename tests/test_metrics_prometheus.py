@@ -239,6 +239,7 @@ def test_prometheus_scrapes_the_gateway_and_sees_what_it_holds(gateway: dict[str
         assert 0.5 < rss / rss_of(forward.pid) < 2.0
         assert prom.query("lastmile_service_up") == {
             "service=acquire": 0.0,
+            "service=ble": 0.0,
             "service=console": 0.0,
             "service=forward": 1.0,
             "service=metrics": 1.0,

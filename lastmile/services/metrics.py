@@ -71,6 +71,7 @@ log = logging.getLogger(__name__)
 
 SERVICES = (
     "lastmile-acquire.service",
+    "lastmile-ble.service",
     "lastmile-forward.service",
     "lastmile-console.service",
     "lastmile-metrics.service",
