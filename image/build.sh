@@ -12,7 +12,7 @@
 #                               on the kernel command line boots it writable for maintenance.
 #   p3  LM-DATA  ext4  DATA_MB /var/lib/lastmile: outbox and clinic state; noatime,commit=60; grown to
 #                               the card's end at boot (files/lastmile-grow-data + x-systemd.growfs)
-# journald: volatile (RAM), at most 24 MB. Services: lastmile-acquire, -forward, -console, -metrics
+# journald: volatile (RAM), at most 24 MB. Services: lastmile-acquire, -ble, -forward, -console, -metrics
 # (every unit in systemd/), lastmile-provision (copies /boot/firmware/lastmile/* to /etc/lastmile at each
 # boot), lastmile-network (Wi-Fi/4G from lastmile/network.toml), NetworkManager + ModemManager,
 # chrony (with gpsd as its reference clock), gpsd, bluetooth, CUPS; systemd feeds the watchdog.
@@ -162,7 +162,7 @@ in_root /opt/lastmile/bin/pip install --quiet --no-index --find-links /var/tmp/w
 rm -rf "$ROOT/var/tmp/wheels"
 
 say "units, udev rules, service account, configuration"
-# Every unit in systemd/ (acquire, forward, console, metrics: each WantedBy=multi-user.target) is
+# Every unit in systemd/ (acquire, ble, forward, console, metrics: each WantedBy=multi-user.target) is
 # installed and enabled, so a service added there is on the next image without an edit here.
 LASTMILE_UNITS=$(cd "$REPO/systemd" && echo *.service)
 (cd "$REPO/systemd" && install -m 0644 $LASTMILE_UNITS "$ROOT/etc/systemd/system/")

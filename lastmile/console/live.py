@@ -1,7 +1,7 @@
 """Live pages: notice changes other processes commit, wake the pages' event streams.
 
-The acquire service (a reading arrives, a device connects, a card is scanned) and the forwarder
-(a study sent, confirmed) write clinic.db and the outbox from their own processes. A watcher
+The acquire and BLE services (a reading arrives, a device connects, a card is scanned) and the
+forwarder (a study sent, confirmed) write clinic.db and the outbox from their own processes. A watcher
 asks SQLite each second whether anything was committed there since it last looked
 (`PRAGMA data_version`, answered from the WAL index without reading a page), and wakes every
 open event stream; each stream re-renders its live panels and sends only those that changed.

@@ -31,6 +31,7 @@ OUTBOX_DB = "/var/lib/lastmile/outbox.sqlite"
 OUTBOX_WAIT_S = 900  # emulated Pi: decoding and building the DICOM object takes a while
 SERVICES = (
     "lastmile-acquire.service",
+    "lastmile-ble.service",
     "lastmile-forward.service",
     "lastmile-console.service",
     "lastmile-metrics.service",

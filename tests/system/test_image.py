@@ -106,6 +106,7 @@ def test_root_filesystem_has_the_units_enabled_and_spares_the_card(partitions: d
     wants = debugfs(root, "ls -l /etc/systemd/system/multi-user.target.wants")
     for unit in (
         "lastmile-acquire.service",
+        "lastmile-ble.service",
         "lastmile-forward.service",
         "lastmile-console.service",
         "lastmile-metrics.service",

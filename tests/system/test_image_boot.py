@@ -9,7 +9,7 @@ Contec ECG file and tests/system/guest_report.py. The machine boots the image's 
 initramfs and root with no network device at all. Once multi-user.target is reached, the kernel
 command line starts guest_report.py, which reports on the serial console and powers off. The
 test asserts: the root is the RAM overlay over the read-only SD root, provisioning installed
-this very lastmile.toml, all four Lastmile services (acquire, forward, console, metrics) are
+this very lastmile.toml, all five Lastmile services (acquire, ble, forward, console, metrics) are
 active (Type=notify: READY received) and never restarted, the console answers over HTTPS in
 Chinese and the metrics endpoint counts the queued study, no unit failed or is looping, and the
 ECG dropped into the watched folder is in the outbox under its file-content key.
@@ -36,6 +36,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(3 * 1800)]
 GUEST_REPORT = Path(__file__).with_name("guest_report.py")
 SERVICES = {
     "lastmile-acquire.service": "Lastmile acquire",
+    "lastmile-ble.service": "Lastmile BLE",
     "lastmile-forward.service": "Lastmile forward",
     "lastmile-console.service": "Lastmile console",
     "lastmile-metrics.service": "Lastmile metrics",

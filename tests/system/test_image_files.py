@@ -39,7 +39,7 @@ IMAGE_UNITS = (
     "lastmile-printer.service",
     "lastmile-emergency-reboot.service",
 )
-# build.sh installs and enables every unit in systemd/ (acquire, forward, console, metrics).
+# build.sh installs and enables every unit in systemd/ (acquire, ble, forward, console, metrics).
 LASTMILE_UNITS = tuple(sorted(p.name for p in SYSTEMD.glob("*.service")))
 # build.sh's drop-ins: installed name -> file in image/files
 DROP_INS = {"image-start.conf": "lastmile-start.conf", "image-order.conf": "lastmile-after-recording.conf"}

@@ -69,11 +69,11 @@ def scrape(c: Container) -> list[tuple[str, dict[str, str], float]]:
 
 def test_the_metrics_unit_sees_the_services_the_queue_and_a_restart(container: Container) -> None:
     c = container
-    for unit in ("lastmile-acquire.service", "lastmile-forward.service", UNIT):
+    for unit in ("lastmile-acquire.service", "lastmile-ble.service", "lastmile-forward.service", UNIT):
         props = c.wait_for(f"{unit} READY", lambda unit=unit: active_running(c, unit), timeout=90)
         assert props["User"] == "lastmile"
     samples = c.wait_for("a scrape", lambda: scrape(c))
-    for service in ("acquire", "forward", "metrics"):
+    for service in ("acquire", "ble", "forward", "metrics"):  # ble: up and idle, BLE disabled here
         assert value(samples, "lastmile_service_up", service=service) == 1
         rss = value(samples, "lastmile_service_resident_bytes", service=service)
         assert rss is not None and rss > 10 * 2**20, (service, rss)  # /proc of the other units is visible

@@ -51,7 +51,11 @@ timeout_s = 2.0
 backoff_base_s = 1.0
 backoff_max_s = 2.0
 min_free_mb = 10
+[ble]
+enabled = false  # no Bluetooth in a container: lastmile-ble stays up, idle, and says so
 """
+
+SERVICES = ("lastmile-acquire.service", "lastmile-ble.service", "lastmile-forward.service")
 
 # Short watchdog for the test: the SIGSTOP case would otherwise take WatchdogSec=60.
 FORWARD_DROPIN = "[Service]\nWatchdogSec=4\nRestartSec=1\nTimeoutAbortSec=3\n"
@@ -164,7 +168,7 @@ def install_lastmile(c: Container) -> None:
         "rm -rf /var/tmp/lastmile-wheels",
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    for unit in ("lastmile-acquire.service", "lastmile-forward.service"):
+    for unit in SERVICES:
         shutil.copy(REPO / "systemd" / unit, c.root / "etc/systemd/system" / unit)
         wants = c.root / "etc/systemd/system/multi-user.target.wants"
         wants.mkdir(parents=True, exist_ok=True)
@@ -195,23 +199,30 @@ def received(c: Container) -> set[str]:
     return set(r.stdout.split())
 
 
-def test_both_services_reach_ready_as_the_service_user(container: Container) -> None:
+def test_the_services_reach_ready_as_the_service_user(container: Container) -> None:
     c = container
     t = time.monotonic()
-    for unit in ("lastmile-acquire.service", "lastmile-forward.service"):
+    for unit in SERVICES:
         props = c.wait_for(f"{unit} READY", lambda unit=unit: active_running(c, unit), timeout=60)
         assert props["User"] == "lastmile"
         assert "ready after" in c.journal(unit)
     TIMINGS["ready"] = time.monotonic() - t
     ps = c.exec("ps", "-o", "user=,supgrp=,args=", "-C", "lastmile").stdout
-    assert ps.count("lastmile") >= 2, ps
+    assert ps.count("lastmile") >= 3, ps
+    # BLE is disabled here (no Bluetooth in a container): lastmile-ble is up, idle, says why, never
+    # restarted, loads none of the BLE stack and opens no database (WAL: an open one maps its -shm).
+    ble = active_running(c, "lastmile-ble.service")
+    assert ble is not None and ble["NRestarts"] == "0", ble
+    assert ble["StatusText"].startswith("BLE not enabled ([ble] enabled = false in /etc/lastmile/lastmile.toml)")
+    maps = c.exec("cat", f"/proc/{ble['MainPID']}/maps").stdout
+    assert "bleak" not in maps and "dbus_fast" not in maps and ".sqlite-shm" not in maps
     # The service user is in dialout (serial adapters); the udev rules parse in this udev too.
     assert "dialout" in c.exec("id", "-nG", "lastmile").stdout
     udev = c.exec("udevadm", "test", "/sys/class/tty/tty", check=False)
     assert not [ln for ln in (udev.stdout + udev.stderr).splitlines() if "70-lastmile.rules:" in ln]
 
 
-def test_reload_keeps_the_process_and_doctor_sees_both_services(container: Container) -> None:
+def test_reload_keeps_the_process_and_doctor_sees_the_services(container: Container) -> None:
     c = container
     before = c.wait_for("forward running", lambda: active_running(c, "lastmile-forward.service"))
     c.exec("systemctl", "reload", "lastmile-forward.service")  # SIGHUP: RELOADING=1 ... READY=1
@@ -221,8 +232,14 @@ def test_reload_keeps_the_process_and_doctor_sees_both_services(container: Conta
     doctor = c.exec("/opt/lastmile/bin/lastmile", "doctor", "--offline", "--json", check=False)
     findings = json.loads(doctor.stdout)["findings"]
     services = [f for f in findings if f["check"] == "services"]
-    assert [f["level"] for f in services] == ["OK", "OK", "SKIP"], services
-    assert services[2]["message"] == "lastmile-console.service: not installed (optional)"  # not in this container
+    assert [f["level"] for f in services] == ["OK", "OK", "OK", "SKIP"], services
+    assert "BLE not enabled" in services[1]["message"]  # lastmile-ble, idle here
+    assert services[3]["message"] == "lastmile-console.service: not installed (optional)"  # not in this container
+    # Reloaded with BLE still disabled, lastmile-ble stays the same idle process.
+    ble = c.wait_for("ble running", lambda: active_running(c, "lastmile-ble.service"))
+    c.exec("systemctl", "reload", "lastmile-ble.service")
+    again = c.wait_for("ble running", lambda: active_running(c, "lastmile-ble.service"))
+    assert again["MainPID"] == ble["MainPID"] and "BLE not enabled" in again["StatusText"]
     # Run as root, the doctor left nothing root-owned in the service's state directory.
     owners = c.exec("find", "/var/lib/lastmile", "-not", "-user", "lastmile").stdout.split()
     assert owners == [], owners
