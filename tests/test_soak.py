@@ -164,6 +164,35 @@ def test_the_acquire_process_loads_the_ble_stack_only_for_its_ble_part() -> None
     ]
 
 
+def test_lastmile_acquire_with_ble_enabled_runs_no_ble_part_and_loads_no_ble_stack(tmp_path: Path) -> None:
+    """Issue 17: the BLE link is lastmile-ble's (its own process). `lastmile acquire` composed from
+    a configuration with [ble] enabled (the default) and a USB-import folder starts its parts and
+    goes round, and neither builds a BLE part nor imports bleak, dbus-fast or asyncio."""
+    inbox = tmp_path / "usb"
+    inbox.mkdir()
+    config = tmp_path / "lastmile.toml"
+    config.write_text(
+        f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n[ble]\nenabled = true\n[usb_import]\nfolders = ["{inbox}"]\n'
+    )
+    probe = (
+        "import sys, threading\n"
+        "import lastmile.cli\n"
+        "from lastmile.services.acquire import prepare_acquire_process\n"
+        "prepare_acquire_process()\n"
+        "from lastmile.config import load_config\n"
+        "from lastmile.services.acquire import AcquireService\n"
+        f"config = load_config({str(config)!r})\n"
+        "assert config.ble.enabled\n"
+        "service = AcquireService.start(config)\n"
+        "service.step(threading.Event())\n"
+        "print(sorted(p.name for p in service.parts))\n"
+        "service.close()\n"
+        "stack = ('bleak', 'bleak_retry_connector', 'dbus_fast', 'asyncio', 'lastmile.services.ble_devices')\n"
+        "print(sorted(n for n in stack if n in sys.modules))\n"
+    )
+    assert run_probe(probe).split("\n")[:2] == [str(["gnss", "usb-import"]), "[]"]
+
+
 def test_deferring_leaves_imported_and_missing_modules_alone() -> None:
     from lastmile.services.acquire import defer_import
 

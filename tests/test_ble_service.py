@@ -1,0 +1,174 @@
+"""`lastmile ble run` (lastmile-ble.service): the BLE link in a process of its own.
+
+- With BLE disabled: a real child process under a stand-in notify socket is READY, idle, says why
+  in STATUS=, opens no database, loads no BLE stack, reloads and stops cleanly.
+- The service's work: the same `BleService` the command runs, driven by the real `ServiceRuntime`,
+  with bumble's emulated radio in place of BlueZ under the real bleak API: started idle (BLE
+  disabled), a reload enabling BLE starts the link, and a paired thermometer's reading lands in
+  clinic.db as the acquire service's BLE part did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lastmile.config import Config, load_config
+from lastmile.services.runtime import EXIT_OK, ServiceRuntime
+from lastmile.services.sdnotify import SystemdNotifier
+from tests.conftest import REPO, missing
+from tests.test_service_runtime import Manager
+
+THERMO = "C0:00:00:00:25:02"
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def manager(tmp_path: Path) -> Iterator[Manager]:
+    m = Manager(tmp_path / "notify.sock")
+    yield m
+    m.sock.close()
+
+
+def write_config(path: Path, data_dir: Path, *, ble: bool) -> Path:
+    path.write_text(
+        f'[gateway]\ndata_dir = "{data_dir}"\n[gps]\nsource = "none"\n'
+        f"[ble]\nenabled = {'true' if ble else 'false'}\nscan_interval_s = 0.5\n"
+    )
+    return path
+
+
+def wait_until(what: str, condition: Callable[[], Any], timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_ble_run_with_ble_disabled_is_ready_idle_and_says_why(tmp_path: Path, manager: Manager) -> None:
+    config = write_config(tmp_path / "lastmile.toml", tmp_path / "data", ble=False)
+    env = {**os.environ, "NOTIFY_SOCKET": str(manager.path), "WATCHDOG_USEC": "2000000", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lastmile", "-c", str(config), "ble", "run"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        msgs = manager.wait_for("READY=1", timeout=60)
+        ready = next(m for m in msgs if "READY=1" in m.split("\n"))
+        assert f"STATUS=BLE not enabled ([ble] enabled = false in {config})" in ready
+        manager.wait_for("WATCHDOG=1")  # idle, and still fed: systemd sees a healthy unit
+        proc.send_signal(signal.SIGHUP)  # reloaded, still disabled: the same idle process
+        manager.wait_for("RELOADING=1")
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        assert "dbus_fast" not in maps  # none of the BLE stack (dbus-fast's compiled modules) loaded
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == EXIT_OK
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out = proc.communicate(timeout=30)[0]
+    assert "BLE not enabled" in out and "ble stopped" in out
+    assert not (tmp_path / "data").exists()  # idle: no outbox, no clinic.db
+
+
+@contextlib.asynccontextmanager
+async def emulated_thermometer(reading_c: float) -> AsyncIterator[tuple[Any, Any]]:
+    """bumble's radio with a thermometer holding one reading, in place of BlueZ (same event loop
+    as the link: the BLE service enters this on its own)."""
+    from firmware_bridge.ble.emulated_peripherals import TemperatureRecord, Thermometer
+    from firmware_bridge.ble.emulation import EmulatedRadio
+
+    radio = EmulatedRadio()
+    thermometer = Thermometer(
+        radio, THERMO, "Service Thermometer", tz=dt.timezone.utc, memory=[TemperatureRecord(reading_c, None)]
+    )
+    await radio.start()
+    await thermometer.start()
+    try:
+        yield radio.backends()
+    finally:
+        await thermometer.stop()
+        await radio.close()
+
+
+def test_the_ble_service_records_a_paired_device_after_a_reload_enables_ble(tmp_path: Path, manager: Manager) -> None:
+    if importlib.util.find_spec("bumble") is None:
+        missing("bumble (the emulation extra) is not installed")
+    from lastmile.clinic.devices import DeviceRegistry
+    from lastmile.clinic.observations import ObservationStore
+    from lastmile.services.ble_service import BleService
+    from uploader.outbox import Outbox
+
+    data = tmp_path / "data"
+    path = write_config(tmp_path / "lastmile.toml", data, ble=False)
+    configs: list[Config] = [load_config(path)]
+    runtime = ServiceRuntime(
+        "ble",
+        load_config=lambda: configs[-1],
+        notifier=SystemdNotifier(environ={"NOTIFY_SOCKET": str(manager.path), "WATCHDOG_USEC": "4000000"}),
+        install_signal_handlers=False,
+        configure_logging=False,
+    )
+    services: list[BleService] = []
+
+    def setup(config: Config) -> BleService:
+        services.append(BleService.start(config, radio=lambda: emulated_thermometer(37.4)))
+        return services[-1]
+
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(runtime.run(setup)), name="ble-service")
+    thread.start()
+    try:
+        ready = manager.wait_for("READY=1", timeout=60)
+        assert any("STATUS=BLE not enabled" in m for m in ready) and not data.exists()
+
+        data.mkdir()
+        registry = DeviceRegistry.open(data)  # `lastmile ble pair`
+        registry.allow(THERMO, name="room 1", now=dt.datetime.now(dt.timezone.utc))
+        registry.close()
+        configs.append(load_config(write_config(path, data, ble=True)))
+        runtime.request_reload()  # `systemctl reload lastmile-ble`
+        manager.wait_for("STATUS=ble up", timeout=60)
+
+        def last_reading() -> str | None:
+            registry = DeviceRegistry.open(data)
+            try:
+                record = registry.get(THERMO)
+                return record.last_reading if record else None
+            finally:
+                registry.close()
+
+        assert "37.4" in wait_until("the thermometer's reading", last_reading)
+        assert services[0].part is not None and services[0].part.status() == "ble up"
+    finally:
+        runtime.request_stop()
+        thread.join(timeout=60)
+    assert codes == [EXIT_OK] and len(services) == 1  # reloaded in place, never rebuilt or restarted
+    outbox = Outbox.open(data, min_free_bytes=0)
+    store = ObservationStore.open(data, outbox=outbox, idle_timeout_s=7200)
+    try:
+        (held,) = store.held()  # no current patient: held for the doctor, never guessed
+        quantity = held.observation.quantities[0]
+        assert (held.observation.kind, quantity.value, quantity.unit) == ("body-temperature", 37.4, "Cel")
+        assert held.observation.device.address == THERMO
+    finally:
+        store.close()
+        outbox.close()
