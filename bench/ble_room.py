@@ -3,9 +3,9 @@ oximeter (bumble-emulated) and the gateway's own BLE link (firmware_bridge.ble.l
 BleDeviceManager with lastmile.services.ble_devices.ClinicBlePort on the real data directory),
 through the real bleak API.
 
-It stands in for the acquire service's BLE part, which talks to BlueZ (there is no Bluetooth
-here): the same code, in its own process, with the emulated radio in place of the adapter; the
-bench's supervisor restarts it when it dies. The devices' memory is theirs, not this process's:
+It runs as the gateway's BLE service, `lastmile ble run` (lastmile-ble.service: runtime, READY,
+watchdog, the link as a restartable part, malloc trims), with this room as the link in place of
+`run_ble` on BlueZ (there is no Bluetooth here); the bench's supervisor restarts it when it dies. The devices' memory is theirs, not this process's:
 each device reads its stored readings from a file the clinic writes (its flash), so a killed
 gateway loses nothing a device still holds:
 
@@ -16,9 +16,7 @@ gateway loses nothing a device still holds:
   the gateway is subscribed) or not; the process writes `oximeter.done` = generation once the
   state is applied (off: the link is down, nothing more will come).
 
-    python bench/ble_room.py CONFIG DEVICES_DIR
-    python bench/ble_room.py --in-acquire CONFIG DEVICES_DIR   (`lastmile acquire` with this room as
-                                                              its BLE part, as on a gateway)
+    python bench/ble_room.py CONFIG DEVICES_DIR   (`lastmile -c CONFIG ble run`, [ble] enabled)
     python bench/ble_room.py --emulation-only | --bare   (prints its RSS in MB; the difference is the
                                                         emulated radio's and devices' share)
 """
@@ -100,14 +98,14 @@ def rss_mb() -> float:
         return int(status.read().split("VmRSS:")[1].split()[0]) / 1024
 
 
-# What the acquire service with its BLE part imports on a gateway (BlueZ backend included): both
+# What the BLE service imports on a gateway (BlueZ backend included): both
 # reference processes import it first, so that the emulation's share is only what bumble and the
 # emulated room add on top (a module both would load is counted as the gateway's, not subtracted).
 GATEWAY_MODULES = (
-    "lastmile.services.acquire",
+    "lastmile.cli",
+    "lastmile.services.runtime",
+    "lastmile.services.ble_service",
     "lastmile.data_dir",
-    "lastmile.ecg.intake",
-    "lastmile.services.serial_devices",
     "lastmile.services.ble_devices",
     "bleak.backends.bluezdbus.client",
     "bleak.backends.bluezdbus.scanner",
@@ -136,30 +134,6 @@ async def emulation_only() -> float:
         for peripheral in peripherals:
             await peripheral.stop()
         await radio.close()
-
-
-async def run(config_path: Path, devices: Path) -> None:
-    """The room on its own (the soak's "ble" service): its own outbox, the acquire service's trim."""
-    from lastmile.config import load_config
-    from lastmile.data_dir import open_outbox
-    from lastmile.services.acquire import GLIBC_MALLOC, TRIM_EVERY_S
-
-    config = load_config(config_path)
-    outbox = open_outbox(config)
-    loop = asyncio.get_running_loop()
-    trimmed = loop.time()
-
-    def turn() -> bool:
-        nonlocal trimmed
-        if loop.time() - trimmed >= TRIM_EVERY_S:  # as the acquire service does
-            trimmed = loop.time()
-            GLIBC_MALLOC.trim()
-        return True
-
-    try:
-        await room(config, devices, outbox, turn)
-    finally:
-        outbox.close()
 
 
 async def room(config: Any, devices: Path, outbox: Any, turn: Callable[[], bool]) -> None:
@@ -256,17 +230,16 @@ async def room(config: Any, devices: Path, outbox: Any, turn: Callable[[], bool]
         await radio.close()
 
 
-def in_acquire(config_path: Path, devices: Path) -> int:
-    """`lastmile acquire` as on a gateway with [ble] enabled: the BLE part runs inside it, on its
-    own thread and event loop, with this room (link + emulated devices) in place of
-    `run_ble` on BlueZ, on the acquire service's own outbox."""
+def as_service(config_path: Path, devices: Path) -> int:
+    """`lastmile ble run` as on a gateway, with this room (link + emulated devices) as the BLE
+    service's link in place of `run_ble` on BlueZ, on the service's own outbox."""
     import importlib
     import threading
 
     from lastmile.cli import main as lastmile_main
-    from lastmile.services import acquire
+    from lastmile.services import acquire, ble_service
 
-    def ble_part(config: Any, outbox: Any) -> Any:
+    def ble_part(config: Any, outbox: Any, *, radio: Any = None) -> Any:
         def work(stop: threading.Event, beat: Callable[[], None]) -> None:
             def turn() -> bool:
                 beat()
@@ -277,29 +250,27 @@ def in_acquire(config_path: Path, devices: Path) -> int:
         return acquire.WorkerPart("ble", work)
 
     # What bleak loads on a gateway, where BleakScanner/BleakClient pick the BlueZ backend: the
-    # emulated radio stands in for BlueZ here, but these modules are part of acquire's RSS there.
+    # emulated radio stands in for BlueZ here, but these modules are part of the service's RSS there.
     for name in ("bleak.backends.bluezdbus.client", "bleak.backends.bluezdbus.scanner"):
         importlib.import_module(name)
-    acquire.ble_part = ble_part  # build_parts looks it up when it builds the parts
-    return lastmile_main(["-c", str(config_path), "acquire"])
+    ble_service.ble_part = ble_part  # BleService looks it up when it builds its link
+    return lastmile_main(["-c", str(config_path), "ble", "run"])
 
 
 def main() -> int:
     from lastmile.logs import configure_logging
     from lastmile.services.acquire import prepare_acquire_process
 
-    # the BLE part runs in the acquire process, whose malloc is tuned before anything else
+    # as `lastmile ble run` does first thing: malloc tuned before anything else
     prepare_acquire_process()
-    if sys.argv[1:2] == ["--in-acquire"]:
-        return in_acquire(Path(sys.argv[2]), Path(sys.argv[3]))
+    if sys.argv[1:2] not in (["--bare"], ["--emulation-only"]):
+        return as_service(Path(sys.argv[1]), Path(sys.argv[2]))  # its runtime sets up the logging
     configure_logging(None)
     if sys.argv[1:] == ["--bare"]:  # the reference for --emulation-only: the same start, nothing else
         import_gateway_modules()
         print(f"{rss_mb():.2f}")
-    elif sys.argv[1:] == ["--emulation-only"]:
-        print(f"{asyncio.run(emulation_only()):.2f}")
     else:
-        asyncio.run(run(Path(sys.argv[1]), Path(sys.argv[2])))
+        print(f"{asyncio.run(emulation_only()):.2f}")
     return 0
 
 

@@ -19,7 +19,7 @@ and waits for a risky moment:
 - field visit: a `lastmile visit stop` (close, sign, queue), part-way (then again), and then
   forward mid-FHIR-send: the visit's transaction applied by the county platform, not yet answered;
 - acquire mid-stream: the serial bridge's ECG recording arriving (the cart takes it again);
-- ble: the BLE part (bench/ble_room.py: the gateway's BLE link and the emulated devices).
+- ble: the BLE service (bench/ble_room.py: `lastmile ble run` with the emulated devices as its link).
 After every kill, `PRAGMA integrity_check` on every database file in the data directory. At the
 end the link stays up until the outbox drains; the reading center's and the county platform's
 copies (and the BLE readings the gateway keeps) are judged against the truth. Goals: integrity ok after every kill; 0 lost, 0 duplicated, 0 misattributed, 0 stuck.
@@ -169,7 +169,7 @@ class Campaign:
         return killed
 
     def kill_ble(self) -> bool:
-        """The BLE part (bench/ble_room.py), at any moment of the clinic's readings."""
+        """The BLE service (`lastmile ble run`, bench/ble_room.py), at any moment of the clinic's readings."""
         time.sleep(self.rng.uniform(0.0, 1.0))
         self.moments["ble:any"] += 1
         return self.services.kill("ble")
