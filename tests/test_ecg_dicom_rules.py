@@ -10,16 +10,18 @@ from __future__ import annotations
 import datetime as dt
 import io
 import warnings
+import zlib
 
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian
 
 from devices.ecg.dicom_input import looks_like_dicom, read_dicom_ecg
 from devices.ecg.findings import StatementSource
 from devices.errors import ProtocolError, UnsupportedFeatureError
+from devices.inflate import InflateLimitError
 from devices.identity import DeviceIdentity, Patient, TimeSource
 
 UTC = dt.timezone.utc
@@ -98,7 +100,7 @@ def _group(
     return g
 
 
-def _dump(*groups: Dataset, big_endian: bool = False, **attrs: object) -> bytes:
+def _dump(*groups: Dataset, big_endian: bool = False, deflated: bool = False, **attrs: object) -> bytes:
     ds = Dataset()
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.9.1.1"
     ds.SOPInstanceUID = "1.2.3.4"
@@ -112,6 +114,8 @@ def _dump(*groups: Dataset, big_endian: bool = False, **attrs: object) -> bytes:
     ds.WaveformSequence = Sequence(list(groups) or [_group(big_endian=big_endian)])
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian if big_endian else ExplicitVRLittleEndian
+    if deflated:
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, "1.2.3.4"
     buf = io.BytesIO()
     with warnings.catch_warnings():
@@ -727,3 +731,40 @@ def test_in_an_object_we_converted_the_group_says_who_made_the_statement() -> No
     other = Sequence([Dataset()])
     other[0].Manufacturer = "Lastmile Converter"  # not us
     assert len(_statements_of(*items, ContributingEquipmentSequence=other)) == 6
+
+
+# -- deflated objects -------------------------------------------------------------------------------
+
+
+def _inflated_size(part10: bytes) -> int:
+    """Bytes the deflated data set of a Part-10 file inflates to (it starts where the file meta
+    group, whose length the element at 132-143 gives, ends)."""
+    meta_end = 144 + int.from_bytes(part10[140:144], "little")
+    return len(zlib.decompressobj(-zlib.MAX_WBITS).decompress(part10[meta_end:]))
+
+
+def test_a_deflated_object_reads_as_the_same_ecg() -> None:
+    """A cart's deflated file misread (or refused) would lose the ECG: it decodes to the same one."""
+    plain, deflated = read_dicom_ecg(_dump()), read_dicom_ecg(_dump(deflated=True))
+    assert deflated.samples.tolist() == plain.samples.tolist() and deflated.lead_names == plain.lead_names
+    assert (deflated.acquired_at, deflated.uv_per_unit) == (plain.acquired_at, plain.uv_per_unit)
+
+
+def test_a_deflated_object_is_inflated_by_us_up_to_the_cap_and_no_further(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deflate bomb (1 MB that inflates to 1 GiB) must be refused, typed, after inflating at most
+    the cap, before pydicom would inflate it whole in the 512 MB of a Pi: the cap is ours, exact."""
+    import devices.ecg.dicom_input as dicom_input
+
+    assert dicom_input.MAX_INFLATED_BYTES == 64 * 2**20  # 4x a 10-minute 12-lead 1000 Hz 16-bit rhythm (14.4 MB)
+    data = _dump(deflated=True)
+    size = _inflated_size(data)
+    assert size > 400  # the waveform, its definitions and the header: a real data set
+    monkeypatch.setattr(dicom_input, "MAX_INFLATED_BYTES", size)
+    assert read_dicom_ecg(data).lead("I").tolist() == [10, 30, 50]  # the cap itself
+    monkeypatch.setattr(dicom_input, "MAX_INFLATED_BYTES", size - 1)
+    with pytest.raises(InflateLimitError, match=f"more than {size - 1} bytes"):
+        read_dicom_ecg(data)
+    # objects that are not deflated are not inflated: no cap applies to them
+    monkeypatch.setattr(dicom_input, "MAX_INFLATED_BYTES", 1)
+    assert read_dicom_ecg(_dump()).lead("I").tolist() == [10, 30, 50]
+    assert read_dicom_ecg(_dump(big_endian=True)).lead("I").tolist() == [10, 30, 50]
