@@ -768,3 +768,42 @@ def test_a_deflated_object_is_inflated_by_us_up_to_the_cap_and_no_further(monkey
     monkeypatch.setattr(dicom_input, "MAX_INFLATED_BYTES", 1)
     assert read_dicom_ecg(_dump()).lead("I").tolist() == [10, 30, 50]
     assert read_dicom_ecg(_dump(big_endian=True)).lead("I").tolist() == [10, 30, 50]
+
+
+def test_a_raw_data_set_is_never_taken_for_a_deflated_file_by_its_bytes_at_132() -> None:
+    """A cart's data set written without the Part-10 preamble, whose text happens to hold at byte
+    132 what a deflated file's meta group holds there, is still read: only "DICM" at 128 makes a
+    file Part 10 (refusing it as a broken deflate stream would lose the ECG)."""
+    filler = "X" * 120
+    part10 = _dump(InstitutionAddress=filler)
+    raw = bytearray(part10[144 + int.from_bytes(part10[140:144], "little") :])
+    at = raw.index(filler.encode())
+    assert at < 132 and at + len(filler) > 162
+    raw[132:162] = b"\x02\x00\x10\x00UI\x16\x00" + DeflatedExplicitVRLittleEndian.encode()
+    assert looks_like_dicom(bytes(raw))
+    assert read_dicom_ecg(bytes(raw)).lead("I").tolist() == [10, 30, 50]
+
+
+def test_unreadable_bytes_and_damaged_elements_are_refused_typed_and_say_which() -> None:
+    """The operator is told what is wrong with the cart's file (not a crash, nor a misleading
+    reason): a file pydicom cannot parse is "not readable"; an element that fails only when it
+    is read (a group time offset that is not a number) is a "damaged element"."""
+    data = _dump()
+    with pytest.raises(ProtocolError, match=r"^DICOM file is not readable \("):
+        read_dicom_ecg(data[: data.index(b"\x00\x54\x00\x01") + 9])  # cut inside the waveform sequence's header
+    g = _group()
+    g.MultiplexGroupTimeOffset = "9.99"
+    damaged = _dump(g).replace(b"9.99", b"abc ")
+    with pytest.raises(ProtocolError, match=r"^DICOM ECG: damaged element \(ValueError: "):
+        read_dicom_ecg(damaged)
+
+
+def test_only_a_median_group_becomes_the_median_beats() -> None:
+    """A second rhythm group (or the rhythm itself) shown as the cart's median beat would put
+    seconds of rhythm where the cardiologist expects one averaged beat per lead."""
+    second_rhythm = _group(samples=SAMPLES * 2, label="")
+    assert read_dicom_ecg(_dump(_group(), second_rhythm)).median_beats is None
+    median_only = _group(label="MEDIAN BEAT")
+    assert read_dicom_ecg(_dump(median_only)).median_beats is None  # it is taken as the rhythm, once
+    median = read_dicom_ecg(_dump(_group(), _group(samples=SAMPLES * 2, label="MEDIAN BEAT"))).median_beats
+    assert median is not None and median.samples.tolist() == (SAMPLES * 2).T.tolist()
