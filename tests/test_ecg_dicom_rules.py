@@ -21,8 +21,8 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, Exp
 from devices.ecg.dicom_input import looks_like_dicom, read_dicom_ecg
 from devices.ecg.findings import StatementSource
 from devices.errors import ProtocolError, UnsupportedFeatureError
-from devices.inflate import InflateLimitError
 from devices.identity import DeviceIdentity, Patient, TimeSource
+from devices.inflate import InflateLimitError
 
 UTC = dt.timezone.utc
 SAMPLES = np.array([[10, -20], [30, -40], [50, -60]])  # 3 samples x 2 channels (I, II)
