@@ -2,7 +2,8 @@
 
 Each check stands between a file and a misread ECG: a lead named after the wrong electrode,
 samples read with the wrong width or byte order, a median beat taken for the rhythm, an
-acquisition time in the wrong zone, an amplitude off by the units' factor.
+acquisition time in the wrong zone, an amplitude off by the units' factor, a QT interval taken
+from the wrong annotation or in the wrong unit, a deflated file misread or inflated without a cap.
 """
 
 from __future__ import annotations
@@ -685,8 +686,9 @@ def test_fiducial_points_are_not_findings() -> None:
     ]
 
 
-LASTMILE = Sequence([Dataset()])
-LASTMILE[0].Manufacturer = " Lastmile "
+# Contributing Equipment of an object the gateway converted (padded as some writers pad it)
+LASTMILE_EQUIPMENT = Sequence([Dataset()])
+LASTMILE_EQUIPMENT[0].Manufacturer = " Lastmile "
 
 
 def _statements_of(*items: Dataset, **attrs: object) -> list[tuple[str, StatementSource, str]]:
@@ -722,12 +724,12 @@ def test_in_an_object_we_converted_the_group_says_who_made_the_statement() -> No
         _annotation("420", group=1),
         _annotation("88", ("2:16156", "MDC"), group=None),  # the gateway's own note: skipped
     ]
-    assert _statements_of(*items, ContributingEquipmentSequence=LASTMILE) == [
+    assert _statements_of(*items, ContributingEquipmentSequence=LASTMILE_EQUIPMENT) == [
         ("device", StatementSource.DEVICE, ""),
         ("physician", StatementSource.PHYSICIAN, ""),
         ("comment", StatementSource.COMMENT, ""),
     ]
-    assert _measured(*items, ContributingEquipmentSequence=LASTMILE) == [("qt-interval", 420.0, "", "", "")]
+    assert _measured(*items, ContributingEquipmentSequence=LASTMILE_EQUIPMENT) == [("qt-interval", 420.0, "", "", "")]
     other = Sequence([Dataset()])
     other[0].Manufacturer = "Lastmile Converter"  # not us
     assert len(_statements_of(*items, ContributingEquipmentSequence=other)) == 6
