@@ -62,7 +62,11 @@ ALLOW_LIST = REPO / "bench" / "mutation_equivalent.toml"
 # an entry "--deselect=<test id>" leaves out one slow test of a file (pytest's own option).
 FOCUSED_TESTS: dict[str, list[str]] = {
     "devices/errors.py": ["tests/test_ble_decoders.py", "tests/test_bridge_codec.py"],
-    "devices/identity.py": ["tests/test_device_identity.py", "tests/test_ascii_report.py"],
+    "devices/identity.py": [
+        "tests/test_device_identity.py",
+        "tests/test_resident_id.py",
+        "tests/test_ascii_report.py",
+    ],
     "devices/observation.py": [
         "tests/test_device_identity.py",
         "tests/test_ble_decoders.py",
