@@ -108,14 +108,23 @@ FOCUSED_TESTS: dict[str, list[str]] = {
     "devices/ecg/aecg.py": ["tests/test_ecg_aecg.py", "tests/test_ecg_findings.py"],
     "devices/ecg/contec.py": ["tests/test_ecg_contec.py", "tests/test_ecg_formats.py"],
     "devices/ecg/dicom_input.py": ["tests/test_ecg_dicom_rules.py", "tests/test_ecg_dicom_input.py"],
+    "devices/ecg/findings.py": [
+        "tests/test_ecg_findings.py",
+        "tests/test_ecg_aecg.py",
+        "tests/test_ecg_scp_mutants.py",
+    ],
     "devices/ecg/formats.py": ["tests/test_ecg_formats.py"],
     "devices/ecg/leads.py": ["tests/test_ecg_leads.py", "tests/test_ecg_formats.py"],
+    "devices/ecg/median_beat.py": ["tests/test_ecg_quality.py", "tests/test_ecg_findings.py"],
     "devices/ecg/npz.py": ["tests/test_npz.py"],
     "devices/ecg/order_statistics.py": [
         "tests/test_order_statistics.py",
         # a child process (what a fresh `lastmile` imports): it never sees the mutant
         "--deselect=tests/test_order_statistics.py::test_checking_a_real_ecgs_quality_leaves_numpy_ma_unimported",
     ],
+    "devices/ecg/qrs.py": ["tests/test_ecg_quality.py"],
+    "devices/ecg/quality.py": ["tests/test_ecg_quality.py"],
+    "devices/ecg/quality_wording.py": ["tests/test_ecg_quality.py"],
     "devices/ecg/recording.py": ["tests/test_ecg_recording.py", "tests/test_npz.py"],
     "devices/ecg/scaling.py": ["tests/test_ecg_scaling.py", "tests/test_ecg_aecg.py", "tests/test_ecg_dicom_input.py"],
     "devices/ecg/scp.py": ["tests/test_ecg_scp.py", "tests/test_ecg_scp_mutants.py", "tests/test_ecg_findings.py"],
