@@ -17,7 +17,10 @@ gateway loses nothing a device still holds:
   state is applied (off: the link is down, nothing more will come).
 
     python bench/ble_room.py CONFIG DEVICES_DIR
-    python bench/ble_room.py --emulation-only | --bare   (prints its RSS in MB: the radio's share)
+    python bench/ble_room.py --in-acquire CONFIG DEVICES_DIR   (`lastmile acquire` with this room as
+                                                              its BLE part, as on a gateway)
+    python bench/ble_room.py --emulation-only | --bare   (prints its RSS in MB; the difference is the
+                                                        emulated radio's and devices' share)
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import datetime as dt
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,29 +100,78 @@ def rss_mb() -> float:
         return int(status.read().split("VmRSS:")[1].split()[0]) / 1024
 
 
+# What the acquire service with its BLE part imports on a gateway (BlueZ backend included): both
+# reference processes import it first, so that the emulation's share is only what bumble and the
+# emulated room add on top (a module both would load is counted as the gateway's, not subtracted).
+GATEWAY_MODULES = (
+    "lastmile.services.acquire",
+    "lastmile.data_dir",
+    "lastmile.ecg.intake",
+    "lastmile.services.serial_devices",
+    "lastmile.services.ble_devices",
+    "bleak.backends.bluezdbus.client",
+    "bleak.backends.bluezdbus.scanner",
+)
+
+
+def import_gateway_modules() -> None:
+    import importlib
+
+    for name in GATEWAY_MODULES:
+        importlib.import_module(name)
+
+
 async def emulation_only() -> float:
-    """This process's RSS with only the emulated room started: what the radio and the devices
-    hold, which a gateway on a Pi does not (bench/clinic_day.py subtracts a bare process's)."""
-    radio = emulated_room()[0]
+    """This process's RSS with the gateway's modules loaded and the emulated room started (radio
+    and its three devices powered on): less `--bare`'s (the same modules, nothing started), what
+    the radio and the devices hold, which a gateway on a Pi does not."""
+    import_gateway_modules()
+    radio, *peripherals = emulated_room()
     await radio.start()
     try:
+        for peripheral in peripherals:
+            await peripheral.start()
         return rss_mb()
     finally:
+        for peripheral in peripherals:
+            await peripheral.stop()
         await radio.close()
 
 
 async def run(config_path: Path, devices: Path) -> None:
+    """The room on its own (the soak's "ble" service): its own outbox, the acquire service's trim."""
+    from lastmile.config import load_config
+    from lastmile.data_dir import open_outbox
+    from lastmile.services.acquire import GLIBC_MALLOC, TRIM_EVERY_S
+
+    config = load_config(config_path)
+    outbox = open_outbox(config)
+    loop = asyncio.get_running_loop()
+    trimmed = loop.time()
+
+    def turn() -> bool:
+        nonlocal trimmed
+        if loop.time() - trimmed >= TRIM_EVERY_S:  # as the acquire service does
+            trimmed = loop.time()
+            GLIBC_MALLOC.trim()
+        return True
+
+    try:
+        await room(config, devices, outbox, turn)
+    finally:
+        outbox.close()
+
+
+async def room(config: Any, devices: Path, outbox: Any, turn: Callable[[], bool]) -> None:
+    """The gateway's BLE link (ClinicBlePort on `outbox`) and the emulated devices, until `turn()`
+    (called every POLL_S) says False."""
     from firmware_bridge.ble.emulated_peripherals import BpRecord, TemperatureRecord
     from firmware_bridge.ble.link import BleDeviceManager, LinkSettings
     from lastmile.clinic.db import utc_now
     from lastmile.clinic.devices import DeviceRegistry
     from lastmile.clinic.observations import ObservationStore
-    from lastmile.config import load_config
-    from lastmile.data_dir import open_outbox
-    from lastmile.services.acquire import GLIBC_MALLOC, TRIM_EVERY_S
     from lastmile.services.ble_devices import ClinicBlePort
 
-    config = load_config(config_path)
     utc = dt.timezone.utc
     radio, cuff, thermometer, oximeter = emulated_room()
 
@@ -146,7 +199,6 @@ async def run(config_path: Path, devices: Path) -> None:
     oximeter.stream_interval_s = 0.5 if state["on"] else 0.0  # no finger, no stream
     oximeter.spo2, oximeter.pulse = state.get("spo2", 97.0), state.get("pulse", 68.0)
 
-    outbox = open_outbox(config)
     store = ObservationStore.open(config.data_dir, outbox=outbox, idle_timeout_s=config.patient.idle_timeout_s)
     registry = DeviceRegistry(store.db)
     registry.mark_all_disconnected(now=utc_now())
@@ -170,14 +222,11 @@ async def run(config_path: Path, devices: Path) -> None:
     # what a device holds is sent again after a restart (the gateway knows each by its record key)
     cuff_due, thermometer_due = bool(cuff.memory), bool(thermometer.memory)
     applied = -1
-    loop = asyncio.get_running_loop()
-    trimmed = loop.time()
     try:
         while not runner.done():
             await asyncio.sleep(POLL_S)
-            if loop.time() - trimmed >= TRIM_EVERY_S:  # as the acquire service does
-                trimmed = loop.time()
-                GLIBC_MALLOC.trim()
+            if not turn():
+                break
             upload = stamp(devices / "cuff.upload")
             if upload != seen_upload:  # the cuff came into range
                 seen_upload, cuff.memory, cuff_due = upload, cuff_memory(), True
@@ -204,7 +253,35 @@ async def run(config_path: Path, devices: Path) -> None:
         stop.set()
         await runner
         store.close()
-        outbox.close()
+        await radio.close()
+
+
+def in_acquire(config_path: Path, devices: Path) -> int:
+    """`lastmile acquire` as on a gateway with [ble] enabled: the BLE part runs inside it, on its
+    own thread and event loop, with this room (link + emulated devices) in place of
+    `run_ble` on BlueZ, on the acquire service's own outbox."""
+    import importlib
+    import threading
+
+    from lastmile.cli import main as lastmile_main
+    from lastmile.services import acquire
+
+    def ble_part(config: Any, outbox: Any) -> Any:
+        def work(stop: threading.Event, beat: Callable[[], None]) -> None:
+            def turn() -> bool:
+                beat()
+                return not stop.is_set()
+
+            asyncio.run(room(config, devices, outbox, turn))
+
+        return acquire.WorkerPart("ble", work)
+
+    # What bleak loads on a gateway, where BleakScanner/BleakClient pick the BlueZ backend: the
+    # emulated radio stands in for BlueZ here, but these modules are part of acquire's RSS there.
+    for name in ("bleak.backends.bluezdbus.client", "bleak.backends.bluezdbus.scanner"):
+        importlib.import_module(name)
+    acquire.ble_part = ble_part  # build_parts looks it up when it builds the parts
+    return lastmile_main(["-c", str(config_path), "acquire"])
 
 
 def main() -> int:
@@ -213,8 +290,11 @@ def main() -> int:
 
     # the BLE part runs in the acquire process, whose malloc is tuned before anything else
     prepare_acquire_process()
+    if sys.argv[1:2] == ["--in-acquire"]:
+        return in_acquire(Path(sys.argv[2]), Path(sys.argv[3]))
     configure_logging(None)
     if sys.argv[1:] == ["--bare"]:  # the reference for --emulation-only: the same start, nothing else
+        import_gateway_modules()
         print(f"{rss_mb():.2f}")
     elif sys.argv[1:] == ["--emulation-only"]:
         print(f"{asyncio.run(emulation_only()):.2f}")

@@ -498,10 +498,10 @@ def lastmile(config: Path, *args: str, timeout_s: float = 120.0) -> subprocess.C
 
 
 def ble_emulation_mb() -> float:
-    """What the emulated radio and its three devices add to the "ble" service's RSS (it is
-    bench/ble_room.py: the gateway's BLE part and bumble's radio in one process): a process with
-    only them started, less one started the same way with nothing. A gateway holds neither: its
-    BLE part talks to BlueZ."""
+    """What the emulated radio and its three devices add to the RSS of the process that carries
+    them (bench/ble_room.py: the "ble" service, or acquire with `ble_in_acquire`): a process with
+    acquire's and the BLE link's modules loaded and them started, less one with the same modules
+    and nothing started. A gateway holds neither: its BLE part talks to BlueZ."""
 
     def rss(mode: str) -> float:
         script = str(REPO / "bench" / "ble_room.py")
@@ -527,10 +527,12 @@ def poll_failure(proc: subprocess.CompletedProcess[str], *, link_down: bool) -> 
 class Supervisor:
     """Keeps each service running, as systemd's Restart=always would; samples RSS and fds."""
 
-    def __init__(self, config: Path, log_dir: Path, ble_devices: Path) -> None:
+    def __init__(self, config: Path, log_dir: Path, ble_devices: Path, *, ble_in_acquire: bool = False) -> None:
         self.config = config
         self.log_dir = log_dir
         self.ble_devices = ble_devices
+        # True: the BLE part runs inside acquire, as on a gateway (no "ble" service of its own)
+        self.ble_in_acquire = ble_in_acquire
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.restarts: collections.Counter[str] = collections.Counter()
         self.unexpected_exits: list[str] = []
@@ -544,12 +546,16 @@ class Supervisor:
     def start(self) -> None:
         atexit.register(self.stop)  # a bench that fails leaves no service behind
         for name in SERVICES:
-            self._spawn(name)
+            if not (name == "ble" and self.ble_in_acquire):
+                self._spawn(name)
         self.thread.start()
 
     def command(self, name: str) -> list[str]:
         if name == "ble":  # the acquire service's BLE part over the emulated radio (bench/ble_room.py)
             return [sys.executable, str(REPO / "bench" / "ble_room.py"), str(self.config), str(self.ble_devices)]
+        if name == "acquire" and self.ble_in_acquire:  # `lastmile acquire` with the room as its BLE part
+            room = str(REPO / "bench" / "ble_room.py")
+            return [sys.executable, room, "--in-acquire", str(self.config), str(self.ble_devices)]
         return [sys.executable, "-m", "lastmile", "-c", str(self.config), name]
 
     def _spawn(self, name: str) -> None:
@@ -1344,9 +1350,11 @@ class Day:
 
 
 @contextlib.contextmanager
-def clinic_day(prefix: str, seed: int) -> Iterator[Day]:
+def clinic_day(prefix: str, seed: int, *, ble_in_acquire: bool = False) -> Iterator[Day]:
     """A working directory, the reading center and the county platform, the gateway's services
-    running and the doctor's console account made; everything stopped and removed at the end."""
+    running and the doctor's console account made; everything stopped and removed at the end.
+    `ble_in_acquire`: the BLE part runs inside the acquire service (as on a gateway), not as the
+    "ble" service of its own."""
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         work = Path(tmp)
         data_dir = work / "data"
@@ -1361,7 +1369,7 @@ def clinic_day(prefix: str, seed: int) -> Iterator[Day]:
             clinic.bridge = bridge
             clinic.ble = BleDevices(work / "ble-devices")
             clinic.add_doctor()
-            services = Supervisor(config, work / "logs", clinic.ble.directory)
+            services = Supervisor(config, work / "logs", clinic.ble.directory, ble_in_acquire=ble_in_acquire)
             services.start()
             bridge.start()
             try:

@@ -107,7 +107,12 @@ FOCUSED_TESTS: dict[str, list[str]] = {
     ],
     "devices/ecg/aecg.py": ["tests/test_ecg_aecg.py", "tests/test_ecg_findings.py"],
     "devices/ecg/contec.py": ["tests/test_ecg_contec.py", "tests/test_ecg_formats.py"],
-    "devices/ecg/dicom_input.py": ["tests/test_ecg_dicom_rules.py", "tests/test_ecg_dicom_input.py"],
+    "devices/ecg/dicom_input.py": [
+        "tests/test_ecg_dicom_rules.py",
+        "tests/test_ecg_dicom_input.py",
+        "tests/test_ecg_findings.py",  # the cart's annotations: measurements, statements, median beats
+        "tests/test_inflate.py",  # deflated objects and the inflation cap
+    ],
     "devices/ecg/findings.py": [
         "tests/test_ecg_findings.py",
         "tests/test_ecg_aecg.py",

@@ -2,7 +2,8 @@
 
 Each check stands between a file and a misread ECG: a lead named after the wrong electrode,
 samples read with the wrong width or byte order, a median beat taken for the rhythm, an
-acquisition time in the wrong zone, an amplitude off by the units' factor.
+acquisition time in the wrong zone, an amplitude off by the units' factor, a QT interval taken
+from the wrong annotation or in the wrong unit, a deflated file misread or inflated without a cap.
 """
 
 from __future__ import annotations
@@ -10,16 +11,19 @@ from __future__ import annotations
 import datetime as dt
 import io
 import warnings
+import zlib
 
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian
 
 from devices.ecg.dicom_input import looks_like_dicom, read_dicom_ecg
+from devices.ecg.findings import StatementSource
 from devices.errors import ProtocolError, UnsupportedFeatureError
 from devices.identity import DeviceIdentity, Patient, TimeSource
+from devices.inflate import InflateLimitError
 
 UTC = dt.timezone.utc
 SAMPLES = np.array([[10, -20], [30, -40], [50, -60]])  # 3 samples x 2 channels (I, II)
@@ -97,7 +101,7 @@ def _group(
     return g
 
 
-def _dump(*groups: Dataset, big_endian: bool = False, **attrs: object) -> bytes:
+def _dump(*groups: Dataset, big_endian: bool = False, deflated: bool = False, **attrs: object) -> bytes:
     ds = Dataset()
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.9.1.1"
     ds.SOPInstanceUID = "1.2.3.4"
@@ -111,6 +115,8 @@ def _dump(*groups: Dataset, big_endian: bool = False, **attrs: object) -> bytes:
     ds.WaveformSequence = Sequence(list(groups) or [_group(big_endian=big_endian)])
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian if big_endian else ExplicitVRLittleEndian
+    if deflated:
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, "1.2.3.4"
     buf = io.BytesIO()
     with warnings.catch_warnings():
@@ -463,3 +469,343 @@ def test_a_slow_but_positive_rate_is_read_and_equal_groups_keep_the_first() -> N
 def test_a_recording_the_object_cannot_make_is_a_protocol_error() -> None:
     with pytest.raises(ProtocolError, match="DICOM ECG: acquired_at must carry a time zone"):
         read_dicom_ecg(_dump(AcquisitionDateTime=None), received_at=dt.datetime(2026, 1, 1))
+
+
+# -- the cart's annotations: measurements and statements ------------------------------------------
+
+
+def _annotation(
+    value: str | list[str] | None = "420",
+    code: tuple[str, str] | None = ("2:16160", "MDC"),
+    unit: str | None = "ms",
+    *,
+    refs: list[int] | int | None = None,
+    group: int | None = None,
+    text: str | None = None,
+    statement_code: tuple[str, str] | None = None,
+    algorithm: str | None = None,
+    temporal: str | None = None,
+) -> Dataset:
+    """One Waveform Annotation item as carts write them (refs (1, 0): the whole group)."""
+    item = Dataset()
+    if code is not None:
+        concept = _code(code[0], code[1], "x")
+        if algorithm is not None:
+            concept.ModifierCodeSequence = Sequence([_code(algorithm, "DCM", "QTc algorithm")])
+        item.ConceptNameCodeSequence = Sequence([concept])
+    if unit is not None:
+        item.MeasurementUnitsCodeSequence = Sequence([_code(unit, "UCUM", unit)])
+    if value is not None:
+        item.NumericValue = value
+    item.ReferencedWaveformChannels = [1, 0] if refs is None else refs
+    if group is not None:
+        item.AnnotationGroupNumber = group
+    if text is not None:
+        item.UnformattedTextValue = text
+    if statement_code is not None:
+        item.ConceptCodeSequence = Sequence([_code(statement_code[0], "SCPECG", statement_code[1])])
+    if temporal is not None:
+        item.TemporalRangeType, item.ReferencedSamplePositions = temporal, 2
+    return item
+
+
+def _measured(*items: Dataset, groups: tuple[Dataset, ...] = (), **attrs: object) -> list[tuple]:
+    """(kind, value, lead, method, note) of every measurement the decoder takes from the items."""
+    r = read_dicom_ecg(_dump(*groups, WaveformAnnotationSequence=Sequence(list(items)), **attrs))
+    return [(m.kind, m.value, m.lead, m.method, m.note) for m in r.measurements]
+
+
+@pytest.mark.parametrize(
+    "code,expected",
+    [
+        (("2:16160", "MDC"), [("qt-interval", 420.0, "", "", "")]),
+        (("5.13.5-11", "SCPECG"), [("qt-interval", 420.0, "", "", "")]),  # the retired code Mortara writes
+        (("5.13.5-11", "scpecg"), [("qt-interval", 420.0, "", "", "")]),  # schemes compare case-blind
+        (("5.13.5-9", "SCPECG"), [("qrs-duration", 420.0, "", "", "")]),
+        (("2:15880", "MDC"), [("qtc-interval", 420.0, "", "bazett", "")]),  # the formula in the code
+        (("2:15892", "MDC"), [("qtc-interval", 420.0, "", "fridericia", "")]),
+        (("2:15876", "MDC"), [("qtc-interval", 420.0, "", "", "")]),  # no formula named: none guessed
+        (("5.13.5-11", "MDC"), []),  # an SCP code under the MDC scheme names nothing
+        (("2:16160", "SCPECG"), []),  # and an MDC code under the SCP scheme
+        (("2:15880", "SCPECG"), []),
+        (("2:99999", "MDC"), []),  # a code we do not know: dropped, never guessed
+        (("8867-4", "LN"), []),
+    ],
+)
+def test_an_annotation_is_a_measurement_only_under_a_code_we_know(code: tuple[str, str], expected: list[tuple]) -> None:
+    """A QT interval filed under the wrong kind (or a code we do not know read as one) would put a
+    wrong number in front of the reading cardiologist."""
+    assert _measured(_annotation(code=code)) == expected
+
+
+@pytest.mark.parametrize(
+    "algorithm,method",
+    [("122730", "bazett"), ("122731", "hodges"), ("122732", "fridericia"), ("122733", "framingham"), ("999", "")],
+)
+def test_the_qtc_formula_is_read_from_the_algorithm_modifier(algorithm: str, method: str) -> None:
+    """A QTc without its formula (or with the wrong one) cannot be compared with a later ECG's."""
+    assert _measured(_annotation(code=("2:15876", "MDC"), algorithm=algorithm)) == [
+        ("qtc-interval", 420.0, "", method, "")
+    ]
+
+
+@pytest.mark.parametrize(
+    "unit,value,kind,expected",
+    [
+        ("ms", "420", "2:16160", 420.0),
+        ("s", "0.42", "2:16160", 420.0),  # seconds: a QT of 0.42 must not be read as 0.42 ms (dropped)
+        ("us", "420000", "2:16160", 420.0),
+        ("/min", "60", "2:16770", 60.0),
+        ("{beats}/min", "61", "2:16770", 61.0),
+        ("{H.B.}/min", "62", "2:16770", 62.0),
+        ("bpm", "63", "2:16770", 63.0),
+        ("deg", "-61", "2:16132", -61.0),
+        ("uV", "803", "2:2048", 803.0),
+        ("mV", "0.803", "2:2048", 803.0),
+    ],
+)
+def test_every_measurement_unit_is_brought_to_the_kinds_unit(unit: str, value: str, kind: str, expected: float) -> None:
+    """A value in seconds or millivolts read as milliseconds or microvolts is off by a thousand."""
+    refs = [1, 1] if kind == "2:2048" else None  # R amplitude is per lead
+    found = _measured(_annotation(value, (kind, "MDC"), unit, refs=refs))
+    assert [(m[1], m[2]) for m in found] == [(pytest.approx(expected, rel=1e-12), "I" if refs else "")]
+
+
+@pytest.mark.parametrize(
+    "unit,value",
+    [
+        ("deg", "420"),  # an interval in degrees: not an interval
+        ("uV", "420"),
+        ("min", "420"),  # a unit we do not know
+        (None, "420"),  # no unit at all
+        ("ms", "0"),  # a cart's "not computed" (Mortara's PP 0): not a finding
+        ("ms", "abc "),  # not a number
+    ],
+)
+def test_a_measurement_in_a_unit_that_is_not_its_own_is_dropped(unit: str | None, value: str) -> None:
+    """Better no QT interval than one whose unit we had to guess; the rest of the ECG still decodes."""
+    item = _annotation("9.99" if value == "abc " else value, unit=unit)
+    data = _dump(WaveformAnnotationSequence=Sequence([item, _annotation("88", ("2:16156", "MDC"))]))
+    r = read_dicom_ecg(data.replace(b"9.99", b"abc "))  # pydicom will not write a DS that is not a number
+    assert [(m.kind, m.value) for m in r.measurements] == [("qrs-duration", 88.0)]
+
+
+@pytest.mark.parametrize(
+    "unit,note",
+    [
+        ("ms", "unit written as 'ms', read as degrees"),
+        (None, "unit written as 'nothing', read as degrees"),
+        ("deg", ""),
+    ],
+)
+def test_an_axis_is_an_angle_whatever_unit_its_writer_gave(unit: str | None, note: str) -> None:
+    """ECGToolkit writes "ms" for its axes: the QRS axis is still -61 degrees, and says what we read."""
+    assert _measured(_annotation("-61", ("2:16132", "MDC"), unit)) == [("qrs-axis", -61.0, "", "", note)]
+
+
+def test_several_numeric_values_keep_the_first() -> None:
+    """The first value is the measurement; a later one (a cart's second reading) must not replace it."""
+    assert _measured(_annotation(["420", "999"])) == [("qt-interval", 420.0, "", "", "")]
+
+
+def test_per_lead_measurements_name_the_lead_of_the_referenced_channel() -> None:
+    """An R amplitude on the wrong lead misplaces a hypertrophy criterion: the channel number counts
+    every channel of the group (a respiration channel too), from 1."""
+    rhythm = _group(
+        [_channel(_scp(1)), _channel(None, label="Respiration"), _channel(_scp(2))],
+        samples=np.array([[10, 0, -20], [30, 0, -40], [50, 0, -60]]),
+    )
+    r_amplitude = ("2:2048", "MDC")
+    assert _measured(_annotation("803", r_amplitude, "uV", refs=[1, 3]), groups=(rhythm,)) == [
+        ("lead-r-amplitude", 803.0, "II", "", "")
+    ]
+    assert _measured(_annotation("803", r_amplitude, "uV", refs=[1, 1]), groups=(rhythm,)) == [
+        ("lead-r-amplitude", 803.0, "I", "", "")
+    ]
+    # a global code on one lead is that lead's value (the lead-qrs-duration of V1, not the QRS duration)
+    assert _measured(_annotation("88", ("2:16156", "MDC"), refs=[1, 1]), groups=(rhythm,)) == [
+        ("lead-qrs-duration", 88.0, "I", "", "")
+    ]
+    # the per-lead code itself on one lead
+    assert _measured(_annotation("88", ("2:7936", "MDC"), refs=[1, 3]), groups=(rhythm,)) == [
+        ("lead-qrs-duration", 88.0, "II", "", "")
+    ]
+
+
+def test_a_per_lead_measurement_in_the_second_group_names_that_groups_lead() -> None:
+    """Groups are numbered from 1 in the order of the object: group 2's first channel is its own."""
+    rhythm = _group()
+    median = _group([_channel(_scp(2)), _channel(_scp(1))], label="MEDIAN BEAT")
+    assert _measured(_annotation("803", ("2:2048", "MDC"), "uV", refs=[2, 1]), groups=(rhythm, median)) == [
+        ("lead-r-amplitude", 803.0, "II", "", "")
+    ]
+
+
+@pytest.mark.parametrize(
+    "refs",
+    [
+        [1, 3],  # the group has 2 channels
+        [1, 1, 1, 2],  # two leads at once: whose value is it?
+        [2, 1],  # there is no group 2
+        [0, 1],  # nor a group 0
+    ],
+)
+def test_a_per_lead_measurement_whose_lead_cannot_be_named_is_dropped(refs: list[int]) -> None:
+    """A per-lead value put on a guessed lead (or on every lead) would be a value on the wrong lead."""
+    assert _measured(_annotation("803", ("2:2048", "MDC"), "uV", refs=refs)) == []
+    assert _measured(_annotation("88", ("2:16156", "MDC"), refs=refs)) == []
+
+
+def test_a_per_lead_code_without_a_lead_and_a_reference_to_a_non_lead_channel_are_dropped() -> None:
+    """An R amplitude that names no lead is no finding; nor is a QRS duration 'of' a respiration channel."""
+    assert _measured(_annotation("803", ("2:2048", "MDC"), "uV")) == []  # refs (1, 0): the whole group
+    rhythm = _group(
+        [_channel(_scp(1)), _channel(None, label="Respiration"), _channel(_scp(2))],
+        samples=np.array([[10, 0, -20], [30, 0, -40], [50, 0, -60]]),
+    )
+    assert _measured(_annotation("88", ("2:16156", "MDC"), refs=[1, 2]), groups=(rhythm,)) == []
+
+
+@pytest.mark.parametrize("refs,lead", [([1, 2, 7], "II"), (1, ""), ([], "")])
+def test_odd_channel_references_do_not_stop_decoding(refs: list[int] | int, lead: str) -> None:
+    """A writer's stray value after the (group, channel) pairs is ignored; a lone value is no pair:
+    the measurement is the whole group's."""
+    kind = "lead-qrs-duration" if lead else "qrs-duration"
+    assert _measured(_annotation("88", ("2:16156", "MDC"), refs=refs)) == [(kind, 88.0, lead, "", "")]
+
+
+def test_the_first_of_two_values_for_one_measurement_is_kept() -> None:
+    """A cart that writes QT twice (measured, then rounded) must not have the later one win silently."""
+    assert _measured(_annotation("420"), _annotation("424")) == [("qt-interval", 420.0, "", "", "")]
+
+
+def test_fiducial_points_are_not_findings() -> None:
+    """A QRS-onset point at sample 460 (Mortara writes dozens) is not a QRS duration of 460 ms."""
+    assert _measured(_annotation("460", temporal="POINT"), _annotation("88", ("2:16156", "MDC"))) == [
+        ("qrs-duration", 88.0, "", "", "")
+    ]
+
+
+# Contributing Equipment of an object the gateway converted (padded as some writers pad it)
+LASTMILE_EQUIPMENT = Sequence([Dataset()])
+LASTMILE_EQUIPMENT[0].Manufacturer = " Lastmile "
+
+
+def _statements_of(*items: Dataset, **attrs: object) -> list[tuple[str, StatementSource, str]]:
+    r = read_dicom_ecg(_dump(WaveformAnnotationSequence=Sequence(list(items)), **attrs))
+    return [(s.text, s.source, s.code) for s in r.statements]
+
+
+def test_statements_as_text_or_as_codes() -> None:
+    """The cart's interpretation reaches the cardiologist as it wrote it: text, or a coded statement's meaning."""
+    items = [
+        _annotation(None, None, None, text=" SINUS RHYTHM "),
+        _annotation(None, None, None, statement_code=("NORM", "Normal ECG")),
+        _annotation(None, None, None, text=""),  # nothing to say: no statement
+        _annotation(None, None, None, group=2, text="LVH"),  # group 2 of a vendor's object is still the device's
+    ]
+    assert _statements_of(*items) == [
+        ("SINUS RHYTHM", StatementSource.DEVICE, ""),
+        ("Normal ECG", StatementSource.DEVICE, "NORM"),
+        ("LVH", StatementSource.DEVICE, ""),
+    ]
+
+
+def test_in_an_object_we_converted_the_group_says_who_made_the_statement() -> None:
+    """A physician's over-read shown as the cart's guess (or our own note shown as a finding) would
+    mislead the cardiologist who reads the ECG again."""
+    items = [
+        _annotation(None, None, None, group=1, text="device"),
+        _annotation(None, None, None, group=2, text="physician"),
+        _annotation(None, None, None, group=3, text="comment"),
+        _annotation(None, None, None, group=0, text="ours"),
+        _annotation(None, None, None, group=4, text="ours"),
+        _annotation(None, None, None, text="ours"),
+        _annotation("420", group=1),
+        _annotation("88", ("2:16156", "MDC"), group=None),  # the gateway's own note: skipped
+    ]
+    assert _statements_of(*items, ContributingEquipmentSequence=LASTMILE_EQUIPMENT) == [
+        ("device", StatementSource.DEVICE, ""),
+        ("physician", StatementSource.PHYSICIAN, ""),
+        ("comment", StatementSource.COMMENT, ""),
+    ]
+    assert _measured(*items, ContributingEquipmentSequence=LASTMILE_EQUIPMENT) == [("qt-interval", 420.0, "", "", "")]
+    other = Sequence([Dataset()])
+    other[0].Manufacturer = "Lastmile Converter"  # not us
+    assert len(_statements_of(*items, ContributingEquipmentSequence=other)) == 6
+
+
+# -- deflated objects -------------------------------------------------------------------------------
+
+
+def _inflated_size(part10: bytes) -> int:
+    """Bytes the deflated data set of a Part-10 file inflates to (it starts where the file meta
+    group, whose length the element at 132-143 gives, ends)."""
+    meta_end = 144 + int.from_bytes(part10[140:144], "little")
+    return len(zlib.decompressobj(-zlib.MAX_WBITS).decompress(part10[meta_end:]))
+
+
+def test_a_deflated_object_reads_as_the_same_ecg() -> None:
+    """A cart's deflated file misread (or refused) would lose the ECG: it decodes to the same one."""
+    plain, deflated = read_dicom_ecg(_dump()), read_dicom_ecg(_dump(deflated=True))
+    assert deflated.samples.tolist() == plain.samples.tolist() and deflated.lead_names == plain.lead_names
+    assert (deflated.acquired_at, deflated.uv_per_unit) == (plain.acquired_at, plain.uv_per_unit)
+
+
+def test_a_deflated_object_is_inflated_by_us_up_to_the_cap_and_no_further(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deflate bomb (1 MB that inflates to 1 GiB) must be refused, typed, after inflating at most
+    the cap, before pydicom would inflate it whole in the 512 MB of a Pi: the cap is ours, exact."""
+    import devices.ecg.dicom_input as dicom_input
+
+    assert dicom_input.MAX_INFLATED_BYTES == 64 * 2**20  # 4x a 10-minute 12-lead 1000 Hz 16-bit rhythm (14.4 MB)
+    data = _dump(deflated=True)
+    size = _inflated_size(data)
+    assert size > 400  # the waveform, its definitions and the header: a real data set
+    monkeypatch.setattr(dicom_input, "MAX_INFLATED_BYTES", size)
+    assert read_dicom_ecg(data).lead("I").tolist() == [10, 30, 50]  # the cap itself
+    monkeypatch.setattr(dicom_input, "MAX_INFLATED_BYTES", size - 1)
+    with pytest.raises(InflateLimitError, match=f"more than {size - 1} bytes"):
+        read_dicom_ecg(data)
+    # objects that are not deflated are not inflated: no cap applies to them
+    monkeypatch.setattr(dicom_input, "MAX_INFLATED_BYTES", 1)
+    assert read_dicom_ecg(_dump()).lead("I").tolist() == [10, 30, 50]
+    assert read_dicom_ecg(_dump(big_endian=True)).lead("I").tolist() == [10, 30, 50]
+
+
+def test_a_raw_data_set_is_never_taken_for_a_deflated_file_by_its_bytes_at_132() -> None:
+    """A cart's data set written without the Part-10 preamble, whose text happens to hold at byte
+    132 what a deflated file's meta group holds there, is still read: only "DICM" at 128 makes a
+    file Part 10 (refusing it as a broken deflate stream would lose the ECG)."""
+    filler = "X" * 120
+    part10 = _dump(InstitutionAddress=filler)
+    raw = bytearray(part10[144 + int.from_bytes(part10[140:144], "little") :])
+    at = raw.index(filler.encode())
+    assert at < 132 and at + len(filler) > 162
+    raw[132:162] = b"\x02\x00\x10\x00UI\x16\x00" + DeflatedExplicitVRLittleEndian.encode()
+    assert looks_like_dicom(bytes(raw))
+    assert read_dicom_ecg(bytes(raw)).lead("I").tolist() == [10, 30, 50]
+
+
+def test_unreadable_bytes_and_damaged_elements_are_refused_typed_and_say_which() -> None:
+    """The operator is told what is wrong with the cart's file (not a crash, nor a misleading
+    reason): a file pydicom cannot parse is "not readable"; an element that fails only when it
+    is read (a group time offset that is not a number) is a "damaged element"."""
+    data = _dump()
+    with pytest.raises(ProtocolError, match=r"^DICOM file is not readable \("):
+        read_dicom_ecg(data[: data.index(b"\x00\x54\x00\x01") + 9])  # cut inside the waveform sequence's header
+    g = _group()
+    g.MultiplexGroupTimeOffset = "9.99"
+    damaged = _dump(g).replace(b"9.99", b"abc ")
+    with pytest.raises(ProtocolError, match=r"^DICOM ECG: damaged element \(ValueError: "):
+        read_dicom_ecg(damaged)
+
+
+def test_only_a_median_group_becomes_the_median_beats() -> None:
+    """A second rhythm group (or the rhythm itself) shown as the cart's median beat would put
+    seconds of rhythm where the cardiologist expects one averaged beat per lead."""
+    second_rhythm = _group(samples=SAMPLES * 2, label="")
+    assert read_dicom_ecg(_dump(_group(), second_rhythm)).median_beats is None
+    median_only = _group(label="MEDIAN BEAT")
+    assert read_dicom_ecg(_dump(median_only)).median_beats is None  # it is taken as the rhythm, once
+    median = read_dicom_ecg(_dump(_group(), _group(samples=SAMPLES * 2, label="MEDIAN BEAT"))).median_beats
+    assert median is not None and median.samples.tolist() == (SAMPLES * 2).T.tolist()

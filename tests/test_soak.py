@@ -117,6 +117,62 @@ def test_the_acquire_process_leaves_out_what_it_never_uses() -> None:
     assert run_probe(probe).split() == ["['pydicom']"]  # pydicom there (it is used), requests and tqdm not
 
 
+def test_the_acquire_process_defers_dateutil_until_a_date_recipe_is_used(tmp_path: Path) -> None:
+    """Issue 17 (acquire with BLE at ~72 MB, goal 64): sqlite-utils imports dateutil's parser for
+    its command line's date recipes, which no service calls. In acquire it is deferred: with every
+    part's modules loaded (BLE too) and a database written, none of dateutil's heavy modules ran;
+    a recipe still works when called (and only then loads them)."""
+    heavy = ("dateutil.relativedelta", "dateutil.tz")
+    probe = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "import lastmile.cli\n"
+        "from lastmile.services.acquire import prepare_acquire_process\n"
+        "prepare_acquire_process()\n"
+        "import firmware_bridge.dicom_receiver, lastmile.ecg.intake, lastmile.services.acquire\n"
+        "import lastmile.services.ble_devices, lastmile.services.serial_devices, lastmile.clinic.patients\n"
+        "from uploader.sqlite_store import MIGRATIONS, open_database\n"
+        f"db = open_database(Path({str(tmp_path / 'outbox.sqlite')!r}), MIGRATIONS)\n"
+        "db['probe'].insert({'a': 1})\n"
+        "db.close()\n"
+        f"print(sorted(n for n in {heavy!r} if n in sys.modules))\n"
+        "from sqlite_utils import recipes\n"
+        "print(recipes.parsedate('02/01/2024', dayfirst=True))\n"
+        f"print(sorted(n for n in {heavy!r} if n in sys.modules))\n"
+    )
+    assert run_probe(probe).split("\n")[:3] == ["[]", "2024-01-02", str(sorted(heavy))]
+
+
+def test_the_acquire_process_loads_the_ble_stack_only_for_its_ble_part() -> None:
+    """Issue 17: bleak, dbus-fast and asyncio are ~7 MB of acquire's RSS; a gateway without BLE
+    devices must not carry them. What acquire imports for its other parts leaves them out."""
+    probe = (
+        "import sys\n"
+        "import lastmile.cli\n"
+        "from lastmile.services.acquire import prepare_acquire_process\n"
+        "prepare_acquire_process()\n"
+        "import firmware_bridge.dicom_receiver, lastmile.ecg.intake, lastmile.services.acquire\n"
+        "import lastmile.services.serial_devices, lastmile.clinic.patients, lastmile.visits.book\n"
+        "stack = ('bleak', 'bleak_retry_connector', 'dbus_fast', 'asyncio')\n"
+        "print(sorted(n for n in stack if n in sys.modules))\n"
+        "import lastmile.services.ble_devices\n"
+        "print(sorted(n for n in stack if n in sys.modules))\n"
+    )
+    assert run_probe(probe).split("\n")[:2] == [
+        "[]",
+        str(sorted(("bleak", "bleak_retry_connector", "dbus_fast", "asyncio"))),
+    ]
+
+
+def test_deferring_leaves_imported_and_missing_modules_alone() -> None:
+    from lastmile.services.acquire import defer_import
+
+    json_module = sys.modules["json"]
+    defer_import("json")  # imported already: kept as it is
+    defer_import("lastmile_no_such_module")  # not installed: nothing to defer, nothing put in place
+    assert sys.modules["json"] is json_module and "lastmile_no_such_module" not in sys.modules
+
+
 def test_opening_a_database_reads_no_installed_packages_for_plugins(tmp_path: Path) -> None:
     """Found by the soak (acquire over 64 MB): sqlite-utils looked for plugins in every installed
     package's metadata when the first database was opened (importlib.metadata and the packages'

@@ -172,15 +172,44 @@ class ReceiverPart:
 # acquire process sends nothing over HTTP and downloads no test files: ~4.5 MB of RSS it never
 # uses, found by bench/soak.py (acquire at 65 MB with the LAN receiver, over the 64 MB goal).
 NOT_IN_ACQUIRE = ("requests", "tqdm")
+# sqlite-utils imports dateutil's parser for its command line's date recipes (sqlite_utils.recipes),
+# which no service calls: deferred, its code (and dateutil.tz, relativedelta, six) loads only if
+# one ever is. ~1 MB of acquire's RSS (bench/soak.py --ble-in-acquire).
+DEFERRED_IN_ACQUIRE = ("dateutil.parser",)
 
 
 def prepare_acquire_process() -> None:
-    """Call first thing in the acquire process, before pydicom is imported."""
+    """Call first thing in the acquire process, before pydicom and sqlite-utils are imported."""
     import sys
 
     for name in NOT_IN_ACQUIRE:
         sys.modules.setdefault(name, None)  # type: ignore[arg-type]
+    for name in DEFERRED_IN_ACQUIRE:
+        defer_import(name)
     GLIBC_MALLOC.tune(arenas=MALLOC_ARENAS, mmap_threshold=MMAP_THRESHOLD)
+
+
+def defer_import(name: str) -> None:
+    """Import `name` lazily: a module object now, its code run at the first use of one of its
+    attributes (importlib.util.LazyLoader). Nothing if it is imported already or not installed."""
+    import importlib.util
+    import sys
+
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None:
+        return
+    loader = importlib.util.LazyLoader(spec.loader)
+    spec.loader = loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    loader.exec_module(module)
+    parent, _, child = name.rpartition(".")
+    if parent:
+        # `from parent import child` must find it as an attribute: otherwise the import system
+        # looks it up again, touching the module, and Python 3.11 then loads it there and then
+        setattr(sys.modules[parent], child, module)
 
 
 # glibc gives each thread that allocates its own malloc arena (up to 8 per core), and an arena
