@@ -4,6 +4,7 @@ is refused with a typed error after inflating at most the limit, never inflated 
 from __future__ import annotations
 
 import io
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -87,3 +88,36 @@ def test_decompression_bomb_in_the_outbox_is_unsendable_not_inflated(bomb: tuple
     for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
         with pytest.raises(UnsendablePayload, match="inflates to more than"):
             encode_for(obj, syntax)
+
+
+def test_a_stream_that_ends_inside_zlibs_bit_buffer_is_inflated_whole() -> None:
+    # 1 MiB + 5 zeros: zlib has read the whole input (into its bit buffer) while 5 bytes of output
+    # still wait; stopping there would refuse a sound deflated ECG as truncated.
+    data = bytes(2**20 + 5)
+    assert inflate(raw_deflate(data), max_bytes=len(data)) == data
+
+
+def test_a_kept_prefix_longer_than_one_step_is_exact() -> None:
+    data = bytes(range(256)) * (3 * 2**12)  # 3 MiB
+    keep = 3 * 2**19  # 1.5 MiB: the prefix spans two steps
+    assert inflate(raw_deflate(data), max_bytes=len(data), keep=keep) == data[:keep]
+
+
+def test_inflating_a_bomb_holds_one_step_of_memory_at_a_time() -> None:
+    """Counting a 64 MiB stream (keep=0) holds a few MiB at once, not the whole output: on a
+    512 MB gateway a hostile file must not take the memory the services need."""
+    packed = raw_deflate(bytes(64 * 2**20))
+    tracemalloc.start()
+    try:
+        assert inflate(packed, max_bytes=64 * 2**20, keep=0) == b""
+        _now, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # 1 MiB steps measure ~3.2 MiB (the last piece, the next one and zlib's growing output
+    # buffer); 2 MiB steps twice that, the whole output 64 MiB and more
+    assert peak < 4 * 2**20
+
+
+def test_the_head_of_garbage_raises_the_typed_error() -> None:
+    with pytest.raises(ProtocolError, match="does not inflate"):
+        inflate_head(b"\xff" * 64, 10)

@@ -91,6 +91,42 @@ def test_the_same_results_as_numpy_on_the_edge_cases(values: list[float]) -> Non
             same(stats.sorted_unique(a), np.unique(a))
 
 
+# A NaN that np.partition leaves short of the last place unless asked to put the largest there:
+# a lead with a dropped sample (NaN) must give a NaN median, not a number that hides the gap.
+NAN_NOT_PARTITIONED_LAST = [1.0, 1.0, 6.0, 5.0, np.nan, 2.0]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [NAN_NOT_PARTITIONED_LAST, NAN_NOT_PARTITIONED_LAST[::-1], [np.nan, 1.0, np.nan], [3.0, np.nan, 1.0, np.nan, 2.0]],
+)
+def test_a_nan_anywhere_gives_numpys_nan(values: list[float]) -> None:
+    a = np.asarray(values)
+    check_median(a)
+    check_median(np.stack([a, a[::-1]]))
+    for q in (0, 10, 50, 60.0, 90, 100):
+        check_percentile(a, q)
+    same(stats.sorted_unique(a), np.unique(a))  # the NaNs count as one value
+
+
+def test_zero_dimensional_times_and_text_as_numpy() -> None:
+    for scalar in (np.array(3.0), np.float64(3.0), np.array(7)):
+        for keepdims in (False, True):
+            same(stats.median(scalar, keepdims=keepdims), np.median(scalar, keepdims=keepdims))
+    for seconds in ([4, 1, 3, 2], [4, "NaT", 3, 2], ["NaT", 1, 2]):  # NaT: numpy's NaN of times
+        durations = np.array(seconds, dtype="m8[s]")
+        same(stats.median(durations), np.median(durations))
+        same(stats.sorted_unique(durations), np.unique(durations))
+    for text in (["V2", "I", "V2"], ["aVR"]):  # lead names: no NaN to look for
+        ours, numpys = stats.sorted_unique(np.array(text)), np.unique(np.array(text))
+        assert ours.dtype == numpys.dtype and ours.tolist() == numpys.tolist()
+
+
+def test_a_percentile_without_an_axis_is_taken_along_the_last() -> None:
+    leads = np.arange(24.0).reshape(3, 8) ** 2
+    same(stats.percentile(leads, 90), np.percentile(leads, 90, axis=-1))
+
+
 def test_an_empty_slice_gives_numpys_nan_and_warning() -> None:
     empty = np.zeros((3, 0))
     with pytest.warns(RuntimeWarning):
@@ -100,9 +136,10 @@ def test_an_empty_slice_gives_numpys_nan_and_warning() -> None:
     same(stats.sorted_unique(np.array([], dtype=np.int64)), np.unique(np.array([], dtype=np.int64)))
 
 
-def test_a_percentile_outside_0_to_100_is_refused() -> None:
+@pytest.mark.parametrize("q", [-1, -0.5, 100.5, 101, np.nan])
+def test_a_percentile_outside_0_to_100_is_refused(q: float) -> None:
     with pytest.raises(ValueError, match="range"):
-        stats.percentile(np.arange(5.0), 101)
+        stats.percentile(np.arange(5.0), q)
 
 
 @settings(max_examples=300, deadline=None)

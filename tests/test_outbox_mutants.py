@@ -7,10 +7,15 @@ that has room), a purge that leaves patient data in the WAL, a late commitment r
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import os
 import random
+import resource
+import signal
 import sqlite3
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -369,6 +374,128 @@ def test_a_free_space_check_that_fails_does_not_claim_a_reserve(tmp_path: Path) 
 
     with Outbox.open(tmp_path / "data", min_free_bytes=0, reserve_bytes=2**20, statvfs=statvfs) as outbox:
         assert outbox.ensure_reserve() is False
+
+
+# -- a WAL checkpoint that fails ---------------------------------------------------------------------
+class CheckpointsFindNoRoom(sqlite3.Connection):
+    """While `no_room` is set, WAL checkpoints fail as they do on a full card (SQLite's own error
+    for ENOSPC, which no in-process file system here can give)."""
+
+    no_room = False
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if self.no_room and sql.startswith("PRAGMA wal_checkpoint"):
+            raise sqlite3.OperationalError("database or disk is full")
+        return super().execute(sql, *args)
+
+
+@pytest.fixture
+def card_full_at_checkpoints(monkeypatch: pytest.MonkeyPatch) -> Callable[[bool], None]:
+    """Outboxes opened in the test use CheckpointsFindNoRoom; call with True/False to fill/free the card."""
+    monkeypatch.setattr(sqlite3, "connect", functools.partial(sqlite3.connect, factory=CheckpointsFindNoRoom))
+    return lambda full: monkeypatch.setattr(CheckpointsFindNoRoom, "no_room", full)
+
+
+@contextlib.contextmanager
+def files_cannot_grow_past(path: Path) -> Iterator[None]:
+    """A real write failure, not a full disk: the kernel refuses writes past the file's size
+    limit (EFBIG under RLIMIT_FSIZE), which SQLite reports as "disk I/O error"."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel's signal kills the test
+    resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size + 2048, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def _wal(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "outbox.sqlite-wal"
+
+
+def _purge_one(outbox: Outbox, payload: bytes, now: float) -> None:
+    item = outbox.add(Kind.FHIR_BUNDLE, f"k{now}", payload, now=now).item
+    assert outbox.claim(Kind.FHIR_BUNDLE, 1, now)
+    outbox.mark_sent([item.id], now=now)
+    outbox.mark_committed([item.id], now=now)
+    assert outbox.purge_due(now=now + 10.0, retention_s=0.0) == 1
+
+
+def test_a_checkpoint_a_full_card_put_off_is_done_by_the_next_purge_even_with_nothing_due(
+    tmp_path: Path, card_full_at_checkpoints: Callable[[bool], None]
+) -> None:
+    """Purging must not stop on a full card (it is what frees space), but the purged patient's
+    bytes stay in the WAL until a checkpoint: the next purge must do it, not wait for the next
+    item to purge (the last patient of a retention period would stay on the card for ever)."""
+    with _open(tmp_path) as outbox:
+        card_full_at_checkpoints(True)
+        _purge_one(outbox, b"PATIENT-ZHANG-SAN", 1.0)
+        assert b"PATIENT-ZHANG-SAN" in _wal(tmp_path).read_bytes()
+        assert outbox.checkpoint() is False
+        card_full_at_checkpoints(False)
+        assert outbox.purge_due(now=100.0, retention_s=0.0) == 0
+        assert _wal(tmp_path).stat().st_size == 0
+        _purge_one(outbox, b"PATIENT-LI-SI", 200.0)  # done: the next purge checkpoints again
+        card_full_at_checkpoints(True)
+        assert outbox.checkpoint() is False and b"PATIENT-LI-SI" not in _wal(tmp_path).read_bytes()
+
+
+def test_a_purge_with_nothing_due_writes_nothing(tmp_path: Path) -> None:
+    """The forward loop purges every cycle: a checkpoint each time would write every page to the
+    card twice (WAL, then database) instead of letting SQLite batch them."""
+    with _open(tmp_path) as outbox:
+        outbox.add(Kind.FHIR_BUNDLE, "waiting", b"w" * 3000, now=1.0)
+        wal_bytes = _wal(tmp_path).stat().st_size
+        assert wal_bytes > 0 and outbox.purge_due(now=2.0, retention_s=0.0) == 0
+        assert _wal(tmp_path).stat().st_size == wal_bytes
+
+
+def test_the_space_a_purge_frees_first_sets_the_reserve_aside_again(tmp_path: Path) -> None:
+    """The reserve spent on a full card comes back with the first purge that frees room, so the
+    next full card can be drained again."""
+    reserve = tmp_path / "data" / "reserve.space"
+    with Outbox.open(tmp_path / "data", min_free_bytes=2 * 2**20, reserve_bytes=2**20) as outbox:
+        reserve.unlink()  # spent on a full card
+        _purge_one(outbox, b"PATIENT-ZHANG-SAN", 1.0)
+        assert reserve.stat().st_size == 2**20
+
+
+def test_a_checkpoint_that_fails_for_another_reason_than_room_reaches_the_caller(tmp_path: Path) -> None:
+    """An I/O error taken for "no room" would be retried at every purge, silently, on a failing card."""
+    with _open(tmp_path) as outbox:
+        assert outbox.checkpoint()
+        item = outbox.add(Kind.FHIR_BUNDLE, "obs", b"o" * 12_000, now=1.0).item  # new pages, in the WAL only
+        with files_cannot_grow_past(tmp_path / "data" / "outbox.sqlite"):
+            with pytest.raises(sqlite3.OperationalError, match="I/O"):
+                outbox.checkpoint()
+        assert outbox.checkpoint() and outbox.read_payload(item) == b"o" * 12_000
+
+
+def test_with_the_reserve_spent_a_wal_restart_that_fails_is_not_taken_for_room(
+    tmp_path: Path, card_full_at_checkpoints: Callable[[bool], None]
+) -> None:
+    """A full card with the reserve spent: when the WAL restart finds no room either, the write is
+    not tried again (it would fail the same way) and the caller hears "full"; when the restart
+    fails with an I/O error, the caller hears that error, not "full" (which says: free space)."""
+    with Outbox.open(tmp_path / "data", min_free_bytes=0, reserve_bytes=0) as outbox:
+        statements: list[str] = []
+        outbox.db.conn.set_trace_callback(statements.append)
+        assert outbox.checkpoint()
+        item = outbox.add(Kind.FHIR_BUNDLE, "obs", b"o" * 12_000, now=1.0).item  # new pages, in the WAL only
+        _cap_database_at_its_size(outbox)
+        card_full_at_checkpoints(True)
+        statements.clear()
+        with pytest.raises(sqlite3.OperationalError, match="full"):
+            outbox.record_status("reading_center", {"log": "x" * 200_000}, 2.0)
+        assert len([s for s in statements if s.startswith("INSERT INTO status")]) == 1
+        card_full_at_checkpoints(False)
+        with files_cannot_grow_past(tmp_path / "data" / "outbox.sqlite"):
+            with pytest.raises(sqlite3.OperationalError, match="I/O"):
+                outbox.record_status("reading_center", {"log": "x" * 200_000}, 3.0)
+        _uncap(outbox)
+        outbox.record_status("reading_center", {"ok": True}, 4.0)
+        assert outbox.status("reading_center") == {"ok": True} and outbox.read_payload(item) == b"o" * 12_000
 
 
 # -- what add and replace leave behind when the database refuses ------------------------------------

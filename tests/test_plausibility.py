@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -170,6 +171,39 @@ def test_every_range_has_a_unit_a_source_and_sound_bounds() -> None:
     assert implausibility("systolic", 301, "mm[Hg]") == "systolic 301 mm[Hg] is outside the plausible 20-300 mm[Hg]"
     assert implausibility("spo2", float("nan"), "%") is not None
     assert implausibility("unknown-code", 1e9, "mm[Hg]") is None
+
+
+# The edges the module's sources give (its docstring and table): the last value of a living patient
+# (or a working device) is kept as a value; the next one beyond is flagged, the device's number kept.
+EDGES = [
+    ("systolic", "mm[Hg]", 20, 300),
+    ("diastolic", "mm[Hg]", 10, 250),
+    ("mean-arterial-pressure", "mm[Hg]", 15, 280),
+    ("cuff-pressure", "mm[Hg]", 0, 330),
+    ("pulse-rate", "/min", 20, 300),
+    ("heart-rate", "/min", 20, 300),
+    ("spo2", "%", 0, 100),
+    ("pulse-amplitude-index", "%", 0, 100),
+    ("body-temperature", "Cel", 25, 45),
+    ("body-weight", "kg", 0.2, 650),
+    ("body-height", "m", 0.2, 2.8),
+    ("body-mass-index", "kg/m2", 5, 250),
+    ("glucose", "mg/dL", 5, 2700),
+    ("glucose", "mmol/L", 0.3, 150),
+    ("hba1c", "%", 2, 25),
+    ("ecg-sampling-rate", "Hz", 25, 32_000),
+]
+
+
+@pytest.mark.parametrize(("code", "unit", "low", "high"), EDGES)
+def test_each_range_keeps_its_edges_and_flags_what_lies_beyond(code: str, unit: str, low: float, high: float) -> None:
+    assert implausibility(code, low, unit) is None and implausibility(code, high, unit) is None
+    assert implausibility(code, math.nextafter(low, -math.inf), unit) is not None
+    assert implausibility(code, math.nextafter(high, math.inf), unit) is not None
+
+
+def test_the_edge_table_names_every_range() -> None:
+    assert sorted((code, unit) for code, unit, _low, _high in EDGES) == sorted(PLAUSIBLE_RANGES)
 
 
 @settings(max_examples=300, deadline=None)

@@ -72,3 +72,58 @@ def test_refusals_say_why_without_repeating_the_number(text: str, reason: str) -
 def test_what_looks_like_a_resident_id() -> None:
     assert looks_like_resident_id("11010519491231002X") and looks_like_resident_id("1101051949123100")
     assert not looks_like_resident_id("DEMO-0001") and not looks_like_resident_id("MRN 42")
+
+
+def with_check_char(first17: str) -> str:
+    return first17 + check_char_from_the_standard(first17)
+
+
+def test_the_check_character_is_that_of_the_first_17_digits_of_a_whole_number() -> None:
+    # A whole number can be checked against its own last character (the 18th is never weighted).
+    assert resident_id_check_char("11010519491231002X") == "X"
+    assert resident_id_check_char("110101199003077571") == "1"
+
+
+@pytest.mark.parametrize("born", ["19000101", "22001231"])
+def test_the_first_and_last_possible_birth_years_are_accepted(born: str) -> None:
+    # A card of a patient born in 1900 is a real card: refusing it leaves the patient unregistered.
+    assert parse_resident_id(with_check_char(f"110105{born}003")).birth_date.strftime("%Y%m%d") == born
+
+
+@pytest.mark.parametrize("born", ["18991231", "22010101"])
+def test_a_birth_year_outside_the_possible_ones_is_refused(born: str) -> None:
+    # A misread year (3990 for 1990) with a right check character must not become the patient's age.
+    with pytest.raises(InvalidPatientIdError) as refused:
+        parse_resident_id(with_check_char(f"110105{born}003"))
+    assert refused.value.reason == "birth-date"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1101051949123100A2",  # a letter in the 17th place: refused as malformed, not as a crash
+        "11010519491231002A",  # a check character that is neither a digit nor X
+        "X10105194912310021",
+    ],
+)
+def test_a_letter_where_a_digit_belongs_is_a_malformed_number(text: str) -> None:
+    with pytest.raises(InvalidPatientIdError) as refused:
+        parse_resident_id(text)
+    assert refused.value.reason == "length"  # the page says "17 digits and 0-9 or X", not "wrong check digit"
+
+
+@pytest.mark.parametrize(
+    "digits,resident_id",
+    [
+        (14, False),  # a clinic's own number
+        (15, True),  # a first-generation (15-digit) card, or one digit short
+        (17, True),
+        (19, True),  # one digit too many: a typo, which must be refused rather than filed as a patient
+        (20, False),
+    ],
+)
+def test_how_many_digits_look_like_a_resident_id(digits: int, resident_id: bool) -> None:
+    # With any kind of ID allowed, what looks like a resident ID must be a valid one: a mistyped
+    # card number taken as a clinic number would file the readings under a patient who does not exist.
+    assert looks_like_resident_id("1" * digits) is resident_id
+    assert looks_like_resident_id("1" * (digits - 1) + "X") is resident_id

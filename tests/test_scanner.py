@@ -85,3 +85,17 @@ def test_the_length_limit_is_exact_even_across_reads_and_after_a_line_end() -> N
     dec = ScannerDecoder(rules)
     assert dec.feed(b"A" * 1000) == []
     assert dec.feed(b"A" * 100 + b"\r") == [CodeUnrecognised("code too long", MAX_CODE_LENGTH)]
+
+
+def test_with_resident_ids_required_a_card_is_normalised_or_refused_with_the_reason() -> None:
+    # A resident ID card scanned with spaces and a lower-case x is the same patient as the typed number;
+    # one with a wrong check character is reported, never filed as a patient nobody is.
+    rules = ScanRules.from_patterns(r"SFZ(?P<id>[0-9Xx ]+)", "", "cn-resident-id")
+    scanned, misread = ScannerDecoder(rules).feed(b"SFZ110105 19491231 002x\rSFZ110105194912310021\r")
+    assert scanned == PatientScanned("11010519491231002X")
+    assert isinstance(misread, CodeUnrecognised) and misread.length == len("SFZ110105194912310021")
+    assert "check digit" in misread.reason and "110105194912310021" not in misread.reason
+    # Without the rule any identifier the pattern gives is taken as it is.
+    assert ScanRules.from_patterns(r"SFZ(?P<id>\d+)", "").classify("SFZ110105194912310021") == PatientScanned(
+        "110105194912310021"
+    )

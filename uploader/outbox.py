@@ -335,6 +335,7 @@ class Outbox:
         self._files = PayloadFiles(data_dir / PAYLOAD_DIR)
         self._reserve = SpaceReserve(data_dir, reserve_bytes)
         self._draining = False  # the reserve was released: keep the WAL small until it is back
+        self._checkpoint_owed = False  # a checkpoint found no room or a reader: the next purge_due does it
         self._locks_dir = data_dir / LOCKS_DIR
         self._locks_dir.mkdir(mode=0o700, exist_ok=True)
         self.owner = f"{current_boot()}-{uuid.uuid4().hex}"
@@ -1148,7 +1149,8 @@ class Outbox:
     # -- purging ----------------------------------------------------------------------------------
     def purge_due(self, now: float, retention_s: float) -> int:
         """Committed items older than `retention_s`: payload deleted, patient and meta NULL
-        (secure_delete zeroes the old bytes), WAL checkpointed so no old copy stays there.
+        (secure_delete zeroes the old bytes), WAL checkpointed so no old copy stays there (a
+        checkpoint a full disk or a reader put off is done by the next call, due items or not).
         A few items per transaction: zeroing an inline payload writes its pages to the WAL, and
         on a full disk one transaction must fit in the room the reserve gave back."""
         cutoff = now - retention_s
@@ -1180,8 +1182,9 @@ class Outbox:
             purged += len(rows)
             if len(rows) < PURGE_CHUNK:
                 break
-        if purged:
+        if purged or self._checkpoint_owed:
             self.checkpoint()
+        if purged:
             log.info("purged %d committed item(s)", purged)
             self.ensure_reserve()
         return purged
@@ -1196,9 +1199,11 @@ class Outbox:
             if not is_disk_full(exc):
                 raise
             log.warning("WAL checkpoint failed on a full disk; retried next purge")
+            self._checkpoint_owed = True
             return False
         if busy:
             log.info("WAL checkpoint incomplete: another connection is reading; retried next purge")
+        self._checkpoint_owed = bool(busy)
         return not busy
 
     # -- crash recovery ---------------------------------------------------------------------------

@@ -92,10 +92,8 @@ def _quantity_s(el: Element | None, what: str) -> float | None:
     return seconds
 
 
-def _number(el: Element | None, what: str, default: float | None = None) -> tuple[float, str]:
-    if el is None or el.get("value") is None:
-        if default is None:
-            raise ProtocolError(f"HL7 aECG: {what} is missing")
+def _number(el: Element | None, what: str, default: float) -> tuple[float, str]:
+    if el is None or el.get("value") is None:  # an absent scale or origin: the caller says what stands in
         return default, "uV"
     try:
         value = float(el.get("value", ""))

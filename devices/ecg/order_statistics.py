@@ -31,8 +31,6 @@ def median(a: np.ndarray, axis: int | None = None, keepdims: bool = False) -> np
     if nan_possible:
         kth.append(-1)  # a NaN sorts last: partitioned there, it is seen below
     part = np.partition(flat, kth, axis=along)
-    if part.shape == ():
-        return part.item()  # type: ignore[no-any-return]
     middle = part.shape[along] // 2
     indexer = [slice(None)] * part.ndim
     indexer[along] = slice(middle, middle + 1) if part.shape[along] % 2 else slice(middle - 1, middle + 1)
@@ -62,10 +60,8 @@ def percentile(a: np.ndarray, q: float, axis: int = -1) -> np.ndarray:
     virtual = np.asarray((count - 1) * quantile)
     previous = np.array(np.floor(virtual))
     following = np.array(previous + 1)
-    if virtual >= count - 1:  # numpy's bounds: the last value (the first, below 0)
+    if virtual >= count - 1:  # numpy's bounds: the last value (q >= 0, so never below the first)
         previous[...], following[...] = -1, -1
-    if virtual < 0:
-        previous[...], following[...] = 0, 0
     lo, hi = int(previous), int(following)
     part = np.partition(arr, sorted({0, count - 1, lo % count, hi % count}), axis=0)
     gamma_array = np.asarray(virtual - previous.astype(np.intp), dtype=virtual.dtype)
