@@ -311,6 +311,29 @@ def test_sr_content_time_past_59_seconds_is_kept_as_text_not_raised() -> None:
     assert read_dicom_report(part10(sr)).report_time == "2026-12-01T08:49:59"
 
 
+# The PatientID element turned into a sequence (VR SQ) whose item holds a UL of 3 bytes: `str()` of
+# the sequence decoded the item and pydicom's BytesLengthException escaped read_dicom_report.
+SR_PATIENT_ID_AS_SEQUENCE_ITEM = b"\x08\x00\x00\x00UL\x03\x00\x01\x02\x03"
+
+
+def test_sr_patient_id_sent_as_a_sequence_is_a_problem_not_a_crash_nor_an_id() -> None:
+    """A report whose PatientID is a sequence is read with no patient ID (never the sequence's
+    text as one) and says so; its conclusion still reaches the doctor."""
+    import struct
+
+    from lastmile.demo.cardiologist import ecg_report_sr, part10
+    from uploader.report_reading import read_dicom_report
+
+    data = part10(ecg_report_sr(report_study(), findings=["Sinus rhythm"], impression="Normal ECG"))
+    patient_id = b"\x10\x00\x20\x00LO\x06\x00P0042 "
+    assert data.count(patient_id) == 1 and read_dicom_report(data).patient_id == "P0042"
+    item = b"\xfe\xff\x00\xe0" + struct.pack("<I", len(SR_PATIENT_ID_AS_SEQUENCE_ITEM)) + SR_PATIENT_ID_AS_SEQUENCE_ITEM
+    as_sequence = b"\x10\x00\x20\x00SQ\x00\x00" + struct.pack("<I", len(item)) + item
+    content = read_dicom_report(data.replace(patient_id, as_sequence))
+    assert content.patient_id == "" and content.problems == ("PatientID unreadable (TypeError)",)
+    assert content.impressions == ("Normal ECG",)
+
+
 @pytest.mark.parametrize("issued", ["1013-11-02T10:00:00+08:00", "0001-01-01", "9999-12-31T23:59:59Z"])
 def test_fhir_report_issued_in_an_impossible_year_is_flagged_not_shown(issued: str) -> None:
     """`issued` 1013-11-02 (a garbled 2013) was passed on as the report's time; now it is dropped

@@ -30,6 +30,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
     UID,
     BasicTextSRStorage,
@@ -261,10 +262,12 @@ class _DicomReader:
     def get(self, keyword: str) -> str:
         try:
             value = self.ds.get(keyword, "")
+            if isinstance(value, (DicomSequence, Dataset, bytes)):  # e.g. a PatientID sent as SQ: no text
+                raise TypeError(f"{type(value).__name__} where text belongs")
+            return str(value or "").strip()  # str() decodes what .get() left raw
         except Exception as exc:  # noqa: BLE001 — a value pydicom cannot decode is a problem, not a crash
             self.problems.append(f"{keyword} unreadable ({type(exc).__name__})")
             return ""
-        return str(value or "").strip()
 
     def header(self, kind: str, sop_class: str, sop_instance: str) -> dict[str, Any]:
         return {
