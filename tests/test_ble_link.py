@@ -486,7 +486,7 @@ def test_a_radio_that_cannot_scan_is_tried_less_and_less_often_up_to_a_cap(caplo
 
     manager = BleDeviceManager(port=None, settings=LinkSettings(scan_pass_s=10.0, radio_retry_max_s=60.0))  # type: ignore[arg-type]
     with caplog.at_level(logging.INFO, logger="firmware_bridge.ble.link"):
-        waits = [manager._radio_failed(OSError(2, "gone")) for _ in range(2 * RADIO_LOG_EVERY)]
+        waits = [manager.radio_failed(OSError(2, "gone")) for _ in range(2 * RADIO_LOG_EVERY)]
     assert waits[:5] == [10.0, 20.0, 40.0, 60.0, 60.0] and max(waits) == 60.0
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 3 and lines[1].startswith(f"Bluetooth radio still not usable after {RADIO_LOG_EVERY} tries")

@@ -475,9 +475,9 @@ class BleDeviceManager:
                     try:
                         await scanner.start()
                     except (BleakError, OSError) as exc:  # adapter off or gone, BlueZ restarting
-                        await self._wait(stopping, self._radio_failed(exc))
+                        await self._wait(stopping, self.radio_failed(exc))
                         continue
-                    self._radio_works()
+                    self.radio_works()
                     try:
                         await self._wait(
                             stopping,
@@ -499,7 +499,7 @@ class BleDeviceManager:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _radio_failed(self, exc: BaseException) -> float:
+    def radio_failed(self, exc: BaseException) -> float:
         """Note a scan that could not start; the seconds to wait before the next try."""
         self.radio_failures += 1
         fault = radio_fault_text(exc)
@@ -517,7 +517,7 @@ class BleDeviceManager:
             self.radio_listener(fault)
         return wait
 
-    def _radio_works(self) -> None:
+    def radio_works(self) -> None:
         if not self.radio_failures:
             return
         log.warning("Bluetooth radio usable again after %d failed tries", self.radio_failures)
