@@ -394,9 +394,13 @@ class Updater:
             import requests
 
             self._session = requests.Session()
-            self._session.verify = self.settings.ca_file or True
             self._session.headers["User-Agent"] = f"lastmile-update ({self.config.gateway.id})"
         return self._session
+
+    @property
+    def _request_options(self) -> dict[str, Any]:
+        # verify on each request: a session's own is overridden by $REQUESTS_CA_BUNDLE
+        return {"timeout": self.settings.timeout_s, "stream": True, "verify": self.settings.ca_file or True}
 
     def check_index(self, state: UpdateState, url: str) -> Offer:
         """The county's index, asked conditionally: a 304 gives back the one remembered."""
@@ -409,7 +413,7 @@ class Updater:
             if state.last_modified:
                 headers["If-Modified-Since"] = state.last_modified
         try:
-            with self.session.get(url, headers=headers, timeout=self.settings.timeout_s, stream=True) as resp:
+            with self.session.get(url, headers=headers, **self._request_options) as resp:
                 if resp.status_code == 304 and state.index:
                     return parse_index(json.dumps(state.index).encode(), url)
                 if resp.status_code != 200:
@@ -519,12 +523,11 @@ class Updater:
 
     def _download(self, offer: Offer, part: Path, have: int) -> None:
         import requests
+        import urllib3
 
         headers = {"Range": f"bytes={have}-"} if have else {}
         try:
-            with self.session.get(
-                offer.location, headers=headers, timeout=self.settings.timeout_s, stream=True
-            ) as resp:
+            with self.session.get(offer.location, headers=headers, **self._request_options) as resp:
                 if resp.status_code == 416 and have == offer.size:
                     return  # the previous round got every byte
                 if resp.status_code == 206 and _range_start(resp.headers.get("Content-Range", "")) == have:
@@ -537,7 +540,9 @@ class Updater:
                     log.info("resuming the download of %s at byte %d of %d", offer.version, have, offer.size)
                 with part.open(mode) as f:
                     try:
-                        for chunk in resp.iter_content(CHUNK_BYTES):
+                        # read1: whatever arrived before the link dropped is kept (iter_content
+                        # would drop a partly received chunk and the resume would fetch it again)
+                        while chunk := resp.raw.read1(CHUNK_BYTES):
                             if have + len(chunk) > offer.size:
                                 raise BundleRefused(f"the bundle is larger than the index's {offer.size} bytes")
                             f.write(chunk)
@@ -545,7 +550,7 @@ class Updater:
                     finally:
                         f.flush()
                         os.fsync(f.fileno())
-        except requests.exceptions.RequestException as exc:
+        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
             raise DownloadFailed(
                 f"the download stopped at {have} of {offer.size} bytes ({type(exc).__name__}); it resumes next round"
             ) from None
@@ -578,16 +583,22 @@ class Updater:
         return RoundResult(Outcome.INSTALLED, f"version {info.version} written to the other slot", info.version)
 
     # -- rounds ------------------------------------------------------------------------------
-    def offers(self, state: UpdateState, *, url: str | None = None, file: Path | None = None) -> list[Offer]:
-        """What there is to take: the given file or URL, else the sticks, then the index when due."""
+    def offers(
+        self, state: UpdateState, *, url: str | None = None, file: Path | None = None, look: bool = False
+    ) -> list[Offer]:
+        """What there is to take: the given file or URL, else the sticks, then the index when due
+        (`look`: asked now, as `update check` does, without moving the next poll)."""
         if file is not None:
             return [self.usb_offer(state, file)]
         if url is not None:
             return [self.check_index(state, url)]
         found = [self.usb_offer(state, path) for path in self.usb_bundles()]
         now = self.clock()
-        if self.settings.url and now - state.last_poll >= self.settings.poll_interval_h * 3600:
-            state.last_poll = now
+        # due: never asked, the interval passed, or the clock went back (a Pi without its RTC)
+        interval = self.settings.poll_interval_h * 3600
+        if self.settings.url and (not state.last_poll or not 0 < now - state.last_poll < interval or look):
+            if not look:
+                state.last_poll = now
             found.append(self.check_index(state, self.settings.url))
         return found
 
@@ -616,7 +627,7 @@ class Updater:
             return RoundResult(Outcome.INSTALLED, f"version {version} is installed; waiting to reboot", version)
         failure: UpdateError | None = None
         try:
-            offers = self.offers(state, url=url, file=file)
+            offers = self.offers(state, url=url, file=file, look=not install)
         except UpdateError as exc:
             failure, offers = exc, []
         for offer in offers:
