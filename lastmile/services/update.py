@@ -377,7 +377,8 @@ class Updater:
     def state(self) -> Iterator[UpdateState]:
         """The state, saved when the block ends (also when it raises: failures are recorded)."""
         # readable by the metrics and console services (no patient data here); written by root
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o755)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.chmod(0o755)  # whatever the unit's UMask
         state = UpdateState.load(self.state_path)
         try:
             yield state
