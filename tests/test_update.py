@@ -500,3 +500,27 @@ def test_the_cli_checks_installs_and_shows_the_status(
     assert "更新包未通过验证" in out and "refused: bundle" in out
     assert main([*conf, "update", "poll"]) == 1  # install failed (no rauc service here): the unit shows it
     assert "install-failed" in capsys.readouterr().out
+
+
+def test_a_failure_shows_in_the_doctor_and_the_metrics(
+    tmp_path: Path, bundles: dict[str, Path], tls: TlsMaterial
+) -> None:
+    from lastmile.doctor import Doctor, Level
+    from lastmile.services.metrics import render_once
+
+    config = gateway(tmp_path, bundles, tls)
+    assert Doctor(config).check_update()[0].level is Level.WARN  # enabled, no round yet
+    stick = Path(config.usb_import.folders[0])
+    shutil.copy(bundles["foreign-0.3.0"], stick / "lastmile-update-0.3.0.raucb")
+    assert Updater(config).run().outcome is Outcome.REFUSED
+    finding = Doctor(config).check_update()[0]
+    assert finding.level is Level.FAIL and "refused" in finding.message and "release team" in finding.hint
+    scrape = render_once(config)
+    assert 'lastmile_update_last_result{result="refused"} 1.0' in scrape
+    assert 'lastmile_update_last_result{result="up-to-date"} 0.0' in scrape
+    assert "lastmile_update_refused_bundles 1.0" in scrape
+    assert "lastmile_update_reboot_pending 0.0" in scrape
+    # the county's next, good bundle: the refusal no longer shows, only what this round did
+    shutil.copy(bundles["county-0.3.0"], stick / "lastmile-update-0.3.1.raucb")
+    assert Updater(config).run().outcome is Outcome.INSTALL_FAILED
+    assert 'lastmile_update_last_result{result="install-failed"} 1.0' in render_once(config)

@@ -84,6 +84,17 @@ OUTCOME_ZH: dict[Outcome, str] = {
     Outcome.INSTALL_FAILED: "更新安装失败，稍后重试",
 }
 
+# What the county technician does about it (`lastmile doctor`).
+UPDATE_HINTS: dict[Outcome, str] = {
+    Outcome.SOURCE_FAILED: "check the link and update.url / update.ca_file; the next round retries",
+    Outcome.DOWNLOAD_FAILED: "the link dropped: the next round resumes where it stopped",
+    Outcome.INDEX_INVALID: "the county's index at update.url is malformed: tell the county's release team",
+    Outcome.NO_SPACE: "free space on the data partition (the outbox's reserve is never used for updates)",
+    Outcome.REFUSED: "the county published a bundle this gateway refuses (`lastmile update status` says why): "
+    "tell the county's release team; the next bundle they publish is tried as usual",
+    Outcome.INSTALL_FAILED: "journalctl -u rauc -u lastmile-update; `lastmile update install` tries again",
+}
+
 
 class UpdateError(Exception):
     """An update round could not go on; `outcome` says how, the message what to do."""
