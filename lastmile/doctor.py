@@ -752,27 +752,27 @@ class Doctor:
             return [
                 Finding("update", Level.WARN, "no update round has run yet", "systemctl status lastmile-update.timer")
             ]
-        outcome = Outcome(state.last_result["outcome"])
-        age = _age(self.now() - float(state.last_result.get("at", 0)))
-        message = f"last round {age} ago: {outcome.value}: {state.last_result.get('message', '')}"
-        if outcome is Outcome.INSTALLED and not reboot_pending(state):
-            installed = str(state.installed.get("version", ""))
+        findings = []
+        installed = str(state.installed.get("version", ""))
+        if installed and not reboot_pending(state):
             booted = Rauc(u.rauc_conf, u.keyring).booted_version()
             if booted is not None and booted != installed:
-                return [
+                findings.append(
                     Finding(
                         "update",
                         Level.FAIL,
                         f"version {installed} was installed but this gateway runs {booted}: the new slot did "
-                        "not come up healthy and U-Boot went back to the old one",
-                        "tell the county's release team; journalctl -b -1 on the next visit shows why",
+                        "not come up healthy and U-Boot went back to the old one (it is not installed again)",
+                        "tell the county's release team; `journalctl -b -1` shows why the new slot failed",
                     )
-                ]
-            return [Finding("update", Level.OK, f"{message}; running version {booted or installed}")]
+                )
+        outcome = Outcome(state.last_result["outcome"])
+        age = _age(self.now() - float(state.last_result.get("at", 0)))
+        message = f"last round {age} ago: {outcome.value}: {state.last_result.get('message', '')}"
         if outcome in (Outcome.UP_TO_DATE, Outcome.INSTALLED):
-            return [Finding("update", Level.OK, message)]
+            return [*findings, Finding("update", Level.OK, message)]
         level = Level.WARN if outcome in (Outcome.SOURCE_FAILED, Outcome.DOWNLOAD_FAILED) else Level.FAIL
-        return [Finding("update", level, message, UPDATE_HINTS.get(outcome, "lastmile update status"))]
+        return [*findings, Finding("update", level, message, UPDATE_HINTS.get(outcome, "lastmile update status"))]
 
 
 # -- helpers ---------------------------------------------------------------------------------------

@@ -73,7 +73,9 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             pki / "ca.cert.pem", out,
         )  # fmt: skip
         made[f"{name}-{version}"] = out
+        made[f"rootfs-{name}-{version}"] = rootfs
     made["keyring"] = work / "county" / "ca.cert.pem"
+    made["county-pki"] = work / "county"
     return made
 
 
@@ -524,3 +526,102 @@ def test_a_failure_shows_in_the_doctor_and_the_metrics(
     shutil.copy(bundles["county-0.3.0"], stick / "lastmile-update-0.3.1.raucb")
     assert Updater(config).run().outcome is Outcome.INSTALL_FAILED
     assert 'lastmile_update_last_result{result="install-failed"} 1.0' in render_once(config)
+
+
+# -- rauc install for real: RAUC's D-Bus service on a private bus, file-backed slots -------------------
+
+
+@dataclass
+class RaucService:
+    conf: Path
+    slot_b: Path
+
+
+@pytest.fixture
+def rauc_service(tmp_path: Path, bundles: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> Iterator[RaucService]:
+    """`rauc service` as on the gateway, but on a private session bus, with the no-op bootloader and
+    two file-backed slots. This kernel has no device-mapper, so it cannot mount verity bundles:
+    its system.conf also takes the plain format, and the bundle installed here is a plain one."""
+    for tool in ("dbus-daemon", "rauc"):
+        require_tool(tool)
+    if not Path("/dev/loop-control").exists():
+        from tests.conftest import missing
+
+        missing("no loop devices here: rauc service cannot mount a bundle")
+    work = tmp_path / "rauc"
+    (work / "mnt").mkdir(parents=True)
+    slots = [work / "slot-a.img", work / "slot-b.img"]
+    for slot in slots:
+        slot.write_bytes(b"\0" * 8 * 2**20)
+    conf = work / "system.conf"
+    conf.write_text(
+        "[system]\ncompatible=lastmile-gateway-arm64\nbootloader=noop\n"
+        f"data-directory={work}\nmountprefix={work / 'mnt'}\n\n"
+        f"[keyring]\npath={bundles['keyring']}\ncheck-purpose=codesign\nuse-bundle-signing-time=true\n\n"
+        f"[slot.rootfs.0]\ndevice={slots[0]}\ntype=ext4\nbootname=A\n\n"
+        f"[slot.rootfs.1]\ndevice={slots[1]}\ntype=ext4\nbootname=B\n"
+    )
+    bus = subprocess.Popen(
+        ["dbus-daemon", "--session", "--nofork", "--nopidfile", "--print-address=1"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert bus.stdout is not None
+    address = bus.stdout.readline().strip()
+    monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", address)
+    monkeypatch.setenv("DBUS_STARTER_BUS_TYPE", "session")  # rauc's switch from the system bus
+    log = (work / "service.log").open("w")
+    service = subprocess.Popen(
+        ["rauc", "--conf", str(conf), "service", "--override-boot-slot=A"], stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        for _ in range(300):  # until the service owns its name on the bus
+            status = subprocess.run(
+                ["rauc", "--conf", str(conf), "status"], capture_output=True, text=True, timeout=30, check=False
+            )
+            if status.returncode == 0 or service.poll() is not None:
+                break
+            threading.Event().wait(0.1)
+        assert service.poll() is None, (work / "service.log").read_text()
+        yield RaucService(conf, slots[1])
+    finally:
+        for proc in (service, bus):
+            proc.terminate()
+            proc.wait(timeout=30)
+        log.close()
+
+
+def plain_bundle(rootfs: Path, pki: Path, version: str, out: Path) -> Path:
+    stage = out.parent / f"stage-{version}"
+    stage.mkdir()
+    shutil.copy(rootfs, stage / "rootfs.ext4")
+    (stage / "manifest.raucm").write_text(
+        f"[update]\ncompatible=lastmile-gateway-arm64\nversion={version}\n\n[bundle]\nformat=plain\n\n"
+        "[image.rootfs]\nfilename=rootfs.ext4\n"
+    )
+    run("rauc", "bundle", "--cert", pki / "signing.cert.pem", "--key", pki / "signing.key.pem", stage, out)
+    return out
+
+
+def test_rauc_install_writes_the_other_slot_and_the_reboot_follows_when_idle(
+    tmp_path: Path, bundles: dict[str, Path], tls: TlsMaterial, county: CountyServer, rauc_service: RaucService
+) -> None:
+    rootfs = bundles["rootfs-county-0.3.0"]
+    bundle = plain_bundle(rootfs, bundles["county-pki"], "0.3.0", tmp_path / "plain.raucb")
+    county.publish(bundle, "0.3.0")
+    config = gateway(tmp_path, bundles, tls, county.index_url)
+    config.update.rauc_conf = str(rauc_service.conf)
+    reboots: list[str] = []
+    result = Updater(config, reboot=lambda: reboots.append("reboot")).run()
+    assert result.outcome is Outcome.INSTALLED and result.version == "0.3.0", result
+    image = rootfs.read_bytes()
+    with rauc_service.slot_b.open("rb") as slot:
+        assert slot.read(len(image)) == image  # slot B holds the county's root image, byte for byte
+    assert result.rebooting and reboots == ["reboot"]  # nothing in flight: straight into the new slot
+    state = read_state(config.data_dir)
+    assert state is not None and state.installed["version"] == "0.3.0"
+    assert not list(updates_dir(config).glob("*.raucb*"))  # the bundle is in the slot, not on the card
+    # the next round (still this boot: the reboot has not happened) installs nothing twice
+    again = Updater(config, reboot=lambda: reboots.append("reboot")).run(reboot=False)
+    assert again.outcome is Outcome.INSTALLED and "waiting to reboot" in again.message
+    assert county.bundle_bytes_sent() == len(bundle.read_bytes())
