@@ -383,6 +383,9 @@ def test_a_bundle_on_a_stick_is_verified_and_offered_like_a_download(
     assert state is not None and len(state.refused) == 1
     assert [p.read_bytes() for p in updates_dir(config).glob("*.raucb")] == [bundles["county-0.3.0"].read_bytes()]
     assert (stick / "lastmile-update-0.3.0.raucb").exists()  # the stick is only read
+    from firmware_bridge.usb_import import find_ecg_files
+
+    assert find_ecg_files([stick]) == []  # the ECG import passes over bundles: no "refused file" noise
 
 
 # -- rebooting only when the clinic is idle ------------------------------------------------------------
@@ -625,3 +628,20 @@ def test_rauc_install_writes_the_other_slot_and_the_reboot_follows_when_idle(
     again = Updater(config, reboot=lambda: reboots.append("reboot")).run(reboot=False)
     assert again.outcome is Outcome.INSTALLED and "waiting to reboot" in again.message
     assert county.bundle_bytes_sent() == len(bundle.read_bytes())
+
+
+def test_the_doctors_system_page_says_in_chinese_that_an_update_waits_for_a_quiet_moment(tmp_path: Path) -> None:
+    from tests.console_harness import DOCTOR, Client, console_config, running_console
+
+    config = console_config(tmp_path / "data")
+    config.update.enabled = True
+    _installed_this_boot(config)
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        page = client.get("/system").body
+        assert "软件更新" in page and "新版本 0.3.0 已就绪：诊所空闲时网关会自动重启" in page
+        Path(updates_dir(config) / STATE_FILE).write_text(
+            json.dumps({"last_result": {"outcome": "refused", "message": "x", "at": 1.0}})
+        )
+        assert "上次更新失败：请告知县信息科" in client.get("/system").body
