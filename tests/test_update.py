@@ -645,3 +645,17 @@ def test_the_doctors_system_page_says_in_chinese_that_an_update_waits_for_a_quie
             json.dumps({"last_result": {"outcome": "refused", "message": "x", "at": 1.0}})
         )
         assert "上次更新失败：请告知县信息科" in client.get("/system").body
+
+
+def test_one_round_at_a_time(tmp_path: Path, bundles: dict[str, Path], tls: TlsMaterial) -> None:
+    import fcntl
+
+    from lastmile.services.update import LOCK_FILE
+
+    config = gateway(tmp_path, bundles, tls)
+    updates_dir(config).mkdir(parents=True)
+    with (updates_dir(config) / LOCK_FILE).open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # the timer's round, downloading
+        result = Updater(config).run()
+    assert result.outcome is Outcome.ALREADY_RUNNING and read_state(config.data_dir) is None
+    assert Updater(config).run().outcome is Outcome.UP_TO_DATE

@@ -9,8 +9,13 @@ from pathlib import Path
 
 from lastmile.commands.common import DATA_DIR
 
-# Outcomes a village link produces by itself: recorded and shown, but not a failed unit every round.
-_LINK_OUTCOMES = frozenset({"source-failed", "download-failed"})
+# Exit 0 for these; anything else is 1 (the timer's unit shows failed: a refused bundle, a full card,
+# a failed install). A village link that is down is recorded and shown, not a failed unit every round.
+_FINE = {
+    "check": frozenset({"available", "up-to-date"}),
+    "install": frozenset({"installed", "up-to-date"}),
+    "poll": frozenset({"installed", "up-to-date", "source-failed", "download-failed", "already-running"}),
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,7 +57,7 @@ def _round(args: argparse.Namespace) -> int:
     )
     for line in result.lines():
         print(line)
-    return 0 if result.outcome.value in ("installed", "up-to-date") else 1
+    return 0 if result.outcome.value in _FINE["install" if args.install else "check"] else 1
 
 
 def _poll(args: argparse.Namespace) -> int:
@@ -66,7 +71,7 @@ def _poll(args: argparse.Namespace) -> int:
     result = Updater(config).run()
     for line in result.lines():
         print(line)
-    return 0 if result.outcome.value in ("installed", "up-to-date") or result.outcome.value in _LINK_OUTCOMES else 1
+    return 0 if result.outcome.value in _FINE["poll"] else 1
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -63,7 +63,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from lastmile import __version__
 from lastmile.config import Config, ConfigError, Listen, host_port
 from lastmile.services import metrics_sources as sources
-from lastmile.services.update import Outcome, UpdateState, reboot_pending
+from lastmile.services.update import RECORDED_OUTCOMES, UpdateState, reboot_pending
 from lastmile.services.update import read_state as read_update_state
 
 if TYPE_CHECKING:
@@ -357,7 +357,7 @@ class GatewayCollector:
                 "index-invalid, no-space, download-failed, refused, install-failed).",
                 labels=["result"],
             )
-            for value in _with_extra(tuple(o.value for o in Outcome), {outcome}):
+            for value in _with_extra(tuple(o.value for o in RECORDED_OUTCOMES), {outcome}):
                 result.add_metric([value], 1 if value == outcome else 0)
             yield result
             yield _gauge(

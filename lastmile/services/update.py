@@ -23,6 +23,8 @@ from __future__ import annotations
 import configparser
 import contextlib
 import datetime as dt
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -40,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from lastmile.clock import local_zone, read_boot_id
+from lastmile.logs import describe_fault
 
 if TYPE_CHECKING:
     import requests
@@ -50,12 +53,14 @@ log = logging.getLogger(__name__)
 
 UPDATES_DIR = "updates"
 STATE_FILE = "state.json"
+LOCK_FILE = "lock"  # one round at a time: the timer's and a technician's `update install`
 USB_BUNDLE_GLOB = "lastmile-update-*.raucb"
 CHUNK_BYTES = 256 * 1024
 MAX_INDEX_BYTES = 64 * 1024  # the index is a few hundred bytes; anything bigger is not one
 MAX_REMEMBERED = 32  # refused bundles remembered (by sha256)
 RAUC_INFO_TIMEOUT_S = 300.0  # rauc info reads the signature at the end: seconds even on a Pi
 RAUC_INSTALL_TIMEOUT_S = 3 * 3600.0  # writing 2 GiB to an SD card
+STALE_SEND_S = 3600.0
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -70,7 +75,12 @@ class Outcome(StrEnum):
     DOWNLOAD_FAILED = "download-failed"  # cut short: resumed next round
     REFUSED = "refused"  # wrong sha256, signature, purpose, compatible: never tried again
     INSTALL_FAILED = "install-failed"  # rauc install failed (I/O, RAUC itself): tried again next round
+    AVAILABLE = "available"  # `update check`: a new bundle is on offer (nothing fetched)
+    ALREADY_RUNNING = "already-running"  # another round holds the lock (the timer's, a technician's)
 
+
+# What a round can leave in the state (and the metrics show): not a look, not a lock held elsewhere.
+RECORDED_OUTCOMES = tuple(o for o in Outcome if o not in (Outcome.AVAILABLE, Outcome.ALREADY_RUNNING))
 
 # What the doctor reads in the console / CLI (Chinese first, then English).
 OUTCOME_ZH: dict[Outcome, str] = {
@@ -82,6 +92,8 @@ OUTCOME_ZH: dict[Outcome, str] = {
     Outcome.DOWNLOAD_FAILED: "更新下载中断，稍后自动续传",
     Outcome.REFUSED: "更新包未通过验证，已拒绝（不会安装）",
     Outcome.INSTALL_FAILED: "更新安装失败，稍后重试",
+    Outcome.AVAILABLE: "有新版本可以安装",
+    Outcome.ALREADY_RUNNING: "另一个更新正在进行，请稍后再试",
 }
 
 # What the county technician does about it (`lastmile doctor`).
@@ -340,8 +352,10 @@ def busy_reason(config: Config, now: float) -> str | None:
     outbox = config.data_dir / OUTBOX_DB
     if outbox.is_file():
         with read_only(outbox) as conn:
+            # a claim untouched for an hour is a dead sender's (recovered at its restart), not a send
             sending, newest = conn.execute(
-                "SELECT SUM(state = 'sending'), MAX(created_at) FROM items WHERE state != 'purged'"
+                "SELECT SUM(state = 'sending' AND updated_at > ?), MAX(created_at) FROM items WHERE state != 'purged'",
+                (now - STALE_SEND_S,),
             ).fetchone()
         if sending:
             return f"{sending} item(s) being sent"
@@ -604,7 +618,12 @@ class Updater:
             return [self.usb_offer(state, file)]
         if url is not None:
             return [self.check_index(state, url)]
-        found = [self.usb_offer(state, path) for path in self.usb_bundles()]
+        found = []
+        for path in self.usb_bundles():
+            try:
+                found.append(self.usb_offer(state, path))
+            except OSError as exc:  # pulled out while it was read
+                log.warning("cannot read %s: %s", path, exc)
         now = self.clock()
         # due: never asked, the interval passed, or the clock went back (a Pi without its RTC)
         interval = self.settings.poll_interval_h * 3600
@@ -618,6 +637,17 @@ class Updater:
         self, *, url: str | None = None, file: Path | None = None, install: bool = True, reboot: bool = True
     ) -> RoundResult:
         """One round; the result is recorded in the state whatever it is."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with (self.directory / LOCK_FILE).open("a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return RoundResult(
+                    Outcome.ALREADY_RUNNING, "another update round is running (lastmile-update.service?)"
+                )
+            return self._locked_run(url=url, file=file, install=install, reboot=reboot)
+
+    def _locked_run(self, *, url: str | None, file: Path | None, install: bool, reboot: bool) -> RoundResult:
         with self.state() as state:
             result = self._round(state, url=url, file=file, install=install)
             if install:  # `update check` looks, it does not change what the county sees
@@ -648,9 +678,13 @@ class Updater:
                 log.info("%s: %s", offer.location, skip)
                 continue
             if not install:
-                return RoundResult(Outcome.UP_TO_DATE, f"offered: {offer.version or offer.location}", offer.version)
+                return RoundResult(Outcome.AVAILABLE, f"offered: {offer.version or offer.location}", offer.version)
             try:
                 return self.install(state, offer, self.fetch(state, offer))
+            except OSError as exc:  # the card (full, failing) or a stick pulled out mid-copy
+                outcome = Outcome.NO_SPACE if exc.errno == errno.ENOSPC else Outcome.DOWNLOAD_FAILED
+                log.error("update failed (%s): %s", outcome.value, exc)
+                return RoundResult(outcome, f"{describe_fault(exc)}; the next round tries again", offer.version)
             except BundleRefused as exc:
                 state.remember_refused(offer.sha256, str(exc))
                 log.error("update refused: %s", exc)
