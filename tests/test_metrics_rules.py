@@ -60,9 +60,8 @@ def every_family_name(tmp_path: Path) -> set[str]:
     """The sample names of a scrape of a gateway where every source has something to say: an
     outbox, the report store (issue 14's schema), a GPS anchor, chrony, systemd, the updater."""
     from devices.gps.fix import Fix, FixMode
-    from lastmile.visits.book import VisitBook
-
     from lastmile.services.update import STATE_FILE, UPDATES_DIR, UpdateState
+    from lastmile.visits.book import VisitBook
 
     config = config_at(write_config(tmp_path))
     config.update.enabled = True
