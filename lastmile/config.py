@@ -233,6 +233,7 @@ class UpdateSection:
     idle_before_reboot_s: float = 600.0  # ...and only once nothing was measured, sent or selected for this long
     rauc_conf: str = "/etc/rauc/system.conf"  # RAUC's system.conf (slots, keyring, compatible)
     keyring: str = ""  # county CA that signs bundles; "" = the keyring named in rauc_conf
+    metered: MeteredSection = field(default_factory=MeteredSection)  # bundle downloads (resumed the next day or window)
 
 
 @dataclass
@@ -714,6 +715,7 @@ def check_meaning(config: Config, problems: _Problems) -> None:
         ("reading_center.metered", rc.metered),
         ("fhir.metered", config.fhir.metered),
         ("reports.metered", config.reports.metered),
+        ("update.metered", config.update.metered),
     ):
         _check_metered(dotted, metered, problems)
 

@@ -769,7 +769,7 @@ class Doctor:
         outcome = Outcome(state.last_result["outcome"])
         age = _age(self.now() - float(state.last_result.get("at", 0)))
         message = f"last round {age} ago: {outcome.value}: {state.last_result.get('message', '')}"
-        if outcome in (Outcome.UP_TO_DATE, Outcome.INSTALLED):
+        if outcome in (Outcome.UP_TO_DATE, Outcome.INSTALLED, Outcome.DEFERRED):
             return [*findings, Finding("update", Level.OK, message)]
         level = Level.WARN if outcome in (Outcome.SOURCE_FAILED, Outcome.DOWNLOAD_FAILED) else Level.FAIL
         return [*findings, Finding("update", level, message, UPDATE_HINTS.get(outcome, "lastmile update status"))]

@@ -130,12 +130,13 @@ def _handler(server: CountyServer) -> type[BaseHTTPRequestHandler]:
             etag = '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
             if self.headers.get("If-None-Match") == etag:
                 return self._answer(304, b"", range_header, etag=etag)
-            start = int(range_header.removeprefix("bytes=").split("-")[0]) if range_header else 0
+            first, _, last = range_header.removeprefix("bytes=").partition("-")
+            start, end = int(first or 0), min(int(last or len(data) - 1), len(data) - 1)
             if start >= len(data) > 0:
                 return self._answer(416, b"", range_header, extra={"Content-Range": f"bytes */{len(data)}"})
-            body = data[start:]
-            extra = {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"} if start else {}
-            self._answer(206 if start else 200, body, range_header, etag=etag, extra=extra)
+            body = data[start : end + 1]
+            extra = {"Content-Range": f"bytes {start}-{end}/{len(data)}"} if range_header else {}
+            self._answer(206 if range_header else 200, body, range_header, etag=etag, extra=extra)
 
         def _answer(
             self, status: int, body: bytes, range_header: str, *, etag: str = "", extra: dict[str, str] | None = None
@@ -363,6 +364,50 @@ def test_an_index_that_is_not_the_countys_is_a_typed_failure(
     county.files["/lastmile/stable.json"] = index
     result = Updater(gateway(tmp_path, bundles, tls, county.index_url)).run()
     assert result.outcome is Outcome.INDEX_INVALID and problem in result.message
+
+
+def test_a_metered_link_takes_the_bundle_a_daily_budget_at_a_time(
+    tmp_path: Path, bundles: dict[str, Path], tls: TlsMaterial, county: CountyServer
+) -> None:
+    from lastmile.clock import local_zone
+
+    data = bundles["county-0.3.0"].read_bytes()
+    county.publish(bundles["county-0.3.0"], "0.3.0")
+    config = gateway(tmp_path, bundles, tls, county.index_url)
+    config.update.metered.daily_budget_mb = 0.125  # 131072 bytes a day: this bundle takes three days
+    day = dt.datetime.now(local_zone()).replace(hour=10, minute=0, second=0, microsecond=0)
+    now = [day.timestamp()]
+    updater = Updater(config, clock=lambda: now[0])
+    first = updater.run()
+    assert first.outcome is Outcome.DEFERRED and "resumes tomorrow" in first.message, first
+    now[0] += 7 * 3600  # the same day: the budget is spent, nothing is asked for
+    assert updater.run().outcome is Outcome.DEFERRED
+    for _ in range(2):
+        now[0] += 24 * 3600
+        result = updater.run(url=county.index_url)
+    assert result.outcome is Outcome.INSTALL_FAILED, result  # whole, verified by rauc info, install reached
+    ranges = [s.range for s in county.served if s.path.endswith(".raucb")]
+    assert ranges == ["bytes=0-131071", "bytes=131072-262143", "bytes=262144-"]
+    assert county.bundle_bytes_sent() == len(data)
+    state = read_state(config.data_dir)
+    assert state is not None and state.meter["meter:update"]["bytes"] == len(data) - 2 * 131072
+
+
+def test_a_metered_link_downloads_only_in_its_window(
+    tmp_path: Path, bundles: dict[str, Path], tls: TlsMaterial, county: CountyServer
+) -> None:
+    from lastmile.clock import local_zone
+
+    county.publish(bundles["county-0.3.0"], "0.3.0")
+    config = gateway(tmp_path, bundles, tls, county.index_url)
+    config.update.metered.windows = ["22:00-06:00"]
+    day = dt.datetime.now(local_zone()).replace(hour=12, minute=0, second=0, microsecond=0)
+    noon = Updater(config, clock=day.timestamp).run()
+    assert noon.outcome is Outcome.DEFERRED and "22:00" in noon.message
+    assert county.bundle_bytes_sent() == 0
+    night = Updater(config, clock=(day + dt.timedelta(hours=11)).timestamp).run(url=county.index_url)
+    assert night.outcome is Outcome.INSTALL_FAILED
+    assert county.bundle_bytes_sent() == len(bundles["county-0.3.0"].read_bytes())
 
 
 # -- USB stick ---------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from lastmile.commands.common import DATA_DIR
 _FINE = {
     "check": frozenset({"available", "up-to-date"}),
     "install": frozenset({"installed", "up-to-date"}),
-    "poll": frozenset({"installed", "up-to-date", "source-failed", "download-failed", "already-running"}),
+    "poll": frozenset({"installed", "up-to-date", "deferred", "source-failed", "download-failed", "already-running"}),
 }
 
 

@@ -140,7 +140,7 @@ def update_status(config: Config) -> dict[str, str]:
     if state is not None and reboot_pending(state):
         return {"state": "ready", "version": str(state.installed.get("version", ""))}
     outcome = state.last_result.get("outcome") if state is not None else None
-    if outcome in (Outcome.SOURCE_FAILED, Outcome.DOWNLOAD_FAILED):
+    if outcome in (Outcome.SOURCE_FAILED, Outcome.DOWNLOAD_FAILED, Outcome.DEFERRED):
         return {"state": "offline"}
     if outcome in (Outcome.REFUSED, Outcome.NO_SPACE, Outcome.INSTALL_FAILED, Outcome.INDEX_INVALID):
         return {"state": "failed"}

@@ -75,6 +75,7 @@ class Outcome(StrEnum):
     DOWNLOAD_FAILED = "download-failed"  # cut short: resumed next round
     REFUSED = "refused"  # wrong sha256, signature, purpose, compatible: never tried again
     INSTALL_FAILED = "install-failed"  # rauc install failed (I/O, RAUC itself): tried again next round
+    DEFERRED = "deferred"  # the download waits for update.metered's window or tomorrow's budget
     AVAILABLE = "available"  # `update check`: a new bundle is on offer (nothing fetched)
     ALREADY_RUNNING = "already-running"  # another round holds the lock (the timer's, a technician's)
 
@@ -92,6 +93,7 @@ OUTCOME_ZH: dict[Outcome, str] = {
     Outcome.DOWNLOAD_FAILED: "更新下载中断，稍后自动续传",
     Outcome.REFUSED: "更新包未通过验证，已拒绝（不会安装）",
     Outcome.INSTALL_FAILED: "更新安装失败，稍后重试",
+    Outcome.DEFERRED: "更新将在允许的时段继续下载",
     Outcome.AVAILABLE: "有新版本可以安装",
     Outcome.ALREADY_RUNNING: "另一个更新正在进行，请稍后再试",
 }
@@ -130,6 +132,12 @@ class DownloadFailed(UpdateError):
     outcome = Outcome.DOWNLOAD_FAILED
 
 
+class Deferred(UpdateError):
+    """Not a failure: the metered link's window or daily budget says later."""
+
+    outcome = Outcome.DEFERRED
+
+
 class BundleRefused(UpdateError):
     """This bundle is never installed: remembered by sha256, so it is not fetched again."""
 
@@ -164,6 +172,14 @@ class UpdateState:
     refused: dict[str, str] = field(default_factory=dict)  # sha256 -> why
     installed: dict[str, Any] = field(default_factory=dict)  # version, sha256, at, boot_id
     usb_seen: dict[str, list[Any]] = field(default_factory=dict)  # path -> [size, mtime_ns, sha256]
+    meter: dict[str, Any] = field(default_factory=dict)  # bytes downloaded today (uploader.metering's record)
+
+    # uploader.metering.StatusStore: the download's meter keeps its day's count here
+    def status(self, name: str) -> dict[str, Any] | None:
+        return self.meter.get(name)
+
+    def record_status(self, name: str, value: dict[str, Any], now: float) -> None:
+        self.meter[name] = value
 
     @classmethod
     def load(cls, path: Path) -> UpdateState:
@@ -526,7 +542,7 @@ class Updater:
         if offer.origin == "usb":
             self._copy(Path(offer.location), part)
         else:
-            self._download(offer, part, have)
+            self._metered_download(state, offer, part, have)
         got = sha256_of(part)
         if got != offer.sha256:
             part.unlink()
@@ -536,6 +552,30 @@ class Updater:
             raise BundleRefused(f"the download's sha256 {got[:12]} is not the index's {offer.sha256[:12]}")
         os.replace(part, done)
         return done
+
+    def _metered_download(self, state: UpdateState, offer: Offer, part: Path, have: int) -> None:
+        """The download within update.metered: only in its windows, at most its daily budget (the
+        rest is asked for with a Range request the next day: a bundle may take several)."""
+        from lastmile.services.metered import meter_policy
+        from uploader.metering import Meter
+
+        policy = meter_policy(self.settings.metered)
+        if policy is None:
+            self._download(offer, part, have)
+            return
+        meter, now = Meter("update", policy, state), self.clock()
+        blocked = meter.blocked(now)
+        if blocked is not None:
+            until = dt.datetime.fromtimestamp(blocked.until, local_zone()).strftime("%Y-%m-%d %H:%M")
+            raise Deferred(f"update.metered: {blocked.detail}; the download goes on from {until}")
+        allowance = policy.daily_budget_bytes - meter.spent_today(now) if policy.daily_budget_bytes else None
+        try:
+            self._download(offer, part, have, limit=allowance)
+        finally:
+            meter.spend((part.stat().st_size if part.exists() else 0) - have, now)
+        if part.stat().st_size < offer.size:
+            got = part.stat().st_size
+            raise Deferred(f"update.metered: today's budget used at {got} of {offer.size} bytes; resumes tomorrow")
 
     def _copy(self, source: Path, part: Path) -> None:
         try:
@@ -547,11 +587,14 @@ class Updater:
             part.unlink(missing_ok=True)
             raise DownloadFailed(f"cannot copy {source} from the stick ({exc.strerror or exc})") from None
 
-    def _download(self, offer: Offer, part: Path, have: int) -> None:
+    def _download(self, offer: Offer, part: Path, have: int, limit: int | None = None) -> None:
+        """Bytes `have`.. of the bundle onto `part` (`limit`: at most that many this time)."""
         import requests
         import urllib3
 
-        headers = {"Range": f"bytes={have}-"} if have else {}
+        end = have + limit - 1 if limit is not None and have + limit < offer.size else None
+        stop_at = offer.size
+        headers = {"Range": f"bytes={have}-{'' if end is None else end}"} if have or end is not None else {}
         try:
             with self.session.get(offer.location, headers=headers, **self._request_options) as resp:
                 if resp.status_code == 416 and have == offer.size:
@@ -564,6 +607,9 @@ class Updater:
                     raise DownloadFailed(f"the update server answered HTTP {resp.status_code} for {offer.location}")
                 if have:
                     log.info("resuming the download of %s at byte %d of %d", offer.version, have, offer.size)
+                # where this request stops: the bundle's end, or the budget's (also when a server
+                # ignores the Range and sends everything)
+                stop_at = offer.size if limit is None else min(offer.size, have + limit)
                 with part.open(mode) as f:
                     try:
                         # read1: whatever arrived before the link dropped is kept (iter_content
@@ -571,8 +617,11 @@ class Updater:
                         while chunk := resp.raw.read1(CHUNK_BYTES):
                             if have + len(chunk) > offer.size:
                                 raise BundleRefused(f"the bundle is larger than the index's {offer.size} bytes")
+                            chunk = chunk[: stop_at - have]
                             f.write(chunk)
                             have += len(chunk)
+                            if have >= stop_at:
+                                break
                     finally:
                         f.flush()
                         os.fsync(f.fileno())
@@ -580,7 +629,7 @@ class Updater:
             raise DownloadFailed(
                 f"the download stopped at {have} of {offer.size} bytes ({type(exc).__name__}); it resumes next round"
             ) from None
-        if have < offer.size:
+        if have < stop_at:
             raise DownloadFailed(f"the download stopped at {have} of {offer.size} bytes; it resumes next round")
 
     # -- installing --------------------------------------------------------------------------
