@@ -579,64 +579,75 @@ def test_a_failure_shows_in_the_doctor_and_the_metrics(
 # -- rauc install for real: RAUC's D-Bus service on a private bus, file-backed slots -------------------
 
 
-@dataclass
 class RaucService:
-    conf: Path
-    slot_b: Path
+    """`rauc service` as on the gateway, but on a private session bus, with the no-op bootloader and
+    two file-backed slots. This kernel has no device-mapper, so it cannot mount verity bundles:
+    its system.conf also takes the plain format, and the bundles installed here are plain ones.
+    `boot(slot)` restarts it as if that slot had been booted (RAUC keeps each slot's bundle
+    version in its status file, as on the gateway's data partition)."""
+
+    def __init__(self, work: Path, keyring: Path) -> None:
+        self.work = work
+        (work / "mnt").mkdir(parents=True)
+        self.slots = {"A": work / "slot-a.img", "B": work / "slot-b.img"}
+        for slot in self.slots.values():
+            slot.write_bytes(b"\0" * 8 * 2**20)
+        self.conf = work / "system.conf"
+        self.conf.write_text(
+            "[system]\ncompatible=lastmile-gateway-arm64\nbootloader=noop\n"
+            f"data-directory={work}\nmountprefix={work / 'mnt'}\n\n"
+            f"[keyring]\npath={keyring}\ncheck-purpose=codesign\nuse-bundle-signing-time=true\n\n"
+            f"[slot.rootfs.0]\ndevice={self.slots['A']}\ntype=ext4\nbootname=A\n\n"
+            f"[slot.rootfs.1]\ndevice={self.slots['B']}\ntype=ext4\nbootname=B\n"
+        )
+        self.service: subprocess.Popen[bytes] | None = None
+
+    def boot(self, slot: str) -> None:
+        self.stop()
+        with (self.work / "service.log").open("a") as log:
+            self.service = subprocess.Popen(
+                ["rauc", "--conf", str(self.conf), "service", f"--override-boot-slot={slot}"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        for _ in range(300):  # until the service owns its name on the bus
+            status = subprocess.run(
+                ["rauc", "--conf", str(self.conf), "status"], capture_output=True, text=True, timeout=30, check=False
+            )
+            if status.returncode == 0 or self.service.poll() is not None:
+                break
+            threading.Event().wait(0.1)
+        assert self.service.poll() is None, (self.work / "service.log").read_text()
+
+    def stop(self) -> None:
+        if self.service is not None:
+            self.service.terminate()
+            self.service.wait(timeout=30)
+            self.service = None
 
 
 @pytest.fixture
 def rauc_service(tmp_path: Path, bundles: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> Iterator[RaucService]:
-    """`rauc service` as on the gateway, but on a private session bus, with the no-op bootloader and
-    two file-backed slots. This kernel has no device-mapper, so it cannot mount verity bundles:
-    its system.conf also takes the plain format, and the bundle installed here is a plain one."""
     for tool in ("dbus-daemon", "rauc"):
         require_tool(tool)
     if not Path("/dev/loop-control").exists():
         from tests.conftest import missing
 
         missing("no loop devices here: rauc service cannot mount a bundle")
-    work = tmp_path / "rauc"
-    (work / "mnt").mkdir(parents=True)
-    slots = [work / "slot-a.img", work / "slot-b.img"]
-    for slot in slots:
-        slot.write_bytes(b"\0" * 8 * 2**20)
-    conf = work / "system.conf"
-    conf.write_text(
-        "[system]\ncompatible=lastmile-gateway-arm64\nbootloader=noop\n"
-        f"data-directory={work}\nmountprefix={work / 'mnt'}\n\n"
-        f"[keyring]\npath={bundles['keyring']}\ncheck-purpose=codesign\nuse-bundle-signing-time=true\n\n"
-        f"[slot.rootfs.0]\ndevice={slots[0]}\ntype=ext4\nbootname=A\n\n"
-        f"[slot.rootfs.1]\ndevice={slots[1]}\ntype=ext4\nbootname=B\n"
-    )
     bus = subprocess.Popen(
-        ["dbus-daemon", "--session", "--nofork", "--nopidfile", "--print-address=1"],
-        stdout=subprocess.PIPE,
-        text=True,
+        ["dbus-daemon", "--session", "--nofork", "--nopidfile", "--print-address=1"], stdout=subprocess.PIPE, text=True
     )
     assert bus.stdout is not None
-    address = bus.stdout.readline().strip()
-    monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", address)
+    monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", bus.stdout.readline().strip())
     monkeypatch.setenv("DBUS_STARTER_BUS_TYPE", "session")  # rauc's switch from the system bus
-    log = (work / "service.log").open("w")
-    service = subprocess.Popen(
-        ["rauc", "--conf", str(conf), "service", "--override-boot-slot=A"], stdout=log, stderr=subprocess.STDOUT
-    )
+    service = RaucService(tmp_path / "rauc", bundles["keyring"])
     try:
-        for _ in range(300):  # until the service owns its name on the bus
-            status = subprocess.run(
-                ["rauc", "--conf", str(conf), "status"], capture_output=True, text=True, timeout=30, check=False
-            )
-            if status.returncode == 0 or service.poll() is not None:
-                break
-            threading.Event().wait(0.1)
-        assert service.poll() is None, (work / "service.log").read_text()
-        yield RaucService(conf, slots[1])
+        service.boot("A")
+        yield service
     finally:
-        for proc in (service, bus):
-            proc.terminate()
-            proc.wait(timeout=30)
-        log.close()
+        service.stop()
+        bus.terminate()
+        bus.wait(timeout=30)
 
 
 def plain_bundle(rootfs: Path, pki: Path, version: str, out: Path) -> Path:
@@ -663,7 +674,7 @@ def test_rauc_install_writes_the_other_slot_and_the_reboot_follows_when_idle(
     result = Updater(config, reboot=lambda: reboots.append("reboot")).run()
     assert result.outcome is Outcome.INSTALLED and result.version == "0.3.0", result
     image = rootfs.read_bytes()
-    with rauc_service.slot_b.open("rb") as slot:
+    with rauc_service.slots["B"].open("rb") as slot:
         assert slot.read(len(image)) == image  # slot B holds the county's root image, byte for byte
     assert result.rebooting and reboots == ["reboot"]  # nothing in flight: straight into the new slot
     state = read_state(config.data_dir)
@@ -704,3 +715,34 @@ def test_one_round_at_a_time(tmp_path: Path, bundles: dict[str, Path], tls: TlsM
         result = Updater(config).run()
     assert result.outcome is Outcome.ALREADY_RUNNING and read_state(config.data_dir) is None
     assert Updater(config).run().outcome is Outcome.UP_TO_DATE
+
+
+def test_the_booted_slots_version_comes_from_rauc_and_a_rollback_is_named(
+    tmp_path: Path, bundles: dict[str, Path], tls: TlsMaterial, rauc_service: RaucService
+) -> None:
+    from lastmile.doctor import Doctor, Level
+    from lastmile.services.update import Rauc
+
+    pki = bundles["county-pki"]
+    config = gateway(tmp_path, bundles, tls)
+    config.update.rauc_conf = str(rauc_service.conf)
+    stick = Path(config.usb_import.folders[0])
+    plain_bundle(bundles["rootfs-county-0.3.0"], pki, "0.3.0", stick / "lastmile-update-0.3.0.raucb")
+    assert Updater(config, reboot=lambda: None).run(reboot=False).outcome is Outcome.INSTALLED  # into B
+    rauc = Rauc(str(rauc_service.conf))
+    assert rauc.booted_version() is None  # A was never written by RAUC: no version known
+    # "after the reboot" (another boot id), B booted: the stick's bundle is the one running
+    state_file = updates_dir(config) / STATE_FILE
+    state = json.loads(state_file.read_text())
+    state["installed"]["boot_id"] = "an-earlier-boot"
+    state_file.write_text(json.dumps(state))
+    rauc_service.boot("B")
+    assert rauc.booted_version() == "0.3.0"
+    assert Updater(config).run().outcome is Outcome.UP_TO_DATE  # the stick's bundle is not installed again
+    assert [f.level for f in Doctor(config).check_update()] == [Level.OK]
+    # 0.2.0 written to A from B, then A booted while 0.3.0 is what the updater installed: a rollback
+    rauc.install(plain_bundle(bundles["rootfs-county-0.2.0"], pki, "0.2.0", tmp_path / "old.raucb"))
+    rauc_service.boot("A")
+    assert rauc.booted_version() == "0.2.0"
+    rolled_back = Doctor(config).check_update()[0]
+    assert rolled_back.level is Level.FAIL and "runs 0.2.0" in rolled_back.message

@@ -330,7 +330,11 @@ class Rauc:
         """The bundle version RAUC recorded for the booted slot; None off an A/B gateway."""
         try:
             proc = subprocess.run(
-                self._argv("status", "--output-format=json"), capture_output=True, text=True, timeout=60, check=False
+                self._argv("status", "--detailed", "--output-format=json"),
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
             )
             status = json.loads(proc.stdout) if proc.returncode == 0 else None
         except (OSError, subprocess.TimeoutExpired, ValueError):
