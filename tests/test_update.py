@@ -545,6 +545,8 @@ def test_the_cli_checks_installs_and_shows_the_status(
     assert main([*conf, "update", "install", "--file", str(bundles["foreign-0.3.0"])]) == 1
     out = capsys.readouterr().out
     assert "更新包未通过验证" in out and "refused: rauc refuses the bundle" in out
+    assert main([*conf, "update", "check", "--url", county.index_url.replace("https:", "http:")]) == 1
+    assert "must come over TLS" in capsys.readouterr().out
     assert main([*conf, "update", "status"]) == 0
     out = capsys.readouterr().out
     assert "更新包未通过验证" in out and "refused: bundle" in out

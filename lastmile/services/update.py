@@ -452,6 +452,8 @@ class Updater:
         """The county's index, asked conditionally: a 304 gives back the one remembered."""
         import requests
 
+        if urllib.parse.urlsplit(url).scheme != "https":
+            raise SourceFailed(f"{url} is not an https:// URL: the update index must come over TLS")
         headers = {}
         if state.index_url == url and state.index:
             if state.etag:
