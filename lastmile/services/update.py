@@ -430,9 +430,6 @@ class Updater:
         finally:
             state.save(self.state_path)
 
-    def read_state(self) -> UpdateState:
-        return UpdateState.load(self.state_path)
-
     # -- sources -----------------------------------------------------------------------------
     @property
     def session(self) -> requests.Session:
