@@ -157,7 +157,7 @@ def test_the_ble_unit_reaches_bluez_over_the_system_bus_and_nothing_else() -> No
     assert "bluetooth.target" in u["Wants"][0] and "bluetooth.target" in u["After"][0]
     assert "MALLOC_ARENA_MAX=2" in u["Environment"][0]
     acquire = unit("lastmile-acquire.service")
-    assert u["WatchdogSec"] == acquire["WatchdogSec"]  # acquire.STALE_S (20 s) < WatchdogSec: the same part
+    assert u["WatchdogSec"] == acquire["WatchdogSec"]  # parts.STALE_S (20 s) < WatchdogSec: the same part
     assert "bluetooth.target" not in acquire["After"][0] and "Wants" not in acquire
 
 
