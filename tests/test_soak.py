@@ -51,7 +51,7 @@ def test_a_short_clinic_day_loses_duplicates_and_misattributes_nothing() -> None
     # visit once, on its patient, no resource twice; the gateway each BLE reading once, on its patient
     assert result["received"] == result["ecgs"]
     assert result["visits_received"] == result["visits"]
-    assert (result["lost"], result["duplicated"], result["misattributed"], result["unreadable"]) == (0, 0, 0, 0)
+    assert (result["lost"], result["duplicated"], result["misattributed"], result["unreadable"]) == (0, 0, 0, 0), result
     assert (result["held_unassigned"], result["stuck"], result["quarantined"]) == (0, 0, 0)
     assert result["ble_unknown"] == 0
     # every reading went on to the county platform (none left unsent on the gateway)
@@ -72,7 +72,8 @@ def test_thirty_kills_across_the_services_lose_and_duplicate_nothing() -> None:
     assert result["integrity_checks_failed"] == 0, result["integrity_failures"]
     assert result["received"] == result["ecgs"] > 0
     assert result["visits_received"] == result["visits"] > 0 and result["ble_readings"] > 0
-    assert (result["lost"], result["duplicated"], result["misattributed"], result["unreadable"]) == (0, 0, 0, 0)
+    # the whole verdict on failure: which kind (ECG, visit, FHIR resource, BLE reading) and which kill
+    assert (result["lost"], result["duplicated"], result["misattributed"], result["unreadable"]) == (0, 0, 0, 0), result
     assert result["fhir_resources_duplicated"] == 0  # a kill mid-FHIR-send re-sends; nothing is stored twice
     assert result["ble_at_platform"] == result["ble_readings"] and result["observations_unsent"] == 0
     assert (result["stuck"], result["held_unassigned"], result["quarantined"]) == (0, 0, 0)
