@@ -260,6 +260,7 @@ def test_the_judge_sees_a_lost_a_duplicated_and_a_misattributed_ecg(clinic_day: 
     verdict = clinic_day.judge(ReadingCenter(), truth)
     assert (verdict.measurements, verdict.received) == (4, 4)
     assert (verdict.lost, verdict.duplicated, verdict.misattributed, verdict.unreadable) == (1, 1, 1, 0)
+    assert verdict.duplicates == [f"{serials[1]}: usb, held 2"]  # which one: to find the kill that did it
 
 
 def test_the_platform_judge_sees_a_lost_a_twice_stored_and_a_misattributed_visit(clinic_day: Any) -> None:
@@ -303,6 +304,7 @@ def test_the_platform_judge_sees_a_lost_a_twice_stored_and_a_misattributed_visit
     assert (verdict["visits"], verdict["visits_received"], verdict["visits_lost"]) == (4, 3, 1)
     assert (verdict["visits_duplicated"], verdict["visits_misattributed"]) == (0, 1)
     assert verdict["fhir_resources_duplicated"] == 1  # visit-1's Encounter stored twice
+    assert verdict["fhir_duplicates"] == ["Encounter visit-1: 2"]
     assert verdict["fhir_resends_absorbed"] == 1
 
 
