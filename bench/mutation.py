@@ -153,6 +153,7 @@ FOCUSED_TESTS: dict[str, list[str]] = {
         "--deselect=tests/test_outbox.py::test_two_processes_never_claim_the_same_item_while_a_third_adds",
         "--deselect=tests/test_outbox.py::test_processes_opening_a_new_outbox_at_once_migrate_it_once",
     ],
+    "uploader/report_lines.py": ["tests/test_report_lines.py"],
 }
 
 # Imported once in the parent so that each forked child starts warm. None of them imports ours.
