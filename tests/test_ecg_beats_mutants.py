@@ -1,0 +1,379 @@
+"""The beat detector (devices/ecg/qrs.py) and the median beat (devices/ecg/median_beat.py) on small
+synthetic signals built here with numpy: the mutation bench's focused tests for both modules (the
+real-recording tests in test_ecg_quality.py stay in the suite, but take seconds per mutant).
+
+Each test names the clinical consequence of the bug it catches: a beat missed or invented, a
+wrong heart rate, a noisy lead outvoting clean ones, a median beat from the wrong window, a wave
+measured against the wrong level or with the wrong sign.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from devices.ecg import qrs
+from devices.ecg.qrs import QrsDetection, band_pass, detect_qrs, heart_rate_bpm, moving_average, qrs_energy
+
+RATE_HZ = 500.0
+SECONDS = 10.0
+QRS_SIGMA_S = 0.010  # a narrow QRS: about 50 ms wide
+QRS_UV = 1000.0
+T_UV = 250.0
+T_SIGMA_S = 0.040
+T_AFTER_S = 0.28
+RR_S = 0.8  # 75 bpm
+FIDUCIAL_TOLERANCE = 3  # samples (6 ms at 500 Hz): the band-pass may shift a peak by a sample or two
+SEED = 2026
+
+
+def gaussian(n: int, centre: float, sigma: float, rate_hz: float) -> np.ndarray:
+    t = np.arange(n) / rate_hz
+    return np.exp(-0.5 * ((t - centre) / sigma) ** 2)
+
+
+def beat_lead(
+    beat_times_s: list[float],
+    rate_hz: float = RATE_HZ,
+    seconds: float = SECONDS,
+    qrs_uv: float | list[float] = QRS_UV,
+    t_uv: float = T_UV,
+) -> np.ndarray:
+    """One lead: a Gaussian QRS at each time (its own size when a list is given) and a T wave."""
+    n = round(seconds * rate_hz)
+    sizes = qrs_uv if isinstance(qrs_uv, list) else [qrs_uv] * len(beat_times_s)
+    x = np.zeros(n)
+    for t, size in zip(beat_times_s, sizes, strict=True):
+        x += size * gaussian(n, t, QRS_SIGMA_S, rate_hz)
+        x += t_uv * gaussian(n, t + T_AFTER_S, T_SIGMA_S, rate_hz)
+    return x
+
+
+def regular_times(rr_s: float = RR_S, first_s: float = 0.5, seconds: float = SECONDS) -> list[float]:
+    return list(np.arange(first_s, seconds - 0.5, rr_s))
+
+
+def assert_beats_at(found: tuple[int, ...], times_s: list[float], rate_hz: float = RATE_HZ) -> None:
+    expected = np.round(np.asarray(times_s) * rate_hz).astype(int)
+    assert len(found) == len(expected), (found, expected.tolist())
+    assert np.all(np.abs(np.asarray(found) - expected) <= FIDUCIAL_TOLERANCE), (found, expected.tolist())
+
+
+# --- moving_average, band_pass, qrs_energy: the filters ------------------------------------------
+
+
+def naive_moving_average(x: np.ndarray, width: int) -> np.ndarray:
+    """The definition: the mean of the samples from i - (w-1)//2 to i + w//2 that exist."""
+    width = max(1, width)
+    n = x.shape[-1]
+    out = np.empty(x.shape, dtype=np.float64)
+    for i in range(n):
+        lo, hi = max(0, i - (width - 1) // 2), min(n, i + width // 2 + 1)
+        out[..., i] = x[..., lo:hi].mean(axis=-1)
+    return out
+
+
+@pytest.mark.parametrize("width", [0, 1, 2, 3, 4, 5, 8, 11])
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 7, 12])
+def test_moving_average_is_the_mean_of_the_samples_around_each_one(width: int, n: int) -> None:
+    """Every filter of the detector is this average: a wrong edge or offset shifts every beat or
+    weighs the recording's ends wrongly (a beat at the start missed or invented)."""
+    x = np.random.default_rng(SEED + n).normal(0, 100, size=(2, 3, n))
+    got = moving_average(x, width)
+    assert got.dtype == np.float64 and got.shape == x.shape
+    np.testing.assert_allclose(got, naive_moving_average(x, width), rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(moving_average(x[0, 0], width), naive_moving_average(x[0, 0], width), atol=1e-9)
+
+
+def test_a_width_one_average_is_a_float_copy_that_leaves_the_caller_s_samples_alone() -> None:
+    """Integer samples come back as floats; writing into the result never alters the recording."""
+    samples = np.array([[3, -7, 12, 0]], dtype=np.int16)
+    got = moving_average(samples, 1)
+    assert got.dtype == np.float64 and got.tolist() == [[3.0, -7.0, 12.0, 0.0]]
+    got[0, 0] = 99
+    assert samples[0, 0] == 3
+
+
+MAINS_RATE_HZ = 1200.0  # both mains periods are a whole number of samples: 24 (50 Hz) and 20 (60 Hz)
+
+
+@pytest.mark.parametrize("mains_hz", [50.0, 60.0, 100.0, 150.0, 120.0])
+def test_mains_hum_and_its_harmonics_never_reach_the_detector(mains_hz: float) -> None:
+    """50 or 60 Hz hum (and harmonics) is removed exactly: hum is not turned into beats."""
+    t = np.arange(round(2 * MAINS_RATE_HZ)) / MAINS_RATE_HZ
+    hum = 500.0 * np.sin(2 * np.pi * mains_hz * t + 0.3)
+    inner = slice(200, -200)
+    assert np.max(np.abs(band_pass(hum, MAINS_RATE_HZ)[inner])) < 1e-6
+
+
+def test_band_pass_keeps_the_qrs_band_and_removes_baseline_and_offset() -> None:
+    """A 10 Hz QRS-like wave keeps most of its size; a DC offset and a slow baseline drift go:
+    a drifting baseline must not hide beats or make beats of its own."""
+    t = np.arange(round(4 * RATE_HZ)) / RATE_HZ
+    inner = slice(300, -300)
+    qrs_band = np.sin(2 * np.pi * 10.0 * t)
+    kept = np.max(np.abs(band_pass(qrs_band, RATE_HZ)[inner]))
+    assert 0.95 < kept < 1.12  # the gain at 10 Hz of the three boxcars (20, 16, 120 ms at 500 Hz)
+    assert np.max(np.abs(band_pass(np.full(t.size, 800.0), RATE_HZ))) < 1e-9
+    drift = band_pass(300.0 * np.sin(2 * np.pi * 0.3 * t), RATE_HZ)[inner]
+    assert np.max(np.abs(drift)) < 0.02 * 300.0
+
+
+def test_band_pass_is_the_mains_boxcars_minus_the_120_ms_mean() -> None:
+    """The filter lengths in seconds as documented (1/50 s, 1/60 s, 120 ms) at 500 Hz: 10, 8, 60."""
+    x = np.random.default_rng(SEED).normal(0, 100, size=(2, 700))
+    low = naive_moving_average(naive_moving_average(x, 10), 8)
+    np.testing.assert_allclose(band_pass(x, RATE_HZ), low - naive_moving_average(low, 60), atol=1e-9)
+    assert qrs.MAINS_PERIODS_S == (1 / 50, 1 / 60)
+
+
+def test_qrs_energy_is_the_squared_slope_integrated_over_100_ms() -> None:
+    """The envelope the beats are picked from: slope squared (sign-free), summed over a QRS width."""
+    x = np.random.default_rng(SEED).normal(0, 100, size=(2, 400))
+    filtered = band_pass(x, RATE_HZ)
+    slope = np.diff(filtered, axis=-1, prepend=filtered[..., :1])
+    np.testing.assert_allclose(qrs_energy(x, RATE_HZ), naive_moving_average(slope**2, 50), rtol=1e-9)
+    assert qrs_energy(x, RATE_HZ)[:, 0] == pytest.approx(naive_moving_average(slope**2, 50)[:, 0])
+
+
+# --- heart_rate_bpm ---------------------------------------------------------------------------
+
+
+def test_heart_rate_is_sixty_over_the_mean_rr() -> None:
+    """Beats 0.8 s apart are 75 bpm; uneven RRs give 60 / their mean, as carts state it."""
+    assert heart_rate_bpm((0, 400, 800, 1200), RATE_HZ) == pytest.approx(75.0)
+    assert heart_rate_bpm(np.array([0, 300, 800]), RATE_HZ) == pytest.approx(75.0)
+    assert heart_rate_bpm((0, 250, 500), 250.0) == pytest.approx(60.0)
+
+
+def test_no_rate_from_fewer_than_three_beats_or_beats_at_one_sample() -> None:
+    """One RR interval is no rate worth stating; repeated indices (no RR at all) give no rate
+    instead of a division by zero."""
+    assert heart_rate_bpm((), RATE_HZ) is None
+    assert heart_rate_bpm((100, 500), RATE_HZ) is None
+    assert heart_rate_bpm((100, 100, 100), RATE_HZ) is None
+
+
+def test_a_rate_outside_20_to_300_bpm_is_a_detector_failure_not_a_rate() -> None:
+    """Exactly 20 and 300 bpm are stated; just outside them is no rate (not a wrong number)."""
+    assert heart_rate_bpm((0, 1500, 3000), RATE_HZ) == pytest.approx(20.0)
+    assert heart_rate_bpm((0, 100, 200), RATE_HZ) == pytest.approx(300.0)
+    assert heart_rate_bpm((0, 1501, 3002), RATE_HZ) is None
+    assert heart_rate_bpm((0, 99, 198), RATE_HZ) is None
+
+
+def test_rr_intervals_across_an_excluded_stretch_are_not_counted() -> None:
+    """While an electrode sat at its rail beats could not be seen: the long RR spanning that
+    stretch is not a slow heart. Only RRs with no excluded sample between their beats count."""
+    beats = (0, 400, 800, 2000, 2400, 2800)
+    exclude = np.zeros(3000, dtype=bool)
+    assert heart_rate_bpm(beats, RATE_HZ, exclude) == pytest.approx(60.0 * RATE_HZ / (2800 / 5))
+    exclude[1000:1500] = True
+    assert heart_rate_bpm(beats, RATE_HZ, exclude) == pytest.approx(75.0)
+    exclude[799] = True  # the beat at 800 itself is seen; the RR 400-800 crosses sample 799
+    assert heart_rate_bpm(beats, RATE_HZ, exclude) == pytest.approx(75.0)
+    exclude[2400] = True  # ... RR 2400-2800 starts on an excluded sample
+    assert heart_rate_bpm(beats, RATE_HZ, exclude) == pytest.approx(75.0)
+    exclude[0] = True  # only the RR 2000-2400 is left: no rate from one RR
+    assert heart_rate_bpm(beats, RATE_HZ, exclude) is None
+    assert heart_rate_bpm(beats, RATE_HZ, None) == heart_rate_bpm(beats, RATE_HZ, np.zeros(3000, dtype=bool))
+
+
+def test_rr_intervals_are_in_seconds() -> None:
+    assert QrsDetection((100, 500, 1100), 60.0, (0,)).rr_intervals_s(RATE_HZ).tolist() == [0.8, 1.2]
+
+
+# --- detect_qrs --------------------------------------------------------------------------------
+
+
+def test_every_beat_of_a_regular_rhythm_is_found_at_its_qrs_with_its_rate() -> None:
+    """75 bpm on two leads: every beat, none invented, each at its QRS peak, rate 75."""
+    times = regular_times()
+    x = np.stack([beat_lead(times), -0.6 * beat_lead(times)])
+    found = detect_qrs(x, RATE_HZ)
+    assert_beats_at(found.beats, times)
+    assert found.heart_rate_bpm == pytest.approx(75.0, abs=0.3)
+    assert sorted(found.leads_used) == [0, 1]
+
+
+@pytest.mark.parametrize("rate_hz", [250.0, 1000.0])
+def test_every_accepted_sampling_rate_finds_the_same_beats(rate_hz: float) -> None:
+    """Filter lengths are in seconds: a 250 Hz or 1000 Hz cart gives the same beats in time."""
+    times = regular_times(rr_s=0.9)
+    found = detect_qrs(beat_lead(times, rate_hz)[None, :], rate_hz)
+    scale = rate_hz / RATE_HZ
+    expected = np.round(np.asarray(times) * rate_hz)
+    assert len(found.beats) == len(times)
+    assert np.all(np.abs(np.asarray(found.beats) - expected) <= FIDUCIAL_TOLERANCE * scale)
+    assert found.heart_rate_bpm == pytest.approx(60 / 0.9, abs=0.3)
+
+
+def test_a_one_dimensional_lead_is_one_lead() -> None:
+    times = regular_times()
+    assert detect_qrs(beat_lead(times), RATE_HZ).beats == detect_qrs(beat_lead(times)[None, :], RATE_HZ).beats
+
+
+def test_an_offset_lead_finds_the_same_beats() -> None:
+    """A lead sitting 5 mV off zero (electrode offset) beats the same: the median is removed first."""
+    times = regular_times()
+    assert (
+        detect_qrs(beat_lead(times)[None, :] + 5000.0, RATE_HZ).beats
+        == detect_qrs(beat_lead(times)[None, :], RATE_HZ).beats
+    )
+
+
+def test_a_small_beat_in_a_long_gap_is_found_by_searching_back() -> None:
+    """A small ectopic beat (40 % of the others' size: energy 16 % of the QRS level, under the
+    30 % threshold) in the middle of a double-length gap is still found: a beat not missed."""
+    times = regular_times()
+    sizes = [QRS_UV] * len(times)
+    sizes[5] = 0.4 * QRS_UV
+    found = detect_qrs(beat_lead(times, qrs_uv=sizes)[None, :], RATE_HZ)
+    assert_beats_at(found.beats, times)
+    assert found.heart_rate_bpm == pytest.approx(75.0, abs=0.3)
+
+
+def test_two_small_beats_in_a_row_are_both_found_in_their_long_gap() -> None:
+    """Each long gap gets the strongest candidate inside it: a run of two small beats makes a
+    triple gap, whose first search finds one; the second is then within a long gap of its own."""
+    times = regular_times()
+    sizes = [QRS_UV] * len(times)
+    sizes[4] = 0.4 * QRS_UV
+    found = detect_qrs(beat_lead(times, qrs_uv=sizes)[None, :], RATE_HZ)
+    assert_beats_at(found.beats, times)
+
+
+def test_a_blip_far_below_the_beats_is_not_a_beat_even_in_a_long_gap() -> None:
+    """A 20 % blip (energy 4 % of the QRS level) in a pause is noise, not a beat."""
+    times = regular_times()
+    sizes = [QRS_UV] * len(times)
+    sizes[5] = 0.2 * QRS_UV
+    found = detect_qrs(beat_lead(times, qrs_uv=sizes)[None, :], RATE_HZ)
+    assert_beats_at(found.beats, times[:5] + times[6:])
+
+
+def test_a_small_beat_in_a_regular_rhythm_is_not_searched_for() -> None:
+    """Search-back happens only in gaps much longer than usual: a small blip where the RR is
+    normal (a tall T wave's notch, a bump) does not add a beat."""
+    times = regular_times(rr_s=1.0)
+    x = beat_lead(times)
+    blip_times = [t + 0.5 for t in times[2:4]]
+    x += beat_lead(blip_times, qrs_uv=0.4 * QRS_UV, t_uv=0.0)
+    found = detect_qrs(x[None, :], RATE_HZ)
+    assert_beats_at(found.beats, times)
+
+
+def test_a_second_peak_within_the_refractory_period_is_the_same_beat() -> None:
+    """A notched QRS (a second peak 120 ms later, 70 % of the first) is one beat, not two:
+    the rate is not doubled."""
+    times = regular_times()
+    x = beat_lead(times) + beat_lead([t + 0.12 for t in times], qrs_uv=0.7 * QRS_UV, t_uv=0.0)
+    found = detect_qrs(x[None, :], RATE_HZ)
+    assert len(found.beats) == len(times)
+    assert found.heart_rate_bpm == pytest.approx(75.0, abs=0.5)
+
+
+def test_beats_just_over_the_refractory_period_apart_are_two_beats() -> None:
+    """A fast run (RR 260 ms, 230 bpm) is still counted beat by beat: beats are not merged."""
+    times = regular_times(rr_s=0.26, seconds=4.0)
+    found = detect_qrs(beat_lead(times, seconds=4.0, t_uv=0.0)[None, :], RATE_HZ)
+    assert_beats_at(found.beats, times)
+
+
+def test_a_noisy_lead_is_outweighed_by_clean_ones() -> None:
+    """A lead of pure noise (no QRS standing out) is not combined with the clean leads: its noise
+    is never turned into beats."""
+    times = regular_times()
+    noise = np.random.default_rng(SEED).normal(0, 300, size=round(SECONDS * RATE_HZ))
+    x = np.stack([noise, beat_lead(times), 0.8 * beat_lead(times)])
+    found = detect_qrs(x, RATE_HZ)
+    assert 0 not in found.leads_used and sorted(found.leads_used) == [1, 2]
+    assert_beats_at(found.beats, times)
+
+
+def test_leads_are_combined_in_order_of_clarity_up_to_six() -> None:
+    """Eight clean leads: the six clearest (ties: in lead order) carry the beat; a flat lead
+    (no QRS at all) is never among them."""
+    times = regular_times()
+    rng = np.random.default_rng(SEED)
+    clean = beat_lead(times)
+    leads = [clean + rng.normal(0, 5 * (k + 1), clean.size) for k in range(8)]
+    x = np.stack([np.zeros(clean.size), *leads[::-1]])
+    found = detect_qrs(x, RATE_HZ)
+    assert found.leads_used == (8, 7, 6, 5, 4, 3)
+    assert qrs.MAX_LEADS_COMBINED == 6
+    assert_beats_at(found.beats, times)
+
+
+def test_a_lead_much_less_clear_than_the_best_is_left_out() -> None:
+    """A lead whose QRS barely stands out of its noise is not averaged with a clean one."""
+    times = regular_times()
+    rng = np.random.default_rng(SEED)
+    poor = beat_lead(times) + rng.normal(0, 250, round(SECONDS * RATE_HZ))
+    found = detect_qrs(np.stack([poor, beat_lead(times)]), RATE_HZ)
+    assert found.leads_used == (1,)
+
+
+def test_a_lead_that_dies_half_way_is_not_used() -> None:
+    """An electrode that came off after 4 s beats in only half the windows: its later noise
+    would become beats, so the lead is left out and the other one carries the rhythm."""
+    times = regular_times()
+    dying = beat_lead(times)
+    dying[round(4 * RATE_HZ) :] = np.random.default_rng(SEED).normal(0, 2, dying.size - round(4 * RATE_HZ))
+    found = detect_qrs(np.stack([dying, 0.5 * beat_lead(times)]), RATE_HZ)
+    assert found.leads_used == (1,)
+    assert_beats_at(found.beats, times)
+
+
+RAIL_UV = 8000.0  # an input sitting at its converter's rail while an electrode is off
+
+
+def test_a_stretch_at_the_rail_has_no_beats_and_its_edges_make_none() -> None:
+    """While an electrode sat at its rail (the caller's `exclude`), no beat is placed there; the
+    steps into and out of the rail (QRS-like edges within the filters' reach) make no beats and
+    do not drown the real ones; the rate skips the RR that spans the stretch."""
+    times = regular_times()
+    x = beat_lead(times)
+    stretch = slice(round(3.0 * RATE_HZ), round(5.0 * RATE_HZ))
+    x[stretch] = RAIL_UV
+    exclude = np.zeros(x.size, dtype=bool)
+    exclude[stretch] = True
+    found = detect_qrs(x[None, :], RATE_HZ, exclude)
+    assert_beats_at(found.beats, [t for t in times if not 3.0 <= t < 5.0])
+    assert found.heart_rate_bpm == pytest.approx(75.0, abs=0.3)
+    clean = beat_lead(times)[None, :]
+    assert detect_qrs(clean, RATE_HZ, np.zeros(x.size, dtype=bool)) == detect_qrs(clean, RATE_HZ)
+
+
+@pytest.mark.parametrize(
+    "x",
+    [
+        pytest.param(np.zeros((0, 5000)), id="no leads"),
+        pytest.param(np.zeros((2, 5000)), id="flat leads"),
+        pytest.param(np.ones((1, 219)) * np.arange(219), id="shorter than two refractory periods"),
+    ],
+)
+def test_nothing_beat_like_gives_no_beats_and_no_rate(x: np.ndarray) -> None:
+    """No signal, no leads, or too short to hold two beats: no beats, no rate, never a crash."""
+    found = detect_qrs(x, RATE_HZ)
+    assert found == QrsDetection((), None, ())
+
+
+def test_one_beat_in_a_short_recording_is_found_without_a_rate() -> None:
+    """440 ms (two refractory periods) with one QRS: that beat, and no rate from one beat."""
+    x = beat_lead([0.2], seconds=0.44, t_uv=0.0)[None, :]
+    found = detect_qrs(x, RATE_HZ)
+    assert_beats_at(found.beats, [0.2])
+    assert found.heart_rate_bpm is None and found.leads_used == (0,)
+
+
+def test_beats_are_ascending_sample_indices_within_the_recording() -> None:
+    """A QRS at the very start or end is clipped to the recording, never an index outside it."""
+    times = [0.01, *regular_times(first_s=0.8), SECONDS - 0.01]
+    x = beat_lead(times)[None, :]
+    found = detect_qrs(x, RATE_HZ)
+    assert list(found.beats) == sorted(set(found.beats))
+    assert all(0 <= b < x.shape[-1] for b in found.beats)
+    assert all(isinstance(b, int) for b in found.beats)
+    assert found.beats[0] <= FIDUCIAL_TOLERANCE
+    assert_beats_at(found.beats[1:], times[1:-1])
