@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from devices.ecg import qrs
+from devices.ecg.median_beat import Waves, median_beat
 from devices.ecg.qrs import QrsDetection, band_pass, detect_qrs, heart_rate_bpm, moving_average, qrs_energy
 
 RATE_HZ = 500.0
@@ -377,3 +378,172 @@ def test_beats_are_ascending_sample_indices_within_the_recording() -> None:
     assert all(isinstance(b, int) for b in found.beats)
     assert found.beats[0] <= FIDUCIAL_TOLERANCE
     assert_beats_at(found.beats[1:], times[1:-1])
+
+
+# --- median_beat ---------------------------------------------------------------------------------
+
+BEFORE = 225  # TEMPLATE_S at 500 Hz: 450 ms before the QRS peak ...
+AFTER = 300  # ... and 600 ms after it
+DC_UV = 200.0  # the lead's offset: every wave is measured from the PR segment, not from zero
+P_UV, Q_UV, R_UV, S_UV = 150.0, -100.0, 1000.0, -300.0
+P_AT_S, Q_AT_S, S_AT_S, T_AT_S = -0.16, -0.03, 0.03, 0.28
+WAVE_SIGMA_S = 0.020
+QRS_WAVE_SIGMA_S = 0.008
+WAVE_TOLERANCE_UV = 1.0
+NORMAL_ONSET, NORMAL_OFFSET = 203, 252  # where this beat's combined slope falls under 10 % for 10 ms
+
+
+def pqrst_lead(
+    beat_times_s: list[float] | np.ndarray,
+    seconds: float = SECONDS,
+    p: float = P_UV,
+    q: float = Q_UV,
+    r: float = R_UV,
+    s: float = S_UV,
+    t: float = 300.0,
+    t_at_s: float = T_AT_S,
+    t_sigma_s: float = 0.040,
+    p_at_s: float = P_AT_S,
+    dc: float = DC_UV,
+) -> np.ndarray:
+    """One lead of identical beats: P, Q, R, S and T as Gaussians around each R peak, on an offset."""
+    n = round(seconds * RATE_HZ)
+    x = np.full(n, dc)
+    for c in beat_times_s:
+        x += p * gaussian(n, c + p_at_s, WAVE_SIGMA_S, RATE_HZ)
+        x += q * gaussian(n, c + Q_AT_S, QRS_WAVE_SIGMA_S, RATE_HZ)
+        x += r * gaussian(n, c, QRS_WAVE_SIGMA_S, RATE_HZ)
+        x += s * gaussian(n, c + S_AT_S, QRS_WAVE_SIGMA_S, RATE_HZ)
+        x += t * gaussian(n, c + t_at_s, t_sigma_s, RATE_HZ)
+    return x
+
+
+BEAT_TIMES = np.arange(0.5, 9.5, 1.0)  # 60 bpm, nine beats
+BEATS = tuple(int(b) for b in np.round(BEAT_TIMES * RATE_HZ))
+
+
+def two_leads() -> np.ndarray:
+    """An upright lead (like II) and one with an inverted P and T and a deep S (like aVR/V1)."""
+    return np.stack([pqrst_lead(BEAT_TIMES), pqrst_lead(BEAT_TIMES, p=-150.0, r=200.0, s=-900.0, t=-200.0)])
+
+
+def test_the_median_beat_is_the_window_around_each_qrs_peak() -> None:
+    """450 ms before to 600 ms after the QRS peak, the peak at index 225: a median beat from the
+    wrong window would put the P wave or the T wave in the wrong place."""
+    x = two_leads()
+    beat = median_beat(x, BEATS, RATE_HZ)
+    assert beat is not None
+    assert beat.peak == BEFORE and beat.template.shape == (2, BEFORE + AFTER)
+    np.testing.assert_allclose(beat.template, x[:, BEATS[3] - BEFORE : BEATS[3] + AFTER], atol=1e-9)
+    assert beat.beats_used == len(BEATS)
+
+
+def test_the_median_ignores_one_ectopic_beat() -> None:
+    """One beat of five is an ectopic with a huge, wide complex: the median beat is the normal one."""
+    times = BEAT_TIMES[:5]
+    beats = tuple(int(b) for b in np.round(times * RATE_HZ))
+    x = pqrst_lead(times)
+    x[beats[2] - 60 : beats[2] + 60] += 3000.0
+    beat = median_beat(x[None, :], beats, RATE_HZ)
+    assert beat is not None
+    np.testing.assert_allclose(beat.template[0], x[beats[0] - BEFORE : beats[0] + AFTER], atol=1e-9)
+
+
+def test_fewer_than_three_whole_beats_make_no_median_beat() -> None:
+    """Two beats are no median: None, not a 'median' of two that is their mean."""
+    x = two_leads()
+    assert median_beat(x, BEATS[:2], RATE_HZ) is None
+    three = median_beat(x, BEATS[:3], RATE_HZ)
+    assert three is not None and three.beats_used == 3
+
+
+def test_only_beats_with_a_whole_window_in_the_recording_are_used() -> None:
+    """A beat too near either end has no whole window: it is left out (its missing part is not
+    filled with samples of another place). The window must start at sample 0 or later and end
+    before the last sample."""
+    x = two_leads()
+    n = x.shape[-1]
+    inside = BEATS[2:5]
+    assert median_beat(x, (BEFORE, *inside, n - AFTER - 1), RATE_HZ).beats_used == 5  # type: ignore[union-attr]
+    assert median_beat(x, (BEFORE - 1, *inside, n - AFTER), RATE_HZ).beats_used == 3  # type: ignore[union-attr]
+    assert median_beat(x, (BEFORE - 1, BEATS[3], n - AFTER), RATE_HZ) is None
+
+
+def test_qrs_onset_and_offset_are_where_the_slope_of_the_qrs_ends() -> None:
+    """The QRS of this beat (Q at -30 ms, R, S at +30 ms) starts 44 ms before its peak and ends
+    54 ms after it: a wrong edge is a wrong QRS duration and moves every wave's baseline."""
+    beat = median_beat(two_leads(), BEATS, RATE_HZ)
+    assert beat is not None
+    assert (beat.qrs_onset, beat.qrs_offset) == (NORMAL_ONSET, NORMAL_OFFSET)
+
+
+def test_waves_are_signed_and_measured_from_the_pr_segment() -> None:
+    """P, QRS and T against the PR segment (not against zero: the 200 µV offset is gone), with
+    their sign: an inverted T wave stays negative, an upright one positive."""
+    beat = median_beat(two_leads(), BEATS, RATE_HZ)
+    assert beat is not None
+    upright, inverted = beat.waves
+    assert upright.p_uv == pytest.approx(P_UV, abs=WAVE_TOLERANCE_UV)
+    assert upright.t_uv == pytest.approx(300.0, abs=WAVE_TOLERANCE_UV)
+    assert upright.qrs_range_uv == pytest.approx(R_UV - S_UV, abs=2 * WAVE_TOLERANCE_UV)
+    assert upright.qrs_polarity == pytest.approx((R_UV + S_UV) / (R_UV - S_UV), abs=0.01)
+    assert upright.beat_range_uv == pytest.approx(R_UV - S_UV, abs=2 * WAVE_TOLERANCE_UV)
+    assert inverted.p_uv == pytest.approx(-150.0, abs=WAVE_TOLERANCE_UV)
+    assert inverted.t_uv == pytest.approx(-200.0, abs=WAVE_TOLERANCE_UV)
+    assert inverted.qrs_range_uv == pytest.approx(1100.0, abs=2 * WAVE_TOLERANCE_UV)
+    assert inverted.qrs_polarity == pytest.approx((200.0 - 900.0) / 1100.0, abs=0.01)
+
+
+def test_an_all_negative_qrs_has_polarity_minus_one_and_a_flat_lead_zero() -> None:
+    """A QS complex (no R at all) is -1, an all-R complex +1; a flat lead has no polarity (0),
+    never NaN in the report."""
+    x = np.stack(
+        [
+            pqrst_lead(BEAT_TIMES, q=0.0, r=-800.0, s=0.0),
+            pqrst_lead(BEAT_TIMES, q=0.0, s=0.0),
+            np.full(round(SECONDS * RATE_HZ), DC_UV),
+        ]
+    )
+    beat = median_beat(x, BEATS, RATE_HZ)
+    assert beat is not None
+    qs, all_r, flat = beat.waves
+    assert qs.qrs_polarity == pytest.approx(-1.0, abs=0.01)
+    assert all_r.qrs_polarity == pytest.approx(1.0, abs=0.01)
+    assert flat == Waves(0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+def test_a_recording_with_no_signal_gives_zero_waves_not_nan() -> None:
+    """Every lead flat: the beat's edges fall back to all leads, every wave is 0."""
+    beat = median_beat(np.zeros((2, round(SECONDS * RATE_HZ))), BEATS, RATE_HZ)
+    assert beat is not None
+    assert beat.waves == (Waves(0.0, 0.0, 0.0, 0.0, 0.0),) * 2
+    assert (
+        BEFORE - round(0.12 * RATE_HZ)
+        <= beat.qrs_onset
+        <= beat.peak
+        <= beat.qrs_offset
+        <= BEFORE + round(0.12 * RATE_HZ)
+    )
+
+
+def test_a_lead_full_of_hum_does_not_widen_the_qrs() -> None:
+    """The QRS edges come from the clearest leads: a lead with strong 50 Hz hum (whose slope is
+    high everywhere) would make the whole beat look like QRS."""
+    t = np.arange(round(SECONDS * RATE_HZ)) / RATE_HZ
+    hum = pqrst_lead(BEAT_TIMES, r=300.0) + 400.0 * np.sin(2 * np.pi * 50.3 * t)
+    beat = median_beat(np.vstack([hum[None, :], two_leads()]), BEATS, RATE_HZ)
+    assert beat is not None
+    assert (beat.qrs_onset, beat.qrs_offset) == (NORMAL_ONSET, NORMAL_OFFSET)
+
+
+def test_at_a_fast_rate_the_neighbouring_beats_are_not_taken_for_p_or_t() -> None:
+    """At 150 bpm the previous beat's T wave lies before this P wave and the next QRS 400 ms
+    after this one: the P wave is not the previous T, the T wave is not the next R."""
+    times = np.arange(0.5, 9.5, 0.4)
+    beats = tuple(int(b) for b in np.round(times * RATE_HZ))
+    x = pqrst_lead(times, p_at_s=-0.10, t=400.0, t_at_s=0.18, t_sigma_s=0.015)
+    beat = median_beat(x[None, :], beats, RATE_HZ)
+    assert beat is not None
+    (waves,) = beat.waves
+    assert waves.p_uv == pytest.approx(P_UV, abs=5.0)
+    assert waves.t_uv == pytest.approx(400.0, abs=5.0)
