@@ -75,7 +75,7 @@ def naive_moving_average(x: np.ndarray, width: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("width", [0, 1, 2, 3, 4, 5, 8, 11])
-@pytest.mark.parametrize("n", [1, 2, 3, 5, 7, 12])
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 5, 7, 12])
 def test_moving_average_is_the_mean_of_the_samples_around_each_one(width: int, n: int) -> None:
     """Every filter of the detector is this average: a wrong edge or offset shifts every beat or
     weighs the recording's ends wrongly (a beat at the start missed or invented)."""
@@ -93,6 +93,9 @@ def test_a_width_one_average_is_a_float_copy_that_leaves_the_caller_s_samples_al
     assert got.dtype == np.float64 and got.tolist() == [[3.0, -7.0, 12.0, 0.0]]
     got[0, 0] = 99
     assert samples[0, 0] == 3
+    microvolts = np.array([1.5, 2.5])
+    moving_average(microvolts, 1)[0] = 99.0
+    assert microvolts[0] == 1.5
 
 
 MAINS_RATE_HZ = 1200.0  # both mains periods are a whole number of samples: 24 (50 Hz) and 20 (60 Hz)
@@ -161,6 +164,8 @@ def test_a_rate_outside_20_to_300_bpm_is_a_detector_failure_not_a_rate() -> None
     assert heart_rate_bpm((0, 100, 200), RATE_HZ) == pytest.approx(300.0)
     assert heart_rate_bpm((0, 1501, 3002), RATE_HZ) is None
     assert heart_rate_bpm((0, 99, 198), RATE_HZ) is None
+    assert heart_rate_bpm((0, 100, 200), 501.0) is None  # 300.6 bpm
+    assert heart_rate_bpm((0, 1500, 3000), 499.0) is None  # 19.96 bpm
 
 
 def test_rr_intervals_across_an_excluded_stretch_are_not_counted() -> None:
@@ -188,9 +193,10 @@ def test_rr_intervals_are_in_seconds() -> None:
 
 
 def test_every_beat_of_a_regular_rhythm_is_found_at_its_qrs_with_its_rate() -> None:
-    """75 bpm on two leads: every beat, none invented, each at its QRS peak, rate 75."""
-    times = regular_times()
-    x = np.stack([beat_lead(times), -0.6 * beat_lead(times)])
+    """75 bpm on two leads: every beat, none invented, each at its QRS peak, rate 75 (9.7 s: not
+    a whole number of the 2 s level windows)."""
+    times = regular_times(seconds=9.7)
+    x = np.stack([beat_lead(times, seconds=9.7), -0.6 * beat_lead(times, seconds=9.7)])
     found = detect_qrs(x, RATE_HZ)
     assert_beats_at(found.beats, times)
     assert found.heart_rate_bpm == pytest.approx(75.0, abs=0.3)
@@ -547,3 +553,115 @@ def test_at_a_fast_rate_the_neighbouring_beats_are_not_taken_for_p_or_t() -> Non
     (waves,) = beat.waves
     assert waves.p_uv == pytest.approx(P_UV, abs=5.0)
     assert waves.t_uv == pytest.approx(400.0, abs=5.0)
+
+
+def two_morphologies(times: list[float], seconds: float = SECONDS) -> np.ndarray:
+    """Two leads whose QRS peaks differ in time and shape (as limb and chest leads do): an R
+    wave, and a deep S wave 24 ms later, each with a little noise."""
+    rng = np.random.default_rng(SEED)
+    n = round(seconds * RATE_HZ)
+    s_times = [t + 0.024 for t in times]
+    return np.stack(
+        [
+            beat_lead(times, seconds=seconds) + rng.normal(0, 8, n),
+            -beat_lead(s_times, seconds=seconds, qrs_uv=1500.0) + rng.normal(0, 30, n),
+        ]
+    )
+
+
+@pytest.mark.parametrize("gain", [1e-3, 0.05, 20.0, 1e3])
+def test_each_lead_s_gain_does_not_change_the_beats(gain: float) -> None:
+    """Leads are weighed by how clearly their QRS stands out, not by their voltage: a
+    low-voltage lead (or one in mV rather than µV) gives the same beats, at the same samples."""
+    times = regular_times()
+    x = two_morphologies(times)
+    reference = detect_qrs(x, RATE_HZ)
+    assert len(reference.beats) == len(times) and sorted(reference.leads_used) == [0, 1]
+    for lead in (0, 1):
+        scaled = x.copy()
+        scaled[lead] *= gain
+        assert detect_qrs(scaled, RATE_HZ) == reference
+    assert detect_qrs(x * gain, RATE_HZ) == reference
+
+
+def test_a_beat_seen_in_only_one_lead_is_found_however_small_that_lead() -> None:
+    """An ectopic beat visible only in a 0.2 mV lead, next to a 2 mV lead that does not show it:
+    each lead counts by its own QRS level, so the beat is not lost under the big lead."""
+    times = regular_times()
+    ectopic = (times[5] + times[6]) / 2
+    rng = np.random.default_rng(SEED)
+    n = round(SECONDS * RATE_HZ)
+    big = beat_lead(times, qrs_uv=2000.0, t_uv=0.0) + rng.normal(0, 20, n)
+    small = beat_lead(sorted([*times, ectopic]), qrs_uv=200.0, t_uv=0.0) + rng.normal(0, 2, n)
+    found = detect_qrs(np.stack([big, small]), RATE_HZ)
+    assert_beats_at(found.beats, sorted([*times, ectopic]))
+
+
+def test_the_only_lead_dying_half_way_gives_no_beats_rather_than_noise_beats() -> None:
+    """When the one lead there is lost its electrode after 4 s, no beats are made up from its
+    noise (the quality check then says so); nothing is detected."""
+    times = regular_times()
+    dying = beat_lead(times)
+    dying[round(4 * RATE_HZ) :] = np.random.default_rng(SEED).normal(0, 2, dying.size - round(4 * RATE_HZ))
+    assert detect_qrs(dying[None, :], RATE_HZ) == QrsDetection((), None, ())
+
+
+SLOW_RR_S = 2.0  # 30 bpm: the slowest rhythm whose every 2 s window holds a QRS
+
+
+def test_tall_t_waves_at_30_bpm_are_not_counted_as_beats() -> None:
+    """At 30 bpm a tall T wave (0.9 mV) follows each QRS: the QRS level comes from 2 s windows,
+    each holding a QRS, so the T waves stay under the threshold and the rate is not doubled."""
+    times = list(np.arange(0.5, SECONDS, SLOW_RR_S))
+    x = np.zeros(round(SECONDS * RATE_HZ))
+    for c in times:
+        x += QRS_UV * gaussian(x.size, c, QRS_SIGMA_S, RATE_HZ) + 900.0 * gaussian(x.size, c + 0.3, 0.03, RATE_HZ)
+    found = detect_qrs(x[None, :], RATE_HZ)
+    assert_beats_at(found.beats, times)
+    assert found.heart_rate_bpm == pytest.approx(30.0, abs=0.2)
+
+
+def test_a_small_beat_is_searched_for_with_only_three_beats_found() -> None:
+    """A short strip with three clear beats and a long gap: the small beat in the gap is found."""
+    strong = [0.4, 1.0, 3.6]
+    x = beat_lead(strong, seconds=4.2, t_uv=0.0) + beat_lead([2.3], seconds=4.2, qrs_uv=0.4 * QRS_UV, t_uv=0.0)
+    found = detect_qrs(x[None, :], RATE_HZ)
+    assert_beats_at(found.beats, [0.4, 1.0, 2.3, 3.6])
+
+
+def test_a_gap_of_exactly_1_6_rr_is_searched() -> None:
+    """RR 1 s and one gap of 1.6 s: 'an RR this many times the median' includes the boundary."""
+    times = [0.5, 1.5, 2.5, 3.5, 4.5, 6.1, 7.1, 8.1]
+    x = beat_lead(times, t_uv=0.0) + beat_lead([5.3], qrs_uv=0.4 * QRS_UV, t_uv=0.0)
+    found = detect_qrs(x[None, :], RATE_HZ)
+    assert_beats_at(found.beats, sorted([*times, 5.3]))
+
+
+def test_a_blip_exactly_one_refractory_period_after_a_beat_is_not_added() -> None:
+    """Search-back looks strictly more than 220 ms after the beat before the gap: a blip exactly
+    220 ms after a beat is within its refractory period, not a beat."""
+    times = [0.5, 1.3, 2.1, 2.9, 3.7, 5.3, 6.1, 6.9, 7.7, 8.5]
+    blip = 3.7 + qrs.REFRACTORY_S
+    x = beat_lead(times, t_uv=0.0) + beat_lead([blip], qrs_uv=0.4 * QRS_UV, t_uv=0.0)
+    assert_beats_at(detect_qrs(x[None, :], RATE_HZ).beats, times)
+
+
+def test_a_low_voltage_lead_at_its_rail_still_has_its_beats_found() -> None:
+    """The rail stretch's energy is zeroed, not set to some µV² value: a lead recorded in mV-sized
+    units keeps its beats around an excluded stretch."""
+    times = regular_times()
+    x = beat_lead(times)
+    stretch = slice(round(3.0 * RATE_HZ), round(5.0 * RATE_HZ))
+    x[stretch] = RAIL_UV
+    exclude = np.zeros(x.size, dtype=bool)
+    exclude[stretch] = True
+    found = detect_qrs(x[None, :] * 1e-3, RATE_HZ, exclude)
+    assert_beats_at(found.beats, [t for t in times if not 3.0 <= t < 5.0])
+
+
+def test_a_beat_cut_by_the_recording_s_start_is_at_sample_zero() -> None:
+    """A QRS whose peak is the first sample is placed there, not one sample in."""
+    times = [0.0, *regular_times(first_s=0.8)]
+    found = detect_qrs(beat_lead(times, t_uv=0.0)[None, :], RATE_HZ)
+    assert found.beats[0] == 0
+    assert_beats_at(found.beats[1:], times[1:])
