@@ -96,6 +96,8 @@ def test_a_width_one_average_is_a_float_copy_that_leaves_the_caller_s_samples_al
     microvolts = np.array([1.5, 2.5])
     moving_average(microvolts, 1)[0] = 99.0
     assert microvolts[0] == 1.5
+    # exactly the samples, not differences of running sums (which would lose the 1 µV here)
+    assert moving_average(np.array([1e17, 1.0, -1e17, 3.0]), 1).tolist() == [1e17, 1.0, -1e17, 3.0]
 
 
 MAINS_RATE_HZ = 1200.0  # both mains periods are a whole number of samples: 24 (50 Hz) and 20 (60 Hz)
@@ -268,6 +270,15 @@ def test_a_small_beat_in_a_regular_rhythm_is_not_searched_for() -> None:
     x += beat_lead(blip_times, qrs_uv=0.4 * QRS_UV, t_uv=0.0)
     found = detect_qrs(x[None, :], RATE_HZ)
     assert_beats_at(found.beats, times)
+
+
+def test_beats_exactly_one_refractory_period_apart_are_all_counted() -> None:
+    """A flutter-like run at exactly 220 ms per beat (272.7 bpm): every beat counts, none is
+    suppressed as its neighbour's double (the refractory period is the shortest RR, inclusive)."""
+    times = regular_times(rr_s=qrs.REFRACTORY_S, seconds=4.0)
+    found = detect_qrs(beat_lead(times, seconds=4.0, t_uv=0.0)[None, :], RATE_HZ)
+    assert_beats_at(found.beats, times)
+    assert found.heart_rate_bpm == pytest.approx(60 / qrs.REFRACTORY_S, abs=0.5)
 
 
 def test_a_second_peak_within_the_refractory_period_is_the_same_beat() -> None:
@@ -665,3 +676,24 @@ def test_a_beat_cut_by_the_recording_s_start_is_at_sample_zero() -> None:
     found = detect_qrs(beat_lead(times, t_uv=0.0)[None, :], RATE_HZ)
     assert found.beats[0] == 0
     assert_beats_at(found.beats[1:], times[1:])
+
+
+def test_a_beat_in_the_last_60_ms_stays_inside_the_recording() -> None:
+    """A QRS 40 ms before the end: its search window runs past the last sample, which is clipped,
+    so the beat is found at its peak and no index outside the recording is read."""
+    times = [*regular_times(), SECONDS - 0.04]
+    found = detect_qrs(beat_lead(times, t_uv=0.0)[None, :], RATE_HZ)
+    assert_beats_at(found.beats, times)
+
+
+def test_beats_are_found_around_a_rail_stretch_longer_than_half_the_recording() -> None:
+    """Five of ten seconds at the rail: the beats in the other half are still found (the rail's
+    samples weigh nothing in the lead's background, rather than a negative amount)."""
+    times = regular_times()
+    x = beat_lead(times)
+    stretch = slice(round(3.1 * RATE_HZ), round(8.0 * RATE_HZ))
+    x[stretch] = RAIL_UV
+    exclude = np.zeros(x.size, dtype=bool)
+    exclude[stretch] = True
+    found = detect_qrs(x[None, :], RATE_HZ, exclude)
+    assert_beats_at(found.beats, [t for t in times if not 3.1 <= t < 8.0])
