@@ -697,3 +697,80 @@ def test_beats_are_found_around_a_rail_stretch_longer_than_half_the_recording() 
     exclude[stretch] = True
     found = detect_qrs(x[None, :], RATE_HZ, exclude)
     assert_beats_at(found.beats, [t for t in times if not 3.1 <= t < 8.0])
+
+
+QRS_HALF_MAX = 60  # samples: the QRS edge search stops 120 ms either side of the peak
+
+
+def test_a_very_wide_complex_has_its_edges_at_120_ms_from_the_peak() -> None:
+    """A complex whose slope never falls (300 ms wide, e.g. a ventricular rhythm or an artefact)
+    gets onset and offset 120 ms either side of its peak: never beyond, never at the peak."""
+    t = np.arange(round(SECONDS * RATE_HZ)) / RATE_HZ
+    x = np.zeros(t.size)
+    for c in BEAT_TIMES:
+        x += 1500.0 * np.clip(1 - np.abs(t - c) / 0.15, 0, None)
+    beat = median_beat(x[None, :], BEATS, RATE_HZ)
+    assert beat is not None
+    assert (beat.qrs_onset, beat.qrs_offset) == (BEFORE - QRS_HALF_MAX, BEFORE + QRS_HALF_MAX)
+
+
+def test_with_a_long_qt_at_75_bpm_the_previous_t_wave_is_not_this_p_wave() -> None:
+    """T 450 ms after the QRS at 75 bpm: the previous beat's T ends 350 ms before this QRS, just
+    outside the P search (200 ms before the onset): the P wave stays the P wave."""
+    times = np.arange(0.5, 9.5, 0.8)
+    beats = tuple(int(b) for b in np.round(times * RATE_HZ))
+    beat = median_beat(pqrst_lead(times, t_at_s=0.45)[None, :], beats, RATE_HZ)
+    assert beat is not None
+    assert beat.waves[0].p_uv == pytest.approx(P_UV, abs=5.0)
+    assert beat.waves[0].t_uv == pytest.approx(300.0, abs=5.0)
+
+
+U_UV = 150.0
+U_AFTER_S = 0.50
+
+
+def test_an_inverted_t_wave_followed_by_a_u_wave_stays_inverted() -> None:
+    """The T search ends 400 ms after the QRS offset: a U wave 500 ms after the QRS (larger
+    than the inverted T, as in hypokalaemia) is not measured as an upright T."""
+    n = round(SECONDS * RATE_HZ)
+    x = pqrst_lead(BEAT_TIMES, t=-100.0) + U_UV * sum(gaussian(n, c + U_AFTER_S, 0.02, RATE_HZ) for c in BEAT_TIMES)
+    beat = median_beat(x[None, :], BEATS, RATE_HZ)
+    assert beat is not None
+    assert beat.waves[0].t_uv == pytest.approx(-100.0, abs=5.0)
+
+
+PACING_SPIKE_UV = 3000.0
+PACING_SPIKE_BEFORE = 80  # samples: an atrial pacing spike 160 ms before the QRS
+
+
+def test_a_pacing_spike_before_the_p_wave_does_not_shrink_the_qrs() -> None:
+    """The QRS edges are relative to the steepest slope within 50 ms of the peak: an atrial
+    pacing spike (steeper than any QRS) 160 ms earlier does not make the QRS look flat."""
+    x = pqrst_lead(BEAT_TIMES)
+    plain = median_beat(x[None, :], BEATS, RATE_HZ)
+    for b in BEATS:
+        x[b - PACING_SPIKE_BEFORE] += PACING_SPIKE_UV
+    paced = median_beat(x[None, :], BEATS, RATE_HZ)
+    assert plain is not None and paced is not None
+    assert (paced.qrs_onset, paced.qrs_offset) == (plain.qrs_onset, plain.qrs_offset)
+    assert paced.qrs_offset - paced.qrs_onset >= round(0.06 * RATE_HZ)
+
+
+def test_a_deep_s_lead_alone_has_its_qrs_edges_from_its_s_wave() -> None:
+    """A lead whose steepest part is the S wave after the peak (V1, aVR): the QRS ends where the
+    S wave's slope ends, 54 ms after the peak, not earlier (which would shorten the QRS)."""
+    x = pqrst_lead(BEAT_TIMES, p=-150.0, r=200.0, s=-900.0, t=-200.0)
+    beat = median_beat(x[None, :], BEATS, RATE_HZ)
+    assert beat is not None
+    assert (beat.qrs_onset, beat.qrs_offset) == (212, NORMAL_OFFSET)
+
+
+CLOSE_BEATS = tuple(range(300, 4000, 20))  # 40 ms apart: no room for a P or a T wave
+
+
+def test_beats_too_close_for_p_and_t_waves_give_zero_p_and_t() -> None:
+    """Beats 40 ms apart (a detector gone wrong): the P and T windows are empty, so P and T are 0,
+    never a neighbouring QRS's size."""
+    beat = median_beat(pqrst_lead(BEAT_TIMES)[None, :], CLOSE_BEATS, RATE_HZ)
+    assert beat is not None
+    assert (beat.waves[0].p_uv, beat.waves[0].t_uv) == (0.0, 0.0)
