@@ -774,3 +774,83 @@ def test_beats_too_close_for_p_and_t_waves_give_zero_p_and_t() -> None:
     beat = median_beat(pqrst_lead(BEAT_TIMES)[None, :], CLOSE_BEATS, RATE_HZ)
     assert beat is not None
     assert (beat.waves[0].p_uv, beat.waves[0].t_uv) == (0.0, 0.0)
+
+
+def test_a_deep_q_lead_has_its_qrs_onset_from_its_q_wave() -> None:
+    """A lead with a deep Q wave (an old infarct) and a small R: its steepest slope is before the
+    peak, so the QRS starts where the Q wave starts, 52 ms before the peak."""
+    beat = median_beat(pqrst_lead(BEAT_TIMES, q=-900.0, r=200.0, s=0.0)[None, :], BEATS, RATE_HZ)
+    assert beat is not None
+    assert (beat.qrs_onset, beat.qrs_offset) == (199, 234)
+
+
+def test_the_qrs_of_an_rsr_complex_ends_after_its_r_prime() -> None:
+    """An RSR' complex (right bundle branch block: a tall R' 70 ms after the R): the QRS ends
+    after the R' (98 ms after the peak), so its duration is not halved."""
+    n = round(SECONDS * RATE_HZ)
+    r_prime = 900.0 * sum(gaussian(n, c + 0.07, QRS_WAVE_SIGMA_S, RATE_HZ) for c in BEAT_TIMES)
+    beat = median_beat((pqrst_lead(BEAT_TIMES, q=0.0, r=300.0, s=-200.0) + r_prime)[None, :], BEATS, RATE_HZ)
+    assert beat is not None
+    assert (beat.qrs_onset, beat.qrs_offset) == (214, 274)
+
+
+def test_a_peaked_t_wave_does_not_change_the_qrs_edges() -> None:
+    """A small QRS with a tall, peaked T wave (hyperkalaemia: steeper than the QRS): the QRS edges
+    are those of the same QRS with a normal T wave."""
+    small_qrs = {"q": 0.0, "r": 200.0, "s": 0.0}
+    normal = median_beat(pqrst_lead(BEAT_TIMES, **small_qrs)[None, :], BEATS, RATE_HZ)
+    peaked = pqrst_lead(BEAT_TIMES, **small_qrs, t=600.0, t_sigma_s=0.02, t_at_s=0.25)
+    beat = median_beat(peaked[None, :], BEATS, RATE_HZ)
+    assert normal is not None and beat is not None
+    assert (beat.qrs_onset, beat.qrs_offset) == (normal.qrs_onset, normal.qrs_offset) == (214, 237)
+
+
+def smeared_leads() -> np.ndarray:
+    """Five leads by clarity: three with a narrow QRS, a fourth a little less clear with a wider
+    QRS, a fifth less clear still with the widest (each with the same 3 µV noise)."""
+    rng = np.random.default_rng(SEED)
+    n = round(SECONDS * RATE_HZ)
+    leads = []
+    for sigma_s, size in [(0.008, 1120.0), (0.008, 1040.0), (0.008, 1000.0), (0.016, 1920.0), (0.024, 2760.0)]:
+        x = np.full(n, DC_UV) + rng.normal(0, 3, n)
+        for c in BEAT_TIMES:
+            x += size * gaussian(n, c, sigma_s, RATE_HZ)
+        leads.append(x)
+    return np.stack(leads)
+
+
+def test_the_qrs_edges_come_from_the_four_clearest_leads() -> None:
+    """The edges are the four clearest leads' together: the fourth (wider) lead counts, the
+    fifth and least clear does not widen the QRS further."""
+    beat = median_beat(smeared_leads(), BEATS, RATE_HZ)
+    assert beat is not None
+    assert (beat.qrs_onset, beat.qrs_offset) == (208, 243)
+
+
+@pytest.mark.parametrize("gain", [1e-3, 1.0, 1e3])
+def test_the_qrs_edges_do_not_depend_on_the_leads_gain(gain: float) -> None:
+    """The same leads in mV or in nV-sized units: the same edges (a low-voltage ECG is not
+    read as having no clear lead, which would let the hum lead widen the QRS)."""
+    t = np.arange(round(SECONDS * RATE_HZ)) / RATE_HZ
+    hum = pqrst_lead(BEAT_TIMES, r=300.0) + 400.0 * np.sin(2 * np.pi * 50.3 * t)
+    beat = median_beat(np.vstack([hum[None, :], pqrst_lead(BEAT_TIMES)[None, :]]) * gain, BEATS, RATE_HZ)
+    assert beat is not None
+    assert (beat.qrs_onset, beat.qrs_offset) == (212, 250)
+    five = median_beat(smeared_leads() * gain, BEATS, RATE_HZ)
+    assert five is not None and (five.qrs_onset, five.qrs_offset) == (208, 243)
+
+
+LOW_RATE_HZ = 100.0  # the lowest rate the quality check accepts: 10 ms is one sample
+
+
+def test_at_100_hz_the_qrs_edges_are_where_the_slope_ends() -> None:
+    """At 100 Hz the 10 ms of quiet that ends the QRS is one sample: the edges are not pushed a
+    sample outwards."""
+    beats = tuple(int(b) for b in np.round(BEAT_TIMES * LOW_RATE_HZ))
+    n = round(SECONDS * LOW_RATE_HZ)
+    x = np.zeros(n)
+    for c in BEAT_TIMES:
+        x += R_UV * gaussian(n, c, 0.02, LOW_RATE_HZ)
+    beat = median_beat(x[None, :], beats, LOW_RATE_HZ)
+    assert beat is not None and beat.peak == 45
+    assert (beat.qrs_onset, beat.qrs_offset) == (39, 52)
