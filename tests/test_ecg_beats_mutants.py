@@ -821,6 +821,9 @@ def test_the_qrs_edges_come_from_the_four_clearest_leads() -> None:
     assert (beat.qrs_onset, beat.qrs_offset) == (208, 243)
 
 
+Q_AND_R_ONSET, Q_AND_R_OFFSET = 199, 249  # an upright lead and a deep-Q lead at 30 % of its size
+
+
 @pytest.mark.parametrize("gain", [1e-3, 1.0, 1e3])
 def test_the_qrs_edges_do_not_depend_on_the_leads_gain(gain: float) -> None:
     """The same leads in mV or in nV-sized units: the same edges (a low-voltage ECG is not
@@ -832,6 +835,9 @@ def test_the_qrs_edges_do_not_depend_on_the_leads_gain(gain: float) -> None:
     assert (beat.qrs_onset, beat.qrs_offset) == (212, 250)
     five = median_beat(smeared_leads() * gain, BEATS, RATE_HZ)
     assert five is not None and (five.qrs_onset, five.qrs_offset) == (208, 243)
+    q_and_r = np.stack([pqrst_lead(BEAT_TIMES), 0.3 * pqrst_lead(BEAT_TIMES, q=-900.0, r=200.0, s=0.0)])
+    two = median_beat(q_and_r * gain, BEATS, RATE_HZ)
+    assert two is not None and (two.qrs_onset, two.qrs_offset) == (Q_AND_R_ONSET, Q_AND_R_OFFSET)
 
 
 LOW_RATE_HZ = 100.0  # the lowest rate the quality check accepts: 10 ms is one sample
