@@ -108,8 +108,8 @@ def test_the_acquire_process_leaves_out_what_it_never_uses() -> None:
         "import sys\n"
         "import lastmile.cli\n"
         "assert 'pydicom' not in sys.modules, 'too late: pydicom is imported before the acquire command runs'\n"
-        "from lastmile.services.acquire import prepare_acquire_process\n"
-        "prepare_acquire_process()\n"
+        "from lastmile.services.process_tuning import prepare_device_process\n"
+        "prepare_device_process()\n"
         "import firmware_bridge.dicom_receiver, lastmile.ecg.intake, lastmile.services.acquire\n"
         "import pydicom.data\n"
         "print(sorted(n for n in ('requests', 'tqdm', 'pydicom') if sys.modules.get(n) is not None))\n"
@@ -127,8 +127,8 @@ def test_the_acquire_process_defers_dateutil_until_a_date_recipe_is_used(tmp_pat
         "import sys\n"
         "from pathlib import Path\n"
         "import lastmile.cli\n"
-        "from lastmile.services.acquire import prepare_acquire_process\n"
-        "prepare_acquire_process()\n"
+        "from lastmile.services.process_tuning import prepare_device_process\n"
+        "prepare_device_process()\n"
         "import firmware_bridge.dicom_receiver, lastmile.ecg.intake, lastmile.services.acquire\n"
         "import lastmile.services.ble_devices, lastmile.services.serial_devices, lastmile.clinic.patients\n"
         "from uploader.sqlite_store import MIGRATIONS, open_database\n"
@@ -149,8 +149,8 @@ def test_the_acquire_process_loads_the_ble_stack_only_for_its_ble_part() -> None
     probe = (
         "import sys\n"
         "import lastmile.cli\n"
-        "from lastmile.services.acquire import prepare_acquire_process\n"
-        "prepare_acquire_process()\n"
+        "from lastmile.services.process_tuning import prepare_device_process\n"
+        "prepare_device_process()\n"
         "import firmware_bridge.dicom_receiver, lastmile.ecg.intake, lastmile.services.acquire\n"
         "import lastmile.services.serial_devices, lastmile.clinic.patients, lastmile.visits.book\n"
         "stack = ('bleak', 'bleak_retry_connector', 'dbus_fast', 'asyncio')\n"
@@ -177,8 +177,8 @@ def test_lastmile_acquire_with_ble_enabled_runs_no_ble_part_and_loads_no_ble_sta
     probe = (
         "import sys, threading\n"
         "import lastmile.cli\n"
-        "from lastmile.services.acquire import prepare_acquire_process\n"
-        "prepare_acquire_process()\n"
+        "from lastmile.services.process_tuning import prepare_device_process\n"
+        "prepare_device_process()\n"
         "from lastmile.config import load_config\n"
         "from lastmile.services.acquire import AcquireService\n"
         f"config = load_config({str(config)!r})\n"
@@ -194,7 +194,7 @@ def test_lastmile_acquire_with_ble_enabled_runs_no_ble_part_and_loads_no_ble_sta
 
 
 def test_deferring_leaves_imported_and_missing_modules_alone() -> None:
-    from lastmile.services.acquire import defer_import
+    from lastmile.services.process_tuning import defer_import
 
     json_module = sys.modules["json"]
     defer_import("json")  # imported already: kept as it is
@@ -223,7 +223,7 @@ def test_the_acquire_process_tunes_glibc_malloc_and_trims_it() -> None:
     """glibc takes the arena limit and the fixed mmap threshold before acquire starts its threads
     (each thread would otherwise keep an arena of its own), and a trim can run at any time."""
     probe = (
-        "from lastmile.services.acquire import MALLOC_ARENAS, MMAP_THRESHOLD, GlibcMalloc\n"
+        "from lastmile.services.process_tuning import MALLOC_ARENAS, MMAP_THRESHOLD, GlibcMalloc\n"
         "malloc = GlibcMalloc()\n"
         "print(malloc.tune(arenas=MALLOC_ARENAS, mmap_threshold=MMAP_THRESHOLD))\n"
         "malloc.trim()\n"
@@ -348,3 +348,34 @@ def test_the_soak_tells_a_poll_that_said_the_link_is_down_from_a_real_error(clin
         "exception: sqlite3.OperationalError: database is locked"
     )
     assert clinic_day.poll_failure(failed(""), link_down=True) == "link down: exit 1, silent"
+
+
+def test_a_service_step_trims_the_heap_at_most_every_trim_interval() -> None:
+    """What an ECG's decoding freed goes back soon (a step a second), but not a trim per step."""
+    from lastmile.services.process_tuning import TRIM_EVERY_S, GlibcMalloc, HeapTrim
+
+    class CountingMalloc(GlibcMalloc):
+        trims = 0
+
+        def trim(self) -> None:
+            self.trims += 1
+
+    malloc = CountingMalloc()
+    trim = HeapTrim(100.0, malloc=malloc)
+    steps = [100.0 + TRIM_EVERY_S / 2 * i for i in range(21)]  # ten intervals in half-interval steps
+    done = [trim.maybe(now) for now in steps]
+    assert malloc.trims == sum(done) == 10
+    assert not trim.maybe(steps[-1] + TRIM_EVERY_S - 0.01) and trim.maybe(steps[-1] + TRIM_EVERY_S)
+
+
+def test_the_ble_service_does_not_load_the_acquire_service() -> None:
+    """Two device services share parts and process tuning, not each other: `lastmile ble run` loads
+    none of acquire's device links (the serial stack, the LAN receiver, the USB importer)."""
+    probe = (
+        "import sys\n"
+        "from lastmile.services.process_tuning import prepare_device_process\n"
+        "prepare_device_process()\n"
+        "import lastmile.commands.ble, lastmile.services.ble_service\n"
+        "print('lastmile.services.acquire' in sys.modules)\n"
+    )
+    assert run_probe(probe).split() == ["False"]
