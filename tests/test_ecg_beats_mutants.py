@@ -854,3 +854,37 @@ def test_at_100_hz_the_qrs_edges_are_where_the_slope_ends() -> None:
     beat = median_beat(x[None, :], beats, LOW_RATE_HZ)
     assert beat is not None and beat.peak == 45
     assert (beat.qrs_onset, beat.qrs_offset) == (39, 52)
+
+
+ST_DROP_UV = -500.0  # the QRS ends in a depressed ST segment ...
+ST_SLOPE_UV_PER_S = -1500.0  # ... that keeps sloping down (1.5 µV/ms: slower than any QRS slope)
+
+
+def test_the_qrs_size_includes_its_last_sample_and_nothing_after() -> None:
+    """A QRS ending in a depressed, downsloping ST segment (ischaemia): its deepest point is its
+    last sample (the offset). The QRS range runs from onset to offset inclusive, neither dropping
+    that sample nor adding the ST segment's further descent."""
+    n = round(SECONDS * RATE_HZ)
+    t = np.arange(n) / RATE_HZ
+    x = np.zeros(n)
+    for c in BEAT_TIMES:
+        x += 300.0 * gaussian(n, c, QRS_WAVE_SIGMA_S, RATE_HZ)
+        after = t - (c + 0.02)
+        st = 1 / (1 + np.exp(-np.clip(after / 0.003, -50, 50)))  # a steep step down at +20 ms ...
+        st -= 1 / (1 + np.exp(-np.clip((after - 0.4) / 0.05, -50, 50)))  # ... back up by +500 ms
+        x += ST_DROP_UV * st + ST_SLOPE_UV_PER_S * np.clip(after, 0, 0.2) * st
+    beat = median_beat(x[None, :], BEATS, RATE_HZ)
+    assert beat is not None
+    qrs = beat.template[0, beat.qrs_onset : beat.qrs_offset + 1]
+    assert int(np.argmin(qrs)) == qrs.size - 1  # the deepest point is the offset sample
+    assert beat.waves[0].qrs_range_uv == pytest.approx(float(np.ptp(qrs)), abs=1e-9)
+
+
+def test_one_beat_listed_three_times_gives_its_qrs_but_no_p_t_or_beat_range() -> None:
+    """The same QRS given three times (a caller's duplicate): there is no RR to bound the P and T
+    windows, so P, T and the beat's range are 0 rather than measured from a neighbour."""
+    beat = median_beat(two_leads(), (BEATS[3],) * 3, RATE_HZ)
+    assert beat is not None and beat.beats_used == 3
+    upright = beat.waves[0]
+    assert (upright.p_uv, upright.t_uv, upright.beat_range_uv) == (0.0, 0.0, 0.0)
+    assert upright.qrs_range_uv == pytest.approx(R_UV - S_UV, abs=2 * WAVE_TOLERANCE_UV)
