@@ -888,3 +888,25 @@ def test_one_beat_listed_three_times_gives_its_qrs_but_no_p_t_or_beat_range() ->
     upright = beat.waves[0]
     assert (upright.p_uv, upright.t_uv, upright.beat_range_uv) == (0.0, 0.0, 0.0)
     assert upright.qrs_range_uv == pytest.approx(R_UV - S_UV, abs=2 * WAVE_TOLERANCE_UV)
+
+
+@pytest.mark.parametrize("rate_hz", [110.0, 125.0, 140.0, 500.0])
+def test_an_rsr_complex_keeps_its_r_prime_at_low_sampling_rates(rate_hz: float) -> None:
+    """Regression (found by the mutation bench): at 110-149 Hz '10 ms of quiet' rounded to one
+    sample, and the one low-slope sample at the S trough ended the QRS: an RSR' complex (right
+    bundle branch block) measured 32-36 ms instead of ~100 ms, its R' left out of the QRS.
+    Two samples at least: the QRS ends after the R' (70 ms after the R) at every accepted rate."""
+    times = BEAT_TIMES + 0.0013  # beats between samples, as a cart's clock puts them
+    beats = tuple(int(b) for b in np.round(times * rate_hz))
+    n = round(SECONDS * rate_hz)
+    x = np.zeros(n)
+    for c in times:
+        x += 300.0 * gaussian(n, c, QRS_WAVE_SIGMA_S, rate_hz) - 200.0 * gaussian(
+            n, c + 0.03, QRS_WAVE_SIGMA_S, rate_hz
+        )
+        x += 900.0 * gaussian(n, c + 0.07, QRS_WAVE_SIGMA_S, rate_hz) + 300.0 * gaussian(n, c + 0.3, 0.04, rate_hz)
+    beat = median_beat(x[None, :], beats, rate_hz)
+    assert beat is not None
+    offset_s = (beat.qrs_offset - beat.peak) / rate_hz
+    assert 0.09 <= offset_s <= 0.12
+    assert beat.waves[0].qrs_range_uv > 1000.0  # the R' (900 µV) is inside the QRS
