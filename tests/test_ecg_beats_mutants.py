@@ -910,3 +910,23 @@ def test_an_rsr_complex_keeps_its_r_prime_at_low_sampling_rates(rate_hz: float) 
     offset_s = (beat.qrs_offset - beat.peak) / rate_hz
     assert 0.09 <= offset_s <= 0.12
     assert beat.waves[0].qrs_range_uv > 1000.0  # the R' (900 µV) is inside the QRS
+
+
+SIMULATOR_QRS_HALF_S = 0.04  # a patient simulator's triangular 80 ms QRS on an exactly flat baseline
+
+
+@pytest.mark.parametrize("gain", [1.0, 1e-3])
+def test_a_simulator_s_exactly_flat_lead_is_the_clearest(gain: float) -> None:
+    """A patient simulator (used to test carts in the clinic) draws an exactly flat baseline: its
+    slope's noise floor is 0, and that makes its lead the clearest, not one to leave out (in µV or
+    in mV-sized units alike); the QRS edges are the simulator's own, not the noisy lead's."""
+    n = round(SECONDS * RATE_HZ)
+    t = np.arange(n) / RATE_HZ
+    simulator = np.zeros(n)
+    for c in BEAT_TIMES:
+        simulator += R_UV * np.clip(1 - np.abs(t - c) / SIMULATOR_QRS_HALF_S, 0, None)
+    noisy = pqrst_lead(BEAT_TIMES) + np.random.default_rng(SEED).normal(0, 5, n)
+    alone = median_beat(simulator[None, :] * gain, BEATS, RATE_HZ)
+    both = median_beat(np.stack([noisy, simulator]) * gain, BEATS, RATE_HZ)
+    assert alone is not None and both is not None
+    assert (both.qrs_onset, both.qrs_offset) == (alone.qrs_onset, alone.qrs_offset) == (205, 246)
