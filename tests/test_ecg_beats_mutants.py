@@ -930,3 +930,25 @@ def test_a_simulator_s_exactly_flat_lead_is_the_clearest(gain: float) -> None:
     both = median_beat(np.stack([noisy, simulator]) * gain, BEATS, RATE_HZ)
     assert alone is not None and both is not None
     assert (both.qrs_onset, both.qrs_offset) == (alone.qrs_onset, alone.qrs_offset) == (205, 246)
+
+
+STRIP_S = 1.088  # a 544-sample strip
+STEP_AT_S = 1.08  # an electrode making contact 8 ms before the strip ends: a step, no QRS in sight
+
+
+def test_a_step_at_the_very_end_of_a_strip_is_no_beat() -> None:
+    """Regression for a path no test reached: the step's energy only rises to the strip's last
+    sample, so its envelope has no peak at all. No beat is made of it (and no crash); the lead
+    is still the one that was looked at."""
+    t = np.arange(round(STRIP_S * RATE_HZ)) / RATE_HZ
+    x = np.where(t >= STEP_AT_S, QRS_UV, 0.0)
+    assert detect_qrs(x[None, :], RATE_HZ) == QrsDetection((), None, (0,))
+
+
+def test_a_slow_wave_at_the_end_of_a_strip_is_no_beat() -> None:
+    """A slow, 100 ms-wide wave (a T wave, a sway of the baseline) cut by the strip's end: its
+    energy is largest at the very edge, and its peaks inside the strip are far under 30 % of
+    that. No beat is made of it (none survives to be placed on a QRS peak)."""
+    n = 661
+    x = QRS_UV * gaussian(n, 1.2837, 0.108, RATE_HZ)
+    assert detect_qrs(x[None, :], RATE_HZ) == QrsDetection((), None, (0,))

@@ -127,9 +127,8 @@ def _combine(energy: np.ndarray, rate_hz: float) -> tuple[np.ndarray, tuple[int,
 
 
 def _local_peaks(env: np.ndarray) -> np.ndarray:
-    """Indices of the local maxima of a smooth envelope (plateaus give their first sample)."""
-    if env.size < 3:
-        return np.array([int(np.argmax(env))]) if env.size and env.max() > 0 else np.array([], dtype=int)
+    """Indices of the local maxima of a smooth envelope (plateaus give their first sample): never
+    its first or last sample, so none in an envelope of fewer than 3 samples."""
     rising = np.diff(env) > 0
     peaks = np.nonzero(rising[:-1] & ~rising[1:])[0] + 1
     return peaks[env[peaks] > 0]
@@ -178,8 +177,6 @@ def _search_back(
 
 def _fiducials(beats: np.ndarray, filtered: np.ndarray, scale: np.ndarray, rate_hz: float) -> np.ndarray:
     """Move each beat to the sample of largest band-passed deflection across the used leads."""
-    if beats.size == 0:
-        return beats
     half = max(1, round(FIDUCIAL_SEARCH_S * rate_hz))
     n = filtered.shape[-1]
     offsets = np.arange(-half, half + 1)
@@ -231,9 +228,7 @@ def detect_qrs(x_uv: np.ndarray, rate_hz: float, exclude: np.ndarray | None = No
     env, used = _combine(energy, rate_hz)
     if not used:
         return QrsDetection((), None, ())
-    candidates = _local_peaks(env)
-    if candidates.size == 0:
-        return QrsDetection((), None, used)
+    candidates = _local_peaks(env)  # none when the energy only rises or falls: no beats below
     level = _levels(env, rate_hz)
     strong = candidates[env[candidates] >= THRESHOLD_OF_LEVEL * level]
     beats = _suppress_neighbours(strong, env[strong], refractory)
