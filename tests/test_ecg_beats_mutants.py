@@ -952,3 +952,33 @@ def test_a_slow_wave_at_the_end_of_a_strip_is_no_beat() -> None:
     n = 661
     x = QRS_UV * gaussian(n, 1.2837, 0.108, RATE_HZ)
     assert detect_qrs(x[None, :], RATE_HZ) == QrsDetection((), None, (0,))
+
+
+MARGIN = round(qrs.EXCLUDE_MARGIN_S * RATE_HZ)  # 75 samples either side of an excluded stretch
+SEARCH = round(qrs.FIDUCIAL_SEARCH_S * RATE_HZ)  # 30 samples either side of a beat's energy peak
+HIDDEN_BY = 32  # samples from the last (first) visible energy sample to a QRS peak in the margin
+
+
+def test_a_qrs_in_an_exclusion_margin_is_placed_from_its_visible_energy_at_most_60_ms_away() -> None:
+    """A cart flags lead-off for 0.6 s just after one QRS and just before the next: both QRS peaks
+    sit in the stretch's 150 ms margin, where energy is not looked at. Each beat is found from the
+    edge of its energy that is still visible (the margin is exactly 150 ms, not a sample more or
+    less) and moved towards its QRS peak by at most 60 ms: the search stops at its window's last
+    sample and never walks on into the margin (onto a rail's step, say)."""
+    before_peak = round(3.7 * RATE_HZ)
+    start = before_peak - HIDDEN_BY + MARGIN + 1  # the last visible sample is start - MARGIN - 1
+    end = start + round(0.6 * RATE_HZ)
+    after_peak = end + MARGIN - HIDDEN_BY  # the first visible sample is end - 1 + MARGIN + 1
+    times = [
+        *regular_times(seconds=4.0),
+        before_peak / RATE_HZ,
+        after_peak / RATE_HZ,
+        *(after_peak / RATE_HZ + RR_S * k for k in (1, 2, 3)),
+    ]
+    x = beat_lead(times, t_uv=0.0)
+    exclude = np.zeros(x.size, dtype=bool)
+    exclude[start:end] = True
+    found = detect_qrs(x[None, :], RATE_HZ, exclude)
+    assert found.beats[4] == start - MARGIN - 1 + SEARCH == before_peak - 2
+    assert found.beats[5] == end + MARGIN - SEARCH == after_peak + 2
+    assert_beats_at(found.beats, times)
