@@ -982,3 +982,35 @@ def test_a_qrs_in_an_exclusion_margin_is_placed_from_its_visible_energy_at_most_
     assert found.beats[4] == start - MARGIN - 1 + SEARCH == before_peak - 2
     assert found.beats[5] == end + MARGIN - SEARCH == after_peak + 2
     assert_beats_at(found.beats, times)
+
+
+CONTACT_STEP_UV = 2 * QRS_UV  # an electrode making contact in the strip's last 8 ms: a step twice a QRS
+CONTACT_STEP_SAMPLES = 4
+
+
+def test_a_beat_at_the_strip_s_start_is_never_moved_onto_its_end() -> None:
+    """A QRS at the very first sample, and a large step in the strip's last 8 ms (no beat): the
+    search around the first beat is clipped to the strip's start, never wrapped round to its end,
+    so the beat stays at sample 0 (not at the step, nor at index -1)."""
+    times = [0.0, *regular_times(first_s=0.8)]
+    x = beat_lead(times, t_uv=0.0)
+    x[-CONTACT_STEP_SAMPLES:] += CONTACT_STEP_UV
+    found = detect_qrs(x[None, :], RATE_HZ)
+    assert found.beats[0] == 0
+    assert_beats_at(found.beats, times)
+
+
+S_LAG = 20  # samples (40 ms): one lead's S wave after the other lead's R
+
+
+def test_a_beat_whose_deflection_runs_past_the_strip_s_end_is_at_its_last_sample() -> None:
+    """Two leads, an R wave in one and an S wave 40 ms later in the other; the last beat's R is
+    40 ms before the strip ends, so its S wave is cut by the end: the beat's largest deflection
+    is the last sample, and that is where it is placed (not one sample in, not outside)."""
+    n = round(SECONDS * RATE_HZ)
+    times = [*regular_times(), (n - S_LAG) / RATE_HZ]
+    r_lead = beat_lead(times, t_uv=0.0)
+    s_lead = -beat_lead([t + S_LAG / RATE_HZ for t in times], t_uv=0.0)
+    found = detect_qrs(np.stack([r_lead, s_lead]), RATE_HZ)
+    assert found.beats[-1] == n - 1
+    assert len(found.beats) == len(times)
