@@ -1014,3 +1014,27 @@ def test_a_beat_whose_deflection_runs_past_the_strip_s_end_is_at_its_last_sample
     found = detect_qrs(np.stack([r_lead, s_lead]), RATE_HZ)
     assert found.beats[-1] == n - 1
     assert len(found.beats) == len(times)
+
+
+ELECTRODE_POP_UV = 10 * QRS_UV  # one sample: an electrode pop, inside a stretch the cart flagged
+LATE_S_S = 0.040  # the S wave of the second lead, 40 ms after the first lead's R
+WIDE_S_SIGMA_S = 0.015
+
+
+def test_an_electrode_pop_in_an_excluded_stretch_does_not_move_the_beats() -> None:
+    """Each lead's QRS size (what its deflection counts against when a beat is placed) is its
+    99th percentile, which one artefact does not move: a pop in a flagged stretch of the R-wave
+    lead leaves every beat on its R wave, rather than shrinking that lead's weight so the beats
+    slide 40 ms to the other lead's S wave (a wrong fiducial for every median beat and interval)."""
+    times = regular_times()
+    n = round(SECONDS * RATE_HZ)
+    r_lead = beat_lead(times, t_uv=0.0)
+    s_lead = -sum(1500.0 * gaussian(n, t + LATE_S_S, WIDE_S_SIGMA_S, RATE_HZ) for t in times)
+    x = np.stack([r_lead, s_lead])
+    exclude = np.zeros(n, dtype=bool)
+    exclude[round(3.3 * RATE_HZ) : round(3.5 * RATE_HZ)] = True
+    clean = detect_qrs(x, RATE_HZ, exclude)
+    x[0, round(3.4 * RATE_HZ)] += ELECTRODE_POP_UV
+    popped = detect_qrs(x, RATE_HZ, exclude)
+    assert popped == clean and sorted(popped.leads_used) == [0, 1]
+    assert_beats_at(popped.beats, times)
