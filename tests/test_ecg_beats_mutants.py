@@ -1038,3 +1038,17 @@ def test_an_electrode_pop_in_an_excluded_stretch_does_not_move_the_beats() -> No
     popped = detect_qrs(x, RATE_HZ, exclude)
     assert popped == clean and sorted(popped.leads_used) == [0, 1]
     assert_beats_at(popped.beats, times)
+
+
+BLIP_BEFORE_BEAT = 92  # samples (184 ms): the blip's first energy peak is then 220 ms before the beat's
+
+
+def test_a_blip_exactly_one_refractory_period_before_a_beat_is_not_added() -> None:
+    """Search-back looks strictly more than 220 ms before the beat after the gap too: a blip
+    whose energy peaks exactly 220 ms before that beat's (its QRS 184 ms before: each QRS has an
+    energy peak on either flank, and the beat's is its later one) is within that beat's
+    refractory period, not a beat."""
+    times = [0.5, 1.3, 2.1, 2.9, 3.7, 5.3, 6.1, 6.9, 7.7, 8.5]
+    blip = 5.3 - BLIP_BEFORE_BEAT / RATE_HZ
+    x = beat_lead(times, t_uv=0.0) + beat_lead([blip], qrs_uv=0.4 * QRS_UV, t_uv=0.0)
+    assert_beats_at(detect_qrs(x[None, :], RATE_HZ).beats, times)
