@@ -1052,3 +1052,21 @@ def test_a_blip_exactly_one_refractory_period_before_a_beat_is_not_added() -> No
     blip = 5.3 - BLIP_BEFORE_BEAT / RATE_HZ
     x = beat_lead(times, t_uv=0.0) + beat_lead([blip], qrs_uv=0.4 * QRS_UV, t_uv=0.0)
     assert_beats_at(detect_qrs(x[None, :], RATE_HZ).beats, times)
+
+
+CROSSTALK_GAIN = 1e-6  # -120 dB: a disconnected input's faint copy of another lead's beats
+
+
+def test_a_faint_crosstalk_lead_with_a_digitally_flat_baseline_is_not_the_one_beats_come_from() -> None:
+    """An input with no electrode on it can carry a millionth of another lead's QRS on an exactly
+    flat (digital zero) baseline. Its zero background would make it infinitely clear: the floor
+    under each lead's background is a share of the largest lead's QRS level, so this lead is
+    measured against that, and the beats come from the lead that really carries them."""
+    n = round(SECONDS * RATE_HZ)
+    t = np.arange(n) / RATE_HZ
+    times = regular_times()
+    crosstalk = sum(QRS_UV * np.clip(1 - np.abs(t - c) / SIMULATOR_QRS_HALF_S, 0, None) for c in times)
+    real = beat_lead(times) + np.random.default_rng(SEED).normal(0, 5, n)
+    found = detect_qrs(np.stack([real, CROSSTALK_GAIN * crosstalk]), RATE_HZ)
+    assert found.leads_used == (0,)
+    assert_beats_at(found.beats, times)
