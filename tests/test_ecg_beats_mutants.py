@@ -1070,3 +1070,20 @@ def test_a_faint_crosstalk_lead_with_a_digitally_flat_baseline_is_not_the_one_be
     found = detect_qrs(np.stack([real, CROSSTALK_GAIN * crosstalk]), RATE_HZ)
     assert found.leads_used == (0,)
     assert_beats_at(found.beats, times)
+
+
+SINE_UV = 300.0
+
+
+@pytest.mark.parametrize("rate_hz", [250.0, 500.0, 1000.0])
+@pytest.mark.parametrize("sine_hz", [0.5, 2.5, 8.0, 10.0, 12.0])
+def test_a_pure_sine_is_no_heartbeat(sine_hz: float, rate_hz: float) -> None:
+    """Regression (found by the mutation bench): a pure 10 Hz sine at 500 Hz (a tremor, a signal
+    generator's test tone) gave 23 'beats' and a heart rate of 134 bpm; 8 Hz and 12 Hz gave
+    209-242 bpm at every rate. A sine's energy envelope is a raised cosine, whose peak is at most
+    twice its median: a lead whose QRS stands out no more than that has nothing beat-like, so
+    no beats and no rate are stated (a slow sway, 0.5 or 2.5 Hz, already gave none)."""
+    t = np.arange(round(SECONDS * rate_hz)) / rate_hz
+    x = SINE_UV * np.sin(2 * np.pi * sine_hz * t + 0.3)
+    assert detect_qrs(x[None, :], rate_hz) == QrsDetection((), None, ())
+    assert qrs.MIN_LEAD_CLARITY == 2.0

@@ -38,6 +38,7 @@ THRESHOLD_OF_LEVEL = 0.30  # a beat's energy peak must reach 30 % of the typical
 SEARCH_BACK_RR = 1.6  # an RR this many times the median suggests a missed beat ...
 SEARCH_BACK_OF_LEVEL = 0.12  # ... accepted there from 12 % of the QRS level (PVCs, small beats)
 MAX_LEADS_COMBINED = 6  # the clearest leads carry the beat; more only adds their noise
+MIN_LEAD_CLARITY = 2.0  # a sine's energy (tremor, sway, a test tone) peaks at most twice its median
 LEAD_CLARITY_RATIO = 0.35  # leads whose QRS-to-background ratio is within this share of the best
 STEADY_OF_LARGEST = 0.15  # a lead's typical 2 s peak against its largest (PVCs: ~0.3; dead half: ~0)
 FIDUCIAL_SEARCH_S = 0.06  # the QRS peak is looked for this far either side of the energy peak
@@ -118,7 +119,7 @@ def _combine(energy: np.ndarray, rate_hz: float) -> tuple[np.ndarray, tuple[int,
     chosen = [
         int(i)
         for i in order[:MAX_LEADS_COMBINED]
-        if level[i] > 0 and clarity[i] > 0 and clarity[i] >= LEAD_CLARITY_RATIO * best
+        if clarity[i] > MIN_LEAD_CLARITY and clarity[i] >= LEAD_CLARITY_RATIO * best
     ]
     if not chosen:
         return np.zeros(n), ()
