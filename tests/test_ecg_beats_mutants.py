@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from devices.ecg import median_beat as median_beat_module
 from devices.ecg import qrs
 from devices.ecg.median_beat import Waves, median_beat
 from devices.ecg.qrs import QrsDetection, band_pass, detect_qrs, heart_rate_bpm, moving_average, qrs_energy
@@ -1087,3 +1088,45 @@ def test_a_pure_sine_is_no_heartbeat(sine_hz: float, rate_hz: float) -> None:
     x = SINE_UV * np.sin(2 * np.pi * sine_hz * t + 0.3)
     assert detect_qrs(x[None, :], rate_hz) == QrsDetection((), None, ())
     assert qrs.MIN_LEAD_CLARITY == 2.0
+
+
+DRIFT_UV_PER_SAMPLE = 2.0  # 1 mV/s of baseline drift (breathing, a moving cable)
+
+
+def simulator_beats(seconds: float = SECONDS, half_s: float = SIMULATOR_QRS_HALF_S) -> np.ndarray:
+    """A patient simulator's triangular QRS at each of BEAT_TIMES, exactly 0 elsewhere."""
+    n = round(seconds * RATE_HZ)
+    t = np.arange(n) / RATE_HZ
+    return sum(R_UV * np.clip(1 - np.abs(t - c) / half_s, 0, None) for c in BEAT_TIMES) + np.zeros(n)
+
+
+def test_on_a_drifting_baseline_waves_are_measured_from_the_middle_of_the_pr_segment() -> None:
+    """The isoelectric level is the median of the PR segment from 40 to 10 ms before the QRS
+    onset, both ends included: on a baseline drifting 1 mV/s that is the drift's value 25 ms
+    before the onset, not half a sample later (which would move every P and T amplitude)."""
+    x = simulator_beats() + DRIFT_UV_PER_SAMPLE * np.arange(round(SECONDS * RATE_HZ))
+    beat = median_beat(x[None, :], BEATS, RATE_HZ)
+    assert beat is not None
+    row, onset = beat.template[0], beat.qrs_onset
+    first, last = (
+        onset - round(median_beat_module.BASELINE_S[0] * RATE_HZ),
+        onset - round(median_beat_module.BASELINE_S[1] * RATE_HZ),
+    )
+    level = (row[first] + row[last]) / 2
+    p_first = onset - round(median_beat_module.P_SEARCH_S[0] * RATE_HZ)  # the drift's lowest point
+    assert beat.waves[0].p_uv == pytest.approx(row[p_first] - level, abs=1e-6)
+    assert row[last + 1] - row[last] == pytest.approx(DRIFT_UV_PER_SAMPLE)  # still the drift there
+
+
+WIDE_SIMULATOR_QRS_HALF_S = 0.10  # a 200 ms complex: its steepest slope 40 % of the 80 ms one's
+
+
+def test_of_two_exactly_flat_leads_the_edges_come_from_the_clearer() -> None:
+    """Two simulator leads, both on an exactly flat baseline (zero noise floor, so clarity is the
+    steepest slope against a floor shared by all leads): the one with a slow 200 ms complex is
+    less than half as clear and does not widen the QRS, which is the 80 ms complex's."""
+    narrow = simulator_beats()
+    beat = median_beat(np.stack([simulator_beats(half_s=WIDE_SIMULATOR_QRS_HALF_S), narrow]), BEATS, RATE_HZ)
+    alone = median_beat(narrow[None, :], BEATS, RATE_HZ)
+    assert beat is not None and alone is not None
+    assert (beat.qrs_onset, beat.qrs_offset) == (alone.qrs_onset, alone.qrs_offset) == (205, 246)
