@@ -15,7 +15,15 @@ import pytest
 from devices.ecg import median_beat as median_beat_module
 from devices.ecg import qrs
 from devices.ecg.median_beat import Waves, median_beat
-from devices.ecg.qrs import QrsDetection, band_pass, detect_qrs, heart_rate_bpm, moving_average, qrs_energy
+from devices.ecg.qrs import (
+    QrsDetection,
+    band_pass,
+    detect_qrs,
+    heart_rate_bpm,
+    local_peaks,
+    moving_average,
+    qrs_energy,
+)
 
 RATE_HZ = 500.0
 SECONDS = 10.0
@@ -1130,3 +1138,21 @@ def test_of_two_exactly_flat_leads_the_edges_come_from_the_clearer() -> None:
     alone = median_beat(narrow[None, :], BEATS, RATE_HZ)
     assert beat is not None and alone is not None
     assert (beat.qrs_onset, beat.qrs_offset) == (alone.qrs_onset, alone.qrs_offset) == (205, 246)
+
+
+@pytest.mark.parametrize(
+    ("envelope", "peaks"),
+    [
+        pytest.param([0.0, 1.0, 3.0, 3.0, 2.0, 0.0], [2], id="a plateau gives its first sample"),
+        pytest.param([0.0, 2.0, 2.0, 2.0, 1.0, 4.0, 1.0], [1, 5], id="two peaks, one flat-topped"),
+        pytest.param([5.0, 3.0, 1.0, 2.0, 6.0], [], id="the ends are never peaks"),
+        pytest.param([1.0, 2.0, 1.0], [1], id="three samples"),
+        pytest.param([1.0, 2.0], [], id="two samples"),
+        pytest.param([], [], id="empty"),
+    ],
+)
+def test_local_peaks_are_the_first_sample_of_each_top(envelope: list[float], peaks: list[int]) -> None:
+    """A QRS's energy peak, where its beat is looked for (60 ms either side): an exactly flat top
+    gives one candidate, its first sample (as documented), not its last nor one per sample; a
+    rise that runs into a strip's end is no peak (the beat-less step at a strip's end)."""
+    assert local_peaks(np.asarray(envelope)).tolist() == peaks

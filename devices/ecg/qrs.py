@@ -127,7 +127,7 @@ def _combine(energy: np.ndarray, rate_hz: float) -> tuple[np.ndarray, tuple[int,
     return combined, tuple(chosen)
 
 
-def _local_peaks(env: np.ndarray) -> np.ndarray:
+def local_peaks(env: np.ndarray) -> np.ndarray:
     """Indices of the local maxima of a smooth envelope (plateaus give their first sample): never
     its first or last sample, so none in an envelope of fewer than 3 samples."""
     rising = np.diff(env) > 0
@@ -229,7 +229,7 @@ def detect_qrs(x_uv: np.ndarray, rate_hz: float, exclude: np.ndarray | None = No
     env, used = _combine(energy, rate_hz)
     if not used:
         return QrsDetection((), None, ())
-    candidates = _local_peaks(env)  # none when the energy only rises or falls: no beats below
+    candidates = local_peaks(env)  # none when the energy only rises or falls: no beats below
     level = _levels(env, rate_hz)
     strong = candidates[env[candidates] >= THRESHOLD_OF_LEVEL * level]
     beats = _suppress_neighbours(strong, env[strong], refractory)
