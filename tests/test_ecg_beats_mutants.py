@@ -1032,7 +1032,7 @@ WIDE_S_SIGMA_S = 0.015
 
 def test_an_electrode_pop_in_an_excluded_stretch_does_not_move_the_beats() -> None:
     """Each lead's QRS size (what its deflection counts against when a beat is placed) is its
-    99th percentile, which one artefact does not move: a pop in a flagged stretch of the R-wave
+    typical 2 s peak, which one artefact does not move: a pop in a flagged stretch of the R-wave
     lead leaves every beat on its R wave, rather than shrinking that lead's weight so the beats
     slide 40 ms to the other lead's S wave (a wrong fiducial for every median beat and interval)."""
     times = regular_times()
@@ -1156,3 +1156,21 @@ def test_local_peaks_are_the_first_sample_of_each_top(envelope: list[float], pea
     gives one candidate, its first sample (as documented), not its last nor one per sample; a
     rise that runs into a strip's end is no peak (the beat-less step at a strip's end)."""
     assert local_peaks(np.asarray(envelope)).tolist() == peaks
+
+
+def test_a_rail_stretch_in_one_lead_does_not_move_the_beats_to_another_lead() -> None:
+    """Regression (found by the mutation bench): each lead's QRS size was its 99th percentile,
+    which a 2 s rail stretch's edges (over 1 % of the samples) set: the R-wave lead's say shrank
+    and every beat slid 40 ms onto the other lead's S wave. The size is now the lead's typical
+    2 s peak, as for the energy: the beats stay on the R wave."""
+    times = regular_times()
+    n = round(SECONDS * RATE_HZ)
+    r_lead = beat_lead(times, t_uv=0.0)
+    s_lead = -sum(1500.0 * gaussian(n, t + LATE_S_S, WIDE_S_SIGMA_S, RATE_HZ) for t in times)
+    stretch = slice(round(3.0 * RATE_HZ), round(5.0 * RATE_HZ))
+    r_lead[stretch] = RAIL_UV
+    exclude = np.zeros(n, dtype=bool)
+    exclude[stretch] = True
+    found = detect_qrs(np.stack([r_lead, s_lead]), RATE_HZ, exclude)
+    assert sorted(found.leads_used) == [0, 1]
+    assert_beats_at(found.beats, [t for t in times if not 3.0 <= t < 5.0])

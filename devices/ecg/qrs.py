@@ -149,6 +149,7 @@ def _suppress_neighbours(peaks: np.ndarray, heights: np.ndarray, distance: int) 
 
 
 def _levels(env: np.ndarray, rate_hz: float) -> float:
+    """The typical peak of one signal: the median of its 2 s windows' maxima (each holds a QRS)."""
     window = max(1, round(LEVEL_WINDOW_S * rate_hz))
     n = env.size
     if n <= window:
@@ -236,7 +237,9 @@ def detect_qrs(x_uv: np.ndarray, rate_hz: float, exclude: np.ndarray | None = No
     beats = _search_back(beats, candidates, env, level, refractory)
     beats = _suppress_neighbours(beats, env[beats], refractory)
     chosen = filtered[list(used)]
-    scale = stats.percentile(np.abs(chosen), 99, axis=-1) + 1e-12  # each lead's QRS size
+    # each lead's QRS size: its typical 2 s peak, as for the energy (an artefact or a rail's edges
+    # in one stretch do not shrink the lead's say in where its beats are)
+    scale = np.array([_levels(np.abs(lead), rate_hz) for lead in chosen]) + 1e-12
     beats = _fiducials(beats, chosen, scale, rate_hz)
     rate = heart_rate_bpm(beats, rate_hz, blocked)
     return QrsDetection(tuple(int(b) for b in beats), rate, used)
