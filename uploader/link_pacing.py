@@ -8,8 +8,8 @@ are cut. Sent at a little under the rate the link delivers, the buffer stays nea
 routine throughput barely changes.
 
 One `LinkPacer` per destination is shared by every association sending routine objects to it
-(the link is one bottleneck). Each association calls `on_data_sent` after every PDU it wrote (a
-pynetdicom EVT_DATA_SENT handler, on its DUL thread): a token bucket with one PDU of burst
+(the link is one bottleneck). Each association calls `on_pdu_sent` after every PDU it wrote (on
+its DUL thread: pynetdicom's EVT_DATA_SENT, or `EncodedMessage.on_sent`): a token bucket with one PDU of burst
 makes that thread wait until the link would have carried what was sent before.
 
 The rate is measured, not configured: the bytes stored (all associations together) since the
@@ -56,7 +56,7 @@ COMMAND_DONE = 0x03  # message control header: command, last fragment
 DATA_SET_DONE = 0x02  # ... data set, last fragment
 
 
-def last_fragment(pdu: bytes) -> int | None:
+def last_fragment(pdu: bytes | memoryview) -> int | None:
     """The message control header of the last PDV in a P-DATA-TF PDU, masked to its command and
     last-fragment bits (COMMAND_DONE, DATA_SET_DONE, ...); None for any other PDU."""
     if len(pdu) < 12 or pdu[0] != P_DATA_TF:
@@ -232,9 +232,12 @@ class LinkPacer:
 
     # -- pacing -----------------------------------------------------------------------------------
     def on_data_sent(self, event: Any) -> None:
-        """pynetdicom EVT_DATA_SENT handler (the association's DUL thread): wait until the link
-        would have carried what was sent before this P-DATA PDU."""
-        data = getattr(event, "data", b"") or b""
+        """pynetdicom EVT_DATA_SENT handler (the association's DUL thread): `on_pdu_sent`."""
+        self.on_pdu_sent(getattr(event, "data", b"") or b"")
+
+    def on_pdu_sent(self, data: bytes | memoryview) -> None:
+        """After each PDU written (the association's DUL thread): wait until the link would have
+        carried what was sent before this P-DATA PDU."""
         nbytes = len(data)
         if data and data[0] in CONTROL_PDU_TYPES:
             return  # association set-up and release: not an object's bytes, not paced
