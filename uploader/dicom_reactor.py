@@ -19,6 +19,7 @@ that what it needs is there and otherwise leaves the association as pynetdicom m
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -30,6 +31,8 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from pydicom import config
+from pydicom.uid import UID
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
@@ -136,7 +139,7 @@ def drop_log_formatting(assoc: Association) -> int:
 C_STORE_RSP_COMMAND = 0x8001  # Command Field (PS3.7 9.3.1.2)
 NO_DATA_SET = 0x0101  # Command Data Set Type: no data set follows
 LAST_COMMAND_FRAGMENT = 0x03  # PDV message control header: command, last fragment (PS3.8 E.2)
-_GROUP_LENGTH, _COMMAND_FIELD, _DATA_SET_TYPE = 0x00000000, 0x00000100, 0x00000800
+_GROUP_LENGTH, _COMMAND_FIELD, _DATA_SET_TYPE, _SOP_CLASS = 0x00000000, 0x00000100, 0x00000800, 0x00000002
 # The elements of a C-STORE-RSP read here, with their VR; any other element (ErrorComment,
 # OffendingElement, ...) leaves the response to pynetdicom's decoding.
 _STORE_RSP_VRS = {
@@ -154,6 +157,17 @@ _PRIMITIVE_ATTRIBUTES = {
     0x00000900: "Status",
     0x00001000: "AffectedSOPInstanceUID",
 }
+# Where pynetdicom 3.0's setters of those keep the value. Their checks (three regular expressions
+# per UID, through pydicom and pynetdicom) were most of the CPU a response's decoding cost; the
+# values read here passed the strictest of them already, so they are stored as the setters would
+# store them. Any attribute missing (another pynetdicom): the setters are used.
+_PRIMITIVE_SLOTS = {
+    "AffectedSOPClassUID": "_affected_sop_class_uid",
+    "MessageIDBeingRespondedTo": "_message_id_being_responded_to",
+    "Status": "_status",
+    "AffectedSOPInstanceUID": "_affected_sop_instance_uid",
+}
+_SLOTS_PRESENT = all(hasattr(C_STORE(), slot) for slot in _PRIMITIVE_SLOTS.values())
 _REQUIRED = frozenset({_COMMAND_FIELD, _DATA_SET_TYPE, 0x00000120, 0x00000900})
 # A conformant UID (PS3.5 9.1), as pydicom checks it: pynetdicom logs about any other, so those
 # are left to it.
@@ -189,7 +203,7 @@ def store_response(command: bytes) -> C_STORE | None:
             text = bytes(value).rstrip(b"\0 ")  # as pydicom reads a UI value
             if len(text) > _MAX_UID_CHARS or not _CONFORMANT_UID.fullmatch(text):
                 return None
-            values[tag] = text.decode("ascii")
+            values[tag] = _checked_uid(text) if tag == _SOP_CLASS else UID(text.decode("ascii"), config.IGNORE)
         elif length != 4:  # the group length (UL): pynetdicom does not check its value either
             return None
     if not values.keys() >= _REQUIRED:
@@ -199,8 +213,14 @@ def store_response(command: bytes) -> C_STORE | None:
     primitive = C_STORE()
     for tag, name in _PRIMITIVE_ATTRIBUTES.items():  # in tag order, as pynetdicom sets them
         if tag in values:
-            setattr(primitive, name, values[tag])
+            setattr(primitive, _PRIMITIVE_SLOTS[name] if _SLOTS_PRESENT else name, values[tag])
     return primitive
+
+
+@functools.lru_cache(maxsize=16)  # the SOP class repeats in every response
+def _checked_uid(text: bytes) -> UID:
+    """A UID from digits and dots already checked to be conformant: pydicom's checks skipped."""
+    return UID(text.decode("ascii"), config.IGNORE)
 
 
 def decode_store_responses(assoc: Association) -> bool:
