@@ -455,6 +455,15 @@ class RecordingPacer(LinkPacer):
         super().on_pdu_sent(data)
 
 
+def split_pdus(data: bytes) -> list[bytes]:
+    pdus, at = [], 0
+    while at < len(data):
+        end = at + 6 + int.from_bytes(data[at + 2 : at + 6], "big")
+        pdus.append(data[at:end])
+        at = end
+    return pdus
+
+
 @pytest.mark.parametrize("pdu_limit", [None, 4096], ids=["unpaced", "paced"])
 def test_stores_are_written_whole_and_every_pdu_is_seen_by_the_pacer(
     scp: ScriptedStoreSCP, ecgs: list[EcgPayload], pdu_limit: int | None
@@ -466,8 +475,11 @@ def test_stores_are_written_whole_and_every_pdu_is_seen_by_the_pacer(
     assert whole == 3
     assert [o.status for o in outcomes] == [0x0000] * 3
     assert [r.sop_instance_uid for r in scp.received] == [p.sop_instance_uid for p in ecgs[:3]]
-    # each PDU once, P-DATA-TF, within the limit; per object a command PDU then the data set's
-    data_pdus = [p for p in pacer.pdus if p[0] == 0x04]
+    # each PDU once (paced: one at a time; else each object's run at once), P-DATA-TF, within
+    # the limit; per object a command PDU then the data set's
+    runs = [p for p in pacer.pdus if p[0] == 0x04]
+    assert len(runs) == (3 if pdu_limit is None else len(split_pdus(b"".join(runs))))
+    data_pdus = [p for p in split_pdus(b"".join(pacer.pdus)) if p[0] == 0x04]
     assert all(len(p) - 6 <= (pdu_limit or 16382) for p in data_pdus)  # the PDU length field's bound
     headers = [p[11] for p in data_pdus]  # each PDU's one PDV: its message control header
     assert headers.count(0x03) == 3 and headers.count(0x02) == 3

@@ -269,9 +269,9 @@ class EncodedMessage(P_DATA):
     `writes_whole_messages`: its thread writes them with one call instead of taking each PDU
     through pynetdicom's queues, state machine, PDU objects and event triggers (a fifth of a
     store's CPU). `pdus` holds them back to back, each ending at the next offset in `ends`.
-    `on_sent(pdu)` is called with each PDU once it is written, in place of EVT_DATA_SENT (the
-    sender checks nobody else listens); with `each_pdu` each is written only after the callback
-    for the one before returned (a paced link), else all go at once and the callbacks follow.
+    `on_sent(pdus)` is called once they are written, in place of EVT_DATA_SENT (the sender
+    checks nobody else listens): with `each_pdu` once per PDU, each written only after the
+    callback for the one before returned (a paced link), else once with all of them.
     To pynetdicom it is a P-DATA with no PDVs: never hand one to a DUL not set up for it."""
 
     def __init__(
@@ -335,21 +335,19 @@ def _write_message(dul: Any, message: EncodedMessage) -> None:
         log.warning("Attempted to send data over closed connection")
         return
     view = memoryview(message.pdus)
-    pdus = [view[start:end] for start, end in zip([0, *message.ends[:-1]], message.ends, strict=True)]
     try:
         raw = sock.socket
         if message.each_pdu and message.on_sent is not None:
-            for pdu in pdus:
-                raw.sendall(pdu)
-                _after_sent(message.on_sent, pdu)
+            for start, end in zip([0, *message.ends[:-1]], message.ends, strict=True):
+                raw.sendall(view[start:end])
+                _after_sent(message.on_sent, view[start:end])
             return
         raw.sendall(view)
     except Exception:  # noqa: BLE001 — as pynetdicom: any failure to write is the connection closing
         dul.event_queue.put("Evt17")
         return
     if message.on_sent is not None:
-        for pdu in pdus:
-            _after_sent(message.on_sent, pdu)
+        _after_sent(message.on_sent, view)
 
 
 def _after_sent(on_sent: Callable[[memoryview], None], pdu: memoryview) -> None:

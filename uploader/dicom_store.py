@@ -357,7 +357,7 @@ class StoreAssociation:
         self._after_sent(getattr(event, "data", b"") or b"")
 
     def _after_sent(self, pdu: bytes | memoryview) -> None:
-        """After each PDU written (the DUL thread): paced, and its time noted."""
+        """After each PDU (or run of PDUs) written (the DUL thread): paced, and its time noted."""
         if self.paced and self.pacer is not None:
             self.pacer.on_pdu_sent(pdu)
         self.last_sent_at = time.monotonic()
