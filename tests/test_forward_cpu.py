@@ -2,7 +2,8 @@
 polling, its log-formatting handlers are unbound while their logger is off, the C-STORE-RQ
 command set is encoded by hand (byte for byte what pynetdicom encodes), the usual C-STORE-RSP is
 decoded by hand (into the very primitive pynetdicom decodes, anything else left to pynetdicom),
-and a run of C-STOREs keeps pynetdicom's association reactor paused. The CPU figures are
+a C-STORE-RQ's PDUs are encoded by hand (byte for byte pynetdicom's) and written in one go, and a
+run of C-STOREs keeps pynetdicom's association reactor paused. The CPU figures are
 bench/forward.py's; these tests check the behaviour (counts and bytes, no clocks)."""
 
 from __future__ import annotations
