@@ -7,6 +7,7 @@ second that orders two visits, a DOP of 150 believed, a position with only a lat
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 
 import pytest
@@ -35,6 +36,12 @@ from devices.gps.nmea import (
 
 def s(body: str) -> str:
     return f"${body}*{checksum(body):02X}\r\n"
+
+
+def test_the_sentence_limit_keeps_every_number_finite() -> None:
+    """The parser takes numbers as they come: a field of digits as long as a whole sentence must
+    still be a finite float (float() of a longer one is infinity, with no error)."""
+    assert math.isfinite(float("9" * MAX_SENTENCE_LENGTH)) and not math.isfinite(float("9" * 400))
 
 
 def test_checksum_and_framing() -> None:
