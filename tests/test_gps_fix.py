@@ -219,3 +219,30 @@ def test_gst_altitude_sigma_gives_the_vertical_error() -> None:
     assert fix.epv_m == pytest.approx(SIGMA_TO_95_1D * 0.031) and fix.error_source == "receiver"
     (fix,) = _fixes(gga, _sentence("GPGST,172814.0,0.006,0.023,0.020,273.6,0.023,0.020,"))
     assert fix.epv_m is None  # no sigma, no vertical claim from GST (no VDOP either)
+
+
+def test_a_cycle_without_time_at_a_pause_does_not_make_the_next_fix_a_cycle_late() -> None:
+    """The receiver's last sentence of a cycle (here GGA) closes it at once, so a field visit's
+    position is the one of that second. A pause that flushed a cycle carrying no time (only a GSA)
+    must not make the assembler forget which sentence ends a cycle: the next fix would come one
+    cycle (a second or more) late, and the last one of a visit not until the receiver says more."""
+    from devices.gps.nmea import parse_sentence
+    from devices.gps.stream import FixAssembler
+
+    def rmc(t: str) -> bytes:
+        return _sentence(f"GPRMC,{t},A,3401.9764,N,11744.8274,W,0.00,119.27,030610,,,A")
+
+    def gga(t: str) -> bytes:
+        return _sentence(f"GPGGA,{t},3401.9764,N,11744.8274,W,1,10,0.87,234.7,M,-33.2,M,,")
+
+    gsa = _sentence("GPGSA,A,3,14,09,22,18,19,24,06,21,03,31,,,1.58,0.87,1.31")
+    assembler = FixAssembler()
+
+    def fixes(*lines: bytes) -> list[dt.time | None]:
+        return [fix.time.time() if fix.time else None for line in lines for fix in assembler.add(parse_sentence(line))]
+
+    assert fixes(rmc("145243.000"), gga("145243.000"), rmc("145244.000")) == [dt.time(14, 52, 43)]
+    assert fixes(gga("145244.000")) == [dt.time(14, 52, 44)]  # GGA ends a cycle: learnt
+    assert fixes(gsa) == [] and len(assembler.flush()) == 1  # a pause: a cycle with no time flushed
+    assert fixes(gsa) == []  # the next cycle starts untimed
+    assert fixes(rmc("145250.000"), gga("145250.000")) == [dt.time(14, 52, 50)]  # closed by its GGA, not later
