@@ -363,7 +363,9 @@ def _baseline(x_uv: np.ndarray, rate: float) -> tuple[np.ndarray, float]:
     for seconds in WANDER_MEDIAN_S:
         w = min(m, max(1, round(seconds * work_rate)) | 1)
         half = w // 2
-        padded = np.pad(d, ((0, 0), (half, half)), mode="edge")
+        # mirrored, not the end value repeated: a recording that ends (or starts) on an R wave
+        # would otherwise fill half the window with that R and report it as wander
+        padded = np.pad(d, ((0, 0), (half, half)), mode="reflect")
         d = stats.median(np.lib.stride_tricks.sliding_window_view(padded, w, axis=-1), axis=-1)
     return d, work_rate
 

@@ -1,0 +1,404 @@
+"""Fast tests that would catch the bug in the ECG quality gate (devices/ecg/quality.py) and in
+what it says to the village doctor (devices/ecg/quality_wording.py).
+
+Each test builds a small synthetic recording with numpy (a few seconds of signal at most, often
+less) or calls the wording directly, so that the mutation bench (bench/mutation.py) can run them
+for every mutant; the slow real-recording tests stay in tests/test_ecg_quality.py. Each test's
+name or docstring says what a doctor or a patient would suffer from the bug it catches.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pytest
+
+from devices.ecg import quality_wording as wording
+from devices.ecg.quality import (
+    ACCEPTABLE,
+    RE_RECORD,
+    WARN,
+    EcgQualityError,
+    LeadMeasures,
+    Problem,
+    QualityReport,
+    check_quality,
+    converter_limits,
+)
+from devices.ecg.recording import STANDARD_12_LEADS, EcgRecording, SampleGap
+from devices.identity import TimeSource
+
+T0 = dt.datetime(2026, 11, 2, 9, 30, tzinfo=dt.timezone(dt.timedelta(hours=8)))
+LIMB_ONLY = ("I", "II", "III", "aVR", "aVL", "aVF")
+
+# ----------------------------------------------------------------------------- the wording
+
+WARN_TAIL_ZH = "本次可以发送；如患者还在，处理后重做更好"
+WARN_TAIL_EN = "this ECG can be sent, but if the patient is still here, record again"
+
+
+@pytest.mark.parametrize(
+    "leads, shown",
+    [
+        (("V1", "V2", "V3", "V4"), ["V1-V4"]),
+        (("V1", "V2", "V3"), ["V1-V3"]),  # three in a row: one item
+        (("V1", "V2"), ["V1", "V2"]),  # two stay two
+        (("V1", "V3", "V4", "V5"), ["V1", "V3-V5"]),  # a gap ends the run
+        (("I", "V2", "V3", "V4", "aVF", "V6"), ["I", "V2-V4", "aVF", "V6"]),
+        (("V3R", "V4R", "V7"), ["V3R", "V4R", "V7"]),  # right-sided leads are not numbers
+        (("V5", "V4", "V3"), ["V5", "V4", "V3"]),  # only ascending runs
+        ((), []),
+    ],
+)
+def test_chest_lead_runs_are_named_so_the_doctor_finds_every_lead(leads: tuple[str, ...], shown: list[str]) -> None:
+    """A wrong run (V2-V4 for V1-V4, V1-V4 across a gap) sends the doctor to the wrong electrodes."""
+    assert wording.compact(leads) == shown
+
+
+def test_lead_lists_in_both_languages_say_one_lead_some_leads_or_all() -> None:
+    two = ("I", "II")
+    assert (wording.leads_zh(two, two), wording.leads_en(two, two)) == ("所有导联", "all leads")
+    assert (wording.leads_zh(("II",), ("II",)), wording.leads_en(("II",), ("II",))) == ("II 导联", "lead II")
+    assert (wording.leads_zh(("II",), two), wording.leads_en(("II",), two)) == ("II 导联", "lead II")
+    three = ("I", "II", "III")
+    assert (wording.leads_zh(two, three), wording.leads_en(two, three)) == ("I、II 导联", "leads I, II")
+    assert wording.leads_en(["V1", "V2", "V3"], STANDARD_12_LEADS) == "leads V1-V3"
+
+
+def test_lead_off_names_the_limb_electrode_to_reattach() -> None:
+    zh, en = wording.lead_off(("I", "III", "aVL"), STANDARD_12_LEADS, "LA", ["I", "III", "aVL"], [], [])
+    assert zh == "左臂（L）电极脱落，请重新贴好后重做"
+    assert en == "Left-arm (L) electrode off: reattach and record again"
+
+
+def test_lead_off_without_a_known_electrode_names_the_leads() -> None:
+    zh, en = wording.lead_off(("I", "aVR"), STANDARD_12_LEADS, None, ["I", "aVR"], [], [])
+    assert zh == "I、aVR 导联无信号（肢体电极脱落或导联线松动），请重新贴好后重做"
+    assert en == "No signal in leads I, aVR (limb electrodes off or cable loose): reattach and record again"
+
+
+def test_lead_off_lists_one_or_several_chest_electrodes_and_other_leads() -> None:
+    zh, en = wording.lead_off(("V3",), STANDARD_12_LEADS, None, [], ["V3"], [])
+    assert (zh, en) == ("V3 电极脱落，请重新贴好后重做", "V3 electrode off: reattach and record again")
+    zh, en = wording.lead_off(("V2", "V5"), STANDARD_12_LEADS, None, [], ["V2", "V5"], [])
+    assert (zh, en) == ("V2、V5 电极脱落，请重新贴好后重做", "V2, V5 electrodes off: reattach and record again")
+    names = (*STANDARD_12_LEADS, "X")
+    zh, en = wording.lead_off(("II", "V1", "X"), names, "RA", ["II"], ["V1"], ["X"])
+    assert zh == "右臂（R）电极脱落，V1 电极脱落，X 导联无信号，请重新贴好后重做"
+    assert en == "Right-arm (R) electrode off; V1 electrode off; no signal in lead X: reattach and record again"
+
+
+@pytest.mark.parametrize(
+    "severity, tail_zh, tail_en",
+    [("re-record", "然后重做心电图", "then record again"), ("warn", WARN_TAIL_ZH, WARN_TAIL_EN)],
+)
+def test_saturation_says_which_electrode_and_whether_the_ecg_can_go(severity: str, tail_zh: str, tail_en: str) -> None:
+    """A warn told as re-record keeps a patient waiting; a re-record told as warn sends an unreadable ECG."""
+    zh, en = wording.saturation(("I", "II"), STANDARD_12_LEADS, "RA", severity)
+    assert zh == f"I、II 导联信号超出量程（削顶）：请清洁皮肤、把右臂（R）电极贴紧，让患者保持不动，{tail_zh}"
+    assert en == (
+        "Signal out of range (clipped) in leads I, II: clean the skin, press the right-arm (R) electrode on "
+        f"firmly and keep the patient still; {tail_en}"
+    )
+    zh, en = wording.saturation(("V3",), STANDARD_12_LEADS, "V3", severity)
+    assert zh == f"V3 导联信号超出量程（削顶）：请清洁皮肤、把V3 电极贴紧，让患者保持不动，{tail_zh}"
+    assert en.startswith("Signal out of range (clipped) in lead V3: clean the skin, press the V3 electrode on firmly")
+    zh, en = wording.saturation(("V1", "V4"), STANDARD_12_LEADS, None, severity)
+    assert zh == f"V1、V4 导联信号超出量程（削顶）：请清洁皮肤、贴紧电极，让患者保持不动，{tail_zh}"
+    assert en == (
+        "Signal out of range (clipped) in leads V1, V4: clean the skin, press the electrodes on firmly and keep "
+        f"the patient still; {tail_en}"
+    )
+
+
+def test_baseline_wander_names_the_electrode_that_does_not_stick() -> None:
+    zh, en = wording.baseline_wander(("III",), LIMB_ONLY, "LL", "warn")
+    assert zh == f"III 导联基线漂移：请让患者平静呼吸、不说话、不移动，检查左腿（F）电极贴牢，{WARN_TAIL_ZH}"
+    assert en == (
+        "Baseline wander in lead III: ask the patient to breathe quietly and keep still, check the left-leg (F) "
+        f"electrode sticks; {WARN_TAIL_EN}"
+    )
+    zh, en = wording.baseline_wander(("V2",), STANDARD_12_LEADS, "V2", "re-record")
+    assert "检查V2 电极贴牢，然后重做心电图" in zh and "check the V2 electrode sticks; then record again" in en
+    zh, en = wording.baseline_wander(("V2", "V6"), STANDARD_12_LEADS, None, "re-record")
+    assert zh.endswith("不移动，检查电极贴牢，然后重做心电图")
+    assert en.endswith("keep still, check the electrodes stick; then record again")
+
+
+def test_mains_noise_names_the_grid_and_the_electrode() -> None:
+    zh, en = wording.mains_noise(("I", "II"), STANDARD_12_LEADS, "RA", 50.0, "re-record")
+    assert zh == (
+        "I、II 导联有 50 Hz 交流电干扰：请擦净皮肤重贴右臂（R）电极，拔掉附近电器插头，让患者不接触金属床和墙，"
+        "然后重做心电图"
+    )
+    assert en == (
+        "50 Hz mains interference in leads I, II: clean the skin and reattach the right-arm (R) electrode, "
+        "unplug nearby appliances, keep the patient off metal and walls; then record again"
+    )
+    zh, en = wording.mains_noise(("V4",), STANDARD_12_LEADS, "V4", 60.0, "warn")
+    assert zh.startswith("V4 导联有 60 Hz 交流电干扰：请擦净皮肤重贴V4 电极，") and zh.endswith(WARN_TAIL_ZH)
+    assert "reattach the V4 electrode" in en
+    zh, en = wording.mains_noise(STANDARD_12_LEADS, STANDARD_12_LEADS, None, 50.0, "warn")
+    assert (
+        zh
+        == f"所有导联有 50 Hz 交流电干扰：请检查右腿（N）电极贴好，拔掉附近电器插头，让患者不接触金属床和墙，{WARN_TAIL_ZH}"
+    )
+    assert en == (
+        "50 Hz mains interference in all leads: check the right-leg (N) electrode, unplug nearby appliances, "
+        f"keep the patient off metal and walls; {WARN_TAIL_EN}"
+    )
+
+
+def test_muscle_noise_tells_how_to_relax_the_patient() -> None:
+    zh, en = wording.muscle_noise(("V1", "V2", "V3"), STANDARD_12_LEADS, "warn")
+    assert zh == f"V1-V3 导联有肌电干扰：请让患者平躺放松、保暖、双臂放在身体两侧，{WARN_TAIL_ZH}"
+    assert en == (
+        "Muscle tremor noise in leads V1-V3: let the patient lie relaxed and warm with arms resting at the "
+        f"sides; {WARN_TAIL_EN}"
+    )
+
+
+def test_each_electrode_swap_gets_its_own_instruction() -> None:
+    """Telling a doctor to swap the arms when R and F are swapped leaves the ECG wrong twice."""
+    arms = wording.limb_lead_reversal(("I", "aVL"), STANDARD_12_LEADS, ("RA", "LA"))
+    assert arms == (
+        "左右手电极接反（I 导联倒置）：请对调右臂（R）和左臂（L）电极后重做",
+        "Arm electrodes swapped (lead I upside down): swap the right-arm (R) and left-arm (L) electrodes and "
+        "record again",
+    )
+    arm_leg = wording.limb_lead_reversal(("II",), STANDARD_12_LEADS, ("RA", "LL"))
+    assert arm_leg == (
+        "右臂（R）和左腿（F）电极接反（II 导联倒置）：请对调后重做",
+        "Right-arm (R) and left-leg (F) electrodes swapped (lead II upside down): swap them back and record again",
+    )
+    zh, en = wording.limb_lead_reversal(("III",), STANDARD_12_LEADS, ("LA", "RL"))
+    assert zh == (
+        "III 导联几乎是一条直线：左臂（L）电极可能夹在了右腿上（与右腿（N）接反），请按字母标记重新连接四肢电极后重做"
+    )
+    assert en == (
+        "Lead III nearly flat: the left-arm (L) electrode is probably on the right leg (swapped with the "
+        "right-leg (N) one): reconnect the limb electrodes by their letters and record again"
+    )
+
+
+@pytest.mark.parametrize(
+    "seconds, severity, zh, en",
+    [
+        (0.5, "re-record", "心电图只记录了 0.50 秒", "Only 0.50 s recorded, less than the standard 10 s"),
+        (1.0, "re-record", "心电图只记录了 1.0 秒", "Only 1.0 s recorded"),
+        (1.5, "re-record", "心电图只记录了 1.5 秒", "Only 1.5 s recorded"),
+        (9.0, "warn", "心电图只有 9.0 秒，略短于标准的 10 秒：本次可以发送", "Only 9.0 s recorded, a little under"),
+    ],
+)
+def test_too_short_says_how_long_and_whether_to_send(seconds: float, severity: str, zh: str, en: str) -> None:
+    got_zh, got_en = wording.too_short(seconds, severity)
+    assert got_zh.startswith(zh) and got_en.startswith(en)
+    assert got_en.endswith("record a full 10 s again" if severity == "re-record" else "record the full 10 s next time")
+
+
+# ----------------------------------------------------------------------------- a synthetic heart
+
+RATE_HZ = 500.0
+RR_S = 0.8  # 75 bpm
+FIRST_PEAK_S = 0.4
+NOISE_UV = 4.0  # amplifier noise at rest
+P_UV, R_UV, T_UV = 150.0, 1200.0, 250.0
+# Frontal-plane axes (degrees, 0 = lead I, 90 = aVF) of the P, QRS and T vectors: a normal heart.
+P_AXIS, QRS_AXIS, T_AXIS = 60.0, 45.0, 40.0
+# Chest leads V1-V6: QRS mostly negative in V1, upright from V3 (R-wave progression);
+# dextrocardia mirrors it (R waves shrink across the chest).
+CHEST_QRS = (-0.6, -0.3, 0.3, 0.8, 1.0, 0.9)
+CHEST_QRS_DEXTRO = (0.6, 0.5, 0.2, -0.3, -0.6, -0.7)
+
+
+def gauss(t: np.ndarray, centre: float, width: float) -> np.ndarray:
+    return np.exp(-((t - centre) ** 2) / (2 * width * width))
+
+
+def heart_waves(n: int, rate: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """P, QRS and T of a regular rhythm (µV of a unit lead), QRS peaks at 0.4 s + k x 0.8 s."""
+    t = np.arange(n) / rate
+    phase = (t - FIRST_PEAK_S + RR_S / 2) % RR_S - RR_S / 2  # time from the nearest QRS peak
+    p = P_UV * gauss(phase, -0.16, 0.02)
+    qrs = R_UV * gauss(phase, 0.0, 0.01) - 250 * gauss(phase, 0.025, 0.008) - 100 * gauss(phase, -0.022, 0.006)
+    t_wave = T_UV * (gauss(phase, 0.28, 0.04) + gauss(phase + RR_S, 0.28, 0.04))
+    return p, qrs, t_wave
+
+
+def electrodes(
+    seconds: float = 10.0, rate: float = RATE_HZ, chest_qrs: tuple[float, ...] = CHEST_QRS
+) -> dict[str, np.ndarray]:
+    """Potentials (µV) at RA, LA, LL (summing to zero) and at the chest electrodes V1-V6."""
+    p, qrs, t_wave = heart_waves(int(seconds * rate), rate)
+
+    def along(angle_deg: float) -> np.ndarray:  # the heart's vector projected on a lead axis
+        return sum(
+            (w * np.cos(np.radians(axis - angle_deg)) for w, axis in ((p, P_AXIS), (qrs, QRS_AXIS), (t_wave, T_AXIS))),
+            np.zeros_like(p),
+        )
+
+    lead_i, lead_ii = along(0.0), along(60.0)
+    pots = {"RA": -(lead_i + lead_ii) / 3, "LA": (2 * lead_i - lead_ii) / 3, "LL": (2 * lead_ii - lead_i) / 3}
+    for k, gain in enumerate(chest_qrs, start=1):
+        pots[f"V{k}"] = 0.5 * p + gain * qrs + 0.8 * t_wave
+    return pots
+
+
+def twelve_leads(pots: dict[str, np.ndarray]) -> np.ndarray:
+    """What a cart computes from the electrodes: Einthoven, Goldberger and Wilson."""
+    ra, la, ll = pots["RA"], pots["LA"], pots["LL"]
+    wilson = (ra + la + ll) / 3
+    limb = [la - ra, ll - ra, ll - la, ra - (la + ll) / 2, la - (ra + ll) / 2, ll - (ra + la) / 2]
+    return np.stack(limb + [pots[f"V{k}"] - wilson for k in range(1, 7)])
+
+
+def heart(seconds: float = 10.0, rate: float = RATE_HZ) -> np.ndarray:
+    """A clean 12-lead ECG, µV (leads, samples)."""
+    return twelve_leads(electrodes(seconds, rate))
+
+
+def to_recording(
+    x_uv: np.ndarray,
+    *,
+    rate: float = RATE_HZ,
+    names: tuple[str, ...] = STANDARD_12_LEADS,
+    uv_per_unit: float = 1.0,
+    dtype: type = np.int16,
+    fmt: str = "test",
+    seed: int = 0,
+    noise_uv: float = NOISE_UV,
+    derived: frozenset[str] = frozenset(),
+    gaps: tuple[SampleGap, ...] = (),
+) -> EcgRecording:
+    noisy = x_uv + np.random.default_rng(seed).normal(0.0, noise_uv, x_uv.shape)
+    word = np.iinfo(dtype)  # what the converter writes beyond its range: its rail
+    units = np.clip(np.round(noisy / uv_per_unit), word.min + 1, word.max)
+    return EcgRecording(
+        samples=units.astype(dtype),
+        lead_names=names,
+        sampling_rate_hz=rate,
+        uv_per_unit=uv_per_unit,
+        acquired_at=T0,
+        time_source=TimeSource.DEVICE_CLOCK,
+        source_format=fmt,
+        derived_leads=derived,
+        gaps=gaps,
+    )
+
+
+def row(name: str) -> int:
+    return STANDARD_12_LEADS.index(name)
+
+
+def kinds(report: QualityReport) -> list[str]:
+    return [p.kind for p in report.problems]
+
+
+def measures(report: QualityReport, lead: str) -> LeadMeasures:
+    return next(m for m in report.leads if m.lead == lead)
+
+
+def only(report: QualityReport, kind: str) -> Problem:
+    (problem,) = [p for p in report.problems if p.kind == kind]
+    return problem
+
+
+def sine(hz: float, amplitude: float, seconds: float = 10.0, rate: float = RATE_HZ, phase: float = 0.3) -> np.ndarray:
+    return amplitude * np.sin(2 * np.pi * hz * np.arange(int(seconds * rate)) / rate + phase)
+
+
+# ----------------------------------------------------------------------------- a clean heart
+
+
+def test_a_clean_heart_is_acceptable_with_its_rate_and_every_beat() -> None:
+    """A good ECG held for re-recording keeps a patient waiting for nothing; a wrong rate misleads."""
+    report = check_quality(to_recording(heart()))
+    assert report.verdict == ACCEPTABLE and report.problems == ()
+    assert report.heart_rate_bpm == pytest.approx(60 / RR_S, abs=0.5)
+    assert len(report.beats) == 12
+    assert report.duration_s == 10.0
+    for m in report.leads:
+        assert (m.flat_s, m.rail_s) == (0.0, 0.0)
+        assert m.mains_uv < 3 and m.muscle_uv < 10 and m.wander_uv < 50, m
+    assert report.to_json() == {"verdict": "acceptable", "heart_rate_bpm": 75, "problems": []}
+
+
+def test_a_recording_ending_on_a_tall_r_wave_is_not_baseline_wander() -> None:
+    """Regression: the baseline's median filters padded the ends with the last value, so a 3 mV R
+    wave (left ventricular hypertrophy in V5) cut by the end of the recording filled half the
+    window and was reported as baseline wander: a good ECG held back for re-recording."""
+    x = heart()  # the last QRS peak falls on the first sample after the end: the R's upstroke
+    x[row("V5")] *= 2.5
+    report = check_quality(to_recording(x))
+    assert report.verdict == ACCEPTABLE, [p.message_en for p in report.problems]
+    assert measures(report, "V5").wander_uv < 50
+    start_on_r = check_quality(to_recording(x[:, int(FIRST_PEAK_S * RATE_HZ) - 2 :]))
+    assert "baseline-wander" not in kinds(start_on_r)
+
+
+# ----------------------------------------------------------------------------- lost electrodes
+
+
+def test_a_blanked_chest_lead_is_reported_off_by_its_electrode() -> None:
+    """A cart writes a constant for a lost electrode: passing it would send an ECG without V3."""
+    x = heart()
+    x[row("V3")] = 0.0
+    report = check_quality(to_recording(x, noise_uv=0.0))
+    off = only(report, "lead-off")
+    assert (off.leads, off.severity, off.value, off.unit) == (("V3",), RE_RECORD, 0.0, "uV")
+    assert off.message_en == "V3 electrode off: reattach and record again"
+    assert report.verdict == RE_RECORD and kinds(report) == ["lead-off"]
+    assert measures(report, "V3").flat_s == 10.0 and measures(report, "V2").flat_s == 0.0
+    assert report.problems_on("V3") == (off,) and report.problems_on("V2") == ()
+
+
+def test_a_floating_chest_lead_that_picks_up_only_hum_is_off() -> None:
+    """An unattached input shows 50 Hz hum, not a heartbeat: it must not pass as a living lead."""
+    x = heart()
+    x[row("V4")] = sine(50.0, 150.0)
+    report = check_quality(to_recording(x))
+    assert only(report, "lead-off").leads == ("V4",)
+    assert "mains-noise" not in kinds(report)  # a lost lead's hum is not the doctor's mains problem
+
+
+def test_one_lead_at_a_tenth_of_the_others_is_off_but_a_low_voltage_ecg_is_not() -> None:
+    """Pericardial effusion makes every lead small: that ECG is readable, not twelve lost leads.
+    One lead at 1/40 of the others while they are normal has lost its electrode."""
+    small = check_quality(to_recording(heart() * 0.12))
+    assert small.verdict == ACCEPTABLE, [p.message_en for p in small.problems]
+    x = heart()
+    x[row("V6")] *= 0.025
+    assert only(check_quality(to_recording(x)), "lead-off").leads == ("V6",)
+
+
+def test_a_flat_two_seconds_is_enough_to_call_a_lead_off() -> None:
+    x = heart()
+    x[row("V2"), 2500:3600] = 0.0  # 2.2 s without signal, then the electrode pressed back
+    report = check_quality(to_recording(x, noise_uv=0.0))
+    assert only(report, "lead-off").leads == ("V2",)
+    assert 2.0 <= measures(report, "V2").flat_s <= 2.5
+
+
+def test_a_pause_of_the_heart_flattens_every_lead_and_is_no_lost_electrode() -> None:
+    x = heart()
+    x[:, 1900:3760] = 0.0  # 3.7 s of sinus arrest: every lead flat at once, noise stays
+    report = check_quality(to_recording(x))
+    assert "lead-off" not in kinds(report)
+    assert all(m.flat_s == 0.0 for m in report.leads)
+
+
+def test_no_heartbeat_anywhere_is_every_lead_off_not_a_pause() -> None:
+    report = check_quality(to_recording(np.zeros((12, 5000))))
+    off = only(report, "lead-off")
+    assert off.leads == STANDARD_12_LEADS and "所有导联" in off.message_zh and off.message_en.startswith("No signal")
+
+
+def test_an_input_that_drifts_to_the_rail_and_stays_there_is_off_not_clipped() -> None:
+    """The electrode came off at 8 s: the input sits at the converter's rail to the end."""
+    x = heart()
+    x[row("V1"), 4000:] = 40000.0  # beyond the 16-bit word: written as the rail
+    report = check_quality(to_recording(x))
+    assert only(report, "lead-off").leads == ("V1",)
+    assert "saturation" not in kinds(report)
+    assert measures(report, "V1").rail_s == pytest.approx(2.0)
