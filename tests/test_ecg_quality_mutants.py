@@ -227,14 +227,14 @@ def heart_waves(n: int, rate: float) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def electrodes(
-    seconds: float = 10.0, rate: float = RATE_HZ, chest_qrs: tuple[float, ...] = CHEST_QRS
+    seconds: float = 10.0, rate: float = RATE_HZ, chest_qrs: tuple[float, ...] = CHEST_QRS, qrs_axis: float = QRS_AXIS
 ) -> dict[str, np.ndarray]:
     """Potentials (µV) at RA, LA, LL (summing to zero) and at the chest electrodes V1-V6."""
     p, qrs, t_wave = heart_waves(int(seconds * rate), rate)
 
     def along(angle_deg: float) -> np.ndarray:  # the heart's vector projected on a lead axis
         return sum(
-            (w * np.cos(np.radians(axis - angle_deg)) for w, axis in ((p, P_AXIS), (qrs, QRS_AXIS), (t_wave, T_AXIS))),
+            (w * np.cos(np.radians(axis - angle_deg)) for w, axis in ((p, P_AXIS), (qrs, qrs_axis), (t_wave, T_AXIS))),
             np.zeros_like(p),
         )
 
@@ -270,10 +270,14 @@ def to_recording(
     noise_uv: float = NOISE_UV,
     derived: frozenset[str] = frozenset(),
     gaps: tuple[SampleGap, ...] = (),
+    amplifier_limit_uv: float = np.inf,
+    rails: tuple[int, int] | None = None,
 ) -> EcgRecording:
     noisy = x_uv + np.random.default_rng(seed).normal(0.0, noise_uv, x_uv.shape)
+    noisy = np.minimum(noisy, amplifier_limit_uv)  # an amplifier stops at its limit, noise and all
     word = np.iinfo(dtype)  # what the converter writes beyond its range: its rail
-    units = np.clip(np.round(noisy / uv_per_unit), word.min + 1, word.max)
+    low, high = rails or (int(word.min) + 1, int(word.max))
+    units = np.clip(np.round(noisy / uv_per_unit), low, high)
     return EcgRecording(
         samples=units.astype(dtype),
         lead_names=names,
@@ -402,3 +406,339 @@ def test_an_input_that_drifts_to_the_rail_and_stays_there_is_off_not_clipped() -
     assert only(report, "lead-off").leads == ("V1",)
     assert "saturation" not in kinds(report)
     assert measures(report, "V1").rail_s == pytest.approx(2.0)
+
+
+# ----------------------------------------------------------------------------- clipping
+
+
+@pytest.mark.parametrize("seconds, severity", [(0.1, WARN), (0.6, RE_RECORD)])
+def test_clipping_is_measured_and_its_length_decides_the_verdict(seconds: float, severity: str) -> None:
+    """0.1 s at the rail hides a QRS peak (send, with a warning); 0.6 s hides whole beats."""
+    x = heart()
+    x[row("V2"), 3000 : 3000 + int(seconds * RATE_HZ)] = 40000.0  # knocked: the amplifier at its rail
+    report = check_quality(to_recording(x))
+    sat = only(report, "saturation")
+    assert (sat.leads, sat.severity, sat.unit) == (("V2",), severity, "s")
+    assert sat.value == pytest.approx(seconds) and measures(report, "V2").rail_s == pytest.approx(seconds)
+    assert report.verdict == severity and "lead-off" not in kinds(report)
+    assert report.heart_rate_bpm == pytest.approx(60 / RR_S, abs=1)  # no beat invented at the step
+
+
+def test_a_touch_of_the_rail_shorter_than_a_qrs_peak_is_no_clipping() -> None:
+    x = heart()
+    x[row("V2"), 3000:3005] = 40000.0  # 10 ms
+    report = check_quality(to_recording(x))
+    assert "saturation" not in kinds(report) and measures(report, "V2").rail_s == pytest.approx(0.01)
+
+
+def test_the_negative_rail_counts_as_well() -> None:
+    x = heart()
+    x[row("V5"), 1000:1100] = -40000.0
+    assert only(check_quality(to_recording(x)), "saturation").leads == ("V5",)
+
+
+def test_clipping_without_known_rails_is_found_as_a_far_plateau() -> None:
+    """int32 samples (an XML ECG) have no converter range: 0.1 s of one value 3 mV from the
+    baseline is an amplifier at its limit, not a heartbeat."""
+    x = heart()
+    x[row("V3"), 3000:3050] = 5000.0
+    rec = to_recording(x, dtype=np.int32, amplifier_limit_uv=3000.0)
+    assert converter_limits(rec) == [None] * 12
+    report = check_quality(rec)
+    sat = only(report, "saturation")
+    assert sat.leads == ("V3",) and sat.value == pytest.approx(0.1)
+    near = heart()
+    near[row("V3"), 3000:3050] = 5000.0
+    near_limit = 900.0  # a plateau under 1 mV from the baseline: an R wave's flat top, perhaps
+    assert "saturation" not in kinds(check_quality(to_recording(near, dtype=np.int32, amplifier_limit_uv=near_limit)))
+
+
+def test_a_short_plateau_is_a_pointed_r_wave_not_clipping() -> None:
+    x = heart()
+    x[row("V3"), 3000:3015] = 5000.0  # 30 ms: under the 40 ms an amplifier's limit leaves
+    assert "saturation" not in kinds(check_quality(to_recording(x, dtype=np.int32, amplifier_limit_uv=3000.0)))
+
+
+def test_converter_limits_per_format() -> None:
+    """Wrong rails make clipping invisible (too wide) or every R peak clipped (too narrow)."""
+    contec = to_recording(heart()[:6] / 5, names=LIMB_ONLY, fmt="contec", derived=frozenset({"I", "aVR", "aVL", "aVF"}))
+    assert converter_limits(contec) == [None, (-2048, 2047), (-2048, 2047), None, None, None]
+    assert converter_limits(to_recording(heart()[:2], names=("I", "II"))) == [(-32767, 32767)] * 2
+    assert converter_limits(to_recording(heart()[:2], names=("I", "II"), dtype=np.int64)) == [None, None]
+
+
+# ----------------------------------------------------------------------------- noise
+
+
+@pytest.mark.parametrize("amplitude, severity", [(500.0, WARN), (1200.0, RE_RECORD)])
+def test_baseline_wander_is_measured_peak_to_peak(amplitude: float, severity: str) -> None:
+    """Breathing that moves V2 by 1 mV blurs its ST level (warn); 2.4 mV runs into the next row."""
+    x = heart()
+    x[row("V2")] += sine(0.3, amplitude)
+    report = check_quality(to_recording(x))
+    wander = only(report, "baseline-wander")
+    assert (wander.leads, wander.severity, wander.unit) == (("V2",), severity, "uV")
+    assert wander.value == pytest.approx(2 * amplitude, rel=0.05)
+    assert measures(report, "V2").wander_uv == wander.value and report.verdict == severity
+
+
+def test_breathing_of_a_normal_size_is_no_wander() -> None:
+    x = heart()
+    x[row("V2")] += sine(0.3, 300.0)
+    report = check_quality(to_recording(x))
+    assert report.verdict == ACCEPTABLE and measures(report, "V2").wander_uv == pytest.approx(600, rel=0.05)
+
+
+@pytest.mark.parametrize("hz, amplitude, severity", [(50.0, 40.0, WARN), (60.0, 100.0, RE_RECORD)])
+def test_mains_hum_is_measured_in_microvolts_on_its_grid(hz: float, amplitude: float, severity: str) -> None:
+    """A 100 µV hum hides P waves and ST (re-record); 40 µV blurs them (warn); the doctor is told
+    which grid so that a 60 Hz appliance is not looked for on a 50 Hz grid."""
+    x = heart()
+    x[row("V5")] += sine(hz, amplitude)
+    report = check_quality(to_recording(x))
+    mains = only(report, "mains-noise")
+    assert (mains.leads, mains.severity, mains.unit) == (("V5",), severity, "uV")
+    assert mains.value == pytest.approx(amplitude, rel=0.03)
+    assert measures(report, "V5").mains_hz == hz and f"{hz:g} Hz" in mains.message_en
+    assert report.verdict == severity
+
+
+def test_a_harmonic_rich_hum_counts_its_harmonics() -> None:
+    """A transformer's hum (50 Hz plus 150 Hz and 250 Hz) is as visible as its sum of lines."""
+    x = heart()
+    x[row("V3")] += sine(50.0, 20.0) + sine(150.0, 15.0) + sine(200.0, 15.0)
+    v3 = measures(check_quality(to_recording(x)), "V3")
+    assert v3.mains_uv == pytest.approx(np.sqrt(20.0**2 + 15.0**2 + 15.0**2), rel=0.05)
+
+
+def test_hum_under_the_warning_level_is_no_fault() -> None:
+    x = heart()
+    x[row("V5")] += sine(50.0, 20.0)
+    report = check_quality(to_recording(x))
+    assert report.verdict == ACCEPTABLE and measures(report, "V5").mains_uv == pytest.approx(20.0, rel=0.05)
+
+
+def test_hum_on_the_right_arm_names_the_right_arm_electrode() -> None:
+    """Hum in I, II and aVR but not III comes in through RA: the doctor re-attaches that one."""
+    pots = electrodes()
+    pots["RA"] = pots["RA"] + sine(50.0, 40.0)
+    mains = only(check_quality(to_recording(twelve_leads(pots))), "mains-noise")
+    assert mains.leads == ("I", "II", "aVR")
+    assert "reattach the right-arm (R) electrode" in mains.message_en and "右臂（R）" in mains.message_zh
+
+
+@pytest.mark.parametrize("sigma, severity", [(60.0, WARN), (150.0, RE_RECORD)])
+def test_muscle_tremor_is_measured_outside_the_qrs(sigma: float, severity: str) -> None:
+    """A shivering patient: 20-150 Hz noise hides P waves (warn) or ST as well (re-record)."""
+    x = heart()
+    x[row("V1")] += np.random.default_rng(1).normal(0.0, sigma, x.shape[-1])
+    report = check_quality(to_recording(x))
+    muscle = only(report, "muscle-noise")
+    assert (muscle.leads, muscle.severity, muscle.unit) == (("V1",), severity, "uV")
+    band_rms = sigma * np.sqrt((150 - 20) / (RATE_HZ / 2))  # white noise's share of 20-150 Hz
+    assert muscle.value == pytest.approx(band_rms, rel=0.12)
+    assert measures(report, "V1").muscle_uv == muscle.value and report.verdict == severity
+
+
+def test_light_tremor_under_the_warning_level_is_no_fault() -> None:
+    x = heart()
+    x[row("V1")] += np.random.default_rng(1).normal(0.0, 30.0, x.shape[-1])
+    report = check_quality(to_recording(x))
+    assert report.verdict == ACCEPTABLE and 18 < measures(report, "V1").muscle_uv < 27
+
+
+# ----------------------------------------------------------------------------- swapped electrodes
+
+
+def swapped(a: str, b: str, chest_qrs: tuple[float, ...] = CHEST_QRS, qrs_axis: float = QRS_AXIS) -> np.ndarray:
+    pots = electrodes(chest_qrs=chest_qrs, qrs_axis=qrs_axis)
+    pots[a], pots[b] = pots[b], pots[a]
+    return twelve_leads(pots)
+
+
+def on_the_right_leg(arm: str) -> np.ndarray:
+    """The arm electrode clipped on the right leg: it reads the legs' potential (the left leg's)."""
+    pots = electrodes()
+    pots[arm] = pots["LL"].copy()
+    return twelve_leads(pots)
+
+
+def test_swapped_arm_electrodes_are_found_from_lead_i_upside_down() -> None:
+    """Arms swapped make lead I a mirror image: read as it is, it suggests a lateral infarct."""
+    report = check_quality(to_recording(swapped("RA", "LA")))
+    swap = only(report, "limb-lead-reversal")
+    assert swap.leads == ("I", "II", "III", "aVR", "aVL") and swap.severity == RE_RECORD
+    assert "swap the right-arm (R) and left-arm (L)" in swap.message_en and report.verdict == RE_RECORD
+    assert kinds(report) == ["limb-lead-reversal"]
+
+
+def test_dextrocardia_is_not_taken_for_swapped_arms() -> None:
+    """A mirror-image heart also turns lead I over, but V5 and V6 point away too: telling the
+    doctor to swap the electrodes would produce a wrong ECG of a real condition."""
+    report = check_quality(to_recording(swapped("RA", "LA", CHEST_QRS_DEXTRO)))
+    assert "limb-lead-reversal" not in kinds(report)
+    one_lateral_lead = list(CHEST_QRS_DEXTRO)
+    one_lateral_lead[4] = 1.0  # V5 upright: not dextrocardia, the arms are swapped
+    assert "limb-lead-reversal" in kinds(check_quality(to_recording(swapped("RA", "LA", tuple(one_lateral_lead)))))
+
+
+def test_dextrocardia_test_needs_a_lateral_lead_to_look_at() -> None:
+    """Without V5 and V6 nothing says dextrocardia: an upside-down lead I is swapped arms."""
+    x = swapped("RA", "LA", CHEST_QRS_DEXTRO)[:10]
+    report = check_quality(to_recording(x, names=STANDARD_12_LEADS[:10]))
+    assert only(report, "limb-lead-reversal").leads == ("I", "II", "III", "aVR", "aVL")
+
+
+def test_right_arm_and_left_leg_swapped_are_found_from_lead_ii_and_avr() -> None:
+    """Lead II upside down with aVR upright. (A horizontal QRS axis: with the usual 45 degrees the
+    swap turns lead I over as well and is told as swapped arms, still a re-record.)"""
+    report = check_quality(to_recording(swapped("RA", "LL", qrs_axis=0.0)))
+    swap = only(report, "limb-lead-reversal")
+    assert swap.leads == ("I", "II", "III", "aVR", "aVF")
+    assert swap.message_en.startswith("Right-arm (R) and left-leg (F) electrodes swapped")
+
+
+@pytest.mark.parametrize("arm, flat_lead, electrode", [("RA", "II", "right-arm (R)"), ("LA", "III", "left-arm (L)")])
+def test_an_arm_electrode_on_the_right_leg_is_a_swap_not_a_lost_lead(arm: str, flat_lead: str, electrode: str) -> None:
+    """II (or III) near zero: the electrode is on, on the wrong limb; "reattach" would not help."""
+    report = check_quality(to_recording(on_the_right_leg(arm)))
+    swap = only(report, "limb-lead-reversal")
+    assert swap.leads == (flat_lead,) and swap.severity == RE_RECORD
+    assert swap.message_en.startswith(f"Lead {flat_lead} nearly flat: the {electrode} electrode")
+    assert "lead-off" not in kinds(report)
+
+
+def test_a_limb_lead_blanked_by_the_cart_is_off_not_an_arm_on_the_leg() -> None:
+    x = heart()
+    x[row("II")] = 0.0
+    report = check_quality(to_recording(x, noise_uv=0.0))
+    assert "II" in only(report, "lead-off").leads and "limb-lead-reversal" not in kinds(report)
+
+
+def test_a_noisy_lead_is_not_trusted_for_a_swap() -> None:
+    """Hum on lead I must not make its P wave's sign, and so a swap, up."""
+    x = swapped("RA", "LA")
+    x[row("I")] += sine(50.0, 60.0)
+    report = check_quality(to_recording(x))
+    assert "limb-lead-reversal" not in kinds(report) and "I" in only(report, "mains-noise").leads
+
+
+# ----------------------------------------------------------------------------- length and rate
+
+
+@pytest.mark.parametrize("seconds, severity", [(3.0, RE_RECORD), (4.9, RE_RECORD), (7.0, WARN), (9.4, WARN)])
+def test_a_short_recording_is_told_with_its_length(seconds: float, severity: str) -> None:
+    """Under 5 s too few beats for rate and rhythm (re-record); under 9.5 s half a print column
+    is missing (send, warn)."""
+    report = check_quality(to_recording(heart(seconds)))
+    short = only(report, "too-short")
+    assert (short.leads, short.severity, short.unit) == ((), severity, "s")
+    assert short.value == pytest.approx(seconds) and f"Only {seconds:.1f} s recorded" in short.message_en
+    assert report.verdict == severity and report.duration_s == pytest.approx(seconds)
+
+
+def test_nine_and_a_half_seconds_is_a_full_print() -> None:
+    assert check_quality(to_recording(heart(9.6))).problems == ()
+
+
+def test_under_a_second_no_noise_figure_is_made_up() -> None:
+    x = heart(0.9)
+    x[row("V1")] += sine(50.0, 200.0, seconds=0.9)
+    report = check_quality(to_recording(x))
+    assert kinds(report) == ["too-short"] and measures(report, "V1").mains_uv == 0.0
+    assert check_quality(to_recording(heart(1.0) + sine(50.0, 200.0, seconds=1.0))).leads[0].mains_uv > 100
+
+
+@pytest.mark.parametrize("rate", [99.9, 2000.1])
+def test_a_rate_outside_100_to_2000_hz_is_refused_with_the_typed_error(rate: float) -> None:
+    with pytest.raises(EcgQualityError, match="Hz"):
+        check_quality(to_recording(np.zeros((1, 400)), rate=rate, names=("II",)))
+
+
+@pytest.mark.parametrize("rate", [100.0, 2000.0])
+def test_the_edge_rates_are_analysed(rate: float) -> None:
+    report = check_quality(to_recording(heart(3.0, rate)[1:2], rate=rate, names=("II",)))
+    assert report.heart_rate_bpm == pytest.approx(60 / RR_S, abs=1)
+
+
+def test_samples_lost_in_transit_do_not_make_a_short_rr() -> None:
+    """0.7 s lost over the bridge link: counted across the join, the rate would be too fast."""
+    x = heart()
+    cut = slice(2150, 2400)  # the beat at 4.4 s lost, the one at 4.8 s kept
+    kept = np.concatenate([x[:, : cut.start], x[:, cut.stop :]], axis=1)
+    gap = SampleGap(cut.start, cut.stop - cut.start)
+    assert check_quality(to_recording(kept, gaps=(gap,))).heart_rate_bpm == pytest.approx(60 / RR_S, abs=0.5)
+    undeclared = check_quality(to_recording(kept)).heart_rate_bpm
+    assert undeclared is not None and abs(undeclared - 60 / RR_S) > 2  # the check can fail
+
+
+# ----------------------------------------------------------------------------- derived limb leads
+
+
+def contec_like(x_uv: np.ndarray) -> EcgRecording:
+    """II and III recorded by a 12-bit converter (offset 2048); I, aVR, aVL, aVF computed."""
+    return to_recording(
+        x_uv[:6],
+        names=LIMB_ONLY,
+        fmt="contec",
+        uv_per_unit=5.0,
+        derived=frozenset({"I", "aVR", "aVL", "aVF"}),
+        rails=(-2048, 2047),
+    )
+
+
+def test_derived_leads_are_lost_with_the_recorded_lead_they_come_from() -> None:
+    """III at the 12-bit rail from 6 s: I, aVR, aVL, aVF computed from it are no ECG either."""
+    x = heart()
+    x[row("III"), 3000:] = 20000.0
+    report = check_quality(contec_like(x))
+    off = only(report, "lead-off")
+    assert off.leads == ("I", "III", "aVR", "aVL", "aVF")
+    assert measures(report, "I").rail_s == pytest.approx(4.0)  # the derived lead shares the rail
+
+
+def test_a_clipped_recorded_lead_marks_its_derived_leads_clipped() -> None:
+    x = heart()
+    x[row("II"), 3000:3100] = 20000.0
+    sat = only(check_quality(contec_like(x)), "saturation")
+    assert sat.leads == ("I", "II", "aVR", "aVL", "aVF") and sat.value == pytest.approx(0.2)
+
+
+# ----------------------------------------------------------------------------- the stored form
+
+
+def stored_report() -> dict[str, object]:
+    x = heart(7.0)
+    x[row("V2")] += sine(50.0, 40.0, seconds=7.0)
+    return check_quality(to_recording(x)).to_dict()
+
+
+def test_a_stored_report_reads_back_to_the_same_report() -> None:
+    """The report stored with the ECG is what the console shows the doctor later."""
+    data = stored_report()
+    report = QualityReport.from_dict(data)
+    assert report.to_dict() == data and report.verdict == WARN and report.duration_s == pytest.approx(7.0)
+    assert [(p.kind, p.leads, p.unit) for p in report.problems] == [
+        ("mains-noise", ("V2",), "uV"),
+        ("too-short", (), "s"),
+    ]
+    bare = {**data, "problems": [{k: v for k, v in p.items() if k not in ("value", "unit")} for p in data["problems"]]}
+    del bare["duration_s"]
+    again = QualityReport.from_dict(bare)
+    assert again.duration_s == 0.0 and [(p.value, p.unit) for p in again.problems] == [(None, "")] * 2
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda d: {**d, "verdict": "fine"},
+        lambda d: {**d, "problems": [{**d["problems"][0], "kind": "gremlins"}]},
+        lambda d: {k: v for k, v in d.items() if k != "beats"},
+        lambda d: {**d, "heart_rate_bpm": "fast"},
+        lambda d: {**d, "problems": [{**d["problems"][0], "value": "big"}]},
+        lambda d: {**d, "beats": None},
+    ],
+)
+def test_a_spoiled_stored_report_is_refused_with_the_typed_error(spoil) -> None:
+    with pytest.raises(EcgQualityError):
+        QualityReport.from_dict(spoil(stored_report()))
