@@ -742,3 +742,141 @@ def test_a_stored_report_reads_back_to_the_same_report() -> None:
 def test_a_spoiled_stored_report_is_refused_with_the_typed_error(spoil) -> None:
     with pytest.raises(EcgQualityError):
         QualityReport.from_dict(spoil(stored_report()))
+
+
+# ----------------------------------------------------------------------------- the thresholds
+# A noise figure decides, at the documented threshold, whether the doctor is told; the leads are
+# given disturbances whose measured figures fall just either side of it (asserted first, so the
+# test cannot pass for want of a lead near the threshold).
+
+WANDER_AMPLITUDES_UV = (356.7, 357.1, 364.3, 363.1, 353.9, 367.1, 356.5, 363.8, 367.0, 358.5, 367.1, 355.1)
+HUM_AMPLITUDES_UV = tuple(np.linspace(23.9, 26.65, 12))
+TREMOR_SIGMAS_UV = tuple(np.linspace(44.0, 50.0, 12))
+
+
+def disturbed_heart(kind: str, sizes: tuple[float, ...]) -> QualityReport:
+    """A heart whose every lead gets its own size of one disturbance."""
+    x = heart()
+    for i, size in enumerate(sizes):
+        if kind == "wander":
+            x[i] += sine(0.3, size, phase=0.3 + i)
+        elif kind == "mains":
+            x[i] += sine(50.0, size, phase=0.3 + i)
+        else:
+            x[i] += np.random.default_rng(i).normal(0.0, size, x.shape[-1])
+    return check_quality(to_recording(x))
+
+
+@pytest.mark.parametrize(
+    "kind, sizes, figure, warn_at",
+    [
+        ("wander", WANDER_AMPLITUDES_UV, "wander_uv", 700.0),
+        ("mains", HUM_AMPLITUDES_UV, "mains_uv", 25.0),
+        ("muscle", TREMOR_SIGMAS_UV, "muscle_uv", 35.0),
+    ],
+)
+def test_the_doctor_is_told_from_the_documented_level_on(
+    kind: str, sizes: tuple[float, ...], figure: str, warn_at: float
+) -> None:
+    """A noisy lead passed as clean, or a clean one flagged, if the warning level moves by 1 µV."""
+    report = disturbed_heart(kind, sizes)
+    values = {m.lead: getattr(m, figure) for m in report.leads}
+    assert any(warn_at - 1 <= v < warn_at for v in values.values())
+    assert any(warn_at <= v < warn_at + 1 for v in values.values())
+    expected = tuple(lead for lead, v in values.items() if v >= warn_at)
+    problem = only(report, {"wander": "baseline-wander", "mains": "mains-noise"}.get(kind, "muscle-noise"))
+    assert problem.leads == expected and problem.value == max(values.values()) and problem.severity == WARN
+
+
+@pytest.mark.parametrize(
+    "kind, size, figure, severity",
+    [
+        ("wander", 1026.2, "wander_uv", WARN),  # 1999.5 µV
+        ("wander", 1026.7, "wander_uv", RE_RECORD),  # 2000.7 µV
+        ("mains", 74.5, "mains_uv", WARN),  # 74.4 µV
+        ("mains", 75.6, "mains_uv", RE_RECORD),  # 75.5 µV
+        ("muscle", 89.5, "muscle_uv", WARN),  # 69.0 µV (lead II)
+        ("muscle", 88.5, "muscle_uv", RE_RECORD),  # 70.7 µV (lead I)
+    ],
+)
+def test_re_record_is_asked_from_the_documented_level_on(kind: str, size: float, figure: str, severity: str) -> None:
+    """Just under the re-record level the ECG goes with a warning; at it, the patient records again."""
+    sizes = (0.0, size) + (0.0,) * 10 if (kind, severity) == ("muscle", WARN) else (size,) + (0.0,) * 11
+    report = disturbed_heart(kind, sizes)
+    rerecord_at = {"wander": 2000.0, "mains": 75.0, "muscle": 70.0}[kind]
+    worst = max(getattr(m, figure) for m in report.leads)
+    assert abs(worst - rerecord_at) < 1
+    assert report.verdict == severity and [p.severity for p in report.problems] == [severity]
+
+
+# ----------------------------------------------------------------------------- what counts as flat
+
+FINE_UV_PER_UNIT = 0.1  # fine units, so that a lead's range is what the test asks for
+
+
+def with_slow_leads(pp_uv: dict[str, float], seconds: float = 10.0) -> QualityReport:
+    """A heart whose named leads carry only a slow 1 Hz swing of the given peak-to-peak size."""
+    x = heart(seconds)
+    t = np.arange(x.shape[-1]) / RATE_HZ
+    for name, pp in pp_uv.items():
+        x[row(name)] = pp / 2 * np.sin(2 * np.pi * t)
+    return check_quality(to_recording(x, noise_uv=0.0, uv_per_unit=FINE_UV_PER_UNIT))
+
+
+def test_a_lead_under_40_uv_among_living_leads_is_off_and_one_over_it_is_not() -> None:
+    """40 µV is less than any living lead's beat: under it the electrode is off (re-record);
+    over it, a lead at right angles to the heart's axis is still a lead (send)."""
+    report = with_slow_leads({"V1": 39.5, "V2": 40.5})
+    off = only(report, "lead-off")
+    assert off.leads == ("V1",) and off.value == pytest.approx(39.5, abs=0.1)
+    assert measures(report, "V1").flat_s == 10.0 and measures(report, "V2").flat_s == 0.0
+
+
+def test_when_every_lead_is_tiny_each_under_40_uv_is_off() -> None:
+    """No heartbeat bigger than 40 µV anywhere: the cable is off, however the leads compare."""
+    x = heart() * 0.025
+    report = check_quality(to_recording(x, noise_uv=0.0, uv_per_unit=FINE_UV_PER_UNIT))
+    assert only(report, "lead-off").leads == STANDARD_12_LEADS
+
+
+def test_under_two_seconds_only_a_constant_lead_is_surely_lost() -> None:
+    """1.5 s may hold no beat at all: a small lead is not called off, a constant one is."""
+    small = with_slow_leads({"V1": 20.0}, seconds=1.5)
+    assert kinds(small) == ["too-short"]
+    constant = with_slow_leads({"V1": 0.0}, seconds=1.5)
+    assert only(constant, "lead-off").leads == ("V1",)
+
+
+@pytest.mark.parametrize("units, lost", [(2, True), (3, False)])
+def test_a_cart_blanking_a_lost_input_writes_at_most_two_units(units: int, lost: bool) -> None:
+    """At 25 µV per unit a blanked input can still toggle by 2 units (50 µV, over the 40 µV
+    flat level); 3 units of swing is a signal."""
+    uv_per_unit = 25.0
+    x = heart()
+    x[row("V2")] = uv_per_unit * units * (np.arange(x.shape[-1]) // int(RATE_HZ / 2) % 2)  # a 1 s square
+    report = check_quality(to_recording(x, noise_uv=0.0, uv_per_unit=uv_per_unit))
+    assert [p.leads for p in report.problems if p.kind == "lead-off"] == ([("V2",)] if lost else [])
+
+
+@pytest.mark.parametrize("seconds, kind", [(0.3, "saturation"), (0.5, "lead-off"), (1.0, "lead-off")])
+def test_half_a_second_at_the_rail_to_the_end_is_a_lost_electrode(seconds: float, kind: str) -> None:
+    """From 0.5 s at the rail up to the end the electrode has drifted off; less is a clipped stretch."""
+    x = heart()
+    x[row("V6"), x.shape[-1] - int(seconds * RATE_HZ) :] = 40000.0
+    report = check_quality(to_recording(x))
+    assert only(report, kind).leads == ("V6",)
+    assert measures(report, "V6").rail_s == pytest.approx(seconds)
+
+
+def test_an_exact_forty_millisecond_plateau_is_clipping() -> None:
+    x = heart()
+    x[row("V3"), 3000:3020] = 5000.0  # 20 samples at 500 Hz
+    rec = to_recording(x, dtype=np.int32, amplifier_limit_uv=3000.0)
+    assert only(check_quality(rec), "saturation").value == pytest.approx(0.04)
+
+
+def test_a_plateau_at_the_negative_extreme_is_clipping_too() -> None:
+    x = heart()
+    x[row("V3"), 3000:3050] = -5000.0
+    x_clipped = np.maximum(x, -3000.0)
+    assert only(check_quality(to_recording(x_clipped, dtype=np.int32, noise_uv=0.0)), "saturation").leads == ("V3",)
