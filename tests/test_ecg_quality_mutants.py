@@ -227,14 +227,18 @@ def heart_waves(n: int, rate: float) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def electrodes(
-    seconds: float = 10.0, rate: float = RATE_HZ, chest_qrs: tuple[float, ...] = CHEST_QRS, qrs_axis: float = QRS_AXIS
+    seconds: float = 10.0,
+    rate: float = RATE_HZ,
+    chest_qrs: tuple[float, ...] = CHEST_QRS,
+    qrs_axis: float = QRS_AXIS,
+    t_axis: float = T_AXIS,
 ) -> dict[str, np.ndarray]:
     """Potentials (µV) at RA, LA, LL (summing to zero) and at the chest electrodes V1-V6."""
     p, qrs, t_wave = heart_waves(int(seconds * rate), rate)
 
     def along(angle_deg: float) -> np.ndarray:  # the heart's vector projected on a lead axis
         return sum(
-            (w * np.cos(np.radians(axis - angle_deg)) for w, axis in ((p, P_AXIS), (qrs, qrs_axis), (t_wave, T_AXIS))),
+            (w * np.cos(np.radians(axis - angle_deg)) for w, axis in ((p, P_AXIS), (qrs, qrs_axis), (t_wave, t_axis))),
             np.zeros_like(p),
         )
 
@@ -880,3 +884,122 @@ def test_a_plateau_at_the_negative_extreme_is_clipping_too() -> None:
     x[row("V3"), 3000:3050] = -5000.0
     x_clipped = np.maximum(x, -3000.0)
     assert only(check_quality(to_recording(x_clipped, dtype=np.int32, noise_uv=0.0)), "saturation").leads == ("V3",)
+
+
+# ----------------------------------------------------------------------------- knocked electrodes
+
+
+def knocked_right_arm(seconds_at_rail: float = 0.3, offset_after_uv: float = 1200.0) -> np.ndarray:
+    """The right-arm electrode knocked at 4 s: its input jumps beyond the converter's range for a
+    moment and comes back with a new half-cell offset (a step through the central terminal)."""
+    pots = electrodes()
+    start, end = 2000, 2000 + int(seconds_at_rail * RATE_HZ)
+    pots["RA"][start:end] += 60000.0
+    pots["RA"][end:] += offset_after_uv
+    return twelve_leads(pots)
+
+
+def test_a_knocked_electrode_clips_its_leads_and_its_step_is_no_noise_elsewhere() -> None:
+    """I, II and aVR hit the rail (saturation); aVL, aVF and every chest lead see the step through
+    the central terminal: bridged over, it must not be reported as wander or noise on them."""
+    report = check_quality(to_recording(knocked_right_arm()))
+    sat = only(report, "saturation")
+    assert sat.leads == ("I", "II", "aVR") and sat.value == pytest.approx(0.3)
+    assert kinds(report) == ["saturation"], [p.message_en for p in report.problems]
+    for name in ("III", "aVL", "aVF", "V1", "V4"):
+        m = measures(report, name)
+        assert m.muscle_uv < 10 and m.mains_uv < 3, m
+    # the chest leads' baseline steps by a third of the offset: the bridge joins the two levels
+    assert measures(report, "V2").wander_uv == pytest.approx(1200.0 / 3, rel=0.05)
+    assert measures(report, "aVL").wander_uv == pytest.approx(1200.0 / 2, rel=0.05)
+    assert report.heart_rate_bpm == pytest.approx(60 / RR_S, abs=1)
+
+
+# ----------------------------------------------------------------------------- windows
+
+
+def test_an_electrode_lost_in_the_last_two_seconds_is_still_found() -> None:
+    """Regression: the 2 s windows step by 0.5 s and the last one is aligned on the end, but its
+    range was taken from whole 0.5 s blocks (8.0-10.0 s for the last window of a 10.3 s recording,
+    not 8.3-10.3 s): the end was in no window, and an electrode lost for the last 2 s passed."""
+    x = heart(10.3)
+    x[row("V2"), x.shape[-1] - int(2.0 * RATE_HZ) :] = 0.0
+    report = check_quality(to_recording(x, noise_uv=0.0))
+    assert only(report, "lead-off").leads == ("V2",) and measures(report, "V2").flat_s == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("quiet", [slice(250, 1000), slice(4600, 5000)])
+def test_a_lead_quiet_for_less_than_two_seconds_is_not_lost(quiet: slice) -> None:
+    """1.5 s without signal between two beats, or the last 0.8 s: at 30 bpm a living lead can be
+    that quiet; calling the electrode off would send the patient to record again for nothing."""
+    x = heart()
+    x[row("V2"), quiet] = 0.0
+    report = check_quality(to_recording(x, noise_uv=0.0))
+    assert "lead-off" not in kinds(report) and measures(report, "V2").flat_s == 0.0
+
+
+def test_a_constant_lead_in_a_short_recording_is_flat_for_its_whole_length() -> None:
+    report = with_slow_leads({"V1": 0.0}, seconds=1.5)
+    assert measures(report, "V1").flat_s == pytest.approx(1.5)
+
+
+# ----------------------------------------------------------------------------- edges of the rules
+
+
+def test_swapped_arms_are_found_when_lead_i_has_no_t_wave() -> None:
+    """A T axis at 90 degrees leaves lead I's T flat: P and QRS upside down are enough."""
+    pots = electrodes(t_axis=90.0)
+    pots["RA"], pots["LA"] = pots["LA"], pots["RA"]
+    assert only(check_quality(to_recording(twelve_leads(pots))), "limb-lead-reversal").leads[0] == "I"
+
+
+@pytest.mark.parametrize("seconds, expected", [(5.0, WARN), (5.5, WARN), (9.5, None)])
+def test_the_length_limits_are_five_and_nine_and_a_half_seconds(seconds: float, expected: str | None) -> None:
+    report = check_quality(to_recording(heart(seconds)))
+    assert [p.severity for p in report.problems if p.kind == "too-short"] == ([expected] if expected else [])
+
+
+def test_a_line_one_hertz_off_the_grid_is_not_mains() -> None:
+    """The grid holds 50 Hz within 0.5 Hz: a 51 Hz line is something else, not a reason to unplug."""
+    x = heart()
+    x[row("V5")] += sine(51.0, 60.0)
+    assert measures(check_quality(to_recording(x)), "V5").mains_uv < 5
+
+
+def test_the_fifth_harmonic_is_counted_and_the_sixth_is_not() -> None:
+    """At 1000 Hz: 250 Hz (the fifth of 50 Hz) is counted; 300 Hz, the sixth, is left out."""
+    rate = 1000.0
+    x = heart(4.0, rate)
+    x[row("V3")] += sine(50.0, 10.0, 4.0, rate) + sine(250.0, 30.0, 4.0, rate) + sine(300.0, 30.0, 4.0, rate)
+    v3 = measures(check_quality(to_recording(x, rate=rate)), "V3")
+    assert v3.mains_uv == pytest.approx(np.hypot(10.0, 30.0), rel=0.03) and v3.mains_hz == 50.0
+
+
+@pytest.mark.parametrize("drift_in_ten_seconds, flagged", [(650.0, True), (600.0, False)])
+def test_wander_is_judged_on_one_ten_second_print(drift_in_ten_seconds: float, flagged: bool) -> None:
+    """A steady drift over a 20 s recording: what shows on one 10 s print (the drift plus the
+    T waves' share of the baseline: about 725 or 676 µV here) decides, not the whole 20 s."""
+    x = heart(20.0)
+    x[row("V2")] += np.linspace(0.0, 2 * drift_in_ten_seconds, x.shape[-1])
+    report = check_quality(to_recording(x))
+    assert abs(measures(report, "V2").wander_uv - 700.0) < 30
+    assert ("baseline-wander" in kinds(report)) == flagged
+
+
+@pytest.mark.parametrize("excursion_uv, clipped", [(1000.5, True), (999.5, False)])
+def test_a_plateau_is_clipping_from_one_millivolt_off_the_baseline(excursion_uv: float, clipped: bool) -> None:
+    x = heart()
+    x[row("V3"), 3000:3050] = 5000.0
+    baseline = float(np.median(to_recording(x, dtype=np.int32, uv_per_unit=FINE_UV_PER_UNIT).microvolts()[row("V3")]))
+    limit = baseline + excursion_uv
+    rec = to_recording(x, dtype=np.int32, uv_per_unit=FINE_UV_PER_UNIT, amplifier_limit_uv=limit)
+    assert ("saturation" in kinds(check_quality(rec))) == clipped
+
+
+@pytest.mark.parametrize("samples, severity", [(10, WARN), (250, RE_RECORD)])
+def test_twenty_milliseconds_at_the_rail_is_clipping_and_half_a_second_needs_a_new_ecg(
+    samples: int, severity: str
+) -> None:
+    x = heart()
+    x[row("V2"), 3000 : 3000 + samples] = 40000.0
+    assert only(check_quality(to_recording(x)), "saturation").severity == severity
