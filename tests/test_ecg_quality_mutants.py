@@ -504,7 +504,9 @@ def test_mains_hum_is_measured_in_microvolts_on_its_grid(hz: float, amplitude: f
     assert (mains.leads, mains.severity, mains.unit) == (("V5",), severity, "uV")
     assert mains.value == pytest.approx(amplitude, rel=0.03)
     assert measures(report, "V5").mains_hz == hz and f"{hz:g} Hz" in mains.message_en
-    assert report.verdict == severity
+    assert report.verdict == severity and kinds(report) == ["mains-noise"]
+    # the combs take the hum out of the muscle band: not also told to warm the patient
+    assert measures(report, "V5").muscle_uv < 8
 
 
 def test_a_harmonic_rich_hum_counts_its_harmonics() -> None:
@@ -1003,3 +1005,23 @@ def test_twenty_milliseconds_at_the_rail_is_clipping_and_half_a_second_needs_a_n
     x = heart()
     x[row("V2"), 3000 : 3000 + samples] = 40000.0
     assert only(check_quality(to_recording(x)), "saturation").severity == severity
+
+
+def test_with_no_clean_half_second_left_tremor_is_still_measured() -> None:
+    """V6's electrode bounces to the rail every 0.4 s: with the stretches around it left out, no
+    0.5 s window keeps 30 % of its samples, so the whole band is measured instead; the shivering
+    on V1 must still be reported and the quiet leads must not be."""
+    x = heart()
+    for start in range(0, x.shape[-1], 200):
+        x[row("V6"), start : start + 15] = 40000.0
+    x[row("V1")] += np.random.default_rng(1).normal(0.0, 150.0, x.shape[-1])
+    report = check_quality(to_recording(x))
+    assert only(report, "saturation").leads == ("V6",)
+    assert only(report, "muscle-noise").leads == ("V1",)
+    assert all(2 < measures(report, n).muscle_uv < 30 for n in ("I", "III", "V2", "V5"))
+
+
+def test_a_lost_lead_is_not_said_to_hum_on_a_60_hz_grid() -> None:
+    """A lead not measured (lost) shows the default grid, 50 Hz (China's), and no hum."""
+    v3 = measures(with_slow_leads({"V3": 0.0}), "V3")
+    assert (v3.mains_uv, v3.mains_hz, v3.muscle_uv, v3.wander_uv) == (0.0, 50.0, 0.0, 0.0)
