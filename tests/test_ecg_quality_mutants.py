@@ -232,13 +232,17 @@ def electrodes(
     chest_qrs: tuple[float, ...] = CHEST_QRS,
     qrs_axis: float = QRS_AXIS,
     t_axis: float = T_AXIS,
+    p_axis: float = P_AXIS,
+    p_scale: float = 1.0,
+    t_scale: float = 1.0,
 ) -> dict[str, np.ndarray]:
     """Potentials (µV) at RA, LA, LL (summing to zero) and at the chest electrodes V1-V6."""
     p, qrs, t_wave = heart_waves(int(seconds * rate), rate)
+    p, t_wave = p * p_scale, t_wave * t_scale
 
     def along(angle_deg: float) -> np.ndarray:  # the heart's vector projected on a lead axis
         return sum(
-            (w * np.cos(np.radians(axis - angle_deg)) for w, axis in ((p, P_AXIS), (qrs, qrs_axis), (t_wave, t_axis))),
+            (w * np.cos(np.radians(axis - angle_deg)) for w, axis in ((p, p_axis), (qrs, qrs_axis), (t_wave, t_axis))),
             np.zeros_like(p),
         )
 
@@ -423,6 +427,7 @@ def test_clipping_is_measured_and_its_length_decides_the_verdict(seconds: float,
     report = check_quality(to_recording(x))
     sat = only(report, "saturation")
     assert (sat.leads, sat.severity, sat.unit) == (("V2",), severity, "s")
+    assert "press the V2 electrode on firmly" in sat.message_en  # the one chest electrode to fix
     assert sat.value == pytest.approx(seconds) and measures(report, "V2").rail_s == pytest.approx(seconds)
     assert report.verdict == severity and "lead-off" not in kinds(report)
     assert report.heart_rate_bpm == pytest.approx(60 / RR_S, abs=1)  # no beat invented at the step
@@ -700,6 +705,7 @@ def test_derived_leads_are_lost_with_the_recorded_lead_they_come_from() -> None:
     report = check_quality(contec_like(x))
     off = only(report, "lead-off")
     assert off.leads == ("I", "III", "aVR", "aVL", "aVF")
+    assert off.message_en == "Left-arm (L) electrode off: reattach and record again"  # III's electrode
     assert measures(report, "I").rail_s == pytest.approx(4.0)  # the derived lead shares the rail
 
 
@@ -907,6 +913,7 @@ def test_a_knocked_electrode_clips_its_leads_and_its_step_is_no_noise_elsewhere(
     report = check_quality(to_recording(knocked_right_arm()))
     sat = only(report, "saturation")
     assert sat.leads == ("I", "II", "aVR") and sat.value == pytest.approx(0.3)
+    assert "press the right-arm (R) electrode on firmly" in sat.message_en
     assert kinds(report) == ["saturation"], [p.message_en for p in report.problems]
     for name in ("III", "aVL", "aVF", "V1", "V4"):
         m = measures(report, name)
@@ -988,13 +995,18 @@ def test_wander_is_judged_on_one_ten_second_print(drift_in_ten_seconds: float, f
     assert ("baseline-wander" in kinds(report)) == flagged
 
 
-@pytest.mark.parametrize("excursion_uv, clipped", [(1000.5, True), (999.5, False)])
-def test_a_plateau_is_clipping_from_one_millivolt_off_the_baseline(excursion_uv: float, clipped: bool) -> None:
+@pytest.mark.parametrize(
+    "excursion_uv, uv_per_unit, clipped",
+    [(1000.5, FINE_UV_PER_UNIT, True), (999.5, FINE_UV_PER_UNIT, False), (1000.0, 1.0, True)],
+)
+def test_a_plateau_is_clipping_from_one_millivolt_off_the_baseline(
+    excursion_uv: float, uv_per_unit: float, clipped: bool
+) -> None:
     x = heart()
     x[row("V3"), 3000:3050] = 5000.0
-    baseline = float(np.median(to_recording(x, dtype=np.int32, uv_per_unit=FINE_UV_PER_UNIT).microvolts()[row("V3")]))
-    limit = baseline + excursion_uv
-    rec = to_recording(x, dtype=np.int32, uv_per_unit=FINE_UV_PER_UNIT, amplifier_limit_uv=limit)
+    baseline = float(np.median(to_recording(x, dtype=np.int32, uv_per_unit=uv_per_unit).microvolts()[row("V3")]))
+    limit = baseline + excursion_uv  # whole µV at 1 µV/unit: exactly 1 mV off
+    rec = to_recording(x, dtype=np.int32, uv_per_unit=uv_per_unit, amplifier_limit_uv=limit)
     assert ("saturation" in kinds(check_quality(rec))) == clipped
 
 
@@ -1025,3 +1037,102 @@ def test_a_lost_lead_is_not_said_to_hum_on_a_60_hz_grid() -> None:
     """A lead not measured (lost) shows the default grid, 50 Hz (China's), and no hum."""
     v3 = measures(with_slow_leads({"V3": 0.0}), "V3")
     assert (v3.mains_uv, v3.mains_hz, v3.muscle_uv, v3.wander_uv) == (0.0, 50.0, 0.0, 0.0)
+
+
+# ----------------------------------------------------------------------------- the swap rules' limits
+
+
+def arms_swapped(**shape: float) -> QualityReport:
+    pots = electrodes(**shape)
+    pots["RA"], pots["LA"] = pots["LA"], pots["RA"]
+    return check_quality(to_recording(twelve_leads(pots)))
+
+
+@pytest.mark.parametrize(
+    "shape, swap_found",
+    [
+        ({"t_axis": 90.0, "p_scale": 0.561}, True),  # lead I: QRS down, P -40.7 µV, T flat
+        ({"t_axis": 90.0, "p_scale": 0.547}, False),  # P -39.7 µV: too small to have a sign
+        ({"p_axis": 90.0, "t_scale": 0.2037}, True),  # QRS down, T -40.1 µV, P flat
+        ({"p_axis": 90.0, "t_scale": 0.201}, False),  # T -39.5 µV
+    ],
+)
+def test_a_wave_counts_for_the_arm_swap_from_40_uv(shape: dict[str, float], swap_found: bool) -> None:
+    """Under 40 µV a P or T wave's sign is noise: it must not tip a normal ECG into "swap the
+    arms", and from 40 µV it must count, or a real swap is sent to the cardiologist."""
+    report = arms_swapped(**shape)
+    assert ("limb-lead-reversal" in kinds(report)) == swap_found
+
+
+@pytest.mark.parametrize("share_of_ra, neutral", [(0.114, True), (0.116, False)])
+def test_lead_ii_under_60_uv_means_the_right_arm_electrode_is_on_the_leg(share_of_ra: float, neutral: bool) -> None:
+    """The RA clip on the right leg, touching the arm a little (lead II's beat 59.8 or 60.8 µV while
+    I and III carry 1 mV): under 60 µV the doctor is told to move the clip off the leg."""
+    pots = electrodes(qrs_axis=120.0)
+    pots["RA"] = pots["LL"] + share_of_ra * (pots["RA"] - pots["LL"])
+    swap = only(check_quality(to_recording(twelve_leads(pots))), "limb-lead-reversal")
+    assert (swap.leads == ("II",)) == neutral
+
+
+# ----------------------------------------------------------------------------- hum, precisely
+
+
+@pytest.mark.parametrize("hz", [50.3, 49.6, 60.4])
+def test_a_grid_off_its_frequency_by_up_to_half_a_hertz_is_measured_in_full(hz: float) -> None:
+    """Rural grids drift: 50.3 Hz is still the mains, and its whole line must be counted."""
+    x = heart()
+    x[row("V1")] += sine(hz, 40.0)
+    assert measures(check_quality(to_recording(x)), "V1").mains_uv == pytest.approx(40.0, rel=0.02)
+
+
+def test_hum_under_heavy_tremor_is_measured_above_the_noise_floor() -> None:
+    """A shivering patient next to a fridge: the line is measured above the tremor's spectrum,
+    not with it (averaged over three patients' worth of noise)."""
+    figures = []
+    for seed in range(3):
+        x = heart()
+        x[row("V1")] += sine(50.0, 30.0) + np.random.default_rng(seed).normal(0.0, 100.0, x.shape[-1])
+        figures.append(measures(check_quality(to_recording(x)), "V1").mains_uv)
+    assert float(np.mean(figures)) == pytest.approx(30.0, rel=0.08)
+
+
+def test_thirty_milliseconds_at_the_negative_rail_is_clipping() -> None:
+    """Too short for the plateau rule (40 ms): only the converter's lowest code says it."""
+    x = heart()
+    x[row("V5"), 1000:1015] = -40000.0
+    sat = only(check_quality(to_recording(x)), "saturation")
+    assert sat.leads == ("V5",) and sat.value == pytest.approx(0.03)
+
+
+def test_a_flat_topped_wave_near_the_baseline_of_an_offset_lead_is_not_clipping() -> None:
+    """An unfiltered cart leaves V3 2 mV off zero: a 0.9 mV flat top above that lead's own
+    baseline is a wave, not an amplifier at its limit, whatever the other leads' level."""
+    x = heart()
+    x[row("V3")] += 2000.0
+    x[row("V3"), 3000:3050] = 5000.0
+    rec = to_recording(x, dtype=np.int32, amplifier_limit_uv=2900.0)
+    assert "saturation" not in kinds(check_quality(rec))
+
+
+def test_a_report_built_without_a_length_or_lead_figures_says_none() -> None:
+    """Older stored reports have no duration: 0 s (unknown), never a made-up second."""
+    report = QualityReport(verdict=ACCEPTABLE, heart_rate_bpm=None, beats=(), problems=())
+    assert (report.duration_s, report.leads) == (0.0, ())
+
+
+def test_hum_on_two_chest_leads_names_no_single_electrode() -> None:
+    """V1 and V2 humming share no electrode of their own: the doctor checks the right leg (N)."""
+    x = heart()
+    x[row("V1")] += sine(50.0, 40.0)
+    x[row("V2")] += sine(50.0, 40.0, phase=1.0)
+    mains = only(check_quality(to_recording(x)), "mains-noise")
+    assert mains.leads == ("V1", "V2") and "check the right-leg (N) electrode" in mains.message_en
+
+
+def test_a_three_lead_recording_is_not_said_swapped_without_avr_to_confirm() -> None:
+    """Lead II upside down is RA/LL only with an upright aVR; with I, II, III alone, no claim."""
+    pots = electrodes(qrs_axis=0.0)
+    pots["RA"], pots["LL"] = pots["LL"], pots["RA"]
+    three = twelve_leads(pots)[:3]
+    report = check_quality(to_recording(three, names=("I", "II", "III")))
+    assert "limb-lead-reversal" not in kinds(report)
