@@ -237,9 +237,9 @@ def as_service(config_path: Path, devices: Path) -> int:
     import threading
 
     from lastmile.cli import main as lastmile_main
-    from lastmile.services import acquire, ble_service
+    from lastmile.services import ble_service, parts
 
-    def ble_part(config: Any, outbox: Any, *, radio: Any = None) -> Any:
+    def ble_part(config: Any, outbox: Any, **_: Any) -> Any:
         def work(stop: threading.Event, beat: Callable[[], None]) -> None:
             def turn() -> bool:
                 beat()
@@ -247,7 +247,7 @@ def as_service(config_path: Path, devices: Path) -> int:
 
             asyncio.run(room(config, devices, outbox, turn))
 
-        return acquire.WorkerPart("ble", work)
+        return parts.WorkerPart("ble", work)
 
     # What bleak loads on a gateway, where BleakScanner/BleakClient pick the BlueZ backend: the
     # emulated radio stands in for BlueZ here, but these modules are part of the service's RSS there.
@@ -259,10 +259,10 @@ def as_service(config_path: Path, devices: Path) -> int:
 
 def main() -> int:
     from lastmile.logs import configure_logging
-    from lastmile.services.acquire import prepare_acquire_process
+    from lastmile.services.process_tuning import prepare_device_process
 
     # as `lastmile ble run` does first thing: malloc tuned before anything else
-    prepare_acquire_process()
+    prepare_device_process()
     if sys.argv[1:2] not in (["--bare"], ["--emulation-only"]):
         return as_service(Path(sys.argv[1]), Path(sys.argv[2]))  # its runtime sets up the logging
     configure_logging(None)

@@ -397,6 +397,7 @@ def judge_ble(data_dir: Path, ble: BleDevices, truth: Truth, platform: Any) -> d
         "ble_readings": len(expected),
         "ble_lost": len(expected - set(seen)),
         "ble_duplicated": sum(seen[s] - 1 for s in once_each if seen[s] > 1),
+        "ble_duplicates": sorted(f"{s}: {truth.channel_of[s]}, seen {seen[s]}" for s in once_each if seen[s] > 1),
         "ble_misattributed": misattributed,
         "ble_held": held,
         "ble_unknown": unknown,
@@ -1178,7 +1179,7 @@ def subject_of(resource: dict) -> str:
     return str(((resource.get("subject") or {}).get("identifier") or {}).get("value", ""))
 
 
-def judge_platform(platform: Any, truth: Truth) -> dict[str, int]:
+def judge_platform(platform: Any, truth: Truth) -> dict[str, Any]:
     """The county platform's resources, compared with the truth: each field visit once (its
     Encounter, its note, its Provenance), on its patient; no resource stored twice."""
     encounters = {f"Encounter/{r['id']}": r for r in platform.resources("Encounter")}
@@ -1194,9 +1195,11 @@ def judge_platform(platform: Any, truth: Truth) -> dict[str, int]:
         if {subject_of(obs), subject_of(encounter)} != {truth.patient_of.get(serial)}:
             misattributed += 1
     duplicated_resources = 0
+    twice: list[str] = []  # which ones, to find the kill that did it
     for kind in ("Encounter", "Observation", "Provenance", "Device", "Location"):
         counts = collections.Counter(identifier_of(r) for r in platform.resources(kind) if identifier_of(r))
         duplicated_resources += sum(n - 1 for n in counts.values() if n > 1)
+        twice += [f"{kind} {ident}: {n}" for ident, n in counts.items() if n > 1]
     # one Provenance per visit bundle (the signed chain record): more means a visit applied twice
     duplicated_resources += max(0, len(platform.resources("Provenance")) - len(encounters))
     expected = {s for s, channel in truth.channel_of.items() if channel == FIELD_VISIT}
@@ -1209,6 +1212,13 @@ def judge_platform(platform: Any, truth: Truth) -> dict[str, int]:
         "fhir_resources": sum(len(platform.resources(k)) for k in ("Encounter", "Observation", "Provenance")),
         "fhir_resources_duplicated": duplicated_resources,
         "fhir_resends_absorbed": sum(platform.applied.values()) - len(platform.applied),
+        "fhir_duplicates": sorted(twice)
+        + [f"visit {s}: {n}" for s, n in seen.items() if n > 1 or s not in expected]
+        + (
+            [f"Provenance: {len(platform.resources('Provenance'))} for {len(encounters)} visits"]
+            if len(platform.resources("Provenance")) > len(encounters)
+            else []
+        ),
     }
 
 
@@ -1224,6 +1234,7 @@ class Verdict:
     misattributed: int
     unreadable: int
     by_channel: dict[str, int]
+    duplicates: list[str]  # which ECGs (serial: channel, times held), to find the kill that did it
 
 
 def judge(orthanc: Any, truth: Truth) -> Verdict:
@@ -1250,6 +1261,11 @@ def judge(orthanc: Any, truth: Truth) -> Verdict:
         misattributed=misattributed,
         unreadable=unreadable,
         by_channel=dict(collections.Counter(c for c in truth.channel_of.values() if c in ECG_CHANNELS)),
+        duplicates=sorted(
+            f"{s}: {truth.channel_of.get(s, 'not made')}, held {n}"
+            for s, n in seen.items()
+            if n > 1 or s not in expected
+        ),
     )
 
 
@@ -1392,6 +1408,7 @@ def verdict_figures(day: Day, states: dict[str, int]) -> dict[str, Any]:
         "received": ecg.received,
         "unreadable": ecg.unreadable,
         "by_channel": ecg.by_channel,
+        "ecg_duplicates": ecg.duplicates,
         **visits,
         **ble,
         # BLE readings in the outbox that nothing sends on (kind "observation" has no sender)

@@ -31,6 +31,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "lastmile.commands.service",  # acquire service, doctor
     "lastmile.commands.console",  # console service, user accounts
     "lastmile.commands.report",  # report list / show / print / ack / poll
+    "lastmile.commands.update",  # update check / install / poll / status
 )
 
 

@@ -222,6 +222,21 @@ class MetricsSection:
 
 
 @dataclass
+class UpdateSection:
+    enabled: bool = False  # install county-signed RAUC bundles (A/B root slots) from `url` and USB sticks
+    url: str = ""  # the county's update index, https://.../stable.json: {"version", "bundle", "sha256", "size"}
+    ca_file: str = ""  # CA bundle that signs the update server's certificate; "" = the system's CAs
+    poll_interval_h: float = 6.0  # ask `url` this often (an unchanged index costs one conditional GET)
+    timeout_s: float = 30.0  # connect/read timeout of one request (a dropped download resumes next time)
+    usb_bundles: bool = True  # also take lastmile-update-*.raucb from the top of a stick in usb_import.folders
+    reboot_window: str = ""  # local "HH:MM-HH:MM" a new slot may be rebooted into, e.g. "02:00-05:00"; "": any time
+    idle_before_reboot_s: float = 600.0  # ...and only once nothing was measured, sent or selected for this long
+    rauc_conf: str = "/etc/rauc/system.conf"  # RAUC's system.conf (slots, keyring, compatible)
+    keyring: str = ""  # county CA that signs bundles; "" = the keyring named in rauc_conf
+    metered: MeteredSection = field(default_factory=MeteredSection)  # bundle downloads (resumed the next day or window)
+
+
+@dataclass
 class Config:
     gateway: GatewaySection = field(default_factory=GatewaySection)
     reading_center: ReadingCenterSection = field(default_factory=ReadingCenterSection)
@@ -239,6 +254,7 @@ class Config:
 
     reports: ReportsSection = field(default_factory=ReportsSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    update: UpdateSection = field(default_factory=UpdateSection)
     source: str = "<defaults>"  # where it was read from
 
     @property
@@ -457,6 +473,9 @@ _RANGES: dict[str, _Range] = {
     "console.session_idle_s": _Range(0, 30 * _DAY, "a number of seconds", low_open=True),
     "console.max_login_failures": _Range(1, 1000, "a count of failed logins"),
     "console.lockout_s": _Range(0, 30 * _DAY, "a number of seconds", low_open=True),
+    "update.poll_interval_h": _Range(0, 24 * 30, "a number of hours", low_open=True),
+    "update.timeout_s": _NETWORK_TIMEOUT,
+    "update.idle_before_reboot_s": _Range(0, _DAY, "a number of seconds"),
 }
 
 STATION_NAME_BYTES = 16  # DICOM SH, as dciodvfy counts it: bytes of the encoded value
@@ -696,6 +715,7 @@ def check_meaning(config: Config, problems: _Problems) -> None:
         ("reading_center.metered", rc.metered),
         ("fhir.metered", config.fhir.metered),
         ("reports.metered", config.reports.metered),
+        ("update.metered", config.update.metered),
     ):
         _check_metered(dotted, metered, problems)
 
@@ -773,6 +793,35 @@ def check_meaning(config: Config, problems: _Problems) -> None:
         problem = insecure_url_problem(config.fhir.base_url)
         if problem:
             problems.add("fhir.base_url", problem)
+    _check_update(config, problems)
+
+
+def _check_update(config: Config, problems: _Problems) -> None:
+    u = config.update
+    if u.url:
+        import urllib.parse
+
+        parts = urllib.parse.urlsplit(u.url)
+        if parts.scheme != "https" or not parts.hostname:
+            # plain http would let anyone on the link point the gateway at an older signed bundle
+            problems.add("update.url", f"{u.url!r} is not an https:// URL: the update index must come over TLS")
+    if u.reboot_window:
+        from uploader.metering import SendWindow
+
+        try:
+            SendWindow.parse(u.reboot_window)
+        except ValueError as exc:
+            problems.add("update.reboot_window", f'{exc}: write local times like "02:00-05:00"')
+    if u.enabled and not u.url and not (u.usb_bundles and config.usb_import.folders):
+        problems.add(
+            "update.enabled",
+            "is true but there is nowhere to get updates from: set update.url (the county's index) "
+            "or usb_import.folders with update.usb_bundles",
+        )
+    for key in ("rauc_conf", "keyring", "ca_file"):
+        value = getattr(u, key)
+        if value and not os.path.isabs(value):
+            problems.add(f"update.{key}", f"must be an absolute path, not {value!r}")
 
 
 def _check_reports(config: Config, problems: _Problems) -> None:
@@ -862,6 +911,9 @@ def check_files(config: Config, text: str) -> None:
             config.reading_center.tls.key_file if config.reading_center.tls.enabled else "",
         ),
         ("fhir.ca_file", config.fhir.ca_file),
+        ("update.ca_file", config.update.ca_file),
+        ("update.keyring", config.update.keyring),
+        ("update.rauc_conf", config.update.rauc_conf if config.update.enabled else ""),
         ("fhir.token_file", config.fhir.token_file),
         ("visits.household_register", config.visits.household_register),
     ]

@@ -114,6 +114,7 @@ class Doctor:
             ("console", self.check_console, False),
             ("reports", self.check_reports, False),
             ("metrics", self.check_metrics, False),
+            ("update", self.check_update, False),
         ]
 
     def run_all(self) -> list[Finding]:
@@ -737,6 +738,41 @@ class Doctor:
             else "for the county"
         )
         return [Finding("metrics", Level.OK, f"{url} answers ({series} series, {len(body)} bytes), {where}")]
+
+    def check_update(self) -> list[Finding]:
+        """The last update round (lastmile-update.timer): a refused bundle, a full card or a failed
+        install is a FAIL the county must act on; a link that is down is a WARN."""
+        from lastmile.services.update import UPDATE_HINTS, Outcome, Rauc, read_state, reboot_pending
+
+        u = self.config.update
+        if not u.enabled:
+            return [Finding("update", Level.OK, "updates are off (update.enabled = false)")]
+        state = read_state(self.config.data_dir)
+        if state is None or not state.last_result:
+            return [
+                Finding("update", Level.WARN, "no update round has run yet", "systemctl status lastmile-update.timer")
+            ]
+        findings = []
+        installed = str(state.installed.get("version", ""))
+        if installed and not reboot_pending(state):
+            booted = Rauc(u.rauc_conf, u.keyring).booted_version()
+            if booted is not None and booted != installed:
+                findings.append(
+                    Finding(
+                        "update",
+                        Level.FAIL,
+                        f"version {installed} was installed but this gateway runs {booted}: the new slot did "
+                        "not come up healthy and U-Boot went back to the old one (it is not installed again)",
+                        "tell the county's release team; `journalctl -b -1` shows why the new slot failed",
+                    )
+                )
+        outcome = Outcome(state.last_result["outcome"])
+        age = _age(self.now() - float(state.last_result.get("at", 0)))
+        message = f"last round {age} ago: {outcome.value}: {state.last_result.get('message', '')}"
+        if outcome in (Outcome.UP_TO_DATE, Outcome.INSTALLED, Outcome.DEFERRED):
+            return [*findings, Finding("update", Level.OK, message)]
+        level = Level.WARN if outcome in (Outcome.SOURCE_FAILED, Outcome.DOWNLOAD_FAILED) else Level.FAIL
+        return [*findings, Finding("update", level, message, UPDATE_HINTS.get(outcome, "lastmile update status"))]
 
 
 # -- helpers ---------------------------------------------------------------------------------------

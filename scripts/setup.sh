@@ -16,7 +16,8 @@ if [ "$mode" = "--test" ]; then
                  chromium chromium-driver fonts-noto-cjk  # the console's browser tests (+ CJK glyphs)
                  network-manager chrony  # the image's links and clock: their configs checked by nmcli, chronyd -p
                  fonts-wqy-microhei  # the image's fontconfig rule for CUPS's texttopdf
-                 rauc squashfs-tools u-boot-qemu u-boot-tools libubootenv-tool)  # A/B updates: bundles, U-Boot slot script
+                 rauc squashfs-tools u-boot-qemu u-boot-tools libubootenv-tool  # A/B updates: bundles, U-Boot slot script
+                 dbus-daemon)  # a private bus for `rauc service` in the update tests
   command -v npm >/dev/null || apt_packages+=(nodejs npm)  # Lighthouse (bench/console.py)
 fi
 # CPU load for flake hunts (scripts/rehearse-ci.sh --load).

@@ -92,10 +92,13 @@ class Gateway:
         timeout: float = 15.0,
         settings: LinkSettings | None = None,
         client_backend: Any = None,
+        scanner_backend: Any = None,
+        radio_listener: Callable[[str | None], None] | None = None,
         during: Callable[[], Any] | None = None,
     ) -> BleDeviceManager:
         assert self.radio is not None
         scanner, client = self.radio.backends()
+        scanner = scanner_backend or scanner
         manager = BleDeviceManager(
             self.port,
             settings
@@ -109,6 +112,7 @@ class Gateway:
             scanner_backend=scanner,
             client_backend=client_backend or client,
             observation_listener=lambda a, _o, created: self.events.append((a, created)),
+            radio_listener=radio_listener,
         )
         await self.radio.start()
         for p in peripherals:
@@ -436,6 +440,56 @@ def test_bluez_connect_failures_are_retried_and_a_failing_device_stops_nobody(gw
     error = gw.registry.get(STRANGER).last_error
     assert "le-connection-abort-by-local" in error and "Failed to connect" in error
     assert gw.registry.get(CUFF).last_error == ""
+
+
+def test_a_radio_that_cannot_scan_is_retried_quietly_and_its_reading_still_arrives(
+    gw: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No adapter yet (or BlueZ restarting): the link stays up and tries again with a capped
+    backoff; the fault is told to the service (STATUS=) once per change and logged when it starts
+    and ends, not once per try; when the radio comes, the cuff's reading is taken as usual."""
+    gw.allow(CUFF)
+    faults: list[str | None] = []
+    refusals = [OSError(2, "No such file or directory")] * 4
+
+    async def main() -> None:
+        radio = gw.new_radio()
+        emulated_scanner, _client = radio.backends()
+
+        class NoRadioYet(emulated_scanner):  # type: ignore[misc, valid-type]
+            async def start(self) -> None:
+                if refusals:
+                    raise refusals.pop()
+                await super().start()
+
+        cuff = BloodPressureCuff(radio, CUFF, "Cuff", memory=[BpRecord(131, 84, 99, 72, local_now())])
+        settings = LinkSettings(scan_pass_s=0.05, radio_retry_max_s=0.2, reconnect_delay_s=0.2, device_tz=UTC)
+        await gw.run(
+            [cuff], scanner_backend=NoRadioYet, radio_listener=faults.append, settings=settings, until=lambda: gw.events
+        )
+
+    with caplog.at_level(logging.DEBUG, logger="firmware_bridge.ble.link"):
+        asyncio.run(main())
+    assert refusals == [] and gw.store.held()[0].observation.quantities[0].value == 131
+    assert len(faults) == 5 and faults[-1] is None and len(set(faults[:4])) == 1
+    assert "the system D-Bus or BlueZ is not running" in str(faults[0])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "radio" in r.getMessage()]
+    assert len(warnings) == 2
+    assert warnings[0].startswith("Bluetooth radio not usable: FileNotFoundError: [Errno 2]")
+    assert warnings[1] == "Bluetooth radio usable again after 4 failed tries"
+
+
+def test_a_radio_that_cannot_scan_is_tried_less_and_less_often_up_to_a_cap(caplog: pytest.LogCaptureFixture) -> None:
+    """Doubling from the scan pass to the cap, never past it; after the first, only every
+    RADIO_LOG_EVERY-th failure reaches the journal (a day without an adapter: ~24 lines, not 8,640)."""
+    from firmware_bridge.ble.link import RADIO_LOG_EVERY
+
+    manager = BleDeviceManager(port=None, settings=LinkSettings(scan_pass_s=10.0, radio_retry_max_s=60.0))  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO, logger="firmware_bridge.ble.link"):
+        waits = [manager.radio_failed(OSError(2, "gone")) for _ in range(2 * RADIO_LOG_EVERY)]
+    assert waits[:5] == [10.0, 20.0, 40.0, 60.0, 60.0] and max(waits) == 60.0
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3 and lines[1].startswith(f"Bluetooth radio still not usable after {RADIO_LOG_EVERY} tries")
 
 
 def test_scan_lists_health_devices(gw: Gateway) -> None:

@@ -60,9 +60,11 @@ def wait_until(what: str, condition: Callable[[], Any], timeout: float = 60.0) -
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_ble_run_with_ble_disabled_is_ready_idle_and_says_why(tmp_path: Path, manager: Manager) -> None:
-    config = write_config(tmp_path / "lastmile.toml", tmp_path / "data", ble=False)
-    env = {**os.environ, "NOTIFY_SOCKET": str(manager.path), "WATCHDOG_USEC": "2000000", "PYTHONPATH": str(REPO)}
+@contextlib.contextmanager
+def ble_running(config: Path, manager: Manager, **env: str) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    """`lastmile ble run` as systemd starts it (notify socket, 2 s watchdog); its output is in the
+    list once the block ends (killed if the block left it running)."""
+    env = {**os.environ, "NOTIFY_SOCKET": str(manager.path), "WATCHDOG_USEC": "2000000", "PYTHONPATH": str(REPO), **env}
     proc = subprocess.Popen(
         [sys.executable, "-m", "lastmile", "-c", str(config), "ble", "run"],
         env=env,
@@ -70,7 +72,18 @@ def test_ble_run_with_ble_disabled_is_ready_idle_and_says_why(tmp_path: Path, ma
         stderr=subprocess.STDOUT,
         text=True,
     )
+    output: list[str] = []
     try:
+        yield proc, output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        output.append(proc.communicate(timeout=30)[0])
+
+
+def test_ble_run_with_ble_disabled_is_ready_idle_and_says_why(tmp_path: Path, manager: Manager) -> None:
+    config = write_config(tmp_path / "lastmile.toml", tmp_path / "data", ble=False)
+    with ble_running(config, manager) as (proc, output):
         msgs = manager.wait_for("READY=1", timeout=60)
         ready = next(m for m in msgs if "READY=1" in m.split("\n"))
         assert f"STATUS=BLE not enabled ([ble] enabled = false in {config})" in ready
@@ -81,12 +94,44 @@ def test_ble_run_with_ble_disabled_is_ready_idle_and_says_why(tmp_path: Path, ma
         assert "dbus_fast" not in maps  # none of the BLE stack (dbus-fast's compiled modules) loaded
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == EXIT_OK
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        out = proc.communicate(timeout=30)[0]
+    out = output[0]
     assert "BLE not enabled" in out and "ble stopped" in out
     assert not (tmp_path / "data").exists()  # idle: no outbox, no clinic.db
+
+
+def test_ble_run_without_a_usable_radio_stays_up_says_why_and_keeps_the_journal_quiet(
+    tmp_path: Path, manager: Manager
+) -> None:
+    """BLE enabled and a device paired, but no Bluetooth (here: no system D-Bus at all, as with
+    BlueZ down or the adapter missing). The service must not restart over it: restarts would
+    look like a crash to systemd, and a freshly updated gateway with a flaky adapter would be
+    rolled back (the mark-good unit requires lastmile-ble). It stays READY, its watchdog fed,
+    says what is wrong in STATUS=, and logs the fault once, not once per retry."""
+    from lastmile.cli import main as lastmile_main
+
+    config = write_config(tmp_path / "lastmile.toml", tmp_path / "data", ble=True)
+    assert lastmile_main(["-c", str(config), "ble", "pair", THERMO]) == 0
+    no_bus = f"unix:path={tmp_path / 'no-system-bus'}"
+    with ble_running(config, manager, DBUS_SYSTEM_BUS_ADDRESS=no_bus) as (proc, output):
+        manager.wait_for("READY=1", timeout=60)
+        said = wait_until(
+            "STATUS= with the radio's fault",
+            # all messages so far: READY=1's own STATUS= may already carry it
+            lambda: manager.drain(0.5) is None or [m for m in manager.messages if "Bluetooth radio not usable" in m],
+        )
+        assert "ble up; Bluetooth radio not usable: FileNotFoundError" in said[0]
+        assert "(the system D-Bus or BlueZ is not running)" in said[0]
+        pings: list[str] = []
+        wait_until(
+            "three watchdog pings after the fault",
+            lambda: pings.extend(m for m in manager.drain(0.5) if "WATCHDOG=1" in m.split("\n")) or len(pings) >= 3,
+        )
+        assert proc.poll() is None  # still the same process: not restarted over the radio
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == EXIT_OK
+    out = output[0]
+    assert out.count("Bluetooth radio not usable") == 1, out  # retried several times, logged once
+    assert "ble stopped" in out
 
 
 @contextlib.asynccontextmanager

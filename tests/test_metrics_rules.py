@@ -31,7 +31,7 @@ def alert_names(text: str) -> list[str]:
 
 def test_rules_and_the_example_configuration_pass_promtool_check() -> None:
     rules = promtool("check", "rules", RULES.name)
-    assert rules.returncode == 0 and "SUCCESS: 13 rules found" in rules.stdout, rules.stdout + rules.stderr
+    assert rules.returncode == 0 and "SUCCESS: 14 rules found" in rules.stdout, rules.stdout + rules.stderr
     config = promtool("check", "config", "prometheus.yml")
     assert config.returncode == 0, config.stdout + config.stderr
 
@@ -58,11 +58,17 @@ def test_a_changed_threshold_fails_the_rules_tests(tmp_path: Path) -> None:
 
 def every_family_name(tmp_path: Path) -> set[str]:
     """The sample names of a scrape of a gateway where every source has something to say: an
-    outbox, the report store (issue 14's schema), a GPS anchor, chrony, systemd."""
+    outbox, the report store (issue 14's schema), a GPS anchor, chrony, systemd, the updater."""
     from devices.gps.fix import Fix, FixMode
+    from lastmile.services.update import STATE_FILE, UPDATES_DIR, UpdateState
     from lastmile.visits.book import VisitBook
 
     config = config_at(write_config(tmp_path))
+    config.update.enabled = True
+    (config.data_dir / UPDATES_DIR).mkdir(parents=True)
+    UpdateState(last_poll=1.0, last_result={"outcome": "refused", "at": 1.0}, installed={"version": "0.3.0"}).save(
+        config.data_dir / UPDATES_DIR / STATE_FILE
+    )
     queue_ecgs(config, good=1)
     make_report_store(config.data_dir).close()
     with VisitBook.open(config.data_dir, gateway_id="gw") as book:

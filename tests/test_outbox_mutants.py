@@ -908,3 +908,31 @@ def test_a_service_stopped_while_the_row_is_written_leaves_no_payload_file(tmp_p
         with pytest.raises(SystemExit):
             outbox.add(Kind.DICOM, "ecg", b"e" * 20_000, now=1.0, hold=Hold("unassigned", _StopsTheService()))  # type: ignore[arg-type]
         assert _files(tmp_path) == [] and outbox.find("ecg") is None
+
+
+def test_a_reader_puts_a_purges_checkpoint_off_briefly_not_for_the_busy_timeout(tmp_path: Path) -> None:
+    """A console page holding a read transaction keeps the WAL busy: the purge's checkpoint (run
+    with the outbox's lock held, in the forward loop) gives up after CHECKPOINT_WAIT_MS instead of
+    SQLite's 15 s busy timeout, so sending is not stalled each round; the checkpoint is owed, and
+    the next purge does it once the reader is gone. The connection's busy timeout is given back."""
+    import threading
+
+    with _open(tmp_path) as outbox:
+        statements: list[str] = []
+        outbox.db.conn.set_trace_callback(statements.append)
+        reader = sqlite3.connect(tmp_path / "data" / "outbox.sqlite", isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM items").fetchone()  # a snapshot: the WAL is in use
+        outbox.add(Kind.FHIR_BUNDLE, "later", b"l" * 3000, now=1.0)  # frames the reader does not see
+        result: list[bool] = []
+        purge = threading.Thread(target=lambda: result.append(outbox.checkpoint()))
+        purge.start()
+        purge.join(timeout=10.0)  # 1/20 of it would do; far under the 15 s the busy timeout would take
+        assert not purge.is_alive() and result == [False]
+        wait = f"PRAGMA busy_timeout={outbox_module.CHECKPOINT_WAIT_MS}"
+        assert statements.index(wait) < statements.index("PRAGMA wal_checkpoint(TRUNCATE)")
+        assert outbox.db.execute("PRAGMA busy_timeout").fetchone()[0] == outbox_module.BUSY_TIMEOUT_MS
+        reader.execute("COMMIT")
+        reader.close()
+        assert outbox.purge_due(now=2.0, retention_s=0.0) == 0  # nothing due, but the checkpoint owed
+        assert _wal(tmp_path).stat().st_size == 0

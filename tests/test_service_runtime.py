@@ -469,7 +469,7 @@ def test_service_logging_goes_to_stdout_with_journal_priorities(monkeypatch: pyt
 
 
 def test_a_failed_part_is_restarted_with_backoff_and_a_silent_one_is_wedged() -> None:
-    from lastmile.services.acquire import Wedged, WorkerPart
+    from lastmile.services.parts import Wedged, WorkerPart
 
     now = [100.0]
     runs: list[int] = []

@@ -51,7 +51,7 @@ def test_a_short_clinic_day_loses_duplicates_and_misattributes_nothing() -> None
     # visit once, on its patient, no resource twice; the gateway each BLE reading once, on its patient
     assert result["received"] == result["ecgs"]
     assert result["visits_received"] == result["visits"]
-    assert (result["lost"], result["duplicated"], result["misattributed"], result["unreadable"]) == (0, 0, 0, 0)
+    assert (result["lost"], result["duplicated"], result["misattributed"], result["unreadable"]) == (0, 0, 0, 0), result
     assert (result["held_unassigned"], result["stuck"], result["quarantined"]) == (0, 0, 0)
     assert result["ble_unknown"] == 0
     # every reading went on to the county platform (none left unsent on the gateway)
@@ -72,7 +72,8 @@ def test_thirty_kills_across_the_services_lose_and_duplicate_nothing() -> None:
     assert result["integrity_checks_failed"] == 0, result["integrity_failures"]
     assert result["received"] == result["ecgs"] > 0
     assert result["visits_received"] == result["visits"] > 0 and result["ble_readings"] > 0
-    assert (result["lost"], result["duplicated"], result["misattributed"], result["unreadable"]) == (0, 0, 0, 0)
+    # the whole verdict on failure: which kind (ECG, visit, FHIR resource, BLE reading) and which kill
+    assert (result["lost"], result["duplicated"], result["misattributed"], result["unreadable"]) == (0, 0, 0, 0), result
     assert result["fhir_resources_duplicated"] == 0  # a kill mid-FHIR-send re-sends; nothing is stored twice
     assert result["ble_at_platform"] == result["ble_readings"] and result["observations_unsent"] == 0
     assert (result["stuck"], result["held_unassigned"], result["quarantined"]) == (0, 0, 0)
@@ -108,8 +109,8 @@ def test_the_acquire_process_leaves_out_what_it_never_uses() -> None:
         "import sys\n"
         "import lastmile.cli\n"
         "assert 'pydicom' not in sys.modules, 'too late: pydicom is imported before the acquire command runs'\n"
-        "from lastmile.services.acquire import prepare_acquire_process\n"
-        "prepare_acquire_process()\n"
+        "from lastmile.services.process_tuning import prepare_device_process\n"
+        "prepare_device_process()\n"
         "import firmware_bridge.dicom_receiver, lastmile.ecg.intake, lastmile.services.acquire\n"
         "import pydicom.data\n"
         "print(sorted(n for n in ('requests', 'tqdm', 'pydicom') if sys.modules.get(n) is not None))\n"
@@ -127,8 +128,8 @@ def test_the_acquire_process_defers_dateutil_until_a_date_recipe_is_used(tmp_pat
         "import sys\n"
         "from pathlib import Path\n"
         "import lastmile.cli\n"
-        "from lastmile.services.acquire import prepare_acquire_process\n"
-        "prepare_acquire_process()\n"
+        "from lastmile.services.process_tuning import prepare_device_process\n"
+        "prepare_device_process()\n"
         "import firmware_bridge.dicom_receiver, lastmile.ecg.intake, lastmile.services.acquire\n"
         "import lastmile.services.ble_devices, lastmile.services.serial_devices, lastmile.clinic.patients\n"
         "from uploader.sqlite_store import MIGRATIONS, open_database\n"
@@ -149,8 +150,8 @@ def test_the_acquire_process_loads_the_ble_stack_only_for_its_ble_part() -> None
     probe = (
         "import sys\n"
         "import lastmile.cli\n"
-        "from lastmile.services.acquire import prepare_acquire_process\n"
-        "prepare_acquire_process()\n"
+        "from lastmile.services.process_tuning import prepare_device_process\n"
+        "prepare_device_process()\n"
         "import firmware_bridge.dicom_receiver, lastmile.ecg.intake, lastmile.services.acquire\n"
         "import lastmile.services.serial_devices, lastmile.clinic.patients, lastmile.visits.book\n"
         "stack = ('bleak', 'bleak_retry_connector', 'dbus_fast', 'asyncio')\n"
@@ -177,8 +178,8 @@ def test_lastmile_acquire_with_ble_enabled_runs_no_ble_part_and_loads_no_ble_sta
     probe = (
         "import sys, threading\n"
         "import lastmile.cli\n"
-        "from lastmile.services.acquire import prepare_acquire_process\n"
-        "prepare_acquire_process()\n"
+        "from lastmile.services.process_tuning import prepare_device_process\n"
+        "prepare_device_process()\n"
         "from lastmile.config import load_config\n"
         "from lastmile.services.acquire import AcquireService\n"
         f"config = load_config({str(config)!r})\n"
@@ -194,7 +195,7 @@ def test_lastmile_acquire_with_ble_enabled_runs_no_ble_part_and_loads_no_ble_sta
 
 
 def test_deferring_leaves_imported_and_missing_modules_alone() -> None:
-    from lastmile.services.acquire import defer_import
+    from lastmile.services.process_tuning import defer_import
 
     json_module = sys.modules["json"]
     defer_import("json")  # imported already: kept as it is
@@ -223,7 +224,7 @@ def test_the_acquire_process_tunes_glibc_malloc_and_trims_it() -> None:
     """glibc takes the arena limit and the fixed mmap threshold before acquire starts its threads
     (each thread would otherwise keep an arena of its own), and a trim can run at any time."""
     probe = (
-        "from lastmile.services.acquire import MALLOC_ARENAS, MMAP_THRESHOLD, GlibcMalloc\n"
+        "from lastmile.services.process_tuning import MALLOC_ARENAS, MMAP_THRESHOLD, GlibcMalloc\n"
         "malloc = GlibcMalloc()\n"
         "print(malloc.tune(arenas=MALLOC_ARENAS, mmap_threshold=MMAP_THRESHOLD))\n"
         "malloc.trim()\n"
@@ -259,6 +260,7 @@ def test_the_judge_sees_a_lost_a_duplicated_and_a_misattributed_ecg(clinic_day: 
     verdict = clinic_day.judge(ReadingCenter(), truth)
     assert (verdict.measurements, verdict.received) == (4, 4)
     assert (verdict.lost, verdict.duplicated, verdict.misattributed, verdict.unreadable) == (1, 1, 1, 0)
+    assert verdict.duplicates == [f"{serials[1]}: usb, held 2"]  # which one: to find the kill that did it
 
 
 def test_the_platform_judge_sees_a_lost_a_twice_stored_and_a_misattributed_visit(clinic_day: Any) -> None:
@@ -302,6 +304,7 @@ def test_the_platform_judge_sees_a_lost_a_twice_stored_and_a_misattributed_visit
     assert (verdict["visits"], verdict["visits_received"], verdict["visits_lost"]) == (4, 3, 1)
     assert (verdict["visits_duplicated"], verdict["visits_misattributed"]) == (0, 1)
     assert verdict["fhir_resources_duplicated"] == 1  # visit-1's Encounter stored twice
+    assert verdict["fhir_duplicates"] == ["Encounter visit-1: 2"]
     assert verdict["fhir_resends_absorbed"] == 1
 
 
@@ -348,3 +351,34 @@ def test_the_soak_tells_a_poll_that_said_the_link_is_down_from_a_real_error(clin
         "exception: sqlite3.OperationalError: database is locked"
     )
     assert clinic_day.poll_failure(failed(""), link_down=True) == "link down: exit 1, silent"
+
+
+def test_a_service_step_trims_the_heap_at_most_every_trim_interval() -> None:
+    """What an ECG's decoding freed goes back soon (a step a second), but not a trim per step."""
+    from lastmile.services.process_tuning import TRIM_EVERY_S, GlibcMalloc, HeapTrim
+
+    class CountingMalloc(GlibcMalloc):
+        trims = 0
+
+        def trim(self) -> None:
+            self.trims += 1
+
+    malloc = CountingMalloc()
+    trim = HeapTrim(100.0, malloc=malloc)
+    steps = [100.0 + TRIM_EVERY_S / 2 * i for i in range(21)]  # ten intervals in half-interval steps
+    done = [trim.maybe(now) for now in steps]
+    assert malloc.trims == sum(done) == 10
+    assert not trim.maybe(steps[-1] + TRIM_EVERY_S - 0.01) and trim.maybe(steps[-1] + TRIM_EVERY_S)
+
+
+def test_the_ble_service_does_not_load_the_acquire_service() -> None:
+    """Two device services share parts and process tuning, not each other: `lastmile ble run` loads
+    none of acquire's device links (the serial stack, the LAN receiver, the USB importer)."""
+    probe = (
+        "import sys\n"
+        "from lastmile.services.process_tuning import prepare_device_process\n"
+        "prepare_device_process()\n"
+        "import lastmile.commands.ble, lastmile.services.ble_service\n"
+        "print('lastmile.services.acquire' in sys.modules)\n"
+    )
+    assert run_probe(probe).split() == ["False"]

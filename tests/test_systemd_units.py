@@ -29,6 +29,10 @@ UNITS = (
 COMMANDS = {"lastmile-ble.service": ["ble", "run"]}
 SYSTEMD = REPO / "systemd"
 EXPOSURE_LIMIT = 2.0  # the bound; the goal is 1.5
+# A/B cards only (installed with the A/B layout, like lastmile-mark-good.service): the update round
+UPDATE_UNITS_DIR = REPO / "image" / "rauc"
+UPDATE_UNITS = ("lastmile-update.service", "lastmile-update.timer")
+SANDBOXED = {**{name: SYSTEMD / name for name in UNITS}, UPDATE_UNITS[0]: UPDATE_UNITS_DIR / UPDATE_UNITS[0]}
 
 
 def unit(name: str) -> dict[str, list[str]]:
@@ -88,7 +92,7 @@ def test_verify_would_catch_a_bad_key(scratch_root: Path, tmp_path: Path) -> Non
     assert "Unknown key 'UMaks'" in proc.stderr
 
 
-@pytest.mark.parametrize("name", UNITS)
+@pytest.mark.parametrize("name", SANDBOXED)
 def test_security_exposure_is_within_budget(name: str) -> None:
     require_tool("systemd-analyze")
     proc = subprocess.run(
@@ -97,7 +101,7 @@ def test_security_exposure_is_within_budget(name: str) -> None:
             "security",
             "--offline=true",
             f"--threshold={int(EXPOSURE_LIMIT * 10)}",
-            str(SYSTEMD / name),
+            str(SANDBOXED[name]),
         ],
         capture_output=True,
         text=True,
@@ -153,7 +157,7 @@ def test_the_ble_unit_reaches_bluez_over_the_system_bus_and_nothing_else() -> No
     assert "bluetooth.target" in u["Wants"][0] and "bluetooth.target" in u["After"][0]
     assert "MALLOC_ARENA_MAX=2" in u["Environment"][0]
     acquire = unit("lastmile-acquire.service")
-    assert u["WatchdogSec"] == acquire["WatchdogSec"]  # acquire.STALE_S (20 s) < WatchdogSec: the same part
+    assert u["WatchdogSec"] == acquire["WatchdogSec"]  # parts.STALE_S (20 s) < WatchdogSec: the same part
     assert "bluetooth.target" not in acquire["After"][0] and "Wants" not in acquire
 
 
@@ -199,3 +203,25 @@ def test_units_parse_as_ini() -> None:
         cp.read_string((SYSTEMD / name).read_text())
         assert cp.sections() == ["Unit", "Service", "Install"]
         assert cp["Install"]["WantedBy"] == "multi-user.target"
+
+
+# -- the units (image/rauc/: installed with the A/B layout, like lastmile-mark-good) --------------------
+
+
+def test_the_update_units_verify(scratch_root: Path) -> None:
+    for name in UPDATE_UNITS:
+        shutil.copy(UPDATE_UNITS_DIR / name, scratch_root / "etc/systemd/system" / name)
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", f"--root={scratch_root}", *UPDATE_UNITS],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0 and proc.stderr == "" and proc.stdout == "", proc.stderr + proc.stdout
+    text = (UPDATE_UNITS_DIR / UPDATE_UNITS[0]).read_text()
+    assert [line for line in text.splitlines() if line.startswith("ExecStart=")] == [
+        "ExecStart=/opt/lastmile/bin/lastmile update poll"
+    ]
+    from lastmile.cli import build_parser
+
+    assert build_parser().parse_args(["update", "poll"]).func

@@ -113,6 +113,10 @@ LOCKS_DIR = "locks"
 DEFAULT_INLINE_MAX_BYTES = 16 * 1024
 _CHUNK = 500  # ids per statement (well under SQLite's variable limit)
 WAL_AUTOCHECKPOINT_PAGES = 1000  # SQLite's default: fewer checkpoints, fewer page writes
+# A purge's checkpoint waits this long for readers, not the whole busy timeout: it holds the
+# outbox's lock meanwhile, and a console page reading for 15 s must not stall sending each round.
+# A checkpoint a reader puts off is owed and done by the next purge.
+CHECKPOINT_WAIT_MS = 500
 DRAINING_AUTOCHECKPOINT_PAGES = 64  # on a full disk: the WAL is reused every 256 KB, never grown
 DEFAULT_MAX_INTERRUPTED_SENDS = 5  # sends cut short in a row (process killed) before quarantine
 PURGE_CHUNK = 16  # items purged per transaction
@@ -1194,7 +1198,11 @@ class Outbox:
         the disk is too full for it now: the next purge tries again)."""
         try:
             with self._lock:
-                busy, _log, _done = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                self._conn.execute(f"PRAGMA busy_timeout={CHECKPOINT_WAIT_MS}")
+                try:
+                    busy, _log, _done = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                finally:
+                    self._conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         except sqlite3.OperationalError as exc:
             if not is_disk_full(exc):
                 raise

@@ -127,6 +127,7 @@ class LinkSettings:
     reconnect_delay_s: float = 2.0  # after a device hung up normally
     retry_backoff_s: float = 5.0  # after a failed session, doubling ...
     retry_backoff_max_s: float = 120.0  # ... up to this
+    radio_retry_max_s: float = 60.0  # a radio that cannot scan is tried again after scan_pass_s, doubling up to this
     continuous_store_interval_s: float = 10.0  # continuous SpO2: one observation per interval
     clock_tolerance_s: float = 300.0
     device_tz: dt.tzinfo = field(default_factory=local_tz)  # the zone device clocks are set to
@@ -402,8 +403,25 @@ def _needs_bonding(exc: Exception) -> bool:
     return any(h in str(exc) for h in AUTH_DBUS_HINTS)
 
 
+# A radio that cannot scan (no adapter, adapter off, BlueZ or the system D-Bus not running) is
+# logged when it fails, when it works again and every this many tries in between: not a journal
+# line per try, for days, on an SD card.
+RADIO_LOG_EVERY = 60
+
+
+def radio_fault_text(exc: BaseException) -> str:
+    """What the county's IT reads in STATUS= and the journal: the error, and what it usually means."""
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, OSError) and not isinstance(exc, BleakError):
+        return f"{text} (the system D-Bus or BlueZ is not running)"
+    return f"{text} (no Bluetooth adapter, the adapter off, or BlueZ not running)"
+
+
 class BleDeviceManager:
-    """Scans for allow-listed devices and runs one `DeviceSession` task per connected device."""
+    """Scans for allow-listed devices and runs one `DeviceSession` task per connected device.
+
+    `radio_listener` hears the radio's fault when scanning cannot start (text) and None when it
+    works again; the link keeps trying meanwhile, with a capped backoff, and stays up."""
 
     def __init__(
         self,
@@ -415,8 +433,11 @@ class BleDeviceManager:
         client_class: type[BleakClient] = BleakClient,
         clock: Callable[[], dt.datetime] = utc_now,
         observation_listener: Callable[[str, Observation, bool], None] | None = None,
+        radio_listener: Callable[[str | None], None] | None = None,
     ) -> None:
         self.port = port
+        self.radio_listener = radio_listener
+        self.radio_failures = 0  # scans that could not start in a row
         self.settings = settings or LinkSettings()
         self.scanner_backend = scanner_backend
         self.client_backend = client_backend
@@ -454,9 +475,9 @@ class BleDeviceManager:
                     try:
                         await scanner.start()
                     except (BleakError, OSError) as exc:  # adapter off or gone, BlueZ restarting
-                        log.warning("cannot scan: %s; trying again in %.0f s", exc, self.settings.scan_pass_s)
-                        await self._wait(stopping, self.settings.scan_pass_s)
+                        await self._wait(stopping, self.radio_failed(exc))
                         continue
+                    self.radio_works()
                     try:
                         await self._wait(
                             stopping,
@@ -477,6 +498,32 @@ class BleDeviceManager:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def radio_failed(self, exc: BaseException) -> float:
+        """Note a scan that could not start; the seconds to wait before the next try."""
+        self.radio_failures += 1
+        fault = radio_fault_text(exc)
+        s = self.settings
+        wait = min(s.radio_retry_max_s, s.scan_pass_s * 2 ** min(self.radio_failures - 1, 16))
+        if self.radio_failures == 1:
+            log.warning(
+                "Bluetooth radio not usable: %s; trying again, at longest every %g s", fault, s.radio_retry_max_s
+            )
+        elif self.radio_failures % RADIO_LOG_EVERY == 0:
+            log.warning("Bluetooth radio still not usable after %d tries: %s", self.radio_failures, fault)
+        else:
+            log.debug("cannot scan (try %d): %s", self.radio_failures, fault)
+        if self.radio_listener is not None:
+            self.radio_listener(fault)
+        return wait
+
+    def radio_works(self) -> None:
+        if not self.radio_failures:
+            return
+        log.warning("Bluetooth radio usable again after %d failed tries", self.radio_failures)
+        self.radio_failures = 0
+        if self.radio_listener is not None:
+            self.radio_listener(None)
 
     def _scanner_kwargs(self) -> dict[str, Any]:
         return {"backend": self.scanner_backend} if self.scanner_backend is not None else {}

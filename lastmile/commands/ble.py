@@ -48,9 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from lastmile.services.acquire import prepare_acquire_process
+    from lastmile.services.process_tuning import prepare_device_process
 
-    prepare_acquire_process()  # the same process tuning as acquire: sqlite-utils' recipes deferred, malloc
+    prepare_device_process()  # the same process tuning as acquire: sqlite-utils' recipes deferred, malloc
     from lastmile.commands.common import config_from_args
     from lastmile.services.ble_service import BleService
     from lastmile.services.runtime import ServiceRuntime

@@ -40,9 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _acquire(args: argparse.Namespace) -> int:
-    from lastmile.services.acquire import prepare_acquire_process
+    from lastmile.services.process_tuning import prepare_device_process
 
-    prepare_acquire_process()
+    prepare_device_process()
     from lastmile.commands.common import config_from_args
     from lastmile.services.acquire import AcquireService
     from lastmile.services.runtime import ServiceRuntime

@@ -125,7 +125,26 @@ def system(data: ClinicData, now: dt.datetime, is_admin: bool) -> dict[str, Any]
         "audit": data.audit.recent(30) if is_admin else [],
         "uptime_s": time.monotonic(),
         "pid": os.getpid(),
+        "update": update_status(data.config),
     }
+
+
+def update_status(config: Config) -> dict[str, str]:
+    """The software update in a word the page translates: off, ready (a new slot waits for a quiet
+    moment), failed (the county must act), offline (waiting for the link), current."""
+    from lastmile.services.update import Outcome, read_state, reboot_pending
+
+    if not config.update.enabled:
+        return {"state": "off"}
+    state = read_state(config.data_dir)
+    if state is not None and reboot_pending(state):
+        return {"state": "ready", "version": str(state.installed.get("version", ""))}
+    outcome = state.last_result.get("outcome") if state is not None else None
+    if outcome in (Outcome.SOURCE_FAILED, Outcome.DOWNLOAD_FAILED, Outcome.DEFERRED):
+        return {"state": "offline"}
+    if outcome in (Outcome.REFUSED, Outcome.NO_SPACE, Outcome.INSTALL_FAILED, Outcome.INDEX_INVALID):
+        return {"state": "failed"}
+    return {"state": "current"}
 
 
 _doctor_cache: dict[str, Any] = {}

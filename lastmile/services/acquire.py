@@ -8,11 +8,8 @@ Parts (each only when its module exists and the configuration enables it):
 - lan-receiver: the clinic-LAN DICOM storage SCP (`lastmile.ecg.intake.start_lan_receiver`)
 - usb-import: folders in `usb_import.folders` watched for new ECG files
 
-Each link runs on its own thread, so a slow device never holds up another, and beats a
-heartbeat as it goes round. The service's `step()` (the loop the watchdog is tied to) checks the
-parts: a part whose thread ended or failed (BlueZ not up yet, a port in use) is restarted with
-backoff and the service stays up; a part that stops beating is wedged, and the step raises so
-the process exits and systemd restarts it. Forwarding is another process (lastmile-forward), so
+Each link runs on its own thread as a part (`lastmile.services.parts`: restarted with backoff
+when it fails, the process restarted when it wedges), so a slow device never holds up another. Forwarding is another process (lastmile-forward), so
 a hung association or HTTP call never stalls device reads. Bluetooth LE devices are another too
 (lastmile-ble, `lastmile.services.ble_service`): the BlueZ/D-Bus/bleak stack restarts on its own
 and its ~9 MB stay out of this process.
@@ -27,7 +24,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
+
+from lastmile.services.parts import STEP_S, Beat, Part, ReceiverPart, WorkerPart
+from lastmile.services.process_tuning import HeapTrim
 
 if TYPE_CHECKING:
     from lastmile.clinic.patients import StatSession
@@ -36,233 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STEP_S = 1.0  # how often the parts are checked
-STALE_S = 20.0  # a link that has not gone round for this long is wedged (acquire WatchdogSec=30)
-RESTART_BACKOFF_S = (5.0, 300.0)  # first and longest wait before restarting a failed part
-
-Beat = Callable[[], None]
-
-
-class Wedged(RuntimeError):
-    """A part stopped making progress; only a restart of the process will help."""
-
-
-class Part(Protocol):
-    name: str
-
-    def check(self, now: float) -> None:
-        """Restart what ended; raise Wedged if something hangs."""
-        ...
-
-    def status(self) -> str: ...
-
-    def close(self) -> None: ...
-
-
-class WorkerPart:
-    """Runs `work(stop, beat)` on a thread; restarts it with backoff when it ends or fails.
-
-    `stale_after`: seconds without a `beat()` after which the part counts as wedged (None: never).
-    """
-
-    def __init__(
-        self,
-        name: str,
-        work: Callable[[threading.Event, Beat], None],
-        *,
-        stale_after: float | None = STALE_S,
-        on_close: Callable[[], None] | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.name = name
-        self.work = work
-        self.stale_after = stale_after
-        self.on_close = on_close
-        self.clock = clock
-        self.stop = threading.Event()
-        self.last_beat = clock()
-        self.failures = 0
-        self.last_error = ""
-        self.next_start = 0.0
-        self.thread: threading.Thread | None = None
-
-    def beat(self) -> None:
-        self.last_beat = self.clock()
-
-    def start(self) -> None:
-        self.last_beat = self.clock()
-        self.thread = threading.Thread(target=self._run, name=f"acquire-{self.name}", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.work(self.stop, self.beat)
-            if not self.stop.is_set():
-                self._failed("ended")
-        except Exception as exc:
-            if not self.stop.is_set():
-                log.warning("%s: %s: %s", self.name, type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
-                self._failed(f"{type(exc).__name__}: {exc}")
-
-    def _failed(self, reason: str) -> None:
-        self.failures += 1
-        self.last_error = reason
-        low, high = RESTART_BACKOFF_S
-        wait = min(high, low * 2 ** min(self.failures - 1, 10))
-        self.next_start = self.clock() + wait
-        log.info("%s: will try again in %.0f s", self.name, wait)
-
-    @property
-    def running(self) -> bool:
-        return self.thread is not None and self.thread.is_alive()
-
-    def check(self, now: float) -> None:
-        if self.stop.is_set():
-            return
-        if not self.running:
-            if now >= self.next_start:
-                log.info("%s: starting (attempt %d)", self.name, self.failures + 1)
-                self.start()
-            return
-        if self.stale_after is not None and now - self.last_beat > self.stale_after:
-            raise Wedged(f"{self.name} made no progress for {now - self.last_beat:.0f} s")
-        if self.failures and now - self.last_beat < 1.0 and now > self.next_start + 60:
-            self.failures = 0  # it has been running fine for a minute: forget old failures
-
-    def status(self) -> str:
-        if self.running:
-            return f"{self.name} up"
-        return f"{self.name} down ({self.last_error or 'starting'})"
-
-    def close(self) -> None:
-        self.stop.set()
-        if self.on_close is not None:
-            try:
-                self.on_close()
-            except Exception:
-                log.exception("%s: close failed", self.name)
-        if self.thread is not None:
-            self.thread.join(timeout=15)
-            if self.thread.is_alive():
-                log.warning("%s: still busy at shutdown", self.name)
-
-
-class ReceiverPart:
-    """The LAN storage SCP: pynetdicom runs its own server threads."""
-
-    name = "lan-receiver"
-
-    def __init__(self, receiver: object) -> None:
-        self.receiver = receiver
-
-    def check(self, now: float) -> None:
-        return None
-
-    def status(self) -> str:
-        return f"{self.name} :{getattr(self.receiver, 'port', '?')}"
-
-    def close(self) -> None:
-        self.receiver.stop()  # type: ignore[attr-defined]
-
-
 # -- the parts, built from the configuration ------------------------------------------------------
-
-
-# pydicom 3 imports pydicom.examples -> pydicom.data -> its test-file downloader, which imports
-# requests and tqdm when they are installed (the forward service needs requests for FHIR). The
-# acquire process sends nothing over HTTP and downloads no test files: ~4.5 MB of RSS it never
-# uses, found by bench/soak.py (acquire at 65 MB with the LAN receiver, over the 64 MB goal).
-NOT_IN_ACQUIRE = ("requests", "tqdm")
-# sqlite-utils imports dateutil's parser for its command line's date recipes (sqlite_utils.recipes),
-# which no service calls: deferred, its code (and dateutil.tz, relativedelta, six) loads only if
-# one ever is. ~1 MB of acquire's RSS (bench/soak.py with the BLE part then in acquire).
-DEFERRED_IN_ACQUIRE = ("dateutil.parser",)
-
-
-def prepare_acquire_process() -> None:
-    """Call first thing in the acquire (and BLE) process, before pydicom and sqlite-utils are imported."""
-    import sys
-
-    for name in NOT_IN_ACQUIRE:
-        sys.modules.setdefault(name, None)  # type: ignore[arg-type]
-    for name in DEFERRED_IN_ACQUIRE:
-        defer_import(name)
-    GLIBC_MALLOC.tune(arenas=MALLOC_ARENAS, mmap_threshold=MMAP_THRESHOLD)
-
-
-def defer_import(name: str) -> None:
-    """Import `name` lazily: a module object now, its code run at the first use of one of its
-    attributes (importlib.util.LazyLoader). Nothing if it is imported already or not installed."""
-    import importlib.util
-    import sys
-
-    if name in sys.modules:
-        return
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.loader is None:
-        return
-    loader = importlib.util.LazyLoader(spec.loader)
-    spec.loader = loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    loader.exec_module(module)
-    parent, _, child = name.rpartition(".")
-    if parent:
-        # `from parent import child` must find it as an attribute: otherwise the import system
-        # looks it up again, touching the module, and Python 3.11 then loads it there and then
-        setattr(sys.modules[parent], child, module)
-
-
-# glibc gives each thread that allocates its own malloc arena (up to 8 per core), and an arena
-# rarely hands freed memory back: the LAN receiver's association threads, the serial link's and
-# the BLE loop's each kept one. And glibc raises its mmap threshold to the size of each large
-# block freed, so after the first ECG's quality check the next ones' arrays (~1.5 MB) came from
-# the heap and stayed there. Two arenas, a fixed threshold and a trim now and then took ~2 MB
-# off acquire's RSS with the serial bridge and the LAN receiver (bench/soak.py). The trim comes
-# soon after each ECG: decoding, checking and building one leaves ~1.3 MB of free heap pages,
-# which a trim a minute later left resident meanwhile (a trim with nothing to give back: ~25 µs).
-MALLOC_ARENAS = 2
-MMAP_THRESHOLD = 128 * 1024  # glibc's initial value, kept: larger blocks are mapped and unmapped
-TRIM_EVERY_S = 2.0  # how often free heap pages go back to the system
-M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # glibc's mallopt() parameter numbers
-
-
-class GlibcMalloc:
-    """glibc's allocator tuning, through ctypes; does nothing on another C library."""
-
-    def __init__(self) -> None:
-        self._libc: Any = None
-        self._loaded = False
-
-    def _lib(self) -> Any:
-        if not self._loaded:
-            self._loaded = True
-            import ctypes
-
-            try:
-                libc = ctypes.CDLL("libc.so.6")
-                if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim"):
-                    self._libc = libc
-            except OSError:
-                pass  # not glibc (musl, another system): nothing to tune
-        return self._libc
-
-    def tune(self, *, arenas: int, mmap_threshold: int) -> bool:
-        """Before the process starts its threads; True if glibc took both settings."""
-        libc = self._lib()
-        if libc is None:
-            return False
-        took_arenas = libc.mallopt(M_ARENA_MAX, arenas) == 1
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1 and took_arenas)
-
-    def trim(self) -> None:
-        """Give free pages at the top and in the middle of every arena back to the system."""
-        libc = self._lib()
-        if libc is not None:
-            libc.malloc_trim(0)
-
-
-GLIBC_MALLOC = GlibcMalloc()
 
 
 def serial_part(config: Config, outbox: Outbox) -> Part | None:
@@ -391,7 +165,7 @@ class AcquireService:
         self.parts = parts
         self._closers = closers
         self.started = time.monotonic()
-        self.trimmed = self.started
+        self.trim = HeapTrim(self.started)
 
     @classmethod
     def start(cls, config: Config) -> AcquireService:
@@ -446,10 +220,7 @@ class AcquireService:
 
     def step(self, stop: threading.Event) -> float:
         self.check_parts()  # raises Wedged: the runtime exits and systemd restarts us
-        now = time.monotonic()
-        if now - self.trimmed >= TRIM_EVERY_S:  # what an ECG's decoding freed goes back
-            self.trimmed = now
-            GLIBC_MALLOC.trim()
+        self.trim.maybe(time.monotonic())  # what an ECG's decoding freed goes back
         return STEP_S
 
     def reload(self, config: Config) -> None:

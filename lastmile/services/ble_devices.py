@@ -94,9 +94,11 @@ async def run_ble(
     outbox: Outbox | None = None,
     scanner_backend: type[BaseBleakScanner] | None = None,
     client_backend: type[BaseBleakClient] | None = None,
+    radio_listener: Callable[[str | None], None] | None = None,
 ) -> None:
     """The BLE service's link, until `stop` is set: on the real radio (BlueZ), or on the radio
-    whose bleak backends are given (bumble's emulated one in tests and the bench)."""
+    whose bleak backends are given (bumble's emulated one in tests and the bench).
+    `radio_listener` hears the radio's fault while scanning cannot start, None once it can."""
     own_outbox = outbox is None
     outbox = outbox or open_outbox(config)
     store = ObservationStore.open(config.data_dir, outbox=outbox, idle_timeout_s=config.patient.idle_timeout_s)
@@ -108,6 +110,7 @@ async def run_ble(
             link_settings(config),
             scanner_backend=scanner_backend,
             client_backend=client_backend,
+            radio_listener=radio_listener,
         )
         await manager.run(stop)
     finally:

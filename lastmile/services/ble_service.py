@@ -28,7 +28,8 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
 
-from lastmile.services.acquire import GLIBC_MALLOC, STEP_S, TRIM_EVERY_S, Beat, Part, WorkerPart
+from lastmile.services.parts import STEP_S, Beat, Part, WorkerPart
+from lastmile.services.process_tuning import HeapTrim
 
 if TYPE_CHECKING:
     from lastmile.config import Config
@@ -49,8 +50,15 @@ def not_enabled_text(config: Config) -> str:
     return f"BLE not enabled ([ble] enabled = false in {config.source}): idle; enable it and reload lastmile-ble"
 
 
-def ble_part(config: Config, outbox: Outbox, *, radio: RadioFactory | None = None) -> Part | None:
-    """The BLE link on a thread of its own with its own event loop; None when BLE is not enabled."""
+def ble_part(
+    config: Config,
+    outbox: Outbox,
+    *,
+    radio: RadioFactory | None = None,
+    radio_listener: Callable[[str | None], None] | None = None,
+) -> Part | None:
+    """The BLE link on a thread of its own with its own event loop; None when BLE is not enabled.
+    `radio_listener` hears the radio's fault while it cannot scan (the link stays up and retries)."""
     if not config.ble.enabled:
         return None
     try:
@@ -77,7 +85,14 @@ def ble_part(config: Config, outbox: Outbox, *, radio: RadioFactory | None = Non
             try:
                 async with radio() if radio is not None else contextlib.nullcontext((None, None)) as backends:
                     scanner, client = backends
-                    await run_ble(config, done, outbox=outbox, scanner_backend=scanner, client_backend=client)
+                    await run_ble(
+                        config,
+                        done,
+                        outbox=outbox,
+                        scanner_backend=scanner,
+                        client_backend=client,
+                        radio_listener=radio_listener,
+                    )
             finally:
                 pulser.cancel()
 
@@ -94,7 +109,9 @@ class BleService:
         self.radio = radio
         self.outbox: Outbox | None = None
         self.part: Part | None = None
-        self.trimmed = time.monotonic()
+        # Set from the link's thread, read by status_line: one reference swapped whole.
+        self.radio_fault: str | None = None
+        self.trim = HeapTrim(time.monotonic())
 
     @classmethod
     def start(cls, config: Config, *, radio: RadioFactory | None = None) -> BleService:
@@ -110,7 +127,8 @@ class BleService:
 
         if self.outbox is None:
             self.outbox = open_outbox(self.config)
-        self.part = ble_part(self.config, self.outbox, radio=self.radio)
+        self.radio_fault = None
+        self.part = ble_part(self.config, self.outbox, radio=self.radio, radio_listener=self._radio_changed)
         if self.part is not None:
             self.part.check(time.monotonic())  # starts the link's thread
             log.info("ble: link started")
@@ -121,10 +139,7 @@ class BleService:
         if self.part is None:
             return IDLE_STEP_S
         self.part.check(time.monotonic())  # raises Wedged: the runtime exits and systemd restarts us
-        now = time.monotonic()
-        if now - self.trimmed >= TRIM_EVERY_S:
-            self.trimmed = now
-            GLIBC_MALLOC.trim()
+        self.trim.maybe(time.monotonic())
         return STEP_S
 
     def reload(self, config: Config) -> None:
@@ -142,9 +157,15 @@ class BleService:
         if self.outbox is not None:
             self.outbox.close()
 
+    def _radio_changed(self, fault: str | None) -> None:
+        self.radio_fault = fault
+
     def status_line(self) -> str:
         if self.part is not None:
-            return self.part.status()
+            fault = self.radio_fault
+            # A missing or flaky adapter keeps the service up (and an update is not rolled back
+            # for it): what is wrong is said here, in STATUS=, not by restarts.
+            return self.part.status() + (f"; Bluetooth radio not usable: {fault}" if fault else "")
         if not self.config.ble.enabled:
             return not_enabled_text(self.config)
         return "ble: the BLE link module is not installed"

@@ -58,11 +58,13 @@ from typing import TYPE_CHECKING, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 
 from lastmile import __version__
 from lastmile.config import Config, ConfigError, Listen, host_port
 from lastmile.services import metrics_sources as sources
+from lastmile.services.update import RECORDED_OUTCOMES, UpdateState, reboot_pending
+from lastmile.services.update import read_state as read_update_state
 
 if TYPE_CHECKING:
     from lastmile.services.metrics_sources import OutboxSnapshot, Runner
@@ -149,6 +151,10 @@ class GatewayCollector:
             yield from self._clock_metrics(clock)
         services = self._read("services", up, self.services.read)
         yield from self._service_metrics(services or [])
+        if config.update.enabled:
+            update = self._read("update", up, lambda: read_update_state(data_dir))
+            if update is not None:
+                yield from self._update_metrics(update)
         yield up
 
     def _read(self, name: str, up: GaugeMetricFamily, read: Callable[[], T | None]) -> T | None:
@@ -340,6 +346,43 @@ class GatewayCollector:
             if s.restarts is not None:
                 restarts.add_metric([name], s.restarts)
         yield from (up, rss, started, restarts)
+
+    @staticmethod
+    def _update_metrics(state: UpdateState) -> Iterator[Metric]:
+        if state.last_result:
+            outcome = str(state.last_result.get("outcome", ""))
+            result = GaugeMetricFamily(
+                "lastmile_update_last_result",
+                "1 for what the last update round ended with (installed, up-to-date, source-failed, "
+                "index-invalid, no-space, download-failed, refused, install-failed).",
+                labels=["result"],
+            )
+            for value in _with_extra(tuple(o.value for o in RECORDED_OUTCOMES), {outcome}):
+                result.add_metric([value], 1 if value == outcome else 0)
+            yield result
+            yield _gauge(
+                "lastmile_update_last_round_timestamp_seconds",
+                "When the last update round ended.",
+                float(state.last_result.get("at", 0)),
+            )
+        if state.last_poll:
+            yield _gauge(
+                "lastmile_update_last_poll_timestamp_seconds",
+                "When the county's index was last asked.",
+                state.last_poll,
+            )
+        yield _gauge(
+            "lastmile_update_reboot_pending",
+            "1 while a new slot is installed and waits to be booted.",
+            reboot_pending(state),
+        )
+        yield _gauge(
+            "lastmile_update_refused_bundles", "Bundles refused and remembered (by sha256).", len(state.refused)
+        )
+        if state.installed.get("version"):
+            installed = InfoMetricFamily("lastmile_update_installed", "The last version installed by an update round.")
+            installed.add_metric([], {"version": str(state.installed["version"])})
+            yield installed
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

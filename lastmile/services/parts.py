@@ -1,0 +1,145 @@
+"""Parts: the device links a device service (acquire, ble) runs, each on its own thread.
+
+A part is checked by its service's `step()` (the loop the watchdog is tied to): a part whose
+thread ended or failed (BlueZ not up yet, a port in use) is restarted with backoff and the
+service stays up; a part that stops beating is wedged, and the check raises so the process exits
+and systemd restarts it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+STEP_S = 1.0  # how often the parts are checked
+STALE_S = 20.0  # a link that has not gone round for this long is wedged (the units' WatchdogSec=30)
+RESTART_BACKOFF_S = (5.0, 300.0)  # first and longest wait before restarting a failed part
+
+Beat = Callable[[], None]
+
+
+class Wedged(RuntimeError):
+    """A part stopped making progress; only a restart of the process will help."""
+
+
+class Part(Protocol):
+    name: str
+
+    def check(self, now: float) -> None:
+        """Restart what ended; raise Wedged if something hangs."""
+        ...
+
+    def status(self) -> str: ...
+
+    def close(self) -> None: ...
+
+
+class WorkerPart:
+    """Runs `work(stop, beat)` on a thread; restarts it with backoff when it ends or fails.
+
+    `stale_after`: seconds without a `beat()` after which the part counts as wedged (None: never).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        work: Callable[[threading.Event, Beat], None],
+        *,
+        stale_after: float | None = STALE_S,
+        on_close: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.work = work
+        self.stale_after = stale_after
+        self.on_close = on_close
+        self.clock = clock
+        self.stop = threading.Event()
+        self.last_beat = clock()
+        self.failures = 0
+        self.last_error = ""
+        self.next_start = 0.0
+        self.thread: threading.Thread | None = None
+
+    def beat(self) -> None:
+        self.last_beat = self.clock()
+
+    def start(self) -> None:
+        self.last_beat = self.clock()
+        self.thread = threading.Thread(target=self._run, name=f"part-{self.name}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.work(self.stop, self.beat)
+            if not self.stop.is_set():
+                self._failed("ended")
+        except Exception as exc:
+            if not self.stop.is_set():
+                log.warning("%s: %s: %s", self.name, type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+                self._failed(f"{type(exc).__name__}: {exc}")
+
+    def _failed(self, reason: str) -> None:
+        self.failures += 1
+        self.last_error = reason
+        low, high = RESTART_BACKOFF_S
+        wait = min(high, low * 2 ** min(self.failures - 1, 10))
+        self.next_start = self.clock() + wait
+        log.info("%s: will try again in %.0f s", self.name, wait)
+
+    @property
+    def running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def check(self, now: float) -> None:
+        if self.stop.is_set():
+            return
+        if not self.running:
+            if now >= self.next_start:
+                log.info("%s: starting (attempt %d)", self.name, self.failures + 1)
+                self.start()
+            return
+        if self.stale_after is not None and now - self.last_beat > self.stale_after:
+            raise Wedged(f"{self.name} made no progress for {now - self.last_beat:.0f} s")
+        if self.failures and now - self.last_beat < 1.0 and now > self.next_start + 60:
+            self.failures = 0  # it has been running fine for a minute: forget old failures
+
+    def status(self) -> str:
+        if self.running:
+            return f"{self.name} up"
+        return f"{self.name} down ({self.last_error or 'starting'})"
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.on_close is not None:
+            try:
+                self.on_close()
+            except Exception:
+                log.exception("%s: close failed", self.name)
+        if self.thread is not None:
+            self.thread.join(timeout=15)
+            if self.thread.is_alive():
+                log.warning("%s: still busy at shutdown", self.name)
+
+
+class ReceiverPart:
+    """The LAN storage SCP: pynetdicom runs its own server threads."""
+
+    name = "lan-receiver"
+
+    def __init__(self, receiver: object) -> None:
+        self.receiver = receiver
+
+    def check(self, now: float) -> None:
+        return None
+
+    def status(self) -> str:
+        return f"{self.name} :{getattr(self.receiver, 'port', '?')}"
+
+    def close(self) -> None:
+        self.receiver.stop()  # type: ignore[attr-defined]
