@@ -827,6 +827,13 @@ class Zygote:
                 swapped = patch_tables(module, code)
             else:
                 swapped = swap_in(module, code)
+            if module is not None:  # results the unmutated code cached in the zygote would hide the mutant
+                for value in list(vars(module).values()):
+                    if (
+                        callable(getattr(value, "cache_clear", None))
+                        and getattr(value, "__module__", "") == module.__name__
+                    ):
+                        value.cache_clear()
             if not swapped:
                 result = {"status": "slow path"}
             else:
