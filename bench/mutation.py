@@ -113,21 +113,17 @@ FOCUSED_TESTS: dict[str, list[str]] = {
         "tests/test_ecg_findings.py",  # the cart's annotations: measurements, statements, median beats
         "tests/test_inflate.py",  # deflated objects and the inflation cap
     ],
-    "devices/ecg/findings.py": [
-        "tests/test_ecg_findings.py",
-        "tests/test_ecg_aecg.py",
-        "tests/test_ecg_scp_mutants.py",
-    ],
+    "devices/ecg/findings.py": ["tests/test_ecg_findings_mutants.py"],
     "devices/ecg/formats.py": ["tests/test_ecg_formats.py"],
     "devices/ecg/leads.py": ["tests/test_ecg_leads.py", "tests/test_ecg_formats.py"],
-    "devices/ecg/median_beat.py": ["tests/test_ecg_quality.py", "tests/test_ecg_findings.py"],
+    "devices/ecg/median_beat.py": ["tests/test_ecg_beats_mutants.py"],
     "devices/ecg/npz.py": ["tests/test_npz.py"],
     "devices/ecg/order_statistics.py": [
         "tests/test_order_statistics.py",
         # a child process (what a fresh `lastmile` imports): it never sees the mutant
         "--deselect=tests/test_order_statistics.py::test_checking_a_real_ecgs_quality_leaves_numpy_ma_unimported",
     ],
-    "devices/ecg/qrs.py": ["tests/test_ecg_quality.py"],
+    "devices/ecg/qrs.py": ["tests/test_ecg_beats_mutants.py"],
     "devices/ecg/quality.py": ["tests/test_ecg_quality_mutants.py"],
     "devices/ecg/quality_wording.py": ["tests/test_ecg_quality_mutants.py"],
     "devices/ecg/recording.py": ["tests/test_ecg_recording.py", "tests/test_npz.py"],
@@ -153,6 +149,7 @@ FOCUSED_TESTS: dict[str, list[str]] = {
         "--deselect=tests/test_outbox.py::test_two_processes_never_claim_the_same_item_while_a_third_adds",
         "--deselect=tests/test_outbox.py::test_processes_opening_a_new_outbox_at_once_migrate_it_once",
     ],
+    "uploader/report_lines.py": ["tests/test_report_lines.py"],
 }
 
 # Imported once in the parent so that each forked child starts warm. None of them imports ours.

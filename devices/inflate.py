@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import zlib
+from types import ModuleType
 
 from devices.errors import ProtocolError
 
@@ -22,14 +23,18 @@ class InflateLimitError(ProtocolError):
         self.limit = limit
 
 
-def inflate(data: bytes | bytearray | memoryview, *, max_bytes: int, keep: int | None = None) -> bytes:
+def inflate(
+    data: bytes | bytearray | memoryview, *, max_bytes: int, keep: int | None = None, codec: ModuleType = zlib
+) -> bytes:
     """Inflate raw deflate `data` whole, refusing (InflateLimitError) once the output exceeds
     `max_bytes`; a stream that is not valid or ends early raises ProtocolError.
 
     Returns the inflated bytes, or only their first `keep` bytes (the rest is counted, checked
     and dropped: memory stays at `keep` plus one piece whatever the object's size).
+    `codec`: a module with zlib's API (`decompressobj`, `error`), e.g. a faster implementation
+    the caller may depend on (this package uses the standard library only).
     """
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflater = codec.decompressobj(-zlib.MAX_WBITS)
     kept: list[bytes] = []
     kept_len = 0
     total = 0
@@ -50,7 +55,7 @@ def inflate(data: bytes | bytearray | memoryview, *, max_bytes: int, keep: int |
                 kept_len += len(piece)
             if inflater.eof or not (piece or pending):
                 break  # the end, or nothing more to inflate from what was given (truncated)
-    except zlib.error as exc:
+    except codec.error as exc:
         raise ProtocolError(f"deflated data does not inflate: {exc}") from None
     if not inflater.eof:
         raise ProtocolError("deflated data ends before its stream does (truncated)")

@@ -2,7 +2,8 @@
 polling, its log-formatting handlers are unbound while their logger is off, the C-STORE-RQ
 command set is encoded by hand (byte for byte what pynetdicom encodes), the usual C-STORE-RSP is
 decoded by hand (into the very primitive pynetdicom decodes, anything else left to pynetdicom),
-and a run of C-STOREs keeps pynetdicom's association reactor paused. The CPU figures are
+a C-STORE-RQ's PDUs are encoded by hand (byte for byte pynetdicom's) and written in one go, and a
+run of C-STOREs keeps pynetdicom's association reactor paused. The CPU figures are
 bench/forward.py's; these tests check the behaviour (counts and bytes, no clocks)."""
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import Verification
 
@@ -43,9 +45,11 @@ from uploader.dicom_store import (
     commitment_request,
     commitment_request_bytes,
     pdata_fragments,
+    pdata_pdus,
     store_command_set,
 )
 from uploader.errors import TransientError
+from uploader.link_pacing import LinkPacer
 
 ECG_CLASS = "1.2.840.10008.5.1.4.1.1.9.1.1"
 REPORT_WAIT_S = 30.0
@@ -80,6 +84,19 @@ def test_command_set_and_fragments_are_pynetdicoms_bytes(size: int, instance: st
         for p in pdata_fragments(3, store_command_set(65535, ECG_CLASS, instance), data, max_pdu)
     ]
     assert ours == theirs
+
+
+@pytest.mark.parametrize("size", [0, 1, 16377, 16378, 16379, 130_001])
+@pytest.mark.parametrize("max_pdu", [16384, 4096, 0])
+@pytest.mark.parametrize("context_id", [1, 255])
+def test_whole_message_pdus_are_pynetdicoms_bytes(size: int, max_pdu: int, context_id: int) -> None:
+    data = bytes(range(256)) * (size // 256) + b"\x7f" * (size % 256)
+    command = store_command_set(7, ECG_CLASS, "1.2.3.45")
+    # what pynetdicom's DUL writes for each P-DATA primitive: a P-DATA-TF PDU of it
+    theirs = [P_DATA_TF(p).encode() for p in pdata_fragments(context_id, command, data, max_pdu)]
+    pdus, ends = pdata_pdus(context_id, command, data, max_pdu)
+    assert [pdus[start:end] for start, end in zip([0, *ends[:-1]], ends, strict=True)] == theirs
+    assert ends[-1] == len(pdus)
 
 
 # -- the C-STORE-RSP decoded by hand -------------------------------------------------------------
@@ -421,6 +438,54 @@ def test_run_of_stores_then_commitment_on_the_same_association(
     assert [r.sop_instance_uid for r in scp.received] == [p.sop_instance_uid for p in ecgs[:5]]
     assert [u for _c, u in reports[0].committed] == [p.sop_instance_uid for p in ecgs[:4]]
     assert [o.sop_instance_uid for o in outcomes] == [p.sop_instance_uid for p in ecgs[:4]]
+
+
+class RecordingPacer(LinkPacer):
+    """A pacer that sees every PDU an association writes (`pdu_limit`: paced, PDUs that small)."""
+
+    def __init__(self, pdu_limit: int | None) -> None:
+        super().__init__(sleep=lambda s: None)
+        self.pdu_limit = pdu_limit
+        self.pdus: list[bytes] = []
+
+    def pdu_bytes(self) -> int | None:
+        return self.pdu_limit
+
+    def on_pdu_sent(self, data: bytes | memoryview) -> None:
+        self.pdus.append(bytes(data))
+        super().on_pdu_sent(data)
+
+
+def split_pdus(data: bytes) -> list[bytes]:
+    pdus, at = [], 0
+    while at < len(data):
+        end = at + 6 + int.from_bytes(data[at + 2 : at + 6], "big")
+        pdus.append(data[at:end])
+        at = end
+    return pdus
+
+
+@pytest.mark.parametrize("pdu_limit", [None, 4096], ids=["unpaced", "paced"])
+def test_stores_are_written_whole_and_every_pdu_is_seen_by_the_pacer(
+    scp: ScriptedStoreSCP, ecgs: list[EcgPayload], pdu_limit: int | None
+) -> None:
+    pacer = RecordingPacer(pdu_limit)
+    with StoreAssociation(peer_at(scp.port, scp.ae_title), pacer=pacer) as assoc:
+        outcomes = [assoc.store(p.data) for p in ecgs[:3]]
+        whole = assoc.messages_written_whole
+    assert whole == 3
+    assert [o.status for o in outcomes] == [0x0000] * 3
+    assert [r.sop_instance_uid for r in scp.received] == [p.sop_instance_uid for p in ecgs[:3]]
+    # each PDU once (paced: one at a time; else each object's run at once), P-DATA-TF, within
+    # the limit; per object a command PDU then the data set's
+    runs = [p for p in pacer.pdus if p[0] == 0x04]
+    assert len(runs) == (3 if pdu_limit is None else len(split_pdus(b"".join(runs))))
+    data_pdus = [p for p in split_pdus(b"".join(pacer.pdus)) if p[0] == 0x04]
+    assert all(len(p) - 6 <= (pdu_limit or 16382) for p in data_pdus)  # the PDU length field's bound
+    headers = [p[11] for p in data_pdus]  # each PDU's one PDV: its message control header
+    assert headers.count(0x03) == 3 and headers.count(0x02) == 3
+    sizes = [o.wire_bytes for o in outcomes]
+    assert sum(len(p) - 12 for p in data_pdus if p[11] in (0x00, 0x02)) == sum(sizes)
 
 
 def test_peer_abort_while_the_reactor_is_paused_is_transient(

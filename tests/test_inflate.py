@@ -20,7 +20,7 @@ from devices.ecg.formats import decode_ecg
 from devices.errors import ProtocolError
 from devices.inflate import InflateLimitError, inflate, inflate_head
 from tests.hostile_dicom import deflate_bomb
-from uploader.dicom_part10 import UnsendablePayload, encode_for, parse_part10
+from uploader.dicom_part10 import UnsendablePayload, encode_for, inflate_codec, parse_part10
 
 
 def raw_deflate(data: bytes) -> bytes:
@@ -60,6 +60,39 @@ def test_inflate_fuzz_inflates_within_the_limit_or_raises_the_typed_error(data: 
     except ProtocolError:
         return
     assert len(out) <= limit
+
+
+def test_the_forwarder_inflates_with_zlib_ng() -> None:
+    # a dependency: without it the forwarder falls back to zlib, silently slower
+    assert inflate_codec().__name__ == "zlib_ng.zlib_ng"
+
+
+@pytest.mark.parametrize("keep", [None, 100])
+def test_zlib_ng_inflates_as_zlib_does(keep: int | None) -> None:
+    data = bytes(range(256)) * 5000
+    packed = raw_deflate(data)
+    ng = inflate_codec()
+    assert inflate(packed, max_bytes=len(data), keep=keep, codec=ng) == inflate(packed, max_bytes=len(data), keep=keep)
+    with pytest.raises(InflateLimitError):
+        inflate(packed, max_bytes=len(data) - 1, codec=ng)
+    with pytest.raises(ProtocolError, match="truncated"):
+        inflate(packed[: len(packed) // 2], max_bytes=1 << 20, codec=ng)
+    with pytest.raises(ProtocolError, match="does not inflate"):
+        inflate(b"\xff" * 64, max_bytes=1 << 20, codec=ng)
+
+
+@settings(deadline=None, max_examples=300)
+@given(st.one_of(st.binary(max_size=2000), st.binary(max_size=3000).map(raw_deflate)), st.integers(0, 5000))
+def test_zlib_ng_fuzz_inflates_what_zlib_inflates_or_raises_the_typed_error(data: bytes, limit: int) -> None:
+    def outcome(codec: object) -> object:
+        try:
+            return inflate(data, max_bytes=limit, codec=codec)  # type: ignore[arg-type]
+        except InflateLimitError:
+            return "too big"
+        except ProtocolError:
+            return "refused"
+
+    assert outcome(inflate_codec()) == outcome(zlib)
 
 
 def test_decompression_bomb_is_refused_by_the_dicom_ecg_decoder(bomb: tuple[str, bytes]) -> None:

@@ -77,6 +77,14 @@ def test_the_last_fragment_of_command_and_data_set_is_read_from_the_pdu() -> Non
     assert last_fragment(b"\x04\x00") is None  # truncated: nothing read past the end
 
 
+def test_the_last_fragment_of_pdus_written_back_to_back_is_the_last_ones() -> None:
+    # an unpaced association's run of PDUs (uploader.dicom_reactor.EncodedMessage) is seen at once
+    pdus = c_store_pdus(10_000)
+    for n in range(1, len(pdus) + 1):
+        assert last_fragment(b"".join(pdus[:n])) == last_fragment(pdus[n - 1])
+    assert last_fragment(b"".join(pdus) + b"\x04\x00") == DATA_SET_DONE  # a cut tail: nothing read past the end
+
+
 @dataclass
 class Sent:
     data: bytes

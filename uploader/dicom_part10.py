@@ -16,6 +16,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
+from types import ModuleType
 
 from pydicom import dcmread
 from pydicom.charset import convert_encodings
@@ -256,9 +257,20 @@ def _deflate(raw: bytes, level: int) -> bytes:
     return out + b"\x00" if len(out) % 2 else out
 
 
+@functools.cache  # imported when first needed: a peer that takes deflate never needs it
+def inflate_codec() -> ModuleType:
+    """zlib-ng: it inflates a stored ECG 2-3 times faster than zlib (which was a third of the CPU
+    a store cost where the peer takes no deflate); the standard library's zlib without it."""
+    try:
+        from zlib_ng import zlib_ng
+    except ImportError:  # a dependency; the standard library's does the same, slower
+        return zlib
+    return zlib_ng
+
+
 def _inflated(obj: Part10) -> bytes:
     try:
-        return inflate(obj.dataset_bytes(), max_bytes=MAX_INFLATED_BYTES)
+        return inflate(obj.dataset_bytes(), max_bytes=MAX_INFLATED_BYTES, codec=inflate_codec())
     except ProtocolError as exc:
         raise UnsendablePayload(f"deflated payload cannot be sent inflated: {exc}") from None
 

@@ -49,7 +49,13 @@ from uploader.dicom_association import (
 )
 from uploader.dicom_commitment import CommitmentReport, report_handler
 from uploader.dicom_part10 import Part10, UnsendablePayload, decode_dataset, encode_for, parse_part10
-from uploader.dicom_reactor import decode_store_responses
+from uploader.dicom_reactor import (
+    P_DATA_TF_TYPE,
+    PDU_AND_PDV_HEADER,
+    EncodedMessage,
+    decode_store_responses,
+    writes_whole_messages,
+)
 from uploader.dicom_status import (
     SOP_CLASS_NOT_SUPPORTED,
     STORED_CATEGORIES,
@@ -175,15 +181,34 @@ def pdata_fragments(context_id: int, command: bytes, dataset: bytes, max_pdu_len
     """The P-DATA primitives of one DIMSE message, as pynetdicom 3.0's `encode_msg` cuts them: the
     command set, then the data set, each in PDVs of at most `max_pdu_length - 6` bytes (0: whole),
     the first byte of each saying command/data and last/not last (PS3.8 E.2)."""
+    for header, fragment in _message_fragments(command, dataset, max_pdu_length):
+        pdata = P_DATA()
+        pdata.presentation_data_value_list.append((context_id, bytes((header,)) + fragment))
+        yield pdata
+
+
+def pdata_pdus(context_id: int, command: bytes, dataset: bytes, max_pdu_length: int) -> tuple[bytes, list[int]]:
+    """The P-DATA-TF PDUs of `pdata_fragments`' primitives, each encoded byte for byte as pynetdicom
+    3.0 encodes it, back to back (one copy of the data set), and the offset where each ends."""
+    parts: list[bytes | memoryview] = []
+    ends: list[int] = []
+    total = 0
+    for header, fragment in _message_fragments(command, dataset, max_pdu_length):
+        size = len(fragment)
+        parts += (PDU_AND_PDV_HEADER.pack(P_DATA_TF_TYPE, 0, size + 6, size + 2, context_id, header), fragment)
+        total += PDU_AND_PDV_HEADER.size + size
+        ends.append(total)
+    return b"".join(parts), ends
+
+
+def _message_fragments(command: bytes, dataset: bytes, max_pdu_length: int) -> Iterator[tuple[int, memoryview]]:
+    """Each PDV's message control header and fragment: the command set's, then the data set's."""
     parts = [(_fragments(command, max_pdu_length), 0x01, 0x03)]
     if dataset:
         parts.append((_fragments(dataset, max_pdu_length), 0x00, 0x02))
     for fragments, more, last in parts:
         for i, fragment in enumerate(fragments):
-            pdata = P_DATA()
-            header = last if i == len(fragments) - 1 else more
-            pdata.presentation_data_value_list.append((context_id, bytes((header,)) + fragment))
-            yield pdata
+            yield (last if i == len(fragments) - 1 else more), fragment
 
 
 def _fragments(data: bytes, max_pdu_length: int) -> list[memoryview]:
@@ -304,6 +329,7 @@ class StoreAssociation:
         self._assoc = associate(self.peer, contexts, handlers)
         self.opened_in_s = time.monotonic() - started
         decode_store_responses(self._assoc)  # the usual C-STORE-RSP read without pydicom
+        writes_whole_messages(self._assoc)  # a C-STORE-RQ's PDUs written in one go
         if self.pacer is not None:
             self.pacer.observe_rtt(self.opened_in_s)
         rank = {ts: i for i, ts in enumerate(self._preference)}
@@ -328,9 +354,22 @@ class StoreAssociation:
         )
 
     def _pace(self, event: evt.Event) -> None:
+        self._after_sent(getattr(event, "data", b"") or b"")
+
+    def _after_sent(self, pdu: bytes | memoryview) -> None:
+        """After each PDU (or run of PDUs) written (the DUL thread): paced, and its time noted."""
         if self.paced and self.pacer is not None:
-            self.pacer.on_data_sent(event)
+            self.pacer.on_pdu_sent(pdu)
         self.last_sent_at = time.monotonic()
+
+    def _writes_whole(self, assoc: Association) -> bool:
+        """Whether a message's PDUs may go as one `EncodedMessage`: its DUL is set up for it and
+        nobody but our pacing listens to the PDUs it would skip the events of."""
+        if getattr(assoc.dul, "lastmile_whole_messages", None) is None:
+            return False
+        if assoc.get_handlers(evt.EVT_PDU_SENT):
+            return False
+        return all(handler == self._pace for handler, _args in assoc.get_handlers(evt.EVT_DATA_SENT))  # type: ignore[misc]
 
     def close(self) -> None:
         self._resume_reactor()
@@ -385,6 +424,11 @@ class StoreAssociation:
     def responses_decoded_by_hand(self) -> int:
         """C-STORE responses on this association read without pydicom (uploader.dicom_reactor)."""
         return int(getattr(getattr(self._assoc, "dimse", None), "lastmile_decodes", 0))
+
+    @property
+    def messages_written_whole(self) -> int:
+        """C-STORE-RQs on this association written as one `EncodedMessage` (uploader.dicom_reactor)."""
+        return int(getattr(getattr(self._assoc, "dul", None), "lastmile_whole_messages", 0) or 0)
 
     @property
     def accepted_transfer_syntaxes(self) -> dict[str, list[str]]:
@@ -475,8 +519,13 @@ class StoreAssociation:
                 self._send_as_message(assoc, message_id, obj, data, int(cx.context_id), limit)  # type: ignore[arg-type]
             else:
                 command = store_command_set(message_id, str(obj.sop_class_uid), str(obj.sop_instance_uid))
-                for pdata in pdata_fragments(int(cx.context_id), command, data, limit):  # type: ignore[arg-type]
-                    assoc.dul.send_pdu(pdata)
+                if self._writes_whole(assoc):
+                    pdus, ends = pdata_pdus(int(cx.context_id), command, data, limit)  # type: ignore[arg-type]
+                    on_sent = self._after_sent if self.pacer is not None else None
+                    assoc.dul.send_pdu(EncodedMessage(pdus, ends, on_sent, each_pdu=pdu_bytes is not None))
+                else:
+                    for pdata in pdata_fragments(int(cx.context_id), command, data, limit):  # type: ignore[arg-type]
+                        assoc.dul.send_pdu(pdata)
             _cx_id, rsp = assoc.dimse.get_msg(block=True)
         except BaseException:
             self._resume_reactor()

@@ -8,8 +8,8 @@ are cut. Sent at a little under the rate the link delivers, the buffer stays nea
 routine throughput barely changes.
 
 One `LinkPacer` per destination is shared by every association sending routine objects to it
-(the link is one bottleneck). Each association calls `on_data_sent` after every PDU it wrote (a
-pynetdicom EVT_DATA_SENT handler, on its DUL thread): a token bucket with one PDU of burst
+(the link is one bottleneck). Each association calls `on_pdu_sent` after every PDU it wrote (on
+its DUL thread: pynetdicom's EVT_DATA_SENT, or `EncodedMessage.on_sent`): a token bucket with one PDU of burst
 makes that thread wait until the link would have carried what was sent before.
 
 The rate is measured, not configured: the bytes stored (all associations together) since the
@@ -56,16 +56,20 @@ COMMAND_DONE = 0x03  # message control header: command, last fragment
 DATA_SET_DONE = 0x02  # ... data set, last fragment
 
 
-def last_fragment(pdu: bytes) -> int | None:
-    """The message control header of the last PDV in a P-DATA-TF PDU, masked to its command and
-    last-fragment bits (COMMAND_DONE, DATA_SET_DONE, ...); None for any other PDU."""
+def last_fragment(pdu: bytes | memoryview) -> int | None:
+    """The message control header of the last PDV in a P-DATA-TF PDU (or in the last of several
+    written back to back), masked to its command and last-fragment bits (COMMAND_DONE,
+    DATA_SET_DONE, ...); None for any other PDU."""
     if len(pdu) < 12 or pdu[0] != P_DATA_TF:
         return None
-    end = min(len(pdu), 6 + int.from_bytes(pdu[2:6], "big"))
-    at, header = 6, None
-    while at + 6 <= end:  # PDV items: length (4), context id (1), message control header (1), data
-        header = pdu[at + 5] & 0x03
-        at += 4 + int.from_bytes(pdu[at : at + 4], "big")
+    start, header = 0, None
+    while start + 12 <= len(pdu) and pdu[start] == P_DATA_TF:
+        end = min(len(pdu), start + 6 + int.from_bytes(pdu[start + 2 : start + 6], "big"))
+        at = start + 6
+        while at + 6 <= end:  # PDV items: length (4), context id (1), message control header (1), data
+            header = pdu[at + 5] & 0x03
+            at += 4 + int.from_bytes(pdu[at : at + 4], "big")
+        start = end
     return header
 
 
@@ -232,9 +236,12 @@ class LinkPacer:
 
     # -- pacing -----------------------------------------------------------------------------------
     def on_data_sent(self, event: Any) -> None:
-        """pynetdicom EVT_DATA_SENT handler (the association's DUL thread): wait until the link
-        would have carried what was sent before this P-DATA PDU."""
-        data = getattr(event, "data", b"") or b""
+        """pynetdicom EVT_DATA_SENT handler (the association's DUL thread): `on_pdu_sent`."""
+        self.on_pdu_sent(getattr(event, "data", b"") or b"")
+
+    def on_pdu_sent(self, data: bytes | memoryview) -> None:
+        """After each PDU written, or each run of PDUs of an unpaced association (the
+        association's DUL thread): wait until the link would have carried what was sent before."""
         nbytes = len(data)
         if data and data[0] in CONTROL_PDU_TYPES:
             return  # association set-up and release: not an object's bytes, not paced

@@ -18,6 +18,7 @@ TEMPLATE_S = (0.45, 0.60)  # before / after the QRS peak
 MIN_BEATS = 3  # fewer beats than this make no median
 EDGE_SLOPE_OF_PEAK = 0.10  # QRS onset/offset: combined slope below 10 % of its peak ...
 EDGE_QUIET_S = 0.010  # ... for 10 ms
+MIN_QUIET_SAMPLES = 2  # ... and two samples at least: one sample is an instant (every peak inside a QRS)
 QRS_HALF_MAX_S = 0.12  # the onset/offset search stops 120 ms from the peak (wide QRS: LBBB)
 BASELINE_S = (0.040, 0.010)  # isoelectric level: 40-10 ms before QRS onset (the PR segment)
 P_SEARCH_S = (0.20, 0.02)  # P wave: 200-20 ms before QRS onset
@@ -94,7 +95,7 @@ def median_beat(x_uv: np.ndarray, beats: tuple[int, ...] | np.ndarray, rate_hz: 
     relative = np.mean(slope[chosen] / np.maximum(peak[chosen, None], 1e-30), axis=0)
     top = relative[near].max()
     relative = relative / top if top > 0 else relative
-    quiet = max(1, round(EDGE_QUIET_S * rate_hz))
+    quiet = max(MIN_QUIET_SAMPLES, round(EDGE_QUIET_S * rate_hz))
     limit = round(QRS_HALF_MAX_S * rate_hz)
     onset = _edge(relative, before, -1, limit, quiet)
     offset = _edge(relative, before, +1, limit, quiet)

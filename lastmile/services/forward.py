@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from lastmile.config import Config, ReadingCenterSection, fhir_naming
 from lastmile.data_dir import open_outbox
 from lastmile.services.metered import meter_policy, meters
+from lastmile.services.process_tuning import GLIBC_MALLOC, MALLOC_ARENAS, MMAP_THRESHOLD, TRIM_EVERY_S
 from uploader.dicom_association import PeerSettings
 from uploader.dicom_tls import TlsFiles
 from uploader.ecg_forwarder import EcgForwarder, ForwarderSettings
@@ -80,6 +81,11 @@ class ForwardService:
     """One `step()` forwards DICOM, then FHIR; the runtime pings the watchdog between steps."""
 
     def __init__(self, config: Config) -> None:
+        # as in acquire: big buffers (a payload, its inflated and encoded copies: ~100-250 KB per
+        # store) mapped and unmapped rather than left in the heap, and free heap pages given back
+        # (`step`): reports and FHIR rounds left the soak's forward process above 60 MB
+        GLIBC_MALLOC.tune(arenas=MALLOC_ARENAS, mmap_threshold=MMAP_THRESHOLD)
+        self._trimmed = time.monotonic()
         self.config = config
         self.outbox = open_outbox(config)
         try:
@@ -141,6 +147,10 @@ class ForwardService:
         if self._full_disk_delay:
             log.warning("data partition has room again: sending and purging (was full)")
             self._full_disk_delay = 0.0
+        now = time.monotonic()
+        if now - self._trimmed >= TRIM_EVERY_S:
+            self._trimmed = now
+            GLIBC_MALLOC.trim()
         return delay
 
     def _wait_for_space(self, exc: BaseException) -> float:
