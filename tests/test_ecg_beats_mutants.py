@@ -12,9 +12,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from devices.ecg import median_beat as median_beat_module
 from devices.ecg import qrs
 from devices.ecg.median_beat import Waves, median_beat
-from devices.ecg.qrs import QrsDetection, band_pass, detect_qrs, heart_rate_bpm, moving_average, qrs_energy
+from devices.ecg.qrs import (
+    QrsDetection,
+    band_pass,
+    detect_qrs,
+    heart_rate_bpm,
+    local_peaks,
+    moving_average,
+    qrs_energy,
+)
 
 RATE_HZ = 500.0
 SECONDS = 10.0
@@ -930,3 +939,238 @@ def test_a_simulator_s_exactly_flat_lead_is_the_clearest(gain: float) -> None:
     both = median_beat(np.stack([noisy, simulator]) * gain, BEATS, RATE_HZ)
     assert alone is not None and both is not None
     assert (both.qrs_onset, both.qrs_offset) == (alone.qrs_onset, alone.qrs_offset) == (205, 246)
+
+
+STRIP_S = 1.088  # a 544-sample strip
+STEP_AT_S = 1.08  # an electrode making contact 8 ms before the strip ends: a step, no QRS in sight
+
+
+def test_a_step_at_the_very_end_of_a_strip_is_no_beat() -> None:
+    """Regression for a path no test reached: the step's energy only rises to the strip's last
+    sample, so its envelope has no peak at all. No beat is made of it (and no crash); the lead
+    is still the one that was looked at."""
+    t = np.arange(round(STRIP_S * RATE_HZ)) / RATE_HZ
+    x = np.where(t >= STEP_AT_S, QRS_UV, 0.0)
+    assert detect_qrs(x[None, :], RATE_HZ) == QrsDetection((), None, (0,))
+
+
+def test_a_slow_wave_at_the_end_of_a_strip_is_no_beat() -> None:
+    """A slow, 100 ms-wide wave (a T wave, a sway of the baseline) cut by the strip's end: its
+    energy is largest at the very edge, and its peaks inside the strip are far under 30 % of
+    that. No beat is made of it (none survives to be placed on a QRS peak)."""
+    n = 661
+    x = QRS_UV * gaussian(n, 1.2837, 0.108, RATE_HZ)
+    assert detect_qrs(x[None, :], RATE_HZ) == QrsDetection((), None, (0,))
+
+
+MARGIN = round(qrs.EXCLUDE_MARGIN_S * RATE_HZ)  # 75 samples either side of an excluded stretch
+SEARCH = round(qrs.FIDUCIAL_SEARCH_S * RATE_HZ)  # 30 samples either side of a beat's energy peak
+HIDDEN_BY = 32  # samples from the last (first) visible energy sample to a QRS peak in the margin
+
+
+def test_a_qrs_in_an_exclusion_margin_is_placed_from_its_visible_energy_at_most_60_ms_away() -> None:
+    """A cart flags lead-off for 0.6 s just after one QRS and just before the next: both QRS peaks
+    sit in the stretch's 150 ms margin, where energy is not looked at. Each beat is found from the
+    edge of its energy that is still visible (the margin is exactly 150 ms, not a sample more or
+    less) and moved towards its QRS peak by at most 60 ms: the search stops at its window's last
+    sample and never walks on into the margin (onto a rail's step, say)."""
+    before_peak = round(3.7 * RATE_HZ)
+    start = before_peak - HIDDEN_BY + MARGIN + 1  # the last visible sample is start - MARGIN - 1
+    end = start + round(0.6 * RATE_HZ)
+    after_peak = end + MARGIN - HIDDEN_BY  # the first visible sample is end - 1 + MARGIN + 1
+    times = [
+        *regular_times(seconds=4.0),
+        before_peak / RATE_HZ,
+        after_peak / RATE_HZ,
+        *(after_peak / RATE_HZ + RR_S * k for k in (1, 2, 3)),
+    ]
+    x = beat_lead(times, t_uv=0.0)
+    exclude = np.zeros(x.size, dtype=bool)
+    exclude[start:end] = True
+    found = detect_qrs(x[None, :], RATE_HZ, exclude)
+    assert found.beats[4] == start - MARGIN - 1 + SEARCH == before_peak - 2
+    assert found.beats[5] == end + MARGIN - SEARCH == after_peak + 2
+    assert_beats_at(found.beats, times)
+
+
+CONTACT_STEP_UV = 2 * QRS_UV  # an electrode making contact in the strip's last 8 ms: a step twice a QRS
+CONTACT_STEP_SAMPLES = 4
+
+
+def test_a_beat_at_the_strip_s_start_is_never_moved_onto_its_end() -> None:
+    """A QRS at the very first sample, and a large step in the strip's last 8 ms (no beat): the
+    search around the first beat is clipped to the strip's start, never wrapped round to its end,
+    so the beat stays at sample 0 (not at the step, nor at index -1)."""
+    times = [0.0, *regular_times(first_s=0.8)]
+    x = beat_lead(times, t_uv=0.0)
+    x[-CONTACT_STEP_SAMPLES:] += CONTACT_STEP_UV
+    found = detect_qrs(x[None, :], RATE_HZ)
+    assert found.beats[0] == 0
+    assert_beats_at(found.beats, times)
+
+
+S_LAG = 20  # samples (40 ms): one lead's S wave after the other lead's R
+
+
+def test_a_beat_whose_deflection_runs_past_the_strip_s_end_is_at_its_last_sample() -> None:
+    """Two leads, an R wave in one and an S wave 40 ms later in the other; the last beat's R is
+    40 ms before the strip ends, so its S wave is cut by the end: the beat's largest deflection
+    is the last sample, and that is where it is placed (not one sample in, not outside)."""
+    n = round(SECONDS * RATE_HZ)
+    times = [*regular_times(), (n - S_LAG) / RATE_HZ]
+    r_lead = beat_lead(times, t_uv=0.0)
+    s_lead = -beat_lead([t + S_LAG / RATE_HZ for t in times], t_uv=0.0)
+    found = detect_qrs(np.stack([r_lead, s_lead]), RATE_HZ)
+    assert found.beats[-1] == n - 1
+    assert len(found.beats) == len(times)
+
+
+ELECTRODE_POP_UV = 10 * QRS_UV  # one sample: an electrode pop, inside a stretch the cart flagged
+LATE_S_S = 0.040  # the S wave of the second lead, 40 ms after the first lead's R
+WIDE_S_SIGMA_S = 0.015
+
+
+def test_an_electrode_pop_in_an_excluded_stretch_does_not_move_the_beats() -> None:
+    """Each lead's QRS size (what its deflection counts against when a beat is placed) is its
+    typical 2 s peak, which one artefact does not move: a pop in a flagged stretch of the R-wave
+    lead leaves every beat on its R wave, rather than shrinking that lead's weight so the beats
+    slide 40 ms to the other lead's S wave (a wrong fiducial for every median beat and interval)."""
+    times = regular_times()
+    n = round(SECONDS * RATE_HZ)
+    r_lead = beat_lead(times, t_uv=0.0)
+    s_lead = -sum(1500.0 * gaussian(n, t + LATE_S_S, WIDE_S_SIGMA_S, RATE_HZ) for t in times)
+    x = np.stack([r_lead, s_lead])
+    exclude = np.zeros(n, dtype=bool)
+    exclude[round(3.3 * RATE_HZ) : round(3.5 * RATE_HZ)] = True
+    clean = detect_qrs(x, RATE_HZ, exclude)
+    x[0, round(3.4 * RATE_HZ)] += ELECTRODE_POP_UV
+    popped = detect_qrs(x, RATE_HZ, exclude)
+    assert popped == clean and sorted(popped.leads_used) == [0, 1]
+    assert_beats_at(popped.beats, times)
+
+
+BLIP_BEFORE_BEAT = 92  # samples (184 ms): the blip's first energy peak is then 220 ms before the beat's
+
+
+def test_a_blip_exactly_one_refractory_period_before_a_beat_is_not_added() -> None:
+    """Search-back looks strictly more than 220 ms before the beat after the gap too: a blip
+    whose energy peaks exactly 220 ms before that beat's (its QRS 184 ms before: each QRS has an
+    energy peak on either flank, and the beat's is its later one) is within that beat's
+    refractory period, not a beat."""
+    times = [0.5, 1.3, 2.1, 2.9, 3.7, 5.3, 6.1, 6.9, 7.7, 8.5]
+    blip = 5.3 - BLIP_BEFORE_BEAT / RATE_HZ
+    x = beat_lead(times, t_uv=0.0) + beat_lead([blip], qrs_uv=0.4 * QRS_UV, t_uv=0.0)
+    assert_beats_at(detect_qrs(x[None, :], RATE_HZ).beats, times)
+
+
+CROSSTALK_GAIN = 1e-6  # -120 dB: a disconnected input's faint copy of another lead's beats
+
+
+def test_a_faint_crosstalk_lead_with_a_digitally_flat_baseline_is_not_the_one_beats_come_from() -> None:
+    """An input with no electrode on it can carry a millionth of another lead's QRS on an exactly
+    flat (digital zero) baseline. Its zero background would make it infinitely clear: the floor
+    under each lead's background is a share of the largest lead's QRS level, so this lead is
+    measured against that, and the beats come from the lead that really carries them."""
+    n = round(SECONDS * RATE_HZ)
+    t = np.arange(n) / RATE_HZ
+    times = regular_times()
+    crosstalk = sum(QRS_UV * np.clip(1 - np.abs(t - c) / SIMULATOR_QRS_HALF_S, 0, None) for c in times)
+    real = beat_lead(times) + np.random.default_rng(SEED).normal(0, 5, n)
+    found = detect_qrs(np.stack([real, CROSSTALK_GAIN * crosstalk]), RATE_HZ)
+    assert found.leads_used == (0,)
+    assert_beats_at(found.beats, times)
+
+
+SINE_UV = 300.0
+
+
+@pytest.mark.parametrize("rate_hz", [250.0, 500.0, 1000.0])
+@pytest.mark.parametrize("sine_hz", [0.5, 2.5, 8.0, 10.0, 12.0])
+def test_a_pure_sine_is_no_heartbeat(sine_hz: float, rate_hz: float) -> None:
+    """Regression (found by the mutation bench): a pure 10 Hz sine at 500 Hz (a tremor, a signal
+    generator's test tone) gave 23 'beats' and a heart rate of 134 bpm; 8 Hz and 12 Hz gave
+    209-242 bpm at every rate. A sine's energy envelope is a raised cosine, whose peak is at most
+    twice its median: a lead whose QRS stands out no more than that has nothing beat-like, so
+    no beats and no rate are stated (a slow sway, 0.5 or 2.5 Hz, already gave none)."""
+    t = np.arange(round(SECONDS * rate_hz)) / rate_hz
+    x = SINE_UV * np.sin(2 * np.pi * sine_hz * t + 0.3)
+    assert detect_qrs(x[None, :], rate_hz) == QrsDetection((), None, ())
+    assert qrs.MIN_LEAD_CLARITY == 2.0
+
+
+DRIFT_UV_PER_SAMPLE = 2.0  # 1 mV/s of baseline drift (breathing, a moving cable)
+
+
+def simulator_beats(seconds: float = SECONDS, half_s: float = SIMULATOR_QRS_HALF_S) -> np.ndarray:
+    """A patient simulator's triangular QRS at each of BEAT_TIMES, exactly 0 elsewhere."""
+    n = round(seconds * RATE_HZ)
+    t = np.arange(n) / RATE_HZ
+    return sum(R_UV * np.clip(1 - np.abs(t - c) / half_s, 0, None) for c in BEAT_TIMES) + np.zeros(n)
+
+
+def test_on_a_drifting_baseline_waves_are_measured_from_the_middle_of_the_pr_segment() -> None:
+    """The isoelectric level is the median of the PR segment from 40 to 10 ms before the QRS
+    onset, both ends included: on a baseline drifting 1 mV/s that is the drift's value 25 ms
+    before the onset, not half a sample later (which would move every P and T amplitude)."""
+    x = simulator_beats() + DRIFT_UV_PER_SAMPLE * np.arange(round(SECONDS * RATE_HZ))
+    beat = median_beat(x[None, :], BEATS, RATE_HZ)
+    assert beat is not None
+    row, onset = beat.template[0], beat.qrs_onset
+    first, last = (
+        onset - round(median_beat_module.BASELINE_S[0] * RATE_HZ),
+        onset - round(median_beat_module.BASELINE_S[1] * RATE_HZ),
+    )
+    level = (row[first] + row[last]) / 2
+    p_first = onset - round(median_beat_module.P_SEARCH_S[0] * RATE_HZ)  # the drift's lowest point
+    assert beat.waves[0].p_uv == pytest.approx(row[p_first] - level, abs=1e-6)
+    assert row[last + 1] - row[last] == pytest.approx(DRIFT_UV_PER_SAMPLE)  # still the drift there
+
+
+WIDE_SIMULATOR_QRS_HALF_S = 0.10  # a 200 ms complex: its steepest slope 40 % of the 80 ms one's
+
+
+def test_of_two_exactly_flat_leads_the_edges_come_from_the_clearer() -> None:
+    """Two simulator leads, both on an exactly flat baseline (zero noise floor, so clarity is the
+    steepest slope against a floor shared by all leads): the one with a slow 200 ms complex is
+    less than half as clear and does not widen the QRS, which is the 80 ms complex's."""
+    narrow = simulator_beats()
+    beat = median_beat(np.stack([simulator_beats(half_s=WIDE_SIMULATOR_QRS_HALF_S), narrow]), BEATS, RATE_HZ)
+    alone = median_beat(narrow[None, :], BEATS, RATE_HZ)
+    assert beat is not None and alone is not None
+    assert (beat.qrs_onset, beat.qrs_offset) == (alone.qrs_onset, alone.qrs_offset) == (205, 246)
+
+
+@pytest.mark.parametrize(
+    ("envelope", "peaks"),
+    [
+        pytest.param([0.0, 1.0, 3.0, 3.0, 2.0, 0.0], [2], id="a plateau gives its first sample"),
+        pytest.param([0.0, 2.0, 2.0, 2.0, 1.0, 4.0, 1.0], [1, 5], id="two peaks, one flat-topped"),
+        pytest.param([5.0, 3.0, 1.0, 2.0, 6.0], [], id="the ends are never peaks"),
+        pytest.param([1.0, 2.0, 1.0], [1], id="three samples"),
+        pytest.param([1.0, 2.0], [], id="two samples"),
+        pytest.param([], [], id="empty"),
+    ],
+)
+def test_local_peaks_are_the_first_sample_of_each_top(envelope: list[float], peaks: list[int]) -> None:
+    """A QRS's energy peak, where its beat is looked for (60 ms either side): an exactly flat top
+    gives one candidate, its first sample (as documented), not its last nor one per sample; a
+    rise that runs into a strip's end is no peak (the beat-less step at a strip's end)."""
+    assert local_peaks(np.asarray(envelope)).tolist() == peaks
+
+
+def test_a_rail_stretch_in_one_lead_does_not_move_the_beats_to_another_lead() -> None:
+    """Regression (found by the mutation bench): each lead's QRS size was its 99th percentile,
+    which a 2 s rail stretch's edges (over 1 % of the samples) set: the R-wave lead's say shrank
+    and every beat slid 40 ms onto the other lead's S wave. The size is now the lead's typical
+    2 s peak, as for the energy: the beats stay on the R wave."""
+    times = regular_times()
+    n = round(SECONDS * RATE_HZ)
+    r_lead = beat_lead(times, t_uv=0.0)
+    s_lead = -sum(1500.0 * gaussian(n, t + LATE_S_S, WIDE_S_SIGMA_S, RATE_HZ) for t in times)
+    stretch = slice(round(3.0 * RATE_HZ), round(5.0 * RATE_HZ))
+    r_lead[stretch] = RAIL_UV
+    exclude = np.zeros(n, dtype=bool)
+    exclude[stretch] = True
+    found = detect_qrs(np.stack([r_lead, s_lead]), RATE_HZ, exclude)
+    assert sorted(found.leads_used) == [0, 1]
+    assert_beats_at(found.beats, [t for t in times if not 3.0 <= t < 5.0])

@@ -38,6 +38,7 @@ THRESHOLD_OF_LEVEL = 0.30  # a beat's energy peak must reach 30 % of the typical
 SEARCH_BACK_RR = 1.6  # an RR this many times the median suggests a missed beat ...
 SEARCH_BACK_OF_LEVEL = 0.12  # ... accepted there from 12 % of the QRS level (PVCs, small beats)
 MAX_LEADS_COMBINED = 6  # the clearest leads carry the beat; more only adds their noise
+MIN_LEAD_CLARITY = 2.0  # a sine's energy (tremor, sway, a test tone) peaks at most twice its median
 LEAD_CLARITY_RATIO = 0.35  # leads whose QRS-to-background ratio is within this share of the best
 STEADY_OF_LARGEST = 0.15  # a lead's typical 2 s peak against its largest (PVCs: ~0.3; dead half: ~0)
 FIDUCIAL_SEARCH_S = 0.06  # the QRS peak is looked for this far either side of the energy peak
@@ -118,7 +119,7 @@ def _combine(energy: np.ndarray, rate_hz: float) -> tuple[np.ndarray, tuple[int,
     chosen = [
         int(i)
         for i in order[:MAX_LEADS_COMBINED]
-        if level[i] > 0 and clarity[i] > 0 and clarity[i] >= LEAD_CLARITY_RATIO * best
+        if clarity[i] > MIN_LEAD_CLARITY and clarity[i] >= LEAD_CLARITY_RATIO * best
     ]
     if not chosen:
         return np.zeros(n), ()
@@ -126,10 +127,9 @@ def _combine(energy: np.ndarray, rate_hz: float) -> tuple[np.ndarray, tuple[int,
     return combined, tuple(chosen)
 
 
-def _local_peaks(env: np.ndarray) -> np.ndarray:
-    """Indices of the local maxima of a smooth envelope (plateaus give their first sample)."""
-    if env.size < 3:
-        return np.array([int(np.argmax(env))]) if env.size and env.max() > 0 else np.array([], dtype=int)
+def local_peaks(env: np.ndarray) -> np.ndarray:
+    """Indices of the local maxima of a smooth envelope (plateaus give their first sample): never
+    its first or last sample, so none in an envelope of fewer than 3 samples."""
     rising = np.diff(env) > 0
     peaks = np.nonzero(rising[:-1] & ~rising[1:])[0] + 1
     return peaks[env[peaks] > 0]
@@ -149,6 +149,7 @@ def _suppress_neighbours(peaks: np.ndarray, heights: np.ndarray, distance: int) 
 
 
 def _levels(env: np.ndarray, rate_hz: float) -> float:
+    """The typical peak of one signal: the median of its 2 s windows' maxima (each holds a QRS)."""
     window = max(1, round(LEVEL_WINDOW_S * rate_hz))
     n = env.size
     if n <= window:
@@ -178,8 +179,6 @@ def _search_back(
 
 def _fiducials(beats: np.ndarray, filtered: np.ndarray, scale: np.ndarray, rate_hz: float) -> np.ndarray:
     """Move each beat to the sample of largest band-passed deflection across the used leads."""
-    if beats.size == 0:
-        return beats
     half = max(1, round(FIDUCIAL_SEARCH_S * rate_hz))
     n = filtered.shape[-1]
     offsets = np.arange(-half, half + 1)
@@ -231,16 +230,16 @@ def detect_qrs(x_uv: np.ndarray, rate_hz: float, exclude: np.ndarray | None = No
     env, used = _combine(energy, rate_hz)
     if not used:
         return QrsDetection((), None, ())
-    candidates = _local_peaks(env)
-    if candidates.size == 0:
-        return QrsDetection((), None, used)
+    candidates = local_peaks(env)  # none when the energy only rises or falls: no beats below
     level = _levels(env, rate_hz)
     strong = candidates[env[candidates] >= THRESHOLD_OF_LEVEL * level]
     beats = _suppress_neighbours(strong, env[strong], refractory)
     beats = _search_back(beats, candidates, env, level, refractory)
     beats = _suppress_neighbours(beats, env[beats], refractory)
     chosen = filtered[list(used)]
-    scale = stats.percentile(np.abs(chosen), 99, axis=-1) + 1e-12  # each lead's QRS size
+    # each lead's QRS size: its typical 2 s peak, as for the energy (an artefact or a rail's edges
+    # in one stretch do not shrink the lead's say in where its beats are)
+    scale = np.array([_levels(np.abs(lead), rate_hz) for lead in chosen]) + 1e-12
     beats = _fiducials(beats, chosen, scale, rate_hz)
     rate = heart_rate_bpm(beats, rate_hz, blocked)
     return QrsDetection(tuple(int(b) for b in beats), rate, used)
