@@ -124,8 +124,8 @@ FOCUSED_TESTS: dict[str, list[str]] = {
         "--deselect=tests/test_order_statistics.py::test_checking_a_real_ecgs_quality_leaves_numpy_ma_unimported",
     ],
     "devices/ecg/qrs.py": ["tests/test_ecg_beats_mutants.py"],
-    "devices/ecg/quality.py": ["tests/test_ecg_quality.py"],
-    "devices/ecg/quality_wording.py": ["tests/test_ecg_quality.py"],
+    "devices/ecg/quality.py": ["tests/test_ecg_quality_mutants.py"],
+    "devices/ecg/quality_wording.py": ["tests/test_ecg_quality_mutants.py"],
     "devices/ecg/recording.py": ["tests/test_ecg_recording.py", "tests/test_npz.py"],
     "devices/ecg/scaling.py": ["tests/test_ecg_scaling.py", "tests/test_ecg_aecg.py", "tests/test_ecg_dicom_input.py"],
     "devices/ecg/scp.py": ["tests/test_ecg_scp.py", "tests/test_ecg_scp_mutants.py", "tests/test_ecg_findings.py"],
@@ -824,6 +824,13 @@ class Zygote:
                 swapped = patch_tables(module, code)
             else:
                 swapped = swap_in(module, code)
+            if module is not None:  # results the unmutated code cached in the zygote would hide the mutant
+                for value in list(vars(module).values()):
+                    if (
+                        callable(getattr(value, "cache_clear", None))
+                        and getattr(value, "__module__", "") == module.__name__
+                    ):
+                        value.cache_clear()
             if not swapped:
                 result = {"status": "slow path"}
             else:

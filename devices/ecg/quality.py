@@ -349,7 +349,11 @@ def _windowed_range(x: np.ndarray, window: int, hop: int) -> tuple[np.ndarray, n
     bmax, bmin = padded.max(axis=-1), padded.min(axis=-1)
     per = -(-window // hop)
     idx = np.clip(starts[:, None] // hop + np.arange(per)[None, :], 0, blocks - 1)
-    return bmax[:, idx].max(axis=-1) - bmin[:, idx].min(axis=-1), starts
+    ranges = bmax[:, idx].max(axis=-1) - bmin[:, idx].min(axis=-1)
+    if starts[-1] % hop:  # the window aligned on the end is not made of whole blocks: measured as it is
+        last = x[:, starts[-1] : starts[-1] + window]
+        ranges[:, -1] = last.max(axis=-1) - last.min(axis=-1)
+    return ranges, starts
 
 
 def _baseline(x_uv: np.ndarray, rate: float) -> tuple[np.ndarray, float]:
@@ -363,7 +367,9 @@ def _baseline(x_uv: np.ndarray, rate: float) -> tuple[np.ndarray, float]:
     for seconds in WANDER_MEDIAN_S:
         w = min(m, max(1, round(seconds * work_rate)) | 1)
         half = w // 2
-        padded = np.pad(d, ((0, 0), (half, half)), mode="edge")
+        # mirrored, not the end value repeated: a recording that ends (or starts) on an R wave
+        # would otherwise fill half the window with that R and report it as wander
+        padded = np.pad(d, ((0, 0), (half, half)), mode="reflect")
         d = stats.median(np.lib.stride_tricks.sliding_window_view(padded, w, axis=-1), axis=-1)
     return d, work_rate
 

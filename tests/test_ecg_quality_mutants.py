@@ -1,0 +1,1196 @@
+"""Fast tests that would catch the bug in the ECG quality gate (devices/ecg/quality.py) and in
+what it says to the village doctor (devices/ecg/quality_wording.py).
+
+Each test builds a small synthetic recording with numpy (a few seconds of signal at most, often
+less) or calls the wording directly, so that the mutation bench (bench/mutation.py) can run them
+for every mutant; the slow real-recording tests stay in tests/test_ecg_quality.py. Each test's
+name or docstring says what a doctor or a patient would suffer from the bug it catches.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pytest
+
+from devices.ecg import quality_wording as wording
+from devices.ecg.quality import (
+    ACCEPTABLE,
+    RE_RECORD,
+    WARN,
+    EcgQualityError,
+    LeadMeasures,
+    Problem,
+    QualityReport,
+    check_quality,
+    converter_limits,
+)
+from devices.ecg.recording import STANDARD_12_LEADS, EcgRecording, SampleGap
+from devices.identity import TimeSource
+
+T0 = dt.datetime(2026, 11, 2, 9, 30, tzinfo=dt.timezone(dt.timedelta(hours=8)))
+LIMB_ONLY = ("I", "II", "III", "aVR", "aVL", "aVF")
+
+# ----------------------------------------------------------------------------- the wording
+
+WARN_TAIL_ZH = "本次可以发送；如患者还在，处理后重做更好"
+WARN_TAIL_EN = "this ECG can be sent, but if the patient is still here, record again"
+
+
+@pytest.mark.parametrize(
+    "leads, shown",
+    [
+        (("V1", "V2", "V3", "V4"), ["V1-V4"]),
+        (("V1", "V2", "V3"), ["V1-V3"]),  # three in a row: one item
+        (("V1", "V2"), ["V1", "V2"]),  # two stay two
+        (("V1", "V3", "V4", "V5"), ["V1", "V3-V5"]),  # a gap ends the run
+        (("I", "V2", "V3", "V4", "aVF", "V6"), ["I", "V2-V4", "aVF", "V6"]),
+        (("V3R", "V4R", "V7"), ["V3R", "V4R", "V7"]),  # right-sided leads are not numbers
+        (("V5", "V4", "V3"), ["V5", "V4", "V3"]),  # only ascending runs
+        ((), []),
+    ],
+)
+def test_chest_lead_runs_are_named_so_the_doctor_finds_every_lead(leads: tuple[str, ...], shown: list[str]) -> None:
+    """A wrong run (V2-V4 for V1-V4, V1-V4 across a gap) sends the doctor to the wrong electrodes."""
+    assert wording.compact(leads) == shown
+
+
+def test_lead_lists_in_both_languages_say_one_lead_some_leads_or_all() -> None:
+    two = ("I", "II")
+    assert (wording.leads_zh(two, two), wording.leads_en(two, two)) == ("所有导联", "all leads")
+    assert (wording.leads_zh(("II",), ("II",)), wording.leads_en(("II",), ("II",))) == ("II 导联", "lead II")
+    assert (wording.leads_zh(("II",), two), wording.leads_en(("II",), two)) == ("II 导联", "lead II")
+    three = ("I", "II", "III")
+    assert (wording.leads_zh(two, three), wording.leads_en(two, three)) == ("I、II 导联", "leads I, II")
+    assert wording.leads_en(["V1", "V2", "V3"], STANDARD_12_LEADS) == "leads V1-V3"
+
+
+def test_lead_off_names_the_limb_electrode_to_reattach() -> None:
+    zh, en = wording.lead_off(("I", "III", "aVL"), STANDARD_12_LEADS, "LA", ["I", "III", "aVL"], [], [])
+    assert zh == "左臂（L）电极脱落，请重新贴好后重做"
+    assert en == "Left-arm (L) electrode off: reattach and record again"
+
+
+def test_lead_off_without_a_known_electrode_names_the_leads() -> None:
+    zh, en = wording.lead_off(("I", "aVR"), STANDARD_12_LEADS, None, ["I", "aVR"], [], [])
+    assert zh == "I、aVR 导联无信号（肢体电极脱落或导联线松动），请重新贴好后重做"
+    assert en == "No signal in leads I, aVR (limb electrodes off or cable loose): reattach and record again"
+
+
+def test_lead_off_lists_one_or_several_chest_electrodes_and_other_leads() -> None:
+    zh, en = wording.lead_off(("V3",), STANDARD_12_LEADS, None, [], ["V3"], [])
+    assert (zh, en) == ("V3 电极脱落，请重新贴好后重做", "V3 electrode off: reattach and record again")
+    zh, en = wording.lead_off(("V2", "V5"), STANDARD_12_LEADS, None, [], ["V2", "V5"], [])
+    assert (zh, en) == ("V2、V5 电极脱落，请重新贴好后重做", "V2, V5 electrodes off: reattach and record again")
+    names = (*STANDARD_12_LEADS, "X")
+    zh, en = wording.lead_off(("II", "V1", "X"), names, "RA", ["II"], ["V1"], ["X"])
+    assert zh == "右臂（R）电极脱落，V1 电极脱落，X 导联无信号，请重新贴好后重做"
+    assert en == "Right-arm (R) electrode off; V1 electrode off; no signal in lead X: reattach and record again"
+
+
+@pytest.mark.parametrize(
+    "severity, tail_zh, tail_en",
+    [("re-record", "然后重做心电图", "then record again"), ("warn", WARN_TAIL_ZH, WARN_TAIL_EN)],
+)
+def test_saturation_says_which_electrode_and_whether_the_ecg_can_go(severity: str, tail_zh: str, tail_en: str) -> None:
+    """A warn told as re-record keeps a patient waiting; a re-record told as warn sends an unreadable ECG."""
+    zh, en = wording.saturation(("I", "II"), STANDARD_12_LEADS, "RA", severity)
+    assert zh == f"I、II 导联信号超出量程（削顶）：请清洁皮肤、把右臂（R）电极贴紧，让患者保持不动，{tail_zh}"
+    assert en == (
+        "Signal out of range (clipped) in leads I, II: clean the skin, press the right-arm (R) electrode on "
+        f"firmly and keep the patient still; {tail_en}"
+    )
+    zh, en = wording.saturation(("V3",), STANDARD_12_LEADS, "V3", severity)
+    assert zh == f"V3 导联信号超出量程（削顶）：请清洁皮肤、把V3 电极贴紧，让患者保持不动，{tail_zh}"
+    assert en.startswith("Signal out of range (clipped) in lead V3: clean the skin, press the V3 electrode on firmly")
+    zh, en = wording.saturation(("V1", "V4"), STANDARD_12_LEADS, None, severity)
+    assert zh == f"V1、V4 导联信号超出量程（削顶）：请清洁皮肤、贴紧电极，让患者保持不动，{tail_zh}"
+    assert en == (
+        "Signal out of range (clipped) in leads V1, V4: clean the skin, press the electrodes on firmly and keep "
+        f"the patient still; {tail_en}"
+    )
+
+
+def test_baseline_wander_names_the_electrode_that_does_not_stick() -> None:
+    zh, en = wording.baseline_wander(("III",), LIMB_ONLY, "LL", "warn")
+    assert zh == f"III 导联基线漂移：请让患者平静呼吸、不说话、不移动，检查左腿（F）电极贴牢，{WARN_TAIL_ZH}"
+    assert en == (
+        "Baseline wander in lead III: ask the patient to breathe quietly and keep still, check the left-leg (F) "
+        f"electrode sticks; {WARN_TAIL_EN}"
+    )
+    zh, en = wording.baseline_wander(("V2",), STANDARD_12_LEADS, "V2", "re-record")
+    assert "检查V2 电极贴牢，然后重做心电图" in zh and "check the V2 electrode sticks; then record again" in en
+    zh, en = wording.baseline_wander(("V2", "V6"), STANDARD_12_LEADS, None, "re-record")
+    assert zh.endswith("不移动，检查电极贴牢，然后重做心电图")
+    assert en.endswith("keep still, check the electrodes stick; then record again")
+
+
+def test_mains_noise_names_the_grid_and_the_electrode() -> None:
+    zh, en = wording.mains_noise(("I", "II"), STANDARD_12_LEADS, "RA", 50.0, "re-record")
+    assert zh == (
+        "I、II 导联有 50 Hz 交流电干扰：请擦净皮肤重贴右臂（R）电极，拔掉附近电器插头，让患者不接触金属床和墙，"
+        "然后重做心电图"
+    )
+    assert en == (
+        "50 Hz mains interference in leads I, II: clean the skin and reattach the right-arm (R) electrode, "
+        "unplug nearby appliances, keep the patient off metal and walls; then record again"
+    )
+    zh, en = wording.mains_noise(("V4",), STANDARD_12_LEADS, "V4", 60.0, "warn")
+    assert zh.startswith("V4 导联有 60 Hz 交流电干扰：请擦净皮肤重贴V4 电极，") and zh.endswith(WARN_TAIL_ZH)
+    assert "reattach the V4 electrode" in en
+    zh, en = wording.mains_noise(STANDARD_12_LEADS, STANDARD_12_LEADS, None, 50.0, "warn")
+    assert (
+        zh
+        == f"所有导联有 50 Hz 交流电干扰：请检查右腿（N）电极贴好，拔掉附近电器插头，让患者不接触金属床和墙，{WARN_TAIL_ZH}"
+    )
+    assert en == (
+        "50 Hz mains interference in all leads: check the right-leg (N) electrode, unplug nearby appliances, "
+        f"keep the patient off metal and walls; {WARN_TAIL_EN}"
+    )
+
+
+def test_muscle_noise_tells_how_to_relax_the_patient() -> None:
+    zh, en = wording.muscle_noise(("V1", "V2", "V3"), STANDARD_12_LEADS, "warn")
+    assert zh == f"V1-V3 导联有肌电干扰：请让患者平躺放松、保暖、双臂放在身体两侧，{WARN_TAIL_ZH}"
+    assert en == (
+        "Muscle tremor noise in leads V1-V3: let the patient lie relaxed and warm with arms resting at the "
+        f"sides; {WARN_TAIL_EN}"
+    )
+
+
+def test_each_electrode_swap_gets_its_own_instruction() -> None:
+    """Telling a doctor to swap the arms when R and F are swapped leaves the ECG wrong twice."""
+    arms = wording.limb_lead_reversal(("I", "aVL"), STANDARD_12_LEADS, ("RA", "LA"))
+    assert arms == (
+        "左右手电极接反（I 导联倒置）：请对调右臂（R）和左臂（L）电极后重做",
+        "Arm electrodes swapped (lead I upside down): swap the right-arm (R) and left-arm (L) electrodes and "
+        "record again",
+    )
+    arm_leg = wording.limb_lead_reversal(("II",), STANDARD_12_LEADS, ("RA", "LL"))
+    assert arm_leg == (
+        "右臂（R）和左腿（F）电极接反（II 导联倒置）：请对调后重做",
+        "Right-arm (R) and left-leg (F) electrodes swapped (lead II upside down): swap them back and record again",
+    )
+    zh, en = wording.limb_lead_reversal(("III",), STANDARD_12_LEADS, ("LA", "RL"))
+    assert zh == (
+        "III 导联几乎是一条直线：左臂（L）电极可能夹在了右腿上（与右腿（N）接反），请按字母标记重新连接四肢电极后重做"
+    )
+    assert en == (
+        "Lead III nearly flat: the left-arm (L) electrode is probably on the right leg (swapped with the "
+        "right-leg (N) one): reconnect the limb electrodes by their letters and record again"
+    )
+
+
+@pytest.mark.parametrize(
+    "seconds, severity, zh, en",
+    [
+        (0.5, "re-record", "心电图只记录了 0.50 秒", "Only 0.50 s recorded, less than the standard 10 s"),
+        (1.0, "re-record", "心电图只记录了 1.0 秒", "Only 1.0 s recorded"),
+        (1.5, "re-record", "心电图只记录了 1.5 秒", "Only 1.5 s recorded"),
+        (9.0, "warn", "心电图只有 9.0 秒，略短于标准的 10 秒：本次可以发送", "Only 9.0 s recorded, a little under"),
+    ],
+)
+def test_too_short_says_how_long_and_whether_to_send(seconds: float, severity: str, zh: str, en: str) -> None:
+    got_zh, got_en = wording.too_short(seconds, severity)
+    assert got_zh.startswith(zh) and got_en.startswith(en)
+    assert got_en.endswith("record a full 10 s again" if severity == "re-record" else "record the full 10 s next time")
+
+
+# ----------------------------------------------------------------------------- a synthetic heart
+
+RATE_HZ = 500.0
+RR_S = 0.8  # 75 bpm
+FIRST_PEAK_S = 0.4
+NOISE_UV = 4.0  # amplifier noise at rest
+P_UV, R_UV, T_UV = 150.0, 1200.0, 250.0
+# Frontal-plane axes (degrees, 0 = lead I, 90 = aVF) of the P, QRS and T vectors: a normal heart.
+P_AXIS, QRS_AXIS, T_AXIS = 60.0, 45.0, 40.0
+# Chest leads V1-V6: QRS mostly negative in V1, upright from V3 (R-wave progression);
+# dextrocardia mirrors it (R waves shrink across the chest).
+CHEST_QRS = (-0.6, -0.3, 0.3, 0.8, 1.0, 0.9)
+CHEST_QRS_DEXTRO = (0.6, 0.5, 0.2, -0.3, -0.6, -0.7)
+
+
+def gauss(t: np.ndarray, centre: float, width: float) -> np.ndarray:
+    return np.exp(-((t - centre) ** 2) / (2 * width * width))
+
+
+def heart_waves(n: int, rate: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """P, QRS and T of a regular rhythm (µV of a unit lead), QRS peaks at 0.4 s + k x 0.8 s."""
+    t = np.arange(n) / rate
+    phase = (t - FIRST_PEAK_S + RR_S / 2) % RR_S - RR_S / 2  # time from the nearest QRS peak
+    p = P_UV * gauss(phase, -0.16, 0.02)
+    qrs = R_UV * gauss(phase, 0.0, 0.01) - 250 * gauss(phase, 0.025, 0.008) - 100 * gauss(phase, -0.022, 0.006)
+    t_wave = T_UV * (gauss(phase, 0.28, 0.04) + gauss(phase + RR_S, 0.28, 0.04))
+    return p, qrs, t_wave
+
+
+def electrodes(
+    seconds: float = 10.0,
+    rate: float = RATE_HZ,
+    chest_qrs: tuple[float, ...] = CHEST_QRS,
+    qrs_axis: float = QRS_AXIS,
+    t_axis: float = T_AXIS,
+    p_axis: float = P_AXIS,
+    p_scale: float = 1.0,
+    t_scale: float = 1.0,
+) -> dict[str, np.ndarray]:
+    """Potentials (µV) at RA, LA, LL (summing to zero) and at the chest electrodes V1-V6."""
+    p, qrs, t_wave = heart_waves(int(seconds * rate), rate)
+    p, t_wave = p * p_scale, t_wave * t_scale
+
+    def along(angle_deg: float) -> np.ndarray:  # the heart's vector projected on a lead axis
+        return sum(
+            (w * np.cos(np.radians(axis - angle_deg)) for w, axis in ((p, p_axis), (qrs, qrs_axis), (t_wave, t_axis))),
+            np.zeros_like(p),
+        )
+
+    lead_i, lead_ii = along(0.0), along(60.0)
+    pots = {"RA": -(lead_i + lead_ii) / 3, "LA": (2 * lead_i - lead_ii) / 3, "LL": (2 * lead_ii - lead_i) / 3}
+    for k, gain in enumerate(chest_qrs, start=1):
+        pots[f"V{k}"] = 0.5 * p + gain * qrs + 0.8 * t_wave
+    return pots
+
+
+def twelve_leads(pots: dict[str, np.ndarray]) -> np.ndarray:
+    """What a cart computes from the electrodes: Einthoven, Goldberger and Wilson."""
+    ra, la, ll = pots["RA"], pots["LA"], pots["LL"]
+    wilson = (ra + la + ll) / 3
+    limb = [la - ra, ll - ra, ll - la, ra - (la + ll) / 2, la - (ra + ll) / 2, ll - (ra + la) / 2]
+    return np.stack(limb + [pots[f"V{k}"] - wilson for k in range(1, 7)])
+
+
+def heart(seconds: float = 10.0, rate: float = RATE_HZ) -> np.ndarray:
+    """A clean 12-lead ECG, µV (leads, samples)."""
+    return twelve_leads(electrodes(seconds, rate))
+
+
+def to_recording(
+    x_uv: np.ndarray,
+    *,
+    rate: float = RATE_HZ,
+    names: tuple[str, ...] = STANDARD_12_LEADS,
+    uv_per_unit: float = 1.0,
+    dtype: type = np.int16,
+    fmt: str = "test",
+    seed: int = 0,
+    noise_uv: float = NOISE_UV,
+    derived: frozenset[str] = frozenset(),
+    gaps: tuple[SampleGap, ...] = (),
+    amplifier_limit_uv: float = np.inf,
+    rails: tuple[int, int] | None = None,
+) -> EcgRecording:
+    noisy = x_uv + np.random.default_rng(seed).normal(0.0, noise_uv, x_uv.shape)
+    noisy = np.minimum(noisy, amplifier_limit_uv)  # an amplifier stops at its limit, noise and all
+    word = np.iinfo(dtype)  # what the converter writes beyond its range: its rail
+    low, high = rails or (int(word.min) + 1, int(word.max))
+    units = np.clip(np.round(noisy / uv_per_unit), low, high)
+    return EcgRecording(
+        samples=units.astype(dtype),
+        lead_names=names,
+        sampling_rate_hz=rate,
+        uv_per_unit=uv_per_unit,
+        acquired_at=T0,
+        time_source=TimeSource.DEVICE_CLOCK,
+        source_format=fmt,
+        derived_leads=derived,
+        gaps=gaps,
+    )
+
+
+def row(name: str) -> int:
+    return STANDARD_12_LEADS.index(name)
+
+
+def kinds(report: QualityReport) -> list[str]:
+    return [p.kind for p in report.problems]
+
+
+def measures(report: QualityReport, lead: str) -> LeadMeasures:
+    return next(m for m in report.leads if m.lead == lead)
+
+
+def only(report: QualityReport, kind: str) -> Problem:
+    (problem,) = [p for p in report.problems if p.kind == kind]
+    return problem
+
+
+def sine(hz: float, amplitude: float, seconds: float = 10.0, rate: float = RATE_HZ, phase: float = 0.3) -> np.ndarray:
+    return amplitude * np.sin(2 * np.pi * hz * np.arange(int(seconds * rate)) / rate + phase)
+
+
+# ----------------------------------------------------------------------------- a clean heart
+
+
+def test_a_clean_heart_is_acceptable_with_its_rate_and_every_beat() -> None:
+    """A good ECG held for re-recording keeps a patient waiting for nothing; a wrong rate misleads."""
+    report = check_quality(to_recording(heart()))
+    assert report.verdict == ACCEPTABLE and report.problems == ()
+    assert report.heart_rate_bpm == pytest.approx(60 / RR_S, abs=0.5)
+    assert len(report.beats) == 12
+    assert report.duration_s == 10.0
+    for m in report.leads:
+        assert (m.flat_s, m.rail_s) == (0.0, 0.0)
+        assert m.mains_uv < 1 and m.muscle_uv < 10 and m.wander_uv < 50, m
+    assert report.to_json() == {"verdict": "acceptable", "heart_rate_bpm": 75, "problems": []}
+
+
+def test_a_recording_ending_on_a_tall_r_wave_is_not_baseline_wander() -> None:
+    """Regression: the baseline's median filters padded the ends with the last value, so a 3 mV R
+    wave (left ventricular hypertrophy in V5) cut by the end of the recording filled half the
+    window and was reported as baseline wander: a good ECG held back for re-recording."""
+    x = heart()  # the last QRS peak falls on the first sample after the end: the R's upstroke
+    x[row("V5")] *= 2.5
+    report = check_quality(to_recording(x))
+    assert report.verdict == ACCEPTABLE, [p.message_en for p in report.problems]
+    assert measures(report, "V5").wander_uv < 50
+    start_on_r = check_quality(to_recording(x[:, int(FIRST_PEAK_S * RATE_HZ) - 2 :]))
+    assert "baseline-wander" not in kinds(start_on_r)
+
+
+# ----------------------------------------------------------------------------- lost electrodes
+
+
+def test_a_blanked_chest_lead_is_reported_off_by_its_electrode() -> None:
+    """A cart writes a constant for a lost electrode: passing it would send an ECG without V3."""
+    x = heart()
+    x[row("V3")] = 0.0
+    report = check_quality(to_recording(x, noise_uv=0.0))
+    off = only(report, "lead-off")
+    assert (off.leads, off.severity, off.value, off.unit) == (("V3",), RE_RECORD, 0.0, "uV")
+    assert off.message_en == "V3 electrode off: reattach and record again"
+    assert report.verdict == RE_RECORD and kinds(report) == ["lead-off"]
+    assert measures(report, "V3").flat_s == 10.0 and measures(report, "V2").flat_s == 0.0
+    assert report.problems_on("V3") == (off,) and report.problems_on("V2") == ()
+
+
+def test_a_floating_chest_lead_that_picks_up_only_hum_is_off() -> None:
+    """An unattached input shows 50 Hz hum, not a heartbeat: it must not pass as a living lead."""
+    x = heart()
+    x[row("V4")] = sine(50.0, 150.0)
+    report = check_quality(to_recording(x))
+    assert only(report, "lead-off").leads == ("V4",)
+    assert "mains-noise" not in kinds(report)  # a lost lead's hum is not the doctor's mains problem
+
+
+def test_one_lead_at_a_tenth_of_the_others_is_off_but_a_low_voltage_ecg_is_not() -> None:
+    """Pericardial effusion makes every lead small: that ECG is readable, not twelve lost leads.
+    One lead at 1/40 of the others while they are normal has lost its electrode."""
+    small = check_quality(to_recording(heart() * 0.12))
+    assert small.verdict == ACCEPTABLE, [p.message_en for p in small.problems]
+    x = heart()
+    x[row("V6")] *= 0.025
+    assert only(check_quality(to_recording(x)), "lead-off").leads == ("V6",)
+
+
+def test_a_flat_two_seconds_is_enough_to_call_a_lead_off() -> None:
+    x = heart()
+    x[row("V2"), 2500:3600] = 0.0  # 2.2 s without signal, then the electrode pressed back
+    report = check_quality(to_recording(x, noise_uv=0.0))
+    assert only(report, "lead-off").leads == ("V2",)
+    assert 2.0 <= measures(report, "V2").flat_s <= 2.5
+
+
+def test_a_pause_of_the_heart_flattens_every_lead_and_is_no_lost_electrode() -> None:
+    x = heart()
+    x[:, 1900:3760] = 0.0  # 3.7 s of sinus arrest: every lead flat at once, noise stays
+    report = check_quality(to_recording(x))
+    assert "lead-off" not in kinds(report)
+    assert all(m.flat_s == 0.0 for m in report.leads)
+
+
+def test_no_heartbeat_anywhere_is_every_lead_off_not_a_pause() -> None:
+    report = check_quality(to_recording(np.zeros((12, 5000))))
+    off = only(report, "lead-off")
+    assert off.leads == STANDARD_12_LEADS and "所有导联" in off.message_zh and off.message_en.startswith("No signal")
+
+
+def test_an_input_that_drifts_to_the_rail_and_stays_there_is_off_not_clipped() -> None:
+    """The electrode came off at 8 s: the input sits at the converter's rail to the end."""
+    x = heart()
+    x[row("V1"), 4000:] = 40000.0  # beyond the 16-bit word: written as the rail
+    report = check_quality(to_recording(x))
+    assert only(report, "lead-off").leads == ("V1",)
+    assert "saturation" not in kinds(report)
+    assert measures(report, "V1").rail_s == pytest.approx(2.0)
+
+
+# ----------------------------------------------------------------------------- clipping
+
+
+@pytest.mark.parametrize("seconds, severity", [(0.1, WARN), (0.6, RE_RECORD)])
+def test_clipping_is_measured_and_its_length_decides_the_verdict(seconds: float, severity: str) -> None:
+    """0.1 s at the rail hides a QRS peak (send, with a warning); 0.6 s hides whole beats."""
+    x = heart()
+    x[row("V2"), 3000 : 3000 + int(seconds * RATE_HZ)] = 40000.0  # knocked: the amplifier at its rail
+    report = check_quality(to_recording(x))
+    sat = only(report, "saturation")
+    assert (sat.leads, sat.severity, sat.unit) == (("V2",), severity, "s")
+    assert "press the V2 electrode on firmly" in sat.message_en  # the one chest electrode to fix
+    assert sat.value == pytest.approx(seconds) and measures(report, "V2").rail_s == pytest.approx(seconds)
+    assert report.verdict == severity and "lead-off" not in kinds(report)
+    assert report.heart_rate_bpm == pytest.approx(60 / RR_S, abs=1)  # no beat invented at the step
+
+
+def test_a_touch_of_the_rail_shorter_than_a_qrs_peak_is_no_clipping() -> None:
+    x = heart()
+    x[row("V2"), 3000:3005] = 40000.0  # 10 ms
+    report = check_quality(to_recording(x))
+    assert "saturation" not in kinds(report) and measures(report, "V2").rail_s == pytest.approx(0.01)
+
+
+def test_the_negative_rail_counts_as_well() -> None:
+    x = heart()
+    x[row("V5"), 1000:1100] = -40000.0
+    assert only(check_quality(to_recording(x)), "saturation").leads == ("V5",)
+
+
+def test_clipping_without_known_rails_is_found_as_a_far_plateau() -> None:
+    """int32 samples (an XML ECG) have no converter range: 0.1 s of one value 3 mV from the
+    baseline is an amplifier at its limit, not a heartbeat."""
+    x = heart()
+    x[row("V3"), 3000:3050] = 5000.0
+    rec = to_recording(x, dtype=np.int32, amplifier_limit_uv=3000.0)
+    assert converter_limits(rec) == [None] * 12
+    report = check_quality(rec)
+    sat = only(report, "saturation")
+    assert sat.leads == ("V3",) and sat.value == pytest.approx(0.1)
+    near = heart()
+    near[row("V3"), 3000:3050] = 5000.0
+    near_limit = 900.0  # a plateau under 1 mV from the baseline: an R wave's flat top, perhaps
+    assert "saturation" not in kinds(check_quality(to_recording(near, dtype=np.int32, amplifier_limit_uv=near_limit)))
+
+
+def test_a_short_plateau_is_a_pointed_r_wave_not_clipping() -> None:
+    x = heart()
+    x[row("V3"), 3000:3015] = 5000.0  # 30 ms: under the 40 ms an amplifier's limit leaves
+    assert "saturation" not in kinds(check_quality(to_recording(x, dtype=np.int32, amplifier_limit_uv=3000.0)))
+
+
+def test_converter_limits_per_format() -> None:
+    """Wrong rails make clipping invisible (too wide) or every R peak clipped (too narrow)."""
+    contec = to_recording(heart()[:6] / 5, names=LIMB_ONLY, fmt="contec", derived=frozenset({"I", "aVR", "aVL", "aVF"}))
+    assert converter_limits(contec) == [None, (-2048, 2047), (-2048, 2047), None, None, None]
+    assert converter_limits(to_recording(heart()[:2], names=("I", "II"))) == [(-32767, 32767)] * 2
+    assert converter_limits(to_recording(heart()[:2], names=("I", "II"), dtype=np.int64)) == [None, None]
+
+
+# ----------------------------------------------------------------------------- noise
+
+
+@pytest.mark.parametrize("amplitude, severity", [(500.0, WARN), (1200.0, RE_RECORD)])
+def test_baseline_wander_is_measured_peak_to_peak(amplitude: float, severity: str) -> None:
+    """Breathing that moves V2 by 1 mV blurs its ST level (warn); 2.4 mV runs into the next row."""
+    x = heart()
+    x[row("V2")] += sine(0.3, amplitude)
+    report = check_quality(to_recording(x))
+    wander = only(report, "baseline-wander")
+    assert (wander.leads, wander.severity, wander.unit) == (("V2",), severity, "uV")
+    assert wander.value == pytest.approx(2 * amplitude, rel=0.05)
+    assert measures(report, "V2").wander_uv == wander.value and report.verdict == severity
+
+
+def test_breathing_of_a_normal_size_is_no_wander() -> None:
+    x = heart()
+    x[row("V2")] += sine(0.3, 300.0)
+    report = check_quality(to_recording(x))
+    assert report.verdict == ACCEPTABLE and measures(report, "V2").wander_uv == pytest.approx(600, rel=0.05)
+
+
+@pytest.mark.parametrize("hz, amplitude, severity", [(50.0, 40.0, WARN), (60.0, 100.0, RE_RECORD)])
+def test_mains_hum_is_measured_in_microvolts_on_its_grid(hz: float, amplitude: float, severity: str) -> None:
+    """A 100 µV hum hides P waves and ST (re-record); 40 µV blurs them (warn); the doctor is told
+    which grid so that a 60 Hz appliance is not looked for on a 50 Hz grid."""
+    x = heart()
+    x[row("V5")] += sine(hz, amplitude)
+    report = check_quality(to_recording(x))
+    mains = only(report, "mains-noise")
+    assert (mains.leads, mains.severity, mains.unit) == (("V5",), severity, "uV")
+    assert mains.value == pytest.approx(amplitude, rel=0.03)
+    assert measures(report, "V5").mains_hz == hz and f"{hz:g} Hz" in mains.message_en
+    assert report.verdict == severity and kinds(report) == ["mains-noise"]
+    # the combs take the hum out of the muscle band: not also told to warm the patient
+    assert measures(report, "V5").muscle_uv < 8
+
+
+def test_a_harmonic_rich_hum_counts_its_harmonics() -> None:
+    """A transformer's hum (50 Hz plus 150 Hz and 250 Hz) is as visible as its sum of lines."""
+    x = heart()
+    x[row("V3")] += sine(50.0, 20.0) + sine(150.0, 15.0) + sine(200.0, 15.0)
+    v3 = measures(check_quality(to_recording(x)), "V3")
+    assert v3.mains_uv == pytest.approx(np.sqrt(20.0**2 + 15.0**2 + 15.0**2), rel=0.05)
+
+
+def test_hum_under_the_warning_level_is_no_fault() -> None:
+    x = heart()
+    x[row("V5")] += sine(50.0, 20.0)
+    report = check_quality(to_recording(x))
+    assert report.verdict == ACCEPTABLE and measures(report, "V5").mains_uv == pytest.approx(20.0, rel=0.05)
+
+
+def test_hum_on_the_right_arm_names_the_right_arm_electrode() -> None:
+    """Hum in I, II and aVR but not III comes in through RA: the doctor re-attaches that one."""
+    pots = electrodes()
+    pots["RA"] = pots["RA"] + sine(50.0, 40.0)
+    mains = only(check_quality(to_recording(twelve_leads(pots))), "mains-noise")
+    assert mains.leads == ("I", "II", "aVR")
+    assert "reattach the right-arm (R) electrode" in mains.message_en and "右臂（R）" in mains.message_zh
+
+
+@pytest.mark.parametrize("sigma, severity", [(60.0, WARN), (150.0, RE_RECORD)])
+def test_muscle_tremor_is_measured_outside_the_qrs(sigma: float, severity: str) -> None:
+    """A shivering patient: 20-150 Hz noise hides P waves (warn) or ST as well (re-record)."""
+    x = heart()
+    x[row("V1")] += np.random.default_rng(1).normal(0.0, sigma, x.shape[-1])
+    report = check_quality(to_recording(x))
+    muscle = only(report, "muscle-noise")
+    assert (muscle.leads, muscle.severity, muscle.unit) == (("V1",), severity, "uV")
+    band_rms = sigma * np.sqrt((150 - 20) / (RATE_HZ / 2))  # white noise's share of 20-150 Hz
+    assert muscle.value == pytest.approx(band_rms, rel=0.12)
+    assert measures(report, "V1").muscle_uv == muscle.value and report.verdict == severity
+
+
+def test_light_tremor_under_the_warning_level_is_no_fault() -> None:
+    x = heart()
+    x[row("V1")] += np.random.default_rng(1).normal(0.0, 30.0, x.shape[-1])
+    report = check_quality(to_recording(x))
+    assert report.verdict == ACCEPTABLE and 18 < measures(report, "V1").muscle_uv < 27
+
+
+# ----------------------------------------------------------------------------- swapped electrodes
+
+
+def swapped(a: str, b: str, chest_qrs: tuple[float, ...] = CHEST_QRS, qrs_axis: float = QRS_AXIS) -> np.ndarray:
+    pots = electrodes(chest_qrs=chest_qrs, qrs_axis=qrs_axis)
+    pots[a], pots[b] = pots[b], pots[a]
+    return twelve_leads(pots)
+
+
+def on_the_right_leg(arm: str) -> np.ndarray:
+    """The arm electrode clipped on the right leg: it reads the legs' potential (the left leg's)."""
+    pots = electrodes()
+    pots[arm] = pots["LL"].copy()
+    return twelve_leads(pots)
+
+
+def test_swapped_arm_electrodes_are_found_from_lead_i_upside_down() -> None:
+    """Arms swapped make lead I a mirror image: read as it is, it suggests a lateral infarct."""
+    report = check_quality(to_recording(swapped("RA", "LA")))
+    swap = only(report, "limb-lead-reversal")
+    assert swap.leads == ("I", "II", "III", "aVR", "aVL") and swap.severity == RE_RECORD
+    assert "swap the right-arm (R) and left-arm (L)" in swap.message_en and report.verdict == RE_RECORD
+    assert kinds(report) == ["limb-lead-reversal"]
+
+
+def test_dextrocardia_is_not_taken_for_swapped_arms() -> None:
+    """A mirror-image heart also turns lead I over, but V5 and V6 point away too: telling the
+    doctor to swap the electrodes would produce a wrong ECG of a real condition."""
+    report = check_quality(to_recording(swapped("RA", "LA", CHEST_QRS_DEXTRO)))
+    assert "limb-lead-reversal" not in kinds(report)
+    one_lateral_lead = list(CHEST_QRS_DEXTRO)
+    one_lateral_lead[4] = 1.0  # V5 upright: not dextrocardia, the arms are swapped
+    assert "limb-lead-reversal" in kinds(check_quality(to_recording(swapped("RA", "LA", tuple(one_lateral_lead)))))
+
+
+def test_dextrocardia_test_needs_a_lateral_lead_to_look_at() -> None:
+    """Without V5 and V6 nothing says dextrocardia: an upside-down lead I is swapped arms."""
+    x = swapped("RA", "LA", CHEST_QRS_DEXTRO)[:10]
+    report = check_quality(to_recording(x, names=STANDARD_12_LEADS[:10]))
+    assert only(report, "limb-lead-reversal").leads == ("I", "II", "III", "aVR", "aVL")
+
+
+def test_right_arm_and_left_leg_swapped_are_found_from_lead_ii_and_avr() -> None:
+    """Lead II upside down with aVR upright. (A horizontal QRS axis: with the usual 45 degrees the
+    swap turns lead I over as well and is told as swapped arms, still a re-record.)"""
+    report = check_quality(to_recording(swapped("RA", "LL", qrs_axis=0.0)))
+    swap = only(report, "limb-lead-reversal")
+    assert swap.leads == ("I", "II", "III", "aVR", "aVF")
+    assert swap.message_en.startswith("Right-arm (R) and left-leg (F) electrodes swapped")
+
+
+@pytest.mark.parametrize("arm, flat_lead, electrode", [("RA", "II", "right-arm (R)"), ("LA", "III", "left-arm (L)")])
+def test_an_arm_electrode_on_the_right_leg_is_a_swap_not_a_lost_lead(arm: str, flat_lead: str, electrode: str) -> None:
+    """II (or III) near zero: the electrode is on, on the wrong limb; "reattach" would not help."""
+    report = check_quality(to_recording(on_the_right_leg(arm)))
+    swap = only(report, "limb-lead-reversal")
+    assert swap.leads == (flat_lead,) and swap.severity == RE_RECORD
+    assert swap.message_en.startswith(f"Lead {flat_lead} nearly flat: the {electrode} electrode")
+    assert "lead-off" not in kinds(report)
+    assert measures(report, flat_lead).muscle_uv == 0.0  # a lead near zero: its noise is not judged
+
+
+def test_a_limb_lead_blanked_by_the_cart_is_off_not_an_arm_on_the_leg() -> None:
+    x = heart()
+    x[row("II")] = 0.0
+    report = check_quality(to_recording(x, noise_uv=0.0))
+    assert "II" in only(report, "lead-off").leads and "limb-lead-reversal" not in kinds(report)
+
+
+def test_a_noisy_lead_is_not_trusted_for_a_swap() -> None:
+    """Hum on lead I must not make its P wave's sign, and so a swap, up."""
+    x = swapped("RA", "LA")
+    x[row("I")] += sine(50.0, 60.0)
+    report = check_quality(to_recording(x))
+    assert "limb-lead-reversal" not in kinds(report) and "I" in only(report, "mains-noise").leads
+
+
+# ----------------------------------------------------------------------------- length and rate
+
+
+@pytest.mark.parametrize("seconds, severity", [(3.0, RE_RECORD), (4.9, RE_RECORD), (7.0, WARN), (9.4, WARN)])
+def test_a_short_recording_is_told_with_its_length(seconds: float, severity: str) -> None:
+    """Under 5 s too few beats for rate and rhythm (re-record); under 9.5 s half a print column
+    is missing (send, warn)."""
+    report = check_quality(to_recording(heart(seconds)))
+    short = only(report, "too-short")
+    assert (short.leads, short.severity, short.unit) == ((), severity, "s")
+    assert short.value == pytest.approx(seconds) and f"Only {seconds:.1f} s recorded" in short.message_en
+    assert report.verdict == severity and report.duration_s == pytest.approx(seconds)
+
+
+def test_nine_and_a_half_seconds_is_a_full_print() -> None:
+    assert check_quality(to_recording(heart(9.6))).problems == ()
+
+
+def test_under_a_second_no_noise_figure_is_made_up() -> None:
+    x = heart(0.9)
+    x[row("V1")] += sine(50.0, 200.0, seconds=0.9)
+    report = check_quality(to_recording(x))
+    assert kinds(report) == ["too-short"] and measures(report, "V1").mains_uv == 0.0
+    assert check_quality(to_recording(heart(1.0) + sine(50.0, 200.0, seconds=1.0))).leads[0].mains_uv > 100
+
+
+@pytest.mark.parametrize("rate", [99.9, 2000.1])
+def test_a_rate_outside_100_to_2000_hz_is_refused_with_the_typed_error(rate: float) -> None:
+    with pytest.raises(EcgQualityError, match="Hz"):
+        check_quality(to_recording(np.zeros((1, 400)), rate=rate, names=("II",)))
+
+
+@pytest.mark.parametrize("rate", [100.0, 2000.0])
+def test_the_edge_rates_are_analysed(rate: float) -> None:
+    report = check_quality(to_recording(heart(3.0, rate)[1:2], rate=rate, names=("II",)))
+    assert report.heart_rate_bpm == pytest.approx(60 / RR_S, abs=1)
+
+
+def test_samples_lost_in_transit_do_not_make_a_short_rr() -> None:
+    """0.7 s lost over the bridge link: counted across the join, the rate would be too fast."""
+    x = heart()
+    cut = slice(2150, 2400)  # the beat at 4.4 s lost, the one at 4.8 s kept
+    kept = np.concatenate([x[:, : cut.start], x[:, cut.stop :]], axis=1)
+    gap = SampleGap(cut.start, cut.stop - cut.start)
+    assert check_quality(to_recording(kept, gaps=(gap,))).heart_rate_bpm == pytest.approx(60 / RR_S, abs=0.5)
+    undeclared = check_quality(to_recording(kept)).heart_rate_bpm
+    assert undeclared is not None and abs(undeclared - 60 / RR_S) > 2  # the check can fail
+
+
+# ----------------------------------------------------------------------------- derived limb leads
+
+
+def contec_like(x_uv: np.ndarray) -> EcgRecording:
+    """II and III recorded by a 12-bit converter (offset 2048); I, aVR, aVL, aVF computed."""
+    return to_recording(
+        x_uv[:6],
+        names=LIMB_ONLY,
+        fmt="contec",
+        uv_per_unit=5.0,
+        derived=frozenset({"I", "aVR", "aVL", "aVF"}),
+        rails=(-2048, 2047),
+    )
+
+
+def test_derived_leads_are_lost_with_the_recorded_lead_they_come_from() -> None:
+    """III at the 12-bit rail from 6 s: I, aVR, aVL, aVF computed from it are no ECG either."""
+    x = heart()
+    x[row("III"), 3000:] = 20000.0
+    report = check_quality(contec_like(x))
+    off = only(report, "lead-off")
+    assert off.leads == ("I", "III", "aVR", "aVL", "aVF")
+    assert off.message_en == "Left-arm (L) electrode off: reattach and record again"  # III's electrode
+    assert measures(report, "I").rail_s == pytest.approx(4.0)  # the derived lead shares the rail
+
+
+def test_a_clipped_recorded_lead_marks_its_derived_leads_clipped() -> None:
+    x = heart()
+    x[row("II"), 3000:3100] = 20000.0
+    sat = only(check_quality(contec_like(x)), "saturation")
+    assert sat.leads == ("I", "II", "aVR", "aVL", "aVF") and sat.value == pytest.approx(0.2)
+
+
+# ----------------------------------------------------------------------------- the stored form
+
+
+def stored_report() -> dict[str, object]:
+    x = heart(7.0)
+    x[row("V2")] += sine(50.0, 40.0, seconds=7.0)
+    return check_quality(to_recording(x)).to_dict()
+
+
+def test_a_stored_report_reads_back_to_the_same_report() -> None:
+    """The report stored with the ECG is what the console shows the doctor later."""
+    data = stored_report()
+    report = QualityReport.from_dict(data)
+    assert report.to_dict() == data and report.verdict == WARN and report.duration_s == pytest.approx(7.0)
+    assert [(p.kind, p.leads, p.unit) for p in report.problems] == [
+        ("mains-noise", ("V2",), "uV"),
+        ("too-short", (), "s"),
+    ]
+    bare = {**data, "problems": [{k: v for k, v in p.items() if k not in ("value", "unit")} for p in data["problems"]]}
+    del bare["duration_s"]
+    again = QualityReport.from_dict(bare)
+    assert again.duration_s == 0.0 and [(p.value, p.unit) for p in again.problems] == [(None, "")] * 2
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda d: {**d, "verdict": "fine"},
+        lambda d: {**d, "problems": [{**d["problems"][0], "kind": "gremlins"}]},
+        lambda d: {k: v for k, v in d.items() if k != "beats"},
+        lambda d: {**d, "heart_rate_bpm": "fast"},
+        lambda d: {**d, "problems": [{**d["problems"][0], "value": "big"}]},
+        lambda d: {**d, "beats": None},
+    ],
+)
+def test_a_spoiled_stored_report_is_refused_with_the_typed_error(spoil) -> None:
+    with pytest.raises(EcgQualityError):
+        QualityReport.from_dict(spoil(stored_report()))
+
+
+# ----------------------------------------------------------------------------- the thresholds
+# A noise figure decides, at the documented threshold, whether the doctor is told; the leads are
+# given disturbances whose measured figures fall just either side of it (asserted first, so the
+# test cannot pass for want of a lead near the threshold).
+
+WANDER_AMPLITUDES_UV = (356.7, 357.1, 364.3, 363.1, 353.9, 367.1, 356.5, 363.8, 367.0, 358.5, 367.1, 355.1)
+HUM_AMPLITUDES_UV = tuple(np.linspace(23.9, 26.65, 12))
+TREMOR_SIGMAS_UV = tuple(np.linspace(44.0, 50.0, 12))
+
+
+def disturbed_heart(kind: str, sizes: tuple[float, ...]) -> QualityReport:
+    """A heart whose every lead gets its own size of one disturbance."""
+    x = heart()
+    for i, size in enumerate(sizes):
+        if kind == "wander":
+            x[i] += sine(0.3, size, phase=0.3 + i)
+        elif kind == "mains":
+            x[i] += sine(50.0, size, phase=0.3 + i)
+        else:
+            x[i] += np.random.default_rng(i).normal(0.0, size, x.shape[-1])
+    return check_quality(to_recording(x))
+
+
+@pytest.mark.parametrize(
+    "kind, sizes, figure, warn_at",
+    [
+        ("wander", WANDER_AMPLITUDES_UV, "wander_uv", 700.0),
+        ("mains", HUM_AMPLITUDES_UV, "mains_uv", 25.0),
+        ("muscle", TREMOR_SIGMAS_UV, "muscle_uv", 35.0),
+    ],
+)
+def test_the_doctor_is_told_from_the_documented_level_on(
+    kind: str, sizes: tuple[float, ...], figure: str, warn_at: float
+) -> None:
+    """A noisy lead passed as clean, or a clean one flagged, if the warning level moves by 1 µV."""
+    report = disturbed_heart(kind, sizes)
+    values = {m.lead: getattr(m, figure) for m in report.leads}
+    assert any(warn_at - 1 <= v < warn_at for v in values.values())
+    assert any(warn_at <= v < warn_at + 1 for v in values.values())
+    expected = tuple(lead for lead, v in values.items() if v >= warn_at)
+    problem = only(report, {"wander": "baseline-wander", "mains": "mains-noise"}.get(kind, "muscle-noise"))
+    assert problem.leads == expected and problem.value == max(values.values()) and problem.severity == WARN
+
+
+@pytest.mark.parametrize(
+    "kind, size, figure, severity",
+    [
+        ("wander", 1026.2, "wander_uv", WARN),  # 1999.5 µV
+        ("wander", 1026.7, "wander_uv", RE_RECORD),  # 2000.7 µV
+        ("mains", 74.5, "mains_uv", WARN),  # 74.4 µV
+        ("mains", 75.6, "mains_uv", RE_RECORD),  # 75.5 µV
+        ("muscle", 89.5, "muscle_uv", WARN),  # 69.0 µV (lead II)
+        ("muscle", 88.5, "muscle_uv", RE_RECORD),  # 70.7 µV (lead I)
+    ],
+)
+def test_re_record_is_asked_from_the_documented_level_on(kind: str, size: float, figure: str, severity: str) -> None:
+    """Just under the re-record level the ECG goes with a warning; at it, the patient records again."""
+    sizes = (0.0, size) + (0.0,) * 10 if (kind, severity) == ("muscle", WARN) else (size,) + (0.0,) * 11
+    report = disturbed_heart(kind, sizes)
+    rerecord_at = {"wander": 2000.0, "mains": 75.0, "muscle": 70.0}[kind]
+    worst = max(getattr(m, figure) for m in report.leads)
+    assert abs(worst - rerecord_at) < 1
+    assert report.verdict == severity and [p.severity for p in report.problems] == [severity]
+
+
+# ----------------------------------------------------------------------------- what counts as flat
+
+FINE_UV_PER_UNIT = 0.1  # fine units, so that a lead's range is what the test asks for
+
+
+def with_slow_leads(pp_uv: dict[str, float], seconds: float = 10.0) -> QualityReport:
+    """A heart whose named leads carry only a slow 1 Hz swing of the given peak-to-peak size."""
+    x = heart(seconds)
+    t = np.arange(x.shape[-1]) / RATE_HZ
+    for name, pp in pp_uv.items():
+        x[row(name)] = pp / 2 * np.sin(2 * np.pi * t)
+    return check_quality(to_recording(x, noise_uv=0.0, uv_per_unit=FINE_UV_PER_UNIT))
+
+
+def test_a_lead_under_40_uv_among_living_leads_is_off_and_one_over_it_is_not() -> None:
+    """40 µV is less than any living lead's beat: under it the electrode is off (re-record);
+    over it, a lead at right angles to the heart's axis is still a lead (send)."""
+    report = with_slow_leads({"V1": 39.5, "V2": 40.5})
+    off = only(report, "lead-off")
+    assert off.leads == ("V1",) and off.value == pytest.approx(39.5, abs=0.1)
+    assert measures(report, "V1").flat_s == 10.0 and measures(report, "V2").flat_s == 0.0
+
+
+def test_when_every_lead_is_tiny_each_under_40_uv_is_off() -> None:
+    """No heartbeat bigger than 40 µV anywhere: the cable is off, however the leads compare."""
+    x = heart() * 0.025
+    report = check_quality(to_recording(x, noise_uv=0.0, uv_per_unit=FINE_UV_PER_UNIT))
+    assert only(report, "lead-off").leads == STANDARD_12_LEADS
+
+
+def test_under_two_seconds_only_a_constant_lead_is_surely_lost() -> None:
+    """1.5 s may hold no beat at all: a small lead is not called off, a constant one is."""
+    small = with_slow_leads({"V1": 20.0}, seconds=1.5)
+    assert kinds(small) == ["too-short"]
+    constant = with_slow_leads({"V1": 0.0}, seconds=1.5)
+    assert only(constant, "lead-off").leads == ("V1",)
+
+
+@pytest.mark.parametrize("units, lost", [(2, True), (3, False)])
+def test_a_cart_blanking_a_lost_input_writes_at_most_two_units(units: int, lost: bool) -> None:
+    """At 25 µV per unit a blanked input can still toggle by 2 units (50 µV, over the 40 µV
+    flat level); 3 units of swing is a signal."""
+    uv_per_unit = 25.0
+    x = heart()
+    x[row("V2")] = uv_per_unit * units * (np.arange(x.shape[-1]) // int(RATE_HZ / 2) % 2)  # a 1 s square
+    report = check_quality(to_recording(x, noise_uv=0.0, uv_per_unit=uv_per_unit))
+    assert [p.leads for p in report.problems if p.kind == "lead-off"] == ([("V2",)] if lost else [])
+
+
+@pytest.mark.parametrize("seconds, kind", [(0.3, "saturation"), (0.5, "lead-off"), (1.0, "lead-off")])
+def test_half_a_second_at_the_rail_to_the_end_is_a_lost_electrode(seconds: float, kind: str) -> None:
+    """From 0.5 s at the rail up to the end the electrode has drifted off; less is a clipped stretch."""
+    x = heart()
+    x[row("V6"), x.shape[-1] - int(seconds * RATE_HZ) :] = 40000.0
+    report = check_quality(to_recording(x))
+    assert only(report, kind).leads == ("V6",)
+    assert measures(report, "V6").rail_s == pytest.approx(seconds)
+    # bridged to the end from the baseline before it: the other leads' figures stay clean numbers
+    assert all(m.wander_uv < 50 and m.muscle_uv < 10 for m in report.leads if m.lead != "V6")
+
+
+def test_an_exact_forty_millisecond_plateau_is_clipping() -> None:
+    x = heart()
+    x[row("V3"), 3000:3020] = 5000.0  # 20 samples at 500 Hz
+    rec = to_recording(x, dtype=np.int32, amplifier_limit_uv=3000.0)
+    assert only(check_quality(rec), "saturation").value == pytest.approx(0.04)
+
+
+def test_a_plateau_at_the_negative_extreme_is_clipping_too() -> None:
+    x = heart()
+    x[row("V3"), 3000:3050] = -5000.0
+    x_clipped = np.maximum(x, -3000.0)
+    assert only(check_quality(to_recording(x_clipped, dtype=np.int32, noise_uv=0.0)), "saturation").leads == ("V3",)
+
+
+# ----------------------------------------------------------------------------- knocked electrodes
+
+
+def knocked_right_arm(seconds_at_rail: float = 0.3, offset_after_uv: float = 1200.0) -> np.ndarray:
+    """The right-arm electrode knocked at 4 s: its input jumps beyond the converter's range for a
+    moment and comes back with a new half-cell offset (a step through the central terminal)."""
+    pots = electrodes()
+    start, end = 2000, 2000 + int(seconds_at_rail * RATE_HZ)
+    pots["RA"][start:end] += 60000.0
+    pots["RA"][end:] += offset_after_uv
+    leads = twelve_leads(pots)
+    leads[row("V2")] += 500.0  # and V2's own electrode sits 0.5 mV off zero: the bridge starts there
+    return leads
+
+
+def test_a_knocked_electrode_clips_its_leads_and_its_step_is_no_noise_elsewhere() -> None:
+    """I, II and aVR hit the rail (saturation); aVL, aVF and every chest lead see the step through
+    the central terminal: bridged over, it must not be reported as wander or noise on them."""
+    report = check_quality(to_recording(knocked_right_arm()))
+    sat = only(report, "saturation")
+    assert sat.leads == ("I", "II", "aVR") and sat.value == pytest.approx(0.3)
+    assert "press the right-arm (R) electrode on firmly" in sat.message_en
+    assert kinds(report) == ["saturation"], [p.message_en for p in report.problems]
+    for name in ("III", "aVL", "aVF", "V1", "V4"):
+        m = measures(report, name)
+        assert m.muscle_uv < 10 and m.mains_uv < 3, m
+    # the chest leads' baseline steps by a third of the offset: the bridge joins the two levels
+    assert measures(report, "V2").wander_uv == pytest.approx(1200.0 / 3, rel=0.05)
+    assert measures(report, "aVL").wander_uv == pytest.approx(1200.0 / 2, rel=0.05)
+    assert report.heart_rate_bpm == pytest.approx(60 / RR_S, abs=1)
+
+
+# ----------------------------------------------------------------------------- windows
+
+
+def test_an_electrode_lost_in_the_last_two_seconds_is_still_found() -> None:
+    """Regression: the 2 s windows step by 0.5 s and the last one is aligned on the end, but its
+    range was taken from whole 0.5 s blocks (8.0-10.0 s for the last window of a 10.3 s recording,
+    not 8.3-10.3 s): the end was in no window, and an electrode lost for the last 2 s passed."""
+    x = heart(10.3)
+    x[row("V2"), x.shape[-1] - int(2.0 * RATE_HZ) :] = 0.0
+    report = check_quality(to_recording(x, noise_uv=0.0))
+    assert only(report, "lead-off").leads == ("V2",) and measures(report, "V2").flat_s == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("quiet", [slice(250, 1000), slice(4600, 5000)])
+def test_a_lead_quiet_for_less_than_two_seconds_is_not_lost(quiet: slice) -> None:
+    """1.5 s without signal between two beats, or the last 0.8 s: at 30 bpm a living lead can be
+    that quiet; calling the electrode off would send the patient to record again for nothing."""
+    x = heart()
+    x[row("V2"), quiet] = 0.0
+    report = check_quality(to_recording(x, noise_uv=0.0))
+    assert "lead-off" not in kinds(report) and measures(report, "V2").flat_s == 0.0
+
+
+def test_a_constant_lead_in_a_short_recording_is_flat_for_its_whole_length() -> None:
+    report = with_slow_leads({"V1": 0.0}, seconds=1.5)
+    assert measures(report, "V1").flat_s == pytest.approx(1.5)
+
+
+# ----------------------------------------------------------------------------- edges of the rules
+
+
+def test_swapped_arms_are_found_when_lead_i_has_no_t_wave() -> None:
+    """A T axis at 90 degrees leaves lead I's T flat: P and QRS upside down are enough."""
+    pots = electrodes(t_axis=90.0)
+    pots["RA"], pots["LA"] = pots["LA"], pots["RA"]
+    assert only(check_quality(to_recording(twelve_leads(pots))), "limb-lead-reversal").leads[0] == "I"
+
+
+@pytest.mark.parametrize("seconds, expected", [(5.0, WARN), (5.5, WARN), (9.5, None)])
+def test_the_length_limits_are_five_and_nine_and_a_half_seconds(seconds: float, expected: str | None) -> None:
+    report = check_quality(to_recording(heart(seconds)))
+    assert [p.severity for p in report.problems if p.kind == "too-short"] == ([expected] if expected else [])
+
+
+def test_a_line_one_hertz_off_the_grid_is_not_mains() -> None:
+    """The grid holds 50 Hz within 0.5 Hz: a 51 Hz line is something else, not a reason to unplug."""
+    x = heart()
+    x[row("V5")] += sine(51.0, 60.0)
+    assert measures(check_quality(to_recording(x)), "V5").mains_uv < 5
+
+
+def test_the_fifth_harmonic_is_counted_and_the_sixth_is_not() -> None:
+    """At 1000 Hz: 250 Hz (the fifth of 50 Hz) is counted; 300 Hz, the sixth, is left out."""
+    rate = 1000.0
+    x = heart(4.0, rate)
+    x[row("V3")] += sine(50.0, 10.0, 4.0, rate) + sine(250.0, 30.0, 4.0, rate) + sine(300.0, 30.0, 4.0, rate)
+    v3 = measures(check_quality(to_recording(x, rate=rate)), "V3")
+    assert v3.mains_uv == pytest.approx(np.hypot(10.0, 30.0), rel=0.03) and v3.mains_hz == 50.0
+
+
+@pytest.mark.parametrize("drift_in_ten_seconds, flagged", [(650.0, True), (600.0, False)])
+def test_wander_is_judged_on_one_ten_second_print(drift_in_ten_seconds: float, flagged: bool) -> None:
+    """A steady drift over a 20 s recording: what shows on one 10 s print (the drift plus the
+    T waves' share of the baseline: about 725 or 676 µV here) decides, not the whole 20 s."""
+    x = heart(20.0)
+    x[row("V2")] += np.linspace(0.0, 2 * drift_in_ten_seconds, x.shape[-1])
+    report = check_quality(to_recording(x))
+    assert abs(measures(report, "V2").wander_uv - 700.0) < 30
+    assert ("baseline-wander" in kinds(report)) == flagged
+
+
+@pytest.mark.parametrize(
+    "excursion_uv, uv_per_unit, clipped",
+    [(1000.5, FINE_UV_PER_UNIT, True), (999.5, FINE_UV_PER_UNIT, False), (1000.0, 1.0, True)],
+)
+def test_a_plateau_is_clipping_from_one_millivolt_off_the_baseline(
+    excursion_uv: float, uv_per_unit: float, clipped: bool
+) -> None:
+    x = heart()
+    x[row("V3"), 3000:3050] = 5000.0
+    baseline = float(np.median(to_recording(x, dtype=np.int32, uv_per_unit=uv_per_unit).microvolts()[row("V3")]))
+    limit = baseline + excursion_uv  # whole µV at 1 µV/unit: exactly 1 mV off
+    rec = to_recording(x, dtype=np.int32, uv_per_unit=uv_per_unit, amplifier_limit_uv=limit)
+    assert ("saturation" in kinds(check_quality(rec))) == clipped
+
+
+@pytest.mark.parametrize("samples, severity", [(10, WARN), (250, RE_RECORD)])
+def test_twenty_milliseconds_at_the_rail_is_clipping_and_half_a_second_needs_a_new_ecg(
+    samples: int, severity: str
+) -> None:
+    x = heart()
+    x[row("V2"), 3000 : 3000 + samples] = 40000.0
+    assert only(check_quality(to_recording(x)), "saturation").severity == severity
+
+
+def test_with_no_clean_half_second_left_tremor_is_still_measured() -> None:
+    """V6's electrode bounces to the rail every 0.4 s: with the stretches around it left out, no
+    0.5 s window keeps 30 % of its samples, so the whole band is measured instead; the shivering
+    on V1 must still be reported and the quiet leads must not be."""
+    x = heart()
+    for start in range(0, x.shape[-1], 200):
+        x[row("V6"), start : start + 15] = 40000.0
+    x[row("V1")] += np.random.default_rng(1).normal(0.0, 150.0, x.shape[-1])
+    report = check_quality(to_recording(x))
+    assert only(report, "saturation").leads == ("V6",)
+    assert only(report, "muscle-noise").leads == ("V1",)
+    assert all(2 < measures(report, n).muscle_uv < 30 for n in ("I", "III", "V2", "V5"))
+
+
+def test_a_lost_lead_is_not_said_to_hum_on_a_60_hz_grid() -> None:
+    """A lead not measured (lost) shows the default grid, 50 Hz (China's), and no hum."""
+    v3 = measures(with_slow_leads({"V3": 0.0}), "V3")
+    assert (v3.mains_uv, v3.mains_hz, v3.muscle_uv, v3.wander_uv) == (0.0, 50.0, 0.0, 0.0)
+
+
+# ----------------------------------------------------------------------------- the swap rules' limits
+
+
+def arms_swapped(**shape: float) -> QualityReport:
+    pots = electrodes(**shape)
+    pots["RA"], pots["LA"] = pots["LA"], pots["RA"]
+    return check_quality(to_recording(twelve_leads(pots)))
+
+
+@pytest.mark.parametrize(
+    "shape, swap_found",
+    [
+        ({"t_axis": 90.0, "p_scale": 0.561}, True),  # lead I: QRS down, P -40.7 µV, T flat
+        ({"t_axis": 90.0, "p_scale": 0.547}, False),  # P -39.7 µV: too small to have a sign
+        ({"p_axis": 90.0, "t_scale": 0.2037}, True),  # QRS down, T -40.1 µV, P flat
+        ({"p_axis": 90.0, "t_scale": 0.201}, False),  # T -39.5 µV
+    ],
+)
+def test_a_wave_counts_for_the_arm_swap_from_40_uv(shape: dict[str, float], swap_found: bool) -> None:
+    """Under 40 µV a P or T wave's sign is noise: it must not tip a normal ECG into "swap the
+    arms", and from 40 µV it must count, or a real swap is sent to the cardiologist."""
+    report = arms_swapped(**shape)
+    assert ("limb-lead-reversal" in kinds(report)) == swap_found
+
+
+@pytest.mark.parametrize("share_of_ra, neutral", [(0.114, True), (0.116, False)])
+def test_lead_ii_under_60_uv_means_the_right_arm_electrode_is_on_the_leg(share_of_ra: float, neutral: bool) -> None:
+    """The RA clip on the right leg, touching the arm a little (lead II's beat 59.8 or 60.8 µV while
+    I and III carry 1 mV): under 60 µV the doctor is told to move the clip off the leg."""
+    pots = electrodes(qrs_axis=120.0)
+    pots["RA"] = pots["LL"] + share_of_ra * (pots["RA"] - pots["LL"])
+    swap = only(check_quality(to_recording(twelve_leads(pots))), "limb-lead-reversal")
+    assert (swap.leads == ("II",)) == neutral
+
+
+# ----------------------------------------------------------------------------- hum, precisely
+
+
+@pytest.mark.parametrize("hz", [50.3, 49.6, 60.4])
+def test_a_grid_off_its_frequency_by_up_to_half_a_hertz_is_measured_in_full(hz: float) -> None:
+    """Rural grids drift: 50.3 Hz is still the mains, and its whole line must be counted."""
+    x = heart()
+    x[row("V1")] += sine(hz, 40.0)
+    assert measures(check_quality(to_recording(x)), "V1").mains_uv == pytest.approx(40.0, rel=0.02)
+
+
+def test_hum_under_heavy_tremor_is_measured_above_the_noise_floor() -> None:
+    """A shivering patient next to a fridge: the line is measured above the tremor's spectrum,
+    not with it (averaged over three patients' worth of noise)."""
+    figures = []
+    for seed in range(3):
+        x = heart()
+        x[row("V1")] += sine(50.0, 30.0) + np.random.default_rng(seed).normal(0.0, 100.0, x.shape[-1])
+        figures.append(measures(check_quality(to_recording(x)), "V1").mains_uv)
+    assert float(np.mean(figures)) == pytest.approx(30.0, rel=0.08)
+
+
+def test_thirty_milliseconds_at_the_negative_rail_is_clipping() -> None:
+    """Too short for the plateau rule (40 ms): only the converter's lowest code says it."""
+    x = heart()
+    x[row("V5"), 1000:1015] = -40000.0
+    sat = only(check_quality(to_recording(x)), "saturation")
+    assert sat.leads == ("V5",) and sat.value == pytest.approx(0.03)
+
+
+def test_a_flat_topped_wave_near_the_baseline_of_an_offset_lead_is_not_clipping() -> None:
+    """An unfiltered cart leaves V3 2 mV off zero: a 0.9 mV flat top above that lead's own
+    baseline is a wave, not an amplifier at its limit, whatever the other leads' level."""
+    x = heart()
+    x[row("V3")] += 2000.0
+    x[row("V3"), 3000:3050] = 5000.0
+    rec = to_recording(x, dtype=np.int32, amplifier_limit_uv=2900.0)
+    assert "saturation" not in kinds(check_quality(rec))
+
+
+def test_a_report_built_without_a_length_or_lead_figures_says_none() -> None:
+    """Older stored reports have no duration: 0 s (unknown), never a made-up second."""
+    report = QualityReport(verdict=ACCEPTABLE, heart_rate_bpm=None, beats=(), problems=())
+    assert (report.duration_s, report.leads) == (0.0, ())
+
+
+def test_hum_on_two_chest_leads_names_no_single_electrode() -> None:
+    """V1 and V2 humming share no electrode of their own: the doctor checks the right leg (N)."""
+    x = heart()
+    x[row("V1")] += sine(50.0, 40.0)
+    x[row("V2")] += sine(50.0, 40.0, phase=1.0)
+    mains = only(check_quality(to_recording(x)), "mains-noise")
+    assert mains.leads == ("V1", "V2") and "check the right-leg (N) electrode" in mains.message_en
+
+
+def test_a_three_lead_recording_is_not_said_swapped_without_avr_to_confirm() -> None:
+    """Lead II upside down is RA/LL only with an upright aVR; with I, II, III alone, no claim."""
+    pots = electrodes(qrs_axis=0.0)
+    pots["RA"], pots["LL"] = pots["LL"], pots["RA"]
+    three = twelve_leads(pots)[:3]
+    report = check_quality(to_recording(three, names=("I", "II", "III")))
+    assert "limb-lead-reversal" not in kinds(report)
+
+
+@pytest.mark.parametrize("seconds", [2.0, 2.3])
+def test_in_a_two_second_recording_a_small_lead_is_already_judged_flat(seconds: float) -> None:
+    """From 2 s there is a whole window: a 20 µV lead among living ones is lost (the recording is
+    too short as well, but the doctor should fix the electrode before recording again)."""
+    report = with_slow_leads({"V1": 20.0}, seconds=seconds)
+    assert only(report, "lead-off").leads == ("V1",)
+
+
+def test_an_electrode_lost_after_the_first_beat_of_a_short_recording_is_found() -> None:
+    """2.3 s: the window aligned on the end (0.3-2.3 s) is not the first one (0-2 s, which holds
+    V2's P wave): it alone shows that V2 went flat."""
+    x = heart(2.3)
+    x[row("V2"), int(0.3 * RATE_HZ) :] = 0.0
+    report = check_quality(to_recording(x, noise_uv=0.0))
+    assert only(report, "lead-off").leads == ("V2",)
+
+
+def test_samples_lost_after_the_last_one_take_no_beat_away() -> None:
+    """The link dropped at the very end (a gap declared after the last sample): nothing joins
+    there, so the last beat, 50 ms before the end, still counts."""
+    x = heart(9.25)
+    report = check_quality(to_recording(x, gaps=(SampleGap(x.shape[-1], 50),)))
+    assert len(report.beats) == 12
+
+
+@pytest.mark.parametrize("flat_in_avr", ["p_axis", "t_axis"])
+def test_lead_ii_upside_down_is_no_arm_leg_swap_without_an_upright_avr(flat_in_avr: str) -> None:
+    """RA/LL is told by II upside down AND aVR's P and T both upright; with one of them flat
+    (its axis at right angles to aVR's view) the doctor is not sent to swap electrodes on a guess."""
+    pots = electrodes(qrs_axis=0.0, **{flat_in_avr: 0.0})
+    pots["RA"], pots["LL"] = pots["LL"], pots["RA"]
+    assert "limb-lead-reversal" not in kinds(check_quality(to_recording(twelve_leads(pots))))
+
+
+def test_an_electrode_knocked_once_and_later_lost_is_off() -> None:
+    """A touch of the rail at 3 s, then the electrode drifts there for good from 9 s: the last
+    stretch decides, not the first."""
+    x = heart()
+    x[row("V6"), 1500:1515] = 40000.0
+    x[row("V6"), 4500:] = 40000.0
+    report = check_quality(to_recording(x))
+    assert only(report, "lead-off").leads == ("V6",) and "saturation" not in kinds(report)
+    assert len(report.beats) == 12  # a lost lead's rail does not hide the other leads' beats
+
+
+def test_a_lead_swinging_exactly_40_uv_is_alive() -> None:
+    """Flat means under 40 µV: a square swing of exactly 40 µV (1 µV units) is a lead."""
+    x = heart()
+    x[row("V1")] = 40.0 * (np.arange(x.shape[-1]) // int(RATE_HZ / 2) % 2)
+    report = check_quality(to_recording(x, noise_uv=0.0))
+    assert "lead-off" not in kinds(report)
