@@ -218,7 +218,10 @@ def test_prometheus_scrapes_the_gateway_and_sees_what_it_holds(gateway: dict[str
         assert prom.one('lastmile_queue_items{state="queued",kind="dicom"}') == 3  # nothing lost or quarantined
         # the alert rules evaluate on the real series: every rule healthy, the refusal pending
         rules = [r for group in prom.get("/api/v1/rules")["groups"] for r in group["rules"]]
-        assert len(rules) == 13 and all(r["health"] == "ok" for r in rules), [r for r in rules if r["health"] != "ok"]
+        written = RULES.read_text().count("- alert:")  # every rule the county's file has, loaded
+        assert len(rules) == written == 14 and all(r["health"] == "ok" for r in rules), [
+            r for r in rules if r["health"] != "ok"
+        ]
         wait_until(
             "LastmileReadingCenterRefusesGateway pending",
             lambda: [
