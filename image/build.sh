@@ -4,14 +4,20 @@
 #   sudo image/build.sh OUT.img            (root: debootstrap, chroot; 20-45 min the first time on
 #                                           2 cores, ~4 min with the cache warm: image/README.md)
 #
-# Layout (MBR, so the Pi 3 boot ROM reads it too):
-#   p1  LM-BOOT  vfat  256 MB  /boot/firmware: Pi firmware, kernel, initrd, config.txt, cmdline.txt,
-#                               and the clinic's lastmile/ folder (lastmile.toml, certs/) -- provisioning
-#   p2  LM-ROOT  ext4          / : read-only; the initramfs puts a tmpfs overlay on top (image/files/
-#                               overlay-root), so a power cut cannot corrupt it. `lastmile.overlay=0`
-#                               on the kernel command line boots it writable for maintenance.
-#   p3  LM-DATA  ext4  DATA_MB /var/lib/lastmile: outbox and clinic state; noatime,commit=60; grown to
-#                               the card's end at boot (files/lastmile-grow-data + x-systemd.growfs)
+# Layout (MBR, disk identifier 0x4c4d4731 "LMG1", so the Pi 3 boot ROM reads it too and RAUC names
+# the slots by PARTUUID 4c4d4731-0N on the SD card and on qemu's virtio disk alike):
+#   p1  LM-BOOT  vfat  256 MB  /boot/firmware: Pi firmware, U-Boot (config.txt kernel=u-boot.bin),
+#                               boot.scr (image/rauc/boot.cmd: slot choice + boot counting),
+#                               lastmile-ab.env (the slot state), DTBs, config.txt, cmdline.txt, and the
+#                               clinic's lastmile/ folder (lastmile.toml, certs/) -- provisioning
+#   p2  LM-ROOT  ext4  SLOT_MB root slot A: / read-only; the initramfs puts a tmpfs overlay on top
+#                               (image/files/overlay-root), so a power cut cannot corrupt it.
+#                               `lastmile.overlay=0` on the kernel command line boots it writable.
+#                               Its /vmlinuz and /initrd.img are what U-Boot boots (an update
+#                               replaces kernel and root together).
+#   p3  (none)   -     SLOT_MB root slot B: empty until the first update (RAUC writes the other slot)
+#   p4  LM-DATA  ext4  DATA_MB /var/lib/lastmile: outbox, clinic state, RAUC's status; noatime,commit=60;
+#                               grown to the card's end at boot (files/lastmile-grow-data + x-systemd.growfs)
 # journald: volatile (RAM), at most 24 MB. Services: lastmile-acquire, -ble, -forward, -console, -metrics
 # (every unit in systemd/), lastmile-provision (copies /boot/firmware/lastmile/* to /etc/lastmile at each
 # boot), lastmile-network (Wi-Fi/4G from lastmile/network.toml), NetworkManager + ModemManager,
@@ -22,10 +28,12 @@
 # through binfmt_misc. The debootstrapped tree, the kernel tree and the initramfs are cached (keys:
 # package lists; the initramfs's inputs), so a rebuild after a code change takes a few minutes.
 #
-# Environment: DATA_MB (default 256), SUITE (bookworm), MIRROR, LASTMILE_IMAGE_CACHE.
-# LASTMILE_BUNDLE=OUT.raucb also makes a signed RAUC update bundle of this root (docs/updates.md;
-# the A/B layout that installs it is not built yet), signed with RAUC_CERT/RAUC_KEY and checked
-# against RAUC_KEYRING (the county's CA); with none given, a throwaway test PKI beside OUT.
+# Environment: DATA_MB (default 256), SLOT_MB (default: the root's size + 50 % for later releases),
+# SUITE (bookworm), MIRROR, LASTMILE_IMAGE_CACHE.
+# RAUC_KEYRING: the county's update CA, installed as the gateway's keyring; with none given, a
+# throwaway test PKI beside OUT (make-test-pki) -- not for clinics.
+# LASTMILE_BUNDLE=OUT.raucb also makes a signed RAUC update bundle of this root (docs/updates.md),
+# signed with RAUC_CERT/RAUC_KEY and checked against RAUC_KEYRING.
 set -euo pipefail
 
 OUT=${1:?usage: image/build.sh OUT.img}
@@ -52,12 +60,17 @@ BOOT_PACKAGES="linux-image-arm64 raspi-firmware firmware-brcm80211 bluez-firmwar
 #   links      network-manager + modemmanager (+ usb-modeswitch for 4G sticks that first show up
 #              as a CD-ROM, wireless-regdb for the Wi-Fi regulatory domain): image/README.md
 EXTRA_PACKAGES="cups-daemon cups-client cups-filters cups-server-common fontconfig fonts-noto-cjk fonts-wqy-microhei chrony network-manager modemmanager usb-modeswitch wireless-regdb"
+# A/B updates, their own stage on top of the extras: rauc + rauc-service (the D-Bus service `rauc
+# install` talks to), libubootenv-tool (fw_setenv/fw_printenv: RAUC's uboot backend), u-boot-rpi
+# (rpi_arm64/u-boot.bin, which the Pi firmware starts as config.txt's kernel=)
+AB_PACKAGES="rauc rauc-service libubootenv-tool u-boot-rpi"
+DISK_ID=0x4c4d4731
 T0=$(date +%s)
 say() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 
 [ "$(id -u)" = 0 ] || { echo "run as root (debootstrap, chroot)" >&2; exit 1; }
-for tool in debootstrap qemu-aarch64-static mkfs.vfat mcopy mkfs.ext4 sfdisk e2fsck fsck.vfat; do
-  command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install debootstrap qemu-user-static dosfstools mtools e2fsprogs fdisk)" >&2; exit 1; }
+for tool in debootstrap qemu-aarch64-static mkfs.vfat mcopy mkfs.ext4 sfdisk e2fsck fsck.vfat mkimage mkenvimage; do
+  command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install debootstrap qemu-user-static dosfstools mtools e2fsprogs fdisk u-boot-tools)" >&2; exit 1; }
 done
 
 # arm64 binaries run through qemu: binfmt_misc must be mounted and qemu-aarch64 registered.
@@ -117,15 +130,15 @@ if [ ! -e "$BOOTREADY/.complete" ]; then
   rm -rf "$BOOTREADY"; mv "$B" "$BOOTREADY"
 fi
 
-# -- 1c. the clinic's services (printing, time, links), cached; key: kernel tree, extra packages.
-#        policy-rc.d: nothing starts in the chroot (cups and chrony ship init scripts) ---------------
-XKEY=$(cat "$BOOTREADY/.complete" - <<<"$BKEY $EXTRA_PACKAGES" | sha256sum | cut -c1-16)
-EXTRAS=$CACHE/rootfs-$SUITE-arm64-extras-$XKEY
-if [ ! -e "$EXTRAS/.complete" ]; then
-  LOG=$CACHE/extras-$XKEY.log
-  say "printing, time and link packages (first time: several minutes; log $LOG)"
-  rm -rf "$EXTRAS.building"; cp -a "$BOOTREADY" "$EXTRAS.building"
-  X=$EXTRAS.building
+# apt_stage FROM NAME KEY PACKAGES: FROM plus PACKAGES, cached as $CACHE/rootfs-$SUITE-arm64-NAME-KEY.
+#   policy-rc.d: nothing starts in the chroot (cups and chrony ship init scripts); no initramfs here.
+apt_stage() {
+  local from=$1 name=$2 key=$3 packages=$4
+  local stage=$CACHE/rootfs-$SUITE-arm64-$name-$key log=$CACHE/$name-$key.log rc
+  [ ! -e "$stage/.complete" ] || return 0
+  say "$name packages: $packages (first time: minutes; log $log)"
+  rm -rf "$stage.building"; cp -a "$from" "$stage.building"
+  local X=$stage.building
   cp /etc/resolv.conf "$X/etc/resolv.conf"
   printf '#!/bin/sh\nexit 101\n' > "$X/usr/sbin/policy-rc.d"; chmod 0755 "$X/usr/sbin/policy-rc.d"
   mount -t proc proc "$X/proc"; mount --bind /dev "$X/dev"; mount --bind /sys "$X/sys"
@@ -133,23 +146,41 @@ if [ ! -e "$EXTRAS/.complete" ]; then
   chroot "$X" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8 \
     sh -c "sed -i 's/^update_initramfs=.*/update_initramfs=no/' /etc/initramfs-tools/update-initramfs.conf &&
            apt-get update && apt-get install -y --no-install-recommends -o Dpkg::Options::=--force-confold \
-             -o Dpkg::Options::=--force-confdef $EXTRA_PACKAGES && apt-get clean &&
-           sed -i 's/^update_initramfs=.*/update_initramfs=yes/' /etc/initramfs-tools/update-initramfs.conf" > "$LOG" 2>&1
+             -o Dpkg::Options::=--force-confdef $packages && apt-get clean &&
+           sed -i 's/^update_initramfs=.*/update_initramfs=yes/' /etc/initramfs-tools/update-initramfs.conf" > "$log" 2>&1
   rc=$?
   set -e
   umount -l "$X/proc" "$X/dev" "$X/sys"
-  [ $rc = 0 ] || { tail -30 "$LOG" >&2; exit 1; }
+  [ $rc = 0 ] || { tail -30 "$log" >&2; exit 1; }
   rm -f "$X/usr/sbin/policy-rc.d"
   rm -rf "$X/var/lib/apt/lists"/*; : > "$X/etc/resolv.conf"
   date > "$X/.complete"
-  rm -rf "$EXTRAS"; mv "$X" "$EXTRAS"
+  rm -rf "$stage"; mv "$X" "$stage"
+}
+
+# -- 1c. the clinic's services (printing, time, links), cached; key: kernel tree, extra packages ----
+XKEY=$(cat "$BOOTREADY/.complete" - <<<"$BKEY $EXTRA_PACKAGES" | sha256sum | cut -c1-16)
+EXTRAS=$CACHE/rootfs-$SUITE-arm64-extras-$XKEY
+apt_stage "$BOOTREADY" extras "$XKEY" "$EXTRA_PACKAGES"
+
+# -- 1d. A/B updates (RAUC, fw_setenv, U-Boot), cached; key: extras tree, A/B packages --------------
+AKEY=$(cat "$EXTRAS/.complete" - <<<"$XKEY $AB_PACKAGES" | sha256sum | cut -c1-16)
+AB=$CACHE/rootfs-$SUITE-arm64-ab-$AKEY
+apt_stage "$EXTRAS" ab "$AKEY" "$AB_PACKAGES"
+
+# The county's update CA goes into the image's keyring (and checks the bundle made at the end).
+if [ -z "${RAUC_KEYRING:-}" ]; then
+  PKI=$(cd "$(dirname "$OUT")" && pwd)/test-pki
+  [ -e "$PKI/ca.cert.pem" ] || "$HERE/rauc/make-test-pki" "$PKI" >/dev/null
+  RAUC_CERT=$PKI/signing.cert.pem RAUC_KEY=$PKI/signing.key.pem RAUC_KEYRING=$PKI/ca.cert.pem
+  say "WARNING: the image trusts, and a bundle is signed with, the throwaway test PKI in $PKI (not for clinics)"
 fi
 
 # -- 2. a working copy with Lastmile installed ---------------------------------------------------
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/lastmile-image.XXXXXX")
 trap 'for m in proc sys dev; do umount -l "$WORK/root/$m" 2>/dev/null || true; done; rm -rf "$WORK"' EXIT
 ROOT=$WORK/root
-cp -a "$EXTRAS" "$ROOT"
+cp -a "$AB" "$ROOT"
 rm -f "$ROOT/.complete"
 mount -t proc proc "$ROOT/proc"; mount --bind /sys "$ROOT/sys"; mount --bind /dev "$ROOT/dev"
 in_root() { chroot "$ROOT" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "$@"; }
@@ -231,6 +262,21 @@ echo lastmile > "$ROOT/etc/hostname"
 install -m 0644 "$HERE/files/fstab" "$ROOT/etc/fstab"
 mkdir -p "$ROOT/media/root-ro" "$ROOT/media/root-rw"  # where overlay-root puts the two layers
 
+# A/B updates: RAUC (its D-Bus service, the gateway's system.conf, the county's CA), the slot state's
+# file for fw_setenv, and the units that take an update and keep a slot that reaches READY.
+install -D -m 0644 "$HERE/rauc/system.conf" "$ROOT/etc/rauc/system.conf"
+install -m 0644 "$RAUC_KEYRING" "$ROOT/etc/rauc/county-ca.pem"
+install -m 0644 "$HERE/rauc/fw_env.config" "$ROOT/etc/fw_env.config"
+install -D -m 0644 "$HERE/rauc/rauc-mounts.conf" "$ROOT/etc/systemd/system/rauc.service.d/lastmile-mounts.conf"
+# p1 is mounted read-only: RAUC's fw_setenv (first in PATH) makes it writable for that one write
+install -m 0755 "$HERE/rauc/fw_setenv" "$HERE/rauc/lastmile-mark-good" "$ROOT/usr/local/sbin/"
+install -m 0644 "$HERE/rauc/lastmile-update.service" "$HERE/rauc/lastmile-update.timer" \
+  "$HERE/rauc/lastmile-mark-good.service" "$ROOT/etc/systemd/system/"
+in_root systemctl enable lastmile-update.timer lastmile-mark-good.service >/dev/null
+# upstream's own mark-good (at boot-complete, whatever the services do) would defeat the check above
+[ ! -e "$ROOT/usr/lib/systemd/system/rauc-mark-good.service" ] || in_root systemctl mask rauc-mark-good.service >/dev/null
+[ -e "$ROOT/usr/lib/u-boot/rpi_arm64/u-boot.bin" ] || { echo "no rpi_arm64 U-Boot in the tree" >&2; exit 1; }
+
 # The initramfs is made here, not with the kernel: it depends on our script, and mkinitramfs
 # under qemu takes minutes, so it is cached by its inputs (kernel tree + our files). Once it is
 # in /boot, raspi-firmware's hook copies kernel, initrd and DTBs to /boot/firmware and writes
@@ -274,6 +320,17 @@ say "boot partition files"
 # raspi-firmware's hooks copied kernel, initrd and DTBs to /boot/firmware and wrote config.txt
 # (plus files/raspi-firmware-custom); the command line is ours: read-only root, by label.
 install -m 0644 "$HERE/files/cmdline.txt" "$ROOT/boot/firmware/cmdline.txt"
+# The Pi firmware starts U-Boot, not Linux: U-Boot runs boot.scr (slot choice, boot counting) and boots
+# the chosen slot's /vmlinuz + /initrd.img. The kernel and initrd raspi-firmware copied to p1 stay
+# (the tests' direct-kernel boot uses them); the firmware no longer loads them.
+sed -i -e 's/^kernel=.*/kernel=u-boot.bin/' \
+  -e 's/^initramfs .*/# (no initramfs here: U-Boot loads the slot'"'"'s own, image\/rauc\/boot.cmd)/' "$ROOT/boot/firmware/config.txt"
+grep -qx 'kernel=u-boot.bin' "$ROOT/boot/firmware/config.txt" || { echo "config.txt: no kernel= line to replace" >&2; exit 1; }
+install -m 0644 "$ROOT/usr/lib/u-boot/rpi_arm64/u-boot.bin" "$ROOT/boot/firmware/u-boot.bin"
+mkimage -A arm64 -O linux -T script -C none -n "Lastmile A/B" -d "$HERE/rauc/boot.cmd" "$ROOT/boot/firmware/boot.scr" >/dev/null
+# The slot state as RAUC's uboot backend and boot.cmd read it: slot A first, full tries each.
+printf 'BOOT_ORDER=A B\nBOOT_A_LEFT=3\nBOOT_B_LEFT=3\n' \
+  | mkenvimage -s 0x4000 -o "$ROOT/boot/firmware/lastmile-ab.env" -
 mkdir -p "$ROOT/boot/firmware/lastmile/certs"
 install -m 0644 "$HERE/files/README-clinic.txt" "$ROOT/boot/firmware/lastmile/README.txt"
 
@@ -291,11 +348,17 @@ rm -rf "$ROOT/var/cache/apt/archives"/*.deb "$ROOT/var/lib/apt/lists"/* "$ROOT/t
 say "partitions"
 mv "$ROOT/boot/firmware" "$WORK/bootfs"; mkdir "$ROOT/boot/firmware"
 ROOT_MB=$(( $(du -sm "$ROOT" | cut -f1) * 120 / 100 + 64 ))
+# both slots the same size, with room for a later release's bigger root (a bundle's ext4 image
+# must fit the slot it is written to)
+SLOT_MB=${SLOT_MB:-$(( ROOT_MB * 3 / 2 ))}
+[ "$SLOT_MB" -ge "$ROOT_MB" ] || { echo "SLOT_MB=$SLOT_MB is smaller than the root ($ROOT_MB MB)" >&2; exit 1; }
 rm -f "$WORK/boot.vfat"
 mkfs.vfat -C -n LM-BOOT -F 32 "$WORK/boot.vfat" $(( BOOT_MB * 1024 )) >/dev/null
 (cd "$WORK/bootfs" && mcopy -s -i "$WORK/boot.vfat" ./* ::/)
 mkfs.ext4 -q -L LM-ROOT -d "$ROOT" -E root_owner=0:0 "$WORK/root.ext4" "${ROOT_MB}M"
 DATA_TREE=$WORK/data; mkdir -p "$DATA_TREE"
+# RAUC's status (system.conf data-directory): root's, beside the service account's outbox
+install -d -m 0700 "$DATA_TREE/rauc"
 LM_UID=$(awk -F: '$1=="lastmile"{print $3}' "$ROOT/etc/passwd"); LM_GID=$(awk -F: '$1=="lastmile"{print $4}' "$ROOT/etc/passwd")
 # -T default: mke2fs would pick its "small" profile for DATA_MB (1 KiB blocks, an inode per 4 KiB),
 # and growing keeps both: on a 32 GB card that was 6 % of it in inode tables (the boot test saw it).
@@ -303,18 +366,21 @@ mkfs.ext4 -q -T default -L LM-DATA -d "$DATA_TREE" -E root_owner="$LM_UID:$LM_GI
 
 say "image $OUT"
 START=2048  # sectors: 1 MiB alignment
-BOOT_S=$(( BOOT_MB * 2048 )); ROOT_S=$(( ROOT_MB * 2048 )); DATA_S=$(( DATA_MB * 2048 ))
-TOTAL_S=$(( START + BOOT_S + ROOT_S + DATA_S + 2048 ))
+BOOT_S=$(( BOOT_MB * 2048 )); SLOT_S=$(( SLOT_MB * 2048 )); DATA_S=$(( DATA_MB * 2048 ))
+SLOT_A=$(( START + BOOT_S )); SLOT_B=$(( SLOT_A + SLOT_S )); DATA_START=$(( SLOT_B + SLOT_S ))
+TOTAL_S=$(( DATA_START + DATA_S + 2048 ))
 rm -f "$OUT"; truncate -s $(( TOTAL_S * 512 )) "$OUT"
 sfdisk --quiet "$OUT" <<PART
 label: dos
+label-id: $DISK_ID
 start=$START, size=$BOOT_S, type=c, bootable
-start=$(( START + BOOT_S )), size=$ROOT_S, type=83
-start=$(( START + BOOT_S + ROOT_S )), size=$DATA_S, type=83
+start=$SLOT_A, size=$SLOT_S, type=83
+start=$SLOT_B, size=$SLOT_S, type=83
+start=$DATA_START, size=$DATA_S, type=83
 PART
 dd if="$WORK/boot.vfat" of="$OUT" bs=1M seek=$(( START / 2048 )) conv=notrunc status=none
-dd if="$WORK/root.ext4" of="$OUT" bs=1M seek=$(( (START + BOOT_S) / 2048 )) conv=notrunc status=none
-dd if="$WORK/data.ext4" of="$OUT" bs=1M seek=$(( (START + BOOT_S + ROOT_S) / 2048 )) conv=notrunc status=none
+dd if="$WORK/root.ext4" of="$OUT" bs=1M seek=$(( SLOT_A / 2048 )) conv=notrunc,sparse status=none
+dd if="$WORK/data.ext4" of="$OUT" bs=1M seek=$(( DATA_START / 2048 )) conv=notrunc status=none
 
 say "fsck of each partition"
 fsck.vfat -n "$WORK/boot.vfat" >/dev/null
@@ -322,15 +388,9 @@ e2fsck -fn "$WORK/root.ext4" >/dev/null
 e2fsck -fn "$WORK/data.ext4" >/dev/null
 
 if [ -n "${LASTMILE_BUNDLE:-}" ]; then
-  if [ -z "${RAUC_CERT:-}" ]; then
-    PKI=$(dirname "$OUT")/test-pki
-    [ -e "$PKI/ca.cert.pem" ] || "$HERE/rauc/make-test-pki" "$PKI"
-    RAUC_CERT=$PKI/signing.cert.pem RAUC_KEY=$PKI/signing.key.pem RAUC_KEYRING=$PKI/ca.cert.pem
-    say "WARNING: bundle signed with the throwaway test PKI in $PKI (not for clinics)"
-  fi
   VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' "$REPO/pyproject.toml")+$(date -u +%Y%m%dT%H%MZ)
   say "update bundle $LASTMILE_BUNDLE (version $VERSION)"
-  "$HERE/rauc/make-bundle" "$WORK/root.ext4" "$VERSION" "$RAUC_CERT" "${RAUC_KEY:?RAUC_KEY}" \
-    "${RAUC_KEYRING:?RAUC_KEYRING}" "$LASTMILE_BUNDLE"
+  "$HERE/rauc/make-bundle" "$WORK/root.ext4" "$VERSION" "${RAUC_CERT:?RAUC_CERT}" "${RAUC_KEY:?RAUC_KEY}" \
+    "$RAUC_KEYRING" "$LASTMILE_BUNDLE"
 fi
-say "done: $OUT ($(( TOTAL_S / 2048 )) MB: boot $BOOT_MB, root $ROOT_MB, data $DATA_MB)"
+say "done: $OUT ($(( TOTAL_S / 2048 )) MB: boot $BOOT_MB, root slots 2 x $SLOT_MB (root $ROOT_MB), data $DATA_MB)"

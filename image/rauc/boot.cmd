@@ -4,16 +4,18 @@
 # The same script runs under the Pi's U-Boot (u-boot-rpi: rpi_arm64, loaded by the Pi firmware
 # as config.txt's kernel=) and under qemu's (u-boot-qemu: qemu_arm64, -M virt -bios): U-Boot's
 # distro boot finds it on the bootable partition 1 and sets devtype/devnum/distro_bootpart (mmc 0 /
-# virtio 0). Nothing here depends on where U-Boot keeps its own environment: the slot state is
-# read from and written to uboot.env on the boot partition explicitly, the file RAUC's "uboot"
-# backend edits from Linux with fw_setenv (image/rauc/fw_env.config: same file, same 16 KiB size).
+# virtio 0). The slot state is read from and written to lastmile-ab.env on the boot partition
+# explicitly, the file RAUC's "uboot" backend edits from Linux with fw_setenv (image/rauc/
+# fw_env.config: same file, same 16 KiB size). Not uboot.env: the Pi's U-Boot (ENV_IS_IN_FAT) loads
+# that file as its whole environment at start, and one holding only these three variables would
+# leave it without bootcmd.
 #
 # Slot state (RAUC's names): BOOT_ORDER ("A B": try A first), BOOT_A_LEFT / BOOT_B_LEFT (tries
 # left). Each boot takes one try from the first slot in BOOT_ORDER that has any and saves that
 # before the kernel runs; a Linux that comes up healthy gives the tries back (`rauc status
 # mark-good`, lastmile-update-good.service). A new slot that never gets there (panic, hang ->
 # watchdog, emergency mode -> reboot) uses up its tries and the next boot takes the other slot:
-# the rollback. A torn or missing uboot.env (CRC wrong) gives the defaults: A first, 3 tries each.
+# the rollback. A torn or missing lastmile-ab.env (CRC wrong) gives the defaults: A first, 3 tries each.
 #
 # p1 boot (vfat), p2 root slot A, p3 root slot B, p4 data. The kernel and initramfs come from the
 # slot itself (/vmlinuz, /initrd.img), so an update replaces them together with the root. The
@@ -24,7 +26,7 @@ test -n "${lm_state_addr}" || setenv lm_state_addr ${kernel_addr_r}
 setenv BOOT_ORDER
 setenv BOOT_A_LEFT
 setenv BOOT_B_LEFT
-if load ${devtype} ${devnum}:${distro_bootpart} ${lm_state_addr} uboot.env; then
+if load ${devtype} ${devnum}:${distro_bootpart} ${lm_state_addr} lastmile-ab.env; then
   env import -c ${lm_state_addr} ${filesize} BOOT_ORDER BOOT_A_LEFT BOOT_B_LEFT
 fi
 test -n "${BOOT_ORDER}" || setenv BOOT_ORDER "A B"
@@ -56,13 +58,13 @@ if test -z "${lm_slot}"; then
   setenv BOOT_A_LEFT 3
   setenv BOOT_B_LEFT 3
   env export -c -s 0x4000 ${lm_state_addr} BOOT_ORDER BOOT_A_LEFT BOOT_B_LEFT
-  fatwrite ${devtype} ${devnum}:${distro_bootpart} ${lm_state_addr} uboot.env 0x4000
+  fatwrite ${devtype} ${devnum}:${distro_bootpart} ${lm_state_addr} lastmile-ab.env 0x4000
   reset
 fi
 
 # The try is taken before the kernel runs: a power cut or a hang from here on counts.
 env export -c -s 0x4000 ${lm_state_addr} BOOT_ORDER BOOT_A_LEFT BOOT_B_LEFT
-fatwrite ${devtype} ${devnum}:${distro_bootpart} ${lm_state_addr} uboot.env 0x4000
+fatwrite ${devtype} ${devnum}:${distro_bootpart} ${lm_state_addr} lastmile-ab.env 0x4000
 
 part uuid ${devtype} ${devnum}:${lm_rootpart} lm_rootuuid
 setenv lm_fdt ${fdt_addr}
@@ -81,7 +83,11 @@ setexpr lm_cmdline gsub "root=[^ ]*" "" "${lm_cmdline}"
 setenv bootargs "${lm_cmdline} root=PARTUUID=${lm_rootuuid} rauc.slot=${lm_slot}"
 echo "LMBOOT slot=${lm_slot} part=${lm_rootpart} left=${lm_left} order=${BOOT_ORDER} root=PARTUUID=${lm_rootuuid}"
 
+# Debian's arm64 /vmlinuz is gzip-compressed: booti inflates it to kernel_addr_r from a copy at
+# kernel_comp_addr_r (qemu_arm64's environment names no such area: 256 MiB above the kernel's).
 if load ${devtype} ${devnum}:${lm_rootpart} ${kernel_addr_r} /vmlinuz; then
+  setenv kernel_comp_size ${filesize}
+  test -n "${kernel_comp_addr_r}" || setexpr kernel_comp_addr_r ${kernel_addr_r} + 0x10000000
   if load ${devtype} ${devnum}:${lm_rootpart} ${ramdisk_addr_r} /initrd.img; then
     booti ${kernel_addr_r} ${ramdisk_addr_r}:${filesize} ${lm_fdt}
   fi

@@ -1,10 +1,20 @@
 """The whole gateway under emulation: the SD-card image booted by qemu-system-aarch64 -M virt.
 
-The `virt` machine stands in for the Pi's firmware: qemu loads the kernel and initrd that
-config.txt names on the image's boot partition and boots them with the image's own cmdline.txt
-(its Pi serial console swapped for virt's PL011, ttyAMA0). The disk is a virtio block device
-(the Pi's SD card is an mmc device; both are found by label). What that leaves untested is in
-image/HARDWARE.md.
+Two ways in (QemuMachine's `firmware`):
+- "u-boot" (default): qemu starts Debian's U-Boot for virt (u-boot-qemu, qemu_arm64, `-bios`) where
+  the Pi's firmware starts the image's own U-Boot (u-boot-rpi, config.txt kernel=u-boot.bin). From
+  there it is the image's path: U-Boot's distro boot finds boot.scr on the bootable p1, which picks
+  the root slot (boot counting in lastmile-ab.env, image/rauc/boot.cmd) and boots that slot's own
+  /vmlinuz + /initrd.img with root=PARTUUID=4c4d4731-0N rauc.slot=A|B. What differs from a Pi: the
+  U-Boot build (qemu_arm64, env in flash, vs rpi_arm64, env in uboot.env), the device tree (qemu's
+  own, vs the firmware's with config.txt's overlays), and the kernel command line: the Pi's firmware
+  hands cmdline.txt over in the device tree; here it is lastmile-bootargs.txt on p1, written before
+  each boot (cmdline.txt with virt's PL011 console, ttyAMA0, and the test's extra words).
+- "kernel": qemu loads the kernel and initrd raspi-firmware left on p1 (slot A's, as built) with
+  -kernel/-initrd and the same command line: no U-Boot, no slot choice, no rauc.slot= (the A/B
+  units stay inactive). Faster to the kernel; for tests of what runs after it.
+The disk is a virtio block device (the Pi's SD card is an mmc device; both are found by label and
+PARTUUID). What that leaves untested is in image/HARDWARE.md.
 
     disk = GatewayDisk.create(image, workdir)        # copy-on-write overlay: the image stays as built
     disk.put_boot_file("lastmile/lastmile.toml", b"...")   # what a technician copies from a laptop
@@ -39,6 +49,10 @@ log = logging.getLogger(__name__)
 QEMU = "qemu-system-aarch64"
 # virt's first serial port is a PL011; the Pi's cmdline.txt names the Pi's consoles.
 VIRT_CONSOLE = "console=ttyAMA0"
+# Debian's u-boot-qemu: what stands in for the Pi firmware + u-boot-rpi
+UBOOT_QEMU = Path("/usr/lib/u-boot/qemu_arm64/u-boot.bin")
+# Read by boot.cmd when present: the kernel command line the Pi's firmware would hand over
+BOOTARGS_FILE = "lastmile-bootargs.txt"
 
 
 # Carries one guestfwd connection to a host loopback port (qemu runs it per connection).
@@ -114,27 +128,28 @@ class GatewayDisk:
         subprocess.run(["qemu-img", "resize", "-q", "-f", self.format, str(self.path), str(size)], check=True)
 
     def _boot_fat(self) -> Path:
-        """This disk's boot partition as a raw FAT file (as it is now, earlier writes included)."""
+        """This disk's boot partition as a raw FAT file, read again each time: the guest writes it
+        too (U-Boot and fw_setenv: lastmile-ab.env), and a stale copy written back would undo that."""
         fat = self.workdir / "boot.vfat"
-        if not fat.exists():
-            boot = partitions(self.image)[0]
-            subprocess.run(
-                [
-                    "qemu-img",
-                    "dd",
-                    "-f",
-                    self.format,
-                    "-O",
-                    "raw",
-                    f"if={self.path}",
-                    f"of={fat}",
-                    "bs=512",
-                    f"skip={boot.start // 512}",
-                    f"count={boot.size // 512}",
-                ],
-                check=True,
-                capture_output=True,
-            )
+        fat.unlink(missing_ok=True)
+        boot = partitions(self.image)[0]
+        subprocess.run(
+            [
+                "qemu-img",
+                "dd",
+                "-f",
+                self.format,
+                "-O",
+                "raw",
+                f"if={self.path}",
+                f"of={fat}",
+                "bs=512",
+                f"skip={boot.start // 512}",
+                f"count={boot.size // 512}",
+            ],
+            check=True,
+            capture_output=True,
+        )
         return fat
 
     def put_boot_files(self, files: dict[str, bytes]) -> None:
@@ -171,12 +186,15 @@ class GatewayDisk:
             local.unlink()
 
     def kernel_and_initrd(self) -> tuple[Path, Path]:
-        """The kernel and initrd that the Pi firmware would load: the ones config.txt names."""
-        config = self.boot_file("config.txt").decode()
-        kernel = re.search(r"^kernel=(\S+)", config, re.M)
-        initrd = re.search(r"^initramfs\s+(\S+)", config, re.M)
+        """The kernel and initrd raspi-firmware copied to the boot partition: slot A's, as built
+        (config.txt starts U-Boot, which loads the booted slot's own)."""
+        listing = subprocess.run(
+            ["mdir", "-b", "-i", str(self._boot_fat()), "::/"], check=True, capture_output=True, text=True
+        ).stdout
+        kernel = re.search(r"^::/(vmlinuz-\S+)$", listing, re.M)
+        initrd = re.search(r"^::/(initrd\.img-\S+)$", listing, re.M)
         if not kernel or not initrd:
-            raise MachineError(f"config.txt names no kernel/initramfs:\n{config}")
+            raise MachineError(f"no vmlinuz-*/initrd.img-* on the boot partition:\n{listing}")
         out = []
         for name in (kernel.group(1), initrd.group(1)):
             path = self.workdir / name
@@ -211,6 +229,8 @@ class QemuMachine:
         cpus: int = 2,
         cache: str = "unsafe",
         network: list[str] | None = None,
+        firmware: str = "u-boot",
+        extra_drives: list[Path] | None = None,
     ) -> None:
         self.disk = disk
         self.console_log = console_log
@@ -219,15 +239,27 @@ class QemuMachine:
         self.memory_mb = memory_mb
         self.cpus = cpus
         self.cache = cache
+        if firmware not in ("u-boot", "kernel"):
+            raise ValueError(f"firmware must be 'u-boot' or 'kernel', not {firmware!r}")
+        self.firmware = firmware
+        self.extra_drives = list(extra_drives or [])  # raw, read-only, after the card: vdb, vdc, ...
         self.process: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
         self._console = bytearray()
         self._changed = threading.Condition()
         self._reader: threading.Thread | None = None
 
+    def kernel_cmdline(self) -> str:
+        return " ".join([*self.disk.cmdline(), *self.extra_cmdline])
+
     def command(self) -> list[str]:
-        kernel, initrd = self.disk.kernel_and_initrd()
-        append = " ".join([*self.disk.cmdline(), *self.extra_cmdline])
+        if self.firmware == "u-boot":
+            if not UBOOT_QEMU.exists():
+                raise MachineError(f"{UBOOT_QEMU} is absent (apt-get install u-boot-qemu)")
+            boot = ["-bios", str(UBOOT_QEMU)]
+        else:
+            kernel, initrd = self.disk.kernel_and_initrd()
+            boot = ["-kernel", str(kernel), "-initrd", str(initrd), "-append", self.kernel_cmdline()]
         return [
             QEMU,
             "-M",
@@ -249,20 +281,23 @@ class QemuMachine:
             # The Pi has a hardware RNG (bcm2835-rng); without one early getrandom() waits.
             "-device",
             "virtio-rng-pci",
-            "-kernel",
-            str(kernel),
-            "-initrd",
-            str(initrd),
-            "-append",
-            append,
+            *boot,
             "-drive",
             f"file={self.disk.path},if=virtio,format={self.disk.format},cache={self.cache}",
+            *(
+                arg
+                for drive in self.extra_drives
+                for arg in ("-drive", f"file={drive},if=virtio,format=raw,readonly=on")
+            ),
         ]
 
     def boot(self) -> None:
         if self.process and self.process.poll() is None:
             raise MachineError("already running")
         cmd = self.command()
+        if self.firmware == "u-boot":
+            # what the Pi's firmware hands U-Boot from cmdline.txt (boot.cmd strips its root=)
+            self.disk.put_boot_files({BOOTARGS_FILE: f"lm_cmdline={self.kernel_cmdline()}\n".encode()})
         log.info("booting: %s", shlex.join(cmd))
         with self._changed:
             self._console.clear()

@@ -8,7 +8,7 @@
   qemu-system-aarch64 -M virt) on a small card laid out as the A/B image (p1 boot vfat, p2 slot A,
   p3 slot B, p4 data). The slots' "kernels" are not kernels: booti refuses them, which is a failed
   try, and the script resets (qemu -no-reboot: the process ends). Each boot's choice is read from
-  its console; between boots uboot.env is read and edited with fw_printenv/fw_setenv (libubootenv),
+  its console; between boots lastmile-ab.env is read and edited with fw_printenv/fw_setenv (libubootenv),
   what RAUC's uboot backend runs on the gateway, so the two sides are checked against each other.
 """
 
@@ -189,7 +189,7 @@ class Card:
         data = slot_b + SLOT_SECTORS
         self.boot_offset = BOOT_START * SECTOR
         self.fw_config = work / "fw_env.config"
-        self.env_copy = work / "uboot.env"
+        self.env_copy = work / "lastmile-ab.env"
         self.fw_config.write_text(f"{self.env_copy} 0x0000 {ENV_SIZE:#x}\n")
         if pristine is not None:
             run("cp", "--sparse=always", pristine, self.path)
@@ -250,8 +250,8 @@ class Card:
         return dict(zip(keys, chosen.groups(), strict=True))
 
     def env(self) -> dict[str, str]:
-        """uboot.env as the gateway's fw_printenv reads it (what RAUC's uboot backend sees)."""
-        run("mcopy", "-o", "-n", "-i", f"{self.path}@@{self.boot_offset}", "::/uboot.env", self.env_copy)
+        """lastmile-ab.env as the gateway's fw_printenv reads it (what RAUC's uboot backend sees)."""
+        run("mcopy", "-o", "-n", "-i", f"{self.path}@@{self.boot_offset}", "::/lastmile-ab.env", self.env_copy)
         printed = run("fw_printenv", "-c", self.fw_config).stdout
         return dict(line.split("=", 1) for line in printed.splitlines())
 
@@ -260,11 +260,11 @@ class Card:
         self.env()  # the current file
         for name, value in values.items():
             run("fw_setenv", "-c", self.fw_config, name, value)
-        run("mcopy", "-o", "-i", f"{self.path}@@{self.boot_offset}", self.env_copy, "::/uboot.env")
+        run("mcopy", "-o", "-i", f"{self.path}@@{self.boot_offset}", self.env_copy, "::/lastmile-ab.env")
 
     def put_env_file(self, data: bytes) -> None:
         self.env_copy.write_bytes(data)
-        run("mcopy", "-o", "-i", f"{self.path}@@{self.boot_offset}", self.env_copy, "::/uboot.env")
+        run("mcopy", "-o", "-i", f"{self.path}@@{self.boot_offset}", self.env_copy, "::/lastmile-ab.env")
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +308,7 @@ def test_an_installed_slot_boots_next_and_rolls_back_when_it_is_never_marked_goo
 def test_a_torn_slot_state_file_gives_the_defaults(card: Card) -> None:
     card.boot()
     card.setenv(BOOT_ORDER="B A", BOOT_B_LEFT="3")
-    state = bytearray((card.work / "uboot.env").read_bytes())
+    state = bytearray((card.work / "lastmile-ab.env").read_bytes())
     state[10] ^= 0xFF  # a power cut while it was written: its CRC no longer matches
     card.put_env_file(bytes(state))
     assert card.boot()["slot"] == "A"  # "A B", 3 tries each: the slot the card was made with

@@ -32,12 +32,14 @@ def partitions(image: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
         subprocess.run(["sfdisk", "--json", str(image)], check=True, capture_output=True, text=True).stdout
     )["partitiontable"]
     assert table["label"] == "dos"  # the Pi 3 boot ROM reads MBR only
+    assert table["id"] == "0x4c4d4731"  # system.conf names the slots by PARTUUID 4c4d4731-0N
     parts = table["partitions"]
-    assert [p["type"] for p in parts] == ["c", "83", "83"]
+    assert [p["type"] for p in parts] == ["c", "83", "83", "83"]
     assert parts[0].get("bootable") is True
+    assert parts[1]["size"] == parts[2]["size"]  # root slots A and B: either takes the other's bundle
     out = tmp_path_factory.mktemp("parts")
     files = {}
-    for name, p in zip(("boot", "root", "data"), parts):
+    for name, p in zip(("boot", "root", "slot_b", "data"), parts):
         files[name] = out / f"{name}.img"
         subprocess.run(
             [
@@ -90,7 +92,7 @@ def test_boot_partition_boots_a_read_only_root(partitions: dict[str, Path], tmp_
     listing = subprocess.run(
         ["mdir", "-b", "-i", str(partitions["boot"]), "::/"], check=True, capture_output=True, text=True
     ).stdout
-    for name in ("config.txt", "cmdline.txt", "lastmile"):
+    for name in ("config.txt", "cmdline.txt", "lastmile", "u-boot.bin", "boot.scr", "lastmile-ab.env"):
         assert f"::/{name}" in listing, listing
     assert any("bcm2711-rpi-4-b.dtb" in ln for ln in listing.splitlines()), "no Pi 4 device tree"
     assert any("bcm2837-rpi-3-b" in ln for ln in listing.splitlines()), "no Pi 3 device tree"
@@ -98,7 +100,29 @@ def test_boot_partition_boots_a_read_only_root(partitions: dict[str, Path], tmp_
         ["mcopy", "-i", str(partitions["boot"]), "::/cmdline.txt", str(tmp_path / "cmdline.txt")], check=True
     )
     cmdline = (tmp_path / "cmdline.txt").read_text().split()
-    assert "root=LABEL=LM-ROOT" in cmdline and "ro" in cmdline
+    assert "root=PARTUUID=4c4d4731-02" in cmdline and "ro" in cmdline  # U-Boot puts the chosen slot's
+    subprocess.run(["mcopy", "-i", str(partitions["boot"]), "::/config.txt", str(tmp_path / "config.txt")], check=True)
+    config = (tmp_path / "config.txt").read_text().splitlines()
+    assert "kernel=u-boot.bin" in config and not [ln for ln in config if ln.startswith("initramfs ")]
+    subprocess.run(["mcopy", "-i", str(partitions["boot"]), "::/lastmile-ab.env", str(tmp_path / "ab.env")], check=True)
+    (tmp_path / "fw_env.config").write_text(f"{tmp_path / 'ab.env'} 0x0000 0x4000\n")
+    state = subprocess.run(
+        ["fw_printenv", "-c", str(tmp_path / "fw_env.config")], check=True, capture_output=True, text=True
+    ).stdout.splitlines()
+    assert sorted(state) == ["BOOT_A_LEFT=3", "BOOT_B_LEFT=3", "BOOT_ORDER=A B"]
+
+
+def test_root_slot_has_rauc_and_boots_its_own_kernel(partitions: dict[str, Path]) -> None:
+    root = partitions["root"]
+    assert "bootloader=uboot" in debugfs(root, "cat /etc/rauc/system.conf")
+    assert "BEGIN CERTIFICATE" in debugfs(root, "cat /etc/rauc/county-ca.pem")
+    assert "/boot/firmware/lastmile-ab.env" in debugfs(root, "cat /etc/fw_env.config")
+    assert "remount,rw" in debugfs(root, "cat /usr/local/sbin/fw_setenv")
+    assert "lastmile-mark-good.service" in debugfs(root, "ls -l /etc/systemd/system/multi-user.target.wants")
+    assert "lastmile-update.timer" in debugfs(root, "ls -l /etc/systemd/system/timers.target.wants")
+    # boot.cmd loads /vmlinuz and /initrd.img from the slot: an update brings its own kernel
+    listing = debugfs(root, "ls -l /")
+    assert "vmlinuz" in listing and "initrd.img" in listing
 
 
 def test_root_filesystem_has_the_units_enabled_and_spares_the_card(partitions: dict[str, Path]) -> None:

@@ -330,17 +330,22 @@ def grow_module() -> ModuleType:
     return module
 
 
+DATA_START_MIB = 25  # after p1 boot (8 MiB here), p2 slot A and p3 slot B (8 MiB each)
+
+
 def card_image(path: Path, card_bytes: int, data_mb: int = 8) -> None:
-    """build.sh's partition table (FAT boot, root, data last; 1 MiB aligned) on a small image file,
-    then the file made as big as the card (sparse)."""
+    """build.sh's partition table (FAT boot, root slots A and B, data last; 1 MiB aligned) on a small
+    image file, then the file made as big as the card (sparse)."""
     mib = 2048
     path.write_bytes(b"")
-    os.truncate(path, (1 + 8 + 8 + data_mb + 1) * 2**20)
+    os.truncate(path, (1 + 8 + 8 + 8 + data_mb + 1) * 2**20)
     table = (
         "label: dos\n"
+        "label-id: 0x4c4d4731\n"
         f"start={mib}, size={8 * mib}, type=c, bootable\n"
         f"start={9 * mib}, size={8 * mib}, type=83\n"
-        f"start={17 * mib}, size={data_mb * mib}, type=83\n"
+        f"start={17 * mib}, size={8 * mib}, type=83\n"
+        f"start={DATA_START_MIB * mib}, size={data_mb * mib}, type=83\n"
     )
     subprocess.run(["sfdisk", "--quiet", str(path)], input=table, text=True, check=True)
     os.truncate(path, card_bytes)
@@ -354,7 +359,8 @@ def sfdisk_partitions(path: Path) -> list[dict[str, object]]:
 @pytest.mark.parametrize("card_gb", [8, 16, 32])
 def test_the_data_partition_grows_to_the_end_of_a_card(tmp_path: Path, card_gb: int) -> None:
     """The new table, read back by sfdisk (not by our code): the data partition ends at the card's
-    last whole MiB, the other two are untouched, and a second run changes nothing."""
+    last whole MiB, the boot partition and both root slots are untouched, and a second run changes
+    nothing."""
     require_tool("sfdisk")
     grow = grow_module()
     card = tmp_path / "card.img"
@@ -362,15 +368,15 @@ def test_the_data_partition_grows_to_the_end_of_a_card(tmp_path: Path, card_gb: 
     card_image(card, card_bytes)
     before = sfdisk_partitions(card)
     with card.open("r+b") as f:
-        grown = grow.grown_mbr(f.read(512), 3, card_bytes // 512)
+        grown = grow.grown_mbr(f.read(512), 4, card_bytes // 512)
         assert grown is not None
         f.seek(0)
         f.write(grown)
     after = sfdisk_partitions(card)
-    assert after[:2] == before[:2]
-    assert after[2]["start"] == before[2]["start"] and after[2]["type"] == "83"
-    assert after[2]["start"] + after[2]["size"] == card_bytes // 2**20 * 2048
-    assert grow.grown_mbr(grown, 3, card_bytes // 512) is None  # idempotent: every boot runs it
+    assert after[:3] == before[:3]
+    assert after[3]["start"] == before[3]["start"] and after[3]["type"] == "83"
+    assert after[3]["start"] + after[3]["size"] == card_bytes // 2**20 * 2048
+    assert grow.grown_mbr(grown, 4, card_bytes // 512) is None  # idempotent: every boot runs it
 
 
 def test_growing_refuses_what_build_sh_did_not_make(tmp_path: Path) -> None:
@@ -380,14 +386,17 @@ def test_growing_refuses_what_build_sh_did_not_make(tmp_path: Path) -> None:
     card_image(card, 8 * 10**9)
     with card.open("rb") as f:
         sector0 = f.read(512)
-    with pytest.raises(grow.NotGrowable, match="not the last"):
-        grow.grown_mbr(sector0, 2, 8 * 10**9 // 512)  # the root: the data partition follows it
+    for slot in (2, 3):  # root slots A and B: the data partition follows them
+        with pytest.raises(grow.NotGrowable, match="not the last"):
+            grow.grown_mbr(sector0, slot, 8 * 10**9 // 512)
     with pytest.raises(grow.NotGrowable, match="not an MBR"):
-        grow.grown_mbr(sector0[:510] + b"\0\0", 3, 8 * 10**9 // 512)
+        grow.grown_mbr(sector0[:510] + b"\0\0", 4, 8 * 10**9 // 512)
+    three_partitions = bytearray(sector0)
+    three_partitions[446 + 48 : 446 + 64] = bytes(16)
     with pytest.raises(grow.NotGrowable, match="not a data partition"):
-        grow.grown_mbr(sector0, 4, 8 * 10**9 // 512)  # empty entry
+        grow.grown_mbr(bytes(three_partitions), 4, 8 * 10**9 // 512)  # empty entry
     # a card the size of the image (the boot test's disk): nothing worth a table write
-    assert grow.grown_mbr(sector0, 3, (1 + 8 + 8 + 8 + 1) * 2**20 // 512) is None
+    assert grow.grown_mbr(sector0, 4, (DATA_START_MIB + 8 + 1) * 2**20 // 512) is None
 
 
 def test_an_mbr_entry_stops_at_2_tib(tmp_path: Path) -> None:
@@ -396,10 +405,10 @@ def test_an_mbr_entry_stops_at_2_tib(tmp_path: Path) -> None:
     card = tmp_path / "card.img"
     card_image(card, 64 * 2**20)
     with card.open("rb") as f:
-        grown = grow.grown_mbr(f.read(512), 3, 3 * 2**41 // 512)  # a 6 TiB "card"
+        grown = grow.grown_mbr(f.read(512), 4, 3 * 2**41 // 512)  # a 6 TiB "card"
     assert grown is not None
-    size = int.from_bytes(grown[446 + 32 + 12 : 446 + 32 + 16], "little")
-    assert size <= 0xFFFFFFFF and (17 * 2048 + size) % 2048 == 0
+    size = int.from_bytes(grown[446 + 48 + 12 : 446 + 48 + 16], "little")
+    assert size <= 0xFFFFFFFF and (DATA_START_MIB * 2048 + size) % 2048 == 0
 
 
 # -- time, watchdog, printing (issue 18 item 6, issue 15) --------------------------------------------
