@@ -112,9 +112,14 @@ def outbox_items() -> list[list[str]]:
 
 def queue_ecg() -> None:
     ecg = next(TEST_DIR.glob("*.ECG"))
-    target = WATCHED / ecg.name
-    shutil.copyfile(ecg, target)
-    shutil.chown(target, "lastmile", "lastmile")
+    # as a cart or stick puts whole files there (guest_report.py does the same): beside it, then renamed in
+    staging = WATCHED.parent / f".{WATCHED.name}.staging"
+    for folder in (WATCHED, staging):
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.chown(folder, "lastmile", "lastmile")
+    shutil.copyfile(ecg, staging / ecg.name)
+    shutil.chown(staging / ecg.name, "lastmile", "lastmile")
+    (staging / ecg.name).rename(WATCHED / ecg.name)
     deadline = time.monotonic() + OUTBOX_WAIT_S
     while not outbox_items():
         if time.monotonic() > deadline:

@@ -133,6 +133,8 @@ class GatewayDisk:
         fat = self.workdir / "boot.vfat"
         fat.unlink(missing_ok=True)
         boot = partitions(self.image)[0]
+        # qemu-img dd copies a block per call: 1 MiB blocks (build.sh aligns p1 so) are seconds faster
+        block = 2**20 if boot.start % 2**20 == 0 and boot.size % 2**20 == 0 else 512
         subprocess.run(
             [
                 "qemu-img",
@@ -143,9 +145,9 @@ class GatewayDisk:
                 "raw",
                 f"if={self.path}",
                 f"of={fat}",
-                "bs=512",
-                f"skip={boot.start // 512}",
-                f"count={boot.size // 512}",
+                f"bs={block}",
+                f"skip={boot.start // block}",
+                f"count={boot.size // block}",
             ],
             check=True,
             capture_output=True,
