@@ -1194,3 +1194,62 @@ def test_a_lead_swinging_exactly_40_uv_is_alive() -> None:
     x[row("V1")] = 40.0 * (np.arange(x.shape[-1]) // int(RATE_HZ / 2) % 2)
     report = check_quality(to_recording(x, noise_uv=0.0))
     assert "lead-off" not in kinds(report)
+
+
+# ----------------------------------------------------------------------------- figures at every rate
+
+
+def band_limited_noise(rms_uv: float, rate: float, seconds: float = 10.0, seed: int = 3) -> np.ndarray:
+    """Tremor spread evenly over the muscle band (20-150 Hz, or up to 0.45 x the rate), of this RMS."""
+    n = int(seconds * rate)
+    spectrum = np.fft.rfft(np.random.default_rng(seed).normal(0.0, 1.0, n))
+    freqs = np.fft.rfftfreq(n, 1.0 / rate)
+    spectrum[(freqs < 20.0) | (freqs > min(150.0, 0.45 * rate))] = 0.0
+    noise = np.fft.irfft(spectrum, n)
+    return noise * rms_uv / np.sqrt(np.mean(noise**2))
+
+
+@pytest.mark.parametrize("rate", [100.0, 256.0, 500.0, 1000.0, 2000.0])
+def test_tremor_of_50_uv_reads_50_uv_at_every_accepted_rate(rate: float) -> None:
+    """The muscle figure is the tremor's own RMS whatever the cart's rate: a 100 Hz Holter-style
+    recording must not pass a shivering patient that a 500 Hz cart would flag (or the reverse).
+    50 µV RMS is a warning (35-70 µV) at every rate."""
+    x = heart(rate=rate)
+    x[row("V1")] += band_limited_noise(50.0, rate)
+    report = check_quality(to_recording(x, rate=rate))
+    assert measures(report, "V1").muscle_uv == pytest.approx(50.0, rel=0.08)
+    muscle = only(report, "muscle-noise")
+    assert (muscle.leads, muscle.severity) == (("V1",), WARN)
+
+
+# ----------------------------------------------------------------------------- edges, exactly
+
+
+def test_a_twenty_millisecond_touch_of_the_rail_between_beats_is_no_heartbeat() -> None:
+    """From 20 ms at the rail the step is left out of the beat search: a 40 mV spike mid-RR
+    counted as a QRS would double a beat and misstate the rate."""
+    x = heart()
+    x[row("V2"), 3200:3210] = 40000.0  # 6.4 s: halfway between the beats at 6.0 and 6.8 s
+    report = check_quality(to_recording(x))
+    assert only(report, "saturation").leads == ("V2",)
+    assert len(report.beats) == 12 and report.heart_rate_bpm == pytest.approx(60 / RR_S, abs=0.5)
+
+
+def square_swings(pp_uv: dict[str, int], typical_uv: int) -> QualityReport:
+    """Every lead a square swing (0.5 s steps, whole µV, no noise) of typical_uv, except the named ones."""
+    steps = np.arange(int(10 * RATE_HZ)) // int(RATE_HZ / 2) % 2
+    x = np.stack([pp_uv.get(name, typical_uv) * steps for name in STANDARD_12_LEADS]).astype(np.float64)
+    return check_quality(to_recording(x, noise_uv=0.0))
+
+
+def test_in_a_low_voltage_ecg_of_40_uv_a_30_uv_lead_is_alive() -> None:
+    """Flat relative to the others only when the typical lead is under 40 µV: at exactly 40 µV a
+    30 µV lead (over a tenth of it) is a lead at right angles to the axis, not a lost electrode."""
+    assert "lead-off" not in kinds(square_swings({"V1": 30}, 40))
+    assert only(square_swings({"V1": 3}, 40), "lead-off").leads == ("V1",)
+
+
+def test_a_lead_at_exactly_a_tenth_of_the_others_is_alive() -> None:
+    """Among 250 µV leads, flat means under a tenth of them: 25 µV is still a lead, 24 µV is off."""
+    assert "lead-off" not in kinds(square_swings({"V1": 25}, 250))
+    assert only(square_swings({"V1": 24}, 250), "lead-off").leads == ("V1",)
