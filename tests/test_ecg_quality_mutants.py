@@ -9,8 +9,6 @@ name or docstring says what a doctor or a patient would suffer from the bug it c
 
 from __future__ import annotations
 
-import datetime as dt
-
 import numpy as np
 import pytest
 
@@ -27,9 +25,8 @@ from devices.ecg.quality import (
     converter_limits,
 )
 from devices.ecg.recording import STANDARD_12_LEADS, EcgRecording, SampleGap
-from devices.identity import TimeSource
+from tests.ecg_factories import device_recording
 
-T0 = dt.datetime(2026, 11, 2, 9, 30, tzinfo=dt.timezone(dt.timedelta(hours=8)))
 LIMB_ONLY = ("I", "II", "III", "aVR", "aVL", "aVF")
 
 # ----------------------------------------------------------------------------- the wording
@@ -286,16 +283,8 @@ def to_recording(
     word = np.iinfo(dtype)  # what the converter writes beyond its range: its rail
     low, high = rails or (int(word.min) + 1, int(word.max))
     units = np.clip(np.round(noisy / uv_per_unit), low, high)
-    return EcgRecording(
-        samples=units.astype(dtype),
-        lead_names=names,
-        sampling_rate_hz=rate,
-        uv_per_unit=uv_per_unit,
-        acquired_at=T0,
-        time_source=TimeSource.DEVICE_CLOCK,
-        source_format=fmt,
-        derived_leads=derived,
-        gaps=gaps,
+    return device_recording(
+        units.astype(dtype), rate=rate, names=names, uv_per_unit=uv_per_unit, fmt=fmt, derived=derived, gaps=gaps
     )
 
 
@@ -1225,13 +1214,11 @@ def test_tremor_of_50_uv_reads_50_uv_at_every_accepted_rate(rate: float) -> None
 # ----------------------------------------------------------------------------- edges, exactly
 
 
-def test_a_twenty_millisecond_touch_of_the_rail_between_beats_is_no_heartbeat() -> None:
-    """From 20 ms at the rail the step is left out of the beat search: a 40 mV spike mid-RR
-    counted as a QRS would double a beat and misstate the rate."""
-    x = heart()
-    x[row("V2"), 3200:3210] = 40000.0  # 6.4 s: halfway between the beats at 6.0 and 6.8 s
-    report = check_quality(to_recording(x))
-    assert only(report, "saturation").leads == ("V2",)
+def test_a_right_arm_knocked_for_twenty_milliseconds_between_beats_makes_no_heartbeat() -> None:
+    """From 20 ms at the rail the step is left out of the beat search: the spike it sends through
+    every lead mid-RR, counted as a QRS, would add a beat and misstate the rate."""
+    report = check_quality(to_recording(knocked_right_arm(seconds_at_rail=0.02, offset_after_uv=0.0)))
+    assert only(report, "saturation").leads == ("I", "II", "aVR")
     assert len(report.beats) == 12 and report.heart_rate_bpm == pytest.approx(60 / RR_S, abs=0.5)
 
 
@@ -1253,3 +1240,10 @@ def test_a_lead_at_exactly_a_tenth_of_the_others_is_alive() -> None:
     """Among 250 µV leads, flat means under a tenth of them: 25 µV is still a lead, 24 µV is off."""
     assert "lead-off" not in kinds(square_swings({"V1": 25}, 250))
     assert only(square_swings({"V1": 24}, 250), "lead-off").leads == ("V1",)
+
+
+def test_a_baseline_shifting_by_exactly_0_7_mv_is_wander() -> None:
+    """From 0.7 mV (7 mm) ST levels and the row layout suffer: a baseline swinging by exactly
+    that much (whole-µV steps, so the figure is exact) is told to the doctor."""
+    wander = only(square_swings({}, 700), "baseline-wander")
+    assert (wander.value, wander.severity) == (700.0, WARN)

@@ -428,14 +428,14 @@ def _mains_free(x_uv: np.ndarray, rate: float) -> np.ndarray:
 
 
 def _comb(x: np.ndarray, period: float) -> np.ndarray:
-    """x[t] - x[t - period] (fractional delay by linear interpolation): zeros at 1/period and
+    """Along the last axis, x[t] - x[t - period] (fractional delay by linear interpolation): zeros at 1/period and
     every harmonic, twice the power of broadband noise elsewhere. The first samples are 0.
     x is >= 1 s long (MIN_SPECTRAL_S), far longer than the delay (at most 2000 / 50 = 40 samples)."""
     whole = int(period)
     frac = period - whole
     out = np.zeros_like(x)
-    delayed = (1 - frac) * x[:, 1:-whole] + frac * x[:, : -whole - 1]
-    out[:, whole + 1 :] = x[:, whole + 1 :] - delayed
+    delayed = (1 - frac) * x[..., 1:-whole] + frac * x[..., : -whole - 1]
+    out[..., whole + 1 :] = x[..., whole + 1 :] - delayed
     return out
 
 
@@ -473,10 +473,10 @@ def _muscle_gain(rate: float) -> float:
     the noise's own RMS at every sampling rate (the boxcars' lengths round differently).
 
     Not cached: it is one FFT of about a second of samples, well under a millisecond."""
-    n = int(2 ** np.ceil(np.log2(max(64.0, rate))))
-    impulse = np.zeros((1, n))
-    impulse[0, n // 2] = 1.0
-    response = np.abs(np.fft.rfft(_muscle_band(impulse, rate)[0])) ** 2
+    n = int(2 ** np.ceil(np.log2(rate)))  # about a second: the response (< 0.1 s) fits with room
+    impulse = np.zeros(n)
+    impulse[n // 2] = 1.0
+    response = np.abs(np.fft.rfft(_muscle_band(impulse, rate))) ** 2
     freqs = np.fft.rfftfreq(n, 1.0 / rate)
     # at >= 100 Hz the band holds bins from 20 Hz to min(150 Hz, 0.45 x rate) >= 45 Hz
     band = (freqs >= MUSCLE_BAND_HZ[0]) & (freqs <= min(MUSCLE_BAND_HZ[1], 0.45 * rate))
