@@ -1247,3 +1247,40 @@ def test_a_baseline_shifting_by_exactly_0_7_mv_is_wander() -> None:
     that much (whole-µV steps, so the figure is exact) is told to the doctor."""
     wander = only(square_swings({}, 700), "baseline-wander")
     assert (wander.value, wander.severity) == (700.0, WARN)
+
+
+def test_clipping_twice_the_second_time_in_the_last_tenth_of_a_second_is_no_lost_electrode() -> None:
+    """Lost means at the rail from some moment to the end for 0.5 s: V2 clipped for 0.1 s at 2 s
+    and again in its last 0.1 s is clipping (send, with a warning), not an electrode to reattach."""
+    x = heart()
+    x[row("V2"), 1000:1050] = 40000.0
+    x[row("V2"), -50:] = 40000.0
+    report = check_quality(to_recording(x))
+    assert kinds(report) == ["saturation"] and only(report, "saturation").value == pytest.approx(0.2)
+
+
+def test_wander_across_the_middle_of_a_twenty_second_strip_is_found() -> None:
+    """Any 10 s of a longer strip may be the print the cardiologist reads: a baseline climbing
+    0.8 mV between 5 and 15 s is wander, though each half alone climbs only 0.4 mV."""
+    x = heart(20.0)
+    t = np.arange(x.shape[-1]) / RATE_HZ
+    x[row("V1")] += 800.0 * np.clip((t - 5.0) / 10.0, 0.0, 1.0)
+    wander = only(check_quality(to_recording(x)), "baseline-wander")
+    assert wander.leads == ("V1",) and wander.value == pytest.approx(800.0, rel=0.05)
+
+
+def test_an_odd_length_recording_counts_flat_time_where_it_was() -> None:
+    """10.3 s, V2 lost for its last 3 s: the flat windows are those from 7.5 s to the end (2.8 s
+    inside them), and the window aligned on the end is measured on its own samples, not lent to
+    another window."""
+    x = heart(10.3)
+    x[row("V2"), x.shape[-1] - int(3.0 * RATE_HZ) :] = 0.0
+    report = check_quality(to_recording(x, noise_uv=0.0))
+    assert only(report, "lead-off").leads == ("V2",) and measures(report, "V2").flat_s == pytest.approx(2.8)
+
+
+def test_an_odd_length_recording_quiet_for_under_two_seconds_before_its_end_is_not_lost() -> None:
+    """10.3 s, V2 quiet from 8.3 to 10.0 s (1.7 s) and alive again after: no 2 s window is flat."""
+    x = heart(10.3)
+    x[row("V2"), int(8.3 * RATE_HZ) : int(10.0 * RATE_HZ)] = 0.0
+    assert "lead-off" not in kinds(check_quality(to_recording(x, noise_uv=0.0)))
