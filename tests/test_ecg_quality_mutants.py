@@ -1087,7 +1087,7 @@ def test_hum_under_heavy_tremor_is_measured_above_the_noise_floor() -> None:
         x = heart()
         x[row("V1")] += sine(50.0, 30.0) + np.random.default_rng(seed).normal(0.0, 100.0, x.shape[-1])
         figures.append(measures(check_quality(to_recording(x)), "V1").mains_uv)
-    assert float(np.mean(figures)) == pytest.approx(30.0, rel=0.08)
+    assert float(np.mean(figures)) == pytest.approx(30.0, rel=0.05)
 
 
 def test_thirty_milliseconds_at_the_negative_rail_is_clipping() -> None:
@@ -1284,3 +1284,29 @@ def test_an_odd_length_recording_quiet_for_under_two_seconds_before_its_end_is_n
     x = heart(10.3)
     x[row("V2"), int(8.3 * RATE_HZ) : int(10.0 * RATE_HZ)] = 0.0
     assert "lead-off" not in kinds(check_quality(to_recording(x, noise_uv=0.0)))
+
+
+@pytest.mark.parametrize(
+    "p_axis, t_axis",
+    [
+        (-150.0, 150.0),  # retrograde P (a junctional rhythm): inverted in II, upright in aVR; T flat in II
+        (150.0, -150.0),  # P flat in II; T inverted in II and upright in aVR
+    ],
+)
+def test_lead_ii_needs_both_p_and_t_inverted_for_an_arm_leg_swap(p_axis: float, t_axis: float) -> None:
+    """Right arm and left leg swapped turn lead II's P and T both upside down. One inverted wave
+    with the other flat is the patient's own heart (a junctional rhythm, T inversion): calling it a
+    swap would have the nurse move correctly placed electrodes and record the same ECG again."""
+    report = check_quality(to_recording(twelve_leads(electrodes(p_axis=p_axis, t_axis=t_axis))))
+    assert report.verdict == ACCEPTABLE and kinds(report) == []
+
+
+def test_at_500_hz_the_line_on_the_nyquist_frequency_is_not_counted_as_a_harmonic() -> None:
+    """At 500 Hz the 50 Hz mains' fifth harmonic would sit on 250 Hz, the Nyquist frequency, where
+    there is no neighbouring spectrum above to tell a line from: a 40 µV sample-to-sample alternation
+    there (converter crosstalk) is not hum; a 20 µV hum is measured as 20 µV and stays under the
+    warning level."""
+    x = heart()
+    x[row("V1")] += sine(50.0, 20.0) + sine(250.0, 40.0, phase=np.pi / 2)
+    report = check_quality(to_recording(x))
+    assert measures(report, "V1").mains_uv == pytest.approx(20.0, rel=0.03) and report.verdict == ACCEPTABLE
