@@ -588,7 +588,10 @@ class EcgForwarder:
                     if watch is not None:
                         watch.sending(assoc, item)
                     try:
-                        started = time.monotonic()
+                        # alone: timed from when the link is free of the object before it (the
+                        # pacer's schedule), not from before its first PDU: that wait is not this
+                        # object's, and made every probe look slower than the link
+                        started = max(time.monotonic(), self.pacer.link_free_at()) if alone else time.monotonic()
                         outcome = assoc.store(payload)
                         if watch is not None:
                             watch.finished(assoc, stored=outcome.category in ("success", "warning"))
