@@ -93,13 +93,19 @@ class LateTime(FakeTime):
         super().sleep(seconds + self.late_s)
 
 
-def test_a_sender_woken_late_catches_up_instead_of_losing_the_links_time() -> None:
-    late = LATE_CREDIT_S / 4
-    t = LateTime(late)
+def measured_at(bytes_per_s: int, t: FakeTime) -> LinkPacer:
+    """A pacer on `t`'s clock that has measured the link at `bytes_per_s`."""
     pacer = LinkPacer(clock=t.clock, sleep=t.sleep)
     pacer.on_data_sent(Sent(b"x"))
     t.now += 1.0
-    pacer.observe_object(50_000)  # 50 kB/s measured
+    pacer.observe_object(bytes_per_s)
+    return pacer
+
+
+def test_a_sender_woken_late_catches_up_instead_of_losing_the_links_time() -> None:
+    late = LATE_CREDIT_S / 4
+    t = LateTime(late)
+    pacer = measured_at(50_000, t)
     start = t.now
     for _ in range(20):
         pacer.on_data_sent(Sent(b"x" * 10_000))
@@ -112,10 +118,7 @@ def test_a_sender_woken_late_catches_up_instead_of_losing_the_links_time() -> No
 def test_the_link_is_free_of_what_was_sent_when_the_pace_has_carried_it() -> None:
     # (a probe's own time is counted from then: waiting for the object before it is not its own)
     t = FakeTime()
-    pacer = LinkPacer(clock=t.clock, sleep=t.sleep)
-    pacer.on_data_sent(Sent(b"x"))
-    t.now += 1.0
-    pacer.observe_object(50_000)
+    pacer = measured_at(50_000, t)
     start = t.now
     pacer.on_data_sent(Sent(b"x" * 10_000))
     pacer.on_data_sent(Sent(b"x" * 5_000))  # waited for the first one: the second is the burst
