@@ -23,6 +23,8 @@ import logging
 import os
 import sqlite3
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,7 +40,11 @@ FILE_MODE = 0o600
 # What Lastmile keeps in the data directory (tests/test_data_dir.py checks these against the
 # modules that own them): the outbox, its payload files and locks, clinic.db, visits.db and
 # the visit chain's signing key. SQLite adds -wal/-shm (and -journal) next to each database.
-OWN_ENTRIES = ("outbox.sqlite", "payloads", "locks", "clinic.db", "visits.db", "gateway_ed25519.pem")
+OUTBOX_DB = "outbox.sqlite"  # uploader.outbox.DB_NAME (not imported: that module brings sqlite-utils)
+CLINIC_DB = "clinic.db"  # lastmile.clinic.db.DB_NAME
+VISITS_DB = "visits.db"  # lastmile.visits.book.DB_NAME
+OWN_ENTRIES = (OUTBOX_DB, "payloads", "locks", CLINIC_DB, VISITS_DB, "gateway_ed25519.pem")
+READ_BUSY_TIMEOUT_S = 5.0  # a WAL reader waits only while a writer recovers the WAL
 _SQLITE_SUFFIXES = ("-wal", "-shm", "-journal")
 
 
@@ -227,3 +233,23 @@ def open_existing_outbox(config: Config) -> Outbox | None:
     from uploader.outbox import DB_NAME
 
     return open_outbox(config) if existing_file(config, DB_NAME) is not None else None
+
+
+@contextmanager
+def read_only(path: Path) -> Iterator[sqlite3.Connection]:
+    """A read-only connection to one of the data directory's databases, in one read transaction
+    (a consistent snapshot), closed after: for the metrics, the doctor and the update's idle check.
+
+    sqlite3.OperationalError when the file cannot be opened (missing, unreadable)."""
+    conn = sqlite3.connect(
+        f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=READ_BUSY_TIMEOUT_S, isolation_level=None
+    )
+    try:
+        conn.execute("PRAGMA query_only = 1")
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+    finally:
+        conn.close()

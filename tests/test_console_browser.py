@@ -503,8 +503,16 @@ PAGES = ("today", "sent", "reports", "devices", "visits", "system")
 
 
 def test_every_page_on_a_phone_and_a_tablet(browser: object, tmp_path: Path) -> None:
-    """No sideways scrolling at 360 px, every page in Chinese; a screenshot of each."""
+    """No sideways scrolling at 360 px, every page in Chinese; a screenshot of each (the System
+    page with an update installed and waiting for a quiet moment to reboot)."""
+    from lastmile.clock import read_boot_id
+    from lastmile.services.update import STATE_FILE, UPDATES_DIR, UpdateState
+
     config = console_config(tmp_path / "data")
+    config.update.enabled = True
+    (config.data_dir / UPDATES_DIR).mkdir(parents=True)
+    pending = {"version": "0.3.0", "sha256": "0" * 64, "at": 1.0, "boot_id": read_boot_id()}
+    UpdateState(installed=pending).save(config.data_dir / UPDATES_DIR / STATE_FILE)
     with running_console(config, reports=REPORTS) as server:
         enqueue_ecg(config, lead_off=False)
         log_in(browser, server, ADMIN)
@@ -525,5 +533,7 @@ def test_every_page_on_a_phone_and_a_tablet(browser: object, tmp_path: Path) -> 
                 assert overflow <= 0, f"{page} scrolls sideways by {overflow}px on a {name}"
                 if page == "today":
                     wait_for(browser, lambda d: d.find_elements(by("css"), "#panel-ecg figure.preview img"))
+                if page == "system":
+                    assert "新版本 0.3.0 已就绪" in browser.find_element(by("css"), "body").text
                 save_screenshot(browser, f"{page}-{name}")
         set_viewport(browser, TABLET)

@@ -111,3 +111,18 @@ def test_dates_and_numbers_in_the_clinics_locale_and_zone() -> None:
     assert en.ngettext("%(n)d study waiting to be sent.", "%(n)d studies waiting to be sent.", 2) == (
         "2 studies waiting to be sent."
     )
+
+
+def test_every_doctor_check_has_a_heading_in_chinese_on_the_system_page(tmp_path: Path) -> None:
+    """A check added to `lastmile doctor` without a heading would show its bare English name to
+    the village doctor."""
+    from lastmile.console.app import CHECK_LABELS
+    from lastmile.doctor import Doctor
+    from tests.console_harness import console_config
+
+    names = [name for name, _check, _network in Doctor(console_config(tmp_path / "data")).checks()]
+    assert sorted(CHECK_LABELS) == sorted(names)
+    zh = Localizer("zh-CN", ZoneInfo("Asia/Shanghai"))
+    for label in CHECK_LABELS.values():
+        shown = zh.gettext(label)
+        assert shown != label and all("\u3400" <= ch <= "\u9fff" for ch in shown), (label, shown)

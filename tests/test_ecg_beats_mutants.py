@@ -355,16 +355,23 @@ def test_a_lead_that_dies_half_way_is_not_used() -> None:
 RAIL_UV = 8000.0  # an input sitting at its converter's rail while an electrode is off
 
 
+def railed_beats(times: list[float], start_s: float, end_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """A lead with beats at `times` held at the rail from start_s to end_s, and that stretch as
+    the caller's `exclude` mask."""
+    x = beat_lead(times)
+    stretch = slice(round(start_s * RATE_HZ), round(end_s * RATE_HZ))
+    x[stretch] = RAIL_UV
+    exclude = np.zeros(x.size, dtype=bool)
+    exclude[stretch] = True
+    return x, exclude
+
+
 def test_a_stretch_at_the_rail_has_no_beats_and_its_edges_make_none() -> None:
     """While an electrode sat at its rail (the caller's `exclude`), no beat is placed there; the
     steps into and out of the rail (QRS-like edges within the filters' reach) make no beats and
     do not drown the real ones; the rate skips the RR that spans the stretch."""
     times = regular_times()
-    x = beat_lead(times)
-    stretch = slice(round(3.0 * RATE_HZ), round(5.0 * RATE_HZ))
-    x[stretch] = RAIL_UV
-    exclude = np.zeros(x.size, dtype=bool)
-    exclude[stretch] = True
+    x, exclude = railed_beats(times, 3.0, 5.0)
     found = detect_qrs(x[None, :], RATE_HZ, exclude)
     assert_beats_at(found.beats, [t for t in times if not 3.0 <= t < 5.0])
     assert found.heart_rate_bpm == pytest.approx(75.0, abs=0.3)
@@ -664,11 +671,7 @@ def test_a_low_voltage_lead_at_its_rail_still_has_its_beats_found() -> None:
     """The rail stretch's energy is zeroed, not set to some µV² value: a lead recorded in mV-sized
     units keeps its beats around an excluded stretch."""
     times = regular_times()
-    x = beat_lead(times)
-    stretch = slice(round(3.0 * RATE_HZ), round(5.0 * RATE_HZ))
-    x[stretch] = RAIL_UV
-    exclude = np.zeros(x.size, dtype=bool)
-    exclude[stretch] = True
+    x, exclude = railed_beats(times, 3.0, 5.0)
     found = detect_qrs(x[None, :] * 1e-3, RATE_HZ, exclude)
     assert_beats_at(found.beats, [t for t in times if not 3.0 <= t < 5.0])
 
@@ -693,11 +696,7 @@ def test_beats_are_found_around_a_rail_stretch_longer_than_half_the_recording() 
     """Five of ten seconds at the rail: the beats in the other half are still found (the rail's
     samples weigh nothing in the lead's background, rather than a negative amount)."""
     times = regular_times()
-    x = beat_lead(times)
-    stretch = slice(round(3.1 * RATE_HZ), round(8.0 * RATE_HZ))
-    x[stretch] = RAIL_UV
-    exclude = np.zeros(x.size, dtype=bool)
-    exclude[stretch] = True
+    x, exclude = railed_beats(times, 3.1, 8.0)
     found = detect_qrs(x[None, :], RATE_HZ, exclude)
     assert_beats_at(found.beats, [t for t in times if not 3.1 <= t < 8.0])
 

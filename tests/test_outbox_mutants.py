@@ -665,6 +665,26 @@ def test_lastmile_queue_reads_the_outbox_without_writing_and_sees_what_is_in_the
         assert isinstance(snapshot["free_bytes"], int)
 
 
+def test_lastmile_queue_on_a_locked_outbox_waits_the_busy_timeout_then_reads_the_file_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection holding the outbox in exclusive locking mode (what SQLite does with no room
+    for the -shm index) keeps the read-only reader out: it waits the busy timeout in seconds
+    (milliseconds taken as seconds would hang the technician's command for days), then reads
+    the database file as it is on disk, without the lock."""
+    with _open(tmp_path) as outbox:
+        outbox.add(Kind.DICOM, "a", b"x" * 100, now=1.0)
+    holder = sqlite3.connect(tmp_path / "data" / outbox_module.DB_NAME)
+    try:
+        holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+        holder.execute("BEGIN EXCLUSIVE")
+        monkeypatch.setattr(outbox_module, "BUSY_TIMEOUT_MS", 200)
+        snapshot = snapshot_stats(tmp_path / "data", 10.0)  # the suite's timeout catches a hang
+    finally:
+        holder.close()
+    assert snapshot["counts"]["queued"] == 1 and snapshot["oldest_waiting_s"] == 9.0
+
+
 # -- what each outcome leaves on the item: the next send must be charged exactly once ---------------
 def _attempts(outbox: Outbox, item_id: int) -> tuple[int, int]:
     item = outbox.get(item_id)

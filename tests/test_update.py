@@ -238,13 +238,21 @@ def test_a_new_bundle_is_downloaded_verified_by_rauc_and_handed_to_rauc_install(
     assert [s.status for s in county.served if s.path.endswith(".json")] == [200, 304]
 
 
+def _polling_foreign_bundle(
+    tmp_path: Path, bundles: dict[str, Path], tls: TlsMaterial, county: CountyServer, interval_h: str
+) -> tuple[Config, Updater, list[float]]:
+    """A gateway polling a county index that offers another county's bundle (refused once, then
+    nothing new), on a clock the test moves: (config, updater, [now])."""
+    county.publish(bundles["foreign-0.3.0"], "0.3.0")
+    config = gateway(tmp_path, bundles, tls, county.index_url, poll_interval_h=interval_h)
+    now = [1000.0]
+    return config, Updater(config, clock=lambda: now[0]), now
+
+
 def test_an_unchanged_index_is_asked_conditionally_and_nothing_is_downloaded_again(
     tmp_path: Path, bundles: dict[str, Path], tls: TlsMaterial, county: CountyServer
 ) -> None:
-    county.publish(bundles["foreign-0.3.0"], "0.3.0")
-    config = gateway(tmp_path, bundles, tls, county.index_url, poll_interval_h="1.0")
-    now = [1000.0]
-    updater = Updater(config, clock=lambda: now[0])
+    config, updater, now = _polling_foreign_bundle(tmp_path, bundles, tls, county, "1.0")
     first = updater.run()
     assert first.outcome is Outcome.REFUSED
     assert "unable to get local issuer certificate" in first.message  # real rauc, another county's CA
@@ -260,14 +268,37 @@ def test_an_unchanged_index_is_asked_conditionally_and_nothing_is_downloaded_aga
 def test_the_poll_interval_keeps_the_index_from_being_asked_every_round(
     tmp_path: Path, bundles: dict[str, Path], tls: TlsMaterial, county: CountyServer
 ) -> None:
-    county.publish(bundles["foreign-0.3.0"], "0.3.0")
-    config = gateway(tmp_path, bundles, tls, county.index_url, poll_interval_h="6.0")
-    now = [1000.0]
-    updater = Updater(config, clock=lambda: now[0])
+    _, updater, now = _polling_foreign_bundle(tmp_path, bundles, tls, county, "6.0")
     for at in (1000.0, 1000.0 + 5 * 3600, 1000.0 + 6 * 3600):
         now[0] = at
         updater.run()
     assert [s.status for s in county.served if s.path.endswith(".json")] == [200, 304]
+
+
+def test_quiet_rounds_do_not_rewrite_the_state_file_on_the_card(
+    tmp_path: Path, bundles: dict[str, Path], tls: TlsMaterial, county: CountyServer
+) -> None:
+    """The timer's round every 10 minutes with nothing new writes the state (and its fsync) only
+    when something changed, or when the round time it records is 6 hours old."""
+    config, updater, now = _polling_foreign_bundle(tmp_path, bundles, tls, county, "24.0")
+    assert updater.run().outcome is Outcome.REFUSED
+    path = updates_dir(config) / "state.json"
+
+    def written() -> tuple[int, float]:  # each save replaces the file: a new inode
+        state = read_state(config.data_dir)
+        assert state is not None
+        return path.stat().st_ino, state.last_result["at"]
+
+    now[0] += 600
+    assert updater.run().outcome is Outcome.UP_TO_DATE
+    first = written()
+    for _ in range(5):
+        now[0] += 600
+        assert updater.run().outcome is Outcome.UP_TO_DATE
+        assert written() == first
+    now[0] = first[1] + 6 * 3600
+    assert updater.run().outcome is Outcome.UP_TO_DATE
+    assert written()[1] == now[0] and written()[0] != first[0]
 
 
 def test_one_refused_bundle_never_blocks_the_next_good_one(

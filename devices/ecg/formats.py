@@ -12,6 +12,7 @@ service's RSS, whose goal is 64 MB; bench/soak.py).
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 from collections.abc import Callable
 
 from devices.ecg.recording import EcgRecording
@@ -28,6 +29,13 @@ EXTENSIONS: dict[str, str] = {
     ".npz": "npz",
 }
 _ZIP = b"PK\x03\x04"
+# format -> (module, function): each taking (data, *, local_tz, received_at); npz carries its own times
+_DECODERS: dict[str, tuple[str, str]] = {
+    "dicom": ("devices.ecg.dicom_input", "read_dicom_ecg"),
+    "scp": ("devices.ecg.scp", "read_scp"),
+    "aecg": ("devices.ecg.aecg", "read_aecg"),
+    "contec": ("devices.ecg.contec", "read_contec"),
+}
 
 
 def _extension_format(filename: str) -> str | None:
@@ -71,21 +79,9 @@ def detect_format(data: bytes, filename: str = "") -> str:
 
 def _decoder(fmt: str) -> Callable[..., EcgRecording]:
     """`fmt`'s decoding function, its module imported the first time it is asked for."""
-    if fmt == "dicom":
-        from devices.ecg.dicom_input import read_dicom_ecg
-
-        return read_dicom_ecg
-    if fmt == "scp":
-        from devices.ecg.scp import read_scp
-
-        return read_scp
-    if fmt == "aecg":
-        from devices.ecg.aecg import read_aecg
-
-        return read_aecg
-    from devices.ecg.contec import read_contec
-
-    return read_contec
+    module, function = _DECODERS[fmt]
+    decode: Callable[..., EcgRecording] = getattr(importlib.import_module(module), function)
+    return decode
 
 
 def decode_ecg(

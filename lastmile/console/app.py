@@ -249,6 +249,25 @@ QUANTITY_LABELS = {
     "glucose": N_("glucose"),
     "cuff-pressure": N_("cuff pressure"),
 }
+# `lastmile doctor`'s check names (lastmile/doctor.py Doctor.checks) as the System page heads them;
+# the finding itself stays in the technician's English, under its heading.
+CHECK_LABELS = {
+    "config": N_("Settings"),
+    "data": N_("Data storage"),
+    "root": N_("System partition"),
+    "journal": N_("System log"),
+    "clock": N_("Clock"),
+    "services": N_("Background services"),
+    "reading-center": N_("Reading center"),
+    "commitment": N_("Storage commitment"),
+    "fhir": N_("Health platform"),
+    "devices": N_("Devices"),
+    "queue": N_("Sending queue"),
+    "console": N_("Console"),
+    "reports": N_("Reports"),
+    "metrics": N_("County monitoring"),
+    "update": N_("Software update"),
+}
 UNIT_DISPLAY = {" mm[Hg]": " mmHg", " Cel": " °C", " [degF]": " °F", " [lb_av]": " lb"}
 
 
@@ -745,6 +764,7 @@ async def system_page(request: Request) -> Response:
     ctx = await context_for(request)
     model = await page_model(request, ctx, views.system, ctx.login.user.is_admin if ctx.login else False)
     model["findings"] = await views.doctor_findings(state.config)
+    model["check_labels"] = CHECK_LABELS
     model["fingerprint"] = state.fingerprint
     return render(request, ctx, "system.html", **model)
 

@@ -31,24 +31,20 @@ import shutil
 import sqlite3
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from devices.identity import EARLIEST_PLAUSIBLE
 from lastmile.clock import read_boot_id
+from lastmile.data_dir import CLINIC_DB, OUTBOX_DB, VISITS_DB, read_only
 
 log = logging.getLogger(__name__)
 
-OUTBOX_DB = "outbox.sqlite"  # uploader.outbox.DB_NAME (not imported: that module brings sqlite-utils)
-CLINIC_DB = "clinic.db"  # lastmile.clinic.db.DB_NAME
-VISITS_DB = "visits.db"  # lastmile.visits.book.DB_NAME
 READING_CENTER_STATUS = "reading_center"  # uploader.ecg_forwarder.STATUS_NAME
 REPORT_POLLER_STATUS = "poller"  # lastmile.reports.poller.STATUS_NAME (issue 14)
 CONFIG_FAULT_PREFIX = "configuration fault:"  # how uploader.fhir_forwarder releases items it could not send
-BUSY_TIMEOUT_S = 5.0  # a WAL reader waits only while a writer recovers the WAL
 WAITING_STATES = ("queued", "sending")  # not yet accepted by the peer
 UNCOMMITTED_STATES = ("queued", "sending", "sent")
 KEPT_STATES = ("queued", "sending", "sent", "committed", "quarantined")  # all but purged (meta kept)
@@ -68,23 +64,6 @@ def run_tool(cmd: Sequence[str]) -> subprocess.CompletedProcess[str] | None:
         return subprocess.run(list(cmd), capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
-
-
-@contextmanager
-def read_only(path: Path) -> Iterator[sqlite3.Connection]:
-    """A read-only connection in one read transaction (a consistent snapshot), closed after.
-
-    sqlite3.OperationalError when the file cannot be opened (missing, unreadable)."""
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-    try:
-        conn.execute("PRAGMA query_only = 1")
-        conn.execute("BEGIN")
-        try:
-            yield conn
-        finally:
-            conn.execute("COMMIT")
-    finally:
-        conn.close()
 
 
 def columns_of(conn: sqlite3.Connection, table: str) -> set[str]:

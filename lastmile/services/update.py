@@ -58,6 +58,10 @@ USB_BUNDLE_GLOB = "lastmile-update-*.raucb"
 CHUNK_BYTES = 256 * 1024
 MAX_INDEX_BYTES = 64 * 1024  # the index is a few hundred bytes; anything bigger is not one
 MAX_REMEMBERED = 32  # refused bundles remembered (by sha256)
+# A round that ends as the last one did rewrites the state file (on the SD card) only when the
+# recorded round time is this old: 4 writes a day instead of 144, the doctor's "last round … ago"
+# still tells a stopped timer.
+SAME_ROUND_RECORD_S = 6 * 3600
 RAUC_INFO_TIMEOUT_S = 300.0  # rauc info reads the signature at the end: seconds even on a Pi
 RAUC_INSTALL_TIMEOUT_S = 3 * 3600.0  # writing 2 GiB to an SD card
 STALE_SEND_S = 3600.0
@@ -221,6 +225,17 @@ class RoundResult:
         return [OUTCOME_ZH[self.outcome], f"{self.outcome.value}: {self.message}"]
 
 
+def _recorded(last: dict[str, Any], result: RoundResult, now: float) -> dict[str, Any]:
+    """The round's record; the last one kept as it is when the round ended the same way recently
+    (so the state file is not rewritten for nothing)."""
+    record = {**asdict(result), "outcome": result.outcome.value, "at": now}
+    at = last.get("at")
+    same = {k: v for k, v in last.items() if k != "at"} == {k: v for k, v in record.items() if k != "at"}
+    if same and isinstance(at, int | float) and 0 <= now - at < SAME_ROUND_RECORD_S:
+        return last
+    return record
+
+
 def reboot_pending(state: UpdateState) -> bool:
     """A slot was installed during this boot and is not booted yet."""
     return bool(state.installed.get("boot_id")) and state.installed.get("boot_id") == read_boot_id()
@@ -358,7 +373,7 @@ def _rauc_error(stderr: str) -> str:
 def busy_reason(config: Config, now: float) -> str | None:
     """Why rebooting now would cut into the clinic's work, or None: an item on the wire, a
     measurement or a patient in the last `idle_before_reboot_s`, outside `reboot_window`."""
-    from lastmile.services.metrics_sources import CLINIC_DB, OUTBOX_DB, read_only
+    from lastmile.data_dir import CLINIC_DB, OUTBOX_DB, read_only
 
     u = config.update
     if u.reboot_window:
@@ -420,15 +435,18 @@ class Updater:
     # -- state -------------------------------------------------------------------------------
     @contextlib.contextmanager
     def state(self) -> Iterator[UpdateState]:
-        """The state, saved when the block ends (also when it raises: failures are recorded)."""
+        """The state, saved when the block ends if it changed (also when it raises: failures are
+        recorded)."""
         # readable by the metrics and console services (no patient data here); written by root
         self.directory.mkdir(parents=True, exist_ok=True)
         self.directory.chmod(0o755)  # whatever the unit's UMask
         state = UpdateState.load(self.state_path)
+        loaded = asdict(state)
         try:
             yield state
         finally:
-            state.save(self.state_path)
+            if asdict(state) != loaded or not self.state_path.exists():
+                state.save(self.state_path)
 
     # -- sources -----------------------------------------------------------------------------
     @property
@@ -703,7 +721,7 @@ class Updater:
         with self.state() as state:
             result = self._round(state, url=url, file=file, install=install)
             if install:  # `update check` looks, it does not change what the county sees
-                state.last_result = {**asdict(result), "outcome": result.outcome.value, "at": self.clock()}
+                state.last_result = _recorded(state.last_result, result, self.clock())
             if reboot and install and reboot_pending(state):
                 why = busy_reason(self.config, self.clock())
                 if why is None:
