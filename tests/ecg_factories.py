@@ -6,7 +6,7 @@ import datetime as dt
 
 import numpy as np
 
-from devices.ecg.recording import STANDARD_12_LEADS, EcgRecording
+from devices.ecg.recording import STANDARD_12_LEADS, EcgRecording, SampleGap
 from devices.identity import DeviceIdentity, Patient, TimeSource
 
 T0 = dt.datetime(2026, 11, 2, 9, 30, tzinfo=dt.timezone.utc)
@@ -39,4 +39,32 @@ def make_recording(
         patient=patient,  # type: ignore[arg-type]
         source_format="test",
         stat=stat,
+    )
+
+
+CLINIC_T0 = dt.datetime(2026, 11, 2, 9, 30, tzinfo=dt.timezone(dt.timedelta(hours=8)))
+
+
+def device_recording(
+    samples: np.ndarray,
+    *,
+    rate: float = 500.0,
+    names: tuple[str, ...] | None = None,
+    uv_per_unit: float = 1.0,
+    fmt: str = "test",
+    derived: frozenset[str] = frozenset(),
+    gaps: tuple[SampleGap, ...] = (),
+) -> EcgRecording:
+    """These samples as a device hands them over (its own clock, no patient): for the quality
+    gate, which looks only at the samples, their scale, rate, lead names and format."""
+    return EcgRecording(
+        samples=samples,
+        lead_names=names or STANDARD_12_LEADS[: samples.shape[0]],
+        sampling_rate_hz=rate,
+        uv_per_unit=uv_per_unit,
+        acquired_at=CLINIC_T0,
+        time_source=TimeSource.DEVICE_CLOCK,
+        source_format=fmt,
+        derived_leads=derived,
+        gaps=gaps,
     )

@@ -4,7 +4,6 @@ modelled faults (tests/ecg_faults.py), and on anything a decoder can produce."""
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import json
 import re
 from pathlib import Path
@@ -32,11 +31,9 @@ from devices.ecg.quality import (
 from devices.ecg.recording import STANDARD_12_LEADS, EcgRecording, SampleGap
 from devices.ecg.scp import read_sections, section_body
 from devices.errors import DeviceError
-from devices.identity import TimeSource
 from tests import ecg_faults as faults
 from tests.conftest import shared_file
-
-T0 = dt.datetime(2026, 11, 2, 9, 30, tzinfo=dt.timezone(dt.timedelta(hours=8)))
+from tests.ecg_factories import device_recording
 
 # Every real ECG we have, and what a cardiologist would say of it.
 GOOD = {  # name -> path parts under ../shared/ecg
@@ -363,26 +360,6 @@ def test_extra_leads_keep_their_names() -> None:
 # ----------------------------------------------------------------------------- synthetic edge cases
 
 
-def synthetic(
-    samples: np.ndarray,
-    *,
-    rate: float = 500.0,
-    names: tuple[str, ...] | None = None,
-    uv_per_unit: float = 1.0,
-    fmt: str = "test",
-) -> EcgRecording:
-    names = names or STANDARD_12_LEADS[: samples.shape[0]]
-    return EcgRecording(
-        samples=samples,
-        lead_names=names,
-        sampling_rate_hz=rate,
-        uv_per_unit=uv_per_unit,
-        acquired_at=T0,
-        time_source=TimeSource.DEVICE_CLOCK,
-        source_format=fmt,
-    )
-
-
 def test_the_issues_example_nine_flat_leads_and_one_at_the_rail() -> None:
     clean = recording("welch-allyn-scp")
     samples = np.zeros_like(clean.samples)
@@ -412,7 +389,7 @@ def test_a_pause_of_the_heart_is_not_a_lost_electrode() -> None:
 def test_no_signal_at_all_is_lead_off_on_every_lead() -> None:
     rng = np.random.default_rng(1)
     noise = rng.normal(0, 3, (12, 5000)).round().astype(np.int16)
-    report = check_quality(synthetic(noise))
+    report = check_quality(device_recording(noise))
     (off,) = [p for p in report.problems if p.kind == "lead-off"]
     assert off.leads == STANDARD_12_LEADS and "所有导联" in off.message_zh
 
@@ -455,7 +432,7 @@ def test_rates_outside_the_analysed_range_raise_the_typed_error() -> None:
     samples = np.zeros((1, 1000), dtype=np.int16)
     for rate in (50.0, 5000.0):
         with pytest.raises(EcgQualityError, match="Hz"):
-            check_quality(synthetic(samples, rate=rate))
+            check_quality(device_recording(samples, rate=rate))
     assert issubclass(EcgQualityError, DeviceError)
 
 
@@ -494,7 +471,7 @@ def test_every_kind_has_a_sentence_in_both_languages() -> None:
             break
         for p in check_quality(corrupt(recording(base), kind, seed)[0]).problems:
             seen.setdefault(p.kind, p)
-    seen.setdefault("too-short", check_quality(synthetic(np.zeros((1, 100), np.int16))).problems[-1])
+    seen.setdefault("too-short", check_quality(device_recording(np.zeros((1, 100), np.int16))).problems[-1])
     assert set(seen) == set(KINDS)
     for p in seen.values():
         assert p.message_zh and p.message_en and p.severity in (WARN, RE_RECORD)
@@ -523,15 +500,13 @@ def any_recording(draw) -> EcgRecording:
         data = rng.choice(np.array([info.min, info.max, 0]), (leads, n))
     names = tuple(draw(st.permutations(list(STANDARD_12_LEADS) + ["V3R", "V4R", "V7", "X"]))[:leads])
     derived = frozenset(draw(st.sets(st.sampled_from(names), max_size=leads)))
-    return EcgRecording(
-        samples=data.astype(dtype),
-        lead_names=names,
-        sampling_rate_hz=draw(st.sampled_from([25.0, 99.9, 100.0, 128.0, 200.0, 257.3, 500.0, 1000.0, 2000.0, 2000.1])),
+    return device_recording(
+        data.astype(dtype),
+        names=names,
+        rate=draw(st.sampled_from([25.0, 99.9, 100.0, 128.0, 200.0, 257.3, 500.0, 1000.0, 2000.0, 2000.1])),
         uv_per_unit=draw(st.sampled_from([0.001, 1.0, 2.5, 5.0, 1000.0])),
-        acquired_at=T0,
-        time_source=TimeSource.DEVICE_CLOCK,
-        derived_leads=derived,
-        source_format=draw(st.sampled_from(["contec", "scp", "aecg", "npz"])),
+        derived=derived,
+        fmt=draw(st.sampled_from(["contec", "scp", "aecg", "npz"])),
     )
 
 

@@ -21,7 +21,7 @@ from lastmile.services.forward import forwarder_settings, open_outbox
 from tests.link_emulator import LinkProfile, LinkRelay
 from tests.test_stat_overtakes import arrivals, enqueue, make_config, slow_link, wait_until
 from uploader.ecg_forwarder import EcgForwarder, RoundResult, StatLane
-from uploader.link_pacing import DRAIN_HEADROOM, FAST_BYTES_PER_S, HEADROOM, LinkPacer
+from uploader.link_pacing import DRAIN_HEADROOM, FAST_BYTES_PER_S, HEADROOM, LATE_CREDIT_S, LinkPacer
 
 
 # -- the pacer's arithmetic ----------------------------------------------------------------------
@@ -80,6 +80,63 @@ def test_sends_are_spaced_to_the_pace_with_one_pdu_of_burst() -> None:
     pace = 50_000 * HEADROOM
     # the last PDU may leave at once (burst of one): everything before it took the pace's time
     assert t.now - start == pytest.approx((sent - 10_000) / pace)
+
+
+class LateTime(FakeTime):
+    """A loaded CPU: every sleep ends `late_s` after it should."""
+
+    def __init__(self, late_s: float) -> None:
+        super().__init__()
+        self.late_s = late_s
+
+    def sleep(self, seconds: float) -> None:
+        super().sleep(seconds + self.late_s)
+
+
+def measured_at(bytes_per_s: int, t: FakeTime) -> LinkPacer:
+    """A pacer on `t`'s clock that has measured the link at `bytes_per_s`."""
+    pacer = LinkPacer(clock=t.clock, sleep=t.sleep)
+    pacer.on_data_sent(Sent(b"x"))
+    t.now += 1.0
+    pacer.observe_object(bytes_per_s)
+    return pacer
+
+
+def test_a_sender_woken_late_catches_up_instead_of_losing_the_links_time() -> None:
+    late = LATE_CREDIT_S / 4
+    t = LateTime(late)
+    pacer = measured_at(50_000, t)
+    start = t.now
+    for _ in range(20):
+        pacer.on_data_sent(Sent(b"x" * 10_000))
+    ideal = 19 * 10_000 / (50_000 * HEADROOM)
+    # each late wake-up is made up by the next PDU: only the last one's lateness is left
+    # (without the credit every one of the 19 waits would add its lateness)
+    assert ideal <= t.now - start <= ideal + 2 * late, (t.now - start, ideal)
+
+
+def test_the_link_is_free_of_what_was_sent_when_the_pace_has_carried_it() -> None:
+    # (a probe's own time is counted from then: waiting for the object before it is not its own)
+    t = FakeTime()
+    pacer = measured_at(50_000, t)
+    start = t.now
+    pacer.on_data_sent(Sent(b"x" * 10_000))
+    pacer.on_data_sent(Sent(b"x" * 5_000))  # waited for the first one: the second is the burst
+    assert t.now == pytest.approx(start + 10_000 / (50_000 * HEADROOM))
+    assert pacer.link_free_at() == pytest.approx(start + 15_000 / (50_000 * HEADROOM))
+
+
+def test_the_measuring_window_starts_before_an_unpaced_object_is_written() -> None:
+    t = FakeTime()
+    pacer = LinkPacer(clock=t.clock, sleep=t.sleep)
+    pacer.observe_rtt(0.2)
+    pacer.start_window()  # the first object's first byte
+    t.now += 0.5
+    pacer.on_data_sent(Sent(b"x" * 75_000))  # unpaced: told once, after the whole write
+    t.now += 0.7
+    pacer.observe_object(75_000)
+    # 75 kB in 1.2 s less one round trip; counted from the end of the write it would seem 150 kB/s
+    assert pacer.measured == pytest.approx(75_000)
 
 
 def test_a_late_response_paces_lower_until_the_buffer_drained() -> None:

@@ -26,7 +26,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import P_DATA_TF
 
 from lastmile.services.forward import forwarder_settings, open_outbox
-from tests.link_emulator import LinkRelay
+from tests.link_emulator import LinkProfile, LinkRelay
 from tests.test_link_pacing import FakeTime
 from tests.test_stat_overtakes import (
     arrivals,
@@ -271,3 +271,23 @@ def test_more_associations_where_the_round_trip_is_long_against_an_object(
             outbox.record_status(LINK_STATUS_NAME, kept, time.time())
         fwd = EcgForwarder(outbox, forwarder_settings(config))
         assert fwd.associations_for_link() == associations
+
+
+def test_a_round_started_knowing_nothing_of_the_link_adds_associations_once_it_is_measured(
+    tmp_path: Path, storescp_factory
+) -> None:
+    """A new gateway's first backlog: the round starts on the configured two associations; once
+    its first objects show a round trip long against an object's time, more join the same round
+    and take their share of its items (on 4G two left the link idle a fifth of the time)."""
+    scp = storescp_factory(accept="deflated")
+    long_trip = LinkProfile("long", 2e6, 2e6, 0.3, queue_bytes=16 * 1024)
+    with LinkRelay(long_trip, "127.0.0.1", scp.port) as relay:
+        config = make_config(tmp_path, relay.port, associations=2)
+        config.reading_center.max_associations = 4
+        uids = enqueue(config, range(12), seconds=10.0)  # ~64 kB each
+        with open_outbox(config) as outbox, EcgForwarder(outbox, forwarder_settings(config)) as fwd:
+            assert fwd.associations_for_link() == 2  # nothing known of the link yet
+            result = fwd.run_round(threading.Event())  # one round: all twelve claimed at its start
+    assert result.sent == 12
+    assert 2 < relay.connections <= 4, relay.connections  # joined mid-round, never past max_associations
+    assert_none_lost_and_uncharged(config, scp, uids, set())

@@ -509,6 +509,8 @@ class StoreAssociation:
         # until something else needs it (`_resume_reactor`): resuming it between objects cost a
         # thread waking every millisecond, and each new pause raced with its waking up.
         self._hold_reactor(assoc)
+        if self.paced and self.pacer is not None:
+            self.pacer.start_window()
         try:
             limit = assoc.dimse.maximum_pdu_size
             pdu_bytes = self.pacer.pdu_bytes() if self.paced and self.pacer is not None else None

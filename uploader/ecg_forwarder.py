@@ -42,7 +42,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,6 +156,33 @@ class StatLane:
         if self._errors:
             raise self._errors[0]
         return self._results
+
+
+class RoundItems:
+    """The routine items one round claimed, shared by its associations: each takes the next one
+    when it is ready to send it. An association added mid-round (the link turned out slow against
+    its round trip, `associations_for_link`) gets its share at once, and no association sits idle
+    while another still has a backlog. What no association took (all died, or the round stopped)
+    is dealt with by the round (`EcgForwarder._send_shared`)."""
+
+    def __init__(self, items: Sequence[OutboxItem], on_stored: Callable[[], None] | None = None) -> None:
+        self._items = list(items)
+        self._lock = threading.Lock()
+        self.on_stored = on_stored or (lambda: None)  # after each object stored: add associations?
+        self.failure: TransientError | None = None  # the link failure an association died of
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def take(self) -> list[OutboxItem]:
+        """The next item (empty: none left)."""
+        with self._lock:
+            return [self._items.pop(0)] if self._items else []
+
+    def take_all(self) -> list[OutboxItem]:
+        with self._lock:
+            items, self._items = self._items, []
+            return items
 
 
 class EcgForwarder:
@@ -329,7 +356,10 @@ class EcgForwarder:
             )
             watch.on_cut = lambda: self._carry_stat_after_cut(stat_lane, watch)
             with watch:
-                outcomes = self._send_chunks(chunks, stop, faults, watch)
+                if suspects:
+                    outcomes = self._send_chunks(chunks, stop, faults, watch)
+                else:
+                    outcomes = self._send_shared(RoundItems(items), n, stop, faults, watch)
             outcomes += stat_lane.join()
         for chunk_result in outcomes:
             result.sent += chunk_result.sent
@@ -425,17 +455,67 @@ class EcgForwarder:
         with ThreadPoolExecutor(max_workers=len(chunks), thread_name_prefix="dicom-send") as pool:
             return list(pool.map(lambda c: self._send_lane(c, stop, faults, watch), chunks))
 
+    def _send_shared(
+        self, share: RoundItems, lanes: int, stop: threading.Event, faults: list[str], watch: StatWatch
+    ) -> list[RoundResult]:
+        """A routine round: `lanes` associations take `share`'s items one at a time, and more
+        join (up to `max_associations`) as soon as the link measured so far asks for them - a
+        round that started with nothing known of the link (a new gateway) would otherwise carry
+        its whole backlog on too few associations to hide the round trip."""
+        s = self.settings
+        most = max(lanes, s.associations, s.max_associations)
+        futures: list[Future[RoundResult]] = []
+        grow = threading.Lock()
+        with ThreadPoolExecutor(max_workers=most, thread_name_prefix="dicom-send") as pool:
+
+            def add_lanes(wanted: int) -> None:
+                with grow:
+                    if stop.is_set() or watch.stat_due.is_set() or faults or share.failure is not None:
+                        return  # the round is ending: no new association for it
+                    # (futures: every association this round started; none without an item to take)
+                    wanted = min(wanted, most, len(futures) + len(share))
+                    while len(futures) < wanted:
+                        futures.append(pool.submit(self._send_lane, [], stop, faults, watch, share))
+
+            share.on_stored = lambda: add_lanes(self.associations_for_link())
+            add_lanes(lanes)
+            outcomes: list[RoundResult] = []
+            while True:
+                with grow:
+                    if len(outcomes) == len(futures):
+                        break
+                    future = futures[len(outcomes)]
+                outcomes.append(future.result())
+        left = share.take_all()  # every association ended before taking these
+        if left and share.failure is not None:
+            now, failure = self.clock(), share.failure
+            for item in left:
+                self.outbox.mark_transient_failure(
+                    item.id, str(failure), now, retry_after=getattr(failure, "retry_after", None)
+                )
+            outcomes.append(RoundResult(transient=len(left)))
+        elif left:
+            why = YIELDED_TO_STAT if watch.stat_due.is_set() else "forwarder stopped"
+            self.outbox.release([i.id for i in left], why, self.clock(), 0.0)
+        return outcomes
+
     def _send_stat(self, stop: threading.Event, faults: list[str]) -> RoundResult:
         """The STAT items due, on an association of their own (none if another took them)."""
         stat = self._claim(self.settings.batch_size, Priority.STAT)
         return self._send_chunk(stat, stop, faults) if stat else RoundResult()
 
     def _send_lane(
-        self, items: Sequence[OutboxItem], stop: threading.Event, faults: list[str], watch: StatWatch | None
+        self,
+        items: Sequence[OutboxItem],
+        stop: threading.Event,
+        faults: list[str],
+        watch: StatWatch | None,
+        share: RoundItems | None = None,
     ) -> RoundResult:
-        """One association's share of a round. If a STAT item came while it sent routine ones
-        and its association ended (cut, or its share done) before carrying it: a new one does."""
-        r = self._send_chunk(items, stop, faults, watch)
+        """One association's share of a round (`items`, then what it takes from `share`). If a
+        STAT item came while it sent routine ones and its association ended (cut, or its share
+        done) before carrying it: a new one does."""
+        r = self._send_chunk(items, stop, faults, watch, share)
         if watch is not None and watch.stat_due.is_set() and not stop.is_set() and not faults:
             stat = self._claim(self.settings.batch_size, Priority.STAT)
             if stat:
@@ -447,12 +527,19 @@ class EcgForwarder:
         return r
 
     def _send_chunk(
-        self, items: Sequence[OutboxItem], stop: threading.Event, faults: list[str], watch: StatWatch | None = None
+        self,
+        items: Sequence[OutboxItem],
+        stop: threading.Event,
+        faults: list[str],
+        watch: StatWatch | None = None,
+        share: RoundItems | None = None,
     ) -> RoundResult:
+        """Send `items`, then (a routine round's association) those it takes from `share` one
+        at a time, on one association."""
         r = RoundResult()
         pending = list(items)
         in_flight: OutboxItem | None = None
-        routine = bool(items) and items[0].priority != Priority.STAT
+        routine = share is not None or (bool(items) and items[0].priority != Priority.STAT)
         assoc = StoreAssociation(
             self.settings.peer, commitment=self.settings.storage_commitment, pacer=self.pacer if routine else None
         )
@@ -461,19 +548,23 @@ class EcgForwarder:
         try:
             with assoc:
                 sent_now: list[OutboxItem] = []
-                while pending:
+                while pending or (share is not None and (pending := share.take())):
                     if stop.is_set():
                         break  # finish the store in hand, leave the rest for the next run
                     item = pending[0]
                     if watch is not None and item.priority != Priority.STAT and watch.stat_due.is_set():
                         # a STAT item waits: the routine ones go back (uncharged) and this
                         # association, open already, carries the STAT ones
+                        pending += share.take_all() if share is not None else []
+                        share = None
                         self.outbox.release([i.id for i in pending], YIELDED_TO_STAT, self.clock(), 0.0)
                         pending = self._claim(self.settings.batch_size, Priority.STAT)
                         watch = None
                         assoc.paced = False  # STAT goes as fast as the link allows
                         continue
                     if item.priority != Priority.STAT and (shut := self._metered_shut()):
+                        pending += share.take_all() if share is not None else []
+                        share = None
                         self.outbox.release([i.id for i in pending], shut, self.clock(), 0.0)
                         pending = []
                         continue
@@ -497,7 +588,10 @@ class EcgForwarder:
                     if watch is not None:
                         watch.sending(assoc, item)
                     try:
-                        started = time.monotonic()
+                        # alone: timed from when the link is free of the object before it (the
+                        # pacer's schedule), not from before its first PDU: that wait is not this
+                        # object's, and made every probe look slower than the link
+                        started = max(time.monotonic(), self.pacer.link_free_at()) if alone else time.monotonic()
                         outcome = assoc.store(payload)
                         if watch is not None:
                             watch.finished(assoc, stored=outcome.category in ("success", "warning"))
@@ -506,6 +600,8 @@ class EcgForwarder:
                             took = time.monotonic() - started if alone else None
                             self.pacer.observe_object(outcome.wire_bytes, tail, took)
                             self._observe_object_bytes(outcome.wire_bytes)
+                            if share is not None:
+                                share.on_stored()  # the link measured better: more associations?
                     except PermanentError as exc:  # e.g. a payload that is no DICOM we can send
                         in_flight = None
                         pending.pop(0)
@@ -548,6 +644,7 @@ class EcgForwarder:
                     self._request_commitment(assoc, sent_now)
         except ConfigurationFault as exc:
             faults.append(str(exc))
+            pending += share.take_all() if share is not None else []  # the peer refuses us, not an item
             self.outbox.release([i.id for i in pending], str(exc), self.clock(), self.settings.config_fault_retry_s)
             return r
         except TransientError as exc:
@@ -557,6 +654,8 @@ class EcgForwarder:
                 self.outbox.release([i.id for i in pending], YIELDED_TO_STAT, now, 0.0)
                 pending = []  # all released: nothing for the clean-up below to look up
                 return r
+            if share is not None:
+                share.failure = exc  # the others go on with the rest; what none takes fails with this
             for item in pending:
                 self.outbox.mark_transient_failure(
                     item.id, str(exc), now, retry_after=getattr(exc, "retry_after", None)

@@ -10,7 +10,9 @@ routine throughput barely changes.
 One `LinkPacer` per destination is shared by every association sending routine objects to it
 (the link is one bottleneck). Each association calls `on_pdu_sent` after every PDU it wrote (on
 its DUL thread: pynetdicom's EVT_DATA_SENT, or `EncodedMessage.on_sent`): a token bucket with one PDU of burst
-makes that thread wait until the link would have carried what was sent before.
+makes that thread wait until the link would have carried what was sent before. A thread woken
+late (a loaded CPU) makes up for it on its next PDU, by up to `LATE_CREDIT_S`: otherwise every
+late wake-up (and a write that blocked a moment) is link time lost for good.
 
 The rate is measured, not configured: the bytes stored (all associations together) since the
 first byte of a busy spell, over its time less one round trip (the association negotiation's,
@@ -46,6 +48,7 @@ FAST_BYTES_PER_S = 2.5e6  # 20 Mbit/s and faster: not paced
 NEAR_RTT_S = 0.02  # a round trip shorter than this: a LAN (or CPU-bound), not paced
 PDU_TIME_S = 0.02  # a paced PDU carries about this much of the link's time ...
 MIN_PDU_BYTES = 4096  # ... but no less: the burst one PDU may make stays small in the buffer
+LATE_CREDIT_S = PDU_TIME_S  # a sender woken this much late (a loaded CPU) catches up: the link's time is not lost
 STALE_AFTER_LATE = 3  # this many late responses in a row paced at a remembered rate: it is stale
 PROBE_EVERY = 6  # every this many objects one is sent faster, to see whether the link is faster ...
 PROBE_GAIN = 1.15  # ... by this factor (what may queue in the buffer meanwhile stays a fraction of one object)
@@ -181,6 +184,19 @@ class LinkPacer:
                 "off" if self.pace is None else f"{self.pace:.0f} B/s",
             )
 
+    def start_window(self) -> None:
+        """An object's first byte is about to be written (before `on_pdu_sent`, which an unpaced
+        association calls only once its whole message is written: a window started then is
+        short by that write, and the first sample - the estimate - too high)."""
+        with self._lock:
+            if self._window_start is None:
+                self._window_start = self._clock()
+
+    def link_free_at(self) -> float:
+        """When the link will have carried what was sent so far, as the pace counts it (this pacer's clock)."""
+        with self._lock:
+            return self._next_free
+
     def idle(self) -> None:
         """Nothing is being sent now: the next byte starts a new window."""
         with self._lock:
@@ -259,7 +275,9 @@ class LinkPacer:
             if pace is None or nbytes == 0:
                 return
             now = self._clock()
-            start = max(now, self._next_free)
+            # late by a little (woken late, or the time the write itself took): counted from when
+            # the link became free, so the next PDU catches up; later than that, the link was idle
+            start = self._next_free if now - LATE_CREDIT_S <= self._next_free else now
             self._next_free = start + nbytes / pace
         wait = start - now
         if wait > 0:

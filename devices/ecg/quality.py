@@ -37,7 +37,6 @@ Verdict: the worst severity among the problems. "re-record": the ECG cannot be r
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -359,9 +358,7 @@ def _windowed_range(x: np.ndarray, window: int, hop: int) -> tuple[np.ndarray, n
 def _baseline(x_uv: np.ndarray, rate: float) -> tuple[np.ndarray, float]:
     """Baseline (leads, m) at about 50 Hz, and its rate: block means, then two median filters."""
     block = max(1, round(rate / WANDER_WORK_RATE_HZ))
-    m = x_uv.shape[-1] // block
-    if m < 3:
-        return x_uv.mean(axis=-1, keepdims=True), rate
+    m = x_uv.shape[-1] // block  # >= 45: wander is measured from 1 s (MIN_SPECTRAL_S)
     work_rate = rate / block
     d = x_uv[:, : m * block].reshape(x_uv.shape[0], m, block).mean(axis=-1)
     for seconds in WANDER_MEDIAN_S:
@@ -431,15 +428,14 @@ def _mains_free(x_uv: np.ndarray, rate: float) -> np.ndarray:
 
 
 def _comb(x: np.ndarray, period: float) -> np.ndarray:
-    """x[t] - x[t - period] (fractional delay by linear interpolation): zeros at 1/period and
-    every harmonic, twice the power of broadband noise elsewhere. The first samples are 0."""
+    """Along the last axis, x[t] - x[t - period] (fractional delay by linear interpolation): zeros at 1/period and
+    every harmonic, twice the power of broadband noise elsewhere. The first samples are 0.
+    x is >= 1 s long (MIN_SPECTRAL_S), far longer than the delay (at most 2000 / 50 = 40 samples)."""
     whole = int(period)
     frac = period - whole
     out = np.zeros_like(x)
-    if whole + 1 >= x.shape[-1]:
-        return out
-    delayed = (1 - frac) * x[:, 1:-whole] + frac * x[:, : -whole - 1]
-    out[:, whole + 1 :] = x[:, whole + 1 :] - delayed
+    delayed = (1 - frac) * x[..., 1:-whole] + frac * x[..., : -whole - 1]
+    out[..., whole + 1 :] = x[..., whole + 1 :] - delayed
     return out
 
 
@@ -472,17 +468,19 @@ def _muscle_band(x_uv: np.ndarray, rate: float) -> np.ndarray:
     return band
 
 
-@functools.lru_cache(maxsize=32)
 def _muscle_gain(rate: float) -> float:
     """RMS gain of _muscle_band for noise spread evenly over 20-150 Hz, so that the figure is
-    the noise's own RMS at every sampling rate (the boxcars' lengths round differently)."""
-    n = int(2 ** np.ceil(np.log2(max(64.0, rate))))
-    impulse = np.zeros((1, n))
-    impulse[0, n // 2] = 1.0
-    response = np.abs(np.fft.rfft(_muscle_band(impulse, rate)[0])) ** 2
+    the noise's own RMS at every sampling rate (the boxcars' lengths round differently).
+
+    Not cached: it is one FFT of about a second of samples, well under a millisecond."""
+    n = int(2 ** np.ceil(np.log2(rate)))  # about a second: the response (< 0.1 s) fits with room
+    impulse = np.zeros(n)
+    impulse[n // 2] = 1.0
+    response = np.abs(np.fft.rfft(_muscle_band(impulse, rate))) ** 2
     freqs = np.fft.rfftfreq(n, 1.0 / rate)
+    # at >= 100 Hz the band holds bins from 20 Hz to min(150 Hz, 0.45 x rate) >= 45 Hz
     band = (freqs >= MUSCLE_BAND_HZ[0]) & (freqs <= min(MUSCLE_BAND_HZ[1], 0.45 * rate))
-    return float(np.sqrt(response[band].mean())) if band.any() else 1.0
+    return float(np.sqrt(response[band].mean()))
 
 
 def _muscle(x_uv: np.ndarray, rate: float, beats: tuple[int, ...], skip: np.ndarray) -> np.ndarray:
@@ -495,9 +493,7 @@ def _muscle(x_uv: np.ndarray, rate: float, beats: tuple[int, ...], skip: np.ndar
     for b in beats:
         outside[max(0, b - before) : b + after] = False
     window = max(1, round(MUSCLE_WINDOW_S * rate))
-    count = n // window
-    if count == 0:
-        return np.sqrt(np.mean(band**2, axis=-1))
+    count = n // window  # >= 1: noise is measured from 1 s (MIN_SPECTRAL_S)
     energy = (band[:, : count * window] ** 2 * outside[: count * window]).reshape(-1, count, window).sum(-1)
     kept = outside[: count * window].reshape(count, window).sum(-1)
     valid = kept >= 0.3 * window
@@ -681,8 +677,8 @@ def check_quality(recording: EcgRecording) -> QualityReport:
         if 0 < gap.start < n:
             knocked[gap.start - 1 : gap.start + 1] = True
     disturbed = knocked
-    if knocked.any():
-        disturbed = moving_average(knocked.astype(np.float64), 2 * round(EXCLUDE_MARGIN_S * rate) + 1) > 1e-9
+    if knocked.any():  # within reach of a knocked sample: the mean of a 0/1 mask is k / width, exact
+        disturbed = moving_average(knocked.astype(np.float64), 2 * round(EXCLUDE_MARGIN_S * rate) + 1) > 0.0
     usable = ~off & (rail_s <= RAIL_SHARE_UNUSABLE * duration)
     detection = QrsDetection((), None, ())
     if usable.any():
