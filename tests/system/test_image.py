@@ -152,7 +152,7 @@ def test_root_filesystem_has_the_units_enabled_and_spares_the_card(partitions: d
     ):
         assert pointless_on_a_ram_root not in timers
     fstab = debugfs(root, "cat /etc/fstab")
-    data_line = next(ln for ln in fstab.splitlines() if "LM-DATA" in ln)
+    data_line = next(ln for ln in fstab.splitlines() if ln.startswith("LABEL=LM-DATA"))  # not a comment naming it
     assert "/var/lib/lastmile" in data_line and "noatime" in data_line and "commit=60" in data_line
     boot_line = next(ln for ln in fstab.splitlines() if ln.startswith("LABEL=LM-BOOT"))
     assert boot_line.split()[3].split(",")[0] == "ro"  # the FAT the firmware boots from is never written
