@@ -123,8 +123,8 @@ FOCUSED_TESTS: dict[str, list[str]] = {
         # a child process (what a fresh `lastmile` imports): it never sees the mutant
         "--deselect=tests/test_order_statistics.py::test_checking_a_real_ecgs_quality_leaves_numpy_ma_unimported",
     ],
-    "devices/ecg/qrs.py": ["tests/test_ecg_beats_mutants.py"],
-    "devices/ecg/quality.py": ["tests/test_ecg_quality_mutants.py"],
+    "devices/ecg/qrs.py": ["tests/test_ecg_beats_mutants.py", "tests/test_ecg_tall_beats.py"],
+    "devices/ecg/quality.py": ["tests/test_ecg_quality_mutants.py", "tests/test_ecg_tall_beats.py"],
     "devices/ecg/quality_wording.py": ["tests/test_ecg_quality_mutants.py"],
     "devices/ecg/recording.py": ["tests/test_ecg_recording.py", "tests/test_npz.py"],
     "devices/ecg/scaling.py": ["tests/test_ecg_scaling.py", "tests/test_ecg_aecg.py", "tests/test_ecg_dicom_input.py"],

@@ -37,10 +37,33 @@ LEVEL_WINDOW_S = 2.0  # every 2 s window holds a QRS at any rate >= 30 bpm: its 
 THRESHOLD_OF_LEVEL = 0.30  # a beat's energy peak must reach 30 % of the typical QRS peak
 SEARCH_BACK_RR = 1.6  # an RR this many times the median suggests a missed beat ...
 SEARCH_BACK_OF_LEVEL = 0.12  # ... accepted there from 12 % of the QRS level (PVCs, small beats)
+# Beats hidden by taller ones: in bigeminy or trigeminy every 2 s window holds one of the tall
+# beats, so the level is theirs and the others (half their height: a quarter of their energy) fall
+# under the threshold; every RR is then equally long and the search-back above never starts. So in
+# the long gaps a candidate is a hidden beat when it is QRS-sized, stands clear of its gap's
+# background, lies beyond the opening beat's T wave, and such a beat is in most long gaps: a rhythm.
+HIDDEN_GAP_OF_LONG = 0.75  # long gaps: from 3/4 of the upper quartile of the gaps
+# A T wave's energy peaks (its steepest slope) at 0.26-0.34 s x sqrt(RR in s) in the real files
+# here and stays under 3 % of the QRS level; 0.40 leaves room for a longer QT, and still finds the
+# hidden beat of a bigeminy up to about 120 bpm (at 0.5 x its gap).
+HIDDEN_T_ZONE_S = 0.40  # x sqrt(gap in s): where the opening beat's T wave may still be
+HIDDEN_OF_LEVEL = 0.05  # a beat a third of the tall ones' height has a ninth of their energy
+HIDDEN_CLARITY = 4.0  # a hidden QRS's energy against its gap's median (noise peaks: 2-3)
+HIDDEN_SHARE = 2 / 3  # of the long gaps that must hold one
+HIDDEN_KIN = 0.5  # then a missed beat in a long gap may be half as strong as the hidden ones
+EDGE_REACH_RR = 1.5  # the strip's head and tail: a beat within 1.5 typical RR of the last one found
+HIDDEN_ROUNDS = 6  # one hidden beat a gap a round: trigeminy needs two, a tall beat in 7 six
+# Pan and Tompkins' T-wave test: within 360 ms of a beat, a peak with under half its slope (a
+# quarter of its energy) is that beat's T wave. A tall ectopic beat's T wave is as tall: against
+# the level of the ordinary beats it passes the threshold and would be counted as a beat.
+T_WAVE_WITHIN_S = 0.36
+T_WAVE_OF_BEAT = 0.25
 MAX_LEADS_COMBINED = 6  # the clearest leads carry the beat; more only adds their noise
 MIN_LEAD_CLARITY = 2.0  # a sine's energy (tremor, sway, a test tone) peaks at most twice its median
 LEAD_CLARITY_RATIO = 0.35  # leads whose QRS-to-background ratio is within this share of the best
 STEADY_OF_LARGEST = 0.15  # a lead's typical 2 s peak against its largest (PVCs: ~0.3; dead half: ~0)
+STEADY_OF_LEADS = 0.2  # ... or against the leads' typical such ratio (tall ectopics in every lead)
+STEADY_FLOOR = 0.05  # ... down to an ectopic 4.5x the others' height; a lead dead for half: ~1e-5
 FIDUCIAL_SEARCH_S = 0.06  # the QRS peak is looked for this far either side of the energy peak
 EXCLUDE_MARGIN_S = 0.15  # around an excluded stretch: the filters' reach plus an edge's own QRS-like step
 
@@ -111,8 +134,12 @@ def _combine(energy: np.ndarray, rate_hz: float) -> tuple[np.ndarray, tuple[int,
     background = stats.median(energy, axis=-1)
     clarity = level / (background + 1e-12 * level.max() + 1e-30)
     # a lead must beat in every stretch: one that died half-way (or carries one huge artifact)
-    # has a typical peak far below its largest and would turn its noise into beats
-    steady = level >= STEADY_OF_LARGEST * peaks.max(axis=-1)
+    # has a typical peak far below its largest and would turn its noise into beats. Far below
+    # the other leads' too: a tall ectopic beat (3x the height: 9x the energy) in every lead is
+    # the heart's, and dropping every lead for it would find no beat at all
+    steadiness = level / (peaks.max(axis=-1) + 1e-30)
+    relative = (steadiness >= STEADY_OF_LEADS * stats.median(steadiness)) & (steadiness >= STEADY_FLOOR)
+    steady = (steadiness >= STEADY_OF_LARGEST) | relative
     clarity = np.where(steady, clarity, 0.0)
     order = np.argsort(-clarity, kind="stable")
     best = clarity[order[0]]
@@ -159,9 +186,9 @@ def _levels(env: np.ndarray, rate_hz: float) -> float:
 
 
 def _search_back(
-    beats: np.ndarray, candidates: np.ndarray, env: np.ndarray, level: float, refractory: int
+    beats: np.ndarray, candidates: np.ndarray, env: np.ndarray, floor: float, refractory: int
 ) -> np.ndarray:
-    """Add the strongest candidate inside RR gaps much longer than usual."""
+    """Add the strongest candidate from `floor` inside RR gaps much longer than usual."""
     if beats.size < 3:
         return beats
     median_rr = float(stats.median(np.diff(beats)))
@@ -172,9 +199,98 @@ def _search_back(
         inside = candidates[(candidates > a + refractory) & (candidates < b - refractory)]
         if inside.size:
             best = int(inside[np.argmax(env[inside])])
-            if env[best] >= SEARCH_BACK_OF_LEVEL * level:
+            if env[best] >= floor:
                 added.append(best)
     return np.sort(np.concatenate([beats, np.asarray(added, dtype=np.int64)])) if added else beats
+
+
+def _hidden_beats(
+    beats: np.ndarray, candidates: np.ndarray, env: np.ndarray, level: float, refractory: int, rate_hz: float
+) -> np.ndarray:
+    """Add beats hidden by taller ones (bigeminy, trigeminy): see HIDDEN_GAP_OF_LONG. Once some
+    are found the rhythm is known: gaps still twice as long hold beats like them (search-back),
+    and so may the strip's head and tail."""
+    hidden = _hidden_rounds(beats, candidates, env, level, refractory, rate_hz)
+    if hidden.size == beats.size:
+        return beats
+    kin = HIDDEN_KIN * float(stats.median(env[np.setdiff1d(hidden, beats)]))
+    floor = max(HIDDEN_OF_LEVEL * level, min(SEARCH_BACK_OF_LEVEL * level, kin))
+    beats = hidden
+    for _ in range(HIDDEN_ROUNDS):
+        more = _search_back(beats, candidates, env, floor, refractory)
+        if more.size == beats.size:
+            break
+        beats = more
+    return _edge_beats(beats, candidates, env, floor, refractory, rate_hz)
+
+
+def _hidden_rounds(
+    beats: np.ndarray, candidates: np.ndarray, env: np.ndarray, level: float, refractory: int, rate_hz: float
+) -> np.ndarray:
+    """One hidden beat in each long gap a round, while most long gaps hold one."""
+    for _ in range(HIDDEN_ROUNDS):
+        if beats.size < 2:  # two tall ectopics may be all the first pass saw
+            return beats
+        gaps = np.diff(beats)
+        long_gap = gaps >= HIDDEN_GAP_OF_LONG * stats.percentile(gaps.astype(np.float64), 75.0)
+        found = [
+            _hidden_in(
+                a + _t_zone(b - a, refractory, rate_hz), b - refractory, candidates, env, HIDDEN_OF_LEVEL * level
+            )
+            for a, b in zip(beats[:-1][long_gap].tolist(), beats[1:][long_gap].tolist())
+        ]
+        inside = [c for c in found if c is not None]
+        if not inside or len(inside) < HIDDEN_SHARE * len(found):
+            return beats
+        beats = np.sort(np.concatenate([beats, np.asarray(inside, dtype=np.int64)]))
+    return beats
+
+
+def _edge_beats(
+    beats: np.ndarray, candidates: np.ndarray, env: np.ndarray, floor: float, refractory: int, rate_hz: float
+) -> np.ndarray:
+    """Once hidden beats showed the rhythm: those before the first beat and after the last (a
+    search-back needs a beat on both sides), one typical RR at a time."""
+    typical = int(stats.median(np.diff(beats)))
+    reach = round(EDGE_REACH_RR * typical)
+    t_zone = _t_zone(typical, refractory, rate_hz)
+    found = beats.tolist()
+    for _ in range(env.size // max(1, typical) + 1):
+        head = _hidden_in(found[0] - reach, found[0] - refractory, candidates, env, floor)
+        tail = _hidden_in(found[-1] + t_zone, found[-1] + reach, candidates, env, floor)
+        if head is None and tail is None:
+            break
+        found = ([head] if head is not None else []) + found + ([tail] if tail is not None else [])
+    return np.asarray(found, dtype=np.int64)
+
+
+def _t_zone(gap: int, refractory: int, rate_hz: float) -> int:
+    """Samples after a beat where its T wave may still be, in a gap of `gap` samples."""
+    return max(refractory, round(HIDDEN_T_ZONE_S * np.sqrt(gap / rate_hz) * rate_hz))
+
+
+def _hidden_in(lo: int, hi: int, candidates: np.ndarray, env: np.ndarray, floor: float) -> int | None:
+    """The hidden beat among the candidates in [lo, hi], if the strongest of them is one: from
+    `floor` and clear of the stretch's background."""
+    inside = candidates[(candidates >= lo) & (candidates <= hi)]
+    if not inside.size:
+        return None
+    best = int(inside[np.argmax(env[inside])])
+    background = float(stats.median(env[max(0, lo) : hi + 1]))
+    if env[best] >= floor and env[best] >= HIDDEN_CLARITY * background:
+        return best
+    return None
+
+
+def _drop_t_waves(beats: np.ndarray, env: np.ndarray, rate_hz: float) -> np.ndarray:
+    """Leave out the peaks that are the T wave of the beat before them (see T_WAVE_WITHIN_S)."""
+    within = round(T_WAVE_WITHIN_S * rate_hz)
+    kept: list[int] = []
+    for b in beats.tolist():
+        if kept and b - kept[-1] < within and env[b] < T_WAVE_OF_BEAT * env[kept[-1]]:
+            continue
+        kept.append(b)
+    return np.asarray(kept, dtype=np.int64)
 
 
 def _fiducials(beats: np.ndarray, filtered: np.ndarray, scale: np.ndarray, rate_hz: float) -> np.ndarray:
@@ -234,8 +350,9 @@ def detect_qrs(x_uv: np.ndarray, rate_hz: float, exclude: np.ndarray | None = No
     level = _levels(env, rate_hz)
     strong = candidates[env[candidates] >= THRESHOLD_OF_LEVEL * level]
     beats = _suppress_neighbours(strong, env[strong], refractory)
-    beats = _search_back(beats, candidates, env, level, refractory)
-    beats = _suppress_neighbours(beats, env[beats], refractory)
+    beats = _search_back(beats, candidates, env, SEARCH_BACK_OF_LEVEL * level, refractory)
+    beats = _hidden_beats(beats, candidates, env, level, refractory, rate_hz)
+    beats = _drop_t_waves(_suppress_neighbours(beats, env[beats], refractory), env, rate_hz)
     chosen = filtered[list(used)]
     # each lead's QRS size: its typical 2 s peak, as for the energy (an artefact or a rail's edges
     # in one stretch do not shrink the lead's say in where its beats are)

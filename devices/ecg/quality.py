@@ -46,7 +46,7 @@ from devices.ecg import contec
 from devices.ecg import order_statistics as stats
 from devices.ecg import quality_wording as wording
 from devices.ecg.median_beat import MedianBeat, Waves, median_beat
-from devices.ecg.qrs import EXCLUDE_MARGIN_S, QrsDetection, detect_qrs, moving_average
+from devices.ecg.qrs import EXCLUDE_MARGIN_S, REFRACTORY_S, QrsDetection, detect_qrs, moving_average
 from devices.ecg.recording import EcgRecording
 from devices.errors import DeviceError
 
@@ -120,6 +120,13 @@ SATURATION_RERECORD_S = 0.5
 # happen in a living ECG (an R peak turns within a few ms).
 PLATEAU_MIN_S = 0.04
 PLATEAU_MIN_EXCURSION_UV = 1000.0
+# A lead whose own tall QRS reaches the rail visits it briefly at each such beat: for at most a
+# QRS's width, a refractory period or more from its other visits, three times or more in the
+# recording. Those visits are the lead's clipping (saturation, still reported), not a knock: the
+# beats there are real, and leaving them out of the beat search would halve or double the rate.
+CLIPPED_PEAK_MAX_S = 0.12
+CLIPPED_PEAKS_MIN = 3
+CLIPPED_PEAK_JOIN_S = 0.01  # a peak near the rail may leave it for a sample or two: one visit
 # A lead that is at the rail for more than this share of the time is not used to find beats.
 RAIL_SHARE_UNUSABLE = 0.2
 # Noise is not measured where an electrode was knocked to its rail: that stretch is replaced by
@@ -302,6 +309,35 @@ def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Starts and ends of the runs of True in a 1-D mask."""
     edges = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
     return np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0]
+
+
+def _clipped_peaks(at_rail: np.ndarray, rate: float) -> np.ndarray:
+    """(leads, samples): the rail visits that are a lead's own QRS peaks clipped, recurring
+    like beats (see CLIPPED_PEAK_MAX_S), as opposed to a knock or a bouncing electrode."""
+    clipped = np.zeros_like(at_rail)
+    longest = round(CLIPPED_PEAK_MAX_S * rate)
+    apart = round(REFRACTORY_S * rate)
+    join = round(CLIPPED_PEAK_JOIN_S * rate)
+    for i in range(at_rail.shape[0]):
+        starts, ends = _runs(at_rail[i])
+        if not starts.size:
+            continue
+        keep = np.r_[True, starts[1:] - ends[:-1] > join]  # visits: runs closer than `join` are one
+        starts, ends = starts[keep], np.r_[ends[np.nonzero(keep)[0][1:] - 1], ends[-1]]
+        gaps = starts[1:] - ends[:-1]
+        alone = np.r_[True, gaps >= apart] & np.r_[gaps >= apart, True]
+        peaks = alone & (ends - starts <= longest)
+        if np.count_nonzero(peaks) >= CLIPPED_PEAKS_MIN:
+            for start, end in zip(starts[peaks], ends[peaks]):
+                clipped[i, start:end] = True
+    # the same tall QRS clipped in a neighbouring lead, too few times there to recur on its own
+    somewhere: np.ndarray = np.any(clipped, axis=0)
+    for i in range(at_rail.shape[0]):
+        starts, ends = _runs(at_rail[i] & ~clipped[i])
+        for start, end in zip(starts, ends):
+            if end - start <= longest and somewhere[start:end].any():
+                clipped[i, start:end] = True
+    return clipped
 
 
 def _at_limits(samples: np.ndarray, x_uv: np.ndarray, limits: list[tuple[int, int] | None], rate: float) -> np.ndarray:
@@ -672,7 +708,7 @@ def check_quality(recording: EcgRecording) -> QualityReport:
     # no beats are looked for there, and the noise measures below bridge that stretch. The same
     # holds where samples were lost in transit (an RR interval across the gap would be short).
     rail_s = at_rail.sum(axis=-1) / rate
-    knocked = at_rail[(rail_s >= SATURATION_MIN_S) & ~off].any(axis=0)
+    knocked = (at_rail & ~_clipped_peaks(at_rail, rate))[(rail_s >= SATURATION_MIN_S) & ~off].any(axis=0)
     for gap in recording.gaps:  # samples lost in transit: the two sides do not join up
         if 0 < gap.start < n:
             knocked[gap.start - 1 : gap.start + 1] = True
