@@ -126,3 +126,44 @@ def test_every_doctor_check_has_a_heading_in_chinese_on_the_system_page(tmp_path
     for label in CHECK_LABELS.values():
         shown = zh.gettext(label)
         assert shown != label and all("\u3400" <= ch <= "\u9fff" for ch in shown), (label, shown)
+
+
+def test_every_doctor_check_says_in_chinese_what_its_warning_or_problem_means_and_what_to_do() -> None:
+    """The checks' own messages are technical English for the county's technician; without a
+    Chinese line of advice the village doctor sees 'Problem' and nothing they can act on."""
+    from lastmile.console.app import CHECK_ADVICE, CHECK_LABELS, UNSURE_ADVICE, advice_for
+
+    assert sorted(CHECK_ADVICE) == sorted(CHECK_LABELS)
+    zh = Localizer("zh-CN", ZoneInfo("Asia/Shanghai"))
+    for check in CHECK_LABELS:
+        for level in ("WARN", "FAIL"):
+            advice = advice_for(check, level)
+            assert advice != UNSURE_ADVICE, (check, level)
+            shown = zh.gettext(advice)
+            assert shown != advice and sum("\u4e00" <= ch <= "\u9fff" for ch in shown) >= 8, (check, level, shown)
+    assert advice_for("reading-center", "WARN") == advice_for("reading-center", "FAIL")  # only FAIL is written
+    assert advice_for("data", "WARN") != advice_for("data", "FAIL")
+    assert zh.gettext(advice_for("no-such-check", "FAIL")) == "请告知县信息科。"
+
+
+def test_the_system_page_tells_the_doctor_in_chinese_what_a_warning_means(tmp_path: Path) -> None:
+    """With nothing serving the county's metrics (no lastmile-metrics here), the System page says
+    in Chinese what that means and what to do, and keeps the technical message for the technician
+    under a Chinese 'details' heading; a check that passed shows no advice."""
+    import html
+
+    from tests.console_harness import DOCTOR, Client, console_config, running_console
+
+    config = console_config(tmp_path / "data")
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        page = html.unescape(client.get("/system").body)
+    items = page.split("<li ")
+    metrics = next(li for li in items if "<strong>县级监控</strong>" in li)
+    assert 'class="finding warn"' in metrics, metrics
+    assert '<span class="advice">县里暂时无法远程查看本网关：请告知县信息科。</span>' in metrics
+    details = metrics[metrics.index("<details>") :]
+    assert "<summary>技术人员查看的详细信息</summary>" in details and "nothing answers on" in details
+    settings = next(li for li in items if "<strong>设置</strong>" in li)
+    assert 'class="finding ok"' in settings and "advice" not in settings

@@ -268,6 +268,65 @@ CHECK_LABELS = {
     "metrics": N_("County monitoring"),
     "update": N_("Software update"),
 }
+# What each check's warning or problem means for the village doctor, and what to do: the check's
+# own message (English, technical) stays below it for the county's technician.
+CHECK_ADVICE: dict[str, dict[str, str]] = {
+    "config": {"FAIL": N_("The gateway's settings have a mistake: please call the county IT.")},
+    "data": {
+        "WARN": N_("Storage is getting full, or set up to wear the SD card: tell the county IT."),
+        "FAIL": N_("Storage problem: new measurements may not be saved. Call the county IT now."),
+    },
+    "root": {"WARN": N_("The system partition is writable: a power cut could damage it. Tell the county IT.")},
+    "journal": {"WARN": N_("The system log may fill the SD card: tell the county IT.")},
+    "clock": {
+        "WARN": N_("The clock is not synchronised, times may drift: connect the network or the GPS receiver."),
+        "FAIL": N_("The clock is wrong, measurements would get wrong times: connect the network or the GPS receiver."),
+    },
+    "services": {
+        "WARN": N_("A background service keeps restarting: tell the county IT."),
+        "FAIL": N_("A background service has stopped: restart the gateway; if that does not help, call the county IT."),
+    },
+    "reading-center": {
+        "FAIL": N_("The reading center cannot be reached: ECGs are kept here and sent when the link is back."),
+    },
+    "commitment": {
+        "WARN": N_("The reading center cannot confirm receipt yet: ECGs stay here until it does."),
+        "FAIL": N_("The reading center cannot confirm receipt: ECGs stay here. Tell the county IT."),
+    },
+    "fhir": {
+        "FAIL": N_("The county health platform cannot be reached: visits and readings are kept here and sent later."),
+    },
+    "devices": {"WARN": N_("A device is not connected or reports a problem: check its cable, power or pairing.")},
+    "queue": {
+        "WARN": N_("Some items could not be sent and were set aside: tell the county IT."),
+        "FAIL": N_("Nothing has been sent for a long time: check the network, then call the county IT."),
+    },
+    "console": {
+        "WARN": N_("This page's security certificate is not ready yet: tell the county IT."),
+        "FAIL": N_("This page's settings have a mistake: tell the county IT."),
+    },
+    "reports": {
+        "WARN": N_("Reports cannot be fetched from the reading center now: they come when the link is back."),
+        "FAIL": N_("Open Reports now: a critical report may be waiting, or report queries are refused."),
+    },
+    "metrics": {"WARN": N_("The county cannot watch this gateway right now: tell the county IT.")},
+    "update": {
+        "WARN": N_(
+            "Software updates were not checked yet or cannot be fetched now: nothing to do, they come by themselves."
+        ),
+        "FAIL": N_("The last software update failed and the gateway went back to the old version: tell the county IT."),
+    },
+}
+UNSURE_ADVICE = N_("Please tell the county IT.")
+
+
+def advice_for(check: str, level: str) -> str:
+    """The (untranslated) advice shown for a check's WARN or FAIL: the other level's when a check
+    has only one (a check that can only warn says the same if it ever fails)."""
+    advice = CHECK_ADVICE.get(check, {})
+    return advice.get(level) or advice.get("FAIL") or advice.get("WARN") or UNSURE_ADVICE
+
+
 UNIT_DISPLAY = {" mm[Hg]": " mmHg", " Cel": " °C", " [degF]": " °F", " [lb_av]": " lb"}
 
 
@@ -765,6 +824,7 @@ async def system_page(request: Request) -> Response:
     model = await page_model(request, ctx, views.system, ctx.login.user.is_admin if ctx.login else False)
     model["findings"] = await views.doctor_findings(state.config)
     model["check_labels"] = CHECK_LABELS
+    model["advice_for"] = advice_for
     model["fingerprint"] = state.fingerprint
     return render(request, ctx, "system.html", **model)
 
