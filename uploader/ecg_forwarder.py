@@ -591,13 +591,14 @@ class EcgForwarder:
                         # alone: timed from when the link is free of the object before it (the
                         # pacer's schedule), not from before its first PDU: that wait is not this
                         # object's, and made every probe look slower than the link
-                        started = max(time.monotonic(), self.pacer.link_free_at()) if alone else time.monotonic()
+                        clock = self.pacer.clock  # the link's times are all on the pacer's clock
+                        started = max(clock(), self.pacer.link_free_at()) if alone else clock()
                         outcome = assoc.store(payload)
                         if watch is not None:
                             watch.finished(assoc, stored=outcome.category in ("success", "warning"))
                         if outcome.stored:
-                            tail = time.monotonic() - assoc.last_sent_at if assoc.paced else None
-                            took = time.monotonic() - started if alone else None
+                            tail = clock() - assoc.last_sent_at if assoc.paced else None
+                            took = clock() - started if alone else None
                             self.pacer.observe_object(outcome.wire_bytes, tail, took)
                             self._observe_object_bytes(outcome.wire_bytes)
                             if share is not None:

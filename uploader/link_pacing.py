@@ -80,7 +80,7 @@ class LinkPacer:
     def __init__(
         self, *, clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep
     ) -> None:
-        self._clock = clock
+        self.clock = clock  # the associations and the forwarder time the link's objects by it too
         self._sleep = sleep
         self._lock = threading.Lock()
         self._next_free = 0.0  # when the link will have carried what was sent so far
@@ -147,7 +147,7 @@ class LinkPacer:
         with self._lock:
             if tail_s is not None and self.rtt_s is not None:
                 self.draining = tail_s - self.rtt_s > QUEUED_TAIL_S
-            now = self._clock()
+            now = self.clock()
             if self._window_start is None or wire_bytes <= 0:
                 return
             self._delivered += wire_bytes
@@ -190,7 +190,7 @@ class LinkPacer:
         short by that write, and the first sample - the estimate - too high)."""
         with self._lock:
             if self._window_start is None:
-                self._window_start = self._clock()
+                self._window_start = self.clock()
 
     def link_free_at(self) -> float:
         """When the link will have carried what was sent so far, as the pace counts it (this pacer's clock)."""
@@ -270,11 +270,11 @@ class LinkPacer:
                 self._release_turn()
         with self._lock:
             if self._window_start is None:
-                self._window_start = self._clock()
+                self._window_start = self.clock()
             pace = None if self.pace is None else self.pace * gain
             if pace is None or nbytes == 0:
                 return
-            now = self._clock()
+            now = self.clock()
             # late by a little (woken late, or the time the write itself took): counted from when
             # the link became free, so the next PDU catches up; later than that, the link was idle
             start = self._next_free if now - LATE_CREDIT_S <= self._next_free else now
