@@ -120,6 +120,13 @@ class RoundResult:
     def did_work(self) -> bool:
         return bool(self.sent or self.transient or self.quarantined or self.committed or self.requeued or self.purged)
 
+    def add_sends(self, other: RoundResult) -> None:
+        """Count another association's sends (a round's lanes, a STAT carried after them) in this one."""
+        self.sent += other.sent
+        self.transient += other.transient
+        self.quarantined += other.quarantined
+        self.errors += other.errors
+
 
 EventCallback = Callable[[str, dict[str, Any]], None]
 
@@ -361,11 +368,8 @@ class EcgForwarder:
                 else:
                     outcomes = self._send_shared(RoundItems(items), n, stop, faults, watch)
             outcomes += stat_lane.join()
-        for chunk_result in outcomes:
-            result.sent += chunk_result.sent
-            result.transient += chunk_result.transient
-            result.quarantined += chunk_result.quarantined
-            result.errors += chunk_result.errors
+        for lane_result in outcomes:
+            result.add_sends(lane_result)
         self._keep_link_rate()
         if faults:
             raise ConfigurationFault(faults[0])
@@ -519,11 +523,7 @@ class EcgForwarder:
         if watch is not None and watch.stat_due.is_set() and not stop.is_set() and not faults:
             stat = self._claim(self.settings.batch_size, Priority.STAT)
             if stat:
-                more = self._send_chunk(stat, stop, faults)
-                r.sent += more.sent
-                r.transient += more.transient
-                r.quarantined += more.quarantined
-                r.errors += more.errors
+                r.add_sends(self._send_chunk(stat, stop, faults))
         return r
 
     def _send_chunk(
