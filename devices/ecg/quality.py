@@ -127,6 +127,12 @@ PLATEAU_MIN_EXCURSION_UV = 1000.0
 CLIPPED_PEAK_MAX_S = 0.12
 CLIPPED_PEAKS_MIN = 3
 CLIPPED_PEAK_JOIN_S = 0.01  # a peak near the rail may leave it for a sample or two: one visit
+# ... and a clipped peak comes back to the level it left (PR segment before, ST segment after:
+# within an ST elevation's reach), where a knocked electrode comes back with a new half-cell
+# offset, often millivolts away
+CLIPPED_PEAK_BEFORE_S = (0.25, 0.08)  # the PR segment and P wave: this long before the visit
+CLIPPED_PEAK_AFTER_S = (0.06, 0.14)  # the ST segment: this long after it
+CLIPPED_PEAK_RETURN_UV = 1000.0
 # A lead that is at the rail for more than this share of the time is not used to find beats.
 RAIL_SHARE_UNUSABLE = 0.2
 # Noise is not measured where an electrode was knocked to its rail: that stretch is replaced by
@@ -311,9 +317,10 @@ def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0]
 
 
-def _clipped_peaks(at_rail: np.ndarray, rate: float) -> np.ndarray:
+def _clipped_peaks(x_uv: np.ndarray, at_rail: np.ndarray, rate: float) -> np.ndarray:
     """(leads, samples): the rail visits that are a lead's own QRS peaks clipped, recurring
-    like beats (see CLIPPED_PEAK_MAX_S), as opposed to a knock or a bouncing electrode."""
+    like beats and back where they started (see CLIPPED_PEAK_MAX_S), as opposed to a knock or a
+    bouncing electrode."""
     clipped = np.zeros_like(at_rail)
     longest = round(CLIPPED_PEAK_MAX_S * rate)
     apart = round(REFRACTORY_S * rate)
@@ -326,7 +333,8 @@ def _clipped_peaks(at_rail: np.ndarray, rate: float) -> np.ndarray:
         starts, ends = starts[keep], np.r_[ends[np.nonzero(keep)[0][1:] - 1], ends[-1]]
         gaps = starts[1:] - ends[:-1]
         alone = np.r_[True, gaps >= apart] & np.r_[gaps >= apart, True]
-        peaks = alone & (ends - starts <= longest)
+        back = np.array([_returns(x_uv[i], start, end, rate) for start, end in zip(starts, ends)])
+        peaks = alone & back & (ends - starts <= longest)
         if np.count_nonzero(peaks) >= CLIPPED_PEAKS_MIN:
             for start, end in zip(starts[peaks], ends[peaks]):
                 clipped[i, start:end] = True
@@ -335,9 +343,21 @@ def _clipped_peaks(at_rail: np.ndarray, rate: float) -> np.ndarray:
     for i in range(at_rail.shape[0]):
         starts, ends = _runs(at_rail[i] & ~clipped[i])
         for start, end in zip(starts, ends):
-            if end - start <= longest and somewhere[start:end].any():
+            if end - start <= longest and somewhere[start:end].any() and _returns(x_uv[i], start, end, rate):
                 clipped[i, start:end] = True
     return clipped
+
+
+def _returns(lead_uv: np.ndarray, start: int, end: int, rate: float) -> bool:
+    """Whether a lead comes back from its rail visit [start, end) to the level it left (a clipped
+    peak does; a knocked electrode's new offset does not). Unknown at the strip's edges: yes."""
+    before = lead_uv[
+        max(0, start - round(CLIPPED_PEAK_BEFORE_S[0] * rate)) : max(0, start - round(CLIPPED_PEAK_BEFORE_S[1] * rate))
+    ]
+    after = lead_uv[end + round(CLIPPED_PEAK_AFTER_S[0] * rate) : end + round(CLIPPED_PEAK_AFTER_S[1] * rate)]
+    if not before.size or not after.size:
+        return True
+    return abs(float(stats.median(after)) - float(stats.median(before))) <= CLIPPED_PEAK_RETURN_UV
 
 
 def _at_limits(samples: np.ndarray, x_uv: np.ndarray, limits: list[tuple[int, int] | None], rate: float) -> np.ndarray:
@@ -708,7 +728,7 @@ def check_quality(recording: EcgRecording) -> QualityReport:
     # no beats are looked for there, and the noise measures below bridge that stretch. The same
     # holds where samples were lost in transit (an RR interval across the gap would be short).
     rail_s = at_rail.sum(axis=-1) / rate
-    knocked = (at_rail & ~_clipped_peaks(at_rail, rate))[(rail_s >= SATURATION_MIN_S) & ~off].any(axis=0)
+    knocked = (at_rail & ~_clipped_peaks(x, at_rail, rate))[(rail_s >= SATURATION_MIN_S) & ~off].any(axis=0)
     for gap in recording.gaps:  # samples lost in transit: the two sides do not join up
         if 0 < gap.start < n:
             knocked[gap.start - 1 : gap.start + 1] = True
