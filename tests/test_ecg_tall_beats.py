@@ -11,7 +11,7 @@ import pydicom.data
 import pytest
 
 from devices.ecg.formats import decode_ecg
-from devices.ecg.qrs import detect_qrs
+from devices.ecg.qrs import REFRACTORY_S, detect_qrs
 from devices.ecg.quality import SATURATION, WARN, check_quality
 from devices.ecg.recording import EcgRecording
 from tests.ecg_factories import device_recording
@@ -109,14 +109,225 @@ def test_a_tall_ectopic_beat_in_every_lead_leaves_the_other_beats_found(leads: i
     assert_found(found.beats, times)
 
 
-def test_a_tall_beats_t_wave_is_not_a_beat() -> None:
+@pytest.mark.parametrize("tall", [[3, 8], [2, 7]])
+def test_a_tall_beats_t_wave_is_not_a_beat(tall: list[int]) -> None:
     """A beat four times as tall brings a T wave four times as tall (16x its energy): against the
     ordinary beats' level it passes the threshold 280 ms after the QRS. Pan and Tompkins' test
-    (under a quarter of the energy of the beat 360 ms before it) leaves it out."""
+    (under a quarter of the energy of the beat 360 ms before it) leaves it out. Beats 3 and 8:
+    most 2 s windows hold only ordinary beats, the level is theirs. Beats 2 and 7 sit on windows'
+    edges and lift two windows' peaks each: the level is the tall beats', the first pass sees only
+    those two, and the hidden-beat search must start from two beats."""
     times = beat_times()
     sizes = np.ones(times.size)
-    sizes[[2, 7]] = 4.0
+    sizes[tall] = 4.0
     found = detect_qrs(twelve(times, sizes, t_uv=400.0, t_sigma_s=0.03), RATE_HZ)
+    assert_found(found.beats, times)
+
+
+def test_a_beat_360_ms_after_a_tall_ectopic_is_a_beat_not_its_t_wave() -> None:
+    """A short-coupled ordinary beat exactly 360 ms after a beat three times as tall (a ninth of
+    its energy): only peaks closer than 360 ms are taken for the tall beat's T wave, so this beat
+    is counted (noise-free leads without T waves: the energy peaks are exactly 360 ms apart)."""
+    times = beat_times()
+    couplet = times[4] + 0.36
+    t = np.sort(np.r_[times, couplet])
+    sizes = np.where(np.isclose(t, times[4]), 3.0, 1.0)
+    found = detect_qrs(twelve(t, sizes, noise_uv=0.0, t_uv=0.0), RATE_HZ)
+    assert_found(found.beats, t)
+
+
+def test_a_late_t_wave_at_50_bpm_is_not_a_hidden_beat() -> None:
+    """A long QT at 50 bpm: a peaked T wave (0.6 mV) 400 ms after each QRS, past the 360 ms of
+    Pan and Tompkins' T-wave test but inside the T zone (0.40 s x sqrt(1.2 s) = 438 ms): it is not
+    taken for a hidden beat in every gap, so the rate is 50, not doubled to 100."""
+    times = beat_times(rr_s=1.2)
+    found = detect_qrs(twelve(times, np.ones(times.size), t_uv=600.0, t_sigma_s=0.03, t_after_s=0.40), RATE_HZ)
+    assert_found(found.beats, times)
+    assert found.heart_rate_bpm == pytest.approx(50.0, abs=0.5)
+
+
+def bumps_in_gaps(rr_s: float, holding: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Tall beats (twice the height) every `rr_s`, and an ordinary one half-way through the gaps
+    listed in `holding`: the signal and the tall beats' times."""
+    tall = beat_times(rr_s=rr_s)
+    lone = tall[:-1][holding] + rr_s / 2
+    t = np.r_[tall, lone]
+    sizes = np.r_[np.full(tall.size, 2.0), np.ones(lone.size)]
+    order = np.argsort(t)
+    return twelve(t[order], sizes[order]), tall
+
+
+def test_hidden_beats_in_exactly_two_thirds_of_the_long_gaps_are_a_rhythm() -> None:
+    """Seven tall beats 1.4 s apart, an ordinary beat hidden in four of their six gaps: two
+    thirds, the share that makes a rhythm (inclusive), so the four beats are counted, not lost."""
+    x, tall = bumps_in_gaps(1.4, [0, 1, 3, 4])
+    assert tall.size == 7
+    found = detect_qrs(x, RATE_HZ)
+    assert_found(found.beats, np.sort(np.r_[tall, tall[[0, 1, 3, 4]] + 0.7]))
+
+
+def test_a_late_bump_in_three_of_five_gaps_is_not_a_rhythm() -> None:
+    """Three of five long gaps (60 %, under two thirds) holding a late bump are not a rhythm:
+    nothing is added, the rate is not raised by bumps that do not recur."""
+    x, tall = bumps_in_gaps(1.6, [0, 2, 3])
+    assert tall.size == 6
+    assert_found(detect_qrs(x, RATE_HZ).beats, tall)
+
+
+def test_a_run_of_ordinary_beats_among_tall_ectopics_is_found_to_its_end() -> None:
+    """Sixteen beats at 100 bpm, three of them 2.5x as tall (beats 2, 12, 13), the others growing
+    slightly from 0.8 to 1.0: once the hidden beats show the rhythm, the long run between the
+    tall beats is searched back gap by gap, one beat a round, until no gap is long (six rounds
+    here): no beat of the run is lost and the rate is not lowered."""
+    times = beat_times(rr_s=0.6)
+    sizes = np.linspace(0.8, 1.0, times.size)
+    sizes[[2, 12, 13]] = 2.5
+    found = detect_qrs(twelve(times, sizes), RATE_HZ)
+    assert_found(found.beats, times)
+
+
+def test_a_premature_beat_inside_the_t_zone_is_found_with_three_beats_seen() -> None:
+    """A short strip with three clear beats and a small premature beat 500 ms after the second
+    (inside the T zone, so only the search-back can find it): searched for with three beats
+    already, the small beat is counted, not lost."""
+    strong = np.array([0.4, 1.0, 3.6])
+    premature = pqrst(np.array([1.5]), np.array([0.4]), t_uv=0.0, seconds=4.2)
+    x = pqrst(strong, np.ones(3), t_uv=0.0, seconds=4.2) + premature
+    assert_found(detect_qrs(x, RATE_HZ).beats, np.array([0.4, 1.0, 1.5, 3.6]))
+
+
+def test_a_bump_exactly_one_refractory_period_after_a_beat_is_not_a_beat() -> None:
+    """A bump 220 ms after a beat, at the start of a pause: the search-back looks only later
+    (strictly), so it is not counted. Its energy (0.53^2 = 28 % of the beat's) is over a quarter:
+    the T-wave test would not catch it."""
+    times = np.array([0.5, 1.3, 2.1, 2.9, 3.7, 5.3, 6.1, 6.9, 7.7, 8.5])
+    bump = np.array([3.7 + REFRACTORY_S])
+    x = pqrst(times, np.ones(times.size), t_uv=0.0) + pqrst(bump, np.array([0.53]), t_uv=0.0)
+    assert_found(detect_qrs(x, RATE_HZ).beats, times)
+
+
+def tremor(amplitude_uv: float, seconds: float = SECONDS) -> np.ndarray:
+    """A 10 Hz tremor: its energy, integrated over exactly one period (100 ms), is flat, so a gap's
+    background is the tremor's energy and a hidden beat's clarity is set by its amplitude."""
+    t = np.arange(round(seconds * RATE_HZ)) / RATE_HZ
+    return amplitude_uv * np.sin(2 * np.pi * 10.0 * t)
+
+
+def test_hidden_beats_standing_4_7_times_over_a_tremor_are_found() -> None:
+    """A bigeminy (every other beat 2.5x as tall) under a 0.265 mV 10 Hz tremor: each hidden beat's
+    energy is 4.7 times its gap's background, clear of it (from 4x), so the rate is not halved."""
+    times = beat_times()
+    found = detect_qrs(twelve(times, every(2, 2.5, times.size), noise_uv=0.0) + tremor(265.0), RATE_HZ)
+    assert_found(found.beats, times)
+
+
+def test_a_bump_only_3_6_times_a_tremor_in_every_gap_is_not_a_beat() -> None:
+    """40 bpm under a 0.12 mV 10 Hz tremor, a bump (0.4 of a QRS) 0.9 s after every beat: 3.6 times
+    its gap's background, under the 4x a hidden beat must stand clear of it, so the bumps are not
+    taken for hidden beats and the rate is not doubled."""
+    times = beat_times(rr_s=1.5)
+    t = np.r_[times, times[:-1] + 0.9]
+    sizes = np.r_[np.ones(times.size), np.full(times.size - 1, 0.4)]
+    order = np.argsort(t)
+    x = twelve(t[order], sizes[order], noise_uv=0.0, t_uv=0.0) + tremor(120.0)
+    found = detect_qrs(x, RATE_HZ)
+    assert_found(found.beats, times)
+    assert found.heart_rate_bpm == pytest.approx(40.0, abs=0.5)
+
+
+@pytest.mark.parametrize(("factor", "bump"), [(2.0, 0.55), (3.5, 0.75)])
+def test_a_bump_in_a_pause_under_the_hidden_beats_floor_is_not_a_beat(factor: float, bump: float) -> None:
+    """A bigeminy with a pause after its sixth beat (a hidden one): a bump 450 ms into the pause,
+    past the T-wave test, is searched back from the hidden beats' floor: half their energy, from 5 %
+    up to 12 % of the level. Tall beats 2x: hidden beats 1/4 of the level, floor 12 %, the bump
+    (0.55 of a hidden beat) 7.6 %; tall beats 3.5x: hidden beats 8.2 %, floor 5 %, the bump (0.75)
+    4.6 %. Under the floor, it is not counted as a beat."""
+    times = beat_times()
+    sizes = every(2, factor, times.size)
+    times[6:] += 0.8  # the pause: the seventh beat comes 0.8 s late
+    keep = times < SECONDS - 0.3
+    times, sizes = times[keep], sizes[keep]
+    x = twelve(np.r_[times, times[5] + 0.45], np.r_[sizes, bump])
+    assert_found(detect_qrs(x, RATE_HZ).beats, times)
+
+
+def test_a_bigeminy_starting_with_a_small_beat_finds_it_at_the_strip_s_head() -> None:
+    """The strip opens on an ordinary beat 0.3 s in, hidden by the tall one after it (and the tail
+    closes on a tall beat): once the hidden beats show the rhythm, the head is searched back to
+    the strip's first sample, so that first beat is counted."""
+    times = np.arange(0.3, SECONDS - 0.3, RR_S)
+    sizes = np.ones(times.size)
+    sizes[1::2] = 2.5
+    assert sizes[-1] == 2.5
+    assert_found(detect_qrs(twelve(times, sizes), RATE_HZ).beats, times)
+
+
+def test_a_small_beat_at_exactly_the_reach_of_the_strip_s_tail_is_found() -> None:
+    """A bigeminy (RR 400 samples) ending on a tall beat, then an ordinary beat 1.236 s later whose
+    energy peaks (first of its two humps: the band-pass makes the QRS's slope twin-peaked, the
+    later hump 18 samples on) exactly 1.5 typical RR after the last beat's: the tail is searched
+    up to that sample inclusive, so the last beat is counted; 2 ms later it is out of reach."""
+    times = np.arange(0.4, 8.41, RR_S)
+    sizes = every(2, 2.5, times.size)
+    found = detect_qrs(twelve(np.r_[times, 9.636], np.r_[sizes, 1.0], noise_uv=0.0), RATE_HZ)
+    assert_found(found.beats, np.r_[times, 9.636])
+    beyond = detect_qrs(twelve(np.r_[times, 9.638], np.r_[sizes, 1.0], noise_uv=0.0), RATE_HZ)
+    assert_found(beyond.beats, times)
+
+
+def test_a_hidden_beat_exactly_at_the_end_of_the_t_zone_is_found() -> None:
+    """Tall beats (3x) 1.6 s apart on a 6 s strip, an ordinary beat exactly 0.40 s x sqrt(1.6 s)
+    = 253 samples after the first (its later energy hump on the T zone's last sample, the earlier
+    one inside it) and one in the middle of the third gap: two of three long gaps, a rhythm only
+    with the beat at the T zone's edge counted (inclusive), so both hidden beats are found."""
+    times = np.array([0.5, 1.006, 2.1, 3.7, 4.5, 5.3])
+    sizes = np.array([3.0, 1.0, 3.0, 3.0, 1.0, 3.0])
+    found = detect_qrs(twelve(times, sizes, noise_uv=0.0, seconds=6.0), RATE_HZ)
+    assert_found(found.beats, times)
+
+
+def test_hidden_beats_in_two_thirds_of_the_long_gaps_of_an_irregular_bigeminy_are_found() -> None:
+    """Tall beats (2x) 598-880 samples apart, an ordinary beat half-way through four of the gaps
+    (600, 700, 760, 840) and none in three (598, 720, 880). Long gaps start at 3/4 of the gaps'
+    upper quartile (75th percentile: 800, half-way between 760 and 840): 600 is long (inclusive),
+    598 is not, so exactly 4 of the 6 long gaps hold a hidden beat: a rhythm, and all four count.
+    Noise-free: the energy peaks are exactly these samples apart."""
+    gaps = [840, 600, 720, 760, 598, 700, 880]
+    holds = [True, True, False, True, False, True, False]
+    tall = 250 + np.r_[0, np.cumsum(gaps)]
+    hidden = np.array([a + g // 2 for a, g, h in zip(tall[:-1], gaps, holds, strict=True) if h])
+    times = np.r_[tall, hidden] / RATE_HZ
+    sizes = np.r_[np.full(tall.size, 2.0), np.ones(hidden.size)]
+    order = np.argsort(times)
+    found = detect_qrs(twelve(times[order], sizes[order], noise_uv=0.0, seconds=12.0), RATE_HZ)
+    assert_found(found.beats, times[order])
+
+
+def test_an_electrode_pop_in_one_of_three_leads_is_not_a_beat() -> None:
+    """One lead of three (the clearest) carries a pop three times its QRS height 0.4 s after beat
+    5: its typical peak is a ninth of its largest, far under the other leads' (about 1, and 20 %
+    of them), so the lead is left out and the pop is not counted as a beat."""
+    times = beat_times()
+    x = twelve(times, np.ones(times.size))[[1, 8, 9]]
+    x[2] += 1.4 * pqrst(np.array([times[5] + 0.4]), np.array([3.0]), t_uv=0.0)
+    found = detect_qrs(x, RATE_HZ)
+    assert found.leads_used == (1, 0)
+    assert_found(found.beats, times)
+
+
+def test_the_one_clear_lead_with_a_tall_ectopic_still_carries_the_beats() -> None:
+    """Three leads: two noisy (0.3 mV of noise over a 0.3 mV QRS), one clear with one ectopic beat
+    2.5x as tall: its typical peak is 16 % of its largest, steady (from 15 %) though under a fifth of
+    the noisy leads' (they peak on noise in every window), so it carries the beats alone; left out,
+    the noisy leads' noise would have been counted as beats."""
+    times = beat_times()
+    sizes = np.ones(times.size)
+    sizes[5] = 2.5
+    clear = pqrst(times, sizes)
+    rng = np.random.default_rng(3)
+    noisy = [0.3 * pqrst(times, np.ones(times.size)) + rng.normal(0, 300, clear.size) for _ in range(2)]
+    found = detect_qrs(np.stack([*noisy, clear]), RATE_HZ)
+    assert found.leads_used == (2,)
     assert_found(found.beats, times)
 
 
@@ -225,4 +436,117 @@ def test_an_electrode_bouncing_on_the_rail_is_still_left_out() -> None:
     report = check_quality(rec)
     bounce = range(start - round(0.03 * RATE_HZ), start + round(0.25 * RATE_HZ))
     assert [b for b in report.beats if b in bounce] == []
+    assert report.heart_rate_bpm == pytest.approx(60 / RR_S, abs=0.5)
+
+
+RAIL = 32767  # the int16 converter's rail, in units
+
+
+def rail_visits(lead_units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Starts and ends (exclusive) of one lead's runs at the upper rail."""
+    edges = np.diff(np.r_[0, (lead_units == RAIL).astype(np.int8), 0])
+    return np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0]
+
+
+def test_an_electrode_bouncing_on_the_rail_in_every_lead_twice_is_still_left_out() -> None:
+    """An electrode shared by every lead bounces twice (three 20 ms visits 100 ms apart, after beats
+    3 and 8): each visit has a neighbour closer than a refractory period, so none is a clipped
+    QRS, however many there are. The stretches stay out of the beat search: no beat is made of a
+    bounce, and no true beat is displaced by one."""
+    times = beat_times()
+    x = twelve(times, np.ones(times.size))
+    for at in (times[3] + 0.45, times[8] + 0.45):
+        start = round(at * RATE_HZ)
+        for k in range(3):
+            lo = start + round(k * 0.1 * RATE_HZ)
+            x[:, lo : lo + round(0.02 * RATE_HZ)] = 5000.0
+    _, rec = clipped_recording(x)
+    report = check_quality(rec)
+    assert_found(report.beats, times)
+    assert report.heart_rate_bpm == pytest.approx(60 / RR_S, abs=0.5)
+
+
+def test_a_notched_r_with_both_tops_clipped_10_ms_apart_is_one_clipped_peak() -> None:
+    """V4's M-shaped R (8 mV) runs past the rail twice at every beat, its two tops 5 samples (10 ms)
+    apart: closer than the join (inclusive), one visit, so a clipped peak recurring like the beats,
+    not a knocked electrode: the beats stay in the search and the rate is stated."""
+    times = beat_times()
+    x = twelve(times, np.ones(times.size))
+    x[9] = pqrst(times, np.ones(times.size), qrs_uv=8000.0)
+    units, _ = clipped_recording(x)
+    for start, end in zip(*rail_visits(units[9]), strict=True):
+        middle = (start + end) // 2
+        units[9, middle - 2 : middle + 3] = RAIL - 1  # the notch: 5 samples off the rail
+    starts, ends = rail_visits(units[9])
+    assert starts.size == 2 * times.size and set((starts[1::2] - ends[::2]).tolist()) == {5}
+    report = check_quality(device_recording(units, rate=RATE_HZ, uv_per_unit=UV_PER_UNIT))
+    assert_found(report.beats, times)
+    assert report.heart_rate_bpm == pytest.approx(60 / RR_S, abs=0.5)
+
+
+def test_a_tall_t_wave_clipped_exactly_220_ms_after_its_clipped_r_is_clipping_too() -> None:
+    """V4's R (5 mV) and its T wave (3.5 mV) both pass the rail at every beat, the T's visit starting
+    exactly a refractory period (110 samples) after the R's ends: each visit is alone (inclusive),
+    both are the lead's own clipping, and no stretch is left out: the rate is stated (an RR across
+    a left-out stretch would not count)."""
+    times = beat_times()
+    x = twelve(times, np.ones(times.size))
+    x[9] = pqrst(times, np.ones(times.size), qrs_uv=5000.0, t_uv=3500.0, t_after_s=0.244)
+    units, rec = clipped_recording(x)
+    starts, ends = rail_visits(units[9])
+    assert starts.size == 2 * times.size and set((starts[1::2] - ends[::2]).tolist()) == {110}
+    report = check_quality(rec)
+    assert_found(report.beats, times)
+    assert report.heart_rate_bpm == pytest.approx(60 / RR_S, abs=0.5)
+
+
+def test_three_tall_ectopics_clipped_are_clipping_not_a_knock() -> None:
+    """Three ectopic beats three times as tall pass the rail in V3-V5, three visits in each: three
+    recur like beats (inclusive), so they are clipping and the three beats stay in the search."""
+    times = beat_times()
+    sizes = np.ones(times.size)
+    sizes[[2, 6, 10]] = 3.0
+    units, rec = clipped_recording(twelve(times, sizes))
+    assert [rail_visits(units[i])[0].size for i in (8, 9, 10)] == [3, 3, 3]
+    report = check_quality(rec)
+    assert_found(report.beats, times)
+    assert report.heart_rate_bpm == pytest.approx(60 / RR_S, abs=0.5)
+
+
+def test_wide_qrs_clipped_for_exactly_120_ms_is_clipping_in_both_leads() -> None:
+    """A wide, tall QRS (bundle branch block) at the rail for exactly 60 samples (120 ms, the longest
+    a clipped QRS may be, inclusive) at every beat in V4, and at two beats only in V3 (too few to
+    recur, but where V4 clips): both leads' visits are clipping, every beat stays in the search
+    (a knock would leave each visit's stretch out and the rail's edges would make beats)."""
+    times = beat_times()
+    t = np.arange(round(SECONDS * RATE_HZ)) / RATE_HZ
+
+    def wide(sizes: np.ndarray) -> np.ndarray:
+        return sum(s * 6700.0 * np.exp(-0.5 * ((t - c - 0.001) / 0.05) ** 2) for c, s in zip(times, sizes))
+
+    x = twelve(times, np.ones(times.size))
+    x[9] = wide(np.ones(times.size))
+    v3 = np.full(times.size, 0.4)
+    v3[[3, 7]] = 1.0
+    x[8] = wide(v3)
+    units, rec = clipped_recording(x)
+    for lead, count in ((9, times.size), (8, 2)):
+        starts, ends = rail_visits(units[lead])
+        assert starts.size == count and set((ends - starts).tolist()) == {60}
+    report = check_quality(rec)
+    assert_found(report.beats, times)
+    assert report.heart_rate_bpm == pytest.approx(60 / RR_S, abs=0.5)
+
+
+def test_an_electrode_knocked_three_times_for_300_ms_is_a_knock_not_clipping() -> None:
+    """Every lead at the rail three times for 0.3 s, between beats: the visits recur and stand
+    apart, but each is longer than any QRS (0.12 s), so they are knocks: left out of the beat
+    search, whose beats and rate are those of the heart, not of the rail's edges."""
+    times = beat_times()
+    x = twelve(times, np.ones(times.size))
+    for at in (1.5, 4.7, 7.9):
+        x[:, round(at * RATE_HZ) : round((at + 0.3) * RATE_HZ)] = 5000.0
+    _, rec = clipped_recording(x)
+    report = check_quality(rec)
+    assert_found(report.beats, times)
     assert report.heart_rate_bpm == pytest.approx(60 / RR_S, abs=0.5)

@@ -230,7 +230,7 @@ def _hidden_rounds(
     """One hidden beat in each long gap a round, while most long gaps hold one."""
     for _ in range(HIDDEN_ROUNDS):
         if beats.size < 2:  # two tall ectopics may be all the first pass saw
-            return beats
+            break
         gaps = np.diff(beats)
         long_gap = gaps >= HIDDEN_GAP_OF_LONG * stats.percentile(gaps.astype(np.float64), 75.0)
         found = [
@@ -241,7 +241,7 @@ def _hidden_rounds(
         ]
         inside = [c for c in found if c is not None]
         if not inside or len(inside) < HIDDEN_SHARE * len(found):
-            return beats
+            break
         beats = np.sort(np.concatenate([beats, np.asarray(inside, dtype=np.int64)]))
     return beats
 
@@ -272,11 +272,12 @@ def _t_zone(gap: int, refractory: int, rate_hz: float) -> int:
 def _hidden_in(lo: int, hi: int, candidates: np.ndarray, env: np.ndarray, floor: float) -> int | None:
     """The hidden beat among the candidates in [lo, hi], if the strongest of them is one: from
     `floor` and clear of the stretch's background."""
-    inside = candidates[(candidates >= lo) & (candidates <= hi)]
+    stretch = slice(max(0, lo), hi + 1)  # the candidates' and the background's alike
+    inside = candidates[(candidates >= stretch.start) & (candidates < stretch.stop)]
     if not inside.size:
         return None
     best = int(inside[np.argmax(env[inside])])
-    background = float(stats.median(env[max(0, lo) : hi + 1]))
+    background = float(stats.median(env[stretch]))
     if env[best] >= floor and env[best] >= HIDDEN_CLARITY * background:
         return best
     return None
