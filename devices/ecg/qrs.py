@@ -40,7 +40,7 @@ SEARCH_BACK_OF_LEVEL = 0.12  # ... accepted there from 12 % of the QRS level (PV
 # Beats hidden by taller ones: in bigeminy or trigeminy every 2 s window holds one of the tall
 # beats, so the level is theirs and the others (half their height: a quarter of their energy) fall
 # under the threshold; every RR is then equally long and the search-back above never starts. So in
-# the long gaps a candidate is a hidden beat when it is QRS-sized, stands clear of its gap's
+# the long gaps a candidate is a hidden beat when it is QRS-sized, stands clear of the strip's
 # background, lies beyond the opening beat's T wave, and such a beat is in most long gaps: a rhythm.
 HIDDEN_GAP_OF_LONG = 0.75  # long gaps: from 3/4 of the upper quartile of the gaps
 # A T wave's energy peaks (its steepest slope) at 0.26-0.34 s x sqrt(RR in s) in the real files
@@ -48,11 +48,10 @@ HIDDEN_GAP_OF_LONG = 0.75  # long gaps: from 3/4 of the upper quartile of the ga
 # hidden beat of a bigeminy up to about 120 bpm (at 0.5 x its gap).
 HIDDEN_T_ZONE_S = 0.40  # x sqrt(gap in s): where the opening beat's T wave may still be
 HIDDEN_OF_LEVEL = 0.05  # a beat a third of the tall ones' height has a ninth of their energy
-HIDDEN_CLARITY = 4.0  # a hidden QRS's energy against its gap's median (noise peaks: 2-3)
+HIDDEN_CLARITY = 4.0  # a hidden QRS's energy against the strip's median (noise peaks: 2-3)
 HIDDEN_SHARE = 2 / 3  # of the long gaps that must hold one
 HIDDEN_KIN = 0.5  # then a missed beat in a long gap may be half as strong as the hidden ones
 EDGE_REACH_RR = 1.5  # the strip's head and tail: a beat within 1.5 typical RR of the last one found
-HIDDEN_ROUNDS = 6  # one hidden beat a gap a round: trigeminy needs two, a tall beat in 7 six
 # Pan and Tompkins' T-wave test: within 360 ms of a beat, a peak with under half its slope (a
 # quarter of its energy) is that beat's T wave. A tall ectopic beat's T wave is as tall: against
 # the level of the ordinary beats it passes the threshold and would be counted as a beat.
@@ -216,7 +215,7 @@ def _hidden_beats(
     kin = HIDDEN_KIN * float(stats.median(env[np.setdiff1d(hidden, beats)]))
     floor = max(HIDDEN_OF_LEVEL * level, min(SEARCH_BACK_OF_LEVEL * level, kin))
     beats = hidden
-    for _ in range(HIDDEN_ROUNDS):
+    while True:  # each round adds a beat between two others, or ends
         more = _search_back(beats, candidates, env, floor, refractory)
         if more.size == beats.size:
             break
@@ -227,16 +226,15 @@ def _hidden_beats(
 def _hidden_rounds(
     beats: np.ndarray, candidates: np.ndarray, env: np.ndarray, level: float, refractory: int, rate_hz: float
 ) -> np.ndarray:
-    """One hidden beat in each long gap a round, while most long gaps hold one."""
-    for _ in range(HIDDEN_ROUNDS):
-        if beats.size < 2:  # two tall ectopics may be all the first pass saw
-            break
+    """One hidden beat in each long gap a round, while most long gaps hold one (each round adds
+    beats between others, or ends). Clarity is judged against the strip's background: what is
+    left of a short gap past the T wave may be half filled by the very beat looked for."""
+    floor, background = HIDDEN_OF_LEVEL * level, float(stats.median(env))
+    while beats.size >= 2:  # two tall ectopics may be all the first pass saw
         gaps = np.diff(beats)
         long_gap = gaps >= HIDDEN_GAP_OF_LONG * stats.percentile(gaps.astype(np.float64), 75.0)
         found = [
-            _hidden_in(
-                a + _t_zone(b - a, refractory, rate_hz), b - refractory, candidates, env, HIDDEN_OF_LEVEL * level
-            )
+            _hidden_in(a + _t_zone(b - a, refractory, rate_hz), b - refractory, candidates, env, floor, background)
             for a, b in zip(beats[:-1][long_gap].tolist(), beats[1:][long_gap].tolist())
         ]
         inside = [c for c in found if c is not None]
@@ -250,14 +248,16 @@ def _edge_beats(
     beats: np.ndarray, candidates: np.ndarray, env: np.ndarray, floor: float, refractory: int, rate_hz: float
 ) -> np.ndarray:
     """Once hidden beats showed the rhythm: those before the first beat and after the last (a
-    search-back needs a beat on both sides), one typical RR at a time."""
+    search-back needs a beat on both sides), one typical RR at a time, as clear of the strip's
+    background as the hidden ones."""
     typical = int(stats.median(np.diff(beats)))
     reach = round(EDGE_REACH_RR * typical)
     t_zone = _t_zone(typical, refractory, rate_hz)
+    background = float(stats.median(env))
     found = beats.tolist()
-    for _ in range(env.size // max(1, typical) + 1):
-        head = _hidden_in(found[0] - reach, found[0] - refractory, candidates, env, floor)
-        tail = _hidden_in(found[-1] + t_zone, found[-1] + reach, candidates, env, floor)
+    while True:  # each round adds a beat before the first or after the last, or ends
+        head = _hidden_in(found[0] - reach, found[0] - refractory, candidates, env, floor, background)
+        tail = _hidden_in(found[-1] + t_zone, found[-1] + reach, candidates, env, floor, background)
         if head is None and tail is None:
             break
         found = ([head] if head is not None else []) + found + ([tail] if tail is not None else [])
@@ -269,15 +269,15 @@ def _t_zone(gap: int, refractory: int, rate_hz: float) -> int:
     return max(refractory, round(HIDDEN_T_ZONE_S * np.sqrt(gap / rate_hz) * rate_hz))
 
 
-def _hidden_in(lo: int, hi: int, candidates: np.ndarray, env: np.ndarray, floor: float) -> int | None:
+def _hidden_in(
+    lo: int, hi: int, candidates: np.ndarray, env: np.ndarray, floor: float, background: float
+) -> int | None:
     """The hidden beat among the candidates in [lo, hi], if the strongest of them is one: from
-    `floor` and clear of the stretch's background."""
-    stretch = slice(max(0, lo), hi + 1)  # the candidates' and the background's alike
-    inside = candidates[(candidates >= stretch.start) & (candidates < stretch.stop)]
+    `floor` and HIDDEN_CLARITY times `background`."""
+    inside = candidates[(candidates >= lo) & (candidates <= hi)]
     if not inside.size:
         return None
     best = int(inside[np.argmax(env[inside])])
-    background = float(stats.median(env[stretch]))
     if env[best] >= floor and env[best] >= HIDDEN_CLARITY * background:
         return best
     return None
