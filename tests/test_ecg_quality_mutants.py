@@ -1310,3 +1310,55 @@ def test_at_500_hz_the_line_on_the_nyquist_frequency_is_not_counted_as_a_harmoni
     x[row("V1")] += sine(50.0, 20.0) + sine(250.0, 40.0, phase=np.pi / 2)
     report = check_quality(to_recording(x))
     assert measures(report, "V1").mains_uv == pytest.approx(20.0, rel=0.03) and report.verdict == ACCEPTABLE
+
+
+# ----------------------------------------------------------------------------- exact figures (q20)
+
+
+def test_a_baseline_swinging_by_exactly_2_mv_asks_for_a_new_ecg() -> None:
+    """From 2 mV (2 cm) the trace runs into the next row: a baseline swinging by exactly that much
+    is re-recorded, not sent with a warning. Whole-µV levels whose 20 ms block means are exact
+    (each block alternates between two codes 1 µV apart, so that no exact plateau looks clipped)."""
+    n = int(10 * RATE_HZ)
+    level = 2000.0 * (np.arange(n) // int(RATE_HZ / 2) % 2) + np.arange(n) % 2
+    report = check_quality(to_recording(np.tile(level, (12, 1)), noise_uv=0.0))
+    wander = only(report, "baseline-wander")
+    assert (wander.value, wander.severity) == (2000.0, RE_RECORD)
+
+
+def test_a_harmonic_whose_neighbourhood_reaches_the_nyquist_frequency_is_not_counted() -> None:
+    """At 212 Hz the 50 Hz line's second harmonic (100 Hz) has its neighbouring spectrum up to
+    100 + 5 + 1 = 106 Hz, the Nyquist frequency itself: with no spectrum above it to stand out
+    from, it is left out. The hum is its 20 µV fundamental, under the warning level; counting the
+    40 µV at 100 Hz (a converter's own tone there) would send the doctor to unplug appliances."""
+    rate = 212.0
+    x = heart(rate=rate)
+    x[row("V1")] += sine(50.0, 20.0, rate=rate) + sine(100.0, 40.0, rate=rate)
+    report = check_quality(to_recording(x, rate=rate))
+    assert measures(report, "V1").mains_uv == pytest.approx(20.0, rel=0.02) and "mains-noise" not in kinds(report)
+
+
+def test_a_second_long_knock_leaves_the_other_leads_without_wander() -> None:
+    """The right arm knocked for a whole second: aVL and aVF see its 1.2 mV return offset halved
+    (0.6 mV, under the 0.7 mV warning level), bridged by a line from one baseline to the other.
+    A bridge that overshot the far baseline would show 0.9 mV and call for wander that is not there."""
+    report = check_quality(to_recording(knocked_right_arm(seconds_at_rail=1.0)))
+    assert kinds(report) == ["saturation"]
+    for name in ("aVL", "aVF"):
+        assert measures(report, name).wander_uv == pytest.approx(600.0, rel=0.02)
+
+
+def test_at_600_hz_hum_on_the_60_hz_grid_adds_almost_nothing_to_the_muscle_figure() -> None:
+    """At 600 Hz both combs delay by whole samples (12 and 10): they null 60 Hz and its harmonics
+    exactly, but where the boxcars' edges bend the hum (the first and last few dozen samples:
+    under 1 µV of the figure here). The combs' start-up samples, before both delays are filled,
+    let the hum through whole: they are left out. 500 µV of hum (20 times the mains warning level)
+    moves the muscle figure by under 2 µV (6 % of its 35 µV warning level): a lead that hums must
+    not be said to shiver. Counting two start-up samples adds 4.5 µV; all of them, 28 µV."""
+    rate = 600.0
+    clean = heart(2.0, rate)
+    humming = clean.copy()
+    humming[row("V1")] += sine(60.0, 500.0, 2.0, rate)
+    without, with_hum = (check_quality(to_recording(x, rate=rate)) for x in (clean, humming))
+    assert with_hum.beats == without.beats
+    assert measures(with_hum, "V1").muscle_uv == pytest.approx(measures(without, "V1").muscle_uv, abs=2.0)
