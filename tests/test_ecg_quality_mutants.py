@@ -1362,3 +1362,90 @@ def test_at_600_hz_hum_on_the_60_hz_grid_adds_almost_nothing_to_the_muscle_figur
     without, with_hum = (check_quality(to_recording(x, rate=rate)) for x in (clean, humming))
     assert with_hum.beats == without.beats
     assert measures(with_hum, "V1").muscle_uv == pytest.approx(measures(without, "V1").muscle_uv, abs=2.0)
+
+
+def test_an_electrode_dying_in_steps_counts_its_flat_time_where_it_was() -> None:
+    """10.3 s, V2 lost from 7.5 s and drifting in 30 µV steps (0, then 30 from 8.3 s, then 60 from
+    9.5 s): the windows 7.5-9.5 s and 8.3-10.3 s are each flat (30 µV), the one between them,
+    8.0-10.0 s, spans 60 µV and is not. Flat time is 7.5 s to the end: 2.8 s; lending the end
+    window's range to its neighbour would count 7.5-10.0 s."""
+    x = heart(10.3)
+    v2 = np.zeros(x.shape[-1])
+    v2[int(8.3 * RATE_HZ) :] = 30.0
+    v2[int(9.5 * RATE_HZ) :] = 60.0
+    x[row("V2"), int(7.5 * RATE_HZ) :] = v2[int(7.5 * RATE_HZ) :]
+    report = check_quality(to_recording(x, noise_uv=0.0))
+    assert only(report, "lead-off").leads == ("V2",) and measures(report, "V2").flat_s == pytest.approx(2.8)
+
+
+# ----------------------------------------------------------------------------- the swap rules, exactly
+#
+# Beats drawn as rectangles of whole µV (no noise): the mains-free copy (boxcars of 10 and 8
+# samples) keeps every plateau of 30 samples or more exactly, so the median beat's waves come out
+# exactly as drawn, and a rule can be tried at its very threshold.
+
+P_WAVE_S = (-0.19, -0.13)
+T_WAVE_S = (0.20, 0.32)
+NARROW_QRS_S = (-0.02, 0.02)
+
+
+def beat_train(parts: list[tuple[float, float, float]], seconds: float = 10.0) -> np.ndarray:
+    """Rectangles (from, to, µV), placed around every QRS peak (0.4 s + k x 0.8 s)."""
+    t = np.arange(int(seconds * RATE_HZ)) / RATE_HZ
+    phase = (t - FIRST_PEAK_S + RR_S / 2) % RR_S - RR_S / 2
+    return sum((height * ((phase >= start) & (phase < end)) for start, end, height in parts), np.zeros(t.size))
+
+
+def drawn_limb_leads(
+    lead_i: list[tuple[float, float, float]],
+    lead_ii: list[tuple[float, float, float]],
+    chest: dict[str, list[tuple[float, float, float]]] | None = None,
+) -> QualityReport:
+    """I and II as drawn, III = II - I (Einthoven), and any chest leads: whole µV, no noise."""
+    i_, ii = beat_train(lead_i), beat_train(lead_ii)
+    chest = chest or {}
+    x = np.stack([i_, ii, ii - i_, *(beat_train(parts) for parts in chest.values())])
+    return check_quality(to_recording(x, names=("I", "II", "III", *chest), noise_uv=0.0))
+
+
+UPRIGHT_II = [(*P_WAVE_S, 60.0), (*NARROW_QRS_S, 400.0), (*T_WAVE_S, 150.0)]
+
+
+def test_a_p_wave_of_exactly_40_uv_counts_for_the_arm_swap() -> None:
+    """Swapped arms: lead I's QRS upside down and its P exactly -40 µV (T flat). From 40 µV a P
+    wave's sign counts: two waves upside down, the doctor is told to swap the arm electrodes back."""
+    report = drawn_limb_leads([(*P_WAVE_S, -40.0), (*NARROW_QRS_S, -500.0)], UPRIGHT_II)
+    assert only(report, "limb-lead-reversal").leads == ("I", "II", "III")
+
+
+def test_a_qrs_under_0_2_of_polarity_has_no_sign_and_p_and_t_decide() -> None:
+    """Swapped arms in a heart whose QRS axis is near 90 degrees: lead I's QRS is biphasic, its
+    polarity (R + S) / (R - S) = (330 - 270) / 600 = 0.1, no sign. P and T upside down are
+    enough; counting the QRS as upright would send the swapped ECG to the cardiologist."""
+    qrs = [(-0.06, 0.0, 330.0), (0.0, 0.06, -270.0)]
+    report = drawn_limb_leads([(*P_WAVE_S, -100.0), *qrs, (*T_WAVE_S, -100.0)], UPRIGHT_II)
+    assert only(report, "limb-lead-reversal").leads == ("I", "II", "III")
+
+
+def test_a_lateral_qrs_of_exactly_zero_polarity_is_no_mirror_image_heart() -> None:
+    """Dextrocardia is suspected when V5 and V6 point away (QRS polarity under 0). A biphasic QRS
+    of equal R and S (polarity exactly 0) does not point away: lead I upside down is swapped arms."""
+    biphasic = [(-0.06, 0.0, 300.0), (0.0, 0.06, -300.0)]
+    lead_i = [(*P_WAVE_S, -100.0), (*NARROW_QRS_S, -500.0), (*T_WAVE_S, -100.0)]
+    report = drawn_limb_leads(lead_i, UPRIGHT_II, {"V5": biphasic, "V6": biphasic})
+    assert "limb-lead-reversal" in kinds(report)
+
+
+@pytest.mark.parametrize(
+    "own_uv, others_uv",
+    [
+        (50.0, 500.0),  # exactly a tenth of I and III (and under 60 µV)
+        (60.0, 900.0),  # exactly 60 µV (and under a tenth)
+    ],
+)
+def test_lead_ii_exactly_at_the_neutral_limits_is_no_arm_on_the_leg(own_uv: float, others_uv: float) -> None:
+    """An arm electrode on the right leg leaves lead II under 60 µV AND under a tenth of I and III.
+    Exactly at either limit the clip is on the arm: the nurse is not sent to move it."""
+    x = np.stack([beat_train([(*NARROW_QRS_S, h)]) for h in (others_uv, own_uv, -others_uv)])
+    report = check_quality(to_recording(x, names=("I", "II", "III"), noise_uv=0.0))
+    assert "limb-lead-reversal" not in kinds(report) and len(report.beats) == 12
