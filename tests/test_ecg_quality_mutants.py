@@ -1449,3 +1449,47 @@ def test_lead_ii_exactly_at_the_neutral_limits_is_no_arm_on_the_leg(own_uv: floa
     x = np.stack([beat_train([(*NARROW_QRS_S, h)]) for h in (others_uv, own_uv, -others_uv)])
     report = check_quality(to_recording(x, names=("I", "II", "III"), noise_uv=0.0))
     assert "limb-lead-reversal" not in kinds(report) and len(report.beats) == 12
+
+
+def test_a_qrs_in_the_first_80_ms_is_left_out_of_the_muscle_figure_too() -> None:
+    """A 1 s strip (the shortest whose noise is measured) that starts 48 ms before an R peak: that
+    QRS is left out from the strip's first sample, like any other (80 ms before the peak), so a
+    noise-free heart shows no tremor. Counted, its edges alone read as 95 µV of muscle noise."""
+    x = heart(1.35)[:, int(0.35 * RATE_HZ) :]
+    report = check_quality(to_recording(x, noise_uv=0.0, uv_per_unit=FINE_UV_PER_UNIT, dtype=np.int32))
+    assert report.beats[0] < int(0.08 * RATE_HZ)
+    assert kinds(report) == ["too-short"] and max(m.muscle_uv for m in report.leads) < 10
+
+
+# ----------------------------------------------------------------------------- bridged stretches, again
+
+
+def test_an_electrode_knocked_every_second_leaves_the_other_leads_clean() -> None:
+    """The right arm knocked ten times, each time coming back with its half-cell offset 1.5 mV up
+    or down: every knocked stretch is bridged by a line joining the baselines either side, so the
+    leads that see the steps through the central terminal show neither tremor (within 2 µV of the
+    same heart never knocked) nor more wander than the step itself (V2: a third of 1.5 mV). A
+    bridge that held one side's level and stepped at its edge would ring through the muscle band
+    ten times (aVF and V1 read 15-20 µV, the step on V2 7 % more)."""
+    pots = electrodes()
+    for k, start in enumerate(range(100, 5000, 500)):
+        pots["RA"][start : start + 25] += 60000.0
+        pots["RA"][start + 25 :] += 1500.0 if k % 2 == 0 else -1500.0
+    report = check_quality(to_recording(twelve_leads(pots)))
+    never = check_quality(to_recording(heart()))
+    assert only(report, "saturation").leads == ("I", "II", "aVR")
+    for name in ("III", "aVL", "aVF", "V1", "V2", "V5"):
+        assert measures(report, name).muscle_uv == pytest.approx(measures(never, name).muscle_uv, abs=2.0), name
+    assert measures(report, "V2").wander_uv == pytest.approx(1500.0 / 3, rel=0.03)
+
+
+def test_a_knock_in_the_first_third_of_a_second_is_bridged_from_the_baseline_before_it() -> None:
+    """A 2 s strip, the right arm knocked at 0.3 s and back 1.5 mV higher: the bridge starts from
+    the baseline in the 0.15 s before the stretch (all there is), so V2's baseline step, a third of
+    1.5 mV, is measured (within 10 %: the stretch starts 0.15 s before the knock). Starting it from
+    the far side instead hides the step: 35 µV."""
+    pots = electrodes(seconds=2.0)
+    pots["RA"][150:175] += 60000.0
+    pots["RA"][175:] += 1500.0
+    report = check_quality(to_recording(twelve_leads(pots)))
+    assert measures(report, "V2").wander_uv == pytest.approx(1500.0 / 3, rel=0.1)
