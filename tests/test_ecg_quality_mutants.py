@@ -1188,12 +1188,15 @@ def test_a_lead_swinging_exactly_40_uv_is_alive() -> None:
 # ----------------------------------------------------------------------------- figures at every rate
 
 
-def band_limited_noise(rms_uv: float, rate: float, seconds: float = 10.0, seed: int = 3) -> np.ndarray:
-    """Tremor spread evenly over the muscle band (20-150 Hz, or up to 0.45 x the rate), of this RMS."""
+def band_limited_noise(
+    rms_uv: float, rate: float, seconds: float = 10.0, seed: int = 3, low_hz: float = 20.0, top: float = 0.45
+) -> np.ndarray:
+    """Tremor spread evenly over the muscle band (20-150 Hz, or up to 0.45 x the rate), of this
+    RMS; or over a part of it (from low_hz, up to `top` x the rate)."""
     n = int(seconds * rate)
     spectrum = np.fft.rfft(np.random.default_rng(seed).normal(0.0, 1.0, n))
     freqs = np.fft.rfftfreq(n, 1.0 / rate)
-    spectrum[(freqs < 20.0) | (freqs > min(150.0, 0.45 * rate))] = 0.0
+    spectrum[(freqs < low_hz) | (freqs > min(150.0, top * rate))] = 0.0
     noise = np.fft.irfft(spectrum, n)
     return noise * rms_uv / np.sqrt(np.mean(noise**2))
 
@@ -1493,3 +1496,14 @@ def test_a_knock_in_the_first_third_of_a_second_is_bridged_from_the_baseline_bef
     pots["RA"][175:] += 1500.0
     report = check_quality(to_recording(twelve_leads(pots)))
     assert measures(report, "V2").wander_uv == pytest.approx(1500.0 / 3, rel=0.1)
+
+
+@pytest.mark.parametrize("rate", [256.0, 360.0])
+def test_fast_tremor_at_the_top_of_the_band_reads_its_rms_at_a_low_rate(rate: float) -> None:
+    """At rates under 450 Hz the band's top (0.45 x the rate) is already below 150 Hz: nothing
+    more may be filtered there. Tremor of 50 µV RMS between 70 Hz and 0.42 x the rate (a
+    shivering patient's fast component) reads 50 µV; an extra two-sample average would take a
+    third of it away (34 µV at 256 Hz) and pass a noisy ECG as clean."""
+    x = heart(rate=rate)
+    x[row("V1")] += band_limited_noise(50.0, rate, low_hz=70.0, top=0.42)
+    assert measures(check_quality(to_recording(x, rate=rate)), "V1").muscle_uv == pytest.approx(50.0, rel=0.08)
