@@ -1507,3 +1507,43 @@ def test_fast_tremor_at_the_top_of_the_band_reads_its_rms_at_a_low_rate(rate: fl
     x = heart(rate=rate)
     x[row("V1")] += band_limited_noise(50.0, rate, low_hz=70.0, top=0.42)
     assert measures(check_quality(to_recording(x, rate=rate)), "V1").muscle_uv == pytest.approx(50.0, rel=0.08)
+
+
+# ----------------------------------------------------------------------------- rails and beats, exactly
+
+
+def test_exactly_twenty_milliseconds_at_the_rail_is_bridged_in_every_lead() -> None:
+    """From 20 ms at the rail an electrode counts as knocked: the stretch is left out of the beat
+    search and bridged in every lead's noise figures. A 1 s strip (two 0.5 s windows) with the
+    right arm at the rail for exactly 20 ms: the spike it sends through the central terminal must
+    not read as tremor in the chest leads (unbridged, V1 reads 82 µV of muscle noise)."""
+    pots = electrodes(seconds=1.0)
+    pots["RA"][100:110] += 60000.0  # 10 samples at 500 Hz
+    report = check_quality(to_recording(twelve_leads(pots)))
+    assert only(report, "saturation").value == pytest.approx(0.02)
+    assert kinds(report) == ["saturation", "too-short"]
+    assert all(m.muscle_uv < 10 for m in report.leads)
+
+
+@pytest.mark.parametrize("stretch_s, beats", [(1.0, 8), (1.25, 0)])
+def test_a_lead_at_the_rail_for_more_than_a_fifth_of_the_time_is_not_read_for_beats(
+    stretch_s: float, beats: int
+) -> None:
+    """One lead (II), clipped twice: for exactly a fifth of the 10 s (2 x 1 s) it still gives the
+    beats outside the clipped stretches (75 bpm); for a quarter (2 x 1.25 s) it is not read for
+    beats at all, and no heart rate is made up from what is left."""
+    x = heart()[[row("II")]]
+    for start in (600, 3000):
+        x[0, start : start + int(stretch_s * RATE_HZ)] = 40000.0
+    report = check_quality(to_recording(x, names=("II",)))
+    assert kinds(report) == ["saturation"] and len(report.beats) == beats
+    assert report.heart_rate_bpm == (pytest.approx(60 / RR_S, abs=0.5) if beats else None)
+
+
+def test_every_lead_clipped_for_30_ms_at_once_still_gives_the_heart_rate() -> None:
+    """The patient moves: every lead touches the rail for 30 ms between two beats. Each lead is
+    at the rail for far less than a fifth of the time, so all are still read for beats."""
+    x = heart()
+    x[:, 2100:2115] = 40000.0
+    report = check_quality(to_recording(x))
+    assert len(report.beats) == 12 and report.heart_rate_bpm == pytest.approx(60 / RR_S, abs=0.5)
