@@ -14,7 +14,7 @@ import pytest
 
 from bench.mutation import Recorder, clear_caches
 
-CACHED_MODULE = '''
+CACHED_MODULE = """
 import functools
 
 
@@ -28,7 +28,7 @@ class Holder:
     @functools.lru_cache(maxsize=4)
     def scale(x):
         return 2 * x
-'''
+"""
 
 
 class FakeItem:
