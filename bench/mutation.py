@@ -600,11 +600,37 @@ def _data_defaults(function: object) -> list[object]:
     return [value for value in (*positional, *keyword.values()) if _is_data(value)]
 
 
-class Recorder:
-    """pytest plugin: the first failing test, and (baseline) who executes which lines, how long."""
+def clear_caches(module: ModuleType) -> int:
+    """Empty the functools caches (lru_cache, cache) of the module's own functions, top level and
+    in its classes; how many. A cached result hides the function's body from whoever calls next."""
+    cleared = 0
+    stack: list[object] = list(vars(module).values())
+    seen: set[int] = set()
+    while stack:
+        value = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, (staticmethod, classmethod)):
+            value = value.__func__
+        if callable(getattr(value, "cache_clear", None)) and getattr(value, "__module__", "") == module.__name__:
+            value.cache_clear()  # type: ignore[attr-defined]
+            cleared += 1
+        elif isinstance(value, type) and value.__module__ == module.__name__:
+            stack.extend(vars(value).values())
+    return cleared
 
-    def __init__(self, filename: str | None = None) -> None:
+
+class Recorder:
+    """pytest plugin: the first failing test, and (baseline) who executes which lines, how long.
+
+    In the baseline (`module` given) the module's caches are emptied before every test: a cached
+    function runs its body only for the first test that calls it, and the tests after it would
+    not be known to reach its lines, so a mutant there would never meet them."""
+
+    def __init__(self, filename: str | None = None, module: str | None = None) -> None:
         self.filename = filename
+        self.module = module
         self.current = "<between>"
         self.first_failure = ""
         self.lines: dict[str, set[int]] = {}
@@ -623,6 +649,8 @@ class Recorder:
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_protocol(self, item, nextitem):
+        if self.module is not None and self.module in sys.modules:
+            clear_caches(sys.modules[self.module])
         self.current = item.nodeid
         started = time.perf_counter()
         yield
@@ -794,7 +822,7 @@ class Zygote:
         if session.testsfailed:
             _write(self.workdir / "baseline.json", {"first_failure": "collection error", "durations": {}, "lines": {}})
             return
-        recorder = Recorder(str(self.path))
+        recorder = Recorder(str(self.path), module_name(self.module))
         session.config.pluginmanager.register(recorder)
         sys.settrace(recorder.trace)
         threading.settrace(recorder.trace)
@@ -825,12 +853,7 @@ class Zygote:
             else:
                 swapped = swap_in(module, code)
             if module is not None:  # results the unmutated code cached in the zygote would hide the mutant
-                for value in list(vars(module).values()):
-                    if (
-                        callable(getattr(value, "cache_clear", None))
-                        and getattr(value, "__module__", "") == module.__name__
-                    ):
-                        value.cache_clear()
+                clear_caches(module)
             if not swapped:
                 result = {"status": "slow path"}
             else:

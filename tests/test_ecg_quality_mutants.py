@@ -1188,12 +1188,15 @@ def test_a_lead_swinging_exactly_40_uv_is_alive() -> None:
 # ----------------------------------------------------------------------------- figures at every rate
 
 
-def band_limited_noise(rms_uv: float, rate: float, seconds: float = 10.0, seed: int = 3) -> np.ndarray:
-    """Tremor spread evenly over the muscle band (20-150 Hz, or up to 0.45 x the rate), of this RMS."""
+def band_limited_noise(
+    rms_uv: float, rate: float, seconds: float = 10.0, seed: int = 3, low_hz: float = 20.0, top: float = 0.45
+) -> np.ndarray:
+    """Tremor spread evenly over the muscle band (20-150 Hz, or up to 0.45 x the rate), of this
+    RMS; or over a part of it (from low_hz, up to `top` x the rate)."""
     n = int(seconds * rate)
     spectrum = np.fft.rfft(np.random.default_rng(seed).normal(0.0, 1.0, n))
     freqs = np.fft.rfftfreq(n, 1.0 / rate)
-    spectrum[(freqs < 20.0) | (freqs > min(150.0, 0.45 * rate))] = 0.0
+    spectrum[(freqs < low_hz) | (freqs > min(150.0, top * rate))] = 0.0
     noise = np.fft.irfft(spectrum, n)
     return noise * rms_uv / np.sqrt(np.mean(noise**2))
 
@@ -1310,3 +1313,237 @@ def test_at_500_hz_the_line_on_the_nyquist_frequency_is_not_counted_as_a_harmoni
     x[row("V1")] += sine(50.0, 20.0) + sine(250.0, 40.0, phase=np.pi / 2)
     report = check_quality(to_recording(x))
     assert measures(report, "V1").mains_uv == pytest.approx(20.0, rel=0.03) and report.verdict == ACCEPTABLE
+
+
+# ----------------------------------------------------------------------------- exact figures (q20)
+
+
+def test_a_baseline_swinging_by_exactly_2_mv_asks_for_a_new_ecg() -> None:
+    """From 2 mV (2 cm) the trace runs into the next row: a baseline swinging by exactly that much
+    is re-recorded, not sent with a warning. Whole-µV levels whose 20 ms block means are exact
+    (each block alternates between two codes 1 µV apart, so that no exact plateau looks clipped)."""
+    n = int(10 * RATE_HZ)
+    level = 2000.0 * (np.arange(n) // int(RATE_HZ / 2) % 2) + np.arange(n) % 2
+    report = check_quality(to_recording(np.tile(level, (12, 1)), noise_uv=0.0))
+    wander = only(report, "baseline-wander")
+    assert (wander.value, wander.severity) == (2000.0, RE_RECORD)
+
+
+def test_a_harmonic_whose_neighbourhood_reaches_the_nyquist_frequency_is_not_counted() -> None:
+    """At 212 Hz the 50 Hz line's second harmonic (100 Hz) has its neighbouring spectrum up to
+    100 + 5 + 1 = 106 Hz, the Nyquist frequency itself: with no spectrum above it to stand out
+    from, it is left out. The hum is its 20 µV fundamental, under the warning level; counting the
+    40 µV at 100 Hz (a converter's own tone there) would send the doctor to unplug appliances."""
+    rate = 212.0
+    x = heart(rate=rate)
+    x[row("V1")] += sine(50.0, 20.0, rate=rate) + sine(100.0, 40.0, rate=rate)
+    report = check_quality(to_recording(x, rate=rate))
+    assert measures(report, "V1").mains_uv == pytest.approx(20.0, rel=0.02) and "mains-noise" not in kinds(report)
+
+
+def test_a_second_long_knock_leaves_the_other_leads_without_wander() -> None:
+    """The right arm knocked for a whole second: aVL and aVF see its 1.2 mV return offset halved
+    (0.6 mV, under the 0.7 mV warning level), bridged by a line from one baseline to the other.
+    A bridge that overshot the far baseline would show 0.9 mV and call for wander that is not there."""
+    report = check_quality(to_recording(knocked_right_arm(seconds_at_rail=1.0)))
+    assert kinds(report) == ["saturation"]
+    for name in ("aVL", "aVF"):
+        assert measures(report, name).wander_uv == pytest.approx(600.0, rel=0.02)
+
+
+def test_at_600_hz_hum_on_the_60_hz_grid_adds_almost_nothing_to_the_muscle_figure() -> None:
+    """At 600 Hz both combs delay by whole samples (12 and 10): they null 60 Hz and its harmonics
+    exactly, but where the boxcars' edges bend the hum (the first and last few dozen samples:
+    under 1 µV of the figure here). The combs' start-up samples, before both delays are filled,
+    let the hum through whole: they are left out. 500 µV of hum (20 times the mains warning level)
+    moves the muscle figure by under 2 µV (6 % of its 35 µV warning level): a lead that hums must
+    not be said to shiver. Counting two start-up samples adds 4.5 µV; all of them, 28 µV."""
+    rate = 600.0
+    clean = heart(2.0, rate)
+    humming = clean.copy()
+    humming[row("V1")] += sine(60.0, 500.0, 2.0, rate)
+    without, with_hum = (check_quality(to_recording(x, rate=rate)) for x in (clean, humming))
+    assert with_hum.beats == without.beats
+    assert measures(with_hum, "V1").muscle_uv == pytest.approx(measures(without, "V1").muscle_uv, abs=2.0)
+
+
+def test_an_electrode_dying_in_steps_counts_its_flat_time_where_it_was() -> None:
+    """10.3 s, V2 lost from 7.5 s and drifting in 30 µV steps (0, then 30 from 8.3 s, then 60 from
+    9.5 s): the windows 7.5-9.5 s and 8.3-10.3 s are each flat (30 µV), the one between them,
+    8.0-10.0 s, spans 60 µV and is not. Flat time is 7.5 s to the end: 2.8 s; lending the end
+    window's range to its neighbour would count 7.5-10.0 s."""
+    x = heart(10.3)
+    v2 = np.zeros(x.shape[-1])
+    v2[int(8.3 * RATE_HZ) :] = 30.0
+    v2[int(9.5 * RATE_HZ) :] = 60.0
+    x[row("V2"), int(7.5 * RATE_HZ) :] = v2[int(7.5 * RATE_HZ) :]
+    report = check_quality(to_recording(x, noise_uv=0.0))
+    assert only(report, "lead-off").leads == ("V2",) and measures(report, "V2").flat_s == pytest.approx(2.8)
+
+
+# ----------------------------------------------------------------------------- the swap rules, exactly
+#
+# Beats drawn as rectangles of whole µV (no noise): the mains-free copy (boxcars of 10 and 8
+# samples) keeps every plateau of 30 samples or more exactly, so the median beat's waves come out
+# exactly as drawn, and a rule can be tried at its very threshold.
+
+P_WAVE_S = (-0.19, -0.13)
+T_WAVE_S = (0.20, 0.32)
+NARROW_QRS_S = (-0.02, 0.02)
+
+
+def beat_train(parts: list[tuple[float, float, float]], seconds: float = 10.0) -> np.ndarray:
+    """Rectangles (from, to, µV), placed around every QRS peak (0.4 s + k x 0.8 s)."""
+    t = np.arange(int(seconds * RATE_HZ)) / RATE_HZ
+    phase = (t - FIRST_PEAK_S + RR_S / 2) % RR_S - RR_S / 2
+    return sum((height * ((phase >= start) & (phase < end)) for start, end, height in parts), np.zeros(t.size))
+
+
+def drawn_limb_leads(
+    lead_i: list[tuple[float, float, float]],
+    lead_ii: list[tuple[float, float, float]],
+    chest: dict[str, list[tuple[float, float, float]]] | None = None,
+) -> QualityReport:
+    """I and II as drawn, III = II - I (Einthoven), and any chest leads: whole µV, no noise."""
+    i_, ii = beat_train(lead_i), beat_train(lead_ii)
+    chest = chest or {}
+    x = np.stack([i_, ii, ii - i_, *(beat_train(parts) for parts in chest.values())])
+    return check_quality(to_recording(x, names=("I", "II", "III", *chest), noise_uv=0.0))
+
+
+UPRIGHT_II = [(*P_WAVE_S, 60.0), (*NARROW_QRS_S, 400.0), (*T_WAVE_S, 150.0)]
+
+
+def test_a_p_wave_of_exactly_40_uv_counts_for_the_arm_swap() -> None:
+    """Swapped arms: lead I's QRS upside down and its P exactly -40 µV (T flat). From 40 µV a P
+    wave's sign counts: two waves upside down, the doctor is told to swap the arm electrodes back."""
+    report = drawn_limb_leads([(*P_WAVE_S, -40.0), (*NARROW_QRS_S, -500.0)], UPRIGHT_II)
+    assert only(report, "limb-lead-reversal").leads == ("I", "II", "III")
+
+
+def test_a_qrs_under_0_2_of_polarity_has_no_sign_and_p_and_t_decide() -> None:
+    """Swapped arms in a heart whose QRS axis is near 90 degrees: lead I's QRS is biphasic, its
+    polarity (R + S) / (R - S) = (330 - 270) / 600 = 0.1, no sign. P and T upside down are
+    enough; counting the QRS as upright would send the swapped ECG to the cardiologist."""
+    qrs = [(-0.06, 0.0, 330.0), (0.0, 0.06, -270.0)]
+    report = drawn_limb_leads([(*P_WAVE_S, -100.0), *qrs, (*T_WAVE_S, -100.0)], UPRIGHT_II)
+    assert only(report, "limb-lead-reversal").leads == ("I", "II", "III")
+
+
+def test_a_lateral_qrs_of_exactly_zero_polarity_is_no_mirror_image_heart() -> None:
+    """Dextrocardia is suspected when V5 and V6 point away (QRS polarity under 0). A biphasic QRS
+    of equal R and S (polarity exactly 0) does not point away: lead I upside down is swapped arms."""
+    biphasic = [(-0.06, 0.0, 300.0), (0.0, 0.06, -300.0)]
+    lead_i = [(*P_WAVE_S, -100.0), (*NARROW_QRS_S, -500.0), (*T_WAVE_S, -100.0)]
+    report = drawn_limb_leads(lead_i, UPRIGHT_II, {"V5": biphasic, "V6": biphasic})
+    assert "limb-lead-reversal" in kinds(report)
+
+
+@pytest.mark.parametrize(
+    "own_uv, others_uv",
+    [
+        (50.0, 500.0),  # exactly a tenth of I and III (and under 60 µV)
+        (60.0, 900.0),  # exactly 60 µV (and under a tenth)
+    ],
+)
+def test_lead_ii_exactly_at_the_neutral_limits_is_no_arm_on_the_leg(own_uv: float, others_uv: float) -> None:
+    """An arm electrode on the right leg leaves lead II under 60 µV AND under a tenth of I and III.
+    Exactly at either limit the clip is on the arm: the nurse is not sent to move it."""
+    x = np.stack([beat_train([(*NARROW_QRS_S, h)]) for h in (others_uv, own_uv, -others_uv)])
+    report = check_quality(to_recording(x, names=("I", "II", "III"), noise_uv=0.0))
+    assert "limb-lead-reversal" not in kinds(report) and len(report.beats) == 12
+
+
+def test_a_qrs_in_the_first_80_ms_is_left_out_of_the_muscle_figure_too() -> None:
+    """A 1 s strip (the shortest whose noise is measured) that starts 48 ms before an R peak: that
+    QRS is left out from the strip's first sample, like any other (80 ms before the peak), so a
+    noise-free heart shows no tremor. Counted, its edges alone read as 95 µV of muscle noise."""
+    x = heart(1.35)[:, int(0.35 * RATE_HZ) :]
+    report = check_quality(to_recording(x, noise_uv=0.0, uv_per_unit=FINE_UV_PER_UNIT, dtype=np.int32))
+    assert report.beats[0] < int(0.08 * RATE_HZ)
+    assert kinds(report) == ["too-short"] and max(m.muscle_uv for m in report.leads) < 10
+
+
+# ----------------------------------------------------------------------------- bridged stretches, again
+
+
+def test_an_electrode_knocked_every_second_leaves_the_other_leads_clean() -> None:
+    """The right arm knocked ten times, each time coming back with its half-cell offset 1.5 mV up
+    or down: every knocked stretch is bridged by a line joining the baselines either side, so the
+    leads that see the steps through the central terminal show neither tremor (within 2 µV of the
+    same heart never knocked) nor more wander than the step itself (V2: a third of 1.5 mV). A
+    bridge that held one side's level and stepped at its edge would ring through the muscle band
+    ten times (aVF and V1 read 15-20 µV, the step on V2 7 % more)."""
+    pots = electrodes()
+    for k, start in enumerate(range(100, 5000, 500)):
+        pots["RA"][start : start + 25] += 60000.0
+        pots["RA"][start + 25 :] += 1500.0 if k % 2 == 0 else -1500.0
+    report = check_quality(to_recording(twelve_leads(pots)))
+    never = check_quality(to_recording(heart()))
+    assert only(report, "saturation").leads == ("I", "II", "aVR")
+    for name in ("III", "aVL", "aVF", "V1", "V2", "V5"):
+        assert measures(report, name).muscle_uv == pytest.approx(measures(never, name).muscle_uv, abs=2.0), name
+    assert measures(report, "V2").wander_uv == pytest.approx(1500.0 / 3, rel=0.03)
+
+
+def test_a_knock_in_the_first_third_of_a_second_is_bridged_from_the_baseline_before_it() -> None:
+    """A 2 s strip, the right arm knocked at 0.3 s and back 1.5 mV higher: the bridge starts from
+    the baseline in the 0.15 s before the stretch (all there is), so V2's baseline step, a third of
+    1.5 mV, is measured (within 10 %: the stretch starts 0.15 s before the knock). Starting it from
+    the far side instead hides the step: 35 µV."""
+    pots = electrodes(seconds=2.0)
+    pots["RA"][150:175] += 60000.0
+    pots["RA"][175:] += 1500.0
+    report = check_quality(to_recording(twelve_leads(pots)))
+    assert measures(report, "V2").wander_uv == pytest.approx(1500.0 / 3, rel=0.1)
+
+
+@pytest.mark.parametrize("rate", [256.0, 360.0])
+def test_fast_tremor_at_the_top_of_the_band_reads_its_rms_at_a_low_rate(rate: float) -> None:
+    """At rates under 450 Hz the band's top (0.45 x the rate) is already below 150 Hz: nothing
+    more may be filtered there. Tremor of 50 µV RMS between 70 Hz and 0.42 x the rate (a
+    shivering patient's fast component) reads 50 µV; an extra two-sample average would take a
+    third of it away (34 µV at 256 Hz) and pass a noisy ECG as clean."""
+    x = heart(rate=rate)
+    x[row("V1")] += band_limited_noise(50.0, rate, low_hz=70.0, top=0.42)
+    assert measures(check_quality(to_recording(x, rate=rate)), "V1").muscle_uv == pytest.approx(50.0, rel=0.08)
+
+
+# ----------------------------------------------------------------------------- rails and beats, exactly
+
+
+def test_exactly_twenty_milliseconds_at_the_rail_is_bridged_in_every_lead() -> None:
+    """From 20 ms at the rail an electrode counts as knocked: the stretch is left out of the beat
+    search and bridged in every lead's noise figures. A 1 s strip (two 0.5 s windows) with the
+    right arm at the rail for exactly 20 ms: the spike it sends through the central terminal must
+    not read as tremor in the chest leads (unbridged, V1 reads 82 µV of muscle noise)."""
+    pots = electrodes(seconds=1.0)
+    pots["RA"][100:110] += 60000.0  # 10 samples at 500 Hz
+    report = check_quality(to_recording(twelve_leads(pots)))
+    assert only(report, "saturation").value == pytest.approx(0.02)
+    assert kinds(report) == ["saturation", "too-short"]
+    assert all(m.muscle_uv < 10 for m in report.leads)
+
+
+@pytest.mark.parametrize("stretch_s, beats", [(1.0, 8), (1.25, 0)])
+def test_a_lead_at_the_rail_for_more_than_a_fifth_of_the_time_is_not_read_for_beats(
+    stretch_s: float, beats: int
+) -> None:
+    """One lead (II), clipped twice: for exactly a fifth of the 10 s (2 x 1 s) it still gives the
+    beats outside the clipped stretches (75 bpm); for a quarter (2 x 1.25 s) it is not read for
+    beats at all, and no heart rate is made up from what is left."""
+    x = heart()[[row("II")]]
+    for start in (600, 3000):
+        x[0, start : start + int(stretch_s * RATE_HZ)] = 40000.0
+    report = check_quality(to_recording(x, names=("II",)))
+    assert kinds(report) == ["saturation"] and len(report.beats) == beats
+    assert report.heart_rate_bpm == (pytest.approx(60 / RR_S, abs=0.5) if beats else None)
+
+
+def test_every_lead_clipped_for_30_ms_at_once_still_gives_the_heart_rate() -> None:
+    """The patient moves: every lead touches the rail for 30 ms between two beats. Each lead is
+    at the rail for far less than a fifth of the time, so all are still read for beats."""
+    x = heart()
+    x[:, 2100:2115] = 40000.0
+    report = check_quality(to_recording(x))
+    assert len(report.beats) == 12 and report.heart_rate_bpm == pytest.approx(60 / RR_S, abs=0.5)
