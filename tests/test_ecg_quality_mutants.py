@@ -1547,3 +1547,16 @@ def test_every_lead_clipped_for_30_ms_at_once_still_gives_the_heart_rate() -> No
     x[:, 2100:2115] = 40000.0
     report = check_quality(to_recording(x))
     assert len(report.beats) == 12 and report.heart_rate_bpm == pytest.approx(60 / RR_S, abs=0.5)
+
+
+def test_a_dropout_right_after_the_first_sample_is_a_join_like_any_other() -> None:
+    """A bridge stream whose first sample arrived before a dropout (the gap declared at sample 1)
+    and 8 mV away from the rest: the join is left out of the beat search like any other join, so
+    no beat is made of the jump (counted, it is a beat at sample 0 and the rate reads 78, not 75)."""
+    x = heart()
+    x[:, 0] += 8000.0
+    joined = check_quality(to_recording(x, gaps=(SampleGap(1, 250),)))
+    assert len(joined.beats) == 12 and joined.beats[0] > int(0.1 * RATE_HZ)
+    assert joined.heart_rate_bpm == pytest.approx(60 / RR_S, abs=0.3)
+    undeclared = check_quality(to_recording(x))  # the check can fail: the same jump, no gap declared
+    assert undeclared.beats[0] < int(0.05 * RATE_HZ) and undeclared.heart_rate_bpm > 60 / RR_S + 1
