@@ -582,3 +582,31 @@ def test_an_electrode_knocked_every_second_with_a_new_offset_each_time_is_still_
     stretches = [range(s - 5, s + 30) for s in range(round(0.55 * RATE_HZ), x.shape[1] - 100, round(RATE_HZ))]
     assert not [b for b in report.beats if any(b in r for r in stretches)]
     assert report.heart_rate_bpm is None
+
+
+def test_blocked_p_waves_of_a_2_to_1_av_block_are_not_hidden_beats() -> None:
+    """2:1 AV block: a P wave (0.2 mV) 160 ms before each QRS and a blocked one mid-gap, 40 QRS a
+    minute. In a clean recording the blocked P stands far above the strip's background, in every
+    gap and past the T wave: only the floor (5 % of the QRS level; a P wave has about 1 %) keeps it
+    from being counted, and the ventricular rate - the one that matters in a block - from reading 80."""
+    times = beat_times(rr_s=1.5)
+    t = np.arange(round(SECONDS * RATE_HZ)) / RATE_HZ
+    p = np.zeros_like(t)
+    for at in np.r_[times - 0.16, times + 0.75 - 0.16]:
+        p += 200.0 * np.exp(-0.5 * ((t - at) / 0.025) ** 2)
+    x = twelve(times, np.ones(times.size), noise_uv=1.0) + np.abs(GAINS)[:, None] * p[None, :]
+    found = detect_qrs(x, RATE_HZ)
+    assert_found(found.beats, times)
+    assert found.heart_rate_bpm == pytest.approx(40.0, abs=0.5)
+
+
+def test_small_beats_at_both_ends_of_a_quadrigeminy_are_found_one_rr_at_a_time() -> None:
+    """Every 4th beat twice as tall, the strip starting three small beats before the first tall one
+    and ending two after the last: only the edge search finds those (a search-back needs a beat on
+    both sides), reaching 1.5 typical RR from the first and the last beat found, again and again."""
+    times = 0.2 + 0.55 * np.arange(18)  # 109 bpm, the last beat at 9.55 s
+    sizes = np.ones(times.size)
+    sizes[3::4] = 2.0
+    assert sizes[:3].tolist() == [1.0, 1.0, 1.0] and sizes[-2:].tolist() == [1.0, 1.0]
+    found = detect_qrs(twelve(times, sizes), RATE_HZ)
+    assert_found(found.beats, times)
