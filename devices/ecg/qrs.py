@@ -208,8 +208,10 @@ def _hidden_beats(
 ) -> np.ndarray:
     """Add beats hidden by taller ones (bigeminy, trigeminy): see HIDDEN_GAP_OF_LONG. Once some
     are found the rhythm is known: gaps still twice as long hold beats like them (search-back),
-    and so may the strip's head and tail."""
-    hidden = _hidden_rounds(beats, candidates, env, level, refractory, rate_hz)
+    and so may the strip's head and tail. Clarity is judged against the strip's background: what
+    is left of a short gap past the T wave may be half filled by the very beat looked for."""
+    background = float(stats.median(env))
+    hidden = _hidden_rounds(beats, candidates, env, level, background, refractory, rate_hz)
     if hidden.size == beats.size:
         return beats
     kin = HIDDEN_KIN * float(stats.median(env[np.setdiff1d(hidden, beats)]))
@@ -220,16 +222,21 @@ def _hidden_beats(
         if more.size == beats.size:
             break
         beats = more
-    return _edge_beats(beats, candidates, env, floor, refractory, rate_hz)
+    return _edge_beats(beats, candidates, env, floor, background, refractory, rate_hz)
 
 
 def _hidden_rounds(
-    beats: np.ndarray, candidates: np.ndarray, env: np.ndarray, level: float, refractory: int, rate_hz: float
+    beats: np.ndarray,
+    candidates: np.ndarray,
+    env: np.ndarray,
+    level: float,
+    background: float,
+    refractory: int,
+    rate_hz: float,
 ) -> np.ndarray:
     """One hidden beat in each long gap a round, while most long gaps hold one (each round adds
-    beats between others, or ends). Clarity is judged against the strip's background: what is
-    left of a short gap past the T wave may be half filled by the very beat looked for."""
-    floor, background = HIDDEN_OF_LEVEL * level, float(stats.median(env))
+    beats between others, or ends)."""
+    floor = HIDDEN_OF_LEVEL * level
     while beats.size >= 2:  # two tall ectopics may be all the first pass saw
         gaps = np.diff(beats)
         long_gap = gaps >= HIDDEN_GAP_OF_LONG * stats.percentile(gaps.astype(np.float64), 75.0)
@@ -245,7 +252,13 @@ def _hidden_rounds(
 
 
 def _edge_beats(
-    beats: np.ndarray, candidates: np.ndarray, env: np.ndarray, floor: float, refractory: int, rate_hz: float
+    beats: np.ndarray,
+    candidates: np.ndarray,
+    env: np.ndarray,
+    floor: float,
+    background: float,
+    refractory: int,
+    rate_hz: float,
 ) -> np.ndarray:
     """Once hidden beats showed the rhythm: those before the first beat and after the last (a
     search-back needs a beat on both sides), one typical RR at a time, as clear of the strip's
@@ -253,7 +266,6 @@ def _edge_beats(
     typical = int(stats.median(np.diff(beats)))
     reach = round(EDGE_REACH_RR * typical)
     t_zone = _t_zone(typical, refractory, rate_hz)
-    background = float(stats.median(env))
     found = beats.tolist()
     while True:  # each round adds a beat before the first or after the last, or ends
         head = _hidden_in(found[0] - reach, found[0] - refractory, candidates, env, floor, background)
