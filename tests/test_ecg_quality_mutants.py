@@ -1014,12 +1014,14 @@ def test_twenty_milliseconds_at_the_rail_is_clipping_and_half_a_second_needs_a_n
 
 
 def test_with_no_clean_half_second_left_tremor_is_still_measured() -> None:
-    """V6's electrode bounces to the rail every 0.4 s: with the stretches around it left out, no
-    0.5 s window keeps 30 % of its samples, so the whole band is measured instead; the shivering
-    on V1 must still be reported and the quiet leads must not be."""
+    """V6's electrode bounces to the rail every 0.4 s, coming back 1.5 mV up or down each time (a
+    knock, not a clipped R: see tests/test_ecg_tall_beats.py): with the stretches around it left
+    out, no 0.5 s window keeps 30 % of its samples, so the whole band is measured instead; the
+    shivering on V1 must still be reported and the quiet leads must not be."""
     x = heart()
-    for start in range(0, x.shape[-1], 200):
+    for k, start in enumerate(range(0, x.shape[-1], 200)):
         x[row("V6"), start : start + 15] = 40000.0
+        x[row("V6"), start + 15 :] += 1500.0 if k % 2 == 0 else -1500.0
     x[row("V1")] += np.random.default_rng(1).normal(0.0, 150.0, x.shape[-1])
     report = check_quality(to_recording(x))
     assert only(report, "saturation").leads == ("V6",)
@@ -1560,3 +1562,18 @@ def test_a_dropout_right_after_the_first_sample_is_a_join_like_any_other() -> No
     assert joined.heart_rate_bpm == pytest.approx(60 / RR_S, abs=0.3)
     undeclared = check_quality(to_recording(x))  # the check can fail: the same jump, no gap declared
     assert undeclared.beats[0] < int(0.05 * RATE_HZ) and undeclared.heart_rate_bpm > 60 / RR_S + 1
+
+
+def test_a_knock_in_the_first_tenth_of_a_second_is_bridged_from_the_level_after_it() -> None:
+    """The right arm knocked at 0.1 s and back 1.5 mV higher: the stretch left out reaches the
+    strip's first sample, so there is no baseline before it and the bridge holds the level after it
+    (V2: a third of 1.5 mV) from the start. The 0.1 s before the knock is too short to be a
+    baseline: V2 shows no wander from the step, nor any other fault."""
+    pots = electrodes()
+    pots["RA"][50:75] += 60000.0
+    pots["RA"][75:] += 1500.0
+    report = check_quality(to_recording(twelve_leads(pots)))
+    never = check_quality(to_recording(heart()))
+    assert only(report, "saturation").leads == ("I", "II", "aVR") and kinds(report) == ["saturation"]
+    for name in ("III", "V2", "V5"):
+        assert measures(report, name).wander_uv == pytest.approx(measures(never, name).wander_uv, abs=30.0), name
