@@ -1591,3 +1591,41 @@ def test_hum_under_tremor_at_1000_hz_is_measured_above_the_spectrum_beside_the_l
         x[row("V1")] += sine(50.0, 30.0, rate=1000.0) + band_limited_noise(100.0, 1000.0, seed=seed)
         figures.append(measures(check_quality(to_recording(x, rate=1000.0)), "V1").mains_uv)
     assert float(np.mean(figures)) == pytest.approx(30.0, rel=0.05)
+
+
+def test_the_amplifier_s_recovery_after_each_knock_is_left_out_with_the_knock() -> None:
+    """The right arm knocked every second (as in
+    test_an_electrode_knocked_every_second_leaves_the_other_leads_clean), but the input comes back from the rail the way
+    an amplifier does, settling over 20 ms (an exponential tail, 60 mV at the rail). The 0.15 s
+    left out on either side of each knocked stretch covers the tail: no lead shows tremor (within
+    2 µV of the same heart never knocked). With half that margin the tail's end rings through the
+    muscle band in half of the 0.5 s windows: 27-47 µV of 'muscle noise' on aVL, aVF, V1, V2 and V5,
+    and the doctor would be told to relax a patient who is lying still."""
+    pots = electrodes()
+    n = pots["RA"].size
+    for k, start in enumerate(range(100, 5000, 500)):
+        pots["RA"][start : start + 25] += 60000.0
+        settling = 60000.0 * np.exp(-np.arange(n - start - 25) / (0.02 * RATE_HZ))
+        pots["RA"][start + 25 :] += settling + (1500.0 if k % 2 == 0 else -1500.0)
+    report = check_quality(to_recording(twelve_leads(pots)))
+    never = check_quality(to_recording(heart()))
+    assert kinds(report) == ["saturation", "baseline-wander"]  # the half-cell offsets' 0.75 mV steps on aVL, aVF
+    for name in ("III", "aVL", "aVF", "V1", "V2", "V5"):
+        assert measures(report, name).muscle_uv == pytest.approx(measures(never, name).muscle_uv, abs=2.0), name
+
+
+def test_an_electrode_pushed_further_every_0_6_s_is_bridged_from_the_baseline_right_beside_each_knock() -> None:
+    """The right arm knocked every 0.6 s and coming back 1.5 mV further each time (a loose electrode
+    pressed again and again): each bridge starts and ends at the baseline of the 0.3 s beside the
+    knocked stretch, so the leads that see the steps through the central terminal show no tremor.
+    Medians over 1.3 s would reach back two or three knocks, to an older level: every bridge would
+    step at both ends and V1, V2 and V5 would read 73 µV of muscle noise (re-record)."""
+    pots = electrodes()
+    for start in range(100, 4950, 300):
+        pots["RA"][start : start + 25] += 60000.0
+        pots["RA"][start + 25 :] += 1500.0
+    report = check_quality(to_recording(twelve_leads(pots)))
+    never = check_quality(to_recording(heart()))
+    assert "muscle-noise" not in kinds(report)
+    for name in ("III", "V1", "V2", "V5"):
+        assert measures(report, name).muscle_uv == pytest.approx(measures(never, name).muscle_uv, abs=2.0), name

@@ -704,3 +704,25 @@ def test_a_clipped_r_in_the_first_80_ms_is_not_judged_against_the_whole_strip() 
     assert starts.size == times.size and starts[0] < 40
     report = check_quality(rec)
     assert_found(report.beats, times)
+
+
+def test_a_knock_in_the_strip_s_first_quarter_second_is_judged_on_the_pr_stretch_there_is() -> None:
+    """Lead II's tall R's clip at every beat; the right arm is knocked at 0.15 s (I, II and aVR at
+    the rail for 50 ms, the chest leads see the jolt through the central terminal) and comes back
+    1.5 mV off. Of the PR window (250-80 ms before the visit) only the last 70 ms lie inside the
+    strip, but they are a level to compare with: II did not come back there, so the visit is a knock, left out of the
+    beat search, and the rate is the heart's. Taken as unknown ('yes, it came back') the knock
+    would join II's clipped R's and its jolt would be counted as a 13th beat (77 bpm)."""
+    times = np.arange(0.7, 9.7, RR_S)
+    x = twelve(times, np.ones(times.size))
+    x[1] = clipped_v4(times) + np.random.default_rng(1).normal(0.0, 8.0, x.shape[1])
+    at = round(0.15 * RATE_HZ)
+    x[[0, 1, 3], at : at + 25] = 9000.0
+    x[[0, 1], at + 25 :] += 1500.0
+    x[6:, at : at + 25] -= 2000.0
+    x[6:, at + 25 :] -= 500.0
+    units, rec = clipped_recording(x)
+    assert rail_visits(units[1])[0][0] == at  # the knock is II's first visit to the rail
+    report = check_quality(rec)
+    assert_found(report.beats, times)
+    assert report.heart_rate_bpm == pytest.approx(60 / RR_S, abs=0.5)
