@@ -1599,7 +1599,7 @@ def test_the_amplifier_s_recovery_after_each_knock_is_left_out_with_the_knock() 
     an amplifier does, settling over 20 ms (an exponential tail, 60 mV at the rail). The 0.15 s
     left out on either side of each knocked stretch covers the tail: no lead shows tremor (within
     2 µV of the same heart never knocked). With half that margin the tail's end rings through the
-    muscle band in half of the 0.5 s windows: 27-47 µV of 'muscle noise' on aVL, aVF, V1, V2 and V5,
+    muscle band after each of the ten knocks: 27-47 µV of 'muscle noise' on aVL, aVF, V1, V2 and V5,
     and the doctor would be told to relax a patient who is lying still."""
     pots = electrodes()
     n = pots["RA"].size

@@ -694,7 +694,7 @@ def test_a_clipped_r_in_the_first_80_ms_is_not_judged_against_the_whole_strip() 
     """V4's baseline drifts down by 2.5 mV over the strip (an electrode settling) while its tall R's
     clip at every beat; the first starts within 80 ms of the strip's start, so it has no PR segment
     to compare with. It is clipping like the others (each comes back to its own PR level): the
-    first beat is kept. Compared with the strip's median instead (1.25 mV lower), it would be a
+    first beat is kept. Compared with the strip's median instead (1.15 mV lower), it would be a
     knock and the first beat lost."""
     times = np.arange(0.06, 9.95, RR_S)
     x = twelve(times, np.ones(times.size))
