@@ -1014,12 +1014,14 @@ def test_twenty_milliseconds_at_the_rail_is_clipping_and_half_a_second_needs_a_n
 
 
 def test_with_no_clean_half_second_left_tremor_is_still_measured() -> None:
-    """V6's electrode bounces to the rail every 0.4 s: with the stretches around it left out, no
-    0.5 s window keeps 30 % of its samples, so the whole band is measured instead; the shivering
-    on V1 must still be reported and the quiet leads must not be."""
+    """V6's electrode bounces to the rail every 0.4 s, coming back 1.5 mV up or down each time (a
+    knock, not a clipped R: see tests/test_ecg_tall_beats.py): with the stretches around it left
+    out, no 0.5 s window keeps 30 % of its samples, so the whole band is measured instead; the
+    shivering on V1 must still be reported and the quiet leads must not be."""
     x = heart()
-    for start in range(0, x.shape[-1], 200):
+    for k, start in enumerate(range(0, x.shape[-1], 200)):
         x[row("V6"), start : start + 15] = 40000.0
+        x[row("V6"), start + 15 :] += 1500.0 if k % 2 == 0 else -1500.0
     x[row("V1")] += np.random.default_rng(1).normal(0.0, 150.0, x.shape[-1])
     report = check_quality(to_recording(x))
     assert only(report, "saturation").leads == ("V6",)
@@ -1560,3 +1562,70 @@ def test_a_dropout_right_after_the_first_sample_is_a_join_like_any_other() -> No
     assert joined.heart_rate_bpm == pytest.approx(60 / RR_S, abs=0.3)
     undeclared = check_quality(to_recording(x))  # the check can fail: the same jump, no gap declared
     assert undeclared.beats[0] < int(0.05 * RATE_HZ) and undeclared.heart_rate_bpm > 60 / RR_S + 1
+
+
+def test_a_knock_in_the_first_tenth_of_a_second_is_bridged_from_the_level_after_it() -> None:
+    """The right arm knocked at 0.1 s and back 1.5 mV higher: the stretch left out reaches the
+    strip's first sample, so there is no baseline before it and the bridge holds the level after it
+    (V2: a third of 1.5 mV) from the start. The 0.1 s before the knock is too short to be a
+    baseline: V2 shows no wander from the step, nor any other fault."""
+    pots = electrodes()
+    pots["RA"][50:75] += 60000.0
+    pots["RA"][75:] += 1500.0
+    report = check_quality(to_recording(twelve_leads(pots)))
+    never = check_quality(to_recording(heart()))
+    assert only(report, "saturation").leads == ("I", "II", "aVR") and kinds(report) == ["saturation"]
+    for name in ("III", "V2", "V5"):
+        assert measures(report, name).wander_uv == pytest.approx(measures(never, name).wander_uv, abs=30.0), name
+
+
+def test_hum_under_tremor_at_1000_hz_is_measured_above_the_spectrum_beside_the_line() -> None:
+    """The fridge and the shivering patient again, on a 1000 Hz cart: the tremor fills 20-150 Hz
+    (as muscle noise does) and the spectrum above it, most of the bins, holds only the amplifier's
+    noise. The line's background is the spectrum beside it (2-5 Hz away), where the tremor is: the
+    30 µV hum reads 30 µV (within 5 %, averaged over three patients). Taken from the whole, mostly
+    quiet, spectrum, the tremor under the line would count as hum: 34 µV."""
+    figures = []
+    for seed in range(3):
+        x = heart(rate=1000.0)
+        x[row("V1")] += sine(50.0, 30.0, rate=1000.0) + band_limited_noise(100.0, 1000.0, seed=seed)
+        figures.append(measures(check_quality(to_recording(x, rate=1000.0)), "V1").mains_uv)
+    assert float(np.mean(figures)) == pytest.approx(30.0, rel=0.05)
+
+
+def test_the_amplifier_s_recovery_after_each_knock_is_left_out_with_the_knock() -> None:
+    """The right arm knocked every second (as in
+    test_an_electrode_knocked_every_second_leaves_the_other_leads_clean), but the input comes back from the rail the way
+    an amplifier does, settling over 20 ms (an exponential tail, 60 mV at the rail). The 0.15 s
+    left out on either side of each knocked stretch covers the tail: no lead shows tremor (within
+    2 µV of the same heart never knocked). With half that margin the tail's end rings through the
+    muscle band after each of the ten knocks: 27-47 µV of 'muscle noise' on aVL, aVF, V1, V2 and V5,
+    and the doctor would be told to relax a patient who is lying still."""
+    pots = electrodes()
+    n = pots["RA"].size
+    for k, start in enumerate(range(100, 5000, 500)):
+        pots["RA"][start : start + 25] += 60000.0
+        settling = 60000.0 * np.exp(-np.arange(n - start - 25) / (0.02 * RATE_HZ))
+        pots["RA"][start + 25 :] += settling + (1500.0 if k % 2 == 0 else -1500.0)
+    report = check_quality(to_recording(twelve_leads(pots)))
+    never = check_quality(to_recording(heart()))
+    assert kinds(report) == ["saturation", "baseline-wander"]  # the half-cell offsets' 0.75 mV steps on aVL, aVF
+    for name in ("III", "aVL", "aVF", "V1", "V2", "V5"):
+        assert measures(report, name).muscle_uv == pytest.approx(measures(never, name).muscle_uv, abs=2.0), name
+
+
+def test_an_electrode_pushed_further_every_0_6_s_is_bridged_from_the_baseline_right_beside_each_knock() -> None:
+    """The right arm knocked every 0.6 s and coming back 1.5 mV further each time (a loose electrode
+    pressed again and again): each bridge starts and ends at the baseline of the 0.3 s beside the
+    knocked stretch, so the leads that see the steps through the central terminal show no tremor.
+    Medians over 1.3 s would reach back two or three knocks, to an older level: every bridge would
+    step at both ends and V1, V2 and V5 would read 73 µV of muscle noise (re-record)."""
+    pots = electrodes()
+    for start in range(100, 4950, 300):
+        pots["RA"][start : start + 25] += 60000.0
+        pots["RA"][start + 25 :] += 1500.0
+    report = check_quality(to_recording(twelve_leads(pots)))
+    never = check_quality(to_recording(heart()))
+    assert "muscle-noise" not in kinds(report)
+    for name in ("III", "V1", "V2", "V5"):
+        assert measures(report, name).muscle_uv == pytest.approx(measures(never, name).muscle_uv, abs=2.0), name

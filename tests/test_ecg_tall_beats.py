@@ -610,3 +610,119 @@ def test_small_beats_at_both_ends_of_a_quadrigeminy_are_found_one_rr_at_a_time()
     assert sizes[:3].tolist() == [1.0, 1.0, 1.0] and sizes[-2:].tolist() == [1.0, 1.0]
     found = detect_qrs(twelve(times, sizes), RATE_HZ)
     assert_found(found.beats, times)
+
+
+# ----------------------------------------------------------------------------- clipped or knocked: where the lead comes back
+
+
+def clipped_v4(times: np.ndarray, qrs_uv: float = 5000.0, seconds: float = SECONDS) -> np.ndarray:
+    """V4 alone, noise-free: a P wave (150 µV, 160 ms before each R) and an R of `qrs_uv` that
+    runs past the 3.28 mV rail at every beat; no T wave, so the ST segment is the baseline."""
+    t = np.arange(round(seconds * RATE_HZ)) / RATE_HZ
+    x = pqrst(times, np.ones(times.size), qrs_uv=qrs_uv, t_uv=0.0, seconds=seconds)
+    for at in times:
+        x += 150.0 * np.exp(-0.5 * ((t - at + 0.16) / 0.02) ** 2)
+    return x
+
+
+@pytest.mark.parametrize("over_uv, rate_stated", [(0.0, True), (0.1, False)])
+def test_an_st_segment_exactly_1_mv_from_the_pr_segment_is_still_the_clipped_beat_s_own(
+    over_uv: float, rate_stated: bool
+) -> None:
+    """V4's R clipped at every beat, its ST segment (90-200 ms after the R) raised to exactly 1 mV
+    above the PR segment's level (the median 250-80 ms before the rail visit, on the P wave's
+    tail): an ST elevation within reach, so the visits are V4's own clipping and the rate is
+    stated. 0.1 µV more and the lead did not come back where it left: each visit is a knock, left
+    out of the beat search, and as every RR spans one no rate is stated (what beats are found are
+    the ST segments' square ends, not the R's). The PR and ST windows
+    are exactly these (not a second before, not the R's own down-stroke): on a lead whose level
+    moves they decide whether a heart rate is given at all."""
+    times = beat_times()
+    x = twelve(times, np.ones(times.size))
+    x[9] = clipped_v4(times)
+    units, _ = clipped_recording(x)
+    starts, ends = rail_visits(units[9])
+    assert starts.size == times.size
+    pr_uv = float(np.median(units[9, starts[0] - 125 : starts[0] - 40])) * UV_PER_UNIT
+    assert pr_uv == pytest.approx(16.5)  # the P wave's tail: every PR window reads the same
+    t = np.arange(x.shape[1]) / RATE_HZ
+    for at in times:
+        x[9, (t >= at + 0.09) & (t < at + 0.2)] += pr_uv + 1000.0 + over_uv
+    units, rec = clipped_recording(x)
+    after_uv = float(np.median(units[9, ends[0] + 30 : ends[0] + 70])) * UV_PER_UNIT
+    assert after_uv - pr_uv == pytest.approx(1000.0 + over_uv, abs=1e-9)
+    report = check_quality(rec)
+    if rate_stated:
+        assert_found(report.beats, times)
+        assert report.heart_rate_bpm == pytest.approx(60 / RR_S, abs=0.5)
+    else:
+        assert report.heart_rate_bpm is None
+
+
+def test_clipped_r_waves_at_both_ends_of_the_strip_are_clipping_like_the_others() -> None:
+    """The strip starts 60 ms before a clipped R and ends 50 ms after one: those two visits have no
+    PR (or no ST) segment inside the strip, so nothing says they are knocks; they recur with the
+    others and are V4's own clipping. Taken for knocks, the first and last beats would be left out
+    of the beat search: 11 beats of 13."""
+    times = np.arange(0.06, 9.95, RR_S)
+    x = twelve(times, np.ones(times.size))
+    x[9] = clipped_v4(times)
+    x = x[:, : round((times[-1] + 0.05) * RATE_HZ)]
+    units, rec = clipped_recording(x)
+    starts, ends = rail_visits(units[9])
+    assert starts[0] < 40 and ends[-1] + 30 > units.shape[1]  # no PR window first, no ST window last
+    report = check_quality(rec)
+    assert_found(report.beats, times)
+    assert report.heart_rate_bpm == pytest.approx(60 / RR_S, abs=0.5)
+
+
+def test_a_strip_that_starts_at_the_rail_inside_a_clipped_r_keeps_that_beat() -> None:
+    """The first sample is already at the rail (the strip starts in a clipped R): nothing of that
+    visit's PR segment is in the strip - not even the visit's own first sample may stand for it
+    (the rail is 3.3 mV from the ST segment). It is clipping like the other R's: every beat,
+    the first one included, stays in the beat search."""
+    times = np.arange(0.0, 9.7, RR_S)
+    x = twelve(times, np.ones(times.size))
+    x[9] = clipped_v4(times)
+    units, rec = clipped_recording(x)
+    assert units[9, 0] == RAIL
+    report = check_quality(rec)
+    assert_found(report.beats, times)
+
+
+def test_a_clipped_r_in_the_first_80_ms_is_not_judged_against_the_whole_strip() -> None:
+    """V4's baseline drifts down by 2.5 mV over the strip (an electrode settling) while its tall R's
+    clip at every beat; the first starts within 80 ms of the strip's start, so it has no PR segment
+    to compare with. It is clipping like the others (each comes back to its own PR level): the
+    first beat is kept. Compared with the strip's median instead (1.15 mV lower), it would be a
+    knock and the first beat lost."""
+    times = np.arange(0.06, 9.95, RR_S)
+    x = twelve(times, np.ones(times.size))
+    x[9] = clipped_v4(times, qrs_uv=8000.0) - 2500.0 * np.arange(x.shape[1]) / x.shape[1]
+    units, rec = clipped_recording(x)
+    starts, _ = rail_visits(units[9])
+    assert starts.size == times.size and starts[0] < 40
+    report = check_quality(rec)
+    assert_found(report.beats, times)
+
+
+def test_a_knock_in_the_strip_s_first_quarter_second_is_judged_on_the_pr_stretch_there_is() -> None:
+    """Lead II's tall R's clip at every beat; the right arm is knocked at 0.15 s (I, II and aVR at
+    the rail for 50 ms, the chest leads see the jolt through the central terminal) and comes back
+    1.5 mV off. Of the PR window (250-80 ms before the visit) only the last 70 ms lie inside the
+    strip, but they are a level to compare with: II did not come back there, so the visit is a knock, left out of the
+    beat search, and the rate is the heart's. Taken as unknown ('yes, it came back') the knock
+    would join II's clipped R's and its jolt would be counted as a 13th beat (77 bpm)."""
+    times = np.arange(0.7, 9.7, RR_S)
+    x = twelve(times, np.ones(times.size))
+    x[1] = clipped_v4(times) + np.random.default_rng(1).normal(0.0, 8.0, x.shape[1])
+    at = round(0.15 * RATE_HZ)
+    x[[0, 1, 3], at : at + 25] = 9000.0
+    x[[0, 1], at + 25 :] += 1500.0
+    x[6:, at : at + 25] -= 2000.0
+    x[6:, at + 25 :] -= 500.0
+    units, rec = clipped_recording(x)
+    assert rail_visits(units[1])[0][0] == at  # the knock is II's first visit to the rail
+    report = check_quality(rec)
+    assert_found(report.beats, times)
+    assert report.heart_rate_bpm == pytest.approx(60 / RR_S, abs=0.5)
