@@ -78,7 +78,7 @@ class ReadingCenterSection:
     commitment_timeout_s: float = 120.0  # no report by then: ask again with a new transaction
     no_commitment_policy: str = "keep"  # peer without commitment: "keep" local copies or "purge"
     stat_cuts_routine: bool = True  # a STAT ECG waiting cuts a routine transfer on the wire (resent later, uncharged)
-    stat_cut_after_s: float = 0.2  # ...only a transfer expected to need longer than this (s), not one nearly done
+    stat_cut_after_s: float = 0.05  # ...only a transfer expected to need longer than this (s), not one nearly done
     tls: TlsSection = field(default_factory=TlsSection)
     metered: MeteredSection = field(default_factory=MeteredSection)  # ECGs sent (C-STOREs)
 

@@ -45,6 +45,11 @@ class LinkProfile:
         """The least time `up_bytes` can take to cross this link (rate only, plus one RTT)."""
         return (up_bytes * 8 / self.up_bps if self.up_bps else 0.0) + self.rtt_s
 
+    def arrival_floor_s(self, up_bytes: int) -> float:
+        """The least time from the first of `up_bytes` leaving to the last being at the far end
+        (rate, plus the one-way delay): an object alone on the link, association open already."""
+        return (up_bytes * 8 / self.up_bps if self.up_bps else 0.0) + self.rtt_s / 2
+
 
 PROFILES: dict[str, LinkProfile] = {
     "lan": LinkProfile("lan", None, None, 0.0005),
@@ -70,6 +75,8 @@ class Bottleneck:
     queued: int = 0  # bytes read from senders and not yet delivered
     bytes_total: int = 0
     stalls: int = 0
+    first_at: float | None = None  # when the first byte reached the bottleneck (the loop's clock)
+    busy_s: float = 0.0  # time spent sending (rate only): free_at - first_at - busy_s was idle
     room: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     @property
@@ -80,7 +87,11 @@ class Bottleneck:
     def schedule(self, now: float, size: int) -> float:
         """When a chunk of `size` bytes arriving now leaves the far end of the link."""
         start = max(now, self.free_at)
-        self.free_at = start + (size * 8 / self.rate_bps if self.rate_bps else 0.0)
+        if self.first_at is None:
+            self.first_at = start
+        sending = size * 8 / self.rate_bps if self.rate_bps else 0.0
+        self.busy_s += sending
+        self.free_at = start + sending
         if self.loss:
             segments = max(1, -(-size // SEGMENT_BYTES))
             if self.rng.random() < 1 - (1 - self.loss) ** segments:
@@ -153,6 +164,14 @@ class LinkRelay:
             await self._stop.wait()
 
     async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        try:
+            await self._relay(client_r, client_w)
+        except asyncio.CancelledError:
+            # the relay is closing with this connection open (asyncio.run cancels it); Python
+            # 3.11's stream callback reports a cancelled connection task as an error, so it ends here
+            client_w.close()
+
+    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         self.connections += 1
         try:
             peer = socket.create_connection(self.target, timeout=10)

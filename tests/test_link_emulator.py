@@ -4,6 +4,7 @@ lower bounds: a loaded machine can make a link slower, never faster than configu
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -118,3 +119,21 @@ def test_profiles_are_the_issue_s(name: str) -> None:
     }[name]
     assert (p.up_bps, p.rtt_s) == expected
     assert (p.loss > 0) == (name == "edge")  # the profile that stalls
+
+
+def test_floors_count_the_rate_and_the_latency() -> None:
+    p = LinkProfile("1mbit", up_bps=1e6, down_bps=None, rtt_s=0.2)
+    assert p.floor_s(125_000) == pytest.approx(1.0 + 0.2)  # the bytes, and a round trip
+    assert p.arrival_floor_s(125_000) == pytest.approx(1.0 + 0.1)  # the bytes, and the way there
+    unlimited = LinkProfile("lan", None, None, rtt_s=0.002)
+    assert unlimited.arrival_floor_s(10**9) == pytest.approx(0.001)
+
+
+def test_closing_with_a_connection_open_reports_no_error(echo_server: int, caplog: pytest.LogCaptureFixture) -> None:
+    relay = LinkRelay(LinkProfile("held", None, None, rtt_s=0.0), "127.0.0.1", echo_server).start()
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as s:
+        s.sendall(b"x")
+        assert s.recv(1) == b"x"  # the connection is relayed, and still open when the relay closes
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            relay.close()
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []

@@ -21,7 +21,15 @@ from lastmile.services.forward import forwarder_settings, open_outbox
 from tests.link_emulator import LinkProfile, LinkRelay
 from tests.test_stat_overtakes import arrivals, enqueue, make_config, slow_link, wait_until
 from uploader.ecg_forwarder import EcgForwarder, RoundResult, StatLane
-from uploader.link_pacing import DRAIN_HEADROOM, FAST_BYTES_PER_S, HEADROOM, LATE_CREDIT_S, LinkPacer
+from uploader.link_pacing import (
+    DRAIN_HEADROOM,
+    FAST_BYTES_PER_S,
+    HEADROOM,
+    LATE_CREDIT_S,
+    PDU_TIME_S,
+    SAMPLE_WINDOW,
+    LinkPacer,
+)
 
 
 # -- the pacer's arithmetic ----------------------------------------------------------------------
@@ -164,9 +172,9 @@ def test_a_paced_link_gets_small_pdus() -> None:
     pacer.observe_object(125_000)  # 1 Mbit/s
     assert pacer.pdu_bytes() == 4096  # a burst of one PDU holds the link ~30 ms, not 130
     t.now += 0.1
-    pacer.observe_object(537_000)  # faster: ~20 ms of it, in whole KiB (never an odd length)
-    rate = (125_000 + 537_000) / 1.1
-    assert pacer.pdu_bytes() == int(rate * HEADROOM * 0.02) // 1024 * 1024 == 11 * 1024
+    pacer.observe_object(2_000_000)  # faster: 8 ms of it, in whole KiB (never an odd length)
+    rate = (125_000 + 2_000_000) / 1.1
+    assert pacer.pdu_bytes() == int(rate * HEADROOM * PDU_TIME_S) // 1024 * 1024 == 14 * 1024
 
 
 def test_a_fast_link_is_not_paced() -> None:
@@ -307,3 +315,25 @@ def test_a_cut_sends_the_stat_study_on_its_own_association_at_once(
         stat_id = next(i.id for i in outbox.items() if i.meta["sop_instance_uid"] == stat)
     # sent by the lane started at the cut, not by the cut association's thread after its clean-up
     assert ("sent", "dicom-send-stat", stat_id) in events, events
+
+
+def test_a_sample_that_came_out_too_high_is_forgotten() -> None:
+    """The estimate is the largest of the last SAMPLE_WINDOW samples, not of every sample ever:
+    one too high (a round trip subtracted that was the negotiation's, slowed by a busy peer) no
+    longer paces the link above its rate for good, nor is built on by every probe after it."""
+    t = FakeTime()
+    pacer = LinkPacer(clock=t.clock, sleep=t.sleep)
+
+    def sample(bytes_in_a_second: int) -> None:
+        pacer.idle()
+        pacer.start_window()
+        t.now += 1.0
+        pacer.observe_object(bytes_in_a_second)
+
+    sample(100_000)
+    sample(150_000)  # too high
+    assert pacer.measured == pytest.approx(150_000)
+    for n in range(1, SAMPLE_WINDOW + 1):
+        sample(100_000)
+        assert pacer.measured == pytest.approx(150_000 if n < SAMPLE_WINDOW else 100_000), n
+    assert pacer.pace == pytest.approx(100_000 * HEADROOM)

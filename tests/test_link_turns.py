@@ -256,8 +256,10 @@ def test_three_paced_associations_send_each_study_once_and_stat_overtakes(
     ("kept", "associations"),
     [
         (None, 2),  # nothing known of the link: the configured count
-        ({"bytes_per_s": 125_000.0, "rtt_s": 0.65, "object_bytes": 75_000}, 3),  # satellite
-        ({"bytes_per_s": 25_000.0, "rtt_s": 0.4, "object_bytes": 75_000}, 2),  # EDGE: the object outlasts the RTT
+        # one sends, those waiting for their responses cover the round trip, one more waits for
+        # its turn (free to carry a STAT study at once)
+        ({"bytes_per_s": 125_000.0, "rtt_s": 0.65, "object_bytes": 75_000}, 4),  # satellite
+        ({"bytes_per_s": 25_000.0, "rtt_s": 0.4, "object_bytes": 75_000}, 3),  # EDGE: the object outlasts the RTT
         ({"bytes_per_s": 125_000.0, "rtt_s": 2.0, "object_bytes": 20_000}, 4),  # at most max_associations
     ],
 )
@@ -291,3 +293,51 @@ def test_a_round_started_knowing_nothing_of_the_link_adds_associations_once_it_i
     assert result.sent == 12
     assert 2 < relay.connections <= 4, relay.connections  # joined mid-round, never past max_associations
     assert_none_lost_and_uncharged(config, scp, uids, set())
+
+
+def test_a_turn_that_comes_free_while_a_stat_study_is_due_goes_to_it() -> None:
+    pacer = paced_pacer()
+    stat_due = threading.Event()
+    stat_due.set()
+    # the owner was cut for the STAT study: the free turn is not for the next routine object
+    assert pacer.take_turn("b", stat_due) is False
+    assert not pacer.owns_turn("b")
+    assert pacer.take_turn("b") and pacer.owns_turn("b")  # no STAT study: routine goes on
+
+
+def test_a_cut_object_leaves_the_link_free_from_then() -> None:
+    t = FakeTime()
+    pacer = LinkPacer(clock=t.clock, sleep=t.sleep)
+    pacer.remember({"bytes_per_s": 10_000.0})
+    data = [p for p in c_store_pdus(20_000) if last_fragment(p) not in (COMMAND_DONE, DATA_SET_DONE)]
+    assert pacer.take_turn("a")
+    pacer.on_data_sent(Sent(data[0]))
+    pacer.on_data_sent(Sent(data[1]))  # a waited for the first: the second is scheduled ahead
+    assert pacer.link_free_at() > t.now
+    pacer.end_turn("a")  # cut before its last fragment: its schedule will never be sent
+    assert pacer.link_free_at() == t.now
+    # an object that ended normally gave its turn up with its last fragment: end_turn keeps the schedule
+    assert pacer.take_turn("b")
+    for pdu in c_store_pdus(20_000):
+        pacer.on_data_sent(Sent(pdu))
+    free_at = pacer.link_free_at()
+    pacer.end_turn("b")
+    assert pacer.link_free_at() == free_at
+
+
+def test_a_c_store_command_is_not_waited_after_its_data_follows_at_once() -> None:
+    """One PDU ahead at every object boundary too: the next object's first data PDU is written
+    while the object before it still crosses the link (waiting after the command, the link idled
+    ~20 ms per object on 4G)."""
+    t = FakeTime()
+    pacer = LinkPacer(clock=t.clock, sleep=t.sleep)
+    pacer.remember({"bytes_per_s": 10_000.0})
+    command, first, *_ = c_store_pdus(20_000)
+    assert last_fragment(command) == COMMAND_DONE
+    for pdu in c_store_pdus(20_000):  # the object before, paced
+        pacer.on_data_sent(Sent(pdu))
+    before = t.now
+    pacer.on_data_sent(Sent(command))
+    assert t.now == before  # no wait: the data set follows
+    pacer.on_data_sent(Sent(first))
+    assert t.now > before  # the first data PDU waits for the link, as every other

@@ -152,3 +152,25 @@ def test_stat_cuts_a_routine_transfer_on_a_slow_link(tmp_path, storescp_factory,
     cut = cut_uids(config, caplog)
     assert cut == {routine}
     assert_none_lost_and_uncharged(config, scp, [routine, stat], cut)
+
+
+def test_a_stat_study_pauses_the_round_on_its_open_associations(tmp_path, storescp_factory, caplog) -> None:
+    """The STAT study goes on an association already open, and the routine backlog goes on after
+    it on the same associations: no round ended and begun again (every association of a new
+    round costs a round trip on a village link before its first byte)."""
+    caplog.set_level(logging.INFO, logger="uploader")
+    scp = storescp_factory(accept="deflated")
+    with LinkRelay(slow_link(400e3), "127.0.0.1", scp.port) as relay:
+        config = make_config(tmp_path, relay.port, associations=2)
+        config.reading_center.max_associations = 2
+        config.reading_center.stat_cuts_routine = False  # a cut ends an association: not the subject here
+        routine = enqueue(config, range(8))
+        with forwarding(config):
+            wait_until(lambda: len(arrivals(scp)) >= 1, "the first routine study")
+            [stat] = enqueue(config, range(100, 101), stat=True)
+            wait_until(lambda: set(arrivals(scp)) == {*routine, stat}, "all nine studies")
+    order = list(dict.fromkeys(arrivals(scp)))
+    assert order.index(stat) < len(order) - 2  # it overtook the backlog
+    assert any("carrying 1 STAT item(s) on an open association" in r.getMessage() for r in caplog.records)
+    assert relay.connections == 2  # the round's two associations carried everything
+    assert_none_lost_and_uncharged(config, scp, [*routine, stat], set())

@@ -97,8 +97,8 @@ class ForwarderSettings:
     retention_s: float = 0.0
     idle_poll_s: float = 2.0
     max_interrupted_sends: int = DEFAULT_MAX_INTERRUPTED_SENDS
-    stat_poll_s: float = 0.025  # how often a round sending routine items looks for a STAT one
-    stat_cut_after_s: float | None = 0.2  # cut a routine transfer with more than this to go; None: never
+    stat_poll_s: float = 0.01  # how often a round sending routine items looks for a STAT one (~10 µs a look)
+    stat_cut_after_s: float | None = 0.05  # cut a routine transfer with more than this to go; None: never
     meter: MeterPolicy | None = None  # daily budget and send windows for routine items (STAT exempt)
     also_store: ExtraStorage | None = None  # the commitment listener also takes these (reports C-MOVEd to our AE)
 
@@ -220,7 +220,7 @@ class EcgForwarder:
         # the rate the last process measured: a backlog after a restart is paced from its first byte
         self._link_kept = outbox.status(LINK_STATUS_NAME)
         self.pacer.remember(self._link_kept)
-        self._lanes = 0  # associations sending right now (the link's rate is shared among them)
+        self._open: set[StoreAssociation] = set()  # associations sending now (they share the link's rate)
         self._object_bytes: float | None = None  # a routine object's wire bytes (smoothed)
         self._lanes_lock = threading.Lock()
         self.meter = Meter("dicom", settings.meter, outbox) if settings.meter is not None else None
@@ -402,7 +402,8 @@ class EcgForwarder:
         """Associations for this round: `associations`, and more (up to `max_associations`) on a
         paced link whose round trip is long against an object's time there - with one object on
         the link at a time, the others wait for their responses meanwhile: 1 + RTT ÷ object time
-        keep it busy (satellite: 1 Mbit/s, 650 ms, 75 kB objects → 3)."""
+        keep it busy, and one more waits for its turn, free to carry a STAT study at once (not a
+        round trip later, once its response came) (satellite: 1 Mbit/s, 650 ms, 75 kB objects → 4)."""
         s = self.settings
         most = max(s.associations, s.max_associations)
         kept = self._link_kept or {}  # before this process measured them: what the last one kept
@@ -410,7 +411,7 @@ class EcgForwarder:
         size = self._object_bytes or kept.get("object_bytes")
         if most <= s.associations or pace is None or not rtt or not size:
             return s.associations
-        needed = 1 + math.ceil((rtt + RESPONSE_MARGIN_S) * pace / size)
+        needed = 2 + math.ceil((rtt + RESPONSE_MARGIN_S) * pace / size)
         return max(s.associations, min(most, needed))
 
     def _still_sending(self, assoc: StoreAssociation) -> bool:
@@ -423,7 +424,7 @@ class EcgForwarder:
         otherwise one of them carries it, without a new association's round trip (it is waiting
         for its turn, and gives it up, or for a response a round trip away at most)."""
         with self._lanes_lock:
-            every_one_cut = watch.cuts >= self._lanes
+            every_one_cut = all(watch.was_cut(a) for a in self._open)
         if every_one_cut:
             stat_lane.start()
 
@@ -476,10 +477,13 @@ class EcgForwarder:
                 with grow:
                     if stop.is_set() or watch.stat_due.is_set() or faults or share.failure is not None:
                         return  # the round is ending: no new association for it
-                    # (futures: every association this round started; none without an item to take)
-                    wanted = min(wanted, most, len(futures) + len(share))
-                    while len(futures) < wanted:
+                    # associations of this round still open (one cut for a STAT study ended:
+                    # another takes its place); none without an item to take
+                    live = sum(not f.done() for f in futures)
+                    wanted = min(wanted, most, live + len(share))
+                    while live < wanted:
                         futures.append(pool.submit(self._send_lane, [], stop, faults, watch, share))
+                        live += 1
 
             share.on_stored = lambda: add_lanes(self.associations_for_link())
             add_lanes(lanes)
@@ -520,7 +524,9 @@ class EcgForwarder:
         STAT item came while it sent routine ones and its association ended (cut, or its share
         done) before carrying it: a new one does."""
         r = self._send_chunk(items, stop, faults, watch, share)
-        if watch is not None and watch.stat_due.is_set() and not stop.is_set() and not faults:
+        with self._lanes_lock:
+            others_open = bool(self._open)  # they carry it on their open associations, without a new one's round trip
+        if watch is not None and watch.stat_due.is_set() and not stop.is_set() and not faults and not others_open:
             stat = self._claim(self.settings.batch_size, Priority.STAT)
             if stat:
                 r.add_sends(self._send_chunk(stat, stop, faults))
@@ -543,8 +549,9 @@ class EcgForwarder:
         assoc = StoreAssociation(
             self.settings.peer, commitment=self.settings.storage_commitment, pacer=self.pacer if routine else None
         )
+        carrying = False  # sending STAT items claimed mid-round (`watch.carrying`)
         with self._lanes_lock:
-            self._lanes += 1
+            self._open.add(assoc)
         try:
             with assoc:
                 sent_now: list[OutboxItem] = []
@@ -552,14 +559,23 @@ class EcgForwarder:
                     if stop.is_set():
                         break  # finish the store in hand, leave the rest for the next run
                     item = pending[0]
+                    if carrying and item.priority != Priority.STAT:
+                        carrying = False  # the STAT items it took are sent: routine again, paced
+                        assoc.paced = routine
+                        assert watch is not None
+                        watch.carried()
                     if watch is not None and item.priority != Priority.STAT and watch.stat_due.is_set():
-                        # a STAT item waits: the routine ones go back (uncharged) and this
-                        # association, open already, carries the STAT ones
-                        pending += share.take_all() if share is not None else []
-                        share = None
-                        self.outbox.release([i.id for i in pending], YIELDED_TO_STAT, self.clock(), 0.0)
-                        pending = self._claim(self.settings.batch_size, Priority.STAT)
-                        watch = None
+                        # a STAT item waits: this association, open already, carries it before
+                        # its next routine object - or, if another took it, waits until it is sent
+                        watch.carrying()
+                        stat = self._claim(self.settings.batch_size, Priority.STAT)
+                        if not stat:
+                            watch.carried()
+                            watch.wait_clear(stop)
+                            continue
+                        log.info("carrying %d STAT item(s) on an open association", len(stat))
+                        carrying = True
+                        pending[:0] = stat
                         assoc.paced = False  # STAT goes as fast as the link allows
                         continue
                     if item.priority != Priority.STAT and (shut := self._metered_shut()):
@@ -585,8 +601,8 @@ class EcgForwarder:
                         pending.pop(0)  # no longer ours (an operator moved it meanwhile)
                         continue
                     in_flight = item
-                    if watch is not None:
-                        watch.sending(assoc, item)
+                    if watch is not None and not carrying:
+                        watch.sending(assoc, item)  # a routine transfer: one to cut for STAT
                     try:
                         # alone: timed from when the link is free of the object before it (the
                         # pacer's schedule), not from before its first PDU: that wait is not this
@@ -594,7 +610,7 @@ class EcgForwarder:
                         clock = self.pacer.clock  # the link's times are all on the pacer's clock
                         started = max(clock(), self.pacer.link_free_at()) if alone else clock()
                         outcome = assoc.store(payload)
-                        if watch is not None:
+                        if watch is not None and not carrying:
                             watch.finished(assoc, stored=outcome.category in ("success", "warning"))
                         if outcome.stored:
                             tail = clock() - assoc.last_sent_at if assoc.paced else None
@@ -674,9 +690,12 @@ class EcgForwarder:
                 self.outbox.interrupt_sends([in_flight.id], f"send failed: {type(exc).__name__}: {exc}", self.clock())
             raise
         finally:
+            if carrying:
+                assert watch is not None
+                watch.carried()  # ended (or failed) with the STAT items it took: the others go on
             with self._lanes_lock:
-                self._lanes -= 1
-                if not self._lanes:
+                self._open.discard(assoc)
+                if not self._open:
                     self.pacer.idle()
             # stop mid-chunk: whatever is still claimed goes back, uncharged
             left = [

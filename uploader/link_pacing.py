@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -46,9 +47,10 @@ DRAIN_HEADROOM = 0.7  # ... and at this one while bytes wait in the buffer (a st
 QUEUED_TAIL_S = 0.1  # an object's response later than one round trip by this: bytes were waiting
 FAST_BYTES_PER_S = 2.5e6  # 20 Mbit/s and faster: not paced
 NEAR_RTT_S = 0.02  # a round trip shorter than this: a LAN (or CPU-bound), not paced
-PDU_TIME_S = 0.02  # a paced PDU carries about this much of the link's time ...
+PDU_TIME_S = 0.008  # a paced PDU carries about this much of the link's time ...
 MIN_PDU_BYTES = 4096  # ... but no less: the burst one PDU may make stays small in the buffer
 LATE_CREDIT_S = PDU_TIME_S  # a sender woken this much late (a loaded CPU) catches up: the link's time is not lost
+SAMPLE_WINDOW = 12  # the estimate: the largest of this many last samples (two probes among them)
 STALE_AFTER_LATE = 3  # this many late responses in a row paced at a remembered rate: it is stale
 PROBE_EVERY = 6  # every this many objects one is sent faster, to see whether the link is faster ...
 PROBE_GAIN = 1.15  # ... by this factor (what may queue in the buffer meanwhile stays a fraction of one object)
@@ -91,7 +93,7 @@ class LinkPacer:
         self._delivered = 0  # bytes stored since then
         self.draining = False  # the last object's response came late: a queue to drain
         self._seeded = False  # `measured` is a remembered rate no sample of this process exceeded yet
-        self._sampled = 0.0  # the largest sample of this process
+        self._samples: deque[float] = deque(maxlen=SAMPLE_WINDOW)  # this process's last samples
         self._late = 0  # late responses in a row
         self._turn = threading.Condition()
         self._turn_owner: object | None = None  # whose object is on the link (`take_turn`)
@@ -164,17 +166,20 @@ class LinkPacer:
                     alone = min(alone, self.measured * HEADROOM * PROBE_GAIN)
                 sample = max(sample, alone)
             # what was delivered over a window can only be less than the link's rate (pacing, gaps
-            # between objects, a stall): the largest sample is the best estimate
-            self._sampled = max(self._sampled, sample)
+            # between objects, a stall): the largest recent sample is the best estimate. Recent:
+            # one that came out too high (the round trip subtracted from a probe's time was the
+            # negotiation's, slowed by a busy peer) is forgotten, not built on by every probe after it
+            self._samples.append(sample)
+            recent = max(self._samples)
             self._late = self._late + 1 if self.draining else 0
             if self._seeded and self._late >= STALE_AFTER_LATE:
                 # paced at the remembered rate, responses keep coming late: the link is slower
                 # now than it was; what this process measured replaces what it remembered
-                log.info("link: slower than remembered (%.0f B/s): %.0f B/s", self.measured or 0, self._sampled)
-                self.measured = self._sampled
+                log.info("link: slower than remembered (%.0f B/s): %.0f B/s", self.measured or 0, recent)
+                self.measured = recent
                 self._seeded = False
-            elif self.measured is None or self._sampled > self.measured:
-                self.measured = self._sampled
+            elif not self._seeded or self.measured is None or recent > self.measured:
+                self.measured = recent
                 self._seeded = False
             self._set_pace()
             log.debug(
@@ -229,6 +234,8 @@ class LinkPacer:
                 self._turn.wait(TURN_POLL_S)
             if self.pace is None:
                 return True
+            if give_up is not None and give_up.is_set() and self._turn_owner is None:
+                return False  # the turn came free (e.g. its owner was cut) for the STAT study, not this object
             self._turn_owner = owner
             self._objects += 1
             # now and then one object goes faster: paced objects only ever show the pace
@@ -239,10 +246,16 @@ class LinkPacer:
         return self._turn_owner is owner
 
     def end_turn(self, owner: object) -> None:
-        """The owner's C-STORE ended (whatever its outcome): its turn, if it still holds it, ends."""
+        """The owner's C-STORE ended (whatever its outcome): its turn, if it still holds it, ends.
+        Still holding it, its object never finished (cut for a STAT study, or failed): what the
+        schedule still counted for it will never be sent, so the link is free from now - the
+        next object timed from the old schedule would seem to cross faster than the link, and
+        every such probe raised the estimate (up to PROBE_GAIN) for good."""
         with self._turn:
             if self._turn_owner is owner:
                 self._release_turn()
+                with self._lock:
+                    self._next_free = min(self._next_free, self.clock())
 
     def _release_turn(self) -> None:
         """(turn lock held)"""
@@ -279,6 +292,11 @@ class LinkPacer:
             # the link became free, so the next PDU catches up; later than that, the link was idle
             start = self._next_free if now - LATE_CREDIT_S <= self._next_free else now
             self._next_free = start + nbytes / pace
+        if marks == COMMAND_DONE:
+            # a C-STORE's command: its data set follows at once. Waiting here would write the
+            # object's first data PDU only once the object before it had left by the schedule,
+            # not one PDU ahead as every other PDU is: the link idled ~20 ms per object on 4G
+            return
         wait = start - now
         if wait > 0:
             self._sleep(wait)

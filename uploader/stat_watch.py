@@ -2,15 +2,17 @@
 
 A STAT ECG (chest pain → PCI) that becomes durable while a forwarder round is sending routine
 studies must not wait for the round, nor share a slow link with it. During a round, a thread asks
-the outbox every `poll_s` whether a STAT item is due. Once one is:
+the outbox every `poll_s` whether a STAT item is due. Once one is (`stat_due`):
 
 - every association stops taking routine objects at its next object boundary; the first there
-  carries the STAT object(s) on its open association (no association to negotiate first);
+  claims the STAT object(s) and carries them on its open association (no association to
+  negotiate first: `carrying`/`carried`); the others wait (`wait_clear`) until the STAT items are
+  sent, then every association goes on with the round's routine objects - a STAT study pauses
+  the backlog, it does not end its round (a new round would pay a round trip per association);
 - a routine transfer still on the wire that is expected to need more than `cut_after_s` is cut
   (connection dropped): on a slow link it would hold the link for seconds. The cut item goes back
   to the queue uncharged (the fault is not its) and is sent later with the same UIDs. `on_cut`
-  starts the STAT item's own association at once (its request then queues behind nothing of
-  ours but what the modem holds already).
+  starts the STAT item's own association at once if no open one is left to carry it.
 
 On a fast link transfers end within milliseconds and nothing is cut.
 """
@@ -87,6 +89,8 @@ class StatWatch:
         self.cut_after_s = cut_after_s
         self.stat_due = threading.Event()
         self.cuts = 0
+        self._carriers = 0  # associations sending STAT items now
+        self._clear = threading.Condition()  # notified when stat_due is cleared
         self._lock = threading.Lock()
         self._in_flight: dict[int, InFlight] = {}  # id(assoc) → what it is sending
         self._cut: set[int] = set()  # id(assoc) of associations cut
@@ -113,6 +117,36 @@ class StatWatch:
         if flight is not None and stored:
             self.rate.observe(flight.item.size, time.monotonic() - flight.started)
 
+    def carrying(self) -> None:
+        """An association is about to claim STAT items and send them (said before the claim:
+        the watch must not see the items claimed, no carrier, and let routine sending go on)."""
+        with self._clear:
+            self._carriers += 1
+
+    def carried(self) -> None:
+        """An association sent the STAT items it claimed (or found none to claim): with none
+        left to carry and none waiting, routine sending goes on (at once, not at the watch's
+        next look)."""
+        with self._clear:
+            self._carriers -= 1
+            if self._carriers > 0:
+                return
+            try:
+                waiting = self.outbox.stat_waiting(self.kind, self.clock())
+            except Exception as exc:  # noqa: BLE001 — the outbox closing under us: the watch decides later
+                log.debug("STAT watch: %s", exc)
+                return
+            if not waiting:
+                self.stat_due.clear()
+                self._clear.notify_all()
+
+    def wait_clear(self, stop: threading.Event) -> None:
+        """Until no STAT item is due or being carried (or `stop`): another association carries
+        them, and the link is theirs meanwhile."""
+        with self._clear:
+            while self.stat_due.is_set() and not stop.is_set() and not self._done.is_set():
+                self._clear.wait(self.poll_s)
+
     def was_cut(self, assoc: StoreAssociation) -> bool:
         with self._lock:
             return id(assoc) in self._cut
@@ -120,9 +154,15 @@ class StatWatch:
     def _run(self) -> None:
         while not self._done.wait(self.poll_s):
             try:
-                if not self.stat_due.is_set() and self.outbox.stat_waiting(self.kind, self.clock()):
-                    log.info("a STAT study is waiting: routine sending yields the link")
-                    self.stat_due.set()
+                with self._clear:
+                    if self._carriers == 0:  # (while one carries them, the carrier says when they are sent)
+                        waiting = self.outbox.stat_waiting(self.kind, self.clock())
+                        if waiting and not self.stat_due.is_set():
+                            log.info("a STAT study is waiting: routine sending yields the link")
+                            self.stat_due.set()
+                        elif not waiting and self.stat_due.is_set():
+                            self.stat_due.clear()  # e.g. another process took it: routine goes on
+                            self._clear.notify_all()
             except Exception as exc:  # noqa: BLE001 — the outbox closing under us ends the watch, not the round
                 log.debug("STAT watch stopped: %s", exc)
                 return
