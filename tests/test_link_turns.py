@@ -341,3 +341,20 @@ def test_a_c_store_command_is_not_waited_after_its_data_follows_at_once() -> Non
     assert t.now == before  # no wait: the data set follows
     pacer.on_data_sent(Sent(first))
     assert t.now > before  # the first data PDU waits for the link, as every other
+
+
+def test_a_link_not_measured_yet_takes_turns_unless_it_is_a_lan() -> None:
+    """Before the first object is stored nothing is paced, but on a link with a round trip the
+    objects still go one after another: four written at once cross the link interleaved, the
+    first stored only after all four, and that first estimate was a third of the link's rate."""
+    pacer = LinkPacer(sleep=lambda s: None)
+    pacer.observe_rtt(0.06)  # 4G
+    assert pacer.pace is None
+    assert pacer.take_turn("a")
+    stat_due = threading.Event()
+    stat_due.set()
+    assert pacer.take_turn("b", stat_due) is False  # b waits for a's object (and gives up for STAT)
+    lan = LinkPacer(sleep=lambda s: None)
+    lan.observe_rtt(0.0005)
+    assert lan.take_turn("a") and lan.take_turn("b")  # a LAN: no turns
+    assert not lan.owns_turn("a")

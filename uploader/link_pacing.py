@@ -227,12 +227,12 @@ class LinkPacer:
         waiting (a STAT study is due: the caller carries it instead, on its open association)."""
         with self._turn:
             while self._turn_owner is not None and self._turn_owner is not owner:
-                if self.pace is None:
+                if not self._turns():
                     return True  # not paced (any more): no turns
                 if give_up is not None and give_up.is_set():
                     return False
                 self._turn.wait(TURN_POLL_S)
-            if self.pace is None:
+            if not self._turns():
                 return True
             if give_up is not None and give_up.is_set() and self._turn_owner is None:
                 return False  # the turn came free (e.g. its owner was cut) for the STAT study, not this object
@@ -241,6 +241,15 @@ class LinkPacer:
             # now and then one object goes faster: paced objects only ever show the pace
             self._gain = PROBE_GAIN if self._objects % PROBE_EVERY == 0 else 1.0
             return True
+
+    def _turns(self) -> bool:
+        """Whether objects take turns: on a paced link, and on a link not measured yet that is no
+        LAN - its first objects, unpaced, are written one after another instead of all at once,
+        so that the first stored is one object's time on the link, not all of theirs interleaved
+        (a first estimate a third of the link's rate paced a new gateway's backlog that slowly)."""
+        if self.pace is not None:
+            return True
+        return self.measured is None and self.rtt_s is not None and self.rtt_s >= NEAR_RTT_S
 
     def owns_turn(self, owner: object) -> bool:
         return self._turn_owner is owner
