@@ -889,13 +889,18 @@ def test_a_plateau_at_the_negative_extreme_is_clipping_too() -> None:
 # ----------------------------------------------------------------------------- knocked electrodes
 
 
+def knock(pots: dict[str, np.ndarray], at: int, samples: int = 25, offset_uv: float = 0.0) -> None:
+    """The right-arm electrode knocked at sample `at`: its input jumps beyond the converter's
+    range (60 mV) for `samples` and comes back `offset_uv` off, a new half-cell offset from then on
+    (a step through the central terminal)."""
+    pots["RA"][at : at + samples] += 60000.0
+    pots["RA"][at + samples :] += offset_uv
+
+
 def knocked_right_arm(seconds_at_rail: float = 0.3, offset_after_uv: float = 1200.0) -> np.ndarray:
-    """The right-arm electrode knocked at 4 s: its input jumps beyond the converter's range for a
-    moment and comes back with a new half-cell offset (a step through the central terminal)."""
+    """The right-arm electrode knocked at 4 s, back 1.2 mV off."""
     pots = electrodes()
-    start, end = 2000, 2000 + int(seconds_at_rail * RATE_HZ)
-    pots["RA"][start:end] += 60000.0
-    pots["RA"][end:] += offset_after_uv
+    knock(pots, 2000, int(seconds_at_rail * RATE_HZ), offset_after_uv)
     leads = twelve_leads(pots)
     leads[row("V2")] += 500.0  # and V2's own electrode sits 0.5 mV off zero: the bridge starts there
     return leads
@@ -1478,8 +1483,7 @@ def test_an_electrode_knocked_every_second_leaves_the_other_leads_clean() -> Non
     ten times (aVF and V1 read 15-20 µV, the step on V2 7 % more)."""
     pots = electrodes()
     for k, start in enumerate(range(100, 5000, 500)):
-        pots["RA"][start : start + 25] += 60000.0
-        pots["RA"][start + 25 :] += 1500.0 if k % 2 == 0 else -1500.0
+        knock(pots, start, offset_uv=1500.0 if k % 2 == 0 else -1500.0)
     report = check_quality(to_recording(twelve_leads(pots)))
     never = check_quality(to_recording(heart()))
     assert only(report, "saturation").leads == ("I", "II", "aVR")
@@ -1494,8 +1498,7 @@ def test_a_knock_in_the_first_third_of_a_second_is_bridged_from_the_baseline_bef
     1.5 mV, is measured (within 10 %: the stretch starts 0.15 s before the knock). Starting it from
     the far side instead hides the step: 35 µV."""
     pots = electrodes(seconds=2.0)
-    pots["RA"][150:175] += 60000.0
-    pots["RA"][175:] += 1500.0
+    knock(pots, 150, offset_uv=1500.0)
     report = check_quality(to_recording(twelve_leads(pots)))
     assert measures(report, "V2").wander_uv == pytest.approx(1500.0 / 3, rel=0.1)
 
@@ -1520,7 +1523,7 @@ def test_exactly_twenty_milliseconds_at_the_rail_is_bridged_in_every_lead() -> N
     right arm at the rail for exactly 20 ms: the spike it sends through the central terminal must
     not read as tremor in the chest leads (unbridged, V1 reads 82 µV of muscle noise)."""
     pots = electrodes(seconds=1.0)
-    pots["RA"][100:110] += 60000.0  # 10 samples at 500 Hz
+    knock(pots, 100, samples=10)  # 20 ms at 500 Hz
     report = check_quality(to_recording(twelve_leads(pots)))
     assert only(report, "saturation").value == pytest.approx(0.02)
     assert kinds(report) == ["saturation", "too-short"]
@@ -1570,8 +1573,7 @@ def test_a_knock_in_the_first_tenth_of_a_second_is_bridged_from_the_level_after_
     (V2: a third of 1.5 mV) from the start. The 0.1 s before the knock is too short to be a
     baseline: V2 shows no wander from the step, nor any other fault."""
     pots = electrodes()
-    pots["RA"][50:75] += 60000.0
-    pots["RA"][75:] += 1500.0
+    knock(pots, 50, offset_uv=1500.0)
     report = check_quality(to_recording(twelve_leads(pots)))
     never = check_quality(to_recording(heart()))
     assert only(report, "saturation").leads == ("I", "II", "aVR") and kinds(report) == ["saturation"]
@@ -1604,9 +1606,8 @@ def test_the_amplifier_s_recovery_after_each_knock_is_left_out_with_the_knock() 
     pots = electrodes()
     n = pots["RA"].size
     for k, start in enumerate(range(100, 5000, 500)):
-        pots["RA"][start : start + 25] += 60000.0
-        settling = 60000.0 * np.exp(-np.arange(n - start - 25) / (0.02 * RATE_HZ))
-        pots["RA"][start + 25 :] += settling + (1500.0 if k % 2 == 0 else -1500.0)
+        knock(pots, start, offset_uv=1500.0 if k % 2 == 0 else -1500.0)
+        pots["RA"][start + 25 :] += 60000.0 * np.exp(-np.arange(n - start - 25) / (0.02 * RATE_HZ))  # settling
     report = check_quality(to_recording(twelve_leads(pots)))
     never = check_quality(to_recording(heart()))
     assert kinds(report) == ["saturation", "baseline-wander"]  # the half-cell offsets' 0.75 mV steps on aVL, aVF
@@ -1622,8 +1623,7 @@ def test_an_electrode_pushed_further_every_0_6_s_is_bridged_from_the_baseline_ri
     step at both ends and V1, V2 and V5 would read 73 µV of muscle noise (re-record)."""
     pots = electrodes()
     for start in range(100, 4950, 300):
-        pots["RA"][start : start + 25] += 60000.0
-        pots["RA"][start + 25 :] += 1500.0
+        knock(pots, start, offset_uv=1500.0)
     report = check_quality(to_recording(twelve_leads(pots)))
     never = check_quality(to_recording(heart()))
     assert "muscle-noise" not in kinds(report)

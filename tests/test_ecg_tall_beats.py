@@ -643,6 +643,8 @@ def test_an_st_segment_exactly_1_mv_from_the_pr_segment_is_still_the_clipped_bea
     units, _ = clipped_recording(x)
     starts, ends = rail_visits(units[9])
     assert starts.size == times.size
+    # the windows in samples at 500 Hz, written out on purpose: computed from quality's own
+    # constants, a mutant of those constants would move the test's windows with the product's
     pr_uv = float(np.median(units[9, starts[0] - 125 : starts[0] - 40])) * UV_PER_UNIT
     assert pr_uv == pytest.approx(16.5)  # the P wave's tail: every PR window reads the same
     t = np.arange(x.shape[1]) / RATE_HZ

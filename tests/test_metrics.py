@@ -257,21 +257,25 @@ def vm_rss(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+def start_ticks(pid: int) -> int:
+    """proc(5)'s starttime of `pid`: clock ticks after the kernel's boot."""
+    return int(Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[19])
+
+
 def started(pid: int) -> float:
     """When `pid` started, epoch seconds, from /proc as proc(5) defines starttime: clock ticks after
     the kernel's boot time, which /proc/stat's btime states in whole seconds (truncated)."""
-    ticks = int(Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[19])
     btime = next(
         int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime ")
     )
-    return btime + ticks / os.sysconf("SC_CLK_TCK")
+    return btime + start_ticks(pid) / os.sysconf("SC_CLK_TCK")
 
 
 def test_the_start_time_from_btime_is_within_a_second_of_the_true_one() -> None:
     """btime is whole seconds: a start time read from it is up to 1 s early (the boot's own
     fraction of a second), never more - the price of a number that stays the same at every scrape.
     (Compared with a tolerance of 0.5 s, the tests below failed on machines booted late in a second.)"""
-    ticks = int(Path(f"/proc/{os.getpid()}/stat").read_bytes().rsplit(b")", 1)[1].split()[19])
+    ticks = start_ticks(os.getpid())
     true_start = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME) + ticks / os.sysconf("SC_CLK_TCK")
     assert 0.0 <= true_start - started(os.getpid()) < 1.05
 

@@ -88,7 +88,6 @@ class StatWatch:
         self.poll_s = poll_s
         self.cut_after_s = cut_after_s
         self.stat_due = threading.Event()
-        self.cuts = 0
         self._carriers = 0  # associations sending STAT items now
         self._clear = threading.Condition()  # notified when stat_due is cleared
         self._lock = threading.Lock()
@@ -192,7 +191,6 @@ class StatWatch:
                 f.item.id,
                 elapsed,
             )
-            self.cuts += 1
             f.assoc.cut()
             if self.on_cut is not None:
                 # a new association for the STAT item now, not once the cut one is cleaned up
