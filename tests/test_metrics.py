@@ -244,7 +244,13 @@ def test_gps_offset_from_the_visit_books_anchor_of_this_boot(tmp_path: Path) -> 
 
 @pytest.fixture
 def sleeper() -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(30_000_000); time.sleep(600)"])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import time; x = bytearray(30_000_000); print('ready', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE,
+    )
+    # its memory read only once it has all of it: under load RSS passed 30 MB with the zero-fill
+    # still going, and the probe and the test's own reading a moment later differed by 5 MB
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
     yield proc
     proc.kill()
     proc.wait()
