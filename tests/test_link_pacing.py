@@ -159,7 +159,7 @@ def test_a_late_response_paces_lower_until_the_buffer_drained() -> None:
     pacer.observe_object(75_000, tail_s=1.5)  # a stall held bytes back: they wait in the buffer
     assert pacer.draining and pacer.pace == pytest.approx(25_000 * DRAIN_HEADROOM)
     t.now += 3.0
-    pacer.observe_object(75_000, tail_s=0.42)  # drained
+    pacer.observe_object(75_000, tail_s=0.42, last_pdu_bytes=500)  # drained (a 500-byte last PDU: 20 ms)
     assert not pacer.draining and pacer.pace == pytest.approx(25_000 * HEADROOM)
 
 
@@ -337,3 +337,27 @@ def test_a_sample_that_came_out_too_high_is_forgotten() -> None:
         sample(100_000)
         assert pacer.measured == pytest.approx(150_000 if n < SAMPLE_WINDOW else 100_000), n
     assert pacer.pace == pytest.approx(100_000 * HEADROOM)
+
+
+def test_a_probe_is_timed_against_the_stores_round_trip_not_the_negotiations() -> None:
+    """The association negotiation's round trip is longer than a C-STORE's by the peer's accepting
+    an association: subtracted from a probe's time, the object seemed to cross faster than the
+    link (75 kB in 75 ms read as 1.67 MB/s on a 1 MB/s link, capped only by the probe's pace), and
+    the pace above the link filled the modem buffer a STAT study then waits behind."""
+    t = FakeTime()
+    pacer = LinkPacer(clock=t.clock, sleep=t.sleep)
+    pacer.observe_rtt(0.09)  # 60 ms of link, 30 ms of the peer accepting the association
+    pacer.start_window()
+    t.now += 1.0 + 0.09
+    pacer.observe_object(1_000_000)  # a busy spell: 1 MB/s
+    assert pacer.measured == pytest.approx(1_000_000)
+    last_pdu = 8192
+    store_rtt = 0.06
+    for probe in (False, True):
+        pacer.idle()
+        pacer.start_window()
+        t.now += 1.0  # a long window: its own sample is low, the probe's time is what counts
+        alone = 75_000 / 1_000_000 + store_rtt if probe else None
+        pacer.observe_object(75_000, tail_s=store_rtt + last_pdu / 1_000_000, alone_s=alone, last_pdu_bytes=last_pdu)
+        assert pacer.store_rtt_s == pytest.approx(store_rtt)
+    assert pacer.measured == pytest.approx(1_000_000, rel=0.01)

@@ -300,6 +300,7 @@ class StoreAssociation:
         self.paced = pacer is not None  # False: this association's bytes go unpaced (a STAT object)
         self.opened_in_s = 0.0  # the association negotiation's time: about one round trip
         self.last_sent_at = 0.0  # when the last PDU was handed to the socket (the pacer's clock)
+        self.last_sent_bytes = 0  # ... and its size (a run of PDUs written at once: theirs)
         self.raw_send = raw_send
         self.sop_class_uids = tuple(sop_class_uids)
         self.commitment = commitment
@@ -361,6 +362,7 @@ class StoreAssociation:
         if self.paced and self.pacer is not None:
             self.pacer.on_pdu_sent(pdu)
         self.last_sent_at = self.pacer.clock() if self.pacer is not None else time.monotonic()
+        self.last_sent_bytes = len(pdu)
 
     def _writes_whole(self, assoc: Association) -> bool:
         """Whether a message's PDUs may go as one `EncodedMessage`: its DUL is set up for it and

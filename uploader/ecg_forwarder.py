@@ -615,7 +615,7 @@ class EcgForwarder:
                         if outcome.stored:
                             tail = clock() - assoc.last_sent_at if assoc.paced else None
                             took = clock() - started if alone else None
-                            self.pacer.observe_object(outcome.wire_bytes, tail, took)
+                            self.pacer.observe_object(outcome.wire_bytes, tail, took, assoc.last_sent_bytes)
                             self._observe_object_bytes(outcome.wire_bytes)
                             if share is not None:
                                 share.on_stored()  # the link measured better: more associations?

@@ -15,8 +15,10 @@ late (a loaded CPU) makes up for it on its next PDU, by up to `LATE_CREDIT_S`: o
 late wake-up (and a write that blocked a moment) is link time lost for good.
 
 The rate is measured, not configured: the bytes stored (all associations together) since the
-first byte of a busy spell, over its time less one round trip (the association negotiation's,
-the least seen). Until the first object is stored nothing is paced; then the pace is `HEADROOM`
+first byte of a busy spell, over its time less one round trip: a C-STORE's own (its response's
+least delay after its last PDU went on the link), or until one is seen the association
+negotiation's, the least seen - longer by the peer's accepting an association, which made a
+probe's object seem to cross faster than it was sent. Until the first object is stored nothing is paced; then the pace is `HEADROOM`
 below the largest such rate (not on a LAN: a round trip under `NEAR_RTT_S`), and lower (`DRAIN_HEADROOM`) while an object's response comes
 late, i.e. bytes wait in the buffer (a loss stalled the link): they would otherwise drain at 5 %
 of the rate. Fast links (above `FAST_BYTES_PER_S`) are not paced at all: their
@@ -88,7 +90,8 @@ class LinkPacer:
         self._next_free = 0.0  # when the link will have carried what was sent so far
         self.measured: float | None = None  # bytes/s the link delivered (smoothed samples)
         self.pace: float | None = None  # bytes/s allowed; None: not paced
-        self.rtt_s: float | None = None  # least round trip seen
+        self.rtt_s: float | None = None  # least round trip seen (the association negotiation's)
+        self.store_rtt_s: float | None = None  # least C-STORE response delay after its last PDU's link time
         self._window_start: float | None = None  # first byte of this busy spell
         self._delivered = 0  # bytes stored since then
         self.draining = False  # the last object's response came late: a queue to drain
@@ -135,40 +138,50 @@ class LinkPacer:
             self.pace = None
             return
         pace = self.measured * (DRAIN_HEADROOM if self.draining else HEADROOM)
-        near = self.rtt_s is not None and self.rtt_s < NEAR_RTT_S
-        self.pace = None if pace >= FAST_BYTES_PER_S or near else pace
+        self.pace = None if pace >= FAST_BYTES_PER_S or self._near() else pace
 
-    def observe_object(self, wire_bytes: int, tail_s: float | None = None, alone_s: float | None = None) -> None:
+    def _near(self) -> bool:
+        """A LAN (or a peer on this machine): its round trip is too short for a buffer to matter."""
+        return self.rtt_s is not None and self.rtt_s < NEAR_RTT_S
+
+    def observe_object(
+        self, wire_bytes: int, tail_s: float | None = None, alone_s: float | None = None, last_pdu_bytes: int = 0
+    ) -> None:
         """An object of `wire_bytes` was stored: a sample of what the link delivers, counted over
         the window since the first byte of this busy spell (all associations together).
-        `tail_s`: from its last PDU handed to the socket to its response. More than a round trip
-        (and a PDU's time) means bytes were waiting in the buffer ahead of it - e.g. what a
-        stall held back: paced well below the rate until a clean tail shows it drained.
+        `tail_s`: from its last PDU (of `last_pdu_bytes`) handed to the socket, paced (the link
+        free of what went before), to its response. More than a round trip (and a PDU's time)
+        means bytes were waiting in the buffer ahead of it - e.g. what a stall held back: paced
+        well below the rate until a clean tail shows it drained. Less that PDU's time on the
+        link, the least tail is the C-STORE's own round trip (`store_rtt_s`).
         `alone_s`: from its C-STORE request to its response, for an object that had the link to
         itself (`take_turn`): one more sample, this object's own rate (a probe's shows a faster link)."""
         with self._lock:
             if tail_s is not None and self.rtt_s is not None:
                 self.draining = tail_s - self.rtt_s > QUEUED_TAIL_S
+            if tail_s is not None and self.measured is not None and not self.draining:
+                store_rtt = tail_s - last_pdu_bytes / self.measured
+                if store_rtt > 0 and (self.store_rtt_s is None or store_rtt < self.store_rtt_s):
+                    self.store_rtt_s = store_rtt
             now = self.clock()
             if self._window_start is None or wire_bytes <= 0:
                 return
             self._delivered += wire_bytes
-            busy = now - self._window_start - (self.rtt_s or 0.0)
+            rtt = self._object_rtt()
+            busy = now - self._window_start - rtt
             if busy <= 0:
                 return
             sample = self._delivered / busy
-            if alone_s is not None and alone_s - (self.rtt_s or 0.0) > 0 and not self.draining:
-                # believed only with nothing queued ahead of it, and at most the probe's rate: the
-                # round trip subtracted is the association negotiation's, which a busy peer or CPU
-                # makes longer - a small object would seem to cross faster than it was sent
-                alone = wire_bytes / (alone_s - (self.rtt_s or 0.0))
+            if alone_s is not None and alone_s - rtt > 0 and not self.draining:
+                # believed only with nothing queued ahead of it, and at most the rate it was sent
+                # at (a probe's): it cannot have crossed faster than that
+                alone = wire_bytes / (alone_s - rtt)
                 if self.measured is not None:
                     alone = min(alone, self.measured * HEADROOM * PROBE_GAIN)
                 sample = max(sample, alone)
             # what was delivered over a window can only be less than the link's rate (pacing, gaps
             # between objects, a stall): the largest recent sample is the best estimate. Recent:
-            # one that came out too high (the round trip subtracted from a probe's time was the
-            # negotiation's, slowed by a busy peer) is forgotten, not built on by every probe after it
+            # a link that got slower (4G fell back to EDGE) is not paced at what it once did
             self._samples.append(sample)
             recent = max(self._samples)
             self._late = self._late + 1 if self.draining else 0
@@ -183,11 +196,17 @@ class LinkPacer:
                 self._seeded = False
             self._set_pace()
             log.debug(
-                "link: sample %.0f B/s, measured %.0f B/s, pace %s",
+                "link: sample %.0f B/s%s (round trip %.3f s), measured %.0f B/s, pace %s",
                 sample,
+                "" if alone_s is None else f" (alone {alone_s:.3f} s)",
+                rtt,
                 self.measured,
                 "off" if self.pace is None else f"{self.pace:.0f} B/s",
             )
+
+    def _object_rtt(self) -> float:
+        """The round trip an object's response comes after its last byte crossed (lock held)."""
+        return self.store_rtt_s if self.store_rtt_s is not None else (self.rtt_s or 0.0)
 
     def start_window(self) -> None:
         """An object's first byte is about to be written (before `on_pdu_sent`, which an unpaced
@@ -249,7 +268,7 @@ class LinkPacer:
         (a first estimate a third of the link's rate paced a new gateway's backlog that slowly)."""
         if self.pace is not None:
             return True
-        return self.measured is None and self.rtt_s is not None and self.rtt_s >= NEAR_RTT_S
+        return self.measured is None and self.rtt_s is not None and not self._near()
 
     def owns_turn(self, owner: object) -> bool:
         return self._turn_owner is owner
