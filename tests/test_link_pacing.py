@@ -213,18 +213,30 @@ def test_a_new_busy_spell_starts_a_new_window() -> None:
     assert pacer.measured == pytest.approx(80_000)
 
 
-def test_the_stat_lane_starts_once_and_hands_back_results_and_errors() -> None:
+def test_the_stat_lane_sends_one_at_a_time_looks_again_and_hands_back_results_and_errors() -> None:
+    """Started again while it sends (a second STAT study came), it looks again once done - not two
+    associations at once, and not the second study left for the next round."""
     calls: list[str] = []
+    sending, release = threading.Event(), threading.Event()
+    at_once = [0, 0]  # now, most
 
     def send() -> RoundResult:
+        at_once[0] += 1
+        at_once[1] = max(at_once)
         calls.append(threading.current_thread().name)
+        sending.set()
+        release.wait(10)
+        at_once[0] -= 1
         return RoundResult(sent=1)
 
     lane = StatLane(send)
     lane.start()
+    assert sending.wait(10)
+    lane.start()  # while the first sends
     lane.start()
-    assert [r.sent for r in lane.join()] == [1]
-    assert calls == ["dicom-send-stat"]
+    release.set()
+    assert [r.sent for r in lane.join()] == [1, 1]
+    assert calls == ["dicom-send-stat"] * 2 and at_once[1] == 1
     assert StatLane(send).join() == []  # never started: nothing
 
     def boom() -> RoundResult:

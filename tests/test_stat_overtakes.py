@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,8 @@ from tests.ecg_factories import make_recording
 from tests.link_emulator import LinkProfile, LinkRelay
 from tests.peers import StorescpServer, free_port
 from uploader.ecg_forwarder import EcgForwarder
-from uploader.outbox import ItemState
+from uploader.outbox import ItemState, Kind
+from uploader.stat_watch import StatWatch, TransferRate
 
 CUT_LOG = re.compile(r"cutting routine transfer of outbox item (\d+)")
 
@@ -174,3 +176,54 @@ def test_a_stat_study_pauses_the_round_on_its_open_associations(tmp_path, stores
     assert any("carrying 1 STAT item(s) on an open association" in r.getMessage() for r in caplog.records)
     assert relay.connections == 2  # the round's two associations carried everything
     assert_none_lost_and_uncharged(config, scp, [*routine, stat], set())
+
+
+@dataclass
+class WireTransfer:
+    """What the watch needs of an association on the wire."""
+
+    was_cut: bool = False
+
+    def cut(self) -> None:
+        self.was_cut = True
+
+
+@dataclass
+class RoutineItem:
+    id: int = 1
+    size: int = 75_000
+
+
+class StatDue:
+    """The outbox, as the watch asks it: a STAT item is waiting."""
+
+    def stat_waiting(self, kind: Kind, now: float) -> bool:
+        return True
+
+
+def test_a_new_association_carries_the_stat_study_only_when_no_open_one_can() -> None:
+    """An open association carries a STAT study at its next object boundary, without a new
+    association's round trip; a new one is opened only when every open one was cut (or ended)."""
+    a, b = WireTransfer(), WireTransfer()
+    open_now = [a, b]
+    opened = threading.Event()
+    watch = StatWatch(
+        StatDue(),  # type: ignore[arg-type]
+        Kind.DICOM,
+        time.monotonic,
+        TransferRate(),
+        poll_s=0.005,
+        cut_after_s=0.0,  # every routine transfer on the wire is cut
+        open_associations=lambda: list(open_now),  # type: ignore[arg-type,return-value]
+        new_carrier=opened.set,
+    )
+    with watch:
+        watch.sending(a, RoutineItem())  # type: ignore[arg-type]
+        wait_until(lambda: a.was_cut, "the routine transfer on the wire cut")
+        assert watch.needs_new_carrier() is False and not opened.is_set()  # b carries it
+        open_now.remove(b)  # b ended (its share done) before its next object
+        watch.closed()
+        assert opened.wait(10), "no association opened for the STAT study"
+        assert watch.needs_new_carrier() is True
+        open_now.clear()
+        assert watch.needs_new_carrier() is True  # none open at all

@@ -18,10 +18,10 @@ at a time, so the others in flight with a crashing object are not blamed with it
 
 A STAT item takes the link: a round with STAT items due sends only those; a round sending routine
 items yields to a STAT item that becomes due meanwhile (uploader/stat_watch.py: between objects,
-and by cutting a slow transfer on the wire, which goes back to the queue uncharged; the STAT item
-then goes at once on an association of its own, `StatLane`). Routine objects are paced just below
-the link's measured rate (uploader/link_pacing.py) so that little waits in the modem's buffer
-ahead of a STAT one. With a
+where an open association carries it, and by cutting a slow transfer on the wire, which goes back
+to the queue uncharged; with no open association left to carry it, it goes at once on one of its
+own, `StatLane`). Routine objects are paced just below the link's measured rate
+(uploader/link_pacing.py) so that little waits in the modem's buffer ahead of a STAT one. With a
 `meter` (uploader/metering.py), routine items wait outside the send windows and once the day's
 byte budget is spent; STAT items go regardless.
 
@@ -132,33 +132,47 @@ EventCallback = Callable[[str, dict[str, Any]], None]
 
 
 class StatLane:
-    """At most one extra sender thread per round, started when a routine transfer is cut for a
-    STAT item: the STAT item's association opens while the cut ones are still being cleaned up."""
+    """The round's sender of STAT items on an association of their own, when no open association
+    of the round can carry them (`StatWatch.needs_new_carrier`): one thread at a time, which
+    sends what is due and looks again if it was asked to meanwhile (a second STAT study that came
+    while it sent the first is not left for the next round)."""
 
     def __init__(self, send: Callable[[], RoundResult]) -> None:
         self._send = send
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._results: list[RoundResult] = []
         self._errors: list[BaseException] = []
         self._lock = threading.Lock()
+        self._again = False  # asked to look (again) for STAT items since its last look
+        self._running = False
 
     def start(self) -> None:
         with self._lock:
-            if self._thread is not None:
-                return
-            self._thread = threading.Thread(target=self._run, name="dicom-send-stat", daemon=True)
-            self._thread.start()
+            self._again = True
+            if self._running:
+                return  # it looks again once it sent what it has
+            self._running = True
+            thread = threading.Thread(target=self._run, name="dicom-send-stat", daemon=True)
+            self._threads.append(thread)
+            thread.start()
 
     def _run(self) -> None:
-        try:
-            self._results.append(self._send())
-        except BaseException as exc:  # noqa: BLE001 — re-raised by join() in the round's thread
-            self._errors.append(exc)
+        while True:
+            with self._lock:
+                if not self._again or self._errors:
+                    self._running = False
+                    return
+                self._again = False
+            try:
+                self._results.append(self._send())
+            except BaseException as exc:  # noqa: BLE001 — re-raised by join() in the round's thread
+                self._errors.append(exc)
 
     def join(self) -> list[RoundResult]:
+        """(once the round's associations have ended: nothing starts it any more)"""
         with self._lock:
-            thread = self._thread
-        if thread is not None:
+            threads = list(self._threads)
+        for thread in threads:
             thread.join()
         if self._errors:
             raise self._errors[0]
@@ -360,8 +374,9 @@ class EcgForwarder:
                 poll_s=s.stat_poll_s,
                 cut_after_s=s.stat_cut_after_s,
                 still_sending=self._still_sending,
+                open_associations=self._open_associations,
+                new_carrier=lambda: None if stop.is_set() or faults else stat_lane.start(),
             )
-            watch.on_cut = lambda: self._carry_stat_after_cut(stat_lane, watch)
             with watch:
                 if suspects:
                     outcomes = self._send_chunks(chunks, stop, faults, watch)
@@ -419,14 +434,9 @@ class EcgForwarder:
         has; the others wait for their responses)."""
         return not assoc.paced or self.pacer.pace is None or self.pacer.owns_turn(assoc)
 
-    def _carry_stat_after_cut(self, stat_lane: StatLane, watch: StatWatch) -> None:
-        """After a cut: a new association for the STAT item only if every open one was cut -
-        otherwise one of them carries it, without a new association's round trip (it is waiting
-        for its turn, and gives it up, or for a response a round trip away at most)."""
+    def _open_associations(self) -> list[StoreAssociation]:
         with self._lanes_lock:
-            every_one_cut = all(watch.was_cut(a) for a in self._open)
-        if every_one_cut:
-            stat_lane.start()
+            return list(self._open)
 
     def _metered_shut(self) -> str | None:
         """Why routine items may not go now (None: they may)."""
@@ -456,9 +466,9 @@ class EcgForwarder:
         self, chunks: list[list[OutboxItem]], stop: threading.Event, faults: list[str], watch: StatWatch | None
     ) -> list[RoundResult]:
         if len(chunks) == 1:
-            return [self._send_lane(chunks[0], stop, faults, watch)]
+            return [self._send_chunk(chunks[0], stop, faults, watch)]
         with ThreadPoolExecutor(max_workers=len(chunks), thread_name_prefix="dicom-send") as pool:
-            return list(pool.map(lambda c: self._send_lane(c, stop, faults, watch), chunks))
+            return list(pool.map(lambda c: self._send_chunk(c, stop, faults, watch), chunks))
 
     def _send_shared(
         self, share: RoundItems, lanes: int, stop: threading.Event, faults: list[str], watch: StatWatch
@@ -482,7 +492,7 @@ class EcgForwarder:
                     live = sum(not f.done() for f in futures)
                     wanted = min(wanted, most, live + len(share))
                     while live < wanted:
-                        futures.append(pool.submit(self._send_lane, [], stop, faults, watch, share))
+                        futures.append(pool.submit(self._send_chunk, [], stop, faults, watch, share))
                         live += 1
 
             share.on_stored = lambda: add_lanes(self.associations_for_link())
@@ -511,26 +521,6 @@ class EcgForwarder:
         """The STAT items due, on an association of their own (none if another took them)."""
         stat = self._claim(self.settings.batch_size, Priority.STAT)
         return self._send_chunk(stat, stop, faults) if stat else RoundResult()
-
-    def _send_lane(
-        self,
-        items: Sequence[OutboxItem],
-        stop: threading.Event,
-        faults: list[str],
-        watch: StatWatch | None,
-        share: RoundItems | None = None,
-    ) -> RoundResult:
-        """One association's share of a round (`items`, then what it takes from `share`). If a
-        STAT item came while it sent routine ones and its association ended (cut, or its share
-        done) before carrying it: a new one does."""
-        r = self._send_chunk(items, stop, faults, watch, share)
-        with self._lanes_lock:
-            others_open = bool(self._open)  # they carry it on their open associations, without a new one's round trip
-        if watch is not None and watch.stat_due.is_set() and not stop.is_set() and not faults and not others_open:
-            stat = self._claim(self.settings.batch_size, Priority.STAT)
-            if stat:
-                r.add_sends(self._send_chunk(stat, stop, faults))
-        return r
 
     def _send_chunk(
         self,
@@ -697,6 +687,8 @@ class EcgForwarder:
                 self._open.discard(assoc)
                 if not self._open:
                     self.pacer.idle()
+            if watch is not None:
+                watch.closed()  # the last open one gone with a STAT item due: a new association carries it
             # stop mid-chunk: whatever is still claimed goes back, uncharged
             left = [
                 i.id for i in pending if (cur := self.outbox.get(i.id)) is not None and cur.state == ItemState.SENDING

@@ -11,8 +11,9 @@ the outbox every `poll_s` whether a STAT item is due. Once one is (`stat_due`):
   the backlog, it does not end its round (a new round would pay a round trip per association);
 - a routine transfer still on the wire that is expected to need more than `cut_after_s` is cut
   (connection dropped): on a slow link it would hold the link for seconds. The cut item goes back
-  to the queue uncharged (the fault is not its) and is sent later with the same UIDs. `on_cut`
-  starts the STAT item's own association at once if no open one is left to carry it.
+  to the queue uncharged (the fault is not its) and is sent later with the same UIDs;
+- with no open association left to carry it (every one was cut, or the last one ended),
+  `new_carrier` opens one for it at once (`needs_new_carrier`, the one place that decides).
 
 On a fast link transfers end within milliseconds and nothing is cut.
 """
@@ -22,7 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from uploader.dicom_store import StoreAssociation
@@ -74,13 +75,15 @@ class StatWatch:
         *,
         poll_s: float = 0.025,
         cut_after_s: float | None = 0.2,  # None: never cut a transfer
-        on_cut: Callable[[], None] | None = None,  # called (watch thread) after a cut, to carry the STAT item
         # False for an association whose object has left (it waits for its response): cutting it
         # frees nothing on the link and loses a transfer already made
         still_sending: Callable[[StoreAssociation], bool] | None = None,
+        open_associations: Callable[[], Iterable[StoreAssociation]] = tuple,  # the round's, open now
+        new_carrier: Callable[[], None] | None = None,  # opens an association for the STAT items due
     ) -> None:
-        self.on_cut = on_cut
         self.still_sending = still_sending
+        self.open_associations = open_associations
+        self.new_carrier = new_carrier
         self.outbox = outbox
         self.kind = kind
         self.clock = clock
@@ -94,6 +97,7 @@ class StatWatch:
         self._in_flight: dict[int, InFlight] = {}  # id(assoc) → what it is sending
         self._cut: set[int] = set()  # id(assoc) of associations cut
         self._done = threading.Event()
+        self._look = threading.Event()  # look now, not at the next poll (the last carrier is done)
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> StatWatch:
@@ -103,6 +107,7 @@ class StatWatch:
 
     def __exit__(self, *exc: object) -> None:
         self._done.set()
+        self._look.set()
         if self._thread is not None:
             self._thread.join()
 
@@ -123,21 +128,32 @@ class StatWatch:
             self._carriers += 1
 
     def carried(self) -> None:
-        """An association sent the STAT items it claimed (or found none to claim): with none
-        left to carry and none waiting, routine sending goes on (at once, not at the watch's
-        next look)."""
+        """An association sent the STAT items it claimed (or found none to claim): the watch
+        looks at once whether any is left to carry (on its own thread: the outbox is not asked
+        with the watch's lock held on a sender's), and with none routine sending goes on."""
         with self._clear:
             self._carriers -= 1
-            if self._carriers > 0:
-                return
-            try:
-                waiting = self.outbox.stat_waiting(self.kind, self.clock())
-            except Exception as exc:  # noqa: BLE001 — the outbox closing under us: the watch decides later
-                log.debug("STAT watch: %s", exc)
-                return
-            if not waiting:
-                self.stat_due.clear()
-                self._clear.notify_all()
+            if self._carriers == 0:
+                self._look.set()
+
+    def closed(self) -> None:
+        """An association of the round ended: if it was the last open one and a STAT item is
+        due, a new one must carry it."""
+        self._carry_if_orphaned()
+
+    def needs_new_carrier(self) -> bool:
+        """Whether the STAT items due need an association of their own: no open association of
+        the round is left to carry them at its next object boundary (every one was cut, or none
+        is open). Otherwise an open one carries them, without a new one's round trip."""
+        if not self.stat_due.is_set():
+            return False
+        open_now = list(self.open_associations())  # (before our lock: the caller's lock comes first)
+        with self._lock:
+            return all(id(a) in self._cut for a in open_now)
+
+    def _carry_if_orphaned(self) -> None:
+        if self.new_carrier is not None and self.needs_new_carrier():
+            self.new_carrier()
 
     def wait_clear(self, stop: threading.Event) -> None:
         """Until no STAT item is due or being carried (or `stop`): another association carries
@@ -151,7 +167,11 @@ class StatWatch:
             return id(assoc) in self._cut
 
     def _run(self) -> None:
-        while not self._done.wait(self.poll_s):
+        while not self._done.is_set():
+            self._look.wait(self.poll_s)
+            self._look.clear()
+            if self._done.is_set():
+                return
             try:
                 with self._clear:
                     if self._carriers == 0:  # (while one carries them, the carrier says when they are sent)
@@ -192,6 +212,6 @@ class StatWatch:
                 elapsed,
             )
             f.assoc.cut()
-            if self.on_cut is not None:
-                # a new association for the STAT item now, not once the cut one is cleaned up
-                self.on_cut()
+            # a new association for the STAT item now if no open one is left to carry it, not
+            # once the cut one is cleaned up
+            self._carry_if_orphaned()
