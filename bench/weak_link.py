@@ -225,9 +225,11 @@ def run_profile(
             # the link's stalls (emulated loss) are not in the floor: how much of the time they took
             assert relay.up is not None
             out["stall_s"] = relay.up.stalls * profile.stall_s
-            # where the time went: the uplink's first byte after READY, then idle between bytes
+            # where the time went: the uplink's first byte after READY; then, to its last byte, the
+            # time it carried nothing (waits between objects, and the association set-ups,
+            # commitments and releases: their round trips), stalls apart
             assert relay.up.first_at is not None
-            out["link_idle_s"] = relay.up.free_at - relay.up.first_at - relay.up.busy_s - out["stall_s"]
+            out["uplink_gaps_s"] = relay.up.free_at - relay.up.first_at - relay.up.busy_s - out["stall_s"]
             out["link_busy_s"] = relay.up.busy_s
             out["ready_to_first_byte_s"] = relay.up.first_at - t_ready  # (the loop's clock is time.monotonic)
             out["last_byte_to_stored_s"] = t1 - relay.up.free_at
@@ -260,7 +262,7 @@ def run_profile(
         out["stat_warm"] = float(link_kept is not None)
         # a routine object's time on the link: the STAT studies come at fractions of it after a
         # routine one was stored (the next is then on the link)
-        object_s = profile.arrival_floor_s(deflated_bytes // n) - profile.rtt_s / 2
+        object_s = profile.link_time_s(deflated_bytes // n)
 
         def stored() -> int:
             return int(orthanc.rest("/statistics")["CountInstances"])

@@ -43,12 +43,16 @@ class LinkProfile:
 
     def floor_s(self, up_bytes: int) -> float:
         """The least time `up_bytes` can take to cross this link (rate only, plus one RTT)."""
-        return (up_bytes * 8 / self.up_bps if self.up_bps else 0.0) + self.rtt_s
+        return self.link_time_s(up_bytes) + self.rtt_s
+
+    def link_time_s(self, up_bytes: int) -> float:
+        """The uplink's time to carry `up_bytes` (its rate only; 0 without one)."""
+        return up_bytes * 8 / self.up_bps if self.up_bps else 0.0
 
     def arrival_floor_s(self, up_bytes: int) -> float:
         """The least time from the first of `up_bytes` leaving to the last being at the far end
         (rate, plus the one-way delay): an object alone on the link, association open already."""
-        return (up_bytes * 8 / self.up_bps if self.up_bps else 0.0) + self.rtt_s / 2
+        return self.link_time_s(up_bytes) + self.rtt_s / 2
 
 
 PROFILES: dict[str, LinkProfile] = {
