@@ -23,8 +23,11 @@ Figures per profile:
                       another, each at another moment of the routine object then on the link
                       (0, 1/5, 2/5 ... of its time after the one before was stored): the median,
                       and `stat_ratio_max` the worst; `stat_ratio_rtt` the median against the
-                      bulk's floor function (bytes ÷ rate + 1 RTT: the gateway knows it stored). The STAT run is the same gateway after an
-                      outage: its forwarder starts with the link rate the bulk run measured and
+                      bulk's floor function (bytes ÷ rate + 1 RTT: the gateway knows it
+                      stored); `stat_ratio_with_pacs` against the floor plus the PACS's own
+                      time to store the object (`pacs_store_s`: C-STORE to response on
+                      loopback, association open - no sender avoids it). The STAT run is the
+                      same gateway after an outage: its forwarder starts with the link rate the bulk run measured and
                       kept in the outbox (`stat_warm` 1; with --stat-only nothing was measured
                       before: 0, the first objects go unpaced). `stat_routine_waiting_min`: the
                       fewest routine studies still waiting when a STAT one came (never 0).
@@ -303,13 +306,38 @@ def run_profile(
             fwd.close()
         out["stat_s"] = statistics.median(out[f"stat_{t}_s"] for t in range(stat_trials))
         out["stat_floor_s"] = profile.arrival_floor_s(item.size)
+        out["pacs_store_s"] = pacs_store_s(config, stat_recording, orthanc.dicom_port, stat_trials)
         # every STAT study came while routine ones were still waiting (else it overtook nothing)
         out["stat_routine_waiting_min"] = float(min(waiting))
     # no link rate (lan): the STAT object's floor is its one-way delay only, no ratio
     out["stat_ratio"] = statistics.median(ratios) if ratios else None
     out["stat_ratio_max"] = max(ratios) if ratios else None
     out["stat_ratio_rtt"] = statistics.median(ratios_rtt) if ratios_rtt else None
+    # against a floor that also holds the PACS's own storing (no sender avoids it): what is ours
+    out["stat_ratio_with_pacs"] = out["stat_s"] / (out["stat_floor_s"] + out["pacs_store_s"]) if ratios else None
     return out
+
+
+def pacs_store_s(config, recording, port: int, trials: int) -> float:
+    """The PACS's own time to store a STAT object (median of `trials`): C-STORE to response on
+    loopback, association open, the object's bytes ready - what no sender's link time includes."""
+    from lastmile.data_dir import open_outbox
+    from lastmile.ecg.intake import enqueue_recording
+    from lastmile.services.forward import forwarder_settings
+    from uploader.dicom_store import StoreAssociation
+
+    peer = replace(forwarder_settings(config).peer, host="127.0.0.1", port=port)
+    times: list[float] = []
+    with open_outbox(config) as outbox, StoreAssociation(peer) as assoc:
+        for trial in range(trials):
+            # new UIDs each: a PACS answers an instance it has without storing it again
+            again = replace(recording, acquired_at=recording.acquired_at + dt.timedelta(hours=1 + trial))
+            payload = outbox.read_payload(enqueue_recording(outbox, again, config, key=f"pacs-{trial}").item)
+            started = time.monotonic()
+            if not assoc.store(payload).stored:
+                raise RuntimeError("the PACS refused the STAT object stored directly")
+            times.append(time.monotonic() - started)
+    return statistics.median(times)
 
 
 def ratio(value: float | None) -> str:
@@ -387,7 +415,8 @@ def main() -> int:
         r = results[name]
         stat = (
             f"stat {r['stat_s']:.3f} s / {r['stat_floor_s']:.3f} s = {ratio(r['stat_ratio'])} "
-            f"(max {ratio(r['stat_ratio_max'])}; ÷ bytes/rate + RTT {ratio(r['stat_ratio_rtt'])})"
+            f"(max {ratio(r['stat_ratio_max'])}; ÷ bytes/rate + RTT {ratio(r['stat_ratio_rtt'])}; "
+            f"÷ floor + the PACS storing it {r['pacs_store_s']:.3f} s {ratio(r['stat_ratio_with_pacs'])})"
         )
         if args.stat_only:
             print(f"{name:10} {stat}", flush=True)
