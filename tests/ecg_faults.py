@@ -19,9 +19,9 @@ Fault models (amplitudes in µV at the electrode):
 - mains: 50 Hz (±0.2 Hz grid deviation) at 50-500 µV amplitude plus 10 % third harmonic, at one
   electrode (its contact impedance turns the body's common-mode hum into a lead signal).
   A 60 Hz variant exists for grids that run at 60.
-- muscle (EMG): Gaussian noise band-limited to 20-150 Hz, RMS 40-160 µV, amplitude-modulated
-  by a 0.2-1 Hz tremor envelope between 50 % and 100 %, at one electrode (a tense arm, a
-  shivering chest).
+- muscle (EMG): Gaussian noise band-limited to 20-150 Hz (or a given band), RMS 40-160 µV (or a
+  given RMS), amplitude-modulated by a 0.2-1 Hz tremor envelope between 50 % and 100 %, at one
+  electrode (a tense arm, a shivering chest).
 - electrode swaps: LA/RA (I -> -I, II <-> III, aVR <-> aVL), RA/LL, and RA or LA on the right
   leg (its potential becomes the leg's: lead II or III nearly vanishes).
 """
@@ -225,11 +225,17 @@ def band_noise(n: int, rate: float, band: tuple[float, float], rng: np.random.Ge
     return noise / (np.sqrt(np.mean(noise**2)) or 1.0)
 
 
-def muscle(rec: EcgRecording, rng: np.random.Generator, electrode: str) -> tuple[EcgRecording, Fault]:
-    rms = float(rng.uniform(40.0, 160.0))
+def muscle(
+    rec: EcgRecording,
+    rng: np.random.Generator,
+    electrode: str,
+    rms: float | None = None,
+    band_hz: tuple[float, float] = (20.0, 150.0),
+) -> tuple[EcgRecording, Fault]:
+    rms = float(rng.uniform(40.0, 160.0)) if rms is None else rms
     t = _t(rec)
     tremor = 0.75 + 0.25 * np.sin(2 * np.pi * rng.uniform(0.2, 1.0) * t + rng.uniform(0, 2 * np.pi))
-    noise = rms * tremor * band_noise(rec.n_samples, rec.sampling_rate_hz, (20.0, 150.0), rng)
+    noise = rms * tremor * band_noise(rec.n_samples, rec.sampling_rate_hz, band_hz, rng)
     e = electrodes_of(rec)
     e[electrode] = e[electrode] + noise
     expect, forbid = _limb_expectation(electrode, rec) if electrode in LIMB_ELECTRODES else ((electrode,), ())
