@@ -19,7 +19,14 @@ import pytest
 from lastmile.config import Config
 from lastmile.services.forward import forwarder_settings, open_outbox
 from tests.link_emulator import LinkProfile, LinkRelay
-from tests.test_stat_overtakes import arrivals, enqueue, make_config, slow_link, wait_until
+from tests.test_stat_overtakes import (
+    arrivals,
+    enqueue,
+    make_config,
+    slow_link,
+    wait_until,
+    wait_until_stored_and_sent,
+)
 from uploader.ecg_forwarder import EcgForwarder, RoundResult, StatLane
 from uploader.link_pacing import (
     DRAIN_HEADROOM,
@@ -321,7 +328,7 @@ def test_a_cut_sends_the_stat_study_on_its_own_association_at_once(
         with forwarding_observed(config, events):
             wait_until(lambda: relay.up is not None and relay.up.bytes_total > 4000, "a routine transfer on the wire")
             [stat] = enqueue(config, range(100, 101), stat=True)
-            wait_until(lambda: set(arrivals(scp)) == {routine, stat}, "both studies", limit_s=180)
+            wait_until_stored_and_sent(config, scp, {routine, stat}, "both studies", limit_s=180)
     assert arrivals(scp)[0] == stat
     with open_outbox(config) as outbox:
         stat_id = next(i.id for i in outbox.items() if i.meta["sop_instance_uid"] == stat)

@@ -37,6 +37,7 @@ from tests.test_stat_overtakes import (
     make_config,
     slow_link,
     wait_until,
+    wait_until_stored_and_sent,
 )
 from uploader.ecg_forwarder import LINK_STATUS_NAME, EcgForwarder
 from uploader.link_pacing import (
@@ -241,7 +242,7 @@ def test_three_paced_associations_send_each_study_once_and_stat_overtakes(
             wait_until(lambda: len(arrivals(scp)) >= 1, "the first routine study")
             before = len(set(arrivals(scp)))
             [stat] = enqueue(config, range(100, 101), stat=True)
-            wait_until(lambda: set(arrivals(scp)) == {*routine, stat}, "all ten studies")
+            wait_until_stored_and_sent(config, scp, {*routine, stat}, "all ten studies")
     order = list(dict.fromkeys(arrivals(scp)))
     # at most the three routine objects already on their associations arrive before it
     assert order.index(stat) <= before + 3, (order.index(stat), before, order)
