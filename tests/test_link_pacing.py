@@ -33,6 +33,8 @@ from uploader.link_pacing import (
     FAST_BYTES_PER_S,
     HEADROOM,
     LATE_CREDIT_S,
+    LONGER_ROUTE_AFTER_LATE,
+    MIN_PDU_BYTES,
     PDU_TIME_S,
     SAMPLE_WINDOW,
     LinkPacer,
@@ -168,6 +170,59 @@ def test_a_late_response_paces_lower_until_the_buffer_drained() -> None:
     t.now += 3.0
     pacer.observe_object(75_000, tail_s=0.42, last_pdu_bytes=500)  # drained (a 500-byte last PDU: 20 ms)
     assert not pacer.draining and pacer.pace == pytest.approx(25_000 * HEADROOM)
+
+
+def edge_pacer(t: FakeTime) -> LinkPacer:
+    """A pacer that measured an EDGE link: 25 kB/s, 0.4 s round trip."""
+    pacer = LinkPacer(clock=t.clock, sleep=t.sleep)
+    pacer.observe_rtt(0.4)
+    pacer.on_data_sent(Sent(b"x"))
+    t.now += 3.4
+    pacer.observe_object(75_000, tail_s=0.4)
+    assert pacer.measured == pytest.approx(25_000) and not pacer.draining
+    return pacer
+
+
+def test_a_slow_links_last_pdu_is_not_read_as_a_queue() -> None:
+    """On EDGE the smallest paced PDU (4 KiB) is 160 ms on the link: a response one round trip
+    after it crossed is on time. Judged by the tail alone it came late, every time, and the
+    link was paced at DRAIN_HEADROOM for good."""
+    t = FakeTime()
+    pacer = edge_pacer(t)
+    for _ in range(3):
+        t.now += 3.0
+        pacer.observe_object(75_000, tail_s=0.4 + MIN_PDU_BYTES / 25_000, last_pdu_bytes=MIN_PDU_BYTES)
+        assert not pacer.draining and pacer.pace == pytest.approx(25_000 * HEADROOM)
+    assert pacer.store_rtt_s == pytest.approx(0.4)
+
+
+def test_the_stores_round_trip_is_the_least_of_recent_clean_tails() -> None:
+    t = FakeTime()
+    pacer = edge_pacer(t)
+    t.now += 3.0
+    pacer.observe_object(75_000, tail_s=0.35)  # one quick response (a lull in the cell)
+    assert pacer.store_rtt_s == pytest.approx(0.35)
+    for n in range(1, SAMPLE_WINDOW + 1):
+        t.now += 3.0
+        pacer.observe_object(75_000, tail_s=0.42)
+        # the quick one left the window: the round trip is what the recent ones took
+        assert pacer.store_rtt_s == pytest.approx(0.35 if n < SAMPLE_WINDOW else 0.42), n
+
+
+def test_a_round_trip_that_grew_is_learnt_after_late_responses_in_a_row() -> None:
+    """Responses late this many times in a row while paced below the rate: no queue lasts that
+    long, the round trip grew (another route). Without this the link stayed at DRAIN_HEADROOM
+    and every sample was measured against a round trip it no longer had."""
+    t = FakeTime()
+    pacer = edge_pacer(t)
+    for n in range(1, LONGER_ROUTE_AFTER_LATE + 2):
+        t.now += 3.0
+        pacer.observe_object(75_000, tail_s=0.9)
+        if n < LONGER_ROUTE_AFTER_LATE:
+            assert pacer.draining and pacer.pace == pytest.approx(25_000 * DRAIN_HEADROOM), n
+        else:
+            assert not pacer.draining and pacer.store_rtt_s == pytest.approx(0.9), n
+    assert pacer.pace == pytest.approx(pacer.measured * HEADROOM)
 
 
 def test_a_paced_link_gets_small_pdus() -> None:
@@ -359,8 +414,8 @@ def test_a_sample_that_came_out_too_high_is_forgotten() -> None:
 
 
 def test_a_probe_is_timed_against_the_stores_round_trip_not_the_negotiations() -> None:
-    """The association negotiation's round trip is longer than a C-STORE's by the peer's accepting
-    an association: subtracted from a probe's time, the object seemed to cross faster than the
+    """The association negotiation's round trip may be longer than a C-STORE's (a peer slow to
+    accept an association): subtracted from a probe's time, the object seemed to cross faster than the
     link (75 kB in 75 ms read as 1.67 MB/s on a 1 MB/s link, capped only by the probe's pace), and
     the pace above the link filled the modem buffer a STAT study then waits behind."""
     t = FakeTime()

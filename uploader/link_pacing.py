@@ -16,13 +16,14 @@ late wake-up (and a write that blocked a moment) is link time lost for good.
 
 The rate is measured, not configured: the bytes stored (all associations together) since the
 first byte of a busy spell, over its time less one round trip: a C-STORE's own (its response's
-least delay after its last PDU went on the link), or until one is seen the association
-negotiation's, the least seen - longer by the peer's accepting an association, which made a
-probe's object seem to cross faster than it was sent. Until the first object is stored nothing is paced; then the pace is `HEADROOM`
-below the largest such rate (not on a LAN: a round trip under `NEAR_RTT_S`), and lower (`DRAIN_HEADROOM`) while an object's response comes
-late, i.e. bytes wait in the buffer (a loss stalled the link): they would otherwise drain at 5 %
-of the rate. Fast links (above `FAST_BYTES_PER_S`) are not paced at all: their
-buffer drains in milliseconds.
+least delay after its last PDU crossed the link, of the last `SAMPLE_WINDOW` clean ones), or
+until one is seen the association negotiation's (the least seen; an association's set-up is not
+a C-STORE's, and on Orthanc it was the shorter of the two). Until the first object is stored
+nothing is paced; then the pace is `HEADROOM` below the largest such rate (not on a LAN: a round
+trip under `NEAR_RTT_S`), and lower (`DRAIN_HEADROOM`) while an object's response comes late,
+i.e. bytes wait in the buffer (a loss stalled the link): they would otherwise drain at 5 % of
+the rate. Fast links (above `FAST_BYTES_PER_S`) are not paced at all: their buffer drains in
+milliseconds.
 
 The rate is remembered (`remembered()`/`remember()`, kept in the outbox by the forwarder): a
 backlog that starts after a restart is paced from its first byte at the last measured rate
@@ -53,6 +54,7 @@ PDU_TIME_S = 0.008  # a paced PDU carries about this much of the link's time ...
 MIN_PDU_BYTES = 4096  # ... but no less: the burst one PDU may make stays small in the buffer
 LATE_CREDIT_S = PDU_TIME_S  # a sender woken this much late (a loaded CPU) catches up: the link's time is not lost
 SAMPLE_WINDOW = 12  # the estimate: the largest of this many last samples (two probes among them)
+LONGER_ROUTE_AFTER_LATE = 6  # this many late responses in a row paced at DRAIN_HEADROOM: the round trip grew
 STALE_AFTER_LATE = 3  # this many late responses in a row paced at a remembered rate: it is stale
 PROBE_EVERY = 6  # every this many objects one is sent faster, to see whether the link is faster ...
 PROBE_GAIN = 1.15  # ... by this factor (what may queue in the buffer meanwhile stays a fraction of one object)
@@ -92,6 +94,8 @@ class LinkPacer:
         self.pace: float | None = None  # bytes/s allowed; None: not paced
         self.rtt_s: float | None = None  # least round trip seen (the association negotiation's)
         self.store_rtt_s: float | None = None  # least C-STORE response delay after its last PDU's link time
+        self._store_rtts: deque[float] = deque(maxlen=SAMPLE_WINDOW)  # ... of these last clean tails
+        self._late_tails = 0  # responses late in a row (`LONGER_ROUTE_AFTER_LATE`)
         self._window_start: float | None = None  # first byte of this busy spell
         self._delivered = 0  # bytes stored since then
         self.draining = False  # the last object's response came late: a queue to drain
@@ -157,12 +161,25 @@ class LinkPacer:
         `alone_s`: from its C-STORE request to its response, for an object that had the link to
         itself (`take_turn`): one more sample, this object's own rate (a probe's shows a faster link)."""
         with self._lock:
-            if tail_s is not None and self.rtt_s is not None:
-                self.draining = tail_s - self.rtt_s > QUEUED_TAIL_S
-            if tail_s is not None and self.measured is not None and not self.draining:
-                store_rtt = tail_s - last_pdu_bytes / self.measured
-                if store_rtt > 0 and (self.store_rtt_s is None or store_rtt < self.store_rtt_s):
-                    self.store_rtt_s = store_rtt
+            if tail_s is not None:
+                # the tail less its last PDU's own time on the link (on EDGE a 4 KiB PDU takes
+                # 160 ms: judged by the tail alone, every response came late and the link was
+                # paced at DRAIN_HEADROOM for good)
+                store_rtt = tail_s - (last_pdu_bytes / self.measured if self.measured else 0.0)
+                if self.rtt_s is not None or self.store_rtt_s is not None:
+                    self.draining = store_rtt - self._object_rtt() > QUEUED_TAIL_S
+                    self._late_tails = self._late_tails + 1 if self.draining else 0
+                    if self._late_tails >= LONGER_ROUTE_AFTER_LATE:
+                        # paced below the rate this long, a queue would have drained: the round
+                        # trip itself grew (another route, a congested cell); these tails are clean
+                        log.info("link: round trip longer than %.3f s: %.3f s", self._object_rtt(), store_rtt)
+                        self._store_rtts.clear()
+                        self.draining, self._late_tails = False, 0
+                if self.measured is not None and not self.draining and store_rtt > 0:
+                    # the least of recent clean tails, not of all: a route that got longer
+                    # would otherwise be subtracted short from every sample after it
+                    self._store_rtts.append(store_rtt)
+                    self.store_rtt_s = min(self._store_rtts)
             now = self.clock()
             if self._window_start is None or wire_bytes <= 0:
                 return
