@@ -238,7 +238,7 @@ def test_a_new_association_carries_the_stat_study_only_when_no_open_one_can() ->
         wait_until(lambda: a.was_cut, "the routine transfer on the wire cut")
         assert watch.needs_new_carrier() is False and not opened.is_set()  # b carries it
         open_now.remove(b)  # b ended (its share done) before its next object
-        watch.closed()
+        watch.carry_if_orphaned()
         assert opened.wait(10), "no association opened for the STAT study"
         assert watch.needs_new_carrier() is True
         open_now.clear()

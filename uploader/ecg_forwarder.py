@@ -688,7 +688,7 @@ class EcgForwarder:
                 if not self._open:
                     self.pacer.idle()
             if watch is not None:
-                watch.closed()  # the last open one gone with a STAT item due: a new association carries it
+                watch.carry_if_orphaned()  # the last open one gone with a STAT item due: a new association carries it
             # stop mid-chunk: whatever is still claimed goes back, uncharged
             left = [
                 i.id for i in pending if (cur := self.outbox.get(i.id)) is not None and cur.state == ItemState.SENDING

@@ -136,11 +136,6 @@ class StatWatch:
             if self._carriers == 0:
                 self._look.set()
 
-    def closed(self) -> None:
-        """An association of the round ended: if it was the last open one and a STAT item is
-        due, a new one must carry it."""
-        self._carry_if_orphaned()
-
     def needs_new_carrier(self) -> bool:
         """Whether the STAT items due need an association of their own: no open association of
         the round is left to carry them at its next object boundary (every one was cut, or none
@@ -151,7 +146,9 @@ class StatWatch:
         with self._lock:
             return all(id(a) in self._cut for a in open_now)
 
-    def _carry_if_orphaned(self) -> None:
+    def carry_if_orphaned(self) -> None:
+        """After an association of the round ended or was cut: if no open one is left to carry
+        the STAT items due, a new one carries them (`new_carrier`), now."""
         if self.new_carrier is not None and self.needs_new_carrier():
             self.new_carrier()
 
@@ -214,4 +211,4 @@ class StatWatch:
             f.assoc.cut()
             # a new association for the STAT item now if no open one is left to carry it, not
             # once the cut one is cleaned up
-            self._carry_if_orphaned()
+            self.carry_if_orphaned()
