@@ -321,18 +321,18 @@ def run_profile(
 def pacs_store_s(config, recording, port: int, trials: int) -> float:
     """The PACS's own time to store a STAT object (median of `trials`): C-STORE to response on
     loopback, association open, the object's bytes ready - what no sender's link time includes."""
-    from lastmile.data_dir import open_outbox
-    from lastmile.ecg.intake import enqueue_recording
+    from lastmile.ecg.intake import deflated_part10, station_of
     from lastmile.services.forward import forwarder_settings
+    from uploader.dicom_ecg import build_ecg_dataset, mint_uids
     from uploader.dicom_store import StoreAssociation
 
     peer = replace(forwarder_settings(config).peer, host="127.0.0.1", port=port)
     times: list[float] = []
-    with open_outbox(config) as outbox, StoreAssociation(peer) as assoc:
-        for trial in range(trials):
-            # new UIDs each: a PACS answers an instance it has without storing it again
-            again = replace(recording, acquired_at=recording.acquired_at + dt.timedelta(hours=1 + trial))
-            payload = outbox.read_payload(enqueue_recording(outbox, again, config, key=f"pacs-{trial}").item)
+    with StoreAssociation(peer) as assoc:
+        for _ in range(trials):
+            # the object as intake makes it (deflated), not put in the outbox (where it would
+            # wait to be sent); new UIDs each: a PACS answers an instance it has without storing it again
+            payload = deflated_part10(build_ecg_dataset(recording, mint_uids(), station_of(config)))
             started = time.monotonic()
             if not assoc.store(payload).stored:
                 raise RuntimeError("the PACS refused the STAT object stored directly")
