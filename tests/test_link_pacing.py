@@ -183,6 +183,24 @@ def edge_pacer(t: FakeTime) -> LinkPacer:
     return pacer
 
 
+def test_the_lower_pace_lasts_as_long_as_the_queue_a_late_response_showed() -> None:
+    """A response 0.6 s late: 0.6 s of the link's bytes wait in the buffer, drained at the rate
+    less the drain pace in 2 s. Then the link is paced at its rate again, not below it until the
+    next object's response (on EDGE up to 3 s later) shows the buffer empty."""
+    t = FakeTime()
+    pacer = edge_pacer(t)
+    t.now += 3.0
+    pacer.observe_object(75_000, tail_s=1.0)
+    assert pacer.draining
+    drained_after = 0.6 / (1 - DRAIN_HEADROOM)
+    t.now += drained_after - 0.1
+    pacer.on_data_sent(Sent(b"x" * 4096))
+    assert pacer.draining and pacer.pace == pytest.approx(25_000 * DRAIN_HEADROOM)
+    t.now = max(t.now, 100.0 + 3.4 + 3.0 + drained_after)  # (the PDU's own wait may have passed it)
+    pacer.on_data_sent(Sent(b"x" * 4096))
+    assert not pacer.draining and pacer.pace == pytest.approx(25_000 * HEADROOM)
+
+
 def test_a_slow_links_last_pdu_is_not_read_as_a_queue() -> None:
     """On EDGE the smallest paced PDU (4 KiB) is 160 ms on the link: a response one round trip
     after it crossed is on time. Judged by the tail alone it came late, every time, and the

@@ -22,7 +22,7 @@ a C-STORE's, and on Orthanc it was the shorter of the two). Until the first obje
 nothing is paced; then the pace is `HEADROOM` below the largest such rate (not on a LAN: a round
 trip under `NEAR_RTT_S`), and lower (`DRAIN_HEADROOM`) while an object's response comes late,
 i.e. bytes wait in the buffer (a loss stalled the link): they would otherwise drain at 5 % of
-the rate. Fast links (above `FAST_BYTES_PER_S`) are not paced at all: their buffer drains in
+the rate. How late it came tells how much waits, so how long the lower pace lasts. Fast links (above `FAST_BYTES_PER_S`) are not paced at all: their buffer drains in
 milliseconds.
 
 The rate is remembered (`remembered()`/`remember()`, kept in the outbox by the forwarder): a
@@ -98,7 +98,8 @@ class LinkPacer:
         self._late_tails = 0  # responses late in a row (`LONGER_ROUTE_AFTER_LATE`)
         self._window_start: float | None = None  # first byte of this busy spell
         self._delivered = 0  # bytes stored since then
-        self.draining = False  # the last object's response came late: a queue to drain
+        self.draining = False  # the last object's response came late: a queue to drain ...
+        self._drain_until = 0.0  # ... until about then (this pacer's clock)
         self._seeded = False  # `measured` is a remembered rate no sample of this process exceeded yet
         self._samples: deque[float] = deque(maxlen=SAMPLE_WINDOW)  # this process's last samples
         self._late = 0  # late responses in a row
@@ -167,7 +168,13 @@ class LinkPacer:
                 # paced at DRAIN_HEADROOM for good)
                 store_rtt = tail_s - (last_pdu_bytes / self.measured if self.measured else 0.0)
                 if self.rtt_s is not None or self.store_rtt_s is not None:
-                    self.draining = store_rtt - self._object_rtt() > QUEUED_TAIL_S
+                    excess = store_rtt - self._object_rtt()  # how long its last byte queued
+                    self.draining = excess > QUEUED_TAIL_S
+                    if self.draining:
+                        # what queued ahead of it drains at the rate less the drain pace; then
+                        # the link is paced as before, not below its rate until the next
+                        # object's response shows it (on EDGE, 0.3 of up to an object's 3 s idle)
+                        self._drain_until = self.clock() + excess / (1 - DRAIN_HEADROOM)
                     self._late_tails = self._late_tails + 1 if self.draining else 0
                     if self._late_tails >= LONGER_ROUTE_AFTER_LATE:
                         # paced below the rate this long, a queue would have drained: the round
@@ -327,12 +334,15 @@ class LinkPacer:
             with self._turn:
                 self._release_turn()
         with self._lock:
+            now = self.clock()
             if self._window_start is None:
-                self._window_start = self.clock()
+                self._window_start = now
+            if self.draining and now >= self._drain_until:
+                self.draining = False  # the queue a late response showed has drained by now
+                self._set_pace()
             pace = None if self.pace is None else self.pace * gain
             if pace is None or nbytes == 0:
                 return
-            now = self.clock()
             # late by a little (woken late, or the time the write itself took): counted from when
             # the link became free, so the next PDU catches up; later than that, the link was idle
             start = self._next_free if now - LATE_CREDIT_S <= self._next_free else now
