@@ -42,6 +42,7 @@ from tests.peers import (
 )
 from uploader.dicom_association import ECG_STORAGE_CLASSES, PeerSettings, associate, echo
 from uploader.dicom_commitment import CommitmentListener, CommitmentReport, ReportSenders
+from uploader.dicom_ecg import TWELVE_LEAD_ECG
 from uploader.dicom_part10 import UnsendablePayload, parse_part10
 from uploader.dicom_status import classify_status
 from uploader.dicom_store import CommitmentUnsupported, StoreAssociation
@@ -483,6 +484,37 @@ def test_listener_rejects_strangers_and_answers_bad_reports_with_failure(
             time.sleep(0.02)
     assert len(calls) == 1
     assert scp.reports_sent[0][2] == 0x0110  # processing failure: the PACS sees we did not take it
+
+
+def test_stopping_the_listener_lets_a_report_being_taken_finish_first() -> None:
+    """The forward service stops its listener and then closes the outbox: a report in hand at
+    that moment is recorded before stop() returns, not answered a failure by a handler that
+    found the outbox closed (seen in bench/weak_link.py's logs as a traceback at every stop)."""
+    from tests.test_forward_peers import send_report
+
+    port = free_port()
+    entered, recorded = threading.Event(), []
+
+    def slow(report: CommitmentReport) -> None:
+        entered.set()
+        time.sleep(0.5)  # the outbox's transaction, on a slow SD card
+        recorded.append(report.transaction_uid)
+
+    txn = generate_uid()
+    listener = CommitmentListener(GATEWAY_AE, port, slow, senders(PACS_AE))
+    listener.start()
+    status: list[str | int] = []
+    peer = threading.Thread(
+        target=lambda: status.append(
+            send_report(port, txn, [(TWELVE_LEAD_ECG, generate_uid())], calling_ae=PACS_AE, called_ae=GATEWAY_AE)
+        )
+    )
+    peer.start()
+    assert entered.wait(10), "the report never reached the handler"
+    listener.stop()
+    assert recorded == [txn]  # taken before stop() returned
+    peer.join(10)
+    assert status == [0x0000]  # and the PACS was told it was
 
 
 def test_listener_port_in_use_is_a_configuration_fault() -> None:

@@ -22,6 +22,7 @@ import logging
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from io import BytesIO
@@ -54,6 +55,7 @@ PROCESSING_FAILURE = 0x0110
 INVALID_ARGUMENT_VALUE = 0x0115  # e.g. a Transaction UID we never issued
 NOT_AUTHORISED = 0x0124
 MAX_PDU_BYTES = 1 << 20  # any PDU: a report's PDUs are 16 KB, an A-ASSOCIATE-RQ a few KB
+STOP_WAIT_S = 5.0  # stop(): how long reports already being taken may take to finish
 MAX_REPORT_BYTES = 8 << 20  # one N-EVENT-REPORT (~100 bytes per instance: 80 000 instances)
 
 
@@ -436,11 +438,21 @@ class CommitmentListener:
             log.info("listening for storage commitment reports as %s on %s:%d", self.ae_title, *self.address)
 
     def stop(self) -> None:
+        """Stop listening, and let a report being taken finish (up to STOP_WAIT_S): the caller
+        closes the outbox next, and a report's handler that found it closed answered the PACS a
+        failure for a report this gateway was about to record (and logged a traceback)."""
         with self._lock:
             server, self._server = self._server, None
-        if server is not None:
-            server.stopping = True
-            stop_server(server)
+        if server is None:
+            return
+        server.stopping = True
+        stop_server(server)
+        deadline = time.monotonic() + STOP_WAIT_S
+        for assoc in server.active_associations:
+            assoc.join(max(0.0, deadline - time.monotonic()))
+            if assoc.is_alive():
+                log.warning("stopped with a storage commitment association still open: it is aborted")
+                assoc.abort()
 
     def __enter__(self) -> CommitmentListener:
         self.start()
