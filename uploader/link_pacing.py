@@ -16,7 +16,7 @@ late wake-up (and a write that blocked a moment) is link time lost for good.
 
 The rate is measured, not configured: the bytes stored (all associations together) since the
 first byte of a busy spell, over its time less one round trip: a C-STORE's own (its response's
-least delay after its last PDU crossed the link, of the last `SAMPLE_WINDOW` clean ones), or
+least delay after its last PDU crossed the link, of the clean ones), or
 until one is seen the association negotiation's (the least seen; an association's set-up is not
 a C-STORE's, and on Orthanc it was the shorter of the two). Until the first object is stored
 nothing is paced; then the pace is `HEADROOM` below the largest such rate (not on a LAN: a round
@@ -47,14 +47,14 @@ log = logging.getLogger(__name__)
 
 HEADROOM = 0.95  # pace at this fraction of the measured rate
 DRAIN_HEADROOM = 0.7  # ... and at this one while bytes wait in the buffer (a stall held them back)
-QUEUED_TAIL_S = 0.1  # an object's response later than one round trip by this: bytes were waiting
+QUEUED_TAIL_S = 0.1  # an object's response later than one round trip by this: bytes were waiting ...
+MIN_QUEUED_TAIL_S = 0.02  # ... or by twice the spread of recent clean ones, if less, but not less than this
 FAST_BYTES_PER_S = 2.5e6  # 20 Mbit/s and faster: not paced
 NEAR_RTT_S = 0.02  # a round trip shorter than this: a LAN (or CPU-bound), not paced
 PDU_TIME_S = 0.008  # a paced PDU carries about this much of the link's time ...
 MIN_PDU_BYTES = 4096  # ... but no less: the burst one PDU may make stays small in the buffer
 LATE_CREDIT_S = PDU_TIME_S  # a sender woken this much late (a loaded CPU) catches up: the link's time is not lost
 SAMPLE_WINDOW = 12  # the estimate: the largest of this many last samples (two probes among them)
-LONGER_ROUTE_AFTER_LATE = 6  # this many late responses in a row paced at DRAIN_HEADROOM: the round trip grew
 STALE_AFTER_LATE = 3  # this many late responses in a row paced at a remembered rate: it is stale
 PROBE_EVERY = 6  # every this many objects one is sent faster, to see whether the link is faster ...
 PROBE_GAIN = 1.15  # ... by this factor (what may queue in the buffer meanwhile stays a fraction of one object)
@@ -94,8 +94,7 @@ class LinkPacer:
         self.pace: float | None = None  # bytes/s allowed; None: not paced
         self.rtt_s: float | None = None  # least round trip seen (the association negotiation's)
         self.store_rtt_s: float | None = None  # least C-STORE response delay after its last PDU's link time
-        self._store_rtts: deque[float] = deque(maxlen=SAMPLE_WINDOW)  # ... of these last clean tails
-        self._late_tails = 0  # responses late in a row (`LONGER_ROUTE_AFTER_LATE`)
+        self._store_rtts: deque[float] = deque(maxlen=SAMPLE_WINDOW)  # the last clean tails (their spread)
         self._window_start: float | None = None  # first byte of this busy spell
         self._delivered = 0  # bytes stored since then
         self.draining = False  # the last object's response came late: a queue to drain ...
@@ -169,24 +168,20 @@ class LinkPacer:
                 store_rtt = tail_s - (last_pdu_bytes / self.measured if self.measured else 0.0)
                 if self.rtt_s is not None or self.store_rtt_s is not None:
                     excess = store_rtt - self._object_rtt()  # how long its last byte queued
-                    self.draining = excess > QUEUED_TAIL_S
+                    self.draining = excess > self._queue_threshold()
                     if self.draining:
                         # what queued ahead of it drains at the rate less the drain pace; then
                         # the link is paced as before, not below its rate until the next
                         # object's response shows it (on EDGE, 0.3 of up to an object's 3 s idle)
                         self._drain_until = self.clock() + excess / (1 - DRAIN_HEADROOM)
-                    self._late_tails = self._late_tails + 1 if self.draining else 0
-                    if self._late_tails >= LONGER_ROUTE_AFTER_LATE:
-                        # paced below the rate this long, a queue would have drained: the round
-                        # trip itself grew (another route, a congested cell); these tails are clean
-                        log.info("link: round trip longer than %.3f s: %.3f s", self._object_rtt(), store_rtt)
-                        self._store_rtts.clear()
-                        self.draining, self._late_tails = False, 0
                 if self.measured is not None and not self.draining and store_rtt > 0:
-                    # the least of recent clean tails, not of all: a route that got longer
-                    # would otherwise be subtracted short from every sample after it
-                    self._store_rtts.append(store_rtt)
-                    self.store_rtt_s = min(self._store_rtts)
+                    # the least of all clean tails: subtracted from an object's time it leaves the
+                    # sample at or below what the link did. (Taking late tails in a row for a
+                    # longer route took a queue for the route: samples came out above the link's
+                    # rate, the pace kept the buffer full, a STAT study on 4G took 2x its floor.
+                    # A route that really grew is paced low in turns: slower, never queued.)
+                    self._store_rtts.append(store_rtt)  # (recent ones: their spread)
+                    self.store_rtt_s = store_rtt if self.store_rtt_s is None else min(self.store_rtt_s, store_rtt)
             now = self.clock()
             if self._window_start is None or wire_bytes <= 0:
                 return
@@ -227,6 +222,16 @@ class LinkPacer:
                 self.measured,
                 "off" if self.pace is None else f"{self.pace:.0f} B/s",
             )
+
+    def _queue_threshold(self) -> float:
+        """How much later than the least recent tail a response must come to show bytes waiting
+        in the buffer (lock held): twice how far recent clean tails came above the least (the
+        peer's storing time and the link's jitter vary), within [MIN_QUEUED_TAIL_S, QUEUED_TAIL_S]. On 4G a
+        fixed 0.1 s let 100 kB queue unseen - a STAT study waited behind it, twice its floor."""
+        if len(self._store_rtts) < SAMPLE_WINDOW // 2:
+            return QUEUED_TAIL_S  # too few to know the spread
+        spread = max(self._store_rtts) - self._object_rtt()
+        return min(QUEUED_TAIL_S, max(MIN_QUEUED_TAIL_S, 2 * spread))
 
     def _object_rtt(self) -> float:
         """The round trip an object's response comes after its last byte crossed (lock held)."""
