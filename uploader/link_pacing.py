@@ -16,14 +16,13 @@ late wake-up (and a write that blocked a moment) is link time lost for good.
 
 The rate is measured, not configured: the bytes stored (all associations together) since the
 first byte of a busy spell, over its time less one round trip: a C-STORE's own (its response's
-least delay after its last PDU crossed the link, of the clean ones), or
-until one is seen the association negotiation's (the least seen; an association's set-up is not
-a C-STORE's, and on Orthanc it was the shorter of the two). Until the first object is stored
-nothing is paced; then the pace is `HEADROOM` below the largest such rate (not on a LAN: a round
-trip under `NEAR_RTT_S`), and lower (`DRAIN_HEADROOM`) while an object's response comes late,
-i.e. bytes wait in the buffer (a loss stalled the link): they would otherwise drain at 5 % of
-the rate. How late it came tells how much waits, so how long the lower pace lasts. Fast links (above `FAST_BYTES_PER_S`) are not paced at all: their buffer drains in
-milliseconds.
+least delay after its last PDU crossed the link, of the clean ones), or until one is seen the
+association negotiation's (the least seen; on Orthanc the shorter of the two). Until the first
+object is stored nothing is paced; then the pace is `HEADROOM` below the largest such rate (not on
+a LAN: a round trip under `NEAR_RTT_S`), and lower (`DRAIN_HEADROOM`) while bytes wait in the
+buffer (a loss stalled the link), for as long as the lateness of the response that showed them
+says they take to drain: at `HEADROOM` they would drain at 5 % of the rate. Fast links (above
+`FAST_BYTES_PER_S`) are not paced at all: their buffer drains in milliseconds.
 
 The rate is remembered (`remembered()`/`remember()`, kept in the outbox by the forwarder): a
 backlog that starts after a restart is paced from its first byte at the last measured rate
@@ -47,8 +46,8 @@ log = logging.getLogger(__name__)
 
 HEADROOM = 0.95  # pace at this fraction of the measured rate
 DRAIN_HEADROOM = 0.7  # ... and at this one while bytes wait in the buffer (a stall held them back)
-QUEUED_TAIL_S = 0.1  # an object's response later than one round trip by this: bytes were waiting ...
-MIN_QUEUED_TAIL_S = 0.02  # ... or by twice the spread of recent clean ones, if less, but not less than this
+QUEUED_TAIL_S = 0.1  # a response later than the least clean tail by this at most: bytes were waiting
+MIN_QUEUED_TAIL_S = 0.02  # ... by this at least (`_queue_threshold`: from the spread of clean tails)
 FAST_BYTES_PER_S = 2.5e6  # 20 Mbit/s and faster: not paced
 NEAR_RTT_S = 0.02  # a round trip shorter than this: a LAN (or CPU-bound), not paced
 PDU_TIME_S = 0.008  # a paced PDU carries about this much of the link's time ...
@@ -175,12 +174,11 @@ class LinkPacer:
                         # object's response shows it (on EDGE, 0.3 of up to an object's 3 s idle)
                         self._drain_until = self.clock() + excess / (1 - DRAIN_HEADROOM)
                 if self.measured is not None and not self.draining and store_rtt > 0:
-                    # the least of all clean tails: subtracted from an object's time it leaves the
-                    # sample at or below what the link did. (Taking late tails in a row for a
-                    # longer route took a queue for the route: samples came out above the link's
-                    # rate, the pace kept the buffer full, a STAT study on 4G took 2x its floor.
-                    # A route that really grew is paced low in turns: slower, never queued.)
-                    self._store_rtts.append(store_rtt)  # (recent ones: their spread)
+                    # the least of all clean tails, never a late one: a queue's delay taken for
+                    # the round trip would raise every sample above the link's rate (tried: on
+                    # 4G the pace then kept the buffer full). A route that grew is paced low in
+                    # turns instead: slower, never queued
+                    self._store_rtts.append(store_rtt)  # the recent ones: their spread
                     self.store_rtt_s = store_rtt if self.store_rtt_s is None else min(self.store_rtt_s, store_rtt)
             now = self.clock()
             if self._window_start is None or wire_bytes <= 0:
@@ -224,10 +222,10 @@ class LinkPacer:
             )
 
     def _queue_threshold(self) -> float:
-        """How much later than the least recent tail a response must come to show bytes waiting
+        """How much later than the least clean tail a response must come to show bytes waiting
         in the buffer (lock held): twice how far recent clean tails came above the least (the
-        peer's storing time and the link's jitter vary), within [MIN_QUEUED_TAIL_S, QUEUED_TAIL_S]. On 4G a
-        fixed 0.1 s let 100 kB queue unseen - a STAT study waited behind it, twice its floor."""
+        peer's storing time and the link's jitter vary), within MIN_QUEUED_TAIL_S..QUEUED_TAIL_S.
+        On 4G a fixed 0.1 s let 100 kB queue unseen, and a STAT study waited behind it."""
         if len(self._store_rtts) < SAMPLE_WINDOW // 2:
             return QUEUED_TAIL_S  # too few to know the spread
         spread = max(self._store_rtts) - self._object_rtt()
