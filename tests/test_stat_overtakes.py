@@ -194,6 +194,39 @@ def test_a_stat_study_pauses_the_round_on_its_open_associations(tmp_path, stores
     assert_none_lost_and_uncharged(config, scp, [*routine, stat], set())
 
 
+def test_an_association_cut_for_a_stat_study_is_replaced_at_once(tmp_path, storescp_factory, caplog) -> None:
+    """A routine association cut for a STAT study is replaced as soon as it ends, while the STAT
+    study is still on the link - not once the next routine object is stored. A second STAT study
+    soon after then finds an association free at its object boundary (on a satellite link every
+    one left was waiting for a response, and it was carried 570 ms late)."""
+    caplog.set_level(logging.INFO, logger="uploader.stat_watch")
+    scp = storescp_factory(accept="deflated")
+    # 10 s ECGs: ~3 s each on this link, STAT too; the round's two associations start unpaced
+    # (nothing is known of the link yet), so one or both are cut, and a third study is left
+    # for a replacement to take
+    with LinkRelay(slow_link(192e3), "127.0.0.1", scp.port) as relay:
+        config = make_config(tmp_path, relay.port, associations=2)
+        config.reading_center.max_associations = 2
+        routine = enqueue(config, range(3), seconds=10.0)
+        with forwarding(config):
+            wait_until(
+                lambda: relay.connections == 2 and relay.up is not None and relay.up.bytes_total > 8000,
+                "two routine transfers on the wire",
+            )
+            [stat] = enqueue(config, range(100, 101), stat=True, seconds=10.0)
+            wait_until(lambda: stat in arrivals(scp), "the STAT study", limit_s=180)
+            opened_by_then = relay.connections - 2
+            wait_until_stored_and_sent(config, scp, {*routine, stat}, "all four studies", limit_s=240)
+    cut = cut_uids(config, caplog)
+    assert cut, "no routine transfer was cut: not the case under test"
+    # every cut association replaced, and perhaps one opened for the STAT study (when all were
+    # cut), before the STAT study was stored; the old way opened none but that carrier by then
+    carrier = 1 if len(cut) == 2 else 0
+    assert opened_by_then >= len(cut) + carrier, (opened_by_then, len(cut))
+    assert arrivals(scp)[0] == stat
+    assert_none_lost_and_uncharged(config, scp, [*routine, stat], cut)
+
+
 @dataclass
 class WireTransfer:
     """What the watch needs of an association on the wire."""

@@ -115,6 +115,7 @@ class RoundResult:
     purged: int = 0
     fault: str | None = None
     errors: list[str] = field(default_factory=list)
+    cut: bool = False  # (one association's) cut for a STAT study: the round replaces it
 
     @property
     def did_work(self) -> bool:
@@ -480,30 +481,49 @@ class EcgForwarder:
         s = self.settings
         most = max(lanes, s.associations, s.max_associations)
         futures: list[Future[RoundResult]] = []
-        grow = threading.Lock()
+        # reentrant: a lane that ended before its done-callback was added calls back at once
+        grow = threading.RLock()
+        peak = 0  # the most associations this round had open at once
+        closing = False  # every lane ended: the pool takes no more
         with ThreadPoolExecutor(max_workers=most, thread_name_prefix="dicom-send") as pool:
 
             def add_lanes(wanted: int) -> None:
+                nonlocal peak
                 with grow:
-                    if stop.is_set() or watch.stat_due.is_set() or faults or share.failure is not None:
+                    if closing or stop.is_set() or faults or share.failure is not None:
                         return  # the round is ending: no new association for it
-                    # associations of this round still open (one cut for a STAT study ended:
-                    # another takes its place); none without an item to take
+                    # associations of this round still open; none without an item to take
                     live = sum(not f.done() for f in futures)
+                    if watch.stat_due.is_set():
+                        # none more while a STAT study is due, but one cut for it is replaced:
+                        # the next STAT study finds one free at its object boundary, not every
+                        # one waiting for a response (satellite: 570 ms late)
+                        wanted = min(wanted, peak)
                     wanted = min(wanted, most, live + len(share))
+                    peak = max(peak, wanted)
                     while live < wanted:
-                        futures.append(pool.submit(self._send_chunk, [], stop, faults, watch, share))
+                        future = pool.submit(self._send_chunk, [], stop, faults, watch, share)
+                        futures.append(future)
+                        future.add_done_callback(replace_if_cut)
                         live += 1
+
+            def replace_if_cut(future: Future[RoundResult]) -> None:
+                if future.exception() is None and future.result().cut:
+                    add_lanes(self.associations_for_link())
 
             share.on_stored = lambda: add_lanes(self.associations_for_link())
             add_lanes(lanes)
             outcomes: list[RoundResult] = []
-            while True:
+            try:
+                while True:
+                    with grow:
+                        if len(outcomes) == len(futures):
+                            break
+                        future = futures[len(outcomes)]
+                    outcomes.append(future.result())
+            finally:
                 with grow:
-                    if len(outcomes) == len(futures):
-                        break
-                    future = futures[len(outcomes)]
-                outcomes.append(future.result())
+                    closing = True  # (a lane's bug raised here too: the pool shuts down)
         left = share.take_all()  # every association ended before taking these
         if left and share.failure is not None:
             now, failure = self.clock(), share.failure
@@ -660,6 +680,7 @@ class EcgForwarder:
                 # cut for a STAT item, not failed: back to the queue uncharged, sent again later
                 self.outbox.release([i.id for i in pending], YIELDED_TO_STAT, now, 0.0)
                 pending = []  # all released: nothing for the clean-up below to look up
+                r.cut = True
                 return r
             if share is not None:
                 share.failure = exc  # the others go on with the rest; what none takes fails with this
