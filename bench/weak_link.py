@@ -76,10 +76,6 @@ def worker(cfg: str, stop_file: str) -> None:
             level=logging.DEBUG if os.environ["BENCH_LOG"] == "debug" else logging.INFO,
             format="%(asctime)s.%(msecs)03d %(threadName)s %(name)s %(message)s",
         )
-        # pynetdicom at INFO keeps its per-PDU log handlers bound, and with them bound the sender
-        # takes pynetdicom's own PDU path instead of writing whole messages: the figures of such a
-        # run were another sender's (on 4G: STAT 1.4 where the service's own path gave 2.0)
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     service = ForwardService(load_config(cfg))
     stop = threading.Event()
     print("ready", flush=True)

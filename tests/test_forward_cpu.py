@@ -405,13 +405,17 @@ def test_log_formatting_handlers_unbound_only_while_their_logger_is_off(scp: Scr
 
 
 # -- a run of C-STOREs, then pynetdicom's own requests on the same association ----------------------
-@pytest.mark.parametrize("log_level", [logging.CRITICAL, logging.INFO], ids=["hand-encoded", "pynetdicom-message"])
+@pytest.mark.parametrize("log_level", [logging.CRITICAL, logging.DEBUG], ids=["quiet", "debug-log"])
 def test_run_of_stores_then_commitment_on_the_same_association(
-    scp: ScriptedStoreSCP, ecgs: list[EcgPayload], log_level: int
+    scp: ScriptedStoreSCP, ecgs: list[EcgPayload], log_level: int, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """The same sender at every log level: with pynetdicom logging at DEBUG its handlers would
+    take the stores to its own PDU path (a gateway run with debug logs sent otherwise, with
+    other timing on a slow link); each C-STORE is logged by us instead."""
     logger = logging.getLogger("pynetdicom")
     before = logger.level
     logger.setLevel(log_level)
+    caplog.set_level(log_level, logger="uploader.dicom_store")
     reports: list[Any] = []
     got = threading.Event()
 
@@ -422,8 +426,8 @@ def test_run_of_stores_then_commitment_on_the_same_association(
     try:
         with StoreAssociation(peer_at(scp.port, scp.ae_title), commitment=True, on_report=on_report) as assoc:
             outcomes = [assoc.store(p.data) for p in ecgs[:4]]
-            # read by hand unless pynetdicom's logging wants its message objects
-            assert assoc.responses_decoded_by_hand == (4 if log_level == logging.CRITICAL else 0)
+            # written whole and read by hand, whatever pynetdicom's logger does
+            assert (assoc.messages_written_whole, assoc.responses_decoded_by_hand) == (4, 4)
             txn = generate_uid()
             assoc.request_commitment(txn, [(p.sop_class_uid, p.sop_instance_uid) for p in ecgs[:4]])
             # the reactor runs again: it serves the report the peer sends on this association
@@ -438,6 +442,12 @@ def test_run_of_stores_then_commitment_on_the_same_association(
     assert [r.sop_instance_uid for r in scp.received] == [p.sop_instance_uid for p in ecgs[:5]]
     assert [u for _c, u in reports[0].committed] == [p.sop_instance_uid for p in ecgs[:4]]
     assert [o.sop_instance_uid for o in outcomes] == [p.sop_instance_uid for p in ecgs[:4]]
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("C-STORE ")]
+    if log_level == logging.DEBUG:
+        assert [m.split()[1] for m in logged] == [p.sop_instance_uid for p in ecgs[:5]]
+        assert all(m.endswith(": 0x0000 Success") for m in logged), logged
+    else:
+        assert logged == []
 
 
 class RecordingPacer(LinkPacer):

@@ -123,11 +123,13 @@ def _close_fds(*fds: int) -> None:
             pass
 
 
-def drop_log_formatting(assoc: Association) -> int:
+def drop_log_formatting(assoc: Association, *, any_level: bool = False) -> int:
     """Unbind pynetdicom's standard logging handlers (they format every PDU and DIMSE message
-    before the logger discards it) while the `pynetdicom` logger would drop their INFO lines.
+    before the logger discards it) while the `pynetdicom` logger would drop their INFO lines,
+    or (`any_level`) whatever it would do with them: a store association's data phase, whose
+    sender must not change with the log level (bound, they keep it on pynetdicom's PDU path).
     Returns how many were unbound."""
-    if logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+    if not any_level and logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
         return 0
     dropped = 0
     for event in _LOG_EVENTS:

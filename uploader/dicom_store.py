@@ -28,8 +28,7 @@ from pydicom.filereader import read_dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context, evt
 from pynetdicom.association import Association
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE, N_ACTION
+from pynetdicom.dimse_primitives import N_ACTION
 from pynetdicom.dsutils import decode
 from pynetdicom.events import EventHandlerType
 from pynetdicom.pdu_primitives import P_DATA
@@ -54,6 +53,7 @@ from uploader.dicom_reactor import (
     PDU_AND_PDV_HEADER,
     EncodedMessage,
     decode_store_responses,
+    drop_log_formatting,
     writes_whole_messages,
 )
 from uploader.dicom_status import (
@@ -329,6 +329,10 @@ class StoreAssociation:
         started = time.monotonic()
         self._assoc = associate(self.peer, contexts, handlers)
         self.opened_in_s = time.monotonic() - started
+        # pynetdicom logged the negotiation (at its level); from here its handlers would switch
+        # the sender to its PDU path (other timing on a slow link) whenever pynetdicom logs at
+        # INFO: one path at every level, and each C-STORE logged here (`store`)
+        drop_log_formatting(self._assoc, any_level=True)
         decode_store_responses(self._assoc)  # the usual C-STORE-RSP read without pydicom
         writes_whole_messages(self._assoc)  # a C-STORE-RQ's PDUs written in one go
         if self.pacer is not None:
@@ -487,6 +491,15 @@ class StoreAssociation:
             )
         code, comment = answer
         category, meaning = classify_status(code)
+        log.debug(
+            "C-STORE %s (%d bytes, %s) to %s: 0x%04X %s",
+            obj.sop_instance_uid,
+            len(data),
+            syntax.name,
+            self.peer.where,
+            code,
+            meaning,
+        )
         if is_refusal_of_us(code):
             raise ConfigurationFault(
                 f"{self.peer.where} refuses C-STOREs from {self.peer.calling_ae}: 0x{code:04X} {meaning}"
@@ -518,18 +531,16 @@ class StoreAssociation:
             pdu_bytes = self.pacer.pdu_bytes() if self.paced and self.pacer is not None else None
             if pdu_bytes is not None:
                 limit = min(limit, pdu_bytes) if limit else pdu_bytes
-            if assoc.get_handlers(evt.EVT_DIMSE_SENT):
-                # someone wants pynetdicom's message object (e.g. its logging handlers): build it
-                self._send_as_message(assoc, message_id, obj, data, int(cx.context_id), limit)  # type: ignore[arg-type]
+            # (pynetdicom's message logging is unbound at `open`: no EVT_DIMSE_SENT handler wants
+            # a message object)
+            command = store_command_set(message_id, str(obj.sop_class_uid), str(obj.sop_instance_uid))
+            if self._writes_whole(assoc):
+                pdus, ends = pdata_pdus(int(cx.context_id), command, data, limit)  # type: ignore[arg-type]
+                on_sent = self._after_sent if self.pacer is not None else None
+                assoc.dul.send_pdu(EncodedMessage(pdus, ends, on_sent, each_pdu=pdu_bytes is not None))
             else:
-                command = store_command_set(message_id, str(obj.sop_class_uid), str(obj.sop_instance_uid))
-                if self._writes_whole(assoc):
-                    pdus, ends = pdata_pdus(int(cx.context_id), command, data, limit)  # type: ignore[arg-type]
-                    on_sent = self._after_sent if self.pacer is not None else None
-                    assoc.dul.send_pdu(EncodedMessage(pdus, ends, on_sent, each_pdu=pdu_bytes is not None))
-                else:
-                    for pdata in pdata_fragments(int(cx.context_id), command, data, limit):  # type: ignore[arg-type]
-                        assoc.dul.send_pdu(pdata)
+                for pdata in pdata_fragments(int(cx.context_id), command, data, limit):  # type: ignore[arg-type]
+                    assoc.dul.send_pdu(pdata)
             _cx_id, rsp = assoc.dimse.get_msg(block=True)
         except BaseException:
             self._resume_reactor()
@@ -542,25 +553,6 @@ class StoreAssociation:
             # what _check_received_status would say, without building a pydicom Dataset for it
             return int(rsp.Status), None  # type: ignore[arg-type]
         return _status_and_comment(assoc._check_received_status(rsp))
-
-    @staticmethod
-    def _send_as_message(
-        assoc: Association, message_id: int, obj: Part10, data: bytes, context_id: int, limit: int
-    ) -> None:
-        """DIMSEServiceProvider.send_msg (pynetdicom 3.0), with P-DATA PDUs of at most `limit`
-        bytes (a sender may always send smaller PDUs than its peer accepts: a paced link's bursts)."""
-        req = C_STORE()
-        req.MessageID = message_id
-        req.AffectedSOPClassUID = obj.sop_class_uid
-        req.AffectedSOPInstanceUID = obj.sop_instance_uid
-        req.Priority = 2  # low: the default every SCP handles
-        req.DataSet = BytesIO(data)
-        msg = C_STORE_RQ()
-        msg.primitive_to_message(req)
-        msg.context_id = context_id
-        evt.trigger(assoc, evt.EVT_DIMSE_SENT, {"message": msg})
-        for pdata in msg.encode_msg(context_id, limit):
-            assoc.dul.send_pdu(pdata)
 
     def _hold_reactor(self, assoc: Association) -> None:
         if self._reactor_held:
