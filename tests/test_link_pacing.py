@@ -398,8 +398,16 @@ def test_paced_routine_sending_keeps_the_modem_buffer_nearly_empty(tmp_path: Pat
     # unpaced, two associations keep the buffer at its limit (64 kB + the bandwidth-delay product)
     limit = relay.up.limit
     assert most < 0.4 * limit, (most, limit, fwd.pacer.pace, fwd.pacer.measured)
-    # the pace is the link's rate less the headroom, not a fraction of it
-    assert fwd.pacer.pace is not None and fwd.pacer.pace > 0.7 * 800e3 / 8
+    # the link's rate was measured, and the pace is that less the headroom, not a fraction of
+    # it - unless the last response came late (a loaded machine's scheduling looks like a queue
+    # to the pacer) and it is draining that, for a while (its pace is then read again at the
+    # next PDU; after the last object there is none)
+    pacer = fwd.pacer
+    assert pacer.measured is not None and pacer.measured > 0.8 * 800e3 / 8, pacer.measured
+    if pacer.draining:
+        assert pacer.pace == pytest.approx(pacer.measured * DRAIN_HEADROOM)
+    else:
+        assert pacer.pace == pytest.approx(pacer.measured * HEADROOM)
 
 
 def test_a_cut_sends_the_stat_study_on_its_own_association_at_once(
