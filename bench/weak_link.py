@@ -281,6 +281,7 @@ def run_profile(
                 before = stored()
                 wait_until(lambda before=before: stored() > before, 3600, f"{name}: the routine backlog stopped")
                 time.sleep(object_s * trial / stat_trials)
+                stalls_before = relay.stalls
                 stat = replace(stat_recording, acquired_at=stat_recording.acquired_at + dt.timedelta(minutes=trial))
                 with open_outbox(config) as outbox:
                     item = enqueue_recording(outbox, stat, config, key=f"stat-{trial}").item
@@ -299,6 +300,9 @@ def run_profile(
                 )
                 took = t_stored - t_durable
                 out[f"stat_{trial}_s"] = took
+                # the emulated loss's stalls meanwhile (either way; routine bytes' too): any
+                # sender pays those that hold the STAT object's segments, the floor counts none
+                out[f"stat_{trial}_stalls"] = relay.stalls - stalls_before
                 if profile.up_bps:
                     ratios.append(took / profile.arrival_floor_s(item.size))
                     ratios_rtt.append(took / profile.floor_s(item.size))
