@@ -6,9 +6,10 @@
 #
 # Layout (MBR, disk identifier 0x4c4d4731 "LMG1", so the Pi 3 boot ROM reads it too and RAUC names
 # the slots by PARTUUID 4c4d4731-0N on the SD card and on qemu's virtio disk alike):
+#   (gap)                      sectors 0x400 and 0x600: the A/B slot state, two raw copies (rauc/boot.cmd)
 #   p1  LM-BOOT  vfat  256 MB  /boot/firmware: Pi firmware, U-Boot (config.txt kernel=u-boot.bin),
 #                               boot.scr (image/rauc/boot.cmd: slot choice + boot counting),
-#                               lastmile-ab.env (the slot state), DTBs, config.txt, cmdline.txt, and the
+#                               DTBs, config.txt, cmdline.txt, and the
 #                               clinic's lastmile/ folder (lastmile.toml, certs/) -- provisioning
 #   p2  LM-ROOT  ext4  SLOT_MB root slot A: / read-only; the initramfs puts a tmpfs overlay on top
 #                               (image/files/overlay-root), so a power cut cannot corrupt it.
@@ -266,10 +267,13 @@ mkdir -p "$ROOT/media/root-ro" "$ROOT/media/root-rw"  # where overlay-root puts 
 # file for fw_setenv, and the units that take an update and keep a slot that reaches READY.
 install -D -m 0644 "$HERE/rauc/system.conf" "$ROOT/etc/rauc/system.conf"
 install -m 0644 "$RAUC_KEYRING" "$ROOT/etc/rauc/county-ca.pem"
-install -m 0644 "$HERE/rauc/fw_env.config" "$ROOT/etc/fw_env.config"
+# libubootenv's config is written per card by fw_env (it finds the disk): the plain tools read it too
+ln -sfn /run/lastmile-fw_env.config "$ROOT/etc/fw_env.config"
 install -D -m 0644 "$HERE/rauc/rauc-mounts.conf" "$ROOT/etc/systemd/system/rauc.service.d/lastmile-mounts.conf"
-# p1 is mounted read-only: RAUC's fw_setenv (first in PATH) makes it writable for that one write
-install -m 0755 "$HERE/rauc/fw_setenv" "$HERE/rauc/lastmile-mark-good" "$ROOT/usr/local/sbin/"
+# RAUC's fw_printenv/fw_setenv (first in PATH): libubootenv's, on the slot state's raw copies before p1
+install -m 0755 "$HERE/rauc/fw_env" "$ROOT/usr/local/sbin/fw_setenv"
+ln -sfn fw_setenv "$ROOT/usr/local/sbin/fw_printenv"
+install -m 0755 "$HERE/rauc/lastmile-mark-good" "$ROOT/usr/local/sbin/"
 install -m 0644 "$HERE/rauc/lastmile-update.service" "$HERE/rauc/lastmile-update.timer" \
   "$HERE/rauc/lastmile-mark-good.service" "$ROOT/etc/systemd/system/"
 in_root systemctl enable lastmile-update.timer lastmile-mark-good.service >/dev/null
@@ -328,9 +332,6 @@ sed -i -e 's/^kernel=.*/kernel=u-boot.bin/' \
 grep -qx 'kernel=u-boot.bin' "$ROOT/boot/firmware/config.txt" || { echo "config.txt: no kernel= line to replace" >&2; exit 1; }
 install -m 0644 "$ROOT/usr/lib/u-boot/rpi_arm64/u-boot.bin" "$ROOT/boot/firmware/u-boot.bin"
 mkimage -A arm64 -O linux -T script -C none -n "Lastmile A/B" -d "$HERE/rauc/boot.cmd" "$ROOT/boot/firmware/boot.scr" >/dev/null
-# The slot state as RAUC's uboot backend and boot.cmd read it: slot A first, full tries each.
-printf 'BOOT_ORDER=A B\nBOOT_A_LEFT=3\nBOOT_B_LEFT=3\n' \
-  | mkenvimage -s 0x4000 -o "$ROOT/boot/firmware/lastmile-ab.env" -
 mkdir -p "$ROOT/boot/firmware/lastmile/certs"
 install -m 0644 "$HERE/files/README-clinic.txt" "$ROOT/boot/firmware/lastmile/README.txt"
 
@@ -381,6 +382,12 @@ PART
 dd if="$WORK/boot.vfat" of="$OUT" bs=1M seek=$(( START / 2048 )) conv=notrunc status=none
 dd if="$WORK/root.ext4" of="$OUT" bs=1M seek=$(( SLOT_A / 2048 )) conv=notrunc,sparse status=none
 dd if="$WORK/data.ext4" of="$OUT" bs=1M seek=$(( DATA_START / 2048 )) conv=notrunc status=none
+# The slot state (image/rauc/boot.cmd, image/rauc/fw_env): slot A first, full tries each, in both raw
+# copies before p1 (sectors 0x400 and 0x600), U-Boot's redundant format (mkenvimage -r: flag 1).
+printf 'BOOT_ORDER=A B\nBOOT_A_LEFT=3\nBOOT_B_LEFT=3\n' | mkenvimage -r -s 0x4000 -o "$WORK/ab.env" -
+for sector in $(( 0x400 )) $(( 0x600 )); do
+  dd if="$WORK/ab.env" of="$OUT" bs=512 seek=$sector conv=notrunc status=none
+done
 
 say "fsck of each partition"
 fsck.vfat -n "$WORK/boot.vfat" >/dev/null

@@ -4,18 +4,23 @@
 # The same script runs under the Pi's U-Boot (u-boot-rpi: rpi_arm64, loaded by the Pi firmware
 # as config.txt's kernel=) and under qemu's (u-boot-qemu: qemu_arm64, -M virt -bios): U-Boot's
 # distro boot finds it on the bootable partition 1 and sets devtype/devnum/distro_bootpart (mmc 0 /
-# virtio 0). The slot state is read from and written to lastmile-ab.env on the boot partition
-# explicitly, the file RAUC's "uboot" backend edits from Linux with fw_setenv (image/rauc/
-# fw_env.config: same file, same 16 KiB size). Not uboot.env: the Pi's U-Boot (ENV_IS_IN_FAT) loads
-# that file as its whole environment at start, and one holding only these three variables would
-# leave it without bootcmd.
+# virtio 0).
 #
 # Slot state (RAUC's names): BOOT_ORDER ("A B": try A first), BOOT_A_LEFT / BOOT_B_LEFT (tries
 # left). Each boot takes one try from the first slot in BOOT_ORDER that has any and saves that
 # before the kernel runs; a Linux that comes up healthy gives the tries back (`rauc status
-# mark-good`, lastmile-update-good.service). A new slot that never gets there (panic, hang ->
+# mark-good`, lastmile-mark-good.service). A new slot that never gets there (panic, hang ->
 # watchdog, emergency mode -> reboot) uses up its tries and the next boot takes the other slot:
-# the rollback. A torn or missing lastmile-ab.env (CRC wrong) gives the defaults: A first, 3 tries each.
+# the rollback.
+#
+# Where the state lives: two copies in raw sectors of the 1 MiB before p1 (copy 0 at sector 0x400,
+# copy 1 at 0x600, 16 KiB each), in U-Boot's redundant-environment format (CRC32 of the data, a flag
+# byte, the data) that libubootenv's fw_printenv/fw_setenv read and write from Linux (image/rauc/
+# fw_env: RAUC's uboot backend runs them). Every write, here and there, goes to the older copy with
+# the newer one's flag + 1, so a power cut during a write leaves the other copy whole: the state from
+# before that write, never the defaults. Raw sectors, not a file on the FAT: no FAT table or directory
+# the firmware reads is ever written. Not uboot.env either: the Pi's U-Boot (ENV_IS_IN_FAT) loads that
+# file as its whole environment at start. With neither copy whole (a blank gap): A first, 3 tries each.
 #
 # p1 boot (vfat), p2 root slot A, p3 root slot B, p4 data. The kernel and initramfs come from the
 # slot itself (/vmlinuz, /initrd.img), so an update replaces them together with the root. The
@@ -23,15 +28,69 @@
 
 setenv lm_state_addr ${pxefile_addr_r}
 test -n "${lm_state_addr}" || setenv lm_state_addr ${kernel_addr_r}
+setenv lm_ab_blk0 0x400
+setenv lm_ab_blk1 0x600
+setenv lm_ab_sectors 0x20
+setexpr lm_ab_buf0 ${lm_state_addr} + 0
+setexpr lm_ab_buf1 ${lm_state_addr} + 0x4000
+# a copy without its flag byte (CRC, data), the layout env import/export -c know
+setexpr lm_ab_work ${lm_state_addr} + 0x8000
+setexpr lm_ab_work_data ${lm_ab_work} + 4
+# lm_ab_import: the copy at lm_ab_buf into the environment if its CRC holds (lm_ab_ok), its flag (lm_ab_flag)
+setenv lm_ab_import 'setenv lm_ab_ok; cp.b ${lm_ab_buf} ${lm_ab_work} 4; setexpr lm_ab_at ${lm_ab_buf} + 5; cp.b ${lm_ab_at} ${lm_ab_work_data} 0x3ffb; setexpr lm_ab_at ${lm_ab_buf} + 4; setexpr.b lm_ab_flag *${lm_ab_at}; if env import -c ${lm_ab_work} 0x3fff BOOT_ORDER BOOT_A_LEFT BOOT_B_LEFT; then setenv lm_ab_ok 1; fi'
+# lm_ab_save: the state into the copy not read (lm_ab_target, through its buffer) with flag lm_ab_next
+setenv lm_ab_save 'env export -c -s 0x3fff ${lm_ab_work} BOOT_ORDER BOOT_A_LEFT BOOT_B_LEFT; cp.b ${lm_ab_work} ${lm_ab_out} 4; setexpr lm_ab_at ${lm_ab_out} + 4; mw.b ${lm_ab_at} ${lm_ab_next}; setexpr lm_ab_at ${lm_ab_out} + 5; cp.b ${lm_ab_work_data} ${lm_ab_at} 0x3ffb; ${devtype} write ${lm_ab_out} ${lm_ab_target} ${lm_ab_sectors}'
+
+${devtype} dev ${devnum}
+${devtype} read ${lm_ab_buf0} ${lm_ab_blk0} ${lm_ab_sectors}
+${devtype} read ${lm_ab_buf1} ${lm_ab_blk1} ${lm_ab_sectors}
+setenv lm_ab_buf ${lm_ab_buf1}
+run lm_ab_import
+setenv lm_ab_ok1 ${lm_ab_ok}
+setenv lm_ab_flag1 ${lm_ab_flag}
+setenv lm_ab_buf ${lm_ab_buf0}
+run lm_ab_import
+setenv lm_ab_ok0 ${lm_ab_ok}
+setenv lm_ab_flag0 ${lm_ab_flag}
+# The newer copy, by libubootenv's rule (uboot_env.c, incremental flags): the whole one; of two
+# whole ones the greater flag, except that 0 follows 0xff. setexpr prints hex without 0x.
+setenv lm_ab_cur 0
+if test -n "${lm_ab_ok1}"; then
+  setexpr lm_ab_diff ${lm_ab_flag1} - ${lm_ab_flag0}
+  setexpr lm_ab_diff ${lm_ab_diff} / 0x100
+  if test -z "${lm_ab_ok0}"; then
+    setenv lm_ab_cur 1
+  elif test "${lm_ab_flag0}" = "ff" && test "${lm_ab_flag1}" = "0"; then
+    setenv lm_ab_cur 1
+  elif test "${lm_ab_flag1}" = "ff" && test "${lm_ab_flag0}" = "0"; then
+    setenv lm_ab_cur 0
+  elif test "${lm_ab_diff}" = "0" && test "${lm_ab_flag1}" != "${lm_ab_flag0}"; then
+    setenv lm_ab_cur 1
+  fi
+fi
 setenv BOOT_ORDER
 setenv BOOT_A_LEFT
 setenv BOOT_B_LEFT
-if load ${devtype} ${devnum}:${distro_bootpart} ${lm_state_addr} lastmile-ab.env; then
-  env import -c ${lm_state_addr} ${filesize} BOOT_ORDER BOOT_A_LEFT BOOT_B_LEFT
+if test "${lm_ab_cur}" = "1"; then
+  setenv lm_ab_buf ${lm_ab_buf1}
+  setenv lm_ab_out ${lm_ab_buf0}
+  setenv lm_ab_target ${lm_ab_blk0}
+else
+  setenv lm_ab_buf ${lm_ab_buf0}
+  setenv lm_ab_out ${lm_ab_buf1}
+  setenv lm_ab_target ${lm_ab_blk1}
 fi
+setenv lm_ab_flag 0
+if test -n "${lm_ab_ok0}${lm_ab_ok1}"; then
+  run lm_ab_import
+else
+  echo "LMBOOT no whole slot state: A first, 3 tries each"
+fi
+setexpr lm_ab_next ${lm_ab_flag} + 1
 test -n "${BOOT_ORDER}" || setenv BOOT_ORDER "A B"
 test -n "${BOOT_A_LEFT}" || setenv BOOT_A_LEFT 3
 test -n "${BOOT_B_LEFT}" || setenv BOOT_B_LEFT 3
+echo "LMBOOT state copy=${lm_ab_cur} flag=${lm_ab_flag} whole=${lm_ab_ok0},${lm_ab_ok1}"
 
 setenv lm_slot
 setenv lm_rootpart
@@ -57,14 +116,12 @@ if test -z "${lm_slot}"; then
   echo "LMBOOT no slot has tries left: 3 each again"
   setenv BOOT_A_LEFT 3
   setenv BOOT_B_LEFT 3
-  env export -c -s 0x4000 ${lm_state_addr} BOOT_ORDER BOOT_A_LEFT BOOT_B_LEFT
-  fatwrite ${devtype} ${devnum}:${distro_bootpart} ${lm_state_addr} lastmile-ab.env 0x4000
+  run lm_ab_save
   reset
 fi
 
 # The try is taken before the kernel runs: a power cut or a hang from here on counts.
-env export -c -s 0x4000 ${lm_state_addr} BOOT_ORDER BOOT_A_LEFT BOOT_B_LEFT
-fatwrite ${devtype} ${devnum}:${distro_bootpart} ${lm_state_addr} lastmile-ab.env 0x4000
+run lm_ab_save
 
 part uuid ${devtype} ${devnum}:${lm_rootpart} lm_rootuuid
 setenv lm_fdt ${fdt_addr}

@@ -4,7 +4,7 @@ Two ways in (QemuMachine's `firmware`):
 - "u-boot" (default): qemu starts Debian's U-Boot for virt (u-boot-qemu, qemu_arm64, `-bios`) where
   the Pi's firmware starts the image's own U-Boot (u-boot-rpi, config.txt kernel=u-boot.bin). From
   there it is the image's path: U-Boot's distro boot finds boot.scr on the bootable p1, which picks
-  the root slot (boot counting in lastmile-ab.env, image/rauc/boot.cmd) and boots that slot's own
+  the root slot (boot counting in two raw copies before p1, image/rauc/boot.cmd) and boots that slot's own
   /vmlinuz + /initrd.img with root=PARTUUID=4c4d4731-0N rauc.slot=A|B. What differs from a Pi: the
   U-Boot build (qemu_arm64, env in flash, vs rpi_arm64, env in uboot.env), the device tree (qemu's
   own, vs the firmware's with config.txt's overlays), and the kernel command line: the Pi's firmware
@@ -128,8 +128,9 @@ class GatewayDisk:
         subprocess.run(["qemu-img", "resize", "-q", "-f", self.format, str(self.path), str(size)], check=True)
 
     def _boot_fat(self) -> Path:
-        """This disk's boot partition as a raw FAT file, read again each time: the guest writes it
-        too (U-Boot and fw_setenv: lastmile-ab.env), and a stale copy written back would undo that."""
+        """This disk's boot partition as a raw FAT file, read again each time: a card made before
+        the slot state moved out of the FAT had the guest write it (lastmile-ab.env), and a guest may
+        still remount it, so a stale copy written back could undo a write."""
         fat = self.workdir / "boot.vfat"
         fat.unlink(missing_ok=True)
         boot = partitions(self.image)[0]

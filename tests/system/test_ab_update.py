@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import zlib
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,8 @@ SLOT_SECTORS = 16 * 2048
 DATA_SECTORS = 8 * 2048
 DISK_ID = "4c4d4731"
 ENV_SIZE = 0x4000
+STATE_SECTORS = (0x400, 0x600)  # boot.cmd's lm_ab_blk0/1: the two copies of the slot state
+FW_ENV = RAUC_DIR / "fw_env"
 
 
 def run(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -172,8 +175,16 @@ def test_a_bundle_changed_after_signing_is_refused_before_its_image_is_used(
 # -- slot choice and rollback (U-Boot) -----------------------------------------------------------
 
 
+def state_copy(values: dict[str, str], flag: int) -> bytes:
+    """One copy of the slot state as U-Boot's redundant environment: CRC32 of the data, flag, data."""
+    data = b"".join(f"{k}={v}".encode() + b"\0" for k, v in values.items()) + b"\0"
+    data = data.ljust(ENV_SIZE - 5, b"\0")
+    return zlib.crc32(data).to_bytes(4, "little") + bytes([flag]) + data
+
+
 class Card:
-    """The A/B card in miniature, booted by real U-Boot with image/rauc/boot.cmd."""
+    """The A/B card in miniature, booted by real U-Boot with image/rauc/boot.cmd; its slot state read
+    and written from "Linux" by image/rauc/fw_env (libubootenv's tools, as RAUC runs them)."""
 
     def __init__(self, work: Path, pristine: Path | None = None) -> None:
         """A new card in `work`: made here, or a copy of `pristine` (a card made before)."""
@@ -187,10 +198,21 @@ class Card:
         slot_a = BOOT_START + BOOT_SECTORS
         slot_b = slot_a + SLOT_SECTORS
         data = slot_b + SLOT_SECTORS
-        self.boot_offset = BOOT_START * SECTOR
-        self.fw_config = work / "fw_env.config"
-        self.env_copy = work / "lastmile-ab.env"
-        self.fw_config.write_text(f"{self.env_copy} 0x0000 {ENV_SIZE:#x}\n")
+        # fw_env as the image installs it (under both names), on this card: the boot partition's
+        # mount holds no lastmile-ab.env (a card made with the state before p1)
+        self.tools = work / "sbin"
+        self.tools.mkdir(exist_ok=True)
+        for name in ("fw_printenv", "fw_setenv"):
+            (self.tools / name).unlink(missing_ok=True)
+            (self.tools / name).symlink_to(FW_ENV)
+        self.boot_dir = work / "boot-firmware"
+        self.boot_dir.mkdir(exist_ok=True)
+        self.fw_env = {
+            **os.environ,
+            "LASTMILE_BOOT_DIR": str(self.boot_dir),
+            "LASTMILE_FW_ENV_DISK": str(self.path),
+            "LASTMILE_FW_ENV_CONFIG": str(work / "fw_env.config"),
+        }
         if pristine is not None:
             run("cp", "--sparse=always", pristine, self.path)
             return
@@ -223,6 +245,14 @@ class Card:
             fs = work / f"slot-{name}.ext4"
             run("mkfs.ext4", "-q", "-d", tree, "-L", "LM-ROOT", fs, f"{SLOT_SECTORS // 2}K")
             self.write(fs, start)
+        # the slot state as image/build.sh writes it: both copies, A first, 3 tries each (mkenvimage -r)
+        state = work / "ab.env"
+        subprocess.run(
+            ["mkenvimage", "-r", "-s", hex(ENV_SIZE), "-o", str(state), "-"],
+            input=b"BOOT_ORDER=A B\nBOOT_A_LEFT=3\nBOOT_B_LEFT=3\n", check=True,
+        )  # fmt: skip
+        for copy in (0, 1):
+            self.put_copy(copy, state.read_bytes())
 
     def write(self, part: Path, start: int) -> None:
         run("dd", f"if={part}", f"of={self.path}", "bs=512", f"seek={start}", "conv=notrunc", "status=none")
@@ -249,22 +279,50 @@ class Card:
         keys = ("slot", "part", "left", "order", "root")
         return dict(zip(keys, chosen.groups(), strict=True))
 
+    def fw(self, tool: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        """image/rauc/fw_env under the name `tool`, on this card."""
+        return subprocess.run(
+            [str(self.tools / tool), *args],
+            env=self.fw_env, input=stdin, capture_output=True, text=True, check=True, timeout=60,
+        )  # fmt: skip
+
     def env(self) -> dict[str, str]:
-        """lastmile-ab.env as the gateway's fw_printenv reads it (what RAUC's uboot backend sees)."""
-        run("mcopy", "-o", "-n", "-i", f"{self.path}@@{self.boot_offset}", "::/lastmile-ab.env", self.env_copy)
-        printed = run("fw_printenv", "-c", self.fw_config).stdout
-        return dict(line.split("=", 1) for line in printed.splitlines())
+        """The slot state as the gateway's fw_printenv reads it (what RAUC's uboot backend sees)."""
+        return dict(line.split("=", 1) for line in self.fw("fw_printenv").stdout.splitlines())
 
     def setenv(self, **values: str) -> None:
-        """What RAUC's uboot backend does from Linux (mark-active, mark-good, mark-bad)."""
-        self.env()  # the current file
-        for name, value in values.items():
-            run("fw_setenv", "-c", self.fw_config, name, value)
-        run("mcopy", "-o", "-i", f"{self.path}@@{self.boot_offset}", self.env_copy, "::/lastmile-ab.env")
+        """What RAUC's uboot backend does from Linux (mark-active, mark-good, mark-bad): one write
+        (libubootenv 0.3's --script takes name=value lines)."""
+        self.fw("fw_setenv", "--script", "-", stdin="".join(f"{name}={value}\n" for name, value in values.items()))
 
-    def put_env_file(self, data: bytes) -> None:
-        self.env_copy.write_bytes(data)
-        run("mcopy", "-o", "-i", f"{self.path}@@{self.boot_offset}", self.env_copy, "::/lastmile-ab.env")
+    def copies(self) -> list[tuple[bool, int, dict[str, str]]]:
+        """Both raw copies as they are on the card: (CRC holds, flag, variables)."""
+        found = []
+        with self.path.open("rb") as card:
+            for sector in STATE_SECTORS:
+                card.seek(sector * SECTOR)
+                raw = card.read(ENV_SIZE)
+                data = raw[5:]
+                whole = int.from_bytes(raw[:4], "little") == zlib.crc32(data)
+                pairs = [item.split(b"=", 1) for item in data.split(b"\0") if b"=" in item]
+                found.append((whole, raw[4], {k.decode(): v.decode() for k, v in pairs} if whole else {}))
+        return found
+
+    def put_copy(self, copy: int, raw: bytes) -> None:
+        with self.path.open("r+b") as card:
+            card.seek(STATE_SECTORS[copy] * SECTOR)
+            card.write(raw)
+
+    def tear(self, copy: int) -> None:
+        """What a power cut during the write of `copy` leaves: its first sector new, the rest not."""
+        with self.path.open("r+b") as card:
+            card.seek(STATE_SECTORS[copy] * SECTOR + SECTOR)
+            card.write(os.urandom(SECTOR))
+
+    def newer(self) -> int:
+        """Which copy the last write went to (its flag is the other's + 1)."""
+        (_, flag0, _), (_, flag1, _) = self.copies()
+        return 1 if (flag1 - flag0) % 256 == 1 else 0
 
 
 @pytest.fixture(scope="module")
@@ -305,14 +363,94 @@ def test_an_installed_slot_boots_next_and_rolls_back_when_it_is_never_marked_goo
     assert card.env()["BOOT_B_LEFT"] == "0"
 
 
-def test_a_torn_slot_state_file_gives_the_defaults(card: Card) -> None:
-    card.boot()
+def test_each_write_goes_to_the_older_copy_and_both_sides_agree_which_is_newer(card: Card) -> None:
+    assert [c[:2] for c in card.copies()] == [(True, 1), (True, 1)]  # as build.sh writes them
+    writes = []
+    for step in range(3):
+        card.boot()  # U-Boot takes a try
+        writes.append(("u-boot", card.newer(), card.copies()[card.newer()][1]))
+        card.setenv(BOOT_A_LEFT="3")  # mark-good from Linux
+        writes.append(("linux", card.newer(), card.copies()[card.newer()][1]))
+        assert card.env() == {"BOOT_ORDER": "A B", "BOOT_A_LEFT": "3", "BOOT_B_LEFT": "3"}, step
+    # alternating copies, each write's flag the last one's + 1: the other copy is always whole
+    assert writes == [
+        ("u-boot", 1, 2), ("linux", 0, 3), ("u-boot", 1, 4), ("linux", 0, 5), ("u-boot", 1, 6), ("linux", 0, 7),
+    ]  # fmt: skip
+    assert all(whole for whole, _, _ in card.copies())
+
+
+def test_a_power_cut_during_a_write_leaves_the_state_from_before_it(card: Card) -> None:
+    """After a rollback (A's update was bad: no tries left, B first) a torn write must not make A boot:
+    with one file on the FAT a torn write gave the defaults, "A B", 3 tries each: the bad slot, thrice."""
+    card.setenv(BOOT_ORDER="B A", BOOT_A_LEFT="0", BOOT_B_LEFT="3")
+    assert (card.boot()["slot"], card.env()["BOOT_B_LEFT"]) == ("B", "2")
+    card.tear(card.newer())  # the power went while U-Boot wrote that try
+    assert card.env() == {"BOOT_ORDER": "B A", "BOOT_A_LEFT": "0", "BOOT_B_LEFT": "3"}  # Linux reads the other
+    assert card.boot()["slot"] == "B"  # and so does U-Boot: B again, not the bad A
+    card.setenv(BOOT_B_LEFT="3")  # mark-good...
+    card.tear(card.newer())  # ...cut while fw_setenv wrote it: the try taken before it stays taken
+    assert card.env() == {"BOOT_ORDER": "B A", "BOOT_A_LEFT": "0", "BOOT_B_LEFT": "2"}
+    assert (card.boot()["slot"], card.boot()["slot"]) == ("B", "B")
+    assert card.env()["BOOT_A_LEFT"] == "0"
+
+
+def test_with_neither_copy_whole_the_defaults(card: Card) -> None:
     card.setenv(BOOT_ORDER="B A", BOOT_B_LEFT="3")
-    state = bytearray((card.work / "lastmile-ab.env").read_bytes())
-    state[10] ^= 0xFF  # a power cut while it was written: its CRC no longer matches
-    card.put_env_file(bytes(state))
-    assert card.boot()["slot"] == "A"  # "A B", 3 tries each: the slot the card was made with
+    card.tear(0)
+    card.tear(1)
+    text = card.power_on()
+    assert "LMBOOT no whole slot state" in text, text[-3000:]
+    assert re.search(r"^LMBOOT slot=A part=2 left=2 ", text, re.M), text[-3000:]
+    # U-Boot wrote one whole copy again, which is what Linux reads
     assert card.env() == {"BOOT_ORDER": "A B", "BOOT_A_LEFT": "2", "BOOT_B_LEFT": "3"}
+    assert sorted(whole for whole, _, _ in card.copies()) == [False, True]
+
+
+@pytest.mark.parametrize(
+    ("flags", "newer"),
+    [((0xFF, 0x00), 1), ((0x00, 0xFF), 0), ((7, 8), 1), ((9, 8), 0)],
+    ids=["copy-1-wrapped", "copy-0-wrapped", "copy-1-greater", "copy-0-greater"],
+)
+def test_the_flag_after_0xff_is_0_for_u_boot_and_libubootenv_alike(
+    card: Card, flags: tuple[int, int], newer: int
+) -> None:
+    states = [{"BOOT_ORDER": "A B", "BOOT_A_LEFT": "3", "BOOT_B_LEFT": "3"} for _ in (0, 1)]
+    states[newer] = {"BOOT_ORDER": "B A", "BOOT_A_LEFT": "3", "BOOT_B_LEFT": "3"}
+    for copy in (0, 1):
+        card.put_copy(copy, state_copy(states[copy], flags[copy]))
+    assert card.env()["BOOT_ORDER"] == "B A"  # libubootenv
+    assert card.boot()["slot"] == "B"  # U-Boot
+    assert card.copies()[1 - newer][:2] == (True, (flags[newer] + 1) % 256)  # written over the older
+
+
+def test_a_card_made_before_keeps_its_slot_state_file(tmp_path: Path) -> None:
+    """A bundle never rewrites p1: a card made when the state was lastmile-ab.env on the FAT keeps that
+    boot.scr, so fw_env, updated with the root, must go on writing the file and leave the disk alone."""
+    require_tool("mkenvimage")
+    card = Card.__new__(Card)  # only fw_env: no card to boot
+    disk = tmp_path / "card.img"
+    disk.write_bytes(bytes(0x100000))
+    card.tools, card.path, card.boot_dir = tmp_path / "sbin", disk, tmp_path / "boot-firmware"
+    card.tools.mkdir()
+    card.boot_dir.mkdir()
+    for name in ("fw_printenv", "fw_setenv"):
+        (card.tools / name).symlink_to(FW_ENV)
+    card.fw_env = {
+        **os.environ,
+        "LASTMILE_BOOT_DIR": str(card.boot_dir),
+        "LASTMILE_FW_ENV_DISK": str(disk),
+        "LASTMILE_FW_ENV_CONFIG": str(tmp_path / "fw_env.config"),
+    }
+    old_file = card.boot_dir / "lastmile-ab.env"
+    subprocess.run(
+        ["mkenvimage", "-s", hex(ENV_SIZE), "-o", str(old_file), "-"],
+        input=b"BOOT_ORDER=A B\nBOOT_A_LEFT=3\nBOOT_B_LEFT=3\n", check=True,
+    )  # fmt: skip
+    card.setenv(BOOT_ORDER="B A", BOOT_B_LEFT="3")
+    assert card.env() == {"BOOT_ORDER": "B A", "BOOT_A_LEFT": "3", "BOOT_B_LEFT": "3"}
+    data = old_file.read_bytes()
+    assert len(data) == ENV_SIZE and b"BOOT_ORDER=B A\0" in data  # the file boot.scr reads, same size
+    assert disk.read_bytes() == bytes(0x100000)  # nothing written before p1
 
 
 def test_with_no_tries_left_anywhere_both_slots_get_their_tries_back(card: Card) -> None:

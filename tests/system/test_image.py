@@ -16,11 +16,12 @@ import json
 import os
 import shutil
 import subprocess
+import zlib
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import missing, require_tool
+from tests.conftest import REPO, missing, require_tool
 
 pytestmark = pytest.mark.slow
 
@@ -87,13 +88,15 @@ def test_data_filesystem_is_made_to_be_grown(partitions: dict[str, Path]) -> Non
     assert int(fields["Reserved GDT blocks"]) > 0  # online growth (x-systemd.growfs) needs them
 
 
-def test_boot_partition_boots_a_read_only_root(partitions: dict[str, Path], tmp_path: Path) -> None:
+def test_boot_partition_boots_a_read_only_root(image: Path, partitions: dict[str, Path], tmp_path: Path) -> None:
     require_tool("mcopy")
     listing = subprocess.run(
         ["mdir", "-b", "-i", str(partitions["boot"]), "::/"], check=True, capture_output=True, text=True
     ).stdout
-    for name in ("config.txt", "cmdline.txt", "lastmile", "u-boot.bin", "boot.scr", "lastmile-ab.env"):
+    for name in ("config.txt", "cmdline.txt", "lastmile", "u-boot.bin", "boot.scr"):
         assert f"::/{name}" in listing, listing
+    # the slot state is not a file on the FAT (that is how fw_env tells a card made before it)
+    assert "lastmile-ab.env" not in listing, listing
     assert any("bcm2711-rpi-4-b.dtb" in ln for ln in listing.splitlines()), "no Pi 4 device tree"
     assert any("bcm2837-rpi-3-b" in ln for ln in listing.splitlines()), "no Pi 3 device tree"
     subprocess.run(
@@ -104,8 +107,13 @@ def test_boot_partition_boots_a_read_only_root(partitions: dict[str, Path], tmp_
     subprocess.run(["mcopy", "-i", str(partitions["boot"]), "::/config.txt", str(tmp_path / "config.txt")], check=True)
     config = (tmp_path / "config.txt").read_text().splitlines()
     assert "kernel=u-boot.bin" in config and not [ln for ln in config if ln.startswith("initramfs ")]
-    subprocess.run(["mcopy", "-i", str(partitions["boot"]), "::/lastmile-ab.env", str(tmp_path / "ab.env")], check=True)
-    (tmp_path / "fw_env.config").write_text(f"{tmp_path / 'ab.env'} 0x0000 0x4000\n")
+    # the slot state: both raw copies before p1 (image/rauc/boot.cmd), each whole, as libubootenv reads them
+    (tmp_path / "fw_env.config").write_text(f"{image} 0x80000 0x4000\n{image} 0xC0000 0x4000\n")
+    with image.open("rb") as card:
+        for sector in (0x400, 0x600):
+            card.seek(sector * 512)
+            copy = card.read(0x4000)
+            assert int.from_bytes(copy[:4], "little") == zlib.crc32(copy[5:]) and copy[4] == 1, sector
     state = subprocess.run(
         ["fw_printenv", "-c", str(tmp_path / "fw_env.config")], check=True, capture_output=True, text=True
     ).stdout.splitlines()
@@ -116,8 +124,10 @@ def test_root_slot_has_rauc_and_boots_its_own_kernel(partitions: dict[str, Path]
     root = partitions["root"]
     assert "bootloader=uboot" in debugfs(root, "cat /etc/rauc/system.conf")
     assert "BEGIN CERTIFICATE" in debugfs(root, "cat /etc/rauc/county-ca.pem")
-    assert "/boot/firmware/lastmile-ab.env" in debugfs(root, "cat /etc/fw_env.config")
-    assert "remount,rw" in debugfs(root, "cat /usr/local/sbin/fw_setenv")
+    # RAUC's fw_printenv/fw_setenv: image/rauc/fw_env under both names, ahead of libubootenv's in PATH
+    assert debugfs(root, "cat /usr/local/sbin/fw_setenv") == (REPO / "image" / "rauc" / "fw_env").read_text()
+    assert "fw_setenv" in debugfs(root, "stat /usr/local/sbin/fw_printenv")  # the symlink's target
+    assert "/run/lastmile-fw_env.config" in debugfs(root, "stat /etc/fw_env.config")
     assert "lastmile-mark-good.service" in debugfs(root, "ls -l /etc/systemd/system/multi-user.target.wants")
     assert "lastmile-update.timer" in debugfs(root, "ls -l /etc/systemd/system/timers.target.wants")
     # boot.cmd loads /vmlinuz and /initrd.img from the slot: an update brings its own kernel
