@@ -382,9 +382,10 @@ PART
 dd if="$WORK/boot.vfat" of="$OUT" bs=1M seek=$(( START / 2048 )) conv=notrunc status=none
 dd if="$WORK/root.ext4" of="$OUT" bs=1M seek=$(( SLOT_A / 2048 )) conv=notrunc,sparse status=none
 dd if="$WORK/data.ext4" of="$OUT" bs=1M seek=$(( DATA_START / 2048 )) conv=notrunc status=none
-# The slot state (image/rauc/boot.cmd, image/rauc/fw_env): slot A first, full tries each, in both raw
-# copies before p1 (sectors 0x400 and 0x600), U-Boot's redundant format (mkenvimage -r: flag 1).
-printf 'BOOT_ORDER=A B\nBOOT_A_LEFT=3\nBOOT_B_LEFT=3\n' | mkenvimage -r -s 0x4000 -o "$WORK/ab.env" -
+# The slot state (image/rauc/boot.cmd, image/rauc/fw_env) in both raw copies before p1 (sectors 0x400
+# and 0x600), U-Boot's redundant format (mkenvimage -r: flag 1): slot A first with a proven slot's
+# tries (rauc/system.conf boot-attempts: this root is the one the tests booted), none for the empty B.
+printf 'BOOT_ORDER=A B\nBOOT_A_LEFT=9\nBOOT_B_LEFT=0\n' | mkenvimage -r -s 0x4000 -o "$WORK/ab.env" -
 for sector in $(( 0x400 )) $(( 0x600 )); do
   dd if="$WORK/ab.env" of="$OUT" bs=512 seek=$sector conv=notrunc status=none
 done

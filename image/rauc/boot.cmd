@@ -11,7 +11,8 @@
 # before the kernel runs; a Linux that comes up healthy gives the tries back (`rauc status
 # mark-good`, lastmile-mark-good.service). A new slot that never gets there (panic, hang ->
 # watchdog, emergency mode -> reboot) uses up its tries and the next boot takes the other slot:
-# the rollback.
+# the rollback. An install gives 3 tries, mark-good 9 (rauc/system.conf: a proven slot is not sent
+# back by a few power cuts); setexpr counts in hex, so never more than 9.
 #
 # Where the state lives: two copies in raw sectors of the 1 MiB before p1 (copy 0 at sector 0x400,
 # copy 1 at 0x600, 16 KiB each), in U-Boot's redundant-environment format (CRC32 of the data, a flag

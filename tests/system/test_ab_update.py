@@ -36,6 +36,11 @@ DISK_ID = "4c4d4731"
 ENV_SIZE = 0x4000
 STATE_SECTORS = (0x400, 0x600)  # boot.cmd's lm_ab_blk0/1: the two copies of the slot state
 FW_ENV = RAUC_DIR / "fw_env"
+SYSTEM_CONF_TEXT = (RAUC_DIR / "system.conf").read_text()
+# the tries RAUC gives a slot at install (mark-active) and at mark-good, as the image configures it
+INSTALL_TRIES = re.search(r"^boot-attempts-primary=(\d)$", SYSTEM_CONF_TEXT, re.M).group(1)  # type: ignore[union-attr]
+GOOD_TRIES = re.search(r"^boot-attempts=(\d)$", SYSTEM_CONF_TEXT, re.M).group(1)  # type: ignore[union-attr]
+NEW_CARD = b"BOOT_ORDER=A B\nBOOT_A_LEFT=9\nBOOT_B_LEFT=0\n"  # image/build.sh's: B is empty
 
 
 def run(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -249,7 +254,7 @@ class Card:
         state = work / "ab.env"
         subprocess.run(
             ["mkenvimage", "-r", "-s", hex(ENV_SIZE), "-o", str(state), "-"],
-            input=b"BOOT_ORDER=A B\nBOOT_A_LEFT=3\nBOOT_B_LEFT=3\n", check=True,
+            input=NEW_CARD, check=True,
         )  # fmt: skip
         for copy in (0, 1):
             self.put_copy(copy, state.read_bytes())
@@ -335,32 +340,44 @@ def card(tmp_path: Path, pristine_card: Path) -> Card:
     return Card(tmp_path, pristine_card)
 
 
-def test_a_new_card_boots_slot_a_and_a_slot_that_never_comes_up_falls_back_to_the_other(card: Card) -> None:
-    chosen = [card.boot() for _ in range(4)]
-    assert [(c["slot"], c["left"]) for c in chosen] == [("A", "2"), ("A", "1"), ("A", "0"), ("B", "2")]
+def test_a_new_card_boots_slot_a_and_never_tries_the_empty_slot_b(card: Card) -> None:
+    chosen = [card.boot() for _ in range(2)]
+    assert [(c["slot"], c["left"]) for c in chosen] == [("A", "8"), ("A", "7")]
     # the root is named by the slot's partition (same on the Pi's mmcblk0 and qemu's vda), not by label
-    assert [c["root"] for c in chosen] == [f"PARTUUID={DISK_ID}-02"] * 3 + [f"PARTUUID={DISK_ID}-03"]
-    # the try is saved before the kernel runs, in the file fw_printenv reads on the gateway
-    assert card.env() == {"BOOT_ORDER": "A B", "BOOT_A_LEFT": "0", "BOOT_B_LEFT": "2"}
+    assert [c["root"] for c in chosen] == [f"PARTUUID={DISK_ID}-02"] * 2
+    # the try is saved before the kernel runs, where fw_printenv reads it on the gateway
+    assert card.env() == {"BOOT_ORDER": "A B", "BOOT_A_LEFT": "7", "BOOT_B_LEFT": "0"}
 
 
 def test_an_installed_slot_boots_next_and_rolls_back_when_it_is_never_marked_good(card: Card) -> None:
     assert card.boot()["slot"] == "A"
-    card.setenv(BOOT_A_LEFT="3")  # mark-good: A came up healthy
+    card.setenv(BOOT_A_LEFT=GOOD_TRIES)  # mark-good: A came up healthy
     # rauc install wrote slot B and marked it active: B first, with boot-attempts-primary tries
-    card.setenv(BOOT_ORDER="B A", BOOT_B_LEFT="3")
+    card.setenv(BOOT_ORDER="B A", BOOT_B_LEFT=INSTALL_TRIES)
     tries = [card.boot() for _ in range(4)]
     # B never gets marked good (its kernel never starts): three tries, then A again, A's tries intact
     assert [(c["slot"], c["left"], c["order"]) for c in tries] == [
         ("B", "2", "B A"),
         ("B", "1", "B A"),
         ("B", "0", "B A"),
-        ("A", "2", "B A"),
+        ("A", "8", "B A"),
     ]
     # mark-good on the fallback restores its tries; B stays out of the way until the next install
-    card.setenv(BOOT_A_LEFT="3")
+    card.setenv(BOOT_A_LEFT=GOOD_TRIES)
     assert card.boot()["slot"] == "A"
     assert card.env()["BOOT_B_LEFT"] == "0"
+
+
+def test_power_cuts_before_mark_good_do_not_send_a_proven_slot_back(card: Card) -> None:
+    """A flickering supply after an update: once B came up healthy (mark-good), boots that end before
+    it does again (cut in their first minutes) count down from boot-attempts, not from 3."""
+    card.setenv(BOOT_ORDER="B A", BOOT_B_LEFT=INSTALL_TRIES)  # installed
+    assert card.boot()["slot"] == "B"
+    card.setenv(BOOT_B_LEFT=GOOD_TRIES)  # marked good on its first boot
+    cut = [card.boot() for _ in range(int(GOOD_TRIES))]  # then never again: every boot cut early
+    assert [(c["slot"], c["left"]) for c in cut] == [("B", str(n)) for n in range(int(GOOD_TRIES) - 1, -1, -1)]
+    assert int(GOOD_TRIES) >= 3 * int(INSTALL_TRIES)  # what a slot has once proven, against a new one's
+    assert card.boot()["slot"] == "A"  # nine in a row: the other slot, as for a slot gone bad
 
 
 def test_each_write_goes_to_the_older_copy_and_both_sides_agree_which_is_newer(card: Card) -> None:
@@ -369,9 +386,9 @@ def test_each_write_goes_to_the_older_copy_and_both_sides_agree_which_is_newer(c
     for step in range(3):
         card.boot()  # U-Boot takes a try
         writes.append(("u-boot", card.newer(), card.copies()[card.newer()][1]))
-        card.setenv(BOOT_A_LEFT="3")  # mark-good from Linux
+        card.setenv(BOOT_A_LEFT=GOOD_TRIES)  # mark-good from Linux
         writes.append(("linux", card.newer(), card.copies()[card.newer()][1]))
-        assert card.env() == {"BOOT_ORDER": "A B", "BOOT_A_LEFT": "3", "BOOT_B_LEFT": "3"}, step
+        assert card.env() == {"BOOT_ORDER": "A B", "BOOT_A_LEFT": GOOD_TRIES, "BOOT_B_LEFT": "0"}, step
     # alternating copies, each write's flag the last one's + 1: the other copy is always whole
     assert writes == [
         ("u-boot", 1, 2), ("linux", 0, 3), ("u-boot", 1, 4), ("linux", 0, 5), ("u-boot", 1, 6), ("linux", 0, 7),
@@ -387,7 +404,7 @@ def test_a_power_cut_during_a_write_leaves_the_state_from_before_it(card: Card) 
     card.tear(card.newer())  # the power went while U-Boot wrote that try
     assert card.env() == {"BOOT_ORDER": "B A", "BOOT_A_LEFT": "0", "BOOT_B_LEFT": "3"}  # Linux reads the other
     assert card.boot()["slot"] == "B"  # and so does U-Boot: B again, not the bad A
-    card.setenv(BOOT_B_LEFT="3")  # mark-good...
+    card.setenv(BOOT_B_LEFT=GOOD_TRIES)  # mark-good...
     card.tear(card.newer())  # ...cut while fw_setenv wrote it: the try taken before it stays taken
     assert card.env() == {"BOOT_ORDER": "B A", "BOOT_A_LEFT": "0", "BOOT_B_LEFT": "2"}
     assert (card.boot()["slot"], card.boot()["slot"]) == ("B", "B")

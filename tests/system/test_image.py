@@ -117,7 +117,7 @@ def test_boot_partition_boots_a_read_only_root(image: Path, partitions: dict[str
     state = subprocess.run(
         ["fw_printenv", "-c", str(tmp_path / "fw_env.config")], check=True, capture_output=True, text=True
     ).stdout.splitlines()
-    assert sorted(state) == ["BOOT_A_LEFT=3", "BOOT_B_LEFT=3", "BOOT_ORDER=A B"]
+    assert sorted(state) == ["BOOT_A_LEFT=9", "BOOT_B_LEFT=0", "BOOT_ORDER=A B"]  # slot B is empty
 
 
 def test_root_slot_has_rauc_and_boots_its_own_kernel(partitions: dict[str, Path]) -> None:
