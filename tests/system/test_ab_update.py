@@ -193,7 +193,16 @@ class Card:
 
     def __init__(self, work: Path, pristine: Path | None = None) -> None:
         """A new card in `work`: made here, or a copy of `pristine` (a card made before)."""
-        for tool in ("qemu-system-aarch64", "mkimage", "mkfs.vfat", "mcopy", "mkfs.ext4", "sfdisk", "fw_printenv"):
+        for tool in (
+            "qemu-system-aarch64",
+            "mkimage",
+            "mkenvimage",
+            "mkfs.vfat",
+            "mcopy",
+            "mkfs.ext4",
+            "sfdisk",
+            "fw_printenv",
+        ):
             require_tool(tool)
         if not UBOOT_QEMU.exists():
             missing(f"{UBOOT_QEMU} is absent (apt-get install u-boot-qemu; scripts/setup.sh --test installs it)")
