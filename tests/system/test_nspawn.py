@@ -11,7 +11,12 @@ caches; installs the units, sysusers and udev files as the image does; boots it 
 - both services reach READY (Type=notify: active/running) as user lastmile;
 - a forward service frozen with SIGSTOP is killed by the watchdog and restarted;
 - after `systemctl restart` of both services nothing in the outbox is lost: every item reaches a
-  DICOM storage SCP (pynetdicom, inside the container, standing in for the reading center).
+  DICOM storage SCP (pynetdicom, inside the container, standing in for the reading center);
+- lastmile-mark-good (image/rauc/, the A/B image's) against these real units: a configuration they
+  refuse (exit 78) marks a proven slot good and fails a slot on trial at once; a service that
+  fails otherwise is no refused configuration. RAUC and the slot state are stand-ins here (no
+  RAUC in the container: `rauc` records its arguments, `fw_printenv` prints the tries given);
+  the whole-image test (test_ab_boot_update.py) runs the real ones.
 """
 
 from __future__ import annotations
@@ -59,6 +64,22 @@ SERVICES = ("lastmile-acquire.service", "lastmile-ble.service", "lastmile-forwar
 
 # Short watchdog for the test: the SIGSTOP case would otherwise take WatchdogSec=60.
 FORWARD_DROPIN = "[Service]\nWatchdogSec=4\nRestartSec=1\nTimeoutAbortSec=3\n"
+
+# lastmile-mark-good in a container: no reboot on failure (FailureAction), the slot from a file
+# (the container's kernel command line is the host's), stand-ins for rauc and fw_printenv first in
+# PATH, a short deadline for the unhealthy case, and RemainAfterExit so that its end state stays to be
+# read (an inactive unit nothing refers to is unloaded, its result with it).
+MARK_GOOD_DEADLINE_S = 20
+MARK_GOOD_DROPIN = f"""\
+[Unit]
+ConditionKernelCommandLine=
+FailureAction=none
+[Service]
+Environment=LASTMILE_CMDLINE=/etc/test-cmdline LASTMILE_GOOD_WITHIN_S={MARK_GOOD_DEADLINE_S}
+Environment=PATH=/usr/local/lib/test-bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+RemainAfterExit=yes
+"""
+REFUSED_CONFIG = CONFIG + "[outbox\n"  # a TOML syntax error: every service exits 78
 
 # The reading center stand-in: a storage SCP that notes every SOP Instance UID it keeps.
 SCP = (
@@ -182,6 +203,17 @@ def install_lastmile(c: Container) -> None:
     c.write("/usr/local/lib/enqueue.py", ENQUEUE)
     c.write("/usr/local/lib/state.py", STATE)
     shutil.copy(shared_file("ecg", "scp", "ecgtoolkit_Example.scp"), c.root / "usr/local/lib/example.scp")
+    # lastmile-mark-good as the A/B image installs it (not enabled: the tests start it), with RAUC's
+    # system.conf (it reads boot-attempts-primary there); the rest is the test's (MARK_GOOD_DROPIN).
+    shutil.copy(REPO / "image/rauc/lastmile-mark-good", c.root / "usr/local/sbin/lastmile-mark-good")
+    shutil.copy(REPO / "image/rauc/lastmile-mark-good.service", c.root / "etc/systemd/system")
+    c.write("/etc/rauc/system.conf", (REPO / "image/rauc/system.conf").read_text())
+    c.write("/etc/systemd/system/lastmile-mark-good.service.d/test.conf", MARK_GOOD_DROPIN)
+    c.write("/etc/test-cmdline", "console=ttyAMA0 root=PARTUUID=4c4d4731-02 rauc.slot=A ro\n")
+    c.write("/usr/local/lib/test-bin/rauc", '#!/bin/sh\necho "$*" >> /var/lib/test-rauc.log\n', mode=0o755)
+    c.write(
+        "/usr/local/lib/test-bin/fw_printenv", '#!/bin/sh\n[ "$1" = -n ] && shift\ncat "/etc/test-env/$1"\n', mode=0o755
+    )
 
 
 def active_running(c: Container, unit: str) -> dict[str, str] | None:
@@ -317,3 +349,117 @@ def test_nothing_in_the_outbox_is_lost_across_restarts(container: Container) -> 
     assert got == uids  # every item arrived; nothing unknown arrived
     state = outbox_state(c)
     assert "quarantined" not in state["states"], state["states"]
+
+
+# -- lastmile-mark-good against the real units ----------------------------------------------------
+
+
+MARK_GOOD_PROPS = (
+    "ActiveState",
+    "SubState",
+    "Result",
+    "ExecMainStatus",
+    "InvocationID",
+    "ExecMainStartTimestampMonotonic",
+)
+
+
+def run_mark_good(c: Container, left: str) -> tuple[dict[str, str], str, float]:
+    """Start lastmile-mark-good with BOOT_A_LEFT = `left` (as U-Boot left it this boot); its end state,
+    its journal and how long it ran."""
+    c.write("/etc/test-env/BOOT_A_LEFT", left + "\n")
+    c.exec("rm", "-f", "/var/lib/test-rauc.log")
+    c.exec("systemctl", "stop", "lastmile-mark-good.service")
+    c.exec("systemctl", "reset-failed", "lastmile-mark-good.service", check=False)
+    t = time.monotonic()
+    # Its Wants= start the recording services again (as at boot): a refused configuration fails them
+    # again. Type=exec: `start` returns once the script runs (its After= services settled first).
+    c.exec("systemctl", "start", "lastmile-mark-good.service", timeout=120)
+    props = c.wait_for(
+        "lastmile-mark-good to end",
+        lambda: (
+            (p := c.show("lastmile-mark-good.service", *MARK_GOOD_PROPS))
+            and (p["ActiveState"], p["SubState"]) in (("active", "exited"), ("failed", "failed"))
+            and p
+        ),
+        timeout=MARK_GOOD_DEADLINE_S + 90,
+        interval=0.5,
+    )
+    took = time.monotonic() - t
+    journal = c.exec("journalctl", f"_SYSTEMD_INVOCATION_ID={props['InvocationID']}", "-o", "cat", "--no-pager").stdout
+    return props, journal, took
+
+
+def rauc_calls(c: Container) -> list[str]:
+    return c.exec("cat", "/var/lib/test-rauc.log", check=False).stdout.splitlines()
+
+
+def refused(c: Container, unit: str) -> dict[str, str] | None:
+    props = c.show(unit, "ActiveState", "ExecMainStatus", "NRestarts")
+    return props if (props["ActiveState"], props["ExecMainStatus"]) == ("failed", "78") else None
+
+
+@pytest.fixture
+def refused_configuration(container: Container) -> Iterator[Container]:
+    """The clinic's lastmile.toml refused by every recording service (exit 78, not restarted); the good
+    one back afterwards."""
+    c = container
+    c.write("/etc/lastmile/lastmile.toml", REFUSED_CONFIG)
+    try:
+        c.exec("systemctl", "restart", *SERVICES, check=False)
+        for unit in SERVICES:
+            c.wait_for(f"{unit} to refuse the configuration", lambda unit=unit: refused(c, unit))
+        yield c
+    finally:
+        c.write("/etc/lastmile/lastmile.toml", CONFIG)
+        c.exec("systemctl", "reset-failed", *SERVICES, "lastmile-mark-good.service", check=False)
+        c.exec("systemctl", "restart", *SERVICES)
+        for unit in SERVICES:
+            c.wait_for(f"{unit} back", lambda unit=unit: active_running(c, unit))
+
+
+@pytest.mark.parametrize("left", ["8", "3"])  # a proven slot's 9 less this boot; 3: six cut boots later
+def test_a_refused_configuration_marks_a_proven_slot_good(refused_configuration: Container, left: str) -> None:
+    c = refused_configuration
+    props, journal, took = run_mark_good(c, left)
+    # marked good at once, no reboot: no slot fixes lastmile.toml, the console shows the error
+    assert (props["Result"], props["ExecMainStatus"]) == ("success", "0"), (props, journal)
+    assert rauc_calls(c) == ["status mark-good booted"]
+    assert took < MARK_GOOD_DEADLINE_S, took
+    assert "the configuration is refused (exit 78: " in journal and "is proven" in journal, journal
+    for unit in SERVICES:  # the services' own state is what the script judged
+        assert refused(c, unit), unit
+
+
+@pytest.mark.parametrize("left", ["2", "0"])  # an install's 3 less this boot; its last try
+def test_a_refused_configuration_fails_a_slot_on_trial_at_once(refused_configuration: Container, left: str) -> None:
+    c = refused_configuration
+    props, journal, took = run_mark_good(c, left)
+    # not marked good; the unit fails (FailureAction=reboot on the gateway): the release before took it
+    assert (props["Result"], props["ExecMainStatus"]) == ("exit-code", "1"), (props, journal)
+    assert rauc_calls(c) == []
+    assert took < MARK_GOOD_DEADLINE_S, took  # at once, not after the deadline
+    assert f"by slot A on trial (BOOT_A_LEFT={left})" in journal, journal
+
+
+def test_a_service_that_fails_otherwise_is_not_a_refused_configuration(container: Container) -> None:
+    """lastmile-ble failed with exit 1 (a bug; not restarted here, so it stays failed as a refused one
+    would) on a proven slot: the deadline runs out and the slot is not marked good."""
+    c = container
+    dropin = "/etc/systemd/system/lastmile-ble.service.d/zz-test-fails.conf"
+    c.write(dropin, "[Service]\nExecStart=\nExecStart=/bin/sh -c 'exit 1'\nRestart=no\n")
+    try:
+        c.exec("systemctl", "daemon-reload")
+        c.exec("systemctl", "restart", "lastmile-ble.service", check=False)
+        props, journal, took = run_mark_good(c, "8")
+        assert (props["Result"], props["ExecMainStatus"]) == ("exit-code", "1"), (props, journal)
+        assert rauc_calls(c) == []
+        assert took >= MARK_GOOD_DEADLINE_S, took
+        assert f"not healthy within {MARK_GOOD_DEADLINE_S} s" in journal, journal
+        assert "configuration is refused" not in journal, journal
+    finally:
+        c.exec("rm", "-f", dropin)
+        c.exec("systemctl", "daemon-reload")
+        c.exec("systemctl", "reset-failed", "lastmile-ble.service", "lastmile-mark-good.service", check=False)
+        c.exec("systemctl", "restart", "lastmile-ble.service")
+        c.wait_for("lastmile-ble back", lambda: active_running(c, "lastmile-ble.service"))
