@@ -742,7 +742,7 @@ class Doctor:
     def check_update(self) -> list[Finding]:
         """The last update round (lastmile-update.timer): a refused bundle, a full card or a failed
         install is a FAIL the county must act on; a link that is down is a WARN."""
-        from lastmile.services.update import UPDATE_HINTS, Outcome, Rauc, read_state, reboot_pending
+        from lastmile.services.update import UPDATE_HINTS, Outcome, Rauc, read_state, reboot_pending, rolled_back
 
         u = self.config.update
         if not u.enabled:
@@ -754,7 +754,20 @@ class Doctor:
             ]
         findings = []
         installed = str(state.installed.get("version", ""))
-        if installed and not reboot_pending(state):
+        record = rolled_back(state)
+        if record is not None:  # the round saw it (from the slots, so also back to a new card's A)
+            findings.append(
+                Finding(
+                    "update",
+                    Level.FAIL,
+                    f"version {installed} was installed into slot {state.installed.get('slot') or '?'} but did not "
+                    f"come up healthy: U-Boot went back to slot {record.get('booted_slot') or '?'} (version "
+                    f"{record.get('booted_version') or 'unknown'}); it is not installed again",
+                    "tell the county's release team; `journalctl -b -1 -u lastmile-mark-good` shows why (if that "
+                    "boot's journal was kept)",
+                )
+            )
+        elif installed and not reboot_pending(state):
             booted = Rauc(u.rauc_conf, u.keyring).booted_version()
             if booted is not None and booted != installed:
                 findings.append(

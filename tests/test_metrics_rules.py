@@ -31,7 +31,7 @@ def alert_names(text: str) -> list[str]:
 
 def test_rules_and_the_example_configuration_pass_promtool_check() -> None:
     rules = promtool("check", "rules", RULES.name)
-    assert rules.returncode == 0 and "SUCCESS: 14 rules found" in rules.stdout, rules.stdout + rules.stderr
+    assert rules.returncode == 0 and "SUCCESS: 15 rules found" in rules.stdout, rules.stdout + rules.stderr
     config = promtool("check", "config", "prometheus.yml")
     assert config.returncode == 0, config.stdout + config.stderr
 

@@ -734,6 +734,23 @@ def test_the_doctors_system_page_says_in_chinese_that_an_update_waits_for_a_quie
             json.dumps({"last_result": {"outcome": "refused", "message": "x", "at": 1.0}})
         )
         assert "上次更新失败：请告知县信息科" in client.get("/system").body
+        Path(updates_dir(config) / STATE_FILE).write_text(
+            json.dumps(
+                {
+                    "last_result": {"outcome": "up-to-date", "message": "x", "at": 1.0},
+                    "installed": {
+                        "version": "0.3.0",
+                        "slot": "B",
+                        "boot_id": "an-earlier-boot",
+                        "rolled_back": {"at": 2.0, "booted_slot": "A"},
+                    },
+                }
+            )
+        )
+        assert (
+            "新版本 0.3.0 未能正常启动，网关已自动退回原版本（检查数据不受影响）：请告知县信息科"
+            in client.get("/system").body
+        )
 
 
 def test_one_round_at_a_time(tmp_path: Path, bundles: dict[str, Path], tls: TlsMaterial) -> None:
@@ -773,9 +790,75 @@ def test_the_booted_slots_version_comes_from_rauc_and_a_rollback_is_named(
     assert rauc.booted_version() == "0.3.0"
     assert Updater(config).run().outcome is Outcome.UP_TO_DATE  # the stick's bundle is not installed again
     assert [f.level for f in Doctor(config).check_update()] == [Level.OK]
+    state = json.loads(state_file.read_text())
+    assert state["installed"]["slot"] == "B" and "rolled_back" not in state["installed"]  # it took
     # 0.2.0 written to A from B, then A booted while 0.3.0 is what the updater installed: a rollback
     rauc.install(plain_bundle(bundles["rootfs-county-0.2.0"], pki, "0.2.0", tmp_path / "old.raucb"))
     rauc_service.boot("A")
     assert rauc.booted_version() == "0.2.0"
     rolled_back = Doctor(config).check_update()[0]
     assert rolled_back.level is Level.FAIL and "runs 0.2.0" in rolled_back.message
+    # the next round records it (from the slots): what runs instead, by slot and version
+    Updater(config).run()
+    record = json.loads(state_file.read_text())["installed"]["rolled_back"]
+    assert (record["booted_slot"], record["booted_version"]) == ("A", "0.2.0")
+    finding = Doctor(config).check_update()[0]
+    assert finding.level is Level.FAIL and "back to slot A (version 0.2.0)" in finding.message, finding
+
+
+def _rebooted(config: Config) -> None:
+    """As after a reboot: the install happened in another boot."""
+    state_file = updates_dir(config) / STATE_FILE
+    state = json.loads(state_file.read_text())
+    state["installed"]["boot_id"] = "an-earlier-boot"
+    state_file.write_text(json.dumps(state))
+
+
+def test_a_rollback_to_a_new_cards_slot_is_recorded_and_shown_everywhere(
+    tmp_path: Path,
+    bundles: dict[str, Path],
+    tls: TlsMaterial,
+    rauc_service: RaucService,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The first update of a new card fails to come up and U-Boot boots A again: RAUC never wrote A,
+    so no version tells the rollback; the slots do. The doctor, the console and the county's metrics
+    say so; the bundle is not installed again."""
+    from lastmile.console.views import update_status
+    from lastmile.doctor import Doctor, Level
+    from lastmile.services.metrics import render_once
+
+    config = gateway(tmp_path, bundles, tls)
+    config.update.rauc_conf = str(rauc_service.conf)
+    stick = Path(config.usb_import.folders[0])
+    plain_bundle(bundles["rootfs-county-0.3.0"], bundles["county-pki"], "0.3.0", stick / "lastmile-update-0.3.0.raucb")
+    assert Updater(config, reboot=lambda: None).run(reboot=False).outcome is Outcome.INSTALLED
+    state = read_state(config.data_dir)
+    assert state is not None and state.installed["slot"] == "B"
+    assert update_status(config) == {"state": "ready", "version": "0.3.0"}
+    assert "lastmile_update_rolled_back 0.0" in render_once(config)
+    # B's three boots never got healthy (lastmile-mark-good); U-Boot boots the new card's A again
+    _rebooted(config)
+    rauc_service.boot("A")
+    result = Updater(config).run()
+    assert result.outcome is Outcome.UP_TO_DATE, result  # the stick's bundle is not installed again
+    state = read_state(config.data_dir)
+    assert state is not None
+    record = state.installed["rolled_back"]
+    assert (record["booted_slot"], record["booted_version"]) == ("A", ""), record
+    finding = Doctor(config).check_update()[0]
+    assert finding.level is Level.FAIL, finding
+    assert "version 0.3.0 was installed into slot B but did not come up healthy" in finding.message, finding
+    assert "back to slot A (version unknown)" in finding.message, finding
+    assert "lastmile_update_rolled_back 1.0" in render_once(config)
+    assert update_status(config) == {"state": "rolled-back", "version": "0.3.0"}
+    assert main(["--config", config.source, "update", "status"]) == 0
+    status = capsys.readouterr().out
+    assert (
+        "新版本未能正常启动" in status
+        and "rolled back: it did not come up healthy; slot A (version unknown) runs again" in status
+    ), status
+    # recorded once: later rounds leave it as it is
+    Updater(config).run()
+    again = read_state(config.data_dir)
+    assert again is not None and again.installed["rolled_back"] == record

@@ -79,7 +79,7 @@ def _status(args: argparse.Namespace) -> int:
 
     from lastmile.clock import clinic_time
     from lastmile.commands.common import config_from_args
-    from lastmile.services.update import OUTCOME_ZH, Outcome, read_state, reboot_pending
+    from lastmile.services.update import OUTCOME_ZH, Outcome, read_state, reboot_pending, rolled_back
 
     config = config_from_args(args)
     state = read_state(config.data_dir)
@@ -100,6 +100,13 @@ def _status(args: argparse.Namespace) -> int:
     if state.installed:
         waiting = " (waiting to reboot into it)" if reboot_pending(state) else ""
         print(f"installed: version {state.installed.get('version')}{waiting}")
+        record = rolled_back(state)
+        if record is not None:
+            print("  新版本未能正常启动，网关已自动退回原版本")
+            print(
+                f"  rolled back: it did not come up healthy; slot {record.get('booted_slot') or '?'} "
+                f"(version {record.get('booted_version') or 'unknown'}) runs again; not installed again"
+            )
     for sha, why in state.refused.items():
         print(f"refused: bundle {sha[:12]}: {why}")
     return 0

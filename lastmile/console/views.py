@@ -131,12 +131,15 @@ def system(data: ClinicData, now: dt.datetime, is_admin: bool) -> dict[str, Any]
 
 def update_status(config: Config) -> dict[str, str]:
     """The software update in a word the page translates: off, ready (a new slot waits for a quiet
-    moment), failed (the county must act), offline (waiting for the link), current."""
-    from lastmile.services.update import Outcome, read_state, reboot_pending
+    moment), rolled-back (the new version did not come up: the old one runs), failed (the county
+    must act), offline (waiting for the link), current."""
+    from lastmile.services.update import Outcome, read_state, reboot_pending, rolled_back
 
     if not config.update.enabled:
         return {"state": "off"}
     state = read_state(config.data_dir)
+    if state is not None and rolled_back(state) is not None:  # until the next version is installed
+        return {"state": "rolled-back", "version": str(state.installed.get("version", ""))}
     if state is not None and reboot_pending(state):
         return {"state": "ready", "version": str(state.installed.get("version", ""))}
     outcome = state.last_result.get("outcome") if state is not None else None

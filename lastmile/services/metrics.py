@@ -63,7 +63,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from lastmile import __version__
 from lastmile.config import Config, ConfigError, Listen, host_port
 from lastmile.services import metrics_sources as sources
-from lastmile.services.update import RECORDED_OUTCOMES, UpdateState, reboot_pending
+from lastmile.services.update import RECORDED_OUTCOMES, UpdateState, reboot_pending, rolled_back
 from lastmile.services.update import read_state as read_update_state
 
 if TYPE_CHECKING:
@@ -375,6 +375,11 @@ class GatewayCollector:
             "lastmile_update_reboot_pending",
             "1 while a new slot is installed and waits to be booted.",
             reboot_pending(state),
+        )
+        yield _gauge(
+            "lastmile_update_rolled_back",
+            "1 when the last version installed did not come up healthy and the gateway went back to the other slot.",
+            rolled_back(state) is not None,
         )
         yield _gauge(
             "lastmile_update_refused_bundles", "Bundles refused and remembered (by sha256).", len(state.refused)

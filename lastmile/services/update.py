@@ -241,6 +241,12 @@ def reboot_pending(state: UpdateState) -> bool:
     return bool(state.installed.get("boot_id")) and state.installed.get("boot_id") == read_boot_id()
 
 
+def rolled_back(state: UpdateState) -> dict[str, Any] | None:
+    """The installed version's rollback as the round recorded it: when, and what runs instead."""
+    record = state.installed.get("rolled_back")
+    return record if isinstance(record, dict) else None
+
+
 def read_state(data_dir: Path) -> UpdateState | None:
     """The updater's state for readers (metrics, doctor); None when no round ever ran."""
     path = data_dir / UPDATES_DIR / STATE_FILE
@@ -341,8 +347,8 @@ class Rauc:
                 raise BundleRefused(f"rauc install refused the bundle: {error}")
             raise InstallFailed(f"rauc install failed: {error}")
 
-    def booted_version(self) -> str | None:
-        """The bundle version RAUC recorded for the booted slot; None off an A/B gateway."""
+    def status(self) -> dict[str, Any] | None:
+        """`rauc status --detailed` as JSON; None off an A/B gateway (no rauc, no service)."""
         try:
             proc = subprocess.run(
                 self._argv("status", "--detailed", "--output-format=json"),
@@ -354,14 +360,39 @@ class Rauc:
             status = json.loads(proc.stdout) if proc.returncode == 0 else None
         except (OSError, subprocess.TimeoutExpired, ValueError):
             return None
-        if not isinstance(status, dict):
-            return None
-        for slot in status.get("slots") or []:
-            for details in slot.values() if isinstance(slot, dict) else ():
-                if isinstance(details, dict) and details.get("state") == "booted":
-                    bundle = (details.get("slot_status") or {}).get("bundle") or {}
-                    return str(bundle["version"]) if bundle.get("version") else None
+        return status if isinstance(status, dict) else None
+
+    def booted_version(self) -> str | None:
+        """The bundle version RAUC recorded for the booted slot; None off an A/B gateway, or for a
+        slot RAUC never wrote (a new card's A)."""
+        for details in _root_slots(self.status()):
+            if details.get("state") == "booted":
+                bundle = (details.get("slot_status") or {}).get("bundle") or {}
+                return str(bundle["version"]) if bundle.get("version") else None
         return None
+
+    def booted_slot(self) -> str | None:
+        """The booted root slot's bootname (A or B); None off an A/B gateway."""
+        status = self.status()
+        booted = status.get("booted") if status else None
+        return str(booted) if booted else None
+
+    def other_slot(self) -> str | None:
+        """The bootname of the root slot not booted: where `rauc install` writes."""
+        status = self.status()
+        booted = status.get("booted") if status else None
+        others = [str(d["bootname"]) for d in _root_slots(status) if d.get("bootname") and d["bootname"] != booted]
+        return others[0] if booted and len(others) == 1 else None
+
+
+def _root_slots(status: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The rootfs slots' details in a `rauc status` (a list of {name: details})."""
+    found = []
+    for slot in (status or {}).get("slots") or []:
+        for name, details in slot.items() if isinstance(slot, dict) else ():
+            if isinstance(details, dict) and (details.get("class") == "rootfs" or str(name).startswith("rootfs.")):
+                found.append(details)
+    return found
 
 
 def _rauc_error(stderr: str) -> str:
@@ -665,6 +696,7 @@ class Updater:
                 state.installed = {"version": info.version, "sha256": offer.sha256, "at": self.clock(), "boot_id": ""}
                 return RoundResult(Outcome.UP_TO_DATE, f"version {info.version} is the one running", info.version)
             log.info("installing version %s from %s", info.version, offer.location)
+            target = self.rauc.other_slot()  # asked before: after the install RAUC may name it otherwise
             self.rauc.install(bundle)
         except BundleRefused:
             bundle.unlink(missing_ok=True)
@@ -675,8 +707,36 @@ class Updater:
             "sha256": offer.sha256,
             "at": self.clock(),
             "boot_id": read_boot_id(),
+            "slot": target or "",
         }
         return RoundResult(Outcome.INSTALLED, f"version {info.version} written to the other slot", info.version)
+
+    def note_rollback(self, state: UpdateState) -> None:
+        """The slot installed in an earlier boot is not the one booted: it did not come up healthy
+        (lastmile-mark-good) and U-Boot went back. Recorded once, in the state, for the console,
+        the doctor and the metrics; its bundle is not installed again (`is_new`: installed sha256)."""
+        installed = state.installed
+        if not installed.get("boot_id") or installed.get("rolled_back") or reboot_pending(state):
+            return
+        booted: str | None = ""
+        if installed.get("slot"):
+            booted = self.rauc.booted_slot()
+            if booted is None or booted == installed["slot"]:
+                return
+            running = self.rauc.booted_version()
+        else:  # recorded before the slot was: by version (unknown for a slot RAUC never wrote)
+            running = self.rauc.booted_version()
+            if running is None or running == installed.get("version"):
+                return
+        installed["rolled_back"] = {"at": self.clock(), "booted_slot": booted, "booted_version": running or ""}
+        log.error(
+            "version %s, installed into slot %s, did not come up healthy: the gateway runs slot %s (version %s) "
+            "again; the bundle is not installed again (journalctl -b -1 -u lastmile-mark-good shows why)",
+            installed.get("version"),
+            installed.get("slot") or "?",
+            booted or "?",
+            running or "unknown",
+        )
 
     # -- rounds ------------------------------------------------------------------------------
     def offers(
@@ -719,6 +779,8 @@ class Updater:
 
     def _locked_run(self, *, url: str | None, file: Path | None, install: bool, reboot: bool) -> RoundResult:
         with self.state() as state:
+            if install:
+                self.note_rollback(state)
             result = self._round(state, url=url, file=file, install=install)
             if install:  # `update check` looks, it does not change what the county sees
                 state.last_result = _recorded(state.last_result, result, self.clock())
