@@ -782,10 +782,8 @@ def test_the_booted_slots_version_comes_from_rauc_and_a_rollback_is_named(
     rauc = Rauc(str(rauc_service.conf))
     assert rauc.booted_version() is None  # A was never written by RAUC: no version known
     # "after the reboot" (another boot id), B booted: the stick's bundle is the one running
+    _rebooted(config)
     state_file = updates_dir(config) / STATE_FILE
-    state = json.loads(state_file.read_text())
-    state["installed"]["boot_id"] = "an-earlier-boot"
-    state_file.write_text(json.dumps(state))
     rauc_service.boot("B")
     assert rauc.booted_version() == "0.3.0"
     assert Updater(config).run().outcome is Outcome.UP_TO_DATE  # the stick's bundle is not installed again
