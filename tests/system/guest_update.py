@@ -161,6 +161,11 @@ def main() -> int:
             say("outbox", outbox_items())
             if action == "check-install-bad":
                 install("bad.raucb")
+            if action == "check":  # after the rollback: one round notes it (no stick, no index: nothing else)
+                proc = run(LASTMILE, "update", "install", "--no-reboot")
+                status = run(LASTMILE, "update", "status", "--json").stdout
+                say("round", {"rc": proc.returncode, "out": proc.stdout.splitlines(), "err": proc.stderr.splitlines()[-5:],
+                              "installed": json.loads(status or "{}").get("installed")})  # fmt: skip
         say("done", action)
     except Exception:  # noqa: BLE001 — whatever broke goes on the console, and the machine still powers off
         say("error", traceback.format_exc().splitlines())

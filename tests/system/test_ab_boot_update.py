@@ -14,7 +14,8 @@ second disk holding two bundles made here from the image's own root):
    bad.raucb installed (into A), reboot;
 3-5. slot A, bad: its acquire service never reaches READY, so lastmile-mark-good gives up after
    its deadline (120 s in the bad root, 600 s on the image) and reboots; each boot took a try;
-6. slot B again (A has no tries left), marked good again, the ECG still queued.
+6. slot B again (A has no tries left), marked good again, the ECG still queued; an update round
+   records the rollback (installed into A, B runs, with its version).
 
 The bad root is the good one with two drop-ins written in by debugfs: lastmile-acquire's
 ExecStart replaced by /bin/false, and lastmile-mark-good's deadline shortened to 120 s (three
@@ -229,6 +230,12 @@ def test_a_good_update_is_taken_a_bad_one_rolls_back_and_the_outbox_survives(ima
     (state,) = said["state"]
     assert state["slot"] == "B" and state["env"]["BOOT_A_LEFT"] == "0" and state["env"]["BOOT_B_LEFT"] == "9"
     assert [item[:2] for item in said["outbox"][0]] == queued_keys
+    # the first update round after it records the rollback: by slot, with what runs instead
+    (round_,) = said["round"]
+    installed = round_["installed"]
+    assert (installed["version"], installed["slot"]) == ("0.0.0+ab-bad", "A"), round_
+    rolled_back = installed["rolled_back"]
+    assert (rolled_back["booted_slot"], rolled_back["booted_version"]) == ("B", "0.0.0+ab-good"), round_
     print(json.dumps(card.timings, indent=1))
 
 
