@@ -742,7 +742,15 @@ class Doctor:
     def check_update(self) -> list[Finding]:
         """The last update round (lastmile-update.timer): a refused bundle, a full card or a failed
         install is a FAIL the county must act on; a link that is down is a WARN."""
-        from lastmile.services.update import UPDATE_HINTS, Outcome, Rauc, read_state, reboot_pending, rolled_back
+        from lastmile.services.update import (
+            UPDATE_HINTS,
+            Outcome,
+            Rauc,
+            describe_rollback,
+            read_state,
+            reboot_pending,
+            rolled_back,
+        )
 
         u = self.config.update
         if not u.enabled:
@@ -754,15 +762,12 @@ class Doctor:
             ]
         findings = []
         installed = str(state.installed.get("version", ""))
-        record = rolled_back(state)
-        if record is not None:  # the round saw it (from the slots, so also back to a new card's A)
+        if rolled_back(state) is not None:  # the round saw it (from the slots, so also back to a new card's A)
             findings.append(
                 Finding(
                     "update",
                     Level.FAIL,
-                    f"version {installed} was installed into slot {state.installed.get('slot') or '?'} but did not "
-                    f"come up healthy: U-Boot went back to slot {record.get('booted_slot') or '?'} (version "
-                    f"{record.get('booted_version') or 'unknown'}); it is not installed again",
+                    describe_rollback(state),
                     "tell the county's release team; `journalctl -b -1 -u lastmile-mark-good` shows why (if that "
                     "boot's journal was kept)",
                 )

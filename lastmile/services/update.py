@@ -247,6 +247,16 @@ def rolled_back(state: UpdateState) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+def describe_rollback(state: UpdateState) -> str:
+    """The recorded rollback in the technician's words (doctor, journal)."""
+    record = rolled_back(state) or {}
+    return (
+        f"version {state.installed.get('version')} was installed into slot {state.installed.get('slot') or '?'} "
+        f"but did not come up healthy: U-Boot went back to slot {record.get('booted_slot') or '?'} (version "
+        f"{record.get('booted_version') or 'unknown'}); it is not installed again"
+    )
+
+
 def read_state(data_dir: Path) -> UpdateState | None:
     """The updater's state for readers (metrics, doctor); None when no round ever ran."""
     path = data_dir / UPDATES_DIR / STATE_FILE
@@ -365,17 +375,7 @@ class Rauc:
     def booted_version(self) -> str | None:
         """The bundle version RAUC recorded for the booted slot; None off an A/B gateway, or for a
         slot RAUC never wrote (a new card's A)."""
-        for details in _root_slots(self.status()):
-            if details.get("state") == "booted":
-                bundle = (details.get("slot_status") or {}).get("bundle") or {}
-                return str(bundle["version"]) if bundle.get("version") else None
-        return None
-
-    def booted_slot(self) -> str | None:
-        """The booted root slot's bootname (A or B); None off an A/B gateway."""
-        status = self.status()
-        booted = status.get("booted") if status else None
-        return str(booted) if booted else None
+        return _booted_version(self.status())
 
     def other_slot(self) -> str | None:
         """The bootname of the root slot not booted: where `rauc install` writes."""
@@ -393,6 +393,14 @@ def _root_slots(status: dict[str, Any] | None) -> list[dict[str, Any]]:
             if isinstance(details, dict) and (details.get("class") == "rootfs" or str(name).startswith("rootfs.")):
                 found.append(details)
     return found
+
+
+def _booted_version(status: dict[str, Any] | None) -> str | None:
+    for details in _root_slots(status):
+        if details.get("state") == "booted":
+            bundle = (details.get("slot_status") or {}).get("bundle") or {}
+            return str(bundle["version"]) if bundle.get("version") else None
+    return None
 
 
 def _rauc_error(stderr: str) -> str:
@@ -716,27 +724,18 @@ class Updater:
         (lastmile-mark-good) and U-Boot went back. Recorded once, in the state, for the console,
         the doctor and the metrics; its bundle is not installed again (`is_new`: installed sha256)."""
         installed = state.installed
-        if not installed.get("boot_id") or installed.get("rolled_back") or reboot_pending(state):
+        if not installed.get("slot") or installed.get("rolled_back") or reboot_pending(state):
             return
-        booted: str | None = ""
-        if installed.get("slot"):
-            booted = self.rauc.booted_slot()
-            if booted is None or booted == installed["slot"]:
-                return
-            running = self.rauc.booted_version()
-        else:  # recorded before the slot was: by version (unknown for a slot RAUC never wrote)
-            running = self.rauc.booted_version()
-            if running is None or running == installed.get("version"):
-                return
-        installed["rolled_back"] = {"at": self.clock(), "booted_slot": booted, "booted_version": running or ""}
-        log.error(
-            "version %s, installed into slot %s, did not come up healthy: the gateway runs slot %s (version %s) "
-            "again; the bundle is not installed again (journalctl -b -1 -u lastmile-mark-good shows why)",
-            installed.get("version"),
-            installed.get("slot") or "?",
-            booted or "?",
-            running or "unknown",
-        )
+        status = self.rauc.status()  # one D-Bus round trip for the slot and its version
+        booted = str(status.get("booted") or "") if status else ""
+        if not booted or booted == installed["slot"]:
+            return
+        installed["rolled_back"] = {
+            "at": self.clock(),
+            "booted_slot": booted,
+            "booted_version": _booted_version(status) or "",
+        }
+        log.error("%s (journalctl -b -1 -u lastmile-mark-good shows why)", describe_rollback(state))
 
     # -- rounds ------------------------------------------------------------------------------
     def offers(

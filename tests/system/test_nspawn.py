@@ -360,7 +360,6 @@ MARK_GOOD_PROPS = (
     "Result",
     "ExecMainStatus",
     "InvocationID",
-    "ExecMainStartTimestampMonotonic",
 )
 
 
