@@ -3,26 +3,32 @@
 Real parts: bundles made and signed by image/rauc/make-bundle with make-test-pki's throwaway county
 CA; a real HTTPS server on loopback (http.server + ssl, a test CA from tests/tls_material) that
 honours ETag/If-None-Match and Range and can cut a download short; real `rauc info` with the
-gateway's own system.conf verifying every bundle against the keyring; real `rauc install`, which
-here (no rauc D-Bus service, no device-mapper for verity bundles on this host) fails: the test
-checks that failure is typed and the bundle kept for the next round. Writing a slot and booting it
-is the booted qemu update test's (docs/updates.md, "What is not done").
+gateway's own system.conf verifying every bundle against the keyring; real `rauc install` through
+a real `rauc service` on a private D-Bus (plain bundles: this host has no device-mapper for verity
+ones), with the no-op bootloader, or with RAUC's uboot backend on the miniature A/B card that real
+U-Boot boots (tests/system/ab_card.py) for the power cuts during an install; without the service,
+`rauc install` fails, typed, and the bundle is kept for the next round. The whole image's update
+and rollback is the booted qemu test's (tests/system/test_ab_boot_update.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
 import os
 import shutil
+import signal
 import ssl
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,6 +47,7 @@ from tests.conftest import REPO, require_tool
 from tests.tls_material import TlsMaterial, make_tls_material
 
 RAUC_DIR = REPO / "image" / "rauc"
+SYSTEM_CONF_TEXT = (RAUC_DIR / "system.conf").read_text()
 
 
 def run(*args: str | Path) -> None:
@@ -619,15 +626,20 @@ class RaucService:
     `boot(slot)` restarts it as if that slot had been booted (RAUC keeps each slot's bundle
     version in its status file, as on the gateway's data partition)."""
 
-    def __init__(self, work: Path, keyring: Path) -> None:
+    def __init__(
+        self, work: Path, keyring: Path, *, bootloader: str = "noop", env: dict[str, str] | None = None
+    ) -> None:
         self.work = work
+        self.env = env  # the service's environment (the uboot backend's fw_printenv/fw_setenv on PATH)
         (work / "mnt").mkdir(parents=True)
         self.slots = {"A": work / "slot-a.img", "B": work / "slot-b.img"}
         for slot in self.slots.values():
             slot.write_bytes(b"\0" * 8 * 2**20)
+        # the gateway's tries (image/rauc/system.conf) when the bootloader is U-Boot's
+        tries = "".join(line + "\n" for line in SYSTEM_CONF_TEXT.splitlines() if line.startswith("boot-attempts"))
         self.conf = work / "system.conf"
         self.conf.write_text(
-            "[system]\ncompatible=lastmile-gateway-arm64\nbootloader=noop\n"
+            f"[system]\ncompatible=lastmile-gateway-arm64\nbootloader={bootloader}\n{tries}"
             f"data-directory={work}\nmountprefix={work / 'mnt'}\n\n"
             f"[keyring]\npath={keyring}\ncheck-purpose=codesign\nuse-bundle-signing-time=true\n\n"
             f"[slot.rootfs.0]\ndevice={self.slots['A']}\ntype=ext4\nbootname=A\n\n"
@@ -642,10 +654,16 @@ class RaucService:
                 ["rauc", "--conf", str(self.conf), "service", f"--override-boot-slot={slot}"],
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env=self.env,
             )
         for _ in range(300):  # until the service owns its name on the bus
             status = subprocess.run(
-                ["rauc", "--conf", str(self.conf), "status"], capture_output=True, text=True, timeout=30, check=False
+                ["rauc", "--conf", str(self.conf), "status"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+                env=self.env,
             )
             if status.returncode == 0 or self.service.poll() is not None:
                 break
@@ -659,8 +677,9 @@ class RaucService:
             self.service = None
 
 
-@pytest.fixture
-def rauc_service(tmp_path: Path, bundles: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> Iterator[RaucService]:
+@contextlib.contextmanager
+def session_bus(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A private D-Bus session bus for `rauc service` and its clients (this process's and children's)."""
     for tool in ("dbus-daemon", "rauc"):
         require_tool(tool)
     if not Path("/dev/loop-control").exists():
@@ -673,14 +692,22 @@ def rauc_service(tmp_path: Path, bundles: dict[str, Path], monkeypatch: pytest.M
     assert bus.stdout is not None
     monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", bus.stdout.readline().strip())
     monkeypatch.setenv("DBUS_STARTER_BUS_TYPE", "session")  # rauc's switch from the system bus
-    service = RaucService(tmp_path / "rauc", bundles["keyring"])
     try:
-        service.boot("A")
-        yield service
+        yield
     finally:
-        service.stop()
         bus.terminate()
         bus.wait(timeout=30)
+
+
+@pytest.fixture
+def rauc_service(tmp_path: Path, bundles: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> Iterator[RaucService]:
+    with session_bus(monkeypatch):
+        service = RaucService(tmp_path / "rauc", bundles["keyring"])
+        try:
+            service.boot("A")
+            yield service
+        finally:
+            service.stop()
 
 
 def plain_bundle(rootfs: Path, pki: Path, version: str, out: Path) -> Path:
@@ -860,3 +887,174 @@ def test_a_rollback_to_a_new_cards_slot_is_recorded_and_shown_everywhere(
     Updater(config).run()
     again = read_state(config.data_dir)
     assert again is not None and again.installed["rolled_back"] == record
+
+
+# -- power cuts during `rauc install` (docs/updates.md item 7) -----------------------------------------
+
+# RAUC 1.8's uboot backend, one fw_setenv per variable: slot B out of the boot order and no tries
+# (before its image is written), then (after its image and RAUC's status of it, which names the
+# version) its tries and first in the order
+RAUC_INSTALL_WRITES = ["BOOT_ORDER A", "BOOT_B_LEFT 0", "BOOT_B_LEFT 3", "BOOT_ORDER B A"]
+
+CUT_FW_SETENV = """#!/bin/sh
+# fw_setenv as RAUC runs it, each write logged; after the write numbered in $CUT_AFTER the power goes:
+# the rauc service and the update round (its process group) are killed at once
+set -eu
+n=$(( $(cat "$CUT_DIR/count" 2>/dev/null || echo 0) + 1 ))
+echo "$n" > "$CUT_DIR/count"
+"$CUT_REAL" "$@"
+echo "$*" >> "$CUT_DIR/writes"
+if [ "$(cat "$CUT_DIR/after" 2>/dev/null || true)" = "$n" ]; then
+  kill -KILL $(cat "$CUT_DIR/pids")
+fi
+"""
+
+
+@dataclass
+class CardGateway:
+    """A gateway on the A/B card: real U-Boot boots it (tests/system/ab_card.py), a real `rauc service`
+    with the uboot backend writes its slot state through image/rauc/fw_env and its slots (files), and
+    the power can be cut after any of RAUC's slot-state writes."""
+
+    card: Any
+    rauc: RaucService
+    cut_dir: Path
+
+    def writes(self) -> list[str]:
+        path = self.cut_dir / "writes"
+        return path.read_text().splitlines() if path.exists() else []
+
+    def cut_after(self, n: int) -> None:
+        (self.cut_dir / "after").write_text(f"{n}\n")
+        (self.cut_dir / "count").unlink(missing_ok=True)
+        (self.cut_dir / "writes").unlink(missing_ok=True)
+
+    def power_off(self) -> None:
+        """After the cut: what RAUC had mounted (the bundle) is gone, as after any reboot."""
+        mounts = subprocess.run(["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True, check=True)
+        under = str(self.rauc.work / "mnt")
+        for target in sorted((m for m in mounts.stdout.splitlines() if m.startswith(under)), reverse=True):
+            subprocess.run(["umount", "-l", target], check=True, timeout=60)
+
+    def power_on(self) -> str:
+        """The power comes back: U-Boot chooses a slot, and Linux (here: rauc service) runs it."""
+        for name in ("after", "count", "writes"):
+            (self.cut_dir / name).unlink(missing_ok=True)
+        chosen = self.card.boot()["slot"]
+        self.rauc.boot(chosen)
+        return chosen
+
+
+@pytest.fixture
+def card_gateway(tmp_path: Path, bundles: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> Iterator[CardGateway]:
+    from tests.system.ab_card import Card
+
+    (tmp_path / "card").mkdir()
+    card = Card(tmp_path / "card")
+    cut_dir = tmp_path / "cut"
+    (cut_dir / "bin").mkdir(parents=True)
+    wrapper = cut_dir / "bin" / "fw_setenv"
+    wrapper.write_text(CUT_FW_SETENV)
+    wrapper.chmod(0o755)
+    (cut_dir / "bin" / "fw_printenv").symlink_to(card.tools / "fw_printenv")
+    env = {
+        **card.fw_env,
+        "PATH": f"{cut_dir / 'bin'}:{os.environ['PATH']}",
+        "CUT_DIR": str(cut_dir),
+        "CUT_REAL": str(card.tools / "fw_setenv"),
+    }
+    with session_bus(monkeypatch):
+        env.update({k: os.environ[k] for k in ("DBUS_SESSION_BUS_ADDRESS", "DBUS_STARTER_BUS_TYPE")})
+        service = RaucService(tmp_path / "rauc", bundles["keyring"], bootloader="uboot", env=env)
+        gw = CardGateway(card, service, cut_dir)
+        try:
+            assert gw.power_on() == "A"  # a new card
+            subprocess.run(  # lastmile-mark-good: A came up healthy
+                ["rauc", "--conf", str(service.conf), "status", "mark-good"], env=env, check=True, capture_output=True
+            )
+            assert card.env() == {"BOOT_ORDER": "A B", "BOOT_A_LEFT": "9", "BOOT_B_LEFT": "0"}
+            yield gw
+        finally:
+            service.stop()
+            gw.power_off()  # a test that failed between its cut and the power coming back
+
+
+@pytest.mark.parametrize(
+    ("writes", "torn", "boots"),
+    [
+        (1, False, "A"),  # B out of the boot order
+        (2, True, "A"),  # ... and its tries gone; the cut comes half way through writing its image
+        (3, False, "A"),  # the image and RAUC's status written, B has its tries but is not in the order
+        (4, False, "B"),  # B first in the order: RAUC's status of the slot not yet written
+    ],
+)
+def test_a_power_cut_during_rauc_install_leaves_a_slot_that_boots_and_the_install_is_finished_once(
+    tmp_path: Path,
+    bundles: dict[str, Path],
+    tls: TlsMaterial,
+    card_gateway: CardGateway,
+    writes: int,
+    torn: bool,
+    boots: str,
+) -> None:
+    """The power goes during `rauc install` (the round and RAUC die together) after each of RAUC's
+    writes of the slot state. U-Boot always finds a slot that boots: the old one until the new is
+    whole and first in the order. The next round (a later boot) tells from its write-ahead record
+    what happened: a whole slot booted is recorded as installed (not written again); otherwise the
+    kept bundle is installed again, and the slot is then whole, byte for byte."""
+    gw = card_gateway
+    config = gateway(tmp_path, bundles, tls)
+    source = Path(config.source)
+    source.write_text(source.read_text().replace(str(RAUC_DIR / "system.conf"), str(gw.rauc.conf)))
+    config = parse_config(source.read_text(), str(source))
+    stick = Path(config.usb_import.folders[0])
+    rootfs = bundles["rootfs-county-0.3.0"]
+    plain_bundle(rootfs, bundles["county-pki"], "0.3.0", stick / "lastmile-update-0.3.0.raucb")
+    slot_a = gw.rauc.slots["A"].read_bytes()
+    image = rootfs.read_bytes()
+
+    gw.cut_after(writes)
+    assert gw.rauc.service is not None
+    round_ = subprocess.Popen(
+        [sys.executable, "-m", "lastmile", "--config", str(source), "update", "install", "--no-reboot"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    (gw.cut_dir / "pids").write_text(f"-{round_.pid} {gw.rauc.service.pid}\n")
+    output = round_.communicate(timeout=300)[0].decode(errors="replace")
+    assert round_.returncode == -signal.SIGKILL, output  # the power went mid-install
+    gw.rauc.service.wait(timeout=30)
+    gw.power_off()
+    assert gw.writes() == RAUC_INSTALL_WRITES[:writes]
+    state = json.loads((updates_dir(config) / STATE_FILE).read_text())
+    assert state["installing"]["version"] == "0.3.0" and state["installing"]["slot"] == "B", state
+    assert "version" not in state["installed"]
+    assert list(updates_dir(config).glob("*.raucb"))  # the bundle, kept for the install again
+    if torn:
+        with gw.rauc.slots["B"].open("r+b") as slot:
+            slot.write(image[: len(image) // 2])
+
+    assert gw.power_on() == boots
+    assert gw.rauc.slots["A"].read_bytes() == slot_a  # the slot that runs was never touched
+    # a later boot (the host's boot id does not change: the record's is made an earlier one's)
+    state["installing"]["boot_id"] = "an-earlier-boot"
+    (updates_dir(config) / STATE_FILE).write_text(json.dumps(state))
+    result = Updater(config, reboot=lambda: None).run(reboot=False)
+    after = read_state(config.data_dir)
+    assert after is not None and after.installing == {}
+    assert (after.installed["version"], after.installed["slot"]) == ("0.3.0", "B"), after.installed
+    assert "rolled_back" not in after.installed
+    with gw.rauc.slots["B"].open("rb") as slot:
+        assert slot.read(len(image)) == image  # the county's root image, byte for byte
+    assert not list(updates_dir(config).glob("*.raucb*"))  # in the slot, not on the card
+    if boots == "B":
+        assert result.outcome is Outcome.UP_TO_DATE, result  # not written again
+        assert gw.writes() == []
+        assert gw.card.env()["BOOT_ORDER"] == "B A"
+    else:
+        assert result.outcome is Outcome.INSTALLED, result  # written again, whole
+        assert gw.writes() == RAUC_INSTALL_WRITES
+        # B first with an install's tries; A's as this boot left them (its mark-good has not run yet)
+        assert gw.card.env() == {"BOOT_ORDER": "B A", "BOOT_A_LEFT": "8", "BOOT_B_LEFT": "3"}
+        assert gw.power_on() == "B"

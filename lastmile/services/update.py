@@ -174,7 +174,10 @@ class UpdateState:
     last_poll: float = 0.0  # when the index was last asked (epoch s)
     last_result: dict[str, Any] = field(default_factory=dict)  # outcome, message, version, at
     refused: dict[str, str] = field(default_factory=dict)  # sha256 -> why
-    installed: dict[str, Any] = field(default_factory=dict)  # version, sha256, at, boot_id
+    installed: dict[str, Any] = field(default_factory=dict)  # version, sha256, at, boot_id, slot
+    # written (durably) before `rauc install` and cleared after it: still there in a later boot, the
+    # power went during the install (`Updater.note_cut_install`)
+    installing: dict[str, Any] = field(default_factory=dict)  # version, sha256, at, boot_id, slot
     usb_seen: dict[str, list[Any]] = field(default_factory=dict)  # path -> [size, mtime_ns, sha256]
     meter: dict[str, Any] = field(default_factory=dict)  # bytes downloaded today (uploader.metering's record)
 
@@ -206,6 +209,12 @@ class UpdateState:
             os.fsync(f.fileno())
         tmp.chmod(0o644)
         os.replace(tmp, path)
+        # the rename itself survives a power cut only once the directory is on the card
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def remember_refused(self, sha256: str, reason: str) -> None:
         self.refused[sha256] = reason
@@ -567,7 +576,10 @@ class Updater:
 
     # -- fetching ----------------------------------------------------------------------------
     def bundle_path(self, offer: Offer) -> Path:
-        return self.directory / f"{offer.sha256[:16]}.raucb"
+        return self._bundle_file(offer.sha256)
+
+    def _bundle_file(self, sha256: str) -> Path:
+        return self.directory / f"{sha256[:16]}.raucb"
 
     def _make_room(self, offer: Offer, keep: Path) -> int:
         """Delete other bundles and partial downloads (an older offer's never blocks this one);
@@ -705,19 +717,62 @@ class Updater:
                 return RoundResult(Outcome.UP_TO_DATE, f"version {info.version} is the one running", info.version)
             log.info("installing version %s from %s", info.version, offer.location)
             target = self.rauc.other_slot()  # asked before: after the install RAUC may name it otherwise
-            self.rauc.install(bundle)
+            record = {
+                "version": info.version,
+                "sha256": offer.sha256,
+                "at": self.clock(),
+                "boot_id": read_boot_id(),
+                "slot": target or "",
+            }
+            # on the card before RAUC writes anything: a power cut during the install is told by it
+            state.installing = record
+            state.save(self.state_path)
+            try:
+                self.rauc.install(bundle)
+            finally:
+                state.installing = {}
         except BundleRefused:
             bundle.unlink(missing_ok=True)
             raise
         bundle.unlink(missing_ok=True)  # written to the slot; kept only while an install may be retried
-        state.installed = {
-            "version": info.version,
-            "sha256": offer.sha256,
-            "at": self.clock(),
-            "boot_id": read_boot_id(),
-            "slot": target or "",
-        }
+        state.installed = record
         return RoundResult(Outcome.INSTALLED, f"version {info.version} written to the other slot", info.version)
+
+    def note_cut_install(self, state: UpdateState) -> None:
+        """An install that a power cut (or a kill) ended in an earlier boot: what RAUC finished.
+
+        RAUC takes the slot out of the boot order before writing it and puts it first only once
+        it is written (and its status with the version: that alone says nothing), so a boot of that
+        slot means the install was whole: it is recorded as installed, not written again. Another
+        slot booted: the cut came before RAUC made the slot bootable, and the kept bundle is
+        installed again - or, a cut in the milliseconds between RAUC's last write and this
+        record's, the slot did not come up healthy: then the install again is this round's, once
+        (its rollback is recorded as any other)."""
+        cut = state.installing
+        if not cut or cut.get("boot_id") == read_boot_id():
+            return  # none, or this boot's: a round killed mid-install; the next install redoes it
+        state.installing = {}
+        status = self.rauc.status()
+        booted = str(status.get("booted") or "") if status else ""
+        slot = str(cut.get("slot") or "")
+        if slot and booted == slot:
+            state.installed = cut
+            self._bundle_file(str(cut.get("sha256") or "")).unlink(missing_ok=True)  # in the slot now
+            log.warning(
+                "the install of version %s into slot %s was cut short (a power cut?) after RAUC finished: "
+                "slot %s runs it",
+                cut.get("version"),
+                slot,
+                slot,
+            )
+        else:
+            log.warning(
+                "the install of version %s into slot %s was cut short (a power cut?) before RAUC made it "
+                "bootable: slot %s runs; it is installed again",
+                cut.get("version"),
+                slot or "?",
+                booted or "?",
+            )
 
     def note_rollback(self, state: UpdateState) -> None:
         """The slot installed in an earlier boot is not the one booted: it did not come up healthy
@@ -779,6 +834,7 @@ class Updater:
     def _locked_run(self, *, url: str | None, file: Path | None, install: bool, reboot: bool) -> RoundResult:
         with self.state() as state:
             if install:
+                self.note_cut_install(state)
                 self.note_rollback(state)
             result = self._round(state, url=url, file=file, install=install)
             if install:  # `update check` looks, it does not change what the county sees
