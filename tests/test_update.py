@@ -1058,3 +1058,27 @@ def test_a_power_cut_during_rauc_install_leaves_a_slot_that_boots_and_the_instal
         # B first with an install's tries; A's as this boot left them (its mark-good has not run yet)
         assert gw.card.env() == {"BOOT_ORDER": "B A", "BOOT_A_LEFT": "8", "BOOT_B_LEFT": "3"}
         assert gw.power_on() == "B"
+
+
+def test_after_a_cut_install_booted_the_previous_installs_record_is_not_read_as_a_rollback(
+    tmp_path: Path, bundles: dict[str, Path], tls: TlsMaterial, rauc_service: RaucService
+) -> None:
+    """A second update: 0.2.0 was installed into A (and runs), 0.3.0 was being installed into B when
+    the power went, after RAUC put B first. B boots: 0.3.0 is what is installed, and 0.2.0's record
+    (slot A, not booted) is not a rollback."""
+    config = gateway(tmp_path, bundles, tls)
+    config.update.rauc_conf = str(rauc_service.conf)
+    updates_dir(config).mkdir(parents=True)
+    before = {"version": "0.2.0", "sha256": "2" * 64, "at": 1.0, "boot_id": "an-earlier-boot", "slot": "A"}
+    cut = {"version": "0.3.0", "sha256": "3" * 64, "at": 2.0, "boot_id": "the-boot-the-power-went", "slot": "B"}
+    (updates_dir(config) / STATE_FILE).write_text(json.dumps({"installed": before, "installing": cut}))
+    kept = updates_dir(config) / f"{'3' * 16}.raucb"
+    kept.write_bytes(b"the bundle, kept for an install again")
+    rauc_service.boot("B")
+    Updater(config).run()
+    state = read_state(config.data_dir)
+    assert state is not None and state.installed == cut and state.installing == {}, state
+    assert not kept.exists()  # in slot B: not kept on the card
+    from lastmile.doctor import Doctor, Level
+
+    assert [f.level for f in Doctor(config).check_update()] == [Level.OK]
