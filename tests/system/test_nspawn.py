@@ -417,6 +417,16 @@ def refused_configuration(container: Container) -> Iterator[Container]:
             c.wait_for(f"{unit} back", lambda unit=unit: active_running(c, unit))
 
 
+def test_a_slot_on_trial_is_marked_good_once_its_services_stayed_up_a_minute(container: Container) -> None:
+    """The new slot's first boot (an install's 3 tries, less this one) with every recording service
+    up: marked good after the minute that tells a service dying in its first minute."""
+    props, journal, took = run_mark_good(container, "2")
+    assert (props["Result"], props["ExecMainStatus"]) == ("success", "0"), (props, journal)
+    assert rauc_calls(container) == ["status mark-good booted"]
+    assert 60 <= took < 90, took  # the minute, not the deadline (20 s here: it does not cut the minute)
+    assert "lastmile-mark-good: slot A marked good" in journal, journal
+
+
 @pytest.mark.parametrize("left", ["8", "3"])  # a proven slot's 9 less this boot; 3: six cut boots later
 def test_a_refused_configuration_marks_a_proven_slot_good(refused_configuration: Container, left: str) -> None:
     c = refused_configuration
@@ -456,6 +466,9 @@ def test_a_service_that_fails_otherwise_is_not_a_refused_configuration(container
         assert took >= MARK_GOOD_DEADLINE_S, took
         assert f"not healthy within {MARK_GOOD_DEADLINE_S} s" in journal, journal
         assert "configuration is refused" not in journal, journal
+        # each unit's state as the script read it (one systemctl for all three)
+        assert "lastmile-mark-good: lastmile-ble.service: failed, 0 restarts" in journal, journal
+        assert "lastmile-mark-good: lastmile-acquire.service: active, 0 restarts" in journal, journal
     finally:
         c.exec("rm", "-f", dropin)
         c.exec("systemctl", "daemon-reload")
