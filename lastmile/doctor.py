@@ -749,6 +749,7 @@ class Doctor:
             describe_rollback,
             read_state,
             reboot_pending,
+            retry_due,
             rolled_back,
         )
 
@@ -762,7 +763,16 @@ class Doctor:
             ]
         findings = []
         installed = str(state.installed.get("version", ""))
-        if rolled_back(state) is not None:  # the round saw it (from the slots, so also back to a new card's A)
+        if rolled_back(state) is not None and retry_due(state):  # power cuts: installed once more
+            findings.append(
+                Finding(
+                    "update",
+                    Level.WARN,
+                    describe_rollback(state),
+                    "a steady supply for the update's first boots (a UPS); `lastmile update status`",
+                )
+            )
+        elif rolled_back(state) is not None:  # the round saw it (from the slots, so also back to a new card's A)
             findings.append(
                 Finding(
                     "update",

@@ -17,6 +17,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -35,6 +36,7 @@ import pytest
 from lastmile.cli import main
 from lastmile.config import Config, parse_config
 from lastmile.services.update import (
+    BOOT_VERDICTS_FILE,
     STATE_FILE,
     UPDATES_DIR,
     Outcome,
@@ -819,6 +821,7 @@ def test_the_booted_slots_version_comes_from_rauc_and_a_rollback_is_named(
     assert state["installed"]["slot"] == "B" and "rolled_back" not in state["installed"]  # it took
     # 0.2.0 written to A from B, then A booted while 0.3.0 is what the updater installed: a rollback
     rauc.install(plain_bundle(bundles["rootfs-county-0.2.0"], pki, "0.2.0", tmp_path / "old.raucb"))
+    _failed_boots(config, "B")
     rauc_service.boot("A")
     assert rauc.booted_version() == "0.2.0"
     rolled_back = Doctor(config).check_update()[0]
@@ -829,6 +832,13 @@ def test_the_booted_slots_version_comes_from_rauc_and_a_rollback_is_named(
     assert (record["booted_slot"], record["booted_version"]) == ("A", "0.2.0")
     finding = Doctor(config).check_update()[0]
     assert finding.level is Level.FAIL and "back to slot A (version 0.2.0)" in finding.message, finding
+
+
+def _failed_boots(config: Config, slot: str, times: int = 3) -> None:
+    """What lastmile-mark-good notes for each boot of `slot` it failed (the release's fault)."""
+    updates_dir(config).mkdir(parents=True, exist_ok=True)
+    with (updates_dir(config) / BOOT_VERDICTS_FILE).open("a") as notes:
+        notes.writelines(f"boot-{slot}-{n} {slot} unhealthy\n" for n in range(times))
 
 
 def _rebooted(config: Config) -> None:
@@ -864,13 +874,14 @@ def test_a_rollback_to_a_new_cards_slot_is_recorded_and_shown_everywhere(
     assert "lastmile_update_rolled_back 0.0" in render_once(config)
     # B's three boots never got healthy (lastmile-mark-good); U-Boot boots the new card's A again
     _rebooted(config)
+    _failed_boots(config, "B")
     rauc_service.boot("A")
     result = Updater(config).run()
     assert result.outcome is Outcome.UP_TO_DATE, result  # the stick's bundle is not installed again
     state = read_state(config.data_dir)
     assert state is not None
     record = state.installed["rolled_back"]
-    assert (record["booted_slot"], record["booted_version"]) == ("A", ""), record
+    assert (record["booted_slot"], record["booted_version"], record["failed_boots"]) == ("A", "", 3), record
     finding = Doctor(config).check_update()[0]
     assert finding.level is Level.FAIL, finding
     assert "version 0.3.0 was installed into slot B but did not come up healthy" in finding.message, finding
@@ -1082,3 +1093,90 @@ def test_after_a_cut_install_booted_the_previous_installs_record_is_not_read_as_
     from lastmile.doctor import Doctor, Level
 
     assert [f.level for f in Doctor(config).check_update()] == [Level.OK]
+
+
+def test_a_rollback_by_power_cuts_alone_is_installed_once_more(
+    tmp_path: Path,
+    bundles: dict[str, Path],
+    tls: TlsMaterial,
+    rauc_service: RaucService,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The new slot's three tries all ended before lastmile-mark-good judged them (the supply
+    flickered: no failed boot noted): not the release's fault, so the bundle is installed once more,
+    in the same round. A second rollback like it is the release's to answer for: not again."""
+    from lastmile.doctor import Doctor, Level
+
+    config = gateway(tmp_path, bundles, tls)
+    config.update.rauc_conf = str(rauc_service.conf)
+    stick = Path(config.usb_import.folders[0])
+    plain_bundle(bundles["rootfs-county-0.3.0"], bundles["county-pki"], "0.3.0", stick / "lastmile-update-0.3.0.raucb")
+    _failed_boots(config, "B", 3)  # an earlier release's trial of B, rolled back: not this one's
+    assert Updater(config, reboot=lambda: None).run(reboot=False).outcome is Outcome.INSTALLED
+    assert not (updates_dir(config) / BOOT_VERDICTS_FILE).exists()  # a new trial
+    _rebooted(config)
+    rauc_service.boot("A")  # three cut boots of B later
+    _failed_boots(config, "A", 1)  # and A's first boot back failed too (a device): not B's
+    # the round after the rollback: noted as the power's, and installed once more
+    with caplog.at_level(logging.WARNING, logger="lastmile.services.update"):
+        assert Updater(config, reboot=lambda: None).run(reboot=False).outcome is Outcome.INSTALLED
+    state = read_state(config.data_dir)
+    assert state is not None and state.installed["retried"] is True and "rolled_back" not in state.installed
+    assert (state.installed["version"], state.installed["slot"]) == ("0.3.0", "B")
+    assert "every boot of it ended before it was judged" in caplog.text, caplog.text
+    assert "installing version 0.3.0 once more" in caplog.text, caplog.text
+    # ... its three tries cut again: recorded, and now not installed again
+    _rebooted(config)
+    rauc_service.boot("A")
+    assert Updater(config).run().outcome is Outcome.UP_TO_DATE
+    state = read_state(config.data_dir)
+    assert state is not None and state.installed["rolled_back"]["failed_boots"] == 0
+    finding = Doctor(config).check_update()[0]
+    assert finding.level is Level.FAIL and "it is not installed again" in finding.message, finding
+
+
+def test_the_doctor_and_update_status_say_a_power_rollback_will_be_installed_once_more(
+    tmp_path: Path, bundles: dict[str, Path], tls: TlsMaterial, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lastmile.doctor import Doctor, Level
+
+    config = gateway(tmp_path, bundles, tls)
+    updates_dir(config).mkdir(parents=True)
+    rolled = {"at": 2.0, "booted_slot": "A", "booted_version": "0.2.0", "failed_boots": 0}
+    installed = {"version": "0.3.0", "sha256": "3" * 64, "boot_id": "an-earlier-boot", "slot": "B"}
+    last = {"outcome": "up-to-date", "message": "x", "at": 1.0}
+    state_file = updates_dir(config) / STATE_FILE
+    state_file.write_text(json.dumps({"installed": {**installed, "rolled_back": rolled}, "last_result": last}))
+    finding = Doctor(config).check_update()[0]
+    assert finding.level is Level.WARN, finding
+    assert "every boot of it ended before it was judged" in finding.message and "installed once more" in finding.message
+    assert main(["--config", config.source, "update", "status"]) == 0
+    assert "新版本启动时多次断电，网关已退回原版本；将再安装一次" in capsys.readouterr().out
+    # judged unhealthy (mark-good noted its boots), or tried once more already: the release's
+    for record in (
+        {**installed, "rolled_back": {**rolled, "failed_boots": 3}},
+        {**installed, "rolled_back": rolled, "retried": True},
+    ):
+        state_file.write_text(json.dumps({"installed": record, "last_result": last}))
+        finding = Doctor(config).check_update()[0]
+        assert finding.level is Level.FAIL and "it is not installed again" in finding.message, finding
+
+
+def test_a_power_rollbacks_bundle_from_the_county_is_asked_for_again_at_once(
+    tmp_path: Path, bundles: dict[str, Path], tls: TlsMaterial, county: CountyServer, rauc_service: RaucService
+) -> None:
+    """The index is asked every poll_interval_h (6 h); a bundle to install once more does not wait
+    for it (the supply is steady now: the round runs 15 min after boot)."""
+    bundle = plain_bundle(bundles["rootfs-county-0.3.0"], bundles["county-pki"], "0.3.0", tmp_path / "plain.raucb")
+    county.publish(bundle, "0.3.0")
+    config = gateway(tmp_path, bundles, tls, county.index_url)
+    config.update.rauc_conf = str(rauc_service.conf)
+    assert Updater(config, reboot=lambda: None).run(reboot=False).outcome is Outcome.INSTALLED
+    _rebooted(config)
+    rauc_service.boot("A")  # B's tries all cut
+    assert Updater(config, reboot=lambda: None).run(reboot=False).outcome is Outcome.INSTALLED
+    assert [s.path for s in county.served] == ["/lastmile/stable.json", "/lastmile/bundle.raucb"] * 2
+    _rebooted(config)
+    rauc_service.boot("A")  # and again: now the poll interval holds
+    assert Updater(config, reboot=lambda: None).run(reboot=False).outcome is Outcome.UP_TO_DATE
+    assert len(county.served) == 4

@@ -79,7 +79,7 @@ def _status(args: argparse.Namespace) -> int:
 
     from lastmile.clock import clinic_time
     from lastmile.commands.common import config_from_args
-    from lastmile.services.update import OUTCOME_ZH, Outcome, read_state, reboot_pending, rolled_back
+    from lastmile.services.update import OUTCOME_ZH, Outcome, read_state, reboot_pending, retry_due, rolled_back
 
     config = config_from_args(args)
     state = read_state(config.data_dir)
@@ -101,7 +101,14 @@ def _status(args: argparse.Namespace) -> int:
         waiting = " (waiting to reboot into it)" if reboot_pending(state) else ""
         print(f"installed: version {state.installed.get('version')}{waiting}")
         record = rolled_back(state)
-        if record is not None:
+        if record is not None and retry_due(state):
+            print("  新版本启动时多次断电，网关已退回原版本；将再安装一次")
+            print(
+                "  rolled back: every boot of it ended before it was judged (power cuts?); "
+                f"slot {record.get('booted_slot') or '?'} (version {record.get('booted_version') or 'unknown'}) "
+                "runs again; installed once more"
+            )
+        elif record is not None:
             print("  新版本未能正常启动，网关已自动退回原版本")
             print(
                 f"  rolled back: it did not come up healthy; slot {record.get('booted_slot') or '?'} "

@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 UPDATES_DIR = "updates"
 STATE_FILE = "state.json"
 LOCK_FILE = "lock"  # one round at a time: the timer's and a technician's `update install`
+# image/rauc/lastmile-mark-good's: a line per boot it failed ("<boot id> <slot> unhealthy|refused");
+# cleared at each install, so what it holds for the new slot is that slot's trial
+BOOT_VERDICTS_FILE = "boot-verdicts"
 USB_BUNDLE_GLOB = "lastmile-update-*.raucb"
 CHUNK_BYTES = 256 * 1024
 MAX_INDEX_BYTES = 64 * 1024  # the index is a few hundred bytes; anything bigger is not one
@@ -256,13 +259,28 @@ def rolled_back(state: UpdateState) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+def retry_due(state: UpdateState) -> bool:
+    """The rollback is the power's, not the release's, and its bundle was not tried again yet: no
+    boot of the new slot was judged unhealthy by lastmile-mark-good (each ended before it was
+    judged: power cuts, or a crash early in boot), so it is installed once more."""
+    record = rolled_back(state)
+    return record is not None and record.get("failed_boots") == 0 and not state.installed.get("retried")
+
+
 def describe_rollback(state: UpdateState) -> str:
     """The recorded rollback in the technician's words (doctor, journal)."""
     record = rolled_back(state) or {}
+    failed = record.get("failed_boots")
+    if retry_due(state):
+        why = "every boot of it ended before it was judged (power cuts, or a crash early in boot)"
+        then = "it is installed once more"
+    else:
+        why = "did not come up healthy" + (f" ({failed} boot(s) judged unhealthy)" if failed else "")
+        then = "it is not installed again"
     return (
         f"version {state.installed.get('version')} was installed into slot {state.installed.get('slot') or '?'} "
-        f"but did not come up healthy: U-Boot went back to slot {record.get('booted_slot') or '?'} (version "
-        f"{record.get('booted_version') or 'unknown'}); it is not installed again"
+        f"but {why}: U-Boot went back to slot {record.get('booted_slot') or '?'} (version "
+        f"{record.get('booted_version') or 'unknown'}); {then}"
     )
 
 
@@ -567,7 +585,7 @@ class Updater:
         """Why `offer` is not to be fetched (None: it is new)."""
         if offer.sha256 in state.refused:
             return f"bundle {offer.sha256[:12]} was refused before ({state.refused[offer.sha256]})"
-        if state.installed.get("sha256") == offer.sha256:
+        if state.installed.get("sha256") == offer.sha256 and not retry_due(state):
             return f"bundle {offer.sha256[:12]} (version {state.installed.get('version')}) is already installed"
         booted = self.rauc.booted_version()
         if offer.version and booted == offer.version:
@@ -724,9 +742,13 @@ class Updater:
                 "boot_id": read_boot_id(),
                 "slot": target or "",
             }
+            if retry_due(state) and state.installed.get("sha256") == offer.sha256:
+                record["retried"] = True  # once: a second rollback is the release's to answer for
+                log.warning("installing version %s once more: %s", info.version, describe_rollback(state))
             # on the card before RAUC writes anything: a power cut during the install is told by it
             state.installing = record
             state.save(self.state_path)
+            (self.directory / BOOT_VERDICTS_FILE).unlink(missing_ok=True)  # the new slot's trial starts
             try:
                 self.rauc.install(bundle)
             finally:
@@ -789,8 +811,24 @@ class Updater:
             "at": self.clock(),
             "booted_slot": booted,
             "booted_version": _booted_version(status) or "",
+            "failed_boots": self.failed_boots(str(installed["slot"])),
         }
-        log.error("%s (journalctl -b -1 -u lastmile-mark-good shows why)", describe_rollback(state))
+        if retry_due(state):
+            log.warning("%s", describe_rollback(state))
+        else:
+            log.error("%s (journalctl -b -1 -u lastmile-mark-good shows why)", describe_rollback(state))
+
+    def failed_boots(self, slot: str) -> int | None:
+        """Boots of `slot` lastmile-mark-good failed since the last install; None when its notes
+        cannot be read (then the rollback is not taken for the power's)."""
+        try:
+            text = (self.directory / BOOT_VERDICTS_FILE).read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            log.warning("lastmile-mark-good's notes unreadable: %s", exc)
+            return None
+        return sum(1 for line in text.splitlines() if line.split()[1:2] == [slot])
 
     # -- rounds ------------------------------------------------------------------------------
     def offers(
@@ -811,7 +849,9 @@ class Updater:
         now = self.clock()
         # due: never asked, the interval passed, or the clock went back (a Pi without its RTC)
         interval = self.settings.poll_interval_h * 3600
-        if self.settings.url and (not state.last_poll or not 0 < now - state.last_poll < interval or look):
+        # due too while a rollback's bundle waits to be installed once more (retry_due)
+        due = not state.last_poll or not 0 < now - state.last_poll < interval or retry_due(state)
+        if self.settings.url and (due or look):
             if not look:
                 state.last_poll = now
             found.append(self.check_index(state, self.settings.url))

@@ -15,7 +15,8 @@ second disk holding two bundles made here from the image's own root):
 3-5. slot A, bad: its acquire service never reaches READY, so lastmile-mark-good gives up after
    its deadline (120 s in the bad root, 600 s on the image) and reboots; each boot took a try;
 6. slot B again (A has no tries left), marked good again, the ECG still queued; an update round
-   records the rollback (installed into A, B runs, with its version).
+   records the rollback (installed into A, B runs, with its version; A's three boots noted failed by
+   lastmile-mark-good: the release's fault, not installed once more).
 
 The bad root is the good one with two drop-ins written in by debugfs: lastmile-acquire's
 ExecStart replaced by /bin/false, and lastmile-mark-good's deadline shortened to 120 s (three
@@ -236,6 +237,9 @@ def test_a_good_update_is_taken_a_bad_one_rolls_back_and_the_outbox_survives(ima
     assert (installed["version"], installed["slot"]) == ("0.0.0+ab-bad", "A"), round_
     rolled_back = installed["rolled_back"]
     assert (rolled_back["booted_slot"], rolled_back["booted_version"]) == ("B", "0.0.0+ab-good"), round_
+    # lastmile-mark-good noted each of A's three failed boots on the data partition: the release's
+    # fault, not the power's, so the bad bundle is not installed once more
+    assert rolled_back["failed_boots"] == 3 and not installed.get("retried"), round_
     print(json.dumps(card.timings, indent=1))
 
 

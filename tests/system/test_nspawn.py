@@ -367,7 +367,7 @@ def run_mark_good(c: Container, left: str) -> tuple[dict[str, str], str, float]:
     """Start lastmile-mark-good with BOOT_A_LEFT = `left` (as U-Boot left it this boot); its end state,
     its journal and how long it ran."""
     c.write("/etc/test-env/BOOT_A_LEFT", left + "\n")
-    c.exec("rm", "-f", "/var/lib/test-rauc.log")
+    c.exec("rm", "-f", "/var/lib/test-rauc.log", BOOT_VERDICTS)
     c.exec("systemctl", "stop", "lastmile-mark-good.service")
     c.exec("systemctl", "reset-failed", "lastmile-mark-good.service", check=False)
     # Its Wants= start the recording services again (as at boot): a refused configuration fails them
@@ -387,6 +387,16 @@ def run_mark_good(c: Container, left: str) -> tuple[dict[str, str], str, float]:
     took = time.monotonic() - t
     journal = c.exec("journalctl", f"_SYSTEMD_INVOCATION_ID={props['InvocationID']}", "-o", "cat", "--no-pager").stdout
     return props, journal, took
+
+
+BOOT_VERDICTS = "/var/lib/lastmile/updates/boot-verdicts"  # lastmile-mark-good's notes of failed boots
+
+
+def failed_boots(c: Container) -> list[str]:
+    """lastmile-mark-good's notes, with this boot's id as "<boot>"."""
+    boot_id = c.exec("cat", "/proc/sys/kernel/random/boot_id").stdout.strip()
+    notes = c.exec("cat", BOOT_VERDICTS, check=False).stdout
+    return notes.replace(boot_id, "<boot>").splitlines()
 
 
 def rauc_calls(c: Container) -> list[str]:
@@ -425,6 +435,7 @@ def test_a_slot_on_trial_is_marked_good_once_its_services_stayed_up_a_minute(con
     assert rauc_calls(container) == ["status mark-good booted"]
     assert 60 <= took < 90, took  # the minute, not the deadline (20 s here: it does not cut the minute)
     assert "lastmile-mark-good: slot A marked good" in journal, journal
+    assert failed_boots(container) == []
 
 
 @pytest.mark.parametrize("left", ["8", "3"])  # a proven slot's 9 less this boot; 3: six cut boots later
@@ -436,6 +447,7 @@ def test_a_refused_configuration_marks_a_proven_slot_good(refused_configuration:
     assert rauc_calls(c) == ["status mark-good booted"]
     assert took < MARK_GOOD_DEADLINE_S, took
     assert "the configuration is refused (exit 78: " in journal and "is proven" in journal, journal
+    assert failed_boots(c) == []
     for unit in SERVICES:  # the services' own state is what the script judged
         assert refused(c, unit), unit
 
@@ -449,6 +461,7 @@ def test_a_refused_configuration_fails_a_slot_on_trial_at_once(refused_configura
     assert rauc_calls(c) == []
     assert took < MARK_GOOD_DEADLINE_S, took  # at once, not after the deadline
     assert f"by slot A on trial (BOOT_A_LEFT={left})" in journal, journal
+    assert failed_boots(c) == ["<boot> A refused"]  # the release's fault: its bundle is not installed again
 
 
 def test_a_service_that_fails_otherwise_is_not_a_refused_configuration(container: Container) -> None:
@@ -469,6 +482,7 @@ def test_a_service_that_fails_otherwise_is_not_a_refused_configuration(container
         # each unit's state as the script read it (one systemctl for all three)
         assert "lastmile-mark-good: lastmile-ble.service: failed, 0 restarts" in journal, journal
         assert "lastmile-mark-good: lastmile-acquire.service: active, 0 restarts" in journal, journal
+        assert failed_boots(c) == ["<boot> A unhealthy"]
     finally:
         c.exec("rm", "-f", dropin)
         c.exec("systemctl", "daemon-reload")
