@@ -763,7 +763,7 @@ class Doctor:
             ]
         findings = []
         installed = str(state.installed.get("version", ""))
-        if rolled_back(state) is not None and retry_due(state):  # power cuts: installed once more
+        if retry_due(state):  # a rollback by power cuts: installed once more
             findings.append(
                 Finding(
                     "update",
