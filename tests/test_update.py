@@ -1040,6 +1040,14 @@ def test_a_power_cut_during_rauc_install_leaves_a_slot_that_boots_and_the_instal
     assert gw.writes() == RAUC_INSTALL_WRITES[:writes]
     state = json.loads((updates_dir(config) / STATE_FILE).read_text())
     assert state["installing"]["version"] == "0.3.0" and state["installing"]["slot"] == "B", state
+    status = subprocess.run(
+        [sys.executable, "-m", "lastmile", "--config", str(source), "update", "status"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    assert "installing: version 0.3.0 into slot B" in status and "正在安装新版本" in status, status
     assert "version" not in state["installed"]
     assert list(updates_dir(config).glob("*.raucb"))  # the bundle, kept for the install again
     if torn:

@@ -97,6 +97,10 @@ def _status(args: argparse.Namespace) -> int:
             f"last round: {clinic_time(dt.datetime.fromtimestamp(last['at'], dt.timezone.utc))}: {OUTCOME_ZH[outcome]}"
         )
         print(f"  {outcome.value}: {last['message']}")
+    if state.installing:  # a round is writing the other slot (or was, when the power went)
+        started = clinic_time(dt.datetime.fromtimestamp(float(state.installing.get("at", 0)), dt.timezone.utc))
+        print(f"installing: version {state.installing.get('version')} into slot {state.installing.get('slot') or '?'}")
+        print(f"  正在安装新版本（检查照常进行）; started {started}")
     if state.installed:
         waiting = " (waiting to reboot into it)" if reboot_pending(state) else ""
         print(f"installed: version {state.installed.get('version')}{waiting}")
