@@ -130,14 +130,20 @@ def system(data: ClinicData, now: dt.datetime, is_admin: bool) -> dict[str, Any]
 
 
 def update_status(config: Config) -> dict[str, str]:
-    """The software update in a word the page translates: off, ready (a new slot waits for a quiet
-    moment), rolled-back (the new version did not come up: the old one runs), failed (the county
-    must act), offline (waiting for the link), current."""
-    from lastmile.services.update import Outcome, read_state, reboot_pending, rolled_back
+    """The software update in a word the page translates: off, installing (the other slot is being
+    written), ready (a new slot waits for a quiet moment), retrying (the new version's first boots
+    were all cut by the power: it is installed once more), rolled-back (the new version did not come
+    up: the old one runs), failed (the county must act), offline (waiting for the link), current."""
+    from lastmile.clock import read_boot_id
+    from lastmile.services.update import Outcome, read_state, reboot_pending, retry_due, rolled_back
 
     if not config.update.enabled:
         return {"state": "off"}
     state = read_state(config.data_dir)
+    if state is not None and state.installing.get("boot_id") == read_boot_id():
+        return {"state": "installing", "version": str(state.installing.get("version", ""))}
+    if state is not None and retry_due(state):
+        return {"state": "retrying", "version": str(state.installed.get("version", ""))}
     if state is not None and rolled_back(state) is not None:  # until the next version is installed
         return {"state": "rolled-back", "version": str(state.installed.get("version", ""))}
     if state is not None and reboot_pending(state):
