@@ -951,13 +951,56 @@ def parse_config(text: str, where: str = "<string>") -> Config:
     return config
 
 
+def config_file(path: str | os.PathLike[str] | None = None) -> tuple[Path, bool]:
+    """The configuration file read: `path`, else $LASTMILE_CONFIG, else the default; and whether
+    it was named (a named file must exist)."""
+    explicit = path is not None or "LASTMILE_CONFIG" in os.environ
+    return Path(path if path is not None else os.environ.get("LASTMILE_CONFIG", DEFAULT_CONFIG_PATH)), explicit
+
+
+def salvage_console_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """What the console needs to say that the configuration is refused (lastmile.console.refused):
+    `console.listen`, `console.https`, `console.language` and `gateway.data_dir` (its certificate)
+    from the refused file, each where it is itself valid; the defaults for the rest, and for all of
+    them when the file is not even TOML. Plain HTTP stays loopback-only."""
+    config = Config()
+    p, _ = config_file(path)
+    config.source = str(p)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return config
+
+    def value(section: str, key: str, kind: type) -> typing.Any:
+        table = data.get(section)
+        found = table.get(key) if isinstance(table, dict) else None
+        return found if isinstance(found, kind) else None
+
+    data_dir = value("gateway", "data_dir", str)
+    if data_dir and os.path.isabs(data_dir):
+        config.gateway.data_dir = data_dir
+    if value("console", "language", str) in _CHOICES[("console", "language")]:
+        config.console.language = value("console", "language", str)
+    listen, https = value("console", "listen", str), value("console", "https", bool)
+    console = ConsoleSection(
+        listen=listen if listen is not None else config.console.listen,
+        https=https if https is not None else config.console.https,
+        language=config.console.language,
+    )
+    trial = Config(console=console)
+    problems = _Problems("", config.source)
+    _check_console(trial, problems)
+    if not problems.found:
+        config.console = console
+    return config
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     """Read the configuration; with no path, $LASTMILE_CONFIG or /etc/lastmile/lastmile.toml.
 
     A missing default file gives the defaults (a fresh image); a missing named file is an error.
     """
-    explicit = path is not None or "LASTMILE_CONFIG" in os.environ
-    p = Path(path if path is not None else os.environ.get("LASTMILE_CONFIG", DEFAULT_CONFIG_PATH))
+    p, explicit = config_file(path)
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:

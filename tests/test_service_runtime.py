@@ -24,7 +24,14 @@ import pytest
 from devices.identity import Patient
 from lastmile.config import Config, ConfigError, parse_config
 from lastmile.logs import JournalFormatter, PatientDataFilter, configure_logging
-from lastmile.services.runtime import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ServiceRuntime
+from lastmile.services.runtime import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_RESTART,
+    RestartRequested,
+    ServiceRuntime,
+)
 from lastmile.services.sdnotify import SystemdNotifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -272,6 +279,85 @@ def test_a_refused_configuration_exits_78_without_ready(manager: Manager) -> Non
     msgs = manager.drain(0.2)
     assert not any("READY=1" in m for m in msgs)
     assert any("ERRNO=78" in m for m in msgs)
+
+
+class RefusedPage(Recorder):
+    """What runs instead while the configuration is refused (the console's page): ends itself
+    with RestartRequested at `restart_at` steps (the file was fixed)."""
+
+    def __init__(self, error: ConfigError, restart_at: int | None = None) -> None:
+        super().__init__(Config())
+        self.error = error
+        self.restart_at = restart_at
+
+    def step(self, stop: threading.Event) -> float:
+        self.steps += 1
+        if self.restart_at is not None and self.steps >= self.restart_at:
+            raise RestartRequested("configuration accepted")
+        if self.steps >= 5:
+            stop.set()
+        return 0.01
+
+    def status_line(self) -> str:
+        return f"configuration refused: {self.error}; the page says so"
+
+
+def test_a_refused_configuration_runs_what_the_service_gives_instead(manager: Manager) -> None:
+    def bad() -> Config:
+        raise ConfigError("lastmile.toml:3: unknown key 'x'")
+
+    made: list[RefusedPage] = []
+    rt = runtime(manager, load=bad)
+    setups: list[Config] = []
+    code = rt.run(
+        lambda c: setups.append(c) or Recorder(c), on_config_refused=lambda e: made.append(RefusedPage(e)) or made[-1]
+    )
+    assert code == EXIT_OK and not setups  # stopped (SIGTERM): 0
+    assert made[0].steps == 5 and made[0].closed and "unknown key 'x'" in str(made[0].error)
+    msgs = manager.drain(0.2)
+    assert any("ERRNO=78" in m for m in msgs)
+    ready = next(m for m in msgs if "READY=1" in m)
+    assert "STATUS=configuration refused: lastmile.toml:3: unknown key 'x'" in ready, ready
+
+
+def test_a_configuration_refused_at_setup_runs_it_too(manager: Manager) -> None:
+    def setup(c: Config) -> Recorder:
+        raise ConfigError("console.listen: cannot be used")
+
+    made: list[RefusedPage] = []
+    code = runtime(manager).run(setup, on_config_refused=lambda e: made.append(RefusedPage(e)) or made[-1])
+    assert code == EXIT_OK and made[0].steps == 5
+
+
+def test_what_runs_instead_asks_for_a_restart_once_the_file_is_fixed(manager: Manager) -> None:
+    def bad() -> Config:
+        raise ConfigError("x")
+
+    made: list[RefusedPage] = []
+    rt = runtime(manager, load=bad)
+    code = rt.run(
+        lambda c: Recorder(c), on_config_refused=lambda e: made.append(RefusedPage(e, restart_at=2)) or made[-1]
+    )
+    assert code == EXIT_RESTART and made[0].closed and made[0].steps == 2
+    manager.wait_for("STOPPING=1")
+
+
+def test_when_that_cannot_start_either_the_exit_is_78(manager: Manager) -> None:
+    def bad() -> Config:
+        raise ConfigError("x")
+
+    def fallback(error: ConfigError) -> RefusedPage:
+        raise OSError(98, "Address already in use")
+
+    assert runtime(manager, load=bad).run(lambda c: Recorder(c), on_config_refused=fallback) == EXIT_CONFIG
+    assert not any("READY=1" in m for m in manager.drain(0.2))
+
+
+def test_a_good_configuration_never_calls_it(manager: Manager) -> None:
+    called: list[ConfigError] = []
+    rt = runtime(manager)
+    code = rt.run(lambda c: Recorder(c, fail_at=2), on_config_refused=lambda e: called.append(e) or RefusedPage(e))
+    assert code == EXIT_FAILURE and not called
 
 
 def test_setup_failure_from_a_bug_is_exit_1_and_never_ready(manager: Manager) -> None:

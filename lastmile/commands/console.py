@@ -7,8 +7,13 @@ import argparse
 import datetime as dt
 import getpass
 import sys
+from typing import TYPE_CHECKING
 
 from lastmile.commands.common import DATA_DIR
+
+if TYPE_CHECKING:
+    from lastmile.config import Config
+    from lastmile.console.refused import RefusedConsole
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,11 +53,23 @@ def _console(args: argparse.Namespace) -> int:
 
     prepare_console_process()
     from lastmile.commands.common import config_from_args
+    from lastmile.config import ConfigError, salvage_console_config
     from lastmile.console.service import ConsoleService
     from lastmile.services.runtime import ServiceRuntime
 
-    runtime = ServiceRuntime("console", load_config=lambda: config_from_args(args))
-    return runtime.run(ConsoleService.start)
+    def load() -> Config:
+        return config_from_args(args)
+
+    def refused(error: ConfigError) -> RefusedConsole:
+        from lastmile.console.refused import RefusedConsole
+
+        salvaged = salvage_console_config(getattr(args, "config", None))
+        if getattr(args, "data_dir", None):
+            salvaged.set_data_dir(args.data_dir)
+        return RefusedConsole.start(salvaged, error, load_config=load)
+
+    runtime = ServiceRuntime("console", load_config=load)
+    return runtime.run(ConsoleService.start, on_config_refused=refused)
 
 
 def _accounts(args: argparse.Namespace):  # -> Accounts, imported lazily

@@ -42,13 +42,14 @@ from lastmile.logs import PatientDataFilter, describe_fault, mask_patient_data
 from lastmile.services.sdnotify import SystemdNotifier
 
 if TYPE_CHECKING:
-    from lastmile.config import Config
+    from lastmile.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # systemd restarts us (Restart=on-failure)
 EXIT_CONFIG = 78  # EX_CONFIG: the units list it in RestartPreventExitStatus
+EXIT_RESTART = 75  # EX_TEMPFAIL: a service asked for a fresh start (Restart=on-failure gives it)
 STATUS_INTERVAL_S = 1.0
 FAULT_BACKOFF_FIRST_S = 5.0  # first retry after an operational fault, doubled each time
 FAULT_BACKOFF_MAX_S = 300.0
@@ -65,6 +66,11 @@ def is_operational(exc: BaseException) -> bool:
     if isinstance(exc, sqlite3.DatabaseError):  # locked, full, read-only, malformed; not a misuse
         return isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError
     return isinstance(exc, (OSError, DataDirError, UploadError))
+
+
+class RestartRequested(Exception):
+    """Raised by a service's step or reload: exit with EXIT_RESTART so that systemd starts the
+    process afresh (the console leaving its refused-configuration page for the real one)."""
 
 
 class Service(Protocol):
@@ -142,8 +148,16 @@ class ServiceRuntime:
         wd = self.notifier.watchdog_s
         return wd * self.watchdog_margin if wd else None
 
-    def run(self, setup: Callable[[Config], Service]) -> int:
-        """Set up, announce READY, step until stopped; returns the process exit code."""
+    def run(
+        self,
+        setup: Callable[[Config], Service],
+        *,
+        on_config_refused: Callable[[ConfigError], Service] | None = None,
+    ) -> int:
+        """Set up, announce READY, step until stopped; returns the process exit code.
+
+        A refused configuration exits EXIT_CONFIG, unless `on_config_refused` gives a service to
+        run instead (the console's page that says so); if that cannot start either, EXIT_CONFIG."""
         from lastmile.config import ConfigError
 
         signals = _SignalWatcher(self) if self.install_signal_handlers else None
@@ -157,9 +171,7 @@ class ServiceRuntime:
                 config = self.load_config()
             except ConfigError as exc:
                 self._early_logging()
-                log.error("configuration refused: %s", exc)
-                self.notifier.notify(f"STATUS=configuration refused: {_first_line(exc)}", "ERRNO=78")
-                return EXIT_CONFIG
+                return self._refused(exc, on_config_refused)
             if self.configure_logging:
                 self.log_filter = logs.configure_logging(config)
             log.info("%s starting (config %s, data %s)", self.name, config.source, config.data_dir)
@@ -168,9 +180,7 @@ class ServiceRuntime:
                     service = setup(config)
                     break
                 except ConfigError as exc:
-                    log.error("configuration refused: %s", exc)
-                    self.notifier.notify(f"STATUS=configuration refused: {_first_line(exc)}", "ERRNO=78")
-                    return EXIT_CONFIG
+                    return self._refused(exc, on_config_refused)
                 except Exception as exc:
                     if not is_operational(exc):
                         log.exception("%s could not start", self.name)
@@ -186,18 +196,36 @@ class ServiceRuntime:
                         except ConfigError as cexc:
                             log.error("reload: configuration refused, keeping the running one: %s", cexc)
             self._fault_cleared()
-            try:
-                return self._loop(service)
-            finally:
-                self.notifier.stopping(f"{self.name}: stopping")
-                try:
-                    service.close()
-                except Exception:
-                    log.exception("%s: close failed", self.name)
-                log.info("%s stopped", self.name)
+            return self._serve(service)
         finally:
             if signals:
                 signals.uninstall()
+
+    def _refused(self, exc: ConfigError, fallback: Callable[[ConfigError], Service] | None) -> int:
+        log.error("configuration refused: %s", exc)
+        self.notifier.notify(f"STATUS=configuration refused: {_first_line(exc)}", "ERRNO=78")
+        if fallback is None:
+            return EXIT_CONFIG
+        try:
+            service = fallback(exc)
+        except Exception:
+            log.exception("%s: what runs while the configuration is refused could not start", self.name)
+            return EXIT_CONFIG
+        return self._serve(service)
+
+    def _serve(self, service: Service) -> int:
+        try:
+            return self._loop(service)
+        except RestartRequested as exc:
+            log.warning("%s: %s", self.name, exc)
+            return EXIT_RESTART
+        finally:
+            self.notifier.stopping(f"{self.name}: stopping")
+            try:
+                service.close()
+            except Exception:
+                log.exception("%s: close failed", self.name)
+            log.info("%s stopped", self.name)
 
     def _loop(self, service: Service) -> int:
         self.ready_after = time.monotonic() - self.started
@@ -214,6 +242,8 @@ class ServiceRuntime:
             if self._reload_requested:
                 try:
                     self._reload(service)
+                except RestartRequested:
+                    raise
                 except Exception:
                     log.exception("%s: reload failed; exiting so systemd restarts the service", self.name)
                     return EXIT_FAILURE
@@ -221,6 +251,8 @@ class ServiceRuntime:
             began = time.monotonic()
             try:
                 delay = service.step(stop)
+            except RestartRequested:
+                raise
             except Exception as exc:
                 if not is_operational(exc):
                     log.exception("%s: step failed; exiting so systemd restarts the service", self.name)

@@ -1,0 +1,215 @@
+"""The console while the configuration is refused: one page, on every path, that says so.
+
+A broken lastmile.toml (not TOML, an unknown key, a value out of range) makes every service exit
+78 (EX_CONFIG, which systemd does not restart): nothing records or sends. The doctor, who has no
+command line, would see only "cannot connect". Instead the console stays up on what can be
+salvaged of `[console]` (`salvage_console_config`) and answers every request with a 503 page in
+Chinese (English on request): the settings file has an error, nothing is recorded or sent until
+it is fixed, what was recorded is safe, tell the county IT office; and the file's first error
+for the technician. No login and no patient data: nothing behind the page is trusted.
+
+It checks the file every few seconds (and on SIGHUP): once it loads, the process exits with
+`EXIT_RESTART` so that systemd (Restart=on-failure) starts the real console.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lastmile import __version__
+from lastmile.config import Config, ConfigError
+
+if TYPE_CHECKING:
+    import socket
+
+    import uvicorn
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.types import ASGIApp
+
+log = logging.getLogger(__name__)
+
+CONFIG_CHECK_S = 5.0  # how soon a fixed file brings the real console back
+RETRY_AFTER_S = 60
+START_TIMEOUT_S = 30.0
+
+
+def first_line(exc: BaseException | str) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
+@dataclass
+class RefusedPage:
+    """What the page says; `error` changes when the file is edited and is still refused."""
+
+    error: str
+    default_language: str = "zh-CN"
+
+
+def refused_app(page: RefusedPage, *, https: bool) -> ASGIApp:
+    """The 503 page on every path and method; the console's static files for its look."""
+    from starlette.applications import Starlette
+    from starlette.responses import HTMLResponse
+    from starlette.routing import Mount, Route
+    from starlette.staticfiles import StaticFiles
+
+    from lastmile.console.app import HERE, SecurityHeaders, make_templates
+    from lastmile.console.i18n import LANGUAGE_NAMES, LANGUAGES, Localizer, negotiate
+
+    template = make_templates().get_template("refused.html")
+
+    async def refused(request: Request) -> Response:
+        asked = request.query_params.get("lang", "")
+        language = (
+            asked if asked in LANGUAGES else negotiate(request.headers.get("accept-language"), page.default_language)
+        )
+        loc = Localizer(language, dt.timezone.utc)
+        html = template.render(
+            _=loc.gettext,
+            lang=language,
+            languages=LANGUAGE_NAMES,
+            error=page.error,
+            login=None,  # base.html: no navigation, no alerts
+            version=__version__,
+            https=https,
+        )
+        return HTMLResponse(html, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]  # GET brings HEAD
+    app = Starlette(
+        routes=[
+            Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
+            Route("/{path:path}", refused, methods=methods),
+        ]
+    )
+    return SecurityHeaders(app, https=https)
+
+
+class RefusedConsole:
+    """The `Service` `lastmile console` runs while its configuration is refused."""
+
+    def __init__(
+        self,
+        config: Config,
+        error: ConfigError,
+        *,
+        load_config: Callable[[], Config],
+        sock: socket.socket | None = None,
+    ) -> None:
+        self.config = config  # the salvaged one: where to listen, the certificate's directory
+        self.page = RefusedPage(first_line(error), config.console.language)
+        self.load_config = load_config
+        self._sock = sock
+        self._file = Path(config.source)
+        self._seen = self._signature()
+        self.server: uvicorn.Server | None = None
+        self.thread: threading.Thread | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.url = ""
+
+    @classmethod
+    def start(cls, config: Config, error: ConfigError, *, load_config: Callable[[], Config]) -> RefusedConsole:
+        console = cls(config, error, load_config=load_config)
+        console.serve()
+        return console
+
+    def _signature(self) -> tuple[int, int] | None:
+        try:
+            st = self._file.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def serve(self) -> None:
+        import uvicorn
+
+        from lastmile.console.service import bind, parse_listen
+        from lastmile.console.tls import ensure_certificate
+
+        listen = parse_listen(self.config)
+        if self._sock is None:
+            self._sock = bind(listen)  # OSError (the port taken): the runtime gives up, exit 78
+        https = self.config.console.https
+        certificate = ensure_certificate(self.config.data_dir, listen.host) if https else None
+        host, port = self._sock.getsockname()[:2]
+        shown = "127.0.0.1" if host == "0.0.0.0" else host
+        self.url = f"{'https' if https else 'http'}://{f'[{shown}]' if ':' in shown else shown}:{port}"
+        uv_config = uvicorn.Config(
+            refused_app(self.page, https=https),
+            http="h11",
+            loop="asyncio",
+            ws="none",
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            proxy_headers=False,
+            timeout_graceful_shutdown=3,
+            ssl_certfile=str(certificate.cert_path) if certificate else None,
+            ssl_keyfile=str(certificate.key_path) if certificate else None,
+        )
+        self.server = server = uvicorn.Server(uv_config)
+        sock = self._sock
+
+        def run() -> None:
+            async def main() -> None:
+                self.loop = asyncio.get_running_loop()
+                await server.serve(sockets=[sock])
+
+            try:
+                asyncio.run(main())
+            except BaseException:
+                log.exception("the refused configuration's page stopped")
+
+        self.thread = threading.Thread(target=run, name="console-refused", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the refused configuration's page did not start")
+            time.sleep(0.01)
+        log.warning("configuration refused: the console says so on %s until lastmile.toml is fixed", self.url)
+
+    # -- Service ------------------------------------------------------------------------------
+    def step(self, stop: threading.Event) -> float:
+        from lastmile.services.runtime import RestartRequested
+
+        if self.thread is None or not self.thread.is_alive():
+            raise RuntimeError("the refused configuration's page stopped answering")
+        seen = self._signature()
+        if seen != self._seen:  # edited: fixed, or refused for another reason
+            self._seen = seen
+            try:
+                self.load_config()
+            except ConfigError as exc:
+                if first_line(exc) != self.page.error:
+                    log.error("configuration still refused: %s", exc)
+                    self.page.error = first_line(exc)
+            else:
+                raise RestartRequested("configuration accepted: restarting into the console")
+        return CONFIG_CHECK_S
+
+    def reload(self, config: Config) -> None:
+        """SIGHUP with a file that loads (the runtime keeps us for one that does not)."""
+        from lastmile.services.runtime import RestartRequested
+
+        raise RestartRequested("configuration accepted: restarting into the console")
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+        if self.thread is not None:
+            self.thread.join(timeout=15)
+        if self._sock is not None:
+            self._sock.close()
+
+    def status_line(self) -> str:
+        return f"configuration refused: {self.page.error}; the console says so on {self.url}"
