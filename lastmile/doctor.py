@@ -337,7 +337,10 @@ class Doctor:
             text = f"{unit}: {state}, {restarts} restarts" + (
                 f", {props['StatusText']}" if props.get("StatusText") else ""
             )
-            if props.get("ActiveState") == "active":
+            if props.get("StatusText", "").startswith("configuration refused"):
+                # up only to say so (the console's page): nothing records or sends
+                out.append(Finding("services", Level.FAIL, text, "lastmile config check says what is wrong"))
+            elif props.get("ActiveState") == "active":
                 level = Level.WARN if int(restarts or 0) > 5 else Level.OK
                 out.append(
                     Finding(

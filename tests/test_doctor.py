@@ -155,6 +155,14 @@ def test_services_the_console_is_optional_the_others_are_not(tmp_path: Path) -> 
         "LoadState=loaded\nUnitFileState=enabled\nActiveState=failed\nSubState=failed\nNRestarts=9\n"
     )
     assert doctor(tmp_path, run=fake, systemd_run_dir=tmp_path / "systemd").check_services()[3].level is Level.FAIL
+    # up, but only to show the doctor that lastmile.toml is refused (lastmile/console/refused.py)
+    units["lastmile-console.service"] = (
+        "LoadState=loaded\nUnitFileState=enabled\nActiveState=active\nSubState=running\nNRestarts=0\n"
+        "StatusText=configuration refused: /etc/lastmile/lastmile.toml:7: unknown key 'x'; the console says so on "
+        "https://127.0.0.1:8443\n"
+    )
+    console = doctor(tmp_path, run=fake, systemd_run_dir=tmp_path / "systemd").check_services()[3]
+    assert console.level is Level.FAIL and "unknown key 'x'" in console.message, console
     units["lastmile-ble.service"] = "LoadState=loaded\nUnitFileState=enabled\nActiveState=inactive\nSubState=dead\n"
     assert doctor(tmp_path, run=fake, systemd_run_dir=tmp_path / "systemd").check_services()[1].level is Level.FAIL
     no_systemd = doctor(tmp_path, run=fake, systemd_run_dir=tmp_path / "absent")
