@@ -979,8 +979,9 @@ def salvage_console_config(path: str | os.PathLike[str] | None = None) -> Config
     data_dir = value("gateway", "data_dir", str)
     if data_dir and os.path.isabs(data_dir):
         config.gateway.data_dir = data_dir
-    if value("console", "language", str) in _CHOICES[("console", "language")]:
-        config.console.language = value("console", "language", str)
+    language = value("console", "language", str)
+    if language in _CHOICES[("console", "language")]:
+        config.console.language = language
     listen, https = value("console", "listen", str), value("console", "https", bool)
     console = ConsoleSection(
         listen=listen if listen is not None else config.console.listen,

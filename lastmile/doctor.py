@@ -317,6 +317,8 @@ class Doctor:
         return "no time daemon found; year check only", False
 
     def check_services(self) -> list[Finding]:
+        from lastmile.services.runtime import CONFIG_REFUSED
+
         if not self.systemd_run_dir.is_dir():
             return [Finding("services", Level.SKIP, "systemd is not running here")]
         out = []
@@ -337,7 +339,7 @@ class Doctor:
             text = f"{unit}: {state}, {restarts} restarts" + (
                 f", {props['StatusText']}" if props.get("StatusText") else ""
             )
-            if props.get("StatusText", "").startswith("configuration refused"):
+            if props.get("StatusText", "").startswith(CONFIG_REFUSED):
                 # up only to say so (the console's page): nothing records or sends
                 out.append(Finding("services", Level.FAIL, text, "lastmile config check says what is wrong"))
             elif props.get("ActiveState") == "active":

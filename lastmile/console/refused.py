@@ -18,7 +18,6 @@ import asyncio
 import datetime as dt
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from lastmile import __version__
 from lastmile.config import Config, ConfigError
+from lastmile.services.runtime import CONFIG_REFUSED, RestartRequested, first_line
 
 if TYPE_CHECKING:
     import socket
@@ -39,11 +39,6 @@ log = logging.getLogger(__name__)
 
 CONFIG_CHECK_S = 5.0  # how soon a fixed file brings the real console back
 RETRY_AFTER_S = 60
-START_TIMEOUT_S = 30.0
-
-
-def first_line(exc: BaseException | str) -> str:
-    return (str(exc).strip().splitlines() or [""])[0]
 
 
 @dataclass
@@ -102,17 +97,16 @@ class RefusedConsole:
         error: ConfigError,
         *,
         load_config: Callable[[], Config],
-        sock: socket.socket | None = None,
     ) -> None:
         self.config = config  # the salvaged one: where to listen, the certificate's directory
         self.page = RefusedPage(first_line(error), config.console.language)
         self.load_config = load_config
-        self._sock = sock
         self._file = Path(config.source)
         self._seen = self._signature()
+        self._sock: socket.socket | None = None
         self.server: uvicorn.Server | None = None
         self.thread: threading.Thread | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
+        self.error: BaseException | None = None
         self.url = ""
 
     @classmethod
@@ -129,59 +123,30 @@ class RefusedConsole:
         return st.st_mtime_ns, st.st_size
 
     def serve(self) -> None:
-        import uvicorn
-
-        from lastmile.console.service import bind, parse_listen
+        from lastmile.console.service import bind, parse_listen, served_url, uvicorn_server, wait_started
         from lastmile.console.tls import ensure_certificate
 
         listen = parse_listen(self.config)
-        if self._sock is None:
-            self._sock = bind(listen)  # OSError (the port taken): the runtime gives up, exit 78
+        self._sock = sock = bind(listen)  # OSError (the port taken): the runtime gives up, exit 78
         https = self.config.console.https
         certificate = ensure_certificate(self.config.data_dir, listen.host) if https else None
-        host, port = self._sock.getsockname()[:2]
-        shown = "127.0.0.1" if host == "0.0.0.0" else host
-        self.url = f"{'https' if https else 'http'}://{f'[{shown}]' if ':' in shown else shown}:{port}"
-        uv_config = uvicorn.Config(
-            refused_app(self.page, https=https),
-            http="h11",
-            loop="asyncio",
-            ws="none",
-            lifespan="off",
-            log_config=None,
-            access_log=False,
-            server_header=False,
-            proxy_headers=False,
-            timeout_graceful_shutdown=3,
-            ssl_certfile=str(certificate.cert_path) if certificate else None,
-            ssl_keyfile=str(certificate.key_path) if certificate else None,
-        )
-        self.server = server = uvicorn.Server(uv_config)
-        sock = self._sock
+        self.url = served_url(sock, https)
+        self.server = server = uvicorn_server(refused_app(self.page, https=https), certificate)
 
         def run() -> None:
-            async def main() -> None:
-                self.loop = asyncio.get_running_loop()
-                await server.serve(sockets=[sock])
-
             try:
-                asyncio.run(main())
-            except BaseException:
+                asyncio.run(server.serve(sockets=[sock]))
+            except BaseException as exc:
+                self.error = exc
                 log.exception("the refused configuration's page stopped")
 
         self.thread = threading.Thread(target=run, name="console-refused", daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the refused configuration's page did not start")
-            time.sleep(0.01)
+        wait_started(server, self.thread, "the refused configuration's page", lambda: self.error)
         log.warning("configuration refused: the console says so on %s until lastmile.toml is fixed", self.url)
 
     # -- Service ------------------------------------------------------------------------------
     def step(self, stop: threading.Event) -> float:
-        from lastmile.services.runtime import RestartRequested
-
         if self.thread is None or not self.thread.is_alive():
             raise RuntimeError("the refused configuration's page stopped answering")
         seen = self._signature()
@@ -199,8 +164,6 @@ class RefusedConsole:
 
     def reload(self, config: Config) -> None:
         """SIGHUP with a file that loads (the runtime keeps us for one that does not)."""
-        from lastmile.services.runtime import RestartRequested
-
         raise RestartRequested("configuration accepted: restarting into the console")
 
     def close(self) -> None:
@@ -212,4 +175,4 @@ class RefusedConsole:
             self._sock.close()
 
     def status_line(self) -> str:
-        return f"configuration refused: {self.page.error}; the console says so on {self.url}"
+        return f"{CONFIG_REFUSED}: {self.page.error}; the console says so on {self.url}"

@@ -22,10 +22,14 @@ from typing import TYPE_CHECKING
 from lastmile.config import Config, ConfigError, Listen
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import uvicorn
+    from starlette.types import ASGIApp
 
     from lastmile.console.app import ConsoleState
     from lastmile.console.sources import HeldEcgSource, ReportsSource
+    from lastmile.console.tls import Certificate
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +93,49 @@ def bind(listen: Listen) -> socket.socket:
     return sock
 
 
+def served_url(sock: socket.socket, https: bool) -> str:
+    """Where a browser on this machine reaches `sock` (0.0.0.0 is reached on loopback)."""
+    host, port = sock.getsockname()[:2]
+    shown = "127.0.0.1" if host == "0.0.0.0" else host
+    if ":" in shown:
+        shown = f"[{shown}]"
+    return f"{'https' if https else 'http'}://{shown}:{port}"
+
+
+def uvicorn_server(app: ASGIApp, certificate: Certificate | None) -> uvicorn.Server:
+    """uvicorn as both console pages run it: h11 on asyncio, our logging, no access log (no patient
+    IDs in URLs or logs), TLS with the console's certificate when there is one."""
+    import uvicorn
+
+    return uvicorn.Server(
+        uvicorn.Config(
+            app,
+            http="h11",
+            loop="asyncio",
+            ws="none",
+            lifespan="off",
+            log_config=None,  # ours (lastmile.logs) stays in charge
+            access_log=False,
+            server_header=False,
+            proxy_headers=False,
+            timeout_graceful_shutdown=3,
+            ssl_certfile=str(certificate.cert_path) if certificate else None,
+            ssl_keyfile=str(certificate.key_path) if certificate else None,
+        )
+    )
+
+
+def wait_started(server: uvicorn.Server, thread: threading.Thread, what: str, error: Callable[[], object]) -> None:
+    """Return once `server` (run on `thread`) accepts connections; RuntimeError if it never will."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not server.started:
+        if error() is not None or not thread.is_alive():
+            raise RuntimeError(f"{what} did not start: {error()!r}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start in time")
+        time.sleep(0.01)
+
+
 class ConsoleServer:
     """The app on its own thread and event loop; start() returns once it accepts connections."""
 
@@ -115,15 +162,9 @@ class ConsoleServer:
     @property
     def url(self) -> str:
         assert self._sock is not None
-        host, port = self._sock.getsockname()[:2]
-        shown = "127.0.0.1" if host == "0.0.0.0" else host
-        if ":" in shown:
-            shown = f"[{shown}]"
-        return f"{'https' if self.config.console.https else 'http'}://{shown}:{port}"
+        return served_url(self._sock, self.config.console.https)
 
     def start(self) -> None:
-        import uvicorn
-
         from lastmile.clock import local_zone
         from lastmile.console.app import ConsoleState, build_app
         from lastmile.console.sources import ClinicData
@@ -147,30 +188,10 @@ class ConsoleServer:
             fingerprint=certificate.fingerprint if certificate else "",
         )
         self.state = state
-        uv_config = uvicorn.Config(
-            build_app(state),
-            http="h11",
-            loop="asyncio",
-            ws="none",
-            lifespan="off",
-            log_config=None,  # ours (lastmile.logs) stays in charge
-            access_log=False,  # no patient IDs in URLs or logs
-            server_header=False,
-            proxy_headers=False,
-            timeout_graceful_shutdown=3,
-            ssl_certfile=str(certificate.cert_path) if certificate else None,
-            ssl_keyfile=str(certificate.key_path) if certificate else None,
-        )
-        self.server = uvicorn.Server(uv_config)
+        self.server = uvicorn_server(build_app(state), certificate)
         self.thread = threading.Thread(target=self._run, name="console-http", daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not self.server.started:
-            if self.error is not None or not self.thread.is_alive():
-                raise RuntimeError(f"the console did not start: {self.error!r}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("the console did not start in time")
-            time.sleep(0.01)
+        wait_started(self.server, self.thread, "the console", lambda: self.error)
         log.info("console serving on %s", self.url)
 
     def _run(self) -> None:

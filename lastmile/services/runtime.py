@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_FAILURE = 1  # systemd restarts us (Restart=on-failure)
 EXIT_CONFIG = 78  # EX_CONFIG: the units list it in RestartPreventExitStatus
+# how STATUS= begins while the configuration is refused (lastmile doctor reads it)
+CONFIG_REFUSED = "configuration refused"
 EXIT_RESTART = 75  # EX_TEMPFAIL: a service asked for a fresh start (Restart=on-failure gives it)
 STATUS_INTERVAL_S = 1.0
 FAULT_BACKOFF_FIRST_S = 5.0  # first retry after an operational fault, doubled each time
@@ -203,7 +205,7 @@ class ServiceRuntime:
 
     def _refused(self, exc: ConfigError, fallback: Callable[[ConfigError], Service] | None) -> int:
         log.error("configuration refused: %s", exc)
-        self.notifier.notify(f"STATUS=configuration refused: {_first_line(exc)}", "ERRNO=78")
+        self.notifier.notify(f"STATUS={CONFIG_REFUSED}: {first_line(exc)}", "ERRNO=78")
         if fallback is None:
             return EXIT_CONFIG
         try:
@@ -334,7 +336,7 @@ class ServiceRuntime:
             config = self.load_config()
         except ConfigError as exc:
             log.error("reload: configuration refused, keeping the running one: %s", exc)
-            self.notifier.ready(f"{self._status(service)} (reload refused: {_first_line(exc)})")
+            self.notifier.ready(f"{self._status(service)} (reload refused: {first_line(exc)})")
             return
         service.reload(config)
         if self.log_filter is not None:
@@ -422,5 +424,6 @@ def _note_signal(signum: int, frame: object) -> None:
     return None
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An error's first line, for STATUS= and pages (the journal has the whole message)."""
     return (str(exc).splitlines() or [type(exc).__name__])[0]
