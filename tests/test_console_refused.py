@@ -14,16 +14,18 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from lastmile.config import salvage_console_config
+from lastmile.config import ConfigError, salvage_console_config
+from lastmile.console.refused import CHECK_AGAIN_S, SETTLE_S, RefusedConsole
 from lastmile.console.tls import existing_certificate
 from lastmile.demo.loopback import free_port
-from lastmile.services.runtime import EXIT_CONFIG, EXIT_OK, EXIT_RESTART
+from lastmile.services.runtime import EXIT_CONFIG, EXIT_OK, EXIT_RESTART, RestartRequested
 from tests.console_harness import Client
 
 WAIT_S = 60.0
@@ -102,11 +104,15 @@ def test_every_path_answers_503_with_the_page_in_chinese(refused: RefusedConsole
     for method, path in (("GET", "/"), ("GET", "/login"), ("GET", "/patients/110101199003071234"), ("POST", "/login")):
         reply = client.request(method, path, form={"name": "x"} if method == "POST" else None)
         assert reply.status == 503, (method, path, reply.status)
-        assert reply.headers["retry-after"] == "60" and reply.headers["cache-control"] == "no-store"
+        assert reply.headers["retry-after"] == str(CHECK_AGAIN_S) and reply.headers["cache-control"] == "no-store"
         assert "frame-ancestors 'none'" in reply.headers["content-security-policy"]
         assert "网关配置文件有错误" in reply.body and "请告知县信息科" in reply.body, reply.body
         assert "修好之前，网关不会记录设备的检查结果，也不会发送到县里" in reply.body
         assert "之前记录的测量结果和心电图都安全保存在网关中" in reply.body
+        assert "修好之后，本页会自动回到网关控制台" in reply.body
+        # asks again by itself: console.js (data-until-fixed), a refresh without script
+        assert f'data-until-fixed="{CHECK_AGAIN_S}"' in reply.body
+        assert f'<noscript><meta http-equiv="refresh" content="{CHECK_AGAIN_S}"></noscript>' in reply.body
         assert not reply.cookies  # no login, no session: nothing behind the page is trusted
     # the error for the technician, escaped (a file's text is no markup)
     body = client.get("/").body
@@ -159,6 +165,51 @@ def test_sighup_after_the_fix_restarts_it(refused: RefusedConsoleProcess) -> Non
     refused.proc.send_signal(signal.SIGHUP)
     code, out = refused.end()
     assert code == EXIT_RESTART, out
+
+
+class _Alive:
+    """Stands in for the page's server thread: the step checks that the page still answers."""
+
+    def is_alive(self) -> bool:
+        return True
+
+
+def test_a_changed_file_is_read_only_once_it_stays_as_it_is(tmp_path: Path) -> None:
+    """An editor writing lastmile.toml in place: a half-written file that happens to load must not
+    become the console's configuration; a rename over the file (another inode, same size and
+    time) is an edit too."""
+    path = tmp_path / "lastmile.toml"
+    write_config(path, tmp_path / "data", 9443)
+    config = salvage_console_config(path)
+    read: list[str] = []
+
+    def load() -> object:
+        read.append(path.read_text())
+        if "bogus_key" in read[-1]:
+            raise ConfigError(f"{path}:9: unknown key 'outbox.bogus_key'")
+        return config
+
+    console = RefusedConsole(config, ConfigError("refused"), load_config=load)
+    console.thread = _Alive()  # type: ignore[assignment]
+    stop = threading.Event()
+    assert console.step(stop) == 5.0 and read == []  # unchanged: not read again
+    whole = path.read_text().replace(UNKNOWN_KEY, "")
+    path.write_text(whole[: whole.index("[console]")])  # half written, and valid TOML
+    assert console.step(stop) == SETTLE_S and read == []
+    path.write_text(whole)  # the rest of it, before the next look
+    assert console.step(stop) == SETTLE_S and read == []
+    with pytest.raises(RestartRequested):
+        console.step(stop)
+    assert read == [whole]  # the whole file, read once
+
+    # a rename over the file: same size and modification time, another inode
+    console._seen = console._read = console._signature()
+    other = tmp_path / "lastmile.toml.new"
+    other.write_text(whole.replace("9443", "9444"))
+    stamp = path.stat()
+    os.utime(other, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    os.replace(other, path)
+    assert console.step(stop) == SETTLE_S
 
 
 def test_when_the_page_cannot_listen_either_it_exits_78(tmp_path: Path) -> None:
@@ -263,3 +314,53 @@ def test_the_page_in_a_real_browser_on_a_tablet_and_a_phone(refused: RefusedCons
         browser.find_element(By.LINK_TEXT, "English").click()  # type: ignore[attr-defined]
         assert browser.find_element(By.TAG_NAME, "h1").text == "The gateway's settings file has an error"  # type: ignore[attr-defined]
         save_screenshot(browser, "refused-configuration-phone-en")
+
+
+@pytest.mark.timeout(300)
+def test_the_open_page_turns_into_the_console_by_itself_across_the_restart(
+    refused: RefusedConsoleProcess,
+) -> None:
+    """The doctor's tab, left open on the page: the file is fixed, the page's process ends, for a
+    while nothing listens (systemd's RestartSec, or the whole gateway rebooting), then the real
+    console starts. The tab must become the console without anyone touching it - not stay on the
+    error, and not land on the browser's own "cannot connect" page, which never comes back."""
+    from selenium.webdriver.common.by import By
+
+    from tests.console_browser import chromium, save_screenshot
+
+    def refused_error(browser: object) -> str:
+        return browser.find_element(By.ID, "refused-error").text  # type: ignore[attr-defined]
+
+    refused.wait_for("READY=1")
+    with chromium() as browser:
+        browser.get(refused.url + "/today")  # type: ignore[attr-defined]
+        assert browser.find_element(By.TAG_NAME, "h1").text == "网关配置文件有错误"  # type: ignore[attr-defined]
+        # still refused for another reason: the open page shows the newest error by itself
+        write_config(refused.config_file, refused.data_dir, refused.port, extra="[outbox]\nmin_free_mb = -3\n")
+        deadline = time.monotonic() + WAIT_S
+        while "outbox.min_free_mb" not in (shown := refused_error(browser)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "outbox.min_free_mb" in shown and "bogus_key" not in shown, shown
+        write_config(refused.config_file, refused.data_dir, refused.port, extra="")
+        code, out = refused.end()
+        assert code == EXIT_RESTART, out
+        time.sleep(CHECK_AGAIN_S * 1.5)  # the page asked at least once while nothing answered
+        assert browser.find_element(By.TAG_NAME, "h1").text == "网关配置文件有错误"  # type: ignore[attr-defined]
+        console = subprocess.Popen(
+            [sys.executable, "-m", "lastmile", "-c", str(refused.config_file), "console"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + WAIT_S + CHECK_AGAIN_S
+            while time.monotonic() < deadline:
+                if "/login" in browser.current_url:  # type: ignore[attr-defined]
+                    break
+                time.sleep(0.5)
+            save_screenshot(browser, "refused-configuration-then-console")
+            assert "/login" in browser.current_url, browser.current_url  # type: ignore[attr-defined]
+            assert browser.find_element(By.TAG_NAME, "h1").text == "登录"  # type: ignore[attr-defined]
+        finally:
+            console.terminate()
+            console.communicate(timeout=WAIT_S)

@@ -9,7 +9,10 @@ it is fixed, what was recorded is safe, tell the county IT office; and the file'
 for the technician. No login and no patient data: nothing behind the page is trusted.
 
 It checks the file every few seconds (and on SIGHUP): once it loads, the process exits with
-`EXIT_RESTART` so that systemd (Restart=on-failure) starts the real console.
+`EXIT_RESTART` so that systemd (Restart=on-failure) starts the real console. A changed file is read
+only after it stayed unchanged for a second: an editor's half-written file that happens to load
+must not become the console's configuration. The doctor's open page asks again every few seconds
+and turns into the console by itself (also across the gateway's restart, when nothing answers).
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONFIG_CHECK_S = 5.0  # how soon a fixed file brings the real console back
-RETRY_AFTER_S = 60
+SETTLE_S = 1.0  # a changed file is read once it stayed unchanged this long (not half written)
+CHECK_AGAIN_S = 10  # the open page asks again this often (console.js), and says so in Retry-After
 
 
 @dataclass
@@ -75,8 +79,9 @@ def refused_app(page: RefusedPage, *, https: bool) -> ASGIApp:
             login=None,  # base.html: no navigation, no alerts
             version=__version__,
             https=https,
+            check_again_s=CHECK_AGAIN_S,
         )
-        return HTMLResponse(html, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+        return HTMLResponse(html, status_code=503, headers={"Retry-After": str(CHECK_AGAIN_S)})
 
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]  # GET brings HEAD
     app = Starlette(
@@ -102,7 +107,7 @@ class RefusedConsole:
         self.page = RefusedPage(first_line(error), config.console.language)
         self.load_config = load_config
         self._file = Path(config.source)
-        self._seen = self._signature()
+        self._seen = self._read = self._signature()
         self._sock: socket.socket | None = None
         self.server: uvicorn.Server | None = None
         self.thread: threading.Thread | None = None
@@ -115,12 +120,13 @@ class RefusedConsole:
         console.serve()
         return console
 
-    def _signature(self) -> tuple[int, int] | None:
+    def _signature(self) -> tuple[int, int, int, int] | None:
+        """Changed by an edit in place and by an editor's rename over the file (another inode)."""
         try:
             st = self._file.stat()
         except OSError:
             return None
-        return st.st_mtime_ns, st.st_size
+        return st.st_ino, st.st_dev, st.st_mtime_ns, st.st_size
 
     def serve(self) -> None:
         from lastmile.console.service import bind, parse_listen, served_url, uvicorn_server, wait_started
@@ -152,6 +158,9 @@ class RefusedConsole:
         seen = self._signature()
         if seen != self._seen:  # edited: fixed, or refused for another reason
             self._seen = seen
+            return SETTLE_S  # read it once it stays as it is
+        if seen != self._read:
+            self._read = seen
             try:
                 self.load_config()
             except ConfigError as exc:

@@ -1,4 +1,5 @@
-// Lastmile clinic console: live panels over server-sent events, and the print button.
+// Lastmile clinic console: live panels over server-sent events, the print button, and the
+// refused configuration's page coming back as the console.
 // Pages work without it; this only swaps in what the server renders.
 (function () {
   "use strict";
@@ -6,6 +7,28 @@
     var target = event.target.closest ? event.target.closest("[data-print]") : null;
     if (target) { window.print(); }
   });
+  // The "settings file has an error" page (503): ask again every few seconds and become the console
+  // once it answers otherwise. fetch, not a reload: while the gateway restarts nothing answers, and a
+  // reload would leave the doctor on the browser's own error page, which never comes back.
+  var untilFixed = document.querySelector("[data-until-fixed]");
+  if (untilFixed && window.fetch) {
+    var every = 1000 * (parseInt(untilFixed.getAttribute("data-until-fixed"), 10) || 10);
+    var ask = function () {
+      fetch(window.location.href, { cache: "no-store", credentials: "same-origin" }).then(function (reply) {
+        if (reply.status !== 503) { window.location.reload(); return null; }
+        return reply.text();
+      }).then(function (html) {
+        if (html === null) { return; }
+        setTimeout(ask, every);
+        // still refused: show the file's newest error (the technician may be editing it)
+        var fresh = new DOMParser().parseFromString(html, "text/html").getElementById("refused-error");
+        var shown = document.getElementById("refused-error");
+        if (fresh && shown && fresh.textContent !== shown.textContent) { shown.textContent = fresh.textContent; }
+      }).catch(function () { setTimeout(ask, every); });  // nothing answers: restarting, ask again
+    };
+    setTimeout(ask, every);
+    return;
+  }
   if (!window.EventSource || !document.querySelector("[data-live]")) { return; }
   var pending = {};
   function swap(id, html, version) {
