@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 
 from lastmile import __version__
 from lastmile.config import Config, ConfigError
-from lastmile.services.runtime import CONFIG_REFUSED, RestartRequested, first_line
+from lastmile.logs import describe_fault
+from lastmile.services.runtime import CONFIG_REFUSED, RestartRequested
 
 if TYPE_CHECKING:
     import socket
@@ -104,7 +105,7 @@ class RefusedConsole:
         load_config: Callable[[], Config],
     ) -> None:
         self.config = config  # the salvaged one: where to listen, the certificate's directory
-        self.page = RefusedPage(first_line(error), config.console.language)
+        self.page = RefusedPage(describe_fault(error), config.console.language)
         self.load_config = load_config
         self._file = Path(config.source)
         self._seen = self._read = self._signature()
@@ -164,9 +165,9 @@ class RefusedConsole:
             try:
                 self.load_config()
             except ConfigError as exc:
-                if first_line(exc) != self.page.error:
+                if (error := describe_fault(exc)) != self.page.error:
                     log.error("configuration still refused: %s", exc)
-                    self.page.error = first_line(exc)
+                    self.page.error = error
             else:
                 raise RestartRequested("configuration accepted: restarting into the console")
         return CONFIG_CHECK_S

@@ -205,7 +205,7 @@ class ServiceRuntime:
 
     def _refused(self, exc: ConfigError, fallback: Callable[[ConfigError], Service] | None) -> int:
         log.error("configuration refused: %s", exc)
-        self.notifier.notify(f"STATUS={CONFIG_REFUSED}: {first_line(exc)}", "ERRNO=78")
+        self.notifier.notify(f"STATUS={CONFIG_REFUSED}: {describe_fault(exc)}", "ERRNO=78")
         if fallback is None:
             return EXIT_CONFIG
         try:
@@ -336,7 +336,7 @@ class ServiceRuntime:
             config = self.load_config()
         except ConfigError as exc:
             log.error("reload: configuration refused, keeping the running one: %s", exc)
-            self.notifier.ready(f"{self._status(service)} (reload refused: {first_line(exc)})")
+            self.notifier.ready(f"{self._status(service)} (reload refused: {describe_fault(exc)})")
             return
         service.reload(config)
         if self.log_filter is not None:
@@ -422,8 +422,3 @@ def process_age() -> float:
 def _note_signal(signum: int, frame: object) -> None:
     # The wakeup fd already carries the signal to the watcher thread; do nothing here.
     return None
-
-
-def first_line(exc: BaseException) -> str:
-    """An error's first line, for STATUS= and pages (the journal has the whole message)."""
-    return (str(exc).splitlines() or [type(exc).__name__])[0]
