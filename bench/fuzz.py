@@ -33,9 +33,9 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 import warnings
@@ -208,10 +208,14 @@ def run_worker(name: str, work_dir: Path, inputs: int, max_seconds: float | None
         f"-artifact_prefix={worker.findings_dir}/",
         str(corpus),
     ]
-    with tempfile.TemporaryDirectory(prefix=f"fuzz-{name}-") as scratch:
-        os.chdir(scratch)  # nothing a parser might write lands in the checkout
-        atheris.Setup(args, worker.one_input)
-        atheris.Fuzz()
+    # nothing a parser might write lands in the checkout. In the run's own folder, not a
+    # TemporaryDirectory: the worker ends by os._exit (or libFuzzer's exit), which never removed one
+    scratch = work_dir / "scratch" / name
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    os.chdir(scratch)
+    atheris.Setup(args, worker.one_input)
+    atheris.Fuzz()
 
 
 # -- the driver: seeds, one process per target, the table ------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,9 @@ def test_every_target_runs_under_atheris_without_a_failure(tmp_path: Path) -> No
         missing("atheris is not installed (scripts/setup.sh --test installs it on x86-64)")
     if not SHARED.is_dir():
         missing("../shared (the ECG files and GNSS logs that seed the fuzzer) is absent")
+    work, tmp = tmp_path / "work", tmp_path / "tmp"
+    work.mkdir()
+    tmp.mkdir()
     proc = subprocess.run(
         [
             sys.executable,
@@ -43,13 +47,14 @@ def test_every_target_runs_under_atheris_without_a_failure(tmp_path: Path) -> No
             "--jobs",
             "2",
             "--work-dir",
-            str(tmp_path),
+            str(work),
             "--json",
         ],
         capture_output=True,
         text=True,
         timeout=900,
-        cwd=tmp_path,
+        cwd=work,
+        env={**os.environ, "TMPDIR": str(tmp)},
     )
     assert proc.stdout.strip(), proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -63,8 +68,11 @@ def test_every_target_runs_under_atheris_without_a_failure(tmp_path: Path) -> No
         # it really ran, instrumented, past its seeds, exactly the inputs asked for
         assert t["inputs"] == SMOKE_INPUTS > t["seeds"] and t["cov"] > 0 and t["corpus"] >= 1, t
     assert proc.returncode == 0
-    # nothing outside the work dir: corpora and findings only there
-    assert {p.name for p in tmp_path.iterdir()} == {"corpus", "findings"}
+    # nothing outside the work dir: corpora and findings there, and the workers' scratch folders,
+    # which nothing wrote to; nothing left in the temporary directory (workers end by os._exit)
+    assert {p.name for p in work.iterdir()} == {"corpus", "findings", "scratch"}
+    assert [p for p in (work / "scratch").rglob("*") if not p.is_dir()] == []
+    assert list(tmp.iterdir()) == []
 
 
 @pytest.mark.parametrize("name", [n for n, t in TARGETS.items() if not t.skip])
