@@ -2,7 +2,7 @@
 
 Run as root (it puts itself, Orthanc and the link relay in a private network namespace):
 
-    .venv/bin/python bench/weak_link.py [--profile P] [--studies N] [--json]
+    .venv/bin/python bench/weak_link.py [--profile P] [--studies N] [--json] [--cpu-share 0.25]
 
 For each link profile (tests/link_emulator.py: lan, 4g, 3g, edge, satellite), with the same ECG
 objects, each sender into a fresh Orthanc through the same relay:
@@ -31,6 +31,9 @@ Figures per profile:
                       kept in the outbox (`stat_warm` 1; with --stat-only nothing was measured
                       before: 0, the first objects go unpaced). `stat_routine_waiting_min`: the
                       fewest routine studies still waiting when a STAT one came (never 0).
+`--cpu-share 0.25`: Lastmile's forward process and storescu each get a quarter of one core (a CPU
+cgroup's quota: bench/cpu_share.py), the nearest this machine comes to a Pi-class gateway; the
+relay and Orthanc keep the whole machine.
 Goals (issue 16): floor_ratio ≤ 1.10 everywhere; storescu_xd_ratio ≤ 0.6 on edge and satellite;
 stat_ratio ≤ 1.5 everywhere. With --json the last line is one JSON object: profile → figures.
 """
@@ -38,6 +41,7 @@ stat_ratio ≤ 1.5 everywhere. With --json the last line is one JSON object: pro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -54,6 +58,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.cpu_share import CpuShare  # (after the path: run as a script)
 
 ORDER = ("lan", "4g", "3g", "edge", "satellite")
 STAT_BACKLOG = 100
@@ -76,6 +82,8 @@ def worker(cfg: str, stop_file: str) -> None:
             level=logging.DEBUG if os.environ["BENCH_LOG"] == "debug" else logging.INFO,
             format="%(asctime)s.%(msecs)03d %(threadName)s %(name)s %(message)s",
         )
+        if os.environ["BENCH_LOG"] == "uploader":  # ours in detail, pynetdicom's not (its CPU)
+            logging.getLogger("uploader").setLevel(logging.DEBUG)
     service = ForwardService(load_config(cfg))
     stop = threading.Event()
     print("ready", flush=True)
@@ -98,10 +106,11 @@ def write_config(path: Path, data_dir: Path, port: int, listen: int) -> None:
 class Forwarder:
     """The forward service as a child process of the bench."""
 
-    def __init__(self, cfg: Path, tmp: Path, *, log: bool = False) -> None:
+    def __init__(self, cfg: Path, tmp: Path, *, log: bool = False, share: CpuShare | None = None) -> None:
         self.stop_file = tmp / f"stop-{cfg.stem}"
+        argv = [sys.executable, __file__, "--worker", str(cfg), str(self.stop_file)]
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--worker", str(cfg), str(self.stop_file)],
+            share.wrap(argv) if share else argv,
             stdout=subprocess.PIPE,
             text=True,
             env={
@@ -144,6 +153,7 @@ def run_profile(
     stat_only: bool = False,
     stat_after: int = 1,
     stat_trials: int = 5,
+    share: CpuShare | None = None,
 ) -> dict[str, float | None]:
     from lastmile.config import load_config
     from lastmile.data_dir import open_outbox
@@ -167,25 +177,26 @@ def run_profile(
             LinkRelay(profile, "127.0.0.1", orthanc.dicom_port) as relay,
         ):
             t0 = time.monotonic()
+            argv = [
+                storescu,
+                "-aet",
+                "CLINIC01",
+                "-aec",
+                "READING_CENTER",
+                *options,
+                "-to",
+                "120",
+                "-ta",
+                "120",
+                "-td",
+                "120",
+                "127.0.0.1",
+                str(relay.port),
+                "+sd",
+                str(files),
+            ]
             subprocess.run(
-                [
-                    storescu,
-                    "-aet",
-                    "CLINIC01",
-                    "-aec",
-                    "READING_CENTER",
-                    *options,
-                    "-to",
-                    "120",
-                    "-ta",
-                    "120",
-                    "-td",
-                    "120",
-                    "127.0.0.1",
-                    str(relay.port),
-                    "+sd",
-                    str(files),
-                ],
+                share.wrap(argv) if share else argv,
                 check=True,
                 env=env,
                 capture_output=True,
@@ -211,7 +222,7 @@ def run_profile(
                 for i, r in enumerate(recordings):
                     enqueue_recording(outbox, r, config, key=f"bench-{i}")
             t0 = time.monotonic()
-            fwd = Forwarder(cfg, tmp, log=log)
+            fwd = Forwarder(cfg, tmp, log=log, share=share)
             # the service is running when a link comes back: timed from its READY (process start-up,
             # seconds on a loaded machine, is reported apart)
             t_ready = time.monotonic()
@@ -273,7 +284,7 @@ def run_profile(
         ratios: list[float] = []
         ratios_rtt: list[float] = []  # against the bulk's floor function (bytes ÷ rate + 1 RTT), as before
         waiting: list[int] = []
-        fwd = Forwarder(cfg, tmp, log=log)
+        fwd = Forwarder(cfg, tmp, log=log, share=share)
         try:
             # routine transfers are on the wire: the first `stat_after` have arrived
             wait_until(lambda: stored() >= stat_after, 3600, f"{name}: no routine study arrived")
@@ -362,6 +373,12 @@ def main() -> int:
         help="routine studies stored before the STAT one is made (1: the backlog has just started)",
     )
     ap.add_argument("--stat-trials", type=int, default=5, help="STAT studies, one after another (median, max)")
+    ap.add_argument(
+        "--cpu-share",
+        type=float,
+        metavar="CORES",
+        help="Lastmile's forwarder and storescu each get this share of one core (0.25: a Pi-class CPU; bench/cpu_share.py)",
+    )
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -402,20 +419,23 @@ def main() -> int:
         deflated = sum(enqueue_recording(outbox, r, probe, key=f"p{i}").item.size for i, r in enumerate(recordings))
 
     results: dict[str, dict[str, float]] = {}
+    share = CpuShare(args.cpu_share, "weak-link") if args.cpu_share else None
     for name in (args.profile,) if args.profile else ORDER:
-        results[name] = run_profile(
-            name,
-            n,
-            tmp,
-            files,
-            deflated,
-            recordings,
-            stat_recording,
-            log=args.log,
-            stat_only=args.stat_only,
-            stat_after=args.stat_after,
-            stat_trials=args.stat_trials,
-        )
+        with contextlib.nullcontext() if share is None else share:
+            results[name] = run_profile(
+                name,
+                n,
+                tmp,
+                files,
+                deflated,
+                recordings,
+                stat_recording,
+                log=args.log,
+                stat_only=args.stat_only,
+                stat_after=args.stat_after,
+                stat_trials=args.stat_trials,
+                share=share,
+            )
         r = results[name]
         stat = (
             f"stat {r['stat_s']:.3f} s / {r['stat_floor_s']:.3f} s = {ratio(r['stat_ratio'])} "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from tests.test_stat_overtakes import (
     wait_until,
     wait_until_stored_and_sent,
 )
+from uploader import dicom_store
 from uploader.ecg_forwarder import EcgForwarder, RoundResult, StatLane
 from uploader.link_pacing import (
     DRAIN_HEADROOM,
@@ -36,6 +38,7 @@ from uploader.link_pacing import (
     MIN_PDU_BYTES,
     PDU_TIME_S,
     SAMPLE_WINDOW,
+    STALE_AFTER_LATE,
     LinkPacer,
 )
 
@@ -452,6 +455,49 @@ def test_a_sample_that_came_out_too_high_is_forgotten() -> None:
     assert pacer.pace == pytest.approx(100_000 * HEADROOM)
 
 
+def test_late_responses_in_a_row_replace_an_estimate_that_came_out_too_high() -> None:
+    """On a busy CPU (a Pi's) one response that came late was taken for the store's round trip,
+    and the sample it made was 1.5 times the link's rate: paced above the link, every response
+    after came late until that sample left the window (bench/weak_link.py --cpu-share 0.25).
+    Late responses in a row show the estimate is too high: what came late replaces it, and the
+    sample that was too high is forgotten."""
+    t = FakeTime()
+    pacer = LinkPacer(clock=t.clock, sleep=t.sleep)
+    pacer.observe_rtt(0.06)
+
+    def sample(bytes_in_a_second: int, tail_s: float) -> None:
+        pacer.idle()
+        pacer.start_window()
+        t.now += 1.0 + 0.06
+        pacer.observe_object(bytes_in_a_second, tail_s=tail_s)
+
+    sample(100_000, tail_s=0.06)
+    sample(150_000, tail_s=0.06)  # too high
+    assert pacer.measured == pytest.approx(150_000)
+    for n in range(1, STALE_AFTER_LATE + 1):
+        sample(95_000, tail_s=0.5)  # the buffer fills: late
+        assert pacer.draining
+        assert pacer.measured == pytest.approx(150_000 if n < STALE_AFTER_LATE else 95_000), n
+    sample(100_000, tail_s=0.06)
+    assert pacer.measured == pytest.approx(100_000)  # the sample that was too high is gone
+    assert not pacer.draining and pacer.pace == pytest.approx(100_000 * HEADROOM)
+
+
+def test_a_few_stalls_in_a_row_do_not_replace_the_estimate() -> None:
+    """On EDGE a lost segment stalls the link a second; three in a row make three late responses,
+    and what came meanwhile is a little below the link's rate. Taken for an estimate too high,
+    it paced the rest of the backlog 15 % below the link (3 s more on EDGE's 60)."""
+    t = FakeTime()
+    pacer = edge_pacer(t)
+    for _ in range(STALE_AFTER_LATE + 2):
+        pacer.idle()
+        pacer.start_window()
+        t.now += 3.0 / 0.85 + 0.4  # an object's 75 kB, at 85 % of the rate (the stalls)
+        pacer.observe_object(75_000, tail_s=1.4)  # a second late
+        assert pacer.draining
+    assert pacer.measured == pytest.approx(25_000)
+
+
 def test_a_probe_is_timed_against_the_stores_round_trip_not_the_negotiations() -> None:
     """The association negotiation's round trip may be longer than a C-STORE's (a peer slow to
     accept an association): subtracted from a probe's time, the object seemed to cross faster than the
@@ -474,3 +520,31 @@ def test_a_probe_is_timed_against_the_stores_round_trip_not_the_negotiations() -
         pacer.observe_object(75_000, tail_s=store_rtt + last_pdu / 1_000_000, alone_s=alone, last_pdu_bytes=last_pdu)
         assert pacer.store_rtt_s == pytest.approx(store_rtt)
     assert pacer.measured == pytest.approx(1_000_000, rel=0.01)
+
+
+def test_the_round_trip_is_the_negotiations_on_the_wire_not_the_cpus(
+    tmp_path: Path, storescp_factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a slow or busy CPU (a Pi) pynetdicom's own work makes the negotiation take longer than
+    its round trip: taken for the round trip, it was subtracted from every early object's time
+    and the link seemed faster than it is (1.9 MB/s on a 1 MB/s 4G link at a quarter of a core).
+    The pacer is told the A-ASSOCIATE-RQ written to the -AC read: the wire's part."""
+    scp = storescp_factory(accept="deflated")
+    real = dicom_store.associate
+    cpu_s = 0.15  # pynetdicom's work before the request goes out, and after the answer came
+
+    def on_a_slow_cpu(*args: object, **kwargs: object) -> object:
+        time.sleep(cpu_s)
+        assoc = real(*args, **kwargs)  # type: ignore[arg-type]
+        time.sleep(cpu_s)
+        return assoc
+
+    monkeypatch.setattr(dicom_store, "associate", on_a_slow_cpu)
+    rtt = 0.08
+    with LinkRelay(LinkProfile("rtt", None, None, rtt), "127.0.0.1", scp.port) as relay:
+        pacer = LinkPacer()
+        settings = forwarder_settings(make_config(tmp_path, relay.port, associations=1))
+        with dicom_store.StoreAssociation(settings.peer, pacer=pacer) as assoc:
+            assert assoc.is_alive
+    assert assoc.opened_in_s >= rtt + 2 * cpu_s
+    assert pacer.rtt_s is not None and rtt <= pacer.rtt_s < rtt + cpu_s, (pacer.rtt_s, assoc.opened_in_s)

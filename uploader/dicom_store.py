@@ -74,6 +74,8 @@ COMMITMENT_REQUEST = 1  # N-ACTION Action Type ID
 MAX_CONTEXTS = 127  # odd context IDs 1..255
 # N-ACTION statuses that mean "this peer does not do storage commitment"
 NO_COMMITMENT_STATUSES = frozenset({0x0118, 0x0122, 0x0123, 0x0211})
+A_ASSOCIATE_RQ = b"\x01"  # PDU types (PS3.8 9.3): the first byte of a PDU
+A_ASSOCIATE_AC = b"\x02"
 C_STORE_RQ_COMMAND = 0x0001  # Command Field (PS3.7 E.1)
 DATA_SET_PRESENT = 0x0001  # Command Data Set Type: anything but 0x0101 (what pynetdicom 3.0 writes)
 
@@ -298,7 +300,9 @@ class StoreAssociation:
         self.peer = peer
         self.pacer = pacer
         self.paced = pacer is not None  # False: this association's bytes go unpaced (a STAT object)
-        self.opened_in_s = 0.0  # the association negotiation's time: about one round trip
+        self.opened_in_s = 0.0  # the association negotiation's time, the whole of it
+        self.negotiated_in_s: float | None = None  # ... on the wire: A-ASSOCIATE-RQ written to -AC read
+        self._request_sent_at: float | None = None  # (the pacer's clock)
         self.last_sent_at = 0.0  # when the last PDU was handed to the socket (the pacer's clock)
         self.last_sent_bytes = 0  # ... and its size (a run of PDUs written at once: theirs)
         self.raw_send = raw_send
@@ -326,9 +330,13 @@ class StoreAssociation:
             handlers.append((evt.EVT_N_EVENT_REPORT, report_handler(self._on_report)))
         if self.pacer is not None:
             handlers.append((evt.EVT_DATA_SENT, self._pace))
+            handlers.append((evt.EVT_DATA_RECV, self._note_accept))
+        self._request_sent_at = self.negotiated_in_s = None
         started = time.monotonic()
         self._assoc = associate(self.peer, contexts, handlers)
         self.opened_in_s = time.monotonic() - started
+        if self.pacer is not None:
+            self._assoc.unbind(evt.EVT_DATA_RECV, self._note_accept)  # the one PDU it was for has come
         # pynetdicom logged the negotiation (at its level); from here its handlers would switch
         # the sender to its PDU path (other timing on a slow link) whenever pynetdicom logs at
         # INFO: one path at every level, and each C-STORE logged here (`store`)
@@ -336,7 +344,11 @@ class StoreAssociation:
         decode_store_responses(self._assoc)  # the usual C-STORE-RSP read without pydicom
         writes_whole_messages(self._assoc)  # a C-STORE-RQ's PDUs written in one go
         if self.pacer is not None:
-            self.pacer.observe_rtt(self.opened_in_s)
+            # the round trip on the wire, not the whole negotiation: on a slow or busy CPU
+            # (a Pi) pynetdicom's own work doubled it (138 ms on a 60 ms link at a quarter of a
+            # core), every early sample of the link's rate came out twice too high, and the
+            # pace filled the modem's buffer a STAT study then waited behind
+            self.pacer.observe_rtt(self.negotiated_in_s or self.opened_in_s)
         rank = {ts: i for i, ts in enumerate(self._preference)}
         for cx in self._assoc.accepted_contexts:
             ts = UID(cx.transfer_syntax[0])
@@ -361,11 +373,21 @@ class StoreAssociation:
     def _pace(self, event: evt.Event) -> None:
         self._after_sent(getattr(event, "data", b"") or b"")
 
+    def _note_accept(self, event: evt.Event) -> None:
+        """EVT_DATA_RECV while negotiating (the DUL thread): the A-ASSOCIATE-AC read, before it is
+        decoded - the negotiation's round trip without our CPU's part (pynetdicom starting its
+        threads, encoding the request, decoding and checking the answer)."""
+        data = getattr(event, "data", b"") or b""
+        if data[:1] == A_ASSOCIATE_AC and self._request_sent_at is not None and self.pacer is not None:
+            self.negotiated_in_s = max(0.0, self.pacer.clock() - self._request_sent_at)
+
     def _after_sent(self, pdu: bytes | memoryview) -> None:
         """After each PDU (or run of PDUs) written (the DUL thread): paced, and its time noted."""
         if self.paced and self.pacer is not None:
             self.pacer.on_pdu_sent(pdu)
         self.last_sent_at = self.pacer.clock() if self.pacer is not None else time.monotonic()
+        if pdu[:1] == A_ASSOCIATE_RQ:
+            self._request_sent_at = self.last_sent_at
         self.last_sent_bytes = len(pdu)
 
     def _writes_whole(self, assoc: Association) -> bool:

@@ -17,12 +17,15 @@ late wake-up (and a write that blocked a moment) is link time lost for good.
 The rate is measured, not configured: the bytes stored (all associations together) since the
 first byte of a busy spell, over its time less one round trip: a C-STORE's own (its response's
 least delay after its last PDU crossed the link, of the clean ones), or until one is seen the
-association negotiation's (the least seen; on Orthanc the shorter of the two). Until the first
+association negotiation's on the wire (the least seen; on Orthanc the shorter of the two). Until the first
 object is stored nothing is paced; then the pace is `HEADROOM` below the largest such rate (not on
 a LAN: a round trip under `NEAR_RTT_S`), and lower (`DRAIN_HEADROOM`) while bytes wait in the
 buffer (a loss stalled the link), for as long as the lateness of the response that showed them
 says they take to drain: at `HEADROOM` they would drain at 5 % of the rate. Fast links (above
-`FAST_BYTES_PER_S`) are not paced at all: their buffer drains in milliseconds.
+`FAST_BYTES_PER_S`) are not paced at all: their buffer drains in milliseconds. Responses late
+`STALE_AFTER_LATE` times in a row, delivering less than even the drain pace, show the estimate
+above what the link carries (one sample too high, e.g. a busy CPU's late response taken for the
+round trip): the samples that came late replace it.
 
 The rate is remembered (`remembered()`/`remember()`, kept in the outbox by the forwarder): a
 backlog that starts after a restart is paced from its first byte at the last measured rate
@@ -54,7 +57,7 @@ PDU_TIME_S = 0.008  # a paced PDU carries about this much of the link's time ...
 MIN_PDU_BYTES = 4096  # ... but no less: the burst one PDU may make stays small in the buffer
 LATE_CREDIT_S = PDU_TIME_S  # a sender woken this much late (a loaded CPU) catches up: the link's time is not lost
 SAMPLE_WINDOW = 12  # the estimate: the largest of this many last samples (two probes among them)
-STALE_AFTER_LATE = 3  # this many late responses in a row paced at a remembered rate: it is stale
+STALE_AFTER_LATE = 3  # this many late responses in a row: a remembered rate is stale (and one measured, far too high)
 PROBE_EVERY = 6  # every this many objects one is sent faster, to see whether the link is faster ...
 PROBE_GAIN = 1.15  # ... by this factor (what may queue in the buffer meanwhile stays a fraction of one object)
 TURN_POLL_S = 0.01  # an association waiting for its turn looks this often whether it should give up
@@ -202,11 +205,23 @@ class LinkPacer:
             self._samples.append(sample)
             recent = max(self._samples)
             self._late = self._late + 1 if self.draining else 0
-            if self._seeded and self._late >= STALE_AFTER_LATE:
-                # paced at the remembered rate, responses keep coming late: the link is slower
-                # now than it was; what this process measured replaces what it remembered
-                log.info("link: slower than remembered (%.0f B/s): %.0f B/s", self.measured or 0, recent)
-                self.measured = recent
+            late = list(self._samples)[-self._late :] if self._late >= STALE_AFTER_LATE else []
+            if late and self.measured is not None and (self._seeded or max(late) < self.measured * DRAIN_HEADROOM):
+                # paced at the estimate, responses keep coming late: the buffer keeps filling.
+                # A remembered rate gone stale (4G fell back to EDGE); or a sample that came out
+                # too high - the link carries less than even the drain pace, so the buffer never
+                # drains (on a busy CPU one late response taken for the round trip made 1.47 MB/s
+                # of a 1 MB/s link, paced above it until that sample left the window). Not a few
+                # stalls in a row (EDGE): what comes late then is a little below the estimate.
+                # What came late replaces it, and the samples before are forgotten
+                log.info(
+                    "link: slower than %s (%.0f B/s): %.0f B/s",
+                    "remembered" if self._seeded else "estimated",
+                    self.measured,
+                    max(late),
+                )
+                self.measured = max(late)
+                self._samples = deque(late, maxlen=SAMPLE_WINDOW)
                 self._seeded = False
             elif not self._seeded or self.measured is None or recent > self.measured:
                 self.measured = recent
