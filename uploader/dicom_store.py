@@ -65,7 +65,7 @@ from uploader.dicom_status import (
     status_meaning,
 )
 from uploader.errors import ConfigurationFault, PermanentError, TransientError
-from uploader.link_pacing import LinkPacer
+from uploader.link_pacing import A_ASSOCIATE_AC, A_ASSOCIATE_RQ, LinkPacer
 from uploader.masking import mask_server_text
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,6 @@ COMMITMENT_REQUEST = 1  # N-ACTION Action Type ID
 MAX_CONTEXTS = 127  # odd context IDs 1..255
 # N-ACTION statuses that mean "this peer does not do storage commitment"
 NO_COMMITMENT_STATUSES = frozenset({0x0118, 0x0122, 0x0123, 0x0211})
-A_ASSOCIATE_RQ = b"\x01"  # PDU types (PS3.8 9.3): the first byte of a PDU
-A_ASSOCIATE_AC = b"\x02"
 C_STORE_RQ_COMMAND = 0x0001  # Command Field (PS3.7 E.1)
 DATA_SET_PRESENT = 0x0001  # Command Data Set Type: anything but 0x0101 (what pynetdicom 3.0 writes)
 
@@ -378,7 +376,7 @@ class StoreAssociation:
         decoded - the negotiation's round trip without our CPU's part (pynetdicom starting its
         threads, encoding the request, decoding and checking the answer)."""
         data = getattr(event, "data", b"") or b""
-        if data[:1] == A_ASSOCIATE_AC and self._request_sent_at is not None and self.pacer is not None:
+        if data and data[0] == A_ASSOCIATE_AC and self._request_sent_at is not None and self.pacer is not None:
             self.negotiated_in_s = max(0.0, self.pacer.clock() - self._request_sent_at)
 
     def _after_sent(self, pdu: bytes | memoryview) -> None:
@@ -386,7 +384,7 @@ class StoreAssociation:
         if self.paced and self.pacer is not None:
             self.pacer.on_pdu_sent(pdu)
         self.last_sent_at = self.pacer.clock() if self.pacer is not None else time.monotonic()
-        if pdu[:1] == A_ASSOCIATE_RQ:
+        if self._request_sent_at is None and pdu and pdu[0] == A_ASSOCIATE_RQ:  # once per association
             self._request_sent_at = self.last_sent_at
         self.last_sent_bytes = len(pdu)
 

@@ -61,8 +61,11 @@ STALE_AFTER_LATE = 3  # this many late responses in a row: a remembered rate is 
 PROBE_EVERY = 6  # every this many objects one is sent faster, to see whether the link is faster ...
 PROBE_GAIN = 1.15  # ... by this factor (what may queue in the buffer meanwhile stays a fraction of one object)
 TURN_POLL_S = 0.01  # an association waiting for its turn looks this often whether it should give up
+A_ASSOCIATE_RQ = 0x01  # PDU types (PS3.8 9.3): a PDU's first byte
+A_ASSOCIATE_AC = 0x02
 P_DATA_TF = 0x04
-CONTROL_PDU_TYPES = frozenset({0x01, 0x02, 0x03, 0x05, 0x06, 0x07})  # A-ASSOCIATE, A-RELEASE, A-ABORT
+# A-ASSOCIATE-RQ, -AC, -RJ, A-RELEASE-RQ, -RP, A-ABORT
+CONTROL_PDU_TYPES = frozenset({A_ASSOCIATE_RQ, A_ASSOCIATE_AC, 0x03, 0x05, 0x06, 0x07})
 COMMAND_DONE = 0x03  # message control header: command, last fragment
 DATA_SET_DONE = 0x02  # ... data set, last fragment
 
