@@ -29,7 +29,7 @@ from tests.test_stat_overtakes import (
     wait_until_stored_and_sent,
 )
 from uploader import dicom_store
-from uploader.ecg_forwarder import EcgForwarder, RoundResult, StatLane
+from uploader.ecg_forwarder import LINK_STATUS_NAME, EcgForwarder, RoundResult, StatLane
 from uploader.link_pacing import (
     DRAIN_HEADROOM,
     FAST_BYTES_PER_S,
@@ -548,3 +548,44 @@ def test_the_round_trip_is_the_negotiations_on_the_wire_not_the_cpus(
             assert assoc.is_alive
     assert assoc.opened_in_s >= rtt + 2 * cpu_s
     assert pacer.rtt_s is not None and rtt <= pacer.rtt_s < rtt + cpu_s, (pacer.rtt_s, assoc.opened_in_s)
+
+
+def test_bytes_written_unpaced_hold_back_the_next_paced_pdu() -> None:
+    """A STAT object goes unpaced, but over the same link: a routine PDU written after it waits
+    until its bytes have crossed, instead of queueing behind them (its response late, read as
+    bytes the pace let queue)."""
+    t = FakeTime()
+    pacer = measured_at(50_000, t)
+    start = t.now
+    pacer.on_unpaced_sent(b"\x04" + b"x" * 49_999)  # a second of the link at 50 kB/s
+    assert t.slept == []  # unpaced: never waits itself
+    assert pacer.link_free_at() == pytest.approx(start + 1.0)
+    pacer.on_unpaced_sent(b"\x05" + b"x" * 9)  # an A-RELEASE-RQ: no object's bytes
+    assert pacer.link_free_at() == pytest.approx(start + 1.0)
+    pacer.on_data_sent(Sent(b"x" * 10_000))
+    assert t.slept == [pytest.approx(1.0)]
+    # nothing paced: nothing waits on the schedule, and it is not kept
+    fresh = LinkPacer(clock=t.clock, sleep=t.sleep)
+    fresh.on_unpaced_sent(b"\x04" + b"x" * 49_999)
+    assert fresh.link_free_at() == 0.0
+
+
+def test_a_stat_study_sent_unpaced_is_counted_in_the_links_schedule(tmp_path: Path, storescp_factory) -> None:
+    """The STAT association is not paced, but its object takes the link's time: the routine
+    associations' pacer counts it."""
+    scp = storescp_factory(accept="deflated")
+    rate = 100_000.0  # remembered: paced from the first byte
+    with LinkRelay(LinkProfile("counted", 8e6, 8e6, 0.05), "127.0.0.1", scp.port) as relay:
+        config = make_config(tmp_path, relay.port, associations=1)
+        [stat] = enqueue(config, range(1), stat=True, seconds=10.0)
+        with open_outbox(config) as outbox:
+            outbox.record_status(LINK_STATUS_NAME, {"bytes_per_s": rate}, time.time())
+            [item] = outbox.items()
+            with EcgForwarder(outbox, forwarder_settings(config)) as fwd:
+                assert fwd.pacer.pace is not None
+                before = fwd.pacer.clock()
+                result = fwd.run_round(threading.Event())
+                after = fwd.pacer.clock()
+    assert result.sent == 1 and arrivals(scp) == [stat]
+    # its ~64 kB at the remembered 100 kB/s: the link is taken until well after it was written
+    assert before + 0.9 * item.size / rate <= fwd.pacer.link_free_at() <= after + 1.1 * item.size / rate

@@ -294,10 +294,13 @@ class StoreAssociation:
         on_report: Callable[[CommitmentReport], None] | None = None,
         raw_send: bool = True,
         pacer: LinkPacer | None = None,
+        paced: bool = True,
     ) -> None:
         self.peer = peer
+        # the destination's pacer: paced, this association's bytes wait for it; unpaced (a STAT
+        # object's), they are only counted in its schedule
         self.pacer = pacer
-        self.paced = pacer is not None  # False: this association's bytes go unpaced (a STAT object)
+        self.paced = pacer is not None and paced
         self.opened_in_s = 0.0  # the association negotiation's time, the whole of it
         self.negotiated_in_s: float | None = None  # ... on the wire: A-ASSOCIATE-RQ written to -AC read
         self._request_sent_at: float | None = None  # (the pacer's clock)
@@ -381,8 +384,11 @@ class StoreAssociation:
 
     def _after_sent(self, pdu: bytes | memoryview) -> None:
         """After each PDU (or run of PDUs) written (the DUL thread): paced, and its time noted."""
-        if self.paced and self.pacer is not None:
-            self.pacer.on_pdu_sent(pdu)
+        if self.pacer is not None:
+            if self.paced:
+                self.pacer.on_pdu_sent(pdu)
+            else:
+                self.pacer.on_unpaced_sent(pdu)
         self.last_sent_at = self.pacer.clock() if self.pacer is not None else time.monotonic()
         if self._request_sent_at is None and pdu and pdu[0] == A_ASSOCIATE_RQ:  # once per association
             self._request_sent_at = self.last_sent_at

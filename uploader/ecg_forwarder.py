@@ -557,7 +557,7 @@ class EcgForwarder:
         in_flight: OutboxItem | None = None
         routine = share is not None or (bool(items) and items[0].priority != Priority.STAT)
         assoc = StoreAssociation(
-            self.settings.peer, commitment=self.settings.storage_commitment, pacer=self.pacer if routine else None
+            self.settings.peer, commitment=self.settings.storage_commitment, pacer=self.pacer, paced=routine
         )
         carrying = False  # sending STAT items claimed mid-round (`watch.carrying`)
         with self._lanes_lock:

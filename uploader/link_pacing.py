@@ -12,7 +12,9 @@ One `LinkPacer` per destination is shared by every association sending routine o
 its DUL thread: pynetdicom's EVT_DATA_SENT, or `EncodedMessage.on_sent`): a token bucket with one PDU of burst
 makes that thread wait until the link would have carried what was sent before. A thread woken
 late (a loaded CPU) makes up for it on its next PDU, by up to `LATE_CREDIT_S`: otherwise every
-late wake-up (and a write that blocked a moment) is link time lost for good.
+late wake-up (and a write that blocked a moment) is link time lost for good. An association that
+goes unpaced (a STAT object's) reports its PDUs too (`on_unpaced_sent`): it never waits, but the
+schedule counts its bytes, and the routine PDU after them waits until they have crossed.
 
 The rate is measured, not configured: the bytes stored (all associations together) since the
 first byte of a busy spell, over its time less one round trip: a C-STORE's own (its response's
@@ -340,6 +342,22 @@ class LinkPacer:
     def on_data_sent(self, event: Any) -> None:
         """pynetdicom EVT_DATA_SENT handler (the association's DUL thread): `on_pdu_sent`."""
         self.on_pdu_sent(getattr(event, "data", b"") or b"")
+
+    def on_unpaced_sent(self, data: bytes | memoryview) -> None:
+        """After a PDU (or run of PDUs) written unpaced to the same link - a STAT object's, a
+        commitment request: it takes the link's time all the same, so the schedule counts it
+        and the next paced PDU waits until it has crossed. Uncounted, the routine object written
+        right after a STAT study was paced as if the link were free: it queued behind the STAT
+        bytes and its response came late, read as a queue the pace had let build (the drain
+        pace; in a row, an estimate above the link)."""
+        if not data or data[0] in CONTROL_PDU_TYPES:
+            return
+        with self._lock:
+            if self.pace is None or not self.measured:
+                return  # nothing is paced: nothing waits on the schedule
+            now = self.clock()
+            # at the link's rate (not the pace): nothing holds it back
+            self._next_free = max(now, self._next_free) + len(data) / self.measured
 
     def on_pdu_sent(self, data: bytes | memoryview) -> None:
         """After each PDU written, or each run of PDUs of an unpaced association (the
