@@ -9,6 +9,7 @@ bench/forward.py's; these tests check the behaviour (counts and bytes, no clocks
 from __future__ import annotations
 
 import logging
+import queue
 import struct
 import threading
 import time
@@ -510,6 +511,45 @@ def test_peer_abort_while_the_reactor_is_paused_is_transient(
         with pytest.raises(TransientError, match="died during a C-STORE"):
             assoc.store(ecgs[2].data)
         assert not assoc.is_alive
+
+
+class DescheduledReactor(threading.Event):
+    """pynetdicom's reactor checkpoint, its thread descheduled for a while right after passing
+    it (a loaded CPU): `_is_paused`, set before the checkpoint, still reads True while the
+    reactor is about to take the next message off the queue."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        passing = self.is_set()
+        passed = super().wait(timeout)
+        if passing:
+            time.sleep(0.02)
+        return passed
+
+
+class LateWaking(queue.Queue):  # type: ignore[type-arg]
+    """The DIMSE message queue, its blocking reader (the sender waiting for its response)
+    woken late (a loaded CPU); a non-blocking one (the reactor) is not."""
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        if block:
+            time.sleep(0.06)
+        return super().get(block, timeout)
+
+
+def test_a_reactor_that_only_seems_paused_does_not_take_the_response(
+    scripted_scp_factory: Callable[..., ScriptedStoreSCP], ecgs: list[EcgPayload]
+) -> None:
+    scp = scripted_scp_factory()
+    with StoreAssociation(peer_at(scp.port, scp.ae_title)) as assoc:
+        checkpoint = DescheduledReactor()
+        checkpoint.set()
+        assoc._assoc._reactor_checkpoint = checkpoint  # type: ignore[union-attr]
+        assoc._assoc.dimse.msg_queue = LateWaking()  # type: ignore[union-attr]
+        for p in ecgs[:3]:
+            # (a response taken by the reactor: none for the store, TransientError after the timeout)
+            assert assoc.store(p.data).stored
+            assoc._resume_reactor()  # running again, as after an N-ACTION: the next store pauses it anew
+    assert len(scp.received) == 3
 
 
 # -- the Part-10 file meta and SOP UIDs read by hand -------------------------------------------------

@@ -233,6 +233,24 @@ def raw_send_available(assoc: Association) -> bool:
     )
 
 
+def reactor_stopped(assoc: Association) -> bool:
+    """Whether pynetdicom's reactor thread is stopped at its cleared checkpoint (or no longer
+    runs), so that it cannot take a response off the queue before the request's sender does.
+    Its `_is_paused` alone (what pynetdicom's own send methods wait for) is no proof: the
+    reactor sets it before every checkpoint, also one it then passes at once, and clears it
+    only after. Descheduled there (a loaded CPU), it reads as paused while it is about to take
+    the next message: seen under stress-ng, a storage commitment request's N-ACTION-RSP taken
+    by it - "no answer" - though the PACS had answered and sent its report."""
+    if not assoc.is_alive():
+        return True  # released or aborted: no reactor left to race with
+    if not assoc._is_paused:
+        return False
+    # blocked in the checkpoint's wait(): a waiter on its condition (CPython's Event; without
+    # that internal, the flag as pynetdicom reads it)
+    waiters = getattr(getattr(assoc._reactor_checkpoint, "_cond", None), "_waiters", None)
+    return waiters is None or len(waiters) > 0
+
+
 # Patient Module attributes whose values a peer's ErrorComment might repeat.
 _PATIENT_TAGS = (0x00100010, 0x00100020, 0x00100030, 0x00101000, 0x00101001)
 _PATIENT_PEEK_BYTES = 64 * 1024  # group 0010 comes long before the waveform
@@ -584,7 +602,7 @@ class StoreAssociation:
         if self._reactor_held:
             return
         assoc._reactor_checkpoint.clear()
-        while not assoc._is_paused:
+        while not reactor_stopped(assoc):
             time.sleep(0.0001)
         self._reactor_held = True
 
