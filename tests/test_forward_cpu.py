@@ -32,6 +32,7 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import Verification
 
 from tests.peers import EcgPayload, ScriptedStoreSCP, ecg_payloads
+from uploader import dicom_store
 from uploader.dicom_association import PeerSettings, associate, release
 from uploader.dicom_part10 import (
     Part10,
@@ -537,18 +538,26 @@ class LateWaking(queue.Queue):  # type: ignore[type-arg]
 
 
 def test_a_reactor_that_only_seems_paused_does_not_take_the_response(
-    scripted_scp_factory: Callable[..., ScriptedStoreSCP], ecgs: list[EcgPayload]
+    scripted_scp_factory: Callable[..., ScriptedStoreSCP], ecgs: list[EcgPayload], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     scp = scripted_scp_factory()
-    with StoreAssociation(peer_at(scp.port, scp.ae_title)) as assoc:
+    real = dicom_store.associate
+
+    def on_a_loaded_cpu(*args: Any, **kwargs: Any) -> Association:
+        raw = real(*args, **kwargs)
         checkpoint = DescheduledReactor()
         checkpoint.set()
-        assoc._assoc._reactor_checkpoint = checkpoint  # type: ignore[union-attr]
-        assoc._assoc.dimse.msg_queue = LateWaking()  # type: ignore[union-attr]
-        for p in ecgs[:3]:
-            # (a response taken by the reactor: none for the store, TransientError after the timeout)
+        # (pynetdicom's attributes, read by the reactor at every turn of its loop)
+        monkeypatch.setattr(raw, "_reactor_checkpoint", checkpoint)
+        monkeypatch.setattr(raw.dimse, "msg_queue", LateWaking())
+        return raw
+
+    monkeypatch.setattr(dicom_store, "associate", on_a_loaded_cpu)
+    for p in ecgs[:3]:
+        # each association's first store pauses a running reactor (one that took the response:
+        # no answer, TransientError after the DIMSE timeout)
+        with StoreAssociation(peer_at(scp.port, scp.ae_title)) as assoc:
             assert assoc.store(p.data).stored
-            assoc._resume_reactor()  # running again, as after an N-ACTION: the next store pauses it anew
     assert len(scp.received) == 3
 
 
