@@ -360,8 +360,9 @@ class LinkPacer:
             self._next_free = max(now, self._next_free) + len(data) / self.measured
 
     def on_pdu_sent(self, data: bytes | memoryview) -> None:
-        """After each PDU written, or each run of PDUs of an unpaced association (the
-        association's DUL thread): wait until the link would have carried what was sent before."""
+        """After each PDU a paced association wrote, or each run of PDUs while no pace is set yet
+        (the association's DUL thread): wait until the link would have carried what was sent
+        before. (Associations that never wait - STAT - report to `on_unpaced_sent`.)"""
         nbytes = len(data)
         if data and data[0] in CONTROL_PDU_TYPES:
             return  # association set-up and release: not an object's bytes, not paced
