@@ -81,6 +81,7 @@ class Bottleneck:
     stalls: int = 0
     first_at: float | None = None  # when the first byte reached the bottleneck (the loop's clock)
     busy_s: float = 0.0  # time spent sending (rate only): free_at - first_at - busy_s was idle
+    stall_spans: list[tuple[float, float]] = field(default_factory=list)  # when a stall held the link
     room: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     @property
@@ -99,6 +100,7 @@ class Bottleneck:
         if self.loss:
             segments = max(1, -(-size // SEGMENT_BYTES))
             if self.rng.random() < 1 - (1 - self.loss) ** segments:
+                self.stall_spans.append((self.free_at, self.free_at + self.stall_s))
                 self.free_at += self.stall_s
                 self.stalls += 1
         self.bytes_total += size
@@ -145,6 +147,19 @@ class LinkRelay:
     @property
     def stalls(self) -> int:
         return (self.up.stalls if self.up else 0) + (self.down.stalls if self.down else 0)
+
+    def stalled_s(self, start: float, end: float) -> float:
+        """How long, between `start` and `end` (time.monotonic: the loop's clock), either
+        direction's link was held by a stall - also one that began before `start` (a routine
+        segment's, holding the link when a STAT study came)."""
+        spans = sorted([*(self.up.stall_spans if self.up else []), *(self.down.stall_spans if self.down else [])])
+        held, covered = 0.0, start  # both directions stalled at once count once
+        for a, b in spans:
+            a, b = max(a, covered), min(b, end)
+            if b > a:
+                held += b - a
+                covered = b
+        return held
 
     # -- the loop -------------------------------------------------------------------------------------
     def _run(self) -> None:
