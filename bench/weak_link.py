@@ -320,8 +320,8 @@ def run_profile(
                 # sender pays those that hold the STAT object's segments, the floor counts none
                 out[f"stat_{trial}_stalls"] = relay.stalls - stalls_before
                 # ... and how long they held the link: also one a routine segment began before
-                # the STAT study came (the count above misses it; on edge one such stall held
-                # every run's fourth STAT study 0.83 s)
+                # the STAT study came (the count above misses it: in three EDGE runs of
+                # 2026-12-04 the fourth STAT study took 0.83 s more than the others, none counted)
                 stalled = relay.stalled_s(t_durable, t_stored)
                 out[f"stat_{trial}_stall_s"] = stalled
                 if profile.up_bps:

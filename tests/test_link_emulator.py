@@ -108,10 +108,10 @@ def test_loss_stalls_the_link_without_losing_bytes(echo_server: int) -> None:
     assert elapsed >= 0.05  # at least one stall held the stream
     spans = [*relay.up.stall_spans, *relay.down.stall_spans]  # type: ignore[union-attr]
     assert len(spans) == stalls and all(b - a == pytest.approx(0.05) for a, b in spans)
-    a, b = spans[0]
-    assert relay.stalled_s(a - 1.0, b + 1.0) >= 0.05
+    a, b = min(spans)  # the first stall, either direction
+    assert relay.stalled_s(a - 1.0, b) == pytest.approx(0.05)
     assert relay.stalled_s(a + 0.01, a + 0.02) == pytest.approx(0.01)  # a stall begun before counts
-    assert relay.stalled_s(a - 1.0, a) == 0.0
+    assert relay.stalled_s(a - 1.0, a) == 0.0  # nothing stalled before the first
 
 
 def test_time_stalled_counts_both_directions_once_and_stalls_begun_before() -> None:
