@@ -28,9 +28,11 @@ Figures per profile:
                       time to store the object (`pacs_store_s`: C-STORE to response on
                       loopback, association open - no sender avoids it);
                       `stat_ratio_with_stalls` (edge) the median against the floor plus the
-                      time the emulated loss held the link while that STAT study waited (a
-                      stall begun on a routine segment before it came included: each trial's
-                      `stat_N_stall_s`). The STAT run is the
+                      time the emulated loss held the uplink while that STAT study was on its
+                      way (a stall begun on a routine segment before it came included: each
+                      trial's `stat_N_stall_s`; `stat_N_queued_s`: how long the uplink
+                      still needed for what it held when the study became durable, and
+                      `stat_N_since_stall_s` since the uplink's last stall ended then). The STAT run is the
                       same gateway after an outage: its forwarder starts with the link rate the bulk run measured and
                       kept in the outbox (`stat_warm` 1; with --stat-only nothing was measured
                       before: 0, the first objects go unpaced). `stat_routine_waiting_min`: the
@@ -304,6 +306,12 @@ def run_profile(
                     # durable once add() committed; intake before it (quality check, DICOM build,
                     # deflate: ~0.25 s here) is not the link's time
                     t_durable = time.monotonic()
+                    # what the uplink still had to carry then (the modem buffer ahead of the
+                    # STAT study, a stall's rest included), in the link's seconds
+                    assert relay.up is not None
+                    out[f"stat_{trial}_queued_s"] = max(0.0, relay.up.free_at - t_durable)
+                    ended = [b for _a, b in relay.up.stall_spans if b <= t_durable]
+                    out[f"stat_{trial}_since_stall_s"] = t_durable - max(ended) if ended else None
                 waiting.append(STAT_BACKLOG - (stored() - trial))  # routine not yet at the PACS
                 if log:
                     print(f"{dt.datetime.now().time()} bench: STAT {trial} durable", file=sys.stderr, flush=True)
@@ -320,9 +328,10 @@ def run_profile(
                 # sender pays those that hold the STAT object's segments, the floor counts none
                 out[f"stat_{trial}_stalls"] = relay.stalls - stalls_before
                 # ... and how long they held the link: also one a routine segment began before
-                # the STAT study came (the count above misses it: in three EDGE runs of
-                # 2026-12-04 the fourth STAT study took 0.83 s more than the others, none counted)
-                stalled = relay.stalled_s(t_durable, t_stored)
+                # the STAT study came (the count above misses it)
+                # (the uplink's, until its last byte left the link: what comes after - the
+                # one-way delay, the PACS storing it - no stall holds, and no response is awaited)
+                stalled = relay.stalled_s(t_durable, t_stored - profile.rtt_s / 2, up_only=True)
                 out[f"stat_{trial}_stall_s"] = stalled
                 if profile.up_bps:
                     ratios.append(took / profile.arrival_floor_s(item.size))

@@ -148,13 +148,16 @@ class LinkRelay:
     def stalls(self) -> int:
         return (self.up.stalls if self.up else 0) + (self.down.stalls if self.down else 0)
 
-    def stalled_s(self, start: float, end: float) -> float:
-        """How long, between `start` and `end` (time.monotonic: the loop's clock), either
-        direction's link was held by a stall - also one that began before `start` (a routine
-        segment's, holding the link when a STAT study came)."""
-        spans = sorted([*(self.up.stall_spans if self.up else []), *(self.down.stall_spans if self.down else [])])
-        held, covered = 0.0, start  # both directions stalled at once count once
-        for a, b in spans:
+    def stalled_s(self, start: float, end: float, *, up_only: bool = False) -> float:
+        """How long, between `start` and `end` (time.monotonic: the loop's clock), a stall held
+        the link, either direction (counted once where both were) or the uplink alone - also a
+        stall that began before `start` (a routine segment's, holding the link when a STAT study
+        came)."""
+        spans = [*(self.up.stall_spans if self.up else [])]
+        if not up_only and self.down is not None:
+            spans += self.down.stall_spans
+        held, covered = 0.0, start
+        for a, b in sorted(spans):
             a, b = max(a, covered), min(b, end)
             if b > a:
                 held += b - a

@@ -122,6 +122,8 @@ def test_time_stalled_counts_both_directions_once_and_stalls_begun_before() -> N
     assert relay.stalled_s(0.0, 20.0) == pytest.approx(2.5)
     assert relay.stalled_s(10.8, 13.5) == pytest.approx(0.7 + 0.5)
     assert relay.stalled_s(11.5, 13.0) == 0.0
+    assert relay.stalled_s(0.0, 20.0, up_only=True) == pytest.approx(2.0)  # the responses' way not
+    assert relay.stalled_s(10.8, 13.5, up_only=True) == pytest.approx(0.2 + 0.5)
 
 
 @pytest.mark.parametrize("name", sorted(PROFILES))
