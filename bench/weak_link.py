@@ -327,11 +327,10 @@ def run_profile(
                 # the emulated loss's stalls meanwhile (either way; routine bytes' too): any
                 # sender pays those that hold the STAT object's segments, the floor counts none
                 out[f"stat_{trial}_stalls"] = relay.stalls - stalls_before
-                # ... and how long they held the link: also one a routine segment began before
-                # the STAT study came (the count above misses it)
-                # (the uplink's, until its last byte left the link: what comes after - the
-                # one-way delay, the PACS storing it - no stall holds, and no response is awaited)
-                stalled = relay.stalled_s(t_durable, t_stored - profile.rtt_s / 2, up_only=True)
+                # ... and how long they held the uplink until its last byte left it (also a stall
+                # a routine segment began before it came, which the count misses; the responses'
+                # way and the one-way delay after hold nothing it waits for)
+                stalled = relay.up.stalled_s(t_durable, t_stored - profile.rtt_s / 2)
                 out[f"stat_{trial}_stall_s"] = stalled
                 if profile.up_bps:
                     ratios.append(took / profile.arrival_floor_s(item.size))

@@ -78,11 +78,20 @@ class Bottleneck:
     free_at: float = 0.0  # when the link finishes sending what it has
     queued: int = 0  # bytes read from senders and not yet delivered
     bytes_total: int = 0
-    stalls: int = 0
     first_at: float | None = None  # when the first byte reached the bottleneck (the loop's clock)
     busy_s: float = 0.0  # time spent sending (rate only): free_at - first_at - busy_s was idle
     stall_spans: list[tuple[float, float]] = field(default_factory=list)  # when a stall held the link
     room: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    @property
+    def stalls(self) -> int:
+        return len(self.stall_spans)
+
+    def stalled_s(self, start: float, end: float) -> float:
+        """How long, between `start` and `end` (time.monotonic: the loop's clock), a stall held
+        this link - also one that began before `start` (a routine segment's, holding the link when
+        a STAT study came). (Its stalls follow one another: they never overlap.)"""
+        return sum(max(0.0, min(end, b) - max(start, a)) for a, b in self.stall_spans)
 
     @property
     def limit(self) -> int:
@@ -102,7 +111,6 @@ class Bottleneck:
             if self.rng.random() < 1 - (1 - self.loss) ** segments:
                 self.stall_spans.append((self.free_at, self.free_at + self.stall_s))
                 self.free_at += self.stall_s
-                self.stalls += 1
         self.bytes_total += size
         return self.free_at + self.one_way_s + (self.rng.random() * self.jitter_s if self.jitter_s else 0.0)
 
@@ -147,22 +155,6 @@ class LinkRelay:
     @property
     def stalls(self) -> int:
         return (self.up.stalls if self.up else 0) + (self.down.stalls if self.down else 0)
-
-    def stalled_s(self, start: float, end: float, *, up_only: bool = False) -> float:
-        """How long, between `start` and `end` (time.monotonic: the loop's clock), a stall held
-        the link, either direction (counted once where both were) or the uplink alone - also a
-        stall that began before `start` (a routine segment's, holding the link when a STAT study
-        came)."""
-        spans = [*(self.up.stall_spans if self.up else [])]
-        if not up_only and self.down is not None:
-            spans += self.down.stall_spans
-        held, covered = 0.0, start
-        for a, b in sorted(spans):
-            a, b = max(a, covered), min(b, end)
-            if b > a:
-                held += b - a
-                covered = b
-        return held
 
     # -- the loop -------------------------------------------------------------------------------------
     def _run(self) -> None:
