@@ -50,6 +50,7 @@ import argparse
 import contextlib
 import datetime as dt
 import json
+import multiprocessing
 import os
 import shutil
 import socket
@@ -59,6 +60,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -98,6 +100,27 @@ def worker(cfg: str, stop_file: str) -> None:
         if wait:
             time.sleep(min(wait, 0.02))
     service.close()
+
+
+def enqueue_stat(cfg: str, recording, key: str) -> tuple[float, str, int]:
+    """Make a STAT study durable (in the bench's intake process, not the relay's): when
+    (time.monotonic, one clock for every process), its SOP Instance UID and its size. In the
+    relay's process the intake (quality check, DICOM build, deflate) held the GIL for up to ~80 ms
+    at a time: the relay's thread froze, the link idled, then took at once the routine bytes that
+    had piled up meanwhile - and the STAT study waited behind them (the 4G worst, 1.6-2.0)."""
+    from lastmile.config import load_config
+    from lastmile.data_dir import open_outbox
+    from lastmile.ecg.intake import enqueue_recording
+
+    config = load_config(cfg)
+    with open_outbox(config) as outbox:
+        item = enqueue_recording(outbox, recording, config, key=key).item
+        return time.monotonic(), str(item.meta["sop_instance_uid"]), item.size
+
+
+def warm_intake() -> None:
+    """The intake process imports what it needs before the first trial."""
+    import lastmile.ecg.intake  # noqa: F401
 
 
 def write_config(path: Path, data_dir: Path, port: int, listen: int) -> None:
@@ -291,6 +314,8 @@ def run_profile(
         ratios_rtt: list[float] = []  # against the bulk's floor function (bytes ÷ rate + 1 RTT), as before
         ratios_stalls: list[float] = []  # against the floor + the stalls that held the link meanwhile
         waiting: list[int] = []
+        intake = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        intake.submit(warm_intake).result()
         fwd = Forwarder(cfg, tmp, log=log, share=share)
         try:
             # routine transfers are on the wire: the first `stat_after` have arrived
@@ -301,21 +326,18 @@ def run_profile(
                 time.sleep(object_s * trial / stat_trials)
                 stalls_before = relay.stalls
                 stat = replace(stat_recording, acquired_at=stat_recording.acquired_at + dt.timedelta(minutes=trial))
-                with open_outbox(config) as outbox:
-                    item = enqueue_recording(outbox, stat, config, key=f"stat-{trial}").item
-                    # durable once add() committed; intake before it (quality check, DICOM build,
-                    # deflate: ~0.25 s here) is not the link's time
-                    t_durable = time.monotonic()
-                    # what the uplink still had to carry then (the modem buffer ahead of the
-                    # STAT study, a stall's rest included), in the link's seconds
-                    assert relay.up is not None
-                    out[f"stat_{trial}_queued_s"] = max(0.0, relay.up.free_at - t_durable)
-                    ended = [b for _a, b in relay.up.stall_spans if b <= t_durable]
-                    out[f"stat_{trial}_since_stall_s"] = t_durable - max(ended) if ended else None
+                # durable once add() committed; intake before it (quality check, DICOM build,
+                # deflate: ~0.25 s here) is not the link's time
+                t_durable, sop, size = intake.submit(enqueue_stat, str(cfg), stat, f"stat-{trial}").result()
+                # what the uplink still had to carry then (the modem buffer ahead of the STAT
+                # study, a stall's rest included), in the link's seconds
+                assert relay.up is not None
+                out[f"stat_{trial}_queued_s"] = relay.up.queued_s_at(t_durable)
+                ended = [b for _a, b in relay.up.stall_spans if b <= t_durable]
+                out[f"stat_{trial}_since_stall_s"] = t_durable - max(ended) if ended else None
                 waiting.append(STAT_BACKLOG - (stored() - trial))  # routine not yet at the PACS
                 if log:
                     print(f"{dt.datetime.now().time()} bench: STAT {trial} durable", file=sys.stderr, flush=True)
-                sop = item.meta["sop_instance_uid"]
                 t_stored = wait_until(
                     lambda sop=sop: orthanc.instance_id_of(sop) is not None,
                     3600,
@@ -333,13 +355,14 @@ def run_profile(
                 stalled = relay.up.stalled_s(t_durable, t_stored - profile.rtt_s / 2)
                 out[f"stat_{trial}_stall_s"] = stalled
                 if profile.up_bps:
-                    ratios.append(took / profile.arrival_floor_s(item.size))
-                    ratios_rtt.append(took / profile.floor_s(item.size))
-                    ratios_stalls.append(took / (profile.arrival_floor_s(item.size) + stalled))
+                    ratios.append(took / profile.arrival_floor_s(size))
+                    ratios_rtt.append(took / profile.floor_s(size))
+                    ratios_stalls.append(took / (profile.arrival_floor_s(size) + stalled))
         finally:
             fwd.close()
+            intake.shutdown()
         out["stat_s"] = statistics.median(out[f"stat_{t}_s"] for t in range(stat_trials))
-        out["stat_floor_s"] = profile.arrival_floor_s(item.size)
+        out["stat_floor_s"] = profile.arrival_floor_s(size)
         out["pacs_store_s"] = pacs_store_s(config, stat_recording, orthanc.dicom_port, stat_trials)
         # every STAT study came while routine ones were still waiting (else it overtook nothing)
         out["stat_routine_waiting_min"] = float(min(waiting))

@@ -24,10 +24,12 @@ import contextlib
 import random
 import socket
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 
 SEGMENT_BYTES = 1448  # TCP payload of one Ethernet-sized segment
 SOCKET_BUFFER_BYTES = 32 * 1024  # the relay's own socket buffers: small, so backpressure is real
+ADMITTED_KEPT = 4096  # chunks remembered for `Bottleneck.queued_s_at` (seconds of a fast link)
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,8 @@ class Bottleneck:
     first_at: float | None = None  # when the first byte reached the bottleneck (the loop's clock)
     busy_s: float = 0.0  # time spent sending (rate only): free_at - first_at - busy_s was idle
     stall_spans: list[tuple[float, float]] = field(default_factory=list)  # when a stall held the link
+    # (arrival, free_at after it) of the last chunks: what the link held a moment ago (`queued_s_at`)
+    admitted: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=ADMITTED_KEPT))
     room: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     @property
@@ -92,6 +96,18 @@ class Bottleneck:
         this link - also one that began before `start` (a routine segment's, holding the link when
         a STAT study came). (Its stalls follow one another: they never overlap.)"""
         return sum(max(0.0, min(end, b) - max(start, a)) for a, b in self.stall_spans)
+
+    def queued_s_at(self, when: float) -> float:
+        """How long the link still needed, at `when` (a moment ago, the loop's clock), to carry what
+        it held then (a stall's rest included): for a STAT study made durable by another process,
+        whose own bytes may have come since."""
+        admitted = tuple(self.admitted)  # (one step under the GIL: the relay's thread appends)
+        before = [free_at for at, free_at in admitted if at <= when]
+        if not before:
+            if len(admitted) == ADMITTED_KEPT:
+                raise ValueError(f"the link's history does not reach back to {when}")
+            return 0.0  # nothing had come yet
+        return max(0.0, before[-1] - when)
 
     @property
     def limit(self) -> int:
@@ -112,6 +128,7 @@ class Bottleneck:
                 self.stall_spans.append((self.free_at, self.free_at + self.stall_s))
                 self.free_at += self.stall_s
         self.bytes_total += size
+        self.admitted.append((now, self.free_at))
         return self.free_at + self.one_way_s + (self.rng.random() * self.jitter_s if self.jitter_s else 0.0)
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.link_emulator import PROFILES, Bottleneck, LinkProfile, LinkRelay
+from tests.link_emulator import ADMITTED_KEPT, PROFILES, Bottleneck, LinkProfile, LinkRelay
 
 
 @pytest.fixture
@@ -124,6 +124,21 @@ def test_time_stalled_counts_stalls_begun_before_and_clips_to_the_window() -> No
     assert link.stalled_s(0.0, 20.0) == pytest.approx(2.0)
     assert link.stalled_s(10.8, 13.5) == pytest.approx(0.2 + 0.5)
     assert link.stalled_s(11.0, 13.0) == 0.0
+
+
+def test_the_queue_a_moment_ago_is_what_the_link_held_then_not_what_came_since() -> None:
+    link = Bottleneck(8_000, 0.2, 0.0, 0.0, 1.0, 0, random.Random(0))  # 1000 bytes a second
+    assert link.queued_s_at(5.0) == 0.0  # nothing came yet
+    link.schedule(10.0, 1000)  # on the link until 11.0
+    link.schedule(10.5, 1000)  # ... then until 12.0
+    assert link.queued_s_at(9.9) == 0.0
+    assert link.queued_s_at(10.25) == pytest.approx(0.75)  # the second chunk came after
+    assert link.queued_s_at(10.6) == pytest.approx(1.4)
+    assert link.queued_s_at(12.5) == 0.0
+    for i in range(ADMITTED_KEPT):
+        link.schedule(20.0 + i, 1)
+    with pytest.raises(ValueError, match="does not reach back"):
+        link.queued_s_at(10.6)
 
 
 @pytest.mark.parametrize("name", sorted(PROFILES))
