@@ -23,7 +23,7 @@ association negotiation's on the wire (the least seen; on Orthanc the shorter of
 object is stored nothing is paced; then the pace is `HEADROOM` below the largest such rate (not on
 a LAN: a round trip under `NEAR_RTT_S`), and lower (`DRAIN_HEADROOM`) while bytes wait in the
 buffer (a loss stalled the link), for as long as the lateness of the response that showed them
-says they take to drain: at `HEADROOM` they would drain at 5 % of the rate. Fast links (above
+says they take to drain: at `HEADROOM` they would drain at 3 % of the rate. Fast links (above
 `FAST_BYTES_PER_S`) are not paced at all: their buffer drains in milliseconds. Responses late
 `STALE_AFTER_LATE` times in a row, delivering less than even the drain pace, show the estimate
 above what the link carries (one sample too high, e.g. a busy CPU's late response taken for the
@@ -49,7 +49,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-HEADROOM = 0.95  # pace at this fraction of the measured rate
+HEADROOM = 0.97  # pace at this fraction of the measured rate (0.95 left 1-2 % of every slow link idle)
 DRAIN_HEADROOM = 0.7  # ... and at this one while bytes wait in the buffer (a stall held them back)
 QUEUED_TAIL_S = 0.1  # a response later than the least clean tail by this at most: bytes were waiting
 MIN_QUEUED_TAIL_S = 0.02  # ... by this at least (`_queue_threshold`: from the spread of clean tails)
