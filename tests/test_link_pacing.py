@@ -547,7 +547,13 @@ def test_the_round_trip_is_the_negotiations_on_the_wire_not_the_cpus(
         with dicom_store.StoreAssociation(settings.peer, pacer=pacer) as assoc:
             assert assoc.is_alive
     assert assoc.opened_in_s >= rtt + 2 * cpu_s
-    assert pacer.rtt_s is not None and rtt <= pacer.rtt_s < rtt + cpu_s, (pacer.rtt_s, assoc.opened_in_s)
+    # the request's time is read once its write returned: a thread preempted in between (a loaded
+    # machine) reads it late, and the round trip a little short (0.0775 s of 0.08 once, stress-ng)
+    late_read_s = 0.02
+    assert pacer.rtt_s is not None and rtt - late_read_s <= pacer.rtt_s < rtt + cpu_s, (
+        pacer.rtt_s,
+        assoc.opened_in_s,
+    )
 
 
 def test_bytes_written_unpaced_hold_back_the_next_paced_pdu() -> None:
