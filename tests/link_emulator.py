@@ -102,12 +102,12 @@ class Bottleneck:
         it held then (a stall's rest included): for a STAT study made durable by another process,
         whose own bytes may have come since."""
         admitted = tuple(self.admitted)  # (one step under the GIL: the relay's thread appends)
-        before = [free_at for at, free_at in admitted if at <= when]
-        if not before:
+        free_at = next((free_at for at, free_at in reversed(admitted) if at <= when), None)
+        if free_at is None:
             if len(admitted) == ADMITTED_KEPT:
                 raise ValueError(f"the link's history does not reach back to {when}")
             return 0.0  # nothing had come yet
-        return max(0.0, before[-1] - when)
+        return max(0.0, free_at - when)
 
     @property
     def limit(self) -> int:
