@@ -46,6 +46,7 @@ from uploader.link_pacing import (
     HEADROOM,
     PROBE_EVERY,
     PROBE_GAIN,
+    PROBE_PAID,
     STALE_AFTER_LATE,
     LinkPacer,
     last_fragment,
@@ -359,3 +360,38 @@ def test_a_link_not_measured_yet_takes_turns_unless_it_is_a_lan() -> None:
     lan.observe_rtt(0.0005)
     assert lan.take_turn("a") and lan.take_turn("b")  # a LAN: no turns
     assert not lan.owns_turn("a")
+
+
+def test_while_samples_raise_the_estimate_the_next_object_probes_again() -> None:
+    """A first estimate below the link's rate (measured before the store's round trip was known)
+    is raised by probes: one every PROBE_EVERY objects climbed to 4G's rate over 18 objects. A
+    sample that raised the estimate by PROBE_PAID or more makes the next object a probe; one that
+    did not, does not."""
+    t = FakeTime()
+    pacer = LinkPacer(clock=t.clock, sleep=t.sleep)
+    pacer.remember({"bytes_per_s": 50_000.0})
+    pacer.observe_rtt(0.1)
+    pdus = c_store_pdus(50_000, pdu_bytes=5_000)
+    size = sum(map(len, pdus))
+    sent_at: list[float] = []  # each object's time on the link x the pace it was sent at
+    estimates: list[float] = []
+    for n, link_rate in enumerate((60_000.0, None, None), start=1):  # None: its own rate not known
+        pace = pacer.pace
+        assert pacer.take_turn(n) and pace is not None
+        start = t.now
+        for pdu in pdus:
+            pacer.on_data_sent(Sent(pdu))
+        sent_at.append((t.now - start) * pace)
+        t.now += 0.1  # its response, a round trip after its last byte
+        pacer.observe_object(size, tail_s=0.1, alone_s=size / link_rate + 0.1 if link_rate else None)
+        pacer.end_turn(n)
+        assert pacer.measured is not None
+        estimates.append(pacer.measured)
+    # the first object's own rate raised the estimate (by at most a probe's gain: it was not sent
+    # faster than the pace): the second of PROBE_EVERY objects went as a probe, faster than the pace
+    assert estimates[0] == pytest.approx(50_000 * HEADROOM * PROBE_GAIN)
+    assert estimates[0] >= 50_000 * PROBE_PAID and PROBE_EVERY > 3
+    assert sent_at[1] == pytest.approx(sent_at[0] / PROBE_GAIN, rel=0.01)
+    # the probe's window raised the estimate by less than PROBE_PAID: the third went at the pace
+    assert estimates[1] < estimates[0] * PROBE_PAID
+    assert sent_at[2] == pytest.approx(sent_at[0], rel=0.01)

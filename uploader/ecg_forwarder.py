@@ -619,11 +619,17 @@ class EcgForwarder:
                         # object's, and made every probe look slower than the link
                         clock = self.pacer.clock  # the link's times are all on the pacer's clock
                         started = max(clock(), self.pacer.link_free_at()) if alone else clock()
+                        # its tail (last PDU to response) is a round trip only if the object went
+                        # paced from its first byte: written unpaced (no rate measured yet) right
+                        # after the one before, it queued behind it in the modem, and that queue
+                        # taken for the round trip made the second sample 1.6x the link's rate
+                        # (4G: paced above the link, then drained at 0.7 of it)
+                        paced_throughout = assoc.paced and self.pacer.pace is not None
                         outcome = assoc.store(payload)
                         if watch is not None and not carrying:
                             watch.finished(assoc, stored=outcome.category in ("success", "warning"))
                         if outcome.stored:
-                            tail = clock() - assoc.last_sent_at if assoc.paced else None
+                            tail = clock() - assoc.last_sent_at if paced_throughout else None
                             took = clock() - started if alone else None
                             self.pacer.observe_object(outcome.wire_bytes, tail, took, assoc.last_sent_bytes)
                             self._observe_object_bytes(outcome.wire_bytes)
