@@ -117,7 +117,7 @@ class LinkPacer:
         self._turn = threading.Condition()
         self._turn_owner: object | None = None  # whose object is on the link (`take_turn`)
         self._objects = 0  # turns taken
-        self._probe_soon = False  # the last sample raised the estimate: the next turn probes
+        self._probe_soon = False  # the last sample raised the estimate: the next turn probes (`_lock`)
         self._gain = 1.0  # the pace's factor for the object on the link now (PROBE_GAIN: a probe)
 
     # -- remembering -----------------------------------------------------------------------------
@@ -315,8 +315,8 @@ class LinkPacer:
             self._turn_owner = owner
             self._objects += 1
             # now and then one object goes faster: paced objects only ever show the pace
-            probe = self._probe_soon or self._objects % PROBE_EVERY == 0
-            self._probe_soon = False
+            with self._lock:  # (set by `observe_object`, on another association's thread)
+                probe, self._probe_soon = self._probe_soon or self._objects % PROBE_EVERY == 0, False
             self._gain = PROBE_GAIN if probe else 1.0
             return True
 
