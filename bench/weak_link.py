@@ -37,6 +37,10 @@ Figures per profile:
                       kept in the outbox (`stat_warm` 1; with --stat-only nothing was measured
                       before: 0, the first objects go unpaced). `stat_routine_waiting_min`: the
                       fewest routine studies still waiting when a STAT one came (never 0).
+                      `cold_stat_ratio`, `cold_stat_ratio_max` (and every `cold_stat_...`): the
+                      same STAT run on a new gateway whose first backlog it is (nothing
+                      measured before: as --stat-only), where the pacer learns the link's rate
+                      while the STAT studies come.
 `--cpu-share 0.25`: Lastmile's forward process and storescu each get a quarter of one core (a CPU
 cgroup's quota: bench/cpu_share.py), the nearest this machine comes to a Pi-class gateway; the
 relay and Orthanc keep the whole machine.
@@ -288,91 +292,100 @@ def run_profile(
 
     # STAT overtakes: 100 routine waiting and in flight, then STAT studies become durable one
     # after another, each at another moment of the routine object on the link
-    with (
-        OrthancServer(tmp / f"orthanc-{name}-stat", modalities=gateway_modality("CLINIC01", listen)) as orthanc,
-        LinkRelay(profile, "127.0.0.1", orthanc.dicom_port) as relay,
-    ):
-        cfg = tmp / f"stat-{name}.toml"
-        write_config(cfg, tmp / f"data-stat-{name}", relay.port, listen)
-        config = load_config(cfg)
-        backlog = [recordings[i % len(recordings)] for i in range(STAT_BACKLOG)]
-        with open_outbox(config) as outbox:
-            for i, r in enumerate(backlog):
-                enqueue_recording(outbox, r, config, key=f"routine-{i}")
-            if link_kept is not None:
-                # the same gateway after an outage: it remembers the link's rate from the bulk run
-                outbox.record_status(LINK_STATUS_NAME, link_kept, time.time())
-        out["stat_warm"] = float(link_kept is not None)
-        # a routine object's time on the link: the STAT studies come at fractions of it after a
-        # routine one was stored (the next is then on the link)
-        object_s = profile.link_time_s(deflated_bytes // n)
+    # - as the same gateway after an outage (it remembers the link's rate from the bulk run) and,
+    # keys `cold_...`, as a new gateway whose first backlog it is (nothing measured: the first
+    # objects go unpaced - a STAT study then waited behind an estimate 1.6x the link's, 0df995e)
+    modes = [("", link_kept)] if stat_only or link_kept is None else [("", link_kept), ("cold_", None)]
+    for mode, kept in modes:
+        with (
+            OrthancServer(
+                tmp / f"orthanc-{name}-{mode}stat", modalities=gateway_modality("CLINIC01", listen)
+            ) as orthanc,
+            LinkRelay(profile, "127.0.0.1", orthanc.dicom_port) as relay,
+        ):
+            cfg = tmp / f"{mode}stat-{name}.toml"
+            write_config(cfg, tmp / f"data-{mode}stat-{name}", relay.port, listen)
+            config = load_config(cfg)
+            backlog = [recordings[i % len(recordings)] for i in range(STAT_BACKLOG)]
+            with open_outbox(config) as outbox:
+                for i, r in enumerate(backlog):
+                    enqueue_recording(outbox, r, config, key=f"routine-{i}")
+                if kept is not None:
+                    # the same gateway after an outage: it remembers the link's rate from the bulk run
+                    outbox.record_status(LINK_STATUS_NAME, kept, time.time())
+            out[f"{mode}stat_warm"] = float(kept is not None)
+            # a routine object's time on the link: the STAT studies come at fractions of it after a
+            # routine one was stored (the next is then on the link)
+            object_s = profile.link_time_s(deflated_bytes // n)
 
-        def stored() -> int:
-            return int(orthanc.rest("/statistics")["CountInstances"])
+            def stored() -> int:
+                return int(orthanc.rest("/statistics")["CountInstances"])
 
-        ratios: list[float] = []
-        ratios_rtt: list[float] = []  # against the bulk's floor function (bytes ÷ rate + 1 RTT), as before
-        ratios_stalls: list[float] = []  # against the floor + the stalls that held the link meanwhile
-        waiting: list[int] = []
-        intake = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        intake.submit(warm_intake).result()
-        fwd = Forwarder(cfg, tmp, log=log, share=share)
-        try:
-            # routine transfers are on the wire: the first `stat_after` have arrived
-            wait_until(lambda: stored() >= stat_after, 3600, f"{name}: no routine study arrived")
-            for trial in range(stat_trials):
-                before = stored()
-                wait_until(lambda before=before: stored() > before, 3600, f"{name}: the routine backlog stopped")
-                time.sleep(object_s * trial / stat_trials)
-                stalls_before = relay.stalls
-                stat = replace(stat_recording, acquired_at=stat_recording.acquired_at + dt.timedelta(minutes=trial))
-                # durable once add() committed; intake before it (quality check, DICOM build,
-                # deflate: ~0.25 s here) is not the link's time
-                t_durable, sop, size = intake.submit(enqueue_stat, str(cfg), stat, f"stat-{trial}").result()
-                # what the uplink still had to carry then (the modem buffer ahead of the STAT
-                # study, a stall's rest included), in the link's seconds
-                assert relay.up is not None
-                out[f"stat_{trial}_queued_s"] = relay.up.queued_s_at(t_durable)
-                ended = [b for _a, b in relay.up.stall_spans if b <= t_durable]
-                out[f"stat_{trial}_since_stall_s"] = t_durable - max(ended) if ended else None
-                waiting.append(STAT_BACKLOG - (stored() - trial))  # routine not yet at the PACS
-                if log:
-                    print(f"{dt.datetime.now().time()} bench: STAT {trial} durable", file=sys.stderr, flush=True)
-                t_stored = wait_until(
-                    lambda sop=sop: orthanc.instance_id_of(sop) is not None,
-                    3600,
-                    f"{name}: the STAT study never arrived",
-                    poll_s=0.005,
-                )
-                took = t_stored - t_durable
-                out[f"stat_{trial}_s"] = took
-                # the emulated loss's stalls meanwhile (either way; routine bytes' too): any
-                # sender pays those that hold the STAT object's segments, the floor counts none
-                out[f"stat_{trial}_stalls"] = relay.stalls - stalls_before
-                # ... and how long they held the uplink until its last byte left it (also a stall
-                # a routine segment began before it came, which the count misses; the responses'
-                # way and the one-way delay after hold nothing it waits for)
-                stalled = relay.up.stalled_s(t_durable, t_stored - profile.rtt_s / 2)
-                out[f"stat_{trial}_stall_s"] = stalled
-                if profile.up_bps:
-                    ratios.append(took / profile.arrival_floor_s(size))
-                    ratios_rtt.append(took / profile.floor_s(size))
-                    ratios_stalls.append(took / (profile.arrival_floor_s(size) + stalled))
-        finally:
-            fwd.close()
-            intake.shutdown()
-        out["stat_s"] = statistics.median(out[f"stat_{t}_s"] for t in range(stat_trials))
-        out["stat_floor_s"] = profile.arrival_floor_s(size)
-        out["pacs_store_s"] = pacs_store_s(config, stat_recording, orthanc.dicom_port, stat_trials)
-        # every STAT study came while routine ones were still waiting (else it overtook nothing)
-        out["stat_routine_waiting_min"] = float(min(waiting))
-    # no link rate (lan): the STAT object's floor is its one-way delay only, no ratio
-    out["stat_ratio"] = statistics.median(ratios) if ratios else None
-    out["stat_ratio_max"] = max(ratios) if ratios else None
-    out["stat_ratio_rtt"] = statistics.median(ratios_rtt) if ratios_rtt else None
-    out["stat_ratio_with_stalls"] = statistics.median(ratios_stalls) if ratios_stalls else None
-    # against a floor that also holds the PACS's own storing (no sender avoids it): what is ours
-    out["stat_ratio_with_pacs"] = out["stat_s"] / (out["stat_floor_s"] + out["pacs_store_s"]) if ratios else None
+            ratios: list[float] = []
+            ratios_rtt: list[float] = []  # against the bulk's floor function (bytes ÷ rate + 1 RTT), as before
+            ratios_stalls: list[float] = []  # against the floor + the stalls that held the link meanwhile
+            waiting: list[int] = []
+            intake = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            intake.submit(warm_intake).result()
+            fwd = Forwarder(cfg, tmp, log=log, share=share)
+            try:
+                # routine transfers are on the wire: the first `stat_after` have arrived
+                wait_until(lambda: stored() >= stat_after, 3600, f"{name}: no routine study arrived")
+                for trial in range(stat_trials):
+                    before = stored()
+                    wait_until(lambda before=before: stored() > before, 3600, f"{name}: the routine backlog stopped")
+                    time.sleep(object_s * trial / stat_trials)
+                    stalls_before = relay.stalls
+                    stat = replace(stat_recording, acquired_at=stat_recording.acquired_at + dt.timedelta(minutes=trial))
+                    # durable once add() committed; intake before it (quality check, DICOM build,
+                    # deflate: ~0.25 s here) is not the link's time
+                    t_durable, sop, size = intake.submit(enqueue_stat, str(cfg), stat, f"{mode}stat-{trial}").result()
+                    # what the uplink still had to carry then (the modem buffer ahead of the STAT
+                    # study, a stall's rest included), in the link's seconds
+                    assert relay.up is not None
+                    out[f"{mode}stat_{trial}_queued_s"] = relay.up.queued_s_at(t_durable)
+                    ended = [b for _a, b in relay.up.stall_spans if b <= t_durable]
+                    out[f"{mode}stat_{trial}_since_stall_s"] = t_durable - max(ended) if ended else None
+                    waiting.append(STAT_BACKLOG - (stored() - trial))  # routine not yet at the PACS
+                    if log:
+                        print(f"{dt.datetime.now().time()} bench: STAT {trial} durable", file=sys.stderr, flush=True)
+                    t_stored = wait_until(
+                        lambda sop=sop: orthanc.instance_id_of(sop) is not None,
+                        3600,
+                        f"{name}: the STAT study never arrived",
+                        poll_s=0.005,
+                    )
+                    took = t_stored - t_durable
+                    out[f"{mode}stat_{trial}_s"] = took
+                    # the emulated loss's stalls meanwhile (either way; routine bytes' too): any
+                    # sender pays those that hold the STAT object's segments, the floor counts none
+                    out[f"{mode}stat_{trial}_stalls"] = relay.stalls - stalls_before
+                    # ... and how long they held the uplink until its last byte left it (also a stall
+                    # a routine segment began before it came, which the count misses; the responses'
+                    # way and the one-way delay after hold nothing it waits for)
+                    stalled = relay.up.stalled_s(t_durable, t_stored - profile.rtt_s / 2)
+                    out[f"{mode}stat_{trial}_stall_s"] = stalled
+                    if profile.up_bps:
+                        ratios.append(took / profile.arrival_floor_s(size))
+                        ratios_rtt.append(took / profile.floor_s(size))
+                        ratios_stalls.append(took / (profile.arrival_floor_s(size) + stalled))
+            finally:
+                fwd.close()
+                intake.shutdown()
+            out[f"{mode}stat_s"] = statistics.median(out[f"{mode}stat_{t}_s"] for t in range(stat_trials))
+            out[f"{mode}stat_floor_s"] = profile.arrival_floor_s(size)
+            out[f"{mode}pacs_store_s"] = pacs_store_s(config, stat_recording, orthanc.dicom_port, stat_trials)
+            # every STAT study came while routine ones were still waiting (else it overtook nothing)
+            out[f"{mode}stat_routine_waiting_min"] = float(min(waiting))
+        # no link rate (lan): the STAT object's floor is its one-way delay only, no ratio
+        out[f"{mode}stat_ratio"] = statistics.median(ratios) if ratios else None
+        out[f"{mode}stat_ratio_max"] = max(ratios) if ratios else None
+        out[f"{mode}stat_ratio_rtt"] = statistics.median(ratios_rtt) if ratios_rtt else None
+        out[f"{mode}stat_ratio_with_stalls"] = statistics.median(ratios_stalls) if ratios_stalls else None
+        # against a floor that also holds the PACS's own storing (no sender avoids it): what is ours
+        out[f"{mode}stat_ratio_with_pacs"] = (
+            out[f"{mode}stat_s"] / (out[f"{mode}stat_floor_s"] + out[f"{mode}pacs_store_s"]) if ratios else None
+        )
     return out
 
 
@@ -488,6 +501,11 @@ def main() -> int:
                 f"; ÷ floor + the stalls that held it {ratio(r['stat_ratio_with_stalls'])})"
                 if any(r.get(f"stat_{t}_stall_s") for t in range(args.stat_trials))
                 else ")"
+            )
+            + (
+                f"; a new gateway's first backlog: {ratio(r['cold_stat_ratio'])} (max {ratio(r['cold_stat_ratio_max'])})"
+                if "cold_stat_ratio" in r
+                else ""
             )
         )
         if args.stat_only:
