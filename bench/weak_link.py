@@ -295,7 +295,7 @@ def run_profile(
     # - as the same gateway after an outage (it remembers the link's rate from the bulk run) and,
     # keys `cold_...`, as a new gateway whose first backlog it is (nothing measured: the first
     # objects go unpaced - a STAT study then waited behind an estimate 1.6x the link's, 0df995e)
-    modes = [("", link_kept)] if stat_only or link_kept is None else [("", link_kept), ("cold_", None)]
+    modes = [("", link_kept)] + ([("cold_", None)] if link_kept is not None else [])
     for mode, kept in modes:
         with (
             OrthancServer(
