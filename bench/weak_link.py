@@ -67,6 +67,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -295,8 +296,47 @@ def run_profile(
     # - as the same gateway after an outage (it remembers the link's rate from the bulk run) and,
     # keys `cold_...`, as a new gateway whose first backlog it is (nothing measured: the first
     # objects go unpaced - a STAT study then waited behind an estimate 1.6x the link's, 0df995e)
-    modes = [("", link_kept)] + ([("cold_", None)] if link_kept is not None else [])
-    for mode, kept in modes:
+    def stat_trial(trial: int, mode: str, cfg: Path, relay, orthanc, intake, stored) -> dict[str, Any]:
+        """One STAT study made durable behind the routine backlog: how long until the PACS had it."""
+        # a routine object's time on the link: the STAT studies come at fractions of it after a
+        # routine one was stored (the next is then on the link)
+        object_s = profile.link_time_s(deflated_bytes // n)
+        before = stored()
+        wait_until(lambda: stored() > before, 3600, f"{name}: the routine backlog stopped")
+        time.sleep(object_s * trial / stat_trials)
+        stalls_before = relay.stalls
+        stat = replace(stat_recording, acquired_at=stat_recording.acquired_at + dt.timedelta(minutes=trial))
+        # durable once add() committed; intake before it (quality check, DICOM build, deflate:
+        # ~0.25 s here) is not the link's time
+        t_durable, sop, size = intake.submit(enqueue_stat, str(cfg), stat, f"{mode}stat-{trial}").result()
+        fig: dict[str, Any] = {"size": size}
+        # what the uplink still had to carry then (the modem buffer ahead of the STAT study, a
+        # stall's rest included), in the link's seconds
+        fig["queued_s"] = relay.up.queued_s_at(t_durable)
+        ended = [b for _a, b in relay.up.stall_spans if b <= t_durable]
+        fig["since_stall_s"] = t_durable - max(ended) if ended else None
+        fig["waiting"] = STAT_BACKLOG - (stored() - trial)  # routine not yet at the PACS
+        if log:
+            print(f"{dt.datetime.now().time()} bench: STAT {trial} durable", file=sys.stderr, flush=True)
+        t_stored = wait_until(
+            lambda: orthanc.instance_id_of(sop) is not None,
+            3600,
+            f"{name}: the STAT study never arrived",
+            poll_s=0.005,
+        )
+        fig["s"] = t_stored - t_durable
+        # the emulated loss's stalls meanwhile (either way; routine bytes' too): any sender pays
+        # those that hold the STAT object's segments, the floor counts none
+        fig["stalls"] = relay.stalls - stalls_before
+        # ... and how long they held the uplink until its last byte left it (also a stall a
+        # routine segment began before it came, which the count misses; the responses' way and
+        # the one-way delay after hold nothing it waits for)
+        fig["stall_s"] = relay.up.stalled_s(t_durable, t_stored - profile.rtt_s / 2)
+        return fig
+
+    def stat_figures(mode: str, kept: dict | None) -> dict[str, float | None]:
+        """`stat_trials` STAT studies behind `STAT_BACKLOG` routine ones, on a gateway that keeps
+        the link's rate `kept` (None: a new one); the keys without `mode`'s prefix."""
         with (
             OrthancServer(
                 tmp / f"orthanc-{name}-{mode}stat", modalities=gateway_modality("CLINIC01", listen)
@@ -313,79 +353,51 @@ def run_profile(
                 if kept is not None:
                     # the same gateway after an outage: it remembers the link's rate from the bulk run
                     outbox.record_status(LINK_STATUS_NAME, kept, time.time())
-            out[f"{mode}stat_warm"] = float(kept is not None)
-            # a routine object's time on the link: the STAT studies come at fractions of it after a
-            # routine one was stored (the next is then on the link)
-            object_s = profile.link_time_s(deflated_bytes // n)
 
             def stored() -> int:
                 return int(orthanc.rest("/statistics")["CountInstances"])
 
-            ratios: list[float] = []
-            ratios_rtt: list[float] = []  # against the bulk's floor function (bytes ÷ rate + 1 RTT), as before
-            ratios_stalls: list[float] = []  # against the floor + the stalls that held the link meanwhile
-            waiting: list[int] = []
             intake = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
             intake.submit(warm_intake).result()
             fwd = Forwarder(cfg, tmp, log=log, share=share)
             try:
                 # routine transfers are on the wire: the first `stat_after` have arrived
                 wait_until(lambda: stored() >= stat_after, 3600, f"{name}: no routine study arrived")
-                for trial in range(stat_trials):
-                    before = stored()
-                    wait_until(lambda before=before: stored() > before, 3600, f"{name}: the routine backlog stopped")
-                    time.sleep(object_s * trial / stat_trials)
-                    stalls_before = relay.stalls
-                    stat = replace(stat_recording, acquired_at=stat_recording.acquired_at + dt.timedelta(minutes=trial))
-                    # durable once add() committed; intake before it (quality check, DICOM build,
-                    # deflate: ~0.25 s here) is not the link's time
-                    t_durable, sop, size = intake.submit(enqueue_stat, str(cfg), stat, f"{mode}stat-{trial}").result()
-                    # what the uplink still had to carry then (the modem buffer ahead of the STAT
-                    # study, a stall's rest included), in the link's seconds
-                    assert relay.up is not None
-                    out[f"{mode}stat_{trial}_queued_s"] = relay.up.queued_s_at(t_durable)
-                    ended = [b for _a, b in relay.up.stall_spans if b <= t_durable]
-                    out[f"{mode}stat_{trial}_since_stall_s"] = t_durable - max(ended) if ended else None
-                    waiting.append(STAT_BACKLOG - (stored() - trial))  # routine not yet at the PACS
-                    if log:
-                        print(f"{dt.datetime.now().time()} bench: STAT {trial} durable", file=sys.stderr, flush=True)
-                    t_stored = wait_until(
-                        lambda sop=sop: orthanc.instance_id_of(sop) is not None,
-                        3600,
-                        f"{name}: the STAT study never arrived",
-                        poll_s=0.005,
-                    )
-                    took = t_stored - t_durable
-                    out[f"{mode}stat_{trial}_s"] = took
-                    # the emulated loss's stalls meanwhile (either way; routine bytes' too): any
-                    # sender pays those that hold the STAT object's segments, the floor counts none
-                    out[f"{mode}stat_{trial}_stalls"] = relay.stalls - stalls_before
-                    # ... and how long they held the uplink until its last byte left it (also a stall
-                    # a routine segment began before it came, which the count misses; the responses'
-                    # way and the one-way delay after hold nothing it waits for)
-                    stalled = relay.up.stalled_s(t_durable, t_stored - profile.rtt_s / 2)
-                    out[f"{mode}stat_{trial}_stall_s"] = stalled
-                    if profile.up_bps:
-                        ratios.append(took / profile.arrival_floor_s(size))
-                        ratios_rtt.append(took / profile.floor_s(size))
-                        ratios_stalls.append(took / (profile.arrival_floor_s(size) + stalled))
+                trials = [stat_trial(t, mode, cfg, relay, orthanc, intake, stored) for t in range(stat_trials)]
             finally:
                 fwd.close()
                 intake.shutdown()
-            out[f"{mode}stat_s"] = statistics.median(out[f"{mode}stat_{t}_s"] for t in range(stat_trials))
-            out[f"{mode}stat_floor_s"] = profile.arrival_floor_s(size)
-            out[f"{mode}pacs_store_s"] = pacs_store_s(config, stat_recording, orthanc.dicom_port, stat_trials)
-            # every STAT study came while routine ones were still waiting (else it overtook nothing)
-            out[f"{mode}stat_routine_waiting_min"] = float(min(waiting))
+            pacs_s = pacs_store_s(config, stat_recording, orthanc.dicom_port, stat_trials)
+        size = trials[-1]["size"]
+        fig: dict[str, float | None] = {"stat_warm": float(kept is not None)}
+        for t, trial in enumerate(trials):
+            fig |= {f"stat_{t}_{k}": trial[k] for k in ("queued_s", "since_stall_s", "s", "stalls", "stall_s")}
+        fig["stat_s"] = statistics.median(trial["s"] for trial in trials)
+        fig["stat_floor_s"] = profile.arrival_floor_s(size)
+        fig["pacs_store_s"] = pacs_s
+        # every STAT study came while routine ones were still waiting (else it overtook nothing)
+        fig["stat_routine_waiting_min"] = float(min(trial["waiting"] for trial in trials))
         # no link rate (lan): the STAT object's floor is its one-way delay only, no ratio
-        out[f"{mode}stat_ratio"] = statistics.median(ratios) if ratios else None
-        out[f"{mode}stat_ratio_max"] = max(ratios) if ratios else None
-        out[f"{mode}stat_ratio_rtt"] = statistics.median(ratios_rtt) if ratios_rtt else None
-        out[f"{mode}stat_ratio_with_stalls"] = statistics.median(ratios_stalls) if ratios_stalls else None
-        # against a floor that also holds the PACS's own storing (no sender avoids it): what is ours
-        out[f"{mode}stat_ratio_with_pacs"] = (
-            out[f"{mode}stat_s"] / (out[f"{mode}stat_floor_s"] + out[f"{mode}pacs_store_s"]) if ratios else None
+        limited = profile.up_bps is not None
+        ratios = [trial["s"] / profile.arrival_floor_s(trial["size"]) for trial in trials] if limited else []
+        # against the bulk's floor function (bytes ÷ rate + 1 RTT), as before
+        ratios_rtt = [trial["s"] / profile.floor_s(trial["size"]) for trial in trials] if limited else []
+        # against the floor + the stalls that held the link meanwhile
+        ratios_stalls = (
+            [trial["s"] / (profile.arrival_floor_s(trial["size"]) + trial["stall_s"]) for trial in trials]
+            if limited
+            else []
         )
+        fig["stat_ratio"] = statistics.median(ratios) if ratios else None
+        fig["stat_ratio_max"] = max(ratios) if ratios else None
+        fig["stat_ratio_rtt"] = statistics.median(ratios_rtt) if ratios_rtt else None
+        fig["stat_ratio_with_stalls"] = statistics.median(ratios_stalls) if ratios_stalls else None
+        # against a floor that also holds the PACS's own storing (no sender avoids it): what is ours
+        fig["stat_ratio_with_pacs"] = fig["stat_s"] / (fig["stat_floor_s"] + pacs_s) if ratios else None
+        return fig
+
+    for mode, kept in [("", link_kept)] + ([("cold_", None)] if link_kept is not None else []):
+        out |= {mode + key: value for key, value in stat_figures(mode, kept).items()}
     return out
 
 
