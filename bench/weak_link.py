@@ -67,15 +67,20 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.cpu_share import CpuShare  # (after the path: run as a script)
 
+if TYPE_CHECKING:
+    from tests.peers import OrthancServer
+
 ORDER = ("lan", "4g", "3g", "edge", "satellite")
 STAT_BACKLOG = 100
+# the STAT figures that are ratios to the STAT object's floor (null without a link rate: lan)
+STAT_RATIO_KEYS = ("stat_ratio", "stat_ratio_max", "stat_ratio_rtt", "stat_ratio_with_stalls", "stat_ratio_with_pacs")
 
 
 def in_private_netns() -> bool:
@@ -163,6 +168,11 @@ class Forwarder:
             self.proc.wait(60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+def stored(orthanc: OrthancServer) -> int:
+    """How many instances the PACS holds."""
+    return int(orthanc.statistics()["CountInstances"])
 
 
 def wait_until(check, timeout_s: float, what: str, poll_s: float = 0.01) -> float:
@@ -262,7 +272,7 @@ def run_profile(
             t_ready = time.monotonic()
             try:
                 t1 = wait_until(
-                    lambda: int(orthanc.rest("/statistics")["CountInstances"]) >= n,
+                    lambda: stored(orthanc) >= n,
                     3600,
                     f"{name}: Lastmile did not store {n}",
                     poll_s=0.02,
@@ -296,26 +306,30 @@ def run_profile(
     # - as the same gateway after an outage (it remembers the link's rate from the bulk run) and,
     # keys `cold_...`, as a new gateway whose first backlog it is (nothing measured: the first
     # objects go unpaced - a STAT study then waited behind an estimate 1.6x the link's, 0df995e)
-    def stat_trial(trial: int, mode: str, cfg: Path, relay, orthanc, intake, stored) -> dict[str, Any]:
+    # a routine object's time on the link: the STAT studies come at fractions of it after a
+    # routine one was stored (the next is then on the link)
+    object_s = profile.link_time_s(deflated_bytes // n)
+
+    def stat_trial(
+        trial: int, cfg: Path, relay: LinkRelay, orthanc: OrthancServer, intake: ProcessPoolExecutor
+    ) -> dict[str, Any]:
         """One STAT study made durable behind the routine backlog: how long until the PACS had it."""
-        # a routine object's time on the link: the STAT studies come at fractions of it after a
-        # routine one was stored (the next is then on the link)
-        object_s = profile.link_time_s(deflated_bytes // n)
-        before = stored()
-        wait_until(lambda: stored() > before, 3600, f"{name}: the routine backlog stopped")
+        before = stored(orthanc)
+        wait_until(lambda: stored(orthanc) > before, 3600, f"{name}: the routine backlog stopped")
         time.sleep(object_s * trial / stat_trials)
         stalls_before = relay.stalls
         stat = replace(stat_recording, acquired_at=stat_recording.acquired_at + dt.timedelta(minutes=trial))
         # durable once add() committed; intake before it (quality check, DICOM build, deflate:
         # ~0.25 s here) is not the link's time
-        t_durable, sop, size = intake.submit(enqueue_stat, str(cfg), stat, f"{mode}stat-{trial}").result()
+        t_durable, sop, size = intake.submit(enqueue_stat, str(cfg), stat, f"{cfg.stem}-{trial}").result()
         fig: dict[str, Any] = {"size": size}
+        assert relay.up is not None
         # what the uplink still had to carry then (the modem buffer ahead of the STAT study, a
         # stall's rest included), in the link's seconds
         fig["queued_s"] = relay.up.queued_s_at(t_durable)
         ended = [b for _a, b in relay.up.stall_spans if b <= t_durable]
         fig["since_stall_s"] = t_durable - max(ended) if ended else None
-        fig["waiting"] = STAT_BACKLOG - (stored() - trial)  # routine not yet at the PACS
+        fig["waiting"] = STAT_BACKLOG - (stored(orthanc) - trial)  # routine not yet at the PACS
         if log:
             print(f"{dt.datetime.now().time()} bench: STAT {trial} durable", file=sys.stderr, flush=True)
         t_stored = wait_until(
@@ -353,17 +367,13 @@ def run_profile(
                 if kept is not None:
                     # the same gateway after an outage: it remembers the link's rate from the bulk run
                     outbox.record_status(LINK_STATUS_NAME, kept, time.time())
-
-            def stored() -> int:
-                return int(orthanc.rest("/statistics")["CountInstances"])
-
             intake = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
             intake.submit(warm_intake).result()
             fwd = Forwarder(cfg, tmp, log=log, share=share)
             try:
                 # routine transfers are on the wire: the first `stat_after` have arrived
-                wait_until(lambda: stored() >= stat_after, 3600, f"{name}: no routine study arrived")
-                trials = [stat_trial(t, mode, cfg, relay, orthanc, intake, stored) for t in range(stat_trials)]
+                wait_until(lambda: stored(orthanc) >= stat_after, 3600, f"{name}: no routine study arrived")
+                trials = [stat_trial(t, cfg, relay, orthanc, intake) for t in range(stat_trials)]
             finally:
                 fwd.close()
                 intake.shutdown()
@@ -377,23 +387,19 @@ def run_profile(
         fig["pacs_store_s"] = pacs_s
         # every STAT study came while routine ones were still waiting (else it overtook nothing)
         fig["stat_routine_waiting_min"] = float(min(trial["waiting"] for trial in trials))
-        # no link rate (lan): the STAT object's floor is its one-way delay only, no ratio
-        limited = profile.up_bps is not None
-        ratios = [trial["s"] / profile.arrival_floor_s(trial["size"]) for trial in trials] if limited else []
+        if profile.up_bps is None:  # no link rate (lan): the STAT object's floor is its one-way delay only
+            return fig | dict.fromkeys(STAT_RATIO_KEYS)
+        ratios = [trial["s"] / profile.arrival_floor_s(trial["size"]) for trial in trials]
+        fig["stat_ratio"] = statistics.median(ratios)
+        fig["stat_ratio_max"] = max(ratios)
         # against the bulk's floor function (bytes ÷ rate + 1 RTT), as before
-        ratios_rtt = [trial["s"] / profile.floor_s(trial["size"]) for trial in trials] if limited else []
+        fig["stat_ratio_rtt"] = statistics.median(trial["s"] / profile.floor_s(trial["size"]) for trial in trials)
         # against the floor + the stalls that held the link meanwhile
-        ratios_stalls = (
-            [trial["s"] / (profile.arrival_floor_s(trial["size"]) + trial["stall_s"]) for trial in trials]
-            if limited
-            else []
+        fig["stat_ratio_with_stalls"] = statistics.median(
+            trial["s"] / (profile.arrival_floor_s(trial["size"]) + trial["stall_s"]) for trial in trials
         )
-        fig["stat_ratio"] = statistics.median(ratios) if ratios else None
-        fig["stat_ratio_max"] = max(ratios) if ratios else None
-        fig["stat_ratio_rtt"] = statistics.median(ratios_rtt) if ratios_rtt else None
-        fig["stat_ratio_with_stalls"] = statistics.median(ratios_stalls) if ratios_stalls else None
         # against a floor that also holds the PACS's own storing (no sender avoids it): what is ours
-        fig["stat_ratio_with_pacs"] = fig["stat_s"] / (fig["stat_floor_s"] + pacs_s) if ratios else None
+        fig["stat_ratio_with_pacs"] = fig["stat_s"] / (fig["stat_floor_s"] + pacs_s)
         return fig
 
     for mode, kept in [("", link_kept)] + ([("cold_", None)] if link_kept is not None else []):
