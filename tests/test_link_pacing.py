@@ -318,14 +318,14 @@ def test_the_stat_lane_sends_one_at_a_time_looks_again_and_hands_back_results_an
     sending, release = threading.Event(), threading.Event()
     at_once = [0, 0]  # now, most
 
-    def send() -> RoundResult:
+    def send() -> list[RoundResult]:
         at_once[0] += 1
         at_once[1] = max(at_once)
         calls.append(threading.current_thread().name)
         sending.set()
         release.wait(10)
         at_once[0] -= 1
-        return RoundResult(sent=1)
+        return [RoundResult(sent=1)]
 
     lane = StatLane(send)
     lane.start()
@@ -337,7 +337,7 @@ def test_the_stat_lane_sends_one_at_a_time_looks_again_and_hands_back_results_an
     assert calls == ["dicom-send-stat"] * 2 and at_once[1] == 1
     assert StatLane(send).join() == []  # never started: nothing
 
-    def boom() -> RoundResult:
+    def boom() -> list[RoundResult]:
         raise RuntimeError("bug in a sender")
 
     failing = StatLane(boom)

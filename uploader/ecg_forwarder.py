@@ -138,7 +138,7 @@ class StatLane:
     sends what is due and looks again if it was asked to meanwhile (a second STAT study that came
     while it sent the first is not left for the next round)."""
 
-    def __init__(self, send: Callable[[], RoundResult]) -> None:
+    def __init__(self, send: Callable[[], list[RoundResult]]) -> None:
         self._send = send
         self._threads: list[threading.Thread] = []
         self._results: list[RoundResult] = []
@@ -165,7 +165,7 @@ class StatLane:
                     return
                 self._again = False
             try:
-                self._results.append(self._send())
+                self._results += self._send()
             except BaseException as exc:  # noqa: BLE001 — re-raised by join() in the round's thread
                 self._errors.append(exc)
 
@@ -181,15 +181,17 @@ class StatLane:
 
 
 class RoundItems:
-    """The routine items one round claimed, shared by its associations: each takes the next one
-    when it is ready to send it. An association added mid-round (the link turned out slow against
-    its round trip, `associations_for_link`) gets its share at once, and no association sits idle
-    while another still has a backlog. What no association took (all died, or the round stopped)
-    is dealt with by the round (`EcgForwarder._send_shared`)."""
+    """The items one round claimed (all STAT or all routine), shared by its associations: each
+    takes the next one when it is ready to send it. An association added mid-round (the link
+    turned out slow against its round trip, `associations_for_link`) gets its share at once, and
+    no association sits idle while another still has a backlog. What no association took (all
+    died, or the round stopped) is dealt with by the round (`EcgForwarder._send_round`)."""
 
     def __init__(self, items: Sequence[OutboxItem], on_stored: Callable[[], None] | None = None) -> None:
         self._items = list(items)
         self._lock = threading.Lock()
+        # routine items are paced below the link's rate and yield to STAT ones; STAT items go at once
+        self.routine = bool(self._items) and self._items[0].priority != Priority.STAT
         self.on_stored = on_stored or (lambda: None)  # after each object stored: add associations?
         self.failure: TransientError | None = None  # the link failure an association died of
 
@@ -228,7 +230,7 @@ class EcgForwarder:
         # stored at the peer, but the disk was too full to record it: recorded when there is room
         # (`record_unrecorded_sends`), never sent again
         self._unrecorded_sent: set[int] = set()
-        self._lock_unrecorded = threading.Lock()  # chunks are sent from several threads
+        self._lock_unrecorded = threading.Lock()  # a round's associations send from threads of their own
         self._no_route_logged = False
         self._rate = TransferRate()  # per association, what STAT preemption estimates with
         self.pacer = LinkPacer()  # routine sends just below the link's rate (uploader/link_pacing.py)
@@ -359,12 +361,11 @@ class EcgForwarder:
             items = suspects
             n = 1
         else:
-            # STAT items were claimed first; deal them out so each association starts with them.
             n = max(1, min(lanes, len(items)))
-        chunks = [items[i::n] for i in range(n)]
+        share = RoundItems(items)
         faults: list[str] = []
-        if items[0].priority == Priority.STAT:
-            outcomes = self._send_chunks(chunks, stop, faults, None)
+        if not share.routine:
+            outcomes = self._send_round(share, n, stop, faults)  # STAT: nothing to yield to
         else:
             stat_lane = StatLane(lambda: self._send_stat(stop, faults))
             watch = StatWatch(
@@ -378,11 +379,10 @@ class EcgForwarder:
                 open_associations=self._open_associations,
                 new_carrier=lambda: None if stop.is_set() or faults else stat_lane.start(),
             )
+            # suspects stay on their one association; a routine backlog gets more as the link asks
+            most = n if suspects else max(n, s.associations, s.max_associations)
             with watch:
-                if suspects:
-                    outcomes = self._send_chunks(chunks, stop, faults, watch)
-                else:
-                    outcomes = self._send_shared(RoundItems(items), n, stop, faults, watch)
+                outcomes = self._send_round(share, n, stop, faults, watch, most)
             outcomes += stat_lane.join()
         for lane_result in outcomes:
             result.add_sends(lane_result)
@@ -463,23 +463,47 @@ class EcgForwarder:
             priority=priority,
         )
 
-    def _send_chunks(
-        self, chunks: list[list[OutboxItem]], stop: threading.Event, faults: list[str], watch: StatWatch | None
+    def _send_round(
+        self,
+        share: RoundItems,
+        lanes: int,
+        stop: threading.Event,
+        faults: list[str],
+        watch: StatWatch | None = None,
+        most: int = 0,
     ) -> list[RoundResult]:
-        if len(chunks) == 1:
-            return [self._send_chunk(chunks[0], stop, faults, watch)]
-        with ThreadPoolExecutor(max_workers=len(chunks), thread_name_prefix="dicom-send") as pool:
-            return list(pool.map(lambda c: self._send_chunk(c, stop, faults, watch), chunks))
+        """`lanes` associations take `share`'s items one at a time; more join (up to `most`) as
+        soon as the link measured so far asks for them - a routine round that started with nothing
+        known of the link (a new gateway) would otherwise carry its whole backlog on too few
+        associations to hide the round trip. `watch`: a routine round's, which yields to STAT."""
+        most = max(lanes, most)
+        if most == 1:  # one association, no more: on this thread (a STAT lane's, named for it)
+            outcomes = [self._send_lane(share, stop, faults, watch)]
+        else:
+            outcomes = self._send_lanes(share, lanes, most, stop, faults, watch)
+        left = share.take_all()  # every association ended before taking these
+        if left and share.failure is not None:
+            now, failure = self.clock(), share.failure
+            for item in left:
+                self.outbox.mark_transient_failure(
+                    item.id, str(failure), now, retry_after=getattr(failure, "retry_after", None)
+                )
+            outcomes.append(RoundResult(transient=len(left)))
+        elif left:
+            why = YIELDED_TO_STAT if watch is not None and watch.stat_due.is_set() else "forwarder stopped"
+            self.outbox.release([i.id for i in left], why, self.clock(), 0.0)
+        return outcomes
 
-    def _send_shared(
-        self, share: RoundItems, lanes: int, stop: threading.Event, faults: list[str], watch: StatWatch
+    def _send_lanes(
+        self,
+        share: RoundItems,
+        lanes: int,
+        most: int,
+        stop: threading.Event,
+        faults: list[str],
+        watch: StatWatch | None,
     ) -> list[RoundResult]:
-        """A routine round: `lanes` associations take `share`'s items one at a time, and more
-        join (up to `max_associations`) as soon as the link measured so far asks for them - a
-        round that started with nothing known of the link (a new gateway) would otherwise carry
-        its whole backlog on too few associations to hide the round trip."""
-        s = self.settings
-        most = max(lanes, s.associations, s.max_associations)
+        """`_send_round`'s associations, each on a thread of its own."""
         futures: list[Future[RoundResult]] = []
         # reentrant: a lane that ended before its done-callback was added calls back at once
         grow = threading.RLock()
@@ -494,7 +518,7 @@ class EcgForwarder:
                         return  # the round is ending: no new association for it
                     # associations of this round still open; none without an item to take
                     live = sum(not f.done() for f in futures)
-                    if watch.stat_due.is_set():
+                    if watch is not None and watch.stat_due.is_set():
                         # none more while a STAT study is due, but one cut for it is replaced:
                         # the next STAT study finds one free at its object boundary, not every
                         # one waiting for a response (satellite: 570 ms late)
@@ -502,7 +526,7 @@ class EcgForwarder:
                     wanted = min(wanted, most, live + len(share))
                     peak = max(peak, wanted)
                     while live < wanted:
-                        future = pool.submit(self._send_chunk, [], stop, faults, watch, share)
+                        future = pool.submit(self._send_lane, share, stop, faults, watch)
                         futures.append(future)
                         future.add_done_callback(replace_if_cut)
                         live += 1
@@ -524,38 +548,22 @@ class EcgForwarder:
             finally:
                 with grow:
                     closing = True  # (a lane's bug raised here too: the pool shuts down)
-        left = share.take_all()  # every association ended before taking these
-        if left and share.failure is not None:
-            now, failure = self.clock(), share.failure
-            for item in left:
-                self.outbox.mark_transient_failure(
-                    item.id, str(failure), now, retry_after=getattr(failure, "retry_after", None)
-                )
-            outcomes.append(RoundResult(transient=len(left)))
-        elif left:
-            why = YIELDED_TO_STAT if watch.stat_due.is_set() else "forwarder stopped"
-            self.outbox.release([i.id for i in left], why, self.clock(), 0.0)
         return outcomes
 
-    def _send_stat(self, stop: threading.Event, faults: list[str]) -> RoundResult:
+    def _send_stat(self, stop: threading.Event, faults: list[str]) -> list[RoundResult]:
         """The STAT items due, on an association of their own (none if another took them)."""
         stat = self._claim(self.settings.batch_size, Priority.STAT)
-        return self._send_chunk(stat, stop, faults) if stat else RoundResult()
+        return self._send_round(RoundItems(stat), 1, stop, faults) if stat else []
 
-    def _send_chunk(
-        self,
-        items: Sequence[OutboxItem],
-        stop: threading.Event,
-        faults: list[str],
-        watch: StatWatch | None = None,
-        share: RoundItems | None = None,
+    def _send_lane(
+        self, share: RoundItems, stop: threading.Event, faults: list[str], watch: StatWatch | None
     ) -> RoundResult:
-        """Send `items`, then (a routine round's association) those it takes from `share` one
-        at a time, on one association."""
+        """One association of a round: it sends what it takes from `share`, one at a time (and
+        the STAT items it is asked to carry meanwhile, before its next routine object)."""
         r = RoundResult()
-        pending = list(items)
+        pending: list[OutboxItem] = []
         in_flight: OutboxItem | None = None
-        routine = share is not None or (bool(items) and items[0].priority != Priority.STAT)
+        routine = share.routine
         assoc = StoreAssociation(
             self.settings.peer, commitment=self.settings.storage_commitment, pacer=self.pacer, paced=routine
         )
@@ -565,7 +573,7 @@ class EcgForwarder:
         try:
             with assoc:
                 sent_now: list[OutboxItem] = []
-                while pending or (share is not None and (pending := share.take())):
+                while pending or (pending := share.take()):
                     if stop.is_set():
                         break  # finish the store in hand, leave the rest for the next run
                     item = pending[0]
@@ -589,8 +597,7 @@ class EcgForwarder:
                         assoc.paced = False  # STAT goes as fast as the link allows
                         continue
                     if item.priority != Priority.STAT and (shut := self._metered_shut()):
-                        pending += share.take_all() if share is not None else []
-                        share = None
+                        pending += share.take_all()  # (the round's other associations find none left)
                         self.outbox.release([i.id for i in pending], shut, self.clock(), 0.0)
                         pending = []
                         continue
@@ -633,8 +640,7 @@ class EcgForwarder:
                             took = clock() - started if alone else None
                             self.pacer.observe_object(outcome.wire_bytes, tail, took, assoc.last_sent_bytes)
                             self._observe_object_bytes(outcome.wire_bytes)
-                            if share is not None:
-                                share.on_stored()  # the link measured better: more associations?
+                            share.on_stored()  # the link measured better: more associations?
                     except PermanentError as exc:  # e.g. a payload that is no DICOM we can send
                         in_flight = None
                         pending.pop(0)
@@ -677,7 +683,7 @@ class EcgForwarder:
                     self._request_commitment(assoc, sent_now)
         except ConfigurationFault as exc:
             faults.append(str(exc))
-            pending += share.take_all() if share is not None else []  # the peer refuses us, not an item
+            pending += share.take_all()  # the peer refuses us, not an item
             self.outbox.release([i.id for i in pending], str(exc), self.clock(), self.settings.config_fault_retry_s)
             return r
         except TransientError as exc:
@@ -688,8 +694,7 @@ class EcgForwarder:
                 pending = []  # all released: nothing for the clean-up below to look up
                 r.cut = True
                 return r
-            if share is not None:
-                share.failure = exc  # the others go on with the rest; what none takes fails with this
+            share.failure = exc  # the others go on with the rest; what none takes fails with this
             for item in pending:
                 self.outbox.mark_transient_failure(
                     item.id, str(exc), now, retry_after=getattr(exc, "retry_after", None)
@@ -716,7 +721,7 @@ class EcgForwarder:
                     self.pacer.idle()
             if watch is not None:
                 watch.carry_if_orphaned()  # the last open one gone with a STAT item due: a new association carries it
-            # stop mid-chunk: whatever is still claimed goes back, uncharged
+            # stopped with items in hand: whatever is still claimed goes back, uncharged
             left = [
                 i.id for i in pending if (cur := self.outbox.get(i.id)) is not None and cur.state == ItemState.SENDING
             ]
