@@ -187,12 +187,13 @@ class RoundItems:
     no association sits idle while another still has a backlog. What no association took (all
     died, or the round stopped) is dealt with by the round (`EcgForwarder._send_round`)."""
 
-    def __init__(self, items: Sequence[OutboxItem], on_stored: Callable[[], None] | None = None) -> None:
+    def __init__(self, items: Sequence[OutboxItem]) -> None:
         self._items = list(items)
         self._lock = threading.Lock()
         # routine items are paced below the link's rate and yield to STAT ones; STAT items go at once
         self.routine = bool(self._items) and self._items[0].priority != Priority.STAT
-        self.on_stored = on_stored or (lambda: None)  # after each object stored: add associations?
+        # after each object stored: add associations? (a round that may grow sets it)
+        self.on_stored: Callable[[], None] = lambda: None
         self.failure: TransientError | None = None  # the link failure an association died of
 
     def __len__(self) -> int:
