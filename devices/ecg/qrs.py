@@ -184,115 +184,103 @@ def _levels(env: np.ndarray, rate_hz: float) -> float:
     return float(stats.median(blocks.max(axis=1)))
 
 
-def _search_back(
-    beats: np.ndarray, candidates: np.ndarray, env: np.ndarray, floor: float, refractory: int
-) -> np.ndarray:
-    """Add the strongest candidate from `floor` inside RR gaps much longer than usual."""
-    if beats.size < 3:
+@dataclass(frozen=True, slots=True, eq=False)  # eq: arrays have no single truth value
+class _Envelope:
+    """The combined energy envelope of one strip and what every beat search reads alongside it,
+    built once in detect_qrs instead of passed to each helper.
+
+    `env`: the envelope. `candidates`: its local peaks, the only places a beat may be.
+    `refractory`: samples two beats are apart at least. `rate_hz`: the recording's rate.
+    `background`: the median of `env`, the strip's level between beats; hidden beats must stand
+    clear of it (HIDDEN_CLARITY)."""
+
+    env: np.ndarray
+    candidates: np.ndarray
+    refractory: int
+    rate_hz: float
+    background: float
+
+    def search_back(self, beats: np.ndarray, floor: float) -> np.ndarray:
+        """Add the strongest candidate from `floor` inside RR gaps much longer than usual."""
+        if beats.size < 3:
+            return beats
+        median_rr = float(stats.median(np.diff(beats)))
+        added: list[int] = []
+        for a, b in itertools.pairwise(beats):
+            if b - a < SEARCH_BACK_RR * median_rr:
+                continue
+            inside = self.candidates[(self.candidates > a + self.refractory) & (self.candidates < b - self.refractory)]
+            if inside.size:
+                best = int(inside[np.argmax(self.env[inside])])
+                if self.env[best] >= floor:
+                    added.append(best)
+        return np.sort(np.concatenate([beats, np.asarray(added, dtype=np.int64)])) if added else beats
+
+    def hidden_beats(self, beats: np.ndarray, level: float) -> np.ndarray:
+        """Add beats hidden by taller ones (bigeminy, trigeminy): see HIDDEN_GAP_OF_LONG. Once some
+        are found the rhythm is known: gaps still twice as long hold beats like them (search-back),
+        and so may the strip's head and tail. Clarity is judged against the strip's background: what
+        is left of a short gap past the T wave may be half filled by the very beat looked for."""
+        hidden = self._hidden_rounds(beats, level)
+        if hidden.size == beats.size:
+            return beats
+        kin = HIDDEN_KIN * float(stats.median(self.env[np.setdiff1d(hidden, beats)]))
+        floor = max(HIDDEN_OF_LEVEL * level, min(SEARCH_BACK_OF_LEVEL * level, kin))
+        beats = hidden
+        while True:  # each round adds a beat between two others, or ends
+            more = self.search_back(beats, floor)
+            if more.size == beats.size:
+                break
+            beats = more
+        return self._edge_beats(beats, floor)
+
+    def _hidden_rounds(self, beats: np.ndarray, level: float) -> np.ndarray:
+        """One hidden beat in each long gap a round, while most long gaps hold one (each round adds
+        beats between others, or ends)."""
+        floor = HIDDEN_OF_LEVEL * level
+        while beats.size >= 2:  # two tall ectopics may be all the first pass saw
+            gaps = np.diff(beats)
+            long_gap = gaps >= HIDDEN_GAP_OF_LONG * stats.percentile(gaps.astype(np.float64), 75.0)
+            found = [
+                self._hidden_in(a + self._t_zone(b - a), b - self.refractory, floor)
+                for a, b in zip(beats[:-1][long_gap].tolist(), beats[1:][long_gap].tolist())
+            ]
+            inside = [c for c in found if c is not None]
+            if not inside or len(inside) < HIDDEN_SHARE * len(found):
+                break
+            beats = np.sort(np.concatenate([beats, np.asarray(inside, dtype=np.int64)]))
         return beats
-    median_rr = float(stats.median(np.diff(beats)))
-    added: list[int] = []
-    for a, b in itertools.pairwise(beats):
-        if b - a < SEARCH_BACK_RR * median_rr:
-            continue
-        inside = candidates[(candidates > a + refractory) & (candidates < b - refractory)]
-        if inside.size:
-            best = int(inside[np.argmax(env[inside])])
-            if env[best] >= floor:
-                added.append(best)
-    return np.sort(np.concatenate([beats, np.asarray(added, dtype=np.int64)])) if added else beats
 
+    def _edge_beats(self, beats: np.ndarray, floor: float) -> np.ndarray:
+        """Once hidden beats showed the rhythm: those before the first beat and after the last (a
+        search-back needs a beat on both sides), one typical RR at a time, as clear of the strip's
+        background as the hidden ones."""
+        typical = int(stats.median(np.diff(beats)))
+        reach = round(EDGE_REACH_RR * typical)
+        t_zone = self._t_zone(typical)
+        found = beats.tolist()
+        while True:  # each round adds a beat before the first or after the last, or ends
+            head = self._hidden_in(found[0] - reach, found[0] - self.refractory, floor)
+            tail = self._hidden_in(found[-1] + t_zone, found[-1] + reach, floor)
+            if head is None and tail is None:
+                break
+            found = ([head] if head is not None else []) + found + ([tail] if tail is not None else [])
+        return np.asarray(found, dtype=np.int64)
 
-def _hidden_beats(
-    beats: np.ndarray, candidates: np.ndarray, env: np.ndarray, level: float, refractory: int, rate_hz: float
-) -> np.ndarray:
-    """Add beats hidden by taller ones (bigeminy, trigeminy): see HIDDEN_GAP_OF_LONG. Once some
-    are found the rhythm is known: gaps still twice as long hold beats like them (search-back),
-    and so may the strip's head and tail. Clarity is judged against the strip's background: what
-    is left of a short gap past the T wave may be half filled by the very beat looked for."""
-    background = float(stats.median(env))
-    hidden = _hidden_rounds(beats, candidates, env, level, background, refractory, rate_hz)
-    if hidden.size == beats.size:
-        return beats
-    kin = HIDDEN_KIN * float(stats.median(env[np.setdiff1d(hidden, beats)]))
-    floor = max(HIDDEN_OF_LEVEL * level, min(SEARCH_BACK_OF_LEVEL * level, kin))
-    beats = hidden
-    while True:  # each round adds a beat between two others, or ends
-        more = _search_back(beats, candidates, env, floor, refractory)
-        if more.size == beats.size:
-            break
-        beats = more
-    return _edge_beats(beats, candidates, env, floor, background, refractory, rate_hz)
+    def _t_zone(self, gap: int) -> int:
+        """Samples after a beat where its T wave may still be, in a gap of `gap` samples."""
+        return max(self.refractory, round(HIDDEN_T_ZONE_S * np.sqrt(gap / self.rate_hz) * self.rate_hz))
 
-
-def _hidden_rounds(
-    beats: np.ndarray,
-    candidates: np.ndarray,
-    env: np.ndarray,
-    level: float,
-    background: float,
-    refractory: int,
-    rate_hz: float,
-) -> np.ndarray:
-    """One hidden beat in each long gap a round, while most long gaps hold one (each round adds
-    beats between others, or ends)."""
-    floor = HIDDEN_OF_LEVEL * level
-    while beats.size >= 2:  # two tall ectopics may be all the first pass saw
-        gaps = np.diff(beats)
-        long_gap = gaps >= HIDDEN_GAP_OF_LONG * stats.percentile(gaps.astype(np.float64), 75.0)
-        found = [
-            _hidden_in(a + _t_zone(b - a, refractory, rate_hz), b - refractory, candidates, env, floor, background)
-            for a, b in zip(beats[:-1][long_gap].tolist(), beats[1:][long_gap].tolist())
-        ]
-        inside = [c for c in found if c is not None]
-        if not inside or len(inside) < HIDDEN_SHARE * len(found):
-            break
-        beats = np.sort(np.concatenate([beats, np.asarray(inside, dtype=np.int64)]))
-    return beats
-
-
-def _edge_beats(
-    beats: np.ndarray,
-    candidates: np.ndarray,
-    env: np.ndarray,
-    floor: float,
-    background: float,
-    refractory: int,
-    rate_hz: float,
-) -> np.ndarray:
-    """Once hidden beats showed the rhythm: those before the first beat and after the last (a
-    search-back needs a beat on both sides), one typical RR at a time, as clear of the strip's
-    background as the hidden ones."""
-    typical = int(stats.median(np.diff(beats)))
-    reach = round(EDGE_REACH_RR * typical)
-    t_zone = _t_zone(typical, refractory, rate_hz)
-    found = beats.tolist()
-    while True:  # each round adds a beat before the first or after the last, or ends
-        head = _hidden_in(found[0] - reach, found[0] - refractory, candidates, env, floor, background)
-        tail = _hidden_in(found[-1] + t_zone, found[-1] + reach, candidates, env, floor, background)
-        if head is None and tail is None:
-            break
-        found = ([head] if head is not None else []) + found + ([tail] if tail is not None else [])
-    return np.asarray(found, dtype=np.int64)
-
-
-def _t_zone(gap: int, refractory: int, rate_hz: float) -> int:
-    """Samples after a beat where its T wave may still be, in a gap of `gap` samples."""
-    return max(refractory, round(HIDDEN_T_ZONE_S * np.sqrt(gap / rate_hz) * rate_hz))
-
-
-def _hidden_in(
-    lo: int, hi: int, candidates: np.ndarray, env: np.ndarray, floor: float, background: float
-) -> int | None:
-    """The hidden beat among the candidates in [lo, hi], if the strongest of them is one: from
-    `floor` and HIDDEN_CLARITY times `background`."""
-    inside = candidates[(candidates >= lo) & (candidates <= hi)]
-    if not inside.size:
+    def _hidden_in(self, lo: int, hi: int, floor: float) -> int | None:
+        """The hidden beat among the candidates in [lo, hi], if the strongest of them is one: from
+        `floor` and HIDDEN_CLARITY times the background."""
+        inside = self.candidates[(self.candidates >= lo) & (self.candidates <= hi)]
+        if not inside.size:
+            return None
+        best = int(inside[np.argmax(self.env[inside])])
+        if self.env[best] >= floor and self.env[best] >= HIDDEN_CLARITY * self.background:
+            return best
         return None
-    best = int(inside[np.argmax(env[inside])])
-    if env[best] >= floor and env[best] >= HIDDEN_CLARITY * background:
-        return best
-    return None
 
 
 def _drop_t_waves(beats: np.ndarray, env: np.ndarray, rate_hz: float) -> np.ndarray:
@@ -360,11 +348,12 @@ def detect_qrs(x_uv: np.ndarray, rate_hz: float, exclude: np.ndarray | None = No
     if not used:
         return QrsDetection((), None, ())
     candidates = local_peaks(env)  # none when the energy only rises or falls: no beats below
+    envelope = _Envelope(env, candidates, refractory, rate_hz, background=float(stats.median(env)))
     level = _levels(env, rate_hz)
     strong = candidates[env[candidates] >= THRESHOLD_OF_LEVEL * level]
     beats = _suppress_neighbours(strong, env[strong], refractory)
-    beats = _search_back(beats, candidates, env, SEARCH_BACK_OF_LEVEL * level, refractory)
-    beats = _hidden_beats(beats, candidates, env, level, refractory, rate_hz)
+    beats = envelope.search_back(beats, SEARCH_BACK_OF_LEVEL * level)
+    beats = envelope.hidden_beats(beats, level)
     beats = _drop_t_waves(_suppress_neighbours(beats, env[beats], refractory), env, rate_hz)
     chosen = filtered[list(used)]
     # each lead's QRS size: its typical 2 s peak, as for the energy (an artefact or a rail's edges
