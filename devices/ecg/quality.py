@@ -719,6 +719,32 @@ def _lost_leads(
     return flat.any(axis=-1) | stuck, flat_s, ranges, constant
 
 
+def _beatless(
+    recording: EcgRecording, x: np.ndarray, at_rail: np.ndarray, off: np.ndarray, rail_s: np.ndarray, rate: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Where no beat can be seen: (knocked, disturbed), per sample.
+
+    `knocked` gathers every source:
+    - a knocked electrode: the samples where a lead that is not lost (`off`) but saturated (at
+      its rail for SATURATION_MIN_S or more of `rail_s`) sits at its rail; its step also runs
+      through the central terminal into the other leads;
+    - but not its own QRS peaks clipped at the rail (_clipped_peaks): those beats are real, and
+      leaving them out would halve or double the rate;
+    - samples lost in transit (`recording.gaps`): the two samples either side of each gap, whose
+      sides do not join up (an RR interval across it would be short).
+    `disturbed`: `knocked` widened by EXCLUDE_MARGIN_S either side, as detect_qrs widens its
+    `exclude` (the filters' reach): where the noise measures bridge the signal."""
+    n = x.shape[-1]
+    knocked = (at_rail & ~_clipped_peaks(x, at_rail, rate))[(rail_s >= SATURATION_MIN_S) & ~off].any(axis=0)
+    for gap in recording.gaps:
+        if 0 < gap.start < n:
+            knocked[gap.start - 1 : gap.start + 1] = True
+    disturbed = knocked
+    if knocked.any():  # within reach of a knocked sample: the mean of a 0/1 mask is k / width, exact
+        disturbed = moving_average(knocked.astype(np.float64), 2 * round(EXCLUDE_MARGIN_S * rate) + 1) > 0.0
+    return knocked, disturbed
+
+
 def check_quality(recording: EcgRecording) -> QualityReport:
     """Analyse a recording. Raises EcgQualityError (only) for a rate outside 100-2000 Hz."""
     rate = float(recording.sampling_rate_hz)
@@ -742,18 +768,10 @@ def check_quality(recording: EcgRecording) -> QualityReport:
 
     off, flat_s, ranges, constant = _lost_leads(x, at_rail, rate, recording.uv_per_unit)
 
-    # --- beats, from the leads that carry them. Where a lead that is not lost sat at its rail
-    # (a knocked electrode) the step also runs through the central terminal into other leads:
-    # no beats are looked for there, and the noise measures below bridge that stretch. The same
-    # holds where samples were lost in transit (an RR interval across the gap would be short).
+    # --- beats, from the leads that carry them: none looked for where none can be seen, and
+    # the noise measures below bridge those stretches
     rail_s = at_rail.sum(axis=-1) / rate
-    knocked = (at_rail & ~_clipped_peaks(x, at_rail, rate))[(rail_s >= SATURATION_MIN_S) & ~off].any(axis=0)
-    for gap in recording.gaps:  # samples lost in transit: the two sides do not join up
-        if 0 < gap.start < n:
-            knocked[gap.start - 1 : gap.start + 1] = True
-    disturbed = knocked
-    if knocked.any():  # within reach of a knocked sample: the mean of a 0/1 mask is k / width, exact
-        disturbed = moving_average(knocked.astype(np.float64), 2 * round(EXCLUDE_MARGIN_S * rate) + 1) > 0.0
+    knocked, disturbed = _beatless(recording, x, at_rail, off, rail_s, rate)
     usable = ~off & (rail_s <= RAIL_SHARE_UNUSABLE * duration)
     detection = QrsDetection((), None, ())
     if usable.any():
