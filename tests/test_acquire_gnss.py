@@ -3,14 +3,28 @@ visit's track, and a missing receiver is reported once, never fatal."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from pathlib import Path
 
 from lastmile.config import Config
 from lastmile.services.acquire import gnss_part
 from lastmile.visits.book import VisitBook, VisitPolicy
 from tests.conftest import shared_file
-from tests.serial_pty import PtyDevice
+from tests.serial_pty import PtyDevice, wait_for
+
+
+def opened(path: str) -> int:
+    """How many descriptors of this process refer to `path`."""
+    fds = Path("/proc/self/fd")
+    count = 0
+    for fd in fds.iterdir():
+        try:
+            count += os.readlink(fd) == path
+        except OSError:
+            pass  # closed meanwhile
+    return count
 
 
 def config_for(tmp_path, **gps) -> Config:
@@ -34,6 +48,9 @@ def test_nmea_receiver_extends_the_open_visit_track(tmp_path) -> None:
     assert part is not None
     part.check(time.monotonic())  # starts the worker
     try:
+        # pyserial discards what waits in the port when it opens it: feed once the worker has it open
+        # (a second descriptor of the pty's slave, ours being the first), not when the thread starts
+        wait_for(lambda: opened(device.slave_path) >= 2, timeout=20)
         feeder_stop = threading.Event()
 
         def feed() -> None:
@@ -67,7 +84,6 @@ def test_no_receiver_is_not_fatal(tmp_path, caplog) -> None:
     part = gnss_part(config)
     assert part is not None
     part.check(time.monotonic())
-    time.sleep(0.5)
-    part.check(time.monotonic())  # still alive: raises if the worker died
+    wait_for(lambda: "GNSS not available" in caplog.text, timeout=20)  # reported...
+    part.check(time.monotonic())  # ...and still alive: raises if the worker died
     part.close()
-    assert "GNSS not available" in caplog.text

@@ -70,7 +70,7 @@ def test_scan_emulated(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> No
     if importlib.util.find_spec("bumble") is None:
         missing("bumble (the emulation extra) is not installed")
     run(capsys, "ble", "pair", "C0:FF:EE:00:00:01", "--data-dir", str(tmp_path))
-    _code, out, _ = run(capsys, "ble", "scan", "--emulated", "--timeout", "0.3", "--json", "--data-dir", str(tmp_path))
+    _code, out, _ = run(capsys, "ble", "scan", "--emulated", "--timeout", "1.5", "--json", "--data-dir", str(tmp_path))
     found = {r["address"]: r for r in json.loads(out)}
     assert found["C0:FF:EE:00:00:01"]["services"] == ["Blood Pressure"] and found["C0:FF:EE:00:00:01"]["paired"]
     assert found["C0:FF:EE:00:00:02"]["services"] == ["Health Thermometer"]

@@ -502,7 +502,7 @@ def test_scan_lists_health_devices(gw: Gateway) -> None:
         await oxi.start()
         scanner, _ = radio.backends()
         try:
-            return await scan_health_devices(0.5, backend=scanner)
+            return await scan_health_devices(1.5, backend=scanner)  # adverts every 0.1 s: room for a loaded machine
         finally:
             await cuff.stop()
             await oxi.stop()

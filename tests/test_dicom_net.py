@@ -352,8 +352,10 @@ def test_not_authorised_is_a_configuration_fault_not_the_objects(
 def test_dimse_timeout_is_transient_and_kills_the_association(
     scripted_scp_factory: Callable[..., ScriptedStoreSCP], ecgs: list[EcgPayload]
 ) -> None:
-    scp = scripted_scp_factory(delay_s=1.5)
-    with StoreAssociation(peer_at(scp.port, scp.ae_title, timeout_s=0.5)) as assoc:
+    # the store is never answered (held, not slept: no race with the timeout), and the timeout -
+    # the association's set-up's too - is long enough for a loaded machine to set one up
+    scp = scripted_scp_factory(hold=frozenset({ecgs[0].sop_instance_uid}))
+    with StoreAssociation(peer_at(scp.port, scp.ae_title, timeout_s=2.0)) as assoc:
         with pytest.raises(TransientError, match="died"):
             assoc.store(ecgs[0].data)
         assert not assoc.is_alive

@@ -215,7 +215,7 @@ def test_forwarder_delivers_exactly_once_through_faults(tmp_path: Path, server_c
     # fault answers after the client gave up, so the client's timeout must outlast an ordinary
     # transaction and the fault's delay must outlast the client's timeout.
     ours = server_class is FhirTestServer
-    visits, batch, client_timeout_s = (12, 5, 0.5) if ours else (6, 3, 20.0)
+    visits, batch, client_timeout_s = (12, 5, 2.0) if ours else (6, 3, 20.0)
     outbox = Outbox.open(tmp_path / "data", min_free_bytes=0, backoff_base_s=1.0, backoff_max_s=4.0)
     ids = _fill(outbox, range(visits))
     with server_class() as server, _sender(server, None, timeout_s=client_timeout_s) as sender:

@@ -124,9 +124,10 @@ def test_nmea_receiver_on_a_pty_gives_the_best_fix() -> None:
             os.write(master, log[i : i + 256])
             time.sleep(0.01)
 
+    # opened before the first byte is written: pyserial discards what waits in the port at open
+    source = NmeaSerialSource(os.ttyname(slave), 9600)
     writer = threading.Thread(target=feed, daemon=True)
     writer.start()
-    source = NmeaSerialSource(os.ttyname(slave), 9600)
     try:
         seen: list[Fix] = []
         best = best_fix(source, 2.0, good_enough_eph_m=1.0, on_fix=seen.append)

@@ -131,20 +131,18 @@ def test_migrations_are_recorded_applied_once_and_wal_is_on(data_dir: Path) -> N
 
 
 OPENER_SCRIPT = textwrap.dedent("""
-    import sys, time
+    import sys
     from pathlib import Path
     from uploader.outbox import Outbox
-    start = float(sys.argv[2])
-    while time.time() < start:
-        time.sleep(0.001)
+    print("ready", flush=True)
+    sys.stdin.readline()  # all go at once
     with Outbox.open(Path(sys.argv[1]), min_free_bytes=0) as ob:
-        ob.add("dicom", sys.argv[3], b"x", now=1.0)
+        ob.add("dicom", sys.argv[2], b"x", now=1.0)
 """)
 
 
 def test_processes_opening_a_new_outbox_at_once_migrate_it_once(data_dir: Path) -> None:
-    start = time.time() + 0.7
-    procs = [python(OPENER_SCRIPT, data_dir, start, f"k{i}") for i in range(3)]
+    procs = release_together([python(OPENER_SCRIPT, data_dir, f"k{i}") for i in range(3)])
     errors = [p.communicate(timeout=60)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], errors
     with open_outbox(data_dir) as ob:
@@ -812,13 +810,12 @@ def test_two_outboxes_in_threads_never_claim_the_same_item(data_dir: Path) -> No
 
 
 CLAIMER_SCRIPT = textwrap.dedent("""
-    import json, sys, time
+    import json, sys
     from pathlib import Path
     from uploader.outbox import Outbox
     ob = Outbox.open(Path(sys.argv[1]), min_free_bytes=0)
-    start = float(sys.argv[2])
-    while time.time() < start:
-        time.sleep(0.001)
+    print("ready", flush=True)
+    sys.stdin.readline()  # both claim at once
     got = []
     while batch := ob.claim("dicom", 2, 2e9):
         got += [i.id for i in batch]
@@ -842,6 +839,7 @@ def python(script: str, *args: object) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", script, *map(str, args)],
         cwd=REPO,
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -849,15 +847,27 @@ def python(script: str, *args: object) -> subprocess.Popen:
     )
 
 
+def release_together(procs: list[subprocess.Popen]) -> list[subprocess.Popen]:
+    """Wait until every process says it is ready (imports done: they take longer than the race),
+    then let them all go at once - a barrier, not a wall-clock rendezvous a slow start misses."""
+    for p in procs:
+        assert p.stdout is not None and p.stdout.readline() == "ready\n", p.communicate(timeout=60)
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    return procs
+
+
 def test_two_processes_never_claim_the_same_item_while_a_third_adds(data_dir: Path) -> None:
     with open_outbox(data_dir) as ob:
         ids = fill(ob, 200)
-    start = time.time() + 1.0
-    claimers = [python(CLAIMER_SCRIPT, data_dir, start) for _ in range(2)]
+    claimers = [python(CLAIMER_SCRIPT, data_dir) for _ in range(2)]
     adder = python(ADDER_SCRIPT, data_dir, 40)
+    release_together(claimers)
     outs = [p.communicate(timeout=60) for p in (*claimers, adder)]
     assert all(p.returncode == 0 for p in (*claimers, adder)), [o[1] for o in outs]
-    a, b = (json.loads(o[0]) for o in outs[:2])
+    a, b = (json.loads(o[0]) for o in outs[:2])  # (their "ready" lines were read)
     assert not set(a) & set(b)
     with open_outbox(data_dir) as ob:
         added = {i.id for i in ob.items() if i.key.startswith("acq-")}

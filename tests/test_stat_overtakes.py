@@ -143,8 +143,8 @@ def test_stat_takes_the_next_object_slot_from_routine_studies_in_flight(tmp_path
         routine = enqueue(config, range(8))
         with forwarding(config):
             wait_until(lambda: len(arrivals(scp)) >= 1, "the first routine study")
-            before = len(set(arrivals(scp)))
             [stat] = enqueue(config, range(100, 101), stat=True)
+            before = len(set(arrivals(scp)))  # counted once it is durable (its enqueue took a while)
             wait_until_stored_and_sent(config, scp, {*routine, stat}, "all nine studies")
     order = list(dict.fromkeys(arrivals(scp)))  # first arrival of each
     # at most the two routine objects already on the wire arrive between STAT durable and STAT
