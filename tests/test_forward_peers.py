@@ -206,19 +206,33 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(tmp_path, orthan
     n = 60
     uids = enqueue(config, n)
     rng = random.Random(20261123)
-    kills = 0
+    kills = mid_send = 0
     for _ in range(22):
+        stores = sum(orthanc.c_stores().values())
         proc = subprocess.Popen(
             [sys.executable, "-m", "lastmile", "-c", str(cfg_file), "forward"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        time.sleep(rng.uniform(0.4, 1.6))
+        # While objects are left to send, each kill is aimed at the sending: once this process's
+        # first C-STORE reached Orthanc, a moment later (a timer from start-up mostly hit start-up
+        # on a loaded machine, and on a fast one found everything sent after the first few kills).
+        # Then the kills land at start-up, awaiting the commitment, purging.
+        aimed = len(orthanc.c_stores()) < n
+        if aimed:
+            deadline = time.monotonic() + 60
+            while sum(orthanc.c_stores().values()) == stores and proc.poll() is None:
+                assert time.monotonic() < deadline, "no C-STORE from the forward process"
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.1))
+        else:
+            time.sleep(rng.uniform(0.4, 1.6))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
+            mid_send += aimed
         proc.wait(10)
-    assert kills >= 20
+    assert kills >= 20 and mid_send >= 3, (kills, mid_send)
     # mode=rw: a missing file is an error here, not a new empty database that passes every check
     conn = sqlite3.connect(f"file:{Path(config.gateway.data_dir) / DB_NAME}?mode=rw", uri=True)
     try:
