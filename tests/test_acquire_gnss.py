@@ -3,28 +3,14 @@ visit's track, and a missing receiver is reported once, never fatal."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-from pathlib import Path
 
 from lastmile.config import Config
 from lastmile.services.acquire import gnss_part
 from lastmile.visits.book import VisitBook, VisitPolicy
 from tests.conftest import shared_file
 from tests.serial_pty import PtyDevice, wait_for
-
-
-def opened(path: str) -> int:
-    """How many descriptors of this process refer to `path`."""
-    fds = Path("/proc/self/fd")
-    count = 0
-    for fd in fds.iterdir():
-        try:
-            count += os.readlink(fd) == path
-        except OSError:
-            pass  # closed meanwhile
-    return count
 
 
 def config_for(tmp_path, **gps) -> Config:
@@ -48,9 +34,7 @@ def test_nmea_receiver_extends_the_open_visit_track(tmp_path) -> None:
     assert part is not None
     part.check(time.monotonic())  # starts the worker
     try:
-        # pyserial discards what waits in the port when it opens it: feed once the worker has it open
-        # (a second descriptor of the pty's slave, ours being the first), not when the thread starts
-        wait_for(lambda: opened(device.slave_path) >= 2, timeout=20)
+        wait_for(device.opened_elsewhere, timeout=20)  # fed once the worker has the port open
         feeder_stop = threading.Event()
 
         def feed() -> None:

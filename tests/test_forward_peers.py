@@ -208,7 +208,8 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(tmp_path, orthan
     rng = random.Random(20261123)
     kills = mid_send = 0
     for _ in range(22):
-        stores = sum(orthanc.c_stores().values())
+        seen = orthanc.c_stores()
+        stores = sum(seen.values())
         proc = subprocess.Popen(
             [sys.executable, "-m", "lastmile", "-c", str(cfg_file), "forward"],
             stdout=subprocess.DEVNULL,
@@ -218,7 +219,7 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(tmp_path, orthan
         # first C-STORE reached Orthanc, a moment later (a timer from start-up mostly hit start-up
         # on a loaded machine, and on a fast one found everything sent after the first few kills).
         # Then the kills land at start-up, awaiting the commitment, purging.
-        aimed = len(orthanc.c_stores()) < n
+        aimed = len(seen) < n
         if aimed:
             deadline = time.monotonic() + 60
             while sum(orthanc.c_stores().values()) == stores and proc.poll() is None:
