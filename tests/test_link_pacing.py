@@ -524,6 +524,38 @@ def test_a_probe_is_timed_against_the_stores_round_trip_not_the_negotiations() -
     assert pacer.measured == pytest.approx(1_000_000, rel=0.01)
 
 
+@pytest.mark.parametrize("link", [1_000_000, 900_000])
+def test_a_probe_is_timed_against_the_typical_round_trip_not_the_least(link: int) -> None:
+    """A C-STORE's round trip varies (the link's jitter, the peer's storing time): the least of
+    the clean tails is shorter than what a typical object sees. A probe's time less the least
+    showed a 1 MB/s 4G link as ~0.94 MB/s - below a first estimate of 0.9 plus the probe's
+    gain, so that estimate was never raised and the backlog went at 0.9 of the link (1 run in 5:
+    floor_ratio 1.12-1.13). Less the typical (median) tail, the probe shows the link as it is -
+    and no faster than it is (`link` 900 kB/s: the estimate was right, it stays)."""
+    t = FakeTime()
+    pacer = LinkPacer(clock=t.clock, sleep=t.sleep)
+    pacer.observe_rtt(0.06)
+    pacer.start_window()
+    t.now += 1.0 + 0.06
+    pacer.observe_object(900_000)  # the first estimate: 0.9 MB/s
+    assert pacer.measured == pytest.approx(900_000)
+    tails = [0.060, 0.066, 0.064, 0.070, 0.062, 0.065, 0.068, 0.063]  # least 0.060, median 0.065
+    for tail in tails:  # paced objects: their own samples show only the pace
+        pacer.idle()
+        pacer.start_window()
+        assert pacer.pace is not None
+        t.now += 75_000 / pacer.pace + tail
+        pacer.observe_object(75_000, tail_s=tail)
+    assert not pacer.draining and pacer.store_rtt_s == pytest.approx(0.060)
+    assert pacer.measured == pytest.approx(900_000)
+    pacer.idle()
+    pacer.start_window()
+    t.now += 1.0  # a long window: its own sample is low, the probe's time is what counts
+    typical_tail = 0.065
+    pacer.observe_object(75_000, tail_s=typical_tail, alone_s=75_000 / link + typical_tail)
+    assert pacer.measured == pytest.approx(link, rel=0.01)
+
+
 def test_the_round_trip_is_the_negotiations_on_the_wire_not_the_cpus(
     tmp_path: Path, storescp_factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
