@@ -495,15 +495,18 @@ def test_stopping_the_listener_lets_a_report_being_taken_finish_first() -> None:
     from tests.test_forward_peers import send_report
 
     port = free_port()
-    entered, recorded = threading.Event(), []
+    entered, release = threading.Event(), threading.Event()
+    recorded: list[str] = []
 
-    def slow(report: CommitmentReport) -> None:
+    def held(report: CommitmentReport) -> None:
         entered.set()
-        time.sleep(0.5)  # the outbox's transaction, on a slow SD card
+        # the outbox's transaction on a slow SD card: it ends when the test says (bounded, so a
+        # broken test cannot hang the peer past its own 10 s timeout)
+        release.wait(8)
         recorded.append(report.transaction_uid)
 
     txn = generate_uid()
-    listener = CommitmentListener(GATEWAY_AE, port, slow, senders(PACS_AE))
+    listener = CommitmentListener(GATEWAY_AE, port, held, senders(PACS_AE))
     listener.start()
     status: list[str | int] = []
     peer = threading.Thread(
@@ -513,7 +516,16 @@ def test_stopping_the_listener_lets_a_report_being_taken_finish_first() -> None:
     )
     peer.start()
     assert entered.wait(10), "the report never reached the handler"
-    listener.stop()
+    stopper = threading.Thread(target=listener.stop, name="stop")
+    try:
+        stopper.start()
+        stopper.join(0.3)  # time enough to return, had stop() not waited for the handler
+        assert stopper.is_alive(), "stop() returned with a report still being taken"
+        assert recorded == []
+    finally:
+        release.set()
+    stopper.join(10)
+    assert not stopper.is_alive(), "stop() did not return once the handler finished"
     assert recorded == [txn]  # taken before stop() returned
     peer.join(10)
     assert status == [0x0000]  # and the PACS was told it was

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -386,25 +388,43 @@ def test_a_report_that_comes_at_once_finds_its_transaction_recorded(config, capl
     the transaction it asked for (a slow SD card, or the forwarder killed between the N-ACTION and
     that write) had its report refused as a forgery ("not issued by this gateway", a security
     event) and the items waited a whole commitment timeout. The transaction is known before the
-    N-ACTION leaves (the fuzz branch found the same seam and its fix is the one kept)."""
+    N-ACTION leaves (the fuzz branch found the same seam and its fix is the one kept).
+
+    The write that records the transaction after the N-ACTION (`set_transaction`) is held until
+    the gateway has taken the PACS's report for that very transaction: the report provably
+    comes first, however fast or slow the machine."""
     rc = config.reading_center
     rc.commitment_timeout_s = 120.0  # a refused report would leave the items waiting past the test
     center = EmbeddedReadingCenter(port=rc.port, gateway_port=rc.listen_port, report_delay_s=0.0)
     center.start()
     outbox = open_outbox(config)
     record = outbox.set_transaction
+    taken: set[str] = set()  # transactions whose report the gateway took (its "committed" event)
+    report_taken = threading.Condition()
+    reported_first: list[bool] = []  # per transaction written: was its report taken before?
 
-    def slow_record(item_ids, transaction_uid, now) -> None:
-        time.sleep(1.0)  # the SD card busy: the report is already on its way back
+    def on_event(kind: str, info: dict[str, Any]) -> None:
+        if kind == "committed":
+            with report_taken:
+                taken.add(info["transaction_uid"])
+                report_taken.notify_all()
+
+    def held_record(item_ids: Sequence[int], transaction_uid: str, now: float) -> None:
+        # the SD card busy until this transaction's report is taken (a refused one never is: 10 s)
+        with report_taken:
+            reported_first.append(report_taken.wait_for(lambda: transaction_uid in taken, timeout=10.0))
         record(item_ids, transaction_uid, now)
 
-    outbox.set_transaction = slow_record
+    outbox.set_transaction = held_record
     try:
         for i in range(3):
             enqueue_recording(outbox, make_recording(i), config, key=f"k{i}")
-        with EcgForwarder(outbox, forwarder_settings(config)) as fwd:
-            pump(fwd, lambda: counts(outbox).get("purged", 0) == 3, limit_s=30.0)
+        with EcgForwarder(outbox, forwarder_settings(config), on_event=on_event) as fwd:
+            pump(fwd, lambda: counts(outbox).get("purged", 0) == 3 or False in reported_first, limit_s=30.0)
     finally:
         center.stop()
         outbox.close()
+    assert reported_first and all(reported_first), (
+        f"a report that came before its transaction was written was not taken: {reported_first}"
+    )
     assert not [r for r in caplog.records if "refused storage commitment report" in r.getMessage()]

@@ -36,7 +36,8 @@ from lastmile.services.sdnotify import SystemdNotifier
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A service whose step "writes" slowly (0.3 s) so SIGTERM lands in the middle of a write.
+# A service whose step "writes" (begin ... end). Mode "held": write 1 is the test's to end - it
+# notes when the stop request reaches the step, then ends when a line comes on stdin.
 CHILD = textwrap.dedent("""
     import sys, time, threading
     from pathlib import Path
@@ -57,7 +58,12 @@ CHILD = textwrap.dedent("""
                 time.sleep(3600)  # a wedged loop: no more progress
             with out.open("a") as f:
                 f.write(f"begin {self.n}\\n"); f.flush()
-                time.sleep(0.3)
+                if mode == "held" and self.n == 1:
+                    if stop.wait(30):
+                        f.write("stop requested\\n"); f.flush()
+                    sys.stdin.readline()
+                else:
+                    time.sleep(0.3)
                 f.write(f"end {self.n}\\n")
             self.n += 1
             return 0.05
@@ -145,6 +151,7 @@ def start_child(
     proc = subprocess.Popen(
         [sys.executable, str(script), str(config), str(out), mode],
         env=env,
+        stdin=subprocess.PIPE,  # mode "held": a line ends the held write
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -159,23 +166,33 @@ def stop_child(proc: subprocess.Popen[str]) -> str:
     return out
 
 
+def wait_for_line(out: Path, line: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while line not in (out.read_text().splitlines() if out.exists() else []):
+        assert time.monotonic() < deadline, f"{line!r} never written; got {out.read_text() if out.exists() else ''!r}"
+        time.sleep(0.02)
+
+
 def test_sigterm_finishes_the_write_in_hand_then_closes(tmp_path: Path, manager: Manager) -> None:
-    proc, _, out = start_child(tmp_path, manager)
+    proc, _, out = start_child(tmp_path, manager, mode="held")
+    assert proc.stdin is not None
     try:
         msgs = manager.wait_for("READY=1")
         assert any("STATUS=" in m for m in msgs)
-        deadline = time.monotonic() + 10
-        while "begin 1" not in (out.read_text() if out.exists() else ""):
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)  # lands in the middle of write 1
+        wait_for_line(out, "begin 1")  # write 1 is in hand, and stays so until the test ends it
+        proc.send_signal(signal.SIGTERM)
+        wait_for_line(out, "stop requested")  # the signal reached the step while it was writing
+        assert proc.poll() is None, "the process ended in the middle of a write"
+        assert "end 1" not in out.read_text().splitlines()
+        proc.stdin.write("\n")  # the write may finish now
+        proc.stdin.flush()
         assert proc.wait(timeout=10) == EXIT_OK
         manager.wait_for("STOPPING=1")
     finally:
         log = stop_child(proc)
     lines = out.read_text().splitlines()
     assert lines[-1] == "closed", log
-    assert lines[-2].startswith("end "), "the write in hand was not finished"
+    assert lines[-2] == "end 1", "the write in hand was not finished (or another began after the stop)"
     assert sum(ln.startswith("begin") for ln in lines) == sum(ln.startswith("end") for ln in lines)
     assert "ready after" in log
 
