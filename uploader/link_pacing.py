@@ -47,6 +47,7 @@ process measured.
 from __future__ import annotations
 
 import logging
+import statistics
 import threading
 import time
 from collections import deque
@@ -205,7 +206,7 @@ class LinkPacer:
             if busy <= 0:
                 return
             sample = self._delivered / busy
-            typical = self._typical_rtt()
+            typical = self._typical_rtt() if alone_s is not None else rtt
             if alone_s is not None and alone_s - typical > 0 and not self.draining:
                 # believed only with nothing queued ahead of it, and at most the rate it was sent
                 # at (a probe's): it cannot have crossed faster than that
@@ -272,8 +273,7 @@ class LinkPacer:
         whose first estimate came out low stayed paced at 0.9 of the link for good."""
         if len(self._store_rtts) < SAMPLE_WINDOW // 2:
             return self._object_rtt()  # too few to know the typical one
-        ordered = sorted(self._store_rtts)
-        return ordered[len(ordered) // 2]
+        return statistics.median_high(self._store_rtts)
 
     def _object_rtt(self) -> float:
         """The round trip an object's response comes after its last byte crossed (lock held)."""
