@@ -210,6 +210,85 @@ class RoundItems:
             return items
 
 
+@dataclass(frozen=True)
+class SendRound:
+    """What a round's associations share: the items they take one at a time, the event that stops
+    the round, the configuration faults they met (the peer refusing us: the round raises the first)
+    and, in a round sending routine items, the watch that makes it yield to STAT."""
+
+    share: RoundItems
+    stop: threading.Event
+    faults: list[str]
+    watch: StatWatch | None = None
+
+
+class LanePool:
+    """A round's associations (`EcgForwarder._send_round` with more than one), each on a thread
+    of its own; more join as the link measured so far asks for them (`lanes_for_link`), up to
+    `most`. One per round: `run()` once."""
+
+    def __init__(
+        self,
+        round_: SendRound,
+        most: int,
+        *,
+        send_lane: Callable[[SendRound], RoundResult],
+        lanes_for_link: Callable[[], int],
+    ) -> None:
+        self._round = round_
+        self._most = most
+        self._send_lane = send_lane
+        self._lanes_for_link = lanes_for_link
+        self._pool = ThreadPoolExecutor(max_workers=most, thread_name_prefix="dicom-send")
+        self._futures: list[Future[RoundResult]] = []
+        # reentrant: a lane that ended before its done-callback was added calls back at once
+        self._grow = threading.RLock()
+        self._peak = 0  # the most associations this round had open at once
+        self._closing = False  # every lane ended: the pool takes no more
+
+    def run(self, lanes: int) -> list[RoundResult]:
+        """Start `lanes` associations; return every association's result once all ended."""
+        with self._pool:
+            self._round.share.on_stored = lambda: self._add_lanes(self._lanes_for_link())
+            self._add_lanes(lanes)
+            outcomes: list[RoundResult] = []
+            try:
+                while True:
+                    with self._grow:
+                        if len(outcomes) == len(self._futures):
+                            break
+                        future = self._futures[len(outcomes)]
+                    outcomes.append(future.result())
+            finally:
+                with self._grow:
+                    self._closing = True  # (a lane's bug raised here too: the pool shuts down)
+        return outcomes
+
+    def _add_lanes(self, wanted: int) -> None:
+        round_ = self._round
+        with self._grow:
+            if self._closing or round_.stop.is_set() or round_.faults or round_.share.failure is not None:
+                return  # the round is ending: no new association for it
+            # associations of this round still open; none without an item to take
+            live = sum(not f.done() for f in self._futures)
+            if round_.watch is not None and round_.watch.stat_due.is_set():
+                # none more while a STAT study is due, but one cut for it is replaced:
+                # the next STAT study finds one free at its object boundary, not every
+                # one waiting for a response (satellite: 570 ms late)
+                wanted = min(wanted, self._peak)
+            wanted = min(wanted, self._most, live + len(round_.share))
+            self._peak = max(self._peak, wanted)
+            while live < wanted:
+                future = self._pool.submit(self._send_lane, round_)
+                self._futures.append(future)
+                future.add_done_callback(self._replace_if_cut)
+                live += 1
+
+    def _replace_if_cut(self, future: Future[RoundResult]) -> None:
+        if future.exception() is None and future.result().cut:
+            self._add_lanes(self._lanes_for_link())
+
+
 class EcgForwarder:
     def __init__(
         self,
@@ -366,7 +445,7 @@ class EcgForwarder:
         share = RoundItems(items)
         faults: list[str] = []
         if not share.routine:
-            outcomes = self._send_round(share, n, stop, faults)  # STAT: nothing to yield to
+            outcomes = self._send_round(SendRound(share, stop, faults), n)  # STAT: nothing to yield to
         else:
             stat_lane = StatLane(lambda: self._send_stat(stop, faults))
             watch = StatWatch(
@@ -383,7 +462,7 @@ class EcgForwarder:
             # suspects stay on their one association; a routine backlog gets more as the link asks
             most = n if suspects else max(n, s.associations, s.max_associations)
             with watch:
-                outcomes = self._send_round(share, n, stop, faults, watch, most)
+                outcomes = self._send_round(SendRound(share, stop, faults, watch), n, most)
             outcomes += stat_lane.join()
         for lane_result in outcomes:
             result.add_sends(lane_result)
@@ -464,24 +543,18 @@ class EcgForwarder:
             priority=priority,
         )
 
-    def _send_round(
-        self,
-        share: RoundItems,
-        lanes: int,
-        stop: threading.Event,
-        faults: list[str],
-        watch: StatWatch | None = None,
-        most: int = 0,
-    ) -> list[RoundResult]:
-        """`lanes` associations take `share`'s items one at a time; more join (up to `most`) as
+    def _send_round(self, round_: SendRound, lanes: int, most: int = 0) -> list[RoundResult]:
+        """`lanes` associations take the round's items one at a time; more join (up to `most`) as
         soon as the link measured so far asks for them - a routine round that started with nothing
         known of the link (a new gateway) would otherwise carry its whole backlog on too few
-        associations to hide the round trip. `watch`: a routine round's, which yields to STAT."""
+        associations to hide the round trip. `round_.watch`: a routine round's, which yields to STAT."""
         most = max(lanes, most)
         if most == 1:  # one association, no more: on this thread (a STAT lane's, named for it)
-            outcomes = [self._send_lane(share, stop, faults, watch)]
+            outcomes = [self._send_lane(round_)]
         else:
-            outcomes = self._send_lanes(share, lanes, most, stop, faults, watch)
+            pool = LanePool(round_, most, send_lane=self._send_lane, lanes_for_link=self.associations_for_link)
+            outcomes = pool.run(lanes)
+        share, watch = round_.share, round_.watch
         left = share.take_all()  # every association ended before taking these
         if left and share.failure is not None:
             now, failure = self.clock(), share.failure
@@ -495,72 +568,15 @@ class EcgForwarder:
             self.outbox.release([i.id for i in left], why, self.clock(), 0.0)
         return outcomes
 
-    def _send_lanes(
-        self,
-        share: RoundItems,
-        lanes: int,
-        most: int,
-        stop: threading.Event,
-        faults: list[str],
-        watch: StatWatch | None,
-    ) -> list[RoundResult]:
-        """`_send_round`'s associations, each on a thread of its own."""
-        futures: list[Future[RoundResult]] = []
-        # reentrant: a lane that ended before its done-callback was added calls back at once
-        grow = threading.RLock()
-        peak = 0  # the most associations this round had open at once
-        closing = False  # every lane ended: the pool takes no more
-        with ThreadPoolExecutor(max_workers=most, thread_name_prefix="dicom-send") as pool:
-
-            def add_lanes(wanted: int) -> None:
-                nonlocal peak
-                with grow:
-                    if closing or stop.is_set() or faults or share.failure is not None:
-                        return  # the round is ending: no new association for it
-                    # associations of this round still open; none without an item to take
-                    live = sum(not f.done() for f in futures)
-                    if watch is not None and watch.stat_due.is_set():
-                        # none more while a STAT study is due, but one cut for it is replaced:
-                        # the next STAT study finds one free at its object boundary, not every
-                        # one waiting for a response (satellite: 570 ms late)
-                        wanted = min(wanted, peak)
-                    wanted = min(wanted, most, live + len(share))
-                    peak = max(peak, wanted)
-                    while live < wanted:
-                        future = pool.submit(self._send_lane, share, stop, faults, watch)
-                        futures.append(future)
-                        future.add_done_callback(replace_if_cut)
-                        live += 1
-
-            def replace_if_cut(future: Future[RoundResult]) -> None:
-                if future.exception() is None and future.result().cut:
-                    add_lanes(self.associations_for_link())
-
-            share.on_stored = lambda: add_lanes(self.associations_for_link())
-            add_lanes(lanes)
-            outcomes: list[RoundResult] = []
-            try:
-                while True:
-                    with grow:
-                        if len(outcomes) == len(futures):
-                            break
-                        future = futures[len(outcomes)]
-                    outcomes.append(future.result())
-            finally:
-                with grow:
-                    closing = True  # (a lane's bug raised here too: the pool shuts down)
-        return outcomes
-
     def _send_stat(self, stop: threading.Event, faults: list[str]) -> list[RoundResult]:
         """The STAT items due, on an association of their own (none if another took them)."""
         stat = self._claim(self.settings.batch_size, Priority.STAT)
-        return self._send_round(RoundItems(stat), 1, stop, faults) if stat else []
+        return self._send_round(SendRound(RoundItems(stat), stop, faults), 1) if stat else []
 
-    def _send_lane(
-        self, share: RoundItems, stop: threading.Event, faults: list[str], watch: StatWatch | None
-    ) -> RoundResult:
-        """One association of a round: it sends what it takes from `share`, one at a time (and
-        the STAT items it is asked to carry meanwhile, before its next routine object)."""
+    def _send_lane(self, round_: SendRound) -> RoundResult:
+        """One association of a round: it sends what it takes from the round's share, one at a time
+        (and the STAT items it is asked to carry meanwhile, before its next routine object)."""
+        share, stop, watch = round_.share, round_.stop, round_.watch
         r = RoundResult()
         pending: list[OutboxItem] = []
         in_flight: OutboxItem | None = None
@@ -683,7 +699,7 @@ class EcgForwarder:
                     assoc.paced = False  # a small request, and no object's turn
                     self._request_commitment(assoc, sent_now)
         except ConfigurationFault as exc:
-            faults.append(str(exc))
+            round_.faults.append(str(exc))
             pending += share.take_all()  # the peer refuses us, not an item
             self.outbox.release([i.id for i in pending], str(exc), self.clock(), self.settings.config_fault_retry_s)
             return r
