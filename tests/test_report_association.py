@@ -352,10 +352,12 @@ def test_keeping_off_or_longer_than_the_stat_interval_passes() -> None:
 
 
 @pytest.mark.orthanc
-def test_c_move_goes_to_the_gateways_own_ae_on_its_commitment_listener(tmp_path, orthanc_factory) -> None:
+@pytest.mark.parametrize("reloaded", [False, True], ids=["started", "after-reload"])
+def test_c_move_goes_to_the_gateways_own_ae_on_its_commitment_listener(tmp_path, orthanc_factory, reloaded) -> None:
     """Orthanc knows the gateway as one AE (its storage-commitment entry) and refuses C-GET: the
     real forward service's poller moves the STAT report to that AE, and the commitment listener
-    (already bound on that port) takes it; no second listener, no second AE to configure."""
+    (already bound on that port) takes it; no second listener, no second AE to configure. Also
+    after a reload (SIGHUP), whose new listener once took only commitment reports."""
     listen = free_port()
     modalities = {"gateway": {"AET": GATEWAY_AE, "Host": "127.0.0.1", "Port": listen, "AllowGet": False}}
     orthanc = orthanc_factory(modalities=modalities)
@@ -366,6 +368,8 @@ def test_c_move_goes_to_the_gateways_own_ae_on_its_commitment_listener(tmp_path,
     service = ForwardService(config)
     stop = threading.Event()
     try:
+        if reloaded:
+            service.reload(config)
         assert service.reports.poller is not None and service.reports.poller.receiver.hosted
         assert service.ecg.listener_address == ("127.0.0.1", listen)
         sr = ecg_report_sr(to_read(stat), findings=["VT"], impression="Ventricular tachycardia")

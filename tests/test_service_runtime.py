@@ -494,6 +494,58 @@ def test_long_waits_between_steps_still_feed_the_watchdog(manager: Manager) -> N
     assert pings >= 4 and made[0].steps == 1  # fed during the minute-long wait, not by new steps
 
 
+def test_a_long_step_that_makes_progress_feeds_the_watchdog_and_one_that_makes_none_does_not(
+    manager: Manager,
+) -> None:
+    """A forward round with a backlog on EDGE takes minutes: each object stored (`alive()`, from a
+    send thread) feeds the watchdog meanwhile. The same step making no progress - hung on a peer -
+    sends no ping however long it takes: the hang is still seen."""
+    rt = runtime(manager)  # WatchdogSec 0.2 s: pings at most every 0.05 s, needed every 0.1 s
+    hung, progressing, released = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, list[str]] = {}
+
+    class Long(Recorder):
+        def step(self, stop: threading.Event) -> float:
+            self.steps += 1
+            if self.steps == 1:  # hung: no progress until the test releases it
+                hung.set()
+                released.wait(60)
+                return 0.0
+            progressing.set()
+            sender = threading.Thread(target=self._send, args=(stop,))
+            sender.start()
+            sender.join()
+            return 60.0
+
+        def _send(self, stop: threading.Event) -> None:  # a send thread storing an object every 20 ms
+            while not stop.is_set():
+                rt.alive()
+                time.sleep(0.02)
+
+    def drive() -> None:
+        assert hung.wait(60)
+        manager.drain_queued()  # READY=1 and the ping after it, sent before the step began
+        seen["hung"] = manager.drain(0.6)  # three watchdog periods of a step making no progress
+        released.set()
+        assert progressing.wait(60)
+        manager.drain_queued()  # the ping after the first step, sent before the second began
+        manager.messages.clear()
+        deadline = time.monotonic() + 60
+        while sum("WATCHDOG=1" in m for m in manager.messages) < 4 and time.monotonic() < deadline:
+            manager.drain(0.05)
+        seen["progressing"] = list(manager.messages)
+        rt.request_stop()
+
+    t = threading.Thread(target=drive)
+    t.start()
+    made: list[Long] = []
+    assert rt.run(lambda c: made.append(Long(c)) or made[-1]) == EXIT_OK
+    t.join()
+    assert not any("WATCHDOG=1" in m for m in seen["hung"]), seen["hung"]
+    assert sum("WATCHDOG=1" in m for m in seen["progressing"]) >= 4, seen["progressing"]
+    assert made[0].steps == 2  # the pings came during the second step, not from new steps
+
+
 def test_without_systemd_it_still_runs() -> None:
     rt = runtime(None)
     threading.Timer(0.2, rt.request_stop).start()

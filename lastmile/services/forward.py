@@ -17,8 +17,9 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lastmile.config import Config, ReadingCenterSection, fhir_naming
 from lastmile.data_dir import open_outbox
@@ -80,7 +81,10 @@ def forwarder_settings(config: Config) -> ForwarderSettings:
 class ForwardService:
     """One `step()` forwards DICOM, then FHIR; the runtime pings the watchdog between steps."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, alive: Callable[[], None] | None = None) -> None:
+        """`alive`: called as a step makes progress (an object stored, ...; the runtime's
+        `ServiceRuntime.alive`): a round with a long backlog on a slow link keeps the watchdog fed."""
+        self._alive = alive
         # as in acquire: big buffers (a payload, its inflated and encoded copies: ~100-250 KB per
         # store) mapped and unmapped rather than left in the heap, and free heap pages given back
         # (`step`): reports and FHIR rounds left the soak's forward process above 60 MB
@@ -91,10 +95,7 @@ class ForwardService:
         try:
             self.reports = self._make_reports(config)
             try:
-                # the commitment listener also takes reports C-MOVEd to our AE (the PACS knows one port)
-                settings = replace(forwarder_settings(config), also_store=self.reports.move_storage)
-                self.ecg = EcgForwarder(self.outbox, settings, on_event=self.reports.recorder.on_event)
-                self.ecg.start()
+                self.ecg = self._make_ecg(config)
                 try:
                     self._fhir = self._make_fhir(config)
                 except BaseException:
@@ -111,6 +112,20 @@ class ForwardService:
         self._last = "starting"
         self._fhir_meter = meters(config, self.outbox).get("fhir")
         self._full_disk_delay = 0.0  # > 0 while the data partition is too full to record progress
+
+    def _make_ecg(self, config: Config) -> EcgForwarder:
+        # the commitment listener also takes reports C-MOVEd to our AE (the PACS knows one port)
+        settings = replace(forwarder_settings(config), also_store=self.reports.move_storage)
+        ecg = EcgForwarder(self.outbox, settings, on_event=self._on_event)
+        ecg.start()
+        return ecg
+
+    def _on_event(self, kind: str, info: dict[str, Any]) -> None:
+        """The forwarder's events (its send threads'): each is progress, and the sent ones are
+        the sent-study records'."""
+        if self._alive is not None:
+            self._alive()
+        self.reports.recorder.on_event(kind, info)
 
     def _make_reports(self, config: Config) -> ReportService:
         from lastmile.reports.service import ReportService
@@ -215,8 +230,9 @@ class ForwardService:
             self._fhir.close()
         self.config = config
         self.reports = self._make_reports(config)
-        self.ecg = EcgForwarder(self.outbox, forwarder_settings(config), on_event=self.reports.recorder.on_event)
-        self.ecg.start()
+        # as at start: without the reports' storage a reload left the listener refusing every
+        # report C-MOVEd to our AE (the result no longer came back to the village)
+        self.ecg = self._make_ecg(config)
         self._fhir = self._make_fhir(config)
         self._fhir_meter = meters(config, self.outbox).get("fhir")
 

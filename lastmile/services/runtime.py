@@ -4,11 +4,13 @@ Both services (`lastmile acquire`, `lastmile forward`) are a `Service` driven by
 `ServiceRuntime`:
 
     runtime = ServiceRuntime("forward", load_config=lambda: config_from_args(args))
-    return runtime.run(lambda config: ForwardService(config))
+    return runtime.run(lambda config: ForwardService(config, alive=runtime.alive))
 
 The runtime calls `setup(config)`, sends READY=1, then calls `service.step(stop)` until SIGTERM.
-The watchdog is pinged from this loop only, after a step returned (or while waiting the delay a
-step asked for), so a step that hangs stops the pings and systemd kills and restarts the unit.
+The watchdog is pinged after a step returned (or while waiting the delay a step asked for), and
+during a step only as it makes progress (`alive()`, from any of its threads: the forwarder's
+every stored object - a backlog on EDGE is a round of minutes), so a step that hangs stops the
+pings and systemd kills and restarts the unit.
 SIGTERM/SIGINT set `stop`: the step in hand finishes its write, then `close()` runs. SIGHUP
 reloads the configuration (a bad file is logged and the running configuration kept).
 
@@ -81,8 +83,8 @@ class Service(Protocol):
     def step(self, stop: threading.Event) -> float:
         """Do one unit of work; return seconds to wait before the next step (0 = at once).
 
-        Must return well within the watchdog period (WatchdogSec/2): check `stop` between items
-        of a batch. An exception is logged and the process exits non-zero (systemd restarts it).
+        Must return well within the watchdog period (WatchdogSec/2), or call the runtime's
+        `alive()` as it makes progress (each item of a batch): check `stop` between items. An exception is logged and the process exits non-zero (systemd restarts it).
         """
         ...
 
@@ -126,6 +128,7 @@ class ServiceRuntime:
         self._wake = threading.Event()  # ends the wait between steps early
         self._reload_requested = False
         self._last_status = 0.0
+        self._progress_made = 0  # `alive()` calls: progress inside a step
         self.started = time.monotonic() - process_age()
         self.ready_after: float | None = None  # seconds from process start to READY=1
         self.log_filter: PatientDataFilter | None = None
@@ -142,6 +145,13 @@ class ServiceRuntime:
     def request_reload(self) -> None:
         self._reload_requested = True
         self._wake.set()
+
+    def alive(self) -> None:
+        """The step in hand made progress (from any thread: an object stored, a request
+        answered): the watchdog is fed as between steps. A step that makes none - hung on a
+        peer, deadlocked - stops the pings all the same."""
+        self._progress_made += 1
+        self.notifier.watchdog_ping(min_interval=(self.ping_interval or 0.0) / 2)
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -250,7 +260,7 @@ class ServiceRuntime:
                     log.exception("%s: reload failed; exiting so systemd restarts the service", self.name)
                     return EXIT_FAILURE
                 continue
-            began = time.monotonic()
+            began, progress = time.monotonic(), self._progress_made
             try:
                 delay = service.step(stop)
             except RestartRequested:
@@ -265,7 +275,7 @@ class ServiceRuntime:
             self._fault_cleared()
             took = time.monotonic() - began
             interval = self.ping_interval
-            if interval is not None and took > interval:
+            if interval is not None and took > interval and self._progress_made == progress:
                 log.warning(
                     "%s: a step took %.1f s; the watchdog allows %.1f s",
                     self.name,

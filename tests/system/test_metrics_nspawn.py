@@ -9,18 +9,15 @@ from this one, and a hybrid cgroup host keeps the v2 tree under /sys/fs/cgroup/u
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import REPO, missing, require_tool
+from tests.conftest import REPO
 from tests.metrics_harness import parse_exposition, value
 from tests.system.container import Container
-from tests.system.test_nspawn import active_running, install_lastmile
+from tests.system.test_nspawn import active_running, booted_container, enqueue, install_lastmile
 
 pytestmark = pytest.mark.slow
 
@@ -28,34 +25,16 @@ UNIT = "lastmile-metrics.service"
 URL = "http://127.0.0.1:9560/metrics"
 
 
+def install_with_metrics(c: Container) -> None:
+    install_lastmile(c)
+    shutil.copy(REPO / "systemd" / UNIT, c.root / "etc/systemd/system" / UNIT)
+    (c.root / "etc/systemd/system/multi-user.target.wants" / UNIT).symlink_to(f"/etc/systemd/system/{UNIT}")
+
+
 @pytest.fixture(scope="module")
 def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
-    from tests.system.rootfs import debian_rootfs
-
-    if os.geteuid() != 0:
-        missing("systemd-nspawn -b needs root")
-    for tool in ("systemd-nspawn", "debootstrap", "nsenter"):
-        require_tool(tool)
-    lower = debian_rootfs()
-    work = tmp_path_factory.mktemp("nspawn-metrics")
-    wheels = work / "wheels"
-    subprocess.run(
-        [sys.executable, str(REPO / "image" / "wheelhouse.py"), "--arch", "amd64", str(wheels)],
-        check=True,
-        capture_output=True,
-    )
-    c = Container(lower, work / "c")
-    c.mount()
-    try:
-        shutil.copytree(wheels, c.root / "var/tmp/lastmile-wheels")
-        install_lastmile(c)
-        shutil.copy(REPO / "systemd" / UNIT, c.root / "etc/systemd/system" / UNIT)
-        (c.root / "etc/systemd/system/multi-user.target.wants" / UNIT).symlink_to(f"/etc/systemd/system/{UNIT}")
-        c.boot()
+    with booted_container(tmp_path_factory, "nspawn-metrics", install_with_metrics, {}) as c:
         yield c
-    finally:
-        c.poweroff()
-        c.unmount()
 
 
 def scrape(c: Container) -> list[tuple[str, dict[str, str], float]]:
@@ -82,18 +61,7 @@ def test_the_metrics_unit_sees_the_services_the_queue_and_a_restart(container: C
     assert value(samples, "lastmile_source_up", source="services") == 1
 
     # ECGs queued while the reading center is down: counted, and the link shown down
-    c.exec(
-        "runuser",
-        "-u",
-        "lastmile",
-        "--",
-        "/opt/lastmile/bin/python",
-        "/usr/local/lib/enqueue.py",
-        "/usr/local/lib/example.scp",
-        "3",
-        "metrics",
-        timeout=120,
-    )
+    enqueue(c, "metrics", 3)
     c.wait_for(
         "3 ECGs waiting, the link down",
         lambda: (

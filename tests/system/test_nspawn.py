@@ -11,7 +11,8 @@ caches; installs the units, sysusers and udev files as the image does; boots it 
 - both services reach READY (Type=notify: active/running) as user lastmile;
 - a forward service frozen with SIGSTOP is killed by the watchdog and restarted;
 - after `systemctl restart` of both services nothing in the outbox is lost: every item reaches a
-  DICOM storage SCP (pynetdicom, inside the container, standing in for the reading center);
+  DICOM storage SCP (pynetdicom, inside the container, standing in for the reading center), also
+  across a restart of the forwarder while it sends (asserted: objects were left for the new one);
 - lastmile-mark-good (image/rauc/, the A/B image's) against these real units: a configuration they
   refuse (exit 78) marks a proven slot good and fails a slot on trial at once; a service that
   fails otherwise is no refused configuration. RAUC and the slot state are stand-ins here (no
@@ -21,13 +22,14 @@ caches; installs the units, sysusers and udev files as the image does; boots it 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -81,15 +83,20 @@ RemainAfterExit=yes
 """
 REFUSED_CONFIG = CONFIG + "[outbox\n"  # a TOML syntax error: every service exits 78
 
-# The reading center stand-in: a storage SCP that notes every SOP Instance UID it keeps.
+# The reading center stand-in: a storage SCP that notes every SOP Instance UID it keeps, taking
+# STORE_S over each (argv[1]): a county PACS's storing time, and what keeps the sending going long
+# enough for a restart to land in the middle of it on any machine.
+STORE_S = 0.3
 SCP = (
     """\
-import os, sys
+import os, sys, time
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 out = "/var/lib/test-scp/received.txt"
+store_s = float(sys.argv[1]) if len(sys.argv) > 1 else 0.0
 os.makedirs(os.path.dirname(out), exist_ok=True)
 def on_store(event):
+    time.sleep(store_s)
     with open(out, "a") as f:
         f.write(str(event.request.AffectedSOPInstanceUID) + "\\n")
         f.flush(); os.fsync(f.fileno())
@@ -130,8 +137,15 @@ with Outbox.open(config.data_dir, min_free_bytes=0) as outbox:
 """
 
 
-@pytest.fixture(scope="module")
-def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
+@contextlib.contextmanager
+def booted_container(
+    tmp_path_factory: pytest.TempPathFactory,
+    name: str,
+    prepare: Callable[[Container], None],
+    timings: dict[str, float],
+) -> Iterator[Container]:
+    """A booted container of the cached rootfs with Lastmile's wheels at hand, `prepare`d (installs
+    Lastmile and what the test adds) before its boot; powered off and unmounted after."""
     if os.geteuid() != 0:
         missing("systemd-nspawn -b needs root")
     for tool in ("systemd-nspawn", "debootstrap", "nsenter"):
@@ -145,9 +159,9 @@ def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
             "run scripts/fetch-test-assets (scripts/test.sh does)"
         )
     lower = debian_rootfs(NSPAWN_PACKAGES, assets.ARCH)
-    TIMINGS["rootfs"] = time.monotonic() - began
+    timings["rootfs"] = time.monotonic() - began
 
-    work = tmp_path_factory.mktemp("nspawn")
+    work = tmp_path_factory.mktemp(name)
     wheels = work / "wheels"
     t = time.monotonic()
     # Offline: the dependency wheels and our wheel's build requirements come from the caches.
@@ -161,21 +175,28 @@ def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
         "the wheelhouse cannot be built from the caches (were the assets fetched? "
         f"scripts/fetch-test-assets):\n{built.stdout[-1500:]}{built.stderr[-1500:]}"
     )
-    TIMINGS["wheelhouse"] = time.monotonic() - t
+    timings["wheelhouse"] = time.monotonic() - t
 
     c = Container(lower, work / "c")
     c.mount()
     try:
         t = time.monotonic()
         shutil.copytree(wheels, c.root / "var/tmp/lastmile-wheels")
-        install_lastmile(c)
-        TIMINGS["install"] = time.monotonic() - t
-        t = time.monotonic()
-        TIMINGS["boot"] = c.boot()
+        prepare(c)
+        timings["install"] = time.monotonic() - t
+        timings["boot"] = c.boot()
         yield c
     finally:
         c.poweroff()
         c.unmount()
+
+
+@pytest.fixture(scope="module")
+def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
+    try:
+        with booted_container(tmp_path_factory, "nspawn", install_lastmile, TIMINGS) as c:
+            yield c
+    finally:
         print("\nnspawn timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in TIMINGS.items()))
 
 
@@ -224,6 +245,22 @@ def active_running(c: Container, unit: str) -> dict[str, str] | None:
 def outbox_state(c: Container) -> dict:
     r = c.exec("runuser", "-u", "lastmile", "--", "/opt/lastmile/bin/python", "/usr/local/lib/state.py")
     return json.loads(r.stdout)
+
+
+def enqueue(c: Container, prefix: str, n: int = ITEMS) -> None:
+    """`n` distinct ECG studies into the outbox, keyed `prefix:i`, as the service user."""
+    c.exec(
+        "runuser",
+        "-u",
+        "lastmile",
+        "--",
+        "/opt/lastmile/bin/python",
+        "/usr/local/lib/enqueue.py",
+        "/usr/local/lib/example.scp",
+        str(n),
+        prefix,
+        timeout=120,
+    )
 
 
 def received(c: Container) -> set[str]:
@@ -299,18 +336,7 @@ def test_nothing_in_the_outbox_is_lost_across_restarts(container: Container) -> 
     c = container
     t = time.monotonic()
     # The reading center is down: items wait in the outbox.
-    c.exec(
-        "runuser",
-        "-u",
-        "lastmile",
-        "--",
-        "/opt/lastmile/bin/python",
-        "/usr/local/lib/enqueue.py",
-        "/usr/local/lib/example.scp",
-        str(ITEMS),
-        "before",
-        timeout=120,
-    )
+    enqueue(c, "before")
     state = outbox_state(c)
     assert len(state["uids"]) == ITEMS and set(state["states"]) <= {"queued", "sending"}
     c.exec("systemctl", "restart", "lastmile-forward.service", "lastmile-acquire.service")
@@ -321,21 +347,14 @@ def test_nothing_in_the_outbox_is_lost_across_restarts(container: Container) -> 
     uids = set(state["uids"])
 
     # The reading center comes up; restart the forwarder again while it is sending.
-    c.exec("systemd-run", "--unit=test-scp", "/opt/lastmile/bin/python", "/usr/local/lib/test-scp.py")
-    c.exec(
-        "runuser",
-        "-u",
-        "lastmile",
-        "--",
-        "/opt/lastmile/bin/python",
-        "/usr/local/lib/enqueue.py",
-        "/usr/local/lib/example.scp",
-        str(ITEMS),
-        "during",
-        timeout=120,
-    )
+    c.exec("systemd-run", "--unit=test-scp", "/opt/lastmile/bin/python", "/usr/local/lib/test-scp.py", str(STORE_S))
+    enqueue(c, "during")
     c.wait_for("the first objects to arrive", lambda: received(c), timeout=60, interval=0.1)
     c.exec("systemctl", "restart", "lastmile-forward.service")
+    # `restart` returns once the old process is gone and the new one is ready: what has not arrived
+    # by now, the new process sends - the restart landed mid-send, not after everything was sent.
+    left = set(outbox_state(c)["uids"]) - received(c)
+    assert left, "everything had arrived before the restart: the test restarted nothing mid-send"
     state = outbox_state(c)
     assert len(state["uids"]) == 2 * ITEMS
     uids = set(state["uids"])
@@ -349,6 +368,10 @@ def test_nothing_in_the_outbox_is_lost_across_restarts(container: Container) -> 
     assert got == uids  # every item arrived; nothing unknown arrived
     state = outbox_state(c)
     assert "quarantined" not in state["states"], state["states"]
+    # one round sending the lot took longer than WatchdogSec (4 s here): fed by each object stored,
+    # not killed for it (NRestarts counts systemd's restarts since the manual one)
+    restarts = c.show("lastmile-forward.service", "NRestarts")["NRestarts"]
+    assert restarts == "0", f"the forwarder was restarted {restarts} time(s) while sending"
 
 
 # -- lastmile-mark-good against the real units ----------------------------------------------------
