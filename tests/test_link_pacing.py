@@ -610,6 +610,29 @@ def test_bytes_written_unpaced_hold_back_the_next_paced_pdu() -> None:
     assert fresh.link_free_at() == 0.0
 
 
+def test_the_first_pace_waits_for_what_was_written_before_it() -> None:
+    """A new gateway on EDGE (25 kB/s, 0.4 s): three objects go unpaced before the first is stored
+    - nothing is known of the link. The first pace starts its schedule once the two behind the
+    first have crossed (by the estimate), not now: paced from now, the next object queued behind
+    them and kept the modem buffer full (a STAT study made then found 3.7 s of bytes ahead of it)."""
+    t = FakeTime()
+    pacer = LinkPacer(clock=t.clock, sleep=t.sleep)
+    pacer.observe_rtt(0.4)
+    rate, size = 25_000, 73_000
+    began = t.now
+    pacer.start_window()
+    for _ in range(3):  # written at once: into the socket buffers and the modem's
+        for _ in range(size // 1000):
+            pacer.on_data_sent(Sent(b"\x04" + b"x" * 999))
+    assert pacer.pace is None and t.slept == []
+    t.now = began + size / rate + 0.4  # the first object's response
+    pacer.observe_object(size)
+    assert pacer.measured == pytest.approx(rate)
+    pacer.on_data_sent(Sent(b"\x04" + b"x" * 999))  # the next object's first PDU
+    crossed = began + 3 * size / rate  # when the link has carried all three
+    assert t.now == pytest.approx(crossed, abs=0.01), (t.now - began, t.slept)
+
+
 def test_a_stat_study_sent_unpaced_is_counted_in_the_links_schedule(tmp_path: Path, storescp_factory) -> None:
     """The STAT association is not paced, but its object takes the link's time: the routine
     associations' pacer counts it."""
