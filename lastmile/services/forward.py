@@ -79,7 +79,8 @@ def forwarder_settings(config: Config) -> ForwarderSettings:
 
 
 class ForwardService:
-    """One `step()` forwards DICOM, then FHIR; the runtime pings the watchdog between steps."""
+    """One `step()` forwards DICOM, then FHIR; the runtime pings the watchdog between steps and,
+    during a long round, as objects are stored (`alive`)."""
 
     def __init__(self, config: Config, *, alive: Callable[[], None] | None = None) -> None:
         """`alive`: called as a step makes progress (an object stored, ...; the runtime's

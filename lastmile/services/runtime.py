@@ -84,7 +84,8 @@ class Service(Protocol):
         """Do one unit of work; return seconds to wait before the next step (0 = at once).
 
         Must return well within the watchdog period (WatchdogSec/2), or call the runtime's
-        `alive()` as it makes progress (each item of a batch): check `stop` between items. An exception is logged and the process exits non-zero (systemd restarts it).
+        `alive()` as it makes progress (each item of a batch); check `stop` between items. An
+        exception is logged and the process exits non-zero (systemd restarts it).
         """
         ...
 
