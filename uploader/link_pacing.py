@@ -113,7 +113,9 @@ class LinkPacer:
         self._store_rtts: deque[float] = deque(maxlen=SAMPLE_WINDOW)  # the last clean tails (their spread)
         self._window_start: float | None = None  # first byte of this busy spell
         self._delivered = 0  # bytes stored since then
-        self._written = 0  # bytes written since then (paced or not)
+        # bytes written since then, paced or not: a pace dropped (a fast sample) and set again in
+        # the same window still sees what is ahead of it
+        self._written = 0
         self.draining = False  # the last object's response came late: a queue to drain ...
         self._drain_until = 0.0  # ... until about then (this pacer's clock)
         self._seeded = False  # `measured` is a remembered rate no sample of this process exceeded yet

@@ -353,11 +353,11 @@ def test_nothing_in_the_outbox_is_lost_across_restarts(container: Container) -> 
     c.exec("systemctl", "restart", "lastmile-forward.service")
     # `restart` returns once the old process is gone and the new one is ready: what has not arrived
     # by now, the new process sends - the restart landed mid-send, not after everything was sent.
-    left = set(outbox_state(c)["uids"]) - received(c)
-    assert left, "everything had arrived before the restart: the test restarted nothing mid-send"
     state = outbox_state(c)
-    assert len(state["uids"]) == 2 * ITEMS
     uids = set(state["uids"])
+    assert len(state["uids"]) == len(uids) == 2 * ITEMS
+    left = uids - received(c)
+    assert left, "everything had arrived before the restart: the test restarted nothing mid-send"
     got = c.wait_for(
         f"all {2 * ITEMS} objects at the reading center",
         lambda: (r := received(c)) >= uids and r,
