@@ -33,6 +33,7 @@ from uploader.report_reading import (
     UnreadableReport,
     read_dicom_report,
     read_fhir_report,
+    unreadable_fhir_report,
 )
 
 STUDY = StudyToRead("1.2.826.0.1.3680043.8.498.1", patient_id="P0042", patient_name="Wang^Fang")
@@ -268,3 +269,48 @@ def test_fhir_amended_preliminary_and_withdrawn() -> None:
     assert "not valid base64" in read_fhir_report(bad).problems[0]
     with pytest.raises(UnreadableReport):
         read_fhir_report({"resourceType": "Observation", "id": "x"})
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+def _paths(value: object, path: tuple = ()) -> list[tuple]:
+    """Every place in a JSON document a value can be replaced at (dict keys, list indexes)."""
+    found = [path]
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found += _paths(v, (*path, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found += _paths(v, (*path, i))
+    return found
+
+
+@settings(deadline=None, max_examples=400)
+@given(data=st.data())
+def test_fuzz_a_diagnostic_report_of_any_shape_is_read_or_raises_the_typed_error(data) -> None:
+    """The platform's JSON is untrusted: a scalar where R4 has a list, a list where a string
+    belongs... (`conclusionCode: [{"coding": 1}]` ended the poller thread, and with it the
+    forward service). Read, or UnreadableReport - and what is kept of an unreadable one never raises."""
+    resource = diagnostic_report(
+        conclusionCode=[{"coding": [{"system": "http://snomed.info/sct", "code": "164865005"}]}],
+        result=[{"reference": "#obs"}],
+        contained=[critical_observation("obs", "ST segment", "elevated")],
+    )
+    for _ in range(data.draw(st.integers(1, 4))):
+        path = data.draw(st.sampled_from(_paths(resource)[1:]))
+        target = resource
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = data.draw(JSON_VALUES)
+    try:
+        content = read_fhir_report(resource, RULES, [STUDY.study_uid])
+    except UnreadableReport as exc:
+        kept = unreadable_fhir_report(resource, str(exc), [STUDY.study_uid])
+        assert kept is None or (kept.problems and kept.object_uid.startswith("DiagnosticReport/"))
+        return
+    assert isinstance(text_of(content), str) and content.object_uid.startswith("DiagnosticReport/")

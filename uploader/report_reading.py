@@ -548,20 +548,61 @@ def _reference_display(refs: object) -> str:
 def _study_of(resource: Mapping[str, Any], known: Iterable[str]) -> str:
     """The study UID this report is linked to, from its identifiers (urn:dicom:uid urn:oid:...)."""
     wanted = {dicom_uid_identifier(u)[1]: u for u in known}
-    for ident in resource.get("identifier") or []:
-        if isinstance(ident, Mapping) and ident.get("value") in wanted:
-            return wanted[str(ident["value"])]
-    for ident in resource.get("identifier") or []:
-        value = ident.get("value", "") if isinstance(ident, Mapping) else ""
-        if ident.get("system") == DICOM_UID_SYSTEM and str(value).startswith("urn:oid:"):
-            return str(value)[len("urn:oid:") :]
+    identifiers = resource.get("identifier")
+    values = [
+        (str(i.get("system", "")), value)
+        for i in (identifiers if isinstance(identifiers, list) else [])
+        if isinstance(i, Mapping) and isinstance(value := i.get("value"), str)
+    ]
+    for _system, value in values:
+        if value in wanted:
+            return wanted[value]
+    for system, value in values:
+        if system == DICOM_UID_SYSTEM and value.startswith("urn:oid:"):
+            return value[len("urn:oid:") :]
     return ""
 
 
 def read_fhir_report(
     resource: Mapping[str, Any], rules: CriticalRules = CriticalRules(), known_studies: Iterable[str] = ()
 ) -> ReportContent:
-    """A DiagnosticReport (R4 JSON) → ReportContent; oddities go to `problems`."""
+    """A DiagnosticReport (R4 JSON) → ReportContent; oddities go to `problems`. A resource
+    whose shape is not R4's (a scalar where a list belongs, a list where a string does) raises
+    UnreadableReport, never anything else: the platform's JSON is untrusted input."""
+    try:
+        return _read_fhir_report(resource, rules, known_studies)
+    except UnreadableReport:
+        raise
+    except (TypeError, AttributeError, KeyError, ValueError) as exc:
+        raise UnreadableReport(f"a DiagnosticReport not shaped as FHIR R4: {type(exc).__name__}: {exc}") from exc
+
+
+def unreadable_fhir_report(
+    resource: Mapping[str, Any], reason: str, known_studies: Iterable[str] = ()
+) -> ReportContent | None:
+    """What can be kept of a DiagnosticReport that could not be read: flagged under its study,
+    so the clinic sees that a report came back and could not be shown. None: it has no id or
+    names no study (nothing to keep it under)."""
+    if not isinstance(resource, Mapping):
+        return None
+    rid = resource.get("id")
+    study_uid = _study_of(resource, known_studies)
+    if not isinstance(rid, str) or not rid or not study_uid:
+        return None
+    meta = resource.get("meta")
+    version = (meta.get("versionId") or meta.get("lastUpdated") or "") if isinstance(meta, Mapping) else ""
+    return ReportContent(
+        kind="fhir",
+        object_uid=f"DiagnosticReport/{rid}",
+        study_uid=study_uid,
+        version=version if isinstance(version, str) else "",
+        title="Unreadable report",
+        lines=(ReportLine(LineKind.UNREADABLE), ReportLine(LineKind.PROBLEM, value=reason)),
+        problems=(reason,),
+    )
+
+
+def _read_fhir_report(resource: Mapping[str, Any], rules: CriticalRules, known_studies: Iterable[str]) -> ReportContent:
     problems: list[str] = []
     critical: list[str] = []
     reasons: list[ReportLine] = []

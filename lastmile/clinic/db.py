@@ -205,6 +205,12 @@ MIGRATIONS = (
     # as written, the gateway's own worded in the reader's language where it is shown. NULL: a
     # report stored before, shown as its English `text`
     Migration.sql("0009_report_lines", "ALTER TABLE reports ADD COLUMN lines TEXT;"),
+    # the object uids a report names as the ones it replaces (JSON list): a correction that
+    # arrives before the report it corrects still replaces it when that one comes
+    Migration.sql("0010_report_amends", "ALTER TABLE reports ADD COLUMN amends TEXT;"),
+    # report objects the reading center listed for a study that did not arrive (JSON list): the
+    # study is not done until they have, whatever else came (lastmile.reports.poller)
+    Migration.sql("0011_awaited_report_objects", "ALTER TABLE sent_studies ADD COLUMN awaiting TEXT;"),
 )
 
 

@@ -57,6 +57,7 @@ from uploader.report_reading import (
     UnreadableReport,
     read_dicom_report,
     read_fhir_report,
+    unreadable_fhir_report,
 )
 
 if TYPE_CHECKING:
@@ -108,6 +109,8 @@ class PollRound:
     error: str | None = None
     fault: str | None = None
     study_uids: list[str] = field(default_factory=list)
+    # DICOM: per study asked about, the report objects listed that have not arrived ([]: none)
+    awaiting: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def did_work(self) -> bool:
@@ -178,7 +181,8 @@ class ReportPoller:
                     s.study_uid,
                     s.sent_at.timestamp(),
                     s.stat,
-                    s.final_at is not None,
+                    # final, unless an object the reading center listed has still to arrive
+                    s.final_at is not None and not s.awaiting,
                     s.last_polled_at.timestamp() if s.last_polled_at else None,
                 ),
             )
@@ -253,7 +257,12 @@ class ReportPoller:
             self.meter.spend(result.bytes, now)
         polled = [] if (result.error or result.fault) else uids
         # one transaction per round (the SD card): the studies asked about and the status
-        self.store.mark_polled(polled, self._utc(now), status=(STATUS_NAME, self._status(result, now)))
+        self.store.mark_polled(
+            polled,
+            self._utc(now),
+            status=(STATUS_NAME, self._status(result, now)),
+            awaiting={} if (result.error or result.fault) else result.awaiting,
+        )
         if self.queries is not None:
             # kept only while the next round comes soon (a STAT study's hurry), released otherwise;
             # a forced round (`lastmile report poll`, the demo) is a one-off: released at once
@@ -293,6 +302,7 @@ class ReportPoller:
             result.bytes += self.queries.take_bytes()
         result.found += len(found)
         new = [f for f in found if not self.store.has_object(f.sop_instance_uid)]
+        result.awaiting.update({uid: [] for uid in uids})
         if not new:
             return
         log.info("reports: %d new report object(s) at the reading center", len(new))
@@ -302,7 +312,10 @@ class ReportPoller:
             if obj.sop_instance_uid in by_uid:
                 self._keep(self._read_dicom(obj, by_uid[obj.sop_instance_uid]), obj.data, "dicom", result)
         missing = set(by_uid) - {o.sop_instance_uid for o in objects}
+        for uid in sorted(missing):
+            result.awaiting.setdefault(by_uid[uid].study_uid, []).append(uid)
         if missing:
+            # their studies are not done (the amendment poll's 12 h) until they have arrived
             log.warning("reports: %d found object(s) did not arrive; asking again next round", len(missing))
 
     def _retrieve(self, new: list[FoundReport], result: PollRound) -> list[RetrievedObject]:
@@ -411,8 +424,12 @@ class ReportPoller:
         try:
             content = read_fhir_report(resource, self.rules, batch)
         except UnreadableReport as exc:
-            log.warning("reports: skipped a FHIR resource: %s", exc)
-            return
+            kept = unreadable_fhir_report(resource, str(exc), batch)
+            if kept is None:
+                log.warning("reports: skipped a FHIR resource: %s", exc)
+                return
+            log.warning("reports: an unreadable report for study %s: %s", kept.study_uid, exc)
+            content = kept  # kept flagged (like an unreadable DICOM object): the study stays polled
         if content.study_uid not in batch:
             log.info("reports: ignored a DiagnosticReport for a study not asked about")
             return

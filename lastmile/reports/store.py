@@ -6,9 +6,11 @@ report arriving days later is still linked to its ECG (time, patient, STAT). `re
 report object as received (bytes or JSON) with its readable text, status and flags.
 
 Replacement rules (`add_report`): a report naming earlier ones as predecessors (SR Predecessor
-Documents, a new version of the same FHIR DiagnosticReport) supersedes them; a final SR or FHIR
-report supersedes the preliminary ones of its study. Superseded reports stay (marked) until the
-retention purge. A final report without problems ends routine polling for its study.
+Documents, a new version of the same FHIR DiagnosticReport) supersedes them - also when one of
+them arrives after it (the reading center's order, a retrieval that failed once); a final SR or
+FHIR report supersedes the preliminary ones of its study. Superseded reports stay (marked) until the
+retention purge. A final report without problems ends routine polling for its study, once every report object
+the reading center listed for it has arrived (`awaiting`).
 
 Thread-safe (one connection under a lock): the forwarder's send threads record studies while
 the poller thread adds reports; other processes (`lastmile report ack`) share the file (WAL).
@@ -21,7 +23,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +60,7 @@ class SentStudy:
     last_polled_at: dt.datetime | None = None
     polls: int = 0
     quality_verdict: str = ""  # the quality gate's verdict on the ECG sent ("" if not checked)
+    awaiting: tuple[str, ...] = ()  # report objects listed at the reading center, not arrived yet
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,7 @@ def _study(row: sqlite3.Row) -> SentStudy:
         last_polled_at=from_iso(row["last_polled_at"]),
         polls=row["polls"] or 0,
         quality_verdict=row["quality_verdict"] or "",
+        awaiting=tuple(json.loads(row["awaiting"])) if row["awaiting"] else (),
     )
 
 
@@ -295,16 +299,24 @@ class ReportStore:
         return [_study(r) for r in rows]
 
     def mark_polled(
-        self, study_uids: Sequence[str], now: dt.datetime, *, status: tuple[str, dict[str, Any]] | None = None
+        self,
+        study_uids: Sequence[str],
+        now: dt.datetime,
+        *,
+        status: tuple[str, dict[str, Any]] | None = None,
+        awaiting: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         """The reading center was asked about these studies now; with `status`, the poller's
-        status is written in the same transaction."""
+        status is written in the same transaction (one write per round on the SD card), and
+        with `awaiting` the report objects still to arrive per study ([]: none)."""
         with self._lock, transaction(self.db) as conn:
             for uid in study_uids:
                 conn.execute(
                     "UPDATE sent_studies SET last_polled_at = ?, polls = polls + 1 WHERE study_uid = ?",
                     (iso(now), uid),
                 )
+            for uid, objects in (awaiting or {}).items():
+                conn.execute("UPDATE sent_studies SET awaiting = ? WHERE study_uid = ?", (_json_list(objects), uid))
             if status is not None:
                 self._set_status(conn, *status, now)
 
@@ -353,11 +365,12 @@ class ReportStore:
             final = content.final and not problems
             status = content.status if final else "preliminary"
             text = report_text(lines, English())
+            amends = [u for u in content.amends if u != content.object_uid]
             cur = conn.execute(
                 "INSERT INTO reports (study_uid, source, kind, object_uid, version, sop_class_uid, status, title, "
                 "text, observer, report_time, patient_id, patient_name, critical, problems, document_type, "
-                "received_at, data, impressions, findings, lines) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "received_at, data, impressions, findings, lines, amends) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     content.study_uid,
                     source,
@@ -380,6 +393,7 @@ class ReportStore:
                     _json_list(content.impressions),
                     _json_list(content.findings),
                     json.dumps([line.to_json() for line in lines], ensure_ascii=False),
+                    _json_list(amends),
                 ),
             )
             new_id = int(cur.lastrowid or 0)
@@ -390,7 +404,6 @@ class ReportStore:
                     (content.object_uid, new_id),
                 )
             }
-            amends = [u for u in content.amends if u != content.object_uid]
             if amends:
                 replaced |= {
                     r[0]
@@ -417,6 +430,15 @@ class ReportStore:
                 if status == "final" and replaced_final:
                     status = "amended"  # it corrects a final report the doctor may have acted on
                     conn.execute("UPDATE reports SET status = ? WHERE id = ?", (status, new_id))
+            # a correction that came first (the reading center's order, or this object arrived a
+            # round later): it replaces this one now, as it would have had they come in order
+            successor = conn.execute(
+                "SELECT r.id FROM reports r, json_each(r.amends) j WHERE r.amends IS NOT NULL "
+                "AND r.superseded_by IS NULL AND r.id != ? AND j.value = ? ORDER BY r.id DESC LIMIT 1",
+                (new_id, content.object_uid),
+            ).fetchone()
+            if successor is not None:
+                conn.execute("UPDATE reports SET superseded_by = ? WHERE id = ?", (successor[0], new_id))
             if final:
                 conn.execute(
                     "UPDATE sent_studies SET final_at = COALESCE(final_at, ?) WHERE study_uid = ?",
