@@ -163,6 +163,23 @@ def test_a_corrected_report_fetched_with_the_original_in_one_round_is_the_only_c
         assert len(line.reports) == 1, f"the clinic sees {len(line.reports)} current reports: {shown}"
 
 
+def test_a_preliminary_report_listed_after_the_final_one_is_not_left_current(center) -> None:
+    """The village link was down while the cardiologist issued a preliminary and then the final
+    report: both come back in one round, in the PACS's order (the final first here)."""
+    rc, config = center
+    (study,) = send_ecgs(config, [make_recording(13)])
+    final = ecg_report_sr(to_read(study), findings=["Sinus rhythm"], impression="Normal ECG")
+    preliminary = ecg_report_sr(to_read(study), findings=["Sinus rhythm"], impression="Normal ECG?", complete=False)
+    rc.add_report(final)
+    rc.add_report(preliminary)
+    with ReportStore.open(config.data_dir) as store:
+        with poller_for(config, store) as poller:
+            result = poller.run_round(force=True)
+        assert result.error is None and result.stored == 2
+        (line,) = study_lines(store)
+        assert [r.status for r in line.reports] == ["final"], [(r.status, r.superseded_by) for r in line.reports]
+
+
 # -- 3. a found object that did not arrive waits for the amendment poll once another is final ----------
 
 

@@ -308,9 +308,14 @@ class ReportPoller:
         log.info("reports: %d new report object(s) at the reading center", len(new))
         objects = self._retrieve(new, result)
         by_uid = {f.sop_instance_uid: f for f in new}
-        for obj in objects:
-            if obj.sop_instance_uid in by_uid:
-                self._keep(self._read_dicom(obj, by_uid[obj.sop_instance_uid]), obj.data, "dicom", result)
+        read = [
+            (self._read_dicom(o, by_uid[o.sop_instance_uid]), o.data) for o in objects if o.sop_instance_uid in by_uid
+        ]
+        # preliminary ones first: a final report replaces the preliminary ones already stored,
+        # and the PACS lists a study's objects in its own order (a preliminary kept after the
+        # final stayed current beside it)
+        for content, data in sorted(read, key=lambda r: r[0].final):
+            self._keep(content, data, "dicom", result)
         missing = set(by_uid) - {o.sop_instance_uid for o in objects}
         for uid in sorted(missing):
             result.awaiting.setdefault(by_uid[uid].study_uid, []).append(uid)
