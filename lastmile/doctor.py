@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lastmile.clinic.devices import DeviceRecord
@@ -660,7 +660,7 @@ class Doctor:
         if not (data / DB_NAME).exists():
             return [Finding("reports", Level.OK, "no ECG sent yet")]
         from lastmile.reports.store import POLLER_STATUS as STATUS_NAME
-        from lastmile.reports.store import ReportStore
+        from lastmile.reports.store import RECORDER_STATUS, ReportStore
 
         now = dt.datetime.fromtimestamp(self.now(), dt.timezone.utc)
         with as_owner_of(data):
@@ -670,6 +670,7 @@ class Doctor:
                 studies = store.studies(since=now - dt.timedelta(days=self.config.reports.window_days))
                 reports = store.reports(current_only=True)
                 status = store.status(STATUS_NAME) or {}
+                recorder = store.status(RECORDER_STATUS) or {}
                 patients = {s.study_uid: s for s in store.studies()}
             finally:
                 store.close()
@@ -712,6 +713,37 @@ class Doctor:
             )
         else:
             out.append(Finding("reports", Level.OK, text))
+        return out + self._recorder_findings(recorder)
+
+    def _recorder_findings(self, recorder: dict[str, Any]) -> list[Finding]:
+        """Sent ECGs clinic.db refused to record (lastmile.reports.sent): their reports are not
+        asked for while they wait, and never once dropped."""
+        out = []
+        hint = "is clinic.db locked by another program, or the data partition full? journalctl -u lastmile-forward"
+        if recorder.get("waiting"):
+            since = recorder.get("failing_since")
+            age = f" for {_age(max(0.0, self.now() - since))}" if since else ""
+            out.append(
+                Finding(
+                    "reports",
+                    Level.WARN,
+                    f"{recorder['waiting']} sent ECG(s) not yet recorded: clinic.db refuses the records{age} "
+                    f"({recorder.get('error')}); their reports are not asked for until then (retrying)",
+                    hint,
+                )
+            )
+        dropped_at = recorder.get("dropped_at")
+        window_s = self.config.reports.window_days * 86400.0
+        if recorder.get("dropped") and dropped_at and self.now() - dropped_at <= window_s:
+            out.append(
+                Finding(
+                    "reports",
+                    Level.FAIL,
+                    f"{recorder['dropped']} sent ECG(s) could not be recorded (last {_age(max(0.0, self.now() - dropped_at))}"
+                    " ago): their reports may never come back here",
+                    f"ask the reading center for the reports of ECGs sent then; {hint}",
+                )
+            )
         return out
 
     def check_metrics(self) -> list[Finding]:

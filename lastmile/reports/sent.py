@@ -7,6 +7,14 @@ snapshot (the outbox item: study UID, patient, STAT; the payload file's bytes, f
 the ECG's own acquisition time and accession from those bytes and writes the records in batches
 (one fsync per batch, off the send path). Items still in the outbox at start
 (a crash before a batch was written) are recorded by `backfill`.
+
+A batch clinic.db refuses (busy past its busy timeout, the disk briefly full, an I/O error) is
+kept - as records: the snapshots are taken, so the purge at commitment (outbox.retention_days 0)
+cannot take anything from it, and `backfill` would find nothing - and retried by the writer
+thread with a capped backoff, merged with the batches that come meanwhile; `stop`/`drain` try
+it once more. At most KEEP_MAX records are kept (the oldest beyond are dropped, logged). Each
+failure is logged at ERROR with the count waiting, shown in the forward service's status line
+(`waiting`) and, as far as clinic.db lets us, in the RECORDER_STATUS row `lastmile doctor` reads.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from lastmile.clinic.db import utc_now
-from lastmile.reports.store import ReportStore, SentStudy
+from lastmile.reports.store import RECORDER_STATUS, ReportStore, SentStudy
 from uploader.errors import UploadError
 from uploader.outbox import ItemState, Kind, Outbox, OutboxItem, Priority
 from uploader.report_reading import dicom_datetime_iso
@@ -34,6 +42,9 @@ log = logging.getLogger(__name__)
 BATCH_WINDOW_S = 0.25  # sent events within this go into one transaction
 BATCH_MAX = 200
 COMMITMENT_NOTE_S = 30.0  # commitment times are copied at most this often
+KEEP_MAX = 5000  # records clinic.db refused, kept for the next try (a few hundred bytes each)
+RETRY_FIRST_S = 1.0  # the backoff between tries of a refused batch: doubled up to RETRY_MAX_S
+RETRY_MAX_S = 60.0
 ECG_FACT_TAGS = ["AcquisitionDateTime", "StudyDate", "StudyTime", "AccessionNumber", "StudyDescription"]
 _STOP = object()
 
@@ -101,6 +112,21 @@ class SentStudyRecorder:
         self._commitments_pending = False
         self._last_commitment_note = 0.0
         self.recorded = 0
+        # the records clinic.db refused, retried with a backoff (the writer thread; drain/stop)
+        self._write_lock = threading.Lock()
+        self._kept: list[SentStudy] = []
+        self._retry_s = 0.0
+        self._retry_at = 0.0
+        self.failing_since: float | None = None  # wall clock of the first refusal, None when written
+        self.last_error = ""
+        self.dropped = 0  # records given up (beyond KEEP_MAX, or still refused at stop)
+        self._drops_unreported = 0  # dropped but not yet added to the status row
+        self._last_drop_at: float | None = None
+
+    @property
+    def waiting(self) -> int:
+        """Sent studies whose record clinic.db refused so far, kept for the next try."""
+        return len(self._kept)
 
     # -- the observer (send threads) ---------------------------------------------------------
     def on_event(self, kind: str, info: dict[str, Any]) -> None:
@@ -118,6 +144,7 @@ class SentStudyRecorder:
     # -- the writer thread ---------------------------------------------------------------------
     def start(self) -> None:
         if self._thread is None:
+            self._settle_earlier_status()
             self._thread = threading.Thread(target=self._run, name="sent-studies", daemon=True)
             self._thread.start()
 
@@ -126,32 +153,53 @@ class SentStudyRecorder:
         if thread is not None:
             self._queue.put(_STOP)
             thread.join(timeout_s)
-        self.drain()  # whatever came after the thread stopped
+        self.drain()  # whatever came after the thread stopped, and what clinic.db refused: once more
+        with self._write_lock:
+            if self._kept:
+                lost, self._kept = len(self._kept), []
+                self._drop(lost, "clinic.db still refused them at stop")
+                self._note_status()
 
     def _run(self) -> None:
         while True:
             try:
-                first = self._queue.get(timeout=COMMITMENT_NOTE_S if self._commitments_pending else None)
-            except queue.Empty:
-                self._write([])  # the deferred commitment note
-                continue
-            if first is _STOP:
-                return
-            batch = [first]
-            # what else comes within BATCH_WINDOW_S goes in the same transaction (one fsync): a
-            # chunk of C-STOREs becomes one write, not one per ECG. The snapshots are taken
-            # already, so the purge cannot take anything from us meanwhile.
-            deadline = time.monotonic() + BATCH_WINDOW_S
-            while len(batch) < BATCH_MAX:
-                try:
-                    more = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if more is _STOP:
-                    self._write(batch)
+                if not self._run_once():
                     return
-                batch.append(more)
-            self._write(batch)
+            except Exception:  # the writer must not die: what it keeps would never be written
+                log.exception("sent-study writer: unexpected error")
+                time.sleep(RETRY_FIRST_S)
+
+    def _wait_s(self) -> float | None:
+        waits = [COMMITMENT_NOTE_S] if self._commitments_pending else []
+        if self._kept:
+            waits.append(max(0.0, self._retry_at - time.monotonic()))
+        return min(waits) if waits else None
+
+    def _run_once(self) -> bool:
+        """One batch (or one retry); False once stopped."""
+        try:
+            first = self._queue.get(timeout=self._wait_s())
+        except queue.Empty:
+            self._write([])  # the deferred commitment note, the retry of what clinic.db refused
+            return True
+        if first is _STOP:
+            return False
+        batch = [first]
+        # what else comes within BATCH_WINDOW_S goes in the same transaction (one fsync): a
+        # chunk of C-STOREs becomes one write, not one per ECG. The snapshots are taken
+        # already, so the purge cannot take anything from us meanwhile.
+        deadline = time.monotonic() + BATCH_WINDOW_S
+        while len(batch) < BATCH_MAX:
+            try:
+                more = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if more is _STOP:
+                self._write(batch)
+                return False
+            batch.append(more)
+        self._write(batch)
+        return True
 
     def drain(self) -> int:
         """Write what is queued now (tests, close), the pending commitment note included."""
@@ -164,29 +212,135 @@ class SentStudyRecorder:
             if entry is not _STOP:
                 batch.append(entry)
         self._commitments_pending |= any(what == "committed" for what, _s, _a in batch)
-        return self._write(batch, note_now=True)
+        return self._write(batch, note_now=True, retry_now=True)
 
-    def _write(self, batch: list[tuple[str, Any, dt.datetime]], *, note_now: bool = False) -> int:
-        new = 0
-        try:
-            studies = [self.study_of(snap[0], snap[1], at) for what, snap, at in batch if what == "sent"]
-            new = self.store.record_sent_many([s for s in studies if s is not None])
-            self.recorded += new
-            if new:
-                log.info("%d sent stud(ies) recorded", new)
-            # commitment times are a nicety: copied at most every COMMITMENT_NOTE_S (one write)
-            self._commitments_pending |= any(what == "committed" for what, _s, _a in batch)
-            due = time.monotonic() - self._last_commitment_note >= COMMITMENT_NOTE_S
-            if self._commitments_pending and (due or note_now):
-                self._commitments_pending = False
-                self._last_commitment_note = time.monotonic()
-                self.note_commitments()
-        except Exception:
-            # a record we could not write must not stop the forwarder; backfill retries at start
-            log.exception("could not record sent studies")
+    def _write(
+        self, batch: list[tuple[str, Any, dt.datetime]], *, note_now: bool = False, retry_now: bool = False
+    ) -> int:
+        with self._write_lock:
+            new = self._write_locked(batch, note_now=note_now, retry_now=retry_now)
         if new:
             self.on_new_study()
         return new
+
+    def _write_locked(self, batch: list[tuple[str, Any, dt.datetime]], *, note_now: bool, retry_now: bool) -> int:
+        studies = self._kept + self._studies_of(batch)
+        self._commitments_pending |= any(what == "committed" for what, _s, _a in batch)
+        if self._kept and not retry_now and time.monotonic() < self._retry_at:
+            self._kept = self._capped(studies)  # clinic.db refused the last try: wait out the backoff
+            return 0
+        try:
+            new = self.store.record_sent_many(studies)
+        except Exception as exc:  # noqa: BLE001 — logged in _refused (the trace once); whatever it is, keep them
+            # never lost silently: kept (records, not the outbox item: that may be purged already),
+            # retried with a backoff by the writer thread, merged with what comes meanwhile
+            self._refused(studies, exc)
+            return 0
+        self._kept = []
+        self.recorded += new
+        if new:
+            log.info("%d sent stud(ies) recorded", new)
+        if self.failing_since is not None:
+            log.warning(
+                "sent-study records written again (clinic.db refused them for %.0f s)",
+                time.time() - self.failing_since,
+            )
+            self.failing_since, self._retry_s, self.last_error = None, 0.0, ""
+            self._note_status()
+        # commitment times are a nicety: copied at most every COMMITMENT_NOTE_S (one write)
+        due = time.monotonic() - self._last_commitment_note >= COMMITMENT_NOTE_S
+        if self._commitments_pending and (due or note_now):
+            self._commitments_pending = False
+            self._last_commitment_note = time.monotonic()
+            try:
+                self.note_commitments()
+            except Exception:
+                self._commitments_pending = True  # the next note copies them
+                log.exception("could not copy commitment times to the sent-study records")
+        return new
+
+    def _studies_of(self, batch: list[tuple[str, Any, dt.datetime]]) -> list[SentStudy]:
+        """The records of a batch's snapshots (their bytes are not kept: a record is small)."""
+        studies = []
+        for what, snap, at in batch:
+            if what != "sent":
+                continue
+            try:
+                study = self.study_of(snap[0], snap[1], at)
+            except Exception:  # one snapshot we cannot read must not hold up the others
+                log.exception("cannot make the sent-study record of outbox item %s", getattr(snap[0], "id", "?"))
+                continue
+            if study is not None:
+                studies.append(study)
+        return studies
+
+    def _capped(self, studies: list[SentStudy]) -> list[SentStudy]:
+        if len(studies) <= KEEP_MAX:
+            return studies
+        lost = len(studies) - KEEP_MAX
+        self._drop(lost, f"clinic.db refused them for too long (at most {KEEP_MAX} are kept)")
+        return studies[lost:]  # the newest are kept
+
+    def _drop(self, lost: int, why: str) -> None:
+        self.dropped += lost
+        self._drops_unreported += lost
+        self._last_drop_at = time.time()
+        log.error(
+            "%d sent-study record(s) DROPPED: %s; their reports will not be asked for "
+            "(backfill at the next start records those still in the outbox)",
+            lost,
+            why,
+        )
+
+    def _refused(self, studies: list[SentStudy], exc: Exception) -> None:
+        first = self.failing_since is None
+        if first:
+            self.failing_since = time.time()
+        self._kept = self._capped(studies)
+        self._retry_s = min(RETRY_MAX_S, max(RETRY_FIRST_S, self._retry_s * 2))
+        self._retry_at = time.monotonic() + self._retry_s
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        log.error(
+            "could not record sent studies in clinic.db (%s): %d waiting, kept and tried again in %g s; "
+            "their reports are not asked for until then",
+            self.last_error,
+            len(self._kept),
+            self._retry_s,
+            exc_info=first,
+        )
+        self._note_status()
+
+    def _note_status(self) -> None:
+        """The RECORDER_STATUS row `lastmile doctor` reads, as far as clinic.db lets us (best effort:
+        it may refuse this write as well; the log and the service's status line have it then)."""
+        try:
+            earlier = self.store.status(RECORDER_STATUS) or {}
+            value = {
+                "waiting": len(self._kept),
+                "failing_since": self.failing_since,
+                "error": self.last_error or None,
+                "dropped": int(earlier.get("dropped") or 0) + self._drops_unreported,
+                "dropped_at": self._last_drop_at or earlier.get("dropped_at"),
+            }
+            self.store.set_status(RECORDER_STATUS, value, self.clock())
+            self._drops_unreported = 0
+        except Exception as exc:  # noqa: BLE001 — best effort: the log and the status line have it
+            log.debug("cannot note the sent-study recorder's status: %s", exc)
+
+    def _settle_earlier_status(self) -> None:
+        """A status row left waiting by an earlier run (stopped while clinic.db refused its records,
+        the row not updated since): what it kept is gone with it (backfill recorded those still in
+        the outbox), so count it dropped rather than show it waiting for ever."""
+        try:
+            earlier = self.store.status(RECORDER_STATUS) or {}
+        except Exception as exc:  # noqa: BLE001 — best effort, as _note_status
+            log.debug("cannot read the sent-study recorder's status: %s", exc)
+            return
+        if earlier.get("waiting"):
+            with self._write_lock:
+                self._drops_unreported += int(earlier["waiting"])
+                self._last_drop_at = time.time()
+                self._note_status()
 
     def snapshot(self, item: OutboxItem) -> tuple[OutboxItem, bytes | None]:
         """The item, and the object's bytes only for what intake did not note in its meta (the

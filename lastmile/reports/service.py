@@ -153,12 +153,21 @@ class ReportService:
         self.store.close()
 
     def status_line(self) -> str:
+        return self._poller_status() + self._recorder_status()
+
+    def _poller_status(self) -> str:
         if self.thread is None or self.thread.last_round is None:
             return "reports: waiting" if self.enabled else "reports: off"
         r = self.thread.last_round
         return f"reports: asked {r.asked}, stored {r.stored}" + (
             f", ERROR {r.error or r.fault}" if r.error or r.fault else ""
         )
+
+    def _recorder_status(self) -> str:
+        """Sent studies clinic.db refused to record (kept, retried): their reports are not asked for."""
+        r = self.recorder
+        text = f"; ERROR {r.waiting} sent stud(ies) not recorded: {r.last_error}" if r.waiting else ""
+        return text + (f"; {r.dropped} sent-study record(s) DROPPED" if r.dropped else "")
 
     @staticmethod
     def _log_round(result: PollRound) -> None:

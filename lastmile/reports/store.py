@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from uploader.report_reading import ReportContent
 
 POLLER_STATUS = "poller"  # the status row the poller keeps (last success, fault, failing since)
+# the status row the sent-study recorder keeps (records clinic.db refused: waiting, dropped)
+RECORDER_STATUS = "recorder"
 
 CACHE_KIB = 256
 FINAL_KINDS = frozenset({"sr", "fhir"})  # kinds whose final report replaces the preliminary ones

@@ -1,0 +1,116 @@
+"""The sent-study recorder keeps what clinic.db refused and tries again (lastmile.reports.sent)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+from pydicom.uid import generate_uid
+
+from lastmile.config import Config
+from lastmile.doctor import Doctor, Level
+from lastmile.reports import sent as sent_module
+from lastmile.reports.sent import SentStudyRecorder
+from lastmile.reports.store import RECORDER_STATUS, ReportStore
+from uploader.outbox import Priority
+
+
+@pytest.fixture
+def store(tmp_path):
+    with ReportStore.open(tmp_path / "data") as s:
+        yield s
+
+
+@pytest.fixture(autouse=True)
+def quick_retries(monkeypatch) -> None:
+    monkeypatch.setattr(sent_module, "RETRY_FIRST_S", 0.05)
+    monkeypatch.setattr(sent_module, "RETRY_MAX_S", 0.2)
+
+
+def snapshot(uid: str, item_id: int = 1) -> tuple[str, tuple[SimpleNamespace, None], dt.datetime]:
+    item = SimpleNamespace(
+        id=item_id,
+        meta={"study_uid": uid, "acquired_at": "2027-01-01T08:00:00+08:00"},
+        patient={"patient_id": "P1"},
+        created_at=time.time(),
+        priority=Priority.ROUTINE,
+        committed_at=None,
+    )
+    return ("sent", (item, None), dt.datetime.now(dt.timezone.utc))
+
+
+def refusing(store: ReportStore, monkeypatch, times: int) -> list[int]:
+    """clinic.db refuses the first `times` writes of sent studies ("database is locked")."""
+    real, calls = store.record_sent_many, []
+
+    def busy(studies):
+        if studies:
+            calls.append(len(studies))
+            if len(calls) <= times:
+                raise sqlite3.OperationalError("database is locked")
+        return real(studies)
+
+    monkeypatch.setattr(store, "record_sent_many", busy)
+    return calls
+
+
+def wait_for(predicate, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_the_writer_thread_retries_a_refused_batch_merged_with_later_ones(store, monkeypatch) -> None:
+    calls = refusing(store, monkeypatch, times=2)
+    woken = threading.Event()
+    recorder = SentStudyRecorder(SimpleNamespace(), store, on_new_study=woken.set)
+    recorder.start()
+    try:
+        first, second = generate_uid(), generate_uid()
+        recorder._queue.put(snapshot(first))
+        wait_for(lambda: recorder.waiting == 1)
+        assert (store.status(RECORDER_STATUS) or {}).get("waiting") == 1  # `lastmile doctor` sees it
+        recorder._queue.put(snapshot(second, item_id=2))
+        wait_for(lambda: store.study(first) is not None and store.study(second) is not None)
+        assert woken.is_set() and recorder.waiting == 0 and recorder.dropped == 0
+        assert calls[-1] == 2  # the kept record went with the later one
+        assert recorder._thread is not None and recorder._thread.is_alive()
+        wait_for(lambda: (store.status(RECORDER_STATUS) or {}).get("waiting") == 0)
+    finally:
+        recorder.stop()
+
+
+def test_stop_tries_once_more_and_the_kept_records_are_capped(store, monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(sent_module, "KEEP_MAX", 3)
+    refusing(store, monkeypatch, times=10**6)
+    recorder = SentStudyRecorder(SimpleNamespace(), store)
+    for n in range(5):
+        recorder._queue.put(snapshot(generate_uid(), item_id=n))
+    assert recorder.drain() == 0
+    assert recorder.waiting == 3 and recorder.dropped == 2
+    recorder.stop()  # refused again: given up, and said so
+    assert recorder.waiting == 0 and recorder.dropped == 5
+    status = store.status(RECORDER_STATUS) or {}
+    assert status["dropped"] == 5 and status["waiting"] == 0
+
+    config = Config()
+    config.set_data_dir(tmp_path / "data")
+    findings = Doctor(config, now=time.time).check_reports()
+    (lost,) = [f for f in findings if f.level is Level.FAIL]
+    assert "5 sent ECG(s) could not be recorded" in lost.message
+
+
+def test_stop_writes_what_was_refused_once(store, monkeypatch) -> None:
+    refusing(store, monkeypatch, times=1)
+    recorder = SentStudyRecorder(SimpleNamespace(), store)
+    uid = generate_uid()
+    recorder._queue.put(snapshot(uid))
+    recorder.drain()
+    assert recorder.waiting == 1 and store.study(uid) is None
+    recorder.stop()
+    assert store.study(uid) is not None and recorder.waiting == 0 and recorder.dropped == 0
