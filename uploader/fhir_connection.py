@@ -9,8 +9,9 @@ the platform safe, so that it is written once and cannot drift between them:
 - TLS verified against the configured CA bundle (or the system's), timeouts on connect and read,
   redirects never followed (a 3xx is a ConfigurationFault naming where it pointed);
 - failures typed: network errors, timeouts, 408, 429, 5xx → TransientError (Retry-After honoured);
-  401/403 and TLS trust → ConfigurationFault (the platform refuses *us*); other 4xx → PermanentError
-  with the server's OperationOutcome text, masked (`uploader.masking`).
+  401/403 and TLS trust → ConfigurationFault (the platform refuses *us*), and so is a transaction
+  POST answered 404/405 or with a 4xx that is not an OperationOutcome (fhir.base_url is wrong);
+  other 4xx → PermanentError with the server's OperationOutcome text, masked (`uploader.masking`).
 """
 
 from __future__ import annotations
@@ -179,9 +180,13 @@ class FhirConnection:
             self.requests_sent += 1
 
     @staticmethod
-    def raise_for_refusal(response: requests.Response, refused: str, known: Iterable[str] = ()) -> None:
+    def raise_for_refusal(
+        response: requests.Response, refused: str, known: Iterable[str] = (), *, endpoint: bool = False
+    ) -> None:
         """Raise the typed error for an answer that is not a success (`refused` names what was
-        refused: "the bundle", "the request"); `known` are values to mask in the server's text."""
+        refused: "the bundle", "the request"); `known` are values to mask in the server's text.
+        `endpoint`: the request went to the base URL itself (the transaction POST), so a 404/405,
+        or a 4xx that is no FHIR server's answer, means the base URL is wrong, not the request."""
         code = response.status_code
         if code in (408, 429) or code >= 500:
             raise TransientError(
@@ -195,5 +200,20 @@ class FhirConnection:
             raise ConfigurationFault(
                 f"FHIR server redirects ({code}) to {where}: set fhir.base_url to the real address"
             )
+        # 413 stays the bundle's: a web server's size limit refuses that bundle, not every one
+        if endpoint and (code in (404, 405) or (code >= 400 and code != 413 and not _is_outcome(response))):
+            raise ConfigurationFault(
+                f"FHIR server does not take transactions at fhir.base_url ({code}): "
+                f"{outcome_text(response, known)}; check fhir.base_url"
+            )
         if code >= 400:
             raise PermanentError(f"FHIR server rejected {refused} ({code}): {outcome_text(response, known)}")
+
+
+def _is_outcome(response: requests.Response) -> bool:
+    """Whether the answer is a FHIR OperationOutcome (what a FHIR server refuses a request with)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("resourceType") == "OperationOutcome"

@@ -3,12 +3,14 @@
 `forward_fhir_once(outbox, sender, now)` claims due `fhir-bundle` items (oldest first), sends them
 in merged transactions of up to `batch_size` bundles, and settles each item:
 
-- 2xx → sent and committed at once (the transaction-response *is* the commitment);
+- a transaction-response with a 2xx for every entry sent → sent and committed at once (it *is*
+  the commitment); any other 2xx answer is a TransientError (`FhirSender`), never "sent";
 - TransientError → the batch's items back to the queue with backoff (Retry-After honoured), the
   rest of this round released uncharged: the platform is down or busy, don't hammer it;
 - PermanentError → a merged batch is split in halves until the bad bundle is alone, which is
   quarantined with the server's OperationOutcome text (shown by `lastmile queue`); the others go;
-- ConfigurationFault (bad token, TLS trust) → everything released uncharged, fault reported.
+- ConfigurationFault (bad token, TLS trust, a base URL that takes no transactions) → everything
+  released uncharged, fault reported.
 
 Order per patient: once one of a patient's bundles could not go, that patient's later bundles
 wait for the next round instead of overtaking it. Re-sending is always safe: every entry is a

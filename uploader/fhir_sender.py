@@ -11,10 +11,15 @@
 - gzip request bodies where the server accepts them: tried first ("auto"); a 415 turns it off for
   the life of this sender and the same body is sent again plain at once.
 - Network errors, timeouts, 408, 429 and 5xx → TransientError (Retry-After honoured);
-  401/403 and TLS trust failures → ConfigurationFault (the platform refuses *us*, not the bundle);
-  any other 4xx, or a transaction-response entry that is not 2xx → PermanentError carrying the
+  401/403, TLS trust failures, and a transaction POST the base URL does not take (404/405, or a
+  4xx without an OperationOutcome, e.g. a web server's HTML page) → ConfigurationFault (the
+  platform refuses *us*, or we are not talking to it, not the bundle);
+  any other 4xx, or a transaction-response entry refused with a 4xx → PermanentError carrying the
   server's OperationOutcome text, masked (`uploader.masking`): the bundle's patient values and
   anything shaped like patient data never reach a log line or a stored quarantine reason.
+- A 2xx counts only as a transaction-response Bundle with one entry per entry sent, each 2xx;
+  any other 2xx answer (a proxy's `{}`, an OperationOutcome, a short Bundle) → TransientError,
+  never "sent" (re-sending is safe: every entry is a conditional create).
 """
 
 from __future__ import annotations
@@ -111,18 +116,65 @@ class FhirSender(FhirConnection):
 
     def _result(self, response: requests.Response, sent: bytes) -> dict[str, Any]:
         code = response.status_code
-        self.raise_for_refusal(response, "the bundle", patient_values(sent) if code >= 300 else ())
+        self.raise_for_refusal(response, "the bundle", patient_values(sent) if code >= 300 else (), endpoint=True)
         try:
             result = response.json()
         except ValueError:
             raise TransientError(f"FHIR server answered {code} without a JSON body") from None
-        failed = [
-            e.get("response", {})
-            for e in result.get("entry", [])
-            if not str(e.get("response", {}).get("status", "")).startswith("2")
-        ]
-        if failed:
-            texts = [f"{r.get('status')}: {issues_text(r.get('outcome'))}" for r in failed]
-            detail = mask_server_text("; ".join(texts), patient_values(sent))
+        # Only a transaction-response with one entry per entry sent says the platform stored the
+        # bundle; anything else (a proxy's answer, an empty or truncated Bundle) is not a commitment.
+        # Sending again is safe: every entry is a conditional create (ifNoneExist).
+        entries = result.get("entry") if isinstance(result, dict) else None
+        if not (
+            isinstance(result, dict)
+            and result.get("resourceType") == "Bundle"
+            and result.get("type") == "transaction-response"
+            and isinstance(entries, list)
+            and all(isinstance(e, dict) and isinstance(e.get("response"), dict) for e in entries)
+        ):
+            raise TransientError(
+                f"FHIR server answered {code} without a transaction-response Bundle: {_what(result, sent)}"
+            )
+        answers: list[dict[str, Any]] = [e["response"] for e in entries]
+        expected = _entry_count(sent)
+        if expected is not None and len(answers) != expected:
+            raise TransientError(
+                f"FHIR server answered {code} with {len(answers)} transaction-response entries for {expected} sent"
+            )
+        statuses = [_status_code(r.get("status")) for r in answers]
+        failed = [(s, r) for s, r in zip(statuses, answers, strict=True) if s is None or not 200 <= s < 300]
+        if not failed:
+            return dict(result)
+        texts = [f"{r.get('status')}: {issues_text(r.get('outcome'))}" for _, r in failed]
+        detail = mask_server_text("; ".join(texts), patient_values(sent))
+        # As for the whole answer: an entry refused (4xx) is the bundle's fault; a server error,
+        # or a status that is not one, is the platform's and passes.
+        if all(s is not None and 400 <= s < 500 and s not in (408, 429) for s, _ in failed):
             raise PermanentError("FHIR transaction entries failed: " + detail)
-        return dict(result)
+        raise TransientError("FHIR transaction entries not stored: " + detail)
+
+
+def _status_code(status: object) -> int | None:
+    """The code of a transaction-response entry's status ("201 Created" → 201), None if none."""
+    head = str(status).strip().split(" ", 1)[0] if isinstance(status, (str, int)) else ""
+    return int(head) if head.isdigit() and len(head) == 3 else None
+
+
+def _entry_count(body: bytes) -> int | None:
+    """How many entries the Bundle we sent holds (None if it cannot be read: not checked then)."""
+    try:
+        bundle = json.loads(body)
+    except ValueError:
+        return None
+    entries = bundle.get("entry") if isinstance(bundle, dict) else None
+    return len(entries) if isinstance(entries, list) else None
+
+
+def _what(result: object, sent: bytes) -> str:
+    """A short, masked description of an answer that is not a transaction-response."""
+    if isinstance(result, dict):
+        issues = issues_text(result)
+        if issues:
+            return mask_server_text(issues, patient_values(sent))
+        return f"resourceType {result.get('resourceType')!r}, type {result.get('type')!r}"
+    return f"a JSON {type(result).__name__}"

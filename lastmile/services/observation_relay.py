@@ -17,17 +17,28 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 from collections.abc import Callable
 
 from devices.observation import Observation
 from lastmile.clinic.observations import OBSERVATION_KIND, observation_from_json
+from lastmile.data_dir import DataDirError
+from uploader.errors import CorruptPayloadError, OutboxFullError
 from uploader.fhir_bundle import FhirNaming, observation_bundle, observation_identifier
 from uploader.fhir_forwarder import enqueue_bundle
-from uploader.outbox import ItemState, Outbox
+from uploader.outbox import ItemState, Outbox, OutboxItem
 
 log = logging.getLogger(__name__)
 
 RELAY_BATCH = 50
+RELAY_RETRY_S = 60.0  # a reading put back by a passing fault waits this long before the next try
+
+# What a stored reading that cannot be decoded or made a bundle raises: quarantined, it never will.
+# (InvalidObjectError, JSON and Unicode decode errors are ValueErrors.)
+DATA_ERRORS: tuple[type[Exception], ...] = (ValueError, KeyError, TypeError)
+# What passes with time and is no fault of the reading: the data partition full, a database busy,
+# the file system refusing for now.
+PASSING_FAULTS: tuple[type[Exception], ...] = (OutboxFullError, sqlite3.Error, OSError, DataDirError)
 
 
 VisitLink = Callable[[Observation, str], "str | None"]  # (reading, its outbox key) -> the visit it joined
@@ -43,11 +54,9 @@ def relay_observations(
         return 0
     claimed = outbox.claim(OBSERVATION_KIND, limit, now)
     done: list[int] = []
-    for item in claimed:
+    for n, item in enumerate(claimed):
         try:
-            obs = observation_from_json(json.loads(outbox.read_payload(item, now)))
-            if obs.patient_id is None:  # held readings never reach the outbox; be sure
-                raise ValueError("the reading names no patient")
+            obs = _reading(outbox, item, now)
             visit_id = visit_link(obs, item.key) if visit_link is not None else None
             if visit_id is not None:
                 log.info("reading #%d goes with home visit %s", item.id, visit_id)
@@ -61,9 +70,23 @@ def relay_observations(
                 meta={"type": "observation", "record_key": obs.record_key, "reading_item": item.id},
                 now=now,
             )
-        except Exception as exc:  # noqa: BLE001 — one bad record never stops the others
+        except CorruptPayloadError as exc:  # the outbox quarantined it already
+            log.error("reading #%d cannot be sent to the county platform: %s", item.id, exc)
+            continue
+        except PASSING_FAULTS as exc:
+            # Not the reading's fault (a full disk, visits.db busy): it and the rest of this round
+            # go back to the queue, uncharged, for a later round.
+            rest = [i.id for i in claimed[n:]]
+            log.warning("relaying readings paused (%d put back for %g s): %s", len(rest), RELAY_RETRY_S, exc)
+            outbox.release(rest, f"relay to the county platform paused: {exc}", now, RELAY_RETRY_S)
+            break
+        except DATA_ERRORS as exc:  # this reading can never be made a bundle; the others go on
             log.error("reading #%d cannot be sent to the county platform: %s", item.id, exc)
             outbox.quarantine(item.id, f"cannot be made a FHIR bundle: {exc}", now)
+            continue
+        except Exception as exc:  # a bug met on one record never stops the others
+            log.exception("reading #%d: unexpected error relaying it to the county platform", item.id)
+            outbox.quarantine(item.id, f"unexpected error making it a FHIR bundle: {type(exc).__name__}: {exc}", now)
             continue
         done.append(item.id)
     if done:
@@ -71,3 +94,14 @@ def relay_observations(
         outbox.mark_committed(done, now)  # durable: the bundle carries the reading from here
         log.info("%d reading(s) queued for the county platform", len(done))
     return len(done)
+
+
+def _reading(outbox: Outbox, item: OutboxItem, now: float) -> Observation:
+    """The stored reading (ValueError if it is not one a bundle can be made of)."""
+    data = json.loads(outbox.read_payload(item, now))
+    if not isinstance(data, dict):
+        raise ValueError(f"the stored record is a JSON {type(data).__name__}, not a reading")
+    obs = observation_from_json(data)
+    if obs.patient_id is None:  # held readings never reach the outbox; be sure
+        raise ValueError("the reading names no patient")
+    return obs
