@@ -41,6 +41,8 @@ def test_usb_watcher_imports_the_stick_once_the_outbox_has_room_again(tmp_path: 
         watcher = usb_import_watcher(config, outbox)
         shutil.copyfile(shared_file("ecg", "contec", "0000037.ECG"), folder / "a.ECG")
         shutil.copyfile(shared_file("ecg", "scp", "ecgtoolkit_Example.scp"), folder / "b.scp")
+        for name in ("a.ECG", "b.scp"):  # recorded before the stick came in: imported at the first poll
+            os.utime(folder / name, (dt.datetime.now().timestamp() - 3600,) * 2)
         outbox.min_free_bytes = 1 << 60  # the data partition is full for now
         with pytest.raises(OutboxFullError):
             watcher.poll()  # the usb-import part fails; WorkerPart restarts work() on the same watcher
