@@ -6,6 +6,9 @@ decoded). The stick is only ever read: files are opened O_RDONLY (O_NOATIME wher
 nothing is renamed, moved, marked or deleted. One bad file never stops the others: every file
 ends as imported, already known, or refused with the reason a technician can act on.
 
+A watched folder's file is imported once it has stopped changing (`FolderWatcher`): a file
+still being copied in would otherwise be queued truncated and then again, whole, under another hash.
+
 The composition (decode -> DICOM -> outbox) lives in lastmile; this module takes it as the
 `enqueue(recording, key) -> bool` callable (True: a new item was created).
 """
@@ -17,6 +20,7 @@ import errno
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -37,6 +41,8 @@ SKIPPED_DIRS = frozenset(
     {"System Volume Information", "$RECYCLE.BIN", ".Trashes", ".Spotlight-V100", ".fseventsd", "lost+found"}
 )
 SKIPPED_NAMES = frozenset({"DICOMDIR"})
+# A file last written this long ago is complete (longer than the watcher's 5 s poll interval).
+SETTLED_AFTER_S = 10.0
 
 
 class ImportStatus(StrEnum):
@@ -218,8 +224,16 @@ class FolderWatcher:
     """Import from the configured folders when something new shows up there.
 
     A stick mounted on a watched folder (udev/automount) or files a cart copies into it change
-    the folder's signature (device id + names, sizes, times of its ECG files); the next poll
-    then imports the folder. Re-imports are cheap: known files are skipped by their hash.
+    the folder's signature (device id + names, sizes, times of its ECG files); the folder is
+    imported once its files have stopped changing: the signature is the same as at the previous
+    poll, or every file was last written more than SETTLED_AFTER_S ago (a stick brought in with
+    the day's recordings is imported at the first poll). A poll landing mid-copy would otherwise
+    queue the part already written (a Contec .ECG decodes from any whole number of sample blocks)
+    and then the whole file under another hash: one recording twice.
+
+    The signature is remembered only once the import has returned: an import that raised
+    (outbox full: try again later) is tried again at the next poll. Re-imports are cheap: known
+    files are skipped by their hash.
     """
 
     def __init__(
@@ -227,7 +241,8 @@ class FolderWatcher:
     ) -> None:
         self.folders = [Path(f) for f in folders]
         self._run_import = run_import
-        self._seen: dict[Path, tuple] = {}
+        self._seen: dict[Path, tuple] = {}  # the signature each folder was last imported at
+        self._looked: dict[Path, tuple | None] = {}  # its signature at the previous poll
 
     @staticmethod
     def signature(folder: Path) -> tuple | None:
@@ -238,13 +253,25 @@ class FolderWatcher:
         except OSError:  # not mounted / not there (yet)
             return None
 
+    @staticmethod
+    def _written_long_ago(signature: tuple) -> bool:
+        # File times are wall-clock times. One in the future (the Pi's clock behind the
+        # writer's) is not "long ago": the folder then waits for a poll that sees no change.
+        oldest_allowed_ns = (time.time() - SETTLED_AFTER_S) * 1e9
+        return all(mtime_ns <= oldest_allowed_ns for _, _, mtime_ns in signature[1])
+
     def poll(self) -> list[ImportSummary]:
         summaries = []
         for folder in self.folders:
             signature = self.signature(folder)
+            previous, self._looked[folder] = self._looked.get(folder), signature
             if signature is None or signature == self._seen.get(folder):
                 continue
-            self._seen[folder] = signature
+            if signature != previous and not self._written_long_ago(signature):
+                continue  # something is being written there: look again at the next poll
             if signature[1]:
-                summaries.append(self._run_import([folder]))
+                # The files that were looked at, not the folder: one a copy has begun to write
+                # since is left for the next poll.
+                summaries.append(self._run_import([Path(name) for name, _, _ in signature[1]]))
+            self._seen[folder] = signature  # not before: after a failed import the next poll retries
         return summaries

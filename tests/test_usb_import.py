@@ -8,6 +8,7 @@ import datetime as dt
 import hashlib
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -189,11 +190,13 @@ def test_folder_watcher_imports_what_shows_up(tmp_path: Path) -> None:
     folder.mkdir()
     assert watcher.poll() == []  # empty
     shutil.copyfile(shared_file("ecg", "contec", "0000037.ECG"), folder / "a.ECG")
+    os.utime(folder / "a.ECG", (time.time() - 3600,) * 2)  # a stick's file, written an hour ago
     (first,) = watcher.poll()
     assert first.imported == 1
     assert watcher.poll() == []  # nothing changed
     shutil.copyfile(shared_file("ecg", "scp", "ecgtoolkit_Example.scp"), folder / "b.scp")
-    (second,) = watcher.poll()
+    assert watcher.poll() == []  # written just now: it may still be being copied
+    (second,) = watcher.poll()  # the same size and time as at the previous poll: complete
     assert (second.imported, second.known) == (1, 1) and len(taken) == 2
 
 
