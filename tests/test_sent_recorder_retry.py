@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import sqlite3
 import threading
 import time
@@ -16,7 +15,7 @@ from lastmile.doctor import Doctor, Level
 from lastmile.reports import sent as sent_module
 from lastmile.reports.sent import SentStudyRecorder
 from lastmile.reports.store import RECORDER_STATUS, ReportStore
-from uploader.outbox import Priority
+from uploader.outbox import Kind, Priority
 
 
 @pytest.fixture
@@ -31,16 +30,28 @@ def quick_retries(monkeypatch) -> None:
     monkeypatch.setattr(sent_module, "RETRY_MAX_S", 0.2)
 
 
-def snapshot(uid: str, item_id: int = 1) -> tuple[str, tuple[SimpleNamespace, None], dt.datetime]:
-    item = SimpleNamespace(
+class SentItems:
+    """The outbox as the recorder reads it: the items the forwarder reports sent."""
+
+    def __init__(self) -> None:
+        self.items: dict[int, SimpleNamespace] = {}
+
+    def get(self, item_id: int) -> SimpleNamespace | None:
+        return self.items.get(item_id)
+
+
+def send(recorder: SentStudyRecorder, outbox: SentItems, uid: str, item_id: int = 1) -> None:
+    """The forwarder's "sent" event for an ECG item of study `uid` (the observer's own way in)."""
+    outbox.items[item_id] = SimpleNamespace(
         id=item_id,
+        kind=Kind.DICOM,
         meta={"study_uid": uid, "acquired_at": "2027-01-01T08:00:00+08:00"},
         patient={"patient_id": "P1"},
         created_at=time.time(),
         priority=Priority.ROUTINE,
         committed_at=None,
     )
-    return ("sent", (item, None), dt.datetime.now(dt.timezone.utc))
+    recorder.on_event("sent", {"id": item_id})
 
 
 def refusing(store: ReportStore, monkeypatch, times: int) -> list[int]:
@@ -68,18 +79,18 @@ def wait_for(predicate, timeout_s: float = 10.0) -> None:
 def test_the_writer_thread_retries_a_refused_batch_merged_with_later_ones(store, monkeypatch) -> None:
     calls = refusing(store, monkeypatch, times=2)
     woken = threading.Event()
-    recorder = SentStudyRecorder(SimpleNamespace(), store, on_new_study=woken.set)
+    outbox = SentItems()
+    recorder = SentStudyRecorder(outbox, store, on_new_study=woken.set)  # type: ignore[arg-type]
     recorder.start()
     try:
         first, second = generate_uid(), generate_uid()
-        recorder._queue.put(snapshot(first))
+        send(recorder, outbox, first)
         wait_for(lambda: recorder.waiting == 1)
         assert (store.status(RECORDER_STATUS) or {}).get("waiting") == 1  # `lastmile doctor` sees it
-        recorder._queue.put(snapshot(second, item_id=2))
+        send(recorder, outbox, second, item_id=2)
         wait_for(lambda: store.study(first) is not None and store.study(second) is not None)
         assert woken.is_set() and recorder.waiting == 0 and recorder.dropped == 0
         assert calls[-1] == 2  # the kept record went with the later one
-        assert recorder._thread is not None and recorder._thread.is_alive()
         wait_for(lambda: (store.status(RECORDER_STATUS) or {}).get("waiting") == 0)
     finally:
         recorder.stop()
@@ -88,9 +99,10 @@ def test_the_writer_thread_retries_a_refused_batch_merged_with_later_ones(store,
 def test_stop_tries_once_more_and_the_kept_records_are_capped(store, monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(sent_module, "KEEP_MAX", 3)
     refusing(store, monkeypatch, times=10**6)
-    recorder = SentStudyRecorder(SimpleNamespace(), store)
+    outbox = SentItems()
+    recorder = SentStudyRecorder(outbox, store)  # type: ignore[arg-type]
     for n in range(5):
-        recorder._queue.put(snapshot(generate_uid(), item_id=n))
+        send(recorder, outbox, generate_uid(), item_id=n)
     assert recorder.drain() == 0
     assert recorder.waiting == 3 and recorder.dropped == 2
     recorder.stop()  # refused again: given up, and said so
@@ -107,9 +119,10 @@ def test_stop_tries_once_more_and_the_kept_records_are_capped(store, monkeypatch
 
 def test_stop_writes_what_was_refused_once(store, monkeypatch) -> None:
     refusing(store, monkeypatch, times=1)
-    recorder = SentStudyRecorder(SimpleNamespace(), store)
+    outbox = SentItems()
+    recorder = SentStudyRecorder(outbox, store)  # type: ignore[arg-type]
     uid = generate_uid()
-    recorder._queue.put(snapshot(uid))
+    send(recorder, outbox, uid)
     recorder.drain()
     assert recorder.waiting == 1 and store.study(uid) is None
     recorder.stop()
