@@ -416,6 +416,11 @@ class ReportParser:
         self._skip_lf = False  # a CR ended the last line; a following LF belongs to it
         self._discarding = False  # inside an over-long line
         self._report: list[str] | None = None
+        # Receipt time of the report's last line, and of the bytes still in `_buf`: a report
+        # finished later (by silence, by the next report's start) was received when its text
+        # arrived, not when we noticed it was over - by then the next patient may be current.
+        self._report_at: dt.datetime | None = None
+        self._buf_at: dt.datetime | None = None
 
     @property
     def idle(self) -> bool:
@@ -426,6 +431,8 @@ class ReportParser:
         events: list[ReportEvent] = []
         for line in self._lines(bytes(data)):
             events.extend(self._line(line, now))
+        if self._buf:
+            self._buf_at = now
         return events
 
     def flush(self, now: dt.datetime) -> list[ReportEvent]:
@@ -435,15 +442,16 @@ class ReportParser:
         if self._discarding:  # an over-long line cut by silence is refused like one that ended
             events.extend(self._line(None, now))
         elif self._buf:
-            events.extend(self._line(self._decode(bytes(self._buf)), now))
+            events.extend(self._line(self._decode(bytes(self._buf)), self._buf_at or now))
         self._buf.clear()
+        self._buf_at = None
         self._discarding = False
         if self._report is not None:
             if self.profile.end is not None:
                 events.append(ReportRejected("report ended without its end line", len(self._report)))
                 self._report = None
             else:
-                events.extend(self._complete(now))
+                events.extend(self._complete())
         return events
 
     # -- lines -------------------------------------------------------------------------------
@@ -505,8 +513,8 @@ class ReportParser:
                 return []
             if not any(f.pattern.search(text) for f in p.fields):
                 return []  # chatter between results
-            self._report = [text]
-            return self._complete(now)
+            self._report, self._report_at = [text], now
+            return self._complete()
         events: list[ReportEvent] = []
         if p.start.search(text):
             if self._report is not None:
@@ -514,28 +522,33 @@ class ReportParser:
                     events.append(ReportRejected("new report began before the end line", len(self._report)))
                     self._report = None
                 else:
-                    events.extend(self._complete(now))
-            self._report = [text]
+                    events.extend(self._complete())
+            self._report, self._report_at = [text], now
             return events
         if self._report is None:
             return []  # outside a report: banners, prompts, noise
         if p.end is not None and p.end.search(text):
             self._report.append(text)
-            return self._complete(now)
+            self._report_at = now
+            return self._complete()
         if p.end is None and not text.strip():
-            return self._complete(now)
+            return self._complete()
         self._report.append(text)
+        self._report_at = now
         if len(self._report) > p.max_lines:
             n = len(self._report)
             self._report = None
             return [ReportRejected(f"report longer than {p.max_lines} lines", n)]
         return []
 
-    def _complete(self, now: dt.datetime) -> list[ReportEvent]:
+    def _complete(self) -> list[ReportEvent]:
+        """Parse the report in hand, received when its last line arrived."""
         lines = self._report or []
-        self._report = None
+        received_at = self._report_at
+        self._report, self._report_at = None, None
+        assert received_at is not None  # set with every line a report gets
         try:
-            observations = parse_report(self.profile, lines, received_at=now, device=self.device)
+            observations = parse_report(self.profile, lines, received_at=received_at, device=self.device)
         except ProtocolError as exc:
             return [ReportRejected(str(exc), len(lines))]
         return [ReportParsed(observations, len(lines))]

@@ -217,6 +217,7 @@ def test_a_report_finished_by_silence_stays_with_the_patient_it_arrived_for(tmp_
     the new session began, so ObservationStore.record takes it as theirs."""
     import json
 
+    from lastmile.clinic.observations import ObservationStore
     from tests.serial_pty import PtyDevice, wait_for
     from tests.test_ascii_report import VITALS_REPORT
 
@@ -241,9 +242,13 @@ def test_a_report_finished_by_silence_stays_with_the_patient_it_arrived_for(tmp_
     monitor.write(report)
     wait_for(lambda: s.service.statuses()[0].bytes_in >= len(report))  # arrived during P-FIRST's session
     s.patients.set_patient("P-NEXT", now=s.now())  # the next patient's card, a second later
+    # Stored means in the outbox or held unassigned: a reading from before the current session
+    # is held for the doctor (lastmile/clinic/observations.py), never given to the new patient.
+    store = ObservationStore.open(s.config.data_dir, outbox=s.outbox, idle_timeout_s=900)
     try:
-        wait_for(lambda: len(s.outbox.items(kind="observation")) == 3, timeout=10)
+        wait_for(lambda: len(s.outbox.items(kind="observation")) + len(store.held()) == 3, timeout=10)
     finally:
         monitor.unplug()
+        store.close()
     owners = {json.loads(s.outbox.read_payload(i))["patient_id"] for i in s.outbox.items(kind="observation")}
     assert "P-NEXT" not in owners, f"P-FIRST's readings recorded on {owners}"

@@ -189,6 +189,40 @@ def test_an_ecg_end_resent_after_a_restart_is_acked_if_stored(tmp_path: Path, ru
     assert [i.key for i in r.outbox.items(kind="dicom")] == ["bridge-ecg:BR-ECG:9:3"]  # no second item
 
 
+def test_an_ecg_end_resent_while_its_recording_is_held_waits_for_storage(
+    tmp_path: Path, running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A streamed ECG the full outbox refused is held per device across an unplug; the END the
+    bridge resends after the re-plug is neither NACKed (the bridge would drop the ECG) nor ACKed
+    before the recording is durable - it is ACKed once the outbox has room and it is stored."""
+    import lastmile.services.serial_devices as serial_devices
+
+    monkeypatch.setattr(serial_devices, "RETRY_STORE_S", 0.2)
+    key = "bridge-ecg:BR-ECG:9:3"
+    bridge = PtyDevice(tmp_path / "usb-ecg")
+    r = running([{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}])
+    core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
+    wait_for(lambda: r.service.statuses()[0].connected)
+    _talk(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+    r.outbox.min_free_bytes = 1 << 60  # storage full, through the re-plug
+    sim = EcgStreamSimulator(core, recording_id=3)
+    bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(40)) + sim.end(40 * 25, clock[0]))
+    wait_for(lambda: "cannot store" in (r.registry.get("serial:ecg").last_error or ""))
+    bridge.unplug()
+    wait_for(lambda: not r.registry.get("serial:ecg").connected)
+    bridge = PtyDevice(bridge.link_path)
+    wait_for(lambda: r.service.statuses()[0].connected)
+    connects = r.service.statuses()[0].connects
+    core.gateway_seen, until = False, clock[0] + 8000  # simulated ms: the END is resent meanwhile
+    _talk(bridge, core, clock, lambda: core.gateway_seen and clock[0] > until)
+    assert r.service.statuses()[0].connects == connects
+    assert core.pending_count == 1 and r.outbox.find(key) is None  # not dropped, not ACKed
+    r.outbox.min_free_bytes = 0  # room again: the handler stores it and ACKs the resent END
+    _talk(bridge, core, clock, lambda: core.pending_count == 0)
+    bridge.unplug()
+    assert [i.key for i in r.outbox.items(kind="dicom")] == [key]
+
+
 def test_ascii_monitor_and_forwarding_bridge(tmp_path: Path, running) -> None:
     monitor = PtyDevice(tmp_path / "usb-monitor")
     bridge = PtyDevice(tmp_path / "usb-bridge")

@@ -115,6 +115,11 @@ def summary(obs: Observation) -> str:
     return ", ".join(parts)
 
 
+def _session_start(since: dt.datetime, source: TimeSource) -> dt.datetime:
+    """A session's start at the resolution of a reading's time stamp (device clocks: whole seconds)."""
+    return since if source is TimeSource.GATEWAY_RECEIPT else since.replace(microsecond=0)
+
+
 @dataclass(frozen=True, slots=True)
 class StoreResult:
     outcome: str  # "stored" (in the outbox), "held" (unassigned), "duplicate" (already known)
@@ -170,8 +175,10 @@ class ObservationStore:
         current = None
         if patient_id is None:
             current = self.context.current(now)
-            # Device time stamps have whole seconds: compare at that resolution.
-            if current is not None and obs.measured_at >= current.since.replace(microsecond=0):
+            # Device time stamps have whole seconds: compare at that resolution. The gateway's
+            # receipt time is as fine as the session's start: a reading received just before
+            # the next card was scanned, in the same second, stays off the new session.
+            if current is not None and obs.measured_at >= _session_start(current.since, obs.time_source):
                 patient_id, name = current.patient_id, current.name
         if patient_id is None:
             return self._hold(obs, now)

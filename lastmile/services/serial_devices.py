@@ -135,6 +135,20 @@ def scan_rules(config: Config) -> ScanRules:
 
 
 @dataclass
+class Unstored:
+    """What one device sent that the outbox refused (e.g. briefly full). The device cannot
+    resend it (a monitor prints once; a bridge streams an ECG once), so it is kept per device,
+    not per connection: a handler dies with its connection, a re-plugged device gets a new one."""
+
+    observations: list[Observation] = field(default_factory=list)
+    recordings: dict[str, EcgRecording] = field(default_factory=dict)  # by outbox key
+    next_retry: float = 0.0  # time.monotonic()
+
+    def __bool__(self) -> bool:
+        return bool(self.observations or self.recordings)
+
+
+@dataclass
 class SerialContext:
     """Everything a handler needs to make things durable and report status."""
 
@@ -147,6 +161,7 @@ class SerialContext:
     rules: ScanRules
     now: Callable[[], dt.datetime] = utc_now
     _last_error_write: dict[str, float] = field(default_factory=dict)
+    unstored: dict[str, Unstored] = field(default_factory=dict)  # by device (spec) name
 
     def status(self, spec: LinkSpec, port: str = "", **facts: object) -> None:
         """Record device facts; `port` (given on connect) goes into the name `lastmile devices` shows."""
@@ -180,6 +195,43 @@ class SerialContext:
         log.info("%s: %s observation %s", spec.name, obs.kind, result.outcome)
         self.status(spec, reading=summary(obs), reading_at=obs.measured_at, identity=obs.device)
         return True
+
+    def hold_observation(self, spec: LinkSpec, obs: Observation) -> None:
+        held = self.unstored.setdefault(spec.name, Unstored())
+        held.observations.append(obs)
+        held.next_retry = time.monotonic() + RETRY_STORE_S
+
+    def hold_recording(self, spec: LinkSpec, recording: EcgRecording, key: str) -> None:
+        held = self.unstored.setdefault(spec.name, Unstored())
+        held.recordings[key] = recording
+        held.next_retry = time.monotonic() + RETRY_STORE_S
+
+    def is_held(self, spec: LinkSpec, key: str) -> bool:
+        held = self.unstored.get(spec.name)
+        return held is not None and key in held.recordings
+
+    def retry_unstored(self, spec: LinkSpec, *, force: bool = False) -> set[str]:
+        """Try again to store what `spec`'s device sent and the outbox refused (when due, or now
+        if `force`); returns the keys of the recordings stored now, which may be acknowledged."""
+        held = self.unstored.get(spec.name)
+        if not held or (not force and time.monotonic() < held.next_retry):
+            return set()
+        held.observations = [o for o in held.observations if not self.store_observation(spec, o)]
+        stored = {k for k, rec in held.recordings.items() if self.store_recording(spec, rec, k)}
+        for key in stored:
+            del held.recordings[key]
+        held.next_retry = time.monotonic() + RETRY_STORE_S
+        if held:
+            log.error(
+                "%s: %d reading(s), %d ECG recording(s) not stored yet; held in memory, retried in %g s",
+                spec.name,
+                len(held.observations),
+                len(held.recordings),
+                RETRY_STORE_S,
+            )
+        else:
+            del self.unstored[spec.name]
+        return stored
 
     def store_recording(self, spec: LinkSpec, recording: EcgRecording, key: str) -> bool:
         now = self.now()
@@ -217,6 +269,14 @@ class SerialContext:
 # -- handlers --------------------------------------------------------------------------------------
 
 
+def _until_idle_flush(idle: bool, quiet_s: float) -> float:
+    """Seconds until the next tick: when a report in hand is due for its idle flush, not a
+    whole period later (a report finished late is a wider window for the next patient's card)."""
+    if idle:
+        return ASCII_IDLE_FLUSH_S
+    return max(ASCII_IDLE_FLUSH_S - quiet_s, 0.01)
+
+
 class BridgeHandler:
     """A bridge: protocol session, storage, then ACK."""
 
@@ -233,8 +293,9 @@ class BridgeHandler:
         self._unsettled: dict[int, list[int]] = {}  # channel -> SERIAL_DATA seqs not yet ACKed
         self._last_data = time.monotonic()
         self._next_sync = time.monotonic() + TIME_SYNC_EVERY_S
-        self._unstored: list[RecordingReady] = []  # recordings the outbox refused; retried
-        self._next_retry = 0.0
+        # Recordings held in the context (not stored yet) whose ECG_END, on this connection,
+        # waits for its ACK: key -> seq. The ACK goes out once the recording is stored.
+        self._awaiting: dict[str, int] = {}
 
     def connection_made(self, link: Link) -> None:
         self.link = link
@@ -258,7 +319,10 @@ class BridgeHandler:
         elif isinstance(event, RecordingReady):
             self._recording(event)
         elif isinstance(event, EcgEndUnknown):
-            if self.ctx.outbox.find(event.key) is not None:  # stored before a restart: only the ACK was lost
+            if self.ctx.is_held(self.spec, event.key):  # received before a re-plug, not stored yet
+                self._awaiting[event.key] = event.seq
+                self._acknowledge_stored(self.ctx.retry_unstored(self.spec, force=True))
+            elif self.ctx.outbox.find(event.key) is not None:  # stored before a restart: only the ACK was lost
                 self.link.write(self.session.acknowledge(event.seq))
             else:
                 self.link.write(
@@ -288,9 +352,16 @@ class BridgeHandler:
         if self.ctx.store_recording(self.spec, event.recording, event.key):
             if event.seq is not None and self.link is not None:
                 self.link.write(self.session.acknowledge(event.seq))
-        else:  # the bridge cannot resend a stream: keep it here and retry
-            self._unstored.append(event)
-            self._next_retry = time.monotonic() + RETRY_STORE_S
+        else:  # the bridge cannot resend a stream: hold it (past this connection) and retry
+            self.ctx.hold_recording(self.spec, event.recording, event.key)
+            if event.seq is not None:
+                self._awaiting[event.key] = event.seq
+
+    def _acknowledge_stored(self, keys: set[str]) -> None:
+        for key in keys:
+            seq = self._awaiting.pop(key, None)
+            if seq is not None and self.link is not None:
+                self.link.write(self.session.acknowledge(seq))
 
     def _serial_data(self, event: SerialDataReceived) -> None:
         assert self.link is not None
@@ -328,34 +399,24 @@ class BridgeHandler:
         for event in self.session.connection_lost(self.ctx.now()):
             if isinstance(event, RecordingReady):
                 self._recording(event)  # kept, flagged truncated
-        self._retry_unstored()
+        # This connection's seqs mean nothing to the next one: the bridge resends its ECG_END
+        # after the re-plug and that one is acknowledged.
+        self._awaiting.clear()
+        self.ctx.retry_unstored(self.spec, force=True)
         self.ctx.status(self.spec, connected=False, error=reason)
-
-    def _retry_unstored(self) -> None:
-        still = []
-        for event in self._unstored:
-            if self.ctx.store_recording(self.spec, event.recording, event.key):
-                if event.seq is not None and self.link is not None:
-                    self.link.write(self.session.acknowledge(event.seq))
-            else:
-                still.append(event)
-        if still:
-            log.error("%s: %d ECG recording(s) could not be stored; held in memory", self.spec.name, len(still))
-        self._unstored = still
 
     def tick(self) -> float | None:
         now = time.monotonic()
         if self.link is not None and now >= self._next_sync:
             self.link.write(self.session.time_sync(self.ctx.now()))
             self._next_sync = now + TIME_SYNC_EVERY_S
-        if self._unstored and now >= self._next_retry:
-            self._retry_unstored()
-            self._next_retry = now + RETRY_STORE_S
+        self._acknowledge_stored(self.ctx.retry_unstored(self.spec))
         if self._parsers and now - self._last_data >= ASCII_IDLE_FLUSH_S:
             for channel, parser in self._parsers.items():
                 if not parser.idle:
                     self._report_events(channel, parser.flush(self.ctx.now()))
-        return min(ASCII_IDLE_FLUSH_S, self._next_sync - now)
+        idle = all(p.idle for p in self._parsers.values())
+        return min(_until_idle_flush(idle, now - self._last_data), self._next_sync - now)
 
 
 class AsciiReportHandler:
@@ -368,8 +429,6 @@ class AsciiReportHandler:
         self.address = port.by_id or port.device
         self.parser = ReportParser(profile, profile.identity(address=self.address))
         self._last_data = time.monotonic()
-        self._unstored: list[Observation] = []  # the device cannot resend: retried from here
-        self._next_retry = 0.0
 
     def connection_made(self, link: Link) -> None:
         self.ctx.status(self.spec, port=self.address, connected=True, seen=True)
@@ -383,8 +442,7 @@ class AsciiReportHandler:
             if isinstance(ev, ReportParsed):
                 for obs in ev.observations:
                     if not self.ctx.store_observation(self.spec, obs):
-                        self._unstored.append(obs)
-                        self._next_retry = time.monotonic() + RETRY_STORE_S
+                        self.ctx.hold_observation(self.spec, obs)  # the device cannot resend
             elif isinstance(ev, ReportRejected):
                 log.warning("%s: report rejected: %s", self.spec.name, ev.reason)
                 self.ctx.error(self.spec, f"report rejected: {ev.reason}")
@@ -397,10 +455,8 @@ class AsciiReportHandler:
         now = time.monotonic()
         if not self.parser.idle and now - self._last_data >= ASCII_IDLE_FLUSH_S:
             self._events(self.parser.flush(self.ctx.now()))
-        if self._unstored and now >= self._next_retry:
-            self._unstored = [o for o in self._unstored if not self.ctx.store_observation(self.spec, o)]
-            self._next_retry = now + RETRY_STORE_S
-        return ASCII_IDLE_FLUSH_S
+        self.ctx.retry_unstored(self.spec)
+        return _until_idle_flush(self.parser.idle, now - self._last_data)
 
 
 class ScannerHandler:
@@ -499,13 +555,30 @@ class SerialService:
         if not self.specs:
             log.info("no serial devices configured")
             return
-        self._thread = threading.Thread(target=self.manager.run, args=(self._stop,), name="serial-links", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(self._stop,), name="serial-links", daemon=True)
         self._thread.start()
+
+    def _run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self.manager.poll(1.0)
+            self.retry_unstored()
 
     def step(self, stop: threading.Event) -> float:
         """One `ServiceRuntime` step, for running without a thread."""
         self.manager.poll(0.5)
+        self.retry_unstored()
         return 0.0
+
+    def retry_unstored(self) -> None:
+        """Store what unplugged devices left unstored once the outbox has room (a connected
+        device's handler retries its own, so that it can acknowledge what it stored). Runs in
+        the link manager's thread, as the handlers do."""
+        if not any(self.ctx.unstored.values()):
+            return
+        connected = {s.name for s in self.manager.statuses() if s.connected}
+        for spec in self.specs:
+            if spec.name not in connected:
+                self.ctx.retry_unstored(spec)
 
     def statuses(self) -> list[LinkStatus]:
         return self.manager.statuses()
@@ -521,6 +594,15 @@ class SerialService:
         if self._thread is not None:
             self._thread.join(10)
         self.manager.close()
+        for spec in self.specs:
+            self.ctx.retry_unstored(spec, force=True)
+        for name, held in self.ctx.unstored.items():
+            log.error(
+                "%s: %d reading(s), %d ECG recording(s) never stored (outbox refused them): lost on shutdown",
+                name,
+                len(held.observations),
+                len(held.recordings),
+            )
         for thing in self._owned:
             close = getattr(thing, "close", None)
             if close is not None:
