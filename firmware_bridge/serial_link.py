@@ -302,7 +302,7 @@ class LinkStatus:
     last_data_at: float | None = None
     last_error: str = ""
     connects: int = 0
-    bytes_in: int = 0
+    bytes_in: int = 0  # bytes the handler has taken (parsed, time-stamped)
     retry_in_s: float = 0.0  # backoff before the next open attempt
 
 
@@ -487,18 +487,25 @@ class SerialLinkManager:
             return
         if not data:
             return
-        with self._lock:
-            slot.status.bytes_in += len(data)
-            slot.status.last_data_at = time.time()
+        arrived = time.time()
         try:
             assert slot.handler is not None
             slot.handler.data_received(data)
         except Exception as exc:
             log.exception("%s: handler failed on data", slot.spec.name)
+            self._count_in(slot, data, arrived)
             self._disconnect(slot, f"handler error: {exc}")
             return
+        self._count_in(slot, data, arrived)
         if slot.next_tick is None:  # new data may give the handler something to time out
             slot.next_tick = self._clock()
+
+    def _count_in(self, slot: _Slot, data: bytes, arrived: float) -> None:
+        # counted once the handler has taken them: whoever reads `bytes_in` (the console, a
+        # test) knows those bytes are parsed and time-stamped, not merely read from the port
+        with self._lock:
+            slot.status.bytes_in += len(data)
+            slot.status.last_data_at = arrived
 
     def _tick(self, slot: _Slot, now: float) -> None:
         try:
