@@ -160,7 +160,9 @@ def stop(args: argparse.Namespace) -> int:
             return _fail(exc)
         flags = ", ".join(visit.flags) or "none"
         print(f"visit {visit.id} stopped; chain record {visit.chain_seq}; flags: {flags}")
-        if not _queue_closed(config, book) and visit.start.time is None:
+        if not _queue_closed(config, book) and (
+            visit.start.time is None or visit.end is None or visit.end.time is None
+        ):
             print("not queued yet: its time is provisional until GPS or NTP gives one")
     return 0
 

@@ -692,10 +692,12 @@ class VisitBook:
         from uploader.fhir_forwarder import enqueue_bundle
 
         queued = 0
+        # Only once the end is known too: the platform keeps the first version it gets (conditional
+        # create), so a visit sent without its end would stay "in-progress" there for ever.
         for row in list(
             self.db.query(
-                "SELECT id, patient_id FROM visits WHERE state = 'closed' "
-                "AND fhir_queued_at IS NULL AND started_at IS NOT NULL ORDER BY rowid"
+                "SELECT id, patient_id FROM visits WHERE state = 'closed' AND fhir_queued_at IS NULL "
+                "AND started_at IS NOT NULL AND ended_at IS NOT NULL ORDER BY rowid"
             )
         ):
             bundle = self.fhir_bundle(row["id"], naming)
