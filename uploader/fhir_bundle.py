@@ -93,7 +93,7 @@ class VisitSummary:
     visit_id: str
     doctor_id: str
     patient_id: str
-    started_at: dt.datetime
+    started_at: dt.datetime | None  # None: lost (stamped before a reboot, never repaired)
     ended_at: dt.datetime | None
     time_source: TimeSource
     setting: str = "home"  # "home" or "clinic"
@@ -335,7 +335,9 @@ def _encounter_entry(visit: VisitSummary, naming: FhirNaming, location_url: str 
     klass = (
         _coding(ACT_CODE, "HH", "home health") if visit.setting == "home" else _coding(ACT_CODE, "AMB", "ambulatory")
     )
-    period = {"start": _instant(visit.started_at)}
+    period = {}
+    if visit.started_at is not None:  # period.start is optional: absent rather than guessed
+        period["start"] = _instant(visit.started_at)
     if visit.ended_at is not None:
         period["end"] = _instant(visit.ended_at)
     tags = [_tag(naming, "time-source", visit.time_source.value)]
@@ -371,6 +373,7 @@ def _note_entries(visit: VisitSummary, naming: FhirNaming, encounter_url: str) -
     entries = []
     for number, note in enumerate(visit.notes, start=1):
         ident = f"{visit.visit_id}/note/{number}"
+        at = note.at or visit.started_at
         resource: dict[str, Any] = {
             "resourceType": "Observation",
             "identifier": [{"system": system, "value": ident}],
@@ -379,10 +382,12 @@ def _note_entries(visit: VisitSummary, naming: FhirNaming, encounter_url: str) -
             "code": _loinc("34109-9", "Note"),
             "subject": _ref_id(naming.patient_system, visit.patient_id),
             "encounter": {"reference": encounter_url},
-            "effectiveDateTime": _instant(note.at or visit.started_at),
+            "effectiveDateTime": _instant(at) if at is not None else None,
             "performer": [_ref_id(naming.practitioner_system, visit.doctor_id)],
             "valueString": note.text,
         }
+        if at is None:  # effective[x] is optional: a note of unknown time has none
+            del resource["effectiveDateTime"]
         entries.append(_entry(resource, system, ident))
     return entries
 

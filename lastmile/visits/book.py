@@ -15,7 +15,9 @@ Authenticity checks run at stop and are stored as flags, never as rejections:
   no-household: cannot be checked against the register;
 - impossible-jump: consecutive track points further apart than speed x time + their errors;
 - time-disagreement: GPS and system clock further apart than `time_disagreement_s`;
-- provisional-time: no plausible time was known when the visit started (repaired later).
+- provisional-time: no plausible time was known when the visit started (repaired later);
+- start-time-lost: ... and the gateway rebooted before it could be repaired (only the boot that
+  stamped it can): the start stays unknown, and the visit is sent without period.start.
 
 A stopped visit becomes a record in the gateway's hash chain, signed with its Ed25519 key
 (`lastmile.visits.chain`); an export re-derives every record from the tables, so a row edited in
@@ -98,6 +100,9 @@ MIGRATIONS: tuple[Migration, ...] = (
     """,
     ),
 )
+
+
+START_TIME_LOST = "start-time-lost"
 
 
 class VisitError(Exception):
@@ -254,6 +259,8 @@ def check_visit(
         flags.add("time-disagreement")
     if start.source == TimeSource.UNKNOWN:
         flags.add("provisional-time")
+    if start.provisional and start.boot_id != end.boot_id:
+        flags.add(START_TIME_LOST)
     return sorted(flags), distance
 
 
@@ -651,7 +658,8 @@ class VisitBook:
         from uploader.fhir_bundle import VisitNote, VisitPosition, VisitSignature, VisitSummary, visit_bundle
 
         visit = self.get(visit_id)
-        if visit is None or visit.state != "closed" or visit.start.time is None:
+        start_known = visit is not None and (visit.start.time is not None or START_TIME_LOST in visit.flags)
+        if visit is None or visit.state != "closed" or not start_known or visit.end is None or visit.end.time is None:
             raise VisitError(f"visit {visit_id} is not closed with a known time yet")
         fixes = [r for r in (visit.start_fix, visit.end_fix) if r is not None and r.fix.has_position]
         best = min(fixes, key=lambda r: r.fix.eph_m if r.fix.eph_m is not None else float("inf"), default=None)
@@ -666,8 +674,9 @@ class VisitBook:
             doctor_id=visit.doctor_id,
             patient_id=visit.patient_id,
             started_at=visit.start.time,
-            ended_at=visit.end.time if visit.end else None,
-            time_source=visit.start.source,
+            ended_at=visit.end.time,
+            # a lost start says nothing of the end's source
+            time_source=visit.start.source if visit.start.time is not None else visit.end.source,
             setting=visit.setting,
             household_id=visit.household_id,
             position=position,
@@ -694,10 +703,13 @@ class VisitBook:
         queued = 0
         # Only once the end is known too: the platform keeps the first version it gets (conditional
         # create), so a visit sent without its end would stay "in-progress" there for ever.
+        # A start lost to a reboot can never be repaired: such a visit goes without it (flagged).
         for row in list(
             self.db.query(
                 "SELECT id, patient_id FROM visits WHERE state = 'closed' AND fhir_queued_at IS NULL "
-                "AND started_at IS NOT NULL AND ended_at IS NOT NULL ORDER BY rowid"
+                "AND ended_at IS NOT NULL AND (started_at IS NOT NULL "
+                "OR EXISTS (SELECT 1 FROM json_each(visits.flags) WHERE value = ?)) ORDER BY rowid",
+                [START_TIME_LOST],
             )
         ):
             bundle = self.fhir_bundle(row["id"], naming)
