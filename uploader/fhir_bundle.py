@@ -101,6 +101,7 @@ class VisitSummary:
     position: VisitPosition | None = None
     flags: tuple[str, ...] = ()
     notes: tuple[VisitNote, ...] = field(default=())
+    finished: bool | None = None  # None: finished when ended_at is known (True: also with its end lost)
 
 
 # --- observations: our vocabulary → LOINC/UCUM --------------------------------------------------
@@ -340,13 +341,14 @@ def _encounter_entry(visit: VisitSummary, naming: FhirNaming, location_url: str 
         period["start"] = _instant(visit.started_at)
     if visit.ended_at is not None:
         period["end"] = _instant(visit.ended_at)
+    finished = visit.finished if visit.finished is not None else visit.ended_at is not None
     tags = [_tag(naming, "time-source", visit.time_source.value)]
     tags += [_tag(naming, "visit-check", flag) for flag in visit.flags]
     resource: dict[str, Any] = {
         "resourceType": "Encounter",
         "meta": {"tag": tags},
         "identifier": [{"system": system, "value": visit.visit_id}],
-        "status": "finished" if visit.ended_at is not None else "in-progress",
+        "status": "finished" if finished else "in-progress",
         "class": klass,
         "subject": _ref_id(naming.patient_system, visit.patient_id),
         "participant": [
@@ -357,9 +359,11 @@ def _encounter_entry(visit: VisitSummary, naming: FhirNaming, location_url: str 
         ],
         "period": period,
     }
+    if not period:  # both times lost to reboots: an empty element is not valid FHIR
+        del resource["period"]
     if location_url:
         resource["location"] = [
-            {"location": {"reference": location_url}, "status": "completed" if visit.ended_at else "active"}
+            {"location": {"reference": location_url}, "status": "completed" if finished else "active"}
         ]
     if visit.household_id:
         resource["serviceType"] = {"text": f"household {visit.household_id}"}

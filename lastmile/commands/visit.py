@@ -159,7 +159,8 @@ def stop(args: argparse.Namespace) -> int:
             _queue_closed(config, book)
             return _fail(exc)
         flags = ", ".join(visit.flags) or "none"
-        print(f"visit {visit.id} stopped; chain record {visit.chain_seq}; flags: {flags}")
+        signed = f"chain record {visit.chain_seq}" if visit.chain_seq else "signed once GPS or NTP gives the time"
+        print(f"visit {visit.id} stopped; {signed}; flags: {flags}")
         start_pending = visit.start.time is None and START_TIME_LOST not in visit.flags
         if not _queue_closed(config, book) and (start_pending or visit.end is None or visit.end.time is None):
             print("not queued yet: its time is provisional until GPS or NTP gives one")
