@@ -14,7 +14,8 @@ Authenticity checks run at stop and are stored as flags, never as rejections:
 - outside-radius: household farther than `radius_m` + the fix's error; unknown-household /
   no-household: cannot be checked against the register;
 - impossible-jump: consecutive track points further apart than speed x time + their errors;
-- time-disagreement: GPS and system clock further apart than `time_disagreement_s`;
+- time-disagreement: GPS and system clock further apart than `time_disagreement_s` (the visit's
+  times of the boot GPS anchored are then GPS times: monotonic reading + GPS offset);
 - provisional-time: no plausible time was known when the visit started (repaired later);
 - start-time-lost: ... and the gateway rebooted before it could be repaired (only the boot that
   stamped it can): the start stays unknown, and the visit is sent without period.start;
@@ -196,6 +197,12 @@ def _iso(value: dt.datetime | None) -> str | None:
     return (
         value.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z") if value else None
     )
+
+
+def _on_anchor(stamp: Stamp, gps_offset: float) -> Stamp:
+    """A stamp's time from its monotonic reading and a GPS offset of its boot."""
+    epoch = stamp.monotonic + gps_offset
+    return Stamp(dt.datetime.fromtimestamp(epoch, dt.timezone.utc), TimeSource.GPS, stamp.monotonic, stamp.boot_id)
 
 
 def _r(value: float | None, digits: int) -> float | None:
@@ -556,6 +563,11 @@ class VisitBook:
         end = self.clock.now()
         if visit.start.provisional:
             visit.start = self.clock.repair(visit.start)
+        gps = self.clock.anchor
+        if gps is not None and gps.source == TimeSource.GPS and gps.boot_id == visit.start.boot_id:
+            # GPS came during the visit (or before): its offset wins over a system clock that may
+            # have been wrong at the start (fake-hwclock, drift); the end follows from the start.
+            visit.start = _on_anchor(visit.start, gps.offset)
         if visit.start.time is not None and not end.provisional and visit.start.boot_id == end.boot_id:
             # Duration by the monotonic clock: a clock jump during the visit changes nothing.
             end = Stamp(
@@ -577,6 +589,8 @@ class VisitBook:
             clock_disagreement_s=self.clock.last_disagreement_s,
         )
         with transaction(self.db):
+            if gps is not None and gps.source == TimeSource.GPS:
+                self._notes_on_gps(visit.id, gps.offset, gps.boot_id)
             self.db.table("visits").update(
                 visit.id,
                 {
@@ -598,6 +612,14 @@ class VisitBook:
         assert closed is not None
         log.info("visit %s stopped; flags: %s", visit.id, ", ".join(flags) or "none")
         return closed
+
+    def _notes_on_gps(self, visit_id: str, offset: float, boot_id: str) -> None:
+        """(In a write transaction, before signing.) The visit's notes of this boot on GPS time too."""
+        for row in list(self.db.query("SELECT id, stamp FROM visit_notes WHERE visit_id = ?", [visit_id])):
+            stamp = Stamp.from_json(json.loads(row["stamp"]))
+            if stamp.boot_id == boot_id and stamp.source != TimeSource.GPS:
+                fixed = _on_anchor(stamp, offset)
+                self.db.table("visit_notes").update(row["id"], {"stamp": json.dumps(fixed.to_json())})
 
     # --- chain -----------------------------------------------------------------------------------
     def record_body(self, visit_id: str) -> dict:
