@@ -93,7 +93,7 @@ class VisitSummary:
     visit_id: str
     doctor_id: str
     patient_id: str
-    started_at: dt.datetime
+    started_at: dt.datetime | None  # None: lost (stamped before a reboot, never repaired)
     ended_at: dt.datetime | None
     time_source: TimeSource
     setting: str = "home"  # "home" or "clinic"
@@ -101,6 +101,7 @@ class VisitSummary:
     position: VisitPosition | None = None
     flags: tuple[str, ...] = ()
     notes: tuple[VisitNote, ...] = field(default=())
+    finished: bool | None = None  # None: finished when ended_at is known (True: also with its end lost)
 
 
 # --- observations: our vocabulary → LOINC/UCUM --------------------------------------------------
@@ -335,16 +336,19 @@ def _encounter_entry(visit: VisitSummary, naming: FhirNaming, location_url: str 
     klass = (
         _coding(ACT_CODE, "HH", "home health") if visit.setting == "home" else _coding(ACT_CODE, "AMB", "ambulatory")
     )
-    period = {"start": _instant(visit.started_at)}
+    period = {}
+    if visit.started_at is not None:  # period.start is optional: absent rather than guessed
+        period["start"] = _instant(visit.started_at)
     if visit.ended_at is not None:
         period["end"] = _instant(visit.ended_at)
+    finished = visit.finished if visit.finished is not None else visit.ended_at is not None
     tags = [_tag(naming, "time-source", visit.time_source.value)]
     tags += [_tag(naming, "visit-check", flag) for flag in visit.flags]
     resource: dict[str, Any] = {
         "resourceType": "Encounter",
         "meta": {"tag": tags},
         "identifier": [{"system": system, "value": visit.visit_id}],
-        "status": "finished" if visit.ended_at is not None else "in-progress",
+        "status": "finished" if finished else "in-progress",
         "class": klass,
         "subject": _ref_id(naming.patient_system, visit.patient_id),
         "participant": [
@@ -355,9 +359,11 @@ def _encounter_entry(visit: VisitSummary, naming: FhirNaming, location_url: str 
         ],
         "period": period,
     }
+    if not period:  # both times lost to reboots: an empty element is not valid FHIR
+        del resource["period"]
     if location_url:
         resource["location"] = [
-            {"location": {"reference": location_url}, "status": "completed" if visit.ended_at else "active"}
+            {"location": {"reference": location_url}, "status": "completed" if finished else "active"}
         ]
     if visit.household_id:
         resource["serviceType"] = {"text": f"household {visit.household_id}"}
@@ -371,6 +377,7 @@ def _note_entries(visit: VisitSummary, naming: FhirNaming, encounter_url: str) -
     entries = []
     for number, note in enumerate(visit.notes, start=1):
         ident = f"{visit.visit_id}/note/{number}"
+        at = note.at or visit.started_at
         resource: dict[str, Any] = {
             "resourceType": "Observation",
             "identifier": [{"system": system, "value": ident}],
@@ -379,10 +386,12 @@ def _note_entries(visit: VisitSummary, naming: FhirNaming, encounter_url: str) -
             "code": _loinc("34109-9", "Note"),
             "subject": _ref_id(naming.patient_system, visit.patient_id),
             "encounter": {"reference": encounter_url},
-            "effectiveDateTime": _instant(note.at or visit.started_at),
+            "effectiveDateTime": _instant(at) if at is not None else None,
             "performer": [_ref_id(naming.practitioner_system, visit.doctor_id)],
             "valueString": note.text,
         }
+        if at is None:  # effective[x] is optional: a note of unknown time has none
+            del resource["effectiveDateTime"]
         entries.append(_entry(resource, system, ident))
     return entries
 

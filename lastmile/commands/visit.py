@@ -145,7 +145,7 @@ def note(args: argparse.Namespace) -> int:
 
 
 def stop(args: argparse.Namespace) -> int:
-    from lastmile.visits.book import VisitError
+    from lastmile.visits.book import START_TIME_LOST, VisitError
 
     config, book = _book(args)
     with book:
@@ -159,9 +159,13 @@ def stop(args: argparse.Namespace) -> int:
             _queue_closed(config, book)
             return _fail(exc)
         flags = ", ".join(visit.flags) or "none"
-        print(f"visit {visit.id} stopped; chain record {visit.chain_seq}; flags: {flags}")
-        if not _queue_closed(config, book) and visit.start.time is None:
+        signed = f"chain record {visit.chain_seq}" if visit.chain_seq else "signed once GPS or NTP gives the time"
+        print(f"visit {visit.id} stopped; {signed}; flags: {flags}")
+        start_pending = visit.start.time is None and START_TIME_LOST not in visit.flags
+        if not _queue_closed(config, book) and (start_pending or visit.end is None or visit.end.time is None):
             print("not queued yet: its time is provisional until GPS or NTP gives one")
+        if START_TIME_LOST in visit.flags:
+            print("its start time was lost in a reboot (no time was known yet): it is sent without one")
     return 0
 
 
@@ -176,6 +180,8 @@ def _queue_closed(config, book) -> int:
 
 
 def list_visits(args: argparse.Namespace) -> int:
+    from lastmile.visits.book import START_TIME_LOST
+
     _, book = _book(args)
     with book:
         visits = book.visits(limit=args.limit)
@@ -186,7 +192,10 @@ def list_visits(args: argparse.Namespace) -> int:
     if not visits:
         print("no visits")
     for v in visits:
-        when = clinic_time(v.start.time, minutes=True) if v.start.time else "time pending          "
+        if v.start.time:
+            when = clinic_time(v.start.time, minutes=True)
+        else:  # a start lost to a reboot is never repaired: not "pending"
+            when = f"{'start time lost' if START_TIME_LOST in v.flags else 'time pending':22}"
         dist = f"{v.distance_m:.0f} m" if v.distance_m is not None else "-"
         print(
             f"{when}  {v.state:6}  patient {v.patient_id:12} household {v.household_id or '-':10} "

@@ -14,12 +14,21 @@ Authenticity checks run at stop and are stored as flags, never as rejections:
 - outside-radius: household farther than `radius_m` + the fix's error; unknown-household /
   no-household: cannot be checked against the register;
 - impossible-jump: consecutive track points further apart than speed x time + their errors;
-- time-disagreement: GPS and system clock further apart than `time_disagreement_s`;
-- provisional-time: no plausible time was known when the visit started (repaired later).
+- time-disagreement: GPS and system clock further apart than `time_disagreement_s` (the visit's
+  times of the boot GPS anchored are then GPS times: monotonic reading + GPS offset);
+- provisional-time: no plausible time was known when the visit started (repaired later);
+- start-time-lost: ... and the gateway rebooted before it could be repaired (only the boot that
+  stamped it can): the start stays unknown, and the visit is sent without period.start;
+- end-time-lost: the same for a visit stopped before any time was known (sent as finished,
+  without period.end).
 
 A stopped visit becomes a record in the gateway's hash chain, signed with its Ed25519 key
 (`lastmile.visits.chain`); an export re-derives every record from the tables, so a row edited in
-the database afterwards no longer matches its signed hash.
+the database afterwards no longer matches its signed hash. So a record is signed only once its
+times are settled - known, or lost to a reboot (start-time-lost, end-time-lost) - and never
+changed afterwards: a visit stopped before GPS or NTP gave the time is closed (nothing more can
+be added to it) but signed when the time comes, after its stamps were repaired. It is queued
+for the county only once signed.
 """
 
 from __future__ import annotations
@@ -98,6 +107,10 @@ MIGRATIONS: tuple[Migration, ...] = (
     """,
     ),
 )
+
+
+START_TIME_LOST = "start-time-lost"
+END_TIME_LOST = "end-time-lost"
 
 
 class VisitError(Exception):
@@ -186,6 +199,12 @@ def _iso(value: dt.datetime | None) -> str | None:
     )
 
 
+def _on_anchor(stamp: Stamp, gps_offset: float) -> Stamp:
+    """A stamp's time from its monotonic reading and a GPS offset of its boot."""
+    epoch = stamp.monotonic + gps_offset
+    return Stamp(dt.datetime.fromtimestamp(epoch, dt.timezone.utc), TimeSource.GPS, stamp.monotonic, stamp.boot_id)
+
+
 def _r(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
 
@@ -254,6 +273,8 @@ def check_visit(
         flags.add("time-disagreement")
     if start.source == TimeSource.UNKNOWN:
         flags.add("provisional-time")
+    if start.provisional and start.boot_id != end.boot_id:
+        flags.add(START_TIME_LOST)
     return sorted(flags), distance
 
 
@@ -341,28 +362,66 @@ class VisitBook:
         )
 
     def _repair_provisional(self) -> None:
-        """Give provisional stamps of this boot their time, now that the clock has an anchor."""
+        """Give provisional stamps of this boot their time, now that the clock has an anchor, and
+        sign the closed visits whose times are now settled."""
         with transaction(self.db):
-            for row in list(
-                self.db.query(
-                    "SELECT id, start_stamp, end_stamp FROM visits WHERE started_at IS NULL "
-                    "OR (end_stamp IS NOT NULL AND ended_at IS NULL)"
-                )
+            self._sign_settled()
+
+    def _repair_unsigned(self) -> None:
+        """(In a write transaction.) Repair the stamps of visits not signed yet: a signed record is
+        never changed (its hash would no longer match), and its times were settled before signing."""
+        unsigned = "SELECT visit_id FROM chain"
+        for row in list(
+            self.db.query(
+                f"SELECT id, start_stamp, end_stamp FROM visits WHERE id NOT IN ({unsigned}) "
+                "AND (started_at IS NULL OR (end_stamp IS NOT NULL AND ended_at IS NULL))"
+            )
+        ):
+            sets = {}
+            for col, at_col in (("start_stamp", "started_at"), ("end_stamp", "ended_at")):
+                if row[col]:
+                    fixed = self.clock.repair(Stamp.from_json(json.loads(row[col])))
+                    if fixed.time is not None:
+                        sets[col], sets[at_col] = json.dumps(fixed.to_json()), fixed.time.isoformat()
+            if sets:
+                self.db.table("visits").update(row["id"], sets)
+        for row in list(self.db.query(f"SELECT id, stamp FROM visit_notes WHERE visit_id NOT IN ({unsigned})")):
+            stamp = Stamp.from_json(json.loads(row["stamp"]))
+            if stamp.provisional:
+                fixed = self.clock.repair(stamp)
+                if not fixed.provisional:
+                    self.db.table("visit_notes").update(row["id"], {"stamp": json.dumps(fixed.to_json())})
+
+    def _sign_settled(self) -> int:
+        """(In a write transaction.) Repair, then sign every closed visit whose times are settled:
+        known, or lost because they were stamped in an earlier boot that never learnt the time.
+        Nothing is signed before this boot has a time: signed_at must be a real time too."""
+        now = self.clock.now()
+        if now.time is None:
+            return 0
+        self._repair_unsigned()
+        signed = 0
+        for row in list(
+            self.db.query(
+                "SELECT id, start_stamp, end_stamp, started_at, ended_at, flags FROM visits "
+                "WHERE state = 'closed' AND id NOT IN (SELECT visit_id FROM chain) ORDER BY rowid"
+            )
+        ):
+            flags = set(json.loads(row["flags"]))
+            for stamp_col, at_col, flag in (
+                ("start_stamp", "started_at", START_TIME_LOST),
+                ("end_stamp", "ended_at", END_TIME_LOST),
             ):
-                sets = {}
-                for col, at_col in (("start_stamp", "started_at"), ("end_stamp", "ended_at")):
-                    if row[col]:
-                        fixed = self.clock.repair(Stamp.from_json(json.loads(row[col])))
-                        if fixed.time is not None:
-                            sets[col], sets[at_col] = json.dumps(fixed.to_json()), fixed.time.isoformat()
-                if sets:
-                    self.db.table("visits").update(row["id"], sets)
-            for row in list(self.db.query("SELECT id, stamp FROM visit_notes")):
-                stamp = Stamp.from_json(json.loads(row["stamp"]))
-                if stamp.provisional:
-                    fixed = self.clock.repair(stamp)
-                    if not fixed.provisional:
-                        self.db.table("visit_notes").update(row["id"], {"stamp": json.dumps(fixed.to_json())})
+                if row[at_col] is None:
+                    if Stamp.from_json(json.loads(row[stamp_col])).boot_id == self.clock.boot_id:
+                        break  # still repairable in this boot (cannot happen once the clock has a time)
+                    flags.add(flag)
+            else:
+                if flags != set(json.loads(row["flags"])):
+                    self.db.table("visits").update(row["id"], {"flags": json.dumps(sorted(flags))})
+                self._chain(row["id"], now.time)
+                signed += 1
+        return signed
 
     # --- visits ----------------------------------------------------------------------------------
     def _visit(self, row: dict) -> Visit:
@@ -504,6 +563,11 @@ class VisitBook:
         end = self.clock.now()
         if visit.start.provisional:
             visit.start = self.clock.repair(visit.start)
+        gps = self.clock.anchor
+        if gps is not None and gps.source == TimeSource.GPS and gps.boot_id == visit.start.boot_id:
+            # GPS came during the visit (or before): its offset wins over a system clock that may
+            # have been wrong at the start (fake-hwclock, drift); the end follows from the start.
+            visit.start = _on_anchor(visit.start, gps.offset)
         if visit.start.time is not None and not end.provisional and visit.start.boot_id == end.boot_id:
             # Duration by the monotonic clock: a clock jump during the visit changes nothing.
             end = Stamp(
@@ -525,6 +589,8 @@ class VisitBook:
             clock_disagreement_s=self.clock.last_disagreement_s,
         )
         with transaction(self.db):
+            if gps is not None and gps.source == TimeSource.GPS:
+                self._notes_on_gps(visit.id, gps.offset, gps.boot_id)
             self.db.table("visits").update(
                 visit.id,
                 {
@@ -540,11 +606,20 @@ class VisitBook:
                     "household_lon": household.longitude if household else None,
                 },
             )
-            self._chain(visit.id)
+            # Signed now if its times are known, else once GPS or NTP gives them (see _sign_settled).
+            self._sign_settled()
         closed = self.get(visit.id)
         assert closed is not None
         log.info("visit %s stopped; flags: %s", visit.id, ", ".join(flags) or "none")
         return closed
+
+    def _notes_on_gps(self, visit_id: str, offset: float, boot_id: str) -> None:
+        """(In a write transaction, before signing.) The visit's notes of this boot on GPS time too."""
+        for row in list(self.db.query("SELECT id, stamp FROM visit_notes WHERE visit_id = ?", [visit_id])):
+            stamp = Stamp.from_json(json.loads(row["stamp"]))
+            if stamp.boot_id == boot_id and stamp.source != TimeSource.GPS:
+                fixed = _on_anchor(stamp, offset)
+                self.db.table("visit_notes").update(row["id"], {"stamp": json.dumps(fixed.to_json())})
 
     # --- chain -----------------------------------------------------------------------------------
     def record_body(self, visit_id: str) -> dict:
@@ -603,7 +678,7 @@ class VisitBook:
             "track": {"points": len(track), "sha256": hashlib.sha256("\n".join(track).encode()).hexdigest()},
         }
 
-    def _chain(self, visit_id: str) -> ChainLink:
+    def _chain(self, visit_id: str, signed_at: dt.datetime) -> ChainLink:
         last = list(self.db.query("SELECT seq, hash FROM chain ORDER BY seq DESC LIMIT 1"))
         seq, prev = (last[0]["seq"] + 1, last[0]["hash"]) if last else (1, GENESIS)
         _, chain_link = link(self.record_body(visit_id), seq, prev, self.signing_key)
@@ -614,7 +689,7 @@ class VisitBook:
                 "prev_hash": prev,
                 "hash": chain_link.hash,
                 "signature": chain_link.signature,
-                "signed_at": (self.clock.now().time or dt.datetime.now(dt.timezone.utc)).isoformat(),
+                "signed_at": signed_at.isoformat(),
             }
         )
         return chain_link
@@ -651,23 +726,26 @@ class VisitBook:
         from uploader.fhir_bundle import VisitNote, VisitPosition, VisitSignature, VisitSummary, visit_bundle
 
         visit = self.get(visit_id)
-        if visit is None or visit.state != "closed" or visit.start.time is None:
-            raise VisitError(f"visit {visit_id} is not closed with a known time yet")
+        chains = list(self.db.query("SELECT * FROM chain WHERE visit_id = ?", [visit_id]))
+        if visit is None or visit.state != "closed" or visit.end is None or not chains:
+            raise VisitError(f"visit {visit_id} is not closed and signed (with settled times) yet")
         fixes = [r for r in (visit.start_fix, visit.end_fix) if r is not None and r.fix.has_position]
         best = min(fixes, key=lambda r: r.fix.eph_m if r.fix.eph_m is not None else float("inf"), default=None)
         position = None
         if best is not None:
             f = best.fix
             position = VisitPosition(f.latitude, f.longitude, f.altitude_m, f.eph_m, f.time, int(f.mode))  # type: ignore[arg-type]
-        chain = next(iter(self.db.query("SELECT * FROM chain WHERE visit_id = ?", [visit_id])))
+        chain = chains[0]
         signed_at = dt.datetime.fromisoformat(chain["signed_at"])
         summary = VisitSummary(
             visit_id=visit.id,
             doctor_id=visit.doctor_id,
             patient_id=visit.patient_id,
             started_at=visit.start.time,
-            ended_at=visit.end.time if visit.end else None,
-            time_source=visit.start.source,
+            ended_at=visit.end.time,
+            finished=True,  # closed by the doctor, even when its end time was lost
+            # a lost start says nothing of the end's source
+            time_source=visit.start.source if visit.start.time is not None else visit.end.source,
             setting=visit.setting,
             household_id=visit.household_id,
             position=position,
@@ -691,11 +769,22 @@ class VisitBook:
         """Queue every closed, not yet queued visit as a FHIR bundle (idempotent)."""
         from uploader.fhir_forwarder import enqueue_bundle
 
+        with transaction(self.db):
+            self._sign_settled()  # visits stopped in an earlier boot that never had a time
         queued = 0
+        # Only once signed, and so with its times settled: the platform keeps the first version it
+        # gets (conditional create), so a visit sent before its end was known would stay
+        # "in-progress" there for ever. A time lost to a reboot is never repaired: such a visit
+        # goes without it (flagged). Records signed before times were settled (older versions)
+        # and still without them are not sent.
         for row in list(
             self.db.query(
-                "SELECT id, patient_id FROM visits WHERE state = 'closed' "
-                "AND fhir_queued_at IS NULL AND started_at IS NOT NULL ORDER BY rowid"
+                "SELECT id, patient_id FROM visits WHERE state = 'closed' AND fhir_queued_at IS NULL "
+                "AND id IN (SELECT visit_id FROM chain) "
+                "AND (ended_at IS NOT NULL OR EXISTS (SELECT 1 FROM json_each(visits.flags) WHERE value = ?)) "
+                "AND (started_at IS NOT NULL OR EXISTS (SELECT 1 FROM json_each(visits.flags) WHERE value = ?)) "
+                "ORDER BY rowid",
+                [END_TIME_LOST, START_TIME_LOST],
             )
         ):
             bundle = self.fhir_bundle(row["id"], naming)
