@@ -193,7 +193,7 @@ def test_gzip_when_accepted_plain_when_refused(tmp_path: Path) -> None:
         assert len(server.resources("Encounter")) == 2
 
 
-def _fill(outbox: Outbox, visits: range, patient_of=lambda n: f"P-{n % 3}") -> list[str]:
+def queue_visits(outbox: Outbox, visits: range, patient_of=lambda n: f"P-{n % 3}") -> list[str]:
     keys = []
     for n in visits:
         v = visit(n, patient=patient_of(n))
@@ -217,7 +217,7 @@ def test_forwarder_delivers_exactly_once_through_faults(tmp_path: Path, server_c
     ours = server_class is FhirTestServer
     visits, batch, client_timeout_s = (12, 5, 2.0) if ours else (6, 3, 20.0)
     outbox = Outbox.open(tmp_path / "data", min_free_bytes=0, backoff_base_s=1.0, backoff_max_s=4.0)
-    ids = _fill(outbox, range(visits))
+    ids = queue_visits(outbox, range(visits))
     with server_class() as server, _sender(server, None, timeout_s=client_timeout_s) as sender:
         server.timeout_delay_s = 2 * client_timeout_s
         server.faults.extend(["500", "429", "drop", "timeout", "commit-then-drop"])
@@ -251,7 +251,7 @@ def test_forwarder_delivers_exactly_once_through_faults(tmp_path: Path, server_c
 
 def test_bad_bundle_is_quarantined_alone_with_its_reason(tmp_path: Path) -> None:
     outbox = Outbox.open(tmp_path / "data", min_free_bytes=0)
-    _fill(outbox, range(4))
+    queue_visits(outbox, range(4))
     bad = json.loads(_body(9))
     enc = next(e["resource"] for e in bad["entry"] if e["resource"]["resourceType"] == "Encounter")
     enc["period"] = {"start": "yesterday"}
@@ -267,7 +267,7 @@ def test_bad_bundle_is_quarantined_alone_with_its_reason(tmp_path: Path) -> None
 
 def test_patient_order_is_kept_after_a_failure(tmp_path: Path) -> None:
     outbox = Outbox.open(tmp_path / "data", min_free_bytes=0, backoff_base_s=100.0, backoff_max_s=100.0)
-    _fill(outbox, range(4), patient_of=lambda n: "P-same")
+    queue_visits(outbox, range(4), patient_of=lambda n: "P-same")
     with FhirTestServer() as server, _sender(server, None) as sender:
         server.faults.append("500")
         forward_fhir_once(outbox, sender, 2000.0, batch_size=1)  # the first fails, backoff >= 50 s
@@ -301,7 +301,7 @@ def test_kill_9_mid_sync_leaves_no_duplicates(tmp_path: Path, server_class: type
     visits, kill_after = (20, 6) if server_class is FhirTestServer else (8, 3)
     data = tmp_path / "data"
     outbox = Outbox.open(data, min_free_bytes=0)
-    ids = _fill(outbox, range(visits))
+    ids = queue_visits(outbox, range(visits))
     outbox.close()
     with server_class(response_delay_s=0.15) as server:
         child = subprocess.Popen(

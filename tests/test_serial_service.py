@@ -35,8 +35,9 @@ def _config(tmp_path: Path, devices: list[dict]) -> Config:
 
 
 class Running:
-    def __init__(self, tmp_path: Path, devices: list[dict], *, min_free_bytes: int = 0) -> None:
+    def __init__(self, tmp_path: Path, devices: list[dict], *, min_free_bytes: int = 0, profiles_dir: str = "") -> None:
         self.config = _config(tmp_path, devices)
+        self.config.serial.profiles_dir = profiles_dir
         self.outbox = Outbox.open(self.config.data_dir, min_free_bytes=min_free_bytes)
         self.service = SerialService.open(self.config, outbox=self.outbox, watch_dirs=None, rescan_s=0.1)
         self.service.start()
@@ -68,7 +69,7 @@ def running(tmp_path: Path) -> Iterator[callable]:
         r.close()
 
 
-def _talk(dev: PtyDevice, core: BridgeCore, clock: list[int], until) -> None:
+def talk_as_bridge(dev: PtyDevice, core: BridgeCore, clock: list[int], until) -> None:
     """Be the bridge: answer the gateway, resend on timeouts, until `until()` holds."""
 
     def step() -> bool:
@@ -97,9 +98,11 @@ def test_scanner_then_bridge_measurement_lands_on_the_patient(tmp_path: Path, ru
     assert r.patients.current(r.now()).patient_id == "80276001234567890123"
 
     core, clock = BridgeCore("BR-77", boot_id=5), [0]
-    _talk(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)  # HELLO exchange, time synced
+    talk_as_bridge(
+        bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0
+    )  # HELLO exchange, time synced
     bridge.write(core.measurement("blood-pressure", BP, clock[0], record_id="42"))
-    _talk(bridge, core, clock, lambda: core.pending_count == 0)  # ACKed ...
+    talk_as_bridge(bridge, core, clock, lambda: core.pending_count == 0)  # ACKed ...
     item = r.outbox.find("bridge:BR-77:42")  # ... because it is in the outbox
     assert item is not None and item.kind == "observation"
     payload = json.loads(r.outbox.read_payload(item))
@@ -108,7 +111,7 @@ def test_scanner_then_bridge_measurement_lands_on_the_patient(tmp_path: Path, ru
     # Resent after the ACK was lost: recognised, stored once.
     bridge.write(core.hello(clock[0]))
     bridge.write(core.measurement("blood-pressure", BP, clock[0], record_id="42"))
-    _talk(bridge, core, clock, lambda: core.pending_count == 0)
+    talk_as_bridge(bridge, core, clock, lambda: core.pending_count == 0)
     assert len(r.outbox.items(kind="observation")) == 1
     # `lastmile devices` sees the serial devices too.
     records = {d.address: d for d in r.registry.all()}
@@ -126,14 +129,14 @@ def test_no_ack_until_durable(tmp_path: Path, running) -> None:
     r = running([{"name": "b", "match": str(bridge.link_path), "profile": "bridge"}])
     core, clock = BridgeCore("BR-1", boot_id=1), [0]
     wait_for(lambda: r.service.statuses()[0].connected)
-    _talk(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+    talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
     r.outbox.min_free_bytes = 1 << 60  # the data partition is "full": nothing can be stored
     r.patients.set_patient("P-1", now=r.now() - dt.timedelta(minutes=1))  # else it would be held: durable too
     bridge.write(core.measurement("blood-pressure", BP, clock[0], record_id="7"))
     wait_for(lambda: "cannot store" in (r.registry.get("serial:b").last_error or ""))
     assert core.pending_count == 1 and r.outbox.find("bridge:BR-1:7") is None  # NACKed, kept on the bridge
     r.outbox.min_free_bytes = 0
-    _talk(bridge, core, clock, lambda: core.pending_count == 0)  # resent, stored, ACKed
+    talk_as_bridge(bridge, core, clock, lambda: core.pending_count == 0)  # resent, stored, ACKed
     assert r.outbox.find("bridge:BR-1:7") is not None
 
 
@@ -142,11 +145,11 @@ def test_streamed_ecg_becomes_a_dicom_item(tmp_path: Path, running) -> None:
     r = running([{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}])
     core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
     wait_for(lambda: r.service.statuses()[0].connected)
-    _talk(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+    talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
     r.patients.set_patient("P-ECG", name="Doe^Jane", now=r.now() - dt.timedelta(seconds=5))
     sim = EcgStreamSimulator(core, recording_id=3)
     bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(400, skip={10})) + sim.end(400 * 25, clock[0]))
-    _talk(bridge, core, clock, lambda: core.pending_count == 0)
+    talk_as_bridge(bridge, core, clock, lambda: core.pending_count == 0)
     item = r.outbox.find("bridge-ecg:BR-ECG:9:3")
     assert item is not None and item.kind == "dicom"
     assert item.meta["source_format"] == "bridge" and "sample-gap" in item.meta["flags"]
@@ -164,10 +167,10 @@ def test_an_ecg_end_resent_after_a_restart_is_acked_if_stored(tmp_path: Path, ru
     r = running([{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}])
     core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
     wait_for(lambda: r.service.statuses()[0].connected)
-    _talk(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+    talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
     sim = EcgStreamSimulator(core, recording_id=3)
     bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(40)) + sim.end(40 * 25, clock[0]))
-    _talk(bridge, core, clock, lambda: core.pending_count == 0)
+    talk_as_bridge(bridge, core, clock, lambda: core.pending_count == 0)
     assert r.outbox.find("bridge-ecg:BR-ECG:9:3") is not None
     # the restarted gateway has no recording 3 in progress: the END comes again (its ACK was lost)
     # and, for recording 4, an END of a stream it never stored
@@ -203,7 +206,7 @@ def test_an_ecg_end_resent_while_its_recording_is_held_waits_for_storage(
     r = running([{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}])
     core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
     wait_for(lambda: r.service.statuses()[0].connected)
-    _talk(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+    talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
     r.outbox.min_free_bytes = 1 << 60  # storage full, through the re-plug
     sim = EcgStreamSimulator(core, recording_id=3)
     bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(40)) + sim.end(40 * 25, clock[0]))
@@ -214,11 +217,11 @@ def test_an_ecg_end_resent_while_its_recording_is_held_waits_for_storage(
     wait_for(lambda: r.service.statuses()[0].connected)
     connects = r.service.statuses()[0].connects
     core.gateway_seen, until = False, clock[0] + 8000  # simulated ms: the END is resent meanwhile
-    _talk(bridge, core, clock, lambda: core.gateway_seen and clock[0] > until)
+    talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and clock[0] > until)
     assert r.service.statuses()[0].connects == connects
     assert core.pending_count == 1 and r.outbox.find(key) is None  # not dropped, not ACKed
     r.outbox.min_free_bytes = 0  # room again: the handler stores it and ACKs the resent END
-    _talk(bridge, core, clock, lambda: core.pending_count == 0)
+    talk_as_bridge(bridge, core, clock, lambda: core.pending_count == 0)
     bridge.unplug()
     assert [i.key for i in r.outbox.items(kind="dicom")] == [key]
 
@@ -248,14 +251,14 @@ def test_ascii_monitor_and_forwarding_bridge(tmp_path: Path, running) -> None:
     assert any(k.endswith("record:0172:blood-pressure") for k in keys)
     # The same report through a bridge's RS-232 port: lines forwarded, ACKed once the report is stored.
     core, clock = BridgeCore("BR-LEG", boot_id=1), [0]
-    _talk(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+    talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
     other = report.replace(b"RECORD 0172", b"RECORD 0173")
     half = other.index(b"PULSE")
     bridge.write(core.uart_bytes(other[:half], clock[0]))
-    _talk(bridge, core, clock, lambda: core.pending_count > 0)
+    talk_as_bridge(bridge, core, clock, lambda: core.pending_count > 0)
     assert core.pending_count > 0  # a report in progress is not durable yet: no ACK
     bridge.write(core.uart_bytes(other[half:], clock[0]))
-    _talk(bridge, core, clock, lambda: core.pending_count == 0)
+    talk_as_bridge(bridge, core, clock, lambda: core.pending_count == 0)
     assert len(r.outbox.items(kind="observation")) == 6
 
 

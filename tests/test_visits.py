@@ -25,9 +25,10 @@ HOUSE = (31.2480, 121.5874)
 class FakeClocks:
     """A Pi's clocks: wall time settable (boots at 1970), monotonic time advanced by hand."""
 
-    def __init__(self, wall: float = 0.0) -> None:
+    def __init__(self, wall: float = 0.0, boot: str = "boot-1") -> None:
         self.mono = 100.0
         self.wall_offset = wall - self.mono
+        self.boot = boot  # the boot id: a stamp from another boot cannot be repaired by this one
 
     def wall(self) -> float:
         return self.mono + self.wall_offset
@@ -39,7 +40,7 @@ class FakeClocks:
         self.mono += seconds
 
     def clock(self) -> GatewayClock:
-        return GatewayClock(self.wall, self.monotonic, lambda: "boot-1")
+        return GatewayClock(self.wall, self.monotonic, lambda: self.boot)
 
 
 def fix_at(lat: float, lon: float, when: dt.datetime | None, eph: float = 8.0) -> Fix:

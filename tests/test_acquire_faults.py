@@ -1,5 +1,8 @@
-"""Review findings on the acquisition path (review-b): each test fails on the code as reviewed
-because of the bug it names, not because of the test."""
+"""Faults on the acquisition path, found by review (2026-12-05): a USB stick whose import failed
+once was never looked at again; a file still being copied was imported, then again when whole;
+readings and a bridge ECG not yet stored were dropped with their handler at an unplug; a report
+ended by silence was stamped at the flush, on the next patient. Each test failed on the code
+before its fix."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import pytest
 from lastmile.config import Config
 from lastmile.ecg.intake import usb_import_watcher
 from tests.conftest import shared_file
+from tests.test_serial_service import Running, talk_as_bridge
 from uploader.errors import OutboxFullError
 from uploader.outbox import Outbox
 
@@ -85,44 +89,15 @@ def test_usb_watcher_does_not_import_a_file_still_being_copied(tmp_path: Path) -
 # -- serial devices: what could not be stored while the device was connected -------------------
 
 
-class _Serial:
-    """The serial service over ptys, as tests/test_serial_service.py runs it."""
-
-    def __init__(self, tmp_path: Path, devices: list[dict], profiles_dir: str = "") -> None:
-        from lastmile.clinic.devices import DeviceRegistry
-        from lastmile.clinic.patients import PatientContext
-        from lastmile.services.serial_devices import SerialService
-
-        self.config = Config()
-        self.config.gateway.data_dir = str(tmp_path / "data")
-        self.config.serial.devices = devices
-        self.config.serial.profiles_dir = profiles_dir
-        self.outbox = Outbox.open(self.config.data_dir, min_free_bytes=0)
-        self.service = SerialService.open(self.config, outbox=self.outbox, watch_dirs=None, rescan_s=0.1)
-        self.service.start()
-        self.patients = PatientContext.open(self.config.data_dir, idle_timeout_s=900)
-        self.registry = DeviceRegistry.open(self.config.data_dir)
-
-    @staticmethod
-    def now() -> dt.datetime:
-        return dt.datetime.now(dt.timezone.utc)
-
-    def close(self) -> None:
-        self.service.close()
-        self.outbox.close()
-        self.patients.close()
-        self.registry.close()
-
-
 @pytest.fixture
 def serial_service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     import lastmile.services.serial_devices as serial_devices
 
     monkeypatch.setattr(serial_devices, "RETRY_STORE_S", 0.2)  # retry in 0.2 s, not 30 s: a short test
-    started: list[_Serial] = []
+    started: list[Running] = []
 
-    def start(devices: list[dict], profiles_dir: str = "") -> _Serial:
-        started.append(_Serial(tmp_path, devices, profiles_dir))
+    def start(devices: list[dict], profiles_dir: str = "") -> Running:
+        started.append(Running(tmp_path, devices, profiles_dir=profiles_dir))
         return started[-1]
 
     yield start
@@ -179,18 +154,7 @@ def test_bridge_ecg_not_yet_stored_survives_an_unplug(tmp_path: Path, serial_ser
     core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
     wait_for(lambda: s.service.statuses()[0].connected)
 
-    def talk(dev: PtyDevice, until) -> None:
-        def step() -> bool:
-            data = dev.read_available(0.05)
-            if data:
-                dev.write(core.receive(data, clock[0]))
-            clock[0] += 100
-            dev.write(core.poll(clock[0]))
-            return until()
-
-        wait_for(step, timeout=10)
-
-    talk(bridge, lambda: core.gateway_seen and core.pending_count == 0)
+    talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
     s.outbox.min_free_bytes = 1 << 60  # storage full for a moment
     sim = EcgStreamSimulator(core, recording_id=3)
     bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(40)) + sim.end(40 * 25, clock[0]))
@@ -201,7 +165,7 @@ def test_bridge_ecg_not_yet_stored_survives_an_unplug(tmp_path: Path, serial_ser
     bridge = PtyDevice(link)
     wait_for(lambda: s.service.statuses()[0].connected)
     try:
-        talk(bridge, lambda: core.pending_count == 0)  # HELLO again, ECG_END resent and answered
+        talk_as_bridge(bridge, core, clock, lambda: core.pending_count == 0)  # HELLO again, ECG_END resent and answered
     finally:
         bridge.unplug()
     assert s.outbox.find("bridge-ecg:BR-ECG:9:3") is not None, "the streamed ECG was lost with the dropped handler"

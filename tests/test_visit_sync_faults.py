@@ -1,5 +1,8 @@
-"""Review findings on the visits and FHIR sync path: each test fails on the current code because
-of the bug it names (see the review report)."""
+"""Faults on the visits and FHIR sync path, found by review (2026-12-05): visit times repaired
+after signing (the chain said "edited"), sent in-progress forever, never queued after a reboot,
+or kept on a wrong system clock GPS had corrected; a malformed or non-transaction 2xx crashed the
+round or counted as stored; a wrong endpoint quarantined every visit; passing faults quarantined
+readings. Each test failed on the code before its fix."""
 
 from __future__ import annotations
 
@@ -10,51 +13,14 @@ from pathlib import Path
 import pytest
 import requests
 
-from devices.gps import Fix, FixMode
-from lastmile.clock import GatewayClock
 from lastmile.visits.book import FixRecord, VisitBook, VisitPolicy
 from tests.fhir_samples import NAMING, all_kinds, signature, visit
+from tests.test_fhir_sync import queue_visits
+from tests.test_visits import GPS_T, HOUSE, FakeClocks, fix_at
 from uploader.fhir_bundle import visit_bundle
 from uploader.fhir_forwarder import enqueue_bundle, forward_fhir_once
 from uploader.fhir_sender import FhirSender, FhirSenderSettings
 from uploader.outbox import ItemState, Kind, Outbox
-
-GPS_T = dt.datetime(2026, 3, 2, 8, 0, tzinfo=dt.timezone.utc)
-HOUSE = (31.2480, 121.5874)
-
-
-class FakeClocks:
-    """A Pi's clocks (as in tests/test_visits.py): wall settable, monotonic advanced by hand."""
-
-    def __init__(self, wall: float = 0.0, boot: str = "boot-1") -> None:
-        self.mono = 100.0
-        self.wall_offset = wall - self.mono
-        self.boot = boot
-
-    def wall(self) -> float:
-        return self.mono + self.wall_offset
-
-    def monotonic(self) -> float:
-        return self.mono
-
-    def advance(self, seconds: float) -> None:
-        self.mono += seconds
-
-    def clock(self) -> GatewayClock:
-        return GatewayClock(self.wall, self.monotonic, lambda: self.boot)
-
-
-def fix_at(lat: float, lon: float, when: dt.datetime | None, eph: float = 8.0) -> Fix:
-    return Fix(
-        mode=FixMode.FIX_3D,
-        time=when,
-        latitude=lat,
-        longitude=lon,
-        altitude_m=20.0,
-        eph_m=eph,
-        satellites_used=9,
-        hdop=0.9,
-    )
 
 
 def _book(data: Path, clocks: FakeClocks) -> VisitBook:
@@ -207,7 +173,11 @@ def _reading_in_outbox(tmp_path: Path) -> tuple[Outbox, int]:
     outbox = Outbox.open(tmp_path / "data", min_free_bytes=0)
     obs = blood_pressure(GPS_T, "P-1", "bp-77")
     item = outbox.add(
-        OBSERVATION_KIND, obs.record_key, observation_payload(obs), patient={"patient_id": "P-1"}, now=GPS_T.timestamp() - 60
+        OBSERVATION_KIND,
+        obs.record_key,
+        observation_payload(obs),
+        patient={"patient_id": "P-1"},
+        now=GPS_T.timestamp() - 60,
     )
     return outbox, item.item.id
 
@@ -246,15 +216,7 @@ def test_relay_does_not_quarantine_a_reading_when_visits_db_is_busy(tmp_path: Pa
 
 def test_a_wrong_endpoint_does_not_quarantine_every_visit(tmp_path: Path) -> None:
     outbox = Outbox.open(tmp_path / "data", min_free_bytes=0)
-    for n in range(3):
-        v = visit(n, patient=f"P-{n}")
-        enqueue_bundle(
-            outbox,
-            visit_bundle(v, all_kinds(v.started_at, v.patient_id, f"/{n}"), NAMING, signature(n)),
-            f"fhir:visit:{v.visit_id}",
-            patient_id=v.patient_id,
-            now=1000.0 + n,
-        )
+    queue_visits(outbox, range(3), patient_of=lambda n: f"P-{n}")
     # the county moved its FHIR endpoint (or fhir.base_url lost its /fhir): the web server says 404
     nginx = b"<html><head><title>404 Not Found</title></head><body>nginx</body></html>"
     sender = FhirSender(FhirSenderSettings(base_url="http://127.0.0.1:9/fhir"), session=_AnsweringSession(404, nginx))

@@ -1,6 +1,8 @@
-"""Review findings on the report return path ("the county reads, the result returns").
-
-Each test fails on the code as reviewed because of the bug it names (see the review report)."""
+"""Faults on the report return path ("the county reads, the result returns"), found by review
+(2026-12-05): a malformed FHIR DiagnosticReport ended the poller thread; a correction arriving
+before the report it corrects, or a preliminary listed after the final, left both current; an
+object that did not arrive waited for the 12 h amendment poll; a sent-study record clinic.db
+refused once was lost with its report. Each test failed on the code before its fix."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from lastmile.config import Config
-from lastmile.demo.cardiologist import StudyToRead, ecg_report_sr, part10, report_pdf
+from lastmile.demo.cardiologist import ecg_report_sr, part10, report_pdf
 from lastmile.demo.reading_center import EmbeddedReadingCenter
 from lastmile.reports.poller import PollerSettings, ReportPoller
 from lastmile.reports.service import make_poller
@@ -24,15 +26,9 @@ from tests.ecg_factories import make_recording
 from tests.fhir_server import FhirTestServer
 from tests.peers import free_port
 from tests.report_peers import gateway_config, poller_for, send_ecgs, to_read
+from tests.test_reports import NOW, add, sent
+from tests.test_reports_fhir import TOKEN
 from uploader.dicom_query import FoundReport, RetrievedObject
-from uploader.report_reading import read_dicom_report
-
-TOKEN = "s3cret-token"
-NOW = 1_800_000_000.0
-
-
-def utc(ts: float = NOW) -> dt.datetime:
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc)
 
 
 @pytest.fixture
@@ -41,30 +37,13 @@ def store(tmp_path):
         yield s
 
 
-def sent(store: ReportStore, *, patient: str = "P1", at: float = NOW) -> StudyToRead:
-    uid = generate_uid()
-    assert store.record_sent(SentStudy(uid, utc(at), patient_id=patient, patient_name="Wang^Fang"))
-    return StudyToRead(uid, patient_id=patient, patient_name="Wang^Fang")
-
-
-def add(store: ReportStore, ds, at: float = NOW):
-    data = part10(ds)
-    return store.add_report(read_dicom_report(data), data, "dicom", utc(at))
-
-
-# -- 1. a malformed FHIR DiagnosticReport crashes the round (and the poller thread) ----------------
-
-
 @pytest.fixture
 def platform(tmp_path):
     with FhirTestServer(token=TOKEN) as server:
-        token_file = tmp_path / "token"
-        token_file.write_text(TOKEN)
-        os.chmod(token_file, 0o600)
         config = Config()
         config.set_data_dir(tmp_path / "data")
         config.fhir.base_url = server.base_url
-        config.fhir.token_file = str(token_file)
+        config.fhir.token_file = str(token_file(tmp_path))
         config.reports.source = "fhir"
         with ReportStore.open(config.data_dir) as store:
             ours = generate_uid()
@@ -72,6 +51,13 @@ def platform(tmp_path):
             poller = make_poller(config, store, None)
             yield server, store, poller, ours
             poller.fhir.close()
+
+
+def token_file(tmp_path):
+    path = tmp_path / "token"
+    path.write_text(TOKEN)
+    os.chmod(path, 0o600)
+    return path
 
 
 def fhir_report(study_uid: str, **extra) -> dict:
