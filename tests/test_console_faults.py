@@ -1,0 +1,240 @@
+"""Faults found reviewing the console: each test fails on the code as reviewed.
+
+A real console (real report store, real outbox holds) on loopback, a doctor logged in like a
+browser; each test states the doctor's scenario and what must hold for them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Iterator
+
+import pytest
+
+from devices.identity import DeviceIdentity, TimeSource
+from devices.observation import Observation, Quantity
+from lastmile.clinic.db import open_clinic_db
+from lastmile.clinic.observations import ObservationStore
+from lastmile.config import Config
+from lastmile.console.audit import AuditLog
+from lastmile.console.service import ConsoleServer
+from lastmile.data_dir import open_outbox
+from tests.console_harness import (
+    ADMIN,
+    DOCTOR,
+    VALID_ID,
+    Client,
+    console_config,
+    running_console,
+    store_returned_reports,
+)
+
+OTHER_ID = "110105198001010016"  # another valid GB 11643 number (the previous patient)
+HUGE = "9" * 25  # digits, but more than SQLite's 64-bit INTEGER holds
+
+
+@pytest.fixture(scope="module")
+def clinic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Config, ConsoleServer, int, int]]:
+    config = console_config(tmp_path_factory.mktemp("faults") / "data")
+    with running_console(config) as server:
+        critical, routine = store_returned_reports(config)
+        yield config, server, critical, routine
+
+
+@pytest.fixture
+def doctor(clinic: tuple[Config, ConsoleServer, int, int]) -> Client:
+    client = Client(clinic[1].url)
+    client.login()
+    return client
+
+
+def no_server_error(reply: object, what: str) -> None:
+    status = reply.status  # type: ignore[attr-defined]
+    if status >= 500:
+        pytest.fail(f"{what}: HTTP {status}, the doctor sees an Internal Server Error")
+
+
+# -- odd report ids in the address bar: a 404, never a 500 ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "suffix",
+    ["", "/pdf"],
+    ids=["page", "pdf"],
+)
+def test_a_report_id_of_superscript_digits_is_not_found_not_a_crash(doctor: Client, suffix: str) -> None:
+    # "²" is str.isdigit() but not int(): StoredReports._stored takes it for a number.
+    reply = doctor.get(f"/reports/%C2%B2{suffix}")
+    no_server_error(reply, f"/reports/²{suffix}")
+    assert reply.status == 404
+
+
+@pytest.mark.parametrize("suffix", ["", "/pdf"], ids=["page", "pdf"])
+def test_a_report_id_too_large_for_sqlite_is_not_found_not_a_crash(doctor: Client, suffix: str) -> None:
+    reply = doctor.get(f"/reports/{HUGE}{suffix}")
+    no_server_error(reply, f"/reports/<25 digits>{suffix}")
+    assert reply.status == 404
+
+
+def test_acknowledging_a_report_id_too_large_for_sqlite_is_not_a_crash(doctor: Client) -> None:
+    reply = doctor.post(f"/reports/{HUGE}/acknowledge", {"next": "/reports"})
+    no_server_error(reply, "POST /reports/<25 digits>/acknowledge")
+
+
+# -- odd ECG / held-reading numbers: refused in words or 404, never a 500 ------------------------
+
+
+def test_an_ecg_preview_number_too_large_is_not_found_not_a_crash(doctor: Client) -> None:
+    reply = doctor.get(f"/ecg/{HUGE}/preview.svg")
+    no_server_error(reply, "/ecg/<25 digits>/preview.svg")
+    assert reply.status == 404
+
+
+@pytest.mark.parametrize("action", ["send-anyway", "re-record"])
+def test_a_held_ecg_action_on_a_number_too_large_is_not_a_crash(doctor: Client, action: str) -> None:
+    reply = doctor.post(f"/today/ecg/{HUGE}/{action}", {})
+    no_server_error(reply, f"POST /today/ecg/<25 digits>/{action}")
+
+
+def test_assigning_a_held_reading_number_too_large_is_refused_in_words(doctor: Client) -> None:
+    # a tampered or stale form: the page says so (400 with a message), as for "abc"
+    reply = doctor.post("/today/assign-reading", {"held_id": HUGE, "patient_id": VALID_ID, "name": ""})
+    no_server_error(reply, "POST /today/assign-reading held_id=<25 digits>")
+    assert reply.status == 400
+
+
+# -- a held reading assigned to another patient keeps the current patient's name ------------------
+
+
+def _bp(measured_at: dt.datetime, key: str) -> Observation:
+    return Observation(
+        kind="blood-pressure",
+        quantities=(
+            Quantity("systolic", 131.0, "mm[Hg]", 131.0, "mm[Hg]"),
+            Quantity("diastolic", 84.0, "mm[Hg]", 84.0, "mm[Hg]"),
+        ),
+        measured_at=measured_at,
+        time_source=TimeSource.DEVICE_CLOCK,
+        received_at=measured_at,
+        device=DeviceIdentity("Acme", "BP-1", "42", "AA:BB:CC:DD:EE:01"),
+        record_key=key,
+    )
+
+
+def _hold_reading(config: Config, measured_at: dt.datetime, key: str) -> int:
+    """A cuff's reading with no patient (measured before the current session): held."""
+    with open_outbox(config) as outbox:
+        store = ObservationStore.open(config.data_dir, outbox=outbox, idle_timeout_s=900)
+        try:
+            result = store.record(_bp(measured_at, key), now=dt.datetime.now(dt.timezone.utc))
+        finally:
+            store.close()
+    assert result.outcome == "held", result
+    assert result.held_id is not None
+    return result.held_id
+
+
+def test_a_held_reading_assigned_to_another_patient_does_not_carry_the_current_patients_name(
+    clinic: tuple[Config, ConsoleServer, int, int], doctor: Client
+) -> None:
+    """Patient 张三 is checked in. The cuff delivers late a reading taken before (the previous
+    patient's, 李四). The doctor types 李四's ID into that reading's Assign field (it is prefilled
+    with 张三's) and presses Assign. The reading must not go to the county as "张三" with 李四's ID."""
+    config = clinic[0]
+    reply = doctor.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"})
+    assert reply.status == 303, reply.body[:300]
+    held_id = _hold_reading(config, dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1), "faults:late-bp")
+    page = doctor.get("/today")
+    form = re.search(rf'<input type="hidden" name="held_id" value="{held_id}">.*?</form>', page.body, flags=re.S)
+    assert form, "the held reading's Assign form is on Today"
+    fields = dict(re.findall(r'name="(\w+)" value="([^"]*)"', form.group(0)))
+    assert fields["patient_id"] == VALID_ID  # prefilled with the current patient
+    fields["patient_id"] = OTHER_ID  # the doctor types the previous patient's ID
+    reply = doctor.post("/today/assign-reading", fields)
+    assert reply.status == 303, reply.body[:300]
+    with open_outbox(config) as outbox:
+        stored = [i for i in outbox.items(kind="observation") if i.key == "faults:late-bp"]
+    assert len(stored) == 1
+    patient = stored[0].patient or {}
+    assert patient.get("patient_id") == OTHER_ID
+    name = str(patient.get("name") or "")
+    if "张" in name:
+        pytest.fail(f"reading for {OTHER_ID} stored under the checked-in patient's name: {patient}")
+
+
+# -- the critical report's acknowledgement: one doctor in the audit trail --------------------------
+
+
+def test_a_critical_report_acknowledged_twice_is_audited_once_for_the_doctor_who_saw_it(
+    clinic: tuple[Config, ConsoleServer, int, int], doctor: Client
+) -> None:
+    """Two doctors have the Reports page open; 王医生 presses "I have seen this critical result",
+    then admin presses it on the other screen. The report says seen by 王医生; the audit trail
+    must not say that admin acknowledged it."""
+    config, server, critical, _routine = clinic
+    doctor.get("/reports")
+    reply = doctor.post(f"/reports/{critical}/acknowledge", {"next": "/reports"})
+    assert reply.status == 303
+    other = Client(server.url)
+    other.login(ADMIN)
+    other.get("/reports")
+    reply = other.post(f"/reports/{critical}/acknowledge", {"next": "/reports"})
+    assert reply.status == 303
+    page = other.get(f"/reports/{critical}")
+    assert DOCTOR[0] in page.body  # "Seen by 王医生"
+    db = open_clinic_db(config.data_dir)
+    try:
+        entries = AuditLog(db).recent(50, action="acknowledge-report", target=str(critical))
+    finally:
+        db.conn.close()
+    who = [e.user_name for e in entries]
+    assert who == [DOCTOR[0]], f"audit trail says the critical report was acknowledged by {who}"
+
+
+# -- what the doctor reads is in Chinese ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/reports/999999", "/reports/999999/pdf"], ids=["page", "pdf"])
+def test_a_report_that_is_gone_is_said_in_chinese(doctor: Client, path: str) -> None:
+    """A report link from an old alert or a bookmark (the report purged meanwhile): the doctor gets
+    a bare English sentence, where every other refusal of the console is bilingual
+    ("login required / 请先登录", "refused / 已拒绝")."""
+    reply = doctor.get(path)
+    assert reply.status == 404
+    assert re.search(r"[\u4e00-\u9fff]", reply.body), f"untranslated English on a zh-CN page: {reply.body!r}"
+
+
+# -- a reading whose time is only the time it was received says so -------------------------------
+
+
+def test_a_reading_timed_by_the_gateway_on_receipt_says_its_time_is_the_time_received(
+    clinic: tuple[Config, ConsoleServer, int, int], doctor: Client
+) -> None:
+    """A cuff without a clock (or with an implausible one): the reading's time is when the gateway
+    received it (time_source gateway-receipt), possibly long after it was measured. The ECG preview
+    says so ("接收时间 time received"); this patient's readings on Today show it as the measuring time."""
+    config = clinic[0]
+    reply = doctor.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"})
+    assert reply.status == 303, reply.body[:300]
+    now = dt.datetime.now(dt.timezone.utc)
+    obs = _bp(now, "faults:receipt-time")
+    obs = Observation(
+        kind=obs.kind,
+        quantities=obs.quantities,
+        measured_at=now,
+        time_source=TimeSource.GATEWAY_RECEIPT,
+        received_at=now,
+        device=obs.device,
+        record_key=obs.record_key,
+    )
+    with open_outbox(config) as outbox:
+        store = ObservationStore.open(config.data_dir, outbox=outbox, idle_timeout_s=900)
+        try:
+            assert store.record(obs, now=now).outcome == "stored"
+        finally:
+            store.close()
+    page = doctor.get("/today")
+    item = re.search(r'<li data-key="faults:receipt-time">.*?</li>', page.body, flags=re.S)
+    assert item, "the reading is on the patient's Today page"
+    assert "接收" in item.group(0), f"receipt time shown as the measuring time: {item.group(0)}"
