@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -20,6 +21,7 @@ from lastmile.config import Config
 from lastmile.console.audit import AuditLog
 from lastmile.console.service import ConsoleServer
 from lastmile.data_dir import open_outbox
+from lastmile.ecg.intake import enqueue_recording
 from tests.console_harness import (
     ADMIN,
     DOCTOR,
@@ -29,6 +31,7 @@ from tests.console_harness import (
     running_console,
     store_returned_reports,
 )
+from tests.ecg_factories import make_recording
 
 OTHER_ID = "110105198001010016"  # another valid GB 11643 number (the previous patient)
 HUGE = "9" * 25  # digits, but more than SQLite's 64-bit INTEGER holds
@@ -161,6 +164,34 @@ def test_a_held_reading_assigned_to_another_patient_does_not_carry_the_current_p
     name = str(patient.get("name") or "")
     if "张" in name:
         pytest.fail(f"reading for {OTHER_ID} stored under the checked-in patient's name: {patient}")
+
+
+def test_a_held_ecg_assigned_to_another_patient_does_not_carry_the_current_patients_name(
+    clinic: tuple[Config, ConsoleServer, int, int], doctor: Client
+) -> None:
+    """As for a held reading: an ECG without a patient is held; 张三 is checked in, the doctor
+    types 李四's ID into the ECG's Assign field. The rebuilt ECG must not name 张三."""
+    config = clinic[0]
+    reply = doctor.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"})
+    assert reply.status == 303, reply.body[:300]
+    with open_outbox(config) as outbox:
+        rec = make_recording(7, patient=None)
+        item_id = enqueue_recording(outbox, rec, config, key="faults:late-ecg", now=time.time()).item.id
+    page = doctor.get("/today")
+    form = re.search(rf'<input type="hidden" name="item_id" value="{item_id}">.*?</form>', page.body, flags=re.S)
+    assert form, "the held ECG's Assign form is on Today"
+    fields = dict(re.findall(r'name="(\w+)" value="([^"]*)"', form.group(0)))
+    assert fields["patient_id"] == VALID_ID  # prefilled with the current patient
+    fields["patient_id"] = OTHER_ID  # the doctor types the previous patient's ID
+    reply = doctor.post("/today/assign-ecg", fields)
+    assert reply.status == 303 and "done=assigned" in reply.location, (reply.status, reply.location)
+    with open_outbox(config) as outbox:
+        item = outbox.get(item_id)
+    assert item is not None and item.patient is not None
+    assert item.patient.get("patient_id") == OTHER_ID
+    name = str(item.patient.get("name") or "")
+    if "张" in name or "Zhang" in name:
+        pytest.fail(f"ECG for {OTHER_ID} rebuilt under the checked-in patient's name: {item.patient}")
 
 
 # -- the critical report's acknowledgement: one doctor in the audit trail --------------------------

@@ -232,7 +232,9 @@ def test_held_ecgs_through_the_seam(tmp_path: Path) -> None:
             time_.sleep(0.5)  # the quality verdict comes from the worker process
             page = client.get("/today").body
         assert "仍然发送" in page and 'name="item_id" value="99"' in page
-        reply = client.post("/today/assign-ecg", {"item_id": "99", "patient_id": VALID_ID.lower(), "name": "张三"})
+        # the name comes from the checked-in patient's session, not from the form
+        assert client.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
+        reply = client.post("/today/assign-ecg", {"item_id": "99", "patient_id": VALID_ID.lower()})
         assert reply.status == 303 and held.assigned == [(99, VALID_ID, "Zhang^San=张^三")]
         client.get("/today")
         reply = client.post(f"/today/ecg/{latest}/send-anyway")

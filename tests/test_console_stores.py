@@ -207,8 +207,10 @@ def test_held_ecgs_are_the_outbox_holds_and_the_decisions_are_the_cli_s(
         assert set(held) == {unassigned.id, to_release.id, to_discard.id}
         assert held[unassigned.id].reason == "unassigned" and held[to_release.id].quality_verdict == "re-record"
         with pytest.raises(ConsoleInputError):
-            data.assign_ecg("王医生", unassigned.id, WRONG_CHECK, "张三", now=now())  # checked as the CLI checks
-        assert data.assign_ecg("王医生", unassigned.id, VALID_ID.lower(), "张三", now=now())
+            data.assign_ecg("王医生", unassigned.id, WRONG_CHECK, now=now())  # checked as the CLI checks
+        # the name comes from the session when the ID is the checked-in patient's (never from the form)
+        data.check_in("王医生", VALID_ID, "张三", "", False, "", now=now())
+        assert data.assign_ecg("王医生", unassigned.id, VALID_ID.lower(), now=now())
         assert data.send_anyway("王医生", to_release.id, now=now())
         assert data.re_record("王医生", to_discard.id, now=now())
         assert not data.send_anyway("王医生", to_discard.id, now=now())  # decided already: nothing happens

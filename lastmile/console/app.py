@@ -584,9 +584,7 @@ def _int(text: str) -> int:
 
 async def assign_reading(request: Request) -> Response:
     def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> str:
-        state_of(request).data.assign_reading(
-            ctx.user, _int(f.get("held_id", "")), f.get("patient_id", ""), f.get("name", ""), now=now
-        )
+        state_of(request).data.assign_reading(ctx.user, _int(f.get("held_id", "")), f.get("patient_id", ""), now=now)
         return "assigned"
 
     return await today_action(request, action)
@@ -594,9 +592,7 @@ async def assign_reading(request: Request) -> Response:
 
 async def assign_ecg(request: Request) -> Response:
     def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> str:
-        done = state_of(request).data.assign_ecg(
-            ctx.user, _int(f.get("item_id", "")), f.get("patient_id", ""), f.get("name", ""), now=now
-        )
+        done = state_of(request).data.assign_ecg(ctx.user, _int(f.get("item_id", "")), f.get("patient_id", ""), now=now)
         return "assigned" if done else "too-late"
 
     return await today_action(request, action)
