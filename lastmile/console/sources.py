@@ -54,6 +54,18 @@ log = logging.getLogger(__name__)
 
 READING_CENTER_STATUS = "reading_center"  # uploader.ecg_forwarder.STATUS_NAME (no DICOM import here)
 MAX_NAME_LENGTH = 64
+MAX_ROW_ID = 2**63 - 1  # SQLite's INTEGER: a larger number makes the driver raise OverflowError
+
+
+def row_number(text: str) -> int | None:
+    """The number of a stored row (report, outbox item, held reading) as an address or a form
+    gives it: ASCII digits within SQLite's INTEGER, else None. str.isdigit() alone takes "²"
+    (not int()'s) and 25 digits (int()'s, not SQLite's)."""
+    text = text.strip()
+    if not text or len(text) > len(str(MAX_ROW_ID)) or not (text.isascii() and text.isdigit()):
+        return None
+    number = int(text)
+    return number if 1 <= number <= MAX_ROW_ID else None
 
 
 class ConsoleInputError(ValueError):

@@ -20,7 +20,7 @@ from typing import Any
 
 from devices.identity import Patient
 from lastmile.config import Config
-from lastmile.console.sources import HeldEcg, ReportView
+from lastmile.console.sources import HeldEcg, ReportView, row_number
 from lastmile.ecg.holds import HeldEcgError, discard_held_ecg, held_ecgs, release_held_ecg
 from lastmile.reports.store import ReportStore, SentStudy, StoredReport
 from uploader.outbox import Outbox, OutboxItem
@@ -103,16 +103,18 @@ class StoredReports:
         return [report_view(r, studies.get(r.study_uid)) for r in found[:limit]]
 
     def _stored(self, report_id: str) -> StoredReport | None:
-        return self.store.get(int(report_id)) if report_id.isdigit() else None
+        number = row_number(report_id)
+        return None if number is None else self.store.get(number)
 
     def report(self, report_id: str) -> ReportView | None:
         found = self._stored(report_id)
         return None if found is None else report_view(found, self.store.study(found.study_uid))
 
     def acknowledge(self, report_id: str, by: str, now: dt.datetime) -> ReportView | None:
-        if self._stored(report_id) is None:
+        found = self._stored(report_id)
+        if found is None:
             return None
-        done = self.store.acknowledge(int(report_id), by, now)
+        done = self.store.acknowledge(found.id, by, now)
         return report_view(done, self.store.study(done.study_uid))
 
     def pdf(self, report_id: str) -> bytes | None:
