@@ -50,7 +50,7 @@ from lastmile.console.accounts import LANGUAGES, AccountError, Login, LoginRefus
 from lastmile.console.ecg_analysis import EcgAnalyses
 from lastmile.console.i18n import LANGUAGE_NAMES, N_, Localizer, negotiate
 from lastmile.console.live import Broker
-from lastmile.console.sources import ClinicData, ConsoleInputError, ReportView
+from lastmile.console.sources import ClinicData, ConsoleInputError, ReportView, row_number
 from lastmile.reports.printing import lp_command, print_document
 from lastmile.reports.report_text import printout, shown_reasons, shown_text
 
@@ -576,10 +576,22 @@ async def end_session(request: Request) -> Response:
 
 
 def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ConsoleInputError(N_("That is not a valid number.")) from None
+    number = row_number(text)
+    if number is None:
+        raise ConsoleInputError(N_("That is not a valid number."))
+    return number
+
+
+class NotFound(Exception):
+    """An address naming a row that cannot exist (a number beyond SQLite's INTEGER): 404."""
+
+
+def path_number(request: Request, name: str) -> int:
+    # the {…:int} route takes any run of digits; SQLite overflows past 2**63-1
+    number = row_number(str(request.path_params[name]))
+    if number is None:
+        raise NotFound(name)
+    return number
 
 
 async def assign_reading(request: Request) -> Response:
@@ -599,9 +611,8 @@ async def assign_ecg(request: Request) -> Response:
 
 
 async def re_record(request: Request) -> Response:
-    item_id = int(request.path_params["item_id"])
-
     def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> str:
+        item_id = path_number(request, "item_id")  # after the login and CSRF checks
         state_of(request).data.re_record(ctx.user, item_id, now=now)
         return "re-record"
 
@@ -609,9 +620,8 @@ async def re_record(request: Request) -> Response:
 
 
 async def send_anyway(request: Request) -> Response:
-    item_id = int(request.path_params["item_id"])
-
     def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> str:
+        item_id = path_number(request, "item_id")  # after the login and CSRF checks
         return "sending" if state_of(request).data.send_anyway(ctx.user, item_id, now=now) else "too-late"
 
     return await today_action(request, action)
@@ -620,7 +630,7 @@ async def send_anyway(request: Request) -> Response:
 async def ecg_preview(request: Request) -> Response:
     state = state_of(request)
     await context_for(request)
-    item_id = int(request.path_params["item_id"])
+    item_id = path_number(request, "item_id")
     ecg = await state.run_db(state.data.ecg, item_id)
     analysis = state.analyses.result(ecg.sha256) if ecg is not None and state.analyses else None
     if analysis is None or analysis.svg_gzip is None:
@@ -845,6 +855,10 @@ async def on_forbidden(request: Request, exc: Exception) -> Response:
     return PlainTextResponse("refused / 已拒绝", status_code=403)
 
 
+async def on_not_found(request: Request, exc: Exception) -> Response:
+    return PlainTextResponse("not found / 未找到", status_code=404)
+
+
 async def on_account_error(request: Request, exc: Exception) -> Response:
     return PlainTextResponse(str(exc), status_code=400)
 
@@ -896,6 +910,7 @@ def build_app(state: ConsoleState) -> ASGIApp:
             LoginRequired: on_login_required,
             Forbidden: on_forbidden,
             AccountError: on_account_error,
+            NotFound: on_not_found,
         },
     )
     app.state.console = state
