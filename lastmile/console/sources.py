@@ -514,10 +514,29 @@ class ClinicData:
         return discarded
 
     def acknowledge_report(self, user: str, report_id: str, *, now: dt.datetime) -> ReportView | None:
-        """The doctor has read this report: the store's acknowledgement (`lastmile report ack`)."""
+        """The doctor has read this report: the store's acknowledgement (`lastmile report ack`).
+        The store keeps the first acknowledgement; the audit trail says the same. A later click
+        (another screen still showing the button) is audited apart, "acknowledge-report-again",
+        naming who acknowledged first: an auditor asking who acknowledged a critical result gets
+        one doctor, and still sees who else confirmed seeing it."""
+        before = self.reports.report(report_id)
+        if before is None:
+            return None
         done = self.reports.acknowledge(report_id, user, now)
-        if done is not None:
+        if done is None:
+            return None
+        # unread before and now ours: this call acknowledged it (not `lastmile report ack` meanwhile)
+        if before.unread and done.acknowledged_by == user:
             self.audit.record(user, "acknowledge-report", now=now, target=report_id)
+        else:
+            first = done.acknowledged_at.isoformat() if done.acknowledged_at else ""
+            self.audit.record(
+                user,
+                "acknowledge-report-again",
+                now=now,
+                target=report_id,
+                detail={"acknowledged_by": done.acknowledged_by, "acknowledged_at": first},
+            )
         return done
 
     def re_record_noted(self, item_id: int) -> bool:
