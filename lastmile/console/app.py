@@ -327,6 +327,16 @@ def advice_for(check: str, level: str) -> str:
     return advice.get(level) or advice.get("FAIL") or advice.get("WARN") or UNSURE_ADVICE
 
 
+# What a 404 says, in the page's language (a report link from an old alert, a purged ECG).
+NO_SUCH_REPORT = N_("This report is not here (any more).")
+NO_REPORT_PDF = N_("The reading center sent no PDF for this report.")
+NO_PREVIEW = N_("The ECG picture is not ready (yet).")
+
+
+def not_found(ctx: Context, message: str) -> Response:
+    return PlainTextResponse(ctx.localizer.gettext(message), status_code=404)
+
+
 UNIT_DISPLAY = {" mm[Hg]": " mmHg", " Cel": " °C", " [degF]": " °F", " [lb_av]": " lb"}
 
 
@@ -629,12 +639,12 @@ async def send_anyway(request: Request) -> Response:
 
 async def ecg_preview(request: Request) -> Response:
     state = state_of(request)
-    await context_for(request)
+    ctx = await context_for(request)
     item_id = path_number(request, "item_id")
     ecg = await state.run_db(state.data.ecg, item_id)
     analysis = state.analyses.result(ecg.sha256) if ecg is not None and state.analyses else None
     if analysis is None or analysis.svg_gzip is None:
-        return PlainTextResponse("preview not available (yet)", status_code=404)
+        return not_found(ctx, NO_PREVIEW)
     headers = {
         "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'",
         "cache-control": "private, no-store",
@@ -722,7 +732,7 @@ async def report_page(request: Request) -> Response:
     ctx = await context_for(request)
     model = await page_model(request, ctx, views.report, request.path_params["report_id"], ctx.user)
     if model["report"] is None:
-        return PlainTextResponse("no such report", status_code=404)
+        return not_found(ctx, NO_SUCH_REPORT)
     model["clinic_printer"] = lp_command() is not None  # CUPS on this gateway (the image has it)
     model["printed"] = request.query_params.get("printed")
     return render(request, ctx, "report.html", **model)
@@ -730,11 +740,12 @@ async def report_page(request: Request) -> Response:
 
 async def report_pdf(request: Request) -> Response:
     state = state_of(request)
-    await context_for(request)
+    ctx = await context_for(request)
     report_id = request.path_params["report_id"]
     pdf = await state.run_db(state.data.reports.pdf, report_id)
     if pdf is None:
-        return PlainTextResponse("no PDF for this report", status_code=404)
+        found = await state.run_db(state.data.reports.report, report_id)  # gone, or no PDF: said apart
+        return not_found(ctx, NO_SUCH_REPORT if found is None else NO_REPORT_PDF)
     return Response(
         pdf,
         media_type="application/pdf",
@@ -765,7 +776,7 @@ async def print_report(request: Request) -> Response:
     report_id = request.path_params["report_id"]
     found = await state.run_db(state.data.reports.report, report_id)
     if found is None:
-        return PlainTextResponse("no such report", status_code=404)
+        return not_found(ctx, NO_SUCH_REPORT)
     pdf = await state.run_db(state.data.reports.pdf, report_id) if found.has_pdf else None
     document = pdf or printable_text(found, ctx.localizer).encode("utf-8")
     outcome = await asyncio.to_thread(print_document, document, f"ECG report {report_id}")
