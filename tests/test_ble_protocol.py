@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 
 import pytest
@@ -10,7 +11,8 @@ from hypothesis import strategies as st
 
 from devices.ble.blood_pressure import decode_blood_pressure_measurement
 from devices.ble.clock import ClockCheck, measure_offset, resolve_time
-from devices.ble.measurement import record_key
+from devices.ble.measurement import record_key, to_observation
+from devices.ble.pulse_oximeter import decode_plx_spot_check
 from devices.ble.racp import (
     FilterType,
     OpCode,
@@ -24,7 +26,7 @@ from devices.ble.racp import (
     encode_response_code,
 )
 from devices.errors import ProtocolError
-from devices.identity import TimeSource
+from devices.identity import STORED_TIME_UNKNOWN, DeviceIdentity, TimeSource
 
 UTC = dt.timezone.utc
 
@@ -195,6 +197,27 @@ def test_no_time_or_untrusted_clock_gives_receipt() -> None:
         resolve_time(dt.datetime(2025, 6, 1, 9, 58), RX, ClockCheck(), UTC, clock_untrusted=True)[1]
         == TimeSource.GATEWAY_RECEIPT
     )
+
+
+# PLX Spot-check: Flags 0x02 (Measurement Status) | SpO2 97 | PR 70 | status bit 9 (data from storage)
+PLX_SPOT_FROM_STORAGE = bytes.fromhex("02610046000002")
+
+
+@pytest.mark.parametrize(
+    ("stored", "source", "flagged"),
+    [
+        (True, TimeSource.GATEWAY_RECEIPT, True),
+        (True, TimeSource.DEVICE_CLOCK, False),
+        (False, TimeSource.GATEWAY_RECEIPT, False),
+    ],
+)
+def test_a_stored_record_timed_by_receipt_is_flagged(stored: bool, source: TimeSource, flagged: bool) -> None:
+    m = decode_plx_spot_check(PLX_SPOT_FROM_STORAGE)
+    assert m.stored and "data-from-storage" in m.flags
+    if not stored:
+        m = dataclasses.replace(m, stored=False)
+    obs = to_observation(m, device=DeviceIdentity(), measured_at=RX, time_source=source, received_at=RX, key="k")
+    assert (STORED_TIME_UNKNOWN in obs.flags) is flagged
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,7 @@ imports only `devices` and bleak.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import functools
 import logging
@@ -331,6 +332,8 @@ class DeviceSession:
             self._racp_result.set_result(result)
 
     def _on_measurement(self, m: Measurement, received_at: dt.datetime) -> None:
+        if not m.live and not m.stored and self._racp_result is not None and not self._racp_result.done():
+            m = dataclasses.replace(m, stored=True)  # sent for our RACP request: a record from memory
         if m.sequence is not None:  # glucose
             self.racp.on_record(m.sequence)
             self._flush_glucose()  # a context follows its own measurement at once
