@@ -35,6 +35,7 @@ import datetime as dt
 import functools
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -53,6 +54,7 @@ from devices.ble.current_time import CurrentTime, encode_current_time
 from devices.ble.device_information import STRING_CHARACTERISTICS, device_identity
 from devices.ble.glucose import GlucoseContext, with_context
 from devices.ble.measurement import Measurement, record_key, to_observation
+from devices.ble.pulse_oximeter import UNUSABLE
 from devices.ble.racp import RacpClient, RacpResult
 from devices.ble.uuids import full_uuid, short_uuid
 from devices.errors import ProtocolError
@@ -156,6 +158,7 @@ class DeviceSession:
         self._gone = asyncio.Event()
         self.stored = 0
         self.duplicates = 0
+        self.unusable: Counter[str] = Counter()  # readings not stored, by the status that made them so
 
     # -- the session ------------------------------------------------------------------------
     async def run(self) -> None:
@@ -189,7 +192,14 @@ class DeviceSession:
                 # A cuff that has sent its memory hangs up, even while we are still subscribing.
                 log.info("%s: device hung up during set-up", self.address)
             await self._gone.wait()
-            log.info("%s: disconnected (%d stored, %d already known)", self.address, self.stored, self.duplicates)
+            log.info(
+                "%s: disconnected (%d stored, %d already known, %d not results%s)",
+                self.address,
+                self.stored,
+                self.duplicates,
+                sum(self.unusable.values()),
+                "".join(f"; {n} {why}" for why, n in self.unusable.items()),
+            )
         finally:
             try:
                 self._flush_glucose()  # records whose context never came are still records
@@ -346,13 +356,28 @@ class DeviceSession:
                 self.clock = ClockCheck(offset=measure_offset(m.device_time, received_at, self.s.device_tz))
             if m.characteristic != uuids.PLX_CONTINUOUS_MEASUREMENT:
                 return  # cuff pressure while inflating, a thermometer's running value: not results
+        unusable = UNUSABLE.intersection(m.flags)
+        if unusable:
+            self._not_a_result(m, ", ".join(sorted(unusable)))
+            return
+        if m.live:
             now = time.monotonic()
             if self._last_continuous is not None and now - self._last_continuous < self.s.continuous_store_interval_s:
                 return
-            if {"measurement-ongoing", "measurement-unavailable", "invalid-measurement"} & set(m.flags):
-                return
             self._last_continuous = now
         self._store(m, received_at)
+
+    def _not_a_result(self, m: Measurement, why: str) -> None:
+        """A reading the device itself marks as no result (demonstration, testing, calibration,
+        invalid ...): not stored, but counted, logged and shown in the device list once per reason
+        and connection - a demo-mode oximeter must not look like one that sends nothing."""
+        first = why not in self.unusable
+        self.unusable[why] += 1
+        if not first:
+            log.debug("%s: %s reading not stored (%s)", self.address, m.kind, why)
+            return
+        log.warning("%s: %s reading not stored: the device marks it %s", self.address, m.kind, why)
+        self.port.report(DeviceStatus(self.address, error=f"{m.kind} readings not stored: device reports {why}"))
 
     def _on_glucose_context(self, context: GlucoseContext) -> None:
         pending = self._pending_glucose.pop(context.sequence, None)
