@@ -243,6 +243,8 @@ class DeviceSession:
         if char is None:
             return
         assert self.client is not None
+        # Reading and setting are independent: a Current Time we cannot decode (a wrong day of
+        # week, a reserved bit) must not stop us from setting the clock right.
         try:
             raw = await self._read(uuids.CURRENT_TIME)
             if raw is not None:
@@ -253,14 +255,18 @@ class DeviceSession:
                     offset = measure_offset(ct.local_time, gateway_now, self.s.device_tz)
                     self.clock = ClockCheck(offset=offset)
                     log.info("%s: device clock off by %+.0f s", self.address, offset.total_seconds())
-            if "write" in char.properties:
-                now = self.m.clock()
-                await self.client.write_gatt_char(
-                    char, encode_current_time(now.astimezone(self.s.device_tz).replace(tzinfo=None)), response=True
-                )
-                self.clock = ClockCheck(offset=self.clock.offset, set_at=now)
         except (ProtocolError, BleakGATTProtocolError) as exc:
-            log.warning("%s: current time not usable: %s", self.address, exc)
+            log.warning("%s: current time not readable (setting it anyway): %s", self.address, exc)
+        if "write" not in char.properties:
+            return
+        try:
+            now = self.m.clock()
+            await self.client.write_gatt_char(
+                char, encode_current_time(now.astimezone(self.s.device_tz).replace(tzinfo=None)), response=True
+            )
+            self.clock = ClockCheck(offset=self.clock.offset, set_at=now)
+        except (ProtocolError, BleakGATTProtocolError) as exc:
+            log.warning("%s: current time not settable: %s", self.address, exc)
 
     async def _subscribe_all(self) -> None:
         assert self.client is not None
