@@ -405,3 +405,24 @@ def test_a_response_must_answer_the_running_request() -> None:
     assert c.state is RacpState.REPORTING
     result = c.on_indication(RACP_SUCCESS_FOR_REPORT)
     assert (result.op_code, result.records, result.highest_sequence) == (OpCode.REPORT_STORED_RECORDS, 1, 1)
+
+
+def test_device_stamps_are_read_with_the_offset_of_their_own_date() -> None:
+    zoneinfo = pytest.importorskip("zoneinfo")
+    try:
+        berlin = zoneinfo.ZoneInfo("Europe/Berlin")
+    except zoneinfo.ZoneInfoNotFoundError:
+        pytest.skip("no tz database")
+    rx = dt.datetime(2025, 7, 15, 9, 0, tzinfo=UTC)
+    assert resolve_time(dt.datetime(2025, 7, 15, 10, 0), rx, ClockCheck(), berlin) == (
+        dt.datetime(2025, 7, 15, 8, 0, tzinfo=UTC),  # CEST, +02:00
+        TimeSource.DEVICE_CLOCK,
+    )
+    # A clock a day behind, stamping in CET the day before the change to CEST: the correction
+    # is a duration, made in UTC, so the DST change in between does not shift it by an hour.
+    clock = ClockCheck(offset=dt.timedelta(days=-1))
+    rx = dt.datetime(2025, 3, 31, 10, 0, tzinfo=UTC)
+    assert resolve_time(dt.datetime(2025, 3, 29, 12, 0), rx, clock, berlin) == (
+        dt.datetime(2025, 3, 30, 11, 0, tzinfo=UTC),
+        TimeSource.DEVICE_CLOCK_CORRECTED,
+    )

@@ -61,6 +61,7 @@ from devices.errors import ProtocolError
 from devices.identity import DeviceIdentity
 from devices.observation import Observation
 from firmware_bridge.errors import SessionEnded
+from firmware_bridge.zone import system_zone
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +81,6 @@ SUBSCRIBED = (
 )
 AUTH_ERROR_CODES = {0x05, 0x0C, 0x0F}  # insufficient authentication / key size / encryption
 AUTH_DBUS_HINTS = ("NotPermitted", "NotAuthorized", "Insufficient", "AuthenticationFailed")
-
-
-def local_tz() -> dt.tzinfo:
-    tz = dt.datetime.now().astimezone().tzinfo
-    assert tz is not None
-    return tz
 
 
 def utc_now() -> dt.datetime:
@@ -133,7 +128,9 @@ class LinkSettings:
     radio_retry_max_s: float = 60.0  # a radio that cannot scan is tried again after scan_pass_s, doubling up to this
     continuous_store_interval_s: float = 10.0  # continuous SpO2: one observation per interval
     clock_tolerance_s: float = 300.0
-    device_tz: dt.tzinfo = field(default_factory=local_tz)  # the zone device clocks are set to
+    # The zone device clocks are set to: an IANA zone, so each stamp is read with the UTC offset
+    # of its own date (a fixed offset taken at start would be an hour off across a DST change).
+    device_tz: dt.tzinfo = field(default_factory=system_zone)
 
 
 class DeviceSession:
