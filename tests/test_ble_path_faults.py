@@ -195,9 +195,7 @@ class WrongWeekdayCuff(BloodPressureCuff):
     async def start(self) -> None:
         await super().start()
         ct_uuid = UUID.from_16_bits(uuids.CURRENT_TIME)
-        (char,) = [
-            a for a in self.device.gatt_server.attributes if isinstance(a, Characteristic) and a.uuid == ct_uuid
-        ]
+        (char,) = [a for a in self.device.gatt_server.attributes if isinstance(a, Characteristic) and a.uuid == ct_uuid]
         original = char.value
         char.value = CharacteristicValue(
             read=lambda _c: wrong_weekday(encode_current_time(self.clock.now().replace(microsecond=0))),
