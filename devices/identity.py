@@ -27,6 +27,10 @@ class TimeSource(str, enum.Enum):
 
 # Nothing we record can predate this: a Pi without RTC boots in 1970.
 EARLIEST_PLAUSIBLE = dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)
+# Observation flag: a record from a device's memory (taken earlier, perhaps on another patient)
+# whose own time could not be used, so its time is only when we received it. Such a reading is
+# held for the doctor, never given to the current patient.
+STORED_TIME_UNKNOWN = "stored-record-time-unknown"
 
 
 def require_aware(value: dt.datetime, what: str) -> dt.datetime:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from devices.identity import EARLIEST_PLAUSIBLE, TimeSource
+from firmware_bridge.zone import system_zone
 
 log = logging.getLogger(__name__)
 
@@ -35,23 +36,8 @@ BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 
 def local_zone() -> dt.tzinfo:
     """This gateway's zone (with its DST rules when known): carts write local wall-clock times,
-    and the clinic reads times in it."""
-    import os
-    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-    key = os.environ.get("TZ", "").lstrip(":")
-    if not key:
-        try:
-            key = Path("/etc/timezone").read_text().strip()
-        except OSError:
-            target = os.path.realpath("/etc/localtime")
-            key = target.split("zoneinfo/", 1)[1] if "zoneinfo/" in target else ""
-    if key:
-        try:
-            return ZoneInfo(key)
-        except (ZoneInfoNotFoundError, ValueError):
-            pass
-    return dt.datetime.now().astimezone().tzinfo or dt.timezone.utc
+    and the clinic reads times in it. The BLE link reads device clocks in the same zone."""
+    return system_zone()
 
 
 def clinic_time(value: dt.datetime | None, *, minutes: bool = False) -> str:

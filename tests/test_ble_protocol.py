@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 
 import pytest
@@ -10,7 +11,8 @@ from hypothesis import strategies as st
 
 from devices.ble.blood_pressure import decode_blood_pressure_measurement
 from devices.ble.clock import ClockCheck, measure_offset, resolve_time
-from devices.ble.measurement import record_key
+from devices.ble.measurement import record_key, to_observation
+from devices.ble.pulse_oximeter import decode_plx_spot_check
 from devices.ble.racp import (
     FilterType,
     OpCode,
@@ -24,7 +26,7 @@ from devices.ble.racp import (
     encode_response_code,
 )
 from devices.errors import ProtocolError
-from devices.identity import TimeSource
+from devices.identity import STORED_TIME_UNKNOWN, DeviceIdentity, TimeSource
 
 UTC = dt.timezone.utc
 
@@ -195,6 +197,27 @@ def test_no_time_or_untrusted_clock_gives_receipt() -> None:
         resolve_time(dt.datetime(2025, 6, 1, 9, 58), RX, ClockCheck(), UTC, clock_untrusted=True)[1]
         == TimeSource.GATEWAY_RECEIPT
     )
+
+
+# PLX Spot-check: Flags 0x02 (Measurement Status) | SpO2 97 | PR 70 | status bit 9 (data from storage)
+PLX_SPOT_FROM_STORAGE = bytes.fromhex("02610046000002")
+
+
+@pytest.mark.parametrize(
+    ("stored", "source", "flagged"),
+    [
+        (True, TimeSource.GATEWAY_RECEIPT, True),
+        (True, TimeSource.DEVICE_CLOCK, False),
+        (False, TimeSource.GATEWAY_RECEIPT, False),
+    ],
+)
+def test_a_stored_record_timed_by_receipt_is_flagged(stored: bool, source: TimeSource, flagged: bool) -> None:
+    m = decode_plx_spot_check(PLX_SPOT_FROM_STORAGE)
+    assert m.stored and "data-from-storage" in m.flags
+    if not stored:
+        m = dataclasses.replace(m, stored=False)
+    obs = to_observation(m, device=DeviceIdentity(), measured_at=RX, time_source=source, received_at=RX, key="k")
+    assert (STORED_TIME_UNKNOWN in obs.flags) is flagged
 
 
 @pytest.mark.parametrize(
@@ -382,3 +405,24 @@ def test_a_response_must_answer_the_running_request() -> None:
     assert c.state is RacpState.REPORTING
     result = c.on_indication(RACP_SUCCESS_FOR_REPORT)
     assert (result.op_code, result.records, result.highest_sequence) == (OpCode.REPORT_STORED_RECORDS, 1, 1)
+
+
+def test_device_stamps_are_read_with_the_offset_of_their_own_date() -> None:
+    zoneinfo = pytest.importorskip("zoneinfo")
+    try:
+        berlin = zoneinfo.ZoneInfo("Europe/Berlin")
+    except zoneinfo.ZoneInfoNotFoundError:
+        pytest.skip("no tz database")
+    rx = dt.datetime(2025, 7, 15, 9, 0, tzinfo=UTC)
+    assert resolve_time(dt.datetime(2025, 7, 15, 10, 0), rx, ClockCheck(), berlin) == (
+        dt.datetime(2025, 7, 15, 8, 0, tzinfo=UTC),  # CEST, +02:00
+        TimeSource.DEVICE_CLOCK,
+    )
+    # A clock a day behind, stamping in CET the day before the change to CEST: the correction
+    # is a duration, made in UTC, so the DST change in between does not shift it by an hour.
+    clock = ClockCheck(offset=dt.timedelta(days=-1))
+    rx = dt.datetime(2025, 3, 31, 10, 0, tzinfo=UTC)
+    assert resolve_time(dt.datetime(2025, 3, 29, 12, 0), rx, clock, berlin) == (
+        dt.datetime(2025, 3, 30, 11, 0, tzinfo=UTC),
+        TimeSource.DEVICE_CLOCK_CORRECTED,
+    )

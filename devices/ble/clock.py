@@ -57,7 +57,8 @@ def resolve_time(
     # clock, was made by the corrected clock; anything else was stamped by the wrong one.
     if clock.set_at is not None and clock.set_at - tolerance <= stamped and abs(stamped - received_at) <= tolerance:
         return stamped, TimeSource.DEVICE_CLOCK
-    corrected = stamped - off
+    # In UTC: the offset is an absolute duration, and a DST change may lie between the two.
+    corrected = (stamped.astimezone(dt.timezone.utc) - off).astimezone(tz)
     if plausible(corrected):
         return corrected, TimeSource.DEVICE_CLOCK_CORRECTED
     return received_at, TimeSource.GATEWAY_RECEIPT

@@ -175,6 +175,7 @@ def decode_glucose_measurement(data: bytes) -> Measurement:
         flags=status_flags,
         details=details,
         sequence=sequence,
+        stored=True,  # a meter sends its records only when asked over the RACP: all are memory
         clock_untrusted="time-fault" in status_flags,
         context_follows=bool(flags & FLAG_CONTEXT_FOLLOWS),
     )

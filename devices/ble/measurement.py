@@ -12,7 +12,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 from devices.ble.sfloat import MedFloat
-from devices.identity import DeviceIdentity, TimeSource
+from devices.identity import STORED_TIME_UNKNOWN, DeviceIdentity, TimeSource
 from devices.observation import Observation, Quantity
 
 
@@ -27,6 +27,7 @@ class Measurement:
     sequence: int | None = None  # record sequence number (glucose)
     user_id: int | None = None  # device user index; None: not sent or "unknown user" (0xFF)
     live: bool = False  # taken just now (intermediate/continuous), not a stored record
+    stored: bool = False  # from the device's memory (an RACP record, PLX "data-from-storage")
     clock_untrusted: bool = False  # the device itself says its clock is not set / had a fault
     context_follows: bool = False  # glucose: a Measurement Context with this sequence follows
 
@@ -79,6 +80,10 @@ def to_observation(
     patient_id: str | None = None,
     extra_flags: tuple[str, ...] = (),
 ) -> Observation:
+    """`m` as an Observation. A stored record whose time fell back to our receipt time is flagged
+    STORED_TIME_UNKNOWN: the receipt time says nothing about when (or on whom) it was taken."""
+    if m.stored and time_source is TimeSource.GATEWAY_RECEIPT and STORED_TIME_UNKNOWN not in extra_flags:
+        extra_flags += (STORED_TIME_UNKNOWN,)
     return Observation(
         kind=m.kind,
         quantities=m.quantities,

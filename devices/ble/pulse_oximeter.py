@@ -130,6 +130,7 @@ def decode_plx_spot_check(data: bytes) -> Measurement:
         flags=status_flags,
         details=details,
         clock_untrusted=clock_not_set,
+        stored="data-from-storage" in status_flags,
     )
 
 
@@ -156,6 +157,7 @@ def decode_plx_continuous(data: bytes) -> Measurement:
         flags=status_flags,
         details=details,
         live=True,
+        stored="data-from-storage" in status_flags,
     )
 
 

@@ -30,10 +30,12 @@ imports only `devices` and bleak.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import functools
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -52,12 +54,14 @@ from devices.ble.current_time import CurrentTime, encode_current_time
 from devices.ble.device_information import STRING_CHARACTERISTICS, device_identity
 from devices.ble.glucose import GlucoseContext, with_context
 from devices.ble.measurement import Measurement, record_key, to_observation
+from devices.ble.pulse_oximeter import UNUSABLE
 from devices.ble.racp import RacpClient, RacpResult
 from devices.ble.uuids import full_uuid, short_uuid
 from devices.errors import ProtocolError
 from devices.identity import DeviceIdentity
 from devices.observation import Observation
 from firmware_bridge.errors import SessionEnded
+from firmware_bridge.zone import system_zone
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +81,6 @@ SUBSCRIBED = (
 )
 AUTH_ERROR_CODES = {0x05, 0x0C, 0x0F}  # insufficient authentication / key size / encryption
 AUTH_DBUS_HINTS = ("NotPermitted", "NotAuthorized", "Insufficient", "AuthenticationFailed")
-
-
-def local_tz() -> dt.tzinfo:
-    tz = dt.datetime.now().astimezone().tzinfo
-    assert tz is not None
-    return tz
 
 
 def utc_now() -> dt.datetime:
@@ -130,7 +128,9 @@ class LinkSettings:
     radio_retry_max_s: float = 60.0  # a radio that cannot scan is tried again after scan_pass_s, doubling up to this
     continuous_store_interval_s: float = 10.0  # continuous SpO2: one observation per interval
     clock_tolerance_s: float = 300.0
-    device_tz: dt.tzinfo = field(default_factory=local_tz)  # the zone device clocks are set to
+    # The zone device clocks are set to: an IANA zone, so each stamp is read with the UTC offset
+    # of its own date (a fixed offset taken at start would be an hour off across a DST change).
+    device_tz: dt.tzinfo = field(default_factory=system_zone)
 
 
 class DeviceSession:
@@ -155,6 +155,7 @@ class DeviceSession:
         self._gone = asyncio.Event()
         self.stored = 0
         self.duplicates = 0
+        self.unusable: Counter[str] = Counter()  # readings not stored, by the status that made them so
 
     # -- the session ------------------------------------------------------------------------
     async def run(self) -> None:
@@ -188,7 +189,14 @@ class DeviceSession:
                 # A cuff that has sent its memory hangs up, even while we are still subscribing.
                 log.info("%s: device hung up during set-up", self.address)
             await self._gone.wait()
-            log.info("%s: disconnected (%d stored, %d already known)", self.address, self.stored, self.duplicates)
+            log.info(
+                "%s: disconnected (%d stored, %d already known, %d not results%s)",
+                self.address,
+                self.stored,
+                self.duplicates,
+                sum(self.unusable.values()),
+                "".join(f"; {n} {why}" for why, n in self.unusable.items()),
+            )
         finally:
             try:
                 self._flush_glucose()  # records whose context never came are still records
@@ -232,6 +240,8 @@ class DeviceSession:
         if char is None:
             return
         assert self.client is not None
+        # Reading and setting are independent: a Current Time we cannot decode (a wrong day of
+        # week, a reserved bit) must not stop us from setting the clock right.
         try:
             raw = await self._read(uuids.CURRENT_TIME)
             if raw is not None:
@@ -242,14 +252,18 @@ class DeviceSession:
                     offset = measure_offset(ct.local_time, gateway_now, self.s.device_tz)
                     self.clock = ClockCheck(offset=offset)
                     log.info("%s: device clock off by %+.0f s", self.address, offset.total_seconds())
-            if "write" in char.properties:
-                now = self.m.clock()
-                await self.client.write_gatt_char(
-                    char, encode_current_time(now.astimezone(self.s.device_tz).replace(tzinfo=None)), response=True
-                )
-                self.clock = ClockCheck(offset=self.clock.offset, set_at=now)
         except (ProtocolError, BleakGATTProtocolError) as exc:
-            log.warning("%s: current time not usable: %s", self.address, exc)
+            log.warning("%s: current time not readable (setting it anyway): %s", self.address, exc)
+        if "write" not in char.properties:
+            return
+        try:
+            now = self.m.clock()
+            await self.client.write_gatt_char(
+                char, encode_current_time(now.astimezone(self.s.device_tz).replace(tzinfo=None)), response=True
+            )
+            self.clock = ClockCheck(offset=self.clock.offset, set_at=now)
+        except (ProtocolError, BleakGATTProtocolError) as exc:
+            log.warning("%s: current time not settable: %s", self.address, exc)
 
     async def _subscribe_all(self) -> None:
         assert self.client is not None
@@ -331,6 +345,8 @@ class DeviceSession:
             self._racp_result.set_result(result)
 
     def _on_measurement(self, m: Measurement, received_at: dt.datetime) -> None:
+        if not m.live and not m.stored and self._racp_result is not None and not self._racp_result.done():
+            m = dataclasses.replace(m, stored=True)  # sent for our RACP request: a record from memory
         if m.sequence is not None:  # glucose
             self.racp.on_record(m.sequence)
             self._flush_glucose()  # a context follows its own measurement at once
@@ -343,13 +359,28 @@ class DeviceSession:
                 self.clock = ClockCheck(offset=measure_offset(m.device_time, received_at, self.s.device_tz))
             if m.characteristic != uuids.PLX_CONTINUOUS_MEASUREMENT:
                 return  # cuff pressure while inflating, a thermometer's running value: not results
+        unusable = UNUSABLE.intersection(m.flags)
+        if unusable:
+            self._not_a_result(m, ", ".join(sorted(unusable)))
+            return
+        if m.live:
             now = time.monotonic()
             if self._last_continuous is not None and now - self._last_continuous < self.s.continuous_store_interval_s:
                 return
-            if {"measurement-ongoing", "measurement-unavailable", "invalid-measurement"} & set(m.flags):
-                return
             self._last_continuous = now
         self._store(m, received_at)
+
+    def _not_a_result(self, m: Measurement, why: str) -> None:
+        """A reading the device itself marks as no result (demonstration, testing, calibration,
+        invalid ...): not stored, but counted, logged and shown in the device list once per reason
+        and connection - a demo-mode oximeter must not look like one that sends nothing."""
+        first = why not in self.unusable
+        self.unusable[why] += 1
+        if not first:
+            log.debug("%s: %s reading not stored (%s)", self.address, m.kind, why)
+            return
+        log.warning("%s: %s reading not stored: the device marks it %s", self.address, m.kind, why)
+        self.port.report(DeviceStatus(self.address, error=f"{m.kind} readings not stored: device reports {why}"))
 
     def _on_glucose_context(self, context: GlucoseContext) -> None:
         pending = self._pending_glucose.pop(context.sequence, None)

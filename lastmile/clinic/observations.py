@@ -8,7 +8,9 @@ it. One with no patient is *held* in clinic.db, unassigned, until the doctor ass
 Which patient: the one the observation already names, else the current patient of the clinic
 session - but only if the reading was measured after that patient's session began. A reading
 from before (a cuff's memory sent late, the previous patient's reading delivered after the
-switch) is held instead; that can cost the doctor an assignment, never a wrong record.
+switch) is held instead; that can cost the doctor an assignment, never a wrong record. So is a
+record from a device's memory whose time is unknown (flag STORED_TIME_UNKNOWN: a meter whose
+clock was reset): its receipt time says nothing about when, or on whom, it was taken.
 
 Duplicates: a record key already in the outbox or held is not stored again, whatever the
 current patient, so a device re-sending its memory neither duplicates nor re-assigns anything.
@@ -26,7 +28,7 @@ from typing import Any
 
 import sqlite_utils
 
-from devices.identity import DeviceIdentity, TimeSource
+from devices.identity import STORED_TIME_UNKNOWN, DeviceIdentity, TimeSource
 from devices.observation import Observation, Quantity
 from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
 from lastmile.clinic.patients import PatientContext
@@ -173,6 +175,9 @@ class ObservationStore:
             )
         patient_id, name = obs.patient_id, ""
         current = None
+        if patient_id is None and STORED_TIME_UNKNOWN in obs.flags:
+            # Taken earlier, we cannot tell when: the current patient is a guess.
+            return self._hold(obs, now, "a stored record whose time is unknown")
         if patient_id is None:
             current = self.context.current(now)
             # Device time stamps have whole seconds: compare at that resolution. The gateway's
@@ -181,7 +186,7 @@ class ObservationStore:
             if current is not None and obs.measured_at >= _session_start(current.since, obs.time_source):
                 patient_id, name = current.patient_id, current.name
         if patient_id is None:
-            return self._hold(obs, now)
+            return self._hold(obs, now, "no current patient" if current is None else "measured before the session")
         result = self._enqueue(replace(obs, patient_id=patient_id), name, now)
         # A reading is activity in the session; one write per TOUCH_EVERY is enough for that.
         if current is not None and now - current.last_activity >= TOUCH_EVERY:
@@ -206,7 +211,7 @@ class ObservationStore:
             now=now.timestamp(),
         )
 
-    def _hold(self, obs: Observation, now: dt.datetime) -> StoreResult:
+    def _hold(self, obs: Observation, now: dt.datetime, why: str) -> StoreResult:
         with transaction(self.db) as conn:
             cur = conn.execute(
                 "INSERT INTO held_observations (key, kind, measured_at, device, observation, held_at) "
@@ -223,7 +228,7 @@ class ObservationStore:
             if cur.rowcount == 0:
                 return StoreResult("duplicate")
             held_id = int(cur.lastrowid or 0)
-        log.info("%s observation held unassigned (no current patient): #%d", obs.kind, held_id)
+        log.info("%s observation held unassigned (%s): #%d", obs.kind, why, held_id)
         return StoreResult("held", None, None, held_id)
 
     # -- unassigned observations ------------------------------------------------------------
