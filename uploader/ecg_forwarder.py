@@ -67,7 +67,6 @@ from uploader.outbox import (
     Outbox,
     OutboxItem,
     Priority,
-    is_disk_full,
 )
 from uploader.reachability import address_toward
 from uploader.stat_watch import StatWatch, TransferRate
@@ -168,6 +167,13 @@ class StatLane:
                 self._results += self._send()
             except BaseException as exc:  # noqa: BLE001 — re-raised by join() in the round's thread
                 self._errors.append(exc)
+
+    def wait(self) -> None:
+        """Wait for its threads to end, whatever they raised (the round is failing already)."""
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join()
 
     def join(self) -> list[RoundResult]:
         """(once the round's associations have ended: nothing starts it any more)"""
@@ -461,8 +467,12 @@ class EcgForwarder:
             )
             # suspects stay on their one association; a routine backlog gets more as the link asks
             most = n if suspects else max(n, s.associations, s.max_associations)
-            with watch:
-                outcomes = self._send_round(SendRound(share, stop, faults, watch), n, most)
+            try:
+                with watch:
+                    outcomes = self._send_round(SendRound(share, stop, faults, watch), n, most)
+            except BaseException:
+                stat_lane.wait()  # its claims are its own until it ends: not released under it
+                raise
             outcomes += stat_lane.join()
         for lane_result in outcomes:
             result.add_sends(lane_result)
@@ -549,12 +559,18 @@ class EcgForwarder:
         known of the link (a new gateway) would otherwise carry its whole backlog on too few
         associations to hide the round trip. `round_.watch`: a routine round's, which yields to STAT."""
         most = max(lanes, most)
-        if most == 1:  # one association, no more: on this thread (a STAT lane's, named for it)
-            outcomes = [self._send_lane(round_)]
-        else:
-            pool = LanePool(round_, most, send_lane=self._send_lane, lanes_for_link=self.associations_for_link)
-            outcomes = pool.run(lanes)
         share, watch = round_.share, round_.watch
+        try:
+            if most == 1:  # one association, no more: on this thread (a STAT lane's, named for it)
+                outcomes = [self._send_lane(round_)]
+            else:
+                pool = LanePool(round_, most, send_lane=self._send_lane, lanes_for_link=self.associations_for_link)
+                outcomes = pool.run(lanes)
+        except BaseException:
+            # a lane failed (e.g. a database fault): what none took is not left claimed, where no
+            # claim ever looks again while this process lives
+            self._release_quietly([i.id for i in share.take_all()], "forwarder stopped")
+            raise
         left = share.take_all()  # every association ended before taking these
         if left and share.failure is not None:
             now, failure = self.clock(), share.failure
@@ -567,6 +583,16 @@ class EcgForwarder:
             why = YIELDED_TO_STAT if watch is not None and watch.stat_due.is_set() else "forwarder stopped"
             self.outbox.release([i.id for i in left], why, self.clock(), 0.0)
         return outcomes
+
+    def _release_quietly(self, item_ids: list[int], why: str) -> None:
+        """Release on a path already failing: a database still failing must not hide the first
+        error (the forward service releases every claim of ours once it answers again)."""
+        if not item_ids:
+            return
+        try:
+            self.outbox.release(item_ids, why, self.clock(), 0.0)
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("%d claimed item(s) not released yet: %s", len(item_ids), exc)
 
     def _send_stat(self, stop: threading.Event, faults: list[str]) -> list[RoundResult]:
         """The STAT items due, on an association of their own (none if another took them)."""
@@ -674,10 +700,11 @@ class EcgForwarder:
                     if outcome.category in ("success", "warning"):
                         try:
                             self.outbox.mark_sent([item.id], now)
-                        except sqlite3.OperationalError as exc:
-                            if is_disk_full(exc):
-                                with self._lock_unrecorded:
-                                    self._unrecorded_sent.add(item.id)
+                        except (sqlite3.Error, OSError):
+                            # stored at the peer whatever kept us from recording it (full disk, I/O
+                            # error, locked): recorded later (`record_unrecorded_sends`), not sent again
+                            with self._lock_unrecorded:
+                                self._unrecorded_sent.add(item.id)
                             raise
                         sent_now.append(item)
                         r.sent += 1
