@@ -53,8 +53,10 @@ from uploader.dicom_commitment import (
     CommitmentListener,
     CommitmentReport,
     ExtraStorage,
+    FailedAction,
     ReportRefused,
     ReportSenders,
+    failure_action,
 )
 from uploader.dicom_store import CommitmentUnsupported, StoreAssociation
 from uploader.errors import ConfigurationFault, CorruptPayloadError, PermanentError, TransientError
@@ -78,6 +80,7 @@ YIELDED_TO_STAT = "waited for a STAT study to go first"
 LINK_STATUS_NAME = "reading_center_link"  # the link's measured rate, kept across restarts
 LINK_RATE_CHANGE = 0.05  # kept again when it moved by more than this fraction
 RESPONSE_MARGIN_S = 0.05  # the peer's time to store an object, on top of the round trip
+DEFAULT_MAX_COMMITMENT_FAILURES = 10  # ~10 resends of a 100-250 KB ECG on a metered link, then a person looks
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,8 @@ class ForwarderSettings:
     retention_s: float = 0.0
     idle_poll_s: float = 2.0
     max_interrupted_sends: int = DEFAULT_MAX_INTERRUPTED_SENDS
+    # an instance the PACS fails to commit this many times (resent or re-asked) is quarantined
+    max_commitment_failures: int = DEFAULT_MAX_COMMITMENT_FAILURES
     stat_poll_s: float = 0.01  # how often a round sending routine items looks for a STAT one (~10 µs a look)
     stat_cut_after_s: float | None = 0.05  # cut a routine transfer with more than this to go; None: never
     meter: MeterPolicy | None = None  # daily budget and send windows for routine items (STAT exempt)
@@ -857,12 +862,11 @@ class EcgForwarder:
             )
         by_uid = {u: i for u, i in in_txn.items() if i.state == ItemState.SENT}
         committed = [by_uid[uid].id for _cls, uid in report.committed if uid in by_uid]
-        failed = [by_uid[uid].id for _cls, uid, _reason in report.failed if uid in by_uid]
+        failed = [(by_uid[uid], reason) for _cls, uid, reason in report.failed if uid in by_uid]
         if committed:
             self.outbox.mark_committed(committed, now)
         if failed:
-            reasons = ", ".join(sorted({f"0x{r:04X}" for _c, _u, r in report.failed}))
-            self.outbox.requeue(failed, f"storage commitment failed ({reasons}); sending again", now)
+            self._commitment_failed(failed, now)
         settled = len(report.committed) + len(report.failed) - len(committed) - len(failed)
         if settled:
             log.info(
@@ -875,6 +879,34 @@ class EcgForwarder:
         self.on_event(
             "committed", {"transaction_uid": report.transaction_uid, "committed": len(committed), "failed": len(failed)}
         )
+
+    def _commitment_failed(self, failed: Sequence[tuple[OutboxItem, int]], now: float) -> None:
+        """Items the PACS would not commit, by FailureReason: sent again (the PACS lacks them), asked
+        again (the transaction failed), or quarantined - for a reason that fails the same way at
+        every try, or once `max_commitment_failures` failures in a row were resent or re-asked."""
+        resend: dict[int, list[int]] = {}
+        ask_again: dict[int, list[int]] = {}
+        for item, reason in failed:
+            meaning, action = failure_action(reason)
+            code = f"0x{reason:04X} {meaning}"
+            if action == FailedAction.QUARANTINE:
+                why = f"the reading center will not commit it: storage commitment failed ({code}); not sent again"
+            elif item.commitment_failures + 1 >= self.settings.max_commitment_failures:
+                why = f"storage commitment failed {item.commitment_failures + 1} times (last: {code}); not sent again"
+            else:
+                (ask_again if action == FailedAction.ASK_AGAIN else resend).setdefault(reason, []).append(item.id)
+                continue
+            self.outbox.quarantine(item.id, why, now)
+            log.error("outbox item %d (%s) quarantined: %s", item.id, item.key, why)
+            self.on_event("quarantined", {"id": item.id, "reason": why})
+        for reason, ids in resend.items():
+            meaning, _action = failure_action(reason)
+            self.outbox.requeue(ids, f"storage commitment failed (0x{reason:04X} {meaning}); sending again", now)
+        for reason, ids in ask_again.items():
+            meaning, _action = failure_action(reason)
+            self.outbox.reask_commitment(
+                ids, f"storage commitment failed (0x{reason:04X} {meaning}); asking again", now
+            )
 
     # -- faults ------------------------------------------------------------------------------
     def _record_fault(self, message: str) -> None:

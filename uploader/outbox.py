@@ -168,6 +168,7 @@ class OutboxItem:
     hold_until: float | None = None  # not claimable before this time (None: not held)
     hold_reason: str | None = None  # why: "unassigned" (no patient yet), "re-record" ...
     interrupted_sends: int = 0  # sends cut short in a row by the sending process dying
+    commitment_failures: int = 0  # storage commitment reports that failed it (since a retry)
 
     def held(self, now: float) -> bool:
         return self.state == ItemState.QUEUED and self.hold_until is not None and self.hold_until > now
@@ -205,6 +206,7 @@ TRANSITIONS: dict[str, tuple[frozenset[ItemState], ItemState]] = {
     "set_transaction": (frozenset({S.SENT}), S.SENT),
     "mark_committed": (frozenset({S.SENT}), S.COMMITTED),
     "requeue": (frozenset({S.SENT}), S.QUEUED),
+    "reask_commitment": (frozenset({S.SENT}), S.SENT),
     "retry": (frozenset({S.QUARANTINED}), S.QUEUED),
     "purge": (frozenset({S.COMMITTED}), S.PURGED),
 }
@@ -212,7 +214,7 @@ TRANSITIONS: dict[str, tuple[frozenset[ItemState], ItemState]] = {
 _ITEM_COLUMNS = (
     "id, kind, key, priority, state, attempts, next_attempt_at, last_error, created_at, "
     "updated_at, sent_at, committed_at, transaction_uid, sha256, size, meta, patient, "
-    "quarantine_reason, hold_until, hold_reason, interrupted_sends"
+    "quarantine_reason, hold_until, hold_reason, interrupted_sends, commitment_failures"
 )
 _WAITING_NAMES = {Kind.DICOM.value: ("ECG", "ECGs"), Kind.FHIR_BUNDLE.value: ("visit record", "visit records")}
 
@@ -269,6 +271,7 @@ def _item(row: sqlite3.Row) -> OutboxItem:
         hold_until=_time(row["hold_until"]),
         hold_reason=row["hold_reason"],
         interrupted_sends=row["interrupted_sends"],
+        commitment_failures=row["commitment_failures"],
     )
 
 
@@ -933,9 +936,9 @@ class Outbox:
                     "interrupted_sends": 0,  # an outcome came back: this object did not kill us
                     **(extra or {}),
                 }
-                conn.execute(
-                    f"UPDATE items SET {', '.join(f'{c} = ?' for c in sets)} WHERE id = ?", [*sets.values(), item_id]
-                )
+                assignments = ", ".join(f"{c} = {v}" if isinstance(v, _Sql) else f"{c} = ?" for c, v in sets.items())
+                values = [v for v in sets.values() if not isinstance(v, _Sql)]
+                conn.execute(f"UPDATE items SET {assignments} WHERE id = ?", [*values, item_id])
             return skipped
 
         skipped = self._commit(body)
@@ -1037,8 +1040,21 @@ class Outbox:
 
     def requeue(self, item_ids: Sequence[int], reason: str, now: float) -> None:
         """Sent but not kept by the peer (commitment failed): send again, after a backoff so a
-        peer that keeps failing is not hammered; charged as an attempt."""
-        self._charge_and_queue("requeue", item_ids, reason, now, extra={"transaction_uid": None})
+        peer that keeps failing is not hammered; charged as an attempt and counted as a
+        commitment failure (`OutboxItem.commitment_failures`)."""
+        extra = {"transaction_uid": None, "commitment_failures": _Sql("commitment_failures + 1")}
+        self._charge_and_queue("requeue", item_ids, reason, now, extra=extra)
+
+    def reask_commitment(self, item_ids: Sequence[int], reason: str, now: float) -> None:
+        """The peer failed the commitment transaction, not the object (e.g. a duplicate
+        transaction UID): ask again under a new transaction, without sending the object again;
+        counted as a commitment failure."""
+        self._transition(
+            "reask_commitment",
+            item_ids,
+            now,
+            {"transaction_uid": None, "last_error": reason, "commitment_failures": _Sql("commitment_failures + 1")},
+        )
 
     # -- holds ------------------------------------------------------------------------------------
     def held_items(self, now: float, *, kind: str | None = None, reason: str | None = None) -> list[OutboxItem]:
@@ -1131,7 +1147,13 @@ class Outbox:
                 "retry",
                 [item_id],
                 now,
-                {"attempts": 0, "next_attempt_at": now, "quarantine_reason": None, "quarantined_at": None},
+                {
+                    "attempts": 0,
+                    "next_attempt_at": now,
+                    "quarantine_reason": None,
+                    "quarantined_at": None,
+                    "commitment_failures": 0,
+                },
             )
         )
 
@@ -1143,7 +1165,13 @@ class Outbox:
                     "retry",
                     ids,
                     now,
-                    {"attempts": 0, "next_attempt_at": now, "quarantine_reason": None, "quarantined_at": None},
+                    {
+                        "attempts": 0,
+                        "next_attempt_at": now,
+                        "quarantine_reason": None,
+                        "quarantined_at": None,
+                        "commitment_failures": 0,
+                    },
                 )
             )
             if ids
