@@ -658,6 +658,13 @@ class EcgForwarder:
                         r.errors.append(str(exc))
                         self.on_event("quarantined", {"id": item.id, "reason": str(exc)})
                         continue
+                    except TransientError as exc:  # e.g. out of file descriptors: this item only, not the link
+                        pending.pop(0)
+                        self.outbox.mark_transient_failure(item.id, str(exc), self.clock(), exc.retry_after)
+                        r.transient += 1
+                        r.errors.append(str(exc))
+                        self.on_event("retry", {"id": item.id, "meaning": str(exc)})
+                        continue
                     if assoc.paced and not self.pacer.take_turn(assoc, watch.stat_due if watch else None):
                         continue  # a STAT item came while it waited for the link: it goes first
                     alone = assoc.paced and self.pacer.owns_turn(assoc)  # the link to itself

@@ -100,7 +100,7 @@ from typing import Any, TypeVar
 
 import sqlite_utils
 
-from uploader.errors import CorruptPayloadError, OutboxFullError
+from uploader.errors import CorruptPayloadError, OutboxFullError, TransientError
 from uploader.payload_files import OwnerLock, PayloadFiles
 from uploader.space_reserve import DEFAULT_RESERVE_BYTES, SpaceReserve
 from uploader.sqlite_store import BUSY_TIMEOUT_MS, MIGRATIONS, open_database
@@ -748,8 +748,10 @@ class Outbox:
         return self._files.path(rows[0][0])
 
     def read_payload(self, item: OutboxItem, now: float | None = None) -> bytes:
-        """The payload, verified against its sha256. Missing or altered: the item is quarantined
-        with the reason and CorruptPayloadError raised, so it is never sent."""
+        """The payload, verified against its sha256. Missing, altered or unreadable for good (an
+        I/O error twice): the item is quarantined with the reason and CorruptPayloadError raised,
+        so it is never sent. Any other error opening the file (out of descriptors or memory) is
+        the process's, not the item's: TransientError, the item stays as it is."""
         rows = self._read("SELECT state, payload_file, sha256, size FROM items WHERE id = ?", (item.id,))
         if not rows:
             raise LookupError(f"outbox item {item.id} does not exist")
@@ -760,11 +762,15 @@ class Outbox:
         data = b""
         if name is not None:
             try:
-                data = self._files.read(name)
+                data = self._read_file(name)
             except FileNotFoundError:
                 problem = f"payload file {PAYLOAD_DIR}/{name} is missing"
             except OSError as exc:
-                problem = f"payload file {PAYLOAD_DIR}/{name} cannot be read ({exc.strerror})"
+                if exc.errno != errno.EIO:
+                    # out of descriptors or memory (EMFILE, ENFILE, ENOMEM, EAGAIN ...): the process's
+                    # trouble, not the file's; the next attempt reads it
+                    raise TransientError(f"payload file {PAYLOAD_DIR}/{name} not read now ({exc.strerror})") from exc
+                problem = f"payload file {PAYLOAD_DIR}/{name} cannot be read ({exc.strerror}, twice)"
         else:
             blob = self._read("SELECT data FROM payloads WHERE item_id = ?", (item.id,))
             if not blob:
@@ -784,6 +790,18 @@ class Outbox:
             log.error("outbox item %d (%s %s) quarantined: %s", item.id, item.kind, item.key, reason)
             raise CorruptPayloadError(f"outbox item {item.id} ({item.kind} {item.key}): {reason}")
         return data
+
+    def _read_file(self, name: str) -> bytes:
+        """A payload file's bytes; an I/O error is tried once more at once: a card's passing glitch
+        reads the second time, a bad block fails again (then the item goes to a person, quarantined
+        with the reason, instead of being retried for ever on storage that is failing)."""
+        try:
+            return self._files.read(name)
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+            log.warning("payload file %s/%s: I/O error, reading it again: %s", PAYLOAD_DIR, name, exc)
+        return self._files.read(name)
 
     # -- sending ----------------------------------------------------------------------------------
     def claim(
