@@ -278,6 +278,7 @@ OPS = {
     "set_transaction": lambda ob, i: ob.set_transaction([i], "1.2.3.4", T0 + 1),
     "mark_committed": lambda ob, i: ob.mark_committed([i], T0 + 1),
     "requeue": lambda ob, i: ob.requeue([i], "commitment failed", T0 + 1),
+    "reask_commitment": lambda ob, i: ob.reask_commitment([i], "duplicate transaction UID", T0 + 1),
     "retry": lambda ob, i: ob.retry(i, T0 + 1),
     "purge": lambda ob, i: ob.purge_due(T0 + 1, 0.0),
     "claim": lambda ob, i: ob.claim("dicom", 10, T0 + 1),

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from io import BytesIO
 from typing import Any, cast
 
@@ -67,6 +68,34 @@ class ExtraStorage:
     sop_classes: tuple[str, ...]
     transfer_syntaxes: tuple[str, ...]
     on_store: Callable[[evt.Event], int]
+
+
+class FailedAction(Enum):
+    """What a storage commitment FailureReason asks of the sender."""
+
+    RESEND = "resend"  # the PACS does not have it (now): send the object again
+    ASK_AGAIN = "ask again"  # the transaction failed, not the object: ask under a new transaction UID
+    QUARANTINE = "quarantine"  # the same object fails the same way at every try: stop, say why
+
+
+# FailureReason (PS3.4 J.3.2.2 / J.3.3.1.2) -> (meaning, action)
+FAILURE_REASONS: dict[int, tuple[str, FailedAction]] = {
+    0x0110: ("processing failure", FailedAction.RESEND),
+    0x0112: ("no such object instance", FailedAction.RESEND),  # not (or no longer) there: store it again
+    0x0213: ("resource limitation", FailedAction.RESEND),  # passes: sent again after the backoff
+    # the PACS cannot commit this SOP class at all: a property of its setup, the same at every try
+    0x0122: ("referenced SOP class not supported", FailedAction.QUARANTINE),
+    # the PACS has this instance UID under another SOP class: the same UIDs conflict again
+    0x0119: ("class/instance conflict", FailedAction.QUARANTINE),
+    # the transaction UID was taken, the object is not at fault: a new transaction, no new send
+    0x0131: ("duplicate transaction UID", FailedAction.ASK_AGAIN),
+}
+
+
+def failure_action(reason: int) -> tuple[str, FailedAction]:
+    """(meaning, action) of a FailureReason; an unknown one is sent again (the forwarder caps
+    how many times an instance may fail commitment)."""
+    return FAILURE_REASONS.get(reason, ("unknown failure reason", FailedAction.RESEND))
 
 
 @dataclass(frozen=True)

@@ -53,8 +53,10 @@ from uploader.dicom_commitment import (
     CommitmentListener,
     CommitmentReport,
     ExtraStorage,
+    FailedAction,
     ReportRefused,
     ReportSenders,
+    failure_action,
 )
 from uploader.dicom_store import CommitmentUnsupported, StoreAssociation
 from uploader.errors import ConfigurationFault, CorruptPayloadError, PermanentError, TransientError
@@ -67,7 +69,6 @@ from uploader.outbox import (
     Outbox,
     OutboxItem,
     Priority,
-    is_disk_full,
 )
 from uploader.reachability import address_toward
 from uploader.stat_watch import StatWatch, TransferRate
@@ -79,6 +80,7 @@ YIELDED_TO_STAT = "waited for a STAT study to go first"
 LINK_STATUS_NAME = "reading_center_link"  # the link's measured rate, kept across restarts
 LINK_RATE_CHANGE = 0.05  # kept again when it moved by more than this fraction
 RESPONSE_MARGIN_S = 0.05  # the peer's time to store an object, on top of the round trip
+DEFAULT_MAX_COMMITMENT_FAILURES = 10  # ~10 resends of a 100-250 KB ECG on a metered link, then a person looks
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,8 @@ class ForwarderSettings:
     retention_s: float = 0.0
     idle_poll_s: float = 2.0
     max_interrupted_sends: int = DEFAULT_MAX_INTERRUPTED_SENDS
+    # an instance the PACS fails to commit this many times (resent or re-asked) is quarantined
+    max_commitment_failures: int = DEFAULT_MAX_COMMITMENT_FAILURES
     stat_poll_s: float = 0.01  # how often a round sending routine items looks for a STAT one (~10 µs a look)
     stat_cut_after_s: float | None = 0.05  # cut a routine transfer with more than this to go; None: never
     meter: MeterPolicy | None = None  # daily budget and send windows for routine items (STAT exempt)
@@ -168,6 +172,13 @@ class StatLane:
                 self._results += self._send()
             except BaseException as exc:  # noqa: BLE001 — re-raised by join() in the round's thread
                 self._errors.append(exc)
+
+    def wait(self) -> None:
+        """Wait for its threads to end, whatever they raised (the round is failing already)."""
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join()
 
     def join(self) -> list[RoundResult]:
         """(once the round's associations have ended: nothing starts it any more)"""
@@ -461,8 +472,12 @@ class EcgForwarder:
             )
             # suspects stay on their one association; a routine backlog gets more as the link asks
             most = n if suspects else max(n, s.associations, s.max_associations)
-            with watch:
-                outcomes = self._send_round(SendRound(share, stop, faults, watch), n, most)
+            try:
+                with watch:
+                    outcomes = self._send_round(SendRound(share, stop, faults, watch), n, most)
+            except BaseException:
+                stat_lane.wait()  # its claims are its own until it ends: not released under it
+                raise
             outcomes += stat_lane.join()
         for lane_result in outcomes:
             result.add_sends(lane_result)
@@ -549,12 +564,18 @@ class EcgForwarder:
         known of the link (a new gateway) would otherwise carry its whole backlog on too few
         associations to hide the round trip. `round_.watch`: a routine round's, which yields to STAT."""
         most = max(lanes, most)
-        if most == 1:  # one association, no more: on this thread (a STAT lane's, named for it)
-            outcomes = [self._send_lane(round_)]
-        else:
-            pool = LanePool(round_, most, send_lane=self._send_lane, lanes_for_link=self.associations_for_link)
-            outcomes = pool.run(lanes)
         share, watch = round_.share, round_.watch
+        try:
+            if most == 1:  # one association, no more: on this thread (a STAT lane's, named for it)
+                outcomes = [self._send_lane(round_)]
+            else:
+                pool = LanePool(round_, most, send_lane=self._send_lane, lanes_for_link=self.associations_for_link)
+                outcomes = pool.run(lanes)
+        except BaseException:
+            # a lane failed (e.g. a database fault): what none took is not left claimed, where no
+            # claim ever looks again while this process lives
+            self._release_quietly([i.id for i in share.take_all()], "forwarder stopped")
+            raise
         left = share.take_all()  # every association ended before taking these
         if left and share.failure is not None:
             now, failure = self.clock(), share.failure
@@ -567,6 +588,16 @@ class EcgForwarder:
             why = YIELDED_TO_STAT if watch is not None and watch.stat_due.is_set() else "forwarder stopped"
             self.outbox.release([i.id for i in left], why, self.clock(), 0.0)
         return outcomes
+
+    def _release_quietly(self, item_ids: list[int], why: str) -> None:
+        """Release on a path already failing: a database still failing must not hide the first
+        error (the forward service releases every claim of ours once it answers again)."""
+        if not item_ids:
+            return
+        try:
+            self.outbox.release(item_ids, why, self.clock(), 0.0)
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("%d claimed item(s) not released yet: %s", len(item_ids), exc)
 
     def _send_stat(self, stop: threading.Event, faults: list[str]) -> list[RoundResult]:
         """The STAT items due, on an association of their own (none if another took them)."""
@@ -627,6 +658,13 @@ class EcgForwarder:
                         r.errors.append(str(exc))
                         self.on_event("quarantined", {"id": item.id, "reason": str(exc)})
                         continue
+                    except TransientError as exc:  # e.g. out of file descriptors: this item only, not the link
+                        pending.pop(0)
+                        self.outbox.mark_transient_failure(item.id, str(exc), self.clock(), exc.retry_after)
+                        r.transient += 1
+                        r.errors.append(str(exc))
+                        self.on_event("retry", {"id": item.id, "meaning": str(exc)})
+                        continue
                     if assoc.paced and not self.pacer.take_turn(assoc, watch.stat_due if watch else None):
                         continue  # a STAT item came while it waited for the link: it goes first
                     alone = assoc.paced and self.pacer.owns_turn(assoc)  # the link to itself
@@ -674,10 +712,11 @@ class EcgForwarder:
                     if outcome.category in ("success", "warning"):
                         try:
                             self.outbox.mark_sent([item.id], now)
-                        except sqlite3.OperationalError as exc:
-                            if is_disk_full(exc):
-                                with self._lock_unrecorded:
-                                    self._unrecorded_sent.add(item.id)
+                        except (sqlite3.Error, OSError):
+                            # stored at the peer whatever kept us from recording it (full disk, I/O
+                            # error, locked): recorded later (`record_unrecorded_sends`), not sent again
+                            with self._lock_unrecorded:
+                                self._unrecorded_sent.add(item.id)
                             raise
                         sent_now.append(item)
                         r.sent += 1
@@ -830,12 +869,11 @@ class EcgForwarder:
             )
         by_uid = {u: i for u, i in in_txn.items() if i.state == ItemState.SENT}
         committed = [by_uid[uid].id for _cls, uid in report.committed if uid in by_uid]
-        failed = [by_uid[uid].id for _cls, uid, _reason in report.failed if uid in by_uid]
+        failed = [(by_uid[uid], reason) for _cls, uid, reason in report.failed if uid in by_uid]
         if committed:
             self.outbox.mark_committed(committed, now)
         if failed:
-            reasons = ", ".join(sorted({f"0x{r:04X}" for _c, _u, r in report.failed}))
-            self.outbox.requeue(failed, f"storage commitment failed ({reasons}); sending again", now)
+            self._commitment_failed(failed, now)
         settled = len(report.committed) + len(report.failed) - len(committed) - len(failed)
         if settled:
             log.info(
@@ -848,6 +886,34 @@ class EcgForwarder:
         self.on_event(
             "committed", {"transaction_uid": report.transaction_uid, "committed": len(committed), "failed": len(failed)}
         )
+
+    def _commitment_failed(self, failed: Sequence[tuple[OutboxItem, int]], now: float) -> None:
+        """Items the PACS would not commit, by FailureReason: sent again (the PACS lacks them), asked
+        again (the transaction failed), or quarantined - for a reason that fails the same way at
+        every try, or once `max_commitment_failures` failures in a row were resent or re-asked."""
+        resend: dict[int, list[int]] = {}
+        ask_again: dict[int, list[int]] = {}
+        for item, reason in failed:
+            meaning, action = failure_action(reason)
+            code = f"0x{reason:04X} {meaning}"
+            if action == FailedAction.QUARANTINE:
+                why = f"the reading center will not commit it: storage commitment failed ({code}); not sent again"
+            elif item.commitment_failures + 1 >= self.settings.max_commitment_failures:
+                why = f"storage commitment failed {item.commitment_failures + 1} times (last: {code}); not sent again"
+            else:
+                (ask_again if action == FailedAction.ASK_AGAIN else resend).setdefault(reason, []).append(item.id)
+                continue
+            self.outbox.quarantine(item.id, why, now)
+            log.error("outbox item %d (%s) quarantined: %s", item.id, item.key, why)
+            self.on_event("quarantined", {"id": item.id, "reason": why})
+        for reason, ids in resend.items():
+            meaning, _action = failure_action(reason)
+            self.outbox.requeue(ids, f"storage commitment failed (0x{reason:04X} {meaning}); sending again", now)
+        for reason, ids in ask_again.items():
+            meaning, _action = failure_action(reason)
+            self.outbox.reask_commitment(
+                ids, f"storage commitment failed (0x{reason:04X} {meaning}); asking again", now
+            )
 
     # -- faults ------------------------------------------------------------------------------
     def _record_fault(self, message: str) -> None:

@@ -192,6 +192,11 @@ def forward_fhir_once(
             except CorruptPayloadError as exc:  # the outbox quarantined it already
                 rnd.counts.quarantined += 1
                 rnd.counts.errors.append(str(exc))
+            except TransientError as exc:  # not read now (e.g. out of file descriptors): this item later
+                outbox.mark_transient_failure(item.id, str(exc), now, exc.retry_after)
+                rnd._block(item)  # the patient's later bundles wait for it, as after a failed send
+                rnd.counts.transient += 1
+                rnd.counts.errors.append(str(exc))
         leftover = rnd.send(batch) if batch else []
         if rnd.stop:
             rest = [i for i, _ in leftover] + pending

@@ -100,7 +100,7 @@ from typing import Any, TypeVar
 
 import sqlite_utils
 
-from uploader.errors import CorruptPayloadError, OutboxFullError
+from uploader.errors import CorruptPayloadError, OutboxFullError, TransientError
 from uploader.payload_files import OwnerLock, PayloadFiles
 from uploader.space_reserve import DEFAULT_RESERVE_BYTES, SpaceReserve
 from uploader.sqlite_store import BUSY_TIMEOUT_MS, MIGRATIONS, open_database
@@ -168,6 +168,7 @@ class OutboxItem:
     hold_until: float | None = None  # not claimable before this time (None: not held)
     hold_reason: str | None = None  # why: "unassigned" (no patient yet), "re-record" ...
     interrupted_sends: int = 0  # sends cut short in a row by the sending process dying
+    commitment_failures: int = 0  # storage commitment reports that failed it (since a retry)
 
     def held(self, now: float) -> bool:
         return self.state == ItemState.QUEUED and self.hold_until is not None and self.hold_until > now
@@ -205,6 +206,7 @@ TRANSITIONS: dict[str, tuple[frozenset[ItemState], ItemState]] = {
     "set_transaction": (frozenset({S.SENT}), S.SENT),
     "mark_committed": (frozenset({S.SENT}), S.COMMITTED),
     "requeue": (frozenset({S.SENT}), S.QUEUED),
+    "reask_commitment": (frozenset({S.SENT}), S.SENT),
     "retry": (frozenset({S.QUARANTINED}), S.QUEUED),
     "purge": (frozenset({S.COMMITTED}), S.PURGED),
 }
@@ -212,7 +214,7 @@ TRANSITIONS: dict[str, tuple[frozenset[ItemState], ItemState]] = {
 _ITEM_COLUMNS = (
     "id, kind, key, priority, state, attempts, next_attempt_at, last_error, created_at, "
     "updated_at, sent_at, committed_at, transaction_uid, sha256, size, meta, patient, "
-    "quarantine_reason, hold_until, hold_reason, interrupted_sends"
+    "quarantine_reason, hold_until, hold_reason, interrupted_sends, commitment_failures"
 )
 _WAITING_NAMES = {Kind.DICOM.value: ("ECG", "ECGs"), Kind.FHIR_BUNDLE.value: ("visit record", "visit records")}
 
@@ -269,6 +271,7 @@ def _item(row: sqlite3.Row) -> OutboxItem:
         hold_until=_time(row["hold_until"]),
         hold_reason=row["hold_reason"],
         interrupted_sends=row["interrupted_sends"],
+        commitment_failures=row["commitment_failures"],
     )
 
 
@@ -745,8 +748,10 @@ class Outbox:
         return self._files.path(rows[0][0])
 
     def read_payload(self, item: OutboxItem, now: float | None = None) -> bytes:
-        """The payload, verified against its sha256. Missing or altered: the item is quarantined
-        with the reason and CorruptPayloadError raised, so it is never sent."""
+        """The payload, verified against its sha256. Missing, altered or unreadable for good (an
+        I/O error twice): the item is quarantined with the reason and CorruptPayloadError raised,
+        so it is never sent. Any other error opening the file (out of descriptors or memory) is
+        the process's, not the item's: TransientError, the item stays as it is."""
         rows = self._read("SELECT state, payload_file, sha256, size FROM items WHERE id = ?", (item.id,))
         if not rows:
             raise LookupError(f"outbox item {item.id} does not exist")
@@ -757,11 +762,15 @@ class Outbox:
         data = b""
         if name is not None:
             try:
-                data = self._files.read(name)
+                data = self._read_file(name)
             except FileNotFoundError:
                 problem = f"payload file {PAYLOAD_DIR}/{name} is missing"
             except OSError as exc:
-                problem = f"payload file {PAYLOAD_DIR}/{name} cannot be read ({exc.strerror})"
+                if exc.errno != errno.EIO:
+                    # out of descriptors or memory (EMFILE, ENFILE, ENOMEM, EAGAIN ...): the process's
+                    # trouble, not the file's; the next attempt reads it
+                    raise TransientError(f"payload file {PAYLOAD_DIR}/{name} not read now ({exc.strerror})") from exc
+                problem = f"payload file {PAYLOAD_DIR}/{name} cannot be read ({exc.strerror}, twice)"
         else:
             blob = self._read("SELECT data FROM payloads WHERE item_id = ?", (item.id,))
             if not blob:
@@ -781,6 +790,18 @@ class Outbox:
             log.error("outbox item %d (%s %s) quarantined: %s", item.id, item.kind, item.key, reason)
             raise CorruptPayloadError(f"outbox item {item.id} ({item.kind} {item.key}): {reason}")
         return data
+
+    def _read_file(self, name: str) -> bytes:
+        """A payload file's bytes; an I/O error is tried once more at once: a card's passing glitch
+        reads the second time, a bad block fails again (then the item goes to a person, quarantined
+        with the reason, instead of being retried for ever on storage that is failing)."""
+        try:
+            return self._files.read(name)
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+            log.warning("payload file %s/%s: I/O error, reading it again: %s", PAYLOAD_DIR, name, exc)
+        return self._files.read(name)
 
     # -- sending ----------------------------------------------------------------------------------
     def claim(
@@ -933,9 +954,9 @@ class Outbox:
                     "interrupted_sends": 0,  # an outcome came back: this object did not kill us
                     **(extra or {}),
                 }
-                conn.execute(
-                    f"UPDATE items SET {', '.join(f'{c} = ?' for c in sets)} WHERE id = ?", [*sets.values(), item_id]
-                )
+                assignments = ", ".join(f"{c} = {v}" if isinstance(v, _Sql) else f"{c} = ?" for c, v in sets.items())
+                values = [v for v in sets.values() if not isinstance(v, _Sql)]
+                conn.execute(f"UPDATE items SET {assignments} WHERE id = ?", [*values, item_id])
             return skipped
 
         skipped = self._commit(body)
@@ -1037,8 +1058,21 @@ class Outbox:
 
     def requeue(self, item_ids: Sequence[int], reason: str, now: float) -> None:
         """Sent but not kept by the peer (commitment failed): send again, after a backoff so a
-        peer that keeps failing is not hammered; charged as an attempt."""
-        self._charge_and_queue("requeue", item_ids, reason, now, extra={"transaction_uid": None})
+        peer that keeps failing is not hammered; charged as an attempt and counted as a
+        commitment failure (`OutboxItem.commitment_failures`)."""
+        extra = {"transaction_uid": None, "commitment_failures": _Sql("commitment_failures + 1")}
+        self._charge_and_queue("requeue", item_ids, reason, now, extra=extra)
+
+    def reask_commitment(self, item_ids: Sequence[int], reason: str, now: float) -> None:
+        """The peer failed the commitment transaction, not the object (e.g. a duplicate
+        transaction UID): ask again under a new transaction, without sending the object again;
+        counted as a commitment failure."""
+        self._transition(
+            "reask_commitment",
+            item_ids,
+            now,
+            {"transaction_uid": None, "last_error": reason, "commitment_failures": _Sql("commitment_failures + 1")},
+        )
 
     # -- holds ------------------------------------------------------------------------------------
     def held_items(self, now: float, *, kind: str | None = None, reason: str | None = None) -> list[OutboxItem]:
@@ -1131,7 +1165,13 @@ class Outbox:
                 "retry",
                 [item_id],
                 now,
-                {"attempts": 0, "next_attempt_at": now, "quarantine_reason": None, "quarantined_at": None},
+                {
+                    "attempts": 0,
+                    "next_attempt_at": now,
+                    "quarantine_reason": None,
+                    "quarantined_at": None,
+                    "commitment_failures": 0,
+                },
             )
         )
 
@@ -1143,7 +1183,13 @@ class Outbox:
                     "retry",
                     ids,
                     now,
-                    {"attempts": 0, "next_attempt_at": now, "quarantine_reason": None, "quarantined_at": None},
+                    {
+                        "attempts": 0,
+                        "next_attempt_at": now,
+                        "quarantine_reason": None,
+                        "quarantined_at": None,
+                        "commitment_failures": 0,
+                    },
                 )
             )
             if ids

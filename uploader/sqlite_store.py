@@ -149,6 +149,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         "ALTER TABLE items ADD COLUMN hold_until REAL;\nALTER TABLE items ADD COLUMN hold_reason TEXT;",
     ),
     Migration.sql("0005_send_tracking", _SEND_TRACKING),
+    # storage commitment failures since the last send that was committed (or an operator's retry):
+    # a PACS that keeps failing an instance is not sent the same study for ever
+    Migration.sql(
+        "0006_commitment_failures", "ALTER TABLE items ADD COLUMN commitment_failures INTEGER NOT NULL DEFAULT 0;"
+    ),
 )
 
 

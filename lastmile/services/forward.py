@@ -25,6 +25,7 @@ from lastmile.config import Config, ReadingCenterSection, fhir_naming
 from lastmile.data_dir import open_outbox
 from lastmile.services.metered import meter_policy, meters
 from lastmile.services.process_tuning import GLIBC_MALLOC, MALLOC_ARENAS, MMAP_THRESHOLD, TRIM_EVERY_S
+from lastmile.services.runtime import is_operational
 from uploader.dicom_association import PeerSettings
 from uploader.dicom_tls import TlsFiles
 from uploader.ecg_forwarder import EcgForwarder, ForwarderSettings
@@ -113,6 +114,9 @@ class ForwardService:
         self._last = "starting"
         self._fhir_meter = meters(config, self.outbox).get("fhir")
         self._full_disk_delay = 0.0  # > 0 while the data partition is too full to record progress
+        # a round cut short by a database/disk fault left sends unrecorded or items claimed: settled
+        # before the next round (claim takes only queued items: a claim left behind is never sent)
+        self._unsettled = False
 
     def _make_ecg(self, config: Config) -> EcgForwarder:
         # the commitment listener also takes reports C-MOVEd to our AE (the PACS knows one port)
@@ -157,9 +161,16 @@ class ForwardService:
         try:
             delay = self._step(stop)
         except (sqlite3.OperationalError, OSError) as exc:
+            self._unsettled = True
             if not is_disk_full(exc):
-                raise  # the runtime waits out other operational faults
+                self._settle_after_fault()
+                raise  # the runtime waits out other operational faults, then steps us again
             return self._wait_for_space(exc)
+        except Exception as exc:
+            if is_operational(exc):
+                self._unsettled = True
+                self._settle_after_fault()
+            raise
         if self._full_disk_delay:
             log.warning("data partition has room again: sending and purging (was full)")
             self._full_disk_delay = 0.0
@@ -184,16 +195,31 @@ class ForwardService:
         self._last = f"FAULT data partition full ({free} KB free): waiting for space to send and purge"
         return self._full_disk_delay
 
+    def _settle_after_fault(self) -> None:
+        """Right after a round failed on a database fault that is not a full disk (a disk I/O error,
+        "database is locked" past the busy timeout): settle now if the database answers again,
+        else the next step does (`_settle`). The runtime steps this same service again: nothing
+        else would ever release the round's claims before the process ends."""
+        try:
+            self._settle()
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("claims of the failed round not settled yet (next step settles them): %s", exc)
+
+    def _settle(self) -> None:
+        """A round cut short by a fault: what the peer has is recorded as sent (not sent again,
+        its commitment asked), then what it left claimed goes back to the queue."""
+        if not self._unsettled:
+            return
+        recorded = self.ecg.record_unrecorded_sends()
+        if recorded:
+            log.info("%d item(s) stored at the reading center during a database fault recorded as sent", recorded)
+        released = self.outbox.release_claims(time.time())
+        if released:
+            log.info("%d item(s) claimed by the round the fault cut short put back in the queue", released)
+        self._unsettled = False
+
     def _step(self, stop: threading.Event) -> float:
-        if self._full_disk_delay:
-            # a round cut short by the full disk: what the peer has is recorded as sent (not sent
-            # again), what it left claimed goes back to the queue
-            recorded = self.ecg.record_unrecorded_sends()
-            if recorded:
-                log.info("%d item(s) stored at the reading center while the disk was full recorded as sent", recorded)
-            released = self.outbox.release_claims(time.time())
-            if released:
-                log.info("%d item(s) claimed when the disk filled put back in the queue", released)
+        self._settle()
         self.reports.check()
         result = self.ecg.run_round(stop)
         waits = [0.0 if result.did_work else self.ecg.next_due_in()]

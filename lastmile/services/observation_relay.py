@@ -23,7 +23,7 @@ from collections.abc import Callable
 from devices.observation import Observation
 from lastmile.clinic.observations import OBSERVATION_KIND, observation_from_json
 from lastmile.data_dir import DataDirError
-from uploader.errors import CorruptPayloadError, OutboxFullError
+from uploader.errors import CorruptPayloadError, OutboxFullError, TransientError
 from uploader.fhir_bundle import FhirNaming, observation_bundle, observation_identifier
 from uploader.fhir_forwarder import enqueue_bundle
 from uploader.outbox import ItemState, Outbox, OutboxItem
@@ -38,7 +38,7 @@ RELAY_RETRY_S = 60.0  # a reading put back by a passing fault waits this long be
 DATA_ERRORS: tuple[type[Exception], ...] = (ValueError, KeyError, TypeError)
 # What passes with time and is no fault of the reading: the data partition full, a database busy,
 # the file system refusing for now.
-PASSING_FAULTS: tuple[type[Exception], ...] = (OutboxFullError, sqlite3.Error, OSError, DataDirError)
+PASSING_FAULTS: tuple[type[Exception], ...] = (OutboxFullError, TransientError, sqlite3.Error, OSError, DataDirError)
 
 
 VisitLink = Callable[[Observation, str], "str | None"]  # (reading, its outbox key) -> the visit it joined
