@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from lastmile.services.forward import forwarder_settings, open_outbox
-from tests.test_forward_path_faults import enqueue, make_config, send_failure_report
+from tests.test_forward_path_faults import enqueue, make_config, send_failure_report, sent_with_transaction
 from uploader.dicom_commitment import FAILURE_REASONS, FailedAction, failure_action
 from uploader.ecg_forwarder import EcgForwarder
-from uploader.outbox import ItemState, OutboxItem
+from uploader.outbox import ItemState
 
 
 @pytest.mark.parametrize(
@@ -34,16 +34,6 @@ def test_each_failure_reason_gets_the_action_a_resend_can_or_cannot_change(reaso
     meaning, got = failure_action(reason)
     assert got == action
     assert meaning == (FAILURE_REASONS[reason][0] if reason in FAILURE_REASONS else "unknown failure reason")
-
-
-def sent_with_transaction(outbox, fwd: EcgForwarder, stop: threading.Event) -> OutboxItem:
-    deadline = time.monotonic() + 10
-    while (item := outbox.find("k0")).state != ItemState.SENT or not item.transaction_uid:
-        assert item.state in (ItemState.QUEUED, ItemState.SENDING, ItemState.SENT), item
-        assert time.monotonic() < deadline, item
-        fwd.run_round(stop)
-        time.sleep(0.05)
-    return item
 
 
 def test_a_passing_failure_is_resent_until_the_cap_then_quarantined(tmp_path: Path, scripted_scp_factory) -> None:

@@ -18,8 +18,9 @@ from lastmile.demo.reading_center import EmbeddedReadingCenter
 from lastmile.ecg.intake import enqueue_recording
 from lastmile.services.forward import ForwardService, forwarder_settings, open_outbox
 from tests.ecg_factories import make_recording
+from tests.test_forward_peers import send_report
 from uploader.ecg_forwarder import EcgForwarder
-from uploader.outbox import ItemState
+from uploader.outbox import ItemState, Outbox, OutboxItem
 
 
 def make_config(tmp_path: Path, port: int, called_ae: str, *, listen_port: int | None = None) -> Config:
@@ -102,31 +103,22 @@ def test_a_database_fault_while_recording_a_send_strands_nothing_in_sending(tmp_
 
 def send_failure_report(port: int, calling_ae: str, txn: str, sop_class: str, sop_instance: str, reason: int) -> int:
     """The reading center's N-EVENT-REPORT (event type 2): `sop_instance` failed with `reason`."""
-    from pydicom.dataset import Dataset
-    from pynetdicom import AE, build_context, build_role
-    from pynetdicom.sop_class import StorageCommitmentPushModel
-
-    from uploader.dicom_association import STORAGE_COMMITMENT_INSTANCE
-
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    assoc = ae.associate(
-        "127.0.0.1",
-        port,
-        [build_context(StorageCommitmentPushModel)],
-        ae_title="LASTMILE",
-        ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)],
+    status = send_report(
+        port, txn, [], calling_ae=calling_ae, called_ae="LASTMILE", failed=[(sop_class, sop_instance)], reason=reason
     )
-    assert assoc.is_established
-    info = Dataset()
-    info.TransactionUID = txn
-    failed = Dataset()
-    failed.ReferencedSOPClassUID, failed.ReferencedSOPInstanceUID = sop_class, sop_instance
-    failed.FailureReason = reason
-    info.FailedSOPSequence = [failed]
-    status, _ = assoc.send_n_event_report(info, 2, StorageCommitmentPushModel, STORAGE_COMMITMENT_INSTANCE)
-    assoc.release()
-    return int(status.get("Status", -1))
+    assert isinstance(status, int), status  # the association was accepted
+    return status
+
+
+def sent_with_transaction(outbox: Outbox, fwd: EcgForwarder, stop: threading.Event) -> OutboxItem:
+    """Rounds until item k0 is sent and its commitment asked (a transaction UID)."""
+    deadline = time.monotonic() + 10
+    while (item := outbox.find("k0")).state != ItemState.SENT or not item.transaction_uid:
+        assert item.state in (ItemState.QUEUED, ItemState.SENDING, ItemState.SENT), item
+        assert time.monotonic() < deadline, item
+        fwd.run_round(stop)
+        time.sleep(0.05)
+    return item
 
 
 def test_a_permanent_commitment_failure_is_not_resent_forever(tmp_path: Path, scripted_scp_factory) -> None:
@@ -142,12 +134,7 @@ def test_a_permanent_commitment_failure_is_not_resent_forever(tmp_path: Path, sc
     with open_outbox(config) as outbox, EcgForwarder(outbox, forwarder_settings(config)) as fwd:
         port = fwd.listener_address[1]
         for _cycle in range(3):
-            deadline = time.monotonic() + 10
-            while (item := outbox.find("k0")).state != ItemState.SENT or not item.transaction_uid:
-                assert item.state in (ItemState.QUEUED, ItemState.SENDING, ItemState.SENT), item
-                assert time.monotonic() < deadline, item
-                fwd.run_round(stop)
-                time.sleep(0.05)
+            item = sent_with_transaction(outbox, fwd, stop)
             status = send_failure_report(
                 port, scp.ae_title, item.transaction_uid, item.meta["sop_class_uid"], uid, 0x0122
             )

@@ -314,6 +314,7 @@ def send_report(
     calling_ae: str,
     called_ae: str = "CLINIC01",
     failed: list[tuple[str, str]] = (),
+    reason: int = 0x0110,
     source: str | None = None,
 ) -> str | int:
     """A real pynetdicom peer sending one Storage Commitment N-EVENT-REPORT to the gateway's
@@ -350,7 +351,7 @@ def send_report(
     if refs:
         info.ReferencedSOPSequence = [item(c, u) for c, u in refs]
     if failed:
-        info.FailedSOPSequence = [item(c, u, 0x0110) for c, u in failed]
+        info.FailedSOPSequence = [item(c, u, reason) for c, u in failed]
     status, _ = assoc.send_n_event_report(
         info, 2 if failed else 1, StorageCommitmentPushModel, STORAGE_COMMITMENT_INSTANCE
     )
