@@ -130,12 +130,10 @@ def test_monitor_readings_not_yet_stored_survive_an_unplug(tmp_path: Path, seria
     monitor = PtyDevice(link)  # plugged back in
     wait_for(lambda: s.service.statuses()[0].connected)
     try:
-        wait_for(lambda: len(s.outbox.items(kind="observation")) == 3, timeout=3)
-    except AssertionError:
-        pytest.fail(
-            f"{len(s.outbox.items(kind='observation'))} of the report's 3 observations stored: "
-            "the unstored readings were dropped with the handler on disconnect"
-        )
+        # the service retries what it holds every RETRY_STORE_S (0.2 s here): 3 once it has room;
+        # dropped with the handler at the unplug, they never come (the wait times out)
+        wait_for(lambda: len(s.outbox.items(kind="observation")) >= 3, timeout=20)
+        assert len(s.outbox.items(kind="observation")) == 3  # once each
     finally:
         monitor.unplug()
 

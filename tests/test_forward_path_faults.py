@@ -84,7 +84,7 @@ def test_a_database_fault_while_recording_a_send_strands_nothing_in_sending(tmp_
             stop = threading.Event()
             with pytest.raises(sqlite3.OperationalError):
                 service.step(stop)  # the runtime logs it and waits out the fault ...
-            deadline = time.monotonic() + 8
+            deadline = time.monotonic() + 30  # generous: the loop ends once done
             while time.monotonic() < deadline:  # ... then steps the same service again
                 service.step(stop)
                 if states(service.outbox).get("purged", 0) == len(uids):
@@ -112,7 +112,7 @@ def send_failure_report(port: int, calling_ae: str, txn: str, sop_class: str, so
 
 def sent_with_transaction(outbox: Outbox, fwd: EcgForwarder, stop: threading.Event) -> OutboxItem:
     """Rounds until item k0 is sent and its commitment asked (a transaction UID)."""
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while (item := outbox.find("k0")).state != ItemState.SENT or not item.transaction_uid:
         assert item.state in (ItemState.QUEUED, ItemState.SENDING, ItemState.SENT), item
         assert time.monotonic() < deadline, item
@@ -178,7 +178,7 @@ def test_a_passing_error_reading_a_payload_file_does_not_quarantine_the_study(
     monkeypatch.setattr(Path, "read_bytes", read_bytes)
     stop = threading.Event()
     with open_outbox(config) as outbox, EcgForwarder(outbox, forwarder_settings(config)) as fwd:
-        deadline = time.monotonic() + 8
+        deadline = time.monotonic() + 30  # generous: the loop ends once done
         while (item := outbox.find("k0")).state in (ItemState.QUEUED, ItemState.SENDING):
             if time.monotonic() > deadline:
                 break
