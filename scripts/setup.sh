@@ -17,7 +17,8 @@ if [ "$mode" = "--test" ]; then
                  network-manager chrony  # the image's links and clock: their configs checked by nmcli, chronyd -p
                  fonts-wqy-microhei  # the image's fontconfig rule for CUPS's texttopdf
                  rauc squashfs-tools u-boot-qemu u-boot-tools libubootenv-tool  # A/B updates: bundles, U-Boot slot script
-                 dbus-daemon)  # a private bus for `rauc service` in the update tests
+                 dbus-daemon  # a private bus for `rauc service` in the update tests
+                 tzdata)  # IANA zones: device clocks read across a DST change (the BLE tests' Europe/Berlin)
   command -v npm >/dev/null || apt_packages+=(nodejs npm)  # Lighthouse (bench/console.py)
 fi
 # CPU load for flake hunts (scripts/rehearse-ci.sh --load).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import zoneinfo
 
 import pytest
 from hypothesis import given, settings
@@ -27,6 +28,7 @@ from devices.ble.racp import (
 )
 from devices.errors import ProtocolError
 from devices.identity import STORED_TIME_UNKNOWN, DeviceIdentity, TimeSource
+from tests.conftest import missing
 
 UTC = dt.timezone.utc
 
@@ -408,11 +410,10 @@ def test_a_response_must_answer_the_running_request() -> None:
 
 
 def test_device_stamps_are_read_with_the_offset_of_their_own_date() -> None:
-    zoneinfo = pytest.importorskip("zoneinfo")
     try:
         berlin = zoneinfo.ZoneInfo("Europe/Berlin")
     except zoneinfo.ZoneInfoNotFoundError:
-        pytest.skip("no tz database")
+        missing("no IANA tz database (Debian package tzdata)")
     rx = dt.datetime(2025, 7, 15, 9, 0, tzinfo=UTC)
     assert resolve_time(dt.datetime(2025, 7, 15, 10, 0), rx, ClockCheck(), berlin) == (
         dt.datetime(2025, 7, 15, 8, 0, tzinfo=UTC),  # CEST, +02:00
