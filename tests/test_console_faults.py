@@ -138,6 +138,18 @@ def _hold_reading(config: Config, measured_at: dt.datetime, key: str) -> int:
     return result.held_id
 
 
+def assign_to_another(doctor: Client, id_field: str, held: int, action: str):
+    """Today's Assign form of a held reading or ECG, sent as the doctor fills it: prefilled with
+    the checked-in patient's ID, the doctor types OTHER_ID (the previous patient) instead."""
+    page = doctor.get("/today")
+    form = re.search(rf'<input type="hidden" name="{id_field}" value="{held}">.*?</form>', page.body, flags=re.S)
+    assert form, f"the held item's Assign form ({id_field} {held}) is on Today"
+    fields = dict(re.findall(r'name="(\w+)" value="([^"]*)"', form.group(0)))
+    assert fields["patient_id"] == VALID_ID  # prefilled with the current patient
+    fields["patient_id"] = OTHER_ID
+    return doctor.post(action, fields)
+
+
 def test_a_held_reading_assigned_to_another_patient_does_not_carry_the_current_patients_name(
     clinic: tuple[Config, ConsoleServer, int, int], doctor: Client
 ) -> None:
@@ -148,13 +160,7 @@ def test_a_held_reading_assigned_to_another_patient_does_not_carry_the_current_p
     reply = doctor.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"})
     assert reply.status == 303, reply.body[:300]
     held_id = _hold_reading(config, dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1), "faults:late-bp")
-    page = doctor.get("/today")
-    form = re.search(rf'<input type="hidden" name="held_id" value="{held_id}">.*?</form>', page.body, flags=re.S)
-    assert form, "the held reading's Assign form is on Today"
-    fields = dict(re.findall(r'name="(\w+)" value="([^"]*)"', form.group(0)))
-    assert fields["patient_id"] == VALID_ID  # prefilled with the current patient
-    fields["patient_id"] = OTHER_ID  # the doctor types the previous patient's ID
-    reply = doctor.post("/today/assign-reading", fields)
+    reply = assign_to_another(doctor, "held_id", held_id, "/today/assign-reading")
     assert reply.status == 303, reply.body[:300]
     with open_outbox(config) as outbox:
         stored = [i for i in outbox.items(kind="observation") if i.key == "faults:late-bp"]
@@ -177,13 +183,7 @@ def test_a_held_ecg_assigned_to_another_patient_does_not_carry_the_current_patie
     with open_outbox(config) as outbox:
         rec = make_recording(7, patient=None)
         item_id = enqueue_recording(outbox, rec, config, key="faults:late-ecg", now=time.time()).item.id
-    page = doctor.get("/today")
-    form = re.search(rf'<input type="hidden" name="item_id" value="{item_id}">.*?</form>', page.body, flags=re.S)
-    assert form, "the held ECG's Assign form is on Today"
-    fields = dict(re.findall(r'name="(\w+)" value="([^"]*)"', form.group(0)))
-    assert fields["patient_id"] == VALID_ID  # prefilled with the current patient
-    fields["patient_id"] = OTHER_ID  # the doctor types the previous patient's ID
-    reply = doctor.post("/today/assign-ecg", fields)
+    reply = assign_to_another(doctor, "item_id", item_id, "/today/assign-ecg")
     assert reply.status == 303 and "done=assigned" in reply.location, (reply.status, reply.location)
     with open_outbox(config) as outbox:
         item = outbox.get(item_id)

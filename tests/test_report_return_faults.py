@@ -138,15 +138,10 @@ def test_a_corrected_report_fetched_with_the_original_in_one_round_is_the_only_c
         to_read(study), findings=["ST elevation II, III, aVF"], impression="Acute inferior STEMI", amends=original
     )
     # the PACS answers the C-FIND with the correction first (its order is the PACS's own)
-    rc.add_report(correction)
-    rc.add_report(original)
-    with ReportStore.open(config.data_dir) as store:
-        with poller_for(config, store) as poller:
-            result = poller.run_round(force=True)
-        assert result.error is None and result.stored == 2
-        (line,) = study_lines(store)
-        shown = [(r.status, r.superseded_by) for r in line.reports]
-        assert len(line.reports) == 1, f"the clinic sees {len(line.reports)} current reports: {shown}"
+    result, line = one_round_of(rc, config, correction, original)
+    assert result.error is None and result.stored == 2
+    shown = [(r.status, r.superseded_by) for r in line.reports]
+    assert len(line.reports) == 1, f"the clinic sees {len(line.reports)} current reports: {shown}"
 
 
 def test_a_preliminary_report_listed_after_the_final_one_is_not_left_current(center) -> None:
@@ -156,14 +151,21 @@ def test_a_preliminary_report_listed_after_the_final_one_is_not_left_current(cen
     (study,) = send_ecgs(config, [make_recording(13)])
     final = ecg_report_sr(to_read(study), findings=["Sinus rhythm"], impression="Normal ECG")
     preliminary = ecg_report_sr(to_read(study), findings=["Sinus rhythm"], impression="Normal ECG?", complete=False)
-    rc.add_report(final)
-    rc.add_report(preliminary)
+    result, line = one_round_of(rc, config, final, preliminary)
+    assert result.error is None and result.stored == 2
+    assert [r.status for r in line.reports] == ["final"], [(r.status, r.superseded_by) for r in line.reports]
+
+
+def one_round_of(rc: EmbeddedReadingCenter, config: Config, *objects) -> tuple:
+    """The reading center holds `objects` (listed in this order); one forced poll round; the
+    round's result and the study's line as the clinic sees it."""
+    for ds in objects:
+        rc.add_report(ds)
     with ReportStore.open(config.data_dir) as store:
         with poller_for(config, store) as poller:
             result = poller.run_round(force=True)
-        assert result.error is None and result.stored == 2
         (line,) = study_lines(store)
-        assert [r.status for r in line.reports] == ["final"], [(r.status, r.superseded_by) for r in line.reports]
+    return result, line
 
 
 # -- 3. a found object that did not arrive waits for the amendment poll once another is final ----------
