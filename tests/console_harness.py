@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from devices.identity import DeviceIdentity, TimeSource
+from devices.observation import Observation, Quantity
 from lastmile.clinic.db import open_clinic_db
 from lastmile.config import Config
 from lastmile.console.accounts import Accounts
@@ -192,6 +194,38 @@ def enqueue_ecg(config: Config, *, lead_off: bool) -> None:
         rec, _fault = electrode_off(rec, np.random.default_rng(1), "V3", "blank")
     with open_outbox(config) as outbox:
         enqueue_recording(outbox, rec, config, key=f"test-ecg-{lead_off}")
+
+
+def bp_reading(measured_at: dt.datetime, key: str, time_source: TimeSource = TimeSource.DEVICE_CLOCK) -> Observation:
+    """A cuff's BP reading (131/84 mmHg) measured at `measured_at`."""
+    return Observation(
+        kind="blood-pressure",
+        quantities=(
+            Quantity("systolic", 131.0, "mm[Hg]", 131.0, "mm[Hg]"),
+            Quantity("diastolic", 84.0, "mm[Hg]", 84.0, "mm[Hg]"),
+        ),
+        measured_at=measured_at,
+        time_source=time_source,
+        received_at=measured_at,
+        device=DeviceIdentity("Acme", "BP-1", "42", "AA:BB:CC:DD:EE:01"),
+        record_key=key,
+    )
+
+
+def record_receipt_timed_bp(config: Config, key: str) -> None:
+    """A BP reading from a cuff without a usable clock arrives for the checked-in patient: its
+    time is when the gateway received it (time_source gateway-receipt)."""
+    from lastmile.clinic.observations import ObservationStore
+    from lastmile.data_dir import open_outbox
+
+    now = dt.datetime.now(dt.timezone.utc)
+    with open_outbox(config) as outbox:
+        store = ObservationStore.open(config.data_dir, outbox=outbox, idle_timeout_s=900)
+        try:
+            outcome = store.record(bp_reading(now, key, TimeSource.GATEWAY_RECEIPT), now=now).outcome
+        finally:
+            store.close()
+    assert outcome == "stored", outcome
 
 
 def store_returned_reports(config: Config) -> tuple[int, int]:

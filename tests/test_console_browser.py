@@ -29,6 +29,7 @@ from tests.console_harness import (
     StaticReports,
     console_config,
     enqueue_ecg,
+    record_receipt_timed_bp,
     running_console,
     stand_in_lp,
     store_returned_reports,
@@ -249,6 +250,40 @@ def test_a_ble_reading_appears_live_and_a_held_one_is_assigned(
     finally:
         db.conn.close()
     assert entry is not None and entry.user_name == DOCTOR[0]
+
+
+def test_a_reading_timed_on_receipt_is_badged_as_such_on_a_tablet_and_a_phone(
+    browser: object, console: ConsoleServer
+) -> None:
+    """A cuff without a clock: its reading's time is when the gateway received it. Today says so
+    beside the time (接收时间), live, legible on a tablet and, wrapped, on a phone."""
+    log_in(browser, console)
+    browser.find_element(by("id"), "patient_id").send_keys(VALID_ID + "\n")
+    text_in(browser, "#panel-session", VALID_ID)
+    live_stream_open(browser)
+    record_receipt_timed_bp(console.config, "browser:receipt-time")
+    text_in(browser, "#panel-readings", "131/84")
+    item = '#panel-readings li[data-key="browser:receipt-time"]'
+    badge = item + " .badge.amber"
+    assert "接收时间" in text_of(browser, badge)
+    assert "接收时间" in text_of(browser, item)  # in the reading's own line, not elsewhere
+    save_screenshot(browser, "today-receipt-time-tablet")
+    set_viewport(browser, PHONE)
+    try:
+        # on a phone the badge stays whole and inside the screen (wrapped under the reading)
+        box = live_read(
+            browser,
+            lambda d: d.execute_script(
+                "const b = document.querySelector(arguments[0]).getBoundingClientRect();"
+                "return {left: b.left, right: b.right, height: b.height, width: innerWidth};",
+                badge,
+            ),
+        )
+        assert box["left"] >= 0 and box["right"] <= box["width"], box
+        assert "接收时间" in text_of(browser, badge)
+        save_screenshot(browser, "today-receipt-time-phone")
+    finally:
+        set_viewport(browser, TABLET)
 
 
 def test_an_ecg_preview_and_its_re_record_verdict(browser: object, console: ConsoleServer) -> None:

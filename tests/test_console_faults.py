@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from devices.identity import DeviceIdentity, TimeSource
-from devices.observation import Observation, Quantity
+from devices.identity import TimeSource
+from devices.observation import Observation
 from lastmile.clinic.db import open_clinic_db
 from lastmile.clinic.observations import ObservationStore
 from lastmile.config import Config
@@ -27,6 +27,7 @@ from tests.console_harness import (
     DOCTOR,
     VALID_ID,
     Client,
+    bp_reading,
     console_config,
     running_console,
     store_returned_reports,
@@ -110,19 +111,7 @@ def test_assigning_a_held_reading_number_too_large_is_refused_in_words(doctor: C
 # -- a held reading assigned to another patient keeps the current patient's name ------------------
 
 
-def _bp(measured_at: dt.datetime, key: str) -> Observation:
-    return Observation(
-        kind="blood-pressure",
-        quantities=(
-            Quantity("systolic", 131.0, "mm[Hg]", 131.0, "mm[Hg]"),
-            Quantity("diastolic", 84.0, "mm[Hg]", 84.0, "mm[Hg]"),
-        ),
-        measured_at=measured_at,
-        time_source=TimeSource.DEVICE_CLOCK,
-        received_at=measured_at,
-        device=DeviceIdentity("Acme", "BP-1", "42", "AA:BB:CC:DD:EE:01"),
-        record_key=key,
-    )
+_bp = bp_reading
 
 
 def _hold_reading(config: Config, measured_at: dt.datetime, key: str) -> int:
