@@ -54,6 +54,11 @@ class DeviceIdentity:
         return " ".join(parts) or "unknown device"
 
 
+# Issuer of the temporary per-study Patient ID an ECG sent without a patient carries in DICOM
+# ("UNASSIGNED-<hash>"): an object with it names no patient, whoever reads it back.
+UNASSIGNED_ISSUER = "LASTMILE-UNASSIGNED"
+
+
 @dataclass(frozen=True, slots=True)
 class Patient:
     """A patient as identified at the gateway; `patient_id` is an opaque identifier."""

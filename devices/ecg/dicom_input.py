@@ -52,7 +52,7 @@ from devices.ecg.leads import (
 from devices.ecg.recording import EcgRecording, SampleGap
 from devices.ecg.scaling import Channel, to_common_unit
 from devices.errors import InvalidRecordingError, ProtocolError, UnsupportedFeatureError
-from devices.identity import POSSIBLE_YEARS, DeviceIdentity, Patient, TimeSource
+from devices.identity import POSSIBLE_YEARS, UNASSIGNED_ISSUER, DeviceIdentity, Patient, TimeSource
 from devices.inflate import inflate
 
 if TYPE_CHECKING:
@@ -174,8 +174,9 @@ def _acquired_at(ds: Dataset, local_tz: dt.tzinfo) -> dt.datetime | None:
 
 def _patient(ds: Dataset) -> Patient | None:
     patient_id = str(ds.get("PatientID", "") or "").strip()
-    if not patient_id:
-        return None
+    issuer = str(ds.get("IssuerOfPatientID", "") or "").strip()
+    if not patient_id or issuer == UNASSIGNED_ISSUER:
+        return None  # no patient, or a gateway's placeholder for "none was identified"
     birth = None
     text = str(ds.get("PatientBirthDate", "") or "").strip()
     if re.fullmatch(r"\d{8}", text) and int(text[:4]) in POSSIBLE_YEARS:
@@ -189,7 +190,7 @@ def _patient(ds: Dataset) -> Patient | None:
         name=str(ds.get("PatientName", "") or "").strip(),
         birth_date=birth,
         sex=sex if sex in ("M", "F", "O") else "",
-        issuer=str(ds.get("IssuerOfPatientID", "") or "").strip(),
+        issuer=issuer,
     )
 
 
