@@ -70,12 +70,30 @@ def lead_groups(root: ET.Element) -> list[ET.Element]:
     return [g for g in root.iter(SVG + "g") if "data-lead" in g.attrib]
 
 
-def trace_points(group: ET.Element) -> list[tuple[float, float]]:
+def trace_runs(group: ET.Element) -> list[list[tuple[float, float]]]:
+    """Every subpath of a lead's trace, in page millimetres."""
     path = group.find(SVG + "path")
     assert path is not None
     m = re.fullmatch(r"translate\(([\d.]+) ([\d.]+)\) scale\(\.1\)", path.get("transform", ""))
     assert m, path.get("transform")
-    return points(path.get("d", ""), (float(m.group(1)), float(m.group(2))), 0.1)[0]
+    return points(path.get("d", ""), (float(m.group(1)), float(m.group(2))), 0.1)
+
+
+def trace_points(group: ET.Element) -> list[tuple[float, float]]:
+    return trace_runs(group)[0]
+
+
+def one_lead(samples: np.ndarray, **extra: object) -> EcgRecording:
+    """Lead II alone at 500 Hz, 1 µV per unit: a full 10 s strip of its own."""
+    return EcgRecording(
+        samples=samples,
+        lead_names=("II",),
+        sampling_rate_hz=500.0,
+        uv_per_unit=1.0,
+        acquired_at=T0,
+        time_source=TimeSource.DEVICE_CLOCK,
+        **extra,  # type: ignore[arg-type]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -171,15 +189,7 @@ def test_a_known_sample_lands_where_10_mm_per_mv_and_25_mm_per_s_put_it(
 def test_one_millivolt_step_is_ten_millimetres() -> None:
     samples = np.zeros((1, 5000), dtype=np.int16)
     samples[0, 2500:] = 1000  # 1 mV at 1 µV per unit
-    rec = EcgRecording(
-        samples=samples,
-        lead_names=("II",),
-        sampling_rate_hz=500.0,
-        uv_per_unit=1.0,
-        acquired_at=T0,
-        time_source=TimeSource.DEVICE_CLOCK,
-    )
-    (g,) = lead_groups(parse(render_preview_svg(rec)))
+    (g,) = lead_groups(parse(render_preview_svg(one_lead(samples))))
     offset = float(g.get("data-offset-uv"))
     ys = sorted({round(y, 3) for _, y in trace_points(g)})
     assert ys[-1] - ys[0] == pytest.approx(10.0)
@@ -192,22 +202,9 @@ def test_samples_after_a_gap_are_drawn_at_their_own_time_and_the_gap_is_left_bla
     joined, an RR interval 1 s short: what a premature beat looks like on paper."""
     samples = (np.arange(5500) % 50).astype(np.int16)[None, :]  # a 50 µV sawtooth: drawn everywhere
     samples[0, 2500:] += 1000  # the first sample after the gap, at 6.0 s, steps up 1 mV
-    rec = EcgRecording(
-        samples=samples,
-        lead_names=("II",),
-        sampling_rate_hz=500.0,
-        uv_per_unit=1.0,
-        acquired_at=T0,
-        time_source=TimeSource.DEVICE_CLOCK,
-        gaps=(SampleGap(start=2500, missing=500),),
-    )
-    (g,) = lead_groups(parse(render_preview_svg(rec)))
-    path = g.find(SVG + "path")
-    assert path is not None
-    m = re.fullmatch(r"translate\(([\d.]+) ([\d.]+)\) scale\(\.1\)", path.get("transform", ""))
-    assert m
-    left = float(m.group(1))
-    runs = points(path.get("d", ""), (left, float(m.group(2))), 0.1)
+    (g,) = lead_groups(parse(render_preview_svg(one_lead(samples, gaps=(SampleGap(start=2500, missing=500),)))))
+    left = 21.0  # where a strip starts on the page, as the tests above measure it
+    runs = trace_runs(g)
     drawn = [(x - left) / 25.0 for run in runs for x, _ in run]  # seconds from the strip's start
     assert not [t for t in drawn if 5.01 < t < 5.99], "a trace drawn where no sample arrived"
     ys = [y for run in runs for _, y in run]
