@@ -260,3 +260,19 @@ def test_our_unassigned_placeholder_is_no_patient() -> None:
     sent = make_recording(patient=None)
     back = read_dicom_ecg(recording_to_dicom_bytes(sent, mint_uids(), StationInfo()))
     assert back.patient is None
+
+
+def test_unspecified_lead_code_keeps_the_channel_label() -> None:
+    """A lead with no code of its own is coded "2:0 Unspecified lead" with its name in Channel
+    Label (as the gateway's own builder writes CM5, CC5, Frank leads ...). The label was
+    ignored: one such lead came out named "unspecified", two made the whole ECG refused."""
+    ds = _load(_mortara())
+    expected = ds.waveform_array(0).T
+    channels = ds.WaveformSequence[0].ChannelDefinitionSequence
+    for index, label in ((10, "CM5"), (11, "CC5")):  # V5, V6 re-labelled as bipolar chest leads
+        source = channels[index].ChannelSourceSequence[0]
+        source.CodeValue, source.CodingSchemeDesignator, source.CodeMeaning = "2:0", "MDC", "Unspecified lead"
+        channels[index].ChannelLabel = label
+    r = read_dicom_ecg(_dump(ds))
+    assert r.lead_names[-2:] == ("CM5", "CC5")
+    np.testing.assert_array_equal(r.lead("CM5") * r.uv_per_unit, expected[10])
