@@ -94,6 +94,7 @@ def _from_text(text: str) -> tuple[str, bool]:
 def _lead_of(channel: Dataset) -> tuple[str, bool] | None:
     """(lead name, derived) of a channel definition, None for a channel that is not an ECG lead."""
     source = channel.get("ChannelSourceSequence")
+    unspecified = False  # an ECG lead without a code of its own: its name is in the label
     if source:
         item = source[0]
         scheme = str(item.get("CodingSchemeDesignator", "")).upper()
@@ -101,19 +102,25 @@ def _lead_of(channel: Dataset) -> tuple[str, bool] | None:
         meaning = str(item.get("CodeMeaning", "")).strip()
         m = re.fullmatch(r"5\.6\.3-9-(\d+)", value)
         if scheme.startswith("SCPECG") and m:
-            return lead_name_from_scp_code(int(m.group(1))), False
+            if int(m.group(1)) != 0:
+                return lead_name_from_scp_code(int(m.group(1))), False
+            unspecified = True
         m = re.fullmatch(r"2:(\d+)", value)
         if scheme == "MDC" and m:
             number = int(m.group(1))
-            if number in _MDC_DERIVED:
+            if number == 0:
+                unspecified = True
+            elif number in _MDC_DERIVED:
                 return _MDC_DERIVED[number], True
-            if number in SCP_LEAD_NAMES and not 31 <= number <= 60:
+            elif number in SCP_LEAD_NAMES and not 31 <= number <= 60:
                 return lead_name_from_scp_code(number), False
         if meaning.upper().startswith(("LEAD", "MDC_ECG_LEAD", "DERIVED LEAD")):
             return _from_text(meaning)
     label = str(channel.get("ChannelLabel", "")).strip()
     if label.upper().startswith(("LEAD", "MDC_ECG_LEAD", "DERIVED LEAD")):
         return _from_text(label)
+    if unspecified:
+        return normalise_lead_name(label) or lead_name_from_scp_code(0), False
     return None
 
 
