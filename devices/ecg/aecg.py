@@ -67,7 +67,7 @@ def _parseable(data: bytes) -> bytes:
         return data
     try:
         text = data.decode(codec)
-    except UnicodeDecodeError:
+    except (UnicodeDecodeError, LookupError):  # LookupError: a codec of bytes, such as "zlib"
         raise ProtocolError(f"HL7 aECG: the document is not {name} text as its XML declaration says") from None
     return _DECLARED_TEXT.sub(r"\1utf-8", text, count=1).encode("utf-8")
 
@@ -419,8 +419,9 @@ def read_aecg(
     `local_tz` interprets time stamps written without a zone; `received_at` is used
     (TimeSource.GATEWAY_RECEIPT) only when the document carries no time at all.
     """
+    document = _parseable(bytes(data))
     try:
-        root = fromstring(_parseable(bytes(data)), forbid_dtd=True)
+        root = fromstring(document, forbid_dtd=True)
     except DefusedXmlException as exc:
         raise ProtocolError(f"HL7 aECG: refused unsafe XML ({type(exc).__name__})") from None
     except (ParseError, ValueError, LookupError) as exc:  # LookupError: an unknown declared encoding
