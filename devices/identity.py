@@ -27,6 +27,8 @@ class TimeSource(str, enum.Enum):
 
 # Nothing we record can predate this: a Pi without RTC boots in 1970.
 EARLIEST_PLAUSIBLE = dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)
+# A device's time further ahead of its receipt than this is a clock set wrong, not a time.
+DEVICE_CLOCK_TOLERANCE = dt.timedelta(minutes=10)
 # Observation flag: a record from a device's memory (taken earlier, perhaps on another patient)
 # whose own time could not be used, so its time is only when we received it. Such a reading is
 # held for the doctor, never given to the current patient.
@@ -52,6 +54,11 @@ class DeviceIdentity:
     def label(self) -> str:
         parts = [p for p in (self.manufacturer, self.model, self.serial or self.address) if p]
         return " ".join(parts) or "unknown device"
+
+
+# Issuer of the temporary per-study Patient ID an ECG sent without a patient carries in DICOM
+# ("UNASSIGNED-<hash>"): an object with it names no patient, whoever reads it back.
+UNASSIGNED_ISSUER = "LASTMILE-UNASSIGNED"
 
 
 @dataclass(frozen=True, slots=True)

@@ -568,3 +568,18 @@ def test_a_start_time_off_the_calendar_is_refused(head: str, increment: str, ser
     time = f'<head value="{head}" unit="s"/><increment value="{increment}" unit="s"/>'
     with pytest.raises(ProtocolError, match=needle):
         read_aecg(_doc(time=time, time_code="TIME_RELATIVE", series_time=series_time))
+
+
+@pytest.mark.parametrize("encoding", ["GB18030", "GBK", "GB2312"])
+def test_a_chinese_cart_s_document_in_its_declared_gb_encoding(encoding: str) -> None:
+    """A Chinese cart's PC software writes its aECG in GB 2312/GBK/GB 18030 and declares it.
+    The XML parser handles no multi-byte encoding but UTF-8/16: the whole ECG was refused as
+    "not well-formed XML". The declared encoding is honoured; samples and name come through."""
+    utf8 = _read("fda_hl7_Example_aECG.xml").decode("utf-8")
+    assert utf8.startswith('<?xml version="1.0" encoding="utf-8"?>')
+    text = utf8.replace('encoding="utf-8"', f'encoding="{encoding}"', 1).replace(
+        "<name>Clark</name>", "<name>王伟</name>", 1
+    )
+    r = read_aecg(text.encode(encoding))
+    assert r.patient is not None and r.patient.name == "王伟"
+    np.testing.assert_array_equal(r.microvolts(), read_aecg(utf8.encode("utf-8")).microvolts())

@@ -5,6 +5,7 @@ refusals and fuzzing."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 import io
 import warnings
@@ -17,6 +18,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
 from devices.ecg.dicom_input import read_dicom_ecg
+from devices.ecg.recording import SampleGap
 from devices.ecg.scp import read_scp
 from devices.errors import ProtocolError, UnsupportedFeatureError
 from devices.identity import Patient, TimeSource
@@ -205,3 +207,72 @@ def test_fuzz_toolkit_file(ops: list[tuple]) -> None:
 @given(ops=mutations())
 def test_fuzz_mortara_file(ops: list[tuple]) -> None:
     decodes_or_refuses(read_dicom_ecg, apply(_mortara(), ops, hi=6000))
+
+
+def _padded_mortara(rows: slice, channels: slice = slice(None)) -> tuple[bytes, np.ndarray]:
+    """The Mortara ECG with Waveform Padding Value -32768 over `rows` x `channels` of its rhythm
+    group (a cart's "no sample here"), and pydicom's µV of the untouched file."""
+    ds = _load(_mortara())
+    expected = ds.waveform_array(0).T
+    group = ds.WaveformSequence[0]
+    raw = np.frombuffer(group.WaveformData, dtype="<i2").reshape(int(group.NumberOfWaveformSamples), -1).copy()
+    raw[rows, channels] = -32768
+    group.WaveformData = raw.tobytes()
+    group.add_new(0x5400100A, "OW", (-32768).to_bytes(2, "little", signed=True))  # Waveform Padding Value
+    return _dump(ds), expected
+
+
+def test_padding_rows_become_gaps_not_minus_41_mv() -> None:
+    """Rows of Waveform Padding Value are samples that never arrived (the gateway's own objects
+    pad gaps so): read as values they drew -41 mV cliffs across every lead of the ECG."""
+    data, expected = _padded_mortara(slice(2000, 2050))
+    r = read_dicom_ecg(data)
+    assert r.gaps == (SampleGap(2000, 50),)
+    assert r.n_samples == 10000 - 50
+    np.testing.assert_array_equal(r.microvolts(), np.delete(expected, np.s_[2000:2050], axis=1))
+
+
+def test_padding_in_one_lead_leaves_that_lead_out() -> None:
+    data, expected = _padded_mortara(slice(3000, 3100), slice(7, 8))  # V2's electrode fell off
+    r = read_dicom_ecg(data)
+    assert "V2" not in r.lead_names and r.n_samples == 10000 and r.gaps == ()
+    assert "leads-not-recorded:V2" in r.flags
+    np.testing.assert_array_equal(r.lead("V1") * r.uv_per_unit, expected[6])
+
+
+def test_our_own_object_with_a_gap_reads_back_with_the_gap() -> None:
+    from tests.ecg_factories import make_recording
+    from uploader.dicom_ecg import StationInfo, mint_uids, recording_to_dicom_bytes
+
+    sent = dataclasses.replace(make_recording(), gaps=(SampleGap(500, 25),))
+    back = read_dicom_ecg(recording_to_dicom_bytes(sent, mint_uids(), StationInfo()))
+    assert back.gaps == sent.gaps and back.lead_names == sent.lead_names
+    np.testing.assert_array_equal(back.microvolts(), sent.microvolts())
+
+
+def test_our_unassigned_placeholder_is_no_patient() -> None:
+    """An ECG the gateway sent unassigned carries a per-study placeholder Patient ID: read back
+    (a copy on a stick, another gateway's object) it must stay unassigned and be held for the
+    doctor, not filed under a patient called "UNASSIGNED-..."."""
+    from tests.ecg_factories import make_recording
+    from uploader.dicom_ecg import StationInfo, mint_uids, recording_to_dicom_bytes
+
+    sent = make_recording(patient=None)
+    back = read_dicom_ecg(recording_to_dicom_bytes(sent, mint_uids(), StationInfo()))
+    assert back.patient is None
+
+
+def test_unspecified_lead_code_keeps_the_channel_label() -> None:
+    """A lead with no code of its own is coded "2:0 Unspecified lead" with its name in Channel
+    Label (as the gateway's own builder writes CM5, CC5, Frank leads ...). The label was
+    ignored: one such lead came out named "unspecified", two made the whole ECG refused."""
+    ds = _load(_mortara())
+    expected = ds.waveform_array(0).T
+    channels = ds.WaveformSequence[0].ChannelDefinitionSequence
+    for index, label in ((10, "CM5"), (11, "CC5")):  # V5, V6 re-labelled as bipolar chest leads
+        source = channels[index].ChannelSourceSequence[0]
+        source.CodeValue, source.CodingSchemeDesignator, source.CodeMeaning = "2:0", "MDC", "Unspecified lead"
+        channels[index].ChannelLabel = label
+    r = read_dicom_ecg(_dump(ds))
+    assert r.lead_names[-2:] == ("CM5", "CC5")
+    np.testing.assert_array_equal(r.lead("CM5") * r.uv_per_unit, expected[10])

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from devices.ecg.formats import decode_ecg, detect_format
 from devices.ecg.leads import derive_limb_leads, normalise_lead_name, standard_order
 from devices.errors import ProtocolError
+from devices.identity import TimeSource
 from tests.conftest import shared_file
 
 SHARED_FILES = {
@@ -203,3 +204,20 @@ def test_an_aecg_whose_root_element_ends_at_byte_4096_is_still_recognised() -> N
     """Detection reads the first 4 KiB whole: an aECG with a long XML prologue is not refused as
     an unknown file (an ECG lost) because its root element's last letter is byte 4096."""
     assert detect_format(b" " * 4083 + b"<AnnotatedECG xmlns='urn:hl7-org:v3'/>") == "aecg"
+
+
+def test_a_file_time_after_the_file_arrived_is_not_believed() -> None:
+    """A cart whose clock runs ahead dates its files in the future: the ECG went to the PACS as
+    acquired days from now, under "the time the device wrote", and a worklist of today's studies
+    never showed it. Like every other device path, a time ahead of receipt (beyond the clock
+    tolerance) gives way to the receipt time, and the device's time is kept as a flag."""
+    import datetime as dt
+
+    data = shared_file("ecg", "contec", "0000037.ECG").read_bytes()  # written 2020-11-15 12:59:50
+    east8 = dt.timezone(dt.timedelta(hours=8))
+    received = dt.datetime(2020, 11, 14, 9, 0, tzinfo=dt.timezone.utc)
+    r = decode_ecg(data, "0000037.ECG", local_tz=east8, received_at=received)
+    assert (r.acquired_at, r.time_source) == (received, TimeSource.GATEWAY_RECEIPT)
+    assert "device-time-ahead:2020-11-15T12:59:50+08:00" in r.flags
+    on_time = decode_ecg(data, "0000037.ECG", local_tz=east8, received_at=dt.datetime(2020, 11, 15, 5, tzinfo=dt.UTC))
+    assert on_time.time_source is TimeSource.FILE and not any(f.startswith("device-time") for f in on_time.flags)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from devices.ecg.quality import check_quality
-from devices.ecg.recording import STANDARD_12_LEADS, EcgRecording
+from devices.ecg.recording import STANDARD_12_LEADS, EcgRecording, SampleGap
 from devices.identity import Patient, TimeSource
 from lastmile.ecg import preview
 from lastmile.ecg.preview import display_name, plan_layout, render_preview_svg
@@ -70,12 +70,30 @@ def lead_groups(root: ET.Element) -> list[ET.Element]:
     return [g for g in root.iter(SVG + "g") if "data-lead" in g.attrib]
 
 
-def trace_points(group: ET.Element) -> list[tuple[float, float]]:
+def trace_runs(group: ET.Element) -> list[list[tuple[float, float]]]:
+    """Every subpath of a lead's trace, in page millimetres."""
     path = group.find(SVG + "path")
     assert path is not None
     m = re.fullmatch(r"translate\(([\d.]+) ([\d.]+)\) scale\(\.1\)", path.get("transform", ""))
     assert m, path.get("transform")
-    return points(path.get("d", ""), (float(m.group(1)), float(m.group(2))), 0.1)[0]
+    return points(path.get("d", ""), (float(m.group(1)), float(m.group(2))), 0.1)
+
+
+def trace_points(group: ET.Element) -> list[tuple[float, float]]:
+    return trace_runs(group)[0]
+
+
+def one_lead(samples: np.ndarray, **extra: object) -> EcgRecording:
+    """Lead II alone at 500 Hz, 1 µV per unit: a full 10 s strip of its own."""
+    return EcgRecording(
+        samples=samples,
+        lead_names=("II",),
+        sampling_rate_hz=500.0,
+        uv_per_unit=1.0,
+        acquired_at=T0,
+        time_source=TimeSource.DEVICE_CLOCK,
+        **extra,  # type: ignore[arg-type]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -171,19 +189,28 @@ def test_a_known_sample_lands_where_10_mm_per_mv_and_25_mm_per_s_put_it(
 def test_one_millivolt_step_is_ten_millimetres() -> None:
     samples = np.zeros((1, 5000), dtype=np.int16)
     samples[0, 2500:] = 1000  # 1 mV at 1 µV per unit
-    rec = EcgRecording(
-        samples=samples,
-        lead_names=("II",),
-        sampling_rate_hz=500.0,
-        uv_per_unit=1.0,
-        acquired_at=T0,
-        time_source=TimeSource.DEVICE_CLOCK,
-    )
-    (g,) = lead_groups(parse(render_preview_svg(rec)))
+    (g,) = lead_groups(parse(render_preview_svg(one_lead(samples))))
     offset = float(g.get("data-offset-uv"))
     ys = sorted({round(y, 3) for _, y in trace_points(g)})
     assert ys[-1] - ys[0] == pytest.approx(10.0)
     assert ys[-1] == pytest.approx(60.0 + offset / 100.0)  # 0 µV drawn offset/100 mm below the baseline
+
+
+def test_samples_after_a_gap_are_drawn_at_their_own_time_and_the_gap_is_left_blank() -> None:
+    """A streamed ECG lost 1 s at 5 s (SampleGap): the samples after it belong at 6 s. Drawn
+    straight on, every beat after the gap moved 25 mm left and the beats either side were
+    joined, an RR interval 1 s short: what a premature beat looks like on paper."""
+    samples = (np.arange(5500) % 50).astype(np.int16)[None, :]  # a 50 µV sawtooth: drawn everywhere
+    samples[0, 2500:] += 1000  # the first sample after the gap, at 6.0 s, steps up 1 mV
+    (g,) = lead_groups(parse(render_preview_svg(one_lead(samples, gaps=(SampleGap(start=2500, missing=500),)))))
+    left = 21.0  # where a strip starts on the page, as the tests above measure it
+    runs = trace_runs(g)
+    drawn = [(x - left) / 25.0 for run in runs for x, _ in run]  # seconds from the strip's start
+    assert not [t for t in drawn if 5.01 < t < 5.99], "a trace drawn where no sample arrived"
+    ys = [y for run in runs for _, y in run]
+    middle = (min(ys) + max(ys)) / 2
+    step_at = min((x - left) / 25.0 for run in runs for x, y in run if y < middle)
+    assert step_at == pytest.approx(6.0, abs=0.01)
 
 
 def test_decimation_keeps_every_peak_and_trough_of_each_fifth_of_a_millimetre(

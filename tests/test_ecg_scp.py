@@ -460,3 +460,40 @@ def test_fuzz_behind_valid_checksums(ops: list[tuple]) -> None:
     data = _read("abtahi_ECG_20170504_163507_123456789.SCP")
     mutated = apply(data, [op for op in ops if op[0] in ("flip", "set")], lo=6)
     decodes_or_refuses(read_scp, restamp(mutated))
+
+
+# ------------------------------------------------------------------ text in the cart's character set
+
+
+def _section1_tags(body: bytes) -> list[tuple[int, bytes]]:
+    tags, pos = [], 0
+    while pos + 3 <= len(body) and body[pos] != 255:
+        length = struct.unpack_from("<H", body, pos + 1)[0]
+        tags.append((body[pos], body[pos + 3 : pos + 3 + length]))
+        pos += 3 + length
+    return tags
+
+
+def _section1_body(tags: list[tuple[int, bytes]]) -> bytes:
+    return b"".join(bytes([tag]) + struct.pack("<H", len(value)) + value for tag, value in tags) + b"\xff\x00\x00"
+
+
+@pytest.mark.parametrize("name", ["ecgtoolkit_Example.scp", "abtahi_ECG_20170504_163507_123456789.SCP"])
+def test_chinese_name_in_the_declared_gb2312_character_set(name: str) -> None:
+    """A Chinese cart writes the patient's name in GB 2312 and says so in the language support
+    code (section 1 tag 14, byte 16: 0x27). Read as Latin-1, 王伟 became "Íõ^Î°" on the PACS."""
+    bodies = sections_of(_read(name))
+    tags = []
+    for tag, value in _section1_tags(bodies[1]):
+        if tag == 0:
+            value = "王".encode("gb2312") + b"\x00"
+        elif tag == 1:
+            value = "伟".encode("gb2312") + b"\x00"
+        elif tag == 14:
+            value = value[:16] + b"\x27" + value[17:]
+        tags.append((tag, value))
+    if not any(tag == 1 for tag, _ in tags):
+        tags.insert(1, (1, "伟".encode("gb2312") + b"\x00"))
+    bodies[1] = _section1_body(tags)
+    r = read_scp(build_record(bodies))
+    assert r.patient is not None and r.patient.name == "王^伟"

@@ -88,7 +88,7 @@ from devices.ecg.findings import (
 )
 from devices.ecg.quality import ACCEPTABLE, QualityReport
 from devices.ecg.recording import STANDARD_12_LEADS, EcgRecording, SampleGap
-from devices.identity import Patient, TimeSource
+from devices.identity import UNASSIGNED_ISSUER, Patient, TimeSource
 from uploader.errors import InvalidObjectError
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,6 @@ UTC_SYNCHRONIZATION_FRAME = "1.2.840.10008.15.1.1"  # well-known "Universal Coor
 INT16_MAX = 32767
 PADDING_VALUE = -32768  # Waveform Padding Value where samples never arrived
 MAX_WAVEFORM_BYTES = 32 * 1024 * 1024  # one object's sample data; a Pi must build it in RAM
-UNASSIGNED_ISSUER = "LASTMILE-UNASSIGNED"
 _UNASSIGNED_DESCRIPTION = " - UNASSIGNED PATIENT"
 _UNASSIGNED_NOTE = "UNASSIGNED PATIENT"
 MULTIPLEX_GROUP_LABEL = "RHYTHM"

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from io import BytesIO
 from types import ModuleType
 
+import numpy as np
 from pydicom import dcmread
 from pydicom.charset import convert_encodings
 from pydicom.dataelem import RawDataElement, convert_raw_data_element
@@ -286,6 +287,24 @@ def decode_dataset(obj: Part10) -> Dataset:
     return ds
 
 
+# Bytes per word of the "other" VRs: pydicom keeps their values as the bytes it read and writes
+# them back unchanged, so between big and little endian every word must be reversed here.
+_WORD_BYTES = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
+
+
+def _swap_words(ds: Dataset) -> None:
+    """Reverse the byte order of every word of the OW/OL/OF/OD/OV values (Waveform Data,
+    Waveform Padding Value ...), sequences included."""
+    for elem in ds.iterall():
+        size = _WORD_BYTES.get(str(elem.VR))
+        if size and isinstance(elem.value, bytes) and elem.value:
+            if len(elem.value) % size:
+                raise UnsendablePayload(
+                    f"{elem.keyword or elem.tag}: {len(elem.value)} bytes are no whole {elem.VR} words"
+                )
+            elem.value = np.frombuffer(elem.value, dtype=f">u{size}").astype(f"<u{size}").tobytes()
+
+
 def encode_for(obj: Part10, syntax: UID, deflate_level: int = 4) -> bytes:
     """The data set encoded in `syntax`; cheap (no decoding) from Explicit VR LE."""
     source = obj.transfer_syntax
@@ -302,6 +321,8 @@ def encode_for(obj: Part10, syntax: UID, deflate_level: int = 4) -> bytes:
         ds = decode_dataset(obj)
     except (InvalidDicomError, ValueError, EOFError, OSError) as exc:
         raise UnsendablePayload(f"payload does not decode: {exc}") from None
+    if source.is_little_endian != syntax.is_little_endian:
+        _swap_words(ds)
     encoded = encode(ds, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
     if encoded is None:
         raise UnsendablePayload(f"payload cannot be encoded as {syntax.name}")

@@ -17,6 +17,7 @@ FDA examples `center` is the acquisition time itself, so it is read as the start
 
 from __future__ import annotations
 
+import codecs
 import datetime as dt
 import re
 from dataclasses import dataclass
@@ -41,6 +42,34 @@ _UNIT_TO_UV = {"uV": 1.0, "mV": 1000.0, "V": 1_000_000.0, "nV": 0.001}
 _TIME_TO_S = {"s": 1.0, "ms": 0.001, "us": 0.000001}
 _SEX = {"M": "M", "F": "F"}
 _TS = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,6})\d*)?([+-]\d{4})?$")
+
+
+# The XML declaration's encoding name (in the first bytes, ASCII-compatible encodings only).
+_DECLARED = re.compile(rb"""\A(?:\xef\xbb\xbf)?\s*<\?xml[^>]*?\sencoding\s*=\s*["']([A-Za-z][A-Za-z0-9._-]*)["']""")
+_DECLARED_TEXT = re.compile(r"""\A(\ufeff?\s*<\?xml[^>]*?\sencoding\s*=\s*["'])[A-Za-z][A-Za-z0-9._-]*""")
+# what the XML parser (expat) reads itself; it refuses every other multi-byte encoding
+_PARSER_CODECS = frozenset({"utf-8", "utf-16", "utf-16-le", "utf-16-be", "iso8859-1", "ascii"})
+
+
+def _parseable(data: bytes) -> bytes:
+    """`data` as the XML parser can read it: a document in an encoding the parser does not
+    know (GB 2312, GBK, GB 18030: Chinese carts' PC software) is decoded with Python's codec
+    and handed over as UTF-8, its declaration saying so. Anything else is left as it is."""
+    declared = _DECLARED.match(data[:256])
+    if declared is None:
+        return data
+    name = declared.group(1).decode("ascii")
+    try:
+        codec = codecs.lookup(name).name
+    except LookupError:
+        return data  # the parser refuses it with its own message
+    if codec in _PARSER_CODECS:
+        return data
+    try:
+        text = data.decode(codec)
+    except (UnicodeDecodeError, LookupError):  # LookupError: a codec of bytes, such as "zlib"
+        raise ProtocolError(f"HL7 aECG: the document is not {name} text as its XML declaration says") from None
+    return _DECLARED_TEXT.sub(r"\1utf-8", text, count=1).encode("utf-8")
 
 
 def _q(path: str) -> str:
@@ -390,8 +419,9 @@ def read_aecg(
     `local_tz` interprets time stamps written without a zone; `received_at` is used
     (TimeSource.GATEWAY_RECEIPT) only when the document carries no time at all.
     """
+    document = _parseable(bytes(data))
     try:
-        root = fromstring(bytes(data), forbid_dtd=True)
+        root = fromstring(document, forbid_dtd=True)
     except DefusedXmlException as exc:
         raise ProtocolError(f"HL7 aECG: refused unsafe XML ({type(exc).__name__})") from None
     except (ParseError, ValueError, LookupError) as exc:  # LookupError: an unknown declared encoding

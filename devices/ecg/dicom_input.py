@@ -49,10 +49,10 @@ from devices.ecg.leads import (
     normalise_lead_name,
     require_unique,
 )
-from devices.ecg.recording import EcgRecording
+from devices.ecg.recording import EcgRecording, SampleGap
 from devices.ecg.scaling import Channel, to_common_unit
 from devices.errors import InvalidRecordingError, ProtocolError, UnsupportedFeatureError
-from devices.identity import POSSIBLE_YEARS, DeviceIdentity, Patient, TimeSource
+from devices.identity import POSSIBLE_YEARS, UNASSIGNED_ISSUER, DeviceIdentity, Patient, TimeSource
 from devices.inflate import inflate
 
 if TYPE_CHECKING:
@@ -94,6 +94,7 @@ def _from_text(text: str) -> tuple[str, bool]:
 def _lead_of(channel: Dataset) -> tuple[str, bool] | None:
     """(lead name, derived) of a channel definition, None for a channel that is not an ECG lead."""
     source = channel.get("ChannelSourceSequence")
+    unspecified = False  # an ECG lead without a code of its own: its name is in the label
     if source:
         item = source[0]
         scheme = str(item.get("CodingSchemeDesignator", "")).upper()
@@ -101,19 +102,25 @@ def _lead_of(channel: Dataset) -> tuple[str, bool] | None:
         meaning = str(item.get("CodeMeaning", "")).strip()
         m = re.fullmatch(r"5\.6\.3-9-(\d+)", value)
         if scheme.startswith("SCPECG") and m:
-            return lead_name_from_scp_code(int(m.group(1))), False
+            if int(m.group(1)) != 0:
+                return lead_name_from_scp_code(int(m.group(1))), False
+            unspecified = True
         m = re.fullmatch(r"2:(\d+)", value)
         if scheme == "MDC" and m:
             number = int(m.group(1))
-            if number in _MDC_DERIVED:
+            if number == 0:
+                unspecified = True
+            elif number in _MDC_DERIVED:
                 return _MDC_DERIVED[number], True
-            if number in SCP_LEAD_NAMES and not 31 <= number <= 60:
+            elif number in SCP_LEAD_NAMES and not 31 <= number <= 60:
                 return lead_name_from_scp_code(number), False
         if meaning.upper().startswith(("LEAD", "MDC_ECG_LEAD", "DERIVED LEAD")):
             return _from_text(meaning)
     label = str(channel.get("ChannelLabel", "")).strip()
     if label.upper().startswith(("LEAD", "MDC_ECG_LEAD", "DERIVED LEAD")):
         return _from_text(label)
+    if unspecified:
+        return normalise_lead_name(label) or lead_name_from_scp_code(0), False
     return None
 
 
@@ -174,8 +181,9 @@ def _acquired_at(ds: Dataset, local_tz: dt.tzinfo) -> dt.datetime | None:
 
 def _patient(ds: Dataset) -> Patient | None:
     patient_id = str(ds.get("PatientID", "") or "").strip()
-    if not patient_id:
-        return None
+    issuer = str(ds.get("IssuerOfPatientID", "") or "").strip()
+    if not patient_id or issuer == UNASSIGNED_ISSUER:
+        return None  # no patient, or a gateway's placeholder for "none was identified"
     birth = None
     text = str(ds.get("PatientBirthDate", "") or "").strip()
     if re.fullmatch(r"\d{8}", text) and int(text[:4]) in POSSIBLE_YEARS:
@@ -189,7 +197,7 @@ def _patient(ds: Dataset) -> Patient | None:
         name=str(ds.get("PatientName", "") or "").strip(),
         birth_date=birth,
         sex=sex if sex in ("M", "F", "O") else "",
-        issuer=str(ds.get("IssuerOfPatientID", "") or "").strip(),
+        issuer=issuer,
     )
 
 
@@ -285,8 +293,40 @@ def _ecg_leads(group: Dataset) -> list[_Lead]:
     return [_Lead(found[0], i, found[1]) for i, ch in enumerate(channels) if (found := _lead_of(ch))]
 
 
-def _group_samples(ds: Dataset, group: Dataset, leads: list[_Lead]) -> tuple[np.ndarray, float, float]:
-    """(samples (leads, n), µV per unit, rate) of the ECG leads of one multiplex group."""
+@dataclass(frozen=True, slots=True)
+class _GroupSamples:
+    samples: np.ndarray  # (leads, n) in one integer unit, padding rows taken out
+    uv_per_unit: float
+    rate: float
+    leads: list[_Lead]  # the leads in `samples`: those with padding among real samples are left out
+    gaps: tuple[SampleGap, ...]  # runs of rows that are padding in every lead
+    not_recorded: tuple[str, ...]  # the leads left out
+
+
+def _padding_value(group: Dataset, dtype: np.dtype) -> int | None:
+    """Waveform Padding Value (5400,100A), the stored value that means "no sample here", when
+    it can only mean that: the most negative value of signed samples (what this gateway and
+    most carts write). Writers also declare values a real sample takes all the time (ECGToolkit
+    declares 0 and pads nothing): those are samples, or every lead crossing 0 would be lost."""
+    raw = group.get("WaveformPaddingValue")
+    if not isinstance(raw, bytes) or len(raw) < dtype.itemsize or dtype.kind != "i":
+        return None
+    value = int(np.frombuffer(raw[: dtype.itemsize], dtype=dtype)[0])
+    return value if value == np.iinfo(dtype).min else None
+
+
+def _gaps(padded_rows: np.ndarray) -> tuple[SampleGap, ...]:
+    """Each run of padded rows as the gap before the next kept sample."""
+    edges = np.diff(np.concatenate(([0], padded_rows.astype(np.int8), [0])))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    kept_before = np.cumsum(~padded_rows)
+    return tuple(SampleGap(start=int(kept_before[s - 1]) if s else 0, missing=int(e - s)) for s, e in zip(starts, ends))
+
+
+def _group_samples(ds: Dataset, group: Dataset, leads: list[_Lead]) -> _GroupSamples:
+    """The ECG leads of one multiplex group in one integer unit, padding taken out: rows that
+    are padding in every lead become gaps (the time axis stays true), and a lead with padding
+    among real samples (an electrode off for a while) is left out rather than drawn as -41 mV."""
     n_channels = int(group.get("NumberOfWaveformChannels", 0) or 0)
     n_samples = int(group.get("NumberOfWaveformSamples", 0) or 0)
     channel_defs = group.get("ChannelDefinitionSequence")
@@ -317,6 +357,23 @@ def _group_samples(ds: Dataset, group: Dataset, leads: list[_Lead]) -> tuple[np.
     little = getattr(ds, "original_encoding", (None, True))[1]
     dtype = np.dtype(_DTYPES[(bits, interpretation)]).newbyteorder("<" if little in (None, True) else ">")
     matrix = np.frombuffer(raw, dtype=dtype, count=n_channels * n_samples).reshape(n_samples, n_channels)
+    require_unique([lead.name for lead in leads], "DICOM ECG")
+    gaps: tuple[SampleGap, ...] = ()
+    not_recorded: list[str] = []
+    padding = _padding_value(group, dtype)
+    if padding is not None:
+        padded = matrix[:, [lead.index for lead in leads]] == padding
+        padded_rows = padded.all(axis=1)
+        if padded_rows.all():
+            raise ProtocolError("DICOM ECG: every sample of the rhythm is Waveform Padding Value (no signal)")
+        partly = padded[~padded_rows].any(axis=0)
+        not_recorded = [lead.name for lead, out in zip(leads, partly) if out]
+        leads = [lead for lead, out in zip(leads, partly) if not out]
+        if not leads:
+            raise ProtocolError("DICOM ECG: every lead has samples missing (Waveform Padding Value)")
+        if padded_rows.any():
+            gaps = _gaps(padded_rows)
+            matrix = matrix[~padded_rows]
     channels = []
     for lead in leads:
         definition = channel_defs[lead.index]
@@ -325,9 +382,8 @@ def _group_samples(ds: Dataset, group: Dataset, leads: list[_Lead]) -> tuple[np.
             raise UnsupportedFeatureError(f"DICOM ECG: lead {lead.name} is sampled {skew} ms apart from the others")
         scale, offset = _scale(definition, lead.name)
         channels.append(Channel(raw=matrix[:, lead.index], uv_per_unit=scale, offset_uv=offset))
-    require_unique([lead.name for lead in leads], "DICOM ECG")
     samples, uv_per_unit = to_common_unit(channels, "DICOM ECG")
-    return samples, uv_per_unit, rate
+    return _GroupSamples(samples, uv_per_unit, rate, leads, gaps, tuple(not_recorded))
 
 
 def _median_beats(ds: Dataset, groups: list[Dataset], rhythm: Dataset) -> MedianBeats | None:
@@ -339,12 +395,14 @@ def _median_beats(ds: Dataset, groups: list[Dataset], rhythm: Dataset) -> Median
         if not leads:
             continue
         try:
-            samples, uv_per_unit, rate = _group_samples(ds, group, leads)
+            found = _group_samples(ds, group, leads)
+            if found.gaps:
+                continue  # a beat with a hole is no representative beat
             return MedianBeats(
-                samples=samples,
-                lead_names=tuple(lead.name for lead in leads),
-                sampling_rate_hz=rate,
-                uv_per_unit=uv_per_unit,
+                samples=found.samples,
+                lead_names=tuple(lead.name for lead in found.leads),
+                sampling_rate_hz=found.rate,
+                uv_per_unit=found.uv_per_unit,
                 source="dicom:median-group",
             )
         except (ProtocolError, InvalidRecordingError):
@@ -490,8 +548,8 @@ def _decode(ds: Dataset, local_tz: dt.tzinfo, received_at: dt.datetime | None) -
     if best is None:
         raise ProtocolError("DICOM waveform holds no ECG leads (no channel is coded as an ECG lead)")
     group, leads = best
-    samples, uv_per_unit, rate = _group_samples(ds, group, leads)
-    names = [lead.name for lead in leads]
+    found = _group_samples(ds, group, leads)
+    names = [lead.name for lead in found.leads]
 
     start = _acquired_at(ds, local_tz)
     source = TimeSource.FILE
@@ -503,14 +561,16 @@ def _decode(ds: Dataset, local_tz: dt.tzinfo, received_at: dt.datetime | None) -
         start, source = received_at, TimeSource.GATEWAY_RECEIPT
     else:
         raise ProtocolError("DICOM ECG carries no acquisition date/time")
-    all_samples, all_names, derived = derive_limb_leads(samples, tuple(names))
-    derived |= {lead.name for lead in leads if lead.derived}
+    all_samples, all_names, derived = derive_limb_leads(found.samples, tuple(names))
+    derived |= {lead.name for lead in found.leads if lead.derived}
     measurements, statements = _annotations(ds, list(groups))
     return EcgRecording(
         samples=all_samples,
         lead_names=all_names,
-        sampling_rate_hz=rate,
-        uv_per_unit=uv_per_unit,
+        sampling_rate_hz=found.rate,
+        uv_per_unit=found.uv_per_unit,
+        gaps=found.gaps,
+        flags=(f"leads-not-recorded:{','.join(found.not_recorded)}",) if found.not_recorded else (),
         acquired_at=start,
         time_source=source,
         device=_device(ds),

@@ -11,12 +11,14 @@ service's RSS, whose goal is 64 MB; bench/soak.py).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import importlib
 from collections.abc import Callable
 
 from devices.ecg.recording import EcgRecording
 from devices.errors import ProtocolError
+from devices.identity import DEVICE_CLOCK_TOLERANCE, TimeSource
 
 FORMATS: tuple[str, ...] = ("scp", "aecg", "dicom", "contec", "npz")
 # file name endings that name a format (lower case); used when the bytes are not conclusive
@@ -29,6 +31,7 @@ EXTENSIONS: dict[str, str] = {
     ".npz": "npz",
 }
 _ZIP = b"PK\x03\x04"
+DEVICE_TIME_AHEAD = "device-time-ahead"  # flag: the file's own time, not believed (see believable_time)
 # format -> (module, function): each taking (data, *, local_tz, received_at); npz carries its own times
 _DECODERS: dict[str, tuple[str, str]] = {
     "dicom": ("devices.ecg.dicom_input", "read_dicom_ecg"),
@@ -98,4 +101,23 @@ def decode_ecg(
         from devices.ecg.npz import read_npz
 
         return read_npz(data)
-    return _decoder(fmt)(data, local_tz=local_tz, received_at=received_at)
+    return believable_time(_decoder(fmt)(data, local_tz=local_tz, received_at=received_at), received_at)
+
+
+def believable_time(recording: EcgRecording, received_at: dt.datetime | None) -> EcgRecording:
+    """The file's acquisition time, unless it is later than the file's arrival (a cart clock
+    set ahead): then the receipt time stands in (TimeSource.GATEWAY_RECEIPT, "acquisition was
+    earlier") and the device's time is kept as the flag "device-time-ahead:<ISO time>"."""
+    if (
+        received_at is None
+        or recording.time_source is not TimeSource.FILE
+        or recording.acquired_at <= received_at + DEVICE_CLOCK_TOLERANCE
+    ):
+        return recording
+    flag = f"{DEVICE_TIME_AHEAD}:{recording.acquired_at.isoformat()}"
+    return dataclasses.replace(
+        recording,
+        acquired_at=received_at,
+        time_source=TimeSource.GATEWAY_RECEIPT,
+        flags=(*recording.flags, flag),
+    )

@@ -107,12 +107,44 @@ def _u32(b: bytes, p: int) -> int:
     return int.from_bytes(b[p : p + 4], "little")
 
 
-def _asciiz(raw: bytes) -> str:
+# Section 1 tag 14 byte 16, the "language support code": the character set of every text in
+# the record (EN 1064 table; the codec names as ECGToolkit maps them). GB 2312 is read as
+# GB 18030, its superset. Bit 0 clear means plain ASCII: such text is read as UTF-8, else
+# Latin-1, as carts that say ASCII often write one of those.
+_LANGUAGE_CODECS: dict[int, str] = {
+    0x03: "iso8859-2",
+    0x0B: "iso8859-4",
+    0x13: "iso8859-5",
+    0x1B: "iso8859-6",
+    0x23: "iso8859-7",
+    0x2B: "iso8859-8",
+    0x33: "iso8859-11",
+    0x3B: "iso8859-15",
+    0x0F: "euc-jp",
+    0x17: "euc-jp",
+    0x1F: "euc-jp",
+    0x27: "gb18030",
+    0x2F: "euc-kr",
+}
+
+
+def _text_codec(device: bytes | None) -> str:
+    """The codec the record's texts are written in, from tag 14 ("" for ASCII or unknown)."""
+    if device is None or len(device) <= 16 or not device[16] & 0x01:
+        return ""
+    code = device[16]
+    return "latin-1" if code & 0x03 == 0x01 else _LANGUAGE_CODECS.get(code, "")
+
+
+def _asciiz(raw: bytes, codec: str = "") -> str:
     text = raw.split(b"\x00", 1)[0]
-    try:
-        return text.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return text.decode("latin-1").strip()
+    for name in (codec, "utf-8"):
+        if name:
+            try:
+                return text.decode(name).strip()
+            except UnicodeDecodeError:
+                continue
+    return text.decode("latin-1").strip()
 
 
 # ---------------------------------------------------------------- record and sections
@@ -187,6 +219,7 @@ class _Header:
     acquired_at: dt.datetime | None = None
     protocol: int = 0
     stat: bool = False
+    text_codec: str = ""  # the character set of the record's texts ("" ASCII / unknown)
 
 
 def _tags(body: bytes) -> list[tuple[int, bytes]]:
@@ -218,8 +251,9 @@ def _parse_section1(body: bytes, local_tz: dt.tzinfo) -> _Header:
     values: dict[int, bytes] = {}
     for tag, value in _tags(body):
         values.setdefault(tag, value)  # first occurrence wins (tags 10, 13, 30 may repeat)
-    last, first = _asciiz(values.get(0, b"")), _asciiz(values.get(1, b""))
-    patient_id = _asciiz(values.get(2, b""))
+    codec = header.text_codec = _text_codec(values.get(14))
+    last, first = _asciiz(values.get(0, b""), codec), _asciiz(values.get(1, b""), codec)
+    patient_id = _asciiz(values.get(2, b""), codec)
     if patient_id:
         sex = values.get(8, b"")
         header.patient = Patient(
@@ -234,12 +268,12 @@ def _parse_section1(body: bytes, local_tz: dt.tzinfo) -> _Header:
         # system software, SCP implementation software and manufacturer.
         n = device[35]
         strings = [device[36 : 36 + n]] + device[36 + n :].split(b"\x00") + [b""] * 5
-        manufacturer = _asciiz(strings[4]) or _MANUFACTURERS.get(device[7], "")
+        manufacturer = _asciiz(strings[4], codec) or _MANUFACTURERS.get(device[7], "")
         header.device = DeviceIdentity(
             manufacturer=manufacturer,
-            model=_asciiz(device[8:14]),
-            serial=_asciiz(strings[1]),
-            software_version=_asciiz(strings[2]),
+            model=_asciiz(device[8:14], codec),
+            serial=_asciiz(strings[1], codec),
+            software_version=_asciiz(strings[2], codec),
         )
         header.protocol = device[14]
     stat = values.get(24, b"")
@@ -542,6 +576,7 @@ class _Findings:
     measurements: list[EcgMeasurement] = field(default_factory=list)
     statements: list[EcgStatement] = field(default_factory=list)
     unreadable: list[int] = field(default_factory=list)
+    text_codec: str = ""  # section 1's character set, for the statements' text
 
     def add(self, kind: str, value: int, source: str, **extra: str) -> None:
         if value in _SCP_UNDEFINED:
@@ -621,7 +656,7 @@ def _parse_section8(body: bytes, out: _Findings) -> None:
     """Full-text interpretation statements."""
     source, count = _statement_header(body, 8)
     for raw in _statement_fields(body, count, 8):
-        text = _asciiz(raw)
+        text = _asciiz(raw, out.text_codec)
         if text:
             out.statements.append(EcgStatement(text, source, "scp:section8"))
 
@@ -633,7 +668,7 @@ def _parse_section11(body: bytes, out: _Findings) -> None:
     for raw in _statement_fields(body, count, 11):
         if not raw:
             continue
-        parts = [_asciiz(part) for part in raw[1:].split(b"\x00")]
+        parts = [_asciiz(part, out.text_codec) for part in raw[1:].split(b"\x00")]
         text = " ".join(p for p in parts if p)
         if text:
             code = text if raw[0] == 1 else ""
@@ -678,12 +713,12 @@ def _parse_section10(body: bytes, out: _Findings) -> None:
 _FINDINGS_PARSERS = {7: _parse_section7, 8: _parse_section8, 10: _parse_section10, 11: _parse_section11}
 
 
-def _findings(record: bytes, sections: dict[int, ScpSection]) -> _Findings:
+def _findings(record: bytes, sections: dict[int, ScpSection], text_codec: str) -> _Findings:
     out = _Findings()
     for sid, parse in _FINDINGS_PARSERS.items():
         if sid not in sections:
             continue
-        partial = _Findings()
+        partial = _Findings(text_codec=text_codec)
         try:
             parse(section_body(record, sections[sid]), partial)
         except (ProtocolError, InvalidRecordingError):
@@ -764,7 +799,7 @@ def parse_scp(data: bytes, *, local_tz: dt.tzinfo = dt.timezone.utc, received_at
     reference = None
     if 5 in sections:
         reference = _reference_beats(record, sections, leads, names, tables, common)
-    found = _findings(record, sections)
+    found = _findings(record, sections, header.text_codec)
     all_samples, all_names, derived = derive_limb_leads(samples, tuple(names))
     try:
         rhythm = EcgRecording(

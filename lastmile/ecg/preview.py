@@ -10,7 +10,9 @@ Other lead sets keep the geometry and label exactly what was recorded: leads fil
 three (limb leads first, then chest leads V1-V9, then right-sided ones such as V3R, then anything
 else), the columns share the 10 s (limb leads only: 2 columns of 5 s; 15 leads: 5 columns of
 2 s), and three or fewer leads get a 10 s strip each. Leads the cart computed (derived) carry an
-asterisk; leads the file says were not recorded are listed in the footer.
+asterisk; leads the file says were not recorded are listed in the footer. Samples lost in
+transit (`recording.gaps`) leave the paper blank for their time, so every beat after a gap is
+drawn at its own time and no line joins the beats either side.
 
 Size: traces are drawn from min/max pairs every 0.2 mm (a point per 0.1 mm, about print
 resolution at 25 mm/s: every R peak stays), as integer relative path steps in 0.1 mm units
@@ -179,9 +181,10 @@ def _number_pairs(dx: np.ndarray, dy: np.ndarray) -> str:
     return text.replace(" -", "-")
 
 
-def trace_path(uv: np.ndarray, rate_hz: float, *, clamp_units: int) -> str:
+def trace_path(uv: np.ndarray, rate_hz: float, *, clamp_units: int, first_sample: int = 0) -> str:
     """Path data (in 0.1 mm units, origin at the segment's start on its baseline) of µV samples
-    relative to the baseline: min and max of every 0.2 mm bin, in time order."""
+    relative to the baseline: min and max of every 0.2 mm bin, in time order. `first_sample`:
+    where `uv` starts in the segment (a run after a gap)."""
     n = uv.size
     if n == 0:
         return ""
@@ -195,7 +198,7 @@ def trace_path(uv: np.ndarray, rate_hz: float, *, clamp_units: int) -> str:
     keep = np.ones(idx.size, dtype=bool)
     keep[1::2] = second != first
     idx = np.minimum(idx[keep], n - 1)
-    x = np.round(idx / rate_hz * PAPER_SPEED_MM_PER_S / UNIT_MM).astype(np.int64)
+    x = np.round((idx + first_sample) / rate_hz * PAPER_SPEED_MM_PER_S / UNIT_MM).astype(np.int64)
     y = np.clip(-np.round(uv[idx] / UV_PER_UNIT), -clamp_units, clamp_units).astype(np.int64)
     # drop points in the middle of horizontal runs (a flat lead costs two points, not hundreds)
     dy = np.diff(y)
@@ -206,6 +209,40 @@ def trace_path(uv: np.ndarray, rate_hz: float, *, clamp_units: int) -> str:
     if x.size == 1:
         return head + "h1"
     return head + "l" + _number_pairs(np.diff(x), np.diff(y))
+
+
+def gapped_path(uv: np.ndarray, rate_hz: float, *, clamp_units: int) -> str:
+    """`trace_path` of each run of samples between gaps (NaN), each its own subpath: the paper
+    stays blank where no sample arrived, and no line joins the beats either side."""
+    present = np.isfinite(uv)
+    if present.all():
+        return trace_path(uv, rate_hz, clamp_units=clamp_units)
+    edges = np.diff(np.concatenate(([0], present.astype(np.int8), [0])))
+    runs = zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1))
+    return "".join(
+        trace_path(uv[start:end], rate_hz, clamp_units=clamp_units, first_sample=int(start)) for start, end in runs
+    )
+
+
+def on_time_axis(recording: EcgRecording) -> np.ndarray:
+    """µV (leads, samples) with NaN where samples never arrived (`recording.gaps`), so that
+    sample index / rate is the time since the start of the recording."""
+    uv = recording.microvolts()
+    if not recording.gaps:
+        return uv
+    out = np.full((recording.n_leads, recording.n_samples + sum(g.missing for g in recording.gaps)), np.nan)
+    src = dst = 0
+    for gap in sorted(recording.gaps, key=lambda g: g.start):
+        out[:, dst : dst + gap.start - src] = uv[:, src : gap.start]
+        dst += gap.start - src + gap.missing
+        src = gap.start
+    out[:, dst:] = uv[:, src:]
+    return out
+
+
+def _baselines(uv: np.ndarray) -> np.ndarray:
+    """Each lead's median µV (0 for a lead with no sample in `uv`): the level drawn on its baseline."""
+    return np.array([np.median(lead[np.isfinite(lead)]) if np.isfinite(lead).any() else 0.0 for lead in uv])
 
 
 # ----------------------------------------------------------------------------- page parts
@@ -360,12 +397,15 @@ def _header(recording: EcgRecording, report: QualityReport, patient: Patient | N
     return out
 
 
-def _footer(recording: EcgRecording, layout: Layout) -> str:
+def _footer(recording: EcgRecording, layout: Layout, duration_s: float) -> str:
     notes = ["Lastmile 预览，诊断以上级医院报告为准 / preview, not a diagnostic report"]
     if recording.derived_leads:
         notes.append("* 计算导联 derived from the recorded limb leads")
-    if recording.duration_s > PRINT_SECONDS + 0.05:
-        notes.append(f"显示前 10 秒，共 {recording.duration_s:.1f} 秒 / first 10 s of {recording.duration_s:.1f} s")
+    if duration_s > PRINT_SECONDS + 0.05:
+        notes.append(f"显示前 10 秒，共 {duration_s:.1f} 秒 / first 10 s of {duration_s:.1f} s")
+    lost_s = sum(gap.missing for gap in recording.gaps) / recording.sampling_rate_hz
+    if lost_s:
+        notes.append(f"信号中断（空白处）共 {lost_s:.1f} 秒 / {lost_s:.1f} s of signal lost (blank)")
     for flag in recording.flags:
         if flag.startswith("leads-not-recorded:"):
             notes.append(f"未记录 not recorded: {flag.split(':', 1)[1].replace(',', ', ')}")
@@ -387,9 +427,9 @@ def render_preview_svg(
     patient = patient if patient is not None else recording.patient
     layout = plan_layout(recording.lead_names)
     rate = float(recording.sampling_rate_hz)
-    uv = recording.microvolts()
-    shown_samples = min(recording.n_samples, int(math.ceil(PRINT_SECONDS * rate)))
-    offsets = np.median(uv[:, :shown_samples], axis=-1)
+    uv = on_time_axis(recording)
+    n_time = uv.shape[1]
+    offsets = _baselines(uv[:, : min(n_time, int(math.ceil(PRINT_SECONDS * rate)))])
     parts = [
         '<?xml version="1.0" encoding="UTF-8"?>',
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{PAGE_WIDTH_MM:g}mm" height="{PAGE_HEIGHT_MM:g}mm" '
@@ -407,7 +447,7 @@ def render_preview_svg(
     for box in layout.boxes:
         i = recording.lead_names.index(box.lead)
         first = int(round(box.start_s * rate))
-        last = min(recording.n_samples, int(round((box.start_s + box.seconds) * rate)))
+        last = min(n_time, int(round((box.start_s + box.seconds) * rate)))
         segment = uv[i, first:last] - offsets[i]
         problems = report.problems_on(box.lead)
         label = box.lead + ("*" if box.lead in recording.derived_leads else "")
@@ -427,12 +467,12 @@ def render_preview_svg(
             parts.append(_text(box.x_mm + 1, top + 4.5, f"{label} {tags}", "l p"))
         else:
             parts.append(_text(box.x_mm + 1, top + 4.5, label, "l"))
-        if segment.size:
-            d = trace_path(segment, rate, clamp_units=clamp_units)
+        d = gapped_path(segment, rate, clamp_units=clamp_units) if segment.size else ""
+        if d:  # a box that falls wholly in a gap stays blank
             parts.append(f'<path class="t" transform="translate({box.x_mm:g} {box.baseline_mm:g}) scale(.1)" d="{d}"/>')
         parts.append("</g>")
         if box.column > 0 and box.strip < ROWS:  # column boundary tick
             parts.append(f'<path class="c" d="M{box.x_mm:g} {box.baseline_mm - 2.5:g}v5"/>')
-    parts.append(_footer(recording, layout))
+    parts.append(_footer(recording, layout, n_time / rate))
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
