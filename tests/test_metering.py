@@ -23,6 +23,7 @@ from lastmile.demo.reading_center import EmbeddedReadingCenter
 from lastmile.ecg.intake import enqueue_recording
 from lastmile.services.forward import forwarder_settings, open_outbox
 from tests.ecg_factories import make_recording
+from tests.test_forward_peers import wait_until
 from uploader.ecg_forwarder import EcgForwarder
 from uploader.metering import Meter, MeterPolicy, SendWindow
 from uploader.outbox import ItemState
@@ -64,7 +65,9 @@ def test_send_windows_contain_their_minutes_and_wrap_midnight(text, inside, outs
     assert not any(w.contains(minute(t)) for t in outside)
 
 
-@pytest.mark.parametrize("text", ["22-06", "25:00-06:00", "10:60-11:00", "08:00-08:00", "", "24:30-01:00"])
+@pytest.mark.parametrize(
+    "text", ["22-06", "25:00-06:00", "10:60-11:00", "08:00-08:00", "", "24:30-01:00", "24:00-00:00", "24:00-24:00"]
+)
 def test_malformed_windows_are_refused(text) -> None:
     with pytest.raises(ValueError):
         SendWindow.parse(text)
@@ -94,6 +97,41 @@ def test_budget_is_per_local_day_and_survives_a_new_meter() -> None:
     # 12:00 UTC is 20:00 in China: the day (and the budget) turns at 16:00 UTC
     assert blocked.until == dt.datetime(2026, 12, 2, 0, 0, tzinfo=cst).timestamp()
     assert meter.blocked(blocked.until) is None and meter.spent_today(blocked.until) == 0
+
+
+def test_a_window_starting_at_24_00_opens_at_midnight() -> None:
+    """ "24:00-06:00" is midnight to six; read as a window from minute 1440 it never opened, and
+    `lastmile queue` promised every night that it would at 00:00."""
+    meter = Meter("dicom", MeterPolicy(windows=(SendWindow.parse("24:00-06:00"),), zone=UTC), MemoryStatus())
+    midnight = dt.datetime(2026, 12, 2, 0, 0, tzinfo=UTC).timestamp()
+    assert meter.blocked(midnight + 3600) is None  # 01:00
+    blocked = meter.blocked(T_NOON)
+    assert blocked is not None and blocked.until == midnight
+    assert meter.blocked(blocked.until) is None
+
+
+@pytest.mark.parametrize(
+    ("window", "spent_at", "asked_at", "opens_at"),
+    [
+        # the budget is spent at 21:00: tomorrow's budget comes at midnight, but the window
+        # only at 20:00 tomorrow
+        ("20:00-23:00", (1, 21), (1, 21), (2, 20)),
+        # the budget was spent at 02:00 in the night window: at 10:00 the window opens at 22:00,
+        # but today's budget is still spent then; midnight (still inside the window) it is
+        ("22:00-06:00", (2, 2), (2, 10), (3, 0)),
+    ],
+)
+def test_shut_by_window_and_budget_says_when_both_allow(window, spent_at, asked_at, opens_at) -> None:
+    def at(day_hour: tuple[int, int]) -> float:
+        return dt.datetime(2026, 12, day_hour[0], day_hour[1], tzinfo=UTC).timestamp()
+
+    policy = MeterPolicy(daily_budget_bytes=1000, windows=(SendWindow.parse(window),), zone=UTC)
+    meter = Meter("dicom", policy, MemoryStatus())
+    meter.spend(1000, at(spent_at))
+    blocked = meter.blocked(at(asked_at))
+    assert blocked is not None
+    assert dt.datetime.fromtimestamp(blocked.until, UTC) == dt.datetime.fromtimestamp(at(opens_at), UTC)
+    assert meter.blocked(blocked.until) is None  # "until" is when it opens, not one of two reasons gone
 
 
 # -- configuration --------------------------------------------------------------------------------
@@ -271,3 +309,56 @@ def test_report_polling_asks_only_about_stat_studies_while_shut(tmp_path: Path) 
             assert {r.study_uid for r in store.reports()} == {routine.study_uid, stat.study_uid}
     finally:
         center.stop()
+
+
+def test_bytes_of_a_store_that_timed_out_count_against_the_budget(config, scripted_scp_factory) -> None:
+    """A village link that loses the C-STORE response (the object went out whole, the answer
+    never came) sends the object again and again: each try is paid for. Uncounted, the budget
+    said 0 MB used while the clinic's data went out several times over."""
+    uids = enqueue(config, 3)
+    with open_outbox(config) as outbox:
+        size = min(i.size for i in outbox.items())
+    scp = scripted_scp_factory(hold=frozenset(uids))  # never answered while it runs
+    rc = config.reading_center
+    rc.port, rc.called_ae, rc.timeout_s = scp.port, scp.ae_title, 2.0
+    rc.metered.daily_budget_mb = 1.5 * size / 2**20
+    with open_outbox(config) as outbox, EcgForwarder(outbox, forwarder_settings(config)) as fwd:
+        assert fwd.meter is not None
+        fwd.run_round(threading.Event())
+        assert len(scp.arrivals) == 1
+        assert fwd.meter.spent_today(time.time()) >= 0.9 * size  # the object went out: paid for
+
+        def sent_again() -> bool:
+            fwd.run_round(threading.Event())
+            return len(scp.arrivals) == 2
+
+        wait_until(sent_again, what="the second try")
+        blocked = fwd.meter.blocked(time.time())
+        assert blocked is not None and blocked.reason == "budget"  # two tries spent the day's budget
+
+        def due_again() -> bool:
+            queued = outbox.items(state=ItemState.QUEUED)
+            return len(queued) == 3 and max(i.next_attempt_at for i in queued) <= time.time()
+
+        wait_until(due_again, what="the items' backoff to end")
+        fwd.run_round(threading.Event())
+        assert len(scp.arrivals) == 2  # nothing more goes today
+
+
+def test_the_console_tells_the_doctor_in_chinese_why_studies_wait_and_until_when(tmp_path: Path) -> None:
+    """The Sent page said "Working: last sent at ..." and "3 studies waiting" all day long while
+    the routine ECGs waited for the night tariff: the doctor could only guess (or call the county)."""
+    from tests.console_harness import Client, console_config, running_console
+
+    config = console_config(tmp_path / "data")
+    config.ecg.re_record_hold_s = 0
+    window = window_around(2)
+    config.reading_center.metered.windows = [window]
+    enqueue(config, 3)
+    with running_console(config) as server:
+        doctor = Client(server.url)
+        doctor.login()
+        page = doctor.get("/sent").body
+    assert "常规检查在等待发送时段" in page, page
+    assert window.split("-")[0] in page  # when they go
+    assert "急诊心电图立即发送" in page  # STAT is not held by it
