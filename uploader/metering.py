@@ -45,11 +45,12 @@ class SendWindow:
         if not (h1 <= 24 and h2 <= 24 and m1 < 60 and m2 < 60) or (h1 == 24 and m1) or (h2 == 24 and m2):
             raise ValueError(f"{text!r}: hours are 00-24, minutes 00-59")
         start, end = h1 * 60 + m1, h2 * 60 + m2
-        if start % 1440 == end % 1440 and start != end:
-            end = start + 1440  # "00:00-24:00": the whole day
-        if start == end:
+        # the same instant of the day at both ends is empty ("24:00-00:00" too), except
+        # "00:00-24:00", the whole day
+        if start % 1440 == end % 1440 and (start, end) != (0, 1440):
             raise ValueError(f"{text!r} is empty: start and end are the same time")
-        return cls(start, end)
+        # "24:00" starting a window is the midnight it opens at (as minute 1440 it never opened)
+        return cls(start % 1440, end)
 
     def contains(self, minute: float) -> bool:
         if self.start_min < self.end_min:
