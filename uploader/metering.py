@@ -110,21 +110,40 @@ class Meter:
             self.store.record_status(self.status_name, {"day": day, "bytes": self.spent_today(now) + nbytes}, now)
 
     def blocked(self, now: float) -> Blocked | None:
-        """None if routine traffic may go now."""
+        """None if routine traffic may go now. `until` is when the windows and the budget both
+        allow it (a window opening while today's budget is spent, or tomorrow's budget coming
+        outside every window, is not when it goes); `reason` is the one it waits for last."""
         p = self.policy
-        local = self._local(now)
-        if p.windows:
-            minute = local.hour * 60 + local.minute + local.second / 60
-            if not any(w.contains(minute) for w in p.windows):
-                return Blocked("window", self._next_window_start(local), "outside " + ", ".join(map(str, p.windows)))
-        if p.daily_budget_bytes:
-            spent = self.spent_today(now)
-            if spent >= p.daily_budget_bytes:
-                midnight = dt.datetime.combine(local.date() + dt.timedelta(days=1), dt.time(), p.zone)
-                until = midnight.timestamp()
-                detail = f"{spent / 2**20:.1f} of {p.daily_budget_bytes / 2**20:.1f} MB used today"
-                return Blocked("budget", until, detail)
-        return None
+        spent = self.spent_today(now) if p.daily_budget_bytes else 0
+        budget_spent = bool(p.daily_budget_bytes) and spent >= p.daily_budget_bytes
+        details = []
+        if self._outside_windows(now):
+            details.append("outside " + ", ".join(map(str, p.windows)))
+        if budget_spent:
+            details.append(f"{spent / 2**20:.1f} of {p.daily_budget_bytes / 2**20:.1f} MB used today")
+        if not details:
+            return None
+        today, until, reason = self._local(now).date(), now, "window"
+        # each step passes one constraint: a window's start, then midnight, then a window's start
+        for _ in range(4):
+            if self._outside_windows(until):
+                until, reason = self._next_window_start(self._local(until)), "window"
+            elif budget_spent and self._local(until).date() == today:
+                until, reason = self._next_midnight(until), "budget"
+            else:
+                break
+        return Blocked(reason, until, "; ".join(details))
+
+    def _outside_windows(self, at: float) -> bool:
+        if not self.policy.windows:
+            return False
+        local = self._local(at)
+        minute = local.hour * 60 + local.minute + local.second / 60
+        return not any(w.contains(minute) for w in self.policy.windows)
+
+    def _next_midnight(self, at: float) -> float:
+        day = self._local(at).date() + dt.timedelta(days=1)
+        return dt.datetime.combine(day, dt.time(), self.policy.zone).timestamp()
 
     def _next_window_start(self, local: dt.datetime) -> float:
         starts = []
