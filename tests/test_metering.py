@@ -110,6 +110,23 @@ def test_a_window_starting_at_24_00_opens_at_midnight() -> None:
     assert meter.blocked(blocked.until) is None
 
 
+def test_a_clock_set_back_across_midnight_does_not_forget_the_days_spending() -> None:
+    """Midnight opened the day's budget and the backlog spent it by 00:30; a power cut, and the
+    Pi boots at the fake-hwclock's last save (23:17 yesterday). A STAT ECG goes before chrony
+    steps the clock: its bytes were recorded as yesterday's in place of today's, and once the
+    clock was right today's budget was all there again - spent twice."""
+    cst = dt.timezone(dt.timedelta(hours=8))
+    store = MemoryStatus()
+    policy = MeterPolicy(daily_budget_bytes=1000, zone=cst)
+    Meter("dicom", policy, store).spend(1000, dt.datetime(2026, 12, 2, 0, 30, tzinfo=cst).timestamp())
+    rebooted = Meter("dicom", policy, store)
+    rebooted.spend(200, dt.datetime(2026, 12, 1, 23, 17, tzinfo=cst).timestamp())  # the stale clock
+    corrected = dt.datetime(2026, 12, 2, 0, 50, tzinfo=cst).timestamp()  # chrony stepped it
+    assert rebooted.spent_today(corrected) == 1000
+    blocked = rebooted.blocked(corrected)
+    assert blocked is not None and blocked.reason == "budget"
+
+
 @pytest.mark.parametrize(
     ("window", "spent_at", "asked_at", "opens_at"),
     [
