@@ -6,8 +6,9 @@ a `MeterPolicy` says how many bytes a day routine traffic may use and in which l
 it may be sent. A STAT study always goes (chest pain does not wait for the night tariff), and its
 bytes count against the day's budget like any others.
 
-The bytes spent today are kept in the outbox's status table (`meter:<name>`), so a restart does
-not give the day a fresh budget, and `lastmile queue` reads the same numbers the senders use.
+The bytes spent each day are kept in the outbox's status table (`meter:<name>`), so a restart does
+not give the day a fresh budget (nor does a clock set back to yesterday for a while), and
+`lastmile queue` reads the same numbers the senders use.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 STATUS_PREFIX = "meter:"
+KEEP_DAYS = 7  # days whose counts are kept: a clock days behind still finds the real day's count
 _WINDOW = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
 
 
@@ -97,17 +99,32 @@ class Meter:
     def _local(self, now: float) -> dt.datetime:
         return dt.datetime.fromtimestamp(now, self.policy.zone)
 
-    def spent_today(self, now: float) -> int:
+    def _days(self) -> dict[str, int]:
+        """Bytes per local day, the last few days counted (a record of one day only, as an older
+        version kept it, is that day)."""
         record = self.store.status(self.status_name) or {}
-        return int(record.get("bytes", 0)) if record.get("day") == self._local(now).date().isoformat() else 0
+        days = record.get("days")
+        if isinstance(days, dict):
+            return {str(day): int(n) for day, n in days.items()}
+        return {str(record["day"]): int(record.get("bytes", 0))} if record.get("day") else {}
+
+    def spent_today(self, now: float) -> int:
+        return self._days().get(self._local(now).date().isoformat(), 0)
 
     def spend(self, nbytes: int, now: float) -> None:
-        """Count bytes sent now (STAT's too)."""
+        """Count bytes sent now (STAT's too). Each day keeps its own count: a clock set back
+        across midnight (a Pi booting at the fake-hwclock's last save, before chrony steps it)
+        counts against that earlier day, and the real day's count is still there once the
+        clock is right (one record of "today" was replaced, and the day's budget spent twice)."""
         if nbytes <= 0:
             return
         with self._lock:
             day = self._local(now).date().isoformat()
-            self.store.record_status(self.status_name, {"day": day, "bytes": self.spent_today(now) + nbytes}, now)
+            days = self._days()
+            days[day] = days.get(day, 0) + nbytes
+            kept = dict(sorted(days.items())[-KEEP_DAYS:])
+            kept[day] = days[day]  # even an implausibly early one: the budget holds while the clock is wrong
+            self.store.record_status(self.status_name, {"day": day, "bytes": days[day], "days": kept}, now)
 
     def blocked(self, now: float) -> Blocked | None:
         """None if routine traffic may go now. `until` is when the windows and the budget both
