@@ -337,7 +337,8 @@ def test_bytes_of_a_store_that_timed_out_count_against_the_budget(config, script
         size = min(i.size for i in outbox.items())
     scp = scripted_scp_factory(hold=frozenset(uids))  # never answered while it runs
     rc = config.reading_center
-    rc.port, rc.called_ae, rc.timeout_s = scp.port, scp.ae_title, 2.0
+    # the answer never comes: each try ends at the timeout, long enough to set up an association on a loaded machine
+    rc.port, rc.called_ae, rc.timeout_s = scp.port, scp.ae_title, 5.0
     rc.metered.daily_budget_mb = 1.5 * size / 2**20
     with open_outbox(config) as outbox, EcgForwarder(outbox, forwarder_settings(config)) as fwd:
         assert fwd.meter is not None
