@@ -266,21 +266,29 @@ def test_daily_budget_stops_routine_sending_once_spent(config, center, tmp_path,
     assert time.time() < metered["until"]
 
 
-def test_fhir_bundles_stop_at_the_budget_and_wait_out_a_shut_window(tmp_path: Path) -> None:
+def visit_bundles(outbox, n: int) -> list[int]:
+    """`n` home visits' bundles queued for the county platform, one patient each; their sizes."""
     from tests.fhir_samples import NAMING, all_kinds, signature, visit
-    from tests.fhir_server import FhirTestServer
     from uploader.fhir_bundle import bundle_bytes, visit_bundle
-    from uploader.fhir_forwarder import enqueue_bundle, forward_fhir_once
+    from uploader.fhir_forwarder import enqueue_bundle
+
+    sizes = []
+    for i in range(n):
+        v = visit(i, patient=f"P-{i}")
+        bundle = visit_bundle(v, all_kinds(v.started_at, v.patient_id, f"/{i}"), NAMING, signature(i))
+        sizes.append(len(bundle_bytes(bundle)))
+        enqueue_bundle(outbox, bundle, f"fhir:visit:{v.visit_id}", patient_id=v.patient_id, now=1000.0 + i)
+    return sizes
+
+
+def test_fhir_bundles_stop_at_the_budget_and_wait_out_a_shut_window(tmp_path: Path) -> None:
+    from tests.fhir_server import FhirTestServer
+    from uploader.fhir_forwarder import forward_fhir_once
     from uploader.fhir_sender import FhirSender, FhirSenderSettings
     from uploader.outbox import Kind, Outbox
 
     outbox = Outbox.open(tmp_path / "data", min_free_bytes=0)
-    sizes = []
-    for n in range(6):
-        v = visit(n, patient=f"P-{n}")
-        bundle = visit_bundle(v, all_kinds(v.started_at, v.patient_id, f"/{n}"), NAMING, signature(n))
-        sizes.append(len(bundle_bytes(bundle)))
-        enqueue_bundle(outbox, bundle, f"fhir:visit:{v.visit_id}", patient_id=v.patient_id, now=1000.0 + n)
+    sizes = visit_bundles(outbox, 6)
     budget = Meter("fhir", MeterPolicy(daily_budget_bytes=int(2.5 * max(sizes)), zone=UTC), outbox)
     shut = Meter("fhir", MeterPolicy(windows=(SendWindow.parse("00:00-00:01"),), zone=UTC), MemoryStatus())
     with FhirTestServer() as server, FhirSender(FhirSenderSettings(base_url=server.base_url, gzip="never")) as sender:
@@ -291,6 +299,26 @@ def test_fhir_bundles_stop_at_the_budget_and_wait_out_a_shut_window(tmp_path: Pa
         assert budget.spent_today(T_NOON) == sender.bytes_sent  # the request bodies as sent
         assert forward_fhir_once(outbox, sender, T_NOON + 60, batch_size=1, meter=budget).claimed == 0
     assert len(outbox.items(state=ItemState.QUEUED, kind=Kind.FHIR_BUNDLE)) == 3
+    outbox.close()
+
+
+def test_fhir_requests_that_never_left_the_gateway_are_not_counted(tmp_path: Path) -> None:
+    """The village link is down (the platform's port unreachable): every retry of the day's visits
+    counted their whole bodies, nothing went out, and when the link came back the day's budget was
+    "used" - the visits waited until tomorrow."""
+    from uploader.fhir_forwarder import forward_fhir_once
+    from uploader.fhir_sender import FhirSender, FhirSenderSettings
+    from uploader.outbox import Outbox
+
+    outbox = Outbox.open(tmp_path / "data", min_free_bytes=0)
+    visit_bundles(outbox, 2)
+    meter = Meter("fhir", MeterPolicy(daily_budget_bytes=2**20, zone=UTC), outbox)
+    nobody = f"http://127.0.0.1:{free_port()}/fhir"  # nothing listens: the connection is refused
+    with FhirSender(FhirSenderSettings(base_url=nobody, gzip="never")) as sender:
+        for attempt in range(3):
+            counts = forward_fhir_once(outbox, sender, T_NOON + 3600 * attempt, batch_size=1, meter=meter)
+            assert counts.sent == 0 and counts.claimed
+    assert meter.spent_today(T_NOON) == 0
     outbox.close()
 
 
