@@ -23,6 +23,7 @@ from lastmile.demo.reading_center import EmbeddedReadingCenter
 from lastmile.ecg.intake import enqueue_recording
 from lastmile.services.forward import forwarder_settings, open_outbox
 from tests.ecg_factories import make_recording
+from tests.test_forward_peers import wait_until
 from uploader.ecg_forwarder import EcgForwarder
 from uploader.metering import Meter, MeterPolicy, SendWindow
 from uploader.outbox import ItemState
@@ -64,7 +65,9 @@ def test_send_windows_contain_their_minutes_and_wrap_midnight(text, inside, outs
     assert not any(w.contains(minute(t)) for t in outside)
 
 
-@pytest.mark.parametrize("text", ["22-06", "25:00-06:00", "10:60-11:00", "08:00-08:00", "", "24:30-01:00"])
+@pytest.mark.parametrize(
+    "text", ["22-06", "25:00-06:00", "10:60-11:00", "08:00-08:00", "", "24:30-01:00", "24:00-00:00", "24:00-24:00"]
+)
 def test_malformed_windows_are_refused(text) -> None:
     with pytest.raises(ValueError):
         SendWindow.parse(text)
@@ -94,6 +97,58 @@ def test_budget_is_per_local_day_and_survives_a_new_meter() -> None:
     # 12:00 UTC is 20:00 in China: the day (and the budget) turns at 16:00 UTC
     assert blocked.until == dt.datetime(2026, 12, 2, 0, 0, tzinfo=cst).timestamp()
     assert meter.blocked(blocked.until) is None and meter.spent_today(blocked.until) == 0
+
+
+def test_a_window_starting_at_24_00_opens_at_midnight() -> None:
+    """ "24:00-06:00" is midnight to six; read as a window from minute 1440 it never opened, and
+    `lastmile queue` promised every night that it would at 00:00."""
+    meter = Meter("dicom", MeterPolicy(windows=(SendWindow.parse("24:00-06:00"),), zone=UTC), MemoryStatus())
+    midnight = dt.datetime(2026, 12, 2, 0, 0, tzinfo=UTC).timestamp()
+    assert meter.blocked(midnight + 3600) is None  # 01:00
+    blocked = meter.blocked(T_NOON)
+    assert blocked is not None and blocked.until == midnight
+    assert meter.blocked(blocked.until) is None
+
+
+def test_a_clock_set_back_across_midnight_does_not_forget_the_days_spending() -> None:
+    """Midnight opened the day's budget and the backlog spent it by 00:30; a power cut, and the
+    Pi boots at the fake-hwclock's last save (23:17 yesterday). A STAT ECG goes before chrony
+    steps the clock: its bytes were recorded as yesterday's in place of today's, and once the
+    clock was right today's budget was all there again - spent twice."""
+    cst = dt.timezone(dt.timedelta(hours=8))
+    store = MemoryStatus()
+    policy = MeterPolicy(daily_budget_bytes=1000, zone=cst)
+    Meter("dicom", policy, store).spend(1000, dt.datetime(2026, 12, 2, 0, 30, tzinfo=cst).timestamp())
+    rebooted = Meter("dicom", policy, store)
+    rebooted.spend(200, dt.datetime(2026, 12, 1, 23, 17, tzinfo=cst).timestamp())  # the stale clock
+    corrected = dt.datetime(2026, 12, 2, 0, 50, tzinfo=cst).timestamp()  # chrony stepped it
+    assert rebooted.spent_today(corrected) == 1000
+    blocked = rebooted.blocked(corrected)
+    assert blocked is not None and blocked.reason == "budget"
+
+
+@pytest.mark.parametrize(
+    ("window", "spent_at", "asked_at", "opens_at"),
+    [
+        # the budget is spent at 21:00: tomorrow's budget comes at midnight, but the window
+        # only at 20:00 tomorrow
+        ("20:00-23:00", (1, 21), (1, 21), (2, 20)),
+        # the budget was spent at 02:00 in the night window: at 10:00 the window opens at 22:00,
+        # but today's budget is still spent then; midnight (still inside the window) it is
+        ("22:00-06:00", (2, 2), (2, 10), (3, 0)),
+    ],
+)
+def test_shut_by_window_and_budget_says_when_both_allow(window, spent_at, asked_at, opens_at) -> None:
+    def at(day_hour: tuple[int, int]) -> float:
+        return dt.datetime(2026, 12, day_hour[0], day_hour[1], tzinfo=UTC).timestamp()
+
+    policy = MeterPolicy(daily_budget_bytes=1000, windows=(SendWindow.parse(window),), zone=UTC)
+    meter = Meter("dicom", policy, MemoryStatus())
+    meter.spend(1000, at(spent_at))
+    blocked = meter.blocked(at(asked_at))
+    assert blocked is not None
+    assert dt.datetime.fromtimestamp(blocked.until, UTC) == dt.datetime.fromtimestamp(at(opens_at), UTC)
+    assert meter.blocked(blocked.until) is None  # "until" is when it opens, not one of two reasons gone
 
 
 # -- configuration --------------------------------------------------------------------------------
@@ -211,21 +266,29 @@ def test_daily_budget_stops_routine_sending_once_spent(config, center, tmp_path,
     assert time.time() < metered["until"]
 
 
-def test_fhir_bundles_stop_at_the_budget_and_wait_out_a_shut_window(tmp_path: Path) -> None:
+def visit_bundles(outbox, n: int) -> list[int]:
+    """`n` home visits' bundles queued for the county platform, one patient each; their sizes."""
     from tests.fhir_samples import NAMING, all_kinds, signature, visit
-    from tests.fhir_server import FhirTestServer
     from uploader.fhir_bundle import bundle_bytes, visit_bundle
-    from uploader.fhir_forwarder import enqueue_bundle, forward_fhir_once
+    from uploader.fhir_forwarder import enqueue_bundle
+
+    sizes = []
+    for i in range(n):
+        v = visit(i, patient=f"P-{i}")
+        bundle = visit_bundle(v, all_kinds(v.started_at, v.patient_id, f"/{i}"), NAMING, signature(i))
+        sizes.append(len(bundle_bytes(bundle)))
+        enqueue_bundle(outbox, bundle, f"fhir:visit:{v.visit_id}", patient_id=v.patient_id, now=1000.0 + i)
+    return sizes
+
+
+def test_fhir_bundles_stop_at_the_budget_and_wait_out_a_shut_window(tmp_path: Path) -> None:
+    from tests.fhir_server import FhirTestServer
+    from uploader.fhir_forwarder import forward_fhir_once
     from uploader.fhir_sender import FhirSender, FhirSenderSettings
     from uploader.outbox import Kind, Outbox
 
     outbox = Outbox.open(tmp_path / "data", min_free_bytes=0)
-    sizes = []
-    for n in range(6):
-        v = visit(n, patient=f"P-{n}")
-        bundle = visit_bundle(v, all_kinds(v.started_at, v.patient_id, f"/{n}"), NAMING, signature(n))
-        sizes.append(len(bundle_bytes(bundle)))
-        enqueue_bundle(outbox, bundle, f"fhir:visit:{v.visit_id}", patient_id=v.patient_id, now=1000.0 + n)
+    sizes = visit_bundles(outbox, 6)
     budget = Meter("fhir", MeterPolicy(daily_budget_bytes=int(2.5 * max(sizes)), zone=UTC), outbox)
     shut = Meter("fhir", MeterPolicy(windows=(SendWindow.parse("00:00-00:01"),), zone=UTC), MemoryStatus())
     with FhirTestServer() as server, FhirSender(FhirSenderSettings(base_url=server.base_url, gzip="never")) as sender:
@@ -236,6 +299,26 @@ def test_fhir_bundles_stop_at_the_budget_and_wait_out_a_shut_window(tmp_path: Pa
         assert budget.spent_today(T_NOON) == sender.bytes_sent  # the request bodies as sent
         assert forward_fhir_once(outbox, sender, T_NOON + 60, batch_size=1, meter=budget).claimed == 0
     assert len(outbox.items(state=ItemState.QUEUED, kind=Kind.FHIR_BUNDLE)) == 3
+    outbox.close()
+
+
+def test_fhir_requests_that_never_left_the_gateway_are_not_counted(tmp_path: Path) -> None:
+    """The village link is down (the platform's port unreachable): every retry of the day's visits
+    counted their whole bodies, nothing went out, and when the link came back the day's budget was
+    "used" - the visits waited until tomorrow."""
+    from uploader.fhir_forwarder import forward_fhir_once
+    from uploader.fhir_sender import FhirSender, FhirSenderSettings
+    from uploader.outbox import Outbox
+
+    outbox = Outbox.open(tmp_path / "data", min_free_bytes=0)
+    visit_bundles(outbox, 2)
+    meter = Meter("fhir", MeterPolicy(daily_budget_bytes=2**20, zone=UTC), outbox)
+    nobody = f"http://127.0.0.1:{free_port()}/fhir"  # nothing listens: the connection is refused
+    with FhirSender(FhirSenderSettings(base_url=nobody, gzip="never")) as sender:
+        for attempt in range(3):
+            counts = forward_fhir_once(outbox, sender, T_NOON + 3600 * attempt, batch_size=1, meter=meter)
+            assert counts.sent == 0 and counts.claimed
+    assert meter.spent_today(T_NOON) == 0
     outbox.close()
 
 
@@ -271,3 +354,57 @@ def test_report_polling_asks_only_about_stat_studies_while_shut(tmp_path: Path) 
             assert {r.study_uid for r in store.reports()} == {routine.study_uid, stat.study_uid}
     finally:
         center.stop()
+
+
+def test_bytes_of_a_store_that_timed_out_count_against_the_budget(config, scripted_scp_factory) -> None:
+    """A village link that loses the C-STORE response (the object went out whole, the answer
+    never came) sends the object again and again: each try is paid for. Uncounted, the budget
+    said 0 MB used while the clinic's data went out several times over."""
+    uids = enqueue(config, 3)
+    with open_outbox(config) as outbox:
+        size = min(i.size for i in outbox.items())
+    scp = scripted_scp_factory(hold=frozenset(uids))  # never answered while it runs
+    rc = config.reading_center
+    # the answer never comes: each try ends at the timeout, long enough to set up an association on a loaded machine
+    rc.port, rc.called_ae, rc.timeout_s = scp.port, scp.ae_title, 5.0
+    rc.metered.daily_budget_mb = 1.5 * size / 2**20
+    with open_outbox(config) as outbox, EcgForwarder(outbox, forwarder_settings(config)) as fwd:
+        assert fwd.meter is not None
+        fwd.run_round(threading.Event())
+        assert len(scp.arrivals) == 1
+        assert fwd.meter.spent_today(time.time()) >= 0.9 * size  # the object went out: paid for
+
+        def sent_again() -> bool:
+            fwd.run_round(threading.Event())
+            return len(scp.arrivals) == 2
+
+        wait_until(sent_again, what="the second try")
+        blocked = fwd.meter.blocked(time.time())
+        assert blocked is not None and blocked.reason == "budget"  # two tries spent the day's budget
+
+        def due_again() -> bool:
+            queued = outbox.items(state=ItemState.QUEUED)
+            return len(queued) == 3 and max(i.next_attempt_at for i in queued) <= time.time()
+
+        wait_until(due_again, what="the items' backoff to end")
+        fwd.run_round(threading.Event())
+        assert len(scp.arrivals) == 2  # nothing more goes today
+
+
+def test_the_console_tells_the_doctor_in_chinese_why_studies_wait_and_until_when(tmp_path: Path) -> None:
+    """The Sent page said "Working: last sent at ..." and "3 studies waiting" all day long while
+    the routine ECGs waited for the night tariff: the doctor could only guess (or call the county)."""
+    from tests.console_harness import Client, console_config, running_console
+
+    config = console_config(tmp_path / "data")
+    config.ecg.re_record_hold_s = 0
+    window = window_around(2)
+    config.reading_center.metered.windows = [window]
+    enqueue(config, 3)
+    with running_console(config) as server:
+        doctor = Client(server.url)
+        doctor.login()
+        page = doctor.get("/sent").body
+    assert "常规检查在等待发送时段" in page, page
+    assert window.split("-")[0] in page  # when they go
+    assert "急诊心电图立即发送" in page  # STAT is not held by it

@@ -4,6 +4,7 @@ embedded reading center as a PACS that only offers C-MOVE."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import itertools
 import json
@@ -356,6 +357,31 @@ def test_c_move_when_the_pacs_offers_no_c_get(move_only_center) -> None:
         assert result.error is None and result.fault is None
         assert (result.found, result.stored, result.retrieved_by) == (1, 1, "C-MOVE")
         assert [r.study_uid for r in store.reports()] == [study.study_uid]
+
+
+def test_reports_moved_to_us_count_against_the_report_polling_budget(move_only_center) -> None:
+    """With C-MOVE the report objects come on an association of the PACS's to ours: only the move's
+    own requests were counted, and a county PDF report (the bulk of a round's bytes) was free on
+    the metered link."""
+    from lastmile.data_dir import open_outbox
+    from lastmile.reports.service import make_poller
+    from lastmile.services.forward import peer_settings
+    from uploader.metering import Meter, MeterPolicy
+
+    center, config = move_only_center
+    (study,) = send_ecgs(config, [make_recording(8)])
+    # a scanned-like report: bytes that do not deflate away in transit
+    pdf = report_pdf(to_read(study), [base64.b64encode(os.urandom(60)).decode() for _ in range(300)])
+    center.add_report(pdf)
+    with open_outbox(config) as outbox, ReportStore.open(config.data_dir) as store:
+        meter = Meter("reports", MeterPolicy(daily_budget_bytes=2**30, zone=dt.timezone.utc), outbox)
+        poller = make_poller(config, store, peer_settings(config.reading_center), meter)
+        try:
+            result = poller.run_round(force=True)
+        finally:
+            poller.close()
+        assert (result.stored, result.retrieved_by) == (1, "C-MOVE")
+        assert meter.spent_today(time.time()) == result.bytes >= 0.7 * len(pdf.EncapsulatedDocument)
 
 
 def test_report_poll_command_prints_the_round(move_only_center, tmp_path, capsys) -> None:

@@ -581,7 +581,8 @@ def move_reports(
     peer: PeerSettings, destination_ae: str, receiver: ReportReceiver, found: Sequence[FoundReport]
 ) -> tuple[list[RetrievedObject], int]:
     """C-MOVE `found` to our `receiver` (started here if it is not running); returns what arrived
-    and the PDU bytes the move association cost."""
+    and the bytes it cost: the move association's PDUs and the objects, which came on the PACS's
+    own association to ours (a report PDF is most of a round's bytes on a metered link)."""
     receiver.expect(f.sop_instance_uid for f in found)
     started_here = not receiver.running
     receiver.start()
@@ -592,4 +593,5 @@ def move_reports(
     finally:
         if started_here:
             receiver.stop()
-    return receiver.take(), cost
+    objects = receiver.take()
+    return objects, cost + sum(len(o.data) for o in objects)

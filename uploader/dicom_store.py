@@ -324,6 +324,9 @@ class StoreAssociation:
         self._request_sent_at: float | None = None  # (the pacer's clock)
         self.last_sent_at = 0.0  # when the last PDU was handed to the socket (the pacer's clock)
         self.last_sent_bytes = 0  # ... and its size (a run of PDUs written at once: theirs)
+        # every byte written on this association (with a pacer: the forwarder's metered links
+        # count what a C-STORE cut short or left unanswered put on the wire)
+        self.bytes_written = 0
         self.raw_send = raw_send
         self.sop_class_uids = tuple(sop_class_uids)
         self.commitment = commitment
@@ -411,6 +414,7 @@ class StoreAssociation:
         if self._request_sent_at is None and pdu and pdu[0] == A_ASSOCIATE_RQ:  # once per association
             self._request_sent_at = self.last_sent_at
         self.last_sent_bytes = len(pdu)
+        self.bytes_written += len(pdu)
 
     def _writes_whole(self, assoc: Association) -> bool:
         """Whether a message's PDUs may go as one `EncodedMessage`: its DUL is set up for it and

@@ -687,6 +687,7 @@ class EcgForwarder:
                         # taken for the round trip made the second sample 1.6x the link's rate
                         # (4G: paced above the link, then drained at 0.7 of it)
                         paced_throughout = assoc.paced and self.pacer.pace is not None
+                        written = assoc.bytes_written
                         outcome = assoc.store(payload)
                         if watch is not None and not carrying:
                             watch.finished(assoc, stored=outcome.category in ("success", "warning"))
@@ -696,6 +697,12 @@ class EcgForwarder:
                             self.pacer.observe_object(outcome.wire_bytes, tail, took, assoc.last_sent_bytes)
                             self._observe_object_bytes(outcome.wire_bytes)
                             share.on_stored()  # the link measured better: more associations?
+                    except (TransientError, ConfigurationFault):
+                        # the association died, timed out waiting for the answer or was cut for a
+                        # STAT study: what went on the wire is paid for all the same, and the object
+                        # goes again later - uncounted, a flaky link spent the day's budget many times
+                        self._spend(assoc.bytes_written - written, self.clock())
+                        raise
                     except PermanentError as exc:  # e.g. a payload that is no DICOM we can send
                         in_flight = None
                         pending.pop(0)

@@ -30,12 +30,27 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from urllib3.exceptions import ConnectTimeoutError
 
 from uploader.errors import ConfigurationFault, PermanentError, TransientError
 from uploader.masking import mask_server_text
 from uploader.reachability import insecure_url_problem
 
 log = logging.getLogger(__name__)
+
+
+class NotConnected(TransientError):
+    """No connection to the platform was made (refused, unreachable, name not resolved, connect
+    timed out): nothing of the request left this gateway, so a metered link has not paid for it."""
+
+
+def never_connected(exc: requests.exceptions.RequestException) -> bool:
+    """Whether `exc` ended the request before a connection existed (requests reports a refused or
+    unreachable connection as a ConnectionError around urllib3's NewConnectionError)."""
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return True
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    return isinstance(reason, ConnectTimeoutError)  # NewConnectionError and NameResolutionError are ones
 
 
 @dataclass(frozen=True)
@@ -175,7 +190,8 @@ class FhirConnection:
             requests.exceptions.Timeout,
             requests.exceptions.ChunkedEncodingError,
         ) as exc:
-            raise TransientError(f"FHIR server unreachable: {type(exc).__name__}: {exc}") from None
+            error = NotConnected if never_connected(exc) else TransientError
+            raise error(f"FHIR server unreachable: {type(exc).__name__}: {exc}") from None
         finally:
             self.requests_sent += 1
 

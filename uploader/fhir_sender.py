@@ -32,10 +32,11 @@ from typing import Any
 
 import requests
 
-from uploader.errors import PermanentError, TransientError
+from uploader.errors import ConfigurationFault, PermanentError, TransientError
 from uploader.fhir_connection import (
     FhirConnection,
     FhirSenderSettings,
+    NotConnected,
     issues_text,
     outcome_text,
     read_token_file,
@@ -109,10 +110,17 @@ class FhirSender(FhirConnection):
         headers = {"Content-Type": "application/fhir+json; charset=utf-8", "Prefer": "return=minimal"}
         if compressed:
             headers["Content-Encoding"] = "gzip"
+        sent = True
         try:
             return self.request("POST", self.settings.base_url, headers, data=data)
+        except (NotConnected, ConfigurationFault):
+            # no connection, or refused before the body (our URL, the platform's TLS): it never went
+            # out - counted, a day of a link down "spent" the budget the visits then waited on
+            sent = False
+            raise
         finally:
-            self.bytes_sent += len(data)
+            if sent:
+                self.bytes_sent += len(data)
 
     def _result(self, response: requests.Response, sent: bytes) -> dict[str, Any]:
         code = response.status_code

@@ -6,8 +6,9 @@ a `MeterPolicy` says how many bytes a day routine traffic may use and in which l
 it may be sent. A STAT study always goes (chest pain does not wait for the night tariff), and its
 bytes count against the day's budget like any others.
 
-The bytes spent today are kept in the outbox's status table (`meter:<name>`), so a restart does
-not give the day a fresh budget, and `lastmile queue` reads the same numbers the senders use.
+The bytes spent each day are kept in the outbox's status table (`meter:<name>`), so a restart does
+not give the day a fresh budget (nor does a clock set back to yesterday for a while), and
+`lastmile queue` reads the same numbers the senders use.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 STATUS_PREFIX = "meter:"
+KEEP_DAYS = 7  # days whose counts are kept: a clock days behind still finds the real day's count
 _WINDOW = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
 
 
@@ -45,11 +47,12 @@ class SendWindow:
         if not (h1 <= 24 and h2 <= 24 and m1 < 60 and m2 < 60) or (h1 == 24 and m1) or (h2 == 24 and m2):
             raise ValueError(f"{text!r}: hours are 00-24, minutes 00-59")
         start, end = h1 * 60 + m1, h2 * 60 + m2
-        if start % 1440 == end % 1440 and start != end:
-            end = start + 1440  # "00:00-24:00": the whole day
-        if start == end:
+        # the same instant of the day at both ends is empty ("24:00-00:00" too), except
+        # "00:00-24:00", the whole day
+        if start % 1440 == end % 1440 and (start, end) != (0, 1440):
             raise ValueError(f"{text!r} is empty: start and end are the same time")
-        return cls(start, end)
+        # "24:00" starting a window is the midnight it opens at (as minute 1440 it never opened)
+        return cls(start % 1440, end)
 
     def contains(self, minute: float) -> bool:
         if self.start_min < self.end_min:
@@ -96,34 +99,68 @@ class Meter:
     def _local(self, now: float) -> dt.datetime:
         return dt.datetime.fromtimestamp(now, self.policy.zone)
 
-    def spent_today(self, now: float) -> int:
+    def _days(self) -> dict[str, int]:
+        """Bytes per local day, the last few days counted (a record of one day only, as an older
+        version kept it, is that day)."""
         record = self.store.status(self.status_name) or {}
-        return int(record.get("bytes", 0)) if record.get("day") == self._local(now).date().isoformat() else 0
+        days = record.get("days")
+        if isinstance(days, dict):
+            return {str(day): int(n) for day, n in days.items()}
+        return {str(record["day"]): int(record.get("bytes", 0))} if record.get("day") else {}
+
+    def spent_today(self, now: float) -> int:
+        return self._days().get(self._local(now).date().isoformat(), 0)
 
     def spend(self, nbytes: int, now: float) -> None:
-        """Count bytes sent now (STAT's too)."""
+        """Count bytes sent now (STAT's too). Each day keeps its own count: a clock set back
+        across midnight (a Pi booting at the fake-hwclock's last save, before chrony steps it)
+        counts against that earlier day, and the real day's count is still there once the
+        clock is right (one record of "today" was replaced, and the day's budget spent twice)."""
         if nbytes <= 0:
             return
         with self._lock:
             day = self._local(now).date().isoformat()
-            self.store.record_status(self.status_name, {"day": day, "bytes": self.spent_today(now) + nbytes}, now)
+            days = self._days()
+            days[day] = days.get(day, 0) + nbytes
+            kept = dict(sorted(days.items())[-KEEP_DAYS:])
+            kept[day] = days[day]  # even an implausibly early one: the budget holds while the clock is wrong
+            self.store.record_status(self.status_name, {"day": day, "bytes": days[day], "days": kept}, now)
 
     def blocked(self, now: float) -> Blocked | None:
-        """None if routine traffic may go now."""
+        """None if routine traffic may go now. `until` is when the windows and the budget both
+        allow it (a window opening while today's budget is spent, or tomorrow's budget coming
+        outside every window, is not when it goes); `reason` is the one it waits for last."""
         p = self.policy
-        local = self._local(now)
-        if p.windows:
-            minute = local.hour * 60 + local.minute + local.second / 60
-            if not any(w.contains(minute) for w in p.windows):
-                return Blocked("window", self._next_window_start(local), "outside " + ", ".join(map(str, p.windows)))
-        if p.daily_budget_bytes:
-            spent = self.spent_today(now)
-            if spent >= p.daily_budget_bytes:
-                midnight = dt.datetime.combine(local.date() + dt.timedelta(days=1), dt.time(), p.zone)
-                until = midnight.timestamp()
-                detail = f"{spent / 2**20:.1f} of {p.daily_budget_bytes / 2**20:.1f} MB used today"
-                return Blocked("budget", until, detail)
-        return None
+        spent = self.spent_today(now) if p.daily_budget_bytes else 0
+        budget_spent = bool(p.daily_budget_bytes) and spent >= p.daily_budget_bytes
+        details = []
+        if self._outside_windows(now):
+            details.append("outside " + ", ".join(map(str, p.windows)))
+        if budget_spent:
+            details.append(f"{spent / 2**20:.1f} of {p.daily_budget_bytes / 2**20:.1f} MB used today")
+        if not details:
+            return None
+        today, until, reason = self._local(now).date(), now, "window"
+        # each step passes one constraint: a window's start, then midnight, then a window's start
+        for _ in range(4):
+            if self._outside_windows(until):
+                until, reason = self._next_window_start(self._local(until)), "window"
+            elif budget_spent and self._local(until).date() == today:
+                until, reason = self._next_midnight(until), "budget"
+            else:
+                break
+        return Blocked(reason, until, "; ".join(details))
+
+    def _outside_windows(self, at: float) -> bool:
+        if not self.policy.windows:
+            return False
+        local = self._local(at)
+        minute = local.hour * 60 + local.minute + local.second / 60
+        return not any(w.contains(minute) for w in self.policy.windows)
+
+    def _next_midnight(self, at: float) -> float:
+        day = self._local(at).date() + dt.timedelta(days=1)
+        return dt.datetime.combine(day, dt.time(), self.policy.zone).timestamp()
 
     def _next_window_start(self, local: dt.datetime) -> float:
         starts = []

@@ -47,7 +47,9 @@ from lastmile.console.audit import AuditLog
 from lastmile.console.i18n import N_
 from lastmile.data_dir import open_outbox
 from lastmile.reports.store import ReportStore
-from uploader.outbox import ItemState, Kind, OutboxItem
+from lastmile.services.metered import meters
+from uploader.metering import Blocked
+from uploader.outbox import ItemState, Kind, OutboxItem, Priority
 from uploader.report_lines import ReportLine
 
 log = logging.getLogger(__name__)
@@ -153,6 +155,10 @@ class LinkStatus:
     last_success: dt.datetime | None
     waiting: int
     oldest_waiting: dt.datetime | None
+    # routine studies held by the metered link (reading_center.metered): "window" or "budget",
+    # and when they go; "" / None when none waits on it (STAT ECGs never do)
+    metered_wait: str = ""
+    metered_until: dt.datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -579,6 +585,7 @@ class ClinicData:
         last_error_at = _t(status.get("last_error_at"))
         down_since = last_error_at if last_error_at and (last_success is None or last_error_at > last_success) else None
         oldest = stats["oldest_waiting_s"]
+        blocked = self._metered_block(now)
         return LinkStatus(
             fault=str(status.get("fault") or ""),
             fault_since=_t(status.get("fault_since")) if status.get("fault") else None,
@@ -587,7 +594,18 @@ class ClinicData:
             last_success=last_success,
             waiting=counts.get("queued", 0) + counts.get("sending", 0),
             oldest_waiting=None if oldest is None else now - dt.timedelta(seconds=oldest),
+            metered_wait=blocked.reason if blocked else "",
+            metered_until=dt.datetime.fromtimestamp(blocked.until, dt.timezone.utc) if blocked else None,
         )
+
+    def _metered_block(self, now: dt.datetime) -> Blocked | None:
+        """Why routine ECGs wait on the metered link now (the forwarder's own `Meter`), if any do."""
+        meter = meters(self.config, self.outbox).get("dicom")
+        blocked = meter.blocked(now.timestamp()) if meter is not None else None
+        if blocked is None:
+            return None
+        queued = self.outbox.items(state=ItemState.QUEUED, kind=Kind.DICOM)
+        return blocked if any(i.priority != Priority.STAT for i in queued) else None
 
     # -- devices ----------------------------------------------------------------------------------
     def devices(self) -> list[DeviceRecord]:
