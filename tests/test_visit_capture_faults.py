@@ -124,3 +124,14 @@ def test_a_cold_start_without_time_gives_one_no_fix_per_second_and_its_first_fix
     assert [f.mode for f in fixes[:1000]] == [FixMode.NO_FIX] * 1000
     assert [f.time for f in fixes[1000:]] == [first + dt.timedelta(seconds=s) for s in range(3)]
     assert fixes[1000].hdop == 0.9 and fixes[1000].eph_m == pytest.approx(17.1)
+
+
+def test_a_wrong_gps_time_earlier_in_the_boot_does_not_make_every_later_fix_stale() -> None:
+    """The stale test trusts the GPS time the boot already has, unless a plausible system clock
+    vouches for the newer fix: one bad time from a receiver must not refuse GPS for the whole boot."""
+    synced = FakeClocks(wall=GPS_T.timestamp()).clock()  # NTP set the clock
+    assert synced.observe_gps(GPS_T + dt.timedelta(days=1))  # a receiver's bad day
+    assert not synced.stale_gps(GPS_T) and synced.stale_gps(GPS_T - dt.timedelta(minutes=10))
+    unset = FakeClocks(wall=0.0).clock()  # no RTC, no network: GPS is all there is
+    assert unset.observe_gps(GPS_T)
+    assert unset.stale_gps(GPS_T - dt.timedelta(minutes=10)) and not unset.stale_gps(GPS_T - dt.timedelta(seconds=5))

@@ -332,9 +332,16 @@ class VisitBook:
                 {"boot_id": anchor.boot_id, "offset": anchor.offset, "source": anchor.source.value}, pk="boot_id"
             )
 
-    def observe_fix(self, fix: Fix, received: Stamp | None = None) -> FixRecord:
-        """Every fix from the receiver: anchors the clock (GPS time), extends the open visit's track."""
+    def observe_fix(self, fix: Fix, received: Stamp | None = None) -> FixRecord | None:
+        """Every fix from the receiver: anchors the clock (GPS time), extends the open visit's track.
+        None for a stale fix (its time well behind the GPS time already known): it is not where the
+        doctor is now, so it neither moves the clock back nor tags a visit."""
         received = received or self.clock.now()
+        if fix.time is not None and fix.has_position and self.clock.stale_gps(fix.time, received.monotonic):
+            log.warning(
+                "ignoring a fix of %s: older than the GPS time already known (receiver buffer?)", _iso(fix.time)
+            )
+            return None
         if fix.time is not None and fix.has_position and self.clock.observe_gps(fix.time, received.monotonic):
             self._save_anchor()
             received = self.clock.repair(received) if received.provisional else received
