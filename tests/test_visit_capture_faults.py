@@ -135,3 +135,29 @@ def test_a_wrong_gps_time_earlier_in_the_boot_does_not_make_every_later_fix_stal
     unset = FakeClocks(wall=0.0).clock()  # no RTC, no network: GPS is all there is
     assert unset.observe_gps(GPS_T)
     assert unset.stale_gps(GPS_T - dt.timedelta(minutes=10)) and not unset.stale_gps(GPS_T - dt.timedelta(seconds=5))
+
+
+# --- 4. the Visits page shows a visit whose times were lost to reboots in English ----------------
+
+
+def test_the_visits_page_names_a_lost_start_and_end_in_chinese(tmp_path: Path) -> None:
+    import html
+
+    from tests.console_harness import DOCTOR, Client, console_config, running_console
+
+    data = tmp_path / "data"
+    with _book(data, FakeClocks(wall=0.0, boot="boot-1")) as book:  # 1970, indoors: no time
+        book.start("P-1", doctor_id="DR-1")
+    with _book(data, FakeClocks(wall=0.0, boot="boot-2")) as book:  # the battery died; still no time
+        book.stop()
+    boot3 = FakeClocks(wall=0.0, boot="boot-3")
+    with _book(data, boot3) as book:  # and again; then GPS gives the time: signed with both lost
+        book.observe_fix(fix_at(*HOUSE, GPS_T), book.clock.now())
+        (visit,) = book.visits()
+    assert {"start-time-lost", "end-time-lost"} <= set(visit.flags) and visit.chain_seq == 1
+    with running_console(console_config(data)) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        page = html.unescape(client.get("/visits").body)
+    card = page[page.index('class="visit-list"') :]
+    assert "time-lost" not in card, card  # the doctor reads Chinese, not the flag's code
