@@ -13,6 +13,7 @@ from devices.gps import Fix, FixMode, NmeaStreamDecoder
 from lastmile.cli import main
 from lastmile.demo.field_day import nmea_cycle
 from lastmile.visits.book import FixRecord, VisitBook, VisitPolicy
+from lastmile.visits.chain import KEY_FILE
 from lastmile.visits.households import distance_m
 from tests.serial_pty import PtyDevice, wait_for
 from tests.test_visits import GPS_T, HOUSE, FakeClocks, fix_at, offset
@@ -161,3 +162,22 @@ def test_the_visits_page_names_a_lost_start_and_end_in_chinese(tmp_path: Path) -
         page = html.unescape(client.get("/visits").body)
     card = page[page.index('class="visit-list"') :]
     assert "time-lost" not in card, card  # the doctor reads Chinese, not the flag's code
+
+
+# --- 5. a signing key file left empty makes every later stop fail ---------------------------------
+
+
+def test_a_key_file_left_empty_by_a_full_disk_or_a_power_cut_does_not_block_every_stop(tmp_path: Path) -> None:
+    """The key is made at the first signing: created, then written. A full disk (the write fails,
+    the file stays) or a power cut before the data reached the card leaves an empty key file, and
+    every later `visit stop` failed on it (ValueError, a traceback) though nothing was ever signed."""
+    data = tmp_path / "data"
+    clocks = FakeClocks(wall=GPS_T.timestamp())
+    with _book(data, clocks) as book:
+        book.start("P-1", doctor_id="DR-1", fix=FixRecord(fix_at(*HOUSE, GPS_T), book.clock.now()))
+    (data / KEY_FILE).touch(mode=0o600)  # what the cut-short first signing left
+    clocks.advance(600)
+    with _book(data, clocks) as book:
+        closed = book.stop()
+        assert closed.chain_seq == 1 and book.verify_local().ok
+    assert (data / KEY_FILE).stat().st_mode & 0o777 == 0o600
