@@ -4,7 +4,9 @@ test failed on the code before its fix."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -181,3 +183,43 @@ def test_a_key_file_left_empty_by_a_full_disk_or_a_power_cut_does_not_block_ever
         closed = book.stop()
         assert closed.chain_seq == 1 and book.verify_local().ok
     assert (data / KEY_FILE).stat().st_mode & 0o777 == 0o600
+
+
+# --- 6. `lastmile visit verify` crashes on a damaged or tampered export ---------------------------
+
+
+def _record_in_a_list(entry: dict) -> None:
+    entry["record"] = [entry["record"]]
+
+
+def _not_a_number(entry: dict) -> None:
+    entry["record"]["distance_m"] = float("nan")  # JSON's NaN, which Python reads
+
+
+def _infinite_seq(entry: dict) -> None:
+    entry["seq"] = float("inf")
+
+
+def _lone_surrogate(entry: dict) -> None:
+    entry["record"]["patient_id"] = "P-\udcff"  # "\udcff" in the file: valid JSON, not a character
+
+
+@pytest.mark.parametrize("damage", [_record_in_a_list, _not_a_number, _infinite_seq, _lone_surrogate])
+def test_verify_reports_a_damaged_export_as_failed_not_with_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: Callable[[dict], None]
+) -> None:
+    """The county verifies exports it did not make: a damaged or tampered line must give FAILED
+    with the reason, never a traceback (AttributeError, ValueError, OverflowError before)."""
+    clocks = FakeClocks(wall=GPS_T.timestamp())
+    export = tmp_path / "chain.jsonl"
+    with _book(tmp_path / "data", clocks) as book:
+        book.start("P-1", doctor_id="DR-1", fix=FixRecord(fix_at(*HOUSE, GPS_T), book.clock.now()))
+        clocks.advance(600)
+        book.stop()
+        book.export_chain(export)
+    header, line = export.read_text(encoding="utf-8").splitlines()
+    entry = json.loads(line)
+    damage(entry)
+    export.write_text(f"{header}\n{json.dumps(entry)}\n", encoding="utf-8")
+    assert main(["visit", "verify", str(export)]) == 1
+    assert "FAILED" in capsys.readouterr().out
