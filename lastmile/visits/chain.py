@@ -153,7 +153,11 @@ def verify_lines(lines: Iterable[str], expected_public_key: str | None = None) -
             entry = json.loads(line)
             record, seq, digest = entry["record"], int(entry["seq"]), str(entry["hash"])
             signature = base64.b64decode(entry["signature"], validate=True)
-        except (ValueError, KeyError, TypeError) as exc:
+            if not isinstance(record, dict):
+                raise TypeError("the record is not an object")
+            # NaN, a lone surrogate (valid JSON, no canonical form): damaged, as an unparsable line
+            content_hash = record_hash(record)
+        except (ValueError, KeyError, TypeError, OverflowError) as exc:
             report.problems.append(f"line {number}: unreadable ({exc})")
             return report
         who = f"record {seq} (visit {record.get('visit_id', '?')})"
@@ -163,7 +167,7 @@ def verify_lines(lines: Iterable[str], expected_public_key: str | None = None) -
             )
         if record.get("prev_hash") != expected_prev:
             report.problems.append(f"{who}: does not follow the previous record (chain broken)")
-        if record_hash(record) != digest:
+        if content_hash != digest:
             report.problems.append(f"{who}: content does not match its hash (edited after capture)")
         try:
             public.verify(signature, bytes.fromhex(digest))
@@ -177,5 +181,6 @@ def verify_lines(lines: Iterable[str], expected_public_key: str | None = None) -
 
 
 def verify_export(path: str | os.PathLike[str], expected_public_key: str | None = None) -> VerifyReport:
-    with open(path, encoding="utf-8") as f:
+    # bytes that are not UTF-8 reach the line they damage (reported there), not a traceback
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         return verify_lines(f, expected_public_key)
