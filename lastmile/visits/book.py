@@ -292,6 +292,7 @@ class VisitBook:
         self.clock = clock
         self.register = HouseholdRegister(db)
         self._key: Ed25519PrivateKey | None = None
+        self._stale_fixes = 0  # in a row, for the log
         rows = list(db.query("SELECT offset, source FROM clock_anchor WHERE boot_id = ?", [clock.boot_id]))
         if rows:
             clock.restore(Anchor(clock.boot_id, rows[0]["offset"], TimeSource(rows[0]["source"])))
@@ -338,10 +339,13 @@ class VisitBook:
         doctor is now, so it neither moves the clock back nor tags a visit."""
         received = received or self.clock.now()
         if fix.time is not None and fix.has_position and self.clock.stale_gps(fix.time, received.monotonic):
-            log.warning(
+            # said once per run of them: a receiver stuck behind must not write the journal every second
+            (log.debug if self._stale_fixes else log.warning)(
                 "ignoring a fix of %s: older than the GPS time already known (receiver buffer?)", _iso(fix.time)
             )
+            self._stale_fixes += 1
             return None
+        self._stale_fixes = 0
         if fix.time is not None and fix.has_position and self.clock.observe_gps(fix.time, received.monotonic):
             self._save_anchor()
             received = self.clock.repair(received) if received.provisional else received
