@@ -11,7 +11,9 @@ and the clock may jump at any moment when they do. So:
 - stamps are monotonic + offset: the system clock jumping backwards does not make a later stamp
   earlier than an earlier one (a forward jump is followed: that is NTP correcting a stale clock);
 - GPS time wins when the system time is implausible or disagrees with it by more than
-  `disagreement_s` (the disagreement is kept, so a visit can be flagged).
+  `disagreement_s` (the disagreement is kept, so a visit can be flagged);
+- a GPS time well behind the one the boot already has is stale (`stale_gps`: a receiver's
+  buffered output), never a new anchor nor a visit's position.
 
 Clocks are injectable (`wall`, `monotonic`, `boot_id`) so tests can boot in 1970.
 """

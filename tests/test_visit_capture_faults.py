@@ -1,5 +1,8 @@
-"""Faults in field-visit capture, GPS and the visit chain, found by review (2026-12-06). Each
-test failed on the code before its fix."""
+"""Faults in field-visit capture, GPS and the visit chain, found by review (2026-12-06): a track
+point written into a visit just stopped and signed, a receiver's buffered fix tagging the next
+visit, a cold start without time as one endless cycle, lost-time flags in English on the Chinese
+page, an empty signing key blocking every stop, verify crashing on a damaged export. Each test
+(but the stale-GPS guard's) failed on the code before its fix."""
 
 from __future__ import annotations
 
