@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from devices.gps import Fix, FixMode, NmeaStreamDecoder
+from devices.identity import TimeSource
 from lastmile.cli import main
 from lastmile.demo.field_day import nmea_cycle
 from lastmile.visits.book import FixRecord, VisitBook, VisitPolicy
@@ -226,3 +227,22 @@ def test_verify_reports_a_damaged_export_as_failed_not_with_a_traceback(
     export.write_text(f"{header}\n{json.dumps(entry)}\n", encoding="utf-8")
     assert main(["visit", "verify", str(export)]) == 1
     assert "FAILED" in capsys.readouterr().out
+
+
+# --- 7. a receiver with a fix writes visits.db every second, all day -------------------------------
+
+
+def test_a_receiver_with_a_fix_all_day_does_not_write_visits_db_every_second(tmp_path: Path) -> None:
+    """Every fix saved the clock anchor (an upsert, a synced WAL commit) though it had not moved:
+    86 400 writes a day to the SD card from the acquire service, with no visit open."""
+    clocks = FakeClocks(wall=GPS_T.timestamp())
+    with _book(tmp_path / "data", clocks) as book:
+        book.observe_fix(fix_at(*HOUSE, GPS_T), book.clock.now())  # the first fix anchors the clock
+        before = book.db.conn.total_changes
+        for second in range(1, 601):  # ten minutes at the clinic, no visit open
+            clocks.advance(1.0)
+            book.observe_fix(fix_at(*HOUSE, GPS_T + dt.timedelta(seconds=second)), book.clock.now())
+        assert book.db.conn.total_changes - before <= 1
+    with _book(tmp_path / "data", clocks) as book:  # the next `lastmile visit` still gets GPS time
+        assert book.clock.now().source == TimeSource.GPS
+        assert book.clock.now().time == GPS_T + dt.timedelta(seconds=600)
