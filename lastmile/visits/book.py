@@ -109,6 +109,10 @@ MIGRATIONS: tuple[Migration, ...] = (
 )
 
 
+# The saved clock anchor (what other processes of this boot restore) is rewritten only when it moved
+# more than this: a receiver's fix each second barely moves it (monotonic drift is ~4 s a day at most).
+ANCHOR_SAVE_S = 0.5
+
 START_TIME_LOST = "start-time-lost"
 END_TIME_LOST = "end-time-lost"
 
@@ -294,8 +298,10 @@ class VisitBook:
         self._key: Ed25519PrivateKey | None = None
         self._stale_fixes = 0  # in a row, for the log
         rows = list(db.query("SELECT offset, source FROM clock_anchor WHERE boot_id = ?", [clock.boot_id]))
+        self._saved_anchor: Anchor | None = None  # as visits.db holds it for this boot
         if rows:
-            clock.restore(Anchor(clock.boot_id, rows[0]["offset"], TimeSource(rows[0]["source"])))
+            self._saved_anchor = Anchor(clock.boot_id, rows[0]["offset"], TimeSource(rows[0]["source"]))
+            clock.restore(self._saved_anchor)
 
     @classmethod
     def open(
@@ -328,10 +334,17 @@ class VisitBook:
     # --- time ------------------------------------------------------------------------------------
     def _save_anchor(self) -> None:
         anchor = self.clock.anchor
-        if anchor is not None:
-            self.db.table("clock_anchor").upsert(
-                {"boot_id": anchor.boot_id, "offset": anchor.offset, "source": anchor.source.value}, pk="boot_id"
-            )
+        saved = self._saved_anchor
+        if anchor is None or (
+            saved is not None
+            and (saved.boot_id, saved.source) == (anchor.boot_id, anchor.source)
+            and abs(saved.offset - anchor.offset) <= ANCHOR_SAVE_S
+        ):
+            return  # unchanged: not one SD-card write per fix, all day
+        self.db.table("clock_anchor").upsert(
+            {"boot_id": anchor.boot_id, "offset": anchor.offset, "source": anchor.source.value}, pk="boot_id"
+        )
+        self._saved_anchor = anchor
 
     def observe_fix(self, fix: Fix, received: Stamp | None = None) -> FixRecord | None:
         """Every fix from the receiver: anchors the clock (GPS time), extends the open visit's track.
