@@ -211,14 +211,19 @@ def open_source(
 
 
 def best_fix(
-    source: FixSource, wait_s: float, *, good_enough_eph_m: float = 10.0, on_fix: Callable[[Fix], None] | None = None
+    source: FixSource,
+    wait_s: float,
+    *,
+    good_enough_eph_m: float = 10.0,
+    on_fix: Callable[[Fix], bool | None] | None = None,
 ) -> Fix | None:
-    """The most accurate fix seen within `wait_s` seconds (early out once one is good enough)."""
+    """The most accurate fix seen within `wait_s` seconds (early out once one is good enough).
+    `on_fix` sees every fix; one it answers False for (e.g. stale) is not a candidate."""
     best: Fix | None = None
     deadline = time.monotonic() + wait_s
     for fix in source.fixes(deadline):
-        if on_fix is not None:
-            on_fix(fix)
+        if on_fix is not None and on_fix(fix) is False:
+            continue
         if not fix.has_position:
             continue
         if (

@@ -11,7 +11,9 @@ and the clock may jump at any moment when they do. So:
 - stamps are monotonic + offset: the system clock jumping backwards does not make a later stamp
   earlier than an earlier one (a forward jump is followed: that is NTP correcting a stale clock);
 - GPS time wins when the system time is implausible or disagrees with it by more than
-  `disagreement_s` (the disagreement is kept, so a visit can be flagged).
+  `disagreement_s` (the disagreement is kept, so a visit can be flagged);
+- a GPS time well behind the one the boot already has is stale (`stale_gps`: a receiver's
+  buffered output), never a new anchor nor a visit's position.
 
 Clocks are injectable (`wall`, `monotonic`, `boot_id`) so tests can boot in 1970.
 """
@@ -31,6 +33,9 @@ from firmware_bridge.zone import system_zone
 log = logging.getLogger(__name__)
 
 LATEST_PLAUSIBLE = dt.datetime(2100, 1, 1, tzinfo=dt.timezone.utc)
+# A live fix reaches us within a cycle or two of its time; one this far behind the GPS time the boot
+# already has is old output (a USB receiver keeps what it could not send while its port was closed).
+STALE_GPS_S = 10.0
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 
 
@@ -157,6 +162,18 @@ class GatewayClock:
             if abs(self.last_disagreement_s) > self.disagreement_s:
                 log.warning("system clock differs from GPS by %.0f s: using GPS time", self.last_disagreement_s)
         return True
+
+    def stale_gps(self, gps_time: dt.datetime, at_monotonic: float | None = None) -> bool:
+        """True for a GPS time more than STALE_GPS_S behind the GPS time this boot already has:
+        an old fix, not a live one. Unless a plausible system clock agrees with it (then the
+        earlier GPS time was the wrong one, and refusing every later fix would keep it)."""
+        if self._gps is None:
+            return False
+        m = self._monotonic() if at_monotonic is None else at_monotonic
+        if m + self._gps - gps_time.timestamp() <= STALE_GPS_S:
+            return False
+        wall = self._wall() - (self._monotonic() - m)
+        return not plausible(wall) or abs(wall - gps_time.timestamp()) > STALE_GPS_S
 
     # --- stamping --------------------------------------------------------------------------------
     def now(self) -> Stamp:

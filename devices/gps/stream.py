@@ -44,6 +44,9 @@ from devices.gps.nmea import (
 )
 
 KNOTS_TO_MPS = 0.514444
+# Sentences a receiver times whenever it knows the time. Before its first fix (a cold start) it
+# sends them with an empty time field, once per cycle: the same one again begins the next cycle.
+UNTIMED_KINDS = frozenset({"RMC", "GGA", "GNS"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +101,7 @@ class _Cycle:
     systems: set[str] = field(default_factory=set)
     last_kind: str = ""
     last_timed: bool = False
+    untimed: set[str] = field(default_factory=set)  # of UNTIMED_KINDS, seen here without a time
 
     @property
     def has_fix_data(self) -> bool:
@@ -133,6 +137,13 @@ class FixAssembler:
                 self._ender = cycle.last_kind
             out += self._finish()
             cycle = self._cycle
+        elif (when is None and kind in cycle.untimed) or (when is not None and cycle.time is None and cycle.untimed):
+            # A cycle without time ends when its sentence comes again or the receiver's first timed
+            # sentence comes: else a cold start is one endless cycle, and the first fix gets its DOPs.
+            out += self._finish()
+            cycle = self._cycle
+        if when is None and kind in UNTIMED_KINDS:
+            cycle.untimed.add(kind)
         if when is not None and cycle.time is None:
             if when == self._last_finished:
                 self._ender = None  # we closed that cycle too early: stop guessing its end

@@ -73,8 +73,12 @@ def _fix(config, book, skip: bool):
     g = config.gps
     records = {}
 
-    def seen(fix) -> None:
-        records[id(fix)] = book.observe_fix(fix)
+    def seen(fix) -> bool:
+        record = book.observe_fix(fix)
+        if record is None:
+            return False  # stale: e.g. the receiver's buffered cycle from the last household
+        records[id(fix)] = record
+        return True
 
     try:
         source = open_source(

@@ -152,10 +152,10 @@ def run_field_day(
                 gps_time += dt.timedelta(seconds=seconds_per_point)
                 for event in decoder.receive_data(nmea_cycle(gps_time, lat, lon)):
                     if isinstance(event, Fix):
-                        last_fix = book.observe_fix(event, book.clock.now())
+                        last_fix = book.observe_fix(event, book.clock.now()) or last_fix
             for event in decoder.flush():
                 if isinstance(event, Fix):
-                    last_fix = book.observe_fix(event, book.clock.now())
+                    last_fix = book.observe_fix(event, book.clock.now()) or last_fix
 
         position = VILLAGE
         for n, (household, lat, lon) in enumerate(houses, start=1):

@@ -109,6 +109,10 @@ MIGRATIONS: tuple[Migration, ...] = (
 )
 
 
+# The saved clock anchor (what other processes of this boot restore) is rewritten only when it moved
+# more than this: a receiver's fix each second barely moves it (monotonic drift is ~4 s a day at most).
+ANCHOR_SAVE_S = 0.5
+
 START_TIME_LOST = "start-time-lost"
 END_TIME_LOST = "end-time-lost"
 
@@ -292,9 +296,12 @@ class VisitBook:
         self.clock = clock
         self.register = HouseholdRegister(db)
         self._key: Ed25519PrivateKey | None = None
+        self._stale_fixes = 0  # in a row, for the log
         rows = list(db.query("SELECT offset, source FROM clock_anchor WHERE boot_id = ?", [clock.boot_id]))
+        self._saved_anchor: Anchor | None = None  # as visits.db holds it for this boot
         if rows:
-            clock.restore(Anchor(clock.boot_id, rows[0]["offset"], TimeSource(rows[0]["source"])))
+            self._saved_anchor = Anchor(clock.boot_id, rows[0]["offset"], TimeSource(rows[0]["source"]))
+            clock.restore(self._saved_anchor)
 
     @classmethod
     def open(
@@ -327,26 +334,46 @@ class VisitBook:
     # --- time ------------------------------------------------------------------------------------
     def _save_anchor(self) -> None:
         anchor = self.clock.anchor
-        if anchor is not None:
-            self.db.table("clock_anchor").upsert(
-                {"boot_id": anchor.boot_id, "offset": anchor.offset, "source": anchor.source.value}, pk="boot_id"
-            )
+        saved = self._saved_anchor
+        if anchor is None or (
+            saved is not None
+            and (saved.boot_id, saved.source) == (anchor.boot_id, anchor.source)
+            and abs(saved.offset - anchor.offset) <= ANCHOR_SAVE_S
+        ):
+            return  # unchanged: not one SD-card write per fix, all day
+        self.db.table("clock_anchor").upsert(
+            {"boot_id": anchor.boot_id, "offset": anchor.offset, "source": anchor.source.value}, pk="boot_id"
+        )
+        self._saved_anchor = anchor
 
-    def observe_fix(self, fix: Fix, received: Stamp | None = None) -> FixRecord:
-        """Every fix from the receiver: anchors the clock (GPS time), extends the open visit's track."""
+    def observe_fix(self, fix: Fix, received: Stamp | None = None) -> FixRecord | None:
+        """Every fix from the receiver: anchors the clock (GPS time), extends the open visit's track.
+        None for a stale fix (its time well behind the GPS time already known): it is not where the
+        doctor is now, so it neither moves the clock back nor tags a visit."""
         received = received or self.clock.now()
+        if fix.time is not None and fix.has_position and self.clock.stale_gps(fix.time, received.monotonic):
+            # said once per run of them: a receiver stuck behind must not write the journal every second
+            (log.debug if self._stale_fixes else log.warning)(
+                "ignoring a fix of %s: older than the GPS time already known (receiver buffer?)", _iso(fix.time)
+            )
+            self._stale_fixes += 1
+            return None
+        self._stale_fixes = 0
         if fix.time is not None and fix.has_position and self.clock.observe_gps(fix.time, received.monotonic):
             self._save_anchor()
             received = self.clock.repair(received) if received.provisional else received
             self._repair_provisional()
         record = FixRecord(fix, received)
-        visit = self.open_visit()
-        if visit is not None and fix.has_position:
+        if fix.has_position and self.open_visit() is not None:
             with transaction(self.db):
-                self.db.table("visit_track").insert(
-                    {"visit_id": visit.id, "fix": record.to_json(), "received": json.dumps(received.to_json())}
-                )
-                self._bound_track(visit.id)
+                # Asked again in the write transaction: the doctor's stop (another process) may have
+                # closed and signed the visit since, and a point added to it then breaks its record.
+                visit = self.open_visit()
+                if visit is not None:
+                    self.db.table("visit_track").insert(
+                        {"visit_id": visit.id, "fix": record.to_json(), "received": json.dumps(received.to_json())}
+                    )
+                    self._bound_track(visit.id)
         return record
 
     def _bound_track(self, visit_id: str) -> None:
@@ -498,12 +525,13 @@ class VisitBook:
         return visit
 
     def note(self, text: str) -> None:
-        visit = self._require_open()
         if not text.strip():
             raise VisitError("empty note")
-        self.db.table("visit_notes").insert(
-            {"visit_id": visit.id, "stamp": json.dumps(self.clock.now().to_json()), "text": text}
-        )
+        with transaction(self.db):  # checked and written at once: never into a visit stopped meanwhile
+            visit = self._require_open()
+            self.db.table("visit_notes").insert(
+                {"visit_id": visit.id, "stamp": json.dumps(self.clock.now().to_json()), "text": text}
+            )
 
     def attach_observation(
         self, obs: Observation, *, outbox_key: str | None = None, taken_during: bool = False
@@ -537,19 +565,20 @@ class VisitBook:
         return visit.id
 
     def attach_ecg(self, outbox_key: str, patient_id: str | None, sha256: str = "") -> str | None:
-        visit = self.open_visit()
-        if visit is None or patient_id != visit.patient_id:
-            return None
-        self.db.table("visit_items").insert(
-            {
-                "visit_id": visit.id,
-                "kind": "ecg",
-                "item_key": outbox_key,
-                "record": None,
-                "sha256": sha256 or hashlib.sha256(outbox_key.encode()).hexdigest(),
-            },
-            ignore=True,
-        )
+        with transaction(self.db):  # as attach_observation: linked only to a visit still open
+            visit = self.open_visit()
+            if visit is None or patient_id != visit.patient_id:
+                return None
+            self.db.table("visit_items").insert(
+                {
+                    "visit_id": visit.id,
+                    "kind": "ecg",
+                    "item_key": outbox_key,
+                    "record": None,
+                    "sha256": sha256 or hashlib.sha256(outbox_key.encode()).hexdigest(),
+                },
+                ignore=True,
+            )
         return visit.id
 
     def track(self, visit_id: str) -> list[FixRecord]:
@@ -559,36 +588,38 @@ class VisitBook:
         ]
 
     def stop(self, fix: FixRecord | None = None) -> Visit:
-        visit = self._require_open()
-        end = self.clock.now()
-        if visit.start.provisional:
-            visit.start = self.clock.repair(visit.start)
-        gps = self.clock.anchor
-        if gps is not None and gps.source == TimeSource.GPS and gps.boot_id == visit.start.boot_id:
-            # GPS came during the visit (or before): its offset wins over a system clock that may
-            # have been wrong at the start (fake-hwclock, drift); the end follows from the start.
-            visit.start = _on_anchor(visit.start, gps.offset)
-        if visit.start.time is not None and not end.provisional and visit.start.boot_id == end.boot_id:
-            # Duration by the monotonic clock: a clock jump during the visit changes nothing.
-            end = Stamp(
-                visit.start.time + dt.timedelta(seconds=end.monotonic - visit.start.monotonic),
-                visit.start.source if visit.start.source != TimeSource.UNKNOWN else end.source,
-                end.monotonic,
-                end.boot_id,
-            )
-        household = self.register.get(visit.household_id) if visit.household_id else None
-        flags, distance = check_visit(
-            self.policy,
-            household_id=visit.household_id,
-            household=household,
-            start=visit.start,
-            end=end,
-            start_fix=visit.start_fix,
-            end_fix=fix,
-            track=self.track(visit.id),
-            clock_disagreement_s=self.clock.last_disagreement_s,
-        )
+        # One write transaction from the open check to the signature: a second stop, a note or a
+        # track point from another process cannot slip between them.
         with transaction(self.db):
+            visit = self._require_open()
+            end = self.clock.now()
+            if visit.start.provisional:
+                visit.start = self.clock.repair(visit.start)
+            gps = self.clock.anchor
+            if gps is not None and gps.source == TimeSource.GPS and gps.boot_id == visit.start.boot_id:
+                # GPS came during the visit (or before): its offset wins over a system clock that may
+                # have been wrong at the start (fake-hwclock, drift); the end follows from the start.
+                visit.start = _on_anchor(visit.start, gps.offset)
+            if visit.start.time is not None and not end.provisional and visit.start.boot_id == end.boot_id:
+                # Duration by the monotonic clock: a clock jump during the visit changes nothing.
+                end = Stamp(
+                    visit.start.time + dt.timedelta(seconds=end.monotonic - visit.start.monotonic),
+                    visit.start.source if visit.start.source != TimeSource.UNKNOWN else end.source,
+                    end.monotonic,
+                    end.boot_id,
+                )
+            household = self.register.get(visit.household_id) if visit.household_id else None
+            flags, distance = check_visit(
+                self.policy,
+                household_id=visit.household_id,
+                household=household,
+                start=visit.start,
+                end=end,
+                start_fix=visit.start_fix,
+                end_fix=fix,
+                track=self.track(visit.id),
+                clock_disagreement_s=self.clock.last_disagreement_s,
+            )
             if gps is not None and gps.source == TimeSource.GPS:
                 self._notes_on_gps(visit.id, gps.offset, gps.boot_id)
             self.db.table("visits").update(

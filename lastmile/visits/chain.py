@@ -44,25 +44,42 @@ def record_hash(record: dict) -> str:
 def load_or_create_key(data_dir: Path) -> Ed25519PrivateKey:
     """The gateway's signing key; created once, 0600, never overwritten."""
     path = Path(data_dir) / KEY_FILE
-    if not path.exists():
-        key = Ed25519PrivateKey.generate()
-        pem = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass  # another process made it first: use theirs
-        else:
-            with os.fdopen(fd, "wb") as f:
-                f.write(pem)
-                f.flush()
-                os.fsync(f.fileno())
+    if not path.exists() or path.stat().st_size == 0:
+        create_key(path)
     loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(loaded, Ed25519PrivateKey):
         raise ValueError(f"{path} is not an Ed25519 private key")
     return loaded
+
+
+def create_key(path: Path) -> None:
+    """A new key, written whole (and synced) beside `path`, then put in place at once: a full disk
+    or a power cut leaves no key or the whole key, never an empty file that fails every signing."""
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    staged = path.with_name(f"{path.name}.{os.getpid()}.new")
+    try:
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists() and path.stat().st_size == 0:
+            # left by an older gateway cut short while writing it: it never signed anything
+            os.replace(staged, path)
+        else:
+            try:
+                os.link(staged, path)  # never over a key another process made first: use theirs
+            except FileExistsError:
+                pass
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    finally:
+        staged.unlink(missing_ok=True)
 
 
 def public_key_b64(key: Ed25519PrivateKey) -> str:
@@ -136,7 +153,11 @@ def verify_lines(lines: Iterable[str], expected_public_key: str | None = None) -
             entry = json.loads(line)
             record, seq, digest = entry["record"], int(entry["seq"]), str(entry["hash"])
             signature = base64.b64decode(entry["signature"], validate=True)
-        except (ValueError, KeyError, TypeError) as exc:
+            if not isinstance(record, dict):
+                raise TypeError("the record is not an object")
+            # NaN, a lone surrogate (valid JSON, no canonical form): damaged, as an unparsable line
+            content_hash = record_hash(record)
+        except (ValueError, KeyError, TypeError, OverflowError) as exc:
             report.problems.append(f"line {number}: unreadable ({exc})")
             return report
         who = f"record {seq} (visit {record.get('visit_id', '?')})"
@@ -146,7 +167,7 @@ def verify_lines(lines: Iterable[str], expected_public_key: str | None = None) -
             )
         if record.get("prev_hash") != expected_prev:
             report.problems.append(f"{who}: does not follow the previous record (chain broken)")
-        if record_hash(record) != digest:
+        if content_hash != digest:
             report.problems.append(f"{who}: content does not match its hash (edited after capture)")
         try:
             public.verify(signature, bytes.fromhex(digest))
@@ -160,5 +181,6 @@ def verify_lines(lines: Iterable[str], expected_public_key: str | None = None) -
 
 
 def verify_export(path: str | os.PathLike[str], expected_public_key: str | None = None) -> VerifyReport:
-    with open(path, encoding="utf-8") as f:
+    # bytes that are not UTF-8 reach the line they damage (reported there), not a traceback
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         return verify_lines(f, expected_public_key)
