@@ -127,6 +127,67 @@ def test_failure_to_store_is_not_answered_success(outbox: Outbox) -> None:
     assert result.returncode != 0  # storescu reports the 0xA700 status: the cart keeps its copy
 
 
+def _ecg_without(*keywords: str, **values: str) -> bytes:
+    """The real ECG of pydicom's wheel as a cart would encode it, less `keywords`, with `values`."""
+    from pynetdicom.dsutils import encode
+
+    ds = pydicom.dcmread(get_testdata_file("waveform_ecg.dcm"))
+    for keyword in keywords:
+        delattr(ds, keyword)
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    return encode(ds, False, True) or b""
+
+
+def _ct_image() -> bytes:
+    from pynetdicom.dsutils import encode
+
+    return encode(pydicom.dcmread(get_testdata_file("CT_small.dcm")), False, True) or b""
+
+
+ANNOUNCED_UID = "1.2.826.0.1.3680043.8.498.1"
+NOT_WHAT_IT_SAYS = {
+    "not a data set": lambda: b"\x01\x02garbage" * 10,
+    "a CT image sent as a 12-lead ECG": _ct_image,
+    "another instance than announced": lambda: _ecg_without(SOPInstanceUID="1.2.826.0.1.3680043.8.498.2"),
+    "no Study Instance UID": lambda: _ecg_without("StudyInstanceUID", SOPInstanceUID=ANNOUNCED_UID),
+    "no Series Instance UID": lambda: _ecg_without("SeriesInstanceUID", SOPInstanceUID=ANNOUNCED_UID),
+}
+
+
+@pytest.mark.parametrize("what", list(NOT_WHAT_IT_SAYS))
+def test_a_data_set_that_is_not_the_ecg_its_c_store_announces_is_refused(
+    receiver: DicomReceiver, outbox: Outbox, monkeypatch: pytest.MonkeyPatch, what: str
+) -> None:
+    """Success tells the cart it may delete its copy: a data set that cannot be read, or is not the
+    SOP class and instance its C-STORE announced, or lacks the study/series the reading center
+    files it under, would only be refused by the PACS later (quarantined: the ECG lost). It is
+    refused now (0xA900 / 0xC000, not "out of resources": sending it again cannot help), and
+    nothing is kept; the cart (here pynetdicom) keeps its copy and shows the failure."""
+    import pynetdicom.association
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pynetdicom import AE
+
+    twelve_lead = "1.2.840.10008.5.1.4.1.1.9.1.1"
+    wire = NOT_WHAT_IT_SAYS[what]()
+    # the cart announces a 12-lead ECG with ANNOUNCED_UID and sends these bytes as its data set
+    monkeypatch.setattr(pynetdicom.association, "encode", lambda *args: wire)
+    announced = Dataset()
+    announced.SOPClassUID, announced.SOPInstanceUID = twelve_lead, ANNOUNCED_UID
+    announced.file_meta = FileMetaDataset()
+    announced.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    cart = AE(ae_title=CART)
+    cart.add_requested_context(twelve_lead, "1.2.840.10008.1.2.1")
+    assoc = cart.associate("127.0.0.1", receiver.port, ae_title="LASTMILE")
+    assert assoc.is_established
+    try:
+        answer = assoc.send_c_store(announced)
+    finally:
+        assoc.release()
+    assert answer.Status in (0xA900, 0xC000), hex(answer.Status)
+    assert outbox.items() == []
+
+
 def test_empty_allow_list_refuses_to_start(outbox: Outbox) -> None:
     with pytest.raises(ReceiverConfigError, match="allowed_callers"):
         DicomReceiver(ReceiverSettings(port=0), lan_object_store(outbox))

@@ -83,6 +83,16 @@ def talk_as_bridge(dev: PtyDevice, core: BridgeCore, clock: list[int], until) ->
     wait_for(step, timeout=10)
 
 
+def ecg_bridge_greeted(tmp_path: Path, running) -> tuple[PtyDevice, Running, BridgeCore, list[int]]:
+    """An ECG bridge (BR-ECG, boot 9) on a pty, its HELLO exchanged with the running service."""
+    bridge = PtyDevice(tmp_path / "usb-ecg")
+    r = running([{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}])
+    core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
+    wait_for(lambda: r.service.statuses()[0].connected)
+    talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+    return bridge, r, core, clock
+
+
 def test_scanner_then_bridge_measurement_lands_on_the_patient(tmp_path: Path, running) -> None:
     scanner = PtyDevice(tmp_path / "usb-scanner")
     bridge = PtyDevice(tmp_path / "usb-bridge")
@@ -141,11 +151,7 @@ def test_no_ack_until_durable(tmp_path: Path, running) -> None:
 
 
 def test_streamed_ecg_becomes_a_dicom_item(tmp_path: Path, running) -> None:
-    bridge = PtyDevice(tmp_path / "usb-ecg")
-    r = running([{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}])
-    core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
-    wait_for(lambda: r.service.statuses()[0].connected)
-    talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+    bridge, r, core, clock = ecg_bridge_greeted(tmp_path, running)
     r.patients.set_patient("P-ECG", name="Doe^Jane", now=r.now() - dt.timedelta(seconds=5))
     sim = EcgStreamSimulator(core, recording_id=3)
     bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(400, skip={10})) + sim.end(400 * 25, clock[0]))
@@ -163,11 +169,7 @@ def test_an_ecg_end_resent_after_a_restart_is_acked_if_stored(tmp_path: Path, ru
     stored a streamed ECG and was killed before its ACK; the bridge resent ECG_END to the restarted
     gateway, which NACKed it as unknown, so the cart asked for the ECG again. A resent END of a
     recording already durable is ACKed (once, no second item); one never stored is still NACKed."""
-    bridge = PtyDevice(tmp_path / "usb-ecg")
-    r = running([{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}])
-    core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
-    wait_for(lambda: r.service.statuses()[0].connected)
-    talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+    bridge, r, core, clock = ecg_bridge_greeted(tmp_path, running)
     sim = EcgStreamSimulator(core, recording_id=3)
     bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(40)) + sim.end(40 * 25, clock[0]))
     talk_as_bridge(bridge, core, clock, lambda: core.pending_count == 0)
@@ -192,6 +194,22 @@ def test_an_ecg_end_resent_after_a_restart_is_acked_if_stored(tmp_path: Path, ru
     assert [i.key for i in r.outbox.items(kind="dicom")] == ["bridge-ecg:BR-ECG:9:3"]  # no second item
 
 
+def test_a_recording_restarted_under_its_id_is_stored_too(tmp_path: Path, running) -> None:
+    """The nurse restarts a recording (lead off) and the bridge streams it again under the same
+    recording id: the cut first take is kept (flagged truncated) and the whole second take is
+    stored and acknowledged as a recording of its own, not ACKed and dropped as "already stored"."""
+    bridge, r, core, clock = ecg_bridge_greeted(tmp_path, running)
+    sim = EcgStreamSimulator(core, recording_id=3)
+    first_take = sim.start(clock[0]) + b"".join(sim.blocks(10))
+    second_take = sim.start(clock[0]) + b"".join(sim.blocks(40)) + sim.end(40 * 25, clock[0])
+    bridge.write(first_take + second_take)
+    talk_as_bridge(bridge, core, clock, lambda: core.pending_count == 0)
+    items = r.outbox.items(kind="dicom")
+    assert sorted(i.meta["duration_s"] for i in items) == [0.5, 2.0], [i.key for i in items]
+    (whole,) = [i for i in items if i.meta["duration_s"] == 2.0]
+    assert "ecg-truncated" not in whole.meta["flags"]
+
+
 def test_an_ecg_end_resent_while_its_recording_is_held_waits_for_storage(
     tmp_path: Path, running, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -202,11 +220,7 @@ def test_an_ecg_end_resent_while_its_recording_is_held_waits_for_storage(
 
     monkeypatch.setattr(serial_devices, "RETRY_STORE_S", 0.2)
     key = "bridge-ecg:BR-ECG:9:3"
-    bridge = PtyDevice(tmp_path / "usb-ecg")
-    r = running([{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}])
-    core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
-    wait_for(lambda: r.service.statuses()[0].connected)
-    talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+    bridge, r, core, clock = ecg_bridge_greeted(tmp_path, running)
     r.outbox.min_free_bytes = 1 << 60  # storage full, through the re-plug
     sim = EcgStreamSimulator(core, recording_id=3)
     bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(40)) + sim.end(40 * 25, clock[0]))
