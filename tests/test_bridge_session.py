@@ -151,7 +151,11 @@ def test_open_recordings_are_bounded_and_a_reboot_closes_them() -> None:
     assert session.receive_data(_start(1) + _start(2), NOW) == [] and session.recordings_in_progress == 2
     # a third stream: the oldest is kept as truncated (its samples are not thrown away)
     (closed,) = session.receive_data(_start(3), NOW)
-    assert isinstance(closed, RecordingReady) and closed.key == "bridge-ecg:BR-1:7:1" and closed.seq is None
+    assert (
+        isinstance(closed, RecordingReady)
+        and closed.key.startswith("bridge-ecg:BR-1:7:1:truncated:")
+        and closed.seq is None
+    )
     assert closed.recording.flags == ("ecg-truncated",) and session.recordings_in_progress == 2
     # the same boot says HELLO again (reconnect): the streams go on
     events = session.receive_data(codec.encode_message(codec.Hello("BR-1", "bridge-v2", "1.4", 7), 50), NOW)
@@ -179,7 +183,7 @@ def test_kind_defaults_and_keys_before_any_hello() -> None:
     # a stream cut before the bridge said who it is: boot 0, keyed under the port
     session.receive_data(_start(4), NOW)
     (lost,) = session.connection_lost(NOW)
-    assert lost.key == "bridge-ecg:/dev/ttyACM0:0:4"
+    assert lost.key.startswith("bridge-ecg:/dev/ttyACM0:0:4:truncated:")
 
 
 def test_a_reading_resent_within_the_bridges_4096_frame_window_is_stored_once() -> None:

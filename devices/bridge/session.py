@@ -125,6 +125,12 @@ def _quantity(value: codec.MeasuredValue) -> Quantity:
     )
 
 
+def _samples_digest(recording: EcgRecording) -> str:
+    digest = hashlib.sha256(recording.samples.tobytes())
+    digest.update(repr((recording.lead_names, recording.sampling_rate_hz, recording.gaps)).encode())
+    return digest.hexdigest()[:32]
+
+
 class BridgeSession:
     """One connected bridge, from the gateway's side."""
 
@@ -298,4 +304,9 @@ class BridgeSession:
             if seq is not None:
                 self._out += self.protocol.reject(seq, codec.NACK_MALFORMED, str(exc))
             return [SessionProblem(f"ECG recording {rec_id} dropped: {exc}", seq)]
+        if end is None:
+            # Cut without its ECG_END (restarted under its id, evicted, reboot, unplug): no END will
+            # ever look for it, and its id may carry the next take, which must not find this one
+            # "already stored". Its samples name it.
+            key += ":truncated:" + _samples_digest(recording)
         return [RecordingReady(seq, recording, key)]
