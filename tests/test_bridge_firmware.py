@@ -228,6 +228,7 @@ def test_a_new_frame_under_a_sequence_number_already_seen_is_not_taken_for_a_res
 
     last_words = BridgeCore("unknown", 0).log(40, "firmware crashed: MemoryError()", 0)
     assert session.receive_data(last_words, NOW) == [DeviceLog(40, "firmware crashed: MemoryError()")]
+    assert _frames(session.data_to_send()) == [codec.Ack(0)]  # to the board that is gone
 
     rebooted = BridgeCore("BR-8", boot_id=0x12)
     rebooted.hello(10)  # lost on the line
