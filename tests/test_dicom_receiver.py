@@ -102,6 +102,39 @@ def test_repeated_instance_is_idempotent(receiver: DicomReceiver, outbox: Outbox
     assert len(outbox.items()) == 1
 
 
+def test_an_instance_sent_again_with_other_content_is_not_silently_dropped(
+    receiver: DicomReceiver, outbox: Outbox
+) -> None:
+    """A cart sends an ECG, the nurse corrects the patient on the cart and sends it again under the
+    same SOP Instance UID. The gateway answered Success and kept the first version: the reading
+    center got the ECG on the wrong patient. While the first has not gone out, the version the
+    cart holds now replaces it; once it has gone, the cart is told (a failure, not Success) -
+    never Success for content the gateway dropped."""
+    from uploader.dicom_store import StoreAssociation
+
+    ecg = pydicom.dcmread(get_testdata_file("waveform_ecg.dcm"))
+
+    def as_sent(patient_id: str) -> bytes:
+        ecg.PatientID = patient_id
+        buffer = io.BytesIO()
+        ecg.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+
+    with StoreAssociation(_cart(receiver.port, deflate=False)) as cart:
+        assert cart.store(as_sent("P-WRONG")).status == 0x0000
+        assert cart.store(as_sent("P-RIGHT")).status == 0x0000  # corrected before it went out
+        (item,) = outbox.items()
+        assert _dataset(outbox.read_payload(item)).PatientID == "P-RIGHT"
+        assert item.patient is not None and item.patient["patient_id"] == "P-RIGHT"
+        assert cart.store(as_sent("P-RIGHT")).status == 0x0000  # the same again: nothing changes
+        (claimed,) = outbox.claim("dicom", 1, time.time())  # the forwarder takes it ...
+        assert outbox.begin_send(claimed.id, time.time())  # ... and sends it
+        refused = cart.store(as_sent("P-THIRD"))
+    assert refused.status != 0x0000 and refused.status != 0xA700  # retrying cannot help: say so
+    (item,) = outbox.items()
+    assert _dataset(outbox.read_payload(item)).PatientID == "P-RIGHT"
+
+
 def test_unknown_caller_is_rejected(receiver: DicomReceiver, outbox: Outbox) -> None:
     result = _storescu(receiver.port, _files()[1], calling="ROGUE")
     assert result.returncode != 0 and "Calling AE Title Not Recognized" in result.stderr
