@@ -14,7 +14,8 @@
   not 0xA700: sending it again cannot help) - the PACS would refuse it later, when the cart had
   deleted its copy.
 - A repeated SOP Instance UID is the store callable's business (the outbox key makes it
-  idempotent): the cart just gets Success again.
+  idempotent): the cart just gets Success again. A store callable refuses what it will not keep
+  with `ObjectRefused` (its failure status is the answer).
 - Bounded: an object larger than `max_object_bytes` as sent, or once inflated (a deflated one
   is inflated piece by piece and dropped at the limit: a 1 MB "decompression bomb" never
   becomes 1 GiB), is answered 0xA700 with a comment saying so, and nothing is kept.
@@ -43,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from devices.errors import ProtocolError
 from devices.inflate import InflateLimitError, inflate
-from firmware_bridge.errors import ReceiverConfigError
+from firmware_bridge.errors import ObjectRefused, ReceiverConfigError
 
 if TYPE_CHECKING:
     from pynetdicom.transport import ThreadedAssociationServer
@@ -347,6 +348,9 @@ class DicomReceiver:
                 return CANNOT_UNDERSTAND
             try:
                 self._store(obj)
+            except ObjectRefused as exc:
+                log.warning("C-STORE from %s: %s refused: %s", calling, sop_instance, exc)
+                return _refusal(exc.status, str(exc))
             except Exception:
                 log.exception("C-STORE from %s: could not keep %s; answering 'out of resources'", calling, sop_instance)
                 return OUT_OF_RESOURCES
