@@ -210,6 +210,21 @@ def test_a_recording_restarted_under_its_id_is_stored_too(tmp_path: Path, runnin
     assert "ecg-truncated" not in whole.meta["flags"]
 
 
+def test_a_streamed_ecg_no_dicom_object_can_hold_is_refused_not_held_forever(tmp_path: Path, running) -> None:
+    """A bridge streaming at 100 Hz (below both DICOM ECG IODs' 200 Hz): the recording can never be
+    stored, however often it is tried. It was held in memory and retried every 30 s like one the
+    full disk refused, its ECG_END never answered (the bridge kept it pending for good) and nothing
+    said why to anyone but the journal. It is refused at once: a NACK the bridge logs and drops, and
+    the reason in the device's status for `lastmile devices`."""
+    bridge, r, core, clock = ecg_bridge_greeted(tmp_path, running)
+    sim = EcgStreamSimulator(core, recording_id=3, sampling_rate_hz=100)
+    bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(40)) + sim.end(40 * 25, clock[0]))
+    talk_as_bridge(bridge, core, clock, lambda: core.pending_count == 0)  # answered, not left pending
+    assert r.outbox.items(kind="dicom") == []
+    assert "100 Hz" in (r.registry.get("serial:ecg").last_error or "")
+    assert not r.service.ctx.unstored  # nothing held to be retried for ever
+
+
 def test_an_ecg_end_resent_while_its_recording_is_held_waits_for_storage(
     tmp_path: Path, running, monkeypatch: pytest.MonkeyPatch
 ) -> None:
