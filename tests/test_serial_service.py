@@ -80,7 +80,7 @@ def talk_as_bridge(dev: PtyDevice, core: BridgeCore, clock: list[int], until) ->
         dev.write(core.poll(clock[0]))
         return until()
 
-    wait_for(step, timeout=10)
+    wait_for(step, timeout=30)
 
 
 def ecg_bridge_greeted(tmp_path: Path, running) -> tuple[PtyDevice, Running, BridgeCore, list[int]]:
@@ -187,7 +187,7 @@ def test_an_ecg_end_resent_after_a_restart_is_acked_if_stored(tmp_path: Path, ru
         answers.extend(codec.decode_message(f) for f in reader.feed(bridge.read_available(0.05)))
         return len([a for a in answers if isinstance(a, (codec.Ack, codec.Nack))]) >= 2
 
-    wait_for(answered, timeout=10)
+    wait_for(answered, timeout=30)
     acks = {a.seq for a in answers if isinstance(a, codec.Ack)}
     nacks = {a.seq: a.reason for a in answers if isinstance(a, codec.Nack)}
     assert resent in acks and nacks == {never_stored: codec.NACK_UNKNOWN_RECORDING}
