@@ -291,6 +291,19 @@ def test_ascii_monitor_and_forwarding_bridge(tmp_path: Path, running) -> None:
     assert len(r.outbox.items(kind="observation")) == 6
 
 
+def test_forwarded_lines_with_no_profile_to_read_them_are_kept_on_the_bridge(tmp_path: Path, running) -> None:
+    """A bridge forwarding a monitor's report lines, configured without `forward_profile`: the
+    gateway ACKed every line and dropped it - the readings gone for good, the bridge told they
+    were stored, `lastmile devices` showing nothing wrong. The lines are refused (NACK_REFUSED:
+    the bridge keeps and resends them, so they arrive once the profile is added) and the device's
+    status says what to configure."""
+    bridge, r, core, clock = ecg_bridge_greeted(tmp_path, running)
+    bridge.write(core.uart_bytes(VITALS_REPORT, clock[0]))
+    wait_for(lambda: "forward_profile" in (r.registry.get("serial:ecg").last_error or ""))
+    talk_as_bridge(bridge, core, clock, lambda: clock[0] > 5000)  # simulated ms: answered meanwhile
+    assert core.pending_count == VITALS_REPORT.count(b"\n")  # every line still held by the bridge
+
+
 def test_device_configuration_is_checked(tmp_path: Path) -> None:
     config = _config(tmp_path, [])
     profiles = load_profiles(config)
