@@ -313,6 +313,7 @@ class BridgeHandler:
         # Recordings held in the context (not stored yet) whose ECG_END, on this connection,
         # waits for its ACK: key -> seq. The ACK goes out once the recording is stored.
         self._awaiting: dict[str, int] = {}
+        self._warned_unreadable = False  # SERIAL_DATA without a forward_profile: logged once
 
     def connection_made(self, link: Link) -> None:
         self.link = link
@@ -389,8 +390,13 @@ class BridgeHandler:
     def _serial_data(self, event: SerialDataReceived) -> None:
         assert self.link is not None
         if self.forward is None:
-            log.warning("%s: SERIAL_DATA but no forward_profile configured; dropped", self.spec.name)
-            self.link.write(self.session.acknowledge(event.seq))
+            # Nothing here can read these lines: refused, so the bridge keeps them until a profile
+            # is configured (an ACK would tell it readings were stored that were thrown away).
+            if not self._warned_unreadable:
+                log.warning("%s: the bridge forwards device lines but no forward_profile is configured", self.spec.name)
+                self._warned_unreadable = True
+            self.ctx.error(self.spec, "forwarded device lines not read: set forward_profile for this bridge")
+            self.link.write(self.session.reject(event.seq, codec.NACK_REFUSED, "no forward_profile configured"))
             return
         parser = self._parsers.get(event.channel)
         if parser is None:
