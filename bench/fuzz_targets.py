@@ -806,6 +806,7 @@ def commitment_seeds() -> list[bytes]:
 # the harness receiver's object cap: above the seeds (14 KB), small enough that inflating a bomb to
 # it under atheris' instrumentation costs milliseconds, not the 0.3 s a 1 MiB cap took
 LAN_CAP = 64 * 1024
+LAN_INSTANCE = "1.2.826.0.1.3680043.8.498.7"  # the harness cart's C-STORE announces it; the seeds carry it
 
 
 def _run_lan_receiver(data: bytes) -> None:
@@ -826,7 +827,7 @@ def _run_lan_receiver(data: bytes) -> None:
     receiver = DicomReceiver(ReceiverSettings(allowed_callers=("CART01",), max_object_bytes=LAN_CAP), kept.append)
     request = C_STORE()
     request.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.9.1.1"
-    request.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.7"
+    request.AffectedSOPInstanceUID = LAN_INSTANCE
     request.DataSet = io.BytesIO(data[1:])
     syntax = TRANSFER_SYNTAXES[data[0] % len(TRANSFER_SYNTAXES)]
     context = PresentationContextTuple(1, UID(request.AffectedSOPClassUID), UID(syntax))
@@ -834,7 +835,7 @@ def _run_lan_receiver(data: bytes) -> None:
     answer = receiver.handle_store(event)
     # a status, or a refusal data set (0xA700 with a comment: a deflated object inflating past the cap)
     status = answer if isinstance(answer, int) else int(getattr(answer, "Status", -1))
-    if status not in (0x0000, 0xA700, 0xC000) or (status == 0x0000) != bool(kept):
+    if status not in (0x0000, 0xA700, 0xA900, 0xC000) or (status == 0x0000) != bool(kept):
         raise Implausible(f"receiver answered {status:#06x} with {len(kept)} objects kept")
     if status == 0xA700 and (isinstance(answer, int) or "inflates" not in str(answer.ErrorComment)):
         raise Implausible(f"receiver answered 0xA700 without saying the object inflates too far: {answer}")
@@ -863,6 +864,7 @@ def lan_receiver_seeds() -> list[bytes]:
         for data in _small_dicom(annotations=0, channels=2)[:1]:
             ds = pydicom.dcmread(io.BytesIO(data))
             del ds.file_meta
+            ds.SOPInstanceUID = LAN_INSTANCE  # the one the C-STORE announces: seeds are kept
             for index in (0, 1):
                 buffer = DicomBytesIO()
                 buffer.is_little_endian, buffer.is_implicit_VR = True, index == 0

@@ -8,8 +8,14 @@
   0xA700 "Out of resources" so the cart keeps it and retries later.
 - Objects are kept as received: the Part-10 bytes are the cart's data set unchanged (its
   transfer syntax, its UIDs, malformed ones included), with a file meta header in front.
+- Success means "kept, and it is what you said": a data set pydicom cannot read, one that is not
+  the SOP class and instance its C-STORE announced (or in the context it came on), or one without
+  the Study/Series Instance UIDs the reading center files it under is refused (0xA900 / 0xC000,
+  not 0xA700: sending it again cannot help) - the PACS would refuse it later, when the cart had
+  deleted its copy.
 - A repeated SOP Instance UID is the store callable's business (the outbox key makes it
-  idempotent): the cart just gets Success again.
+  idempotent): the cart just gets Success again. A store callable refuses what it will not keep
+  with `ObjectRefused` (its failure status is the answer).
 - Bounded: an object larger than `max_object_bytes` as sent, or once inflated (a deflated one
   is inflated piece by piece and dropped at the limit: a 1 MB "decompression bomb" never
   becomes 1 GiB), is answered 0xA700 with a comment saying so, and nothing is kept.
@@ -38,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from devices.errors import ProtocolError
 from devices.inflate import InflateLimitError, inflate
-from firmware_bridge.errors import ReceiverConfigError
+from firmware_bridge.errors import ObjectRefused, ReceiverConfigError
 
 if TYPE_CHECKING:
     from pynetdicom.transport import ThreadedAssociationServer
@@ -56,6 +62,7 @@ ECG_STORAGE_CLASSES: tuple[str, ...] = (
 )
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
+NOT_THE_SOP_CLASS = 0xA900  # "Data Set does not match SOP Class"
 CANNOT_UNDERSTAND = 0xC000
 DEFLATED = "1.2.840.10008.1.2.1.99"
 MAX_PDU_BYTES = 1 << 20  # any PDU (we offer 16 KB P-DATA PDUs; an A-ASSOCIATE-RQ is a few KB)
@@ -146,6 +153,15 @@ class _CappedCommand(BytesIO):
 
 class _ReceiptRefused(OSError):
     pass
+
+
+class _NotWhatItSays(ValueError):
+    """A data set that is not the object its C-STORE announced, or one the reading center cannot
+    file: refused with `status` (a failure, not "out of resources": sending it again cannot help)."""
+
+    def __init__(self, status: int, comment: str) -> None:
+        super().__init__(comment)
+        self.status = status
 
 
 def _bound_receipt(event: Any, max_object_bytes: int, budget: _ReceiveBudget) -> None:
@@ -324,11 +340,17 @@ class DicomReceiver:
                     limit,
                 )
                 return _refusal(OUT_OF_RESOURCES, f"object inflates to over the gateway's {limit // 2**20} MB limit")
+            except _NotWhatItSays as exc:
+                log.warning("C-STORE from %s: %s refused: %s", calling, sop_instance, exc)
+                return _refusal(exc.status, str(exc))
             except Exception as exc:  # noqa: BLE001 — a data set pydicom cannot read: say so, keep nothing
                 log.warning("C-STORE from %s: unreadable data set %s (%s)", calling, sop_instance, exc)
                 return CANNOT_UNDERSTAND
             try:
                 self._store(obj)
+            except ObjectRefused as exc:
+                log.warning("C-STORE from %s: %s refused: %s", calling, sop_instance, exc)
+                return _refusal(exc.status, str(exc))
             except Exception:
                 log.exception("C-STORE from %s: could not keep %s; answering 'out of resources'", calling, sop_instance)
                 return OUT_OF_RESOURCES
@@ -358,19 +380,41 @@ class DicomReceiver:
             implicit = syntax.is_implicit_VR if syntax.is_transfer_syntax else False
             little = syntax.is_little_endian if syntax.is_transfer_syntax else True
             ds = read_dataset(source, implicit, little)
+            sop_class, sop_instance = _announced_and_held(event, ds)
+            if sop_class not in self.settings.sop_classes:
+                raise _NotWhatItSays(NOT_THE_SOP_CLASS, "SOP class not accepted by this gateway")
             study, series, patient = _text(ds, "StudyInstanceUID"), _text(ds, "SeriesInstanceUID"), _patient(ds)
             del ds, source
+            if not (study and series):
+                raise _NotWhatItSays(CANNOT_UNDERSTAND, "no Study or Series Instance UID")
             data = event.encoded_dataset(include_meta=True)
         return ReceivedObject(
             data=data,
-            sop_class_uid=str(event.request.AffectedSOPClassUID),
-            sop_instance_uid=str(event.request.AffectedSOPInstanceUID),
+            sop_class_uid=sop_class,
+            sop_instance_uid=sop_instance,
             study_uid=study,
             series_uid=series,
             transfer_syntax=str(syntax),
             calling_ae=calling,
             patient=patient,
         )
+
+
+def _uid(value: object) -> str:
+    return str(value if value is not None else "").strip("\x00 ")
+
+
+def _announced_and_held(event: Any, ds: Any) -> tuple[str, str]:
+    """The SOP class and instance the C-STORE announced, checked against the data set: Success lets
+    the cart delete its copy, so it must be the object the key and the meta will say it is."""
+    sop_class, sop_instance = _uid(event.request.AffectedSOPClassUID), _uid(event.request.AffectedSOPInstanceUID)
+    if sop_class != _uid(event.context.abstract_syntax):
+        raise _NotWhatItSays(NOT_THE_SOP_CLASS, "SOP class is not the presentation context's")
+    if _uid(ds.get("SOPClassUID", "")) != sop_class:
+        raise _NotWhatItSays(NOT_THE_SOP_CLASS, "data set's SOP Class UID is not the one announced")
+    if _uid(ds.get("SOPInstanceUID", "")) != sop_instance:
+        raise _NotWhatItSays(CANNOT_UNDERSTAND, "data set's SOP Instance UID is not the one announced")
+    return sop_class, sop_instance
 
 
 def settings_from(

@@ -28,5 +28,15 @@ class FileRefused(BridgeError):
     cannot become a valid DICOM object); the import goes on with the next file."""
 
 
+class ObjectRefused(BridgeError):
+    """Raised by the LAN receiver's `store` callable for an object it will not keep as sent, and
+    sending it again would not change that: answered with this failure `status` (not 0xA700,
+    which tells the cart to retry) and the reason as the comment."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
 class SessionEnded(BridgeError):
     """A BLE session ended before its work was done (link lost, device hung up)."""

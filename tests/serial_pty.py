@@ -151,7 +151,7 @@ class ManagerThread:
         self.manager.close()
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 5.0, interval: float = 0.01) -> float:
+def wait_for(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.01) -> float:
     """Wait until predicate() is true; returns the seconds it took; AssertionError on timeout."""
     start = time.monotonic()
     while not predicate():

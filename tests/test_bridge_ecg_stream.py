@@ -198,8 +198,9 @@ def test_stream_length_limit_is_exact() -> None:
     assert a.add_block(codec.EcgBlock(1, 0, 1, np.arange(10, dtype="<i2").tobytes())).accepted == 10
     with pytest.raises(ProtocolError, match="exceeds 10 samples"):
         a.add_block(codec.EcgBlock(1, 10, 1, b"\x01\x00"))
-    with pytest.raises(ProtocolError, match="exceeds 10 samples"):  # an ECG_END claiming a longer tail
-        a.finish(codec.EcgEnd(1, 11))
+    # an ECG_END claiming a tail past the limit: the samples that arrived are kept, flagged, not padded
+    lying = a.finish(codec.EcgEnd(1, 11))
+    assert lying.n_samples == 10 and lying.gaps == () and lying.flags == ("sample-count-mismatch",)
     rec = a.finish(codec.EcgEnd(1, 10))
     assert rec.n_samples == 10 and rec.gaps == () and rec.flags == ()
 
@@ -235,3 +236,18 @@ def test_flags_order_tail_gap_at_the_limit_and_fine_scales() -> None:
     assert _make(_start(scale=0.1)).start.uv_per_unit == 0.1
     # the default limit is half an hour of signal at any rate
     assert _make(_start(rate=500)).max_samples == int(ecg_stream.DEFAULT_MAX_SECONDS) * 500 == 30 * 60 * 500
+
+
+def test_an_ecg_end_with_a_wild_sample_count_keeps_the_recording() -> None:
+    """An ECG_END whose total_samples lies (past the stream limit: a firmware bug behind a good
+    CRC) must not throw away the samples that arrived: the recording is kept, flagged, and its
+    END can be acknowledged once it is stored."""
+    core = BridgeCore("BR-9", boot_id=3)
+    sim = EcgStreamSimulator(core, recording_id=5)
+    session = BridgeSession("/dev/serial/by-id/usb-bridge")
+    wire = core.hello(0) + sim.start(0) + b"".join(sim.blocks(4)) + sim.end(0xFFFFFFF0, 0)
+    ready = [e for e in session.receive_data(wire, NOW) if isinstance(e, RecordingReady)]
+    assert len(ready) == 1 and ready[0].seq is not None
+    rec = ready[0].recording
+    assert rec.n_samples == 100 and np.array_equal(rec.samples, ecg_samples(0, 100).T)
+    assert "sample-count-mismatch" in rec.flags and rec.gaps == ()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from devices.bridge import codec
-from devices.bridge.session import BridgeSession, DeviceHello, SerialDataReceived
+from devices.bridge.session import BridgeSession, DeviceHello, DeviceLog, ObservationReady, SerialDataReceived
 from firmware_bridge.firmware import bridge_core
 from firmware_bridge.firmware.bridge_core import LINE_MAX, MAX_PENDING, RESEND_MS, BridgeCore
 from tests.conftest import missing, require_tool
@@ -208,3 +208,33 @@ def test_codec_and_core_give_the_same_bytes_under_micropython(tmp_path: Path) ->
     assert lines["RESULT"] == cpython["RESULT"]
     assert lines["DECODED"] == cpython["DECODED"] == "11"
     json.dumps(lines)  # plain strings only
+
+
+def test_a_new_frame_under_a_sequence_number_already_seen_is_not_taken_for_a_resend() -> None:
+    """A resend is the same frame, byte for byte (the firmware keeps the frame it sent); a different frame under a
+    number the gateway has seen is new. Two ways a bridge sends one: main.py's last words after a
+    crash (a fresh BridgeCore: seq 0, the number of this boot's HELLO), and a bridge on a plain
+    UART that restarts while its new HELLO is lost on the line (its numbers start at 0 again). The
+    gateway dropped both as duplicates - and re-ACKed the reading it never stored, so the bridge
+    forgot it: a reading lost, and the crash report never reached the journal."""
+    core = BridgeCore("BR-8", boot_id=0x11)
+    session = BridgeSession("/dev/ttyUSB0")
+    session.receive_data(core.receive(session.connection_made(NOW), 0), NOW)  # HELLO, seq 0
+    core.receive(session.data_to_send(), 2)
+    session.receive_data(core.measurement("spo2", (codec.MeasuredValue("spo2", 97.0, "%"),), 3), NOW)
+    (seq,) = core.pending_seqs()
+    core.receive(session.acknowledge(seq), 4)
+    assert core.pending_count == 0
+
+    last_words = BridgeCore("unknown", 0).log(40, "firmware crashed: MemoryError()", 0)
+    assert session.receive_data(last_words, NOW) == [DeviceLog(40, "firmware crashed: MemoryError()")]
+    assert _frames(session.data_to_send()) == [codec.Ack(0)]  # to the board that is gone
+
+    rebooted = BridgeCore("BR-8", boot_id=0x12)
+    rebooted.hello(10)  # lost on the line
+    reading = rebooted.measurement("spo2", (codec.MeasuredValue("spo2", 88.0, "%"),), 11)
+    events = session.receive_data(reading, NOW)
+    assert [type(e) for e in events] == [ObservationReady]
+    assert events[0].observation.quantities[0].value == 88.0
+    rebooted.receive(session.data_to_send(), 12)
+    assert rebooted.pending_seqs() == [0, 1]  # nothing acknowledged that was not stored

@@ -151,7 +151,11 @@ def test_open_recordings_are_bounded_and_a_reboot_closes_them() -> None:
     assert session.receive_data(_start(1) + _start(2), NOW) == [] and session.recordings_in_progress == 2
     # a third stream: the oldest is kept as truncated (its samples are not thrown away)
     (closed,) = session.receive_data(_start(3), NOW)
-    assert isinstance(closed, RecordingReady) and closed.key == "bridge-ecg:BR-1:7:1" and closed.seq is None
+    assert (
+        isinstance(closed, RecordingReady)
+        and closed.key.startswith("bridge-ecg:BR-1:7:1:truncated:")
+        and closed.seq is None
+    )
     assert closed.recording.flags == ("ecg-truncated",) and session.recordings_in_progress == 2
     # the same boot says HELLO again (reconnect): the streams go on
     events = session.receive_data(codec.encode_message(codec.Hello("BR-1", "bridge-v2", "1.4", 7), 50), NOW)
@@ -179,7 +183,7 @@ def test_kind_defaults_and_keys_before_any_hello() -> None:
     # a stream cut before the bridge said who it is: boot 0, keyed under the port
     session.receive_data(_start(4), NOW)
     (lost,) = session.connection_lost(NOW)
-    assert lost.key == "bridge-ecg:/dev/ttyACM0:0:4"
+    assert lost.key.startswith("bridge-ecg:/dev/ttyACM0:0:4:truncated:")
 
 
 def test_a_reading_resent_within_the_bridges_4096_frame_window_is_stored_once() -> None:
@@ -195,3 +199,24 @@ def test_a_reading_resent_within_the_bridges_4096_frame_window_is_stored_once() 
     assert session.receive_data(resent, NOW) == []
     (again,) = session.receive_data(first, NOW)
     assert isinstance(again, ObservationReady) and again.seq == 0
+
+
+def test_a_bad_ecg_start_never_costs_the_recordings_already_streaming() -> None:
+    """An ECG_START the gateway refuses (here a 0 Hz rate: a firmware bug behind a good CRC) is
+    NACKed; the two recordings in progress are not thrown away with it: one restarted under the
+    refused start's id is kept (truncated), the other streams on."""
+    session = _session()
+    session.receive_data(_start(1) + _start(2), NOW)
+    bad = codec.EcgStart(1, codec.TIME_SYNCED, _ms(NOW), 0, 2.5, STANDARD_12_LEADS)
+    events = session.receive_data(codec.encode_message(bad, 300), NOW)
+    kept = [e for e in events if isinstance(e, RecordingReady)]
+    assert [e.recording.n_samples for e in kept] == [4], events  # recording 1: kept, not lost
+    assert "ecg-truncated" in kept[0].recording.flags
+    assert any(isinstance(e, SessionProblem) and e.seq == 300 for e in events)
+    (nack,) = _sent(session.data_to_send())
+    assert isinstance(nack, codec.Nack) and (nack.seq, nack.reason) == (300, codec.NACK_MALFORMED)
+    # recording 2 goes on and ends as a whole recording
+    block = codec.EcgBlock(2, 4, 12, bytes(24 * 4))
+    end = codec.EcgEnd(2, 8)
+    (ready,) = session.receive_data(codec.encode_message(block, 301) + codec.encode_message(end, 302), NOW)
+    assert isinstance(ready, RecordingReady) and ready.seq == 302 and ready.recording.n_samples == 8

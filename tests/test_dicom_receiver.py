@@ -102,6 +102,39 @@ def test_repeated_instance_is_idempotent(receiver: DicomReceiver, outbox: Outbox
     assert len(outbox.items()) == 1
 
 
+def test_an_instance_sent_again_with_other_content_is_not_silently_dropped(
+    receiver: DicomReceiver, outbox: Outbox
+) -> None:
+    """A cart sends an ECG, the nurse corrects the patient on the cart and sends it again under the
+    same SOP Instance UID. The gateway answered Success and kept the first version: the reading
+    center got the ECG on the wrong patient. While the first has not gone out, the version the
+    cart holds now replaces it; once it has gone, the cart is told (a failure, not Success) -
+    never Success for content the gateway dropped."""
+    from uploader.dicom_store import StoreAssociation
+
+    ecg = pydicom.dcmread(get_testdata_file("waveform_ecg.dcm"))
+
+    def as_sent(patient_id: str) -> bytes:
+        ecg.PatientID = patient_id
+        buffer = io.BytesIO()
+        ecg.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+
+    with StoreAssociation(_cart(receiver.port, deflate=False)) as cart:
+        assert cart.store(as_sent("P-WRONG")).status == 0x0000
+        assert cart.store(as_sent("P-RIGHT")).status == 0x0000  # corrected before it went out
+        (item,) = outbox.items()
+        assert _dataset(outbox.read_payload(item)).PatientID == "P-RIGHT"
+        assert item.patient is not None and item.patient["patient_id"] == "P-RIGHT"
+        assert cart.store(as_sent("P-RIGHT")).status == 0x0000  # the same again: nothing changes
+        (claimed,) = outbox.claim("dicom", 1, time.time())  # the forwarder takes it ...
+        assert outbox.begin_send(claimed.id, time.time())  # ... and sends it
+        refused = cart.store(as_sent("P-THIRD"))
+    assert refused.status != 0x0000 and refused.status != 0xA700  # retrying cannot help: say so
+    (item,) = outbox.items()
+    assert _dataset(outbox.read_payload(item)).PatientID == "P-RIGHT"
+
+
 def test_unknown_caller_is_rejected(receiver: DicomReceiver, outbox: Outbox) -> None:
     result = _storescu(receiver.port, _files()[1], calling="ROGUE")
     assert result.returncode != 0 and "Calling AE Title Not Recognized" in result.stderr
@@ -125,6 +158,67 @@ def test_failure_to_store_is_not_answered_success(outbox: Outbox) -> None:
     with DicomReceiver(ReceiverSettings(port=0, allowed_callers=(CART,), timeout_s=10), failing) as r:
         result = _storescu(r.port, _files()[1])
     assert result.returncode != 0  # storescu reports the 0xA700 status: the cart keeps its copy
+
+
+def _ecg_without(*keywords: str, **values: str) -> bytes:
+    """The real ECG of pydicom's wheel as a cart would encode it, less `keywords`, with `values`."""
+    from pynetdicom.dsutils import encode
+
+    ds = pydicom.dcmread(get_testdata_file("waveform_ecg.dcm"))
+    for keyword in keywords:
+        delattr(ds, keyword)
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    return encode(ds, False, True) or b""
+
+
+def _ct_image() -> bytes:
+    from pynetdicom.dsutils import encode
+
+    return encode(pydicom.dcmread(get_testdata_file("CT_small.dcm")), False, True) or b""
+
+
+ANNOUNCED_UID = "1.2.826.0.1.3680043.8.498.1"
+NOT_WHAT_IT_SAYS = {
+    "not a data set": lambda: b"\x01\x02garbage" * 10,
+    "a CT image sent as a 12-lead ECG": _ct_image,
+    "another instance than announced": lambda: _ecg_without(SOPInstanceUID="1.2.826.0.1.3680043.8.498.2"),
+    "no Study Instance UID": lambda: _ecg_without("StudyInstanceUID", SOPInstanceUID=ANNOUNCED_UID),
+    "no Series Instance UID": lambda: _ecg_without("SeriesInstanceUID", SOPInstanceUID=ANNOUNCED_UID),
+}
+
+
+@pytest.mark.parametrize("what", list(NOT_WHAT_IT_SAYS))
+def test_a_data_set_that_is_not_the_ecg_its_c_store_announces_is_refused(
+    receiver: DicomReceiver, outbox: Outbox, monkeypatch: pytest.MonkeyPatch, what: str
+) -> None:
+    """Success tells the cart it may delete its copy: a data set that cannot be read, or is not the
+    SOP class and instance its C-STORE announced, or lacks the study/series the reading center
+    files it under, would only be refused by the PACS later (quarantined: the ECG lost). It is
+    refused now (0xA900 / 0xC000, not "out of resources": sending it again cannot help), and
+    nothing is kept; the cart (here pynetdicom) keeps its copy and shows the failure."""
+    import pynetdicom.association
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pynetdicom import AE
+
+    twelve_lead = "1.2.840.10008.5.1.4.1.1.9.1.1"
+    wire = NOT_WHAT_IT_SAYS[what]()
+    # the cart announces a 12-lead ECG with ANNOUNCED_UID and sends these bytes as its data set
+    monkeypatch.setattr(pynetdicom.association, "encode", lambda *args: wire)
+    announced = Dataset()
+    announced.SOPClassUID, announced.SOPInstanceUID = twelve_lead, ANNOUNCED_UID
+    announced.file_meta = FileMetaDataset()
+    announced.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    cart = AE(ae_title=CART)
+    cart.add_requested_context(twelve_lead, "1.2.840.10008.1.2.1")
+    assoc = cart.associate("127.0.0.1", receiver.port, ae_title="LASTMILE")
+    assert assoc.is_established
+    try:
+        answer = assoc.send_c_store(announced)
+    finally:
+        assoc.release()
+    assert answer.Status in (0xA900, 0xC000), hex(answer.Status)
+    assert outbox.items() == []
 
 
 def test_empty_allow_list_refuses_to_start(outbox: Outbox) -> None:

@@ -80,7 +80,17 @@ def talk_as_bridge(dev: PtyDevice, core: BridgeCore, clock: list[int], until) ->
         dev.write(core.poll(clock[0]))
         return until()
 
-    wait_for(step, timeout=10)
+    wait_for(step, timeout=30)
+
+
+def ecg_bridge_greeted(tmp_path: Path, running) -> tuple[PtyDevice, Running, BridgeCore, list[int]]:
+    """An ECG bridge (BR-ECG, boot 9) on a pty, its HELLO exchanged with the running service."""
+    bridge = PtyDevice(tmp_path / "usb-ecg")
+    r = running([{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}])
+    core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
+    wait_for(lambda: r.service.statuses()[0].connected)
+    talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+    return bridge, r, core, clock
 
 
 def test_scanner_then_bridge_measurement_lands_on_the_patient(tmp_path: Path, running) -> None:
@@ -141,11 +151,7 @@ def test_no_ack_until_durable(tmp_path: Path, running) -> None:
 
 
 def test_streamed_ecg_becomes_a_dicom_item(tmp_path: Path, running) -> None:
-    bridge = PtyDevice(tmp_path / "usb-ecg")
-    r = running([{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}])
-    core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
-    wait_for(lambda: r.service.statuses()[0].connected)
-    talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+    bridge, r, core, clock = ecg_bridge_greeted(tmp_path, running)
     r.patients.set_patient("P-ECG", name="Doe^Jane", now=r.now() - dt.timedelta(seconds=5))
     sim = EcgStreamSimulator(core, recording_id=3)
     bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(400, skip={10})) + sim.end(400 * 25, clock[0]))
@@ -163,11 +169,7 @@ def test_an_ecg_end_resent_after_a_restart_is_acked_if_stored(tmp_path: Path, ru
     stored a streamed ECG and was killed before its ACK; the bridge resent ECG_END to the restarted
     gateway, which NACKed it as unknown, so the cart asked for the ECG again. A resent END of a
     recording already durable is ACKed (once, no second item); one never stored is still NACKed."""
-    bridge = PtyDevice(tmp_path / "usb-ecg")
-    r = running([{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}])
-    core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
-    wait_for(lambda: r.service.statuses()[0].connected)
-    talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+    bridge, r, core, clock = ecg_bridge_greeted(tmp_path, running)
     sim = EcgStreamSimulator(core, recording_id=3)
     bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(40)) + sim.end(40 * 25, clock[0]))
     talk_as_bridge(bridge, core, clock, lambda: core.pending_count == 0)
@@ -185,11 +187,42 @@ def test_an_ecg_end_resent_after_a_restart_is_acked_if_stored(tmp_path: Path, ru
         answers.extend(codec.decode_message(f) for f in reader.feed(bridge.read_available(0.05)))
         return len([a for a in answers if isinstance(a, (codec.Ack, codec.Nack))]) >= 2
 
-    wait_for(answered, timeout=10)
+    wait_for(answered, timeout=30)
     acks = {a.seq for a in answers if isinstance(a, codec.Ack)}
     nacks = {a.seq: a.reason for a in answers if isinstance(a, codec.Nack)}
     assert resent in acks and nacks == {never_stored: codec.NACK_UNKNOWN_RECORDING}
     assert [i.key for i in r.outbox.items(kind="dicom")] == ["bridge-ecg:BR-ECG:9:3"]  # no second item
+
+
+def test_a_recording_restarted_under_its_id_is_stored_too(tmp_path: Path, running) -> None:
+    """The nurse restarts a recording (lead off) and the bridge streams it again under the same
+    recording id: the cut first take is kept (flagged truncated) and the whole second take is
+    stored and acknowledged as a recording of its own, not ACKed and dropped as "already stored"."""
+    bridge, r, core, clock = ecg_bridge_greeted(tmp_path, running)
+    sim = EcgStreamSimulator(core, recording_id=3)
+    first_take = sim.start(clock[0]) + b"".join(sim.blocks(10))
+    second_take = sim.start(clock[0]) + b"".join(sim.blocks(40)) + sim.end(40 * 25, clock[0])
+    bridge.write(first_take + second_take)
+    talk_as_bridge(bridge, core, clock, lambda: core.pending_count == 0)
+    items = r.outbox.items(kind="dicom")
+    assert sorted(i.meta["duration_s"] for i in items) == [0.5, 2.0], [i.key for i in items]
+    (whole,) = [i for i in items if i.meta["duration_s"] == 2.0]
+    assert "ecg-truncated" not in whole.meta["flags"]
+
+
+def test_a_streamed_ecg_no_dicom_object_can_hold_is_refused_not_held_forever(tmp_path: Path, running) -> None:
+    """A bridge streaming at 100 Hz (below both DICOM ECG IODs' 200 Hz): the recording can never be
+    stored, however often it is tried. It was held in memory and retried every 30 s like one the
+    full disk refused, its ECG_END never answered (the bridge kept it pending for good) and nothing
+    said why to anyone but the journal. It is refused at once: a NACK the bridge logs and drops, and
+    the reason in the device's status for `lastmile devices`."""
+    bridge, r, core, clock = ecg_bridge_greeted(tmp_path, running)
+    sim = EcgStreamSimulator(core, recording_id=3, sampling_rate_hz=100)
+    bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(40)) + sim.end(40 * 25, clock[0]))
+    talk_as_bridge(bridge, core, clock, lambda: core.pending_count == 0)  # answered, not left pending
+    assert r.outbox.items(kind="dicom") == []
+    assert "100 Hz" in (r.registry.get("serial:ecg").last_error or "")
+    assert not r.service.ctx.unstored  # nothing held to be retried for ever
 
 
 def test_an_ecg_end_resent_while_its_recording_is_held_waits_for_storage(
@@ -202,11 +235,7 @@ def test_an_ecg_end_resent_while_its_recording_is_held_waits_for_storage(
 
     monkeypatch.setattr(serial_devices, "RETRY_STORE_S", 0.2)
     key = "bridge-ecg:BR-ECG:9:3"
-    bridge = PtyDevice(tmp_path / "usb-ecg")
-    r = running([{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}])
-    core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
-    wait_for(lambda: r.service.statuses()[0].connected)
-    talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+    bridge, r, core, clock = ecg_bridge_greeted(tmp_path, running)
     r.outbox.min_free_bytes = 1 << 60  # storage full, through the re-plug
     sim = EcgStreamSimulator(core, recording_id=3)
     bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(40)) + sim.end(40 * 25, clock[0]))
@@ -260,6 +289,19 @@ def test_ascii_monitor_and_forwarding_bridge(tmp_path: Path, running) -> None:
     bridge.write(core.uart_bytes(other[half:], clock[0]))
     talk_as_bridge(bridge, core, clock, lambda: core.pending_count == 0)
     assert len(r.outbox.items(kind="observation")) == 6
+
+
+def test_forwarded_lines_with_no_profile_to_read_them_are_kept_on_the_bridge(tmp_path: Path, running) -> None:
+    """A bridge forwarding a monitor's report lines, configured without `forward_profile`: the
+    gateway ACKed every line and dropped it - the readings gone for good, the bridge told they
+    were stored, `lastmile devices` showing nothing wrong. The lines are refused (NACK_REFUSED:
+    the bridge keeps and resends them, so they arrive once the profile is added) and the device's
+    status says what to configure."""
+    bridge, r, core, clock = ecg_bridge_greeted(tmp_path, running)
+    bridge.write(core.uart_bytes(VITALS_REPORT, clock[0]))
+    wait_for(lambda: "forward_profile" in (r.registry.get("serial:ecg").last_error or ""))
+    talk_as_bridge(bridge, core, clock, lambda: clock[0] > 5000)  # simulated ms: answered meanwhile
+    assert core.pending_count == VITALS_REPORT.count(b"\n")  # every line still held by the bridge
 
 
 def test_device_configuration_is_checked(tmp_path: Path) -> None:

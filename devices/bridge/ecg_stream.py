@@ -114,11 +114,11 @@ class EcgAssembler:
         else:
             if end.status == codec.ECG_END_ABORTED:
                 flags.append("ecg-aborted")
-            if end.total_samples > self._next:  # the tail never arrived
-                if end.total_samples > self.max_samples:
-                    raise ProtocolError(f"ECG stream exceeds {self.max_samples} samples")
+            if self._next < end.total_samples <= self.max_samples:  # the tail never arrived
                 self._gap(end.total_samples - self._next)
-            elif end.total_samples < self._next:
+            elif end.total_samples != self._next:
+                # A count the stream cannot have had (fewer than arrived, or past the limit): the
+                # END lies, the samples that arrived do not - keep them, flagged, not padded.
                 flags.append("sample-count-mismatch")
         if self._held == 0:
             raise ProtocolError("ECG recording without samples")

@@ -18,6 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from devices.bridge import codec
+from devices.bridge.crc import crc32
 from devices.errors import ProtocolError
 
 
@@ -45,17 +46,22 @@ BridgeEvent = MessageReceived | FrameRejected | DuplicateDropped
 
 
 class _SeqWindow:
-    """The last `size` sequence numbers, for duplicate detection (bounded memory, oldest forgotten)."""
+    """The last `size` sequence numbers, for duplicate detection (bounded memory, oldest forgotten),
+    each with the fingerprint of the frame that carried it (0 where only the number matters)."""
 
     def __init__(self, size: int) -> None:
-        self._members: OrderedDict[int, None] = OrderedDict()
+        self._members: OrderedDict[int, int] = OrderedDict()
         self._size = size
 
     def __contains__(self, seq: int) -> bool:
         return seq in self._members
 
-    def add(self, seq: int) -> None:
-        self._members[seq] = None
+    def holds(self, seq: int, fingerprint: int) -> bool:
+        """`seq` was seen on a frame with this fingerprint: the same frame again."""
+        return self._members.get(seq) == fingerprint
+
+    def add(self, seq: int, fingerprint: int = 0) -> None:
+        self._members[seq] = fingerprint
         self._members.move_to_end(seq)
         if len(self._members) > self._size:
             self._members.popitem(last=False)
@@ -65,6 +71,13 @@ class _SeqWindow:
 
     def clear(self) -> None:
         self._members.clear()
+
+
+def _fingerprint(frame: codec.Frame) -> int:
+    """What tells a resend from a new frame under the same number: a bridge resends the frame it
+    kept, byte for byte, while a restarted bridge whose HELLO was lost, or its last words after a
+    crash, numbers new frames from 0 again."""
+    return crc32(bytes((frame.version, frame.msg_type)) + frame.payload)
 
 
 @dataclass
@@ -114,8 +127,8 @@ class BridgeProtocol:
                 self.boot_id = hello.boot_id
                 self._seen.clear()
                 self._acked.clear()
-            return self._deliver(frame.seq, hello)
-        if frame.seq in self._seen:
+            return self._deliver(frame, hello)
+        if self._seen.holds(frame.seq, _fingerprint(frame)):
             return [self._duplicate(frame.seq)]
         try:
             message = codec.decode_message(frame)
@@ -126,12 +139,14 @@ class BridgeProtocol:
                 else codec.NACK_MALFORMED
             )
             return [self._refuse(frame.seq, reason, str(exc))]
-        return self._deliver(frame.seq, message)
+        return self._deliver(frame, message)
 
-    def _deliver(self, seq: int, message: codec.Message) -> list[BridgeEvent]:
-        if seq in self._seen:
+    def _deliver(self, frame: codec.Frame, message: codec.Message) -> list[BridgeEvent]:
+        seq, fingerprint = frame.seq, _fingerprint(frame)
+        if self._seen.holds(seq, fingerprint):
             return [self._duplicate(seq)]
-        self._seen.add(seq)
+        self._seen.add(seq, fingerprint)
+        self._acked.discard(seq)  # an ACK given to the old frame under this number is not this one's
         return [MessageReceived(seq, message)]
 
     def _duplicate(self, seq: int) -> DuplicateDropped:

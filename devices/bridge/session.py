@@ -125,6 +125,12 @@ def _quantity(value: codec.MeasuredValue) -> Quantity:
     )
 
 
+def _samples_digest(recording: EcgRecording) -> str:
+    digest = hashlib.sha256(recording.samples.tobytes())
+    digest.update(repr((recording.lead_names, recording.sampling_rate_hz, recording.gaps)).encode())
+    return digest.hexdigest()[:32]
+
+
 class BridgeSession:
     """One connected bridge, from the gateway's side."""
 
@@ -199,7 +205,7 @@ class BridgeSession:
         if isinstance(msg, codec.Measurement):
             return [ObservationReady(seq, self._observation(msg, now))]
         if isinstance(msg, codec.EcgStart):
-            return self._ecg_start(msg, now)
+            return self._ecg_start(seq, msg, now)
         if isinstance(msg, codec.EcgBlock):
             return self._ecg_block(seq, msg)
         if isinstance(msg, codec.EcgEnd):
@@ -262,17 +268,23 @@ class BridgeSession:
             flags=tuple(msg.flags),
         )
 
-    def _ecg_start(self, msg: codec.EcgStart, now: dt.datetime) -> list[SessionEvent]:
+    def _ecg_start(self, seq: int, msg: codec.EcgStart, now: dt.datetime) -> list[SessionEvent]:
         events: list[SessionEvent] = []
         if msg.recording_id in self._recordings:  # restarted under the same id: keep what we had
             events.extend(self._close_recording(msg.recording_id, None, None))
+        acquired_at, source = device_time(msg.time_flags, msg.device_time_ms, now)
+        try:
+            assembler = EcgAssembler(
+                msg, acquired_at=acquired_at, time_source=source, device=self.identity, max_seconds=self.max_ecg_seconds
+            )
+        except ProtocolError as exc:
+            # Refused here, not raised: the recording closed above must reach the caller.
+            self._out += self.protocol.reject(seq, codec.NACK_MALFORMED, str(exc))
+            return [*events, SessionProblem(str(exc), seq)]
         if len(self._recordings) >= MAX_OPEN_RECORDINGS:
             oldest = next(iter(self._recordings))
             events.extend(self._close_recording(oldest, None, None))
-        acquired_at, source = device_time(msg.time_flags, msg.device_time_ms, now)
-        self._recordings[msg.recording_id] = EcgAssembler(
-            msg, acquired_at=acquired_at, time_source=source, device=self.identity, max_seconds=self.max_ecg_seconds
-        )
+        self._recordings[msg.recording_id] = assembler
         return events
 
     def _ecg_block(self, seq: int, msg: codec.EcgBlock) -> list[SessionEvent]:
@@ -292,4 +304,9 @@ class BridgeSession:
             if seq is not None:
                 self._out += self.protocol.reject(seq, codec.NACK_MALFORMED, str(exc))
             return [SessionProblem(f"ECG recording {rec_id} dropped: {exc}", seq)]
+        if end is None:
+            # Cut without its ECG_END (restarted under its id, evicted, reboot, unplug): no END will
+            # ever look for it, and its id may carry the next take, which must not find this one
+            # "already stored". Its samples name it.
+            key += ":truncated:" + _samples_digest(recording)
         return [RecordingReady(seq, recording, key)]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import io
 import logging
 import time
@@ -493,9 +494,14 @@ def lan_object_store(
             calling_ae=obj.calling_ae,
             stat=stat,
         )
+        key = "dicom-sop:" + obj.sop_instance_uid
+        existing = outbox.find(key)
+        if existing is not None and existing.sha256 != hashlib.sha256(obj.data).hexdigest():
+            replace_lan_object(outbox, existing, obj, meta)
+            return
         outbox.add(
             Kind.DICOM,
-            "dicom-sop:" + obj.sop_instance_uid,
+            key,
             obj.data,
             priority=Priority.STAT if stat else Priority.ROUTINE,
             meta=meta,
@@ -503,6 +509,26 @@ def lan_object_store(
         )
 
     return store
+
+
+def replace_lan_object(outbox: Outbox, existing: OutboxItem, obj: ReceivedObject, meta: dict) -> None:
+    """The cart sent an instance again with other content (e.g. the patient corrected on the cart):
+    the version it holds now is the one to forward while the first has not gone out; once it has,
+    the cart is told so (ObjectRefused), never answered Success for content dropped here."""
+    from firmware_bridge.dicom_receiver import CANNOT_UNDERSTAND
+    from firmware_bridge.errors import ObjectRefused
+
+    if outbox.replace_held_payload(existing.id, obj.data, time.time(), meta=meta, patient=obj.patient):
+        log.warning(
+            "LAN object %s received again with other content: item %d replaced", obj.sop_instance_uid, existing.id
+        )
+        return
+    log.error(
+        "LAN object %s received again with other content after item %d was sent: refused",
+        obj.sop_instance_uid,
+        existing.id,
+    )
+    raise ObjectRefused(CANNOT_UNDERSTAND, "instance already forwarded with other content")
 
 
 def start_lan_receiver(

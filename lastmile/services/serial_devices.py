@@ -65,7 +65,7 @@ from lastmile.clinic.observations import ObservationStore, summary
 from lastmile.clinic.patients import PatientContext
 from lastmile.config import SERIAL_HANDLERS, Config, ConfigError, serial_device_problems
 from lastmile.ecg.intake import enqueue_recording, session_request
-from uploader.errors import UploadError
+from uploader.errors import InvalidObjectError, UploadError
 from uploader.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,11 @@ ASCII_IDLE_FLUSH_S = 5.0  # a device quiet this long: finish (or reject) the rep
 TIME_SYNC_EVERY_S = 600.0
 ERROR_STATUS_EVERY_S = 5.0  # a port spewing garbage must not turn into a database write per frame
 RETRY_STORE_S = 30.0
+
+
+class RecordingRefused(Exception):
+    """A recording no DICOM ECG object can hold (a rate outside 200-1000 Hz ...): storing it again
+    would fail again, so it is refused at once rather than held and retried."""
 
 
 def utc_now() -> dt.datetime:
@@ -217,8 +222,14 @@ class SerialContext:
         if not held or (not force and time.monotonic() < held.next_retry):
             return set()
         held.observations = [o for o in held.observations if not self.store_observation(spec, o)]
-        stored = {k for k, rec in held.recordings.items() if self.store_recording(spec, rec, k)}
-        for key in stored:
+        stored, refused = set(), set()
+        for key, recording in held.recordings.items():
+            try:
+                if self.store_recording(spec, recording, key):
+                    stored.add(key)
+            except RecordingRefused:
+                refused.add(key)
+        for key in stored | refused:
             del held.recordings[key]
         held.next_retry = time.monotonic() + RETRY_STORE_S
         if held:
@@ -234,6 +245,8 @@ class SerialContext:
         return stored
 
     def store_recording(self, spec: LinkSpec, recording: EcgRecording, key: str) -> bool:
+        """Make `recording` durable in the outbox; False if it could not be stored now (try again),
+        RecordingRefused if it never can be."""
         now = self.now()
         current = self.patients.current(now)
         patient = None
@@ -252,7 +265,11 @@ class SerialContext:
                 now=now.timestamp(),
                 request=request,
             )
-        except (UploadError, DeviceError, sqlite3.Error, OSError, ValueError) as exc:
+        except (InvalidObjectError, DeviceError) as exc:
+            log.error("%s: ECG recording refused, it cannot become a DICOM ECG: %s", spec.name, exc)
+            self.status(spec, error=f"ECG refused: {exc}"[:200])  # once per recording: not rate-limited
+            raise RecordingRefused(str(exc)) from exc
+        except (UploadError, sqlite3.Error, OSError, ValueError) as exc:
             log.error("%s: cannot store an ECG recording: %s", spec.name, exc)
             self.error(spec, f"cannot store ECG: {exc}")
             return False
@@ -296,6 +313,7 @@ class BridgeHandler:
         # Recordings held in the context (not stored yet) whose ECG_END, on this connection,
         # waits for its ACK: key -> seq. The ACK goes out once the recording is stored.
         self._awaiting: dict[str, int] = {}
+        self._warned_unreadable = False  # SERIAL_DATA without a forward_profile: logged once
 
     def connection_made(self, link: Link) -> None:
         self.link = link
@@ -349,7 +367,13 @@ class BridgeHandler:
             self.ctx.error(self.spec, event.reason)
 
     def _recording(self, event: RecordingReady) -> None:
-        if self.ctx.store_recording(self.spec, event.recording, event.key):
+        try:
+            stored = self.ctx.store_recording(self.spec, event.recording, event.key)
+        except RecordingRefused as exc:  # the bridge drops it and logs why (a firmware fault)
+            if event.seq is not None and self.link is not None:
+                self.link.write(self.session.reject(event.seq, codec.NACK_MALFORMED, str(exc)))
+            return
+        if stored:
             if event.seq is not None and self.link is not None:
                 self.link.write(self.session.acknowledge(event.seq))
         else:  # the bridge cannot resend a stream: hold it (past this connection) and retry
@@ -366,8 +390,13 @@ class BridgeHandler:
     def _serial_data(self, event: SerialDataReceived) -> None:
         assert self.link is not None
         if self.forward is None:
-            log.warning("%s: SERIAL_DATA but no forward_profile configured; dropped", self.spec.name)
-            self.link.write(self.session.acknowledge(event.seq))
+            # Nothing here can read these lines: refused, so the bridge keeps them until a profile
+            # is configured (an ACK would tell it readings were stored that were thrown away).
+            if not self._warned_unreadable:
+                log.warning("%s: the bridge forwards device lines but no forward_profile is configured", self.spec.name)
+                self._warned_unreadable = True
+            self.ctx.error(self.spec, "forwarded device lines not read: set forward_profile for this bridge")
+            self.link.write(self.session.reject(event.seq, codec.NACK_REFUSED, "no forward_profile configured"))
             return
         parser = self._parsers.get(event.channel)
         if parser is None:
