@@ -37,7 +37,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
 # ../shared beside the checkout (as tests/conftest.py finds it)
-SHARED = Path(os.environ.get("LASTMILE_SHARED_DIR") or REPO.parent / "shared")
+SHARED = Path(os.environ.get("LASTMILE_SHARED") or os.environ.get("LASTMILE_SHARED_DIR") or REPO.parent / "shared")
 NOW = dt.datetime(2025, 3, 4, 9, 0, tzinfo=dt.timezone.utc)
 EARLIEST_YEAR, LATEST_YEAR = 1900, 2200  # outside: a date no device or person can have written
 
