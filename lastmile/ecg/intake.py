@@ -72,6 +72,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PATIENT_ID_REFUSED = "patient-id-refused"
+ASSIGNED_BY_DOCTOR = "patient-assigned-by-doctor"
 
 CurrentPatient = Callable[[], "str | None"]
 
@@ -325,6 +326,17 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
             f"{'UNASSIGNED' if item.meta.get('unassigned') else 'its file patient'}: ask the reading center to "
             "correct the study's patient"
         )
+    settled_on = (item.patient or {}).get("patient_id")
+    if ASSIGNED_BY_DOCTOR in item.meta.get("flags", []):
+        if settled_on != patient.patient_id:  # a second screen or doctor: the first decision stands
+            raise HeldEcgError(f"ECG E{item_id} was assigned to patient {settled_on} already")
+    elif not (
+        item.meta.get("unassigned")
+        or PATIENT_MISMATCH in item.meta.get("flags", [])
+        or (item.held(now.timestamp()) and item.hold_reason in DOCTOR_HOLDS)
+    ):
+        # its patient is settled (the file's, the current one's): a mistyped E<n> must not move it
+        raise HeldEcgError(f"ECG E{item_id} is not held for a patient: it is patient {settled_on}'s")
     ds = pydicom.dcmread(io.BytesIO(outbox.read_payload(item)))
     when = now.astimezone(local_zone()).isoformat(timespec="seconds")
     note = f"Patient assigned at the gateway on {when}" + (f" by {by}" if by else "")
@@ -333,7 +345,8 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
     elif item.meta.get("file_patient_id"):
         note += f": the ECG file named patient {item.meta['file_patient_id']}"
     data = deflated_part10(reassign_patient(ds, patient, note))
-    flags = [f for f in item.meta.get("flags", []) if f != PATIENT_MISMATCH] + ["patient-assigned-by-doctor"]
+    flags = [f for f in item.meta.get("flags", []) if f not in (PATIENT_MISMATCH, ASSIGNED_BY_DOCTOR)]
+    flags.append(ASSIGNED_BY_DOCTOR)
     meta = {**item.meta, "unassigned": False, "flags": flags}
     fields = {
         "patient_id": patient.patient_id,
@@ -347,8 +360,13 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
     quality_until = item.meta.get("quality_hold_until")
     if quality_until is not None and quality_until > now.timestamp():
         keep = Hold(QUALITY_HOLD, float(quality_until))
-    if not outbox.replace_held_payload(item_id, data, now.timestamp(), meta=meta, patient=fields, hold=keep):
-        raise HeldEcgError(f"ECG E{item_id} was claimed for sending meanwhile: ask the reading center to correct it")
+    if not outbox.replace_held_payload(
+        item_id, data, now.timestamp(), meta=meta, patient=fields, hold=keep, replacing_sha256=item.sha256
+    ):
+        raise HeldEcgError(
+            f"ECG E{item_id} was claimed for sending or assigned meanwhile: see 'lastmile patient show' "
+            "(if it was sent, ask the reading center to correct it)"
+        )
     log.info("held ECG E%d assigned%s", item_id, " (still held: re-record)" if keep else " and released")
     updated = outbox.get(item_id)
     assert updated is not None
