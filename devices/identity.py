@@ -121,6 +121,15 @@ def looks_like_resident_id(text: str) -> bool:
     return 15 <= len(number) <= 19 and number.rstrip("X").isdigit() and number.isascii()
 
 
+def resident_id_required(text: str, id_kind: str) -> bool:
+    """Whether the patient identifier `text` must pass `parse_resident_id` under `[patient]
+    id_kind`: always with "cn-resident-id"; with any kind of ID allowed (""), when it looks like
+    one (a misread card or a typo must not become a patient, and "...2x" typed and "...2X"
+    scanned are one patient). Every path an ID enters by (CLI, console, scanner, ECG files)
+    asks this one question."""
+    return id_kind == RESIDENT_ID_KIND or (not id_kind and looks_like_resident_id(text))
+
+
 def parse_resident_id(text: str) -> ResidentId:
     """Check a resident identity number (normalised first); InvalidPatientIdError says why not."""
     number = normalise_resident_id(text)

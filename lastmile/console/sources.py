@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from devices.identity import InvalidPatientIdError, Patient, looks_like_resident_id, parse_resident_id
+from devices.identity import InvalidPatientIdError, Patient
 from lastmile.clinic.db import DB_NAME as CLINIC_DB
 from lastmile.clinic.db import from_iso, open_clinic_db, utc_now
 from lastmile.clinic.devices import DeviceRecord, DeviceRegistry, normalise_address
@@ -255,8 +255,6 @@ def checked_patient(text: str, name: str, config: Config) -> Patient:
         raise ConsoleInputError(N_("A patient ID has at most %(n)d characters and no line breaks."), n=MAX_NAME_LENGTH)
     name = short_text(name)
     try:
-        if not config.patient.id_kind and looks_like_resident_id(text):
-            text = parse_resident_id(text).number
         return clinic_patient(text, name, config)
     except InvalidPatientIdError as exc:
         problem = _ID_PROBLEMS.get(exc.reason)

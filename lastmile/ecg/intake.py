@@ -6,8 +6,9 @@ stored as the payload: a retry, a crash or a restart later sends the very same b
 Study/Series/SOP Instance UIDs), so the reading center can never see one recording as two
 studies. Every path describes its item with the one `ecg_item_meta` builder.
 
-Patients: a file's patient is vetted against `[patient] id_kind` (`vetted_patient`): a resident
-ID with a wrong check digit is refused (the ECG stays unassigned, flagged "patient-id-refused"),
+Patients: a file's patient is vetted against `[patient] id_kind` (`vetted_patient`; with any
+kind of ID, one that looks like a resident ID is one, as on every path): a resident ID with a
+wrong check digit is refused (the ECG stays unassigned, flagged "patient-id-refused"),
 a valid one gives birth date and sex when the file has none, and a file that says otherwise is
 flagged ("patient-id-conflict:birth-date" / ":sex"); names get their pinyin group.
 
@@ -35,7 +36,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from devices.ecg.quality import RE_RECORD, EcgQualityError, QualityReport, check_quality
 from devices.ecg.recording import EcgRecording
-from devices.identity import RESIDENT_ID_KIND, InvalidPatientIdError, Patient, parse_resident_id
+from devices.identity import InvalidPatientIdError, Patient, parse_resident_id, resident_id_required
 from lastmile.clinic.names import dicom_person_name
 from lastmile.clinic.patient_ids import clinic_patient as clinic_patient  # re-exported: the commands' import
 from lastmile.clinic.patients import StatSession
@@ -105,7 +106,7 @@ def vetted_patient(recording: EcgRecording, config: Config) -> EcgRecording:
         return recording
     flags = list(recording.flags)
     birth, sex, number = p.birth_date, p.sex, p.patient_id
-    if config.patient.id_kind == RESIDENT_ID_KIND:
+    if resident_id_required(p.patient_id, config.patient.id_kind):
         try:
             resident = parse_resident_id(p.patient_id)
         except InvalidPatientIdError as exc:
