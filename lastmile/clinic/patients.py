@@ -68,16 +68,28 @@ class PatientContext:
 
     # -- changing the session ---------------------------------------------------------------
     def set_patient(
-        self, patient_id: str, name: str = "", *, now: dt.datetime, stat: bool = False, reason: str = ""
+        self,
+        patient_id: str,
+        name: str = "",
+        *,
+        now: dt.datetime,
+        stat: bool = False,
+        reason: str = "",
+        from_card: bool = False,
     ) -> CurrentPatient:
         """Make `patient_id` current (setting the same patient again keeps their session's start);
-        `stat`/`reason`: the triage of this examination (replaced each time the patient is set)."""
+        `stat`/`reason`: the triage of this examination (replaced each time the patient is set).
+        `from_card`: a scanned card, which names no name and no triage: for the patient already
+        current the session's name, STAT and reason stay (a STAT check-in stays STAT when the
+        card is scanned at the cart); another patient starts without them."""
         patient_id = patient_id.strip()
         if not patient_id:
             raise ValueError("a patient needs a non-empty identifier")
         with transaction(self.db) as conn:
             row = self._expire_locked(conn, now)
             doctor = row["doctor_id"] if row else None
+            if from_card and row and row["patient_id"] == patient_id:
+                name, stat, reason = row["patient_name"] or "", bool(row["stat"]), row["reason"] or ""
             if row and row["patient_id"] and row["patient_id"] != patient_id:
                 self._log(conn, now, "patient-replaced", row["patient_id"], doctor)
             conn.execute(
