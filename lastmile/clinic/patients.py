@@ -142,11 +142,14 @@ class PatientContext:
             conn.execute("UPDATE session SET last_activity = ? WHERE id = ?", (iso(latest), _ROW))
             return True
 
-    def clear(self, *, now: dt.datetime, reason: str = "cleared") -> bool:
-        """End the patient's session (the doctor stays). False if no patient was current."""
+    def clear(self, *, now: dt.datetime, reason: str = "cleared", patient_id: str = "") -> bool:
+        """End the patient's session (the doctor stays). False if no patient was current - or,
+        given `patient_id` (the patient a page showed), if another patient is current now."""
         with transaction(self.db) as conn:
             row = self._expire_locked(conn, now)
             if row is None or not row["patient_id"]:
+                return False
+            if patient_id and row["patient_id"] != patient_id.strip():
                 return False
             conn.execute(
                 "UPDATE session SET patient_id = NULL, patient_name = NULL, patient_since = NULL, stat = 0, "

@@ -361,11 +361,19 @@ class ClinicData:
         assert view is not None
         return view
 
-    def end_session(self, user: str, *, now: dt.datetime) -> bool:
+    def end_session(self, user: str, *, now: dt.datetime, shown_patient_id: str = "") -> bool:
+        """End the session of the patient the page showed (`shown_patient_id`; "" from a page of
+        before it said: whoever is current). A page left open while someone else checked in
+        another patient ends nothing: it says who is checked in now."""
         current = self.context.current(now)
-        ended = self.context.clear(now=now, reason="ended-by-doctor")
+        ended = self.context.clear(now=now, reason="ended-by-doctor", patient_id=shown_patient_id)
         if ended and current is not None:
             self.audit.record(user, "end-session", now=now, target=current.patient_id)
+        elif current is not None and shown_patient_id and current.patient_id != shown_patient_id.strip():
+            raise ConsoleInputError(
+                N_("%(patient)s has been checked in since this page was shown: that session goes on."),
+                patient=current.patient_id,
+            )
         return ended
 
     # -- readings ---------------------------------------------------------------------------------
