@@ -182,6 +182,11 @@ class PatientContext:
             reason=row["reason"] or "",
         )
 
+    def stat_session(self, now: dt.datetime) -> StatSession | None:
+        """The current patient's session if the doctor checked them in as STAT."""
+        current = self.current(now)
+        return StatSession(current.patient_id, current.since) if current is not None and current.stat else None
+
     def current_doctor(self, now: dt.datetime) -> str | None:
         row = self._row()
         if row is None or self._expired(row, now):
