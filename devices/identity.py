@@ -133,7 +133,9 @@ def resident_id_required(text: str, id_kind: str) -> bool:
 def parse_resident_id(text: str) -> ResidentId:
     """Check a resident identity number (normalised first); InvalidPatientIdError says why not."""
     number = normalise_resident_id(text)
-    if len(number) != 18 or not number[:17].isdigit() or not (number[17].isdigit() or number[17] == "X"):
+    # ASCII 0-9 only: str.isdigit() also passes superscripts (int() refuses them) and other
+    # scripts' digits (the same number spelled otherwise would be another patient)
+    if len(number) != 18 or not number.isascii() or not number[:17].isdigit() or number[17] not in "0123456789X":
         raise InvalidPatientIdError(
             f"身份证号应为18位（17位数字加校验位 0-9 或 X），输入的有 {len(number)} 位 / "
             f"a resident ID has 18 characters (17 digits and a check digit 0-9 or X); this one has {len(number)}",
