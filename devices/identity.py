@@ -128,10 +128,21 @@ def looks_like_resident_id(text: str) -> bool:
     return 15 <= len(number) <= 19 and number.rstrip("X").isdigit() and number.isascii()
 
 
+def resident_id_required(text: str, id_kind: str) -> bool:
+    """Whether the patient identifier `text` must pass `parse_resident_id` under `[patient]
+    id_kind`: always with "cn-resident-id"; with any kind of ID allowed (""), when it looks like
+    one (a misread card or a typo must not become a patient, and "...2x" typed and "...2X"
+    scanned are one patient). Every path an ID enters by (CLI, console, scanner, ECG files)
+    asks this one question."""
+    return id_kind == RESIDENT_ID_KIND or (not id_kind and looks_like_resident_id(text))
+
+
 def parse_resident_id(text: str) -> ResidentId:
     """Check a resident identity number (normalised first); InvalidPatientIdError says why not."""
     number = normalise_resident_id(text)
-    if len(number) != 18 or not number[:17].isdigit() or not (number[17].isdigit() or number[17] == "X"):
+    # ASCII 0-9 only: str.isdigit() also passes superscripts (int() refuses them) and other
+    # scripts' digits (the same number spelled otherwise would be another patient)
+    if len(number) != 18 or not number.isascii() or not number[:17].isdigit() or number[17] not in "0123456789X":
         raise InvalidPatientIdError(
             f"身份证号应为18位（17位数字加校验位 0-9 或 X），输入的有 {len(number)} 位 / "
             f"a resident ID has 18 characters (17 digits and a check digit 0-9 or X); this one has {len(number)}",

@@ -6,7 +6,8 @@ if it has one, is the identifier, otherwise the whole code is. A code must match
 entirely (`fullmatch`): a code matching neither or both is reported as unrecognised, never
 guessed into a patient. With `patient_id_kind` "cn-resident-id" a patient identifier must be a
 valid resident identity number (GB 11643 check digit): it is normalised (spaces, lower-case x)
-and one that fails is reported as unrecognised with the reason, never passed on.
+and one that fails is reported as unrecognised with the reason, never passed on. With any kind
+of ID (""), so must one that looks like a resident ID (`resident_id_required`), as everywhere.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import re
 from dataclasses import dataclass
 
 from devices.errors import DeviceError
-from devices.identity import RESIDENT_ID_KIND, InvalidPatientIdError, parse_resident_id
+from devices.identity import InvalidPatientIdError, parse_resident_id, resident_id_required
 
 MAX_CODE_LENGTH = 1024  # a 2D code on a card is far shorter; longer input is noise
 
@@ -69,7 +70,7 @@ class ScanRules:
         )
 
     def _patient(self, ident: str, length: int) -> ScanEvent:
-        if self.patient_id_kind != RESIDENT_ID_KIND:
+        if not resident_id_required(ident, self.patient_id_kind):
             return PatientScanned(ident)
         try:
             return PatientScanned(parse_resident_id(ident).number)

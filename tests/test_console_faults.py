@@ -17,6 +17,7 @@ from devices.identity import TimeSource
 from devices.observation import Observation
 from lastmile.clinic.db import open_clinic_db
 from lastmile.clinic.observations import ObservationStore
+from lastmile.clinic.patients import PatientContext
 from lastmile.config import Config
 from lastmile.console.audit import AuditLog
 from lastmile.console.service import ConsoleServer
@@ -258,3 +259,43 @@ def test_a_reading_timed_by_the_gateway_on_receipt_says_its_time_is_the_time_rec
     item = re.search(r'<li data-key="faults:receipt-time">.*?</li>', page.body, flags=re.S)
     assert item, "the reading is on the patient's Today page"
     assert "接收" in item.group(0), f"receipt time shown as the measuring time: {item.group(0)}"
+
+
+# -- a stale Today page ends another patient's session ---------------------------------------------
+
+
+def end_session_form(doctor: Client) -> dict[str, str]:
+    """The fields of Today's "End this patient's session" form, as the page shows them now."""
+    page = doctor.get("/today")
+    form = re.search(r'<form method="post" action="/today/end-session".*?</form>', page.body, flags=re.S)
+    assert form, "Today shows the End session button"
+    return dict(re.findall(r'name="(\w+)" value="([^"]*)"', form.group(0)))
+
+
+def test_ending_the_session_shown_never_ends_the_patient_checked_in_since(
+    clinic: tuple[Config, ConsoleServer, int, int], doctor: Client
+) -> None:
+    """李四 is checked in; the doctor's Today page shows him. Meanwhile the nurse checks in 张三
+    on the cart's tablet. The doctor, done with 李四, presses "End this patient's session" on
+    the page still showing 李四: 张三's session must go on (her readings would be held, her
+    STAT lost), and the doctor must be told why nothing ended."""
+    config = clinic[0]
+    assert doctor.post("/today/check-in", {"patient_id": OTHER_ID, "name": "李四"}).status == 303
+    shown = end_session_form(doctor)
+    nurse = Client(clinic[1].url)
+    nurse.login()
+    reply = nurse.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三", "stat": "on"})
+    assert reply.status == 303, reply.body[:300]
+    reply = doctor.post("/today/end-session", shown)
+    no_server_error(reply, "POST /today/end-session from a page showing another patient")
+    db = open_clinic_db(config.data_dir)
+    try:
+        current = PatientContext(db, config.patient.idle_timeout_s).current(dt.datetime.now(dt.timezone.utc))
+    finally:
+        db.conn.close()
+    assert current is not None and current.patient_id == VALID_ID and current.stat, "张三's session was ended"
+    alert = re.search(r'<p class="error" role="alert"[^>]*>([^<]*)</p>', reply.body)
+    assert reply.status == 400 and alert and VALID_ID in alert.group(1), "the doctor is told who is checked in now"
+    # the page showing 张三 ends her session
+    reply = doctor.post("/today/end-session", end_session_form(doctor))
+    assert reply.status == 303 and "done=end-session" in reply.location

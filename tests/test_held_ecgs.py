@@ -119,6 +119,27 @@ def test_assign_rebuilds_under_the_same_uids_and_releases(tmp_path: Path) -> Non
             assign_held_ecg(outbox, item.id, patient, now=now)
 
 
+def test_only_an_ecg_whose_patient_is_unsettled_can_be_assigned_and_only_once(tmp_path: Path) -> None:
+    # A routine ECG of a known patient waits in the queue (the link is down): a mistyped E<n> must
+    # not rebuild it for someone else; nor may a second doctor's stale page move an ECG just
+    # assigned to one patient onto another before the forwarder takes it.
+    config = _config(tmp_path)
+    other = "32010219800101001" + resident_id_check_char("32010219800101001")
+    now = dt.datetime.fromtimestamp(T0 + 60, dt.timezone.utc)
+    with open_outbox(config) as outbox:
+        known = enqueue_recording(outbox, make_recording(9, patient=Patient(other)), config, key="k", now=T0).item
+        with pytest.raises(HeldEcgError, match="not held"):
+            assign_held_ecg(outbox, known.id, Patient(SAMPLE), now=now)
+        assert outbox.get(known.id).patient["patient_id"] == other  # type: ignore[union-attr]
+        held = enqueue_recording(outbox, make_recording(10, patient=None), config, key="h", now=T0).item
+        assign_held_ecg(outbox, held.id, Patient(SAMPLE), now=now)
+        with pytest.raises(HeldEcgError, match=SAMPLE):
+            assign_held_ecg(outbox, held.id, Patient(other), now=now + dt.timedelta(seconds=5))
+        assert outbox.get(held.id).patient["patient_id"] == SAMPLE  # type: ignore[union-attr]
+        assert _dataset(outbox, outbox.get(held.id)).PatientID == SAMPLE
+        assign_held_ecg(outbox, held.id, Patient(SAMPLE), now=now)  # the same again: no harm
+
+
 def test_cli_lists_and_assigns_a_held_contec_ecg(tmp_path: Path, capsys) -> None:
     config_file = tmp_path / "lastmile.toml"
     config_file.write_text(

@@ -172,3 +172,37 @@ def test_clinic_patient_from_cli_or_console() -> None:
 )
 def test_names_get_their_pinyin_group(name: str, pn: str) -> None:
     assert dicom_person_name(name) == pn
+
+
+def test_with_any_kind_of_id_a_resident_id_is_one_patient_on_every_path(tmp_path: Path, capsys) -> None:
+    # [patient] id_kind = "" (the default): the console files "1101 0519 4912 3100 2x" as
+    # 11010519491231002X and refuses a misread one. The CLI, the card scanner and the cart's ECG
+    # file must do the same, or one person becomes two patients (a STAT check-in on the console
+    # misses the cart's ECG, which is held as "another patient"), and a misread card a patient.
+    from lastmile.clinic.patients import StatSession
+    from lastmile.console.sources import patient_identifier
+    from lastmile.ecg.intake import PATIENT_MISMATCH, with_patient_check
+
+    config = Config()
+    typed = "1101 0519 4912 3100 2x"
+    assert patient_identifier(typed, config) == SAMPLE
+    assert clinic_patient(typed, "", config).patient_id == SAMPLE
+    with pytest.raises(InvalidPatientIdError):
+        clinic_patient("110105194912310020", "", config)
+    assert clinic_patient("MRN 0042", "", config).patient_id == "MRN 0042"  # any other ID as it is
+    path = tmp_path / "lastmile.toml"
+    path.write_text(f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n')
+    assert cli(["-c", str(path), "patient", "set", "110105194912310020"]) == 2
+    assert cli(["-c", str(path), "patient", "set", "11010519491231002x", "--stat"]) == 0
+    capsys.readouterr()
+    assert cli(["-c", str(path), "patient", "show", "--json"]) == 0
+    assert f'"patient_id": "{SAMPLE}"' in capsys.readouterr().out
+    rules = ScanRules.from_patterns(r"SFZ(?P<id>[0-9Xx ]+)", "")
+    assert rules.classify("SFZ11010519491231002x") == PatientScanned(SAMPLE)
+    assert isinstance(rules.classify("SFZ110105194912310020"), CodeUnrecognised)
+    from_cart = vetted_patient(make_recording(1, patient=Patient(SAMPLE.lower())), config)
+    assert from_cart.patient is not None and from_cart.patient.patient_id == SAMPLE
+    assert PATIENT_MISMATCH not in with_patient_check(from_cart, SAMPLE).flags
+    assert StatSession(SAMPLE, from_cart.acquired_at).covers(from_cart.patient.patient_id, from_cart.acquired_at)
+    misread = vetted_patient(make_recording(1, patient=Patient("110105194912310020")), config)
+    assert misread.patient is None and PATIENT_ID_REFUSED in misread.flags

@@ -127,3 +127,25 @@ def test_how_many_digits_look_like_a_resident_id(digits: int, resident_id: bool)
     # card number taken as a clinic number would file the readings under a patient who does not exist.
     assert looks_like_resident_id("1" * digits) is resident_id
     assert looks_like_resident_id("1" * (digits - 1) + "X") is resident_id
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1101051949123100²X",  # a superscript two: str.isdigit() says digit, int() refuses it
+        "١١٠١٠٥١٩٤٩١٢٣١٠٠٢X",  # Arabic-Indic digits: another spelling of 11010519491231002X
+        "11010519491231002²",
+    ],
+)
+def test_digits_other_than_0_to_9_are_a_malformed_number_not_a_crash_nor_another_patient(text: str) -> None:
+    # A garbled scan or pasted text: refused with the typed error (the scanner reports it, the
+    # console says so), never a ValueError that takes the page or the scanner's link down, and
+    # never a patient whose ID is the same number in other digits.
+    from devices.scanner import CodeUnrecognised, ScannerDecoder, ScanRules
+
+    with pytest.raises(InvalidPatientIdError) as refused:
+        parse_resident_id(text)
+    assert refused.value.reason == "length"
+    rules = ScanRules.from_patterns(r"SFZ(?P<id>\w+)", "", "cn-resident-id")
+    [event] = ScannerDecoder(rules).feed(f"SFZ{text}\r".encode())
+    assert isinstance(event, CodeUnrecognised)

@@ -95,7 +95,8 @@ def test_with_resident_ids_required_a_card_is_normalised_or_refused_with_the_rea
     assert scanned == PatientScanned("11010519491231002X")
     assert isinstance(misread, CodeUnrecognised) and misread.length == len("SFZ110105194912310021")
     assert "check digit" in misread.reason and "110105194912310021" not in misread.reason
-    # Without the rule any identifier the pattern gives is taken as it is.
-    assert ScanRules.from_patterns(r"SFZ(?P<id>\d+)", "").classify("SFZ110105194912310021") == PatientScanned(
-        "110105194912310021"
-    )
+    # Without the rule any identifier the pattern gives is taken as it is - but one that looks like
+    # a resident ID must be a valid one, as on the console (a misread card is no patient).
+    anything = ScanRules.from_patterns(r"SFZ(?P<id>\w+)", "")
+    assert anything.classify("SFZMRN0042") == PatientScanned("MRN0042")
+    assert isinstance(anything.classify("SFZ110105194912310021"), CodeUnrecognised)

@@ -321,3 +321,24 @@ def test_device_configuration_is_checked(tmp_path: Path) -> None:
     config.serial.devices = [{"name": "m", "match": "0403:6001:A50285BI", "profile": "example-vitals-monitor"}]
     (spec,) = link_specs(config, profiles)
     assert spec.baudrate == 9600 and str(spec.match) == "0403:6001:A50285BI"
+
+
+def test_a_card_scanned_for_the_checked_in_patient_keeps_their_name_and_stat(tmp_path: Path, running) -> None:
+    # The doctor checks in 张三 as STAT (chest pain) on the console; the nurse then scans the same
+    # card at the ECG cart. The card names nobody's name or urgency: the ECG recorded next must
+    # still be STAT and carry the name, not go as a routine ECG of a nameless patient.
+    scanner = PtyDevice(tmp_path / "usb-scanner")
+    r = running([{"name": "desk-scanner", "match": str(scanner.link_path), "profile": "scanner"}])
+    wait_for(lambda: all(s.connected for s in r.service.statuses()), timeout=30)
+    card = PATIENT_CARD_SCAN.strip().decode()
+    r.patients.set_patient(card, "Zhang^San=张^三", now=r.now(), stat=True, reason="胸痛 chest pain")
+    scanner.write(PATIENT_CARD_SCAN)
+    wait_for(lambda: [e["event"] for e in r.patients.history()].count("patient-set") == 2, timeout=30)
+    current = r.patients.current(r.now())
+    assert current is not None and current.patient_id == card
+    assert (current.name, current.stat, current.reason) == ("Zhang^San=张^三", True, "胸痛 chest pain")
+    # Another patient's card starts that patient's session, without the previous one's triage.
+    scanner.write(b"80276001234567890999\r\n")
+    wait_for(lambda: r.patients.current(r.now()).patient_id == "80276001234567890999", timeout=30)
+    current = r.patients.current(r.now())
+    assert (current.name, current.stat, current.reason) == ("", False, "")

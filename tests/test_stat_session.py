@@ -96,3 +96,25 @@ def test_lan_objects_of_the_stat_patient_go_first(tmp_path: Path) -> None:
         "1.2.3.2": (Priority.ROUTINE, False),
         "1.2.3.3": (Priority.ROUTINE, False),
     }
+
+
+def test_lastmile_import_of_the_stat_patients_ecg_sends_it_first(tmp_path: Path) -> None:
+    # `lastmile patient set P00001 --stat`, then the cart's stick imported with `lastmile import`
+    # (no --stat: the doctor relies on the check-in, as the watched USB folder does).
+    from lastmile.cli import main as cli
+
+    config_file = tmp_path / "lastmile.toml"
+    config_file.write_text(
+        f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n[outbox]\nmin_free_mb = 1\n[ecg]\nre_record_hold_s = 0\n'
+    )
+    run = ["-c", str(config_file)]
+    assert cli([*run, "patient", "set", "P00001", "--stat", "--reason", "胸痛"]) == 0
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    now = dt.datetime.now(dt.timezone.utc)
+    (stick / "now.npz").write_bytes(write_npz(dataclasses.replace(make_recording(1), acquired_at=now)))
+    assert cli([*run, "import", "-q", str(stick)]) == 0
+    config = _config(tmp_path)
+    with open_outbox(config) as outbox:
+        [item] = outbox.items()
+    assert (item.priority, item.meta["stat"]) == (Priority.STAT, True)

@@ -1105,11 +1105,13 @@ class Outbox:
         meta: dict[str, Any] | None = None,
         patient: dict[str, Any] | None = None,
         hold: Hold | None = None,
+        replacing_sha256: str | None = None,
     ) -> bool:
         """Swap the payload (and meta/patient) of an item that was never attempted and is still
         queued, e.g. an ECG rebuilt under its own UIDs once its patient is known, and set its hold
         (None: release it). False, and nothing changed, if the item was claimed or tried meanwhile:
-        what went out cannot be taken back."""
+        what went out cannot be taken back - or, with `replacing_sha256`, if its payload is no
+        longer that one (someone else replaced it since it was read)."""
         payload = bytes(payload)
         self._check_space(len(payload))
         digest = hashlib.sha256(payload).hexdigest()
@@ -1122,9 +1124,11 @@ class Outbox:
             try:
                 with self._write() as conn:
                     row = conn.execute(
-                        "SELECT payload_file FROM items WHERE id = ? AND state = ? AND attempts = 0",
+                        "SELECT payload_file, sha256 FROM items WHERE id = ? AND state = ? AND attempts = 0",
                         (item_id, S.QUEUED.value),
                     ).fetchone()
+                    if row is not None and replacing_sha256 not in (None, row[1]):
+                        row = None
                     if row is not None:
                         old_file = row[0]
                         sets: dict[str, Any] = {

@@ -68,16 +68,28 @@ class PatientContext:
 
     # -- changing the session ---------------------------------------------------------------
     def set_patient(
-        self, patient_id: str, name: str = "", *, now: dt.datetime, stat: bool = False, reason: str = ""
+        self,
+        patient_id: str,
+        name: str = "",
+        *,
+        now: dt.datetime,
+        stat: bool = False,
+        reason: str = "",
+        from_card: bool = False,
     ) -> CurrentPatient:
         """Make `patient_id` current (setting the same patient again keeps their session's start);
-        `stat`/`reason`: the triage of this examination (replaced each time the patient is set)."""
+        `stat`/`reason`: the triage of this examination (replaced each time the patient is set).
+        `from_card`: a scanned card, which names no name and no triage: for the patient already
+        current the session's name, STAT and reason stay (a STAT check-in stays STAT when the
+        card is scanned at the cart); another patient starts without them."""
         patient_id = patient_id.strip()
         if not patient_id:
             raise ValueError("a patient needs a non-empty identifier")
         with transaction(self.db) as conn:
             row = self._expire_locked(conn, now)
             doctor = row["doctor_id"] if row else None
+            if from_card and row and row["patient_id"] == patient_id:
+                name, stat, reason = row["patient_name"] or "", bool(row["stat"]), row["reason"] or ""
             if row and row["patient_id"] and row["patient_id"] != patient_id:
                 self._log(conn, now, "patient-replaced", row["patient_id"], doctor)
             conn.execute(
@@ -130,11 +142,14 @@ class PatientContext:
             conn.execute("UPDATE session SET last_activity = ? WHERE id = ?", (iso(latest), _ROW))
             return True
 
-    def clear(self, *, now: dt.datetime, reason: str = "cleared") -> bool:
-        """End the patient's session (the doctor stays). False if no patient was current."""
+    def clear(self, *, now: dt.datetime, reason: str = "cleared", patient_id: str = "") -> bool:
+        """End the patient's session (the doctor stays). False if no patient was current - or,
+        given `patient_id` (the patient a page showed), if another patient is current now."""
         with transaction(self.db) as conn:
             row = self._expire_locked(conn, now)
             if row is None or not row["patient_id"]:
+                return False
+            if patient_id and row["patient_id"] != patient_id.strip():
                 return False
             conn.execute(
                 "UPDATE session SET patient_id = NULL, patient_name = NULL, patient_since = NULL, stat = 0, "
@@ -166,6 +181,11 @@ class PatientContext:
             stat=bool(row["stat"]),
             reason=row["reason"] or "",
         )
+
+    def stat_session(self, now: dt.datetime) -> StatSession | None:
+        """The current patient's session if the doctor checked them in as STAT."""
+        current = self.current(now)
+        return StatSession(current.patient_id, current.since) if current is not None and current.stat else None
 
     def current_doctor(self, now: dt.datetime) -> str | None:
         row = self._row()

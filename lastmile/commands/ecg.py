@@ -402,6 +402,8 @@ def _import(args: argparse.Namespace) -> int:
             progress=None if args.quiet else ProgressBar(),
             request=request,
             stat=args.stat,
+            # as the watched USB folder: the STAT patient's ECGs recorded since check-in go first
+            stat_session=lambda: patients.stat_session(dt.datetime.now(dt.timezone.utc)),
         )
     finally:
         patients.close()

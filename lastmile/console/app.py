@@ -580,9 +580,12 @@ async def check_in(request: Request) -> Response:
 
 
 async def end_session(request: Request) -> Response:
-    return await today_action(
-        request, lambda ctx, f, now: "end-session" if state_of(request).data.end_session(ctx.user, now=now) else ""
-    )
+    def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> str:
+        # the patient the page showed: a stale page must not end the session of one checked in since
+        ended = state_of(request).data.end_session(ctx.user, now=now, shown_patient_id=f.get("patient_id", ""))
+        return "end-session" if ended else ""
+
+    return await today_action(request, action)
 
 
 def _int(text: str) -> int:

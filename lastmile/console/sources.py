@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from devices.identity import InvalidPatientIdError, Patient, looks_like_resident_id, parse_resident_id
+from devices.identity import InvalidPatientIdError, Patient
 from lastmile.clinic.db import DB_NAME as CLINIC_DB
 from lastmile.clinic.db import from_iso, open_clinic_db, utc_now
 from lastmile.clinic.devices import DeviceRecord, DeviceRegistry, normalise_address
@@ -261,8 +261,6 @@ def checked_patient(text: str, name: str, config: Config) -> Patient:
         raise ConsoleInputError(N_("A patient ID has at most %(n)d characters and no line breaks."), n=MAX_NAME_LENGTH)
     name = short_text(name)
     try:
-        if not config.patient.id_kind and looks_like_resident_id(text):
-            text = parse_resident_id(text).number
         return clinic_patient(text, name, config)
     except InvalidPatientIdError as exc:
         problem = _ID_PROBLEMS.get(exc.reason)
@@ -369,11 +367,19 @@ class ClinicData:
         assert view is not None
         return view
 
-    def end_session(self, user: str, *, now: dt.datetime) -> bool:
+    def end_session(self, user: str, *, now: dt.datetime, shown_patient_id: str = "") -> bool:
+        """End the session of the patient the page showed (`shown_patient_id`; "" from a page of
+        before it said: whoever is current). A page left open while someone else checked in
+        another patient ends nothing: it says who is checked in now."""
         current = self.context.current(now)
-        ended = self.context.clear(now=now, reason="ended-by-doctor")
+        ended = self.context.clear(now=now, reason="ended-by-doctor", patient_id=shown_patient_id)
         if ended and current is not None:
             self.audit.record(user, "end-session", now=now, target=current.patient_id)
+        elif current is not None and shown_patient_id and current.patient_id != shown_patient_id.strip():
+            raise ConsoleInputError(
+                N_("%(patient)s has been checked in since this page was shown: that session goes on."),
+                patient=current.patient_id,
+            )
         return ended
 
     # -- readings ---------------------------------------------------------------------------------

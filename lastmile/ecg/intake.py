@@ -6,8 +6,9 @@ stored as the payload: a retry, a crash or a restart later sends the very same b
 Study/Series/SOP Instance UIDs), so the reading center can never see one recording as two
 studies. Every path describes its item with the one `ecg_item_meta` builder.
 
-Patients: a file's patient is vetted against `[patient] id_kind` (`vetted_patient`): a resident
-ID with a wrong check digit is refused (the ECG stays unassigned, flagged "patient-id-refused"),
+Patients: a file's patient is vetted against `[patient] id_kind` (`vetted_patient`; with any
+kind of ID, one that looks like a resident ID is one, as on every path): a resident ID with a
+wrong check digit is refused (the ECG stays unassigned, flagged "patient-id-refused"),
 a valid one gives birth date and sex when the file has none, and a file that says otherwise is
 flagged ("patient-id-conflict:birth-date" / ":sex"); names get their pinyin group.
 
@@ -36,7 +37,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from devices.ecg.quality import RE_RECORD, EcgQualityError, QualityReport, check_quality
 from devices.ecg.recording import EcgRecording
-from devices.identity import RESIDENT_ID_KIND, InvalidPatientIdError, Patient, parse_resident_id
+from devices.identity import InvalidPatientIdError, Patient, parse_resident_id, resident_id_required
 from lastmile.clinic.names import dicom_person_name
 from lastmile.clinic.patient_ids import clinic_patient as clinic_patient  # re-exported: the commands' import
 from lastmile.clinic.patients import StatSession
@@ -73,6 +74,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PATIENT_ID_REFUSED = "patient-id-refused"
+ASSIGNED_BY_DOCTOR = "patient-assigned-by-doctor"
 
 CurrentPatient = Callable[[], "str | None"]
 
@@ -105,7 +107,7 @@ def vetted_patient(recording: EcgRecording, config: Config) -> EcgRecording:
         return recording
     flags = list(recording.flags)
     birth, sex, number = p.birth_date, p.sex, p.patient_id
-    if config.patient.id_kind == RESIDENT_ID_KIND:
+    if resident_id_required(p.patient_id, config.patient.id_kind):
         try:
             resident = parse_resident_id(p.patient_id)
         except InvalidPatientIdError as exc:
@@ -326,6 +328,17 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
             f"{'UNASSIGNED' if item.meta.get('unassigned') else 'its file patient'}: ask the reading center to "
             "correct the study's patient"
         )
+    settled_on = (item.patient or {}).get("patient_id")
+    if ASSIGNED_BY_DOCTOR in item.meta.get("flags", []):
+        if settled_on != patient.patient_id:  # a second screen or doctor: the first decision stands
+            raise HeldEcgError(f"ECG E{item_id} was assigned to patient {settled_on} already")
+    elif not (
+        item.meta.get("unassigned")
+        or PATIENT_MISMATCH in item.meta.get("flags", [])
+        or (item.held(now.timestamp()) and item.hold_reason in DOCTOR_HOLDS)
+    ):
+        # its patient is settled (the file's, the current one's): a mistyped E<n> must not move it
+        raise HeldEcgError(f"ECG E{item_id} is not held for a patient: it is patient {settled_on}'s")
     ds = pydicom.dcmread(io.BytesIO(outbox.read_payload(item)))
     when = now.astimezone(local_zone()).isoformat(timespec="seconds")
     note = f"Patient assigned at the gateway on {when}" + (f" by {by}" if by else "")
@@ -334,7 +347,8 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
     elif item.meta.get("file_patient_id"):
         note += f": the ECG file named patient {item.meta['file_patient_id']}"
     data = deflated_part10(reassign_patient(ds, patient, note))
-    flags = [f for f in item.meta.get("flags", []) if f != PATIENT_MISMATCH] + ["patient-assigned-by-doctor"]
+    flags = [f for f in item.meta.get("flags", []) if f not in (PATIENT_MISMATCH, ASSIGNED_BY_DOCTOR)]
+    flags.append(ASSIGNED_BY_DOCTOR)
     meta = {**item.meta, "unassigned": False, "flags": flags}
     fields = {
         "patient_id": patient.patient_id,
@@ -348,8 +362,13 @@ def assign_held_ecg(outbox: Outbox, item_id: int, patient: Patient, *, now: dt.d
     quality_until = item.meta.get("quality_hold_until")
     if quality_until is not None and quality_until > now.timestamp():
         keep = Hold(QUALITY_HOLD, float(quality_until))
-    if not outbox.replace_held_payload(item_id, data, now.timestamp(), meta=meta, patient=fields, hold=keep):
-        raise HeldEcgError(f"ECG E{item_id} was claimed for sending meanwhile: ask the reading center to correct it")
+    if not outbox.replace_held_payload(
+        item_id, data, now.timestamp(), meta=meta, patient=fields, hold=keep, replacing_sha256=item.sha256
+    ):
+        raise HeldEcgError(
+            f"ECG E{item_id} was claimed for sending or assigned meanwhile: see 'lastmile patient show' "
+            "(if it was sent, ask the reading center to correct it)"
+        )
     log.info("held ECG E%d assigned%s", item_id, " (still held: re-record)" if keep else " and released")
     updated = outbox.get(item_id)
     assert updated is not None
