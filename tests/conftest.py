@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import sys
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,6 +59,35 @@ def require_tool(name: str) -> str:
         missing(f"{name} is not installed (run scripts/test.sh, which installs it)")
     assert found
     return found
+
+
+def on_private_tmpfs(mnt: Path, size: str, script: str, *args: str) -> list[str]:
+    """The command running `python -c script mnt *args` in a private mount namespace with a
+    tmpfs of `size` (e.g. "16m") on `mnt`: a real partition to fill. Missing without root."""
+    require_tool("unshare")
+    if os.geteuid() != 0:
+        missing("mounting a private tmpfs needs root")
+    mount = 'mount -t tmpfs -o size="$1" tmpfs "$2" && shift 2 && exec "$@"'
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c", mount, "sh", size, str(mnt)] + [
+        sys.executable,
+        "-c",
+        script,
+        str(mnt),
+        *args,
+    ]
+
+
+def fill_to_the_last_block(path: Path) -> None:
+    """Write the file `path` until its partition has not one block left (ENOSPC)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+    finally:
+        os.close(fd)
 
 
 def require_module(name: str, reason: str) -> None:

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from devices.identity import DeviceIdentity, TimeSource
 from devices.observation import Observation, Quantity
+from lastmile.cli import main
 from lastmile.clinic.devices import DeviceRegistry
 from lastmile.clinic.observations import (
     OBSERVATION_KIND,
@@ -20,6 +25,7 @@ from lastmile.clinic.observations import (
     summary,
 )
 from lastmile.clinic.patients import PatientContext
+from tests.conftest import REPO
 from uploader.outbox import Outbox
 
 T0 = dt.datetime(2025, 6, 1, 9, 0, tzinfo=dt.timezone.utc)
@@ -180,3 +186,63 @@ def test_device_registry(tmp_path: Path) -> None:
     reg.update_status("/dev/ttyUSB0", now=T0, transport="serial", connected=True)
     assert [r.transport for r in reg.all()] == ["ble", "serial"]
     reg.close()
+
+
+# The doctor's `lastmile patient assign N P-A`, killed (power cut) the moment the reading is in
+# the outbox, before its held copy is forgotten: the window between the two databases' commits.
+ASSIGN_KILLED_SCRIPT = r"""
+import datetime as dt, os, signal, sys
+from lastmile.clinic import observations
+from lastmile.clinic.observations import ObservationStore
+from uploader.outbox import Outbox
+
+data_dir, held_id = sys.argv[1], int(sys.argv[2])
+outbox = Outbox.open(data_dir, min_free_bytes=0)
+store = ObservationStore.open(data_dir, outbox=outbox, idle_timeout_s=900)
+observations.transaction = lambda db: os.kill(os.getpid(), signal.SIGKILL)  # the held row's DELETE
+store.assign(held_id, "P-A", now=dt.datetime(2025, 6, 1, 9, 5, tzinfo=dt.timezone.utc))
+"""
+
+
+def test_a_reading_assigned_when_the_power_went_is_not_shown_held_nor_assigned_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A reading held unassigned; the doctor assigns it to P-A and the power goes just after it
+    reached the outbox. After the reboot the reading is on its way to the county for P-A: it
+    must not be listed as waiting for a patient, and assigning it again to P-B must not say
+    "assigned to P-B" while P-A's reading is what is sent."""
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        store = ObservationStore.open(tmp_path, outbox=outbox, idle_timeout_s=900)
+        held_id = store.record(bp(T0), now=T0 + MIN).held_id
+        store.close()
+    child = subprocess.run(
+        [sys.executable, "-c", ASSIGN_KILLED_SCRIPT, str(tmp_path), str(held_id)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    capsys.readouterr()
+    assert main(["patient", "show", "--json", "--data-dir", str(tmp_path)]) == 0
+    shown = json.loads(capsys.readouterr().out)["unassigned"]
+    assert shown == [], "`lastmile patient show` lists an assigned reading as unassigned"
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        store = ObservationStore.open(tmp_path, outbox=outbox, idle_timeout_s=900)
+        try:
+            [item] = outbox.items(kind=OBSERVATION_KIND)
+            assert item.patient is not None and item.patient["patient_id"] == "P-A"
+            assert [h.held_id for h in store.held()] == [], "an assigned reading is still shown as unassigned"
+            try:
+                again = store.assign(held_id, "P-B", now=T0 + 10 * MIN)
+            except UnknownObservationError:
+                again = None
+            if again is not None:
+                sent = outbox.get(again.item_id or 0)
+                assert sent is not None and sent.patient is not None
+                assert sent.patient["patient_id"] == again.patient_id, (
+                    f"the doctor is told {again.patient_id}, the county gets {sent.patient['patient_id']}"
+                )
+        finally:
+            store.close()

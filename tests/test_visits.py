@@ -262,3 +262,20 @@ def test_follow_receiver_tracks_the_open_visit(book_factory) -> None:
     assert follow_receiver(book, receiver, lambda: not receiver.left) == 5
     assert len(book.track(visit.id)) == 5
     assert book.get(visit.id).start.source == TimeSource.GPS  # type: ignore[union-attr]
+
+
+def test_a_receiver_sending_fixes_all_day_does_not_rewrite_the_clock_anchor(book_factory) -> None:
+    """A GNSS receiver gives a fix every second, all day, with no visit open: the clock's anchor
+    is saved once, not rewritten (and fsynced) at every fix - that would wear the SD card
+    86,400 times a day. Each fix arrives a few ms late or early, as on a real serial line."""
+    clocks = FakeClocks(wall=GPS_T.timestamp())
+    book = book_factory(clocks)
+    book.observe_fix(fix_at(*HOUSE, GPS_T), book.clock.now())
+    changes = book.db.conn.total_changes
+    for second in range(1, 120):
+        clocks.advance(1.0 + (0.003 if second % 2 else -0.002))
+        book.observe_fix(fix_at(*HOUSE, GPS_T + dt.timedelta(seconds=second)), book.clock.now())
+    assert book.db.conn.total_changes == changes, "the anchor was written again at every fix"
+    # another process of this boot (a `lastmile visit` command) still learns GPS time from it
+    other = book_factory(clocks)
+    assert other.clock.now().source == TimeSource.GPS
