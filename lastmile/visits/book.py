@@ -76,6 +76,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DB_NAME = "visits.db"
+# The clock anchor is saved again only when GPS moves it by more than this (the monotonic
+# clock's drift: hours at 50 ppm), not at every 1 Hz fix: each save is an fsync on the SD card.
+ANCHOR_SAVE_TOLERANCE_S = 0.5
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration.sql(
@@ -293,8 +296,10 @@ class VisitBook:
         self.register = HouseholdRegister(db)
         self._key: Ed25519PrivateKey | None = None
         rows = list(db.query("SELECT offset, source FROM clock_anchor WHERE boot_id = ?", [clock.boot_id]))
+        self._saved_anchor: Anchor | None = None  # what clock_anchor holds for this boot
         if rows:
-            clock.restore(Anchor(clock.boot_id, rows[0]["offset"], TimeSource(rows[0]["source"])))
+            self._saved_anchor = Anchor(clock.boot_id, rows[0]["offset"], TimeSource(rows[0]["source"]))
+            clock.restore(self._saved_anchor)
 
     @classmethod
     def open(
@@ -327,10 +332,17 @@ class VisitBook:
     # --- time ------------------------------------------------------------------------------------
     def _save_anchor(self) -> None:
         anchor = self.clock.anchor
-        if anchor is not None:
-            self.db.table("clock_anchor").upsert(
-                {"boot_id": anchor.boot_id, "offset": anchor.offset, "source": anchor.source.value}, pk="boot_id"
-            )
+        saved = self._saved_anchor
+        if anchor is None or (
+            saved is not None
+            and (saved.boot_id, saved.source) == (anchor.boot_id, anchor.source)
+            and abs(saved.offset - anchor.offset) <= ANCHOR_SAVE_TOLERANCE_S
+        ):
+            return
+        self.db.table("clock_anchor").upsert(
+            {"boot_id": anchor.boot_id, "offset": anchor.offset, "source": anchor.source.value}, pk="boot_id"
+        )
+        self._saved_anchor = anchor
 
     def observe_fix(self, fix: Fix, received: Stamp | None = None) -> FixRecord:
         """Every fix from the receiver: anchors the clock (GPS time), extends the open visit's track."""
