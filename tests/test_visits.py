@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import signal
 import sqlite3
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +20,7 @@ from lastmile.clock import GatewayClock, Stamp
 from lastmile.visits.book import FixRecord, VisitBook, VisitError, VisitPolicy
 from lastmile.visits.chain import KEY_FILE, verify_export
 from lastmile.visits.households import RegisterError, distance_m, parse_register
+from tests.conftest import REPO
 from tests.fhir_samples import blood_pressure
 
 GPS_T = dt.datetime(2026, 3, 2, 8, 0, tzinfo=dt.timezone.utc)
@@ -279,3 +284,50 @@ def test_a_receiver_sending_fixes_all_day_does_not_rewrite_the_clock_anchor(book
     # another process of this boot (a `lastmile visit` command) still learns GPS time from it
     other = book_factory(clocks)
     assert other.clock.now().source == TimeSource.GPS
+
+
+# The first visit ever closed makes the gateway's signing key; the process dies (power cut,
+# SIGKILL) the moment the key's file exists on disk, before its bytes are in it.
+KEY_CUT_SCRIPT = r"""
+import os, signal, sys
+from pathlib import Path
+from lastmile.visits.chain import KEY_FILE, load_or_create_key
+
+real_open = os.open
+
+def open_then_die(path, *args, **kwargs):
+    fd = real_open(path, *args, **kwargs)
+    if KEY_FILE in os.fspath(path):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return fd
+
+os.open = open_then_die
+load_or_create_key(Path(sys.argv[1]))
+"""
+
+
+def test_a_power_cut_while_the_signing_key_is_made_does_not_stop_visits_being_signed(
+    book_factory, tmp_path: Path
+) -> None:
+    """The power goes while the first visit is signed, just as the key file was created. After
+    the reboot the doctor closes visits as before: they are signed, the chain verifies - not a
+    ValueError at every visit stop (and in the GNSS part) for ever because of an empty key file."""
+    data = tmp_path / "data"
+    data.mkdir()
+    child = subprocess.run(
+        [sys.executable, "-c", KEY_CUT_SCRIPT, str(data)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    clocks = FakeClocks(wall=GPS_T.timestamp())
+    book = book_factory(clocks)
+    book.start("P-1", doctor_id="DR-1", household_id="HH-1", fix=FixRecord(fix_at(*HOUSE, GPS_T), book.clock.now()))
+    clocks.advance(300)
+    closed = book.stop()
+    assert closed.chain_seq is not None, "the visit was not signed"
+    assert book.verify_local().ok
+    assert sorted(p.name for p in data.iterdir() if "ed25519" in p.name) == [KEY_FILE], "a key's leftovers stay"
