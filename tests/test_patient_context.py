@@ -246,3 +246,16 @@ def test_a_reading_assigned_when_the_power_went_is_not_shown_held_nor_assigned_a
                 )
         finally:
             store.close()
+
+
+def test_todays_unassigned_reading_is_listed_after_months_of_unassigned_ones(store: ObservationStore) -> None:
+    """A cuff used without a check-in leaves readings held, unassigned, and nothing ever ends
+    them. Months later the doctor takes a reading before checking the patient in: it must be in
+    the list she assigns from (the console shows `held()`), not hidden behind the 200 oldest."""
+    for n in range(205):
+        store.record(bp(T0 + n * MIN, key=f"old-{n}"), now=T0 + n * MIN)
+    today = T0 + dt.timedelta(days=120)
+    newest = store.record(bp(today, key="today"), now=today + MIN)
+    listed = [h.held_id for h in store.held()]
+    assert newest.held_id in listed, "today's unassigned reading is not on the doctor's list"
+    assert listed == sorted(listed)  # still oldest first on the page
