@@ -233,7 +233,11 @@ class ObservationStore:
 
     # -- unassigned observations ------------------------------------------------------------
     def held(self, limit: int = 200) -> list[HeldObservation]:
-        rows = self.db.conn.execute("SELECT * FROM held_observations ORDER BY id LIMIT ?", (limit,)).fetchall()
+        """The newest `limit` held observations, oldest first: held ones never expire (never
+        guessed, never dropped), so after months of them today's must still be among those listed."""
+        rows = self.db.conn.execute(
+            "SELECT * FROM (SELECT * FROM held_observations ORDER BY id DESC LIMIT ?) ORDER BY id", (limit,)
+        ).fetchall()
         return [_held(r) for r in self._still_held(rows)]
 
     def get_held(self, held_id: int) -> HeldObservation | None:
