@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import subprocess
 import sys
 import traceback
 from collections.abc import Iterator
@@ -75,6 +76,19 @@ def on_private_tmpfs(mnt: Path, size: str, script: str, *args: str) -> list[str]
         str(mnt),
         *args,
     ]
+
+
+def run_python(script: str, *args: object, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
+    """`python -c script *args` from the repository, to its end (or its death: a SIGKILL the
+    script sends itself at the moment under test shows as returncode -9)."""
+    return subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
 
 
 def fill_to_the_last_block(path: Path) -> None:

@@ -23,7 +23,7 @@ import pytest
 
 import uploader.outbox as outbox_module
 import uploader.payload_files as payload_files
-from tests.conftest import REPO
+from tests.conftest import REPO, run_python
 from uploader.errors import CorruptPayloadError, OutboxFullError
 from uploader.outbox import (
     DB_NAME,
@@ -1017,13 +1017,7 @@ def test_an_outbox_opened_while_a_held_ecg_is_assigned_does_not_quarantine_it(
     def names_after_the_assignment(self: payload_files.PayloadFiles) -> set[str]:
         calls.append(1)
         if len(calls) == 2:  # the lost-payload check (the first is the orphan sweep, under its lock)
-            subprocess.run(
-                [sys.executable, "-c", REPLACE_SCRIPT, str(data_dir), str(held.id)],
-                cwd=REPO,
-                check=True,
-                timeout=120,
-                env={**os.environ, "PYTHONPATH": str(REPO)},
-            )
+            assert run_python(REPLACE_SCRIPT, data_dir, held.id).returncode == 0
         return real_names(self)
 
     monkeypatch.setattr(payload_files.PayloadFiles, "names", names_after_the_assignment)

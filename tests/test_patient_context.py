@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +22,7 @@ from lastmile.clinic.observations import (
     summary,
 )
 from lastmile.clinic.patients import PatientContext
-from tests.conftest import REPO
+from tests.conftest import run_python
 from uploader.outbox import Outbox
 
 T0 = dt.datetime(2025, 6, 1, 9, 0, tzinfo=dt.timezone.utc)
@@ -215,14 +212,7 @@ def test_a_reading_assigned_when_the_power_went_is_not_shown_held_nor_assigned_a
         store = ObservationStore.open(tmp_path, outbox=outbox, idle_timeout_s=900)
         held_id = store.record(bp(T0), now=T0 + MIN).held_id
         store.close()
-    child = subprocess.run(
-        [sys.executable, "-c", ASSIGN_KILLED_SCRIPT, str(tmp_path), str(held_id)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    child = run_python(ASSIGN_KILLED_SCRIPT, str(tmp_path), str(held_id))
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
     capsys.readouterr()
     assert main(["patient", "show", "--json", "--data-dir", str(tmp_path)]) == 0

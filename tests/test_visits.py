@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import signal
 import sqlite3
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,7 @@ from lastmile.clock import GatewayClock, Stamp
 from lastmile.visits.book import FixRecord, VisitBook, VisitError, VisitPolicy
 from lastmile.visits.chain import KEY_FILE, verify_export
 from lastmile.visits.households import RegisterError, distance_m, parse_register
-from tests.conftest import REPO
+from tests.conftest import run_python
 from tests.fhir_samples import blood_pressure
 
 GPS_T = dt.datetime(2026, 3, 2, 8, 0, tzinfo=dt.timezone.utc)
@@ -314,14 +311,7 @@ def test_a_power_cut_while_the_signing_key_is_made_does_not_stop_visits_being_si
     ValueError at every visit stop (and in the GNSS part) for ever because of an empty key file."""
     data = tmp_path / "data"
     data.mkdir()
-    child = subprocess.run(
-        [sys.executable, "-c", KEY_CUT_SCRIPT, str(data)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    child = run_python(KEY_CUT_SCRIPT, str(data))
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
     clocks = FakeClocks(wall=GPS_T.timestamp())
     book = book_factory(clocks)
