@@ -91,11 +91,15 @@ def run_python(script: str, *args: object, timeout_s: float = 120.0) -> subproce
     )
 
 
-def fill_to_the_last_block(path: Path) -> None:
-    """Write the file `path` until its partition has not one block left (ENOSPC)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+def fill_to_the_last_block(path: Path, *, leave: int = 0) -> None:
+    """Write the file `path` until its partition has not one block left (ENOSPC), or only about
+    `leave` bytes."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         while True:
+            st = os.statvfs(path)
+            if leave and st.f_bavail * st.f_frsize <= leave:
+                return
             os.write(fd, b"\0" * 4096)
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
