@@ -885,10 +885,9 @@ STORAGE_FULL = (
 
 
 async def on_storage_fault(request: Request, exc: Exception) -> Response:
-    """clinic.db (check-in, audit trail, acknowledgements) or the outbox (a held reading
-    assigned) on a full data partition: the doctor
-    reads that nothing was recorded and why, not an Internal Server Error. Other database or
-    file system faults stay server errors."""
+    """clinic.db (check-in, audit trail, acknowledgements) or the outbox (a held reading or ECG
+    assigned) on a full data partition: the doctor reads that nothing was recorded and why, not
+    an Internal Server Error. Other database faults stay server errors."""
     if not (isinstance(exc, OutboxFullError) or is_disk_full(exc)):
         raise exc
     log.error("%s %s not recorded: the data partition is full (%s)", request.method, request.url.path, exc)
