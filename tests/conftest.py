@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import subprocess
+import sys
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,6 +60,52 @@ def require_tool(name: str) -> str:
         missing(f"{name} is not installed (run scripts/test.sh, which installs it)")
     assert found
     return found
+
+
+def on_private_tmpfs(mnt: Path, size: str, script: str, *args: str) -> list[str]:
+    """The command running `python -c script mnt *args` in a private mount namespace with a
+    tmpfs of `size` (e.g. "16m") on `mnt`: a real partition to fill. Missing without root."""
+    require_tool("unshare")
+    if os.geteuid() != 0:
+        missing("mounting a private tmpfs needs root")
+    mount = 'mount -t tmpfs -o size="$1" tmpfs "$2" && shift 2 && exec "$@"'
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c", mount, "sh", size, str(mnt)] + [
+        sys.executable,
+        "-c",
+        script,
+        str(mnt),
+        *args,
+    ]
+
+
+def run_python(script: str, *args: object, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
+    """`python -c script *args` from the repository, to its end (or its death: a SIGKILL the
+    script sends itself at the moment under test shows as returncode -9)."""
+    return subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
+def fill_to_the_last_block(path: Path, *, leave: int = 0) -> None:
+    """Write the file `path` until its partition has not one block left (ENOSPC), or only about
+    `leave` bytes."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        while True:
+            st = os.statvfs(path)
+            if leave and st.f_bavail * st.f_frsize <= leave:
+                return
+            os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+    finally:
+        os.close(fd)
 
 
 def require_module(name: str, reason: str) -> None:

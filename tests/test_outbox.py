@@ -23,7 +23,7 @@ import pytest
 
 import uploader.outbox as outbox_module
 import uploader.payload_files as payload_files
-from tests.conftest import REPO
+from tests.conftest import REPO, run_python
 from uploader.errors import CorruptPayloadError, OutboxFullError
 from uploader.outbox import (
     DB_NAME,
@@ -31,6 +31,7 @@ from uploader.outbox import (
     PAYLOAD_DIR,
     TRANSITIONS,
     AddResult,
+    Hold,
     ItemState,
     Outbox,
     OutboxItem,
@@ -989,3 +990,40 @@ def test_record_status_and_stats(ob: Outbox) -> None:
     }
     assert stats["waiting_bytes"] == 2 * ECG_SIZE
     json.dumps(stats)  # `lastmile queue --json` prints it as is
+
+
+# The doctor assigns a held ECG (the console's worker process): its payload is rebuilt, the row
+# then names the new file and the old one is deleted.
+REPLACE_SCRIPT = r"""
+import sys
+from uploader.outbox import Outbox
+with Outbox.open(sys.argv[1], min_free_bytes=0) as ob:
+    assert ob.replace_held_payload(int(sys.argv[2]), b"assigned" * 4000, 1_700_000_010.0)
+"""
+
+
+def test_an_outbox_opened_while_a_held_ecg_is_assigned_does_not_quarantine_it(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A technician runs `lastmile queue` (or a service starts) just as the doctor assigns a held
+    ECG on the console. The opening outbox looks for queued items whose payload is lost: it read
+    the rows before the assignment committed and the payload files after it deleted the old file.
+    The ECG must stay queued for the reading center, not be quarantined as "lost"."""
+    with open_outbox(data_dir) as ob:
+        held = ob.add("dicom", "held", ecg_bytes(3), now=T0, hold=Hold("unassigned", T0 + 3600)).item
+    real_names = payload_files.PayloadFiles.names
+    calls = []
+
+    def names_after_the_assignment(self: payload_files.PayloadFiles) -> set[str]:
+        calls.append(1)
+        if len(calls) == 2:  # the lost-payload check (the first is the orphan sweep, under its lock)
+            assert run_python(REPLACE_SCRIPT, data_dir, held.id).returncode == 0
+        return real_names(self)
+
+    monkeypatch.setattr(payload_files.PayloadFiles, "names", names_after_the_assignment)
+    with open_outbox(data_dir) as ob:
+        assert len(calls) >= 2, "the interleaving was not reached"
+        item = ob.get(held.id)
+        assert item is not None
+        assert item.state == S.QUEUED, f"an assigned ECG was quarantined: {item.quarantine_reason}"
+        assert ob.read_payload(item) == b"assigned" * 4000

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import signal
 from pathlib import Path
 
 import pytest
 
 from devices.identity import DeviceIdentity, TimeSource
 from devices.observation import Observation, Quantity
+from lastmile.cli import main
 from lastmile.clinic.devices import DeviceRegistry
 from lastmile.clinic.observations import (
     OBSERVATION_KIND,
@@ -20,6 +22,7 @@ from lastmile.clinic.observations import (
     summary,
 )
 from lastmile.clinic.patients import PatientContext
+from tests.conftest import run_python
 from uploader.outbox import Outbox
 
 T0 = dt.datetime(2025, 6, 1, 9, 0, tzinfo=dt.timezone.utc)
@@ -180,3 +183,69 @@ def test_device_registry(tmp_path: Path) -> None:
     reg.update_status("/dev/ttyUSB0", now=T0, transport="serial", connected=True)
     assert [r.transport for r in reg.all()] == ["ble", "serial"]
     reg.close()
+
+
+# The doctor's `lastmile patient assign N P-A`, killed (power cut) the moment the reading is in
+# the outbox, before its held copy is forgotten: the window between the two databases' commits.
+ASSIGN_KILLED_SCRIPT = r"""
+import datetime as dt, os, signal, sys
+from lastmile.clinic import observations
+from lastmile.clinic.observations import ObservationStore
+from uploader.outbox import Outbox
+
+data_dir, held_id = sys.argv[1], int(sys.argv[2])
+outbox = Outbox.open(data_dir, min_free_bytes=0)
+store = ObservationStore.open(data_dir, outbox=outbox, idle_timeout_s=900)
+observations.transaction = lambda db: os.kill(os.getpid(), signal.SIGKILL)  # the held row's DELETE
+store.assign(held_id, "P-A", now=dt.datetime(2025, 6, 1, 9, 5, tzinfo=dt.timezone.utc))
+"""
+
+
+def test_a_reading_assigned_when_the_power_went_is_not_shown_held_nor_assigned_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A reading held unassigned; the doctor assigns it to P-A and the power goes just after it
+    reached the outbox. After the reboot the reading is on its way to the county for P-A: it
+    must not be listed as waiting for a patient, and assigning it again to P-B must not say
+    "assigned to P-B" while P-A's reading is what is sent."""
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        store = ObservationStore.open(tmp_path, outbox=outbox, idle_timeout_s=900)
+        held_id = store.record(bp(T0), now=T0 + MIN).held_id
+        store.close()
+    child = run_python(ASSIGN_KILLED_SCRIPT, str(tmp_path), str(held_id))
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    capsys.readouterr()
+    assert main(["patient", "show", "--json", "--data-dir", str(tmp_path)]) == 0
+    shown = json.loads(capsys.readouterr().out)["unassigned"]
+    assert shown == [], "`lastmile patient show` lists an assigned reading as unassigned"
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        store = ObservationStore.open(tmp_path, outbox=outbox, idle_timeout_s=900)
+        try:
+            [item] = outbox.items(kind=OBSERVATION_KIND)
+            assert item.patient is not None and item.patient["patient_id"] == "P-A"
+            assert [h.held_id for h in store.held()] == [], "an assigned reading is still shown as unassigned"
+            try:
+                again = store.assign(held_id, "P-B", now=T0 + 10 * MIN)
+            except UnknownObservationError:
+                again = None
+            if again is not None:
+                sent = outbox.get(again.item_id or 0)
+                assert sent is not None and sent.patient is not None
+                assert sent.patient["patient_id"] == again.patient_id, (
+                    f"the doctor is told {again.patient_id}, the county gets {sent.patient['patient_id']}"
+                )
+        finally:
+            store.close()
+
+
+def test_todays_unassigned_reading_is_listed_after_months_of_unassigned_ones(store: ObservationStore) -> None:
+    """A cuff used without a check-in leaves readings held, unassigned, and nothing ever ends
+    them. Months later the doctor takes a reading before checking the patient in: it must be in
+    the list she assigns from (the console shows `held()`), not hidden behind the 200 oldest."""
+    for n in range(205):
+        store.record(bp(T0 + n * MIN, key=f"old-{n}"), now=T0 + n * MIN)
+    today = T0 + dt.timedelta(days=120)
+    newest = store.record(bp(today, key="today"), now=today + MIN)
+    listed = [h.held_id for h in store.held()]
+    assert newest.held_id in listed, "today's unassigned reading is not on the doctor's list"
+    assert listed == sorted(listed)  # still oldest first on the page

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import signal
 import sqlite3
 import stat
 from pathlib import Path
@@ -16,6 +17,7 @@ from lastmile.clock import GatewayClock, Stamp
 from lastmile.visits.book import FixRecord, VisitBook, VisitError, VisitPolicy
 from lastmile.visits.chain import KEY_FILE, verify_export
 from lastmile.visits.households import RegisterError, distance_m, parse_register
+from tests.conftest import run_python
 from tests.fhir_samples import blood_pressure
 
 GPS_T = dt.datetime(2026, 3, 2, 8, 0, tzinfo=dt.timezone.utc)
@@ -262,3 +264,60 @@ def test_follow_receiver_tracks_the_open_visit(book_factory) -> None:
     assert follow_receiver(book, receiver, lambda: not receiver.left) == 5
     assert len(book.track(visit.id)) == 5
     assert book.get(visit.id).start.source == TimeSource.GPS  # type: ignore[union-attr]
+
+
+def test_a_receiver_sending_fixes_all_day_does_not_rewrite_the_clock_anchor(book_factory) -> None:
+    """A GNSS receiver gives a fix every second, all day, with no visit open: the clock's anchor
+    is saved once, not rewritten (and fsynced) at every fix - that would wear the SD card
+    86,400 times a day. Each fix arrives a few ms late or early, as on a real serial line."""
+    clocks = FakeClocks(wall=GPS_T.timestamp())
+    book = book_factory(clocks)
+    book.observe_fix(fix_at(*HOUSE, GPS_T), book.clock.now())
+    changes = book.db.conn.total_changes
+    for second in range(1, 120):
+        clocks.advance(1.0 + (0.003 if second % 2 else -0.002))
+        book.observe_fix(fix_at(*HOUSE, GPS_T + dt.timedelta(seconds=second)), book.clock.now())
+    assert book.db.conn.total_changes == changes, "the anchor was written again at every fix"
+    # another process of this boot (a `lastmile visit` command) still learns GPS time from it
+    other = book_factory(clocks)
+    assert other.clock.now().source == TimeSource.GPS
+
+
+# The first visit ever closed makes the gateway's signing key; the process dies (power cut,
+# SIGKILL) the moment the key's file exists on disk, before its bytes are in it.
+KEY_CUT_SCRIPT = r"""
+import os, signal, sys
+from pathlib import Path
+from lastmile.visits.chain import KEY_FILE, load_or_create_key
+
+real_open = os.open
+
+def open_then_die(path, *args, **kwargs):
+    fd = real_open(path, *args, **kwargs)
+    if KEY_FILE in os.fspath(path):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return fd
+
+os.open = open_then_die
+load_or_create_key(Path(sys.argv[1]))
+"""
+
+
+def test_a_power_cut_while_the_signing_key_is_made_does_not_stop_visits_being_signed(
+    book_factory, tmp_path: Path
+) -> None:
+    """The power goes while the first visit is signed, just as the key file was created. After
+    the reboot the doctor closes visits as before: they are signed, the chain verifies - not a
+    ValueError at every visit stop (and in the GNSS part) for ever because of an empty key file."""
+    data = tmp_path / "data"
+    data.mkdir()
+    child = run_python(KEY_CUT_SCRIPT, str(data))
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    clocks = FakeClocks(wall=GPS_T.timestamp())
+    book = book_factory(clocks)
+    book.start("P-1", doctor_id="DR-1", household_id="HH-1", fix=FixRecord(fix_at(*HOUSE, GPS_T), book.clock.now()))
+    clocks.advance(300)
+    closed = book.stop()
+    assert closed.chain_seq is not None, "the visit was not signed"
+    assert book.verify_local().ok
+    assert sorted(p.name for p in data.iterdir() if "ed25519" in p.name) == [KEY_FILE], "a key's leftovers stay"

@@ -207,5 +207,8 @@ def forward_fhir_once(
             pending = []
     if meter is not None:
         meter.spend(sender.bytes_sent - spent_before, now)
-    outbox.record_status(STATUS_NAME, {"last_round": dataclasses.asdict(rnd.counts), "at": now}, now)
+    if rnd.counts.claimed:
+        # only a round that did something: an idle one (every 2 s, all day) would rewrite and
+        # fsync this row ~43,000 times a day on the SD card, and wipe the last fault it showed
+        outbox.record_status(STATUS_NAME, {"last_round": dataclasses.asdict(rnd.counts), "at": now}, now)
     return rnd.counts

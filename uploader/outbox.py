@@ -1336,8 +1336,33 @@ class Outbox:
                 reason = "payload in the database was lost before it was sent"
             else:
                 continue
-            self.quarantine(item_id, reason, now)
-            log.error("outbox item %d quarantined at open: %s", item_id, reason)
+            if self._commit(
+                functools.partial(self._quarantine_if_lost, item_id=item_id, name=name, reason=reason, now=now)
+            ):
+                log.error("outbox item %d quarantined at open: %s", item_id, reason)
+
+    def _quarantine_if_lost(
+        self, conn: sqlite3.Connection, *, item_id: int, name: str | None, reason: str, now: float
+    ) -> bool:
+        """(In a write transaction.) Quarantine the item only if it still names the payload seen
+        missing and it is still missing: the rows were read before the files were listed, and
+        another process may have replaced a held item's payload in between (`replace_held_payload`
+        commits the new file's name, then deletes the old file) - that item is not lost."""
+        row = conn.execute(
+            "SELECT i.payload_file, p.item_id IS NOT NULL FROM items i LEFT JOIN payloads p ON p.item_id = i.id "
+            "WHERE i.id = ? AND i.state = ?",
+            (item_id, S.QUEUED.value),
+        ).fetchone()
+        if row is None or row[0] != name:
+            return False
+        if (name is not None and self._files.path(name).exists()) or (name is None and row[1]):
+            return False
+        conn.execute(
+            "UPDATE items SET state = ?, updated_at = ?, quarantine_reason = ?, quarantined_at = ?, last_error = ?, "
+            "claimed_by = NULL, in_flight = 0 WHERE id = ?",
+            (S.QUARANTINED.value, now, reason, now, reason, item_id),
+        )
+        return True
 
     # -- health -----------------------------------------------------------------------------------
     def record_status(self, name: str, value: dict[str, Any], now: float) -> None:

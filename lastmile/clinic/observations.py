@@ -233,12 +233,33 @@ class ObservationStore:
 
     # -- unassigned observations ------------------------------------------------------------
     def held(self, limit: int = 200) -> list[HeldObservation]:
-        rows = self.db.conn.execute("SELECT * FROM held_observations ORDER BY id LIMIT ?", (limit,)).fetchall()
-        return [_held(r) for r in rows]
+        """The newest `limit` held observations, oldest first: held ones never expire (never
+        guessed, never dropped), so after months of them today's must still be among those listed."""
+        rows = self.db.conn.execute(
+            "SELECT * FROM (SELECT * FROM held_observations ORDER BY id DESC LIMIT ?) ORDER BY id", (limit,)
+        ).fetchall()
+        return [_held(r) for r in self._still_held(rows)]
 
     def get_held(self, held_id: int) -> HeldObservation | None:
         row = self.db.conn.execute("SELECT * FROM held_observations WHERE id = ?", (held_id,)).fetchone()
-        return _held(row) if row else None
+        return _held(row) if row and self._still_held([row]) else None
+
+    def _still_held(self, rows: list[sqlite3.Row]) -> list[sqlite3.Row]:
+        """The rows whose reading is not in the outbox. One that is was assigned by a process that
+        died (power cut) between the outbox's commit and the held row's DELETE: it is on its way
+        to the county for the patient it was given, so its held copy is forgotten now, not shown
+        to the doctor as still waiting for a patient (and assignable to another one)."""
+        assigned = [r for r in rows if self.outbox.find(r["key"]) is not None]
+        if assigned:
+            with transaction(self.db) as conn:
+                for r in assigned:
+                    conn.execute("DELETE FROM held_observations WHERE id = ?", (r["id"],))
+            log.warning(
+                "%d held observation(s) already in the outbox (an assignment was cut short): no longer held",
+                len(assigned),
+            )
+        gone = {r["id"] for r in assigned}
+        return [r for r in rows if r["id"] not in gone]
 
     def assign(self, held_id: int, patient_id: str, *, now: dt.datetime, name: str = "") -> StoreResult:
         """Give a held observation its patient: it moves to the outbox (the doctor's decision)."""
@@ -249,10 +270,14 @@ class ObservationStore:
         if held is None:
             raise UnknownObservationError(f"no unassigned observation #{held_id}")
         # Outbox first, then forget the held copy: a crash in between leaves a held row whose
-        # key is in the outbox, which the next assign (same key, idempotent) just removes.
+        # key is in the outbox, which `_still_held` removes at the next look.
         result = self._enqueue(replace(held.observation, patient_id=patient_id), name, now)
         with transaction(self.db) as conn:
             conn.execute("DELETE FROM held_observations WHERE id = ?", (held_id,))
+        given = (result.item.patient or {}).get("patient_id")
+        if not result.created and given != patient_id:
+            # another process assigned it a moment ago: say whose it is, never "assigned to" this one
+            raise UnknownObservationError(f"observation #{held_id} was already assigned to {given}")
         log.info("observation #%d assigned (outbox item %d)", held_id, result.item.id)
         return StoreResult("stored", patient_id, result.item.id)
 

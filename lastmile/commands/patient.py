@@ -180,12 +180,15 @@ def _show(args: argparse.Namespace) -> int:
             current = context.current(now)
             doctor = context.current_doctor(now)
             # Held observations live in clinic.db: no outbox needed to list them.
-            rows = db.conn.execute("SELECT id, observation FROM held_observations ORDER BY id").fetchall()
+            rows = db.conn.execute("SELECT id, key, observation FROM held_observations ORDER BY id").fetchall()
         finally:
             db.conn.close()
     from lastmile.clinic.observations import observation_from_json
 
-    held = [(int(r["id"]), observation_from_json(json.loads(r["observation"]))) for r in rows]
+    assigned = _in_outbox(config, [r["key"] for r in rows])  # an assignment a power cut cut short
+    held = [
+        (int(r["id"]), observation_from_json(json.loads(r["observation"]))) for r in rows if r["key"] not in assigned
+    ]
     ecgs = _held_ecgs(config, now)
     if args.json:
         print(
@@ -260,6 +263,16 @@ def _show(args: argparse.Namespace) -> int:
 
 def _utc(epoch: float | None) -> dt.datetime | None:
     return None if epoch is None else dt.datetime.fromtimestamp(epoch, dt.timezone.utc)
+
+
+def _in_outbox(config, keys: list[str]) -> set[str]:  # (Config, keys) -> the keys the outbox holds
+    from lastmile.data_dir import existing_file, open_outbox
+    from uploader.outbox import DB_NAME
+
+    if not keys or existing_file(config, DB_NAME) is None:  # a read-only command creates nothing
+        return set()
+    with open_outbox(config) as outbox:
+        return {key for key in keys if outbox.find(key) is not None}
 
 
 def _held_ecgs(config, now: dt.datetime) -> list:  # (Config, datetime) -> list[OutboxItem]

@@ -26,6 +26,7 @@ import ipaddress
 import json
 import logging
 import secrets
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -53,6 +54,8 @@ from lastmile.console.live import Broker
 from lastmile.console.sources import ClinicData, ConsoleInputError, ReportView, row_number
 from lastmile.reports.printing import lp_command, print_document
 from lastmile.reports.report_text import printout, shown_reasons, shown_text
+from uploader.errors import OutboxFullError
+from uploader.outbox import is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -877,6 +880,23 @@ async def on_account_error(request: Request, exc: Exception) -> Response:
     return PlainTextResponse(str(exc), status_code=400)
 
 
+STORAGE_FULL = (
+    "存储已满：这一步没有记录，请稍后再试，并请县里的技术人员清理空间（之前记录的都还在）。 / "
+    "storage full: this was not recorded; try again later and ask the county IT to free space "
+    "(everything recorded before is kept)."
+)
+
+
+async def on_storage_fault(request: Request, exc: Exception) -> Response:
+    """clinic.db (check-in, audit trail, acknowledgements) or the outbox (a held reading or ECG
+    assigned) on a full data partition: the doctor reads that nothing was recorded and why, not
+    an Internal Server Error. Other database faults stay server errors."""
+    if not (isinstance(exc, OutboxFullError) or is_disk_full(exc)):
+        raise exc
+    log.error("%s %s not recorded: the data partition is full (%s)", request.method, request.url.path, exc)
+    return PlainTextResponse(STORAGE_FULL, status_code=507)
+
+
 # -- the application -------------------------------------------------------------------------------
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -925,6 +945,8 @@ def build_app(state: ConsoleState) -> ASGIApp:
             Forbidden: on_forbidden,
             AccountError: on_account_error,
             NotFound: on_not_found,
+            sqlite3.OperationalError: on_storage_fault,
+            OutboxFullError: on_storage_fault,
         },
     )
     app.state.console = state

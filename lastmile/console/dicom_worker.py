@@ -6,7 +6,7 @@ pydicom (and the DICOM builders) take ~25 MB that the long-lived console must no
 budget is 64 MB), so the two things the doctor rarely does that need them run here, in a
 short-lived child, through the very functions the commands use:
 - {"job": "assign-ecg", ...}: `lastmile patient assign E<n>` (`lastmile.ecg.intake.assign_held_ecg`);
-  answers {"item": ...} or {"error": ...}.
+  answers {"item": ...} or {"error": ...} (with "storage_full": true when there was no room for it).
 - {"job": "report-document", "source": ..., "data": base64}: the document (PDF) a stored report
   carries, as `lastmile report print` finds it; answers {"document": base64 | null, "type": ...}.
 The exit code is 0 either way (1 only for a crash).
@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ from typing import Any
 def assign_ecg(job: dict[str, Any]) -> dict[str, Any]:
     from devices.identity import Patient
     from lastmile.ecg.intake import HeldEcgError, assign_held_ecg
-    from uploader.outbox import Outbox
+    from uploader.errors import OutboxFullError
+    from uploader.outbox import Outbox, is_disk_full
 
     p = job["patient"]
     patient = Patient(
@@ -35,15 +37,21 @@ def assign_ecg(job: dict[str, Any]) -> dict[str, Any]:
         sex=p.get("sex", ""),
         issuer=p.get("issuer", ""),
     )
-    outbox = Outbox.open(Path(job["data_dir"]), **job.get("outbox", {}))
     try:
-        item = assign_held_ecg(
-            outbox, int(job["item_id"]), patient, now=dt.datetime.fromisoformat(job["now"]), by=job.get("by", "")
-        )
+        outbox = Outbox.open(Path(job["data_dir"]), **job.get("outbox", {}))
+        try:
+            item = assign_held_ecg(
+                outbox, int(job["item_id"]), patient, now=dt.datetime.fromisoformat(job["now"]), by=job.get("by", "")
+            )
+        finally:
+            outbox.close()
     except HeldEcgError as exc:
         return {"error": str(exc)}
-    finally:
-        outbox.close()
+    except (OutboxFullError, sqlite3.OperationalError) as exc:
+        if not (isinstance(exc, OutboxFullError) or is_disk_full(exc)):
+            raise
+        # the rebuilt ECG had no room: the console says so (not "too late: sent already")
+        return {"error": str(exc), "storage_full": True}
     return {"item": item.id, "held": item.hold_until is not None, "accession": item.meta.get("accession_number")}
 
 

@@ -23,6 +23,7 @@ from lastmile.config import Config
 from lastmile.console.sources import HeldEcg, ReportView, row_number
 from lastmile.ecg.holds import HeldEcgError, discard_held_ecg, held_ecgs, release_held_ecg
 from lastmile.reports.store import ReportStore, SentStudy, StoredReport
+from uploader.errors import OutboxFullError
 from uploader.outbox import Outbox, OutboxItem
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,8 @@ class OutboxHeldEcgs:
             "by": by,
         }
         result = run_worker(job, self.worker)
+        if result.get("storage_full"):
+            raise OutboxFullError(str(result["error"]))  # the console answers "storage full"
         if "error" in result:
             log.info("held ECG E%d not assigned: %s", item_id, result["error"])
             return False

@@ -17,7 +17,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +28,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from uploader.payload_files import fsync_dir
+
+log = logging.getLogger(__name__)
+
 KEY_FILE = "gateway_ed25519.pem"
+KEY_TMP_PREFIX = f".{KEY_FILE}."  # a key being written, linked to KEY_FILE once whole
 GENESIS = "0" * 64
 FORMAT = "lastmile-visit-chain"
 
@@ -44,42 +51,50 @@ def record_hash(record: dict) -> str:
 def load_or_create_key(data_dir: Path) -> Ed25519PrivateKey:
     """The gateway's signing key; created once, 0600, never overwritten."""
     path = Path(data_dir) / KEY_FILE
-    if not path.exists() or path.stat().st_size == 0:
-        create_key(path)
+    try:
+        empty = path.stat().st_size == 0
+    except FileNotFoundError:
+        _create_key(path)
+    else:
+        if empty:  # an older version's creation cut short: nothing was ever signed with it
+            log.warning("%s is empty (its creation was interrupted): making the key again", path)
+            path.unlink(missing_ok=True)
+            _create_key(path)
     loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(loaded, Ed25519PrivateKey):
         raise ValueError(f"{path} is not an Ed25519 private key")
     return loaded
 
 
-def create_key(path: Path) -> None:
-    """A new key, written whole (and synced) beside `path`, then put in place at once: a full disk
-    or a power cut leaves no key or the whole key, never an empty file that fails every signing."""
+def _create_key(path: Path) -> None:
+    """Write a new key whole under a temporary name, fsync it, then link it to `path`: the key
+    file appears complete or not at all (a power cut or SIGKILL in between leaves only a
+    temporary file, removed by the next creation), and another process's key, linked first,
+    is kept. The directory is fsynced so a key that signed a visit survives a power cut."""
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    staged = path.with_name(f"{path.name}.{os.getpid()}.new")
+    tmp = path.with_name(f"{KEY_TMP_PREFIX}{uuid.uuid4().hex}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
-            f.flush()
-            os.fsync(f.fileno())
-        if path.exists() and path.stat().st_size == 0:
-            # left by an older gateway cut short while writing it: it never signed anything
-            os.replace(staged, path)
-        else:
-            try:
-                os.link(staged, path)  # never over a key another process made first: use theirs
-            except FileExistsError:
-                pass
-        directory = os.open(path.parent, os.O_RDONLY)
         try:
-            os.fsync(directory)
+            view = memoryview(pem)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
         finally:
-            os.close(directory)
+            os.close(fd)
+        os.link(tmp, path)
+    except FileExistsError:
+        pass  # another process made it first: use theirs
+    except FileNotFoundError:  # our temporary file was swept by a creator that finished first
+        if not path.exists():
+            raise
     finally:
-        staged.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+    for leftover in path.parent.glob(f"{KEY_TMP_PREFIX}*"):
+        leftover.unlink(missing_ok=True)  # of creations cut short (a concurrent one retries above)
+    fsync_dir(path.parent)
 
 
 def public_key_b64(key: Ed25519PrivateKey) -> str:
