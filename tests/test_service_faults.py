@@ -1,0 +1,194 @@
+"""Silent failures of the running services, found by review (2026-12-06): one device link that
+cannot start held every other link of the acquire service down; `lastmile doctor` said OK for a
+service that was up but could not do its work; the acquire service never stored what an
+unplugged monitor had left unstored. Each test failed on the code before its fix."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lastmile.config import Config
+from lastmile.doctor import Level
+from tests.conftest import REPO, shared_file
+from tests.serial_pty import PtyDevice, wait_for
+from tests.test_doctor import doctor
+from tests.test_service_runtime import Manager, stop_child
+from uploader.outbox import Outbox
+
+
+def status_with(manager: Manager, *words: str, timeout: float = 60.0) -> str:
+    """The first STATUS= the service sent that holds every one of `words`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for message in manager.messages:
+            for line in message.split("\n"):
+                if line.startswith("STATUS=") and all(w in line for w in words):
+                    return line.removeprefix("STATUS=")
+        if time.monotonic() > deadline:
+            said = [ln for m in manager.messages for ln in m.split("\n") if ln.startswith("STATUS=")]
+            raise AssertionError(f"no STATUS with {words} within {timeout} s; got {said}")
+        manager.drain(0.5)
+
+
+@contextlib.contextmanager
+def acquire_with_lan_port_taken(tmp_path: Path) -> Iterator[tuple[Manager, subprocess.Popen[str], socket.socket, int]]:
+    """`lastmile acquire` with a USB folder holding an ECG, and the LAN receiver's port held by
+    another program (a leftover storescp; the same as its address not assigned yet at boot).
+    Yields systemd's notification socket, the process, the socket holding the port (closed to
+    free it) and the port."""
+    manager = Manager(tmp_path / "notify")
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    ecg = stick / "0000037.ECG"
+    shutil.copyfile(shared_file("ecg", "contec", "0000037.ECG"), ecg)
+    os.utime(ecg, (time.time() - 3600,) * 2)  # written before the stick came in: imported at once
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    config = tmp_path / "lastmile.toml"
+    config.write_text(
+        f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n[ble]\nenabled = false\n[gps]\nsource = "none"\n'
+        f'[usb_import]\nfolders = ["{stick}"]\n'
+        f'[lan_receiver]\nenabled = true\nhost = "127.0.0.1"\nport = {port}\nallowed_callers = ["CART"]\n'
+    )
+    env = {**os.environ, "NOTIFY_SOCKET": str(manager.path), "WATCHDOG_USEC": "20000000", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lastmile", "-c", str(config), "acquire"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        yield manager, proc, holder, port
+    finally:
+        holder.close()
+        stop_child(proc)
+        manager.sock.close()
+
+
+# -- one link down must not take the others with it ------------------------------------------------
+
+
+def test_a_lan_receiver_that_cannot_listen_does_not_stop_the_other_device_links(tmp_path: Path) -> None:
+    """lastmile/services/acquire.py lan_receiver_part: the receiver is started while the parts
+    are built, so its bind error (port held by another program, the clinic LAN's address not yet
+    assigned at boot, the LAN switch off) fails AcquireService.start as a whole: the runtime waits
+    it out with a backoff up to 5 min, READY, and meanwhile no serial device, no USB stick and no
+    GPS is read at all. The BP monitor's readings and the stick's ECGs are simply not recorded."""
+    with acquire_with_lan_port_taken(tmp_path) as (manager, proc, holder, port):
+        manager.wait_for("READY=1", timeout=60)
+        # the stick is imported while the LAN receiver cannot listen ...
+        status_with(manager, "usb-import up")
+        down = status_with(manager, "lan-receiver", "Address already in use")
+        assert "usb-import up" in down, down
+        holder.close()  # ... and the receiver comes up by itself once the port is free
+        status_with(manager, f"lan-receiver :{port}")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    outbox = Outbox.open(tmp_path / "data")
+    try:
+        assert len(outbox.items(kind="dicom")) == 1, "the stick's ECG was not imported"
+    finally:
+        outbox.close()
+
+
+# -- lastmile doctor: up is not the same as working -------------------------------------------------
+
+
+def systemctl_showing(acquire_status: str):
+    """systemctl as `lastmile doctor` asks it: every unit active, acquire saying `acquire_status`."""
+
+    def run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+        unit = cmd[2]
+        text = "LoadState=loaded\nUnitFileState=enabled\nActiveState=active\nSubState=running\nNRestarts=0\n"
+        if unit == "lastmile-acquire.service":
+            text += f"StatusText={acquire_status}\n"
+        return subprocess.CompletedProcess(cmd, 0, text, "")
+
+    return run
+
+
+def test_doctor_fails_a_service_that_is_up_but_cannot_do_its_work(tmp_path: Path) -> None:
+    """lastmile/doctor.py check_services: a unit that is active is OK, whatever its status says.
+    The runtime waits out operational faults READY ("acquire: cannot start: Address already in
+    use; retrying in 40 s"), and a part of a service can be down and retried: the unit stays
+    active with the fault only in STATUS=, and the technician's self-check says OK - "all good"
+    when nothing else is wrong - while the carts on the clinic LAN are refused."""
+    with acquire_with_lan_port_taken(tmp_path) as (manager, _proc, _holder, _port):
+        manager.wait_for("READY=1", timeout=60)
+        status = status_with(manager, "Address already in use")
+    (tmp_path / "systemd").mkdir()
+    d = doctor(tmp_path, run=systemctl_showing(status), systemd_run_dir=tmp_path / "systemd")
+    acquire = next(f for f in d.check_services() if f.message.startswith("lastmile-acquire.service"))
+    assert acquire.level is Level.FAIL, acquire
+    assert "Address already in use" in acquire.message and "journalctl -u lastmile-acquire" in acquire.hint
+    healthy = doctor(tmp_path, run=systemctl_showing("usb-import up"), systemd_run_dir=tmp_path / "systemd")
+    assert [f.level for f in healthy.check_services()] == [Level.OK] * 4
+
+
+# -- what an unplugged device left unstored ---------------------------------------------------------
+
+
+def test_acquire_stores_what_an_unplugged_monitor_left_once_there_is_room(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lastmile/services/acquire.py serial_part: the acquire service runs the serial link manager
+    in its own loop (poll, beat) and never calls SerialService.retry_unstored, which stores what
+    an unplugged device left in memory when the outbox refused it ("held in memory, retried in
+    30 s"). A monitor printed its readings while the data partition was full and was then
+    unplugged (taken on a home visit): once the forwarder has freed space the readings still sit
+    in memory - not forwarded, and gone at the next power cut."""
+    import lastmile.services.serial_devices as serial_devices
+    from lastmile.clinic.devices import DeviceRegistry
+    from lastmile.clinic.patients import PatientContext
+    from lastmile.services.acquire import serial_part
+    from tests.test_ascii_report import VITALS_REPORT
+
+    monkeypatch.setattr(serial_devices, "RETRY_STORE_S", 0.2)  # retried every 0.2 s, not 30 s
+    link = tmp_path / "usb-monitor"
+    monitor = PtyDevice(link)
+    config = Config()
+    config.set_data_dir(tmp_path / "data")
+    config.serial.devices = [{"name": "monitor", "match": str(link), "profile": "example-vitals-monitor"}]
+    outbox = Outbox.open(config.data_dir, min_free_bytes=0)
+    part = serial_part(config, outbox)
+    assert part is not None
+    patients = PatientContext.open(config.data_dir, idle_timeout_s=900)
+    registry = DeviceRegistry.open(config.data_dir)
+
+    def device() -> object:
+        return registry.get("serial:monitor")
+
+    now = dt.datetime.now(dt.timezone.utc)
+    try:
+        part.check(time.monotonic())  # starts the link's thread, as the acquire service's step does
+        wait_for(lambda: device() is not None and device().connected, timeout=30)  # type: ignore[attr-defined]
+        patients.set_patient("P-9", now=now - dt.timedelta(minutes=1))
+        outbox.min_free_bytes = 1 << 60  # the data partition is full for now
+        printed = (now + dt.timedelta(hours=1)).strftime("DATE %Y-%m-%d  TIME %H:%M:%S").encode()  # UTC+1
+        monitor.write(VITALS_REPORT.replace(b"DATE 2025-03-04  TIME 09:41:07", printed))
+        wait_for(lambda: "cannot store" in (device().last_error or ""), timeout=30)  # type: ignore[attr-defined]
+        monitor.unplug()
+        wait_for(lambda: not device().connected, timeout=30)  # type: ignore[attr-defined]
+        outbox.min_free_bytes = 0  # the forwarder sent and purged: room again
+        wait_for(lambda: len(outbox.items(kind="observation")) >= 3, timeout=30)
+        assert len(outbox.items(kind="observation")) == 3  # once each
+    finally:
+        part.close()
+        registry.close()
+        patients.close()
+        outbox.close()
