@@ -51,7 +51,7 @@ def serial_part(config: Config, outbox: Outbox) -> Part | None:
 
     def work(stop: threading.Event, beat: Beat) -> None:
         while not stop.is_set():
-            service.manager.poll(1.0)
+            service.run_once(1.0)  # also stores what an unplugged device left once there is room
             beat()
 
     return WorkerPart("serial", work, on_close=service.close)
