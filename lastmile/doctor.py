@@ -317,7 +317,7 @@ class Doctor:
         return "no time daemon found; year check only", False
 
     def check_services(self) -> list[Finding]:
-        from lastmile.services.runtime import CONFIG_REFUSED
+        from lastmile.services.runtime import CONFIG_REFUSED, FAULT
 
         if not self.systemd_run_dir.is_dir():
             return [Finding("services", Level.SKIP, "systemd is not running here")]
@@ -339,9 +339,20 @@ class Doctor:
             text = f"{unit}: {state}, {restarts} restarts" + (
                 f", {props['StatusText']}" if props.get("StatusText") else ""
             )
-            if props.get("StatusText", "").startswith(CONFIG_REFUSED):
+            status = props.get("StatusText", "")
+            if status.startswith(CONFIG_REFUSED):
                 # up only to say so (the console's page): nothing records or sends
                 out.append(Finding("services", Level.FAIL, text, "lastmile config check says what is wrong"))
+            elif props.get("ActiveState") == "active" and FAULT in status.split():
+                # up, but a fault keeps it from (part of) its work: waited out, or a part down
+                out.append(
+                    Finding(
+                        "services",
+                        Level.FAIL,
+                        text,
+                        f"up but not doing all its work: journalctl -u {unit} -n 50 says why; it retries by itself",
+                    )
+                )
             elif props.get("ActiveState") == "active":
                 level = Level.WARN if int(restarts or 0) > 5 else Level.OK
                 out.append(

@@ -3,7 +3,8 @@
 A part is checked by its service's `step()` (the loop the watchdog is tied to): a part whose
 thread ended or failed (BlueZ not up yet, a port in use) is restarted with backoff and the
 service stays up; a part that stops beating is wedged, and the check raises so the process exits
-and systemd restarts it.
+and systemd restarts it. A part that is down says so in its status with the runtime's FAULT
+mark, which `lastmile doctor` reads: the unit is active, but not doing all its work.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from lastmile.services.runtime import FAULT
+
 log = logging.getLogger(__name__)
 
 STEP_S = 1.0  # how often the parts are checked
@@ -21,6 +24,16 @@ STALE_S = 20.0  # a link that has not gone round for this long is wedged (the un
 RESTART_BACKOFF_S = (5.0, 300.0)  # first and longest wait before restarting a failed part
 
 Beat = Callable[[], None]
+
+
+def restart_wait(failures: int) -> float:
+    """Seconds before the next start of a part that failed `failures` times in a row."""
+    low, high = RESTART_BACKOFF_S
+    return min(high, low * 2 ** min(failures - 1, 10))
+
+
+def down_status(name: str, error: str) -> str:
+    return f"{FAULT} {name} down ({error or 'starting'})"
 
 
 class Wedged(RuntimeError):
@@ -87,8 +100,7 @@ class WorkerPart:
     def _failed(self, reason: str) -> None:
         self.failures += 1
         self.last_error = reason
-        low, high = RESTART_BACKOFF_S
-        wait = min(high, low * 2 ** min(self.failures - 1, 10))
+        wait = restart_wait(self.failures)
         self.next_start = self.clock() + wait
         log.info("%s: will try again in %.0f s", self.name, wait)
 
@@ -112,7 +124,7 @@ class WorkerPart:
     def status(self) -> str:
         if self.running:
             return f"{self.name} up"
-        return f"{self.name} down ({self.last_error or 'starting'})"
+        return down_status(self.name, self.last_error)
 
     def close(self) -> None:
         self.stop.set()
