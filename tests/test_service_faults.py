@@ -12,7 +12,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,10 +20,10 @@ import pytest
 
 from lastmile.config import Config
 from lastmile.doctor import Level
-from tests.conftest import REPO, shared_file
+from tests.conftest import shared_file
 from tests.serial_pty import PtyDevice, wait_for
 from tests.test_doctor import doctor
-from tests.test_service_runtime import Manager, stop_child
+from tests.test_service_runtime import Manager, start_acquire, stop_child
 from uploader.outbox import Outbox
 
 
@@ -64,14 +63,7 @@ def acquire_with_lan_port_taken(tmp_path: Path) -> Iterator[tuple[Manager, subpr
         f'[usb_import]\nfolders = ["{stick}"]\n'
         f'[lan_receiver]\nenabled = true\nhost = "127.0.0.1"\nport = {port}\nallowed_callers = ["CART"]\n'
     )
-    env = {**os.environ, "NOTIFY_SOCKET": str(manager.path), "WATCHDOG_USEC": "20000000", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lastmile", "-c", str(config), "acquire"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_acquire(config, manager, watchdog_usec=20_000_000)
     try:
         yield manager, proc, holder, port
     finally:

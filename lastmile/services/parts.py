@@ -139,19 +139,58 @@ class WorkerPart:
                 log.warning("%s: still busy at shutdown", self.name)
 
 
+class Listener(Protocol):
+    """A server that runs its own threads once started (the LAN storage SCP: pynetdicom's)."""
+
+    @property
+    def port(self) -> int: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 class ReceiverPart:
-    """The LAN storage SCP: pynetdicom runs its own server threads."""
+    """The LAN storage SCP, started by `check`, and started again with backoff while it cannot
+    listen: a port another program holds, the clinic LAN's address not assigned yet at boot (the
+    LAN switch off). Meanwhile the other parts - serial devices, USB sticks, GPS - go on."""
 
     name = "lan-receiver"
 
-    def __init__(self, receiver: object) -> None:
+    def __init__(self, receiver: Listener) -> None:
         self.receiver = receiver
+        self.listening = False
+        self.failures = 0
+        self.last_error = ""
+        self.next_start = 0.0
 
     def check(self, now: float) -> None:
-        return None
+        if self.listening or now < self.next_start:
+            return
+        try:
+            self.receiver.start()
+        except OSError as exc:  # the machine's fault, not ours: say it, try again later
+            self.failures += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            wait = restart_wait(self.failures)
+            self.next_start = now + wait
+            (log.error if self.failures == 1 else log.info)(
+                "%s: cannot listen (%s); the other device links go on; trying again in %.0f s",
+                self.name,
+                self.last_error,
+                wait,
+            )
+            return
+        if self.failures:
+            log.info("%s: listening again (was: %s)", self.name, self.last_error)
+        self.listening, self.failures, self.last_error = True, 0, ""
 
     def status(self) -> str:
-        return f"{self.name} :{getattr(self.receiver, 'port', '?')}"
+        if self.listening:
+            return f"{self.name} :{self.receiver.port}"
+        return down_status(self.name, self.last_error)
 
     def close(self) -> None:
-        self.receiver.stop()  # type: ignore[attr-defined]
+        if self.listening:
+            self.listening = False
+            self.receiver.stop()
