@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 
 from lastmile.config import Config
 from lastmile.doctor import Level
-from tests.conftest import shared_file
+from tests.conftest import REPO, shared_file
 from tests.serial_pty import PtyDevice, wait_for
 from tests.test_doctor import doctor
 from tests.test_service_runtime import Manager, start_acquire, stop_child
@@ -184,3 +185,42 @@ def test_acquire_stores_what_an_unplugged_monitor_left_once_there_is_room(
         registry.close()
         patients.close()
         outbox.close()
+
+
+# -- lastmile doctor: a port that answers is not our listener ----------------------------------------
+
+
+def test_doctor_fails_the_commitment_port_held_by_another_program(tmp_path: Path) -> None:
+    """lastmile/doctor.py check_commitment_listener: anything that accepts a TCP connection on
+    reading_center.listen_port was "listener up on port N for commitment reports" - OK. A
+    program holding that port (a leftover storescp, a second gateway install) is exactly what
+    keeps lastmile-forward from starting ("cannot listen for storage commitment reports ...
+    Address already in use", waited out with nothing sent), and the doctor's line for it said OK.
+    The listener is now ours only if a `lastmile forward` process holds the port."""
+    from lastmile.demo.loopback import free_port
+    from tests.peers import wait_for_port
+
+    port = free_port()
+    toml = f'[reading_center]\nhost = "127.0.0.1"\nport = {free_port()}\nlisten_port = {port}\n'
+    with socket.socket() as other:  # the other program: this test's process
+        other.bind(("127.0.0.1", port))
+        other.listen()
+        held = doctor(tmp_path, toml).check_commitment_listener()
+    assert held[0].level is Level.FAIL, held
+    assert f"port {port}" in held[0].message and "listen_port" in held[0].hint
+
+    config = tmp_path / "lastmile.toml"
+    config.write_text(f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n' + toml)
+    forward = subprocess.Popen(
+        [sys.executable, "-m", "lastmile", "-c", str(config), "forward"],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        wait_for_port(port, 60, forward)
+        ours = doctor(tmp_path, toml).check_commitment_listener()
+    finally:
+        stop_child(forward)
+    assert ours[0].level is Level.OK and f"port {port}" in ours[0].message, ours
