@@ -6,6 +6,7 @@ unplugged monitor had left unstored. Each test failed on the code before its fix
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import os
 import shutil
@@ -19,8 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from lastmile.clinic.devices import DeviceRecord, DeviceRegistry
 from lastmile.config import Config
 from lastmile.doctor import Level
+from lastmile.services.parts import Part
 from tests.conftest import REPO, shared_file
 from tests.serial_pty import PtyDevice, wait_for
 from tests.test_doctor import doctor
@@ -133,7 +136,63 @@ def test_doctor_fails_a_service_that_is_up_but_cannot_do_its_work(tmp_path: Path
     assert [f.level for f in healthy.check_services()] == [Level.OK] * 4
 
 
-# -- what an unplugged device left unstored ---------------------------------------------------------
+# -- the acquire service's serial part: what it holds, what it has in hand at SIGTERM ----------------
+
+
+@dataclasses.dataclass
+class MonitorOnPart:
+    monitor: PtyDevice
+    outbox: Outbox
+    outbox_path: Path
+    part: Part
+    registry: DeviceRegistry
+    report: bytes  # what the monitor prints: three readings
+
+    def device(self) -> DeviceRecord:
+        record = self.registry.get("serial:monitor")
+        assert record is not None
+        return record
+
+
+@contextlib.contextmanager
+def monitor_on_the_acquire_part(tmp_path: Path) -> Iterator[MonitorOnPart]:
+    """A vital-signs monitor on a pty, connected through the acquire service's serial part (its
+    thread started as the service's step starts it), a patient checked in."""
+    from lastmile.clinic.patients import PatientContext
+    from lastmile.services.acquire import serial_part
+    from tests.test_ascii_report import VITALS_REPORT
+
+    link = tmp_path / "usb-monitor"
+    monitor = PtyDevice(link)
+    config = Config()
+    config.set_data_dir(tmp_path / "data")
+    config.serial.devices = [{"name": "monitor", "match": str(link), "profile": "example-vitals-monitor"}]
+    outbox = Outbox.open(config.data_dir, min_free_bytes=0)
+    part = serial_part(config, outbox)
+    assert part is not None
+    patients = PatientContext.open(config.data_dir, idle_timeout_s=900)
+    registry = DeviceRegistry.open(config.data_dir)
+    now = dt.datetime.now(dt.timezone.utc)
+    printed = (now + dt.timedelta(hours=1)).strftime("DATE %Y-%m-%d  TIME %H:%M:%S").encode()  # monitor: UTC+1
+    m = MonitorOnPart(
+        monitor,
+        outbox,
+        config.data_dir / "outbox.sqlite",
+        part,
+        registry,
+        VITALS_REPORT.replace(b"DATE 2025-03-04  TIME 09:41:07", printed),
+    )
+    try:
+        part.check(time.monotonic())
+        wait_for(lambda: registry.get("serial:monitor") is not None and m.device().connected, timeout=30)
+        patients.set_patient("P-9", now=now - dt.timedelta(minutes=1))
+        yield m
+    finally:
+        part.close()
+        monitor.unplug()
+        registry.close()
+        patients.close()
+        outbox.close()
 
 
 def test_acquire_stores_what_an_unplugged_monitor_left_once_there_is_room(
@@ -146,45 +205,53 @@ def test_acquire_stores_what_an_unplugged_monitor_left_once_there_is_room(
     unplugged (taken on a home visit): once the forwarder has freed space the readings still sit
     in memory - not forwarded, and gone at the next power cut."""
     import lastmile.services.serial_devices as serial_devices
-    from lastmile.clinic.devices import DeviceRegistry
-    from lastmile.clinic.patients import PatientContext
-    from lastmile.services.acquire import serial_part
-    from tests.test_ascii_report import VITALS_REPORT
 
     monkeypatch.setattr(serial_devices, "RETRY_STORE_S", 0.2)  # retried every 0.2 s, not 30 s
-    link = tmp_path / "usb-monitor"
-    monitor = PtyDevice(link)
-    config = Config()
-    config.set_data_dir(tmp_path / "data")
-    config.serial.devices = [{"name": "monitor", "match": str(link), "profile": "example-vitals-monitor"}]
-    outbox = Outbox.open(config.data_dir, min_free_bytes=0)
-    part = serial_part(config, outbox)
-    assert part is not None
-    patients = PatientContext.open(config.data_dir, idle_timeout_s=900)
-    registry = DeviceRegistry.open(config.data_dir)
+    with monitor_on_the_acquire_part(tmp_path) as m:
+        m.outbox.min_free_bytes = 1 << 60  # the data partition is full for now
+        m.monitor.write(m.report)
+        wait_for(lambda: "cannot store" in (m.device().last_error or ""), timeout=30)
+        m.monitor.unplug()
+        wait_for(lambda: not m.device().connected, timeout=30)
+        m.outbox.min_free_bytes = 0  # the forwarder sent and purged: room again
+        wait_for(lambda: len(m.outbox.items(kind="observation")) >= 3, timeout=30)
+        assert len(m.outbox.items(kind="observation")) == 3  # once each
 
-    def device() -> object:
-        return registry.get("serial:monitor")
 
-    now = dt.datetime.now(dt.timezone.utc)
-    try:
-        part.check(time.monotonic())  # starts the link's thread, as the acquire service's step does
-        wait_for(lambda: device() is not None and device().connected, timeout=30)  # type: ignore[attr-defined]
-        patients.set_patient("P-9", now=now - dt.timedelta(minutes=1))
-        outbox.min_free_bytes = 1 << 60  # the data partition is full for now
-        printed = (now + dt.timedelta(hours=1)).strftime("DATE %Y-%m-%d  TIME %H:%M:%S").encode()  # UTC+1
-        monitor.write(VITALS_REPORT.replace(b"DATE 2025-03-04  TIME 09:41:07", printed))
-        wait_for(lambda: "cannot store" in (device().last_error or ""), timeout=30)  # type: ignore[attr-defined]
-        monitor.unplug()
-        wait_for(lambda: not device().connected, timeout=30)  # type: ignore[attr-defined]
-        outbox.min_free_bytes = 0  # the forwarder sent and purged: room again
-        wait_for(lambda: len(outbox.items(kind="observation")) >= 3, timeout=30)
-        assert len(outbox.items(kind="observation")) == 3  # once each
-    finally:
-        part.close()
-        registry.close()
-        patients.close()
-        outbox.close()
+def test_sigterm_while_a_report_is_stored_keeps_every_reading_of_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lastmile/services/parts.py WorkerPart.close: `on_close` ran before the part's thread was
+    joined. For the serial part that is SerialService.close - links torn down from the main
+    thread and clinic.db closed - while the link's thread was still storing the report in hand
+    (the outbox busy for a moment: another process writing). SIGTERM then (a restart, an update's
+    reboot, a shutdown): the first reading is stored, the next ones meet a closed database,
+    "cannot store ... closed database", are held in memory and are gone with the process -
+    although the runtime promises that the work in hand is finished before close."""
+    import sqlite3
+    import threading
+
+    with monitor_on_the_acquire_part(tmp_path) as m:
+        storing = threading.Event()
+        add = m.outbox.add
+
+        def add_noting(*args: object, **kwargs: object) -> object:
+            storing.set()
+            return add(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(m.outbox, "add", add_noting)
+        other = sqlite3.connect(m.outbox_path, isolation_level=None, check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")  # another process writes: the outbox is busy a moment
+        release = threading.Timer(1.0, other.rollback)
+        try:
+            m.monitor.write(m.report)
+            assert storing.wait(30), "the report was never stored"
+            release.start()
+            m.part.close()  # SIGTERM: the acquire service closes its parts
+        finally:
+            release.join()
+            other.close()
+        assert len(m.outbox.items(kind="observation")) == 3, "readings of the report in hand were lost at SIGTERM"
 
 
 # -- lastmile doctor: a port that answers is not our listener ----------------------------------------
