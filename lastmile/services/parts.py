@@ -127,16 +127,19 @@ class WorkerPart:
         return down_status(self.name, self.last_error)
 
     def close(self) -> None:
+        """Stop: the thread finishes what it has in hand (a report being stored) first; only then
+        `on_close` tears down what it was using (the serial links, clinic.db). The other way
+        round, the readings still to be stored met a closed database and went with the process."""
         self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=15)
+            if self.thread.is_alive():
+                log.warning("%s: still busy at shutdown", self.name)
         if self.on_close is not None:
             try:
                 self.on_close()
             except Exception:
                 log.exception("%s: close failed", self.name)
-        if self.thread is not None:
-            self.thread.join(timeout=15)
-            if self.thread.is_alive():
-                log.warning("%s: still busy at shutdown", self.name)
 
 
 class Listener(Protocol):
