@@ -931,7 +931,7 @@ def check_config_file(path: str | os.PathLike[str] | None = None) -> Config:
     """`lastmile config check`: parse (every meaning check), then the files named exist."""
     config = load_config(path)
     if config.source != "<defaults>":
-        check_files(config, Path(config.source).read_text(encoding="utf-8"))
+        check_files(config, config_text(Path(config.source)))
     else:
         check_files(config, "")
     return config
@@ -967,8 +967,8 @@ def salvage_console_config(path: str | os.PathLike[str] | None = None) -> Config
     p, _ = config_file(path)
     config.source = str(p)
     try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        data = tomllib.loads(config_text(p))
+    except (OSError, ConfigError, tomllib.TOMLDecodeError):
         return config
 
     def value(section: str, key: str, kind: type) -> typing.Any:
@@ -1003,14 +1003,29 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     """
     p, explicit = config_file(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = config_text(p)
     except FileNotFoundError:
         if explicit:
             raise ConfigError(f"{p}: no such configuration file") from None
         return Config()
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise ConfigError(f"{p}: cannot read: {exc}") from None
     return parse_config(text, str(p))
+
+
+def config_text(path: Path) -> str:
+    """The file's text: UTF-8, with or without the byte-order mark Windows Notepad writes (the
+    clinic edits the file on the SD card's boot partition). A file saved as "ANSI" (GBK on a
+    Chinese Windows) is refused at the line of its first such byte, saying how to save it."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"{path}:{line}: is not UTF-8 text (saved as ANSI/GBK?): save the file as UTF-8 "
+            "(Notepad: Save As, Encoding UTF-8)"
+        ) from None
 
 
 def render_defaults() -> str:

@@ -89,6 +89,7 @@ class Doctor:
     device_links: Path = DEVICE_LINKS
     journald_paths: tuple[Path, ...] = JOURNALD_DROPINS
     systemd_run_dir: Path = Path("/run/systemd/system")  # present when systemd is the init
+    proc_root: Path = Path("/proc")
     run: Callable[[list[str]], subprocess.CompletedProcess[str] | None] = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
@@ -317,7 +318,7 @@ class Doctor:
         return "no time daemon found; year check only", False
 
     def check_services(self) -> list[Finding]:
-        from lastmile.services.runtime import CONFIG_REFUSED
+        from lastmile.services.runtime import CONFIG_REFUSED, FAULT
 
         if not self.systemd_run_dir.is_dir():
             return [Finding("services", Level.SKIP, "systemd is not running here")]
@@ -339,9 +340,20 @@ class Doctor:
             text = f"{unit}: {state}, {restarts} restarts" + (
                 f", {props['StatusText']}" if props.get("StatusText") else ""
             )
-            if props.get("StatusText", "").startswith(CONFIG_REFUSED):
+            status = props.get("StatusText", "")
+            if status.startswith(CONFIG_REFUSED):
                 # up only to say so (the console's page): nothing records or sends
                 out.append(Finding("services", Level.FAIL, text, "lastmile config check says what is wrong"))
+            elif props.get("ActiveState") == "active" and FAULT in status.split():
+                # up, but a fault keeps it from (part of) its work: waited out, or a part down
+                out.append(
+                    Finding(
+                        "services",
+                        Level.FAIL,
+                        text,
+                        f"up but not doing all its work: journalctl -u {unit} -n 50 says why; it retries by itself",
+                    )
+                )
             elif props.get("ActiveState") == "active":
                 level = Level.WARN if int(restarts or 0) > 5 else Level.OK
                 out.append(
@@ -414,8 +426,9 @@ class Doctor:
         probe = "127.0.0.1" if bind_host in ("0.0.0.0", "::") else bind_host
         with socket.socket() as s:
             s.settimeout(1.0)
-            if s.connect_ex((probe, port)) == 0:
-                return [Finding("commitment", Level.OK, f"listener up on port {port} for commitment reports")]
+            answers = s.connect_ex((probe, port)) == 0
+        if answers:
+            return [self._listener_finding(port)]
         try:
             with socket.socket() as s:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -437,6 +450,26 @@ class Doctor:
                 "lastmile-forward opens it when it runs: systemctl status lastmile-forward",
             )
         ]
+
+    def _listener_finding(self, port: int) -> Finding:
+        """Something answers on the commitment port: lastmile-forward's listener, or another
+        program holding the port - which is what keeps lastmile-forward from starting."""
+        holders = listening_processes(port, self.proc_root)
+        if holders is None:  # other users' processes are not ours to look at (not root)
+            return Finding(
+                "commitment", Level.OK, f"something listens on port {port} (run as root to see it is lastmile-forward)"
+            )
+        if not holders or any(is_forward_service(argv) for _, argv in holders):
+            return Finding("commitment", Level.OK, f"listener up on port {port} for commitment reports")
+        pid, argv = holders[0]
+        program = " ".join(argv)[:80] or "?"
+        return Finding(
+            "commitment",
+            Level.FAIL,
+            f"port {port} is held by another program ({program}, pid {pid}): lastmile-forward cannot listen "
+            "there for commitment reports, and sends nothing until it can",
+            "stop that program, or set reading_center.listen_port to a free port (and tell the reading center)",
+        )
 
     def check_fhir(self) -> list[Finding]:
         f = self.config.fhir
@@ -902,6 +935,54 @@ def as_owner_of(path: Path) -> Iterator[None]:
     finally:
         os.seteuid(0)
         os.setegid(0)
+
+
+def listening_processes(port: int, proc_root: Path = Path("/proc")) -> list[tuple[int, list[str]]] | None:
+    """(pid, argv) of each process holding a TCP socket that listens on `port` (this network
+    namespace's); None when that cannot be told: the socket is there, its owner not readable."""
+    inodes: set[str] = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            rows = (proc_root / "net" / table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()  # sl local_address rem_address st ... inode
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return []
+    found, hidden = [], False
+    for proc in proc_root.iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fds = list((proc / "fd").iterdir())
+        except OSError:  # another user's (not root), or gone meanwhile
+            hidden = True
+            continue
+        if inodes.intersection(_link_targets(fds)):
+            try:
+                argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            except OSError:
+                argv = []
+            found.append((int(proc.name), [a for a in argv if a]))
+    return found if found or not hidden else None
+
+
+def _link_targets(links: list[Path]) -> set[str]:
+    targets = set()
+    for link in links:
+        try:
+            targets.add(os.readlink(link))
+        except OSError:  # closed meanwhile (our own scan's directory among them)
+            continue
+    return targets
+
+
+def is_forward_service(argv: list[str]) -> bool:
+    """Whether a process's argv is `lastmile forward` (the unit's, or `python -m lastmile ... forward`)."""
+    return "forward" in argv[1:] and any(Path(a).name == "lastmile" for a in argv)
 
 
 def _run_tool(cmd: list[str]) -> subprocess.CompletedProcess[str] | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from lastmile.cli import main as cli
@@ -68,3 +70,24 @@ def test_every_key_is_documented_in_the_defaults() -> None:
         line for line in render_defaults().splitlines() if re.match(r"^\w+ = ", line) and "  # " not in line
     ]
     assert undocumented == []
+
+
+def test_a_file_saved_by_windows_notepad_is_read_and_a_gbk_one_refused_with_its_line(tmp_path) -> None:
+    """lastmile/config.py load_config: the clinic writes lastmile.toml on the SD card's boot
+    partition (image/files/README-clinic.txt), often with Windows Notepad, which starts a UTF-8
+    file with a byte-order mark (always before Windows 10 1903; "UTF-8 with BOM" since). Every
+    service refused that file - "not valid TOML: Invalid statement (at line 1, column 1)" - for a
+    first line that looks right, and the whole gateway stopped (exit 78). Saved as "ANSI" (GBK on
+    a Chinese Windows) with the clinic's name in it, the refusal was a Python codec message
+    with a byte offset: it now names the line and how to save the file."""
+    path = tmp_path / "lastmile.toml"
+    clinic = "城关镇卫生院"
+    path.write_bytes(b"\xef\xbb\xbf[gateway]\r\ninstitution = '" + clinic.encode() + b"'\r\n")
+    assert load_config(path).gateway.institution == clinic
+    path.write_bytes(b"\xef\xbb\xbf[gateway]\r\nid = ''\r\n")  # mistakes keep their line numbers
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(path))}:2: 'gateway.id' must not be empty"):
+        load_config(path)
+    path.write_bytes(b"[gateway]\r\nid = 'cg-01'\r\ninstitution = '" + clinic.encode("gbk") + b"'\r\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}:3: ") and "UTF-8" in str(err.value), err.value

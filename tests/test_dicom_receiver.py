@@ -320,16 +320,18 @@ def test_other_current_patient_is_flagged_in_meta(outbox: Outbox) -> None:
 
 def test_receiver_from_configuration(outbox: Outbox) -> None:
     from lastmile.config import Config
-    from lastmile.ecg.intake import start_lan_receiver
+    from lastmile.ecg.intake import lan_receiver
     from tests.conftest import require_private_netns
     from tests.peers import free_port
 
     require_private_netns()  # the configured receiver listens on every interface, as on the LAN
     config = Config()
-    assert start_lan_receiver(config, outbox) is None  # disabled by default
+    assert lan_receiver(config, outbox) is None  # disabled by default
     section = config.lan_receiver
     section.enabled, section.port, section.allowed_callers = True, free_port(), [CART]
-    receiver = start_lan_receiver(config, outbox)
+    receiver = lan_receiver(config, outbox)
+    assert receiver is not None
+    receiver.start()
     try:
         assert _storescu(receiver.port, _files()[1]).returncode == 0
     finally:

@@ -410,7 +410,7 @@ def test_an_unusable_data_dir_at_start_is_waited_out_with_backoff_not_exit(
         assert rt.run(setup) == EXIT_OK
     assert len(attempts) == 4 and made[0].steps > 2 and made[0].closed
     ready = next(m for m in manager.messages if "READY=1" in m)
-    assert "STATUS=t: cannot start: /var/lib/lastmile is on a read-only file system; retrying in 0.05 s" in ready
+    assert "STATUS=FAULT t: cannot start: /var/lib/lastmile is on a read-only file system; retrying in 0.05 s" in ready
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and errors[0].exc_info is None  # said once, no traceback
     assert "retrying in 0.1 s" in caplog.text and "retrying in 0.2 s" in caplog.text  # the delay grows
@@ -433,7 +433,10 @@ def test_an_operational_fault_in_a_step_backs_off_instead_of_exiting(
     with caplog.at_level(logging.INFO, logger="lastmile.services.runtime"):
         assert rt.run(lambda c: made.append(DiskTrouble(c)) or made[-1]) == EXIT_OK
     statuses = [m for m in manager.messages + manager.drain(0.1) if "Read-only file system" in m]
-    assert statuses and "STATUS=t: step failed: Read-only file system: /var/lib/lastmile/outbox.sqlite" in statuses[0]
+    assert (
+        statuses
+        and "STATUS=FAULT t: step failed: Read-only file system: /var/lib/lastmile/outbox.sqlite" in statuses[0]
+    )
     assert sum(r.levelno >= logging.ERROR for r in caplog.records) == 1
     assert rt.fault is None  # cleared once a step worked again
 
@@ -652,6 +655,23 @@ def test_a_failed_part_is_restarted_with_backoff_and_a_silent_one_is_wedged() ->
     part.close()
 
 
+def start_acquire(config: Path, manager: Manager, *, watchdog_usec: int) -> subprocess.Popen[str]:
+    """`lastmile acquire` as systemd starts it: notify socket, watchdog; its output on stdout."""
+    env = {
+        **os.environ,
+        "NOTIFY_SOCKET": str(manager.path),
+        "WATCHDOG_USEC": str(watchdog_usec),
+        "PYTHONPATH": str(REPO),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "lastmile", "-c", str(config), "acquire"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 def test_acquire_reaches_ready_without_devices_and_stops_cleanly(tmp_path: Path, manager: Manager) -> None:
     inbox = tmp_path / "usb"
     inbox.mkdir()
@@ -659,14 +679,7 @@ def test_acquire_reaches_ready_without_devices_and_stops_cleanly(tmp_path: Path,
     config.write_text(
         f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n[ble]\nenabled = false\n[usb_import]\nfolders = ["{inbox}"]\n'
     )
-    env = {**os.environ, "NOTIFY_SOCKET": str(manager.path), "WATCHDOG_USEC": "2000000", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lastmile", "-c", str(config), "acquire"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_acquire(config, manager, watchdog_usec=2_000_000)
     try:
         msgs = manager.wait_for("READY=1")
         assert any("usb-import up" in m for m in msgs)

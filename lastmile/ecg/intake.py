@@ -550,19 +550,20 @@ def replace_lan_object(outbox: Outbox, existing: OutboxItem, obj: ReceivedObject
     raise ObjectRefused(CANNOT_UNDERSTAND, "instance already forwarded with other content")
 
 
-def start_lan_receiver(
+def lan_receiver(
     config: Config,
     outbox: Outbox,
     current_patient_id: CurrentPatient = _no_current_patient,
     stat_session: StatLookup = _no_stat_session,
 ) -> DicomReceiver | None:
-    """The clinic-LAN storage SCP from `lan_receiver.*`, started; None when disabled."""
+    """The clinic-LAN storage SCP from `lan_receiver.*`, checked (LinkConfigError) but not yet
+    listening; None when disabled."""
     from firmware_bridge.dicom_receiver import DicomReceiver, settings_from
 
     section = config.lan_receiver
     if not section.enabled:
         return None
-    receiver = DicomReceiver(
+    return DicomReceiver(
         settings_from(
             section.ae_title,
             section.port,
@@ -574,5 +575,3 @@ def start_lan_receiver(
         ),
         lan_object_store(outbox, current_patient_id, stat_session),
     )
-    receiver.start()
-    return receiver

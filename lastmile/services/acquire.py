@@ -5,7 +5,7 @@
 
 Parts (each only when its module exists and the configuration enables it):
 - serial: `lastmile.services.serial_devices` (bridges, ASCII-report monitors, card scanners)
-- lan-receiver: the clinic-LAN DICOM storage SCP (`lastmile.ecg.intake.start_lan_receiver`)
+- lan-receiver: the clinic-LAN DICOM storage SCP (`lastmile.ecg.intake.lan_receiver`)
 - usb-import: folders in `usb_import.folders` watched for new ECG files
 
 Each link runs on its own thread as a part (`lastmile.services.parts`: restarted with backoff
@@ -51,7 +51,7 @@ def serial_part(config: Config, outbox: Outbox) -> Part | None:
 
     def work(stop: threading.Event, beat: Beat) -> None:
         while not stop.is_set():
-            service.manager.poll(1.0)
+            service.run_once(1.0)  # also stores what an unplugged device left once there is room
             beat()
 
     return WorkerPart("serial", work, on_close=service.close)
@@ -74,12 +74,14 @@ def lan_receiver_part(config: Config, outbox: Outbox, session: SessionLookup) ->
         return None
     from firmware_bridge.errors import LinkConfigError
     from lastmile.config import ConfigError
-    from lastmile.ecg.intake import start_lan_receiver
+    from lastmile.ecg.intake import lan_receiver
 
     try:
-        receiver = start_lan_receiver(config, outbox, session.patient_id, session.stat_session)
-    except LinkConfigError as exc:  # empty allow-list and the like
+        receiver = lan_receiver(config, outbox, session.patient_id, session.stat_session)
+    except LinkConfigError as exc:  # empty allow-list and the like: refused before READY
         raise ConfigError(f"{config.source}: lan_receiver: {exc}") from None
+    # listening starts at the part's first check, and is retried there: a port it cannot have
+    # must not keep the serial devices, the USB sticks and GPS from being read
     return ReceiverPart(receiver) if receiver is not None else None
 
 

@@ -25,7 +25,7 @@ from lastmile.config import Config, ReadingCenterSection, fhir_naming
 from lastmile.data_dir import open_outbox
 from lastmile.services.metered import meter_policy, meters
 from lastmile.services.process_tuning import GLIBC_MALLOC, MALLOC_ARENAS, MMAP_THRESHOLD, TRIM_EVERY_S
-from lastmile.services.runtime import is_operational
+from lastmile.services.runtime import FAULT, is_operational
 from uploader.dicom_association import PeerSettings
 from uploader.dicom_tls import TlsFiles
 from uploader.ecg_forwarder import EcgForwarder, ForwarderSettings
@@ -192,7 +192,7 @@ class ForwardService:
             log.error("%s", line)
         else:
             log.debug("%s", line)
-        self._last = f"FAULT data partition full ({free} KB free): waiting for space to send and purge"
+        self._last = f"{FAULT} data partition full ({free} KB free): waiting for space to send and purge"
         return self._full_disk_delay
 
     def _settle_after_fault(self) -> None:
@@ -244,7 +244,7 @@ class ForwardService:
             waits.append(0.0 if fhir.claimed and not fhir.fault else self.ecg.next_due_in())
         self._last = (
             f"sent {result.sent}, committed {result.committed}, retry {result.transient}, "
-            f"quarantined {result.quarantined}" + (f", FAULT {result.fault}" if result.fault else "")
+            f"quarantined {result.quarantined}" + (f", {FAULT} {result.fault}" if result.fault else "")
         )
         if result.did_work:
             log.info("forward round: %s", self._last)

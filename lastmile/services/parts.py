@@ -3,7 +3,8 @@
 A part is checked by its service's `step()` (the loop the watchdog is tied to): a part whose
 thread ended or failed (BlueZ not up yet, a port in use) is restarted with backoff and the
 service stays up; a part that stops beating is wedged, and the check raises so the process exits
-and systemd restarts it.
+and systemd restarts it. A part that is down says so in its status with the runtime's FAULT
+mark, which `lastmile doctor` reads: the unit is active, but not doing all its work.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from lastmile.services.runtime import FAULT
+
 log = logging.getLogger(__name__)
 
 STEP_S = 1.0  # how often the parts are checked
@@ -21,6 +24,16 @@ STALE_S = 20.0  # a link that has not gone round for this long is wedged (the un
 RESTART_BACKOFF_S = (5.0, 300.0)  # first and longest wait before restarting a failed part
 
 Beat = Callable[[], None]
+
+
+def restart_wait(failures: int) -> float:
+    """Seconds before the next start of a part that failed `failures` times in a row."""
+    low, high = RESTART_BACKOFF_S
+    return min(high, low * 2 ** min(failures - 1, 10))
+
+
+def down_status(name: str, error: str) -> str:
+    return f"{FAULT} {name} down ({error or 'starting'})"
 
 
 class Wedged(RuntimeError):
@@ -87,8 +100,7 @@ class WorkerPart:
     def _failed(self, reason: str) -> None:
         self.failures += 1
         self.last_error = reason
-        low, high = RESTART_BACKOFF_S
-        wait = min(high, low * 2 ** min(self.failures - 1, 10))
+        wait = restart_wait(self.failures)
         self.next_start = self.clock() + wait
         log.info("%s: will try again in %.0f s", self.name, wait)
 
@@ -112,34 +124,76 @@ class WorkerPart:
     def status(self) -> str:
         if self.running:
             return f"{self.name} up"
-        return f"{self.name} down ({self.last_error or 'starting'})"
+        return down_status(self.name, self.last_error)
 
     def close(self) -> None:
+        """Stop: the thread finishes what it has in hand (a report being stored) first; only then
+        `on_close` tears down what it was using (the serial links, clinic.db). The other way
+        round, the readings still to be stored met a closed database and went with the process."""
         self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=15)
+            if self.thread.is_alive():
+                log.warning("%s: still busy at shutdown", self.name)
         if self.on_close is not None:
             try:
                 self.on_close()
             except Exception:
                 log.exception("%s: close failed", self.name)
-        if self.thread is not None:
-            self.thread.join(timeout=15)
-            if self.thread.is_alive():
-                log.warning("%s: still busy at shutdown", self.name)
+
+
+class Listener(Protocol):
+    """A server that runs its own threads once started (the LAN storage SCP: pynetdicom's)."""
+
+    @property
+    def port(self) -> int: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 class ReceiverPart:
-    """The LAN storage SCP: pynetdicom runs its own server threads."""
+    """The LAN storage SCP, started by `check`, and started again with backoff while it cannot
+    listen: a port another program holds, the clinic LAN's address not assigned yet at boot (the
+    LAN switch off). Meanwhile the other parts - serial devices, USB sticks, GPS - go on."""
 
     name = "lan-receiver"
 
-    def __init__(self, receiver: object) -> None:
+    def __init__(self, receiver: Listener) -> None:
         self.receiver = receiver
+        self.listening = False
+        self.failures = 0
+        self.last_error = ""
+        self.next_start = 0.0
 
     def check(self, now: float) -> None:
-        return None
+        if self.listening or now < self.next_start:
+            return
+        try:
+            self.receiver.start()
+        except OSError as exc:  # the machine's fault, not ours: say it, try again later
+            self.failures += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            wait = restart_wait(self.failures)
+            self.next_start = now + wait
+            (log.error if self.failures == 1 else log.info)(
+                "%s: cannot listen (%s); the other device links go on; trying again in %.0f s",
+                self.name,
+                self.last_error,
+                wait,
+            )
+            return
+        if self.failures:
+            log.info("%s: listening again (was: %s)", self.name, self.last_error)
+        self.listening, self.failures, self.last_error = True, 0, ""
 
     def status(self) -> str:
-        return f"{self.name} :{getattr(self.receiver, 'port', '?')}"
+        if self.listening:
+            return f"{self.name} :{self.receiver.port}"
+        return down_status(self.name, self.last_error)
 
     def close(self) -> None:
-        self.receiver.stop()  # type: ignore[attr-defined]
+        if self.listening:
+            self.listening = False
+            self.receiver.stop()

@@ -53,6 +53,9 @@ EXIT_FAILURE = 1  # systemd restarts us (Restart=on-failure)
 EXIT_CONFIG = 78  # EX_CONFIG: the units list it in RestartPreventExitStatus
 # how STATUS= begins while the configuration is refused (lastmile doctor reads it)
 CONFIG_REFUSED = "configuration refused"
+# marks, in STATUS=, work a service that is up cannot do now (a fault waited out, a part down, the
+# forwarder's faults): `lastmile doctor` fails an active unit whose status has it
+FAULT = "FAULT"
 EXIT_RESTART = 75  # EX_TEMPFAIL: a service asked for a fresh start (Restart=on-failure gives it)
 STATUS_INTERVAL_S = 1.0
 FAULT_BACKOFF_FIRST_S = 5.0  # first retry after an operational fault, doubled each time
@@ -299,13 +302,13 @@ class ServiceRuntime:
         else:
             log.info("%s", line)
         self.fault = text
-        status = f"STATUS={line}"
+        status = f"{FAULT} {line}"
         if announce_ready and self.ready_after is None:
             # waiting out a fault is not a failed start: no kill at TimeoutStartSec, no restart loop
             self.ready_after = time.monotonic() - self.started
-            self.notifier.ready(line)
+            self.notifier.ready(status)
         else:
-            self.notifier.notify(status)
+            self.notifier.notify(f"STATUS={status}")
         self.notifier.watchdog_ping()
         self._wait(self._fault_delay)
 

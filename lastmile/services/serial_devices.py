@@ -589,13 +589,18 @@ class SerialService:
 
     def _run(self, stop: threading.Event) -> None:
         while not stop.is_set():
-            self.manager.poll(1.0)
-            self.retry_unstored()
+            self.run_once(1.0)
+
+    def run_once(self, max_wait_s: float) -> None:
+        """One turn: the link manager's (bytes, hot-plug, handlers' ticks), then what unplugged
+        devices left unstored. Whoever drives the links (this service's thread, a runtime step,
+        the acquire service's part) goes round through here, so none of them leaves that behind."""
+        self.manager.poll(max_wait_s)
+        self.retry_unstored()
 
     def step(self, stop: threading.Event) -> float:
         """One `ServiceRuntime` step, for running without a thread."""
-        self.manager.poll(0.5)
-        self.retry_unstored()
+        self.run_once(0.5)
         return 0.0
 
     def retry_unstored(self) -> None:

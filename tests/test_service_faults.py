@@ -1,0 +1,293 @@
+"""Silent failures of the running services, found by review (2026-12-06): one device link that
+cannot start held every other link of the acquire service down; `lastmile doctor` said OK for a
+service that was up but could not do its work; the acquire service never stored what an
+unplugged monitor had left unstored. Each test failed on the code before its fix."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lastmile.clinic.devices import DeviceRecord, DeviceRegistry
+from lastmile.config import Config
+from lastmile.doctor import Level
+from lastmile.services.parts import Part
+from tests.conftest import REPO, shared_file
+from tests.serial_pty import PtyDevice, wait_for
+from tests.test_doctor import doctor
+from tests.test_service_runtime import Manager, start_acquire, stop_child
+from uploader.outbox import Outbox
+
+
+def status_with(manager: Manager, *words: str, timeout: float = 60.0) -> str:
+    """The first STATUS= the service sent that holds every one of `words`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for message in manager.messages:
+            for line in message.split("\n"):
+                if line.startswith("STATUS=") and all(w in line for w in words):
+                    return line.removeprefix("STATUS=")
+        if time.monotonic() > deadline:
+            said = [ln for m in manager.messages for ln in m.split("\n") if ln.startswith("STATUS=")]
+            raise AssertionError(f"no STATUS with {words} within {timeout} s; got {said}")
+        manager.drain(0.5)
+
+
+@contextlib.contextmanager
+def acquire_with_lan_port_taken(tmp_path: Path) -> Iterator[tuple[Manager, subprocess.Popen[str], socket.socket, int]]:
+    """`lastmile acquire` with a USB folder holding an ECG, and the LAN receiver's port held by
+    another program (a leftover storescp; the same as its address not assigned yet at boot).
+    Yields systemd's notification socket, the process, the socket holding the port (closed to
+    free it) and the port."""
+    manager = Manager(tmp_path / "notify")
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    ecg = stick / "0000037.ECG"
+    shutil.copyfile(shared_file("ecg", "contec", "0000037.ECG"), ecg)
+    os.utime(ecg, (time.time() - 3600,) * 2)  # written before the stick came in: imported at once
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    config = tmp_path / "lastmile.toml"
+    config.write_text(
+        f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n[ble]\nenabled = false\n[gps]\nsource = "none"\n'
+        f'[usb_import]\nfolders = ["{stick}"]\n'
+        f'[lan_receiver]\nenabled = true\nhost = "127.0.0.1"\nport = {port}\nallowed_callers = ["CART"]\n'
+    )
+    proc = start_acquire(config, manager, watchdog_usec=20_000_000)
+    try:
+        yield manager, proc, holder, port
+    finally:
+        holder.close()
+        stop_child(proc)
+        manager.sock.close()
+
+
+# -- one link down must not take the others with it ------------------------------------------------
+
+
+def test_a_lan_receiver_that_cannot_listen_does_not_stop_the_other_device_links(tmp_path: Path) -> None:
+    """lastmile/services/acquire.py lan_receiver_part: the receiver is started while the parts
+    are built, so its bind error (port held by another program, the clinic LAN's address not yet
+    assigned at boot, the LAN switch off) fails AcquireService.start as a whole: the runtime waits
+    it out with a backoff up to 5 min, READY, and meanwhile no serial device, no USB stick and no
+    GPS is read at all. The BP monitor's readings and the stick's ECGs are simply not recorded."""
+    with acquire_with_lan_port_taken(tmp_path) as (manager, proc, holder, port):
+        manager.wait_for("READY=1", timeout=60)
+        # the stick is imported while the LAN receiver cannot listen ...
+        status_with(manager, "usb-import up")
+        down = status_with(manager, "lan-receiver", "Address already in use")
+        assert "usb-import up" in down, down
+        holder.close()  # ... and the receiver comes up by itself once the port is free
+        status_with(manager, f"lan-receiver :{port}")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    outbox = Outbox.open(tmp_path / "data")
+    try:
+        assert len(outbox.items(kind="dicom")) == 1, "the stick's ECG was not imported"
+    finally:
+        outbox.close()
+
+
+# -- lastmile doctor: up is not the same as working -------------------------------------------------
+
+
+def systemctl_showing(acquire_status: str):
+    """systemctl as `lastmile doctor` asks it: every unit active, acquire saying `acquire_status`."""
+
+    def run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+        unit = cmd[2]
+        text = "LoadState=loaded\nUnitFileState=enabled\nActiveState=active\nSubState=running\nNRestarts=0\n"
+        if unit == "lastmile-acquire.service":
+            text += f"StatusText={acquire_status}\n"
+        return subprocess.CompletedProcess(cmd, 0, text, "")
+
+    return run
+
+
+def test_doctor_fails_a_service_that_is_up_but_cannot_do_its_work(tmp_path: Path) -> None:
+    """lastmile/doctor.py check_services: a unit that is active is OK, whatever its status says.
+    The runtime waits out operational faults READY ("acquire: cannot start: Address already in
+    use; retrying in 40 s"), and a part of a service can be down and retried: the unit stays
+    active with the fault only in STATUS=, and the technician's self-check says OK - "all good"
+    when nothing else is wrong - while the carts on the clinic LAN are refused."""
+    with acquire_with_lan_port_taken(tmp_path) as (manager, _proc, _holder, _port):
+        manager.wait_for("READY=1", timeout=60)
+        status = status_with(manager, "Address already in use")
+    (tmp_path / "systemd").mkdir()
+    d = doctor(tmp_path, run=systemctl_showing(status), systemd_run_dir=tmp_path / "systemd")
+    acquire = next(f for f in d.check_services() if f.message.startswith("lastmile-acquire.service"))
+    assert acquire.level is Level.FAIL, acquire
+    assert "Address already in use" in acquire.message and "journalctl -u lastmile-acquire" in acquire.hint
+    healthy = doctor(tmp_path, run=systemctl_showing("usb-import up"), systemd_run_dir=tmp_path / "systemd")
+    assert [f.level for f in healthy.check_services()] == [Level.OK] * 4
+
+
+# -- the acquire service's serial part: what it holds, what it has in hand at SIGTERM ----------------
+
+
+@dataclasses.dataclass
+class MonitorOnPart:
+    monitor: PtyDevice
+    outbox: Outbox
+    outbox_path: Path
+    part: Part
+    registry: DeviceRegistry
+    report: bytes  # what the monitor prints: three readings
+
+    def device(self) -> DeviceRecord:
+        record = self.registry.get("serial:monitor")
+        assert record is not None
+        return record
+
+
+@contextlib.contextmanager
+def monitor_on_the_acquire_part(tmp_path: Path) -> Iterator[MonitorOnPart]:
+    """A vital-signs monitor on a pty, connected through the acquire service's serial part (its
+    thread started as the service's step starts it), a patient checked in."""
+    from lastmile.clinic.patients import PatientContext
+    from lastmile.services.acquire import serial_part
+    from tests.test_ascii_report import VITALS_REPORT
+
+    link = tmp_path / "usb-monitor"
+    monitor = PtyDevice(link)
+    config = Config()
+    config.set_data_dir(tmp_path / "data")
+    config.serial.devices = [{"name": "monitor", "match": str(link), "profile": "example-vitals-monitor"}]
+    outbox = Outbox.open(config.data_dir, min_free_bytes=0)
+    part = serial_part(config, outbox)
+    assert part is not None
+    patients = PatientContext.open(config.data_dir, idle_timeout_s=900)
+    registry = DeviceRegistry.open(config.data_dir)
+    now = dt.datetime.now(dt.timezone.utc)
+    printed = (now + dt.timedelta(hours=1)).strftime("DATE %Y-%m-%d  TIME %H:%M:%S").encode()  # monitor: UTC+1
+    m = MonitorOnPart(
+        monitor,
+        outbox,
+        config.data_dir / "outbox.sqlite",
+        part,
+        registry,
+        VITALS_REPORT.replace(b"DATE 2025-03-04  TIME 09:41:07", printed),
+    )
+    try:
+        part.check(time.monotonic())
+        wait_for(lambda: registry.get("serial:monitor") is not None and m.device().connected, timeout=30)
+        patients.set_patient("P-9", now=now - dt.timedelta(minutes=1))
+        yield m
+    finally:
+        part.close()
+        monitor.unplug()
+        registry.close()
+        patients.close()
+        outbox.close()
+
+
+def test_acquire_stores_what_an_unplugged_monitor_left_once_there_is_room(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lastmile/services/acquire.py serial_part: the acquire service runs the serial link manager
+    in its own loop (poll, beat) and never calls SerialService.retry_unstored, which stores what
+    an unplugged device left in memory when the outbox refused it ("held in memory, retried in
+    30 s"). A monitor printed its readings while the data partition was full and was then
+    unplugged (taken on a home visit): once the forwarder has freed space the readings still sit
+    in memory - not forwarded, and gone at the next power cut."""
+    import lastmile.services.serial_devices as serial_devices
+
+    monkeypatch.setattr(serial_devices, "RETRY_STORE_S", 0.2)  # retried every 0.2 s, not 30 s
+    with monitor_on_the_acquire_part(tmp_path) as m:
+        m.outbox.min_free_bytes = 1 << 60  # the data partition is full for now
+        m.monitor.write(m.report)
+        wait_for(lambda: "cannot store" in (m.device().last_error or ""), timeout=30)
+        m.monitor.unplug()
+        wait_for(lambda: not m.device().connected, timeout=30)
+        m.outbox.min_free_bytes = 0  # the forwarder sent and purged: room again
+        wait_for(lambda: len(m.outbox.items(kind="observation")) >= 3, timeout=30)
+        assert len(m.outbox.items(kind="observation")) == 3  # once each
+
+
+def test_sigterm_while_a_report_is_stored_keeps_every_reading_of_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lastmile/services/parts.py WorkerPart.close: `on_close` ran before the part's thread was
+    joined. For the serial part that is SerialService.close - links torn down from the main
+    thread and clinic.db closed - while the link's thread was still storing the report in hand
+    (the outbox busy for a moment: another process writing). SIGTERM then (a restart, an update's
+    reboot, a shutdown): the first reading is stored, the next ones meet a closed database,
+    "cannot store ... closed database", are held in memory and are gone with the process -
+    although the runtime promises that the work in hand is finished before close."""
+    import sqlite3
+    import threading
+
+    with monitor_on_the_acquire_part(tmp_path) as m:
+        storing = threading.Event()
+        add = m.outbox.add
+
+        def add_noting(*args: object, **kwargs: object) -> object:
+            storing.set()
+            return add(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(m.outbox, "add", add_noting)
+        other = sqlite3.connect(m.outbox_path, isolation_level=None, check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")  # another process writes: the outbox is busy a moment
+        release = threading.Timer(1.0, other.rollback)
+        try:
+            m.monitor.write(m.report)
+            assert storing.wait(30), "the report was never stored"
+            release.start()
+            m.part.close()  # SIGTERM: the acquire service closes its parts
+        finally:
+            release.join()
+            other.close()
+        assert len(m.outbox.items(kind="observation")) == 3, "readings of the report in hand were lost at SIGTERM"
+
+
+# -- lastmile doctor: a port that answers is not our listener ----------------------------------------
+
+
+def test_doctor_fails_the_commitment_port_held_by_another_program(tmp_path: Path) -> None:
+    """lastmile/doctor.py check_commitment_listener: anything that accepts a TCP connection on
+    reading_center.listen_port was "listener up on port N for commitment reports" - OK. A
+    program holding that port (a leftover storescp, a second gateway install) is exactly what
+    keeps lastmile-forward from starting ("cannot listen for storage commitment reports ...
+    Address already in use", waited out with nothing sent), and the doctor's line for it said OK.
+    The listener is now ours only if a `lastmile forward` process holds the port."""
+    from lastmile.demo.loopback import free_port
+    from tests.peers import wait_for_port
+
+    port = free_port()
+    toml = f'[reading_center]\nhost = "127.0.0.1"\nport = {free_port()}\nlisten_port = {port}\n'
+    with socket.socket() as other:  # the other program: this test's process
+        other.bind(("127.0.0.1", port))
+        other.listen()
+        held = doctor(tmp_path, toml).check_commitment_listener()
+    assert held[0].level is Level.FAIL, held
+    assert f"port {port}" in held[0].message and "listen_port" in held[0].hint
+
+    config = tmp_path / "lastmile.toml"
+    config.write_text(f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n' + toml)
+    forward = subprocess.Popen(
+        [sys.executable, "-m", "lastmile", "-c", str(config), "forward"],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        wait_for_port(port, 60, forward)
+        ours = doctor(tmp_path, toml).check_commitment_listener()
+    finally:
+        stop_child(forward)
+    assert ours[0].level is Level.OK and f"port {port}" in ours[0].message, ours
