@@ -3,6 +3,7 @@ pynetdicom SCP for the statuses and failures the real ones will not produce on d
 
 from __future__ import annotations
 
+import hashlib
 import io
 import queue
 import socket
@@ -30,6 +31,7 @@ from pynetdicom.sop_class import GeneralECGWaveformStorage, TwelveLeadECGWavefor
 import uploader.dicom_commitment
 import uploader.dicom_part10
 from tests.acse_race import answered_before_the_requestor_looks
+from tests.conftest import run_python
 from tests.peers import (
     EcgPayload,
     OrthancServer,
@@ -216,6 +218,28 @@ def test_big_endian_object_is_forwarded_with_its_waveform_intact(ecgs: list[EcgP
     ref = dcmread(io.BytesIO(ecgs[0].data))
     for got, want in zip(ds.WaveformSequence, ref.WaveformSequence, strict=True):
         assert got.WaveformData == want.WaveformData
+
+
+def test_a_big_endian_object_is_re_encoded_in_the_forward_process_which_keeps_numpy_out(
+    ecgs: list[EcgPayload], tmp_path: Path
+) -> None:
+    """`lastmile forward` keeps numpy out of its process (RSS on a 512 MB Pi): the word swap for a
+    big-endian ECG must work there, or the whole forward service fails to import."""
+    source = tmp_path / "big-endian.dcm"
+    source.write_bytes(_big_endian(ecgs[0].data))
+    script = (
+        "import hashlib, sys\n"
+        "sys.modules['numpy'] = None  # as lastmile/commands/forwarding.py does\n"
+        "import lastmile.services.forward\n"
+        "from pydicom.uid import ExplicitVRLittleEndian\n"
+        "from uploader.dicom_part10 import encode_for, parse_part10\n"
+        "data = open(sys.argv[1], 'rb').read()\n"
+        "print(hashlib.sha256(encode_for(parse_part10(data), ExplicitVRLittleEndian)).hexdigest())\n"
+    )
+    done = run_python(script, source)
+    assert done.returncode == 0, done.stderr[-2000:]
+    want = uploader.dicom_part10.encode_for(parse_part10(source.read_bytes()), ExplicitVRLittleEndian)
+    assert done.stdout.strip() == hashlib.sha256(want).hexdigest()
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about the garbage it is fed
