@@ -427,3 +427,27 @@ def test_device_stamps_are_read_with_the_offset_of_their_own_date() -> None:
         dt.datetime(2025, 3, 30, 11, 0, tzinfo=UTC),
         TimeSource.DEVICE_CLOCK_CORRECTED,
     )
+
+
+def test_a_clock_fast_by_less_than_the_tolerance_is_corrected_when_its_offset_was_measured() -> None:
+    """A cuff 3 min fast (within the 5 min tolerance) whose Current Time we read at connect: its
+    stored reading stamped just after the next patient's check-in was taken 3 min earlier."""
+    fast = ClockCheck(offset=dt.timedelta(minutes=3), set_at=RX)
+    stored = dt.datetime(2025, 6, 1, 10, 1)  # taken 09:58, before we set the clock
+    assert resolve_time(stored, RX + dt.timedelta(seconds=30), fast, UTC) == (
+        dt.datetime(2025, 6, 1, 9, 58, tzinfo=UTC),
+        TimeSource.DEVICE_CLOCK_CORRECTED,
+    )
+    fresh = dt.datetime(2025, 6, 1, 10, 4)  # past anything the fast clock stamped before we set it
+    assert resolve_time(fresh, RX + dt.timedelta(minutes=4), fast, UTC) == (
+        fresh.replace(tzinfo=UTC),
+        TimeSource.DEVICE_CLOCK,
+    )
+    # measured from a live value (no Current Time to set): every stamp is the fast clock's
+    live = ClockCheck(offset=dt.timedelta(minutes=3))
+    assert resolve_time(dt.datetime(2025, 6, 1, 10, 0), RX, live, UTC) == (
+        RX - dt.timedelta(minutes=3),
+        TimeSource.DEVICE_CLOCK_CORRECTED,
+    )
+    # a second off is what the measurement itself resolves: left as the device's clock
+    assert resolve_time(stored, RX, ClockCheck(offset=dt.timedelta(seconds=1)), UTC)[1] == TimeSource.DEVICE_CLOCK
