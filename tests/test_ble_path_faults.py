@@ -28,6 +28,7 @@ from devices.ble import uuids
 from devices.ble.current_time import decode_current_time, encode_current_time
 from devices.ble.pulse_oximeter import decode_plx_continuous
 from devices.errors import ProtocolError
+from devices.identity import TimeSource
 from firmware_bridge.ble.emulated_peripherals import (
     BloodPressureCuff,
     BpRecord,
@@ -225,3 +226,38 @@ def test_a_current_time_read_that_fails_to_decode_still_lets_the_gateway_set_the
     cuff = asyncio.run(main())
     assert cuff.clock.set_count == 1, "the gateway never wrote the current time"
     assert [o["patient_id"] for o in gw.observations()] == ["P-NOW"]
+
+
+# --------------------------------------------------------------------------------------------
+# 4. A device clock fast by less than the tolerance is believed: the previous patient's stored
+#    reading lands on the patient checked in since.
+
+
+def test_stored_reading_from_a_cuff_a_few_minutes_fast_is_not_given_to_the_next_patient(gw: Gateway) -> None:
+    """The cuff's clock is 3 min fast (within `clock_tolerance_s`). Patient A measured 90 s ago
+    and left; the doctor checked B in 60 s ago; the cuff connects now and sends A's stored reading,
+    stamped 90 s *ahead* by its fast clock. The gateway read the cuff's Current Time at connect and
+    knows it is 3 min fast: the reading was taken before B's check-in and must be held, with its
+    corrected time, never charted on B."""
+    gw.allow(CUFF)
+    fast = dt.timedelta(minutes=3)
+    now = dt.datetime.now(UTC).replace(microsecond=0)
+    gw.store.context.set_patient("P-B", "Patient^B", now=now - dt.timedelta(seconds=60))
+    taken = now - dt.timedelta(seconds=90)  # true time of A's reading
+
+    async def main() -> None:
+        cuff = BloodPressureCuff(
+            gw.new_radio(),
+            CUFF,
+            "Cuff 3 min fast",
+            clock_offset=fast,
+            memory=[BpRecord(150, 95, 113, 80, (taken + fast).replace(tzinfo=None))],
+        )
+        await gw.run([cuff], until=lambda: len(gw.events) == 1)
+
+    asyncio.run(main())
+    on_b = [(o["patient_id"], o["quantities"][0]["value"]) for o in gw.observations()]
+    assert on_b == [], f"patient A's reading charted on the patient checked in after it: {on_b}"
+    (held,) = gw.store.held()
+    assert held.observation.time_source == TimeSource.DEVICE_CLOCK_CORRECTED
+    assert abs(held.observation.measured_at - taken) < dt.timedelta(seconds=3)

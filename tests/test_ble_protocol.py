@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from devices.ble.blood_pressure import decode_blood_pressure_measurement
-from devices.ble.clock import ClockCheck, measure_offset, resolve_time
+from devices.ble.clock import MEASUREMENT_NOISE, ClockCheck, measure_offset, resolve_time
 from devices.ble.measurement import record_key, to_observation
 from devices.ble.pulse_oximeter import decode_plx_spot_check
 from devices.ble.racp import (
@@ -254,9 +254,10 @@ def test_clock_reset_to_2000_is_corrected_when_offset_known() -> None:
 
 
 def test_clock_limits_are_inclusive() -> None:
-    """Five minutes is the tolerance itself: a stamp exactly 5 min ahead, an offset of exactly 5 min,
-    a stamp exactly at the moment the clock was set (less 5 min) are all believed; one second more
-    is not. 2020-01-01 00:00 is the earliest plausible time itself."""
+    """Five minutes is the tolerance itself: a stamp exactly 5 min ahead is believed, one second
+    more is not. An offset of MEASUREMENT_NOISE is no error, one second more is corrected; a stamp
+    from the first moment only the set clock can have made it (less the noise) is the set clock's.
+    2020-01-01 00:00 is the earliest plausible time itself."""
     five = dt.timedelta(minutes=5)
     second = dt.timedelta(seconds=1)
     assert resolve_time((RX + five).replace(tzinfo=None), RX, ClockCheck(), UTC) == (RX + five, TimeSource.DEVICE_CLOCK)
@@ -264,25 +265,37 @@ def test_clock_limits_are_inclusive() -> None:
         resolve_time((RX + five + second).replace(tzinfo=None), RX, ClockCheck(), UTC)[1] == TimeSource.GATEWAY_RECEIPT
     )
     assert resolve_time(dt.datetime(2020, 1, 1), RX, ClockCheck(), UTC)[1] == TimeSource.DEVICE_CLOCK
-    # an offset of exactly the tolerance is left alone; one second more is corrected
+    # an offset within what the measurement resolves is left alone; one second more is corrected
     stamp = dt.datetime(2025, 6, 1, 9, 0)
-    assert resolve_time(stamp, RX, ClockCheck(offset=five), UTC)[1] == TimeSource.DEVICE_CLOCK
-    assert resolve_time(stamp, RX, ClockCheck(offset=five + second), UTC) == (
-        stamp.replace(tzinfo=UTC) - five - second,
+    assert resolve_time(stamp, RX, ClockCheck(offset=MEASUREMENT_NOISE), UTC)[1] == TimeSource.DEVICE_CLOCK
+    assert resolve_time(stamp, RX, ClockCheck(offset=MEASUREMENT_NOISE + second), UTC) == (
+        stamp.replace(tzinfo=UTC) - MEASUREMENT_NOISE - second,
         TimeSource.DEVICE_CLOCK_CORRECTED,
     )
-    # after we set a clock that was an hour off: a stamp 5 min before the setting (clock just set,
-    # reading taken) and exactly 5 min from the receipt is the corrected clock's own
-    hour = ClockCheck(offset=dt.timedelta(hours=1), set_at=RX)
-    assert resolve_time((RX - five).replace(tzinfo=None), RX, hour, UTC) == (RX - five, TimeSource.DEVICE_CLOCK)
-    assert (
-        resolve_time((RX - five - second).replace(tzinfo=None), RX, hour, UTC)[1] == TimeSource.DEVICE_CLOCK_CORRECTED
+    # after we set a clock that was an hour fast at RX: it stamped up to RX + 1 h before the
+    # setting, so only later stamps (less the noise) are the set clock's own
+    hour = dt.timedelta(hours=1)
+    later = RX + hour + five
+    fast = ClockCheck(offset=hour, set_at=RX)
+    first_own = RX + hour - MEASUREMENT_NOISE
+    assert resolve_time(first_own.replace(tzinfo=None), later, fast, UTC) == (first_own, TimeSource.DEVICE_CLOCK)
+    assert resolve_time((first_own - second).replace(tzinfo=None), later, fast, UTC) == (
+        first_own - second - hour,
+        TimeSource.DEVICE_CLOCK_CORRECTED,
     )
-    assert resolve_time((RX + five).replace(tzinfo=None), RX, hour, UTC)[1] == TimeSource.DEVICE_CLOCK
+    # an hour slow: anything from the setting on (less the noise) is the set clock's, up to the tolerance ahead
+    slow = ClockCheck(offset=-hour, set_at=RX)
+    assert resolve_time((RX - MEASUREMENT_NOISE).replace(tzinfo=None), RX, slow, UTC)[1] == TimeSource.DEVICE_CLOCK
+    assert resolve_time((RX + five).replace(tzinfo=None), RX, slow, UTC)[1] == TimeSource.DEVICE_CLOCK
+    minute = dt.timedelta(minutes=1)
+    assert resolve_time((RX - hour - minute).replace(tzinfo=None), RX, slow, UTC) == (
+        RX - minute,
+        TimeSource.DEVICE_CLOCK_CORRECTED,
+    )
 
 
-def test_small_offset_is_not_corrected_and_correction_into_future_is_refused() -> None:
-    clock = ClockCheck(offset=dt.timedelta(minutes=3))
+def test_a_second_of_offset_is_not_corrected_and_correction_into_future_is_refused() -> None:
+    clock = ClockCheck(offset=dt.timedelta(seconds=1))
     assert resolve_time(dt.datetime(2025, 6, 1, 9, 0), RX, clock, UTC)[1] == TimeSource.DEVICE_CLOCK
     ahead = ClockCheck(offset=dt.timedelta(days=-30))
     # corrected time would be a month in the future: nonsense, use receipt
@@ -427,3 +440,27 @@ def test_device_stamps_are_read_with_the_offset_of_their_own_date() -> None:
         dt.datetime(2025, 3, 30, 11, 0, tzinfo=UTC),
         TimeSource.DEVICE_CLOCK_CORRECTED,
     )
+
+
+def test_a_clock_fast_by_less_than_the_tolerance_is_corrected_when_its_offset_was_measured() -> None:
+    """A cuff 3 min fast (within the 5 min tolerance) whose Current Time we read at connect: its
+    stored reading stamped just after the next patient's check-in was taken 3 min earlier."""
+    fast = ClockCheck(offset=dt.timedelta(minutes=3), set_at=RX)
+    stored = dt.datetime(2025, 6, 1, 10, 1)  # taken 09:58, before we set the clock
+    assert resolve_time(stored, RX + dt.timedelta(seconds=30), fast, UTC) == (
+        dt.datetime(2025, 6, 1, 9, 58, tzinfo=UTC),
+        TimeSource.DEVICE_CLOCK_CORRECTED,
+    )
+    fresh = dt.datetime(2025, 6, 1, 10, 4)  # past anything the fast clock stamped before we set it
+    assert resolve_time(fresh, RX + dt.timedelta(minutes=4), fast, UTC) == (
+        fresh.replace(tzinfo=UTC),
+        TimeSource.DEVICE_CLOCK,
+    )
+    # measured from a live value (no Current Time to set): every stamp is the fast clock's
+    live = ClockCheck(offset=dt.timedelta(minutes=3))
+    assert resolve_time(dt.datetime(2025, 6, 1, 10, 0), RX, live, UTC) == (
+        RX - dt.timedelta(minutes=3),
+        TimeSource.DEVICE_CLOCK_CORRECTED,
+    )
+    # a second off is what the measurement itself resolves: left as the device's clock
+    assert resolve_time(stored, RX, ClockCheck(offset=dt.timedelta(seconds=1)), UTC)[1] == TimeSource.DEVICE_CLOCK

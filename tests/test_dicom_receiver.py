@@ -530,3 +530,26 @@ def test_receiving_objects_share_one_memory_budget(outbox: Outbox) -> None:
     assert busy.status == 0xA700 and "busy" in busy.meaning
     assert again.status == 0x0000
     assert {i.key for i in outbox.items()} == {"dicom-sop:" + big_uid, "dicom-sop:" + small_uid}
+
+
+def test_resident_id_written_loosely_on_the_cart_is_the_checked_in_stat_patient(outbox: Outbox) -> None:
+    # The cart's operator typed the resident ID with a lower-case x and spaces; the doctor checked
+    # the same patient in (normalised) as STAT. Not "another patient", and it goes first.
+    import datetime as dt
+
+    from lastmile.clinic.patients import StatSession
+    from uploader.dicom_store import StoreAssociation
+    from uploader.outbox import Priority
+
+    checked_in = "11010519491231002X"
+    ecg = _dataset(Path(get_testdata_file("waveform_ecg.dcm")).read_bytes())
+    ecg.PatientID = "110105 19491231 002x"
+    sent = io.BytesIO()
+    ecg.save_as(sent)
+    session = StatSession(checked_in, dt.datetime.now(dt.timezone.utc))
+    settings = ReceiverSettings(port=0, allowed_callers=(CART,), timeout_s=30)
+    store = lan_object_store(outbox, lambda: checked_in, lambda: session)
+    with DicomReceiver(settings, store) as r, StoreAssociation(_cart(r.port)) as cart:
+        assert cart.store(sent.getvalue()).status == 0x0000
+    (item,) = outbox.items()
+    assert item.meta["flags"] == [] and item.meta["stat"] is True and item.priority == Priority.STAT

@@ -13,6 +13,10 @@ from dataclasses import dataclass
 from devices.identity import EARLIEST_PLAUSIBLE, TimeSource
 
 DEFAULT_TOLERANCE = dt.timedelta(minutes=5)
+# What measuring a device clock cannot resolve: Current Time and Date Time count whole seconds, and
+# the gateway reads its own clock a BLE round trip after the device read its. An offset within this
+# is no error found, and a stamp this much before the moment we set the clock is the set clock's.
+MEASUREMENT_NOISE = dt.timedelta(seconds=3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,7 +25,7 @@ class ClockCheck:
 
     `offset` is device clock minus true time, measured on something the device stamped just now
     (its Current Time, or a live reading). `set_at` is when we wrote the Current Time: from then
-    on the device clock is right, so stamps that agree with the receipt time need no correction.
+    on the device clock is right, so stamps only the set clock can have made need no correction.
     """
 
     offset: dt.timedelta | None = None
@@ -51,11 +55,18 @@ def resolve_time(
 
     stamped = device_time.replace(tzinfo=tz)
     off = clock.offset
-    if off is None or abs(off) <= tolerance:
+    # Whatever we measured, however small, is corrected: a clock 3 min fast stamps the last
+    # patient's stored reading after the next one's check-in. Only the measurement's own noise
+    # is no error (see MEASUREMENT_NOISE). `tolerance` bounds only what we cannot measure: how
+    # far ahead of its receipt an uncorrected stamp may be.
+    if off is None or abs(off) <= MEASUREMENT_NOISE:
         return (stamped, TimeSource.DEVICE_CLOCK) if plausible(stamped) else (received_at, TimeSource.GATEWAY_RECEIPT)
-    # The clock was off by `off`. A stamp agreeing with the receipt time, made after we set the
-    # clock, was made by the corrected clock; anything else was stamped by the wrong one.
-    if clock.set_at is not None and clock.set_at - tolerance <= stamped and abs(stamped - received_at) <= tolerance:
+    # The clock was off by `off` until we set it at `set_at`. Before that it stamped up to
+    # set_at + off; only the set clock stamps later than both that and set_at. A stamp in between
+    # may be either and is taken as the wrong clock's: the earlier time holds a reading for the
+    # doctor rather than giving it to the patient checked in meanwhile.
+    set_clock_from = None if clock.set_at is None else clock.set_at + max(off, dt.timedelta(0)) - MEASUREMENT_NOISE
+    if set_clock_from is not None and set_clock_from <= stamped and plausible(stamped):
         return stamped, TimeSource.DEVICE_CLOCK
     # In UTC: the offset is an absolute duration, and a DST change may lie between the two.
     corrected = (stamped.astimezone(dt.timezone.utc) - off).astimezone(tz)

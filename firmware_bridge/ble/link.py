@@ -127,7 +127,7 @@ class LinkSettings:
     retry_backoff_max_s: float = 120.0  # ... up to this
     radio_retry_max_s: float = 60.0  # a radio that cannot scan is tried again after scan_pass_s, doubling up to this
     continuous_store_interval_s: float = 10.0  # continuous SpO2: one observation per interval
-    clock_tolerance_s: float = 300.0
+    clock_tolerance_s: float = 300.0  # how far ahead of its receipt an unmeasured device clock's stamp is believed
     # The zone device clocks are set to: an IANA zone, so each stamp is read with the UTC offset
     # of its own date (a fixed offset taken at start would be an hour off across a DST change).
     device_tz: dt.tzinfo = field(default_factory=system_zone)

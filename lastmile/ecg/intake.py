@@ -489,18 +489,22 @@ def lan_object_store(
     outbox: Outbox,
     current_patient_id: CurrentPatient = _no_current_patient,
     stat_session: StatLookup = _no_stat_session,
+    id_kind: str = "",
 ) -> Callable[[ReceivedObject], None]:
     """ReceivedObject -> durable outbox item, for firmware_bridge.dicom_receiver: the object is
     stored as received (its bytes, its UIDs); the SOP Instance UID is the key, so a cart that
     sends the same object again gets Success without a second item. A patient other than the
     gateway's current one is flagged in the item's meta (the object itself is not touched); one
-    of the patient the doctor checked in as STAT goes first (the cart sends as it records)."""
+    of the patient the doctor checked in as STAT goes first (the cart sends as it records).
+    The object's patient ID is compared normalised (`comparable_patient_id`), as the checked-in
+    one was when the doctor entered it."""
 
     def store(obj: ReceivedObject) -> None:
         current = current_patient_id()
         session = stat_session()
-        stat = session is not None and session.covers(obj.patient["patient_id"] if obj.patient else None, None)
-        mismatch = bool(current and obj.patient and obj.patient["patient_id"] != current)
+        patient_id = comparable_patient_id(obj.patient["patient_id"], id_kind) if obj.patient else None
+        stat = session is not None and session.covers(patient_id, None)
+        mismatch = bool(current and patient_id is not None and patient_id != current)
         meta = ecg_item_meta(
             sop_class_uid=obj.sop_class_uid,
             sop_instance_uid=obj.sop_instance_uid,
@@ -528,6 +532,20 @@ def lan_object_store(
         )
 
     return store
+
+
+def comparable_patient_id(patient_id: str, id_kind: str) -> str:
+    """`patient_id` as `clinic_patient` keeps an entered one: runs of spaces as one, and a resident
+    ID (under `id_kind`) normalised, e.g. "110105 19491231 002x" -> "11010519491231002X", so a
+    cart's loosely typed ID is the patient checked in. A malformed resident ID is left as written:
+    it matches no checked-in patient, and the item is flagged."""
+    patient_id = " ".join(patient_id.split())
+    if not resident_id_required(patient_id, id_kind):
+        return patient_id
+    try:
+        return parse_resident_id(patient_id).number
+    except InvalidPatientIdError:
+        return patient_id
 
 
 def replace_lan_object(outbox: Outbox, existing: OutboxItem, obj: ReceivedObject, meta: dict) -> None:
@@ -573,5 +591,5 @@ def lan_receiver(
             timeout_s=config.reading_center.timeout_s,
             max_object_bytes=max(1, section.max_object_mb) * 2**20,
         ),
-        lan_object_store(outbox, current_patient_id, stat_session),
+        lan_object_store(outbox, current_patient_id, stat_session, config.patient.id_kind),
     )
