@@ -11,6 +11,7 @@ from pydicom import dcmread
 
 from lastmile.cli import main as cli
 from lastmile.config import ConfigError, parse_config, render_defaults
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.usefixtures("restored_logging")
 
@@ -234,3 +235,45 @@ def test_a_long_gateway_id_is_mapped_never_cut(tmp_path: Path) -> None:
     assert ds.StationName == "石桥村网关"
     (gateway,) = ds.ContributingEquipmentSequence
     assert gateway.StationName == "石桥村网关" and gateway.DeviceSerialNumber == full_id
+
+
+EXAMPLE_PROFILE = REPO / "firmware_bridge" / "profiles" / "example-vitals-monitor.toml"
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "words"),
+    [
+        ("baudrate = 0", "'profile.baudrate' out of range"),  # the port speed mistyped
+        ("baudrat = 9600", "'profile' unknown key(s) baudrat"),  # the key mistyped
+    ],
+)
+def test_config_check_reads_the_serial_profiles_the_acquire_service_will_refuse(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], bad_line: str, words: str
+) -> None:
+    """A technician adds a monitor with its own profile and runs `lastmile config check`: OK.
+    Then `lastmile acquire` refuses to start on the profile's mistake and no device is read.
+    The check must find what the service finds, with the profile's file, line and key."""
+    from lastmile.config import load_config
+    from lastmile.services.serial_devices import load_profiles
+
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    good = EXAMPLE_PROFILE.read_text().replace('"example-vitals-monitor"', '"ward-monitor"', 1)
+    lines = good.replace("baudrate = 9600", bad_line, 1).splitlines()
+    line = next(i + 1 for i, text in enumerate(lines) if text.startswith(bad_line))
+    (profiles / "ward-monitor.toml").write_text("\n".join(lines) + "\n")
+    path = tmp_path / "lastmile.toml"
+    path.write_text(
+        f"[serial]\nprofiles_dir = '{profiles}'\n\n"
+        "[[serial.devices]]\nname = 'ward'\nmatch = '0403:6001'\nprofile = 'ward-monitor'\n"
+    )
+    with pytest.raises(ConfigError):  # what the acquire service does at start
+        load_profiles(load_config(path))
+
+    assert cli(["-c", str(path), "config", "check"]) == 78
+    err = capsys.readouterr().err
+    assert f"ward-monitor.toml:{line}: {words}" in err, err
+    assert "lastmile.toml:7: 'serial.devices[0].profile'" in err, err  # which device uses it
+
+    (profiles / "ward-monitor.toml").write_text(good)
+    assert cli(["-c", str(path), "config", "check"]) == 0

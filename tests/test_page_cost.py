@@ -1,0 +1,99 @@
+"""What a page costs the gateway in SQL statements: the console's Today page is rendered every few
+seconds on the doctor's tablet, on a Pi with an SD card. Readings held unassigned pile up (a cuff
+used without a check-in, for weeks): showing them must cost the same few queries whether there
+are 2 or 60 of them, not one outbox look-up per reading."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+import lastmile.data_dir
+from lastmile.cli import main
+from lastmile.config import Config
+from lastmile.console import views
+from lastmile.console.sources import ClinicData
+from tests.console_harness import bp_reading, console_config
+from uploader.outbox import Outbox
+
+T0 = dt.datetime(2026, 12, 1, 8, 0, tzinfo=dt.timezone.utc)
+FEW, MANY = 2, 60
+
+
+@contextmanager
+def traced(*connections: object) -> Iterator[list[str]]:
+    """Every SQL statement run on `connections` (sqlite3 connections) while the block runs."""
+    statements: list[str] = []
+    for conn in connections:
+        conn.set_trace_callback(statements.append)  # type: ignore[attr-defined]
+    try:
+        yield statements
+    finally:
+        for conn in connections:
+            conn.set_trace_callback(None)  # type: ignore[attr-defined]
+
+
+def hold_readings(data: ClinicData, first: int, count: int) -> None:
+    """`count` BP readings with no patient checked in: each one is held, unassigned."""
+    for n in range(first, first + count):
+        at = T0 + dt.timedelta(minutes=n)
+        assert data.store.record(bp_reading(at, f"cuff:{n}"), now=at).outcome == "held"
+
+
+def test_today_page_costs_the_same_statements_with_2_or_60_held_readings(tmp_path: Path) -> None:
+    data = ClinicData(console_config(tmp_path / "data"))
+    try:
+
+        def statements_of_a_render() -> list[str]:
+            with traced(data.db.conn, data.outbox.db.conn) as statements:
+                page = views.today(data, T0 + dt.timedelta(days=1))
+            assert len(page["held"]) in (FEW, MANY)
+            return statements
+
+        hold_readings(data, 0, FEW)
+        few = statements_of_a_render()
+        hold_readings(data, FEW, MANY - FEW)
+        many = statements_of_a_render()
+    finally:
+        data.close()
+    assert len(many) == len(few), (
+        f"Today with {MANY} held readings ran {len(many)} SQL statements, with {FEW}: {len(few)}"
+    )
+
+
+def test_patient_show_asks_the_outbox_once_however_many_readings_are_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = console_config(tmp_path / "data")
+    data = ClinicData(config)
+    statements: list[str] = []
+    real_open: Callable[[Config], Outbox] = lastmile.data_dir.open_outbox
+
+    def open_traced(config: Config) -> Outbox:
+        outbox = real_open(config)
+        outbox.db.conn.set_trace_callback(statements.append)
+        return outbox
+
+    monkeypatch.setattr(lastmile.data_dir, "open_outbox", open_traced)
+
+    def outbox_statements_of_patient_show() -> int:
+        statements.clear()
+        assert main(["patient", "show", "--json", "--data-dir", str(config.data_dir)]) == 0
+        assert len(json.loads(capsys.readouterr().out)["unassigned"]) in (FEW, MANY)
+        return len(statements)
+
+    try:
+        hold_readings(data, 0, FEW)
+        few = outbox_statements_of_patient_show()
+        hold_readings(data, FEW, MANY - FEW)
+        many = outbox_statements_of_patient_show()
+    finally:
+        data.close()
+    assert many == few, (
+        f"`lastmile patient show` ran {many} outbox statements for {MANY} held readings, {few} for {FEW}"
+    )
