@@ -64,6 +64,39 @@ def fill_data_dir(data_dir: Path) -> None:
     store_returned_reports(config)  # a critical and a routine report, in the report store
 
 
+def today_render_cost(data_dir: Path, held: tuple[int, ...] = (2, 200)) -> None:
+    """SQL statements and CPU time of one Today render (the tablet asks every few seconds) with few
+    and many readings held unassigned: the statements must not grow with the held readings."""
+    from lastmile.config import Config
+    from lastmile.console import views
+    from lastmile.console.sources import ClinicData
+    from tests.console_harness import bp_reading
+
+    config = Config()
+    config.set_data_dir(data_dir)
+    config.outbox.min_free_mb = 1
+    data = ClinicData(config)
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    try:
+        stored = 0
+        for count in held:
+            for n in range(stored, count):  # no patient checked in: each reading is held
+                at = start + dt.timedelta(minutes=n)
+                data.store.record(bp_reading(at, f"bench-cuff:{n}"), now=at)
+            stored = count
+            statements: list[str] = []
+            for conn in (data.db.conn, data.outbox.db.conn):
+                conn.set_trace_callback(statements.append)
+            cpu0 = time.process_time()
+            views.today(data, start)
+            cpu = time.process_time() - cpu0
+            for conn in (data.db.conn, data.outbox.db.conn):
+                conn.set_trace_callback(None)
+            print(f"  Today with {count:3d} held readings: {len(statements)} SQL statements, {cpu * 1000:.1f} ms CPU")
+    finally:
+        data.close()
+
+
 def serve(data_dir: Path, port: int) -> None:
     """The console process being measured (runs until killed), started as `lastmile console` starts."""
     import threading
@@ -168,6 +201,8 @@ def main() -> int:
 
     ok = True
     with tempfile.TemporaryDirectory(prefix="lastmile-bench-console-") as tmp:
+        print("Today's cost per render (in process, the console's real sources):")
+        today_render_cost(Path(tmp) / "held")
         data_dir = Path(tmp) / "data"
         fill_data_dir(data_dir)
         starts, cpus, ref_starts, ref_rss = [], [], [], []

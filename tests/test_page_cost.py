@@ -45,25 +45,28 @@ def hold_readings(data: ClinicData, first: int, count: int) -> None:
         assert data.store.record(bp_reading(at, f"cuff:{n}"), now=at).outcome == "held"
 
 
-def test_today_page_costs_the_same_statements_with_2_or_60_held_readings(tmp_path: Path) -> None:
-    data = ClinicData(console_config(tmp_path / "data"))
+def with_few_then_many_held(data: ClinicData, statements_of: Callable[[], int]) -> tuple[int, int]:
+    """`statements_of()` with FEW readings held, then with MANY; closes `data`."""
     try:
-
-        def statements_of_a_render() -> list[str]:
-            with traced(data.db.conn, data.outbox.db.conn) as statements:
-                page = views.today(data, T0 + dt.timedelta(days=1))
-            assert len(page["held"]) in (FEW, MANY)
-            return statements
-
         hold_readings(data, 0, FEW)
-        few = statements_of_a_render()
+        few = statements_of()
         hold_readings(data, FEW, MANY - FEW)
-        many = statements_of_a_render()
+        return few, statements_of()
     finally:
         data.close()
-    assert len(many) == len(few), (
-        f"Today with {MANY} held readings ran {len(many)} SQL statements, with {FEW}: {len(few)}"
-    )
+
+
+def test_today_page_costs_the_same_statements_with_2_or_60_held_readings(tmp_path: Path) -> None:
+    data = ClinicData(console_config(tmp_path / "data"))
+
+    def statements_of_a_render() -> int:
+        with traced(data.db.conn, data.outbox.db.conn) as statements:
+            page = views.today(data, T0 + dt.timedelta(days=1))
+        assert len(page["held"]) in (FEW, MANY)
+        return len(statements)
+
+    few, many = with_few_then_many_held(data, statements_of_a_render)
+    assert many == few, f"Today with {MANY} held readings ran {many} SQL statements, with {FEW}: {few}"
 
 
 def test_patient_show_asks_the_outbox_once_however_many_readings_are_held(
@@ -87,13 +90,18 @@ def test_patient_show_asks_the_outbox_once_however_many_readings_are_held(
         assert len(json.loads(capsys.readouterr().out)["unassigned"]) in (FEW, MANY)
         return len(statements)
 
-    try:
-        hold_readings(data, 0, FEW)
-        few = outbox_statements_of_patient_show()
-        hold_readings(data, FEW, MANY - FEW)
-        many = outbox_statements_of_patient_show()
-    finally:
-        data.close()
+    few, many = with_few_then_many_held(data, outbox_statements_of_patient_show)
     assert many == few, (
         f"`lastmile patient show` ran {many} outbox statements for {MANY} held readings, {few} for {FEW}"
     )
+
+
+def test_present_keys_answers_for_more_keys_than_one_statement_takes(tmp_path: Path) -> None:
+    """`lastmile patient show` lists every held reading (months of them): past SQLite's limit of
+    variables per statement the look-up is split, and still answers for every key."""
+    with Outbox.open(tmp_path, min_free_bytes=0, reserve_bytes=0) as outbox:
+        for key in ("first", "middle", "last"):
+            outbox.add("observation", key, b"{}")
+        keys = ["first", *(f"other-{n}" for n in range(600)), "middle", "middle", *(f"more-{n}" for n in range(600))]
+        assert outbox.present_keys([*keys, "last"]) == {"first", "middle", "last"}
+        assert outbox.present_keys([]) == set()

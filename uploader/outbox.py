@@ -1382,6 +1382,17 @@ class Outbox:
     def stats(self, now: float) -> dict[str, Any]:
         return _stats(self._read, self.data_dir, self._statvfs, now)
 
+    def present_keys(self, keys: Sequence[str]) -> set[str]:
+        """Which of `keys` the outbox holds, in one query per _CHUNK keys: a page listing many
+        rows asks once, not once per row (the console's Today page is rendered every few seconds)."""
+        unique = list(dict.fromkeys(keys))
+        found: set[str] = set()
+        for start in range(0, len(unique), _CHUNK):
+            chunk = unique[start : start + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            found.update(r[0] for r in self._read(f"SELECT key FROM items WHERE key IN ({marks})", chunk))
+        return found
+
 
 def snapshot_stats(data_dir: Path, now: float) -> dict[str, Any]:
     """`Outbox.stats` read without writing anything (no recovery, no reserve, no -shm created

@@ -249,11 +249,11 @@ class ObservationStore:
         died (power cut) between the outbox's commit and the held row's DELETE: it is on its way
         to the county for the patient it was given, so its held copy is forgotten now, not shown
         to the doctor as still waiting for a patient (and assignable to another one)."""
-        assigned = [r for r in rows if self.outbox.find(r["key"]) is not None]
+        in_outbox = self.outbox.present_keys([r["key"] for r in rows])  # one query for the whole page
+        assigned = [r for r in rows if r["key"] in in_outbox]
         if assigned:
             with transaction(self.db) as conn:
-                for r in assigned:
-                    conn.execute("DELETE FROM held_observations WHERE id = ?", (r["id"],))
+                conn.executemany("DELETE FROM held_observations WHERE id = ?", [(r["id"],) for r in assigned])
             log.warning(
                 "%d held observation(s) already in the outbox (an assignment was cut short): no longer held",
                 len(assigned),

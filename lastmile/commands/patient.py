@@ -272,7 +272,7 @@ def _in_outbox(config, keys: list[str]) -> set[str]:  # (Config, keys) -> the ke
     if not keys or existing_file(config, DB_NAME) is None:  # a read-only command creates nothing
         return set()
     with open_outbox(config) as outbox:
-        return {key for key in keys if outbox.find(key) is not None}
+        return outbox.present_keys(keys)  # one query, not one per held reading
 
 
 def _held_ecgs(config, now: dt.datetime) -> list:  # (Config, datetime) -> list[OutboxItem]
