@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 if typing.TYPE_CHECKING:
+    from devices.ascii_report import ReportProfile
     from uploader.fhir_bundle import FhirNaming
 
 DEFAULT_CONFIG_PATH = Path("/etc/lastmile/lastmile.toml")
@@ -924,7 +925,81 @@ def check_files(config: Config, text: str) -> None:
             problems.add(dotted, f"names {path}, which this user cannot read")
     if config.serial.profiles_dir and not os.path.isdir(config.serial.profiles_dir):
         problems.add("serial.profiles_dir", f"names {config.serial.profiles_dir}, which is not a directory")
+    elif config.serial.enabled and config.serial.devices:  # when the acquire service loads them
+        _check_serial_profiles(config, problems)
     problems.raise_if_any()
+
+
+# A profile's mistake as devices.ascii_report words it: the key first ("field[2].pattern is not ...",
+# "profile: unknown key(s) baudrat ..."), else no key ("a profile needs at least one [[field]]").
+_PROFILE_KEY = re.compile(
+    r"^(?P<key>(?:profile|framing|time|record|field)(?:\[(?P<item>\d+)\])?(?:\.[\w-]+)*):?\s+(?P<rest>.*)$", re.S
+)
+_UNKNOWN_KEY = re.compile(r"^unknown key\(s\) ([\w-]+)")
+_TOML_LINE = re.compile(r"\(at line (\d+)")
+
+
+def load_serial_profile(path: Path, name: str) -> ReportProfile:
+    """One ASCII-report profile file as the acquire service loads it, and `lastmile config check`
+    checks it: ConfigError "FILE:LINE: 'key' what is wrong" for anything the service refuses."""
+    from devices.ascii_report import ProfileError, load_profile
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read profile: {exc}") from None
+    try:
+        profile = load_profile(text)
+    except ProfileError as exc:
+        raise ConfigError(_profile_problem(path, text, str(exc))) from None
+    if profile.name != name:
+        line = _line_of(text, "profile.name")
+        raise ConfigError(
+            f"{path}:{line or '?'}: 'profile.name' is {profile.name!r}; it must match the file name {name!r}"
+        )
+    return profile
+
+
+def _profile_problem(path: Path, text: str, message: str) -> str:
+    """`message` (a ProfileError's) with the file and the line of the key it names."""
+    m = _PROFILE_KEY.match(message)
+    if m is None:
+        toml = _TOML_LINE.search(message)  # tomllib says where the file stopped being TOML
+        return f"{path}:{toml.group(1) if toml else '?'}: {message}"
+    key, rest = m.group("key"), m.group("rest")
+    item = None if m.group("item") is None else int(m.group("item"))
+    parts = re.sub(r"\[\d+\]", "", key).split(".")
+    unknown = _UNKNOWN_KEY.match(rest)
+    if unknown:
+        parts.append(unknown.group(1))
+    if len(parts) == 1 and item is not None:
+        parts.append("\0")  # no such key: the line of the item-th [[field]] header
+    line = _line_of(text, ".".join(parts[:2]), item)
+    return f"{path}:{line or '?'}: '{key}' {rest}"
+
+
+def _check_serial_profiles(config: Config, problems: _Problems) -> None:
+    """The acquire service loads every profile (built-in and serial.profiles_dir) when serial
+    devices are configured, and refuses to start on any bad one: say so here, where it is
+    fixed, with the device that names it."""
+    from firmware_bridge.profiles import profile_files
+
+    devices = config.serial.devices
+    for name, path in profile_files(config.serial.profiles_dir or None).items():
+        try:
+            load_serial_profile(path, name)
+        except ConfigError as exc:
+            refused = f"the acquire service refuses it and reads no serial device: {exc}"
+            users = [
+                (i, key)
+                for i, entry in enumerate(devices)
+                for key in ("profile", "forward_profile")
+                if isinstance(entry, dict) and entry.get(key) == name
+            ]
+            for i, key in users:
+                problems.add(f"serial.devices.{key}", f"names profile {name!r}: {refused}", item=i)
+            if not users:
+                problems.add("serial.profiles_dir", f"holds profile {name!r} ({path}): {refused}")
 
 
 def check_config_file(path: str | os.PathLike[str] | None = None) -> Config:

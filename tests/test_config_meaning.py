@@ -258,7 +258,7 @@ def test_config_check_reads_the_serial_profiles_the_acquire_service_will_refuse(
 
     profiles = tmp_path / "profiles"
     profiles.mkdir()
-    good = EXAMPLE_PROFILE.read_text().replace('"example-vitals-monitor"', '"ward-monitor"', 1)
+    good = EXAMPLE_PROFILE.read_text().replace('name = "example-vitals-monitor"', 'name = "ward-monitor"', 1)
     lines = good.replace("baudrate = 9600", bad_line, 1).splitlines()
     line = next(i + 1 for i, text in enumerate(lines) if text.startswith(bad_line))
     (profiles / "ward-monitor.toml").write_text("\n".join(lines) + "\n")

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from devices.ascii_report import ProfileError, ReportParsed, ReportParser, ReportProfile, ReportRejected, load_profile
+from devices.ascii_report import ReportParsed, ReportParser, ReportProfile, ReportRejected
 from devices.bridge import codec
 from devices.bridge.session import (
     BridgeSession,
@@ -63,7 +63,7 @@ from lastmile import __version__
 from lastmile.clinic.devices import DeviceRegistry
 from lastmile.clinic.observations import ObservationStore, summary
 from lastmile.clinic.patients import PatientContext
-from lastmile.config import SERIAL_HANDLERS, Config, ConfigError, serial_device_problems
+from lastmile.config import SERIAL_HANDLERS, Config, ConfigError, load_serial_profile, serial_device_problems
 from lastmile.ecg.intake import enqueue_recording, session_request
 from uploader.errors import InvalidObjectError, UploadError
 from uploader.outbox import Outbox
@@ -96,18 +96,11 @@ def registry_address(name: str) -> str:
 
 def load_profiles(config: Config) -> dict[str, ReportProfile]:
     """Every ASCII-report profile available (built-in, then `serial.profiles_dir`); ConfigError if one is bad."""
-    profiles = {}
-    for name, path in profile_files(config.serial.profiles_dir or None).items():
-        try:
-            profile = load_profile(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: cannot read profile: {exc}") from None
-        except ProfileError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
-        if profile.name != name:
-            raise ConfigError(f"{path}: profile.name is {profile.name!r}; it must match the file name {name!r}")
-        profiles[name] = profile
-    return profiles
+    # one profile's loading, shared with `lastmile config check` (which says the same, earlier)
+    return {
+        name: load_serial_profile(path, name)
+        for name, path in profile_files(config.serial.profiles_dir or None).items()
+    }
 
 
 def link_specs(config: Config, profiles: dict[str, ReportProfile]) -> list[LinkSpec]:
