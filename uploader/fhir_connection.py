@@ -145,7 +145,8 @@ class FhirConnection:
         self.settings = settings
         self._token = read_token_file(settings.token_file) if settings.token_file else None
         self._session = session or requests.Session()
-        self.requests_sent = 0
+        self.requests_sent = 0  # requests that left this gateway (a connection was made)
+        self.bytes_sent = 0  # their bodies, as they went on the wire (what a metered link pays for)
 
     def close(self) -> None:
         self._session.close()
@@ -174,7 +175,7 @@ class FhirConnection:
             where = mask_server_text(url)
             raise PermanentError(f"FHIR server pointed us to {where}, outside {self.settings.base_url}: not followed")
         try:
-            return self._session.request(
+            response = self._session.request(
                 method,
                 url,
                 headers=self.headers(headers),
@@ -183,17 +184,24 @@ class FhirConnection:
                 allow_redirects=False,  # a redirect could lead the token and the data elsewhere
                 **kwargs,
             )
-        except requests.exceptions.SSLError as exc:
+        except requests.exceptions.SSLError as exc:  # the handshake failed: the request never went out
             raise ConfigurationFault(f"TLS with the FHIR server failed: {exc}") from None
         except (
             requests.exceptions.ConnectionError,
             requests.exceptions.Timeout,
             requests.exceptions.ChunkedEncodingError,
         ) as exc:
-            error = NotConnected if never_connected(exc) else TransientError
-            raise error(f"FHIR server unreachable: {type(exc).__name__}: {exc}") from None
-        finally:
-            self.requests_sent += 1
+            if never_connected(exc):
+                raise NotConnected(f"FHIR server unreachable: {type(exc).__name__}: {exc}") from None
+            self._count_sent(kwargs.get("data"))  # connected: the body went (or began to go) out
+            raise TransientError(f"FHIR server unreachable: {type(exc).__name__}: {exc}") from None
+        self._count_sent(kwargs.get("data"))
+        return response
+
+    def _count_sent(self, body: object) -> None:
+        self.requests_sent += 1
+        if isinstance(body, (bytes, bytearray)):
+            self.bytes_sent += len(body)
 
     @staticmethod
     def raise_for_refusal(

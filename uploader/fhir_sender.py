@@ -32,11 +32,10 @@ from typing import Any
 
 import requests
 
-from uploader.errors import ConfigurationFault, PermanentError, TransientError
+from uploader.errors import PermanentError, TransientError
 from uploader.fhir_connection import (
     FhirConnection,
     FhirSenderSettings,
-    NotConnected,
     issues_text,
     outcome_text,
     read_token_file,
@@ -91,7 +90,6 @@ class FhirSender(FhirConnection):
     def __init__(self, settings: FhirSenderSettings, session: requests.Session | None = None) -> None:
         super().__init__(settings, session)
         self._gzip = settings.gzip == "auto"
-        self.bytes_sent = 0  # request bodies as they went on the wire
 
     def __enter__(self) -> FhirSender:
         return self
@@ -110,17 +108,9 @@ class FhirSender(FhirConnection):
         headers = {"Content-Type": "application/fhir+json; charset=utf-8", "Prefer": "return=minimal"}
         if compressed:
             headers["Content-Encoding"] = "gzip"
-        sent = True
-        try:
-            return self.request("POST", self.settings.base_url, headers, data=data)
-        except (NotConnected, ConfigurationFault):
-            # no connection, or refused before the body (our URL, the platform's TLS): it never went
-            # out - counted, a day of a link down "spent" the budget the visits then waited on
-            sent = False
-            raise
-        finally:
-            if sent:
-                self.bytes_sent += len(data)
+        # bytes_sent (FhirConnection.request) counts the body only if it went out: a day of a link
+        # down must not "spend" the metered budget the visits then wait on
+        return self.request("POST", self.settings.base_url, headers, data=data)
 
     def _result(self, response: requests.Response, sent: bytes) -> dict[str, Any]:
         code = response.status_code
