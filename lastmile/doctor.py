@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lastmile.doctor_ble import check_bluetooth
+
 if TYPE_CHECKING:
     from lastmile.clinic.devices import DeviceRecord
     from lastmile.config import Config
@@ -116,6 +118,7 @@ class Doctor:
             ("reports", self.check_reports, False),
             ("metrics", self.check_metrics, False),
             ("update", self.check_update, False),
+            ("bluetooth", lambda: check_bluetooth(self), False),
         ]
 
     def run_all(self) -> list[Finding]:

@@ -53,3 +53,15 @@ def test_a_radio_or_no_ble_use_is_ok(tmp_path: Path, radios: Path) -> None:
     (radios / "hci0").rmdir()
     off = doctor(tmp_path, toml="[ble]\nenabled = false\n")  # BLE switched off on purpose
     assert levels(off.run_all(), "bluetooth") == [Level.OK]
+
+
+def test_an_adapter_blocked_by_rfkill_is_no_radio(tmp_path: Path, radios: Path) -> None:
+    pair_a_cuff(tmp_path)
+    switch = radios / "hci0" / "rfkill0"
+    switch.mkdir(parents=True)
+    (switch / "soft").write_text("1\n")
+    (switch / "hard").write_text("0\n")
+    (warning,) = [f for f in doctor(tmp_path).run_all() if f.check == "bluetooth"]
+    assert warning.level is Level.WARN and "hci0 blocked by rfkill" in warning.message
+    (switch / "soft").write_text("0\n")
+    assert levels(doctor(tmp_path).run_all(), "bluetooth") == [Level.OK]

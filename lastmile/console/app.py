@@ -270,6 +270,7 @@ CHECK_LABELS = {
     "reports": N_("Reports"),
     "metrics": N_("County monitoring"),
     "update": N_("Software update"),
+    "bluetooth": N_("Bluetooth"),
 }
 # What each check's warning or problem means for the village doctor, and what to do: the check's
 # own message (English, technical) stays below it for the county's technician.
@@ -318,6 +319,12 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
             "Software updates were not checked yet or cannot be fetched now: nothing to do, they come by themselves."
         ),
         "FAIL": N_("The last software update failed and the gateway went back to the old version: tell the county IT."),
+    },
+    "bluetooth": {
+        "WARN": N_(
+            "Readings from the Bluetooth devices (cuff, oximeter ...) cannot arrive: check that the Bluetooth "
+            "adapter is plugged into the gateway; if it is, tell the county IT."
+        )
     },
 }
 UNSURE_ADVICE = N_("Please tell the county IT.")
