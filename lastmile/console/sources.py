@@ -47,9 +47,9 @@ from lastmile.console.audit import AuditLog
 from lastmile.console.i18n import N_
 from lastmile.data_dir import open_outbox
 from lastmile.reports.store import ReportStore
-from lastmile.services.metered import meters
+from lastmile.services.metered import metered_wait, meters
 from uploader.metering import Blocked
-from uploader.outbox import ItemState, Kind, OutboxItem, Priority
+from uploader.outbox import ItemState, Kind, OutboxItem
 from uploader.report_lines import ReportLine
 
 log = logging.getLogger(__name__)
@@ -605,13 +605,13 @@ class ClinicData:
         )
 
     def _metered_block(self, now: dt.datetime) -> Blocked | None:
-        """Why routine ECGs wait on the metered link now (the forwarder's own `Meter`), if any do."""
+        """Why routine ECGs wait on the metered link now, if any do (lastmile.services.metered:
+        the forwarder's own `Meter`, as `lastmile queue` and the doctor say it)."""
         meter = meters(self.config, self.outbox).get("dicom")
-        blocked = meter.blocked(now.timestamp()) if meter is not None else None
-        if blocked is None:
+        if meter is None:
             return None
-        queued = self.outbox.items(state=ItemState.QUEUED, kind=Kind.DICOM)
-        return blocked if any(i.priority != Priority.STAT for i in queued) else None
+        wait = metered_wait(meter, self.outbox, now.timestamp(), count=False)
+        return wait.blocked if wait.holding else None
 
     # -- devices ----------------------------------------------------------------------------------
     def devices(self) -> list[DeviceRecord]:
