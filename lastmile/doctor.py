@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from lastmile.clinic.devices import DeviceRecord
     from lastmile.config import Config
+    from lastmile.services.metered import MeteredWait
 
 SERVICES = (
     "lastmile-acquire.service",
@@ -70,6 +71,9 @@ class Finding:
     level: Level
     message: str
     hint: str = ""
+    # the console's advice for it when it is not its check's level's (console/app.py CHECK_ADVICE)
+    advice: str = ""
+    until: float | None = None  # when what it reports lets go (epoch s), said in that advice
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -594,16 +598,21 @@ class Doctor:
 
     def check_queue(self) -> list[Finding]:
         from lastmile.data_dir import DataDirError, open_existing_outbox
+        from lastmile.services.metered import QUEUED_KINDS, metered_waits
         from uploader.masking import mask_server_text
 
         data = self.config.data_dir
+        now = self.now()
         try:
             with as_owner_of(data):
                 outbox = open_existing_outbox(self.config)  # creates nothing
                 if outbox is None:
                     return [Finding("queue", Level.OK, "outbox empty (not created yet)")]
                 with outbox:
-                    stats = outbox.stats(self.now())
+                    stats = outbox.stats(now)
+                    # routine items a metered link holds now are its (as configured), not the link's
+                    held = [w for w in metered_waits(self.config, outbox, now).values() if w.holding]
+                    not_held = outbox.oldest_waiting(now, except_routine_of=[QUEUED_KINDS[w.destination] for w in held])
         except DataDirError as exc:
             return [Finding("queue", Level.FAIL, str(exc), "the services cannot queue or forward anything meanwhile")]
         counts = stats["counts"]
@@ -621,8 +630,9 @@ class Doctor:
             for name, value in stats["statuses"].items()
             if isinstance(value, dict) and value.get("fault")
         ]
+        stuck = None if not_held is None else max(0.0, now - not_held)
         out = []
-        if oldest is not None and oldest > WAITING_FAIL_S:
+        if stuck is not None and stuck > WAITING_FAIL_S:
             out.append(
                 Finding(
                     "queue",
@@ -632,20 +642,29 @@ class Doctor:
                     "reading-center and fhir lines above, then `lastmile queue`",
                 )
             )
-        elif quarantined or (oldest is not None and oldest > WAITING_WARN_S):
+        elif quarantined:
             out.append(
                 Finding(
                     "queue",
                     Level.WARN,
                     text,
                     "`lastmile queue` shows why items are quarantined; `lastmile retry` "
-                    "requeues them once the cause is fixed"
-                    if quarantined
-                    else "items wait for more than a day: is the link down?",
+                    "requeues them once the cause is fixed",
+                )
+            )
+        elif stuck is not None and stuck > WAITING_WARN_S:
+            out.append(
+                Finding(
+                    "queue",
+                    Level.WARN,
+                    text,
+                    "items wait for more than a day: is the link down?",
+                    advice="waiting",
                 )
             )
         else:
             out.append(Finding("queue", Level.OK, text))
+        out += [self._metered_finding(w, now) for w in held]
         for fault in faults:
             out.append(
                 Finding(
@@ -656,6 +675,29 @@ class Doctor:
                 )
             )
         return out
+
+    def _metered_finding(self, wait: MeteredWait, now: float) -> Finding:
+        """Routine items a metered link holds now: what holds them and until when. Never a FAIL:
+        the link works as configured. A WARN once they have waited a day: a budget or windows
+        too small for the clinic's traffic keep a backlog that grows."""
+        from lastmile.clock import clinic_time
+
+        assert wait.blocked is not None and wait.routine_waiting
+        blocked = wait.blocked
+        holder = "send window" if blocked.reason == "window" else "daily budget"
+        until = clinic_time(dt.datetime.fromtimestamp(blocked.until, dt.timezone.utc), minutes=True)
+        age = max(0.0, now - wait.routine_since) if wait.routine_since is not None else 0.0
+        message = (
+            f"{wait.routine_waiting} routine item(s) of {wait.what} held by its {holder} until {until} "
+            f"(in {_age(max(0.0, blocked.until - now))}; {blocked.detail}), the oldest for {_age(age)}; STAT goes anyway"
+        )
+        section = wait.what.rsplit("(", 1)[-1].rstrip(")")  # "reading_center.metered"
+        hint = (
+            f"working as configured; if routine items wait days, the {section} settings are too tight "
+            f"for this clinic: raise {section}.daily_budget_mb or widen {section}.windows"
+        )
+        level = Level.WARN if age > WAITING_WARN_S else Level.OK
+        return Finding("queue", level, message, hint, advice=f"metered-{blocked.reason}", until=blocked.until)
 
     def check_console(self) -> list[Finding]:
         """Where the doctor's console listens, and its certificate's fingerprint (the clinic
