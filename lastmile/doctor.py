@@ -43,6 +43,7 @@ SERVICES = (
 # not installed or disabled is said, not failed. The others are the gateway; lastmile-ble stays
 # up (idle, saying so in its status) when BLE is not enabled, so inactive is a fault there too.
 OPTIONAL_SERVICES = frozenset({"lastmile-console.service"})
+FORWARD_SERVICE = "lastmile-forward.service"  # holds the storage-commitment listener
 DEVICE_LINKS = Path("/dev/lastmile")
 JOURNALD_DROPINS = (
     Path("/etc/systemd/journald.conf"),
@@ -463,7 +464,12 @@ class Doctor:
             return Finding(
                 "commitment", Level.OK, f"something listens on port {port} (run as root to see it is lastmile-forward)"
             )
-        if not holders or any(is_forward_service(argv) for _, argv in holders):
+        main_pid = self.forward_main_pid()
+        if main_pid is None:  # no systemd here: the command line says it
+            ours = any(is_forward_service(argv) for _, argv in holders)
+        else:
+            ours = any(descends_from(pid, main_pid, self.proc_root) for pid, _ in holders)
+        if not holders or ours:
             return Finding("commitment", Level.OK, f"listener up on port {port} for commitment reports")
         pid, argv = holders[0]
         program = " ".join(argv)[:80] or "?"
@@ -474,6 +480,17 @@ class Doctor:
             "there for commitment reports, and sends nothing until it can",
             "stop that program, or set reading_center.listen_port to a free port (and tell the reading center)",
         )
+
+    def forward_main_pid(self) -> int | None:
+        """lastmile-forward.service's main process as systemd knows it (0: the unit is not
+        running); None where systemd does not run the gateway or cannot be asked."""
+        if not self.systemd_run_dir.is_dir():
+            return None
+        r = self.run(["systemctl", "show", FORWARD_SERVICE, "-p", "MainPID", "--value"])
+        if r is None or r.returncode != 0:
+            return None
+        value = r.stdout.strip().removeprefix("MainPID=")
+        return int(value) if value.isascii() and value.isdigit() else None
 
     def check_fhir(self) -> list[Finding]:
         f = self.config.fhir
@@ -1022,8 +1039,25 @@ def _link_targets(links: list[Path]) -> set[str]:
     return targets
 
 
+def descends_from(pid: int, ancestor: int, proc_root: Path = Path("/proc")) -> bool:
+    """Whether process `pid` is `ancestor` or one of its children's children (a process that
+    is gone, or unreadable, is not)."""
+    for _ in range(64):  # a parent chain is short; never loop on a /proc that changes under us
+        if pid == ancestor:
+            return True
+        if ancestor <= 1 or pid <= 1:
+            return False
+        try:
+            stat = (proc_root / str(pid) / "stat").read_text()
+        except OSError:
+            return False
+        pid = int(stat.rsplit(")", 1)[1].split()[1])  # "pid (comm) state ppid ...": comm may hold ")"
+    return False
+
+
 def is_forward_service(argv: list[str]) -> bool:
-    """Whether a process's argv is `lastmile forward` (the unit's, or `python -m lastmile ... forward`)."""
+    """Whether a process's argv is `lastmile forward` (the unit's, or `python -m lastmile ... forward`):
+    the guess where systemd does not run the gateway (`Doctor.forward_main_pid`)."""
     return "forward" in argv[1:] and any(Path(a).name == "lastmile" for a in argv)
 
 
