@@ -372,14 +372,17 @@ class ClinicData:
         before it said: whoever is current). A page left open while someone else checked in
         another patient ends nothing: it says who is checked in now."""
         current = self.context.current(now)
-        ended = self.context.clear(now=now, reason="ended-by-doctor", patient_id=shown_patient_id)
-        if ended and current is not None:
-            self.audit.record(user, "end-session", now=now, target=current.patient_id)
-        elif current is not None and shown_patient_id and current.patient_id != shown_patient_id.strip():
+        if current is None:
+            return False
+        if shown_patient_id and current.patient_id != shown_patient_id.strip():
             raise ConsoleInputError(
                 N_("%(patient)s has been checked in since this page was shown: that session goes on."),
                 patient=current.patient_id,
             )
+        # clear() ends only this patient's session (atomically): the audit names the one ended
+        ended = self.context.clear(now=now, reason="ended-by-doctor", patient_id=current.patient_id)
+        if ended:
+            self.audit.record(user, "end-session", now=now, target=current.patient_id)
         return ended
 
     # -- readings ---------------------------------------------------------------------------------
