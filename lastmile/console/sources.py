@@ -144,6 +144,7 @@ class StudyJourney:
     attempts: int
     last_error: str
     quarantine_reason: str
+    held: bool = False  # held for the doctor (a patient to settle, a re-record verdict): not the link's wait
 
 
 @dataclass(frozen=True, slots=True)
@@ -558,8 +559,9 @@ class ClinicData:
         return self.audit.latest("re-record", str(item_id)) is not None
 
     # -- the journey of each study ------------------------------------------------------------------
-    def journeys(self, limit: int = 50) -> list[StudyJourney]:
+    def journeys(self, limit: int = 50, *, now: dt.datetime | None = None) -> list[StudyJourney]:
         by_study = {r.study_uid: r for r in self.reports.reports()}
+        at = (now or utc_now()).timestamp()
         out = []
         for item_id in self._recent_item_ids(Kind.DICOM, limit=limit):
             item = self.outbox.get(item_id)
@@ -582,6 +584,7 @@ class ClinicData:
                     attempts=item.attempts,
                     last_error=item.last_error or "",
                     quarantine_reason=item.quarantine_reason or "",
+                    held=item.held(at),
                 )
             )
         return out

@@ -63,7 +63,7 @@ def today(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
 
 
 def sent(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
-    return {"journeys": data.journeys(), "link": data.link_status(now), "now": now}
+    return {"journeys": data.journeys(now=now), "link": data.link_status(now), "now": now}
 
 
 def report_order(report: ReportView) -> tuple[bool, bool, bool, float]:
