@@ -648,6 +648,10 @@ class Doctor:
             if isinstance(value, dict) and value.get("fault")
         ]
         stuck = None if not_held is None else max(0.0, now - not_held)
+        if held and oldest is not None:  # the age the level is judged on: a meter's wait is not the link's
+            text += (
+                " (all held by metered links)" if stuck is None else f" ({_age(stuck)} of what no metered link holds)"
+            )
         out = []
         if stuck is not None and stuck > WAITING_FAIL_S:
             out.append(
