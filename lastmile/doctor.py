@@ -33,6 +33,7 @@ from lastmile.doctor_ble import check_bluetooth
 if TYPE_CHECKING:
     from lastmile.clinic.devices import DeviceRecord
     from lastmile.config import Config
+    from lastmile.services.metered import MeteredWait
 
 SERVICES = (
     "lastmile-acquire.service",
@@ -44,6 +45,7 @@ SERVICES = (
 # not installed or disabled is said, not failed. The others are the gateway; lastmile-ble stays
 # up (idle, saying so in its status) when BLE is not enabled, so inactive is a fault there too.
 OPTIONAL_SERVICES = frozenset({"lastmile-console.service"})
+FORWARD_SERVICE = "lastmile-forward.service"  # holds the storage-commitment listener
 DEVICE_LINKS = Path("/dev/lastmile")
 JOURNALD_DROPINS = (
     Path("/etc/systemd/journald.conf"),
@@ -72,6 +74,9 @@ class Finding:
     level: Level
     message: str
     hint: str = ""
+    # the console's advice for it when it is not its check's level's (console/app.py CHECK_ADVICE)
+    advice: str = ""
+    until: float | None = None  # when what it reports lets go (epoch s), said in that advice
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -462,7 +467,12 @@ class Doctor:
             return Finding(
                 "commitment", Level.OK, f"something listens on port {port} (run as root to see it is lastmile-forward)"
             )
-        if not holders or any(is_forward_service(argv) for _, argv in holders):
+        main_pid = self.forward_main_pid()
+        if main_pid is None:  # no systemd here: the command line says it
+            ours = any(is_forward_service(argv) for _, argv in holders)
+        else:
+            ours = any(descends_from(pid, main_pid, self.proc_root) for pid, _ in holders)
+        if not holders or ours:
             return Finding("commitment", Level.OK, f"listener up on port {port} for commitment reports")
         pid, argv = holders[0]
         program = " ".join(argv)[:80] or "?"
@@ -473,6 +483,17 @@ class Doctor:
             "there for commitment reports, and sends nothing until it can",
             "stop that program, or set reading_center.listen_port to a free port (and tell the reading center)",
         )
+
+    def forward_main_pid(self) -> int | None:
+        """lastmile-forward.service's main process as systemd knows it (0: the unit is not
+        running); None where systemd does not run the gateway or cannot be asked."""
+        if not self.systemd_run_dir.is_dir():
+            return None
+        r = self.run(["systemctl", "show", FORWARD_SERVICE, "-p", "MainPID", "--value"])
+        if r is None or r.returncode != 0:
+            return None
+        value = r.stdout.strip().removeprefix("MainPID=")
+        return int(value) if value.isascii() and value.isdigit() else None
 
     def check_fhir(self) -> list[Finding]:
         f = self.config.fhir
@@ -597,16 +618,21 @@ class Doctor:
 
     def check_queue(self) -> list[Finding]:
         from lastmile.data_dir import DataDirError, open_existing_outbox
+        from lastmile.services.metered import QUEUED_KINDS, metered_waits
         from uploader.masking import mask_server_text
 
         data = self.config.data_dir
+        now = self.now()
         try:
             with as_owner_of(data):
                 outbox = open_existing_outbox(self.config)  # creates nothing
                 if outbox is None:
                     return [Finding("queue", Level.OK, "outbox empty (not created yet)")]
                 with outbox:
-                    stats = outbox.stats(self.now())
+                    stats = outbox.stats(now)
+                    # routine items a metered link holds now are its (as configured), not the link's
+                    held = [w for w in metered_waits(self.config, outbox, now).values() if w.holding]
+                    not_held = outbox.oldest_waiting(now, except_routine_of=[QUEUED_KINDS[w.destination] for w in held])
         except DataDirError as exc:
             return [Finding("queue", Level.FAIL, str(exc), "the services cannot queue or forward anything meanwhile")]
         counts = stats["counts"]
@@ -624,8 +650,13 @@ class Doctor:
             for name, value in stats["statuses"].items()
             if isinstance(value, dict) and value.get("fault")
         ]
+        stuck = None if not_held is None else max(0.0, now - not_held)
+        if held and oldest is not None:  # the age the level is judged on: a meter's wait is not the link's
+            text += (
+                " (all held by metered links)" if stuck is None else f" ({_age(stuck)} of what no metered link holds)"
+            )
         out = []
-        if oldest is not None and oldest > WAITING_FAIL_S:
+        if stuck is not None and stuck > WAITING_FAIL_S:
             out.append(
                 Finding(
                     "queue",
@@ -635,20 +666,29 @@ class Doctor:
                     "reading-center and fhir lines above, then `lastmile queue`",
                 )
             )
-        elif quarantined or (oldest is not None and oldest > WAITING_WARN_S):
+        elif quarantined:
             out.append(
                 Finding(
                     "queue",
                     Level.WARN,
                     text,
                     "`lastmile queue` shows why items are quarantined; `lastmile retry` "
-                    "requeues them once the cause is fixed"
-                    if quarantined
-                    else "items wait for more than a day: is the link down?",
+                    "requeues them once the cause is fixed",
+                )
+            )
+        elif stuck is not None and stuck > WAITING_WARN_S:
+            out.append(
+                Finding(
+                    "queue",
+                    Level.WARN,
+                    text,
+                    "items wait for more than a day: is the link down?",
+                    advice="waiting",
                 )
             )
         else:
             out.append(Finding("queue", Level.OK, text))
+        out += [self._metered_finding(w, now) for w in held]
         for fault in faults:
             out.append(
                 Finding(
@@ -659,6 +699,29 @@ class Doctor:
                 )
             )
         return out
+
+    def _metered_finding(self, wait: MeteredWait, now: float) -> Finding:
+        """Routine items a metered link holds now: what holds them and until when. Never a FAIL:
+        the link works as configured. A WARN once they have waited a day: a budget or windows
+        too small for the clinic's traffic keep a backlog that grows."""
+        from lastmile.clock import clinic_time
+
+        assert wait.blocked is not None and wait.routine_waiting
+        blocked = wait.blocked
+        holder = "send window" if blocked.reason == "window" else "daily budget"
+        until = clinic_time(dt.datetime.fromtimestamp(blocked.until, dt.timezone.utc), minutes=True)
+        age = max(0.0, now - wait.routine_since) if wait.routine_since is not None else 0.0
+        message = (
+            f"{wait.routine_waiting} routine item(s) of {wait.what} held by its {holder} until {until} "
+            f"(in {_age(max(0.0, blocked.until - now))}; {blocked.detail}), the oldest for {_age(age)}; STAT goes anyway"
+        )
+        section = wait.what.rsplit("(", 1)[-1].rstrip(")")  # "reading_center.metered"
+        hint = (
+            f"working as configured; if routine items wait days, the {section} settings are too tight "
+            f"for this clinic: raise {section}.daily_budget_mb or widen {section}.windows"
+        )
+        level = Level.WARN if age > WAITING_WARN_S else Level.OK
+        return Finding("queue", level, message, hint, advice=f"metered-{blocked.reason}", until=blocked.until)
 
     def check_console(self) -> list[Finding]:
         """Where the doctor's console listens, and its certificate's fingerprint (the clinic
@@ -983,8 +1046,25 @@ def _link_targets(links: list[Path]) -> set[str]:
     return targets
 
 
+def descends_from(pid: int, ancestor: int, proc_root: Path = Path("/proc")) -> bool:
+    """Whether process `pid` is `ancestor` or one of its children's children (a process that
+    is gone, or unreadable, is not)."""
+    for _ in range(64):  # a parent chain is short; never loop on a /proc that changes under us
+        if pid == ancestor:
+            return True
+        if ancestor <= 1 or pid <= 1:
+            return False
+        try:
+            stat = (proc_root / str(pid) / "stat").read_text()
+        except OSError:
+            return False
+        pid = int(stat.rsplit(")", 1)[1].split()[1])  # "pid (comm) state ppid ...": comm may hold ")"
+    return False
+
+
 def is_forward_service(argv: list[str]) -> bool:
-    """Whether a process's argv is `lastmile forward` (the unit's, or `python -m lastmile ... forward`)."""
+    """Whether a process's argv is `lastmile forward` (the unit's, or `python -m lastmile ... forward`):
+    the guess where systemd does not run the gateway (`Doctor.forward_main_pid`)."""
     return "forward" in argv[1:] and any(Path(a).name == "lastmile" for a in argv)
 
 

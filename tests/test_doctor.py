@@ -9,7 +9,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -343,3 +343,48 @@ def test_text_output_has_hints_for_problems() -> None:
     assert lines[0] == "FAIL  clock  1970" and lines[1].strip() == "hint: connect NTP"
     assert text.endswith("1 FAIL, 0 WARN")
     assert Config().gateway.data_dir == "/var/lib/lastmile"
+
+
+def test_the_commitment_port_is_lastmile_forward_s_when_systemd_says_it_is_its_main_process(tmp_path: Path) -> None:
+    """Where systemd runs the gateway, the forward service is the unit's MainPID, not whatever
+    has "lastmile" and "forward" on its command line: a `lastmile forward` a technician left
+    running by hand holds the port, lastmile-forward.service cannot listen (restarting), and the
+    doctor said "listener up"."""
+    import subprocess
+
+    from tests.peers import wait_for_port
+    from tests.test_metrics_prometheus import start, stop
+
+    port = free_port()
+    toml = f'[reading_center]\nhost = "127.0.0.1"\nport = {free_port()}\nlisten_port = {port}\n'
+    config = tmp_path / "lastmile.toml"
+    config.write_text(f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n' + toml)
+    by_hand = start(config, "forward", log=tmp_path / "forward.log")
+    asked: list[list[str]] = []
+
+    def systemctl(main_pid: int) -> Callable[[list[str]], subprocess.CompletedProcess[str] | None]:
+        def run(cmd: list[str]) -> subprocess.CompletedProcess[str] | None:
+            asked.append(cmd)
+            if cmd[:2] == ["systemctl", "show"] and "lastmile-forward.service" in cmd:
+                return subprocess.CompletedProcess(cmd, 0, f"MainPID={main_pid}\n", "")
+            return None
+
+        return run
+
+    systemd = tmp_path / "run-systemd-system"
+    systemd.mkdir()
+    try:
+        wait_for_port(port, 60, by_hand)
+        unit_down = doctor(tmp_path, toml, systemd_run_dir=systemd, run=systemctl(0)).check_commitment_listener()
+        unit_up = doctor(
+            tmp_path, toml, systemd_run_dir=systemd, run=systemctl(by_hand.pid)
+        ).check_commitment_listener()
+        no_systemd = doctor(
+            tmp_path, toml, systemd_run_dir=tmp_path / "none", run=systemctl(0)
+        ).check_commitment_listener()
+    finally:
+        stop(by_hand)
+    assert unit_down[0].level is Level.FAIL and f"pid {by_hand.pid}" in unit_down[0].message, unit_down
+    assert any("MainPID" in " ".join(cmd) for cmd in asked), asked
+    assert unit_up[0].level is Level.OK, unit_up
+    assert no_systemd[0].level is Level.OK, no_systemd

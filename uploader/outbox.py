@@ -861,6 +861,37 @@ class Outbox:
         )
         return bool(rows)
 
+    # Routine items that wait in the queue for their sender: what a metered link holds back. Not
+    # STAT (never held), not one on the wire, not one held for the doctor (that waits for a patient).
+    _ROUTINE_QUEUED = (
+        "FROM items WHERE state = ? AND kind = ? AND priority != ? AND (hold_until IS NULL OR hold_until <= ?)"
+    )
+
+    def routine_queued(self, kind: str, now: float) -> tuple[int, float | None]:
+        """How many routine items of `kind` wait for their sender, and when the oldest was queued."""
+        count, oldest = self._read(
+            f"SELECT COUNT(*), MIN(created_at) {self._ROUTINE_QUEUED}", (S.QUEUED.value, kind, int(Priority.STAT), now)
+        )[0]
+        return int(count), oldest
+
+    def has_routine_queued(self, kind: str, now: float) -> bool:
+        """Whether any routine item of `kind` waits for its sender (one row looked at, at most)."""
+        return bool(
+            self._read(f"SELECT 1 {self._ROUTINE_QUEUED} LIMIT 1", (S.QUEUED.value, kind, int(Priority.STAT), now))
+        )
+
+    def oldest_waiting(self, now: float, *, except_routine_of: Sequence[str] = ()) -> float | None:
+        """When the oldest queued or sending item was queued; with `except_routine_of`, leaving out
+        the routine items of those kinds that wait for their sender (a metered link holds them)."""
+        sql = "SELECT MIN(created_at) FROM items WHERE state IN (?, ?)"
+        params: list[Any] = [S.QUEUED.value, S.SENDING.value]
+        if except_routine_of:
+            marks = ", ".join("?" * len(except_routine_of))
+            sql += f" AND NOT (state = ? AND kind IN ({marks}) AND priority != ? AND (hold_until IS NULL OR hold_until <= ?))"
+            params += [S.QUEUED.value, *except_routine_of, int(Priority.STAT), now]
+        oldest = self._read(sql, params)[0][0]
+        return None if oldest is None else float(oldest)
+
     def begin_send(self, item_id: int, now: float) -> bool:
         """Charge the attempt before the item's bytes go out: if this process dies before the
         outcome is recorded, recovery counts an interrupted send. False if the item is not ours

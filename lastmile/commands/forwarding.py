@@ -170,33 +170,25 @@ def _ago(ts: float | None, now: float) -> str:
 
 def _metered(config: Config, outbox: Outbox | None, now: float) -> dict[str, dict[str, Any]]:
     """Per metered destination: whether routine traffic waits on its window or budget, until
-    when, what is spent today and (for queued kinds) how many items wait."""
-    from lastmile.services.metered import DESTINATIONS, meters
-    from uploader.outbox import ItemState, Kind, Priority
+    when, what is spent today and (for queued kinds) how many items wait (lastmile.services.metered,
+    as the doctor and the console say it)."""
+    from lastmile.services.metered import metered_waits
 
     if outbox is None:
         return {}
-    kinds = {"dicom": Kind.DICOM, "fhir": Kind.FHIR_BUNDLE}
-    found: dict[str, dict[str, Any]] = {}
-    for name, meter in meters(config, outbox).items():
-        blocked = meter.blocked(now)
-        kind = kinds.get(name)
-        waiting = (
-            None
-            if kind is None
-            else sum(1 for i in outbox.items(state=ItemState.QUEUED, kind=kind) if i.priority != Priority.STAT)
-        )
-        found[name] = {
-            "what": DESTINATIONS[name],
-            "waits_on": None if blocked is None else blocked.reason,
-            "until": None if blocked is None else blocked.until,
-            "detail": None if blocked is None else blocked.detail,
-            "spent_today_bytes": meter.spent_today(now),
-            "budget_bytes": meter.policy.daily_budget_bytes or None,
-            "windows": [str(w) for w in meter.policy.windows],
-            "routine_waiting": waiting,
+    return {
+        name: {
+            "what": wait.what,
+            "waits_on": None if wait.blocked is None else wait.blocked.reason,
+            "until": None if wait.blocked is None else wait.blocked.until,
+            "detail": None if wait.blocked is None else wait.blocked.detail,
+            "spent_today_bytes": wait.spent_today_bytes,
+            "budget_bytes": wait.budget_bytes or None,
+            "windows": list(wait.windows),
+            "routine_waiting": wait.routine_waiting,
         }
-    return found
+        for name, wait in metered_waits(config, outbox, now).items()
+    }
 
 
 def _metered_line(m: dict[str, Any], now: float) -> str:

@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs, quote, urlsplit
 
 import jinja2
@@ -56,6 +56,9 @@ from lastmile.reports.printing import lp_command, print_document
 from lastmile.reports.report_text import printout, shown_reasons, shown_text
 from uploader.errors import OutboxFullError
 from uploader.outbox import is_disk_full
+
+if TYPE_CHECKING:
+    from lastmile.doctor import Finding
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +307,18 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
     "queue": {
         "WARN": N_("Some items could not be sent and were set aside: tell the county IT."),
         "FAIL": N_("Nothing has been sent for a long time: check the network, then call the county IT."),
+        # keys of a finding's own advice (doctor.Finding.advice): what holds items, and until when
+        "waiting": N_(
+            "Some items have waited more than a day to be sent: check the network; if it works, tell the county IT."
+        ),
+        "metered-window": N_(
+            "Routine items have waited more than a day for the send window (cheaper data): they go from %(time)s. "
+            "STAT ECGs go at once. If this shows every day, tell the county IT."
+        ),
+        "metered-budget": N_(
+            "The daily data allowance is used up and routine items have waited more than a day: they go from "
+            "%(time)s. STAT ECGs go at once. If this shows every day, tell the county IT: the allowance is too small."
+        ),
     },
     "console": {
         "WARN": N_("This page's security certificate is not ready yet: tell the county IT."),
@@ -330,11 +345,20 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
 UNSURE_ADVICE = N_("Please tell the county IT.")
 
 
-def advice_for(check: str, level: str) -> str:
-    """The (untranslated) advice shown for a check's WARN or FAIL: the other level's when a check
-    has only one (a check that can only warn says the same if it ever fails)."""
+def advice_for(check: str, level: str, key: str = "") -> str:
+    """The (untranslated) advice shown for a check's WARN or FAIL: the finding's own (`key`, when
+    the check says what holds it), else its level's, else the other level's when a check has only
+    one (a check that can only warn says the same if it ever fails)."""
     advice = CHECK_ADVICE.get(check, {})
-    return advice.get(level) or advice.get("FAIL") or advice.get("WARN") or UNSURE_ADVICE
+    return (key and advice.get(key)) or advice.get(level) or advice.get("FAIL") or advice.get("WARN") or UNSURE_ADVICE
+
+
+def advice_text(finding: Finding, localizer: Localizer) -> str:
+    """A finding's advice in the page's language, with when what holds it lets go."""
+    advice = advice_for(finding.check, finding.level.value, finding.advice)
+    if finding.until is None:
+        return localizer.gettext(advice)
+    return localizer.gettext(advice, time=localizer.when(dt.datetime.fromtimestamp(finding.until, dt.timezone.utc)))
 
 
 # What a 404 says, in the page's language (a report link from an old alert, a purged ECG).
@@ -854,7 +878,7 @@ async def system_page(request: Request) -> Response:
     model = await page_model(request, ctx, views.system, ctx.login.user.is_admin if ctx.login else False)
     model["findings"] = await views.doctor_findings(state.config)
     model["check_labels"] = CHECK_LABELS
-    model["advice_for"] = advice_for
+    model["advice_text"] = lambda finding: advice_text(finding, ctx.localizer)
     model["fingerprint"] = state.fingerprint
     return render(request, ctx, "system.html", **model)
 

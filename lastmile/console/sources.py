@@ -47,9 +47,9 @@ from lastmile.console.audit import AuditLog
 from lastmile.console.i18n import N_
 from lastmile.data_dir import open_outbox
 from lastmile.reports.store import ReportStore
-from lastmile.services.metered import meters
+from lastmile.services.metered import metered_wait, meters
 from uploader.metering import Blocked
-from uploader.outbox import ItemState, Kind, OutboxItem, Priority
+from uploader.outbox import ItemState, Kind, OutboxItem
 from uploader.report_lines import ReportLine
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,7 @@ class StudyJourney:
     attempts: int
     last_error: str
     quarantine_reason: str
+    held: bool = False  # held for the doctor (a patient to settle, a re-record verdict): not the link's wait
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,14 +373,17 @@ class ClinicData:
         before it said: whoever is current). A page left open while someone else checked in
         another patient ends nothing: it says who is checked in now."""
         current = self.context.current(now)
-        ended = self.context.clear(now=now, reason="ended-by-doctor", patient_id=shown_patient_id)
-        if ended and current is not None:
-            self.audit.record(user, "end-session", now=now, target=current.patient_id)
-        elif current is not None and shown_patient_id and current.patient_id != shown_patient_id.strip():
+        if current is None:
+            return False
+        if shown_patient_id and current.patient_id != shown_patient_id.strip():
             raise ConsoleInputError(
                 N_("%(patient)s has been checked in since this page was shown: that session goes on."),
                 patient=current.patient_id,
             )
+        # clear() ends only this patient's session (atomically): the audit names the one ended
+        ended = self.context.clear(now=now, reason="ended-by-doctor", patient_id=current.patient_id)
+        if ended:
+            self.audit.record(user, "end-session", now=now, target=current.patient_id)
         return ended
 
     # -- readings ---------------------------------------------------------------------------------
@@ -555,8 +559,9 @@ class ClinicData:
         return self.audit.latest("re-record", str(item_id)) is not None
 
     # -- the journey of each study ------------------------------------------------------------------
-    def journeys(self, limit: int = 50) -> list[StudyJourney]:
+    def journeys(self, limit: int = 50, *, now: dt.datetime | None = None) -> list[StudyJourney]:
         by_study = {r.study_uid: r for r in self.reports.reports()}
+        at = (now or utc_now()).timestamp()
         out = []
         for item_id in self._recent_item_ids(Kind.DICOM, limit=limit):
             item = self.outbox.get(item_id)
@@ -579,6 +584,7 @@ class ClinicData:
                     attempts=item.attempts,
                     last_error=item.last_error or "",
                     quarantine_reason=item.quarantine_reason or "",
+                    held=item.held(at),
                 )
             )
         return out
@@ -605,13 +611,13 @@ class ClinicData:
         )
 
     def _metered_block(self, now: dt.datetime) -> Blocked | None:
-        """Why routine ECGs wait on the metered link now (the forwarder's own `Meter`), if any do."""
+        """Why routine ECGs wait on the metered link now, if any do (lastmile.services.metered:
+        the forwarder's own `Meter`, as `lastmile queue` and the doctor say it)."""
         meter = meters(self.config, self.outbox).get("dicom")
-        blocked = meter.blocked(now.timestamp()) if meter is not None else None
-        if blocked is None:
+        if meter is None:
             return None
-        queued = self.outbox.items(state=ItemState.QUEUED, kind=Kind.DICOM)
-        return blocked if any(i.priority != Priority.STAT for i in queued) else None
+        wait = metered_wait(meter, self.outbox, now.timestamp(), count=False)
+        return wait.blocked if wait.holding else None
 
     # -- devices ----------------------------------------------------------------------------------
     def devices(self) -> list[DeviceRecord]:

@@ -63,7 +63,7 @@ def today(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
 
 
 def sent(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
-    return {"journeys": data.journeys(), "link": data.link_status(now), "now": now}
+    return {"journeys": data.journeys(now=now), "link": data.link_status(now), "now": now}
 
 
 def report_order(report: ReportView) -> tuple[bool, bool, bool, float]:
@@ -162,11 +162,13 @@ _doctor_cache: dict[str, Any] = {}
 async def doctor_findings(config: Config) -> list[Any]:
     """`lastmile doctor --offline`'s checks, at most once a minute (they run systemctl and the like);
     the network ones are left to `lastmile doctor` itself: the console's unit reaches only the LAN."""
-    cached = _doctor_cache.get("findings")
-    if cached is not None and time.monotonic() - _doctor_cache["at"] < DOCTOR_CACHE_S:
-        return list(cached)
+    # per data directory: a second console in the process (the demo's, a test's) has its own gateway
+    key = str(config.data_dir)
+    cached = _doctor_cache.get(key)
+    if cached is not None and time.monotonic() - cached[0] < DOCTOR_CACHE_S:
+        return list(cached[1])
     from lastmile.doctor import Doctor
 
     findings = await asyncio.to_thread(lambda: Doctor(config, offline=True).run_all())
-    _doctor_cache.update(findings=findings, at=time.monotonic())
+    _doctor_cache[key] = (time.monotonic(), findings)
     return findings

@@ -1,0 +1,170 @@
+"""What holds routine items on a metered link, said where people look: `lastmile doctor`, the
+console's System page. A daily budget or a send window holding routine items is the link working
+as the county configured it, not a link that is down: the technician and the village doctor are
+told which of the two holds them and until when, and nothing FAILs for it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import time
+from pathlib import Path
+
+from lastmile.clock import clinic_time, local_zone
+from lastmile.doctor import Finding, Level, render_text
+from lastmile.services.metered import meters
+from tests.test_doctor import doctor
+from uploader.outbox import Kind, Outbox, Priority
+
+DAY = 86400.0
+
+
+def shut_window(at: float) -> str:
+    """A one-hour send window opening two hours after `at` (clinic time): shut at `at`."""
+    opens = dt.datetime.fromtimestamp(at, local_zone()) + dt.timedelta(hours=2)
+    return f"{opens:%H:%M}-{opens + dt.timedelta(hours=1):%H:%M}"
+
+
+def queue_items(
+    data_dir: Path, n: int, *, at: float, priority: Priority = Priority.ROUTINE, kind: str = Kind.DICOM
+) -> None:
+    with Outbox.open(data_dir, min_free_bytes=0) as outbox:
+        for i in range(n):
+            outbox.add(kind, f"{kind}-{priority.name}-{at}-{i}", b"x" * 100, priority=priority, now=at)
+
+
+def queue_findings(found: list[Finding]) -> list[Finding]:
+    return [f for f in found if f.check == "queue"]
+
+
+def test_doctor_says_a_send_window_holds_routine_ecgs_and_until_when_not_that_the_link_is_down(
+    tmp_path: Path,
+) -> None:
+    """Routine ECGs recorded in the morning wait for the night tariff: two days of them made
+    `lastmile doctor` ask 'is the link down?', and the console told the doctor they had been
+    set aside and to call the county IT."""
+    now = time.time()
+    window = shut_window(now)
+    queue_items(tmp_path, 3, at=now - 2 * DAY)
+    d = doctor(tmp_path, f'[reading_center.metered]\nwindows = ["{window}"]\n', now=lambda: now)
+    found = queue_findings(d.check_queue())
+    text = render_text(found)
+    assert "link down" not in text and Level.FAIL not in [f.level for f in found], text
+    [held] = [f for f in found if f.advice == "metered-window"]
+    assert "3 routine" in held.message and "send window" in held.message, text
+    assert held.until is not None and window.split("-")[0] in held.message, text  # until it opens
+    assert clinic_time(dt.datetime.fromtimestamp(held.until, dt.timezone.utc), minutes=True) in held.message
+
+
+def test_doctor_does_not_fail_a_week_of_routine_ecgs_a_spent_daily_budget_holds(tmp_path: Path) -> None:
+    """A budget smaller than the clinic's ECGs keeps a backlog for days: the county must hear
+    that the budget is too small (a WARN naming it), not that nothing has gone out (a FAIL)."""
+    now = time.time()
+    queue_items(tmp_path, 4, at=now - 8 * DAY)
+    d = doctor(tmp_path, "[reading_center.metered]\ndaily_budget_mb = 1.0\n", now=lambda: now)
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        meters(d.config, outbox)["dicom"].spend(2**20, now)
+    found = queue_findings(d.check_queue())
+    text = render_text(found)
+    assert Level.FAIL not in [f.level for f in found], text
+    assert "link down" not in text and "nothing has gone out" not in text, text
+    [held] = [f for f in found if f.advice == "metered-budget"]
+    assert held.level is Level.WARN and "4 routine" in held.message and "daily budget" in held.message, text
+    midnight = dt.datetime.combine(
+        dt.datetime.fromtimestamp(now, local_zone()).date() + dt.timedelta(days=1), dt.time(), local_zone()
+    )
+    assert held.until == midnight.timestamp() and clinic_time(midnight, minutes=True) in held.message, text
+    assert "daily_budget_mb" in held.hint
+
+
+def test_doctor_still_blames_the_link_for_a_stat_ecg_no_window_holds(tmp_path: Path) -> None:
+    """STAT goes whatever the meter says: a STAT ECG two days old is the link's, window or not."""
+    now = time.time()
+    queue_items(tmp_path, 2, at=now - 2 * DAY)
+    queue_items(tmp_path, 1, at=now - 2 * DAY, priority=Priority.STAT)
+    d = doctor(tmp_path, f'[reading_center.metered]\nwindows = ["{shut_window(now)}"]\n', now=lambda: now)
+    found = queue_findings(d.check_queue())
+    assert found[0].level is Level.WARN and "is the link down" in found[0].hint, render_text(found)
+    assert [f.advice for f in found] == ["waiting", "metered-window"]
+    assert "2 routine" in found[1].message
+
+
+def test_the_system_page_tells_the_doctor_in_chinese_what_holds_routine_studies_and_until_when(
+    tmp_path: Path,
+) -> None:
+    from lastmile.console.i18n import Localizer
+    from tests.console_harness import DOCTOR, Client, console_config, running_console
+
+    config = console_config(tmp_path / "data")
+    now = time.time()
+    window = shut_window(now)
+    config.reading_center.metered.windows = [window]
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    queue_items(config.data_dir, 3, at=now - 2 * DAY)
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        page = html.unescape(client.get("/system").body)
+    items = [li for li in page.split("<li ") if "<strong>发送队列</strong>" in li]
+    shown = "\n".join(items)
+    assert "单独存放" not in shown, shown  # not "set aside"
+    advice = [li for li in items if 'class="advice"' in li]
+    assert len(advice) == 1 and "发送时段" in advice[0], shown  # the send window holds them
+    with Outbox.open(config.data_dir, min_free_bytes=0) as outbox:
+        blocked = meters(config, outbox)["dicom"].blocked(now)
+    assert blocked is not None
+    opens = dt.datetime.fromtimestamp(blocked.until, dt.timezone.utc)
+    assert Localizer("zh-CN", local_zone()).when(opens) in advice[0], shown  # until when
+    assert window.split("-")[0] in advice[0], shown
+
+
+# -- one computation for `lastmile queue`, the doctor and the console ---------------------------------
+
+
+def test_the_outbox_says_which_routine_items_wait_for_their_sender(tmp_path: Path) -> None:
+    """What a meter holds: queued routine items of its kind - not STAT (never held), not one on
+    the wire, not one held for the doctor (it waits for a patient, not for the link)."""
+    from uploader.outbox import Hold
+
+    now = time.time()
+    queue_items(tmp_path, 2, at=now - 300)
+    queue_items(tmp_path, 1, at=now - 60)
+    queue_items(tmp_path, 1, at=now - 600, priority=Priority.STAT)
+    queue_items(tmp_path, 1, at=now - 900, kind=Kind.FHIR_BUNDLE)
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        assert outbox.oldest_waiting(now) == now - 900
+        assert outbox.oldest_waiting(now, except_routine_of=[Kind.DICOM]) == now - 900
+        assert outbox.oldest_waiting(now, except_routine_of=[Kind.FHIR_BUNDLE]) == now - 600
+        outbox.add(Kind.DICOM, "unassigned", b"u", now=now - 1200, hold=Hold("unassigned", now + DAY))
+        assert outbox.routine_queued(Kind.DICOM, now) == (3, now - 300)
+        assert outbox.has_routine_queued(Kind.DICOM, now)
+        outbox.claim(Kind.DICOM, 10, now)  # the STAT one and the three routine ones go on the wire
+        assert outbox.routine_queued(Kind.DICOM, now) == (0, None)
+        assert not outbox.has_routine_queued(Kind.DICOM, now)
+
+
+def test_the_metered_wait_is_computed_in_a_process_that_keeps_numpy_out(tmp_path: Path) -> None:
+    """`lastmile forward` keeps numpy out of its process (RSS on a 512 MB Pi) and composes
+    lastmile.services.metered: what it shares with the doctor and the console must run there."""
+    from tests.conftest import run_python
+
+    now = time.time()
+    queue_items(tmp_path, 2, at=now - 60)
+    toml = tmp_path / "lastmile.toml"
+    toml.write_text(f'[gateway]\ndata_dir = "{tmp_path}"\n[reading_center.metered]\nwindows = ["{shut_window(now)}"]\n')
+    script = """if True:
+        import sys, time
+        sys.modules["numpy"] = None  # as lastmile/commands/forwarding.py does
+        import lastmile.services.forward
+        from lastmile.config import load_config
+        from lastmile.services.metered import metered_waits
+        from uploader.outbox import Outbox
+
+        config = load_config(sys.argv[1])
+        with Outbox.open(config.data_dir, min_free_bytes=0) as outbox:
+            wait = metered_waits(config, outbox, time.time())["dicom"]
+        print(wait.blocked.reason, wait.routine_waiting)
+    """
+    done = run_python(script, toml)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["window", "2"]
