@@ -428,3 +428,27 @@ def test_a_report_that_comes_at_once_finds_its_transaction_recorded(config, capl
         f"a report that came before its transaction was written was not taken: {reported_first}"
     )
     assert not [r for r in caplog.records if "refused storage commitment report" in r.getMessage()]
+
+
+def test_the_metered_budget_counts_every_byte_the_gateway_put_on_the_link(config, center) -> None:
+    """The day's budget means what the carrier bills: the bytes on the metered link. A stored
+    object was counted as its deflated data set only (no command set, no PDU headers, no
+    association set-up or release), while an object cut short counted the PDUs written: two
+    measures for one budget, and a clinic whose link carried more than the budget said."""
+    from tests.link_emulator import PROFILES, LinkRelay
+
+    rc = config.reading_center
+    rc.associations, rc.storage_commitment, rc.deflate = 1, False, True
+    rc.metered.daily_budget_mb = 100.0  # metered, never shut here
+    outbox = open_outbox(config)
+    for i in range(3):
+        enqueue_recording(outbox, make_recording(i), config, key=f"k{i}")
+    with LinkRelay(PROFILES["lan"], "127.0.0.1", rc.port) as link:
+        rc.port = link.port
+        with EcgForwarder(outbox, forwarder_settings(config)) as fwd:
+            pump(fwd, lambda: len(center.received) == 3, limit_s=60.0)
+            assert fwd.meter is not None
+        assert link.up is not None
+        on_the_link = link.up.bytes_total  # the forwarder closed: its release went out before
+    assert fwd.meter.spent_today(time.time()) == on_the_link
+    outbox.close()
