@@ -40,6 +40,7 @@ from devices.ecg.recording import EcgRecording
 from devices.identity import InvalidPatientIdError, Patient, parse_resident_id, resident_id_required
 from lastmile.clinic.names import dicom_person_name
 from lastmile.clinic.patient_ids import clinic_patient as clinic_patient  # re-exported: the commands' import
+from lastmile.clinic.patient_ids import kept_patient_id
 from lastmile.clinic.patients import StatSession
 from lastmile.clock import local_zone
 from lastmile.config import Config
@@ -537,17 +538,13 @@ def lan_object_store(
 
 
 def comparable_patient_id(patient_id: str, id_kind: str) -> str:
-    """`patient_id` as `clinic_patient` keeps an entered one: runs of spaces as one, and a resident
-    ID (under `id_kind`) normalised, e.g. "110105 19491231 002x" -> "11010519491231002X", so a
-    cart's loosely typed ID is the patient checked in. A malformed resident ID is left as written:
-    it matches no checked-in patient, and the item is flagged."""
-    patient_id = " ".join(patient_id.split())
-    if not resident_id_required(patient_id, id_kind):
-        return patient_id
+    """`patient_id` as an entered one is kept (`kept_patient_id`), so a cart's loosely typed ID is
+    the patient checked in. A malformed resident ID is left as written (spaces as one): it
+    matches no checked-in patient, and the item is flagged."""
     try:
-        return parse_resident_id(patient_id).number
+        return kept_patient_id(patient_id, id_kind)[0]
     except InvalidPatientIdError:
-        return patient_id
+        return " ".join(patient_id.split())
 
 
 def with_patient_id(obj: ReceivedObject, patient_id: str) -> ReceivedObject:
