@@ -452,3 +452,33 @@ def test_the_metered_budget_counts_every_byte_the_gateway_put_on_the_link(config
         on_the_link = link.up.bytes_total  # the forwarder closed: its release went out before
     assert fwd.meter.spent_today(time.time()) == on_the_link
     outbox.close()
+
+
+def test_asking_again_for_a_lost_commitment_report_counts_against_the_budget(config) -> None:
+    """A PACS whose reports never reach the gateway is asked again and again for storage
+    commitment, each time on an association of its own over the metered link: uncounted, the
+    budget said less than the carrier billed."""
+    from tests.link_emulator import PROFILES, LinkRelay
+
+    rc = config.reading_center
+    rc.associations, rc.storage_commitment, rc.commitment_timeout_s = 1, True, 0.5
+    rc.metered.daily_budget_mb = 100.0
+    # its reports go to a port nobody listens on: every request goes unanswered
+    center = EmbeddedReadingCenter(port=rc.port, gateway_port=free_port(), report_delay_s=0.0)
+    center.start()
+    outbox = open_outbox(config)
+    enqueue_recording(outbox, make_recording(0), config, key="k0")
+    asked: list[str] = []
+    try:
+        with LinkRelay(PROFILES["lan"], "127.0.0.1", rc.port) as link:
+            rc.port = link.port
+            settings = forwarder_settings(config)
+            with EcgForwarder(outbox, settings, on_event=lambda kind, info: asked.append(kind)) as fwd:
+                pump(fwd, lambda: asked.count("commitment-asked") >= 3, limit_s=60.0)
+                assert fwd.meter is not None
+            assert link.up is not None
+            on_the_link = link.up.bytes_total
+    finally:
+        center.stop()
+    assert fwd.meter.spent_today(time.time()) == on_the_link
+    outbox.close()
