@@ -844,12 +844,16 @@ class EcgForwarder:
             return
         for start in range(0, len(due), self.settings.batch_size):
             batch = due[start : start + self.settings.batch_size]
+            # on the pacer, unpaced: a small request, whose bytes the link carries and the budget counts
+            assoc = StoreAssociation(self.settings.peer, commitment=True, pacer=self.pacer, paced=False)
             try:
-                with StoreAssociation(self.settings.peer, commitment=True) as assoc:
+                with assoc:
                     self._request_commitment(assoc, batch)
             except TransientError as exc:
                 log.info("cannot ask for storage commitment now: %s", exc)
                 return
+            finally:
+                self._spend_written(assoc, 0)
 
     def _settle_without_commitment(self) -> int:
         """`storage_commitment = False` with `no_commitment_policy = "purge"`: what was sent is
