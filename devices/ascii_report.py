@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from devices.errors import DeviceError, ProtocolError
-from devices.identity import EARLIEST_PLAUSIBLE, DeviceIdentity, TimeSource
+from devices.identity import DeviceIdentity, TimeSource, plausible_device_time
 from devices.observation import Observation, Quantity
 
-MAX_CLOCK_AHEAD = dt.timedelta(minutes=10)
 LINE_ENDS = ("any", "crlf", "lf", "cr")
 ENCODINGS = ("ascii", "latin-1", "utf-8")
 
@@ -323,7 +322,7 @@ def _device_time(
         raise ProtocolError("the report's date/time does not match time.format") from None
     when = naive.replace(tzinfo=dt.timezone(dt.timedelta(minutes=profile.utc_offset_minutes)))
     when = when.astimezone(dt.timezone.utc)
-    if EARLIEST_PLAUSIBLE <= when <= received_at + MAX_CLOCK_AHEAD:
+    if plausible_device_time(when, received_at):
         return when, TimeSource.DEVICE_CLOCK
     return received_at, TimeSource.GATEWAY_RECEIPT
 

@@ -35,6 +35,14 @@ DEVICE_CLOCK_TOLERANCE = dt.timedelta(minutes=10)
 STORED_TIME_UNKNOWN = "stored-record-time-unknown"
 
 
+def plausible_device_time(
+    when: dt.datetime, received_at: dt.datetime, tolerance: dt.timedelta = DEVICE_CLOCK_TOLERANCE
+) -> bool:
+    """Whether a device's time stamp can be when it measured: not before EARLIEST_PLAUSIBLE, and
+    not further ahead of its receipt than `tolerance`."""
+    return EARLIEST_PLAUSIBLE <= when <= received_at + tolerance
+
+
 def require_aware(value: dt.datetime, what: str) -> dt.datetime:
     if value.tzinfo is None or value.utcoffset() is None:
         raise InvalidRecordingError(f"{what} must carry a time zone (got naive {value.isoformat()})")

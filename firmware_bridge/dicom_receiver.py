@@ -155,15 +155,6 @@ class _ReceiptRefused(OSError):
     pass
 
 
-class _NotWhatItSays(ValueError):
-    """A data set that is not the object its C-STORE announced, or one the reading center cannot
-    file: refused with `status` (a failure, not "out of resources": sending it again cannot help)."""
-
-    def __init__(self, status: int, comment: str) -> None:
-        super().__init__(comment)
-        self.status = status
-
-
 def _bound_receipt(event: Any, max_object_bytes: int, budget: _ReceiveBudget) -> None:
     """EVT_CONN_OPEN: cap what one connection can make pynetdicom hold in memory (its own
     receive path has no limit): each PDU (a longer one ends the connection) and each message's
@@ -206,6 +197,11 @@ def _bound_receipt(event: Any, max_object_bytes: int, budget: _ReceiveBudget) ->
     setattr(dimse, "receive_primitive", bounded_receive)  # noqa: B010 — an instance attribute over the method
 
 
+def _refused(calling: str, sop_instance: str, exc: ObjectRefused) -> Any:
+    log.warning("C-STORE from %s: %s refused: %s", calling, sop_instance, exc)
+    return _refusal(exc.status, str(exc))
+
+
 def _refusal(status: int, comment: str) -> Any:
     from pydicom.dataset import Dataset
 
@@ -215,21 +211,21 @@ def _refusal(status: int, comment: str) -> Any:
     return answer
 
 
-def _text(ds, keyword: str) -> str:
-    value = ds.get(keyword, "")
-    return str(value).strip() if value is not None else ""
+def _text(value: object) -> str:
+    """A text or UID value without its padding (spaces; a NUL after a UID)."""
+    return str(value if value is not None else "").strip().strip("\x00").strip()
 
 
 def _patient(ds) -> dict | None:
-    patient_id = _text(ds, "PatientID")
+    patient_id = _text(ds.get("PatientID"))
     if not patient_id:
         return None
     return {
         "patient_id": patient_id,
-        "name": _text(ds, "PatientName"),
-        "issuer": _text(ds, "IssuerOfPatientID"),
-        "sex": _text(ds, "PatientSex"),
-        "birth_date": _text(ds, "PatientBirthDate") or None,
+        "name": _text(ds.get("PatientName")),
+        "issuer": _text(ds.get("IssuerOfPatientID")),
+        "sex": _text(ds.get("PatientSex")),
+        "birth_date": _text(ds.get("PatientBirthDate")) or None,
     }
 
 
@@ -340,17 +336,15 @@ class DicomReceiver:
                     limit,
                 )
                 return _refusal(OUT_OF_RESOURCES, f"object inflates to over the gateway's {limit // 2**20} MB limit")
-            except _NotWhatItSays as exc:
-                log.warning("C-STORE from %s: %s refused: %s", calling, sop_instance, exc)
-                return _refusal(exc.status, str(exc))
+            except ObjectRefused as exc:  # not the object its C-STORE announced
+                return _refused(calling, sop_instance, exc)
             except Exception as exc:  # noqa: BLE001 — a data set pydicom cannot read: say so, keep nothing
                 log.warning("C-STORE from %s: unreadable data set %s (%s)", calling, sop_instance, exc)
                 return CANNOT_UNDERSTAND
             try:
                 self._store(obj)
-            except ObjectRefused as exc:
-                log.warning("C-STORE from %s: %s refused: %s", calling, sop_instance, exc)
-                return _refusal(exc.status, str(exc))
+            except ObjectRefused as exc:  # the store callable will not keep it
+                return _refused(calling, sop_instance, exc)
             except Exception:
                 log.exception("C-STORE from %s: could not keep %s; answering 'out of resources'", calling, sop_instance)
                 return OUT_OF_RESOURCES
@@ -380,13 +374,12 @@ class DicomReceiver:
             implicit = syntax.is_implicit_VR if syntax.is_transfer_syntax else False
             little = syntax.is_little_endian if syntax.is_transfer_syntax else True
             ds = read_dataset(source, implicit, little)
+            # (a class not in `sop_classes` has no context here: it is refused as not the context's)
             sop_class, sop_instance = _announced_and_held(event, ds)
-            if sop_class not in self.settings.sop_classes:
-                raise _NotWhatItSays(NOT_THE_SOP_CLASS, "SOP class not accepted by this gateway")
-            study, series, patient = _text(ds, "StudyInstanceUID"), _text(ds, "SeriesInstanceUID"), _patient(ds)
+            study, series, patient = _text(ds.get("StudyInstanceUID")), _text(ds.get("SeriesInstanceUID")), _patient(ds)
             del ds, source
             if not (study and series):
-                raise _NotWhatItSays(CANNOT_UNDERSTAND, "no Study or Series Instance UID")
+                raise ObjectRefused(CANNOT_UNDERSTAND, "no Study or Series Instance UID")
             data = event.encoded_dataset(include_meta=True)
         return ReceivedObject(
             data=data,
@@ -400,20 +393,16 @@ class DicomReceiver:
         )
 
 
-def _uid(value: object) -> str:
-    return str(value if value is not None else "").strip("\x00 ")
-
-
 def _announced_and_held(event: Any, ds: Any) -> tuple[str, str]:
     """The SOP class and instance the C-STORE announced, checked against the data set: Success lets
     the cart delete its copy, so it must be the object the key and the meta will say it is."""
-    sop_class, sop_instance = _uid(event.request.AffectedSOPClassUID), _uid(event.request.AffectedSOPInstanceUID)
-    if sop_class != _uid(event.context.abstract_syntax):
-        raise _NotWhatItSays(NOT_THE_SOP_CLASS, "SOP class is not the presentation context's")
-    if _uid(ds.get("SOPClassUID", "")) != sop_class:
-        raise _NotWhatItSays(NOT_THE_SOP_CLASS, "data set's SOP Class UID is not the one announced")
-    if _uid(ds.get("SOPInstanceUID", "")) != sop_instance:
-        raise _NotWhatItSays(CANNOT_UNDERSTAND, "data set's SOP Instance UID is not the one announced")
+    sop_class, sop_instance = _text(event.request.AffectedSOPClassUID), _text(event.request.AffectedSOPInstanceUID)
+    if sop_class != _text(event.context.abstract_syntax):
+        raise ObjectRefused(NOT_THE_SOP_CLASS, "SOP class is not the presentation context's")
+    if _text(ds.get("SOPClassUID")) != sop_class:
+        raise ObjectRefused(NOT_THE_SOP_CLASS, "data set's SOP Class UID is not the one announced")
+    if _text(ds.get("SOPInstanceUID")) != sop_instance:
+        raise ObjectRefused(CANNOT_UNDERSTAND, "data set's SOP Instance UID is not the one announced")
     return sop_class, sop_instance
 
 

@@ -553,3 +553,40 @@ def test_resident_id_written_loosely_on_the_cart_is_the_checked_in_stat_patient(
         assert cart.store(sent.getvalue()).status == 0x0000
     (item,) = outbox.items()
     assert item.meta["flags"] == [] and item.meta["stat"] is True and item.priority == Priority.STAT
+
+
+@pytest.mark.parametrize("deflate", [False, True])
+def test_a_loosely_written_resident_id_goes_to_the_pacs_as_the_one_resident_id(outbox: Outbox, deflate: bool) -> None:
+    """The cart's operator typed "110105 19491231 002x"; the gateway knew it as the checked-in
+    11010519491231002X but forwarded the object as the cart wrote it: the county's PACS filed the
+    same resident under two patient IDs (his ECGs from the gateway's other paths under the other).
+    Forwarded with the normalised ID, the one as typed kept in Other Patient IDs, DICOM-valid."""
+    from tests.dicom_validation import dciodvfy_problems
+    from tests.ecg_factories import make_recording
+    from uploader.dicom_ecg import EcgStudyUids, StationInfo, recording_to_dicom_bytes
+    from uploader.dicom_store import StoreAssociation
+
+    uids = EcgStudyUids(study_uid="2.25.2001", series_uid="2.25.2002", sop_instance_uid="2.25.2003")
+    built = recording_to_dicom_bytes(make_recording(0), uids, StationInfo(station_name="cart-1", institution="Clinic"))
+    ecg = _dataset(built)
+    ecg.PatientID = "110105 19491231 002x"
+    sent = io.BytesIO()
+    ecg.save_as(sent)
+    assert dciodvfy_problems(sent.getvalue()) == []  # the cart's object is valid as it is
+    settings = ReceiverSettings(port=0, allowed_callers=(CART,), timeout_s=30)
+    with (
+        DicomReceiver(settings, lan_object_store(outbox)) as r,
+        StoreAssociation(_cart(r.port, deflate=deflate)) as cart,
+    ):
+        assert cart.store(sent.getvalue()).status == 0x0000
+        assert cart.store(sent.getvalue()).status == 0x0000  # sent again: the same item, not "other content"
+    (item,) = outbox.items()
+    ds = _dataset(outbox.read_payload(item))
+    assert ds.PatientID == "11010519491231002X"
+    assert [other.PatientID for other in ds.OtherPatientIDsSequence] == ["110105 19491231 002x"]
+    assert ds.SOPInstanceUID == "2.25.2003" and ds.waveform_array(0).tolist() == ecg.waveform_array(0).tolist()
+    assert (ds.file_meta.TransferSyntaxUID == pydicom.uid.DeflatedExplicitVRLittleEndian) is deflate  # as it came
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian  # what dciodvfy reads
+    forwarded = io.BytesIO()
+    ds.save_as(forwarded)
+    assert dciodvfy_problems(forwarded.getvalue()) == []

@@ -428,3 +428,57 @@ def test_a_report_that_comes_at_once_finds_its_transaction_recorded(config, capl
         f"a report that came before its transaction was written was not taken: {reported_first}"
     )
     assert not [r for r in caplog.records if "refused storage commitment report" in r.getMessage()]
+
+
+def test_the_metered_budget_counts_every_byte_the_gateway_put_on_the_link(config, center) -> None:
+    """The day's budget means what the carrier bills: the bytes on the metered link. A stored
+    object was counted as its deflated data set only (no command set, no PDU headers, no
+    association set-up or release), while an object cut short counted the PDUs written: two
+    measures for one budget, and a clinic whose link carried more than the budget said."""
+    from tests.link_emulator import PROFILES, LinkRelay
+
+    rc = config.reading_center
+    rc.associations, rc.storage_commitment, rc.deflate = 1, False, True
+    rc.metered.daily_budget_mb = 100.0  # metered, never shut here
+    outbox = open_outbox(config)
+    for i in range(3):
+        enqueue_recording(outbox, make_recording(i), config, key=f"k{i}")
+    with LinkRelay(PROFILES["lan"], "127.0.0.1", rc.port) as link:
+        rc.port = link.port
+        with EcgForwarder(outbox, forwarder_settings(config)) as fwd:
+            pump(fwd, lambda: len(center.received) == 3, limit_s=60.0)
+            assert fwd.meter is not None
+        assert link.up is not None
+        on_the_link = link.up.bytes_total  # the forwarder closed: its release went out before
+    assert fwd.meter.spent_today(time.time()) == on_the_link
+    outbox.close()
+
+
+def test_asking_again_for_a_lost_commitment_report_counts_against_the_budget(config) -> None:
+    """A PACS whose reports never reach the gateway is asked again and again for storage
+    commitment, each time on an association of its own over the metered link: uncounted, the
+    budget said less than the carrier billed."""
+    from tests.link_emulator import PROFILES, LinkRelay
+
+    rc = config.reading_center
+    rc.associations, rc.storage_commitment, rc.commitment_timeout_s = 1, True, 0.5
+    rc.metered.daily_budget_mb = 100.0
+    # its reports go to a port nobody listens on: every request goes unanswered
+    center = EmbeddedReadingCenter(port=rc.port, gateway_port=free_port(), report_delay_s=0.0)
+    center.start()
+    outbox = open_outbox(config)
+    enqueue_recording(outbox, make_recording(0), config, key="k0")
+    asked: list[str] = []
+    try:
+        with LinkRelay(PROFILES["lan"], "127.0.0.1", rc.port) as link:
+            rc.port = link.port
+            settings = forwarder_settings(config)
+            with EcgForwarder(outbox, settings, on_event=lambda kind, info: asked.append(kind)) as fwd:
+                pump(fwd, lambda: asked.count("commitment-asked") >= 3, limit_s=60.0)
+                assert fwd.meter is not None
+            assert link.up is not None
+            on_the_link = link.up.bytes_total
+    finally:
+        center.stop()
+    assert fwd.meter.spent_today(time.time()) == on_the_link
+    outbox.close()

@@ -87,7 +87,7 @@ from devices.ecg.findings import (
     StatementSource,
 )
 from devices.ecg.quality import ACCEPTABLE, QualityReport
-from devices.ecg.recording import STANDARD_12_LEADS, EcgRecording, SampleGap
+from devices.ecg.recording import STANDARD_12_LEADS, EcgRecording, merged_gaps, on_time_axis
 from devices.identity import UNASSIGNED_ISSUER, Patient, TimeSource
 from uploader.errors import InvalidObjectError
 
@@ -326,29 +326,11 @@ def _quantise(samples: np.ndarray, lowest: int) -> _Quantised:
     return _Quantised(np.clip(quotient, lowest, INT16_MAX).astype(np.int16), needed, False)
 
 
-def _merged_gaps(gaps: tuple[SampleGap, ...]) -> list[tuple[int, int]]:
-    merged: dict[int, int] = {}
-    for gap in gaps:
-        merged[gap.start] = merged.get(gap.start, 0) + gap.missing
-    return sorted(merged.items())
-
-
 def _multiplexed(samples: np.ndarray, gaps: list[tuple[int, int]]) -> tuple[bytes, list[tuple[int, int]]]:
     """Channel-interleaved little-endian int16 data with padding where gaps are, and the gaps'
     0-based (first, count) positions in the padded data."""
-    n_leads, n = samples.shape
-    total = n + sum(missing for _, missing in gaps)
-    out = np.full((total, n_leads), PADDING_VALUE, dtype="<i2")
-    positions = []
-    src = dst = 0
-    for start, missing in gaps:
-        out[dst : dst + start - src] = samples[:, src:start].T
-        dst += start - src
-        positions.append((dst, missing))
-        dst += missing
-        src = start
-    out[dst:] = samples[:, src:].T
-    return out.tobytes(), positions
+    padded, positions = on_time_axis(samples, gaps, PADDING_VALUE)
+    return np.ascontiguousarray(padded.T, dtype="<i2").tobytes(), positions
 
 
 # ---------------------------------------------------------------------------- value helpers
@@ -903,7 +885,7 @@ def build_ecg_dataset(
             raise InvalidObjectError("created_at must carry a time zone")
         created = created_at.astimezone(acquired.tzinfo)  # one Timezone Offset From UTC for all
     ctx = _Context(recording, uids, station, sop_class, acquired, created, request or StudyRequest(), quality)
-    gaps = _merged_gaps(recording.gaps)
+    gaps = merged_gaps(recording.gaps)
     quantised = _quantise(recording.samples, -INT16_MAX if gaps else PADDING_VALUE)
     data, gap_positions = _multiplexed(quantised.samples, gaps)
 

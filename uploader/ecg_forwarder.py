@@ -23,7 +23,8 @@ to the queue uncharged; with no open association left to carry it, it goes at on
 own, `StatLane`). Routine objects are paced just below the link's measured rate
 (uploader/link_pacing.py) so that little waits in the modem's buffer ahead of a STAT one. With a
 `meter` (uploader/metering.py), routine items wait outside the send windows and once the day's
-byte budget is spent; STAT items go regardless.
+byte budget is spent; STAT items go regardless. The budget counts what the carrier bills: every
+byte an association wrote on the link (set-up, commands, PDU headers, objects whole or cut short).
 
 Storage commitment reports come to a `CommitmentListener` bound to this gateway's address toward
 the reading center (or `listen_host`), accepting only the reading center (its AE title, from its
@@ -549,6 +550,13 @@ class EcgForwarder:
         except sqlite3.OperationalError as exc:
             log.warning("metered link: %d bytes sent not counted: %s", nbytes, exc)
 
+    def _spend_written(self, assoc: StoreAssociation, charged: int) -> int:
+        """Count what `assoc` wrote since `charged` (of its `bytes_written`): the budget is the
+        bytes on the metered link, PDU headers, command sets and negotiation included, whatever
+        became of the object. Returns the new mark."""
+        self._spend(assoc.bytes_written - charged, self.clock())
+        return assoc.bytes_written
+
     def _claim(self, limit: int, priority: Priority | None = None) -> list[OutboxItem]:
         return self.outbox.claim(
             Kind.DICOM,
@@ -616,6 +624,7 @@ class EcgForwarder:
             self.settings.peer, commitment=self.settings.storage_commitment, pacer=self.pacer, paced=routine
         )
         carrying = False  # sending STAT items claimed mid-round (`watch.carrying`)
+        charged = 0  # of assoc.bytes_written: what the metered budget has counted
         with self._lanes_lock:
             self._open.add(assoc)
         try:
@@ -687,7 +696,6 @@ class EcgForwarder:
                         # taken for the round trip made the second sample 1.6x the link's rate
                         # (4G: paced above the link, then drained at 0.7 of it)
                         paced_throughout = assoc.paced and self.pacer.pace is not None
-                        written = assoc.bytes_written
                         outcome = assoc.store(payload)
                         if watch is not None and not carrying:
                             watch.finished(assoc, stored=outcome.category in ("success", "warning"))
@@ -701,7 +709,7 @@ class EcgForwarder:
                         # the association died, timed out waiting for the answer or was cut for a
                         # STAT study: what went on the wire is paid for all the same, and the object
                         # goes again later - uncounted, a flaky link spent the day's budget many times
-                        self._spend(assoc.bytes_written - written, self.clock())
+                        charged = self._spend_written(assoc, charged)
                         raise
                     except PermanentError as exc:  # e.g. a payload that is no DICOM we can send
                         in_flight = None
@@ -740,7 +748,7 @@ class EcgForwarder:
                         self.outbox.quarantine(item.id, reason, now)
                         r.quarantined += 1
                         self.on_event("quarantined", {"id": item.id, "reason": reason})
-                    self._spend(outcome.wire_bytes, now)
+                    charged = self._spend_written(assoc, charged)
                 if sent_now and self.settings.storage_commitment:
                     assoc.paced = False  # a small request, and no object's turn
                     self._request_commitment(assoc, sent_now)
@@ -775,6 +783,7 @@ class EcgForwarder:
                 self.outbox.interrupt_sends([in_flight.id], f"send failed: {type(exc).__name__}: {exc}", self.clock())
             raise
         finally:
+            self._spend_written(assoc, charged)  # its set-up, commitment request and release
             if carrying:
                 assert watch is not None
                 watch.carried()  # ended (or failed) with the STAT items it took: the others go on
@@ -835,12 +844,16 @@ class EcgForwarder:
             return
         for start in range(0, len(due), self.settings.batch_size):
             batch = due[start : start + self.settings.batch_size]
+            # on the pacer, unpaced: a small request, whose bytes the link carries and the budget counts
+            assoc = StoreAssociation(self.settings.peer, commitment=True, pacer=self.pacer, paced=False)
             try:
-                with StoreAssociation(self.settings.peer, commitment=True) as assoc:
+                with assoc:
                     self._request_commitment(assoc, batch)
             except TransientError as exc:
                 log.info("cannot ask for storage commitment now: %s", exc)
                 return
+            finally:
+                self._spend_written(assoc, 0)
 
     def _settle_without_commitment(self) -> int:
         """`storage_commitment = False` with `no_commitment_policy = "purge"`: what was sent is

@@ -240,6 +240,44 @@ def is_disk_full(exc: BaseException) -> bool:
     return code == sqlite3.SQLITE_FULL or "database or disk is full" in str(exc)
 
 
+def is_storage_full(exc: BaseException) -> bool:
+    """No room for what was to be recorded: the outbox refused it (OutboxFullError), or SQLite or
+    the file system under it found the partition full."""
+    return isinstance(exc, OutboxFullError) or is_disk_full(exc)
+
+
+def _move(
+    conn: sqlite3.Connection, op: str, item_ids: list[int], now: float, sets: dict[str, Any] | None = None
+) -> list[int]:
+    """(In a write transaction.) Move the items that are in op's source states to its target,
+    setting `sets` too; return the ids moved."""
+    sources, target = TRANSITIONS[op]
+    assignments = {"state": target.value, "updated_at": now, **(sets or {})}
+    set_sql = ", ".join(f"{col} = {v}" if isinstance(v, _Sql) else f"{col} = ?" for col, v in assignments.items())
+    values = [v for v in assignments.values() if not isinstance(v, _Sql)]
+    src = sorted(s.value for s in sources)
+    moved: list[int] = []
+    for chunk in _chunks(item_ids):
+        marks = ",".join("?" * len(chunk))
+        rows = conn.execute(
+            f"UPDATE items SET {set_sql} WHERE id IN ({marks}) AND state IN ({','.join('?' * len(src))}) RETURNING id",
+            [*values, *chunk, *src],
+        ).fetchall()
+        moved += [r[0] for r in rows]
+    return moved
+
+
+def _quarantined(reason: str, now: float) -> dict[str, Any]:
+    """What a quarantined item records besides its state: why, when, and no send in hand."""
+    return {
+        "quarantine_reason": reason,
+        "quarantined_at": now,
+        "last_error": reason,
+        "claimed_by": None,
+        "in_flight": 0,
+    }
+
+
 def _json(value: dict[str, Any] | None) -> str | None:
     return None if value is None else json.dumps(value, sort_keys=True, ensure_ascii=False)
 
@@ -517,31 +555,19 @@ class Outbox:
         self, op: str, item_ids: Sequence[int], now: float, sets: dict[str, Any] | None = None, *, durable: bool = True
     ) -> list[int]:
         """Move the given items from op's source states to its target; return the ids moved."""
-        sources, target = TRANSITIONS[op]
-        assignments = {"state": target.value, "updated_at": now, **(sets or {})}
-        set_sql = ", ".join(f"{col} = {v}" if isinstance(v, _Sql) else f"{col} = ?" for col, v in assignments.items())
-        values = [v for v in assignments.values() if not isinstance(v, _Sql)]
-        src = sorted(s.value for s in sources)
         wanted = list(dict.fromkeys(int(i) for i in item_ids))
         if not wanted:
             return []
-
-        def body(conn: sqlite3.Connection) -> list[int]:
-            moved: list[int] = []
-            for chunk in _chunks(wanted):
-                marks = ",".join("?" * len(chunk))
-                rows = conn.execute(
-                    f"UPDATE items SET {set_sql} WHERE id IN ({marks}) "
-                    f"AND state IN ({','.join('?' * len(src))}) RETURNING id",
-                    [*values, *chunk, *src],
-                ).fetchall()
-                moved += [r[0] for r in rows]
-            return moved
-
-        moved = self._commit(body, durable=durable)
+        moved = self._commit(lambda conn: _move(conn, op, wanted, now, sets), durable=durable)
         skipped = sorted(set(wanted) - set(moved))
         if skipped:
-            log.warning("%s: item(s) %s not in state %s, left unchanged", op, skipped, "/".join(src))
+            sources, _target = TRANSITIONS[op]
+            log.warning(
+                "%s: item(s) %s not in state %s, left unchanged",
+                op,
+                skipped,
+                "/".join(sorted(s.value for s in sources)),
+            )
         return moved
 
     def _referenced_files(self) -> set[str]:
@@ -1018,18 +1044,7 @@ class Outbox:
         )
 
     def quarantine(self, item_id: int, reason: str, now: float) -> None:
-        self._transition(
-            "quarantine",
-            [item_id],
-            now,
-            {
-                "quarantine_reason": reason,
-                "quarantined_at": now,
-                "last_error": reason,
-                "claimed_by": None,
-                "in_flight": 0,
-            },
-        )
+        self._transition("quarantine", [item_id], now, _quarantined(reason, now))
 
     def set_transaction(self, item_ids: Sequence[int], transaction_uid: str, now: float) -> None:
         """Storage commitment was asked for these sent items under `transaction_uid`: recorded
@@ -1388,12 +1403,7 @@ class Outbox:
             return False
         if (name is not None and self._files.path(name).exists()) or (name is None and row[1]):
             return False
-        conn.execute(
-            "UPDATE items SET state = ?, updated_at = ?, quarantine_reason = ?, quarantined_at = ?, last_error = ?, "
-            "claimed_by = NULL, in_flight = 0 WHERE id = ?",
-            (S.QUARANTINED.value, now, reason, now, reason, item_id),
-        )
-        return True
+        return bool(_move(conn, "quarantine", [item_id], now, _quarantined(reason, now)))
 
     # -- health -----------------------------------------------------------------------------------
     def record_status(self, name: str, value: dict[str, Any], now: float) -> None:

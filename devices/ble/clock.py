@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from devices.identity import EARLIEST_PLAUSIBLE, TimeSource
+from devices.identity import TimeSource, plausible_device_time
 
 DEFAULT_TOLERANCE = dt.timedelta(minutes=5)
 # What measuring a device clock cannot resolve: Current Time and Date Time count whole seconds, and
@@ -51,7 +51,7 @@ def resolve_time(
         return received_at, TimeSource.GATEWAY_RECEIPT
 
     def plausible(t: dt.datetime) -> bool:
-        return EARLIEST_PLAUSIBLE <= t <= received_at + tolerance
+        return plausible_device_time(t, received_at, tolerance)
 
     stamped = device_time.replace(tzinfo=tz)
     off = clock.offset

@@ -466,13 +466,16 @@ MESSAGE_CLASSES = {
 
 
 class Frame:
-    """A checked frame whose payload is not yet decoded."""
+    """A checked frame whose payload is not yet decoded; `crc` is its CRC (header and payload)."""
 
-    def __init__(self, version: int, msg_type: int, seq: int, payload: bytes) -> None:
+    def __init__(self, version: int, msg_type: int, seq: int, payload: bytes, crc: int | None = None) -> None:
         self.version = version
         self.msg_type = msg_type
         self.seq = seq
         self.payload = payload
+        if crc is None:  # a frame made, not read: its CRC as it would go on the wire
+            crc = crc32(struct.pack(HEADER_FORMAT, version, msg_type, seq & 0xFFFFFFFF) + payload)
+        self.crc = crc
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Frame) and (self.version, self.msg_type, self.seq, self.payload) == (
@@ -520,7 +523,7 @@ def decode_frame(encoded: bytes) -> Frame:
     if crc32(body[:-CRC_SIZE]) != sent_crc:
         raise FrameError("CRC mismatch")
     version, msg_type, seq = struct.unpack(HEADER_FORMAT, body[:HEADER_SIZE])
-    return Frame(version, msg_type, seq, body[HEADER_SIZE:-CRC_SIZE])
+    return Frame(version, msg_type, seq, body[HEADER_SIZE:-CRC_SIZE], sent_crc)
 
 
 def decode_message(frame: Frame) -> Message:

@@ -18,7 +18,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from devices.bridge import codec
-from devices.bridge.crc import crc32
 from devices.errors import ProtocolError
 
 
@@ -73,13 +72,6 @@ class _SeqWindow:
         self._members.clear()
 
 
-def _fingerprint(frame: codec.Frame) -> int:
-    """What tells a resend from a new frame under the same number: a bridge resends the frame it
-    kept, byte for byte, while a restarted bridge whose HELLO was lost, or its last words after a
-    crash, numbers new frames from 0 again."""
-    return crc32(bytes((frame.version, frame.msg_type)) + frame.payload)
-
-
 @dataclass
 class ProtocolCounters:
     frames: int = 0
@@ -128,7 +120,10 @@ class BridgeProtocol:
                 self._seen.clear()
                 self._acked.clear()
             return self._deliver(frame, hello)
-        if self._seen.holds(frame.seq, _fingerprint(frame)):
+        # the frame's CRC tells a resend from a new frame under the same number: a bridge resends
+        # the frame it kept, byte for byte, while a restarted bridge whose HELLO was lost, or its
+        # last words after a crash, numbers new frames from 0 again
+        if self._seen.holds(frame.seq, frame.crc):
             return [self._duplicate(frame.seq)]
         try:
             message = codec.decode_message(frame)
@@ -142,7 +137,7 @@ class BridgeProtocol:
         return self._deliver(frame, message)
 
     def _deliver(self, frame: codec.Frame, message: codec.Message) -> list[BridgeEvent]:
-        seq, fingerprint = frame.seq, _fingerprint(frame)
+        seq, fingerprint = frame.seq, frame.crc
         if self._seen.holds(seq, fingerprint):
             return [self._duplicate(seq)]
         self._seen.add(seq, fingerprint)

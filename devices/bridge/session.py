@@ -21,11 +21,10 @@ from devices.bridge.ecg_stream import DEFAULT_MAX_SECONDS, EcgAssembler
 from devices.bridge.protocol import BridgeProtocol, FrameRejected, MessageReceived
 from devices.ecg.recording import EcgRecording
 from devices.errors import InvalidRecordingError, ProtocolError
-from devices.identity import EARLIEST_PLAUSIBLE, DeviceIdentity, TimeSource
+from devices.identity import DeviceIdentity, TimeSource, plausible_device_time
 from devices.observation import Observation, Quantity
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
-MAX_CLOCK_AHEAD = dt.timedelta(minutes=10)  # a device time further ahead than this is not believed
 MAX_OPEN_RECORDINGS = 2
 
 
@@ -99,7 +98,7 @@ def device_time(time_flags: int, device_time_ms: int, received_at: dt.datetime) 
             when = EPOCH + dt.timedelta(milliseconds=device_time_ms)
         except OverflowError:
             when = None
-        if when is not None and EARLIEST_PLAUSIBLE <= when <= received_at + MAX_CLOCK_AHEAD:
+        if when is not None and plausible_device_time(when, received_at):
             source = TimeSource.DEVICE_CLOCK_CORRECTED if time_flags == codec.TIME_SYNCED else TimeSource.DEVICE_CLOCK
             return when, source
     return received_at, TimeSource.GATEWAY_RECEIPT

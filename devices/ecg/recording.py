@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +39,34 @@ class SampleGap:
 
     start: int
     missing: int
+
+
+def merged_gaps(gaps: Iterable[SampleGap]) -> list[tuple[int, int]]:
+    """(start, missing) of `gaps` in sample order, those before the same sample added up."""
+    merged: dict[int, int] = {}
+    for gap in gaps:
+        merged[gap.start] = merged.get(gap.start, 0) + gap.missing
+    return sorted(merged.items())
+
+
+def on_time_axis(
+    samples: np.ndarray, gaps: list[tuple[int, int]], fill: float
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """(leads, samples) with `fill` where samples never arrived (`merged_gaps`), so that sample
+    index / rate is the time since the start of the recording; and each gap's 0-based (first,
+    count) there."""
+    n_leads, n = samples.shape
+    out = np.full((n_leads, n + sum(missing for _, missing in gaps)), fill, dtype=np.result_type(samples.dtype, fill))
+    positions = []
+    src = dst = 0
+    for start, missing in gaps:
+        out[:, dst : dst + start - src] = samples[:, src:start]
+        dst += start - src
+        positions.append((dst, missing))
+        dst += missing
+        src = start
+    out[:, dst:] = samples[:, src:]
+    return out, positions
 
 
 @dataclass(frozen=True, slots=True)

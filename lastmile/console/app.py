@@ -55,7 +55,7 @@ from lastmile.console.sources import ClinicData, ConsoleInputError, ReportView, 
 from lastmile.reports.printing import lp_command, print_document
 from lastmile.reports.report_text import printout, shown_reasons, shown_text
 from uploader.errors import OutboxFullError
-from uploader.outbox import is_disk_full
+from uploader.outbox import is_storage_full
 
 if TYPE_CHECKING:
     from lastmile.doctor import Finding
@@ -922,7 +922,7 @@ async def on_storage_fault(request: Request, exc: Exception) -> Response:
     """clinic.db (check-in, audit trail, acknowledgements) or the outbox (a held reading or ECG
     assigned) on a full data partition: the doctor reads that nothing was recorded and why, not
     an Internal Server Error. Other database faults stay server errors."""
-    if not (isinstance(exc, OutboxFullError) or is_disk_full(exc)):
+    if not is_storage_full(exc):
         raise exc
     log.error("%s %s not recorded: the data partition is full (%s)", request.method, request.url.path, exc)
     return PlainTextResponse(STORAGE_FULL, status_code=507)

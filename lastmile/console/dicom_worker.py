@@ -27,7 +27,7 @@ def assign_ecg(job: dict[str, Any]) -> dict[str, Any]:
     from devices.identity import Patient
     from lastmile.ecg.intake import HeldEcgError, assign_held_ecg
     from uploader.errors import OutboxFullError
-    from uploader.outbox import Outbox, is_disk_full
+    from uploader.outbox import Outbox, is_storage_full
 
     p = job["patient"]
     patient = Patient(
@@ -48,7 +48,7 @@ def assign_ecg(job: dict[str, Any]) -> dict[str, Any]:
     except HeldEcgError as exc:
         return {"error": str(exc)}
     except (OutboxFullError, sqlite3.OperationalError) as exc:
-        if not (isinstance(exc, OutboxFullError) or is_disk_full(exc)):
+        if not is_storage_full(exc):
             raise
         # the rebuilt ECG had no room: the console says so (not "too late: sent already")
         return {"error": str(exc), "storage_full": True}

@@ -40,6 +40,7 @@ from devices.ecg.recording import EcgRecording
 from devices.identity import InvalidPatientIdError, Patient, parse_resident_id, resident_id_required
 from lastmile.clinic.names import dicom_person_name
 from lastmile.clinic.patient_ids import clinic_patient as clinic_patient  # re-exported: the commands' import
+from lastmile.clinic.patient_ids import kept_patient_id
 from lastmile.clinic.patients import StatSession
 from lastmile.clock import local_zone
 from lastmile.config import Config
@@ -492,17 +493,21 @@ def lan_object_store(
     id_kind: str = "",
 ) -> Callable[[ReceivedObject], None]:
     """ReceivedObject -> durable outbox item, for firmware_bridge.dicom_receiver: the object is
-    stored as received (its bytes, its UIDs); the SOP Instance UID is the key, so a cart that
-    sends the same object again gets Success without a second item. A patient other than the
+    stored as received (its bytes, but for a loosely written patient ID; its UIDs); the SOP
+    Instance UID is the key, so a cart that sends the same object again gets Success without a
+    second item. A patient other than the
     gateway's current one is flagged in the item's meta (the object itself is not touched); one
     of the patient the doctor checked in as STAT goes first (the cart sends as it records).
     The object's patient ID is compared normalised (`comparable_patient_id`), as the checked-in
-    one was when the doctor entered it."""
+    one was when the doctor entered it, and forwarded so (`with_patient_id`): one resident, one ID
+    at the county, whichever path his ECGs came by."""
 
     def store(obj: ReceivedObject) -> None:
         current = current_patient_id()
         session = stat_session()
         patient_id = comparable_patient_id(obj.patient["patient_id"], id_kind) if obj.patient else None
+        if patient_id is not None and obj.patient is not None and patient_id != obj.patient["patient_id"]:
+            obj = with_patient_id(obj, patient_id)
         stat = session is not None and session.covers(patient_id, None)
         mismatch = bool(current and patient_id is not None and patient_id != current)
         meta = ecg_item_meta(
@@ -517,35 +522,54 @@ def lan_object_store(
             calling_ae=obj.calling_ae,
             stat=stat,
         )
-        key = "dicom-sop:" + obj.sop_instance_uid
-        existing = outbox.find(key)
-        if existing is not None and existing.sha256 != hashlib.sha256(obj.data).hexdigest():
-            replace_lan_object(outbox, existing, obj, meta)
-            return
-        outbox.add(
+        added = outbox.add(
             Kind.DICOM,
-            key,
+            "dicom-sop:" + obj.sop_instance_uid,
             obj.data,
             priority=Priority.STAT if stat else Priority.ROUTINE,
             meta=meta,
             patient=obj.patient,
         )
+        # the key is the instance: sent again as it was, the item kept answers it
+        if not added.created and added.item.sha256 != hashlib.sha256(obj.data).hexdigest():
+            replace_lan_object(outbox, added.item, obj, meta)
 
     return store
 
 
 def comparable_patient_id(patient_id: str, id_kind: str) -> str:
-    """`patient_id` as `clinic_patient` keeps an entered one: runs of spaces as one, and a resident
-    ID (under `id_kind`) normalised, e.g. "110105 19491231 002x" -> "11010519491231002X", so a
-    cart's loosely typed ID is the patient checked in. A malformed resident ID is left as written:
-    it matches no checked-in patient, and the item is flagged."""
-    patient_id = " ".join(patient_id.split())
-    if not resident_id_required(patient_id, id_kind):
-        return patient_id
+    """`patient_id` as an entered one is kept (`kept_patient_id`), so a cart's loosely typed ID is
+    the patient checked in. A malformed resident ID is left as written (spaces as one): it
+    matches no checked-in patient, and the item is flagged."""
     try:
-        return parse_resident_id(patient_id).number
+        return kept_patient_id(patient_id, id_kind)[0]
     except InvalidPatientIdError:
-        return patient_id
+        return " ".join(patient_id.split())
+
+
+def with_patient_id(obj: ReceivedObject, patient_id: str) -> ReceivedObject:
+    """`obj` under `patient_id` (its normalised spelling), the Patient ID as the cart wrote it kept
+    in Other Patient IDs: the rest of the data set, its transfer syntax included, as received. The
+    same bytes in give the same bytes out (a cart sending it again is no "other content").
+    An object pydicom reads but cannot write back is forwarded as written, not lost."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(obj.data))
+        other = Dataset()
+        other.PatientID = ds.PatientID
+        if ds.get("IssuerOfPatientID"):
+            other.IssuerOfPatientID = ds.IssuerOfPatientID
+        other.TypeOfPatientID = "TEXT"
+        ds.OtherPatientIDsSequence = [*(ds.get("OtherPatientIDsSequence") or []), other]
+        ds.PatientID = patient_id
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+    except Exception as exc:  # noqa: BLE001 - the cart's own malformed elements: its spelling goes
+        log.warning("LAN object %s: patient ID not rewritten (%s): forwarded as written", obj.sop_instance_uid, exc)
+        return obj
+    assert obj.patient is not None
+    return dataclasses.replace(obj, data=out.getvalue(), patient={**obj.patient, "patient_id": patient_id})
 
 
 def replace_lan_object(outbox: Outbox, existing: OutboxItem, obj: ReceivedObject, meta: dict) -> None:

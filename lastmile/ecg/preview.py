@@ -44,7 +44,7 @@ from devices.ecg.quality import (
     QualityReport,
     check_quality,
 )
-from devices.ecg.recording import EcgRecording
+from devices.ecg.recording import EcgRecording, merged_gaps, on_time_axis
 from devices.identity import Patient, TimeSource
 
 # --- paper ---------------------------------------------------------------------------------
@@ -222,22 +222,6 @@ def gapped_path(uv: np.ndarray, rate_hz: float, *, clamp_units: int) -> str:
     return "".join(
         trace_path(uv[start:end], rate_hz, clamp_units=clamp_units, first_sample=int(start)) for start, end in runs
     )
-
-
-def on_time_axis(recording: EcgRecording) -> np.ndarray:
-    """µV (leads, samples) with NaN where samples never arrived (`recording.gaps`), so that
-    sample index / rate is the time since the start of the recording."""
-    uv = recording.microvolts()
-    if not recording.gaps:
-        return uv
-    out = np.full((recording.n_leads, recording.n_samples + sum(g.missing for g in recording.gaps)), np.nan)
-    src = dst = 0
-    for gap in sorted(recording.gaps, key=lambda g: g.start):
-        out[:, dst : dst + gap.start - src] = uv[:, src : gap.start]
-        dst += gap.start - src + gap.missing
-        src = gap.start
-    out[:, dst:] = uv[:, src:]
-    return out
 
 
 def _baselines(uv: np.ndarray) -> np.ndarray:
@@ -427,7 +411,7 @@ def render_preview_svg(
     patient = patient if patient is not None else recording.patient
     layout = plan_layout(recording.lead_names)
     rate = float(recording.sampling_rate_hz)
-    uv = on_time_axis(recording)
+    uv, _ = on_time_axis(recording.microvolts(), merged_gaps(recording.gaps), np.nan)  # NaN: never arrived
     n_time = uv.shape[1]
     offsets = _baselines(uv[:, : min(n_time, int(math.ceil(PRINT_SECONDS * rate)))])
     parts = [

@@ -192,7 +192,7 @@ class AcquireService:
     @staticmethod
     def _session_lookup(config: Config, closers: list[Callable[[], None]]) -> SessionLookup:
         try:
-            from lastmile.clinic.patients import PatientContext, StatSession
+            from lastmile.clinic.patients import PatientContext
         except ImportError:
             return NO_SESSION
         context = PatientContext.open(config.data_dir, config.patient.idle_timeout_s)
@@ -206,10 +206,7 @@ class AcquireService:
 
         def stat_session() -> StatSession | None:
             with lock:
-                current = context.current(dt.datetime.now(dt.timezone.utc))
-            if current is None or not current.stat:
-                return None
-            return StatSession(current.patient_id, current.since)
+                return context.stat_session(dt.datetime.now(dt.timezone.utc))
 
         return SessionLookup(current_patient_id, stat_session)
 

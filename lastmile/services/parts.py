@@ -52,7 +52,24 @@ class Part(Protocol):
     def close(self) -> None: ...
 
 
-class WorkerPart:
+class RestartBackoff:
+    """A part's failures in a row, the last one's reason, and when it may start again."""
+
+    def __init__(self) -> None:
+        self.failures = 0
+        self.last_error = ""
+        self.next_start = 0.0
+
+    def failed(self, reason: str, now: float) -> float:
+        """One more failure at `now`: the wait before the next start (`restart_wait`)."""
+        self.failures += 1
+        self.last_error = reason
+        wait = restart_wait(self.failures)
+        self.next_start = now + wait
+        return wait
+
+
+class WorkerPart(RestartBackoff):
     """Runs `work(stop, beat)` on a thread; restarts it with backoff when it ends or fails.
 
     `stale_after`: seconds without a `beat()` after which the part counts as wedged (None: never).
@@ -67,6 +84,7 @@ class WorkerPart:
         on_close: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__()
         self.name = name
         self.work = work
         self.stale_after = stale_after
@@ -74,9 +92,6 @@ class WorkerPart:
         self.clock = clock
         self.stop = threading.Event()
         self.last_beat = clock()
-        self.failures = 0
-        self.last_error = ""
-        self.next_start = 0.0
         self.thread: threading.Thread | None = None
 
     def beat(self) -> None:
@@ -98,10 +113,7 @@ class WorkerPart:
                 self._failed(f"{type(exc).__name__}: {exc}")
 
     def _failed(self, reason: str) -> None:
-        self.failures += 1
-        self.last_error = reason
-        wait = restart_wait(self.failures)
-        self.next_start = self.clock() + wait
+        wait = self.failed(reason, self.clock())
         log.info("%s: will try again in %.0f s", self.name, wait)
 
     @property
@@ -153,7 +165,7 @@ class Listener(Protocol):
     def stop(self) -> None: ...
 
 
-class ReceiverPart:
+class ReceiverPart(RestartBackoff):
     """The LAN storage SCP, started by `check`, and started again with backoff while it cannot
     listen: a port another program holds, the clinic LAN's address not assigned yet at boot (the
     LAN switch off). Meanwhile the other parts - serial devices, USB sticks, GPS - go on."""
@@ -161,11 +173,9 @@ class ReceiverPart:
     name = "lan-receiver"
 
     def __init__(self, receiver: Listener) -> None:
+        super().__init__()
         self.receiver = receiver
         self.listening = False
-        self.failures = 0
-        self.last_error = ""
-        self.next_start = 0.0
 
     def check(self, now: float) -> None:
         if self.listening or now < self.next_start:
@@ -173,10 +183,7 @@ class ReceiverPart:
         try:
             self.receiver.start()
         except OSError as exc:  # the machine's fault, not ours: say it, try again later
-            self.failures += 1
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            wait = restart_wait(self.failures)
-            self.next_start = now + wait
+            wait = self.failed(f"{type(exc).__name__}: {exc}", now)
             (log.error if self.failures == 1 else log.info)(
                 "%s: cannot listen (%s); the other device links go on; trying again in %.0f s",
                 self.name,
