@@ -167,7 +167,9 @@ def stop(args: argparse.Namespace) -> int:
         print(f"visit {visit.id} stopped; {signed}; flags: {flags}")
         start_pending = visit.start.time is None and START_TIME_LOST not in visit.flags
         if not _queue_closed(config, book) and (start_pending or visit.end is None or visit.end.time is None):
-            print("not queued yet: its time is provisional until GPS or NTP gives one")
+            print(
+                "not queued yet: its time is provisional until GPS or NTP gives one; the forward service sends it then"
+            )
         if START_TIME_LOST in visit.flags:
             print("its start time was lost in a reboot (no time was known yet): it is sent without one")
     return 0
