@@ -149,6 +149,7 @@ def test_each_fix_reads_the_open_visit_once(tmp_path: Path) -> None:
     clocks = FakeClocks(wall=GPS_T.timestamp())
     with VisitBook.open(tmp_path / "data", gateway_id="gw-1", clock=clocks.clock()) as book:
         book.start("P-1", doctor_id="DR-1")
+        book.observe_fix(fix_at(*HOUSE, GPS_T), book.clock.now())  # the first anchors the clock
         statements: list[str] = []
         conn: sqlite3.Connection = book.db.conn
         conn.set_trace_callback(statements.append)
@@ -158,7 +159,7 @@ def test_each_fix_reads_the_open_visit_once(tmp_path: Path) -> None:
                 book.observe_fix(fix_at(*HOUSE, GPS_T.replace(second=n + 1)), book.clock.now())
         finally:
             conn.set_trace_callback(None)
-        assert len(book.track(book.open_visit().id)) == 10  # type: ignore[union-attr]
+        assert len(book.track(book.open_visit().id)) == 11  # type: ignore[union-attr]
     full_rows = [s for s in statements if "SELECT * FROM visits" in s]
     chain_reads = [s for s in statements if "FROM chain" in s]
     visit_reads = [s for s in statements if "FROM visits" in s]
