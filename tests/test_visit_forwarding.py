@@ -8,6 +8,8 @@ visits.db until the doctor's next stop: the day's last visit never left the vill
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -167,3 +169,74 @@ def test_each_fix_reads_the_open_visit_once(tmp_path: Path) -> None:
     assert not full_rows, f"{len(full_rows)} whole visit rows read for 10 fixes"
     assert not chain_reads, f"{len(chain_reads)} reads of the signed chain for 10 fixes"
     assert len(visit_reads) <= 20, f"{len(visit_reads)} reads of visits for 10 fixes"
+
+
+# --- 3. the CLI and the acquire service never read the NMEA receiver's port at once --------------
+
+
+def nmea_cycle(n: int) -> bytes:
+    """One receiver cycle (GGA + RMC) at the household, `n` seconds after GPS_T."""
+    from devices.gps.nmea import checksum
+
+    at = GPS_T + dt.timedelta(seconds=n)
+    hhmmss, ddmmyy = at.strftime("%H%M%S.00"), at.strftime("%d%m%y")
+    bodies = (
+        f"GPGGA,{hhmmss},3114.8800,N,12135.2440,E,1,09,0.90,20.0,M,8.0,M,,",
+        f"GPRMC,{hhmmss},A,3114.8800,N,12135.2440,E,0.0,0.0,{ddmmyy},,,A",
+    )
+    return b"".join(f"${body}*{checksum(body):02X}\r\n".encode() for body in bodies)
+
+
+def test_gps_fix_and_visit_stop_while_the_acquire_service_reads_the_nmea_receiver_steal_none_of_its_fixes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two readers of one serial port split its bytes: the service lost fixes from the open
+    visit's track (and both decoded garbled sentences). The service owns the port; the commands
+    get the service's fixes (and record none of them a second time)."""
+    from lastmile.cli import main
+    from lastmile.services.acquire import gnss_part
+    from tests.serial_pty import PtyDevice
+
+    device = PtyDevice(tmp_path / "gps0")
+    config = forward_config(tmp_path, "")
+    config.gps.source, config.gps.nmea_port = "nmea", str(device.link_path)
+    toml = tmp_path / "lastmile.toml"
+    toml.write_text(
+        f'[gateway]\nid = "gw-1"\ndata_dir = "{config.data_dir}"\n'
+        f'[gps]\nsource = "nmea"\nnmea_port = "{device.link_path}"\n'
+        '[visits]\ndoctor_id = "DR-1"\nfix_wait_s = 2.0\n'
+    )
+    with VisitBook.open(config.data_dir, gateway_id="gw-1") as book:
+        visit = book.start("P-1", doctor_id="DR-1")
+    part = gnss_part(config)
+    assert part is not None
+    done = threading.Event()
+
+    def feed() -> None:
+        for n in range(600):  # a 20 Hz receiver (30 s at most): each command's wait spans many cycles
+            if done.is_set():
+                return
+            device.write(nmea_cycle(n))
+            done.wait(0.05)
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    try:
+        part.start()
+        wait_for(lambda: device.opened_elsewhere() >= 1, timeout=60.0)  # pyserial flushes at open
+        feeder.start()
+        assert main(["-c", str(toml), "gps", "fix", "--wait", "2", "--json"]) == 0
+        assert main(["-c", str(toml), "visit", "stop"]) == 0
+    finally:
+        done.set()
+        feeder.join(60)
+        part.close()
+        device.unplug()
+    printed = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert printed["latitude"] == pytest.approx(31.248, abs=1e-3)
+    with VisitBook.open(config.data_dir, gateway_id="gw-1") as book:
+        closed = book.get(visit.id)
+        times = [r.fix.time for r in book.track(visit.id)]
+    assert closed is not None and closed.end_fix is not None and "no-fix" not in closed.flags
+    assert len(times) >= 20
+    # every cycle the receiver sent until the stop, each once: none taken by a command
+    assert times == [GPS_T + dt.timedelta(seconds=n) for n in range(len(times))]
