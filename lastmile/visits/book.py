@@ -106,6 +106,15 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE TABLE clock_anchor (boot_id TEXT PRIMARY KEY, offset REAL NOT NULL, source TEXT NOT NULL);
     """,
     ),
+    # visit-queue: the acquire service owns the NMEA receiver's port; a command asks it for its
+    # fixes (until a monotonic time of this boot) instead of opening the port a second time.
+    Migration.sql(
+        "0002_gnss_share",
+        """
+        CREATE TABLE gnss_share (id INTEGER PRIMARY KEY CHECK (id = 1), boot_id TEXT NOT NULL,
+            wanted_until REAL NOT NULL, record TEXT);
+    """,
+    ),
 )
 
 
@@ -372,7 +381,35 @@ class VisitBook:
         record = FixRecord(fix, received)
         if fix.has_position:
             self._extend_track(record)
+            self._share(record)
         return record
+
+    # --- a command asking the service that owns the receiver -------------------------------------
+    def want_fixes(self, wait_s: float) -> Stamp:
+        """(A command, while the acquire service holds the receiver's port.) Ask the service to
+        share its fixes for `wait_s` seconds; returns when it was asked."""
+        now = self.clock.now()
+        self.db.execute(
+            "INSERT INTO gnss_share (id, boot_id, wanted_until, record) VALUES (1, ?, ?, NULL) "
+            "ON CONFLICT (id) DO UPDATE SET boot_id = excluded.boot_id, wanted_until = excluded.wanted_until",
+            [now.boot_id, now.monotonic + wait_s],
+        )
+        return now
+
+    def shared_fix(self, since: Stamp) -> FixRecord | None:
+        """The latest fix the service shared, if it was received after `since` (this boot)."""
+        row = self.db.execute("SELECT record FROM gnss_share WHERE id = 1").fetchone()
+        record = FixRecord.from_json(row[0]) if row is not None else None
+        if record is None or record.received.boot_id != since.boot_id or record.received.monotonic < since.monotonic:
+            return None
+        return record
+
+    def _share(self, record: FixRecord) -> None:
+        """(The service.) A fix for a command waiting for one: written only while one waits."""
+        row = self.db.execute("SELECT boot_id, wanted_until FROM gnss_share WHERE id = 1").fetchone()
+        if row is None or row[0] != record.received.boot_id or record.received.monotonic > row[1]:
+            return
+        self.db.execute("UPDATE gnss_share SET record = ? WHERE id = 1", [record.to_json()])
 
     def _extend_track(self, record: FixRecord) -> None:
         """A fix (1 Hz, all day) joins the open visit's track: one indexed look when none is open."""
