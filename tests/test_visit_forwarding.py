@@ -240,3 +240,53 @@ def test_gps_fix_and_visit_stop_while_the_acquire_service_reads_the_nmea_receive
     assert len(times) >= 20
     # every cycle the receiver sent until the stop, each once: none taken by a command
     assert times == [GPS_T + dt.timedelta(seconds=n) for n in range(len(times))]
+
+
+# --- 4. a receiver past the GPS week rollover reports 2006: the visit's times stay provisional ----
+
+# A receiver whose firmware counts GPS weeks in 10 bits, on 2026-03-02 08:00 UTC: 1024 weeks early.
+ROLLED_OVER_CYCLES = (
+    b"$GPGGA,080000.00,3114.8800,N,12135.2440,E,1,09,0.90,20.0,M,8.0,M,,*5F\r\n"
+    b"$GPRMC,080000.00,A,3114.8800,N,12135.2440,E,0.0,0.0,170706,,,A*50\r\n"
+    b"$GPGGA,080001.00,3114.8800,N,12135.2440,E,1,09,0.90,20.0,M,8.0,M,,*5E\r\n"
+    b"$GPRMC,080001.00,A,3114.8800,N,12135.2440,E,0.0,0.0,170706,,,A*51\r\n"
+)
+
+
+class ReceiverPort:
+    """A serial port (pyserial's read) giving `data` once, then nothing."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def read(self, size: int) -> bytes:
+        out, self.data = self.data[:size], self.data[size:]
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_receiver_1024_weeks_behind_still_gives_the_visit_its_time(tmp_path: Path) -> None:
+    import time
+
+    from devices.gps import Fix, decode_nmea
+    from devices.identity import TimeSource
+    from firmware_bridge.gnss import NmeaSerialSource
+
+    logged = [e for e in decode_nmea(ROLLED_OVER_CYCLES) if isinstance(e, Fix)]
+    assert logged[0].time == GPS_T - dt.timedelta(weeks=1024)  # a log is decoded as it was written
+    source = NmeaSerialSource("/dev/gps", serial_factory=lambda *a, **k: ReceiverPort(ROLLED_OVER_CYCLES))
+    fix = next(iter(source.fixes(time.monotonic() + 30.0)))
+    assert fix.time == GPS_T, fix.time  # the live receiver: 2006-07-17 + 1024 weeks, as gpsd corrects it
+    assert fix.time_corrected == "gps-week-rollover"
+    clocks = FakeClocks(wall=0.0)  # offline, no RTC: only GPS can give the time
+    with VisitBook.open(tmp_path / "data", gateway_id="gw-1", clock=clocks.clock()) as book:
+        book.start("P-1", doctor_id="DR-1")
+        clocks.advance(30)
+        record = book.observe_fix(fix, book.clock.now())
+        assert record is not None and record.fix.time_corrected == "gps-week-rollover"
+        clocks.advance(600)
+        closed = book.stop(record)
+    assert closed.start.source == TimeSource.GPS and closed.start.time == GPS_T - dt.timedelta(seconds=30)
+    assert "provisional-time" not in closed.flags and closed.chain_seq is not None
