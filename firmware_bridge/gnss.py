@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from devices.gps import Fix, FixMode, NmeaStreamDecoder
+from devices.gps.stream import rollover_corrected
 from firmware_bridge.errors import GnssBusyError, GnssError
 
 log = logging.getLogger(__name__)
@@ -181,6 +182,7 @@ class NmeaSerialSource:
                 raise GnssBusyError(f"NMEA receiver {port} is in use by another process") from None
             raise GnssError(f"cannot open NMEA receiver {port}: {exc}") from None
         self._decoder = NmeaStreamDecoder()
+        self._rollover_said = False
 
     def close(self) -> None:
         try:
@@ -196,7 +198,15 @@ class NmeaSerialSource:
                 raise GnssError(f"NMEA receiver lost: {exc}") from None
             for event in self._decoder.receive_data(data):
                 if isinstance(event, Fix):
-                    yield event
+                    fix = rollover_corrected(event)  # live: a date before our build is a rollover
+                    if fix.time_corrected and not self._rollover_said:
+                        self._rollover_said = True  # once: the receiver says it every second
+                        log.warning(
+                            "NMEA receiver dates are 1024 weeks early (GPS week rollover, %s): corrected to %s",
+                            event.time,
+                            fix.time,
+                        )
+                    yield fix
                 else:
                     log.debug("dropped NMEA sentence: %s", event.reason)
 
