@@ -23,6 +23,10 @@ class GnssError(BridgeError):
     """The GNSS source cannot be used (gpsd not running, port missing ...)."""
 
 
+class GnssBusyError(GnssError):
+    """The NMEA receiver's port is held by another process (the acquire service owns it)."""
+
+
 class FileRefused(BridgeError):
     """Raised by an `enqueue` callable when this one file cannot be taken (e.g. its recording
     cannot become a valid DICOM object); the import goes on with the next file."""

@@ -16,6 +16,8 @@ seconds for a fix" and a service can loop with short deadlines and still stop pr
 from __future__ import annotations
 
 import datetime as dt
+import errno
+import functools
 import json
 import logging
 import socket
@@ -24,7 +26,8 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from devices.gps import Fix, FixMode, NmeaStreamDecoder
-from firmware_bridge.errors import GnssError
+from devices.gps.stream import rollover_corrected
+from firmware_bridge.errors import GnssBusyError, GnssError
 
 log = logging.getLogger(__name__)
 
@@ -159,13 +162,15 @@ class GpsdSource:
 
 
 class NmeaSerialSource:
-    """An NMEA receiver read directly with pyserial."""
+    """An NMEA receiver read directly with pyserial, exclusively: two readers of one serial port
+    split its bytes between them (garbled sentences, lost fixes for both). GnssBusyError when
+    another process (the acquire service) holds it."""
 
     def __init__(self, port: str, baud: int = 9600, *, serial_factory: Callable[..., Any] | None = None) -> None:
         if serial_factory is None:
             import serial  # only when a serial receiver is configured
 
-            serial_factory = serial.Serial
+            serial_factory = functools.partial(serial.Serial, exclusive=True)  # flock(LOCK_EX | LOCK_NB)
             errors: tuple[type[BaseException], ...] = (serial.SerialException, OSError)
         else:
             errors = (OSError,)
@@ -173,8 +178,11 @@ class NmeaSerialSource:
         try:
             self._port = serial_factory(port, baud, timeout=0.2)
         except errors as exc:
+            if getattr(exc, "errno", None) in (errno.EAGAIN, errno.EWOULDBLOCK):
+                raise GnssBusyError(f"NMEA receiver {port} is in use by another process") from None
             raise GnssError(f"cannot open NMEA receiver {port}: {exc}") from None
         self._decoder = NmeaStreamDecoder()
+        self._rollover_said = False
 
     def close(self) -> None:
         try:
@@ -190,7 +198,15 @@ class NmeaSerialSource:
                 raise GnssError(f"NMEA receiver lost: {exc}") from None
             for event in self._decoder.receive_data(data):
                 if isinstance(event, Fix):
-                    yield event
+                    fix = rollover_corrected(event)  # live: a date before our build is a rollover
+                    if fix.time_corrected and not self._rollover_said:
+                        self._rollover_said = True  # once: the receiver says it every second
+                        log.warning(
+                            "NMEA receiver dates are 1024 weeks early (GPS week rollover, %s): corrected to %s",
+                            event.time,
+                            fix.time,
+                        )
+                    yield fix
                 else:
                     log.debug("dropped NMEA sentence: %s", event.reason)
 

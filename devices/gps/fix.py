@@ -50,6 +50,8 @@ class Fix:
     speed_mps: float | None = None
     track_deg: float | None = None
     systems: tuple[str, ...] = ()  # GNSS seen in this cycle's talkers
+    # how `time` was corrected from what the receiver said: "gps-week-rollover" (+1024 weeks)
+    time_corrected: str | None = None
 
     @property
     def has_position(self) -> bool:

@@ -19,7 +19,7 @@ date has `time=None`, never a guessed date.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from devices.gps.dop import dops_from_geometry
 from devices.gps.fix import H_UERE, P_UERE, SIGMA_TO_95_1D, SIGMA_TO_95_2D, V_UERE, Fix, FixMode
@@ -42,8 +42,25 @@ from devices.gps.nmea import (
     UnknownSentence,
     parse_sentence,
 )
+from devices.identity import EARLIEST_PLAUSIBLE
 
 KNOTS_TO_MPS = 0.514444
+GPS_WEEK_ROLLOVER = dt.timedelta(weeks=1024)  # a 10-bit GPS week number wraps after this
+
+
+def rollover_corrected(fix: Fix) -> Fix:
+    """A live receiver counting GPS weeks in 10 bits reports dates 1024 weeks (19.6 years) early
+    once its epoch passed: as gpsd does, the date of a fix (a position: not an RTC's guess) before
+    this software was built gains 1024 weeks until it is not, and the fix says so. Not for logs:
+    a log from before the build is decoded with its own dates."""
+    time = fix.time
+    if time is None or time >= EARLIEST_PLAUSIBLE or not fix.has_position:
+        return fix
+    while time < EARLIEST_PLAUSIBLE:
+        time += GPS_WEEK_ROLLOVER
+    return replace(fix, time=time, time_corrected="gps-week-rollover")
+
+
 # Sentences a receiver times whenever it knows the time. Before its first fix (a cold start) it
 # sends them with an empty time field, once per cycle: the same one again begins the next cycle.
 UNTIMED_KINDS = frozenset({"RMC", "GGA", "GNS"})

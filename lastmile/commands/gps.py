@@ -89,22 +89,25 @@ def decode(args: argparse.Namespace) -> int:
 
 def live_fix(args: argparse.Namespace) -> int:
     from firmware_bridge.errors import GnssError
-    from firmware_bridge.gnss import best_fix, open_source
+    from firmware_bridge.gnss import best_fix
     from lastmile.commands.common import config_from_args
+    from lastmile.visits.book import VisitBook
+    from lastmile.visits.gnss_share import open_receiver
 
     config = config_from_args(args)
-    g = config.gps
+    if config.gps.source == "none":
+        print("gps.source is none: no receiver configured", file=sys.stderr)
+        return 1
+    wait_s = args.wait if args.wait is not None else config.visits.fix_wait_s
     try:
-        source = open_source(
-            g.source, gpsd_host=g.gpsd_host, gpsd_port=g.gpsd_port, nmea_port=g.nmea_port, nmea_baud=g.nmea_baud
-        )
-        if source is None:
-            print("gps.source is none: no receiver configured", file=sys.stderr)
-            return 1
-        try:
-            fix = best_fix(source, args.wait if args.wait is not None else config.visits.fix_wait_s)
-        finally:
-            source.close()
+        # the book: to ask the acquire service for its fixes when it holds the receiver's port
+        with VisitBook.open(config.data_dir, gateway_id=config.gateway.id) as book:
+            source = open_receiver(config.gps, book, wait_s)
+            assert source is not None
+            try:
+                fix = best_fix(source, wait_s)
+            finally:
+                source.close()
     except GnssError as exc:
         print(f"lastmile gps fix: {exc}", file=sys.stderr)
         return 1

@@ -67,13 +67,16 @@ def _fix(config, book, skip: bool):
     if skip or config.gps.source == "none":
         return None
     from firmware_bridge.errors import GnssError
-    from firmware_bridge.gnss import best_fix, open_source
+    from firmware_bridge.gnss import best_fix
     from lastmile.visits.book import FixRecord
+    from lastmile.visits.gnss_share import SharedFixes, open_receiver
 
-    g = config.gps
-    records = {}
+    records: dict[int, FixRecord] = {}
 
     def seen(fix) -> bool:
+        if isinstance(source, SharedFixes):  # the acquire service recorded it (clock, track) already
+            records[id(fix)] = source.records[id(fix)]
+            return True
         record = book.observe_fix(fix)
         if record is None:
             return False  # stale: e.g. the receiver's buffered cycle from the last household
@@ -81,9 +84,7 @@ def _fix(config, book, skip: bool):
         return True
 
     try:
-        source = open_source(
-            g.source, gpsd_host=g.gpsd_host, gpsd_port=g.gpsd_port, nmea_port=g.nmea_port, nmea_baud=g.nmea_baud
-        )
+        source = open_receiver(config.gps, book, config.visits.fix_wait_s)
         assert source is not None
         try:
             fix = best_fix(source, config.visits.fix_wait_s, on_fix=seen)
@@ -167,7 +168,9 @@ def stop(args: argparse.Namespace) -> int:
         print(f"visit {visit.id} stopped; {signed}; flags: {flags}")
         start_pending = visit.start.time is None and START_TIME_LOST not in visit.flags
         if not _queue_closed(config, book) and (start_pending or visit.end is None or visit.end.time is None):
-            print("not queued yet: its time is provisional until GPS or NTP gives one")
+            print(
+                "not queued yet: its time is provisional until GPS or NTP gives one; the forward service sends it then"
+            )
         if START_TIME_LOST in visit.flags:
             print("its start time was lost in a reboot (no time was known yet): it is sent without one")
     return 0

@@ -33,6 +33,7 @@ from uploader.outbox import is_disk_full
 
 if TYPE_CHECKING:
     from lastmile.reports.service import ReportService
+    from lastmile.visits.relay_link import VisitQueue
     from uploader.fhir_sender import FhirSender
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ class ForwardService:
         # a round cut short by a database/disk fault left sends unrecorded or items claimed: settled
         # before the next round (claim takes only queued items: a claim left behind is never sent)
         self._unsettled = False
+        self._visits: VisitQueue | None = None  # made at the first FHIR round
 
     def _make_ecg(self, config: Config) -> EcgForwarder:
         # the commitment listener also takes reports C-MOVEd to our AE (the PACS knows one port)
@@ -230,6 +232,7 @@ class ForwardService:
 
             link = visit_link(self.config.data_dir, self.config.gateway.id)
             relay_observations(self.outbox, fhir_naming(self.config), time.time(), visit_link=link)
+            self._queue_visits()
 
             fhir = forward_fhir_once(
                 self.outbox,
@@ -250,12 +253,28 @@ class ForwardService:
             log.info("forward round: %s", self._last)
         return min(waits)
 
+    def _queue_visits(self) -> None:
+        """Closed home visits not queued yet (signed after their stop, or a stop cut short) go
+        into this round; a passing fault leaves them for the next, never stops the round."""
+        from lastmile.services.observation_relay import DATA_ERRORS, PASSING_FAULTS
+        from lastmile.visits.relay_link import UNQUEUED_RETRY_S, VisitQueue
+
+        if self._visits is None:
+            self._visits = VisitQueue(self.config.data_dir, self.config.gateway.id)
+        try:
+            self._visits.queue(self.outbox, fhir_naming(self.config))
+        except PASSING_FAULTS as exc:
+            log.warning("closed home visits not queued now (tried again in %g s): %s", UNQUEUED_RETRY_S, exc)
+        except DATA_ERRORS:  # a visit record that cannot be a bundle: readings and ECGs still go
+            log.exception("a closed home visit cannot be queued for the county platform")
+
     def reload(self, config: Config) -> None:
         self.ecg.close()
         self.reports.close()
         if self._fhir is not None:
             self._fhir.close()
         self.config = config
+        self._visits = None  # the data directory or gateway id may have changed
         self.reports = self._make_reports(config)
         # as at start: without the reports' storage a reload left the listener refusing every
         # report C-MOVEd to our AE (the result no longer came back to the village)

@@ -106,6 +106,15 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE TABLE clock_anchor (boot_id TEXT PRIMARY KEY, offset REAL NOT NULL, source TEXT NOT NULL);
     """,
     ),
+    # visit-queue: the acquire service owns the NMEA receiver's port; a command asks it for its
+    # fixes (until a monotonic time of this boot) instead of opening the port a second time.
+    Migration.sql(
+        "0002_gnss_share",
+        """
+        CREATE TABLE gnss_share (id INTEGER PRIMARY KEY CHECK (id = 1), boot_id TEXT NOT NULL,
+            wanted_until REAL NOT NULL, record TEXT);
+    """,
+    ),
 )
 
 
@@ -297,6 +306,7 @@ class VisitBook:
         self.register = HouseholdRegister(db)
         self._key: Ed25519PrivateKey | None = None
         self._stale_fixes = 0  # in a row, for the log
+        self._repaired = False  # provisional stamps repaired with this process's GPS time
         rows = list(db.query("SELECT offset, source FROM clock_anchor WHERE boot_id = ?", [clock.boot_id]))
         self._saved_anchor: Anchor | None = None  # as visits.db holds it for this boot
         if rows:
@@ -332,7 +342,8 @@ class VisitBook:
         return self._key
 
     # --- time ------------------------------------------------------------------------------------
-    def _save_anchor(self) -> None:
+    def _save_anchor(self) -> bool:
+        """Whether the anchor moved (and was saved)."""
         anchor = self.clock.anchor
         saved = self._saved_anchor
         if anchor is None or (
@@ -340,11 +351,12 @@ class VisitBook:
             and (saved.boot_id, saved.source) == (anchor.boot_id, anchor.source)
             and abs(saved.offset - anchor.offset) <= ANCHOR_SAVE_S
         ):
-            return  # unchanged: not one SD-card write per fix, all day
+            return False  # unchanged: not one SD-card write per fix, all day
         self.db.table("clock_anchor").upsert(
             {"boot_id": anchor.boot_id, "offset": anchor.offset, "source": anchor.source.value}, pk="boot_id"
         )
         self._saved_anchor = anchor
+        return True
 
     def observe_fix(self, fix: Fix, received: Stamp | None = None) -> FixRecord | None:
         """Every fix from the receiver: anchors the clock (GPS time), extends the open visit's track.
@@ -360,21 +372,62 @@ class VisitBook:
             return None
         self._stale_fixes = 0
         if fix.time is not None and fix.has_position and self.clock.observe_gps(fix.time, received.monotonic):
-            self._save_anchor()
+            moved = self._save_anchor()
             received = self.clock.repair(received) if received.provisional else received
-            self._repair_provisional()
+            if moved or not self._repaired:
+                # only when the time changed: not a chain walk each second, all day
+                self._repair_provisional()
+                self._repaired = True
         record = FixRecord(fix, received)
-        if fix.has_position and self.open_visit() is not None:
-            with transaction(self.db):
-                # Asked again in the write transaction: the doctor's stop (another process) may have
-                # closed and signed the visit since, and a point added to it then breaks its record.
-                visit = self.open_visit()
-                if visit is not None:
-                    self.db.table("visit_track").insert(
-                        {"visit_id": visit.id, "fix": record.to_json(), "received": json.dumps(received.to_json())}
-                    )
-                    self._bound_track(visit.id)
+        if fix.has_position:
+            self._extend_track(record)
+            self._share(record)
         return record
+
+    # --- a command asking the service that owns the receiver -------------------------------------
+    def want_fixes(self, wait_s: float) -> Stamp:
+        """(A command, while the acquire service holds the receiver's port.) Ask the service to
+        share its fixes for `wait_s` seconds; returns when it was asked."""
+        now = self.clock.now()
+        self.db.execute(
+            "INSERT INTO gnss_share (id, boot_id, wanted_until, record) VALUES (1, ?, ?, NULL) "
+            "ON CONFLICT (id) DO UPDATE SET boot_id = excluded.boot_id, wanted_until = excluded.wanted_until",
+            [now.boot_id, now.monotonic + wait_s],
+        )
+        return now
+
+    def shared_fix(self, since: Stamp) -> FixRecord | None:
+        """The latest fix the service shared, if it was received after `since` (this boot)."""
+        row = self.db.execute("SELECT record FROM gnss_share WHERE id = 1").fetchone()
+        record = FixRecord.from_json(row[0]) if row is not None else None
+        if record is None or record.received.boot_id != since.boot_id or record.received.monotonic < since.monotonic:
+            return None
+        return record
+
+    def _share(self, record: FixRecord) -> None:
+        """(The service.) A fix for a command waiting for one: written only while one waits."""
+        row = self.db.execute("SELECT boot_id, wanted_until FROM gnss_share WHERE id = 1").fetchone()
+        if row is None or row[0] != record.received.boot_id or record.received.monotonic > row[1]:
+            return
+        self.db.execute("UPDATE gnss_share SET record = ? WHERE id = 1", [record.to_json()])
+
+    def _extend_track(self, record: FixRecord) -> None:
+        """A fix (1 Hz, all day) joins the open visit's track: one indexed look when none is open."""
+        row = self.db.execute("SELECT id FROM visits WHERE state = 'open'").fetchone()
+        if row is None:
+            return
+        visit_id = row[0]
+        with transaction(self.db):
+            # "Still open?" asked by the insert itself, under the write lock: the doctor's stop
+            # (another process) may have closed and signed it since, and a point added then
+            # breaks its signed record.
+            added = self.db.execute(
+                "INSERT INTO visit_track (visit_id, fix, received) SELECT id, ?, ? FROM visits "
+                "WHERE id = ? AND state = 'open'",
+                [record.to_json(), json.dumps(record.received.to_json()), visit_id],
+            ).rowcount
+            if added:
+                self._bound_track(visit_id)
 
     def _bound_track(self, visit_id: str) -> None:
         count = self.db.execute("SELECT COUNT(*) FROM visit_track WHERE visit_id = ?", [visit_id]).fetchone()[0]

@@ -1,17 +1,30 @@
-"""The forward service's question to the visit book: is this reading part of an open home visit?
+"""The forward service's questions to the visit book: is this reading part of an open home
+visit? Is a closed visit waiting to be queued for the county?
 
 Kept apart from `lastmile.visits.book` (which signs visits, so imports `cryptography`): the
-forward process asks for every reading it relays, and most clinics keep no visits at all. The
-book is opened only when visits.db holds an open visit of the reading's patient.
+forward process asks for every reading it relays and every round, and most clinics keep no
+visits at all. The book is opened only when visits.db holds an open visit of the reading's
+patient, or a closed visit not queued yet.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from devices.observation import Observation
+from lastmile.data_dir import read_only
+
+if TYPE_CHECKING:
+    from uploader.fhir_bundle import FhirNaming
+    from uploader.outbox import Outbox
+
+log = logging.getLogger(__name__)
 
 DB_NAME = "visits.db"  # lastmile.visits.book.DB_NAME (a test keeps the two the same)
 
@@ -50,3 +63,82 @@ def visit_link(data_dir: Path, gateway_id: str) -> Callable[[Observation, str], 
             return book.attach_observation(obs, outbox_key=outbox_key, taken_during=True)
 
     return link
+
+
+# A closed visit that could not be queued (signed only once a time is known: no GPS, no NTP yet)
+# is looked at again this often, or at once when another visit closes.
+UNQUEUED_RETRY_S = 60.0
+
+
+def closed_unqueued(data_dir: Path) -> frozenset[str]:
+    """The closed visits not queued for the county yet (read-only; a clinic without visits never
+    gets a visits.db)."""
+    path = data_dir / DB_NAME
+    if not path.exists():
+        return frozenset()
+    with read_only(path) as conn:
+        rows = conn.execute("SELECT id FROM visits WHERE state = 'closed' AND fhir_queued_at IS NULL").fetchall()
+    return frozenset(str(row[0]) for row in rows)
+
+
+FileState = tuple[tuple[int, int, int] | None, ...]
+
+
+def file_state(data_dir: Path) -> FileState:
+    """visits.db and its WAL as the file system sees them: every commit changes one of them."""
+    state: list[tuple[int, int, int] | None] = []
+    for name in (DB_NAME, DB_NAME + "-wal"):
+        try:
+            st = (data_dir / name).stat()
+        except FileNotFoundError:
+            state.append(None)
+        else:
+            state.append((st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(state)
+
+
+class VisitQueue:
+    """For the forward service, each round: queue every closed visit not queued yet (`visit stop`
+    queues the one it closes, but a visit signed later - stopped before the time was known - or
+    left unqueued by a stop cut short by a power cut waited for the doctor's next stop).
+    Exactly once: `VisitBook.queue_closed` marks what it queued and the outbox key
+    `fhir:visit:<id>` absorbs a second queueing by a concurrent `visit stop`.
+
+    Cheap when nothing is new (most rounds, all day): visits.db is looked into only after it
+    changed (even a read-only look writes SQLite's shared-memory file on the SD card), and the
+    book (signing code, ~8 MB) opened only when a closed visit waits."""
+
+    def __init__(self, data_dir: Path, gateway_id: str, *, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.data_dir = data_dir
+        self.gateway_id = gateway_id
+        self._monotonic = monotonic
+        self._seen: FileState | None = None  # the files as they were before the last look
+        self._waiting: frozenset[str] = frozenset()  # what the last look left unqueued
+        self._tried_at = -math.inf
+
+    def queue(self, outbox: Outbox, naming: FhirNaming) -> int:
+        now = self._monotonic()
+        retry_due = bool(self._waiting) and now - self._tried_at >= UNQUEUED_RETRY_S
+        files = file_state(self.data_dir)
+        if files == self._seen and not retry_due:
+            return 0
+        waiting = closed_unqueued(self.data_dir)  # everything committed before `files` was taken
+        self._seen = files
+        if not waiting or (waiting <= self._waiting and not retry_due):
+            self._waiting = waiting
+            return 0
+        from lastmile.visits.book import VisitBook
+
+        # noted before trying: a visit that fails to queue is tried again in a minute, not each round
+        self._waiting, self._tried_at = waiting, now
+        with VisitBook.open(self.data_dir, gateway_id=self.gateway_id) as book:
+            queued = book.queue_closed(outbox, naming)
+        self._seen = file_state(self.data_dir)
+        self._waiting = closed_unqueued(self.data_dir)
+        if queued:
+            log.info("%d closed home visit(s) queued for the county platform", queued)
+        if self._waiting:
+            log.info(
+                "%d closed home visit(s) wait for a known time before they can be signed and sent", len(self._waiting)
+            )
+        return queued

@@ -1,0 +1,293 @@
+"""Closed home visits reach the county platform through the forward service, once each.
+
+The doctor's `lastmile visit stop` queues the visit it closes if its times are known. Any other
+closed visit - stopped before GPS or NTP gave the time and signed later by the acquire service's
+GPS fix, or closed by a stop that a power cut interrupted before it queued - used to wait in
+visits.db until the doctor's next stop: the day's last visit never left the village overnight.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from lastmile.config import Config
+from lastmile.services.forward import ForwardService
+from lastmile.visits.book import VisitBook, VisitPolicy
+from tests.fhir_samples import NAMING
+from tests.fhir_server import FhirTestServer
+from tests.peers import free_port
+from tests.serial_pty import wait_for
+from tests.test_sd_wear import idle_steps_wrote
+from tests.test_visits import GPS_T, HOUSE, FakeClocks, fix_at
+from uploader.outbox import Kind, Outbox
+
+
+def forward_config(tmp_path: Path, base_url: str) -> Config:
+    """The forward service toward a loopback FHIR platform; no reading center listens (no ECGs here)."""
+    config = Config()
+    config.set_data_dir(tmp_path / "data")
+    config.gateway.id = "gw-1"
+    config.reading_center.storage_commitment = False
+    config.reading_center.listen_port = free_port()
+    config.reading_center.host = "127.0.0.1"
+    config.reading_center.port = free_port()
+    config.fhir.base_url = base_url
+    return config
+
+
+@pytest.fixture
+def platform() -> Iterator[FhirTestServer]:
+    with FhirTestServer() as server:
+        yield server
+
+
+def step_until(service: ForwardService, condition: Callable[[], bool]) -> None:
+    """Step the forward service, as its runtime does (without the idle waits), until `condition`."""
+    stop = threading.Event()
+    wait_for(lambda: (service.step(stop), condition())[1], timeout=60.0)
+
+
+def visits_applied(server: FhirTestServer) -> int:
+    return sum(server.applied.values())
+
+
+def stop_before_time_is_known(data: Path) -> str:
+    """A visit stopped indoors before any time was known, then signed by the acquire service's
+    first GPS fix outdoors; the doctor's stop queued nothing (no time yet). Its id."""
+    clocks = FakeClocks(wall=0.0)  # booted in 1970, no RTC, no GPS yet
+    with VisitBook.open(data, gateway_id="gw-1", policy=VisitPolicy(), clock=clocks.clock()) as book:
+        visit = book.start("P-1", doctor_id="DR-1", household_id="HH-1")
+        clocks.advance(900)
+        book.stop()
+        with Outbox.open(data, min_free_bytes=0) as outbox:
+            assert book.queue_closed(outbox, NAMING) == 0  # what `lastmile visit stop` did: not yet
+        clocks.advance(120)
+        book.observe_fix(fix_at(*HOUSE, GPS_T), book.clock.now())  # acquire's GNSS part, outdoors
+        closed = book.get(visit.id)
+        assert closed is not None and closed.chain_seq is not None  # signed now, with its times
+        assert not closed.fhir_queued
+    return visit.id
+
+
+def test_a_visit_signed_after_its_stop_reaches_the_platform_without_another_stop(
+    tmp_path: Path, platform: FhirTestServer
+) -> None:
+    config = forward_config(tmp_path, platform.base_url)
+    visit_id = stop_before_time_is_known(config.data_dir)
+    service = ForwardService(config)
+    try:
+        step_until(service, lambda: visits_applied(platform) >= 1)
+    finally:
+        service.close()
+    encounters = platform.resources("Encounter")
+    assert len(encounters) == 1 and visits_applied(platform) == 1
+    assert encounters[0]["status"] == "finished" and "end" in encounters[0]["period"]
+    with VisitBook.open(config.data_dir, gateway_id="gw-1") as book:
+        assert book.get(visit_id).fhir_queued  # type: ignore[union-attr]
+
+
+def test_a_stop_cut_short_before_queueing_is_sent_once_even_when_the_doctor_stops_again(
+    tmp_path: Path, platform: FhirTestServer
+) -> None:
+    """`visit stop` closed and signed the visit, then the power went before it queued it. The
+    forward service queues it; the doctor's next stop (which also queues closed visits) must not
+    make a second bundle, and neither must the service's later rounds."""
+    config = forward_config(tmp_path, platform.base_url)
+    with VisitBook.open(config.data_dir, gateway_id="gw-1") as book:
+        visit = book.start("P-2", doctor_id="DR-1", household_id="HH-1")
+        book.stop()  # the time is known (the test machine's clock): signed at once
+    service = ForwardService(config)
+    try:
+        step_until(service, lambda: visits_applied(platform) >= 1)
+        with (
+            VisitBook.open(config.data_dir, gateway_id="gw-1") as book,
+            Outbox.open(config.data_dir, min_free_bytes=0) as outbox,
+        ):
+            assert book.queue_closed(outbox, NAMING) == 0  # the doctor's next `visit stop`
+        for _ in range(3):  # a few more rounds of the service
+            service.step(threading.Event())
+    finally:
+        service.close()
+    assert visits_applied(platform) == 1
+    with Outbox.open(config.data_dir, min_free_bytes=0) as outbox:
+        assert [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == [f"fhir:visit:{visit.id}"]
+
+
+def test_idle_forward_steps_with_sent_visits_write_nothing(tmp_path: Path, platform: FhirTestServer) -> None:
+    """Looking for closed visits to queue, every round, must not cost the SD card a write."""
+    config = forward_config(tmp_path, platform.base_url)
+    stop_before_time_is_known(config.data_dir)
+    service = ForwardService(config)
+    try:
+        step_until(service, lambda: visits_applied(platform) >= 1)
+        service.step(threading.Event())  # the round after the send may still record it
+        wrote = idle_steps_wrote(service, config.data_dir)
+    finally:
+        service.close()
+    assert not wrote, "an idle forward step wrote to the SD card"
+
+
+def test_a_forward_step_without_visits_creates_no_visit_database(tmp_path: Path, platform: FhirTestServer) -> None:
+    config = forward_config(tmp_path, platform.base_url)
+    service = ForwardService(config)
+    try:
+        service.step(threading.Event())
+    finally:
+        service.close()
+    assert not (config.data_dir / "visits.db").exists()
+
+
+# --- 2. every fix (1 Hz, all day) reads the open visit once, not twice --------------------------
+
+
+def test_each_fix_reads_the_open_visit_once(tmp_path: Path) -> None:
+    clocks = FakeClocks(wall=GPS_T.timestamp())
+    with VisitBook.open(tmp_path / "data", gateway_id="gw-1", clock=clocks.clock()) as book:
+        book.start("P-1", doctor_id="DR-1")
+        book.observe_fix(fix_at(*HOUSE, GPS_T), book.clock.now())  # the first anchors the clock
+        statements: list[str] = []
+        conn: sqlite3.Connection = book.db.conn
+        conn.set_trace_callback(statements.append)
+        try:
+            for n in range(10):
+                clocks.advance(1.0)
+                book.observe_fix(fix_at(*HOUSE, GPS_T.replace(second=n + 1)), book.clock.now())
+        finally:
+            conn.set_trace_callback(None)
+        assert len(book.track(book.open_visit().id)) == 11  # type: ignore[union-attr]
+    full_rows = [s for s in statements if "SELECT * FROM visits" in s]
+    chain_reads = [s for s in statements if "FROM chain" in s]
+    visit_reads = [s for s in statements if "FROM visits" in s]
+    # one look for the open visit, one atomic "still open?" in the insert: no Visit built per fix
+    assert not full_rows, f"{len(full_rows)} whole visit rows read for 10 fixes"
+    assert not chain_reads, f"{len(chain_reads)} reads of the signed chain for 10 fixes"
+    assert len(visit_reads) <= 20, f"{len(visit_reads)} reads of visits for 10 fixes"
+
+
+# --- 3. the CLI and the acquire service never read the NMEA receiver's port at once --------------
+
+
+def nmea_cycle(n: int) -> bytes:
+    """One receiver cycle (GGA + RMC) at the household, `n` seconds after GPS_T (HDOP 0.5: a fix
+    good enough for a command to take at once)."""
+    from devices.gps.nmea import checksum
+
+    at = GPS_T + dt.timedelta(seconds=n)
+    hhmmss, ddmmyy = at.strftime("%H%M%S.00"), at.strftime("%d%m%y")
+    bodies = (
+        f"GPGGA,{hhmmss},3114.8800,N,12135.2440,E,1,09,0.50,20.0,M,8.0,M,,",
+        f"GPRMC,{hhmmss},A,3114.8800,N,12135.2440,E,0.0,0.0,{ddmmyy},,,A",
+    )
+    return b"".join(f"${body}*{checksum(body):02X}\r\n".encode() for body in bodies)
+
+
+def test_gps_fix_and_visit_stop_while_the_acquire_service_reads_the_nmea_receiver_steal_none_of_its_fixes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two readers of one serial port split its bytes: the service lost fixes from the open
+    visit's track (and both decoded garbled sentences). The service owns the port; the commands
+    get the service's fixes (and record none of them a second time)."""
+    from lastmile.cli import main
+    from lastmile.services.acquire import gnss_part
+    from tests.serial_pty import PtyDevice
+
+    device = PtyDevice(tmp_path / "gps0")
+    config = forward_config(tmp_path, "")
+    config.gps.source, config.gps.nmea_port = "nmea", str(device.link_path)
+    toml = tmp_path / "lastmile.toml"
+    toml.write_text(
+        f'[gateway]\nid = "gw-1"\ndata_dir = "{config.data_dir}"\n'
+        f'[gps]\nsource = "nmea"\nnmea_port = "{device.link_path}"\n'
+        '[visits]\ndoctor_id = "DR-1"\nfix_wait_s = 60.0\n'
+    )
+    with VisitBook.open(config.data_dir, gateway_id="gw-1") as book:
+        visit = book.start("P-1", doctor_id="DR-1")
+    part = gnss_part(config)
+    assert part is not None
+    done = threading.Event()
+
+    def feed() -> None:
+        for n in range(2400):  # a 20 Hz receiver, until the commands are done (120 s at most)
+            if done.is_set():
+                return
+            device.write(nmea_cycle(n))
+            done.wait(0.05)
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    try:
+        part.start()
+        wait_for(lambda: device.opened_elsewhere() >= 1, timeout=60.0)  # pyserial flushes at open
+        feeder.start()
+        assert main(["-c", str(toml), "gps", "fix", "--wait", "60", "--json"]) == 0
+        assert main(["-c", str(toml), "visit", "stop"]) == 0
+    finally:
+        done.set()
+        feeder.join(60)
+        part.close()
+        device.unplug()
+    printed = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert printed["latitude"] == pytest.approx(31.248, abs=1e-3)
+    with VisitBook.open(config.data_dir, gateway_id="gw-1") as book:
+        closed = book.get(visit.id)
+        times = [r.fix.time for r in book.track(visit.id)]
+    assert closed is not None and closed.end_fix is not None and "no-fix" not in closed.flags
+    assert len(times) >= 2
+    # every cycle the receiver sent until the stop, each once: none taken by a command
+    assert times == [GPS_T + dt.timedelta(seconds=n) for n in range(len(times))]
+
+
+# --- 4. a receiver past the GPS week rollover reports 2006: the visit's times stay provisional ----
+
+# A receiver whose firmware counts GPS weeks in 10 bits, on 2026-03-02 08:00 UTC: 1024 weeks early.
+ROLLED_OVER_CYCLES = (
+    b"$GPGGA,080000.00,3114.8800,N,12135.2440,E,1,09,0.90,20.0,M,8.0,M,,*5F\r\n"
+    b"$GPRMC,080000.00,A,3114.8800,N,12135.2440,E,0.0,0.0,170706,,,A*50\r\n"
+    b"$GPGGA,080001.00,3114.8800,N,12135.2440,E,1,09,0.90,20.0,M,8.0,M,,*5E\r\n"
+    b"$GPRMC,080001.00,A,3114.8800,N,12135.2440,E,0.0,0.0,170706,,,A*51\r\n"
+)
+
+
+class ReceiverPort:
+    """A serial port (pyserial's read) giving `data` once, then nothing."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def read(self, size: int) -> bytes:
+        out, self.data = self.data[:size], self.data[size:]
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_receiver_1024_weeks_behind_still_gives_the_visit_its_time(tmp_path: Path) -> None:
+    import time
+
+    from devices.gps import Fix, decode_nmea
+    from devices.identity import TimeSource
+    from firmware_bridge.gnss import NmeaSerialSource
+
+    logged = [e for e in decode_nmea(ROLLED_OVER_CYCLES) if isinstance(e, Fix)]
+    assert logged[0].time == GPS_T - dt.timedelta(weeks=1024)  # a log is decoded as it was written
+    source = NmeaSerialSource("/dev/gps", serial_factory=lambda *a, **k: ReceiverPort(ROLLED_OVER_CYCLES))
+    fix = next(iter(source.fixes(time.monotonic() + 30.0)))
+    assert fix.time == GPS_T, fix.time  # the live receiver: 2006-07-17 + 1024 weeks, as gpsd corrects it
+    assert fix.time_corrected == "gps-week-rollover"
+    clocks = FakeClocks(wall=0.0)  # offline, no RTC: only GPS can give the time
+    with VisitBook.open(tmp_path / "data", gateway_id="gw-1", clock=clocks.clock()) as book:
+        book.start("P-1", doctor_id="DR-1")
+        clocks.advance(30)
+        record = book.observe_fix(fix, book.clock.now())
+        assert record is not None and record.fix.time_corrected == "gps-week-rollover"
+        clocks.advance(600)
+        closed = book.stop(record)
+    assert closed.start.source == TimeSource.GPS and closed.start.time == GPS_T - dt.timedelta(seconds=30)
+    assert "provisional-time" not in closed.flags and closed.chain_seq is not None
