@@ -168,6 +168,8 @@ def test_the_visits_page_names_a_lost_start_and_end_in_chinese(tmp_path: Path) -
         page = html.unescape(client.get("/visits").body)
     card = page[page.index('class="visit-list"') :]
     assert "time-lost" not in card, card  # the doctor reads Chinese, not the flag's code
+    # ... and is told which times were lost (not merely shown no flag at all)
+    assert "开始时间因网关重启而丢失" in card and "结束时间因网关重启而丢失" in card, card
 
 
 # --- 5. a signing key file left empty makes every later stop fail ---------------------------------
