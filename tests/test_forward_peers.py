@@ -24,6 +24,7 @@ from lastmile.services.forward import forwarder_settings, open_outbox
 from tests.conftest import require_private_netns
 from tests.ecg_factories import make_recording
 from tests.peers import free_port, gateway_modality
+from tests.service_harness import wait_until
 from uploader.ecg_forwarder import EcgForwarder
 from uploader.outbox import DB_NAME, ItemState
 
@@ -485,15 +486,6 @@ def test_storage_commitment_off_with_purge_policy_purges_what_was_sent(tmp_path,
 
 
 # -- a send killed mid-way is charged; killed N times, the item is quarantined ---------------------
-
-
-def wait_until(condition, limit_s: float = 150.0, what: str = "condition") -> None:
-    """Event-driven wait; the limit is generous because each wait includes a `lastmile forward`
-    start-up, which takes over 10 s on a 2-core machine under full load."""
-    deadline = time.monotonic() + limit_s
-    while not condition():
-        assert time.monotonic() < deadline, f"no {what} within {limit_s} s"
-        time.sleep(0.05)
 
 
 def test_send_killed_n_times_is_quarantined_and_the_rest_flows(tmp_path, scripted_scp_factory) -> None:
