@@ -295,10 +295,17 @@ def test_ascii_monitor_and_forwarding_bridge(tmp_path: Path, running) -> None:
     core, clock = BridgeCore("BR-LEG", boot_id=1), [0]
     talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
     other = report.replace(b"RECORD 0172", b"RECORD 0173")
-    half = other.index(b"PULSE")
-    bridge.write(core.uart_bytes(other[:half], clock[0]))
-    talk_as_bridge(bridge, core, clock, lambda: core.pending_count > 0)
-    assert core.pending_count > 0  # a report in progress is not durable yet: no ACK
+    start, half = other.index(b"===== VITALS"), other.index(b"PULSE")
+    bridge.write(core.uart_bytes(other[:start], clock[0]))  # the monitor's banner, part of no report
+    before = set(core.pending_seqs())
+    bridge.write(core.uart_bytes(other[start:half], clock[0]))
+    in_report = set(core.pending_seqs()) - before
+    # a LOG is ACKed at once, after whatever came before it: once it is, every line has been read
+    bridge.write(core.log(20, "probe", clock[0]))
+    (probe,) = set(core.pending_seqs()) - before - in_report
+    answers = wait_for_answers(bridge, {probe}, core, clock[0])
+    assert not in_report & {a.seq for a in answers}, answers  # a report in progress is not durable yet: no ACK
+    assert in_report <= set(core.pending_seqs())
     bridge.write(core.uart_bytes(other[half:], clock[0]))
     talk_as_bridge(bridge, core, clock, lambda: core.pending_count == 0)
     assert len(r.outbox.items(kind="observation")) == 6
