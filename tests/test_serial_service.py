@@ -163,7 +163,10 @@ def test_no_ack_until_durable(tmp_path: Path, running) -> None:
     r.outbox.min_free_bytes = 1 << 60  # the data partition is "full": nothing can be stored
     r.patients.set_patient("P-1", now=r.now() - dt.timedelta(minutes=1))  # else it would be held: durable too
     bridge.write(core.measurement("blood-pressure", BP, clock[0], record_id="7"))
-    wait_for(lambda: "cannot store" in (r.registry.get("serial:b").last_error or ""))
+    (seq,) = core.pending_seqs()
+    (answer,) = wait_for_answers(bridge, {seq}, core, clock[0])
+    assert isinstance(answer, codec.Nack) and answer.reason == codec.NACK_REFUSED, answer
+    assert "cannot store" in (r.registry.get("serial:b").last_error or "")
     assert core.pending_count == 1 and r.outbox.find("bridge:BR-1:7") is None  # NACKed, kept on the bridge
     r.outbox.min_free_bytes = 0
     talk_as_bridge(bridge, core, clock, lambda: core.pending_count == 0)  # resent, stored, ACKed
