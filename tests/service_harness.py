@@ -1,6 +1,6 @@
-"""The long-running services in tests: systemd's notification socket, `lastmile acquire` as systemd
-starts it, `lastmile doctor` with the system-wide bits injected, a FHIR token file, waiting for
-what a service does."""
+"""The long-running services in tests: what the serial devices send them, systemd's notification
+socket, `lastmile acquire` as systemd starts it, `lastmile doctor` with the system-wide bits
+injected, a FHIR token file, waiting for what a service does."""
 
 from __future__ import annotations
 
@@ -17,6 +17,28 @@ from lastmile.doctor import Doctor
 from tests.conftest import REPO
 
 FHIR_TOKEN = "s3cret-token"  # what tests.fhir_server.FhirTestServer(token=...) is given
+
+# -- what devices on the serial ports send ---------------------------------------------------------
+
+# A report as the example monitor prints it (CR LF line ends, a banner before it).
+VITALS_REPORT = (
+    b"VM-100 ready\r\n"
+    b"===== VITALS REPORT =====\r\n"
+    b"DEVICE VM-100  SN 004211\r\n"
+    b"DATE 2025-03-04  TIME 09:41:07\r\n"
+    b"RECORD 0172\r\n"
+    b"NIBP   121/79 (93) mmHg\r\n"
+    b"PULSE  72 bpm\r\n"
+    b"SPO2   -- %\r\n"
+    b"TEMP   98.6 F\r\n"
+    b"===== END =====\r\n"
+)
+
+# What a 2D scanner in USB-CDC mode sends: the code, then CR LF (some models: CR only).
+PATIENT_CARD_SCAN = b"80276001234567890123\r\n"  # an EHIC-style card number (20 digits)
+DOCTOR_BADGE_SCAN = b"DR-004711\r"
+
+# -- systemd ----------------------------------------------------------------------------------------
 
 
 class Manager:

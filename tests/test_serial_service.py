@@ -18,8 +18,7 @@ from lastmile.clinic.patients import PatientContext
 from lastmile.config import Config, ConfigError
 from lastmile.services.serial_devices import SerialService, link_specs, load_profiles
 from tests.serial_pty import PtyDevice, wait_for
-from tests.test_ascii_report import VITALS_REPORT
-from tests.test_scanner import DOCTOR_BADGE_SCAN, PATIENT_CARD_SCAN
+from tests.service_harness import DOCTOR_BADGE_SCAN, PATIENT_CARD_SCAN, VITALS_REPORT
 from uploader.outbox import Outbox
 
 BP = (codec.MeasuredValue("systolic", 118.0, "mm[Hg]"), codec.MeasuredValue("diastolic", 76.0, "mm[Hg]"))

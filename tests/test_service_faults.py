@@ -29,7 +29,7 @@ from lastmile.services.parts import Part, down_status
 from lastmile.services.runtime import FAULT
 from tests.conftest import REPO, shared_file
 from tests.serial_pty import PtyDevice, wait_for
-from tests.service_harness import Manager, doctor, start_acquire, stop_child
+from tests.service_harness import VITALS_REPORT, Manager, doctor, start_acquire, stop_child
 from uploader.outbox import Outbox
 
 
@@ -165,7 +165,6 @@ def monitor_on_the_acquire_part(tmp_path: Path) -> Iterator[MonitorOnPart]:
     thread started as the service's step starts it), a patient checked in."""
     from lastmile.clinic.patients import PatientContext
     from lastmile.services.acquire import serial_part
-    from tests.test_ascii_report import VITALS_REPORT
 
     link = tmp_path / "usb-monitor"
     monitor = PtyDevice(link)
