@@ -89,6 +89,11 @@ def counts(config: Config) -> dict:
         return outbox.stats(time.time())["counts"]
 
 
+def wait_for_counts(config: Config, what: str, **states: int) -> None:
+    """Until the outbox holds exactly `states[s]` items in each state `s` named (another process sends)."""
+    wait_until(lambda: all(counts(config).get(state) == n for state, n in states.items()), what=what)
+
+
 def pump(config: Config, until, limit_s: float = 60.0) -> None:
     stop = threading.Event()
     deadline = time.monotonic() + limit_s
@@ -513,13 +518,7 @@ def test_send_killed_n_times_is_quarantined_and_the_rest_flows(tmp_path, scripte
             assert (item.state, item.attempts, item.interrupted_sends) == (ItemState.QUEUED, kill, kill)
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-
-        def settled() -> bool:
-            with open_outbox(config) as outbox:
-                c = outbox.stats(time.time())["counts"]
-                return c.get("quarantined") == 1 and c.get("sent") == 3
-
-        wait_until(settled, what="quarantine of the crasher")
+        wait_for_counts(config, "quarantine of the crasher", quarantined=1, sent=3)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
@@ -560,13 +559,7 @@ def test_decompression_bomb_in_the_outbox_is_quarantined_by_the_forward_service(
         stderr=subprocess.DEVNULL,
     )
     try:
-
-        def settled() -> bool:
-            with open_outbox(config) as outbox:
-                c = outbox.stats(time.time())["counts"]
-                return c.get("quarantined") == 1 and c.get("sent") == 2
-
-        wait_until(settled, what="bomb quarantined and the rest sent")
+        wait_for_counts(config, "bomb quarantined and the rest sent", quarantined=1, sent=2)
         peak_mb = peak_rss_mb(proc.pid)
         print(f"\nforward service VmHWM after a 1 GiB deflate bomb: {peak_mb:.0f} MB")
         assert proc.poll() is None
