@@ -64,10 +64,20 @@ def require_tool(name: str) -> str:
 
 def on_private_tmpfs(mnt: Path, size: str, script: str, *args: str) -> list[str]:
     """The command running `python -c script mnt *args` in a private mount namespace with a
-    tmpfs of `size` (e.g. "16m") on `mnt`: a real partition to fill. Missing without root."""
+    tmpfs of `size` (e.g. "16m") on `mnt`: a real partition to fill. Missing where no tmpfs can be
+    mounted (not root, or root without the right to mount)."""
     require_tool("unshare")
     if os.geteuid() != 0:
         missing("mounting a private tmpfs needs root")
+    # root is not enough: a container without CAP_SYS_ADMIN (or with mounts denied) refuses it
+    probe = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if probe.returncode != 0:
+        missing(f"cannot mount tmpfs here: {probe.stderr.strip()}")
     mount = 'mount -t tmpfs -o size="$1" tmpfs "$2" && shift 2 && exec "$@"'
     return ["unshare", "-m", "--propagation", "private", "sh", "-c", mount, "sh", size, str(mnt)] + [
         sys.executable,

@@ -19,24 +19,11 @@ from devices.ascii_report import (
 )
 from devices.identity import DeviceIdentity, TimeSource
 from firmware_bridge.profiles import profile_files
+from tests.service_harness import VITALS_REPORT
 
 NOW = dt.datetime(2025, 3, 4, 9, 0, tzinfo=dt.timezone.utc)
 EXAMPLE_TEXT = profile_files()["example-vitals-monitor"].read_text(encoding="utf-8")
 DEVICE = DeviceIdentity(manufacturer="Example Medical", model="VM-100", address="/dev/serial/by-id/usb-x")
-
-# A report as the example monitor prints it (CR LF line ends, a banner before it).
-VITALS_REPORT = (
-    b"VM-100 ready\r\n"
-    b"===== VITALS REPORT =====\r\n"
-    b"DEVICE VM-100  SN 004211\r\n"
-    b"DATE 2025-03-04  TIME 09:41:07\r\n"
-    b"RECORD 0172\r\n"
-    b"NIBP   121/79 (93) mmHg\r\n"
-    b"PULSE  72 bpm\r\n"
-    b"SPO2   -- %\r\n"
-    b"TEMP   98.6 F\r\n"
-    b"===== END =====\r\n"
-)
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from devices.identity import TimeSource
-from devices.observation import Observation
 from lastmile.clinic.db import open_clinic_db
 from lastmile.clinic.observations import ObservationStore
 from lastmile.clinic.patients import PatientContext
@@ -30,6 +28,7 @@ from tests.console_harness import (
     Client,
     bp_reading,
     console_config,
+    record_receipt_timed_bp,
     running_console,
     store_returned_reports,
 )
@@ -112,15 +111,12 @@ def test_assigning_a_held_reading_number_too_large_is_refused_in_words(doctor: C
 # -- a held reading assigned to another patient keeps the current patient's name ------------------
 
 
-_bp = bp_reading
-
-
 def _hold_reading(config: Config, measured_at: dt.datetime, key: str) -> int:
     """A cuff's reading with no patient (measured before the current session): held."""
     with open_outbox(config) as outbox:
         store = ObservationStore.open(config.data_dir, outbox=outbox, idle_timeout_s=900)
         try:
-            result = store.record(_bp(measured_at, key), now=dt.datetime.now(dt.timezone.utc))
+            result = store.record(bp_reading(measured_at, key), now=dt.datetime.now(dt.timezone.utc))
         finally:
             store.close()
     assert result.outcome == "held", result
@@ -238,23 +234,7 @@ def test_a_reading_timed_by_the_gateway_on_receipt_says_its_time_is_the_time_rec
     config = clinic[0]
     reply = doctor.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"})
     assert reply.status == 303, reply.body[:300]
-    now = dt.datetime.now(dt.timezone.utc)
-    obs = _bp(now, "faults:receipt-time")
-    obs = Observation(
-        kind=obs.kind,
-        quantities=obs.quantities,
-        measured_at=now,
-        time_source=TimeSource.GATEWAY_RECEIPT,
-        received_at=now,
-        device=obs.device,
-        record_key=obs.record_key,
-    )
-    with open_outbox(config) as outbox:
-        store = ObservationStore.open(config.data_dir, outbox=outbox, idle_timeout_s=900)
-        try:
-            assert store.record(obs, now=now).outcome == "stored"
-        finally:
-            store.close()
+    record_receipt_timed_bp(config, "faults:receipt-time")
     page = doctor.get("/today")
     item = re.search(r'<li data-key="faults:receipt-time">.*?</li>', page.body, flags=re.S)
     assert item, "the reading is on the patient's Today page"

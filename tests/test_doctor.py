@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from lastmile.cli import main
-from lastmile.config import Config, parse_config
+from lastmile.config import Config
 from lastmile.demo.loopback import free_port
-from lastmile.doctor import Doctor, Finding, Level, exit_code, find_mount, parse_mountinfo, render_json, render_text
+from lastmile.doctor import Finding, Level, exit_code, find_mount, parse_mountinfo, render_json, render_text
+from tests.service_harness import doctor
 
 MOUNTINFO = """\
 22 1 179:2 / / ro,noatime shared:1 - ext4 /dev/mmcblk0p2 ro
@@ -25,21 +26,6 @@ MOUNTINFO = """\
 30 22 179:3 / /var/lib/lastmile rw,noatime shared:9 - ext4 /dev/mmcblk0p3 rw,commit=60
 31 22 179:4 / /mnt/usb\\040stick rw,relatime shared:10 - vfat /dev/sda1 rw
 """
-
-
-def no_tools(cmd: list[str]) -> None:
-    return None
-
-
-def doctor(tmp_path: Path, toml: str = "", **kw: object) -> Doctor:
-    config = parse_config(f'[gateway]\ndata_dir = "{tmp_path}"\n' + toml, "test.toml")
-    mountinfo = tmp_path / "mountinfo"
-    mountinfo.write_text(
-        f"22 1 179:2 / / ro shared:1 - ext4 /dev/root ro\n"
-        f"30 22 179:3 / {tmp_path} rw,noatime shared:9 - ext4 /dev/p3 rw,commit=60\n"
-    )
-    defaults = dict(mountinfo=mountinfo, run=no_tools, device_links=tmp_path / "no-dev", journald_paths=())
-    return Doctor(config, **{**defaults, **kw})  # type: ignore[arg-type]
 
 
 def levels(findings: list[Finding], check: str) -> list[Level]:

@@ -16,6 +16,7 @@ from lastmile.config import Config
 from lastmile.doctor import Doctor, Level
 from tests.fhir_samples import NAMING, T0, all_kinds, signature, visit
 from tests.fhir_server import FhirTestServer
+from tests.service_harness import fhir_token_file
 from uploader.errors import ConfigurationFault, PermanentError
 from uploader.fhir_bundle import bundle_bytes, visit_bundle
 from uploader.fhir_reports import FhirReportClient
@@ -39,20 +40,13 @@ def visit_body() -> bytes:
     return bundle_bytes(visit_bundle(visit(1), all_kinds(T0, "P-0001"), NAMING, signature(1)))
 
 
-def _token(tmp_path: Path) -> str:
-    path = tmp_path / "fhir.token"
-    path.write_text("s3cret-token\n")
-    path.chmod(0o600)
-    return str(path)
-
-
 @pytest.mark.parametrize(
     "url", ["http://county.example/fhir", "http://192.0.2.10:8080/fhir", "ftp://x/fhir", "county.example/fhir"]
 )
 def test_plain_http_to_another_machine_is_refused_before_anything_is_sent(tmp_path: Path, url: str) -> None:
     session = NoNetwork()
     with pytest.raises(ConfigurationFault, match="https://"):
-        FhirSender(FhirSenderSettings(base_url=url, token_file=_token(tmp_path)), session=session)
+        FhirSender(FhirSenderSettings(base_url=url, token_file=fhir_token_file(tmp_path)), session=session)
     assert session.attempts == []
 
 
@@ -67,7 +61,7 @@ def test_https_anywhere_and_http_to_loopback_are_allowed(url: str) -> None:
 def test_the_token_goes_to_a_loopback_receiver_over_http(tmp_path: Path) -> None:
     with (
         FhirTestServer(token="s3cret-token") as server,
-        FhirSender(FhirSenderSettings(base_url=server.base_url, token_file=_token(tmp_path))) as sender,
+        FhirSender(FhirSenderSettings(base_url=server.base_url, token_file=fhir_token_file(tmp_path))) as sender,
     ):
         sender.post_transaction(visit_body())
         assert server.stats.transactions == 1
@@ -99,7 +93,9 @@ def redirector() -> Iterator[str]:
 
 
 def test_a_redirect_is_not_followed_with_the_token(tmp_path: Path, redirector: str) -> None:
-    with FhirSender(FhirSenderSettings(base_url=redirector, token_file=_token(tmp_path), gzip="never")) as sender:
+    with FhirSender(
+        FhirSenderSettings(base_url=redirector, token_file=fhir_token_file(tmp_path), gzip="never")
+    ) as sender:
         with pytest.raises(ConfigurationFault, match=r"redirects \(307\) to http://192.0.2.10/fhir"):
             sender.post_transaction(visit_body())
     assert Redirector.requests_seen == ["/fhir"]  # asked once, never followed
@@ -112,7 +108,7 @@ def test_the_forward_service_refuses_to_start_its_fhir_sender_over_http(tmp_path
     config.set_data_dir(tmp_path / "data")
     config.reading_center.storage_commitment = False
     config.fhir.base_url = "http://county.example/fhir"
-    config.fhir.token_file = _token(tmp_path)
+    config.fhir.token_file = fhir_token_file(tmp_path)
     with pytest.raises(ConfigurationFault, match="in clear"):
         ForwardService(config)
 
@@ -121,7 +117,7 @@ def test_doctor_does_not_send_the_token_over_http(tmp_path: Path) -> None:
     config = Config()
     config.set_data_dir(tmp_path)
     config.fhir.base_url = "http://192.0.2.10/fhir"
-    config.fhir.token_file = _token(tmp_path)
+    config.fhir.token_file = fhir_token_file(tmp_path)
     (finding,) = Doctor(config).check_fhir()
     assert finding.level is Level.FAIL and "in clear" in finding.message
 
@@ -166,7 +162,7 @@ def test_a_next_link_to_another_server_is_not_followed_with_the_token(tmp_path: 
     other, other_url = _serve(Searcher)
     Searcher.elsewhere = other_url
     try:
-        settings = FhirSenderSettings(base_url=platform_url, token_file=_token(tmp_path))
+        settings = FhirSenderSettings(base_url=platform_url, token_file=fhir_token_file(tmp_path))
         with FhirReportClient(settings) as client, pytest.raises(PermanentError, match="not followed"):
             client.search(["1.2.3.4"])
     finally:
@@ -178,7 +174,7 @@ def test_a_next_link_to_another_server_is_not_followed_with_the_token(tmp_path: 
 
 def test_the_report_client_refuses_plain_http_to_another_machine(tmp_path: Path) -> None:
     session = NoNetwork()
-    settings = FhirSenderSettings(base_url="http://192.0.2.10/fhir", token_file=_token(tmp_path))
+    settings = FhirSenderSettings(base_url="http://192.0.2.10/fhir", token_file=fhir_token_file(tmp_path))
     with pytest.raises(ConfigurationFault, match="https://"):
         FhirReportClient(settings, session=session)
     assert session.attempts == []

@@ -24,6 +24,7 @@ from lastmile.services.forward import forwarder_settings, open_outbox
 from tests.conftest import require_private_netns
 from tests.ecg_factories import make_recording
 from tests.peers import free_port, gateway_modality
+from tests.service_harness import wait_until
 from uploader.ecg_forwarder import EcgForwarder
 from uploader.outbox import DB_NAME, ItemState
 
@@ -86,6 +87,11 @@ def enqueue(config: Config, n: int, start: int = 0) -> dict[str, str]:
 def counts(config: Config) -> dict:
     with open_outbox(config) as outbox:
         return outbox.stats(time.time())["counts"]
+
+
+def wait_for_counts(config: Config, what: str, **states: int) -> None:
+    """Until the outbox holds exactly `states[s]` items in each state `s` named (another process sends)."""
+    wait_until(lambda: all(counts(config).get(state) == n for state, n in states.items()), what=what)
 
 
 def pump(config: Config, until, limit_s: float = 60.0) -> None:
@@ -487,15 +493,6 @@ def test_storage_commitment_off_with_purge_policy_purges_what_was_sent(tmp_path,
 # -- a send killed mid-way is charged; killed N times, the item is quarantined ---------------------
 
 
-def wait_until(condition, limit_s: float = 150.0, what: str = "condition") -> None:
-    """Event-driven wait; the limit is generous because each wait includes a `lastmile forward`
-    start-up, which takes over 10 s on a 2-core machine under full load."""
-    deadline = time.monotonic() + limit_s
-    while not condition():
-        assert time.monotonic() < deadline, f"no {what} within {limit_s} s"
-        time.sleep(0.05)
-
-
 def test_send_killed_n_times_is_quarantined_and_the_rest_flows(tmp_path, scripted_scp_factory) -> None:
     """An object that takes the forwarder down mid-send (here: the peer never answers and we
     SIGKILL the real `lastmile forward` process while it waits, as the OOM killer would) is
@@ -521,13 +518,7 @@ def test_send_killed_n_times_is_quarantined_and_the_rest_flows(tmp_path, scripte
             assert (item.state, item.attempts, item.interrupted_sends) == (ItemState.QUEUED, kill, kill)
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-
-        def settled() -> bool:
-            with open_outbox(config) as outbox:
-                c = outbox.stats(time.time())["counts"]
-                return c.get("quarantined") == 1 and c.get("sent") == 3
-
-        wait_until(settled, what="quarantine of the crasher")
+        wait_for_counts(config, "quarantine of the crasher", quarantined=1, sent=3)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
@@ -568,13 +559,7 @@ def test_decompression_bomb_in_the_outbox_is_quarantined_by_the_forward_service(
         stderr=subprocess.DEVNULL,
     )
     try:
-
-        def settled() -> bool:
-            with open_outbox(config) as outbox:
-                c = outbox.stats(time.time())["counts"]
-                return c.get("quarantined") == 1 and c.get("sent") == 2
-
-        wait_until(settled, what="bomb quarantined and the rest sent")
+        wait_for_counts(config, "bomb quarantined and the rest sent", quarantined=1, sent=2)
         peak_mb = peak_rss_mb(proc.pid)
         print(f"\nforward service VmHWM after a 1 GiB deflate bomb: {peak_mb:.0f} MB")
         assert proc.poll() is None

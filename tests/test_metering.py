@@ -23,7 +23,7 @@ from lastmile.demo.reading_center import EmbeddedReadingCenter
 from lastmile.ecg.intake import enqueue_recording
 from lastmile.services.forward import forwarder_settings, open_outbox
 from tests.ecg_factories import make_recording
-from tests.test_forward_peers import wait_until
+from tests.service_harness import wait_until
 from uploader.ecg_forwarder import EcgForwarder
 from uploader.metering import Meter, MeterPolicy, SendWindow
 from uploader.outbox import ItemState

@@ -15,10 +15,8 @@ from devices.scanner import (
     ScanRuleError,
     ScanRules,
 )
+from tests.service_harness import DOCTOR_BADGE_SCAN, PATIENT_CARD_SCAN
 
-# What a 2D scanner in USB-CDC mode sends: the code, then CR LF (some models: CR only).
-PATIENT_CARD_SCAN = b"80276001234567890123\r\n"  # an EHIC-style card number (20 digits)
-DOCTOR_BADGE_SCAN = b"DR-004711\r"
 RULES = ScanRules.from_patterns(r"(?P<id>\d{20})", r"DR-(?P<id>\d{6})")
 
 

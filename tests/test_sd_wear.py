@@ -17,6 +17,7 @@ from lastmile.config import Config
 from lastmile.services.forward import ForwardService
 from tests.fhir_server import FhirTestServer
 from tests.peers import free_port
+from tests.service_harness import fhir_token_file
 
 
 def files_written(data_dir: Path) -> dict[str, tuple[int, int]]:
@@ -37,13 +38,6 @@ def idle_steps_wrote(service: ForwardService, data_dir: Path, steps: int = 5) ->
     return (service.outbox.db.conn.total_changes, files_written(data_dir)) != before
 
 
-def _token(tmp_path: Path) -> str:
-    path = tmp_path / "fhir.token"
-    path.write_text("s3cret-token\n")
-    path.chmod(0o600)
-    return str(path)
-
-
 @pytest.mark.parametrize("commitment", [False, True])
 def test_an_idle_forward_step_with_fhir_writes_nothing(tmp_path: Path, commitment: bool) -> None:
     config = Config()
@@ -54,7 +48,7 @@ def test_an_idle_forward_step_with_fhir_writes_nothing(tmp_path: Path, commitmen
     config.reading_center.port = free_port()  # nothing listens: nothing is queued either
     with FhirTestServer(token="s3cret-token") as server:
         config.fhir.base_url = server.base_url
-        config.fhir.token_file = _token(tmp_path)
+        config.fhir.token_file = fhir_token_file(tmp_path)
         service = ForwardService(config)
         try:
             service.step(threading.Event())  # the first step may record what it found at start

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import errno
 import os
 import shutil
 import signal
@@ -23,11 +24,12 @@ import pytest
 from lastmile.clinic.devices import DeviceRecord, DeviceRegistry
 from lastmile.config import Config
 from lastmile.doctor import Level
-from lastmile.services.parts import Part
+from lastmile.logs import describe_fault
+from lastmile.services.parts import Part, down_status
+from lastmile.services.runtime import FAULT
 from tests.conftest import REPO, shared_file
 from tests.serial_pty import PtyDevice, wait_for
-from tests.test_doctor import doctor
-from tests.test_service_runtime import Manager, start_acquire, stop_child
+from tests.service_harness import VITALS_REPORT, Manager, doctor, start_acquire, stop_child
 from uploader.outbox import Outbox
 
 
@@ -124,14 +126,17 @@ def test_doctor_fails_a_service_that_is_up_but_cannot_do_its_work(tmp_path: Path
     use; retrying in 40 s"), and a part of a service can be down and retried: the unit stays
     active with the fault only in STATUS=, and the technician's self-check says OK - "all good"
     when nothing else is wrong - while the carts on the clinic LAN are refused."""
-    with acquire_with_lan_port_taken(tmp_path) as (manager, _proc, _holder, _port):
-        manager.wait_for("READY=1", timeout=60)
-        status = status_with(manager, "Address already in use")
     (tmp_path / "systemd").mkdir()
-    d = doctor(tmp_path, run=systemctl_showing(status), systemd_run_dir=tmp_path / "systemd")
-    acquire = next(f for f in d.check_services() if f.message.startswith("lastmile-acquire.service"))
-    assert acquire.level is Level.FAIL, acquire
-    assert "Address already in use" in acquire.message and "journalctl -u lastmile-acquire" in acquire.hint
+    # what acquire says in STATUS= while the LAN receiver's port is held by another program:
+    # the receiver down, the other parts up; or, waited out, the whole service not started
+    in_use = OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
+    part_down = "; ".join([down_status("lan-receiver", f"OSError: {in_use}"), "usb-import up"])
+    waited_out = f"{FAULT} acquire: cannot start: {describe_fault(in_use)}; retrying in 40 s"
+    for status in (part_down, waited_out):
+        d = doctor(tmp_path, run=systemctl_showing(status), systemd_run_dir=tmp_path / "systemd")
+        acquire = next(f for f in d.check_services() if f.message.startswith("lastmile-acquire.service"))
+        assert acquire.level is Level.FAIL, acquire
+        assert "Address already in use" in acquire.message and "journalctl -u lastmile-acquire" in acquire.hint
     healthy = doctor(tmp_path, run=systemctl_showing("usb-import up"), systemd_run_dir=tmp_path / "systemd")
     assert [f.level for f in healthy.check_services()] == [Level.OK] * 4
 
@@ -160,7 +165,6 @@ def monitor_on_the_acquire_part(tmp_path: Path) -> Iterator[MonitorOnPart]:
     thread started as the service's step starts it), a patient checked in."""
     from lastmile.clinic.patients import PatientContext
     from lastmile.services.acquire import serial_part
-    from tests.test_ascii_report import VITALS_REPORT
 
     link = tmp_path / "usb-monitor"
     monitor = PtyDevice(link)
@@ -257,25 +261,22 @@ def test_sigterm_while_a_report_is_stored_keeps_every_reading_of_it(
 # -- lastmile doctor: a port that answers is not our listener ----------------------------------------
 
 
-def test_doctor_fails_the_commitment_port_held_by_another_program(tmp_path: Path) -> None:
-    """lastmile/doctor.py check_commitment_listener: anything that accepts a TCP connection on
-    reading_center.listen_port was "listener up on port N for commitment reports" - OK. A
-    program holding that port (a leftover storescp, a second gateway install) is exactly what
-    keeps lastmile-forward from starting ("cannot listen for storage commitment reports ...
-    Address already in use", waited out with nothing sent), and the doctor's line for it said OK.
-    The listener is now ours only if a `lastmile forward` process holds the port."""
+def test_doctor_says_ok_for_the_commitment_port_held_by_lastmile_forward(tmp_path: Path) -> None:
+    """lastmile/doctor.py check_commitment_listener: anything that accepted a TCP connection on
+    reading_center.listen_port was "listener up" - OK, though a program holding that port (a
+    leftover storescp) is exactly what keeps lastmile-forward from starting. That such a port
+    FAILs is tests/test_doctor.py's test_commitment_listener; here, that its line names the port and
+    the setting, and that the port is OK when it is a real `lastmile forward` that holds it."""
     from lastmile.demo.loopback import free_port
     from tests.peers import wait_for_port
 
     port = free_port()
     toml = f'[reading_center]\nhost = "127.0.0.1"\nport = {free_port()}\nlisten_port = {port}\n'
-    with socket.socket() as other:  # the other program: this test's process
+    with socket.socket() as other:  # another program: FAIL (test_doctor), saying which port and setting
         other.bind(("127.0.0.1", port))
         other.listen()
-        held = doctor(tmp_path, toml).check_commitment_listener()
-    assert held[0].level is Level.FAIL, held
-    assert f"port {port}" in held[0].message and "listen_port" in held[0].hint
-
+        (held,) = doctor(tmp_path, toml).check_commitment_listener()
+    assert f"port {port}" in held.message and "listen_port" in held.hint, held
     config = tmp_path / "lastmile.toml"
     config.write_text(f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n' + toml)
     forward = subprocess.Popen(

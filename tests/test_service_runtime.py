@@ -10,7 +10,6 @@ import io
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -33,6 +32,7 @@ from lastmile.services.runtime import (
     ServiceRuntime,
 )
 from lastmile.services.sdnotify import SystemdNotifier
+from tests.service_harness import Manager, start_acquire, stop_child
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,54 +82,6 @@ CHILD = textwrap.dedent("""
 """)
 
 
-class Manager:
-    """A stand-in for systemd's notification socket."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.messages: list[str] = []
-
-    def wait_for(self, line: str, timeout: float = 10.0) -> list[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(line in m.split("\n") for m in self.messages):
-                return self.messages
-            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                self.messages.append(self.sock.recv(4096).decode())
-            except TimeoutError:
-                break
-        raise AssertionError(f"{line!r} never arrived; got {self.messages}")
-
-    def drain_queued(self) -> list[str]:
-        """Whatever was sent before now, without waiting."""
-        got = []
-        self.sock.setblocking(False)
-        try:
-            while True:
-                got.append(self.sock.recv(4096).decode())
-        except BlockingIOError:
-            pass
-        finally:
-            self.sock.setblocking(True)
-        self.messages += got
-        return got
-
-    def drain(self, seconds: float) -> list[str]:
-        got = []
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            self.sock.settimeout(left)
-            try:
-                got.append(self.sock.recv(4096).decode())
-            except TimeoutError:
-                break
-        self.messages += got
-        return got
-
-
 @pytest.fixture
 def manager(tmp_path: Path) -> Iterator[Manager]:
     m = Manager(tmp_path / "notify")
@@ -157,13 +109,6 @@ def start_child(
         text=True,
     )
     return proc, config, out
-
-
-def stop_child(proc: subprocess.Popen[str]) -> str:
-    if proc.poll() is None:
-        proc.kill()
-    out, _ = proc.communicate(timeout=10)
-    return out
 
 
 def wait_for_line(out: Path, line: str, timeout: float = 10.0) -> None:
@@ -653,23 +598,6 @@ def test_a_failed_part_is_restarted_with_backoff_and_a_silent_one_is_wedged() ->
         part.check(now[0])
     proceed.set()
     part.close()
-
-
-def start_acquire(config: Path, manager: Manager, *, watchdog_usec: int) -> subprocess.Popen[str]:
-    """`lastmile acquire` as systemd starts it: notify socket, watchdog; its output on stdout."""
-    env = {
-        **os.environ,
-        "NOTIFY_SOCKET": str(manager.path),
-        "WATCHDOG_USEC": str(watchdog_usec),
-        "PYTHONPATH": str(REPO),
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "lastmile", "-c", str(config), "acquire"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
 
 
 def test_acquire_reaches_ready_without_devices_and_stops_cleanly(tmp_path: Path, manager: Manager) -> None:

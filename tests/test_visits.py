@@ -11,55 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from devices.gps import Fix, FixMode
 from devices.identity import EARLIEST_PLAUSIBLE, TimeSource
-from lastmile.clock import GatewayClock, Stamp
-from lastmile.visits.book import FixRecord, VisitBook, VisitError, VisitPolicy
+from lastmile.clock import Stamp
+from lastmile.visits.book import FixRecord, VisitBook, VisitError
 from lastmile.visits.chain import KEY_FILE, verify_export
 from lastmile.visits.households import RegisterError, distance_m, parse_register
 from tests.conftest import run_python
 from tests.fhir_samples import blood_pressure
-
-GPS_T = dt.datetime(2026, 3, 2, 8, 0, tzinfo=dt.timezone.utc)
-HOUSE = (31.2480, 121.5874)
-
-
-class FakeClocks:
-    """A Pi's clocks: wall time settable (boots at 1970), monotonic time advanced by hand."""
-
-    def __init__(self, wall: float = 0.0, boot: str = "boot-1") -> None:
-        self.mono = 100.0
-        self.wall_offset = wall - self.mono
-        self.boot = boot  # the boot id: a stamp from another boot cannot be repaired by this one
-
-    def wall(self) -> float:
-        return self.mono + self.wall_offset
-
-    def monotonic(self) -> float:
-        return self.mono
-
-    def advance(self, seconds: float) -> None:
-        self.mono += seconds
-
-    def clock(self) -> GatewayClock:
-        return GatewayClock(self.wall, self.monotonic, lambda: self.boot)
-
-
-def fix_at(lat: float, lon: float, when: dt.datetime | None, eph: float = 8.0) -> Fix:
-    return Fix(
-        mode=FixMode.FIX_3D,
-        time=when,
-        latitude=lat,
-        longitude=lon,
-        altitude_m=20.0,
-        eph_m=eph,
-        satellites_used=9,
-        hdop=0.9,
-    )
-
-
-def offset(lat: float, lon: float, north_m: float) -> tuple[float, float]:
-    return lat + north_m / 111_195.0, lon
+from tests.visit_harness import GPS_T, HOUSE, FakeClocks, fix_at, offset, open_book
 
 
 @pytest.fixture
@@ -67,12 +26,7 @@ def book_factory(tmp_path: Path):
     books = []
 
     def make(clocks: FakeClocks, **policy: object) -> VisitBook:
-        book = VisitBook.open(
-            tmp_path / "data",
-            gateway_id="gw-1",
-            policy=VisitPolicy(**policy),  # type: ignore[arg-type]
-            clock=clocks.clock(),
-        )
+        book = open_book(tmp_path / "data", clocks, **policy)
         books.append(book)
         register = tmp_path / "households.csv"
         register.write_text("household_id,latitude,longitude\nHH-1,%f,%f\n" % HOUSE)
@@ -273,7 +227,7 @@ def test_a_receiver_sending_fixes_all_day_does_not_rewrite_the_clock_anchor(book
     clocks = FakeClocks(wall=GPS_T.timestamp())
     book = book_factory(clocks)
     book.observe_fix(fix_at(*HOUSE, GPS_T), book.clock.now())
-    changes = book.db.conn.total_changes
+    anchored_at, changes = clocks.mono, book.db.conn.total_changes
     for second in range(1, 120):
         clocks.advance(1.0 + (0.003 if second % 2 else -0.002))
         book.observe_fix(fix_at(*HOUSE, GPS_T + dt.timedelta(seconds=second)), book.clock.now())
@@ -281,6 +235,7 @@ def test_a_receiver_sending_fixes_all_day_does_not_rewrite_the_clock_anchor(book
     # another process of this boot (a `lastmile visit` command) still learns GPS time from it
     other = book_factory(clocks)
     assert other.clock.now().source == TimeSource.GPS
+    assert other.clock.now().time == GPS_T + dt.timedelta(seconds=clocks.mono - anchored_at)
 
 
 # The first visit ever closed makes the gateway's signing key; the process dies (power cut,
@@ -318,6 +273,7 @@ def test_a_power_cut_while_the_signing_key_is_made_does_not_stop_visits_being_si
     book.start("P-1", doctor_id="DR-1", household_id="HH-1", fix=FixRecord(fix_at(*HOUSE, GPS_T), book.clock.now()))
     clocks.advance(300)
     closed = book.stop()
-    assert closed.chain_seq is not None, "the visit was not signed"
+    assert closed.chain_seq == 1, "the visit was not signed"
     assert book.verify_local().ok
     assert sorted(p.name for p in data.iterdir() if "ed25519" in p.name) == [KEY_FILE], "a key's leftovers stay"
+    assert (data / KEY_FILE).stat().st_mode & 0o777 == 0o600

@@ -1,0 +1,146 @@
+"""The long-running services in tests: what the serial devices send them, systemd's notification
+socket, `lastmile acquire` as systemd starts it, `lastmile doctor` with the system-wide bits
+injected, a FHIR token file, waiting for what a service does."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from lastmile.config import parse_config
+from lastmile.doctor import Doctor
+from tests.conftest import REPO
+
+FHIR_TOKEN = "s3cret-token"  # what tests.fhir_server.FhirTestServer(token=...) is given
+
+# -- what devices on the serial ports send ---------------------------------------------------------
+
+# A report as the example monitor prints it (CR LF line ends, a banner before it).
+VITALS_REPORT = (
+    b"VM-100 ready\r\n"
+    b"===== VITALS REPORT =====\r\n"
+    b"DEVICE VM-100  SN 004211\r\n"
+    b"DATE 2025-03-04  TIME 09:41:07\r\n"
+    b"RECORD 0172\r\n"
+    b"NIBP   121/79 (93) mmHg\r\n"
+    b"PULSE  72 bpm\r\n"
+    b"SPO2   -- %\r\n"
+    b"TEMP   98.6 F\r\n"
+    b"===== END =====\r\n"
+)
+
+# What a 2D scanner in USB-CDC mode sends: the code, then CR LF (some models: CR only).
+PATIENT_CARD_SCAN = b"80276001234567890123\r\n"  # an EHIC-style card number (20 digits)
+DOCTOR_BADGE_SCAN = b"DR-004711\r"
+
+# -- systemd ----------------------------------------------------------------------------------------
+
+
+class Manager:
+    """A stand-in for systemd's notification socket."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[str] = []
+
+    def wait_for(self, line: str, timeout: float = 10.0) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(line in m.split("\n") for m in self.messages):
+                return self.messages
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                break
+        raise AssertionError(f"{line!r} never arrived; got {self.messages}")
+
+    def drain_queued(self) -> list[str]:
+        """Whatever was sent before now, without waiting."""
+        got = []
+        self.sock.setblocking(False)
+        try:
+            while True:
+                got.append(self.sock.recv(4096).decode())
+        except BlockingIOError:
+            pass
+        finally:
+            self.sock.setblocking(True)
+        self.messages += got
+        return got
+
+    def drain(self, seconds: float) -> list[str]:
+        got = []
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            try:
+                got.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                break
+        self.messages += got
+        return got
+
+
+def start_acquire(config: Path, manager: Manager, *, watchdog_usec: int) -> subprocess.Popen[str]:
+    """`lastmile acquire` as systemd starts it: notify socket, watchdog; its output on stdout."""
+    env = {
+        **os.environ,
+        "NOTIFY_SOCKET": str(manager.path),
+        "WATCHDOG_USEC": str(watchdog_usec),
+        "PYTHONPATH": str(REPO),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "lastmile", "-c", str(config), "acquire"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def stop_child(proc: subprocess.Popen[str]) -> str:
+    if proc.poll() is None:
+        proc.kill()
+    out, _ = proc.communicate(timeout=10)
+    return out
+
+
+def no_tools(cmd: list[str]) -> None:
+    return None
+
+
+def doctor(tmp_path: Path, toml: str = "", **kw: object) -> Doctor:
+    """`lastmile doctor` on `toml`, its data partition an ext4 mount of `tmp_path`, no tools, no devices."""
+    config = parse_config(f'[gateway]\ndata_dir = "{tmp_path}"\n' + toml, "test.toml")
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        f"22 1 179:2 / / ro shared:1 - ext4 /dev/root ro\n"
+        f"30 22 179:3 / {tmp_path} rw,noatime shared:9 - ext4 /dev/p3 rw,commit=60\n"
+    )
+    defaults = dict(mountinfo=mountinfo, run=no_tools, device_links=tmp_path / "no-dev", journald_paths=())
+    return Doctor(config, **{**defaults, **kw})  # type: ignore[arg-type]
+
+
+def fhir_token_file(directory: Path) -> str:
+    """A private file holding FHIR_TOKEN, as `[fhir] token_file` names it."""
+    path = directory / "fhir.token"
+    path.write_text(FHIR_TOKEN + "\n")
+    path.chmod(0o600)
+    return str(path)
+
+
+def wait_until(condition: Callable[[], object], limit_s: float = 150.0, what: str = "condition") -> None:
+    """Event-driven wait; the limit is generous because each wait includes a `lastmile forward`
+    start-up, which takes over 10 s on a 2-core machine under full load."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} within {limit_s} s"
+        time.sleep(0.05)

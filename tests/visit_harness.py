@@ -1,0 +1,56 @@
+"""Field visits in tests: a Pi's clocks by hand, GPS fixes at a household, a visit book on them."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from devices.gps import Fix, FixMode
+from lastmile.clock import GatewayClock
+from lastmile.visits.book import VisitBook, VisitPolicy
+
+GPS_T = dt.datetime(2026, 3, 2, 8, 0, tzinfo=dt.timezone.utc)
+HOUSE = (31.2480, 121.5874)
+
+
+class FakeClocks:
+    """A Pi's clocks: wall time settable (boots at 1970), monotonic time advanced by hand."""
+
+    def __init__(self, wall: float = 0.0, boot: str = "boot-1") -> None:
+        self.mono = 100.0
+        self.wall_offset = wall - self.mono
+        self.boot = boot  # the boot id: a stamp from another boot cannot be repaired by this one
+
+    def wall(self) -> float:
+        return self.mono + self.wall_offset
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def advance(self, seconds: float) -> None:
+        self.mono += seconds
+
+    def clock(self) -> GatewayClock:
+        return GatewayClock(self.wall, self.monotonic, lambda: self.boot)
+
+
+def fix_at(lat: float, lon: float, when: dt.datetime | None, eph: float = 8.0) -> Fix:
+    return Fix(
+        mode=FixMode.FIX_3D,
+        time=when,
+        latitude=lat,
+        longitude=lon,
+        altitude_m=20.0,
+        eph_m=eph,
+        satellites_used=9,
+        hdop=0.9,
+    )
+
+
+def offset(lat: float, lon: float, north_m: float) -> tuple[float, float]:
+    return lat + north_m / 111_195.0, lon
+
+
+def open_book(data: Path, clocks: FakeClocks, **policy: object) -> VisitBook:
+    """The visit book of gateway gw-1 in `data`, as one process (service or command) opens it."""
+    return VisitBook.open(data, gateway_id="gw-1", policy=VisitPolicy(**policy), clock=clocks.clock())  # type: ignore[arg-type]
