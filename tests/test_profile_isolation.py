@@ -41,13 +41,11 @@ def test_a_bad_profile_file_stops_only_the_device_that_names_it(tmp_path: Path) 
     profiles.mkdir()
     line = ward_profile_with_bad_baudrate(profiles)
     (profiles / "spare.toml").write_text("[profile\nname = 'spare'\n")  # named by no device
-    monitor = PtyDevice(tmp_path / "usb-monitor")
-    ward = PtyDevice(tmp_path / "usb-ward")
     stick = tmp_path / "stick"
     stick.mkdir()
-    ecg = stick / "0000037.ECG"
-    shutil.copyfile(shared_file("ecg", "contec", "0000037.ECG"), ecg)
-    os.utime(ecg, (time.time() - 3600,) * 2)  # written before the stick came in: imported at once
+    # written before the stick came in: imported at once
+    os.utime(shutil.copy(shared_file("ecg", "contec", "0000037.ECG"), stick), (time.time() - 3600,) * 2)
+    monitor, ward = PtyDevice(tmp_path / "usb-monitor"), PtyDevice(tmp_path / "usb-ward")
     config = tmp_path / "lastmile.toml"
     data = tmp_path / "data"
     config.write_text(
@@ -77,7 +75,7 @@ def test_a_bad_profile_file_stops_only_the_device_that_names_it(tmp_path: Path) 
         assert refused is not None and not refused.connected
         assert f"ward-monitor.toml:{line}: 'profile.baudrate' out of range" in refused.last_error, refused
         found = [f for f in doctor(data).check_devices() if f.level is Level.WARN]
-        assert found and f"ward-monitor.toml:{line}" in found[0].text, found
+        assert found and f"ward-monitor.toml:{line}" in found[0].message, found
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     finally:
