@@ -51,7 +51,22 @@ def test_today_page_shows_only_the_patients_readings_newest_first(tmp_path: Path
         data.context.set_patient("P-2", now=T0 + dt.timedelta(seconds=5))
         record_readings(data, 5, 3)
         readings = data.patient_readings("P-2", T0 + dt.timedelta(seconds=5))
-        assert [r.record_key for r in readings] == ["cuff:7", "cuff:6", "cuff:5"]
+        assert [r.key for r in readings] == ["cuff:7", "cuff:6", "cuff:5"]
         assert readings[0].summary and readings[0].time_source == "device-clock"
+    finally:
+        data.close()
+
+
+def test_a_reading_whose_stored_bytes_changed_is_not_shown_and_is_quarantined(tmp_path: Path) -> None:
+    """The bulk read checks each payload against its hash, as the outbox's own read does: a
+    reading the SD card altered is never shown as the patient's (nor sent), it is quarantined."""
+    data = ClinicData(console_config(tmp_path / "data"))
+    try:
+        data.context.set_patient("P-3", now=T0)
+        record_readings(data, 0, 2)
+        first = data.outbox.items(kind="observation")[0]
+        data.outbox.db.conn.execute("UPDATE payloads SET data = ? WHERE item_id = ?", (b"{}", first.id))
+        assert [r.key for r in data.patient_readings("P-3", T0)] == ["cuff:1"]
+        assert data.outbox.get(first.id).state.value == "quarantined"  # type: ignore[union-attr]
     finally:
         data.close()
