@@ -980,8 +980,8 @@ def _profile_problem(path: Path, text: str, message: str) -> str:
 
 def _check_serial_profiles(config: Config, problems: _Problems) -> None:
     """The acquire service loads every profile (built-in and serial.profiles_dir) when serial
-    devices are configured, and refuses to start on any bad one: say so here, where it is
-    fixed, with the device that names it."""
+    devices are configured, and does not start a device that names a bad one (the others run):
+    say so here, where it is fixed, with the device that names it."""
     from firmware_bridge.profiles import profile_files
 
     devices = config.serial.devices
@@ -989,7 +989,7 @@ def _check_serial_profiles(config: Config, problems: _Problems) -> None:
         try:
             load_serial_profile(path, name)
         except ConfigError as exc:
-            refused = f"the acquire service refuses it and reads no serial device: {exc}"
+            refused = f"the acquire service refuses it and does not start this device: {exc}"
             users = [
                 (i, key)
                 for i, entry in enumerate(devices)
@@ -999,7 +999,7 @@ def _check_serial_profiles(config: Config, problems: _Problems) -> None:
             for i, key in users:
                 problems.add(f"serial.devices.{key}", f"names profile {name!r}: {refused}", item=i)
             if not users:
-                problems.add("serial.profiles_dir", f"holds profile {name!r} ({path}): {refused}")
+                problems.add("serial.profiles_dir", f"holds profile {name!r} ({path}), which no device can use: {exc}")
 
 
 def check_config_file(path: str | os.PathLike[str] | None = None) -> Config:

@@ -50,8 +50,8 @@ def test_a_changed_threshold_fails_the_rules_tests(tmp_path: Path) -> None:
     """The unit tests are not vacuous: a queue 'stuck' after ten days instead of one is caught."""
     shutil.copy(RULE_TESTS, tmp_path / RULE_TESTS.name)
     text = RULES.read_text()
-    assert "lastmile_queue_oldest_waiting_seconds > 86400" in text
-    (tmp_path / RULES.name).write_text(text.replace("waiting_seconds > 86400", "waiting_seconds > 864000"))
+    assert "lastmile_queue_oldest_stuck_seconds > 86400" in text
+    (tmp_path / RULES.name).write_text(text.replace("stuck_seconds > 86400", "stuck_seconds > 864000"))
     result = promtool("test", "rules", RULE_TESTS.name, cwd=tmp_path)
     assert result.returncode != 0 and "alertname: LastmileQueueStuck" in result.stdout + result.stderr
 

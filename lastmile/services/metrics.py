@@ -20,6 +20,7 @@ Metric names (all gauges unless marked):
   lastmile_queue_items{kind,state}                          outbox items (queued, sending, sent, committed, purged, quarantined)
   lastmile_queue_held_items{kind,reason}                    queued items held for the doctor (unassigned, re-record ...)
   lastmile_queue_oldest_waiting_seconds{kind}               age of the oldest item not yet accepted by its peer (0: none)
+  lastmile_queue_oldest_stuck_seconds{kind}                 the same, leaving out routine items a metered link holds now
   lastmile_queue_uncommitted_bytes{kind}                    payload bytes the peer has not yet committed to
   lastmile_ecg_quality_items{verdict}                       ECGs in the outbox by the quality gate's verdict
   lastmile_link_state{destination,state}                    1 for the current state: up, down, refused, unknown
@@ -68,6 +69,7 @@ from lastmile.services.update import read_state as read_update_state
 
 if TYPE_CHECKING:
     from lastmile.services.metrics_sources import OutboxSnapshot, Runner
+    from uploader.metering import MeterPolicy
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +140,8 @@ class GatewayCollector:
         data_dir = config.data_dir
         up = GaugeMetricFamily("lastmile_source_up", "1 when the source could be read this scrape.", labels=["source"])
 
-        outbox = self._read("outbox", up, lambda: sources.read_outbox(data_dir, now))
+        metered = metered_kinds(config)
+        outbox = self._read("outbox", up, lambda: sources.read_outbox(data_dir, now, metered=metered))
         yield from self._outbox_metrics(outbox)
         reports = self._read("reports", up, lambda: sources.read_reports(data_dir, now))
         yield from self._link_metrics(outbox, reports)
@@ -200,10 +203,18 @@ class GatewayCollector:
         pending = GaugeMetricFamily(
             "lastmile_queue_uncommitted_bytes", "Payload bytes not yet committed by the peer.", labels=["kind"]
         )
+        stuck = GaugeMetricFamily(
+            "lastmile_queue_oldest_stuck_seconds",
+            "Age of the oldest item waiting that no metered link holds now (its send window shut or its "
+            "daily budget spent hold routine items as configured): a stuck link (0 when none).",
+            labels=["kind"],
+        )
         for kind in KINDS:
             oldest.add_metric([kind], outbox.oldest_waiting_s.get(kind, 0.0))
+            stuck.add_metric([kind], outbox.oldest_stuck_s.get(kind, 0.0))
             pending.add_metric([kind], outbox.uncommitted_bytes.get(kind, 0))
         yield oldest
+        yield stuck
         yield pending
         quality = GaugeMetricFamily(
             "lastmile_ecg_quality_items",
@@ -399,6 +410,22 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 def _with_extra(known: tuple[str, ...], seen: set[str]) -> list[str]:
     """The values we always show (zeros included), then any the data has that we do not know."""
     return [*known, *sorted(seen - set(known))]
+
+
+def metered_kinds(config: Config) -> dict[str, tuple[str, MeterPolicy]]:
+    """Metered destination -> (the outbox kind it sends, its policy), as the forwarder meters them."""
+    sections = (config.reading_center.metered, config.fhir.metered)
+    if not any(s.daily_budget_mb or s.windows for s in sections):
+        return {}  # most gateways: the outbox module (and sqlite-utils) stays out of this process
+    from lastmile.services.metered import QUEUED_KINDS, meter_policy
+    from lastmile.services.metered import sections as metered_sections
+
+    found = {}
+    for destination, section in metered_sections(config).items():
+        policy = meter_policy(section)
+        if policy is not None and destination in QUEUED_KINDS:
+            found[destination] = (str(QUEUED_KINDS[destination]), policy)
+    return found
 
 
 def make_registry(collector: GatewayCollector) -> CollectorRegistry:

@@ -31,7 +31,7 @@ import shutil
 import sqlite3
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from typing import Any
 from devices.identity import EARLIEST_PLAUSIBLE
 from lastmile.clock import read_boot_id
 from lastmile.data_dir import CLINIC_DB, OUTBOX_DB, VISITS_DB, read_only
+from uploader.metering import Meter, MeterPolicy
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ CONFIG_FAULT_PREFIX = "configuration fault:"  # how uploader.fhir_forwarder rele
 WAITING_STATES = ("queued", "sending")  # not yet accepted by the peer
 UNCOMMITTED_STATES = ("queued", "sending", "sent")
 KEPT_STATES = ("queued", "sending", "sent", "committed", "quarantined")  # all but purged (meta kept)
+STAT_PRIORITY = 0  # uploader.outbox.Priority.STAT (not imported: it brings sqlite-utils)
 TIMESYNCD_FLAG = Path("/run/systemd/timesync/synchronized")  # touched by systemd-timesyncd at each sync
 CGROUP_ROOT = Path("/sys/fs/cgroup")  # cgroup v2 as Debian 12 mounts it ("unified" below it in hybrid mode)
 DEFAULT_SLICE = "system.slice"
@@ -102,10 +104,30 @@ class OutboxSnapshot:
     quality: dict[str, int]  # quality verdict -> ECGs in the outbox (not purged); "unchecked" without one
     last_committed_at: dict[str, float]  # kind -> the last commitment (DICOM storage commitment, FHIR 2xx)
     links: dict[str, LinkSnapshot]  # "dicom", "fhir" -> link
+    # kind -> age of the oldest item waiting that no metered link holds now (a shut send window or
+    # a spent daily budget holds routine items as configured): what a stuck link shows
+    oldest_stuck_s: dict[str, float] = field(default_factory=dict)
 
 
-def read_outbox(data_dir: Path, now: float) -> OutboxSnapshot | None:
-    """The outbox as it is now; None when it was never created."""
+@dataclass(frozen=True)
+class StatusSnapshot:
+    """The outbox's status table as read this scrape, as a `uploader.metering.StatusStore` a
+    `Meter` can ask what it spent today; writing is not this reader's business."""
+
+    values: dict[str, dict[str, Any]]
+
+    def status(self, name: str) -> dict[str, Any] | None:
+        return self.values.get(name)
+
+    def record_status(self, name: str, value: dict[str, Any], now: float) -> None:
+        raise PermissionError("the metrics exporter reads the outbox read-only")
+
+
+def read_outbox(
+    data_dir: Path, now: float, *, metered: Mapping[str, tuple[str, MeterPolicy]] | None = None
+) -> OutboxSnapshot | None:
+    """The outbox as it is now; None when it was never created. `metered`: destination ->
+    (the outbox kind it sends, its meter's policy), for the metered destinations only."""
     path = data_dir / OUTBOX_DB
     if not path.is_file():
         return None
@@ -160,6 +182,21 @@ def read_outbox(data_dir: Path, now: float) -> OutboxSnapshot | None:
             "FROM items WHERE kind = 'fhir-bundle' AND state = 'queued'",
             (CONFIG_FAULT_PREFIX + "%", CONFIG_FAULT_PREFIX + "%"),
         ).fetchone()
+        held_kinds = [
+            kind
+            for destination, (kind, policy) in (metered or {}).items()
+            if Meter(destination, policy, StatusSnapshot(statuses)).blocked(now) is not None
+        ]
+        oldest_stuck = dict(oldest_created)
+        if held_kinds:  # the routine items those meters hold (not STAT, not held for the doctor) left out
+            oldest_stuck = dict(
+                conn.execute(
+                    f"SELECT kind, MIN(created_at) FROM items WHERE state IN (?, ?) AND NOT (state = 'queued' "
+                    f"AND kind IN ({', '.join('?' * len(held_kinds))}) AND priority != ? "
+                    f"AND (hold_until IS NULL OR hold_until <= ?)) GROUP BY kind",
+                    (*WAITING_STATES, *held_kinds, STAT_PRIORITY, now),
+                ).fetchall()
+            )
     rc = statuses.get(READING_CENTER_STATUS, {})
     dicom_success = _latest(_number(rc.get("last_success")), last_sent.get("dicom"))
     links = {
@@ -175,6 +212,7 @@ def read_outbox(data_dir: Path, now: float) -> OutboxSnapshot | None:
         quality=quality,
         last_committed_at=last_committed,
         links=links,
+        oldest_stuck_s={kind: max(0.0, now - created) for kind, created in oldest_stuck.items()},
     )
 
 

@@ -13,7 +13,9 @@ for a bridge, `forward_profile`) becomes a `LinkSpec`; the profile decides the h
   only then is the message acknowledged. SERIAL_DATA is parsed with `forward_profile`.
 - `scanner`: ID/health-card codes set the clinic session's patient or doctor.
 - any other name: an ASCII-report profile (built-in `firmware_bridge/profiles/` or
-  `serial.profiles_dir`), whose reports become observations.
+  `serial.profiles_dir`), whose reports become observations. A profile file that does not load
+  stops only the devices naming it (`profile` or `forward_profile`): each is not started and its
+  status says which file and line is wrong; the other devices run.
 
 Device status (connected, last reading, last error) goes to the device registry (clinic.db) under
 the address `serial:<name>`, which `lastmile devices` lists next to the BLE devices.
@@ -96,22 +98,50 @@ def registry_address(name: str) -> str:
 
 def load_profiles(config: Config) -> dict[str, ReportProfile]:
     """Every ASCII-report profile available (built-in, then `serial.profiles_dir`); ConfigError if one is bad."""
-    # one profile's loading, shared with `lastmile config check` (which says the same, earlier)
-    return {
-        name: load_serial_profile(path, name)
-        for name, path in profile_files(config.serial.profiles_dir or None).items()
-    }
+    profiles, bad = load_profiles_apart(config)
+    if bad:
+        raise ConfigError(next(iter(bad.values())))
+    return profiles
 
 
-def link_specs(config: Config, profiles: dict[str, ReportProfile]) -> list[LinkSpec]:
-    """`[[serial.devices]]` as link specs; ConfigError names the entry and what is wrong (the
-    same checks `lastmile config check` runs, there with the file's line)."""
-    problems = serial_device_problems(config.serial.devices, profiles)
+def load_profiles_apart(config: Config) -> tuple[dict[str, ReportProfile], dict[str, str]]:
+    """The ASCII-report profiles that load, and for each one that does not, what is wrong with it
+    ("FILE:LINE: 'key' ..."): the acquire service leaves only the devices naming a bad one."""
+    profiles: dict[str, ReportProfile] = {}
+    bad: dict[str, str] = {}
+    for name, path in profile_files(config.serial.profiles_dir or None).items():
+        try:  # one profile's loading, shared with `lastmile config check` (which says the same, earlier)
+            profiles[name] = load_serial_profile(path, name)
+        except ConfigError as exc:
+            bad[name] = str(exc)
+    return profiles, bad
+
+
+def refused_devices(config: Config, bad: dict[str, str]) -> dict[str, str]:
+    """Device name -> why it is not started: its `profile` or `forward_profile` is a bad file."""
+    refused = {}
+    for entry in config.serial.devices:
+        for key in ("profile", "forward_profile"):
+            name = entry.get(key, "")
+            if name in bad and entry.get("name") not in refused:
+                refused[entry["name"]] = f"not started: its {key} {name!r} is refused: {bad[name]}"
+    return refused
+
+
+def link_specs(config: Config, profiles: dict[str, ReportProfile], bad: dict[str, str] | None = None) -> list[LinkSpec]:
+    """`[[serial.devices]]` as link specs, leaving out the devices that name a `bad` profile (see
+    `refused_devices`); ConfigError names the entry and what is wrong (the same checks `lastmile
+    config check` runs, there with the file's line)."""
+    bad = bad or {}
+    problems = serial_device_problems(config.serial.devices, [*profiles, *bad])
     if problems:
         i, _key, message = problems[0]
         raise ConfigError(f"{config.source}: serial.devices[{i}]: {message}")
+    refused = refused_devices(config, bad)
     specs = []
     for entry in config.serial.devices:
+        if entry["name"] in refused:
+            continue
         name, match, profile = entry["name"], entry["match"], entry["profile"]
         forward = entry.get("forward_profile", "")
         default_baud = profiles[profile].baudrate if profile in profiles else DEFAULT_BAUD[profile]
@@ -557,8 +587,9 @@ class SerialService:
     @classmethod
     def open(cls, config: Config, *, outbox: Outbox, **kwargs: object) -> SerialService:
         """Check the configuration (ConfigError) and open clinic.db; the outbox stays the caller's."""
-        profiles = load_profiles(config)
-        specs = link_specs(config, profiles)
+        # A bad profile file stops only the devices that name it: each says why in its status.
+        profiles, bad = load_profiles_apart(config)
+        specs = link_specs(config, profiles, bad)
         rules = scan_rules(config)
         store = ObservationStore.open(config.data_dir, outbox=outbox, idle_timeout_s=config.patient.idle_timeout_s)
         registry = DeviceRegistry(store.db)
@@ -571,7 +602,13 @@ class SerialService:
             profiles=profiles,
             rules=rules,
         )
-        return cls(ctx, specs, owned=[store], **kwargs)  # type: ignore[arg-type]
+        service = cls(ctx, specs, owned=[store], **kwargs)  # type: ignore[arg-type]
+        for name, reason in refused_devices(config, bad).items():
+            log.error("serial device %s %s", name, reason)
+            registry.update_status(
+                registry_address(name), now=ctx.now(), transport="serial", connected=False, error=reason
+            )
+        return service
 
     def start(self) -> None:
         if not self.specs:

@@ -1,0 +1,52 @@
+"""The county's LastmileQueueStuck alert must fire for a stuck link, not for routine items a
+metered link holds as configured (a daily data budget spent, a send window shut): those wait by
+the clinic's own choice, and `lastmile doctor` already judges the queue without them."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from prometheus_client import generate_latest
+
+from lastmile.config import Config
+from lastmile.services.metered import meters
+from lastmile.services.metrics import GatewayCollector, make_registry
+from tests.conftest import REPO
+from tests.metrics_harness import parse_exposition, value
+from tests.test_metrics import NOW, tool
+from uploader.outbox import Kind, Outbox, Priority
+
+DAY = 86400.0
+STUCK = "lastmile_queue_oldest_stuck_seconds"
+
+
+def scraped(config: Config) -> list[tuple[str, dict[str, str], float]]:
+    collector = GatewayCollector(config, run=tool({}), clock=lambda: NOW)
+    return parse_exposition(generate_latest(make_registry(collector)).decode("utf-8"))
+
+
+def test_routine_items_a_spent_data_budget_holds_do_not_count_as_stuck(tmp_path: Path) -> None:
+    config = Config()
+    config.set_data_dir(tmp_path)
+    config.reading_center.metered.daily_budget_mb = 1.0
+    with Outbox.open(tmp_path, now=NOW - 3 * DAY) as outbox:
+        outbox.add(Kind.DICOM, "routine-ecg", b"x" * 100, now=NOW - 2 * DAY)
+        outbox.add(Kind.FHIR_BUNDLE, "visit", b"{}", now=NOW - 3600)  # no meter on the FHIR link
+        meters(config, outbox)["dicom"].spend(2 * 2**20, NOW)  # today's ECG budget is spent
+        samples = scraped(config)
+        assert value(samples, "lastmile_queue_oldest_waiting_seconds", kind="dicom") == 2 * DAY
+        assert value(samples, STUCK, kind="dicom") == 0.0, "an ECG the budget holds alerts the county"
+        assert value(samples, STUCK, kind="fhir-bundle") == 3600.0
+        # a STAT ECG is never held by a meter: waiting, it is a stuck link
+        outbox.add(Kind.DICOM, "stat-ecg", b"y" * 100, priority=Priority.STAT, now=NOW - 1.5 * DAY)
+        assert value(scraped(config), STUCK, kind="dicom") == 1.5 * DAY
+    # with no meter, everything waiting counts
+    config.reading_center.metered.daily_budget_mb = 0.0
+    assert value(scraped(config), STUCK, kind="dicom") == 2 * DAY
+
+
+def test_the_queue_stuck_alert_is_judged_on_what_no_meter_holds() -> None:
+    rules = (REPO / "docs" / "prometheus" / "lastmile-alerts.yml").read_text()
+    expr = re.search(r"alert: LastmileQueueStuck\n\s+expr: (.*)", rules)
+    assert expr is not None and expr.group(1).startswith(STUCK), expr
