@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +17,8 @@ import pytest
 from lastmile.visits.book import FixRecord, VisitBook, VisitPolicy
 from tests.conftest import REPO, on_private_tmpfs
 from tests.console_browser import chromium, save_screenshot, set_viewport
-from tests.console_harness import console_config, running_console
-from tests.test_console_browser import WAIT_S, by, log_in, on_page, wait_for
+from tests.console_harness import ADMIN, VALID_ID, console_config, running_console
+from tests.test_console_browser import WAIT_S, by, log_in, on_page, text_in, wait_for
 from tests.test_visits import GPS_T, HOUSE, FakeClocks, fix_at, offset
 
 pytestmark = pytest.mark.timeout(600)
@@ -131,7 +132,7 @@ FULL_DISK_CONSOLE = r"""
 import json, os, sys
 from pathlib import Path
 from tests.conftest import fill_to_the_last_block
-from tests.console_harness import console_config, running_console
+from tests.console_harness import ADMIN, VALID_ID, console_config, running_console
 
 mnt = Path(sys.argv[1])
 with running_console(console_config(mnt / "data")) as server:
@@ -189,3 +190,41 @@ def test_a_check_in_on_a_full_disk_explains_in_chinese_and_leads_back_to_today(b
         if console.poll() is None:
             console.kill()
             console.wait()
+
+
+# -- the other pages on a phone --------------------------------------------------------------------
+
+
+def test_every_check_on_the_system_page_is_on_screen_skipped_ones_too(browser: object, tmp_path: Path) -> None:
+    """A check that was skipped (no reading center set up yet, services not running) is listed
+    with "已跳过" like the others - not moved off the screen by the skip link's style."""
+    with running_console(console_config(tmp_path / "data")) as server:
+        set_viewport(browser, PHONE)
+        log_in(browser, server, ADMIN)
+        browser.get(server.url + "/system")  # type: ignore[attr-defined]
+        save_screenshot(browser, "system-checks-phone")
+        checks = browser.execute_script(  # type: ignore[attr-defined]
+            """const width = document.documentElement.clientWidth;
+            return [...document.querySelectorAll("li.finding")].map(li => {
+              const r = li.getBoundingClientRect();
+              return {text: li.innerText.split("\\n")[0], left: r.left, right: r.right, width: width};
+            });"""
+        )
+        skipped = [c for c in checks if c["text"].startswith("已跳过")]
+        assert skipped, checks  # the test's console has checks to skip
+        for check in checks:
+            assert check["left"] >= 0 and check["right"] <= check["width"], f"off the screen: {check}"
+
+
+def test_who_did_what_on_the_system_page_reads_chinese(browser: object, tmp_path: Path) -> None:
+    """The audit trail says 登录 and 登记患者, not the codes login and check-in."""
+    with running_console(console_config(tmp_path / "data")) as server:
+        set_viewport(browser, PHONE)
+        log_in(browser, server, ADMIN)
+        browser.find_element(by("id"), "patient_id").send_keys(VALID_ID + "\n")  # type: ignore[attr-defined]
+        text_in(browser, "#panel-session", VALID_ID)
+        browser.get(server.url + "/system")  # type: ignore[attr-defined]
+        save_screenshot(browser, "system-audit-phone")
+        trail = browser.find_element(by("css"), "ul.audit").text  # type: ignore[attr-defined]
+        assert "登录" in trail and "登记患者" in trail, trail
+        assert not re.search(r"\b(login|check-in)\b", trail), trail
