@@ -228,3 +228,18 @@ def test_who_did_what_on_the_system_page_reads_chinese(browser: object, tmp_path
         trail = browser.find_element(by("css"), "ul.audit").text  # type: ignore[attr-defined]
         assert "登录" in trail and "登记患者" in trail, trail
         assert not re.search(r"\b(login|check-in)\b", trail), trail
+
+
+def test_the_page_menu_is_one_row_on_a_phone(browser: object, tmp_path: Path) -> None:
+    """The six pages fit one row at 360 and 390 px in Chinese: not 今天 … 随访 with 系统 alone on a
+    second row, the header taking a quarter of the phone's screen before the page begins."""
+    with running_console(console_config(tmp_path / "data")) as server:
+        log_in(browser, server)
+        for width in (360, 390):
+            set_viewport(browser, (width, 844))
+            browser.get(server.url + "/visits")  # type: ignore[attr-defined]
+            rows = browser.execute_script(  # type: ignore[attr-defined]
+                "return [...document.querySelectorAll('.nav a')].map(a => Math.round(a.getBoundingClientRect().top))"
+            )
+            assert len(rows) == 6 and len(set(rows)) == 1, f"the menu takes {len(set(rows))} rows at {width} px: {rows}"
+        save_screenshot(browser, "menu-phone")
