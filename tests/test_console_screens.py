@@ -17,7 +17,7 @@ import pytest
 from lastmile.visits.book import FixRecord, VisitBook, VisitPolicy
 from tests.conftest import REPO, on_private_tmpfs
 from tests.console_browser import chromium, save_screenshot, set_viewport
-from tests.console_harness import ADMIN, VALID_ID, console_config, running_console
+from tests.console_harness import ADMIN, DOCTOR, VALID_ID, console_config, running_console
 from tests.test_console_browser import WAIT_S, by, log_in, on_page, text_in, wait_for
 from tests.test_visits import GPS_T, HOUSE, FakeClocks, fix_at, offset
 
@@ -132,7 +132,7 @@ FULL_DISK_CONSOLE = r"""
 import json, os, sys
 from pathlib import Path
 from tests.conftest import fill_to_the_last_block
-from tests.console_harness import ADMIN, VALID_ID, console_config, running_console
+from tests.console_harness import ADMIN, DOCTOR, VALID_ID, console_config, running_console
 
 mnt = Path(sys.argv[1])
 with running_console(console_config(mnt / "data")) as server:
@@ -243,3 +243,24 @@ def test_the_page_menu_is_one_row_on_a_phone(browser: object, tmp_path: Path) ->
             )
             assert len(rows) == 6 and len(set(rows)) == 1, f"the menu takes {len(set(rows))} rows at {width} px: {rows}"
         save_screenshot(browser, "menu-phone")
+
+
+def test_a_form_sent_after_the_login_expired_says_so_and_leads_to_the_login(browser: object, tmp_path: Path) -> None:
+    """The Today page left open overnight (logins end after 12 idle hours): the first scan of the
+    morning must say in Chinese that the login ended and nothing was saved, and lead to the login
+    and back to Today - not a bare "login required / 请先登录" line with no way on."""
+    with running_console(console_config(tmp_path / "data")) as server:
+        set_viewport(browser, PHONE)
+        log_in(browser, server)
+        browser.delete_cookie("lastmile_session")  # type: ignore[attr-defined]  # what the idle timeout does
+        browser.find_element(by("id"), "patient_id").send_keys(VALID_ID + "\n")  # type: ignore[attr-defined]
+        wait_for(browser, on_page("/today/check-in"))
+        save_screenshot(browser, "login-expired-phone")
+        page = browser.find_element(by("css"), "body").text  # type: ignore[attr-defined]
+        assert "登录已过期" in page and "没有保存" in page, page
+        assert "login required" not in page, page
+        browser.find_element(by("css"), "main a[href^='/login']").click()  # type: ignore[attr-defined]
+        wait_for(browser, on_page("/login"))
+        browser.find_element(by("id"), "name").send_keys(DOCTOR[0])  # type: ignore[attr-defined]
+        browser.find_element(by("id"), "password").send_keys(DOCTOR[1] + "\n")  # type: ignore[attr-defined]
+        wait_for(browser, on_page("/today"))
