@@ -870,6 +870,11 @@ async def on_login_required(request: Request, exc: Exception) -> Response:
     wants_page = request.method == "GET" and "text/html" in request.headers.get("accept", "")
     if wants_page:
         return RedirectResponse(f"/login?next={quote(request.url.path)}", status_code=303)
+    if "text/html" in request.headers.get("accept", ""):
+        # a form from a page left open after its login ended: a page that says so, still a 401
+        # (no Referer to return to: referrer-policy no-referrer), then Today
+        ctx = Context(None, page_localizer(request), "")
+        return render(request, ctx, "login_expired.html", status=401, next="/today", alerts=[])
     return PlainTextResponse("login required / 请先登录", status_code=401)
 
 
