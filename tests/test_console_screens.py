@@ -264,3 +264,16 @@ def test_a_form_sent_after_the_login_expired_says_so_and_leads_to_the_login(brow
         browser.find_element(by("id"), "name").send_keys(DOCTOR[0])  # type: ignore[attr-defined]
         browser.find_element(by("id"), "password").send_keys(DOCTOR[1] + "\n")  # type: ignore[attr-defined]
         wait_for(browser, on_page("/today"))
+
+
+def test_the_login_page_tells_a_doctor_without_an_account_whom_to_ask(browser: object, tmp_path: Path) -> None:
+    """The login page said, to every doctor, "账户在网关上创建" and the command "lastmile user add 姓名 --role doctor":
+    a command line. She reads whom to ask; the command stays folded away for the technician."""
+    with running_console(console_config(tmp_path / "data")) as server:
+        set_viewport(browser, PHONE)
+        browser.delete_all_cookies()  # type: ignore[attr-defined]
+        browser.get(server.url + "/login")  # type: ignore[attr-defined]
+        save_screenshot(browser, "login-phone")
+        shown = browser.find_element(by("css"), "main").text  # type: ignore[attr-defined]
+        assert "请县信息科" in shown, shown
+        assert "lastmile" not in shown and "--role" not in shown, shown
