@@ -194,15 +194,21 @@ async def context_for(request: Request, *, required: bool = True) -> Context:
     login = await state.run_db(lambda: state.data.accounts.login_for(token, now=now_utc())) if token else None
     if login is None and required:
         raise LoginRequired()
+    csrf = login.csrf_token if login else request.cookies.get(PRE_LOGIN_COOKIE, "")
+    return Context(login, page_localizer(request, login.user.language if login else ""), csrf)
+
+
+def page_localizer(request: Request, chosen: str = "") -> Localizer:
+    """The user's own language, else the language cookie's, else the browser's, else the configured one."""
+    state = state_of(request)
     language = (
-        (login.user.language if login else "")
+        chosen
         or request.cookies.get(LANGUAGE_COOKIE, "")
         or negotiate(request.headers.get("accept-language"), state.config.console.language)
     )
     if language not in LANGUAGES:
         language = state.config.console.language
-    csrf = login.csrf_token if login else request.cookies.get(PRE_LOGIN_COOKIE, "")
-    return Context(login, Localizer(language, state.zone), csrf)
+    return Localizer(language, state.zone)
 
 
 async def read_form(request: Request, ctx: Context) -> dict[str, str]:
@@ -895,6 +901,11 @@ async def on_login_required(request: Request, exc: Exception) -> Response:
     wants_page = request.method == "GET" and "text/html" in request.headers.get("accept", "")
     if wants_page:
         return RedirectResponse(f"/login?next={quote(request.url.path)}", status_code=303)
+    if "text/html" in request.headers.get("accept", ""):
+        # a form from a page left open after its login ended: a page that says so, still a 401
+        # (no Referer to return to: referrer-policy no-referrer), then Today
+        ctx = Context(None, page_localizer(request), "")
+        return render(request, ctx, "login_expired.html", status=401, next="/today", alerts=[])
     return PlainTextResponse("login required / 请先登录", status_code=401)
 
 
@@ -911,21 +922,25 @@ async def on_account_error(request: Request, exc: Exception) -> Response:
     return PlainTextResponse(str(exc), status_code=400)
 
 
-STORAGE_FULL = (
-    "存储已满：这一步没有记录，请稍后再试，并请县里的技术人员清理空间（之前记录的都还在）。 / "
-    "storage full: this was not recorded; try again later and ask the county IT to free space "
-    "(everything recorded before is kept)."
-)
+async def storage_full_context(request: Request) -> Context:
+    """The page's context on a full partition: the login, unless even reading it fails (its
+    touch is a write); then the browser's language and no login."""
+    try:
+        return await context_for(request, required=False)
+    except sqlite3.Error:
+        return Context(None, page_localizer(request), "")
 
 
 async def on_storage_fault(request: Request, exc: Exception) -> Response:
     """clinic.db (check-in, audit trail, acknowledgements) or the outbox (a held reading or ECG
-    assigned) on a full data partition: the doctor reads that nothing was recorded and why, not
-    an Internal Server Error. Other database faults stay server errors."""
+    assigned) on a full data partition: the doctor reads that nothing was recorded, that what was
+    stored is safe, what to do, and has a way back to Today - not an Internal Server Error. Other
+    database faults stay server errors."""
     if not is_storage_full(exc):
         raise exc
     log.error("%s %s not recorded: the data partition is full (%s)", request.method, request.url.path, exc)
-    return PlainTextResponse(STORAGE_FULL, status_code=507)
+    ctx = await storage_full_context(request)
+    return render(request, ctx, "storage_full.html", status=507, alerts=[])
 
 
 # -- the application -------------------------------------------------------------------------------

@@ -1,0 +1,279 @@
+"""Console pages looked at in a real browser, Chinese, on a phone (390x844) and a cheap tablet
+(1024x768): the Visits page's flags and the storage-full refusal. Screenshots land in
+$LASTMILE_SCREENSHOTS (default tmp/console-screenshots)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from lastmile.visits.book import FixRecord, VisitBook, VisitPolicy
+from tests.conftest import REPO, on_private_tmpfs
+from tests.console_browser import chromium, save_screenshot, set_viewport
+from tests.console_harness import ADMIN, DOCTOR, VALID_ID, console_config, running_console
+from tests.test_console_browser import WAIT_S, by, log_in, on_page, text_in, wait_for
+from tests.test_visits import GPS_T, HOUSE, FakeClocks, fix_at, offset
+
+pytestmark = pytest.mark.timeout(600)
+
+PHONE = (390, 844)
+TABLET = (1024, 768)
+HOUSEHOLD = "HH-0001-东村-12组"
+LOST = "110105194912310021"  # stopped after one reboot, signed after another: both times lost
+FAR = "11010519491231002X"  # 2.3 km from the household
+PENDING = "110105198001010016"  # stopped before GPS or the network gave the time
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    with chromium() as driver:
+        yield driver
+
+
+def _book(data: Path, clocks: FakeClocks, register: Path) -> VisitBook:
+    book = VisitBook.open(data, gateway_id="gw-1", policy=VisitPolicy(), clock=clocks.clock())
+    book.register.sync_from(register, "2026-01-01")
+    return book
+
+
+def field_day(data: Path, register: Path) -> None:
+    """Three visits from the real visit book, each with the flag the doctor must understand."""
+    register.write_text("household_id,latitude,longitude\n%s,%f,%f\n" % (HOUSEHOLD, *HOUSE))
+    with _book(data, FakeClocks(wall=0.0, boot="boot-1"), register) as book:  # 1970, indoors: no time
+        book.start(LOST, doctor_id="DR-1", household_id=HOUSEHOLD)
+    with _book(data, FakeClocks(wall=0.0, boot="boot-2"), register) as book:  # the battery died
+        book.stop()
+    clocks = FakeClocks(wall=0.0, boot="boot-3")
+    with _book(data, clocks, register) as book:  # and again; then GPS gives the time
+        book.observe_fix(fix_at(*HOUSE, GPS_T), book.clock.now())
+        far = fix_at(*offset(*HOUSE, 2345), GPS_T)
+        book.start(FAR, doctor_id="DR-1", household_id=HOUSEHOLD, fix=FixRecord(far, book.clock.now()))
+        clocks.advance(900)
+        book.stop(FixRecord(far, book.clock.now()))
+    clocks = FakeClocks(wall=0.0, boot="boot-4")
+    with _book(data, clocks, register) as book:  # the next day, still no time in this boot
+        book.start(PENDING, doctor_id="DR-1", household_id=HOUSEHOLD)
+        clocks.advance(600)
+        book.stop()
+        flags = {v.patient_id: set(v.flags) for v in book.visits()}
+    assert {"start-time-lost", "end-time-lost"} <= flags[LOST], flags
+    assert "outside-radius" in flags[FAR] and "provisional-time" in flags[PENDING], flags
+
+
+def card_of(driver: object, patient_id: str) -> object:
+    (card,) = [c for c in driver.find_elements(by("css"), ".visit-list > li") if patient_id in c.text]  # type: ignore[attr-defined]
+    return card
+
+
+def badges_fit(driver: object, card: object) -> list[str]:
+    """The card's flags as shown: each one visible, inside the viewport, overlapping no other."""
+    shown = driver.execute_script(  # type: ignore[attr-defined]
+        """const card = arguments[0]; card.scrollIntoView({block: "center"});
+        const width = document.documentElement.clientWidth;
+        return [...card.querySelectorAll(".badge")].map(b => {
+          const r = b.getBoundingClientRect();
+          return {text: b.innerText.trim(), left: r.left, right: r.right, top: r.top, bottom: r.bottom,
+                  width: width, visible: r.width > 0 && r.height > 0 && getComputedStyle(b).visibility === "visible"};
+        });""",
+        card,
+    )
+    for badge in shown:
+        assert badge["visible"], badge
+        assert badge["left"] >= 0 and badge["right"] <= badge["width"], f"outside the screen: {badge}"
+    for i, a in enumerate(shown):
+        for b in shown[i + 1 :]:
+            apart = (
+                a["right"] <= b["left"] or b["right"] <= a["left"] or a["bottom"] <= b["top"] or b["bottom"] <= a["top"]
+            )
+            assert apart, f"overlapping flags: {a} {b}"
+    return [b["text"] for b in shown]
+
+
+def test_visit_flags_read_as_plain_chinese_and_fit_a_phone_and_a_tablet(browser: object, tmp_path: Path) -> None:
+    """A family doctor reviews yesterday's visits on her phone: each flag says in Chinese what
+    happened, on screen; a visit whose times were lost says "time unknown", not a bare dash, and
+    not also "time not known at the start" beside "start time lost"."""
+    data = tmp_path / "data"
+    field_day(data, tmp_path / "households.csv")
+    with running_console(console_config(data)) as server:
+        log_in(browser, server)
+        for name, size in (("phone", PHONE), ("tablet", TABLET)):
+            set_viewport(browser, size)
+            browser.get(server.url + "/visits")  # type: ignore[attr-defined]
+            save_screenshot(browser, f"visits-flags-{name}")
+            lost = card_of(browser, LOST)
+            # both lost times, and no "time not known at the start" beside "start time lost"
+            assert sorted(badges_fit(browser, lost)) == sorted(
+                ["开始时间因网关重启而丢失", "结束时间因网关重启而丢失", "没有 GPS 定位"]
+            )
+            assert "时间未知" in lost.text and "—" not in lost.text, lost.text  # type: ignore[attr-defined]
+            far = card_of(browser, FAR)
+            assert badges_fit(browser, far) == ["离住户太远"] and "距住户 2,345 米" in far.text  # type: ignore[attr-defined]
+            pending = card_of(browser, PENDING)
+            assert sorted(badges_fit(browser, pending)) == sorted(
+                ["没有 GPS 定位", "时间待定：有 GPS 或网络后自动补上"]
+            )
+            assert "时间未知" in pending.text, pending.text  # type: ignore[attr-defined]
+            body = browser.find_element(by("css"), "main").text  # type: ignore[attr-defined]
+            assert "time" not in body and "radius" not in body, body
+
+
+# -- the storage-full refusal ----------------------------------------------------------------------
+
+# Runs inside `unshare -m` with a 16 MB tmpfs on argv[1]: the console on it, told by stdin when to fill.
+FULL_DISK_CONSOLE = r"""
+import json, os, sys
+from pathlib import Path
+from tests.conftest import fill_to_the_last_block
+from tests.console_harness import ADMIN, DOCTOR, VALID_ID, console_config, running_console
+
+mnt = Path(sys.argv[1])
+with running_console(console_config(mnt / "data")) as server:
+    print(json.dumps({"url": server.url}), flush=True)
+    sys.stdin.readline()  # the doctor has logged in
+    fill_to_the_last_block(mnt / "filler")
+    print(json.dumps({"full": True}), flush=True)
+    sys.stdin.readline()  # the doctor has read the page
+    os.unlink(mnt / "filler")
+"""
+
+
+def test_a_check_in_on_a_full_disk_explains_in_chinese_and_leads_back_to_today(browser: object, tmp_path: Path) -> None:
+    """The data partition is full; the doctor checks in the next patient on her phone. The page
+    must say in Chinese what happened, that nothing stored before is lost, what to do now, and
+    take her back to Today - not a line of bilingual plain text with no way on."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    console = subprocess.Popen(
+        on_private_tmpfs(mnt, "16m", FULL_DISK_CONSOLE),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert console.stdin is not None and console.stdout is not None
+    try:
+        url = json.loads(console.stdout.readline())["url"]
+
+        set_viewport(browser, PHONE)
+        log_in(browser, SimpleNamespace(url=url))  # type: ignore[arg-type]
+        console.stdin.write("login\n")
+        console.stdin.flush()
+        assert json.loads(console.stdout.readline()) == {"full": True}
+        browser.find_element(by("id"), "patient_name").send_keys("李四")  # type: ignore[attr-defined]
+        browser.find_element(by("id"), "patient_id").send_keys("110105198001010016\n")  # type: ignore[attr-defined]
+        wait_for(browser, on_page("/today/check-in"))
+        save_screenshot(browser, "storage-full-phone")
+        page = browser.find_element(by("css"), "body").text  # type: ignore[attr-defined]
+        assert "存储空间已满" in page, page  # what happened
+        assert "没有保存" in page, page  # this step was not recorded
+        assert "之前保存的测量结果和心电图都还在" in page, page  # nothing stored is lost
+        assert "县信息科" in page and "记在纸上" in page, page  # what to do now
+        assert "storage full" not in page, page  # Chinese, not the technician's English
+        fits = browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")  # type: ignore[attr-defined]
+        assert fits, "the phone must not scroll sideways"
+        browser.find_element(by("css"), "a[href='/today']").click()  # type: ignore[attr-defined]
+        wait_for(browser, on_page("/today"), WAIT_S)
+        assert browser.find_element(by("css"), "h1").text == "今天"  # type: ignore[attr-defined]
+        console.stdin.write("done\n")
+        console.stdin.flush()
+        assert console.wait(timeout=WAIT_S) == 0
+    finally:
+        if console.poll() is None:
+            console.kill()
+            console.wait()
+
+
+# -- the other pages on a phone --------------------------------------------------------------------
+
+
+def test_every_check_on_the_system_page_is_on_screen_skipped_ones_too(browser: object, tmp_path: Path) -> None:
+    """A check that was skipped (no reading center set up yet, services not running) is listed
+    with "已跳过" like the others - not moved off the screen by the skip link's style."""
+    with running_console(console_config(tmp_path / "data")) as server:
+        set_viewport(browser, PHONE)
+        log_in(browser, server, ADMIN)
+        browser.get(server.url + "/system")  # type: ignore[attr-defined]
+        save_screenshot(browser, "system-checks-phone")
+        checks = browser.execute_script(  # type: ignore[attr-defined]
+            """const width = document.documentElement.clientWidth;
+            return [...document.querySelectorAll("li.finding")].map(li => {
+              const r = li.getBoundingClientRect();
+              return {text: li.innerText.split("\\n")[0], left: r.left, right: r.right, width: width};
+            });"""
+        )
+        skipped = [c for c in checks if c["text"].startswith("已跳过")]
+        assert skipped, checks  # the test's console has checks to skip
+        for check in checks:
+            assert check["left"] >= 0 and check["right"] <= check["width"], f"off the screen: {check}"
+
+
+def test_who_did_what_on_the_system_page_reads_chinese(browser: object, tmp_path: Path) -> None:
+    """The audit trail says 登录 and 登记患者, not the codes login and check-in."""
+    with running_console(console_config(tmp_path / "data")) as server:
+        set_viewport(browser, PHONE)
+        log_in(browser, server, ADMIN)
+        browser.find_element(by("id"), "patient_id").send_keys(VALID_ID + "\n")  # type: ignore[attr-defined]
+        text_in(browser, "#panel-session", VALID_ID)
+        browser.get(server.url + "/system")  # type: ignore[attr-defined]
+        save_screenshot(browser, "system-audit-phone")
+        trail = browser.find_element(by("css"), "ul.audit").text  # type: ignore[attr-defined]
+        assert "登录" in trail and "登记患者" in trail, trail
+        assert not re.search(r"\b(login|check-in)\b", trail), trail
+
+
+def test_the_page_menu_is_one_row_on_a_phone(browser: object, tmp_path: Path) -> None:
+    """The six pages fit one row at 360 and 390 px in Chinese: not 今天 … 随访 with 系统 alone on a
+    second row, the header taking a quarter of the phone's screen before the page begins."""
+    with running_console(console_config(tmp_path / "data")) as server:
+        log_in(browser, server)
+        for width in (360, 390):
+            set_viewport(browser, (width, 844))
+            browser.get(server.url + "/visits")  # type: ignore[attr-defined]
+            rows = browser.execute_script(  # type: ignore[attr-defined]
+                "return [...document.querySelectorAll('.nav a')].map(a => Math.round(a.getBoundingClientRect().top))"
+            )
+            assert len(rows) == 6 and len(set(rows)) == 1, f"the menu takes {len(set(rows))} rows at {width} px: {rows}"
+        save_screenshot(browser, "menu-phone")
+
+
+def test_a_form_sent_after_the_login_expired_says_so_and_leads_to_the_login(browser: object, tmp_path: Path) -> None:
+    """The Today page left open overnight (logins end after 12 idle hours): the first scan of the
+    morning must say in Chinese that the login ended and nothing was saved, and lead to the login
+    and back to Today - not a bare "login required / 请先登录" line with no way on."""
+    with running_console(console_config(tmp_path / "data")) as server:
+        set_viewport(browser, PHONE)
+        log_in(browser, server)
+        browser.delete_cookie("lastmile_session")  # type: ignore[attr-defined]  # what the idle timeout does
+        browser.find_element(by("id"), "patient_id").send_keys(VALID_ID + "\n")  # type: ignore[attr-defined]
+        wait_for(browser, on_page("/today/check-in"))
+        save_screenshot(browser, "login-expired-phone")
+        page = browser.find_element(by("css"), "body").text  # type: ignore[attr-defined]
+        assert "登录已过期" in page and "没有保存" in page, page
+        assert "login required" not in page, page
+        browser.find_element(by("css"), "main a[href^='/login']").click()  # type: ignore[attr-defined]
+        wait_for(browser, on_page("/login"))
+        browser.find_element(by("id"), "name").send_keys(DOCTOR[0])  # type: ignore[attr-defined]
+        browser.find_element(by("id"), "password").send_keys(DOCTOR[1] + "\n")  # type: ignore[attr-defined]
+        wait_for(browser, on_page("/today"))
+
+
+def test_the_login_page_tells_a_doctor_without_an_account_whom_to_ask(browser: object, tmp_path: Path) -> None:
+    """The login page said, to every doctor, "账户在网关上创建" and the command "lastmile user add 姓名 --role doctor":
+    a command line. She reads whom to ask; the command stays folded away for the technician."""
+    with running_console(console_config(tmp_path / "data")) as server:
+        set_viewport(browser, PHONE)
+        browser.delete_all_cookies()  # type: ignore[attr-defined]
+        browser.get(server.url + "/login")  # type: ignore[attr-defined]
+        save_screenshot(browser, "login-phone")
+        shown = browser.find_element(by("css"), "main").text  # type: ignore[attr-defined]
+        assert "请县信息科" in shown, shown
+        assert "lastmile" not in shown and "--role" not in shown, shown
