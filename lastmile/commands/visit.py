@@ -74,7 +74,7 @@ def _fix(config, book, skip: bool):
     records: dict[int, FixRecord] = {}
 
     def seen(fix) -> bool:
-        if isinstance(source, SharedFixes):  # the acquire service recorded it (clock, track) already
+        if isinstance(source, SharedFixes):  # recorded by the acquire service (track, anchor); our clock has it
             records[id(fix)] = source.records[id(fix)]
             return True
         record = book.observe_fix(fix)

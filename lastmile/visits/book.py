@@ -307,11 +307,8 @@ class VisitBook:
         self._key: Ed25519PrivateKey | None = None
         self._stale_fixes = 0  # in a row, for the log
         self._repaired = False  # provisional stamps repaired with this process's GPS time
-        rows = list(db.query("SELECT offset, source FROM clock_anchor WHERE boot_id = ?", [clock.boot_id]))
         self._saved_anchor: Anchor | None = None  # as visits.db holds it for this boot
-        if rows:
-            self._saved_anchor = Anchor(clock.boot_id, rows[0]["offset"], TimeSource(rows[0]["source"]))
-            clock.restore(self._saved_anchor)
+        self._restore_anchor()
 
     @classmethod
     def open(
@@ -342,6 +339,28 @@ class VisitBook:
         return self._key
 
     # --- time ------------------------------------------------------------------------------------
+    def _restore_anchor(self) -> None:
+        """The anchor another process of this boot saved (the acquire service's GPS fixes)."""
+        rows = list(self.db.query("SELECT offset, source FROM clock_anchor WHERE boot_id = ?", [self.clock.boot_id]))
+        if rows:
+            self._saved_anchor = Anchor(self.clock.boot_id, rows[0]["offset"], TimeSource(rows[0]["source"]))
+            self.clock.restore(self._saved_anchor)
+
+    def _stamp_now(self) -> Stamp:
+        """(A command, in a write transaction.) Now, on the anchor as visits.db holds it now: the
+        acquire service's first fix may have come since this book was opened, and the service
+        repairs only the stamps written before it saved that anchor."""
+        self._restore_anchor()
+        return self.clock.now()
+
+    def adopt_shared_fix(self, record: FixRecord) -> None:
+        """(A command.) A fix the acquire service received and recorded (track, saved anchor,
+        repairs): this process's clock learns from it too - its GPS time for the stamps the
+        command writes, and how far the system clock is from it (the time-disagreement flag)."""
+        fix = record.fix
+        if fix.time is not None and fix.has_position and record.received.boot_id == self.clock.boot_id:
+            self.clock.observe_gps(fix.time, record.received.monotonic)
+
     def _save_anchor(self) -> bool:
         """Whether the anchor moved (and was saved)."""
         anchor = self.clock.anchor
@@ -548,24 +567,27 @@ class VisitBook:
             raise VisitError("a visit needs a patient id")
         if not doctor_id.strip():
             raise VisitError("no doctor configured: set visits.doctor_id")
-        if self.open_visit() is not None:
-            raise VisitError("a visit is already open: stop it first (lastmile visit stop)")
-        stamp = self.clock.now()
         visit_id = str(uuid.uuid4())  # minted at capture: the FHIR identifiers derive from it
-        self.db.table("visits").insert(
-            {
-                "id": visit_id,
-                "gateway_id": self.gateway_id,
-                "doctor_id": doctor_id,
-                "patient_id": patient_id,
-                "household_id": household_id,
-                "setting": setting or self.policy.setting,
-                "state": "open",
-                "start_stamp": json.dumps(stamp.to_json()),
-                "started_at": stamp.time.isoformat() if stamp.time else None,
-                "start_fix": fix.to_json() if fix else None,
-            }
-        )
+        # Stamped and written under the write lock: the acquire service saves the boot's first
+        # anchor either before (the stamp takes it) or after (and then repairs the stamp).
+        with transaction(self.db):
+            if self.open_visit() is not None:
+                raise VisitError("a visit is already open: stop it first (lastmile visit stop)")
+            stamp = self._stamp_now()
+            self.db.table("visits").insert(
+                {
+                    "id": visit_id,
+                    "gateway_id": self.gateway_id,
+                    "doctor_id": doctor_id,
+                    "patient_id": patient_id,
+                    "household_id": household_id,
+                    "setting": setting or self.policy.setting,
+                    "state": "open",
+                    "start_stamp": json.dumps(stamp.to_json()),
+                    "started_at": stamp.time.isoformat() if stamp.time else None,
+                    "start_fix": fix.to_json() if fix else None,
+                }
+            )
         visit = self.get(visit_id)
         assert visit is not None
         log.info("visit %s started", visit_id)
@@ -583,7 +605,7 @@ class VisitBook:
         with transaction(self.db):  # checked and written at once: never into a visit stopped meanwhile
             visit = self._require_open()
             self.db.table("visit_notes").insert(
-                {"visit_id": visit.id, "stamp": json.dumps(self.clock.now().to_json()), "text": text}
+                {"visit_id": visit.id, "stamp": json.dumps(self._stamp_now().to_json()), "text": text}
             )
 
     def attach_observation(
@@ -645,7 +667,7 @@ class VisitBook:
         # track point from another process cannot slip between them.
         with transaction(self.db):
             visit = self._require_open()
-            end = self.clock.now()
+            end = self._stamp_now()
             if visit.start.provisional:
                 visit.start = self.clock.repair(visit.start)
             gps = self.clock.anchor

@@ -42,6 +42,7 @@ class SharedFixes:
             record = self.book.shared_fix(self.since)
             if record is not None and record.received != last:
                 last = record.received
+                self.book.adopt_shared_fix(record)  # the command's own stamps and checks
                 self.records[id(record.fix)] = record
                 yield record.fix
             else:
