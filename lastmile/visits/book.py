@@ -115,7 +115,14 @@ MIGRATIONS: tuple[Migration, ...] = (
             wanted_until REAL NOT NULL, record TEXT);
     """,
     ),
+    # r1-fix: why a closed visit can never be made a FHIR bundle (a damaged record): it is set
+    # aside, said once and shown by `lastmile visit list`, and holds up no visit closed after it.
+    Migration.sql("0003_visit_fhir_fault", "ALTER TABLE visits ADD COLUMN fhir_fault TEXT;"),
 )
+
+# What a stored visit that cannot be decoded or made a bundle raises (InvalidObjectError and JSON
+# decode errors are ValueErrors): trying it again will not help.
+BUNDLE_ERRORS: tuple[type[Exception], ...] = (ValueError, KeyError, TypeError)
 
 
 # The saved clock anchor (what other processes of this boot restore) is rewritten only when it moved
@@ -180,6 +187,7 @@ class Visit:
     distance_m: float | None = None
     chain_seq: int | None = None
     fhir_queued: bool = False
+    fhir_fault: str | None = None  # why it can never be sent to the county platform
 
     def to_json(self) -> dict:
         def fix(r: FixRecord | None) -> dict | None:
@@ -203,6 +211,7 @@ class Visit:
             "distance_m": self.distance_m,
             "chain_seq": self.chain_seq,
             "fhir_queued": self.fhir_queued,
+            "fhir_fault": self.fhir_fault,
         }
 
 
@@ -540,6 +549,7 @@ class VisitBook:
             distance_m=row["distance_m"],
             chain_seq=chain[0]["seq"] if chain else None,
             fhir_queued=bool(row["fhir_queued_at"]),
+            fhir_fault=row["fhir_fault"],
         )
 
     def get(self, visit_id: str) -> Visit | None:
@@ -882,10 +892,12 @@ class VisitBook:
         # gets (conditional create), so a visit sent before its end was known would stay
         # "in-progress" there for ever. A time lost to a reboot is never repaired: such a visit
         # goes without it (flagged). Records signed before times were settled (older versions)
-        # and still without them are not sent.
+        # and still without them are not sent. One that can never be a bundle is set aside (with
+        # why), once: it must not keep the visits closed after it from the county.
         for row in list(
             self.db.query(
                 "SELECT id, patient_id FROM visits WHERE state = 'closed' AND fhir_queued_at IS NULL "
+                "AND fhir_fault IS NULL "
                 "AND id IN (SELECT visit_id FROM chain) "
                 "AND (ended_at IS NOT NULL OR EXISTS (SELECT 1 FROM json_each(visits.flags) WHERE value = ?)) "
                 "AND (started_at IS NOT NULL OR EXISTS (SELECT 1 FROM json_each(visits.flags) WHERE value = ?)) "
@@ -893,7 +905,13 @@ class VisitBook:
                 [END_TIME_LOST, START_TIME_LOST],
             )
         ):
-            bundle = self.fhir_bundle(row["id"], naming)
+            try:
+                bundle = self.fhir_bundle(row["id"], naming)
+            except BUNDLE_ERRORS as exc:
+                fault = f"{type(exc).__name__}: {exc}"
+                log.error("home visit %s cannot be made a FHIR bundle, so is not sent: %s", row["id"], fault)
+                self.db.table("visits").update(row["id"], {"fhir_fault": fault})
+                continue
             enqueue_bundle(
                 outbox,
                 bundle,
