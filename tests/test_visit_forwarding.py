@@ -371,6 +371,42 @@ def test_gps_fix_on_a_free_receiver_leaves_no_visit_database(tmp_path: Path) -> 
     assert not (receiver.config.data_dir / "visits.db").exists()
 
 
+def test_the_acquire_gnss_part_names_a_visits_db_it_cannot_open_and_recovers_once_it_can(tmp_path: Path) -> None:
+    """A visits.db the acquire service cannot open (root's, 0600, left by an older `gps fix`):
+    GNSS is down and `lastmile doctor` must say which file is at fault, not only "unable to open
+    database file"; once it is mended, the part comes back by itself and anchors the time again."""
+    import time
+
+    from lastmile.services.runtime import FAULT
+
+    receiver = HeldReceiver(tmp_path, service=False)
+    receiver.start_when = lambda: receiver.device.opened_elsewhere() >= 1  # pyserial flushes at open
+    data = receiver.config.data_dir
+    data.mkdir(parents=True)
+    (data / "visits.db").mkdir()  # no process can open it as a database (root reads any file)
+    part = receiver.part
+
+    def checked_status() -> str:
+        part.check(time.monotonic())  # what the service's step does each second
+        return part.status()
+
+    def anchored() -> bool:
+        part.check(time.monotonic())
+        if not (data / "visits.db").is_file():
+            return False
+        with read_only(data / "visits.db") as conn:
+            return conn.execute("SELECT COUNT(*) FROM clock_anchor").fetchone()[0] > 0
+
+    try:
+        with receiver:
+            wait_for(lambda: FAULT in checked_status(), timeout=60.0)
+            assert "visits.db" in part.status(), part.status()
+            (data / "visits.db").rmdir()
+            wait_for(anchored, timeout=60.0)  # started again (backoff), the fixes anchor the time
+    finally:
+        part.close()
+
+
 # --- 4. a receiver past the GPS week rollover reports 2006: the visit's times stay provisional ----
 
 # A receiver whose firmware counts GPS weeks in 10 bits, on 2026-03-02 08:00 UTC: 1024 weeks early.
