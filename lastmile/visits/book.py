@@ -38,6 +38,7 @@ import hashlib
 import itertools
 import json
 import logging
+import sqlite3
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -329,7 +330,12 @@ class VisitBook:
         clock: GatewayClock | None = None,
     ) -> VisitBook:
         data_dir = ensure_data_dir(data_dir)
-        db = open_database(data_dir / DB_NAME, MIGRATIONS)
+        try:
+            db = open_database(data_dir / DB_NAME, MIGRATIONS)
+        except sqlite3.Error as exc:  # "unable to open database file": say which (doctor, part status)
+            named = type(exc)(f"{data_dir / DB_NAME}: {exc}")
+            named.sqlite_errorcode, named.sqlite_errorname = exc.sqlite_errorcode, exc.sqlite_errorname  # disk full?
+            raise named from exc
         return cls(db, data_dir, gateway_id, policy or VisitPolicy(), clock or GatewayClock())
 
     def close(self) -> None:
