@@ -214,6 +214,25 @@ def test_each_fix_reads_the_open_visit_once(tmp_path: Path) -> None:
     assert len(visit_reads) <= 20, f"{len(visit_reads)} reads of visits for 10 fixes"
 
 
+def test_a_system_clock_far_from_gps_is_said_once_not_at_every_fix(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Offline with a fake-hwclock a day off and an NMEA receiver (nothing sets the system clock
+    from it), the acquire service wrote "system clock differs from GPS" to the journal at every
+    fix: 86 400 lines a day on the SD card (and a screenful on the doctor's `visit stop`)."""
+    import logging
+
+    clocks = FakeClocks(wall=(GPS_T + dt.timedelta(days=1)).timestamp())
+    with VisitBook.open(tmp_path / "data", gateway_id="gw-1", clock=clocks.clock()) as book:
+        with caplog.at_level(logging.INFO):
+            for n in range(10):
+                book.observe_fix(fix_at(*HOUSE, GPS_T + dt.timedelta(seconds=n)), book.clock.now())
+                clocks.advance(1.0)
+        assert book.clock.last_disagreement_s == pytest.approx(86400, abs=2)
+    said = [r for r in caplog.records if "differs from GPS" in r.getMessage() and r.levelno >= logging.INFO]
+    assert len(said) == 1, [r.getMessage() for r in said]
+
+
 # --- 3. the CLI and the acquire service never read the NMEA receiver's port at once --------------
 
 
