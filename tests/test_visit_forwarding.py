@@ -187,6 +187,39 @@ def test_a_closed_visit_that_cannot_be_a_bundle_holds_up_no_other_and_is_said_on
     assert "cannot be sent" not in lines[0], lines
 
 
+def test_a_damaged_visit_waiting_for_its_time_neither_stops_gps_nor_holds_up_the_others(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two visits stopped indoors before any time was known; the first one's stamp was damaged
+    on the SD card. The acquire service's first fix outdoors repairs and signs them: it raised
+    on the first, so the GNSS part died at every fix (restarted, died again), the second was never
+    signed nor sent, and the doctor's next stop failed the same way."""
+    import logging
+
+    from tests.visit_harness import open_book
+
+    clocks = FakeClocks(wall=0.0)  # booted in 1970, no RTC, no GPS yet
+    with open_book(tmp_path / "data", clocks) as book:
+        damaged = book.start("P-1", doctor_id="DR-1", household_id="HH-1")
+        book.stop()
+        later = book.start("P-2", doctor_id="DR-1", household_id="HH-1")
+        clocks.advance(600)
+        book.stop()
+        book.db.execute("UPDATE visits SET start_stamp = '{}' WHERE id = ?", [damaged.id])
+        book.db.conn.commit()
+        clocks.advance(60)
+        with caplog.at_level(logging.INFO):
+            for n in range(3):  # the first fix outdoors, and the next ones
+                book.observe_fix(fix_at(*HOUSE, GPS_T + dt.timedelta(seconds=n)), book.clock.now())
+                clocks.advance(1.0)
+        signed = book.get(later.id)
+        set_aside = book.db.execute("SELECT fhir_fault FROM visits WHERE id = ?", [damaged.id]).fetchone()[0]
+    assert signed is not None and signed.chain_seq is not None and signed.start.time is not None
+    assert set_aside, "the damaged visit is not marked as one that cannot be sent"
+    about = [r for r in caplog.records if damaged.id in r.getMessage()]
+    assert len(about) == 1 and about[0].levelno == logging.ERROR, [r.getMessage() for r in about]
+
+
 # --- 2. every fix (1 Hz, all day) reads the open visit once, not twice --------------------------
 
 
