@@ -484,7 +484,7 @@ class VisitBook:
     def _repair_unsigned(self) -> None:
         """(In a write transaction.) Repair the stamps of visits not signed yet: a signed record is
         never changed (its hash would no longer match), and its times were settled before signing."""
-        unsigned = "SELECT visit_id FROM chain"
+        unsigned = "SELECT visit_id FROM chain UNION SELECT id FROM visits WHERE fhir_fault IS NOT NULL"
         for row in list(
             self.db.query(
                 f"SELECT id, start_stamp, end_stamp FROM visits WHERE id NOT IN ({unsigned}) "
@@ -492,19 +492,37 @@ class VisitBook:
             )
         ):
             sets = {}
-            for col, at_col in (("start_stamp", "started_at"), ("end_stamp", "ended_at")):
-                if row[col]:
-                    fixed = self.clock.repair(Stamp.from_json(json.loads(row[col])))
-                    if fixed.time is not None:
-                        sets[col], sets[at_col] = json.dumps(fixed.to_json()), fixed.time.isoformat()
+            try:
+                for col, at_col in (("start_stamp", "started_at"), ("end_stamp", "ended_at")):
+                    if row[col]:
+                        fixed = self.clock.repair(Stamp.from_json(json.loads(row[col])))
+                        if fixed.time is not None:
+                            sets[col], sets[at_col] = json.dumps(fixed.to_json()), fixed.time.isoformat()
+            except BUNDLE_ERRORS as exc:
+                self._set_aside(row["id"], exc)
+                continue
             if sets:
                 self.db.table("visits").update(row["id"], sets)
-        for row in list(self.db.query(f"SELECT id, stamp FROM visit_notes WHERE visit_id NOT IN ({unsigned})")):
-            stamp = Stamp.from_json(json.loads(row["stamp"]))
+        for row in list(
+            self.db.query(f"SELECT id, visit_id, stamp FROM visit_notes WHERE visit_id NOT IN ({unsigned})")
+        ):
+            try:
+                stamp = Stamp.from_json(json.loads(row["stamp"]))
+            except BUNDLE_ERRORS as exc:
+                self._set_aside(row["visit_id"], exc)
+                continue
             if stamp.provisional:
                 fixed = self.clock.repair(stamp)
                 if not fixed.provisional:
                     self.db.table("visit_notes").update(row["id"], {"stamp": json.dumps(fixed.to_json())})
+
+    def _set_aside(self, visit_id: str, exc: Exception) -> None:
+        """(In a write transaction.) A visit whose stored record is damaged can never be signed or
+        made a bundle: why is kept on it (`lastmile visit list`), it is said once, and it no
+        longer stops the fixes, the signing or the sending of any other visit."""
+        fault = f"{type(exc).__name__}: {exc}"
+        log.error("home visit %s is damaged and cannot be sent to the county platform: %s", visit_id, fault)
+        self.db.table("visits").update(visit_id, {"fhir_fault": fault})
 
     def _sign_settled(self) -> int:
         """(In a write transaction.) Repair, then sign every closed visit whose times are settled:
@@ -518,24 +536,30 @@ class VisitBook:
         for row in list(
             self.db.query(
                 "SELECT id, start_stamp, end_stamp, started_at, ended_at, flags FROM visits "
-                "WHERE state = 'closed' AND id NOT IN (SELECT visit_id FROM chain) ORDER BY rowid"
+                "WHERE state = 'closed' AND fhir_fault IS NULL AND id NOT IN (SELECT visit_id FROM chain) "
+                "ORDER BY rowid"
             )
         ):
-            flags = set(json.loads(row["flags"]))
-            for stamp_col, at_col, flag in (
-                ("start_stamp", "started_at", START_TIME_LOST),
-                ("end_stamp", "ended_at", END_TIME_LOST),
-            ):
-                if row[at_col] is None:
-                    if Stamp.from_json(json.loads(row[stamp_col])).boot_id == self.clock.boot_id:
-                        break  # still repairable in this boot (cannot happen once the clock has a time)
-                    flags.add(flag)
-            else:
-                if flags != set(json.loads(row["flags"])):
-                    self.db.table("visits").update(row["id"], {"flags": json.dumps(sorted(flags))})
-                self._chain(row["id"], now.time)
-                signed += 1
+            try:
+                signed += self._sign_if_settled(row, now.time)
+            except BUNDLE_ERRORS as exc:
+                self._set_aside(row["id"], exc)
         return signed
+
+    def _sign_if_settled(self, row: dict, signed_at: dt.datetime) -> int:
+        flags = set(json.loads(row["flags"]))
+        for stamp_col, at_col, flag in (
+            ("start_stamp", "started_at", START_TIME_LOST),
+            ("end_stamp", "ended_at", END_TIME_LOST),
+        ):
+            if row[at_col] is None:
+                if Stamp.from_json(json.loads(row[stamp_col])).boot_id == self.clock.boot_id:
+                    return 0  # still repairable in this boot (cannot happen once the clock has a time)
+                flags.add(flag)
+        if flags != set(json.loads(row["flags"])):
+            self.db.table("visits").update(row["id"], {"flags": json.dumps(sorted(flags))})
+        self._chain(row["id"], signed_at)
+        return 1
 
     # --- visits ----------------------------------------------------------------------------------
     def _visit(self, row: dict) -> Visit:
@@ -914,9 +938,7 @@ class VisitBook:
             try:
                 bundle = self.fhir_bundle(row["id"], naming)
             except BUNDLE_ERRORS as exc:
-                fault = f"{type(exc).__name__}: {exc}"
-                log.error("home visit %s cannot be made a FHIR bundle, so is not sent: %s", row["id"], fault)
-                self.db.table("visits").update(row["id"], {"fhir_fault": fault})
+                self._set_aside(row["id"], exc)
                 continue
             enqueue_bundle(
                 outbox,
