@@ -413,6 +413,22 @@ def test_a_visit_started_by_a_command_opened_before_the_services_first_fix_is_no
     assert started.start.time == GPS_T + dt.timedelta(seconds=5)
 
 
+def test_a_short_gps_fix_does_not_cut_a_waiting_visit_stop_short(tmp_path: Path) -> None:
+    """`visit stop` waits up to a minute for the service's fixes; a technician's `gps fix --wait 2`
+    meanwhile made the service stop sharing after 2 s: the stop then got no fix (flagged no-fix)."""
+    from tests.visit_harness import open_book
+
+    clocks = FakeClocks(wall=GPS_T.timestamp())
+    data = tmp_path / "data"
+    with open_book(data, clocks) as service, open_book(data, clocks) as stop, open_book(data, clocks) as gps_fix:
+        since = stop.want_fixes(60.0)
+        clocks.advance(1)
+        gps_fix.want_fixes(2.0)
+        clocks.advance(10)  # the receiver's first fix comes after the short wait is over
+        service.observe_fix(fix_at(*HOUSE, GPS_T + dt.timedelta(seconds=11)), service.clock.now())
+        assert stop.shared_fix(since) is not None
+
+
 def test_gps_fix_on_a_free_receiver_leaves_no_visit_database(tmp_path: Path) -> None:
     """`lastmile gps fix` (run as root by a technician) on a receiver no service holds created
     visits.db, root's and 0600: the acquire service (another user) could then never open it, and
