@@ -425,7 +425,10 @@ class VisitBook:
         now = self.clock.now()
         self.db.execute(
             "INSERT INTO gnss_share (id, boot_id, wanted_until, record) VALUES (1, ?, ?, NULL) "
-            "ON CONFLICT (id) DO UPDATE SET boot_id = excluded.boot_id, wanted_until = excluded.wanted_until",
+            "ON CONFLICT (id) DO UPDATE SET boot_id = excluded.boot_id, wanted_until = "
+            # another command of this boot may wait longer: a short wait must not cut its wait short
+            "CASE WHEN boot_id = excluded.boot_id THEN MAX(wanted_until, excluded.wanted_until) "
+            "ELSE excluded.wanted_until END",
             [now.boot_id, now.monotonic + wait_s],
         )
         return now
