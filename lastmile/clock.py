@@ -129,6 +129,7 @@ class GatewayClock:
         self._system: float | None = None  # offset learnt from a plausible system clock
         self._gps: float | None = None  # offset learnt from GPS
         self.last_disagreement_s: float | None = None  # system minus GPS, when both were known
+        self._said_disagreement_s: float | None = None  # the one last logged (not each fix, all day)
 
     # --- anchors ---------------------------------------------------------------------------------
     @property
@@ -158,9 +159,14 @@ class GatewayClock:
         wall = self._wall()
         if plausible(wall):
             # What the system clock said at the fix, minus what GPS said.
-            self.last_disagreement_s = (wall - (self._monotonic() - m)) - gps_time.timestamp()
-            if abs(self.last_disagreement_s) > self.disagreement_s:
-                log.warning("system clock differs from GPS by %.0f s: using GPS time", self.last_disagreement_s)
+            self.last_disagreement_s = disagreement = (wall - (self._monotonic() - m)) - gps_time.timestamp()
+            said = self._said_disagreement_s
+            if abs(disagreement) <= self.disagreement_s:
+                self._said_disagreement_s = None  # agreeing again: a new disagreement is news
+            elif said is None or abs(disagreement - said) > self.disagreement_s:
+                # once per disagreement, not at every fix (1 Hz, all day, into the journal)
+                log.warning("system clock differs from GPS by %.0f s: using GPS time", disagreement)
+                self._said_disagreement_s = disagreement
         return True
 
     def stale_gps(self, gps_time: dt.datetime, at_monotonic: float | None = None) -> bool:

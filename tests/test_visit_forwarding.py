@@ -9,6 +9,7 @@ visits.db until the doctor's next stop: the day's last visit never left the vill
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import sqlite3
 import threading
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from lastmile.config import Config
+from lastmile.data_dir import read_only
 from lastmile.services.forward import ForwardService
 from lastmile.visits.book import VisitBook, VisitPolicy
 from tests.fhir_samples import NAMING
@@ -144,6 +146,81 @@ def test_a_forward_step_without_visits_creates_no_visit_database(tmp_path: Path,
     assert not (config.data_dir / "visits.db").exists()
 
 
+def test_a_closed_visit_that_cannot_be_a_bundle_holds_up_no_other_and_is_said_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A visit whose linked reading was damaged on the SD card (a field gone) can never be made a
+    FHIR bundle. It stopped every visit closed after it from being queued, for ever, and the
+    forward service logged its traceback every minute all day. It is set aside once, said once,
+    and shown in `lastmile visit list`; the others go."""
+    import logging
+
+    from lastmile.cli import main
+    from lastmile.visits.relay_link import UNQUEUED_RETRY_S, VisitQueue
+    from tests.fhir_samples import blood_pressure
+
+    data = tmp_path / "data"
+    with VisitBook.open(data, gateway_id="gw-1") as book:
+        damaged = book.start("P-1", doctor_id="DR-1", household_id="HH-1")
+        book.attach_observation(blood_pressure(GPS_T, "P-1", "bp-1"))
+        book.stop()
+        book.db.execute("UPDATE visit_items SET record = json_remove(record, '$.quantities')")
+        book.db.conn.commit()
+        later = book.start("P-2", doctor_id="DR-1", household_id="HH-1")
+        book.stop()
+    now = [1000.0]
+    visits = VisitQueue(data, "gw-1", monotonic=lambda: now[0])
+    with Outbox.open(data, min_free_bytes=0) as outbox, caplog.at_level(logging.INFO):
+        assert visits.queue(outbox, NAMING) == 1
+        now[0] += UNQUEUED_RETRY_S + 1
+        assert visits.queue(outbox, NAMING) == 0  # a minute later: nothing new, nothing said again
+        assert [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == [f"fhir:visit:{later.id}"]
+    about = [r for r in caplog.records if damaged.id in r.getMessage()]
+    assert len(about) == 1 and about[0].levelno == logging.ERROR, [r.getMessage() for r in about]
+    assert not [r for r in caplog.records if r.exc_info], "a traceback in the journal"
+    toml = tmp_path / "lastmile.toml"
+    toml.write_text(f'[gateway]\nid = "gw-1"\ndata_dir = "{data}"\n')
+    capsys.readouterr()
+    assert main(["-c", str(toml), "visit", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and "P-1" in lines[1] and "cannot be sent" in lines[1], lines
+    assert "cannot be sent" not in lines[0], lines
+
+
+def test_a_damaged_visit_waiting_for_its_time_neither_stops_gps_nor_holds_up_the_others(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two visits stopped indoors before any time was known; the first one's stamp was damaged
+    on the SD card. The acquire service's first fix outdoors repairs and signs them: it raised
+    on the first, so the GNSS part died at every fix (restarted, died again), the second was never
+    signed nor sent, and the doctor's next stop failed the same way."""
+    import logging
+
+    from tests.visit_harness import open_book
+
+    clocks = FakeClocks(wall=0.0)  # booted in 1970, no RTC, no GPS yet
+    with open_book(tmp_path / "data", clocks) as book:
+        damaged = book.start("P-1", doctor_id="DR-1", household_id="HH-1")
+        book.stop()
+        later = book.start("P-2", doctor_id="DR-1", household_id="HH-1")
+        clocks.advance(600)
+        book.stop()
+        book.db.execute("UPDATE visits SET start_stamp = '{}' WHERE id = ?", [damaged.id])
+        book.db.conn.commit()
+        clocks.advance(60)
+        caplog.clear()  # what the fixes say
+        with caplog.at_level(logging.INFO):
+            for n in range(3):  # the first fix outdoors, and the next ones
+                book.observe_fix(fix_at(*HOUSE, GPS_T + dt.timedelta(seconds=n)), book.clock.now())
+                clocks.advance(1.0)
+        signed = book.get(later.id)
+        set_aside = book.db.execute("SELECT fhir_fault FROM visits WHERE id = ?", [damaged.id]).fetchone()[0]
+    assert signed is not None and signed.chain_seq is not None and signed.start.time is not None
+    assert set_aside, "the damaged visit is not marked as one that cannot be sent"
+    about = [r for r in caplog.records if damaged.id in r.getMessage()]
+    assert len(about) == 1 and about[0].levelno == logging.ERROR, [r.getMessage() for r in about]
+
+
 # --- 2. every fix (1 Hz, all day) reads the open visit once, not twice --------------------------
 
 
@@ -171,6 +248,25 @@ def test_each_fix_reads_the_open_visit_once(tmp_path: Path) -> None:
     assert len(visit_reads) <= 20, f"{len(visit_reads)} reads of visits for 10 fixes"
 
 
+def test_a_system_clock_far_from_gps_is_said_once_not_at_every_fix(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Offline with a fake-hwclock a day off and an NMEA receiver (nothing sets the system clock
+    from it), the acquire service wrote "system clock differs from GPS" to the journal at every
+    fix: 86 400 lines a day on the SD card (and a screenful on the doctor's `visit stop`)."""
+    import logging
+
+    clocks = FakeClocks(wall=(GPS_T + dt.timedelta(days=1)).timestamp())
+    with VisitBook.open(tmp_path / "data", gateway_id="gw-1", clock=clocks.clock()) as book:
+        with caplog.at_level(logging.INFO):
+            for n in range(10):
+                book.observe_fix(fix_at(*HOUSE, GPS_T + dt.timedelta(seconds=n)), book.clock.now())
+                clocks.advance(1.0)
+        assert book.clock.last_disagreement_s == pytest.approx(86400, abs=2)
+    said = [r for r in caplog.records if "differs from GPS" in r.getMessage() and r.levelno >= logging.INFO]
+    assert len(said) == 1, [r.getMessage() for r in said]
+
+
 # --- 3. the CLI and the acquire service never read the NMEA receiver's port at once --------------
 
 
@@ -188,59 +284,199 @@ def nmea_cycle(n: int) -> bytes:
     return b"".join(f"${body}*{checksum(body):02X}\r\n".encode() for body in bodies)
 
 
+class HeldReceiver:
+    """The acquire service's GNSS part holding an NMEA receiver (a pty) that sends one cycle every
+    50 ms (20 Hz) from when `start_when()` first holds until the test is done, however long the
+    commands wait for a fix; and the lastmile.toml of a gateway on it, for the commands."""
+
+    def __init__(self, tmp_path: Path, start_when: Callable[[], bool] = lambda: True, *, service: bool = True) -> None:
+        from lastmile.services.acquire import gnss_part
+        from tests.serial_pty import PtyDevice
+
+        self.device = PtyDevice(tmp_path / "gps0")
+        self.config = forward_config(tmp_path, "")
+        self.config.gps.source, self.config.gps.nmea_port = "nmea", str(self.device.link_path)
+        self.toml = tmp_path / "lastmile.toml"
+        self.toml.write_text(
+            f'[gateway]\nid = "gw-1"\ndata_dir = "{self.config.data_dir}"\n'
+            f'[gps]\nsource = "nmea"\nnmea_port = "{self.device.link_path}"\n'
+            '[visits]\ndoctor_id = "DR-1"\nfix_wait_s = 60.0\n'
+        )
+        part = gnss_part(self.config)
+        assert part is not None
+        self.part = part
+        self.service = service  # False: no acquire service; the port is free for the commands
+        self.start_when = start_when
+        self.done = threading.Event()
+        self.feeder = threading.Thread(target=self.feed, daemon=True)
+
+    def feed(self) -> None:
+        while not self.done.is_set() and not self.start_when():
+            self.done.wait(0.05)
+        for n in itertools.count():
+            if self.done.is_set():
+                return
+            self.device.write(nmea_cycle(n))
+            self.done.wait(0.05)
+
+    def __enter__(self) -> HeldReceiver:
+        if self.service:
+            self.part.start()
+            wait_for(lambda: self.device.opened_elsewhere() >= 1, timeout=60.0)  # pyserial flushes at open
+        self.feeder.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.feeder.join(60)
+        if self.service:
+            self.part.close()
+        self.device.unplug()
+
+    def cli(self, *args: str) -> int:
+        from lastmile.cli import main
+
+        return main(["-c", str(self.toml), *args])
+
+
 def test_gps_fix_and_visit_stop_while_the_acquire_service_reads_the_nmea_receiver_steal_none_of_its_fixes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Two readers of one serial port split its bytes: the service lost fixes from the open
     visit's track (and both decoded garbled sentences). The service owns the port; the commands
-    get the service's fixes (and record none of them a second time)."""
-    from lastmile.cli import main
-    from lastmile.services.acquire import gnss_part
-    from tests.serial_pty import PtyDevice
-
-    device = PtyDevice(tmp_path / "gps0")
-    config = forward_config(tmp_path, "")
-    config.gps.source, config.gps.nmea_port = "nmea", str(device.link_path)
-    toml = tmp_path / "lastmile.toml"
-    toml.write_text(
-        f'[gateway]\nid = "gw-1"\ndata_dir = "{config.data_dir}"\n'
-        f'[gps]\nsource = "nmea"\nnmea_port = "{device.link_path}"\n'
-        '[visits]\ndoctor_id = "DR-1"\nfix_wait_s = 60.0\n'
-    )
-    with VisitBook.open(config.data_dir, gateway_id="gw-1") as book:
-        visit = book.start("P-1", doctor_id="DR-1")
-    part = gnss_part(config)
-    assert part is not None
-    done = threading.Event()
-
-    def feed() -> None:
-        for n in range(2400):  # a 20 Hz receiver, until the commands are done (120 s at most)
-            if done.is_set():
-                return
-            device.write(nmea_cycle(n))
-            done.wait(0.05)
-
-    feeder = threading.Thread(target=feed, daemon=True)
-    try:
-        part.start()
-        wait_for(lambda: device.opened_elsewhere() >= 1, timeout=60.0)  # pyserial flushes at open
-        feeder.start()
-        assert main(["-c", str(toml), "gps", "fix", "--wait", "60", "--json"]) == 0
-        assert main(["-c", str(toml), "visit", "stop"]) == 0
-    finally:
-        done.set()
-        feeder.join(60)
-        part.close()
-        device.unplug()
+    get the service's fixes (and record none of them a second time). The GPS time (2026-03-02)
+    is far from this machine's clock: the stopped visit says so, as when the command read the
+    receiver itself."""
+    with HeldReceiver(tmp_path) as receiver:
+        with VisitBook.open(receiver.config.data_dir, gateway_id="gw-1") as book:
+            visit = book.start("P-1", doctor_id="DR-1")
+        assert receiver.cli("gps", "fix", "--wait", "60", "--json") == 0
+        assert receiver.cli("visit", "stop") == 0
     printed = json.loads(capsys.readouterr().out.splitlines()[0])
     assert printed["latitude"] == pytest.approx(31.248, abs=1e-3)
-    with VisitBook.open(config.data_dir, gateway_id="gw-1") as book:
+    with VisitBook.open(receiver.config.data_dir, gateway_id="gw-1") as book:
         closed = book.get(visit.id)
         times = [r.fix.time for r in book.track(visit.id)]
     assert closed is not None and closed.end_fix is not None and "no-fix" not in closed.flags
+    assert "time-disagreement" in closed.flags, closed.flags
     assert len(times) >= 2
     # every cycle the receiver sent until the stop, each once: none taken by a command
     assert times == [GPS_T + dt.timedelta(seconds=n) for n in range(len(times))]
+
+
+def test_a_visit_started_while_the_service_waits_for_the_boots_first_fix_is_on_gps_time(tmp_path: Path) -> None:
+    """The receiver's first fix of the day reaches the service while `visit start` waits for it:
+    the visit starts on the GPS time, not on a system clock 9 months off (a Pi's fake-hwclock)."""
+    from devices.identity import TimeSource
+
+    data = tmp_path / "data"
+
+    def a_command_waits() -> bool:
+        if not (data / "visits.db").exists():
+            return False
+        with read_only(data / "visits.db") as conn:
+            return conn.execute("SELECT COUNT(*) FROM gnss_share").fetchone()[0] > 0
+
+    with HeldReceiver(tmp_path, start_when=a_command_waits) as receiver:
+        assert receiver.cli("visit", "start", "--patient", "P-1") == 0
+        with VisitBook.open(data, gateway_id="gw-1") as book:
+            started = book.open_visit()
+        assert receiver.cli("visit", "stop") == 0
+    assert started is not None and started.start.time is not None
+    assert started.start.source == TimeSource.GPS, started.start
+    assert abs(started.start.time - GPS_T) < dt.timedelta(minutes=5), started.start.time
+    with VisitBook.open(data, gateway_id="gw-1") as book:
+        closed = book.get(started.id)
+    assert closed is not None and "time-disagreement" in closed.flags, closed.flags
+
+
+def test_a_visit_started_by_a_command_opened_before_the_services_first_fix_is_not_left_provisional(
+    tmp_path: Path,
+) -> None:
+    """Booted in 1970 (no RTC, no network): `visit start` opened visits.db, then the acquire
+    service's first fix anchored the boot's time and repaired what was provisional then; the
+    start written just after stayed provisional, and the service (whose anchor no longer moves)
+    never repaired it."""
+    from devices.identity import TimeSource
+    from tests.visit_harness import open_book
+
+    clocks = FakeClocks(wall=0.0)
+    data = tmp_path / "data"
+    with open_book(data, clocks) as service, open_book(data, clocks) as command:
+        service.observe_fix(fix_at(*HOUSE, GPS_T), service.clock.now())  # the boot's first fix
+        clocks.advance(5)
+        visit = command.start("P-1", doctor_id="DR-1", household_id="HH-1")
+        clocks.advance(1)
+        service.observe_fix(fix_at(*HOUSE, GPS_T + dt.timedelta(seconds=6)), service.clock.now())
+        started = service.get(visit.id)
+    assert started is not None and started.start.source == TimeSource.GPS, started.start
+    assert started.start.time == GPS_T + dt.timedelta(seconds=5)
+
+
+def test_a_short_gps_fix_does_not_cut_a_waiting_visit_stop_short(tmp_path: Path) -> None:
+    """`visit stop` waits up to a minute for the service's fixes; a technician's `gps fix --wait 2`
+    meanwhile made the service stop sharing after 2 s: the stop then got no fix (flagged no-fix)."""
+    from tests.visit_harness import open_book
+
+    clocks = FakeClocks(wall=GPS_T.timestamp())
+    data = tmp_path / "data"
+    with open_book(data, clocks) as service, open_book(data, clocks) as stop, open_book(data, clocks) as gps_fix:
+        since = stop.want_fixes(60.0)
+        clocks.advance(1)
+        gps_fix.want_fixes(2.0)
+        clocks.advance(10)  # the receiver's first fix comes after the short wait is over
+        service.observe_fix(fix_at(*HOUSE, GPS_T + dt.timedelta(seconds=11)), service.clock.now())
+        assert stop.shared_fix(since) is not None
+
+
+def test_gps_fix_on_a_free_receiver_leaves_no_visit_database(tmp_path: Path) -> None:
+    """`lastmile gps fix` (run as root by a technician) on a receiver no service holds created
+    visits.db, root's and 0600: the acquire service (another user) could then never open it, and
+    GPS stopped anchoring the clock and tracking visits. visits.db is only for asking the service."""
+    receiver = HeldReceiver(tmp_path, service=False)
+    receiver.start_when = lambda: receiver.device.opened_elsewhere() >= 1  # pyserial flushes at open
+    with receiver:
+        assert receiver.cli("gps", "fix", "--wait", "60", "--json") == 0
+    assert not (receiver.config.data_dir / "visits.db").exists()
+
+
+def test_the_acquire_gnss_part_names_a_visits_db_it_cannot_open_and_recovers_once_it_can(tmp_path: Path) -> None:
+    """A visits.db the acquire service cannot open (root's, 0600, left by an older `gps fix`):
+    GNSS is down and `lastmile doctor` must say which file is at fault, not only "unable to open
+    database file"; once it is mended, the part comes back by itself and anchors the time again."""
+    import time
+
+    from lastmile.services.runtime import FAULT
+
+    receiver = HeldReceiver(tmp_path, service=False)
+    receiver.start_when = lambda: receiver.device.opened_elsewhere() >= 1  # pyserial flushes at open
+    data = receiver.config.data_dir
+    data.mkdir(parents=True)
+    (data / "visits.db").mkdir()  # no process can open it as a database (root reads any file)
+    part = receiver.part
+
+    def checked_status() -> str:
+        part.check(time.monotonic())  # what the service's step does each second
+        return part.status()
+
+    def anchored() -> bool:
+        part.check(time.monotonic())
+        if not (data / "visits.db").is_file():
+            return False
+        try:
+            with read_only(data / "visits.db") as conn:
+                return conn.execute("SELECT COUNT(*) FROM clock_anchor").fetchone()[0] > 0
+        except sqlite3.OperationalError:  # created, not migrated yet
+            return False
+
+    try:
+        with receiver:
+            wait_for(lambda: FAULT in checked_status(), timeout=60.0)
+            assert "visits.db" in part.status(), part.status()
+            (data / "visits.db").rmdir()
+            wait_for(anchored, timeout=60.0)  # started again (backoff), the fixes anchor the time
+    finally:
+        part.close()
 
 
 # --- 4. a receiver past the GPS week rollover reports 2006: the visit's times stay provisional ----

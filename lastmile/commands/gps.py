@@ -100,14 +100,15 @@ def live_fix(args: argparse.Namespace) -> int:
         return 1
     wait_s = args.wait if args.wait is not None else config.visits.fix_wait_s
     try:
-        # the book: to ask the acquire service for its fixes when it holds the receiver's port
-        with VisitBook.open(config.data_dir, gateway_id=config.gateway.id) as book:
-            source = open_receiver(config.gps, book, wait_s)
-            assert source is not None
-            try:
-                fix = best_fix(source, wait_s)
-            finally:
-                source.close()
+        # the book: opened only to ask the acquire service for its fixes when it holds the port
+        source = open_receiver(
+            config.gps, lambda: VisitBook.open(config.data_dir, gateway_id=config.gateway.id), wait_s
+        )
+        assert source is not None
+        try:
+            fix = best_fix(source, wait_s)
+        finally:
+            source.close()
     except GnssError as exc:
         print(f"lastmile gps fix: {exc}", file=sys.stderr)
         return 1

@@ -74,7 +74,7 @@ def _fix(config, book, skip: bool):
     records: dict[int, FixRecord] = {}
 
     def seen(fix) -> bool:
-        if isinstance(source, SharedFixes):  # the acquire service recorded it (clock, track) already
+        if isinstance(source, SharedFixes):  # recorded by the acquire service (track, anchor); our clock has it
             records[id(fix)] = source.records[id(fix)]
             return True
         record = book.observe_fix(fix)
@@ -171,6 +171,9 @@ def stop(args: argparse.Namespace) -> int:
             print(
                 "not queued yet: its time is provisional until GPS or NTP gives one; the forward service sends it then"
             )
+        fault = (book.get(visit.id) or visit).fhir_fault
+        if fault:
+            print(f"it cannot be sent to the county platform: {fault}")
         if START_TIME_LOST in visit.flags:
             print("its start time was lost in a reboot (no time was known yet): it is sent without one")
     return 0
@@ -207,6 +210,7 @@ def list_visits(args: argparse.Namespace) -> int:
         print(
             f"{when}  {v.state:6}  patient {v.patient_id:12} household {v.household_id or '-':10} "
             f"{dist:>8}  {', '.join(v.flags) or 'ok'}"
+            + (f"  cannot be sent to the county platform: {v.fhir_fault}" if v.fhir_fault else "")
         )
     return 0
 

@@ -38,6 +38,7 @@ import hashlib
 import itertools
 import json
 import logging
+import sqlite3
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -115,7 +116,14 @@ MIGRATIONS: tuple[Migration, ...] = (
             wanted_until REAL NOT NULL, record TEXT);
     """,
     ),
+    # r1-fix: why a closed visit can never be made a FHIR bundle (a damaged record): it is set
+    # aside, said once and shown by `lastmile visit list`, and holds up no visit closed after it.
+    Migration.sql("0003_visit_fhir_fault", "ALTER TABLE visits ADD COLUMN fhir_fault TEXT;"),
 )
+
+# What a stored visit that cannot be decoded or made a bundle raises (InvalidObjectError and JSON
+# decode errors are ValueErrors): trying it again will not help.
+BUNDLE_ERRORS: tuple[type[Exception], ...] = (ValueError, KeyError, TypeError)
 
 
 # The saved clock anchor (what other processes of this boot restore) is rewritten only when it moved
@@ -180,6 +188,7 @@ class Visit:
     distance_m: float | None = None
     chain_seq: int | None = None
     fhir_queued: bool = False
+    fhir_fault: str | None = None  # why it can never be sent to the county platform
 
     def to_json(self) -> dict:
         def fix(r: FixRecord | None) -> dict | None:
@@ -203,6 +212,7 @@ class Visit:
             "distance_m": self.distance_m,
             "chain_seq": self.chain_seq,
             "fhir_queued": self.fhir_queued,
+            "fhir_fault": self.fhir_fault,
         }
 
 
@@ -307,11 +317,8 @@ class VisitBook:
         self._key: Ed25519PrivateKey | None = None
         self._stale_fixes = 0  # in a row, for the log
         self._repaired = False  # provisional stamps repaired with this process's GPS time
-        rows = list(db.query("SELECT offset, source FROM clock_anchor WHERE boot_id = ?", [clock.boot_id]))
         self._saved_anchor: Anchor | None = None  # as visits.db holds it for this boot
-        if rows:
-            self._saved_anchor = Anchor(clock.boot_id, rows[0]["offset"], TimeSource(rows[0]["source"]))
-            clock.restore(self._saved_anchor)
+        self._restore_anchor()
 
     @classmethod
     def open(
@@ -323,7 +330,12 @@ class VisitBook:
         clock: GatewayClock | None = None,
     ) -> VisitBook:
         data_dir = ensure_data_dir(data_dir)
-        db = open_database(data_dir / DB_NAME, MIGRATIONS)
+        try:
+            db = open_database(data_dir / DB_NAME, MIGRATIONS)
+        except sqlite3.Error as exc:  # "unable to open database file": say which (doctor, part status)
+            named = type(exc)(f"{data_dir / DB_NAME}: {exc}")
+            named.sqlite_errorcode, named.sqlite_errorname = exc.sqlite_errorcode, exc.sqlite_errorname  # disk full?
+            raise named from exc
         return cls(db, data_dir, gateway_id, policy or VisitPolicy(), clock or GatewayClock())
 
     def close(self) -> None:
@@ -342,6 +354,28 @@ class VisitBook:
         return self._key
 
     # --- time ------------------------------------------------------------------------------------
+    def _restore_anchor(self) -> None:
+        """The anchor another process of this boot saved (the acquire service's GPS fixes)."""
+        rows = list(self.db.query("SELECT offset, source FROM clock_anchor WHERE boot_id = ?", [self.clock.boot_id]))
+        if rows:
+            self._saved_anchor = Anchor(self.clock.boot_id, rows[0]["offset"], TimeSource(rows[0]["source"]))
+            self.clock.restore(self._saved_anchor)
+
+    def _stamp_now(self) -> Stamp:
+        """(A command, in a write transaction.) Now, on the anchor as visits.db holds it now: the
+        acquire service's first fix may have come since this book was opened, and the service
+        repairs only the stamps written before it saved that anchor."""
+        self._restore_anchor()
+        return self.clock.now()
+
+    def adopt_shared_fix(self, record: FixRecord) -> None:
+        """(A command.) A fix the acquire service received and recorded (track, saved anchor,
+        repairs): this process's clock learns from it too - its GPS time for the stamps the
+        command writes, and how far the system clock is from it (the time-disagreement flag)."""
+        fix = record.fix
+        if fix.time is not None and fix.has_position and record.received.boot_id == self.clock.boot_id:
+            self.clock.observe_gps(fix.time, record.received.monotonic)
+
     def _save_anchor(self) -> bool:
         """Whether the anchor moved (and was saved)."""
         anchor = self.clock.anchor
@@ -391,7 +425,10 @@ class VisitBook:
         now = self.clock.now()
         self.db.execute(
             "INSERT INTO gnss_share (id, boot_id, wanted_until, record) VALUES (1, ?, ?, NULL) "
-            "ON CONFLICT (id) DO UPDATE SET boot_id = excluded.boot_id, wanted_until = excluded.wanted_until",
+            "ON CONFLICT (id) DO UPDATE SET boot_id = excluded.boot_id, wanted_until = "
+            # another command of this boot may wait longer: a short wait must not cut its wait short
+            "CASE WHEN boot_id = excluded.boot_id THEN MAX(wanted_until, excluded.wanted_until) "
+            "ELSE excluded.wanted_until END",
             [now.boot_id, now.monotonic + wait_s],
         )
         return now
@@ -450,7 +487,7 @@ class VisitBook:
     def _repair_unsigned(self) -> None:
         """(In a write transaction.) Repair the stamps of visits not signed yet: a signed record is
         never changed (its hash would no longer match), and its times were settled before signing."""
-        unsigned = "SELECT visit_id FROM chain"
+        unsigned = "SELECT visit_id FROM chain UNION SELECT id FROM visits WHERE fhir_fault IS NOT NULL"
         for row in list(
             self.db.query(
                 f"SELECT id, start_stamp, end_stamp FROM visits WHERE id NOT IN ({unsigned}) "
@@ -458,19 +495,37 @@ class VisitBook:
             )
         ):
             sets = {}
-            for col, at_col in (("start_stamp", "started_at"), ("end_stamp", "ended_at")):
-                if row[col]:
-                    fixed = self.clock.repair(Stamp.from_json(json.loads(row[col])))
-                    if fixed.time is not None:
-                        sets[col], sets[at_col] = json.dumps(fixed.to_json()), fixed.time.isoformat()
+            try:
+                for col, at_col in (("start_stamp", "started_at"), ("end_stamp", "ended_at")):
+                    if row[col]:
+                        fixed = self.clock.repair(Stamp.from_json(json.loads(row[col])))
+                        if fixed.time is not None:
+                            sets[col], sets[at_col] = json.dumps(fixed.to_json()), fixed.time.isoformat()
+            except BUNDLE_ERRORS as exc:
+                self._set_aside(row["id"], exc)
+                continue
             if sets:
                 self.db.table("visits").update(row["id"], sets)
-        for row in list(self.db.query(f"SELECT id, stamp FROM visit_notes WHERE visit_id NOT IN ({unsigned})")):
-            stamp = Stamp.from_json(json.loads(row["stamp"]))
+        for row in list(
+            self.db.query(f"SELECT id, visit_id, stamp FROM visit_notes WHERE visit_id NOT IN ({unsigned})")
+        ):
+            try:
+                stamp = Stamp.from_json(json.loads(row["stamp"]))
+            except BUNDLE_ERRORS as exc:
+                self._set_aside(row["visit_id"], exc)
+                continue
             if stamp.provisional:
                 fixed = self.clock.repair(stamp)
                 if not fixed.provisional:
                     self.db.table("visit_notes").update(row["id"], {"stamp": json.dumps(fixed.to_json())})
+
+    def _set_aside(self, visit_id: str, exc: Exception) -> None:
+        """(In a write transaction.) A visit whose stored record is damaged can never be signed or
+        made a bundle: why is kept on it (`lastmile visit list`), it is said once, and it no
+        longer stops the fixes, the signing or the sending of any other visit."""
+        fault = f"{type(exc).__name__}: {exc}"
+        log.error("home visit %s is damaged and cannot be sent to the county platform: %s", visit_id, fault)
+        self.db.table("visits").update(visit_id, {"fhir_fault": fault})
 
     def _sign_settled(self) -> int:
         """(In a write transaction.) Repair, then sign every closed visit whose times are settled:
@@ -484,24 +539,30 @@ class VisitBook:
         for row in list(
             self.db.query(
                 "SELECT id, start_stamp, end_stamp, started_at, ended_at, flags FROM visits "
-                "WHERE state = 'closed' AND id NOT IN (SELECT visit_id FROM chain) ORDER BY rowid"
+                "WHERE state = 'closed' AND fhir_fault IS NULL AND id NOT IN (SELECT visit_id FROM chain) "
+                "ORDER BY rowid"
             )
         ):
-            flags = set(json.loads(row["flags"]))
-            for stamp_col, at_col, flag in (
-                ("start_stamp", "started_at", START_TIME_LOST),
-                ("end_stamp", "ended_at", END_TIME_LOST),
-            ):
-                if row[at_col] is None:
-                    if Stamp.from_json(json.loads(row[stamp_col])).boot_id == self.clock.boot_id:
-                        break  # still repairable in this boot (cannot happen once the clock has a time)
-                    flags.add(flag)
-            else:
-                if flags != set(json.loads(row["flags"])):
-                    self.db.table("visits").update(row["id"], {"flags": json.dumps(sorted(flags))})
-                self._chain(row["id"], now.time)
-                signed += 1
+            try:
+                signed += self._sign_if_settled(row, now.time)
+            except BUNDLE_ERRORS as exc:
+                self._set_aside(row["id"], exc)
         return signed
+
+    def _sign_if_settled(self, row: dict, signed_at: dt.datetime) -> int:
+        flags = set(json.loads(row["flags"]))
+        for stamp_col, at_col, flag in (
+            ("start_stamp", "started_at", START_TIME_LOST),
+            ("end_stamp", "ended_at", END_TIME_LOST),
+        ):
+            if row[at_col] is None:
+                if Stamp.from_json(json.loads(row[stamp_col])).boot_id == self.clock.boot_id:
+                    return 0  # still repairable in this boot (cannot happen once the clock has a time)
+                flags.add(flag)
+        if flags != set(json.loads(row["flags"])):
+            self.db.table("visits").update(row["id"], {"flags": json.dumps(sorted(flags))})
+        self._chain(row["id"], signed_at)
+        return 1
 
     # --- visits ----------------------------------------------------------------------------------
     def _visit(self, row: dict) -> Visit:
@@ -521,6 +582,7 @@ class VisitBook:
             distance_m=row["distance_m"],
             chain_seq=chain[0]["seq"] if chain else None,
             fhir_queued=bool(row["fhir_queued_at"]),
+            fhir_fault=row["fhir_fault"],
         )
 
     def get(self, visit_id: str) -> Visit | None:
@@ -548,24 +610,27 @@ class VisitBook:
             raise VisitError("a visit needs a patient id")
         if not doctor_id.strip():
             raise VisitError("no doctor configured: set visits.doctor_id")
-        if self.open_visit() is not None:
-            raise VisitError("a visit is already open: stop it first (lastmile visit stop)")
-        stamp = self.clock.now()
         visit_id = str(uuid.uuid4())  # minted at capture: the FHIR identifiers derive from it
-        self.db.table("visits").insert(
-            {
-                "id": visit_id,
-                "gateway_id": self.gateway_id,
-                "doctor_id": doctor_id,
-                "patient_id": patient_id,
-                "household_id": household_id,
-                "setting": setting or self.policy.setting,
-                "state": "open",
-                "start_stamp": json.dumps(stamp.to_json()),
-                "started_at": stamp.time.isoformat() if stamp.time else None,
-                "start_fix": fix.to_json() if fix else None,
-            }
-        )
+        # Stamped and written under the write lock: the acquire service saves the boot's first
+        # anchor either before (the stamp takes it) or after (and then repairs the stamp).
+        with transaction(self.db):
+            if self.open_visit() is not None:
+                raise VisitError("a visit is already open: stop it first (lastmile visit stop)")
+            stamp = self._stamp_now()
+            self.db.table("visits").insert(
+                {
+                    "id": visit_id,
+                    "gateway_id": self.gateway_id,
+                    "doctor_id": doctor_id,
+                    "patient_id": patient_id,
+                    "household_id": household_id,
+                    "setting": setting or self.policy.setting,
+                    "state": "open",
+                    "start_stamp": json.dumps(stamp.to_json()),
+                    "started_at": stamp.time.isoformat() if stamp.time else None,
+                    "start_fix": fix.to_json() if fix else None,
+                }
+            )
         visit = self.get(visit_id)
         assert visit is not None
         log.info("visit %s started", visit_id)
@@ -583,7 +648,7 @@ class VisitBook:
         with transaction(self.db):  # checked and written at once: never into a visit stopped meanwhile
             visit = self._require_open()
             self.db.table("visit_notes").insert(
-                {"visit_id": visit.id, "stamp": json.dumps(self.clock.now().to_json()), "text": text}
+                {"visit_id": visit.id, "stamp": json.dumps(self._stamp_now().to_json()), "text": text}
             )
 
     def attach_observation(
@@ -645,7 +710,7 @@ class VisitBook:
         # track point from another process cannot slip between them.
         with transaction(self.db):
             visit = self._require_open()
-            end = self.clock.now()
+            end = self._stamp_now()
             if visit.start.provisional:
                 visit.start = self.clock.repair(visit.start)
             gps = self.clock.anchor
@@ -860,10 +925,12 @@ class VisitBook:
         # gets (conditional create), so a visit sent before its end was known would stay
         # "in-progress" there for ever. A time lost to a reboot is never repaired: such a visit
         # goes without it (flagged). Records signed before times were settled (older versions)
-        # and still without them are not sent.
+        # and still without them are not sent. One that can never be a bundle is set aside (with
+        # why), once: it must not keep the visits closed after it from the county.
         for row in list(
             self.db.query(
                 "SELECT id, patient_id FROM visits WHERE state = 'closed' AND fhir_queued_at IS NULL "
+                "AND fhir_fault IS NULL "
                 "AND id IN (SELECT visit_id FROM chain) "
                 "AND (ended_at IS NOT NULL OR EXISTS (SELECT 1 FROM json_each(visits.flags) WHERE value = ?)) "
                 "AND (started_at IS NOT NULL OR EXISTS (SELECT 1 FROM json_each(visits.flags) WHERE value = ?)) "
@@ -871,7 +938,11 @@ class VisitBook:
                 [END_TIME_LOST, START_TIME_LOST],
             )
         ):
-            bundle = self.fhir_bundle(row["id"], naming)
+            try:
+                bundle = self.fhir_bundle(row["id"], naming)
+            except BUNDLE_ERRORS as exc:
+                self._set_aside(row["id"], exc)
+                continue
             enqueue_bundle(
                 outbox,
                 bundle,

@@ -10,12 +10,14 @@ gpsd serves any number of clients: it is always asked directly.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from firmware_bridge.errors import GnssBusyError
+from firmware_bridge.errors import GnssBusyError, GnssError
 from firmware_bridge.gnss import FixSource, open_source
+from lastmile.data_dir import DataDirError
 
 if TYPE_CHECKING:
     from devices.gps import Fix
@@ -31,8 +33,9 @@ class SharedFixes:
     """A FixSource of the fixes the acquire service shares; `records` keeps each one as the
     service received it (its reception stamp: the command must not record it a second time)."""
 
-    def __init__(self, book: VisitBook, wait_s: float) -> None:
+    def __init__(self, book: VisitBook, wait_s: float, *, owns_book: bool = False) -> None:
         self.book = book
+        self.owns_book = owns_book  # opened for this: closed with it
         self.since = book.want_fixes(wait_s)
         self.records: dict[int, FixRecord] = {}
 
@@ -42,17 +45,22 @@ class SharedFixes:
             record = self.book.shared_fix(self.since)
             if record is not None and record.received != last:
                 last = record.received
+                self.book.adopt_shared_fix(record)  # the command's own stamps and checks
                 self.records[id(record.fix)] = record
                 yield record.fix
             else:
                 time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
 
     def close(self) -> None:
-        pass
+        if self.owns_book:
+            self.book.close()
 
 
-def open_receiver(gps: GpsSection, book: VisitBook, wait_s: float) -> FixSource | None:
-    """The configured receiver, or the acquire service's fixes when it holds the receiver."""
+def open_receiver(gps: GpsSection, book: VisitBook | Callable[[], VisitBook], wait_s: float) -> FixSource | None:
+    """The configured receiver, or the acquire service's fixes when it holds the receiver.
+    `book`: the command's open visit book, or how to open one - then visits.db is opened only to
+    ask the service (`lastmile gps fix` run as root must not create it: the service could not
+    open a root-owned visits.db)."""
     try:
         return open_source(
             gps.source,
@@ -63,4 +71,13 @@ def open_receiver(gps: GpsSection, book: VisitBook, wait_s: float) -> FixSource 
         )
     except GnssBusyError as exc:
         log.info("%s: asking the acquire service for its fixes", exc)
-        return SharedFixes(book, wait_s)
+        if not callable(book):
+            return SharedFixes(book, wait_s)
+        opened: VisitBook | None = None
+        try:
+            opened = book()
+            return SharedFixes(opened, wait_s, owns_book=True)
+        except (sqlite3.Error, OSError, DataDirError) as db_exc:  # said as the command says any GNSS fault
+            if opened is not None:
+                opened.close()
+            raise GnssError(f"{exc}, and visits.db cannot be opened to ask it for fixes: {db_exc}") from db_exc
