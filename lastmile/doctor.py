@@ -632,7 +632,12 @@ class Doctor:
                     stats = outbox.stats(now)
                     # routine items a metered link holds now are its (as configured), not the link's
                     held = [w for w in metered_waits(self.config, outbox, now).values() if w.holding]
-                    not_held = outbox.oldest_waiting(now, except_routine_of=[QUEUED_KINDS[w.destination] for w in held])
+                    not_held = outbox.oldest_waiting(
+                        now,
+                        except_routine_of={
+                            QUEUED_KINDS[w.destination]: w.held_since for w in held if w.held_since is not None
+                        },
+                    )
         except DataDirError as exc:
             return [Finding("queue", Level.FAIL, str(exc), "the services cannot queue or forward anything meanwhile")]
         counts = stats["counts"]
