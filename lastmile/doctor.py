@@ -486,14 +486,19 @@ class Doctor:
 
     def forward_main_pid(self) -> int | None:
         """lastmile-forward.service's main process as systemd knows it (0: the unit is not
-        running); None where systemd does not run the gateway or cannot be asked."""
+        running); None where systemd does not run the gateway (the unit is not installed: a
+        `lastmile forward` run by hand is then the forwarder) or cannot be asked."""
         if not self.systemd_run_dir.is_dir():
             return None
-        r = self.run(["systemctl", "show", FORWARD_SERVICE, "-p", "MainPID", "--value"])
+        # systemd answers MainPID=0 (rc 0) for a unit it has never heard of: LoadState tells them apart
+        r = self.run(["systemctl", "show", FORWARD_SERVICE, "-p", "LoadState,MainPID"])
         if r is None or r.returncode != 0:
             return None
-        value = r.stdout.strip().removeprefix("MainPID=")
-        return int(value) if value.isascii() and value.isdigit() else None
+        props = dict(line.partition("=")[::2] for line in r.stdout.splitlines())
+        value = props.get("MainPID", "").strip()
+        if props.get("LoadState", "").strip() != "loaded" or not (value.isascii() and value.isdigit()):
+            return None
+        return int(value)
 
     def check_fhir(self) -> list[Finding]:
         f = self.config.fhir
