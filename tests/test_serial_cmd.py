@@ -71,6 +71,12 @@ def test_list_and_profiles_name_a_bad_profile_file_and_go_on(
     assert main(["-c", str(config_file), "serial", "profiles"]) == 1  # something to fix
     out = capsys.readouterr().out
     assert "example-vitals-monitor:" in out and bad in out, out
+    report = tmp_path / "report.txt"
+    report.write_bytes(VITALS_REPORT)
+    assert main(["-c", str(config_file), "serial", "profile-test", "example-vitals-monitor", str(report)]) == 0
+    assert "1 report(s) parsed, 0 rejected" in capsys.readouterr().out
+    assert main(["-c", str(config_file), "serial", "profile-test", "ward-monitor", str(report)]) == 1
+    assert bad in capsys.readouterr().out
     assert main(["-c", str(config_file), "serial", "list"]) == 0
     out = capsys.readouterr().out
     assert "absent: ward-monitor (example-vitals-monitor)" in out and "refused: ward: " in out and bad in out, out
