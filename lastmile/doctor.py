@@ -74,8 +74,8 @@ class Finding:
     level: Level
     message: str
     hint: str = ""
-    # the console's advice for it when it is not its check's level's (console/app.py CHECK_ADVICE)
-    advice: str = ""
+    # the key of the console's advice for it when it is not its check's level's (console/app.py CHECK_ADVICE)
+    advice_key: str = ""
     until: float | None = None  # when what it reports lets go (epoch s), said in that advice
 
     def to_json(self) -> dict:
@@ -98,10 +98,33 @@ class Doctor:
     systemd_run_dir: Path = Path("/run/systemd/system")  # present when systemd is the init
     proc_root: Path = Path("/proc")
     run: Callable[[list[str]], subprocess.CompletedProcess[str] | None] = field(default=None)  # type: ignore[assignment]
+    # what `run_all` read once for several checks (clinic.db's devices); None outside a run
+    _run_reads: dict[str, Any] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.run is None:
             self.run = _run_tool
+
+    def device_records(self) -> list[DeviceRecord] | None:
+        """Every device clinic.db knows; None before clinic.db exists (never created here). Read
+        once per `run_all`: the devices and bluetooth checks both look (the console runs the
+        doctor every minute)."""
+        if self._run_reads is not None and "devices" in self._run_reads:
+            return self._run_reads["devices"]
+        from lastmile.clinic.db import DB_NAME
+        from lastmile.clinic.devices import DeviceRegistry
+
+        records = None
+        if (self.config.data_dir / DB_NAME).exists():
+            with as_owner_of(self.config.data_dir):
+                registry = DeviceRegistry.open(self.config.data_dir)
+                try:
+                    records = registry.all()
+                finally:
+                    registry.close()
+        if self._run_reads is not None:
+            self._run_reads["devices"] = records
+        return records
 
     # -- the checks -------------------------------------------------------------------------------
 
@@ -127,9 +150,17 @@ class Doctor:
         ]
 
     def run_all(self) -> list[Finding]:
+        findings: list[Finding] = []
+        self._run_reads = {}
+        try:
+            self._run_each(findings)
+        finally:
+            self._run_reads = None
+        return findings
+
+    def _run_each(self, findings: list[Finding]) -> None:
         from lastmile.data_dir import DataDirError
 
-        findings: list[Finding] = []
         for name, check, network in self.checks():
             if network and self.offline:
                 findings.append(Finding(name, Level.SKIP, "skipped (--offline)"))
@@ -147,7 +178,6 @@ class Doctor:
                         "report this to the Lastmile maintainers",
                     )
                 )
-        return findings
 
     def check_config(self) -> list[Finding]:
         if self.config_error:
@@ -572,9 +602,8 @@ class Doctor:
     def check_devices(self) -> list[Finding]:
         links = sorted(p.name for p in self.device_links.iterdir()) if self.device_links.is_dir() else []
         plugged = f"plugged in: {', '.join(links)}" if links else "no USB device plugged in"
-        from lastmile.clinic.db import DB_NAME
-
-        if not (self.config.data_dir / DB_NAME).exists():
+        records = self.device_records()
+        if records is None:
             return [
                 Finding(
                     "devices",
@@ -583,14 +612,6 @@ class Doctor:
                     "" if links else "plug in the clinic's devices, or pair BLE ones: lastmile ble pair",
                 )
             ]
-        from lastmile.clinic.devices import DeviceRegistry
-
-        with as_owner_of(self.config.data_dir):
-            registry = DeviceRegistry.open(self.config.data_dir)
-            try:
-                records = registry.all()
-            finally:
-                registry.close()
         now = dt.datetime.fromtimestamp(self.now(), dt.timezone.utc)
         day = dt.timedelta(days=1)
 
@@ -693,7 +714,7 @@ class Doctor:
                     Level.WARN,
                     text,
                     "items wait for more than a day: is the link down?",
-                    advice="waiting",
+                    advice_key="waiting",
                 )
             )
         else:
@@ -731,7 +752,7 @@ class Doctor:
             f"for this clinic: raise {section}.daily_budget_mb or widen {section}.windows"
         )
         level = Level.WARN if age > WAITING_WARN_S else Level.OK
-        return Finding("queue", level, message, hint, advice=f"metered-{blocked.reason}", until=blocked.until)
+        return Finding("queue", level, message, hint, advice_key=f"metered-{blocked.reason}", until=blocked.until)
 
     def check_console(self) -> list[Finding]:
         """Where the doctor's console listens, and its certificate's fingerprint (the clinic

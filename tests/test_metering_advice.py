@@ -52,7 +52,7 @@ def test_doctor_says_a_send_window_holds_routine_ecgs_and_until_when_not_that_th
     found = queue_findings(d.check_queue())
     text = render_text(found)
     assert "link down" not in text and Level.FAIL not in [f.level for f in found], text
-    [held] = [f for f in found if f.advice == "metered-window"]
+    [held] = [f for f in found if f.advice_key == "metered-window"]
     assert "3 routine" in held.message and "send window" in held.message, text
     assert held.until is not None and window.split("-")[0] in held.message, text  # until it opens
     assert clinic_time(dt.datetime.fromtimestamp(held.until, dt.timezone.utc), minutes=True) in held.message
@@ -69,7 +69,7 @@ def test_doctor_blames_the_link_for_routine_ecgs_that_missed_the_windows_that_op
     text = render_text(found)
     assert found[0].level is Level.WARN and "is the link down" in found[0].hint, text
     assert "2.0 d" in found[0].message and "all held" not in found[0].message, text
-    [held] = [f for f in found if f.advice == "metered-window"]
+    [held] = [f for f in found if f.advice_key == "metered-window"]
     assert held.level is Level.OK and "1 routine" in held.message, text
 
 
@@ -95,7 +95,7 @@ def test_doctor_blames_the_link_for_routine_ecgs_a_day_with_budget_left_did_not_
         meters(d.config, outbox)["dicom"].spend(2**20, now)
     found = queue_findings(d.check_queue())
     text = render_text(found)
-    assert [f.advice for f in found] == ["waiting"] and "is the link down" in found[0].hint, text
+    assert [f.advice_key for f in found] == ["waiting"] and "is the link down" in found[0].hint, text
 
 
 def test_doctor_does_not_fail_a_week_of_routine_ecgs_a_spent_daily_budget_holds(tmp_path: Path) -> None:
@@ -111,7 +111,7 @@ def test_doctor_does_not_fail_a_week_of_routine_ecgs_a_spent_daily_budget_holds(
     text = render_text(found)
     assert Level.FAIL not in [f.level for f in found], text
     assert "link down" not in text and "nothing has gone out" not in text, text
-    [held] = [f for f in found if f.advice == "metered-budget"]
+    [held] = [f for f in found if f.advice_key == "metered-budget"]
     assert held.level is Level.WARN and "4 routine" in held.message and "daily budget" in held.message, text
     midnight = dt.datetime.combine(
         dt.datetime.fromtimestamp(now, local_zone()).date() + dt.timedelta(days=1), dt.time(), local_zone()
@@ -128,7 +128,7 @@ def test_doctor_still_blames_the_link_for_a_stat_ecg_no_window_holds(tmp_path: P
     d = doctor(tmp_path, f'[reading_center.metered]\nwindows = ["{shut_window(now)}"]\n', now=lambda: now)
     found = queue_findings(d.check_queue())
     assert found[0].level is Level.WARN and "is the link down" in found[0].hint, render_text(found)
-    assert [f.advice for f in found] == ["waiting", "metered-window"]
+    assert [f.advice_key for f in found] == ["waiting", "metered-window"]
     assert "2 routine" in found[1].message
 
 
