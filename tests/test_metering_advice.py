@@ -221,3 +221,25 @@ def test_the_metered_wait_is_computed_in_a_process_that_keeps_numpy_out(tmp_path
     done = run_python(script, toml)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["window", "2"]
+
+
+def test_the_sent_page_does_not_say_a_send_window_holds_a_study_that_missed_it(tmp_path: Path) -> None:
+    """A study a month old under a shut window missed thirty of them: 'Waits for the send window'
+    on it told the doctor all was well while the link had sent nothing; the study queued since the
+    window last opened does wait for it."""
+    from tests.console_harness import DOCTOR, Client, console_config, running_console
+
+    config = console_config(tmp_path / "data")
+    now = time.time()
+    config.reading_center.metered.windows = [shut_window(now)]
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    queue_items(config.data_dir, 1, at=now - 30 * DAY)
+    queue_items(config.data_dir, 1, at=now - 3600)
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        page = html.unescape(client.get("/sent").body)
+    cards = [li.split("</section>")[0] for li in page.split('<li class="card journey') if li.startswith(" queued")]
+    assert len(cards) == 2, page
+    notes = ["等待发送时段" in card for card in cards]  # newest first
+    assert notes == [True, False], cards
