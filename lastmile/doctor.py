@@ -747,11 +747,12 @@ class Doctor:
             f"(in {_age(max(0.0, blocked.until - now))}; {blocked.detail}), the oldest for {_age(age)}; STAT goes anyway"
         )
         section = wait.what.rsplit("(", 1)[-1].rstrip(")")  # "reading_center.metered"
-        hint = (
-            f"working as configured; if routine items wait days, the {section} settings are too tight "
-            f"for this clinic: raise {section}.daily_budget_mb or widen {section}.windows"
-        )
         level = Level.WARN if age > WAITING_WARN_S else Level.OK
+        widen = f"raise {section}.daily_budget_mb or widen {section}.windows"
+        if level is Level.WARN:  # only a budget spent day after day holds an item this long
+            hint = f"the link works, but {section} is too tight for this clinic's traffic: {widen}"
+        else:
+            hint = f"working as configured; if routine items wait days, the {section} settings are too tight: {widen}"
         return Finding("queue", level, message, hint, advice_key=f"metered-{blocked.reason}", until=blocked.until)
 
     def check_console(self) -> list[Finding]:

@@ -117,7 +117,7 @@ def test_doctor_does_not_fail_a_week_of_routine_ecgs_a_spent_daily_budget_holds(
         dt.datetime.fromtimestamp(now, local_zone()).date() + dt.timedelta(days=1), dt.time(), local_zone()
     )
     assert held.until == midnight.timestamp() and clinic_time(midnight, minutes=True) in held.message, text
-    assert "daily_budget_mb" in held.hint
+    assert "daily_budget_mb" in held.hint and "too tight" in held.hint and "working as configured" not in held.hint
 
 
 def test_doctor_still_blames_the_link_for_a_stat_ecg_no_window_holds(tmp_path: Path) -> None:
