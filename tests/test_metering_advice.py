@@ -1,7 +1,9 @@
 """What holds routine items on a metered link, said where people look: `lastmile doctor`, the
-console's System page. A daily budget or a send window holding routine items is the link working
-as the county configured it, not a link that is down: the technician and the village doctor are
-told which of the two holds them and until when, and nothing FAILs for it."""
+console's System and Sent pages. A daily budget or a send window holding routine items is the link
+working as the county configured it, not a link that is down: the technician and the village doctor
+are told which of the two holds them and until when, and nothing FAILs for it. But a meter holds
+only what it can explain: a window what was queued since it last opened, a budget what was queued
+since the run of days it was all spent began; an older item had its chance - the link's."""
 
 from __future__ import annotations
 
