@@ -74,8 +74,8 @@ class Finding:
     level: Level
     message: str
     hint: str = ""
-    # the console's advice for it when it is not its check's level's (console/app.py CHECK_ADVICE)
-    advice: str = ""
+    # the key of the console's advice for it when it is not its check's level's (console/app.py CHECK_ADVICE)
+    advice_key: str = ""
     until: float | None = None  # when what it reports lets go (epoch s), said in that advice
 
     def to_json(self) -> dict:
@@ -98,10 +98,33 @@ class Doctor:
     systemd_run_dir: Path = Path("/run/systemd/system")  # present when systemd is the init
     proc_root: Path = Path("/proc")
     run: Callable[[list[str]], subprocess.CompletedProcess[str] | None] = field(default=None)  # type: ignore[assignment]
+    # what `run_all` read once for several checks (clinic.db's devices); None outside a run
+    _run_reads: dict[str, Any] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.run is None:
             self.run = _run_tool
+
+    def device_records(self) -> list[DeviceRecord] | None:
+        """Every device clinic.db knows; None before clinic.db exists (never created here). Read
+        once per `run_all`: the devices and bluetooth checks both look (the console runs the
+        doctor every minute)."""
+        if self._run_reads is not None and "devices" in self._run_reads:
+            return self._run_reads["devices"]
+        from lastmile.clinic.db import DB_NAME
+        from lastmile.clinic.devices import DeviceRegistry
+
+        records = None
+        if (self.config.data_dir / DB_NAME).exists():
+            with as_owner_of(self.config.data_dir):
+                registry = DeviceRegistry.open(self.config.data_dir)
+                try:
+                    records = registry.all()
+                finally:
+                    registry.close()
+        if self._run_reads is not None:
+            self._run_reads["devices"] = records
+        return records
 
     # -- the checks -------------------------------------------------------------------------------
 
@@ -127,9 +150,17 @@ class Doctor:
         ]
 
     def run_all(self) -> list[Finding]:
+        findings: list[Finding] = []
+        self._run_reads = {}
+        try:
+            self._run_each(findings)
+        finally:
+            self._run_reads = None
+        return findings
+
+    def _run_each(self, findings: list[Finding]) -> None:
         from lastmile.data_dir import DataDirError
 
-        findings: list[Finding] = []
         for name, check, network in self.checks():
             if network and self.offline:
                 findings.append(Finding(name, Level.SKIP, "skipped (--offline)"))
@@ -147,7 +178,6 @@ class Doctor:
                         "report this to the Lastmile maintainers",
                     )
                 )
-        return findings
 
     def check_config(self) -> list[Finding]:
         if self.config_error:
@@ -486,14 +516,19 @@ class Doctor:
 
     def forward_main_pid(self) -> int | None:
         """lastmile-forward.service's main process as systemd knows it (0: the unit is not
-        running); None where systemd does not run the gateway or cannot be asked."""
+        running); None where systemd does not run the gateway (the unit is not installed: a
+        `lastmile forward` run by hand is then the forwarder) or cannot be asked."""
         if not self.systemd_run_dir.is_dir():
             return None
-        r = self.run(["systemctl", "show", FORWARD_SERVICE, "-p", "MainPID", "--value"])
+        # systemd answers MainPID=0 (rc 0) for a unit it has never heard of: LoadState tells them apart
+        r = self.run(["systemctl", "show", FORWARD_SERVICE, "-p", "LoadState,MainPID"])
         if r is None or r.returncode != 0:
             return None
-        value = r.stdout.strip().removeprefix("MainPID=")
-        return int(value) if value.isascii() and value.isdigit() else None
+        props = dict(line.partition("=")[::2] for line in r.stdout.splitlines())
+        value = props.get("MainPID", "").strip()
+        if props.get("LoadState", "").strip() != "loaded" or not (value.isascii() and value.isdigit()):
+            return None
+        return int(value)
 
     def check_fhir(self) -> list[Finding]:
         f = self.config.fhir
@@ -567,9 +602,8 @@ class Doctor:
     def check_devices(self) -> list[Finding]:
         links = sorted(p.name for p in self.device_links.iterdir()) if self.device_links.is_dir() else []
         plugged = f"plugged in: {', '.join(links)}" if links else "no USB device plugged in"
-        from lastmile.clinic.db import DB_NAME
-
-        if not (self.config.data_dir / DB_NAME).exists():
+        records = self.device_records()
+        if records is None:
             return [
                 Finding(
                     "devices",
@@ -578,14 +612,6 @@ class Doctor:
                     "" if links else "plug in the clinic's devices, or pair BLE ones: lastmile ble pair",
                 )
             ]
-        from lastmile.clinic.devices import DeviceRegistry
-
-        with as_owner_of(self.config.data_dir):
-            registry = DeviceRegistry.open(self.config.data_dir)
-            try:
-                records = registry.all()
-            finally:
-                registry.close()
         now = dt.datetime.fromtimestamp(self.now(), dt.timezone.utc)
         day = dt.timedelta(days=1)
 
@@ -632,7 +658,12 @@ class Doctor:
                     stats = outbox.stats(now)
                     # routine items a metered link holds now are its (as configured), not the link's
                     held = [w for w in metered_waits(self.config, outbox, now).values() if w.holding]
-                    not_held = outbox.oldest_waiting(now, except_routine_of=[QUEUED_KINDS[w.destination] for w in held])
+                    not_held = outbox.oldest_waiting(
+                        now,
+                        except_routine_of={
+                            QUEUED_KINDS[w.destination]: w.held_since for w in held if w.held_since is not None
+                        },
+                    )
         except DataDirError as exc:
             return [Finding("queue", Level.FAIL, str(exc), "the services cannot queue or forward anything meanwhile")]
         counts = stats["counts"]
@@ -683,7 +714,7 @@ class Doctor:
                     Level.WARN,
                     text,
                     "items wait for more than a day: is the link down?",
-                    advice="waiting",
+                    advice_key="waiting",
                 )
             )
         else:
@@ -716,12 +747,13 @@ class Doctor:
             f"(in {_age(max(0.0, blocked.until - now))}; {blocked.detail}), the oldest for {_age(age)}; STAT goes anyway"
         )
         section = wait.what.rsplit("(", 1)[-1].rstrip(")")  # "reading_center.metered"
-        hint = (
-            f"working as configured; if routine items wait days, the {section} settings are too tight "
-            f"for this clinic: raise {section}.daily_budget_mb or widen {section}.windows"
-        )
         level = Level.WARN if age > WAITING_WARN_S else Level.OK
-        return Finding("queue", level, message, hint, advice=f"metered-{blocked.reason}", until=blocked.until)
+        widen = f"raise {section}.daily_budget_mb or widen {section}.windows"
+        if level is Level.WARN:  # only a budget spent day after day holds an item this long
+            hint = f"the link works, but {section} is too tight for this clinic's traffic: {widen}"
+        else:
+            hint = f"working as configured; if routine items wait days, the {section} settings are too tight: {widen}"
+        return Finding("queue", level, message, hint, advice_key=f"metered-{blocked.reason}", until=blocked.until)
 
     def check_console(self) -> list[Finding]:
         """Where the doctor's console listens, and its certificate's fingerprint (the clinic

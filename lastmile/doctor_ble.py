@@ -40,20 +40,8 @@ def adapters(bluetooth_class: Path) -> tuple[list[str], list[str]]:
 
 
 def paired_ble_devices(doctor: Doctor) -> list[str]:
-    """The allow-listed BLE devices' names (addresses when unnamed), read without creating clinic.db."""
-    from lastmile.clinic.db import DB_NAME
-    from lastmile.clinic.devices import DeviceRegistry
-    from lastmile.doctor import as_owner_of
-
-    data_dir = doctor.config.data_dir
-    if not (data_dir / DB_NAME).exists():
-        return []
-    with as_owner_of(data_dir):
-        registry = DeviceRegistry.open(data_dir)
-        try:
-            return [r.name or r.address for r in registry.allowed("ble").values()]
-        finally:
-            registry.close()
+    """The allow-listed BLE devices' names (addresses when unnamed), as the doctor read clinic.db."""
+    return [r.name or r.address for r in doctor.device_records() or [] if r.allowed and r.transport == "ble"]
 
 
 def check_bluetooth(doctor: Doctor) -> list[Finding]:

@@ -6,10 +6,11 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
+import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -331,13 +332,48 @@ def test_text_output_has_hints_for_problems() -> None:
     assert Config().gateway.data_dir == "/var/lib/lastmile"
 
 
-def test_the_commitment_port_is_lastmile_forward_s_when_systemd_says_it_is_its_main_process(tmp_path: Path) -> None:
+FAKE_SYSTEMCTL = """#!/bin/sh
+# `systemctl show UNIT -p A,B [--value]` as systemd answers it for lastmile-forward.service: one
+# line per property asked, KEY=VALUE (the value alone with --value); every call logged
+echo "$*" >> "$0.log"
+props="" value=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -p) props="$props,$2"; shift ;;
+    --property=*) props="$props,${1#--property=}" ;;
+    --value) value=1 ;;
+  esac
+  shift
+done
+for name in MainPID LoadState; do
+  case ",$props," in *",$name,"*)
+    eval "v=\\$$name"
+    if [ -n "$value" ]; then echo "$v"; else echo "$name=$v"; fi ;;
+  esac
+done
+"""
+
+
+def fake_systemctl(directory: Path, monkeypatch: pytest.MonkeyPatch, **answers: str) -> Path:
+    """A `systemctl` first on PATH answering `show` with `answers` (MainPID, LoadState)."""
+    directory.mkdir(exist_ok=True)
+    tool = directory / "systemctl"
+    lines = [FAKE_SYSTEMCTL.split("\n", 1)[0]] + [f"{k}={v}" for k, v in answers.items()]
+    tool.write_text("\n".join(lines) + "\n" + FAKE_SYSTEMCTL.split("\n", 1)[1])
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{directory}:{os.environ['PATH']}")
+    return tool
+
+
+def test_the_commitment_port_is_lastmile_forward_s_when_systemd_says_it_is_its_main_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Where systemd runs the gateway, the forward service is the unit's MainPID, not whatever
     has "lastmile" and "forward" on its command line: a `lastmile forward` a technician left
     running by hand holds the port, lastmile-forward.service cannot listen (restarting), and the
-    doctor said "listener up"."""
-    import subprocess
-
+    doctor said "listener up". But where the unit is not installed, systemd still answers
+    MainPID=0 (rc 0): a `lastmile forward` run by hand is then the gateway's forwarder, and the
+    doctor said "held by another program"."""
     from tests.peers import wait_for_port
     from tests.test_metrics_prometheus import start, stop
 
@@ -346,31 +382,25 @@ def test_the_commitment_port_is_lastmile_forward_s_when_systemd_says_it_is_its_m
     config = tmp_path / "lastmile.toml"
     config.write_text(f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n' + toml)
     by_hand = start(config, "forward", log=tmp_path / "forward.log")
-    asked: list[list[str]] = []
-
-    def systemctl(main_pid: int) -> Callable[[list[str]], subprocess.CompletedProcess[str] | None]:
-        def run(cmd: list[str]) -> subprocess.CompletedProcess[str] | None:
-            asked.append(cmd)
-            if cmd[:2] == ["systemctl", "show"] and "lastmile-forward.service" in cmd:
-                return subprocess.CompletedProcess(cmd, 0, f"MainPID={main_pid}\n", "")
-            return None
-
-        return run
-
     systemd = tmp_path / "run-systemd-system"
     systemd.mkdir()
+
+    def listener(load_state: str, main_pid: int, run_dir: Path = systemd) -> Finding:
+        fake_systemctl(tmp_path / "bin", monkeypatch, MainPID=str(main_pid), LoadState=load_state)
+        [found] = doctor(tmp_path, toml, systemd_run_dir=run_dir, run=None).check_commitment_listener()
+        return found
+
     try:
         wait_for_port(port, 60, by_hand)
-        unit_down = doctor(tmp_path, toml, systemd_run_dir=systemd, run=systemctl(0)).check_commitment_listener()
-        unit_up = doctor(
-            tmp_path, toml, systemd_run_dir=systemd, run=systemctl(by_hand.pid)
-        ).check_commitment_listener()
-        no_systemd = doctor(
-            tmp_path, toml, systemd_run_dir=tmp_path / "none", run=systemctl(0)
-        ).check_commitment_listener()
+        unit_down = listener("loaded", 0)
+        unit_up = listener("loaded", by_hand.pid)
+        not_installed = listener("not-found", 0)
+        no_systemd = listener("loaded", 0, run_dir=tmp_path / "none")
     finally:
         stop(by_hand)
-    assert unit_down[0].level is Level.FAIL and f"pid {by_hand.pid}" in unit_down[0].message, unit_down
-    assert any("MainPID" in " ".join(cmd) for cmd in asked), asked
-    assert unit_up[0].level is Level.OK, unit_up
-    assert no_systemd[0].level is Level.OK, no_systemd
+    assert unit_down.level is Level.FAIL and f"pid {by_hand.pid}" in unit_down.message, unit_down
+    assert unit_up.level is Level.OK, unit_up
+    assert not_installed.level is Level.OK, not_installed
+    assert no_systemd.level is Level.OK, no_systemd
+    asked = (tmp_path / "bin" / "systemctl.log").read_text()
+    assert "MainPID" in asked and "LoadState" in asked, asked

@@ -65,3 +65,25 @@ def test_an_adapter_blocked_by_rfkill_is_no_radio(tmp_path: Path, radios: Path) 
     assert warning.level is Level.WARN and "hci0 blocked by rfkill" in warning.message
     (switch / "soft").write_text("0\n")
     assert levels(doctor(tmp_path).run_all(), "bluetooth") == [Level.OK]
+
+
+def test_one_doctor_run_opens_clinic_db_for_its_devices_once(
+    tmp_path: Path, radios: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The devices and bluetooth checks both look at clinic.db's devices: one read per run (the
+    console runs the doctor every minute), and a later run sees what changed since."""
+    opened: list[Path] = []
+    real_open = DeviceRegistry.open
+
+    def counted_open(cls: type[DeviceRegistry], data_dir: Path, *args: object, **kw: object) -> DeviceRegistry:
+        opened.append(data_dir)
+        return real_open(data_dir, *args, **kw)  # type: ignore[arg-type]
+
+    d = doctor(tmp_path)
+    pair_a_cuff(tmp_path)
+    monkeypatch.setattr(DeviceRegistry, "open", classmethod(counted_open))
+    findings = d.run_all()
+    assert levels(findings, "bluetooth") == [Level.WARN] and levels(findings, "devices") == [Level.OK]
+    assert len(opened) == 1, opened
+    (radios / "hci0").mkdir()
+    assert levels(d.run_all(), "bluetooth") == [Level.OK] and len(opened) == 2

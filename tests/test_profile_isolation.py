@@ -61,6 +61,7 @@ def test_a_bad_profile_file_stops_only_the_device_that_names_it(tmp_path: Path) 
     try:
         manager.wait_for("READY=1", timeout=60)
         status_with(manager, "usb-import up")
+        status_with(manager, "serial up, 1 device refused")  # not "serial up": the ward monitor is not read
         registry = DeviceRegistry.open(data)
         reg = registry
 

@@ -14,6 +14,7 @@ from lastmile.services.metered import meters
 from lastmile.services.metrics import GatewayCollector, make_registry
 from tests.conftest import REPO
 from tests.metrics_harness import parse_exposition, value
+from tests.test_metering_advice import shut_window
 from tests.test_metrics import NOW, tool
 from uploader.outbox import Kind, Outbox, Priority
 
@@ -33,7 +34,8 @@ def test_routine_items_a_spent_data_budget_holds_do_not_count_as_stuck(tmp_path:
     with Outbox.open(tmp_path, now=NOW - 3 * DAY) as outbox:
         outbox.add(Kind.DICOM, "routine-ecg", b"x" * 100, now=NOW - 2 * DAY)
         outbox.add(Kind.FHIR_BUNDLE, "visit", b"{}", now=NOW - 3600)  # no meter on the FHIR link
-        meters(config, outbox)["dicom"].spend(2 * 2**20, NOW)  # today's ECG budget is spent
+        for days_ago in (0, 1, 2):  # the ECG budget was spent every day since the ECG was queued
+            meters(config, outbox)["dicom"].spend(2 * 2**20, NOW - days_ago * DAY)
         samples = scraped(config)
         assert value(samples, "lastmile_queue_oldest_waiting_seconds", kind="dicom") == 2 * DAY
         assert value(samples, STUCK, kind="dicom") == 0.0, "an ECG the budget holds alerts the county"
@@ -44,6 +46,22 @@ def test_routine_items_a_spent_data_budget_holds_do_not_count_as_stuck(tmp_path:
     # with no meter, everything waiting counts
     config.reading_center.metered.daily_budget_mb = 0.0
     assert value(scraped(config), STUCK, kind="dicom") == 2 * DAY
+
+
+def test_routine_items_that_missed_a_window_or_a_day_with_budget_left_count_as_stuck(tmp_path: Path) -> None:
+    """A shut window holds what was queued since it last opened, today's spent budget what was
+    queued today (or since the budget was first spent, day after day): an ECG older than that
+    had its chance and did not go - the link's, and the county must hear of it."""
+    config = Config()
+    config.set_data_dir(tmp_path)
+    with Outbox.open(tmp_path, now=NOW - 31 * DAY) as outbox:
+        outbox.add(Kind.DICOM, "month-old-ecg", b"x" * 100, now=NOW - 30 * DAY)
+        config.reading_center.metered.windows = [shut_window(NOW)]
+        assert value(scraped(config), STUCK, kind="dicom") == 30 * DAY, "a shut window hides a month"
+        config.reading_center.metered.windows = []
+        config.reading_center.metered.daily_budget_mb = 1.0
+        meters(config, outbox)["dicom"].spend(2 * 2**20, NOW)  # spent today, not yesterday
+        assert value(scraped(config), STUCK, kind="dicom") == 30 * DAY, "today's spent budget hides a month"
 
 
 def test_the_queue_stuck_alert_is_judged_on_what_no_meter_holds() -> None:

@@ -87,13 +87,14 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -143,6 +144,16 @@ class ItemState(str, enum.Enum):
     COMMITTED = "committed"
     PURGED = "purged"
     QUARANTINED = "quarantined"
+
+
+# Routine items that wait in the queue for their sender: what a metered link holds back. Not STAT
+# (never held), not one on the wire, not one held for the doctor (that waits for a patient), not one
+# queued before the meter began holding (an older one had its chance). Parameters: state (queued),
+# kind, the STAT priority, now, since when the meter holds (lastmile.services.metered.held_since);
+# shared with the metrics exporter, which reads the outbox by SQL.
+ROUTINE_QUEUED_SQL = (
+    "state = ? AND kind = ? AND priority != ? AND (hold_until IS NULL OR hold_until <= ?) AND created_at >= ?"
+)
 
 
 @dataclass(frozen=True)
@@ -887,34 +898,37 @@ class Outbox:
         )
         return bool(rows)
 
-    # Routine items that wait in the queue for their sender: what a metered link holds back. Not
-    # STAT (never held), not one on the wire, not one held for the doctor (that waits for a patient).
-    _ROUTINE_QUEUED = (
-        "FROM items WHERE state = ? AND kind = ? AND priority != ? AND (hold_until IS NULL OR hold_until <= ?)"
-    )
+    def _routine_queued_params(self, kind: str, now: float, since: float) -> tuple[Any, ...]:
+        return (S.QUEUED.value, kind, int(Priority.STAT), now, since)
 
-    def routine_queued(self, kind: str, now: float) -> tuple[int, float | None]:
-        """How many routine items of `kind` wait for their sender, and when the oldest was queued."""
+    def routine_queued(self, kind: str, now: float, *, since: float = -math.inf) -> tuple[int, float | None]:
+        """How many routine items of `kind` queued since `since` wait for their sender, and when
+        the oldest of them was queued."""
         count, oldest = self._read(
-            f"SELECT COUNT(*), MIN(created_at) {self._ROUTINE_QUEUED}", (S.QUEUED.value, kind, int(Priority.STAT), now)
+            f"SELECT COUNT(*), MIN(created_at) FROM items WHERE {ROUTINE_QUEUED_SQL}",
+            self._routine_queued_params(kind, now, since),
         )[0]
         return int(count), oldest
 
-    def has_routine_queued(self, kind: str, now: float) -> bool:
-        """Whether any routine item of `kind` waits for its sender (one row looked at, at most)."""
+    def has_routine_queued(self, kind: str, now: float, *, since: float = -math.inf) -> bool:
+        """Whether any routine item of `kind` queued since `since` waits for its sender (one row
+        looked at, at most)."""
         return bool(
-            self._read(f"SELECT 1 {self._ROUTINE_QUEUED} LIMIT 1", (S.QUEUED.value, kind, int(Priority.STAT), now))
+            self._read(
+                f"SELECT 1 FROM items WHERE {ROUTINE_QUEUED_SQL} LIMIT 1",
+                self._routine_queued_params(kind, now, since),
+            )
         )
 
-    def oldest_waiting(self, now: float, *, except_routine_of: Sequence[str] = ()) -> float | None:
-        """When the oldest queued or sending item was queued; with `except_routine_of`, leaving out
-        the routine items of those kinds that wait for their sender (a metered link holds them)."""
+    def oldest_waiting(self, now: float, *, except_routine_of: Mapping[str, float] | None = None) -> float | None:
+        """When the oldest queued or sending item was queued; `except_routine_of` (kind -> since
+        when a metered link holds its routine items, lastmile.services.metered.held_since) leaves
+        out the routine items of that kind queued since then that wait for their sender."""
         sql = "SELECT MIN(created_at) FROM items WHERE state IN (?, ?)"
         params: list[Any] = [S.QUEUED.value, S.SENDING.value]
-        if except_routine_of:
-            marks = ", ".join("?" * len(except_routine_of))
-            sql += f" AND NOT (state = ? AND kind IN ({marks}) AND priority != ? AND (hold_until IS NULL OR hold_until <= ?))"
-            params += [S.QUEUED.value, *except_routine_of, int(Priority.STAT), now]
+        for kind, since in (except_routine_of or {}).items():
+            sql += f" AND NOT ({ROUTINE_QUEUED_SQL})"
+            params += self._routine_queued_params(kind, now, since)
         oldest = self._read(sql, params)[0][0]
         return None if oldest is None else float(oldest)
 

@@ -35,10 +35,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     from firmware_bridge.serial_link import list_ports
     from lastmile.commands.common import config_from_args
-    from lastmile.services.serial_devices import link_specs, load_profiles
+    from lastmile.services.serial_devices import link_specs, load_profiles_apart, refused_devices
 
     config = config_from_args(args)
-    specs = link_specs(config, load_profiles(config))
+    profiles, bad = load_profiles_apart(config)  # a bad profile file stops only the devices naming it
+    specs = link_specs(config, profiles, bad)
+    refused = [{"name": name, "reason": reason} for name, reason in refused_devices(config, bad).items()]
     ports = list_ports()
 
     def is_spec(spec: object, port: object) -> bool:
@@ -66,7 +68,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         if not any(s.name in r["configured_as"] for r in rows)
     ]
     if args.json:
-        print(json.dumps({"ports": rows, "configured_but_absent": missing}, indent=2))
+        print(json.dumps({"ports": rows, "configured_but_absent": missing, "refused": refused}, indent=2))
         return 0
     if not rows:
         print("no serial ports found")
@@ -79,17 +81,23 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(f"{'':<16} {r['by_id']}")
     for m in missing:
         print(f"absent: {m['name']} ({m['profile']}) expects {m['match']}")
+    for r in refused:
+        print(f"refused: {r['name']}: {r['reason']}")
     return 0
 
 
 def cmd_profiles(args: argparse.Namespace) -> int:
+    """The profiles that load, then each bad file with its line (exit 1: something to fix)."""
     from lastmile.commands.common import config_from_args
-    from lastmile.services.serial_devices import load_profiles
+    from lastmile.services.serial_devices import load_profiles_apart
 
-    for name, profile in sorted(load_profiles(config_from_args(args)).items()):
+    profiles, bad = load_profiles_apart(config_from_args(args))
+    for name, profile in sorted(profiles.items()):
         codes = ", ".join(f.code for f in profile.fields)
         print(f"{name}: {profile.description or '-'} [{profile.baudrate} baud; {codes}]")
-    return 0
+    for name, problem in sorted(bad.items()):
+        print(f"{name}: refused: {problem}")
+    return 1 if bad else 0
 
 
 def cmd_profile_test(args: argparse.Namespace) -> int:
@@ -99,12 +107,15 @@ def cmd_profile_test(args: argparse.Namespace) -> int:
     from devices.ascii_report import ReportParsed, ReportParser, load_profile
     from lastmile.clinic.observations import observation_to_json
     from lastmile.commands.common import config_from_args
-    from lastmile.services.serial_devices import load_profiles
+    from lastmile.services.serial_devices import load_profiles_apart
 
     if args.profile.endswith(".toml"):
         profile = load_profile(Path(args.profile).read_text(encoding="utf-8"))
     else:
-        profiles = load_profiles(config_from_args(args))
+        profiles, bad = load_profiles_apart(config_from_args(args))  # another file's mistake is not this one's
+        if args.profile in bad:
+            print(f"lastmile: profile {args.profile!r} is refused: {bad[args.profile]}")
+            return 1
         if args.profile not in profiles:
             print(f"lastmile: no profile {args.profile!r} (have: {', '.join(sorted(profiles))})")
             return 1

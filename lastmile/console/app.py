@@ -313,7 +313,7 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
     "queue": {
         "WARN": N_("Some items could not be sent and were set aside: tell the county IT."),
         "FAIL": N_("Nothing has been sent for a long time: check the network, then call the county IT."),
-        # keys of a finding's own advice (doctor.Finding.advice): what holds items, and until when
+        # keys of a finding's own advice (doctor.Finding.advice_key): what holds items, and until when
         "waiting": N_(
             "Some items have waited more than a day to be sent: check the network; if it works, tell the county IT."
         ),
@@ -361,7 +361,7 @@ def advice_for(check: str, level: str, key: str = "") -> str:
 
 def advice_text(finding: Finding, localizer: Localizer) -> str:
     """A finding's advice in the page's language, with when what holds it lets go."""
-    advice = advice_for(finding.check, finding.level.value, finding.advice)
+    advice = advice_for(finding.check, finding.level.value, finding.advice_key)
     if finding.until is None:
         return localizer.gettext(advice)
     return localizer.gettext(advice, time=localizer.when(dt.datetime.fromtimestamp(finding.until, dt.timezone.utc)))

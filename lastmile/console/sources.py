@@ -24,6 +24,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import math
 import sqlite3
 import unicodedata
 from dataclasses import dataclass, replace
@@ -48,8 +49,7 @@ from lastmile.console.audit import AuditLog
 from lastmile.console.i18n import N_
 from lastmile.data_dir import open_outbox
 from lastmile.reports.store import ReportStore
-from lastmile.services.metered import metered_wait, meters
-from uploader.metering import Blocked
+from lastmile.services.metered import MeteredWait, metered_wait, meters
 from uploader.outbox import ItemState, Kind, OutboxItem
 from uploader.report_lines import ReportLine
 
@@ -161,6 +161,9 @@ class LinkStatus:
     # and when they go; "" / None when none waits on it (STAT ECGs never do)
     metered_wait: str = ""
     metered_until: dt.datetime | None = None
+    # the routine studies it holds were recorded since then (lastmile.services.metered.held_since):
+    # an older one missed a window, or a day with budget left - the link's wait, not the meter's
+    metered_since: dt.datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +298,13 @@ def _t(value: float | None) -> dt.datetime | None:
 
 def _utc(value: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(value, dt.timezone.utc)
+
+
+def _since(value: float | None) -> dt.datetime | None:
+    """A meter's `held_since` as a time to compare with (-inf: since ever)."""
+    if value is None:
+        return None
+    return dt.datetime.min.replace(tzinfo=dt.timezone.utc) if value == -math.inf else _utc(value)
 
 
 # -- the clinic's data -----------------------------------------------------------------------------
@@ -622,7 +632,8 @@ class ClinicData:
         last_error_at = _t(status.get("last_error_at"))
         down_since = last_error_at if last_error_at and (last_success is None or last_error_at > last_success) else None
         oldest = stats["oldest_waiting_s"]
-        blocked = self._metered_block(now)
+        wait = self._metered_hold(now)
+        blocked = None if wait is None else wait.blocked
         return LinkStatus(
             fault=str(status.get("fault") or ""),
             fault_since=_t(status.get("fault_since")) if status.get("fault") else None,
@@ -633,16 +644,18 @@ class ClinicData:
             oldest_waiting=None if oldest is None else now - dt.timedelta(seconds=oldest),
             metered_wait=blocked.reason if blocked else "",
             metered_until=dt.datetime.fromtimestamp(blocked.until, dt.timezone.utc) if blocked else None,
+            metered_since=None if wait is None else _since(wait.held_since),
         )
 
-    def _metered_block(self, now: dt.datetime) -> Blocked | None:
-        """Why routine ECGs wait on the metered link now, if any do (lastmile.services.metered:
-        the forwarder's own `Meter`, as `lastmile queue` and the doctor say it)."""
+    def _metered_hold(self, now: dt.datetime) -> MeteredWait | None:
+        """Why routine ECGs wait on the metered link now and since when, if any do
+        (lastmile.services.metered: the forwarder's own `Meter`, as `lastmile queue` and the
+        doctor say it)."""
         meter = meters(self.config, self.outbox).get("dicom")
         if meter is None:
             return None
         wait = metered_wait(meter, self.outbox, now.timestamp(), count=False)
-        return wait.blocked if wait.holding else None
+        return wait if wait.holding else None
 
     # -- devices ----------------------------------------------------------------------------------
     def devices(self) -> list[DeviceRecord]:

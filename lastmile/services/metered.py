@@ -5,11 +5,13 @@ out: nothing here may import it (tests/test_metering_advice.py runs it so)."""
 
 from __future__ import annotations
 
+import datetime as dt
+import math
 from dataclasses import dataclass
 
 from lastmile.clock import local_zone
 from lastmile.config import Config, MeteredSection
-from uploader.metering import Blocked, Meter, MeterPolicy, SendWindow, StatusStore
+from uploader.metering import KEEP_DAYS, Blocked, Meter, MeterPolicy, SendWindow, StatusStore
 from uploader.outbox import Kind, Outbox
 
 # destination → (what `lastmile queue` calls it, where its settings are)
@@ -50,10 +52,60 @@ def meters(config: Config, store: StatusStore) -> dict[str, Meter]:
     return found
 
 
+def held_since(meter: Meter, now: float, blocked: Blocked | None) -> float | None:
+    """Since when the routine items `meter` holds now (`blocked`: `meter.blocked(now)`) were
+    queued: None when it holds nothing now (routine traffic may go), -inf when it holds them all. A routine item queued before that had
+    its chance and did not go - the link's fault, not the meter's:
+    - a send window opens every day: it holds what was queued since it last opened (an older item
+      missed that window);
+    - a daily budget resets at local midnight: spent today, it holds what was queued today; spent
+      every day since an item was queued, that item waits because the budget is too small for the
+      clinic (said as such, a WARN), not because the link is dead; an item that lived through a day
+      whose budget was not spent had its chance.
+    Either explains an item (a window that opened while the day's budget was spent sent nothing)."""
+    if blocked is None:
+        return None
+    return min(_window_held_since(meter, now), _budget_held_since(meter, now))
+
+
+def _window_held_since(meter: Meter, now: float) -> float:
+    """When a send window last opened (inf: no windows, they hold nothing)."""
+    zone = meter.policy.zone
+    local = dt.datetime.fromtimestamp(now, zone)
+    opened = []
+    for window in meter.policy.windows:
+        for days_ago in (0, 1):
+            day = local.date() - dt.timedelta(days=days_ago)
+            start = dt.datetime.combine(day, dt.time(), zone) + dt.timedelta(minutes=window.start_min)
+            if start <= local:
+                opened.append(start.timestamp())
+                break
+    return max(opened, default=math.inf)
+
+
+def _budget_held_since(meter: Meter, now: float) -> float:
+    """The local midnight that began the run of days, up to today, whose budget was all spent
+    (inf: not spent today, it holds nothing; -inf: spent every day the meter remembers)."""
+    budget = meter.policy.daily_budget_bytes
+    if not budget:
+        return math.inf
+    zone = meter.policy.zone
+    day = dt.datetime.fromtimestamp(now, zone).date()
+    since = math.inf
+    for _ in range(KEEP_DAYS):
+        midnight = dt.datetime.combine(day, dt.time(), zone)
+        if meter.spent_today((midnight + dt.timedelta(hours=12)).timestamp()) < budget:
+            return since
+        since = midnight.timestamp()
+        day -= dt.timedelta(days=1)
+    return -math.inf
+
+
 @dataclass(frozen=True)
 class MeteredWait:
     """One metered destination at `now`: whether its meter holds routine traffic back and until
-    when, what it has spent today, and the routine items waiting for its sender."""
+    when, what it has spent today, and the routine items it holds (`held_since`): those waiting
+    for its sender since it began holding them."""
 
     destination: str
     blocked: Blocked | None
@@ -62,6 +114,7 @@ class MeteredWait:
     windows: tuple[str, ...]
     routine_waiting: int | None  # None: nothing queues for it (report polling)
     routine_since: float | None = None  # when the oldest of them was queued
+    held_since: float | None = None  # routine items queued since then are the meter's (see `held_since`)
 
     @property
     def what(self) -> str:
@@ -77,13 +130,14 @@ def metered_wait(meter: Meter, outbox: Outbox, now: float, *, count: bool = True
     """What `meter` holds back now. `count=False` only asks whether any routine item waits (one
     row read: the Sent page asks at every render), and only while the meter blocks."""
     blocked = meter.blocked(now)
+    holds_since = held_since(meter, now, blocked)
     kind = QUEUED_KINDS.get(meter.name)
     waiting: int | None = None
     since = None
-    if kind is not None and count:
-        waiting, since = outbox.routine_queued(kind, now)
+    if kind is not None and count:  # while routine traffic may go: every routine item waiting
+        waiting, since = outbox.routine_queued(kind, now, since=-math.inf if holds_since is None else holds_since)
     elif kind is not None:
-        waiting = int(blocked is not None and outbox.has_routine_queued(kind, now))
+        waiting = int(holds_since is not None and outbox.has_routine_queued(kind, now, since=holds_since))
     return MeteredWait(
         destination=meter.name,
         blocked=blocked,
@@ -92,6 +146,7 @@ def metered_wait(meter: Meter, outbox: Outbox, now: float, *, count: bool = True
         windows=tuple(str(w) for w in meter.policy.windows),
         routine_waiting=waiting,
         routine_since=since,
+        held_since=holds_since,
     )
 
 

@@ -182,19 +182,19 @@ def read_outbox(
             "FROM items WHERE kind = 'fhir-bundle' AND state = 'queued'",
             (CONFIG_FAULT_PREFIX + "%", CONFIG_FAULT_PREFIX + "%"),
         ).fetchone()
-        held_kinds = [
-            kind
-            for destination, (kind, policy) in (metered or {}).items()
-            if Meter(destination, policy, StatusSnapshot(statuses)).blocked(now) is not None
-        ]
         oldest_stuck = dict(oldest_created)
-        if held_kinds:  # the routine items those meters hold (not STAT, not held for the doctor) left out
+        meter_held = _held_since(metered or {}, StatusSnapshot(statuses), now)
+        if meter_held:  # the routine items those meters hold (not STAT, not held for the doctor) left out
+            from uploader.outbox import ROUTINE_QUEUED_SQL  # a metered gateway has the outbox module already
+
             oldest_stuck = dict(
                 conn.execute(
-                    f"SELECT kind, MIN(created_at) FROM items WHERE state IN (?, ?) AND NOT (state = 'queued' "
-                    f"AND kind IN ({', '.join('?' * len(held_kinds))}) AND priority != ? "
-                    f"AND (hold_until IS NULL OR hold_until <= ?)) GROUP BY kind",
-                    (*WAITING_STATES, *held_kinds, STAT_PRIORITY, now),
+                    f"SELECT kind, MIN(created_at) FROM items WHERE state IN (?, ?) "
+                    f"{f'AND NOT ({ROUTINE_QUEUED_SQL}) ' * len(meter_held)}GROUP BY kind",
+                    (
+                        *WAITING_STATES,
+                        *(v for kind, since in meter_held.items() for v in ("queued", kind, STAT_PRIORITY, now, since)),
+                    ),
                 ).fetchall()
             )
     rc = statuses.get(READING_CENTER_STATUS, {})
@@ -214,6 +214,24 @@ def read_outbox(
         links=links,
         oldest_stuck_s={kind: max(0.0, now - created) for kind, created in oldest_stuck.items()},
     )
+
+
+def _held_since(
+    metered: Mapping[str, tuple[str, MeterPolicy]], statuses: StatusSnapshot, now: float
+) -> dict[str, float]:
+    """Outbox kind -> since when its meter holds the routine items queued (only the meters that
+    hold them now), as `lastmile doctor` judges it (lastmile.services.metered.held_since)."""
+    if not metered:
+        return {}
+    from lastmile.services.metered import held_since  # a metered gateway has the outbox module already
+
+    held = {}
+    for destination, (kind, policy) in metered.items():
+        meter = Meter(destination, policy, statuses)
+        since = held_since(meter, now, meter.blocked(now))
+        if since is not None:
+            held[kind] = since
+    return held
 
 
 def _json_object(text: str | None) -> dict[str, Any]:

@@ -582,6 +582,7 @@ class SerialService:
         self._owned = list(owned)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.refused: dict[str, str] = {}  # device name -> why it is not started (`refused_devices`)
         ctx.registry.mark_all_disconnected(now=ctx.now(), transport="serial")
 
     @classmethod
@@ -603,7 +604,8 @@ class SerialService:
             rules=rules,
         )
         service = cls(ctx, specs, owned=[store], **kwargs)  # type: ignore[arg-type]
-        for name, reason in refused_devices(config, bad).items():
+        service.refused = refused_devices(config, bad)
+        for name, reason in service.refused.items():
             log.error("serial device %s %s", name, reason)
             registry.update_status(
                 registry_address(name), now=ctx.now(), transport="serial", connected=False, error=reason
