@@ -527,3 +527,63 @@ def test_a_receiver_1024_weeks_behind_still_gives_the_visit_its_time(tmp_path: P
         closed = book.stop(record)
     assert closed.start.source == TimeSource.GPS and closed.start.time == GPS_T - dt.timedelta(seconds=30)
     assert "provisional-time" not in closed.flags and closed.chain_seq is not None
+
+
+# --- 5. a damaged signing key is the gateway's fault, not the visits' ------------------------------
+
+
+def test_a_damaged_signing_key_sets_no_visit_aside_is_said_and_they_go_once_it_is_repaired(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The key file was damaged (SD card): every visit closed or queued afterwards was set aside
+    for ever as "damaged" (one journal line, the Visits page said "closed"), and repairing the
+    key never brought them back. They stay closed and waiting, the key's fault is said, and once
+    the key is repaired they are signed and go."""
+    import logging
+
+    from lastmile.visits.chain import KEY_FILE
+    from tests.visit_harness import open_book
+
+    data = tmp_path / "data"
+    clocks = FakeClocks(wall=GPS_T.timestamp())
+    with open_book(data, clocks) as book:
+        signed = book.start("P-1", doctor_id="DR-1", household_id="HH-1")
+        clocks.advance(60)
+        book.stop()  # signed: makes the key
+    key = data / KEY_FILE
+    good = key.read_bytes()
+    key.write_bytes(b"-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n")
+    with (
+        open_book(data, clocks) as book,
+        Outbox.open(data, min_free_bytes=0) as outbox,
+        caplog.at_level(logging.INFO),
+    ):
+        unsigned = book.start("P-2", doctor_id="DR-1", household_id="HH-1")
+        clocks.advance(60)
+        assert book.stop().state == "closed"
+        assert book.queue_closed(outbox, NAMING) == 0
+        faults = {v.id: v.fhir_fault for v in book.visits()}
+    assert faults == {signed.id: None, unsigned.id: None}, "visits set aside for the key's fault"
+    said = [r for r in caplog.records if r.levelno >= logging.ERROR and KEY_FILE in r.getMessage()]
+    assert said, [r.getMessage() for r in caplog.records]
+    key.write_bytes(good)  # repaired (restored from the backup)
+    with open_book(data, clocks) as book, Outbox.open(data, min_free_bytes=0) as outbox:
+        assert book.queue_closed(outbox, NAMING) == 2
+        assert book.verify_local().ok
+
+
+def test_a_visit_set_aside_by_an_older_version_is_tried_again_once_after_an_update(tmp_path: Path) -> None:
+    """Visits set aside by a version with a fault (the damaged-key one above, or a bundle bug)
+    stayed set aside for ever: an update mending the fault never sent them."""
+    from lastmile.visits.relay_link import VisitQueue
+
+    data = tmp_path / "data"
+    with VisitBook.open(data, gateway_id="gw-1") as book:
+        visit = book.start("P-1", doctor_id="DR-1", household_id="HH-1")
+        book.stop()
+        # as the older version left it (it had no column for its version)
+        book.db.execute("UPDATE visits SET fhir_fault = 'ValueError: Could not deserialize key data'")
+        book.db.conn.commit()
+    with Outbox.open(data, min_free_bytes=0) as outbox:
+        assert VisitQueue(data, "gw-1").queue(outbox, NAMING) == 1
+        assert [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == [f"fhir:visit:{visit.id}"]

@@ -277,3 +277,38 @@ def test_a_power_cut_while_the_signing_key_is_made_does_not_stop_visits_being_si
     assert book.verify_local().ok
     assert sorted(p.name for p in data.iterdir() if "ed25519" in p.name) == [KEY_FILE], "a key's leftovers stay"
     assert (data / KEY_FILE).stat().st_mode & 0o777 == 0o600
+
+
+def test_an_empty_key_file_left_by_an_older_version_is_made_again_and_the_visit_signs(
+    book_factory, tmp_path: Path
+) -> None:
+    """An older version's key creation cut short by a power cut left an empty key file: every
+    visit stop failed on it for ever. A new key is made (nothing was signed with the empty one)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / KEY_FILE).touch(mode=0o600)
+    clocks = FakeClocks(wall=GPS_T.timestamp())
+    book = book_factory(clocks)
+    book.start("P-1", doctor_id="DR-1", household_id="HH-1", fix=FixRecord(fix_at(*HOUSE, GPS_T), book.clock.now()))
+    clocks.advance(300)
+    assert book.stop().chain_seq == 1, "the visit was not signed"
+    assert book.verify_local().ok
+    assert (data / KEY_FILE).stat().st_size > 0
+
+
+def test_a_visits_db_that_cannot_be_switched_to_wal_is_named_not_an_attribute_error(tmp_path: Path) -> None:
+    """uploader.sqlite_store raises its own OperationalError (no SQLite error code) when another
+    process keeps the new visits.db locked: VisitBook.open died with an AttributeError (the GNSS
+    part's and `gps fix`'s meaningless traceback) instead of naming the file."""
+    data = tmp_path / "data"
+    data.mkdir()
+    path = data / "visits.db"
+    other = sqlite3.connect(path, isolation_level=None)  # another process, reading the new database
+    try:
+        other.execute("CREATE TABLE t (x)")
+        other.execute("BEGIN")
+        other.execute("SELECT * FROM t").fetchall()  # holds its shared lock: no switch to WAL
+        with pytest.raises(sqlite3.OperationalError, match=r"visits\.db.*WAL"):
+            VisitBook.open(data, gateway_id="gw-1")
+    finally:
+        other.close()
