@@ -50,12 +50,14 @@ import sqlite_utils
 from devices.gps.fix import Fix
 from devices.identity import TimeSource
 from devices.observation import Observation
+from lastmile import __version__
 from lastmile.clinic.observations import observation_from_json, observation_to_json
 from lastmile.clock import Anchor, GatewayClock, Stamp
 from lastmile.data_dir import ensure_data_dir
 from lastmile.visits.chain import (
     GENESIS,
     ChainLink,
+    SigningKeyError,
     VerifyReport,
     canonical,
     export_lines,
@@ -71,7 +73,7 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from firmware_bridge.gnss import FixSource
-    from uploader.fhir_bundle import FhirNaming
+    from uploader.fhir_bundle import FhirNaming, VisitSummary
     from uploader.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -119,10 +121,13 @@ MIGRATIONS: tuple[Migration, ...] = (
     # r1-fix: why a closed visit can never be made a FHIR bundle (a damaged record): it is set
     # aside, said once and shown by `lastmile visit list`, and holds up no visit closed after it.
     Migration.sql("0003_visit_fhir_fault", "ALTER TABLE visits ADD COLUMN fhir_fault TEXT;"),
+    # r3-fix: the version that set a visit aside: an update (mending the fault) tries it once more.
+    Migration.sql("0004_visit_fhir_fault_version", "ALTER TABLE visits ADD COLUMN fhir_fault_version TEXT;"),
 )
 
-# What a stored visit that cannot be decoded or made a bundle raises (InvalidObjectError and JSON
-# decode errors are ValueErrors): trying it again will not help.
+# What decoding a damaged stored visit raises (InvalidObjectError and JSON decode errors are
+# ValueErrors): trying it again will not help. Caught around the decoding only: signing and
+# building the bundle fail for the gateway's reasons (its key, a bug), not the visit's.
 BUNDLE_ERRORS: tuple[type[Exception], ...] = (ValueError, KeyError, TypeError)
 
 
@@ -301,6 +306,16 @@ def check_visit(
     return sorted(flags), distance
 
 
+@dataclass(frozen=True)
+class StoredVisit:
+    """What a closed, signed visit's bundle is made of, as decoded from visits.db."""
+
+    summary: VisitSummary
+    observations: list[Observation]
+    chain: dict  # its row in the chain table
+    signed_at: dt.datetime
+
+
 # --- the book -------------------------------------------------------------------------------------
 
 
@@ -315,6 +330,7 @@ class VisitBook:
         self.clock = clock
         self.register = HouseholdRegister(db)
         self._key: Ed25519PrivateKey | None = None
+        self._key_fault_said = False  # a damaged key file: said once per process, not at each fix
         self._stale_fixes = 0  # in a row, for the log
         self._repaired = False  # provisional stamps repaired with this process's GPS time
         self._saved_anchor: Anchor | None = None  # as visits.db holds it for this boot
@@ -352,6 +368,23 @@ class VisitBook:
         if self._key is None:
             self._key = load_or_create_key(self.data_dir)
         return self._key
+
+    def _usable_key(self) -> Ed25519PrivateKey | None:
+        """The signing key, or None when its file is damaged: the gateway's fault, said loudly,
+        not any visit's. Nothing is set aside for it: the visits wait, closed, and are signed and
+        sent once the key is repaired (read again at every try)."""
+        try:
+            key = self.signing_key
+        except SigningKeyError as exc:
+            (log.debug if self._key_fault_said else log.error)(
+                "home visits cannot be signed nor sent to the county platform until the gateway's "
+                "signing key is repaired (restore it from its backup): %s",
+                exc,
+            )
+            self._key_fault_said = True
+            return None
+        self._key_fault_said = False
+        return key
 
     # --- time ------------------------------------------------------------------------------------
     def _restore_anchor(self) -> None:
@@ -525,31 +558,55 @@ class VisitBook:
         longer stops the fixes, the signing or the sending of any other visit."""
         fault = f"{type(exc).__name__}: {exc}"
         log.error("home visit %s is damaged and cannot be sent to the county platform: %s", visit_id, fault)
-        self.db.table("visits").update(visit_id, {"fhir_fault": fault})
+        self.db.table("visits").update(visit_id, {"fhir_fault": fault, "fhir_fault_version": __version__})
+
+    def _retry_set_aside(self) -> None:
+        """(In a write transaction.) Visits set aside by another version are tried once more: the
+        update may mend what set them aside (a bundle bug, or an older version's verdict on a
+        damaged key file); one still damaged is set aside again, by this version."""
+        retried = self.db.execute(
+            "UPDATE visits SET fhir_fault = NULL, fhir_fault_version = NULL "
+            "WHERE fhir_fault IS NOT NULL AND fhir_fault_version IS NOT ?",
+            [__version__],
+        ).rowcount
+        if retried:
+            log.info("%d home visit(s) set aside by another version are tried again", retried)
 
     def _sign_settled(self) -> int:
         """(In a write transaction.) Repair, then sign every closed visit whose times are settled:
         known, or lost because they were stamped in an earlier boot that never learnt the time.
         Nothing is signed before this boot has a time: signed_at must be a real time too."""
+        self._retry_set_aside()
         now = self.clock.now()
         if now.time is None:
             return 0
         self._repair_unsigned()
-        signed = 0
-        for row in list(
+        rows = list(
             self.db.query(
                 "SELECT id, start_stamp, end_stamp, started_at, ended_at, flags FROM visits "
                 "WHERE state = 'closed' AND fhir_fault IS NULL AND id NOT IN (SELECT visit_id FROM chain) "
                 "ORDER BY rowid"
             )
-        ):
-            try:
-                signed += self._sign_if_settled(row, now.time)
+        )
+        # Loaded before any visit is tried, and outside their `try`: a damaged key sets none aside.
+        key = self._usable_key() if rows else None
+        if key is None:
+            return 0
+        signed = 0
+        for row in rows:
+            try:  # the stored record's decoding only
+                body = self._settled_body(row)
             except BUNDLE_ERRORS as exc:
                 self._set_aside(row["id"], exc)
+                continue
+            if body is not None:
+                self._chain(row["id"], body, now.time, key)
+                signed += 1
         return signed
 
-    def _sign_if_settled(self, row: dict, signed_at: dt.datetime) -> int:
+    def _settled_body(self, row: dict) -> dict | None:
+        """The record to sign of a closed visit whose times are settled (flagged if lost), or None
+        while they can still be repaired."""
         flags = set(json.loads(row["flags"]))
         for stamp_col, at_col, flag in (
             ("start_stamp", "started_at", START_TIME_LOST),
@@ -557,12 +614,11 @@ class VisitBook:
         ):
             if row[at_col] is None:
                 if Stamp.from_json(json.loads(row[stamp_col])).boot_id == self.clock.boot_id:
-                    return 0  # still repairable in this boot (cannot happen once the clock has a time)
+                    return None  # still repairable in this boot (cannot happen once the clock has a time)
                 flags.add(flag)
         if flags != set(json.loads(row["flags"])):
             self.db.table("visits").update(row["id"], {"flags": json.dumps(sorted(flags))})
-        self._chain(row["id"], signed_at)
-        return 1
+        return self.record_body(row["id"])
 
     # --- visits ----------------------------------------------------------------------------------
     def _visit(self, row: dict) -> Visit:
@@ -827,10 +883,10 @@ class VisitBook:
             "track": {"points": len(track), "sha256": hashlib.sha256("\n".join(track).encode()).hexdigest()},
         }
 
-    def _chain(self, visit_id: str, signed_at: dt.datetime) -> ChainLink:
+    def _chain(self, visit_id: str, body: dict, signed_at: dt.datetime, key: Ed25519PrivateKey) -> ChainLink:
         last = list(self.db.query("SELECT seq, hash FROM chain ORDER BY seq DESC LIMIT 1"))
         seq, prev = (last[0]["seq"] + 1, last[0]["hash"]) if last else (1, GENESIS)
-        _, chain_link = link(self.record_body(visit_id), seq, prev, self.signing_key)
+        _, chain_link = link(body, seq, prev, key)
         self.db.table("chain").insert(
             {
                 "seq": seq,
@@ -872,7 +928,11 @@ class VisitBook:
         ]
 
     def fhir_bundle(self, visit_id: str, naming: FhirNaming) -> dict:
-        from uploader.fhir_bundle import VisitNote, VisitPosition, VisitSignature, VisitSummary, visit_bundle
+        return self._bundle(self._stored_for_bundle(visit_id), naming, self.signing_key)
+
+    def _stored_for_bundle(self, visit_id: str) -> StoredVisit:
+        """A closed, signed visit decoded from its tables (what a damaged record fails)."""
+        from uploader.fhir_bundle import VisitNote, VisitPosition, VisitSummary
 
         visit = self.get(visit_id)
         chains = list(self.db.query("SELECT * FROM chain WHERE visit_id = ?", [visit_id]))
@@ -904,15 +964,17 @@ class VisitBook:
                 for r in self.db.query("SELECT stamp, text FROM visit_notes WHERE visit_id = ? ORDER BY id", [visit_id])
             ),
         )
+        return StoredVisit(summary, self.observations(visit_id), chain, signed_at)
+
+    @staticmethod
+    def _bundle(stored: StoredVisit, naming: FhirNaming, key: Ed25519PrivateKey) -> dict:
+        from uploader.fhir_bundle import VisitSignature, visit_bundle
+
+        chain = stored.chain
         signature = VisitSignature(
-            chain["seq"],
-            chain["hash"],
-            chain["prev_hash"],
-            chain["signature"],
-            public_key_b64(self.signing_key),
-            signed_at,
+            chain["seq"], chain["hash"], chain["prev_hash"], chain["signature"], public_key_b64(key), stored.signed_at
         )
-        return visit_bundle(summary, self.observations(visit_id), naming, signature)
+        return visit_bundle(stored.summary, stored.observations, naming, signature)
 
     def queue_closed(self, outbox: Outbox, naming: FhirNaming, now: float | None = None) -> int:
         """Queue every closed, not yet queued visit as a FHIR bundle (idempotent)."""
@@ -927,7 +989,7 @@ class VisitBook:
         # goes without it (flagged). Records signed before times were settled (older versions)
         # and still without them are not sent. One that can never be a bundle is set aside (with
         # why), once: it must not keep the visits closed after it from the county.
-        for row in list(
+        rows = list(
             self.db.query(
                 "SELECT id, patient_id FROM visits WHERE state = 'closed' AND fhir_queued_at IS NULL "
                 "AND fhir_fault IS NULL "
@@ -937,12 +999,19 @@ class VisitBook:
                 "ORDER BY rowid",
                 [END_TIME_LOST, START_TIME_LOST],
             )
-        ):
-            try:
-                bundle = self.fhir_bundle(row["id"], naming)
+        )
+        # As for signing: the key (its public half goes in each bundle) before any visit is tried.
+        key = self._usable_key() if rows else None
+        if key is None:
+            return 0
+        for row in rows:
+            try:  # the stored record's decoding only: building the bundle is not the visit's fault
+                stored = self._stored_for_bundle(row["id"])
             except BUNDLE_ERRORS as exc:
-                self._set_aside(row["id"], exc)
+                with transaction(self.db):
+                    self._set_aside(row["id"], exc)
                 continue
+            bundle = self._bundle(stored, naming, key)
             enqueue_bundle(
                 outbox,
                 bundle,

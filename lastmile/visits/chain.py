@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -48,6 +48,11 @@ def record_hash(record: dict) -> str:
     return hashlib.sha256(canonical(record)).hexdigest()
 
 
+class SigningKeyError(ValueError):
+    """The gateway's key file cannot be used: the gateway's fault, not any visit's (they wait,
+    closed and unsigned, until it is repaired)."""
+
+
 def load_or_create_key(data_dir: Path) -> Ed25519PrivateKey:
     """The gateway's signing key; created once, 0600, never overwritten."""
     path = Path(data_dir) / KEY_FILE
@@ -60,9 +65,12 @@ def load_or_create_key(data_dir: Path) -> Ed25519PrivateKey:
             log.warning("%s is empty (its creation was interrupted): making the key again", path)
             path.unlink(missing_ok=True)
             _create_key(path)
-    loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    try:
+        loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # damaged (SD card), replaced by hand
+        raise SigningKeyError(f"{path} cannot be read as the gateway's signing key: {exc}") from exc
     if not isinstance(loaded, Ed25519PrivateKey):
-        raise ValueError(f"{path} is not an Ed25519 private key")
+        raise SigningKeyError(f"{path} is not an Ed25519 private key")
     return loaded
 
 

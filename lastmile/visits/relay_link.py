@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from devices.observation import Observation
+from lastmile import __version__
 from lastmile.data_dir import read_only
 from lastmile.services.metrics_sources import columns_of
 
@@ -78,13 +79,17 @@ def closed_unqueued(data_dir: Path) -> frozenset[str]:
     if not path.exists():
         return frozenset()
     with read_only(path) as conn:
-        # a visit that can never be a bundle is set aside (fhir_fault), not tried every minute;
-        # a visits.db no process of this version opened yet has no such column
-        set_aside = "fhir_fault" in columns_of(conn, "visits")
-        rows = conn.execute(
-            "SELECT id FROM visits WHERE state = 'closed' AND fhir_queued_at IS NULL"
-            + (" AND fhir_fault IS NULL" if set_aside else "")
-        ).fetchall()
+        # a visit that can never be a bundle is set aside (fhir_fault), not tried every minute,
+        # but one set aside by another version is tried once more (the book clears it then); a
+        # visits.db no process of this version opened yet has no fhir_fault_version column
+        if "fhir_fault_version" in columns_of(conn, "visits"):
+            rows = conn.execute(
+                "SELECT id FROM visits WHERE state = 'closed' AND fhir_queued_at IS NULL "
+                "AND (fhir_fault IS NULL OR fhir_fault_version IS NOT ?)",
+                [__version__],
+            ).fetchall()
+        else:
+            rows = conn.execute("SELECT id FROM visits WHERE state = 'closed' AND fhir_queued_at IS NULL").fetchall()
     return frozenset(str(row[0]) for row in rows)
 
 
