@@ -350,7 +350,10 @@ class VisitBook:
             db = open_database(data_dir / DB_NAME, MIGRATIONS)
         except sqlite3.Error as exc:  # "unable to open database file": say which (doctor, part status)
             named = type(exc)(f"{data_dir / DB_NAME}: {exc}")
-            named.sqlite_errorcode, named.sqlite_errorname = exc.sqlite_errorcode, exc.sqlite_errorname  # disk full?
+            # disk full? SQLite's own errors say; ours ("cannot switch the database to WAL") do not
+            for attr in ("sqlite_errorcode", "sqlite_errorname"):
+                if hasattr(exc, attr):
+                    setattr(named, attr, getattr(exc, attr))
             raise named from exc
         return cls(db, data_dir, gateway_id, policy or VisitPolicy(), clock or GatewayClock())
 
