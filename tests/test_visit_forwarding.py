@@ -587,3 +587,30 @@ def test_a_visit_set_aside_by_an_older_version_is_tried_again_once_after_an_upda
     with Outbox.open(data, min_free_bytes=0) as outbox:
         assert VisitQueue(data, "gw-1").queue(outbox, NAMING) == 1
         assert [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == [f"fhir:visit:{visit.id}"]
+
+
+def test_a_visit_with_two_damaged_notes_is_set_aside_and_said_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A visit stopped before any time was known, two of its notes damaged on the SD card: the
+    first fix set it aside once per damaged note, and said so as many times in the journal."""
+    import logging
+
+    from tests.visit_harness import open_book
+
+    clocks = FakeClocks(wall=0.0)  # booted in 1970, no RTC, no GPS yet
+    with open_book(tmp_path / "data", clocks) as book:
+        damaged = book.start("P-1", doctor_id="DR-1", household_id="HH-1")
+        book.note("dizziness")
+        book.note("blood pressure taken twice")
+        clocks.advance(600)
+        book.stop()
+        book.db.execute("UPDATE visit_notes SET stamp = '{}' WHERE visit_id = ?", [damaged.id])
+        book.db.conn.commit()
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            book.observe_fix(fix_at(*HOUSE, GPS_T), book.clock.now())
+        visit = book.get(damaged.id)
+    assert visit is not None and visit.fhir_fault, "the damaged visit is not set aside"
+    about = [r for r in caplog.records if damaged.id in r.getMessage()]
+    assert len(about) == 1 and about[0].levelno == logging.ERROR, [r.getMessage() for r in about]
