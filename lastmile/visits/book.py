@@ -560,8 +560,13 @@ class VisitBook:
         made a bundle: why is kept on it (`lastmile visit list`), it is said once, and it no
         longer stops the fixes, the signing or the sending of any other visit."""
         fault = f"{type(exc).__name__}: {exc}"
-        log.error("home visit %s is damaged and cannot be sent to the county platform: %s", visit_id, fault)
-        self.db.table("visits").update(visit_id, {"fhir_fault": fault, "fhir_fault_version": __version__})
+        # only if not set aside yet: a pass may meet the same visit again (each damaged note)
+        newly = self.db.execute(
+            "UPDATE visits SET fhir_fault = ?, fhir_fault_version = ? WHERE id = ? AND fhir_fault IS NULL",
+            [fault, __version__, visit_id],
+        ).rowcount
+        if newly:
+            log.error("home visit %s is damaged and cannot be sent to the county platform: %s", visit_id, fault)
 
     def _retry_set_aside(self) -> None:
         """(In a write transaction.) Visits set aside by another version are tried once more: the
