@@ -253,3 +253,8 @@ def read_only(path: Path) -> Iterator[sqlite3.Connection]:
             conn.execute("COMMIT")
     finally:
         conn.close()
+
+
+def columns_of(conn: sqlite3.Connection, table: str) -> set[str]:
+    """A table's columns (a database an older version made may lack the newer ones)."""
+    return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}

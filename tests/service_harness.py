@@ -38,6 +38,9 @@ VITALS_REPORT = (
 PATIENT_CARD_SCAN = b"80276001234567890123\r\n"  # an EHIC-style card number (20 digits)
 DOCTOR_BADGE_SCAN = b"DR-004711\r"
 
+# The example ASCII-report profile shipped for the vitals monitor above.
+EXAMPLE_PROFILE = REPO / "firmware_bridge" / "profiles" / "example-vitals-monitor.toml"
+
 # -- systemd ----------------------------------------------------------------------------------------
 
 
@@ -104,6 +107,20 @@ def start_acquire(config: Path, manager: Manager, *, watchdog_usec: int) -> subp
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def status_with(manager: Manager, *words: str, timeout: float = 60.0) -> str:
+    """The first STATUS= the service sent that holds every one of `words`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for message in manager.messages:
+            for line in message.split("\n"):
+                if line.startswith("STATUS=") and all(w in line for w in words):
+                    return line.removeprefix("STATUS=")
+        if time.monotonic() > deadline:
+            said = [ln for m in manager.messages for ln in m.split("\n") if ln.startswith("STATUS=")]
+            raise AssertionError(f"no STATUS with {words} within {timeout} s; got {said}")
+        manager.drain(0.5)
 
 
 def stop_child(proc: subprocess.Popen[str]) -> str:

@@ -11,7 +11,7 @@ from pydicom import dcmread
 
 from lastmile.cli import main as cli
 from lastmile.config import ConfigError, parse_config, render_defaults
-from tests.conftest import REPO
+from tests.service_harness import EXAMPLE_PROFILE
 
 pytestmark = pytest.mark.usefixtures("restored_logging")
 
@@ -235,9 +235,6 @@ def test_a_long_gateway_id_is_mapped_never_cut(tmp_path: Path) -> None:
     assert ds.StationName == "石桥村网关"
     (gateway,) = ds.ContributingEquipmentSequence
     assert gateway.StationName == "石桥村网关" and gateway.DeviceSerialNumber == full_id
-
-
-EXAMPLE_PROFILE = REPO / "firmware_bridge" / "profiles" / "example-vitals-monitor.toml"
 
 
 @pytest.mark.parametrize(

@@ -16,11 +16,15 @@ from lastmile.clinic.devices import DeviceRecord, DeviceRegistry
 from lastmile.doctor import Level
 from tests.conftest import shared_file
 from tests.serial_pty import PtyDevice, wait_for
-from tests.test_ascii_report import VITALS_REPORT
-from tests.test_config_meaning import EXAMPLE_PROFILE
-from tests.test_doctor import doctor
-from tests.test_service_faults import status_with
-from tests.test_service_runtime import Manager, start_acquire, stop_child
+from tests.service_harness import (
+    EXAMPLE_PROFILE,
+    VITALS_REPORT,
+    Manager,
+    doctor,
+    start_acquire,
+    status_with,
+    stop_child,
+)
 from uploader.outbox import Outbox
 
 

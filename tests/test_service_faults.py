@@ -29,22 +29,8 @@ from lastmile.services.parts import Part, down_status
 from lastmile.services.runtime import FAULT
 from tests.conftest import REPO, shared_file
 from tests.serial_pty import PtyDevice, wait_for
-from tests.service_harness import VITALS_REPORT, Manager, doctor, start_acquire, stop_child
+from tests.service_harness import VITALS_REPORT, Manager, doctor, start_acquire, status_with, stop_child
 from uploader.outbox import Outbox
-
-
-def status_with(manager: Manager, *words: str, timeout: float = 60.0) -> str:
-    """The first STATUS= the service sent that holds every one of `words`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        for message in manager.messages:
-            for line in message.split("\n"):
-                if line.startswith("STATUS=") and all(w in line for w in words):
-                    return line.removeprefix("STATUS=")
-        if time.monotonic() > deadline:
-            said = [ln for m in manager.messages for ln in m.split("\n") if ln.startswith("STATUS=")]
-            raise AssertionError(f"no STATUS with {words} within {timeout} s; got {said}")
-        manager.drain(0.5)
 
 
 @contextlib.contextmanager

@@ -38,7 +38,7 @@ from typing import Any
 
 from devices.identity import EARLIEST_PLAUSIBLE
 from lastmile.clock import read_boot_id
-from lastmile.data_dir import CLINIC_DB, OUTBOX_DB, VISITS_DB, read_only
+from lastmile.data_dir import CLINIC_DB, OUTBOX_DB, VISITS_DB, columns_of, read_only
 from uploader.metering import Meter, MeterPolicy
 
 log = logging.getLogger(__name__)
@@ -66,10 +66,6 @@ def run_tool(cmd: Sequence[str]) -> subprocess.CompletedProcess[str] | None:
         return subprocess.run(list(cmd), capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
-
-
-def columns_of(conn: sqlite3.Connection, table: str) -> set[str]:
-    return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
 
 
 # -- the outbox ------------------------------------------------------------------------------------

@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING
 
 from devices.observation import Observation
 from lastmile import __version__
-from lastmile.data_dir import read_only
-from lastmile.services.metrics_sources import columns_of
+from lastmile.data_dir import columns_of, read_only
 
 if TYPE_CHECKING:
     from uploader.fhir_bundle import FhirNaming
