@@ -563,7 +563,7 @@ def bridge_message_seeds() -> list[bytes]:
             codec.Ack(3),
             codec.Nack(4, codec.NACK_MALFORMED, "bad"),
         ),
-    ] + constants_in_tests("test_bridge_codec.py", "test_bridge_ecg_stream.py")
+    ] + constants_in_tests("test_bridge_codec.py")
 
 
 # -- serial text devices ---------------------------------------------------------------------------
@@ -622,7 +622,9 @@ def _scan_rules(kind: str) -> Any:
 
 def scanner_seeds() -> list[bytes]:
     return [
-        bytes([k]) + c for c in constants_in_tests("test_scanner.py") + [b"PAT:110101199003077578\r\n"] for k in (0, 1)
+        bytes([k]) + c
+        for c in constants_in_tests("service_harness.py") + [b"PAT:110101199003077578\r\n"]
+        for k in (0, 1)
     ]
 
 
@@ -1112,7 +1114,7 @@ def _targets() -> list[Target]:
             "ASCII report stream (devices/ascii_report.py, example profile)",
             _run_ascii_report,
             device,
-            lambda: constants_in_tests("test_ascii_report.py"),
+            lambda: constants_in_tests("service_harness.py"),
             2048,
         ),
         Target(

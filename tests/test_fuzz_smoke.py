@@ -255,3 +255,22 @@ def test_a_target_runs_in_sessions_and_resume_goes_on(tmp_path: Path) -> None:
     assert (table["inputs"], table["sessions"]) == (800, 5)
     fresh = run("--inputs", "300")  # without --resume the count starts again (the corpus stays)
     assert (fresh["inputs"], fresh["sessions"]) == (300, 1)
+
+
+def test_every_test_file_the_fuzzer_takes_seeds_from_still_names_captured_bytes() -> None:
+    """Captured bytes moved out of a test module (into a harness) silently starve a fuzz target of
+    its seeds: every file `constants_in_tests` is asked for must still hold some."""
+    import ast
+
+    from bench.fuzz_targets import constants_in_tests
+
+    source = (REPO / "bench" / "fuzz_targets.py").read_text(encoding="utf-8")
+    named = {
+        arg.value
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "constants_in_tests"
+        for arg in node.args
+        if isinstance(arg, ast.Constant) and isinstance(arg.value, str)
+    }
+    assert len(named) >= 8
+    assert {name for name in named if not constants_in_tests(name)} == set()
