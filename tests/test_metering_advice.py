@@ -245,3 +245,31 @@ def test_the_sent_page_does_not_say_a_send_window_holds_a_study_that_missed_it(t
     assert len(cards) == 2, page
     notes = ["等待发送时段" in card for card in cards]  # newest first
     assert notes == [True, False], cards
+
+
+def test_doctor_does_not_blame_the_link_for_a_routine_ecg_a_window_and_a_spent_budget_held_together(
+    tmp_path: Path,
+) -> None:
+    """Window 20:00-22:00 and a 1 MB budget spent in it every night: an ECG queued at 09:00 waited
+    through last night's window (budget spent), and today's window has not opened - no moment let
+    it go. The review's case said 'is the link down?' at 24 h: the budget part answered 'holds
+    nothing' (today's unspent until the window opens), the window part reached back only to last night."""
+    zone = local_zone()
+    day5 = dt.datetime.now(zone).date() - dt.timedelta(days=1)
+
+    def at(days_before: int, hour: int) -> float:
+        return dt.datetime.combine(day5 - dt.timedelta(days=days_before), dt.time(hour), zone).timestamp()
+
+    now = at(0, 12)
+    queue_items(tmp_path, 1, at=at(1, 9))
+    d = doctor(
+        tmp_path, '[reading_center.metered]\nwindows = ["20:00-22:00"]\ndaily_budget_mb = 1.0\n', now=lambda: now
+    )
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        for days_before in (1, 2, 3, 4):  # each night's window spent the budget
+            meters(d.config, outbox)["dicom"].spend(2**20, at(days_before, 21))
+    found = queue_findings(d.check_queue())
+    text = render_text(found)
+    assert "link down" not in text and Level.FAIL not in [f.level for f in found], text
+    [held] = [f for f in found if f.advice_key.startswith("metered-")]
+    assert held.level is Level.WARN and "1 routine" in held.message and "too tight" in held.hint, text
