@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from lastmile.clock import local_zone
 from lastmile.config import Config, MeteredSection
+from lastmile.services.metrics_sources import READING_CENTER_STATUS
 from uploader.metering import KEEP_DAYS, Blocked, Meter, MeterPolicy, SendWindow, StatusStore
 from uploader.outbox import Kind, Outbox
 
@@ -68,8 +69,21 @@ def held_since(meter: Meter, now: float, blocked: Blocked | None) -> float | Non
     clinic: said as such, a WARN), not a dead link's. No chance in the days the meter remembers: -inf."""
     if blocked is None:
         return None
+    if link_failing(meter):  # failed sends spend the budget too: a spent one excuses nothing then
+        return now
     chances = _window_chances(meter, now) if meter.policy.windows else _budget_chances(meter, now)
     return next(chances, -math.inf)
+
+
+def link_failing(meter: Meter) -> bool:
+    """Whether `meter`'s link failed since it last succeeded, as its sender recorded it (the
+    reading center's forwarder keeps both; FHIR rounds keep neither: their failed items have
+    attempts, which no meter holds - uploader.outbox.ROUTINE_QUEUED_SQL)."""
+    if meter.name != "dicom":
+        return False
+    status = meter.store.status(READING_CENTER_STATUS) or {}
+    failed, succeeded = status.get("last_error_at"), status.get("last_success")
+    return isinstance(failed, (int, float)) and (not isinstance(succeeded, (int, float)) or failed > succeeded)
 
 
 def _budget_left(meter: Meter, day: dt.date) -> bool:
