@@ -9,12 +9,15 @@ import datetime as dt
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lastmile.clock import local_zone
 from lastmile.config import Config, MeteredSection
 from lastmile.services.metrics_sources import READING_CENTER_STATUS
 from uploader.metering import KEEP_DAYS, Blocked, Meter, MeterPolicy, SendWindow, StatusStore
-from uploader.outbox import Kind, Outbox
+
+if TYPE_CHECKING:
+    from uploader.outbox import Outbox
 
 # destination → (what `lastmile queue` calls it, where its settings are)
 DESTINATIONS = {
@@ -22,8 +25,9 @@ DESTINATIONS = {
     "fhir": "visit records to the county platform (fhir.metered)",
     "reports": "report polling (reports.metered)",
 }
-# destination → the outbox kind its sender takes (report polling queues nothing)
-QUEUED_KINDS = {"dicom": Kind.DICOM, "fhir": Kind.FHIR_BUNDLE}
+# destination → the outbox kind its sender takes (report polling queues nothing): uploader.outbox.Kind's
+# values, not imported (it brings sqlite-utils: the metrics exporter asks a gateway that meters nothing)
+QUEUED_KINDS = {"dicom": "dicom", "fhir": "fhir-bundle"}
 
 
 def meter_policy(section: MeteredSection) -> MeterPolicy | None:
