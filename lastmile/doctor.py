@@ -81,6 +81,7 @@ class Finding:
     def to_json(self) -> dict:
         d = asdict(self)
         d["level"] = self.level.value
+        d["advice"] = d.pop("advice_key")  # the key `lastmile doctor --json` always had: scripts read it
         return d
 
 

@@ -248,10 +248,10 @@ def test_config_check_reads_the_serial_profiles_the_acquire_service_will_refuse(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], bad_line: str, words: str
 ) -> None:
     """A technician adds a monitor with its own profile and runs `lastmile config check`: OK.
-    Then `lastmile acquire` refuses to start on the profile's mistake and no device is read.
+    Then `lastmile acquire` refuses the devices naming the profile (its mistake) and reads none of them.
     The check must find what the service finds, with the profile's file, line and key."""
     from lastmile.config import load_config
-    from lastmile.services.serial_devices import load_profiles
+    from lastmile.services.serial_devices import load_profiles_apart
 
     profiles = tmp_path / "profiles"
     profiles.mkdir()
@@ -264,8 +264,8 @@ def test_config_check_reads_the_serial_profiles_the_acquire_service_will_refuse(
         f"[serial]\nprofiles_dir = '{profiles}'\n\n"
         "[[serial.devices]]\nname = 'ward'\nmatch = '0403:6001'\nprofile = 'ward-monitor'\n"
     )
-    with pytest.raises(ConfigError):  # what the acquire service does at start
-        load_profiles(load_config(path))
+    _, bad = load_profiles_apart(load_config(path))  # what the acquire service does at start
+    assert f"ward-monitor.toml:{line}: {words}" in bad["ward-monitor"], bad
 
     assert cli(["-c", str(path), "config", "check"]) == 78
     err = capsys.readouterr().err

@@ -324,6 +324,13 @@ def test_cli_reports_a_bad_config_with_its_line_and_exits_1(tmp_path: Path, caps
     assert {f["check"] for f in out["findings"]} >= {"data", "clock", "queue"}
 
 
+def test_json_output_keeps_the_advice_key_scripts_read() -> None:
+    """`lastmile doctor --json` said "advice" since it had it; renaming the field in the code must
+    not break the county's scripts that read it."""
+    [finding] = json.loads(render_json([Finding("queue", Level.OK, "held", advice_key="metered-window")]))["findings"]
+    assert finding["advice"] == "metered-window" and "advice_key" not in finding, finding
+
+
 def test_text_output_has_hints_for_problems() -> None:
     text = render_text([Finding("clock", Level.FAIL, "1970", "connect NTP"), Finding("x", Level.OK, "fine")])
     lines = text.splitlines()

@@ -245,3 +245,76 @@ def test_the_sent_page_does_not_say_a_send_window_holds_a_study_that_missed_it(t
     assert len(cards) == 2, page
     notes = ["等待发送时段" in card for card in cards]  # newest first
     assert notes == [True, False], cards
+
+
+def test_doctor_does_not_blame_the_link_for_a_routine_ecg_a_window_and_a_spent_budget_held_together(
+    tmp_path: Path,
+) -> None:
+    """Window 20:00-22:00 and a 1 MB budget spent in it every night: an ECG queued at 09:00 waited
+    through last night's window (budget spent), and today's window has not opened - no moment let
+    it go. The review's case said 'is the link down?' at 24 h: the budget part answered 'holds
+    nothing' (today's unspent until the window opens), the window part reached back only to last night."""
+    zone = local_zone()
+    day5 = dt.datetime.now(zone).date() - dt.timedelta(days=1)
+
+    def at(days_before: int, hour: int) -> float:
+        return dt.datetime.combine(day5 - dt.timedelta(days=days_before), dt.time(hour), zone).timestamp()
+
+    now = at(0, 12)
+    queue_items(tmp_path, 1, at=at(1, 9))
+    d = doctor(
+        tmp_path, '[reading_center.metered]\nwindows = ["20:00-22:00"]\ndaily_budget_mb = 1.0\n', now=lambda: now
+    )
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        for days_before in (1, 2, 3, 4):  # each night's window spent the budget
+            meters(d.config, outbox)["dicom"].spend(2**20, at(days_before, 21))
+    found = queue_findings(d.check_queue())
+    text = render_text(found)
+    assert "link down" not in text and Level.FAIL not in [f.level for f in found], text
+    [held] = [f for f in found if f.advice_key.startswith("metered-")]
+    assert held.level is Level.WARN and "1 routine" in held.message and "too tight" in held.hint, text
+
+
+def spend_every_remembered_day(data_dir: Path, config_text: str, now: float, destination: str) -> None:
+    """The budget spent every day the meter remembers (as failed sends spend it too)."""
+    d = doctor(data_dir, config_text, now=lambda: now)
+    with Outbox.open(data_dir, min_free_bytes=0) as outbox:
+        for days_ago in range(KEEP_DAYS):
+            meters(d.config, outbox)[destination].spend(2**20, now - days_ago * DAY)
+
+
+def test_doctor_does_not_excuse_a_backlog_by_a_budget_a_link_failing_since_its_last_success_spent(
+    tmp_path: Path,
+) -> None:
+    """Bytes written are charged whatever became of them: a link dropping mid-transfer spends the
+    budget every day and sends nothing. 'the link works, but the budget is too tight' was said
+    for a week of it; the forwarder's last error, newer than its last success, says otherwise."""
+    now = time.time()
+    metered = "[reading_center.metered]\ndaily_budget_mb = 1.0\n"
+    queue_items(tmp_path, 4, at=now - 8 * DAY)
+    spend_every_remembered_day(tmp_path, metered, now, "dicom")
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        outbox.record_status(
+            "reading_center",
+            {"last_success": now - 9 * DAY, "last_error": "timed out", "last_error_at": now - 3600},
+            now,
+        )
+    found = queue_findings(doctor(tmp_path, metered, now=lambda: now).check_queue())
+    text = render_text(found)
+    assert found[0].level is Level.FAIL and "link works" not in text and "held" not in text, text
+
+
+def test_doctor_does_not_excuse_routine_items_whose_sends_failed_by_a_spent_budget(tmp_path: Path) -> None:
+    """FHIR rounds keep no last error: the items do. A routine bundle whose sends failed was not
+    held by the budget - the link had it and lost it."""
+    now = time.time()
+    metered = "[fhir.metered]\ndaily_budget_mb = 1.0\n"
+    queue_items(tmp_path, 2, at=now - 3 * DAY, kind=Kind.FHIR_BUNDLE)
+    spend_every_remembered_day(tmp_path, metered, now, "fhir")
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        for item in outbox.claim(Kind.FHIR_BUNDLE, 10, now - 3 * DAY + 60):
+            outbox.mark_transient_failure(item.id, "connection reset", now - 3 * DAY + 120)
+    found = queue_findings(doctor(tmp_path, metered, now=lambda: now).check_queue())
+    text = render_text(found)
+    assert found[0].level is Level.WARN and "is the link down" in found[0].hint, text
+    assert "link works" not in text and not [f for f in found if f.advice_key.startswith("metered-")], text

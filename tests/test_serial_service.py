@@ -16,7 +16,7 @@ from firmware_bridge.firmware.bridge_core import BridgeCore
 from lastmile.clinic.devices import DeviceRegistry
 from lastmile.clinic.patients import PatientContext
 from lastmile.config import Config, ConfigError
-from lastmile.services.serial_devices import SerialService, link_specs, load_profiles
+from lastmile.services.serial_devices import SerialService, link_specs, load_profiles_apart
 from tests.serial_pty import PtyDevice, wait_for
 from tests.service_harness import DOCTOR_BADGE_SCAN, PATIENT_CARD_SCAN, VITALS_REPORT
 from uploader.outbox import Outbox
@@ -341,8 +341,8 @@ def test_forwarded_lines_with_no_profile_to_read_them_are_kept_on_the_bridge(tmp
 
 def test_device_configuration_is_checked(tmp_path: Path) -> None:
     config = _config(tmp_path, [])
-    profiles = load_profiles(config)
-    assert "example-vitals-monitor" in profiles
+    profiles, bad = load_profiles_apart(config)
+    assert "example-vitals-monitor" in profiles and not bad
     for devices, needle in [
         ([{"name": "a", "match": "ttyUSB0", "profile": "bridge"}], "VID:PID"),
         ([{"name": "a", "match": "2e8a:000a", "profile": "nope"}], "unknown profile"),

@@ -50,8 +50,12 @@ def test_today_page_shows_only_the_patients_readings_newest_first(tmp_path: Path
         record_readings(data, 0, 2)
         data.context.set_patient("P-2", now=T0 + dt.timedelta(seconds=5))
         record_readings(data, 5, 3)
+        # P-1 back in the chair after P-2's session began: those readings are P-1's, not P-2's
+        data.context.set_patient("P-1", now=T0 + dt.timedelta(seconds=10))
+        record_readings(data, 10, 2)
         readings = data.patient_readings("P-2", T0 + dt.timedelta(seconds=5))
         assert [r.key for r in readings] == ["cuff:7", "cuff:6", "cuff:5"]
+        assert [r.key for r in data.patient_readings("P-1", T0)] == ["cuff:11", "cuff:10", "cuff:1", "cuff:0"]
         assert readings[0].summary and readings[0].time_source == "device-clock"
     finally:
         data.close()

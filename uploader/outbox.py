@@ -148,11 +148,13 @@ class ItemState(str, enum.Enum):
 
 # Routine items that wait in the queue for their sender: what a metered link holds back. Not STAT
 # (never held), not one on the wire, not one held for the doctor (that waits for a patient), not one
-# queued before the meter began holding (an older one had its chance). Parameters: state (queued),
+# queued before the meter began holding (an older one had its chance), not one whose send failed
+# (the link had it and lost it; its bytes spent the budget all the same). Parameters: state (queued),
 # kind, the STAT priority, now, since when the meter holds (lastmile.services.metered.held_since);
 # shared with the metrics exporter, which reads the outbox by SQL.
 ROUTINE_QUEUED_SQL = (
-    "state = ? AND kind = ? AND priority != ? AND (hold_until IS NULL OR hold_until <= ?) AND created_at >= ?"
+    "state = ? AND kind = ? AND priority != ? AND (hold_until IS NULL OR hold_until <= ?) AND created_at >= ? "
+    "AND attempts = 0"
 )
 
 

@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lastmile.clock import local_zone
 from lastmile.config import Config, MeteredSection
+from lastmile.services.metrics_sources import READING_CENTER_STATUS
 from uploader.metering import KEEP_DAYS, Blocked, Meter, MeterPolicy, SendWindow, StatusStore
-from uploader.outbox import Kind, Outbox
+
+if TYPE_CHECKING:
+    from uploader.outbox import Outbox
 
 # destination → (what `lastmile queue` calls it, where its settings are)
 DESTINATIONS = {
@@ -20,8 +25,9 @@ DESTINATIONS = {
     "fhir": "visit records to the county platform (fhir.metered)",
     "reports": "report polling (reports.metered)",
 }
-# destination → the outbox kind its sender takes (report polling queues nothing)
-QUEUED_KINDS = {"dicom": Kind.DICOM, "fhir": Kind.FHIR_BUNDLE}
+# destination → the outbox kind its sender takes (report polling queues nothing): uploader.outbox.Kind's
+# values, not imported (it brings sqlite-utils: the metrics exporter asks a gateway that meters nothing)
+QUEUED_KINDS = {"dicom": "dicom", "fhir": "fhir-bundle"}
 
 
 def meter_policy(section: MeteredSection) -> MeterPolicy | None:
@@ -54,51 +60,73 @@ def meters(config: Config, store: StatusStore) -> dict[str, Meter]:
 
 def held_since(meter: Meter, now: float, blocked: Blocked | None) -> float | None:
     """Since when the routine items `meter` holds now (`blocked`: `meter.blocked(now)`) were
-    queued: None when it holds nothing now (routine traffic may go), -inf when it holds them all. A routine item queued before that had
-    its chance and did not go - the link's fault, not the meter's:
-    - a send window opens every day: it holds what was queued since it last opened (an older item
-      missed that window);
-    - a daily budget resets at local midnight: spent today, it holds what was queued today; spent
-      every day since an item was queued, that item waits because the budget is too small for the
-      clinic (said as such, a WARN), not because the link is dead; an item that lived through a day
-      whose budget was not spent had its chance.
-    Either explains an item (a window that opened while the day's budget was spent sent nothing)."""
+    queued: None when it holds nothing now (routine traffic may go), -inf when it holds them all.
+    A routine item queued before that had its chance and did not go - the link's fault, not the
+    meter's. Walking back from now, the last chance is:
+    - with send windows: the last opening of a window on a day whose budget was not spent (an
+      item queued since it opened is the meter's; a window that opened while the day's budget was
+      spent, or that has not opened yet today, sent nothing);
+    - with a daily budget only: the end of the last day whose budget was not spent (an item that
+      lived through it had its chance).
+    With both, one walk over the windows: a study that waited through last night's window, that
+    night's budget spent, and today's window not yet open, is the budget's (too small for the
+    clinic: said as such, a WARN), not a dead link's. No chance in the days the meter remembers: -inf."""
     if blocked is None:
         return None
-    return min(_window_held_since(meter, now), _budget_held_since(meter, now))
+    if link_failing(meter):  # failed sends spend the budget too: a spent one excuses nothing then
+        return now
+    chances = _window_chances(meter, now) if meter.policy.windows else _budget_chances(meter, now)
+    return next(chances, -math.inf)
 
 
-def _window_held_since(meter: Meter, now: float) -> float:
-    """When a send window last opened (inf: no windows, they hold nothing)."""
-    zone = meter.policy.zone
-    local = dt.datetime.fromtimestamp(now, zone)
-    opened = []
-    for window in meter.policy.windows:
-        for days_ago in (0, 1):
-            day = local.date() - dt.timedelta(days=days_ago)
-            start = dt.datetime.combine(day, dt.time(), zone) + dt.timedelta(minutes=window.start_min)
-            if start <= local:
-                opened.append(start.timestamp())
-                break
-    return max(opened, default=math.inf)
+def link_failing(meter: Meter) -> bool:
+    """Whether `meter`'s link failed since it last succeeded, as its sender recorded it (the
+    reading center's forwarder keeps both; FHIR rounds keep neither: their failed items have
+    attempts, which no meter holds - uploader.outbox.ROUTINE_QUEUED_SQL)."""
+    if meter.name != "dicom":
+        return False
+    status = meter.store.status(READING_CENTER_STATUS) or {}
+    failed, succeeded = status.get("last_error_at"), status.get("last_success")
+    return isinstance(failed, (int, float)) and (not isinstance(succeeded, (int, float)) or failed > succeeded)
 
 
-def _budget_held_since(meter: Meter, now: float) -> float:
-    """The local midnight that began the run of days, up to today, whose budget was all spent
-    (inf: not spent today, it holds nothing; -inf: spent every day the meter remembers)."""
+def _budget_left(meter: Meter, day: dt.date) -> bool:
+    """Whether `day`'s budget was not all spent (no budget: always)."""
     budget = meter.policy.daily_budget_bytes
-    if not budget:
-        return math.inf
+    noon = dt.datetime.combine(day, dt.time(12), meter.policy.zone).timestamp()
+    return not budget or meter.spent_today(noon) < budget
+
+
+def _window_chances(meter: Meter, now: float) -> Iterator[float]:
+    """The first moment of each past window opening that had budget left, newest first."""
+    zone = meter.policy.zone
+    today = dt.datetime.fromtimestamp(now, zone).date()
+    for days_ago in range(KEEP_DAYS):  # older days: unknown (-inf, see held_since)
+        day = today - dt.timedelta(days=days_ago)
+        midnight = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), zone).timestamp()
+        found = []
+        for window in meter.policy.windows:
+            opened = (dt.datetime.combine(day, dt.time(), zone) + dt.timedelta(minutes=window.start_min)).timestamp()
+            length = (window.end_min - window.start_min) % 1440 or 1440
+            closed = min(opened + length * 60, now)
+            if opened > now:
+                continue
+            if _budget_left(meter, day):
+                found.append(opened)
+            elif midnight < closed and _budget_left(meter, day + dt.timedelta(days=1)):
+                found.append(midnight)  # it ran past midnight into a day with budget left
+        if found:
+            yield max(found)
+
+
+def _budget_chances(meter: Meter, now: float) -> Iterator[float]:
+    """The end of each past day whose budget was not spent, newest first (today's: now)."""
     zone = meter.policy.zone
     day = dt.datetime.fromtimestamp(now, zone).date()
-    since = math.inf
     for _ in range(KEEP_DAYS):
-        midnight = dt.datetime.combine(day, dt.time(), zone)
-        if meter.spent_today((midnight + dt.timedelta(hours=12)).timestamp()) < budget:
-            return since
-        since = midnight.timestamp()
+        if _budget_left(meter, day):
+            yield min(now, dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), zone).timestamp())
         day -= dt.timedelta(days=1)
-    return -math.inf
 
 
 @dataclass(frozen=True)

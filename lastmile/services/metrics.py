@@ -69,7 +69,6 @@ from lastmile.services.update import read_state as read_update_state
 
 if TYPE_CHECKING:
     from lastmile.services.metrics_sources import OutboxSnapshot, Runner
-    from uploader.metering import MeterPolicy
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +139,7 @@ class GatewayCollector:
         data_dir = config.data_dir
         up = GaugeMetricFamily("lastmile_source_up", "1 when the source could be read this scrape.", labels=["source"])
 
-        metered = metered_kinds(config)
-        outbox = self._read("outbox", up, lambda: sources.read_outbox(data_dir, now, metered=metered))
+        outbox = self._read("outbox", up, lambda: sources.read_outbox(data_dir, now, config=config))
         yield from self._outbox_metrics(outbox)
         reports = self._read("reports", up, lambda: sources.read_reports(data_dir, now))
         yield from self._link_metrics(outbox, reports)
@@ -410,22 +408,6 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 def _with_extra(known: tuple[str, ...], seen: set[str]) -> list[str]:
     """The values we always show (zeros included), then any the data has that we do not know."""
     return [*known, *sorted(seen - set(known))]
-
-
-def metered_kinds(config: Config) -> dict[str, tuple[str, MeterPolicy]]:
-    """Metered destination -> (the outbox kind it sends, its policy), as the forwarder meters them."""
-    sections = (config.reading_center.metered, config.fhir.metered)
-    if not any(s.daily_budget_mb or s.windows for s in sections):
-        return {}  # most gateways: the outbox module (and sqlite-utils) stays out of this process
-    from lastmile.services.metered import QUEUED_KINDS, meter_policy
-    from lastmile.services.metered import sections as metered_sections
-
-    found = {}
-    for destination, section in metered_sections(config).items():
-        policy = meter_policy(section)
-        if policy is not None and destination in QUEUED_KINDS:
-            found[destination] = (str(QUEUED_KINDS[destination]), policy)
-    return found
 
 
 def make_registry(collector: GatewayCollector) -> CollectorRegistry:

@@ -31,15 +31,17 @@ import shutil
 import sqlite3
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from devices.identity import EARLIEST_PLAUSIBLE
 from lastmile.clock import read_boot_id
 from lastmile.data_dir import CLINIC_DB, OUTBOX_DB, VISITS_DB, columns_of, read_only
-from uploader.metering import Meter, MeterPolicy
+
+if TYPE_CHECKING:
+    from lastmile.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +121,9 @@ class StatusSnapshot:
         raise PermissionError("the metrics exporter reads the outbox read-only")
 
 
-def read_outbox(
-    data_dir: Path, now: float, *, metered: Mapping[str, tuple[str, MeterPolicy]] | None = None
-) -> OutboxSnapshot | None:
-    """The outbox as it is now; None when it was never created. `metered`: destination ->
-    (the outbox kind it sends, its meter's policy), for the metered destinations only."""
+def read_outbox(data_dir: Path, now: float, *, config: Config | None = None) -> OutboxSnapshot | None:
+    """The outbox as it is now; None when it was never created. `config`: the gateway's, for
+    what its metered links hold (none: nothing is held)."""
     path = data_dir / OUTBOX_DB
     if not path.is_file():
         return None
@@ -179,7 +179,7 @@ def read_outbox(
             (CONFIG_FAULT_PREFIX + "%", CONFIG_FAULT_PREFIX + "%"),
         ).fetchone()
         oldest_stuck = dict(oldest_created)
-        meter_held = _held_since(metered or {}, StatusSnapshot(statuses), now)
+        meter_held = {} if config is None else _held_since(config, StatusSnapshot(statuses), now)
         if meter_held:  # the routine items those meters hold (not STAT, not held for the doctor) left out
             from uploader.outbox import ROUTINE_QUEUED_SQL  # a metered gateway has the outbox module already
 
@@ -212,21 +212,16 @@ def read_outbox(
     )
 
 
-def _held_since(
-    metered: Mapping[str, tuple[str, MeterPolicy]], statuses: StatusSnapshot, now: float
-) -> dict[str, float]:
+def _held_since(config: Config, statuses: StatusSnapshot, now: float) -> dict[str, float]:
     """Outbox kind -> since when its meter holds the routine items queued (only the meters that
     hold them now), as `lastmile doctor` judges it (lastmile.services.metered.held_since)."""
-    if not metered:
-        return {}
-    from lastmile.services.metered import held_since  # a metered gateway has the outbox module already
+    from lastmile.services.metered import QUEUED_KINDS, held_since, meters
 
     held = {}
-    for destination, (kind, policy) in metered.items():
-        meter = Meter(destination, policy, statuses)
+    for destination, meter in meters(config, statuses).items():
         since = held_since(meter, now, meter.blocked(now))
-        if since is not None:
-            held[kind] = since
+        if since is not None and destination in QUEUED_KINDS:
+            held[QUEUED_KINDS[destination]] = since
     return held
 
 

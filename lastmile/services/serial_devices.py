@@ -96,14 +96,6 @@ def registry_address(name: str) -> str:
 # -- configuration -------------------------------------------------------------------------------
 
 
-def load_profiles(config: Config) -> dict[str, ReportProfile]:
-    """Every ASCII-report profile available (built-in, then `serial.profiles_dir`); ConfigError if one is bad."""
-    profiles, bad = load_profiles_apart(config)
-    if bad:
-        raise ConfigError(next(iter(bad.values())))
-    return profiles
-
-
 def load_profiles_apart(config: Config) -> tuple[dict[str, ReportProfile], dict[str, str]]:
     """The ASCII-report profiles that load, and for each one that does not, what is wrong with it
     ("FILE:LINE: 'key' ..."): the acquire service leaves only the devices naming a bad one."""
