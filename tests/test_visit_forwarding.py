@@ -170,6 +170,7 @@ def test_a_closed_visit_that_cannot_be_a_bundle_holds_up_no_other_and_is_said_on
         book.stop()
     now = [1000.0]
     visits = VisitQueue(data, "gw-1", monotonic=lambda: now[0])
+    caplog.clear()  # the start/stop lines above are caught too when an earlier test set INFO
     with Outbox.open(data, min_free_bytes=0) as outbox, caplog.at_level(logging.INFO):
         assert visits.queue(outbox, NAMING) == 1
         now[0] += UNQUEUED_RETRY_S + 1
