@@ -21,7 +21,7 @@ import pytest
 from lastmile.config import Config
 from lastmile.data_dir import read_only
 from lastmile.services.forward import ForwardService
-from lastmile.visits.book import VisitBook, VisitPolicy
+from lastmile.visits.book import Visit, VisitBook, VisitPolicy
 from tests.fhir_samples import NAMING
 from tests.fhir_server import FhirTestServer
 from tests.peers import free_port
@@ -58,6 +58,19 @@ def step_until(service: ForwardService, condition: Callable[[], bool]) -> None:
 
 def visits_applied(server: FhirTestServer) -> int:
     return sum(server.applied.values())
+
+
+def said_once_as_error(caplog: pytest.LogCaptureFixture, visit_id: str) -> None:
+    """The journal named the visit once, as an ERROR (set aside): not at every try."""
+    import logging
+
+    about = [r for r in caplog.records if visit_id in r.getMessage()]
+    assert len(about) == 1 and about[0].levelno == logging.ERROR, [r.getMessage() for r in about]
+
+
+def set_aside_and_said_once(caplog: pytest.LogCaptureFixture, visit: Visit | None) -> None:
+    assert visit is not None and visit.fhir_fault, "the damaged visit is not set aside"
+    said_once_as_error(caplog, visit.id)
 
 
 def stop_before_time_is_known(data: Path) -> str:
@@ -176,8 +189,7 @@ def test_a_closed_visit_that_cannot_be_a_bundle_holds_up_no_other_and_is_said_on
         now[0] += UNQUEUED_RETRY_S + 1
         assert visits.queue(outbox, NAMING) == 0  # a minute later: nothing new, nothing said again
         assert [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == [f"fhir:visit:{later.id}"]
-    about = [r for r in caplog.records if damaged.id in r.getMessage()]
-    assert len(about) == 1 and about[0].levelno == logging.ERROR, [r.getMessage() for r in about]
+    said_once_as_error(caplog, damaged.id)
     assert not [r for r in caplog.records if r.exc_info], "a traceback in the journal"
     toml = tmp_path / "lastmile.toml"
     toml.write_text(f'[gateway]\nid = "gw-1"\ndata_dir = "{data}"\n')
@@ -218,8 +230,7 @@ def test_a_damaged_visit_waiting_for_its_time_neither_stops_gps_nor_holds_up_the
         set_aside = book.db.execute("SELECT fhir_fault FROM visits WHERE id = ?", [damaged.id]).fetchone()[0]
     assert signed is not None and signed.chain_seq is not None and signed.start.time is not None
     assert set_aside, "the damaged visit is not marked as one that cannot be sent"
-    about = [r for r in caplog.records if damaged.id in r.getMessage()]
-    assert len(about) == 1 and about[0].levelno == logging.ERROR, [r.getMessage() for r in about]
+    said_once_as_error(caplog, damaged.id)
 
 
 # --- 2. every fix (1 Hz, all day) reads the open visit once, not twice --------------------------
@@ -611,7 +622,123 @@ def test_a_visit_with_two_damaged_notes_is_set_aside_and_said_once(
         caplog.clear()
         with caplog.at_level(logging.INFO):
             book.observe_fix(fix_at(*HOUSE, GPS_T), book.clock.now())
-        visit = book.get(damaged.id)
-    assert visit is not None and visit.fhir_fault, "the damaged visit is not set aside"
-    about = [r for r in caplog.records if damaged.id in r.getMessage()]
-    assert len(about) == 1 and about[0].levelno == logging.ERROR, [r.getMessage() for r in about]
+        set_aside_and_said_once(caplog, book.get(damaged.id))
+
+
+# --- 6. a visit whose own data cannot be a bundle, a damaged key every minute, a mending update ----
+
+
+def test_a_visit_without_a_doctor_is_set_aside_once_and_the_next_visit_still_goes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A closed, signed visit whose doctor was blanked on the SD card: building its bundle raised
+    out of queue_closed, so no visit after it was ever queued and the forward service logged a
+    traceback every minute. It is set aside once; the next visit goes."""
+    import logging
+
+    data = tmp_path / "data"
+    with VisitBook.open(data, gateway_id="gw-1") as book:
+        damaged = book.start("P-1", doctor_id="DR-1", household_id="HH-1")
+        book.stop()
+        later = book.start("P-2", doctor_id="DR-1", household_id="HH-1")
+        book.stop()
+        book.db.execute("UPDATE visits SET doctor_id = '' WHERE id = ?", [damaged.id])
+        book.db.conn.commit()
+        caplog.clear()
+        with Outbox.open(data, min_free_bytes=0) as outbox, caplog.at_level(logging.INFO):
+            assert book.queue_closed(outbox, NAMING) == 1
+            assert book.queue_closed(outbox, NAMING) == 0
+            assert [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == [f"fhir:visit:{later.id}"]
+        set_aside_and_said_once(caplog, book.get(damaged.id))
+
+
+def test_a_damaged_signing_key_is_said_once_by_the_forward_service_not_every_minute(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The forward service opens a new book at each retry (every minute): the damaged key's ERROR
+    was said every minute all day (SD card wear), each with a wrong "wait for a known time". It is
+    said once per damage; a new damage (another file) is said again."""
+    import logging
+
+    from lastmile.visits.chain import KEY_FILE
+    from lastmile.visits.relay_link import UNQUEUED_RETRY_S, VisitQueue
+
+    data = tmp_path / "data"
+    with VisitBook.open(data, gateway_id="gw-1") as book:
+        book.start("P-1", doctor_id="DR-1", household_id="HH-1")
+        book.stop()  # signed: makes the key
+    key = data / KEY_FILE
+    key.write_bytes(b"-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n")
+    now = [1000.0]
+    visits = VisitQueue(data, "gw-1", monotonic=lambda: now[0])
+    caplog.clear()
+    with Outbox.open(data, min_free_bytes=0) as outbox, caplog.at_level(logging.INFO):
+        for _ in range(5):  # five minutes of the forward service
+            assert visits.queue(outbox, NAMING) == 0
+            now[0] += UNQUEUED_RETRY_S + 1
+        said = [r for r in caplog.records if r.levelno >= logging.ERROR and KEY_FILE in r.getMessage()]
+        assert len(said) == 1, [r.getMessage() for r in said]
+        key.write_bytes(b"-----BEGIN PRIVATE KEY-----\nZGFtYWdlZCBhZ2Fpbg==\n-----END PRIVATE KEY-----\n")
+        for _ in range(3):
+            assert visits.queue(outbox, NAMING) == 0
+            now[0] += UNQUEUED_RETRY_S + 1
+    said = [r for r in caplog.records if r.levelno >= logging.ERROR and KEY_FILE in r.getMessage()]
+    assert len(said) == 2, [r.getMessage() for r in said]
+    wrong = [r.getMessage() for r in caplog.records if "known time" in r.getMessage()]
+    assert not wrong, wrong
+
+
+def test_a_visit_set_aside_is_tried_once_more_after_an_update_that_changes_bundle_building(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The "tried again after an update" compared lastmile.__version__, which never changes (the
+    update bundles carry their own): a mending update never retried anything. A set-aside visit is
+    retried once per generation of the bundle code; still damaged, it is set aside again, once;
+    never queued twice."""
+    import logging
+
+    from lastmile.visits import relay_link
+    from lastmile.visits.relay_link import UNQUEUED_RETRY_S, VisitQueue
+    from tests.fhir_samples import blood_pressure
+
+    data = tmp_path / "data"
+    with VisitBook.open(data, gateway_id="gw-1") as book:
+        damaged = book.start("P-1", doctor_id="DR-1", household_id="HH-1")
+        book.attach_observation(blood_pressure(GPS_T, "P-1", "bp-1"))
+        book.stop()
+        whole = book.db.execute("SELECT record FROM visit_items").fetchone()[0]
+        book.db.execute("UPDATE visit_items SET record = json_remove(record, '$.quantities')")
+        book.db.conn.commit()
+    now = [1000.0]
+
+    def update_ships() -> None:  # one that changed the bundle code: the next generation
+        generation = getattr(relay_link, "FHIR_FAULT_GENERATION", 0)
+        monkeypatch.setattr(relay_link, "FHIR_FAULT_GENERATION", generation + 1, raising=False)
+
+    def minutes(visits: VisitQueue, outbox: Outbox, count: int) -> int:
+        queued = 0
+        for _ in range(count):
+            queued += visits.queue(outbox, NAMING)
+            now[0] += UNQUEUED_RETRY_S + 1
+        return queued
+
+    def said_about() -> int:
+        return len([r for r in caplog.records if damaged.id in r.getMessage() and r.levelno >= logging.ERROR])
+
+    caplog.clear()
+    with Outbox.open(data, min_free_bytes=0) as outbox, caplog.at_level(logging.INFO):
+        assert minutes(VisitQueue(data, "gw-1", monotonic=lambda: now[0]), outbox, 3) == 0
+        assert said_about() == 1
+        # an update that changed how bundles are built, but did not mend this: tried once, set aside again
+        update_ships()
+        assert minutes(VisitQueue(data, "gw-1", monotonic=lambda: now[0]), outbox, 3) == 0
+        assert said_about() == 2
+        # the record is mended (say, by the update's migration), and another generation ships
+        with VisitBook.open(data, gateway_id="gw-1") as book:
+            book.db.execute("UPDATE visit_items SET record = ?", [whole])
+            book.db.conn.commit()
+        update_ships()
+        assert minutes(VisitQueue(data, "gw-1", monotonic=lambda: now[0]), outbox, 3) == 1
+        update_ships()
+        assert minutes(VisitQueue(data, "gw-1", monotonic=lambda: now[0]), outbox, 2) == 0
+        assert [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == [f"fhir:visit:{damaged.id}"]
