@@ -125,9 +125,10 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration.sql("0004_visit_fhir_fault_version", "ALTER TABLE visits ADD COLUMN fhir_fault_version TEXT;"),
 )
 
-# What decoding a damaged stored visit raises (InvalidObjectError and JSON decode errors are
-# ValueErrors): trying it again will not help. Caught around the decoding only: signing and
-# building the bundle fail for the gateway's reasons (its key, a bug), not the visit's.
+# What decoding a damaged stored visit, or building its bundle or canonical record from it,
+# raises (InvalidObjectError - no doctor, an unassigned reading, a time without zone - and JSON
+# decode errors are ValueErrors): trying it again will not help. The signing key is loaded
+# before any visit is tried, outside these: a damaged key (SigningKeyError) sets no visit aside.
 BUNDLE_ERRORS: tuple[type[Exception], ...] = (ValueError, KeyError, TypeError)
 
 
@@ -602,14 +603,13 @@ class VisitBook:
             return 0
         signed = 0
         for row in rows:
-            try:  # the stored record's decoding only
+            try:  # decoding the record and its canonical form (a NaN in it): the visit's own data
                 body = self._settled_body(row)
+                if body is not None:
+                    self._chain(row["id"], body, now.time, key)
+                    signed += 1
             except BUNDLE_ERRORS as exc:
                 self._set_aside(row["id"], exc)
-                continue
-            if body is not None:
-                self._chain(row["id"], body, now.time, key)
-                signed += 1
         return signed
 
     def _settled_body(self, row: dict) -> dict | None:
@@ -1013,13 +1013,12 @@ class VisitBook:
         if key is None:
             return 0
         for row in rows:
-            try:  # the stored record's decoding only: building the bundle is not the visit's fault
-                stored = self._stored_for_bundle(row["id"])
+            try:  # decoding the record and building its bundle: both fail on the visit's own data
+                bundle = self._bundle(self._stored_for_bundle(row["id"]), naming, key)
             except BUNDLE_ERRORS as exc:
                 with transaction(self.db):
                     self._set_aside(row["id"], exc)
                 continue
-            bundle = self._bundle(stored, naming, key)
             enqueue_bundle(
                 outbox,
                 bundle,
