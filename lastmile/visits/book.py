@@ -50,7 +50,6 @@ import sqlite_utils
 from devices.gps.fix import Fix
 from devices.identity import TimeSource
 from devices.observation import Observation
-from lastmile import __version__
 from lastmile.clinic.observations import observation_from_json, observation_to_json
 from lastmile.clock import Anchor, GatewayClock, Stamp
 from lastmile.data_dir import ensure_data_dir
@@ -67,6 +66,7 @@ from lastmile.visits.chain import (
     verify_lines,
 )
 from lastmile.visits.households import Household, HouseholdRegister, distance_m
+from lastmile.visits.relay_link import fault_generation
 from uploader.sqlite_store import Migration, open_database, transaction
 
 if TYPE_CHECKING:
@@ -564,22 +564,23 @@ class VisitBook:
         # only if not set aside yet: a pass may meet the same visit again (each damaged note)
         newly = self.db.execute(
             "UPDATE visits SET fhir_fault = ?, fhir_fault_version = ? WHERE id = ? AND fhir_fault IS NULL",
-            [fault, __version__, visit_id],
+            [fault, fault_generation(), visit_id],
         ).rowcount
         if newly:
             log.error("home visit %s is damaged and cannot be sent to the county platform: %s", visit_id, fault)
 
     def _retry_set_aside(self) -> None:
-        """(In a write transaction.) Visits set aside by another version are tried once more: the
-        update may mend what set them aside (a bundle bug, or an older version's verdict on a
-        damaged key file); one still damaged is set aside again, by this version."""
+        """(In a write transaction.) Visits set aside by another generation of the bundle code
+        (relay_link.FHIR_FAULT_GENERATION) are tried once more: the update may mend what set them
+        aside (a bundle bug, or an older version's verdict on a damaged key file); one still
+        damaged is set aside again, under this generation."""
         retried = self.db.execute(
             "UPDATE visits SET fhir_fault = NULL, fhir_fault_version = NULL "
             "WHERE fhir_fault IS NOT NULL AND fhir_fault_version IS NOT ?",
-            [__version__],
+            [fault_generation()],
         ).rowcount
         if retried:
-            log.info("%d home visit(s) set aside by another version are tried again", retried)
+            log.info("%d home visit(s) set aside by an earlier version are tried again", retried)
 
     def _sign_settled(self) -> int:
         """(In a write transaction.) Repair, then sign every closed visit whose times are settled:

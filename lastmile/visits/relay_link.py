@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from devices.observation import Observation
-from lastmile import __version__
 from lastmile.data_dir import columns_of, read_only
 
 if TYPE_CHECKING:
@@ -66,6 +65,21 @@ def visit_link(data_dir: Path, gateway_id: str) -> Callable[[Observation, str], 
     return link
 
 
+# The generation of the code that turns a stored visit into a FHIR bundle (lastmile.visits.book:
+# record decoding, `_stored_for_bundle`, `_bundle`, signing; uploader.fhir_bundle.visit_bundle).
+# BUMP IT whenever that code changes: a visit set aside (fhir_fault) by another generation is
+# tried once more, as an update may mend what set it aside. Not lastmile.__version__: it never
+# changes (update bundles carry their own version). Here, not in the book: this module must not
+# import the signing code (the forward service asks every round).
+FHIR_FAULT_GENERATION = 1
+
+
+def fault_generation() -> str:
+    """The current generation as visits.fhir_fault_version stores it (rows from before hold a
+    version string such as "0.1.0", or NULL: another generation)."""
+    return str(FHIR_FAULT_GENERATION)
+
+
 # A closed visit that could not be queued (signed only once a time is known: no GPS, no NTP yet)
 # is looked at again this often, or at once when another visit closes.
 UNQUEUED_RETRY_S = 60.0
@@ -79,13 +93,13 @@ def closed_unqueued(data_dir: Path) -> frozenset[str]:
         return frozenset()
     with read_only(path) as conn:
         # a visit that can never be a bundle is set aside (fhir_fault), not tried every minute,
-        # but one set aside by another version is tried once more (the book clears it then); a
-        # visits.db no process of this version opened yet has no fhir_fault_version column
+        # but one set aside by another generation is tried once more (the book clears it then);
+        # a visits.db no process of this version opened yet has no fhir_fault_version column
         if "fhir_fault_version" in columns_of(conn, "visits"):
             rows = conn.execute(
                 "SELECT id FROM visits WHERE state = 'closed' AND fhir_queued_at IS NULL "
                 "AND (fhir_fault IS NULL OR fhir_fault_version IS NOT ?)",
-                [__version__],
+                [fault_generation()],
             ).fetchall()
         else:
             rows = conn.execute("SELECT id FROM visits WHERE state = 'closed' AND fhir_queued_at IS NULL").fetchall()
