@@ -55,6 +55,7 @@ from lastmile.clock import Anchor, GatewayClock, Stamp
 from lastmile.data_dir import ensure_data_dir
 from lastmile.visits.chain import (
     GENESIS,
+    KEY_FILE,
     ChainLink,
     SigningKeyError,
     VerifyReport,
@@ -317,12 +318,44 @@ class StoredVisit:
     signed_at: dt.datetime
 
 
+class KeyFaultNotice:
+    """Whether the damage of the signing key file was said. Kept by a caller that opens a book at
+    each try (the forward service's VisitQueue, every minute), so the journal (SD card) gets it
+    once per damage, not every minute all day; the file written or replaced again (its inode,
+    size or mtime changed) is a new damage, said again."""
+
+    def __init__(self) -> None:
+        self.damaged = False  # the key could not be loaded in this try (the caller resets it)
+        self.said = False  # since the key last loaded
+        self.said_of: tuple[int, int, int] | None = None  # the file as it was when it was said
+
+    def first_of(self, path: Path) -> bool:
+        """The key at `path` failed to load: whether this damage was not said yet."""
+        try:
+            st = path.stat()
+            seen: tuple[int, int, int] | None = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            seen = None
+        first = not self.said or seen != self.said_of
+        self.damaged, self.said, self.said_of = True, True, seen
+        return first
+
+    def repaired(self) -> None:
+        self.damaged, self.said, self.said_of = False, False, None
+
+
 # --- the book -------------------------------------------------------------------------------------
 
 
 class VisitBook:
     def __init__(
-        self, db: sqlite_utils.Database, data_dir: Path, gateway_id: str, policy: VisitPolicy, clock: GatewayClock
+        self,
+        db: sqlite_utils.Database,
+        data_dir: Path,
+        gateway_id: str,
+        policy: VisitPolicy,
+        clock: GatewayClock,
+        key_fault: KeyFaultNotice | None = None,
     ) -> None:
         self.db = db
         self.data_dir = data_dir
@@ -331,7 +364,8 @@ class VisitBook:
         self.clock = clock
         self.register = HouseholdRegister(db)
         self._key: Ed25519PrivateKey | None = None
-        self._key_fault_said = False  # a damaged key file: said once per process, not at each fix
+        # a damaged key file: said once per damage, not at each fix nor at each book of a retry
+        self.key_fault = key_fault or KeyFaultNotice()
         self._stale_fixes = 0  # in a row, for the log
         self._repaired = False  # provisional stamps repaired with this process's GPS time
         self._saved_anchor: Anchor | None = None  # as visits.db holds it for this boot
@@ -345,6 +379,7 @@ class VisitBook:
         gateway_id: str,
         policy: VisitPolicy | None = None,
         clock: GatewayClock | None = None,
+        key_fault: KeyFaultNotice | None = None,
     ) -> VisitBook:
         data_dir = ensure_data_dir(data_dir)
         try:
@@ -356,7 +391,7 @@ class VisitBook:
                 if hasattr(exc, attr):
                     setattr(named, attr, getattr(exc, attr))
             raise named from exc
-        return cls(db, data_dir, gateway_id, policy or VisitPolicy(), clock or GatewayClock())
+        return cls(db, data_dir, gateway_id, policy or VisitPolicy(), clock or GatewayClock(), key_fault)
 
     def close(self) -> None:
         self.db.close()
@@ -380,14 +415,13 @@ class VisitBook:
         try:
             key = self.signing_key
         except SigningKeyError as exc:
-            (log.debug if self._key_fault_said else log.error)(
+            (log.error if self.key_fault.first_of(self.data_dir / KEY_FILE) else log.debug)(
                 "home visits cannot be signed nor sent to the county platform until the gateway's "
                 "signing key is repaired (restore it from its backup): %s",
                 exc,
             )
-            self._key_fault_said = True
             return None
-        self._key_fault_said = False
+        self.key_fault.repaired()
         return key
 
     # --- time ------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from devices.observation import Observation
 from lastmile.data_dir import columns_of, read_only
 
 if TYPE_CHECKING:
+    from lastmile.visits.book import KeyFaultNotice
     from uploader.fhir_bundle import FhirNaming
     from uploader.outbox import Outbox
 
@@ -140,6 +141,8 @@ class VisitQueue:
         self._seen: FileState | None = None  # the files as they were before the last look
         self._waiting: frozenset[str] = frozenset()  # what the last look left unqueued
         self._tried_at = -math.inf
+        self._said_waiting: frozenset[str] = frozenset()  # what "wait for a known time" last said
+        self._key_fault: KeyFaultNotice | None = None  # kept across the books of each retry
 
     def queue(self, outbox: Outbox, naming: FhirNaming) -> int:
         now = self._monotonic()
@@ -152,18 +155,26 @@ class VisitQueue:
         if not waiting or (waiting <= self._waiting and not retry_due):
             self._waiting = waiting
             return 0
-        from lastmile.visits.book import VisitBook
+        from lastmile.visits.book import KeyFaultNotice, VisitBook
 
+        if self._key_fault is None:
+            self._key_fault = KeyFaultNotice()
+        self._key_fault.damaged = False  # what this try finds (what was said is kept)
         # noted before trying: a visit that fails to queue is tried again in a minute, not each round
         self._waiting, self._tried_at = waiting, now
-        with VisitBook.open(self.data_dir, gateway_id=self.gateway_id) as book:
+        with VisitBook.open(self.data_dir, gateway_id=self.gateway_id, key_fault=self._key_fault) as book:
             queued = book.queue_closed(outbox, naming)
         self._seen = file_state(self.data_dir)
         self._waiting = closed_unqueued(self.data_dir)
         if queued:
             log.info("%d closed home visit(s) queued for the county platform", queued)
-        if self._waiting:
+        # the book said why when the key is the cause; otherwise said when what waits changes,
+        # not at every retry (the journal is on the SD card)
+        if self._key_fault.damaged or not self._waiting:
+            self._said_waiting = frozenset()
+        elif self._waiting and self._waiting != self._said_waiting:
             log.info(
                 "%d closed home visit(s) wait for a known time before they can be signed and sent", len(self._waiting)
             )
+            self._said_waiting = self._waiting
         return queued
