@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lastmile.clock import clinic_time, local_zone
 from lastmile.doctor import Finding, Level, render_text
-from lastmile.services.metered import meters
+from lastmile.services.metered import QUEUED_KINDS, meters
 from tests.test_doctor import doctor
 from uploader.metering import KEEP_DAYS
 from uploader.outbox import Kind, Outbox, Priority
@@ -318,3 +318,77 @@ def test_doctor_does_not_excuse_routine_items_whose_sends_failed_by_a_spent_budg
     text = render_text(found)
     assert found[0].level is Level.WARN and "is the link down" in found[0].hint, text
     assert "link works" not in text and not [f for f in found if f.advice_key.startswith("metered-")], text
+
+
+def test_doctor_says_a_shut_window_holds_a_routine_ecg_queued_after_a_send_failed_in_the_last_one(
+    tmp_path: Path,
+) -> None:
+    """One timeout at the end of last night's window made every routine ECG queued since - none of
+    which had a chance yet - the link's: 'is the link down?' all day, and no word that they wait for
+    tonight's window. A failing link stops excusing a spent budget (failed sends spend it), not a
+    window that has not opened since."""
+    zone = local_zone()
+    yesterday = dt.datetime.now(zone).date() - dt.timedelta(days=1)
+
+    def at(days_before: int, hour: int, minute: int = 0) -> float:
+        return dt.datetime.combine(yesterday - dt.timedelta(days=days_before), dt.time(hour, minute), zone).timestamp()
+
+    now = at(0, 12)
+    metered = '[reading_center.metered]\nwindows = ["20:00-22:00"]\n'
+    queue_items(tmp_path, 1, at=at(0, 9))  # this morning: no window has opened since
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        outbox.record_status(
+            "reading_center",
+            {"last_success": at(1, 21), "last_error": "timed out", "last_error_at": at(1, 21, 59)},
+            at(1, 21, 59),
+        )
+    found = queue_findings(doctor(tmp_path, metered, now=lambda: now).check_queue())
+    text = render_text(found)
+    assert "link down" not in text and Level.FAIL not in [f.level for f in found], text
+    [held] = [f for f in found if f.advice_key == "metered-window"]
+    assert "1 routine" in held.message and "20:00" in held.message, text
+
+
+def test_the_queued_kinds_are_the_outbox_kinds_they_name() -> None:
+    assert QUEUED_KINDS == {"dicom": Kind.DICOM, "fhir": Kind.FHIR_BUNDLE}  # copied to keep sqlite-utils out
+
+
+def test_doctor_does_not_excuse_by_a_failing_links_spent_budget_a_routine_ecg_queued_in_an_open_window(
+    tmp_path: Path,
+) -> None:
+    """The window is open now; only the budget, spent by the failing link's sends, holds the ECG
+    queued in it: the link's, as with no window."""
+    now = time.time()
+    opened = dt.datetime.fromtimestamp(now, local_zone()) - dt.timedelta(hours=1)
+    metered = f'[reading_center.metered]\nwindows = ["{opened:%H:%M}-{opened + dt.timedelta(hours=3):%H:%M}"]\n'
+    metered += "daily_budget_mb = 1.0\n"
+    queue_items(tmp_path, 1, at=now - 1800)
+    spend_every_remembered_day(tmp_path, metered, now, "dicom")
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        outbox.record_status(
+            "reading_center", {"last_success": now - DAY, "last_error": "timed out", "last_error_at": now - 300}, now
+        )
+    found = queue_findings(doctor(tmp_path, metered, now=lambda: now).check_queue())
+    assert not [f for f in found if f.advice_key.startswith("metered-")], render_text(found)
+
+
+def test_doctor_blames_a_failing_link_for_a_routine_ecg_that_waited_through_a_window_its_sends_spent(
+    tmp_path: Path,
+) -> None:
+    """Window 20:00-22:00, last night's budget spent there by sends that failed: the ECG queued
+    before it had its chance - the link's, not 'the budget is too tight'."""
+    zone = local_zone()
+    yesterday = dt.datetime.now(zone).date() - dt.timedelta(days=1)
+    now = dt.datetime.combine(yesterday, dt.time(12), zone).timestamp()
+    metered = '[reading_center.metered]\nwindows = ["20:00-22:00"]\ndaily_budget_mb = 1.0\n'
+    queue_items(tmp_path, 1, at=now - DAY)
+    spend_every_remembered_day(tmp_path, metered, now - 15 * 3600, "dicom")  # at 21:00 each night
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        outbox.record_status(
+            "reading_center",
+            {"last_success": now - 3 * DAY, "last_error": "timed out", "last_error_at": now - 14 * 3600},
+            now,
+        )
+    found = queue_findings(doctor(tmp_path, metered, now=lambda: now).check_queue())
+    text = render_text(found)
+    assert "held" not in text and not [f for f in found if f.advice_key.startswith("metered-")], text

@@ -68,3 +68,20 @@ def test_the_queue_stuck_alert_is_judged_on_what_no_meter_holds() -> None:
     rules = (REPO / "docs" / "prometheus" / "lastmile-alerts.yml").read_text()
     expr = re.search(r"alert: LastmileQueueStuck\n\s+expr: (.*)", rules)
     assert expr is not None and expr.group(1).startswith(STUCK), expr
+
+
+def test_a_send_that_failed_in_last_nights_window_does_not_make_this_mornings_ecgs_stuck(tmp_path: Path) -> None:
+    """One timeout as last night's window closed made each routine ECG queued since count as
+    stuck all day, though no window had opened for it: the county was paged for the tariff."""
+    config = Config()
+    config.set_data_dir(tmp_path)
+    config.reading_center.metered.windows = [shut_window(NOW)]  # last open from NOW - 22 h to NOW - 21 h
+    with Outbox.open(tmp_path, now=NOW - 2 * DAY) as outbox:
+        failed_at = NOW - 21 * 3600 - 60
+        outbox.record_status(
+            "reading_center",
+            {"last_success": failed_at - 600, "last_error": "timed out", "last_error_at": failed_at},
+            failed_at,
+        )
+        outbox.add(Kind.DICOM, "morning-ecg", b"x" * 100, now=NOW - 3 * 3600)
+        assert value(scraped(config), STUCK, kind="dicom") == 0.0, "a window that has not opened pages the county"

@@ -70,12 +70,17 @@ def held_since(meter: Meter, now: float, blocked: Blocked | None) -> float | Non
       lived through it had its chance).
     With both, one walk over the windows: a study that waited through last night's window, that
     night's budget spent, and today's window not yet open, is the budget's (too small for the
-    clinic: said as such, a WARN), not a dead link's. No chance in the days the meter remembers: -inf."""
+    clinic: said as such, a WARN), not a dead link's. No chance in the days the meter remembers: -inf.
+    While the link fails (`link_failing`), its failed sends spent the budgets: a spent day counts as
+    one with budget left (a chance the link missed), but a window that has not opened since is still
+    no chance - what was queued since it last opened waits for it, not for the link."""
     if blocked is None:
         return None
-    if link_failing(meter):  # failed sends spend the budget too: a spent one excuses nothing then
-        return now
-    chances = _window_chances(meter, now) if meter.policy.windows else _budget_chances(meter, now)
+    budget_counts = not link_failing(meter)
+    if meter.policy.windows:
+        chances = _window_chances(meter, now, budget_counts=budget_counts)
+    else:
+        chances = _budget_chances(meter, now, budget_counts=budget_counts)
     return next(chances, -math.inf)
 
 
@@ -90,15 +95,16 @@ def link_failing(meter: Meter) -> bool:
     return isinstance(failed, (int, float)) and (not isinstance(succeeded, (int, float)) or failed > succeeded)
 
 
-def _budget_left(meter: Meter, day: dt.date) -> bool:
-    """Whether `day`'s budget was not all spent (no budget: always)."""
-    budget = meter.policy.daily_budget_bytes
+def _budget_left(meter: Meter, day: dt.date, *, budget_counts: bool) -> bool:
+    """Whether `day`'s budget was not all spent (no budget, or one a failing link spent: always)."""
+    budget = meter.policy.daily_budget_bytes if budget_counts else 0
     noon = dt.datetime.combine(day, dt.time(12), meter.policy.zone).timestamp()
     return not budget or meter.spent_today(noon) < budget
 
 
-def _window_chances(meter: Meter, now: float) -> Iterator[float]:
-    """The first moment of each past window opening that had budget left, newest first."""
+def _window_chances(meter: Meter, now: float, *, budget_counts: bool) -> Iterator[float]:
+    """The first moment of each past window opening that had budget left, newest first (`budget_counts`
+    False: every day had; a window open now then holds nothing, its chance is now)."""
     zone = meter.policy.zone
     today = dt.datetime.fromtimestamp(now, zone).date()
     for days_ago in range(KEEP_DAYS):  # older days: unknown (-inf, see held_since)
@@ -111,20 +117,22 @@ def _window_chances(meter: Meter, now: float) -> Iterator[float]:
             closed = min(opened + length * 60, now)
             if opened > now:
                 continue
-            if _budget_left(meter, day):
+            if not budget_counts and opened + length * 60 > now:
+                found.append(now)  # open now, and only a budget the failing link spent holds: nothing waits for it
+            elif _budget_left(meter, day, budget_counts=budget_counts):
                 found.append(opened)
-            elif midnight < closed and _budget_left(meter, day + dt.timedelta(days=1)):
+            elif midnight < closed and _budget_left(meter, day + dt.timedelta(days=1), budget_counts=budget_counts):
                 found.append(midnight)  # it ran past midnight into a day with budget left
         if found:
             yield max(found)
 
 
-def _budget_chances(meter: Meter, now: float) -> Iterator[float]:
+def _budget_chances(meter: Meter, now: float, *, budget_counts: bool) -> Iterator[float]:
     """The end of each past day whose budget was not spent, newest first (today's: now)."""
     zone = meter.policy.zone
     day = dt.datetime.fromtimestamp(now, zone).date()
     for _ in range(KEEP_DAYS):
-        if _budget_left(meter, day):
+        if _budget_left(meter, day, budget_counts=budget_counts):
             yield min(now, dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), zone).timestamp())
         day -= dt.timedelta(days=1)
 
