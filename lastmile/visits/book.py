@@ -370,6 +370,8 @@ class VisitBook:
         self._repaired = False  # provisional stamps repaired with this process's GPS time
         self._saved_anchor: Anchor | None = None  # as visits.db holds it for this boot
         self._restore_anchor()
+        # an update changes the generation only with a new process: once per book, not per pass
+        self._set_aside_retried = False
 
     @classmethod
     def open(
@@ -620,7 +622,9 @@ class VisitBook:
         """(In a write transaction.) Repair, then sign every closed visit whose times are settled:
         known, or lost because they were stamped in an earlier boot that never learnt the time.
         Nothing is signed before this boot has a time: signed_at must be a real time too."""
-        self._retry_set_aside()
+        if not self._set_aside_retried:
+            self._retry_set_aside()
+            self._set_aside_retried = True
         now = self.clock.now()
         if now.time is None:
             return 0
