@@ -29,7 +29,7 @@ from lastmile.config import Config, load_config
 from lastmile.services.runtime import EXIT_OK, ServiceRuntime
 from lastmile.services.sdnotify import SystemdNotifier
 from tests.conftest import REPO, missing
-from tests.test_service_runtime import Manager
+from tests.service_harness import Manager
 
 THERMO = "C0:00:00:00:25:02"
 pytestmark = pytest.mark.timeout(120)

@@ -16,7 +16,7 @@ from pathlib import Path
 from lastmile.clock import clinic_time, local_zone
 from lastmile.doctor import Finding, Level, render_text
 from lastmile.services.metered import QUEUED_KINDS, meters
-from tests.test_doctor import doctor
+from tests.service_harness import doctor
 from uploader.metering import KEEP_DAYS
 from uploader.outbox import Kind, Outbox, Priority
 
