@@ -737,6 +737,7 @@ class Doctor:
         the link works as configured. A WARN once they have waited a day: a budget or windows
         too small for the clinic's traffic keep a backlog that grows."""
         from lastmile.clock import clinic_time
+        from lastmile.services.metered import SETTINGS
 
         assert wait.blocked is not None and wait.routine_waiting
         blocked = wait.blocked
@@ -747,7 +748,7 @@ class Doctor:
             f"{wait.routine_waiting} routine item(s) of {wait.what} held by its {holder} until {until} "
             f"(in {_age(max(0.0, blocked.until - now))}; {blocked.detail}), the oldest for {_age(age)}; STAT goes anyway"
         )
-        section = wait.what.rsplit("(", 1)[-1].rstrip(")")  # "reading_center.metered"
+        section = SETTINGS[wait.destination]  # "reading_center.metered"
         level = Level.WARN if age > WAITING_WARN_S else Level.OK
         widen = f"raise {section}.daily_budget_mb or widen {section}.windows"
         if level is Level.WARN:  # only a budget spent day after day holds an item this long

@@ -19,11 +19,13 @@ from uploader.metering import KEEP_DAYS, Blocked, Meter, MeterPolicy, SendWindow
 if TYPE_CHECKING:
     from uploader.outbox import Outbox
 
-# destination → (what `lastmile queue` calls it, where its settings are)
+# destination → where its settings are in lastmile.toml
+SETTINGS = {"dicom": "reading_center.metered", "fhir": "fhir.metered", "reports": "reports.metered"}
+# destination → what `lastmile queue` calls it, with where its settings are
 DESTINATIONS = {
-    "dicom": "ECGs to the reading center (reading_center.metered)",
-    "fhir": "visit records to the county platform (fhir.metered)",
-    "reports": "report polling (reports.metered)",
+    "dicom": f"ECGs to the reading center ({SETTINGS['dicom']})",
+    "fhir": f"visit records to the county platform ({SETTINGS['fhir']})",
+    "reports": f"report polling ({SETTINGS['reports']})",
 }
 # destination → the outbox kind its sender takes (report polling queues nothing): uploader.outbox.Kind's
 # values, not imported (it brings sqlite-utils: the metrics exporter asks a gateway that meters nothing)
