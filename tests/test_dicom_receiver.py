@@ -590,3 +590,35 @@ def test_a_loosely_written_resident_id_goes_to_the_pacs_as_the_one_resident_id(o
     forwarded = io.BytesIO()
     ds.save_as(forwarded)
     assert dciodvfy_problems(forwarded.getvalue()) == []
+
+
+def test_a_cart_sending_a_stored_object_again_costs_no_parse(outbox: Outbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cart resends what it is not sure went through (after a timeout, at every restart). An
+    object whose patient ID the gateway rewrote was read with pydicom and written again at every
+    resend, only to find the item it already keeps: on a Pi, for each of a cart's retries."""
+    from tests.ecg_factories import make_recording
+    from uploader.dicom_ecg import EcgStudyUids, StationInfo, recording_to_dicom_bytes
+    from uploader.dicom_store import StoreAssociation
+
+    uids = EcgStudyUids(study_uid="2.25.3001", series_uid="2.25.3002", sop_instance_uid="2.25.3003")
+    ecg = _dataset(recording_to_dicom_bytes(make_recording(0), uids, StationInfo(station_name="cart-1")))
+    ecg.PatientID = "110105 19491231 002x"
+    sent = io.BytesIO()
+    ecg.save_as(sent)
+    reads: list[object] = []
+    real_dcmread = pydicom.dcmread
+
+    def counted_dcmread(*args: object, **kwargs: object) -> pydicom.FileDataset:
+        reads.append(args[0])
+        return real_dcmread(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pydicom, "dcmread", counted_dcmread)
+    settings = ReceiverSettings(port=0, allowed_callers=(CART,), timeout_s=30)
+    with DicomReceiver(settings, lan_object_store(outbox)) as r, StoreAssociation(_cart(r.port)) as cart:
+        assert cart.store(sent.getvalue()).status == 0x0000
+        first = len(reads)
+        assert cart.store(sent.getvalue()).status == 0x0000
+        assert cart.store(sent.getvalue()).status == 0x0000
+    assert first == 1 and len(reads) == first, f"{len(reads) - first} parses for 2 resends of a stored object"
+    (item,) = outbox.items()
+    assert _dataset(outbox.read_payload(item)).PatientID == "11010519491231002X"

@@ -74,3 +74,30 @@ def test_a_reading_whose_stored_bytes_changed_is_not_shown_and_is_quarantined(tm
         assert data.outbox.get(first.id).state.value == "quarantined"  # type: ignore[union-attr]
     finally:
         data.close()
+
+
+def test_today_redrawn_with_no_new_reading_reads_no_payload_again(tmp_path: Path) -> None:
+    """Today is redrawn every few seconds while the patient is in the chair: the readings shown
+    were read, checked and parsed at the first draw; a redraw asks only which are there now, it
+    does not read their payloads from the SD card again. A new reading is read once."""
+    data = ClinicData(console_config(tmp_path / "data"))
+    shown_at = T0 + dt.timedelta(seconds=MANY + 30)
+
+    def payload_reads_of_a_render(shown: int) -> list[str]:
+        with traced(data.db.conn, data.outbox.db.conn) as statements:
+            page = views.today(data, shown_at)
+        assert len(page["readings"]) == shown
+        return [s for s in statements if "payloads" in s]
+
+    try:
+        data.context.set_patient("P-8", now=T0)
+        record_readings(data, 0, FEW)
+        assert payload_reads_of_a_render(FEW)  # the first draw reads them
+        assert payload_reads_of_a_render(FEW) == []
+        record_readings(data, FEW, 1)
+        assert len(payload_reads_of_a_render(FEW + 1)) == 1  # the new one only
+        assert payload_reads_of_a_render(FEW + 1) == []
+        newest = data.patient_readings("P-8", T0)[0]
+        assert newest.key == f"cuff:{FEW}" and newest.summary
+    finally:
+        data.close()

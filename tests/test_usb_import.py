@@ -216,3 +216,36 @@ def test_other_current_patient_flags_never_reassigns(stick: Path, outbox: Outbox
     assert scp.patient is not None and scp.patient["patient_id"] == "SBJ-123"  # the file's patient
     assert "patient-mismatch" in scp.meta["flags"]
     assert contec.patient is None and "patient-mismatch" not in contec.meta["flags"]
+
+
+@pytest.mark.parametrize("typed", ["MRN  0042", "110105 19491231 002x"])
+def test_a_loosely_typed_id_on_the_cart_is_the_checked_in_patient_and_one_id_at_the_county(
+    tmp_path: Path, outbox: Outbox, typed: str
+) -> None:
+    """The cart's operator typed the patient's ID with a double space; the doctor checked the
+    patient in (the ID kept with spaces as one, as every entry path keeps it) and the cart's file
+    came in on its USB stick. The same file sent over the LAN was the checked-in patient and went
+    to the PACS under the kept ID; from the stick it was held as "another patient" and would have
+    gone under the ID as typed: one resident under two IDs at the county."""
+    import io
+
+    import pydicom
+
+    from lastmile.clinic.patient_ids import clinic_patient
+    from lastmile.ecg.intake import comparable_patient_id, import_files
+
+    config = parse_config('[gateway]\nid = "clinic-test"\n')
+    checked_in = clinic_patient(typed, "", config).patient_id
+    assert checked_in == comparable_patient_id(typed, config.patient.id_kind)  # the LAN path's ID
+    ds = pydicom.dcmread(shared_file("ecg", "dicom", "ecgtoolkit_Example.dcm"))
+    ds.PatientID = typed
+    stick = tmp_path / "cart-stick"
+    stick.mkdir()
+    ds.save_as(stick / "ECG0001.dcm")
+
+    summary = import_files(outbox, config, [stick], current_patient_id=lambda: checked_in)
+    assert summary.imported == 1
+    (item,) = outbox.items()
+    assert item.patient is not None and item.patient["patient_id"] == checked_in
+    assert "patient-mismatch" not in item.meta["flags"] and item.hold_until is None
+    assert pydicom.dcmread(io.BytesIO(outbox.read_payload(item))).PatientID == checked_in
