@@ -6,7 +6,8 @@ stored as the payload: a retry, a crash or a restart later sends the very same b
 Study/Series/SOP Instance UIDs), so the reading center can never see one recording as two
 studies. Every path describes its item with the one `ecg_item_meta` builder.
 
-Patients: a file's patient is vetted against `[patient] id_kind` (`vetted_patient`; with any
+Patients: a file's patient ID is kept as every path keeps an entered one (`kept_patient_id`: runs of
+spaces as one) and vetted against `[patient] id_kind` (`vetted_patient`; with any
 kind of ID, one that looks like a resident ID is one, as on every path): a resident ID with a
 wrong check digit is refused (the ECG stays unassigned, flagged "patient-id-refused"),
 a valid one gives birth date and sex when the file has none, and a file that says otherwise is
@@ -37,7 +38,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from devices.ecg.quality import RE_RECORD, EcgQualityError, QualityReport, check_quality
 from devices.ecg.recording import EcgRecording
-from devices.identity import InvalidPatientIdError, Patient, parse_resident_id, resident_id_required
+from devices.identity import InvalidPatientIdError, Patient
 from lastmile.clinic.names import dicom_person_name
 from lastmile.clinic.patient_ids import clinic_patient as clinic_patient  # re-exported: the commands' import
 from lastmile.clinic.patient_ids import kept_patient_id
@@ -107,14 +108,13 @@ def vetted_patient(recording: EcgRecording, config: Config) -> EcgRecording:
     if p is None:
         return recording
     flags = list(recording.flags)
-    birth, sex, number = p.birth_date, p.sex, p.patient_id
-    if resident_id_required(p.patient_id, config.patient.id_kind):
-        try:
-            resident = parse_resident_id(p.patient_id)
-        except InvalidPatientIdError as exc:
-            log.warning("ECG file's patient ID refused: %s", exc)
-            return dataclasses.replace(recording, patient=None, flags=(*flags, PATIENT_ID_REFUSED))
-        number = resident.number
+    birth, sex = p.birth_date, p.sex
+    try:  # the one rule of every entry path: a cart's loosely typed ID is the patient checked in
+        number, resident = kept_patient_id(p.patient_id, config.patient.id_kind)
+    except InvalidPatientIdError as exc:
+        log.warning("ECG file's patient ID refused: %s", exc)
+        return dataclasses.replace(recording, patient=None, flags=(*flags, PATIENT_ID_REFUSED))
+    if resident is not None:
         if birth is not None and birth != resident.birth_date:
             flags.append("patient-id-conflict:birth-date")
         if sex and sex != resident.sex:
