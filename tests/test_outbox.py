@@ -425,11 +425,11 @@ def test_payloads_read_together_are_checked_as_one_read_checks_them(ob: Outbox, 
     """`read_payloads`: a page showing many items reads their payloads at once, each checked
     against its hash as `read_payload` checks it: a corrupt one is left out and quarantined,
     a purged or unknown one left out; the database's ones in one statement however many."""
-    items = [add(ob, f"r{n}", payload=SMALL + bytes([n])) for n in range(6)]
+    items = [add(ob, f"r{n}", payload=SMALL * 8 + bytes([n])) for n in range(6)]
     statements: list[str] = []
     ob.db.conn.set_trace_callback(statements.append)
     try:
-        assert ob.read_payloads([i.id for i in items]) == {i.id: SMALL + bytes([n]) for n, i in enumerate(items)}
+        assert ob.read_payloads([i.id for i in items]) == {i.id: SMALL * 8 + bytes([n]) for n, i in enumerate(items)}
     finally:
         ob.db.conn.set_trace_callback(None)
     if storage == "inline":
@@ -438,7 +438,7 @@ def test_payloads_read_together_are_checked_as_one_read_checks_them(ob: Outbox, 
     with raw_db(ob.data_dir) as conn:
         conn.execute("UPDATE items SET state = 'purged' WHERE id = ?", (items[4].id,))
     read = ob.read_payloads([i.id for i in items] + [10_000])
-    assert read == {i.id: SMALL + bytes([n]) for n, i in enumerate(items) if n not in (2, 4)}
+    assert read == {i.id: SMALL * 8 + bytes([n]) for n, i in enumerate(items) if n not in (2, 4)}
     assert ob.get(items[2].id).state == S.QUARANTINED and "sha256" in ob.get(items[2].id).quarantine_reason
     assert ob.get(items[4].id).state == S.PURGED
     assert ob.read_payloads([]) == {}

@@ -830,6 +830,35 @@ class Outbox:
             raise CorruptPayloadError(f"outbox item {item.id} ({item.kind} {item.key}): {reason}")
         return data
 
+    def read_payloads(self, item_ids: Sequence[int], now: float | None = None) -> dict[int, bytes]:
+        """The payloads of `item_ids` that can be read now, each verified as `read_payload` verifies
+        it, for a page showing many items: those kept in the database in one statement per _CHUNK
+        ids; a payload file, or a payload not matching its hash, through `read_payload` (which
+        quarantines a corrupt one). Left out (and logged): no such item, purged, corrupt, or not
+        readable now."""
+        out: dict[int, bytes] = {}
+        for chunk in _chunks(item_ids):
+            marks = ",".join("?" * len(chunk))
+            rows = self._read(
+                "SELECT items.id, items.state, items.sha256, payloads.data FROM items "
+                f"LEFT JOIN payloads ON payloads.item_id = items.id WHERE items.id IN ({marks})",
+                chunk,
+            )
+            for item_id, state, digest, data in rows:
+                if state == S.PURGED.value:
+                    continue
+                if data is not None and hashlib.sha256(data).hexdigest() == digest:
+                    out[item_id] = bytes(data)
+                    continue
+                item = self.get(item_id)
+                if item is None:
+                    continue
+                try:
+                    out[item_id] = self.read_payload(item, now)
+                except (CorruptPayloadError, LookupError, TransientError) as exc:
+                    log.warning("outbox item %d: payload not read (%s)", item_id, type(exc).__name__)
+        return out
+
     def _read_file(self, name: str) -> bytes:
         """A payload file's bytes; an I/O error is tried once more at once: a card's passing glitch
         reads the second time, a bad block fails again (then the item goes to a person, quarantined

@@ -21,7 +21,6 @@ check it, STAT and reason on the session, so the ECG recorded next is STAT.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 import math
@@ -335,6 +334,9 @@ class ClinicData:
             self.db, max_failures=c.max_login_failures, lockout_s=c.lockout_s, idle_s=c.session_idle_s
         )
         self.audit = AuditLog(self.db)
+        # the readings shown at the last patient_readings, by (item id, payload hash): a redraw
+        # reads and parses only the new ones
+        self._shown_readings: dict[tuple[int, str], ReadingView | None] = {}
 
     def close(self) -> None:
         self.outbox.close()
@@ -410,13 +412,12 @@ class ClinicData:
 
     def patient_readings(self, patient_id: str, since: dt.datetime, limit: int = 20) -> list[ReadingView]:
         """The readings stored on `patient_id` since `since` (their session's start), newest first.
-        One statement however many there are (Today is redrawn every few seconds): only the rows
-        shown, each with its payload when the database keeps it (a reading's always fits there)."""
+        One statement however many there are (Today is redrawn every few seconds): which are there
+        now; only a reading not shown at the previous call has its payload read (checked by the
+        outbox) and parsed, once."""
         rows = self.outbox.db.conn.execute(
-            "SELECT items.id, items.sha256, payloads.data FROM items "
-            "LEFT JOIN payloads ON payloads.item_id = items.id "
-            "WHERE items.kind = ? AND items.created_at >= ? AND items.state NOT IN (?, ?) "
-            "AND json_extract(items.patient, '$.patient_id') = ? ORDER BY items.id DESC LIMIT ?",
+            "SELECT id, sha256 FROM items WHERE kind = ? AND created_at >= ? AND state NOT IN (?, ?) "
+            "AND json_extract(patient, '$.patient_id') = ? ORDER BY id DESC LIMIT ?",
             (
                 OBSERVATION_KIND,
                 since.timestamp(),
@@ -426,26 +427,17 @@ class ClinicData:
                 int(limit),
             ),
         ).fetchall()
-        out = []
-        for item_id, digest, data in rows:
-            if data is not None and hashlib.sha256(data).hexdigest() == digest:
-                reading = self._reading_from(int(item_id), bytes(data))
-            else:  # a payload file, or one not matching its hash: the outbox's read (it quarantines)
-                item = self.outbox.get(int(item_id))
-                reading = None if item is None else self._reading_of(item)
-            if reading is not None:
-                out.append(reading)
-        return out
-
-    def _reading_of(self, item: OutboxItem) -> ReadingView | None:
-        if item.state in (ItemState.PURGED, ItemState.QUARANTINED):
-            return None
-        try:
-            payload = self.outbox.read_payload(item)
-        except Exception as exc:  # noqa: BLE001 — one unreadable item must not take the page down
-            log.warning("outbox item %d: cannot show it (%s)", item.id, type(exc).__name__)
-            return None
-        return self._reading_from(item.id, payload)
+        shown = [(int(item_id), str(digest)) for item_id, digest in rows]
+        new = [item_id for item_id, digest in shown if (item_id, digest) not in self._shown_readings]
+        payloads = self.outbox.read_payloads(new) if new else {}
+        views: dict[tuple[int, str], ReadingView | None] = {}
+        for item_id, digest in shown:
+            if (item_id, digest) in self._shown_readings:
+                views[item_id, digest] = self._shown_readings[item_id, digest]
+            elif item_id in payloads:  # else quarantined or unreadable now: asked again next time
+                views[item_id, digest] = self._reading_from(item_id, payloads[item_id])
+        self._shown_readings = views
+        return [view for view in views.values() if view is not None]
 
     @staticmethod
     def _reading_from(item_id: int, payload: bytes) -> ReadingView | None:
