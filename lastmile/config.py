@@ -960,6 +960,34 @@ def load_serial_profile(path: Path, name: str) -> ReportProfile:
     return profile
 
 
+def load_profiles_apart(config: Config) -> tuple[dict[str, ReportProfile], dict[str, str]]:
+    """The ASCII-report profiles that load, and for each one that does not, what is wrong with it
+    ("FILE:LINE: 'key' ..."): the acquire service leaves only the devices naming a bad one, and
+    `lastmile config check` says so, earlier."""
+    from firmware_bridge.profiles import profile_files
+
+    profiles: dict[str, ReportProfile] = {}
+    bad: dict[str, str] = {}
+    for name, path in profile_files(config.serial.profiles_dir or None).items():
+        try:
+            profiles[name] = load_serial_profile(path, name)
+        except ConfigError as exc:
+            bad[name] = str(exc)
+    return profiles, bad
+
+
+def devices_naming(devices: typing.Sequence[object], names: typing.Collection[str]) -> list[tuple[int, str, str]]:
+    """(index, key, profile name) of each `profile` / `forward_profile` of `[[serial.devices]]`
+    that names one of `names`, in order (entries not yet checked are skipped, not trusted)."""
+    return [
+        (i, key, entry[key])
+        for i, entry in enumerate(devices)
+        if isinstance(entry, dict)
+        for key in ("profile", "forward_profile")
+        if isinstance(entry.get(key), str) and entry[key] in names
+    ]
+
+
 def _profile_problem(path: Path, text: str, message: str) -> str:
     """`message` (a ProfileError's) with the file and the line of the key it names."""
     m = _PROFILE_KEY.match(message)
@@ -982,24 +1010,18 @@ def _check_serial_profiles(config: Config, problems: _Problems) -> None:
     """The acquire service loads every profile (built-in and serial.profiles_dir) when serial
     devices are configured, and does not start a device that names a bad one (the others run):
     say so here, where it is fixed, with the device that names it."""
-    from firmware_bridge.profiles import profile_files
-
-    devices = config.serial.devices
-    for name, path in profile_files(config.serial.profiles_dir or None).items():
-        try:
-            load_serial_profile(path, name)
-        except ConfigError as exc:
-            refused = f"the acquire service refuses it and does not start this device: {exc}"
-            users = [
-                (i, key)
-                for i, entry in enumerate(devices)
-                for key in ("profile", "forward_profile")
-                if isinstance(entry, dict) and entry.get(key) == name
-            ]
-            for i, key in users:
-                problems.add(f"serial.devices.{key}", f"names profile {name!r}: {refused}", item=i)
-            if not users:
-                problems.add("serial.profiles_dir", f"holds profile {name!r} ({path}), which no device can use: {exc}")
+    _profiles, bad = load_profiles_apart(config)
+    named = set()
+    for i, key, name in devices_naming(config.serial.devices, bad):
+        named.add(name)
+        problems.add(
+            f"serial.devices.{key}",
+            f"names profile {name!r}: the acquire service refuses it and does not start this device: {bad[name]}",
+            item=i,
+        )
+    for name, message in bad.items():
+        if name not in named:
+            problems.add("serial.profiles_dir", f"holds profile {name!r}, which no device can use: {message}")
 
 
 def check_config_file(path: str | os.PathLike[str] | None = None) -> Config:

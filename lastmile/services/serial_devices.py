@@ -50,7 +50,6 @@ from devices.errors import DeviceError
 from devices.identity import Patient
 from devices.observation import Observation
 from devices.scanner import CodeUnrecognised, DoctorScanned, PatientScanned, ScannerDecoder, ScanRules
-from firmware_bridge.profiles import profile_files
 from firmware_bridge.serial_link import (
     BY_ID_DIR,
     Link,
@@ -65,7 +64,8 @@ from lastmile import __version__
 from lastmile.clinic.devices import DeviceRegistry
 from lastmile.clinic.observations import ObservationStore, summary
 from lastmile.clinic.patients import PatientContext
-from lastmile.config import SERIAL_HANDLERS, Config, ConfigError, load_serial_profile, serial_device_problems
+from lastmile.config import SERIAL_HANDLERS, Config, ConfigError, devices_naming, serial_device_problems
+from lastmile.config import load_profiles_apart as load_profiles_apart  # re-exported: the commands' import
 from lastmile.ecg.intake import enqueue_recording, session_request
 from uploader.errors import InvalidObjectError, UploadError
 from uploader.outbox import Outbox
@@ -96,27 +96,12 @@ def registry_address(name: str) -> str:
 # -- configuration -------------------------------------------------------------------------------
 
 
-def load_profiles_apart(config: Config) -> tuple[dict[str, ReportProfile], dict[str, str]]:
-    """The ASCII-report profiles that load, and for each one that does not, what is wrong with it
-    ("FILE:LINE: 'key' ..."): the acquire service leaves only the devices naming a bad one."""
-    profiles: dict[str, ReportProfile] = {}
-    bad: dict[str, str] = {}
-    for name, path in profile_files(config.serial.profiles_dir or None).items():
-        try:  # one profile's loading, shared with `lastmile config check` (which says the same, earlier)
-            profiles[name] = load_serial_profile(path, name)
-        except ConfigError as exc:
-            bad[name] = str(exc)
-    return profiles, bad
-
-
 def refused_devices(config: Config, bad: dict[str, str]) -> dict[str, str]:
     """Device name -> why it is not started: its `profile` or `forward_profile` is a bad file."""
-    refused = {}
-    for entry in config.serial.devices:
-        for key in ("profile", "forward_profile"):
-            name = entry.get(key, "")
-            if name in bad and entry.get("name") not in refused:
-                refused[entry["name"]] = f"not started: its {key} {name!r} is refused: {bad[name]}"
+    refused: dict[str, str] = {}
+    for i, key, name in devices_naming(config.serial.devices, bad):
+        reason = f"not started: its {key} {name!r} is refused: {bad[name]}"
+        refused.setdefault(config.serial.devices[i]["name"], reason)
     return refused
 
 
