@@ -392,3 +392,48 @@ def test_doctor_blames_a_failing_link_for_a_routine_ecg_that_waited_through_a_wi
     found = queue_findings(doctor(tmp_path, metered, now=lambda: now).check_queue())
     text = render_text(found)
     assert "held" not in text and not [f for f in found if f.advice_key.startswith("metered-")], text
+
+
+def test_doctor_holds_by_the_budget_a_routine_ecg_whose_send_failed_once_before_the_link_worked_again(
+    tmp_path: Path,
+) -> None:
+    """One timeout eight days ago, the link has worked since (the forwarder's last success is
+    newer than its last error), and only the budget, spent every day, holds the ECG: it was
+    'nothing has gone out for a week' (FAIL) beside an identical ECG the budget holds."""
+    now = time.time()
+    metered = "[reading_center.metered]\ndaily_budget_mb = 1.0\n"
+    queue_items(tmp_path, 2, at=now - 8 * DAY)
+    spend_every_remembered_day(tmp_path, metered, now, "dicom")
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        [failed, other] = outbox.claim(Kind.DICOM, 10, now - 8 * DAY + 60)
+        outbox.mark_transient_failure(failed.id, "timed out", now - 8 * DAY + 120)
+        outbox.release([other.id], "metered link: budget", now - 8 * DAY + 120, 0.0)
+        outbox.record_status(
+            "reading_center",
+            {"last_success": now - 3600, "last_error": "timed out", "last_error_at": now - 8 * DAY + 120},
+            now,
+        )
+    found = queue_findings(doctor(tmp_path, metered, now=lambda: now).check_queue())
+    text = render_text(found)
+    assert Level.FAIL not in [f.level for f in found] and "link down" not in text, text
+    [held] = [f for f in found if f.advice_key == "metered-budget"]
+    assert "2 routine" in held.message, text
+
+
+def test_doctor_names_the_budget_when_a_window_is_shut_now_but_the_budget_held_the_ecg_for_days(
+    tmp_path: Path,
+) -> None:
+    """Window 20:00-22:00, the 1 MB budget spent in it every night, now 12:00: an ECG three days
+    old waits for tonight's window, but what kept it for days is the budget. The WARN named the
+    window (the console: 'waited for the send window'), which widening would not cure."""
+    zone = local_zone()
+    yesterday = dt.datetime.now(zone).date() - dt.timedelta(days=1)
+    now = dt.datetime.combine(yesterday, dt.time(12), zone).timestamp()
+    metered = '[reading_center.metered]\nwindows = ["20:00-22:00"]\ndaily_budget_mb = 1.0\n'
+    queue_items(tmp_path, 1, at=now - 3 * DAY)
+    spend_every_remembered_day(tmp_path, metered, now - 15 * 3600, "dicom")  # at 21:00 each night
+    found = queue_findings(doctor(tmp_path, metered, now=lambda: now).check_queue())
+    text = render_text(found)
+    [held] = [f for f in found if f.advice_key.startswith("metered-")]
+    assert held.level is Level.WARN and held.advice_key == "metered-budget", text
+    assert "daily_budget_mb is too tight" in held.hint and "windows" not in held.hint, text
