@@ -437,3 +437,27 @@ def test_doctor_names_the_budget_when_a_window_is_shut_now_but_the_budget_held_t
     [held] = [f for f in found if f.advice_key.startswith("metered-")]
     assert held.level is Level.WARN and held.advice_key == "metered-budget", text
     assert "daily_budget_mb is too tight" in held.hint and "windows" not in held.hint, text
+
+
+def test_a_backlog_a_budget_has_held_longer_than_the_meter_remembers_is_still_the_budgets(tmp_path: Path) -> None:
+    """The meter keeps KEEP_DAYS days of counts: ECGs held twelve days by a budget spent every
+    night in the window are not then blamed on the link (no FAIL, no 'is the link down?', not
+    stuck for the county's alert) - with no remembered day that let them go, the budget holds them."""
+    from lastmile.services.metrics_sources import read_outbox
+
+    zone = local_zone()
+    yesterday = dt.datetime.now(zone).date() - dt.timedelta(days=1)
+    now = dt.datetime.combine(yesterday, dt.time(12), zone).timestamp()
+    metered = '[reading_center.metered]\nwindows = ["20:00-22:00"]\ndaily_budget_mb = 1.0\n'
+    queue_items(tmp_path, 3, at=now - 12 * DAY)
+    d = doctor(tmp_path, metered, now=lambda: now)
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        for days_ago in range(1, 13):  # every night's window spent the budget, longer than the meter keeps
+            meters(d.config, outbox)["dicom"].spend(2**20, now - days_ago * DAY + 9 * 3600)
+    found = queue_findings(d.check_queue())
+    text = render_text(found)
+    assert Level.FAIL not in [f.level for f in found] and "link down" not in text, text
+    [held] = [f for f in found if f.advice_key.startswith("metered-")]
+    assert "3 routine" in held.message and held.level is Level.WARN, text
+    snapshot = read_outbox(tmp_path, now, config=d.config)
+    assert snapshot is not None and snapshot.oldest_stuck_s.get(Kind.DICOM, 0.0) == 0.0, snapshot
