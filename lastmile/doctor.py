@@ -647,6 +647,7 @@ class Doctor:
         from lastmile.data_dir import DataDirError, open_existing_outbox
         from lastmile.services.metered import QUEUED_KINDS, metered_waits
         from uploader.masking import mask_server_text
+        from uploader.outbox import MeterHold
 
         data = self.config.data_dir
         now = self.now()
@@ -662,7 +663,9 @@ class Doctor:
                     not_held = outbox.oldest_waiting(
                         now,
                         except_routine_of={
-                            QUEUED_KINDS[w.destination]: w.held_since for w in held if w.held_since is not None
+                            QUEUED_KINDS[w.destination]: MeterHold(w.held_since, w.failed_held)
+                            for w in held
+                            if w.held_since is not None
                         },
                     )
         except DataDirError as exc:

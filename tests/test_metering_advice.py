@@ -18,7 +18,7 @@ from lastmile.doctor import Finding, Level, render_text
 from lastmile.services.metered import QUEUED_KINDS, meters
 from tests.service_harness import doctor
 from uploader.metering import KEEP_DAYS
-from uploader.outbox import Kind, Outbox, Priority
+from uploader.outbox import Kind, MeterHold, Outbox, Priority
 
 DAY = 86400.0
 
@@ -183,9 +183,11 @@ def test_the_outbox_says_which_routine_items_wait_for_their_sender(tmp_path: Pat
     queue_items(tmp_path, 1, at=now - 900, kind=Kind.FHIR_BUNDLE)
     with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
         assert outbox.oldest_waiting(now) == now - 1500
-        assert outbox.oldest_waiting(now, except_routine_of={Kind.DICOM: now - 1000}) == now - 1500
-        assert outbox.oldest_waiting(now, except_routine_of={Kind.DICOM: now - 2000}) == now - 900
-        assert outbox.oldest_waiting(now, except_routine_of={Kind.DICOM: -math.inf, Kind.FHIR_BUNDLE: now - 2000}) == (
+        assert outbox.oldest_waiting(now, except_routine_of={Kind.DICOM: MeterHold(now - 1000)}) == now - 1500
+        assert outbox.oldest_waiting(now, except_routine_of={Kind.DICOM: MeterHold(now - 2000)}) == now - 900
+        assert outbox.oldest_waiting(
+            now, except_routine_of={Kind.DICOM: MeterHold(-math.inf), Kind.FHIR_BUNDLE: MeterHold(now - 2000)}
+        ) == (
             now - 600  # the STAT one waits whatever the meter says
         )
         outbox.add(Kind.DICOM, "unassigned", b"u", now=now - 1200, hold=Hold("unassigned", now + DAY))

@@ -49,13 +49,13 @@ from lastmile.console.audit import AuditLog
 from lastmile.console.i18n import N_
 from lastmile.data_dir import open_outbox
 from lastmile.reports.store import ReportStore
+from lastmile.services.link_status import READING_CENTER_STATUS, reading_center_down
 from lastmile.services.metered import MeteredWait, metered_wait, meters
 from uploader.outbox import ItemState, Kind, OutboxItem
 from uploader.report_lines import ReportLine
 
 log = logging.getLogger(__name__)
 
-READING_CENTER_STATUS = "reading_center"  # uploader.ecg_forwarder.STATUS_NAME (no DICOM import here)
 MAX_NAME_LENGTH = 64
 MAX_ROW_ID = 2**63 - 1  # SQLite's INTEGER: a larger number makes the driver raise OverflowError
 
@@ -630,7 +630,7 @@ class ClinicData:
         counts = stats["counts"]
         last_success = _t(status.get("last_success"))
         last_error_at = _t(status.get("last_error_at"))
-        down_since = last_error_at if last_error_at and (last_success is None or last_error_at > last_success) else None
+        down_since = last_error_at if reading_center_down(status) else None
         oldest = stats["oldest_waiting_s"]
         wait = self._metered_hold(now)
         blocked = None if wait is None else wait.blocked
