@@ -647,7 +647,6 @@ class Doctor:
         from lastmile.data_dir import DataDirError, open_existing_outbox
         from lastmile.services.metered import QUEUED_KINDS, metered_waits
         from uploader.masking import mask_server_text
-        from uploader.outbox import MeterHold
 
         data = self.config.data_dir
         now = self.now()
@@ -662,11 +661,7 @@ class Doctor:
                     held = [w for w in metered_waits(self.config, outbox, now).values() if w.holding]
                     not_held = outbox.oldest_waiting(
                         now,
-                        except_routine_of={
-                            QUEUED_KINDS[w.destination]: MeterHold(w.held_since, w.failed_held)
-                            for w in held
-                            if w.held_since is not None
-                        },
+                        except_routine_of={QUEUED_KINDS[w.destination]: w.hold for w in held if w.hold is not None},
                     )
         except DataDirError as exc:
             return [Finding("queue", Level.FAIL, str(exc), "the services cannot queue or forward anything meanwhile")]

@@ -169,6 +169,17 @@ class MeterHold:
         """ROUTINE_QUEUED_SQL's parameters."""
         return (ItemState.QUEUED.value, kind, int(Priority.STAT), now, self.since, int(self.failed_too))
 
+    def holds(self, item: OutboxItem, now: float) -> bool:
+        """Whether ROUTINE_QUEUED_SQL takes `item` (of the meter's kind), for a page that has the
+        item read already (the console's Sent page, per study it lists)."""
+        return (
+            item.state is ItemState.QUEUED
+            and item.priority != Priority.STAT
+            and not item.held(now)
+            and item.created_at >= self.since
+            and (item.attempts == 0 or self.failed_too)
+        )
+
 
 def waiting_not_held_sql(now: float, held: Mapping[str, MeterHold]) -> tuple[str, list[Any]]:
     """The condition (and its parameters) on `items` of what waits for a peer - queued or on the

@@ -17,7 +17,7 @@ from lastmile.services.link_status import READING_CENTER_STATUS, StatusSnapshot,
 from uploader.metering import KEEP_DAYS, Blocked, Meter, MeterPolicy, SendWindow, StatusStore
 
 if TYPE_CHECKING:
-    from uploader.outbox import Outbox
+    from uploader.outbox import MeterHold, Outbox
 
 # destination → where its settings are in lastmile.toml
 SETTINGS = {"dicom": "reading_center.metered", "fhir": "fhir.metered", "reports": "reports.metered"}
@@ -178,6 +178,13 @@ class MeteredWait:
     @property
     def what(self) -> str:
         return DESTINATIONS[self.destination]
+
+    @property
+    def hold(self) -> MeterHold | None:
+        """What it holds now, as the outbox asks it (None: nothing)."""
+        from uploader.outbox import MeterHold  # not at import: the metrics exporter of a gateway metering nothing
+
+        return None if self.held_since is None else MeterHold(self.held_since, self.failed_held)
 
     @property
     def holding(self) -> bool:
