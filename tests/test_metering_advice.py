@@ -7,6 +7,7 @@ since the run of days it was all spent began; an older item had its chance - the
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import html
 import math
@@ -472,3 +473,28 @@ def test_a_backlog_a_budget_has_held_longer_than_the_meter_remembers_is_still_th
     assert "3 routine" in held.message and held.level is Level.WARN, text
     snapshot = read_outbox(tmp_path, now, config=d.config)
     assert snapshot is not None and snapshot.oldest_stuck_s.get(Kind.DICOM, 0.0) == 0.0, snapshot
+
+
+def test_doctor_holds_by_the_budget_a_visit_record_whose_send_failed_before_the_platform_took_later_ones(
+    tmp_path: Path,
+) -> None:
+    """FHIR keeps no last error, but its rounds say what they did: the latest round sent bundles
+    and none failed, so the bundle that failed three days ago waits for the budget, spent every
+    day, like the one beside it - not 'is the link down?'."""
+    from uploader.fhir_forwarder import STATUS_NAME, FhirRoundResult
+
+    now = time.time()
+    metered = "[fhir.metered]\ndaily_budget_mb = 1.0\n"
+    queue_items(tmp_path, 2, at=now - 3 * DAY, kind=Kind.FHIR_BUNDLE)
+    spend_every_remembered_day(tmp_path, metered, now, "fhir")
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        [failed, other] = outbox.claim(Kind.FHIR_BUNDLE, 10, now - 3 * DAY + 60)
+        outbox.mark_transient_failure(failed.id, "connection reset", now - 3 * DAY + 120)
+        outbox.release([other.id], "metered link: budget", now - 3 * DAY + 120, 0.0)
+        worked = FhirRoundResult(claimed=5, sent=3, deferred=2)  # then the budget was spent
+        outbox.record_status(STATUS_NAME, {"last_round": dataclasses.asdict(worked), "at": now - 3600}, now - 3600)
+    found = queue_findings(doctor(tmp_path, metered, now=lambda: now).check_queue())
+    text = render_text(found)
+    assert "link down" not in text, text
+    [held] = [f for f in found if f.advice_key == "metered-budget"]
+    assert "2 routine" in held.message, text
