@@ -365,6 +365,14 @@ def test_the_queued_kinds_are_the_outbox_kinds_they_name() -> None:
     assert QUEUED_KINDS == {"dicom": Kind.DICOM, "fhir": Kind.FHIR_BUNDLE}  # copied to keep sqlite-utils out
 
 
+def test_the_link_statuses_are_the_ones_the_senders_record() -> None:
+    from lastmile.services.link_status import FHIR_STATUS, READING_CENTER_STATUS
+    from uploader import ecg_forwarder, fhir_forwarder
+
+    # copied to keep pydicom out of the metrics exporter and the console's imports
+    assert (READING_CENTER_STATUS, FHIR_STATUS) == (ecg_forwarder.STATUS_NAME, fhir_forwarder.STATUS_NAME)
+
+
 def test_doctor_does_not_excuse_by_a_failing_links_spent_budget_a_routine_ecg_queued_in_an_open_window(
     tmp_path: Path,
 ) -> None:

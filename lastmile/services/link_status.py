@@ -26,6 +26,17 @@ def reading_center_down(status: dict[str, Any] | None) -> bool:
     return link_down(number(status.get("last_success")), number(status.get("last_error_at")))
 
 
+def fhir_round_worked(status: dict[str, Any] | None) -> bool:
+    """What the FHIR sender recorded of its last round that claimed anything (`FHIR_STATUS`): the
+    platform took bundles and none failed - its rounds are all its attempts, so every failure
+    recorded before then is older than a success."""
+    last_round = (status or {}).get("last_round")
+    if not isinstance(last_round, dict):
+        return False
+    sent, transient = number(last_round.get("sent")), number(last_round.get("transient"))
+    return bool(sent) and not transient and not last_round.get("fault")
+
+
 @dataclass(frozen=True)
 class StatusSnapshot:
     """Status rows read once, as a `uploader.metering.StatusStore` a `Meter` can ask what it spent

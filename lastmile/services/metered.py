@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING
 
 from lastmile.clock import local_zone
 from lastmile.config import Config, MeteredSection
-from lastmile.services.link_status import READING_CENTER_STATUS, StatusSnapshot, number, reading_center_down
+from lastmile.services.link_status import (
+    FHIR_STATUS,
+    READING_CENTER_STATUS,
+    StatusSnapshot,
+    fhir_round_worked,
+    number,
+    reading_center_down,
+)
 from uploader.metering import KEEP_DAYS, Blocked, Meter, MeterPolicy, SendWindow, StatusStore
 
 if TYPE_CHECKING:
@@ -87,9 +94,8 @@ def held_since(meter: Meter, now: float, blocked: Blocked | None) -> float | Non
     return next(chances, -math.inf)
 
 
-# destination -> the status its sender records about its link (FHIR rounds keep none worth it: their
-# failed items have attempts - uploader.outbox.ROUTINE_QUEUED_SQL)
-LINK_STATUS = {"dicom": READING_CENTER_STATUS}
+# destination -> the status its sender records about its link (report polling queues nothing)
+LINK_STATUS = {"dicom": READING_CENTER_STATUS, "fhir": FHIR_STATUS}
 
 
 def read_once(meter: Meter) -> Meter:
@@ -105,15 +111,18 @@ def read_once(meter: Meter) -> Meter:
 
 def link_failing(meter: Meter) -> bool:
     """Whether `meter`'s link failed since it last succeeded, as its sender recorded it (the
-    reading center's forwarder keeps both)."""
-    return meter.name in LINK_STATUS and reading_center_down(meter.store.status(LINK_STATUS[meter.name]))
+    reading center's forwarder keeps both; FHIR rounds keep neither: their failed items have
+    attempts, which no meter holds while the rounds fail - uploader.outbox.ROUTINE_QUEUED_SQL)."""
+    return meter.name == "dicom" and reading_center_down(meter.store.status(READING_CENTER_STATUS))
 
 
 def link_worked_since_failing(meter: Meter) -> bool:
     """Whether `meter`'s link has succeeded since it last failed, as its sender recorded it: a
     routine item whose send failed before then waits for the meter like any other, not for the
-    link (uploader.outbox.MeterHold.failed_too). Not known (FHIR): the link's."""
-    status = meter.store.status(LINK_STATUS[meter.name]) if meter.name in LINK_STATUS else None
+    link (uploader.outbox.MeterHold.failed_too). Not known: the link's."""
+    if meter.name == "fhir":
+        return fhir_round_worked(meter.store.status(FHIR_STATUS))
+    status = meter.store.status(READING_CENTER_STATUS) if meter.name == "dicom" else None
     return status is not None and number(status.get("last_success")) is not None and not reading_center_down(status)
 
 
