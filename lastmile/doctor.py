@@ -661,9 +661,7 @@ class Doctor:
                     held = [w for w in metered_waits(self.config, outbox, now).values() if w.holding]
                     not_held = outbox.oldest_waiting(
                         now,
-                        except_routine_of={
-                            QUEUED_KINDS[w.destination]: w.held_since for w in held if w.held_since is not None
-                        },
+                        except_routine_of={QUEUED_KINDS[w.destination]: w.hold for w in held if w.hold is not None},
                     )
         except DataDirError as exc:
             return [Finding("queue", Level.FAIL, str(exc), "the services cannot queue or forward anything meanwhile")]
@@ -750,12 +748,18 @@ class Doctor:
         )
         section = SETTINGS[wait.destination]  # "reading_center.metered"
         level = Level.WARN if age > WAITING_WARN_S else Level.OK
-        widen = f"raise {section}.daily_budget_mb or widen {section}.windows"
-        if level is Level.WARN:  # only a budget spent day after day holds an item this long
-            hint = f"the link works, but {section} is too tight for this clinic's traffic: {widen}"
+        advice_key = f"metered-{blocked.reason}"
+        if level is Level.WARN and wait.budget_bytes:
+            # a window opens every day: what it held a day had a window open with the budget spent
+            # (a window shut now only says when they go), and widening it would not cure that
+            advice_key = "metered-budget"
+            hint = f"the link works, but {section}.daily_budget_mb is too tight for this clinic's traffic: raise it"
+        elif level is Level.WARN:
+            hint = f"the link works, but {section}.windows are too tight for this clinic's traffic: widen them"
         else:
+            widen = f"raise {section}.daily_budget_mb or widen {section}.windows"
             hint = f"working as configured; if routine items wait days, the {section} settings are too tight: {widen}"
-        return Finding("queue", level, message, hint, advice_key=f"metered-{blocked.reason}", until=blocked.until)
+        return Finding("queue", level, message, hint, advice_key=advice_key, until=blocked.until)
 
     def check_console(self) -> list[Finding]:
         """Where the doctor's console listens, and its certificate's fingerprint (the clinic

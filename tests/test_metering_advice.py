@@ -7,6 +7,7 @@ since the run of days it was all spent began; an older item had its chance - the
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import html
 import math
@@ -18,7 +19,7 @@ from lastmile.doctor import Finding, Level, render_text
 from lastmile.services.metered import QUEUED_KINDS, meters
 from tests.service_harness import doctor
 from uploader.metering import KEEP_DAYS
-from uploader.outbox import Kind, Outbox, Priority
+from uploader.outbox import ItemState, Kind, MeterHold, Outbox, Priority
 
 DAY = 86400.0
 
@@ -183,9 +184,11 @@ def test_the_outbox_says_which_routine_items_wait_for_their_sender(tmp_path: Pat
     queue_items(tmp_path, 1, at=now - 900, kind=Kind.FHIR_BUNDLE)
     with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
         assert outbox.oldest_waiting(now) == now - 1500
-        assert outbox.oldest_waiting(now, except_routine_of={Kind.DICOM: now - 1000}) == now - 1500
-        assert outbox.oldest_waiting(now, except_routine_of={Kind.DICOM: now - 2000}) == now - 900
-        assert outbox.oldest_waiting(now, except_routine_of={Kind.DICOM: -math.inf, Kind.FHIR_BUNDLE: now - 2000}) == (
+        assert outbox.oldest_waiting(now, except_routine_of={Kind.DICOM: MeterHold(now - 1000)}) == now - 1500
+        assert outbox.oldest_waiting(now, except_routine_of={Kind.DICOM: MeterHold(now - 2000)}) == now - 900
+        assert outbox.oldest_waiting(
+            now, except_routine_of={Kind.DICOM: MeterHold(-math.inf), Kind.FHIR_BUNDLE: MeterHold(now - 2000)}
+        ) == (
             now - 600  # the STAT one waits whatever the meter says
         )
         outbox.add(Kind.DICOM, "unassigned", b"u", now=now - 1200, hold=Hold("unassigned", now + DAY))
@@ -193,6 +196,15 @@ def test_the_outbox_says_which_routine_items_wait_for_their_sender(tmp_path: Pat
         assert outbox.routine_queued(Kind.DICOM, now, since=now - 1000) == (3, now - 300)
         assert outbox.has_routine_queued(Kind.DICOM, now, since=now - 1000)
         assert not outbox.has_routine_queued(Kind.DICOM, now, since=now - 30)
+        failed = outbox.add(Kind.DICOM, "failed", b"f", now=now - 200).item
+        outbox.claim(Kind.DICOM, 10, now - 100)
+        outbox.mark_transient_failure(failed.id, "timed out", now - 100)
+        outbox.release([i.id for i in outbox.items(state=ItemState.SENDING)], "round over", now - 100, 0.0)
+        for hold in (MeterHold(-math.inf), MeterHold(now - 1000), MeterHold(now - 1000, failed_too=True)):
+            # the console's per-study answer (MeterHold.holds) is the SQL's
+            count, _ = outbox.routine_queued(Kind.DICOM, now, since=hold.since, failed_too=hold.failed_too)
+            assert sum(hold.holds(item, now) for item in outbox.items(kind=Kind.DICOM)) == count, hold
+        assert outbox.routine_queued(Kind.DICOM, now, since=now - 1000, failed_too=True)[0] == 4
         outbox.claim(Kind.DICOM, 10, now)  # the STAT one and the four routine ones go on the wire
         assert outbox.routine_queued(Kind.DICOM, now) == (0, None)
         assert not outbox.has_routine_queued(Kind.DICOM, now)
@@ -353,6 +365,14 @@ def test_the_queued_kinds_are_the_outbox_kinds_they_name() -> None:
     assert QUEUED_KINDS == {"dicom": Kind.DICOM, "fhir": Kind.FHIR_BUNDLE}  # copied to keep sqlite-utils out
 
 
+def test_the_link_statuses_are_the_ones_the_senders_record() -> None:
+    from lastmile.services.link_status import FHIR_STATUS, READING_CENTER_STATUS
+    from uploader import ecg_forwarder, fhir_forwarder
+
+    # copied to keep pydicom out of the metrics exporter and the console's imports
+    assert (READING_CENTER_STATUS, FHIR_STATUS) == (ecg_forwarder.STATUS_NAME, fhir_forwarder.STATUS_NAME)
+
+
 def test_doctor_does_not_excuse_by_a_failing_links_spent_budget_a_routine_ecg_queued_in_an_open_window(
     tmp_path: Path,
 ) -> None:
@@ -392,3 +412,97 @@ def test_doctor_blames_a_failing_link_for_a_routine_ecg_that_waited_through_a_wi
     found = queue_findings(doctor(tmp_path, metered, now=lambda: now).check_queue())
     text = render_text(found)
     assert "held" not in text and not [f for f in found if f.advice_key.startswith("metered-")], text
+
+
+def test_doctor_holds_by_the_budget_a_routine_ecg_whose_send_failed_once_before_the_link_worked_again(
+    tmp_path: Path,
+) -> None:
+    """One timeout eight days ago, the link has worked since (the forwarder's last success is
+    newer than its last error), and only the budget, spent every day, holds the ECG: it was
+    'nothing has gone out for a week' (FAIL) beside an identical ECG the budget holds."""
+    now = time.time()
+    metered = "[reading_center.metered]\ndaily_budget_mb = 1.0\n"
+    queue_items(tmp_path, 2, at=now - 8 * DAY)
+    spend_every_remembered_day(tmp_path, metered, now, "dicom")
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        [failed, other] = outbox.claim(Kind.DICOM, 10, now - 8 * DAY + 60)
+        outbox.mark_transient_failure(failed.id, "timed out", now - 8 * DAY + 120)
+        outbox.release([other.id], "metered link: budget", now - 8 * DAY + 120, 0.0)
+        outbox.record_status(
+            "reading_center",
+            {"last_success": now - 3600, "last_error": "timed out", "last_error_at": now - 8 * DAY + 120},
+            now,
+        )
+    found = queue_findings(doctor(tmp_path, metered, now=lambda: now).check_queue())
+    text = render_text(found)
+    assert Level.FAIL not in [f.level for f in found] and "link down" not in text, text
+    [held] = [f for f in found if f.advice_key == "metered-budget"]
+    assert "2 routine" in held.message, text
+
+
+def test_doctor_names_the_budget_when_a_window_is_shut_now_but_the_budget_held_the_ecg_for_days(
+    tmp_path: Path,
+) -> None:
+    """Window 20:00-22:00, the 1 MB budget spent in it every night, now 12:00: an ECG three days
+    old waits for tonight's window, but what kept it for days is the budget. The WARN named the
+    window (the console: 'waited for the send window'), which widening would not cure."""
+    zone = local_zone()
+    yesterday = dt.datetime.now(zone).date() - dt.timedelta(days=1)
+    now = dt.datetime.combine(yesterday, dt.time(12), zone).timestamp()
+    metered = '[reading_center.metered]\nwindows = ["20:00-22:00"]\ndaily_budget_mb = 1.0\n'
+    queue_items(tmp_path, 1, at=now - 3 * DAY)
+    spend_every_remembered_day(tmp_path, metered, now - 15 * 3600, "dicom")  # at 21:00 each night
+    found = queue_findings(doctor(tmp_path, metered, now=lambda: now).check_queue())
+    text = render_text(found)
+    [held] = [f for f in found if f.advice_key.startswith("metered-")]
+    assert held.level is Level.WARN and held.advice_key == "metered-budget", text
+    assert "daily_budget_mb is too tight" in held.hint and "windows" not in held.hint, text
+
+
+def test_a_backlog_a_budget_has_held_longer_than_the_meter_remembers_is_still_the_budgets(tmp_path: Path) -> None:
+    """The meter keeps KEEP_DAYS days of counts: ECGs held twelve days by a budget spent every
+    night in the window are not then blamed on the link (no FAIL, no 'is the link down?', not
+    stuck for the county's alert) - with no remembered day that let them go, the budget holds them."""
+    from lastmile.services.metrics_sources import read_outbox
+
+    zone = local_zone()
+    yesterday = dt.datetime.now(zone).date() - dt.timedelta(days=1)
+    now = dt.datetime.combine(yesterday, dt.time(12), zone).timestamp()
+    metered = '[reading_center.metered]\nwindows = ["20:00-22:00"]\ndaily_budget_mb = 1.0\n'
+    queue_items(tmp_path, 3, at=now - 12 * DAY)
+    d = doctor(tmp_path, metered, now=lambda: now)
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        for days_ago in range(1, 13):  # every night's window spent the budget, longer than the meter keeps
+            meters(d.config, outbox)["dicom"].spend(2**20, now - days_ago * DAY + 9 * 3600)
+    found = queue_findings(d.check_queue())
+    text = render_text(found)
+    assert Level.FAIL not in [f.level for f in found] and "link down" not in text, text
+    [held] = [f for f in found if f.advice_key.startswith("metered-")]
+    assert "3 routine" in held.message and held.level is Level.WARN, text
+    snapshot = read_outbox(tmp_path, now, config=d.config)
+    assert snapshot is not None and snapshot.oldest_stuck_s.get(Kind.DICOM, 0.0) == 0.0, snapshot
+
+
+def test_doctor_holds_by_the_budget_a_visit_record_whose_send_failed_before_the_platform_took_later_ones(
+    tmp_path: Path,
+) -> None:
+    """FHIR keeps no last error, but its rounds say what they did: the latest round sent bundles
+    and none failed, so the bundle that failed three days ago waits for the budget, spent every
+    day, like the one beside it - not 'is the link down?'."""
+    from uploader.fhir_forwarder import STATUS_NAME, FhirRoundResult
+
+    now = time.time()
+    metered = "[fhir.metered]\ndaily_budget_mb = 1.0\n"
+    queue_items(tmp_path, 2, at=now - 3 * DAY, kind=Kind.FHIR_BUNDLE)
+    spend_every_remembered_day(tmp_path, metered, now, "fhir")
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        [failed, other] = outbox.claim(Kind.FHIR_BUNDLE, 10, now - 3 * DAY + 60)
+        outbox.mark_transient_failure(failed.id, "connection reset", now - 3 * DAY + 120)
+        outbox.release([other.id], "metered link: budget", now - 3 * DAY + 120, 0.0)
+        worked = FhirRoundResult(claimed=5, sent=3, deferred=2)  # then the budget was spent
+        outbox.record_status(STATUS_NAME, {"last_round": dataclasses.asdict(worked), "at": now - 3600}, now - 3600)
+    found = queue_findings(doctor(tmp_path, metered, now=lambda: now).check_queue())
+    text = render_text(found)
+    assert "link down" not in text, text
+    [held] = [f for f in found if f.advice_key == "metered-budget"]
+    assert "2 routine" in held.message, text

@@ -105,3 +105,24 @@ def test_present_keys_answers_for_more_keys_than_one_statement_takes(tmp_path: P
         keys = ["first", *(f"other-{n}" for n in range(600)), "middle", "middle", *(f"more-{n}" for n in range(600))]
         assert outbox.present_keys([*keys, "last"]) == {"first", "middle", "last"}
         assert outbox.present_keys([]) == set()
+
+
+def test_what_a_metered_link_holds_reads_its_meter_once_however_many_days_and_windows(tmp_path: Path) -> None:
+    """The Sent and System pages, `lastmile doctor` and every metrics scrape ask what the metered
+    links hold: the meter's record (one JSON row) was read again for each remembered day, window
+    and budget check, and the reading center's status besides, on each of them."""
+    from lastmile.services.metered import metered_waits, meters
+
+    config = console_config(tmp_path / "data")
+    config.reading_center.metered.windows = ["01:00-02:00", "03:00-04:00", "20:00-22:00"]
+    config.reading_center.metered.daily_budget_mb = 1.0
+    now = T0.timestamp()
+    with Outbox.open(config.data_dir, min_free_bytes=0, reserve_bytes=0) as outbox:
+        outbox.add("dicom", "routine-ecg", b"x" * 100, now=now - 8 * 86400)
+        for days_ago in range(8):  # spent every day: the walk goes back as far as the meter remembers
+            meters(config, outbox)["dicom"].spend(2**20, now - days_ago * 86400)
+        with traced(outbox.db.conn) as statements:
+            waits = metered_waits(config, outbox, now)
+        assert waits["dicom"].holding
+        status_reads = [s for s in statements if "FROM status" in s]
+        assert len(status_reads) <= 2, f"{len(status_reads)} reads of the status table:\n" + "\n".join(statements)

@@ -85,3 +85,25 @@ def test_a_send_that_failed_in_last_nights_window_does_not_make_this_mornings_ec
         )
         outbox.add(Kind.DICOM, "morning-ecg", b"x" * 100, now=NOW - 3 * 3600)
         assert value(scraped(config), STUCK, kind="dicom") == 0.0, "a window that has not opened pages the county"
+
+
+def test_a_routine_ecg_whose_send_failed_before_the_link_worked_again_is_not_stuck_while_the_budget_holds_it(
+    tmp_path: Path,
+) -> None:
+    """One timeout three days ago, successes since, and the budget spent every day: the ECG waits
+    for the budget like the one beside it, but it alone paged the county."""
+    config = Config()
+    config.set_data_dir(tmp_path)
+    config.reading_center.metered.daily_budget_mb = 1.0
+    with Outbox.open(tmp_path, now=NOW - 4 * DAY) as outbox:
+        outbox.add(Kind.DICOM, "failed-once", b"x" * 100, now=NOW - 3 * DAY)
+        [item] = outbox.claim(Kind.DICOM, 10, NOW - 3 * DAY + 60)
+        outbox.mark_transient_failure(item.id, "timed out", NOW - 3 * DAY + 120)
+        outbox.record_status(
+            "reading_center",
+            {"last_success": NOW - 3600, "last_error": "timed out", "last_error_at": NOW - 3 * DAY + 120},
+            NOW,
+        )
+        for days_ago in (0, 1, 2, 3):
+            meters(config, outbox)["dicom"].spend(2 * 2**20, NOW - days_ago * DAY)
+        assert value(scraped(config), STUCK, kind="dicom") == 0.0, "a failed send pages the county for the budget"

@@ -149,13 +149,47 @@ class ItemState(str, enum.Enum):
 # Routine items that wait in the queue for their sender: what a metered link holds back. Not STAT
 # (never held), not one on the wire, not one held for the doctor (that waits for a patient), not one
 # queued before the meter began holding (an older one had its chance), not one whose send failed
-# (the link had it and lost it; its bytes spent the budget all the same). Parameters: state (queued),
-# kind, the STAT priority, now, since when the meter holds (lastmile.services.metered.held_since);
-# shared with the metrics exporter, which reads the outbox by SQL.
+# unless the link has worked since it last failed (while it fails, the link had it and lost it; its
+# bytes spent the budget all the same). Parameters: `MeterHold.params`; shared with the metrics
+# exporter, which reads the outbox by SQL (`waiting_not_held_sql`).
 ROUTINE_QUEUED_SQL = (
     "state = ? AND kind = ? AND priority != ? AND (hold_until IS NULL OR hold_until <= ?) AND created_at >= ? "
-    "AND attempts = 0"
+    "AND (attempts = 0 OR ?)"
 )
+
+
+@dataclass(frozen=True)
+class MeterHold:
+    """Which routine items of a kind its metered link holds now (lastmile.services.metered.held_since)."""
+
+    since: float  # those queued since then (-inf: every one)
+    failed_too: bool = False  # and those whose sends failed: the link has worked since it last failed
+
+    def params(self, kind: str, now: float) -> tuple[Any, ...]:
+        """ROUTINE_QUEUED_SQL's parameters."""
+        return (ItemState.QUEUED.value, kind, int(Priority.STAT), now, self.since, int(self.failed_too))
+
+    def holds(self, item: OutboxItem, now: float) -> bool:
+        """Whether ROUTINE_QUEUED_SQL takes `item` (of the meter's kind), for a page that has the
+        item read already (the console's Sent page, per study it lists)."""
+        return (
+            item.state is ItemState.QUEUED
+            and item.priority != Priority.STAT
+            and not item.held(now)
+            and item.created_at >= self.since
+            and (item.attempts == 0 or self.failed_too)
+        )
+
+
+def waiting_not_held_sql(now: float, held: Mapping[str, MeterHold]) -> tuple[str, list[Any]]:
+    """The condition (and its parameters) on `items` of what waits for a peer - queued or on the
+    wire - that no metered link holds: `held` maps an outbox kind to what its link holds."""
+    sql = "state IN (?, ?)"
+    params: list[Any] = [ItemState.QUEUED.value, ItemState.SENDING.value]
+    for kind, hold in held.items():
+        sql += f" AND NOT ({ROUTINE_QUEUED_SQL})"
+        params += hold.params(kind, now)
+    return sql, params
 
 
 @dataclass(frozen=True)
@@ -929,38 +963,32 @@ class Outbox:
         )
         return bool(rows)
 
-    def _routine_queued_params(self, kind: str, now: float, since: float) -> tuple[Any, ...]:
-        return (S.QUEUED.value, kind, int(Priority.STAT), now, since)
-
-    def routine_queued(self, kind: str, now: float, *, since: float = -math.inf) -> tuple[int, float | None]:
-        """How many routine items of `kind` queued since `since` wait for their sender, and when
-        the oldest of them was queued."""
+    def routine_queued(
+        self, kind: str, now: float, *, since: float = -math.inf, failed_too: bool = False
+    ) -> tuple[int, float | None]:
+        """How many routine items of `kind` its meter holds (`MeterHold(since, failed_too)`) wait
+        for their sender, and when the oldest of them was queued."""
         count, oldest = self._read(
             f"SELECT COUNT(*), MIN(created_at) FROM items WHERE {ROUTINE_QUEUED_SQL}",
-            self._routine_queued_params(kind, now, since),
+            MeterHold(since, failed_too).params(kind, now),
         )[0]
         return int(count), oldest
 
-    def has_routine_queued(self, kind: str, now: float, *, since: float = -math.inf) -> bool:
-        """Whether any routine item of `kind` queued since `since` waits for its sender (one row
-        looked at, at most)."""
+    def has_routine_queued(self, kind: str, now: float, *, since: float = -math.inf, failed_too: bool = False) -> bool:
+        """Whether any routine item of `kind` its meter holds (`MeterHold(since, failed_too)`)
+        waits for its sender (one row looked at, at most)."""
         return bool(
             self._read(
                 f"SELECT 1 FROM items WHERE {ROUTINE_QUEUED_SQL} LIMIT 1",
-                self._routine_queued_params(kind, now, since),
+                MeterHold(since, failed_too).params(kind, now),
             )
         )
 
-    def oldest_waiting(self, now: float, *, except_routine_of: Mapping[str, float] | None = None) -> float | None:
-        """When the oldest queued or sending item was queued; `except_routine_of` (kind -> since
-        when a metered link holds its routine items, lastmile.services.metered.held_since) leaves
-        out the routine items of that kind queued since then that wait for their sender."""
-        sql = "SELECT MIN(created_at) FROM items WHERE state IN (?, ?)"
-        params: list[Any] = [S.QUEUED.value, S.SENDING.value]
-        for kind, since in (except_routine_of or {}).items():
-            sql += f" AND NOT ({ROUTINE_QUEUED_SQL})"
-            params += self._routine_queued_params(kind, now, since)
-        oldest = self._read(sql, params)[0][0]
+    def oldest_waiting(self, now: float, *, except_routine_of: Mapping[str, MeterHold] | None = None) -> float | None:
+        """When the oldest queued or sending item was queued; `except_routine_of` (kind -> what a
+        metered link holds of it now) leaves out the routine items it holds."""
+        where, params = waiting_not_held_sql(now, except_routine_of or {})
+        oldest = self._read(f"SELECT MIN(created_at) FROM items WHERE {where}", params)[0][0]
         return None if oldest is None else float(oldest)
 
     def begin_send(self, item_id: int, now: float) -> bool:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import math
 import sqlite3
 import unicodedata
 from dataclasses import dataclass, replace
@@ -48,13 +47,13 @@ from lastmile.console.audit import AuditLog
 from lastmile.console.i18n import N_
 from lastmile.data_dir import open_outbox
 from lastmile.reports.store import ReportStore
+from lastmile.services.link_status import READING_CENTER_STATUS, reading_center_down
 from lastmile.services.metered import MeteredWait, metered_wait, meters
 from uploader.outbox import ItemState, Kind, OutboxItem
 from uploader.report_lines import ReportLine
 
 log = logging.getLogger(__name__)
 
-READING_CENTER_STATUS = "reading_center"  # uploader.ecg_forwarder.STATUS_NAME (no DICOM import here)
 MAX_NAME_LENGTH = 64
 MAX_ROW_ID = 2**63 - 1  # SQLite's INTEGER: a larger number makes the driver raise OverflowError
 
@@ -145,6 +144,7 @@ class StudyJourney:
     last_error: str
     quarantine_reason: str
     held: bool = False  # held for the doctor (a patient to settle, a re-record verdict): not the link's wait
+    metered_held: bool = False  # a routine study the metered link holds now (window shut, budget spent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,9 +160,6 @@ class LinkStatus:
     # and when they go; "" / None when none waits on it (STAT ECGs never do)
     metered_wait: str = ""
     metered_until: dt.datetime | None = None
-    # the routine studies it holds were recorded since then (lastmile.services.metered.held_since):
-    # an older one missed a window, or a day with budget left - the link's wait, not the meter's
-    metered_since: dt.datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,13 +294,6 @@ def _t(value: float | None) -> dt.datetime | None:
 
 def _utc(value: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(value, dt.timezone.utc)
-
-
-def _since(value: float | None) -> dt.datetime | None:
-    """A meter's `held_since` as a time to compare with (-inf: since ever)."""
-    if value is None:
-        return None
-    return dt.datetime.min.replace(tzinfo=dt.timezone.utc) if value == -math.inf else _utc(value)
 
 
 # -- the clinic's data -----------------------------------------------------------------------------
@@ -586,9 +576,14 @@ class ClinicData:
         return self.audit.latest("re-record", str(item_id)) is not None
 
     # -- the journey of each study ------------------------------------------------------------------
-    def journeys(self, limit: int = 50, *, now: dt.datetime | None = None) -> list[StudyJourney]:
+    def journeys(
+        self, metered: MeteredWait | None, limit: int = 50, *, now: dt.datetime | None = None
+    ) -> list[StudyJourney]:
+        """The latest studies, each with where it is; `metered`: what the metered link holds now
+        (`metered_hold`)."""
         by_study = {r.study_uid: r for r in self.reports.reports()}
         at = (now or utc_now()).timestamp()
+        hold = None if metered is None else metered.hold
         out = []
         for item_id in self._recent_item_ids(Kind.DICOM, limit=limit):
             item = self.outbox.get(item_id)
@@ -612,20 +607,21 @@ class ClinicData:
                     last_error=item.last_error or "",
                     quarantine_reason=item.quarantine_reason or "",
                     held=item.held(at),
+                    metered_held=hold is not None and hold.holds(item, at),
                 )
             )
         return out
 
-    def link_status(self, now: dt.datetime) -> LinkStatus:
+    def link_status(self, now: dt.datetime, metered: MeteredWait | None) -> LinkStatus:
+        """The reading center's link; `metered`: what its metered link holds now (`metered_hold`)."""
         status = self.outbox.status(READING_CENTER_STATUS) or {}
         stats = self.outbox.stats(now.timestamp())
         counts = stats["counts"]
         last_success = _t(status.get("last_success"))
         last_error_at = _t(status.get("last_error_at"))
-        down_since = last_error_at if last_error_at and (last_success is None or last_error_at > last_success) else None
+        down_since = last_error_at if reading_center_down(status) else None
         oldest = stats["oldest_waiting_s"]
-        wait = self._metered_hold(now)
-        blocked = None if wait is None else wait.blocked
+        blocked = None if metered is None else metered.blocked
         return LinkStatus(
             fault=str(status.get("fault") or ""),
             fault_since=_t(status.get("fault_since")) if status.get("fault") else None,
@@ -636,10 +632,9 @@ class ClinicData:
             oldest_waiting=None if oldest is None else now - dt.timedelta(seconds=oldest),
             metered_wait=blocked.reason if blocked else "",
             metered_until=dt.datetime.fromtimestamp(blocked.until, dt.timezone.utc) if blocked else None,
-            metered_since=None if wait is None else _since(wait.held_since),
         )
 
-    def _metered_hold(self, now: dt.datetime) -> MeteredWait | None:
+    def metered_hold(self, now: dt.datetime) -> MeteredWait | None:
         """Why routine ECGs wait on the metered link now and since when, if any do
         (lastmile.services.metered: the forwarder's own `Meter`, as `lastmile queue` and the
         doctor say it)."""

@@ -63,7 +63,8 @@ def today(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
 
 
 def sent(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
-    return {"journeys": data.journeys(now=now), "link": data.link_status(now), "now": now}
+    metered = data.metered_hold(now)  # once for both: the page is rendered every few seconds
+    return {"journeys": data.journeys(metered, now=now), "link": data.link_status(now, metered), "now": now}
 
 
 def report_order(report: ReportView) -> tuple[bool, bool, bool, float]:
@@ -118,7 +119,7 @@ def system(data: ClinicData, now: dt.datetime, is_admin: bool) -> dict[str, Any]
     usage = shutil.disk_usage(data.config.data_dir)
     return {
         "now": now,
-        "link": data.link_status(now),
+        "link": data.link_status(now, data.metered_hold(now)),
         "disk": {"free": usage.free, "total": usage.total, "min_free": data.config.outbox.min_free_mb * 2**20},
         "versions": versions(),
         "users": data.accounts.users() if is_admin else [],

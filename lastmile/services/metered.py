@@ -13,11 +13,18 @@ from typing import TYPE_CHECKING
 
 from lastmile.clock import local_zone
 from lastmile.config import Config, MeteredSection
-from lastmile.services.metrics_sources import READING_CENTER_STATUS
+from lastmile.services.link_status import (
+    FHIR_STATUS,
+    READING_CENTER_STATUS,
+    StatusSnapshot,
+    fhir_round_worked,
+    number,
+    reading_center_down,
+)
 from uploader.metering import KEEP_DAYS, Blocked, Meter, MeterPolicy, SendWindow, StatusStore
 
 if TYPE_CHECKING:
-    from uploader.outbox import Outbox
+    from uploader.outbox import MeterHold, Outbox
 
 # destination → where its settings are in lastmile.toml
 SETTINGS = {"dicom": "reading_center.metered", "fhir": "fhir.metered", "reports": "reports.metered"}
@@ -78,6 +85,7 @@ def held_since(meter: Meter, now: float, blocked: Blocked | None) -> float | Non
     no chance - what was queued since it last opened waits for it, not for the link."""
     if blocked is None:
         return None
+    meter = read_once(meter)  # the walk asks the meter's record for each day and window
     budget_counts = not link_failing(meter)
     if meter.policy.windows:
         chances = _window_chances(meter, now, budget_counts=budget_counts)
@@ -86,15 +94,36 @@ def held_since(meter: Meter, now: float, blocked: Blocked | None) -> float | Non
     return next(chances, -math.inf)
 
 
+# destination -> the status its sender records about its link (report polling queues nothing)
+LINK_STATUS = {"dicom": READING_CENTER_STATUS, "fhir": FHIR_STATUS}
+
+
+def read_once(meter: Meter) -> Meter:
+    """`meter` over one read of its record and its link's status: what `held_since` asks of them
+    for every remembered day and window is then not read again (the Sent and System pages, the
+    doctor and every metrics scrape ask)."""
+    if isinstance(meter.store, StatusSnapshot):
+        return meter
+    names = (meter.status_name, *([LINK_STATUS[meter.name]] if meter.name in LINK_STATUS else []))
+    values = {name: value for name in names if (value := meter.store.status(name)) is not None}
+    return Meter(meter.name, meter.policy, StatusSnapshot(values))
+
+
 def link_failing(meter: Meter) -> bool:
     """Whether `meter`'s link failed since it last succeeded, as its sender recorded it (the
     reading center's forwarder keeps both; FHIR rounds keep neither: their failed items have
-    attempts, which no meter holds - uploader.outbox.ROUTINE_QUEUED_SQL)."""
-    if meter.name != "dicom":
-        return False
-    status = meter.store.status(READING_CENTER_STATUS) or {}
-    failed, succeeded = status.get("last_error_at"), status.get("last_success")
-    return isinstance(failed, (int, float)) and (not isinstance(succeeded, (int, float)) or failed > succeeded)
+    attempts, which no meter holds while the rounds fail - uploader.outbox.ROUTINE_QUEUED_SQL)."""
+    return meter.name == "dicom" and reading_center_down(meter.store.status(READING_CENTER_STATUS))
+
+
+def link_worked_since_failing(meter: Meter) -> bool:
+    """Whether `meter`'s link has succeeded since it last failed, as its sender recorded it: a
+    routine item whose send failed before then waits for the meter like any other, not for the
+    link (uploader.outbox.MeterHold.failed_too). Not known: the link's."""
+    if meter.name == "fhir":
+        return fhir_round_worked(meter.store.status(FHIR_STATUS))
+    status = meter.store.status(READING_CENTER_STATUS) if meter.name == "dicom" else None
+    return status is not None and number(status.get("last_success")) is not None and not reading_center_down(status)
 
 
 def _budget_left(meter: Meter, day: dt.date, *, budget_counts: bool) -> bool:
@@ -153,10 +182,18 @@ class MeteredWait:
     routine_waiting: int | None  # None: nothing queues for it (report polling)
     routine_since: float | None = None  # when the oldest of them was queued
     held_since: float | None = None  # routine items queued since then are the meter's (see `held_since`)
+    failed_held: bool = False  # and those whose sends failed (`link_worked_since_failing`)
 
     @property
     def what(self) -> str:
         return DESTINATIONS[self.destination]
+
+    @property
+    def hold(self) -> MeterHold | None:
+        """What it holds now, as the outbox asks it (None: nothing)."""
+        from uploader.outbox import MeterHold  # not at import: the metrics exporter of a gateway metering nothing
+
+        return None if self.held_since is None else MeterHold(self.held_since, self.failed_held)
 
     @property
     def holding(self) -> bool:
@@ -167,15 +204,21 @@ class MeteredWait:
 def metered_wait(meter: Meter, outbox: Outbox, now: float, *, count: bool = True) -> MeteredWait:
     """What `meter` holds back now. `count=False` only asks whether any routine item waits (one
     row read: the Sent page asks at every render), and only while the meter blocks."""
+    meter = read_once(meter)
     blocked = meter.blocked(now)
     holds_since = held_since(meter, now, blocked)
+    failed_held = link_worked_since_failing(meter)
     kind = QUEUED_KINDS.get(meter.name)
     waiting: int | None = None
     since = None
     if kind is not None and count:  # while routine traffic may go: every routine item waiting
-        waiting, since = outbox.routine_queued(kind, now, since=-math.inf if holds_since is None else holds_since)
+        waiting, since = outbox.routine_queued(
+            kind, now, since=-math.inf if holds_since is None else holds_since, failed_too=failed_held
+        )
     elif kind is not None:
-        waiting = int(holds_since is not None and outbox.has_routine_queued(kind, now, since=holds_since))
+        waiting = int(
+            holds_since is not None and outbox.has_routine_queued(kind, now, since=holds_since, failed_too=failed_held)
+        )
     return MeteredWait(
         destination=meter.name,
         blocked=blocked,
@@ -185,6 +228,7 @@ def metered_wait(meter: Meter, outbox: Outbox, now: float, *, count: bool = True
         routine_waiting=waiting,
         routine_since=since,
         held_since=holds_since,
+        failed_held=failed_held,
     )
 
 

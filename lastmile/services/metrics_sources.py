@@ -39,19 +39,19 @@ from typing import TYPE_CHECKING, Any
 from devices.identity import EARLIEST_PLAUSIBLE
 from lastmile.clock import read_boot_id
 from lastmile.data_dir import CLINIC_DB, OUTBOX_DB, VISITS_DB, columns_of, read_only
+from lastmile.services.link_status import READING_CENTER_STATUS, StatusSnapshot, link_down, number
 
 if TYPE_CHECKING:
     from lastmile.config import Config
+    from uploader.outbox import MeterHold
 
 log = logging.getLogger(__name__)
 
-READING_CENTER_STATUS = "reading_center"  # uploader.ecg_forwarder.STATUS_NAME
 REPORT_POLLER_STATUS = "poller"  # lastmile.reports.poller.STATUS_NAME (issue 14)
 CONFIG_FAULT_PREFIX = "configuration fault:"  # how uploader.fhir_forwarder releases items it could not send
 WAITING_STATES = ("queued", "sending")  # not yet accepted by the peer
 UNCOMMITTED_STATES = ("queued", "sending", "sent")
 KEPT_STATES = ("queued", "sending", "sent", "committed", "quarantined")  # all but purged (meta kept)
-STAT_PRIORITY = 0  # uploader.outbox.Priority.STAT (not imported: it brings sqlite-utils)
 TIMESYNCD_FLAG = Path("/run/systemd/timesync/synchronized")  # touched by systemd-timesyncd at each sync
 CGROUP_ROOT = Path("/sys/fs/cgroup")  # cgroup v2 as Debian 12 mounts it ("unified" below it in hybrid mode)
 DEFAULT_SLICE = "system.slice"
@@ -86,9 +86,7 @@ class LinkSnapshot:
         """up / down / refused / unknown (nothing tried yet)."""
         if self.refused:
             return "refused"
-        if self.last_failure_at is not None and (
-            self.last_success_at is None or self.last_failure_at > self.last_success_at
-        ):
+        if link_down(self.last_success_at, self.last_failure_at):
             return "down"
         return "up" if self.last_success_at is not None else "unknown"
 
@@ -105,20 +103,6 @@ class OutboxSnapshot:
     # kind -> age of the oldest item waiting that no metered link holds now (a shut send window or
     # a spent daily budget holds routine items as configured): what a stuck link shows
     oldest_stuck_s: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class StatusSnapshot:
-    """The outbox's status table as read this scrape, as a `uploader.metering.StatusStore` a
-    `Meter` can ask what it spent today; writing is not this reader's business."""
-
-    values: dict[str, dict[str, Any]]
-
-    def status(self, name: str) -> dict[str, Any] | None:
-        return self.values.get(name)
-
-    def record_status(self, name: str, value: dict[str, Any], now: float) -> None:
-        raise PermissionError("the metrics exporter reads the outbox read-only")
 
 
 def read_outbox(data_dir: Path, now: float, *, config: Config | None = None) -> OutboxSnapshot | None:
@@ -181,22 +165,16 @@ def read_outbox(data_dir: Path, now: float, *, config: Config | None = None) -> 
         oldest_stuck = dict(oldest_created)
         meter_held = {} if config is None else _held_since(config, StatusSnapshot(statuses), now)
         if meter_held:  # the routine items those meters hold (not STAT, not held for the doctor) left out
-            from uploader.outbox import ROUTINE_QUEUED_SQL  # a metered gateway has the outbox module already
+            from uploader.outbox import waiting_not_held_sql  # a metered gateway has the outbox module already
 
+            where, params = waiting_not_held_sql(now, meter_held)
             oldest_stuck = dict(
-                conn.execute(
-                    f"SELECT kind, MIN(created_at) FROM items WHERE state IN (?, ?) "
-                    f"{f'AND NOT ({ROUTINE_QUEUED_SQL}) ' * len(meter_held)}GROUP BY kind",
-                    (
-                        *WAITING_STATES,
-                        *(v for kind, since in meter_held.items() for v in ("queued", kind, STAT_PRIORITY, now, since)),
-                    ),
-                ).fetchall()
+                conn.execute(f"SELECT kind, MIN(created_at) FROM items WHERE {where} GROUP BY kind", params)
             )
     rc = statuses.get(READING_CENTER_STATUS, {})
-    dicom_success = _latest(_number(rc.get("last_success")), last_sent.get("dicom"))
+    dicom_success = _latest(number(rc.get("last_success")), last_sent.get("dicom"))
     links = {
-        "dicom": LinkSnapshot(dicom_success, _number(rc.get("last_error_at")), refused=bool(rc.get("fault"))),
+        "dicom": LinkSnapshot(dicom_success, number(rc.get("last_error_at")), refused=bool(rc.get("fault"))),
         # FHIR rounds overwrite their status every round: the queued items tell more
         "fhir": LinkSnapshot(last_sent.get("fhir-bundle"), fhir_failed, refused=bool(fhir_refused)),
     }
@@ -212,16 +190,17 @@ def read_outbox(data_dir: Path, now: float, *, config: Config | None = None) -> 
     )
 
 
-def _held_since(config: Config, statuses: StatusSnapshot, now: float) -> dict[str, float]:
-    """Outbox kind -> since when its meter holds the routine items queued (only the meters that
-    hold them now), as `lastmile doctor` judges it (lastmile.services.metered.held_since)."""
-    from lastmile.services.metered import QUEUED_KINDS, held_since, meters
+def _held_since(config: Config, statuses: StatusSnapshot, now: float) -> dict[str, MeterHold]:
+    """Outbox kind -> what its meter holds of the routine items queued (only the meters that hold
+    them now), as `lastmile doctor` judges it (lastmile.services.metered.metered_wait)."""
+    from lastmile.services.metered import QUEUED_KINDS, held_since, link_worked_since_failing, meters
+    from uploader.outbox import MeterHold
 
     held = {}
     for destination, meter in meters(config, statuses).items():
         since = held_since(meter, now, meter.blocked(now))
         if since is not None and destination in QUEUED_KINDS:
-            held[QUEUED_KINDS[destination]] = since
+            held[QUEUED_KINDS[destination]] = MeterHold(since, link_worked_since_failing(meter))
     return held
 
 
@@ -231,10 +210,6 @@ def _json_object(text: str | None) -> dict[str, Any]:
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
-
-
-def _number(value: object) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _latest(*values: float | None) -> float | None:
@@ -301,8 +276,8 @@ def read_reports(data_dir: Path, now: float) -> ReportsSnapshot | None:
         awaited_stat=awaited_stat,
         awaited_oldest_s=None if awaited_at is None else max(0.0, now - awaited_at),
         link=LinkSnapshot(
-            _number(poller.get("last_success_at")),
-            _number(poller.get("failing_since")) if poller.get("error") else None,
+            number(poller.get("last_success_at")),
+            number(poller.get("failing_since")) if poller.get("error") else None,
             refused=bool(poller.get("fault")),
         ),
     )

@@ -1,0 +1,51 @@
+"""What the senders record about their links in the outbox's status table, read one way by the
+doctor, the console, the metrics exporter and the metered-link judgement (lastmile.services.metered).
+Imports nothing of ours: the metrics exporter and the forward process both read it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+READING_CENTER_STATUS = "reading_center"  # uploader.ecg_forwarder.STATUS_NAME (no DICOM import here)
+FHIR_STATUS = "fhir"  # uploader.fhir_forwarder.STATUS_NAME: the last FHIR round that claimed anything
+
+
+def number(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def link_down(last_success_at: float | None, last_failure_at: float | None) -> bool:
+    """A link failed since it last succeeded (or failed and never succeeded)."""
+    return last_failure_at is not None and (last_success_at is None or last_failure_at > last_success_at)
+
+
+def reading_center_down(status: dict[str, Any] | None) -> bool:
+    """What the reading center's forwarder recorded (`READING_CENTER_STATUS`): its link is down."""
+    status = status or {}
+    return link_down(number(status.get("last_success")), number(status.get("last_error_at")))
+
+
+def fhir_round_worked(status: dict[str, Any] | None) -> bool:
+    """What the FHIR sender recorded of its last round that claimed anything (`FHIR_STATUS`): the
+    platform took bundles and none failed - its rounds are all its attempts, so every failure
+    recorded before then is older than a success."""
+    last_round = (status or {}).get("last_round")
+    if not isinstance(last_round, dict):
+        return False
+    sent, transient = number(last_round.get("sent")), number(last_round.get("transient"))
+    return bool(sent) and not transient and not last_round.get("fault")
+
+
+@dataclass(frozen=True)
+class StatusSnapshot:
+    """Status rows read once, as a `uploader.metering.StatusStore` a `Meter` can ask what it spent
+    (each day, each window) without reading the row again; writing is not this reader's business."""
+
+    values: dict[str, dict[str, Any]]
+
+    def status(self, name: str) -> dict[str, Any] | None:
+        return self.values.get(name)
+
+    def record_status(self, name: str, value: dict[str, Any], now: float) -> None:
+        raise PermissionError("a status snapshot is read-only")
