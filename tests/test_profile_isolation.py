@@ -12,6 +12,9 @@ import signal
 import time
 from pathlib import Path
 
+from devices.bridge import codec
+from firmware_bridge.bridge_simulator import EcgStreamSimulator
+from firmware_bridge.firmware.bridge_core import BridgeCore
 from lastmile.clinic.devices import DeviceRecord, DeviceRegistry
 from lastmile.doctor import Level
 from tests.conftest import shared_file
@@ -25,6 +28,7 @@ from tests.service_harness import (
     status_with,
     stop_child,
 )
+from tests.test_serial_service import talk_as_bridge, wait_for_answers
 from uploader.outbox import Outbox
 
 
@@ -93,5 +97,62 @@ def test_a_bad_profile_file_stops_only_the_device_that_names_it(tmp_path: Path) 
     outbox = Outbox.open(data)
     try:
         assert len(outbox.items(kind="dicom")) == 1, "the stick's ECG was not imported"
+    finally:
+        outbox.close()
+
+
+def test_a_bad_forward_profile_stops_only_the_forwarded_device_not_the_bridge(tmp_path: Path) -> None:
+    """An ECG bridge whose RS-232 port forwards a ward monitor, the monitor's profile file mistyped:
+    the bridge was not started at all, so its own ECG stream was lost with the monitor. The bridge
+    runs and its ECG is stored; only the monitor's forwarded lines are refused (NACK_REFUSED: the
+    bridge keeps them for when the file is fixed), and `lastmile devices` / the console / `lastmile
+    doctor` say which file and line to fix under the forwarded device's own entry."""
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    line = ward_profile_with_bad_baudrate(profiles)
+    bridge = PtyDevice(tmp_path / "usb-ecg-bridge")
+    config = tmp_path / "lastmile.toml"
+    data = tmp_path / "data"
+    config.write_text(
+        f'[gateway]\ndata_dir = "{data}"\n[ble]\nenabled = false\n[gps]\nsource = "none"\n'
+        f'[serial]\nprofiles_dir = "{profiles}"\n\n'
+        f'[[serial.devices]]\nname = "ecg"\nmatch = "{bridge.link_path}"\nprofile = "bridge"\n'
+        'forward_profile = "ward-monitor"\n'
+    )
+    manager = Manager(tmp_path / "notify")
+    proc = start_acquire(config, manager, watchdog_usec=20_000_000)
+    registry: DeviceRegistry | None = None
+    try:
+        manager.wait_for("READY=1", timeout=60)
+        status_with(manager, "serial up, 1 device refused")  # the forwarded monitor is not read
+        core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
+        talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+        sim = EcgStreamSimulator(core, recording_id=3)
+        bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(40)) + sim.end(40 * 25, clock[0]))
+        talk_as_bridge(bridge, core, clock, lambda: core.pending_count == 0)  # ECG_END ACKed: durable
+        bridge.write(core.uart_bytes(VITALS_REPORT, clock[0]))
+        lines = set(core.pending_seqs())
+        answers = wait_for_answers(bridge, lines, core, clock[0])
+        assert {(a.seq, type(a), getattr(a, "reason", None)) for a in answers} == {
+            (seq, codec.Nack, codec.NACK_REFUSED) for seq in lines
+        }
+        assert core.pending_count == len(lines)  # kept on the bridge, to be resent
+        registry = DeviceRegistry.open(data)
+        forwarded = registry.get("serial:ecg:forwarded")
+        assert forwarded is not None and not forwarded.connected
+        assert f"ward-monitor.toml:{line}: 'profile.baudrate' out of range" in forwarded.last_error, forwarded
+        found = [f for f in doctor(data).check_devices() if f.level is Level.WARN]
+        assert found and f"ward-monitor.toml:{line}" in found[0].message, found
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if registry is not None:
+            registry.close()
+        stop_child(proc)
+        manager.sock.close()
+        bridge.unplug()
+    outbox = Outbox.open(data)
+    try:
+        assert [i.key for i in outbox.items(kind="dicom")] == ["bridge-ecg:BR-ECG:9:3"]
     finally:
         outbox.close()
