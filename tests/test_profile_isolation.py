@@ -9,6 +9,7 @@ import datetime as dt
 import os
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -38,6 +39,17 @@ def ward_profile_with_bad_baudrate(profiles: Path) -> int:
     lines = good.replace("baudrate = 9600", "baudrate = 0", 1).splitlines()
     (profiles / "ward-monitor.toml").write_text("\n".join(lines) + "\n")
     return next(i + 1 for i, text in enumerate(lines) if text.startswith("baudrate = 0"))
+
+
+def refusal_said_then_stopped(refused: DeviceRecord | None, line: int, data: Path, proc: subprocess.Popen[str]) -> None:
+    """The refused device's entry (`lastmile devices`, the console's Devices page) and `lastmile
+    doctor` name the ward monitor's file and line; then the acquire service stops cleanly."""
+    assert refused is not None and not refused.connected
+    assert f"ward-monitor.toml:{line}: 'profile.baudrate' out of range" in refused.last_error, refused
+    found = [f for f in doctor(data).check_devices() if f.level is Level.WARN]
+    assert found and f"ward-monitor.toml:{line}" in found[0].message, found
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
 
 
 def test_a_bad_profile_file_stops_only_the_device_that_names_it(tmp_path: Path) -> None:
@@ -80,13 +92,7 @@ def test_a_bad_profile_file_stops_only_the_device_that_names_it(tmp_path: Path) 
         printed = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)).strftime("DATE %Y-%m-%d  TIME %H:%M:%S")
         monitor.write(VITALS_REPORT.replace(b"DATE 2025-03-04  TIME 09:41:07", printed.encode()))
         wait_for(lambda: bool(device("monitor").last_reading), timeout=60)  # type: ignore[union-attr]
-        refused = device("ward")
-        assert refused is not None and not refused.connected
-        assert f"ward-monitor.toml:{line}: 'profile.baudrate' out of range" in refused.last_error, refused
-        found = [f for f in doctor(data).check_devices() if f.level is Level.WARN]
-        assert found and f"ward-monitor.toml:{line}" in found[0].message, found
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
+        refusal_said_then_stopped(device("ward"), line, data, proc)
     finally:
         if registry is not None:
             registry.close()
@@ -138,13 +144,7 @@ def test_a_bad_forward_profile_stops_only_the_forwarded_device_not_the_bridge(tm
         }
         assert core.pending_count == len(lines)  # kept on the bridge, to be resent
         registry = DeviceRegistry.open(data)
-        forwarded = registry.get("serial:ecg:forwarded")
-        assert forwarded is not None and not forwarded.connected
-        assert f"ward-monitor.toml:{line}: 'profile.baudrate' out of range" in forwarded.last_error, forwarded
-        found = [f for f in doctor(data).check_devices() if f.level is Level.WARN]
-        assert found and f"ward-monitor.toml:{line}" in found[0].message, found
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
+        refusal_said_then_stopped(registry.get("serial:ecg:forwarded"), line, data, proc)
     finally:
         if registry is not None:
             registry.close()
