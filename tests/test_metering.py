@@ -296,7 +296,7 @@ def test_fhir_bundles_stop_at_the_budget_and_wait_out_a_shut_window(tmp_path: Pa
         counts = forward_fhir_once(outbox, sender, T_NOON, batch_size=1, meter=budget)
         assert (counts.sent, counts.deferred) == (3, 3)  # checked before each request: the third still fits
         assert len(server.resources("Encounter")) == 3
-        assert budget.spent_today(T_NOON) == sender.bytes_sent  # the request bodies as sent
+        assert budget.spent_today(T_NOON) == sender.bytes_on_wire  # the HTTP bytes both ways
         assert forward_fhir_once(outbox, sender, T_NOON + 60, batch_size=1, meter=budget).claimed == 0
     assert len(outbox.items(state=ItemState.QUEUED, kind=Kind.FHIR_BUNDLE)) == 3
     outbox.close()
