@@ -29,7 +29,7 @@ from tests.service_harness import (
     status_with,
     stop_child,
 )
-from tests.test_serial_service import talk_as_bridge, wait_for_answers
+from tests.test_serial_service import Running, talk_as_bridge, wait_for_answers
 from uploader.outbox import Outbox
 
 
@@ -156,3 +156,28 @@ def test_a_bad_forward_profile_stops_only_the_forwarded_device_not_the_bridge(tm
         assert [i.key for i in outbox.items(kind="dicom")] == ["bridge-ecg:BR-ECG:9:3"]
     finally:
         outbox.close()
+
+
+def test_a_forwarded_device_refused_before_is_not_said_refused_once_its_profile_is_fixed(tmp_path: Path) -> None:
+    """The forwarded device's refusal lives in its own entry, which nothing connects to: once the
+    technician fixes the file, the next start must clear it, or `lastmile doctor` warns forever."""
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    ward_profile_with_bad_baudrate(profiles)
+    bridge = {"name": "ecg", "match": "2e8a:000a", "profile": "bridge", "forward_profile": "ward-monitor"}
+    refused = Running(tmp_path, [bridge], profiles_dir=str(profiles))
+    try:
+        record = refused.registry.get("serial:ecg:forwarded")
+        assert record is not None and "ward-monitor.toml" in record.last_error, record
+    finally:
+        refused.close()
+    fixed = (profiles / "ward-monitor.toml").read_text().replace("baudrate = 0", "baudrate = 9600")
+    (profiles / "ward-monitor.toml").write_text(fixed)
+    running = Running(tmp_path, [bridge], profiles_dir=str(profiles))
+    try:
+        assert running.service.refused == {}
+        record = running.registry.get("serial:ecg:forwarded")
+        assert record is not None and record.last_error == "", record
+        assert not [f for f in doctor(tmp_path / "data").check_devices() if f.level is Level.WARN]
+    finally:
+        running.close()
