@@ -142,8 +142,8 @@ def request_wire_bytes(request: requests.PreparedRequest) -> int:
     parts = urllib.parse.urlsplit(request.url or "")
     host = parts.netloc.rsplit("@", 1)[-1]
     headers = [*request.headers.items(), *([] if "Host" in request.headers else [("Host", host)])]
-    body = request.body
-    size = len(body.encode() if isinstance(body, str) else body) if isinstance(body, (str, bytes, bytearray)) else 0
+    body = request.body.encode() if isinstance(request.body, str) else request.body
+    size = len(body) if isinstance(body, (bytes, bytearray)) else 0
     return header_block_bytes(f"{request.method} {request.path_url} HTTP/1.1", headers) + size
 
 
@@ -204,11 +204,17 @@ class FhirConnection:
         if origin(url) != origin(self.settings.base_url):
             where = mask_server_text(url)
             raise PermanentError(f"FHIR server pointed us to {where}, outside {self.settings.base_url}: not followed")
+        # What the session sends, prepared as its `request` prepares it (its default headers merged):
+        # counted from here, whatever the session (or a stand-in for it) keeps of it
+        headers = self.headers(headers)
+        sent = self._session.prepare_request(
+            requests.Request(method, url, headers, data=kwargs.get("data"), params=kwargs.get("params"))
+        )
         try:
             response = self._session.request(
                 method,
                 url,
-                headers=self.headers(headers),
+                headers=headers,
                 verify=self.settings.ca_file or True,
                 timeout=(self.settings.connect_timeout_s, self.settings.timeout_s),
                 allow_redirects=False,  # a redirect could lead the token and the data elsewhere
@@ -223,10 +229,9 @@ class FhirConnection:
         ) as exc:
             if never_connected(exc):
                 raise NotConnected(f"FHIR server unreachable: {type(exc).__name__}: {exc}") from None
-            if isinstance(exc.request, requests.PreparedRequest):  # connected: it went (or began to go) out
-                self._count(exc.request)
+            self._count(sent)  # connected: the request went (or began to go) out
             raise TransientError(f"FHIR server unreachable: {type(exc).__name__}: {exc}") from None
-        self._count(response.request, response)
+        self._count(sent, response)
         return response
 
     @property
