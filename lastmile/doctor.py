@@ -498,11 +498,11 @@ class Doctor:
             return Finding(
                 "commitment", Level.OK, f"something listens on port {port} (run as root to see it is lastmile-forward)"
             )
-        main_pid = self.forward_main_pid()
-        if main_pid is None:  # no systemd here: the command line says it
+        forward_pids = self.forward_pids()
+        if forward_pids is None:  # no systemd here: the command line says it
             ours = any(is_forward_service(argv) for _, argv in holders)
         else:
-            ours = any(descends_from(pid, main_pid, self.proc_root) for pid, _ in holders)
+            ours = any(pid in forward_pids for pid, _ in holders)
         if not holders or ours:
             return Finding("commitment", Level.OK, f"listener up on port {port} for commitment reports")
         pid, argv = holders[0]
@@ -515,21 +515,27 @@ class Doctor:
             "stop that program, or set reading_center.listen_port to a free port (and tell the reading center)",
         )
 
-    def forward_main_pid(self) -> int | None:
-        """lastmile-forward.service's main process as systemd knows it (0: the unit is not
-        running); None where systemd does not run the gateway (the unit is not installed: a
-        `lastmile forward` run by hand is then the forwarder) or cannot be asked."""
+    def forward_pids(self) -> set[int] | None:
+        """lastmile-forward.service's processes as systemd knows them: its main process and every
+        process in its cgroup (empty: the unit is not running); None where systemd does not run the
+        gateway (the unit is not installed: a `lastmile forward` run by hand is then the forwarder)
+        or cannot be asked."""
+        from lastmile.services.metrics_sources import ServiceProbe, cgroup2_mount
+
         if not self.systemd_run_dir.is_dir():
             return None
-        # systemd answers MainPID=0 (rc 0) for a unit it has never heard of: LoadState tells them apart
-        r = self.run(["systemctl", "show", FORWARD_SERVICE, "-p", "LoadState,MainPID"])
-        if r is None or r.returncode != 0:
+        run = self.run
+        probe = ServiceProbe(
+            (FORWARD_SERVICE,), run=lambda cmd: run(list(cmd)), cgroup_root=cgroup2_mount(), proc=self.proc_root
+        )
+        props = probe.systemd_properties().get(FORWARD_SERVICE, {})
+        # systemd answers MainPID=0 for a unit it has never heard of: LoadState tells them apart
+        main = props.get("MainPID", "").strip()
+        if props.get("LoadState", "").strip() != "loaded" or not (main.isascii() and main.isdigit()):
             return None
-        props = dict(line.partition("=")[::2] for line in r.stdout.splitlines())
-        value = props.get("MainPID", "").strip()
-        if props.get("LoadState", "").strip() != "loaded" or not (value.isascii() and value.isdigit()):
-            return None
-        return int(value)
+        group = props.get("ControlGroup", "").strip()
+        in_group = probe.pids_in(probe.cgroup_root / group.lstrip("/")) if group else []
+        return {int(main), *in_group} - {0}
 
     def check_fhir(self) -> list[Finding]:
         f = self.config.fhir
@@ -1084,25 +1090,9 @@ def _link_targets(links: list[Path]) -> set[str]:
     return targets
 
 
-def descends_from(pid: int, ancestor: int, proc_root: Path = Path("/proc")) -> bool:
-    """Whether process `pid` is `ancestor` or one of its children's children (a process that
-    is gone, or unreadable, is not)."""
-    for _ in range(64):  # a parent chain is short; never loop on a /proc that changes under us
-        if pid == ancestor:
-            return True
-        if ancestor <= 1 or pid <= 1:
-            return False
-        try:
-            stat = (proc_root / str(pid) / "stat").read_text()
-        except OSError:
-            return False
-        pid = int(stat.rsplit(")", 1)[1].split()[1])  # "pid (comm) state ppid ...": comm may hold ")"
-    return False
-
-
 def is_forward_service(argv: list[str]) -> bool:
     """Whether a process's argv is `lastmile forward` (the unit's, or `python -m lastmile ... forward`):
-    the guess where systemd does not run the gateway (`Doctor.forward_main_pid`)."""
+    the guess where systemd does not run the gateway (`Doctor.forward_pids`)."""
     return "forward" in argv[1:] and any(Path(a).name == "lastmile" for a in argv)
 
 

@@ -161,13 +161,18 @@ def test_one_lead_and_sixteen_leads_are_accepted(n_leads: int) -> None:
     assert _round_trip(block) == block
 
 
+def read_frame(msg_type: int, payload: bytes) -> codec.Frame:
+    """A frame of `payload` as the gateway reads it off the wire (its CRC checked)."""
+    return codec.decode_frame(codec.encode_frame(msg_type, 0, payload)[:-1])
+
+
 def test_seventeen_leads_are_refused_on_decode() -> None:
     payload = codec.EcgStart(1, 0, 0, 500, 2.5, tuple(f"L{i}" for i in range(17))).encode_payload()
     with pytest.raises(ProtocolError, match="17 leads"):
-        codec.decode_message(codec.Frame(1, codec.ECG_START, 0, payload))
+        codec.decode_message(read_frame(codec.ECG_START, payload))
     block = codec.EcgBlock(1, 0, 17, bytes(34)).encode_payload()
     with pytest.raises(ProtocolError, match="17 leads"):
-        codec.decode_message(codec.Frame(1, codec.ECG_BLOCK, 0, block))
+        codec.decode_message(read_frame(codec.ECG_BLOCK, block))
 
 
 def test_an_ecg_block_that_is_not_whole_samples_is_refused_by_the_encoder() -> None:
@@ -195,8 +200,8 @@ def test_messages_compare_by_type_and_every_field() -> None:
 
 
 def test_frames_compare_by_every_header_field_and_payload() -> None:
-    frame = codec.Frame(1, codec.ACK, 7, b"\x01")
-    assert frame == codec.Frame(1, codec.ACK, 7, b"\x01")
-    assert frame != codec.Frame(1, codec.ACK, 8, b"\x01") and frame != codec.Frame(1, codec.ACK, 7, b"\x02")
+    frame = codec.Frame(1, codec.ACK, 7, b"\x01", 0)
+    assert frame == codec.Frame(1, codec.ACK, 7, b"\x01", 1)  # the CRC is the bytes', not the frame's
+    assert frame != codec.Frame(1, codec.ACK, 8, b"\x01", 0) and frame != codec.Frame(1, codec.ACK, 7, b"\x02", 0)
     assert frame != (1, codec.ACK, 7, b"\x01")
     assert repr(frame) == "Frame(version=1, type=0x30, seq=7, 1 bytes)"

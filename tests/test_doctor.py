@@ -352,7 +352,8 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-for name in MainPID LoadState; do
+Id=lastmile-forward.service
+for name in Id MainPID LoadState; do
   case ",$props," in *",$name,"*)
     eval "v=\\$$name"
     if [ -n "$value" ]; then echo "$v"; else echo "$name=$v"; fi ;;

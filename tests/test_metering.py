@@ -296,7 +296,7 @@ def test_fhir_bundles_stop_at_the_budget_and_wait_out_a_shut_window(tmp_path: Pa
         counts = forward_fhir_once(outbox, sender, T_NOON, batch_size=1, meter=budget)
         assert (counts.sent, counts.deferred) == (3, 3)  # checked before each request: the third still fits
         assert len(server.resources("Encounter")) == 3
-        assert budget.spent_today(T_NOON) == sender.bytes_sent  # the request bodies as sent
+        assert budget.spent_today(T_NOON) == sender.bytes_on_wire  # the HTTP bytes both ways
         assert forward_fhir_once(outbox, sender, T_NOON + 60, batch_size=1, meter=budget).claimed == 0
     assert len(outbox.items(state=ItemState.QUEUED, kind=Kind.FHIR_BUNDLE)) == 3
     outbox.close()
@@ -408,3 +408,29 @@ def test_the_console_tells_the_doctor_in_chinese_why_studies_wait_and_until_when
     assert "常规检查在等待发送时段" in page, page
     assert window.split("-")[0] in page  # when they go
     assert "急诊心电图立即发送" in page  # STAT is not held by it
+
+
+def test_fhir_spending_is_what_crossed_the_link_like_dicom(tmp_path: Path) -> None:
+    """The daily budget counts DICOM as the bytes the association put on the link (what the carrier
+    bills), but counted FHIR as request bodies alone: no request line, no headers, none of the
+    platform's answers - the county's bill ran over a budget the gateway thought it kept. Through a
+    relay that counts every byte each way, the FHIR count is the HTTP bytes both ways."""
+    from tests.fhir_server import FhirTestServer
+    from tests.link_emulator import PROFILES, LinkRelay
+    from uploader.fhir_connection import origin
+    from uploader.fhir_forwarder import forward_fhir_once
+    from uploader.fhir_sender import FhirSender, FhirSenderSettings
+    from uploader.outbox import Outbox
+
+    outbox = Outbox.open(tmp_path / "data", min_free_bytes=0)
+    visit_bundles(outbox, 4)
+    meter = Meter("fhir", MeterPolicy(daily_budget_bytes=2**30, zone=UTC), outbox)
+    with FhirTestServer() as server, LinkRelay(PROFILES["lan"], "127.0.0.1", origin(server.base_url)[2]) as relay:
+        settings = FhirSenderSettings(base_url=f"http://127.0.0.1:{relay.port}/fhir", gzip="never")
+        with FhirSender(settings) as sender:
+            assert forward_fhir_once(outbox, sender, T_NOON, batch_size=1, meter=meter).sent == 4
+        assert relay.up is not None and relay.down is not None
+        wire = relay.up.bytes_total + relay.down.bytes_total
+        assert len(server.resources("Encounter")) == 4
+    assert meter.spent_today(T_NOON) == pytest.approx(wire, rel=0.02), (meter.spent_today(T_NOON), wire)
+    outbox.close()

@@ -9,9 +9,13 @@ import datetime as dt
 import os
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
+from devices.bridge import codec
+from firmware_bridge.bridge_simulator import EcgStreamSimulator
+from firmware_bridge.firmware.bridge_core import BridgeCore
 from lastmile.clinic.devices import DeviceRecord, DeviceRegistry
 from lastmile.doctor import Level
 from tests.conftest import shared_file
@@ -25,6 +29,7 @@ from tests.service_harness import (
     status_with,
     stop_child,
 )
+from tests.test_serial_service import Running, talk_as_bridge, wait_for_answers
 from uploader.outbox import Outbox
 
 
@@ -34,6 +39,17 @@ def ward_profile_with_bad_baudrate(profiles: Path) -> int:
     lines = good.replace("baudrate = 9600", "baudrate = 0", 1).splitlines()
     (profiles / "ward-monitor.toml").write_text("\n".join(lines) + "\n")
     return next(i + 1 for i, text in enumerate(lines) if text.startswith("baudrate = 0"))
+
+
+def refusal_said_then_stopped(refused: DeviceRecord | None, line: int, data: Path, proc: subprocess.Popen[str]) -> None:
+    """The refused device's entry (`lastmile devices`, the console's Devices page) and `lastmile
+    doctor` name the ward monitor's file and line; then the acquire service stops cleanly."""
+    assert refused is not None and not refused.connected
+    assert f"ward-monitor.toml:{line}: 'profile.baudrate' out of range" in refused.last_error, refused
+    found = [f for f in doctor(data).check_devices() if f.level is Level.WARN]
+    assert found and f"ward-monitor.toml:{line}" in found[0].message, found
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
 
 
 def test_a_bad_profile_file_stops_only_the_device_that_names_it(tmp_path: Path) -> None:
@@ -76,13 +92,7 @@ def test_a_bad_profile_file_stops_only_the_device_that_names_it(tmp_path: Path) 
         printed = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)).strftime("DATE %Y-%m-%d  TIME %H:%M:%S")
         monitor.write(VITALS_REPORT.replace(b"DATE 2025-03-04  TIME 09:41:07", printed.encode()))
         wait_for(lambda: bool(device("monitor").last_reading), timeout=60)  # type: ignore[union-attr]
-        refused = device("ward")
-        assert refused is not None and not refused.connected
-        assert f"ward-monitor.toml:{line}: 'profile.baudrate' out of range" in refused.last_error, refused
-        found = [f for f in doctor(data).check_devices() if f.level is Level.WARN]
-        assert found and f"ward-monitor.toml:{line}" in found[0].message, found
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
+        refusal_said_then_stopped(device("ward"), line, data, proc)
     finally:
         if registry is not None:
             registry.close()
@@ -95,3 +105,79 @@ def test_a_bad_profile_file_stops_only_the_device_that_names_it(tmp_path: Path) 
         assert len(outbox.items(kind="dicom")) == 1, "the stick's ECG was not imported"
     finally:
         outbox.close()
+
+
+def test_a_bad_forward_profile_stops_only_the_forwarded_device_not_the_bridge(tmp_path: Path) -> None:
+    """An ECG bridge whose RS-232 port forwards a ward monitor, the monitor's profile file mistyped:
+    the bridge was not started at all, so its own ECG stream was lost with the monitor. The bridge
+    runs and its ECG is stored; only the monitor's forwarded lines are refused (NACK_REFUSED: the
+    bridge keeps them for when the file is fixed), and `lastmile devices` / the console / `lastmile
+    doctor` say which file and line to fix under the forwarded device's own entry."""
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    line = ward_profile_with_bad_baudrate(profiles)
+    bridge = PtyDevice(tmp_path / "usb-ecg-bridge")
+    config = tmp_path / "lastmile.toml"
+    data = tmp_path / "data"
+    config.write_text(
+        f'[gateway]\ndata_dir = "{data}"\n[ble]\nenabled = false\n[gps]\nsource = "none"\n'
+        f'[serial]\nprofiles_dir = "{profiles}"\n\n'
+        f'[[serial.devices]]\nname = "ecg"\nmatch = "{bridge.link_path}"\nprofile = "bridge"\n'
+        'forward_profile = "ward-monitor"\n'
+    )
+    manager = Manager(tmp_path / "notify")
+    proc = start_acquire(config, manager, watchdog_usec=20_000_000)
+    registry: DeviceRegistry | None = None
+    try:
+        manager.wait_for("READY=1", timeout=60)
+        status_with(manager, "serial up, 1 device refused")  # the forwarded monitor is not read
+        core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
+        talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+        sim = EcgStreamSimulator(core, recording_id=3)
+        bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(40)) + sim.end(40 * 25, clock[0]))
+        talk_as_bridge(bridge, core, clock, lambda: core.pending_count == 0)  # ECG_END ACKed: durable
+        bridge.write(core.uart_bytes(VITALS_REPORT, clock[0]))
+        lines = set(core.pending_seqs())
+        answers = wait_for_answers(bridge, lines, core, clock[0])
+        assert {(a.seq, type(a), getattr(a, "reason", None)) for a in answers} == {
+            (seq, codec.Nack, codec.NACK_REFUSED) for seq in lines
+        }
+        assert core.pending_count == len(lines)  # kept on the bridge, to be resent
+        registry = DeviceRegistry.open(data)
+        refusal_said_then_stopped(registry.get("serial:ecg:forwarded"), line, data, proc)
+    finally:
+        if registry is not None:
+            registry.close()
+        stop_child(proc)
+        manager.sock.close()
+        bridge.unplug()
+    outbox = Outbox.open(data)
+    try:
+        assert [i.key for i in outbox.items(kind="dicom")] == ["bridge-ecg:BR-ECG:9:3"]
+    finally:
+        outbox.close()
+
+
+def test_a_forwarded_device_refused_before_is_not_said_refused_once_its_profile_is_fixed(tmp_path: Path) -> None:
+    """The forwarded device's refusal lives in its own entry, which nothing connects to: once the
+    technician fixes the file, the next start must clear it, or `lastmile doctor` warns forever."""
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    ward_profile_with_bad_baudrate(profiles)
+    bridge = {"name": "ecg", "match": "2e8a:000a", "profile": "bridge", "forward_profile": "ward-monitor"}
+    refused = Running(tmp_path, [bridge], profiles_dir=str(profiles))
+    try:
+        record = refused.registry.get("serial:ecg:forwarded")
+        assert record is not None and "ward-monitor.toml" in record.last_error, record
+    finally:
+        refused.close()
+    fixed = (profiles / "ward-monitor.toml").read_text().replace("baudrate = 0", "baudrate = 9600")
+    (profiles / "ward-monitor.toml").write_text(fixed)
+    running = Running(tmp_path, [bridge], profiles_dir=str(profiles))
+    try:
+        assert running.service.refused == {}
+        record = running.registry.get("serial:ecg:forwarded")
+        assert record is not None and record.last_error == "", record
+        assert not [f for f in doctor(tmp_path / "data").check_devices() if f.level is Level.WARN]
+    finally:
+        running.close()

@@ -131,6 +131,32 @@ def origin(url: str) -> tuple[str, str, int | None]:
     return (parts.scheme.lower(), (parts.hostname or "").lower(), parts.port)
 
 
+def header_block_bytes(first_line: str, headers: Iterable[tuple[str, str]]) -> int:
+    """An HTTP/1.1 message head as it is written: first line, `Name: value` lines, blank line."""
+    return len(first_line) + 2 + sum(len(k) + len(v) + 4 for k, v in headers) + 2
+
+
+def request_wire_bytes(request: requests.PreparedRequest) -> int:
+    """`request` as http.client writes it: the request line, its headers with the Host header
+    http.client adds, and the body."""
+    parts = urllib.parse.urlsplit(request.url or "")
+    host = parts.netloc.rsplit("@", 1)[-1]
+    headers = [*request.headers.items(), *([] if "Host" in request.headers else [("Host", host)])]
+    body = request.body.encode() if isinstance(request.body, str) else request.body
+    size = len(body) if isinstance(body, (bytes, bytearray)) else 0
+    return header_block_bytes(f"{request.method} {request.path_url} HTTP/1.1", headers) + size
+
+
+def response_wire_bytes(response: requests.Response) -> int:
+    """`response` as it came: the status line, its headers, and its body as read off the wire
+    (compressed, if it was: urllib3's `tell()` counts the bytes pulled from the socket)."""
+    content = response.content  # read in full here (its callers read it anyway): the count is whole
+    raw = response.raw
+    body = raw.tell() if hasattr(raw, "tell") else 0
+    head = header_block_bytes(f"HTTP/1.1 {response.status_code} {response.reason}", response.headers.items())
+    return head + (body or len(content or b""))
+
+
 class FhirConnection:
     """A keep-alive session to `settings.base_url` with the checks above; subclasses add the verbs."""
 
@@ -146,7 +172,11 @@ class FhirConnection:
         self._token = read_token_file(settings.token_file) if settings.token_file else None
         self._session = session or requests.Session()
         self.requests_sent = 0  # requests that left this gateway (a connection was made)
-        self.bytes_sent = 0  # their bodies, as they went on the wire (what a metered link pays for)
+        # HTTP bytes each way, as on the wire (request line, headers, body as sent; status line,
+        # headers, body as read): what a metered link pays for, as the DICOM side counts it. The
+        # TLS records around them are not counted (requests does not show them).
+        self.bytes_sent = 0
+        self.bytes_received = 0
 
     def close(self) -> None:
         self._session.close()
@@ -174,11 +204,17 @@ class FhirConnection:
         if origin(url) != origin(self.settings.base_url):
             where = mask_server_text(url)
             raise PermanentError(f"FHIR server pointed us to {where}, outside {self.settings.base_url}: not followed")
+        # What the session sends, prepared as its `request` prepares it (its default headers merged):
+        # counted from here, whatever the session (or a stand-in for it) keeps of it
+        headers = self.headers(headers)
+        sent = self._session.prepare_request(
+            requests.Request(method, url, headers, data=kwargs.get("data"), params=kwargs.get("params"))
+        )
         try:
             response = self._session.request(
                 method,
                 url,
-                headers=self.headers(headers),
+                headers=headers,
                 verify=self.settings.ca_file or True,
                 timeout=(self.settings.connect_timeout_s, self.settings.timeout_s),
                 allow_redirects=False,  # a redirect could lead the token and the data elsewhere
@@ -193,15 +229,21 @@ class FhirConnection:
         ) as exc:
             if never_connected(exc):
                 raise NotConnected(f"FHIR server unreachable: {type(exc).__name__}: {exc}") from None
-            self._count_sent(kwargs.get("data"))  # connected: the body went (or began to go) out
+            self._count(sent)  # connected: the request went (or began to go) out
             raise TransientError(f"FHIR server unreachable: {type(exc).__name__}: {exc}") from None
-        self._count_sent(kwargs.get("data"))
+        self._count(sent, response)
         return response
 
-    def _count_sent(self, body: object) -> None:
+    @property
+    def bytes_on_wire(self) -> int:
+        """Both ways: what the metered link's budget is charged."""
+        return self.bytes_sent + self.bytes_received
+
+    def _count(self, request: requests.PreparedRequest, response: requests.Response | None = None) -> None:
         self.requests_sent += 1
-        if isinstance(body, (bytes, bytearray)):
-            self.bytes_sent += len(body)
+        self.bytes_sent += request_wire_bytes(request)
+        if response is not None:
+            self.bytes_received += response_wire_bytes(response)
 
     @staticmethod
     def raise_for_refusal(

@@ -161,7 +161,7 @@ def forward_fhir_once(
             if patient and patient not in waiting:
                 waiting[patient] = queued
     pending = []
-    spent_before = sender.bytes_sent
+    spent_before = sender.bytes_on_wire
     for item in items:
         earlier = waiting.get((item.patient or {}).get("patient_id") or "")
         if earlier is not None and (earlier.created_at, earlier.id) < (item.created_at, item.id):
@@ -172,8 +172,8 @@ def forward_fhir_once(
             pending.append(item)
     while pending and not rnd.stop:
         if meter is not None:
-            meter.spend(sender.bytes_sent - spent_before, now)
-            spent_before = sender.bytes_sent
+            meter.spend(sender.bytes_on_wire - spent_before, now)
+            spent_before = sender.bytes_on_wire
             routine = [i for i in pending if i.priority != Priority.STAT]
             shut = meter.blocked(now)
             if shut is not None and routine:
@@ -206,7 +206,7 @@ def forward_fhir_once(
                 rnd.release(rest, "FHIR server unavailable; sent in a later round", rnd.retry_after or 0.0)
             pending = []
     if meter is not None:
-        meter.spend(sender.bytes_sent - spent_before, now)
+        meter.spend(sender.bytes_on_wire - spent_before, now)
     if rnd.counts.claimed:
         # only a round that did something: an idle one (every 2 s, all day) would rewrite and
         # fsync this row ~43,000 times a day on the SD card, and wipe the last fault it showed

@@ -19,7 +19,7 @@ from typing import Any
 import requests
 
 from uploader.errors import PermanentError, TransientError
-from uploader.fhir_connection import FhirConnection, FhirSenderSettings
+from uploader.fhir_connection import FhirConnection
 from uploader.report_reading import dicom_uid_identifier
 
 log = logging.getLogger(__name__)
@@ -28,20 +28,11 @@ MAX_PAGES = 20  # a search answering more pages than this is cut short (logged)
 
 
 class FhirReportClient(FhirConnection):
-    def __init__(self, settings: FhirSenderSettings, session: requests.Session | None = None) -> None:
-        super().__init__(settings, session)
-        self.bytes_sent = 0  # request lines and headers (approximate)
-        self.bytes_received = 0  # response bodies and headers (approximate)
-
     def __enter__(self) -> FhirReportClient:
         return self
 
     def _get(self, url: str, params: dict[str, str] | None = None, headers: dict[str, str] | None = None) -> Any:
-        response = self.request("GET", url, headers or {}, params=params)
-        request = response.request
-        self.bytes_sent += len(str(request.url)) + sum(len(k) + len(v) + 4 for k, v in request.headers.items())
-        self.bytes_received += len(response.content) + sum(len(k) + len(v) + 4 for k, v in response.headers.items())
-        return response
+        return self.request("GET", url, headers or {}, params=params)  # counted there, both ways
 
     def _check(self, response: requests.Response) -> None:
         self.raise_for_refusal(response, "the request")

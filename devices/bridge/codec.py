@@ -466,15 +466,14 @@ MESSAGE_CLASSES = {
 
 
 class Frame:
-    """A checked frame whose payload is not yet decoded; `crc` is its CRC (header and payload)."""
+    """A checked frame whose payload is not yet decoded; `crc` is its CRC (header and payload), as
+    read off the wire (`decode_frame`)."""
 
-    def __init__(self, version: int, msg_type: int, seq: int, payload: bytes, crc: int | None = None) -> None:
+    def __init__(self, version: int, msg_type: int, seq: int, payload: bytes, crc: int) -> None:
         self.version = version
         self.msg_type = msg_type
         self.seq = seq
         self.payload = payload
-        if crc is None:  # a frame made, not read: its CRC as it would go on the wire
-            crc = crc32(struct.pack(HEADER_FORMAT, version, msg_type, seq & 0xFFFFFFFF) + payload)
         self.crc = crc
 
     def __eq__(self, other) -> bool:

@@ -54,23 +54,12 @@ def serial_part(config: Config, outbox: Outbox) -> Part | None:
             service.run_once(1.0)  # also stores what an unplugged device left once there is room
             beat()
 
-    return SerialPart(work, on_close=service.close, refused=len(service.refused))
-
-
-class SerialPart(WorkerPart):
-    """The serial links' part; its status also counts the devices refused at start (a bad profile
-    file: each device's own status in clinic.db says which file and line), so systemd's STATUS does
-    not say "serial up" while a monitor is not being read."""
-
-    def __init__(self, work: Callable[[threading.Event, Beat], None], *, on_close: Callable[[], None], refused: int):
-        super().__init__("serial", work, on_close=on_close)
-        self.refused = refused
-
-    def status(self) -> str:
-        text = super().status()
-        if not self.refused:
-            return text
-        return f"{text}, {self.refused} device{'s' if self.refused > 1 else ''} refused (bad profile file)"
+    # Its status counts the devices refused at start (a bad profile file: each device's own status
+    # in clinic.db says which file and line), so systemd's STATUS does not say "serial up" while a
+    # monitor is not being read.
+    refused = len(service.refused)
+    note = f"{refused} device{'s' if refused > 1 else ''} refused (bad profile file)" if refused else ""
+    return WorkerPart("serial", work, on_close=service.close, note=note)
 
 
 @dataclass(frozen=True)

@@ -458,7 +458,7 @@ class ServiceProbe:
         if self._systemd_silent:
             return {}
         result = self.run(
-            ["systemctl", "show", "--property=Id,ActiveState,NRestarts,MainPID,ControlGroup", *self.units]
+            ["systemctl", "show", "--property=Id,LoadState,ActiveState,NRestarts,MainPID,ControlGroup", *self.units]
         )
         if result is None or result.returncode != 0:
             # not under systemd, or no way to reach it: the kernel's view is what we have

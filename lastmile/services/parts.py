@@ -73,6 +73,7 @@ class WorkerPart(RestartBackoff):
     """Runs `work(stop, beat)` on a thread; restarts it with backoff when it ends or fails.
 
     `stale_after`: seconds without a `beat()` after which the part counts as wedged (None: never).
+    `note`: what its status says after "up"/"down" (the serial devices refused at start).
     """
 
     def __init__(
@@ -83,9 +84,11 @@ class WorkerPart(RestartBackoff):
         stale_after: float | None = STALE_S,
         on_close: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        note: str = "",
     ) -> None:
         super().__init__()
         self.name = name
+        self.note = note
         self.work = work
         self.stale_after = stale_after
         self.on_close = on_close
@@ -134,9 +137,8 @@ class WorkerPart(RestartBackoff):
             self.failures = 0  # it has been running fine for a minute: forget old failures
 
     def status(self) -> str:
-        if self.running:
-            return f"{self.name} up"
-        return down_status(self.name, self.last_error)
+        text = f"{self.name} up" if self.running else down_status(self.name, self.last_error)
+        return f"{text}, {self.note}" if self.note else text
 
     def close(self) -> None:
         """Stop: the thread finishes what it has in hand (a report being stored) first; only then

@@ -14,8 +14,9 @@ for a bridge, `forward_profile`) becomes a `LinkSpec`; the profile decides the h
 - `scanner`: ID/health-card codes set the clinic session's patient or doctor.
 - any other name: an ASCII-report profile (built-in `firmware_bridge/profiles/` or
   `serial.profiles_dir`), whose reports become observations. A profile file that does not load
-  stops only the devices naming it (`profile` or `forward_profile`): each is not started and its
-  status says which file and line is wrong; the other devices run.
+  stops only the devices naming it: one naming it as `profile` is not started, a bridge naming it
+  as `forward_profile` runs with its forwarded lines refused (kept on the bridge); the status
+  (the device's, or `<bridge>:forwarded`) says which file and line is wrong; the other devices run.
 
 Device status (connected, last reading, last error) goes to the device registry (clinic.db) under
 the address `serial:<name>`, which `lastmile devices` lists next to the BLE devices.
@@ -96,19 +97,33 @@ def registry_address(name: str) -> str:
 # -- configuration -------------------------------------------------------------------------------
 
 
+def forwarded_name(bridge: str) -> str:
+    """The device a bridge forwards (its RS-232 port, read with `forward_profile`): its own entry
+    in the device registry, so its fault is not hidden by the bridge's own status."""
+    return f"{bridge}:forwarded"
+
+
 def refused_devices(config: Config, bad: dict[str, str]) -> dict[str, str]:
-    """Device name -> why it is not started: its `profile` or `forward_profile` is a bad file."""
+    """Device name -> why it is not started or read: its `profile` is a bad file (the device is not
+    started), or a bridge's `forward_profile` is (only the forwarded device, `forwarded_name`: the
+    bridge and its ECG run)."""
     refused: dict[str, str] = {}
     for i, key, name in devices_naming(config.serial.devices, bad):
-        reason = f"not started: its {key} {name!r} is refused: {bad[name]}"
-        refused.setdefault(config.serial.devices[i]["name"], reason)
+        device = config.serial.devices[i]["name"]
+        if key == "profile":
+            refused[device] = f"not started: its profile {name!r} is refused: {bad[name]}"
+        elif device not in refused:  # a device not started forwards nothing either
+            refused[forwarded_name(device)] = (
+                f"not read (the bridge runs): its forward_profile {name!r} is refused: {bad[name]}"
+            )
     return refused
 
 
 def link_specs(config: Config, profiles: dict[str, ReportProfile], bad: dict[str, str] | None = None) -> list[LinkSpec]:
     """`[[serial.devices]]` as link specs, leaving out the devices that name a `bad` profile (see
-    `refused_devices`); ConfigError names the entry and what is wrong (the same checks `lastmile
-    config check` runs, there with the file's line)."""
+    `refused_devices`; a bridge whose `forward_profile` is bad runs, its forwarded lines refused);
+    ConfigError names the entry and what is wrong (the same checks `lastmile config check` runs,
+    there with the file's line)."""
     bad = bad or {}
     problems = serial_device_problems(config.serial.devices, [*profiles, *bad])
     if problems:
@@ -120,10 +135,12 @@ def link_specs(config: Config, profiles: dict[str, ReportProfile], bad: dict[str
         if entry["name"] in refused:
             continue
         name, match, profile = entry["name"], entry["match"], entry["profile"]
-        forward = entry.get("forward_profile", "")
+        options = {"forward_profile": entry.get("forward_profile", "")}
+        if forwarded_name(name) in refused:
+            options["forward_refused"] = refused[forwarded_name(name)]
         default_baud = profiles[profile].baudrate if profile in profiles else DEFAULT_BAUD[profile]
         baud = entry.get("baudrate", default_baud)
-        specs.append(LinkSpec(name, PortMatch.parse(match), profile, baud, {"forward_profile": forward}))
+        specs.append(LinkSpec(name, PortMatch.parse(match), profile, baud, options))
     return specs
 
 
@@ -391,12 +408,17 @@ class BridgeHandler:
         assert self.link is not None
         if self.forward is None:
             # Nothing here can read these lines: refused, so the bridge keeps them until a profile
-            # is configured (an ACK would tell it readings were stored that were thrown away).
-            if not self._warned_unreadable:
-                log.warning("%s: the bridge forwards device lines but no forward_profile is configured", self.spec.name)
-                self._warned_unreadable = True
-            self.ctx.error(self.spec, "forwarded device lines not read: set forward_profile for this bridge")
-            self.link.write(self.session.reject(event.seq, codec.NACK_REFUSED, "no forward_profile configured"))
+            # is configured or fixed (an ACK would tell it readings were stored that were thrown away).
+            refused = self.spec.options.get("forward_refused", "")
+            if not refused:
+                if not self._warned_unreadable:
+                    log.warning(
+                        "%s: the bridge forwards device lines but no forward_profile is configured", self.spec.name
+                    )
+                    self._warned_unreadable = True
+                self.ctx.error(self.spec, "forwarded device lines not read: set forward_profile for this bridge")
+            reason = "forward_profile refused" if refused else "no forward_profile configured"
+            self.link.write(self.session.reject(event.seq, codec.NACK_REFUSED, reason))
             return
         parser = self._parsers.get(event.channel)
         if parser is None:
@@ -587,6 +609,12 @@ class SerialService:
             registry.update_status(
                 registry_address(name), now=ctx.now(), transport="serial", connected=False, error=reason
             )
+        for spec in specs:  # a forwarded device refused before, its profile fixed since: no stale fault
+            forwarded = registry_address(forwarded_name(spec.name))
+            if spec.options.get("forward_profile") and "forward_refused" not in spec.options:
+                record = registry.get(forwarded)
+                if record is not None and record.last_error:
+                    registry.update_status(forwarded, now=ctx.now(), transport="serial", error="")
         return service
 
     def start(self) -> None:
