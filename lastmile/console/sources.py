@@ -203,6 +203,7 @@ class ReportView:
     impressions: tuple[str, ...] = ()  # the reading doctor's conclusion(s), shown first
     findings: tuple[str, ...] = ()
     lines: tuple[ReportLine, ...] | None = None  # the whole report, worded in the page's language
+    replaced_by: str = ""  # a newer version replaced this one: the id of the current version
 
     @property
     def unread(self) -> bool:

@@ -43,6 +43,7 @@ RECORDER_STATUS = "recorder"
 
 CACHE_KIB = 256
 FINAL_KINDS = frozenset({"sr", "fhir"})  # kinds whose final report replaces the preliminary ones
+MAX_REPLACEMENTS = 1000  # a chain of versions followed this far at most (a cycle cannot hang a page)
 
 
 @dataclass(frozen=True)
@@ -452,6 +453,20 @@ class ReportStore:
     def get(self, report_id: int) -> StoredReport | None:
         rows = self._rows(f"SELECT {_REPORT_COLUMNS} FROM reports WHERE id = ?", (report_id,))
         return _report(rows[0]) if rows else None
+
+    def current_of(self, report_id: int) -> int | None:
+        """The report that now stands for `report_id`: itself when no newer version replaced it,
+        else the end of its chain of replacements (a preliminary → its final → an amendment).
+        None: no such report."""
+        rows = self._rows(
+            "WITH RECURSIVE chain(id, next, depth) AS ("
+            " SELECT id, superseded_by, 0 FROM reports WHERE id = ?"
+            " UNION ALL SELECT r.id, r.superseded_by, c.depth + 1 FROM reports r JOIN chain c ON r.id = c.next"
+            f" WHERE c.depth < {MAX_REPLACEMENTS}"
+            ") SELECT id FROM chain ORDER BY depth DESC LIMIT 1",
+            (report_id,),
+        )
+        return int(rows[0][0]) if rows else None
 
     def data_of(self, report_id: int) -> bytes | None:
         rows = self._rows("SELECT data FROM reports WHERE id = ?", (report_id,))

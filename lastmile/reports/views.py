@@ -113,7 +113,7 @@ def render_report(store: ReportStore, report: StoredReport, speaker: Speaker | N
         if study.quality_verdict:
             out.append(f"ECG quality at the clinic: {study.quality_verdict}")
     if report.superseded_by is not None:
-        out.append(f"REPLACED by report {report.superseded_by}: read that one")
+        out.append(f"REPLACED by report {store.current_of(report.id)}: read that one")
     if report.critical:
         seen = (
             f"acknowledged {report.acknowledged_at:%Y-%m-%d %H:%M}"
@@ -155,5 +155,6 @@ def printable(store: ReportStore, report: StoredReport, reader: Reader | None = 
         reading_doctor=report.observer,
         reasons=shown_reasons(report.lines, report.critical, reader),
         text=shown_text(report.lines, report.text, reader),
+        replaced_by=str(store.current_of(report.id)) if report.superseded_by is not None else "",
     )
     return text.encode("utf-8"), ".txt"
