@@ -8,7 +8,8 @@ report object as received (bytes or JSON) with its readable text, status and fla
 Replacement rules (`add_report`): a report naming earlier ones as predecessors (SR Predecessor
 Documents, a new version of the same FHIR DiagnosticReport) supersedes them - also when one of
 them arrives after it (the reading center's order, a retrieval that failed once); a final SR or
-FHIR report supersedes the preliminary ones of its study. Superseded reports stay (marked) until the
+FHIR report supersedes the preliminary ones of its study, also those that arrive after it (a
+later round, the platform's order). Superseded reports stay (marked) until the
 retention purge. A final report without problems ends routine polling for its study, once every report object
 the reading center listed for it has arrived (`awaiting`).
 
@@ -440,6 +441,14 @@ class ReportStore:
                 "AND r.superseded_by IS NULL AND r.id != ? AND j.value = ? ORDER BY r.id DESC LIMIT 1",
                 (new_id, content.object_uid),
             ).fetchone()
+            if successor is None and content.kind in FINAL_KINDS and status == "preliminary" and not problems:
+                # a draft that comes after its study's final (a later round, the platform's order):
+                # the final stays the current report, the draft is kept behind it as history
+                successor = conn.execute(
+                    "SELECT id FROM reports WHERE study_uid = ? AND kind = ? AND status != 'preliminary' "
+                    "AND superseded_by IS NULL AND id != ? AND object_uid != ? ORDER BY id DESC LIMIT 1",
+                    (content.study_uid, content.kind, new_id, content.object_uid),
+                ).fetchone()
             if successor is not None:
                 conn.execute("UPDATE reports SET superseded_by = ? WHERE id = ?", (successor[0], new_id))
             if final:
