@@ -190,7 +190,7 @@ class ReportView:
     patient_name: str
     ecg_time: dt.datetime | None
     received_at: dt.datetime
-    status: str  # "received", "preliminary" or "amended"
+    status: str  # "received", "preliminary", "amended" or "withdrawn"
     critical: bool
     reading_doctor: str
     text: str  # the whole report in English as stored (all a report stored before `lines` has)

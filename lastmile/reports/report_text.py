@@ -169,6 +169,8 @@ def report_text(lines: Sequence[ReportLine], speaker: Speaker) -> str:
                 )
             else:
                 out.append(_("AMENDED: this is a corrected version of the report"))
+        elif line.kind == LineKind.WITHDRAWN:
+            out.append(_("WITHDRAWN by the reading center (%(status)s): do not act on this report", status=line.value))
     reasons = critical_reasons(lines, speaker)
     if reasons:
         out.append(_("CRITICAL RESULT: %(reasons)s", reasons="; ".join(reasons)))

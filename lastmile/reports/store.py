@@ -367,7 +367,7 @@ class ReportStore:
             if len(problems) > len(content.problems):
                 lines.append(ReportLine(LineKind.CHECK_PATIENT, name=content.patient_id, value=ours))
             final = content.final and not problems
-            status = content.status if final else "preliminary"
+            status = content.status if final or content.withdrawn else "preliminary"
             text = report_text(lines, English())
             amends = [u for u in content.amends if u != content.object_uid]
             cur = conn.execute(
@@ -455,6 +455,15 @@ class ReportStore:
                 conn.execute(
                     "UPDATE sent_studies SET final_at = COALESCE(final_at, ?) WHERE study_uid = ?",
                     (iso(now), content.study_uid),
+                )
+            elif status == "withdrawn":
+                # its final report taken back: the study waits for its report again (polled at its
+                # age's pace, not the amendment poll's) unless another final one still stands
+                conn.execute(
+                    "UPDATE sent_studies SET final_at = NULL WHERE study_uid = ? AND NOT EXISTS ("
+                    " SELECT 1 FROM reports WHERE study_uid = ? AND superseded_by IS NULL"
+                    " AND status IN ('final', 'amended'))",
+                    (content.study_uid, content.study_uid),
                 )
             row = conn.execute(f"SELECT {_REPORT_COLUMNS} FROM reports WHERE id = ?", (new_id,)).fetchone()
             return AddedReport(_report(row), created=True, superseded=tuple(sorted(replaced)))

@@ -23,16 +23,19 @@ class StudyLine:
 
     @property
     def status(self) -> str:
-        """waiting, preliminary, received, amended, or CRITICAL (until acknowledged)."""
+        """waiting, preliminary, received, amended, withdrawn, or CRITICAL (until acknowledged)."""
         if not self.reports:
             return "waiting"
         if any(r.needs_acknowledgement for r in self.reports):
             return "CRITICAL"
         if any(r.critical for r in self.reports):
             return "critical (seen)"
-        if any(r.status == "amended" for r in self.reports):
+        standing = [r for r in self.reports if r.status != "withdrawn"]
+        if not standing:
+            return "withdrawn"  # the reading center took its report back; a new one is awaited
+        if any(r.status == "amended" for r in standing):
             return "amended"
-        if all(r.status == "preliminary" for r in self.reports):
+        if all(r.status == "preliminary" for r in standing):
             return "preliminary"
         return "received"
 
