@@ -510,7 +510,8 @@ class ReportStore:
     def not_alerted(self) -> list[StoredReport]:
         rows = self._rows(
             f"SELECT {_REPORT_COLUMNS} FROM reports WHERE critical IS NOT NULL AND alerted_at IS NULL "
-            "AND acknowledged_at IS NULL ORDER BY id"
+            # one announced per result: a report replaced before its turn is the one replacing it
+            "AND acknowledged_at IS NULL AND superseded_by IS NULL ORDER BY id"
         )
         return [_report(r) for r in rows]
 
@@ -519,11 +520,17 @@ class ReportStore:
             conn.execute("UPDATE reports SET alerted_at = ? WHERE id = ?", (iso(now), report_id))
 
     def acknowledge(self, report_id: int, by: str, now: dt.datetime) -> StoredReport:
-        """The doctor has seen this report (a critical one stops failing `lastmile doctor`)."""
+        """The doctor has seen this report (a critical one stops failing `lastmile doctor`), and so
+        the earlier versions it replaced: the pages show only the current one, and an old critical
+        version left unacknowledged would fail `doctor` and alert the county for ever."""
         with self._lock, transaction(self.db) as conn:
+            # the CTE inside the UPDATE: sqlite3 counts rowcount only for a statement that starts as DML
             cur = conn.execute(
                 "UPDATE reports SET acknowledged_at = COALESCE(acknowledged_at, ?), "
-                "acknowledged_by = COALESCE(acknowledged_by, ?) WHERE id = ?",
+                "acknowledged_by = COALESCE(acknowledged_by, ?) WHERE id IN ("
+                "WITH RECURSIVE replaced(id, depth) AS (SELECT ?, 0 UNION ALL SELECT r.id, p.depth + 1 "
+                f"FROM reports r JOIN replaced p ON r.superseded_by = p.id WHERE p.depth < {MAX_REPLACEMENTS}) "
+                "SELECT id FROM replaced)",
                 (iso(now), by or None, report_id),
             )
             if cur.rowcount == 0:
