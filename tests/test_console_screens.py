@@ -4,6 +4,7 @@ $LASTMILE_SCREENSHOTS (default tmp/console-screenshots)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -13,13 +14,18 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from pydicom.uid import generate_uid
 
+from lastmile.config import Config
+from lastmile.demo.cardiologist import StudyToRead, ecg_report_sr, part10
+from lastmile.reports.store import ReportStore, SentStudy
 from lastmile.visits.book import FixRecord, VisitBook, VisitPolicy
 from tests.conftest import REPO, on_private_tmpfs
 from tests.console_browser import chromium, save_screenshot, set_viewport
 from tests.console_harness import ADMIN, DOCTOR, VALID_ID, console_config, running_console
 from tests.test_console_browser import WAIT_S, by, log_in, on_page, text_in, wait_for
 from tests.visit_harness import GPS_T, HOUSE, FakeClocks, fix_at, offset
+from uploader.report_reading import read_dicom_report
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -277,3 +283,56 @@ def test_the_login_page_tells_a_doctor_without_an_account_whom_to_ask(browser: o
         shown = browser.find_element(by("css"), "main").text  # type: ignore[attr-defined]
         assert "请县信息科" in shown, shown
         assert "lastmile" not in shown and "--role" not in shown, shown
+
+
+# -- a report opened by an id that a newer version replaced ----------------------------------------
+
+
+def replaced_report_chain(config: Config) -> tuple[int, int, int]:
+    """A study whose report came back three times, each replacing the last, in the real report
+    store as the poller keeps them: (preliminary, final, amended) report ids."""
+    now = dt.datetime.now(dt.timezone.utc)
+    study = StudyToRead(generate_uid(), VALID_ID, "Zhang^San=张^三")
+    with ReportStore.open(config.data_dir) as store:
+        store.record_sent(SentStudy(study.study_uid, now, patient_id=study.patient_id, patient_name=study.patient_name))
+        preliminary = ecg_report_sr(study, findings=[], impression="窦性心律", complete=False, verified=False)
+        final = ecg_report_sr(study, findings=[], impression="窦性心律，心电图正常")
+        amended = ecg_report_sr(study, findings=[], impression="一度房室传导阻滞，请复查", amends=final)
+        ids = [
+            store.add_report(read_dicom_report(part10(ds)), part10(ds), "dicom", now).report.id
+            for ds in (preliminary, final, amended)
+        ]
+        assert [store.get(i).superseded_by for i in ids] == [ids[1], ids[2], None]
+    return ids[0], ids[1], ids[2]
+
+
+def test_a_replaced_report_opened_by_its_old_link_says_so_and_leads_to_the_current_one(
+    browser: object, tmp_path: Path
+) -> None:
+    """The doctor opens a report from a link kept from before (the back button, a printed page's
+    number): the county has since replaced it twice. The page must say in Chinese, above the old
+    text, that this report was replaced and must not be acted on, and lead to the current version
+    (not merely the next one, itself replaced); the current one says nothing of the kind."""
+    config = console_config(tmp_path / "data")
+    preliminary, final, current = replaced_report_chain(config)
+    with running_console(config) as server:
+        log_in(browser, server)
+        set_viewport(browser, PHONE)
+        try:
+            for old in (preliminary, final):
+                browser.get(f"{server.url}/reports/{old}")  # type: ignore[attr-defined]
+                text_in(browser, ".report-full", "窦性心律")
+                notices = browser.find_elements(by("css"), ".report-full [role=alert].replaced")  # type: ignore[attr-defined]
+                page = browser.find_element(by("css"), "main").text  # type: ignore[attr-defined]
+                assert len(notices) == 1, f"report {old} does not say it was replaced: {page}"
+                notice = notices[0]
+                assert "此报告已被新版本替代" in notice.text, notice.text
+                link = notice.find_element(by("css"), "a")
+                assert link.get_attribute("href").endswith(f"/reports/{current}"), link.get_attribute("href")
+                save_screenshot(browser, f"report-replaced-{old}-phone")
+            link.click()
+            wait_for(browser, on_page(f"/reports/{current}"))
+            text_in(browser, ".report-full", "一度房室传导阻滞")
+            assert not browser.find_elements(by("css"), ".report-full .replaced")  # type: ignore[attr-defined]
+        finally:
+            set_viewport(browser, TABLET)

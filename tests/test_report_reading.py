@@ -26,6 +26,7 @@ from lastmile.demo.cardiologist import (
 from lastmile.reports.report_text import English, report_text
 from tests.fhir_server import validate_resource
 from tests.report_peers import critical_observation
+from uploader.report_lines import LineKind, ReportLine
 from uploader.report_reading import (
     MAX_DEPTH,
     CriticalRules,
@@ -263,7 +264,8 @@ def test_fhir_amended_preliminary_and_withdrawn() -> None:
     assert read_fhir_report(diagnostic_report(status="corrected")).status == "amended"
     assert read_fhir_report(diagnostic_report(status="preliminary")).status == "preliminary"
     withdrawn = read_fhir_report(diagnostic_report(status="entered-in-error"))
-    assert withdrawn.status == "preliminary" and "withdrew" in withdrawn.problems[0]
+    assert (withdrawn.status, withdrawn.final, withdrawn.problems) == ("withdrawn", False, ())
+    assert ReportLine(LineKind.WITHDRAWN, value="entered-in-error") in withdrawn.lines
     bad = copy.deepcopy(diagnostic_report())
     bad["presentedForm"][0]["data"] = "***"
     assert "not valid base64" in read_fhir_report(bad).problems[0]

@@ -254,3 +254,24 @@ def test_the_stored_lines_of_a_content_are_the_lines_it_was_read_into(tmp_path: 
         store.record_sent(SentStudy(STUDY.study_uid, dt.datetime.now(dt.timezone.utc), patient_id="P0077"))
         kept = store.add_report(content, b"x", "dicom", dt.datetime.now(dt.timezone.utc)).report
     assert kept.lines == content.lines
+
+
+def test_a_replaced_report_on_paper_says_first_that_it_was_replaced(tmp_path: Path) -> None:
+    """An old report number printed (`lastmile report print`, the console's clinic printer): a
+    newer version replaced it, and the paper says so on its first line, with the current one's
+    number, in the reader's language; the current report's paper says nothing of the kind."""
+    now = dt.datetime(2026, 12, 1, 2, 5, tzinfo=dt.timezone.utc)
+    first = ecg_report_sr(STUDY, findings=[], impression="正常心电图")
+    newer = ecg_report_sr(STUDY, findings=[], impression="一度房室传导阻滞", amends=first)
+    with ReportStore.open(tmp_path / "data") as store:
+        store.record_sent(SentStudy(STUDY.study_uid, now, patient_id="P0077", patient_name=STUDY.patient_name))
+        old, current = (
+            store.add_report(read_dicom_report(part10(ds)), part10(ds), "dicom", now).report for ds in (first, newer)
+        )
+        replaced = store.get(old.id)
+        zh = printable(store, replaced, ZH)[0].decode().splitlines()
+        en = printable(store, replaced, EN)[0].decode().splitlines()
+        now_zh = printable(store, current, ZH)[0].decode()
+    assert zh[0] == f"此报告已被第 {current.id} 号报告替代，请勿依据此报告处理。", zh
+    assert en[0] == f"This report was replaced by report {current.id}: do not act on it.", en
+    assert "替代" not in now_zh.splitlines()[0] and "请勿依据" not in now_zh, now_zh

@@ -19,6 +19,7 @@ from pydicom.uid import generate_uid
 
 from lastmile.cli import main as cli
 from lastmile.config import Config
+from lastmile.console.stores import StoredReports
 from lastmile.demo.cardiologist import STEMI, StudyToRead, ecg_report_sr, part10, report_pdf
 from lastmile.demo.reading_center import EmbeddedReadingCenter
 from lastmile.doctor import Doctor, Level
@@ -423,3 +424,27 @@ def test_forward_service_with_reports_off_still_records_sent_studies(tmp_path) -
             service.close()
     finally:
         center.stop()
+
+
+def test_a_critical_preliminary_replaced_by_its_final_is_announced_once_and_cleared_by_reading_the_final(
+    store, tmp_path
+) -> None:
+    """The county reads a STEMI: a preliminary report, then within the same round its final one,
+    both critical. The clinic's buzzer (the hook) must sound once, for the report the doctor will
+    open - not twice; and once she has seen the final one on the console (the only one it shows),
+    nothing stays unacknowledged: no FAIL in `lastmile doctor`, no "critical report not opened"
+    for the county, no study kept past retention for a report nobody can see."""
+    command, log_file = hook_script(tmp_path)
+    study = sent(store, patient="P7")
+    draft = add(store, ecg_report_sr(study, findings=[], impression="STEMI", coded_findings=[STEMI], complete=False))
+    final = add(store, ecg_report_sr(study, findings=[], impression="STEMI", coded_findings=[STEMI]))
+    assert final.superseded == (draft.report.id,) and draft.report.critical and final.report.critical
+    alerter = CriticalAlerter(store, command)
+    assert [r.id for r in alerter.alert_pending()] == [final.report.id]
+    wait_for(lambda: log_file.exists() and log_file.read_text().count("\n") >= 1)
+    StoredReports(store).acknowledge(str(final.report.id), "王医生", utc(NOW + 60))
+    assert store.unacknowledged_critical() == []
+    config = Config()
+    config.set_data_dir(tmp_path / "data")
+    assert [f.level for f in Doctor(config, now=lambda: NOW + 120).check_reports()] == [Level.OK]
+    assert alerter.alert_pending() == [] and alerter.hooks_started == 1

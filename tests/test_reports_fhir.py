@@ -12,9 +12,12 @@ import pytest
 from pydicom.uid import generate_uid
 
 from lastmile.config import Config
+from lastmile.console.stores import StoredReports
 from lastmile.demo.cardiologist import minimal_pdf
 from lastmile.reports.service import make_poller
 from lastmile.reports.store import ReportStore, SentStudy
+from lastmile.reports.views import study_lines
+from tests.console_harness import Client, console_config, running_console
 from tests.fhir_server import FhirTestServer, validate_resource
 from tests.report_peers import critical_observation
 
@@ -119,3 +122,53 @@ def test_platform_errors_back_off_and_bad_tokens_are_a_fault(platform, tmp_path)
     refused = poller.run_round(force=True)
     assert refused.fault and "401" in refused.fault
     assert store.status("poller")["fault"]
+
+
+def test_an_older_preliminary_arriving_a_round_after_the_final_stays_history(platform) -> None:
+    """The platform files the reading doctor's earlier draft (a DiagnosticReport of its own,
+    preliminary, issued before the final) only after the final was fetched: the next round brings
+    it. The final must stay the study's current report everywhere the doctor looks (the console's
+    list, `lastmile report list`), the draft kept as history behind it, not listed above it."""
+    server, store, poller, ours, _other = platform
+    server.put_resource(report_for(ours, conclusion="First-degree AV block", issued="2026-11-02T11:00:00+08:00"))
+    assert poller.run_round(force=True).stored == 1
+    (final,) = store.reports(current_only=True)
+    assert final.status == "final"
+    server.put_resource(
+        report_for(
+            ours, status="preliminary", conclusion="Preliminary: sinus rhythm", issued="2026-11-02T10:00:00+08:00"
+        )
+    )
+    later = poller.run_round(force=True)
+    assert later.error is None and later.stored == 1
+    current = store.reports(current_only=True)
+    assert [(r.id, r.status) for r in current] == [(final.id, "final")], [(r.id, r.status, r.text) for r in current]
+    (draft,) = [r for r in store.reports() if r.id != final.id]
+    assert draft.status == "preliminary" and draft.superseded_by == final.id
+    assert [r.report_id for r in StoredReports(store).reports()] == [str(final.id)]
+    (line,) = study_lines(store)
+    assert (line.reports, line.status) == ((final,), "received")
+    assert store.study(ours).final_at is not None
+
+
+def test_a_report_the_platform_withdraws_is_shown_withdrawn_and_its_study_asked_about_again(platform, tmp_path) -> None:
+    """The county marks its final report entered-in-error (read on the wrong ECG, for the wrong
+    patient). The doctor must see it withdrawn, in Chinese, not as a "preliminary" report whose
+    conclusion still reads "Normal ECG"; and the study is asked about again at its routine pace
+    for the report that will replace it, not at the 12-hourly amendment pace."""
+    server, store, poller, ours, _other = platform
+    first = server.put_resource(report_for(ours, conclusion="Sinus rhythm. Normal ECG."))
+    poller.run_round(force=True)
+    assert store.study(ours).final_at is not None
+    server.put_resource({**first, "status": "entered-in-error"})
+    assert poller.run_round(force=True).stored == 1
+    (current,) = store.reports(current_only=True)
+    assert (current.version, current.status) == ("2", "withdrawn"), (current.status, current.text)
+    assert [v.status for v in StoredReports(store).reports()] == ["withdrawn"]
+    assert [line.status for line in study_lines(store)] == ["withdrawn"]
+    assert store.study(ours).final_at is None  # polled as a study still waiting for its report
+    with running_console(console_config(tmp_path / "data")) as console:
+        client = Client(console.url)
+        client.login()
+        page = client.get(f"/reports/{current.id}").body
+    assert "县里已撤回此报告" in page and "初步报告" not in page, page

@@ -21,6 +21,7 @@ class LineKind(StrEnum):
     TITLE = "title"  # value: the title as written ("": none given)
     UNREADABLE = "unreadable"  # the object could not be read at all (kept as received)
     AMENDED = "amended"  # number: earlier reports it replaces (0: a corrected version of itself)
+    WITHDRAWN = "withdrawn"  # value: the status the reading center gave it (entered-in-error, cancelled)
     CRITICAL_CODE = "critical-code"  # name: the concept; value: its coded value's meaning; code: "SCHEME CODE"
     CRITICAL_KEYWORD = "critical-keyword"  # name: the configured keyword; value: the text it is in
     CRITICAL_INTERPRETED = "critical-interpreted"  # name: the result; value: its interpretation (FHIR)
@@ -42,7 +43,7 @@ class LineKind(StrEnum):
     CHECK_PATIENT = "check-patient"  # name: the patient the report names; value: the one the ECG was of
 
 
-HEADER = frozenset({LineKind.TITLE, LineKind.UNREADABLE, LineKind.AMENDED})
+HEADER = frozenset({LineKind.TITLE, LineKind.UNREADABLE, LineKind.AMENDED, LineKind.WITHDRAWN})
 CRITICAL = frozenset({LineKind.CRITICAL_CODE, LineKind.CRITICAL_KEYWORD, LineKind.CRITICAL_INTERPRETED})
 FOOTER = frozenset({LineKind.DOCUMENT, LineKind.READ_BY, LineKind.PROBLEM, LineKind.CHECK_PATIENT})
 

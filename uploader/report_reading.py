@@ -132,6 +132,7 @@ class ReportContent:
     observer: str = ""  # the reading doctor
     report_time: str = ""  # ISO 8601 as the report gives it (zone only if it has one)
     final: bool = False
+    withdrawn: bool = False  # the reading center took it back (FHIR entered-in-error, cancelled)
     amends: tuple[str, ...] = ()  # object uids this one replaces
     completion_flag: str = ""
     verification_flag: str = ""
@@ -142,6 +143,8 @@ class ReportContent:
 
     @property
     def status(self) -> str:
+        if self.withdrawn:
+            return "withdrawn"
         if not self.final:
             return "preliminary"
         return "amended" if self.amends else "final"
@@ -511,6 +514,7 @@ class _DicomReader:
 
 FHIR_FINAL = frozenset({"final", "amended", "corrected", "appended"})
 FHIR_AMENDED = frozenset({"amended", "corrected"})
+FHIR_WITHDRAWN = frozenset({"cancelled", "entered-in-error"})
 
 
 def dicom_uid_identifier(uid: str) -> tuple[str, str]:
@@ -614,8 +618,7 @@ def _read_fhir_report(resource: Mapping[str, Any], rules: CriticalRules, known_s
     meta = resource.get("meta")
     version = str(meta.get("versionId", "") or meta.get("lastUpdated", "") or "") if isinstance(meta, Mapping) else ""
     status = str(resource.get("status", ""))
-    if status in ("cancelled", "entered-in-error"):
-        problems.append(f"the reading center withdrew this report (status {status})")
+    withdrawn = status in FHIR_WITHDRAWN  # its content stands for nothing: not final, not critical
     title = _concept_text(resource.get("code"))
     conclusion = str(resource.get("conclusion") or "").strip()
     coded = [d or c for _s, c, d in (x for cc in resource.get("conclusionCode") or [] for x in _codings(cc))]
@@ -673,7 +676,7 @@ def _read_fhir_report(resource: Mapping[str, Any], rules: CriticalRules, known_s
     lines = [
         ReportLine(LineKind.TITLE, value=title),
         *([ReportLine(LineKind.AMENDED)] if amends else []),  # a corrected version of itself
-        *dict.fromkeys(reasons),
+        *([ReportLine(LineKind.WITHDRAWN, value=status)] if withdrawn else dict.fromkeys(reasons)),
         *([ReportLine(LineKind.CONCLUSION, value=conclusion)] if conclusion else []),
         *(ReportLine(LineKind.CODED, value=c) for c in coded),
         *results,
@@ -698,8 +701,9 @@ def _read_fhir_report(resource: Mapping[str, Any], rules: CriticalRules, known_s
         observer=observer,
         report_time=when,
         final=status in FHIR_FINAL and not problems,
+        withdrawn=withdrawn,
         amends=amends,
-        critical=tuple(dict.fromkeys(critical)),
+        critical=() if withdrawn else tuple(dict.fromkeys(critical)),
         problems=tuple(problems),
         document=document,
         document_type=document_type,

@@ -807,6 +807,7 @@ def printable_text(found: ReportView, localizer: Localizer) -> str:
         reading_doctor=found.reading_doctor,
         reasons=shown_reasons(found.lines, found.critical_reasons, localizer) if found.critical else [],
         text=shown_text(found.lines, found.text, localizer),
+        replaced_by=found.replaced_by,
     )
 
 

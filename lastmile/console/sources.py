@@ -186,7 +186,7 @@ class ReportView:
     patient_name: str
     ecg_time: dt.datetime | None
     received_at: dt.datetime
-    status: str  # "received", "preliminary" or "amended"
+    status: str  # "received", "preliminary", "amended" or "withdrawn"
     critical: bool
     reading_doctor: str
     text: str  # the whole report in English as stored (all a report stored before `lines` has)
@@ -199,6 +199,7 @@ class ReportView:
     impressions: tuple[str, ...] = ()  # the reading doctor's conclusion(s), shown first
     findings: tuple[str, ...] = ()
     lines: tuple[ReportLine, ...] | None = None  # the whole report, worded in the page's language
+    replaced_by: str = ""  # a newer version replaced this one: the id of the current version
 
     @property
     def unread(self) -> bool:

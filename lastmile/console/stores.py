@@ -63,9 +63,10 @@ def _when(text: str) -> dt.datetime | None:
     return value
 
 
-def report_view(report: StoredReport, study: SentStudy | None) -> ReportView:
+def report_view(report: StoredReport, study: SentStudy | None, current_id: int | None = None) -> ReportView:
     """A stored report as the pages show it: the patient and ECG as we sent them (the report's
-    own patient fields are what the reading center wrote; a disagreement is in its problems)."""
+    own patient fields are what the reading center wrote; a disagreement is in its problems).
+    `current_id`: the version that replaced it, for a report a newer one superseded."""
     status = {"final": "received"}.get(report.status, report.status)
     return ReportView(
         report_id=str(report.id),
@@ -87,6 +88,7 @@ def report_view(report: StoredReport, study: SentStudy | None) -> ReportView:
         impressions=report.impressions,
         findings=report.findings,
         lines=report.lines,
+        replaced_by=str(current_id) if current_id is not None and current_id != report.id else "",
     )
 
 
@@ -109,14 +111,18 @@ class StoredReports:
 
     def report(self, report_id: str) -> ReportView | None:
         found = self._stored(report_id)
-        return None if found is None else report_view(found, self.store.study(found.study_uid))
+        return None if found is None else self._view(found)
+
+    def _view(self, report: StoredReport) -> ReportView:
+        """One report opened (perhaps by an old link): with the version that now stands for it."""
+        current = self.store.current_of(report.id) if report.superseded_by is not None else None
+        return report_view(report, self.store.study(report.study_uid), current)
 
     def acknowledge(self, report_id: str, by: str, now: dt.datetime) -> ReportView | None:
         found = self._stored(report_id)
         if found is None:
             return None
-        done = self.store.acknowledge(found.id, by, now)
-        return report_view(done, self.store.study(done.study_uid))
+        return self._view(self.store.acknowledge(found.id, by, now))
 
     def pdf(self, report_id: str) -> bytes | None:
         found = self._stored(report_id)

@@ -169,6 +169,8 @@ def report_text(lines: Sequence[ReportLine], speaker: Speaker) -> str:
                 )
             else:
                 out.append(_("AMENDED: this is a corrected version of the report"))
+        elif line.kind == LineKind.WITHDRAWN:
+            out.append(_("WITHDRAWN by the reading center (%(status)s): do not act on this report", status=line.value))
     reasons = critical_reasons(lines, speaker)
     if reasons:
         out.append(_("CRITICAL RESULT: %(reasons)s", reasons="; ".join(reasons)))
@@ -203,12 +205,20 @@ def printout(
     reading_doctor: str,
     reasons: Sequence[str],
     text: str,
+    replaced_by: str = "",
 ) -> str:
     """A report on paper when the county sent no PDF (the console's clinic printer, `lastmile
     report print`): the page's facts, then the whole report, in `reader`'s language (CUPS lays
-    the UTF-8 text out with the image's Noto CJK fonts). `reasons`: why it is critical, if it is."""
+    the UTF-8 text out with the image's Noto CJK fonts). `reasons`: why it is critical, if it is;
+    `replaced_by`: the current version's number, when a newer one replaced this report (said first:
+    paper outlives the page)."""
     _ = reader.gettext
     lines = [
+        *(
+            [_("This report was replaced by report %(number)s: do not act on it.", number=replaced_by)]
+            if replaced_by
+            else []
+        ),
         labelled(_("ECG report"), f"{patient or patient_id}  {patient_id}", reader),
         labelled(_("ECG recorded"), reader.full(ecg_time) or "—", reader),
         labelled(_("Report received"), reader.full(received_at), reader),

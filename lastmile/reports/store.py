@@ -8,7 +8,8 @@ report object as received (bytes or JSON) with its readable text, status and fla
 Replacement rules (`add_report`): a report naming earlier ones as predecessors (SR Predecessor
 Documents, a new version of the same FHIR DiagnosticReport) supersedes them - also when one of
 them arrives after it (the reading center's order, a retrieval that failed once); a final SR or
-FHIR report supersedes the preliminary ones of its study. Superseded reports stay (marked) until the
+FHIR report supersedes the preliminary ones of its study, also those that arrive after it (a
+later round, the platform's order). Superseded reports stay (marked) until the
 retention purge. A final report without problems ends routine polling for its study, once every report object
 the reading center listed for it has arrived (`awaiting`).
 
@@ -43,6 +44,7 @@ RECORDER_STATUS = "recorder"
 
 CACHE_KIB = 256
 FINAL_KINDS = frozenset({"sr", "fhir"})  # kinds whose final report replaces the preliminary ones
+MAX_REPLACEMENTS = 1000  # a chain of versions followed this far at most (a cycle cannot hang a page)
 
 
 @dataclass(frozen=True)
@@ -365,7 +367,7 @@ class ReportStore:
             if len(problems) > len(content.problems):
                 lines.append(ReportLine(LineKind.CHECK_PATIENT, name=content.patient_id, value=ours))
             final = content.final and not problems
-            status = content.status if final else "preliminary"
+            status = content.status if final or content.withdrawn else "preliminary"
             text = report_text(lines, English())
             amends = [u for u in content.amends if u != content.object_uid]
             cur = conn.execute(
@@ -439,6 +441,14 @@ class ReportStore:
                 "AND r.superseded_by IS NULL AND r.id != ? AND j.value = ? ORDER BY r.id DESC LIMIT 1",
                 (new_id, content.object_uid),
             ).fetchone()
+            if successor is None and content.kind in FINAL_KINDS and status == "preliminary" and not problems:
+                # a draft that comes after its study's final (a later round, the platform's order):
+                # the final stays the current report, the draft is kept behind it as history
+                successor = conn.execute(
+                    "SELECT id FROM reports WHERE study_uid = ? AND kind = ? AND status != 'preliminary' "
+                    "AND superseded_by IS NULL AND id != ? AND object_uid != ? ORDER BY id DESC LIMIT 1",
+                    (content.study_uid, content.kind, new_id, content.object_uid),
+                ).fetchone()
             if successor is not None:
                 conn.execute("UPDATE reports SET superseded_by = ? WHERE id = ?", (successor[0], new_id))
             if final:
@@ -446,12 +456,35 @@ class ReportStore:
                     "UPDATE sent_studies SET final_at = COALESCE(final_at, ?) WHERE study_uid = ?",
                     (iso(now), content.study_uid),
                 )
+            elif status == "withdrawn":
+                # its final report taken back: the study waits for its report again (polled at its
+                # age's pace, not the amendment poll's) unless another final one still stands
+                conn.execute(
+                    "UPDATE sent_studies SET final_at = NULL WHERE study_uid = ? AND NOT EXISTS ("
+                    " SELECT 1 FROM reports WHERE study_uid = ? AND superseded_by IS NULL"
+                    " AND status IN ('final', 'amended'))",
+                    (content.study_uid, content.study_uid),
+                )
             row = conn.execute(f"SELECT {_REPORT_COLUMNS} FROM reports WHERE id = ?", (new_id,)).fetchone()
             return AddedReport(_report(row), created=True, superseded=tuple(sorted(replaced)))
 
     def get(self, report_id: int) -> StoredReport | None:
         rows = self._rows(f"SELECT {_REPORT_COLUMNS} FROM reports WHERE id = ?", (report_id,))
         return _report(rows[0]) if rows else None
+
+    def current_of(self, report_id: int) -> int | None:
+        """The report that now stands for `report_id`: itself when no newer version replaced it,
+        else the end of its chain of replacements (a preliminary → its final → an amendment).
+        None: no such report."""
+        rows = self._rows(
+            "WITH RECURSIVE chain(id, next, depth) AS ("
+            " SELECT id, superseded_by, 0 FROM reports WHERE id = ?"
+            " UNION ALL SELECT r.id, r.superseded_by, c.depth + 1 FROM reports r JOIN chain c ON r.id = c.next"
+            f" WHERE c.depth < {MAX_REPLACEMENTS}"
+            ") SELECT id FROM chain ORDER BY depth DESC LIMIT 1",
+            (report_id,),
+        )
+        return int(rows[0][0]) if rows else None
 
     def data_of(self, report_id: int) -> bytes | None:
         rows = self._rows("SELECT data FROM reports WHERE id = ?", (report_id,))
@@ -477,7 +510,8 @@ class ReportStore:
     def not_alerted(self) -> list[StoredReport]:
         rows = self._rows(
             f"SELECT {_REPORT_COLUMNS} FROM reports WHERE critical IS NOT NULL AND alerted_at IS NULL "
-            "AND acknowledged_at IS NULL ORDER BY id"
+            # one announced per result: a report replaced before its turn is the one replacing it
+            "AND acknowledged_at IS NULL AND superseded_by IS NULL ORDER BY id"
         )
         return [_report(r) for r in rows]
 
@@ -486,11 +520,17 @@ class ReportStore:
             conn.execute("UPDATE reports SET alerted_at = ? WHERE id = ?", (iso(now), report_id))
 
     def acknowledge(self, report_id: int, by: str, now: dt.datetime) -> StoredReport:
-        """The doctor has seen this report (a critical one stops failing `lastmile doctor`)."""
+        """The doctor has seen this report (a critical one stops failing `lastmile doctor`), and so
+        the earlier versions it replaced: the pages show only the current one, and an old critical
+        version left unacknowledged would fail `doctor` and alert the county for ever."""
         with self._lock, transaction(self.db) as conn:
+            # the CTE inside the UPDATE: sqlite3 counts rowcount only for a statement that starts as DML
             cur = conn.execute(
                 "UPDATE reports SET acknowledged_at = COALESCE(acknowledged_at, ?), "
-                "acknowledged_by = COALESCE(acknowledged_by, ?) WHERE id = ?",
+                "acknowledged_by = COALESCE(acknowledged_by, ?) WHERE id IN ("
+                "WITH RECURSIVE replaced(id, depth) AS (SELECT ?, 0 UNION ALL SELECT r.id, p.depth + 1 "
+                f"FROM reports r JOIN replaced p ON r.superseded_by = p.id WHERE p.depth < {MAX_REPLACEMENTS}) "
+                "SELECT id FROM replaced)",
                 (iso(now), by or None, report_id),
             )
             if cur.rowcount == 0:

@@ -23,16 +23,19 @@ class StudyLine:
 
     @property
     def status(self) -> str:
-        """waiting, preliminary, received, amended, or CRITICAL (until acknowledged)."""
+        """waiting, preliminary, received, amended, withdrawn, or CRITICAL (until acknowledged)."""
         if not self.reports:
             return "waiting"
         if any(r.needs_acknowledgement for r in self.reports):
             return "CRITICAL"
         if any(r.critical for r in self.reports):
             return "critical (seen)"
-        if any(r.status == "amended" for r in self.reports):
+        standing = [r for r in self.reports if r.status != "withdrawn"]
+        if not standing:
+            return "withdrawn"  # the reading center took its report back; a new one is awaited
+        if any(r.status == "amended" for r in standing):
             return "amended"
-        if all(r.status == "preliminary" for r in self.reports):
+        if all(r.status == "preliminary" for r in standing):
             return "preliminary"
         return "received"
 
@@ -113,7 +116,7 @@ def render_report(store: ReportStore, report: StoredReport, speaker: Speaker | N
         if study.quality_verdict:
             out.append(f"ECG quality at the clinic: {study.quality_verdict}")
     if report.superseded_by is not None:
-        out.append(f"REPLACED by report {report.superseded_by}: read that one")
+        out.append(f"REPLACED by report {store.current_of(report.id)}: read that one")
     if report.critical:
         seen = (
             f"acknowledged {report.acknowledged_at:%Y-%m-%d %H:%M}"
@@ -155,5 +158,6 @@ def printable(store: ReportStore, report: StoredReport, reader: Reader | None = 
         reading_doctor=report.observer,
         reasons=shown_reasons(report.lines, report.critical, reader),
         text=shown_text(report.lines, report.text, reader),
+        replaced_by=str(store.current_of(report.id)) if report.superseded_by is not None else "",
     )
     return text.encode("utf-8"), ".txt"
