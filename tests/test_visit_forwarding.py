@@ -260,6 +260,31 @@ def test_each_fix_reads_the_open_visit_once(tmp_path: Path) -> None:
     assert len(visit_reads) <= 20, f"{len(visit_reads)} reads of visits for 10 fixes"
 
 
+def test_each_fix_shared_with_a_waiting_command_is_one_statement(tmp_path: Path) -> None:
+    """The acquire service shares its fixes (1 Hz) with a waiting `visit stop` or `gps fix`: each
+    cost a SELECT of the share and then an UPDATE; one UPDATE that says when it applies is enough."""
+    clocks = FakeClocks(wall=GPS_T.timestamp())
+    with VisitBook.open(tmp_path / "data", gateway_id="gw-1", clock=clocks.clock()) as book:
+        book.observe_fix(fix_at(*HOUSE, GPS_T), book.clock.now())  # the first anchors the clock
+        asked = book.want_fixes(60.0)  # a command waits
+        statements: list[str] = []
+        conn: sqlite3.Connection = book.db.conn
+        conn.set_trace_callback(statements.append)
+        try:
+            for n in range(10):
+                clocks.advance(1.0)
+                book.observe_fix(fix_at(*HOUSE, GPS_T.replace(second=n + 1)), book.clock.now())
+        finally:
+            conn.set_trace_callback(None)
+        shared = book.shared_fix(asked)
+        clocks.advance(120.0)  # the command's wait is over: nothing is written for it any more
+        book.observe_fix(fix_at(*HOUSE, GPS_T.replace(minute=3)), book.clock.now())
+        assert book.shared_fix(asked) == shared
+    assert shared is not None and shared.fix.time == GPS_T.replace(second=10)
+    share_statements = [s for s in statements if "gnss_share" in s]
+    assert len(share_statements) <= 10, f"{len(share_statements)} statements on the share for 10 fixes"
+
+
 def test_a_system_clock_far_from_gps_is_said_once_not_at_every_fix(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
