@@ -204,13 +204,19 @@ def list_visits(args: argparse.Namespace) -> int:
     for v in visits:
         if v.start.time:
             when = clinic_time(v.start.time, minutes=True)
+        elif v.fhir_fault and not v.start.boot_id:  # its row could not be read
+            when = f"{'record damaged':22}"
         else:  # a start lost to a reboot is never repaired: not "pending"
             when = f"{'start time lost' if START_TIME_LOST in v.flags else 'time pending':22}"
         dist = f"{v.distance_m:.0f} m" if v.distance_m is not None else "-"
         print(
             f"{when}  {v.state:6}  patient {v.patient_id:12} household {v.household_id or '-':10} "
             f"{dist:>8}  {', '.join(v.flags) or 'ok'}"
-            + (f"  cannot be sent to the county platform: {v.fhir_fault}" if v.fhir_fault else "")
+            + (
+                f"  set aside, its record is damaged: cannot be sent to the county platform ({v.fhir_fault})"
+                if v.fhir_fault
+                else ""
+            )
         )
     return 0
 

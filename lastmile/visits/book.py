@@ -145,6 +145,24 @@ class VisitError(Exception):
     """A visit command that cannot be done as asked (no open visit, one already open ...)."""
 
 
+class DamagedVisitError(VisitError):
+    """The open visit's stored row cannot be read (damaged on the SD card): it can never be
+    signed nor sent. `closed`: `stop` closed it and set it aside, so the doctor can go on."""
+
+    def __init__(self, visit_id: str, patient_id: str, cause: Exception, *, closed: bool = False) -> None:
+        self.visit_id, self.patient_id, self.cause, self.closed = visit_id, patient_id, cause, closed
+        damage = f"the open visit {visit_id} of patient {patient_id} is damaged on the SD card ({type(cause).__name__}: {cause})"
+        if closed:
+            what_now = (
+                "it cannot be signed nor sent to the county platform; it is closed and kept aside "
+                "(`lastmile visit list`), the other visits are safe. Record this visit again: "
+                f"lastmile visit start --patient {patient_id}; and tell the county IT (the SD card may be failing)"
+            )
+        else:
+            what_now = "`lastmile visit stop` closes it and keeps it aside; then start the visit again"
+        super().__init__(f"{damage}: {what_now}")
+
+
 @dataclass(frozen=True)
 class VisitPolicy:
     radius_m: float = 200.0
@@ -697,8 +715,32 @@ class VisitBook:
         return self._visit(rows[0]) if rows else None
 
     def visits(self, limit: int | None = None) -> list[Visit]:
+        """Newest first; a row damaged on the SD card is listed with what can be read of it (and
+        why it cannot be sent), never hiding the others."""
         sql = "SELECT * FROM visits ORDER BY rowid DESC" + (f" LIMIT {int(limit)}" if limit else "")
-        return [self._visit(r) for r in self.db.query(sql)]
+        return [self._listed(r) for r in self.db.query(sql)]
+
+    def _listed(self, row: dict) -> Visit:
+        try:
+            return self._visit(row)
+        except BUNDLE_ERRORS as exc:
+            return Visit(
+                id=row["id"],
+                doctor_id=row["doctor_id"],
+                patient_id=row["patient_id"],
+                household_id=row["household_id"],
+                setting=row["setting"],
+                state=row["state"],
+                start=Stamp(None, TimeSource.UNKNOWN, 0.0, ""),
+                end=None,
+                start_fix=None,
+                end_fix=None,
+                fhir_fault=row["fhir_fault"] or f"{type(exc).__name__}: {exc}",
+            )
+
+    def _open_row(self) -> dict | None:
+        rows = list(self.db.query("SELECT * FROM visits WHERE state = 'open'"))
+        return rows[0] if rows else None
 
     def start(
         self,
@@ -717,7 +759,8 @@ class VisitBook:
         # Stamped and written under the write lock: the acquire service saves the boot's first
         # anchor either before (the stamp takes it) or after (and then repairs the stamp).
         with transaction(self.db):
-            if self.open_visit() is not None:
+            if self._open_row() is not None:
+                self._require_open()  # a damaged one says so, and how to get past it
                 raise VisitError("a visit is already open: stop it first (lastmile visit stop)")
             stamp = self._stamp_now()
             self.db.table("visits").insert(
@@ -740,10 +783,13 @@ class VisitBook:
         return visit
 
     def _require_open(self) -> Visit:
-        visit = self.open_visit()
-        if visit is None:
+        row = self._open_row()
+        if row is None:
             raise VisitError("no visit is open (lastmile visit start --patient ID)")
-        return visit
+        try:
+            return self._visit(row)
+        except BUNDLE_ERRORS as exc:
+            raise DamagedVisitError(row["id"], row["patient_id"], exc) from exc
 
     def note(self, text: str) -> None:
         if not text.strip():
@@ -811,59 +857,85 @@ class VisitBook:
     def stop(self, fix: FixRecord | None = None) -> Visit:
         # One write transaction from the open check to the signature: a second stop, a note or a
         # track point from another process cannot slip between them.
+        damaged: DamagedVisitError | None = None
         with transaction(self.db):
-            visit = self._require_open()
-            end = self._stamp_now()
-            if visit.start.provisional:
-                visit.start = self.clock.repair(visit.start)
-            gps = self.clock.anchor
-            if gps is not None and gps.source == TimeSource.GPS and gps.boot_id == visit.start.boot_id:
-                # GPS came during the visit (or before): its offset wins over a system clock that may
-                # have been wrong at the start (fake-hwclock, drift); the end follows from the start.
-                visit.start = _on_anchor(visit.start, gps.offset)
-            if visit.start.time is not None and not end.provisional and visit.start.boot_id == end.boot_id:
-                # Duration by the monotonic clock: a clock jump during the visit changes nothing.
-                end = Stamp(
-                    visit.start.time + dt.timedelta(seconds=end.monotonic - visit.start.monotonic),
-                    visit.start.source if visit.start.source != TimeSource.UNKNOWN else end.source,
-                    end.monotonic,
-                    end.boot_id,
-                )
-            household = self.register.get(visit.household_id) if visit.household_id else None
-            flags, distance = check_visit(
-                self.policy,
-                household_id=visit.household_id,
-                household=household,
-                start=visit.start,
-                end=end,
-                start_fix=visit.start_fix,
-                end_fix=fix,
-                track=self.track(visit.id),
-                clock_disagreement_s=self.clock.last_disagreement_s,
-            )
-            if gps is not None and gps.source == TimeSource.GPS:
-                self._notes_on_gps(visit.id, gps.offset, gps.boot_id)
-            self.db.table("visits").update(
-                visit.id,
-                {
-                    "state": "closed",
-                    "end_stamp": json.dumps(end.to_json()),
-                    "ended_at": end.time.isoformat() if end.time else None,
-                    "start_stamp": json.dumps(visit.start.to_json()),
-                    "started_at": visit.start.time.isoformat() if visit.start.time else None,
-                    "end_fix": fix.to_json() if fix else None,
-                    "flags": json.dumps(flags),
-                    "distance_m": distance,
-                    "household_lat": household.latitude if household else None,
-                    "household_lon": household.longitude if household else None,
-                },
-            )
-            # Signed now if its times are known, else once GPS or NTP gives them (see _sign_settled).
-            self._sign_settled()
+            try:
+                visit = self._require_open()
+                try:
+                    flags = self._close(visit, fix)
+                except BUNDLE_ERRORS as exc:  # a note or a track point of it damaged
+                    raise DamagedVisitError(visit.id, visit.patient_id, exc) from exc
+            except DamagedVisitError as exc:
+                self._close_damaged(exc.visit_id, exc.cause)
+                damaged = exc
+        if damaged is not None:
+            raise DamagedVisitError(damaged.visit_id, damaged.patient_id, damaged.cause, closed=True) from damaged.cause
         closed = self.get(visit.id)
         assert closed is not None
         log.info("visit %s stopped; flags: %s", visit.id, ", ".join(flags) or "none")
         return closed
+
+    def _close_damaged(self, visit_id: str, cause: Exception) -> None:
+        """(In a write transaction.) An open visit that cannot be read is closed, with when it was
+        stopped, and set aside: the one-open-visit rule must not keep the doctor from the next
+        visit, and its row is kept as it is (a technician may mend it; `lastmile visit retry`)."""
+        end = self._stamp_now()
+        self.db.execute(
+            "UPDATE visits SET state = 'closed', end_stamp = ?, ended_at = ? WHERE id = ?",
+            [json.dumps(end.to_json()), end.time.isoformat() if end.time else None, visit_id],
+        )
+        self._set_aside(visit_id, cause)
+
+    def _close(self, visit: Visit, fix: FixRecord | None) -> list[str]:
+        """(In a write transaction.) Close the open visit, check it, sign it if its times are settled."""
+        end = self._stamp_now()
+        if visit.start.provisional:
+            visit.start = self.clock.repair(visit.start)
+        gps = self.clock.anchor
+        if gps is not None and gps.source == TimeSource.GPS and gps.boot_id == visit.start.boot_id:
+            # GPS came during the visit (or before): its offset wins over a system clock that may
+            # have been wrong at the start (fake-hwclock, drift); the end follows from the start.
+            visit.start = _on_anchor(visit.start, gps.offset)
+        if visit.start.time is not None and not end.provisional and visit.start.boot_id == end.boot_id:
+            # Duration by the monotonic clock: a clock jump during the visit changes nothing.
+            end = Stamp(
+                visit.start.time + dt.timedelta(seconds=end.monotonic - visit.start.monotonic),
+                visit.start.source if visit.start.source != TimeSource.UNKNOWN else end.source,
+                end.monotonic,
+                end.boot_id,
+            )
+        household = self.register.get(visit.household_id) if visit.household_id else None
+        flags, distance = check_visit(
+            self.policy,
+            household_id=visit.household_id,
+            household=household,
+            start=visit.start,
+            end=end,
+            start_fix=visit.start_fix,
+            end_fix=fix,
+            track=self.track(visit.id),
+            clock_disagreement_s=self.clock.last_disagreement_s,
+        )
+        if gps is not None and gps.source == TimeSource.GPS:
+            self._notes_on_gps(visit.id, gps.offset, gps.boot_id)
+        self.db.table("visits").update(
+            visit.id,
+            {
+                "state": "closed",
+                "end_stamp": json.dumps(end.to_json()),
+                "ended_at": end.time.isoformat() if end.time else None,
+                "start_stamp": json.dumps(visit.start.to_json()),
+                "started_at": visit.start.time.isoformat() if visit.start.time else None,
+                "end_fix": fix.to_json() if fix else None,
+                "flags": json.dumps(flags),
+                "distance_m": distance,
+                "household_lat": household.latitude if household else None,
+                "household_lon": household.longitude if household else None,
+            },
+        )
+        # Signed now if its times are known, else once GPS or NTP gives them (see _sign_settled).
+        self._sign_settled()
+        return flags
 
     def _notes_on_gps(self, visit_id: str, offset: float, boot_id: str) -> None:
         """(In a write transaction, before signing.) The visit's notes of this boot on GPS time too."""
