@@ -151,6 +151,7 @@ def note(args: argparse.Namespace) -> int:
 
 def stop(args: argparse.Namespace) -> int:
     from lastmile.visits.book import START_TIME_LOST, VisitError
+    from lastmile.visits.chain import KEY_FILE
 
     config, book = _book(args)
     with book:
@@ -164,10 +165,22 @@ def stop(args: argparse.Namespace) -> int:
             _queue_closed(config, book)
             return _fail(exc)
         flags = ", ".join(visit.flags) or "none"
-        signed = f"chain record {visit.chain_seq}" if visit.chain_seq else "signed once GPS or NTP gives the time"
+        key_damaged = not visit.chain_seq and book.key_fault.damaged  # its time is known: the key failed
+        if visit.chain_seq:
+            signed = f"chain record {visit.chain_seq}"
+        elif key_damaged:
+            signed = "not signed: the gateway's signing key is damaged"
+        else:
+            signed = "signed once GPS or NTP gives the time"
         print(f"visit {visit.id} stopped; {signed}; flags: {flags}")
         start_pending = visit.start.time is None and START_TIME_LOST not in visit.flags
-        if not _queue_closed(config, book) and (start_pending or visit.end is None or visit.end.time is None):
+        queued = _queue_closed(config, book)
+        if not queued and key_damaged:
+            print(
+                f"the signing key {book.data_dir / KEY_FILE} is damaged (SD card): restore it from its backup "
+                "(tell the county IT). The visit is kept, and is signed and sent once the key is repaired"
+            )
+        elif not queued and (start_pending or visit.end is None or visit.end.time is None):
             print(
                 "not queued yet: its time is provisional until GPS or NTP gives one; the forward service sends it then"
             )
