@@ -1,4 +1,4 @@
-"""`lastmile visit start|note|stop|list|export|verify|households`: home visits, offline."""
+"""`lastmile visit start|note|stop|retry|list|export|verify|households`: home visits, offline."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    visit = sub.add_parser("visit", help="home visits: start, note, stop, list, export, verify")
+    visit = sub.add_parser("visit", help="home visits: start, note, stop, retry, list, export, verify")
     vsub = visit.add_subparsers(dest="visit_command", metavar="SUBCOMMAND")
     p = vsub.add_parser("start", help="start a visit (records where and when)")
     p.add_argument("--patient", required=True, metavar="ID")
@@ -28,6 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = vsub.add_parser("stop", help="stop the open visit: check, sign, queue for the county")
     p.add_argument("--no-gps", action="store_true")
     p.set_defaults(func=stop)
+    p = vsub.add_parser("retry", help="send a set-aside (damaged) visit again once its record is repaired")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("visit_id", nargs="?", metavar="ID", help="the visit's id (or its first characters)")
+    which.add_argument("--all", action="store_true", help="every set-aside visit")
+    p.set_defaults(func=retry)
     p = vsub.add_parser("list", help="recent visits and their flags")
     p.add_argument("--json", action="store_true")
     p.add_argument("--limit", type=int, default=50)
@@ -202,6 +207,25 @@ def _queue_closed(config, book) -> int:
     return queued
 
 
+def retry(args: argparse.Namespace) -> int:
+    from lastmile.visits.book import VisitError
+
+    _, book = _book(args)
+    with book:
+        try:
+            retried = book.retry_set_aside(None if args.all else args.visit_id)
+        except VisitError as exc:
+            return _fail(exc)
+    if not retried:
+        print("no visit is set aside")
+        return 0
+    print(
+        f"{len(retried)} visit(s) will be signed and sent again by the forward service; one still damaged "
+        "is set aside again (`lastmile visit list` says why)"
+    )
+    return 0
+
+
 def list_visits(args: argparse.Namespace) -> int:
     from lastmile.visits.book import START_TIME_LOST
 
@@ -226,7 +250,8 @@ def list_visits(args: argparse.Namespace) -> int:
             f"{when}  {v.state:6}  patient {v.patient_id:12} household {v.household_id or '-':10} "
             f"{dist:>8}  {', '.join(v.flags) or 'ok'}"
             + (
-                f"  set aside, its record is damaged: cannot be sent to the county platform ({v.fhir_fault})"
+                f"  set aside, its record is damaged: cannot be sent to the county platform ({v.fhir_fault}); "
+                f"once repaired: lastmile visit retry {v.id[:8]}"
                 if v.fhir_fault
                 else ""
             )

@@ -636,6 +636,35 @@ class VisitBook:
         if retried:
             log.info("%d home visit(s) set aside by an earlier version are tried again", retried)
 
+    def retry_set_aside(self, visit_id: str | None = None) -> list[str]:
+        """(`lastmile visit retry`, once the cause is repaired.) Clear the set-aside of one visit
+        (its id, or a beginning of it that names one) or of all: the forward service then signs
+        and queues them once each (outbox key `fhir:visit:<id>`); one still damaged is set aside
+        again, with why. Returns the ids cleared."""
+        with transaction(self.db):
+            if visit_id is None:
+                rows = list(
+                    self.db.query("SELECT id FROM visits WHERE fhir_fault IS NOT NULL AND fhir_queued_at IS NULL")
+                )
+            else:
+                rows = list(
+                    self.db.query(
+                        "SELECT id, fhir_fault, fhir_queued_at FROM visits WHERE substr(id, 1, length(?)) = ?",
+                        [visit_id, visit_id],
+                    )
+                )
+                if len(rows) != 1:
+                    raise VisitError(f"{len(rows) or 'no'} visits have an id beginning with {visit_id!r}")
+                if rows[0]["fhir_fault"] is None or rows[0]["fhir_queued_at"] is not None:
+                    raise VisitError(f"visit {rows[0]['id']} is not set aside: nothing to retry")
+            ids = [r["id"] for r in rows]
+            self.db.conn.executemany(
+                "UPDATE visits SET fhir_fault = NULL, fhir_fault_version = NULL WHERE id = ?", [[i] for i in ids]
+            )
+        if ids:
+            log.info("%d home visit(s) set aside are tried again (lastmile visit retry)", len(ids))
+        return ids
+
     def _sign_settled(self) -> int:
         """(In a write transaction.) Repair, then sign every closed visit whose times are settled:
         known, or lost because they were stamped in an earlier boot that never learnt the time.
@@ -686,7 +715,28 @@ class VisitBook:
         return self.record_body(row["id"])
 
     # --- visits ----------------------------------------------------------------------------------
-    def _visit(self, row: dict) -> Visit:
+    def _visit(self, row: dict, *, lenient: bool = False) -> Visit:
+        """A visit from its row. `lenient`: a row damaged on the SD card gives what can be read
+        of it and why it cannot be sent (a list must show it with the others), not an error."""
+        fault = row["fhir_fault"]
+        try:
+            decoded = {
+                "start": Stamp.from_json(json.loads(row["start_stamp"])),
+                "end": Stamp.from_json(json.loads(row["end_stamp"])) if row["end_stamp"] else None,
+                "start_fix": FixRecord.from_json(row["start_fix"]),
+                "end_fix": FixRecord.from_json(row["end_fix"]),
+                "flags": json.loads(row["flags"]),
+            }
+        except BUNDLE_ERRORS as exc:
+            if not lenient:
+                raise
+            decoded = {
+                "start": Stamp(None, TimeSource.UNKNOWN, 0.0, ""),
+                "end": None,
+                "start_fix": None,
+                "end_fix": None,
+            }
+            fault = fault or f"{type(exc).__name__}: {exc}"
         chain = list(self.db.query("SELECT seq FROM chain WHERE visit_id = ?", [row["id"]]))
         return Visit(
             id=row["id"],
@@ -695,15 +745,11 @@ class VisitBook:
             household_id=row["household_id"],
             setting=row["setting"],
             state=row["state"],
-            start=Stamp.from_json(json.loads(row["start_stamp"])),
-            end=Stamp.from_json(json.loads(row["end_stamp"])) if row["end_stamp"] else None,
-            start_fix=FixRecord.from_json(row["start_fix"]),
-            end_fix=FixRecord.from_json(row["end_fix"]),
-            flags=json.loads(row["flags"]),
             distance_m=row["distance_m"],
             chain_seq=chain[0]["seq"] if chain else None,
             fhir_queued=bool(row["fhir_queued_at"]),
-            fhir_fault=row["fhir_fault"],
+            fhir_fault=fault,
+            **decoded,
         )
 
     def get(self, visit_id: str) -> Visit | None:
@@ -711,32 +757,14 @@ class VisitBook:
         return self._visit(rows[0]) if rows else None
 
     def open_visit(self) -> Visit | None:
-        rows = list(self.db.query("SELECT * FROM visits WHERE state = 'open'"))
-        return self._visit(rows[0]) if rows else None
+        row = self._open_row()
+        return self._visit(row) if row is not None else None
 
     def visits(self, limit: int | None = None) -> list[Visit]:
         """Newest first; a row damaged on the SD card is listed with what can be read of it (and
         why it cannot be sent), never hiding the others."""
         sql = "SELECT * FROM visits ORDER BY rowid DESC" + (f" LIMIT {int(limit)}" if limit else "")
-        return [self._listed(r) for r in self.db.query(sql)]
-
-    def _listed(self, row: dict) -> Visit:
-        try:
-            return self._visit(row)
-        except BUNDLE_ERRORS as exc:
-            return Visit(
-                id=row["id"],
-                doctor_id=row["doctor_id"],
-                patient_id=row["patient_id"],
-                household_id=row["household_id"],
-                setting=row["setting"],
-                state=row["state"],
-                start=Stamp(None, TimeSource.UNKNOWN, 0.0, ""),
-                end=None,
-                start_fix=None,
-                end_fix=None,
-                fhir_fault=row["fhir_fault"] or f"{type(exc).__name__}: {exc}",
-            )
+        return [self._visit(r, lenient=True) for r in self.db.query(sql)]
 
     def _open_row(self) -> dict | None:
         rows = list(self.db.query("SELECT * FROM visits WHERE state = 'open'"))
