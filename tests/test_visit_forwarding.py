@@ -236,20 +236,26 @@ def test_a_damaged_visit_waiting_for_its_time_neither_stops_gps_nor_holds_up_the
 # --- 2. every fix (1 Hz, all day) reads the open visit once, not twice --------------------------
 
 
+def statements_of_ten_fixes(book: VisitBook, clocks: FakeClocks) -> list[str]:
+    """The SQL the book runs for ten fixes, one a second, after the one that anchored the clock."""
+    statements: list[str] = []
+    conn: sqlite3.Connection = book.db.conn
+    conn.set_trace_callback(statements.append)
+    try:
+        for n in range(10):
+            clocks.advance(1.0)
+            book.observe_fix(fix_at(*HOUSE, GPS_T.replace(second=n + 1)), book.clock.now())
+    finally:
+        conn.set_trace_callback(None)
+    return statements
+
+
 def test_each_fix_reads_the_open_visit_once(tmp_path: Path) -> None:
     clocks = FakeClocks(wall=GPS_T.timestamp())
     with VisitBook.open(tmp_path / "data", gateway_id="gw-1", clock=clocks.clock()) as book:
         book.start("P-1", doctor_id="DR-1")
         book.observe_fix(fix_at(*HOUSE, GPS_T), book.clock.now())  # the first anchors the clock
-        statements: list[str] = []
-        conn: sqlite3.Connection = book.db.conn
-        conn.set_trace_callback(statements.append)
-        try:
-            for n in range(10):
-                clocks.advance(1.0)
-                book.observe_fix(fix_at(*HOUSE, GPS_T.replace(second=n + 1)), book.clock.now())
-        finally:
-            conn.set_trace_callback(None)
+        statements = statements_of_ten_fixes(book, clocks)
         assert len(book.track(book.open_visit().id)) == 11  # type: ignore[union-attr]
     full_rows = [s for s in statements if "SELECT * FROM visits" in s]
     chain_reads = [s for s in statements if "FROM chain" in s]
@@ -267,15 +273,7 @@ def test_each_fix_shared_with_a_waiting_command_is_one_statement(tmp_path: Path)
     with VisitBook.open(tmp_path / "data", gateway_id="gw-1", clock=clocks.clock()) as book:
         book.observe_fix(fix_at(*HOUSE, GPS_T), book.clock.now())  # the first anchors the clock
         asked = book.want_fixes(60.0)  # a command waits
-        statements: list[str] = []
-        conn: sqlite3.Connection = book.db.conn
-        conn.set_trace_callback(statements.append)
-        try:
-            for n in range(10):
-                clocks.advance(1.0)
-                book.observe_fix(fix_at(*HOUSE, GPS_T.replace(second=n + 1)), book.clock.now())
-        finally:
-            conn.set_trace_callback(None)
+        statements = statements_of_ten_fixes(book, clocks)
         shared = book.shared_fix(asked)
         clocks.advance(120.0)  # the command's wait is over: nothing is written for it any more
         book.observe_fix(fix_at(*HOUSE, GPS_T.replace(minute=3)), book.clock.now())
