@@ -65,8 +65,24 @@ def load_or_create_key(data_dir: Path) -> Ed25519PrivateKey:
             log.warning("%s is empty (its creation was interrupted): making the key again", path)
             path.unlink(missing_ok=True)
             _create_key(path)
+    loaded = load_key(data_dir)
+    if loaded is None:
+        raise SigningKeyError(f"{path} is empty")
+    return loaded
+
+
+def load_key(data_dir: Path) -> Ed25519PrivateKey | None:
+    """The gateway's signing key as its file holds it, creating nothing (`lastmile doctor`): None
+    while there is none (absent, or an older version's empty file: made at the next signing)."""
+    path = Path(data_dir) / KEY_FILE
     try:
-        loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        pem = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    if not pem:
+        return None
+    try:
+        loaded = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # damaged (SD card), replaced by hand
         raise SigningKeyError(f"{path} cannot be read as the gateway's signing key: {exc}") from exc
     if not isinstance(loaded, Ed25519PrivateKey):
