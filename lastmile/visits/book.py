@@ -533,11 +533,12 @@ class VisitBook:
         return record
 
     def _share(self, record: FixRecord) -> None:
-        """(The service.) A fix for a command waiting for one: written only while one waits."""
-        row = self.db.execute("SELECT boot_id, wanted_until FROM gnss_share WHERE id = 1").fetchone()
-        if row is None or row[0] != record.received.boot_id or record.received.monotonic > row[1]:
-            return
-        self.db.execute("UPDATE gnss_share SET record = ? WHERE id = 1", [record.to_json()])
+        """(The service.) A fix for a command waiting for one: written only while one waits (an
+        UPDATE that matches nothing writes nothing: the files stay as they were)."""
+        self.db.execute(
+            "UPDATE gnss_share SET record = ? WHERE id = 1 AND boot_id = ? AND wanted_until >= ?",
+            [record.to_json(), record.received.boot_id, record.received.monotonic],
+        )
 
     def _extend_track(self, record: FixRecord) -> None:
         """A fix (1 Hz, all day) joins the open visit's track: one indexed look when none is open."""
