@@ -76,11 +76,10 @@ def _fix(config, book, skip: bool):
     from lastmile.visits.book import FixRecord
     from lastmile.visits.gnss_share import SharedFixes, open_receiver
 
-    records: dict[int, FixRecord] = {}
+    records: dict[int, FixRecord] = {}  # of a receiver this command reads itself
 
     def seen(fix) -> bool:
-        if isinstance(source, SharedFixes):  # recorded by the acquire service (track, anchor); our clock has it
-            records[id(fix)] = source.records[id(fix)]
+        if isinstance(source, SharedFixes):  # recorded by the acquire service (track, anchor): source.records
             return True
         record = book.observe_fix(fix)
         if record is None:
@@ -101,7 +100,7 @@ def _fix(config, book, skip: bool):
     if fix is None:
         print("no position fix within the wait (the visit is recorded and flagged)", file=sys.stderr)
         return None
-    record = records.get(id(fix))
+    record = (source.records if isinstance(source, SharedFixes) else records).get(id(fix))
     return record if record is not None else FixRecord(fix, book.clock.now())
 
 
