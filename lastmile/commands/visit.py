@@ -88,7 +88,7 @@ def _fix(config, book, skip: bool):
         return True
 
     try:
-        source = open_receiver(config.gps, book, config.visits.fix_wait_s)
+        source = open_receiver(config.gps, lambda: book, config.visits.fix_wait_s, owns_book=False)
         assert source is not None
         try:
             fix = best_fix(source, config.visits.fix_wait_s, on_fix=seen)
