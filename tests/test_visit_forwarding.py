@@ -765,3 +765,32 @@ def test_a_visit_set_aside_is_tried_once_more_after_an_update_that_changes_bundl
         update_ships()
         assert minutes(VisitQueue(data, "gw-1", monotonic=lambda: now[0]), outbox, 2) == 0
         assert [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == [f"fhir:visit:{damaged.id}"]
+
+
+def test_a_forward_try_that_queues_a_visit_opens_visits_db_twice_not_three_times(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each try of the forward service's VisitQueue looked (read-only), opened the book to queue,
+    then opened visits.db a third time to learn what still waits: the book it had open knows."""
+    from lastmile.visits.relay_link import VisitQueue
+
+    data = tmp_path / "data"
+    with VisitBook.open(data, gateway_id="gw-1") as book:
+        visit = book.start("P-1", doctor_id="DR-1", household_id="HH-1")
+        book.stop()
+    opened: list[str] = []
+    real_connect = sqlite3.connect
+
+    def connect(database: str, *args: object, **kwargs: object) -> sqlite3.Connection:
+        if "visits.db" in str(database):
+            opened.append(str(database))
+        return real_connect(database, *args, **kwargs)  # type: ignore[arg-type]
+
+    with Outbox.open(data, min_free_bytes=0) as outbox:
+        visits = VisitQueue(data, "gw-1", monotonic=lambda: 1000.0)
+        monkeypatch.setattr(sqlite3, "connect", connect)
+        assert visits.queue(outbox, NAMING) == 1
+        monkeypatch.undo()
+        assert len(opened) == 2, opened
+        assert visits.queue(outbox, NAMING) == 0  # nothing waits any more, nothing changed since
+        assert [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == [f"fhir:visit:{visit.id}"]
