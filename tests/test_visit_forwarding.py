@@ -775,9 +775,6 @@ def test_a_forward_try_that_queues_a_visit_opens_visits_db_twice_not_three_times
     from lastmile.visits.relay_link import VisitQueue
 
     data = tmp_path / "data"
-    with VisitBook.open(data, gateway_id="gw-1") as book:
-        visit = book.start("P-1", doctor_id="DR-1", household_id="HH-1")
-        book.stop()
     opened: list[str] = []
     real_connect = sqlite3.connect
 
@@ -786,7 +783,10 @@ def test_a_forward_try_that_queues_a_visit_opens_visits_db_twice_not_three_times
             opened.append(str(database))
         return real_connect(database, *args, **kwargs)  # type: ignore[arg-type]
 
-    with Outbox.open(data, min_free_bytes=0) as outbox:
+    # the acquire service's GNSS part holds visits.db all day
+    with VisitBook.open(data, gateway_id="gw-1") as book, Outbox.open(data, min_free_bytes=0) as outbox:
+        visit = book.start("P-1", doctor_id="DR-1", household_id="HH-1")
+        book.stop()
         visits = VisitQueue(data, "gw-1", monotonic=lambda: 1000.0)
         monkeypatch.setattr(sqlite3, "connect", connect)
         assert visits.queue(outbox, NAMING) == 1
