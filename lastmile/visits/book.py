@@ -67,7 +67,7 @@ from lastmile.visits.chain import (
     verify_lines,
 )
 from lastmile.visits.households import Household, HouseholdRegister, distance_m
-from lastmile.visits.relay_link import fault_generation
+from lastmile.visits.relay_link import CLOSED_UNQUEUED_SQL, fault_generation
 from uploader.sqlite_store import Migration, open_database, transaction
 
 if TYPE_CHECKING:
@@ -1123,6 +1123,11 @@ class VisitBook:
             chain["seq"], chain["hash"], chain["prev_hash"], chain["signature"], public_key_b64(key), stored.signed_at
         )
         return visit_bundle(stored.summary, stored.observations, naming, signature)
+
+    def closed_unqueued(self) -> frozenset[str]:
+        """The closed visits not queued yet (as relay_link.closed_unqueued reads them)."""
+        rows = self.db.execute(CLOSED_UNQUEUED_SQL, [fault_generation()]).fetchall()
+        return frozenset(str(row[0]) for row in rows)
 
     def queue_closed(self, outbox: Outbox, naming: FhirNaming, now: float | None = None) -> int:
         """Queue every closed, not yet queued visit as a FHIR bundle (idempotent)."""
