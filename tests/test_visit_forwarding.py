@@ -794,3 +794,31 @@ def test_a_forward_try_that_queues_a_visit_opens_visits_db_twice_not_three_times
         assert len(opened) == 2, opened
         assert visits.queue(outbox, NAMING) == 0  # nothing waits any more, nothing changed since
         assert [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == [f"fhir:visit:{visit.id}"]
+
+
+def test_a_reading_of_a_patient_whose_open_visit_is_damaged_is_sent_alone_not_quarantined(tmp_path: Path) -> None:
+    """The open visit's row was damaged on the SD card: every reading of its patient relayed
+    meanwhile raised out of the visit link and was quarantined ("cannot be made a FHIR bundle"):
+    the cuff's readings never reached the county. They go on their own, as outside any visit."""
+    from lastmile.clinic.observations import OBSERVATION_KIND, ObservationStore
+    from lastmile.services.observation_relay import relay_observations
+    from lastmile.visits.relay_link import visit_link
+    from tests.fhir_samples import blood_pressure
+    from uploader.outbox import ItemState
+
+    data = tmp_path / "data"
+    now = dt.datetime.now(dt.timezone.utc)
+    with VisitBook.open(data, gateway_id="gw-1") as book:
+        visit = book.start("P-1", doctor_id="DR-1")
+        book.db.execute("UPDATE visits SET start_stamp = '{}' WHERE id = ?", [visit.id])
+        book.db.conn.commit()
+    with Outbox.open(data, min_free_bytes=0) as outbox:
+        store = ObservationStore.open(data, outbox=outbox, idle_timeout_s=900)
+        try:
+            store.context.set_patient("P-1", "Wang^Fang", now=now)
+            assert store.record(blood_pressure(now, None, "bp-1"), now=now).outcome == "stored"
+            assert relay_observations(outbox, NAMING, now.timestamp(), visit_link=visit_link(data, "gw-1")) == 1
+            assert {i.state for i in outbox.items(kind=OBSERVATION_KIND)} == {ItemState.COMMITTED}
+            assert [i.key.split(":")[1] for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == ["obs"]
+        finally:
+            store.close()
