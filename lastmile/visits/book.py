@@ -820,6 +820,17 @@ class VisitBook:
         except BUNDLE_ERRORS as exc:
             raise DamagedVisitError(row["id"], row["patient_id"], exc) from exc
 
+    def _open_to_link(self) -> Visit | None:
+        """The open visit a reading or an ECG may join; None when there is none, or when it is
+        damaged (it can never be sent: the reading goes on its own, never lost with it)."""
+        try:
+            return self._require_open()
+        except DamagedVisitError as exc:
+            log.warning("%s; a reading of its patient is sent on its own", exc)
+            return None
+        except VisitError:
+            return None
+
     def note(self, text: str) -> None:
         if not text.strip():
             raise VisitError("empty note")
@@ -843,7 +854,7 @@ class VisitBook:
         record = observation_to_json(obs)
         digest = hashlib.sha256(canonical(record)).hexdigest()
         with transaction(self.db):
-            visit = self.open_visit()
+            visit = self._open_to_link()
             if visit is None or obs.patient_id != visit.patient_id:
                 return None
             if taken_during and visit.start.time is not None and obs.measured_at < visit.start.time:
@@ -862,7 +873,7 @@ class VisitBook:
 
     def attach_ecg(self, outbox_key: str, patient_id: str | None, sha256: str = "") -> str | None:
         with transaction(self.db):  # as attach_observation: linked only to a visit still open
-            visit = self.open_visit()
+            visit = self._open_to_link()
             if visit is None or patient_id != visit.patient_id:
                 return None
             self.db.table("visit_items").insert(
