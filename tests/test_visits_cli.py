@@ -190,3 +190,23 @@ def test_visit_retry_sends_a_set_aside_visit_once_through_the_forward_service(
         assert "not set aside" in capsys.readouterr().err
         assert forward.queue(outbox, NAMING) == 0
         assert [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == [f"fhir:visit:{damaged.id}"]
+
+
+def test_a_damaged_track_point_of_the_open_visit_is_said_by_stop_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A track point of the open visit damaged on the SD card: `visit stop` printed a traceback
+    and left the visit open for ever. It is closed and set aside, and the doctor told what to do."""
+    from lastmile.visits.book import VisitBook
+
+    run = lambda *a: main(["-c", str(cli_config(tmp_path)), *a])
+    assert run("visit", "start", "--patient", "P-2") == 0
+    with VisitBook.open(tmp_path / "data", gateway_id="gw-cli") as book:
+        visit = book.open_visit()
+        assert visit is not None
+        book.db.execute("INSERT INTO visit_track (visit_id, fix, received) VALUES (?, 'not json', '{}')", [visit.id])
+        book.db.conn.commit()
+    capsys.readouterr()
+    assert run("visit", "stop") == 1
+    assert "lastmile visit start --patient P-2" in capsys.readouterr().err
+    assert run("visit", "start", "--patient", "P-2") == 0
