@@ -148,6 +148,7 @@ class Doctor:
             ("metrics", self.check_metrics, False),
             ("update", self.check_update, False),
             ("bluetooth", lambda: check_bluetooth(self), False),
+            ("visits", self.check_visits, False),
         ]
 
     def run_all(self) -> list[Finding]:
@@ -858,6 +859,72 @@ class Doctor:
             out.append(Finding("reports", Level.OK, text))
         return out + self._recorder_findings(recorder)
 
+    def check_visits(self) -> list[Finding]:
+        """Home visits that do not reach the county platform: set aside (a damaged record), all of
+        them (a damaged signing key: none can be signed), or closed and not queued for a day (the
+        forward service queues them within a minute). Creates nothing (visits.db, the key)."""
+        from lastmile.data_dir import columns_of, read_only
+        from lastmile.visits.relay_link import DB_NAME
+
+        data = self.config.data_dir
+        if not (data / DB_NAME).exists():
+            return [Finding("visits", Level.OK, "no home visits recorded")]
+        out = []
+        with as_owner_of(data):
+            with read_only(data / DB_NAME) as conn:
+                fault = "fhir_fault" if "fhir_fault" in columns_of(conn, "visits") else "NULL"
+                total, queued = conn.execute("SELECT COUNT(*), COUNT(fhir_queued_at) FROM visits").fetchone()
+                set_aside = conn.execute(
+                    f"SELECT id, {fault} FROM visits WHERE {fault} IS NOT NULL AND fhir_queued_at IS NULL ORDER BY rowid"
+                ).fetchall()
+                unqueued = conn.execute(
+                    f"SELECT ended_at FROM visits WHERE state = 'closed' AND fhir_queued_at IS NULL AND {fault} IS NULL"
+                ).fetchall()
+            # the key is read (cryptography: ~8 MB in the console, which runs this every minute)
+            # only while closed visits wait for it
+            key_fault = _signing_key_fault(data) if unqueued else None
+        if key_fault:
+            from lastmile.visits.chain import KEY_FILE
+
+            out.append(
+                Finding(
+                    "visits",
+                    Level.FAIL,
+                    f"{key_fault}: no home visit can be signed nor sent to the county platform",
+                    f"restore {KEY_FILE} from its backup; the visits wait and go once it is repaired",
+                )
+            )
+        if set_aside:
+            visit_id, why = set_aside[0]
+            out.append(
+                Finding(
+                    "visits",
+                    Level.WARN,
+                    f"{len(set_aside)} set aside, not sent to the county platform (a damaged record): "
+                    f"visit {visit_id}: {why}",
+                    "`lastmile visit list` shows them; once the record is repaired, `lastmile visit retry --all`",
+                )
+            )
+        ended = [t for t in (_epoch(r[0]) for r in unqueued) if t is not None]
+        late = [t for t in ended if self.now() - t > WAITING_WARN_S]
+        if late:
+            out.append(
+                Finding(
+                    "visits",
+                    Level.WARN,
+                    f"{len(late)} closed visit(s) not queued for the county platform, "
+                    f"the oldest for {_age(self.now() - min(late))}",
+                    "the forward service queues them within a minute: is it running? "
+                    "systemctl status lastmile-forward; journalctl -u lastmile-forward",
+                )
+            )
+        if out:
+            return out
+        text = f"{total} home visit(s), {queued} queued for the county platform"
+        if len(unqueued) > len(ended):  # stopped before any time was known (or its time is damaged)
+            text += f"; {len(unqueued) - len(ended)} wait for a known time (GPS or NTP)"
+        return [Finding("visits", Level.OK, text)]
+
     def _recorder_findings(self, recorder: dict[str, Any]) -> list[Finding]:
         """Sent ECGs clinic.db refused to record (lastmile.reports.sent): their reports are not
         asked for while they wait, and never once dropped."""
@@ -1102,6 +1169,25 @@ def _run_tool(cmd: list[str]) -> subprocess.CompletedProcess[str] | None:
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def _signing_key_fault(data: Path) -> str | None:
+    """Why the gateway's visit-signing key file cannot be used, or None (sound, or not made yet)."""
+    from lastmile.visits.chain import SigningKeyError, load_key
+
+    try:
+        load_key(data)
+    except SigningKeyError as exc:
+        return str(exc)
+    return None
+
+
+def _epoch(iso: str | None) -> float | None:
+    """A stored ISO time as epoch seconds; None when unknown or unreadable (damaged)."""
+    try:
+        return dt.datetime.fromisoformat(iso).timestamp() if iso else None
+    except (TypeError, ValueError):
         return None
 
 

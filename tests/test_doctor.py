@@ -412,3 +412,42 @@ def test_the_commitment_port_is_lastmile_forward_s_when_systemd_says_it_is_its_m
     assert no_systemd.level is Level.OK, no_systemd
     asked = (tmp_path / "bin" / "systemctl.log").read_text()
     assert "MainPID" in asked and "LoadState" in asked, asked
+
+
+# -- home visits ---------------------------------------------------------------------------------------
+
+
+def test_home_visits_set_aside_a_damaged_key_and_visits_not_queued_for_a_day(tmp_path: Path) -> None:
+    """`lastmile doctor` said nothing of home visits: a visit set aside for ever, a damaged
+    signing key (no visit signed nor sent), the forward service not queueing closed visits for
+    days were seen only in the journal."""
+    from lastmile.visits.book import VisitBook
+    from lastmile.visits.chain import KEY_FILE
+    from tests.fhir_samples import NAMING
+    from uploader.outbox import Outbox
+
+    assert "visits" in [name for name, _, _ in doctor(tmp_path).checks()]
+    assert [(f.level, f.message) for f in doctor(tmp_path).check_visits()] == [(Level.OK, "no home visits recorded")]
+    assert not (tmp_path / "visits.db").exists()  # the doctor never creates it
+    with VisitBook.open(tmp_path, gateway_id="gw-1") as book:
+        book.start("P-1", doctor_id="DR-1")
+        book.stop()
+        with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+            assert book.queue_closed(outbox, NAMING) == 1
+        waiting = book.start("P-2", doctor_id="DR-1")
+        book.stop()  # closed and signed; the forward service never queued it
+        damaged = book.start("P-3", doctor_id="DR-1")
+        book.stop()
+        book.db.execute("UPDATE visits SET fhir_fault = 'KeyError: quantities' WHERE id = ?", [damaged.id])
+        book.db.conn.commit()
+    now = time.time()
+    found = doctor(tmp_path, now=lambda: now + 60).check_visits()
+    assert [f.level for f in found] == [Level.WARN], found
+    assert "1 set aside" in found[0].message and "lastmile visit retry" in found[0].hint
+    late = doctor(tmp_path, now=lambda: now + 2 * 86400).check_visits()
+    assert [f.level for f in late] == [Level.WARN, Level.WARN], late
+    assert "1 closed visit(s) not queued" in late[1].message and "lastmile-forward" in late[1].hint
+    (tmp_path / KEY_FILE).write_bytes(b"-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n")
+    found = doctor(tmp_path, now=lambda: now + 60).check_visits()
+    assert Level.FAIL in [f.level for f in found] and any("backup" in f.hint for f in found), found
+    assert waiting.id  # its visit waits for the repaired key, never set aside

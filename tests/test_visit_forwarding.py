@@ -236,20 +236,26 @@ def test_a_damaged_visit_waiting_for_its_time_neither_stops_gps_nor_holds_up_the
 # --- 2. every fix (1 Hz, all day) reads the open visit once, not twice --------------------------
 
 
+def statements_of_ten_fixes(book: VisitBook, clocks: FakeClocks) -> list[str]:
+    """The SQL the book runs for ten fixes, one a second, after the one that anchored the clock."""
+    statements: list[str] = []
+    conn: sqlite3.Connection = book.db.conn
+    conn.set_trace_callback(statements.append)
+    try:
+        for n in range(10):
+            clocks.advance(1.0)
+            book.observe_fix(fix_at(*HOUSE, GPS_T.replace(second=n + 1)), book.clock.now())
+    finally:
+        conn.set_trace_callback(None)
+    return statements
+
+
 def test_each_fix_reads_the_open_visit_once(tmp_path: Path) -> None:
     clocks = FakeClocks(wall=GPS_T.timestamp())
     with VisitBook.open(tmp_path / "data", gateway_id="gw-1", clock=clocks.clock()) as book:
         book.start("P-1", doctor_id="DR-1")
         book.observe_fix(fix_at(*HOUSE, GPS_T), book.clock.now())  # the first anchors the clock
-        statements: list[str] = []
-        conn: sqlite3.Connection = book.db.conn
-        conn.set_trace_callback(statements.append)
-        try:
-            for n in range(10):
-                clocks.advance(1.0)
-                book.observe_fix(fix_at(*HOUSE, GPS_T.replace(second=n + 1)), book.clock.now())
-        finally:
-            conn.set_trace_callback(None)
+        statements = statements_of_ten_fixes(book, clocks)
         assert len(book.track(book.open_visit().id)) == 11  # type: ignore[union-attr]
     full_rows = [s for s in statements if "SELECT * FROM visits" in s]
     chain_reads = [s for s in statements if "FROM chain" in s]
@@ -258,6 +264,23 @@ def test_each_fix_reads_the_open_visit_once(tmp_path: Path) -> None:
     assert not full_rows, f"{len(full_rows)} whole visit rows read for 10 fixes"
     assert not chain_reads, f"{len(chain_reads)} reads of the signed chain for 10 fixes"
     assert len(visit_reads) <= 20, f"{len(visit_reads)} reads of visits for 10 fixes"
+
+
+def test_each_fix_shared_with_a_waiting_command_is_one_statement(tmp_path: Path) -> None:
+    """The acquire service shares its fixes (1 Hz) with a waiting `visit stop` or `gps fix`: each
+    cost a SELECT of the share and then an UPDATE; one UPDATE that says when it applies is enough."""
+    clocks = FakeClocks(wall=GPS_T.timestamp())
+    with VisitBook.open(tmp_path / "data", gateway_id="gw-1", clock=clocks.clock()) as book:
+        book.observe_fix(fix_at(*HOUSE, GPS_T), book.clock.now())  # the first anchors the clock
+        asked = book.want_fixes(60.0)  # a command waits
+        statements = statements_of_ten_fixes(book, clocks)
+        shared = book.shared_fix(asked)
+        clocks.advance(120.0)  # the command's wait is over: nothing is written for it any more
+        book.observe_fix(fix_at(*HOUSE, GPS_T.replace(minute=3)), book.clock.now())
+        assert book.shared_fix(asked) == shared
+    assert shared is not None and shared.fix.time == GPS_T.replace(second=10)
+    share_statements = [s for s in statements if "gnss_share" in s]
+    assert len(share_statements) <= 10, f"{len(share_statements)} statements on the share for 10 fixes"
 
 
 def test_a_system_clock_far_from_gps_is_said_once_not_at_every_fix(
@@ -742,3 +765,60 @@ def test_a_visit_set_aside_is_tried_once_more_after_an_update_that_changes_bundl
         update_ships()
         assert minutes(VisitQueue(data, "gw-1", monotonic=lambda: now[0]), outbox, 2) == 0
         assert [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == [f"fhir:visit:{damaged.id}"]
+
+
+def test_a_forward_try_that_queues_a_visit_opens_visits_db_twice_not_three_times(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each try of the forward service's VisitQueue looked (read-only), opened the book to queue,
+    then opened visits.db a third time to learn what still waits: the book it had open knows."""
+    from lastmile.visits.relay_link import VisitQueue
+
+    data = tmp_path / "data"
+    opened: list[str] = []
+    real_connect = sqlite3.connect
+
+    def connect(database: str, *args: object, **kwargs: object) -> sqlite3.Connection:
+        if "visits.db" in str(database):
+            opened.append(str(database))
+        return real_connect(database, *args, **kwargs)  # type: ignore[arg-type]
+
+    # the acquire service's GNSS part holds visits.db all day
+    with VisitBook.open(data, gateway_id="gw-1") as book, Outbox.open(data, min_free_bytes=0) as outbox:
+        visit = book.start("P-1", doctor_id="DR-1", household_id="HH-1")
+        book.stop()
+        visits = VisitQueue(data, "gw-1", monotonic=lambda: 1000.0)
+        monkeypatch.setattr(sqlite3, "connect", connect)
+        assert visits.queue(outbox, NAMING) == 1
+        monkeypatch.undo()
+        assert len(opened) == 2, opened
+        assert visits.queue(outbox, NAMING) == 0  # nothing waits any more, nothing changed since
+        assert [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == [f"fhir:visit:{visit.id}"]
+
+
+def test_a_reading_of_a_patient_whose_open_visit_is_damaged_is_sent_alone_not_quarantined(tmp_path: Path) -> None:
+    """The open visit's row was damaged on the SD card: every reading of its patient relayed
+    meanwhile raised out of the visit link and was quarantined ("cannot be made a FHIR bundle"):
+    the cuff's readings never reached the county. They go on their own, as outside any visit."""
+    from lastmile.clinic.observations import OBSERVATION_KIND, ObservationStore
+    from lastmile.services.observation_relay import relay_observations
+    from lastmile.visits.relay_link import visit_link
+    from tests.fhir_samples import blood_pressure
+    from uploader.outbox import ItemState
+
+    data = tmp_path / "data"
+    now = dt.datetime.now(dt.timezone.utc)
+    with VisitBook.open(data, gateway_id="gw-1") as book:
+        visit = book.start("P-1", doctor_id="DR-1")
+        book.db.execute("UPDATE visits SET start_stamp = '{}' WHERE id = ?", [visit.id])
+        book.db.conn.commit()
+    with Outbox.open(data, min_free_bytes=0) as outbox:
+        store = ObservationStore.open(data, outbox=outbox, idle_timeout_s=900)
+        try:
+            store.context.set_patient("P-1", "Wang^Fang", now=now)
+            assert store.record(blood_pressure(now, None, "bp-1"), now=now).outcome == "stored"
+            assert relay_observations(outbox, NAMING, now.timestamp(), visit_link=visit_link(data, "gw-1")) == 1
+            assert {i.state for i in outbox.items(kind=OBSERVATION_KIND)} == {ItemState.COMMITTED}
+            assert [i.key.split(":")[1] for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == ["obs"]
+        finally:
+            store.close()

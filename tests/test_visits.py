@@ -312,3 +312,56 @@ def test_a_visits_db_that_cannot_be_switched_to_wal_is_named_not_an_attribute_er
             VisitBook.open(data, gateway_id="gw-1")
     finally:
         other.close()
+
+
+def test_two_processes_starting_on_an_old_empty_key_file_end_with_one_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An older version left an empty key file; the acquire service and the doctor's `visit stop`
+    start at once, and both see it empty. The first remade the key and signed with it; the
+    second then deleted that key and made its own: a visit signed with a key that no longer
+    exists, which no export verifies. Both must end with the key on disk."""
+    import pathlib
+    import threading
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from lastmile.visits.chain import load_or_create_key, public_key_b64
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / KEY_FILE).touch(mode=0o600)
+    second_saw_empty, first_done = threading.Event(), threading.Event()
+    real_stat = pathlib.Path.stat
+    looked: set[str] = set()
+
+    def stat_in_order(self: pathlib.Path, **kwargs: bool):  # type: ignore[no-untyped-def]
+        # the second process looks first (the empty file), then waits while the first does it all
+        who = threading.current_thread().name
+        first_look = self.name == KEY_FILE and who not in looked
+        looked.add(who)
+        if first_look and who == "first":
+            assert second_saw_empty.wait(30)
+        result = real_stat(self, **kwargs)
+        if first_look and who == "second":
+            second_saw_empty.set()
+            assert first_done.wait(30)
+        return result
+
+    monkeypatch.setattr(pathlib.Path, "stat", stat_in_order)
+    keys: dict[str, Ed25519PrivateKey] = {}
+
+    def process(name: str) -> None:
+        keys[name] = load_or_create_key(data)
+        if name == "first":
+            first_done.set()
+
+    threads = [threading.Thread(target=process, args=(n,), name=n) for n in ("first", "second")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    monkeypatch.undo()
+    on_disk = public_key_b64(load_or_create_key(data))
+    assert public_key_b64(keys["first"]) == on_disk, "the first process signed with a key that was replaced"
+    assert public_key_b64(keys["second"]) == on_disk

@@ -77,3 +77,136 @@ def test_a_stop_that_died_before_queueing_is_queued_by_the_next_stop(
         assert [i.key.split(":")[1] for i in outbox.items(kind="fhir-bundle")] == ["visit"]
     finally:
         outbox.close()
+
+
+def cli_config(tmp_path: Path) -> Path:
+    """A gateway without GPS (times from the system clock) whose data is in tmp_path/data."""
+    config = tmp_path / "lastmile.toml"
+    config.write_text(
+        f'[gateway]\nid = "gw-cli"\ndata_dir = "{tmp_path / "data"}"\n[visits]\ndoctor_id = "DR-9"\n[gps]\nsource = "none"\n'
+    )
+    return config
+
+
+@pytest.mark.parametrize(
+    ("column", "damage"), [("start_stamp", "{}"), ("start_fix", "not json"), ("flags", "[[[")], ids=str
+)
+def test_a_damaged_open_visit_is_closed_and_set_aside_by_stop_with_what_to_do_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], column: str, damage: str
+) -> None:
+    """The open visit's row was damaged on the SD card: `visit stop` (and start, note, list)
+    printed a Python traceback, and no visit could ever be started again (one open at a time).
+    Stop says what is wrong and what to do, closes it set aside; the other visits stay."""
+    from lastmile.visits.book import VisitBook
+
+    run = lambda *a: main(["-c", str(cli_config(tmp_path)), *a])
+    assert run("visit", "start", "--patient", "P-1") == 0
+    assert run("visit", "stop") == 0
+    assert run("visit", "start", "--patient", "P-2") == 0
+    with VisitBook.open(tmp_path / "data", gateway_id="gw-cli") as book:
+        book.db.execute(f"UPDATE visits SET {column} = ? WHERE patient_id = 'P-2'", [damage])
+        book.db.conn.commit()
+    capsys.readouterr()
+    assert run("visit", "note", "BP taken") == 1
+    assert "damaged" in capsys.readouterr().err
+    assert run("visit", "start", "--patient", "P-3") == 1
+    assert "damaged" in capsys.readouterr().err
+    assert run("visit", "stop") == 1
+    said = capsys.readouterr().err
+    assert "damaged" in said and "P-2" in said and "lastmile visit start --patient P-2" in said, said
+    assert run("visit", "list") == 0
+    listed = capsys.readouterr().out
+    assert "patient P-1" in listed and "patient P-2" in listed and "damaged" in listed, listed
+    assert run("visit", "start", "--patient", "P-3") == 0  # the doctor can go on
+    assert run("visit", "stop") == 0
+    export = tmp_path / "chain.jsonl"
+    assert run("visit", "export", str(export)) == 0
+    assert run("visit", "verify", str(export)) == 0
+    assert "OK: 2 records" in capsys.readouterr().out  # P-1 and P-3: the damaged one is not signed
+
+
+def test_a_stop_with_a_damaged_signing_key_says_the_key_is_damaged_not_wait_for_gps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The key file was damaged (SD card): `visit stop` said "signed once GPS or NTP gives the
+    time" and "its time is provisional", on a gateway whose time is known: the doctor waits for
+    a GPS that will change nothing. It says the key is damaged and what to do."""
+    from lastmile.visits.chain import KEY_FILE
+
+    run = lambda *a: main(["-c", str(cli_config(tmp_path)), *a])
+    assert run("visit", "start", "--patient", "P-1") == 0
+    assert run("visit", "stop") == 0  # makes the key
+    (tmp_path / "data" / KEY_FILE).write_bytes(
+        b"-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n"
+    )
+    assert run("visit", "start", "--patient", "P-2") == 0
+    capsys.readouterr()
+    assert run("visit", "stop") == 0  # the visit is closed and kept
+    out = capsys.readouterr().out
+    assert "GPS or NTP" not in out and "provisional" not in out, out
+    assert "signing key" in out and "damaged" in out and "backup" in out, out
+
+
+def test_visit_retry_sends_a_set_aside_visit_once_through_the_forward_service(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A visit set aside (its linked reading damaged on the SD card) waited for a software update
+    even after the technician restored the reading: no command sent it again. `visit retry`
+    clears the set-aside; the forward service's queueing queues it, once; one still damaged is
+    set aside again."""
+    import datetime as dt
+
+    from lastmile.visits.book import VisitBook
+    from lastmile.visits.relay_link import VisitQueue
+    from tests.fhir_samples import NAMING, blood_pressure
+    from uploader.outbox import Kind, Outbox
+
+    data = tmp_path / "data"
+    run = lambda *a: main(["-c", str(cli_config(tmp_path)), *a])
+    assert run("visit", "retry", "--all") == 0
+    assert "no visit is set aside" in capsys.readouterr().out
+    with VisitBook.open(data, gateway_id="gw-cli") as book:
+        damaged = book.start("P-1", doctor_id="DR-9")
+        book.attach_observation(blood_pressure(dt.datetime.now(dt.timezone.utc), "P-1", "bp-1"))
+        book.stop()
+        whole = book.db.execute("SELECT record FROM visit_items").fetchone()[0]
+        book.db.execute("UPDATE visit_items SET record = json_remove(record, '$.quantities')")
+        book.db.conn.commit()
+    forward = VisitQueue(data, "gw-cli", monotonic=lambda: 1000.0)  # no minute passes: only changes count
+    with Outbox.open(data, min_free_bytes=0) as outbox:
+        assert forward.queue(outbox, NAMING) == 0  # set aside
+        assert run("visit", "retry", damaged.id) == 0  # still damaged: set aside again by the service
+        assert forward.queue(outbox, NAMING) == 0
+        with VisitBook.open(data, gateway_id="gw-cli") as book:
+            assert (book.get(damaged.id) or damaged).fhir_fault
+            book.db.execute("UPDATE visit_items SET record = ?", [whole])  # restored by the technician
+            book.db.conn.commit()
+        capsys.readouterr()
+        assert run("visit", "retry", damaged.id[:8]) == 0
+        assert "1 visit(s)" in capsys.readouterr().out
+        assert forward.queue(outbox, NAMING) == 1
+        assert run("visit", "retry", "--all") == 0  # nothing set aside any more
+        assert run("visit", "retry", damaged.id) == 1  # not set aside: nothing to retry
+        assert "not set aside" in capsys.readouterr().err
+        assert forward.queue(outbox, NAMING) == 0
+        assert [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == [f"fhir:visit:{damaged.id}"]
+
+
+def test_a_damaged_track_point_of_the_open_visit_is_said_by_stop_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A track point of the open visit damaged on the SD card: `visit stop` printed a traceback
+    and left the visit open for ever. It is closed and set aside, and the doctor told what to do."""
+    from lastmile.visits.book import VisitBook
+
+    run = lambda *a: main(["-c", str(cli_config(tmp_path)), *a])
+    assert run("visit", "start", "--patient", "P-2") == 0
+    with VisitBook.open(tmp_path / "data", gateway_id="gw-cli") as book:
+        visit = book.open_visit()
+        assert visit is not None
+        book.db.execute("INSERT INTO visit_track (visit_id, fix, received) VALUES (?, 'not json', '{}')", [visit.id])
+        book.db.conn.commit()
+    capsys.readouterr()
+    assert run("visit", "stop") == 1
+    assert "lastmile visit start --patient P-2" in capsys.readouterr().err
+    assert run("visit", "start", "--patient", "P-2") == 0

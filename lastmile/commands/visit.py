@@ -1,4 +1,4 @@
-"""`lastmile visit start|note|stop|list|export|verify|households`: home visits, offline."""
+"""`lastmile visit start|note|stop|retry|list|export|verify|households`: home visits, offline."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    visit = sub.add_parser("visit", help="home visits: start, note, stop, list, export, verify")
+    visit = sub.add_parser("visit", help="home visits: start, note, stop, retry, list, export, verify")
     vsub = visit.add_subparsers(dest="visit_command", metavar="SUBCOMMAND")
     p = vsub.add_parser("start", help="start a visit (records where and when)")
     p.add_argument("--patient", required=True, metavar="ID")
@@ -28,6 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = vsub.add_parser("stop", help="stop the open visit: check, sign, queue for the county")
     p.add_argument("--no-gps", action="store_true")
     p.set_defaults(func=stop)
+    p = vsub.add_parser("retry", help="send a set-aside (damaged) visit again once its record is repaired")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("visit_id", nargs="?", metavar="ID", help="the visit's id (or its first characters)")
+    which.add_argument("--all", action="store_true", help="every set-aside visit")
+    p.set_defaults(func=retry)
     p = vsub.add_parser("list", help="recent visits and their flags")
     p.add_argument("--json", action="store_true")
     p.add_argument("--limit", type=int, default=50)
@@ -71,11 +76,10 @@ def _fix(config, book, skip: bool):
     from lastmile.visits.book import FixRecord
     from lastmile.visits.gnss_share import SharedFixes, open_receiver
 
-    records: dict[int, FixRecord] = {}
+    records: dict[int, FixRecord] = {}  # of a receiver this command reads itself
 
     def seen(fix) -> bool:
-        if isinstance(source, SharedFixes):  # recorded by the acquire service (track, anchor); our clock has it
-            records[id(fix)] = source.records[id(fix)]
+        if isinstance(source, SharedFixes):  # recorded by the acquire service (track, anchor): source.records
             return True
         record = book.observe_fix(fix)
         if record is None:
@@ -84,7 +88,7 @@ def _fix(config, book, skip: bool):
         return True
 
     try:
-        source = open_receiver(config.gps, book, config.visits.fix_wait_s)
+        source = open_receiver(config.gps, lambda: book, config.visits.fix_wait_s, owns_book=False)
         assert source is not None
         try:
             fix = best_fix(source, config.visits.fix_wait_s, on_fix=seen)
@@ -96,7 +100,7 @@ def _fix(config, book, skip: bool):
     if fix is None:
         print("no position fix within the wait (the visit is recorded and flagged)", file=sys.stderr)
         return None
-    record = records.get(id(fix))
+    record = (source.records if isinstance(source, SharedFixes) else records).get(id(fix))
     return record if record is not None else FixRecord(fix, book.clock.now())
 
 
@@ -151,6 +155,7 @@ def note(args: argparse.Namespace) -> int:
 
 def stop(args: argparse.Namespace) -> int:
     from lastmile.visits.book import START_TIME_LOST, VisitError
+    from lastmile.visits.chain import KEY_FILE
 
     config, book = _book(args)
     with book:
@@ -164,10 +169,22 @@ def stop(args: argparse.Namespace) -> int:
             _queue_closed(config, book)
             return _fail(exc)
         flags = ", ".join(visit.flags) or "none"
-        signed = f"chain record {visit.chain_seq}" if visit.chain_seq else "signed once GPS or NTP gives the time"
+        key_damaged = not visit.chain_seq and book.key_fault.damaged  # its time is known: the key failed
+        if visit.chain_seq:
+            signed = f"chain record {visit.chain_seq}"
+        elif key_damaged:
+            signed = "not signed: the gateway's signing key is damaged"
+        else:
+            signed = "signed once GPS or NTP gives the time"
         print(f"visit {visit.id} stopped; {signed}; flags: {flags}")
         start_pending = visit.start.time is None and START_TIME_LOST not in visit.flags
-        if not _queue_closed(config, book) and (start_pending or visit.end is None or visit.end.time is None):
+        queued = _queue_closed(config, book)
+        if not queued and key_damaged:
+            print(
+                f"the signing key {book.data_dir / KEY_FILE} is damaged (SD card): restore it from its backup "
+                "(tell the county IT). The visit is kept, and is signed and sent once the key is repaired"
+            )
+        elif not queued and (start_pending or visit.end is None or visit.end.time is None):
             print(
                 "not queued yet: its time is provisional until GPS or NTP gives one; the forward service sends it then"
             )
@@ -189,6 +206,25 @@ def _queue_closed(config, book) -> int:
     return queued
 
 
+def retry(args: argparse.Namespace) -> int:
+    from lastmile.visits.book import VisitError
+
+    _, book = _book(args)
+    with book:
+        try:
+            retried = book.retry_set_aside(None if args.all else args.visit_id)
+        except VisitError as exc:
+            return _fail(exc)
+    if not retried:
+        print("no visit is set aside")
+        return 0
+    print(
+        f"{len(retried)} visit(s) will be signed and sent again by the forward service; one still damaged "
+        "is set aside again (`lastmile visit list` says why)"
+    )
+    return 0
+
+
 def list_visits(args: argparse.Namespace) -> int:
     from lastmile.visits.book import START_TIME_LOST
 
@@ -204,13 +240,20 @@ def list_visits(args: argparse.Namespace) -> int:
     for v in visits:
         if v.start.time:
             when = clinic_time(v.start.time, minutes=True)
+        elif v.fhir_fault and not v.start.boot_id:  # its row could not be read
+            when = f"{'record damaged':22}"
         else:  # a start lost to a reboot is never repaired: not "pending"
             when = f"{'start time lost' if START_TIME_LOST in v.flags else 'time pending':22}"
         dist = f"{v.distance_m:.0f} m" if v.distance_m is not None else "-"
         print(
             f"{when}  {v.state:6}  patient {v.patient_id:12} household {v.household_id or '-':10} "
             f"{dist:>8}  {', '.join(v.flags) or 'ok'}"
-            + (f"  cannot be sent to the county platform: {v.fhir_fault}" if v.fhir_fault else "")
+            + (
+                f"  set aside, its record is damaged: cannot be sent to the county platform ({v.fhir_fault}); "
+                f"once repaired: lastmile visit retry {v.id[:8]}"
+                if v.fhir_fault
+                else ""
+            )
         )
     return 0
 

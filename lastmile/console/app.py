@@ -280,6 +280,7 @@ CHECK_LABELS = {
     "metrics": N_("County monitoring"),
     "update": N_("Software update"),
     "bluetooth": N_("Bluetooth"),
+    "visits": N_("Home visits"),
 }
 # What each check's warning or problem means for the village doctor, and what to do: the check's
 # own message (English, technical) stays below it for the county's technician.
@@ -346,6 +347,13 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
             "Readings from the Bluetooth devices (cuff, oximeter ...) cannot arrive: check that the Bluetooth "
             "adapter is plugged into the gateway; if it is, tell the county IT."
         )
+    },
+    "visits": {
+        "WARN": N_("Some home visits have not reached the county platform: they are kept here. Tell the county IT."),
+        "FAIL": N_(
+            "Home visits cannot be signed or sent: the gateway's signing key is damaged. The visits are kept; "
+            "call the county IT to restore the key."
+        ),
     },
 }
 UNSURE_ADVICE = N_("Please tell the county IT.")

@@ -67,7 +67,7 @@ from lastmile.visits.chain import (
     verify_lines,
 )
 from lastmile.visits.households import Household, HouseholdRegister, distance_m
-from lastmile.visits.relay_link import fault_generation
+from lastmile.visits.relay_link import CLOSED_UNQUEUED_SQL, fault_generation
 from uploader.sqlite_store import Migration, open_database, transaction
 
 if TYPE_CHECKING:
@@ -143,6 +143,24 @@ END_TIME_LOST = "end-time-lost"
 
 class VisitError(Exception):
     """A visit command that cannot be done as asked (no open visit, one already open ...)."""
+
+
+class DamagedVisitError(VisitError):
+    """The open visit's stored row cannot be read (damaged on the SD card): it can never be
+    signed nor sent. `closed`: `stop` closed it and set it aside, so the doctor can go on."""
+
+    def __init__(self, visit_id: str, patient_id: str, cause: Exception, *, closed: bool = False) -> None:
+        self.visit_id, self.patient_id, self.cause, self.closed = visit_id, patient_id, cause, closed
+        damage = f"the open visit {visit_id} of patient {patient_id} is damaged on the SD card ({type(cause).__name__}: {cause})"
+        if closed:
+            what_now = (
+                "it cannot be signed nor sent to the county platform; it is closed and kept aside "
+                "(`lastmile visit list`), the other visits are safe. Record this visit again: "
+                f"lastmile visit start --patient {patient_id}; and tell the county IT (the SD card may be failing)"
+            )
+        else:
+            what_now = "`lastmile visit stop` closes it and keeps it aside; then start the visit again"
+        super().__init__(f"{damage}: {what_now}")
 
 
 @dataclass(frozen=True)
@@ -515,11 +533,12 @@ class VisitBook:
         return record
 
     def _share(self, record: FixRecord) -> None:
-        """(The service.) A fix for a command waiting for one: written only while one waits."""
-        row = self.db.execute("SELECT boot_id, wanted_until FROM gnss_share WHERE id = 1").fetchone()
-        if row is None or row[0] != record.received.boot_id or record.received.monotonic > row[1]:
-            return
-        self.db.execute("UPDATE gnss_share SET record = ? WHERE id = 1", [record.to_json()])
+        """(The service.) A fix for a command waiting for one: written only while one waits (an
+        UPDATE that matches nothing writes nothing: the files stay as they were)."""
+        self.db.execute(
+            "UPDATE gnss_share SET record = ? WHERE id = 1 AND boot_id = ? AND wanted_until >= ?",
+            [record.to_json(), record.received.boot_id, record.received.monotonic],
+        )
 
     def _extend_track(self, record: FixRecord) -> None:
         """A fix (1 Hz, all day) joins the open visit's track: one indexed look when none is open."""
@@ -618,6 +637,35 @@ class VisitBook:
         if retried:
             log.info("%d home visit(s) set aside by an earlier version are tried again", retried)
 
+    def retry_set_aside(self, visit_id: str | None = None) -> list[str]:
+        """(`lastmile visit retry`, once the cause is repaired.) Clear the set-aside of one visit
+        (its id, or a beginning of it that names one) or of all: the forward service then signs
+        and queues them once each (outbox key `fhir:visit:<id>`); one still damaged is set aside
+        again, with why. Returns the ids cleared."""
+        with transaction(self.db):
+            if visit_id is None:
+                rows = list(
+                    self.db.query("SELECT id FROM visits WHERE fhir_fault IS NOT NULL AND fhir_queued_at IS NULL")
+                )
+            else:
+                rows = list(
+                    self.db.query(
+                        "SELECT id, fhir_fault, fhir_queued_at FROM visits WHERE substr(id, 1, length(?)) = ?",
+                        [visit_id, visit_id],
+                    )
+                )
+                if len(rows) != 1:
+                    raise VisitError(f"{len(rows) or 'no'} visits have an id beginning with {visit_id!r}")
+                if rows[0]["fhir_fault"] is None or rows[0]["fhir_queued_at"] is not None:
+                    raise VisitError(f"visit {rows[0]['id']} is not set aside: nothing to retry")
+            ids = [r["id"] for r in rows]
+            self.db.conn.executemany(
+                "UPDATE visits SET fhir_fault = NULL, fhir_fault_version = NULL WHERE id = ?", [[i] for i in ids]
+            )
+        if ids:
+            log.info("%d home visit(s) set aside are tried again (lastmile visit retry)", len(ids))
+        return ids
+
     def _sign_settled(self) -> int:
         """(In a write transaction.) Repair, then sign every closed visit whose times are settled:
         known, or lost because they were stamped in an earlier boot that never learnt the time.
@@ -668,7 +716,28 @@ class VisitBook:
         return self.record_body(row["id"])
 
     # --- visits ----------------------------------------------------------------------------------
-    def _visit(self, row: dict) -> Visit:
+    def _visit(self, row: dict, *, lenient: bool = False) -> Visit:
+        """A visit from its row. `lenient`: a row damaged on the SD card gives what can be read
+        of it and why it cannot be sent (a list must show it with the others), not an error."""
+        fault = row["fhir_fault"]
+        try:
+            decoded = {
+                "start": Stamp.from_json(json.loads(row["start_stamp"])),
+                "end": Stamp.from_json(json.loads(row["end_stamp"])) if row["end_stamp"] else None,
+                "start_fix": FixRecord.from_json(row["start_fix"]),
+                "end_fix": FixRecord.from_json(row["end_fix"]),
+                "flags": json.loads(row["flags"]),
+            }
+        except BUNDLE_ERRORS as exc:
+            if not lenient:
+                raise
+            decoded = {
+                "start": Stamp(None, TimeSource.UNKNOWN, 0.0, ""),
+                "end": None,
+                "start_fix": None,
+                "end_fix": None,
+            }
+            fault = fault or f"{type(exc).__name__}: {exc}"
         chain = list(self.db.query("SELECT seq FROM chain WHERE visit_id = ?", [row["id"]]))
         return Visit(
             id=row["id"],
@@ -677,15 +746,11 @@ class VisitBook:
             household_id=row["household_id"],
             setting=row["setting"],
             state=row["state"],
-            start=Stamp.from_json(json.loads(row["start_stamp"])),
-            end=Stamp.from_json(json.loads(row["end_stamp"])) if row["end_stamp"] else None,
-            start_fix=FixRecord.from_json(row["start_fix"]),
-            end_fix=FixRecord.from_json(row["end_fix"]),
-            flags=json.loads(row["flags"]),
             distance_m=row["distance_m"],
             chain_seq=chain[0]["seq"] if chain else None,
             fhir_queued=bool(row["fhir_queued_at"]),
-            fhir_fault=row["fhir_fault"],
+            fhir_fault=fault,
+            **decoded,
         )
 
     def get(self, visit_id: str) -> Visit | None:
@@ -693,12 +758,18 @@ class VisitBook:
         return self._visit(rows[0]) if rows else None
 
     def open_visit(self) -> Visit | None:
-        rows = list(self.db.query("SELECT * FROM visits WHERE state = 'open'"))
-        return self._visit(rows[0]) if rows else None
+        row = self._open_row()
+        return self._visit(row) if row is not None else None
 
     def visits(self, limit: int | None = None) -> list[Visit]:
+        """Newest first; a row damaged on the SD card is listed with what can be read of it (and
+        why it cannot be sent), never hiding the others."""
         sql = "SELECT * FROM visits ORDER BY rowid DESC" + (f" LIMIT {int(limit)}" if limit else "")
-        return [self._visit(r) for r in self.db.query(sql)]
+        return [self._visit(r, lenient=True) for r in self.db.query(sql)]
+
+    def _open_row(self) -> dict | None:
+        rows = list(self.db.query("SELECT * FROM visits WHERE state = 'open'"))
+        return rows[0] if rows else None
 
     def start(
         self,
@@ -717,7 +788,8 @@ class VisitBook:
         # Stamped and written under the write lock: the acquire service saves the boot's first
         # anchor either before (the stamp takes it) or after (and then repairs the stamp).
         with transaction(self.db):
-            if self.open_visit() is not None:
+            if self._open_row() is not None:
+                self._require_open()  # a damaged one says so, and how to get past it
                 raise VisitError("a visit is already open: stop it first (lastmile visit stop)")
             stamp = self._stamp_now()
             self.db.table("visits").insert(
@@ -740,10 +812,24 @@ class VisitBook:
         return visit
 
     def _require_open(self) -> Visit:
-        visit = self.open_visit()
-        if visit is None:
+        row = self._open_row()
+        if row is None:
             raise VisitError("no visit is open (lastmile visit start --patient ID)")
-        return visit
+        try:
+            return self._visit(row)
+        except BUNDLE_ERRORS as exc:
+            raise DamagedVisitError(row["id"], row["patient_id"], exc) from exc
+
+    def _open_to_link(self) -> Visit | None:
+        """The open visit a reading or an ECG may join; None when there is none, or when it is
+        damaged (it can never be sent: the reading goes on its own, never lost with it)."""
+        try:
+            return self._require_open()
+        except DamagedVisitError as exc:
+            log.warning("%s; a reading of its patient is sent on its own", exc)
+            return None
+        except VisitError:
+            return None
 
     def note(self, text: str) -> None:
         if not text.strip():
@@ -768,7 +854,7 @@ class VisitBook:
         record = observation_to_json(obs)
         digest = hashlib.sha256(canonical(record)).hexdigest()
         with transaction(self.db):
-            visit = self.open_visit()
+            visit = self._open_to_link()
             if visit is None or obs.patient_id != visit.patient_id:
                 return None
             if taken_during and visit.start.time is not None and obs.measured_at < visit.start.time:
@@ -787,7 +873,7 @@ class VisitBook:
 
     def attach_ecg(self, outbox_key: str, patient_id: str | None, sha256: str = "") -> str | None:
         with transaction(self.db):  # as attach_observation: linked only to a visit still open
-            visit = self.open_visit()
+            visit = self._open_to_link()
             if visit is None or patient_id != visit.patient_id:
                 return None
             self.db.table("visit_items").insert(
@@ -811,59 +897,85 @@ class VisitBook:
     def stop(self, fix: FixRecord | None = None) -> Visit:
         # One write transaction from the open check to the signature: a second stop, a note or a
         # track point from another process cannot slip between them.
+        damaged: DamagedVisitError | None = None
         with transaction(self.db):
-            visit = self._require_open()
-            end = self._stamp_now()
-            if visit.start.provisional:
-                visit.start = self.clock.repair(visit.start)
-            gps = self.clock.anchor
-            if gps is not None and gps.source == TimeSource.GPS and gps.boot_id == visit.start.boot_id:
-                # GPS came during the visit (or before): its offset wins over a system clock that may
-                # have been wrong at the start (fake-hwclock, drift); the end follows from the start.
-                visit.start = _on_anchor(visit.start, gps.offset)
-            if visit.start.time is not None and not end.provisional and visit.start.boot_id == end.boot_id:
-                # Duration by the monotonic clock: a clock jump during the visit changes nothing.
-                end = Stamp(
-                    visit.start.time + dt.timedelta(seconds=end.monotonic - visit.start.monotonic),
-                    visit.start.source if visit.start.source != TimeSource.UNKNOWN else end.source,
-                    end.monotonic,
-                    end.boot_id,
-                )
-            household = self.register.get(visit.household_id) if visit.household_id else None
-            flags, distance = check_visit(
-                self.policy,
-                household_id=visit.household_id,
-                household=household,
-                start=visit.start,
-                end=end,
-                start_fix=visit.start_fix,
-                end_fix=fix,
-                track=self.track(visit.id),
-                clock_disagreement_s=self.clock.last_disagreement_s,
-            )
-            if gps is not None and gps.source == TimeSource.GPS:
-                self._notes_on_gps(visit.id, gps.offset, gps.boot_id)
-            self.db.table("visits").update(
-                visit.id,
-                {
-                    "state": "closed",
-                    "end_stamp": json.dumps(end.to_json()),
-                    "ended_at": end.time.isoformat() if end.time else None,
-                    "start_stamp": json.dumps(visit.start.to_json()),
-                    "started_at": visit.start.time.isoformat() if visit.start.time else None,
-                    "end_fix": fix.to_json() if fix else None,
-                    "flags": json.dumps(flags),
-                    "distance_m": distance,
-                    "household_lat": household.latitude if household else None,
-                    "household_lon": household.longitude if household else None,
-                },
-            )
-            # Signed now if its times are known, else once GPS or NTP gives them (see _sign_settled).
-            self._sign_settled()
+            try:
+                visit = self._require_open()
+                try:
+                    flags = self._close(visit, fix)
+                except BUNDLE_ERRORS as exc:  # a note or a track point of it damaged
+                    raise DamagedVisitError(visit.id, visit.patient_id, exc) from exc
+            except DamagedVisitError as exc:
+                self._close_damaged(exc.visit_id, exc.cause)
+                damaged = exc
+        if damaged is not None:
+            raise DamagedVisitError(damaged.visit_id, damaged.patient_id, damaged.cause, closed=True) from damaged.cause
         closed = self.get(visit.id)
         assert closed is not None
         log.info("visit %s stopped; flags: %s", visit.id, ", ".join(flags) or "none")
         return closed
+
+    def _close_damaged(self, visit_id: str, cause: Exception) -> None:
+        """(In a write transaction.) An open visit that cannot be read is closed, with when it was
+        stopped, and set aside: the one-open-visit rule must not keep the doctor from the next
+        visit, and its row is kept as it is (a technician may mend it; `lastmile visit retry`)."""
+        end = self._stamp_now()
+        self.db.execute(
+            "UPDATE visits SET state = 'closed', end_stamp = ?, ended_at = ? WHERE id = ?",
+            [json.dumps(end.to_json()), end.time.isoformat() if end.time else None, visit_id],
+        )
+        self._set_aside(visit_id, cause)
+
+    def _close(self, visit: Visit, fix: FixRecord | None) -> list[str]:
+        """(In a write transaction.) Close the open visit, check it, sign it if its times are settled."""
+        end = self._stamp_now()
+        if visit.start.provisional:
+            visit.start = self.clock.repair(visit.start)
+        gps = self.clock.anchor
+        if gps is not None and gps.source == TimeSource.GPS and gps.boot_id == visit.start.boot_id:
+            # GPS came during the visit (or before): its offset wins over a system clock that may
+            # have been wrong at the start (fake-hwclock, drift); the end follows from the start.
+            visit.start = _on_anchor(visit.start, gps.offset)
+        if visit.start.time is not None and not end.provisional and visit.start.boot_id == end.boot_id:
+            # Duration by the monotonic clock: a clock jump during the visit changes nothing.
+            end = Stamp(
+                visit.start.time + dt.timedelta(seconds=end.monotonic - visit.start.monotonic),
+                visit.start.source if visit.start.source != TimeSource.UNKNOWN else end.source,
+                end.monotonic,
+                end.boot_id,
+            )
+        household = self.register.get(visit.household_id) if visit.household_id else None
+        flags, distance = check_visit(
+            self.policy,
+            household_id=visit.household_id,
+            household=household,
+            start=visit.start,
+            end=end,
+            start_fix=visit.start_fix,
+            end_fix=fix,
+            track=self.track(visit.id),
+            clock_disagreement_s=self.clock.last_disagreement_s,
+        )
+        if gps is not None and gps.source == TimeSource.GPS:
+            self._notes_on_gps(visit.id, gps.offset, gps.boot_id)
+        self.db.table("visits").update(
+            visit.id,
+            {
+                "state": "closed",
+                "end_stamp": json.dumps(end.to_json()),
+                "ended_at": end.time.isoformat() if end.time else None,
+                "start_stamp": json.dumps(visit.start.to_json()),
+                "started_at": visit.start.time.isoformat() if visit.start.time else None,
+                "end_fix": fix.to_json() if fix else None,
+                "flags": json.dumps(flags),
+                "distance_m": distance,
+                "household_lat": household.latitude if household else None,
+                "household_lon": household.longitude if household else None,
+            },
+        )
+        # Signed now if its times are known, else once GPS or NTP gives them (see _sign_settled).
+        self._sign_settled()
+        return flags
 
     def _notes_on_gps(self, visit_id: str, offset: float, boot_id: str) -> None:
         """(In a write transaction, before signing.) The visit's notes of this boot on GPS time too."""
@@ -1022,6 +1134,11 @@ class VisitBook:
             chain["seq"], chain["hash"], chain["prev_hash"], chain["signature"], public_key_b64(key), stored.signed_at
         )
         return visit_bundle(stored.summary, stored.observations, naming, signature)
+
+    def closed_unqueued(self) -> frozenset[str]:
+        """The closed visits not queued yet (as relay_link.closed_unqueued reads them)."""
+        rows = self.db.execute(CLOSED_UNQUEUED_SQL, [fault_generation()]).fetchall()
+        return frozenset(str(row[0]) for row in rows)
 
     def queue_closed(self, outbox: Outbox, naming: FhirNaming, now: float | None = None) -> int:
         """Queue every closed, not yet queued visit as a FHIR bundle (idempotent)."""

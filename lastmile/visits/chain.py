@@ -15,12 +15,14 @@ Export format (JSON Lines): a header line {"format": "lastmile-visit-chain", "ve
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,16 +59,53 @@ def load_or_create_key(data_dir: Path) -> Ed25519PrivateKey:
     """The gateway's signing key; created once, 0600, never overwritten."""
     path = Path(data_dir) / KEY_FILE
     try:
-        empty = path.stat().st_size == 0
+        missing = path.stat().st_size == 0
     except FileNotFoundError:
-        _create_key(path)
-    else:
-        if empty:  # an older version's creation cut short: nothing was ever signed with it
-            log.warning("%s is empty (its creation was interrupted): making the key again", path)
-            path.unlink(missing_ok=True)
-            _create_key(path)
+        missing = True
+    if missing:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Looked at again under a lock: two processes that both saw an older version's empty
+        # file must not both replace it (the second would delete the key the first signed with).
+        with _creating_key(path.parent):
+            try:
+                empty = path.stat().st_size == 0
+            except FileNotFoundError:
+                _create_key(path)
+            else:
+                if empty:  # an older version's creation cut short: nothing was ever signed with it
+                    log.warning("%s is empty (its creation was interrupted): making the key again", path)
+                    path.unlink(missing_ok=True)
+                    _create_key(path)
+    loaded = load_key(data_dir)
+    if loaded is None:
+        raise SigningKeyError(f"{path} is empty")
+    return loaded
+
+
+@contextlib.contextmanager
+def _creating_key(directory: Path) -> Iterator[None]:
+    """An exclusive lock on the data directory itself (no lock file to leave behind) while the
+    key is made: released by the kernel if the process dies."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def load_key(data_dir: Path) -> Ed25519PrivateKey | None:
+    """The gateway's signing key as its file holds it, creating nothing (`lastmile doctor`): None
+    while there is none (absent, or an older version's empty file: made at the next signing)."""
+    path = Path(data_dir) / KEY_FILE
+    try:
+        pem = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    if not pem:
+        return None
+    try:
+        loaded = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # damaged (SD card), replaced by hand
         raise SigningKeyError(f"{path} cannot be read as the gateway's signing key: {exc}") from exc
     if not isinstance(loaded, Ed25519PrivateKey):

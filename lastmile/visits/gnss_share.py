@@ -56,11 +56,14 @@ class SharedFixes:
             self.book.close()
 
 
-def open_receiver(gps: GpsSection, book: VisitBook | Callable[[], VisitBook], wait_s: float) -> FixSource | None:
+def open_receiver(
+    gps: GpsSection, open_book: Callable[[], VisitBook], wait_s: float, *, owns_book: bool = True
+) -> FixSource | None:
     """The configured receiver, or the acquire service's fixes when it holds the receiver.
-    `book`: the command's open visit book, or how to open one - then visits.db is opened only to
-    ask the service (`lastmile gps fix` run as root must not create it: the service could not
-    open a root-owned visits.db)."""
+    `open_book`: how to get the visit book, called only to ask the service (`lastmile gps fix`
+    run as root must not create visits.db: the service could not open a root-owned one);
+    `owns_book`: the book is opened for this, and closed with the source (a visit command passes
+    its own open book, and keeps it)."""
     try:
         return open_source(
             gps.source,
@@ -71,13 +74,11 @@ def open_receiver(gps: GpsSection, book: VisitBook | Callable[[], VisitBook], wa
         )
     except GnssBusyError as exc:
         log.info("%s: asking the acquire service for its fixes", exc)
-        if not callable(book):
-            return SharedFixes(book, wait_s)
         opened: VisitBook | None = None
         try:
-            opened = book()
-            return SharedFixes(opened, wait_s, owns_book=True)
+            opened = open_book()
+            return SharedFixes(opened, wait_s, owns_book=owns_book)
         except (sqlite3.Error, OSError, DataDirError) as db_exc:  # said as the command says any GNSS fault
-            if opened is not None:
+            if opened is not None and owns_book:
                 opened.close()
             raise GnssError(f"{exc}, and visits.db cannot be opened to ask it for fixes: {db_exc}") from db_exc

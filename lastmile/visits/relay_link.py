@@ -86,6 +86,13 @@ def fault_generation() -> str:
 UNQUEUED_RETRY_S = 60.0
 
 
+# The closed visits not queued yet (VisitBook.closed_unqueued asks the same of its connection).
+CLOSED_UNQUEUED_SQL = (
+    "SELECT id FROM visits WHERE state = 'closed' AND fhir_queued_at IS NULL "
+    "AND (fhir_fault IS NULL OR fhir_fault_version IS NOT ?)"
+)
+
+
 def closed_unqueued(data_dir: Path) -> frozenset[str]:
     """The closed visits not queued for the county yet (read-only; a clinic without visits never
     gets a visits.db)."""
@@ -97,11 +104,7 @@ def closed_unqueued(data_dir: Path) -> frozenset[str]:
         # but one set aside by another generation is tried once more (the book clears it then);
         # a visits.db no process of this version opened yet has no fhir_fault_version column
         if "fhir_fault_version" in columns_of(conn, "visits"):
-            rows = conn.execute(
-                "SELECT id FROM visits WHERE state = 'closed' AND fhir_queued_at IS NULL "
-                "AND (fhir_fault IS NULL OR fhir_fault_version IS NOT ?)",
-                [fault_generation()],
-            ).fetchall()
+            rows = conn.execute(CLOSED_UNQUEUED_SQL, [fault_generation()]).fetchall()
         else:
             rows = conn.execute("SELECT id FROM visits WHERE state = 'closed' AND fhir_queued_at IS NULL").fetchall()
     return frozenset(str(row[0]) for row in rows)
@@ -164,8 +167,13 @@ class VisitQueue:
         self._waiting, self._tried_at = waiting, now
         with VisitBook.open(self.data_dir, gateway_id=self.gateway_id, key_fault=self._key_fault) as book:
             queued = book.queue_closed(outbox, naming)
+            # the files before what waits: a visit closed in between is seen changed next round
+            before = file_state(self.data_dir)
+            waiting = book.closed_unqueued()
         self._seen = file_state(self.data_dir)
-        self._waiting = closed_unqueued(self.data_dir)
+        # Closing the last connection (no acquire service holds visits.db) checkpoints it: the
+        # files changed, and another process's commit could hide in that change: read again.
+        self._waiting = waiting if self._seen == before else closed_unqueued(self.data_dir)
         if queued:
             log.info("%d closed home visit(s) queued for the county platform", queued)
         # the book said why when the key is the cause; otherwise said when what waits changes,
