@@ -96,3 +96,21 @@ def test_a_data_partition_mounted_to_wear_the_card_is_not_said_to_be_full(tmp_pa
     assert "SD卡" in advice_text(card, zh) and "满" not in advice_text(card, zh), advice_text(card, zh)
     filling = Finding("data", Level.WARN, "close to outbox.min_free_mb", topic="space")
     assert "满" in advice_text(filling, zh) and "磨损" not in advice_text(filling, zh), advice_text(filling, zh)
+
+
+def test_every_topic_a_check_can_name_has_a_chinese_label() -> None:
+    """A topic without a label would show its bare English key beside the Chinese check."""
+    from lastmile.console.app import TOPIC_LABELS
+    from lastmile.doctor import SERVICE_TOPICS, SERVICES, TOPICS
+    from lastmile.services.metered import QUEUED_KINDS
+    from uploader import ecg_forwarder, fhir_forwarder
+
+    assert sorted(TOPIC_LABELS) == sorted(TOPICS) and len(set(TOPICS)) == len(TOPICS)
+    assert sorted(SERVICE_TOPICS) == sorted(SERVICES)
+    held = {f"{reason}-{destination}" for reason in ("window", "budget") for destination in QUEUED_KINDS}
+    refused = {f"refused-{name}" for name in (ecg_forwarder.STATUS_NAME, fhir_forwarder.STATUS_NAME)}
+    assert held | refused <= set(TOPICS)
+    zh = Localizer("zh-CN", local_zone())
+    for topic, label in TOPIC_LABELS.items():
+        shown = zh.gettext(label, subject="110105194912310021")
+        assert shown != label and re.search(r"[\u4e00-\u9fff]", shown), (topic, shown)

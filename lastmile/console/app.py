@@ -281,6 +281,32 @@ CHECK_LABELS = {
     "update": N_("Software update"),
     "bluetooth": N_("Bluetooth"),
 }
+# What in its check a finding is about (doctor.Finding.topic, doctor.TOPICS) when the check gives
+# several: each row says which it is (数据存储 · 剩余空间 beside 数据存储 · 存储卡), never the same
+# heading twice, one OK and one warning.
+TOPIC_LABELS = {
+    "space": N_("free space"),
+    "sd-card": N_("SD card"),
+    "acquire": N_("device readings"),
+    "ble": N_("Bluetooth devices"),
+    "forward": N_("sending"),
+    "console": N_("this console"),
+    "link": N_("connection"),
+    "set-aside": N_("items set aside"),
+    "window-dicom": N_("send window for ECGs"),
+    "budget-dicom": N_("data allowance for ECGs"),
+    "window-fhir": N_("send window for visits and readings"),
+    "budget-fhir": N_("data allowance for visits and readings"),
+    "refused-reading_center": N_("refused by the reading center"),
+    "refused-fhir": N_("refused by the health platform"),
+    "critical": N_("critical result, patient %(subject)s"),
+    "critical-unassigned": N_("critical result, no patient assigned yet"),
+    "queries": N_("asking the reading center"),
+    "unrecorded": N_("ECGs not yet recorded"),
+    "lost-records": N_("ECGs that could not be recorded"),
+    "installed-version": N_("installed version"),
+    "last-round": N_("last check for updates"),
+}
 # What each check's warning or problem means for the village doctor, and what to do: the check's
 # own message (English, technical) stays below it for the county's technician.
 CHECK_ADVICE: dict[str, dict[str, str]] = {
@@ -357,6 +383,17 @@ def advice_for(check: str, level: str, key: str = "") -> str:
     one (a check that can only warn says the same if it ever fails)."""
     advice = CHECK_ADVICE.get(check, {})
     return (key and advice.get(key)) or advice.get(level) or advice.get("FAIL") or advice.get("WARN") or UNSURE_ADVICE
+
+
+def finding_label(finding: Finding, localizer: Localizer) -> str:
+    """A finding's heading on the System page: its check, and what in it the finding is about."""
+    check = CHECK_LABELS.get(finding.check)
+    label = localizer.gettext(check) if check else finding.check
+    if not finding.topic:
+        return label
+    topic = TOPIC_LABELS.get(finding.topic)  # one unknown here still says which it is, in English
+    about = localizer.gettext(topic, subject=finding.subject) if topic else finding.topic
+    return f"{label} · {about}"
 
 
 def advice_text(finding: Finding, localizer: Localizer) -> str:
@@ -883,7 +920,7 @@ async def system_page(request: Request) -> Response:
     ctx = await context_for(request)
     model = await page_model(request, ctx, views.system, ctx.login.user.is_admin if ctx.login else False)
     model["findings"] = await views.doctor_findings(state.config)
-    model["check_labels"] = CHECK_LABELS
+    model["finding_label"] = lambda finding: finding_label(finding, ctx.localizer)
     model["advice_text"] = lambda finding: advice_text(finding, ctx.localizer)
     model["fingerprint"] = state.fingerprint
     return render(request, ctx, "system.html", **model)
