@@ -38,6 +38,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 import jinja2
 from markupsafe import Markup
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
@@ -408,10 +409,19 @@ def advice_text(finding: Finding, localizer: Localizer) -> str:
 NO_SUCH_REPORT = N_("This report is not here (any more).")
 NO_REPORT_PDF = N_("The reading center sent no PDF for this report.")
 NO_PREVIEW = N_("The ECG picture is not ready (yet).")
+NO_SUCH_PAGE = N_("There is no page at this address: the link may be old or mistyped.")
 
 
-def not_found(ctx: Context, message: str) -> Response:
-    return PlainTextResponse(ctx.localizer.gettext(message), status_code=404)
+def wants_page(request: Request) -> bool:
+    return "text/html" in request.headers.get("accept", "")
+
+
+def not_found(request: Request, ctx: Context, message: str, *, status: int = 404) -> Response:
+    """What is not here, said on a page with the menu and a way back to Today (a picture or a
+    script asking gets the sentence alone)."""
+    if not wants_page(request):
+        return PlainTextResponse(ctx.localizer.gettext(message), status_code=status)
+    return render(request, ctx, "not_found.html", status=status, message=ctx.localizer.gettext(message), alerts=[])
 
 
 UNIT_DISPLAY = {" mm[Hg]": " mmHg", " Cel": " °C", " [degF]": " °F", " [lb_av]": " lb"}
@@ -724,7 +734,7 @@ async def ecg_preview(request: Request) -> Response:
     ecg = await state.run_db(state.data.ecg, item_id)
     analysis = state.analyses.result(ecg.sha256) if ecg is not None and state.analyses else None
     if analysis is None or analysis.svg_gzip is None:
-        return not_found(ctx, NO_PREVIEW)
+        return not_found(request, ctx, NO_PREVIEW)
     headers = {
         "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'",
         "cache-control": "private, no-store",
@@ -812,7 +822,7 @@ async def report_page(request: Request) -> Response:
     ctx = await context_for(request)
     model = await page_model(request, ctx, views.report, request.path_params["report_id"], ctx.user)
     if model["report"] is None:
-        return not_found(ctx, NO_SUCH_REPORT)
+        return not_found(request, ctx, NO_SUCH_REPORT)
     model["clinic_printer"] = lp_command() is not None  # CUPS on this gateway (the image has it)
     model["printed"] = request.query_params.get("printed")
     return render(request, ctx, "report.html", **model)
@@ -825,7 +835,7 @@ async def report_pdf(request: Request) -> Response:
     pdf = await state.run_db(state.data.reports.pdf, report_id)
     if pdf is None:
         found = await state.run_db(state.data.reports.report, report_id)  # gone, or no PDF: said apart
-        return not_found(ctx, NO_SUCH_REPORT if found is None else NO_REPORT_PDF)
+        return not_found(request, ctx, NO_SUCH_REPORT if found is None else NO_REPORT_PDF)
     return Response(
         pdf,
         media_type="application/pdf",
@@ -856,7 +866,7 @@ async def print_report(request: Request) -> Response:
     report_id = request.path_params["report_id"]
     found = await state.run_db(state.data.reports.report, report_id)
     if found is None:
-        return not_found(ctx, NO_SUCH_REPORT)
+        return not_found(request, ctx, NO_SUCH_REPORT)
     pdf = await state.run_db(state.data.reports.pdf, report_id) if found.has_pdf else None
     document = pdf or printable_text(found, ctx.localizer).encode("utf-8")
     outcome = await asyncio.to_thread(print_document, document, f"ECG report {report_id}")
@@ -947,21 +957,36 @@ async def on_login_required(request: Request, exc: Exception) -> Response:
 
 
 async def on_forbidden(request: Request, exc: Exception) -> Response:
+    """A form with the wrong token (a page opened before the last login, in another tab) or from
+    elsewhere: the doctor reads that it was not saved and how to do it again, not a bare refusal."""
     log.warning("refused %s %s: %s", request.method, request.url.path, exc)
-    return PlainTextResponse("refused / 已拒绝", status_code=403)
+    if not wants_page(request):
+        return PlainTextResponse("refused / 已拒绝", status_code=403)
+    return render(request, await error_page_context(request), "forbidden.html", status=403, alerts=[])
 
 
 async def on_not_found(request: Request, exc: Exception) -> Response:
-    return PlainTextResponse("not found / 未找到", status_code=404)
+    return not_found(request, await error_page_context(request), NO_SUCH_PAGE)
+
+
+async def on_http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own: an address no route has (an old bookmark), or a form's address opened as a
+    page (405): the not-found page; anything else as Starlette says it."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code in (404, 405):
+        response = not_found(request, await error_page_context(request), NO_SUCH_PAGE, status=exc.status_code)
+        response.headers.update(exc.headers or {})
+        return response
+    return PlainTextResponse(exc.detail, status_code=exc.status_code, headers=exc.headers)
 
 
 async def on_account_error(request: Request, exc: Exception) -> Response:
     return PlainTextResponse(str(exc), status_code=400)
 
 
-async def storage_full_context(request: Request) -> Context:
-    """The page's context on a full partition: the login, unless even reading it fails (its
-    touch is a write); then the browser's language and no login."""
+async def error_page_context(request: Request) -> Context:
+    """An error page's context: the login, unless even reading it fails (its touch is a write, on a
+    full partition); then the browser's language and no login."""
     try:
         return await context_for(request, required=False)
     except sqlite3.Error:
@@ -976,7 +1001,7 @@ async def on_storage_fault(request: Request, exc: Exception) -> Response:
     if not is_storage_full(exc):
         raise exc
     log.error("%s %s not recorded: the data partition is full (%s)", request.method, request.url.path, exc)
-    ctx = await storage_full_context(request)
+    ctx = await error_page_context(request)
     return render(request, ctx, "storage_full.html", status=507, alerts=[])
 
 
@@ -1028,6 +1053,7 @@ def build_app(state: ConsoleState) -> ASGIApp:
             Forbidden: on_forbidden,
             AccountError: on_account_error,
             NotFound: on_not_found,
+            HTTPException: on_http_exception,
             sqlite3.OperationalError: on_storage_fault,
             OutboxFullError: on_storage_fault,
         },
