@@ -273,7 +273,15 @@ class Doctor:
             out.append(Finding("data", Level.OK, text, topic="space"))
         mount = find_mount(self.mountinfo, data)
         if mount is None:
-            out.append(Finding("data", Level.WARN, f"cannot tell which filesystem holds {data}", topic="sd-card"))
+            out.append(
+                Finding(
+                    "data",
+                    Level.WARN,
+                    f"cannot tell which filesystem holds {data}",
+                    advice_key="sd-card",
+                    topic="sd-card",
+                )
+            )
             return out
         out.append(self._wear_finding(data, mount))
         return out
@@ -303,6 +311,7 @@ class Doctor:
                 Level.WARN,
                 where + ": " + "; ".join(problems),
                 "mount it with noatime,commit=60 (image/ does) to spare the SD card",
+                advice_key="sd-card",  # not the space's "getting full" beside a row that says it is not
                 topic="sd-card",
             )
         return Finding("data", Level.OK, where, topic="sd-card")

@@ -313,7 +313,8 @@ TOPIC_LABELS = {
 CHECK_ADVICE: dict[str, dict[str, str]] = {
     "config": {"FAIL": N_("The gateway's settings have a mistake: please call the county IT.")},
     "data": {
-        "WARN": N_("Storage is getting full, or set up to wear the SD card: tell the county IT."),
+        "WARN": N_("Storage is getting full: tell the county IT."),
+        "sd-card": N_("The SD card's settings need a look (they may wear it out sooner): tell the county IT."),
         "FAIL": N_("Storage problem: new measurements may not be saved. Call the county IT now."),
     },
     "root": {"WARN": N_("The system partition is writable: a power cut could damage it. Tell the county IT.")},
