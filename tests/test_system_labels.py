@@ -5,6 +5,7 @@ own label, never the same 数据存储 / 发送队列 twice with 正常 beside o
 
 from __future__ import annotations
 
+import datetime as dt
 import html
 import re
 import subprocess
@@ -17,8 +18,9 @@ from lastmile.config import Config
 from lastmile.console.app import advice_text
 from lastmile.console.i18n import Localizer
 from lastmile.doctor import Finding, Level, render_text
+from lastmile.reports.store import RECORDER_STATUS, ReportStore
 from lastmile.services.metered import meters
-from tests.console_harness import DOCTOR, Client, console_config, running_console
+from tests.console_harness import DOCTOR, Client, console_config, running_console, store_returned_reports
 from tests.service_harness import doctor
 from tests.test_metering_advice import DAY, queue_items
 from uploader.outbox import Outbox
@@ -114,3 +116,26 @@ def test_every_topic_a_check_can_name_has_a_chinese_label() -> None:
     for topic, label in TOPIC_LABELS.items():
         shown = zh.gettext(label, subject="110105194912310021")
         assert shown != label and re.search(r"[\u4e00-\u9fff]", shown), (topic, shown)
+
+
+def test_each_report_row_says_what_to_do_about_its_own_finding(tmp_path: Path) -> None:
+    """A critical result's row read 请立即打开"报告"页: 可能有危急值报告, 或查询报告被拒绝 ("maybe a
+    critical report, or report queries are refused"), the advice of every report FAIL; the row of
+    sent ECGs clinic.db could not record read the same, and the one of ECGs waiting to be recorded
+    that reports cannot be fetched until the link is back. Each row now has its own words."""
+    d = doctor(tmp_path)
+    store_returned_reports(d.config)
+    now = dt.datetime.now(dt.timezone.utc)
+    with ReportStore.open(tmp_path) as store:
+        store.set_status(
+            RECORDER_STATUS,
+            {"waiting": 2, "failing_since": time.time() - 60, "error": "database is locked"}
+            | {"dropped": 1, "dropped_at": time.time() - 60},
+            now,
+        )
+    zh = Localizer("zh-CN", local_zone())
+    rows = {f.topic: advice_text(f, zh) for f in d.check_reports() if f.level is not Level.OK}
+    assert sorted(rows) == ["critical", "lost-records", "unrecorded"], rows
+    assert "危急值" in rows["critical"] and "拒绝" not in rows["critical"], rows
+    for topic in ("lost-records", "unrecorded"):
+        assert "危急值" not in rows[topic] and "网络" not in rows[topic] and "县信息科" in rows[topic], rows
