@@ -886,6 +886,7 @@ class Doctor:
                     Level.FAIL,
                     f"CRITICAL report {r.id} (危急值) for patient {who}, ECG {ecg}: {r.critical[0]}",
                     f"read it now (`lastmile report show {r.id}`), act on it, then `lastmile report ack {r.id}`",
+                    advice_key="critical",
                     topic="critical" if patient else "critical-unassigned",
                     subject=patient,
                 )
@@ -903,6 +904,7 @@ class Doctor:
                     Level.FAIL,
                     f"{text}; the reading center refuses report queries: {status['fault']}",
                     "fix the reading_center / reports settings, then `systemctl reload lastmile-forward`",
+                    advice_key="queries-refused",
                     topic="queries",
                 )
             )
@@ -935,6 +937,7 @@ class Doctor:
                     f"{recorder['waiting']} sent ECG(s) not yet recorded: clinic.db refuses the records{age} "
                     f"({recorder.get('error')}); their reports are not asked for until then (retrying)",
                     hint,
+                    advice_key="unrecorded",
                     topic="unrecorded",
                 )
             )
@@ -948,6 +951,7 @@ class Doctor:
                     f"{recorder['dropped']} sent ECG(s) could not be recorded (last {_age(max(0.0, self.now() - dropped_at))}"
                     " ago): their reports may never come back here",
                     f"ask the reading center for the reports of ECGs sent then; {hint}",
+                    advice_key="lost-records",
                     topic="lost-records",
                 )
             )

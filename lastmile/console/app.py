@@ -361,6 +361,17 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
     "reports": {
         "WARN": N_("Reports cannot be fetched from the reading center now: they come when the link is back."),
         "FAIL": N_("Open Reports now: a critical report may be waiting, or report queries are refused."),
+        # each finding's own (doctor.Finding.advice_key): a critical result is not a refused query
+        "critical": N_("A critical result has come back: open Reports now, read it and confirm that you saw it."),
+        "queries-refused": N_("The reading center refuses to send reports back: tell the county IT."),
+        "unrecorded": N_(
+            "Some ECGs that were sent could not be noted here yet, so their reports are not asked for: the gateway "
+            "keeps trying. If this stays, tell the county IT."
+        ),
+        "lost-records": N_(
+            "Some ECGs that were sent could not be noted here: their reports may not come back to this gateway. "
+            "Tell the county IT."
+        ),
     },
     "metrics": {"WARN": N_("The county cannot watch this gateway right now: tell the county IT.")},
     "update": {
