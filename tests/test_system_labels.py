@@ -139,3 +139,16 @@ def test_each_report_row_says_what_to_do_about_its_own_finding(tmp_path: Path) -
     assert "危急值" in rows["critical"] and "拒绝" not in rows["critical"], rows
     for topic in ("lost-records", "unrecorded"):
         assert "危急值" not in rows[topic] and "网络" not in rows[topic] and "县信息科" in rows[topic], rows
+
+
+def test_a_peer_refusing_the_gateway_is_not_said_to_be_the_network(tmp_path: Path) -> None:
+    """The reading center refuses this gateway (unknown AE title: its settings) an hour after the
+    ECG was queued: the row 发送队列 · 诊断中心拒收 read "nothing has been sent for a long time: check
+    the network" - the queue's FAIL advice - sending the doctor to a network that works."""
+    now = time.time()
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        outbox.add("dicom", "a", b"x" * 10, now=now - 3600)
+        outbox.record_status("reading_center", {"fault": "A-ASSOCIATE-RJ: called AE not recognised"}, now - 60)
+    [refused] = [f for f in doctor(tmp_path, now=lambda: now).check_queue() if f.level is Level.FAIL]
+    shown = advice_text(refused, Localizer("zh-CN", local_zone()))
+    assert "网络" not in shown and "很长时间" not in shown and "县信息科" in shown, shown
