@@ -786,6 +786,7 @@ class Doctor:
                     Level.FAIL,
                     f"the forwarder reports: {fault}",
                     "the peer refuses our configuration; fix it and `systemctl reload lastmile-forward`",
+                    advice_key="refused",  # the settings, not the network: the queue's FAIL advice says network
                     topic=f"refused-{name}",
                 )
             )

@@ -341,6 +341,10 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
     "queue": {
         "WARN": N_("Some items could not be sent and were set aside: tell the county IT."),
         "FAIL": N_("Nothing has been sent for a long time: check the network, then call the county IT."),
+        "refused": N_(
+            "The county refuses this gateway's settings, so nothing goes there: everything is kept here and sent "
+            "once they are fixed. Call the county IT."
+        ),
         # keys of a finding's own advice (doctor.Finding.advice_key): what holds items, and until when
         "waiting": N_(
             "Some items have waited more than a day to be sent: check the network; if it works, tell the county IT."
