@@ -1,6 +1,7 @@
 """`lastmile doctor`: one command that tells a county technician what is wrong, and what to do.
 
-Each check gives one line, OK / WARN / FAIL (or SKIP), with a hint for anything not OK:
+Each check gives a line, OK / WARN / FAIL (or SKIP), with a hint for anything not OK (a check
+that looks at several things, one line each, labelled check/topic):
 configuration, data partition (free space, wear-relevant mount options), read-only root,
 journal size, clock and its source, the services, reading center C-ECHO, the storage-commitment
 listener, the FHIR endpoint and its token, devices seen, queue health, the console, the metrics
