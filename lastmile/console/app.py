@@ -283,7 +283,7 @@ CHECK_LABELS = {
     "bluetooth": N_("Bluetooth"),
 }
 # What in its check a finding is about (doctor.Finding.topic, doctor.TOPICS) when the check gives
-# several: each row says which it is (数据存储 · 剩余空间 beside 数据存储 · 存储卡), never the same
+# several: each row says which it is (数据存储 · 剩余空间 beside 数据存储 · SD卡), never the same
 # heading twice, one OK and one warning.
 TOPIC_LABELS = {
     "space": N_("free space"),
@@ -428,14 +428,14 @@ NO_PREVIEW = N_("The ECG picture is not ready (yet).")
 NO_SUCH_PAGE = N_("There is no page at this address: the link may be old or mistyped.")
 
 
-def wants_page(request: Request) -> bool:
+def asks_for_html(request: Request) -> bool:
     return "text/html" in request.headers.get("accept", "")
 
 
 def not_found(request: Request, ctx: Context, message: str, *, status: int = 404) -> Response:
     """What is not here, said on a page with the menu and a way back to Today (a picture or a
     script asking gets the sentence alone)."""
-    if not wants_page(request):
+    if not asks_for_html(request):
         return PlainTextResponse(ctx.localizer.gettext(message), status_code=status)
     return render(request, ctx, "not_found.html", status=status, message=ctx.localizer.gettext(message), alerts=[])
 
@@ -961,10 +961,9 @@ async def home(request: Request) -> Response:
 
 
 async def on_login_required(request: Request, exc: Exception) -> Response:
-    wants_page = request.method == "GET" and "text/html" in request.headers.get("accept", "")
-    if wants_page:
+    if request.method == "GET" and asks_for_html(request):
         return RedirectResponse(f"/login?next={quote(request.url.path)}", status_code=303)
-    if "text/html" in request.headers.get("accept", ""):
+    if asks_for_html(request):
         # a form from a page left open after its login ended: a page that says so, still a 401
         # (no Referer to return to: referrer-policy no-referrer), then Today
         ctx = Context(None, page_localizer(request), "")
@@ -976,7 +975,7 @@ async def on_forbidden(request: Request, exc: Exception) -> Response:
     """A form with the wrong token (a page opened before the last login, in another tab) or from
     elsewhere: the doctor reads that it was not saved and how to do it again, not a bare refusal."""
     log.warning("refused %s %s: %s", request.method, request.url.path, exc)
-    if not wants_page(request):
+    if not asks_for_html(request):
         return PlainTextResponse("refused / 已拒绝", status_code=403)
     return render(request, await error_page_context(request), "forbidden.html", status=403, alerts=[])
 
