@@ -1,6 +1,7 @@
 """`lastmile doctor`: one command that tells a county technician what is wrong, and what to do.
 
-Each check gives one line, OK / WARN / FAIL (or SKIP), with a hint for anything not OK:
+Each check gives a line, OK / WARN / FAIL (or SKIP), with a hint for anything not OK (a check
+that looks at several things, one line each, labelled check/topic):
 configuration, data partition (free space, wear-relevant mount options), read-only root,
 journal size, clock and its source, the services, reading center C-ECHO, the storage-commitment
 listener, the FHIR endpoint and its token, devices seen, queue health, the console, the metrics
@@ -58,6 +59,34 @@ METRICS_TIMEOUT_S = 5.0
 WAITING_WARN_S = 24 * 3600.0  # an item waiting longer than a day: the link has been down a while
 WAITING_FAIL_S = 7 * 24 * 3600.0
 REPORTS_FAILING_WARN_S = 3600.0  # no report query has worked for an hour
+# What each finding of a check that gives several is about (Finding.topic): the System page heads
+# each with its check's label and its own (console/app.py TOPIC_LABELS), `lastmile doctor` prints
+# check/topic; a check with one finding has none. Metered holds are "<what holds>-<destination>"
+# (uploader.metering.Blocked.reason, lastmile.services.metered.QUEUED_KINDS), refusals
+# "refused-<outbox status>" (the forwarders' STATUS_NAME).
+SERVICE_TOPICS = {unit: unit.removeprefix("lastmile-").removesuffix(".service") for unit in SERVICES}
+TOPICS = (
+    "space",
+    "sd-card",
+    *SERVICE_TOPICS.values(),
+    "link",
+    "set-aside",
+    "window-dicom",
+    "budget-dicom",
+    "window-fhir",
+    "budget-fhir",
+    "refused-reading_center",
+    "refused-fhir",
+    "critical",
+    "critical-unassigned",
+    "queries",
+    "unrecorded",
+    "lost-records",
+    "installed-version",
+    "last-round",
+    "signing-key",
+    "not-queued",
+)
 _WEAR_OPTIONS = {"ro", "rw", "noatime", "relatime", "strictatime", "lazytime", "nodiratime", "sync"}
 
 
@@ -77,6 +106,13 @@ class Finding:
     # the key of the console's advice for it when it is not its check's level's (console/app.py CHECK_ADVICE)
     advice_key: str = ""
     until: float | None = None  # when what it reports lets go (epoch s), said in that advice
+    topic: str = ""  # what in its check it is about, when the check gives several (TOPICS)
+    subject: str = ""  # which one of many it names (a critical report's patient), shown with its topic
+
+    @property
+    def label(self) -> str:
+        """The check and what in it this finding is about, as `lastmile doctor` prints it."""
+        return f"{self.check}/{self.topic}" if self.topic else self.check
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -224,6 +260,7 @@ class Doctor:
                     Level.FAIL,
                     text + f" (below outbox.min_free_mb = {need}: new items refused)",
                     "forward the queue (is the link up?) or purge committed items",
+                    topic="space",
                 )
             )
         elif free_mb < 2 * need:
@@ -233,13 +270,22 @@ class Doctor:
                     Level.WARN,
                     text + f" (close to outbox.min_free_mb = {need})",
                     "check that forwarding keeps up (`lastmile queue`)",
+                    topic="space",
                 )
             )
         else:
-            out.append(Finding("data", Level.OK, text))
+            out.append(Finding("data", Level.OK, text, topic="space"))
         mount = find_mount(self.mountinfo, data)
         if mount is None:
-            out.append(Finding("data", Level.WARN, f"cannot tell which filesystem holds {data}"))
+            out.append(
+                Finding(
+                    "data",
+                    Level.WARN,
+                    f"cannot tell which filesystem holds {data}",
+                    advice_key="sd-card",
+                    topic="sd-card",
+                )
+            )
             return out
         out.append(self._wear_finding(data, mount))
         return out
@@ -254,6 +300,7 @@ class Doctor:
                 Level.FAIL,
                 where + ": read-only",
                 "the data partition went read-only (I/O errors?): run fsck, check the SD card",
+                topic="sd-card",
             )
         problems = []
         if "noatime" not in opts:
@@ -268,8 +315,10 @@ class Doctor:
                 Level.WARN,
                 where + ": " + "; ".join(problems),
                 "mount it with noatime,commit=60 (image/ does) to spare the SD card",
+                advice_key="sd-card",  # not the space's "getting full" beside a row that says it is not
+                topic="sd-card",
             )
-        return Finding("data", Level.OK, where)
+        return Finding("data", Level.OK, where, topic="sd-card")
 
     def check_root_fs(self) -> list[Finding]:
         mount = find_mount(self.mountinfo, Path("/"))
@@ -364,6 +413,7 @@ class Doctor:
             return [Finding("services", Level.SKIP, "systemd is not running here")]
         out = []
         for unit in SERVICES:
+            topic = SERVICE_TOPICS[unit]
             r = self.run(
                 ["systemctl", "show", unit, "-p", "ActiveState,SubState,NRestarts,StatusText,LoadState,UnitFileState"]
             )
@@ -373,7 +423,7 @@ class Doctor:
             unused = props.get("LoadState") == "not-found" or props.get("UnitFileState") in ("disabled", "masked")
             if unit in OPTIONAL_SERVICES and unused and props.get("ActiveState") != "active":
                 why = "not installed" if props.get("LoadState") == "not-found" else props.get("UnitFileState", "")
-                out.append(Finding("services", Level.SKIP, f"{unit}: {why} (optional)"))
+                out.append(Finding("services", Level.SKIP, f"{unit}: {why} (optional)", topic=topic))
                 continue
             state = f"{props.get('ActiveState', '?')}/{props.get('SubState', '?')}"
             restarts = props.get("NRestarts", "0")
@@ -383,7 +433,9 @@ class Doctor:
             status = props.get("StatusText", "")
             if status.startswith(CONFIG_REFUSED):
                 # up only to say so (the console's page): nothing records or sends
-                out.append(Finding("services", Level.FAIL, text, "lastmile config check says what is wrong"))
+                out.append(
+                    Finding("services", Level.FAIL, text, "lastmile config check says what is wrong", topic=topic)
+                )
             elif props.get("ActiveState") == "active" and FAULT in status.split():
                 # up, but a fault keeps it from (part of) its work: waited out, or a part down
                 out.append(
@@ -392,6 +444,7 @@ class Doctor:
                         Level.FAIL,
                         text,
                         f"up but not doing all its work: journalctl -u {unit} -n 50 says why; it retries by itself",
+                        topic=topic,
                     )
                 )
             elif props.get("ActiveState") == "active":
@@ -402,12 +455,17 @@ class Doctor:
                         level,
                         text,
                         f"restarting often: journalctl -u {unit}" if level is Level.WARN else "",
+                        topic=topic,
                     )
                 )
             else:
                 out.append(
                     Finding(
-                        "services", Level.FAIL, text, f"journalctl -u {unit} -n 50 says why; systemctl restart {unit}"
+                        "services",
+                        Level.FAIL,
+                        text,
+                        f"journalctl -u {unit} -n 50 says why; systemctl restart {unit}",
+                        topic=topic,
                     )
                 )
         return out
@@ -683,7 +741,7 @@ class Doctor:
         if oldest is not None:
             text += f"; oldest waiting {_age(oldest)}"
         faults = [
-            f"{name}: {mask_server_text(value['fault'])}"
+            (name, f"{name}: {mask_server_text(value['fault'])}")
             for name, value in stats["statuses"].items()
             if isinstance(value, dict) and value.get("fault")
         ]
@@ -701,6 +759,7 @@ class Doctor:
                     text,
                     "nothing has gone out for a week: check the "
                     "reading-center and fhir lines above, then `lastmile queue`",
+                    topic="link",
                 )
             )
         elif quarantined:
@@ -711,6 +770,7 @@ class Doctor:
                     text,
                     "`lastmile queue` shows why items are quarantined; `lastmile retry` "
                     "requeues them once the cause is fixed",
+                    topic="set-aside",
                 )
             )
         elif stuck is not None and stuck > WAITING_WARN_S:
@@ -721,18 +781,21 @@ class Doctor:
                     text,
                     "items wait for more than a day: is the link down?",
                     advice_key="waiting",
+                    topic="link",
                 )
             )
         else:
-            out.append(Finding("queue", Level.OK, text))
+            out.append(Finding("queue", Level.OK, text, topic="link"))
         out += [self._metered_finding(w, now) for w in held]
-        for fault in faults:
+        for name, fault in faults:
             out.append(
                 Finding(
                     "queue",
                     Level.FAIL,
                     f"the forwarder reports: {fault}",
                     "the peer refuses our configuration; fix it and `systemctl reload lastmile-forward`",
+                    advice_key="refused",  # the settings, not the network: the queue's FAIL advice says network
+                    topic=f"refused-{name}",
                 )
             )
         return out
@@ -766,7 +829,15 @@ class Doctor:
         else:
             widen = f"raise {section}.daily_budget_mb or widen {section}.windows"
             hint = f"working as configured; if routine items wait days, the {section} settings are too tight: {widen}"
-        return Finding("queue", level, message, hint, advice_key=advice_key, until=blocked.until)
+        return Finding(
+            "queue",
+            level,
+            message,
+            hint,
+            advice_key=advice_key,
+            until=blocked.until,
+            topic=f"{advice_key.removeprefix('metered-')}-{wait.destination}",
+        )
 
     def check_console(self) -> list[Finding]:
         """Where the doctor's console listens, and its certificate's fingerprint (the clinic
@@ -821,7 +892,8 @@ class Doctor:
         out = []
         for r in critical:
             study = patients.get(r.study_uid)
-            who = (study.patient_id if study else "") or "(unassigned)"
+            patient = study.patient_id if study else ""
+            who = patient or "(unassigned)"
             ecg = study.ecg_time[:16].replace("T", " ") if study and study.ecg_time else "?"
             out.append(
                 Finding(
@@ -829,6 +901,9 @@ class Doctor:
                     Level.FAIL,
                     f"CRITICAL report {r.id} (危急值) for patient {who}, ECG {ecg}: {r.critical[0]}",
                     f"read it now (`lastmile report show {r.id}`), act on it, then `lastmile report ack {r.id}`",
+                    advice_key="critical",
+                    topic="critical" if patient else "critical-unassigned",
+                    subject=patient,
                 )
             )
         with_report = {r.study_uid for r in reports}
@@ -844,6 +919,8 @@ class Doctor:
                     Level.FAIL,
                     f"{text}; the reading center refuses report queries: {status['fault']}",
                     "fix the reading_center / reports settings, then `systemctl reload lastmile-forward`",
+                    advice_key="queries-refused",
+                    topic="queries",
                 )
             )
         elif failing_since and self.now() - failing_since > REPORTS_FAILING_WARN_S:
@@ -853,10 +930,11 @@ class Doctor:
                     Level.WARN,
                     f"{text}; cannot ask for reports for {_age(self.now() - failing_since)}: {status.get('error')}",
                     "is the link down? `lastmile echo` tests the reading center",
+                    topic="queries",
                 )
             )
         else:
-            out.append(Finding("reports", Level.OK, text))
+            out.append(Finding("reports", Level.OK, text, topic="queries"))
         return out + self._recorder_findings(recorder)
 
     def check_visits(self) -> list[Finding]:
@@ -892,6 +970,7 @@ class Doctor:
                     Level.FAIL,
                     f"{key_fault}: no home visit can be signed nor sent to the county platform",
                     f"restore {KEY_FILE} from its backup; the visits wait and go once it is repaired",
+                    topic="signing-key",
                 )
             )
         if set_aside:
@@ -903,6 +982,7 @@ class Doctor:
                     f"{len(set_aside)} set aside, not sent to the county platform (a damaged record): "
                     f"visit {visit_id}: {why}",
                     "`lastmile visit list` shows them; once the record is repaired, `lastmile visit retry --all`",
+                    topic="set-aside",
                 )
             )
         ended = [t for t in (_epoch(r[0]) for r in unqueued) if t is not None]
@@ -916,6 +996,7 @@ class Doctor:
                     f"the oldest for {_age(self.now() - min(late))}",
                     "the forward service queues them within a minute: is it running? "
                     "systemctl status lastmile-forward; journalctl -u lastmile-forward",
+                    topic="not-queued",
                 )
             )
         if out:
@@ -940,6 +1021,8 @@ class Doctor:
                     f"{recorder['waiting']} sent ECG(s) not yet recorded: clinic.db refuses the records{age} "
                     f"({recorder.get('error')}); their reports are not asked for until then (retrying)",
                     hint,
+                    advice_key="unrecorded",
+                    topic="unrecorded",
                 )
             )
         dropped_at = recorder.get("dropped_at")
@@ -952,6 +1035,8 @@ class Doctor:
                     f"{recorder['dropped']} sent ECG(s) could not be recorded (last {_age(max(0.0, self.now() - dropped_at))}"
                     " ago): their reports may never come back here",
                     f"ask the reading center for the reports of ECGs sent then; {hint}",
+                    advice_key="lost-records",
+                    topic="lost-records",
                 )
             )
         return out
@@ -1017,6 +1102,7 @@ class Doctor:
                     Level.WARN,
                     describe_rollback(state),
                     "a steady supply for the update's first boots (a UPS); `lastmile update status`",
+                    topic="installed-version",
                 )
             )
         elif rolled_back(state) is not None:  # the round saw it (from the slots, so also back to a new card's A)
@@ -1027,6 +1113,7 @@ class Doctor:
                     describe_rollback(state),
                     "tell the county's release team; `journalctl -b -1 -u lastmile-mark-good` shows why (if that "
                     "boot's journal was kept)",
+                    topic="installed-version",
                 )
             )
         elif installed and not reboot_pending(state):
@@ -1039,15 +1126,17 @@ class Doctor:
                         f"version {installed} was installed but this gateway runs {booted}: the new slot did "
                         "not come up healthy and U-Boot went back to the old one (it is not installed again)",
                         "tell the county's release team; `journalctl -b -1` shows why the new slot failed",
+                        topic="installed-version",
                     )
                 )
         outcome = Outcome(state.last_result["outcome"])
         age = _age(self.now() - float(state.last_result.get("at", 0)))
         message = f"last round {age} ago: {outcome.value}: {state.last_result.get('message', '')}"
         if outcome in (Outcome.UP_TO_DATE, Outcome.INSTALLED, Outcome.DEFERRED):
-            return [*findings, Finding("update", Level.OK, message)]
+            return [*findings, Finding("update", Level.OK, message, topic="last-round")]
         level = Level.WARN if outcome in (Outcome.SOURCE_FAILED, Outcome.DOWNLOAD_FAILED) else Level.FAIL
-        return [*findings, Finding("update", level, message, UPDATE_HINTS.get(outcome, "lastmile update status"))]
+        hint = UPDATE_HINTS.get(outcome, "lastmile update status")
+        return [*findings, Finding("update", level, message, hint, topic="last-round")]
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -1199,10 +1288,10 @@ def _age(seconds: float) -> str:
 
 
 def render_text(findings: list[Finding]) -> str:
-    width = max((len(f.check) for f in findings), default=0)
+    width = max((len(f.label) for f in findings), default=0)
     lines = []
     for f in findings:
-        lines.append(f"{f.level.value:<4}  {f.check:<{width}}  {f.message}")
+        lines.append(f"{f.level.value:<4}  {f.label:<{width}}  {f.message}")
         if f.hint and f.level in (Level.WARN, Level.FAIL):
             lines.append(f"{'':<4}  {'':<{width}}  hint: {f.hint}")
     fails = sum(f.level is Level.FAIL for f in findings)

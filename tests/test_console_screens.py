@@ -22,7 +22,7 @@ from lastmile.reports.store import ReportStore, SentStudy
 from lastmile.visits.book import FixRecord, VisitBook, VisitPolicy
 from tests.conftest import REPO, on_private_tmpfs
 from tests.console_browser import chromium, save_screenshot, set_viewport
-from tests.console_harness import ADMIN, DOCTOR, VALID_ID, console_config, running_console
+from tests.console_harness import ADMIN, DOCTOR, VALID_ID, Client, console_config, running_console
 from tests.test_console_browser import WAIT_S, by, log_in, on_page, text_in, wait_for
 from tests.visit_harness import GPS_T, HOUSE, FakeClocks, fix_at, offset
 from uploader.report_reading import read_dicom_report
@@ -138,7 +138,7 @@ FULL_DISK_CONSOLE = r"""
 import json, os, sys
 from pathlib import Path
 from tests.conftest import fill_to_the_last_block
-from tests.console_harness import ADMIN, DOCTOR, VALID_ID, console_config, running_console
+from tests.console_harness import ADMIN, DOCTOR, VALID_ID, Client, console_config, running_console
 
 mnt = Path(sys.argv[1])
 with running_console(console_config(mnt / "data")) as server:
@@ -336,3 +336,75 @@ def test_a_replaced_report_opened_by_its_old_link_says_so_and_leads_to_the_curre
             assert not browser.find_elements(by("css"), ".report-full .replaced")  # type: ignore[attr-defined]
         finally:
             set_viewport(browser, TABLET)
+
+
+def test_a_form_from_a_page_older_than_the_login_says_so_and_leads_back_to_today(
+    browser: object, tmp_path: Path
+) -> None:
+    """The Devices page left open in one tab while the doctor logged out and in again in another:
+    adding a device there is refused (its form carries the old login's token), and the doctor read
+    a bare "refused / 已拒绝" with no word of what happened and no way on."""
+    with running_console(console_config(tmp_path / "data")) as server:
+        set_viewport(browser, PHONE)
+        log_in(browser, server)
+        browser.get(server.url + "/devices")  # type: ignore[attr-defined]
+        old_tab = browser.current_window_handle  # type: ignore[attr-defined]
+        browser.switch_to.new_window("tab")  # type: ignore[attr-defined]
+        browser.get(server.url + "/today")  # type: ignore[attr-defined]
+        browser.find_element(by("css"), "form[action='/logout'] button").click()  # type: ignore[attr-defined]
+        wait_for(browser, on_page("/login"))
+        browser.find_element(by("id"), "name").send_keys(DOCTOR[0])  # type: ignore[attr-defined]
+        browser.find_element(by("id"), "password").send_keys(DOCTOR[1] + "\n")  # type: ignore[attr-defined]
+        wait_for(browser, on_page("/today"))
+        browser.close()  # type: ignore[attr-defined]
+        browser.switch_to.window(old_tab)  # type: ignore[attr-defined]
+        browser.find_element(by("id"), "address").send_keys("AA:BB:CC:DD:EE:01\n")  # type: ignore[attr-defined]
+        wait_for(browser, on_page("/devices/pair"))
+        save_screenshot(browser, "refused-old-page-phone")
+        page = browser.find_element(by("css"), "body").text  # type: ignore[attr-defined]
+        assert "没有保存" in page and "页面" in page, page  # what happened: an old page, nothing saved
+        assert "refused" not in page and "已拒绝" not in page, page
+        fits = browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")  # type: ignore[attr-defined]
+        assert fits, "the phone must not scroll sideways"
+        browser.find_element(by("css"), "main a[href='/today']").click()  # type: ignore[attr-defined]
+        wait_for(browser, on_page("/today"), WAIT_S)
+        assert browser.find_element(by("css"), "h1").text == "今天"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("path", "said"),
+    [("/reports/999999", "没有这份报告"), ("/no-such-page", "找不到"), ("/today/check-in", "这个地址没有页面")],
+    ids=["gone-report", "unknown-address", "form-address"],
+)
+def test_an_address_that_is_not_there_says_so_in_chinese_and_leads_back_to_today(
+    browser: object, tmp_path: Path, path: str, said: str
+) -> None:
+    """A report link from an old alert (the report purged since), an old bookmark, or the address
+    a check-in left in the address bar opened again: the doctor read a bare line ("Not Found",
+    "Method Not Allowed" in English for the latter two) with the menu gone."""
+    with running_console(console_config(tmp_path / "data")) as server:
+        set_viewport(browser, PHONE)
+        log_in(browser, server)
+        browser.get(server.url + path)  # type: ignore[attr-defined]
+        save_screenshot(browser, f"not-found-{path.strip('/').replace('/', '-')}-phone")
+        page = browser.find_element(by("css"), "body").text  # type: ignore[attr-defined]
+        assert said in page, page
+        assert "Not Found" not in page and "not found" not in page and "Not Allowed" not in page, page
+        assert len(browser.find_elements(by("css"), "nav .nav a")) == 6, page  # type: ignore[attr-defined]
+        browser.find_element(by("css"), "main a[href='/today']").click()  # type: ignore[attr-defined]
+        wait_for(browser, on_page("/today"), WAIT_S)
+        assert browser.find_element(by("css"), "h1").text == "今天"  # type: ignore[attr-defined]
+
+
+def test_the_refusal_and_not_found_pages_read_english_in_english(tmp_path: Path) -> None:
+    """The same pages through gettext: a doctor who chose English reads English, not Chinese."""
+    with running_console(console_config(tmp_path / "data")) as server:
+        client = Client(server.url, language="en")
+        client.login(DOCTOR)
+        missing_page = client.get("/no-such-page")
+        refused = client.post("/devices/pair", {"address": "AA:BB:CC:DD:EE:01", "csrf": "from-an-old-page"})
+    assert missing_page.status == 404 and refused.status == 403
+    for reply in (missing_page, refused):
+        assert '<html lang="en">' in reply.body and 'href="/today"' in reply.body, reply.body
+        assert not re.search(r"[\u4e00-\u9fff]", reply.body.split("<main", 1)[1]), reply.body
+    assert "not saved" in refused.body, refused.body

@@ -38,6 +38,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 import jinja2
 from markupsafe import Markup
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
@@ -282,12 +283,41 @@ CHECK_LABELS = {
     "bluetooth": N_("Bluetooth"),
     "visits": N_("Home visits"),
 }
+# What in its check a finding is about (doctor.Finding.topic, doctor.TOPICS) when the check gives
+# several: each row says which it is (数据存储 · 剩余空间 beside 数据存储 · SD卡), never the same
+# heading twice, one OK and one warning.
+TOPIC_LABELS = {
+    "space": N_("free space"),
+    "sd-card": N_("SD card"),
+    "acquire": N_("device readings"),
+    "ble": N_("Bluetooth devices"),
+    "forward": N_("sending"),
+    "console": N_("this console"),
+    "link": N_("connection"),
+    "set-aside": N_("items set aside"),
+    "window-dicom": N_("send window for ECGs"),
+    "budget-dicom": N_("data allowance for ECGs"),
+    "window-fhir": N_("send window for visits and readings"),
+    "budget-fhir": N_("data allowance for visits and readings"),
+    "refused-reading_center": N_("refused by the reading center"),
+    "refused-fhir": N_("refused by the health platform"),
+    "critical": N_("critical result, patient %(subject)s"),
+    "critical-unassigned": N_("critical result, no patient assigned yet"),
+    "queries": N_("asking the reading center"),
+    "unrecorded": N_("ECGs not yet recorded"),
+    "lost-records": N_("ECGs that could not be recorded"),
+    "installed-version": N_("installed version"),
+    "last-round": N_("last check for updates"),
+    "signing-key": N_("signing key"),
+    "not-queued": N_("closed visits not yet queued"),
+}
 # What each check's warning or problem means for the village doctor, and what to do: the check's
 # own message (English, technical) stays below it for the county's technician.
 CHECK_ADVICE: dict[str, dict[str, str]] = {
     "config": {"FAIL": N_("The gateway's settings have a mistake: please call the county IT.")},
     "data": {
-        "WARN": N_("Storage is getting full, or set up to wear the SD card: tell the county IT."),
+        "WARN": N_("Storage is getting full: tell the county IT."),
+        "sd-card": N_("The SD card's settings need a look (they may wear it out sooner): tell the county IT."),
         "FAIL": N_("Storage problem: new measurements may not be saved. Call the county IT now."),
     },
     "root": {"WARN": N_("The system partition is writable: a power cut could damage it. Tell the county IT.")},
@@ -314,6 +344,10 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
     "queue": {
         "WARN": N_("Some items could not be sent and were set aside: tell the county IT."),
         "FAIL": N_("Nothing has been sent for a long time: check the network, then call the county IT."),
+        "refused": N_(
+            "The county refuses this gateway's settings, so nothing goes there: everything is kept here and sent "
+            "once they are fixed. Call the county IT."
+        ),
         # keys of a finding's own advice (doctor.Finding.advice_key): what holds items, and until when
         "waiting": N_(
             "Some items have waited more than a day to be sent: check the network; if it works, tell the county IT."
@@ -334,6 +368,17 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
     "reports": {
         "WARN": N_("Reports cannot be fetched from the reading center now: they come when the link is back."),
         "FAIL": N_("Open Reports now: a critical report may be waiting, or report queries are refused."),
+        # each finding's own (doctor.Finding.advice_key): a critical result is not a refused query
+        "critical": N_("A critical result has come back: open Reports now, read it and confirm that you saw it."),
+        "queries-refused": N_("The reading center refuses to send reports back: tell the county IT."),
+        "unrecorded": N_(
+            "Some ECGs that were sent could not be noted here yet, so their reports are not asked for: the gateway "
+            "keeps trying. If this stays, tell the county IT."
+        ),
+        "lost-records": N_(
+            "Some ECGs that were sent could not be noted here: their reports may not come back to this gateway. "
+            "Tell the county IT."
+        ),
     },
     "metrics": {"WARN": N_("The county cannot watch this gateway right now: tell the county IT.")},
     "update": {
@@ -367,6 +412,17 @@ def advice_for(check: str, level: str, key: str = "") -> str:
     return (key and advice.get(key)) or advice.get(level) or advice.get("FAIL") or advice.get("WARN") or UNSURE_ADVICE
 
 
+def finding_label(finding: Finding, localizer: Localizer) -> str:
+    """A finding's heading on the System page: its check, and what in it the finding is about."""
+    check = CHECK_LABELS.get(finding.check)
+    label = localizer.gettext(check) if check else finding.check
+    if not finding.topic:
+        return label
+    topic = TOPIC_LABELS.get(finding.topic)  # one unknown here still says which it is, in English
+    about = localizer.gettext(topic, subject=finding.subject) if topic else finding.topic
+    return f"{label} · {about}"
+
+
 def advice_text(finding: Finding, localizer: Localizer) -> str:
     """A finding's advice in the page's language, with when what holds it lets go."""
     advice = advice_for(finding.check, finding.level.value, finding.advice_key)
@@ -379,10 +435,19 @@ def advice_text(finding: Finding, localizer: Localizer) -> str:
 NO_SUCH_REPORT = N_("This report is not here (any more).")
 NO_REPORT_PDF = N_("The reading center sent no PDF for this report.")
 NO_PREVIEW = N_("The ECG picture is not ready (yet).")
+NO_SUCH_PAGE = N_("There is no page at this address: the link may be old or mistyped.")
 
 
-def not_found(ctx: Context, message: str) -> Response:
-    return PlainTextResponse(ctx.localizer.gettext(message), status_code=404)
+def asks_for_html(request: Request) -> bool:
+    return "text/html" in request.headers.get("accept", "")
+
+
+def not_found(request: Request, ctx: Context, message: str, *, status: int = 404) -> Response:
+    """What is not here, said on a page with the menu and a way back to Today (a picture or a
+    script asking gets the sentence alone)."""
+    if not asks_for_html(request):
+        return PlainTextResponse(ctx.localizer.gettext(message), status_code=status)
+    return render(request, ctx, "not_found.html", status=status, message=ctx.localizer.gettext(message), alerts=[])
 
 
 UNIT_DISPLAY = {" mm[Hg]": " mmHg", " Cel": " °C", " [degF]": " °F", " [lb_av]": " lb"}
@@ -695,7 +760,7 @@ async def ecg_preview(request: Request) -> Response:
     ecg = await state.run_db(state.data.ecg, item_id)
     analysis = state.analyses.result(ecg.sha256) if ecg is not None and state.analyses else None
     if analysis is None or analysis.svg_gzip is None:
-        return not_found(ctx, NO_PREVIEW)
+        return not_found(request, ctx, NO_PREVIEW)
     headers = {
         "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'",
         "cache-control": "private, no-store",
@@ -783,7 +848,7 @@ async def report_page(request: Request) -> Response:
     ctx = await context_for(request)
     model = await page_model(request, ctx, views.report, request.path_params["report_id"], ctx.user)
     if model["report"] is None:
-        return not_found(ctx, NO_SUCH_REPORT)
+        return not_found(request, ctx, NO_SUCH_REPORT)
     model["clinic_printer"] = lp_command() is not None  # CUPS on this gateway (the image has it)
     model["printed"] = request.query_params.get("printed")
     return render(request, ctx, "report.html", **model)
@@ -796,7 +861,7 @@ async def report_pdf(request: Request) -> Response:
     pdf = await state.run_db(state.data.reports.pdf, report_id)
     if pdf is None:
         found = await state.run_db(state.data.reports.report, report_id)  # gone, or no PDF: said apart
-        return not_found(ctx, NO_SUCH_REPORT if found is None else NO_REPORT_PDF)
+        return not_found(request, ctx, NO_SUCH_REPORT if found is None else NO_REPORT_PDF)
     return Response(
         pdf,
         media_type="application/pdf",
@@ -828,7 +893,7 @@ async def print_report(request: Request) -> Response:
     report_id = request.path_params["report_id"]
     found = await state.run_db(state.data.reports.report, report_id)
     if found is None:
-        return not_found(ctx, NO_SUCH_REPORT)
+        return not_found(request, ctx, NO_SUCH_REPORT)
     pdf = await state.run_db(state.data.reports.pdf, report_id) if found.has_pdf else None
     document = pdf or printable_text(found, ctx.localizer).encode("utf-8")
     outcome = await asyncio.to_thread(print_document, document, f"ECG report {report_id}")
@@ -892,7 +957,7 @@ async def system_page(request: Request) -> Response:
     ctx = await context_for(request)
     model = await page_model(request, ctx, views.system, ctx.login.user.is_admin if ctx.login else False)
     model["findings"] = await views.doctor_findings(state.config)
-    model["check_labels"] = CHECK_LABELS
+    model["finding_label"] = lambda finding: finding_label(finding, ctx.localizer)
     model["advice_text"] = lambda finding: advice_text(finding, ctx.localizer)
     model["fingerprint"] = state.fingerprint
     return render(request, ctx, "system.html", **model)
@@ -907,10 +972,9 @@ async def home(request: Request) -> Response:
 
 
 async def on_login_required(request: Request, exc: Exception) -> Response:
-    wants_page = request.method == "GET" and "text/html" in request.headers.get("accept", "")
-    if wants_page:
+    if request.method == "GET" and asks_for_html(request):
         return RedirectResponse(f"/login?next={quote(request.url.path)}", status_code=303)
-    if "text/html" in request.headers.get("accept", ""):
+    if asks_for_html(request):
         # a form from a page left open after its login ended: a page that says so, still a 401
         # (no Referer to return to: referrer-policy no-referrer), then Today
         ctx = Context(None, page_localizer(request), "")
@@ -919,21 +983,36 @@ async def on_login_required(request: Request, exc: Exception) -> Response:
 
 
 async def on_forbidden(request: Request, exc: Exception) -> Response:
+    """A form with the wrong token (a page opened before the last login, in another tab) or from
+    elsewhere: the doctor reads that it was not saved and how to do it again, not a bare refusal."""
     log.warning("refused %s %s: %s", request.method, request.url.path, exc)
-    return PlainTextResponse("refused / 已拒绝", status_code=403)
+    if not asks_for_html(request):
+        return PlainTextResponse("refused / 已拒绝", status_code=403)
+    return render(request, await error_page_context(request), "forbidden.html", status=403, alerts=[])
 
 
 async def on_not_found(request: Request, exc: Exception) -> Response:
-    return PlainTextResponse("not found / 未找到", status_code=404)
+    return not_found(request, await error_page_context(request), NO_SUCH_PAGE)
+
+
+async def on_http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own: an address no route has (an old bookmark), or a form's address opened as a
+    page (405): the not-found page; anything else as Starlette says it."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code in (404, 405):
+        response = not_found(request, await error_page_context(request), NO_SUCH_PAGE, status=exc.status_code)
+        response.headers.update(exc.headers or {})
+        return response
+    return PlainTextResponse(exc.detail, status_code=exc.status_code, headers=exc.headers)
 
 
 async def on_account_error(request: Request, exc: Exception) -> Response:
     return PlainTextResponse(str(exc), status_code=400)
 
 
-async def storage_full_context(request: Request) -> Context:
-    """The page's context on a full partition: the login, unless even reading it fails (its
-    touch is a write); then the browser's language and no login."""
+async def error_page_context(request: Request) -> Context:
+    """An error page's context: the login, unless even reading it fails (its touch is a write, on a
+    full partition); then the browser's language and no login."""
     try:
         return await context_for(request, required=False)
     except sqlite3.Error:
@@ -948,7 +1027,7 @@ async def on_storage_fault(request: Request, exc: Exception) -> Response:
     if not is_storage_full(exc):
         raise exc
     log.error("%s %s not recorded: the data partition is full (%s)", request.method, request.url.path, exc)
-    ctx = await storage_full_context(request)
+    ctx = await error_page_context(request)
     return render(request, ctx, "storage_full.html", status=507, alerts=[])
 
 
@@ -1000,6 +1079,7 @@ def build_app(state: ConsoleState) -> ASGIApp:
             Forbidden: on_forbidden,
             AccountError: on_account_error,
             NotFound: on_not_found,
+            HTTPException: on_http_exception,
             sqlite3.OperationalError: on_storage_fault,
             OutboxFullError: on_storage_fault,
         },
