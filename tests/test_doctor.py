@@ -447,6 +447,7 @@ def test_home_visits_set_aside_a_damaged_key_and_visits_not_queued_for_a_day(tmp
     late = doctor(tmp_path, now=lambda: now + 2 * 86400).check_visits()
     assert [f.level for f in late] == [Level.WARN, Level.WARN], late
     assert "1 closed visit(s) not queued" in late[1].message and "lastmile-forward" in late[1].hint
+    assert [f.topic for f in late] == ["set-aside", "not-queued"]  # two rows, each saying which
     (tmp_path / KEY_FILE).write_bytes(b"-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n")
     found = doctor(tmp_path, now=lambda: now + 60).check_visits()
     assert Level.FAIL in [f.level for f in found] and any("backup" in f.hint for f in found), found
