@@ -34,8 +34,6 @@ from uploader.dicom_association import PeerSettings, stop_server
 from uploader.dicom_query import FIND, KeptQueryAssociation
 from uploader.errors import TransientError
 
-pytestmark = pytest.mark.usefixtures("restored_logging")
-
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float = 60.0, what: str = "") -> None:
     deadline = time.monotonic() + timeout_s
