@@ -15,7 +15,7 @@ from pathlib import Path
 from lastmile.clinic.devices import DeviceRecord, DeviceRegistry
 from lastmile.doctor import Level
 from tests.conftest import shared_file
-from tests.serial_pty import PtyDevice, wait_for
+from tests.serial_pty import PtyDevice
 from tests.service_harness import (
     EXAMPLE_PROFILE,
     VITALS_REPORT,
@@ -25,6 +25,7 @@ from tests.service_harness import (
     status_with,
     stop_child,
 )
+from tests.waiting import wait_for
 from uploader.outbox import Outbox
 
 
