@@ -16,9 +16,18 @@ import pytest
 
 from lastmile.visits.book import FixRecord, VisitBook, VisitPolicy
 from tests.conftest import REPO, on_private_tmpfs
-from tests.console_browser import chromium, save_screenshot, set_viewport
+from tests.console_browser import (
+    WAIT_S,
+    by,
+    chromium,
+    log_in,
+    on_page,
+    save_screenshot,
+    set_viewport,
+    text_in,
+    wait_for,
+)
 from tests.console_harness import ADMIN, DOCTOR, VALID_ID, console_config, running_console
-from tests.test_console_browser import WAIT_S, by, log_in, on_page, text_in, wait_for
 from tests.visit_harness import GPS_T, HOUSE, FakeClocks, fix_at, offset
 
 pytestmark = pytest.mark.timeout(600)
