@@ -13,15 +13,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.conftest import REPO
 
 
-def test_a_command_run_in_a_test_leaves_no_handler_on_its_closed_capture() -> None:
+def test_a_command_run_in_a_test_leaves_no_handler_on_its_closed_capture(tmp_path: Path) -> None:
     command_test = "tests/test_serial_cmd.py::test_scan_test_and_list"  # main() under capsys
     threaded_test = "tests/test_serial_link.py::test_bridge_over_pty_delivers_and_acks"  # logs from its thread
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", command_test, threaded_test],
+        # --basetemp: its own temporary directories, never the numbered ones of the run around it
+        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "inner")]
+        + [command_test, threaded_test],
         cwd=REPO,
         capture_output=True,
         text=True,
