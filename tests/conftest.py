@@ -151,10 +151,12 @@ def shared_dir() -> Path:
     return SHARED
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def restored_logging() -> Iterator[None]:
-    """`lastmile.cli.main()` points the root logger at the captured stderr of the test that ran
-    it, closed once that test ends: drop such a handler left by an earlier test (pytest's own are
+    """`lastmile.cli.main()` (and a service's `configure_logging`) points the root logger at the
+    captured stderr of the test that ran it, closed once that test ends: every later record from any
+    thread then failed with "--- Logging error ---" (on the real stderr when it fell between two
+    tests). For every test: drop such a handler left by an earlier one (pytest's own are
     subclasses), and put the root logger back as it was afterwards."""
     import logging
 

@@ -1,4 +1,5 @@
-"""Debian's Chromium driven through chromium-driver (Selenium), as the console's browser tests use it.
+"""Debian's Chromium driven through chromium-driver (Selenium), as the console's browser tests use it,
+and what those tests share: finding elements, waiting (WAIT_S) for a page or a text, logging in.
 
 Never downloads a browser or a driver: /usr/bin/chromium and /usr/bin/chromedriver come from apt
 (scripts/setup.sh --test). Flags as verified on these machines: headless, no sandbox (root), and no
@@ -11,11 +12,14 @@ import base64
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+from lastmile.console.service import ConsoleServer
 from tests.conftest import REPO, missing
+from tests.console_harness import DOCTOR
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -36,6 +40,7 @@ CHROMIUM_FLAGS = (
 )
 PHONE = (360, 640)
 TABLET = (1280, 800)
+WAIT_S = 90.0  # generous: two cores, other suites running
 
 
 def screenshot_dir() -> Path:
@@ -96,3 +101,36 @@ def save_screenshot(driver: object, name: str, *, full_page: bool = True) -> Pat
     path = screenshot_dir() / f"{name}.png"
     path.write_bytes(base64.b64decode(shot["data"]))
     return path
+
+
+def by(kind: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    return {"id": By.ID, "css": By.CSS_SELECTOR, "xpath": By.XPATH}[kind]
+
+
+def wait_for(driver: object, condition: object, timeout: float = WAIT_S) -> object:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(condition)
+
+
+def text_in(driver: object, css: str, text: str, timeout: float = WAIT_S) -> None:
+    from selenium.webdriver.support import expected_conditions as ec
+
+    wait_for(driver, ec.text_to_be_present_in_element((by("css"), css), text), timeout)
+
+
+def on_page(path: str) -> Callable[[Any], bool]:
+    """The browser shows `path` (not merely a URL ending in it: `/login?next=/today` does)."""
+    from urllib.parse import urlsplit
+
+    return lambda d: urlsplit(d.current_url).path == path
+
+
+def log_in(driver: object, server: ConsoleServer, user: tuple[str, str] = DOCTOR) -> None:
+    driver.delete_all_cookies()  # type: ignore[attr-defined]
+    driver.get(server.url + "/login")  # type: ignore[attr-defined]
+    driver.find_element(by("id"), "name").send_keys(user[0])  # type: ignore[attr-defined]
+    driver.find_element(by("id"), "password").send_keys(user[1] + "\n")  # type: ignore[attr-defined]
+    wait_for(driver, on_page("/today"))

@@ -149,13 +149,3 @@ class ManagerThread:
         self.thread.join(10)
         assert not self.thread.is_alive(), "link manager did not stop"
         self.manager.close()
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.01) -> float:
-    """Wait until predicate() is true; returns the seconds it took; AssertionError on timeout."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
-    return time.monotonic() - start

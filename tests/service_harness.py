@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from lastmile.config import parse_config
@@ -152,12 +151,3 @@ def fhir_token_file(directory: Path) -> str:
     path.write_text(FHIR_TOKEN + "\n")
     path.chmod(0o600)
     return str(path)
-
-
-def wait_until(condition: Callable[[], object], limit_s: float = 150.0, what: str = "condition") -> None:
-    """Event-driven wait; the limit is generous because each wait includes a `lastmile forward`
-    start-up, which takes over 10 s on a 2-core machine under full load."""
-    deadline = time.monotonic() + limit_s
-    while not condition():
-        assert time.monotonic() < deadline, f"no {what} within {limit_s} s"
-        time.sleep(0.05)

@@ -112,8 +112,9 @@ def test_monitor_readings_not_yet_stored_survive_an_unplug(tmp_path: Path, seria
     hands them on) and builds a new one on reconnect: a monitor's cable wiggled, or unplugged to
     move it, while storage was briefly unavailable, and the blood pressure, pulse and temperature
     it printed are gone - after the retry design promised to keep them."""
-    from tests.serial_pty import PtyDevice, wait_for
+    from tests.serial_pty import PtyDevice
     from tests.test_ascii_report import VITALS_REPORT
+    from tests.waiting import wait_for
 
     link = tmp_path / "usb-monitor"
     monitor = PtyDevice(link)
@@ -144,7 +145,8 @@ def test_bridge_ecg_not_yet_stored_survives_an_unplug(tmp_path: Path, serial_ser
     ECG_END then meets a new handler that NACKs it as "no such recording": the ECG is lost."""
     from firmware_bridge.bridge_simulator import EcgStreamSimulator
     from firmware_bridge.firmware.bridge_core import BridgeCore
-    from tests.serial_pty import PtyDevice, wait_for
+    from tests.serial_pty import PtyDevice
+    from tests.waiting import wait_for
 
     link = tmp_path / "usb-ecg"
     bridge = PtyDevice(link)
@@ -180,8 +182,9 @@ def test_a_report_finished_by_silence_stays_with_the_patient_it_arrived_for(tmp_
     import json
 
     from lastmile.clinic.observations import ObservationStore
-    from tests.serial_pty import PtyDevice, wait_for
+    from tests.serial_pty import PtyDevice
     from tests.test_ascii_report import VITALS_REPORT
+    from tests.waiting import wait_for
 
     example = (Path(__file__).parents[1] / "firmware_bridge" / "profiles" / "example-vitals-monitor.toml").read_text(
         encoding="utf-8"

@@ -10,7 +10,8 @@ from lastmile.config import Config
 from lastmile.services.acquire import gnss_part
 from lastmile.visits.book import VisitBook, VisitPolicy
 from tests.conftest import shared_file
-from tests.serial_pty import PtyDevice, wait_for
+from tests.serial_pty import PtyDevice
+from tests.waiting import wait_for
 
 
 def config_for(tmp_path, **gps) -> Config:

@@ -18,8 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from lastmile.services.runtime import EXIT_OK, ServiceRuntime
 from lastmile.services.sdnotify import SystemdNotifier
 from tests.conftest import REPO, missing
 from tests.service_harness import Manager
+from tests.waiting import wait_for
 
 THERMO = "C0:00:00:00:25:02"
 pytestmark = pytest.mark.timeout(120)
@@ -48,16 +48,6 @@ def write_config(path: Path, data_dir: Path, *, ble: bool) -> Path:
         f"[ble]\nenabled = {'true' if ble else 'false'}\nscan_interval_s = 0.5\n"
     )
     return path
-
-
-def wait_until(what: str, condition: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @contextlib.contextmanager
@@ -114,17 +104,21 @@ def test_ble_run_without_a_usable_radio_stays_up_says_why_and_keeps_the_journal_
     no_bus = f"unix:path={tmp_path / 'no-system-bus'}"
     with ble_running(config, manager, DBUS_SYSTEM_BUS_ADDRESS=no_bus) as (proc, output):
         manager.wait_for("READY=1", timeout=60)
-        said = wait_until(
-            "STATUS= with the radio's fault",
-            # all messages so far: READY=1's own STATUS= may already carry it
+        # all messages so far: READY=1's own STATUS= may already carry it
+        said = wait_for(
             lambda: manager.drain(0.5) is None or [m for m in manager.messages if "Bluetooth radio not usable" in m],
+            60,
+            what="STATUS= with the radio's fault",
+            interval=0.1,
         )
         assert "ble up; Bluetooth radio not usable: FileNotFoundError" in said[0]
         assert "(the system D-Bus or BlueZ is not running)" in said[0]
         pings: list[str] = []
-        wait_until(
-            "three watchdog pings after the fault",
+        wait_for(
             lambda: pings.extend(m for m in manager.drain(0.5) if "WATCHDOG=1" in m.split("\n")) or len(pings) >= 3,
+            60,
+            what="three watchdog pings after the fault",
+            interval=0.1,
         )
         assert proc.poll() is None  # still the same process: not restarted over the radio
         proc.send_signal(signal.SIGTERM)
@@ -201,7 +195,7 @@ def test_the_ble_service_records_a_paired_device_after_a_reload_enables_ble(tmp_
             finally:
                 registry.close()
 
-        assert "37.4" in wait_until("the thermometer's reading", last_reading)
+        assert "37.4" in wait_for(last_reading, 60, what="the thermometer's reading", interval=0.1)
         assert services[0].part is not None and services[0].part.status() == "ble up"
     finally:
         runtime.request_stop()

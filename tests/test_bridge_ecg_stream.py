@@ -18,7 +18,8 @@ from devices.identity import DeviceIdentity, TimeSource
 from firmware_bridge.bridge_simulator import EcgStreamSimulator, ecg_samples
 from firmware_bridge.firmware.bridge_core import BridgeCore
 from firmware_bridge.serial_link import LinkSpec, PortMatch
-from tests.serial_pty import ManagerThread, PtyDevice, SessionHandler, wait_for
+from tests.serial_pty import ManagerThread, PtyDevice, SessionHandler
+from tests.waiting import wait_for
 
 NOW = dt.datetime(2025, 3, 4, 10, 0, tzinfo=dt.timezone.utc)
 START = codec.EcgStart(1, codec.TIME_SYNCED, int(NOW.timestamp() * 1000) - 5000, 500, 2.5, STANDARD_12_LEADS)

@@ -13,8 +13,6 @@ from lastmile.cli import main as cli
 from lastmile.config import ConfigError, parse_config, render_defaults
 from tests.service_harness import EXAMPLE_PROFILE
 
-pytestmark = pytest.mark.usefixtures("restored_logging")
-
 # (file text, line of the mistake, words of the message); one case per mistake.
 MISTAKES = [
     ("[reading_center]\nhost = 'pacs'\nport = 70000\n", 3, "'reading_center.port' must be a TCP port from 1 to 65535"),

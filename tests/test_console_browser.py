@@ -21,7 +21,19 @@ from lastmile.config import Config
 from lastmile.console.service import ConsoleServer
 from lastmile.console.sources import ReportView
 from tests.conftest import require_module
-from tests.console_browser import PHONE, TABLET, chromium, save_screenshot, set_viewport
+from tests.console_browser import (
+    PHONE,
+    TABLET,
+    WAIT_S,
+    by,
+    chromium,
+    log_in,
+    on_page,
+    save_screenshot,
+    set_viewport,
+    text_in,
+    wait_for,
+)
 from tests.console_harness import (
     ADMIN,
     DOCTOR,
@@ -38,7 +50,6 @@ from tests.console_harness import (
 pytestmark = pytest.mark.timeout(600)
 
 T = TypeVar("T")
-WAIT_S = 90.0  # generous: two cores, other suites running
 WRONG_CHECK = "110105194912310021"
 
 
@@ -52,39 +63,6 @@ def browser() -> Iterator[object]:
 def console(tmp_path: Path) -> Iterator[ConsoleServer]:
     with running_console(console_config(tmp_path / "data")) as server:
         yield server
-
-
-def by(kind: str) -> str:
-    from selenium.webdriver.common.by import By
-
-    return {"id": By.ID, "css": By.CSS_SELECTOR, "xpath": By.XPATH}[kind]
-
-
-def wait_for(driver: object, condition: object, timeout: float = WAIT_S) -> object:
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(condition)
-
-
-def text_in(driver: object, css: str, text: str, timeout: float = WAIT_S) -> None:
-    from selenium.webdriver.support import expected_conditions as ec
-
-    wait_for(driver, ec.text_to_be_present_in_element((by("css"), css), text), timeout)
-
-
-def on_page(path: str) -> Callable[[Any], bool]:
-    """The browser shows `path` (not merely a URL ending in it: `/login?next=/today` does)."""
-    from urllib.parse import urlsplit
-
-    return lambda d: urlsplit(d.current_url).path == path
-
-
-def log_in(driver: object, server: ConsoleServer, user: tuple[str, str] = DOCTOR) -> None:
-    driver.delete_all_cookies()  # type: ignore[attr-defined]
-    driver.get(server.url + "/login")  # type: ignore[attr-defined]
-    driver.find_element(by("id"), "name").send_keys(user[0])  # type: ignore[attr-defined]
-    driver.find_element(by("id"), "password").send_keys(user[1] + "\n")  # type: ignore[attr-defined]
-    wait_for(driver, on_page("/today"))
 
 
 def live_stream_open(driver: object) -> None:

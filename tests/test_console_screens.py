@@ -21,9 +21,18 @@ from lastmile.demo.cardiologist import StudyToRead, ecg_report_sr, part10
 from lastmile.reports.store import ReportStore, SentStudy
 from lastmile.visits.book import FixRecord, VisitBook, VisitPolicy
 from tests.conftest import REPO, on_private_tmpfs
-from tests.console_browser import chromium, save_screenshot, set_viewport
+from tests.console_browser import (
+    WAIT_S,
+    by,
+    chromium,
+    log_in,
+    on_page,
+    save_screenshot,
+    set_viewport,
+    text_in,
+    wait_for,
+)
 from tests.console_harness import ADMIN, DOCTOR, VALID_ID, Client, console_config, running_console
-from tests.test_console_browser import WAIT_S, by, log_in, on_page, text_in, wait_for
 from tests.visit_harness import GPS_T, HOUSE, FakeClocks, fix_at, offset
 from uploader.report_reading import read_dicom_report
 

@@ -30,6 +30,7 @@ from lastmile.config import load_config
 from lastmile.ecg.intake import enqueue_recording
 from lastmile.data_dir import open_outbox
 from tests.ecg_factories import make_recording
+from tests.waiting import wait_for
 from uploader.errors import OutboxFullError
 
 mnt, cfg_file, log_file, marker = Path(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4])
@@ -38,12 +39,8 @@ data = config.data_dir
 reserve = data / "reserve.space"
 out = {"uids": []}
 
-def wait_for(condition, what, limit_s=120):
-    deadline = time.monotonic() + limit_s
-    while not condition():
-        if time.monotonic() > deadline or service.poll() is not None:
-            raise SystemExit(f"gave up waiting for {what}: {out}")
-        time.sleep(0.2)
+def drained(condition, what, limit_s):  # until condition(), or the service is gone (the test shows its journal)
+    wait_for(lambda: condition() or service.poll() is not None, limit_s, what=f"{what}: {out}", interval=0.2)
 
 def fill():
     fd = os.open(mnt / f"filler{len(list(mnt.glob('filler*')))}", os.O_WRONLY | os.O_CREAT)
@@ -94,12 +91,12 @@ try:
     # A little room comes back (a log rotated): half the size of the spent reserve.
     with open(mnt / "filler0", "r+b") as f:
         f.truncate(os.fstat(f.fileno()).st_size - 512 * 1024)
-    wait_for(lambda: counts().get("purged", 0) == len(out["uids"]), "everything sent and purged", 240)
+    drained(lambda: counts().get("purged", 0) == len(out["uids"]), "everything sent and purged", 240)
     out["alive"] = service.poll() is None
     # and intake takes ECGs again, which go too
     with open_outbox(config) as intake:
         out["uids"].append(enqueue_recording(intake, make_recording(5000), config, key="after").item.meta["sop_instance_uid"])
-    wait_for(lambda: counts().get("purged", 0) == len(out["uids"]), "the new ECG sent and purged", 120)
+    drained(lambda: counts().get("purged", 0) == len(out["uids"]), "the new ECG sent and purged", 120)
     out["counts"] = counts()
     out["queue_after"] = lastmile("queue")
 finally:

@@ -24,7 +24,7 @@ from lastmile.services.forward import forwarder_settings, open_outbox
 from tests.conftest import require_private_netns
 from tests.ecg_factories import make_recording
 from tests.peers import free_port, gateway_modality
-from tests.service_harness import wait_until
+from tests.waiting import wait_for
 from uploader.ecg_forwarder import EcgForwarder
 from uploader.outbox import DB_NAME, ItemState
 
@@ -91,7 +91,7 @@ def counts(config: Config) -> dict:
 
 def wait_for_counts(config: Config, what: str, **states: int) -> None:
     """Until the outbox holds exactly `states[s]` items in each state `s` named (another process sends)."""
-    wait_until(lambda: all(counts(config).get(state) == n for state, n in states.items()), what=what)
+    wait_for(lambda: all(counts(config).get(state) == n for state, n in states.items()), 150, what=what, interval=0.05)
 
 
 def pump(config: Config, until, limit_s: float = 60.0) -> None:
@@ -508,7 +508,9 @@ def test_send_killed_n_times_is_quarantined_and_the_rest_flows(tmp_path, scripte
     for kill in range(1, 4):
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            wait_until(lambda n=kill: scp.arrivals.count(crasher) == n, what=f"send {kill} of the crasher")
+            wait_for(
+                lambda n=kill: scp.arrivals.count(crasher) == n, 150, what=f"send {kill} of the crasher", interval=0.05
+            )
             proc.send_signal(signal.SIGKILL)  # mid-send: its bytes went out, no answer recorded
         finally:
             proc.kill()

@@ -27,9 +27,9 @@ from tests.test_stat_overtakes import (
     forwarding,
     make_config,
     slow_link,
-    wait_until,
     wait_until_stored_and_sent,
 )
+from tests.waiting import wait_for
 from uploader import dicom_store
 from uploader.ecg_forwarder import LINK_STATUS_NAME, EcgForwarder, RoundResult, StatLane
 from uploader.link_pacing import (
@@ -392,14 +392,14 @@ def test_paced_routine_sending_keeps_the_modem_buffer_nearly_empty(tmp_path: Pat
         enqueue(config, range(12), seconds=10.0)  # ~64 kB each deflated
         with forwarding_observed(config, events) as fwd:
             # unpaced until the first objects are measured: the buffer fills, then drains
-            wait_until(lambda: len(arrivals(scp)) >= 5, "five routine studies")
+            wait_for(lambda: len(arrivals(scp)) >= 5, 120, what="five routine studies")
             assert fwd.pacer.pace is not None
             most = 0
             while len(arrivals(scp)) < 11:
                 assert relay.up is not None
                 most = max(most, relay.up.queued)
                 threading.Event().wait(0.005)
-            wait_until(lambda: len(set(arrivals(scp))) == 12, "all twelve")
+            wait_for(lambda: len(set(arrivals(scp))) == 12, 120, what="all twelve")
     # unpaced, two associations keep the buffer at its limit (64 kB + the bandwidth-delay product)
     limit = relay.up.limit
     assert most < 0.4 * limit, (most, limit, fwd.pacer.pace, fwd.pacer.measured)
@@ -425,7 +425,9 @@ def test_a_cut_sends_the_stat_study_on_its_own_association_at_once(
         config = make_config(tmp_path, relay.port, associations=1)
         [routine] = enqueue(config, range(1), seconds=10.0)
         with forwarding_observed(config, events):
-            wait_until(lambda: relay.up is not None and relay.up.bytes_total > 4000, "a routine transfer on the wire")
+            wait_for(
+                lambda: relay.up is not None and relay.up.bytes_total > 4000, 120, what="a routine transfer on the wire"
+            )
             [stat] = enqueue(config, range(100, 101), stat=True)
             wait_until_stored_and_sent(config, scp, {routine, stat}, "both studies", limit_s=180)
     assert arrivals(scp)[0] == stat
@@ -681,7 +683,7 @@ def test_a_new_links_estimate_never_exceeds_its_rate(
         rc.port = relay.port
         enqueue(config, range(10), seconds=10.0)
         with forwarding(config):
-            wait_until(lambda: len(orthanc.instances()) == 10, "ten routine studies", limit_s=120)
+            wait_for(lambda: len(orthanc.instances()) == 10, 120, what="ten routine studies")
     assert len(estimates) >= 10, estimates
     # measured from what was stored, the estimate is about the link's rate at most: a probe's
     # sample may come out a few per cent above it (the peer's storing time varies: up to 1.048

@@ -36,9 +36,9 @@ from tests.test_stat_overtakes import (
     forwarding,
     make_config,
     slow_link,
-    wait_until,
     wait_until_stored_and_sent,
 )
+from tests.waiting import wait_for
 from uploader.ecg_forwarder import LINK_STATUS_NAME, EcgForwarder
 from uploader.link_pacing import (
     COMMAND_DONE,
@@ -240,7 +240,7 @@ def test_three_paced_associations_send_each_study_once_and_stat_overtakes(
             outbox.record_status(LINK_STATUS_NAME, {"bytes_per_s": 400e3 / 8}, time.time())
         routine = enqueue(config, range(9))
         with forwarding(config):
-            wait_until(lambda: len(arrivals(scp)) >= 1, "the first routine study")
+            wait_for(lambda: len(arrivals(scp)) >= 1, 120, what="the first routine study")
             before = len(set(arrivals(scp)))
             [stat] = enqueue(config, range(100, 101), stat=True)
             wait_until_stored_and_sent(config, scp, {*routine, stat}, "all ten studies")

@@ -23,7 +23,7 @@ from lastmile.demo.reading_center import EmbeddedReadingCenter
 from lastmile.ecg.intake import enqueue_recording
 from lastmile.services.forward import forwarder_settings, open_outbox
 from tests.ecg_factories import make_recording
-from tests.service_harness import wait_until
+from tests.waiting import wait_for
 from uploader.ecg_forwarder import EcgForwarder
 from uploader.metering import Meter, MeterPolicy, SendWindow
 from uploader.outbox import ItemState
@@ -378,7 +378,7 @@ def test_bytes_of_a_store_that_timed_out_count_against_the_budget(config, script
             fwd.run_round(threading.Event())
             return len(scp.arrivals) == 2
 
-        wait_until(sent_again, what="the second try")
+        wait_for(sent_again, 150, what="the second try", interval=0.05)
         blocked = fwd.meter.blocked(time.time())
         assert blocked is not None and blocked.reason == "budget"  # two tries spent the day's budget
 
@@ -386,7 +386,7 @@ def test_bytes_of_a_store_that_timed_out_count_against_the_budget(config, script
             queued = outbox.items(state=ItemState.QUEUED)
             return len(queued) == 3 and max(i.next_attempt_at for i in queued) <= time.time()
 
-        wait_until(due_again, what="the items' backoff to end")
+        wait_for(due_again, 150, what="the items' backoff to end", interval=0.05)
         fwd.run_round(threading.Event())
         assert len(scp.arrivals) == 2  # nothing more goes today
 

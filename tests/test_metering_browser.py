@@ -14,10 +14,9 @@ from lastmile.config import Config
 from lastmile.data_dir import open_outbox
 from lastmile.ecg.intake import enqueue_recording
 from lastmile.services.metered import meters
-from tests.console_browser import TABLET, chromium, save_screenshot, set_viewport
+from tests.console_browser import TABLET, by, chromium, log_in, on_page, save_screenshot, set_viewport, wait_for
 from tests.console_harness import console_config, running_console
 from tests.ecg_factories import make_recording
-from tests.test_console_browser import by, log_in, on_page, wait_for
 from tests.test_metering_advice import DAY, shut_window
 
 pytestmark = pytest.mark.timeout(600)

@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,26 +27,13 @@ from lastmile.demo.loopback import free_port
 from tests.conftest import REPO, require_tool
 from tests.metrics_harness import config_at, parse_exposition, queue_ecgs, scrape, write_config
 from tests.peers import ScriptedStoreSCP, wait_for_port
+from tests.waiting import wait_for
 
 LASTMILE = [sys.executable, "-m", "lastmile"]
 RULES = REPO / "docs/prometheus/lastmile-alerts.yml"
 WAIT_S = 120.0
-
-
-def wait_until(what: str, check: Callable[[], Any], timeout_s: float = WAIT_S) -> Any:
-    """Poll until `check()` is truthy; its last value in the failure message."""
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except (OSError, ValueError, KeyError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+# what a Prometheus still starting (or not yet scraped) answers: not yet, rather than a failure
+SCRAPE_ERRORS = (OSError, ValueError, KeyError)
 
 
 class Prometheus:
@@ -78,7 +65,13 @@ class Prometheus:
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
-        wait_until("Prometheus ready", lambda: self.get("/-/ready", raw=True))
+        wait_for(
+            lambda: self.get("/-/ready", raw=True),
+            WAIT_S,
+            what="Prometheus ready",
+            interval=0.25,
+            tolerate=SCRAPE_ERRORS,
+        )
 
     def get(self, path: str, raw: bool = False, **params: str) -> Any:
         if self.proc.poll() is not None:
@@ -186,14 +179,23 @@ def test_prometheus_scrapes_the_gateway_and_sees_what_it_holds(gateway: dict[str
     print(f"one scrape: {len(body)} bytes, {len(parse_exposition(body.decode()))} samples")
     prom = Prometheus(tmp_path / "prometheus", target)
     try:
-        wait_until("the target up", lambda: prom.one(f'up{{instance="{target}"}}') == 1)
+        wait_for(
+            lambda: prom.one(f'up{{instance="{target}"}}') == 1,
+            WAIT_S,
+            what="the target up",
+            interval=0.25,
+            tolerate=SCRAPE_ERRORS,
+        )
         # what the intake queued, as Prometheus stored it
-        wait_until(
-            "3 queued DICOM items",
+        wait_for(
             lambda: (
                 prom.one('lastmile_queue_items{state="queued",kind="dicom"}') == 3
                 and prom.one('lastmile_queue_items{state="sending",kind="dicom"}') == 0
             ),
+            WAIT_S,
+            what="3 queued DICOM items",
+            interval=0.25,
+            tolerate=SCRAPE_ERRORS,
         )
         assert prom.one('lastmile_queue_held_items{kind="dicom",reason="re-record"}') == 1
         verdicts = [m["quality"]["verdict"] for m in gateway["metas"]]
@@ -202,8 +204,7 @@ def test_prometheus_scrapes_the_gateway_and_sees_what_it_holds(gateway: dict[str
         }
         assert prom.one('lastmile_gateway_info{gateway="clinic-xiaohe-01"}') == 1
         # the forward service met a reading center that refuses this gateway
-        wait_until(
-            "the link refused",
+        wait_for(
             lambda: (
                 prom.query('lastmile_link_state{destination="dicom"}')
                 == {
@@ -213,6 +214,10 @@ def test_prometheus_scrapes_the_gateway_and_sees_what_it_holds(gateway: dict[str
                     "destination=dicom,state=up": 0.0,
                 }
             ),
+            WAIT_S,
+            what="the link refused",
+            interval=0.25,
+            tolerate=SCRAPE_ERRORS,
         )
         assert prom.one('lastmile_last_success_timestamp_seconds{destination="dicom"}') is None
         assert prom.one('lastmile_queue_items{state="queued",kind="dicom"}') == 3  # nothing lost or quarantined
@@ -222,13 +227,16 @@ def test_prometheus_scrapes_the_gateway_and_sees_what_it_holds(gateway: dict[str
         assert len(rules) == written == 15 and all(r["health"] == "ok" for r in rules), [
             r for r in rules if r["health"] != "ok"
         ]
-        wait_until(
-            "LastmileReadingCenterRefusesGateway pending",
+        wait_for(
             lambda: [
                 a
                 for a in prom.get("/api/v1/alerts")["alerts"]
                 if a["labels"]["alertname"] == "LastmileReadingCenterRefusesGateway" and a["state"] == "pending"
             ],
+            WAIT_S,
+            what="LastmileReadingCenterRefusesGateway pending",
+            interval=0.25,
+            tolerate=SCRAPE_ERRORS,
         )
         # the disk as statvfs sees it (other tests write meanwhile: within 1 % of the partition)
         st = os.statvfs(config_at(gateway["config"]).data_dir)
@@ -238,7 +246,13 @@ def test_prometheus_scrapes_the_gateway_and_sees_what_it_holds(gateway: dict[str
         assert free is not None and abs(free - st.f_bavail * st.f_frsize) < size / 100
         # the services, from their cgroups and /proc
         forward = gateway["procs"][0]
-        rss = wait_until("forward's RSS", lambda: prom.one('lastmile_service_resident_bytes{service="forward"}'))
+        rss = wait_for(
+            lambda: prom.one('lastmile_service_resident_bytes{service="forward"}'),
+            WAIT_S,
+            what="forward's RSS",
+            interval=0.25,
+            tolerate=SCRAPE_ERRORS,
+        )
         assert 0.5 < rss / rss_of(forward.pid) < 2.0
         assert prom.query("lastmile_service_up") == {
             "service=acquire": 0.0,
@@ -255,9 +269,12 @@ def test_prometheus_scrapes_the_gateway_and_sees_what_it_holds(gateway: dict[str
         again = start(gateway["config"], "forward", log=gateway["log"])
         gateway["procs"][0] = again
         gateway["units"].put("lastmile-forward.service", again.pid)
-        wait_until(
-            "the restart counted",
+        wait_for(
             lambda: prom.one('changes(lastmile_service_start_time_seconds{service="forward"}[10m])') == 1,
+            WAIT_S,
+            what="the restart counted",
+            interval=0.25,
+            tolerate=SCRAPE_ERRORS,
         )
         assert prom.one('lastmile_service_start_time_seconds{service="forward"}') > first_start
         assert prom.one('lastmile_queue_items{state="queued",kind="dicom"}') == 3

@@ -23,8 +23,6 @@ from lastmile.config import parse_config
 from lastmile.services.forward import ForwardService
 from tests.conftest import REPO, missing, require_private_netns, require_tool
 
-pytestmark = pytest.mark.usefixtures("restored_logging")
-
 # Each writing command with what it needs; `{file}` is an existing file to import.
 WRITERS = {
     "queue": ["queue"],

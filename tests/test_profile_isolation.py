@@ -19,7 +19,7 @@ from firmware_bridge.firmware.bridge_core import BridgeCore
 from lastmile.clinic.devices import DeviceRecord, DeviceRegistry
 from lastmile.doctor import Level
 from tests.conftest import shared_file
-from tests.serial_pty import PtyDevice, wait_for
+from tests.serial_pty import PtyDevice
 from tests.service_harness import (
     EXAMPLE_PROFILE,
     VITALS_REPORT,
@@ -30,6 +30,7 @@ from tests.service_harness import (
     stop_child,
 )
 from tests.test_serial_service import Running, talk_as_bridge, wait_for_answers
+from tests.waiting import wait_for
 from uploader.outbox import Outbox
 
 

@@ -30,18 +30,10 @@ from lastmile.services.forward import ForwardService
 from tests.ecg_factories import make_recording
 from tests.peers import OrthancServer, free_port
 from tests.report_peers import GATEWAY_AE, gateway_config, poller_for, send_ecgs, to_read
+from tests.waiting import wait_for
 from uploader.dicom_association import PeerSettings, stop_server
 from uploader.dicom_query import FIND, KeptQueryAssociation
 from uploader.errors import TransientError
-
-pytestmark = pytest.mark.usefixtures("restored_logging")
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float = 60.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what or predicate}"
-        time.sleep(0.05)
 
 
 def verbose(orthanc: OrthancServer) -> None:
@@ -95,7 +87,12 @@ def test_stat_rounds_share_one_association_at_orthanc_released_once_polling_slow
         for _ in range(6):  # 6 STAT rounds, 25 s apart on the poller's clock
             assert next_round(poller, now).asked == 1
             assert poller.queries.is_open  # the next round comes within keep_association_s
-        wait_for(lambda: at_orthanc(orthanc, "Incoming Find request") - finds0 >= 6, what="6 C-FINDs at Orthanc")
+        wait_for(
+            lambda: at_orthanc(orthanc, "Incoming Find request") - finds0 >= 6,
+            60,
+            what="6 C-FINDs at Orthanc",
+            interval=0.05,
+        )
         assert at_orthanc(orthanc, "Incoming Find request") - finds0 == 6
         assert at_orthanc(orthanc, "Association Received") - assoc0 == 1  # one association for all six
         assert (poller.queries.opened, poller.queries.reused) == (1, 5)
@@ -120,7 +117,9 @@ def test_stat_rounds_share_one_association_at_orthanc_released_once_polling_slow
         for _ in range(3):
             next_round(poller, now)
             assert poller.queries is not None and not poller.queries.is_open
-        wait_for(lambda: at_orthanc(orthanc, "Association Received") - base >= 3, what="3 associations")
+        wait_for(
+            lambda: at_orthanc(orthanc, "Association Received") - base >= 3, 60, what="3 associations", interval=0.05
+        )
         assert at_orthanc(orthanc, "Association Received") - base == 3
 
 
@@ -145,7 +144,9 @@ def test_orthanc_closing_the_idle_association_costs_a_new_one_not_a_report(
         assert poller.queries is not None
         next_round(poller, now)
         assert poller.queries.is_open
-        wait_for(lambda: not poller.queries.is_open, what="Orthanc's A-ABORT of the idle association")
+        wait_for(
+            lambda: not poller.queries.is_open, 60, what="Orthanc's A-ABORT of the idle association", interval=0.05
+        )
 
         sr = ecg_report_sr(to_read(stat), findings=["VT"], impression="Ventricular tachycardia")
         assert orthanc.rest("/instances", "POST", part10(sr))["Status"] == "Success"
@@ -171,7 +172,7 @@ def test_a_pacs_power_cut_between_rounds_costs_a_new_association_not_a_report(tm
         next_round(poller, now)
         assert poller.queries.is_open
         orthanc.kill()  # its end of the TCP connection goes with it
-        wait_for(lambda: not poller.queries.is_open, what="the dropped connection to be seen")
+        wait_for(lambda: not poller.queries.is_open, 60, what="the dropped connection to be seen", interval=0.05)
         orthanc.start()
         sr = ecg_report_sr(to_read(stat), findings=["AF"], impression="Atrial fibrillation")
         assert orthanc.rest("/instances", "POST", part10(sr))["Status"] == "Success"
@@ -301,7 +302,7 @@ def test_a_tcp_reset_of_the_kept_association_costs_a_new_one_quietly(find_peer, 
         kept.keep_for(25.0)
         assert kept.is_open
         peer.reset_connections()
-        wait_for(lambda: not kept.is_open, what="the reset to be seen")
+        wait_for(lambda: not kept.is_open, 60, what="the reset to be seen", interval=0.05)
         study = generate_uid()
         with caplog.at_level(logging.DEBUG):
             assert [f.study_uid for f in kept.find_reports([study])] == [study]

@@ -29,6 +29,7 @@ from lastmile.reports.store import ReportStore, SentStudy
 from tests.ecg_factories import make_recording
 from tests.peers import free_port
 from tests.report_peers import MOVE_AE, gateway_config, poller_for, send_ecgs, to_read, write_config
+from tests.waiting import wait_for
 from uploader.report_reading import CriticalRules, read_dicom_report
 
 NOW = 1_800_000_000.0
@@ -203,13 +204,6 @@ def hook_script(tmp_path: Path) -> tuple[list[str], Path]:
     return [str(script)], out
 
 
-def wait_for(predicate, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def test_critical_report_runs_the_hook_once_and_fails_doctor_until_acknowledged(store, tmp_path, capsys) -> None:
     command, log_file = hook_script(tmp_path)
     study = sent(store, patient="P7")
@@ -218,7 +212,7 @@ def test_critical_report_runs_the_hook_once_and_fails_doctor_until_acknowledged(
     alerter = CriticalAlerter(store, command)
     assert [r.id for r in alerter.alert_pending()] == [crit.id]
     assert alerter.alert_pending() == []  # announced once
-    wait_for(lambda: log_file.exists() and log_file.read_text().count("\n") == 1)
+    wait_for(lambda: log_file.exists() and log_file.read_text().count("\n") == 1, interval=0.05)
     report_id, reason = log_file.read_text().strip().split("|")
     assert report_id == str(crit.id) and "401303003" in reason and "P7" not in reason  # no patient data
 

@@ -15,6 +15,7 @@ from lastmile.doctor import Doctor, Level
 from lastmile.reports import sent as sent_module
 from lastmile.reports.sent import SentStudyRecorder
 from lastmile.reports.store import RECORDER_STATUS, ReportStore
+from tests.waiting import wait_for
 from uploader.outbox import Kind, Priority
 
 
@@ -67,13 +68,6 @@ def refusing(store: ReportStore, monkeypatch, times: int) -> list[int]:
 
     monkeypatch.setattr(store, "record_sent_many", busy)
     return calls
-
-
-def wait_for(predicate, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def test_the_writer_thread_retries_a_refused_batch_merged_with_later_ones(store, monkeypatch) -> None:

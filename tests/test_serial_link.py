@@ -12,7 +12,8 @@ from devices.bridge import codec
 from devices.bridge.session import DeviceHello, ObservationReady, SessionProblem
 from firmware_bridge.firmware.bridge_core import BridgeCore
 from firmware_bridge.serial_link import DevWatcher, LinkSpec, PortInfo, PortMatch, list_ports
-from tests.serial_pty import ManagerThread, PtyDevice, SessionHandler, wait_for
+from tests.serial_pty import ManagerThread, PtyDevice, SessionHandler
+from tests.waiting import wait_for
 
 BP = (codec.MeasuredValue("systolic", 120.0, "mm[Hg]"), codec.MeasuredValue("diastolic", 80.0, "mm[Hg]"))
 

@@ -17,8 +17,9 @@ from lastmile.clinic.devices import DeviceRegistry
 from lastmile.clinic.patients import PatientContext
 from lastmile.config import Config, ConfigError
 from lastmile.services.serial_devices import SerialService, link_specs, load_profiles_apart
-from tests.serial_pty import PtyDevice, wait_for
+from tests.serial_pty import PtyDevice
 from tests.service_harness import DOCTOR_BADGE_SCAN, PATIENT_CARD_SCAN, VITALS_REPORT
+from tests.waiting import wait_for
 from uploader.outbox import Outbox
 
 BP = (codec.MeasuredValue("systolic", 118.0, "mm[Hg]"), codec.MeasuredValue("diastolic", 76.0, "mm[Hg]"))

@@ -33,8 +33,6 @@ from uploader.masking import mask_server_text
 PATIENT_ID = "P-778899"
 NAME = "Zhang^San"
 
-pytestmark = pytest.mark.usefixtures("restored_logging")
-
 
 def test_known_values_and_patient_shapes_are_masked_meaning_kept() -> None:
     text = (

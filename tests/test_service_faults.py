@@ -28,8 +28,9 @@ from lastmile.logs import describe_fault
 from lastmile.services.parts import Part, down_status
 from lastmile.services.runtime import FAULT
 from tests.conftest import REPO, shared_file
-from tests.serial_pty import PtyDevice, wait_for
+from tests.serial_pty import PtyDevice
 from tests.service_harness import VITALS_REPORT, Manager, doctor, start_acquire, status_with, stop_child
+from tests.waiting import wait_for
 from uploader.outbox import Outbox
 
 

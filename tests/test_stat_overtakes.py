@@ -12,7 +12,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +25,7 @@ from lastmile.services.forward import forwarder_settings, open_outbox
 from tests.ecg_factories import make_recording
 from tests.link_emulator import LinkProfile, LinkRelay
 from tests.peers import StorescpServer, free_port
+from tests.waiting import wait_for
 from uploader.ecg_forwarder import EcgForwarder
 from uploader.outbox import ItemState, Kind
 from uploader.stat_watch import StatWatch, TransferRate
@@ -74,13 +75,6 @@ def forwarding(config: Config) -> Iterator[None]:
     assert not failure, failure
 
 
-def wait_until(condition: Callable[[], bool], what: str, limit_s: float = 120.0) -> None:
-    deadline = time.monotonic() + limit_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
 def wait_until_stored_and_sent(
     config: Config, scp: StorescpServer, uids: set[str], what: str, limit_s: float = 120.0
 ) -> None:
@@ -94,7 +88,7 @@ def wait_until_stored_and_sent(
         with open_outbox(config) as outbox:
             return {i.state for i in outbox.items()} == {ItemState.SENT}
 
-    wait_until(done, what, limit_s)
+    wait_for(done, limit_s, what=what)
 
 
 def arrivals(scp: StorescpServer) -> list[str]:
@@ -142,7 +136,7 @@ def test_stat_takes_the_next_object_slot_from_routine_studies_in_flight(tmp_path
         config = make_config(tmp_path, relay.port, associations=2)
         routine = enqueue(config, range(8))
         with forwarding(config):
-            wait_until(lambda: len(arrivals(scp)) >= 1, "the first routine study")
+            wait_for(lambda: len(arrivals(scp)) >= 1, 120, what="the first routine study")
             [stat] = enqueue(config, range(100, 101), stat=True)
             before = len(set(arrivals(scp)))  # counted once it is durable (its enqueue took a while)
             wait_until_stored_and_sent(config, scp, {*routine, stat}, "all nine studies")
@@ -163,7 +157,9 @@ def test_stat_cuts_a_routine_transfer_on_a_slow_link(tmp_path, storescp_factory,
         config = make_config(tmp_path, relay.port, associations=1)
         [routine] = enqueue(config, range(1), seconds=10.0)
         with forwarding(config):
-            wait_until(lambda: relay.up is not None and relay.up.bytes_total > 4000, "a routine transfer on the wire")
+            wait_for(
+                lambda: relay.up is not None and relay.up.bytes_total > 4000, 120, what="a routine transfer on the wire"
+            )
             [stat] = enqueue(config, range(100, 101), stat=True)
             wait_until_stored_and_sent(config, scp, {routine, stat}, "both studies", limit_s=180)
     assert arrivals(scp)[0] == stat
@@ -184,7 +180,7 @@ def test_a_stat_study_pauses_the_round_on_its_open_associations(tmp_path, stores
         config.reading_center.stat_cuts_routine = False  # a cut ends an association: not the subject here
         routine = enqueue(config, range(8))
         with forwarding(config):
-            wait_until(lambda: len(arrivals(scp)) >= 1, "the first routine study")
+            wait_for(lambda: len(arrivals(scp)) >= 1, 120, what="the first routine study")
             [stat] = enqueue(config, range(100, 101), stat=True)
             wait_until_stored_and_sent(config, scp, {*routine, stat}, "all nine studies")
     order = list(dict.fromkeys(arrivals(scp)))
@@ -209,12 +205,13 @@ def test_an_association_cut_for_a_stat_study_is_replaced_at_once(tmp_path, store
         config.reading_center.max_associations = 2
         routine = enqueue(config, range(3), seconds=10.0)
         with forwarding(config):
-            wait_until(
+            wait_for(
                 lambda: relay.connections == 2 and relay.up is not None and relay.up.bytes_total > 8000,
-                "two routine transfers on the wire",
+                120,
+                what="two routine transfers on the wire",
             )
             [stat] = enqueue(config, range(100, 101), stat=True, seconds=10.0)
-            wait_until(lambda: stat in arrivals(scp), "the STAT study", limit_s=180)
+            wait_for(lambda: stat in arrivals(scp), 180, what="the STAT study")
             opened_by_then = relay.connections - 2
             wait_until_stored_and_sent(config, scp, {*routine, stat}, "all four studies", limit_s=240)
     cut = cut_uids(config, caplog)
@@ -268,7 +265,7 @@ def test_a_new_association_carries_the_stat_study_only_when_no_open_one_can() ->
     )
     with watch:
         watch.sending(a, RoutineItem())  # type: ignore[arg-type]
-        wait_until(lambda: a.was_cut, "the routine transfer on the wire cut")
+        wait_for(lambda: a.was_cut, 120, what="the routine transfer on the wire cut")
         assert watch.needs_new_carrier() is False and not opened.is_set()  # b carries it
         open_now.remove(b)  # b ended (its share done) before its next object
         watch.carry_if_orphaned()

@@ -20,8 +20,9 @@ from lastmile.cli import main
 from lastmile.demo.field_day import nmea_cycle
 from lastmile.visits.book import FixRecord, VisitBook
 from lastmile.visits.households import distance_m
-from tests.serial_pty import PtyDevice, wait_for
+from tests.serial_pty import PtyDevice
 from tests.visit_harness import GPS_T, HOUSE, FakeClocks, fix_at, offset, open_book
+from tests.waiting import wait_for
 
 # --- 1. a fix the acquire service tracks while the doctor stops the visit breaks the signed chain --
 

@@ -25,9 +25,9 @@ from lastmile.visits.book import Visit, VisitBook, VisitPolicy
 from tests.fhir_samples import NAMING
 from tests.fhir_server import FhirTestServer
 from tests.peers import free_port
-from tests.serial_pty import wait_for
 from tests.test_sd_wear import idle_steps_wrote
 from tests.test_visits import GPS_T, HOUSE, FakeClocks, fix_at
+from tests.waiting import wait_for
 from uploader.outbox import Kind, Outbox
 
 
