@@ -11,10 +11,12 @@ import dataclasses
 import datetime as dt
 import html
 import math
+import threading
 import time
 from pathlib import Path
 
 from lastmile.clock import clinic_time, local_zone
+from lastmile.console.i18n import Localizer
 from lastmile.doctor import Finding, Level, render_text
 from lastmile.services.metered import QUEUED_KINDS, meters
 from tests.service_harness import doctor
@@ -140,7 +142,6 @@ def test_the_system_page_tells_the_doctor_in_chinese_what_holds_routine_studies_
 ) -> None:
     """Routine studies two days old under a data budget spent every day since: the allowance is
     too small (a WARN the doctor sees in Chinese, with when they go), not 'set aside'."""
-    from lastmile.console.i18n import Localizer
     from tests.console_harness import DOCTOR, Client, console_config, running_console
 
     config = console_config(tmp_path / "data")
@@ -506,3 +507,116 @@ def test_doctor_holds_by_the_budget_a_visit_record_whose_send_failed_before_the_
     assert "link down" not in text, text
     [held] = [f for f in found if f.advice_key == "metered-budget"]
     assert "2 routine" in held.message, text
+
+
+# -- what the finding says, what its hint names and what the console advises agree -----------------
+
+WINDOW_AND_BUDGET = '[reading_center.metered]\nwindows = ["20:00-22:00"]\ndaily_budget_mb = 1.0\n'
+
+
+def clinic_day_at(days_from_yesterday: int, hour: int) -> float:
+    """`hour` o'clock (clinic time) on the day `days_from_yesterday` after yesterday: a fixed
+    clock the doctor judges at, whatever time the test runs."""
+    zone = local_zone()
+    day = dt.datetime.now(zone).date() - dt.timedelta(days=1) + dt.timedelta(days=days_from_yesterday)
+    return dt.datetime.combine(day, dt.time(hour), zone).timestamp()
+
+
+def metered_finding(tmp_path: Path, metered: str, now: float) -> Finding:
+    found = queue_findings(doctor(tmp_path, metered, now=lambda: now).check_queue())
+    [held] = [f for f in found if f.advice_key.startswith("metered-")]
+    return held
+
+
+def system_page_advice(finding: Finding, language: str) -> str:
+    """The advice the System page shows under `finding` (console.app.advice_text), in `language`."""
+    from lastmile.console.app import advice_text
+
+    return advice_text(finding, Localizer(language, local_zone()))
+
+
+def test_a_window_shut_now_after_days_of_a_spent_budget_is_not_said_to_be_todays_allowance_used_up(
+    tmp_path: Path,
+) -> None:
+    """Window 20:00-22:00, the budget spent in it on the nights before, today's not touched, now
+    12:00: the doctor said 'held by its send window until 20:00' with the hint 'daily_budget_mb is
+    too tight', and the System page told the village doctor 'the daily data allowance is used up'
+    (今天的流量额度已用完) - it is not: the window is shut, and the budget kept them on earlier days."""
+    now = clinic_day_at(0, 12)
+    queue_items(tmp_path, 1, at=now - 3 * DAY)
+    spend_every_remembered_day(tmp_path, WINDOW_AND_BUDGET, now - DAY + 9 * 3600, "dicom")  # 21:00, nights before
+    held = metered_finding(tmp_path, WINDOW_AND_BUDGET, now)
+    assert held.level is Level.WARN and held.until == clinic_day_at(0, 20), held
+    english, chinese = system_page_advice(held, "en"), system_page_advice(held, "zh-CN")
+    assert "is used up" not in english and "send window" in english, english
+    assert "已用完" not in chinese and "流量额度太小" in chinese, chinese
+    opens = dt.datetime.fromtimestamp(clinic_day_at(0, 20), dt.timezone.utc)
+    assert Localizer("zh-CN", local_zone()).when(opens) in chinese, chinese
+    assert "send window until" in held.message and "daily budget" in held.message, held.message
+    assert "daily_budget_mb is too tight" in held.hint, held.hint
+
+
+def test_a_budget_spent_today_under_a_shut_window_is_named_in_the_finding_as_in_its_advice(tmp_path: Path) -> None:
+    """Window 20:00-22:00, the budget spent in tonight's window too, now 23:00: the finding said
+    only 'held by its send window until 20:00' while its hint and the console blamed the budget,
+    used up today - which is what holds them."""
+    now = clinic_day_at(0, 23)
+    queue_items(tmp_path, 1, at=now - 3 * DAY)
+    spend_every_remembered_day(tmp_path, WINDOW_AND_BUDGET, now - 2 * 3600, "dicom")  # 21:00, tonight too
+    held = metered_finding(tmp_path, WINDOW_AND_BUDGET, now)
+    assert held.level is Level.WARN and held.until == clinic_day_at(1, 20), held
+    assert "daily budget" in held.message and "used up today" in held.message, held.message
+    assert "daily_budget_mb is too tight" in held.hint, held.hint
+    assert "今天的流量额度已用完" in system_page_advice(held, "zh-CN")
+
+
+def test_a_metered_findings_hint_names_only_the_settings_the_link_has(tmp_path: Path) -> None:
+    """A window alone: 'raise reading_center.metered.daily_budget_mb' was advised for a budget
+    the link does not have (and a budget alone: widen windows it does not have)."""
+    now = clinic_day_at(0, 12)
+    queue_items(tmp_path, 1, at=now - 3600)
+    held = metered_finding(tmp_path, '[reading_center.metered]\nwindows = ["20:00-22:00"]\n', now)
+    assert "send window" in held.message and "windows" in held.hint and "daily_budget_mb" not in held.hint, held
+    budget = "[reading_center.metered]\ndaily_budget_mb = 1.0\n"
+    spend_every_remembered_day(tmp_path, budget, now, "dicom")
+    held = metered_finding(tmp_path, budget, now)
+    assert "daily budget" in held.message and "daily_budget_mb" in held.hint and "windows" not in held.hint, held
+
+
+def test_an_ecg_the_reading_center_keeps_refusing_for_later_is_stuck_not_held_by_a_spent_budget(
+    tmp_path: Path, scripted_scp_factory
+) -> None:
+    """The reading center answers one ECG 0xA700 (out of resources: try later) at every try while
+    it stores the others: the forwarder records no link error (the link works). With the budget
+    spent every day that ECG counted as held by the budget - 'the budget is too tight', 'all held
+    by metered links', and no stuck item for the county's alert - though no budget lets it go."""
+    from lastmile.services.forward import forwarder_settings, open_outbox
+    from lastmile.services.metrics_sources import read_outbox
+    from tests.test_forward_path_faults import enqueue, make_config
+    from tests.waiting import wait_for
+    from uploader.ecg_forwarder import EcgForwarder
+
+    config = make_config(tmp_path, 0, "SCRIPTED")
+    config.reading_center.metered.daily_budget_mb = 1.0
+    uids = list(enqueue(config, 3).values())
+    refused, others = uids[0], uids[1:]
+    scp = scripted_scp_factory(statuses={refused: [0xA700]})  # at every try
+    config.reading_center.port = scp.port
+    with open_outbox(config) as outbox, EcgForwarder(outbox, forwarder_settings(config)) as fwd:
+
+        def refused_thrice() -> bool:
+            fwd.run_round(threading.Event())
+            return scp.arrivals.count(refused) >= 3
+
+        wait_for(refused_thrice, 60, what="three refusals of the one ECG", interval=0.1)
+    assert set(scp.received_uids()) >= set(others)
+    with Outbox.open(config.data_dir, min_free_bytes=0) as outbox:
+        assert "last_error_at" not in (outbox.status("reading_center") or {})  # the link works
+    now = time.time() + 2 * DAY  # two days on, the budget spent each of them
+    metered = "[reading_center.metered]\ndaily_budget_mb = 1.0\n"
+    spend_every_remembered_day(config.data_dir, metered, now, "dicom")
+    found = queue_findings(doctor(config.data_dir, metered, now=lambda: now).check_queue())
+    text = render_text(found)
+    assert "all held" not in text and found[0].level is Level.WARN and "is the link down" in found[0].hint, text
+    snapshot = read_outbox(config.data_dir, now, config=doctor(config.data_dir, metered).config)
+    assert snapshot is not None and snapshot.oldest_stuck_s.get(Kind.DICOM, 0.0) >= 2 * DAY, snapshot
