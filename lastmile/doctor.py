@@ -803,40 +803,47 @@ class Doctor:
     def _metered_finding(self, wait: MeteredWait, now: float) -> Finding:
         """Routine items a metered link holds now: what holds them and until when. Never a FAIL:
         the link works as configured. A WARN once they have waited a day: a budget or windows
-        too small for the clinic's traffic keep a backlog that grows."""
+        too small for the clinic's traffic keep a backlog that grows. The message, the hint and
+        the console's advice (`advice_key`) name the same holder, and only settings the link has."""
         from lastmile.clock import clinic_time
         from lastmile.services.metered import SETTINGS
 
         assert wait.blocked is not None and wait.routine_waiting
         blocked = wait.blocked
-        holder = "send window" if blocked.reason == "window" else "daily budget"
         until = clinic_time(dt.datetime.fromtimestamp(blocked.until, dt.timezone.utc), minutes=True)
         age = max(0.0, now - wait.routine_since) if wait.routine_since is not None else 0.0
+        level = Level.WARN if age > WAITING_WARN_S else Level.OK
+        # blocked with today's budget left: a shut window holds them now
+        holder = "send window"
+        if wait.budget_spent_today:  # then a window shut at midnight, if any, is what it waits for last
+            holder = "daily budget (used up today)" + (" and its send window" if blocked.reason == "window" else "")
         message = (
             f"{wait.routine_waiting} routine item(s) of {wait.what} held by its {holder} until {until} "
-            f"(in {_age(max(0.0, blocked.until - now))}; {blocked.detail}), the oldest for {_age(age)}; STAT goes anyway"
+            f"(in {_age(max(0.0, blocked.until - now))}; {blocked.detail}), the oldest for {_age(age)}"
         )
         section = SETTINGS[wait.destination]  # "reading_center.metered"
-        level = Level.WARN if age > WAITING_WARN_S else Level.OK
-        advice_key = f"metered-{blocked.reason}"
+        advice_key = "metered-budget" if wait.budget_spent_today else "metered-window"
         if level is Level.WARN and wait.budget_bytes:
             # a window opens every day: what it held a day had a window open with the budget spent
             # (a window shut now only says when they go), and widening it would not cure that
-            advice_key = "metered-budget"
+            if not wait.budget_spent_today:  # not today's: the console must not say it is used up
+                message += ", kept by its daily budget used up on the days before"
+                advice_key = "metered-budget-before"
             hint = f"the link works, but {section}.daily_budget_mb is too tight for this clinic's traffic: raise it"
         elif level is Level.WARN:
             hint = f"the link works, but {section}.windows are too tight for this clinic's traffic: widen them"
         else:
-            widen = f"raise {section}.daily_budget_mb or widen {section}.windows"
-            hint = f"working as configured; if routine items wait days, the {section} settings are too tight: {widen}"
+            settings = [f"raise {section}.daily_budget_mb"] if wait.budget_bytes else []
+            settings += [f"widen {section}.windows"] if wait.windows else []
+            hint = f"working as configured; if routine items wait days, {section} is too tight: {' or '.join(settings)}"
         return Finding(
             "queue",
             level,
-            message,
+            message + "; STAT goes anyway",
             hint,
             advice_key=advice_key,
             until=blocked.until,
-            topic=f"{advice_key.removeprefix('metered-')}-{wait.destination}",
+            topic=f"{'budget' if advice_key.startswith('metered-budget') else 'window'}-{wait.destination}",
         )
 
     def check_console(self) -> list[Finding]:

@@ -456,7 +456,7 @@ def test_doctor_names_the_budget_when_a_window_is_shut_now_but_the_budget_held_t
     found = queue_findings(doctor(tmp_path, metered, now=lambda: now).check_queue())
     text = render_text(found)
     [held] = [f for f in found if f.advice_key.startswith("metered-")]
-    assert held.level is Level.WARN and held.advice_key == "metered-budget", text
+    assert held.level is Level.WARN and held.advice_key == "metered-budget-before", text  # not today's, used up
     assert "daily_budget_mb is too tight" in held.hint and "windows" not in held.hint, text
 
 

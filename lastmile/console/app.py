@@ -360,6 +360,12 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
             "The daily data allowance is used up and routine items have waited more than a day: they go from "
             "%(time)s. STAT ECGs go at once. If this shows every day, tell the county IT: the allowance is too small."
         ),
+        # a window shut now, today's allowance not used up: the allowance ran out on the days before
+        "metered-budget-before": N_(
+            "Routine items have waited more than a day: the daily data allowance was not enough on the days before. "
+            "Today's is not used up yet: they go from %(time)s, when the send window opens. STAT ECGs go at once. "
+            "If this shows every day, tell the county IT: the allowance is too small."
+        ),
     },
     "console": {
         "WARN": N_("This page's security certificate is not ready yet: tell the county IT."),

@@ -196,6 +196,11 @@ class MeteredWait:
         return None if self.held_since is None else MeterHold(self.held_since, self.failed_held)
 
     @property
+    def budget_spent_today(self) -> bool:
+        """Today's budget is used up (else only a shut window can hold routine items now)."""
+        return bool(self.budget_bytes) and self.spent_today_bytes >= self.budget_bytes
+
+    @property
     def holding(self) -> bool:
         """Routine items wait now because of the meter (its window is shut or its budget spent)."""
         return self.blocked is not None and bool(self.routine_waiting)
