@@ -150,11 +150,12 @@ class ItemState(str, enum.Enum):
 # (never held), not one on the wire, not one held for the doctor (that waits for a patient), not one
 # queued before the meter began holding (an older one had its chance), not one whose send failed
 # unless the link has worked since it last failed (while it fails, the link had it and lost it; its
-# bytes spent the budget all the same). Parameters: `MeterHold.params`; shared with the metrics
-# exporter, which reads the outbox by SQL (`waiting_not_held_sql`).
+# bytes spent the budget all the same) and that send failed with the link (`failed_at`: one the peer
+# refused alone, while it took others, waits for the peer, not the meter). Parameters:
+# `MeterHold.params`; shared with the metrics exporter, which reads the outbox by SQL (`waiting_not_held_sql`).
 ROUTINE_QUEUED_SQL = (
     "state = ? AND kind = ? AND priority != ? AND (hold_until IS NULL OR hold_until <= ?) AND created_at >= ? "
-    "AND (attempts = 0 OR ?)"
+    "AND (attempts = 0 OR (? AND (failed_at IS NULL OR failed_at <= ?)))"
 )
 
 
@@ -164,10 +165,13 @@ class MeterHold:
 
     since: float  # those queued since then (-inf: every one)
     failed_too: bool = False  # and those whose sends failed: the link has worked since it last failed
+    # of those, the ones whose last send failed by then (with the link; inf: not known, every one)
+    failed_by: float = math.inf
 
     def params(self, kind: str, now: float) -> tuple[Any, ...]:
         """ROUTINE_QUEUED_SQL's parameters."""
-        return (ItemState.QUEUED.value, kind, int(Priority.STAT), now, self.since, int(self.failed_too))
+        failed = (int(self.failed_too), self.failed_by)
+        return (ItemState.QUEUED.value, kind, int(Priority.STAT), now, self.since, *failed)
 
     def holds(self, item: OutboxItem, now: float) -> bool:
         """Whether ROUTINE_QUEUED_SQL takes `item` (of the meter's kind), for a page that has the
@@ -177,8 +181,12 @@ class MeterHold:
             and item.priority != Priority.STAT
             and not item.held(now)
             and item.created_at >= self.since
-            and (item.attempts == 0 or self.failed_too)
+            and (item.attempts == 0 or (self.failed_too and self.failed_with_link(item)))
         )
+
+    def failed_with_link(self, item: OutboxItem) -> bool:
+        """Whether `item`'s last failed send was its link's (by `failed_by`; not recorded: as before)."""
+        return item.failed_at is None or item.failed_at <= self.failed_by
 
 
 def waiting_not_held_sql(now: float, held: Mapping[str, MeterHold]) -> tuple[str, list[Any]]:
@@ -216,6 +224,7 @@ class OutboxItem:
     hold_reason: str | None = None  # why: "unassigned" (no patient yet), "re-record" ...
     interrupted_sends: int = 0  # sends cut short in a row by the sending process dying
     commitment_failures: int = 0  # storage commitment reports that failed it (since a retry)
+    failed_at: float | None = None  # when its last send failed (None: never, or before this was recorded)
 
     def held(self, now: float) -> bool:
         return self.state == ItemState.QUEUED and self.hold_until is not None and self.hold_until > now
@@ -261,7 +270,7 @@ TRANSITIONS: dict[str, tuple[frozenset[ItemState], ItemState]] = {
 _ITEM_COLUMNS = (
     "id, kind, key, priority, state, attempts, next_attempt_at, last_error, created_at, "
     "updated_at, sent_at, committed_at, transaction_uid, sha256, size, meta, patient, "
-    "quarantine_reason, hold_until, hold_reason, interrupted_sends, commitment_failures"
+    "quarantine_reason, hold_until, hold_reason, interrupted_sends, commitment_failures, failed_at"
 )
 _WAITING_NAMES = {Kind.DICOM.value: ("ECG", "ECGs"), Kind.FHIR_BUNDLE.value: ("visit record", "visit records")}
 
@@ -357,6 +366,7 @@ def _item(row: sqlite3.Row) -> OutboxItem:
         hold_reason=row["hold_reason"],
         interrupted_sends=row["interrupted_sends"],
         commitment_failures=row["commitment_failures"],
+        failed_at=_time(row["failed_at"]),
     )
 
 
@@ -964,23 +974,25 @@ class Outbox:
         return bool(rows)
 
     def routine_queued(
-        self, kind: str, now: float, *, since: float = -math.inf, failed_too: bool = False
+        self, kind: str, now: float, *, since: float = -math.inf, failed_too: bool = False, failed_by: float = math.inf
     ) -> tuple[int, float | None]:
-        """How many routine items of `kind` its meter holds (`MeterHold(since, failed_too)`) wait
-        for their sender, and when the oldest of them was queued."""
+        """How many routine items of `kind` its meter holds (`MeterHold(since, failed_too, failed_by)`)
+        wait for their sender, and when the oldest of them was queued."""
         count, oldest = self._read(
             f"SELECT COUNT(*), MIN(created_at) FROM items WHERE {ROUTINE_QUEUED_SQL}",
-            MeterHold(since, failed_too).params(kind, now),
+            MeterHold(since, failed_too, failed_by).params(kind, now),
         )[0]
         return int(count), oldest
 
-    def has_routine_queued(self, kind: str, now: float, *, since: float = -math.inf, failed_too: bool = False) -> bool:
-        """Whether any routine item of `kind` its meter holds (`MeterHold(since, failed_too)`)
+    def has_routine_queued(
+        self, kind: str, now: float, *, since: float = -math.inf, failed_too: bool = False, failed_by: float = math.inf
+    ) -> bool:
+        """Whether any routine item of `kind` its meter holds (`MeterHold(since, failed_too, failed_by)`)
         waits for its sender (one row looked at, at most)."""
         return bool(
             self._read(
                 f"SELECT 1 FROM items WHERE {ROUTINE_QUEUED_SQL} LIMIT 1",
-                MeterHold(since, failed_too).params(kind, now),
+                MeterHold(since, failed_too, failed_by).params(kind, now),
             )
         )
 
@@ -1043,7 +1055,8 @@ class Outbox:
         self, item_id: int, error: str, now: float, retry_after: float | None = None
     ) -> OutboxItem:
         """Back to queued with one more attempt and a backoff (at least `retry_after` seconds)."""
-        self._charge_and_queue("transient_failure", [item_id], error, now, retry_after)
+        # when: with the link or alone (lastmile.services.metered.failed_by)
+        self._charge_and_queue("transient_failure", [item_id], error, now, retry_after, extra={"failed_at": now})
         item = self.get(item_id)
         if item is None:
             raise LookupError(f"outbox item {item_id} does not exist")

@@ -154,6 +154,9 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration.sql(
         "0006_commitment_failures", "ALTER TABLE items ADD COLUMN commitment_failures INTEGER NOT NULL DEFAULT 0;"
     ),
+    # when an item's last send failed: with the link (then a metered link holds it again once the
+    # link works) or alone, the peer refusing it while it took others (then it is stuck, not held)
+    Migration.sql("0007_failed_at", "ALTER TABLE items ADD COLUMN failed_at REAL;"),
 )
 
 

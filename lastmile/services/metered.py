@@ -126,6 +126,24 @@ def link_worked_since_failing(meter: Meter) -> bool:
     return status is not None and number(status.get("last_success")) is not None and not reading_center_down(status)
 
 
+# a send failed this soon after the link's recorded failure was the link's: a round marks what no
+# association took (uploader.ecg_forwarder) after the last one to fail has recorded it
+LINK_FAILURE_SLACK_S = 60.0
+
+
+def failed_by(meter: Meter) -> float:
+    """Until when a routine item's failed send was its link's failure, as its sender recorded it
+    (uploader.outbox.MeterHold.failed_by): one that failed later failed alone while the link
+    worked - the reading center answering it 0xA7xx (try later) while it stores the others - and
+    waits for the peer, which no meter lets go: stuck, not held. FHIR rounds keep no failure time:
+    every failed bundle, as `link_worked_since_failing` judges them."""
+    if meter.name != "dicom":
+        return math.inf
+    status = meter.store.status(READING_CENTER_STATUS) or {}
+    failed = number(status.get("last_error_at"))
+    return -math.inf if failed is None else failed + LINK_FAILURE_SLACK_S
+
+
 def _budget_left(meter: Meter, day: dt.date, *, budget_counts: bool) -> bool:
     """Whether `day`'s budget was not all spent (no budget, or one a failing link spent: always)."""
     budget = meter.policy.daily_budget_bytes if budget_counts else 0
@@ -183,6 +201,7 @@ class MeteredWait:
     routine_since: float | None = None  # when the oldest of them was queued
     held_since: float | None = None  # routine items queued since then are the meter's (see `held_since`)
     failed_held: bool = False  # and those whose sends failed (`link_worked_since_failing`)
+    failed_by: float = math.inf  # by then, with the link (`failed_by`)
 
     @property
     def what(self) -> str:
@@ -193,7 +212,7 @@ class MeteredWait:
         """What it holds now, as the outbox asks it (None: nothing)."""
         from uploader.outbox import MeterHold  # not at import: the metrics exporter of a gateway metering nothing
 
-        return None if self.held_since is None else MeterHold(self.held_since, self.failed_held)
+        return None if self.held_since is None else MeterHold(self.held_since, self.failed_held, self.failed_by)
 
     @property
     def budget_spent_today(self) -> bool:
@@ -213,16 +232,22 @@ def metered_wait(meter: Meter, outbox: Outbox, now: float, *, count: bool = True
     blocked = meter.blocked(now)
     holds_since = held_since(meter, now, blocked)
     failed_held = link_worked_since_failing(meter)
+    failed_before = failed_by(meter)
     kind = QUEUED_KINDS.get(meter.name)
     waiting: int | None = None
     since = None
     if kind is not None and count:  # while routine traffic may go: every routine item waiting
         waiting, since = outbox.routine_queued(
-            kind, now, since=-math.inf if holds_since is None else holds_since, failed_too=failed_held
+            kind,
+            now,
+            since=-math.inf if holds_since is None else holds_since,
+            failed_too=failed_held,
+            failed_by=failed_before,
         )
     elif kind is not None:
         waiting = int(
-            holds_since is not None and outbox.has_routine_queued(kind, now, since=holds_since, failed_too=failed_held)
+            holds_since is not None
+            and outbox.has_routine_queued(kind, now, since=holds_since, failed_too=failed_held, failed_by=failed_before)
         )
     return MeteredWait(
         destination=meter.name,
@@ -234,6 +259,7 @@ def metered_wait(meter: Meter, outbox: Outbox, now: float, *, count: bool = True
         routine_since=since,
         held_since=holds_since,
         failed_held=failed_held,
+        failed_by=failed_before,
     )
 
 
