@@ -620,3 +620,46 @@ def test_an_ecg_the_reading_center_keeps_refusing_for_later_is_stuck_not_held_by
     assert "all held" not in text and found[0].level is Level.WARN and "is the link down" in found[0].hint, text
     snapshot = read_outbox(config.data_dir, now, config=doctor(config.data_dir, metered).config)
     assert snapshot is not None and snapshot.oldest_stuck_s.get(Kind.DICOM, 0.0) >= 2 * DAY, snapshot
+
+
+def test_a_fhir_budget_spent_by_failing_sends_is_not_said_to_be_too_tight(tmp_path: Path) -> None:
+    """The FHIR platform times out: each round's first batch fails and the rest is released
+    (attempts back to 0), and the failing sends spend the budget. The doctor said "the link works,
+    but fhir.metered.daily_budget_mb is too tight: raise it" - the link does not work."""
+    from uploader.fhir_forwarder import STATUS_NAME, FhirRoundResult
+
+    now = time.time()
+    metered = "[fhir.metered]\ndaily_budget_mb = 1.0\n"
+    queue_items(tmp_path, 4, at=now - 3 * DAY, kind=Kind.FHIR_BUNDLE)
+    spend_every_remembered_day(tmp_path, metered, now, "fhir")  # by the timed-out sends
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        # what forward_fhir_once does when the first batch times out: that one failed, the rest released
+        [first, *rest] = outbox.claim(Kind.FHIR_BUNDLE, 10, now - 600)
+        outbox.mark_transient_failure(first.id, "read timed out", now - 590)
+        outbox.release([i.id for i in rest], "FHIR server unavailable; sent in a later round", now - 590, 0.0)
+        failed = FhirRoundResult(claimed=4, sent=0, transient=1)
+        outbox.record_status(STATUS_NAME, {"last_round": dataclasses.asdict(failed), "at": now - 590}, now - 590)
+    text = render_text(queue_findings(doctor(tmp_path, metered, now=lambda: now).check_queue()))
+    assert "link works" not in text and "too tight" not in text, text
+    assert "link down" in text, text
+
+
+def test_a_metrics_scrape_of_a_gateway_metering_nothing_loads_no_outbox_module(tmp_path: Path) -> None:
+    """The metrics exporter reads outbox.db with sqlite3 alone (~15 MB less RSS than with
+    sqlite-utils and uploader.outbox): asking what meters hold must not load them when no link
+    is metered."""
+    from tests.conftest import run_python
+
+    queue_items(tmp_path, 2, at=time.time() - 60)
+    script = """if True:
+        import sys, time
+        from pathlib import Path
+        from lastmile.config import Config
+        from lastmile.services.metrics_sources import read_outbox
+
+        read_outbox(Path(sys.argv[1]), time.time(), config=Config())
+        print(sorted(m for m in ("sqlite_utils", "uploader.outbox") if m in sys.modules))
+    """
+    done = run_python(script, tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

@@ -37,6 +37,16 @@ def fhir_round_worked(status: dict[str, Any] | None) -> bool:
     return bool(sent) and not transient and not last_round.get("fault")
 
 
+def fhir_round_failed(status: dict[str, Any] | None) -> bool:
+    """What the FHIR sender recorded of its last round that claimed anything (`FHIR_STATUS`): the
+    platform took nothing and a send failed (a timeout releases the rest of the round, attempts
+    back to 0: those items would otherwise look held by a meter)."""
+    last_round = (status or {}).get("last_round")
+    if not isinstance(last_round, dict):
+        return False
+    return not number(last_round.get("sent")) and bool(number(last_round.get("transient")))
+
+
 @dataclass(frozen=True)
 class StatusSnapshot:
     """Status rows read once, as a `uploader.metering.StatusStore` a `Meter` can ask what it spent

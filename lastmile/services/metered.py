@@ -17,6 +17,7 @@ from lastmile.services.link_status import (
     FHIR_STATUS,
     READING_CENTER_STATUS,
     StatusSnapshot,
+    fhir_round_failed,
     fhir_round_worked,
     number,
     reading_center_down,
@@ -111,8 +112,9 @@ def read_once(meter: Meter) -> Meter:
 
 def link_failing(meter: Meter) -> bool:
     """Whether `meter`'s link failed since it last succeeded, as its sender recorded it (the
-    reading center's forwarder keeps both; FHIR rounds keep neither: their failed items have
-    attempts, which no meter holds while the rounds fail - uploader.outbox.ROUTINE_QUEUED_SQL)."""
+    reading center's forwarder keeps both times; the FHIR sender its last round's counts)."""
+    if meter.name == "fhir":
+        return fhir_round_failed(meter.store.status(FHIR_STATUS))
     return meter.name == "dicom" and reading_center_down(meter.store.status(READING_CENTER_STATUS))
 
 
