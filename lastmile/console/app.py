@@ -881,6 +881,9 @@ def printable_text(found: ReportView, localizer: Localizer) -> str:
         reasons=shown_reasons(found.lines, found.critical_reasons, localizer) if found.critical else [],
         text=shown_text(found.lines, found.text, localizer),
         replaced_by=found.replaced_by,
+        unassigned=found.unassigned,
+        county_patient=" ".join(x for x in (person_name(found.county_patient_name), found.county_patient_id) if x),
+        device=found.device,
     )
 
 

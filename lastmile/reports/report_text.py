@@ -195,6 +195,26 @@ def shown_reasons(lines: Sequence[ReportLine] | None, stored: Sequence[str], spe
     return list(stored) if lines is None else critical_reasons(lines, speaker)
 
 
+def replaced_note(current: str, speaker: Speaker) -> str:
+    """What a replaced report's paper says first (the county's PDF gets it as a page of its own)."""
+    return speaker.gettext("This report was replaced by report %(number)s: do not act on it.", number=current)
+
+
+def unassigned_note(county_patient: str, speaker: Speaker) -> str:
+    """Why a report on an ECG sent without a patient names no patient of this clinic, and the
+    patient the county's report names as the county's words (to check, never to take as ours)."""
+    _ = speaker.gettext
+    note = _("This ECG was sent without a patient: the gateway did not know whose it was.")
+    if not county_patient:
+        return note
+    named = _(
+        "The county's report names %(patient)s: that is what the county wrote, not this clinic's record. "
+        "Check which patient this was before you use it.",
+        patient=county_patient,
+    )
+    return f"{note}\n{named}"
+
+
 def printout(
     reader: Reader,
     *,
@@ -206,21 +226,27 @@ def printout(
     reasons: Sequence[str],
     text: str,
     replaced_by: str = "",
+    unassigned: bool = False,
+    county_patient: str = "",
+    device: str = "",
 ) -> str:
     """A report on paper when the county sent no PDF (the console's clinic printer, `lastmile
     report print`): the page's facts, then the whole report, in `reader`'s language (CUPS lays
     the UTF-8 text out with the image's Noto CJK fonts). `reasons`: why it is critical, if it is;
     `replaced_by`: the current version's number, when a newer one replaced this report (said first:
-    paper outlives the page)."""
+    paper outlives the page). `unassigned`: the ECG was sent without a patient; `county_patient`
+    (the patient the county's report names) is then printed as what the county wrote, flagged,
+    and `device` says which recording it was."""
     _ = reader.gettext
+    if unassigned:
+        who = [labelled(_("ECG report"), _("Patient not known"), reader), unassigned_note(county_patient, reader)]
+    else:
+        who = [labelled(_("ECG report"), f"{patient or patient_id}  {patient_id}", reader)]
     lines = [
-        *(
-            [_("This report was replaced by report %(number)s: do not act on it.", number=replaced_by)]
-            if replaced_by
-            else []
-        ),
-        labelled(_("ECG report"), f"{patient or patient_id}  {patient_id}", reader),
+        *([replaced_note(replaced_by, reader)] if replaced_by else []),
+        *who,
         labelled(_("ECG recorded"), reader.full(ecg_time) or "—", reader),
+        *([labelled(_("Device"), device, reader)] if device else []),
         labelled(_("Report received"), reader.full(received_at), reader),
         labelled(_("Read by"), reading_doctor or "—", reader),
     ]
