@@ -87,7 +87,8 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _print(args: argparse.Namespace) -> int:
-    from lastmile.reports.printing import lp_command, print_document
+    from lastmile.reports.printing import lp_command, print_behind_note, print_document
+    from lastmile.reports.report_text import English, replaced_note
     from lastmile.reports.views import printable, speaker_for
 
     config, store = _store(args)
@@ -95,9 +96,18 @@ def _print(args: argparse.Namespace) -> int:
         report = _report_or_fail(store, args.id)
         if report is None:
             return 1
-        data, suffix = printable(store, report, speaker_for(config.console.language))
+        speaker = speaker_for(config.console.language)
+        data, suffix = printable(store, report, speaker)
+        # the county's PDF cannot say it was replaced (the text printout does): a note goes first
+        current = str(store.current_of(report.id)) if report.superseded_by is not None and suffix == ".pdf" else ""
+    if current:
+        print(replaced_note(current, English()))
     if lp_command() and not args.output:
-        done = print_document(data, f"ECG report {report.id}", args.printer)
+        title = f"ECG report {report.id}"
+        if current:
+            done = print_behind_note(replaced_note(current, speaker), data, title, args.printer)
+        else:
+            done = print_document(data, title, args.printer)
         if done.sent:
             print(f"report {report.id} sent to the printer: {done.message}")
             return 0

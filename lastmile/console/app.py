@@ -53,8 +53,8 @@ from lastmile.console.ecg_analysis import EcgAnalyses
 from lastmile.console.i18n import LANGUAGE_NAMES, N_, Localizer, negotiate
 from lastmile.console.live import Broker
 from lastmile.console.sources import ClinicData, ConsoleInputError, ReportView, row_number
-from lastmile.reports.printing import lp_command, print_document
-from lastmile.reports.report_text import printout, shown_reasons, shown_text
+from lastmile.reports.printing import lp_command, print_behind_note, print_document
+from lastmile.reports.report_text import printout, replaced_note, shown_reasons, shown_text
 from uploader.errors import OutboxFullError
 from uploader.outbox import is_storage_full
 
@@ -888,8 +888,8 @@ def printable_text(found: ReportView, localizer: Localizer) -> str:
 
 
 async def print_report(request: Request) -> Response:
-    """The report on the clinic's printer through CUPS (the county's PDF as sent, else its text);
-    the page says whether the scheduler took it. The browser's own Print stays the fallback."""
+    """The report on the clinic's printer through CUPS (the county's PDF as sent, behind a note if
+    a newer version replaced it; else its text); the page says whether the scheduler took it. The browser's own Print stays the fallback."""
     state = state_of(request)
     ctx = await context_for(request)
     await read_form(request, ctx)
@@ -898,8 +898,14 @@ async def print_report(request: Request) -> Response:
     if found is None:
         return not_found(request, ctx, NO_SUCH_REPORT)
     pdf = await state.run_db(state.data.reports.pdf, report_id) if found.has_pdf else None
-    document = pdf or printable_text(found, ctx.localizer).encode("utf-8")
-    outcome = await asyncio.to_thread(print_document, document, f"ECG report {report_id}")
+    title = f"ECG report {report_id}"
+    if pdf is not None and found.replaced_by:
+        # the county's PDF cannot say it was replaced (the page and the text printout do): a note first
+        note = replaced_note(found.replaced_by, ctx.localizer)
+        outcome = await asyncio.to_thread(print_behind_note, note, pdf, title)
+    else:
+        document = pdf or printable_text(found, ctx.localizer).encode("utf-8")
+        outcome = await asyncio.to_thread(print_document, document, title)
     log.info("report %s printed by %s: %s", report_id, ctx.user, outcome.message)
     return RedirectResponse(f"/reports/{quote(report_id)}?printed={int(outcome.sent)}", status_code=303)
 
