@@ -265,12 +265,13 @@ def store_returned_reports(config: Config) -> tuple[int, int]:
     return ids[0], ids[1]
 
 
-def store_unassigned_ecg_report(config: Config) -> tuple[int, str]:
+def store_unassigned_ecg_report(config: Config, *, as_pdf: bool = False) -> tuple[int, str]:
     """An ECG recorded with no patient (held unassigned at the gateway, then sent as it was) and
     the county's critical report on it naming a patient the county typed (张三, VALID_ID), in the
-    real report store as the forwarder and the poller keep them: (report id, the ECG's device)."""
+    real report store as the forwarder and the poller keep them: (report id, the ECG's device).
+    `as_pdf`: the county's report is an Encapsulated PDF (its own page, naming 张三) instead."""
     from lastmile.data_dir import open_outbox
-    from lastmile.demo.cardiologist import STEMI, StudyToRead, ecg_report_sr, part10
+    from lastmile.demo.cardiologist import STEMI, StudyToRead, ecg_report_sr, part10, report_pdf
     from lastmile.ecg.intake import enqueue_recording
     from lastmile.reports.sent import sent_study_of
     from lastmile.reports.store import ReportStore
@@ -284,11 +285,11 @@ def store_unassigned_ecg_report(config: Config) -> tuple[int, str]:
     assert study is not None and not study.patient_id, study
     with ReportStore.open(config.data_dir) as store:
         store.record_sent(study)
-        sr = ecg_report_sr(
-            StudyToRead(study.study_uid, VALID_ID, "Zhang^San=张^三"),
-            findings=[],
-            impression="急性下壁心肌梗死，请立即转诊",
-            coded_findings=[STEMI],
+        named = StudyToRead(study.study_uid, VALID_ID, "Zhang^San=张^三")
+        sr = (
+            report_pdf(named, ["Acute inferior STEMI: refer now"])
+            if as_pdf
+            else ecg_report_sr(named, findings=[], impression="急性下壁心肌梗死，请立即转诊", coded_findings=[STEMI])
         )
         data = part10(sr)
         rules = CriticalRules.parse(["SCT:401303003"], [])

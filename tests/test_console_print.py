@@ -134,3 +134,19 @@ def test_the_countys_pdf_of_a_replaced_report_prints_behind_a_replaced_note(
     jobs = printed_jobs(spool)
     assert len(jobs) == 2 and jobs[1].startswith(b"%PDF-"), [job[:40] for job in jobs]
     assert f"此报告已被第 {current} 号报告替代" in jobs[0].decode("utf-8"), jobs[0]
+
+
+def test_the_countys_pdf_on_an_ecg_sent_without_a_patient_prints_behind_the_unassigned_note(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The county's own PDF names the patient its staff typed and cannot say the gateway did not
+    know the patient: on the clinic printer a page saying so (and that the name is the county's)
+    comes first, as the page and the text printout say it."""
+    spool = stand_in_lp(tmp_path, monkeypatch)
+    config = console_config(tmp_path / "data")
+    report_id, device = store_unassigned_ecg_report(config, as_pdf=True)
+    printed_from_the_console(config, report_id)
+    jobs = printed_jobs(spool)
+    assert len(jobs) == 2 and jobs[1].startswith(b"%PDF-"), [job[:40] for job in jobs]
+    note = jobs[0].decode("utf-8")
+    assert "发送时没有指定患者" in note and f"县里的报告写的是 张 三 {VALID_ID}" in note and device in note, note
