@@ -301,7 +301,7 @@ def test_print_of_a_replaced_pdf_puts_the_replaced_note_first(store, tmp_path, m
     old = add(store, pdf).report
     current = add(store, ecg_report_sr(study, findings=[], impression="一度房室传导阻滞", amends=pdf)).report
     assert cli(["report", "print", str(old.id), "--data-dir", str(tmp_path / "data")]) == 0
-    assert f"replaced by report {current.id}" in capsys.readouterr().out
+    assert f"此报告已被第 {current.id} 号报告替代" in capsys.readouterr().out  # console.language
     jobs = printed_jobs(spool)
     assert len(jobs) == 2 and jobs[1].startswith(b"%PDF-"), [job[:40] for job in jobs]
     assert f"此报告已被第 {current.id} 号报告替代" in jobs[0].decode("utf-8"), jobs[0]

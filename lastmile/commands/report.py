@@ -88,8 +88,7 @@ def _show(args: argparse.Namespace) -> int:
 
 def _print(args: argparse.Namespace) -> int:
     from lastmile.reports.printing import lp_command, print_behind_note, print_document
-    from lastmile.reports.report_text import English, replaced_note
-    from lastmile.reports.views import printable, speaker_for
+    from lastmile.reports.views import note_for_pdf, printable, speaker_for
 
     config, store = _store(args)
     with store:
@@ -98,14 +97,14 @@ def _print(args: argparse.Namespace) -> int:
             return 1
         speaker = speaker_for(config.console.language)
         data, suffix = printable(store, report, speaker)
-        # the county's PDF cannot say it was replaced (the text printout does): a note goes first
-        current = str(store.current_of(report.id)) if report.superseded_by is not None and suffix == ".pdf" else ""
-    if current:
-        print(replaced_note(current, English()))
+        # what the county's PDF cannot say (replaced; sent without a patient): a page of its own first
+        note = note_for_pdf(store, report, speaker) if suffix == ".pdf" else ""
+    if note:
+        print(note)  # a PDF written to a file cannot carry it
     if lp_command() and not args.output:
         title = f"ECG report {report.id}"
-        if current:
-            done = print_behind_note(replaced_note(current, speaker), data, title, args.printer)
+        if note:
+            done = print_behind_note(note, data, title, args.printer)
         else:
             done = print_document(data, title, args.printer)
         if done.sent:

@@ -54,7 +54,7 @@ from lastmile.console.i18n import LANGUAGE_NAMES, N_, Localizer, negotiate
 from lastmile.console.live import Broker
 from lastmile.console.sources import ClinicData, ConsoleInputError, ReportView, row_number
 from lastmile.reports.printing import lp_command, print_behind_note, print_document
-from lastmile.reports.report_text import printout, replaced_note, shown_reasons, shown_text
+from lastmile.reports.report_text import pdf_note, printout, shown_reasons, shown_text
 from uploader.errors import OutboxFullError
 from uploader.outbox import is_storage_full
 
@@ -882,9 +882,14 @@ def printable_text(found: ReportView, localizer: Localizer) -> str:
         text=shown_text(found.lines, found.text, localizer),
         replaced_by=found.replaced_by,
         unassigned=found.unassigned,
-        county_patient=" ".join(x for x in (person_name(found.county_patient_name), found.county_patient_id) if x),
+        county_patient=county_patient(found),
         device=found.device,
     )
+
+
+def county_patient(found: ReportView) -> str:
+    """The patient the county's report names on an ECG sent without one, as people read it."""
+    return " ".join(x for x in (person_name(found.county_patient_name), found.county_patient_id) if x)
 
 
 async def print_report(request: Request) -> Response:
@@ -899,9 +904,21 @@ async def print_report(request: Request) -> Response:
         return not_found(request, ctx, NO_SUCH_REPORT)
     pdf = await state.run_db(state.data.reports.pdf, report_id) if found.has_pdf else None
     title = f"ECG report {report_id}"
-    if pdf is not None and found.replaced_by:
-        # the county's PDF cannot say it was replaced (the page and the text printout do): a note first
-        note = replaced_note(found.replaced_by, ctx.localizer)
+    # what the county's PDF cannot say (replaced; sent without a patient), the page and the text
+    # printout do: it goes first, on a page of its own
+    note = (
+        pdf_note(
+            ctx.localizer,
+            replaced_by=found.replaced_by,
+            unassigned=found.unassigned,
+            county_patient=county_patient(found),
+            ecg_time=found.ecg_time,
+            device=found.device,
+        )
+        if pdf
+        else ""
+    )
+    if pdf and note:
         outcome = await asyncio.to_thread(print_behind_note, note, pdf, title)
     else:
         document = pdf or printable_text(found, ctx.localizer).encode("utf-8")

@@ -215,6 +215,38 @@ def unassigned_note(county_patient: str, speaker: Speaker) -> str:
     return f"{note}\n{named}"
 
 
+def ecg_lines(ecg_time: dt.datetime | None, device: str, reader: Reader) -> list[str]:
+    """Which ECG a report reads: its time and, when known, the device that recorded it."""
+    _ = reader.gettext
+    when = labelled(_("ECG recorded"), reader.full(ecg_time) or "—", reader)
+    return [when, *([labelled(_("Device"), device, reader)] if device else [])]
+
+
+def unassigned_lines(county_patient: str, ecg_time: dt.datetime | None, device: str, reader: Reader) -> list[str]:
+    """The head of a report on an ECG sent without a patient: no patient of ours, the county's
+    patient flagged as the county's, and which ECG it was."""
+    head = labelled(reader.gettext("ECG report"), reader.gettext("Patient not known"), reader)
+    return [head, unassigned_note(county_patient, reader), *ecg_lines(ecg_time, device, reader)]
+
+
+def pdf_note(
+    reader: Reader,
+    *,
+    replaced_by: str = "",
+    unassigned: bool = False,
+    county_patient: str = "",
+    ecg_time: dt.datetime | None = None,
+    device: str = "",
+) -> str:
+    """What the county's PDF cannot say about itself, for a page printed before it: that a newer
+    report replaced it, that the ECG was sent without a patient (the name on the PDF is the
+    county's) and which ECG it was. "" when there is nothing to say (the PDF prints alone)."""
+    lines = [replaced_note(replaced_by, reader)] if replaced_by else []
+    if unassigned:
+        lines += unassigned_lines(county_patient, ecg_time, device, reader)
+    return "\n".join(lines)
+
+
 def printout(
     reader: Reader,
     *,
@@ -238,15 +270,16 @@ def printout(
     (the patient the county's report names) is then printed as what the county wrote, flagged,
     and `device` says which recording it was."""
     _ = reader.gettext
-    if unassigned:
-        who = [labelled(_("ECG report"), _("Patient not known"), reader), unassigned_note(county_patient, reader)]
-    else:
-        who = [labelled(_("ECG report"), f"{patient or patient_id}  {patient_id}", reader)]
     lines = [
         *([replaced_note(replaced_by, reader)] if replaced_by else []),
-        *who,
-        labelled(_("ECG recorded"), reader.full(ecg_time) or "—", reader),
-        *([labelled(_("Device"), device, reader)] if device else []),
+        *(
+            unassigned_lines(county_patient, ecg_time, device, reader)
+            if unassigned
+            else [
+                labelled(_("ECG report"), f"{patient or patient_id}  {patient_id}", reader),
+                *ecg_lines(ecg_time, device, reader),
+            ]
+        ),
         labelled(_("Report received"), reader.full(received_at), reader),
         labelled(_("Read by"), reading_doctor or "—", reader),
     ]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lastmile.ecg.preview import display_name
-from lastmile.reports.report_text import English, Reader, Speaker, printout, shown_reasons, shown_text
+from lastmile.reports.report_text import English, Reader, Speaker, pdf_note, printout, shown_reasons, shown_text
 from lastmile.reports.store import ReportStore, SentStudy, StoredReport
 from uploader.report_reading import UnreadableReport, read_dicom_report, read_fhir_report
 
@@ -183,3 +183,17 @@ def printable(store: ReportStore, report: StoredReport, reader: Reader | None = 
         device=study.device if study else "",
     )
     return text.encode("utf-8"), ".txt"
+
+
+def note_for_pdf(store: ReportStore, report: StoredReport, reader: Reader) -> str:
+    """The page printed before the county's PDF of `report` (`report_text.pdf_note`): "" when the
+    PDF can print alone."""
+    study = store.study(report.study_uid)
+    return pdf_note(
+        reader,
+        replaced_by=str(store.current_of(report.id)) if report.superseded_by is not None else "",
+        unassigned=not (study and study.patient_id),
+        county_patient=county_patient(study, report),
+        ecg_time=ecg_time_of(study),
+        device=study.device if study else "",
+    )
