@@ -265,14 +265,48 @@ def store_returned_reports(config: Config) -> tuple[int, int]:
     return ids[0], ids[1]
 
 
+def store_unassigned_ecg_report(config: Config, *, as_pdf: bool = False) -> tuple[int, str]:
+    """An ECG recorded with no patient (held unassigned at the gateway, then sent as it was) and
+    the county's critical report on it naming a patient the county typed (张三, VALID_ID), in the
+    real report store as the forwarder and the poller keep them: (report id, the ECG's device).
+    `as_pdf`: the county's report is an Encapsulated PDF (its own page, naming 张三) instead."""
+    from lastmile.data_dir import open_outbox
+    from lastmile.demo.cardiologist import STEMI, StudyToRead, ecg_report_sr, part10, report_pdf
+    from lastmile.ecg.intake import enqueue_recording
+    from lastmile.reports.sent import sent_study_of
+    from lastmile.reports.store import ReportStore
+    from tests.ecg_factories import make_recording
+    from uploader.report_reading import CriticalRules, read_dicom_report
+
+    now = dt.datetime.now(dt.timezone.utc)
+    with open_outbox(config) as outbox:
+        item = enqueue_recording(outbox, make_recording(4, patient=None), config, key="unassigned").item
+    study = sent_study_of(item, {}, now)
+    assert study is not None and not study.patient_id, study
+    with ReportStore.open(config.data_dir) as store:
+        store.record_sent(study)
+        named = StudyToRead(study.study_uid, VALID_ID, "Zhang^San=张^三")
+        sr = (
+            report_pdf(named, ["Acute inferior STEMI: refer now"])
+            if as_pdf
+            else ecg_report_sr(named, findings=[], impression="急性下壁心肌梗死，请立即转诊", coded_findings=[STEMI])
+        )
+        data = part10(sr)
+        rules = CriticalRules.parse(["SCT:401303003"], [])
+        report_id = store.add_report(read_dicom_report(data, rules), data, "dicom", now).report.id
+    return report_id, str(item.meta["device"])
+
+
 def stand_in_lp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, refuse: bool = False) -> Path:
-    """An `lp` that keeps its stdin in `spool` and its arguments in spool.args."""
+    """An `lp` that keeps its stdin in `spool` and its arguments in spool.args (the last job's),
+    and every job's stdin in order as spool.1, spool.2 ... (`printed_jobs`)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     spool = tmp_path / "spool"
     lp = bin_dir / "lp"
     lp.write_text(
         f'#!/bin/sh\necho "$@" > {spool}.args\ncat > {spool}\n'
+        f"n=$(ls {spool}.[0-9]* 2>/dev/null | wc -l); cp {spool} {spool}.$((n + 1))\n"
         + (
             "echo 'lp: Error - no default destination available.' >&2; exit 1\n"
             if refuse
@@ -282,3 +316,9 @@ def stand_in_lp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, refuse: bool
     lp.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     return spool
+
+
+def printed_jobs(spool: Path) -> list[bytes]:
+    """What the stand-in `lp` was given, job by job, in order."""
+    jobs = sorted(spool.parent.glob(f"{spool.name}.[0-9]*"), key=lambda p: int(p.suffix[1:]))
+    return [job.read_bytes() for job in jobs]

@@ -7,18 +7,36 @@ in this process, so it finds the stand-in as it would find /usr/bin/lp on the im
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 import pytest
+from pydicom.uid import generate_uid
 
+from lastmile.config import Config
+from lastmile.demo.cardiologist import StudyToRead, ecg_report_sr, part10, report_pdf
+from lastmile.reports.store import ReportStore, SentStudy
 from tests.console_harness import (
     DOCTOR,
+    VALID_ID,
     Client,
     console_config,
+    printed_jobs,
     running_console,
     stand_in_lp,
     store_returned_reports,
+    store_unassigned_ecg_report,
 )
+from uploader.report_reading import read_dicom_report
+
+
+def printed_from_the_console(config: Config, report_id: int) -> None:
+    """A doctor presses "print on the clinic printer" on the report's page; the job is taken."""
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        reply = client.post(f"/reports/{report_id}/print")
+        assert reply.status == 303 and reply.location.endswith(f"/reports/{report_id}?printed=1"), reply
 
 
 def test_a_report_prints_on_the_clinic_printer_in_chinese(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -77,3 +95,58 @@ def test_printing_needs_the_forms_csrf_token(tmp_path: Path, monkeypatch: pytest
         reply = client.post(f"/reports/{routine}/print", csrf=False)
         assert reply.status in (400, 403), reply
     assert not spool.exists()
+
+
+def test_an_ecg_sent_without_a_patient_prints_the_countys_patient_flagged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Paper outlives the page: the printout of a report on an ECG sent unassigned is headed
+    "patient not known", and the patient the county typed is printed as what the county wrote."""
+    spool = stand_in_lp(tmp_path, monkeypatch)
+    config = console_config(tmp_path / "data")
+    report_id, device = store_unassigned_ecg_report(config)
+    printed_from_the_console(config, report_id)
+    printed = spool.read_bytes().decode("utf-8")
+    heading = printed.splitlines()[0]
+    assert heading == "心电图报告：患者未确定", printed
+    assert "发送时没有指定患者" in printed and f"县里的报告写的是 张 三 {VALID_ID}" in printed, printed
+    assert device in printed, printed
+
+
+def test_the_countys_pdf_of_a_replaced_report_prints_behind_a_replaced_note(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The county sent a PDF, then a corrected report replacing it. Printed on the clinic printer
+    from the old report's page, the PDF (the county's own document, which cannot say it) must come
+    out behind a page saying it was replaced, as the page and the text printout say."""
+    spool = stand_in_lp(tmp_path, monkeypatch)
+    config = console_config(tmp_path / "data")
+    now = dt.datetime.now(dt.timezone.utc)
+    study = StudyToRead(generate_uid(), VALID_ID, "Zhang^San=张^三")
+    pdf = report_pdf(study, ["Sinus rhythm"])
+    with ReportStore.open(config.data_dir) as store:
+        store.record_sent(SentStudy(study.study_uid, now, patient_id=study.patient_id, patient_name=study.patient_name))
+        old, current = (
+            store.add_report(read_dicom_report(part10(ds)), part10(ds), "dicom", now).report.id
+            for ds in (pdf, ecg_report_sr(study, findings=[], impression="一度房室传导阻滞，请复查", amends=pdf))
+        )
+    printed_from_the_console(config, old)
+    jobs = printed_jobs(spool)
+    assert len(jobs) == 2 and jobs[1].startswith(b"%PDF-"), [job[:40] for job in jobs]
+    assert f"此报告已被第 {current} 号报告替代" in jobs[0].decode("utf-8"), jobs[0]
+
+
+def test_the_countys_pdf_on_an_ecg_sent_without_a_patient_prints_behind_the_unassigned_note(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The county's own PDF names the patient its staff typed and cannot say the gateway did not
+    know the patient: on the clinic printer a page saying so (and that the name is the county's)
+    comes first, as the page and the text printout say it."""
+    spool = stand_in_lp(tmp_path, monkeypatch)
+    config = console_config(tmp_path / "data")
+    report_id, device = store_unassigned_ecg_report(config, as_pdf=True)
+    printed_from_the_console(config, report_id)
+    jobs = printed_jobs(spool)
+    assert len(jobs) == 2 and jobs[1].startswith(b"%PDF-"), [job[:40] for job in jobs]
+    note = jobs[0].decode("utf-8")
+    assert "发送时没有指定患者" in note and f"县里的报告写的是 张 三 {VALID_ID}" in note and device in note, note

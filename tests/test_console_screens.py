@@ -32,7 +32,15 @@ from tests.console_browser import (
     text_in,
     wait_for,
 )
-from tests.console_harness import ADMIN, DOCTOR, VALID_ID, Client, console_config, running_console
+from tests.console_harness import (
+    ADMIN,
+    DOCTOR,
+    VALID_ID,
+    Client,
+    console_config,
+    running_console,
+    store_unassigned_ecg_report,
+)
 from tests.visit_harness import GPS_T, HOUSE, FakeClocks, fix_at, offset
 from uploader.report_reading import read_dicom_report
 
@@ -343,6 +351,44 @@ def test_a_replaced_report_opened_by_its_old_link_says_so_and_leads_to_the_curre
             wait_for(browser, on_page(f"/reports/{current}"))
             text_in(browser, ".report-full", "一度房室传导阻滞")
             assert not browser.find_elements(by("css"), ".report-full .replaced")  # type: ignore[attr-defined]
+        finally:
+            set_viewport(browser, TABLET)
+
+
+# -- a report on an ECG sent without a patient -----------------------------------------------------
+
+
+def test_a_report_on_an_ecg_sent_without_a_patient_gives_the_countys_patient_as_the_countys(
+    browser: object, tmp_path: Path
+) -> None:
+    """An ECG was sent unassigned (no patient known at the gateway); the county's report names a
+    patient its staff typed. The list, the report and the critical alert must not head it with
+    that name as if it were this clinic's record: they say the gateway did not know the patient,
+    show the county's name flagged as what the county wrote, and which ECG it was (its device)."""
+    config = console_config(tmp_path / "data")
+    report_id, device = store_unassigned_ecg_report(config)
+    with running_console(config) as server:
+        log_in(browser, server)
+        set_viewport(browser, PHONE)
+        try:
+            for path, card in (("/reports", f"[data-report='{report_id}']"), (f"/reports/{report_id}", ".report-full")):
+                browser.get(f"{server.url}{path}")  # type: ignore[attr-defined]
+                text_in(browser, card, "急性下壁心肌梗死")
+                heading = browser.find_element(by("css"), f"{card} h1, {card} h2").text  # type: ignore[attr-defined]
+                # the county's name as read from its report: 张 三 (its PN's parts, spaced)
+                assert "张" not in heading and VALID_ID not in heading, f"{path}: {heading}"
+                assert "患者未确定" in heading, f"{path}: {heading}"
+                flags = browser.find_elements(by("css"), f"{card} [role=alert].unassigned")  # type: ignore[attr-defined]
+                page = browser.find_element(by("css"), "main").text  # type: ignore[attr-defined]
+                assert len(flags) == 1, f"{path} does not flag the county's patient: {page}"
+                flag = flags[0].text
+                assert "发送时没有指定患者" in flag and "县里" in flag, flag
+                assert "张 三" in flag and VALID_ID in flag, flag
+                alert = browser.find_element(by("css"), ".alert.critical").text  # type: ignore[attr-defined]
+                assert "张" not in alert and "发送时没有指定患者" in alert, alert
+                save_screenshot(browser, f"report-unassigned{path.replace('/', '-')}-phone")
+            facts = browser.find_element(by("css"), ".report-full .facts").text  # type: ignore[attr-defined]
+            assert device in facts, facts
         finally:
             set_viewport(browser, TABLET)
 

@@ -28,6 +28,7 @@ from lastmile.ecg.intake import enqueue_recording
 from lastmile.reports.sent import sent_study_of
 from lastmile.reports.store import ReportStore, SentStudy
 from lastmile.reports.views import render_report
+from tests.console_harness import store_unassigned_ecg_report
 from tests.ecg_factories import make_recording
 from uploader.outbox import ItemState, Kind
 from uploader.report_reading import CriticalRules, read_dicom_report
@@ -179,6 +180,29 @@ def test_the_sent_study_keeps_the_quality_verdict_of_the_ecg(tmp_path: Path) -> 
         )
         shown = render_report(store, store.get(report_id))  # type: ignore[arg-type]
     assert f"ECG quality at the clinic: {verdict}" in shown
+
+
+def test_show_and_print_give_the_countys_patient_of_an_unassigned_ecg_as_the_countys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`lastmile report show` and `lastmile report print` say what the console says of a report on
+    an ECG sent without a patient: unassigned at the gateway, the county's patient as the county
+    wrote it (flagged), and which ECG it was (its device)."""
+    config = make_config(tmp_path)
+    report_id, device = store_unassigned_ecg_report(config)
+    data_args = ["--data-dir", str(config.data_dir)]
+    assert cli(["report", "show", str(report_id), *data_args]) == 0
+    shown = capsys.readouterr().out
+    assert "Patient: (unassigned)" in shown, shown
+    assert f"The county's report names patient {VALID_ID} 张 三 (Zhang San)" in shown, shown
+    assert f"Device: {device}" in shown, shown
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no lp: the printout goes to a file
+    out = tmp_path / "printed.txt"
+    assert cli(["report", "print", str(report_id), "-o", str(out), *data_args]) == 0
+    printed = out.read_text(encoding="utf-8")
+    assert printed.splitlines()[0] == "心电图报告：患者未确定", printed
+    flagged = [line for line in printed.splitlines() if line.startswith("县里的报告写的是 张 三")]
+    assert len(flagged) == 1 and VALID_ID in flagged[0] and device in printed, printed
 
 
 # -- held ECGs -----------------------------------------------------------------------------------------

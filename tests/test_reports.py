@@ -26,6 +26,7 @@ from lastmile.doctor import Doctor, Level
 from lastmile.reports.alerts import CriticalAlerter
 from lastmile.reports.policy import DAY, HOUR, PollPolicy, StudyClock
 from lastmile.reports.store import ReportStore, SentStudy
+from tests.console_harness import printed_jobs, stand_in_lp
 from tests.ecg_factories import make_recording
 from tests.peers import free_port
 from tests.report_peers import MOVE_AE, gateway_config, poller_for, send_ecgs, to_read, write_config
@@ -289,6 +290,21 @@ def test_print_sends_the_pdf_itself_to_cups(store, tmp_path, monkeypatch, capsys
     assert "request id is lj-1" in capsys.readouterr().out
     assert spool.read_bytes() == pdf.EncapsulatedDocument[: pdf.EncapsulatedDocumentLength]
     assert "-d clinic" in Path(f"{spool}.args").read_text()
+
+
+def test_print_of_a_replaced_pdf_puts_the_replaced_note_first(store, tmp_path, monkeypatch, capsys) -> None:
+    """`lastmile report print` of a PDF report a correction replaced: the PDF cannot say so, so a
+    page saying it goes to the printer first (in console.language), and the operator is told."""
+    spool = stand_in_lp(tmp_path, monkeypatch)
+    study = sent(store)
+    pdf = report_pdf(study, ["Normal ECG"])
+    old = add(store, pdf).report
+    current = add(store, ecg_report_sr(study, findings=[], impression="一度房室传导阻滞", amends=pdf)).report
+    assert cli(["report", "print", str(old.id), "--data-dir", str(tmp_path / "data")]) == 0
+    assert f"此报告已被第 {current.id} 号报告替代" in capsys.readouterr().out  # console.language
+    jobs = printed_jobs(spool)
+    assert len(jobs) == 2 and jobs[1].startswith(b"%PDF-"), [job[:40] for job in jobs]
+    assert f"此报告已被第 {current.id} 号报告替代" in jobs[0].decode("utf-8"), jobs[0]
 
 
 def test_print_writes_a_file_without_lp_or_when_lp_fails(store, tmp_path, monkeypatch, capsys) -> None:

@@ -211,6 +211,9 @@ MIGRATIONS = (
     # report objects the reading center listed for a study that did not arrive (JSON list): the
     # study is not done until they have, whatever else came (lastmile.reports.poller)
     Migration.sql("0011_awaited_report_objects", "ALTER TABLE sent_studies ADD COLUMN awaiting TEXT;"),
+    # the device that recorded the ECG sent (its label): a report on an ECG sent without a patient
+    # shows which recording it reads, by its time and device (NULL: recorded before)
+    Migration.sql("0012_sent_study_device", "ALTER TABLE sent_studies ADD COLUMN device TEXT;"),
 )
 
 

@@ -87,17 +87,26 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _print(args: argparse.Namespace) -> int:
-    from lastmile.reports.printing import lp_command, print_document
-    from lastmile.reports.views import printable, speaker_for
+    from lastmile.reports.printing import lp_command, print_behind_note, print_document
+    from lastmile.reports.views import note_for_pdf, printable, speaker_for
 
     config, store = _store(args)
     with store:
         report = _report_or_fail(store, args.id)
         if report is None:
             return 1
-        data, suffix = printable(store, report, speaker_for(config.console.language))
+        speaker = speaker_for(config.console.language)
+        data, suffix = printable(store, report, speaker)
+        # what the county's PDF cannot say (replaced; sent without a patient): a page of its own first
+        note = note_for_pdf(store, report, speaker) if suffix == ".pdf" else ""
+    if note:
+        print(note)  # a PDF written to a file cannot carry it
     if lp_command() and not args.output:
-        done = print_document(data, f"ECG report {report.id}", args.printer)
+        title = f"ECG report {report.id}"
+        if note:
+            done = print_behind_note(note, data, title, args.printer)
+        else:
+            done = print_document(data, title, args.printer)
         if done.sent:
             print(f"report {report.id} sent to the printer: {done.message}")
             return 0

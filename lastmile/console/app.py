@@ -53,8 +53,8 @@ from lastmile.console.ecg_analysis import EcgAnalyses
 from lastmile.console.i18n import LANGUAGE_NAMES, N_, Localizer, negotiate
 from lastmile.console.live import Broker
 from lastmile.console.sources import ClinicData, ConsoleInputError, ReportView, row_number
-from lastmile.reports.printing import lp_command, print_document
-from lastmile.reports.report_text import printout, shown_reasons, shown_text
+from lastmile.reports.printing import lp_command, print_behind_note, print_document
+from lastmile.reports.report_text import pdf_note, printout, shown_reasons, shown_text
 from uploader.errors import OutboxFullError
 from uploader.outbox import is_storage_full
 
@@ -887,12 +887,20 @@ def printable_text(found: ReportView, localizer: Localizer) -> str:
         reasons=shown_reasons(found.lines, found.critical_reasons, localizer) if found.critical else [],
         text=shown_text(found.lines, found.text, localizer),
         replaced_by=found.replaced_by,
+        unassigned=found.unassigned,
+        county_patient=county_patient(found),
+        device=found.device,
     )
 
 
+def county_patient(found: ReportView) -> str:
+    """The patient the county's report names on an ECG sent without one, as people read it."""
+    return " ".join(x for x in (person_name(found.county_patient_name), found.county_patient_id) if x)
+
+
 async def print_report(request: Request) -> Response:
-    """The report on the clinic's printer through CUPS (the county's PDF as sent, else its text);
-    the page says whether the scheduler took it. The browser's own Print stays the fallback."""
+    """The report on the clinic's printer through CUPS (the county's PDF as sent, behind a note if
+    a newer version replaced it; else its text); the page says whether the scheduler took it. The browser's own Print stays the fallback."""
     state = state_of(request)
     ctx = await context_for(request)
     await read_form(request, ctx)
@@ -901,8 +909,26 @@ async def print_report(request: Request) -> Response:
     if found is None:
         return not_found(request, ctx, NO_SUCH_REPORT)
     pdf = await state.run_db(state.data.reports.pdf, report_id) if found.has_pdf else None
-    document = pdf or printable_text(found, ctx.localizer).encode("utf-8")
-    outcome = await asyncio.to_thread(print_document, document, f"ECG report {report_id}")
+    title = f"ECG report {report_id}"
+    # what the county's PDF cannot say (replaced; sent without a patient), the page and the text
+    # printout do: it goes first, on a page of its own
+    note = (
+        pdf_note(
+            ctx.localizer,
+            replaced_by=found.replaced_by,
+            unassigned=found.unassigned,
+            county_patient=county_patient(found),
+            ecg_time=found.ecg_time,
+            device=found.device,
+        )
+        if pdf
+        else ""
+    )
+    if pdf and note:
+        outcome = await asyncio.to_thread(print_behind_note, note, pdf, title)
+    else:
+        document = pdf or printable_text(found, ctx.localizer).encode("utf-8")
+        outcome = await asyncio.to_thread(print_document, document, title)
     log.info("report %s printed by %s: %s", report_id, ctx.user, outcome.message)
     return RedirectResponse(f"/reports/{quote(report_id)}?printed={int(outcome.sent)}", status_code=303)
 

@@ -200,6 +200,13 @@ class ReportView:
     findings: tuple[str, ...] = ()
     lines: tuple[ReportLine, ...] | None = None  # the whole report, worded in the page's language
     replaced_by: str = ""  # a newer version replaced this one: the id of the current version
+    # the ECG was sent without a patient (held unassigned, never guessed): `patient_id` and
+    # `patient_name` are then empty, and the patient the county's report names is only what the
+    # county wrote (`county_patient_*`), shown flagged, never as this clinic's record
+    unassigned: bool = False
+    county_patient_id: str = ""
+    county_patient_name: str = ""
+    device: str = ""  # the device that recorded the ECG ("" if not known)
 
     @property
     def unread(self) -> bool:

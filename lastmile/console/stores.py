@@ -66,13 +66,20 @@ def _when(text: str) -> dt.datetime | None:
 def report_view(report: StoredReport, study: SentStudy | None, current_id: int | None = None) -> ReportView:
     """A stored report as the pages show it: the patient and ECG as we sent them (the report's
     own patient fields are what the reading center wrote; a disagreement is in its problems).
+    An ECG sent without a patient stays without one here: the patient the county typed is kept
+    apart, as the county's (never taken for this clinic's record, never assigned from it).
     `current_id`: the version that replaced it, for a report a newer one superseded."""
     status = {"final": "received"}.get(report.status, report.status)
+    ours = study.patient_id if study else ""
     return ReportView(
         report_id=str(report.id),
         study_uid=report.study_uid,
-        patient_id=(study.patient_id if study else "") or report.patient_id,
-        patient_name=(study.patient_name if study else "") or report.patient_name,
+        patient_id=ours,
+        patient_name=study.patient_name if study and ours else "",
+        unassigned=not ours,
+        county_patient_id="" if ours else report.patient_id,
+        county_patient_name="" if ours else report.patient_name,
+        device=study.device if study else "",
         ecg_time=_when(study.ecg_time) if study else None,
         received_at=report.received_at,
         status=status,

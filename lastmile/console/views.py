@@ -28,13 +28,14 @@ class Alert:
     patient_name: str
     patient_id: str
     received_at: dt.datetime
+    unassigned: bool = False  # the ECG was sent without a patient: no name to give
 
 
 def critical_alerts(data: ClinicData) -> list[Alert]:
     """Critical results not yet acknowledged by anyone (here or by `lastmile report ack`): shown
     on every page until they are."""
     return [
-        Alert(r.report_id, r.patient_name, r.patient_id, r.received_at)
+        Alert(r.report_id, r.patient_name, r.patient_id, r.received_at, r.unassigned)
         for r in data.reports.reports()
         if r.critical and r.acknowledged_at is None
     ]

@@ -195,6 +195,58 @@ def shown_reasons(lines: Sequence[ReportLine] | None, stored: Sequence[str], spe
     return list(stored) if lines is None else critical_reasons(lines, speaker)
 
 
+def replaced_note(current: str, speaker: Speaker) -> str:
+    """What a replaced report's paper says first (the county's PDF gets it as a page of its own)."""
+    return speaker.gettext("This report was replaced by report %(number)s: do not act on it.", number=current)
+
+
+def unassigned_note(county_patient: str, speaker: Speaker) -> str:
+    """Why a report on an ECG sent without a patient names no patient of this clinic, and the
+    patient the county's report names as the county's words (to check, never to take as ours)."""
+    _ = speaker.gettext
+    note = _("This ECG was sent without a patient: the gateway did not know whose it was.")
+    if not county_patient:
+        return note
+    named = _(
+        "The county's report names %(patient)s: that is what the county wrote, not this clinic's record. "
+        "Check which patient this was before you use it.",
+        patient=county_patient,
+    )
+    return f"{note}\n{named}"
+
+
+def ecg_lines(ecg_time: dt.datetime | None, device: str, reader: Reader) -> list[str]:
+    """Which ECG a report reads: its time and, when known, the device that recorded it."""
+    _ = reader.gettext
+    when = labelled(_("ECG recorded"), reader.full(ecg_time) or "—", reader)
+    return [when, *([labelled(_("Device"), device, reader)] if device else [])]
+
+
+def unassigned_lines(county_patient: str, ecg_time: dt.datetime | None, device: str, reader: Reader) -> list[str]:
+    """The head of a report on an ECG sent without a patient: no patient of ours, the county's
+    patient flagged as the county's, and which ECG it was."""
+    head = labelled(reader.gettext("ECG report"), reader.gettext("Patient not known"), reader)
+    return [head, unassigned_note(county_patient, reader), *ecg_lines(ecg_time, device, reader)]
+
+
+def pdf_note(
+    reader: Reader,
+    *,
+    replaced_by: str = "",
+    unassigned: bool = False,
+    county_patient: str = "",
+    ecg_time: dt.datetime | None = None,
+    device: str = "",
+) -> str:
+    """What the county's PDF cannot say about itself, for a page printed before it: that a newer
+    report replaced it, that the ECG was sent without a patient (the name on the PDF is the
+    county's) and which ECG it was. "" when there is nothing to say (the PDF prints alone)."""
+    lines = [replaced_note(replaced_by, reader)] if replaced_by else []
+    if unassigned:
+        lines += unassigned_lines(county_patient, ecg_time, device, reader)
+    return "\n".join(lines)
+
+
 def printout(
     reader: Reader,
     *,
@@ -206,21 +258,28 @@ def printout(
     reasons: Sequence[str],
     text: str,
     replaced_by: str = "",
+    unassigned: bool = False,
+    county_patient: str = "",
+    device: str = "",
 ) -> str:
     """A report on paper when the county sent no PDF (the console's clinic printer, `lastmile
     report print`): the page's facts, then the whole report, in `reader`'s language (CUPS lays
     the UTF-8 text out with the image's Noto CJK fonts). `reasons`: why it is critical, if it is;
     `replaced_by`: the current version's number, when a newer one replaced this report (said first:
-    paper outlives the page)."""
+    paper outlives the page). `unassigned`: the ECG was sent without a patient; `county_patient`
+    (the patient the county's report names) is then printed as what the county wrote, flagged,
+    and `device` says which recording it was."""
     _ = reader.gettext
     lines = [
+        *([replaced_note(replaced_by, reader)] if replaced_by else []),
         *(
-            [_("This report was replaced by report %(number)s: do not act on it.", number=replaced_by)]
-            if replaced_by
-            else []
+            unassigned_lines(county_patient, ecg_time, device, reader)
+            if unassigned
+            else [
+                labelled(_("ECG report"), f"{patient or patient_id}  {patient_id}", reader),
+                *ecg_lines(ecg_time, device, reader),
+            ]
         ),
-        labelled(_("ECG report"), f"{patient or patient_id}  {patient_id}", reader),
-        labelled(_("ECG recorded"), reader.full(ecg_time) or "—", reader),
         labelled(_("Report received"), reader.full(received_at), reader),
         labelled(_("Read by"), reading_doctor or "—", reader),
     ]

@@ -89,6 +89,7 @@ def sent_study_of(item: OutboxItem, facts: dict[str, str], sent_at: dt.datetime)
             dt.datetime.fromtimestamp(item.committed_at, dt.timezone.utc) if item.committed_at is not None else None
         ),
         quality_verdict=str(quality.get("verdict") or "") if isinstance(quality, dict) else "",
+        device=str(item.meta.get("device") or ""),
     )
 
 

@@ -65,6 +65,7 @@ class SentStudy:
     polls: int = 0
     quality_verdict: str = ""  # the quality gate's verdict on the ECG sent ("" if not checked)
     awaiting: tuple[str, ...] = ()  # report objects listed at the reading center, not arrived yet
+    device: str = ""  # the device that recorded it, as its label ("" if recorded before this was kept)
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,7 @@ def _study(row: sqlite3.Row) -> SentStudy:
         polls=row["polls"] or 0,
         quality_verdict=row["quality_verdict"] or "",
         awaiting=tuple(json.loads(row["awaiting"])) if row["awaiting"] else (),
+        device=row["device"] or "",
     )
 
 
@@ -255,14 +257,22 @@ class ReportStore:
                 "UPDATE sent_studies SET stat = MAX(stat, ?), "
                 "patient_id = COALESCE(NULLIF(patient_id, ''), ?), "
                 "patient_name = COALESCE(NULLIF(patient_name, ''), ?), "
-                "quality_verdict = COALESCE(NULLIF(quality_verdict, ''), ?) WHERE study_uid = ?",
-                (int(study.stat), study.patient_id, study.patient_name, study.quality_verdict, study.study_uid),
+                "quality_verdict = COALESCE(NULLIF(quality_verdict, ''), ?), "
+                "device = COALESCE(NULLIF(device, ''), ?) WHERE study_uid = ?",
+                (
+                    int(study.stat),
+                    study.patient_id,
+                    study.patient_name,
+                    study.quality_verdict,
+                    study.device,
+                    study.study_uid,
+                ),
             )
             return 0
         conn.execute(
             "INSERT INTO sent_studies (study_uid, outbox_item_id, sop_instance_uid, accession, patient_id, "
-            "patient_name, ecg_time, description, stat, sent_at, committed_at, quality_verdict, polls) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
+            "patient_name, ecg_time, description, stat, sent_at, committed_at, quality_verdict, device, polls) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
             (
                 study.study_uid,
                 study.outbox_item_id,
@@ -276,6 +286,7 @@ class ReportStore:
                 iso(study.sent_at),
                 iso(study.committed_at) if study.committed_at else None,
                 study.quality_verdict or None,
+                study.device or None,
             ),
         )
         return 1

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lastmile.ecg.preview import display_name
-from lastmile.reports.report_text import English, Reader, Speaker, printout, shown_reasons, shown_text
+from lastmile.reports.report_text import English, Reader, Speaker, pdf_note, printout, shown_reasons, shown_text
 from lastmile.reports.store import ReportStore, SentStudy, StoredReport
 from uploader.report_reading import UnreadableReport, read_dicom_report, read_fhir_report
 
@@ -54,6 +54,7 @@ class StudyLine:
             "sent_at": s.sent_at.isoformat(),
             "committed_at": s.committed_at.isoformat() if s.committed_at else None,
             "ecg_quality": s.quality_verdict or None,
+            "device": s.device or None,
             "status": self.status,
             "reading_doctor": self.observer or None,
             "reports": [r.to_json() for r in self.reports],
@@ -103,6 +104,15 @@ def ecg_time_of(study: SentStudy | None) -> dt.datetime | None:
     return value.replace(tzinfo=dt.timezone.utc) if value and value.tzinfo is None else value
 
 
+def county_patient(study: SentStudy | None, report: StoredReport, *, id_first: bool = False) -> str:
+    """The patient the county's report names, when the ECG was sent without one ("" otherwise,
+    or when it names none): the county's words, shown flagged, never taken as this clinic's."""
+    if study is not None and study.patient_id:
+        return ""
+    parts = [display_name(report.patient_name), report.patient_id]
+    return " ".join(x for x in (parts[::-1] if id_first else parts) if x)
+
+
 def render_report(store: ReportStore, report: StoredReport, speaker: Speaker | None = None) -> str:
     """The report for `lastmile report show`: the facts (for the operator, in English) and the
     report itself in `speaker`'s language (English when None)."""
@@ -112,7 +122,15 @@ def render_report(store: ReportStore, report: StoredReport, speaker: Speaker | N
     if study is not None:
         who = " ".join(x for x in (study.patient_id, study.patient_name.replace("^", " ")) if x) or "(unassigned)"
         out.append(f"Patient: {who}")
+        county = county_patient(study, report, id_first=True)
+        if county:
+            out.append(
+                f"The county's report names patient {county}: as the county wrote it, not this clinic's record "
+                "(the ECG was sent without a patient): check which patient this was before use"
+            )
         out.append(f"ECG: {short_time(study.ecg_time)}" + (" (STAT)" if study.stat else ""))
+        if study.device:
+            out.append(f"Device: {study.device}")
         if study.quality_verdict:
             out.append(f"ECG quality at the clinic: {study.quality_verdict}")
     if report.superseded_by is not None:
@@ -149,15 +167,33 @@ def printable(store: ReportStore, report: StoredReport, reader: Reader | None = 
         return document, ".pdf"
     reader = reader or speaker_for("en")
     study = store.study(report.study_uid)
+    ours = study.patient_id if study else ""  # none: sent unassigned, the county's patient flagged
     text = printout(
         reader,
-        patient=display_name(study.patient_name if study else report.patient_name),
-        patient_id=(study.patient_id if study else "") or report.patient_id,
+        patient=display_name(study.patient_name) if study and ours else "",
+        patient_id=ours,
         ecg_time=ecg_time_of(study),
         received_at=report.received_at,
         reading_doctor=report.observer,
         reasons=shown_reasons(report.lines, report.critical, reader),
         text=shown_text(report.lines, report.text, reader),
         replaced_by=str(store.current_of(report.id)) if report.superseded_by is not None else "",
+        unassigned=not ours,
+        county_patient=county_patient(study, report),
+        device=study.device if study else "",
     )
     return text.encode("utf-8"), ".txt"
+
+
+def note_for_pdf(store: ReportStore, report: StoredReport, reader: Reader) -> str:
+    """The page printed before the county's PDF of `report` (`report_text.pdf_note`): "" when the
+    PDF can print alone."""
+    study = store.study(report.study_uid)
+    return pdf_note(
+        reader,
+        replaced_by=str(store.current_of(report.id)) if report.superseded_by is not None else "",
+        unassigned=not (study and study.patient_id),
+        county_patient=county_patient(study, report),
+        ecg_time=ecg_time_of(study),
+        device=study.device if study else "",
+    )
