@@ -62,7 +62,7 @@ from firmware_bridge.serial_link import (
     list_ports,
 )
 from lastmile import __version__
-from lastmile.clinic.devices import DeviceRegistry
+from lastmile.clinic.devices import DeviceRegistry, forwarded_name, serial_address
 from lastmile.clinic.observations import ObservationStore, summary
 from lastmile.clinic.patients import PatientContext
 from lastmile.config import SERIAL_HANDLERS, Config, ConfigError, devices_naming, serial_device_problems
@@ -90,17 +90,7 @@ def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def registry_address(name: str) -> str:
-    return f"serial:{name}"
-
-
 # -- configuration -------------------------------------------------------------------------------
-
-
-def forwarded_name(bridge: str) -> str:
-    """The device a bridge forwards (its RS-232 port, read with `forward_profile`): its own entry
-    in the device registry, so its fault is not hidden by the bridge's own status."""
-    return f"{bridge}:forwarded"
 
 
 def refused_devices(config: Config, bad: dict[str, str]) -> dict[str, str]:
@@ -190,7 +180,7 @@ class SerialContext:
         name = f"{spec.name} ({spec.profile}) on {port}" if port else None
         try:
             self.registry.update_status(
-                registry_address(spec.name),
+                serial_address(spec.name),
                 now=self.now(),
                 transport="serial",
                 name=name,
@@ -607,10 +597,10 @@ class SerialService:
         for name, reason in service.refused.items():
             log.error("serial device %s %s", name, reason)
             registry.update_status(
-                registry_address(name), now=ctx.now(), transport="serial", connected=False, error=reason
+                serial_address(name), now=ctx.now(), transport="serial", connected=False, error=reason
             )
         for spec in specs:  # a forwarded device refused before, its profile fixed since: no stale fault
-            forwarded = registry_address(forwarded_name(spec.name))
+            forwarded = serial_address(forwarded_name(spec.name))
             if spec.options.get("forward_profile") and "forward_refused" not in spec.options:
                 record = registry.get(forwarded)
                 if record is not None and record.last_error:
