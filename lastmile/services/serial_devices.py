@@ -93,6 +93,9 @@ def utc_now() -> dt.datetime:
 # -- configuration -------------------------------------------------------------------------------
 
 
+NOT_STARTED = "not started: "  # how a device's refusal begins (`refused_devices`)
+
+
 def refused_devices(config: Config, bad: dict[str, str]) -> dict[str, str]:
     """Device name -> why it is not started or read: its `profile` is a bad file (the device is not
     started), or a bridge's `forward_profile` is (only the forwarded device, `forwarded_name`: the
@@ -101,7 +104,7 @@ def refused_devices(config: Config, bad: dict[str, str]) -> dict[str, str]:
     for i, key, name in devices_naming(config.serial.devices, bad):
         device = config.serial.devices[i]["name"]
         if key == "profile":
-            refused[device] = f"not started: its profile {name!r} is refused: {bad[name]}"
+            refused[device] = f"{NOT_STARTED}its profile {name!r} is refused: {bad[name]}"
         elif device not in refused:  # a device not started forwards nothing either
             refused[forwarded_name(device)] = (
                 f"not read (the bridge runs): its forward_profile {name!r} is refused: {bad[name]}"
@@ -141,6 +144,22 @@ def scan_rules(config: Config) -> ScanRules:
         )
     except DeviceError as exc:
         raise ConfigError(f"{config.source}: {exc}") from None
+
+
+def clear_refusals_fixed_since(registry: DeviceRegistry, specs: Sequence[LinkSpec], *, now: dt.datetime) -> None:
+    """A device (or a bridge's forwarded device) refused at an earlier start, started now that
+    its profile is fixed: its refusal is no fault any more, even while it stays unplugged (the
+    doctor warns of an error newer than the device was last seen)."""
+    for spec in specs:
+        own = serial_address(spec.name)
+        record = registry.get(own)
+        if record is not None and record.last_error.startswith(NOT_STARTED):
+            registry.update_status(own, now=now, transport="serial", error="")
+        if spec.options.get("forward_profile") and "forward_refused" not in spec.options:
+            forwarded = serial_address(forwarded_name(spec.name))
+            record = registry.get(forwarded)
+            if record is not None and record.last_error:  # only ever its refusal: nothing connects to it
+                registry.update_status(forwarded, now=now, transport="serial", error="")
 
 
 # -- what handlers share -------------------------------------------------------------------------
@@ -599,12 +618,7 @@ class SerialService:
             registry.update_status(
                 serial_address(name), now=ctx.now(), transport="serial", connected=False, error=reason
             )
-        for spec in specs:  # a forwarded device refused before, its profile fixed since: no stale fault
-            forwarded = serial_address(forwarded_name(spec.name))
-            if spec.options.get("forward_profile") and "forward_refused" not in spec.options:
-                record = registry.get(forwarded)
-                if record is not None and record.last_error:
-                    registry.update_status(forwarded, now=ctx.now(), transport="serial", error="")
+        clear_refusals_fixed_since(registry, specs, now=ctx.now())
         return service
 
     def start(self) -> None:
