@@ -224,7 +224,8 @@ class SerialContext:
             self.error(spec, f"cannot store reading: {exc}")
             return False
         log.info("%s: %s observation %s", spec.name, obs.kind, result.outcome)
-        self.status(spec, reading=summary(obs), reading_at=obs.measured_at, identity=obs.device)
+        # seen: heard from now (reading_at is the device's clock, maybe behind the error's time)
+        self.status(spec, seen=True, reading=summary(obs), reading_at=obs.measured_at, identity=obs.device)
         return True
 
     def hold_observation(self, spec: LinkSpec, obs: Observation) -> None:
@@ -305,7 +306,7 @@ class SerialContext:
         text = f"ECG {recording.n_leads} leads {recording.duration_s:.0f} s" + (
             f", {gaps} samples missing" if gaps else ""
         )
-        self.status(spec, reading=text, reading_at=recording.acquired_at, identity=recording.device)
+        self.status(spec, seen=True, reading=text, reading_at=recording.acquired_at, identity=recording.device)
         return True
 
 
