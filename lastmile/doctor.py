@@ -156,7 +156,7 @@ class Doctor:
             with as_owner_of(self.config.data_dir):
                 registry = DeviceRegistry.open(self.config.data_dir)
                 try:
-                    records = registry.all()
+                    records = registry.all(self.config)
                 finally:
                     registry.close()
         if self._run_reads is not None:
@@ -680,6 +680,8 @@ class Doctor:
             ]
         now = dt.datetime.fromtimestamp(self.now(), dt.timezone.utc)
         day = dt.timedelta(days=1)
+        # unpaired or no longer configured: its last error is history, not a fault to fix
+        records = [r for r in records if not r.removed]
 
         def seen(r: DeviceRecord) -> dt.datetime | None:
             stamps = [t for t in (r.last_seen_at, r.last_connected_at, r.last_reading_at) if t is not None]

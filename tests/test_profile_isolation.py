@@ -42,12 +42,15 @@ def ward_profile_with_bad_baudrate(profiles: Path) -> int:
     return next(i + 1 for i, text in enumerate(lines) if text.startswith("baudrate = 0"))
 
 
-def refusal_said_then_stopped(refused: DeviceRecord | None, line: int, data: Path, proc: subprocess.Popen[str]) -> None:
+def refusal_said_then_stopped(
+    refused: DeviceRecord | None, line: int, data: Path, serial_toml: str, proc: subprocess.Popen[str]
+) -> None:
     """The refused device's entry (`lastmile devices`, the console's Devices page) and `lastmile
-    doctor` name the ward monitor's file and line; then the acquire service stops cleanly."""
+    doctor` (on the same `[serial]` configuration) name the ward monitor's file and line; then
+    the acquire service stops cleanly."""
     assert refused is not None and not refused.connected
     assert f"ward-monitor.toml:{line}: 'profile.baudrate' out of range" in refused.last_error, refused
-    found = [f for f in doctor(data).check_devices() if f.level is Level.WARN]
+    found = [f for f in doctor(data, serial_toml).check_devices() if f.level is Level.WARN]
     assert found and f"ward-monitor.toml:{line}" in found[0].message, found
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
@@ -69,12 +72,14 @@ def test_a_bad_profile_file_stops_only_the_device_that_names_it(tmp_path: Path) 
     monitor, ward = PtyDevice(tmp_path / "usb-monitor"), PtyDevice(tmp_path / "usb-ward")
     config = tmp_path / "lastmile.toml"
     data = tmp_path / "data"
-    config.write_text(
-        f'[gateway]\ndata_dir = "{data}"\n[ble]\nenabled = false\n[gps]\nsource = "none"\n'
-        f'[usb_import]\nfolders = ["{stick}"]\n'
+    serial_toml = (
         f'[serial]\nprofiles_dir = "{profiles}"\n\n'
         f'[[serial.devices]]\nname = "monitor"\nmatch = "{monitor.link_path}"\nprofile = "example-vitals-monitor"\n\n'
         f'[[serial.devices]]\nname = "ward"\nmatch = "{ward.link_path}"\nprofile = "ward-monitor"\n'
+    )
+    config.write_text(
+        f'[gateway]\ndata_dir = "{data}"\n[ble]\nenabled = false\n[gps]\nsource = "none"\n'
+        f'[usb_import]\nfolders = ["{stick}"]\n' + serial_toml
     )
     manager = Manager(tmp_path / "notify")
     proc = start_acquire(config, manager, watchdog_usec=20_000_000)
@@ -93,7 +98,7 @@ def test_a_bad_profile_file_stops_only_the_device_that_names_it(tmp_path: Path) 
         printed = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)).strftime("DATE %Y-%m-%d  TIME %H:%M:%S")
         monitor.write(VITALS_REPORT.replace(b"DATE 2025-03-04  TIME 09:41:07", printed.encode()))
         wait_for(lambda: bool(device("monitor").last_reading), timeout=60)  # type: ignore[union-attr]
-        refusal_said_then_stopped(device("ward"), line, data, proc)
+        refusal_said_then_stopped(device("ward"), line, data, serial_toml, proc)
     finally:
         if registry is not None:
             registry.close()
@@ -120,12 +125,12 @@ def test_a_bad_forward_profile_stops_only_the_forwarded_device_not_the_bridge(tm
     bridge = PtyDevice(tmp_path / "usb-ecg-bridge")
     config = tmp_path / "lastmile.toml"
     data = tmp_path / "data"
-    config.write_text(
-        f'[gateway]\ndata_dir = "{data}"\n[ble]\nenabled = false\n[gps]\nsource = "none"\n'
+    serial_toml = (
         f'[serial]\nprofiles_dir = "{profiles}"\n\n'
         f'[[serial.devices]]\nname = "ecg"\nmatch = "{bridge.link_path}"\nprofile = "bridge"\n'
         'forward_profile = "ward-monitor"\n'
     )
+    config.write_text(f'[gateway]\ndata_dir = "{data}"\n[ble]\nenabled = false\n[gps]\nsource = "none"\n' + serial_toml)
     manager = Manager(tmp_path / "notify")
     proc = start_acquire(config, manager, watchdog_usec=20_000_000)
     registry: DeviceRegistry | None = None
@@ -145,7 +150,7 @@ def test_a_bad_forward_profile_stops_only_the_forwarded_device_not_the_bridge(tm
         }
         assert core.pending_count == len(lines)  # kept on the bridge, to be resent
         registry = DeviceRegistry.open(data)
-        refusal_said_then_stopped(registry.get("serial:ecg:forwarded"), line, data, proc)
+        refusal_said_then_stopped(registry.get("serial:ecg:forwarded"), line, data, serial_toml, proc)
     finally:
         if registry is not None:
             registry.close()
@@ -179,6 +184,9 @@ def test_a_forwarded_device_refused_before_is_not_said_refused_once_its_profile_
         assert running.service.refused == {}
         record = running.registry.get("serial:ecg:forwarded")
         assert record is not None and record.last_error == "", record
-        assert not [f for f in doctor(tmp_path / "data").check_devices() if f.level is Level.WARN]
+        serial_toml = f'[serial]\nprofiles_dir = "{profiles}"\n\n[[serial.devices]]\n' + "".join(
+            f"{key} = {value!r}\n" for key, value in bridge.items()
+        )
+        assert not [f for f in doctor(tmp_path / "data", serial_toml).check_devices() if f.level is Level.WARN]
     finally:
         running.close()

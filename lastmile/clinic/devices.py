@@ -3,6 +3,10 @@
 `lastmile ble pair ADDRESS` puts a BLE device on the allow-list; the acquire service connects
 only to those, and reports here whether each is connected, its last reading and its last
 error, for `lastmile devices`. Rows live in clinic.db.
+
+A device taken away (unpaired; a serial entry, or a bridge's `forward_profile`, no longer in the
+configuration) keeps its row: its last reading and error are its history, and it comes back as
+it was if added again. It is listed `removed`, never as a current device or a current fault.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import sqlite_utils
 
 from devices.identity import DeviceIdentity
 from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
+from lastmile.config import Config
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +43,7 @@ class DeviceRecord:
     last_error: str
     last_error_at: dt.datetime | None
     last_sequence: int | None
+    removed: bool = False  # unpaired, or no longer configured: history, not a current device
 
     def to_json(self) -> dict:
         out = {}
@@ -51,12 +57,39 @@ def normalise_address(address: str) -> str:
     return address.strip().upper()
 
 
-def _record(row: sqlite3.Row) -> DeviceRecord:
+def serial_address(name: str) -> str:
+    """The registry address of the serial device `name` (`[[serial.devices]]`)."""
+    return f"serial:{name}"
+
+
+def forwarded_name(bridge: str) -> str:
+    """The device a bridge forwards (its RS-232 port, read with `forward_profile`): its own entry
+    in the device registry, so its fault is not hidden by the bridge's own status."""
+    return f"{bridge}:forwarded"
+
+
+def configured_serial(config: Config) -> frozenset[str]:
+    """The registry addresses of the serial devices `config` has the acquire service read: each
+    `[[serial.devices]]` entry and, for one naming a `forward_profile`, the device it forwards."""
+    if not config.serial.enabled:
+        return frozenset()
+    found = set()
+    for entry in config.serial.devices:
+        name = str(entry.get("name", ""))  # a nameless entry is the config check's to refuse, not a crash here
+        found.add(serial_address(name))
+        if entry.get("forward_profile"):
+            found.add(serial_address(forwarded_name(name)))
+    return frozenset(normalise_address(a) for a in found)
+
+
+def _record(row: sqlite3.Row, serial: frozenset[str] | None = None) -> DeviceRecord:
+    """`serial`: the configured serial addresses (None: not known, none is judged removed)."""
+    transport, allowed = row["transport"], bool(row["allowed"])
     return DeviceRecord(
         address=row["address"],
-        transport=row["transport"],
+        transport=transport,
         name=row["name"] or "",
-        allowed=bool(row["allowed"]),
+        allowed=allowed,
         pair_required=bool(row["pair_required"]),
         added_at=from_iso(row["added_at"]),
         manufacturer=row["manufacturer"] or "",
@@ -71,6 +104,8 @@ def _record(row: sqlite3.Row) -> DeviceRecord:
         last_error=row["last_error"] or "",
         last_error_at=from_iso(row["last_error_at"]),
         last_sequence=row["last_sequence"],
+        removed=(transport == "ble" and not allowed)
+        or (transport == "serial" and serial is not None and row["address"] not in serial),
     )
 
 
@@ -203,10 +238,14 @@ class DeviceRegistry:
             )
 
     # -- reading ----------------------------------------------------------------------------
-    def get(self, address: str) -> DeviceRecord | None:
+    def get(self, address: str, config: Config | None = None) -> DeviceRecord | None:
+        """One device; with `config`, a serial device it no longer names is `removed`."""
         row = self.db.conn.execute("SELECT * FROM devices WHERE address = ?", (normalise_address(address),)).fetchone()
-        return _record(row) if row else None
+        return _record(row, None if config is None else configured_serial(config)) if row else None
 
-    def all(self) -> list[DeviceRecord]:
+    def all(self, config: Config | None = None) -> list[DeviceRecord]:
+        """Every device; with `config` (what a reader that shows them always gives), a serial
+        device it no longer names is `removed` (a BLE device is when unpaired)."""
+        serial = None if config is None else configured_serial(config)
         rows = self.db.conn.execute("SELECT * FROM devices ORDER BY transport, address").fetchall()
-        return [_record(r) for r in rows]
+        return [_record(r, serial) for r in rows]

@@ -297,7 +297,7 @@ def _devices(args: argparse.Namespace) -> int:
     if existing_file(config, DB_NAME) is not None:  # a read-only command creates nothing
         registry = DeviceRegistry.open(config.data_dir)
         try:
-            records = registry.all()
+            records = registry.all(config)
         finally:
             registry.close()
     if args.json:
@@ -307,16 +307,16 @@ def _devices(args: argparse.Namespace) -> int:
         print("no devices known (pair BLE devices with 'lastmile ble pair ADDRESS')")
         return 0
     for r in records:
-        state = "connected" if r.connected else "not connected"
-        allowed = "" if r.allowed or r.transport != "ble" else " (not paired)"
+        state = "removed" if r.removed else "connected" if r.connected else "not connected"
+        why = "" if not r.removed else " (not paired)" if r.transport == "ble" else " (not configured)"
         ident = " ".join(x for x in (r.manufacturer, r.model, r.serial) if x)
         if r.transport == "serial" and r.name:
             # "<name> (<profile>) on <port>": where a technician finds it
             ident = f"{r.name}  {ident}".rstrip()
         ident = ident or r.name or "-"
-        print(f"{r.transport:6s} {r.address:17s}  {state:13s}{allowed}  {ident}")
+        print(f"{r.transport:6s} {r.address:17s}  {state:13s}{why}  {ident}")
         if r.last_reading:
             print(f"       last reading {_local(r.last_reading_at)}: {r.last_reading}")
-        if r.last_error:
+        if r.last_error and not r.removed:  # a removed device's error is history (--json keeps it)
             print(f"       last error   {_local(r.last_error_at)}: {r.last_error}")
     return 0

@@ -270,6 +270,8 @@ class ConsoleService:
         if config.console.listen != self.server.config.console.listen:
             log.warning("console.listen changed: restart lastmile-console to listen there")
         self.server.config.console.language = config.console.language
+        # the serial devices: a device row they no longer name is shown removed, not as a fault
+        self.server.config.serial = config.serial
         if self.server.state is not None:
             accounts = self.server.state.data.accounts
             accounts.max_failures = config.console.max_login_failures

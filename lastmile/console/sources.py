@@ -654,7 +654,7 @@ class ClinicData:
 
     # -- devices ----------------------------------------------------------------------------------
     def devices(self) -> list[DeviceRecord]:
-        return self.registry.all()
+        return self.registry.all(self.config)
 
     def pair_device(self, user: str, address: str, name: str, *, now: dt.datetime) -> DeviceRecord:
         address = normalise_address(address)

@@ -52,7 +52,7 @@ def today(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
     return {
         "session": session,
         "doctor_on_duty": data.doctor_on_duty(now),
-        "devices": [d for d in data.devices() if d.allowed or d.last_reading_at or d.connected],
+        "devices": [d for d in data.devices() if not d.removed and (d.allowed or d.last_reading_at or d.connected)],
         "readings": data.patient_readings(session.patient_id, session.since) if session else [],
         "held": data.held_readings(),
         "held_ecgs": held_ecgs,

@@ -52,8 +52,13 @@ class ClinicBlePort:
         result = self.store_.record(observation, now=now)
         self.outcomes[result.outcome] += 1
         if result.outcome != "duplicate":
+            # seen: heard from now (a record from its memory was measured hours before any error)
             self.registry.update_status(
-                observation.device.address, now=now, reading=summary(observation), reading_at=observation.measured_at
+                observation.device.address,
+                now=now,
+                seen=True,
+                reading=summary(observation),
+                reading_at=observation.measured_at,
             )
         return result.outcome != "duplicate"
 

@@ -62,7 +62,7 @@ from firmware_bridge.serial_link import (
     list_ports,
 )
 from lastmile import __version__
-from lastmile.clinic.devices import DeviceRegistry
+from lastmile.clinic.devices import DeviceRegistry, forwarded_name, serial_address
 from lastmile.clinic.observations import ObservationStore, summary
 from lastmile.clinic.patients import PatientContext
 from lastmile.config import SERIAL_HANDLERS, Config, ConfigError, devices_naming, serial_device_problems
@@ -90,17 +90,10 @@ def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def registry_address(name: str) -> str:
-    return f"serial:{name}"
-
-
 # -- configuration -------------------------------------------------------------------------------
 
 
-def forwarded_name(bridge: str) -> str:
-    """The device a bridge forwards (its RS-232 port, read with `forward_profile`): its own entry
-    in the device registry, so its fault is not hidden by the bridge's own status."""
-    return f"{bridge}:forwarded"
+NOT_STARTED = "not started: "  # how a device's refusal begins (`refused_devices`)
 
 
 def refused_devices(config: Config, bad: dict[str, str]) -> dict[str, str]:
@@ -111,7 +104,7 @@ def refused_devices(config: Config, bad: dict[str, str]) -> dict[str, str]:
     for i, key, name in devices_naming(config.serial.devices, bad):
         device = config.serial.devices[i]["name"]
         if key == "profile":
-            refused[device] = f"not started: its profile {name!r} is refused: {bad[name]}"
+            refused[device] = f"{NOT_STARTED}its profile {name!r} is refused: {bad[name]}"
         elif device not in refused:  # a device not started forwards nothing either
             refused[forwarded_name(device)] = (
                 f"not read (the bridge runs): its forward_profile {name!r} is refused: {bad[name]}"
@@ -153,6 +146,22 @@ def scan_rules(config: Config) -> ScanRules:
         raise ConfigError(f"{config.source}: {exc}") from None
 
 
+def clear_refusals_fixed_since(registry: DeviceRegistry, specs: Sequence[LinkSpec], *, now: dt.datetime) -> None:
+    """A device (or a bridge's forwarded device) refused at an earlier start, started now that
+    its profile is fixed: its refusal is no fault any more, even while it stays unplugged (the
+    doctor warns of an error newer than the device was last seen)."""
+    for spec in specs:
+        own = serial_address(spec.name)
+        record = registry.get(own)
+        if record is not None and record.last_error.startswith(NOT_STARTED):
+            registry.update_status(own, now=now, transport="serial", error="")
+        if spec.options.get("forward_profile") and "forward_refused" not in spec.options:
+            forwarded = serial_address(forwarded_name(spec.name))
+            record = registry.get(forwarded)
+            if record is not None and record.last_error:  # only ever its refusal: nothing connects to it
+                registry.update_status(forwarded, now=now, transport="serial", error="")
+
+
 # -- what handlers share -------------------------------------------------------------------------
 
 
@@ -190,7 +199,7 @@ class SerialContext:
         name = f"{spec.name} ({spec.profile}) on {port}" if port else None
         try:
             self.registry.update_status(
-                registry_address(spec.name),
+                serial_address(spec.name),
                 now=self.now(),
                 transport="serial",
                 name=name,
@@ -215,7 +224,8 @@ class SerialContext:
             self.error(spec, f"cannot store reading: {exc}")
             return False
         log.info("%s: %s observation %s", spec.name, obs.kind, result.outcome)
-        self.status(spec, reading=summary(obs), reading_at=obs.measured_at, identity=obs.device)
+        # seen: heard from now (reading_at is the device's clock, maybe behind the error's time)
+        self.status(spec, seen=True, reading=summary(obs), reading_at=obs.measured_at, identity=obs.device)
         return True
 
     def hold_observation(self, spec: LinkSpec, obs: Observation) -> None:
@@ -296,7 +306,7 @@ class SerialContext:
         text = f"ECG {recording.n_leads} leads {recording.duration_s:.0f} s" + (
             f", {gaps} samples missing" if gaps else ""
         )
-        self.status(spec, reading=text, reading_at=recording.acquired_at, identity=recording.device)
+        self.status(spec, seen=True, reading=text, reading_at=recording.acquired_at, identity=recording.device)
         return True
 
 
@@ -607,14 +617,9 @@ class SerialService:
         for name, reason in service.refused.items():
             log.error("serial device %s %s", name, reason)
             registry.update_status(
-                registry_address(name), now=ctx.now(), transport="serial", connected=False, error=reason
+                serial_address(name), now=ctx.now(), transport="serial", connected=False, error=reason
             )
-        for spec in specs:  # a forwarded device refused before, its profile fixed since: no stale fault
-            forwarded = registry_address(forwarded_name(spec.name))
-            if spec.options.get("forward_profile") and "forward_refused" not in spec.options:
-                record = registry.get(forwarded)
-                if record is not None and record.last_error:
-                    registry.update_status(forwarded, now=ctx.now(), transport="serial", error="")
+        clear_refusals_fixed_since(registry, specs, now=ctx.now())
         return service
 
     def start(self) -> None:

@@ -1,0 +1,261 @@
+"""A device taken away (out of `[[serial.devices]]`, a bridge's `forward_profile` dropped, a BLE
+device unpaired) keeps its row in clinic.db, its readings keep naming it; but it is no current
+device: `lastmile devices`, the console and `lastmile doctor` must not go on showing its last
+error as a fault (found 2026-12-06: a WARN that never cleared, "tell the county IT", for a
+monitor no longer there)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import json
+import signal
+from pathlib import Path
+
+import pytest
+
+from lastmile.cli import main
+from lastmile.clinic.devices import DeviceRegistry
+from lastmile.console.sources import ClinicData
+from lastmile.console.views import devices as devices_page
+from lastmile.console.views import today
+from lastmile.doctor import Level
+from tests.console_harness import DOCTOR, Client, add_users, console_config, running_console
+from tests.serial_pty import PtyDevice
+from tests.service_harness import VITALS_REPORT, Manager, doctor, start_acquire, status_with, stop_child
+from tests.test_profile_isolation import ward_profile_with_bad_baudrate
+from tests.test_serial_service import Running
+from tests.waiting import wait_for
+
+UTC = dt.timezone.utc
+
+
+def device_entry(name: str, match: str, profile: str) -> str:
+    return f'[[serial.devices]]\nname = "{name}"\nmatch = "{match}"\nprofile = "{profile}"\n\n'
+
+
+def warnings(data: Path, serial_toml: str) -> list[str]:
+    """`lastmile doctor`'s devices findings above OK, on the configuration's serial part."""
+    found = doctor(data, serial_toml).check_devices()
+    return [f.message for f in found if f.level is not Level.OK]
+
+
+def run_acquire_until_ready(config: Path, tmp_path: Path, *words: str) -> None:
+    """`lastmile acquire` on `config` until READY and a STATUS holding `words`, then a clean stop."""
+    manager = Manager(tmp_path / f"notify-{len(list(tmp_path.glob('notify-*')))}")
+    proc = start_acquire(config, manager, watchdog_usec=20_000_000)
+    try:
+        manager.wait_for("READY=1", timeout=60)
+        status_with(manager, *words)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        stop_child(proc)
+        manager.sock.close()
+
+
+def test_a_serial_device_taken_out_of_the_config_is_no_current_fault(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The ward monitor, its profile mistyped, was refused; the technician then took it out of the
+    configuration (the monitor went back to the ward). The acquire service starts without it,
+    yet `lastmile doctor` warned of it and `lastmile devices` listed its error as current."""
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    ward_profile_with_bad_baudrate(profiles)
+    monitor, ward = PtyDevice(tmp_path / "usb-monitor"), PtyDevice(tmp_path / "usb-ward")
+    data = tmp_path / "data"
+    head = f'[gateway]\ndata_dir = "{data}"\n[ble]\nenabled = false\n[gps]\nsource = "none"\n'
+    kept = f'[serial]\nprofiles_dir = "{profiles}"\n\n' + device_entry(
+        "monitor", str(monitor.link_path), "example-vitals-monitor"
+    )
+    both = kept + device_entry("ward", str(ward.link_path), "ward-monitor")
+    config = tmp_path / "lastmile.toml"
+    try:
+        config.write_text(head + both)
+        run_acquire_until_ready(config, tmp_path, "serial up, 1 device refused")
+        assert any("ward-monitor.toml" in w for w in warnings(data, both))  # a real fault while configured
+        config.write_text(head + kept)
+        run_acquire_until_ready(config, tmp_path, "serial up")
+    finally:
+        monitor.unplug()
+        ward.unplug()
+    assert warnings(data, kept) == []
+    assert main(["-c", str(config), "devices", "--json"]) == 0
+    rows = {r["address"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["SERIAL:WARD"]["removed"] is True and rows["SERIAL:MONITOR"]["removed"] is False, rows
+    assert "ward-monitor.toml" in rows["SERIAL:WARD"]["last_error"]  # its history is kept
+    assert main(["-c", str(config), "devices"]) == 0
+    out = capsys.readouterr().out
+    assert "ward-monitor.toml" not in out, out
+    ward_line = next(line for line in out.splitlines() if "SERIAL:WARD" in line)
+    assert "removed" in ward_line, out
+
+
+def test_a_forwarded_device_whose_forward_profile_is_taken_out_is_no_current_fault(tmp_path: Path) -> None:
+    """The bridge's RS-232 monitor, its profile mistyped, was refused under `ecg:forwarded`; the
+    technician then dropped `forward_profile` (the monitor is no longer on that bridge). The
+    bridge runs on, but the forwarded row kept its refusal and the doctor warned for ever."""
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    ward_profile_with_bad_baudrate(profiles)
+    bridge = {"name": "ecg", "match": "2e8a:000a", "profile": "bridge"}
+    forwarding = {**bridge, "forward_profile": "ward-monitor"}
+    refused = Running(tmp_path, [forwarding], profiles_dir=str(profiles))
+    refused.close()
+    plain = Running(tmp_path, [bridge], profiles_dir=str(profiles))
+    plain.close()
+    serial_toml = device_entry("ecg", "2e8a:000a", "bridge")
+    assert warnings(tmp_path / "data", serial_toml) == []
+    registry = DeviceRegistry.open(tmp_path / "data")
+    try:
+        records = {r.address: r for r in registry.all(plain.config)}
+    finally:
+        registry.close()
+    assert records["SERIAL:ECG:FORWARDED"].removed, records
+    with_forward = serial_toml.rstrip() + '\nforward_profile = "ward-monitor"\n'
+    assert warnings(tmp_path / "data", f'[serial]\nprofiles_dir = "{profiles}"\n\n' + with_forward)
+
+
+def test_an_unpaired_ble_device_is_no_current_fault_but_keeps_its_history(tmp_path: Path) -> None:
+    """A cuff that failed (a malformed value) and was then removed on the Devices page: the
+    doctor warned of it still, and the Today panel listed it among the clinic's devices."""
+    data = tmp_path / "data"
+    now = dt.datetime.now(UTC)
+    registry = DeviceRegistry.open(data)
+    try:
+        registry.allow("C0:FF:EE:00:00:01", now=now, name="old cuff")
+        registry.update_status("C0:FF:EE:00:00:01", now=now, reading="120/80 mm[Hg]", seen=True)
+        registry.update_status("C0:FF:EE:00:00:01", now=now, error="malformed 2A35 value: too short")
+        assert warnings(data, "")  # paired: a real fault
+        registry.disallow("C0:FF:EE:00:00:01", now=now)
+    finally:
+        registry.close()
+    assert warnings(data, "") == []
+    clinic = ClinicData(console_config(data))
+    try:
+        assert today(clinic, now)["devices"] == []
+        (cuff,) = devices_page(clinic, now)["devices"]
+        assert cuff.removed and cuff.last_reading == "120/80 mm[Hg]"
+    finally:
+        clinic.close()
+
+
+def test_the_devices_page_shows_a_removed_device_as_history_not_as_a_problem(tmp_path: Path) -> None:
+    """The Devices page's "last problem" (in warning colours) for a serial monitor no longer in
+    the configuration: the doctor read it as a fault of today, with no word that it is gone."""
+    config = console_config(tmp_path / "data")
+    now = dt.datetime.now(UTC)
+    registry = DeviceRegistry.open(config.data_dir)
+    try:
+        registry.update_status("serial:ward", now=now, transport="serial", connected=False, error="not started")
+    finally:
+        registry.close()
+    with running_console(config) as server:
+        client = Client(server.url, language="en")
+        client.login(DOCTOR)
+        page = client.get("/devices").body
+    ward = page.split("SERIAL:WARD", 1)[1].split("</li>", 1)[0]
+    assert "not started" not in ward and 'class="warn"' not in ward, ward
+    assert "removed" in ward.lower(), ward
+
+
+def test_a_device_refused_before_is_not_said_refused_once_its_profile_is_fixed(tmp_path: Path) -> None:
+    """The ward monitor was not started (its profile mistyped); the technician fixed the file and
+    the acquire service started it, but the monitor is on its trolley in the ward, unplugged: its
+    entry kept "not started: its profile is refused" and the doctor warned of a fixed file until
+    the monitor was next plugged in (the bridge's forwarded device had this cleared; not this)."""
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    ward_profile_with_bad_baudrate(profiles)
+    ward = {"name": "ward", "match": "0403:6001:WARD01", "profile": "ward-monitor"}
+    serial_toml = f'[serial]\nprofiles_dir = "{profiles}"\n\n' + device_entry(**ward)
+    Running(tmp_path, [ward], profiles_dir=str(profiles)).close()
+    assert any("ward-monitor.toml" in w for w in warnings(tmp_path / "data", serial_toml))
+    fixed = (profiles / "ward-monitor.toml").read_text().replace("baudrate = 0", "baudrate = 9600")
+    (profiles / "ward-monitor.toml").write_text(fixed)
+    running = Running(tmp_path, [ward], profiles_dir=str(profiles))
+    try:
+        assert running.service.refused == {}
+        assert warnings(tmp_path / "data", serial_toml) == []
+    finally:
+        running.close()
+
+
+def test_the_console_judges_the_devices_by_the_configuration_it_reloaded(tmp_path: Path) -> None:
+    """The technician took the ward monitor out of the configuration and reloaded the services
+    (`systemctl reload`): the acquire service rebuilt its links without it, but the console kept
+    the serial list it started with, so its Devices page went on listing the monitor under the
+    configuration, its refusal a problem of today, until the console was restarted."""
+    from lastmile.console.service import ConsoleService
+
+    config = console_config(tmp_path / "data")
+    config.serial.devices = [{"name": "ward", "match": "0403:6001:WARD01", "profile": "ward-monitor"}]
+    registry = DeviceRegistry.open(config.data_dir)
+    try:
+        registry.update_status(
+            "serial:ward", now=dt.datetime.now(UTC), transport="serial", connected=False, error="not started"
+        )
+    finally:
+        registry.close()
+    add_users(config)
+    service = ConsoleService.start(config)
+    try:
+        reloaded = console_config(tmp_path / "data", port=int(config.console.listen.rsplit(":", 1)[1]))
+        service.reload(reloaded)  # no serial device any more
+        client = Client(service.server.url, language="en")
+        client.login(DOCTOR)
+        page = client.get("/devices").body
+    finally:
+        service.close()
+    ward = page.split("SERIAL:WARD", 1)[1].split("</li>", 1)[0]
+    assert "not started" not in ward and "removed" in ward.lower(), ward
+    assert 'id="h-serial"' not in page, page  # the configuration's list: none left
+
+
+def test_a_monitor_that_reports_well_after_a_rejected_report_is_no_current_fault(tmp_path: Path) -> None:
+    """A report cut short (the monitor switched off mid-print), then good reports all day from a
+    monitor whose clock is behind: each reading was stamped with the monitor's time, older than
+    the rejection, so the doctor took the monitor for not seen since its error and warned "report
+    rejected" all day, whereas a monitor with a right clock cleared it at its next report."""
+    monitor = PtyDevice(tmp_path / "usb-monitor")
+    entry = {"name": "monitor", "match": str(monitor.link_path), "profile": "example-vitals-monitor"}
+    running = Running(tmp_path, [entry])
+    try:
+        wait_for(lambda: (d := running.registry.get("serial:monitor")) is not None and d.connected, timeout=60)
+        cut = VITALS_REPORT[: VITALS_REPORT.index(b"PULSE")]
+        monitor.write(cut + VITALS_REPORT)  # printed by a clock that says 2025-03-04
+        record = wait_for(
+            lambda: (d := running.registry.get("serial:monitor")) is not None and d.last_reading and d, timeout=60
+        )
+        assert record is not None and "report rejected" in record.last_error, record
+        assert warnings(tmp_path / "data", "[serial]\n\n" + device_entry(**entry)) == []
+    finally:
+        running.close()
+        monitor.unplug()
+
+
+def test_a_cuff_that_sends_good_records_after_a_malformed_one_is_no_current_fault(tmp_path: Path) -> None:
+    """The same through the BLE link's port: a cuff found (seen), one malformed record, then the
+    good ones of its memory, measured hours before: the doctor warned of the malformed value
+    until the cuff was next found, however many good readings it had sent since."""
+    from firmware_bridge.ble.link import DeviceStatus
+    from lastmile.clinic.observations import ObservationStore
+    from lastmile.services.ble_devices import ClinicBlePort
+    from tests.console_harness import bp_reading
+    from uploader.outbox import Outbox
+
+    data = tmp_path / "data"
+    now = dt.datetime.now(UTC)
+    with Outbox.open(data, min_free_bytes=0) as outbox:
+        store = ObservationStore.open(data, outbox=outbox, idle_timeout_s=900)
+        try:
+            ticks = (now + dt.timedelta(seconds=i) for i in itertools.count())  # each event a second on
+            port = ClinicBlePort(store, DeviceRegistry(store.db), clock=lambda: next(ticks))
+            port.registry.allow("AA:BB:CC:DD:EE:01", now=now - dt.timedelta(minutes=1), name="cuff")
+            port.report(DeviceStatus("AA:BB:CC:DD:EE:01", seen=True))
+            port.report(DeviceStatus("AA:BB:CC:DD:EE:01", connected=True, error="malformed 2A35 value: too short"))
+            assert port.store(bp_reading(now - dt.timedelta(hours=3), "cuff-record-7"))
+        finally:
+            store.close()
+    assert warnings(data, "") == []
