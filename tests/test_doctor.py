@@ -450,5 +450,9 @@ def test_home_visits_set_aside_a_damaged_key_and_visits_not_queued_for_a_day(tmp
     assert [f.topic for f in late] == ["set-aside", "not-queued"]  # two rows, each saying which
     (tmp_path / KEY_FILE).write_bytes(b"-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n")
     found = doctor(tmp_path, now=lambda: now + 60).check_visits()
-    assert Level.FAIL in [f.level for f in found] and any("backup" in f.hint for f in found), found
-    assert waiting.id  # its visit waits for the repaired key, never set aside
+    assert [f.topic for f in found if f.level is Level.FAIL] == ["signing-key"], found
+    assert any("backup" in f.hint for f in found), found
+    # the visit waiting for the repaired key is never counted set aside: only the damaged one is
+    set_aside = [f for f in found if f.topic == "set-aside"]
+    assert all("1 set aside" in f.message and damaged.id in f.message for f in set_aside), set_aside
+    assert not [f for f in found if waiting.id in f.message], found
