@@ -255,6 +255,7 @@ def test_a_visit_stop_set_aside_as_damaged_and_recorded_again_is_never_sent_twic
     P-2), while `visit list` and `lastmile doctor` said "once repaired: lastmile visit retry":
     following both, the county got P-2's visit twice. The visit stop closed as damaged is never
     offered for retry nor sent, not even after an update tries the others again."""
+    from lastmile.doctor import Level
     from lastmile.visits import relay_link
     from lastmile.visits.relay_link import VisitQueue
     from tests.fhir_samples import NAMING
@@ -282,9 +283,10 @@ def test_a_visit_stop_set_aside_as_damaged_and_recorded_again_is_never_sent_twic
     assert "no visit is set aside" in capsys.readouterr().out
     assert run("visit", "list") == 0
     listed = capsys.readouterr().out
-    assert "visit retry" not in listed and "recorded again" in listed, listed
-    hints = [f.hint or "" for f in doctor(data).check_visits()]
-    assert not [h for h in hints if "visit retry" in h], hints
+    assert "visit retry" not in listed and "recorded again" in listed and "not checked" in listed, listed
+    found = doctor(data).check_visits()
+    assert not [f for f in found if "visit retry" in (f.hint or "")], found
+    assert [f.level for f in found] == [Level.OK] and "1 damaged when stopped, kept aside" in found[0].message, found
 
 
 def test_a_visit_stop_set_aside_as_damaged_is_never_signed_with_flags_it_was_not_checked_for(

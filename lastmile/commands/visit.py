@@ -251,7 +251,7 @@ def list_visits(args: argparse.Namespace) -> int:
         dist = f"{v.distance_m:.0f} m" if v.distance_m is not None else "-"
         print(
             f"{when}  {v.state:6}  patient {v.patient_id:12} household {v.household_id or '-':10} "
-            f"{dist:>8}  {', '.join(v.flags) or 'ok'}{_damage_advice(v)}"
+            f"{dist:>8}  {', '.join(v.flags) or ('not checked' if v.recorded_again else 'ok')}{_damage_advice(v)}"
         )
     return 0
 
@@ -265,6 +265,8 @@ def _damage_advice(v: Visit) -> str:
             f"  its record is damaged: cannot be sent to the county platform ({v.fhir_fault}); "
             "`lastmile visit stop` closes it and keeps it aside"
         )
+    if v.recorded_again:  # never checked, and recorded again as stop said: a retry would send it twice
+        return f"  kept aside, never sent: its record was damaged when it was stopped ({v.fhir_fault})"
     return (
         f"  set aside, its record is damaged: cannot be sent to the county platform ({v.fhir_fault}); "
         f"once repaired: lastmile visit retry {v.id[:8]}"
