@@ -313,3 +313,29 @@ def test_a_visit_stop_set_aside_as_damaged_is_never_signed_with_flags_it_was_not
         unchecked = book.get(first)
     assert unchecked is not None and unchecked.chain_seq is None, unchecked  # never signed
     assert f"fhir:visit:{first}" not in keys, keys
+
+
+def test_an_open_visit_set_aside_before_its_stop_is_still_marked_recorded_again_by_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An open visit whose provisional start stamp was damaged is set aside by the first pass
+    that repairs stamps, while still open; `visit stop` then closes it unread and tells the doctor
+    to record it again: its mark must not be lost to the earlier fault (a retry would send it)."""
+    from lastmile.visits.book import VisitBook
+    from tests.fhir_samples import NAMING
+    from uploader.outbox import Outbox
+
+    data = tmp_path / "data"
+    run = lambda *a: main(["-c", str(cli_config(tmp_path)), *a])
+    assert run("visit", "start", "--patient", "P-2") == 0
+    with VisitBook.open(data, gateway_id="gw-cli") as book, Outbox.open(data, min_free_bytes=0) as outbox:
+        book.db.execute("UPDATE visits SET start_stamp = '{}', started_at = NULL")
+        book.db.conn.commit()
+        book.queue_closed(outbox, NAMING)  # the forward service's pass: repairs, sets it aside
+        assert [v.fhir_fault for v in book.visits()] != [None]
+    assert run("visit", "stop") == 1
+    assert "lastmile visit start --patient P-2" in capsys.readouterr().err
+    with VisitBook.open(data, gateway_id="gw-cli") as book:
+        assert [v.recorded_again for v in book.visits()] == [True]
+    assert run("visit", "retry", "--all") == 0
+    assert "no visit is set aside" in capsys.readouterr().out
