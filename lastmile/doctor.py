@@ -951,7 +951,7 @@ class Doctor:
         them (a damaged signing key: none can be signed), or closed and not queued for a day (the
         forward service queues them within a minute). Creates nothing (visits.db, the key)."""
         from lastmile.data_dir import columns_of, read_only
-        from lastmile.visits.relay_link import DB_NAME
+        from lastmile.visits.relay_link import DB_NAME, IS_STOPPED_DAMAGED
 
         data = self.config.data_dir
         if not (data / DB_NAME).exists():
@@ -961,9 +961,13 @@ class Doctor:
             with read_only(data / DB_NAME) as conn:
                 fault = "fhir_fault" if "fhir_fault" in columns_of(conn, "visits") else "NULL"
                 total, queued = conn.execute("SELECT COUNT(*), COUNT(fhir_queued_at) FROM visits").fetchone()
+                # one `visit stop` closed unread was recorded again, as it said: no retry for it
+                recorded_again = IS_STOPPED_DAMAGED if fault != "NULL" else "0"
                 set_aside = conn.execute(
-                    f"SELECT id, {fault} FROM visits WHERE {fault} IS NOT NULL AND fhir_queued_at IS NULL ORDER BY rowid"
+                    f"SELECT id, {fault} FROM visits WHERE {fault} IS NOT NULL AND fhir_queued_at IS NULL "
+                    f"AND NOT {recorded_again} ORDER BY rowid"
                 ).fetchall()
+                (kept_aside,) = conn.execute(f"SELECT COUNT(*) FROM visits WHERE {recorded_again}").fetchone()
                 unqueued = conn.execute(
                     f"SELECT ended_at FROM visits WHERE state = 'closed' AND fhir_queued_at IS NULL AND {fault} IS NULL"
                 ).fetchall()
@@ -1013,6 +1017,8 @@ class Doctor:
         text = f"{total} home visit(s), {queued} queued for the county platform"
         if len(unqueued) > len(ended):  # stopped before any time was known (or its time is damaged)
             text += f"; {len(unqueued) - len(ended)} wait for a known time (GPS or NTP)"
+        if kept_aside:
+            text += f"; {kept_aside} damaged when stopped, kept aside (recorded again, never sent)"
         return [Finding("visits", Level.OK, text)]
 
     def _recorder_findings(self, recorder: dict[str, Any]) -> list[Finding]:

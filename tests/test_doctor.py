@@ -423,6 +423,7 @@ def test_home_visits_set_aside_a_damaged_key_and_visits_not_queued_for_a_day(tmp
     days were seen only in the journal."""
     from lastmile.visits.book import VisitBook
     from lastmile.visits.chain import KEY_FILE
+    from lastmile.visits.relay_link import fault_generation
     from tests.fhir_samples import NAMING
     from uploader.outbox import Outbox
 
@@ -438,7 +439,10 @@ def test_home_visits_set_aside_a_damaged_key_and_visits_not_queued_for_a_day(tmp
         book.stop()  # closed and signed; the forward service never queued it
         damaged = book.start("P-3", doctor_id="DR-1")
         book.stop()
-        book.db.execute("UPDATE visits SET fhir_fault = 'KeyError: quantities' WHERE id = ?", [damaged.id])
+        book.db.execute(  # as this version sets it aside (another version's verdict is tried again)
+            "UPDATE visits SET fhir_fault = 'KeyError: quantities', fhir_fault_version = ? WHERE id = ?",
+            [fault_generation(), damaged.id],
+        )
         book.db.conn.commit()
     now = time.time()
     found = doctor(tmp_path, now=lambda: now + 60).check_visits()
@@ -449,6 +453,13 @@ def test_home_visits_set_aside_a_damaged_key_and_visits_not_queued_for_a_day(tmp
     assert "1 closed visit(s) not queued" in late[1].message and "lastmile-forward" in late[1].hint
     assert [f.topic for f in late] == ["set-aside", "not-queued"]  # two rows, each saying which
     (tmp_path / KEY_FILE).write_bytes(b"-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n")
+    with VisitBook.open(tmp_path, gateway_id="gw-1") as book, Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        assert book.queue_closed(outbox, NAMING) == 0  # the forward service tries, with the damaged key
     found = doctor(tmp_path, now=lambda: now + 60).check_visits()
-    assert Level.FAIL in [f.level for f in found] and any("backup" in f.hint for f in found), found
-    assert waiting.id  # its visit waits for the repaired key, never set aside
+    assert [f.topic for f in found if f.level is Level.FAIL] == ["signing-key"], found
+    assert any("backup" in f.hint for f in found), found
+    # the visit waiting for the repaired key is never counted set aside: only the damaged one is
+    set_aside = [f for f in found if f.topic == "set-aside"]
+    assert len(set_aside) == 1 and "1 set aside" in set_aside[0].message, set_aside
+    assert damaged.id in set_aside[0].message, set_aside
+    assert not [f for f in found if waiting.id in f.message], found

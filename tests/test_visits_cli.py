@@ -192,11 +192,9 @@ def test_visit_retry_sends_a_set_aside_visit_once_through_the_forward_service(
         assert [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == [f"fhir:visit:{damaged.id}"]
 
 
-def test_a_damaged_track_point_of_the_open_visit_is_said_by_stop_not_a_traceback(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """A track point of the open visit damaged on the SD card: `visit stop` printed a traceback
-    and left the visit open for ever. It is closed and set aside, and the doctor told what to do."""
+def damaged_at_stop(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """P-2's visit gets a track point damaged on the SD card, and `visit stop` closes it aside,
+    telling the doctor to record it again. Returns the visit's id."""
     from lastmile.visits.book import VisitBook
 
     run = lambda *a: main(["-c", str(cli_config(tmp_path)), *a])
@@ -209,4 +207,135 @@ def test_a_damaged_track_point_of_the_open_visit_is_said_by_stop_not_a_traceback
     capsys.readouterr()
     assert run("visit", "stop") == 1
     assert "lastmile visit start --patient P-2" in capsys.readouterr().err
+    return visit.id
+
+
+def test_a_damaged_track_point_of_the_open_visit_is_said_by_stop_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A track point of the open visit damaged on the SD card: `visit stop` printed a traceback
+    and left the visit open for ever. It is closed and set aside, and the doctor told what to do."""
+    damaged_at_stop(tmp_path, capsys)
+    assert main(["-c", str(cli_config(tmp_path)), "visit", "start", "--patient", "P-2"]) == 0
+
+
+def test_list_tells_to_stop_a_damaged_open_visit_not_to_retry_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`visit list` gave the open visit whose row was damaged the advice "once repaired:
+    lastmile visit retry ID", and `visit retry ID` then said "not set aside: nothing to retry".
+    An open damaged visit is closed (and kept aside) by `visit stop`: the list says that."""
+    from lastmile.visits.book import VisitBook
+
+    run = lambda *a: main(["-c", str(cli_config(tmp_path)), *a])
     assert run("visit", "start", "--patient", "P-2") == 0
+    with VisitBook.open(tmp_path / "data", gateway_id="gw-cli") as book:
+        book.db.execute("UPDATE visits SET start_fix = 'not json' WHERE patient_id = 'P-2'")
+        book.db.conn.commit()
+    capsys.readouterr()
+    assert run("visit", "list") == 0
+    listed = capsys.readouterr().out
+    assert "visit retry" not in listed, listed
+    assert "patient P-2" in listed and "damaged" in listed and "lastmile visit stop" in listed, listed
+
+
+def mend_track(tmp_path: Path) -> None:
+    """The technician removes the damaged track point."""
+    from lastmile.visits.book import VisitBook
+
+    with VisitBook.open(tmp_path / "data", gateway_id="gw-cli") as book:
+        book.db.execute("DELETE FROM visit_track WHERE fix = 'not json'")
+        book.db.conn.commit()
+
+
+def test_a_visit_stop_set_aside_as_damaged_and_recorded_again_is_never_sent_twice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`visit stop` told the doctor to record the damaged visit again (visit start --patient
+    P-2), while `visit list` and `lastmile doctor` said "once repaired: lastmile visit retry":
+    following both, the county got P-2's visit twice. The visit stop closed as damaged is never
+    offered for retry nor sent, not even after an update tries the others again."""
+    from lastmile.doctor import Level
+    from lastmile.visits import relay_link
+    from lastmile.visits.relay_link import VisitQueue
+    from tests.fhir_samples import NAMING
+    from tests.service_harness import doctor
+    from uploader.outbox import Kind, Outbox
+
+    run = lambda *a: main(["-c", str(cli_config(tmp_path)), *a])
+    first = damaged_at_stop(tmp_path, capsys)
+    assert run("visit", "start", "--patient", "P-2") == 0  # recorded again, as stop said
+    assert run("visit", "stop") == 0
+    mend_track(tmp_path)
+    capsys.readouterr()
+    refused = run("visit", "retry", first[:8])  # as list and doctor advised
+    said = capsys.readouterr().err
+    data = tmp_path / "data"
+    with Outbox.open(data, min_free_bytes=0) as outbox:
+        VisitQueue(data, "gw-cli", monotonic=lambda: 1000.0).queue(outbox, NAMING)
+        monkeypatch.setattr(relay_link, "FHIR_FAULT_GENERATION", relay_link.FHIR_FAULT_GENERATION + 1)  # an update
+        VisitQueue(data, "gw-cli", monotonic=lambda: 1000.0).queue(outbox, NAMING)
+        keys = [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)]
+    assert f"fhir:visit:{first}" not in keys, keys  # P-2's visit sent twice
+    assert len(keys) == 1, keys  # P-2's visit recorded again
+    assert refused == 1 and "recorded again" in said, said
+    assert run("visit", "retry", "--all") == 0
+    assert "no visit is set aside" in capsys.readouterr().out
+    assert run("visit", "list") == 0
+    listed = capsys.readouterr().out
+    assert "visit retry" not in listed and "recorded again" in listed and "not checked" in listed, listed
+    found = doctor(data).check_visits()
+    assert not [f for f in found if "visit retry" in (f.hint or "")], found
+    assert [f.level for f in found] == [Level.OK] and "1 damaged when stopped, kept aside" in found[0].message, found
+
+
+def test_a_visit_stop_set_aside_as_damaged_is_never_signed_with_flags_it_was_not_checked_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A visit `stop` closed as damaged was never checked (no flags, no distance, no end fix):
+    once the technician mended the row, `visit retry` let the forward service sign and send it
+    with flags [] - a visit without GPS or household that looks clean to the county."""
+    from lastmile.visits.book import VisitBook
+    from lastmile.visits.relay_link import VisitQueue
+    from tests.fhir_samples import NAMING
+    from uploader.outbox import Kind, Outbox
+
+    run = lambda *a: main(["-c", str(cli_config(tmp_path)), *a])
+    first = damaged_at_stop(tmp_path, capsys)
+    mend_track(tmp_path)
+    run("visit", "retry", first)
+    run("visit", "retry", "--all")
+    data = tmp_path / "data"
+    with Outbox.open(data, min_free_bytes=0) as outbox:
+        VisitQueue(data, "gw-cli", monotonic=lambda: 1000.0).queue(outbox, NAMING)
+        keys = [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)]
+    with VisitBook.open(data, gateway_id="gw-cli") as book:
+        unchecked = book.get(first)
+    assert unchecked is not None and unchecked.chain_seq is None, unchecked  # never signed
+    assert f"fhir:visit:{first}" not in keys, keys
+
+
+def test_an_open_visit_set_aside_before_its_stop_is_still_marked_recorded_again_by_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An open visit whose provisional start stamp was damaged is set aside by the first pass
+    that repairs stamps, while still open; `visit stop` then closes it unread and tells the doctor
+    to record it again: its mark must not be lost to the earlier fault (a retry would send it)."""
+    from lastmile.visits.book import VisitBook
+    from tests.fhir_samples import NAMING
+    from uploader.outbox import Outbox
+
+    data = tmp_path / "data"
+    run = lambda *a: main(["-c", str(cli_config(tmp_path)), *a])
+    assert run("visit", "start", "--patient", "P-2") == 0
+    with VisitBook.open(data, gateway_id="gw-cli") as book, Outbox.open(data, min_free_bytes=0) as outbox:
+        book.db.execute("UPDATE visits SET start_stamp = '{}', started_at = NULL")
+        book.db.conn.commit()
+        book.queue_closed(outbox, NAMING)  # the forward service's pass: repairs, sets it aside
+        assert [v.fhir_fault for v in book.visits()] != [None]
+    assert run("visit", "stop") == 1
+    assert "lastmile visit start --patient P-2" in capsys.readouterr().err
+    with VisitBook.open(data, gateway_id="gw-cli") as book:
+        assert [v.recorded_again for v in book.visits()] == [True]
+    assert run("visit", "retry", "--all") == 0
+    assert "no visit is set aside" in capsys.readouterr().out

@@ -6,9 +6,13 @@ import argparse
 import json
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from lastmile.clock import clinic_time
 from lastmile.config import fhir_naming
+
+if TYPE_CHECKING:
+    from lastmile.visits.book import Visit
 
 log = logging.getLogger(__name__)
 
@@ -247,15 +251,26 @@ def list_visits(args: argparse.Namespace) -> int:
         dist = f"{v.distance_m:.0f} m" if v.distance_m is not None else "-"
         print(
             f"{when}  {v.state:6}  patient {v.patient_id:12} household {v.household_id or '-':10} "
-            f"{dist:>8}  {', '.join(v.flags) or 'ok'}"
-            + (
-                f"  set aside, its record is damaged: cannot be sent to the county platform ({v.fhir_fault}); "
-                f"once repaired: lastmile visit retry {v.id[:8]}"
-                if v.fhir_fault
-                else ""
-            )
+            f"{dist:>8}  {', '.join(v.flags) or ('not checked' if v.recorded_again else 'ok')}{_damage_advice(v)}"
         )
     return 0
+
+
+def _damage_advice(v: Visit) -> str:
+    """What the doctor does about a visit whose record is damaged ("" for a sound one)."""
+    if not v.fhir_fault:
+        return ""
+    if v.state == "open":  # nothing is set aside yet, so nothing to retry: stop closes it aside
+        return (
+            f"  its record is damaged: cannot be sent to the county platform ({v.fhir_fault}); "
+            "`lastmile visit stop` closes it and keeps it aside"
+        )
+    if v.recorded_again:  # never checked, and recorded again as stop said: a retry would send it twice
+        return f"  kept aside, never sent: its record was damaged when it was stopped ({v.fhir_fault})"
+    return (
+        f"  set aside, its record is damaged: cannot be sent to the county platform ({v.fhir_fault}); "
+        f"once repaired: lastmile visit retry {v.id[:8]}"
+    )
 
 
 def export(args: argparse.Namespace) -> int:

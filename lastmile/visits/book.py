@@ -67,7 +67,7 @@ from lastmile.visits.chain import (
     verify_lines,
 )
 from lastmile.visits.households import Household, HouseholdRegister, distance_m
-from lastmile.visits.relay_link import CLOSED_UNQUEUED_SQL, fault_generation
+from lastmile.visits.relay_link import CLOSED_UNQUEUED_SQL, IS_STOPPED_DAMAGED, STOPPED_DAMAGED, fault_generation
 from uploader.sqlite_store import Migration, open_database, transaction
 
 if TYPE_CHECKING:
@@ -214,6 +214,11 @@ class Visit:
     chain_seq: int | None = None
     fhir_queued: bool = False
     fhir_fault: str | None = None  # why it can never be sent to the county platform
+
+    @property
+    def recorded_again(self) -> bool:
+        """`stop` closed it unread (damaged) and told the doctor to record it again: never sent."""
+        return (self.fhir_fault or "").startswith(STOPPED_DAMAGED)
 
     def to_json(self) -> dict:
         def fix(r: FixRecord | None) -> dict | None:
@@ -628,10 +633,16 @@ class VisitBook:
         """(In a write transaction.) Visits set aside by another generation of the bundle code
         (relay_link.FHIR_FAULT_GENERATION) are tried once more: the update may mend what set them
         aside (a bundle bug, or an older version's verdict on a damaged key file); one still
-        damaged is set aside again, under this generation."""
+        damaged is set aside again, under this generation. Not one `stop` closed unread: it was
+        recorded again (it only moves to this generation, or the forward service would look at it
+        every minute)."""
+        self.db.execute(
+            f"UPDATE visits SET fhir_fault_version = ? WHERE {IS_STOPPED_DAMAGED} AND fhir_fault_version IS NOT ?",
+            [fault_generation(), fault_generation()],
+        )
         retried = self.db.execute(
             "UPDATE visits SET fhir_fault = NULL, fhir_fault_version = NULL "
-            "WHERE fhir_fault IS NOT NULL AND fhir_fault_version IS NOT ?",
+            f"WHERE fhir_fault IS NOT NULL AND fhir_fault_version IS NOT ? AND NOT {IS_STOPPED_DAMAGED}",
             [fault_generation()],
         ).rowcount
         if retried:
@@ -641,11 +652,15 @@ class VisitBook:
         """(`lastmile visit retry`, once the cause is repaired.) Clear the set-aside of one visit
         (its id, or a beginning of it that names one) or of all: the forward service then signs
         and queues them once each (outbox key `fhir:visit:<id>`); one still damaged is set aside
-        again, with why. Returns the ids cleared."""
+        again, with why. Never one `stop` closed unread: the doctor recorded it again, as told.
+        Returns the ids cleared."""
         with transaction(self.db):
             if visit_id is None:
                 rows = list(
-                    self.db.query("SELECT id FROM visits WHERE fhir_fault IS NOT NULL AND fhir_queued_at IS NULL")
+                    self.db.query(
+                        "SELECT id FROM visits WHERE fhir_fault IS NOT NULL AND fhir_queued_at IS NULL "
+                        f"AND NOT {IS_STOPPED_DAMAGED}"
+                    )
                 )
             else:
                 rows = list(
@@ -658,6 +673,11 @@ class VisitBook:
                     raise VisitError(f"{len(rows) or 'no'} visits have an id beginning with {visit_id!r}")
                 if rows[0]["fhir_fault"] is None or rows[0]["fhir_queued_at"] is not None:
                     raise VisitError(f"visit {rows[0]['id']} is not set aside: nothing to retry")
+                if rows[0]["fhir_fault"].startswith(STOPPED_DAMAGED):
+                    raise VisitError(
+                        f"visit {rows[0]['id']} was damaged when it was stopped and recorded again: it is never "
+                        "sent (the county would get the visit twice)"
+                    )
             ids = [r["id"] for r in rows]
             self.db.conn.executemany(
                 "UPDATE visits SET fhir_fault = NULL, fhir_fault_version = NULL WHERE id = ?", [[i] for i in ids]
@@ -917,14 +937,24 @@ class VisitBook:
 
     def _close_damaged(self, visit_id: str, cause: Exception) -> None:
         """(In a write transaction.) An open visit that cannot be read is closed, with when it was
-        stopped, and set aside: the one-open-visit rule must not keep the doctor from the next
-        visit, and its row is kept as it is (a technician may mend it; `lastmile visit retry`)."""
+        stopped, and set aside for good: the one-open-visit rule must not keep the doctor from the
+        next visit, and its row is kept as it is (evidence). It was never checked, and the doctor
+        is told to record it again: marked STOPPED_DAMAGED (over any fault set while it was open),
+        so neither `visit retry` nor an update sends it."""
         end = self._stamp_now()
+        fault = f"{STOPPED_DAMAGED}{type(cause).__name__}: {cause}"
         self.db.execute(
-            "UPDATE visits SET state = 'closed', end_stamp = ?, ended_at = ? WHERE id = ?",
-            [json.dumps(end.to_json()), end.time.isoformat() if end.time else None, visit_id],
+            "UPDATE visits SET state = 'closed', end_stamp = ?, ended_at = ?, fhir_fault = ?, fhir_fault_version = ? "
+            "WHERE id = ?",
+            [
+                json.dumps(end.to_json()),
+                end.time.isoformat() if end.time else None,
+                fault,
+                fault_generation(),
+                visit_id,
+            ],
         )
-        self._set_aside(visit_id, cause)
+        log.error("home visit %s is damaged and was closed aside; it is to be recorded again: %s", visit_id, fault)
 
     def _close(self, visit: Visit, fix: FixRecord | None) -> list[str]:
         """(In a write transaction.) Close the open visit, check it, sign it if its times are settled."""

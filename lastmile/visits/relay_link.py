@@ -81,6 +81,14 @@ def fault_generation() -> str:
     return str(FHIR_FAULT_GENERATION)
 
 
+# How fhir_fault begins for a visit `visit stop` closed unread (its row damaged on the SD card):
+# it was never checked (no flags, distance nor end fix) and the doctor was told to record it
+# again, so it is never retried nor sent, even once mended: the county would get it twice.
+STOPPED_DAMAGED = "stopped damaged, recorded again: "
+# SQL, 1 for such a row and 0 for any other (never NULL: `NOT` of it must hold for the others)
+IS_STOPPED_DAMAGED = f"COALESCE(substr(fhir_fault, 1, {len(STOPPED_DAMAGED)}) = '{STOPPED_DAMAGED}', 0)"
+
+
 # A closed visit that could not be queued (signed only once a time is known: no GPS, no NTP yet)
 # is looked at again this often, or at once when another visit closes.
 UNQUEUED_RETRY_S = 60.0
