@@ -463,3 +463,19 @@ def test_the_refusal_and_not_found_pages_read_english_in_english(tmp_path: Path)
         assert '<html lang="en">' in reply.body and 'href="/today"' in reply.body, reply.body
         assert not re.search(r"[\u4e00-\u9fff]", reply.body.split("<main", 1)[1]), reply.body
     assert "not saved" in refused.body, refused.body
+
+
+def test_the_not_found_and_refusal_pages_offer_no_language_switch_to_a_visitor_not_logged_in(tmp_path: Path) -> None:
+    """Someone not logged in opening an old link (404) or posting a stale form (403) was offered the
+    language switch; its form has no token for them, and a click led to the refusal page."""
+    with running_console(console_config(tmp_path / "data")) as server:
+        visitor = Client(server.url)
+        missing_page = visitor.get("/no-such-page")
+        refused = visitor.post("/language", {"language": "en", "next": "/today"})  # its switch, clicked
+        doctor = Client(server.url)
+        doctor.login(DOCTOR)
+        hers = doctor.get("/no-such-page")
+    assert (missing_page.status, refused.status) == (404, 403)
+    for reply in (missing_page, refused):
+        assert 'action="/language"' not in reply.body, reply.body
+    assert 'action="/language"' in hers.body, hers.body  # a logged-in doctor still has it

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from lastmile.clock import clinic_time, local_zone
+from lastmile.config import Config
 from lastmile.console.i18n import Localizer
 from lastmile.doctor import Finding, Level, render_text
 from lastmile.services.metered import QUEUED_KINDS, meters
@@ -38,6 +39,17 @@ def queue_items(
     with Outbox.open(data_dir, min_free_bytes=0) as outbox:
         for i in range(n):
             outbox.add(kind, f"{kind}-{priority.name}-{at}-{i}", b"x" * 100, priority=priority, now=at)
+
+
+def queued_cards(config: Config) -> tuple[list[str], str]:
+    """The sent page as the doctor sees it: its cards of studies still queued (newest first), and the page."""
+    from tests.console_harness import DOCTOR, Client, running_console
+
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        page = html.unescape(client.get("/sent").body)
+    return [li.split("</section>")[0] for li in page.split('<li class="card journey') if li.startswith(" queued")], page
 
 
 def queue_findings(found: list[Finding]) -> list[Finding]:
@@ -242,7 +254,7 @@ def test_the_sent_page_does_not_say_a_send_window_holds_a_study_that_missed_it(t
     """A study a month old under a shut window missed thirty of them: 'Waits for the send window'
     on it told the doctor all was well while the link had sent nothing; the study queued since the
     window last opened does wait for it."""
-    from tests.console_harness import DOCTOR, Client, console_config, running_console
+    from tests.console_harness import console_config
 
     config = console_config(tmp_path / "data")
     now = time.time()
@@ -250,11 +262,7 @@ def test_the_sent_page_does_not_say_a_send_window_holds_a_study_that_missed_it(t
     config.data_dir.mkdir(parents=True, exist_ok=True)
     queue_items(config.data_dir, 1, at=now - 30 * DAY)
     queue_items(config.data_dir, 1, at=now - 3600)
-    with running_console(config) as server:
-        client = Client(server.url)
-        client.login(DOCTOR)
-        page = html.unescape(client.get("/sent").body)
-    cards = [li.split("</section>")[0] for li in page.split('<li class="card journey') if li.startswith(" queued")]
+    cards, page = queued_cards(config)
     assert len(cards) == 2, page
     notes = ["等待发送时段" in card for card in cards]  # newest first
     assert notes == [True, False], cards
@@ -415,17 +423,12 @@ def test_doctor_blames_a_failing_link_for_a_routine_ecg_that_waited_through_a_wi
     assert "held" not in text and not [f for f in found if f.advice_key.startswith("metered-")], text
 
 
-def test_doctor_holds_by_the_budget_a_routine_ecg_whose_send_failed_once_before_the_link_worked_again(
-    tmp_path: Path,
-) -> None:
-    """One timeout eight days ago, the link has worked since (the forwarder's last success is
-    newer than its last error), and only the budget, spent every day, holds the ECG: it was
-    'nothing has gone out for a week' (FAIL) beside an identical ECG the budget holds."""
-    now = time.time()
-    metered = "[reading_center.metered]\ndaily_budget_mb = 1.0\n"
-    queue_items(tmp_path, 2, at=now - 8 * DAY)
-    spend_every_remembered_day(tmp_path, metered, now, "dicom")
-    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+def two_held_by_the_budget_one_failed_once(data_dir: Path, metered: str, now: float) -> None:
+    """Two routine ECGs eight days old, the budget spent every day since; one send timed out then,
+    and the link has worked since (the forwarder's last success is newer than its last error)."""
+    queue_items(data_dir, 2, at=now - 8 * DAY)
+    spend_every_remembered_day(data_dir, metered, now, "dicom")
+    with Outbox.open(data_dir, min_free_bytes=0) as outbox:
         [failed, other] = outbox.claim(Kind.DICOM, 10, now - 8 * DAY + 60)
         outbox.mark_transient_failure(failed.id, "timed out", now - 8 * DAY + 120)
         outbox.release([other.id], "metered link: budget", now - 8 * DAY + 120, 0.0)
@@ -434,6 +437,17 @@ def test_doctor_holds_by_the_budget_a_routine_ecg_whose_send_failed_once_before_
             {"last_success": now - 3600, "last_error": "timed out", "last_error_at": now - 8 * DAY + 120},
             now,
         )
+
+
+def test_doctor_holds_by_the_budget_a_routine_ecg_whose_send_failed_once_before_the_link_worked_again(
+    tmp_path: Path,
+) -> None:
+    """One timeout eight days ago, the link has worked since (the forwarder's last success is
+    newer than its last error), and only the budget, spent every day, holds the ECG: it was
+    'nothing has gone out for a week' (FAIL) beside an identical ECG the budget holds."""
+    now = time.time()
+    metered = "[reading_center.metered]\ndaily_budget_mb = 1.0\n"
+    two_held_by_the_budget_one_failed_once(tmp_path, metered, now)
     found = queue_findings(doctor(tmp_path, metered, now=lambda: now).check_queue())
     text = render_text(found)
     assert Level.FAIL not in [f.level for f in found] and "link down" not in text, text
@@ -663,3 +677,21 @@ def test_a_metrics_scrape_of_a_gateway_metering_nothing_loads_no_outbox_module(t
     done = run_python(script, tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+def test_the_sent_page_says_the_budget_holds_an_ecg_whose_send_failed_once_before_the_link_worked_again(
+    tmp_path: Path,
+) -> None:
+    """The doctor (above) says the budget holds both ECGs; the sent page said "1 attempt failed,
+    trying again" on the one that failed eight days ago - it is not being tried, the meter holds it."""
+    from tests.console_harness import console_config
+
+    config = console_config(tmp_path / "data")
+    config.reading_center.metered.daily_budget_mb = 1.0
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    two_held_by_the_budget_one_failed_once(
+        config.data_dir, "[reading_center.metered]\ndaily_budget_mb = 1.0\n", time.time()
+    )
+    cards, page = queued_cards(config)
+    assert len(cards) == 2, page
+    assert all("正在重试" not in card and 'class="metered"' in card for card in cards), cards

@@ -126,3 +126,31 @@ def test_what_a_metered_link_holds_reads_its_meter_once_however_many_days_and_wi
         assert waits["dicom"].holding
         status_reads = [s for s in statements if "FROM status" in s]
         assert len(status_reads) <= 2, f"{len(status_reads)} reads of the status table:\n" + "\n".join(statements)
+
+
+def test_a_missing_picture_or_script_costs_the_console_no_database_access(tmp_path: Path) -> None:
+    """A browser asks for /favicon.ico (and old scripts) on every page: its 404 is the sentence
+    alone, and looking up the login for it (a read, and a throttled session write on the SD card)
+    bought nothing. The doctor's own missing page still shows her menu."""
+    from tests.console_harness import DOCTOR, Client, running_console
+
+    with running_console(console_config(tmp_path / "data")) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        assert server.state is not None
+        state = server.state
+        conn = state.data.db.conn
+        statements: list[str] = []
+        state.executor.submit(conn.set_trace_callback, statements.append).result()
+        try:
+            for path in ("/favicon.ico", "/static/old-console.js"):
+                reply = client.get(path, headers={"Accept": "image/avif,image/webp,*/*"})
+                assert reply.status == 404 and "<html" not in reply.body, reply.body
+            refused = client.request("PUT", "/today", headers={"Accept": "*/*"})
+            assert refused.status == 405, refused.body
+            asked = list(statements)
+            page = client.get("/no-such-page")
+        finally:
+            state.executor.submit(conn.set_trace_callback, None).result()
+    assert asked == [], asked
+    assert page.status == 404 and 'action="/logout"' in page.body, page.body

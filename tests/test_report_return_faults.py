@@ -149,8 +149,15 @@ def test_a_preliminary_report_listed_after_the_final_one_is_not_left_current(cen
     report: both come back in one round, in the PACS's order (the final first here)."""
     rc, config = center
     (study,) = send_ecgs(config, [make_recording(13)])
-    final = ecg_report_sr(to_read(study), findings=["Sinus rhythm"], impression="Normal ECG")
-    preliminary = ecg_report_sr(to_read(study), findings=["Sinus rhythm"], impression="Normal ECG?", complete=False)
+    final_at = dt.datetime.now(dt.timezone.utc).astimezone()
+    final = ecg_report_sr(to_read(study), findings=["Sinus rhythm"], impression="Normal ECG", when=final_at)
+    preliminary = ecg_report_sr(
+        to_read(study),
+        findings=["Sinus rhythm"],
+        impression="Normal ECG?",
+        complete=False,
+        when=final_at - dt.timedelta(minutes=20),  # written before the final, as the doctor read it
+    )
     result, line = one_round_of(rc, config, final, preliminary)
     assert result.error is None and result.stored == 2
     assert [r.status for r in line.reports] == ["final"], [(r.status, r.superseded_by) for r in line.reports]

@@ -458,3 +458,49 @@ def test_a_critical_preliminary_replaced_by_its_final_is_announced_once_and_clea
     config.set_data_dir(tmp_path / "data")
     assert [f.level for f in Doctor(config, now=lambda: NOW + 120).check_reports()] == [Level.OK]
     assert alerter.alert_pending() == [] and alerter.hooks_started == 1
+
+
+def at_clinic(hour: int) -> dt.datetime:
+    return dt.datetime(2026, 11, 2, hour, tzinfo=dt.timezone(dt.timedelta(hours=8)))
+
+
+def test_a_critical_sr_draft_written_after_the_final_is_current_and_alerted(store) -> None:
+    """The reading center's normal final SR (10:00), then a second reader's preliminary SR reading
+    a STEMI (12:00): it was filed behind the final, shown nowhere and never announced, while
+    `doctor` failed on it."""
+    study = sent(store, patient="P7")
+    final = add(store, ecg_report_sr(study, findings=["Sinus rhythm"], impression="Normal ECG", when=at_clinic(10)))
+    draft = add(
+        store,
+        ecg_report_sr(
+            study, findings=[], impression="STEMI", coded_findings=[STEMI], complete=False, when=at_clinic(12)
+        ),
+    ).report
+    assert draft.critical and store.get(draft.id).superseded_by is None
+    assert {r.id for r in store.reports(current_only=True)} == {final.report.id, draft.id}
+    assert [r.id for r in store.not_alerted()] == [draft.id]
+
+
+def test_an_earlier_sr_draft_arriving_after_the_final_stays_history(store) -> None:
+    study = sent(store)
+    final = add(store, ecg_report_sr(study, findings=["Sinus rhythm"], impression="Normal ECG", when=at_clinic(11)))
+    draft = add(
+        store, ecg_report_sr(study, findings=["Sinus rhythm"], impression="Normal?", complete=False, when=at_clinic(10))
+    ).report
+    assert store.get(draft.id).superseded_by == final.report.id
+    assert [r.id for r in store.reports(current_only=True)] == [final.report.id]
+
+
+def test_a_critical_draft_its_final_corrected_leaves_nothing_to_read_now(store, tmp_path) -> None:
+    """A preliminary read a STEMI; the final, over it, does not. The console shows only the final
+    (no critical badge, nothing to acknowledge): `doctor` must not fail "open the critical report
+    now", nor the county's metric count it, for a draft nobody can open any more."""
+    from lastmile.services.metrics_sources import read_reports
+
+    study = sent(store, patient="P7")
+    add(store, ecg_report_sr(study, findings=[], impression="STEMI?", coded_findings=[STEMI], complete=False))
+    final = add(store, ecg_report_sr(study, findings=["Sinus rhythm"], impression="Normal ECG")).report
+    assert [r.id for r in store.reports(current_only=True)] == [final.id] and not final.critical
+    assert store.unacknowledged_critical() == []
+    snapshot = read_reports(tmp_path / "data", NOW)
+    assert snapshot is not None and snapshot.critical_unacknowledged == 0

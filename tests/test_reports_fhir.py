@@ -172,3 +172,63 @@ def test_a_report_the_platform_withdraws_is_shown_withdrawn_and_its_study_asked_
         client.login()
         page = client.get(f"/reports/{current.id}").body
     assert "县里已撤回此报告" in page and "初步报告" not in page, page
+
+
+STEMI_CONCLUSION = [{"coding": [{"system": "http://snomed.info/sct", "code": "401303003", "display": "STEMI"}]}]
+
+
+def test_a_critical_draft_issued_after_the_final_is_shown_and_alerted(platform) -> None:
+    """The county sends a normal final (10:00), then, two hours later, a preliminary reading a STEMI
+    (another reading doctor, a second look). It was filed behind the final as history: the console
+    showed only "Normal ECG", no alert went out, yet `doctor` failed "read the critical report now"
+    with nothing on the console to read, and retention kept the study for ever."""
+    server, store, poller, ours, _other = platform
+    server.put_resource(report_for(ours, issued="2026-11-02T10:00:00+08:00"))
+    poller.run_round(force=True)
+    server.put_resource(
+        report_for(
+            ours,
+            status="preliminary",
+            conclusion="Preliminary: acute inferior STEMI",
+            conclusionCode=STEMI_CONCLUSION,
+            issued="2026-11-02T12:00:00+08:00",
+        )
+    )
+    later = poller.run_round(force=True)
+    assert later.stored == 1 and later.critical == 1
+    (draft,) = [r for r in store.reports() if r.status == "preliminary"]
+    assert draft.critical and draft.superseded_by is None, (draft.superseded_by, draft.critical)
+    assert str(draft.id) in [r.report_id for r in StoredReports(store).reports()]
+    assert draft.alerted_at is not None  # the round announced it
+    assert [r.id for r in store.unacknowledged_critical()] == [draft.id]
+
+
+def test_a_new_draft_after_a_withdrawn_final_is_shown(platform) -> None:
+    """final -> entered-in-error -> the county's new preliminary: the console showed only the
+    withdrawn one (the draft was filed behind it as if it were a final), the new reading hidden."""
+    server, store, poller, ours, _other = platform
+    first = server.put_resource(report_for(ours))
+    poller.run_round(force=True)
+    server.put_resource({**first, "status": "entered-in-error"})
+    poller.run_round(force=True)
+    server.put_resource(report_for(ours, status="preliminary", conclusion="Preliminary: first-degree AV block"))
+    assert poller.run_round(force=True).stored == 1
+    shown = [v.status for v in StoredReports(store).reports()]
+    assert "preliminary" in shown, shown
+
+
+def test_a_new_final_after_a_withdrawn_one_replaces_it(platform, tmp_path) -> None:
+    """final -> entered-in-error -> the county's new final: both were listed, and the withdrawn
+    one's page still said a new report would be shown there when it came - it had come."""
+    server, store, poller, ours, _other = platform
+    first = server.put_resource(report_for(ours))
+    poller.run_round(force=True)
+    server.put_resource({**first, "status": "entered-in-error"})
+    poller.run_round(force=True)
+    (withdrawn,) = store.reports(current_only=True)
+    server.put_resource(report_for(ours, conclusion="First-degree AV block"))
+    assert poller.run_round(force=True).stored == 1
+    (current,) = store.reports(current_only=True)
+    assert current.status in ("final", "amended") and "AV block" in current.text
+    assert store.get(withdrawn.id).superseded_by == current.id
+    assert [v.status for v in StoredReports(store).reports()] == [current.status]

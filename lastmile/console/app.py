@@ -1024,7 +1024,16 @@ async def on_forbidden(request: Request, exc: Exception) -> Response:
 
 
 async def on_not_found(request: Request, exc: Exception) -> Response:
-    return not_found(request, await error_page_context(request), NO_SUCH_PAGE)
+    return await no_such_page(request)
+
+
+async def no_such_page(request: Request, *, status: int = 404) -> Response:
+    """An address nothing answers. A picture or a script asking (the browser's /favicon.ico on
+    every page) gets the sentence alone, without looking up the login: a read, and a session
+    write on the SD card, for nobody to see."""
+    if not asks_for_html(request):
+        return PlainTextResponse(page_localizer(request).gettext(NO_SUCH_PAGE), status_code=status)
+    return not_found(request, await error_page_context(request), NO_SUCH_PAGE, status=status)
 
 
 async def on_http_exception(request: Request, exc: Exception) -> Response:
@@ -1032,7 +1041,7 @@ async def on_http_exception(request: Request, exc: Exception) -> Response:
     page (405): the not-found page; anything else as Starlette says it."""
     assert isinstance(exc, HTTPException)
     if exc.status_code in (404, 405):
-        response = not_found(request, await error_page_context(request), NO_SUCH_PAGE, status=exc.status_code)
+        response = await no_such_page(request, status=exc.status_code)
         response.headers.update(exc.headers or {})
         return response
     return PlainTextResponse(exc.detail, status_code=exc.status_code, headers=exc.headers)

@@ -205,6 +205,18 @@ def _json_list(values: Sequence[str]) -> str | None:
     return json.dumps(list(values), ensure_ascii=False) if values else None
 
 
+def _written_after(report_time: str, other_time: str) -> bool:
+    """Whether a report's time (ISO text, as the report gives it) is later than another's; False
+    when either is unknown or unparsed, or one has a zone and the other not (no true order)."""
+    try:
+        this, other = dt.datetime.fromisoformat(report_time), dt.datetime.fromisoformat(other_time)
+    except ValueError:
+        return False
+    if (this.tzinfo is None) != (other.tzinfo is None):
+        return False
+    return this > other
+
+
 def _placeholders(values: Sequence[object]) -> str:
     return ",".join("?" * len(values))
 
@@ -431,8 +443,9 @@ class ReportStore:
                 replaced |= {
                     r[0]
                     for r in conn.execute(
-                        "SELECT id FROM reports WHERE study_uid = ? AND kind = ? AND status = 'preliminary' "
-                        "AND superseded_by IS NULL AND id != ?",
+                        # a withdrawn report too: the report that comes after it is its replacement
+                        "SELECT id FROM reports WHERE study_uid = ? AND kind = ? "
+                        "AND status IN ('preliminary', 'withdrawn') AND superseded_by IS NULL AND id != ?",
                         (content.study_uid, content.kind, new_id),
                     )
                 }
@@ -454,12 +467,21 @@ class ReportStore:
             ).fetchone()
             if successor is None and content.kind in FINAL_KINDS and status == "preliminary" and not problems:
                 # a draft that comes after its study's final (a later round, the platform's order):
-                # the final stays the current report, the draft is kept behind it as history
-                successor = conn.execute(
-                    "SELECT id FROM reports WHERE study_uid = ? AND kind = ? AND status != 'preliminary' "
-                    "AND superseded_by IS NULL AND id != ? AND object_uid != ? ORDER BY id DESC LIMIT 1",
+                # the final stays the current report, the draft is kept behind it as history; not a
+                # critical draft, nor one written after the final (a second reading): the doctor must
+                # see those, and be alerted. A withdrawn report is no final to hide a new draft behind.
+                final_row = conn.execute(
+                    "SELECT id, report_time FROM reports WHERE study_uid = ? AND kind = ? "
+                    "AND status IN ('final', 'amended') AND superseded_by IS NULL AND id != ? AND object_uid != ? "
+                    "ORDER BY id DESC LIMIT 1",
                     (content.study_uid, content.kind, new_id, content.object_uid),
                 ).fetchone()
+                if (
+                    final_row is not None
+                    and not content.critical
+                    and not _written_after(content.report_time, final_row[1] or "")
+                ):
+                    successor = final_row
             if successor is not None:
                 conn.execute("UPDATE reports SET superseded_by = ? WHERE id = ?", (successor[0], new_id))
             if final:
@@ -514,7 +536,9 @@ class ReportStore:
     # -- critical results ------------------------------------------------------------------------
     def unacknowledged_critical(self) -> list[StoredReport]:
         rows = self._rows(
-            f"SELECT {_REPORT_COLUMNS} FROM reports WHERE critical IS NOT NULL AND acknowledged_at IS NULL ORDER BY id"
+            # a version replaced is no longer shown anywhere: nothing the doctor could open and read
+            f"SELECT {_REPORT_COLUMNS} FROM reports WHERE critical IS NOT NULL AND acknowledged_at IS NULL "
+            "AND superseded_by IS NULL ORDER BY id"
         )
         return [_report(r) for r in rows]
 

@@ -246,7 +246,7 @@ class ReportsSnapshot:
 
 
 REPORT_TABLES = {
-    "reports": {"critical", "acknowledged_at", "received_at"},
+    "reports": {"critical", "acknowledged_at", "received_at", "superseded_by"},
     "sent_studies": {"final_at", "sent_at", "stat"},
     "report_status": {"name", "value"},
 }
@@ -263,7 +263,9 @@ def read_reports(data_dir: Path, now: float) -> ReportsSnapshot | None:
             if not needed <= columns_of(conn, table):
                 return None
         critical, critical_first = conn.execute(
-            "SELECT COUNT(*), MIN(received_at) FROM reports WHERE critical IS NOT NULL AND acknowledged_at IS NULL"
+            # as ReportStore.unacknowledged_critical: a replaced version is nothing left to read
+            "SELECT COUNT(*), MIN(received_at) FROM reports WHERE critical IS NOT NULL AND acknowledged_at IS NULL "
+            "AND superseded_by IS NULL"
         ).fetchone()
         awaited, awaited_stat, awaited_first = conn.execute(
             "SELECT COUNT(*), COALESCE(SUM(stat != 0), 0), MIN(sent_at) FROM sent_studies WHERE final_at IS NULL"
