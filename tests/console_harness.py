@@ -26,6 +26,7 @@ from lastmile.console.accounts import Accounts
 from lastmile.console.service import ConsoleServer
 from lastmile.console.sources import HeldEcgSource, ReportsSource, ReportView
 from lastmile.demo.loopback import free_port
+from lastmile.reports.report_text import Reader
 
 DOCTOR = ("王医生", "correct horse 1")
 VALID_ID = "11010519491231002X"  # GB 11643's own example
@@ -94,6 +95,13 @@ class StaticReports:
 
     def pdf(self, report_id: str) -> bytes | None:
         return self.pdfs.get(report_id)
+
+    def note_for_pdf(self, report_id: str, reader: Reader) -> str:
+        return ""  # these screens' tests print nothing: the printouts are the report store's (StoredReports)
+
+    def printout(self, report_id: str, reader: Reader) -> str:
+        found = self.report(report_id)
+        return found.text if found else ""
 
 
 @dataclass

@@ -52,9 +52,9 @@ from lastmile.console.accounts import LANGUAGES, AccountError, Login, LoginRefus
 from lastmile.console.ecg_analysis import EcgAnalyses
 from lastmile.console.i18n import LANGUAGE_NAMES, N_, Localizer, negotiate
 from lastmile.console.live import Broker
-from lastmile.console.sources import ClinicData, ConsoleInputError, ReportView, row_number
+from lastmile.console.sources import ClinicData, ConsoleInputError, row_number
 from lastmile.reports.printing import lp_command, print_behind_note, print_document
-from lastmile.reports.report_text import pdf_note, printout, shown_reasons, shown_text
+from lastmile.reports.report_text import shown_reasons, shown_text
 from uploader.errors import OutboxFullError
 from uploader.outbox import is_storage_full
 
@@ -875,29 +875,6 @@ async def report_pdf(request: Request) -> Response:
     )
 
 
-def printable_text(found: ReportView, localizer: Localizer) -> str:
-    """The report as the clinic printer gets it when the county sent no PDF, in the page's language."""
-    return printout(
-        localizer,
-        patient=person_name(found.patient_name),
-        patient_id=found.patient_id,
-        ecg_time=found.ecg_time,
-        received_at=found.received_at,
-        reading_doctor=found.reading_doctor,
-        reasons=shown_reasons(found.lines, found.critical_reasons, localizer) if found.critical else [],
-        text=shown_text(found.lines, found.text, localizer),
-        replaced_by=found.replaced_by,
-        unassigned=found.unassigned,
-        county_patient=county_patient(found),
-        device=found.device,
-    )
-
-
-def county_patient(found: ReportView) -> str:
-    """The patient the county's report names on an ECG sent without one, as people read it."""
-    return " ".join(x for x in (person_name(found.county_patient_name), found.county_patient_id) if x)
-
-
 async def print_report(request: Request) -> Response:
     """The report on the clinic's printer through CUPS (the county's PDF as sent, behind a note if
     a newer version replaced it; else its text); the page says whether the scheduler took it. The browser's own Print stays the fallback."""
@@ -910,25 +887,17 @@ async def print_report(request: Request) -> Response:
         return not_found(request, ctx, NO_SUCH_REPORT)
     pdf = await state.run_db(state.data.reports.pdf, report_id) if found.has_pdf else None
     title = f"ECG report {report_id}"
-    # what the county's PDF cannot say (replaced; sent without a patient), the page and the text
-    # printout do: it goes first, on a page of its own
-    note = (
-        pdf_note(
-            ctx.localizer,
-            replaced_by=found.replaced_by,
-            unassigned=found.unassigned,
-            county_patient=county_patient(found),
-            ecg_time=found.ecg_time,
-            device=found.device,
-        )
-        if pdf
-        else ""
-    )
-    if pdf and note:
-        outcome = await asyncio.to_thread(print_behind_note, note, pdf, title)
+    if pdf:
+        # what the county's PDF cannot say (replaced; sent without a patient), the page and the text
+        # printout do: it goes first, on a page of its own
+        note = await state.run_db(state.data.reports.note_for_pdf, report_id, ctx.localizer)
+        if note:
+            outcome = await asyncio.to_thread(print_behind_note, note, pdf, title)
+        else:
+            outcome = await asyncio.to_thread(print_document, pdf, title)
     else:
-        document = pdf or printable_text(found, ctx.localizer).encode("utf-8")
-        outcome = await asyncio.to_thread(print_document, document, title)
+        text = await state.run_db(state.data.reports.printout, report_id, ctx.localizer)
+        outcome = await asyncio.to_thread(print_document, text.encode("utf-8"), title)
     log.info("report %s printed by %s: %s", report_id, ctx.user, outcome.message)
     return RedirectResponse(f"/reports/{quote(report_id)}?printed={int(outcome.sent)}", status_code=303)
 

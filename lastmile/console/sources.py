@@ -46,6 +46,7 @@ from lastmile.console.accounts import Accounts
 from lastmile.console.audit import AuditLog
 from lastmile.console.i18n import N_
 from lastmile.data_dir import open_outbox
+from lastmile.reports.report_text import Reader
 from lastmile.reports.store import ReportStore
 from lastmile.services.link_status import READING_CENTER_STATUS, reading_center_down
 from lastmile.services.metered import MeteredWait, metered_wait, meters
@@ -240,6 +241,10 @@ class ReportsSource(Protocol):
     def acknowledge(self, report_id: str, by: str, now: dt.datetime) -> ReportView | None: ...
 
     def pdf(self, report_id: str) -> bytes | None: ...
+
+    def note_for_pdf(self, report_id: str, reader: Reader) -> str: ...
+
+    def printout(self, report_id: str, reader: Reader) -> str: ...
 
 
 class HeldEcgSource(Protocol):

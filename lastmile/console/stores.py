@@ -22,7 +22,9 @@ from devices.identity import Patient
 from lastmile.config import Config
 from lastmile.console.sources import HeldEcg, ReportView, row_number
 from lastmile.ecg.holds import HeldEcgError, discard_held_ecg, held_ecgs, release_held_ecg
+from lastmile.reports.report_text import Reader
 from lastmile.reports.store import ReportStore, SentStudy, StoredReport
+from lastmile.reports.views import note_for_pdf, text_printout
 from uploader.errors import OutboxFullError
 from uploader.outbox import Outbox, OutboxItem
 
@@ -130,6 +132,17 @@ class StoredReports:
         if found is None:
             return None
         return self._view(self.store.acknowledge(found.id, by, now))
+
+    def note_for_pdf(self, report_id: str, reader: Reader) -> str:
+        """The page printed before the county's PDF (`views.note_for_pdf`): "" if none is needed."""
+        found = self._stored(report_id)
+        return "" if found is None else note_for_pdf(self.store, found, reader)
+
+    def printout(self, report_id: str, reader: Reader) -> str:
+        """The text the clinic printer gets when the county sent no PDF (`views.text_printout`),
+        the same words `lastmile report print` writes."""
+        found = self._stored(report_id)
+        return "" if found is None else text_printout(self.store, found, reader)
 
     def pdf(self, report_id: str) -> bytes | None:
         found = self._stored(report_id)

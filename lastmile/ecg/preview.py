@@ -46,6 +46,7 @@ from devices.ecg.quality import (
 )
 from devices.ecg.recording import EcgRecording, merged_gaps, on_time_axis
 from devices.identity import Patient, TimeSource
+from lastmile.reports.report_text import display_name
 
 # --- paper ---------------------------------------------------------------------------------
 PAPER_SPEED_MM_PER_S = 25.0
@@ -260,27 +261,6 @@ def _calibration(baseline_mm: float) -> str:
     height = CAL_PULSE_MV * GAIN_MM_PER_MV
     width = CAL_PULSE_S * PAPER_SPEED_MM_PER_S
     return f'<path class="c" d="M{CAL_X_MM:g} {baseline_mm:g}h1v{-height:g}h{width:g}v{height:g}h1"/>'
-
-
-def display_name(pn: str) -> str:
-    """A DICOM person name for people: '王^小明' -> 王小明; 'Wang^Xiaoming' -> Wang Xiaoming;
-    'Wang^Xiaoming=王^小明' -> 王小明 (Wang Xiaoming)."""
-    groups = [g for g in pn.split("=") if g.strip("^ ")]
-    if not groups:
-        return ""
-
-    def one(group: str) -> str:
-        parts = [p.strip() for p in group.split("^")[:3] if p.strip()]
-        if any(ord(ch) > 0x2E7F for p in parts for ch in p):  # CJK: family name first, no space
-            return "".join(parts[:2])
-        return " ".join(parts)  # family name first, as Chinese documents write pinyin names
-
-    names = [one(g) for g in groups]
-    cjk = [n for n in names if any(ord(ch) > 0x2E7F for ch in n)]
-    latin = [n for n in names if n not in cjk]
-    if cjk and latin:
-        return f"{cjk[0]} ({latin[0]})"
-    return names[0]
 
 
 def _age(patient: Patient, on: dt.date) -> str:

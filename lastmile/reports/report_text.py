@@ -23,6 +23,28 @@ UNDERLINE_MAX = 60
 INDENT = "  "
 
 
+def display_name(pn: str) -> str:
+    """A DICOM person name on paper (the ECG preview, the report printouts): '王^小明' -> 王小明;
+    'Wang^Xiaoming' -> Wang Xiaoming; 'Wang^Xiaoming=王^小明' -> 王小明 (Wang Xiaoming).
+    Here, without numpy: the console words printouts with it."""
+    groups = [g for g in pn.split("=") if g.strip("^ ")]
+    if not groups:
+        return ""
+
+    def one(group: str) -> str:
+        parts = [p.strip() for p in group.split("^")[:3] if p.strip()]
+        if any(ord(ch) > 0x2E7F for p in parts for ch in p):  # CJK: family name first, no space
+            return "".join(parts[:2])
+        return " ".join(parts)  # family name first, as Chinese documents write pinyin names
+
+    names = [one(g) for g in groups]
+    cjk = [n for n in names if any(ord(ch) > 0x2E7F for ch in n)]
+    latin = [n for n in names if n not in cjk]
+    if cjk and latin:
+        return f"{cjk[0]} ({latin[0]})"
+    return names[0]
+
+
 class Speaker(Protocol):
     """What wording needs of a language (`lastmile.console.i18n.Localizer` is one)."""
 

@@ -8,10 +8,17 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from lastmile.ecg.preview import display_name
-from lastmile.reports.report_text import English, Reader, Speaker, pdf_note, printout, shown_reasons, shown_text
+from lastmile.reports.report_text import (
+    English,
+    Reader,
+    Speaker,
+    display_name,
+    pdf_note,
+    printout,
+    shown_reasons,
+    shown_text,
+)
 from lastmile.reports.store import ReportStore, SentStudy, StoredReport
-from uploader.report_reading import UnreadableReport, read_dicom_report, read_fhir_report
 
 
 @dataclass(frozen=True)
@@ -154,6 +161,9 @@ def render_report(store: ReportStore, report: StoredReport, speaker: Speaker | N
 def printable(store: ReportStore, report: StoredReport, reader: Reader | None = None) -> tuple[bytes, str]:
     """(bytes, file suffix): the report's own document (a PDF) as sent, else the printout the
     console's clinic printer gets, in `reader`'s language (English when None)."""
+    # pydicom only here: the console, which reads its PDFs in a worker, words reports with this module
+    from uploader.report_reading import UnreadableReport, read_dicom_report, read_fhir_report
+
     data = store.data_of(report.id) or b""
     document: bytes | None = None
     try:
@@ -165,10 +175,15 @@ def printable(store: ReportStore, report: StoredReport, reader: Reader | None = 
         document = None
     if document and document.startswith(b"%PDF-"):
         return document, ".pdf"
-    reader = reader or speaker_for("en")
+    return text_printout(store, report, reader or speaker_for("en")).encode("utf-8"), ".txt"
+
+
+def text_printout(store: ReportStore, report: StoredReport, reader: Reader) -> str:
+    """The report as the clinic printer gets it when the county sent no PDF (`report_text.printout`),
+    in `reader`'s language: one wording for the command line and the console."""
     study = store.study(report.study_uid)
     ours = study.patient_id if study else ""  # none: sent unassigned, the county's patient flagged
-    text = printout(
+    return printout(
         reader,
         patient=display_name(study.patient_name) if study and ours else "",
         patient_id=ours,
@@ -182,7 +197,6 @@ def printable(store: ReportStore, report: StoredReport, reader: Reader | None = 
         county_patient=county_patient(study, report),
         device=study.device if study else "",
     )
-    return text.encode("utf-8"), ".txt"
 
 
 def note_for_pdf(store: ReportStore, report: StoredReport, reader: Reader) -> str:
