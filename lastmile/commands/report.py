@@ -87,7 +87,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _print(args: argparse.Namespace) -> int:
-    from lastmile.reports.printing import lp_command, print_behind_note, print_document
+    from lastmile.reports.printing import lp_command, print_behind_note
     from lastmile.reports.views import note_for_pdf, printable, speaker_for
 
     config, store = _store(args)
@@ -103,10 +103,7 @@ def _print(args: argparse.Namespace) -> int:
         print(note)  # a PDF written to a file cannot carry it
     if lp_command() and not args.output:
         title = f"ECG report {report.id}"
-        if note:
-            done = print_behind_note(note, data, title, args.printer)
-        else:
-            done = print_document(data, title, args.printer)
+        done = print_behind_note(note, data, title, args.printer)
         if done.sent:
             print(f"report {report.id} sent to the printer: {done.message}")
             return 0

@@ -53,7 +53,7 @@ from lastmile.console.ecg_analysis import EcgAnalyses
 from lastmile.console.i18n import LANGUAGE_NAMES, N_, Localizer, negotiate
 from lastmile.console.live import Broker
 from lastmile.console.sources import ClinicData, ConsoleInputError, row_number
-from lastmile.reports.printing import lp_command, print_behind_note, print_document
+from lastmile.reports.printing import lp_command, print_behind_note
 from lastmile.reports.report_text import shown_reasons, shown_text
 from uploader.errors import OutboxFullError
 from uploader.outbox import is_storage_full
@@ -887,17 +887,14 @@ async def print_report(request: Request) -> Response:
         return not_found(request, ctx, NO_SUCH_REPORT)
     pdf = await state.run_db(state.data.reports.pdf, report_id) if found.has_pdf else None
     title = f"ECG report {report_id}"
+    # what the county's PDF cannot say (replaced; sent without a patient), the page and the text
+    # printout do: it goes first, on a page of its own
     if pdf:
-        # what the county's PDF cannot say (replaced; sent without a patient), the page and the text
-        # printout do: it goes first, on a page of its own
-        note = await state.run_db(state.data.reports.note_for_pdf, report_id, ctx.localizer)
-        if note:
-            outcome = await asyncio.to_thread(print_behind_note, note, pdf, title)
-        else:
-            outcome = await asyncio.to_thread(print_document, pdf, title)
+        note, document = await state.run_db(state.data.reports.note_for_pdf, report_id, ctx.localizer), pdf
     else:
         text = await state.run_db(state.data.reports.printout, report_id, ctx.localizer)
-        outcome = await asyncio.to_thread(print_document, text.encode("utf-8"), title)
+        note, document = "", text.encode("utf-8")
+    outcome = await asyncio.to_thread(print_behind_note, note, document, title)
     log.info("report %s printed by %s: %s", report_id, ctx.user, outcome.message)
     return RedirectResponse(f"/reports/{quote(report_id)}?printed={int(outcome.sent)}", status_code=303)
 

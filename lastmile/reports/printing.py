@@ -53,6 +53,9 @@ def print_document(data: bytes, title: str, printer: str | None = None) -> Print
 def print_behind_note(note: str, document: bytes, title: str, printer: str | None = None) -> PrintOutcome:
     """`document` (the county's PDF, which cannot be written on) behind a page of its own saying
     `note` (a replaced report: do not act on it). The note is a job of its own, sent first; if the
-    scheduler refuses it the document is not sent either: never the PDF without its note."""
+    scheduler refuses it the document is not sent either: never the PDF without its note.
+    No note (`note` empty): the document alone."""
+    if not note:
+        return print_document(document, title, printer)
     first = print_document(note.encode("utf-8") + b"\n", f"{title}: note", printer)
     return print_document(document, title, printer) if first.sent else first
