@@ -16,9 +16,8 @@ from devices.identity import Patient
 from lastmile.clinic.db import open_clinic_db
 from lastmile.config import Config
 from lastmile.console.accounts import AccountError, Accounts, LoginRefused
-from lastmile.console.app import person_name
 from lastmile.console.live import Broker, ChangeWatcher
-from lastmile.console.sources import ConsoleInputError, patient_identifier
+from lastmile.console.sources import ConsoleInputError, patient_identifier, person_name
 
 T0 = dt.datetime(2026, 12, 1, 8, 0, tzinfo=dt.timezone.utc)
 

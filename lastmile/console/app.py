@@ -52,7 +52,7 @@ from lastmile.console.accounts import LANGUAGES, AccountError, Login, LoginRefus
 from lastmile.console.ecg_analysis import EcgAnalyses
 from lastmile.console.i18n import LANGUAGE_NAMES, N_, Localizer, negotiate
 from lastmile.console.live import Broker
-from lastmile.console.sources import ClinicData, ConsoleInputError, row_number
+from lastmile.console.sources import ClinicData, ConsoleInputError, person_name, row_number
 from lastmile.reports.printing import lp_command, print_behind_note
 from lastmile.reports.report_text import shown_reasons, shown_text
 from uploader.errors import OutboxFullError
@@ -239,16 +239,6 @@ def local_path(target: str | None, default: str = "/today") -> str:
 
 
 # -- rendering -------------------------------------------------------------------------------------
-
-
-def person_name(pn: str) -> str:
-    """A DICOM person name as people read it: the ideographic group when there is one
-    ("Zhang^San=张^三" -> 张三), else the parts with spaces ("Zhang^San" -> Zhang San)."""
-    groups = (pn or "").split("=")
-    chosen = groups[1] if len(groups) > 1 and groups[1].strip("^") else groups[0]
-    parts = [p for p in chosen.split("^") if p]
-    cjk = any("\u3400" <= ch <= "\u9fff" for ch in chosen)
-    return ("" if cjk else " ").join(parts)
 
 
 # Codes and UCUM units in reading summaries ("118/76 mm[Hg], pulse-rate 64 /min"), as people read them.

@@ -177,6 +177,16 @@ class VisitView:
     fhir_queued: bool
 
 
+def person_name(pn: str) -> str:
+    """A DICOM person name as people read it: the ideographic group when there is one
+    ("Zhang^San=张^三" -> 张三), else the parts with spaces ("Zhang^San" -> Zhang San)."""
+    groups = (pn or "").split("=")
+    chosen = groups[1] if len(groups) > 1 and groups[1].strip("^") else groups[0]
+    parts = [p for p in chosen.split("^") if p]
+    cjk = any("\u3400" <= ch <= "\u9fff" for ch in chosen)
+    return ("" if cjk else " ").join(parts)
+
+
 @dataclass(frozen=True, slots=True)
 class ReportView:
     """A report returned by the reading center (issue 14), as the Reports page shows it."""
@@ -212,6 +222,12 @@ class ReportView:
     @property
     def unread(self) -> bool:
         return self.acknowledged_at is None
+
+    @property
+    def county_patient(self) -> str:
+        """The patient the county's report names on an ECG sent without one, as people read it
+        ("" when it names none)."""
+        return " ".join(x for x in (person_name(self.county_patient_name), self.county_patient_id) if x)
 
 
 @dataclass(frozen=True, slots=True)
