@@ -194,7 +194,7 @@ def test_show_and_print_give_the_countys_patient_of_an_unassigned_ecg_as_the_cou
     assert cli(["report", "show", str(report_id), *data_args]) == 0
     shown = capsys.readouterr().out
     assert "Patient: (unassigned)" in shown, shown
-    assert f"The county's report names patient {VALID_ID} 张 三 (Zhang San)" in shown, shown
+    assert f"The county's report names {VALID_ID} 张 三 (Zhang San): that is what the county wrote" in shown, shown
     assert f"Device: {device}" in shown, shown
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no lp: the printout goes to a file
     out = tmp_path / "printed.txt"

@@ -17,6 +17,7 @@ from lastmile.reports.report_text import (
     printout,
     shown_reasons,
     shown_text,
+    unassigned_note,
 )
 from lastmile.reports.store import ReportStore, SentStudy, StoredReport
 
@@ -130,11 +131,8 @@ def render_report(store: ReportStore, report: StoredReport, speaker: Speaker | N
         who = " ".join(x for x in (study.patient_id, study.patient_name.replace("^", " ")) if x) or "(unassigned)"
         out.append(f"Patient: {who}")
         county = county_patient(study, report, id_first=True)
-        if county:
-            out.append(
-                f"The county's report names patient {county}: as the county wrote it, not this clinic's record "
-                "(the ECG was sent without a patient): check which patient this was before use"
-            )
+        if county:  # the facts are for the operator, in English; the words are the printouts'
+            out.append(unassigned_note(county, English()))
         out.append(f"ECG: {short_time(study.ecg_time)}" + (" (STAT)" if study.stat else ""))
         if study.device:
             out.append(f"Device: {study.device}")
