@@ -263,10 +263,18 @@ def pdf_note(
     """What the county's PDF cannot say about itself, for a page printed before it: that a newer
     report replaced it, that the ECG was sent without a patient (the name on the PDF is the
     county's) and which ECG it was. "" when there is nothing to say (the PDF prints alone)."""
+    return "\n".join(head_lines(replaced_by, unassigned, county_patient, ecg_time, device, reader))
+
+
+def head_lines(
+    replaced_by: str, unassigned: bool, county_patient: str, ecg_time: dt.datetime | None, device: str, reader: Reader
+) -> list[str]:
+    """What paper says first, on the PDF's note and the text printout alike: that a newer report
+    replaced this one, and that the ECG was sent without a patient (with which ECG it was)."""
     lines = [replaced_note(replaced_by, reader)] if replaced_by else []
     if unassigned:
         lines += unassigned_lines(county_patient, ecg_time, device, reader)
-    return "\n".join(lines)
+    return lines
 
 
 def printout(
@@ -293,9 +301,9 @@ def printout(
     and `device` says which recording it was."""
     _ = reader.gettext
     lines = [
-        *([replaced_note(replaced_by, reader)] if replaced_by else []),
+        *head_lines(replaced_by, unassigned, county_patient, ecg_time, device, reader),
         *(
-            unassigned_lines(county_patient, ecg_time, device, reader)
+            []
             if unassigned
             else [
                 labelled(_("ECG report"), f"{patient or patient_id}  {patient_id}", reader),
