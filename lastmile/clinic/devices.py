@@ -238,10 +238,10 @@ class DeviceRegistry:
             )
 
     # -- reading ----------------------------------------------------------------------------
-    def get(self, address: str, config: Config | None = None) -> DeviceRecord | None:
-        """One device; with `config`, a serial device it no longer names is `removed`."""
+    def get(self, address: str) -> DeviceRecord | None:
+        """One device (`removed` here is BLE unpairing only: `all(config)` judges serial devices)."""
         row = self.db.conn.execute("SELECT * FROM devices WHERE address = ?", (normalise_address(address),)).fetchone()
-        return _record(row, None if config is None else configured_serial(config)) if row else None
+        return _record(row) if row else None
 
     def all(self, config: Config | None = None) -> list[DeviceRecord]:
         """Every device; with `config` (what a reader that shows them always gives), a serial
