@@ -132,6 +132,10 @@ MIGRATIONS: tuple[Migration, ...] = (
 # before any visit is tried, outside these: a damaged key (SigningKeyError) sets no visit aside.
 BUNDLE_ERRORS: tuple[type[Exception], ...] = (ValueError, KeyError, TypeError)
 
+# Damaged open visits a reading found, for this process: the relay opens a book per reading,
+# and the journal (on the SD card) needs the damage said once, not at each reading.
+_DAMAGED_SAID: set[str] = set()
+
 
 # The saved clock anchor (what other processes of this boot restore) is rewritten only when it moved
 # more than this: a receiver's fix each second barely moves it (monotonic drift is ~4 s a day at most).
@@ -843,12 +847,16 @@ class VisitBook:
     def _open_to_link(self) -> Visit | None:
         """The open visit a reading or an ECG may join; None when there is none, or when it is
         damaged (it can never be sent: the reading goes on its own, never lost with it)."""
-        try:
-            return self._require_open()
-        except DamagedVisitError as exc:
-            log.warning("%s; a reading of its patient is sent on its own", exc)
+        row = self._open_row()
+        if row is None:
             return None
-        except VisitError:
+        try:
+            return self._visit(row)
+        except BUNDLE_ERRORS as exc:
+            if row["id"] not in _DAMAGED_SAID:  # said once per visit, not at each reading
+                _DAMAGED_SAID.add(row["id"])
+                damaged = DamagedVisitError(row["id"], row["patient_id"], exc)
+                log.warning("%s; a reading of its patient is sent on its own", damaged)
             return None
 
     def note(self, text: str) -> None:
