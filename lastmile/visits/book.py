@@ -835,10 +835,14 @@ class VisitBook:
         log.info("visit %s started", visit_id)
         return visit
 
-    def _require_open(self) -> Visit:
+    def _require_open_row(self) -> dict:
         row = self._open_row()
         if row is None:
             raise VisitError("no visit is open (lastmile visit start --patient ID)")
+        return row
+
+    def _require_open(self) -> Visit:
+        row = self._require_open_row()
         try:
             return self._visit(row)
         except BUNDLE_ERRORS as exc:
@@ -925,19 +929,17 @@ class VisitBook:
     def stop(self, fix: FixRecord | None = None) -> Visit:
         # One write transaction from the open check to the signature: a second stop, a note or a
         # track point from another process cannot slip between them.
-        damaged: DamagedVisitError | None = None
+        cause: Exception | None = None
         with transaction(self.db):
+            row = self._require_open_row()
             try:
-                visit = self._require_open()
-                try:
-                    flags = self._close(visit, fix)
-                except BUNDLE_ERRORS as exc:  # a note or a track point of it damaged
-                    raise DamagedVisitError(visit.id, visit.patient_id, exc) from exc
-            except DamagedVisitError as exc:
-                self._close_damaged(exc.visit_id, exc.cause)
-                damaged = exc
-        if damaged is not None:
-            raise DamagedVisitError(damaged.visit_id, damaged.patient_id, damaged.cause, closed=True) from damaged.cause
+                visit = self._visit(row)
+                flags = self._close(visit, fix)
+            except BUNDLE_ERRORS as exc:  # its row, a note or a track point of it damaged
+                self._close_damaged(row["id"], exc)
+                cause = exc
+        if cause is not None:
+            raise DamagedVisitError(row["id"], row["patient_id"], cause, closed=True) from cause
         closed = self.get(visit.id)
         assert closed is not None
         log.info("visit %s stopped; flags: %s", visit.id, ", ".join(flags) or "none")
