@@ -237,6 +237,7 @@ def test_list_tells_to_stop_a_damaged_open_visit_not_to_retry_it(
     listed = capsys.readouterr().out
     assert "visit retry" not in listed, listed
     assert "patient P-2" in listed and "damaged" in listed and "lastmile visit stop" in listed, listed
+    assert listed.startswith("record damaged"), listed  # its unreadable start is not "time pending"
 
 
 def mend_track(tmp_path: Path) -> None:

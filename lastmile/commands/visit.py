@@ -244,7 +244,7 @@ def list_visits(args: argparse.Namespace) -> int:
     for v in visits:
         if v.start.time:
             when = clinic_time(v.start.time, minutes=True)
-        elif v.fhir_fault and not v.start.boot_id:  # its row could not be read
+        elif v.row_damaged:
             when = f"{'record damaged':22}"
         else:  # a start lost to a reboot is never repaired: not "pending"
             when = f"{'start time lost' if START_TIME_LOST in v.flags else 'time pending':22}"

@@ -218,6 +218,7 @@ class Visit:
     chain_seq: int | None = None
     fhir_queued: bool = False
     fhir_fault: str | None = None  # why it can never be sent to the county platform
+    row_damaged: bool = False  # its row could not be read: stamps and fixes are placeholders
 
     @property
     def recorded_again(self) -> bool:
@@ -760,6 +761,7 @@ class VisitBook:
                 "end": None,
                 "start_fix": None,
                 "end_fix": None,
+                "row_damaged": True,
             }
             fault = fault or f"{type(exc).__name__}: {exc}"
         chain = list(self.db.query("SELECT seq FROM chain WHERE visit_id = ?", [row["id"]]))
