@@ -67,7 +67,13 @@ from lastmile.visits.chain import (
     verify_lines,
 )
 from lastmile.visits.households import Household, HouseholdRegister, distance_m
-from lastmile.visits.relay_link import CLOSED_UNQUEUED_SQL, IS_STOPPED_DAMAGED, STOPPED_DAMAGED, fault_generation
+from lastmile.visits.relay_link import (
+    CLOSED_UNQUEUED_SQL,
+    IS_STOPPED_DAMAGED,
+    SET_ASIDE_SQL,
+    STOPPED_DAMAGED,
+    fault_generation,
+)
 from uploader.sqlite_store import Migration, open_database, transaction
 
 if TYPE_CHECKING:
@@ -659,37 +665,35 @@ class VisitBook:
         and queues them once each (outbox key `fhir:visit:<id>`); one still damaged is set aside
         again, with why. Never one `stop` closed unread: the doctor recorded it again, as told.
         Returns the ids cleared."""
+        sql, params = f"SELECT id FROM visits WHERE {SET_ASIDE_SQL}", []
+        if visit_id is not None:
+            sql, params = sql + " AND substr(id, 1, length(?)) = ?", [visit_id, visit_id]
         with transaction(self.db):
-            if visit_id is None:
-                rows = list(
-                    self.db.query(
-                        "SELECT id FROM visits WHERE fhir_fault IS NOT NULL AND fhir_queued_at IS NULL "
-                        f"AND NOT {IS_STOPPED_DAMAGED}"
-                    )
-                )
-            else:
-                rows = list(
-                    self.db.query(
-                        "SELECT id, fhir_fault, fhir_queued_at FROM visits WHERE substr(id, 1, length(?)) = ?",
-                        [visit_id, visit_id],
-                    )
-                )
-                if len(rows) != 1:
-                    raise VisitError(f"{len(rows) or 'no'} visits have an id beginning with {visit_id!r}")
-                if rows[0]["fhir_fault"] is None or rows[0]["fhir_queued_at"] is not None:
-                    raise VisitError(f"visit {rows[0]['id']} is not set aside: nothing to retry")
-                if rows[0]["fhir_fault"].startswith(STOPPED_DAMAGED):
-                    raise VisitError(
-                        f"visit {rows[0]['id']} was damaged when it was stopped and recorded again: it is never "
-                        "sent (the county would get the visit twice)"
-                    )
-            ids = [r["id"] for r in rows]
+            ids = [r["id"] for r in self.db.query(sql, params)]
+            if visit_id is not None and len(ids) != 1:
+                raise VisitError(self._not_retried(visit_id, len(ids)))
             self.db.conn.executemany(
                 "UPDATE visits SET fhir_fault = NULL, fhir_fault_version = NULL WHERE id = ?", [[i] for i in ids]
             )
         if ids:
             log.info("%d home visit(s) set aside are tried again (lastmile visit retry)", len(ids))
         return ids
+
+    def _not_retried(self, visit_id: str, set_aside: int) -> str:
+        """Why `lastmile visit retry ID` retries nothing: the beginning of an id names no visit
+        set aside or several."""
+        if set_aside:
+            return f"{set_aside} visits set aside have an id beginning with {visit_id!r}"
+        rows = list(self.db.query("SELECT * FROM visits WHERE substr(id, 1, length(?)) = ?", [visit_id, visit_id]))
+        if len(rows) != 1:
+            return f"{len(rows) or 'no'} visits have an id beginning with {visit_id!r}"
+        visit = self._visit(rows[0], lenient=True)
+        if visit.recorded_again:
+            return (
+                f"visit {visit.id} was damaged when it was stopped and recorded again: it is never "
+                "sent (the county would get the visit twice)"
+            )
+        return f"visit {visit.id} is not set aside: nothing to retry"
 
     def _sign_settled(self) -> int:
         """(In a write transaction.) Repair, then sign every closed visit whose times are settled:
