@@ -951,7 +951,13 @@ class Doctor:
         them (a damaged signing key: none can be signed), or closed and not queued for a day (the
         forward service queues them within a minute). Creates nothing (visits.db, the key)."""
         from lastmile.data_dir import columns_of, read_only
-        from lastmile.visits.relay_link import DB_NAME, IS_STOPPED_DAMAGED
+        from lastmile.visits.relay_link import (
+            CLOSED_UNQUEUED_SQL,
+            DB_NAME,
+            IS_STOPPED_DAMAGED,
+            SET_ASIDE_SQL,
+            fault_generation,
+        )
 
         data = self.config.data_dir
         if not (data / DB_NAME).exists():
@@ -959,17 +965,28 @@ class Doctor:
         out = []
         with as_owner_of(data):
             with read_only(data / DB_NAME) as conn:
-                fault = "fhir_fault" if "fhir_fault" in columns_of(conn, "visits") else "NULL"
-                total, queued = conn.execute("SELECT COUNT(*), COUNT(fhir_queued_at) FROM visits").fetchone()
-                # one `visit stop` closed unread was recorded again, as it said: no retry for it
-                recorded_again = IS_STOPPED_DAMAGED if fault != "NULL" else "0"
-                set_aside = conn.execute(
-                    f"SELECT id, {fault} FROM visits WHERE {fault} IS NOT NULL AND fhir_queued_at IS NULL "
-                    f"AND NOT {recorded_again} ORDER BY rowid"
-                ).fetchall()
-                (kept_aside,) = conn.execute(f"SELECT COUNT(*) FROM visits WHERE {recorded_again}").fetchone()
+                # a visits.db an older version made lacks the newer columns: read as NULL
+                older = "".join(
+                    f", NULL AS {c}"
+                    for c in ("fhir_fault", "fhir_fault_version")
+                    if c not in columns_of(conn, "visits")
+                )
+                visits = f"WITH visits AS (SELECT rowid AS seq, *{older} FROM main.visits) "
+                # one `visit stop` closed unread was recorded again, as it said: kept aside, no retry
+                total, queued, kept_aside, set_aside = conn.execute(
+                    visits + f"SELECT COUNT(*), COUNT(fhir_queued_at), COALESCE(SUM({IS_STOPPED_DAMAGED}), 0), "
+                    f"COALESCE(SUM({SET_ASIDE_SQL}), 0) FROM visits"
+                ).fetchone()
+                first_aside = (
+                    conn.execute(
+                        visits + f"SELECT id, fhir_fault FROM visits WHERE {SET_ASIDE_SQL} ORDER BY seq LIMIT 1"
+                    ).fetchone()
+                    if set_aside
+                    else None
+                )
+                # as the forward service finds them (one set aside by another version is retried)
                 unqueued = conn.execute(
-                    f"SELECT ended_at FROM visits WHERE state = 'closed' AND fhir_queued_at IS NULL AND {fault} IS NULL"
+                    visits + f"SELECT ended_at FROM visits WHERE id IN ({CLOSED_UNQUEUED_SQL})", [fault_generation()]
                 ).fetchall()
             # the key is read (cryptography: ~8 MB in the console, which runs this every minute)
             # only while closed visits wait for it
@@ -986,13 +1003,13 @@ class Doctor:
                     topic="signing-key",
                 )
             )
-        if set_aside:
-            visit_id, why = set_aside[0]
+        if first_aside:
+            visit_id, why = first_aside
             out.append(
                 Finding(
                     "visits",
                     Level.WARN,
-                    f"{len(set_aside)} set aside, not sent to the county platform (a damaged record): "
+                    f"{set_aside} set aside, not sent to the county platform (a damaged record): "
                     f"visit {visit_id}: {why}",
                     "`lastmile visit list` shows them; once the record is repaired, `lastmile visit retry --all`",
                     topic="set-aside",

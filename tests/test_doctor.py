@@ -463,3 +463,31 @@ def test_home_visits_set_aside_a_damaged_key_and_visits_not_queued_for_a_day(tmp
     assert len(set_aside) == 1 and "1 set aside" in set_aside[0].message, set_aside
     assert damaged.id in set_aside[0].message, set_aside
     assert not [f for f in found if waiting.id in f.message], found
+
+
+def test_the_home_visits_check_reads_visits_db_in_two_queries_not_four(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The console runs the doctor every minute: its visits check asked visits.db four queries
+    (the counts one by one) where two answer it when nothing is set aside."""
+    import lastmile.data_dir
+    from lastmile.visits.book import VisitBook
+    from tests.test_page_cost import traced
+
+    with VisitBook.open(tmp_path, gateway_id="gw-1") as book:
+        book.start("P-1", doctor_id="DR-1")
+        book.stop()
+    real_read_only = lastmile.data_dir.read_only
+    statements: list[str] = []
+
+    @contextlib.contextmanager
+    def read_only_traced(path: Path) -> Iterator[object]:
+        with real_read_only(path) as conn, traced(conn) as seen:
+            yield conn
+        statements.extend(seen)
+
+    monkeypatch.setattr(lastmile.data_dir, "read_only", read_only_traced)
+    found = doctor(tmp_path).check_visits()
+    assert [f.level for f in found] == [Level.OK], found
+    queries = [s for s in statements if " FROM " in s]
+    assert len(queries) == 2, queries

@@ -56,6 +56,23 @@ def queue_findings(found: list[Finding]) -> list[Finding]:
     return [f for f in found if f.check == "queue"]
 
 
+WINDOW_AND_BUDGET = '[reading_center.metered]\nwindows = ["20:00-22:00"]\ndaily_budget_mb = 1.0\n'
+
+
+def clinic_day_at(days_from_yesterday: int, hour: int) -> float:
+    """`hour` o'clock (clinic time) on the day `days_from_yesterday` after yesterday: a fixed
+    clock the doctor judges at, whatever time the test runs."""
+    zone = local_zone()
+    day = dt.datetime.now(zone).date() - dt.timedelta(days=1) + dt.timedelta(days=days_from_yesterday)
+    return dt.datetime.combine(day, dt.time(hour), zone).timestamp()
+
+
+def metered_finding(tmp_path: Path, metered: str, now: float) -> Finding:
+    found = queue_findings(doctor(tmp_path, metered, now=lambda: now).check_queue())
+    [held] = [f for f in found if f.advice_key.startswith("metered-")]
+    return held
+
+
 def test_doctor_says_a_send_window_holds_routine_ecgs_and_until_when_not_that_the_link_is_down(
     tmp_path: Path,
 ) -> None:
@@ -461,17 +478,12 @@ def test_doctor_names_the_budget_when_a_window_is_shut_now_but_the_budget_held_t
     """Window 20:00-22:00, the 1 MB budget spent in it every night, now 12:00: an ECG three days
     old waits for tonight's window, but what kept it for days is the budget. The WARN named the
     window (the console: 'waited for the send window'), which widening would not cure."""
-    zone = local_zone()
-    yesterday = dt.datetime.now(zone).date() - dt.timedelta(days=1)
-    now = dt.datetime.combine(yesterday, dt.time(12), zone).timestamp()
-    metered = '[reading_center.metered]\nwindows = ["20:00-22:00"]\ndaily_budget_mb = 1.0\n'
+    now = clinic_day_at(0, 12)
     queue_items(tmp_path, 1, at=now - 3 * DAY)
-    spend_every_remembered_day(tmp_path, metered, now - 15 * 3600, "dicom")  # at 21:00 each night
-    found = queue_findings(doctor(tmp_path, metered, now=lambda: now).check_queue())
-    text = render_text(found)
-    [held] = [f for f in found if f.advice_key.startswith("metered-")]
-    assert held.level is Level.WARN and held.advice_key == "metered-budget-before", text  # not today's, used up
-    assert "daily_budget_mb is too tight" in held.hint and "windows" not in held.hint, text
+    spend_every_remembered_day(tmp_path, WINDOW_AND_BUDGET, now - 15 * 3600, "dicom")  # at 21:00 each night
+    held = metered_finding(tmp_path, WINDOW_AND_BUDGET, now)
+    assert held.level is Level.WARN and held.advice_key == "metered-budget-before", held  # not today's, used up
+    assert "daily_budget_mb is too tight" in held.hint and "windows" not in held.hint, held
 
 
 def test_a_backlog_a_budget_has_held_longer_than_the_meter_remembers_is_still_the_budgets(tmp_path: Path) -> None:
@@ -480,12 +492,9 @@ def test_a_backlog_a_budget_has_held_longer_than_the_meter_remembers_is_still_th
     stuck for the county's alert) - with no remembered day that let them go, the budget holds them."""
     from lastmile.services.metrics_sources import read_outbox
 
-    zone = local_zone()
-    yesterday = dt.datetime.now(zone).date() - dt.timedelta(days=1)
-    now = dt.datetime.combine(yesterday, dt.time(12), zone).timestamp()
-    metered = '[reading_center.metered]\nwindows = ["20:00-22:00"]\ndaily_budget_mb = 1.0\n'
+    now = clinic_day_at(0, 12)
     queue_items(tmp_path, 3, at=now - 12 * DAY)
-    d = doctor(tmp_path, metered, now=lambda: now)
+    d = doctor(tmp_path, WINDOW_AND_BUDGET, now=lambda: now)
     with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
         for days_ago in range(1, 13):  # every night's window spent the budget, longer than the meter keeps
             meters(d.config, outbox)["dicom"].spend(2**20, now - days_ago * DAY + 9 * 3600)
@@ -524,22 +533,6 @@ def test_doctor_holds_by_the_budget_a_visit_record_whose_send_failed_before_the_
 
 
 # -- what the finding says, what its hint names and what the console advises agree -----------------
-
-WINDOW_AND_BUDGET = '[reading_center.metered]\nwindows = ["20:00-22:00"]\ndaily_budget_mb = 1.0\n'
-
-
-def clinic_day_at(days_from_yesterday: int, hour: int) -> float:
-    """`hour` o'clock (clinic time) on the day `days_from_yesterday` after yesterday: a fixed
-    clock the doctor judges at, whatever time the test runs."""
-    zone = local_zone()
-    day = dt.datetime.now(zone).date() - dt.timedelta(days=1) + dt.timedelta(days=days_from_yesterday)
-    return dt.datetime.combine(day, dt.time(hour), zone).timestamp()
-
-
-def metered_finding(tmp_path: Path, metered: str, now: float) -> Finding:
-    found = queue_findings(doctor(tmp_path, metered, now=lambda: now).check_queue())
-    [held] = [f for f in found if f.advice_key.startswith("metered-")]
-    return held
 
 
 def system_page_advice(finding: Finding, language: str) -> str:

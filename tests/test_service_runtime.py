@@ -15,7 +15,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +33,7 @@ from lastmile.services.runtime import (
 )
 from lastmile.services.sdnotify import SystemdNotifier
 from tests.service_harness import Manager, start_acquire, stop_child
+from tests.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -348,9 +349,7 @@ def test_an_unusable_data_dir_at_start_is_waited_out_with_backoff_not_exit(
         return made[-1]
 
     rt = runtime(manager, fault_backoff_s=(0.05, 0.2))
-    threading.Thread(
-        target=lambda: (manager.wait_for("READY=1"), _wait_until(lambda: made and made[0].steps > 2), rt.request_stop())
-    ).start()
+    stop_after(rt, lambda: manager.wait_for("READY=1"), lambda: wait_for(lambda: made and made[0].steps > 2, 60))
     with caplog.at_level(logging.INFO, logger="lastmile.services.runtime"):
         assert rt.run(setup) == EXIT_OK
     assert len(attempts) == 4 and made[0].steps > 2 and made[0].closed
@@ -374,7 +373,7 @@ def test_an_operational_fault_in_a_step_backs_off_instead_of_exiting(
 
     made: list[Recorder] = []
     rt = runtime(manager, fault_backoff_s=(0.05, 1.0))
-    threading.Thread(target=lambda: (_wait_until(lambda: made and made[0].steps > 6), rt.request_stop())).start()
+    stop_after(rt, lambda: wait_for(lambda: made and made[0].steps > 6, 60))
     with caplog.at_level(logging.INFO, logger="lastmile.services.runtime"):
         assert rt.run(lambda c: made.append(DiskTrouble(c)) or made[-1]) == EXIT_OK
     statuses = [m for m in manager.messages + manager.drain(0.1) if "Read-only file system" in m]
@@ -386,10 +385,18 @@ def test_an_operational_fault_in_a_step_backs_off_instead_of_exiting(
     assert rt.fault is None  # cleared once a step worked again
 
 
-def _wait_until(condition: object, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:  # type: ignore[operator]
-        time.sleep(0.01)
+def stop_after(rt: ServiceRuntime, *waits: Callable[[], object]) -> None:
+    """Stops `rt` from a thread once `waits` returned, in turn. Always: one that times out fails
+    in that thread, and the test (blocked in rt.run) still ends and says what it lacks."""
+
+    def wait_then_stop() -> None:
+        try:
+            for wait in waits:
+                wait()
+        finally:
+            rt.request_stop()
+
+    threading.Thread(target=wait_then_stop).start()
 
 
 def test_stop_and_reload_requests_from_another_thread(manager: Manager) -> None:

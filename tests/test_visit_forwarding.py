@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import json
+import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -822,3 +823,20 @@ def test_a_reading_of_a_patient_whose_open_visit_is_damaged_is_sent_alone_not_qu
             assert [i.key.split(":")[1] for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == ["obs"]
         finally:
             store.close()
+
+
+def test_a_damaged_open_visit_is_warned_of_once_not_at_each_reading(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every relayed reading opens the book and looks for the open visit: a damaged one was
+    warned of at each reading (the journal is on the SD card)."""
+    data = tmp_path / "data"
+    with VisitBook.open(data, gateway_id="gw-1") as book:
+        visit = book.start("P-1", doctor_id="DR-1")
+        book.db.execute("UPDATE visits SET start_stamp = '{}' WHERE id = ?", [visit.id])
+        book.db.conn.commit()
+    with caplog.at_level(logging.WARNING):
+        for key in ("ecg:1", "ecg:2"):  # a book per reading, as the relay's visit_link opens it
+            with VisitBook.open(data, gateway_id="gw-1") as book:
+                assert book.attach_ecg(key, "P-1") is None
+    assert len([r for r in caplog.records if visit.id in r.getMessage()]) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,16 @@ def test_visit_commands_offline(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "edited after capture" in capsys.readouterr().out
 
 
+def visit_cli(tmp_path: Path) -> Callable[..., int]:
+    """`lastmile -c CONFIG ...` for a gateway without GPS (times from the system clock) whose data
+    is in tmp_path/data; returns its exit code."""
+    config = tmp_path / "lastmile.toml"
+    config.write_text(
+        f'[gateway]\nid = "gw-cli"\ndata_dir = "{tmp_path / "data"}"\n[visits]\ndoctor_id = "DR-9"\n[gps]\nsource = "none"\n'
+    )
+    return lambda *args: main(["-c", str(config), *args])
+
+
 def test_a_stop_that_died_before_queueing_is_queued_by_the_next_stop(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -61,11 +72,7 @@ def test_a_stop_that_died_before_queueing_is_queued_by_the_next_stop(
     from lastmile.visits.book import VisitBook, VisitPolicy
     from uploader.outbox import Outbox
 
-    config = tmp_path / "lastmile.toml"
-    config.write_text(
-        f'[gateway]\nid = "gw-cli"\ndata_dir = "{tmp_path / "data"}"\n[visits]\ndoctor_id = "DR-9"\n[gps]\nsource = "none"\n'
-    )
-    run = lambda *a: main(["-c", str(config), *a])
+    run = visit_cli(tmp_path)
     assert run("visit", "start", "--patient", "P-1") == 0
     with VisitBook.open(tmp_path / "data", gateway_id="gw-cli", policy=VisitPolicy()) as book:
         book.stop(None)  # what the killed stop got done: closed and signed, not queued
@@ -79,15 +86,6 @@ def test_a_stop_that_died_before_queueing_is_queued_by_the_next_stop(
         outbox.close()
 
 
-def cli_config(tmp_path: Path) -> Path:
-    """A gateway without GPS (times from the system clock) whose data is in tmp_path/data."""
-    config = tmp_path / "lastmile.toml"
-    config.write_text(
-        f'[gateway]\nid = "gw-cli"\ndata_dir = "{tmp_path / "data"}"\n[visits]\ndoctor_id = "DR-9"\n[gps]\nsource = "none"\n'
-    )
-    return config
-
-
 @pytest.mark.parametrize(
     ("column", "damage"), [("start_stamp", "{}"), ("start_fix", "not json"), ("flags", "[[[")], ids=str
 )
@@ -99,7 +97,7 @@ def test_a_damaged_open_visit_is_closed_and_set_aside_by_stop_with_what_to_do_no
     Stop says what is wrong and what to do, closes it set aside; the other visits stay."""
     from lastmile.visits.book import VisitBook
 
-    run = lambda *a: main(["-c", str(cli_config(tmp_path)), *a])
+    run = visit_cli(tmp_path)
     assert run("visit", "start", "--patient", "P-1") == 0
     assert run("visit", "stop") == 0
     assert run("visit", "start", "--patient", "P-2") == 0
@@ -133,7 +131,7 @@ def test_a_stop_with_a_damaged_signing_key_says_the_key_is_damaged_not_wait_for_
     a GPS that will change nothing. It says the key is damaged and what to do."""
     from lastmile.visits.chain import KEY_FILE
 
-    run = lambda *a: main(["-c", str(cli_config(tmp_path)), *a])
+    run = visit_cli(tmp_path)
     assert run("visit", "start", "--patient", "P-1") == 0
     assert run("visit", "stop") == 0  # makes the key
     (tmp_path / "data" / KEY_FILE).write_bytes(
@@ -162,7 +160,7 @@ def test_visit_retry_sends_a_set_aside_visit_once_through_the_forward_service(
     from uploader.outbox import Kind, Outbox
 
     data = tmp_path / "data"
-    run = lambda *a: main(["-c", str(cli_config(tmp_path)), *a])
+    run = visit_cli(tmp_path)
     assert run("visit", "retry", "--all") == 0
     assert "no visit is set aside" in capsys.readouterr().out
     with VisitBook.open(data, gateway_id="gw-cli") as book:
@@ -197,7 +195,7 @@ def damaged_at_stop(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
     telling the doctor to record it again. Returns the visit's id."""
     from lastmile.visits.book import VisitBook
 
-    run = lambda *a: main(["-c", str(cli_config(tmp_path)), *a])
+    run = visit_cli(tmp_path)
     assert run("visit", "start", "--patient", "P-2") == 0
     with VisitBook.open(tmp_path / "data", gateway_id="gw-cli") as book:
         visit = book.open_visit()
@@ -216,7 +214,7 @@ def test_a_damaged_track_point_of_the_open_visit_is_said_by_stop_not_a_traceback
     """A track point of the open visit damaged on the SD card: `visit stop` printed a traceback
     and left the visit open for ever. It is closed and set aside, and the doctor told what to do."""
     damaged_at_stop(tmp_path, capsys)
-    assert main(["-c", str(cli_config(tmp_path)), "visit", "start", "--patient", "P-2"]) == 0
+    assert visit_cli(tmp_path)("visit", "start", "--patient", "P-2") == 0
 
 
 def test_list_tells_to_stop_a_damaged_open_visit_not_to_retry_it(
@@ -227,7 +225,7 @@ def test_list_tells_to_stop_a_damaged_open_visit_not_to_retry_it(
     An open damaged visit is closed (and kept aside) by `visit stop`: the list says that."""
     from lastmile.visits.book import VisitBook
 
-    run = lambda *a: main(["-c", str(cli_config(tmp_path)), *a])
+    run = visit_cli(tmp_path)
     assert run("visit", "start", "--patient", "P-2") == 0
     with VisitBook.open(tmp_path / "data", gateway_id="gw-cli") as book:
         book.db.execute("UPDATE visits SET start_fix = 'not json' WHERE patient_id = 'P-2'")
@@ -237,6 +235,7 @@ def test_list_tells_to_stop_a_damaged_open_visit_not_to_retry_it(
     listed = capsys.readouterr().out
     assert "visit retry" not in listed, listed
     assert "patient P-2" in listed and "damaged" in listed and "lastmile visit stop" in listed, listed
+    assert listed.startswith("record damaged"), listed  # its unreadable start is not "time pending"
 
 
 def mend_track(tmp_path: Path) -> None:
@@ -262,7 +261,7 @@ def test_a_visit_stop_set_aside_as_damaged_and_recorded_again_is_never_sent_twic
     from tests.service_harness import doctor
     from uploader.outbox import Kind, Outbox
 
-    run = lambda *a: main(["-c", str(cli_config(tmp_path)), *a])
+    run = visit_cli(tmp_path)
     first = damaged_at_stop(tmp_path, capsys)
     assert run("visit", "start", "--patient", "P-2") == 0  # recorded again, as stop said
     assert run("visit", "stop") == 0
@@ -300,7 +299,7 @@ def test_a_visit_stop_set_aside_as_damaged_is_never_signed_with_flags_it_was_not
     from tests.fhir_samples import NAMING
     from uploader.outbox import Kind, Outbox
 
-    run = lambda *a: main(["-c", str(cli_config(tmp_path)), *a])
+    run = visit_cli(tmp_path)
     first = damaged_at_stop(tmp_path, capsys)
     mend_track(tmp_path)
     run("visit", "retry", first)
@@ -326,7 +325,7 @@ def test_an_open_visit_set_aside_before_its_stop_is_still_marked_recorded_again_
     from uploader.outbox import Outbox
 
     data = tmp_path / "data"
-    run = lambda *a: main(["-c", str(cli_config(tmp_path)), *a])
+    run = visit_cli(tmp_path)
     assert run("visit", "start", "--patient", "P-2") == 0
     with VisitBook.open(data, gateway_id="gw-cli") as book, Outbox.open(data, min_free_bytes=0) as outbox:
         book.db.execute("UPDATE visits SET start_stamp = '{}', started_at = NULL")

@@ -12,6 +12,9 @@ from lastmile.clock import clinic_time
 from lastmile.config import fhir_naming
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from devices.gps.fix import Fix
     from lastmile.visits.book import Visit
 
 log = logging.getLogger(__name__)
@@ -80,11 +83,7 @@ def _fix(config, book, skip: bool):
     from lastmile.visits.book import FixRecord
     from lastmile.visits.gnss_share import SharedFixes, open_receiver
 
-    records: dict[int, FixRecord] = {}  # of a receiver this command reads itself
-
     def seen(fix) -> bool:
-        if isinstance(source, SharedFixes):  # recorded by the acquire service (track, anchor): source.records
-            return True
         record = book.observe_fix(fix)
         if record is None:
             return False  # stale: e.g. the receiver's buffered cycle from the last household
@@ -94,8 +93,12 @@ def _fix(config, book, skip: bool):
     try:
         source = open_receiver(config.gps, lambda: book, config.visits.fix_wait_s, owns_book=False)
         assert source is not None
+        records: dict[int, FixRecord] = {}  # of a receiver this command reads itself
+        on_fix: Callable[[Fix], bool] | None = seen
+        if isinstance(source, SharedFixes):  # recorded by the acquire service (track, anchor)
+            records, on_fix = source.records, None
         try:
-            fix = best_fix(source, config.visits.fix_wait_s, on_fix=seen)
+            fix = best_fix(source, config.visits.fix_wait_s, on_fix=on_fix)
         finally:
             source.close()
     except GnssError as exc:
@@ -104,7 +107,7 @@ def _fix(config, book, skip: bool):
     if fix is None:
         print("no position fix within the wait (the visit is recorded and flagged)", file=sys.stderr)
         return None
-    record = (source.records if isinstance(source, SharedFixes) else records).get(id(fix))
+    record = records.get(id(fix))
     return record if record is not None else FixRecord(fix, book.clock.now())
 
 
@@ -244,7 +247,7 @@ def list_visits(args: argparse.Namespace) -> int:
     for v in visits:
         if v.start.time:
             when = clinic_time(v.start.time, minutes=True)
-        elif v.fhir_fault and not v.start.boot_id:  # its row could not be read
+        elif v.row_damaged:
             when = f"{'record damaged':22}"
         else:  # a start lost to a reboot is never repaired: not "pending"
             when = f"{'start time lost' if START_TIME_LOST in v.flags else 'time pending':22}"

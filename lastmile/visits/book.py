@@ -67,7 +67,13 @@ from lastmile.visits.chain import (
     verify_lines,
 )
 from lastmile.visits.households import Household, HouseholdRegister, distance_m
-from lastmile.visits.relay_link import CLOSED_UNQUEUED_SQL, IS_STOPPED_DAMAGED, STOPPED_DAMAGED, fault_generation
+from lastmile.visits.relay_link import (
+    CLOSED_UNQUEUED_SQL,
+    IS_STOPPED_DAMAGED,
+    SET_ASIDE_SQL,
+    STOPPED_DAMAGED,
+    fault_generation,
+)
 from uploader.sqlite_store import Migration, open_database, transaction
 
 if TYPE_CHECKING:
@@ -131,6 +137,10 @@ MIGRATIONS: tuple[Migration, ...] = (
 # decode errors are ValueErrors): trying it again will not help. The signing key is loaded
 # before any visit is tried, outside these: a damaged key (SigningKeyError) sets no visit aside.
 BUNDLE_ERRORS: tuple[type[Exception], ...] = (ValueError, KeyError, TypeError)
+
+# Damaged open visits a reading found, for this process: the relay opens a book per reading,
+# and the journal (on the SD card) needs the damage said once, not at each reading.
+_DAMAGED_SAID: set[str] = set()
 
 
 # The saved clock anchor (what other processes of this boot restore) is rewritten only when it moved
@@ -214,6 +224,7 @@ class Visit:
     chain_seq: int | None = None
     fhir_queued: bool = False
     fhir_fault: str | None = None  # why it can never be sent to the county platform
+    row_damaged: bool = False  # its row could not be read: stamps and fixes are placeholders
 
     @property
     def recorded_again(self) -> bool:
@@ -654,37 +665,35 @@ class VisitBook:
         and queues them once each (outbox key `fhir:visit:<id>`); one still damaged is set aside
         again, with why. Never one `stop` closed unread: the doctor recorded it again, as told.
         Returns the ids cleared."""
+        sql, params = f"SELECT id FROM visits WHERE {SET_ASIDE_SQL}", []
+        if visit_id is not None:
+            sql, params = sql + " AND substr(id, 1, length(?)) = ?", [visit_id, visit_id]
         with transaction(self.db):
-            if visit_id is None:
-                rows = list(
-                    self.db.query(
-                        "SELECT id FROM visits WHERE fhir_fault IS NOT NULL AND fhir_queued_at IS NULL "
-                        f"AND NOT {IS_STOPPED_DAMAGED}"
-                    )
-                )
-            else:
-                rows = list(
-                    self.db.query(
-                        "SELECT id, fhir_fault, fhir_queued_at FROM visits WHERE substr(id, 1, length(?)) = ?",
-                        [visit_id, visit_id],
-                    )
-                )
-                if len(rows) != 1:
-                    raise VisitError(f"{len(rows) or 'no'} visits have an id beginning with {visit_id!r}")
-                if rows[0]["fhir_fault"] is None or rows[0]["fhir_queued_at"] is not None:
-                    raise VisitError(f"visit {rows[0]['id']} is not set aside: nothing to retry")
-                if rows[0]["fhir_fault"].startswith(STOPPED_DAMAGED):
-                    raise VisitError(
-                        f"visit {rows[0]['id']} was damaged when it was stopped and recorded again: it is never "
-                        "sent (the county would get the visit twice)"
-                    )
-            ids = [r["id"] for r in rows]
+            ids = [r["id"] for r in self.db.query(sql, params)]
+            if visit_id is not None and len(ids) != 1:
+                raise VisitError(self._not_retried(visit_id, len(ids)))
             self.db.conn.executemany(
                 "UPDATE visits SET fhir_fault = NULL, fhir_fault_version = NULL WHERE id = ?", [[i] for i in ids]
             )
         if ids:
             log.info("%d home visit(s) set aside are tried again (lastmile visit retry)", len(ids))
         return ids
+
+    def _not_retried(self, visit_id: str, set_aside: int) -> str:
+        """Why `lastmile visit retry ID` retries nothing: the beginning of an id names no visit
+        set aside or several."""
+        if set_aside:
+            return f"{set_aside} visits set aside have an id beginning with {visit_id!r}"
+        rows = list(self.db.query("SELECT * FROM visits WHERE substr(id, 1, length(?)) = ?", [visit_id, visit_id]))
+        if len(rows) != 1:
+            return f"{len(rows) or 'no'} visits have an id beginning with {visit_id!r}"
+        visit = self._visit(rows[0], lenient=True)
+        if visit.recorded_again:
+            return (
+                f"visit {visit.id} was damaged when it was stopped and recorded again: it is never "
+                "sent (the county would get the visit twice)"
+            )
+        return f"visit {visit.id} is not set aside: nothing to retry"
 
     def _sign_settled(self) -> int:
         """(In a write transaction.) Repair, then sign every closed visit whose times are settled:
@@ -756,6 +765,7 @@ class VisitBook:
                 "end": None,
                 "start_fix": None,
                 "end_fix": None,
+                "row_damaged": True,
             }
             fault = fault or f"{type(exc).__name__}: {exc}"
         chain = list(self.db.query("SELECT seq FROM chain WHERE visit_id = ?", [row["id"]]))
@@ -831,10 +841,14 @@ class VisitBook:
         log.info("visit %s started", visit_id)
         return visit
 
-    def _require_open(self) -> Visit:
+    def _require_open_row(self) -> dict:
         row = self._open_row()
         if row is None:
             raise VisitError("no visit is open (lastmile visit start --patient ID)")
+        return row
+
+    def _require_open(self) -> Visit:
+        row = self._require_open_row()
         try:
             return self._visit(row)
         except BUNDLE_ERRORS as exc:
@@ -843,12 +857,16 @@ class VisitBook:
     def _open_to_link(self) -> Visit | None:
         """The open visit a reading or an ECG may join; None when there is none, or when it is
         damaged (it can never be sent: the reading goes on its own, never lost with it)."""
-        try:
-            return self._require_open()
-        except DamagedVisitError as exc:
-            log.warning("%s; a reading of its patient is sent on its own", exc)
+        row = self._open_row()
+        if row is None:
             return None
-        except VisitError:
+        try:
+            return self._visit(row)
+        except BUNDLE_ERRORS as exc:
+            if row["id"] not in _DAMAGED_SAID:  # said once per visit, not at each reading
+                _DAMAGED_SAID.add(row["id"])
+                damaged = DamagedVisitError(row["id"], row["patient_id"], exc)
+                log.warning("%s; a reading of its patient is sent on its own", damaged)
             return None
 
     def note(self, text: str) -> None:
@@ -917,19 +935,17 @@ class VisitBook:
     def stop(self, fix: FixRecord | None = None) -> Visit:
         # One write transaction from the open check to the signature: a second stop, a note or a
         # track point from another process cannot slip between them.
-        damaged: DamagedVisitError | None = None
+        cause: Exception | None = None
         with transaction(self.db):
+            row = self._require_open_row()
             try:
-                visit = self._require_open()
-                try:
-                    flags = self._close(visit, fix)
-                except BUNDLE_ERRORS as exc:  # a note or a track point of it damaged
-                    raise DamagedVisitError(visit.id, visit.patient_id, exc) from exc
-            except DamagedVisitError as exc:
-                self._close_damaged(exc.visit_id, exc.cause)
-                damaged = exc
-        if damaged is not None:
-            raise DamagedVisitError(damaged.visit_id, damaged.patient_id, damaged.cause, closed=True) from damaged.cause
+                visit = self._visit(row)
+                flags = self._close(visit, fix)
+            except BUNDLE_ERRORS as exc:  # its row, a note or a track point of it damaged
+                self._close_damaged(row["id"], exc)
+                cause = exc
+        if cause is not None:
+            raise DamagedVisitError(row["id"], row["patient_id"], cause, closed=True) from cause
         closed = self.get(visit.id)
         assert closed is not None
         log.info("visit %s stopped; flags: %s", visit.id, ", ".join(flags) or "none")
