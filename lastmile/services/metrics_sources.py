@@ -193,16 +193,12 @@ def read_outbox(data_dir: Path, now: float, *, config: Config | None = None) -> 
 def _held_since(config: Config, statuses: StatusSnapshot, now: float) -> dict[str, MeterHold]:
     """Outbox kind -> what its meter holds of the routine items queued (only the meters that hold
     them now), as `lastmile doctor` judges it (lastmile.services.metered.metered_wait)."""
-    from lastmile.services.metered import QUEUED_KINDS, failed_by, held_since, link_worked_since_failing, meters
+    from lastmile.services.metered import QUEUED_KINDS, meter_hold, meters
 
     held = {}
     for destination, meter in meters(config, statuses).items():
-        since = held_since(meter, now, meter.blocked(now))
-        if since is not None and destination in QUEUED_KINDS:
-            # not at the top: an exporter of a gateway metering nothing never loads the outbox
-            from uploader.outbox import MeterHold
-
-            held[QUEUED_KINDS[destination]] = MeterHold(since, link_worked_since_failing(meter), failed_by(meter))
+        if destination in QUEUED_KINDS and (hold := meter_hold(meter, now, meter.blocked(now))) is not None:
+            held[QUEUED_KINDS[destination]] = hold
     return held
 
 
