@@ -951,6 +951,7 @@ class Doctor:
         them (a damaged signing key: none can be signed), or closed and not queued for a day (the
         forward service queues them within a minute). Creates nothing (visits.db, the key)."""
         from lastmile.data_dir import columns_of, read_only
+        from lastmile.services.metrics_sources import iso_epoch
         from lastmile.visits.relay_link import DB_NAME, IS_STOPPED_DAMAGED
 
         data = self.config.data_dir
@@ -998,7 +999,7 @@ class Doctor:
                     topic="set-aside",
                 )
             )
-        ended = [t for t in (_epoch(r[0]) for r in unqueued) if t is not None]
+        ended = [t for t in (iso_epoch(r[0]) for r in unqueued) if t is not None]
         late = [t for t in ended if self.now() - t > WAITING_WARN_S]
         if late:
             out.append(
@@ -1285,14 +1286,6 @@ def _signing_key_fault(data: Path) -> str | None:
     except SigningKeyError as exc:
         return str(exc)
     return None
-
-
-def _epoch(iso: str | None) -> float | None:
-    """A stored ISO time as epoch seconds; None when unknown or unreadable (damaged)."""
-    try:
-        return dt.datetime.fromisoformat(iso).timestamp() if iso else None
-    except (TypeError, ValueError):
-        return None
 
 
 def _age(seconds: float) -> str:

@@ -215,8 +215,9 @@ def _latest(*values: float | None) -> float | None:
     return max(known) if known else None
 
 
-def _epoch(iso: object) -> float | None:
-    """An ISO 8601 time as clinic.db stores it (UTC when no offset is written)."""
+def iso_epoch(iso: object) -> float | None:
+    """An ISO 8601 time as the gateway's databases store it (UTC when no offset is written: every
+    writer writes UTC); None when unknown or unreadable (damaged)."""
     if not isinstance(iso, str) or not iso:
         return None
     try:
@@ -268,7 +269,7 @@ def read_reports(data_dir: Path, now: float) -> ReportsSnapshot | None:
         ).fetchone()
         row = conn.execute("SELECT value FROM report_status WHERE name = ?", (REPORT_POLLER_STATUS,)).fetchone()
     poller = _json_object(row[0] if row else None)
-    critical_at, awaited_at = _epoch(critical_first), _epoch(awaited_first)
+    critical_at, awaited_at = iso_epoch(critical_first), iso_epoch(awaited_first)
     return ReportsSnapshot(
         critical_unacknowledged=critical,
         critical_oldest_s=None if critical_at is None else max(0.0, now - critical_at),
