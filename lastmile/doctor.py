@@ -585,7 +585,7 @@ class Doctor:
             return None
         run = self.run
         probe = ServiceProbe(
-            (FORWARD_SERVICE,), run=lambda cmd: run(list(cmd)), cgroup_root=cgroup2_mount(), proc=self.proc_root
+            (FORWARD_SERVICE,), run=lambda cmd: run(list(cmd)), cgroup_root=cgroup2_mount(self.mountinfo), proc=self.proc_root
         )
         props = probe.systemd_properties().get(FORWARD_SERVICE, {})
         # systemd answers MainPID=0 for a unit it has never heard of: LoadState tells them apart

@@ -8,6 +8,7 @@ import http.server
 import json
 import os
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -463,3 +464,25 @@ def test_home_visits_set_aside_a_damaged_key_and_visits_not_queued_for_a_day(tmp
     assert len(set_aside) == 1 and "1 set aside" in set_aside[0].message, set_aside
     assert damaged.id in set_aside[0].message, set_aside
     assert not [f for f in found if waiting.id in f.message], found
+
+
+def test_forward_pids_reads_the_cgroup_tree_its_mountinfo_names(tmp_path: Path) -> None:
+    """lastmile/doctor.py forward_pids: the cgroup v2 mount is the doctor's `mountinfo`'s (a hybrid
+    system keeps it at /sys/fs/cgroup/unified), as every other check of it reads it."""
+    cgroups = tmp_path / "unified"
+    group = cgroups / "system.slice/lastmile-forward.service"
+    group.mkdir(parents=True)
+    (group / "cgroup.procs").write_text("4242\n4343\n")
+    (tmp_path / "systemd").mkdir()
+
+    def systemctl(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+        text = (
+            "Id=lastmile-forward.service\nLoadState=loaded\nMainPID=4242\n"
+            "ControlGroup=/system.slice/lastmile-forward.service\n"
+        )
+        return subprocess.CompletedProcess(cmd, 0, text, "")
+
+    d = doctor(tmp_path, run=systemctl, systemd_run_dir=tmp_path / "systemd")
+    with d.mountinfo.open("a") as f:
+        f.write(f"35 22 0:30 / {cgroups} rw,nosuid shared:10 - cgroup2 cgroup2 rw\n")
+    assert d.forward_pids() == {4242, 4343}
