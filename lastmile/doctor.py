@@ -585,7 +585,10 @@ class Doctor:
             return None
         run = self.run
         probe = ServiceProbe(
-            (FORWARD_SERVICE,), run=lambda cmd: run(list(cmd)), cgroup_root=cgroup2_mount(), proc=self.proc_root
+            (FORWARD_SERVICE,),
+            run=lambda cmd: run(list(cmd)),
+            cgroup_root=cgroup2_mount(self.mountinfo),
+            proc=self.proc_root,
         )
         props = probe.systemd_properties().get(FORWARD_SERVICE, {})
         # systemd answers MainPID=0 for a unit it has never heard of: LoadState tells them apart
@@ -824,13 +827,14 @@ class Doctor:
             f"(in {_age(max(0.0, blocked.until - now))}; {blocked.detail}), the oldest for {_age(age)}"
         )
         section = SETTINGS[wait.destination]  # "reading_center.metered"
-        advice_key = "metered-budget" if wait.budget_spent_today else "metered-window"
+        # the console's advice and the topic name the same holder
+        advice_key, topic = ("metered-budget", "budget") if wait.budget_spent_today else ("metered-window", "window")
         if level is Level.WARN and wait.budget_bytes:
             # a window opens every day: what it held a day had a window open with the budget spent
             # (a window shut now only says when they go), and widening it would not cure that
             if not wait.budget_spent_today:  # not today's: the console must not say it is used up
                 message += ", kept by its daily budget used up on the days before"
-                advice_key = "metered-budget-before"
+                advice_key, topic = "metered-budget-before", "budget"
             hint = f"the link works, but {section}.daily_budget_mb is too tight for this clinic's traffic: raise it"
         elif level is Level.WARN:
             hint = f"the link works, but {section}.windows are too tight for this clinic's traffic: widen them"
@@ -845,7 +849,7 @@ class Doctor:
             hint,
             advice_key=advice_key,
             until=blocked.until,
-            topic=f"{'budget' if advice_key.startswith('metered-budget') else 'window'}-{wait.destination}",
+            topic=f"{topic}-{wait.destination}",
         )
 
     def check_console(self) -> list[Finding]:
@@ -951,6 +955,7 @@ class Doctor:
         them (a damaged signing key: none can be signed), or closed and not queued for a day (the
         forward service queues them within a minute). Creates nothing (visits.db, the key)."""
         from lastmile.data_dir import columns_of, read_only
+        from lastmile.services.metrics_sources import iso_epoch
         from lastmile.visits.relay_link import (
             CLOSED_UNQUEUED_SQL,
             DB_NAME,
@@ -1015,7 +1020,7 @@ class Doctor:
                     topic="set-aside",
                 )
             )
-        ended = [t for t in (_epoch(r[0]) for r in unqueued) if t is not None]
+        ended = [t for t in (iso_epoch(r[0]) for r in unqueued) if t is not None]
         late = [t for t in ended if self.now() - t > WAITING_WARN_S]
         if late:
             out.append(
@@ -1302,14 +1307,6 @@ def _signing_key_fault(data: Path) -> str | None:
     except SigningKeyError as exc:
         return str(exc)
     return None
-
-
-def _epoch(iso: str | None) -> float | None:
-    """A stored ISO time as epoch seconds; None when unknown or unreadable (damaged)."""
-    try:
-        return dt.datetime.fromisoformat(iso).timestamp() if iso else None
-    except (TypeError, ValueError):
-        return None
 
 
 def _age(seconds: float) -> str:

@@ -248,8 +248,7 @@ def test_config_check_reads_the_serial_profiles_the_acquire_service_will_refuse(
     """A technician adds a monitor with its own profile and runs `lastmile config check`: OK.
     Then `lastmile acquire` refuses the devices naming the profile (its mistake) and reads none of them.
     The check must find what the service finds, with the profile's file, line and key."""
-    from lastmile.config import load_config
-    from lastmile.services.serial_devices import load_profiles_apart
+    from lastmile.config import load_config, load_profiles_apart
 
     profiles = tmp_path / "profiles"
     profiles.mkdir()

@@ -135,6 +135,31 @@ def test_an_instance_sent_again_with_other_content_is_not_silently_dropped(
     assert _dataset(outbox.read_payload(item)).PatientID == "P-RIGHT"
 
 
+def test_an_instance_sent_again_with_other_content_looks_its_item_up_once(
+    receiver: DicomReceiver, outbox: Outbox
+) -> None:
+    """lastmile/ecg/intake.py lan_object_store: the item kept under the instance's key is found
+    once and replaced, not looked up again by an add that stores nothing."""
+    from tests.test_page_cost import traced
+    from uploader.dicom_store import StoreAssociation
+
+    ecg = pydicom.dcmread(get_testdata_file("waveform_ecg.dcm"))
+    sent = []
+    for patient_id in ("P-WRONG", "P-RIGHT"):
+        ecg.PatientID = patient_id
+        buffer = io.BytesIO()
+        ecg.save_as(buffer, enforce_file_format=True)
+        sent.append(buffer.getvalue())
+    with StoreAssociation(_cart(receiver.port, deflate=False)) as cart:
+        assert cart.store(sent[0]).status == 0x0000
+        with traced(outbox.db.conn) as statements:
+            assert cart.store(sent[1]).status == 0x0000
+    by_key = [s for s in statements if "FROM items WHERE key =" in s]
+    assert len(by_key) == 1, by_key
+    (item,) = outbox.items()
+    assert _dataset(outbox.read_payload(item)).PatientID == "P-RIGHT"
+
+
 def test_unknown_caller_is_rejected(receiver: DicomReceiver, outbox: Outbox) -> None:
     result = _storescu(receiver.port, _files()[1], calling="ROGUE")
     assert result.returncode != 0 and "Calling AE Title Not Recognized" in result.stderr

@@ -8,6 +8,7 @@ import http.server
 import json
 import os
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -491,3 +492,25 @@ def test_the_home_visits_check_reads_visits_db_in_two_queries_not_four(
     assert [f.level for f in found] == [Level.OK], found
     queries = [s for s in statements if " FROM " in s]
     assert len(queries) == 2, queries
+
+
+def test_forward_pids_reads_the_cgroup_tree_its_mountinfo_names(tmp_path: Path) -> None:
+    """lastmile/doctor.py forward_pids: the cgroup v2 mount is the doctor's `mountinfo`'s (a hybrid
+    system keeps it at /sys/fs/cgroup/unified), as every other check of it reads it."""
+    cgroups = tmp_path / "unified"
+    group = cgroups / "system.slice/lastmile-forward.service"
+    group.mkdir(parents=True)
+    (group / "cgroup.procs").write_text("4242\n4343\n")
+    (tmp_path / "systemd").mkdir()
+
+    def systemctl(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+        text = (
+            "Id=lastmile-forward.service\nLoadState=loaded\nMainPID=4242\n"
+            "ControlGroup=/system.slice/lastmile-forward.service\n"
+        )
+        return subprocess.CompletedProcess(cmd, 0, text, "")
+
+    d = doctor(tmp_path, run=systemctl, systemd_run_dir=tmp_path / "systemd")
+    with d.mountinfo.open("a") as f:
+        f.write(f"35 22 0:30 / {cgroups} rw,nosuid shared:10 - cgroup2 cgroup2 rw\n")
+    assert d.forward_pids() == {4242, 4343}

@@ -31,9 +31,9 @@ class NoNetwork(requests.Session):
         super().__init__()
         self.attempts: list[str] = []
 
-    def request(self, method: str, url: str, *args: object, **kwargs: object) -> requests.Response:  # type: ignore[override]
-        self.attempts.append(url)
-        raise AssertionError(f"nothing may be sent to {url}")
+    def send(self, request: requests.PreparedRequest, **kwargs: object) -> requests.Response:  # type: ignore[override]
+        self.attempts.append(str(request.url))
+        raise AssertionError(f"nothing may be sent to {request.url}")
 
 
 def visit_body() -> bytes:
@@ -178,3 +178,40 @@ def test_the_report_client_refuses_plain_http_to_another_machine(tmp_path: Path)
     with pytest.raises(ConfigurationFault, match="https://"):
         FhirReportClient(settings, session=session)
     assert session.attempts == []
+
+
+class Recording(requests.Session):
+    """A session that records how each request would be sent and answers 200."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[tuple[requests.PreparedRequest, dict[str, object]]] = []
+
+    def send(self, request: requests.PreparedRequest, **kwargs: object) -> requests.Response:  # type: ignore[override]
+        self.sent.append((request, kwargs))
+        answer = requests.Response()
+        answer.status_code, answer.url = 200, str(request.url)
+        return answer
+
+
+def test_a_request_goes_through_the_clinics_proxy_and_ca_bundle_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """uploader/fhir_connection.py request: sent as requests' Session.request sends it - the proxy
+    the clinic's network needs (HTTPS_PROXY) and the CA bundle it trusts (REQUESTS_CA_BUNDLE)."""
+    bundle = tmp_path / "clinic-ca.pem"
+    bundle.write_text("")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.clinic.example:3128")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
+    for shadowing in ("https_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(shadowing, raising=False)
+    session = Recording()
+    settings = FhirSenderSettings(base_url="https://county.example/fhir", token_file=fhir_token_file(tmp_path))
+    with FhirReportClient(settings, session=session) as client:
+        client.request("GET", "https://county.example/fhir/DiagnosticReport", {}, params={"code": "x"})
+    ((request, how),) = session.sent
+    assert request.url == "https://county.example/fhir/DiagnosticReport?code=x"
+    proxies = how["proxies"]
+    assert isinstance(proxies, dict) and proxies["https"] == "http://proxy.clinic.example:3128"
+    assert how["verify"] == str(bundle)
+    assert how["allow_redirects"] is False

@@ -223,18 +223,18 @@ def test_the_outbox_says_which_routine_items_wait_for_their_sender(tmp_path: Pat
         )
         outbox.add(Kind.DICOM, "unassigned", b"u", now=now - 1200, hold=Hold("unassigned", now + DAY))
         assert outbox.routine_queued(Kind.DICOM, now) == (4, now - 1500)
-        assert outbox.routine_queued(Kind.DICOM, now, since=now - 1000) == (3, now - 300)
-        assert outbox.has_routine_queued(Kind.DICOM, now, since=now - 1000)
-        assert not outbox.has_routine_queued(Kind.DICOM, now, since=now - 30)
+        assert outbox.routine_queued(Kind.DICOM, now, MeterHold(now - 1000)) == (3, now - 300)
+        assert outbox.has_routine_queued(Kind.DICOM, now, MeterHold(now - 1000))
+        assert not outbox.has_routine_queued(Kind.DICOM, now, MeterHold(now - 30))
         failed = outbox.add(Kind.DICOM, "failed", b"f", now=now - 200).item
         outbox.claim(Kind.DICOM, 10, now - 100)
         outbox.mark_transient_failure(failed.id, "timed out", now - 100)
         outbox.release([i.id for i in outbox.items(state=ItemState.SENDING)], "round over", now - 100, 0.0)
         for hold in (MeterHold(-math.inf), MeterHold(now - 1000), MeterHold(now - 1000, failed_too=True)):
             # the console's per-study answer (MeterHold.holds) is the SQL's
-            count, _ = outbox.routine_queued(Kind.DICOM, now, since=hold.since, failed_too=hold.failed_too)
+            count, _ = outbox.routine_queued(Kind.DICOM, now, hold)
             assert sum(hold.holds(item, now) for item in outbox.items(kind=Kind.DICOM)) == count, hold
-        assert outbox.routine_queued(Kind.DICOM, now, since=now - 1000, failed_too=True)[0] == 4
+        assert outbox.routine_queued(Kind.DICOM, now, MeterHold(now - 1000, failed_too=True))[0] == 4
         outbox.claim(Kind.DICOM, 10, now)  # the STAT one and the four routine ones go on the wire
         assert outbox.routine_queued(Kind.DICOM, now) == (0, None)
         assert not outbox.has_routine_queued(Kind.DICOM, now)

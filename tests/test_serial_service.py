@@ -15,8 +15,8 @@ from firmware_bridge.bridge_simulator import EcgStreamSimulator
 from firmware_bridge.firmware.bridge_core import BridgeCore
 from lastmile.clinic.devices import DeviceRegistry
 from lastmile.clinic.patients import PatientContext
-from lastmile.config import Config, ConfigError
-from lastmile.services.serial_devices import SerialService, link_specs, load_profiles_apart
+from lastmile.config import Config, ConfigError, load_profiles_apart
+from lastmile.services.serial_devices import SerialService, link_specs
 from tests.serial_pty import PtyDevice
 from tests.service_harness import DOCTOR_BADGE_SCAN, PATIENT_CARD_SCAN, VITALS_REPORT
 from tests.waiting import wait_for

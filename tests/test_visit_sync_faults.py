@@ -111,12 +111,12 @@ class _AnsweringSession(requests.Session):
         super().__init__()
         self.status, self.body = status, body
 
-    def request(self, method, url, **kwargs):  # type: ignore[override]
+    def send(self, request, **kwargs):  # type: ignore[override]
         r = requests.Response()
         r.status_code = self.status
         r._content = self.body
         r.headers["Content-Type"] = "application/fhir+json"
-        r.url = url
+        r.url = request.url
         return r
 
 

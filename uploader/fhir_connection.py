@@ -196,7 +196,9 @@ class FhirConnection:
             headers["Authorization"] = f"Bearer {self._token}"
         return headers
 
-    def request(self, method: str, url: str, headers: dict[str, str], **kwargs: Any) -> requests.Response:
+    def request(
+        self, method: str, url: str, headers: dict[str, str], *, data: bytes | None = None, params: Any = None
+    ) -> requests.Response:
         """One request to the platform; network failures raised typed, the answer returned as it is."""
         problem = insecure_url_problem(url)  # checked at start too; again here, where the token leaves
         if problem:
@@ -204,21 +206,17 @@ class FhirConnection:
         if origin(url) != origin(self.settings.base_url):
             where = mask_server_text(url)
             raise PermanentError(f"FHIR server pointed us to {where}, outside {self.settings.base_url}: not followed")
-        # What the session sends, prepared as its `request` prepares it (its default headers merged):
-        # counted from here, whatever the session (or a stand-in for it) keeps of it
-        headers = self.headers(headers)
-        sent = self._session.prepare_request(
-            requests.Request(method, url, headers, data=kwargs.get("data"), params=kwargs.get("params"))
-        )
+        # Prepared once (the session's default headers merged) and sent as the session's `request`
+        # sends it, with the environment's proxies and CA bundle: what is counted is what went
+        session = self._session
+        sent = session.prepare_request(requests.Request(method, url, self.headers(headers), data=data, params=params))
+        environment = session.merge_environment_settings(sent.url, {}, None, self.settings.ca_file or True, None)
         try:
-            response = self._session.request(
-                method,
-                url,
-                headers=headers,
-                verify=self.settings.ca_file or True,
+            response = session.send(
+                sent,
                 timeout=(self.settings.connect_timeout_s, self.settings.timeout_s),
                 allow_redirects=False,  # a redirect could lead the token and the data elsewhere
-                **kwargs,
+                **environment,
             )
         except requests.exceptions.SSLError as exc:  # the handshake failed: the request never went out
             raise ConfigurationFault(f"TLS with the FHIR server failed: {exc}") from None

@@ -189,6 +189,9 @@ class MeterHold:
         return item.failed_at is None or item.failed_at <= self.failed_by
 
 
+EVERY_ROUTINE = MeterHold(-math.inf)  # every routine item never sent
+
+
 def waiting_not_held_sql(now: float, held: Mapping[str, MeterHold]) -> tuple[str, list[Any]]:
     """The condition (and its parameters) on `items` of what waits for a peer - queued or on the
     wire - that no metered link holds: `held` maps an outbox kind to what its link holds."""
@@ -973,28 +976,18 @@ class Outbox:
         )
         return bool(rows)
 
-    def routine_queued(
-        self, kind: str, now: float, *, since: float = -math.inf, failed_too: bool = False, failed_by: float = math.inf
-    ) -> tuple[int, float | None]:
-        """How many routine items of `kind` its meter holds (`MeterHold(since, failed_too, failed_by)`)
-        wait for their sender, and when the oldest of them was queued."""
+    def routine_queued(self, kind: str, now: float, hold: MeterHold = EVERY_ROUTINE) -> tuple[int, float | None]:
+        """How many routine items of `kind` its meter holds (`hold`) wait for their sender, and when
+        the oldest of them was queued."""
         count, oldest = self._read(
-            f"SELECT COUNT(*), MIN(created_at) FROM items WHERE {ROUTINE_QUEUED_SQL}",
-            MeterHold(since, failed_too, failed_by).params(kind, now),
+            f"SELECT COUNT(*), MIN(created_at) FROM items WHERE {ROUTINE_QUEUED_SQL}", hold.params(kind, now)
         )[0]
         return int(count), oldest
 
-    def has_routine_queued(
-        self, kind: str, now: float, *, since: float = -math.inf, failed_too: bool = False, failed_by: float = math.inf
-    ) -> bool:
-        """Whether any routine item of `kind` its meter holds (`MeterHold(since, failed_too, failed_by)`)
-        waits for its sender (one row looked at, at most)."""
-        return bool(
-            self._read(
-                f"SELECT 1 FROM items WHERE {ROUTINE_QUEUED_SQL} LIMIT 1",
-                MeterHold(since, failed_too, failed_by).params(kind, now),
-            )
-        )
+    def has_routine_queued(self, kind: str, now: float, hold: MeterHold = EVERY_ROUTINE) -> bool:
+        """Whether any routine item of `kind` its meter holds (`hold`) waits for its sender (one row
+        looked at, at most)."""
+        return bool(self._read(f"SELECT 1 FROM items WHERE {ROUTINE_QUEUED_SQL} LIMIT 1", hold.params(kind, now)))
 
     def oldest_waiting(self, now: float, *, except_routine_of: Mapping[str, MeterHold] | None = None) -> float | None:
         """When the oldest queued or sending item was queued; `except_routine_of` (kind -> what a

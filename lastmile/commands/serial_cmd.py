@@ -35,7 +35,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     from firmware_bridge.serial_link import list_ports
     from lastmile.commands.common import config_from_args
-    from lastmile.services.serial_devices import link_specs, load_profiles_apart, refused_devices
+    from lastmile.config import load_profiles_apart
+    from lastmile.services.serial_devices import link_specs, refused_devices
 
     config = config_from_args(args)
     profiles, bad = load_profiles_apart(config)  # a bad profile file stops only the devices naming it
@@ -89,7 +90,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_profiles(args: argparse.Namespace) -> int:
     """The profiles that load, then each bad file with its line (exit 1: something to fix)."""
     from lastmile.commands.common import config_from_args
-    from lastmile.services.serial_devices import load_profiles_apart
+    from lastmile.config import load_profiles_apart
 
     profiles, bad = load_profiles_apart(config_from_args(args))
     for name, profile in sorted(profiles.items()):
@@ -107,7 +108,7 @@ def cmd_profile_test(args: argparse.Namespace) -> int:
     from devices.ascii_report import ReportParsed, ReportParser, load_profile
     from lastmile.clinic.observations import observation_to_json
     from lastmile.commands.common import config_from_args
-    from lastmile.services.serial_devices import load_profiles_apart
+    from lastmile.config import load_profiles_apart
 
     if args.profile.endswith(".toml"):
         profile = load_profile(Path(args.profile).read_text(encoding="utf-8"))

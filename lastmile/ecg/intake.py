@@ -515,6 +515,7 @@ def lan_object_store(
         if patient_id is not None and obj.patient is not None and patient_id != obj.patient["patient_id"]:
             obj = with_patient_id(obj, patient_id)
             rewritten = {"received_sha256": received_sha256}  # what the cart sends again
+        sha256 = hashlib.sha256(obj.data).hexdigest() if rewritten else received_sha256
         stat = session is not None and session.covers(patient_id, None)
         mismatch = bool(current and patient_id is not None and patient_id != current)
         meta = ecg_item_meta(
@@ -530,17 +531,21 @@ def lan_object_store(
             stat=stat,
             **rewritten,
         )
-        added = outbox.add(
-            Kind.DICOM,
-            key,
-            obj.data,
-            priority=Priority.STAT if stat else Priority.ROUTINE,
-            meta=meta,
-            patient=obj.patient,
-        )
+        if kept is None:
+            added = outbox.add(
+                Kind.DICOM,
+                key,
+                obj.data,
+                priority=Priority.STAT if stat else Priority.ROUTINE,
+                meta=meta,
+                patient=obj.patient,
+            )
+            if added.created:
+                return
+            kept = added.item  # another association stored the same instance meanwhile
         # the key is the instance: sent again as it was, the item kept answers it
-        if not added.created and added.item.sha256 != hashlib.sha256(obj.data).hexdigest():
-            replace_lan_object(outbox, added.item, obj, meta)
+        if kept.sha256 != sha256:
+            replace_lan_object(outbox, kept, obj, meta)
 
     return store
 

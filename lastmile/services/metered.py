@@ -83,16 +83,31 @@ def held_since(meter: Meter, now: float, blocked: Blocked | None) -> float | Non
     clinic: said as such, a WARN), not a dead link's. No chance in the days the meter remembers: -inf.
     While the link fails (`link_failing`), its failed sends spent the budgets: a spent day counts as
     one with budget left (a chance the link missed), but a window that has not opened since is still
-    no chance - what was queued since it last opened waits for it, not for the link."""
+    no chance - what was queued since it last opened waits for it, not for the link.
+    `meter` over one read of its record (`read_once`): the walk asks it for each day and window."""
     if blocked is None:
         return None
-    meter = read_once(meter)  # the walk asks the meter's record for each day and window
     budget_counts = not link_failing(meter)
     if meter.policy.windows:
         chances = _window_chances(meter, now, budget_counts=budget_counts)
     else:
         chances = _budget_chances(meter, now, budget_counts=budget_counts)
     return next(chances, -math.inf)
+
+
+def meter_hold(meter: Meter, now: float, blocked: Blocked | None) -> MeterHold | None:
+    """What `meter` (over `read_once`) holds now, as the outbox asks it: the routine items queued
+    since `held_since`, with those whose sends failed as `link_worked_since_failing` and `failed_by`
+    judge them. None: it holds nothing."""
+    since = held_since(meter, now, blocked)
+    return None if since is None else _hold(meter, since)
+
+
+def _hold(meter: Meter, since: float) -> MeterHold:
+    # not at import: the metrics exporter of a gateway metering nothing never loads the outbox
+    from uploader.outbox import MeterHold
+
+    return MeterHold(since, link_worked_since_failing(meter), failed_by(meter))
 
 
 # destination -> the status its sender records about its link (report polling queues nothing)
@@ -201,20 +216,11 @@ class MeteredWait:
     windows: tuple[str, ...]
     routine_waiting: int | None  # None: nothing queues for it (report polling)
     routine_since: float | None = None  # when the oldest of them was queued
-    held_since: float | None = None  # routine items queued since then are the meter's (see `held_since`)
-    failed_held: bool = False  # and those whose sends failed (`link_worked_since_failing`)
-    failed_by: float = math.inf  # by then, with the link (`failed_by`)
+    hold: MeterHold | None = None  # what it holds now, as the outbox asks it (`meter_hold`; None: nothing)
 
     @property
     def what(self) -> str:
         return DESTINATIONS[self.destination]
-
-    @property
-    def hold(self) -> MeterHold | None:
-        """What it holds now, as the outbox asks it (None: nothing)."""
-        from uploader.outbox import MeterHold  # not at import: the metrics exporter of a gateway metering nothing
-
-        return None if self.held_since is None else MeterHold(self.held_since, self.failed_held, self.failed_by)
 
     @property
     def budget_spent_today(self) -> bool:
@@ -232,25 +238,14 @@ def metered_wait(meter: Meter, outbox: Outbox, now: float, *, count: bool = True
     row read: the Sent page asks at every render), and only while the meter blocks."""
     meter = read_once(meter)
     blocked = meter.blocked(now)
-    holds_since = held_since(meter, now, blocked)
-    failed_held = link_worked_since_failing(meter)
-    failed_before = failed_by(meter)
+    hold = meter_hold(meter, now, blocked)
     kind = QUEUED_KINDS.get(meter.name)
     waiting: int | None = None
     since = None
     if kind is not None and count:  # while routine traffic may go: every routine item waiting
-        waiting, since = outbox.routine_queued(
-            kind,
-            now,
-            since=-math.inf if holds_since is None else holds_since,
-            failed_too=failed_held,
-            failed_by=failed_before,
-        )
+        waiting, since = outbox.routine_queued(kind, now, hold or _hold(meter, -math.inf))
     elif kind is not None:
-        waiting = int(
-            holds_since is not None
-            and outbox.has_routine_queued(kind, now, since=holds_since, failed_too=failed_held, failed_by=failed_before)
-        )
+        waiting = int(hold is not None and outbox.has_routine_queued(kind, now, hold))
     return MeteredWait(
         destination=meter.name,
         blocked=blocked,
@@ -259,9 +254,7 @@ def metered_wait(meter: Meter, outbox: Outbox, now: float, *, count: bool = True
         windows=tuple(str(w) for w in meter.policy.windows),
         routine_waiting=waiting,
         routine_since=since,
-        held_since=holds_since,
-        failed_held=failed_held,
-        failed_by=failed_before,
+        hold=hold,
     )
 
 

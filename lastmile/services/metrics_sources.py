@@ -193,16 +193,12 @@ def read_outbox(data_dir: Path, now: float, *, config: Config | None = None) -> 
 def _held_since(config: Config, statuses: StatusSnapshot, now: float) -> dict[str, MeterHold]:
     """Outbox kind -> what its meter holds of the routine items queued (only the meters that hold
     them now), as `lastmile doctor` judges it (lastmile.services.metered.metered_wait)."""
-    from lastmile.services.metered import QUEUED_KINDS, failed_by, held_since, link_worked_since_failing, meters
+    from lastmile.services.metered import QUEUED_KINDS, meter_hold, meters
 
     held = {}
     for destination, meter in meters(config, statuses).items():
-        since = held_since(meter, now, meter.blocked(now))
-        if since is not None and destination in QUEUED_KINDS:
-            # not at the top: an exporter of a gateway metering nothing never loads the outbox
-            from uploader.outbox import MeterHold
-
-            held[QUEUED_KINDS[destination]] = MeterHold(since, link_worked_since_failing(meter), failed_by(meter))
+        if destination in QUEUED_KINDS and (hold := meter_hold(meter, now, meter.blocked(now))) is not None:
+            held[QUEUED_KINDS[destination]] = hold
     return held
 
 
@@ -219,8 +215,9 @@ def _latest(*values: float | None) -> float | None:
     return max(known) if known else None
 
 
-def _epoch(iso: object) -> float | None:
-    """An ISO 8601 time as clinic.db stores it (UTC when no offset is written)."""
+def iso_epoch(iso: object) -> float | None:
+    """An ISO 8601 time as the gateway's databases store it (UTC when no offset is written: every
+    writer writes UTC); None when unknown or unreadable (damaged)."""
     if not isinstance(iso, str) or not iso:
         return None
     try:
@@ -272,7 +269,7 @@ def read_reports(data_dir: Path, now: float) -> ReportsSnapshot | None:
         ).fetchone()
         row = conn.execute("SELECT value FROM report_status WHERE name = ?", (REPORT_POLLER_STATUS,)).fetchone()
     poller = _json_object(row[0] if row else None)
-    critical_at, awaited_at = _epoch(critical_first), _epoch(awaited_first)
+    critical_at, awaited_at = iso_epoch(critical_first), iso_epoch(awaited_first)
     return ReportsSnapshot(
         critical_unacknowledged=critical,
         critical_oldest_s=None if critical_at is None else max(0.0, now - critical_at),

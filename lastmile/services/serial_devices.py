@@ -65,8 +65,14 @@ from lastmile import __version__
 from lastmile.clinic.devices import DeviceRegistry, forwarded_name, serial_address
 from lastmile.clinic.observations import ObservationStore, summary
 from lastmile.clinic.patients import PatientContext
-from lastmile.config import SERIAL_HANDLERS, Config, ConfigError, devices_naming, serial_device_problems
-from lastmile.config import load_profiles_apart as load_profiles_apart  # re-exported: the commands' import
+from lastmile.config import (
+    SERIAL_HANDLERS,
+    Config,
+    ConfigError,
+    devices_naming,
+    load_profiles_apart,
+    serial_device_problems,
+)
 from lastmile.ecg.intake import enqueue_recording, session_request
 from uploader.errors import InvalidObjectError, UploadError
 from uploader.outbox import Outbox
