@@ -126,6 +126,53 @@ def test_the_login_form_has_its_own_csrf_token(console: ConsoleServer) -> None:
     assert reply.status == 403 and not any("lastmile_session" in c for c in reply.cookies)
 
 
+# What the refusal page says, per language: why the form was refused, and where it leads.
+BEFORE_LAST_LOGIN = {"zh-CN": "上次登录之前", "en": "before your last login"}
+LOGIN_PAGE_OUT_OF_DATE = {"zh-CN": "登录页面已过期", "en": "the login page was out of date"}
+NOT_FROM_THIS_CONSOLE = {"zh-CN": "不是由本控制台的页面发送的", "en": "not sent by a page of this console"}
+
+
+@pytest.mark.parametrize("language", ["zh-CN", "en"])
+def test_a_login_refused_then_sent_again_without_the_login_pages_token_is_not_said_to_predate_a_login(
+    console: ConsoleServer, language: str
+) -> None:
+    """A wrong password re-shows the login form; the browser closed in between (its session
+    cookies, the login page's token among them, gone) and the form sent again: the refusal said the
+    page "was opened before your last login" to someone who never logged in."""
+    visitor = Client(console.url, language=language)
+    visitor.get("/login")
+    assert visitor.post("/login", {"name": DOCTOR[0], "password": "wrong"}).status == 401
+    visitor.jar.clear_session_cookies()  # the browser closed and its tab restored
+    refused = visitor.post("/login", {"name": DOCTOR[0], "password": DOCTOR[1]})
+    assert refused.status == 403 and not any("lastmile_session" in c for c in refused.cookies)
+    assert BEFORE_LAST_LOGIN[language] not in refused.body, refused.body
+    assert LOGIN_PAGE_OUT_OF_DATE[language] in refused.body, refused.body
+    assert 'class="button primary" href="/login"' in refused.body, refused.body
+    assert visitor.get("/login").status == 200  # the way on: a fresh login page, and it logs in
+    assert visitor.post("/login", {"name": DOCTOR[0], "password": DOCTOR[1]}).status == 303
+
+
+@pytest.mark.parametrize("language", ["zh-CN", "en"])
+def test_a_form_from_a_page_opened_before_the_login_is_said_to_be_so(console: ConsoleServer, language: str) -> None:
+    doctor = Client(console.url, language=language)
+    doctor.get("/login")
+    opened_before = doctor.csrf  # a second tab still shows the login page
+    doctor.login()
+    refused = doctor.post("/login", {"name": DOCTOR[0], "password": DOCTOR[1], "csrf": opened_before}, csrf=False)
+    assert refused.status == 403 and BEFORE_LAST_LOGIN[language] in refused.body, refused.body
+    assert 'class="button primary" href="/today"' in refused.body, refused.body
+
+
+@pytest.mark.parametrize("language", ["zh-CN", "en"])
+def test_a_form_posted_from_another_site_is_not_said_to_predate_a_login(console: ConsoleServer, language: str) -> None:
+    """The right token, posted from another site's page: no page of the console was out of date."""
+    doctor = Client(console.url, language=language)
+    doctor.login()
+    refused = doctor.post("/today/end-session", headers={"Origin": "http://evil.example"})
+    assert refused.status == 403 and BEFORE_LAST_LOGIN[language] not in refused.body, refused.body
+    assert NOT_FROM_THIS_CONSOLE[language] in refused.body, refused.body
+
+
 def test_session_cookie_flags(console: ConsoleServer) -> None:
     client = Client(console.url)
     reply = client.login()

@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import parse_qs, quote, urlsplit
 
 import jinja2
@@ -82,8 +82,18 @@ class LoginRequired(Exception):
     """No live login: pages redirect to the login page, everything else gets 401."""
 
 
+# Why a form was refused, as the refusal page says it: not from this console's pages ("foreign"),
+# from a page opened before the doctor's last login ("stale"), or from a login page whose token this
+# browser no longer holds ("login-page": a visitor who never logged in, e.g. the browser was closed).
+Refusal = Literal["foreign", "stale", "login-page"]
+
+
 class Forbidden(Exception):
     """A POST without the right CSRF token or from another origin, or an admin-only action."""
+
+    def __init__(self, reason: str, *, refusal: Refusal = "foreign") -> None:
+        super().__init__(reason)
+        self.refusal: Refusal = refusal
 
 
 @dataclass
@@ -227,7 +237,7 @@ async def read_form(request: Request, ctx: Context) -> dict[str, str]:
     fields = {k: v[0] for k, v in parse_qs(body.decode("utf-8", errors="replace"), keep_blank_values=True).items()}
     sent = fields.get("csrf", "")
     if not ctx.csrf or not hmac.compare_digest(sent.encode(), ctx.csrf.encode()):
-        raise Forbidden("missing or wrong CSRF token")
+        raise Forbidden("missing or wrong CSRF token", refusal="stale" if ctx.login else "login-page")
     return fields
 
 
@@ -973,12 +983,15 @@ async def on_login_required(request: Request, exc: Exception) -> Response:
 
 
 async def on_forbidden(request: Request, exc: Exception) -> Response:
-    """A form with the wrong token (a page opened before the last login, in another tab) or from
-    elsewhere: the doctor reads that it was not saved and how to do it again, not a bare refusal."""
+    """A form with the wrong token (a page opened before the last login, in another tab; a login
+    page whose token the browser lost) or from elsewhere: the doctor reads which, that it was not
+    saved and how to do it again, not a bare refusal."""
     log.warning("refused %s %s: %s", request.method, request.url.path, exc)
     if not asks_for_html(request):
         return PlainTextResponse("refused / 已拒绝", status_code=403)
-    return render(request, await error_page_context(request), "forbidden.html", status=403, alerts=[])
+    refusal = exc.refusal if isinstance(exc, Forbidden) else "foreign"
+    ctx = await error_page_context(request)
+    return render(request, ctx, "forbidden.html", status=403, alerts=[], refusal=refusal)
 
 
 async def on_not_found(request: Request, exc: Exception) -> Response:
