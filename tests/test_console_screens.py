@@ -253,19 +253,41 @@ def test_who_did_what_on_the_system_page_reads_chinese(browser: object, tmp_path
         assert not re.search(r"\b(login|check-in)\b", trail), trail
 
 
-def test_the_page_menu_is_one_row_on_a_phone(browser: object, tmp_path: Path) -> None:
-    """The six pages fit one row at 360 and 390 px in Chinese: not 今天 … 随访 with 系统 alone on a
-    second row, the header taking a quarter of the phone's screen before the page begins."""
+def menu_rows(driver: object) -> list[list[dict[str, float]]]:
+    """The menu's items as laid out, row by row (by their top): each item's label width and its box."""
+    items: list[dict[str, float]] = driver.execute_script(  # type: ignore[attr-defined]
+        "return [...document.querySelectorAll('.nav a')].map(a => {const b = a.getBoundingClientRect();"
+        " return {top: Math.round(b.top), height: Math.round(b.height), width: b.width,"
+        " label: a.scrollWidth, box: a.clientWidth, right: b.right, screen: window.innerWidth};});"
+    )
+    rows: dict[float, list[dict[str, float]]] = {}
+    for item in items:
+        rows.setdefault(item["top"], []).append(item)
+    return list(rows.values())
+
+
+@pytest.mark.parametrize("language", ["zh-CN", "en"])
+def test_the_page_menu_is_one_row_or_two_even_rows_on_a_phone(browser: object, tmp_path: Path, language: str) -> None:
+    """The six pages on a phone of 320, 360 and 390 px: one row, or two rows of three - not five
+    and "System" alone on a second row (English at 390 px, Chinese at 320 px), the header taking a
+    quarter of the screen for one word. Each label whole on one line inside its box and the screen."""
     with running_console(console_config(tmp_path / "data")) as server:
         log_in(browser, server)
-        for width in (360, 390):
+        if language == "en":
+            browser.find_element(by("css"), "button[name='language'][value='en']").click()  # type: ignore[attr-defined]
+            wait_for(browser, lambda d: d.find_element(by("css"), "html").get_attribute("lang") == "en")
+        for width in (320, 360, 390):
             set_viewport(browser, (width, 844))
             browser.get(server.url + "/visits")  # type: ignore[attr-defined]
-            rows = browser.execute_script(  # type: ignore[attr-defined]
-                "return [...document.querySelectorAll('.nav a')].map(a => Math.round(a.getBoundingClientRect().top))"
-            )
-            assert len(rows) == 6 and len(set(rows)) == 1, f"the menu takes {len(set(rows))} rows at {width} px: {rows}"
-        save_screenshot(browser, "menu-phone")
+            rows = menu_rows(browser)
+            save_screenshot(browser, f"menu-{language}-{width}", full_page=False)
+            counts = [len(row) for row in rows]
+            assert sum(counts) == 6 and len(set(counts)) == 1, f"{language} at {width} px: rows of {counts}"
+            items = [item for row in rows for item in row]
+            assert len({item["height"] for item in items}) == 1, f"{language} at {width} px: a label on two lines"
+            assert all(i["label"] <= i["box"] and i["right"] <= i["screen"] for i in items), (language, width, items)
+            if len(rows) > 1:  # two rows: a grid, each page as wide as the one above it
+                assert len({round(item["width"]) for item in items}) == 1, (language, width, items)
 
 
 def test_a_form_sent_after_the_login_expired_says_so_and_leads_to_the_login(browser: object, tmp_path: Path) -> None:
