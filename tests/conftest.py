@@ -168,6 +168,16 @@ def restored_logging() -> Iterator[None]:
     root.setLevel(level)
 
 
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    """One headless Chromium (tests/console_browser.py) for a test module's page tests: starting
+    one takes seconds on two busy cores, so the module's tests share it."""
+    from tests.console_browser import chromium  # it imports this module
+
+    with chromium() as driver:
+        yield driver
+
+
 # Real DICOM peers (Orthanc, storescp, scripted SCP) as fixtures for every test module.
 pytest_plugins = ["tests.peers"]
 

@@ -26,7 +26,6 @@ from tests.console_browser import (
     TABLET,
     WAIT_S,
     by,
-    chromium,
     log_in,
     on_page,
     save_screenshot,
@@ -51,12 +50,6 @@ pytestmark = pytest.mark.timeout(600)
 
 T = TypeVar("T")
 WRONG_CHECK = "110105194912310021"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    with chromium() as driver:
-        yield driver
 
 
 @pytest.fixture

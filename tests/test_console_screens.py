@@ -9,7 +9,6 @@ import json
 import os
 import re
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,17 +20,7 @@ from lastmile.demo.cardiologist import StudyToRead, ecg_report_sr, part10
 from lastmile.reports.store import ReportStore, SentStudy
 from lastmile.visits.book import FixRecord, VisitBook, VisitPolicy
 from tests.conftest import REPO, on_private_tmpfs
-from tests.console_browser import (
-    WAIT_S,
-    by,
-    chromium,
-    log_in,
-    on_page,
-    save_screenshot,
-    set_viewport,
-    text_in,
-    wait_for,
-)
+from tests.console_browser import WAIT_S, by, log_in, on_page, save_screenshot, set_viewport, text_in, wait_for
 from tests.console_harness import (
     ADMIN,
     DOCTOR,
@@ -52,12 +41,6 @@ HOUSEHOLD = "HH-0001-东村-12组"
 LOST = "110105194912310021"  # stopped after one reboot, signed after another: both times lost
 FAR = "11010519491231002X"  # 2.3 km from the household
 PENDING = "110105198001010016"  # stopped before GPS or the network gave the time
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    with chromium() as driver:
-        yield driver
 
 
 def _book(data: Path, clocks: FakeClocks, register: Path) -> VisitBook:

@@ -20,25 +20,10 @@ from lastmile.config import Config
 from lastmile.console.i18n import Localizer
 from lastmile.doctor import Finding, Level, render_text
 from lastmile.services.metered import QUEUED_KINDS, meters
+from tests.metering_setup import DAY, queue_items, shut_window
 from tests.service_harness import doctor
 from uploader.metering import KEEP_DAYS
 from uploader.outbox import ItemState, Kind, MeterHold, Outbox, Priority
-
-DAY = 86400.0
-
-
-def shut_window(at: float) -> str:
-    """A one-hour send window opening two hours after `at` (clinic time): shut at `at`."""
-    opens = dt.datetime.fromtimestamp(at, local_zone()) + dt.timedelta(hours=2)
-    return f"{opens:%H:%M}-{opens + dt.timedelta(hours=1):%H:%M}"
-
-
-def queue_items(
-    data_dir: Path, n: int, *, at: float, priority: Priority = Priority.ROUTINE, kind: str = Kind.DICOM
-) -> None:
-    with Outbox.open(data_dir, min_free_bytes=0) as outbox:
-        for i in range(n):
-            outbox.add(kind, f"{kind}-{priority.name}-{at}-{i}", b"x" * 100, priority=priority, now=at)
 
 
 def queued_cards(config: Config) -> tuple[list[str], str]:

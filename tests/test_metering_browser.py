@@ -5,7 +5,6 @@ whole and inside the screen. Screenshots land in $LASTMILE_SCREENSHOTS (tests/co
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,20 +13,14 @@ from lastmile.config import Config
 from lastmile.data_dir import open_outbox
 from lastmile.ecg.intake import enqueue_recording
 from lastmile.services.metered import meters
-from tests.console_browser import TABLET, by, chromium, log_in, on_page, save_screenshot, set_viewport, wait_for
+from tests.console_browser import TABLET, by, log_in, on_page, save_screenshot, set_viewport, wait_for
 from tests.console_harness import console_config, running_console
 from tests.ecg_factories import make_recording
-from tests.test_metering_advice import DAY, shut_window
+from tests.metering_setup import DAY, shut_window
 
 pytestmark = pytest.mark.timeout(600)
 
 PHONE_390 = (390, 844)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    with chromium() as driver:
-        yield driver
 
 
 def metered_clinic(tmp_path: Path, *, budget_spent: bool) -> Config:

@@ -13,8 +13,8 @@ from lastmile.config import Config
 from lastmile.services.metered import meters
 from lastmile.services.metrics import GatewayCollector, make_registry
 from tests.conftest import REPO
+from tests.metering_setup import shut_window
 from tests.metrics_harness import parse_exposition, value
-from tests.test_metering_advice import shut_window
 from tests.test_metrics import NOW, tool
 from uploader.outbox import Kind, Outbox, Priority
 

@@ -21,8 +21,8 @@ from lastmile.doctor import Finding, Level, render_text
 from lastmile.reports.store import RECORDER_STATUS, ReportStore
 from lastmile.services.metered import meters
 from tests.console_harness import DOCTOR, Client, console_config, running_console, store_returned_reports
+from tests.metering_setup import DAY, queue_items
 from tests.service_harness import doctor
-from tests.test_metering_advice import DAY, queue_items
 from uploader.outbox import Outbox
 
 FINDING_LABEL = re.compile(r'<li class="finding [a-z]+">.*?<strong>(.*?)</strong>', re.S)
