@@ -205,6 +205,25 @@ def test_show_and_print_give_the_countys_patient_of_an_unassigned_ecg_as_the_cou
     assert len(flagged) == 1 and VALID_ID in flagged[0] and device in printed, printed
 
 
+def test_list_gives_the_countys_patient_of_an_unassigned_ecg_as_the_countys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`lastmile report list` said "(unassigned)" of a report on an ECG sent without a patient and
+    nothing of the patient the county's report names, which `show` and the pages give (flagged as
+    the county's): the list says it too, in the same words."""
+    config = make_config(tmp_path)
+    report_id, _device = store_unassigned_ecg_report(config)
+    assert cli(["report", "list", "--all", "--data-dir", str(config.data_dir)]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    row = next(line for line in listed if line.startswith(str(report_id)))
+    assert "(unassigned)" in row and "CRITICAL" in row, listed
+    flagged = [line for line in listed if "The county's report names" in line]
+    assert len(flagged) == 1 and f"names {VALID_ID} 张 三 (Zhang San): that is what the county wrote" in flagged[0], (
+        listed
+    )
+    assert any("sent without a patient" in line for line in listed), listed
+
+
 # -- held ECGs -----------------------------------------------------------------------------------------
 
 
