@@ -83,7 +83,7 @@ def short_time(iso_text: str) -> str:
 
 def our_patient(study: SentStudy) -> str:
     """This clinic's patient of a sent study, for the operator ("(unassigned)": sent without one)."""
-    return " ".join(x for x in (study.patient_id, study.patient_name.replace("^", " ")) if x) or "(unassigned)"
+    return " ".join(x for x in (study.patient_id, display_name(study.patient_name)) if x) or "(unassigned)"
 
 
 def county_notes(line: StudyLine) -> list[str]:
