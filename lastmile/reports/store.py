@@ -9,7 +9,7 @@ Replacement rules (`add_report`): a report naming earlier ones as predecessors (
 Documents, a new version of the same FHIR DiagnosticReport) supersedes them - also when one of
 them arrives after it (the reading center's order, a retrieval that failed once); a final SR or
 FHIR report supersedes the preliminary ones of its study, also those that arrive after it (a
-later round, the platform's order). Superseded reports stay (marked) until the
+later round, the platform's order); any SR or FHIR report after a withdrawn one supersedes it. Superseded reports stay (marked) until the
 retention purge. A final report without problems ends routine polling for its study, once every report object
 the reading center listed for it has arrived (`awaiting`).
 
@@ -439,14 +439,16 @@ class ReportStore:
                         amends,
                     )
                 }
-            if final and content.kind in FINAL_KINDS:
+            if content.kind in FINAL_KINDS and status != "withdrawn":
+                # the report that comes after a withdrawn one, final or not, is its replacement (one
+                # current report per study); a final one replaces the drafts as well
+                replaceable = ("preliminary", "withdrawn") if final else ("withdrawn",)
                 replaced |= {
                     r[0]
                     for r in conn.execute(
-                        # a withdrawn report too: the report that comes after it is its replacement
                         "SELECT id FROM reports WHERE study_uid = ? AND kind = ? "
-                        "AND status IN ('preliminary', 'withdrawn') AND superseded_by IS NULL AND id != ?",
-                        (content.study_uid, content.kind, new_id),
+                        f"AND status IN ({_placeholders(replaceable)}) AND superseded_by IS NULL AND id != ?",
+                        (content.study_uid, content.kind, *replaceable, new_id),
                     )
                 }
             if replaced:
