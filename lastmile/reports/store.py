@@ -453,8 +453,9 @@ class ReportStore:
                 }
             if replaced:
                 ids = sorted(replaced)
+                # a withdrawn report is no final that stands: what comes after it is a plain final
                 replaced_final = conn.execute(
-                    f"SELECT 1 FROM reports WHERE id IN ({_placeholders(ids)}) AND status != 'preliminary'", ids
+                    f"SELECT 1 FROM reports WHERE id IN ({_placeholders(ids)}) AND status IN ('final', 'amended')", ids
                 ).fetchone()
                 conn.execute(f"UPDATE reports SET superseded_by = ? WHERE id IN ({_placeholders(ids)})", [new_id, *ids])
                 if status == "final" and replaced_final:
