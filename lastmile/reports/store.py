@@ -32,6 +32,7 @@ import sqlite_utils
 
 from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
 from lastmile.reports.report_text import English, report_text
+from lastmile.reports.unread_critical import UNACKNOWLEDGED_CRITICAL
 from uploader.report_lines import LineKind, ReportLine
 
 if TYPE_CHECKING:
@@ -538,18 +539,13 @@ class ReportStore:
 
     # -- critical results ------------------------------------------------------------------------
     def unacknowledged_critical(self) -> list[StoredReport]:
-        rows = self._rows(
-            # a version replaced is no longer shown anywhere: nothing the doctor could open and read
-            f"SELECT {_REPORT_COLUMNS} FROM reports WHERE critical IS NOT NULL AND acknowledged_at IS NULL "
-            "AND superseded_by IS NULL ORDER BY id"
-        )
+        rows = self._rows(f"SELECT {_REPORT_COLUMNS} FROM reports WHERE {UNACKNOWLEDGED_CRITICAL} ORDER BY id")
         return [_report(r) for r in rows]
 
     def not_alerted(self) -> list[StoredReport]:
         rows = self._rows(
-            f"SELECT {_REPORT_COLUMNS} FROM reports WHERE critical IS NOT NULL AND alerted_at IS NULL "
             # one announced per result: a report replaced before its turn is the one replacing it
-            "AND acknowledged_at IS NULL AND superseded_by IS NULL ORDER BY id"
+            f"SELECT {_REPORT_COLUMNS} FROM reports WHERE {UNACKNOWLEDGED_CRITICAL} AND alerted_at IS NULL ORDER BY id"
         )
         return [_report(r) for r in rows]
 
