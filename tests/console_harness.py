@@ -96,12 +96,10 @@ class StaticReports:
     def pdf(self, report_id: str) -> bytes | None:
         return self.pdfs.get(report_id)
 
-    def note_for_pdf(self, report_id: str, reader: Reader) -> str:
-        return ""  # these screens' tests print nothing: the printouts are the report store's (StoredReports)
-
-    def printout(self, report_id: str, reader: Reader) -> str:
+    def print_job(self, report_id: str, reader: Reader) -> tuple[str, bytes] | None:
+        # these screens' tests print nothing: the printouts are the report store's (StoredReports)
         found = self.report(report_id)
-        return found.text if found else ""
+        return None if found is None else ("", found.text.encode("utf-8"))
 
 
 @dataclass

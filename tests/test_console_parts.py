@@ -88,6 +88,7 @@ def test_person_names() -> None:
     assert person_name("Zhang^San") == "Zhang San"
     assert person_name("Zhang^San=张^三") == "张三"
     assert person_name("张三") == "张三" and person_name("") == ""
+    assert person_name("Zhang San=张 三") == "张三" and person_name("Clark Ann") == "Clark Ann"
 
 
 def test_the_watcher_sees_commits_of_other_connections(tmp_path: Path) -> None:

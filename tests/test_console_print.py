@@ -109,7 +109,7 @@ def test_an_ecg_sent_without_a_patient_prints_the_countys_patient_flagged(
     printed = spool.read_bytes().decode("utf-8")
     heading = printed.splitlines()[0]
     assert heading == "心电图报告：患者未确定", printed
-    assert "发送时没有指定患者" in printed and f"县里的报告写的是 张 三 (Zhang San) {VALID_ID}" in printed, printed
+    assert "发送时没有指定患者" in printed and f"县里的报告写的是 张三 (Zhang San) {VALID_ID}" in printed, printed
     assert device in printed, printed
 
 
@@ -150,5 +150,5 @@ def test_the_countys_pdf_on_an_ecg_sent_without_a_patient_prints_behind_the_unas
     assert len(jobs) == 2 and jobs[1].startswith(b"%PDF-"), [job[:40] for job in jobs]
     note = jobs[0].decode("utf-8")
     assert (
-        "发送时没有指定患者" in note and f"县里的报告写的是 张 三 (Zhang San) {VALID_ID}" in note and device in note
+        "发送时没有指定患者" in note and f"县里的报告写的是 张三 (Zhang San) {VALID_ID}" in note and device in note
     ), note

@@ -194,15 +194,54 @@ def test_show_and_print_give_the_countys_patient_of_an_unassigned_ecg_as_the_cou
     assert cli(["report", "show", str(report_id), *data_args]) == 0
     shown = capsys.readouterr().out
     assert "Patient: (unassigned)" in shown, shown
-    assert f"The county's report names {VALID_ID} 张 三 (Zhang San): that is what the county wrote" in shown, shown
+    assert f"The county's report names {VALID_ID} 张三 (Zhang San): that is what the county wrote" in shown, shown
     assert f"Device: {device}" in shown, shown
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no lp: the printout goes to a file
     out = tmp_path / "printed.txt"
     assert cli(["report", "print", str(report_id), "-o", str(out), *data_args]) == 0
     printed = out.read_text(encoding="utf-8")
     assert printed.splitlines()[0] == "心电图报告：患者未确定", printed
-    flagged = [line for line in printed.splitlines() if line.startswith("县里的报告写的是 张 三")]
+    flagged = [line for line in printed.splitlines() if line.startswith("县里的报告写的是 张三 ")]
     assert len(flagged) == 1 and VALID_ID in flagged[0] and device in printed, printed
+
+
+def test_list_gives_the_countys_patient_of_an_unassigned_ecg_as_the_countys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`lastmile report list` said "(unassigned)" of a report on an ECG sent without a patient and
+    nothing of the patient the county's report names, which `show` and the pages give (flagged as
+    the county's): the list says it too, in the same words."""
+    config = make_config(tmp_path)
+    report_id, _device = store_unassigned_ecg_report(config)
+    assert cli(["report", "list", "--all", "--data-dir", str(config.data_dir)]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    row = next(line for line in listed if line.startswith(str(report_id)))
+    assert "(unassigned)" in row and "CRITICAL" in row, listed
+    flagged = [line for line in listed if "The county's report names" in line]
+    assert len(flagged) == 1 and f"names {VALID_ID} 张三 (Zhang San): that is what the county wrote" in flagged[0], (
+        listed
+    )
+    assert any("sent without a patient" in line for line in listed), listed
+
+
+def test_names_are_written_as_people_write_them_in_list_and_show(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Chinese name is family + given with no space (张三); a Latin-script one keeps its space.
+    The CLI printed this clinic's patient as its PN with "^" spaced ("Zhang San=张 三")."""
+    config = make_config(tmp_path)
+    with ReportStore.open(config.data_dir) as store:
+        chinese = sent_study(store, VALID_ID, "Zhang^San=张^三")
+        latin = sent_study(store, "P-CLARK", "Clark^Ann")
+        report_id = add_report(store, ecg_report_sr(chinese, findings=[], impression="正常心电图"))
+        add_report(store, ecg_report_sr(latin, findings=[], impression="normal"))
+    data_args = ["--data-dir", str(config.data_dir)]
+    assert cli(["report", "list", "--all", *data_args]) == 0
+    listed = capsys.readouterr().out
+    assert f"{VALID_ID} 张三 (Zhang San)" in listed and "P-CLARK Clark Ann" in listed, listed
+    assert cli(["report", "show", str(report_id), *data_args]) == 0
+    shown = capsys.readouterr().out
+    assert f"Patient: {VALID_ID} 张三 (Zhang San)" in shown, shown
 
 
 # -- held ECGs -----------------------------------------------------------------------------------------

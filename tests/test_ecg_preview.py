@@ -332,6 +332,10 @@ def test_header_names_the_patient_in_chinese_and_states_rate_and_verdict(mortara
         ("Wang^Xiaoming=王^小明", "王小明 (Wang Xiaoming)"),
         ("", ""),
         ("Doe^John^Q", "Doe John Q"),
+        # as the report reader stores a name: its components spaced
+        ("张 三", "张三"),
+        ("Zhang San=张 三", "张三 (Zhang San)"),
+        ("Wang Xiaoming", "Wang Xiaoming"),
     ],
 )
 def test_display_name(pn: str, shown: str) -> None:

@@ -212,9 +212,15 @@ def test_a_new_draft_after_a_withdrawn_final_is_shown(platform) -> None:
     server.put_resource({**first, "status": "entered-in-error"})
     poller.run_round(force=True)
     server.put_resource(report_for(ours, status="preliminary", conclusion="Preliminary: first-degree AV block"))
+    (withdrawn,) = [r for r in store.reports() if r.status == "withdrawn"]
     assert poller.run_round(force=True).stored == 1
     shown = [v.status for v in StoredReports(store).reports()]
     assert "preliminary" in shown, shown
+    # one current report per study: the new reading replaces the withdrawn one, as a final would
+    assert shown == ["preliminary"], shown
+    (draft,) = store.reports(current_only=True)
+    assert store.get(withdrawn.id).superseded_by == draft.id
+    assert [line.status for line in study_lines(store)] == ["preliminary"]
 
 
 def test_a_new_final_after_a_withdrawn_one_replaces_it(platform, tmp_path) -> None:
@@ -229,6 +235,7 @@ def test_a_new_final_after_a_withdrawn_one_replaces_it(platform, tmp_path) -> No
     server.put_resource(report_for(ours, conclusion="First-degree AV block"))
     assert poller.run_round(force=True).stored == 1
     (current,) = store.reports(current_only=True)
-    assert current.status in ("final", "amended") and "AV block" in current.text
+    # a plain final: "amended" says it changed a final that still stands, and none does
+    assert current.status == "final" and "AV block" in current.text, current.status
     assert store.get(withdrawn.id).superseded_by == current.id
-    assert [v.status for v in StoredReports(store).reports()] == [current.status]
+    assert [v.status for v in StoredReports(store).reports()] == ["received"]  # the page: no "amended" badge

@@ -884,19 +884,13 @@ async def print_report(request: Request) -> Response:
     ctx = await context_for(request)
     await read_form(request, ctx)
     report_id = request.path_params["report_id"]
-    found = await state.run_db(state.data.reports.report, report_id)
-    if found is None:
-        return not_found(request, ctx, NO_SUCH_REPORT)
-    pdf = await state.run_db(state.data.reports.pdf, report_id) if found.has_pdf else None
-    title = f"ECG report {report_id}"
     # what the county's PDF cannot say (replaced; sent without a patient), the page and the text
-    # printout do: it goes first, on a page of its own
-    if pdf:
-        note, document = await state.run_db(state.data.reports.note_for_pdf, report_id, ctx.localizer), pdf
-    else:
-        text = await state.run_db(state.data.reports.printout, report_id, ctx.localizer)
-        note, document = "", text.encode("utf-8")
-    outcome = await asyncio.to_thread(print_behind_note, note, document, title)
+    # printout do: the note goes first, on a page of its own
+    job = await state.run_db(state.data.reports.print_job, report_id, ctx.localizer)
+    if job is None:
+        return not_found(request, ctx, NO_SUCH_REPORT)
+    note, document = job
+    outcome = await asyncio.to_thread(print_behind_note, note, document, f"ECG report {report_id}")
     log.info("report %s printed by %s: %s", report_id, ctx.user, outcome.message)
     return RedirectResponse(f"/reports/{quote(report_id)}?printed={int(outcome.sent)}", status_code=303)
 

@@ -46,7 +46,7 @@ from lastmile.console.accounts import Accounts
 from lastmile.console.audit import AuditLog
 from lastmile.console.i18n import N_
 from lastmile.data_dir import open_outbox
-from lastmile.reports.report_text import Reader
+from lastmile.reports.report_text import Reader, display_name
 from lastmile.reports.store import ReportStore
 from lastmile.services.link_status import READING_CENTER_STATUS, reading_center_down
 from lastmile.services.metered import MeteredWait, metered_wait, meters
@@ -178,13 +178,10 @@ class VisitView:
 
 
 def person_name(pn: str) -> str:
-    """A DICOM person name as people read it: the ideographic group when there is one
-    ("Zhang^San=张^三" -> 张三), else the parts with spaces ("Zhang^San" -> Zhang San)."""
+    """A DICOM person name on a page: the ideographic group alone when there is one
+    ("Zhang^San=张^三" -> 张三), written as `report_text.display_name` writes names."""
     groups = (pn or "").split("=")
-    chosen = groups[1] if len(groups) > 1 and groups[1].strip("^") else groups[0]
-    parts = [p for p in chosen.split("^") if p]
-    cjk = any("\u3400" <= ch <= "\u9fff" for ch in chosen)
-    return ("" if cjk else " ").join(parts)
+    return display_name(groups[1] if len(groups) > 1 and groups[1].strip("^ ") else groups[0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,9 +255,9 @@ class ReportsSource(Protocol):
 
     def pdf(self, report_id: str) -> bytes | None: ...
 
-    def note_for_pdf(self, report_id: str, reader: Reader) -> str: ...
-
-    def printout(self, report_id: str, reader: Reader) -> str: ...
+    def print_job(self, report_id: str, reader: Reader) -> tuple[str, bytes] | None:
+        """(note, document) for the clinic printer, the note "" when none goes first; None: no such report."""
+        ...
 
 
 class HeldEcgSource(Protocol):

@@ -133,31 +133,38 @@ class StoredReports:
             return None
         return self._view(self.store.acknowledge(found.id, by, now))
 
-    def note_for_pdf(self, report_id: str, reader: Reader) -> str:
-        """The page printed before the county's PDF (`views.note_for_pdf`): "" if none is needed."""
+    def print_job(self, report_id: str, reader: Reader) -> tuple[str, bytes] | None:
+        """What the clinic printer gets, from one reading of the report: (note, document), the
+        county's PDF behind the page `views.note_for_pdf` words ("" when it can print alone), else
+        the text `views.text_printout` words (the same as `lastmile report print`) with no note.
+        None: no such report."""
         found = self._stored(report_id)
-        return "" if found is None else note_for_pdf(self.store, found, reader)
-
-    def printout(self, report_id: str, reader: Reader) -> str:
-        """The text the clinic printer gets when the county sent no PDF (`views.text_printout`),
-        the same words `lastmile report print` writes."""
-        found = self._stored(report_id)
-        return "" if found is None else text_printout(self.store, found, reader)
+        if found is None:
+            return None
+        pdf = self._document(found)
+        if pdf:
+            return note_for_pdf(self.store, found, reader), pdf
+        return "", text_printout(self.store, found, reader).encode("utf-8")
 
     def pdf(self, report_id: str) -> bytes | None:
         found = self._stored(report_id)
-        data = self.store.data_of(found.id) if found is not None and found.document_type == PDF_TYPE else None
+        return None if found is None else self._document(found)
+
+    def _document(self, found: StoredReport) -> bytes | None:
+        """The county's PDF taken out of the stored object (in a worker: pydicom stays out of the
+        console's process); None when it sent none or none can be taken out."""
+        data = self.store.data_of(found.id) if found.document_type == PDF_TYPE else None
         if not data:
             return None
         job = {
             "job": "report-document",
-            "source": found.source if found else "",
+            "source": found.source,
             "data": base64.b64encode(data).decode(),
         }
         result = run_worker(job, self.worker)
         document = result.get("document")
         if not document:
-            log.warning("report %s: no PDF could be taken out (%s)", report_id, result.get("error", "none in it"))
+            log.warning("report %s: no PDF could be taken out (%s)", found.id, result.get("error", "none in it"))
             return None
         return base64.b64decode(document)
 

@@ -24,9 +24,10 @@ INDENT = "  "
 
 
 def display_name(pn: str) -> str:
-    """A DICOM person name on paper (the ECG preview, the report printouts): '王^小明' -> 王小明;
-    'Wang^Xiaoming' -> Wang Xiaoming; 'Wang^Xiaoming=王^小明' -> 王小明 (Wang Xiaoming).
-    Here, without numpy: the console words printouts with it."""
+    """A DICOM person name as people write it (the ECG preview, the report printouts and pages,
+    the CLI): '王^小明' -> 王小明; 'Wang^Xiaoming' -> Wang Xiaoming; 'Wang^Xiaoming=王^小明' ->
+    王小明 (Wang Xiaoming). The report reader keeps a county's name with its components spaced
+    ('Wang Xiaoming=王 小明'): the same. Here, without numpy: the console words printouts with it."""
     groups = [g for g in pn.split("=") if g.strip("^ ")]
     if not groups:
         return ""
@@ -34,7 +35,7 @@ def display_name(pn: str) -> str:
     def one(group: str) -> str:
         parts = [p.strip() for p in group.split("^")[:3] if p.strip()]
         if any(ord(ch) > 0x2E7F for p in parts for ch in p):  # CJK: family name first, no space
-            return "".join(parts[:2])
+            return "".join("".join(p.split()) for p in parts[:2])  # nor between spaced components
         return " ".join(parts)  # family name first, as Chinese documents write pinyin names
 
     names = [one(g) for g in groups]

@@ -9,7 +9,7 @@ Replacement rules (`add_report`): a report naming earlier ones as predecessors (
 Documents, a new version of the same FHIR DiagnosticReport) supersedes them - also when one of
 them arrives after it (the reading center's order, a retrieval that failed once); a final SR or
 FHIR report supersedes the preliminary ones of its study, also those that arrive after it (a
-later round, the platform's order). Superseded reports stay (marked) until the
+later round, the platform's order); any SR or FHIR report after a withdrawn one supersedes it. Superseded reports stay (marked) until the
 retention purge. A final report without problems ends routine polling for its study, once every report object
 the reading center listed for it has arrived (`awaiting`).
 
@@ -32,6 +32,7 @@ import sqlite_utils
 
 from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
 from lastmile.reports.report_text import English, report_text
+from lastmile.reports.unread_critical import UNACKNOWLEDGED_CRITICAL
 from uploader.report_lines import LineKind, ReportLine
 
 if TYPE_CHECKING:
@@ -439,20 +440,23 @@ class ReportStore:
                         amends,
                     )
                 }
-            if final and content.kind in FINAL_KINDS:
+            if content.kind in FINAL_KINDS and status != "withdrawn":
+                # the report that comes after a withdrawn one, final or not, is its replacement (one
+                # current report per study); a final one replaces the drafts as well
+                replaceable = ("preliminary", "withdrawn") if final else ("withdrawn",)
                 replaced |= {
                     r[0]
                     for r in conn.execute(
-                        # a withdrawn report too: the report that comes after it is its replacement
                         "SELECT id FROM reports WHERE study_uid = ? AND kind = ? "
-                        "AND status IN ('preliminary', 'withdrawn') AND superseded_by IS NULL AND id != ?",
-                        (content.study_uid, content.kind, new_id),
+                        f"AND status IN ({_placeholders(replaceable)}) AND superseded_by IS NULL AND id != ?",
+                        (content.study_uid, content.kind, *replaceable, new_id),
                     )
                 }
             if replaced:
                 ids = sorted(replaced)
+                # a withdrawn report is no final that stands: what comes after it is a plain final
                 replaced_final = conn.execute(
-                    f"SELECT 1 FROM reports WHERE id IN ({_placeholders(ids)}) AND status != 'preliminary'", ids
+                    f"SELECT 1 FROM reports WHERE id IN ({_placeholders(ids)}) AND status IN ('final', 'amended')", ids
                 ).fetchone()
                 conn.execute(f"UPDATE reports SET superseded_by = ? WHERE id IN ({_placeholders(ids)})", [new_id, *ids])
                 if status == "final" and replaced_final:
@@ -535,18 +539,13 @@ class ReportStore:
 
     # -- critical results ------------------------------------------------------------------------
     def unacknowledged_critical(self) -> list[StoredReport]:
-        rows = self._rows(
-            # a version replaced is no longer shown anywhere: nothing the doctor could open and read
-            f"SELECT {_REPORT_COLUMNS} FROM reports WHERE critical IS NOT NULL AND acknowledged_at IS NULL "
-            "AND superseded_by IS NULL ORDER BY id"
-        )
+        rows = self._rows(f"SELECT {_REPORT_COLUMNS} FROM reports WHERE {UNACKNOWLEDGED_CRITICAL} ORDER BY id")
         return [_report(r) for r in rows]
 
     def not_alerted(self) -> list[StoredReport]:
         rows = self._rows(
-            f"SELECT {_REPORT_COLUMNS} FROM reports WHERE critical IS NOT NULL AND alerted_at IS NULL "
             # one announced per result: a report replaced before its turn is the one replacing it
-            "AND acknowledged_at IS NULL AND superseded_by IS NULL ORDER BY id"
+            f"SELECT {_REPORT_COLUMNS} FROM reports WHERE {UNACKNOWLEDGED_CRITICAL} AND alerted_at IS NULL ORDER BY id"
         )
         return [_report(r) for r in rows]
 

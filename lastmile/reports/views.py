@@ -81,17 +81,35 @@ def short_time(iso_text: str) -> str:
     return iso_text[:16].replace("T", " ") if iso_text else "-"
 
 
+def our_patient(study: SentStudy) -> str:
+    """This clinic's patient of a sent study, for the operator ("(unassigned)": sent without one)."""
+    return " ".join(x for x in (study.patient_id, display_name(study.patient_name)) if x) or "(unassigned)"
+
+
+def county_notes(line: StudyLine) -> list[str]:
+    """What `lastmile report show` says of the patient the county's reports name on an ECG sent
+    without a patient (flagged as the county's words), a line each; [] for our own patient's."""
+    named = dict.fromkeys(county_patient(line.study, r, id_first=True) for r in line.reports)
+    return [text for name in named if name for text in unassigned_note(name, English()).splitlines()]
+
+
 def render_list(lines: list[StudyLine]) -> str:
     if not lines:
         return "no ECG has been sent yet"
     rows = [("REPORT", "PATIENT", "ECG TIME", "STATUS", "READ BY")]
+    notes: list[list[str]] = [[]]
     for line in lines:
         s = line.study
         ids = ",".join(str(r.id) for r in line.reports) or "-"
-        who = " ".join(x for x in (s.patient_id, s.patient_name.replace("^", " ")) if x) or "(unassigned)"
-        rows.append((ids, who, short_time(s.ecg_time) + (" STAT" if s.stat else ""), line.status, line.observer or "-"))
+        stamp = short_time(s.ecg_time) + (" STAT" if s.stat else "")
+        rows.append((ids, our_patient(s), stamp, line.status, line.observer or "-"))
+        notes.append(county_notes(line))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+    out: list[str] = []
+    for row, under in zip(rows, notes, strict=True):
+        out.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        out += [" " * (widths[0] + 2) + note for note in under]  # under the patient column
+    return "\n".join(out)
 
 
 def speaker_for(language: str) -> Reader:
@@ -128,8 +146,7 @@ def render_report(store: ReportStore, report: StoredReport, speaker: Speaker | N
     study = store.study(report.study_uid)
     out = [f"Report {report.id} ({report.kind}, {report.status}, from the {report.source} reading center)"]
     if study is not None:
-        who = " ".join(x for x in (study.patient_id, study.patient_name.replace("^", " ")) if x) or "(unassigned)"
-        out.append(f"Patient: {who}")
+        out.append(f"Patient: {our_patient(study)}")
         county = county_patient(study, report, id_first=True)
         if county:  # the facts are for the operator, in English; the words are the printouts'
             out.append(unassigned_note(county, English()))

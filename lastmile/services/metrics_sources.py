@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from devices.identity import EARLIEST_PLAUSIBLE
 from lastmile.clock import read_boot_id
 from lastmile.data_dir import CLINIC_DB, OUTBOX_DB, VISITS_DB, columns_of, read_only
+from lastmile.reports.unread_critical import UNACKNOWLEDGED_CRITICAL
 from lastmile.services.link_status import READING_CENTER_STATUS, StatusSnapshot, link_down, number
 
 if TYPE_CHECKING:
@@ -260,9 +261,7 @@ def read_reports(data_dir: Path, now: float) -> ReportsSnapshot | None:
             if not needed <= columns_of(conn, table):
                 return None
         critical, critical_first = conn.execute(
-            # as ReportStore.unacknowledged_critical: a replaced version is nothing left to read
-            "SELECT COUNT(*), MIN(received_at) FROM reports WHERE critical IS NOT NULL AND acknowledged_at IS NULL "
-            "AND superseded_by IS NULL"
+            f"SELECT COUNT(*), MIN(received_at) FROM reports WHERE {UNACKNOWLEDGED_CRITICAL}"  # as ReportStore's
         ).fetchone()
         awaited, awaited_stat, awaited_first = conn.execute(
             "SELECT COUNT(*), COALESCE(SUM(stat != 0), 0), MIN(sent_at) FROM sent_studies WHERE final_at IS NULL"
