@@ -39,7 +39,12 @@ from uploader.reachability import insecure_url_problem
 log = logging.getLogger(__name__)
 
 
-class NotConnected(TransientError):
+class NoAnswer(TransientError):
+    """The platform gave no answer (the connection failed, timed out or was dropped): the link's
+    failure, not this request's - one the platform answers with a refusal failed alone."""
+
+
+class NotConnected(NoAnswer):
     """No connection to the platform was made (refused, unreachable, name not resolved, connect
     timed out): nothing of the request left this gateway, so a metered link has not paid for it."""
 
@@ -228,7 +233,7 @@ class FhirConnection:
             if never_connected(exc):
                 raise NotConnected(f"FHIR server unreachable: {type(exc).__name__}: {exc}") from None
             self._count(sent)  # connected: the request went (or began to go) out
-            raise TransientError(f"FHIR server unreachable: {type(exc).__name__}: {exc}") from None
+            raise NoAnswer(f"FHIR server unreachable: {type(exc).__name__}: {exc}") from None
         self._count(sent, response)
         return response
 

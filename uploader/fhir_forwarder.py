@@ -28,6 +28,7 @@ from typing import Any
 
 from uploader.errors import ConfigurationFault, CorruptPayloadError, PermanentError, TransientError
 from uploader.fhir_bundle import bundle_bytes, merge_transactions
+from uploader.fhir_connection import NoAnswer
 from uploader.fhir_sender import FhirSender
 from uploader.metering import Meter
 from uploader.outbox import ItemState, Kind, Outbox, OutboxItem, Priority
@@ -35,6 +36,9 @@ from uploader.outbox import ItemState, Kind, Outbox, OutboxItem, Priority
 log = logging.getLogger(__name__)
 
 STATUS_NAME = "fhir"
+# when a send last failed with the link (no answer): a bundle whose send failed later failed alone,
+# the platform refusing it while it takes others (the reading center's status keeps the same key)
+LINK_FAILED_AT = "last_error_at"
 
 
 def enqueue_bundle(
@@ -82,6 +86,7 @@ class _Round:
     counts: FhirRoundResult = field(default_factory=FhirRoundResult)
     blocked: set[str] = field(default_factory=set)
     stop: bool = False
+    link_failed: bool = False  # a send got no answer (`LINK_FAILED_AT`)
 
     def release(self, items: Sequence[OutboxItem], why: str, delay_s: float) -> None:
         if items:
@@ -106,6 +111,7 @@ class _Round:
             self.counts.errors.append(str(exc))
             self.stop = True
             self.retry_after = exc.retry_after
+            self.link_failed = isinstance(exc, NoAnswer)
             return []
         except ConfigurationFault as exc:
             self.counts.fault = str(exc)
@@ -210,5 +216,9 @@ def forward_fhir_once(
     if rnd.counts.claimed:
         # only a round that did something: an idle one (every 2 s, all day) would rewrite and
         # fsync this row ~43,000 times a day on the SD card, and wipe the last fault it showed
-        outbox.record_status(STATUS_NAME, {"last_round": dataclasses.asdict(rnd.counts), "at": now}, now)
+        status: dict[str, Any] = {"last_round": dataclasses.asdict(rnd.counts), "at": now}
+        failed_at = now if rnd.link_failed else (outbox.status(STATUS_NAME) or {}).get(LINK_FAILED_AT)
+        if failed_at is not None:
+            status[LINK_FAILED_AT] = failed_at
+        outbox.record_status(STATUS_NAME, status, now)
     return rnd.counts

@@ -151,12 +151,12 @@ LINK_FAILURE_SLACK_S = 60.0
 def failed_by(meter: Meter) -> float:
     """Until when a routine item's failed send was its link's failure, as its sender recorded it
     (uploader.outbox.MeterHold.failed_by): one that failed later failed alone while the link
-    worked - the reading center answering it 0xA7xx (try later) while it stores the others - and
-    waits for the peer, which no meter lets go: stuck, not held. FHIR rounds keep no failure time:
-    every failed bundle, as `link_worked_since_failing` judges them."""
-    if meter.name != "dicom":
+    worked - the reading center answering it 0xA7xx (try later), the county platform answering its
+    bundle 5xx, while they store the others - and waits for the peer, which no meter lets go:
+    stuck, not held. Both senders record when their link last failed as `last_error_at`."""
+    if meter.name not in LINK_STATUS:
         return math.inf
-    status = meter.store.status(READING_CENTER_STATUS) or {}
+    status = meter.store.status(LINK_STATUS[meter.name]) or {}
     failed = number(status.get("last_error_at"))
     return -math.inf if failed is None else failed + LINK_FAILURE_SLACK_S
 
