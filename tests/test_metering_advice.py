@@ -626,7 +626,10 @@ def test_an_ecg_the_reading_center_keeps_refusing_for_later_is_stuck_not_held_by
     spend_every_remembered_day(config.data_dir, metered, now, "dicom")
     found = queue_findings(doctor(config.data_dir, metered, now=lambda: now).check_queue())
     text = render_text(found)
-    assert "all held" not in text and found[0].level is Level.WARN and "is the link down" in found[0].hint, text
+    assert "all held" not in text and found[0].level is Level.WARN, text
+    # the link works: the reading center refuses this one, and the hint says so (and what to do)
+    assert "is the link down" not in found[0].hint and "reading center refuses" in found[0].hint, text
+    assert "0xA700" in found[0].hint and "lastmile queue" in found[0].hint, text
     snapshot = read_outbox(config.data_dir, now, config=doctor(config.data_dir, metered).config)
     assert snapshot is not None and snapshot.oldest_stuck_s.get(Kind.DICOM, 0.0) >= 2 * DAY, snapshot
 
