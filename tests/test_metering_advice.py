@@ -749,3 +749,23 @@ def test_a_visit_record_the_platform_keeps_refusing_for_later_is_stuck_not_held_
     assert "all held" not in text, text
     snapshot = read_outbox(tmp_path, now, config=doctor(tmp_path, metered).config)
     assert snapshot is not None and snapshot.oldest_stuck_s.get(Kind.FHIR_BUNDLE, 0.0) >= 2 * DAY, snapshot
+
+
+def test_the_sent_pages_banner_names_a_spent_budget_as_well_as_the_send_window_it_waits_for_next(
+    tmp_path: Path,
+) -> None:
+    """Today's budget spent and the window shut (its next opening after midnight, when the budget
+    is new): the banner named only the window - the doctor and `lastmile queue` say both."""
+    from tests.console_harness import console_config
+
+    config = console_config(tmp_path / "data")
+    now = time.time()
+    config.reading_center.metered.windows = [shut_window(now)]
+    config.reading_center.metered.daily_budget_mb = 1.0
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    queue_items(config.data_dir, 1, at=now - 60)
+    with Outbox.open(config.data_dir, min_free_bytes=0) as outbox:
+        meters(config, outbox)["dicom"].spend(2**20, now)
+    _, page = queued_cards(config)
+    banner = page.split('<p class="metered">')[1]  # the link's, above the studies
+    assert "流量额度已用完" in banner and "发送时段" in banner, banner
