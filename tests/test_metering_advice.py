@@ -704,30 +704,18 @@ def test_a_visit_record_the_platform_keeps_refusing_for_later_is_stuck_not_held_
     alert), as the reading center's 0xA700 ECG did before 0007_failed_at - no budget lets it go."""
     from lastmile.services.metrics_sources import read_outbox
     from tests.fhir_samples import NAMING, T0, all_kinds, signature, visit
-    from tests.fhir_server import FhirTestServer
+    from tests.fhir_server import RefusesOneVisit
     from uploader.fhir_bundle import visit_bundle
     from uploader.fhir_forwarder import enqueue_bundle, forward_fhir_once
     from uploader.fhir_sender import FhirSender, FhirSenderSettings
 
     refused_visit = visit(0).visit_id
-
-    class RefusesOneVisit(FhirTestServer):
-        def apply_transaction(self, bundle: dict) -> dict:
-            encounters = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Encounter"]
-            if any(i["value"] == refused_visit for r in encounters for i in r.get("identifier", [])):
-                return {
-                    "resourceType": "Bundle",
-                    "type": "transaction-response",
-                    "entry": [{"response": {"status": "500 Internal Server Error"}} for _ in bundle["entry"]],
-                }
-            return super().apply_transaction(bundle)
-
     t0 = time.time()
     with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
         for n in range(3):
             bundle = visit_bundle(visit(n, patient=f"P-{n}"), all_kinds(T0, f"P-{n}"), NAMING, signature(n))
             enqueue_bundle(outbox, bundle, f"visit-{n}", patient_id=f"P-{n}", now=t0)
-    with RefusesOneVisit() as server, FhirSender(FhirSenderSettings(base_url=server.base_url)) as sender:
+    with RefusesOneVisit(refused_visit) as server, FhirSender(FhirSenderSettings(base_url=server.base_url)) as sender:
         with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
             for hour in range(3):  # it is tried again each hour, refused; the others went meanwhile
                 forward_fhir_once(outbox, sender, t0 + hour * 3600, batch_size=1)
@@ -769,3 +757,41 @@ def test_the_sent_pages_banner_names_a_spent_budget_as_well_as_the_send_window_i
     _, page = queued_cards(config)
     banner = page.split('<p class="metered">')[1]  # the link's, above the studies
     assert "流量额度已用完" in banner and "发送时段" in banner, banner
+
+
+def test_visit_records_that_failed_while_the_platforms_gateway_answered_503_are_held_by_the_budget_not_stuck(
+    tmp_path: Path,
+) -> None:
+    """The county platform down behind its proxy, which answers every bundle 503: those bundles
+    failed with the link, not alone. Once the link worked again and the budget was spent every
+    day since, they were said stuck - the platform 'refuses this one' - as if no budget held them."""
+    from lastmile.services.metrics_sources import read_outbox
+    from tests.fhir_samples import NAMING, T0, all_kinds, signature, visit
+    from tests.fhir_server import FhirTestServer
+    from uploader.fhir_bundle import visit_bundle
+    from uploader.fhir_forwarder import enqueue_bundle, forward_fhir_once
+    from uploader.fhir_sender import FhirSender, FhirSenderSettings
+
+    def queue(outbox: Outbox, n: int, at: float) -> None:
+        bundle = visit_bundle(visit(n, patient=f"P-{n}"), all_kinds(T0, f"P-{n}"), NAMING, signature(n))
+        enqueue_bundle(outbox, bundle, f"visit-{n}", patient_id=f"P-{n}", now=at)
+
+    t0 = time.time()
+    with FhirTestServer() as server, FhirSender(FhirSenderSettings(base_url=server.base_url)) as sender:
+        with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+            for n in range(3):
+                queue(outbox, n, t0)
+            server.gateway_down = 503
+            assert forward_fhir_once(outbox, sender, t0).transient == 3
+            server.gateway_down = None  # the platform is back: a later visit goes, the budget then spent
+            queue(outbox, 9, t0 + 1)
+            assert forward_fhir_once(outbox, sender, t0 + 1).sent == 1
+        assert server.identifiers("Encounter") == [visit(9).visit_id]
+    now = t0 + 2 * DAY
+    metered = "[fhir.metered]\ndaily_budget_mb = 1.0\n"
+    spend_every_remembered_day(tmp_path, metered, now, "fhir")
+    found = queue_findings(doctor(tmp_path, metered, now=lambda: now).check_queue())
+    text = render_text(found)
+    assert "refuses" not in text and "all held" in text, text
+    snapshot = read_outbox(tmp_path, now, config=doctor(tmp_path, metered).config)
+    assert snapshot is not None and snapshot.oldest_stuck_s.get(Kind.FHIR_BUNDLE, 0.0) == 0.0, snapshot

@@ -6,7 +6,10 @@ in merged transactions of up to `batch_size` bundles, and settles each item:
 - a transaction-response with a 2xx for every entry sent → sent and committed at once (it *is*
   the commitment); any other 2xx answer is a TransientError (`FhirSender`), never "sent";
 - TransientError → the batch's items back to the queue with backoff (Retry-After honoured), the
-  rest of this round released uncharged: the platform is down or busy, don't hammer it;
+  rest of this round released uncharged: the platform is down or busy, don't hammer it. If the
+  platform was not there (no answer, a gateway's 502/503/504: `PlatformDown`) and nothing this
+  round got an answer, the round records when its link failed (`LINK_FAILED_AT`): what failed
+  then waits for the link, not for a refusal of its own;
 - PermanentError → a merged batch is split in halves until the bad bundle is alone, which is
   quarantined with the server's OperationOutcome text (shown by `lastmile queue`); the others go;
 - ConfigurationFault (bad token, TLS trust, a base URL that takes no transactions) → everything
@@ -28,7 +31,7 @@ from typing import Any
 
 from uploader.errors import ConfigurationFault, CorruptPayloadError, PermanentError, TransientError
 from uploader.fhir_bundle import bundle_bytes, merge_transactions
-from uploader.fhir_connection import NoAnswer
+from uploader.fhir_connection import PlatformDown
 from uploader.fhir_sender import FhirSender
 from uploader.metering import Meter
 from uploader.outbox import ItemState, Kind, Outbox, OutboxItem, Priority
@@ -36,8 +39,9 @@ from uploader.outbox import ItemState, Kind, Outbox, OutboxItem, Priority
 log = logging.getLogger(__name__)
 
 STATUS_NAME = "fhir"
-# when a send last failed with the link (no answer): a bundle whose send failed later failed alone,
-# the platform refusing it while it takes others (the reading center's status keeps the same key)
+# when a round last found the platform not there (no answer, or a gateway's 502/503/504 before it
+# answered anything): a bundle whose send failed later failed alone, the platform refusing it while
+# it takes others (the reading center's status keeps the same key)
 LINK_FAILED_AT = "last_error_at"
 
 
@@ -86,7 +90,8 @@ class _Round:
     counts: FhirRoundResult = field(default_factory=FhirRoundResult)
     blocked: set[str] = field(default_factory=set)
     stop: bool = False
-    link_failed: bool = False  # a send got no answer (`LINK_FAILED_AT`)
+    link_failed: bool = False  # the platform was not there (`LINK_FAILED_AT`)
+    answered: bool = False  # the platform took or refused a send of this round: it was there
 
     def release(self, items: Sequence[OutboxItem], why: str, delay_s: float) -> None:
         if items:
@@ -111,13 +116,15 @@ class _Round:
             self.counts.errors.append(str(exc))
             self.stop = True
             self.retry_after = exc.retry_after
-            self.link_failed = isinstance(exc, NoAnswer)
+            # the link's failure unless the platform answered something else this round (it was there)
+            self.link_failed = isinstance(exc, PlatformDown) and not self.answered
             return []
         except ConfigurationFault as exc:
             self.counts.fault = str(exc)
             self.stop = True
             return batch
         except PermanentError as exc:
+            self.answered = True
             if len(batch) == 1:
                 item = batch[0][0]
                 self.outbox.quarantine(item.id, str(exc), self.now)
@@ -130,6 +137,7 @@ class _Round:
             if self.stop:
                 return left + batch[half:]
             return self.send(batch[half:])
+        self.answered = True
         self.outbox.mark_sent(ids, self.now)
         self.outbox.mark_committed(ids, self.now)
         self.counts.sent += len(batch)
