@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from lastmile.clinic.devices import DeviceRecord
     from lastmile.config import Config
     from lastmile.services.metered import MeteredWait
+    from uploader.outbox import OutboxItem
 
 SERVICES = (
     "lastmile-acquire.service",
@@ -715,7 +716,7 @@ class Doctor:
 
     def check_queue(self) -> list[Finding]:
         from lastmile.data_dir import DataDirError, open_existing_outbox
-        from lastmile.services.metered import QUEUED_KINDS, metered_waits
+        from lastmile.services.metered import QUEUED_KINDS, metered_waits, refused_alone
         from uploader.masking import mask_server_text
 
         data = self.config.data_dir
@@ -729,10 +730,11 @@ class Doctor:
                     stats = outbox.stats(now)
                     # routine items a metered link holds now are its (as configured), not the link's
                     held = [w for w in metered_waits(self.config, outbox, now).values() if w.holding]
-                    not_held = outbox.oldest_waiting(
+                    oldest_item = outbox.oldest_waiting_item(
                         now,
                         except_routine_of={QUEUED_KINDS[w.destination]: w.hold for w in held if w.hold is not None},
                     )
+                    refused = oldest_item if oldest_item and refused_alone(oldest_item, outbox) else None
         except DataDirError as exc:
             return [Finding("queue", Level.FAIL, str(exc), "the services cannot queue or forward anything meanwhile")]
         counts = stats["counts"]
@@ -750,7 +752,7 @@ class Doctor:
             for name, value in stats["statuses"].items()
             if isinstance(value, dict) and value.get("fault")
         ]
-        stuck = None if not_held is None else max(0.0, now - not_held)
+        stuck = None if oldest_item is None else max(0.0, now - oldest_item.created_at)
         if held and oldest is not None:  # the age the level is judged on: a meter's wait is not the link's
             text += (
                 " (all held by metered links)" if stuck is None else f" ({_age(stuck)} of what no metered link holds)"
@@ -778,6 +780,8 @@ class Doctor:
                     topic="set-aside",
                 )
             )
+        elif stuck is not None and stuck > WAITING_WARN_S and refused is not None:
+            out.append(Finding("queue", Level.WARN, text, _refused_alone_hint(refused), "refused-alone", topic="link"))
         elif stuck is not None and stuck > WAITING_WARN_S:
             out.append(
                 Finding(
@@ -1307,6 +1311,22 @@ def _signing_key_fault(data: Path) -> str | None:
     except SigningKeyError as exc:
         return str(exc)
     return None
+
+
+# who refuses an item alone, by its outbox kind (uploader.outbox.Kind's values)
+_PEERS = {"dicom": ("the reading center", "ECG"), "fhir-bundle": ("the county platform", "visit record")}
+
+
+def _refused_alone_hint(item: OutboxItem) -> str:
+    """What to do about the oldest waiting item when its peer refuses it alone (the link works)."""
+    from uploader.masking import mask_server_text
+
+    peer, what = _PEERS.get(item.kind, ("its peer", "item"))
+    answer = mask_server_text(item.last_error or "no answer recorded")
+    return (
+        f"the link works: {peer} refuses this one {what} (last answer: {answer}) while it takes the others; "
+        f"it is tried again by itself - `lastmile queue` shows it: ask {peer} why it refuses it"
+    )
 
 
 def _age(seconds: float) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.fhir_samples import NAMING, T0, all_kinds, signature, visit
-from tests.fhir_server import FhirTestServer
+from tests.fhir_server import FhirTestServer, RefusesOneVisit
 from tests.medplum_fhir_server import MedplumFhirServer
 from uploader.errors import ConfigurationFault, PermanentError, TransientError
 from uploader.fhir_bundle import bundle_bytes, visit_bundle
@@ -277,6 +277,33 @@ def test_patient_order_is_kept_after_a_failure(tmp_path: Path) -> None:
             forward_fhir_once(outbox, sender, t, batch_size=1)
         arrived = [r["identifier"][0]["value"] for r in server.resources("Encounter")]
         assert arrived == [visit(n).visit_id for n in range(4)]
+    outbox.close()
+
+
+def test_a_bundle_the_platform_refuses_for_now_does_not_hold_its_batch_mates(tmp_path: Path) -> None:
+    """The platform answers one visit's entries "500" at every try and stores the others: sent in
+    one merged transaction, the three others failed with it, round after round, for ever."""
+    outbox = Outbox.open(tmp_path / "data", min_free_bytes=0)
+    ids = queue_visits(outbox, range(4))
+    with RefusesOneVisit(ids[1]) as server, _sender(server, None) as sender:
+        for hour in range(3):  # each hour, every backoff over: all four due together
+            forward_fhir_once(outbox, sender, 2000.0 + hour * 3600, batch_size=10)
+        assert sorted(server.identifiers("Encounter")) == sorted(ids[:1] + ids[2:])
+    [waiting] = outbox.items(state=ItemState.QUEUED, kind=Kind.FHIR_BUNDLE)
+    assert ids[1] in waiting.key and waiting.attempts == 3 and "500" in (waiting.last_error or "")
+    outbox.close()
+
+
+def test_a_platform_answering_500_to_everything_is_not_sent_each_bundle_alone(tmp_path: Path) -> None:
+    """Finding the one bundle at fault costs a few requests; a second one refused for now ends the
+    round: the platform refuses them all, and is not sent ten requests for ten visits."""
+    outbox = Outbox.open(tmp_path / "data", min_free_bytes=0)
+    queue_visits(outbox, range(10))
+    with FhirTestServer() as server, _sender(server, None) as sender:
+        server.faults.extend(["500"] * 10)
+        counts = forward_fhir_once(outbox, sender, 2000.0, batch_size=10)
+        assert (counts.requests, counts.transient, counts.deferred, counts.sent) == (5, 2, 8, 0), counts
+        assert server.stats.requests == 5 and not server.identifiers("Encounter")
     outbox.close()
 
 

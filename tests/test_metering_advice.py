@@ -495,7 +495,7 @@ def test_a_backlog_a_budget_has_held_longer_than_the_meter_remembers_is_still_th
 def test_doctor_holds_by_the_budget_a_visit_record_whose_send_failed_before_the_platform_took_later_ones(
     tmp_path: Path,
 ) -> None:
-    """FHIR keeps no last error, but its rounds say what they did: the latest round sent bundles
+    """FHIR keeps when its link last failed, and its rounds say what they did: the latest round sent bundles
     and none failed, so the bundle that failed three days ago waits for the budget, spent every
     day, like the one beside it - not 'is the link down?'."""
     from uploader.fhir_forwarder import STATUS_NAME, FhirRoundResult
@@ -509,7 +509,9 @@ def test_doctor_holds_by_the_budget_a_visit_record_whose_send_failed_before_the_
         outbox.mark_transient_failure(failed.id, "connection reset", now - 3 * DAY + 120)
         outbox.release([other.id], "metered link: budget", now - 3 * DAY + 120, 0.0)
         worked = FhirRoundResult(claimed=5, sent=3, deferred=2)  # then the budget was spent
-        outbox.record_status(STATUS_NAME, {"last_round": dataclasses.asdict(worked), "at": now - 3600}, now - 3600)
+        # the reset was the link's (no answer): the round that failed recorded when, later rounds keep it
+        status = {"last_round": dataclasses.asdict(worked), "at": now - 3600, "last_error_at": now - 3 * DAY + 120}
+        outbox.record_status(STATUS_NAME, status, now - 3600)
     found = queue_findings(doctor(tmp_path, metered, now=lambda: now).check_queue())
     text = render_text(found)
     assert "link down" not in text, text
@@ -609,7 +611,10 @@ def test_an_ecg_the_reading_center_keeps_refusing_for_later_is_stuck_not_held_by
     spend_every_remembered_day(config.data_dir, metered, now, "dicom")
     found = queue_findings(doctor(config.data_dir, metered, now=lambda: now).check_queue())
     text = render_text(found)
-    assert "all held" not in text and found[0].level is Level.WARN and "is the link down" in found[0].hint, text
+    assert "all held" not in text and found[0].level is Level.WARN, text
+    # the link works: the reading center refuses this one, and the hint says so (and what to do)
+    assert "is the link down" not in found[0].hint and "reading center refuses" in found[0].hint, text
+    assert "0xA700" in found[0].hint and "lastmile queue" in found[0].hint, text
     snapshot = read_outbox(config.data_dir, now, config=doctor(config.data_dir, metered).config)
     assert snapshot is not None and snapshot.oldest_stuck_s.get(Kind.DICOM, 0.0) >= 2 * DAY, snapshot
 
@@ -673,3 +678,105 @@ def test_the_sent_page_says_the_budget_holds_an_ecg_whose_send_failed_once_befor
     cards, page = queued_cards(config)
     assert len(cards) == 2, page
     assert all("正在重试" not in card and 'class="metered"' in card for card in cards), cards
+
+
+def test_a_visit_record_the_platform_keeps_refusing_for_later_is_stuck_not_held_by_a_spent_budget(
+    tmp_path: Path,
+) -> None:
+    """The county platform answers one bundle "500" in its transaction-response at every try while
+    it stores the others (the link works): with the budget spent every day since, that bundle
+    counted as held by the budget ('all held by metered links', no stuck item for the county's
+    alert), as the reading center's 0xA700 ECG did before 0007_failed_at - no budget lets it go."""
+    from lastmile.services.metrics_sources import read_outbox
+    from tests.fhir_samples import NAMING, T0, all_kinds, signature, visit
+    from tests.fhir_server import RefusesOneVisit
+    from uploader.fhir_bundle import visit_bundle
+    from uploader.fhir_forwarder import enqueue_bundle, forward_fhir_once
+    from uploader.fhir_sender import FhirSender, FhirSenderSettings
+
+    refused_visit = visit(0).visit_id
+    t0 = time.time()
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        for n in range(3):
+            bundle = visit_bundle(visit(n, patient=f"P-{n}"), all_kinds(T0, f"P-{n}"), NAMING, signature(n))
+            enqueue_bundle(outbox, bundle, f"visit-{n}", patient_id=f"P-{n}", now=t0)
+    with RefusesOneVisit(refused_visit) as server, FhirSender(FhirSenderSettings(base_url=server.base_url)) as sender:
+        with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+            for hour in range(3):  # it is tried again each hour, refused; the others went meanwhile
+                forward_fhir_once(outbox, sender, t0 + hour * 3600, batch_size=1)
+                forward_fhir_once(outbox, sender, t0 + hour * 3600 + 1, batch_size=1)
+                enqueue_bundle(
+                    outbox,
+                    visit_bundle(visit(10 + hour), all_kinds(T0, "P-9"), NAMING, signature(10 + hour)),
+                    f"later-{hour}",
+                    patient_id="P-9",
+                    now=t0 + hour * 3600 + 2,
+                )
+                forward_fhir_once(outbox, sender, t0 + hour * 3600 + 3, batch_size=1)
+        assert len(server.identifiers("Encounter")) == 5 and refused_visit not in server.identifiers("Encounter")
+    now = t0 + 2 * DAY  # two days on, the budget spent each of them
+    metered = "[fhir.metered]\ndaily_budget_mb = 1.0\n"
+    spend_every_remembered_day(tmp_path, metered, now, "fhir")
+    found = queue_findings(doctor(tmp_path, metered, now=lambda: now).check_queue())
+    text = render_text(found)
+    assert "all held" not in text, text
+    snapshot = read_outbox(tmp_path, now, config=doctor(tmp_path, metered).config)
+    assert snapshot is not None and snapshot.oldest_stuck_s.get(Kind.FHIR_BUNDLE, 0.0) >= 2 * DAY, snapshot
+
+
+def test_the_sent_pages_banner_names_a_spent_budget_as_well_as_the_send_window_it_waits_for_next(
+    tmp_path: Path,
+) -> None:
+    """Today's budget spent and the window shut (its next opening after midnight, when the budget
+    is new): the banner named only the window - the doctor and `lastmile queue` say both."""
+    from tests.console_harness import console_config
+
+    config = console_config(tmp_path / "data")
+    now = time.time()
+    config.reading_center.metered.windows = [shut_window(now)]
+    config.reading_center.metered.daily_budget_mb = 1.0
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    queue_items(config.data_dir, 1, at=now - 60)
+    with Outbox.open(config.data_dir, min_free_bytes=0) as outbox:
+        meters(config, outbox)["dicom"].spend(2**20, now)
+    _, page = queued_cards(config)
+    banner = page.split('<p class="metered">')[1]  # the link's, above the studies
+    assert "流量额度已用完" in banner and "发送时段" in banner, banner
+
+
+def test_visit_records_that_failed_while_the_platforms_gateway_answered_503_are_held_by_the_budget_not_stuck(
+    tmp_path: Path,
+) -> None:
+    """The county platform down behind its proxy, which answers every bundle 503: those bundles
+    failed with the link, not alone. Once the link worked again and the budget was spent every
+    day since, they were said stuck - the platform 'refuses this one' - as if no budget held them."""
+    from lastmile.services.metrics_sources import read_outbox
+    from tests.fhir_samples import NAMING, T0, all_kinds, signature, visit
+    from tests.fhir_server import FhirTestServer
+    from uploader.fhir_bundle import visit_bundle
+    from uploader.fhir_forwarder import enqueue_bundle, forward_fhir_once
+    from uploader.fhir_sender import FhirSender, FhirSenderSettings
+
+    def queue(outbox: Outbox, n: int, at: float) -> None:
+        bundle = visit_bundle(visit(n, patient=f"P-{n}"), all_kinds(T0, f"P-{n}"), NAMING, signature(n))
+        enqueue_bundle(outbox, bundle, f"visit-{n}", patient_id=f"P-{n}", now=at)
+
+    t0 = time.time()
+    with FhirTestServer() as server, FhirSender(FhirSenderSettings(base_url=server.base_url)) as sender:
+        with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+            for n in range(3):
+                queue(outbox, n, t0)
+            server.gateway_down = 503
+            assert forward_fhir_once(outbox, sender, t0).transient == 3
+            server.gateway_down = None  # the platform is back: a later visit goes, the budget then spent
+            queue(outbox, 9, t0 + 1)
+            assert forward_fhir_once(outbox, sender, t0 + 1).sent == 1
+        assert server.identifiers("Encounter") == [visit(9).visit_id]
+    now = t0 + 2 * DAY
+    metered = "[fhir.metered]\ndaily_budget_mb = 1.0\n"
+    spend_every_remembered_day(tmp_path, metered, now, "fhir")
+    found = queue_findings(doctor(tmp_path, metered, now=lambda: now).check_queue())
+    text = render_text(found)
+    assert "refuses" not in text and "all held" in text, text
+    snapshot = read_outbox(tmp_path, now, config=doctor(tmp_path, metered).config)
+    assert snapshot is not None and snapshot.oldest_stuck_s.get(Kind.FHIR_BUNDLE, 0.0) == 0.0, snapshot

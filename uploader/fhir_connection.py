@@ -8,7 +8,8 @@ the platform safe, so that it is written once and cannot drift between them:
   URL the server hands back that points elsewhere is refused before the token is attached;
 - TLS verified against the configured CA bundle (or the system's), timeouts on connect and read,
   redirects never followed (a 3xx is a ConfigurationFault naming where it pointed);
-- failures typed: network errors, timeouts, 408, 429, 5xx → TransientError (Retry-After honoured);
+- failures typed: network errors, timeouts, 408, 429, 5xx → TransientError (Retry-After honoured),
+  no answer or a gateway's 502/503/504 → `PlatformDown` (the link's), 429 → `Unavailable` (busy);
   401/403 and TLS trust → ConfigurationFault (the platform refuses *us*), and so is a transaction
   POST answered 404/405 or with a 4xx that is not an OperationOutcome (fhir.base_url is wrong);
   other 4xx → PermanentError with the server's OperationOutcome text, masked (`uploader.masking`).
@@ -38,8 +39,27 @@ from uploader.reachability import insecure_url_problem
 
 log = logging.getLogger(__name__)
 
+# what a proxy or gateway in front of the platform answers when the platform behind it is down
+# (bad gateway, unavailable, gateway timeout): every request gets it, whatever it carries
+GATEWAY_DOWN = (502, 503, 504)
 
-class NotConnected(TransientError):
+
+class Unavailable(TransientError):
+    """The platform takes nothing now, whatever was sent (busy: 429; down: `PlatformDown`): no
+    request's fault, so sending its parts apart would only press it harder."""
+
+
+class PlatformDown(Unavailable):
+    """The platform is not there: no answer (`NoAnswer`), or the proxy/gateway in front of it saying
+    so (502/503/504, `GATEWAY_DOWN`). The link's failure, as far as this gateway can tell - one the
+    platform answers with a refusal of its own failed alone."""
+
+
+class NoAnswer(PlatformDown):
+    """The platform gave no answer (the connection failed, timed out or was dropped)."""
+
+
+class NotConnected(NoAnswer):
     """No connection to the platform was made (refused, unreachable, name not resolved, connect
     timed out): nothing of the request left this gateway, so a metered link has not paid for it."""
 
@@ -228,7 +248,7 @@ class FhirConnection:
             if never_connected(exc):
                 raise NotConnected(f"FHIR server unreachable: {type(exc).__name__}: {exc}") from None
             self._count(sent)  # connected: the request went (or began to go) out
-            raise TransientError(f"FHIR server unreachable: {type(exc).__name__}: {exc}") from None
+            raise NoAnswer(f"FHIR server unreachable: {type(exc).__name__}: {exc}") from None
         self._count(sent, response)
         return response
 
@@ -253,7 +273,8 @@ class FhirConnection:
         or a 4xx that is no FHIR server's answer, means the base URL is wrong, not the request."""
         code = response.status_code
         if code in (408, 429) or code >= 500:
-            raise TransientError(
+            kind = PlatformDown if code in GATEWAY_DOWN else Unavailable if code == 429 else TransientError
+            raise kind(
                 f"FHIR server answered {code}: {outcome_text(response, known)}",
                 retry_after=retry_after_seconds(response.headers.get("Retry-After")),
             )

@@ -5,10 +5,15 @@ in merged transactions of up to `batch_size` bundles, and settles each item:
 
 - a transaction-response with a 2xx for every entry sent → sent and committed at once (it *is*
   the commitment); any other 2xx answer is a TransientError (`FhirSender`), never "sent";
-- TransientError → the batch's items back to the queue with backoff (Retry-After honoured), the
-  rest of this round released uncharged: the platform is down or busy, don't hammer it;
-- PermanentError → a merged batch is split in halves until the bad bundle is alone, which is
-  quarantined with the server's OperationOutcome text (shown by `lastmile queue`); the others go;
+- the platform down or busy (no answer, a gateway's 502/503/504, 429: `Unavailable`) → the batch's
+  items back to the queue with backoff (Retry-After honoured), the rest of this round released
+  uncharged: don't hammer it. If nothing this round got an answer, the round records when its link
+  failed (`LINK_FAILED_AT`): what failed then waits for the link, not for a refusal of its own;
+- the platform refusing a merged batch (PermanentError, or any other TransientError: a 500, an
+  entry answered 5xx) → split in halves until the bundle at fault is alone, so one bundle does not
+  hold its batch-mates; alone, it is quarantined with the server's OperationOutcome text (shown by
+  `lastmile queue`) or, a TransientError, backs off; the others go (a second bundle refused for
+  now stops the round: the platform refuses everything, don't hammer it);
 - ConfigurationFault (bad token, TLS trust, a base URL that takes no transactions) → everything
   released uncharged, fault reported.
 
@@ -28,6 +33,7 @@ from typing import Any
 
 from uploader.errors import ConfigurationFault, CorruptPayloadError, PermanentError, TransientError
 from uploader.fhir_bundle import bundle_bytes, merge_transactions
+from uploader.fhir_connection import PlatformDown, Unavailable
 from uploader.fhir_sender import FhirSender
 from uploader.metering import Meter
 from uploader.outbox import ItemState, Kind, Outbox, OutboxItem, Priority
@@ -35,6 +41,10 @@ from uploader.outbox import ItemState, Kind, Outbox, OutboxItem, Priority
 log = logging.getLogger(__name__)
 
 STATUS_NAME = "fhir"
+# when a round last found the platform not there (no answer, or a gateway's 502/503/504 before it
+# answered anything): a bundle whose send failed later failed alone, the platform refusing it while
+# it takes others (the reading center's status keeps the same key)
+LINK_FAILED_AT = "last_error_at"
 
 
 def enqueue_bundle(
@@ -82,6 +92,9 @@ class _Round:
     counts: FhirRoundResult = field(default_factory=FhirRoundResult)
     blocked: set[str] = field(default_factory=set)
     stop: bool = False
+    link_failed: bool = False  # the platform was not there (`LINK_FAILED_AT`)
+    answered: bool = False  # the platform took or refused a send of this round: it was there
+    refused_for_now: bool = False  # a bundle alone got a TransientError of its own (a 500) this round
 
     def release(self, items: Sequence[OutboxItem], why: str, delay_s: float) -> None:
         if items:
@@ -99,35 +112,50 @@ class _Round:
         try:
             self.sender.post_transaction(body)
         except TransientError as exc:
+            if len(batch) > 1 and not isinstance(exc, Unavailable):
+                return self.split(batch)  # the platform answered: maybe one bundle's, not its batch-mates'
             for item, _ in batch:
                 self.outbox.mark_transient_failure(item.id, str(exc), self.now, exc.retry_after)
                 self._block(item)
             self.counts.transient += len(batch)
             self.counts.errors.append(str(exc))
+            if not isinstance(exc, Unavailable) and not self.refused_for_now:
+                # one bundle refused for now: the others go on (a second one says it refuses all)
+                self.refused_for_now = self.answered = True
+                return []
             self.stop = True
             self.retry_after = exc.retry_after
+            # the link's failure unless the platform answered something else this round (it was there)
+            self.link_failed = isinstance(exc, PlatformDown) and not self.answered
             return []
         except ConfigurationFault as exc:
             self.counts.fault = str(exc)
             self.stop = True
             return batch
         except PermanentError as exc:
-            if len(batch) == 1:
-                item = batch[0][0]
-                self.outbox.quarantine(item.id, str(exc), self.now)
-                self.counts.quarantined += 1
-                self.counts.errors.append(str(exc))
-                log.error("FHIR bundle %s quarantined: %s", item.key, exc)
-                return []
-            half = len(batch) // 2
-            left = self.send(batch[:half])
-            if self.stop:
-                return left + batch[half:]
-            return self.send(batch[half:])
+            self.answered = True
+            if len(batch) > 1:
+                return self.split(batch)
+            item = batch[0][0]
+            self.outbox.quarantine(item.id, str(exc), self.now)
+            self.counts.quarantined += 1
+            self.counts.errors.append(str(exc))
+            log.error("FHIR bundle %s quarantined: %s", item.key, exc)
+            return []
+        self.answered = True
         self.outbox.mark_sent(ids, self.now)
         self.outbox.mark_committed(ids, self.now)
         self.counts.sent += len(batch)
         return []
+
+    def split(self, batch: list[tuple[OutboxItem, bytes]]) -> list[tuple[OutboxItem, bytes]]:
+        """Send a refused merged batch in halves, until the bundle at fault is alone: one bundle
+        the platform refuses must not hold the others, whether for ever (4xx) or for now (5xx)."""
+        half = len(batch) // 2
+        left = self.send(batch[:half])
+        if self.stop:
+            return left + batch[half:]
+        return self.send(batch[half:])
 
     def _block(self, item: OutboxItem) -> None:
         patient = (item.patient or {}).get("patient_id")
@@ -210,5 +238,9 @@ def forward_fhir_once(
     if rnd.counts.claimed:
         # only a round that did something: an idle one (every 2 s, all day) would rewrite and
         # fsync this row ~43,000 times a day on the SD card, and wipe the last fault it showed
-        outbox.record_status(STATUS_NAME, {"last_round": dataclasses.asdict(rnd.counts), "at": now}, now)
+        status: dict[str, Any] = {"last_round": dataclasses.asdict(rnd.counts), "at": now}
+        failed_at = now if rnd.link_failed else (outbox.status(STATUS_NAME) or {}).get(LINK_FAILED_AT)
+        if failed_at is not None:
+            status[LINK_FAILED_AT] = failed_at
+        outbox.record_status(STATUS_NAME, status, now)
     return rnd.counts

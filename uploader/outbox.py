@@ -992,9 +992,16 @@ class Outbox:
     def oldest_waiting(self, now: float, *, except_routine_of: Mapping[str, MeterHold] | None = None) -> float | None:
         """When the oldest queued or sending item was queued; `except_routine_of` (kind -> what a
         metered link holds of it now) leaves out the routine items it holds."""
+        item = self.oldest_waiting_item(now, except_routine_of=except_routine_of)
+        return None if item is None else item.created_at
+
+    def oldest_waiting_item(
+        self, now: float, *, except_routine_of: Mapping[str, MeterHold] | None = None
+    ) -> OutboxItem | None:
+        """The oldest queued or sending item (`oldest_waiting`'s): what it waits for."""
         where, params = waiting_not_held_sql(now, except_routine_of or {})
-        oldest = self._read(f"SELECT MIN(created_at) FROM items WHERE {where}", params)[0][0]
-        return None if oldest is None else float(oldest)
+        rows = self._read(f"SELECT {_ITEM_COLUMNS} FROM items WHERE {where} ORDER BY created_at, id LIMIT 1", params)
+        return _item(rows[0]) if rows else None
 
     def begin_send(self, item_id: int, now: float) -> bool:
         """Charge the attempt before the item's bytes go out: if this process dies before the

@@ -352,6 +352,11 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
         "waiting": N_(
             "Some items have waited more than a day to be sent: check the network; if it works, tell the county IT."
         ),
+        # the oldest waiting item is refused alone by the county side while the others go (doctor)
+        "refused-alone": N_(
+            "One item is refused by the county side for now while the others are sent: the network works. "
+            "It is tried again by itself; if this lasts, tell the county IT."
+        ),
         "metered-window": N_(
             "Routine items have waited more than a day for the send window (cheaper data): they go from %(time)s. "
             "STAT ECGs go at once. If this shows every day, tell the county IT."

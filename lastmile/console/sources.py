@@ -161,6 +161,7 @@ class LinkStatus:
     # and when they go; "" / None when none waits on it (STAT ECGs never do)
     metered_wait: str = ""
     metered_until: dt.datetime | None = None
+    metered_budget_spent: bool = False  # today's budget is used up (whatever it waits for last)
 
 
 @dataclass(frozen=True, slots=True)
@@ -658,6 +659,7 @@ class ClinicData:
             oldest_waiting=None if oldest is None else now - dt.timedelta(seconds=oldest),
             metered_wait=blocked.reason if blocked else "",
             metered_until=dt.datetime.fromtimestamp(blocked.until, dt.timezone.utc) if blocked else None,
+            metered_budget_spent=bool(blocked) and metered is not None and metered.budget_spent_today,
         )
 
     def metered_hold(self, now: dt.datetime) -> MeteredWait | None:

@@ -14,6 +14,8 @@ plugged in, by the tests (tests/fhir_server.py).
 - Bearer token check, optional gzip request bodies (else 415), and injected faults, consumed one
   per request: "500", "429" (Retry-After), "400", "timeout" (answer late), "drop" (close without
   answering), "commit-then-drop" (apply, then close: the client cannot know it succeeded).
+  `gateway_down = 503` (or 502, 504): the proxy in front of it answers every request with that
+  status and its own HTML page, as while the platform behind it is down.
 - The county's reports: `put_resource()` stores a DiagnosticReport (a new version each time);
   GET `DiagnosticReport?identifier=sys|val,sys|val&_lastUpdated=gtINSTANT` searches them and
   GET `DiagnosticReport/<id>` reads one (ETag W/"version"; If-None-Match → 304).
@@ -89,6 +91,7 @@ class FhirReceiver:
         self.faults: collections.deque[str] = collections.deque()
         self.retry_after_s = 1
         self.timeout_delay_s = 3.0
+        self.gateway_down: int | None = None
         self.stats = ServerStats()
         self.store: dict[str, dict[str, dict]] = collections.defaultdict(dict)  # type → id → resource
         # "Type?identifier=sys|val" → ids of every resource carrying it (several: a 412 on ifNoneExist)
@@ -245,6 +248,14 @@ class FhirReceiver:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _gateway_page(self, status: int) -> None:
+                data = f"<html><body><h1>{status} {self.responses[status][0]}</h1></body></html>".encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
             def _drop(self) -> None:
                 self.close_connection = True
                 try:
@@ -308,6 +319,8 @@ class FhirReceiver:
                     fault = server.faults.popleft() if server.faults else None
                     if fault:
                         server.stats.faults_served.append(fault)
+                if server.gateway_down is not None:
+                    return self._gateway_page(server.gateway_down)
                 if fault == "drop":
                     return self._drop()
                 if fault == "500":

@@ -25,7 +25,7 @@ from lastmile.services.link_status import (
 from uploader.metering import KEEP_DAYS, Blocked, Meter, MeterPolicy, SendWindow, StatusStore
 
 if TYPE_CHECKING:
-    from uploader.outbox import MeterHold, Outbox
+    from uploader.outbox import MeterHold, Outbox, OutboxItem
 
 # destination → where its settings are in lastmile.toml
 SETTINGS = {"dicom": "reading_center.metered", "fhir": "fhir.metered", "reports": "reports.metered"}
@@ -38,6 +38,7 @@ DESTINATIONS = {
 # destination → the outbox kind its sender takes (report polling queues nothing): uploader.outbox.Kind's
 # values, not imported (it brings sqlite-utils: the metrics exporter asks a gateway that meters nothing)
 QUEUED_KINDS = {"dicom": "dicom", "fhir": "fhir-bundle"}
+DESTINATION_OF_KIND = {kind: destination for destination, kind in QUEUED_KINDS.items()}
 
 
 def meter_policy(section: MeteredSection) -> MeterPolicy | None:
@@ -107,7 +108,7 @@ def _hold(meter: Meter, since: float) -> MeterHold:
     # not at import: the metrics exporter of a gateway metering nothing never loads the outbox
     from uploader.outbox import MeterHold
 
-    return MeterHold(since, link_worked_since_failing(meter), failed_by(meter))
+    return MeterHold(since, link_worked_since_failing(meter.name, meter.store), failed_by(meter.name, meter.store))
 
 
 # destination -> the status its sender records about its link (report polling queues nothing)
@@ -133,13 +134,13 @@ def link_failing(meter: Meter) -> bool:
     return meter.name == "dicom" and reading_center_down(meter.store.status(READING_CENTER_STATUS))
 
 
-def link_worked_since_failing(meter: Meter) -> bool:
-    """Whether `meter`'s link has succeeded since it last failed, as its sender recorded it: a
-    routine item whose send failed before then waits for the meter like any other, not for the
-    link (uploader.outbox.MeterHold.failed_too). Not known: the link's."""
-    if meter.name == "fhir":
-        return fhir_round_worked(meter.store.status(FHIR_STATUS))
-    status = meter.store.status(READING_CENTER_STATUS) if meter.name == "dicom" else None
+def link_worked_since_failing(destination: str, store: StatusStore) -> bool:
+    """Whether `destination`'s link has succeeded since it last failed, as its sender recorded it
+    in `store`: a routine item whose send failed before then waits for the meter like any other,
+    not for the link (uploader.outbox.MeterHold.failed_too). Not known: the link's."""
+    if destination == "fhir":
+        return fhir_round_worked(store.status(FHIR_STATUS))
+    status = store.status(READING_CENTER_STATUS) if destination == "dicom" else None
     return status is not None and number(status.get("last_success")) is not None and not reading_center_down(status)
 
 
@@ -148,17 +149,30 @@ def link_worked_since_failing(meter: Meter) -> bool:
 LINK_FAILURE_SLACK_S = 60.0
 
 
-def failed_by(meter: Meter) -> float:
+def failed_by(destination: str, store: StatusStore) -> float:
     """Until when a routine item's failed send was its link's failure, as its sender recorded it
-    (uploader.outbox.MeterHold.failed_by): one that failed later failed alone while the link
-    worked - the reading center answering it 0xA7xx (try later) while it stores the others - and
-    waits for the peer, which no meter lets go: stuck, not held. FHIR rounds keep no failure time:
-    every failed bundle, as `link_worked_since_failing` judges them."""
-    if meter.name != "dicom":
+    in `store` (uploader.outbox.MeterHold.failed_by): one that failed later failed alone while the
+    link worked - the reading center answering it 0xA7xx (try later), the county platform answering
+    its bundle 5xx, while they store the others - and waits for the peer, which no meter lets go:
+    stuck, not held. Both senders record when their link last failed as `last_error_at`."""
+    if destination not in LINK_STATUS:
         return math.inf
-    status = meter.store.status(READING_CENTER_STATUS) or {}
+    status = store.status(LINK_STATUS[destination]) or {}
     failed = number(status.get("last_error_at"))
     return -math.inf if failed is None else failed + LINK_FAILURE_SLACK_S
+
+
+def refused_alone(item: OutboxItem, store: StatusStore) -> bool:
+    """Whether `item` waits because its peer refuses it alone: its last send failed after its link
+    last failed, and the link has worked since (the peer takes the others). Not a link that is down."""
+    destination = DESTINATION_OF_KIND.get(item.kind)
+    return (
+        destination is not None
+        and item.attempts > 0
+        and item.failed_at is not None
+        and link_worked_since_failing(destination, store)
+        and item.failed_at > failed_by(destination, store)
+    )
 
 
 def _budget_left(meter: Meter, day: dt.date, *, budget_counts: bool) -> bool:
