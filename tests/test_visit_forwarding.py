@@ -835,8 +835,30 @@ def test_a_damaged_open_visit_is_warned_of_once_not_at_each_reading(
         visit = book.start("P-1", doctor_id="DR-1")
         book.db.execute("UPDATE visits SET start_stamp = '{}' WHERE id = ?", [visit.id])
         book.db.conn.commit()
+    said: set[str] = set()  # kept by the forward service across its rounds
     with caplog.at_level(logging.WARNING):
         for key in ("ecg:1", "ecg:2"):  # a book per reading, as the relay's visit_link opens it
-            with VisitBook.open(data, gateway_id="gw-1") as book:
+            with VisitBook.open(data, gateway_id="gw-1", damaged_said=said) as book:
                 assert book.attach_ecg(key, "P-1") is None
     assert len([r for r in caplog.records if visit.id in r.getMessage()]) == 1
+
+
+def test_a_damaged_open_visit_is_warned_of_by_each_gateway_book_not_once_per_process(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What was warned of was kept module-wide (book._DAMAGED_SAID): a second data directory in
+    the process (the demo's, a restored copy of the SD card) holding the same damaged visit was
+    never warned of - its readings went on their own in silence. Each book keeps its own."""
+    import shutil
+
+    data, copy = tmp_path / "data", tmp_path / "restored"
+    with VisitBook.open(data, gateway_id="gw-1") as book:
+        visit = book.start("P-1", doctor_id="DR-1")
+        book.db.execute("UPDATE visits SET start_stamp = '{}' WHERE id = ?", [visit.id])
+        book.db.conn.commit()
+    shutil.copytree(data, copy)
+    with caplog.at_level(logging.WARNING):
+        for where in (data, copy):
+            with VisitBook.open(where, gateway_id="gw-1") as book:
+                assert book.attach_ecg("ecg:1", "P-1") is None
+    assert len([r for r in caplog.records if visit.id in r.getMessage()]) == 2

@@ -157,11 +157,6 @@ MIGRATIONS: tuple[Migration, ...] = (
 # before any visit is tried, outside these: a damaged key (SigningKeyError) sets no visit aside.
 BUNDLE_ERRORS: tuple[type[Exception], ...] = (ValueError, KeyError, TypeError)
 
-# Damaged open visits a reading found, for this process: the relay opens a book per reading,
-# and the journal (on the SD card) needs the damage said once, not at each reading.
-_DAMAGED_SAID: set[str] = set()
-
-
 # The saved clock anchor (what other processes of this boot restore) is rewritten only when it moved
 # more than this: a receiver's fix each second barely moves it (monotonic drift is ~4 s a day at most).
 ANCHOR_SAVE_S = 0.5
@@ -409,6 +404,7 @@ class VisitBook:
         policy: VisitPolicy,
         clock: GatewayClock,
         key_fault: KeyFaultNotice | None = None,
+        damaged_said: set[str] | None = None,
     ) -> None:
         self.db = db
         self.data_dir = data_dir
@@ -419,6 +415,9 @@ class VisitBook:
         self._key: Ed25519PrivateKey | None = None
         # a damaged key file: said once per damage, not at each fix nor at each book of a retry
         self.key_fault = key_fault or KeyFaultNotice()
+        # the damaged open visits a reading found, said once each: a caller that opens a book per
+        # reading (the relay) keeps this set across them, the journal being on the SD card
+        self.damaged_said = damaged_said if damaged_said is not None else set()
         self._stale_fixes = 0  # in a row, for the log
         self._repaired = False  # provisional stamps repaired with this process's GPS time
         self._saved_anchor: Anchor | None = None  # as visits.db holds it for this boot
@@ -435,6 +434,7 @@ class VisitBook:
         policy: VisitPolicy | None = None,
         clock: GatewayClock | None = None,
         key_fault: KeyFaultNotice | None = None,
+        damaged_said: set[str] | None = None,
     ) -> VisitBook:
         data_dir = ensure_data_dir(data_dir)
         try:
@@ -446,7 +446,7 @@ class VisitBook:
                 if hasattr(exc, attr):
                     setattr(named, attr, getattr(exc, attr))
             raise named from exc
-        return cls(db, data_dir, gateway_id, policy or VisitPolicy(), clock or GatewayClock(), key_fault)
+        return cls(db, data_dir, gateway_id, policy or VisitPolicy(), clock or GatewayClock(), key_fault, damaged_said)
 
     def close(self) -> None:
         self.db.close()
@@ -882,8 +882,8 @@ class VisitBook:
         try:
             return self._visit(row)
         except BUNDLE_ERRORS as exc:
-            if row["id"] not in _DAMAGED_SAID:  # said once per visit, not at each reading
-                _DAMAGED_SAID.add(row["id"])
+            if row["id"] not in self.damaged_said:  # said once per visit, not at each reading
+                self.damaged_said.add(row["id"])
                 damaged = DamagedVisitError(row["id"], row["patient_id"], exc)
                 log.warning("%s; a reading of its patient is sent on its own", damaged)
             return None
