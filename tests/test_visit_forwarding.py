@@ -8,6 +8,7 @@ visits.db until the doctor's next stop: the day's last visit never left the vill
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
 import json
@@ -768,14 +769,9 @@ def test_a_visit_set_aside_is_tried_once_more_after_an_update_that_changes_bundl
         assert [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == [f"fhir:visit:{damaged.id}"]
 
 
-def test_a_forward_try_that_queues_a_visit_opens_visits_db_twice_not_three_times(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Each try of the forward service's VisitQueue looked (read-only), opened the book to queue,
-    then opened visits.db a third time to learn what still waits: the book it had open knows."""
-    from lastmile.visits.relay_link import VisitQueue
-
-    data = tmp_path / "data"
+@contextlib.contextmanager
+def visits_db_opens(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Every connection opened to a visits.db inside: what looking at it costs (the SD card)."""
     opened: list[str] = []
     real_connect = sqlite3.connect
 
@@ -784,14 +780,26 @@ def test_a_forward_try_that_queues_a_visit_opens_visits_db_twice_not_three_times
             opened.append(str(database))
         return real_connect(database, *args, **kwargs)  # type: ignore[arg-type]
 
+    with monkeypatch.context() as patched:
+        patched.setattr(sqlite3, "connect", connect)
+        yield opened
+
+
+def test_a_forward_try_that_queues_a_visit_opens_visits_db_twice_not_three_times(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each try of the forward service's VisitQueue looked (read-only), opened the book to queue,
+    then opened visits.db a third time to learn what still waits: the book it had open knows."""
+    from lastmile.visits.relay_link import VisitQueue
+
+    data = tmp_path / "data"
     # the acquire service's GNSS part holds visits.db all day
     with VisitBook.open(data, gateway_id="gw-1") as book, Outbox.open(data, min_free_bytes=0) as outbox:
         visit = book.start("P-1", doctor_id="DR-1", household_id="HH-1")
         book.stop()
         visits = VisitQueue(data, "gw-1", monotonic=lambda: 1000.0)
-        monkeypatch.setattr(sqlite3, "connect", connect)
-        assert visits.queue(outbox, NAMING) == 1
-        monkeypatch.undo()
+        with visits_db_opens(monkeypatch) as opened:
+            assert visits.queue(outbox, NAMING) == 1
         assert len(opened) == 2, opened
         assert visits.queue(outbox, NAMING) == 0  # nothing waits any more, nothing changed since
         assert [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == [f"fhir:visit:{visit.id}"]

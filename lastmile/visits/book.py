@@ -67,6 +67,7 @@ from lastmile.visits.chain import (
     verify_lines,
 )
 from lastmile.visits.households import Household, HouseholdRegister, distance_m
+from lastmile.visits.record import BUNDLE_ERRORS, DamagedVisitError, FixRecord, VisitError, decode_row
 from lastmile.visits.relay_link import (
     CLOSED_UNQUEUED_SQL,
     IS_STOPPED_DAMAGED,
@@ -151,40 +152,12 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
 )
 
-# What decoding a damaged stored visit, or building its bundle or canonical record from it,
-# raises (InvalidObjectError - no doctor, an unassigned reading, a time without zone - and JSON
-# decode errors are ValueErrors): trying it again will not help. The signing key is loaded
-# before any visit is tried, outside these: a damaged key (SigningKeyError) sets no visit aside.
-BUNDLE_ERRORS: tuple[type[Exception], ...] = (ValueError, KeyError, TypeError)
-
 # The saved clock anchor (what other processes of this boot restore) is rewritten only when it moved
 # more than this: a receiver's fix each second barely moves it (monotonic drift is ~4 s a day at most).
 ANCHOR_SAVE_S = 0.5
 
 START_TIME_LOST = "start-time-lost"
 END_TIME_LOST = "end-time-lost"
-
-
-class VisitError(Exception):
-    """A visit command that cannot be done as asked (no open visit, one already open ...)."""
-
-
-class DamagedVisitError(VisitError):
-    """The open visit's stored row cannot be read (damaged on the SD card): it can never be
-    signed nor sent. `closed`: `stop` closed it and set it aside, so the doctor can go on."""
-
-    def __init__(self, visit_id: str, patient_id: str, cause: Exception, *, closed: bool = False) -> None:
-        self.visit_id, self.patient_id, self.cause, self.closed = visit_id, patient_id, cause, closed
-        damage = f"the open visit {visit_id} of patient {patient_id} is damaged on the SD card ({type(cause).__name__}: {cause})"
-        if closed:
-            what_now = (
-                "it cannot be signed nor sent to the county platform; it is closed and kept aside "
-                "(`lastmile visit list`), the other visits are safe. Record this visit again: "
-                f"lastmile visit start --patient {patient_id}; and tell the county IT (the SD card may be failing)"
-            )
-        else:
-            what_now = "`lastmile visit stop` closes it and keeps it aside; then start the visit again"
-        super().__init__(f"{damage}: {what_now}")
 
 
 @dataclass(frozen=True)
@@ -201,24 +174,6 @@ class VisitPolicy:
     def from_config(cls, visits_section: object) -> VisitPolicy:
         names = cls.__dataclass_fields__
         return cls(**{n: getattr(visits_section, n) for n in names if hasattr(visits_section, n)})
-
-
-@dataclass(frozen=True)
-class FixRecord:
-    """A fix as the gateway received it (the reception stamp tells how fresh it was)."""
-
-    fix: Fix
-    received: Stamp
-
-    def to_json(self) -> str:
-        return json.dumps({"fix": self.fix.to_json(), "received": self.received.to_json()}, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str | None) -> FixRecord | None:
-        if not text:
-            return None
-        data = json.loads(text)
-        return cls(Fix.from_json(data["fix"]), Stamp.from_json(data["received"]))
 
 
 @dataclass
@@ -769,13 +724,7 @@ class VisitBook:
         of it and why it cannot be sent (a list must show it with the others), not an error."""
         fault = row["fhir_fault"]
         try:
-            decoded = {
-                "start": Stamp.from_json(json.loads(row["start_stamp"])),
-                "end": Stamp.from_json(json.loads(row["end_stamp"])) if row["end_stamp"] else None,
-                "start_fix": FixRecord.from_json(row["start_fix"]),
-                "end_fix": FixRecord.from_json(row["end_fix"]),
-                "flags": json.loads(row["flags"]),
-            }
+            decoded: dict = decode_row(row)
         except BUNDLE_ERRORS as exc:
             if not lenient:
                 raise
