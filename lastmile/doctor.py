@@ -87,6 +87,7 @@ TOPICS = (
     "last-round",
     "signing-key",
     "not-queued",
+    "open-damaged",
 )
 _WEAR_OPTIONS = {"ro", "rw", "noatime", "relatime", "strictatime", "lazytime", "nodiratime", "sync"}
 
@@ -955,50 +956,25 @@ class Doctor:
         return out + self._recorder_findings(recorder)
 
     def check_visits(self) -> list[Finding]:
-        """Home visits that do not reach the county platform: set aside (a damaged record), all of
-        them (a damaged signing key: none can be signed), or closed and not queued for a day (the
-        forward service queues them within a minute). Creates nothing (visits.db, the key)."""
-        from lastmile.data_dir import columns_of, read_only
+        """Home visits that do not reach the county platform: the open one damaged (it must be
+        stopped), set aside (a damaged record), all of them (a damaged signing key: none can be
+        signed), or closed and not queued for a day (the forward service queues them within a
+        minute). Creates nothing (visits.db, the key)."""
         from lastmile.services.metrics_sources import iso_epoch
-        from lastmile.visits.relay_link import (
-            CLOSED_UNQUEUED_SQL,
-            DB_NAME,
-            IS_STOPPED_DAMAGED,
-            SET_ASIDE_SQL,
-            fault_generation,
-        )
+        from lastmile.visits.relay_link import DB_NAME
 
         data = self.config.data_dir
         if not (data / DB_NAME).exists():
             return [Finding("visits", Level.OK, "no home visits recorded")]
+        read = _visits_read(data)
+        total, queued, kept_aside, set_aside = read.total, read.queued, read.kept_aside, read.set_aside
+        first_aside, unqueued = read.first_aside, read.unqueued_ended
         out = []
+        if read.open_damaged is not None:
+            out.append(read.open_damaged)
+        # the key is read (cryptography: ~8 MB in the console, which runs this every minute)
+        # only while closed visits wait for it
         with as_owner_of(data):
-            with read_only(data / DB_NAME) as conn:
-                # a visits.db an older version made lacks the newer columns: read as NULL
-                older = "".join(
-                    f", NULL AS {c}"
-                    for c in ("fhir_fault", "fhir_fault_version")
-                    if c not in columns_of(conn, "visits")
-                )
-                visits = f"WITH visits AS (SELECT rowid AS seq, *{older} FROM main.visits) "
-                # one `visit stop` closed unread was recorded again, as it said: kept aside, no retry
-                total, queued, kept_aside, set_aside = conn.execute(
-                    visits + f"SELECT COUNT(*), COUNT(fhir_queued_at), COALESCE(SUM({IS_STOPPED_DAMAGED}), 0), "
-                    f"COALESCE(SUM({SET_ASIDE_SQL}), 0) FROM visits"
-                ).fetchone()
-                first_aside = (
-                    conn.execute(
-                        visits + f"SELECT id, fhir_fault FROM visits WHERE {SET_ASIDE_SQL} ORDER BY seq LIMIT 1"
-                    ).fetchone()
-                    if set_aside
-                    else None
-                )
-                # as the forward service finds them (one set aside by another version is retried)
-                unqueued = conn.execute(
-                    visits + f"SELECT ended_at FROM visits WHERE id IN ({CLOSED_UNQUEUED_SQL})", [fault_generation()]
-                ).fetchall()
-            # the key is read (cryptography: ~8 MB in the console, which runs this every minute)
-            # only while closed visits wait for it
             key_fault = _signing_key_fault(data) if unqueued else None
         if key_fault:
             from lastmile.visits.chain import KEY_FILE
@@ -1024,7 +1000,7 @@ class Doctor:
                     topic="set-aside",
                 )
             )
-        ended = [t for t in (iso_epoch(r[0]) for r in unqueued) if t is not None]
+        ended = [t for t in (iso_epoch(r) for r in unqueued) if t is not None]
         late = [t for t in ended if self.now() - t > WAITING_WARN_S]
         if late:
             out.append(
@@ -1300,6 +1276,109 @@ def _run_tool(cmd: list[str]) -> subprocess.CompletedProcess[str] | None:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
+
+
+@dataclass(frozen=True)
+class VisitsRead:
+    """What the home visits check reads of visits.db."""
+
+    total: int
+    queued: int
+    kept_aside: int  # closed unread by `visit stop`, recorded again: never sent
+    set_aside: int
+    first_aside: tuple[str, str] | None  # its id and why
+    unqueued_ended: tuple[str | None, ...]  # when each closed visit not queued yet ended
+    open_damaged: Finding | None
+
+
+# visits.db as the home visits check last read it, by data directory, with its files' state then:
+# the console runs the doctor every minute, and even a read-only look writes SQLite's
+# shared-memory file on the SD card. Every commit changes the database or its WAL file.
+_visits_reads: dict[Path, tuple[tuple[Any, ...], VisitsRead]] = {}
+
+
+def _visits_read(data: Path) -> VisitsRead:
+    """visits.db's counts, read again only once its files changed."""
+    from lastmile.visits.relay_link import file_state
+
+    files = file_state(data)  # before reading: a commit during the read is seen next time
+    cached = _visits_reads.get(data)
+    if cached is not None and cached[0] == files:
+        return cached[1]
+    with as_owner_of(data):
+        read = _read_visits(data)
+    _visits_reads[data] = (files, read)
+    return read
+
+
+def _read_visits(data: Path) -> VisitsRead:
+    from lastmile.data_dir import columns_of, read_only
+    from lastmile.visits.relay_link import (
+        CLOSED_UNQUEUED_SQL,
+        DB_NAME,
+        IS_STOPPED_DAMAGED,
+        SET_ASIDE_SQL,
+        fault_generation,
+    )
+
+    with read_only(data / DB_NAME) as conn:
+        # a visits.db an older version made lacks the newer columns: read as NULL
+        older = "".join(
+            f", NULL AS {c}" for c in ("fhir_fault", "fhir_fault_version") if c not in columns_of(conn, "visits")
+        )
+        visits = f"WITH visits AS (SELECT rowid AS seq, *{older} FROM main.visits) "
+        # one `visit stop` closed unread was recorded again, as it said: kept aside, no retry
+        total, queued, kept_aside, set_aside, opened = conn.execute(
+            visits + f"SELECT COUNT(*), COUNT(fhir_queued_at), COALESCE(SUM({IS_STOPPED_DAMAGED}), 0), "
+            f"COALESCE(SUM({SET_ASIDE_SQL}), 0), COALESCE(SUM(state = 'open'), 0) FROM visits"
+        ).fetchone()
+        first_aside = (
+            conn.execute(
+                visits + f"SELECT id, fhir_fault FROM visits WHERE {SET_ASIDE_SQL} ORDER BY seq LIMIT 1"
+            ).fetchone()
+            if set_aside
+            else None
+        )
+        # as the forward service finds them (one set aside by another version is retried)
+        unqueued = conn.execute(
+            visits + f"SELECT ended_at FROM visits WHERE id IN ({CLOSED_UNQUEUED_SQL})", [fault_generation()]
+        ).fetchall()
+        open_damaged = _open_visit_damage(conn) if opened else None
+    return VisitsRead(
+        total,
+        queued,
+        kept_aside,
+        set_aside,
+        tuple(first_aside) if first_aside else None,
+        tuple(r[0] for r in unqueued),
+        open_damaged,
+    )
+
+
+def _open_visit_damage(conn: Any) -> Finding | None:
+    """The open visit's row decoded as the book does: a damaged one can never be signed nor sent,
+    and start and note refuse to go on until it is stopped (set aside) - the doctor must know."""
+    from lastmile.visits.record import BUNDLE_ERRORS, DamagedVisitError, decode_row
+
+    cursor = conn.execute("SELECT * FROM visits WHERE state = 'open'")
+    names = [d[0] for d in cursor.description]
+    row = cursor.fetchone()
+    if row is None:
+        return None
+    visit = dict(zip(names, row, strict=True))
+    try:
+        decode_row(visit)
+    except BUNDLE_ERRORS as exc:
+        damaged = DamagedVisitError(visit["id"], visit["patient_id"], exc)
+        return Finding(
+            "visits",
+            Level.FAIL,
+            str(damaged),
+            f"lastmile visit stop; then lastmile visit start --patient {visit['patient_id']}",
+            advice_key="open-damaged",
+            topic="open-damaged",
+        )
+    return None
 
 
 def _signing_key_fault(data: Path) -> str | None:

@@ -33,33 +33,32 @@ def test_nmea_receiver_extends_the_open_visit_track(tmp_path) -> None:
         visit = book.start("P1", doctor_id="DR-1")
     part = gnss_part(config)
     assert part is not None
+    feeder_stop = threading.Event()
+
+    def feed() -> None:
+        for line in log_lines:
+            if feeder_stop.is_set():
+                return
+            device.write(line)
+            time.sleep(0.002)  # a receiver's pace, not a wait
+
+    def track_points() -> int:
+        with VisitBook.open(config.data_dir, gateway_id="gw", policy=VisitPolicy.from_config(config.visits)) as book:
+            return len(book.track(visit.id))
+
+    feeder = threading.Thread(target=feed, daemon=True)
     part.check(time.monotonic())  # starts the worker
     try:
         wait_for(device.opened_elsewhere, timeout=20)  # fed once the worker has the port open
-        feeder_stop = threading.Event()
-
-        def feed() -> None:
-            for line in log_lines:
-                if feeder_stop.is_set():
-                    return
-                device.write(line)
-                time.sleep(0.002)
-
-        feeder = threading.Thread(target=feed, daemon=True)
         feeder.start()
-        deadline = time.monotonic() + 20
-        points = 0
-        while time.monotonic() < deadline:
-            with VisitBook.open(
-                config.data_dir, gateway_id="gw", policy=VisitPolicy.from_config(config.visits)
-            ) as book:
-                points = len(book.track(visit.id))
-            if points >= 5:
-                break
-            time.sleep(0.2)
-        feeder_stop.set()
-        assert points >= 5
+        wait_for(lambda: track_points() >= 5, timeout=60, what="5 points on the open visit's track")
     finally:
+        feeder_stop.set()
+        if feeder.ident is not None:
+            # joined before its pty closes: a write after that lands on whatever file reuses the
+            # master's descriptor number (another test's database, in this worker)
+            feeder.join(timeout=60)
+            assert not feeder.is_alive()
         part.close()
         device.unplug()
 

@@ -494,6 +494,52 @@ def test_the_home_visits_check_reads_visits_db_in_two_queries_not_four(
     assert len(queries) == 2, queries
 
 
+def test_a_damaged_open_visit_fails_the_doctor_with_what_to_do(tmp_path: Path) -> None:
+    """The open visit's row was damaged on the SD card: `visit start` and `visit note` refuse and
+    say to stop it, but `lastmile doctor` and the console's System page said nothing (OK): the
+    doctor learnt it only when the next visit would not start."""
+    import gettext
+
+    from lastmile.console.app import advice_for
+    from lastmile.visits.book import VisitBook
+
+    with VisitBook.open(tmp_path, gateway_id="gw-1") as book:
+        visit = book.start("P-2", doctor_id="DR-1")
+        book.db.execute("UPDATE visits SET start_fix = 'not json' WHERE id = ?", [visit.id])
+        book.db.conn.commit()
+    found = doctor(tmp_path).check_visits()
+    assert [(f.level, f.topic) for f in found] == [(Level.FAIL, "open-damaged")], found
+    assert visit.id in found[0].message and "lastmile visit stop" in found[0].message, found
+    assert "lastmile visit start --patient P-2" in found[0].hint, found
+    advice = advice_for("visits", "FAIL", found[0].advice_key)
+    assert "visit stop" in advice and "start the visit again" in advice, advice
+    zh = gettext.translation("console", Path("lastmile/console/locale"), ["zh_CN"]).gettext(advice)
+    assert zh != advice and "lastmile visit stop" in zh and "重新开始" in zh, zh
+
+
+def test_the_home_visits_check_looks_into_visits_db_only_after_it_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The console runs the doctor every minute: its visits check opened visits.db each time (a
+    read-only look still writes SQLite's shared-memory file on the SD card), all day, though
+    nothing had changed. It opens it again only once a commit changed its files."""
+    from lastmile.visits.book import VisitBook
+    from tests.test_visit_forwarding import visits_db_opens
+
+    with VisitBook.open(tmp_path, gateway_id="gw-1") as book:  # as the acquire service holds it
+        book.start("P-1", doctor_id="DR-1")
+        with visits_db_opens(monkeypatch) as opened:
+            first = doctor(tmp_path).check_visits()
+            assert doctor(tmp_path).check_visits() == first  # a minute later: nothing changed
+        assert len(opened) == 1, opened
+        book.stop()
+        book.start("P-2", doctor_id="DR-1")
+        with visits_db_opens(monkeypatch) as opened:
+            later = doctor(tmp_path).check_visits()
+    assert len(opened) == 1, opened  # the commits are seen
+    assert "1 home visit(s)" in first[0].message and "2 home visit(s)" in later[0].message, later
+
+
 def test_forward_pids_reads_the_cgroup_tree_its_mountinfo_names(tmp_path: Path) -> None:
     """lastmile/doctor.py forward_pids: the cgroup v2 mount is the doctor's `mountinfo`'s (a hybrid
     system keeps it at /sys/fs/cgroup/unified), as every other check of it reads it."""

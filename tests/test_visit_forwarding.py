@@ -8,6 +8,7 @@ visits.db until the doctor's next stop: the day's last visit never left the vill
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
 import json
@@ -768,14 +769,9 @@ def test_a_visit_set_aside_is_tried_once_more_after_an_update_that_changes_bundl
         assert [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == [f"fhir:visit:{damaged.id}"]
 
 
-def test_a_forward_try_that_queues_a_visit_opens_visits_db_twice_not_three_times(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Each try of the forward service's VisitQueue looked (read-only), opened the book to queue,
-    then opened visits.db a third time to learn what still waits: the book it had open knows."""
-    from lastmile.visits.relay_link import VisitQueue
-
-    data = tmp_path / "data"
+@contextlib.contextmanager
+def visits_db_opens(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Every connection opened to a visits.db inside: what looking at it costs (the SD card)."""
     opened: list[str] = []
     real_connect = sqlite3.connect
 
@@ -784,14 +780,26 @@ def test_a_forward_try_that_queues_a_visit_opens_visits_db_twice_not_three_times
             opened.append(str(database))
         return real_connect(database, *args, **kwargs)  # type: ignore[arg-type]
 
+    with monkeypatch.context() as patched:
+        patched.setattr(sqlite3, "connect", connect)
+        yield opened
+
+
+def test_a_forward_try_that_queues_a_visit_opens_visits_db_twice_not_three_times(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each try of the forward service's VisitQueue looked (read-only), opened the book to queue,
+    then opened visits.db a third time to learn what still waits: the book it had open knows."""
+    from lastmile.visits.relay_link import VisitQueue
+
+    data = tmp_path / "data"
     # the acquire service's GNSS part holds visits.db all day
     with VisitBook.open(data, gateway_id="gw-1") as book, Outbox.open(data, min_free_bytes=0) as outbox:
         visit = book.start("P-1", doctor_id="DR-1", household_id="HH-1")
         book.stop()
         visits = VisitQueue(data, "gw-1", monotonic=lambda: 1000.0)
-        monkeypatch.setattr(sqlite3, "connect", connect)
-        assert visits.queue(outbox, NAMING) == 1
-        monkeypatch.undo()
+        with visits_db_opens(monkeypatch) as opened:
+            assert visits.queue(outbox, NAMING) == 1
         assert len(opened) == 2, opened
         assert visits.queue(outbox, NAMING) == 0  # nothing waits any more, nothing changed since
         assert [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == [f"fhir:visit:{visit.id}"]
@@ -835,8 +843,30 @@ def test_a_damaged_open_visit_is_warned_of_once_not_at_each_reading(
         visit = book.start("P-1", doctor_id="DR-1")
         book.db.execute("UPDATE visits SET start_stamp = '{}' WHERE id = ?", [visit.id])
         book.db.conn.commit()
+    said: set[str] = set()  # kept by the forward service across its rounds
     with caplog.at_level(logging.WARNING):
         for key in ("ecg:1", "ecg:2"):  # a book per reading, as the relay's visit_link opens it
-            with VisitBook.open(data, gateway_id="gw-1") as book:
+            with VisitBook.open(data, gateway_id="gw-1", damaged_said=said) as book:
                 assert book.attach_ecg(key, "P-1") is None
     assert len([r for r in caplog.records if visit.id in r.getMessage()]) == 1
+
+
+def test_a_damaged_open_visit_is_warned_of_by_each_gateway_book_not_once_per_process(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What was warned of was kept module-wide (book._DAMAGED_SAID): a second data directory in
+    the process (the demo's, a restored copy of the SD card) holding the same damaged visit was
+    never warned of - its readings went on their own in silence. Each book keeps its own."""
+    import shutil
+
+    data, copy = tmp_path / "data", tmp_path / "restored"
+    with VisitBook.open(data, gateway_id="gw-1") as book:
+        visit = book.start("P-1", doctor_id="DR-1")
+        book.db.execute("UPDATE visits SET start_stamp = '{}' WHERE id = ?", [visit.id])
+        book.db.conn.commit()
+    shutil.copytree(data, copy)
+    with caplog.at_level(logging.WARNING):
+        for where in (data, copy):
+            with VisitBook.open(where, gateway_id="gw-1") as book:
+                assert book.attach_ecg("ecg:1", "P-1") is None
+    assert len([r for r in caplog.records if visit.id in r.getMessage()]) == 2

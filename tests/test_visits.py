@@ -61,6 +61,32 @@ def test_boot_at_1970_nothing_before_2020_and_gps_repairs(book_factory) -> None:
     assert "provisional-time" not in closed.flags
 
 
+def test_one_visit_that_fails_to_sign_is_set_aside_and_the_others_are_signed(book_factory, tmp_path: Path) -> None:
+    """Visits stopped before any time was known are signed when GPS gives it: one whose record
+    was damaged on the SD card meanwhile (its start fix) raised out of the signing pass, out of
+    the receiver's fix (the acquire service's GNSS part), and no visit after it was ever signed.
+    It is set aside, with why; the others are signed and verify."""
+    clocks = FakeClocks(wall=0.0)  # 1970: nothing can be signed yet
+    book = book_factory(clocks)
+    fix = FixRecord(fix_at(*HOUSE, None), book.clock.now())
+    damaged = book.start("P-1", doctor_id="DR-1", household_id="HH-1", fix=fix)
+    book.stop()
+    sound = book.start("P-2", doctor_id="DR-1", household_id="HH-1")
+    book.stop()
+    assert [v.chain_seq for v in book.visits()] == [None, None]
+    book.db.execute("UPDATE visits SET start_fix = 'not json' WHERE id = ?", [damaged.id])
+    book.db.conn.commit()
+    clocks.advance(60)
+    book.observe_fix(fix_at(*HOUSE, GPS_T), book.clock.now())  # the time comes: the signing pass
+    visits = {v.id: v for v in book.visits()}
+    signed, aside = visits[sound.id], visits[damaged.id]
+    assert signed.chain_seq == 1, signed
+    assert aside.chain_seq is None and "JSONDecodeError" in (aside.fhir_fault or ""), aside
+    export = tmp_path / "chain.jsonl"
+    assert book.export_chain(export) == 1
+    assert verify_export(export).ok
+
+
 def test_clock_jump_back_keeps_times_consistent() -> None:
     clocks = FakeClocks(wall=GPS_T.timestamp())
     clock = clocks.clock()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -286,6 +287,37 @@ def test_a_visit_stop_set_aside_as_damaged_and_recorded_again_is_never_sent_twic
     found = doctor(data).check_visits()
     assert not [f for f in found if "visit retry" in (f.hint or "")], found
     assert [f.level for f in found] == [Level.OK] and "1 damaged when stopped, kept aside" in found[0].message, found
+
+
+def test_a_visit_stop_closed_as_damaged_before_the_mark_existed_is_never_retried_nor_sent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A visit `stop` closed unread by an earlier version (before the 'stopped damaged' mark)
+    carried only its fault: `visit retry` accepted it and the forward service sent it - the
+    doctor had recorded it again, as stop said, and it was never checked. Such a visit is
+    recognised (never checked, never signed) and kept aside like the newer ones."""
+    from lastmile.visits.relay_link import STOPPED_DAMAGED, VisitQueue
+    from tests.fhir_samples import NAMING
+    from uploader.outbox import Kind, Outbox
+
+    run = visit_cli(tmp_path)
+    first = damaged_at_stop(tmp_path, capsys)
+    data = tmp_path / "data"
+    with sqlite3.connect(data / "visits.db") as db:  # as the earlier version left it
+        db.execute("UPDATE visits SET fhir_fault = substr(fhir_fault, ?)", [len(STOPPED_DAMAGED) + 1])
+        db.execute("DELETE FROM migrations WHERE name = '0005_mark_stopped_damaged'")
+    assert run("visit", "start", "--patient", "P-2") == 0  # recorded again, as stop said
+    assert run("visit", "stop") == 0
+    mend_track(tmp_path)
+    capsys.readouterr()
+    assert run("visit", "retry", first[:8]) == 1
+    assert "recorded again" in capsys.readouterr().err
+    assert run("visit", "retry", "--all") == 0
+    assert "no visit is set aside" in capsys.readouterr().out
+    with Outbox.open(data, min_free_bytes=0) as outbox:
+        VisitQueue(data, "gw-cli", monotonic=lambda: 1000.0).queue(outbox, NAMING)
+        keys = [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)]
+    assert f"fhir:visit:{first}" not in keys and len(keys) == 1, keys
 
 
 def test_a_visit_stop_set_aside_as_damaged_is_never_signed_with_flags_it_was_not_checked_for(

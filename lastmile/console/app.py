@@ -310,6 +310,7 @@ TOPIC_LABELS = {
     "last-round": N_("last check for updates"),
     "signing-key": N_("signing key"),
     "not-queued": N_("closed visits not yet queued"),
+    "open-damaged": N_("the open visit"),
 }
 # What each check's warning or problem means for the village doctor, and what to do: the check's
 # own message (English, technical) stays below it for the county's technician.
@@ -409,6 +410,11 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
         "FAIL": N_(
             "Home visits cannot be signed or sent: the gateway's signing key is damaged. The visits are kept; "
             "call the county IT to restore the key."
+        ),
+        # the finding's own (doctor.Finding.advice_key): what `visit start` and `visit note` say of it
+        "open-damaged": N_(
+            "The open home visit's record is damaged on the SD card: it cannot be sent. Stop it "
+            "(lastmile visit stop: it is kept aside), then start the visit again. Tell the county IT."
         ),
     },
 }

@@ -119,6 +119,7 @@ class ForwardService:
         # before the next round (claim takes only queued items: a claim left behind is never sent)
         self._unsettled = False
         self._visits: VisitQueue | None = None  # made at the first FHIR round
+        self._damaged_visits_said: set[str] = set()  # damaged open visits the relay said (once each)
 
     def _make_ecg(self, config: Config) -> EcgForwarder:
         # the commitment listener also takes reports C-MOVEd to our AE (the PACS knows one port)
@@ -230,7 +231,7 @@ class ForwardService:
             from lastmile.visits.relay_link import visit_link
             from uploader.fhir_forwarder import forward_fhir_once
 
-            link = visit_link(self.config.data_dir, self.config.gateway.id)
+            link = visit_link(self.config.data_dir, self.config.gateway.id, self._damaged_visits_said)
             relay_observations(self.outbox, fhir_naming(self.config), time.time(), visit_link=link)
             self._queue_visits()
 

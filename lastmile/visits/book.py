@@ -67,6 +67,7 @@ from lastmile.visits.chain import (
     verify_lines,
 )
 from lastmile.visits.households import Household, HouseholdRegister, distance_m
+from lastmile.visits.record import BUNDLE_ERRORS, DamagedVisitError, FixRecord, VisitError, decode_row
 from lastmile.visits.relay_link import (
     CLOSED_UNQUEUED_SQL,
     IS_STOPPED_DAMAGED,
@@ -86,6 +87,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DB_NAME = "visits.db"
+
+# SQL: a closed visit `stop` closed unread, never checked nor signed. Every visit `stop` checked has
+# a flag (no-household, unknown-household or no-fix at least) or a distance, written with a list of
+# flags; one closed unread kept the flags its row had when open: none, or damaged.
+NEVER_CHECKED_SQL = (
+    "state = 'closed' AND fhir_queued_at IS NULL AND id NOT IN (SELECT visit_id FROM chain) "
+    "AND distance_m IS NULL AND household_lat IS NULL AND end_fix IS NULL "
+    "AND CASE WHEN json_valid(flags) THEN json_array_length(flags) = 0 ELSE 1 END"
+)
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration.sql(
@@ -130,18 +140,17 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration.sql("0003_visit_fhir_fault", "ALTER TABLE visits ADD COLUMN fhir_fault TEXT;"),
     # r3-fix: the version that set a visit aside: an update (mending the fault) tries it once more.
     Migration.sql("0004_visit_fhir_fault_version", "ALTER TABLE visits ADD COLUMN fhir_fault_version TEXT;"),
+    # v-fix: visits `visit stop` closed unread before STOPPED_DAMAGED existed carry no mark, and
+    # `visit retry` sent them (twice: the doctor recorded them again, as stop said). Marked now.
+    Migration.sql(
+        "0005_mark_stopped_damaged",
+        f"""
+        UPDATE visits SET fhir_fault = '{STOPPED_DAMAGED}' || COALESCE(fhir_fault, 'closed unread by an earlier version'),
+            fhir_fault_version = '{fault_generation()}'
+        WHERE {NEVER_CHECKED_SQL} AND NOT {IS_STOPPED_DAMAGED};
+    """,
+    ),
 )
-
-# What decoding a damaged stored visit, or building its bundle or canonical record from it,
-# raises (InvalidObjectError - no doctor, an unassigned reading, a time without zone - and JSON
-# decode errors are ValueErrors): trying it again will not help. The signing key is loaded
-# before any visit is tried, outside these: a damaged key (SigningKeyError) sets no visit aside.
-BUNDLE_ERRORS: tuple[type[Exception], ...] = (ValueError, KeyError, TypeError)
-
-# Damaged open visits a reading found, for this process: the relay opens a book per reading,
-# and the journal (on the SD card) needs the damage said once, not at each reading.
-_DAMAGED_SAID: set[str] = set()
-
 
 # The saved clock anchor (what other processes of this boot restore) is rewritten only when it moved
 # more than this: a receiver's fix each second barely moves it (monotonic drift is ~4 s a day at most).
@@ -149,28 +158,6 @@ ANCHOR_SAVE_S = 0.5
 
 START_TIME_LOST = "start-time-lost"
 END_TIME_LOST = "end-time-lost"
-
-
-class VisitError(Exception):
-    """A visit command that cannot be done as asked (no open visit, one already open ...)."""
-
-
-class DamagedVisitError(VisitError):
-    """The open visit's stored row cannot be read (damaged on the SD card): it can never be
-    signed nor sent. `closed`: `stop` closed it and set it aside, so the doctor can go on."""
-
-    def __init__(self, visit_id: str, patient_id: str, cause: Exception, *, closed: bool = False) -> None:
-        self.visit_id, self.patient_id, self.cause, self.closed = visit_id, patient_id, cause, closed
-        damage = f"the open visit {visit_id} of patient {patient_id} is damaged on the SD card ({type(cause).__name__}: {cause})"
-        if closed:
-            what_now = (
-                "it cannot be signed nor sent to the county platform; it is closed and kept aside "
-                "(`lastmile visit list`), the other visits are safe. Record this visit again: "
-                f"lastmile visit start --patient {patient_id}; and tell the county IT (the SD card may be failing)"
-            )
-        else:
-            what_now = "`lastmile visit stop` closes it and keeps it aside; then start the visit again"
-        super().__init__(f"{damage}: {what_now}")
 
 
 @dataclass(frozen=True)
@@ -187,24 +174,6 @@ class VisitPolicy:
     def from_config(cls, visits_section: object) -> VisitPolicy:
         names = cls.__dataclass_fields__
         return cls(**{n: getattr(visits_section, n) for n in names if hasattr(visits_section, n)})
-
-
-@dataclass(frozen=True)
-class FixRecord:
-    """A fix as the gateway received it (the reception stamp tells how fresh it was)."""
-
-    fix: Fix
-    received: Stamp
-
-    def to_json(self) -> str:
-        return json.dumps({"fix": self.fix.to_json(), "received": self.received.to_json()}, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str | None) -> FixRecord | None:
-        if not text:
-            return None
-        data = json.loads(text)
-        return cls(Fix.from_json(data["fix"]), Stamp.from_json(data["received"]))
 
 
 @dataclass
@@ -390,6 +359,7 @@ class VisitBook:
         policy: VisitPolicy,
         clock: GatewayClock,
         key_fault: KeyFaultNotice | None = None,
+        damaged_said: set[str] | None = None,
     ) -> None:
         self.db = db
         self.data_dir = data_dir
@@ -400,6 +370,9 @@ class VisitBook:
         self._key: Ed25519PrivateKey | None = None
         # a damaged key file: said once per damage, not at each fix nor at each book of a retry
         self.key_fault = key_fault or KeyFaultNotice()
+        # the damaged open visits a reading found, said once each: a caller that opens a book per
+        # reading (the relay) keeps this set across them, the journal being on the SD card
+        self.damaged_said = damaged_said if damaged_said is not None else set()
         self._stale_fixes = 0  # in a row, for the log
         self._repaired = False  # provisional stamps repaired with this process's GPS time
         self._saved_anchor: Anchor | None = None  # as visits.db holds it for this boot
@@ -416,6 +389,7 @@ class VisitBook:
         policy: VisitPolicy | None = None,
         clock: GatewayClock | None = None,
         key_fault: KeyFaultNotice | None = None,
+        damaged_said: set[str] | None = None,
     ) -> VisitBook:
         data_dir = ensure_data_dir(data_dir)
         try:
@@ -427,7 +401,7 @@ class VisitBook:
                 if hasattr(exc, attr):
                     setattr(named, attr, getattr(exc, attr))
             raise named from exc
-        return cls(db, data_dir, gateway_id, policy or VisitPolicy(), clock or GatewayClock(), key_fault)
+        return cls(db, data_dir, gateway_id, policy or VisitPolicy(), clock or GatewayClock(), key_fault, damaged_said)
 
     def close(self) -> None:
         self.db.close()
@@ -750,13 +724,7 @@ class VisitBook:
         of it and why it cannot be sent (a list must show it with the others), not an error."""
         fault = row["fhir_fault"]
         try:
-            decoded = {
-                "start": Stamp.from_json(json.loads(row["start_stamp"])),
-                "end": Stamp.from_json(json.loads(row["end_stamp"])) if row["end_stamp"] else None,
-                "start_fix": FixRecord.from_json(row["start_fix"]),
-                "end_fix": FixRecord.from_json(row["end_fix"]),
-                "flags": json.loads(row["flags"]),
-            }
+            decoded: dict = decode_row(row)
         except BUNDLE_ERRORS as exc:
             if not lenient:
                 raise
@@ -863,8 +831,8 @@ class VisitBook:
         try:
             return self._visit(row)
         except BUNDLE_ERRORS as exc:
-            if row["id"] not in _DAMAGED_SAID:  # said once per visit, not at each reading
-                _DAMAGED_SAID.add(row["id"])
+            if row["id"] not in self.damaged_said:  # said once per visit, not at each reading
+                self.damaged_said.add(row["id"])
                 damaged = DamagedVisitError(row["id"], row["patient_id"], exc)
                 log.warning("%s; a reading of its patient is sent on its own", damaged)
             return None
