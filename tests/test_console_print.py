@@ -152,3 +152,27 @@ def test_the_countys_pdf_on_an_ecg_sent_without_a_patient_prints_behind_the_unas
     assert (
         "发送时没有指定患者" in note and f"县里的报告写的是 张三 (Zhang San) {VALID_ID}" in note and device in note
     ), note
+
+
+def test_the_reading_doctors_name_on_the_page_and_the_printout_is_written_as_people_write_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Chinese reading doctor was shown "陈 静" (the reader keeps a PN's parts spaced) on the
+    report's page and on the clinic printer's printout: 陈静, as a Chinese name is written."""
+    spool = stand_in_lp(tmp_path, monkeypatch)
+    config = console_config(tmp_path / "data")
+    now = dt.datetime.now(dt.timezone.utc)
+    study = StudyToRead(generate_uid(), VALID_ID, "Zhang^San=张^三")
+    sr = ecg_report_sr(study, findings=[], impression="窦性心律，心电图正常", reader="Chen^Jing=陈^静")
+    with ReportStore.open(config.data_dir) as store:
+        store.record_sent(SentStudy(study.study_uid, now, patient_id=study.patient_id, patient_name=study.patient_name))
+        report_id = store.add_report(read_dicom_report(part10(sr)), part10(sr), "dicom", now).report.id
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        for path in ("/reports", f"/reports/{report_id}"):
+            page = client.get(path).body
+            assert "陈静" in page and "陈 静" not in page, f"{path}: {page}"
+    printed_from_the_console(config, report_id)
+    printed = spool.read_bytes().decode("utf-8")
+    assert "诊断医生：陈静 (Chen Jing)" in printed and "陈 静" not in printed, printed

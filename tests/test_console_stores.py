@@ -244,6 +244,33 @@ def test_names_are_written_as_people_write_them_in_list_and_show(
     assert f"Patient: {VALID_ID} 张三 (Zhang San)" in shown, shown
 
 
+def test_the_reading_doctors_name_is_written_as_people_write_it_in_list_show_and_print(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reading doctor (the SR's Verifying Observer and its Person Observer Name item) came out
+    of `lastmile report list/show/print` as the reader keeps a PN, its parts spaced: 陈 静."""
+    config = make_config(tmp_path)
+    with ReportStore.open(config.data_dir) as store:
+        chinese = sent_study(store, VALID_ID, "Zhang^San=张^三")
+        latin = sent_study(store, "P-CLARK", "Clark^Ann")
+        report_id = add_report(
+            store, ecg_report_sr(chinese, findings=[], impression="正常心电图", reader="Chen^Jing=陈^静")
+        )
+        add_report(store, ecg_report_sr(latin, findings=[], impression="normal", reader="Clark^Ann"))
+    data_args = ["--data-dir", str(config.data_dir)]
+    assert cli(["report", "list", "--all", *data_args]) == 0
+    listed = capsys.readouterr().out
+    assert "陈静 (Chen Jing)" in listed and "Clark Ann" in listed and "陈 静" not in listed, listed
+    assert cli(["report", "show", str(report_id), *data_args]) == 0
+    shown = capsys.readouterr().out
+    assert "诊断医生：陈静 (Chen Jing)" in shown and "陈 静" not in shown, shown
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no lp: the printout goes to a file
+    out = tmp_path / "printed.txt"
+    assert cli(["report", "print", str(report_id), "-o", str(out), *data_args]) == 0
+    printed = out.read_text(encoding="utf-8")
+    assert "诊断医生：陈静 (Chen Jing)" in printed and "陈 静" not in printed, printed
+
+
 # -- held ECGs -----------------------------------------------------------------------------------------
 
 

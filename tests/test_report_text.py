@@ -19,7 +19,15 @@ from pydicom.uid import TwelveLeadECGWaveformStorage
 from lastmile.clinic.db import DB_NAME, MIGRATIONS
 from lastmile.console.i18n import Localizer
 from lastmile.demo.cardiologist import STEMI, StudyToRead, content_item, ecg_report_sr, part10, report_pdf
-from lastmile.reports.report_text import English, Speaker, readable_time, report_text, shown_reasons, shown_text
+from lastmile.reports.report_text import (
+    English,
+    Speaker,
+    display_name,
+    readable_time,
+    report_text,
+    shown_reasons,
+    shown_text,
+)
 from lastmile.reports.store import ReportStore, SentStudy
 from lastmile.reports.views import printable, render_report, speaker_for
 from tests.report_peers import critical_observation
@@ -95,14 +103,22 @@ def the_reports() -> dict[str, tuple[ReportLine, ...]]:
     return {"sr": sr.lines, "pdf": pdf.lines, "fhir": fhir.lines, "unreadable": unreadable, "mismatch": mismatch}
 
 
+def shown_name(line: ReportLine) -> str:
+    """A line's name as the text shows it: the reading doctor's as people write a name (李明)."""
+    return display_name(line.name) if line.kind == LineKind.READ_BY else line.name
+
+
 def shown_value(line: ReportLine) -> str:
-    """A line's value as the text shows it: the report's time only spaced for reading."""
-    return readable_time(line.value) if line.kind == LineKind.READ_BY else line.value
+    """A line's value as the text shows it: the report's time only spaced for reading, a person's
+    name (a PNAME item) as people write it."""
+    if line.kind == LineKind.READ_BY:
+        return readable_time(line.value)
+    return display_name(line.value) if line.code == "PNAME" else line.value
 
 
 def county_words(lines: tuple[ReportLine, ...]) -> list[str]:
     """Everything in the lines that the county (or DICOM, or the gateway's technical record) wrote."""
-    return [w for line in lines for w in (line.name, shown_value(line), line.code) if w]
+    return [w for line in lines for w in (shown_name(line), shown_value(line), line.code) if w]
 
 
 @pytest.mark.parametrize("name", ["sr", "pdf", "fhir", "unreadable", "mismatch"])
@@ -113,7 +129,7 @@ def test_every_gateway_word_is_chinese_and_the_countys_words_are_as_written(name
     for text in (zh, en):  # the county's words, verbatim, in both languages
         for line in lines:
             if line.kind != LineKind.DOCUMENT:  # its MIME type is worded ("PDF document")
-                assert line.name in text and shown_value(line) in text, (line, text)
+                assert shown_name(line) in text and shown_value(line) in text, (line, text)
     leftover = zh
     for word in sorted(county_words(lines) + list(LATIN_IN_CHINESE), key=len, reverse=True):
         leftover = leftover.replace(word, " ")
@@ -131,11 +147,11 @@ def test_the_chinese_sr_reads_as_a_village_doctor_expects() -> None:
     assert "心率：（无数值）" in zh and "Image Region：（坐标，此处不显示）" in zh
     assert "心电波形：（引用：12-lead ECG Waveform Storage）" in zh
     assert "文字：备注：复查" in zh  # an item the county gave no name: named by its kind
-    assert any(line.startswith("诊断医生：李 明，") for line in zh)
+    assert any(line.startswith("诊断医生：李明，") for line in zh) and "Person Observer Name：李明" in zh
     assert zh[-1].startswith("无法读取：") and "has no concept name" in zh[-1]  # the technical detail as recorded
     en = report_text(lines, EN).splitlines()
     assert en[2] == "AMENDED: replaces 1 earlier report" and en[3].startswith("CRITICAL RESULT: ")
-    assert "心率: (no value)" in en and any(line.startswith("Read by 李 明, ") for line in en)
+    assert "心率: (no value)" in en and any(line.startswith("Read by 李明, ") for line in en)
 
 
 def test_pdf_fhir_and_the_patient_check_in_both_languages() -> None:
@@ -178,13 +194,13 @@ def test_the_text_printout_is_the_consoles_in_the_configured_language(tmp_path: 
         "心电图报告：张三 (Zhang San)  P0077",  # the name as lastmile.ecg.preview prints it
         f"心电图记录时间：{ZH.full(now)}",
         f"已收到报告：{ZH.full(now)}",
-        "诊断医生：李 明",
+        "诊断医生：李明",
     ]
     assert head[4].startswith("危急值：Finding：Acute ST segment elevation") and "关键词“危急值”" in head[4]
     assert "  Impression：急性前壁心肌梗死，危急值，请立即转诊" in head
     assert (
         en.decode().startswith("ECG report: 张三 (Zhang San)  P0077\nECG recorded: ")
-        and "Read by 李 明, " in en.decode()
+        and "Read by 李明, " in en.decode()
     )
 
 

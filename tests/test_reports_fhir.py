@@ -211,7 +211,14 @@ def test_a_new_draft_after_a_withdrawn_final_is_shown(platform) -> None:
     poller.run_round(force=True)
     server.put_resource({**first, "status": "entered-in-error"})
     poller.run_round(force=True)
-    server.put_resource(report_for(ours, status="preliminary", conclusion="Preliminary: first-degree AV block"))
+    server.put_resource(
+        report_for(
+            ours,
+            status="preliminary",
+            conclusion="Preliminary: first-degree AV block",
+            issued="2026-11-02T12:00:00+08:00",  # a new reading: written after the withdrawn final
+        )
+    )
     (withdrawn,) = [r for r in store.reports() if r.status == "withdrawn"]
     assert poller.run_round(force=True).stored == 1
     shown = [v.status for v in StoredReports(store).reports()]
@@ -221,6 +228,34 @@ def test_a_new_draft_after_a_withdrawn_final_is_shown(platform) -> None:
     (draft,) = store.reports(current_only=True)
     assert store.get(withdrawn.id).superseded_by == draft.id
     assert [line.status for line in study_lines(store)] == ["preliminary"]
+
+
+@pytest.mark.parametrize("draft_arrives", ["after the withdrawal", "before the withdrawal"])
+def test_a_draft_written_before_the_withdrawn_final_stays_history(platform, draft_arrives: str) -> None:
+    """final (10:00) -> entered-in-error, and a preliminary written at 09:00, before that final,
+    arriving late (a round later, the platform's order). Arriving after the withdrawal it became
+    the current report: the doctor read the draft of the reading the county took back. It predates
+    the withdrawn report: history, as behind a final; the study still waits for its report."""
+    server, store, poller, ours, _other = platform
+    first = server.put_resource(report_for(ours, issued="2026-11-02T10:00:00+08:00"))
+    poller.run_round(force=True)
+    early_draft = report_for(
+        ours, status="preliminary", conclusion="Preliminary: sinus rhythm", issued="2026-11-02T09:00:00+08:00"
+    )
+    steps = [
+        lambda: server.put_resource({**first, "status": "entered-in-error"}),
+        lambda: server.put_resource(early_draft),
+    ]
+    for put in steps if draft_arrives == "after the withdrawal" else steps[::-1]:
+        put()
+        assert poller.run_round(force=True).stored == 1
+    (draft,) = [r for r in store.reports() if r.status == "preliminary"]
+    (current,) = store.reports(current_only=True)
+    assert current.status == "withdrawn", (current.status, current.text)
+    assert store.current_of(draft.id) == current.id
+    assert [v.status for v in StoredReports(store).reports()] == ["withdrawn"]
+    assert [line.status for line in study_lines(store)] == ["withdrawn"]
+    assert store.study(ours).final_at is None  # still asked about, at its routine pace
 
 
 def test_a_new_final_after_a_withdrawn_one_replaces_it(platform, tmp_path) -> None:

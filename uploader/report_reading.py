@@ -442,7 +442,9 @@ class _DicomReader:
         if value_type in ("SCOORD", "SCOORD3D", "TCOORD"):
             return ReportLine(LineKind.COORDINATES, code=value_type)
         if value_type == "PNAME":
-            return ReportLine(LineKind.ITEM, value=str(item.get("PersonName", "") or "").replace("^", " ").strip())
+            # code PNAME: a person's name, written as people write it when shown (report_text)
+            name = str(item.get("PersonName", "") or "").replace("^", " ").strip()
+            return ReportLine(LineKind.ITEM, value=name, code=value_type)
         if value_type == "DATETIME":
             return ReportLine(LineKind.ITEM, value=dicom_datetime_iso(item.get("DateTime")))
         if value_type == "DATE":

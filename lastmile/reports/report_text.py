@@ -144,6 +144,8 @@ def body_line(line: ReportLine, speaker: Speaker) -> str:
             indent, label, value = "", _("Coded conclusion"), line.value
         case LineKind.PRESENTED:
             return line.value
+        case LineKind.ITEM if line.code == "PNAME":  # a person's name: 陈静, not 陈 静
+            value = display_name(line.value)
         case _:  # ITEM, RESULT: the county's name and value
             value = line.value
     return indent + labelled(label, value, speaker)
@@ -158,7 +160,7 @@ def footer_line(line: ReportLine, speaker: Speaker) -> str:
                 return _("PDF document, %(kb)s KB: print it from this page or with `lastmile report print`", kb=kb)
             return _("%(type)s document, %(kb)s KB", type=line.value or "?", kb=kb)
         case LineKind.READ_BY:
-            who = line.name or _("(not named)")
+            who = display_name(line.name) or _("(not named)")
             if line.value:
                 return _("Read by %(doctor)s, %(time)s", doctor=who, time=readable_time(line.value))
             return _("Read by %(doctor)s", doctor=who)

@@ -9,9 +9,11 @@ Replacement rules (`add_report`): a report naming earlier ones as predecessors (
 Documents, a new version of the same FHIR DiagnosticReport) supersedes them - also when one of
 them arrives after it (the reading center's order, a retrieval that failed once); a final SR or
 FHIR report supersedes the preliminary ones of its study, also those that arrive after it (a
-later round, the platform's order); any SR or FHIR report after a withdrawn one supersedes it. Superseded reports stay (marked) until the
-retention purge. A final report without problems ends routine polling for its study, once every report object
-the reading center listed for it has arrived (`awaiting`).
+later round, the platform's order); any SR or FHIR report after a withdrawn one supersedes it.
+A draft arriving late behind its study's standing final or withdrawn report (written before it,
+not critical) is history behind that report. Superseded reports stay (marked) until the retention
+purge. A final report without problems ends routine polling for its study, once every report
+object the reading center listed for it has arrived (`awaiting`).
 
 Thread-safe (one connection under a lock): the forwarder's send threads record studies while
 the poller thread adds reports; other processes (`lastmile report ack`) share the file (WAL).
@@ -216,6 +218,25 @@ def _written_after(report_time: str, other_time: str) -> bool:
     if (this.tzinfo is None) != (other.tzinfo is None):
         return False
     return this > other
+
+
+def _late_draft_behind(conn: sqlite3.Connection, content: ReportContent, not_ids: Sequence[int]) -> sqlite3.Row | None:
+    """The study's standing final, amended or withdrawn report a new draft comes late behind (a
+    later round, the platform's order): the draft is then history behind it, not the current
+    report - a draft of a reading the county took back no more than one a final replaced. None
+    for a critical draft, or one written after that report (a second reading, a new one): the
+    doctor must see those, and be alerted. `not_ids`: the draft itself and the reports it replaces."""
+    if content.critical:
+        return None
+    row: sqlite3.Row | None = conn.execute(
+        "SELECT id, report_time FROM reports WHERE study_uid = ? AND kind = ? "
+        "AND status IN ('final', 'amended', 'withdrawn') AND superseded_by IS NULL AND object_uid != ? "
+        f"AND id NOT IN ({_placeholders(not_ids)}) ORDER BY id DESC LIMIT 1",
+        (content.study_uid, content.kind, content.object_uid, *not_ids),
+    ).fetchone()
+    if row is None or _written_after(content.report_time, row[1] or ""):
+        return None
+    return row
 
 
 def _placeholders(values: Sequence[object]) -> str:
@@ -440,7 +461,13 @@ class ReportStore:
                         amends,
                     )
                 }
-            if content.kind in FINAL_KINDS and status != "withdrawn":
+            # a draft that comes late, behind the report that stands for its study: kept as history
+            late_behind = (
+                _late_draft_behind(conn, content, [new_id, *replaced])
+                if content.kind in FINAL_KINDS and status == "preliminary" and not problems
+                else None
+            )
+            if content.kind in FINAL_KINDS and status != "withdrawn" and late_behind is None:
                 # the report that comes after a withdrawn one, final or not, is its replacement (one
                 # current report per study); a final one replaces the drafts as well
                 replaceable = ("preliminary", "withdrawn") if final else ("withdrawn",)
@@ -469,23 +496,7 @@ class ReportStore:
                 "AND r.superseded_by IS NULL AND r.id != ? AND j.value = ? ORDER BY r.id DESC LIMIT 1",
                 (new_id, content.object_uid),
             ).fetchone()
-            if successor is None and content.kind in FINAL_KINDS and status == "preliminary" and not problems:
-                # a draft that comes after its study's final (a later round, the platform's order):
-                # the final stays the current report, the draft is kept behind it as history; not a
-                # critical draft, nor one written after the final (a second reading): the doctor must
-                # see those, and be alerted. A withdrawn report is no final to hide a new draft behind.
-                final_row = conn.execute(
-                    "SELECT id, report_time FROM reports WHERE study_uid = ? AND kind = ? "
-                    "AND status IN ('final', 'amended') AND superseded_by IS NULL AND id != ? AND object_uid != ? "
-                    "ORDER BY id DESC LIMIT 1",
-                    (content.study_uid, content.kind, new_id, content.object_uid),
-                ).fetchone()
-                if (
-                    final_row is not None
-                    and not content.critical
-                    and not _written_after(content.report_time, final_row[1] or "")
-                ):
-                    successor = final_row
+            successor = successor or late_behind
             if successor is not None:
                 conn.execute("UPDATE reports SET superseded_by = ? WHERE id = ?", (successor[0], new_id))
             if final:

@@ -102,7 +102,7 @@ def render_list(lines: list[StudyLine]) -> str:
         s = line.study
         ids = ",".join(str(r.id) for r in line.reports) or "-"
         stamp = short_time(s.ecg_time) + (" STAT" if s.stat else "")
-        rows.append((ids, our_patient(s), stamp, line.status, line.observer or "-"))
+        rows.append((ids, our_patient(s), stamp, line.status, display_name(line.observer) or "-"))
         notes.append(county_notes(line))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out: list[str] = []
@@ -204,7 +204,7 @@ def text_printout(store: ReportStore, report: StoredReport, reader: Reader) -> s
         patient_id=ours,
         ecg_time=ecg_time_of(study),
         received_at=report.received_at,
-        reading_doctor=report.observer,
+        reading_doctor=display_name(report.observer),
         reasons=shown_reasons(report.lines, report.critical, reader),
         text=shown_text(report.lines, report.text, reader),
         replaced_by=str(store.current_of(report.id)) if report.superseded_by is not None else "",
