@@ -15,14 +15,16 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from lastmile.clock import clinic_time, local_zone
 from lastmile.config import Config
 from lastmile.console.i18n import Localizer
 from lastmile.doctor import Finding, Level, render_text
-from lastmile.services.metered import QUEUED_KINDS, meters
+from lastmile.services.metered import QUEUED_KINDS, held_since, meters
 from tests.metering_setup import DAY, queue_items, shut_window
 from tests.service_harness import doctor
-from uploader.metering import KEEP_DAYS
+from uploader.metering import KEEP_DAYS, Meter, MeterPolicy, SendWindow
 from uploader.outbox import ItemState, Kind, MeterHold, Outbox, Priority
 
 
@@ -780,3 +782,71 @@ def test_visit_records_that_failed_while_the_platforms_gateway_answered_503_are_
     assert "refuses" not in text and "all held" in text, text
     snapshot = read_outbox(tmp_path, now, config=doctor(tmp_path, metered).config)
     assert snapshot is not None and snapshot.oldest_stuck_s.get(Kind.FHIR_BUNDLE, 0.0) == 0.0, snapshot
+
+
+# -- a window that runs past midnight: each part is judged by its own day's budget ---------------
+
+NIGHT_WINDOW = '[reading_center.metered]\nwindows = ["22:00-06:00"]\ndaily_budget_mb = 1.0\n'
+
+
+def night_meter(store: Outbox) -> Meter:
+    """Window 22:00-06:00 and a 1 MB budget, as NIGHT_WINDOW configures them."""
+    return Meter("dicom", MeterPolicy(2**20, (SendWindow.parse("22:00-06:00"),), local_zone()), store)
+
+
+@pytest.mark.parametrize(
+    ("hour", "minute", "yesterday_spent", "chance"),
+    [
+        # (days before today, hour) the last chance ended: an item queued before it could have gone
+        (22, 0, False, (0, 0)),  # tonight's opening: today's budget spent, last night's part before midnight not
+        (23, 59, False, (0, 0)),
+        (0, 0, False, (0, 0)),  # midnight: last night's part just ended with budget left
+        (0, 1, False, (0, 0)),
+        (23, 59, True, (1, 0)),  # yesterday's spent too: the night before's part before midnight
+        (0, 1, True, (1, 0)),
+    ],
+)
+def test_a_night_window_holds_what_was_queued_since_the_last_part_of_it_a_budget_day_let_go(
+    tmp_path: Path, hour: int, minute: int, yesterday_spent: bool, chance: tuple[int, int]
+) -> None:
+    """Window 22:00-06:00, today's budget spent: the meter held everything queued since last
+    night's 22:00 opening, though last night's budget was never used up before midnight (what was
+    queued then had its chance and did not go: the link's); with yesterday's spent too, since the
+    opening the night before. Each part of the window, split at midnight, is its own day's budget."""
+    zone = local_zone()
+    today = dt.datetime.now(zone).date()
+    now = dt.datetime.combine(today, dt.time(hour, minute), zone).timestamp()
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        meter = night_meter(outbox)
+        for days_ago in range(1, KEEP_DAYS):  # the days before: budget left, but yesterday's if spent
+            spent = 2 * 2**20 if days_ago == 1 and yesterday_spent else 1000
+            meter.spend(spent, dt.datetime.combine(today - dt.timedelta(days=days_ago), dt.time(12), zone).timestamp())
+        meter.spend(2 * 2**20, now)
+        since = held_since(meter, now, meter.blocked(now))
+    days_ago, at_hour = chance
+    expected = dt.datetime.combine(today - dt.timedelta(days=days_ago), dt.time(at_hour), zone)
+    assert since == expected.timestamp(), dt.datetime.fromtimestamp(since, zone) if math.isfinite(since) else since
+
+
+def test_an_ecg_a_night_windows_budget_let_go_before_midnight_is_stuck_and_one_queued_tonight_held(
+    tmp_path: Path,
+) -> None:
+    """Window 22:00-06:00, now 23:59, tonight's budget spent, last night's not: the ECG queued at
+    23:00 last night waited through an hour of open window with budget left - the link's (stuck:
+    'is the link down?', the county's stuck alert), not 'held by the daily budget' as it was; the one
+    queued tonight is the budget's."""
+    from lastmile.services.metrics_sources import read_outbox
+
+    now = clinic_day_at(1, 23) + 59 * 60
+    queue_items(tmp_path, 1, at=clinic_day_at(0, 23))
+    queue_items(tmp_path, 1, at=clinic_day_at(1, 22) + 30 * 60)
+    d = doctor(tmp_path, NIGHT_WINDOW, now=lambda: now)
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        meters(d.config, outbox)["dicom"].spend(2 * 2**20, now - 60)
+    found = queue_findings(d.check_queue())
+    text = render_text(found)
+    [held] = [f for f in found if f.advice_key.startswith("metered-")]
+    assert "1 routine" in held.message, text
+    assert "is the link down" in found[0].hint, text
+    snapshot = read_outbox(tmp_path, now, config=d.config)
+    assert snapshot is not None and snapshot.oldest_stuck_s.get(Kind.DICOM, 0.0) == now - clinic_day_at(0, 23), snapshot

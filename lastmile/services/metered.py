@@ -74,9 +74,9 @@ def held_since(meter: Meter, now: float, blocked: Blocked | None) -> float | Non
     queued: None when it holds nothing now (routine traffic may go), -inf when it holds them all.
     A routine item queued before that had its chance and did not go - the link's fault, not the
     meter's. Walking back from now, the last chance is:
-    - with send windows: the last opening of a window on a day whose budget was not spent (an
-      item queued since it opened is the meter's; a window that opened while the day's budget was
-      spent, or that has not opened yet today, sent nothing);
+    - with send windows, each split at midnight into parts of two budget days: the end of the
+      last part (now, for one open now) on a day whose budget was not spent (a part of a day whose
+      budget ran out, or that has not opened yet, sent what it could; what it left is the meter's);
     - with a daily budget only: the end of the last day whose budget was not spent (an item that
       lived through it had its chance).
     With both, one walk over the windows: a study that waited through last night's window, that
@@ -183,28 +183,34 @@ def _budget_left(meter: Meter, day: dt.date, *, budget_counts: bool) -> bool:
 
 
 def _window_chances(meter: Meter, now: float, *, budget_counts: bool) -> Iterator[float]:
-    """The first moment of each past window opening that had budget left, newest first (`budget_counts`
-    False: every day had; a window open now then holds nothing, its chance is now)."""
+    """The end of each past window part (`_window_parts`) whose day's budget was not spent, newest
+    first: what was queued before it could have gone. A part of a day whose budget ran out is no
+    chance (when it ran out is not kept; what it left queued is the budget's). `budget_counts` False:
+    every day had budget left; a window open now then holds nothing, its chance is now."""
     zone = meter.policy.zone
     today = dt.datetime.fromtimestamp(now, zone).date()
     for days_ago in range(KEEP_DAYS):  # older days: unknown (-inf, see held_since)
         day = today - dt.timedelta(days=days_ago)
-        midnight = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), zone).timestamp()
-        found = []
-        for window in meter.policy.windows:
-            opened = (dt.datetime.combine(day, dt.time(), zone) + dt.timedelta(minutes=window.start_min)).timestamp()
-            length = (window.end_min - window.start_min) % 1440 or 1440
-            closed = min(opened + length * 60, now)
-            if opened > now:
-                continue
-            if not budget_counts and opened + length * 60 > now:
-                found.append(now)  # open now, and only a budget the failing link spent holds: nothing waits for it
-            elif _budget_left(meter, day, budget_counts=budget_counts):
-                found.append(opened)
-            elif midnight < closed and _budget_left(meter, day + dt.timedelta(days=1), budget_counts=budget_counts):
-                found.append(midnight)  # it ran past midnight into a day with budget left
-        if found:
-            yield max(found)
+        if not _budget_left(meter, day, budget_counts=budget_counts):
+            continue
+        ends = [min(end, now) for start, end in _window_parts(meter, day) if start <= now]
+        if ends:
+            yield max(ends)
+
+
+def _window_parts(meter: Meter, day: dt.date) -> Iterator[tuple[float, float]]:
+    """The [start, end) of each send window's part on `day`: a window that runs past midnight is
+    two parts, each on its own day - and its own day's budget (the budget is a calendar day's)."""
+    midnight = dt.datetime.combine(day, dt.time(), meter.policy.zone)
+
+    def at(minute: int) -> float:
+        return (midnight + dt.timedelta(minutes=minute)).timestamp()
+
+    for window in meter.policy.windows:
+        end = window.start_min + ((window.end_min - window.start_min) % 1440 or 1440)
+        yield at(window.start_min), at(min(end, 1440))
+        if end > 1440:  # the part of the window that opened the evening before
+            yield at(0), at(end - 1440)
 
 
 def _budget_chances(meter: Meter, now: float, *, budget_counts: bool) -> Iterator[float]:
