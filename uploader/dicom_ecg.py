@@ -171,6 +171,8 @@ _LEAD_CODES: dict[str, tuple[str, str]] = {
     "X": ("2:16", "Lead X"),
     "Y": ("2:17", "Lead Y"),
     "Z": ("2:18", "Lead Z"),
+    "CC5": ("2:19", "Chest lead per V5 and V5R placement"),  # bipolar chest leads of stress carts
+    "CM5": ("2:20", "Chest-manubrium lead per V5 placement"),
     "LA": ("2:21", "Left Arm Lead"),
     "RA": ("2:22", "Right Arm Lead"),
     "LL": ("2:23", "Left Leg Lead"),
