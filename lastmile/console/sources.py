@@ -113,6 +113,7 @@ class ReadingView:
     time_source: str
     flags: tuple[str, ...] = ()
     held_id: int | None = None  # held unassigned: its number for "assign"
+    device_user: int | None = None  # a multi-user device's user the reading is of
 
 
 @dataclass(frozen=True, slots=True)
@@ -486,6 +487,7 @@ class ClinicData:
                 h.observation.time_source.value,
                 h.observation.flags,
                 held_id=h.held_id,
+                device_user=h.observation.device_user,
             )
             for h in self.store.held()
         ]
