@@ -77,7 +77,6 @@ async def stream(seconds: float, idle_seconds: float, data_dir: Path) -> dict:
     for a in (CUFF, THERMO, OXI):
         registry.allow(a, now=now)
     store.context.set_patient("BENCH-1", now=now - dt.timedelta(seconds=5))
-    store.device_users.map_user(CUFF, 1, None, now=now)  # the cuff's user 1: the checked-in patient
     port = TimedPort(store, registry)
 
     radio = EmulatedRadio()

@@ -178,8 +178,6 @@ async def room(config: Any, devices: Path, outbox: Any, turn: Callable[[], bool]
     registry.mark_all_disconnected(now=utc_now())
     for peripheral in (cuff, thermometer, oximeter):
         registry.allow(peripheral.address, name=peripheral.name, now=utc_now())
-    # the clinic measures every patient as the cuff's user 1: its readings are the checked-in patient's
-    store.device_users.map_user(cuff.address, 1, None, now=utc_now())
     scanner, client = radio.backends()
     settings = LinkSettings(
         scan_pass_s=1.0,

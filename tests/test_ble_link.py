@@ -41,7 +41,7 @@ from firmware_bridge.ble.emulated_peripherals import (
 from firmware_bridge.ble.emulation import EmulatedBleakClient, EmulatedRadio
 from firmware_bridge.ble.link import BleDeviceManager, LinkSettings, scan_health_devices
 from lastmile.clinic.devices import DeviceRegistry
-from lastmile.clinic.observations import OBSERVATION_KIND, ObservationStore
+from lastmile.clinic.observations import OBSERVATION_KIND, ObservationStore, StoreResult
 from lastmile.services.ble_devices import ClinicBlePort
 from uploader.outbox import Outbox
 
@@ -152,7 +152,6 @@ def test_bp_cuff_indicates_three_stored_readings_then_hangs_up(gw: Gateway) -> N
     now = local_now()
     gw.allow(CUFF)
     gw.store.context.set_patient("P-1", "Doe^Jane", now=dt.datetime.now(UTC) - dt.timedelta(hours=1))
-    gw.store.device_users.map_user(CUFF, 1, None, now=dt.datetime.now(UTC))  # user 1: the checked-in patient
 
     async def main() -> BloodPressureCuff:
         cuff = BloodPressureCuff(
@@ -523,39 +522,53 @@ BP_USER_1 = bytes.fromhex("1e800054006300ea070c060800004800010000")
 BP_USER_2 = bytes.fromhex("1e970061007300ea070c060805005000020000")
 
 
-def test_captured_two_user_cuff_readings_are_held_with_their_user(gw: Gateway) -> None:
+def _record_captured(gw: Gateway, data: bytes, received: dt.datetime) -> StoreResult:
+    m = decode_blood_pressure_measurement(data)
+    obs = to_observation(
+        m,
+        device=DeviceIdentity(address=CUFF),
+        measured_at=m.device_time.replace(tzinfo=UTC),
+        time_source=TimeSource.DEVICE_CLOCK,
+        received_at=received,
+        key=record_key(CUFF, m, received),
+    )
+    return gw.store.record(obs, now=received)
+
+
+def test_captured_two_user_cuff_user_1_is_the_checked_in_patients_user_2_is_held(gw: Gateway) -> None:
     """Both readings arrive while P-1 is checked in, and nobody has said whose user 1 or 2 of this
-    cuff is: neither is put on P-1 (one of them is certainly someone else's); both are held
-    for the doctor with the user the cuff named."""
+    cuff is. User 1 is what a cuff without user buttons always sends: it is the checked-in
+    patient's, as for any cuff. User 2 is certainly someone else: never put on P-1, held for the
+    doctor with the user the cuff named."""
     gw.store.context.set_patient("P-1", "Doe^Jane", now=dt.datetime(2026, 12, 6, 7, 0, tzinfo=UTC))
     received = dt.datetime(2026, 12, 6, 8, 6, tzinfo=UTC)
-    for data in (BP_USER_1, BP_USER_2):
-        m = decode_blood_pressure_measurement(data)
-        obs = to_observation(
-            m,
-            device=DeviceIdentity(address=CUFF),
-            measured_at=m.device_time.replace(tzinfo=UTC),
-            time_source=TimeSource.DEVICE_CLOCK,
-            received_at=received,
-            key=record_key(CUFF, m, received),
-        )
-        gw.store.record(obs, now=received)
-    assert gw.observations() == []
+    assert [_record_captured(gw, data, received).patient_id for data in (BP_USER_1, BP_USER_2)] == ["P-1", None]
+    assert [[q["value"] for q in o["quantities"]][:2] for o in gw.observations() if o["patient_id"] == "P-1"] == [
+        [128, 84]
+    ]
     assert [(h.observation.device_user, h.observation.quantity("systolic").value) for h in gw.store.held()] == [
-        (1, 128),
-        (2, 151),
+        (2, 151)
     ]
 
 
+def test_a_mapping_for_user_1_overrides_the_checked_in_patient(gw: Gateway) -> None:
+    """A family's cuff: user 1 is P-HOME, whoever is checked in. Its reading goes to P-HOME, not
+    to P-1 on the examination couch."""
+    gw.store.context.set_patient("P-1", "Doe^Jane", now=dt.datetime(2026, 12, 6, 7, 0, tzinfo=UTC))
+    gw.store.device_users.map_user(CUFF, 1, "P-HOME", now=dt.datetime(2026, 12, 6, 7, 0, tzinfo=UTC))
+    assert _record_captured(gw, BP_USER_1, dt.datetime(2026, 12, 6, 8, 6, tzinfo=UTC)).patient_id == "P-HOME"
+    assert [o["patient_id"] for o in gw.observations()] == ["P-HOME"]
+
+
 def test_a_two_user_cuff_puts_no_user_on_another_users_patient(gw: Gateway) -> None:
-    """Patient P-1 is checked in and is user 1 of the cuff; the cuff's memory also holds a
-    reading of user 2 (someone else at home or in the queue). User 2's reading must not land on
-    P-1: it is held for the doctor, showing its user, until someone says whose user 2 is."""
+    """Patient P-1 is checked in and measured as user 1 of the cuff (the default: no mapping);
+    the cuff's memory also holds readings of users 2 and 3 (someone else at home or in the
+    queue). They must not land on P-1: held for the doctor, showing their user, until someone
+    says whose user 2 is."""
     now = local_now()
     gw.allow(CUFF)
     checked_in = dt.datetime.now(UTC) - dt.timedelta(hours=1)
     gw.store.context.set_patient("P-1", "Doe^Jane", now=checked_in)
-    gw.store.device_users.map_user(CUFF, 1, "P-1", now=checked_in, name="Doe^Jane")
 
     async def main() -> None:
         cuff = BloodPressureCuff(

@@ -211,7 +211,6 @@ def test_a_current_time_read_that_fails_to_decode_still_lets_the_gateway_set_the
     time and is held instead of charted on the patient being examined (on every visit)."""
     gw.allow(CUFF)
     gw.store.context.set_patient("P-NOW", now=dt.datetime.now(UTC) - dt.timedelta(minutes=30))
-    gw.store.device_users.map_user(CUFF, 1, None, now=dt.datetime.now(UTC))  # user 1: the checked-in patient
 
     async def main() -> BloodPressureCuff:
         cuff = WrongWeekdayCuff(

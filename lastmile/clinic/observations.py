@@ -12,7 +12,8 @@ switch) is held instead; that can cost the doctor an assignment, never a wrong r
 record from a device's memory whose time is unknown (flag STORED_TIME_UNKNOWN: a meter whose
 clock was reset): its receipt time says nothing about when, or on whom, it was taken. A reading
 a multi-user device says is of its user N (`device_user`) is that user's, whoever is checked in:
-it goes where the doctor mapped that user (lastmile.clinic.device_users), else it is held.
+it goes where the doctor mapped that user; unmapped, user 1 (what most cuffs always send) is the
+checked-in patient's and any other user's is held (lastmile.clinic.device_users).
 
 Duplicates: a record key already in the outbox or held is not stored again, whatever the
 current patient, so a device re-sending its memory neither duplicates nor re-assigns anything.
@@ -184,7 +185,7 @@ class ObservationStore:
         current = None
         if patient_id is None and obs.device_user is not None:
             # One user's reading on a multi-user device: the checked-in patient may be another user.
-            mapping = self.device_users.mapping(obs.device.address, obs.device_user)
+            mapping = self.device_users.whose(obs.device.address, obs.device_user)
             if mapping is None:
                 return self._hold(obs, now, f"device user {obs.device_user} is mapped to no patient")
             patient_id, name = mapping.patient_id, mapping.patient_name

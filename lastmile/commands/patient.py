@@ -38,17 +38,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = psub.add_parser(
         "map-user",
-        help="whose readings user N of a multi-user device (BP cuff, scale) are; unmapped users' readings are held",
+        help="whose readings user N of a multi-user device (BP cuff, scale) are; unmapped, user 1's are the "
+        "checked-in patient's and other users' are held",
         parents=[DATA_DIR],
     )
-    p.add_argument("address", help="the device's address, as 'lastmile devices' lists it")
+    p.add_argument("address", help="the device's Bluetooth address, like C0:26:DA:01:02:03")
     p.add_argument("user", type=int, help="the user number the device gives (its user button: 1, 2 ...)")
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--patient", metavar="ID", help="this patient's readings, whoever is checked in")
     who.add_argument(
         "--current", action="store_true", help="the checked-in patient's (the clinic measures as this user)"
     )
-    who.add_argument("--remove", action="store_true", help="nobody's: this user's readings are held again")
+    who.add_argument(
+        "--remove", action="store_true", help="forget the mapping: user 1 is the checked-in patient's, others held"
+    )
     p.set_defaults(func=_map_user)
 
     p = psub.add_parser(
@@ -125,15 +128,20 @@ def _clear(args: argparse.Namespace) -> int:
 
 def _map_user(args: argparse.Namespace) -> int:
     from lastmile.clinic.db import open_clinic_db
-    from lastmile.clinic.device_users import DeviceUsers
+    from lastmile.clinic.device_users import DEFAULT_USER, DeviceUsers
+    from lastmile.clinic.devices import is_bluetooth_address
     from lastmile.commands.common import config_from_args
 
+    if not is_bluetooth_address(args.address):
+        print(f"error: {args.address!r} is not a Bluetooth address (like C0:26:DA:01:02:03)", file=sys.stderr)
+        return 2
     db = open_clinic_db(config_from_args(args).data_dir)
     try:
         users = DeviceUsers(db)
         if args.remove:
             removed = users.unmap_user(args.address, args.user)
-            print(f"user {args.user} of {args.address}: " + ("readings held again" if removed else "was not mapped"))
+            unmapped = "the checked-in patient's again" if args.user == DEFAULT_USER else "held again"
+            print(f"user {args.user} of {args.address}: " + (f"readings {unmapped}" if removed else "was not mapped"))
             return 0
         try:
             users.map_user(args.address, args.user, None if args.current else args.patient, now=_now())

@@ -210,8 +210,6 @@ async def emulated_clinic(
     try:
         for address, name in ((DEMO_CUFF, cuff.name), (DEMO_THERMOMETER, thermometer.name)):
             registry.allow(address, name=name, now=now)
-        # the clinic measures every patient as the cuff's user 1: its readings are the checked-in patient's
-        store.device_users.map_user(DEMO_CUFF, 1, None, now=now)
         if patient_id:
             store.context.set_patient(patient_id, patient_name, now=now)
         port = ClinicBlePort(store, registry)
