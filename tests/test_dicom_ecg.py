@@ -655,3 +655,23 @@ def test_cc5_and_cm5_keep_their_cid_3001_codes(source: str) -> None:
         ("CC5", "2:19", _cid3001_meaning("2:19")),
         ("CM5", "2:20", _cid3001_meaning("2:20")),
     ]
+
+
+def test_a_reset_cart_clock_goes_out_as_the_carts_time_marked_untrusted() -> None:
+    """A Contec cart with a flat clock battery dates its ECG 2000-01-01. The PACS got
+    AcquisitionDateTime 2000-01-01 under Time Source "DEVICE FILE", as if true. The time is the
+    cart's (nothing invented) but Time Source and the annotations say it is not to be believed."""
+    from devices.ecg.formats import decode_ecg
+    from tests.conftest import shared_file
+
+    data = (
+        shared_file("ecg", "contec", "0000037.ECG").read_bytes().replace(b"2020-11-15 12:59:50", b"2000-01-01 00:00:00")
+    )
+    received = dt.datetime(2026, 12, 6, 9, 0, tzinfo=dt.timezone.utc)
+    rec = decode_ecg(data, "0000037.ECG", local_tz=dt.timezone(dt.timedelta(hours=8)), received_at=received)
+    ds = read(recording_to_dicom_bytes(rec, UIDS, STATION))
+    assert ds.AcquisitionDateTime == "20000101000000+0800"
+    assert (ds.AcquisitionTimeSynchronized, ds.TimeSource) == ("N", "DEVICE UNTRUSTED")
+    notes = texts(ds)
+    assert any(t.startswith("Acquisition time source: device-clock-untrusted") and "clock" in t for t in notes)
+    assert "Gateway flag: device-clock-reset" in notes

@@ -214,6 +214,7 @@ _TIME_SOURCE_SH = {
     TimeSource.DEVICE_CLOCK_CORRECTED: "DEVICE CORRECTED",
     TimeSource.FILE: "DEVICE FILE",
     TimeSource.GATEWAY_RECEIPT: "GATEWAY RECEIPT",
+    TimeSource.DEVICE_CLOCK_UNTRUSTED: "DEVICE UNTRUSTED",
     TimeSource.GPS: "GPS",
     TimeSource.UNKNOWN: "UNKNOWN",
 }
@@ -223,6 +224,10 @@ _TIME_SOURCE_TEXT = {
     TimeSource.FILE: "the time written into the file by the device",
     TimeSource.GATEWAY_RECEIPT: (
         "the time the gateway received it (device time unknown or implausible): acquisition was earlier"
+    ),
+    TimeSource.DEVICE_CLOCK_UNTRUSTED: (
+        "the ECG device's own clock, NOT believed: it predates anything the gateway records "
+        "(a clock reset), so the acquisition time is unknown; the device's clock needs setting"
     ),
     TimeSource.GPS: "GNSS (GPS) time",
     TimeSource.UNKNOWN: "unknown",

@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from devices.identity import InvalidPatientIdError, Patient
+from devices.identity import InvalidPatientIdError, Patient, device_clock_wrong
 from lastmile.clinic.db import DB_NAME as CLINIC_DB
 from lastmile.clinic.db import from_iso, open_clinic_db, utc_now
 from lastmile.clinic.devices import DeviceRecord, DeviceRegistry, normalise_address
@@ -128,6 +128,7 @@ class EcgItemView:
     flags: tuple[str, ...]
     quality: dict[str, Any] | None  # the stored quality report (issue 13), when the item carries one
     payload_available: bool
+    device_clock_wrong: bool = False  # the cart dated it impossibly (clock reset or ahead): set its clock
 
 
 @dataclass(frozen=True, slots=True)
@@ -542,6 +543,7 @@ class ClinicData:
             flags=tuple(item.meta.get("flags") or ()),
             quality=quality if isinstance(quality, dict) else None,
             payload_available=item.state not in (ItemState.PURGED, ItemState.QUARANTINED),
+            device_clock_wrong=device_clock_wrong(item.meta.get("flags") or ()),
         )
 
     def ecg_payload(self, item_id: int) -> bytes | None:
