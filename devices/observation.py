@@ -54,8 +54,9 @@ class Observation:
     `patient_id` None means unassigned (held for the doctor). `record_key` identifies the
     reading on its device (record time/sequence + values) so re-sent memory is recognised.
     `device_user` is the user a multi-user device says the reading is of (BP cuff / scale
-    "User ID"): such a reading is someone's on that device, not whoever is checked in, so it
-    goes to a patient only through a mapping of that device's user to a patient.
+    "User ID"): user 2, 3 ... is someone's on that device, not whoever is checked in, so it goes
+    to a patient only through a mapping of that device's user; user 1 (what most cuffs always
+    send) is the checked-in patient's unless mapped (lastmile.clinic.device_users).
 
     Every observation is screened when it is made, whichever device or file it came from: a
     value outside its plausible range (devices/plausibility.py) loses its `value` (kept as
