@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from devices.errors import DeviceError, InvalidRecordingError
@@ -21,6 +22,9 @@ class TimeSource(str, enum.Enum):
     DEVICE_CLOCK_CORRECTED = "device-clock-corrected"  # device clock, shifted by a measured offset
     FILE = "file"  # written into a file by the device that made it
     GATEWAY_RECEIPT = "gateway-receipt"  # when the gateway received it (device time unknown or implausible)
+    # the device's own time (or its file's), kept as it said but not believed: before anything we
+    # record can be (a clock reset to 2000-01-01), judged against the gateway's trusted clock
+    DEVICE_CLOCK_UNTRUSTED = "device-clock-untrusted"
     GPS = "gps"  # GNSS time
     UNKNOWN = "unknown"
 
@@ -33,6 +37,14 @@ DEVICE_CLOCK_TOLERANCE = dt.timedelta(minutes=10)
 # whose own time could not be used, so its time is only when we received it. Such a reading is
 # held for the doctor, never given to the current patient.
 STORED_TIME_UNKNOWN = "stored-record-time-unknown"
+# Recording flags (devices.ecg.formats.believable_time): the device's clock needs setting.
+DEVICE_TIME_AHEAD = "device-time-ahead"  # ":<ISO time>": the file's own time, ahead of its receipt
+DEVICE_CLOCK_RESET = "device-clock-reset"  # the file's time predates anything we record
+
+
+def device_clock_wrong(flags: Iterable[str]) -> bool:
+    """Whether a recording's flags say its device's clock needs setting (reset, or set ahead)."""
+    return any(f == DEVICE_CLOCK_RESET or f.startswith(DEVICE_TIME_AHEAD + ":") for f in flags)
 
 
 def plausible_device_time(

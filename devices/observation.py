@@ -53,6 +53,10 @@ class Observation:
 
     `patient_id` None means unassigned (held for the doctor). `record_key` identifies the
     reading on its device (record time/sequence + values) so re-sent memory is recognised.
+    `device_user` is the user a multi-user device says the reading is of (BP cuff / scale
+    "User ID"): user 2, 3 ... is someone's on that device, not whoever is checked in, so it goes
+    to a patient only through a mapping of that device's user; user 1 (what most cuffs always
+    send) is the checked-in patient's unless mapped (lastmile.clinic.device_users).
 
     Every observation is screened when it is made, whichever device or file it came from: a
     value outside its plausible range (devices/plausibility.py) loses its `value` (kept as
@@ -69,6 +73,7 @@ class Observation:
     record_key: str
     patient_id: str | None = None
     flags: tuple[str, ...] = ()  # device status bits worth showing: "irregular-pulse", "body-movement" ...
+    device_user: int | None = None  # the device's user index (0-254); None: not sent, or "unknown user"
 
     def __post_init__(self) -> None:
         if not self.quantities:

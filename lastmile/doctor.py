@@ -88,7 +88,11 @@ TOPICS = (
     "signing-key",
     "not-queued",
     "open-damaged",
+    "ecg-clock",
 )
+# An ECG cart's clock is judged by its newest ECG of this last week (of the newest ECGs).
+ECG_CLOCK_LOOKBACK_S = 7 * 86400
+ECG_CLOCK_ITEMS = 50
 _WEAR_OPTIONS = {"ro", "rw", "noatime", "relatime", "strictatime", "lazytime", "nodiratime", "sync"}
 
 
@@ -671,6 +675,10 @@ class Doctor:
         ]
 
     def check_devices(self) -> list[Finding]:
+        return [*self._registry_findings(), *self._ecg_clock_findings()]
+
+    def _registry_findings(self) -> list[Finding]:
+        """The devices clinic.db knows (and the USB ones plugged in): seen, connected, failing."""
         links = sorted(p.name for p in self.device_links.iterdir()) if self.device_links.is_dir() else []
         plugged = f"plugged in: {', '.join(links)}" if links else "no USB device plugged in"
         records = self.device_records()
@@ -714,6 +722,38 @@ class Doctor:
                 )
             ]
         return [Finding("devices", Level.OK, text)]
+
+    def _ecg_clock_findings(self) -> list[Finding]:
+        """An ECG cart whose newest ECG of the last week it dated impossibly (its clock reset, or
+        set ahead: devices.identity.device_clock_wrong): its clock needs setting. Its next ECG
+        with a believable time ends the warning."""
+        from devices.identity import device_clock_wrong
+        from lastmile.data_dir import open_existing_outbox
+        from uploader.outbox import Kind
+
+        with as_owner_of(self.config.data_dir):
+            outbox = open_existing_outbox(self.config)  # creates nothing
+            if outbox is None:
+                return []
+            with outbox:
+                recent = outbox.newest(Kind.DICOM, since=self.now() - ECG_CLOCK_LOOKBACK_S, limit=ECG_CLOCK_ITEMS)
+        newest: dict[str, dict[str, Any]] = {}
+        for item in recent:  # newest first: each cart's first is its newest
+            newest.setdefault(str(item.meta.get("device") or "unknown device"), item.meta)
+        return [
+            Finding(
+                "devices",
+                Level.WARN,
+                f"ECG cart {cart}: its clock is wrong (its newest ECG is dated {meta.get('acquired_at', '?')}, "
+                f"flags {', '.join(meta.get('flags') or ())})",
+                "set the cart's date and time",
+                advice_key="ecg-clock",
+                topic="ecg-clock",
+                subject=cart,
+            )
+            for cart, meta in newest.items()
+            if device_clock_wrong(meta.get("flags") or ())
+        ]
 
     def check_queue(self) -> list[Finding]:
         from lastmile.data_dir import DataDirError, open_existing_outbox

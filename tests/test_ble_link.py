@@ -13,6 +13,7 @@ import importlib.util
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,9 @@ if importlib.util.find_spec("bumble") is None:
 
 from bleak.exc import BleakDBusError
 
-from devices.identity import TimeSource
+from devices.ble.blood_pressure import decode_blood_pressure_measurement
+from devices.ble.measurement import record_key, to_observation
+from devices.identity import DeviceIdentity, TimeSource
 from firmware_bridge.ble.emulated_peripherals import (
     BloodPressureCuff,
     BpRecord,
@@ -38,7 +41,7 @@ from firmware_bridge.ble.emulated_peripherals import (
 from firmware_bridge.ble.emulation import EmulatedBleakClient, EmulatedRadio
 from firmware_bridge.ble.link import BleDeviceManager, LinkSettings, scan_health_devices
 from lastmile.clinic.devices import DeviceRegistry
-from lastmile.clinic.observations import OBSERVATION_KIND, ObservationStore
+from lastmile.clinic.observations import OBSERVATION_KIND, ObservationStore, StoreResult
 from lastmile.services.ble_devices import ClinicBlePort
 from uploader.outbox import Outbox
 
@@ -510,3 +513,84 @@ def test_scan_lists_health_devices(gw: Gateway) -> None:
     found = {r.address: r for r in asyncio.run(main())}
     assert found[CUFF].services == ("Blood Pressure",) and found[CUFF].name == "BP cuff"
     assert found[OXI].services == ("Pulse Oximeter",)
+
+
+# A two-user cuff's stored readings as it indicates them (flags 0x1E: time stamp, pulse rate, user
+# ID and measurement status present; mmHg): 128/84 (MAP 99) pulse 72 of user 1 at 2026-12-06
+# 08:00:00, then 151/97 (MAP 115) pulse 80 of user 2 at 08:05:00.
+BP_USER_1 = bytes.fromhex("1e800054006300ea070c060800004800010000")
+BP_USER_2 = bytes.fromhex("1e970061007300ea070c060805005000020000")
+
+
+def _record_captured(gw: Gateway, data: bytes, received: dt.datetime) -> StoreResult:
+    m = decode_blood_pressure_measurement(data)
+    obs = to_observation(
+        m,
+        device=DeviceIdentity(address=CUFF),
+        measured_at=m.device_time.replace(tzinfo=UTC),
+        time_source=TimeSource.DEVICE_CLOCK,
+        received_at=received,
+        key=record_key(CUFF, m, received),
+    )
+    return gw.store.record(obs, now=received)
+
+
+def test_captured_two_user_cuff_user_1_is_the_checked_in_patients_user_2_is_held(gw: Gateway) -> None:
+    """Both readings arrive while P-1 is checked in, and nobody has said whose user 1 or 2 of this
+    cuff is. User 1 is what a cuff without user buttons always sends: it is the checked-in
+    patient's, as for any cuff. User 2 is certainly someone else: never put on P-1, held for the
+    doctor with the user the cuff named."""
+    gw.store.context.set_patient("P-1", "Doe^Jane", now=dt.datetime(2026, 12, 6, 7, 0, tzinfo=UTC))
+    received = dt.datetime(2026, 12, 6, 8, 6, tzinfo=UTC)
+    assert [_record_captured(gw, data, received).patient_id for data in (BP_USER_1, BP_USER_2)] == ["P-1", None]
+    assert [[q["value"] for q in o["quantities"]][:2] for o in gw.observations() if o["patient_id"] == "P-1"] == [
+        [128, 84]
+    ]
+    assert [(h.observation.device_user, h.observation.quantity("systolic").value) for h in gw.store.held()] == [
+        (2, 151)
+    ]
+
+
+def test_a_mapping_for_user_1_overrides_the_checked_in_patient(gw: Gateway) -> None:
+    """A family's cuff: user 1 is P-HOME, whoever is checked in. Its reading goes to P-HOME, not
+    to P-1 on the examination couch."""
+    gw.store.context.set_patient("P-1", "Doe^Jane", now=dt.datetime(2026, 12, 6, 7, 0, tzinfo=UTC))
+    gw.store.device_users.map_user(CUFF, 1, "P-HOME", now=dt.datetime(2026, 12, 6, 7, 0, tzinfo=UTC))
+    assert _record_captured(gw, BP_USER_1, dt.datetime(2026, 12, 6, 8, 6, tzinfo=UTC)).patient_id == "P-HOME"
+    assert [o["patient_id"] for o in gw.observations()] == ["P-HOME"]
+
+
+def test_a_two_user_cuff_puts_no_user_on_another_users_patient(gw: Gateway) -> None:
+    """Patient P-1 is checked in and measured as user 1 of the cuff (the default: no mapping);
+    the cuff's memory also holds readings of users 2 and 3 (someone else at home or in the
+    queue). They must not land on P-1: held for the doctor, showing their user, until someone
+    says whose user 2 is."""
+    now = local_now()
+    gw.allow(CUFF)
+    checked_in = dt.datetime.now(UTC) - dt.timedelta(hours=1)
+    gw.store.context.set_patient("P-1", "Doe^Jane", now=checked_in)
+
+    async def main() -> None:
+        cuff = BloodPressureCuff(
+            gw.new_radio(),
+            CUFF,
+            "BP cuff",
+            memory=[
+                BpRecord(128, 84, 99, 72, now - dt.timedelta(minutes=10), user_id=1),
+                BpRecord(151, 97, 115, 80, now - dt.timedelta(minutes=5), user_id=2),
+                BpRecord(117, 76, 90, 64, now - dt.timedelta(minutes=3), user_id=3),
+            ],
+        )
+        await gw.run([cuff], until=lambda: len(gw.events) == 3)
+
+    asyncio.run(main())
+
+    on_p1 = [[q["value"] for q in o["quantities"]][:2] for o in gw.observations() if o["patient_id"] == "P-1"]
+    assert on_p1 == [[128, 84]]
+    held = sorted(gw.store.held(), key=lambda h: h.observation.measured_at)
+    assert [(h.observation.device_user, h.observation.quantity("systolic").value) for h in held] == [(2, 151), (3, 117)]
+
+    # The doctor says user 2 of this cuff is P-2: from then on user 2's readings are P-2's.
+    gw.store.device_users.map_user(CUFF, 2, "P-2", now=dt.datetime.now(UTC))
+    later = replace(held[0].observation, record_key="ble:test:later", patient_id=None)
+    assert gw.store.record(later, now=dt.datetime.now(UTC)).patient_id == "P-2"

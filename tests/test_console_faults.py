@@ -7,9 +7,11 @@ browser; each test states the doctor's scenario and what must hold for them.
 from __future__ import annotations
 
 import datetime as dt
+import html
 import re
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -279,3 +281,37 @@ def test_ending_the_session_shown_never_ends_the_patient_checked_in_since(
     # the page showing 张三 ends her session
     reply = doctor.post("/today/end-session", end_session_form(doctor))
     assert reply.status == 303 and "done=end-session" in reply.location
+
+
+# -- a reset cart clock: the doctor is told to set it ------------------------------------------------
+
+
+def test_an_ecg_from_a_cart_whose_clock_was_reset_tells_the_doctor_to_set_the_clock(tmp_path: Path) -> None:
+    """The Contec cart's clock battery went flat: its ECG, imported from its stick, is dated
+    2000-01-01. Today showed it like any other ECG and the cart kept dating every ECG 2000. Now
+    Today says, in Chinese and in English, that the cart's clock needs setting."""
+    from firmware_bridge.usb_import import import_paths
+    from lastmile.ecg.intake import file_enqueuer
+    from tests.conftest import shared_file
+
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    cart_file = shared_file("ecg", "contec", "0000037.ECG").read_bytes()
+    (stick / "0000037.ECG").write_bytes(cart_file.replace(b"2020-11-15 12:59:50", b"2000-01-01 00:00:00"))
+    config = console_config(tmp_path / "data")
+    with open_outbox(config) as outbox:
+        summary = import_paths(
+            [stick],
+            is_known=lambda key: outbox.find(key) is not None,
+            enqueue=file_enqueuer(outbox, config),
+            local_tz=dt.timezone(dt.timedelta(hours=8)),
+            now=lambda: dt.datetime.now(dt.timezone.utc),
+        )
+    assert summary.imported == 1, summary.line()
+    with running_console(config) as server:
+        for language, words in (("zh-CN", "心电图机的时钟不对"), ("en", "The ECG cart's clock is wrong")):
+            client = Client(server.url, language=language)
+            client.login()
+            page = html.unescape(client.get("/today").body)
+            assert 'data-device-clock="wrong"' in page
+            assert words in page

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +14,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
+from pydicom.sr._concepts_dict import concepts
 from pydicom.waveforms.numpy_handler import multiplex_array
 
+from devices.ecg.aecg import read_aecg
 from devices.ecg.recording import STANDARD_12_LEADS, EcgRecording, SampleGap
+from devices.ecg.scp import read_scp
 from devices.identity import DeviceIdentity, Patient, TimeSource
 from tests.dicom_validation import dciodvfy_problems
+from tests.test_ecg_scp import build_record, lead_body, rhythm_body
 from uploader.dicom_ecg import (
     GENERAL_ECG,
     PADDING_VALUE,
@@ -594,3 +599,79 @@ def test_any_invalid_recording_is_refused_with_invalid_object_error(rec: EcgReco
         choose_sop_class(rec)
     with pytest.raises(InvalidObjectError):
         recording_to_dicom_bytes(rec, UIDS, STATION)
+
+
+# ---------------------------------------------------------------------------- CC5 and CM5
+
+
+def _cid3001_meaning(code: str) -> str:
+    """DICOM's own meaning of an MDC lead code in CID 3001, as pydicom ships the standard."""
+    (meaning,) = (
+        m for codes_ in concepts["MDC"].values() for c, (m, cids) in codes_.items() if c == code and 3001 in cids
+    )
+    return meaning
+
+
+# An SCP-ECG record whose section 3 names leads I, II, CC5 (19) and CM5 (20): a stress-test cart.
+CC5_CM5_SCP = build_record(
+    {
+        # section 1: acquisition date (tag 25) and time (tag 26), end tag 255
+        1: b"\x19\x04\x00" + struct.pack("<HBB", 2026, 11, 30) + b"\x1a\x03\x00\x08\x1e\x00" + b"\xff\x00\x00",
+        3: lead_body([1, 2, 19, 20], 500),
+        6: rhythm_body(
+            synthetic(4, 500).astype("<i2"),
+            1000,
+            2000,
+            [row.tobytes() for row in synthetic(4, 500).astype("<i2")],
+            0,
+        ),
+    }
+)
+# The same leads in an HL7 aECG, by their MDC names.
+CC5_CM5_AECG = (
+    b'<AnnotatedECG xmlns="urn:hl7-org:v3" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">'
+    b'<component><series><code code="RHYTHM"/><component><sequenceSet>'
+    b'<component><sequence><code code="TIME_ABSOLUTE"/><value xsi:type="GLIST_TS">'
+    b'<head value="20261130083000"/><increment value="0.002" unit="s"/></value></sequence></component>'
+    + b"".join(
+        b'<component><sequence><code code="MDC_ECG_LEAD_' + lead + b'"/><value xsi:type="SLIST_PQ">'
+        b'<origin value="0" unit="uV"/><scale value="5" unit="uV"/><digits>1 -2 3 4</digits></value>'
+        b"</sequence></component>"
+        for lead in (b"I", b"II", b"CC5", b"CM5")
+    )
+    + b"</sequenceSet></component></series></component></AnnotatedECG>"
+)
+
+
+@pytest.mark.parametrize("source", ["scp", "aecg"])
+def test_cc5_and_cm5_keep_their_cid_3001_codes(source: str) -> None:
+    """A cart's bipolar chest leads CC5 and CM5 go out coded as themselves (MDC 2:19, 2:20), not as
+    "Unspecified lead": a reader's software places leads by code, not by label."""
+    rec = read_scp(CC5_CM5_SCP) if source == "scp" else read_aecg(CC5_CM5_AECG)
+    assert rec.lead_names[-2:] == ("CC5", "CM5")
+    data = recording_to_dicom_bytes(rec, UIDS, STATION)
+    assert_valid(data)
+    assert codes(read(data))[-2:] == [
+        ("CC5", "2:19", _cid3001_meaning("2:19")),
+        ("CM5", "2:20", _cid3001_meaning("2:20")),
+    ]
+
+
+def test_a_reset_cart_clock_goes_out_as_the_carts_time_marked_untrusted() -> None:
+    """A Contec cart with a flat clock battery dates its ECG 2000-01-01. The PACS got
+    AcquisitionDateTime 2000-01-01 under Time Source "DEVICE FILE", as if true. The time is the
+    cart's (nothing invented) but Time Source and the annotations say it is not to be believed."""
+    from devices.ecg.formats import decode_ecg
+    from tests.conftest import shared_file
+
+    data = (
+        shared_file("ecg", "contec", "0000037.ECG").read_bytes().replace(b"2020-11-15 12:59:50", b"2000-01-01 00:00:00")
+    )
+    received = dt.datetime(2026, 12, 6, 9, 0, tzinfo=dt.timezone.utc)
+    rec = decode_ecg(data, "0000037.ECG", local_tz=dt.timezone(dt.timedelta(hours=8)), received_at=received)
+    ds = read(recording_to_dicom_bytes(rec, UIDS, STATION))
+    assert ds.AcquisitionDateTime == "20000101000000+0800"
+    assert (ds.AcquisitionTimeSynchronized, ds.TimeSource) == ("N", "DEVICE UNTRUSTED")
+    notes = texts(ds)
+    assert any(t.startswith("Acquisition time source: device-clock-untrusted") and "clock" in t for t in notes)
+    assert "Gateway flag: device-clock-reset" in notes

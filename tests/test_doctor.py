@@ -560,3 +560,51 @@ def test_forward_pids_reads_the_cgroup_tree_its_mountinfo_names(tmp_path: Path) 
     with d.mountinfo.open("a") as f:
         f.write(f"35 22 0:30 / {cgroups} rw,nosuid shared:10 - cgroup2 cgroup2 rw\n")
     assert d.forward_pids() == {4242, 4343}
+
+
+def test_an_ecg_cart_whose_clock_was_reset_is_a_devices_warning_until_its_next_ecg_is_dated_right(
+    tmp_path: Path,
+) -> None:
+    """The Contec cart's clock battery went flat: it dates its ECGs 2000-01-01. `lastmile doctor`
+    (and the System page) said the devices were fine. Now it warns that the cart's clock needs
+    setting, until the cart's newest ECG has a believable time again."""
+    import datetime as dt
+
+    from firmware_bridge.usb_import import import_paths
+    from lastmile.clock import local_zone
+    from lastmile.console.app import advice_text, finding_label
+    from lastmile.console.i18n import Localizer
+    from lastmile.ecg.intake import file_enqueuer
+    from tests.conftest import shared_file
+    from uploader.outbox import Outbox
+
+    cart_file = shared_file("ecg", "contec", "0000037.ECG").read_bytes()  # written 2020-11-15 12:59:50
+    received = dt.datetime(2026, 12, 6, 9, 0, tzinfo=dt.timezone.utc)
+    d = doctor(tmp_path, now=lambda: received.timestamp() + 3600)
+    config = d.config
+
+    def import_stick(name: str, data: bytes) -> None:
+        stick = tmp_path / name
+        stick.mkdir()
+        (stick / "0000037.ECG").write_bytes(data)
+        with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+            summary = import_paths(
+                [stick],
+                is_known=lambda key: outbox.find(key) is not None,
+                enqueue=file_enqueuer(outbox, config),
+                local_tz=dt.timezone(dt.timedelta(hours=8)),
+                now=lambda: received,
+            )
+        assert summary.imported == 1, summary.line()
+
+    import_stick("reset", cart_file.replace(b"2020-11-15 12:59:50", b"2000-01-01 00:00:00"))
+    clock = [f for f in d.check_devices() if f.topic == "ecg-clock"]
+    assert [f.level for f in clock] == [Level.WARN]
+    assert "clock is wrong" in clock[0].message and "2000-01-01" in clock[0].message
+    assert "set the cart's date and time" in clock[0].hint
+    # the System page heads it with the cart and tells the village doctor what to do, in Chinese
+    zh = Localizer("zh-CN", local_zone())
+    assert finding_label(clock[0], zh).endswith("的时钟") and "请设置心电图机的日期和时间" in advice_text(clock[0], zh)
+
+    import_stick("set", cart_file)  # the clock set again: its next ECG is believed
+    assert [f for f in d.check_devices() if f.topic == "ecg-clock"] == []

@@ -221,3 +221,48 @@ def test_a_file_time_after_the_file_arrived_is_not_believed() -> None:
     assert "device-time-ahead:2020-11-15T12:59:50+08:00" in r.flags
     on_time = decode_ecg(data, "0000037.ECG", local_tz=east8, received_at=dt.datetime(2020, 11, 15, 5, tzinfo=dt.UTC))
     assert on_time.time_source is TimeSource.FILE and not any(f.startswith("device-time") for f in on_time.flags)
+
+
+def _reset_cart_files() -> list[tuple[str, bytes]]:
+    """A cart whose clock was reset dates its files years before the gateway's (trusted) clock:
+    the Contec cart's own export re-stamped 2000-01-01 (what a flat RTC battery gives), and the
+    shared SCP / aECG / DICOM examples, all written 2002-11-22."""
+    contec = (
+        shared_file("ecg", "contec", "0000037.ECG").read_bytes().replace(b"2020-11-15 12:59:50", b"2000-01-01 00:00:00")
+    )
+    return [
+        ("0000037.ECG", contec),
+        ("ecgtoolkit_Example.scp", shared_file("ecg", "scp", "ecgtoolkit_Example.scp").read_bytes()),
+        ("fda_minimum_aecg.xml", shared_file("ecg", "aecg", "fda_minimum_aecg.xml").read_bytes()),
+        ("ecgtoolkit_Example.dcm", shared_file("ecg", "dicom", "ecgtoolkit_Example.dcm").read_bytes()),
+    ]
+
+
+@pytest.mark.parametrize("name,data", _reset_cart_files(), ids=lambda v: v if isinstance(v, str) else "")
+def test_a_reset_cart_clock_is_kept_but_not_believed(name: str, data: bytes) -> None:
+    """The ECG went out with 2000-01-01 as its acquisition time "written into the file by the
+    device", as if true. The cart's time is kept (no time is invented) but its source says it is
+    not believed, and the recording is flagged for the doctor: the cart's clock needs setting."""
+    import datetime as dt
+
+    received = dt.datetime(2026, 12, 6, 9, 0, tzinfo=dt.timezone.utc)
+    file_time = decode_ecg(data, name, local_tz=dt.timezone.utc).acquired_at
+    r = decode_ecg(data, name, local_tz=dt.timezone.utc, received_at=received)
+    assert (r.acquired_at, r.time_source) == (file_time, TimeSource.DEVICE_CLOCK_UNTRUSTED)
+    assert file_time.year in (2000, 2002)
+    assert "device-clock-reset" in r.flags
+
+
+def test_old_files_from_a_stick_and_an_unset_gateway_clock_are_not_judged() -> None:
+    """A stick brought in with last year's recordings is a genuine import: its times are believed.
+    A gateway whose own clock is not set yet (a Pi without RTC boots in 1970) judges nothing:
+    the cart's time stands as the file's."""
+    import datetime as dt
+
+    data = shared_file("ecg", "contec", "0000037.ECG").read_bytes()  # written 2020-11-15 12:59:50
+    east8 = dt.timezone(dt.timedelta(hours=8))
+    old = decode_ecg(data, "0000037.ECG", local_tz=east8, received_at=dt.datetime(2026, 12, 6, tzinfo=dt.UTC))
+    assert old.time_source is TimeSource.FILE and not any(f.startswith("device-") for f in old.flags)
+    unset = decode_ecg(data, "0000037.ECG", local_tz=east8, received_at=dt.datetime(1970, 1, 1, 0, 2, tzinfo=dt.UTC))
+    assert (unset.acquired_at, unset.time_source) == (old.acquired_at, TimeSource.FILE)
+    assert not any(f.startswith("device-") for f in unset.flags)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import signal
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -249,3 +250,76 @@ def test_todays_unassigned_reading_is_listed_after_months_of_unassigned_ones(sto
     listed = [h.held_id for h in store.held()]
     assert newest.held_id in listed, "today's unassigned reading is not on the doctor's list"
     assert listed == sorted(listed)  # still oldest first on the page
+
+
+# `lastmile patient map-user`: the doctor says whose user N of a multi-user cuff (bp()'s device) is.
+CUFF_ADDRESS = "AA:BB:CC:DD:EE:01"
+
+
+def reading(user: int, minute: int) -> Observation:
+    """A reading of the cuff's user `user`, `minute` minutes after T0."""
+    return replace(bp(T0 + minute * MIN, 151.0, key=f"test:user{user}:{minute}"), device_user=user)
+
+
+def map_user(tmp_path: Path, *args: str) -> int:
+    return main(["patient", "map-user", "--data-dir", str(tmp_path), *args])
+
+
+def test_map_user_current_and_remove_decide_where_user_2s_readings_go(
+    tmp_path: Path, store: ObservationStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store.context.set_patient("P-1", now=T0)
+
+    def where(minute: int) -> str | None:
+        return store.record(reading(2, minute), now=T0 + minute * MIN).patient_id
+
+    assert where(1) is None  # nobody said whose user 2 is: held, not on P-1
+
+    assert map_user(tmp_path, CUFF_ADDRESS.lower(), "2", "--patient", "P-2") == 0
+    assert "readings are P-2's" in capsys.readouterr().out
+    assert where(2) == "P-2"  # the address as typed in lower case is the same cuff
+
+    assert map_user(tmp_path, CUFF_ADDRESS, "2", "--current") == 0
+    assert "the checked-in patient's" in capsys.readouterr().out
+    assert where(3) == "P-1"
+
+    assert map_user(tmp_path, CUFF_ADDRESS, "2", "--remove") == 0
+    assert "readings held again" in capsys.readouterr().out
+    assert where(4) is None
+    assert map_user(tmp_path, CUFF_ADDRESS, "2", "--remove") == 0
+    assert "was not mapped" in capsys.readouterr().out
+
+
+def test_removing_user_1s_mapping_gives_it_back_to_the_checked_in_patient(
+    tmp_path: Path, store: ObservationStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store.context.set_patient("P-1", now=T0)
+    assert map_user(tmp_path, CUFF_ADDRESS, "1", "--patient", "P-HOME") == 0
+    assert store.record(reading(1, 1), now=T0 + MIN).patient_id == "P-HOME"
+    assert map_user(tmp_path, CUFF_ADDRESS, "1", "--remove") == 0
+    assert "the checked-in patient's again" in capsys.readouterr().out
+    assert store.record(reading(1, 2), now=T0 + 2 * MIN).patient_id == "P-1"
+
+
+@pytest.mark.parametrize(
+    ("address", "user", "message"),
+    [
+        ("AA:BB:CC:DD:EE", "2", "is not a Bluetooth address"),
+        ("P-2", "2", "is not a Bluetooth address"),
+        (CUFF_ADDRESS, "255", "a device user is 0-254, not 255"),
+        (CUFF_ADDRESS, "-1", "a device user is 0-254, not -1"),
+        (CUFF_ADDRESS, "two", "invalid int value: 'two'"),
+    ],
+)
+def test_a_bad_address_or_user_is_refused_clearly_and_maps_nothing(
+    tmp_path: Path, store: ObservationStore, capsys: pytest.CaptureFixture[str], address: str, user: str, message: str
+) -> None:
+    store.context.set_patient("P-1", now=T0)
+    try:
+        code = map_user(tmp_path, address, user, "--patient", "P-2")
+    except SystemExit as exc:  # argparse: the user number is not a number
+        code = exc.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert store.record(reading(2, 1), now=T0 + MIN).patient_id is None
+    assert store.db.conn.execute("SELECT COUNT(*) FROM device_users").fetchone()[0] == 0

@@ -171,6 +171,8 @@ _LEAD_CODES: dict[str, tuple[str, str]] = {
     "X": ("2:16", "Lead X"),
     "Y": ("2:17", "Lead Y"),
     "Z": ("2:18", "Lead Z"),
+    "CC5": ("2:19", "Chest lead per V5 and V5R placement"),  # bipolar chest leads of stress carts
+    "CM5": ("2:20", "Chest-manubrium lead per V5 placement"),
     "LA": ("2:21", "Left Arm Lead"),
     "RA": ("2:22", "Right Arm Lead"),
     "LL": ("2:23", "Left Leg Lead"),
@@ -212,6 +214,7 @@ _TIME_SOURCE_SH = {
     TimeSource.DEVICE_CLOCK_CORRECTED: "DEVICE CORRECTED",
     TimeSource.FILE: "DEVICE FILE",
     TimeSource.GATEWAY_RECEIPT: "GATEWAY RECEIPT",
+    TimeSource.DEVICE_CLOCK_UNTRUSTED: "DEVICE UNTRUSTED",
     TimeSource.GPS: "GPS",
     TimeSource.UNKNOWN: "UNKNOWN",
 }
@@ -221,6 +224,10 @@ _TIME_SOURCE_TEXT = {
     TimeSource.FILE: "the time written into the file by the device",
     TimeSource.GATEWAY_RECEIPT: (
         "the time the gateway received it (device time unknown or implausible): acquisition was earlier"
+    ),
+    TimeSource.DEVICE_CLOCK_UNTRUSTED: (
+        "the ECG device's own clock, NOT believed: it predates anything the gateway records "
+        "(a clock reset), so the acquisition time is unknown; the device's clock needs setting"
     ),
     TimeSource.GPS: "GNSS (GPS) time",
     TimeSource.UNKNOWN: "unknown",

@@ -822,6 +822,11 @@ class Outbox:
             sql += f" LIMIT {int(limit)}"
         return [_item(r) for r in self._read(sql, params)]
 
+    def newest(self, kind: str, *, since: float, limit: int) -> list[OutboxItem]:
+        """Items of `kind` added since `since` (epoch s), newest first, at most `limit`."""
+        sql = f"SELECT {_ITEM_COLUMNS} FROM items WHERE kind = ? AND created_at >= ? ORDER BY id DESC LIMIT ?"
+        return [_item(r) for r in self._read(sql, (kind, since, int(limit)))]
+
     def awaiting_commitment(self, kind: str) -> list[OutboxItem]:
         return self.items(state=S.SENT, kind=kind)
 

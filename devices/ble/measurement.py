@@ -94,4 +94,5 @@ def to_observation(
         record_key=key,
         patient_id=patient_id,
         flags=m.flags + extra_flags,
+        device_user=m.user_id,
     )

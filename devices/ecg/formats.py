@@ -18,7 +18,13 @@ from collections.abc import Callable
 
 from devices.ecg.recording import EcgRecording
 from devices.errors import ProtocolError
-from devices.identity import DEVICE_CLOCK_TOLERANCE, TimeSource
+from devices.identity import (
+    DEVICE_CLOCK_RESET,
+    DEVICE_CLOCK_TOLERANCE,
+    DEVICE_TIME_AHEAD,
+    EARLIEST_PLAUSIBLE,
+    TimeSource,
+)
 
 FORMATS: tuple[str, ...] = ("scp", "aecg", "dicom", "contec", "npz")
 # file name endings that name a format (lower case); used when the bytes are not conclusive
@@ -31,7 +37,6 @@ EXTENSIONS: dict[str, str] = {
     ".npz": "npz",
 }
 _ZIP = b"PK\x03\x04"
-DEVICE_TIME_AHEAD = "device-time-ahead"  # flag: the file's own time, not believed (see believable_time)
 # format -> (module, function): each taking (data, *, local_tz, received_at); npz carries its own times
 _DECODERS: dict[str, tuple[str, str]] = {
     "dicom": ("devices.ecg.dicom_input", "read_dicom_ecg"),
@@ -105,14 +110,27 @@ def decode_ecg(
 
 
 def believable_time(recording: EcgRecording, received_at: dt.datetime | None) -> EcgRecording:
-    """The file's acquisition time, unless it is later than the file's arrival (a cart clock
-    set ahead): then the receipt time stands in (TimeSource.GATEWAY_RECEIPT, "acquisition was
-    earlier") and the device's time is kept as the flag "device-time-ahead:<ISO time>"."""
-    if (
-        received_at is None
-        or recording.time_source is not TimeSource.FILE
-        or recording.acquired_at <= received_at + DEVICE_CLOCK_TOLERANCE
-    ):
+    """The file's acquisition time, judged against the gateway's receipt time (passed in, trusted
+    only from EARLIEST_PLAUSIBLE on: a gateway whose clock is not set yet judges nothing).
+
+    - Later than the file's arrival (a cart clock set ahead): the receipt time stands in
+      (TimeSource.GATEWAY_RECEIPT, "acquisition was earlier") and the device's time is kept as
+      the flag "device-time-ahead:<ISO time>".
+    - Before EARLIEST_PLAUSIBLE (a cart clock reset, e.g. to 2000-01-01): the cart's time is kept
+      (there is no better one; the receipt time of a stick's files says nothing of when they were
+      recorded) under TimeSource.DEVICE_CLOCK_UNTRUSTED, flagged "device-clock-reset" so the
+      doctor is told to set the cart's clock. Older files of a genuine import (a stick with last
+      year's recordings) are after EARLIEST_PLAUSIBLE and believed.
+    """
+    if received_at is None or received_at < EARLIEST_PLAUSIBLE or recording.time_source is not TimeSource.FILE:
+        return recording
+    if recording.acquired_at < EARLIEST_PLAUSIBLE:
+        return dataclasses.replace(
+            recording,
+            time_source=TimeSource.DEVICE_CLOCK_UNTRUSTED,
+            flags=(*recording.flags, DEVICE_CLOCK_RESET),
+        )
+    if recording.acquired_at <= received_at + DEVICE_CLOCK_TOLERANCE:
         return recording
     flag = f"{DEVICE_TIME_AHEAD}:{recording.acquired_at.isoformat()}"
     return dataclasses.replace(

@@ -214,6 +214,13 @@ MIGRATIONS = (
     # the device that recorded the ECG sent (its label): a report on an ECG sent without a patient
     # shows which recording it reads, by its time and device (NULL: recorded before)
     Migration.sql("0012_sent_study_device", "ALTER TABLE sent_studies ADD COLUMN device TEXT;"),
+    # whose readings a multi-user device's user N are (BP cuff / scale "User ID"): one patient, or
+    # (patient_id NULL) whoever is checked in; without a row such a reading is held for the doctor
+    Migration.sql(
+        "0013_device_users",
+        "CREATE TABLE device_users (address TEXT NOT NULL, user_id INTEGER NOT NULL, patient_id TEXT, "
+        "patient_name TEXT NOT NULL DEFAULT '', set_at TEXT NOT NULL, PRIMARY KEY (address, user_id));",
+    ),
 )
 
 

@@ -57,6 +57,12 @@ def normalise_address(address: str) -> str:
     return address.strip().upper()
 
 
+def is_bluetooth_address(address: str) -> bool:
+    """Six hex byte pairs, like C0:26:DA:01:02:03 (either case)."""
+    parts = address.split(":")
+    return len(parts) == 6 and all(len(x) == 2 and all(c in "0123456789abcdefABCDEF" for c in x) for x in parts)
+
+
 def serial_address(name: str) -> str:
     """The registry address of the serial device `name` (`[[serial.devices]]`)."""
     return f"serial:{name}"

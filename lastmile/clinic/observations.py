@@ -10,7 +10,10 @@ session - but only if the reading was measured after that patient's session bega
 from before (a cuff's memory sent late, the previous patient's reading delivered after the
 switch) is held instead; that can cost the doctor an assignment, never a wrong record. So is a
 record from a device's memory whose time is unknown (flag STORED_TIME_UNKNOWN: a meter whose
-clock was reset): its receipt time says nothing about when, or on whom, it was taken.
+clock was reset): its receipt time says nothing about when, or on whom, it was taken. A reading
+a multi-user device says is of its user N (`device_user`) is that user's, whoever is checked in:
+it goes where the doctor mapped that user; unmapped, user 1 (what most cuffs always send) is the
+checked-in patient's and any other user's is held (lastmile.clinic.device_users).
 
 Duplicates: a record key already in the outbox or held is not stored again, whatever the
 current patient, so a device re-sending its memory neither duplicates nor re-assigns anything.
@@ -31,6 +34,7 @@ import sqlite_utils
 from devices.identity import STORED_TIME_UNKNOWN, DeviceIdentity, TimeSource
 from devices.observation import Observation, Quantity
 from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
+from lastmile.clinic.device_users import DeviceUsers
 from lastmile.clinic.patients import PatientContext
 from uploader.outbox import AddResult, Outbox, Priority
 
@@ -69,6 +73,8 @@ def observation_to_json(obs: Observation) -> dict[str, Any]:
         "record_key": obs.record_key,
         "patient_id": obs.patient_id,
         "flags": list(obs.flags),
+        # only when sent: a single-user device's payload stays as it always was
+        **({} if obs.device_user is None else {"device_user": obs.device_user}),
     }
 
 
@@ -90,6 +96,7 @@ def observation_from_json(data: dict[str, Any]) -> Observation:
         record_key=data["record_key"],
         patient_id=data.get("patient_id"),
         flags=tuple(data.get("flags", ())),
+        device_user=data.get("device_user"),
     )
 
 
@@ -146,6 +153,7 @@ class ObservationStore:
         self.outbox = outbox
         self.db = db
         self.context = context
+        self.device_users = DeviceUsers(db)
 
     @classmethod
     def open(cls, data_dir: str | os.PathLike[str], *, outbox: Outbox, idle_timeout_s: float) -> ObservationStore:
@@ -175,6 +183,12 @@ class ObservationStore:
             )
         patient_id, name = obs.patient_id, ""
         current = None
+        if patient_id is None and obs.device_user is not None:
+            # One user's reading on a multi-user device: the checked-in patient may be another user.
+            mapping = self.device_users.whose(obs.device.address, obs.device_user)
+            if mapping is None:
+                return self._hold(obs, now, f"device user {obs.device_user} is mapped to no patient")
+            patient_id, name = mapping.patient_id, mapping.patient_name
         if patient_id is None and STORED_TIME_UNKNOWN in obs.flags:
             # Taken earlier, we cannot tell when: the current patient is a guess.
             return self._hold(obs, now, "a stored record whose time is unknown")

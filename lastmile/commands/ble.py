@@ -59,18 +59,13 @@ def _run(args: argparse.Namespace) -> int:
     return runtime.run(BleService.start)
 
 
-def _valid_address(address: str) -> bool:
-    parts = address.split(":")
-    return len(parts) == 6 and all(len(x) == 2 and all(c in "0123456789abcdefABCDEF" for c in x) for x in parts)
-
-
 def _pair(args: argparse.Namespace) -> int:
     import datetime as dt
 
-    from lastmile.clinic.devices import DeviceRegistry
+    from lastmile.clinic.devices import DeviceRegistry, is_bluetooth_address
     from lastmile.commands.common import config_from_args
 
-    if not _valid_address(args.address):
+    if not is_bluetooth_address(args.address):
         print(
             f"lastmile ble pair: {args.address!r} is not a Bluetooth address (like C0:26:DA:01:02:03)", file=sys.stderr
         )

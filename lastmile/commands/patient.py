@@ -37,6 +37,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_assign)
 
     p = psub.add_parser(
+        "map-user",
+        help="whose readings user N of a multi-user device (BP cuff, scale) are; unmapped, user 1's are the "
+        "checked-in patient's and other users' are held",
+        parents=[DATA_DIR],
+    )
+    p.add_argument("address", help="the device's Bluetooth address, like C0:26:DA:01:02:03")
+    p.add_argument("user", type=int, help="the user number the device gives (its user button: 1, 2 ...)")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--patient", metavar="ID", help="this patient's readings, whoever is checked in")
+    who.add_argument(
+        "--current", action="store_true", help="the checked-in patient's (the clinic measures as this user)"
+    )
+    who.add_argument(
+        "--remove", action="store_true", help="forget the mapping: user 1 is the checked-in patient's, others held"
+    )
+    p.set_defaults(func=_map_user)
+
+    p = psub.add_parser(
         "show", help="the current patient and the observations waiting to be assigned", parents=[DATA_DIR]
     )
     p.add_argument("--json", action="store_true", help="one JSON object")
@@ -105,6 +123,35 @@ def _clear(args: argparse.Namespace) -> int:
     finally:
         context.close()
     print("patient session ended" if cleared else "no current patient")
+    return 0
+
+
+def _map_user(args: argparse.Namespace) -> int:
+    from lastmile.clinic.db import open_clinic_db
+    from lastmile.clinic.device_users import DEFAULT_USER, DeviceUsers
+    from lastmile.clinic.devices import is_bluetooth_address
+    from lastmile.commands.common import config_from_args
+
+    if not is_bluetooth_address(args.address):
+        print(f"error: {args.address!r} is not a Bluetooth address (like C0:26:DA:01:02:03)", file=sys.stderr)
+        return 2
+    db = open_clinic_db(config_from_args(args).data_dir)
+    try:
+        users = DeviceUsers(db)
+        if args.remove:
+            removed = users.unmap_user(args.address, args.user)
+            unmapped = "the checked-in patient's again" if args.user == DEFAULT_USER else "held again"
+            print(f"user {args.user} of {args.address}: " + (f"readings {unmapped}" if removed else "was not mapped"))
+            return 0
+        try:
+            users.map_user(args.address, args.user, None if args.current else args.patient, now=_now())
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    finally:
+        db.conn.close()
+    whose = "the checked-in patient's" if args.current else f"{args.patient}'s"
+    print(f"user {args.user} of {args.address}: readings are {whose} from now on")
     return 0
 
 
@@ -257,7 +304,8 @@ def _show(args: argparse.Namespace) -> int:
         return 0
     print(f"{len(held)} observation(s) waiting to be assigned ('lastmile patient assign ID PATIENT'):")
     for i, o in held:
-        print(f"  #{i:<5d} {_local(o.measured_at)}  {o.kind:18s} {summary(o):36s} {o.device.label()}")
+        user = "" if o.device_user is None else f" (user {o.device_user})"
+        print(f"  #{i:<5d} {_local(o.measured_at)}  {o.kind:18s} {summary(o):36s} {o.device.label()}{user}")
     return 0
 
 

@@ -311,6 +311,7 @@ TOPIC_LABELS = {
     "signing-key": N_("signing key"),
     "not-queued": N_("closed visits not yet queued"),
     "open-damaged": N_("the open visit"),
+    "ecg-clock": N_("clock of ECG cart %(subject)s"),
 }
 # What each check's warning or problem means for the village doctor, and what to do: the check's
 # own message (English, technical) stays below it for the county's technician.
@@ -341,7 +342,10 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
     "fhir": {
         "FAIL": N_("The county health platform cannot be reached: visits and readings are kept here and sent later."),
     },
-    "devices": {"WARN": N_("A device is not connected or reports a problem: check its cable, power or pairing.")},
+    "devices": {
+        "WARN": N_("A device is not connected or reports a problem: check its cable, power or pairing."),
+        "ecg-clock": N_("The ECG cart's clock is wrong, so its ECGs have no true time: set the cart's date and time."),
+    },
     "queue": {
         "WARN": N_("Some items could not be sent and were set aside: tell the county IT."),
         "FAIL": N_("Nothing has been sent for a long time: check the network, then call the county IT."),

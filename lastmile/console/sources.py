@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from devices.identity import InvalidPatientIdError, Patient
+from devices.identity import InvalidPatientIdError, Patient, device_clock_wrong
 from lastmile.clinic.db import DB_NAME as CLINIC_DB
 from lastmile.clinic.db import from_iso, open_clinic_db, utc_now
 from lastmile.clinic.devices import DeviceRecord, DeviceRegistry, normalise_address
@@ -113,6 +113,7 @@ class ReadingView:
     time_source: str
     flags: tuple[str, ...] = ()
     held_id: int | None = None  # held unassigned: its number for "assign"
+    device_user: int | None = None  # a multi-user device's user the reading is of
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +128,7 @@ class EcgItemView:
     flags: tuple[str, ...]
     quality: dict[str, Any] | None  # the stored quality report (issue 13), when the item carries one
     payload_available: bool
+    device_clock_wrong: bool = False  # the cart dated it impossibly (clock reset or ahead): set its clock
 
 
 @dataclass(frozen=True, slots=True)
@@ -484,6 +486,7 @@ class ClinicData:
                 h.observation.time_source.value,
                 h.observation.flags,
                 held_id=h.held_id,
+                device_user=h.observation.device_user,
             )
             for h in self.store.held()
         ]
@@ -538,6 +541,7 @@ class ClinicData:
             flags=tuple(item.meta.get("flags") or ()),
             quality=quality if isinstance(quality, dict) else None,
             payload_available=item.state not in (ItemState.PURGED, ItemState.QUARANTINED),
+            device_clock_wrong=device_clock_wrong(item.meta.get("flags") or ()),
         )
 
     def ecg_payload(self, item_id: int) -> bytes | None:

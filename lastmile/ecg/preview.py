@@ -328,6 +328,8 @@ def _header(recording: EcgRecording, report: QualityReport, patient: Patient | N
     when = recording.acquired_at.isoformat(sep=" ", timespec="seconds")
     if recording.time_source == TimeSource.GATEWAY_RECEIPT:
         when += "（接收时间 time received）"
+    elif recording.time_source == TimeSource.DEVICE_CLOCK_UNTRUSTED:
+        when += "（心电图机时钟不对 cart clock wrong）"
     out.append(_text(right, 8.5, f"采集 Acquired {when}", anchor="end"))
     out.append(_text(right, 12.5, f"设备 Device {recording.device.label()}", anchor="end"))
     rate = "—" if report.heart_rate_bpm is None else f"{report.heart_rate_bpm:.0f}"

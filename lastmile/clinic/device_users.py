@@ -1,0 +1,89 @@
+"""Whose readings a multi-user device's users are: (device address, user index) -> patient.
+
+A BP cuff or scale with user buttons keeps readings per user and says whose each one is
+(Bluetooth "User ID"). Such a reading belongs to that user of the device, not to whoever is
+checked in: user 2's reading put on the patient meant for user 1 is a value on the wrong
+patient. A row here (`lastmile patient map-user`) says whose a user is: one patient (a
+family's cuff), or "the checked-in patient".
+
+Without a row, user 1 is the checked-in patient's: most cuffs send User ID 1 always (one
+user, or user buttons nobody presses), and a village doctor has no CLI to say so. Any other
+user (2, 3 ...) without a row is held, unassigned, showing its user: it is certainly not the
+default user, so whoever is checked in is a guess. A row for user 1 overrides the default.
+"Unknown user" (0xFF) claims no user at all: the decoder leaves it None, the reading follows
+the checked-in patient like a single-user device's.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+
+import sqlite_utils
+
+from lastmile.clinic.db import iso, transaction
+from lastmile.clinic.devices import normalise_address
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_USER = 255  # Bluetooth "unknown user": nobody's index
+DEFAULT_USER = 1  # the user a cuff without user buttons (or with one nobody presses) always sends
+
+
+@dataclass(frozen=True, slots=True)
+class UserMapping:
+    patient_id: str | None  # None: whoever is checked in when the reading is taken
+    patient_name: str = ""
+
+
+CHECKED_IN = UserMapping(None)
+
+
+class DeviceUsers:
+    def __init__(self, db: sqlite_utils.Database) -> None:
+        self.db = db
+
+    def mapping(self, address: str, user_id: int) -> UserMapping | None:
+        """Whose readings user `user_id` of the device at `address` are; None: nobody said."""
+        row = self.db.conn.execute(
+            "SELECT patient_id, patient_name FROM device_users WHERE address = ? AND user_id = ?",
+            (normalise_address(address), user_id),
+        ).fetchone()
+        return None if row is None else UserMapping(row["patient_id"], row["patient_name"])
+
+    def whose(self, address: str, user_id: int) -> UserMapping | None:
+        """Where a reading of user `user_id` of this device goes: its mapping, else the checked-in
+        patient for the default user; None: held (nobody said whose this user is)."""
+        mapping = self.mapping(address, user_id)
+        if mapping is None and user_id == DEFAULT_USER:
+            return CHECKED_IN
+        return mapping
+
+    def map_user(self, address: str, user_id: int, patient_id: str | None, *, now: dt.datetime, name: str = "") -> None:
+        """From now on, readings of user `user_id` of this device are `patient_id`'s (None: the
+        checked-in patient's, as for a single-user device)."""
+        if patient_id is not None and not patient_id.strip():
+            raise ValueError("a patient needs a non-empty identifier")
+        if not 0 <= user_id < UNKNOWN_USER:
+            raise ValueError(f"a device user is 0-254, not {user_id}")
+        with transaction(self.db) as conn:
+            conn.execute(
+                "INSERT INTO device_users (address, user_id, patient_id, patient_name, set_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(address, user_id) DO UPDATE SET patient_id = excluded.patient_id, "
+                "patient_name = excluded.patient_name, set_at = excluded.set_at",
+                (normalise_address(address), user_id, patient_id and patient_id.strip(), name, iso(now)),
+            )
+        log.info(
+            "device %s user %d mapped to %s",
+            normalise_address(address),
+            user_id,
+            "the checked-in patient" if patient_id is None else "a patient",
+        )
+
+    def unmap_user(self, address: str, user_id: int) -> bool:
+        with transaction(self.db) as conn:
+            cur = conn.execute(
+                "DELETE FROM device_users WHERE address = ? AND user_id = ?", (normalise_address(address), user_id)
+            )
+        return cur.rowcount > 0
