@@ -484,3 +484,50 @@ def test_the_not_found_and_refusal_pages_offer_no_language_switch_to_a_visitor_n
     for reply in (missing_page, refused):
         assert 'action="/language"' not in reply.body, reply.body
     assert 'action="/language"' in hers.body, hers.body  # a logged-in doctor still has it
+
+
+def sent_purged_ecg_with_report(config: Config) -> int:
+    """An ECG recorded on VALID_ID (张三), sent, committed, its report back, then purged as the
+    forwarder does after the retention time (its patient and meta erased): the report's id."""
+    from devices.identity import Patient
+    from lastmile.data_dir import open_outbox
+    from lastmile.ecg.intake import enqueue_recording
+    from lastmile.reports.sent import sent_study_of
+    from tests.ecg_factories import make_recording
+
+    now = dt.datetime.now(dt.timezone.utc)
+    with open_outbox(config) as outbox:
+        rec = make_recording(5, patient=Patient(VALID_ID, "Zhang^San=张^三"))
+        item = enqueue_recording(outbox, rec, config, key="purged").item
+        study = sent_study_of(item, {}, now)
+        assert study is not None and study.patient_id == VALID_ID, study
+        at = item.created_at + 1
+        outbox.release_hold(item.id, at)  # a synthetic trace may be held to re-record
+        (claimed,) = outbox.claim("dicom", 1, at)
+        outbox.mark_sent([claimed.id], at)
+        outbox.mark_committed([claimed.id], at)
+        assert outbox.purge_due(at + 1, 0.0) == 1
+        assert outbox.get(item.id).patient is None  # type: ignore[union-attr]
+    with ReportStore.open(config.data_dir) as store:
+        store.record_sent(study)
+        sr = ecg_report_sr(
+            StudyToRead(study.study_uid, VALID_ID, "Zhang^San=张^三"), findings=[], impression="窦性心律"
+        )
+        data = part10(sr)
+        return store.add_report(read_dicom_report(data), data, "dicom", now).report.id
+
+
+def test_the_sent_page_names_the_patient_and_report_of_an_ecg_purged_after_it_was_confirmed(tmp_path: Path) -> None:
+    """After the county confirmed an ECG the gateway purges it (patient erased with the payload):
+    the Sent page then said 无患者 and 已收到报告 — while the Reports page showed that patient's
+    report on the same ECG. It names the patient and links the report, as sent_studies remembers."""
+    config = console_config(tmp_path / "data")
+    report_id = sent_purged_ecg_with_report(config)
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        page = client.get("/sent").body
+    journey = page.split('<li class="card journey', 1)[1].split("</li>\n</ol>", 1)[0]
+    assert "张三" in journey and VALID_ID in journey, journey
+    assert "无患者" not in journey, journey
+    assert f'href="/reports/{report_id}"' in journey, journey

@@ -612,17 +612,22 @@ class ClinicData:
         at = (now or utc_now()).timestamp()
         hold = None if metered is None else metered.hold
         out = []
-        for item_id in self._recent_item_ids(Kind.DICOM, limit=limit):
+        item_ids = self._recent_item_ids(Kind.DICOM, limit=limit)
+        # a purged item's patient and study UID are erased with its payload: what was sent is
+        # remembered in sent_studies (as the Reports page shows it)
+        sent = ReportStore(self.db).studies_of_items(item_ids)
+        for item_id in item_ids:
             item = self.outbox.get(item_id)
             if item is None:
                 continue
+            study = sent.get(item.id)
             patient = item.patient or {}
-            report = by_study.get(str(item.meta.get("study_uid", "")))
+            report = by_study.get(str(item.meta.get("study_uid") or (study.study_uid if study else "")))
             out.append(
                 StudyJourney(
                     item_id=item.id,
-                    patient_id=str(patient.get("patient_id") or ""),
-                    patient_name=str(patient.get("name") or ""),
+                    patient_id=str(patient.get("patient_id") or (study.patient_id if study else "")),
+                    patient_name=str(patient.get("name") or (study.patient_name if study else "")),
                     stat=item.priority == 0,
                     state=item.state.value,
                     recorded_at=_utc(item.created_at),
