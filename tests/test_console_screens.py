@@ -531,3 +531,18 @@ def test_the_sent_page_names_the_patient_and_report_of_an_ecg_purged_after_it_wa
     assert "张三" in journey and VALID_ID in journey, journey
     assert "无患者" not in journey, journey
     assert f'href="/reports/{report_id}"' in journey, journey
+
+
+def test_a_pdf_report_tells_the_doctor_how_to_print_it_without_a_command(tmp_path: Path) -> None:
+    """A county PDF report: the Reports page and the report told the doctor to print it "or with
+    `lastmile report print`" - a command on a box the doctor has no shell on."""
+    config = console_config(tmp_path / "data")
+    report_id, _device = store_unassigned_ecg_report(config, as_pdf=True)
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        pages = {path: client.get(path).body for path in ("/reports", f"/reports/{report_id}")}
+    for path, body in pages.items():
+        main = body.split("<main", 1)[1]
+        assert "PDF 文件" in main, (path, main)
+        assert "lastmile" not in main and "`" not in main, (path, main)
