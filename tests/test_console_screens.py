@@ -546,3 +546,42 @@ def test_a_pdf_report_tells_the_doctor_how_to_print_it_without_a_command(tmp_pat
         main = body.split("<main", 1)[1]
         assert "PDF 文件" in main, (path, main)
         assert "lastmile" not in main and "`" not in main, (path, main)
+
+
+def test_a_held_pulse_reads_in_the_same_unit_as_the_ecgs_heart_rate(tmp_path: Path) -> None:
+    """A cuff's reading waiting to be assigned said 脉搏 71 /min, while the ECG beside it says
+    心率 61 次/分: the same beats per minute in two units, one of them English."""
+    from devices.identity import DeviceIdentity
+    from devices.observation import Observation, Quantity, TimeSource
+    from lastmile.clinic.observations import ObservationStore
+    from lastmile.data_dir import open_outbox
+
+    config = console_config(tmp_path / "data")
+    now = dt.datetime.now(dt.timezone.utc)
+    reading = Observation(
+        kind="blood-pressure",
+        quantities=(
+            Quantity("systolic", 128.0, "mm[Hg]", 128.0, "mm[Hg]"),
+            Quantity("diastolic", 84.0, "mm[Hg]", 84.0, "mm[Hg]"),
+            Quantity("pulse-rate", 71.0, "/min", 71.0, "/min"),
+        ),
+        measured_at=now,
+        time_source=TimeSource.DEVICE_CLOCK,
+        received_at=now,
+        device=DeviceIdentity("Acme", "BP-1", "42", "AA:BB:CC:DD:EE:01"),
+        record_key="pulse-1",
+    )
+    with open_outbox(config) as outbox:
+        store = ObservationStore.open(config.data_dir, outbox=outbox, idle_timeout_s=900)
+        try:
+            assert store.record(reading, now=now).outcome == "held"
+        finally:
+            store.close()
+    with running_console(config) as server:
+        pages = {}
+        for language in ("zh-CN", "en"):
+            client = Client(server.url, language=language)
+            client.login(DOCTOR)
+            pages[language] = client.get("/today").body
+    assert "脉搏 71 次/分" in pages["zh-CN"] and "/min" not in pages["zh-CN"], pages["zh-CN"]
+    assert "pulse 71 /min" in pages["en"], pages["en"]
