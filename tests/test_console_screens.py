@@ -585,3 +585,18 @@ def test_a_held_pulse_reads_in_the_same_unit_as_the_ecgs_heart_rate(tmp_path: Pa
             pages[language] = client.get("/today").body
     assert "脉搏 71 次/分" in pages["zh-CN"] and "/min" not in pages["zh-CN"], pages["zh-CN"]
     assert "pulse 71 /min" in pages["en"], pages["en"]
+
+
+def test_readings_for_the_platform_are_not_counted_as_ecg_studies_waiting_for_the_county(tmp_path: Path) -> None:
+    """A BP reading queued for the health platform, no ECG at all: the Sent page said 1 份检查等待发送
+    above an empty list of ECG studies (the demo: 3 waiting, one ECG listed)."""
+    from tests.console_harness import record_receipt_timed_bp
+
+    config = console_config(tmp_path / "data")
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        assert client.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
+        record_receipt_timed_bp(config, "bp-1")
+        page = client.get("/sent").body
+    assert "0 份检查等待发送" in page, page

@@ -417,6 +417,12 @@ class ClinicData:
         return ended
 
     # -- readings ---------------------------------------------------------------------------------
+    def _ecgs_waiting(self) -> int:
+        # the outbox's counts are of every kind: the readings waiting for the health platform are
+        # not studies waiting for the reading center
+        sql = "SELECT COUNT(*) FROM items WHERE kind = ? AND state IN ('queued', 'sending')"
+        return int(self.outbox.db.conn.execute(sql, (Kind.DICOM,)).fetchone()[0])
+
     def _recent_item_ids(self, kind: str, *, limit: int, since: float | None = None) -> list[int]:
         # The outbox has no "newest first" query; its items table is read directly (indexed id).
         sql = "SELECT id FROM items WHERE kind = ?"
@@ -648,7 +654,6 @@ class ClinicData:
         """The reading center's link; `metered`: what its metered link holds now (`metered_hold`)."""
         status = self.outbox.status(READING_CENTER_STATUS) or {}
         stats = self.outbox.stats(now.timestamp())
-        counts = stats["counts"]
         last_success = _t(status.get("last_success"))
         last_error_at = _t(status.get("last_error_at"))
         down_since = last_error_at if reading_center_down(status) else None
@@ -660,7 +665,7 @@ class ClinicData:
             down_since=down_since,
             last_error=str(status.get("last_error") or ""),
             last_success=last_success,
-            waiting=counts.get("queued", 0) + counts.get("sending", 0),
+            waiting=self._ecgs_waiting(),
             oldest_waiting=None if oldest is None else now - dt.timedelta(seconds=oldest),
             metered_wait=blocked.reason if blocked else "",
             metered_until=dt.datetime.fromtimestamp(blocked.until, dt.timezone.utc) if blocked else None,
