@@ -484,3 +484,119 @@ def test_the_not_found_and_refusal_pages_offer_no_language_switch_to_a_visitor_n
     for reply in (missing_page, refused):
         assert 'action="/language"' not in reply.body, reply.body
     assert 'action="/language"' in hers.body, hers.body  # a logged-in doctor still has it
+
+
+def sent_purged_ecg_with_report(config: Config) -> int:
+    """An ECG recorded on VALID_ID (张三), sent, committed, its report back, then purged as the
+    forwarder does after the retention time (its patient and meta erased): the report's id."""
+    from devices.identity import Patient
+    from lastmile.data_dir import open_outbox
+    from lastmile.ecg.intake import enqueue_recording
+    from lastmile.reports.sent import sent_study_of
+    from tests.ecg_factories import make_recording
+
+    now = dt.datetime.now(dt.timezone.utc)
+    with open_outbox(config) as outbox:
+        rec = make_recording(5, patient=Patient(VALID_ID, "Zhang^San=张^三"))
+        item = enqueue_recording(outbox, rec, config, key="purged").item
+        study = sent_study_of(item, {}, now)
+        assert study is not None and study.patient_id == VALID_ID, study
+        at = item.created_at + 1
+        outbox.release_hold(item.id, at)  # a synthetic trace may be held to re-record
+        (claimed,) = outbox.claim("dicom", 1, at)
+        outbox.mark_sent([claimed.id], at)
+        outbox.mark_committed([claimed.id], at)
+        assert outbox.purge_due(at + 1, 0.0) == 1
+        assert outbox.get(item.id).patient is None  # type: ignore[union-attr]
+    with ReportStore.open(config.data_dir) as store:
+        store.record_sent(study)
+        sr = ecg_report_sr(
+            StudyToRead(study.study_uid, VALID_ID, "Zhang^San=张^三"), findings=[], impression="窦性心律"
+        )
+        data = part10(sr)
+        return store.add_report(read_dicom_report(data), data, "dicom", now).report.id
+
+
+def test_the_sent_page_names_the_patient_and_report_of_an_ecg_purged_after_it_was_confirmed(tmp_path: Path) -> None:
+    """After the county confirmed an ECG the gateway purges it (patient erased with the payload):
+    the Sent page then said 无患者 and 已收到报告 — while the Reports page showed that patient's
+    report on the same ECG. It names the patient and links the report, as sent_studies remembers."""
+    config = console_config(tmp_path / "data")
+    report_id = sent_purged_ecg_with_report(config)
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        page = client.get("/sent").body
+    journey = page.split('<li class="card journey', 1)[1].split("</li>\n</ol>", 1)[0]
+    assert "张三" in journey and VALID_ID in journey, journey
+    assert "无患者" not in journey, journey
+    assert f'href="/reports/{report_id}"' in journey, journey
+
+
+def test_a_pdf_report_tells_the_doctor_how_to_print_it_without_a_command(tmp_path: Path) -> None:
+    """A county PDF report: the Reports page and the report told the doctor to print it "or with
+    `lastmile report print`" - a command on a box the doctor has no shell on."""
+    config = console_config(tmp_path / "data")
+    report_id, _device = store_unassigned_ecg_report(config, as_pdf=True)
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        pages = {path: client.get(path).body for path in ("/reports", f"/reports/{report_id}")}
+    for path, body in pages.items():
+        main = body.split("<main", 1)[1]
+        assert "PDF 文件" in main, (path, main)
+        assert "lastmile" not in main and "`" not in main, (path, main)
+
+
+def test_a_held_pulse_reads_in_the_same_unit_as_the_ecgs_heart_rate(tmp_path: Path) -> None:
+    """A cuff's reading waiting to be assigned said 脉搏 71 /min, while the ECG beside it says
+    心率 61 次/分: the same beats per minute in two units, one of them English."""
+    from devices.identity import DeviceIdentity
+    from devices.observation import Observation, Quantity, TimeSource
+    from lastmile.clinic.observations import ObservationStore
+    from lastmile.data_dir import open_outbox
+
+    config = console_config(tmp_path / "data")
+    now = dt.datetime.now(dt.timezone.utc)
+    reading = Observation(
+        kind="blood-pressure",
+        quantities=(
+            Quantity("systolic", 128.0, "mm[Hg]", 128.0, "mm[Hg]"),
+            Quantity("diastolic", 84.0, "mm[Hg]", 84.0, "mm[Hg]"),
+            Quantity("pulse-rate", 71.0, "/min", 71.0, "/min"),
+        ),
+        measured_at=now,
+        time_source=TimeSource.DEVICE_CLOCK,
+        received_at=now,
+        device=DeviceIdentity("Acme", "BP-1", "42", "AA:BB:CC:DD:EE:01"),
+        record_key="pulse-1",
+    )
+    with open_outbox(config) as outbox:
+        store = ObservationStore.open(config.data_dir, outbox=outbox, idle_timeout_s=900)
+        try:
+            assert store.record(reading, now=now).outcome == "held"
+        finally:
+            store.close()
+    with running_console(config) as server:
+        pages = {}
+        for language in ("zh-CN", "en"):
+            client = Client(server.url, language=language)
+            client.login(DOCTOR)
+            pages[language] = client.get("/today").body
+    assert "脉搏 71 次/分" in pages["zh-CN"] and "/min" not in pages["zh-CN"], pages["zh-CN"]
+    assert "pulse 71 /min" in pages["en"], pages["en"]
+
+
+def test_readings_for_the_platform_are_not_counted_as_ecg_studies_waiting_for_the_county(tmp_path: Path) -> None:
+    """A BP reading queued for the health platform, no ECG at all: the Sent page said 1 份检查等待发送
+    above an empty list of ECG studies (the demo: 3 waiting, one ECG listed)."""
+    from tests.console_harness import record_receipt_timed_bp
+
+    config = console_config(tmp_path / "data")
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        assert client.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
+        record_receipt_timed_bp(config, "bp-1")
+        page = client.get("/sent").body
+    assert "0 份检查等待发送" in page, page

@@ -39,8 +39,8 @@ STUDY = StudyToRead("1.2.826.0.1.3680043.8.498.77", patient_id="P0077", patient_
 RULES = CriticalRules.parse(["SCT:401303003"], ["危急值", "Critical Result"])
 ZH = Localizer("zh-CN", ZoneInfo("Asia/Shanghai"))
 EN = Localizer("en", ZoneInfo("Asia/Shanghai"))
-# what may stay Latin in the Chinese text besides the county's words: a file type and the command
-LATIN_IN_CHINESE = ("PDF", "KB", "lastmile report print")
+# what may stay Latin in the Chinese text besides the county's words: a file type and its size
+LATIN_IN_CHINESE = ("PDF", "KB")
 
 
 def everything_sr() -> Dataset:

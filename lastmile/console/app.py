@@ -472,6 +472,8 @@ def not_found(request: Request, ctx: Context, message: str, *, status: int = 404
 
 
 UNIT_DISPLAY = {" mm[Hg]": " mmHg", " Cel": " °C", " [degF]": " °F", " [lb_av]": " lb"}
+# units said in words in the page's language: a pulse in 次/分, as the ECG's heart rate beside it
+UNIT_WORDS = {" /min": N_("/min")}
 
 
 def reading_text(summary: str, localizer: Localizer) -> str:
@@ -479,6 +481,8 @@ def reading_text(summary: str, localizer: Localizer) -> str:
         summary = summary.replace(code + " ", localizer.gettext(QUANTITY_LABELS[code]) + " ")
     for unit, shown in UNIT_DISPLAY.items():
         summary = summary.replace(unit, shown)
+    for unit, words in UNIT_WORDS.items():
+        summary = summary.replace(unit, " " + localizer.gettext(words))
     return summary
 
 

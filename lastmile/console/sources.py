@@ -419,6 +419,12 @@ class ClinicData:
         return ended
 
     # -- readings ---------------------------------------------------------------------------------
+    def _ecgs_waiting(self) -> int:
+        # the outbox's counts are of every kind: the readings waiting for the health platform are
+        # not studies waiting for the reading center
+        sql = "SELECT COUNT(*) FROM items WHERE kind = ? AND state IN ('queued', 'sending')"
+        return int(self.outbox.db.conn.execute(sql, (Kind.DICOM,)).fetchone()[0])
+
     def _recent_item_ids(self, kind: str, *, limit: int, since: float | None = None) -> list[int]:
         # The outbox has no "newest first" query; its items table is read directly (indexed id).
         sql = "SELECT id FROM items WHERE kind = ?"
@@ -616,17 +622,22 @@ class ClinicData:
         at = (now or utc_now()).timestamp()
         hold = None if metered is None else metered.hold
         out = []
-        for item_id in self._recent_item_ids(Kind.DICOM, limit=limit):
+        item_ids = self._recent_item_ids(Kind.DICOM, limit=limit)
+        # a purged item's patient and study UID are erased with its payload: what was sent is
+        # remembered in sent_studies (as the Reports page shows it)
+        sent = ReportStore(self.db).studies_of_items(item_ids)
+        for item_id in item_ids:
             item = self.outbox.get(item_id)
             if item is None:
                 continue
+            study = sent.get(item.id)
             patient = item.patient or {}
-            report = by_study.get(str(item.meta.get("study_uid", "")))
+            report = by_study.get(str(item.meta.get("study_uid") or (study.study_uid if study else "")))
             out.append(
                 StudyJourney(
                     item_id=item.id,
-                    patient_id=str(patient.get("patient_id") or ""),
-                    patient_name=str(patient.get("name") or ""),
+                    patient_id=str(patient.get("patient_id") or (study.patient_id if study else "")),
+                    patient_name=str(patient.get("name") or (study.patient_name if study else "")),
                     stat=item.priority == 0,
                     state=item.state.value,
                     recorded_at=_utc(item.created_at),
@@ -647,7 +658,6 @@ class ClinicData:
         """The reading center's link; `metered`: what its metered link holds now (`metered_hold`)."""
         status = self.outbox.status(READING_CENTER_STATUS) or {}
         stats = self.outbox.stats(now.timestamp())
-        counts = stats["counts"]
         last_success = _t(status.get("last_success"))
         last_error_at = _t(status.get("last_error_at"))
         down_since = last_error_at if reading_center_down(status) else None
@@ -659,7 +669,7 @@ class ClinicData:
             down_since=down_since,
             last_error=str(status.get("last_error") or ""),
             last_success=last_success,
-            waiting=counts.get("queued", 0) + counts.get("sending", 0),
+            waiting=self._ecgs_waiting(),
             oldest_waiting=None if oldest is None else now - dt.timedelta(seconds=oldest),
             metered_wait=blocked.reason if blocked else "",
             metered_until=dt.datetime.fromtimestamp(blocked.until, dt.timezone.utc) if blocked else None,

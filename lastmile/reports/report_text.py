@@ -157,7 +157,7 @@ def footer_line(line: ReportLine, speaker: Speaker) -> str:
         case LineKind.DOCUMENT:
             kb = f"{line.number / 1024:.0f}"
             if line.value == "application/pdf":
-                return _("PDF document, %(kb)s KB: print it from this page or with `lastmile report print`", kb=kb)
+                return _("PDF document, %(kb)s KB: printed with the report (Print)", kb=kb)
             return _("%(type)s document, %(kb)s KB", type=line.value or "?", kb=kb)
         case LineKind.READ_BY:
             who = display_name(line.name) or _("(not named)")

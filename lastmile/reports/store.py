@@ -340,6 +340,16 @@ class ReportStore:
         rows = self._rows("SELECT * FROM sent_studies WHERE study_uid = ?", (study_uid,))
         return _study(rows[0]) if rows else None
 
+    def studies_of_items(self, item_ids: Sequence[int]) -> dict[int, SentStudy]:
+        """The sent studies of these outbox items, by item id: what a purged item no longer holds
+        (its patient and study UID are erased with its payload)."""
+        if not item_ids:
+            return {}
+        rows = self._rows(
+            f"SELECT * FROM sent_studies WHERE outbox_item_id IN ({_placeholders(item_ids)})", tuple(item_ids)
+        )
+        return {int(r["outbox_item_id"]): _study(r) for r in rows}
+
     def studies(self, *, since: dt.datetime | None = None) -> list[SentStudy]:
         """Sent studies, newest first (those sent at or after `since`)."""
         if since is None:
