@@ -669,6 +669,27 @@ class Doctor:
         ]
 
     def check_devices(self) -> list[Finding]:
+        return self._readings_waiting_for_space() + self._device_states()
+
+    def _readings_waiting_for_space(self) -> list[Finding]:
+        """Readings a serial monitor printed that the full outbox refused: kept in the spill file
+        until there is room, and a FAIL until then (the monitor cannot print them again)."""
+        from lastmile.services.serial_spill import SPILL_NAME, waiting_readings
+
+        waiting = waiting_readings(self.config.data_dir)
+        if not waiting:
+            return []
+        return [
+            Finding(
+                "devices",
+                Level.FAIL,
+                f"{waiting} reading(s) from serial devices wait for space on the data partition "
+                f"(kept in {SPILL_NAME}); they are stored once there is room",
+                "free space on the data partition (see the data line); the acquire service stores them within 30 s",
+            )
+        ]
+
+    def _device_states(self) -> list[Finding]:
         links = sorted(p.name for p in self.device_links.iterdir()) if self.device_links.is_dir() else []
         plugged = f"plugged in: {', '.join(links)}" if links else "no USB device plugged in"
         records = self.device_records()

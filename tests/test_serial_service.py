@@ -17,6 +17,7 @@ from lastmile.clinic.devices import DeviceRegistry
 from lastmile.clinic.patients import PatientContext
 from lastmile.config import Config, ConfigError, load_profiles_apart
 from lastmile.services.serial_devices import SerialService, link_specs
+from tests.conftest import run_on_private_tmpfs
 from tests.serial_pty import PtyDevice
 from tests.service_harness import DOCTOR_BADGE_SCAN, PATIENT_CARD_SCAN, VITALS_REPORT
 from tests.waiting import wait_for
@@ -379,3 +380,83 @@ def test_a_card_scanned_for_the_checked_in_patient_keeps_their_name_and_stat(tmp
     wait_for(lambda: getattr(r.patients.current(r.now()), "patient_id", None) == "80276001234567890999", timeout=30)
     current = r.patients.current(r.now())
     assert (current.name, current.stat, current.reason) == ("", False, "")
+
+
+# Runs inside `unshare -m` with a small tmpfs on argv[1]: the gateway (a child process) reads a
+# monitor's report on a partition full to its last block, then loses its power (SIGKILL).
+SPILL_GATEWAY = r"""
+import datetime as dt, os, signal, sys
+from pathlib import Path
+from lastmile.config import Config
+from lastmile.services.serial_devices import SerialService
+from tests.conftest import fill_to_the_last_block
+from tests.serial_pty import PtyDevice
+from tests.service_harness import VITALS_REPORT
+from tests.waiting import wait_for
+from uploader.outbox import Outbox
+
+mnt = Path(sys.argv[1])
+monitor = PtyDevice(mnt / "usb-monitor")
+config = Config()
+config.gateway.data_dir = str(mnt / "data")
+config.serial.devices = [{"name": "monitor", "match": str(monitor.link_path), "profile": "example-vitals-monitor"}]
+outbox = Outbox.open(config.data_dir, min_free_bytes=1 << 20)
+service = SerialService.open(config, outbox=outbox, watch_dirs=None, rescan_s=0.1)
+service.start()
+wait_for(lambda: all(s.connected for s in service.statuses()))
+now = dt.datetime.now(dt.timezone.utc)
+service.ctx.patients.set_patient("P-9", now=now - dt.timedelta(minutes=1))
+fill_to_the_last_block(mnt / "filler")
+printed = (now + dt.timedelta(hours=1)).strftime("DATE %Y-%m-%d  TIME %H:%M:%S").encode()
+monitor.write(VITALS_REPORT.replace(b"DATE 2025-03-04  TIME 09:41:07", printed))
+wait_for(lambda: sum(len(u.observations) for u in service.ctx.unstored.values()) == 3, timeout=60)
+print("held", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # the power fails
+"""
+
+SPILL_SCRIPT = r"""
+import json, os, subprocess, sys, time
+from pathlib import Path
+from lastmile.config import Config
+from lastmile.doctor import Doctor
+from lastmile.services.serial_devices import SerialService
+from uploader.outbox import Outbox
+
+mnt, gateway = Path(sys.argv[1]), sys.argv[2]
+out = {}
+run = subprocess.run([sys.executable, "-c", gateway, str(mnt)], capture_output=True, text=True, timeout=180)
+out["gateway"] = [run.returncode, run.stdout, run.stderr[-2000:]]
+config = Config()
+config.gateway.data_dir = str(mnt / "data")
+out["doctor"] = [(f.level.value, f.message) for f in Doctor(config).check_devices()]
+os.unlink(mnt / "filler")  # space again; the gateway starts (the monitor is not plugged in now)
+config.serial.devices = [{"name": "monitor", "match": str(mnt / "usb-monitor"), "profile": "example-vitals-monitor"}]
+outbox = Outbox.open(config.data_dir, min_free_bytes=1 << 20)
+service = SerialService.open(config, outbox=outbox, watch_dirs=None, rescan_s=0.1)
+service.start()
+deadline = time.monotonic() + 60
+while len(outbox.items(kind="observation")) < 3 and time.monotonic() < deadline:
+    time.sleep(0.1)
+out["stored_after_restart"] = [json.loads(outbox.read_payload(i))["patient_id"] for i in outbox.items(kind="observation")]
+service.close()
+outbox.close()
+out["doctor_after"] = [(f.level.value, f.message) for f in Doctor(config).check_devices()]
+print(json.dumps(out))
+"""
+
+
+def test_readings_a_full_disk_refuses_survive_a_power_cut_and_are_stored_when_space_returns(tmp_path: Path) -> None:
+    """A monitor prints its report once; the outbox refuses it (the partition is full to its last
+    block). Held in memory only, a power cut lost it without a word. Now it is kept in the spill
+    file set aside at start, `lastmile doctor` FAILs saying readings wait for space, and once
+    there is room the restarted gateway stores them on the patient they were taken for."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    script = run_on_private_tmpfs(mnt, "16m", SPILL_SCRIPT, SPILL_GATEWAY, timeout_s=400)
+    assert script.returncode == 0, script.stderr[-3000:]
+    out = json.loads(script.stdout.strip().splitlines()[-1])
+    code, stdout, stderr = out["gateway"]
+    assert code == -9 and stdout.strip() == "held", stderr
+    assert out["stored_after_restart"] == ["P-9"] * 3, "readings the full disk refused were lost in the power cut"
+    assert any(level == "FAIL" and "3 reading(s)" in text and "wait for space" in text for level, text in out["doctor"])
+    assert not any(level == "FAIL" for level, _ in out["doctor_after"]), out["doctor_after"]

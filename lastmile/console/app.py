@@ -330,7 +330,12 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
     "fhir": {
         "FAIL": N_("The county health platform cannot be reached: visits and readings are kept here and sent later."),
     },
-    "devices": {"WARN": N_("A device is not connected or reports a problem: check its cable, power or pairing.")},
+    "devices": {
+        "WARN": N_("A device is not connected or reports a problem: check its cable, power or pairing."),
+        "FAIL": N_(
+            "Readings are waiting for storage space: they are kept and saved once there is room. Call the county IT."
+        ),
+    },
     "queue": {
         "WARN": N_("Some items could not be sent and were set aside: tell the county IT."),
         "FAIL": N_("Nothing has been sent for a long time: check the network, then call the county IT."),
