@@ -259,3 +259,24 @@ def test_a_cuff_that_sends_good_records_after_a_malformed_one_is_no_current_faul
         finally:
             store.close()
     assert warnings(data, "") == []
+
+
+def test_a_console_reload_says_which_changed_settings_need_a_restart(tmp_path: Path) -> None:
+    """The technician added a USB import folder and changed the BLE scan, then reloaded: the
+    console took the serial devices only and went on showing the old BLE and USB settings, and
+    nothing said a restart was needed. Now the reload names them (journal, systemd STATUS)."""
+    from lastmile.console.service import ConsoleService
+
+    config = console_config(tmp_path / "data")
+    add_users(config)
+    service = ConsoleService.start(config)
+    try:
+        reloaded = console_config(tmp_path / "data", port=int(config.console.listen.rsplit(":", 1)[1]))
+        reloaded.usb_import.folders = [str(tmp_path / "stick")]
+        reloaded.ble.scan_interval_s = 30.0
+        reloaded.console.language = "en"
+        service.reload(reloaded)
+        status = service.status_line()
+    finally:
+        service.close()
+    assert "restart needed for ble, usb_import" in status, status

@@ -17,6 +17,7 @@ import logging
 import socket
 import threading
 import time
+from dataclasses import fields
 from typing import TYPE_CHECKING
 
 from lastmile.config import Config, ConfigError, Listen
@@ -248,11 +249,32 @@ class ConsoleServer:
             self._sock.close()
 
 
+# What the console takes on reload (`ConsoleService.reload`); any other change waits for a restart.
+TAKEN_ON_RELOAD = {"serial", "console.language", "console.max_login_failures", "source"}
+
+
+def changes_needing_restart(running: Config, reloaded: Config) -> list[str]:
+    """The sections (or console keys) that differ between `running` and `reloaded` and that a
+    reload does not take: the console goes on showing the old ones until it is restarted."""
+    changed = []
+    for section in fields(Config):
+        old, new = getattr(running, section.name), getattr(reloaded, section.name)
+        if section.name in TAKEN_ON_RELOAD or old == new:
+            continue
+        if section.name == "console":
+            keys = [f"console.{f.name}" for f in fields(old) if getattr(old, f.name) != getattr(new, f.name)]
+            changed += [k for k in keys if k not in TAKEN_ON_RELOAD]
+        else:
+            changed.append(section.name)
+    return changed
+
+
 class ConsoleService:
     """The `Service` of `lastmile console`."""
 
     def __init__(self, server: ConsoleServer) -> None:
         self.server = server
+        self.restart_needed: list[str] = []  # settings changed by a reload that need a restart
 
     @classmethod
     def start(cls, config: Config) -> ConsoleService:
@@ -269,6 +291,15 @@ class ConsoleService:
         # Language, lockout and idle limits apply from the next request; a new address needs a restart.
         if config.console.listen != self.server.config.console.listen:
             log.warning("console.listen changed: restart lastmile-console to listen there")
+        self.restart_needed = sorted(
+            set(self.restart_needed) | set(changes_needing_restart(self.server.config, config))
+        )
+        if self.restart_needed:
+            log.warning(
+                "reload: the console shows these changed settings only after a restart "
+                "(systemctl restart lastmile-console): %s",
+                ", ".join(self.restart_needed),
+            )
         self.server.config.console.language = config.console.language
         # the serial devices: a device row they no longer name is shown removed, not as a fault
         self.server.config.serial = config.serial
@@ -282,4 +313,5 @@ class ConsoleService:
     def status_line(self) -> str:
         state = self.server.state
         pages = state.broker.subscribers if state else 0
-        return f"console on {self.server.url}, {pages} live page(s)"
+        restart = f"; restart needed for {', '.join(self.restart_needed)}" if self.restart_needed else ""
+        return f"console on {self.server.url}, {pages} live page(s){restart}"
