@@ -86,6 +86,7 @@ TOPICS = (
     "last-round",
     "signing-key",
     "not-queued",
+    "restart-needed",
 )
 _WEAR_OPTIONS = {"ro", "rw", "noatime", "relatime", "strictatime", "lazytime", "nodiratime", "sync"}
 
@@ -874,6 +875,30 @@ class Doctor:
         )
 
     def check_console(self) -> list[Finding]:
+        return self._console_listen() + self._console_restart_needed()
+
+    def _console_restart_needed(self) -> list[Finding]:
+        """Settings changed and reloaded that the running console takes only when restarted."""
+        from lastmile.console.service import RESTART_COMMAND, restart_needed
+
+        with as_owner_of(self.config.data_dir):
+            names = restart_needed(self.config.data_dir)
+        if not names:
+            return []
+        settings = ", ".join(names)
+        return [
+            Finding(
+                "console",
+                Level.WARN,
+                f"changed settings not in use until the console restarts: {settings}",
+                RESTART_COMMAND,
+                advice_key="restart-needed",
+                topic="restart-needed",
+                subject=settings,
+            )
+        ]
+
+    def _console_listen(self) -> list[Finding]:
         """Where the doctor's console listens, and its certificate's fingerprint (the clinic
         compares it with what the browser shows the first time)."""
         from lastmile.config import ConfigError

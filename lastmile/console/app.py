@@ -277,6 +277,7 @@ CHECK_LABELS = {
 # several: each row says which it is (数据存储 · 剩余空间 beside 数据存储 · SD卡), never the same
 # heading twice, one OK and one warning.
 TOPIC_LABELS = {
+    "restart-needed": N_("changed settings waiting for a restart: %(subject)s"),
     "space": N_("free space"),
     "sd-card": N_("SD card"),
     "acquire": N_("device readings"),
@@ -365,6 +366,10 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
     "console": {
         "WARN": N_("This page's security certificate is not ready yet: tell the county IT."),
         "FAIL": N_("This page's settings have a mistake: tell the county IT."),
+        "restart-needed": N_(
+            "Some changed settings are not in use yet: restart the gateway (switch it off and on; measurements "
+            "are safe) or ask the county IT to run: systemctl restart lastmile-console"
+        ),
     },
     "reports": {
         "WARN": N_("Reports cannot be fetched from the reading center now: they come when the link is back."),
