@@ -74,7 +74,7 @@ from lastmile.config import (
     serial_device_problems,
 )
 from lastmile.ecg.intake import enqueue_recording, session_request
-from lastmile.services.serial_spill import SpillFile
+from lastmile.services.serial_spill import KEPT_ON_DISK, MEMORY_ONLY, SpillFile
 from uploader.errors import InvalidObjectError, UploadError
 from uploader.outbox import Outbox
 
@@ -261,7 +261,7 @@ class SerialContext:
         if not waiting:
             self.status(spec, error="")
             return
-        where = "kept on disk" if kept else "held in memory only: lost if the power fails"
+        where = KEPT_ON_DISK if kept else MEMORY_ONLY
         log.error("%s: %d reading(s) waiting for space on the data partition (%s)", spec.name, waiting, where)
         self.status(spec, error=f"{waiting} reading(s) waiting for space on the data partition ({where})")
 
