@@ -435,30 +435,43 @@ import json, os, subprocess, sys, time
 from pathlib import Path
 from lastmile.config import Config
 from lastmile.doctor import Doctor
-from lastmile.services.serial_devices import SerialService
+from lastmile.services.acquire import serial_part
 from uploader.outbox import Outbox
 
-mnt, gateway = Path(sys.argv[1]), sys.argv[2]
+mnt, gateway, monitor_after = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 out = {}
 run = subprocess.run([sys.executable, "-c", gateway, str(mnt)], capture_output=True, text=True, timeout=180)
 out["gateway"] = [run.returncode, run.stdout, run.stderr[-2000:]]
 config = Config()
 config.gateway.data_dir = str(mnt / "data")
 out["doctor"] = [(f.level.value, f.message) for f in Doctor(config).check_devices()]
+assert (mnt / "filler").exists(), out["gateway"]
 os.unlink(mnt / "filler")  # space again; the gateway starts (the monitor is not plugged in now)
-config.serial.devices = [{"name": "monitor", "match": str(mnt / "usb-monitor"), "profile": "example-vitals-monitor"}]
+if monitor_after == "configured":  # else the technician took it out of the configuration meanwhile
+    config.serial.devices = [{"name": "monitor", "match": str(mnt / "usb-monitor"), "profile": "example-vitals-monitor"}]
 outbox = Outbox.open(config.data_dir, min_free_bytes=1 << 20)
-service = SerialService.open(config, outbox=outbox, watch_dirs=None, rescan_s=0.1)
-service.start()
+part = serial_part(config, outbox)  # as the acquire service starts it
+if part is not None:
+    part.check(time.monotonic())
 deadline = time.monotonic() + 60
 while len(outbox.items(kind="observation")) < 3 and time.monotonic() < deadline:
     time.sleep(0.1)
 out["stored_after_restart"] = [json.loads(outbox.read_payload(i))["patient_id"] for i in outbox.items(kind="observation")]
-service.close()
+if part is not None:
+    part.close()
 outbox.close()
 out["doctor_after"] = [(f.level.value, f.message) for f in Doctor(config).check_devices()]
 print(json.dumps(out))
 """
+
+
+def spill_and_restart(tmp_path: Path, monitor_after: str) -> dict:
+    """SPILL_SCRIPT's findings, the monitor `configured` or `removed` when the gateway restarts."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    script = run_on_private_tmpfs(mnt, "16m", SPILL_SCRIPT, SPILL_GATEWAY, monitor_after, timeout_s=400)
+    assert script.returncode == 0, script.stderr[-3000:]
+    return json.loads(script.stdout.strip().splitlines()[-1])
 
 
 def test_readings_a_full_disk_refuses_survive_a_power_cut_and_are_stored_when_space_returns(tmp_path: Path) -> None:
@@ -466,15 +479,23 @@ def test_readings_a_full_disk_refuses_survive_a_power_cut_and_are_stored_when_sp
     block). Held in memory only, a power cut lost it without a word. Now it is kept in the spill
     file set aside at start, `lastmile doctor` FAILs saying readings wait for space, and once
     there is room the restarted gateway stores them on the patient they were taken for."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    script = run_on_private_tmpfs(mnt, "16m", SPILL_SCRIPT, SPILL_GATEWAY, timeout_s=400)
-    assert script.returncode == 0, script.stderr[-3000:]
-    out = json.loads(script.stdout.strip().splitlines()[-1])
+    out = spill_and_restart(tmp_path, "configured")
     code, stdout, stderr = out["gateway"]
     assert code == -9 and stdout.strip() == "held", stderr
     assert out["stored_after_restart"] == ["P-9"] * 3, "readings the full disk refused were lost in the power cut"
     assert any(level == "FAIL" and "3 reading(s)" in text and "wait for space" in text for level, text in out["doctor"])
+    assert not any(level == "FAIL" for level, _ in out["doctor_after"]), out["doctor_after"]
+
+
+def test_spilled_readings_of_a_monitor_taken_out_of_the_configuration_are_stored_after_the_restart(
+    tmp_path: Path,
+) -> None:
+    """The readings were in the spill file, and the technician took the monitor out of the
+    configuration before the gateway restarted: they were loaded but never retried (only
+    configured devices were; with no serial device left the serial part did not even start), so
+    `lastmile doctor` FAILed for ever. The reading names its device: it is stored all the same."""
+    out = spill_and_restart(tmp_path, "removed")
+    assert out["stored_after_restart"] == ["P-9"] * 3, out["doctor_after"]
     assert not any(level == "FAIL" for level, _ in out["doctor_after"]), out["doctor_after"]
 
 

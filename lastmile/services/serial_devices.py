@@ -660,7 +660,7 @@ class SerialService:
         return service
 
     def start(self) -> None:
-        if not self.specs:
+        if not self.specs and not any(self.ctx.unstored.values()):
             log.info("no serial devices configured")
             return
         self._thread = threading.Thread(target=self._run, args=(self._stop,), name="serial-links", daemon=True)
@@ -689,9 +689,17 @@ class SerialService:
         if not any(self.ctx.unstored.values()):
             return
         connected = {s.name for s in self.manager.statuses() if s.connected}
-        for spec in self.specs:
+        for spec in self.unstored_specs():
             if spec.name not in connected:
                 self.ctx.retry_unstored(spec)
+
+    def unstored_specs(self) -> list[LinkSpec]:
+        """The configured devices, and those that left readings in the spill file and were taken
+        out of the configuration before the restart: each reading names its device, so it is
+        stored all the same (its row, kept as removed, says when)."""
+        configured = {spec.name for spec in self.specs}
+        removed = [LinkSpec(name, PortMatch()) for name in self.ctx.unstored if name not in configured]
+        return [*self.specs, *removed]
 
     def statuses(self) -> list[LinkStatus]:
         return self.manager.statuses()
@@ -707,7 +715,7 @@ class SerialService:
         if self._thread is not None:
             self._thread.join(10)
         self.manager.close()
-        for spec in self.specs:
+        for spec in self.unstored_specs():
             self.ctx.retry_unstored(spec, force=True)
         spilled = self.ctx.spill is not None and self.ctx.spill.usable
         for name, held in self.ctx.unstored.items():
