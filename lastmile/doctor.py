@@ -89,6 +89,7 @@ TOPICS = (
     "not-queued",
     "open-damaged",
     "ecg-clock",
+    "restart-needed",
 )
 # An ECG cart's clock is judged by its newest ECG of this last week (of the newest ECGs).
 ECG_CLOCK_LOOKBACK_S = 7 * 86400
@@ -125,6 +126,17 @@ class Finding:
         d["level"] = self.level.value
         d["advice"] = d.pop("advice_key")  # the key `lastmile doctor --json` always had: scripts read it
         return d
+
+
+def last_seen(r: DeviceRecord) -> dt.datetime | None:
+    stamps = [t for t in (r.last_seen_at, r.last_connected_at, r.last_reading_at) if t is not None]
+    return max(stamps) if stamps else None
+
+
+def failing_since_seen(r: DeviceRecord) -> bool:
+    """`r`'s last error is its current state (not one it was seen past since)."""
+    seen = last_seen(r)
+    return bool(r.last_error and r.last_error_at and (seen is None or r.last_error_at >= seen))
 
 
 @dataclass
@@ -675,7 +687,43 @@ class Doctor:
         ]
 
     def check_devices(self) -> list[Finding]:
-        return [*self._registry_findings(), *self._ecg_clock_findings()]
+        return [*self._readings_waiting_for_space(), *self._registry_findings(), *self._ecg_clock_findings()]
+
+    def _readings_waiting_for_space(self) -> list[Finding]:
+        """Readings a serial monitor printed that the full outbox refused: kept in the spill file
+        until there is room, and a FAIL until then (the monitor cannot print them again)."""
+        from lastmile.services.serial_spill import MEMORY_ONLY, SPILL_NAME, waiting_readings
+
+        waiting = waiting_readings(self.config.data_dir)
+        free_space = "free space on the data partition (see the data line); the acquire service stores them within 30 s"
+        found = []
+        if waiting:
+            found.append(
+                Finding(
+                    "devices",
+                    Level.FAIL,
+                    f"{waiting} reading(s) from serial devices wait for space on the data partition "
+                    f"(kept in {SPILL_NAME}); they are stored once there is room",
+                    free_space,
+                )
+            )
+        # no spill file could be set aside (the partition was full at start), or they do not fit in it
+        in_memory = [
+            r
+            for r in self.device_records() or []
+            if not r.removed and failing_since_seen(r) and MEMORY_ONLY in r.last_error
+        ]
+        found += [
+            Finding(
+                "devices",
+                Level.FAIL,
+                f"{r.name or r.address}: {r.last_error}",
+                free_space + "; do not switch the gateway off before they are stored",
+                advice_key="memory-only",
+            )
+            for r in in_memory
+        ]
+        return found
 
     def _registry_findings(self) -> list[Finding]:
         """The devices clinic.db knows (and the USB ones plugged in): seen, connected, failing."""
@@ -695,17 +743,7 @@ class Doctor:
         day = dt.timedelta(days=1)
         # unpaired or no longer configured: its last error is history, not a fault to fix
         records = [r for r in records if not r.removed]
-
-        def seen(r: DeviceRecord) -> dt.datetime | None:
-            stamps = [t for t in (r.last_seen_at, r.last_connected_at, r.last_reading_at) if t is not None]
-            return max(stamps) if stamps else None
-
-        recent = [r for r in records if (t := seen(r)) is not None and now - t < day]
-
-        def failing_since_seen(r: DeviceRecord) -> bool:
-            last_seen = seen(r)
-            return bool(r.last_error and r.last_error_at and (last_seen is None or r.last_error_at >= last_seen))
-
+        recent = [r for r in records if (t := last_seen(r)) is not None and now - t < day]
         errors = [r for r in records if failing_since_seen(r)]
         text = (
             f"{len(records)} known, {len(recent)} seen in 24 h, "
@@ -898,6 +936,30 @@ class Doctor:
         )
 
     def check_console(self) -> list[Finding]:
+        return self._console_listen() + self._console_restart_needed()
+
+    def _console_restart_needed(self) -> list[Finding]:
+        """Settings changed and reloaded that the running console takes only when restarted."""
+        from lastmile.console.service import RESTART_COMMAND, restart_needed
+
+        with as_owner_of(self.config.data_dir):
+            names = restart_needed(self.config.data_dir)
+        if not names:
+            return []
+        settings = ", ".join(names)
+        return [
+            Finding(
+                "console",
+                Level.WARN,
+                f"changed settings not in use until the console restarts: {settings}",
+                RESTART_COMMAND,
+                advice_key="restart-needed",
+                topic="restart-needed",
+                subject=settings,
+            )
+        ]
+
+    def _console_listen(self) -> list[Finding]:
         """Where the doctor's console listens, and its certificate's fingerprint (the clinic
         compares it with what the browser shows the first time)."""
         from lastmile.config import ConfigError

@@ -88,6 +88,20 @@ def on_private_tmpfs(mnt: Path, size: str, script: str, *args: str) -> list[str]
     ]
 
 
+def run_on_private_tmpfs(
+    mnt: Path, size: str, script: str, *args: str, timeout_s: float = 300.0
+) -> subprocess.CompletedProcess[str]:
+    """`on_private_tmpfs`'s command run from the repository, to its end."""
+    return subprocess.run(
+        on_private_tmpfs(mnt, size, script, *args),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout_s,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
 def run_python(script: str, *args: object, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
     """`python -c script *args` from the repository, to its end (or its death: a SIGKILL the
     script sends itself at the moment under test shows as returncode -9)."""

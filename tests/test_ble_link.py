@@ -594,3 +594,40 @@ def test_a_two_user_cuff_puts_no_user_on_another_users_patient(gw: Gateway) -> N
     gw.store.device_users.map_user(CUFF, 2, "P-2", now=dt.datetime.now(UTC))
     later = replace(held[0].observation, record_key="ble:test:later", patient_id=None)
     assert gw.store.record(later, now=dt.datetime.now(UTC)).patient_id == "P-2"
+
+
+def test_a_device_unpaired_while_connected_is_disconnected_and_nothing_more_is_stored(
+    gw: Gateway, tmp_path: Path
+) -> None:
+    """`lastmile ble unpair` (its own clinic.db connection, as the command has) while an oximeter
+    streams: from then on none of its readings is stored, and the gateway hangs up on it."""
+    gw.allow(OXI)
+    gw.store.context.set_patient("P-3", now=dt.datetime.now(UTC) - dt.timedelta(minutes=1))
+    unpaired: dict[str, int] = {}
+    command = DeviceRegistry.open(tmp_path)
+
+    async def main() -> PulseOximeter:
+        oxi = PulseOximeter(gw.new_radio(), OXI, "Oximeter", stream_interval_s=0.02, readvertise=True)
+
+        async def unpair_after_two_readings() -> None:
+            if not unpaired and len(gw.observations()) >= 2:
+                assert command.disallow(OXI, now=dt.datetime.now(UTC))
+                unpaired.update(stored=len(gw.observations()), sent=oxi.sent)
+
+        def hung_up_or_kept_streaming() -> bool:
+            if not unpaired:
+                return False
+            gone = oxi.connection is None and not gw.registry.get(OXI).connected
+            return gone or oxi.sent >= unpaired["sent"] + 150  # ~3 s of readings after the unpair
+
+        await gw.run([oxi], until=hung_up_or_kept_streaming, during=unpair_after_two_readings, timeout=60.0)
+        return oxi
+
+    try:
+        oxi = asyncio.run(main())
+    finally:
+        command.close()
+    assert len(gw.observations()) == unpaired["stored"], "readings stored after the unpair"
+    assert oxi.connection is None and oxi.connections == 1  # hung up on, and not connected again
+    record = gw.registry.get(OXI)
+    assert record.removed and not record.connected

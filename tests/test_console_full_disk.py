@@ -10,11 +10,9 @@ with the real console on loopback.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
-from tests.conftest import REPO, on_private_tmpfs
+from tests.conftest import run_on_private_tmpfs
 
 # Runs inside `unshare -m` with a 16 MB tmpfs on argv[1].
 CONSOLE_FULL_SCRIPT = r"""
@@ -66,14 +64,7 @@ def test_a_check_in_on_a_full_data_partition_says_storage_full_in_chinese(tmp_pa
     recorded - not shown an English "Internal Server Error" - and the console goes on."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    script = subprocess.run(
-        on_private_tmpfs(mnt, "16m", CONSOLE_FULL_SCRIPT),
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    script = run_on_private_tmpfs(mnt, "16m", CONSOLE_FULL_SCRIPT)
     assert script.returncode == 0, script.stderr[-3000:]
     out = json.loads(script.stdout.strip().splitlines()[-1])
     assert out["before"] == 303

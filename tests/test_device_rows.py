@@ -259,3 +259,73 @@ def test_a_cuff_that_sends_good_records_after_a_malformed_one_is_no_current_faul
         finally:
             store.close()
     assert warnings(data, "") == []
+
+
+def test_a_console_reload_says_which_changed_settings_need_a_restart(tmp_path: Path) -> None:
+    """The technician added a USB import folder and changed the BLE scan, then reloaded: the
+    console took the serial devices only and went on showing the old BLE and USB settings, and
+    nothing said a restart was needed. Now the reload names them (journal, systemd STATUS)."""
+    from lastmile.console.service import ConsoleService
+
+    config = console_config(tmp_path / "data")
+    add_users(config)
+    service = ConsoleService.start(config)
+    try:
+        reloaded = console_config(tmp_path / "data", port=int(config.console.listen.rsplit(":", 1)[1]))
+        reloaded.usb_import.folders = [str(tmp_path / "stick")]
+        reloaded.ble.scan_interval_s = 30.0
+        reloaded.console.language = "en"
+        service.reload(reloaded)
+        status = service.status_line()
+    finally:
+        service.close()
+    assert "restart needed for ble, usb_import" in status, status
+
+
+def test_the_doctor_and_the_system_page_say_in_chinese_which_reloaded_settings_wait_for_a_restart(
+    tmp_path: Path,
+) -> None:
+    """The journal and STATUS= said 'restart needed', in English, where no village doctor looks:
+    `lastmile doctor` and the System page said nothing. Now both name the settings and how to
+    restart, in zh-CN; what is compared is the running configuration, so a change reverted in
+    the file before the restart clears it, and a restart clears it all."""
+    import html
+
+    from lastmile.console.service import ConsoleService
+    from lastmile.doctor import Doctor
+
+    def restart_findings() -> list[str]:
+        return [f.message for f in Doctor(config, offline=True).check_console() if f.topic == "restart-needed"]
+
+    def system_page() -> str:
+        client = Client(service.server.url)
+        client.login(DOCTOR)
+        return html.unescape(client.get("/system").body)
+
+    config = console_config(tmp_path / "data")
+    add_users(config)
+    port = int(config.console.listen.rsplit(":", 1)[1])
+    service = ConsoleService.start(config)
+    try:
+        changed = console_config(tmp_path / "data", port=port)
+        changed.usb_import.folders = [str(tmp_path / "stick")]
+        changed.ble.scan_interval_s = 30.0
+        service.reload(changed)
+        assert restart_findings() == ["changed settings not in use until the console restarts: ble, usb_import"]
+        page = system_page()
+        assert "等待重启才生效的设置：ble, usb_import" in page, page
+        assert "systemctl restart lastmile-console" in page
+        changed.usb_import.folders = []  # the stick folder taken out again before any restart
+        service.reload(changed)
+        assert restart_findings() == ["changed settings not in use until the console restarts: ble"]
+        service.reload(console_config(tmp_path / "data", port=port))  # all back as it runs
+        assert restart_findings() == []
+        assert "等待重启" not in system_page()
+        service.reload(changed)
+    finally:
+        service.close()
+    service = ConsoleService.start(changed)  # the restart takes them
+    try:
+        assert restart_findings() == []
+    finally:
+        service.close()

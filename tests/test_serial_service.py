@@ -17,6 +17,7 @@ from lastmile.clinic.devices import DeviceRegistry
 from lastmile.clinic.patients import PatientContext
 from lastmile.config import Config, ConfigError, load_profiles_apart
 from lastmile.services.serial_devices import SerialService, link_specs
+from tests.conftest import run_on_private_tmpfs
 from tests.serial_pty import PtyDevice
 from tests.service_harness import DOCTOR_BADGE_SCAN, PATIENT_CARD_SCAN, VITALS_REPORT
 from tests.waiting import wait_for
@@ -379,3 +380,165 @@ def test_a_card_scanned_for_the_checked_in_patient_keeps_their_name_and_stat(tmp
     wait_for(lambda: getattr(r.patients.current(r.now()), "patient_id", None) == "80276001234567890999", timeout=30)
     current = r.patients.current(r.now())
     assert (current.name, current.stat, current.reason) == ("", False, "")
+
+
+# The start of the scripts below (run inside `unshare -m` with a small tmpfs on argv[1]): a monitor
+# on a pty, the gateway's serial part on the tmpfs, and the monitor printing a report it refuses.
+TMPFS_GATEWAY = r"""
+import datetime as dt, json, os, signal, sys
+from pathlib import Path
+from lastmile.config import Config
+from lastmile.services.serial_devices import SerialService
+from tests.conftest import fill_to_the_last_block
+from tests.serial_pty import PtyDevice
+from tests.service_harness import VITALS_REPORT
+from tests.waiting import wait_for
+from uploader.outbox import Outbox
+
+mnt = Path(sys.argv[1])
+monitor = PtyDevice(mnt / "usb-monitor")
+config = Config()
+config.gateway.data_dir = str(mnt / "data")
+config.serial.devices = [{"name": "monitor", "match": str(monitor.link_path), "profile": "example-vitals-monitor"}]
+
+def start():
+    outbox = Outbox.open(config.data_dir, min_free_bytes=1 << 20)
+    service = SerialService.open(config, outbox=outbox, watch_dirs=None, rescan_s=0.1)
+    service.start()
+    wait_for(lambda: all(s.connected for s in service.statuses()))
+    return outbox, service
+
+def monitor_prints_a_refused_report(service, fill=False):
+    now = dt.datetime.now(dt.timezone.utc)
+    service.ctx.patients.set_patient("P-9", now=now - dt.timedelta(minutes=1))
+    if fill:
+        fill_to_the_last_block(mnt / "filler")
+    printed = (now + dt.timedelta(hours=1)).strftime("DATE %Y-%m-%d  TIME %H:%M:%S").encode()
+    monitor.write(VITALS_REPORT.replace(b"DATE 2025-03-04  TIME 09:41:07", printed))
+    wait_for(lambda: sum(len(u.observations) for u in service.ctx.unstored.values()) == 3, timeout=60)
+"""
+
+# The gateway (a child process) reads a monitor's report on a partition full to its last block,
+# then loses its power (SIGKILL).
+SPILL_GATEWAY = (
+    TMPFS_GATEWAY
+    + r"""
+outbox, service = start()
+monitor_prints_a_refused_report(service, fill=True)
+print("held", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # the power fails
+"""
+)
+
+SPILL_SCRIPT = r"""
+import json, os, subprocess, sys, time
+from pathlib import Path
+from lastmile.config import Config
+from lastmile.doctor import Doctor
+from lastmile.services.acquire import serial_part
+from uploader.outbox import Outbox
+
+mnt, gateway, monitor_after = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+out = {}
+run = subprocess.run([sys.executable, "-c", gateway, str(mnt)], capture_output=True, text=True, timeout=180)
+out["gateway"] = [run.returncode, run.stdout, run.stderr[-2000:]]
+config = Config()
+config.gateway.data_dir = str(mnt / "data")
+out["doctor"] = [(f.level.value, f.message) for f in Doctor(config).check_devices()]
+assert (mnt / "filler").exists(), out["gateway"]
+os.unlink(mnt / "filler")  # space again; the gateway starts (the monitor is not plugged in now)
+if monitor_after == "configured":  # else the technician took it out of the configuration meanwhile
+    config.serial.devices = [{"name": "monitor", "match": str(mnt / "usb-monitor"), "profile": "example-vitals-monitor"}]
+outbox = Outbox.open(config.data_dir, min_free_bytes=1 << 20)
+part = serial_part(config, outbox)  # as the acquire service starts it
+if part is not None:
+    part.check(time.monotonic())
+deadline = time.monotonic() + 60
+while len(outbox.items(kind="observation")) < 3 and time.monotonic() < deadline:
+    time.sleep(0.1)
+out["stored_after_restart"] = [json.loads(outbox.read_payload(i))["patient_id"] for i in outbox.items(kind="observation")]
+if part is not None:
+    part.close()
+outbox.close()
+out["doctor_after"] = [(f.level.value, f.message) for f in Doctor(config).check_devices()]
+print(json.dumps(out))
+"""
+
+
+def spill_and_restart(tmp_path: Path, monitor_after: str) -> dict:
+    """SPILL_SCRIPT's findings, the monitor `configured` or `removed` when the gateway restarts."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    script = run_on_private_tmpfs(mnt, "16m", SPILL_SCRIPT, SPILL_GATEWAY, monitor_after, timeout_s=400)
+    assert script.returncode == 0, script.stderr[-3000:]
+    return json.loads(script.stdout.strip().splitlines()[-1])
+
+
+def test_readings_a_full_disk_refuses_survive_a_power_cut_and_are_stored_when_space_returns(tmp_path: Path) -> None:
+    """A monitor prints its report once; the outbox refuses it (the partition is full to its last
+    block). Held in memory only, a power cut lost it without a word. Now it is kept in the spill
+    file set aside at start, `lastmile doctor` FAILs saying readings wait for space, and once
+    there is room the restarted gateway stores them on the patient they were taken for."""
+    out = spill_and_restart(tmp_path, "configured")
+    code, stdout, stderr = out["gateway"]
+    assert code == -9 and stdout.strip() == "held", stderr
+    assert out["stored_after_restart"] == ["P-9"] * 3, "readings the full disk refused were lost in the power cut"
+    assert any(level == "FAIL" and "3 reading(s)" in text and "wait for space" in text for level, text in out["doctor"])
+    assert not any(level == "FAIL" for level, _ in out["doctor_after"]), out["doctor_after"]
+
+
+def test_spilled_readings_of_a_monitor_taken_out_of_the_configuration_are_stored_after_the_restart(
+    tmp_path: Path,
+) -> None:
+    """The readings were in the spill file, and the technician took the monitor out of the
+    configuration before the gateway restarted: they were loaded but never retried (only
+    configured devices were; with no serial device left the serial part did not even start), so
+    `lastmile doctor` FAILed for ever. The reading names its device: it is stored all the same."""
+    out = spill_and_restart(tmp_path, "removed")
+    assert out["stored_after_restart"] == ["P-9"] * 3, out["doctor_after"]
+    assert not any(level == "FAIL" for level, _ in out["doctor_after"]), out["doctor_after"]
+
+
+# A gateway that ran before the spill file existed (an update) starts again on a partition
+# already full, then a monitor prints its report.
+NO_SPILL_SCRIPT = (
+    TMPFS_GATEWAY
+    + r"""
+from lastmile.clinic.devices import DeviceRegistry
+from lastmile.doctor import Doctor
+from lastmile.services.serial_spill import SPILL_NAME
+
+outbox, service = start()
+service.close()
+outbox.close()
+os.unlink(mnt / "data" / SPILL_NAME)  # the version before had none
+# room for SQLite to open its files, not for the spill file; below what the outbox keeps free
+fill_to_the_last_block(mnt / "filler", leave=128 * 1024)
+outbox, service = start()
+monitor_prints_a_refused_report(service)
+registry = DeviceRegistry.open(config.data_dir)
+out = {"rows": [r.last_error for r in registry.all(config)]}
+registry.close()
+out["doctor"] = [(f.level.value, f.message) for f in Doctor(config).check_devices()]
+os.unlink(mnt / "filler")
+service.close()
+outbox.close()
+print(json.dumps(out))
+"""
+)
+
+
+def test_readings_held_in_memory_only_because_no_spill_file_could_be_set_aside_are_a_doctor_fail(
+    tmp_path: Path,
+) -> None:
+    """The partition was already full when the acquire service started, so the spill file could
+    not be set aside: a reading the outbox refused was held in memory only. The device row said
+    so, but `lastmile doctor` (and the System page) only warned of a device problem. A power cut
+    loses these readings: now it is a FAIL."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    script = run_on_private_tmpfs(mnt, "16m", NO_SPILL_SCRIPT, timeout_s=400)
+    assert script.returncode == 0, script.stderr[-3000:]
+    out = json.loads(script.stdout.strip().splitlines()[-1])
+    assert any("3 reading(s)" in row and "held in memory only" in row for row in out["rows"]), out["rows"]
+    assert any(level == "FAIL" and "memory only" in text for level, text in out["doctor"]), out["doctor"]

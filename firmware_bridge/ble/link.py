@@ -14,7 +14,7 @@ Per connection (`DeviceSession`):
 5. glucose meters: RACP "report records with sequence >= last stored + 1"; the last stored
    sequence is kept by the gateway per device and only advanced once a record is stored;
    BP cuffs and thermometers indicate their memory by themselves once subscribed;
-6. stay connected until the device hangs up (or we stop).
+6. stay connected until the device hangs up (or we stop, or it is unpaired: nothing more is stored).
 
 Each value is decoded (`devices.ble.registry`), its time resolved (`devices.ble.clock`: device
 clock if plausible, corrected when we measured its error, else our receipt time), keyed
@@ -104,6 +104,9 @@ class GatewayPort(Protocol):
 
     def allowed_devices(self) -> dict[str, bool]:
         """Allow-listed addresses (upper case) -> whether to bond before using them."""
+
+    def is_allowed(self, address: str) -> bool:
+        """Whether `address` is on the allow-list now (asked before each reading is stored)."""
 
     def store(self, observation: Observation) -> bool:
         """Make `observation` durable; False if its record key was already known."""
@@ -382,6 +385,16 @@ class DeviceSession:
         log.warning("%s: %s reading not stored: the device marks it %s", self.address, m.kind, why)
         self.port.report(DeviceStatus(self.address, error=f"{m.kind} readings not stored: device reports {why}"))
 
+    def _unpaired(self, m: Measurement) -> None:
+        """Unpaired while connected (`lastmile ble unpair`): the doctor took it off this clinic's
+        list, so nothing more from it is stored, and the session ends (hanging up on it) at once
+        rather than at the manager's next scan pass."""
+        if not self._gone.is_set():
+            log.warning("%s: unpaired while connected; %s reading not stored, disconnecting", self.address, m.kind)
+        else:
+            log.debug("%s: unpaired; %s reading not stored", self.address, m.kind)
+        self._gone.set()
+
     def _on_glucose_context(self, context: GlucoseContext) -> None:
         pending = self._pending_glucose.pop(context.sequence, None)
         if pending is None:
@@ -397,6 +410,9 @@ class DeviceSession:
     def _store(self, m: Measurement, received_at: dt.datetime) -> None:
         if not m.quantities:
             log.info("%s: %s record without a value skipped", self.address, m.kind)
+            return
+        if not self.port.is_allowed(self.address):
+            self._unpaired(m)
             return
         measured_at, source = resolve_time(
             m.device_time,
@@ -498,6 +514,8 @@ class BleDeviceManager:
                     self._allowed = self.port.allowed_devices()
                 except Exception:
                     log.exception("allow-list not readable; using the previous one")
+                else:
+                    self._end_unpaired_sessions()
                 loop_now = time.monotonic()
                 missing = [a for a in self._allowed if a not in self.sessions]
                 ready = [a for a in missing if self._not_before.get(a, 0.0) <= loop_now]
@@ -529,6 +547,14 @@ class BleDeviceManager:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _end_unpaired_sessions(self) -> None:
+        """A device taken off the allow-list while connected is hung up on (its session's
+        `finally` disconnects), even one that sends nothing more."""
+        for address, task in list(self.sessions.items()):
+            if address not in self._allowed and not task.done():
+                log.warning("%s: unpaired while connected; disconnecting", address)
+                task.cancel()
 
     def radio_failed(self, exc: BaseException) -> float:
         """Note a scan that could not start; the seconds to wait before the next try."""

@@ -287,6 +287,7 @@ CHECK_LABELS = {
 # several: each row says which it is (数据存储 · 剩余空间 beside 数据存储 · SD卡), never the same
 # heading twice, one OK and one warning.
 TOPIC_LABELS = {
+    "restart-needed": N_("changed settings waiting for a restart: %(subject)s"),
     "space": N_("free space"),
     "sd-card": N_("SD card"),
     "acquire": N_("device readings"),
@@ -345,6 +346,13 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
     "devices": {
         "WARN": N_("A device is not connected or reports a problem: check its cable, power or pairing."),
         "ecg-clock": N_("The ECG cart's clock is wrong, so its ECGs have no true time: set the cart's date and time."),
+        "FAIL": N_(
+            "Readings are waiting for storage space: they are kept and saved once there is room. Call the county IT."
+        ),
+        "memory-only": N_(
+            "Readings are waiting for storage space and are not saved yet: do not switch the gateway off, they "
+            "would be lost. Call the county IT now to free space."
+        ),
     },
     "queue": {
         "WARN": N_("Some items could not be sent and were set aside: tell the county IT."),
@@ -380,6 +388,10 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
     "console": {
         "WARN": N_("This page's security certificate is not ready yet: tell the county IT."),
         "FAIL": N_("This page's settings have a mistake: tell the county IT."),
+        "restart-needed": N_(
+            "Some changed settings are not in use yet: restart the gateway (switch it off and on; measurements "
+            "are safe) or ask the county IT to run: systemctl restart lastmile-console"
+        ),
     },
     "reports": {
         "WARN": N_("Reports cannot be fetched from the reading center now: they come when the link is back."),

@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import socket
 import threading
 import time
+from dataclasses import fields
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lastmile.config import Config, ConfigError, Listen
@@ -248,16 +252,65 @@ class ConsoleServer:
             self._sock.close()
 
 
+# What the console takes on reload (`ConsoleService.reload`); any other change waits for a restart.
+TAKEN_ON_RELOAD = {"serial", "console.language", "console.max_login_failures", "source"}
+
+
+def changes_needing_restart(running: Config, reloaded: Config) -> list[str]:
+    """The sections (or console keys) that differ between `running` and `reloaded` and that a
+    reload does not take: the console goes on showing the old ones until it is restarted."""
+    changed = []
+    for section in fields(Config):
+        old, new = getattr(running, section.name), getattr(reloaded, section.name)
+        if section.name in TAKEN_ON_RELOAD or old == new:
+            continue
+        if section.name == "console":
+            keys = [f"console.{f.name}" for f in fields(old) if getattr(old, f.name) != getattr(new, f.name)]
+            changed += [k for k in keys if k not in TAKEN_ON_RELOAD]
+        else:
+            changed.append(section.name)
+    return changed
+
+
+# The settings a reload left waiting for a restart, for `lastmile doctor` and the System page (other
+# processes). Not fsynced: a power cut restarts the console, and the next start clears it anyway.
+RESTART_NEEDED_FILE = "console-restart-needed.json"
+RESTART_COMMAND = "systemctl restart lastmile-console"
+
+
+def save_restart_needed(data_dir: Path, names: list[str]) -> None:
+    path = Path(data_dir) / RESTART_NEEDED_FILE
+    if not names:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_name(f".{RESTART_NEEDED_FILE}.new")
+    tmp.write_text(json.dumps(names), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def restart_needed(data_dir: Path) -> list[str]:
+    """The changed settings the running console has not taken (none when it was restarted since)."""
+    try:
+        names = json.loads((Path(data_dir) / RESTART_NEEDED_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        return [f"unreadable {RESTART_NEEDED_FILE}: {exc}"]
+    return [str(n) for n in names] if isinstance(names, list) else []
+
+
 class ConsoleService:
     """The `Service` of `lastmile console`."""
 
     def __init__(self, server: ConsoleServer) -> None:
         self.server = server
+        self.restart_needed: list[str] = []  # settings changed by a reload that need a restart
 
     @classmethod
     def start(cls, config: Config) -> ConsoleService:
         server = ConsoleServer(config)
         server.start()
+        save_restart_needed(config.data_dir, [])  # this start takes every setting
         return cls(server)
 
     def step(self, stop: threading.Event) -> float:
@@ -266,9 +319,24 @@ class ConsoleService:
         return 5.0
 
     def reload(self, config: Config) -> None:
+        from lastmile.console.views import forget_doctor_findings
+
         # Language, lockout and idle limits apply from the next request; a new address needs a restart.
         if config.console.listen != self.server.config.console.listen:
             log.warning("console.listen changed: restart lastmile-console to listen there")
+        # against what runs: a change reverted in the file before the restart needs none
+        self.restart_needed = sorted(changes_needing_restart(self.server.config, config))
+        if self.restart_needed:
+            log.warning(
+                "reload: the console shows these changed settings only after a restart (%s): %s",
+                RESTART_COMMAND,
+                ", ".join(self.restart_needed),
+            )
+        try:
+            save_restart_needed(self.server.config.data_dir, self.restart_needed)
+        except OSError as exc:  # a full partition: the journal and STATUS= still say it
+            log.error("cannot note the settings waiting for a restart for lastmile doctor: %s", exc)
+        forget_doctor_findings(self.server.config)  # the System page shows it now, not in a minute
         self.server.config.console.language = config.console.language
         # the serial devices: a device row they no longer name is shown removed, not as a fault
         self.server.config.serial = config.serial
@@ -282,4 +350,5 @@ class ConsoleService:
     def status_line(self) -> str:
         state = self.server.state
         pages = state.broker.subscribers if state else 0
-        return f"console on {self.server.url}, {pages} live page(s)"
+        restart = f"; restart needed for {', '.join(self.restart_needed)}" if self.restart_needed else ""
+        return f"console on {self.server.url}, {pages} live page(s){restart}"

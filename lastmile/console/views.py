@@ -161,6 +161,11 @@ def update_status(config: Config) -> dict[str, str]:
 _doctor_cache: dict[str, Any] = {}
 
 
+def forget_doctor_findings(config: Config) -> None:
+    """The next System page runs the checks again (a reload changed what they find)."""
+    _doctor_cache.pop(str(config.data_dir), None)
+
+
 async def doctor_findings(config: Config) -> list[Any]:
     """`lastmile doctor --offline`'s checks, at most once a minute (they run systemctl and the like);
     the network ones are left to `lastmile doctor` itself: the console's unit reaches only the LAN."""

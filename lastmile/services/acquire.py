@@ -40,7 +40,10 @@ log = logging.getLogger(__name__)
 
 
 def serial_part(config: Config, outbox: Outbox) -> Part | None:
-    if not config.serial.enabled or not config.serial.devices:
+    from lastmile.services.serial_spill import waiting_readings
+
+    # readings kept in the spill file are stored even when no serial device is configured any more
+    if not config.serial.enabled or not (config.serial.devices or waiting_readings(config.data_dir)):
         return None
     try:
         from lastmile.services.serial_devices import SerialService

@@ -47,6 +47,9 @@ class ClinicBlePort:
     def allowed_devices(self) -> dict[str, bool]:
         return {address: record.pair_required for address, record in self.registry.allowed("ble").items()}
 
+    def is_allowed(self, address: str) -> bool:
+        return self.registry.is_allowed(address)
+
     def store(self, observation: Observation) -> bool:
         now = self.clock()
         result = self.store_.record(observation, now=now)

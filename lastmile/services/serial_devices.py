@@ -74,6 +74,7 @@ from lastmile.config import (
     serial_device_problems,
 )
 from lastmile.ecg.intake import enqueue_recording, session_request
+from lastmile.services.serial_spill import KEPT_ON_DISK, MEMORY_ONLY, SpillFile
 from uploader.errors import InvalidObjectError, UploadError
 from uploader.outbox import Outbox
 
@@ -199,6 +200,7 @@ class SerialContext:
     now: Callable[[], dt.datetime] = utc_now
     _last_error_write: dict[str, float] = field(default_factory=dict)
     unstored: dict[str, Unstored] = field(default_factory=dict)  # by device (spec) name
+    spill: SpillFile | None = None  # the unstored observations, on disk too (a power cut)
 
     def status(self, spec: LinkSpec, port: str = "", **facts: object) -> None:
         """Record device facts; `port` (given on connect) goes into the name `lastmile devices` shows."""
@@ -238,6 +240,30 @@ class SerialContext:
         held = self.unstored.setdefault(spec.name, Unstored())
         held.observations.append(obs)
         held.next_retry = time.monotonic() + RETRY_STORE_S
+        self._spill_changed(spec)
+
+    def load_spilled(self) -> None:
+        """What a previous run kept in the spill file waits again, retried at once."""
+        if self.spill is None:
+            return
+        for name, observations in self.spill.load().items():
+            log.warning("%s: %d reading(s) kept from before the restart wait for space", name, len(observations))
+            self.unstored.setdefault(name, Unstored()).observations.extend(observations)
+
+    def _spill_changed(self, spec: LinkSpec) -> None:
+        """The unstored observations changed: write them all to the spill file, and say on the
+        device's row what waits (never silent: also when only memory holds them)."""
+        kept = self.spill is not None and self.spill.save(
+            {name: held.observations for name, held in self.unstored.items()}
+        )
+        held = self.unstored.get(spec.name)
+        waiting = len(held.observations) if held else 0
+        if not waiting:
+            self.status(spec, error="")
+            return
+        where = KEPT_ON_DISK if kept else MEMORY_ONLY
+        log.error("%s: %d reading(s) waiting for space on the data partition (%s)", spec.name, waiting, where)
+        self.status(spec, error=f"{waiting} reading(s) waiting for space on the data partition ({where})")
 
     def hold_recording(self, spec: LinkSpec, recording: EcgRecording, key: str) -> None:
         held = self.unstored.setdefault(spec.name, Unstored())
@@ -254,7 +280,10 @@ class SerialContext:
         held = self.unstored.get(spec.name)
         if not held or (not force and time.monotonic() < held.next_retry):
             return set()
+        before = len(held.observations)
         held.observations = [o for o in held.observations if not self.store_observation(spec, o)]
+        if len(held.observations) != before:
+            self._spill_changed(spec)
         stored, refused = set(), set()
         for key, recording in held.recordings.items():
             try:
@@ -617,7 +646,9 @@ class SerialService:
             registry=registry,
             profiles=profiles,
             rules=rules,
+            spill=SpillFile(config.data_dir),  # allocated now, while the partition has room
         )
+        ctx.load_spilled()
         service = cls(ctx, specs, owned=[store], **kwargs)  # type: ignore[arg-type]
         service.refused = refused_devices(config, bad)
         for name, reason in service.refused.items():
@@ -629,7 +660,7 @@ class SerialService:
         return service
 
     def start(self) -> None:
-        if not self.specs:
+        if not self.specs and not any(self.ctx.unstored.values()):
             log.info("no serial devices configured")
             return
         self._thread = threading.Thread(target=self._run, args=(self._stop,), name="serial-links", daemon=True)
@@ -658,9 +689,17 @@ class SerialService:
         if not any(self.ctx.unstored.values()):
             return
         connected = {s.name for s in self.manager.statuses() if s.connected}
-        for spec in self.specs:
+        for spec in self.unstored_specs():
             if spec.name not in connected:
                 self.ctx.retry_unstored(spec)
+
+    def unstored_specs(self) -> list[LinkSpec]:
+        """The configured devices, and those that left readings in the spill file and were taken
+        out of the configuration before the restart: each reading names its device, so it is
+        stored all the same (its row, kept as removed, says when)."""
+        configured = {spec.name for spec in self.specs}
+        removed = [LinkSpec(name, PortMatch()) for name in self.ctx.unstored if name not in configured]
+        return [*self.specs, *removed]
 
     def statuses(self) -> list[LinkStatus]:
         return self.manager.statuses()
@@ -676,13 +715,15 @@ class SerialService:
         if self._thread is not None:
             self._thread.join(10)
         self.manager.close()
-        for spec in self.specs:
+        for spec in self.unstored_specs():
             self.ctx.retry_unstored(spec, force=True)
+        spilled = self.ctx.spill is not None and self.ctx.spill.usable
         for name, held in self.ctx.unstored.items():
             log.error(
-                "%s: %d reading(s), %d ECG recording(s) never stored (outbox refused them): lost on shutdown",
+                "%s: %d reading(s) (%s), %d ECG recording(s) (lost) not stored: the outbox refused them",
                 name,
                 len(held.observations),
+                "kept on disk, stored after the restart" if spilled else "lost",
                 len(held.recordings),
             )
         for thing in self._owned:

@@ -1,0 +1,136 @@
+"""Readings a serial monitor printed that the outbox refused (a full data partition), kept on disk.
+
+An ASCII-report monitor prints each reading once and cannot be asked again, so what the outbox
+refuses is held by the acquire service and retried. Held in memory only, a power cut lost it
+without a word. So it is also written here: a file of `SPILL_BYTES` allocated (fallocate) when
+the service starts, while the partition has room, and later only overwritten in place - writing
+it needs no new blocks on a partition filled to its last one.
+
+Two slots of half the file each; every save writes the slot not holding the newest copy
+(header: magic, generation, length, SHA-256) and fsyncs it, so a power cut mid-write leaves the
+other, older copy whole. When the partition has room again the readings are stored in the
+outbox (their patient decided then by when they were measured, as for any reading) and the
+file says none are waiting. `waiting_readings` lets `lastmile doctor` and the console say so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from devices.observation import Observation
+from lastmile.clinic.observations import observation_from_json, observation_to_json
+from uploader.payload_files import fsync_dir
+
+log = logging.getLogger(__name__)
+
+SPILL_NAME = "serial-spill.dat"
+SPILL_BYTES = 256 * 1024  # two slots of 128 KB: ~200 readings of ~600 bytes each
+MAGIC = b"LMSPILL1"
+HEADER = len(MAGIC) + 8 + 4 + 32  # magic, generation, length, sha256
+
+# How a device row says where its waiting readings are (`lastmile doctor` FAILs on the second)
+KEPT_ON_DISK = "kept on disk"
+MEMORY_ONLY = "held in memory only: lost if the power fails"
+
+Spilled = dict[str, list[Observation]]  # device name -> readings waiting for space
+
+
+def _decode_slot(raw: bytes) -> tuple[int, dict[str, list[dict]]] | None:
+    """(generation, content) of one slot, None if empty or torn."""
+    if len(raw) < HEADER or not raw.startswith(MAGIC):
+        return None
+    at = len(MAGIC)
+    generation = int.from_bytes(raw[at : at + 8], "big")
+    length = int.from_bytes(raw[at + 8 : at + 12], "big")
+    digest, body = raw[at + 12 : HEADER], raw[HEADER : HEADER + length]
+    if len(body) != length or hashlib.sha256(body).digest() != digest:
+        return None
+    return generation, json.loads(body)
+
+
+def _newest(path: Path) -> tuple[int, int, dict[str, list[dict]]] | None:
+    """(slot, generation, content) of the newest whole copy in the file at `path`."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    half = len(data) // 2
+    found = [(slot, _decode_slot(data[slot * half : (slot + 1) * half])) for slot in (0, 1)]
+    whole = [(slot, decoded[0], decoded[1]) for slot, decoded in found if decoded is not None]
+    return max(whole, key=lambda s: s[1]) if whole else None
+
+
+def waiting_readings(data_dir: Path) -> int:
+    """How many readings the spill file in `data_dir` holds (0 without one); never creates it."""
+    newest = _newest(Path(data_dir) / SPILL_NAME)
+    return 0 if newest is None else sum(len(v) for v in newest[2].values())
+
+
+class SpillFile:
+    """The spill file of one data directory; `usable` is False when it could not be allocated."""
+
+    def __init__(self, data_dir: Path, size: int = SPILL_BYTES) -> None:
+        self.path = Path(data_dir) / SPILL_NAME
+        self.usable = self._allocate(size)
+        newest = _newest(self.path) if self.usable else None
+        self._slot, self._generation = (newest[0], newest[1]) if newest else (1, 0)
+        self.slot_bytes = self.path.stat().st_size // 2 if self.usable else 0
+
+    def _allocate(self, size: int) -> bool:
+        if self.path.exists():
+            return True
+        tmp = self.path.with_name(f".{SPILL_NAME}.new")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, size)  # the blocks, taken now while there is room
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.path)
+            fsync_dir(self.path.parent)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            log.error("cannot set aside %s for readings a full disk refuses: %s", self.path, exc)
+            return False
+        return True
+
+    def load(self) -> Spilled:
+        newest = _newest(self.path) if self.usable else None
+        if newest is None:
+            return {}
+        return {name: [observation_from_json(o) for o in obs] for name, obs in newest[2].items() if obs}
+
+    def save(self, spilled: Spilled) -> bool:
+        """Write `spilled` (all that waits, replacing what the file held) in place and fsync it;
+        False when it cannot be kept (no file, too many readings, an I/O error)."""
+        if not self.usable:
+            return False
+        body = json.dumps(
+            {name: [observation_to_json(o) for o in obs] for name, obs in spilled.items() if obs},
+            ensure_ascii=False,
+            separators=(",", ":"),
+        ).encode()
+        if HEADER + len(body) > self.slot_bytes:
+            log.error("%d bytes of waiting readings do not fit in %s", len(body), self.path)
+            return False
+        generation, slot = self._generation + 1, 1 - self._slot
+        header = MAGIC + generation.to_bytes(8, "big") + len(body).to_bytes(4, "big") + hashlib.sha256(body).digest()
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)  # no O_TRUNC: the blocks stay ours
+            try:
+                os.pwrite(fd, header + body, slot * self.slot_bytes)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.error("cannot write waiting readings to %s: %s", self.path, exc)
+            return False
+        self._slot, self._generation = slot, generation
+        return True
