@@ -21,7 +21,7 @@ from lastmile.clock import clinic_time, local_zone
 from lastmile.config import Config
 from lastmile.console.i18n import Localizer
 from lastmile.doctor import Finding, Level, render_text
-from lastmile.services.metered import QUEUED_KINDS, held_since, meters
+from lastmile.services.metered import held_since, meters
 from tests.service_harness import doctor
 from uploader.metering import KEEP_DAYS, Meter, MeterPolicy, SendWindow
 from uploader.outbox import ItemState, Kind, MeterHold, Outbox, Priority
@@ -387,10 +387,6 @@ def test_doctor_says_a_shut_window_holds_a_routine_ecg_queued_after_a_send_faile
     assert "link down" not in text and Level.FAIL not in [f.level for f in found], text
     [held] = [f for f in found if f.advice_key == "metered-window"]
     assert "1 routine" in held.message and "20:00" in held.message, text
-
-
-def test_the_queued_kinds_are_the_outbox_kinds_they_name() -> None:
-    assert QUEUED_KINDS == {"dicom": Kind.DICOM, "fhir": Kind.FHIR_BUNDLE}  # copied to keep sqlite-utils out
 
 
 def test_the_link_statuses_are_the_ones_the_senders_record() -> None:

@@ -22,6 +22,7 @@ from lastmile.services.link_status import (
     number,
     reading_center_down,
 )
+from uploader.kinds import Kind
 from uploader.metering import KEEP_DAYS, SENDER_IDLE_POLL_S, Blocked, Meter, MeterPolicy, SendWindow, StatusStore
 
 if TYPE_CHECKING:
@@ -35,9 +36,9 @@ DESTINATIONS = {
     "fhir": f"visit records to the county platform ({SETTINGS['fhir']})",
     "reports": f"report polling ({SETTINGS['reports']})",
 }
-# destination → the outbox kind its sender takes (report polling queues nothing): uploader.outbox.Kind's
-# values, not imported (it brings sqlite-utils: the metrics exporter asks a gateway that meters nothing)
-QUEUED_KINDS = {"dicom": "dicom", "fhir": "fhir-bundle"}
+# destination → the outbox kind its sender takes (report polling queues nothing); from uploader.kinds,
+# not uploader.outbox (sqlite-utils: the metrics exporter asks a gateway that meters nothing)
+QUEUED_KINDS: dict[str, str] = {"dicom": Kind.DICOM, "fhir": Kind.FHIR_BUNDLE}
 DESTINATION_OF_KIND = {kind: destination for destination, kind in QUEUED_KINDS.items()}
 
 
