@@ -21,7 +21,7 @@ from lastmile.clock import clinic_time, local_zone
 from lastmile.config import Config
 from lastmile.console.i18n import Localizer
 from lastmile.doctor import Finding, Level, render_text
-from lastmile.services.metered import QUEUED_KINDS, held_since, meters
+from lastmile.services.metered import held_since, meters
 from tests.metering_setup import DAY, queue_items, shut_window
 from tests.service_harness import doctor
 from uploader.metering import KEEP_DAYS, Meter, MeterPolicy, SendWindow
@@ -372,10 +372,6 @@ def test_doctor_says_a_shut_window_holds_a_routine_ecg_queued_after_a_send_faile
     assert "link down" not in text and Level.FAIL not in [f.level for f in found], text
     [held] = [f for f in found if f.advice_key == "metered-window"]
     assert "1 routine" in held.message and "20:00" in held.message, text
-
-
-def test_the_queued_kinds_are_the_outbox_kinds_they_name() -> None:
-    assert QUEUED_KINDS == {"dicom": Kind.DICOM, "fhir": Kind.FHIR_BUNDLE}  # copied to keep sqlite-utils out
 
 
 def test_the_link_statuses_are_the_ones_the_senders_record() -> None:
@@ -850,3 +846,59 @@ def test_an_ecg_a_night_windows_budget_let_go_before_midnight_is_stuck_and_one_q
     assert "is the link down" in found[0].hint, text
     snapshot = read_outbox(tmp_path, now, config=d.config)
     assert snapshot is not None and snapshot.oldest_stuck_s.get(Kind.DICOM, 0.0) == now - clinic_day_at(0, 23), snapshot
+
+
+# -- an item queued in the last sender round before a window closed: the window never tried it -------
+
+# (the window, the day (from yesterday) and hour it closed, the day and hour just before it opens again)
+WINDOW_CLOSES = [
+    ("22:00-06:00", (1, 6), (1, 21)),  # a night window: closed at 06:00 this morning
+    ("09:00-17:00", (0, 17), (1, 8)),  # a day window: closed at 17:00 yesterday
+]
+
+
+def queued_at_the_close(data_dir: Path, window: str, closed: float) -> tuple[str, float]:
+    """The window's settings (a budget left every day), and one routine ECG queued 10 s before it closed."""
+    queue_items(data_dir, 1, at=closed - 10)
+    return f'[reading_center.metered]\nwindows = ["{window}"]\ndaily_budget_mb = 1.0\n', closed - 10
+
+
+@pytest.mark.parametrize(("window", "close", "reopen"), WINDOW_CLOSES)
+@pytest.mark.parametrize("later", ["an hour later", "just before it opens again"])
+def test_an_ecg_queued_seconds_before_a_window_closed_is_held_by_the_window_not_stuck(
+    tmp_path: Path, window: str, close: tuple[int, int], reopen: tuple[int, int], later: str
+) -> None:
+    """An ECG queued 10 s before the window closed, which no sender round reached before it shut
+    (the forwarder waits a poll between rounds, a transfer on the wire finishes first): it counted as
+    let go by the window - stuck for ~16 h, a doctor FAIL and the county's stuck alert for a routine
+    ECG - though the window never tried it. It waits for the window's next opening: held."""
+    from lastmile.services.metrics_sources import read_outbox
+
+    closed = clinic_day_at(*close)
+    metered, _ = queued_at_the_close(tmp_path, window, closed)
+    now = closed + 3600 if later == "an hour later" else clinic_day_at(*reopen) + 59 * 60
+    found = queue_findings(doctor(tmp_path, metered, now=lambda: now).check_queue())
+    text = render_text(found)
+    held = [f.message for f in found if f.advice_key.startswith("metered-")]
+    assert len(held) == 1 and "1 routine" in held[0] and "all held" in text, text
+    snapshot = read_outbox(tmp_path, now, config=doctor(tmp_path, metered).config)
+    assert snapshot is not None and snapshot.oldest_stuck_s.get(Kind.DICOM, 0.0) == 0.0, snapshot
+
+
+@pytest.mark.parametrize(("window", "close", "reopen"), WINDOW_CLOSES)
+def test_an_ecg_tried_and_refused_alone_seconds_before_a_window_closed_is_stuck(
+    tmp_path: Path, window: str, close: tuple[int, int], reopen: tuple[int, int]
+) -> None:
+    """The same ECG, but a round did try it before the window shut and the reading center refused
+    it alone (the link worked: others stored): its failure judges it - stuck, not held."""
+    from lastmile.services.metrics_sources import read_outbox
+
+    closed = clinic_day_at(*close)
+    metered, queued = queued_at_the_close(tmp_path, window, closed)
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        [item] = outbox.claim(Kind.DICOM, 1, queued + 1)
+        outbox.mark_transient_failure(item.id, "0xA700 out of resources", queued + 5)
+        outbox.record_status("reading_center", {"last_success": closed - 1, "last_error_at": closed - 3 * DAY}, closed)
+    now = clinic_day_at(*reopen) + 59 * 60
+    snapshot = read_outbox(tmp_path, now, config=doctor(tmp_path, metered).config)
+    assert snapshot is not None and snapshot.oldest_stuck_s.get(Kind.DICOM, 0.0) == now - queued, snapshot

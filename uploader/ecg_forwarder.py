@@ -62,7 +62,7 @@ from uploader.dicom_commitment import (
 from uploader.dicom_store import CommitmentUnsupported, StoreAssociation
 from uploader.errors import ConfigurationFault, CorruptPayloadError, PermanentError, TransientError
 from uploader.link_pacing import LinkPacer
-from uploader.metering import Meter, MeterPolicy
+from uploader.metering import SENDER_IDLE_POLL_S, Meter, MeterPolicy
 from uploader.outbox import (
     DEFAULT_MAX_INTERRUPTED_SENDS,
     ItemState,
@@ -98,7 +98,7 @@ class ForwarderSettings:
     no_commitment_policy: str = "keep"  # "keep" or "purge"
     config_fault_retry_s: float = 300.0
     retention_s: float = 0.0
-    idle_poll_s: float = 2.0
+    idle_poll_s: float = SENDER_IDLE_POLL_S
     max_interrupted_sends: int = DEFAULT_MAX_INTERRUPTED_SENDS
     # an instance the PACS fails to commit this many times (resent or re-asked) is quarantined
     max_commitment_failures: int = DEFAULT_MAX_COMMITMENT_FAILURES

@@ -21,6 +21,10 @@ from typing import Any, Protocol
 
 STATUS_PREFIX = "meter:"
 KEEP_DAYS = 7  # days whose counts are kept: a clock days behind still finds the real day's count
+# the senders' wait between rounds with nothing to send (uploader.ecg_forwarder's idle poll; the FHIR
+# round runs in the same forward step): a routine item queued while its link is open waits this long
+# for a round to take it
+SENDER_IDLE_POLL_S = 2.0
 _WINDOW = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
 
 
@@ -68,6 +72,9 @@ class MeterPolicy:
     daily_budget_bytes: int = 0  # 0: no budget
     windows: tuple[SendWindow, ...] = ()  # empty: any time
     zone: dt.tzinfo = dt.timezone.utc  # the clinic's: windows and "today" are local
+    # how long a routine item queued while the link is open may wait before its sender tries it (a
+    # round's poll and a transfer on the wire): one queued this close to a window's close was never tried
+    sender_round_s: float = 0.0
 
     @property
     def limited(self) -> bool:

@@ -102,6 +102,7 @@ from typing import Any, TypeVar
 import sqlite_utils
 
 from uploader.errors import CorruptPayloadError, OutboxFullError, TransientError
+from uploader.kinds import Kind as Kind  # re-exported: the senders and lastmile name it from here
 from uploader.payload_files import OwnerLock, PayloadFiles
 from uploader.space_reserve import DEFAULT_RESERVE_BYTES, SpaceReserve
 from uploader.sqlite_store import BUSY_TIMEOUT_MS, MIGRATIONS, open_database
@@ -123,13 +124,6 @@ DEFAULT_MAX_INTERRUPTED_SENDS = 5  # sends cut short in a row (process killed) b
 PURGE_CHUNK = 16  # items purged per transaction
 COMMITMENT_HISTORY = 4  # commitment transactions remembered per item (a late report still counts)
 _T = TypeVar("_T")
-
-
-class Kind(enum.StrEnum):
-    """What an item is, which decides who sends it (one sender per kind)."""
-
-    DICOM = "dicom"  # a Part-10 ECG object for the reading center (uploader/ecg_forwarder.py)
-    FHIR_BUNDLE = "fhir-bundle"  # a FHIR R4 transaction bundle (uploader/fhir_forwarder.py)
 
 
 class Priority(enum.IntEnum):

@@ -22,7 +22,8 @@ from lastmile.services.link_status import (
     number,
     reading_center_down,
 )
-from uploader.metering import KEEP_DAYS, Blocked, Meter, MeterPolicy, SendWindow, StatusStore
+from uploader.kinds import Kind
+from uploader.metering import KEEP_DAYS, SENDER_IDLE_POLL_S, Blocked, Meter, MeterPolicy, SendWindow, StatusStore
 
 if TYPE_CHECKING:
     from uploader.outbox import MeterHold, Outbox, OutboxItem
@@ -35,20 +36,29 @@ DESTINATIONS = {
     "fhir": f"visit records to the county platform ({SETTINGS['fhir']})",
     "reports": f"report polling ({SETTINGS['reports']})",
 }
-# destination → the outbox kind its sender takes (report polling queues nothing): uploader.outbox.Kind's
-# values, not imported (it brings sqlite-utils: the metrics exporter asks a gateway that meters nothing)
-QUEUED_KINDS = {"dicom": "dicom", "fhir": "fhir-bundle"}
+# destination → the outbox kind its sender takes (report polling queues nothing); from uploader.kinds,
+# not uploader.outbox (sqlite-utils: the metrics exporter asks a gateway that meters nothing)
+QUEUED_KINDS: dict[str, str] = {"dicom": Kind.DICOM, "fhir": Kind.FHIR_BUNDLE}
 DESTINATION_OF_KIND = {kind: destination for destination, kind in QUEUED_KINDS.items()}
 
 
-def meter_policy(section: MeteredSection) -> MeterPolicy | None:
+def meter_policy(section: MeteredSection, sender_round_s: float = 0.0) -> MeterPolicy | None:
     """None when the destination is not metered (no budget, no windows)."""
     policy = MeterPolicy(
         daily_budget_bytes=int(section.daily_budget_mb * 2**20),
         windows=tuple(SendWindow.parse(w) for w in section.windows),  # checked by check_meaning
         zone=local_zone(),
+        sender_round_s=sender_round_s,
     )
     return policy if policy.limited else None
+
+
+def sender_round_s(config: Config, destination: str) -> float:
+    """How long a routine item queued while `destination`'s link is open may wait for its sender to
+    try it: the senders' poll between rounds, and a transfer already on the wire, which a round
+    finishes first (at most the link's network timeout; report polling queues nothing)."""
+    on_the_wire = {"dicom": config.reading_center.timeout_s, "fhir": config.fhir.timeout_s}
+    return SENDER_IDLE_POLL_S + on_the_wire.get(destination, 0.0)
 
 
 def sections(config: Config) -> dict[str, MeteredSection]:
@@ -63,7 +73,7 @@ def meters(config: Config, store: StatusStore) -> dict[str, Meter]:
     """The metered destinations only."""
     found = {}
     for name, section in sections(config).items():
-        policy = meter_policy(section)
+        policy = meter_policy(section, sender_round_s(config, name))
         if policy is not None:
             found[name] = Meter(name, policy, store)
     return found
@@ -85,6 +95,10 @@ def held_since(meter: Meter, now: float, blocked: Blocked | None) -> float | Non
     While the link fails (`link_failing`), its failed sends spent the budgets: a spent day counts as
     one with budget left (a chance the link missed), but a window that has not opened since is still
     no chance - what was queued since it last opened waits for it, not for the link.
+    A chance lets go only what was queued a sender round (`MeterPolicy.sender_round_s`) before it
+    ended: an item queued in the last seconds of a window was never tried before it shut - the
+    window holds it until it opens again, not stuck for the ~16 h till then. One a round did try
+    then is judged by its failure (`MeterHold.failed_too`, `failed_by`), as any other.
     `meter` over one read of its record (`read_once`): the walk asks it for each day and window."""
     if blocked is None:
         return None
@@ -93,7 +107,7 @@ def held_since(meter: Meter, now: float, blocked: Blocked | None) -> float | Non
         chances = _window_chances(meter, now, budget_counts=budget_counts)
     else:
         chances = _budget_chances(meter, now, budget_counts=budget_counts)
-    return next(chances, -math.inf)
+    return next(chances, -math.inf) - meter.policy.sender_round_s
 
 
 def meter_hold(meter: Meter, now: float, blocked: Blocked | None) -> MeterHold | None:

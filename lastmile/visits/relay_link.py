@@ -72,8 +72,9 @@ def visit_link(
 
 # The generation of the code that turns a stored visit into a FHIR bundle (lastmile.visits.book:
 # record decoding, `_stored_for_bundle`, `_bundle`, signing; uploader.fhir_bundle.visit_bundle).
-# BUMP IT whenever that code changes: a visit set aside (fhir_fault) by another generation is
-# tried once more, as an update may mend what set it aside. Not lastmile.__version__: it never
+# BUMP IT whenever that code changes (tests/test_fhir_fault_generation.py fails until it is): a
+# visit set aside (fhir_fault) by another generation is tried once more, as an update may mend what
+# set it aside. Not lastmile.__version__: it never
 # changes (update bundles carry their own version). Here, not in the book: this module must not
 # import the signing code (the forward service asks every round).
 FHIR_FAULT_GENERATION = 1

@@ -1,0 +1,32 @@
+"""FHIR_FAULT_GENERATION (lastmile.visits.relay_link) is bumped by hand when the code that turns a
+stored visit into a FHIR bundle changes: a visit set aside (fhir_fault) by another generation is
+tried once more. Forgotten, a visit set aside by a fault the update mended stayed aside for good.
+This test keeps the digest of that code per generation: a change to it fails here until the
+generation is bumped and its digest recorded."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+
+from lastmile.visits import relay_link
+from lastmile.visits.book import BUNDLE_CODE
+from uploader import fhir_bundle
+
+# generation -> sha256 of the bundle code (`bundle_code_digest`) it was set to
+BUNDLE_CODE_DIGESTS = {1: "3cfca0c37ba2b7b5796c0d799958bd18b7e3c5155488ab2f309901738e1d232f"}
+
+
+def bundle_code_digest() -> str:
+    """The visit-to-bundle code relay_link's comment names: the book's (reading the stored visit,
+    the bundle, its signature: book.BUNDLE_CODE) and the whole of uploader.fhir_bundle."""
+    parts = [*BUNDLE_CODE, fhir_bundle]
+    return hashlib.sha256("".join(inspect.getsource(part) for part in parts).encode()).hexdigest()
+
+
+def test_the_fhir_fault_generation_is_bumped_whenever_the_bundle_code_changes() -> None:
+    generation = relay_link.FHIR_FAULT_GENERATION
+    assert BUNDLE_CODE_DIGESTS.get(generation) == bundle_code_digest(), (
+        f"the code that makes a visit's FHIR bundle changed: bump FHIR_FAULT_GENERATION to {generation + 1} "
+        f"and record {generation + 1}: {bundle_code_digest()!r} here"
+    )
