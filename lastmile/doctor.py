@@ -1362,10 +1362,14 @@ def _open_visit_damage(conn: Any) -> Finding | None:
     if row is None:
         return None
     visit = dict(zip(names, row, strict=True))
+    # a repair pass sets the open visit aside when a note of it is damaged (its row may read well)
+    cause: Exception | str | None = visit.get("fhir_fault")
     try:
         decode_row(visit)
     except BUNDLE_ERRORS as exc:
-        damaged = DamagedVisitError(visit["id"], visit["patient_id"], exc)
+        cause = exc
+    if cause is not None:
+        damaged = DamagedVisitError(visit["id"], visit["patient_id"], cause)
         return Finding(
             "visits",
             Level.FAIL,
