@@ -1017,6 +1017,8 @@ class Doctor:
             text += f"; {len(unqueued) - len(ended)} wait for a known time (GPS or NTP)"
         if kept_aside:
             text += f"; {kept_aside} damaged when stopped, kept aside (recorded again, never sent)"
+        if self.config.visits.household_register:  # a wrong datum flags every visit outside-radius
+            text += f"; household register read in {self.config.visits.register_datum} (visits.register_datum)"
         return [Finding("visits", Level.OK, text)]
 
     def _recorder_findings(self, recorder: dict[str, Any]) -> list[Finding]:
