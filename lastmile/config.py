@@ -161,6 +161,8 @@ class VisitsSection:
     doctor_id: str = ""  # the family doctor on this gateway's field visits (practitioner id)
     radius_m: float = 200.0  # a visit further than this (plus fix error) from the household is flagged
     household_register: str = ""  # CSV: household_id, latitude, longitude
+    # converted to the GPS fix's WGS-84 when the register is imported (lastmile/visits/datum.py)
+    register_datum: str = "wgs84"  # the register's datum: wgs84 (GPS), gcj02 (Gaode/Tencent maps), bd09 (Baidu)
     track_max_points: int = 2000  # an open visit's GPS track is thinned evenly beyond this many points
     setting: str = "home"  # "home" (FHIR class HH) or "clinic" (AMB)
     max_eph_m: float = 100.0  # a best fix less accurate than this (95 %) is flagged
@@ -272,6 +274,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("reading_center", "no_commitment_policy"): ("keep", "purge"),
     ("gps", "source"): ("gpsd", "nmea", "none"),
     ("visits", "setting"): ("home", "clinic"),
+    ("visits", "register_datum"): ("wgs84", "gcj02", "bd09"),  # lastmile.visits.datum.DATUMS
     ("patient", "id_kind"): ("", "cn-resident-id", "clinic-mrn"),
     ("console", "language"): ("zh-CN", "en"),
     ("reports", "source"): ("dicom", "fhir", "both", "off"),

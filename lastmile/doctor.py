@@ -1123,6 +1123,8 @@ class Doctor:
             text += f"; {len(unqueued) - len(ended)} wait for a known time (GPS or NTP)"
         if kept_aside:
             text += f"; {kept_aside} damaged when stopped, kept aside (recorded again, never sent)"
+        if self.config.visits.household_register:  # a wrong datum flags every visit outside-radius
+            text += f"; household register read in {self.config.visits.register_datum} (visits.register_datum)"
         return [Finding("visits", Level.OK, text)]
 
     def _recorder_findings(self, recorder: dict[str, Any]) -> list[Finding]:
@@ -1468,10 +1470,14 @@ def _open_visit_damage(conn: Any) -> Finding | None:
     if row is None:
         return None
     visit = dict(zip(names, row, strict=True))
+    # a repair pass sets the open visit aside when a note of it is damaged (its row may read well)
+    cause: Exception | str | None = visit.get("fhir_fault")
     try:
         decode_row(visit)
     except BUNDLE_ERRORS as exc:
-        damaged = DamagedVisitError(visit["id"], visit["patient_id"], exc)
+        cause = exc
+    if cause is not None:
+        damaged = DamagedVisitError(visit["id"], visit["patient_id"], cause)
         return Finding(
             "visits",
             Level.FAIL,

@@ -8,6 +8,7 @@ import http.server
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import threading
 import time
@@ -608,3 +609,34 @@ def test_an_ecg_cart_whose_clock_was_reset_is_a_devices_warning_until_its_next_e
 
     import_stick("set", cart_file)  # the clock set again: its next ECG is believed
     assert [f for f in d.check_devices() if f.topic == "ecg-clock"] == []
+
+
+def test_an_open_visit_set_aside_by_a_repair_pass_is_not_offered_visit_retry(tmp_path: Path) -> None:
+    """A repair pass met a damaged note of the open visit and set the visit aside (fhir_fault):
+    the doctor counted it "set aside" and offered `lastmile visit retry`, which only retries
+    closed visits (and the next pass sets it aside again). It is the open visit that is damaged:
+    the doctor FAILs with what `visit start`/`note` say - stop it, then start it again."""
+    from lastmile.visits.book import VisitBook
+    from tests.fhir_samples import NAMING
+    from uploader.outbox import Outbox
+
+    with VisitBook.open(tmp_path, gateway_id="gw-1") as book:
+        visit = book.start("P-4", doctor_id="DR-1")
+        book.note("wound dressed")
+        book.db.execute("UPDATE visit_notes SET stamp = 'not json' WHERE visit_id = ?", [visit.id])
+        book.db.conn.commit()
+    # the forward service's round: its repair pass meets the damaged note
+    with VisitBook.open(tmp_path, gateway_id="gw-1") as book, Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        book.queue_closed(outbox, NAMING)
+    row = _visit_row(tmp_path, visit.id)
+    assert row[0] == "open" and row[1] is not None, row  # set aside while open
+    found = doctor(tmp_path).check_visits()
+    assert not [f for f in found if "lastmile visit retry" in f.hint], found
+    assert [(f.level, f.topic) for f in found] == [(Level.FAIL, "open-damaged")], found
+    assert visit.id in found[0].message and "lastmile visit stop" in found[0].message, found
+    assert "lastmile visit start --patient P-4" in found[0].hint, found
+
+
+def _visit_row(data: Path, visit_id: str) -> tuple[str, str | None]:
+    with sqlite3.connect(data / "visits.db") as conn:
+        return conn.execute("SELECT state, fhir_fault FROM visits WHERE id = ?", [visit_id]).fetchone()

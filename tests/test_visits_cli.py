@@ -370,3 +370,42 @@ def test_an_open_visit_set_aside_before_its_stop_is_still_marked_recorded_again_
         assert [v.recorded_again for v in book.visits()] == [True]
     assert run("visit", "retry", "--all") == 0
     assert "no visit is set aside" in capsys.readouterr().out
+
+
+def test_a_gcj02_register_is_read_in_wgs84_and_a_visit_at_the_house_is_not_outside_radius(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A county that exports its household register from Gaode or Tencent maps gives GCJ-02
+    positions (475 m off here, in Shanghai): compared as WGS-84 with the GPS fix, a visit at the
+    house itself was flagged outside-radius, the offset position signed into the chain. With
+    visits.register_datum = "gcj02" the register is converted to WGS-84 when it is imported."""
+    from lastmile.visits.book import FixRecord
+    from tests.visit_harness import GPS_T, FakeClocks, fix_at, open_book
+
+    home_wgs84, home_gcj02 = (31.1774276, 121.5272106), (31.17530398364597, 121.531541859215)  # published pair
+    register = tmp_path / "households.csv"
+    register.write_text("household_id,latitude,longitude\nHH-1,%r,%r\n" % home_gcj02)
+
+    def visit_at_home(datum: str | None) -> tuple[list[str], float | None, tuple[float, float]]:
+        config = tmp_path / f"{datum}.toml"
+        config.write_text(
+            f'[gateway]\nid = "gw-1"\ndata_dir = "{tmp_path / "data"}"\n'
+            f'[visits]\ndoctor_id = "DR-9"\nhousehold_register = "{register}"\n'
+            + (f'register_datum = "{datum}"\n' if datum else "")
+            + '[gps]\nsource = "none"\n'
+        )
+        assert main(["-c", str(config), "visit", "households"]) == 0
+        clocks = FakeClocks(wall=GPS_T.timestamp())
+        with open_book(tmp_path / "data", clocks) as book:
+            at_home = FixRecord(fix_at(*home_wgs84, GPS_T), book.clock.now())
+            book.start("P-1", doctor_id="DR-9", household_id="HH-1", fix=at_home)
+            visit = book.stop(at_home)
+            body = book.record_body(visit.id)
+        return visit.flags, visit.distance_m, (body["household"]["lat"], body["household"]["lon"])
+
+    flags, distance, _ = visit_at_home(None)  # read as GPS positions (WGS-84), as before
+    assert flags == ["outside-radius"] and distance == pytest.approx(475, abs=5), (flags, distance)
+    flags, distance, signed = visit_at_home("gcj02")
+    assert flags == [] and distance is not None and distance < 1.0, (flags, distance)
+    assert signed == pytest.approx(home_wgs84, abs=1e-5), signed  # the chain holds the real position
+    assert "read in gcj02" in capsys.readouterr().out

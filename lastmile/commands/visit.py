@@ -67,8 +67,9 @@ def _book(args: argparse.Namespace):
     if config.visits.household_register:
         stamp = book.clock.now()
         try:
-            if book.register.sync_from(config.visits.household_register, stamp.time.isoformat() if stamp.time else ""):
-                log.info("household register re-imported from %s", config.visits.household_register)
+            register, datum = config.visits.household_register, config.visits.register_datum
+            if book.register.sync_from(register, stamp.time.isoformat() if stamp.time else "", datum):
+                log.info("household register re-imported from %s (%s)", register, datum)
         except (ValueError, OSError) as exc:
             log.warning("household register not imported: %s", exc)
     return config, book
@@ -323,8 +324,10 @@ def households(args: argparse.Namespace) -> int:
         return _fail(ValueError("no file given and visits.household_register is not set"))
     with book:
         try:
-            count = book.register.import_csv(path, (book.clock.now().time or "").__str__())
+            count = book.register.import_csv(
+                path, (book.clock.now().time or "").__str__(), config.visits.register_datum
+            )
         except (RegisterError, OSError, UnicodeDecodeError) as exc:
             return _fail(exc)
-    print(f"{count} households imported from {path}")
+    print(f"{count} households imported from {path} (positions read in {config.visits.register_datum})")
     return 0

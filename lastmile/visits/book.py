@@ -150,6 +150,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         WHERE {NEVER_CHECKED_SQL} AND NOT {IS_STOPPED_DAMAGED};
     """,
     ),
+    # v2-fix: the datum the register file was read in (visits.register_datum): a changed setting
+    # imports the same file again. Earlier imports read it as WGS-84.
+    Migration.sql(
+        "0006_register_datum", "ALTER TABLE register_imports ADD COLUMN datum TEXT NOT NULL DEFAULT 'wgs84';"
+    ),
 )
 
 # The saved clock anchor (what other processes of this boot restore) is rewritten only when it moved

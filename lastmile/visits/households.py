@@ -1,4 +1,7 @@
-"""The county's household register (CSV: household_id, latitude, longitude) and distances."""
+"""The county's household register (CSV: household_id, latitude, longitude) and distances.
+
+Positions are kept in WGS-84, the GPS fix's datum: a register in GCJ-02 or BD-09 (exported from
+Chinese maps; config visits.register_datum) is converted once, when it is imported."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from pathlib import Path
 
 import sqlite_utils
 
+from lastmile.visits.datum import to_wgs84
 from uploader.sqlite_store import transaction
 
 EARTH_RADIUS_M = 6_371_008.8  # mean radius (IUGG)
@@ -35,8 +39,9 @@ def distance_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     return 2 * EARTH_RADIUS_M * math.asin(min(1.0, math.sqrt(a)))
 
 
-def parse_register(text: str, where: str = "<register>") -> list[Household]:
-    """Strict: header with the three columns (any order, extra columns ignored), valid numbers."""
+def parse_register(text: str, where: str = "<register>", datum: str = "wgs84") -> list[Household]:
+    """Strict: header with the three columns (any order, extra columns ignored), valid numbers.
+    Positions in `datum` (lastmile.visits.datum.DATUMS), returned in WGS-84."""
     reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff")))
     wanted = {"household_id", "latitude", "longitude"}
     columns = {c.strip().lower() for c in reader.fieldnames or []}
@@ -57,7 +62,7 @@ def parse_register(text: str, where: str = "<register>") -> list[Household]:
             raise RegisterError(f"{where}:{line}: position {lat}, {lon} is off the globe")
         if hid in out:
             raise RegisterError(f"{where}:{line}: household {hid} appears twice")
-        out[hid] = Household(hid, lat, lon)
+        out[hid] = Household(hid, *to_wgs84(lat, lon, datum))
     return list(out.values())
 
 
@@ -67,10 +72,11 @@ class HouseholdRegister:
     def __init__(self, db: sqlite_utils.Database) -> None:
         self.db = db
 
-    def import_csv(self, path: str | Path, now_iso: str) -> int:
-        """Replace the register with the file's content (atomically); returns the count."""
+    def import_csv(self, path: str | Path, now_iso: str, datum: str = "wgs84") -> int:
+        """Replace the register with the file's content, its positions in `datum` (atomically);
+        returns the count."""
         raw = Path(path).read_bytes()
-        households = parse_register(raw.decode("utf-8"), str(path))
+        households = parse_register(raw.decode("utf-8"), str(path), datum)
         digest = hashlib.sha256(raw).hexdigest()
         with transaction(self.db):
             self.db.execute("DELETE FROM households")
@@ -78,20 +84,27 @@ class HouseholdRegister:
                 [{"household_id": h.household_id, "latitude": h.latitude, "longitude": h.longitude} for h in households]
             )
             self.db.table("register_imports").insert(
-                {"imported_at": now_iso, "source": str(path), "sha256": digest, "count": len(households)}
+                {
+                    "imported_at": now_iso,
+                    "source": str(path),
+                    "sha256": digest,
+                    "count": len(households),
+                    "datum": datum,
+                }
             )
         return len(households)
 
-    def sync_from(self, path: str | Path, now_iso: str) -> bool:
-        """Import the file if it changed since the last import (cheap on every visit start)."""
+    def sync_from(self, path: str | Path, now_iso: str, datum: str = "wgs84") -> bool:
+        """Import the file if it or its datum changed since the last import (cheap on every visit
+        start)."""
         p = Path(path)
         if not p.is_file():
             return False
         digest = hashlib.sha256(p.read_bytes()).hexdigest()
-        last = list(self.db.query("SELECT sha256 FROM register_imports ORDER BY id DESC LIMIT 1"))
-        if last and last[0]["sha256"] == digest:
+        last = list(self.db.query("SELECT sha256, datum FROM register_imports ORDER BY id DESC LIMIT 1"))
+        if last and (last[0]["sha256"], last[0]["datum"]) == (digest, datum):
             return False
-        self.import_csv(p, now_iso)
+        self.import_csv(p, now_iso, datum)
         return True
 
     def get(self, household_id: str) -> Household | None:

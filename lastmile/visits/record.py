@@ -26,9 +26,11 @@ class DamagedVisitError(VisitError):
     """The open visit's stored row cannot be read (damaged on the SD card): it can never be
     signed nor sent. `closed`: `stop` closed it and set it aside, so the doctor can go on."""
 
-    def __init__(self, visit_id: str, patient_id: str, cause: Exception, *, closed: bool = False) -> None:
+    def __init__(self, visit_id: str, patient_id: str, cause: Exception | str, *, closed: bool = False) -> None:
+        """`cause`: the error, or the fault a repair pass stored on the visit ("Type: message")."""
         self.visit_id, self.patient_id, self.cause, self.closed = visit_id, patient_id, cause, closed
-        damage = f"the open visit {visit_id} of patient {patient_id} is damaged on the SD card ({type(cause).__name__}: {cause})"
+        said = cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
+        damage = f"the open visit {visit_id} of patient {patient_id} is damaged on the SD card ({said})"
         if closed:
             what_now = (
                 "it cannot be signed nor sent to the county platform; it is closed and kept aside "

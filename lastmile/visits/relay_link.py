@@ -92,9 +92,10 @@ def fault_generation() -> str:
 STOPPED_DAMAGED = "stopped damaged, recorded again: "
 # SQL, 1 for such a row and 0 for any other (never NULL: `NOT` of it must hold for the others)
 IS_STOPPED_DAMAGED = f"COALESCE(substr(fhir_fault, 1, {len(STOPPED_DAMAGED)}) = '{STOPPED_DAMAGED}', 0)"
-# SQL condition: a visit set aside (never to be sent as it is), not queued, that `lastmile visit
-# retry` may try again once the cause is repaired (not one `stop` closed unread)
-SET_ASIDE_SQL = f"fhir_fault IS NOT NULL AND fhir_queued_at IS NULL AND NOT {IS_STOPPED_DAMAGED}"
+# SQL condition: a closed visit set aside (never to be sent as it is), not queued, that `lastmile
+# visit retry` may try again once the cause is repaired (not one `stop` closed unread). Not the
+# open visit a repair pass set aside (a damaged note): it is to be stopped, not retried.
+SET_ASIDE_SQL = f"state = 'closed' AND fhir_fault IS NOT NULL AND fhir_queued_at IS NULL AND NOT {IS_STOPPED_DAMAGED}"
 
 
 # A closed visit that could not be queued (signed only once a time is known: no GPS, no NTP yet)
