@@ -1395,7 +1395,7 @@ class VisitsRead:
     open_damaged: Finding | None
 
 
-# visits.db as the home visits check last read it, by data directory, with its files' state then:
+# visits.db as the home visits check last read it (one entry: its data directory), with its files' state then:
 # the console runs the doctor every minute, and even a read-only look writes SQLite's
 # shared-memory file on the SD card. Every commit changes the database or its WAL file.
 _visits_reads: dict[Path, tuple[tuple[Any, ...], VisitsRead]] = {}
@@ -1411,6 +1411,7 @@ def _visits_read(data: Path) -> VisitsRead:
         return cached[1]
     with as_owner_of(data):
         read = _read_visits(data)
+    _visits_reads.clear()  # the last data directory read only: the console's, never one per directory seen
     _visits_reads[data] = (files, read)
     return read
 

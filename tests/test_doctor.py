@@ -640,3 +640,17 @@ def test_an_open_visit_set_aside_by_a_repair_pass_is_not_offered_visit_retry(tmp
 def _visit_row(data: Path, visit_id: str) -> tuple[str, str | None]:
     with sqlite3.connect(data / "visits.db") as conn:
         return conn.execute("SELECT state, fhir_fault FROM visits WHERE id = ?", [visit_id]).fetchone()
+
+
+def test_the_home_visits_check_keeps_one_read_not_one_per_data_directory(tmp_path: Path) -> None:
+    """lastmile/doctor.py kept what it last read of visits.db in a module-wide dict by data
+    directory, never trimmed: every data directory the process ever checked (the demo's, a
+    restored copy, each test's) stayed in memory. It keeps the last read only."""
+    import lastmile.doctor
+    from lastmile.visits.book import VisitBook
+
+    for name in ("a", "b", "c"):
+        with VisitBook.open(tmp_path / name, gateway_id="gw-1") as book:
+            book.start("P-1", doctor_id="DR-1")
+        doctor(tmp_path / name).check_visits()
+    assert len(lastmile.doctor._visits_reads) <= 1, lastmile.doctor._visits_reads

@@ -296,9 +296,7 @@ def test_a_visit_stop_closed_as_damaged_before_the_mark_existed_is_never_retried
     carried only its fault: `visit retry` accepted it and the forward service sent it - the
     doctor had recorded it again, as stop said, and it was never checked. Such a visit is
     recognised (never checked, never signed) and kept aside like the newer ones."""
-    from lastmile.visits.relay_link import STOPPED_DAMAGED, VisitQueue
-    from tests.fhir_samples import NAMING
-    from uploader.outbox import Kind, Outbox
+    from lastmile.visits.relay_link import STOPPED_DAMAGED
 
     run = visit_cli(tmp_path)
     first = damaged_at_stop(tmp_path, capsys)
@@ -312,6 +310,18 @@ def test_a_visit_stop_closed_as_damaged_before_the_mark_existed_is_never_retried
     capsys.readouterr()
     assert run("visit", "retry", first[:8]) == 1
     assert "recorded again" in capsys.readouterr().err
+    retry_all_sends_only_the_visit_recorded_again(run, capsys, tmp_path / "data", first)
+
+
+def retry_all_sends_only_the_visit_recorded_again(
+    run: Callable[..., int], capsys: pytest.CaptureFixture[str], data: Path, first: str
+) -> None:
+    """`visit retry --all` finds nothing set aside, and the forward service's round queues only
+    the visit recorded again: never `first`, the one stop closed damaged."""
+    from lastmile.visits.relay_link import VisitQueue
+    from tests.fhir_samples import NAMING
+    from uploader.outbox import Kind, Outbox
+
     assert run("visit", "retry", "--all") == 0
     assert "no visit is set aside" in capsys.readouterr().out
     with Outbox.open(data, min_free_bytes=0) as outbox:
@@ -409,3 +419,39 @@ def test_a_gcj02_register_is_read_in_wgs84_and_a_visit_at_the_house_is_not_outsi
     assert flags == [] and distance is not None and distance < 1.0, (flags, distance)
     assert signed == pytest.approx(home_wgs84, abs=1e-5), signed  # the chain holds the real position
     assert "read in gcj02" in capsys.readouterr().out
+
+
+def test_an_open_visit_set_aside_for_a_damaged_note_is_refused_notes_and_stopped_as_damaged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A repair pass set the open visit aside for a damaged note (its row reads well): the doctor
+    advised to stop it and record it again, but `visit note` still added notes to it and `visit
+    stop` closed it as an ordinary set-aside visit, retry-able: once the note was mended, `visit
+    retry` sent it, and the county got the visit twice. Note refuses it with the same advice; stop
+    closes it stopped damaged: never retried nor sent."""
+    from lastmile.visits.book import VisitBook
+    from tests.fhir_samples import NAMING
+    from uploader.outbox import Outbox
+
+    data = tmp_path / "data"
+    run = visit_cli(tmp_path)
+    assert run("visit", "start", "--patient", "P-2") == 0
+    assert run("visit", "note", "wound dressed") == 0
+    with VisitBook.open(data, gateway_id="gw-cli") as book, Outbox.open(data, min_free_bytes=0) as outbox:
+        book.db.execute("UPDATE visit_notes SET stamp = 'not json'")
+        book.db.conn.commit()
+        book.queue_closed(outbox, NAMING)  # the forward service's pass: meets the note, sets the visit aside
+        (first,) = [v.id for v in book.visits()]
+    capsys.readouterr()
+    assert run("visit", "note", "second dressing") == 1
+    assert "lastmile visit stop" in capsys.readouterr().err
+    assert run("visit", "stop") == 1
+    assert "lastmile visit start --patient P-2" in capsys.readouterr().err
+    assert run("visit", "start", "--patient", "P-2") == 0  # recorded again, as stop said
+    assert run("visit", "stop") == 0
+    with VisitBook.open(data, gateway_id="gw-cli") as book:  # the technician mends the note
+        book.db.execute("DELETE FROM visit_notes WHERE stamp = 'not json'")
+        book.db.conn.commit()
+        assert [v.recorded_again for v in book.visits() if v.id == first] == [True]
+    capsys.readouterr()
+    retry_all_sends_only_the_visit_recorded_again(run, capsys, tmp_path / "data", first)

@@ -67,7 +67,7 @@ from lastmile.visits.chain import (
     verify_lines,
 )
 from lastmile.visits.households import Household, HouseholdRegister, distance_m
-from lastmile.visits.record import BUNDLE_ERRORS, DamagedVisitError, FixRecord, VisitError, decode_row
+from lastmile.visits.record import BUNDLE_ERRORS, DamagedVisitError, FixRecord, VisitError, decode_row, fault_text
 from lastmile.visits.relay_link import (
     CLOSED_UNQUEUED_SQL,
     IS_STOPPED_DAMAGED,
@@ -821,7 +821,13 @@ class VisitBook:
         return row
 
     def _require_open(self) -> Visit:
-        row = self._require_open_row()
+        return self._open_visit(self._require_open_row())
+
+    def _open_visit(self, row: dict) -> Visit:
+        """The open visit; DamagedVisitError when its row cannot be read, or a repair pass set it
+        aside (a note of it damaged, its row reading well): either way it can never be sent."""
+        if row["fhir_fault"] is not None:
+            raise DamagedVisitError(row["id"], row["patient_id"], row["fhir_fault"])
         try:
             return self._visit(row)
         except BUNDLE_ERRORS as exc:
@@ -834,11 +840,10 @@ class VisitBook:
         if row is None:
             return None
         try:
-            return self._visit(row)
-        except BUNDLE_ERRORS as exc:
+            return self._open_visit(row)
+        except DamagedVisitError as damaged:
             if row["id"] not in self.damaged_said:  # said once per visit, not at each reading
                 self.damaged_said.add(row["id"])
-                damaged = DamagedVisitError(row["id"], row["patient_id"], exc)
                 log.warning("%s; a reading of its patient is sent on its own", damaged)
             return None
 
@@ -908,30 +913,34 @@ class VisitBook:
     def stop(self, fix: FixRecord | None = None) -> Visit:
         # One write transaction from the open check to the signature: a second stop, a note or a
         # track point from another process cannot slip between them.
-        cause: Exception | None = None
+        error: Exception | None = None
+        cause: Exception | str = ""
         with transaction(self.db):
             row = self._require_open_row()
             try:
-                visit = self._visit(row)
+                visit = self._open_visit(row)
                 flags = self._close(visit, fix)
-            except BUNDLE_ERRORS as exc:  # its row, a note or a track point of it damaged
-                self._close_damaged(row["id"], exc)
-                cause = exc
-        if cause is not None:
-            raise DamagedVisitError(row["id"], row["patient_id"], cause, closed=True) from cause
+            except DamagedVisitError as exc:  # its row, or set aside while open (a damaged note)
+                error, cause = exc, exc.cause
+            except BUNDLE_ERRORS as exc:  # a note or a track point of it
+                error, cause = exc, exc
+            if error is not None:
+                self._close_damaged(row["id"], cause)
+        if error is not None:
+            raise DamagedVisitError(row["id"], row["patient_id"], cause, closed=True) from error
         closed = self.get(visit.id)
         assert closed is not None
         log.info("visit %s stopped; flags: %s", visit.id, ", ".join(flags) or "none")
         return closed
 
-    def _close_damaged(self, visit_id: str, cause: Exception) -> None:
+    def _close_damaged(self, visit_id: str, cause: Exception | str) -> None:
         """(In a write transaction.) An open visit that cannot be read is closed, with when it was
         stopped, and set aside for good: the one-open-visit rule must not keep the doctor from the
         next visit, and its row is kept as it is (evidence). It was never checked, and the doctor
         is told to record it again: marked STOPPED_DAMAGED (over any fault set while it was open),
         so neither `visit retry` nor an update sends it."""
         end = self._stamp_now()
-        fault = f"{STOPPED_DAMAGED}{type(cause).__name__}: {cause}"
+        fault = STOPPED_DAMAGED + fault_text(cause)
         self.db.execute(
             "UPDATE visits SET state = 'closed', end_stamp = ?, ended_at = ?, fhir_fault = ?, fhir_fault_version = ? "
             "WHERE id = ?",

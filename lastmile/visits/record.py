@@ -18,6 +18,11 @@ from lastmile.clock import Stamp
 BUNDLE_ERRORS: tuple[type[Exception], ...] = (ValueError, KeyError, TypeError)
 
 
+def fault_text(cause: Exception | str) -> str:
+    """What a visit's fault says ("Type: message"): the error, or the fault already stored."""
+    return cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
+
+
 class VisitError(Exception):
     """A visit command that cannot be done as asked (no open visit, one already open ...)."""
 
@@ -29,8 +34,7 @@ class DamagedVisitError(VisitError):
     def __init__(self, visit_id: str, patient_id: str, cause: Exception | str, *, closed: bool = False) -> None:
         """`cause`: the error, or the fault a repair pass stored on the visit ("Type: message")."""
         self.visit_id, self.patient_id, self.cause, self.closed = visit_id, patient_id, cause, closed
-        said = cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
-        damage = f"the open visit {visit_id} of patient {patient_id} is damaged on the SD card ({said})"
+        damage = f"the open visit {visit_id} of patient {patient_id} is damaged on the SD card ({fault_text(cause)})"
         if closed:
             what_now = (
                 "it cannot be signed nor sent to the county platform; it is closed and kept aside "
