@@ -902,3 +902,58 @@ def test_an_ecg_tried_and_refused_alone_seconds_before_a_window_closed_is_stuck(
     now = clinic_day_at(*reopen) + 59 * 60
     snapshot = read_outbox(tmp_path, now, config=doctor(tmp_path, metered).config)
     assert snapshot is not None and snapshot.oldest_stuck_s.get(Kind.DICOM, 0.0) == now - queued, snapshot
+
+
+def test_a_visit_record_whose_send_timed_out_after_another_went_is_not_said_refused_alone(tmp_path: Path) -> None:
+    """A flaky 2G link: the first visit record goes, the second is too big for the link and times
+    out in the same round. Once a clean round ran, it was said refused alone: "the county platform
+    refuses this one visit record (last answer: ReadTimeout)". No answer is the link's."""
+    from lastmile.services.metered import refused_alone
+    from tests.fhir_samples import NAMING, T0, all_kinds, signature, visit
+    from tests.fhir_server import FhirTestServer
+    from uploader.fhir_bundle import visit_bundle
+    from uploader.fhir_forwarder import enqueue_bundle, forward_fhir_once
+    from uploader.fhir_sender import FhirSender, FhirSenderSettings
+
+    def queue(outbox: Outbox, n: int, at: float) -> None:
+        bundle = visit_bundle(visit(n, patient=f"P-{n}"), all_kinds(T0, f"P-{n}"), NAMING, signature(n))
+        enqueue_bundle(outbox, bundle, f"visit-{n}", patient_id=f"P-{n}", now=at)
+
+    from tests.waiting import wait_for
+
+    t0 = time.time()
+    settings = FhirSenderSettings(base_url="", timeout_s=1.0)
+    with FhirTestServer() as server, FhirSender(dataclasses.replace(settings, base_url=server.base_url)) as sender:
+        server.timeout_delay_s = 3.0
+        with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+            for n in range(3):
+                queue(outbox, n, t0)
+            server.faults.extend(["", "timeout"])
+            assert forward_fhir_once(outbox, sender, t0, batch_size=1).transient == 1
+            wait_for(lambda: server.stats.transactions == 2, timeout=30)  # it answers again, late
+            queue(outbox, 9, t0 + 1)
+            assert forward_fhir_once(outbox, sender, t0 + 1).sent == 2  # a clean round
+            [timed_out] = outbox.items(state=ItemState.QUEUED, kind=Kind.FHIR_BUNDLE)
+            assert "Timeout" in (timed_out.last_error or "")
+            assert not refused_alone(timed_out, outbox)
+    text = render_text(queue_findings(doctor(tmp_path, "", now=lambda: t0 + DAY).check_queue()))
+    assert "refuses this one" not in text, text
+
+
+def test_visit_records_that_failed_before_an_upgrade_are_not_said_refused_alone(tmp_path: Path) -> None:
+    """The FHIR sender recorded no link failure time before its upgrade: every visit record that
+    failed in an outage then counted as refused alone once a round had gone - a false alarm."""
+    from lastmile.services.metered import refused_alone
+    from uploader.fhir_forwarder import STATUS_NAME, FhirRoundResult
+
+    now = time.time()
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        outbox.add(Kind.FHIR_BUNDLE, "visit-1", b"{}", now=now - 3 * DAY)
+        [item] = outbox.claim(Kind.FHIR_BUNDLE, 1, now - 3 * DAY)
+        outbox.mark_transient_failure(item.id, "ReadTimeout", now - 3 * DAY)  # the outage, before the upgrade
+        worked = dataclasses.asdict(FhirRoundResult(claimed=1, sent=1))  # as the old sender recorded a round
+        outbox.record_status(STATUS_NAME, {"last_round": worked, "at": now - 3600}, now - 3600)
+        [failed] = outbox.items(state=ItemState.QUEUED, kind=Kind.FHIR_BUNDLE)
+        assert not refused_alone(failed, outbox)
+    text = render_text(queue_findings(doctor(tmp_path, "", now=lambda: now).check_queue()))
+    assert "refuses this one" not in text, text

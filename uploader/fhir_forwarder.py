@@ -13,7 +13,9 @@ in merged transactions of up to `batch_size` bundles, and settles each item:
   entry answered 5xx) → split in halves until the bundle at fault is alone, so one bundle does not
   hold its batch-mates; alone, it is quarantined with the server's OperationOutcome text (shown by
   `lastmile queue`) or, a TransientError, backs off; the others go (a second bundle refused for
-  now stops the round: the platform refuses everything, don't hammer it);
+  now stops the round: the platform refuses everything, don't hammer it - what that batch did not
+  send is charged with the refusal, its merged sends were refused, and the next round sends merged
+  batches unsplit, as before splitting, until one goes);
 - ConfigurationFault (bad token, TLS trust, a base URL that takes no transactions) → everything
   released uncharged, fault reported.
 
@@ -33,7 +35,7 @@ from typing import Any
 
 from uploader.errors import ConfigurationFault, CorruptPayloadError, PermanentError, TransientError
 from uploader.fhir_bundle import bundle_bytes, merge_transactions
-from uploader.fhir_connection import PlatformDown, Unavailable
+from uploader.fhir_connection import NoAnswer, PlatformDown, Unavailable
 from uploader.fhir_sender import FhirSender
 from uploader.metering import Meter
 from uploader.outbox import ItemState, Kind, Outbox, OutboxItem, Priority
@@ -79,6 +81,7 @@ class FhirRoundResult:
     quarantined: int = 0
     deferred: int = 0  # released unsent (behind an earlier bundle of the patient, or the round stopped)
     requests: int = 0
+    refused_everything: bool = False  # stopped by a second bundle refused for now: the next round does not split
     fault: str | None = None  # the platform refuses this gateway (token, TLS): nothing sent
     errors: list[str] = field(default_factory=list)
 
@@ -95,6 +98,8 @@ class _Round:
     link_failed: bool = False  # the platform was not there (`LINK_FAILED_AT`)
     answered: bool = False  # the platform took or refused a send of this round: it was there
     refused_for_now: bool = False  # a bundle alone got a TransientError of its own (a 500) this round
+    split_refused: bool = True  # split a merged batch refused for now (not after a round refused everything)
+    refused_all: TransientError | None = None  # the round stopped on a second refusal for now
 
     def release(self, items: Sequence[OutboxItem], why: str, delay_s: float) -> None:
         if items:
@@ -112,21 +117,23 @@ class _Round:
         try:
             self.sender.post_transaction(body)
         except TransientError as exc:
-            if len(batch) > 1 and not isinstance(exc, Unavailable):
-                return self.split(batch)  # the platform answered: maybe one bundle's, not its batch-mates'
-            for item, _ in batch:
-                self.outbox.mark_transient_failure(item.id, str(exc), self.now, exc.retry_after)
-                self._block(item)
-            self.counts.transient += len(batch)
+            refused = not isinstance(exc, Unavailable)  # the platform answered
+            if len(batch) > 1 and refused and self.split_refused:
+                return self.split(batch)  # maybe one bundle's, not its batch-mates'
+            self.fail([item for item, _ in batch], exc)
             self.counts.errors.append(str(exc))
-            if not isinstance(exc, Unavailable) and not self.refused_for_now:
+            if refused and not self.refused_for_now:
                 # one bundle refused for now: the others go on (a second one says it refuses all)
                 self.refused_for_now = self.answered = True
                 return []
             self.stop = True
             self.retry_after = exc.retry_after
-            # the link's failure unless the platform answered something else this round (it was there)
-            self.link_failed = isinstance(exc, PlatformDown) and not self.answered
+            if refused:
+                self.refused_all = exc
+                self.counts.refused_everything = True
+            # the link's failure unless the platform answered something else this round (it was there);
+            # no answer at all is always the link's (a bundle too big for a flaky 2G link), never a refusal
+            self.link_failed = isinstance(exc, NoAnswer) or (isinstance(exc, PlatformDown) and not self.answered)
             return []
         except ConfigurationFault as exc:
             self.counts.fault = str(exc)
@@ -147,6 +154,13 @@ class _Round:
         self.outbox.mark_committed(ids, self.now)
         self.counts.sent += len(batch)
         return []
+
+    def fail(self, items: Sequence[OutboxItem], exc: TransientError) -> None:
+        """Back to the queue with a backoff; the patients' later bundles wait for them."""
+        for item in items:
+            self.outbox.mark_transient_failure(item.id, str(exc), self.now, exc.retry_after)
+            self._block(item)
+        self.counts.transient += len(items)
 
     def split(self, batch: list[tuple[OutboxItem, bytes]]) -> list[tuple[OutboxItem, bytes]]:
         """Send a refused merged batch in halves, until the bundle at fault is alone: one bundle
@@ -179,7 +193,12 @@ def forward_fhir_once(
     routine bundles wait while it is shut (outside its windows, the day's budget spent)."""
     shut = meter.blocked(now) if meter is not None else None
     items = outbox.claim(Kind.FHIR_BUNDLE, max_items, now, priority=Priority.STAT if shut else None)
+    previous = (outbox.status(STATUS_NAME) or {}) if items else {}  # an idle round reads nothing
     rnd = _Round(outbox, sender, now, config_fault_retry_s)
+    if (previous.get("last_round") or {}).get("refused_everything"):
+        # the last round found the platform refusing everything: one merged request per batch, as
+        # before splitting, and the first refusal stops this round too - until a batch goes
+        rnd.split_refused, rnd.refused_for_now = False, True
     rnd.counts.claimed = len(items)
     # A patient's bundle still waiting out a backoff must not be overtaken by a later one.
     waiting: dict[str, OutboxItem] = {}
@@ -221,13 +240,17 @@ def forward_fhir_once(
                 rnd.counts.quarantined += 1
                 rnd.counts.errors.append(str(exc))
             except TransientError as exc:  # not read now (e.g. out of file descriptors): this item later
-                outbox.mark_transient_failure(item.id, str(exc), now, exc.retry_after)
-                rnd._block(item)  # the patient's later bundles wait for it, as after a failed send
-                rnd.counts.transient += 1
+                rnd.fail([item], exc)  # the patient's later bundles wait for it, as after a failed send
                 rnd.counts.errors.append(str(exc))
         leftover = rnd.send(batch) if batch else []
         if rnd.stop:
-            rest = [i for i, _ in leftover] + pending
+            unsent = [i for i, _ in leftover]
+            if rnd.refused_all is not None:
+                # sent merged in the refused halves: charged with them, not released at once to be
+                # split and sent again next round (a platform refusing everything got ~60x the requests)
+                rnd.fail(unsent, rnd.refused_all)
+                unsent = []
+            rest = unsent + pending
             if rnd.counts.fault:
                 rnd.release(rest, f"configuration fault: {rnd.counts.fault}", config_fault_retry_s)
             else:
@@ -239,8 +262,8 @@ def forward_fhir_once(
         # only a round that did something: an idle one (every 2 s, all day) would rewrite and
         # fsync this row ~43,000 times a day on the SD card, and wipe the last fault it showed
         status: dict[str, Any] = {"last_round": dataclasses.asdict(rnd.counts), "at": now}
-        failed_at = now if rnd.link_failed else (outbox.status(STATUS_NAME) or {}).get(LINK_FAILED_AT)
-        if failed_at is not None:
-            status[LINK_FAILED_AT] = failed_at
+        # never recorded (a gateway upgraded from before it was): what failed before now is the link's,
+        # not said "refused alone" - only failures judged by the rule above count
+        status[LINK_FAILED_AT] = now if rnd.link_failed else previous.get(LINK_FAILED_AT, now)
         outbox.record_status(STATUS_NAME, status, now)
     return rnd.counts

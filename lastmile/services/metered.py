@@ -173,7 +173,11 @@ def failed_by(destination: str, store: StatusStore) -> float:
         return math.inf
     status = store.status(LINK_STATUS[destination]) or {}
     failed = number(status.get("last_error_at"))
-    return -math.inf if failed is None else failed + LINK_FAILURE_SLACK_S
+    if failed is None:
+        # the FHIR sender records it on every round since it judges failures this way: without it, a
+        # gateway upgraded from before - its failures not judged, the link's (not a false "refuses this one")
+        return math.inf if destination == "fhir" else -math.inf
+    return failed + LINK_FAILURE_SLACK_S
 
 
 def refused_alone(item: OutboxItem, store: StatusStore) -> bool:
