@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from devices.identity import DeviceIdentity, TimeSource
+from devices.identity import STORED_TIME_UNKNOWN, DeviceIdentity, TimeSource
 from devices.observation import Observation, Quantity
 from lastmile.cli import main
 from lastmile.clinic.devices import DeviceRegistry
@@ -359,3 +359,18 @@ def test_map_user_refuses_a_resident_id_with_a_wrong_check_digit(
     assert capsys.readouterr().err
     assert store.db.conn.execute("SELECT COUNT(*) FROM device_users").fetchone()[0] == 0
 
+
+def test_a_reading_measured_before_a_remap_is_held_not_given_to_the_new_patient(
+    tmp_path: Path, store: ObservationStore
+) -> None:
+    """User 2 of the family cuff was P-A's; at minute 10 the doctor maps it to P-B. The cuff's
+    memory, synced at minute 11, still holds P-A's reading of minute 5: held, never P-B's. A record
+    whose time is unknown cannot be placed after the remap either: held."""
+    assert map_user(tmp_path, CUFF_ADDRESS, "2", "--patient", "P-A", at=T0) == 0
+    assert map_user(tmp_path, CUFF_ADDRESS, "2", "--patient", "P-B", at=T0 + 10 * MIN) == 0
+    older = store.record(reading(2, 5), now=T0 + 11 * MIN)
+    assert older.patient_id is None and older.outcome == "held"
+    unknown_time = replace(reading(2, 11), flags=(STORED_TIME_UNKNOWN,))
+    assert store.record(unknown_time, now=T0 + 11 * MIN).outcome == "held"
+    assert store.record(reading(2, 12), now=T0 + 12 * MIN).patient_id == "P-B"
+    assert [i.patient and i.patient["patient_id"] for i in store.outbox.items(kind=OBSERVATION_KIND)] == ["P-B"]
