@@ -139,6 +139,17 @@ def failing_since_seen(r: DeviceRecord) -> bool:
     return bool(r.last_error and r.last_error_at and (seen is None or r.last_error_at >= seen))
 
 
+@dataclass(frozen=True, slots=True)
+class OutboxReads:
+    """What a doctor run read from the outbox, in its one open (see `Doctor.outbox_reads`)."""
+
+    stats: dict[str, Any]
+    held: list[MeteredWait]  # metered links that hold routine items now
+    oldest_item: OutboxItem | None  # the oldest waiting item no metered link holds
+    refused: OutboxItem | None  # that item, when the server refuses it alone
+    recent_ecgs: list[OutboxItem]  # DICOM items of the last ECG_CLOCK_LOOKBACK_S, newest first
+
+
 @dataclass
 class Doctor:
     """What the checks look at; tests replace the system parts (paths, clock, commands)."""
@@ -180,6 +191,40 @@ class Doctor:
         if self._run_reads is not None:
             self._run_reads["devices"] = records
         return records
+
+    def outbox_reads(self) -> OutboxReads | None:
+        """What the queue and devices checks read from the outbox; None before it exists (never
+        created here). One open per `run_all`: each open recovers, checks the reserve and writes
+        its lock file (SD wear), and the console runs the doctor every minute."""
+        if self._run_reads is not None and "outbox" in self._run_reads:
+            return self._run_reads["outbox"]
+        from lastmile.data_dir import open_existing_outbox
+        from lastmile.services.metered import QUEUED_KINDS, metered_waits, refused_alone
+        from uploader.outbox import Kind
+
+        now = self.now()
+        reads = None
+        with as_owner_of(self.config.data_dir):
+            outbox = open_existing_outbox(self.config)  # creates nothing
+            if outbox is not None:
+                with outbox:
+                    stats = outbox.stats(now)
+                    # routine items a metered link holds now are its (as configured), not the link's
+                    held = [w for w in metered_waits(self.config, outbox, now).values() if w.holding]
+                    oldest_item = outbox.oldest_waiting_item(
+                        now,
+                        except_routine_of={QUEUED_KINDS[w.destination]: w.hold for w in held if w.hold is not None},
+                    )
+                    reads = OutboxReads(
+                        stats,
+                        held,
+                        oldest_item,
+                        oldest_item if oldest_item and refused_alone(oldest_item, outbox) else None,
+                        outbox.newest(Kind.DICOM, since=now - ECG_CLOCK_LOOKBACK_S, limit=ECG_CLOCK_ITEMS),
+                    )
+        if self._run_reads is not None:
+            self._run_reads["outbox"] = reads
+        return reads
 
     # -- the checks -------------------------------------------------------------------------------
 
@@ -766,15 +811,9 @@ class Doctor:
         set ahead: devices.identity.device_clock_wrong): its clock needs setting. Its next ECG
         with a believable time ends the warning."""
         from devices.identity import device_clock_wrong
-        from lastmile.data_dir import open_existing_outbox
-        from uploader.outbox import Kind
 
-        with as_owner_of(self.config.data_dir):
-            outbox = open_existing_outbox(self.config)  # creates nothing
-            if outbox is None:
-                return []
-            with outbox:
-                recent = outbox.newest(Kind.DICOM, since=self.now() - ECG_CLOCK_LOOKBACK_S, limit=ECG_CLOCK_ITEMS)
+        reads = self.outbox_reads()
+        recent = reads.recent_ecgs if reads is not None else []
         newest: dict[str, dict[str, Any]] = {}
         for item in recent:  # newest first: each cart's first is its newest
             newest.setdefault(str(item.meta.get("device") or "unknown device"), item.meta)
@@ -794,28 +833,17 @@ class Doctor:
         ]
 
     def check_queue(self) -> list[Finding]:
-        from lastmile.data_dir import DataDirError, open_existing_outbox
-        from lastmile.services.metered import QUEUED_KINDS, metered_waits, refused_alone
+        from lastmile.data_dir import DataDirError
         from uploader.masking import mask_server_text
 
-        data = self.config.data_dir
         now = self.now()
         try:
-            with as_owner_of(data):
-                outbox = open_existing_outbox(self.config)  # creates nothing
-                if outbox is None:
-                    return [Finding("queue", Level.OK, "outbox empty (not created yet)")]
-                with outbox:
-                    stats = outbox.stats(now)
-                    # routine items a metered link holds now are its (as configured), not the link's
-                    held = [w for w in metered_waits(self.config, outbox, now).values() if w.holding]
-                    oldest_item = outbox.oldest_waiting_item(
-                        now,
-                        except_routine_of={QUEUED_KINDS[w.destination]: w.hold for w in held if w.hold is not None},
-                    )
-                    refused = oldest_item if oldest_item and refused_alone(oldest_item, outbox) else None
+            reads = self.outbox_reads()
         except DataDirError as exc:
             return [Finding("queue", Level.FAIL, str(exc), "the services cannot queue or forward anything meanwhile")]
+        if reads is None:
+            return [Finding("queue", Level.OK, "outbox empty (not created yet)")]
+        stats, held, oldest_item, refused = reads.stats, reads.held, reads.oldest_item, reads.refused
         counts = stats["counts"]
         waiting = counts.get("queued", 0) + counts.get("sending", 0)
         oldest = stats["oldest_waiting_s"]

@@ -591,9 +591,16 @@ def test_a_two_user_cuff_puts_no_user_on_another_users_patient(gw: Gateway) -> N
     assert [(h.observation.device_user, h.observation.quantity("systolic").value) for h in held] == [(2, 151), (3, 117)]
 
     # The doctor says user 2 of this cuff is P-2: from then on user 2's readings are P-2's.
-    gw.store.device_users.map_user(CUFF, 2, "P-2", now=dt.datetime.now(UTC))
-    later = replace(held[0].observation, record_key="ble:test:later", patient_id=None)
-    assert gw.store.record(later, now=dt.datetime.now(UTC)).patient_id == "P-2"
+    # (A reading measured before that stays held: it may be user 2's previous owner's.)
+    mapped_at = dt.datetime.now(UTC)
+    gw.store.device_users.map_user(CUFF, 2, "P-2", now=mapped_at)
+    later = replace(
+        held[0].observation,
+        record_key="ble:test:later",
+        patient_id=None,
+        measured_at=mapped_at + dt.timedelta(minutes=1),
+    )
+    assert gw.store.record(later, now=mapped_at + dt.timedelta(minutes=1)).patient_id == "P-2"
 
 
 def test_a_device_unpaired_while_connected_is_disconnected_and_nothing_more_is_stored(

@@ -654,3 +654,39 @@ def test_the_home_visits_check_keeps_one_read_not_one_per_data_directory(tmp_pat
             book.start("P-1", doctor_id="DR-1")
         doctor(tmp_path / name).check_visits()
     assert len(lastmile.doctor._visits_reads) <= 1, lastmile.doctor._visits_reads
+
+
+def test_a_doctor_run_opens_the_outbox_once_and_finds_recent_ecgs_without_a_full_scan(tmp_path: Path) -> None:
+    """The console runs the doctor every minute. Its ECG-clock check opened the outbox a second
+    time per run (each open: crash recovery, reserve check, lock file written: SD wear) and read
+    the recent ECGs with a scan of every row ever queued (purged rows stay: hundreds of ms on a
+    Pi's 300k-row outbox). One open per run, and an index search."""
+    import sys
+
+    from uploader.outbox import Kind, Outbox, Priority
+
+    d = doctor(tmp_path, offline=True)
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        outbox.add(Kind.DICOM, "ecg-1", b"x", priority=Priority.ROUTINE, meta={"device": "cart"}, now=d.now())
+        traced: list[str] = []
+        outbox.db.conn.set_trace_callback(traced.append)
+        [recent] = outbox.newest(Kind.DICOM, since=d.now() - 86400, limit=50)
+        assert recent.key == "ecg-1"
+        outbox.db.conn.set_trace_callback(None)
+        [query] = [sql for sql in traced if "created_at >=" in sql]
+        plan = [row[3] for row in outbox.db.conn.execute("EXPLAIN QUERY PLAN " + query)]
+    assert not [step for step in plan if step.startswith("SCAN items")], plan
+
+    opens: list[str] = []
+    counting = [True]
+
+    def count_outbox_opens(event: str, args: tuple) -> None:
+        if counting and event == "sqlite3.connect" and str(args[0]).endswith("outbox.sqlite"):
+            opens.append(str(args[0]))
+
+    sys.addaudithook(count_outbox_opens)  # stays for the worker's life: `counting` ends it
+    try:
+        d.run_all()
+    finally:
+        counting.clear()
+    assert len(opens) == 1, f"one doctor run opened the outbox {len(opens)} times"

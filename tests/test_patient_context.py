@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from devices.identity import DeviceIdentity, TimeSource
+from devices.identity import STORED_TIME_UNKNOWN, DeviceIdentity, TimeSource
 from devices.observation import Observation, Quantity
 from lastmile.cli import main
 from lastmile.clinic.devices import DeviceRegistry
@@ -261,8 +261,11 @@ def reading(user: int, minute: int) -> Observation:
     return replace(bp(T0 + minute * MIN, 151.0, key=f"test:user{user}:{minute}"), device_user=user)
 
 
-def map_user(tmp_path: Path, *args: str) -> int:
-    return main(["patient", "map-user", "--data-dir", str(tmp_path), *args])
+def map_user(tmp_path: Path, *args: str, at: dt.datetime = T0) -> int:
+    """`lastmile patient map-user ...` run at `at` (the mapping holds from then on)."""
+    with pytest.MonkeyPatch.context() as clock:
+        clock.setattr("lastmile.commands.patient._now", lambda: at)
+        return main(["patient", "map-user", "--data-dir", str(tmp_path), *args])
 
 
 def test_map_user_current_and_remove_decide_where_user_2s_readings_go(
@@ -323,3 +326,51 @@ def test_a_bad_address_or_user_is_refused_clearly_and_maps_nothing(
     assert message in capsys.readouterr().err
     assert store.record(reading(2, 1), now=T0 + MIN).patient_id is None
     assert store.db.conn.execute("SELECT COUNT(*) FROM device_users").fetchone()[0] == 0
+
+
+def test_map_user_keeps_a_resident_id_and_name_as_check_in_does(
+    tmp_path: Path, store: ObservationStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Check-in keeps 11010519491231002x as ...002X: the mapped user's readings must go to the
+    county under that same ID (one person, not two) and with the patient's name."""
+    now = dt.datetime.now(dt.timezone.utc)
+    assert main(["patient", "set", "11010519491231002x", "--name", "张三", "--data-dir", str(tmp_path)]) == 0
+    checked_in = store.context.current(now + MIN)
+    assert checked_in is not None and checked_in.patient_id == "11010519491231002X"
+    assert map_user(tmp_path, CUFF_ADDRESS, "2", "--patient", "11010519491231002x", at=now) == 0
+    said = capsys.readouterr().out
+    later = replace(reading(2, 0), measured_at=now + MIN, received_at=now + MIN)
+    item = store.outbox.get(store.record(later, now=now + MIN).item_id or 0)
+    assert item is not None and item.patient == {"patient_id": checked_in.patient_id, "name": checked_in.name}
+    assert "readings are 11010519491231002X's" in said
+
+    assert map_user(tmp_path, CUFF_ADDRESS, "3", "--patient", "P-3", "--name", "李四") == 0
+    item = store.outbox.get(store.record(reading(3, 1), now=T0 + MIN).item_id or 0)
+    assert item is not None and item.patient is not None and "李" in item.patient["name"]
+
+
+def test_map_user_refuses_a_resident_id_with_a_wrong_check_digit(
+    tmp_path: Path, store: ObservationStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """assign refuses 110105194912310021 (its check digit is X): map-user must too."""
+    assert main(["patient", "assign", "1", "110105194912310021", "--data-dir", str(tmp_path)]) == 2
+    capsys.readouterr()
+    assert map_user(tmp_path, CUFF_ADDRESS, "2", "--patient", "110105194912310021") == 2
+    assert capsys.readouterr().err
+    assert store.db.conn.execute("SELECT COUNT(*) FROM device_users").fetchone()[0] == 0
+
+
+def test_a_reading_measured_before_a_remap_is_held_not_given_to_the_new_patient(
+    tmp_path: Path, store: ObservationStore
+) -> None:
+    """User 2 of the family cuff was P-A's; at minute 10 the doctor maps it to P-B. The cuff's
+    memory, synced at minute 11, still holds P-A's reading of minute 5: held, never P-B's. A record
+    whose time is unknown cannot be placed after the remap either: held."""
+    assert map_user(tmp_path, CUFF_ADDRESS, "2", "--patient", "P-A", at=T0) == 0
+    assert map_user(tmp_path, CUFF_ADDRESS, "2", "--patient", "P-B", at=T0 + 10 * MIN) == 0
+    older = store.record(reading(2, 5), now=T0 + 11 * MIN)
+    assert older.patient_id is None and older.outcome == "held"
+    unknown_time = replace(reading(2, 11), flags=(STORED_TIME_UNKNOWN,))
+    assert store.record(unknown_time, now=T0 + 11 * MIN).outcome == "held"
+    assert store.record(reading(2, 12), now=T0 + 12 * MIN).patient_id == "P-B"
+    assert [i.patient and i.patient["patient_id"] for i in store.outbox.items(kind=OBSERVATION_KIND)] == ["P-B"]

@@ -818,8 +818,17 @@ class Outbox:
 
     def newest(self, kind: str, *, since: float, limit: int) -> list[OutboxItem]:
         """Items of `kind` added since `since` (epoch s), newest first, at most `limit`."""
-        sql = f"SELECT {_ITEM_COLUMNS} FROM items WHERE kind = ? AND created_at >= ? ORDER BY id DESC LIMIT ?"
-        return [_item(r) for r in self._read(sql, (kind, since, int(limit)))]
+        # Every state and priority named: the items_claim index (state, kind, priority,
+        # created_at) then finds just the recent rows of `kind`, not a scan of every row ever
+        # queued (purged rows stay): hundreds of ms on a Pi's 300k-row outbox.
+        states = ", ".join("?" * len(ItemState))
+        priorities = ", ".join("?" * len(Priority))
+        sql = (
+            f"SELECT {_ITEM_COLUMNS} FROM items WHERE state IN ({states}) AND kind = ? "
+            f"AND priority IN ({priorities}) AND created_at >= ? ORDER BY id DESC LIMIT ?"
+        )
+        params = (*(s.value for s in ItemState), kind, *(int(p) for p in Priority), since, int(limit))
+        return [_item(r) for r in self._read(sql, params)]
 
     def awaiting_commitment(self, kind: str) -> list[OutboxItem]:
         return self.items(state=S.SENT, kind=kind)

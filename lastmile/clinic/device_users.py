@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import sqlite_utils
 
-from lastmile.clinic.db import iso, transaction
+from lastmile.clinic.db import from_iso, iso, transaction
 from lastmile.clinic.devices import normalise_address
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ DEFAULT_USER = 1  # the user a cuff without user buttons (or with one nobody pre
 class UserMapping:
     patient_id: str | None  # None: whoever is checked in when the reading is taken
     patient_name: str = ""
+    set_at: dt.datetime | None = None  # when the doctor said so; None: the default, never said
 
 
 CHECKED_IN = UserMapping(None)
@@ -47,10 +48,12 @@ class DeviceUsers:
     def mapping(self, address: str, user_id: int) -> UserMapping | None:
         """Whose readings user `user_id` of the device at `address` are; None: nobody said."""
         row = self.db.conn.execute(
-            "SELECT patient_id, patient_name FROM device_users WHERE address = ? AND user_id = ?",
+            "SELECT patient_id, patient_name, set_at FROM device_users WHERE address = ? AND user_id = ?",
             (normalise_address(address), user_id),
         ).fetchone()
-        return None if row is None else UserMapping(row["patient_id"], row["patient_name"])
+        if row is None:
+            return None
+        return UserMapping(row["patient_id"], row["patient_name"], from_iso(row["set_at"]))
 
     def whose(self, address: str, user_id: int) -> UserMapping | None:
         """Where a reading of user `user_id` of this device goes: its mapping, else the checked-in

@@ -34,7 +34,7 @@ import sqlite_utils
 from devices.identity import STORED_TIME_UNKNOWN, DeviceIdentity, TimeSource
 from devices.observation import Observation, Quantity
 from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
-from lastmile.clinic.device_users import DeviceUsers
+from lastmile.clinic.device_users import DeviceUsers, UserMapping
 from lastmile.clinic.patients import PatientContext
 from uploader.outbox import AddResult, Outbox, Priority
 
@@ -129,6 +129,16 @@ def _session_start(since: dt.datetime, source: TimeSource) -> dt.datetime:
     return since if source is TimeSource.GATEWAY_RECEIPT else since.replace(microsecond=0)
 
 
+def _after_mapping(obs: Observation, mapping: UserMapping) -> bool:
+    """Whether `obs` was measured once its device user's mapping stood (as a session's readings
+    are those measured after check-in); a record whose time is unknown never is."""
+    if mapping.set_at is None:
+        return True  # the default user, mapped by nobody: the session rule below decides
+    if STORED_TIME_UNKNOWN in obs.flags:
+        return False
+    return obs.measured_at >= _session_start(mapping.set_at, obs.time_source)
+
+
 @dataclass(frozen=True, slots=True)
 class StoreResult:
     outcome: str  # "stored" (in the outbox), "held" (unassigned), "duplicate" (already known)
@@ -188,6 +198,9 @@ class ObservationStore:
             mapping = self.device_users.whose(obs.device.address, obs.device_user)
             if mapping is None:
                 return self._hold(obs, now, f"device user {obs.device_user} is mapped to no patient")
+            if not _after_mapping(obs, mapping):
+                # A cuff's memory synced after a remap: this reading was the user's before it.
+                return self._hold(obs, now, f"measured before device user {obs.device_user} was mapped")
             patient_id, name = mapping.patient_id, mapping.patient_name
         if patient_id is None and STORED_TIME_UNKNOWN in obs.flags:
             # Taken earlier, we cannot tell when: the current patient is a guess.

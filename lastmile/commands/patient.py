@@ -6,6 +6,7 @@ import argparse
 import datetime as dt
 import json
 import sys
+from dataclasses import replace
 
 from lastmile.commands.common import DATA_DIR
 
@@ -51,6 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     who.add_argument(
         "--remove", action="store_true", help="forget the mapping: user 1 is the checked-in patient's, others held"
+    )
+    p.add_argument(
+        "--name", default="", help="the --patient's name (default: the checked-in patient's, if it is the same ID)"
     )
     p.set_defaults(func=_map_user)
 
@@ -135,7 +139,8 @@ def _map_user(args: argparse.Namespace) -> int:
     if not is_bluetooth_address(args.address):
         print(f"error: {args.address!r} is not a Bluetooth address (like C0:26:DA:01:02:03)", file=sys.stderr)
         return 2
-    db = open_clinic_db(config_from_args(args).data_dir)
+    config = config_from_args(args)
+    db = open_clinic_db(config.data_dir)
     try:
         users = DeviceUsers(db)
         if args.remove:
@@ -144,15 +149,37 @@ def _map_user(args: argparse.Namespace) -> int:
             print(f"user {args.user} of {args.address}: " + (f"readings {unmapped}" if removed else "was not mapped"))
             return 0
         try:
-            users.map_user(args.address, args.user, None if args.current else args.patient, now=_now())
+            patient = None if args.current else _mapped_patient(args.patient, args.name, config, db)
+            users.map_user(
+                args.address,
+                args.user,
+                patient and patient.patient_id,
+                now=_now(),
+                name=patient.name if patient else "",
+            )
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     finally:
         db.conn.close()
-    whose = "the checked-in patient's" if args.current else f"{args.patient}'s"
+    whose = "the checked-in patient's" if patient is None else f"{patient.patient_id}'s"
     print(f"user {args.user} of {args.address}: readings are {whose} from now on")
     return 0
+
+
+def _mapped_patient(patient_id: str, name: str, config, db):  # (str, str, Config, Database) -> Patient
+    """The patient a device user is mapped to, kept as check-in keeps it (`clinic_patient`: one
+    person, one ID); without --name, the name check-in gave that patient if it is checked in."""
+    from lastmile.clinic.patient_ids import clinic_patient
+    from lastmile.clinic.patients import PatientContext
+
+    patient = clinic_patient(patient_id, name, config)
+    if patient.name:
+        return patient
+    current = PatientContext(db, config.patient.idle_timeout_s).current(_now())
+    if current is not None and current.patient_id == patient.patient_id:
+        return replace(patient, name=current.name)
+    return patient
 
 
 def _assign(args: argparse.Namespace) -> int:
