@@ -251,26 +251,31 @@ def menu_rows(driver: object) -> list[list[dict[str, float]]]:
 
 @pytest.mark.parametrize("language", ["zh-CN", "en"])
 def test_the_page_menu_is_one_row_or_two_even_rows_on_a_phone(browser: object, tmp_path: Path, language: str) -> None:
-    """The six pages on a phone of 320, 360 and 390 px: one row, or two rows of three - not five
-    and "System" alone on a second row (English at 390 px, Chinese at 320 px), the header taking a
-    quarter of the screen for one word. Each label whole on one line inside its box and the screen."""
+    """The six pages on a phone of 320 to 412 px, at text sizes 100/115/130% (older village doctors
+    enlarge it): one row, or two rows of three - not five and "System" alone on a second row
+    (English at 390 px, Chinese at 320 px, Chinese at 115% and 360 px), the header taking a quarter
+    of the screen for one word. Each label whole on one line inside its box and the screen."""
     with running_console(console_config(tmp_path / "data")) as server:
         log_in(browser, server)
         if language == "en":
             browser.find_element(by("css"), "button[name='language'][value='en']").click()  # type: ignore[attr-defined]
             wait_for(browser, lambda d: d.find_element(by("css"), "html").get_attribute("lang") == "en")
-        for width in (320, 360, 390):
-            set_viewport(browser, (width, 844))
-            browser.get(server.url + "/visits")  # type: ignore[attr-defined]
-            rows = menu_rows(browser)
-            save_screenshot(browser, f"menu-{language}-{width}", full_page=False)
-            counts = [len(row) for row in rows]
-            assert sum(counts) == 6 and len(set(counts)) == 1, f"{language} at {width} px: rows of {counts}"
-            items = [item for row in rows for item in row]
-            assert len({item["height"] for item in items}) == 1, f"{language} at {width} px: a label on two lines"
-            assert all(i["label"] <= i["box"] and i["right"] <= i["screen"] for i in items), (language, width, items)
-            if len(rows) > 1:  # two rows: a grid, each page as wide as the one above it
-                assert len({round(item["width"]) for item in items}) == 1, (language, width, items)
+        for text_size in (100, 115, 130):
+            for width in (320, 360, 390, 412):
+                set_viewport(browser, (width, 844))
+                browser.get(server.url + "/visits")  # type: ignore[attr-defined]
+                # the root font size, as a browser's larger text setting sets it (CSSOM: not blocked by the CSP)
+                browser.execute_script(f"document.documentElement.style.fontSize = '{text_size}%';")  # type: ignore[attr-defined]
+                rows = menu_rows(browser)
+                save_screenshot(browser, f"menu-{language}-{width}-{text_size}", full_page=False)
+                where = f"{language} at {width} px, text {text_size}%"
+                counts = [len(row) for row in rows]
+                assert sum(counts) == 6 and len(set(counts)) == 1, f"{where}: rows of {counts}"
+                items = [item for row in rows for item in row]
+                assert len({item["height"] for item in items}) == 1, f"{where}: a label on two lines"
+                assert all(i["label"] <= i["box"] and i["right"] <= i["screen"] for i in items), (where, items)
+                if len(rows) > 1:  # two rows: a grid, each page as wide as the one above it
+                    assert len({round(item["width"]) for item in items}) == 1, (where, items)
 
 
 def test_a_form_sent_after_the_login_expired_says_so_and_leads_to_the_login(browser: object, tmp_path: Path) -> None:
@@ -471,7 +476,7 @@ def test_the_refusal_and_not_found_pages_read_english_in_english(tmp_path: Path)
 
 
 def test_the_not_found_and_refusal_pages_offer_no_language_switch_to_a_visitor_not_logged_in(tmp_path: Path) -> None:
-    """Someone not logged in opening an old link (404) or posting a stale form (403) was offered the
+    """Someone not logged in opening an old link (404) or posting a stale form (401) was offered the
     language switch; its form has no token for them, and a click led to the refusal page."""
     with running_console(console_config(tmp_path / "data")) as server:
         visitor = Client(server.url)
@@ -480,7 +485,8 @@ def test_the_not_found_and_refusal_pages_offer_no_language_switch_to_a_visitor_n
         doctor = Client(server.url)
         doctor.login(DOCTOR)
         hers = doctor.get("/no-such-page")
-    assert (missing_page.status, refused.status) == (404, 403)
+    # the switch's form from a page behind a login, without a live login: the login expired (401)
+    assert (missing_page.status, refused.status) == (404, 401)
     for reply in (missing_page, refused):
         assert 'action="/language"' not in reply.body, reply.body
     assert 'action="/language"' in hers.body, hers.body  # a logged-in doctor still has it

@@ -173,6 +173,61 @@ def test_a_form_posted_from_another_site_is_not_said_to_predate_a_login(console:
     assert NOT_FROM_THIS_CONSOLE[language] in refused.body, refused.body
 
 
+# What the other refusals say, per language: their real cause and what to do.
+LOGIN_EXPIRED = {"zh-CN": "登录已过期", "en": "Your login has expired"}
+TOO_LONG = {"zh-CN": "表单太长", "en": "the form was too long"}
+SHORTEN = {"zh-CN": "缩短", "en": "shorten"}
+NOT_A_PAGE_FORM = {"zh-CN": "格式不是本控制台页面的表单格式", "en": "not in the format of this console"}
+
+
+def forget_the_login(client: Client) -> None:
+    """What the idle timeout, or a browser closed and its tab restored, leaves: no live login."""
+    for cookie in [c for c in client.jar if c.name == "lastmile_session"]:
+        client.jar.clear(cookie.domain, cookie.path, cookie.name)
+
+
+@pytest.mark.parametrize("language", ["zh-CN", "en"])
+def test_the_language_button_after_the_login_expired_says_so_and_leads_to_the_login(
+    console: ConsoleServer, language: str
+) -> None:
+    """Today left open overnight, then the language button: the doctor read "the login page was
+    out of date" (登录页面已过期) though she was on Today, not the login page."""
+    doctor = Client(console.url, language=language)
+    doctor.login()
+    doctor.get("/today")
+    forget_the_login(doctor)
+    other = "en" if language == "zh-CN" else "zh-CN"
+    refused = doctor.post("/language", {"language": other, "next": "/today"})
+    assert LOGIN_PAGE_OUT_OF_DATE[language] not in refused.body, refused.body
+    assert refused.status == 401 and LOGIN_EXPIRED[language] in refused.body, refused.body
+    assert 'class="button primary" href="/login?next=/today"' in refused.body, refused.body
+
+
+@pytest.mark.parametrize("language", ["zh-CN", "en"])
+def test_a_form_too_large_says_so_and_what_to_do(console: ConsoleServer, language: str) -> None:
+    """A form over 16 KB read "it was not sent by a page of this console": the doctor who typed
+    it learns nothing she can change. Now: too long, shorten it."""
+    doctor = Client(console.url, language=language)
+    doctor.login()
+    refused = doctor.post("/today/check-in", {"patient_id": PATIENT_ID, "name": "张" * 6000})
+    assert NOT_FROM_THIS_CONSOLE[language] not in refused.body, refused.body
+    assert refused.status == 403 and TOO_LONG[language] in refused.body, refused.body
+    assert SHORTEN[language] in refused.body, refused.body
+    assert PATIENT_ID in doctor.get("/today").body  # nothing else changed
+
+
+@pytest.mark.parametrize("language", ["zh-CN", "en"])
+def test_a_form_not_urlencoded_says_its_format_was_not_a_console_form(console: ConsoleServer, language: str) -> None:
+    """A multipart post (a file upload, or a program) read "not sent by a page of this console", as
+    if from another site: it says the format was not the console's."""
+    doctor = Client(console.url, language=language)
+    doctor.login()
+    refused = doctor.post("/today/end-session", headers={"Content-Type": "multipart/form-data; boundary=x"})
+    assert NOT_FROM_THIS_CONSOLE[language] not in refused.body, refused.body
+    assert refused.status == 403 and NOT_A_PAGE_FORM[language] in refused.body, refused.body
+    assert PATIENT_ID in doctor.get("/today").body
+
+
 def test_session_cookie_flags(console: ConsoleServer) -> None:
     client = Client(console.url)
     reply = client.login()

@@ -79,13 +79,20 @@ T = TypeVar("T")
 
 
 class LoginRequired(Exception):
-    """No live login: pages redirect to the login page, everything else gets 401."""
+    """No live login: pages redirect to the login page, everything else gets 401. `next`: the page
+    a refused form came from, where logging in again leads."""
+
+    def __init__(self, next_page: str = "/today") -> None:
+        super().__init__(next_page)
+        self.next_page = next_page
 
 
-# Why a form was refused, as the refusal page says it: not from this console's pages ("foreign"),
-# from a page opened before the doctor's last login ("stale"), or from a login page whose token this
-# browser no longer holds ("login-page": a visitor who never logged in, e.g. the browser was closed).
-Refusal = Literal["foreign", "stale", "login-page"]
+# Why a form was refused, as the refusal page says it: from another site ("foreign"), from a page
+# opened before the doctor's last login ("stale"), from a login page whose token this browser no
+# longer holds ("login-page": a visitor who never logged in, e.g. the browser was closed), over
+# MAX_FORM_BYTES ("too-large": what was typed must be shorter) or not a urlencoded form as the
+# console's pages send ("not-a-form": a file upload, a program).
+Refusal = Literal["foreign", "stale", "login-page", "too-large", "not-a-form"]
 
 
 class Forbidden(Exception):
@@ -225,7 +232,7 @@ def page_localizer(request: Request, chosen: str = "") -> Localizer:
 async def read_form(request: Request, ctx: Context) -> dict[str, str]:
     """The posted form, after the CSRF and Origin checks."""
     if request.headers.get("content-type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
-        raise Forbidden("form posts only")
+        raise Forbidden("form posts only", refusal="not-a-form")
     origin = request.headers.get("origin")
     if origin and origin != "null" and urlsplit(origin).netloc != request.headers.get("host", ""):
         raise Forbidden("cross-origin post")
@@ -233,12 +240,25 @@ async def read_form(request: Request, ctx: Context) -> dict[str, str]:
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_FORM_BYTES:
-            raise Forbidden("form too large")
+            raise Forbidden("form too large", refusal="too-large")
     fields = {k: v[0] for k, v in parse_qs(body.decode("utf-8", errors="replace"), keep_blank_values=True).items()}
     sent = fields.get("csrf", "")
     if not ctx.csrf or not hmac.compare_digest(sent.encode(), ctx.csrf.encode()):
-        raise Forbidden("missing or wrong CSRF token", refusal="stale" if ctx.login else "login-page")
+        raise wrong_token(request, ctx, fields)
     return fields
+
+
+def wrong_token(request: Request, ctx: Context, fields: dict[str, str]) -> Exception:
+    """Why a form's token did not match, as the doctor can act on it: with a live login, a page
+    opened before it; without one, a form of the login page (its token lost with the browser's
+    cookies), or else a page whose login has since ended (the language button on Today left
+    open overnight) - that one says the login expired and leads to the login, back to its page."""
+    if ctx.login is not None:
+        return Forbidden("missing or wrong CSRF token", refusal="stale")
+    page = local_path(fields.get("next"), default="")  # the language form's own page
+    if request.url.path == "/login" or urlsplit(page).path == "/login":
+        return Forbidden("missing or wrong CSRF token", refusal="login-page")
+    return LoginRequired(page or "/today")
 
 
 def local_path(target: str | None, default: str = "/today") -> str:
@@ -1003,7 +1023,8 @@ async def on_login_required(request: Request, exc: Exception) -> Response:
         # a form from a page left open after its login ended: a page that says so, still a 401
         # (no Referer to return to: referrer-policy no-referrer), then Today
         ctx = Context(None, page_localizer(request), "")
-        return render(request, ctx, "login_expired.html", status=401, next="/today", alerts=[])
+        page = exc.next_page if isinstance(exc, LoginRequired) else "/today"
+        return render(request, ctx, "login_expired.html", status=401, next=page, alerts=[])
     return PlainTextResponse("login required / 请先登录", status_code=401)
 
 
