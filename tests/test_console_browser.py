@@ -400,7 +400,7 @@ def test_the_whole_report_in_chinese_on_a_phone(browser: object, tmp_path: Path)
                 "已更正：替代之前的 1 份报告",
                 "危急值：",
                 "心率：（无数值）",
-                "诊断医生：李 明",
+                "诊断医生：李明",
                 "无法读取：",
             ):
                 assert chinese in text, text
