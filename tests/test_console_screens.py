@@ -600,3 +600,52 @@ def test_readings_for_the_platform_are_not_counted_as_ecg_studies_waiting_for_th
         record_receipt_timed_bp(config, "bp-1")
         page = client.get("/sent").body
     assert "0 份检查等待发送" in page, page
+
+
+def hold_readings(config: Config, *readings: object) -> list[int]:
+    """Readings arriving with nobody checked in: held unassigned (their held ids)."""
+    from lastmile.clinic.observations import ObservationStore
+    from lastmile.data_dir import open_outbox
+
+    now = dt.datetime.now(dt.timezone.utc)
+    with open_outbox(config) as outbox:
+        store = ObservationStore.open(config.data_dir, outbox=outbox, idle_timeout_s=900)
+        try:
+            results = [store.record(r, now=now) for r in readings]  # type: ignore[arg-type]
+        finally:
+            store.close()
+    assert [r.outcome for r in results] == ["held"] * len(readings), results
+    return [r.held_id for r in results if r.held_id is not None]
+
+
+def assign_box(page: str, held_id: int) -> str:
+    (box,) = re.findall(rf'<input id="assign-{held_id}"[^>]*>', page)
+    return box
+
+
+def test_a_reading_held_from_yesterday_is_not_offered_to_the_patient_checked_in_today(tmp_path: Path) -> None:
+    """A cuff's reading from yesterday, held unassigned, had its Assign box filled with today's
+    patient: one click put yesterday's blood pressure on the wrong patient. Only a reading measured
+    during this check-in is offered (and says so); an empty box is refused, never the current one."""
+    from tests.console_harness import bp_reading
+
+    config = console_config(tmp_path / "data")
+    now = dt.datetime.now(dt.timezone.utc)
+    # the second one's cuff dates it just after the check-in below (its clock runs a little ahead)
+    yesterday, during = hold_readings(
+        config,
+        bp_reading(now - dt.timedelta(days=1), "bp-yesterday"),
+        bp_reading(now + dt.timedelta(seconds=60), "bp-now"),
+    )
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        assert client.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
+        page = client.get("/today").body
+        empty = client.post("/today/assign-reading", {"held_id": str(yesterday), "patient_id": ""})
+        after = client.get("/today").body
+    assert 'value=""' in assign_box(page, yesterday), assign_box(page, yesterday)
+    assert f'value="{VALID_ID}"' in assign_box(page, during), assign_box(page, during)
+    assert f"在 {VALID_ID} 就诊期间测量" in page and "在本次就诊之前测量" in page, page
+    assert empty.status in (200, 303, 400), empty.status
+    assert f'id="assign-{yesterday}"' in after, after  # still held: nobody's

@@ -129,6 +129,12 @@ def _session_start(since: dt.datetime, source: TimeSource) -> dt.datetime:
     return since if source is TimeSource.GATEWAY_RECEIPT else since.replace(microsecond=0)
 
 
+def measured_since(obs: Observation, since: dt.datetime) -> bool:
+    """True when `obs` was measured at or after `since` (a session's start), as far as its time
+    stamp can tell: a stored record whose time is unknown was measured at no known time."""
+    return STORED_TIME_UNKNOWN not in obs.flags and obs.measured_at >= _session_start(since, obs.time_source)
+
+
 @dataclass(frozen=True, slots=True)
 class StoreResult:
     outcome: str  # "stored" (in the outbox), "held" (unassigned), "duplicate" (already known)
@@ -197,7 +203,7 @@ class ObservationStore:
             # Device time stamps have whole seconds: compare at that resolution. The gateway's
             # receipt time is as fine as the session's start: a reading received just before
             # the next card was scanned, in the same second, stays off the new session.
-            if current is not None and obs.measured_at >= _session_start(current.since, obs.time_source):
+            if current is not None and measured_since(obs, current.since):
                 patient_id, name = current.patient_id, current.name
         if patient_id is None:
             return self._hold(obs, now, "no current patient" if current is None else "measured before the session")

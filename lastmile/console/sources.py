@@ -30,12 +30,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from devices.identity import InvalidPatientIdError, Patient, device_clock_wrong
+from devices.observation import Observation
 from lastmile.clinic.db import DB_NAME as CLINIC_DB
 from lastmile.clinic.db import from_iso, open_clinic_db, utc_now
 from lastmile.clinic.devices import DeviceRecord, DeviceRegistry, normalise_address
 from lastmile.clinic.observations import (
     OBSERVATION_KIND,
     ObservationStore,
+    measured_since,
     observation_from_json,
     summary,
 )
@@ -114,6 +116,9 @@ class ReadingView:
     flags: tuple[str, ...] = ()
     held_id: int | None = None  # held unassigned: its number for "assign"
     device_user: int | None = None  # a multi-user device's user the reading is of
+    # held: measured during the current patient's check-in (its Assign box offers that patient);
+    # one measured before it (yesterday's, the previous patient's) offers nobody
+    during_check_in: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,6 +330,13 @@ def _utc(value: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(value, dt.timezone.utc)
 
 
+def _measured_during(obs: Observation, session: SessionView) -> bool:
+    """`obs` was measured during `session` (not before it, not dated past it by a clock running
+    ahead). A device user's reading is not: whose that user is stays the doctor's to say
+    (lastmile.clinic.device_users), whoever is checked in."""
+    return obs.device_user is None and measured_since(obs, session.since) and obs.measured_at <= session.expires_at
+
+
 # -- the clinic's data -----------------------------------------------------------------------------
 
 
@@ -481,7 +493,9 @@ class ClinicData:
             obs.flags,
         )
 
-    def held_readings(self) -> list[ReadingView]:
+    def held_readings(self, session: SessionView | None = None) -> list[ReadingView]:
+        """The held readings, each saying whether it was measured during `session` (the current
+        check-in): only such a one is offered to that patient, never one from before it."""
         return [
             ReadingView(
                 h.observation.record_key,
@@ -493,6 +507,7 @@ class ClinicData:
                 h.observation.flags,
                 held_id=h.held_id,
                 device_user=h.observation.device_user,
+                during_check_in=session is not None and _measured_during(h.observation, session),
             )
             for h in self.store.held()
         ]

@@ -54,7 +54,7 @@ def today(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
         "doctor_on_duty": data.doctor_on_duty(now),
         "devices": [d for d in data.devices() if not d.removed and (d.allowed or d.last_reading_at or d.connected)],
         "readings": data.patient_readings(session.patient_id, session.since) if session else [],
-        "held": data.held_readings(),
+        "held": data.held_readings(session),
         "held_ecgs": held_ecgs,
         "ecg": latest,
         "ecg_held": latest is not None and any(h.item_id == latest.item_id for h in held_ecgs),
