@@ -649,3 +649,48 @@ def test_a_reading_held_from_yesterday_is_not_offered_to_the_patient_checked_in_
     assert f"在 {VALID_ID} 就诊期间测量" in page and "在本次就诊之前测量" in page, page
     assert empty.status in (200, 303, 400), empty.status
     assert f'id="assign-{yesterday}"' in after, after  # still held: nobody's
+
+
+def one_value_reading(kind: str, code: str, value: float, unit: str, key: str) -> object:
+    from devices.identity import DeviceIdentity
+    from devices.observation import Observation, Quantity, TimeSource
+
+    now = dt.datetime.now(dt.timezone.utc)
+    return Observation(
+        kind=kind,
+        quantities=(Quantity(code, value, unit, value, unit),),
+        measured_at=now,
+        time_source=TimeSource.DEVICE_CLOCK,
+        received_at=now,
+        device=DeviceIdentity("Acme", kind, "42", "AA:BB:CC:DD:EE:02"),
+        record_key=key,
+    )
+
+
+def shown_readings(page: str) -> list[str]:
+    """Each held reading's line as the doctor reads it: its kind's name, then its values."""
+    rows = re.findall(r'<strong>([^<]*)</strong> <span class="reading">([^<]*)</span>', page)
+    return [f"{name} {values}" for name, values in rows]
+
+
+def test_a_reading_names_its_kind_once_whatever_the_kind_and_language(tmp_path: Path) -> None:
+    """A thermometer's reading read 体温 体温 37.2 °C on Today (Temperature temperature 37.2 °C in
+    English): the kind's name, then the same quantity named again before its value."""
+    config = console_config(tmp_path / "data")
+    hold_readings(
+        config,
+        one_value_reading("body-temperature", "body-temperature", 37.2, "Cel", "t-1"),
+        one_value_reading("spo2", "spo2", 97.0, "%", "o-1"),
+        one_value_reading("body-weight", "body-weight", 61.5, "kg", "w-1"),
+        one_value_reading("glucose", "glucose", 5.6, "mmol/L", "g-1"),
+    )
+    with running_console(config) as server:
+        pages = {}
+        for language in ("zh-CN", "en"):
+            client = Client(server.url, language=language)
+            client.login(DOCTOR)
+            pages[language] = shown_readings(client.get("/today").body)
+    assert pages["zh-CN"] == ["体温 37.2 °C", "血氧 97 %", "体重 61.5 kg", "血糖 5.6 mmol/L"], pages["zh-CN"]
+    assert pages["en"] == ["Temperature 37.2 °C", "Blood oxygen 97 %", "Weight 61.5 kg", "Blood glucose 5.6 mmol/L"], (
+        pages["en"]
+    )

@@ -488,7 +488,12 @@ UNIT_DISPLAY = {" mm[Hg]": " mmHg", " Cel": " °C", " [degF]": " °F", " [lb_av]
 UNIT_WORDS = {" /min": N_("/min")}
 
 
-def reading_text(summary: str, localizer: Localizer) -> str:
+def reading_text(summary: str, localizer: Localizer, kind: str = "") -> str:
+    """A reading's summary (`lastmile.clinic.observations.summary`) in the page's words. Shown after
+    its kind's name (`kind`), the quantity named as the kind is not named again: 体温 37.2 °C, not
+    体温 体温 37.2 °C."""
+    if kind:
+        summary = ", ".join(part.removeprefix(kind + " ") for part in summary.split(", "))
     for code in sorted(QUANTITY_LABELS, key=len, reverse=True):
         summary = summary.replace(code + " ", localizer.gettext(QUANTITY_LABELS[code]) + " ")
     for unit, shown in UNIT_DISPLAY.items():
@@ -519,7 +524,7 @@ def page_vars(request: Request, ctx: Context, **values: Any) -> dict[str, Any]:
     return {
         "_": loc.gettext,
         "ngettext": loc.ngettext,
-        "reading_text": lambda text: reading_text(text, loc),
+        "reading_text": lambda text, kind="": reading_text(text, loc, kind),
         "report_text": lambda report: shown_text(report.lines, report.text, loc),
         "critical_reasons": lambda report: shown_reasons(report.lines, report.critical_reasons, loc),
         # report_text's words (the printouts'), a line each: why no patient, whom the county named
