@@ -694,3 +694,31 @@ def test_a_reading_names_its_kind_once_whatever_the_kind_and_language(tmp_path: 
     assert pages["en"] == ["Temperature 37.2 °C", "Blood oxygen 97 %", "Weight 61.5 kg", "Blood glucose 5.6 mmol/L"], (
         pages["en"]
     )
+
+
+def recorded_times(page: str) -> list[dt.datetime]:
+    """The Sent page's 已记录 step of each ECG, newest first, as its <time> gives it."""
+    return [dt.datetime.fromisoformat(t) for t in re.findall(r'<li class="done">已记录 <time datetime="([^"]+)"', page)]
+
+
+def test_the_sent_page_says_an_ecg_was_recorded_when_its_report_says(tmp_path: Path) -> None:
+    """The Sent page's 已记录 was when the ECG entered the gateway, the Reports page's "ECG recorded"
+    when the cart recorded it: two times for one ECG. Both give the acquisition time, a purged
+    ECG's too (kept with what was sent)."""
+    from devices.identity import Patient
+    from lastmile.data_dir import open_outbox
+    from lastmile.ecg.intake import enqueue_recording
+    from tests.ecg_factories import T0, make_recording
+
+    config = console_config(tmp_path / "data")
+    report_id = sent_purged_ecg_with_report(config)  # make_recording(5): acquired at T0 + 5 min
+    with open_outbox(config) as outbox:
+        enqueue_recording(outbox, make_recording(6, patient=Patient(VALID_ID, "Zhang^San=张^三")), config, key="ecg-6")
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        sent = client.get("/sent").body
+        report = client.get(f"/reports/{report_id}").body
+    assert recorded_times(sent) == [T0 + dt.timedelta(minutes=6), T0 + dt.timedelta(minutes=5)], recorded_times(sent)
+    local = (T0 + dt.timedelta(minutes=5)).astimezone(recorded_times(sent)[1].tzinfo)
+    assert local.strftime("%H:%M:%S") in report, report

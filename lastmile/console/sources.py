@@ -49,7 +49,7 @@ from lastmile.console.audit import AuditLog
 from lastmile.console.i18n import N_
 from lastmile.data_dir import open_outbox
 from lastmile.reports.report_text import Reader, display_name
-from lastmile.reports.store import ReportStore
+from lastmile.reports.store import ReportStore, SentStudy
 from lastmile.services.link_status import READING_CENTER_STATUS, reading_center_down
 from lastmile.services.metered import MeteredWait, metered_wait, meters
 from uploader.outbox import ItemState, Kind, OutboxItem
@@ -125,7 +125,7 @@ class ReadingView:
 class EcgItemView:
     item_id: int
     sha256: str
-    recorded_at: dt.datetime  # when the gateway stored it
+    recorded_at: dt.datetime  # when it was recorded (acquired: `recorded_at`)
     patient_id: str
     patient_name: str
     state: str
@@ -328,6 +328,25 @@ def _t(value: float | None) -> dt.datetime | None:
 
 def _utc(value: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(value, dt.timezone.utc)
+
+
+def ecg_time(text: str) -> dt.datetime | None:
+    """An ECG time as the outbox and `sent_studies` keep it (ISO with its offset); None if unreadable."""
+    try:
+        value = dt.datetime.fromisoformat(text) if text else None
+    except ValueError:
+        return None
+    if value is not None and value.tzinfo is None:
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return value
+
+
+def recorded_at(item: OutboxItem, study: SentStudy | None = None) -> dt.datetime:
+    """When the ECG was recorded (acquired), the time its report gives too: the item's own, else
+    its sent-study record's (a purged item's meta is erased), else (neither readable) when it
+    entered the gateway."""
+    acquired = ecg_time(str(item.meta.get("acquired_at") or "")) or (ecg_time(study.ecg_time) if study else None)
+    return acquired or _utc(item.created_at)
 
 
 def _measured_during(obs: Observation, session: SessionView) -> bool:
@@ -554,7 +573,7 @@ class ClinicData:
         return EcgItemView(
             item_id=item.id,
             sha256=item.sha256,
-            recorded_at=_utc(item.created_at),
+            recorded_at=recorded_at(item),
             patient_id=str(patient.get("patient_id") or ""),
             patient_name=str(patient.get("name") or ""),
             state=item.state.value,
@@ -655,7 +674,7 @@ class ClinicData:
                     patient_name=str(patient.get("name") or (study.patient_name if study else "")),
                     stat=item.priority == 0,
                     state=item.state.value,
-                    recorded_at=_utc(item.created_at),
+                    recorded_at=recorded_at(item, study),
                     sent_at=_t(item.sent_at),
                     committed_at=_t(item.committed_at),
                     report_at=report.received_at if report else None,
