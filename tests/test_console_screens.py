@@ -589,8 +589,13 @@ def test_a_held_pulse_reads_in_the_same_unit_as_the_ecgs_heart_rate(tmp_path: Pa
 
 def test_readings_for_the_platform_are_not_counted_as_ecg_studies_waiting_for_the_county(tmp_path: Path) -> None:
     """A BP reading queued for the health platform, no ECG at all: the Sent page said 1 份检查等待发送
-    above an empty list of ECG studies (the demo: 3 waiting, one ECG listed)."""
+    above an empty list of ECG studies (the demo: 3 waiting, one ECG listed); and, under 0 份, since
+    when the oldest waited: the BP reading's time. It gives the oldest ECG's, or nothing."""
+    from devices.identity import Patient
+    from lastmile.data_dir import open_outbox
+    from lastmile.ecg.intake import enqueue_recording
     from tests.console_harness import record_receipt_timed_bp
+    from tests.ecg_factories import make_recording
 
     config = console_config(tmp_path / "data")
     with running_console(config) as server:
@@ -599,7 +604,13 @@ def test_readings_for_the_platform_are_not_counted_as_ecg_studies_waiting_for_th
         assert client.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
         record_receipt_timed_bp(config, "bp-1")
         page = client.get("/sent").body
-    assert "0 份检查等待发送" in page, page
+        with open_outbox(config) as outbox:  # then an ECG: the oldest ECG waiting is its
+            enqueue_recording(outbox, make_recording(6, patient=Patient(VALID_ID, "")), config, key="ecg-6")
+        with_ecg = client.get("/sent").body
+    link = page.split('id="h-link"', 1)[1].split("</section>", 1)[0]
+    assert "0 份检查等待发送" in link and "最早的一份" not in link, link
+    link = with_ecg.split('id="h-link"', 1)[1].split("</section>", 1)[0]
+    assert "1 份检查等待发送" in link and "最早的一份自" in link, link
 
 
 def hold_readings(config: Config, *readings: object) -> list[int]:

@@ -450,11 +450,13 @@ class ClinicData:
         return ended
 
     # -- readings ---------------------------------------------------------------------------------
-    def _ecgs_waiting(self) -> int:
-        # the outbox's counts are of every kind: the readings waiting for the health platform are
-        # not studies waiting for the reading center
-        sql = "SELECT COUNT(*) FROM items WHERE kind = ? AND state IN ('queued', 'sending')"
-        return int(self.outbox.db.conn.execute(sql, (Kind.DICOM,)).fetchone()[0])
+    def _ecgs_waiting(self) -> tuple[int, dt.datetime | None]:
+        """How many ECGs wait to be sent, and since when the oldest of them has. The outbox's
+        counts and oldest item are of every kind: the readings waiting for the health platform
+        are not studies waiting for the reading center."""
+        sql = "SELECT COUNT(*), MIN(created_at) FROM items WHERE kind = ? AND state IN ('queued', 'sending')"
+        count, oldest = self.outbox.db.conn.execute(sql, (Kind.DICOM,)).fetchone()
+        return int(count), None if oldest is None else _utc(oldest)
 
     def _recent_item_ids(self, kind: str, *, limit: int, since: float | None = None) -> list[int]:
         # The outbox has no "newest first" query; its items table is read directly (indexed id).
@@ -691,11 +693,10 @@ class ClinicData:
     def link_status(self, now: dt.datetime, metered: MeteredWait | None) -> LinkStatus:
         """The reading center's link; `metered`: what its metered link holds now (`metered_hold`)."""
         status = self.outbox.status(READING_CENTER_STATUS) or {}
-        stats = self.outbox.stats(now.timestamp())
         last_success = _t(status.get("last_success"))
         last_error_at = _t(status.get("last_error_at"))
         down_since = last_error_at if reading_center_down(status) else None
-        oldest = stats["oldest_waiting_s"]
+        waiting, oldest = self._ecgs_waiting()
         blocked = None if metered is None else metered.blocked
         return LinkStatus(
             fault=str(status.get("fault") or ""),
@@ -703,8 +704,8 @@ class ClinicData:
             down_since=down_since,
             last_error=str(status.get("last_error") or ""),
             last_success=last_success,
-            waiting=self._ecgs_waiting(),
-            oldest_waiting=None if oldest is None else now - dt.timedelta(seconds=oldest),
+            waiting=waiting,
+            oldest_waiting=oldest,
             metered_wait=blocked.reason if blocked else "",
             metered_until=dt.datetime.fromtimestamp(blocked.until, dt.timezone.utc) if blocked else None,
             metered_budget_spent=bool(blocked) and metered is not None and metered.budget_spent_today,
