@@ -733,3 +733,20 @@ def test_the_sent_page_says_an_ecg_was_recorded_when_its_report_says(tmp_path: P
     assert recorded_times(sent) == [T0 + dt.timedelta(minutes=6), T0 + dt.timedelta(minutes=5)], recorded_times(sent)
     local = (T0 + dt.timedelta(minutes=5)).astimezone(recorded_times(sent)[1].tzinfo)
     assert local.strftime("%H:%M:%S") in report, report
+
+
+def test_the_versions_on_the_system_page_are_named_in_the_pages_language(tmp_path: Path) -> None:
+    """System -> Versions named two of them "kernel" and "OS" on the Chinese page."""
+    with running_console(console_config(tmp_path / "data")) as server:
+        pages = {}
+        for language in ("zh-CN", "en"):
+            client = Client(server.url, language=language)
+            client.login(DOCTOR)
+            page = client.get("/system").body
+            pages[language] = re.findall(
+                r"<dt>([^<]*)</dt>", page.split('id="h-versions"', 1)[1].split("</section>")[0]
+            )
+    assert "kernel" not in pages["zh-CN"] and "OS" not in pages["zh-CN"], pages["zh-CN"]
+    assert "Linux 内核" in pages["zh-CN"] and "Linux kernel" in pages["en"], pages
+    if Path("/etc/os-release").exists():
+        assert "操作系统" in pages["zh-CN"] and "Operating system" in pages["en"], pages

@@ -16,6 +16,7 @@ from typing import Any
 
 from lastmile import __version__
 from lastmile.config import Config
+from lastmile.console.i18n import N_
 from lastmile.console.sources import ClinicData, ReportView
 
 DOCTOR_CACHE_S = 60.0
@@ -101,11 +102,12 @@ def visits(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
 
 
 def versions() -> dict[str, str]:
-    out = {"lastmile": __version__, "Python": platform.python_version(), "kernel": platform.release()}
+    """What runs, by name: a program's own, or a catalog string (N_) the page translates."""
+    out = {"lastmile": __version__, "Python": platform.python_version(), N_("Linux kernel"): platform.release()}
     try:
         text = Path("/etc/os-release").read_text(encoding="utf-8")
         os_release = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
-        out["OS"] = os_release.get("PRETTY_NAME", "").strip('"')
+        out[N_("Operating system")] = os_release.get("PRETTY_NAME", "").strip('"')
     except OSError:
         pass
     for name in PACKAGES:
