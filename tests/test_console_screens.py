@@ -550,7 +550,8 @@ def test_a_pdf_report_tells_the_doctor_how_to_print_it_without_a_command(tmp_pat
 
 def test_a_held_pulse_reads_in_the_same_unit_as_the_ecgs_heart_rate(tmp_path: Path) -> None:
     """A cuff's reading waiting to be assigned said 脉搏 71 /min, while the ECG beside it says
-    心率 61 次/分: the same beats per minute in two units, one of them English."""
+    心率 61 次/分: the same beats per minute in two units, one of them English. And it read
+    "128/84 mmHg, 脉搏 71": an ASCII comma on a Chinese page."""
     from devices.identity import DeviceIdentity
     from devices.observation import Observation, Quantity, TimeSource
     from lastmile.clinic.observations import ObservationStore
@@ -585,6 +586,9 @@ def test_a_held_pulse_reads_in_the_same_unit_as_the_ecgs_heart_rate(tmp_path: Pa
             pages[language] = client.get("/today").body
     assert "脉搏 71 次/分" in pages["zh-CN"] and "/min" not in pages["zh-CN"], pages["zh-CN"]
     assert "pulse 71 /min" in pages["en"], pages["en"]
+    # and its values apart as each language writes it: no ASCII comma between Chinese words
+    assert shown_readings(pages["zh-CN"]) == ["血压 128/84 mmHg，脉搏 71 次/分"], shown_readings(pages["zh-CN"])
+    assert shown_readings(pages["en"]) == ["Blood pressure 128/84 mmHg, pulse 71 /min"], shown_readings(pages["en"])
 
 
 def test_readings_for_the_platform_are_not_counted_as_ecg_studies_waiting_for_the_county(tmp_path: Path) -> None:

@@ -104,6 +104,9 @@ def observation_payload(obs: Observation) -> bytes:
     return json.dumps(observation_to_json(obs), sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+SUMMARY_SEPARATOR = ", "  # between the values of a `summary` (a page splits them to say them its way)
+
+
 def summary(obs: Observation) -> str:
     """One line for `lastmile devices` and logs, e.g. "120/80 mm[Hg], pulse-rate 72 /min"."""
 
@@ -121,7 +124,7 @@ def summary(obs: Observation) -> str:
         parts.append(f"{fmt(sys_)}/{fmt(dia)} {sys_.unit}")
         rest = [q for q in rest if q.code not in ("systolic", "diastolic", "mean-arterial-pressure")]
     parts += [f"{q.code} {fmt(q)} {q.unit}" for q in rest[:3]]
-    return ", ".join(parts)
+    return SUMMARY_SEPARATOR.join(parts)
 
 
 def _session_start(since: dt.datetime, source: TimeSource) -> dt.datetime:
