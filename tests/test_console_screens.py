@@ -754,3 +754,33 @@ def test_the_versions_on_the_system_page_are_named_in_the_pages_language(tmp_pat
     assert "Linux 内核" in pages["zh-CN"] and "Linux kernel" in pages["en"], pages
     if Path("/etc/os-release").exists():
         assert "操作系统" in pages["zh-CN"] and "Operating system" in pages["en"], pages
+
+
+def test_the_assign_box_says_whom_it_offers_on_a_phone(browser: object, tmp_path: Path) -> None:
+    """The held reading's Assign form on a phone: the line saying whether the box offers the patient
+    checked in (measured during the check-in) is on screen, under the box, not squeezed beside it."""
+    from tests.console_harness import bp_reading
+
+    config = console_config(tmp_path / "data")
+    now = dt.datetime.now(dt.timezone.utc)
+    hold_readings(config, bp_reading(now - dt.timedelta(days=1), "bp-yesterday"))
+    with running_console(config) as server:
+        log_in(browser, server)
+        set_viewport(browser, PHONE)
+        browser.find_element(by("id"), "patient_id").send_keys(VALID_ID + "\n")  # type: ignore[attr-defined]
+        text_in(browser, "#panel-session", VALID_ID)
+        browser.get(server.url + "/today")  # type: ignore[attr-defined]
+        text_in(browser, "#panel-held form.assign", "在本次就诊之前测量")
+        save_screenshot(browser, "today-held-assign-phone")
+        box = browser.execute_script(  # type: ignore[attr-defined]
+            """const f = document.querySelector("#panel-held form.assign");
+            f.scrollIntoView({block: "center"});
+            const r = e => e.getBoundingClientRect();
+            return {input: r(f.querySelector("input[name=patient_id]")), note: r(f.querySelector("p")),
+                    button: r(f.querySelector("button")), width: document.documentElement.clientWidth,
+                    value: f.querySelector("input[name=patient_id]").value};"""
+        )
+    assert box["value"] == "", box
+    assert box["note"]["top"] >= box["input"]["bottom"] and box["note"]["top"] >= box["button"]["bottom"], box
+    for part in ("input", "note", "button"):
+        assert box[part]["left"] >= 0 and box[part]["right"] <= box["width"], (part, box)
