@@ -166,14 +166,16 @@ def test_a_held_ecg_assigned_to_another_patient_does_not_carry_the_current_patie
     clinic: tuple[Config, ConsoleServer, int, int], doctor: Client
 ) -> None:
     """As for a held reading: an ECG without a patient is held; 张三 is checked in, the doctor
-    types 李四's ID into the ECG's Assign field. The rebuilt ECG must not name 张三."""
+    types 李四's ID into the ECG's Assign field (empty: recorded before the check-in). The rebuilt
+    ECG must not name 张三."""
     config = clinic[0]
     reply = doctor.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"})
     assert reply.status == 303, reply.body[:300]
     with open_outbox(config) as outbox:
         rec = make_recording(7, patient=None)
         item_id = enqueue_recording(outbox, rec, config, key="faults:late-ecg", now=time.time()).item.id
-    reply = assign_to_another(doctor, "item_id", item_id, "/today/assign-ecg")
+    # recorded at T0, before this check-in: the box offers nobody
+    reply = assign_to_another(doctor, "item_id", item_id, "/today/assign-ecg", prefilled="")
     assert reply.status == 303 and "done=assigned" in reply.location, (reply.status, reply.location)
     with open_outbox(config) as outbox:
         item = outbox.get(item_id)

@@ -633,7 +633,7 @@ def hold_readings(config: Config, *readings: object) -> list[int]:
     return [r.held_id for r in results if r.held_id is not None]
 
 
-def assign_box(page: str, held_id: int) -> str:
+def assign_box(page: str, held_id: int | str) -> str:
     (box,) = re.findall(rf'<input id="assign-{held_id}"[^>]*>', page)
     return box
 
@@ -784,3 +784,21 @@ def test_the_assign_box_says_whom_it_offers_on_a_phone(browser: object, tmp_path
     assert box["note"]["top"] >= box["input"]["bottom"] and box["note"]["top"] >= box["button"]["bottom"], box
     for part in ("input", "note", "button"):
         assert box[part]["left"] >= 0 and box[part]["right"] <= box["width"], (part, box)
+
+
+def test_an_ecg_held_from_before_the_check_in_is_not_offered_to_the_patient_checked_in(tmp_path: Path) -> None:
+    """As a held reading: an ECG recorded without a patient before this check-in (the cart's
+    earlier one) had its Assign box filled with the checked-in patient's ID."""
+    from lastmile.data_dir import open_outbox
+    from lastmile.ecg.intake import enqueue_recording
+    from tests.ecg_factories import make_recording
+
+    config = console_config(tmp_path / "data")
+    with open_outbox(config) as outbox:  # recorded at T0, weeks ago
+        item = enqueue_recording(outbox, make_recording(7, patient=None), config, key="ecg-before").item
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        assert client.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
+        page = client.get("/today").body
+    assert 'value=""' in assign_box(page, f"ecg-{item.id}"), assign_box(page, f"ecg-{item.id}")

@@ -349,6 +349,12 @@ def recorded_at(item: OutboxItem, study: SentStudy | None = None) -> dt.datetime
     return acquired or _utc(item.created_at)
 
 
+def recorded_during(at: dt.datetime, session: SessionView) -> bool:
+    """An ECG recorded (acquired) at `at` was recorded during `session`: its Assign box may offer
+    that patient; one from before the check-in offers nobody."""
+    return session.since <= at <= session.expires_at
+
+
 def _measured_during(obs: Observation, session: SessionView) -> bool:
     """`obs` was measured during `session` (not before it, not dated past it by a clock running
     ahead). A device user's reading is not: whose that user is stays the doctor's to say

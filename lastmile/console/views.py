@@ -17,7 +17,7 @@ from typing import Any
 from lastmile import __version__
 from lastmile.config import Config
 from lastmile.console.i18n import N_
-from lastmile.console.sources import ClinicData, ReportView
+from lastmile.console.sources import ClinicData, ReportView, recorded_during
 
 DOCTOR_CACHE_S = 60.0
 PACKAGES = ("pydicom", "pynetdicom", "bleak", "starlette", "uvicorn", "jinja2", "babel", "argon2-cffi", "sqlite-utils")
@@ -57,6 +57,12 @@ def today(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
         "readings": data.patient_readings(session.patient_id, session.since) if session else [],
         "held": data.held_readings(session),
         "held_ecgs": held_ecgs,
+        # the unassigned ECGs recorded during this check-in: only their Assign box offers this patient
+        "ecgs_during_check_in": {
+            h.item_id
+            for h in held_ecgs
+            if session is not None and h.reason == "unassigned" and recorded_during(h.recorded_at, session)
+        },
         "ecg": latest,
         "ecg_held": latest is not None and any(h.item_id == latest.item_id for h in held_ecgs),
         "ecg_re_record_noted": latest is not None and data.re_record_noted(latest.item_id),
