@@ -126,14 +126,15 @@ def _hold_reading(config: Config, measured_at: dt.datetime, key: str) -> int:
     return result.held_id
 
 
-def assign_to_another(doctor: Client, id_field: str, held: int, action: str):
+def assign_to_another(doctor: Client, id_field: str, held: int, action: str, prefilled: str = VALID_ID):
     """Today's Assign form of a held reading or ECG, sent as the doctor fills it: prefilled with
-    the checked-in patient's ID, the doctor types OTHER_ID (the previous patient) instead."""
+    `prefilled` (the checked-in patient's ID, or nobody), the doctor types OTHER_ID (the previous
+    patient) instead."""
     page = doctor.get("/today")
     form = re.search(rf'<input type="hidden" name="{id_field}" value="{held}">.*?</form>', page.body, flags=re.S)
     assert form, f"the held item's Assign form ({id_field} {held}) is on Today"
     fields = dict(re.findall(r'name="(\w+)" value="([^"]*)"', form.group(0)))
-    assert fields["patient_id"] == VALID_ID  # prefilled with the current patient
+    assert fields["patient_id"] == prefilled
     fields["patient_id"] = OTHER_ID
     return doctor.post(action, fields)
 
@@ -142,13 +143,14 @@ def test_a_held_reading_assigned_to_another_patient_does_not_carry_the_current_p
     clinic: tuple[Config, ConsoleServer, int, int], doctor: Client
 ) -> None:
     """Patient 张三 is checked in. The cuff delivers late a reading taken before (the previous
-    patient's, 李四). The doctor types 李四's ID into that reading's Assign field (it is prefilled
-    with 张三's) and presses Assign. The reading must not go to the county as "张三" with 李四's ID."""
+    patient's, 李四). The doctor types 李四's ID into that reading's Assign field (empty: measured
+    before 张三's check-in) and presses Assign. The reading must not go to the county as "张三"
+    with 李四's ID."""
     config = clinic[0]
     reply = doctor.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"})
     assert reply.status == 303, reply.body[:300]
     held_id = _hold_reading(config, dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1), "faults:late-bp")
-    reply = assign_to_another(doctor, "held_id", held_id, "/today/assign-reading")
+    reply = assign_to_another(doctor, "held_id", held_id, "/today/assign-reading", prefilled="")
     assert reply.status == 303, reply.body[:300]
     with open_outbox(config) as outbox:
         stored = [i for i in outbox.items(kind="observation") if i.key == "faults:late-bp"]
@@ -164,14 +166,16 @@ def test_a_held_ecg_assigned_to_another_patient_does_not_carry_the_current_patie
     clinic: tuple[Config, ConsoleServer, int, int], doctor: Client
 ) -> None:
     """As for a held reading: an ECG without a patient is held; 张三 is checked in, the doctor
-    types 李四's ID into the ECG's Assign field. The rebuilt ECG must not name 张三."""
+    types 李四's ID into the ECG's Assign field (empty: recorded before the check-in). The rebuilt
+    ECG must not name 张三."""
     config = clinic[0]
     reply = doctor.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"})
     assert reply.status == 303, reply.body[:300]
     with open_outbox(config) as outbox:
         rec = make_recording(7, patient=None)
         item_id = enqueue_recording(outbox, rec, config, key="faults:late-ecg", now=time.time()).item.id
-    reply = assign_to_another(doctor, "item_id", item_id, "/today/assign-ecg")
+    # recorded at T0, before this check-in: the box offers nobody
+    reply = assign_to_another(doctor, "item_id", item_id, "/today/assign-ecg", prefilled="")
     assert reply.status == 303 and "done=assigned" in reply.location, (reply.status, reply.location)
     with open_outbox(config) as outbox:
         item = outbox.get(item_id)

@@ -556,7 +556,8 @@ def test_a_pdf_report_tells_the_doctor_how_to_print_it_without_a_command(tmp_pat
 
 def test_a_held_pulse_reads_in_the_same_unit_as_the_ecgs_heart_rate(tmp_path: Path) -> None:
     """A cuff's reading waiting to be assigned said 脉搏 71 /min, while the ECG beside it says
-    心率 61 次/分: the same beats per minute in two units, one of them English."""
+    心率 61 次/分: the same beats per minute in two units, one of them English. And it read
+    "128/84 mmHg, 脉搏 71": an ASCII comma on a Chinese page."""
     from devices.identity import DeviceIdentity
     from devices.observation import Observation, Quantity, TimeSource
     from lastmile.clinic.observations import ObservationStore
@@ -591,12 +592,20 @@ def test_a_held_pulse_reads_in_the_same_unit_as_the_ecgs_heart_rate(tmp_path: Pa
             pages[language] = client.get("/today").body
     assert "脉搏 71 次/分" in pages["zh-CN"] and "/min" not in pages["zh-CN"], pages["zh-CN"]
     assert "pulse 71 /min" in pages["en"], pages["en"]
+    # and its values apart as each language writes it: no ASCII comma between Chinese words
+    assert shown_readings(pages["zh-CN"]) == ["血压 128/84 mmHg，脉搏 71 次/分"], shown_readings(pages["zh-CN"])
+    assert shown_readings(pages["en"]) == ["Blood pressure 128/84 mmHg, pulse 71 /min"], shown_readings(pages["en"])
 
 
 def test_readings_for_the_platform_are_not_counted_as_ecg_studies_waiting_for_the_county(tmp_path: Path) -> None:
     """A BP reading queued for the health platform, no ECG at all: the Sent page said 1 份检查等待发送
-    above an empty list of ECG studies (the demo: 3 waiting, one ECG listed)."""
+    above an empty list of ECG studies (the demo: 3 waiting, one ECG listed); and, under 0 份, since
+    when the oldest waited: the BP reading's time. It gives the oldest ECG's, or nothing."""
+    from devices.identity import Patient
+    from lastmile.data_dir import open_outbox
+    from lastmile.ecg.intake import enqueue_recording
     from tests.console_harness import record_receipt_timed_bp
+    from tests.ecg_factories import make_recording
 
     config = console_config(tmp_path / "data")
     with running_console(config) as server:
@@ -605,4 +614,197 @@ def test_readings_for_the_platform_are_not_counted_as_ecg_studies_waiting_for_th
         assert client.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
         record_receipt_timed_bp(config, "bp-1")
         page = client.get("/sent").body
-    assert "0 份检查等待发送" in page, page
+        with open_outbox(config) as outbox:  # then an ECG: the oldest ECG waiting is its
+            enqueue_recording(outbox, make_recording(6, patient=Patient(VALID_ID, "")), config, key="ecg-6")
+        with_ecg = client.get("/sent").body
+    link = page.split('id="h-link"', 1)[1].split("</section>", 1)[0]
+    assert "0 份检查等待发送" in link and "最早的一份" not in link, link
+    link = with_ecg.split('id="h-link"', 1)[1].split("</section>", 1)[0]
+    assert "1 份检查等待发送" in link and "最早的一份自" in link, link
+
+
+def hold_readings(config: Config, *readings: object) -> list[int]:
+    """Readings arriving with nobody checked in: held unassigned (their held ids)."""
+    from lastmile.clinic.observations import ObservationStore
+    from lastmile.data_dir import open_outbox
+
+    now = dt.datetime.now(dt.timezone.utc)
+    with open_outbox(config) as outbox:
+        store = ObservationStore.open(config.data_dir, outbox=outbox, idle_timeout_s=900)
+        try:
+            results = [store.record(r, now=now) for r in readings]  # type: ignore[arg-type]
+        finally:
+            store.close()
+    assert [r.outcome for r in results] == ["held"] * len(readings), results
+    return [r.held_id for r in results if r.held_id is not None]
+
+
+def assign_box(page: str, held_id: int | str) -> str:
+    (box,) = re.findall(rf'<input id="assign-{held_id}"[^>]*>', page)
+    return box
+
+
+def test_a_reading_held_from_yesterday_is_not_offered_to_the_patient_checked_in_today(tmp_path: Path) -> None:
+    """A cuff's reading from yesterday, held unassigned, had its Assign box filled with today's
+    patient: one click put yesterday's blood pressure on the wrong patient. Only a reading measured
+    during this check-in is offered (and says so); an empty box is refused, never the current one."""
+    from tests.console_harness import bp_reading
+
+    config = console_config(tmp_path / "data")
+    now = dt.datetime.now(dt.timezone.utc)
+    # the second one's cuff dates it just after the check-in below (its clock runs a little ahead)
+    yesterday, during = hold_readings(
+        config,
+        bp_reading(now - dt.timedelta(days=1), "bp-yesterday"),
+        bp_reading(now + dt.timedelta(seconds=60), "bp-now"),
+    )
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        assert client.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
+        page = client.get("/today").body
+        empty = client.post("/today/assign-reading", {"held_id": str(yesterday), "patient_id": ""})
+        after = client.get("/today").body
+    assert 'value=""' in assign_box(page, yesterday), assign_box(page, yesterday)
+    assert f'value="{VALID_ID}"' in assign_box(page, during), assign_box(page, during)
+    assert f"在 {VALID_ID} 就诊期间测量" in page and "在本次就诊之前测量" in page, page
+    assert empty.status in (200, 303, 400), empty.status
+    assert f'id="assign-{yesterday}"' in after, after  # still held: nobody's
+
+
+def one_value_reading(kind: str, code: str, value: float, unit: str, key: str) -> object:
+    from devices.identity import DeviceIdentity
+    from devices.observation import Observation, Quantity, TimeSource
+
+    now = dt.datetime.now(dt.timezone.utc)
+    return Observation(
+        kind=kind,
+        quantities=(Quantity(code, value, unit, value, unit),),
+        measured_at=now,
+        time_source=TimeSource.DEVICE_CLOCK,
+        received_at=now,
+        device=DeviceIdentity("Acme", kind, "42", "AA:BB:CC:DD:EE:02"),
+        record_key=key,
+    )
+
+
+def shown_readings(page: str) -> list[str]:
+    """Each held reading's line as the doctor reads it: its kind's name, then its values."""
+    rows = re.findall(r'<strong>([^<]*)</strong> <span class="reading">([^<]*)</span>', page)
+    return [f"{name} {values}" for name, values in rows]
+
+
+def test_a_reading_names_its_kind_once_whatever_the_kind_and_language(tmp_path: Path) -> None:
+    """A thermometer's reading read 体温 体温 37.2 °C on Today (Temperature temperature 37.2 °C in
+    English): the kind's name, then the same quantity named again before its value."""
+    config = console_config(tmp_path / "data")
+    hold_readings(
+        config,
+        one_value_reading("body-temperature", "body-temperature", 37.2, "Cel", "t-1"),
+        one_value_reading("spo2", "spo2", 97.0, "%", "o-1"),
+        one_value_reading("body-weight", "body-weight", 61.5, "kg", "w-1"),
+        one_value_reading("glucose", "glucose", 5.6, "mmol/L", "g-1"),
+    )
+    with running_console(config) as server:
+        pages = {}
+        for language in ("zh-CN", "en"):
+            client = Client(server.url, language=language)
+            client.login(DOCTOR)
+            pages[language] = shown_readings(client.get("/today").body)
+    assert pages["zh-CN"] == ["体温 37.2 °C", "血氧 97 %", "体重 61.5 kg", "血糖 5.6 mmol/L"], pages["zh-CN"]
+    assert pages["en"] == ["Temperature 37.2 °C", "Blood oxygen 97 %", "Weight 61.5 kg", "Blood glucose 5.6 mmol/L"], (
+        pages["en"]
+    )
+
+
+def recorded_times(page: str) -> list[dt.datetime]:
+    """The Sent page's 已记录 step of each ECG, newest first, as its <time> gives it."""
+    return [dt.datetime.fromisoformat(t) for t in re.findall(r'<li class="done">已记录 <time datetime="([^"]+)"', page)]
+
+
+def test_the_sent_page_says_an_ecg_was_recorded_when_its_report_says(tmp_path: Path) -> None:
+    """The Sent page's 已记录 was when the ECG entered the gateway, the Reports page's "ECG recorded"
+    when the cart recorded it: two times for one ECG. Both give the acquisition time, a purged
+    ECG's too (kept with what was sent)."""
+    from devices.identity import Patient
+    from lastmile.data_dir import open_outbox
+    from lastmile.ecg.intake import enqueue_recording
+    from tests.ecg_factories import T0, make_recording
+
+    config = console_config(tmp_path / "data")
+    report_id = sent_purged_ecg_with_report(config)  # make_recording(5): acquired at T0 + 5 min
+    with open_outbox(config) as outbox:
+        enqueue_recording(outbox, make_recording(6, patient=Patient(VALID_ID, "Zhang^San=张^三")), config, key="ecg-6")
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        sent = client.get("/sent").body
+        report = client.get(f"/reports/{report_id}").body
+    assert recorded_times(sent) == [T0 + dt.timedelta(minutes=6), T0 + dt.timedelta(minutes=5)], recorded_times(sent)
+    local = (T0 + dt.timedelta(minutes=5)).astimezone(recorded_times(sent)[1].tzinfo)
+    assert local.strftime("%H:%M:%S") in report, report
+
+
+def test_the_versions_on_the_system_page_are_named_in_the_pages_language(tmp_path: Path) -> None:
+    """System -> Versions named two of them "kernel" and "OS" on the Chinese page."""
+    with running_console(console_config(tmp_path / "data")) as server:
+        pages = {}
+        for language in ("zh-CN", "en"):
+            client = Client(server.url, language=language)
+            client.login(DOCTOR)
+            page = client.get("/system").body
+            pages[language] = re.findall(
+                r"<dt>([^<]*)</dt>", page.split('id="h-versions"', 1)[1].split("</section>")[0]
+            )
+    assert "kernel" not in pages["zh-CN"] and "OS" not in pages["zh-CN"], pages["zh-CN"]
+    assert "Linux 内核" in pages["zh-CN"] and "Linux kernel" in pages["en"], pages
+    if Path("/etc/os-release").exists():
+        assert "操作系统" in pages["zh-CN"] and "Operating system" in pages["en"], pages
+
+
+def test_the_assign_box_says_whom_it_offers_on_a_phone(browser: object, tmp_path: Path) -> None:
+    """The held reading's Assign form on a phone: the line saying whether the box offers the patient
+    checked in (measured during the check-in) is on screen, under the box, not squeezed beside it."""
+    from tests.console_harness import bp_reading
+
+    config = console_config(tmp_path / "data")
+    now = dt.datetime.now(dt.timezone.utc)
+    hold_readings(config, bp_reading(now - dt.timedelta(days=1), "bp-yesterday"))
+    with running_console(config) as server:
+        log_in(browser, server)
+        set_viewport(browser, PHONE)
+        browser.find_element(by("id"), "patient_id").send_keys(VALID_ID + "\n")  # type: ignore[attr-defined]
+        text_in(browser, "#panel-session", VALID_ID)
+        browser.get(server.url + "/today")  # type: ignore[attr-defined]
+        text_in(browser, "#panel-held form.assign", "在本次就诊之前测量")
+        save_screenshot(browser, "today-held-assign-phone")
+        box = browser.execute_script(  # type: ignore[attr-defined]
+            """const f = document.querySelector("#panel-held form.assign");
+            f.scrollIntoView({block: "center"});
+            const r = e => e.getBoundingClientRect();
+            return {input: r(f.querySelector("input[name=patient_id]")), note: r(f.querySelector("p")),
+                    button: r(f.querySelector("button")), width: document.documentElement.clientWidth,
+                    value: f.querySelector("input[name=patient_id]").value};"""
+        )
+    assert box["value"] == "", box
+    assert box["note"]["top"] >= box["input"]["bottom"] and box["note"]["top"] >= box["button"]["bottom"], box
+    for part in ("input", "note", "button"):
+        assert box[part]["left"] >= 0 and box[part]["right"] <= box["width"], (part, box)
+
+
+def test_an_ecg_held_from_before_the_check_in_is_not_offered_to_the_patient_checked_in(tmp_path: Path) -> None:
+    """As a held reading: an ECG recorded without a patient before this check-in (the cart's
+    earlier one) had its Assign box filled with the checked-in patient's ID."""
+    from lastmile.data_dir import open_outbox
+    from lastmile.ecg.intake import enqueue_recording
+    from tests.ecg_factories import make_recording
+
+    config = console_config(tmp_path / "data")
+    with open_outbox(config) as outbox:  # recorded at T0, weeks ago
+        item = enqueue_recording(outbox, make_recording(7, patient=None), config, key="ecg-before").item
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        assert client.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
+        page = client.get("/today").body
+    assert 'value=""' in assign_box(page, f"ecg-{item.id}"), assign_box(page, f"ecg-{item.id}")

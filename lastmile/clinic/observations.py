@@ -104,6 +104,9 @@ def observation_payload(obs: Observation) -> bytes:
     return json.dumps(observation_to_json(obs), sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+SUMMARY_SEPARATOR = ", "  # between the values of a `summary` (a page splits them to say them its way)
+
+
 def summary(obs: Observation) -> str:
     """One line for `lastmile devices` and logs, e.g. "120/80 mm[Hg], pulse-rate 72 /min"."""
 
@@ -121,7 +124,7 @@ def summary(obs: Observation) -> str:
         parts.append(f"{fmt(sys_)}/{fmt(dia)} {sys_.unit}")
         rest = [q for q in rest if q.code not in ("systolic", "diastolic", "mean-arterial-pressure")]
     parts += [f"{q.code} {fmt(q)} {q.unit}" for q in rest[:3]]
-    return ", ".join(parts)
+    return SUMMARY_SEPARATOR.join(parts)
 
 
 def _session_start(since: dt.datetime, source: TimeSource) -> dt.datetime:
@@ -129,14 +132,18 @@ def _session_start(since: dt.datetime, source: TimeSource) -> dt.datetime:
     return since if source is TimeSource.GATEWAY_RECEIPT else since.replace(microsecond=0)
 
 
+def measured_since(obs: Observation, since: dt.datetime) -> bool:
+    """True when `obs` was measured at or after `since` (a session's start), as far as its time
+    stamp can tell: a stored record whose time is unknown was measured at no known time."""
+    return STORED_TIME_UNKNOWN not in obs.flags and obs.measured_at >= _session_start(since, obs.time_source)
+
+
 def _after_mapping(obs: Observation, mapping: UserMapping) -> bool:
     """Whether `obs` was measured once its device user's mapping stood (as a session's readings
-    are those measured after check-in); a record whose time is unknown never is."""
+    are those measured after check-in)."""
     if mapping.set_at is None:
         return True  # the default user, mapped by nobody: the session rule below decides
-    if STORED_TIME_UNKNOWN in obs.flags:
-        return False
-    return obs.measured_at >= _session_start(mapping.set_at, obs.time_source)
+    return measured_since(obs, mapping.set_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +217,7 @@ class ObservationStore:
             # Device time stamps have whole seconds: compare at that resolution. The gateway's
             # receipt time is as fine as the session's start: a reading received just before
             # the next card was scanned, in the same second, stays off the new session.
-            if current is not None and obs.measured_at >= _session_start(current.since, obs.time_source):
+            if current is not None and measured_since(obs, current.since):
                 patient_id, name = current.patient_id, current.name
         if patient_id is None:
             return self._hold(obs, now, "no current patient" if current is None else "measured before the session")

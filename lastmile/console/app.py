@@ -46,6 +46,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lastmile import __version__
+from lastmile.clinic.observations import SUMMARY_SEPARATOR
 from lastmile.config import Config
 from lastmile.console import views
 from lastmile.console.accounts import LANGUAGES, AccountError, Login, LoginRefused
@@ -506,9 +507,19 @@ def not_found(request: Request, ctx: Context, message: str, *, status: int = 404
 UNIT_DISPLAY = {" mm[Hg]": " mmHg", " Cel": " °C", " [degF]": " °F", " [lb_av]": " lb"}
 # units said in words in the page's language: a pulse in 次/分, as the ECG's heart rate beside it
 UNIT_WORDS = {" /min": N_("/min")}
+# between a reading's values (`summary` joins them with SUMMARY_SEPARATOR), in the page's language:
+# Chinese pages separate them with a full-width comma (U+FF0C), not the ASCII one
+VALUE_SEPARATOR = N_(", ")
 
 
-def reading_text(summary: str, localizer: Localizer) -> str:
+def reading_text(summary: str, localizer: Localizer, kind: str = "") -> str:
+    """A reading's summary (`lastmile.clinic.observations.summary`) in the page's words. Shown after
+    its kind's name (`kind`), the quantity named as the kind is not named again: 体温 37.2 °C, not
+    体温 体温 37.2 °C."""
+    parts = summary.split(SUMMARY_SEPARATOR)
+    if kind:
+        parts = [part.removeprefix(kind + " ") for part in parts]
+    summary = localizer.gettext(VALUE_SEPARATOR).join(parts)
     for code in sorted(QUANTITY_LABELS, key=len, reverse=True):
         summary = summary.replace(code + " ", localizer.gettext(QUANTITY_LABELS[code]) + " ")
     for unit, shown in UNIT_DISPLAY.items():
@@ -539,7 +550,7 @@ def page_vars(request: Request, ctx: Context, **values: Any) -> dict[str, Any]:
     return {
         "_": loc.gettext,
         "ngettext": loc.ngettext,
-        "reading_text": lambda text: reading_text(text, loc),
+        "reading_text": lambda text, kind="": reading_text(text, loc, kind),
         "report_text": lambda report: shown_text(report.lines, report.text, loc),
         "critical_reasons": lambda report: shown_reasons(report.lines, report.critical_reasons, loc),
         # report_text's words (the printouts'), a line each: why no patient, whom the county named

@@ -30,12 +30,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from devices.identity import InvalidPatientIdError, Patient, device_clock_wrong
+from devices.observation import Observation
 from lastmile.clinic.db import DB_NAME as CLINIC_DB
 from lastmile.clinic.db import from_iso, open_clinic_db, utc_now
 from lastmile.clinic.devices import DeviceRecord, DeviceRegistry, normalise_address
 from lastmile.clinic.observations import (
     OBSERVATION_KIND,
     ObservationStore,
+    measured_since,
     observation_from_json,
     summary,
 )
@@ -47,7 +49,7 @@ from lastmile.console.audit import AuditLog
 from lastmile.console.i18n import N_
 from lastmile.data_dir import open_outbox
 from lastmile.reports.report_text import Reader, display_name
-from lastmile.reports.store import ReportStore
+from lastmile.reports.store import ReportStore, SentStudy
 from lastmile.services.link_status import READING_CENTER_STATUS, reading_center_down
 from lastmile.services.metered import MeteredWait, metered_wait, meters
 from uploader.outbox import ItemState, Kind, OutboxItem
@@ -114,13 +116,16 @@ class ReadingView:
     flags: tuple[str, ...] = ()
     held_id: int | None = None  # held unassigned: its number for "assign"
     device_user: int | None = None  # a multi-user device's user the reading is of
+    # held: measured during the current patient's check-in (its Assign box offers that patient);
+    # one measured before it (yesterday's, the previous patient's) offers nobody
+    during_check_in: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class EcgItemView:
     item_id: int
     sha256: str
-    recorded_at: dt.datetime  # when the gateway stored it
+    recorded_at: dt.datetime  # when it was recorded (acquired: `recorded_at`)
     patient_id: str
     patient_name: str
     state: str
@@ -325,6 +330,38 @@ def _utc(value: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(value, dt.timezone.utc)
 
 
+def ecg_time(text: str) -> dt.datetime | None:
+    """An ECG time as the outbox and `sent_studies` keep it (ISO with its offset); None if unreadable."""
+    try:
+        value = dt.datetime.fromisoformat(text) if text else None
+    except ValueError:
+        return None
+    if value is not None and value.tzinfo is None:
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return value
+
+
+def recorded_at(item: OutboxItem, study: SentStudy | None = None) -> dt.datetime:
+    """When the ECG was recorded (acquired), the time its report gives too: the item's own, else
+    its sent-study record's (a purged item's meta is erased), else (neither readable) when it
+    entered the gateway."""
+    acquired = ecg_time(str(item.meta.get("acquired_at") or "")) or (ecg_time(study.ecg_time) if study else None)
+    return acquired or _utc(item.created_at)
+
+
+def recorded_during(at: dt.datetime, session: SessionView) -> bool:
+    """An ECG recorded (acquired) at `at` was recorded during `session`: its Assign box may offer
+    that patient; one from before the check-in offers nobody."""
+    return session.since <= at <= session.expires_at
+
+
+def _measured_during(obs: Observation, session: SessionView) -> bool:
+    """`obs` was measured during `session` (not before it, not dated past it by a clock running
+    ahead). A device user's reading is not: whose that user is stays the doctor's to say
+    (lastmile.clinic.device_users), whoever is checked in."""
+    return obs.device_user is None and measured_since(obs, session.since) and obs.measured_at <= session.expires_at
+
+
 # -- the clinic's data -----------------------------------------------------------------------------
 
 
@@ -419,11 +456,13 @@ class ClinicData:
         return ended
 
     # -- readings ---------------------------------------------------------------------------------
-    def _ecgs_waiting(self) -> int:
-        # the outbox's counts are of every kind: the readings waiting for the health platform are
-        # not studies waiting for the reading center
-        sql = "SELECT COUNT(*) FROM items WHERE kind = ? AND state IN ('queued', 'sending')"
-        return int(self.outbox.db.conn.execute(sql, (Kind.DICOM,)).fetchone()[0])
+    def _ecgs_waiting(self) -> tuple[int, dt.datetime | None]:
+        """How many ECGs wait to be sent, and since when the oldest of them has. The outbox's
+        counts and oldest item are of every kind: the readings waiting for the health platform
+        are not studies waiting for the reading center."""
+        sql = "SELECT COUNT(*), MIN(created_at) FROM items WHERE kind = ? AND state IN ('queued', 'sending')"
+        count, oldest = self.outbox.db.conn.execute(sql, (Kind.DICOM,)).fetchone()
+        return int(count), None if oldest is None else _utc(oldest)
 
     def _recent_item_ids(self, kind: str, *, limit: int, since: float | None = None) -> list[int]:
         # The outbox has no "newest first" query; its items table is read directly (indexed id).
@@ -481,7 +520,9 @@ class ClinicData:
             obs.flags,
         )
 
-    def held_readings(self) -> list[ReadingView]:
+    def held_readings(self, session: SessionView | None = None) -> list[ReadingView]:
+        """The held readings, each saying whether it was measured during `session` (the current
+        check-in): only such a one is offered to that patient, never one from before it."""
         return [
             ReadingView(
                 h.observation.record_key,
@@ -493,6 +534,7 @@ class ClinicData:
                 h.observation.flags,
                 held_id=h.held_id,
                 device_user=h.observation.device_user,
+                during_check_in=session is not None and _measured_during(h.observation, session),
             )
             for h in self.store.held()
         ]
@@ -539,7 +581,7 @@ class ClinicData:
         return EcgItemView(
             item_id=item.id,
             sha256=item.sha256,
-            recorded_at=_utc(item.created_at),
+            recorded_at=recorded_at(item),
             patient_id=str(patient.get("patient_id") or ""),
             patient_name=str(patient.get("name") or ""),
             state=item.state.value,
@@ -640,7 +682,7 @@ class ClinicData:
                     patient_name=str(patient.get("name") or (study.patient_name if study else "")),
                     stat=item.priority == 0,
                     state=item.state.value,
-                    recorded_at=_utc(item.created_at),
+                    recorded_at=recorded_at(item, study),
                     sent_at=_t(item.sent_at),
                     committed_at=_t(item.committed_at),
                     report_at=report.received_at if report else None,
@@ -657,11 +699,10 @@ class ClinicData:
     def link_status(self, now: dt.datetime, metered: MeteredWait | None) -> LinkStatus:
         """The reading center's link; `metered`: what its metered link holds now (`metered_hold`)."""
         status = self.outbox.status(READING_CENTER_STATUS) or {}
-        stats = self.outbox.stats(now.timestamp())
         last_success = _t(status.get("last_success"))
         last_error_at = _t(status.get("last_error_at"))
         down_since = last_error_at if reading_center_down(status) else None
-        oldest = stats["oldest_waiting_s"]
+        waiting, oldest = self._ecgs_waiting()
         blocked = None if metered is None else metered.blocked
         return LinkStatus(
             fault=str(status.get("fault") or ""),
@@ -669,8 +710,8 @@ class ClinicData:
             down_since=down_since,
             last_error=str(status.get("last_error") or ""),
             last_success=last_success,
-            waiting=self._ecgs_waiting(),
-            oldest_waiting=None if oldest is None else now - dt.timedelta(seconds=oldest),
+            waiting=waiting,
+            oldest_waiting=oldest,
             metered_wait=blocked.reason if blocked else "",
             metered_until=dt.datetime.fromtimestamp(blocked.until, dt.timezone.utc) if blocked else None,
             metered_budget_spent=bool(blocked) and metered is not None and metered.budget_spent_today,

@@ -20,7 +20,7 @@ from typing import Any
 
 from devices.identity import Patient
 from lastmile.config import Config
-from lastmile.console.sources import HeldEcg, ReportView, row_number
+from lastmile.console.sources import HeldEcg, ReportView, ecg_time, recorded_at, row_number
 from lastmile.ecg.holds import HeldEcgError, discard_held_ecg, held_ecgs, release_held_ecg
 from lastmile.reports.report_text import Reader
 from lastmile.reports.store import ReportStore, SentStudy, StoredReport
@@ -54,17 +54,6 @@ def default_worker() -> list[str]:
     return [sys.executable, "-m", "lastmile.console.dicom_worker"]
 
 
-def _when(text: str) -> dt.datetime | None:
-    """An ECG time as `sent_studies` keeps it (ISO with its offset); None if unreadable."""
-    try:
-        value = dt.datetime.fromisoformat(text) if text else None
-    except ValueError:
-        return None
-    if value is not None and value.tzinfo is None:
-        value = value.replace(tzinfo=dt.timezone.utc)
-    return value
-
-
 def report_view(report: StoredReport, study: SentStudy | None, current_id: int | None = None) -> ReportView:
     """A stored report as the pages show it: the patient and ECG as we sent them (the report's
     own patient fields are what the reading center wrote; a disagreement is in its problems).
@@ -82,7 +71,7 @@ def report_view(report: StoredReport, study: SentStudy | None, current_id: int |
         county_patient_id="" if ours else report.patient_id,
         county_patient_name="" if ours else report.patient_name,
         device=study.device if study else "",
-        ecg_time=_when(study.ecg_time) if study else None,
+        ecg_time=ecg_time(study.ecg_time) if study else None,
         received_at=report.received_at,
         status=status,
         critical=bool(report.critical),
@@ -170,11 +159,10 @@ class StoredReports:
 
 
 def held_view(item: OutboxItem) -> HeldEcg:
-    acquired = _when(str(item.meta.get("acquired_at") or ""))
     quality = item.meta.get("quality")
     return HeldEcg(
         item_id=item.id,
-        recorded_at=acquired or dt.datetime.fromtimestamp(item.created_at, dt.timezone.utc),
+        recorded_at=recorded_at(item),
         reason=item.hold_reason or "",
         hold_until=dt.datetime.fromtimestamp(item.hold_until or item.created_at, dt.timezone.utc),
         patient_hint=str(item.meta.get("file_patient_id") or (item.patient or {}).get("patient_id") or ""),

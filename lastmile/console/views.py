@@ -16,7 +16,8 @@ from typing import Any
 
 from lastmile import __version__
 from lastmile.config import Config
-from lastmile.console.sources import ClinicData, ReportView
+from lastmile.console.i18n import N_
+from lastmile.console.sources import ClinicData, ReportView, recorded_during
 
 DOCTOR_CACHE_S = 60.0
 PACKAGES = ("pydicom", "pynetdicom", "bleak", "starlette", "uvicorn", "jinja2", "babel", "argon2-cffi", "sqlite-utils")
@@ -54,8 +55,14 @@ def today(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
         "doctor_on_duty": data.doctor_on_duty(now),
         "devices": [d for d in data.devices() if not d.removed and (d.allowed or d.last_reading_at or d.connected)],
         "readings": data.patient_readings(session.patient_id, session.since) if session else [],
-        "held": data.held_readings(),
+        "held": data.held_readings(session),
         "held_ecgs": held_ecgs,
+        # the unassigned ECGs recorded during this check-in: only their Assign box offers this patient
+        "ecgs_during_check_in": {
+            h.item_id
+            for h in held_ecgs
+            if session is not None and h.reason == "unassigned" and recorded_during(h.recorded_at, session)
+        },
         "ecg": latest,
         "ecg_held": latest is not None and any(h.item_id == latest.item_id for h in held_ecgs),
         "ecg_re_record_noted": latest is not None and data.re_record_noted(latest.item_id),
@@ -101,11 +108,12 @@ def visits(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
 
 
 def versions() -> dict[str, str]:
-    out = {"lastmile": __version__, "Python": platform.python_version(), "kernel": platform.release()}
+    """What runs, by name: a program's own, or a catalog string (N_) the page translates."""
+    out = {"lastmile": __version__, "Python": platform.python_version(), N_("Linux kernel"): platform.release()}
     try:
         text = Path("/etc/os-release").read_text(encoding="utf-8")
         os_release = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
-        out["OS"] = os_release.get("PRETTY_NAME", "").strip('"')
+        out[N_("Operating system")] = os_release.get("PRETTY_NAME", "").strip('"')
     except OSError:
         pass
     for name in PACKAGES:
