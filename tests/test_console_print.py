@@ -27,7 +27,8 @@ from tests.console_harness import (
     store_returned_reports,
     store_unassigned_ecg_report,
 )
-from uploader.report_reading import read_dicom_report
+from tests.test_reports_fhir import report_for
+from uploader.report_reading import read_dicom_report, read_fhir_report
 
 
 def printed_from_the_console(config: Config, report_id: int) -> None:
@@ -176,3 +177,29 @@ def test_the_reading_doctors_name_on_the_page_and_the_printout_is_written_as_peo
     printed_from_the_console(config, report_id)
     printed = spool.read_bytes().decode("utf-8")
     assert "诊断医生：陈静 (Chen Jing)" in printed and "陈 静" not in printed, printed
+
+
+FREE_TEXT_READERS = ("李明 (Li Ming)", "Zhang Wei, 陈静", "王小明 主治医师")
+
+
+def test_a_fhir_reading_doctor_is_shown_as_the_platform_wrote_it(tmp_path: Path) -> None:
+    """A FHIR report's reading doctor is free text, not a DICOM person name: its spaces were
+    taken out as a Chinese name's (李明(LiMing), ZhangWei,陈静, 王小明主治医师) on the pages."""
+    config = console_config(tmp_path / "data")
+    now = dt.datetime.now(dt.timezone.utc)
+    report_ids = []
+    with ReportStore.open(config.data_dir) as store:
+        for reader in FREE_TEXT_READERS:
+            study_uid = generate_uid()
+            store.record_sent(SentStudy(study_uid, now, patient_id="P1"))
+            resource = {**report_for(study_uid, resultsInterpreter=[{"display": reader}]), "id": generate_uid()}
+            content = read_fhir_report(resource, known_studies=[study_uid])
+            report_ids.append(store.add_report(content, b"{}", "fhir", now).report.id)
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        listed = client.get("/reports").body
+        for reader, report_id in zip(FREE_TEXT_READERS, report_ids, strict=True):
+            assert reader in listed, f"/reports: {reader!r} not in {listed}"
+            page = client.get(f"/reports/{report_id}").body
+            assert page.count(reader) >= 2, f"{reader!r}: {page}"  # Read by, and the report text's footer

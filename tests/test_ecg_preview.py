@@ -336,6 +336,10 @@ def test_header_names_the_patient_in_chinese_and_states_rate_and_verdict(mortara
         ("张 三", "张三"),
         ("Zhang San=张 三", "张三 (Zhang San)"),
         ("Wang Xiaoming", "Wang Xiaoming"),
+        # free text (a FHIR report's reading doctor): as written
+        ("李明 (Li Ming)", "李明 (Li Ming)"),
+        ("Zhang Wei, 陈静", "Zhang Wei, 陈静"),
+        ("王小明 主治医师", "王小明 主治医师"),
     ],
 )
 def test_display_name(pn: str, shown: str) -> None:

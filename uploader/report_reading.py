@@ -131,6 +131,9 @@ class ReportContent:
     lines: tuple[ReportLine, ...] = ()  # the whole report, to be worded in the reader's language
     observer: str = ""  # the reading doctor
     report_time: str = ""  # ISO 8601 as the report gives it (zone only if it has one)
+    # report_time says when the report was written; False: it is the ECG's time (a FHIR report
+    # without `issued`, read from effectiveDateTime), which says nothing of when it was written
+    time_written: bool = True
     final: bool = False
     withdrawn: bool = False  # the reading center took it back (FHIR entered-in-error, cancelled)
     amends: tuple[str, ...] = ()  # object uids this one replaces
@@ -667,7 +670,8 @@ def _read_fhir_report(resource: Mapping[str, Any], rules: CriticalRules, known_s
         elif document is None and raw:
             document, document_type = raw, ctype
     observer = _reference_display(resource.get("resultsInterpreter")) or _reference_display(resource.get("performer"))
-    when = _possible_time(str(resource.get("issued") or resource.get("effectiveDateTime") or ""), problems)
+    issued = str(resource.get("issued") or "")
+    when = _possible_time(issued or str(resource.get("effectiveDateTime") or ""), problems)
     texts = [conclusion, *coded, *result_lines, *presented_text]
     for text in (title, *texts):
         keyword = rules.keyword_in(text) if text else None
@@ -702,6 +706,7 @@ def _read_fhir_report(resource: Mapping[str, Any], rules: CriticalRules, known_s
         lines=tuple(lines),
         observer=observer,
         report_time=when,
+        time_written=bool(issued),
         final=status in FHIR_FINAL and not problems,
         withdrawn=withdrawn,
         amends=amends,

@@ -23,27 +23,46 @@ UNDERLINE_MAX = 60
 INDENT = "  "
 
 
+CJK_NAME_MAX = 4  # a Chinese name is 2-4 characters (欧阳娜娜); longer is a name and a title
+
+
 def display_name(pn: str) -> str:
     """A DICOM person name as people write it (the ECG preview, the report printouts and pages,
     the CLI): '王^小明' -> 王小明; 'Wang^Xiaoming' -> Wang Xiaoming; 'Wang^Xiaoming=王^小明' ->
     王小明 (Wang Xiaoming). The report reader keeps a county's name with its components spaced
-    ('Wang Xiaoming=王 小明'): the same. Here, without numpy: the console words printouts with it."""
+    ('Wang Xiaoming=王 小明'): the same. Free text (a FHIR report's reading doctor: '李明 (Li
+    Ming)', 'Zhang Wei, 陈静', '王小明 主治医师') stays as written. Here, without numpy: the
+    console words printouts with it."""
     groups = [g for g in pn.split("=") if g.strip("^ ")]
     if not groups:
         return ""
 
     def one(group: str) -> str:
         parts = [p.strip() for p in group.split("^")[:3] if p.strip()]
-        if any(ord(ch) > 0x2E7F for p in parts for ch in p):  # CJK: family name first, no space
-            return "".join("".join(p.split()) for p in parts[:2])  # nor between spaced components
+        if any(_cjk(p) for p in parts):  # CJK: family name first, no space
+            return "".join(_spaced_cjk_name_joined(p) for p in parts[:2])
         return " ".join(parts)  # family name first, as Chinese documents write pinyin names
 
     names = [one(g) for g in groups]
-    cjk = [n for n in names if any(ord(ch) > 0x2E7F for ch in n)]
+    cjk = [n for n in names if _cjk(n)]
     latin = [n for n in names if n not in cjk]
     if cjk and latin:
         return f"{cjk[0]} ({latin[0]})"
     return names[0]
+
+
+def _cjk(text: str) -> bool:
+    return any(ord(ch) > 0x2E7F for ch in text)
+
+
+def _spaced_cjk_name_joined(text: str) -> str:
+    """'陈 静' (a PN's components, as the reader spaces them) -> 陈静; anything else - Latin,
+    parentheses, commas, several names, a name and a title - as written."""
+    runs = text.split()
+    joined = "".join(runs)
+    if len(runs) == 2 and len(joined) <= CJK_NAME_MAX and all(_cjk(ch) for ch in joined):
+        return joined
+    return text
 
 
 class Speaker(Protocol):

@@ -10,8 +10,8 @@ Documents, a new version of the same FHIR DiagnosticReport) supersedes them - al
 them arrives after it (the reading center's order, a retrieval that failed once); a final SR or
 FHIR report supersedes the preliminary ones of its study, also those that arrive after it (a
 later round, the platform's order); any SR or FHIR report after a withdrawn one supersedes it.
-A draft arriving late behind its study's standing final or withdrawn report (written before it,
-not critical) is history behind that report. Superseded reports stay (marked) until the retention
+A draft arriving late behind its study's standing final (not written after it) or withdrawn
+report (known to be written before it), not critical, is history behind that report. Superseded reports stay (marked) until the retention
 purge. A final report without problems ends routine polling for its study, once every report
 object the reading center listed for it has arrived (`awaiting`).
 
@@ -208,35 +208,61 @@ def _json_list(values: Sequence[str]) -> str | None:
     return json.dumps(list(values), ensure_ascii=False) if values else None
 
 
-def _written_after(report_time: str, other_time: str) -> bool:
-    """Whether a report's time (ISO text, as the report gives it) is later than another's; False
-    when either is unknown or unparsed, or one has a zone and the other not (no true order)."""
+def _comparable_times(report_time: str, other_time: str) -> tuple[dt.datetime, dt.datetime] | None:
+    """Two report times (ISO text, as the reports give them), or None when either is unknown or
+    unparsed, or one has a zone and the other not (no true order)."""
     try:
         this, other = dt.datetime.fromisoformat(report_time), dt.datetime.fromisoformat(other_time)
     except ValueError:
-        return False
+        return None
     if (this.tzinfo is None) != (other.tzinfo is None):
+        return None
+    return this, other
+
+
+def _written_after(report_time: str, other_time: str) -> bool:
+    """Whether a report's time is later than another's; False when there is no true order."""
+    times = _comparable_times(report_time, other_time)
+    return times is not None and times[0] > times[1]
+
+
+def _known_earlier(report_time: str, other_time: str) -> bool:
+    """Whether a report's time is known to be before another's: a true order, and a day before
+    when either gives a date only (a draft dated the day of a 10:00 report may be of 11:00)."""
+    times = _comparable_times(report_time, other_time)
+    if times is None:
         return False
-    return this > other
+    if _date_only(report_time) or _date_only(other_time):
+        return times[0].date() < times[1].date()
+    return times[0] < times[1]
+
+
+def _date_only(report_time: str) -> bool:
+    return len(report_time.strip()) <= len("2026-11-02")
 
 
 def _late_draft_behind(conn: sqlite3.Connection, content: ReportContent, not_ids: Sequence[int]) -> sqlite3.Row | None:
     """The study's standing final, amended or withdrawn report a new draft comes late behind (a
     later round, the platform's order): the draft is then history behind it, not the current
-    report - a draft of a reading the county took back no more than one a final replaced. None
-    for a critical draft, or one written after that report (a second reading, a new one): the
-    doctor must see those, and be alerted. `not_ids`: the draft itself and the reports it replaces."""
+    report. None for a critical draft, or one written after a final (a second reading): the
+    doctor must see those, and be alerted. Behind a withdrawn report only a draft known to be
+    older (the draft of the reading the county took back) is history: any other is the new
+    reading that replaces it - the doctor would otherwise see only "withdrawn". `not_ids`: the
+    draft itself and the reports it replaces."""
     if content.critical:
         return None
     row: sqlite3.Row | None = conn.execute(
-        "SELECT id, report_time FROM reports WHERE study_uid = ? AND kind = ? "
+        "SELECT id, report_time, status FROM reports WHERE study_uid = ? AND kind = ? "
         "AND status IN ('final', 'amended', 'withdrawn') AND superseded_by IS NULL AND object_uid != ? "
         f"AND id NOT IN ({_placeholders(not_ids)}) ORDER BY id DESC LIMIT 1",
         (content.study_uid, content.kind, content.object_uid, *not_ids),
     ).fetchone()
-    if row is None or _written_after(content.report_time, row[1] or ""):
+    if row is None:
         return None
-    return row
+    standing_time = row["report_time"] or ""
+    if row["status"] == "withdrawn":
+        return row if content.time_written and _known_earlier(content.report_time, standing_time) else None
+    return None if _written_after(content.report_time, standing_time) else row
 
 
 def _placeholders(values: Sequence[object]) -> str:
