@@ -43,6 +43,7 @@ from devices.ecg.findings import (
     measurement,
 )
 from devices.ecg.leads import (
+    MDC_DERIVED_LEADS,
     SCP_LEAD_NAMES,
     derive_limb_leads,
     lead_name_from_scp_code,
@@ -64,19 +65,6 @@ _DT = re.compile(r"^(\d{4})(\d{2})(\d{2})(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,6}))
 MAX_SAMPLES = 50_000_000  # samples x channels of one group, checked before any allocation
 MAX_INFLATED_BYTES = 64 * 2**20  # a deflated data set may inflate to this much (a 1 MB bomb would give 1 GiB)
 _DEFLATED = "1.2.840.10008.1.2.1.99"
-
-
-# CID 3001 "ECG Leads" in MDC form: "2:n" mostly follows the SCP-ECG lead numbers, but 31-38
-# and 111-114 are the *derived* leads there (not SCP's calibration signals).
-_MDC_DERIVED: dict[int, str] = {
-    31: "I",
-    32: "II",
-    **{33 + i: f"V{i + 1}" for i in range(6)},
-    111: "III",
-    112: "aVR",
-    113: "aVL",
-    114: "aVF",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +98,8 @@ def _lead_of(channel: Dataset) -> tuple[str, bool] | None:
             number = int(m.group(1))
             if number == 0:
                 unspecified = True
-            elif number in _MDC_DERIVED:
-                return _MDC_DERIVED[number], True
+            elif number in MDC_DERIVED_LEADS:
+                return MDC_DERIVED_LEADS[number], True
             elif number in SCP_LEAD_NAMES and not 31 <= number <= 60:
                 return lead_name_from_scp_code(number), False
         if meaning.upper().startswith(("LEAD", "MDC_ECG_LEAD", "DERIVED LEAD")):
