@@ -258,6 +258,14 @@ _SYNCHRONIZED = {TimeSource.GPS, TimeSource.DEVICE_CLOCK_CORRECTED}
 _MAX_CHARS = {"SH": 16, "LO": 64, "ST": 1024, "LT": 10240, "PN": 64}
 
 
+def mark_time_untrusted(ds: Dataset) -> None:
+    """Say in a cart's own object (forwarded as it sent it) that its acquisition time is the cart's
+    clock and not believed: Time Source and Acquisition Time Synchronized, as the objects we build
+    say it; the time itself is left as the cart wrote it."""
+    ds.TimeSource = _TIME_SOURCE_SH[TimeSource.DEVICE_CLOCK_UNTRUSTED]
+    ds.AcquisitionTimeSynchronized = "N"
+
+
 def mint_uids() -> EcgStudyUids:
     """New Study/Series/SOP Instance UIDs (2.25 UUID form). Call once per recording and keep them."""
     return EcgStudyUids(

@@ -146,7 +146,8 @@ def _parse_dt(text: str, local_tz: dt.tzinfo, default_offset: str = "") -> dt.da
         return None
 
 
-def _acquired_at(ds: Dataset, local_tz: dt.tzinfo) -> dt.datetime | None:
+def acquired_at_of(ds: Dataset, local_tz: dt.tzinfo) -> dt.datetime | None:
+    """The acquisition time a DICOM object states (its zone, else `local_tz`), None if none."""
     offset = str(ds.get("TimezoneOffsetFromUTC", "") or "").strip()
     for value in (ds.get("AcquisitionDateTime"),):
         if value:
@@ -189,7 +190,8 @@ def _patient(ds: Dataset) -> Patient | None:
     )
 
 
-def _device(ds: Dataset) -> DeviceIdentity:
+def device_of(ds: Dataset) -> DeviceIdentity:
+    """The equipment that made a DICOM object, as it names itself."""
     software = ds.get("SoftwareVersions", "")
     if software and not isinstance(software, str):
         software = "\\".join(str(s) for s in software)
@@ -539,7 +541,7 @@ def _decode(ds: Dataset, local_tz: dt.tzinfo, received_at: dt.datetime | None) -
     found = _group_samples(ds, group, leads)
     names = [lead.name for lead in found.leads]
 
-    start = _acquired_at(ds, local_tz)
+    start = acquired_at_of(ds, local_tz)
     source = TimeSource.FILE
     if start is not None:
         shift = group.get("MultiplexGroupTimeOffset")
@@ -561,7 +563,7 @@ def _decode(ds: Dataset, local_tz: dt.tzinfo, received_at: dt.datetime | None) -
         flags=(f"leads-not-recorded:{','.join(found.not_recorded)}",) if found.not_recorded else (),
         acquired_at=start,
         time_source=source,
-        device=_device(ds),
+        device=device_of(ds),
         patient=_patient(ds),
         derived_leads=frozenset(derived),
         source_format="dicom",
