@@ -18,6 +18,7 @@ from pydicom.sr._concepts_dict import concepts
 from pydicom.waveforms.numpy_handler import multiplex_array
 
 from devices.ecg.aecg import read_aecg
+from devices.ecg.leads import SCP_LEAD_NAMES
 from devices.ecg.recording import STANDARD_12_LEADS, EcgRecording, SampleGap
 from devices.ecg.scp import read_scp
 from devices.identity import DeviceIdentity, Patient, TimeSource
@@ -613,10 +614,11 @@ def _cid3001_meaning(code: str) -> str:
 
 
 # An SCP-ECG record whose section 3 names leads I, II, CC5 (19) and CM5 (20): a stress-test cart.
+# section 1: acquisition date (tag 25) and time (tag 26), end tag 255
+SCP_SECTION_1 = b"\x19\x04\x00" + struct.pack("<HBB", 2026, 11, 30) + b"\x1a\x03\x00\x08\x1e\x00" + b"\xff\x00\x00"
 CC5_CM5_SCP = build_record(
     {
-        # section 1: acquisition date (tag 25) and time (tag 26), end tag 255
-        1: b"\x19\x04\x00" + struct.pack("<HBB", 2026, 11, 30) + b"\x1a\x03\x00\x08\x1e\x00" + b"\xff\x00\x00",
+        1: SCP_SECTION_1,
         3: lead_body([1, 2, 19, 20], 500),
         6: rhythm_body(
             synthetic(4, 500).astype("<i2"),
@@ -675,3 +677,42 @@ def test_a_reset_cart_clock_goes_out_as_the_carts_time_marked_untrusted() -> Non
     notes = texts(ds)
     assert any(t.startswith("Acquisition time source: device-clock-untrusted") and "clock" in t for t in notes)
     assert "Gateway flag: device-clock-reset" in notes
+
+
+# ---------------------------------------------------------------------------- every lead the decoders know
+
+
+def _decoder_leads() -> list[tuple[int, str]]:
+    """Every recorded lead of the decoders' table (SCP-ECG numbers = MDC "2:n"): not 0
+    (unspecified) and not SCP's calibration signals (31-60, 79-85)."""
+    return [(n, name) for n, name in SCP_LEAD_NAMES.items() if n != 0 and not name.endswith("-cal")]
+
+
+def _scp_record_of(numbers: list[int]) -> bytes:
+    samples = synthetic(len(numbers), 500).astype("<i2")
+    return build_record(
+        {
+            1: SCP_SECTION_1,
+            3: lead_body(numbers, 500),
+            6: rhythm_body(samples, 1000, 2000, [row.tobytes() for row in samples], 0),
+        }
+    )
+
+
+_CHUNK = 20  # leads per file: under the General ECG IOD's 24 channels per group
+
+
+@pytest.mark.parametrize("start", range(0, len(_decoder_leads()), _CHUNK))
+def test_every_lead_the_decoders_know_goes_out_with_its_cid_3001_code(start: int) -> None:
+    """Frank (fI..fH), Nehb (D, A, J), auxiliary (A1-A4), defibrillator and pacing leads read from
+    an SCP-ECG file go out coded as themselves (MDC 2:n with DICOM's meaning), never as
+    "Unspecified lead": a reader's software places leads by code, not by label."""
+    leads = _decoder_leads()[start : start + _CHUNK]
+    rec = read_scp(_scp_record_of([n for n, _ in leads]))
+    data = recording_to_dicom_bytes(rec, UIDS, STATION)
+    assert_valid(data)
+    names = {name for _, name in leads}
+    sent = sorted(c for c in codes(read(data)) if c[0] in names)
+    assert sent == sorted((name, f"2:{n}", _cid3001_meaning(f"2:{n}")) for n, name in leads)
+    # the limb leads derived from I and II too: every code with DICOM's own meaning
+    assert [m for _, c, m in codes(read(data))] == [_cid3001_meaning(c) for _, c, _ in codes(read(data))]

@@ -4,6 +4,8 @@ idempotent, failure answered "out of resources", and a kill -9 right after Succe
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import io
 import os
 import signal
@@ -340,7 +342,8 @@ def test_other_current_patient_is_flagged_in_meta(outbox: Outbox) -> None:
     with DicomReceiver(settings, lan_object_store(outbox, lambda: "P-OTHER")) as r:
         assert _storescu(r.port, _files()[1]).returncode == 0
     (item,) = outbox.items()
-    assert item.meta["flags"] == ["patient-mismatch"] and item.patient["patient_id"] == "642341"
+    # pydicom's sample is dated 2013: sent live, its cart's clock is wrong (device-clock-reset)
+    assert item.meta["flags"] == ["patient-mismatch", "device-clock-reset"] and item.patient["patient_id"] == "642341"
 
 
 def test_receiver_from_configuration(outbox: Outbox) -> None:
@@ -411,8 +414,11 @@ def test_deflated_object_within_the_limit_is_kept_as_received(outbox: Outbox) ->
     from uploader.dicom_store import StoreAssociation
 
     (ecg,) = ecg_payloads(1)
+    # pydicom's sample is dated 2013-01-25; this is about deflate, not the clock: received that day
+    that_day = dt.datetime(2013, 1, 25, 12, tzinfo=dt.timezone.utc)
     settings = ReceiverSettings(port=0, allowed_callers=(CART,), timeout_s=30)
-    with DicomReceiver(settings, lan_object_store(outbox)) as r, StoreAssociation(_cart(r.port)) as cart:
+    store = lan_object_store(outbox, now=lambda: that_day)
+    with DicomReceiver(settings, store) as r, StoreAssociation(_cart(r.port)) as cart:
         assert cart.store(ecg.data).status == 0x0000
     (item,) = outbox.items()
     kept = parse_part10(outbox.read_payload(item))
@@ -577,7 +583,8 @@ def test_resident_id_written_loosely_on_the_cart_is_the_checked_in_stat_patient(
     with DicomReceiver(settings, store) as r, StoreAssociation(_cart(r.port)) as cart:
         assert cart.store(sent.getvalue()).status == 0x0000
     (item,) = outbox.items()
-    assert item.meta["flags"] == [] and item.meta["stat"] is True and item.priority == Priority.STAT
+    # pydicom's sample is dated 2013: sent live, its cart's clock is wrong (device-clock-reset)
+    assert item.meta["flags"] == ["device-clock-reset"] and item.meta["stat"] is True and item.priority == Priority.STAT
 
 
 @pytest.mark.parametrize("deflate", [False, True])
@@ -647,3 +654,80 @@ def test_a_cart_sending_a_stored_object_again_costs_no_parse(outbox: Outbox, mon
     assert first == 1 and len(reads) == first, f"{len(reads) - first} parses for 2 resends of a stored object"
     (item,) = outbox.items()
     assert _dataset(outbox.read_payload(item)).PatientID == "11010519491231002X"
+
+
+@pytest.mark.parametrize("deflate", [False, True])
+def test_a_cart_on_the_lan_with_a_reset_clock_is_not_believed_and_its_object_is_otherwise_as_sent(
+    outbox: Outbox, deflate: bool
+) -> None:
+    """A cart whose clock battery went flat sends its ECG over the clinic LAN dated 2000-01-01.
+    It was forwarded as sent, Time Source "DEVICE CLOCK", synchronized: the PACS believed 2000, the
+    doctor was never told. The LAN path judges the time by the one rule (believable_time): the
+    cart's time is kept, the item is flagged device-clock-reset (Today and `lastmile doctor` say
+    to set the cart's clock), and the object says its time is not believed - Time Source and
+    Acquisition Time Synchronized only, the rest as the cart sent it."""
+    from devices.identity import DEVICE_CLOCK_RESET, DeviceIdentity, TimeSource
+    from tests.dicom_validation import dciodvfy_problems
+    from tests.ecg_factories import make_recording
+    from uploader.dicom_ecg import EcgStudyUids, StationInfo, recording_to_dicom_bytes
+    from uploader.dicom_store import StoreAssociation
+
+    reset = dt.datetime(2000, 1, 1, 0, 0, 5, tzinfo=dt.timezone(dt.timedelta(hours=8)))
+    rec = dataclasses.replace(
+        make_recording(0),
+        acquired_at=reset,
+        time_source=TimeSource.DEVICE_CLOCK,
+        device=DeviceIdentity(manufacturer="Acme Cardio", model="Cart 5", serial="SN-7"),
+    )
+    uids = EcgStudyUids(study_uid="2.25.4001", series_uid="2.25.4002", sop_instance_uid="2.25.4003")
+    cart_ds = _dataset(recording_to_dicom_bytes(rec, uids, StationInfo(station_name="cart-1", institution="Clinic")))
+    cart_ds.AcquisitionTimeSynchronized = "Y"  # the cart believes its own clock
+    buffer = io.BytesIO()
+    cart_ds.save_as(buffer)
+    sent = buffer.getvalue()
+    assert (cart_ds.AcquisitionDateTime, cart_ds.TimeSource, cart_ds.AcquisitionTimeSynchronized) == (
+        "20000101000005+0800",
+        "DEVICE CLOCK",
+        "Y",
+    )
+    settings = ReceiverSettings(port=0, allowed_callers=(CART,), timeout_s=30)
+    with (
+        DicomReceiver(settings, lan_object_store(outbox)) as r,
+        StoreAssociation(_cart(r.port, deflate=deflate)) as cart,
+    ):
+        assert cart.store(sent).status == 0x0000
+        assert cart.store(sent).status == 0x0000  # sent again: the same item, not "other content"
+    (item,) = outbox.items()
+    assert DEVICE_CLOCK_RESET in item.meta["flags"]
+    assert item.meta["acquired_at"] == reset.isoformat()  # the cart's time, kept
+    forwarded = _dataset(outbox.read_payload(item))
+    assert (forwarded.AcquisitionDateTime, forwarded.TimeSource, forwarded.AcquisitionTimeSynchronized) == (
+        "20000101000005+0800",
+        "DEVICE UNTRUSTED",
+        "N",
+    )
+    marked = ("TimeSource", "AcquisitionTimeSynchronized")
+    assert [e for e in forwarded if e.keyword not in marked] == [e for e in cart_ds if e.keyword not in marked]
+    assert (
+        forwarded.file_meta.TransferSyntaxUID == pydicom.uid.DeflatedExplicitVRLittleEndian
+    ) is deflate  # as it came
+    forwarded.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian  # what dciodvfy reads
+    out = io.BytesIO()
+    forwarded.save_as(out)
+    assert dciodvfy_problems(out.getvalue()) == []
+
+
+def test_a_cart_on_the_lan_with_a_believable_clock_is_forwarded_byte_for_byte(outbox: Outbox) -> None:
+    from tests.ecg_factories import make_recording
+    from uploader.dicom_ecg import EcgStudyUids, StationInfo, recording_to_dicom_bytes
+    from uploader.dicom_part10 import parse_part10
+    from uploader.dicom_store import StoreAssociation
+
+    uids = EcgStudyUids(study_uid="2.25.5001", series_uid="2.25.5002", sop_instance_uid="2.25.5003")
+    sent = recording_to_dicom_bytes(make_recording(0), uids, StationInfo(station_name="cart-1"))
+    settings = ReceiverSettings(port=0, allowed_callers=(CART,), timeout_s=30)
+    with DicomReceiver(settings, lan_object_store(outbox)) as r, StoreAssociation(_cart(r.port, deflate=False)) as cart:
+        assert cart.store(sent).status == 0x0000
+    (item,) = outbox.items()
+    assert parse_part10(outbox.read_payload(item)).dataset_bytes() == parse_part10(sent).dataset_bytes()
+    assert item.meta["flags"] == []

@@ -86,6 +86,7 @@ from devices.ecg.findings import (
     EcgStatement,
     StatementSource,
 )
+from devices.ecg.leads import MDC_DERIVED_LEADS, MDC_LEAD_NUMBERS
 from devices.ecg.quality import ACCEPTABLE, QualityReport
 from devices.ecg.recording import STANDARD_12_LEADS, EcgRecording, merged_gaps, on_time_axis
 from devices.identity import UNASSIGNED_ISSUER, Patient, TimeSource
@@ -153,40 +154,60 @@ TWELVE_LEAD_LIMITS = IodLimits(TWELVE_LEAD_ECG, "12-lead ECG", 200.0, 1000.0, 5,
 GENERAL_ECG_LIMITS = IodLimits(GENERAL_ECG, "General ECG", 200.0, 1000.0, 4, 24, None, None)
 IOD_LIMITS: dict[str, IodLimits] = {limits.sop_class_uid: limits for limits in (TWELVE_LEAD_LIMITS, GENERAL_ECG_LIMITS)}
 
-# CID 3001 "ECG Lead", MDC partition 2 (numbered as the SCP-ECG lead table): our label -> code.
+# CID 3001 "ECG Leads" code meanings by MDC partition-2 number, as PS3.16 words them (tests check
+# them against pydicom's copy of the standard). Which label has which number is the decoders' table
+# (devices.ecg.leads), so a lead the decoders know cannot go out as "Unspecified lead".
+_CID_3001_MEANINGS: dict[int, str] = {
+    1: "Lead I",
+    2: "Lead II",
+    **{i + 2: f"Lead V{i}" for i in range(1, 8)},  # V1 2:3 ... V7 2:9
+    **{i + 8: f"Lead V{i}R" for i in range(2, 8)},  # V2R 2:10 ... V7R 2:15
+    16: "Lead X",
+    17: "Lead Y",
+    18: "Lead Z",
+    19: "Chest lead per V5 and V5R placement",  # CC5, CM5: bipolar chest leads of stress carts
+    20: "Chest-manubrium lead per V5 placement",
+    21: "Left Arm Lead",
+    22: "Right Arm Lead",
+    23: "Left Leg Lead",
+    **{24 + i: f"Frank Lead {letter}" for i, letter in enumerate("IECAMFH")},  # fI 2:24 ... fH 2:30
+    31: "Derived Lead I",
+    32: "Derived Lead II",
+    **{i + 32: f"Derived Lead V{i}" for i in range(1, 7)},  # V1 2:33 ... V6 2:38
+    61: "Lead III",
+    62: "aVR, augmented voltage, right",
+    63: "aVL, augmented voltage, left",
+    64: "aVF, augmented voltage, foot",
+    65: "\u2212aVR",
+    66: "Lead V8",
+    67: "Lead V9",
+    68: "Lead V8R",
+    69: "Lead V9R",
+    70: "Lead D (Nehb - Dorsal)",
+    71: "Lead A (Nehb - Anterior)",
+    72: "Lead J (Nehb - Inferior)",
+    73: "Defibrillator lead: anterior-lateral",
+    74: "External pacing lead: anterior-posterior",
+    **{74 + i: f"Auxiliary unipolar lead {i}" for i in range(1, 5)},  # A1 2:75 ... A4 2:78
+    111: "Derived Lead III",
+    112: "Derived Lead aVR",
+    113: "Derived Lead aVL",
+    114: "Derived Lead aVF",
+    147: "Right Leg Lead",
+}
+_RIGHT_LEG = 147  # RL: not an SCP-ECG lead, so not in the decoders' table
+
+
+def _mdc(number: int) -> tuple[str, str]:
+    return f"2:{number}", _CID_3001_MEANINGS[number]
+
+
+# Our label -> (code, meaning), recorded and derived.
 _LEAD_CODES: dict[str, tuple[str, str]] = {
-    "I": ("2:1", "Lead I"),
-    "II": ("2:2", "Lead II"),
-    "III": ("2:61", "Lead III"),
-    "aVR": ("2:62", "aVR, augmented voltage, right"),
-    "aVL": ("2:63", "aVL, augmented voltage, left"),
-    "aVF": ("2:64", "aVF, augmented voltage, foot"),
-    "-aVR": ("2:65", "\u2212aVR"),
-    **{f"V{i}": (f"2:{i + 2}", f"Lead V{i}") for i in range(1, 8)},  # V1 2:3 ... V7 2:9
-    "V8": ("2:66", "Lead V8"),
-    "V9": ("2:67", "Lead V9"),
-    **{f"V{i}R": (f"2:{i + 8}", f"Lead V{i}R") for i in range(2, 8)},  # V2R 2:10 ... V7R 2:15
-    "V8R": ("2:68", "Lead V8R"),
-    "V9R": ("2:69", "Lead V9R"),
-    "X": ("2:16", "Lead X"),
-    "Y": ("2:17", "Lead Y"),
-    "Z": ("2:18", "Lead Z"),
-    "CC5": ("2:19", "Chest lead per V5 and V5R placement"),  # bipolar chest leads of stress carts
-    "CM5": ("2:20", "Chest-manubrium lead per V5 placement"),
-    "LA": ("2:21", "Left Arm Lead"),
-    "RA": ("2:22", "Right Arm Lead"),
-    "LL": ("2:23", "Left Leg Lead"),
-    "RL": ("2:147", "Right Leg Lead"),
+    **{name: _mdc(number) for name, number in MDC_LEAD_NUMBERS.items()},
+    "RL": _mdc(_RIGHT_LEG),
 }
-_DERIVED_LEAD_CODES: dict[str, tuple[str, str]] = {
-    "I": ("2:31", "Derived Lead I"),
-    "II": ("2:32", "Derived Lead II"),
-    **{f"V{i}": (f"2:{i + 32}", f"Derived Lead V{i}") for i in range(1, 7)},  # V1 2:33 ...
-    "III": ("2:111", "Derived Lead III"),
-    "aVR": ("2:112", "Derived Lead aVR"),
-    "aVL": ("2:113", "Derived Lead aVL"),
-    "aVF": ("2:114", "Derived Lead aVF"),
-}
+_DERIVED_LEAD_CODES: dict[str, tuple[str, str]] = {name: _mdc(number) for number, name in MDC_DERIVED_LEADS.items()}
 _UNSPECIFIED_LEAD = ("2:0", "Unspecified lead")
 _EINTHOVEN_GOLDBERGER = {
     "III": "III = II - I",
@@ -235,6 +256,14 @@ _TIME_SOURCE_TEXT = {
 _SYNCHRONIZED = {TimeSource.GPS, TimeSource.DEVICE_CLOCK_CORRECTED}
 
 _MAX_CHARS = {"SH": 16, "LO": 64, "ST": 1024, "LT": 10240, "PN": 64}
+
+
+def mark_time_untrusted(ds: Dataset) -> None:
+    """Say in a cart's own object (forwarded as it sent it) that its acquisition time is the cart's
+    clock and not believed: Time Source and Acquisition Time Synchronized, as the objects we build
+    say it; the time itself is left as the cart wrote it."""
+    ds.TimeSource = _TIME_SOURCE_SH[TimeSource.DEVICE_CLOCK_UNTRUSTED]
+    ds.AcquisitionTimeSynchronized = "N"
 
 
 def mint_uids() -> EcgStudyUids:

@@ -43,6 +43,7 @@ from devices.ecg.findings import (
     measurement,
 )
 from devices.ecg.leads import (
+    MDC_DERIVED_LEADS,
     SCP_LEAD_NAMES,
     derive_limb_leads,
     lead_name_from_scp_code,
@@ -64,19 +65,6 @@ _DT = re.compile(r"^(\d{4})(\d{2})(\d{2})(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,6}))
 MAX_SAMPLES = 50_000_000  # samples x channels of one group, checked before any allocation
 MAX_INFLATED_BYTES = 64 * 2**20  # a deflated data set may inflate to this much (a 1 MB bomb would give 1 GiB)
 _DEFLATED = "1.2.840.10008.1.2.1.99"
-
-
-# CID 3001 "ECG Leads" in MDC form: "2:n" mostly follows the SCP-ECG lead numbers, but 31-38
-# and 111-114 are the *derived* leads there (not SCP's calibration signals).
-_MDC_DERIVED: dict[int, str] = {
-    31: "I",
-    32: "II",
-    **{33 + i: f"V{i + 1}" for i in range(6)},
-    111: "III",
-    112: "aVR",
-    113: "aVL",
-    114: "aVF",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +98,8 @@ def _lead_of(channel: Dataset) -> tuple[str, bool] | None:
             number = int(m.group(1))
             if number == 0:
                 unspecified = True
-            elif number in _MDC_DERIVED:
-                return _MDC_DERIVED[number], True
+            elif number in MDC_DERIVED_LEADS:
+                return MDC_DERIVED_LEADS[number], True
             elif number in SCP_LEAD_NAMES and not 31 <= number <= 60:
                 return lead_name_from_scp_code(number), False
         if meaning.upper().startswith(("LEAD", "MDC_ECG_LEAD", "DERIVED LEAD")):
@@ -158,7 +146,8 @@ def _parse_dt(text: str, local_tz: dt.tzinfo, default_offset: str = "") -> dt.da
         return None
 
 
-def _acquired_at(ds: Dataset, local_tz: dt.tzinfo) -> dt.datetime | None:
+def acquired_at_of(ds: Dataset, local_tz: dt.tzinfo) -> dt.datetime | None:
+    """The acquisition time a DICOM object states (its zone, else `local_tz`), None if none."""
     offset = str(ds.get("TimezoneOffsetFromUTC", "") or "").strip()
     for value in (ds.get("AcquisitionDateTime"),):
         if value:
@@ -201,7 +190,8 @@ def _patient(ds: Dataset) -> Patient | None:
     )
 
 
-def _device(ds: Dataset) -> DeviceIdentity:
+def device_of(ds: Dataset) -> DeviceIdentity:
+    """The equipment that made a DICOM object, as it names itself."""
     software = ds.get("SoftwareVersions", "")
     if software and not isinstance(software, str):
         software = "\\".join(str(s) for s in software)
@@ -551,7 +541,7 @@ def _decode(ds: Dataset, local_tz: dt.tzinfo, received_at: dt.datetime | None) -
     found = _group_samples(ds, group, leads)
     names = [lead.name for lead in found.leads]
 
-    start = _acquired_at(ds, local_tz)
+    start = acquired_at_of(ds, local_tz)
     source = TimeSource.FILE
     if start is not None:
         shift = group.get("MultiplexGroupTimeOffset")
@@ -573,7 +563,7 @@ def _decode(ds: Dataset, local_tz: dt.tzinfo, received_at: dt.datetime | None) -
         flags=(f"leads-not-recorded:{','.join(found.not_recorded)}",) if found.not_recorded else (),
         acquired_at=start,
         time_source=source,
-        device=_device(ds),
+        device=device_of(ds),
         patient=_patient(ds),
         derived_leads=frozenset(derived),
         source_format="dicom",

@@ -109,8 +109,31 @@ def decode_ecg(
     return believable_time(_decoder(fmt)(data, local_tz=local_tz, received_at=received_at), received_at)
 
 
+@dataclasses.dataclass(frozen=True)
+class JudgedTime:
+    """A file's acquisition time as the gateway takes it (`judged_time`)."""
+
+    acquired_at: dt.datetime
+    time_source: TimeSource
+    flags: tuple[str, ...] = ()  # added to the recording's (or item's) flags; none: believed as it is
+
+
 def believable_time(recording: EcgRecording, received_at: dt.datetime | None) -> EcgRecording:
-    """The file's acquisition time, judged against the gateway's receipt time (passed in, trusted
+    """`recording` with its time judged by `judged_time` (the one rule, also for objects a cart
+    sends over the clinic LAN, which are forwarded as sent and never decoded to a recording)."""
+    judged = judged_time(recording.acquired_at, recording.time_source, received_at)
+    if not judged.flags:
+        return recording
+    return dataclasses.replace(
+        recording,
+        acquired_at=judged.acquired_at,
+        time_source=judged.time_source,
+        flags=(*recording.flags, *judged.flags),
+    )
+
+
+def judged_time(acquired_at: dt.datetime, time_source: TimeSource, received_at: dt.datetime | None) -> JudgedTime:
+    """A file's acquisition time, judged against the gateway's receipt time (passed in, trusted
     only from EARLIEST_PLAUSIBLE on: a gateway whose clock is not set yet judges nothing).
 
     - Later than the file's arrival (a cart clock set ahead): the receipt time stands in
@@ -122,20 +145,11 @@ def believable_time(recording: EcgRecording, received_at: dt.datetime | None) ->
       doctor is told to set the cart's clock. Older files of a genuine import (a stick with last
       year's recordings) are after EARLIEST_PLAUSIBLE and believed.
     """
-    if received_at is None or received_at < EARLIEST_PLAUSIBLE or recording.time_source is not TimeSource.FILE:
-        return recording
-    if recording.acquired_at < EARLIEST_PLAUSIBLE:
-        return dataclasses.replace(
-            recording,
-            time_source=TimeSource.DEVICE_CLOCK_UNTRUSTED,
-            flags=(*recording.flags, DEVICE_CLOCK_RESET),
-        )
-    if recording.acquired_at <= received_at + DEVICE_CLOCK_TOLERANCE:
-        return recording
-    flag = f"{DEVICE_TIME_AHEAD}:{recording.acquired_at.isoformat()}"
-    return dataclasses.replace(
-        recording,
-        acquired_at=received_at,
-        time_source=TimeSource.GATEWAY_RECEIPT,
-        flags=(*recording.flags, flag),
-    )
+    believed = JudgedTime(acquired_at, time_source)
+    if received_at is None or received_at < EARLIEST_PLAUSIBLE or time_source is not TimeSource.FILE:
+        return believed
+    if acquired_at < EARLIEST_PLAUSIBLE:
+        return JudgedTime(acquired_at, TimeSource.DEVICE_CLOCK_UNTRUSTED, (DEVICE_CLOCK_RESET,))
+    if acquired_at <= received_at + DEVICE_CLOCK_TOLERANCE:
+        return believed
+    return JudgedTime(received_at, TimeSource.GATEWAY_RECEIPT, (f"{DEVICE_TIME_AHEAD}:{acquired_at.isoformat()}",))

@@ -84,6 +84,21 @@ SCP_LEAD_NAMES.update({31 + i: f"{SCP_LEAD_NAMES[1 + i]}-cal" for i in range(30)
 SCP_LEAD_NAMES.update({79 + i: f"{SCP_LEAD_NAMES[66 + i]}-cal" for i in range(7)})
 SCP_LEAD_CODES: dict[str, int] = {name: code for code, name in SCP_LEAD_NAMES.items()}
 
+# DICOM CID 3001 "ECG Leads" in MDC form ("2:n"): the recorded leads above keep their numbers,
+# but 31-38 and 111-114 are the *derived* leads there (not SCP's calibration signals).
+MDC_LEAD_NUMBERS: dict[str, int] = {
+    name: code for code, name in SCP_LEAD_NAMES.items() if code != 0 and not name.endswith("-cal")
+}
+MDC_DERIVED_LEADS: dict[int, str] = {
+    31: "I",
+    32: "II",
+    **{33 + i: f"V{i + 1}" for i in range(6)},
+    111: "III",
+    112: "aVR",
+    113: "aVL",
+    114: "aVF",
+}
+
 # Spellings seen in files (upper-cased, separators removed) -> our lead name.
 _ALIASES: dict[str, str] = {
     "AVR": "aVR",

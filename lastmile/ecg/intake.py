@@ -491,6 +491,7 @@ def lan_object_store(
     current_patient_id: CurrentPatient = _no_current_patient,
     stat_session: StatLookup = _no_stat_session,
     id_kind: str = "",
+    now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc),
 ) -> Callable[[ReceivedObject], None]:
     """ReceivedObject -> durable outbox item, for firmware_bridge.dicom_receiver: the object is
     stored as received (its bytes, but for a loosely written patient ID; its UIDs); the SOP
@@ -500,7 +501,9 @@ def lan_object_store(
     of the patient the doctor checked in as STAT goes first (the cart sends as it records).
     The object's patient ID is compared normalised (`comparable_patient_id`), as the checked-in
     one was when the doctor entered it, and forwarded so (`with_patient_id`): one resident, one ID
-    at the county, whichever path his ECGs came by."""
+    at the county, whichever path his ECGs came by. Its acquisition time is judged against `now`
+    (the gateway's clock) by the rule every path follows (`devices.ecg.formats.judged_time`): a
+    reset cart clock is flagged for the doctor and marked not believed in the object."""
 
     def store(obj: ReceivedObject) -> None:
         key = "dicom-sop:" + obj.sop_instance_uid
@@ -511,10 +514,11 @@ def lan_object_store(
         current = current_patient_id()
         session = stat_session()
         patient_id = comparable_patient_id(obj.patient["patient_id"], id_kind) if obj.patient else None
-        rewritten = {}
-        if patient_id is not None and obj.patient is not None and patient_id != obj.patient["patient_id"]:
-            obj = with_patient_id(obj, patient_id)
-            rewritten = {"received_sha256": received_sha256}  # what the cart sends again
+        forwarded = as_forwarded(obj, patient_id, now())
+        rewritten = (
+            {"received_sha256": received_sha256} if forwarded.obj.data != obj.data else {}
+        )  # what the cart sends again
+        obj = forwarded.obj
         sha256 = hashlib.sha256(obj.data).hexdigest() if rewritten else received_sha256
         stat = session is not None and session.covers(patient_id, None)
         mismatch = bool(current and patient_id is not None and patient_id != current)
@@ -524,11 +528,12 @@ def lan_object_store(
             study_uid=obj.study_uid,
             series_uid=obj.series_uid,
             source_format=LAN_SOURCE_FORMAT,
-            flags=[PATIENT_MISMATCH] if mismatch else [],
+            flags=([PATIENT_MISMATCH] if mismatch else []) + list(forwarded.flags),
             unassigned=obj.patient is None,
             transfer_syntax=obj.transfer_syntax,
             calling_ae=obj.calling_ae,
             stat=stat,
+            **forwarded.described,
             **rewritten,
         )
         if kept is None:
@@ -560,29 +565,72 @@ def comparable_patient_id(patient_id: str, id_kind: str) -> str:
         return " ".join(patient_id.split())
 
 
-def with_patient_id(obj: ReceivedObject, patient_id: str) -> ReceivedObject:
-    """`obj` under `patient_id` (its normalised spelling), the Patient ID as the cart wrote it kept
-    in Other Patient IDs: the rest of the data set, its transfer syntax included, as received. The
-    same bytes in give the same bytes out (a cart sending it again is no "other content").
-    An object pydicom reads but cannot write back is forwarded as written, not lost."""
+@dataclasses.dataclass(frozen=True)
+class ForwardedObject:
+    """A LAN object as the gateway forwards it (`as_forwarded`)."""
+
+    obj: ReceivedObject
+    flags: tuple[str, ...] = ()  # the time judgement's, for the doctor
+    described: dict = dataclasses.field(default_factory=dict)  # acquired_at, device: item meta
+
+
+def as_forwarded(obj: ReceivedObject, patient_id: str | None, received_at: dt.datetime) -> ForwardedObject:
+    """`obj` as forwarded: the cart's object as it sent it, read once, written again only for what
+    the gateway must correct - a loosely written patient ID (`with_patient_id`) and a time the
+    gateway does not believe (Time Source "DEVICE UNTRUSTED", Acquisition Time Synchronized N;
+    the time itself as the cart wrote it, `uploader.dicom_ecg.mark_time_untrusted`). Two values
+    changed in the data set, not a new object: its UIDs stay the cart's, so a cart's resend is
+    the same instance and the PACS holds one study; an annotation or new elements would be more
+    of the cart's object rewritten for what the Time Source already says.
+    An object pydicom cannot read or write back is forwarded as written, not lost."""
     import pydicom
+
+    from devices.ecg.dicom_input import acquired_at_of, device_of
+    from devices.ecg.formats import judged_time
+    from devices.identity import TimeSource
+    from uploader.dicom_ecg import mark_time_untrusted
 
     try:
         ds = pydicom.dcmread(io.BytesIO(obj.data))
-        other = Dataset()
-        other.PatientID = ds.PatientID
-        if ds.get("IssuerOfPatientID"):
-            other.IssuerOfPatientID = ds.IssuerOfPatientID
-        other.TypeOfPatientID = "TEXT"
-        ds.OtherPatientIDsSequence = [*(ds.get("OtherPatientIDsSequence") or []), other]
-        ds.PatientID = patient_id
+        acquired_at = acquired_at_of(ds, local_zone())
+        device = device_of(ds).label()
+    except Exception as exc:  # noqa: BLE001 - the cart's own malformed elements: forwarded as it sent them
+        log.warning("LAN object %s not read (%s): forwarded as written, its time not judged", obj.sop_instance_uid, exc)
+        return ForwardedObject(obj)
+    described: dict = {"device": device}
+    flags: tuple[str, ...] = ()
+    if acquired_at is not None:
+        judged = judged_time(acquired_at, TimeSource.FILE, received_at)
+        described["acquired_at"] = judged.acquired_at.isoformat()
+        flags = judged.flags
+    new_id = patient_id if obj.patient is not None and patient_id not in (None, obj.patient["patient_id"]) else None
+    if new_id is None and not flags:
+        return ForwardedObject(obj, flags, described)
+    try:
+        if new_id is not None:
+            with_patient_id(ds, new_id)
+        if flags:
+            mark_time_untrusted(ds)
         out = io.BytesIO()
         ds.save_as(out, enforce_file_format=True)
-    except Exception as exc:  # noqa: BLE001 - the cart's own malformed elements: its spelling goes
-        log.warning("LAN object %s: patient ID not rewritten (%s): forwarded as written", obj.sop_instance_uid, exc)
-        return obj
-    assert obj.patient is not None
-    return dataclasses.replace(obj, data=out.getvalue(), patient={**obj.patient, "patient_id": patient_id})
+    except Exception as exc:  # noqa: BLE001 - the cart's own malformed elements: its object goes
+        log.warning("LAN object %s not rewritten (%s): forwarded as written", obj.sop_instance_uid, exc)
+        return ForwardedObject(obj, flags, described)
+    patient = {**obj.patient, "patient_id": new_id} if obj.patient is not None and new_id is not None else obj.patient
+    return ForwardedObject(dataclasses.replace(obj, data=out.getvalue(), patient=patient), flags, described)
+
+
+def with_patient_id(ds: Dataset, patient_id: str) -> None:
+    """`ds` under `patient_id` (its normalised spelling), the Patient ID as the cart wrote it kept
+    in Other Patient IDs: the rest of the data set, its transfer syntax included, as received. The
+    same bytes in give the same bytes out (a cart sending it again is no "other content")."""
+    other = Dataset()
+    other.PatientID = ds.PatientID
+    if ds.get("IssuerOfPatientID"):
+        other.IssuerOfPatientID = ds.IssuerOfPatientID
+    other.TypeOfPatientID = "TEXT"
+    ds.OtherPatientIDsSequence = [*(ds.get("OtherPatientIDsSequence") or []), other]
+    ds.PatientID = patient_id
 
 
 def replace_lan_object(outbox: Outbox, existing: OutboxItem, obj: ReceivedObject, meta: dict) -> None:
