@@ -1429,6 +1429,11 @@ class VisitsRead:
 _visits_reads: dict[Path, tuple[tuple[Any, ...], VisitsRead]] = {}
 
 
+def visits_reads_kept() -> int:
+    """How many reads of visits.db the check keeps in memory (one at most: the last directory's)."""
+    return len(_visits_reads)
+
+
 def _visits_read(data: Path) -> VisitsRead:
     """visits.db's counts, read again only once its files changed."""
     from lastmile.visits.relay_link import file_state

@@ -653,7 +653,7 @@ def test_the_home_visits_check_keeps_one_read_not_one_per_data_directory(tmp_pat
         with VisitBook.open(tmp_path / name, gateway_id="gw-1") as book:
             book.start("P-1", doctor_id="DR-1")
         doctor(tmp_path / name).check_visits()
-    assert len(lastmile.doctor._visits_reads) <= 1, lastmile.doctor._visits_reads
+    assert lastmile.doctor.visits_reads_kept() <= 1
 
 
 def test_a_doctor_run_opens_the_outbox_once_and_finds_recent_ecgs_without_a_full_scan(tmp_path: Path) -> None:

@@ -809,14 +809,27 @@ def test_a_forward_try_that_queues_a_visit_opens_visits_db_twice_not_three_times
         assert [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == [f"fhir:visit:{visit.id}"]
 
 
+def relay_a_cuff_reading(data: Path, outbox: Outbox, at: dt.datetime) -> None:
+    """P-1's cuff reading, recorded at the clinic, relayed by the forward service's relay."""
+    from lastmile.clinic.observations import ObservationStore
+    from lastmile.services.observation_relay import relay_observations
+    from lastmile.visits.relay_link import visit_link
+    from tests.fhir_samples import blood_pressure
+
+    store = ObservationStore.open(data, outbox=outbox, idle_timeout_s=900)
+    try:
+        store.context.set_patient("P-1", "Wang^Fang", now=at)
+        assert store.record(blood_pressure(at, None, "bp-1"), now=at).outcome == "stored"
+        assert relay_observations(outbox, NAMING, at.timestamp(), visit_link=visit_link(data, "gw-1")) == 1
+    finally:
+        store.close()
+
+
 def test_a_reading_of_a_patient_whose_open_visit_is_damaged_is_sent_alone_not_quarantined(tmp_path: Path) -> None:
     """The open visit's row was damaged on the SD card: every reading of its patient relayed
     meanwhile raised out of the visit link and was quarantined ("cannot be made a FHIR bundle"):
     the cuff's readings never reached the county. They go on their own, as outside any visit."""
-    from lastmile.clinic.observations import OBSERVATION_KIND, ObservationStore
-    from lastmile.services.observation_relay import relay_observations
-    from lastmile.visits.relay_link import visit_link
-    from tests.fhir_samples import blood_pressure
+    from lastmile.clinic.observations import OBSERVATION_KIND
     from uploader.outbox import ItemState
 
     data = tmp_path / "data"
@@ -826,15 +839,9 @@ def test_a_reading_of_a_patient_whose_open_visit_is_damaged_is_sent_alone_not_qu
         book.db.execute("UPDATE visits SET start_stamp = '{}' WHERE id = ?", [visit.id])
         book.db.conn.commit()
     with Outbox.open(data, min_free_bytes=0) as outbox:
-        store = ObservationStore.open(data, outbox=outbox, idle_timeout_s=900)
-        try:
-            store.context.set_patient("P-1", "Wang^Fang", now=now)
-            assert store.record(blood_pressure(now, None, "bp-1"), now=now).outcome == "stored"
-            assert relay_observations(outbox, NAMING, now.timestamp(), visit_link=visit_link(data, "gw-1")) == 1
-            assert {i.state for i in outbox.items(kind=OBSERVATION_KIND)} == {ItemState.COMMITTED}
-            assert [i.key.split(":")[1] for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == ["obs"]
-        finally:
-            store.close()
+        relay_a_cuff_reading(data, outbox, now)
+        assert {i.state for i in outbox.items(kind=OBSERVATION_KIND)} == {ItemState.COMMITTED}
+        assert [i.key.split(":")[1] for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == ["obs"]
 
 
 def test_a_damaged_open_visit_is_warned_of_once_not_at_each_reading(
@@ -874,3 +881,96 @@ def test_a_damaged_open_visit_is_warned_of_by_each_gateway_book_not_once_per_pro
             with VisitBook.open(where, gateway_id="gw-1") as book:
                 assert book.attach_ecg("ecg:1", "P-1") is None
     assert len([r for r in caplog.records if visit.id in r.getMessage()]) == 2
+
+
+# --- 7. the readings of a visit stopped damaged go on their own, once ------------------------------
+
+
+def link_a_reading_then_damage_the_visit(data: Path, at: dt.datetime) -> str:
+    """A cuff reading relayed while the patient's visit was open (linked to it, the reading's own
+    item done), then the visit's row damaged on the SD card. The visit's id."""
+    with VisitBook.open(data, gateway_id="gw-1") as book:
+        visit = book.start("P-1", doctor_id="DR-1")
+    with Outbox.open(data, min_free_bytes=0) as outbox:
+        relay_a_cuff_reading(data, outbox, at)
+        assert outbox.items(kind=Kind.FHIR_BUNDLE) == []  # it went with the visit
+    with VisitBook.open(data, gateway_id="gw-1") as book:
+        assert len(book.observations(visit.id)) == 1
+        book.db.execute("UPDATE visits SET start_stamp = '{}' WHERE id = ?", [visit.id])
+        book.db.conn.commit()
+    return visit.id
+
+
+def systolic(component: dict) -> bool:
+    return bool(component["code"]["coding"][0]["code"] == "8480-6")
+
+
+def test_a_reading_linked_to_a_visit_stopped_damaged_reaches_the_platform_once_on_its_own(
+    tmp_path: Path, platform: FhirTestServer
+) -> None:
+    """A reading relayed into an open visit stayed only in it; the visit's row was damaged and
+    `visit stop` closed it stopped damaged (never sent, recorded again): the reading never reached
+    the county. It goes on its own bundle, once (more rounds, a `visit retry` send it no more)."""
+    from lastmile.visits.record import DamagedVisitError, VisitError
+
+    config = forward_config(tmp_path, platform.base_url)
+    at = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=1)  # taken during the visit
+    visit_id = link_a_reading_then_damage_the_visit(config.data_dir, at)
+    with VisitBook.open(config.data_dir, gateway_id="gw-1") as book:
+        with pytest.raises(DamagedVisitError):
+            book.stop()
+        with pytest.raises(VisitError):
+            book.retry_set_aside(visit_id)
+    service = ForwardService(config)
+    try:
+        step_until(service, lambda: len(platform.resources("Observation")) >= 1)
+        for _ in range(3):  # more rounds of the service send nothing more
+            service.step(threading.Event())
+    finally:
+        service.close()
+    panels = [o for o in platform.resources("Observation") if any(systolic(c) for c in o.get("component", []))]
+    assert len(panels) == 1 and platform.stats.deduplicated == 0, "the reading reached the platform twice"
+    obs = panels[0]
+    assert obs["subject"]["identifier"]["value"] == "P-1" and "encounter" not in obs
+    taken = dt.datetime.fromisoformat(obs["effectiveDateTime"].replace("Z", "+00:00"))
+    assert abs(taken - at) < dt.timedelta(milliseconds=1)
+    pressure = [c["valueQuantity"] for c in obs["component"] if systolic(c)]
+    assert pressure == [{"value": 128.0, "unit": "mmHg", "system": "http://unitsofmeasure.org", "code": "mm[Hg]"}]
+    assert obs["device"]["reference"].startswith("Device/")
+    device = platform.resources("Device")[0]
+    assert "SN1234" in json.dumps(device)
+    with Outbox.open(config.data_dir, min_free_bytes=0) as outbox:
+        assert [i.key.split(":")[1] for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == ["obs"]
+
+
+def test_readings_of_visits_stopped_damaged_by_an_older_version_are_released_once_even_after_a_cut(
+    tmp_path: Path,
+) -> None:
+    """A visits.db from before 0007: a visit stopped damaged (as 0005 marked them) still holds its
+    reading. The forward service's next round releases it; a round cut short between the outbox
+    and the mark (released_at lost) queues nothing twice."""
+    from lastmile.visits.record import DamagedVisitError
+    from lastmile.visits.relay_link import VisitQueue
+
+    data = tmp_path / "data"
+    at = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=1)
+    visit_id = link_a_reading_then_damage_the_visit(data, at)
+    with VisitBook.open(data, gateway_id="gw-1") as book:
+        with pytest.raises(DamagedVisitError):
+            book.stop()
+        # as an older version left it: no released_at, 0007 never applied
+        book.db.execute("ALTER TABLE visit_items DROP COLUMN released_at")
+        book.db.execute("DELETE FROM migrations WHERE name = '0007_visit_items_released'")
+        book.db.conn.commit()
+    with Outbox.open(data, min_free_bytes=0) as outbox:
+        visits = VisitQueue(data, "gw-1", monotonic=lambda: 1000.0)
+        visits.queue(outbox, NAMING)
+        assert [i.key.split(":")[1] for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == ["obs"]
+        with VisitBook.open(data, gateway_id="gw-1") as book:
+            book.db.execute("UPDATE visit_items SET released_at = NULL WHERE visit_id = ?", [visit_id])
+            book.db.conn.commit()  # the mark lost: the round was cut short after the outbox
+        for _ in range(2):
+            visits.queue(outbox, NAMING)
+        assert [i.key.split(":")[1] for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == ["obs"]
+        with VisitBook.open(data, gateway_id="gw-1") as book:
+            assert book.closed_unqueued() == frozenset()  # nothing waits any more

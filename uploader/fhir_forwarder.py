@@ -33,8 +33,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from devices.observation import Observation
 from uploader.errors import ConfigurationFault, CorruptPayloadError, PermanentError, TransientError
-from uploader.fhir_bundle import bundle_bytes, merge_transactions
+from uploader.fhir_bundle import (
+    FhirNaming,
+    bundle_bytes,
+    merge_transactions,
+    observation_bundle,
+    observation_identifier,
+)
 from uploader.fhir_connection import NoAnswer, PlatformDown, Unavailable
 from uploader.fhir_sender import FhirSender
 from uploader.metering import Meter
@@ -69,6 +76,26 @@ def enqueue_bundle(
         now=now,
     )
     return result.created
+
+
+def enqueue_observation(
+    outbox: Outbox,
+    obs: Observation,
+    naming: FhirNaming,
+    *,
+    meta: dict[str, Any] | None = None,
+    now: float | None = None,
+) -> bool:
+    """Queue a reading's own bundle (outside any visit), keyed by its FHIR identifier: queued
+    again (a relay or a release cut short), it is absorbed; False then."""
+    return enqueue_bundle(
+        outbox,
+        observation_bundle(obs, naming),
+        f"fhir:obs:{observation_identifier(obs, naming)}",
+        patient_id=obs.patient_id,
+        meta={"type": "observation", "record_key": obs.record_key, **(meta or {})},
+        now=now,
+    )
 
 
 @dataclass

@@ -24,8 +24,8 @@ from devices.observation import Observation
 from lastmile.clinic.observations import OBSERVATION_KIND, observation_from_json
 from lastmile.data_dir import DataDirError
 from uploader.errors import CorruptPayloadError, OutboxFullError, TransientError
-from uploader.fhir_bundle import FhirNaming, observation_bundle, observation_identifier
-from uploader.fhir_forwarder import enqueue_bundle
+from uploader.fhir_bundle import FhirNaming
+from uploader.fhir_forwarder import enqueue_observation
 from uploader.outbox import ItemState, Outbox, OutboxItem
 
 log = logging.getLogger(__name__)
@@ -62,14 +62,7 @@ def relay_observations(
                 log.info("reading #%d goes with home visit %s", item.id, visit_id)
                 done.append(item.id)
                 continue
-            enqueue_bundle(
-                outbox,
-                observation_bundle(obs, naming),
-                f"fhir:obs:{observation_identifier(obs, naming)}",
-                patient_id=obs.patient_id,
-                meta={"type": "observation", "record_key": obs.record_key, "reading_item": item.id},
-                now=now,
-            )
+            enqueue_observation(outbox, obs, naming, meta={"reading_item": item.id}, now=now)
         except CorruptPayloadError as exc:  # the outbox quarantined it already
             log.error("reading #%d cannot be sent to the county platform: %s", item.id, exc)
             continue

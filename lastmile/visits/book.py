@@ -74,6 +74,7 @@ from lastmile.visits.relay_link import (
     SET_ASIDE_SQL,
     STOPPED_DAMAGED,
     fault_generation,
+    readings_to_release_sql,
 )
 from uploader.sqlite_store import Migration, open_database, transaction
 
@@ -155,6 +156,10 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration.sql(
         "0006_register_datum", "ALTER TABLE register_imports ADD COLUMN datum TEXT NOT NULL DEFAULT 'wgs84';"
     ),
+    # v4-fix: the readings linked to a visit stopped damaged (never sent) go to the county on their
+    # own: when each was queued so. Those of visits stopped damaged before (0005 marked some) have
+    # none yet: the forward service's next round releases them.
+    Migration.sql("0007_visit_items_released", "ALTER TABLE visit_items ADD COLUMN released_at TEXT;"),
 )
 
 # The saved clock anchor (what other processes of this boot restore) is rewritten only when it moved
@@ -1164,9 +1169,44 @@ class VisitBook:
         return visit_bundle(stored.summary, stored.observations, naming, signature)
 
     def closed_unqueued(self) -> frozenset[str]:
-        """The closed visits not queued yet (as relay_link.closed_unqueued reads them)."""
-        rows = self.db.execute(CLOSED_UNQUEUED_SQL, [fault_generation()]).fetchall()
+        """The closed visits not queued yet, and those stopped damaged whose readings wait to go on
+        their own (as relay_link.closed_unqueued reads them)."""
+        sql = f"{CLOSED_UNQUEUED_SQL} UNION {readings_to_release_sql()}"
+        rows = self.db.execute(sql, [fault_generation()]).fetchall()
         return frozenset(str(row[0]) for row in rows)
+
+    def release_stopped_damaged(self, outbox: Outbox, naming: FhirNaming, now: float | None = None) -> int:
+        """The readings linked to visits stopped damaged: such a visit is never sent (the doctor
+        recorded it again), so each goes on its own bundle, as outside any visit. Exactly once:
+        queued in the outbox first, under its reading's key (a release cut short before the mark
+        queues nothing twice), then marked released. Returns how many were queued."""
+        from uploader.fhir_forwarder import enqueue_observation
+
+        rows = list(
+            self.db.query(
+                "SELECT id, visit_id, record FROM visit_items WHERE kind = 'observation' AND released_at IS NULL "
+                f"AND visit_id IN ({readings_to_release_sql()}) ORDER BY id"
+            )
+        )
+        queued = 0
+        for row in rows:
+            try:
+                obs = observation_from_json(json.loads(row["record"]))
+                queued += enqueue_observation(outbox, obs, naming, meta={"visit_item": row["id"]}, now=now)
+            except BUNDLE_ERRORS as exc:  # damaged with the visit: said once, then marked
+                log.error(
+                    "a reading of damaged home visit %s cannot be sent to the county platform: %s",
+                    row["visit_id"],
+                    fault_text(exc),
+                )
+            with transaction(self.db):
+                self.db.execute(
+                    "UPDATE visit_items SET released_at = ? WHERE id = ?",
+                    [dt.datetime.now(dt.timezone.utc).isoformat(), row["id"]],
+                )
+        if queued:
+            log.info("%d reading(s) of home visits stopped damaged queued for the county platform on their own", queued)
+        return queued
 
     def queue_closed(self, outbox: Outbox, naming: FhirNaming, now: float | None = None) -> int:
         """Queue every closed, not yet queued visit as a FHIR bundle (idempotent)."""
@@ -1174,6 +1214,7 @@ class VisitBook:
 
         with transaction(self.db):
             self._sign_settled()  # visits stopped in an earlier boot that never had a time
+        self.release_stopped_damaged(outbox, naming, now)
         queued = 0
         # Only once signed, and so with its times settled: the platform keeps the first version it
         # gets (conditional create), so a visit sent before its end was known would stay
@@ -1227,21 +1268,13 @@ def record_observation(
 ) -> str:
     """Where a reading goes: "visit" (linked to the open visit of its patient, sent with it),
     "queued" (a known patient outside any visit: its own FHIR bundle), or "held" (unassigned)."""
-    from uploader.fhir_bundle import observation_bundle, observation_identifier
-    from uploader.fhir_forwarder import enqueue_bundle
+    from uploader.fhir_forwarder import enqueue_observation
 
     if book.attach_observation(obs, outbox_key=outbox_key):
         return "visit"
     if obs.patient_id is None:
         return "held"
-    enqueue_bundle(
-        outbox,
-        observation_bundle(obs, naming),
-        f"fhir:obs:{observation_identifier(obs, naming)}",
-        patient_id=obs.patient_id,
-        meta={"type": "observation", "record_key": obs.record_key},
-        now=now,
-    )
+    enqueue_observation(outbox, obs, naming, now=now)
     return "queued"
 
 

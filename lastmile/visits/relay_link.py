@@ -110,9 +110,20 @@ CLOSED_UNQUEUED_SQL = (
 )
 
 
+def readings_to_release_sql(migrated: bool = True) -> str:
+    """SQL: the visits stopped damaged (never sent) holding readings not released yet to go on
+    their own (VisitBook.release_stopped_damaged). `migrated`: visit_items has released_at
+    (0007); before, every reading of such a visit waits."""
+    unreleased = " AND released_at IS NULL" if migrated else ""
+    return (
+        f"SELECT id FROM visits WHERE state = 'closed' AND {IS_STOPPED_DAMAGED} AND EXISTS (SELECT 1 FROM "
+        f"visit_items WHERE visit_id = visits.id AND kind = 'observation'{unreleased})"
+    )
+
+
 def closed_unqueued(data_dir: Path) -> frozenset[str]:
-    """The closed visits not queued for the county yet (read-only; a clinic without visits never
-    gets a visits.db)."""
+    """The closed visits not queued for the county yet, and those stopped damaged whose readings
+    wait to go on their own (read-only; a clinic without visits never gets a visits.db)."""
     path = data_dir / DB_NAME
     if not path.exists():
         return frozenset()
@@ -121,7 +132,9 @@ def closed_unqueued(data_dir: Path) -> frozenset[str]:
         # but one set aside by another generation is tried once more (the book clears it then);
         # a visits.db no process of this version opened yet has no fhir_fault_version column
         if "fhir_fault_version" in columns_of(conn, "visits"):
-            rows = conn.execute(CLOSED_UNQUEUED_SQL, [fault_generation()]).fetchall()
+            migrated = "released_at" in columns_of(conn, "visit_items")
+            sql = f"{CLOSED_UNQUEUED_SQL} UNION {readings_to_release_sql(migrated)}"
+            rows = conn.execute(sql, [fault_generation()]).fetchall()
         else:
             rows = conn.execute("SELECT id FROM visits WHERE state = 'closed' AND fhir_queued_at IS NULL").fetchall()
     return frozenset(str(row[0]) for row in rows)
