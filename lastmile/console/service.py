@@ -294,8 +294,9 @@ def restart_needed(data_dir: Path) -> list[str]:
         names = json.loads((Path(data_dir) / RESTART_NEEDED_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return []
-    except (OSError, ValueError) as exc:
-        return [f"unreadable {RESTART_NEEDED_FILE}: {exc}"]
+    except (OSError, ValueError) as exc:  # not a setting name: the next console start rewrites it
+        log.warning("cannot read %s, taken as no setting waiting for a restart: %s", RESTART_NEEDED_FILE, exc)
+        return []
     return [str(n) for n in names] if isinstance(names, list) else []
 
 
@@ -321,10 +322,8 @@ class ConsoleService:
     def reload(self, config: Config) -> None:
         from lastmile.console.views import forget_doctor_findings
 
-        # Language, lockout and idle limits apply from the next request; a new address needs a restart.
-        if config.console.listen != self.server.config.console.listen:
-            log.warning("console.listen changed: restart lastmile-console to listen there")
-        # against what runs: a change reverted in the file before the restart needs none
+        # Only TAKEN_ON_RELOAD applies from the next request; the rest (console.listen too) waits for a
+        # restart, compared against what runs: a change reverted in the file before the restart needs none
         self.restart_needed = sorted(changes_needing_restart(self.server.config, config))
         if self.restart_needed:
             log.warning(
