@@ -200,12 +200,13 @@ def test_the_outbox_says_which_routine_items_wait_for_their_sender(tmp_path: Pat
     queue_items(tmp_path, 1, at=now - 600, priority=Priority.STAT)
     queue_items(tmp_path, 1, at=now - 900, kind=Kind.FHIR_BUNDLE)
     with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
-        assert outbox.oldest_waiting(now) == now - 1500
-        assert outbox.oldest_waiting(now, except_routine_of={Kind.DICOM: MeterHold(now - 1000)}) == now - 1500
-        assert outbox.oldest_waiting(now, except_routine_of={Kind.DICOM: MeterHold(now - 2000)}) == now - 900
-        assert outbox.oldest_waiting(
+        oldest = outbox.oldest_waiting_item
+        assert oldest(now).created_at == now - 1500
+        assert oldest(now, except_routine_of={Kind.DICOM: MeterHold(now - 1000)}).created_at == now - 1500
+        assert oldest(now, except_routine_of={Kind.DICOM: MeterHold(now - 2000)}).created_at == now - 900
+        assert oldest(
             now, except_routine_of={Kind.DICOM: MeterHold(-math.inf), Kind.FHIR_BUNDLE: MeterHold(now - 2000)}
-        ) == (
+        ).created_at == (
             now - 600  # the STAT one waits whatever the meter says
         )
         outbox.add(Kind.DICOM, "unassigned", b"u", now=now - 1200, hold=Hold("unassigned", now + DAY))

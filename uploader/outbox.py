@@ -997,16 +997,11 @@ class Outbox:
         looked at, at most)."""
         return bool(self._read(f"SELECT 1 FROM items WHERE {ROUTINE_QUEUED_SQL} LIMIT 1", hold.params(kind, now)))
 
-    def oldest_waiting(self, now: float, *, except_routine_of: Mapping[str, MeterHold] | None = None) -> float | None:
-        """When the oldest queued or sending item was queued; `except_routine_of` (kind -> what a
-        metered link holds of it now) leaves out the routine items it holds."""
-        item = self.oldest_waiting_item(now, except_routine_of=except_routine_of)
-        return None if item is None else item.created_at
-
     def oldest_waiting_item(
         self, now: float, *, except_routine_of: Mapping[str, MeterHold] | None = None
     ) -> OutboxItem | None:
-        """The oldest queued or sending item (`oldest_waiting`'s): what it waits for."""
+        """The oldest queued or sending item: what it waits for. `except_routine_of` (kind -> what a
+        metered link holds of it now) leaves out the routine items it holds."""
         where, params = waiting_not_held_sql(now, except_routine_of or {})
         rows = self._read(f"SELECT {_ITEM_COLUMNS} FROM items WHERE {where} ORDER BY created_at, id LIMIT 1", params)
         return _item(rows[0]) if rows else None
