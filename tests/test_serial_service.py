@@ -542,3 +542,33 @@ def test_readings_held_in_memory_only_because_no_spill_file_could_be_set_aside_a
     out = json.loads(script.stdout.strip().splitlines()[-1])
     assert any("3 reading(s)" in row and "held in memory only" in row for row in out["rows"]), out["rows"]
     assert any(level == "FAIL" and "memory only" in text for level, text in out["doctor"]), out["doctor"]
+
+
+def test_readings_that_do_not_fit_the_spill_file_are_said_lost_when_the_service_stops(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The outbox refused a monitor's report and the readings did not fit in the spill file (its
+    slot too small; many readings waiting do the same): they were in memory only, yet stopping the
+    service logged them "kept on disk, stored after the restart" because the file existed. Now the
+    line says what the last save did: lost."""
+    import logging
+
+    from lastmile.services.serial_spill import SPILL_NAME
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / SPILL_NAME).write_bytes(bytes(512))  # slots of 256 bytes: not one report
+    monitor = PtyDevice(tmp_path / "usb-monitor")
+    r = Running(tmp_path, [{"name": "monitor", "match": str(monitor.link_path), "profile": "example-vitals-monitor"}])
+    try:
+        wait_for(lambda: all(s.connected for s in r.service.statuses()))
+        r.outbox.min_free_bytes = 1 << 60  # storage full
+        now = r.now()
+        r.patients.set_patient("P-9", now=now - dt.timedelta(minutes=1))
+        printed = (now + dt.timedelta(hours=1)).strftime("DATE %Y-%m-%d  TIME %H:%M:%S").encode()
+        monitor.write(VITALS_REPORT.replace(b"DATE 2025-03-04  TIME 09:41:07", printed))
+        wait_for(lambda: "held in memory only" in (r.registry.get("serial:monitor").last_error or ""), timeout=30)
+    finally:
+        with caplog.at_level(logging.ERROR, logger="lastmile.services.serial_devices"):
+            r.close()
+    stopped = [m for m in caplog.messages if "the outbox refused them" in m]
+    assert stopped and "3 reading(s) (lost)" in stopped[0], stopped

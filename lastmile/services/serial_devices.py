@@ -201,6 +201,7 @@ class SerialContext:
     _last_error_write: dict[str, float] = field(default_factory=dict)
     unstored: dict[str, Unstored] = field(default_factory=dict)  # by device (spec) name
     spill: SpillFile | None = None  # the unstored observations, on disk too (a power cut)
+    spill_kept: bool = False  # whether the spill file holds them all (its last save, or the start's load)
 
     def status(self, spec: LinkSpec, port: str = "", **facts: object) -> None:
         """Record device facts; `port` (given on connect) goes into the name `lastmile devices` shows."""
@@ -246,14 +247,16 @@ class SerialContext:
         """What a previous run kept in the spill file waits again, retried at once."""
         if self.spill is None:
             return
-        for name, observations in self.spill.load().items():
+        loaded = self.spill.load()
+        self.spill_kept = bool(loaded)  # the file holds them until the next save
+        for name, observations in loaded.items():
             log.warning("%s: %d reading(s) kept from before the restart wait for space", name, len(observations))
             self.unstored.setdefault(name, Unstored()).observations.extend(observations)
 
     def _spill_changed(self, spec: LinkSpec) -> None:
         """The unstored observations changed: write them all to the spill file, and say on the
         device's row what waits (never silent: also when only memory holds them)."""
-        kept = self.spill is not None and self.spill.save(
+        kept = self.spill_kept = self.spill is not None and self.spill.save(
             {name: held.observations for name, held in self.unstored.items()}
         )
         held = self.unstored.get(spec.name)
@@ -717,7 +720,7 @@ class SerialService:
         self.manager.close()
         for spec in self.unstored_specs():
             self.ctx.retry_unstored(spec, force=True)
-        spilled = self.ctx.spill is not None and self.ctx.spill.usable
+        spilled = self.ctx.spill_kept  # not merely that the file exists: what the last save did
         for name, held in self.ctx.unstored.items():
             log.error(
                 "%s: %d reading(s) (%s), %d ECG recording(s) (lost) not stored: the outbox refused them",
