@@ -18,7 +18,7 @@ from pydicom.sr._concepts_dict import concepts
 from pydicom.waveforms.numpy_handler import multiplex_array
 
 from devices.ecg.aecg import read_aecg
-from devices.ecg.leads import SCP_LEAD_NAMES
+from devices.ecg.leads import MDC_LEADS
 from devices.ecg.recording import STANDARD_12_LEADS, EcgRecording, SampleGap
 from devices.ecg.scp import read_scp
 from devices.identity import DeviceIdentity, Patient, TimeSource
@@ -685,7 +685,7 @@ def test_a_reset_cart_clock_goes_out_as_the_carts_time_marked_untrusted() -> Non
 def _decoder_leads() -> list[tuple[int, str]]:
     """Every recorded lead of the decoders' table (SCP-ECG numbers = MDC "2:n"): not 0
     (unspecified) and not SCP's calibration signals (31-60, 79-85)."""
-    return [(n, name) for n, name in SCP_LEAD_NAMES.items() if n != 0 and not name.endswith("-cal")]
+    return list(MDC_LEADS.items())
 
 
 def _scp_record_of(numbers: list[int]) -> bytes:

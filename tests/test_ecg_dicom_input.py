@@ -124,6 +124,16 @@ def test_mdc_lead_codes() -> None:
     assert r.lead_names[:6] == ("I", "II", "III", "aVR", "aVL", "aVF")
 
 
+def test_mdc_codes_79_to_85_are_not_scp_calibration_signals() -> None:
+    """SCP-ECG's 79-85 are the calibration signals of V8..J; MDC 2:79-85 are no such thing, and
+    the writer never sends them. The reader named a lead coded 2:79 "V8-cal" whatever its meaning
+    said; now such a code counts for nothing and the meaning names the lead."""
+    ds = _load(_toolkit())
+    item = ds.WaveformSequence[0].ChannelDefinitionSequence[0].ChannelSourceSequence[0]
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "2:79", "MDC", "Lead I"
+    assert read_dicom_ecg(_dump(ds)).lead_names == read_dicom_ecg(_toolkit()).lead_names
+
+
 def test_units_correction_factor_and_baseline() -> None:
     reference = read_dicom_ecg(_toolkit()).microvolts()
     ds = _load(_toolkit())

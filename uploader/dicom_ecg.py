@@ -86,7 +86,7 @@ from devices.ecg.findings import (
     EcgStatement,
     StatementSource,
 )
-from devices.ecg.leads import MDC_DERIVED_LEADS, MDC_LEAD_NUMBERS
+from devices.ecg.leads import MDC_DERIVED_LEADS, MDC_LEADS
 from devices.ecg.quality import ACCEPTABLE, QualityReport
 from devices.ecg.recording import STANDARD_12_LEADS, EcgRecording, merged_gaps, on_time_axis
 from devices.identity import UNASSIGNED_ISSUER, Patient, TimeSource
@@ -204,7 +204,7 @@ def _mdc(number: int) -> tuple[str, str]:
 
 # Our label -> (code, meaning), recorded and derived.
 _LEAD_CODES: dict[str, tuple[str, str]] = {
-    **{name: _mdc(number) for name, number in MDC_LEAD_NUMBERS.items()},
+    **{name: _mdc(number) for number, name in MDC_LEADS.items()},
     "RL": _mdc(_RIGHT_LEG),
 }
 _DERIVED_LEAD_CODES: dict[str, tuple[str, str]] = {name: _mdc(number) for number, name in MDC_DERIVED_LEADS.items()}

@@ -44,7 +44,7 @@ from devices.ecg.findings import (
 )
 from devices.ecg.leads import (
     MDC_DERIVED_LEADS,
-    SCP_LEAD_NAMES,
+    MDC_LEADS,
     derive_limb_leads,
     lead_name_from_scp_code,
     normalise_lead_name,
@@ -100,8 +100,8 @@ def _lead_of(channel: Dataset) -> tuple[str, bool] | None:
                 unspecified = True
             elif number in MDC_DERIVED_LEADS:
                 return MDC_DERIVED_LEADS[number], True
-            elif number in SCP_LEAD_NAMES and not 31 <= number <= 60:
-                return lead_name_from_scp_code(number), False
+            elif number in MDC_LEADS:
+                return MDC_LEADS[number], False
         if meaning.upper().startswith(("LEAD", "MDC_ECG_LEAD", "DERIVED LEAD")):
             return _from_text(meaning)
     label = str(channel.get("ChannelLabel", "")).strip()

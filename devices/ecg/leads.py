@@ -86,9 +86,7 @@ SCP_LEAD_CODES: dict[str, int] = {name: code for code, name in SCP_LEAD_NAMES.it
 
 # DICOM CID 3001 "ECG Leads" in MDC form ("2:n"): the recorded leads above keep their numbers,
 # but 31-38 and 111-114 are the *derived* leads there (not SCP's calibration signals).
-MDC_LEAD_NUMBERS: dict[str, int] = {
-    name: code for code, name in SCP_LEAD_NAMES.items() if code != 0 and not name.endswith("-cal")
-}
+MDC_LEADS: dict[int, str] = {n: name for n, name in SCP_LEAD_NAMES.items() if n and not name.endswith("-cal")}
 MDC_DERIVED_LEADS: dict[int, str] = {
     31: "I",
     32: "II",
