@@ -10,7 +10,8 @@ Two slots of half the file each; every save writes the slot not holding the newe
 (header: magic, generation, length, SHA-256) and fsyncs it, so a power cut mid-write leaves the
 other, older copy whole. When the partition has room again the readings are stored in the
 outbox (their patient decided then by when they were measured, as for any reading) and the
-file says none are waiting. `waiting_readings` lets `lastmile doctor` and the console say so.
+file says none are waiting. `waiting_readings` lets `lastmile doctor` say so (once a minute: it
+reads the slot headers and one body, not the whole file) and the acquire service start for them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 from devices.observation import Observation
 from lastmile.clinic.observations import observation_from_json, observation_to_json
@@ -40,29 +42,31 @@ MEMORY_ONLY = "held in memory only: lost if the power fails"
 Spilled = dict[str, list[Observation]]  # device name -> readings waiting for space
 
 
-def _decode_slot(raw: bytes) -> tuple[int, dict[str, list[dict]]] | None:
-    """(generation, content) of one slot, None if empty or torn."""
+def _slot_header(f: BinaryIO, offset: int) -> tuple[int, int, bytes] | None:
+    """(generation, length, sha256) of the slot at `offset`, None if it never held a copy."""
+    raw = os.pread(f.fileno(), HEADER, offset)
     if len(raw) < HEADER or not raw.startswith(MAGIC):
         return None
     at = len(MAGIC)
-    generation = int.from_bytes(raw[at : at + 8], "big")
-    length = int.from_bytes(raw[at + 8 : at + 12], "big")
-    digest, body = raw[at + 12 : HEADER], raw[HEADER : HEADER + length]
-    if len(body) != length or hashlib.sha256(body).digest() != digest:
-        return None
-    return generation, json.loads(body)
+    return int.from_bytes(raw[at : at + 8], "big"), int.from_bytes(raw[at + 8 : at + 12], "big"), raw[at + 12 :]
 
 
 def _newest(path: Path) -> tuple[int, int, dict[str, list[dict]]] | None:
-    """(slot, generation, content) of the newest whole copy in the file at `path`."""
+    """(slot, generation, content) of the newest whole copy in the file at `path`: the two slot
+    headers, then only the body of the newest one (the other's too if that one is torn)."""
     try:
-        data = path.read_bytes()
+        f = path.open("rb")
     except FileNotFoundError:
         return None
-    half = len(data) // 2
-    found = [(slot, _decode_slot(data[slot * half : (slot + 1) * half])) for slot in (0, 1)]
-    whole = [(slot, decoded[0], decoded[1]) for slot, decoded in found if decoded is not None]
-    return max(whole, key=lambda s: s[1]) if whole else None
+    with f:
+        half = os.fstat(f.fileno()).st_size // 2
+        headers = [(slot, _slot_header(f, slot * half)) for slot in (0, 1)]
+        found = sorted(((h[0], slot, h[1], h[2]) for slot, h in headers if h is not None), reverse=True)
+        for generation, slot, length, digest in found:
+            body = os.pread(f.fileno(), length, slot * half + HEADER) if HEADER + length <= half else b""
+            if len(body) == length and hashlib.sha256(body).digest() == digest:
+                return slot, generation, json.loads(body)
+    return None
 
 
 def waiting_readings(data_dir: Path) -> int:
@@ -79,6 +83,7 @@ class SpillFile:
         self.usable = self._allocate(size)
         newest = _newest(self.path) if self.usable else None
         self._slot, self._generation = (newest[0], newest[1]) if newest else (1, 0)
+        self._at_start = newest[2] if newest else {}  # for `load`: the file is read once
         self.slot_bytes = self.path.stat().st_size // 2 if self.usable else 0
 
     def _allocate(self, size: int) -> bool:
@@ -102,10 +107,8 @@ class SpillFile:
         return True
 
     def load(self) -> Spilled:
-        newest = _newest(self.path) if self.usable else None
-        if newest is None:
-            return {}
-        return {name: [observation_from_json(o) for o in obs] for name, obs in newest[2].items() if obs}
+        """What the file held when it was opened (a previous run's readings)."""
+        return {name: [observation_from_json(o) for o in obs] for name, obs in self._at_start.items() if obs}
 
     def save(self, spilled: Spilled) -> bool:
         """Write `spilled` (all that waits, replacing what the file held) in place and fsync it;
