@@ -8,7 +8,7 @@ in merged transactions of up to `batch_size` bundles, and settles each item:
 - the platform down or busy (no answer, a gateway's 502/503/504, 429: `Unavailable`) → the batch's
   items back to the queue with backoff (Retry-After honoured), the rest of this round released
   uncharged: don't hammer it. If nothing this round got an answer, the round records when its link
-  failed (`LINK_FAILED_AT`): what failed then waits for the link, not for a refusal of its own;
+  failed (`last_error_at`): what failed then waits for the link, not for a refusal of its own;
 - the platform refusing a merged batch (PermanentError, or any other TransientError: a 500, an
   entry answered 5xx) → split in halves until the bundle at fault is alone, so one bundle does not
   hold its batch-mates; alone, it is quarantined with the server's OperationOutcome text (shown by
@@ -50,10 +50,6 @@ from uploader.outbox import ItemState, Kind, Outbox, OutboxItem, Priority
 log = logging.getLogger(__name__)
 
 STATUS_NAME = "fhir"
-# when a round last found the platform not there (no answer, or a gateway's 502/503/504 before it
-# answered anything): a bundle whose send failed later failed alone, the platform refusing it while
-# it takes others (the reading center's status keeps the same key)
-LINK_FAILED_AT = "last_error_at"
 
 
 def enqueue_bundle(
@@ -122,7 +118,7 @@ class _Round:
     counts: FhirRoundResult = field(default_factory=FhirRoundResult)
     blocked: set[str] = field(default_factory=set)
     stop: bool = False
-    link_failed: bool = False  # the platform was not there (`LINK_FAILED_AT`)
+    link_failed: bool = False  # the platform was not there (`last_error_at`)
     answered: bool = False  # the platform took or refused a send of this round: it was there
     refused_for_now: bool = False  # a bundle alone got a TransientError of its own (a 500) this round
     split_refused: bool = True  # split a merged batch refused for now (not after a round refused everything)
@@ -289,8 +285,12 @@ def forward_fhir_once(
         # only a round that did something: an idle one (every 2 s, all day) would rewrite and
         # fsync this row ~43,000 times a day on the SD card, and wipe the last fault it showed
         status: dict[str, Any] = {"last_round": dataclasses.asdict(rnd.counts), "at": now}
+        # `last_error_at`: when a round last found the platform not there (no answer, or a gateway's
+        # 502/503/504 before it answered anything); a bundle whose send failed later failed alone,
+        # the platform refusing it while it takes others. The reading center's status keeps the
+        # same key, and the readers (lastmile.services.metered, link_status) spell it so too.
         # never recorded (a gateway upgraded from before it was): what failed before now is the link's,
         # not said "refused alone" - only failures judged by the rule above count
-        status[LINK_FAILED_AT] = now if rnd.link_failed else previous.get(LINK_FAILED_AT, now)
+        status["last_error_at"] = now if rnd.link_failed else previous.get("last_error_at", now)
         outbox.record_status(STATUS_NAME, status, now)
     return rnd.counts
