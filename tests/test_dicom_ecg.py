@@ -23,7 +23,7 @@ from devices.ecg.recording import STANDARD_12_LEADS, EcgRecording, SampleGap
 from devices.ecg.scp import read_scp
 from devices.identity import DeviceIdentity, Patient, TimeSource
 from tests.dicom_validation import dciodvfy_problems
-from tests.test_ecg_scp import build_record, lead_body, rhythm_body
+from tests.scp_records import build_record, lead_body, rhythm_body
 from uploader.dicom_ecg import (
     GENERAL_ECG,
     PADDING_VALUE,

@@ -25,7 +25,7 @@ from devices.ecg.scp import (
 )
 from devices.errors import ProtocolError, UnsupportedFeatureError
 from devices.identity import TimeSource
-from tests.test_ecg_scp import build_record, encode_default, lead_body, restamp, rhythm_body, table_body
+from tests.scp_records import build_record, encode_default, lead_body, restamp, rhythm_body, table_body
 
 # EN 1064 section 1 tag 14, byte 7: the manufacturer code table (codes 1-20).
 EN1064_MANUFACTURERS = {

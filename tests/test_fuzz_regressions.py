@@ -197,7 +197,7 @@ def test_scp_garbled_acquisition_year_falls_back_to_the_receipt_time() -> None:
     from devices.ecg.scp import read_scp
     from devices.identity import TimeSource
     from tests.conftest import shared_file
-    from tests.test_ecg_scp import build_record, sections_of
+    from tests.scp_records import build_record, sections_of
 
     bodies = sections_of(shared_file("ecg", "scp", "ecgtoolkit_Example.scp").read_bytes())
     header = bytearray(bodies[1])
