@@ -27,7 +27,7 @@ from tests.console_harness import (
     store_returned_reports,
     store_unassigned_ecg_report,
 )
-from tests.test_reports_fhir import report_for
+from tests.fhir_reports import report_for
 from uploader.report_reading import read_dicom_report, read_fhir_report
 
 

@@ -18,28 +18,11 @@ from lastmile.reports.service import make_poller
 from lastmile.reports.store import ReportStore, SentStudy
 from lastmile.reports.views import study_lines
 from tests.console_harness import Client, console_config, running_console
-from tests.fhir_server import FhirTestServer, validate_resource
+from tests.fhir_reports import report_for
+from tests.fhir_server import FhirTestServer
 from tests.report_peers import critical_observation
 
 TOKEN = "s3cret-token"
-
-
-def report_for(
-    study_uid: str, *, status: str = "final", conclusion: str = "Sinus rhythm. Normal ECG.", **extra
-) -> dict:
-    resource = {
-        "resourceType": "DiagnosticReport",
-        "status": status,
-        "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{study_uid}"}],
-        "code": {"coding": [{"system": "http://loinc.org", "code": "11524-6", "display": "EKG study"}]},
-        "subject": {"identifier": {"system": "urn:lastmile:patient-id", "value": "P1"}},
-        "issued": "2026-11-02T10:00:00+08:00",
-        "resultsInterpreter": [{"display": "Dr. Chen Jing"}],
-        "conclusion": conclusion,
-        **extra,
-    }
-    validate_resource(resource)  # what the platform serves is valid R4
-    return resource
 
 
 @pytest.fixture
