@@ -1496,7 +1496,7 @@ def _read_visits(data: Path) -> VisitsRead:
 def _open_visit_damage(conn: Any) -> Finding | None:
     """The open visit's row decoded as the book does: a damaged one can never be signed nor sent,
     and start and note refuse to go on until it is stopped (set aside) - the doctor must know."""
-    from lastmile.visits.record import BUNDLE_ERRORS, DamagedVisitError, decode_row
+    from lastmile.visits.record import DamagedVisitError, open_row_damage
 
     cursor = conn.execute("SELECT * FROM visits WHERE state = 'open'")
     names = [d[0] for d in cursor.description]
@@ -1504,12 +1504,7 @@ def _open_visit_damage(conn: Any) -> Finding | None:
     if row is None:
         return None
     visit = dict(zip(names, row, strict=True))
-    # a repair pass sets the open visit aside when a note of it is damaged (its row may read well)
-    cause: Exception | str | None = visit.get("fhir_fault")
-    try:
-        decode_row(visit)
-    except BUNDLE_ERRORS as exc:
-        cause = exc
+    cause = open_row_damage(visit)
     if cause is not None:
         damaged = DamagedVisitError(visit["id"], visit["patient_id"], cause)
         return Finding(

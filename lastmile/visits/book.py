@@ -67,7 +67,15 @@ from lastmile.visits.chain import (
     verify_lines,
 )
 from lastmile.visits.households import Household, HouseholdRegister, distance_m
-from lastmile.visits.record import BUNDLE_ERRORS, DamagedVisitError, FixRecord, VisitError, decode_row, fault_text
+from lastmile.visits.record import (
+    BUNDLE_ERRORS,
+    DamagedVisitError,
+    FixRecord,
+    VisitError,
+    decode_row,
+    fault_text,
+    open_row_damage,
+)
 from lastmile.visits.relay_link import (
     CLOSED_UNQUEUED_SQL,
     IS_STOPPED_DAMAGED,
@@ -831,12 +839,12 @@ class VisitBook:
     def _open_visit(self, row: dict) -> Visit:
         """The open visit; DamagedVisitError when its row cannot be read, or a repair pass set it
         aside (a note of it damaged, its row reading well): either way it can never be sent."""
-        if row["fhir_fault"] is not None:
-            raise DamagedVisitError(row["id"], row["patient_id"], row["fhir_fault"])
-        try:
-            return self._visit(row)
-        except BUNDLE_ERRORS as exc:
-            raise DamagedVisitError(row["id"], row["patient_id"], exc) from exc
+        cause = open_row_damage(row)
+        if cause is not None:
+            raise DamagedVisitError(row["id"], row["patient_id"], cause) from (
+                cause if isinstance(cause, Exception) else None
+            )
+        return self._visit(row)
 
     def _open_to_link(self) -> Visit | None:
         """The open visit a reading or an ECG may join; None when there is none, or when it is
