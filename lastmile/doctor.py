@@ -139,6 +139,14 @@ def failing_since_seen(r: DeviceRecord) -> bool:
     return bool(r.last_error and r.last_error_at and (seen is None or r.last_error_at >= seen))
 
 
+def _waits_for_space(r: DeviceRecord) -> bool:
+    """`r`'s error is readings the full outbox refused (on disk or in memory only): the doctor's
+    space check FAILs for them (Doctor._readings_waiting_for_space)."""
+    from lastmile.services.serial_spill import KEPT_ON_DISK, MEMORY_ONLY
+
+    return KEPT_ON_DISK in r.last_error or MEMORY_ONLY in r.last_error
+
+
 @dataclass(frozen=True, slots=True)
 class OutboxReads:
     """What a doctor run read from the outbox, in its one open (see `Doctor.outbox_reads`)."""
@@ -789,7 +797,8 @@ class Doctor:
         # unpaired or no longer configured: its last error is history, not a fault to fix
         records = [r for r in records if not r.removed]
         recent = [r for r in records if (t := last_seen(r)) is not None and now - t < day]
-        errors = [r for r in records if failing_since_seen(r)]
+        # readings waiting for space are the space check's FAIL: said there, not again here
+        errors = [r for r in records if failing_since_seen(r) and not _waits_for_space(r)]
         text = (
             f"{len(records)} known, {len(recent)} seen in 24 h, "
             f"{sum(r.connected for r in records)} connected; {plugged}"
