@@ -820,7 +820,7 @@ def relay_a_cuff_reading(data: Path, outbox: Outbox, at: dt.datetime) -> None:
     try:
         store.context.set_patient("P-1", "Wang^Fang", now=at)
         assert store.record(blood_pressure(at, None, "bp-1"), now=at).outcome == "stored"
-        assert relay_observations(outbox, NAMING, at.timestamp(), visit_link=visit_link(data, "gw-1")) == 1
+        assert relay_observations(outbox, NAMING, at.timestamp(), visit_link=visit_link(data, "gw-1", set())) == 1
     finally:
         store.close()
 

@@ -46,14 +46,10 @@ def _patients_with_open_visits(db_path: Path) -> frozenset[str]:
     return frozenset(str(row[0]) for row in rows)
 
 
-def visit_link(
-    data_dir: Path, gateway_id: str, damaged_said: set[str] | None = None
-) -> Callable[[Observation, str], str | None]:
+def visit_link(data_dir: Path, gateway_id: str, damaged_said: set[str]) -> Callable[[Observation, str], str | None]:
     """For one relay round: links a reading to the open visit of its patient if it was taken
     during it (the visit's bundle then carries it, with its Encounter), else None.
     `damaged_said`: the damaged open visits already said (the caller keeps it across rounds)."""
-    said = damaged_said if damaged_said is not None else set()
-
     open_for: list[frozenset[str]] = []  # read once per relay round (one link per round), at first use
 
     def link(obs: Observation, outbox_key: str) -> str | None:
@@ -64,7 +60,7 @@ def visit_link(
         from lastmile.visits.book import VisitBook
 
         # the book checks again, in the transaction that links (the visit may have closed since)
-        with VisitBook.open(data_dir, gateway_id=gateway_id, damaged_said=said) as book:
+        with VisitBook.open(data_dir, gateway_id=gateway_id, damaged_said=damaged_said) as book:
             return book.attach_observation(obs, outbox_key=outbox_key, taken_during=True)
 
     return link
