@@ -623,7 +623,7 @@ class VisitBook:
         """(In a write transaction.) A visit whose stored record is damaged can never be signed or
         made a bundle: why is kept on it (`lastmile visit list`), it is said once, and it no
         longer stops the fixes, the signing or the sending of any other visit."""
-        fault = f"{type(exc).__name__}: {exc}"
+        fault = fault_text(exc)
         # only if not set aside yet: a pass may meet the same visit again (each damaged note)
         newly = self.db.execute(
             "UPDATE visits SET fhir_fault = ?, fhir_fault_version = ? WHERE id = ? AND fhir_fault IS NULL",
@@ -753,7 +753,7 @@ class VisitBook:
                 "end_fix": None,
                 "row_damaged": True,
             }
-            fault = fault or f"{type(exc).__name__}: {exc}"
+            fault = fault or fault_text(exc)
         chain = list(self.db.query("SELECT seq FROM chain WHERE visit_id = ?", [row["id"]]))
         return Visit(
             id=row["id"],
