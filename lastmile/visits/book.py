@@ -97,15 +97,6 @@ log = logging.getLogger(__name__)
 
 DB_NAME = "visits.db"
 
-# SQL: a closed visit `stop` closed unread, never checked nor signed. Every visit `stop` checked has
-# a flag (no-household, unknown-household or no-fix at least) or a distance, written with a list of
-# flags; one closed unread kept the flags its row had when open: none, or damaged.
-NEVER_CHECKED_SQL = (
-    "state = 'closed' AND fhir_queued_at IS NULL AND id NOT IN (SELECT visit_id FROM chain) "
-    "AND distance_m IS NULL AND household_lat IS NULL AND end_fix IS NULL "
-    "AND CASE WHEN json_valid(flags) THEN json_array_length(flags) = 0 ELSE 1 END"
-)
-
 MIGRATIONS: tuple[Migration, ...] = (
     Migration.sql(
         "0001_visits",
@@ -151,12 +142,19 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration.sql("0004_visit_fhir_fault_version", "ALTER TABLE visits ADD COLUMN fhir_fault_version TEXT;"),
     # v-fix: visits `visit stop` closed unread before STOPPED_DAMAGED existed carry no mark, and
     # `visit retry` sent them (twice: the doctor recorded them again, as stop said). Marked now.
+    # Closed unread, never checked nor signed: every visit `stop` checked has a flag (no-household,
+    # unknown-household or no-fix at least) or a distance, written with a list of flags; one closed
+    # unread kept the flags its row had when open: none, or damaged. Inlined: an old migration
+    # must not change when code it would share is edited.
     Migration.sql(
         "0005_mark_stopped_damaged",
         f"""
         UPDATE visits SET fhir_fault = '{STOPPED_DAMAGED}' || COALESCE(fhir_fault, 'closed unread by an earlier version'),
             fhir_fault_version = '{fault_generation()}'
-        WHERE {NEVER_CHECKED_SQL} AND NOT {IS_STOPPED_DAMAGED};
+        WHERE state = 'closed' AND fhir_queued_at IS NULL AND id NOT IN (SELECT visit_id FROM chain)
+            AND distance_m IS NULL AND household_lat IS NULL AND end_fix IS NULL
+            AND CASE WHEN json_valid(flags) THEN json_array_length(flags) = 0 ELSE 1 END
+            AND NOT {IS_STOPPED_DAMAGED};
     """,
     ),
     # v2-fix: the datum the register file was read in (visits.register_datum): a changed setting
