@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from lastmile.doctor_ble import check_bluetooth
 
@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from lastmile.config import Config
     from lastmile.services.metered import MeteredWait
     from uploader.outbox import OutboxItem
+
+_R = TypeVar("_R")  # what Doctor._read_once keeps for a run
 
 SERVICES = (
     "lastmile-acquire.service",
@@ -183,8 +185,9 @@ class Doctor:
         """Every device clinic.db knows; None before clinic.db exists (never created here). Read
         once per `run_all`: the devices and bluetooth checks both look (the console runs the
         doctor every minute)."""
-        if self._run_reads is not None and "devices" in self._run_reads:
-            return self._run_reads["devices"]
+        return self._read_once("devices", self._read_device_records)
+
+    def _read_device_records(self) -> list[DeviceRecord] | None:
         from lastmile.clinic.db import DB_NAME
         from lastmile.clinic.devices import DeviceRegistry
 
@@ -196,16 +199,15 @@ class Doctor:
                     records = registry.all(self.config)
                 finally:
                     registry.close()
-        if self._run_reads is not None:
-            self._run_reads["devices"] = records
         return records
 
     def outbox_reads(self) -> OutboxReads | None:
         """What the queue and devices checks read from the outbox; None before it exists (never
         created here). One open per `run_all`: each open recovers, checks the reserve and writes
         its lock file (SD wear), and the console runs the doctor every minute."""
-        if self._run_reads is not None and "outbox" in self._run_reads:
-            return self._run_reads["outbox"]
+        return self._read_once("outbox", self._read_outbox)
+
+    def _read_outbox(self) -> OutboxReads | None:
         from lastmile.data_dir import open_existing_outbox
         from lastmile.services.metered import QUEUED_KINDS, metered_waits, refused_alone
         from uploader.outbox import Kind
@@ -230,9 +232,16 @@ class Doctor:
                         oldest_item if oldest_item and refused_alone(oldest_item, outbox) else None,
                         outbox.newest(Kind.DICOM, since=now - ECG_CLOCK_LOOKBACK_S, limit=ECG_CLOCK_ITEMS),
                     )
-        if self._run_reads is not None:
-            self._run_reads["outbox"] = reads
         return reads
+
+    def _read_once(self, key: str, read: Callable[[], _R]) -> _R:
+        """`read()`, kept for the rest of a `run_all` (several checks look); outside one, read each time."""
+        if self._run_reads is None:
+            return read()
+        if key not in self._run_reads:
+            self._run_reads[key] = read()
+        result: _R = self._run_reads[key]
+        return result
 
     # -- the checks -------------------------------------------------------------------------------
 
