@@ -1301,8 +1301,3 @@ def follow_receiver(book: VisitBook, source: FixSource, should_stop: Callable[[]
         if got == 0 and should_stop():
             break
     return seen
-
-
-# the code that turns a stored visit into its signed FHIR bundle (with uploader.fhir_bundle): a
-# change to it is a new relay_link.FHIR_FAULT_GENERATION (tests/test_fhir_fault_generation.py)
-BUNDLE_CODE = (VisitBook._stored_for_bundle, VisitBook._bundle, VisitBook._chain)
