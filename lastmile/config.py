@@ -18,6 +18,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lastmile.visits.datum import DATUMS
+
 if typing.TYPE_CHECKING:
     from devices.ascii_report import ReportProfile
     from uploader.fhir_bundle import FhirNaming
@@ -274,7 +276,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("reading_center", "no_commitment_policy"): ("keep", "purge"),
     ("gps", "source"): ("gpsd", "nmea", "none"),
     ("visits", "setting"): ("home", "clinic"),
-    ("visits", "register_datum"): ("wgs84", "gcj02", "bd09"),  # lastmile.visits.datum.DATUMS
+    ("visits", "register_datum"): DATUMS,
     ("patient", "id_kind"): ("", "cn-resident-id", "clinic-mrn"),
     ("console", "language"): ("zh-CN", "en"),
     ("reports", "source"): ("dicom", "fhir", "both", "off"),

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from lastmile.doctor_ble import check_bluetooth
 
@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from lastmile.config import Config
     from lastmile.services.metered import MeteredWait
     from uploader.outbox import OutboxItem
+
+_R = TypeVar("_R")  # what Doctor._read_once keeps for a run
 
 SERVICES = (
     "lastmile-acquire.service",
@@ -139,6 +141,14 @@ def failing_since_seen(r: DeviceRecord) -> bool:
     return bool(r.last_error and r.last_error_at and (seen is None or r.last_error_at >= seen))
 
 
+def _waits_for_space(r: DeviceRecord) -> bool:
+    """`r`'s error is readings the full outbox refused (on disk or in memory only): the doctor's
+    space check FAILs for them (Doctor._readings_waiting_for_space)."""
+    from lastmile.services.serial_spill import KEPT_ON_DISK, MEMORY_ONLY
+
+    return KEPT_ON_DISK in r.last_error or MEMORY_ONLY in r.last_error
+
+
 @dataclass(frozen=True, slots=True)
 class OutboxReads:
     """What a doctor run read from the outbox, in its one open (see `Doctor.outbox_reads`)."""
@@ -175,8 +185,9 @@ class Doctor:
         """Every device clinic.db knows; None before clinic.db exists (never created here). Read
         once per `run_all`: the devices and bluetooth checks both look (the console runs the
         doctor every minute)."""
-        if self._run_reads is not None and "devices" in self._run_reads:
-            return self._run_reads["devices"]
+        return self._read_once("devices", self._read_device_records)
+
+    def _read_device_records(self) -> list[DeviceRecord] | None:
         from lastmile.clinic.db import DB_NAME
         from lastmile.clinic.devices import DeviceRegistry
 
@@ -188,16 +199,15 @@ class Doctor:
                     records = registry.all(self.config)
                 finally:
                     registry.close()
-        if self._run_reads is not None:
-            self._run_reads["devices"] = records
         return records
 
     def outbox_reads(self) -> OutboxReads | None:
         """What the queue and devices checks read from the outbox; None before it exists (never
         created here). One open per `run_all`: each open recovers, checks the reserve and writes
         its lock file (SD wear), and the console runs the doctor every minute."""
-        if self._run_reads is not None and "outbox" in self._run_reads:
-            return self._run_reads["outbox"]
+        return self._read_once("outbox", self._read_outbox)
+
+    def _read_outbox(self) -> OutboxReads | None:
         from lastmile.data_dir import open_existing_outbox
         from lastmile.services.metered import QUEUED_KINDS, metered_waits, refused_alone
         from uploader.outbox import Kind
@@ -222,9 +232,16 @@ class Doctor:
                         oldest_item if oldest_item and refused_alone(oldest_item, outbox) else None,
                         outbox.newest(Kind.DICOM, since=now - ECG_CLOCK_LOOKBACK_S, limit=ECG_CLOCK_ITEMS),
                     )
-        if self._run_reads is not None:
-            self._run_reads["outbox"] = reads
         return reads
+
+    def _read_once(self, key: str, read: Callable[[], _R]) -> _R:
+        """`read()`, kept for the rest of a `run_all` (several checks look); outside one, read each time."""
+        if self._run_reads is None:
+            return read()
+        if key not in self._run_reads:
+            self._run_reads[key] = read()
+        result: _R = self._run_reads[key]
+        return result
 
     # -- the checks -------------------------------------------------------------------------------
 
@@ -789,7 +806,8 @@ class Doctor:
         # unpaired or no longer configured: its last error is history, not a fault to fix
         records = [r for r in records if not r.removed]
         recent = [r for r in records if (t := last_seen(r)) is not None and now - t < day]
-        errors = [r for r in records if failing_since_seen(r)]
+        # readings waiting for space are the space check's FAIL: said there, not again here
+        errors = [r for r in records if failing_since_seen(r) and not _waits_for_space(r)]
         text = (
             f"{len(records)} known, {len(recent)} seen in 24 h, "
             f"{sum(r.connected for r in records)} connected; {plugged}"
@@ -1496,7 +1514,7 @@ def _read_visits(data: Path) -> VisitsRead:
 def _open_visit_damage(conn: Any) -> Finding | None:
     """The open visit's row decoded as the book does: a damaged one can never be signed nor sent,
     and start and note refuse to go on until it is stopped (set aside) - the doctor must know."""
-    from lastmile.visits.record import BUNDLE_ERRORS, DamagedVisitError, decode_row
+    from lastmile.visits.record import DamagedVisitError, open_row_damage
 
     cursor = conn.execute("SELECT * FROM visits WHERE state = 'open'")
     names = [d[0] for d in cursor.description]
@@ -1504,12 +1522,7 @@ def _open_visit_damage(conn: Any) -> Finding | None:
     if row is None:
         return None
     visit = dict(zip(names, row, strict=True))
-    # a repair pass sets the open visit aside when a note of it is damaged (its row may read well)
-    cause: Exception | str | None = visit.get("fhir_fault")
-    try:
-        decode_row(visit)
-    except BUNDLE_ERRORS as exc:
-        cause = exc
+    cause = open_row_damage(visit)
     if cause is not None:
         damaged = DamagedVisitError(visit["id"], visit["patient_id"], cause)
         return Finding(

@@ -21,6 +21,7 @@ import pytest
 from devices.identity import DeviceIdentity, TimeSource
 from devices.observation import Observation, Quantity
 from lastmile.clinic.db import open_clinic_db
+from lastmile.clinic.observations import StoreResult
 from lastmile.config import Config
 from lastmile.console.accounts import Accounts
 from lastmile.console.service import ConsoleServer
@@ -218,20 +219,34 @@ def bp_reading(measured_at: dt.datetime, key: str, time_source: TimeSource = Tim
     )
 
 
-def record_receipt_timed_bp(config: Config, key: str) -> None:
-    """A BP reading from a cuff without a usable clock arrives for the checked-in patient: its
-    time is when the gateway received it (time_source gateway-receipt)."""
+def record_readings(config: Config, *readings: Observation, now: dt.datetime | None = None) -> list[StoreResult]:
+    """`readings` arriving as the acquire service records them (clinic.db and the outbox): what
+    became of each (stored for the checked-in patient, or held with nobody checked in)."""
     from lastmile.clinic.observations import ObservationStore
     from lastmile.data_dir import open_outbox
 
-    now = dt.datetime.now(dt.timezone.utc)
+    at = now or dt.datetime.now(dt.timezone.utc)
     with open_outbox(config) as outbox:
         store = ObservationStore.open(config.data_dir, outbox=outbox, idle_timeout_s=900)
         try:
-            outcome = store.record(bp_reading(now, key, TimeSource.GATEWAY_RECEIPT), now=now).outcome
+            return [store.record(r, now=at) for r in readings]
         finally:
             store.close()
-    assert outcome == "stored", outcome
+
+
+def hold_readings(config: Config, *readings: Observation) -> list[int]:
+    """Readings arriving with nobody checked in: held unassigned (their held ids)."""
+    results = record_readings(config, *readings)
+    assert [r.outcome for r in results] == ["held"] * len(readings), results
+    return [r.held_id for r in results if r.held_id is not None]
+
+
+def record_receipt_timed_bp(config: Config, key: str) -> None:
+    """A BP reading from a cuff without a usable clock arrives for the checked-in patient: its
+    time is when the gateway received it (time_source gateway-receipt)."""
+    now = dt.datetime.now(dt.timezone.utc)
+    [result] = record_readings(config, bp_reading(now, key, TimeSource.GATEWAY_RECEIPT), now=now)
+    assert result.outcome == "stored", result.outcome
 
 
 def store_returned_reports(config: Config) -> tuple[int, int]:

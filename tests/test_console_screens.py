@@ -27,6 +27,7 @@ from tests.console_harness import (
     VALID_ID,
     Client,
     console_config,
+    hold_readings,
     running_console,
     store_unassigned_ecg_report,
 )
@@ -560,8 +561,6 @@ def test_a_held_pulse_reads_in_the_same_unit_as_the_ecgs_heart_rate(tmp_path: Pa
     "128/84 mmHg, 脉搏 71": an ASCII comma on a Chinese page."""
     from devices.identity import DeviceIdentity
     from devices.observation import Observation, Quantity, TimeSource
-    from lastmile.clinic.observations import ObservationStore
-    from lastmile.data_dir import open_outbox
 
     config = console_config(tmp_path / "data")
     now = dt.datetime.now(dt.timezone.utc)
@@ -578,12 +577,7 @@ def test_a_held_pulse_reads_in_the_same_unit_as_the_ecgs_heart_rate(tmp_path: Pa
         device=DeviceIdentity("Acme", "BP-1", "42", "AA:BB:CC:DD:EE:01"),
         record_key="pulse-1",
     )
-    with open_outbox(config) as outbox:
-        store = ObservationStore.open(config.data_dir, outbox=outbox, idle_timeout_s=900)
-        try:
-            assert store.record(reading, now=now).outcome == "held"
-        finally:
-            store.close()
+    hold_readings(config, reading)
     with running_console(config) as server:
         pages = {}
         for language in ("zh-CN", "en"):
@@ -621,22 +615,6 @@ def test_readings_for_the_platform_are_not_counted_as_ecg_studies_waiting_for_th
     assert "0 份检查等待发送" in link and "最早的一份" not in link, link
     link = with_ecg.split('id="h-link"', 1)[1].split("</section>", 1)[0]
     assert "1 份检查等待发送" in link and "最早的一份自" in link, link
-
-
-def hold_readings(config: Config, *readings: object) -> list[int]:
-    """Readings arriving with nobody checked in: held unassigned (their held ids)."""
-    from lastmile.clinic.observations import ObservationStore
-    from lastmile.data_dir import open_outbox
-
-    now = dt.datetime.now(dt.timezone.utc)
-    with open_outbox(config) as outbox:
-        store = ObservationStore.open(config.data_dir, outbox=outbox, idle_timeout_s=900)
-        try:
-            results = [store.record(r, now=now) for r in readings]  # type: ignore[arg-type]
-        finally:
-            store.close()
-    assert [r.outcome for r in results] == ["held"] * len(readings), results
-    return [r.held_id for r in results if r.held_id is not None]
 
 
 def assign_box(page: str, held_id: int | str) -> str:

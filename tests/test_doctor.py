@@ -503,11 +503,11 @@ def test_a_damaged_open_visit_fails_the_doctor_with_what_to_do(tmp_path: Path) -
 
     from lastmile.console.app import advice_for
     from lastmile.visits.book import VisitBook
+    from tests.visit_harness import damage_open_row
 
     with VisitBook.open(tmp_path, gateway_id="gw-1") as book:
         visit = book.start("P-2", doctor_id="DR-1")
-        book.db.execute("UPDATE visits SET start_fix = 'not json' WHERE id = ?", [visit.id])
-        book.db.conn.commit()
+        damage_open_row(book, visit.id)
     found = doctor(tmp_path).check_visits()
     assert [(f.level, f.topic) for f in found] == [(Level.FAIL, "open-damaged")], found
     assert visit.id in found[0].message and "lastmile visit stop" in found[0].message, found
@@ -525,7 +525,7 @@ def test_the_home_visits_check_looks_into_visits_db_only_after_it_changed(
     read-only look still writes SQLite's shared-memory file on the SD card), all day, though
     nothing had changed. It opens it again only once a commit changed its files."""
     from lastmile.visits.book import VisitBook
-    from tests.test_visit_forwarding import visits_db_opens
+    from tests.visit_harness import visits_db_opens
 
     with VisitBook.open(tmp_path, gateway_id="gw-1") as book:  # as the acquire service holds it
         book.start("P-1", doctor_id="DR-1")
@@ -617,17 +617,13 @@ def test_an_open_visit_set_aside_by_a_repair_pass_is_not_offered_visit_retry(tmp
     closed visits (and the next pass sets it aside again). It is the open visit that is damaged:
     the doctor FAILs with what `visit start`/`note` say - stop it, then start it again."""
     from lastmile.visits.book import VisitBook
-    from tests.fhir_samples import NAMING
+    from tests.visit_harness import set_aside_by_a_damaged_note
     from uploader.outbox import Outbox
 
-    with VisitBook.open(tmp_path, gateway_id="gw-1") as book:
+    with VisitBook.open(tmp_path, gateway_id="gw-1") as book, Outbox.open(tmp_path, min_free_bytes=0) as outbox:
         visit = book.start("P-4", doctor_id="DR-1")
         book.note("wound dressed")
-        book.db.execute("UPDATE visit_notes SET stamp = 'not json' WHERE visit_id = ?", [visit.id])
-        book.db.conn.commit()
-    # the forward service's round: its repair pass meets the damaged note
-    with VisitBook.open(tmp_path, gateway_id="gw-1") as book, Outbox.open(tmp_path, min_free_bytes=0) as outbox:
-        book.queue_closed(outbox, NAMING)
+        set_aside_by_a_damaged_note(book, outbox)
     row = _visit_row(tmp_path, visit.id)
     assert row[0] == "open" and row[1] is not None, row  # set aside while open
     found = doctor(tmp_path).check_visits()

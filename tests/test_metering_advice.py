@@ -43,6 +43,18 @@ def queue_findings(found: list[Finding]) -> list[Finding]:
     return [f for f in found if f.check == "queue"]
 
 
+def queue_visit(outbox: Outbox, n: int, at: float, *, patient: str | None = None, key: str | None = None) -> None:
+    """Visit `n`'s FHIR bundle (every kind of reading) queued at `at`: patient P-n, key visit-n
+    unless given."""
+    from tests.fhir_samples import NAMING, T0, all_kinds, signature, visit
+    from uploader.fhir_bundle import visit_bundle
+    from uploader.fhir_forwarder import enqueue_bundle
+
+    patient = patient or f"P-{n}"
+    bundle = visit_bundle(visit(n, patient=patient), all_kinds(T0, patient), NAMING, signature(n))
+    enqueue_bundle(outbox, bundle, key or f"visit-{n}", patient_id=patient, now=at)
+
+
 WINDOW_AND_BUDGET = '[reading_center.metered]\nwindows = ["20:00-22:00"]\ndaily_budget_mb = 1.0\n'
 
 
@@ -687,30 +699,22 @@ def test_a_visit_record_the_platform_keeps_refusing_for_later_is_stuck_not_held_
     counted as held by the budget ('all held by metered links', no stuck item for the county's
     alert), as the reading center's 0xA700 ECG did before 0007_failed_at - no budget lets it go."""
     from lastmile.services.metrics_sources import read_outbox
-    from tests.fhir_samples import NAMING, T0, all_kinds, signature, visit
+    from tests.fhir_samples import visit
     from tests.fhir_server import RefusesOneVisit
-    from uploader.fhir_bundle import visit_bundle
-    from uploader.fhir_forwarder import enqueue_bundle, forward_fhir_once
+    from uploader.fhir_forwarder import forward_fhir_once
     from uploader.fhir_sender import FhirSender, FhirSenderSettings
 
     refused_visit = visit(0).visit_id
     t0 = time.time()
     with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
         for n in range(3):
-            bundle = visit_bundle(visit(n, patient=f"P-{n}"), all_kinds(T0, f"P-{n}"), NAMING, signature(n))
-            enqueue_bundle(outbox, bundle, f"visit-{n}", patient_id=f"P-{n}", now=t0)
+            queue_visit(outbox, n, t0)
     with RefusesOneVisit(refused_visit) as server, FhirSender(FhirSenderSettings(base_url=server.base_url)) as sender:
         with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
             for hour in range(3):  # it is tried again each hour, refused; the others went meanwhile
                 forward_fhir_once(outbox, sender, t0 + hour * 3600, batch_size=1)
                 forward_fhir_once(outbox, sender, t0 + hour * 3600 + 1, batch_size=1)
-                enqueue_bundle(
-                    outbox,
-                    visit_bundle(visit(10 + hour), all_kinds(T0, "P-9"), NAMING, signature(10 + hour)),
-                    f"later-{hour}",
-                    patient_id="P-9",
-                    now=t0 + hour * 3600 + 2,
-                )
+                queue_visit(outbox, 10 + hour, t0 + hour * 3600 + 2, patient="P-9", key=f"later-{hour}")
                 forward_fhir_once(outbox, sender, t0 + hour * 3600 + 3, batch_size=1)
         assert len(server.identifiers("Encounter")) == 5 and refused_visit not in server.identifiers("Encounter")
     now = t0 + 2 * DAY  # two days on, the budget spent each of them
@@ -750,25 +754,20 @@ def test_visit_records_that_failed_while_the_platforms_gateway_answered_503_are_
     failed with the link, not alone. Once the link worked again and the budget was spent every
     day since, they were said stuck - the platform 'refuses this one' - as if no budget held them."""
     from lastmile.services.metrics_sources import read_outbox
-    from tests.fhir_samples import NAMING, T0, all_kinds, signature, visit
+    from tests.fhir_samples import visit
     from tests.fhir_server import FhirTestServer
-    from uploader.fhir_bundle import visit_bundle
-    from uploader.fhir_forwarder import enqueue_bundle, forward_fhir_once
+    from uploader.fhir_forwarder import forward_fhir_once
     from uploader.fhir_sender import FhirSender, FhirSenderSettings
-
-    def queue(outbox: Outbox, n: int, at: float) -> None:
-        bundle = visit_bundle(visit(n, patient=f"P-{n}"), all_kinds(T0, f"P-{n}"), NAMING, signature(n))
-        enqueue_bundle(outbox, bundle, f"visit-{n}", patient_id=f"P-{n}", now=at)
 
     t0 = time.time()
     with FhirTestServer() as server, FhirSender(FhirSenderSettings(base_url=server.base_url)) as sender:
         with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
             for n in range(3):
-                queue(outbox, n, t0)
+                queue_visit(outbox, n, t0)
             server.gateway_down = 503
             assert forward_fhir_once(outbox, sender, t0).transient == 3
             server.gateway_down = None  # the platform is back: a later visit goes, the budget then spent
-            queue(outbox, 9, t0 + 1)
+            queue_visit(outbox, 9, t0 + 1)
             assert forward_fhir_once(outbox, sender, t0 + 1).sent == 1
         assert server.identifiers("Encounter") == [visit(9).visit_id]
     now = t0 + 2 * DAY
@@ -910,17 +909,10 @@ def test_a_visit_record_whose_send_timed_out_after_another_went_is_not_said_refu
     out in the same round. Once a clean round ran, it was said refused alone: "the county platform
     refuses this one visit record (last answer: ReadTimeout)". No answer is the link's."""
     from lastmile.services.metered import refused_alone
-    from tests.fhir_samples import NAMING, T0, all_kinds, signature, visit
     from tests.fhir_server import FhirTestServer
-    from uploader.fhir_bundle import visit_bundle
-    from uploader.fhir_forwarder import enqueue_bundle, forward_fhir_once
-    from uploader.fhir_sender import FhirSender, FhirSenderSettings
-
-    def queue(outbox: Outbox, n: int, at: float) -> None:
-        bundle = visit_bundle(visit(n, patient=f"P-{n}"), all_kinds(T0, f"P-{n}"), NAMING, signature(n))
-        enqueue_bundle(outbox, bundle, f"visit-{n}", patient_id=f"P-{n}", now=at)
-
     from tests.waiting import wait_for
+    from uploader.fhir_forwarder import forward_fhir_once
+    from uploader.fhir_sender import FhirSender, FhirSenderSettings
 
     t0 = time.time()
     settings = FhirSenderSettings(base_url="", timeout_s=1.0)
@@ -928,11 +920,11 @@ def test_a_visit_record_whose_send_timed_out_after_another_went_is_not_said_refu
         server.timeout_delay_s = 3.0
         with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
             for n in range(3):
-                queue(outbox, n, t0)
+                queue_visit(outbox, n, t0)
             server.faults.extend(["", "timeout"])
             assert forward_fhir_once(outbox, sender, t0, batch_size=1).transient == 1
             wait_for(lambda: server.stats.transactions == 2, timeout=30)  # it answers again, late
-            queue(outbox, 9, t0 + 1)
+            queue_visit(outbox, 9, t0 + 1)
             assert forward_fhir_once(outbox, sender, t0 + 1).sent == 2  # a clean round
             [timed_out] = outbox.items(state=ItemState.QUEUED, kind=Kind.FHIR_BUNDLE)
             assert "Timeout" in (timed_out.last_error or "")

@@ -143,7 +143,7 @@ def test_a_reading_taken_during_a_home_visit_goes_with_the_visit(tmp_path: Path)
     with VisitBook.open(tmp_path, gateway_id="gw-1", clock=clock) as book:
         visit = book.start("P-2", doctor_id="DOC-1")
         now = (T0 + 10 * MIN).timestamp()
-        assert relay_observations(outbox, NAMING, now, visit_link=visit_link(tmp_path, "gw-1")) == 3
+        assert relay_observations(outbox, NAMING, now, visit_link=visit_link(tmp_path, "gw-1", set())) == 3
         assert len(outbox.items(kind=Kind.FHIR_BUNDLE)) == 2  # P-1's, and P-2's from before the visit
         assert [o.quantities[0].value for o in book.observations(visit.id)] == [118.0]
         wall[0] = (T0 + 20 * MIN).timestamp()
@@ -183,7 +183,7 @@ def test_asking_about_visits_costs_the_forward_process_no_signing_code(tmp_path:
         "from lastmile.visits.relay_link import visit_link\n"
         "from tests.test_observation_relay import bp, T0\n"
         "reading = dataclasses.replace(bp(T0, 120), patient_id='P-1')\n"
-        "assert visit_link(pathlib.Path(sys.argv[1]), 'gw-1')(reading, 'k') is None\n"
+        "assert visit_link(pathlib.Path(sys.argv[1]), 'gw-1', set())(reading, 'k') is None\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('cryptography', 'bcrypt')))\n"
     )
     done = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True, timeout=120)

@@ -484,6 +484,8 @@ def test_readings_a_full_disk_refuses_survive_a_power_cut_and_are_stored_when_sp
     assert code == -9 and stdout.strip() == "held", stderr
     assert out["stored_after_restart"] == ["P-9"] * 3, "readings the full disk refused were lost in the power cut"
     assert any(level == "FAIL" and "3 reading(s)" in text and "wait for space" in text for level, text in out["doctor"])
+    # said once: the devices WARN does not repeat the monitor's "waiting for space" error
+    assert not any(level == "WARN" and "waiting for space" in text for level, text in out["doctor"]), out["doctor"]
     assert not any(level == "FAIL" for level, _ in out["doctor_after"]), out["doctor_after"]
 
 
@@ -542,6 +544,7 @@ def test_readings_held_in_memory_only_because_no_spill_file_could_be_set_aside_a
     out = json.loads(script.stdout.strip().splitlines()[-1])
     assert any("3 reading(s)" in row and "held in memory only" in row for row in out["rows"]), out["rows"]
     assert any(level == "FAIL" and "memory only" in text for level, text in out["doctor"]), out["doctor"]
+    assert not any(level == "WARN" and "memory only" in text for level, text in out["doctor"]), out["doctor"]
 
 
 def test_readings_that_do_not_fit_the_spill_file_are_said_lost_when_the_service_stops(

@@ -8,7 +8,6 @@ visits.db until the doctor's next stop: the day's last visit never left the vill
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import itertools
 import json
@@ -29,6 +28,7 @@ from tests.fhir_server import FhirTestServer
 from tests.peers import free_port
 from tests.test_sd_wear import idle_steps_wrote
 from tests.test_visits import GPS_T, HOUSE, FakeClocks, fix_at
+from tests.visit_harness import damage_open_row, visits_db_opens
 from tests.waiting import wait_for
 from uploader.outbox import Kind, Outbox
 
@@ -773,22 +773,6 @@ def test_a_visit_set_aside_is_tried_once_more_after_an_update_that_changes_bundl
         assert [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == [f"fhir:visit:{damaged.id}"]
 
 
-@contextlib.contextmanager
-def visits_db_opens(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
-    """Every connection opened to a visits.db inside: what looking at it costs (the SD card)."""
-    opened: list[str] = []
-    real_connect = sqlite3.connect
-
-    def connect(database: str, *args: object, **kwargs: object) -> sqlite3.Connection:
-        if "visits.db" in str(database):
-            opened.append(str(database))
-        return real_connect(database, *args, **kwargs)  # type: ignore[arg-type]
-
-    with monkeypatch.context() as patched:
-        patched.setattr(sqlite3, "connect", connect)
-        yield opened
-
-
 def test_a_forward_try_that_queues_a_visit_opens_visits_db_twice_not_three_times(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -820,7 +804,7 @@ def relay_a_cuff_reading(data: Path, outbox: Outbox, at: dt.datetime) -> None:
     try:
         store.context.set_patient("P-1", "Wang^Fang", now=at)
         assert store.record(blood_pressure(at, None, "bp-1"), now=at).outcome == "stored"
-        assert relay_observations(outbox, NAMING, at.timestamp(), visit_link=visit_link(data, "gw-1")) == 1
+        assert relay_observations(outbox, NAMING, at.timestamp(), visit_link=visit_link(data, "gw-1", set())) == 1
     finally:
         store.close()
 
@@ -836,8 +820,7 @@ def test_a_reading_of_a_patient_whose_open_visit_is_damaged_is_sent_alone_not_qu
     now = dt.datetime.now(dt.timezone.utc)
     with VisitBook.open(data, gateway_id="gw-1") as book:
         visit = book.start("P-1", doctor_id="DR-1")
-        book.db.execute("UPDATE visits SET start_stamp = '{}' WHERE id = ?", [visit.id])
-        book.db.conn.commit()
+        damage_open_row(book, visit.id)
     with Outbox.open(data, min_free_bytes=0) as outbox:
         relay_a_cuff_reading(data, outbox, now)
         assert {i.state for i in outbox.items(kind=OBSERVATION_KIND)} == {ItemState.COMMITTED}
@@ -852,8 +835,7 @@ def test_a_damaged_open_visit_is_warned_of_once_not_at_each_reading(
     data = tmp_path / "data"
     with VisitBook.open(data, gateway_id="gw-1") as book:
         visit = book.start("P-1", doctor_id="DR-1")
-        book.db.execute("UPDATE visits SET start_stamp = '{}' WHERE id = ?", [visit.id])
-        book.db.conn.commit()
+        damage_open_row(book, visit.id)
     said: set[str] = set()  # kept by the forward service across its rounds
     with caplog.at_level(logging.WARNING):
         for key in ("ecg:1", "ecg:2"):  # a book per reading, as the relay's visit_link opens it
@@ -873,8 +855,7 @@ def test_a_damaged_open_visit_is_warned_of_by_each_gateway_book_not_once_per_pro
     data, copy = tmp_path / "data", tmp_path / "restored"
     with VisitBook.open(data, gateway_id="gw-1") as book:
         visit = book.start("P-1", doctor_id="DR-1")
-        book.db.execute("UPDATE visits SET start_stamp = '{}' WHERE id = ?", [visit.id])
-        book.db.conn.commit()
+        damage_open_row(book, visit.id)
     shutil.copytree(data, copy)
     with caplog.at_level(logging.WARNING):
         for where in (data, copy):
@@ -896,8 +877,7 @@ def link_a_reading_then_damage_the_visit(data: Path, at: dt.datetime) -> str:
         assert outbox.items(kind=Kind.FHIR_BUNDLE) == []  # it went with the visit
     with VisitBook.open(data, gateway_id="gw-1") as book:
         assert len(book.observations(visit.id)) == 1
-        book.db.execute("UPDATE visits SET start_stamp = '{}' WHERE id = ?", [visit.id])
-        book.db.conn.commit()
+        damage_open_row(book, visit.id)
     return visit.id
 
 

@@ -430,7 +430,7 @@ def test_an_open_visit_set_aside_for_a_damaged_note_is_refused_notes_and_stopped
     retry` sent it, and the county got the visit twice. Note refuses it with the same advice; stop
     closes it stopped damaged: never retried nor sent."""
     from lastmile.visits.book import VisitBook
-    from tests.fhir_samples import NAMING
+    from tests.visit_harness import set_aside_by_a_damaged_note
     from uploader.outbox import Outbox
 
     data = tmp_path / "data"
@@ -438,9 +438,7 @@ def test_an_open_visit_set_aside_for_a_damaged_note_is_refused_notes_and_stopped
     assert run("visit", "start", "--patient", "P-2") == 0
     assert run("visit", "note", "wound dressed") == 0
     with VisitBook.open(data, gateway_id="gw-cli") as book, Outbox.open(data, min_free_bytes=0) as outbox:
-        book.db.execute("UPDATE visit_notes SET stamp = 'not json'")
-        book.db.conn.commit()
-        book.queue_closed(outbox, NAMING)  # the forward service's pass: meets the note, sets the visit aside
+        set_aside_by_a_damaged_note(book, outbox)
         (first,) = [v.id for v in book.visits()]
     capsys.readouterr()
     assert run("visit", "note", "second dressing") == 1

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import datetime as dt
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
 
 from devices.gps import Fix, FixMode
 from lastmile.clock import GatewayClock
 from lastmile.visits.book import VisitBook, VisitPolicy
+
+if TYPE_CHECKING:
+    from uploader.outbox import Outbox
 
 GPS_T = dt.datetime(2026, 3, 2, 8, 0, tzinfo=dt.timezone.utc)
 HOUSE = (31.2480, 121.5874)
@@ -54,3 +63,35 @@ def offset(lat: float, lon: float, north_m: float) -> tuple[float, float]:
 def open_book(data: Path, clocks: FakeClocks, **policy: object) -> VisitBook:
     """The visit book of gateway gw-1 in `data`, as one process (service or command) opens it."""
     return VisitBook.open(data, gateway_id="gw-1", policy=VisitPolicy(**policy), clock=clocks.clock())  # type: ignore[arg-type]
+
+
+@contextmanager
+def visits_db_opens(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Every connection opened to a visits.db inside: what looking at it costs (the SD card)."""
+    opened: list[str] = []
+    real_connect = sqlite3.connect
+
+    def connect(database: str, *args: object, **kwargs: object) -> sqlite3.Connection:
+        if "visits.db" in str(database):
+            opened.append(str(database))
+        return real_connect(database, *args, **kwargs)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as patched:
+        patched.setattr(sqlite3, "connect", connect)
+        yield opened
+
+
+def damage_open_row(book: VisitBook, visit_id: str) -> None:
+    """The visit's row damaged on the SD card (its start stamp no longer one): it cannot be read."""
+    book.db.execute("UPDATE visits SET start_stamp = '{}' WHERE id = ?", [visit_id])
+    book.db.conn.commit()
+
+
+def set_aside_by_a_damaged_note(book: VisitBook, outbox: Outbox) -> None:
+    """The open visit's notes damaged on the SD card, then the forward service's pass: it meets
+    them and sets the visit aside (fhir_fault), its row reading well."""
+    from tests.fhir_samples import NAMING
+
+    book.db.execute("UPDATE visit_notes SET stamp = 'not json'")
+    book.db.conn.commit()
+    book.queue_closed(outbox, NAMING)

@@ -67,7 +67,15 @@ from lastmile.visits.chain import (
     verify_lines,
 )
 from lastmile.visits.households import Household, HouseholdRegister, distance_m
-from lastmile.visits.record import BUNDLE_ERRORS, DamagedVisitError, FixRecord, VisitError, decode_row, fault_text
+from lastmile.visits.record import (
+    BUNDLE_ERRORS,
+    DamagedVisitError,
+    FixRecord,
+    VisitError,
+    decode_row,
+    fault_text,
+    open_row_damage,
+)
 from lastmile.visits.relay_link import (
     CLOSED_UNQUEUED_SQL,
     IS_STOPPED_DAMAGED,
@@ -88,15 +96,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DB_NAME = "visits.db"
-
-# SQL: a closed visit `stop` closed unread, never checked nor signed. Every visit `stop` checked has
-# a flag (no-household, unknown-household or no-fix at least) or a distance, written with a list of
-# flags; one closed unread kept the flags its row had when open: none, or damaged.
-NEVER_CHECKED_SQL = (
-    "state = 'closed' AND fhir_queued_at IS NULL AND id NOT IN (SELECT visit_id FROM chain) "
-    "AND distance_m IS NULL AND household_lat IS NULL AND end_fix IS NULL "
-    "AND CASE WHEN json_valid(flags) THEN json_array_length(flags) = 0 ELSE 1 END"
-)
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration.sql(
@@ -143,12 +142,19 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration.sql("0004_visit_fhir_fault_version", "ALTER TABLE visits ADD COLUMN fhir_fault_version TEXT;"),
     # v-fix: visits `visit stop` closed unread before STOPPED_DAMAGED existed carry no mark, and
     # `visit retry` sent them (twice: the doctor recorded them again, as stop said). Marked now.
+    # Closed unread, never checked nor signed: every visit `stop` checked has a flag (no-household,
+    # unknown-household or no-fix at least) or a distance, written with a list of flags; one closed
+    # unread kept the flags its row had when open: none, or damaged. Inlined: an old migration
+    # must not change when code it would share is edited.
     Migration.sql(
         "0005_mark_stopped_damaged",
         f"""
         UPDATE visits SET fhir_fault = '{STOPPED_DAMAGED}' || COALESCE(fhir_fault, 'closed unread by an earlier version'),
             fhir_fault_version = '{fault_generation()}'
-        WHERE {NEVER_CHECKED_SQL} AND NOT {IS_STOPPED_DAMAGED};
+        WHERE state = 'closed' AND fhir_queued_at IS NULL AND id NOT IN (SELECT visit_id FROM chain)
+            AND distance_m IS NULL AND household_lat IS NULL AND end_fix IS NULL
+            AND CASE WHEN json_valid(flags) THEN json_array_length(flags) = 0 ELSE 1 END
+            AND NOT {IS_STOPPED_DAMAGED};
     """,
     ),
     # v2-fix: the datum the register file was read in (visits.register_datum): a changed setting
@@ -615,7 +621,7 @@ class VisitBook:
         """(In a write transaction.) A visit whose stored record is damaged can never be signed or
         made a bundle: why is kept on it (`lastmile visit list`), it is said once, and it no
         longer stops the fixes, the signing or the sending of any other visit."""
-        fault = f"{type(exc).__name__}: {exc}"
+        fault = fault_text(exc)
         # only if not set aside yet: a pass may meet the same visit again (each damaged note)
         newly = self.db.execute(
             "UPDATE visits SET fhir_fault = ?, fhir_fault_version = ? WHERE id = ? AND fhir_fault IS NULL",
@@ -745,7 +751,7 @@ class VisitBook:
                 "end_fix": None,
                 "row_damaged": True,
             }
-            fault = fault or f"{type(exc).__name__}: {exc}"
+            fault = fault or fault_text(exc)
         chain = list(self.db.query("SELECT seq FROM chain WHERE visit_id = ?", [row["id"]]))
         return Visit(
             id=row["id"],
@@ -831,12 +837,12 @@ class VisitBook:
     def _open_visit(self, row: dict) -> Visit:
         """The open visit; DamagedVisitError when its row cannot be read, or a repair pass set it
         aside (a note of it damaged, its row reading well): either way it can never be sent."""
-        if row["fhir_fault"] is not None:
-            raise DamagedVisitError(row["id"], row["patient_id"], row["fhir_fault"])
-        try:
-            return self._visit(row)
-        except BUNDLE_ERRORS as exc:
-            raise DamagedVisitError(row["id"], row["patient_id"], exc) from exc
+        cause = open_row_damage(row)
+        if cause is not None:
+            raise DamagedVisitError(row["id"], row["patient_id"], cause) from (
+                cause if isinstance(cause, Exception) else None
+            )
+        return self._visit(row)
 
     def _open_to_link(self) -> Visit | None:
         """The open visit a reading or an ECG may join; None when there is none, or when it is
@@ -1295,8 +1301,3 @@ def follow_receiver(book: VisitBook, source: FixSource, should_stop: Callable[[]
         if got == 0 and should_stop():
             break
     return seen
-
-
-# the code that turns a stored visit into its signed FHIR bundle (with uploader.fhir_bundle): a
-# change to it is a new relay_link.FHIR_FAULT_GENERATION (tests/test_fhir_fault_generation.py)
-BUNDLE_CODE = (VisitBook._stored_for_bundle, VisitBook._bundle, VisitBook._chain)

@@ -74,3 +74,16 @@ def decode_row(row: Mapping[str, Any]) -> dict[str, Any]:
         "end_fix": FixRecord.from_json(row["end_fix"]),
         "flags": json.loads(row["flags"]),
     }
+
+
+def open_row_damage(row: Mapping[str, Any]) -> Exception | str | None:
+    """Why the open visit's row can never be sent, or None: the fault a repair pass stored (a note
+    of it damaged, its row reading well) first, else the error decoding the row. The book (start,
+    note) and the doctor both ask here, so they name the same cause."""
+    if row["fhir_fault"] is not None:
+        return str(row["fhir_fault"])
+    try:
+        decode_row(row)
+    except BUNDLE_ERRORS as exc:
+        return exc
+    return None

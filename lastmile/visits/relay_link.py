@@ -46,14 +46,10 @@ def _patients_with_open_visits(db_path: Path) -> frozenset[str]:
     return frozenset(str(row[0]) for row in rows)
 
 
-def visit_link(
-    data_dir: Path, gateway_id: str, damaged_said: set[str] | None = None
-) -> Callable[[Observation, str], str | None]:
+def visit_link(data_dir: Path, gateway_id: str, damaged_said: set[str]) -> Callable[[Observation, str], str | None]:
     """For one relay round: links a reading to the open visit of its patient if it was taken
     during it (the visit's bundle then carries it, with its Encounter), else None.
     `damaged_said`: the damaged open visits already said (the caller keeps it across rounds)."""
-    said = damaged_said if damaged_said is not None else set()
-
     open_for: list[frozenset[str]] = []  # read once per relay round (one link per round), at first use
 
     def link(obs: Observation, outbox_key: str) -> str | None:
@@ -64,14 +60,15 @@ def visit_link(
         from lastmile.visits.book import VisitBook
 
         # the book checks again, in the transaction that links (the visit may have closed since)
-        with VisitBook.open(data_dir, gateway_id=gateway_id, damaged_said=said) as book:
+        with VisitBook.open(data_dir, gateway_id=gateway_id, damaged_said=damaged_said) as book:
             return book.attach_observation(obs, outbox_key=outbox_key, taken_during=True)
 
     return link
 
 
-# The generation of the code that turns a stored visit into a FHIR bundle (lastmile.visits.book:
-# record decoding, `_stored_for_bundle`, `_bundle`, signing; uploader.fhir_bundle.visit_bundle).
+# The generation of the code that turns a stored visit into a FHIR bundle (lastmile.visits.record:
+# row decoding; lastmile.visits.book: `_stored_for_bundle`, `_bundle`, signing (`_chain`);
+# uploader.fhir_bundle.visit_bundle).
 # BUMP IT whenever that code changes (tests/test_fhir_fault_generation.py fails until it is): a
 # visit set aside (fhir_fault) by another generation is tried once more, as an update may mend what
 # set it aside. Not lastmile.__version__: it never
