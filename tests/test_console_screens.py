@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 from pydicom.uid import generate_uid
 
+from lastmile.clinic.devices import DeviceRegistry
 from lastmile.config import Config
 from lastmile.demo.cardiologist import StudyToRead, ecg_report_sr, part10
 from lastmile.reports.store import ReportStore, SentStudy
@@ -496,6 +497,24 @@ def test_the_refusal_and_not_found_pages_read_english_in_english(tmp_path: Path)
         assert '<html lang="en">' in reply.body and 'href="/today"' in reply.body, reply.body
         assert not re.search(r"[\u4e00-\u9fff]", reply.body.split("<main", 1)[1]), reply.body
     assert "not saved" in refused.body, refused.body
+
+
+def test_pairing_a_bluetooth_address_of_five_bytes_is_refused_in_chinese(tmp_path: Path) -> None:
+    """A label's address typed one byte short (AA:BB:CC:DD:EE) is not paired: the Devices page says,
+    in Chinese, what a Bluetooth address looks like, and the registry has no such device."""
+    config = console_config(tmp_path / "data")
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        client.get("/devices")
+        reply = client.post("/devices/pair", {"address": "aa:bb:cc:dd:ee", "name": "血压计"})
+    assert reply.status == 400, reply.status
+    assert "蓝牙地址的格式是 AA:BB:CC:DD:EE:FF" in reply.body, reply.body
+    registry = DeviceRegistry.open(config.data_dir)
+    try:
+        assert not any(d.address.startswith("AA:BB:CC:DD:EE") for d in registry.all(config))
+    finally:
+        registry.close()
 
 
 def test_the_not_found_and_refusal_pages_offer_no_language_switch_to_a_visitor_not_logged_in(tmp_path: Path) -> None:

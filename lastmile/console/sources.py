@@ -33,7 +33,7 @@ from devices.identity import InvalidPatientIdError, Patient, device_clock_wrong
 from devices.observation import Observation
 from lastmile.clinic.db import DB_NAME as CLINIC_DB
 from lastmile.clinic.db import from_iso, open_clinic_db, utc_now
-from lastmile.clinic.devices import DeviceRecord, DeviceRegistry, normalise_address
+from lastmile.clinic.devices import DeviceRecord, DeviceRegistry, is_bluetooth_address, normalise_address
 from lastmile.clinic.observations import (
     OBSERVATION_KIND,
     ObservationStore,
@@ -733,8 +733,7 @@ class ClinicData:
 
     def pair_device(self, user: str, address: str, name: str, *, now: dt.datetime) -> DeviceRecord:
         address = normalise_address(address)
-        parts = address.split(":")
-        if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789ABCDEF" for c in p) for p in parts):
+        if not is_bluetooth_address(address):
             raise ConsoleInputError(
                 N_("A Bluetooth address looks like AA:BB:CC:DD:EE:FF (it is on the device's label).")
             )
