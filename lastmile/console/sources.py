@@ -50,6 +50,7 @@ from lastmile.console.i18n import N_
 from lastmile.data_dir import open_outbox
 from lastmile.reports.report_text import Reader, display_name
 from lastmile.reports.store import ReportStore, SentStudy
+from lastmile.reports.views import ecg_time
 from lastmile.services.link_status import READING_CENTER_STATUS, reading_center_down
 from lastmile.services.metered import MeteredWait, metered_wait, meters
 from uploader.outbox import ItemState, Kind, OutboxItem
@@ -328,17 +329,6 @@ def _t(value: float | None) -> dt.datetime | None:
 
 def _utc(value: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(value, dt.timezone.utc)
-
-
-def ecg_time(text: str) -> dt.datetime | None:
-    """An ECG time as the outbox and `sent_studies` keep it (ISO with its offset); None if unreadable."""
-    try:
-        value = dt.datetime.fromisoformat(text) if text else None
-    except ValueError:
-        return None
-    if value is not None and value.tzinfo is None:
-        value = value.replace(tzinfo=dt.timezone.utc)
-    return value
 
 
 def recorded_at(item: OutboxItem, study: SentStudy | None = None) -> dt.datetime:
