@@ -454,14 +454,12 @@ class ClinicData:
         count, oldest = self.outbox.db.conn.execute(sql, (Kind.DICOM,)).fetchone()
         return int(count), None if oldest is None else _utc(oldest)
 
-    def _recent_item_ids(self, kind: str, *, limit: int, since: float | None = None) -> list[int]:
-        # The outbox has no "newest first" query; its items table is read directly (indexed id).
-        sql = "SELECT id FROM items WHERE kind = ?"
-        params: list[object] = [kind]
-        if since is not None:
-            sql += " AND created_at >= ?"
-            params.append(since)
-        rows = self.outbox.db.conn.execute(sql + " ORDER BY id DESC LIMIT ?", (*params, int(limit))).fetchall()
+    def _recent_item_ids(self, kind: str, *, limit: int) -> list[int]:
+        # The last `limit` items of `kind` whenever they came (the Sent page has no time window):
+        # only their ids, read newest first along the items' primary key.
+        rows = self.outbox.db.conn.execute(
+            "SELECT id FROM items WHERE kind = ? ORDER BY id DESC LIMIT ?", (kind, int(limit))
+        ).fetchall()
         return [int(r[0]) for r in rows]
 
     def patient_readings(self, patient_id: str, since: dt.datetime, limit: int = 20) -> list[ReadingView]:
@@ -557,9 +555,9 @@ class ClinicData:
     # -- ECGs -------------------------------------------------------------------------------------
     def latest_ecg(self, *, within: dt.timedelta = dt.timedelta(hours=12), now: dt.datetime) -> EcgItemView | None:
         """The ECG stored last (the one just recorded), if it is recent."""
-        ids = self._recent_item_ids(Kind.DICOM, limit=1, since=(now - within).timestamp())
-        item = self.outbox.get(ids[0]) if ids else None
-        return None if item is None else self._ecg_of(item)
+        # the outbox's indexed newest-first query: no ECG in the window reads no old rows
+        newest = self.outbox.newest(Kind.DICOM, since=(now - within).timestamp(), limit=1)
+        return self._ecg_of(newest[0]) if newest else None
 
     def ecg(self, item_id: int) -> EcgItemView | None:
         item = self.outbox.get(item_id)
