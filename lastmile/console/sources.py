@@ -370,7 +370,9 @@ class ClinicData:
 
         self.db = open_clinic_db(config.data_dir)
         self.outbox = open_outbox(config)
-        self.reports: ReportsSource = reports or StoredReports(ReportStore(self.db))
+        # one store for the clinic's sent_studies and reports, the Sent page's reads each view
+        self.report_store = ReportStore(self.db)
+        self.reports: ReportsSource = reports or StoredReports(self.report_store)
         self.held_ecg_source: HeldEcgSource = held_ecgs or OutboxHeldEcgs(self.outbox, config)
         self.context = PatientContext(self.db, config.patient.idle_timeout_s)
         self.registry = DeviceRegistry(self.db)
@@ -655,7 +657,7 @@ class ClinicData:
         item_ids = self._recent_item_ids(Kind.DICOM, limit=limit)
         # a purged item's patient and study UID are erased with its payload: what was sent is
         # remembered in sent_studies (as the Reports page shows it)
-        sent = ReportStore(self.db).studies_of_items(item_ids)
+        sent = self.report_store.studies_of_items(item_ids)
         for item_id in item_ids:
             item = self.outbox.get(item_id)
             if item is None:
