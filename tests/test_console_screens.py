@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 from pydicom.uid import generate_uid
 
+from lastmile.clinic.devices import DeviceRegistry
 from lastmile.config import Config
 from lastmile.demo.cardiologist import StudyToRead, ecg_report_sr, part10
 from lastmile.reports.store import ReportStore, SentStudy
@@ -279,6 +280,29 @@ def test_the_page_menu_is_one_row_or_two_even_rows_on_a_phone(browser: object, t
                     assert len({round(item["width"]) for item in items}) == 1, (where, items)
 
 
+@pytest.mark.parametrize("language", ["zh-CN", "en"])
+def test_the_page_menu_sits_in_the_header_row_on_a_tablet_or_pc(browser: object, tmp_path: Path, language: str) -> None:
+    """On a tablet or PC (from 720 px) the menu sits in the header between the console's name and the
+    user, as on a phone it takes a row of its own: the phone's `order: 3; width: 100%` left on the
+    <nav> made it a full-width second row at 1280 px (its top 56, the name's 8)."""
+    with running_console(console_config(tmp_path / "data")) as server:
+        log_in(browser, server)
+        if language == "en":
+            browser.find_element(by("css"), "button[name='language'][value='en']").click()  # type: ignore[attr-defined]
+            wait_for(browser, lambda d: d.find_element(by("css"), "html").get_attribute("lang") == "en")
+        for width in (1024, 1280):
+            set_viewport(browser, (width, 800))
+            browser.get(server.url + "/visits")  # type: ignore[attr-defined]
+            save_screenshot(browser, f"menu-{language}-{width}", full_page=False)
+            # the header centres its row: the menu's middle is the name's middle
+            brand, nav = browser.execute_script(  # type: ignore[attr-defined]
+                "return ['.top .brand', '.top > nav'].map(s => {"
+                " const b = document.querySelector(s).getBoundingClientRect(); return b.top + b.height / 2;});"
+            )
+            assert abs(nav - brand) <= 2, f"{language} at {width} px: the menu's middle {nav}, the name's {brand}"
+            assert len(menu_rows(browser)) == 1, f"{language} at {width} px: the menu on two rows"
+
+
 def test_a_form_sent_after_the_login_expired_says_so_and_leads_to_the_login(browser: object, tmp_path: Path) -> None:
     """The Today page left open overnight (logins end after 12 idle hours): the first scan of the
     morning must say in Chinese that the login ended and nothing was saved, and lead to the login
@@ -474,6 +498,24 @@ def test_the_refusal_and_not_found_pages_read_english_in_english(tmp_path: Path)
         assert '<html lang="en">' in reply.body and 'href="/today"' in reply.body, reply.body
         assert not re.search(r"[\u4e00-\u9fff]", reply.body.split("<main", 1)[1]), reply.body
     assert "not saved" in refused.body, refused.body
+
+
+def test_pairing_a_bluetooth_address_of_five_bytes_is_refused_in_chinese(tmp_path: Path) -> None:
+    """A label's address typed one byte short (AA:BB:CC:DD:EE) is not paired: the Devices page says,
+    in Chinese, what a Bluetooth address looks like, and the registry has no such device."""
+    config = console_config(tmp_path / "data")
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        client.get("/devices")
+        reply = client.post("/devices/pair", {"address": "aa:bb:cc:dd:ee", "name": "血压计"})
+    assert reply.status == 400, reply.status
+    assert "蓝牙地址的格式是 AA:BB:CC:DD:EE:FF" in reply.body, reply.body
+    registry = DeviceRegistry.open(config.data_dir)
+    try:
+        assert not any(d.address.startswith("AA:BB:CC:DD:EE") for d in registry.all(config))
+    finally:
+        registry.close()
 
 
 def test_the_not_found_and_refusal_pages_offer_no_language_switch_to_a_visitor_not_logged_in(tmp_path: Path) -> None:

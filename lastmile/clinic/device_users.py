@@ -22,12 +22,12 @@ from dataclasses import dataclass
 
 import sqlite_utils
 
+from devices.ble.blood_pressure import UNKNOWN_USER  # Bluetooth "unknown user": nobody's index (0xFF)
 from lastmile.clinic.db import from_iso, iso, transaction
 from lastmile.clinic.devices import normalise_address
 
 log = logging.getLogger(__name__)
 
-UNKNOWN_USER = 255  # Bluetooth "unknown user": nobody's index
 DEFAULT_USER = 1  # the user a cuff without user buttons (or with one nobody presses) always sends
 
 
@@ -45,7 +45,7 @@ class DeviceUsers:
     def __init__(self, db: sqlite_utils.Database) -> None:
         self.db = db
 
-    def mapping(self, address: str, user_id: int) -> UserMapping | None:
+    def _mapping(self, address: str, user_id: int) -> UserMapping | None:
         """Whose readings user `user_id` of the device at `address` are; None: nobody said."""
         row = self.db.conn.execute(
             "SELECT patient_id, patient_name, set_at FROM device_users WHERE address = ? AND user_id = ?",
@@ -58,7 +58,7 @@ class DeviceUsers:
     def whose(self, address: str, user_id: int) -> UserMapping | None:
         """Where a reading of user `user_id` of this device goes: its mapping, else the checked-in
         patient for the default user; None: held (nobody said whose this user is)."""
-        mapping = self.mapping(address, user_id)
+        mapping = self._mapping(address, user_id)
         if mapping is None and user_id == DEFAULT_USER:
             return CHECKED_IN
         return mapping

@@ -504,9 +504,9 @@ def not_found(request: Request, ctx: Context, message: str, *, status: int = 404
     return render(request, ctx, "not_found.html", status=status, message=ctx.localizer.gettext(message), alerts=[])
 
 
-UNIT_DISPLAY = {" mm[Hg]": " mmHg", " Cel": " °C", " [degF]": " °F", " [lb_av]": " lb"}
-# units said in words in the page's language: a pulse in 次/分, as the ECG's heart rate beside it
-UNIT_WORDS = {" /min": N_("/min")}
+# UCUM units as the page shows them, in its language: a pulse in words (次/分, as the ECG's heart
+# rate beside it); the others, not in the catalogue, the same in every language
+UNIT_DISPLAY = {" mm[Hg]": "mmHg", " Cel": "°C", " [degF]": "°F", " [lb_av]": "lb", " /min": N_("/min")}
 # between a reading's values (`summary` joins them with SUMMARY_SEPARATOR), in the page's language:
 # Chinese pages separate them with a full-width comma (U+FF0C), not the ASCII one
 VALUE_SEPARATOR = N_(", ")
@@ -523,9 +523,7 @@ def reading_text(summary: str, localizer: Localizer, kind: str = "") -> str:
     for code in sorted(QUANTITY_LABELS, key=len, reverse=True):
         summary = summary.replace(code + " ", localizer.gettext(QUANTITY_LABELS[code]) + " ")
     for unit, shown in UNIT_DISPLAY.items():
-        summary = summary.replace(unit, shown)
-    for unit, words in UNIT_WORDS.items():
-        summary = summary.replace(unit, " " + localizer.gettext(words))
+        summary = summary.replace(unit, " " + localizer.gettext(shown))
     return summary
 
 

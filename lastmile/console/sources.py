@@ -33,7 +33,7 @@ from devices.identity import InvalidPatientIdError, Patient, device_clock_wrong
 from devices.observation import Observation
 from lastmile.clinic.db import DB_NAME as CLINIC_DB
 from lastmile.clinic.db import from_iso, open_clinic_db, utc_now
-from lastmile.clinic.devices import DeviceRecord, DeviceRegistry, normalise_address
+from lastmile.clinic.devices import DeviceRecord, DeviceRegistry, is_bluetooth_address, normalise_address
 from lastmile.clinic.observations import (
     OBSERVATION_KIND,
     ObservationStore,
@@ -50,6 +50,7 @@ from lastmile.console.i18n import N_
 from lastmile.data_dir import open_outbox
 from lastmile.reports.report_text import Reader, display_name
 from lastmile.reports.store import ReportStore, SentStudy
+from lastmile.reports.views import ecg_time
 from lastmile.services.link_status import READING_CENTER_STATUS, reading_center_down
 from lastmile.services.metered import MeteredWait, metered_wait, meters
 from uploader.outbox import ItemState, Kind, OutboxItem
@@ -330,17 +331,6 @@ def _utc(value: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(value, dt.timezone.utc)
 
 
-def ecg_time(text: str) -> dt.datetime | None:
-    """An ECG time as the outbox and `sent_studies` keep it (ISO with its offset); None if unreadable."""
-    try:
-        value = dt.datetime.fromisoformat(text) if text else None
-    except ValueError:
-        return None
-    if value is not None and value.tzinfo is None:
-        value = value.replace(tzinfo=dt.timezone.utc)
-    return value
-
-
 def recorded_at(item: OutboxItem, study: SentStudy | None = None) -> dt.datetime:
     """When the ECG was recorded (acquired), the time its report gives too: the item's own, else
     its sent-study record's (a purged item's meta is erased), else (neither readable) when it
@@ -380,7 +370,9 @@ class ClinicData:
 
         self.db = open_clinic_db(config.data_dir)
         self.outbox = open_outbox(config)
-        self.reports: ReportsSource = reports or StoredReports(ReportStore(self.db))
+        # one store for the clinic's sent_studies and reports, the Sent page's reads each view
+        self.report_store = ReportStore(self.db)
+        self.reports: ReportsSource = reports or StoredReports(self.report_store)
         self.held_ecg_source: HeldEcgSource = held_ecgs or OutboxHeldEcgs(self.outbox, config)
         self.context = PatientContext(self.db, config.patient.idle_timeout_s)
         self.registry = DeviceRegistry(self.db)
@@ -464,14 +456,12 @@ class ClinicData:
         count, oldest = self.outbox.db.conn.execute(sql, (Kind.DICOM,)).fetchone()
         return int(count), None if oldest is None else _utc(oldest)
 
-    def _recent_item_ids(self, kind: str, *, limit: int, since: float | None = None) -> list[int]:
-        # The outbox has no "newest first" query; its items table is read directly (indexed id).
-        sql = "SELECT id FROM items WHERE kind = ?"
-        params: list[object] = [kind]
-        if since is not None:
-            sql += " AND created_at >= ?"
-            params.append(since)
-        rows = self.outbox.db.conn.execute(sql + " ORDER BY id DESC LIMIT ?", (*params, int(limit))).fetchall()
+    def _recent_item_ids(self, kind: str, *, limit: int) -> list[int]:
+        # The last `limit` items of `kind` whenever they came (the Sent page has no time window):
+        # only their ids, read newest first along the items' primary key.
+        rows = self.outbox.db.conn.execute(
+            "SELECT id FROM items WHERE kind = ? ORDER BY id DESC LIMIT ?", (kind, int(limit))
+        ).fetchall()
         return [int(r[0]) for r in rows]
 
     def patient_readings(self, patient_id: str, since: dt.datetime, limit: int = 20) -> list[ReadingView]:
@@ -567,9 +557,9 @@ class ClinicData:
     # -- ECGs -------------------------------------------------------------------------------------
     def latest_ecg(self, *, within: dt.timedelta = dt.timedelta(hours=12), now: dt.datetime) -> EcgItemView | None:
         """The ECG stored last (the one just recorded), if it is recent."""
-        ids = self._recent_item_ids(Kind.DICOM, limit=1, since=(now - within).timestamp())
-        item = self.outbox.get(ids[0]) if ids else None
-        return None if item is None else self._ecg_of(item)
+        # the outbox's indexed newest-first query: no ECG in the window reads no old rows
+        newest = self.outbox.newest(Kind.DICOM, since=(now - within).timestamp(), limit=1)
+        return self._ecg_of(newest[0]) if newest else None
 
     def ecg(self, item_id: int) -> EcgItemView | None:
         item = self.outbox.get(item_id)
@@ -667,7 +657,7 @@ class ClinicData:
         item_ids = self._recent_item_ids(Kind.DICOM, limit=limit)
         # a purged item's patient and study UID are erased with its payload: what was sent is
         # remembered in sent_studies (as the Reports page shows it)
-        sent = ReportStore(self.db).studies_of_items(item_ids)
+        sent = self.report_store.studies_of_items(item_ids)
         for item_id in item_ids:
             item = self.outbox.get(item_id)
             if item is None:
@@ -733,8 +723,7 @@ class ClinicData:
 
     def pair_device(self, user: str, address: str, name: str, *, now: dt.datetime) -> DeviceRecord:
         address = normalise_address(address)
-        parts = address.split(":")
-        if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789ABCDEF" for c in p) for p in parts):
+        if not is_bluetooth_address(address):
             raise ConsoleInputError(
                 N_("A Bluetooth address looks like AA:BB:CC:DD:EE:FF (it is on the device's label).")
             )

@@ -20,11 +20,11 @@ from typing import Any
 
 from devices.identity import Patient
 from lastmile.config import Config
-from lastmile.console.sources import HeldEcg, ReportView, ecg_time, recorded_at, row_number
+from lastmile.console.sources import HeldEcg, ReportView, recorded_at, row_number
 from lastmile.ecg.holds import HeldEcgError, discard_held_ecg, held_ecgs, release_held_ecg
 from lastmile.reports.report_text import Reader
 from lastmile.reports.store import ReportStore, SentStudy, StoredReport
-from lastmile.reports.views import note_for_pdf, text_printout
+from lastmile.reports.views import ecg_time, note_for_pdf, text_printout
 from uploader.errors import OutboxFullError
 from uploader.outbox import Outbox, OutboxItem
 

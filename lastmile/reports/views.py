@@ -121,13 +121,19 @@ def speaker_for(language: str) -> Reader:
     return Localizer(language, local_zone())
 
 
-def ecg_time_of(study: SentStudy | None) -> dt.datetime | None:
-    """The ECG's time as `sent_studies` keeps it (ISO, with its offset); None if unknown."""
+def ecg_time(text: str) -> dt.datetime | None:
+    """An ECG time as the outbox and `sent_studies` keep it (ISO with its offset, UTC when it has
+    none); None if empty or unreadable."""
     try:
-        value = dt.datetime.fromisoformat(study.ecg_time) if study and study.ecg_time else None
+        value = dt.datetime.fromisoformat(text) if text else None
     except ValueError:
         return None
     return value.replace(tzinfo=dt.timezone.utc) if value and value.tzinfo is None else value
+
+
+def ecg_time_of(study: SentStudy | None) -> dt.datetime | None:
+    """The ECG's time as `sent_studies` keeps it; None if unknown."""
+    return ecg_time(study.ecg_time) if study else None
 
 
 def county_patient(study: SentStudy | None, report: StoredReport, *, id_first: bool = False) -> str:
