@@ -245,11 +245,18 @@ def test_routine_ecgs_wait_for_the_window_stat_goes_and_queue_says_until_when(co
     assert set(center.received) == {stat, *routine}
 
 
-def test_daily_budget_stops_routine_sending_once_spent(config, center, tmp_path, capsys) -> None:
+@pytest.mark.parametrize("associations", [1, 4])
+def test_daily_budget_stops_routine_sending_once_spent(config, center, tmp_path, capsys, associations) -> None:
+    """With several associations sending at once, each checked the budget before its object while
+    the others' objects were still on the wire, uncounted: 5 routine ECGs went on a budget for 2
+    (one association grows to more on a loaded machine, whose loopback looks like a slow link).
+    Objects in flight count against the budget: routine traffic overspends by less than one object
+    (the last one started under it), however many associations carry it."""
+    config.reading_center.associations = associations
     with open_outbox(config) as outbox:
         size = enqueue_recording(outbox, make_recording(0), config, key="k0").item.size
     enqueue(config, 4, start=1)
-    # room for two objects (a budget is checked before each object, so the second fits)
+    # room for two objects (a budget is checked before each object, with those in flight, so the second fits)
     config.reading_center.metered.daily_budget_mb = 1.5 * size / 2**20
     rounds(config)
     assert len(center.received) == 2

@@ -540,6 +540,12 @@ class EcgForwarder:
         blocked = self.meter.blocked(self.clock()) if self.meter is not None else None
         return None if blocked is None else f"metered link: {blocked.detail}"
 
+    def _metered_admit(self, assoc: StoreAssociation, item: OutboxItem) -> str | None:
+        """Why `item`, routine, may not go on `assoc` now, the objects the round's other
+        associations have on the wire counted as spent (None: it goes, and counts so until charged)."""
+        blocked = self.meter.admit(assoc, item.size, self.clock()) if self.meter is not None else None
+        return None if blocked is None else f"metered link: {blocked.detail}"
+
     def _spend(self, nbytes: int, now: float) -> None:
         """Count bytes sent against the metered link's budget (after the outcome is recorded:
         a disk too full to count them must not lose the outcome)."""
@@ -555,6 +561,8 @@ class EcgForwarder:
         bytes on the metered link, PDU headers, command sets and negotiation included, whatever
         became of the object. Returns the new mark."""
         self._spend(assoc.bytes_written - charged, self.clock())
+        if self.meter is not None:
+            self.meter.settle(assoc)  # charged now: no longer in flight (after, not before: never uncounted)
         return assoc.bytes_written
 
     def _claim(self, limit: int, priority: Priority | None = None) -> list[OutboxItem]:
@@ -653,7 +661,7 @@ class EcgForwarder:
                         pending[:0] = stat
                         assoc.paced = False  # STAT goes as fast as the link allows
                         continue
-                    if item.priority != Priority.STAT and (shut := self._metered_shut()):
+                    if item.priority != Priority.STAT and (shut := self._metered_admit(assoc, item)):
                         pending += share.take_all()  # (the round's other associations find none left)
                         self.outbox.release([i.id for i in pending], shut, self.clock(), 0.0)
                         pending = []

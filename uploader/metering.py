@@ -98,6 +98,10 @@ class Meter:
         self.policy = policy
         self.store = store
         self._lock = threading.Lock()
+        # routine transfers admitted and not yet charged, by sender (one object each): several
+        # associations each checking only what was charged all went while the others' objects
+        # were on the wire, and spent the budget several times over
+        self._in_flight: dict[object, int] = {}
 
     @property
     def status_name(self) -> str:
@@ -133,12 +137,30 @@ class Meter:
             kept[day] = days[day]  # even an implausibly early one: the budget holds while the clock is wrong
             self.store.record_status(self.status_name, {"day": day, "bytes": days[day], "days": kept}, now)
 
-    def blocked(self, now: float) -> Blocked | None:
+    def admit(self, sender: object, nbytes: int, now: float) -> Blocked | None:
+        """Whether `sender` may start a routine transfer of about `nbytes` now, counting the other
+        senders' transfers admitted and not yet charged as spent (None: it may, and its own counts
+        so until `settle`). Routine traffic so overspends the budget by less than one transfer,
+        however many senders it has."""
+        with self._lock:
+            self._in_flight.pop(sender, None)
+            blocked = self.blocked(now, in_flight=sum(self._in_flight.values()))
+            if blocked is None:
+                self._in_flight[sender] = nbytes
+            return blocked
+
+    def settle(self, sender: object) -> None:
+        """`sender`'s admitted transfer ended (its bytes `spend`-counted, or it never went)."""
+        with self._lock:
+            self._in_flight.pop(sender, None)
+
+    def blocked(self, now: float, in_flight: int = 0) -> Blocked | None:
         """None if routine traffic may go now. `until` is when the windows and the budget both
         allow it (a window opening while today's budget is spent, or tomorrow's budget coming
-        outside every window, is not when it goes); `reason` is the one it waits for last."""
+        outside every window, is not when it goes); `reason` is the one it waits for last.
+        `in_flight`: bytes on their way, not yet spent, counted as spent."""
         p = self.policy
-        spent = self.spent_today(now) if p.daily_budget_bytes else 0
+        spent = self.spent_today(now) + in_flight if p.daily_budget_bytes else 0
         budget_spent = bool(p.daily_budget_bytes) and spent >= p.daily_budget_bytes
         details = []
         if self._outside_windows(now):
