@@ -101,6 +101,16 @@ def click_live(driver: object, kind: str, selector: str) -> None:
     live_read(driver, click)
 
 
+def type_live(driver: object, selector: str, text: str) -> None:
+    """Type into a field of a live panel, typed afresh if the panel swapped the field out."""
+
+    def type_in(d: Any) -> bool:
+        d.find_element(by("css"), selector).send_keys(text)
+        return True
+
+    live_read(driver, type_in)
+
+
 def no_panel_swapped_on_connect(driver: object) -> None:
     """The stream's first round (every panel) has come and swapped nothing: the page had them."""
     live_stream_open(driver)
@@ -206,7 +216,7 @@ def test_a_ble_reading_appears_live_and_a_held_one_is_assigned(
     # measured before the check-in: the box offers nobody, the doctor types whose it is
     box = "#panel-held form.assign input[name=patient_id]"
     assert live_read(browser, lambda d: d.find_element(by("css"), box).get_attribute("value") == "")
-    live_read(browser, lambda d: d.find_element(by("css"), box).send_keys(VALID_ID) or True)
+    type_live(browser, box, VALID_ID)
     click_live(browser, "css", "#panel-held form.assign button")
     text_in(browser, "p.done", "已指定")
     assert len(browser.find_elements(by("css"), "#panel-held li")) == 1
