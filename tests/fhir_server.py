@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from lastmile.demo.fhir_receiver import FhirReceiver, ServerStats, check_transaction_shape, outcome
 
-__all__ = ["FhirTestServer", "RefusesOneVisit", "ServerStats", "outcome", "validate_resource", "validate_transaction"]
+__all__ = ["FhirTestServer", "RefusesVisits", "ServerStats", "outcome", "validate_resource", "validate_transaction"]
 
 
 def validate_resource(resource: dict) -> None:
@@ -64,17 +64,18 @@ class FhirTestServer(FhirReceiver):
                     self.applied.update(i["value"] for i in resource.get("identifier", []))
 
 
-class RefusesOneVisit(FhirTestServer):
-    """The platform storing every transaction but the one carrying visit `refused`, whose entries it
-    answers "500" in its transaction-response at every try (a refusal of that bundle alone, for now)."""
+class RefusesVisits(FhirTestServer):
+    """The platform storing every transaction but those carrying one of the visits `refused`, whose
+    entries it answers "500" in its transaction-response at every try (a refusal of those bundles
+    alone, for now)."""
 
-    def __init__(self, refused: str, **kwargs: object) -> None:
+    def __init__(self, *refused: str, **kwargs: object) -> None:
         super().__init__(**kwargs)
-        self.refused = refused
+        self.refused = set(refused)
 
     def apply_transaction(self, bundle: dict) -> dict:
         encounters = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Encounter"]
-        if any(i["value"] == self.refused for r in encounters for i in r.get("identifier", [])):
+        if any(i["value"] in self.refused for r in encounters for i in r.get("identifier", [])):
             return {
                 "resourceType": "Bundle",
                 "type": "transaction-response",

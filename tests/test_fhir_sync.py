@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.fhir_samples import NAMING, T0, all_kinds, signature, visit
-from tests.fhir_server import FhirTestServer, RefusesOneVisit
+from tests.fhir_server import FhirTestServer, RefusesVisits
 from tests.medplum_fhir_server import MedplumFhirServer
 from uploader.errors import ConfigurationFault, PermanentError, TransientError
 from uploader.fhir_bundle import bundle_bytes, visit_bundle
@@ -285,7 +285,7 @@ def test_a_bundle_the_platform_refuses_for_now_does_not_hold_its_batch_mates(tmp
     one merged transaction, the three others failed with it, round after round, for ever."""
     outbox = Outbox.open(tmp_path / "data", min_free_bytes=0)
     ids = queue_visits(outbox, range(4))
-    with RefusesOneVisit(ids[1]) as server, _sender(server, None) as sender:
+    with RefusesVisits(ids[1]) as server, _sender(server, None) as sender:
         for hour in range(3):  # each hour, every backoff over: all four due together
             forward_fhir_once(outbox, sender, 2000.0 + hour * 3600, batch_size=10)
         assert sorted(server.identifiers("Encounter")) == sorted(ids[:1] + ids[2:])

@@ -700,7 +700,7 @@ def test_a_visit_record_the_platform_keeps_refusing_for_later_is_stuck_not_held_
     alert), as the reading center's 0xA700 ECG did before 0007_failed_at - no budget lets it go."""
     from lastmile.services.metrics_sources import read_outbox
     from tests.fhir_samples import visit
-    from tests.fhir_server import RefusesOneVisit
+    from tests.fhir_server import RefusesVisits
     from uploader.fhir_forwarder import forward_fhir_once
     from uploader.fhir_sender import FhirSender, FhirSenderSettings
 
@@ -709,7 +709,7 @@ def test_a_visit_record_the_platform_keeps_refusing_for_later_is_stuck_not_held_
     with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
         for n in range(3):
             queue_visit(outbox, n, t0)
-    with RefusesOneVisit(refused_visit) as server, FhirSender(FhirSenderSettings(base_url=server.base_url)) as sender:
+    with RefusesVisits(refused_visit) as server, FhirSender(FhirSenderSettings(base_url=server.base_url)) as sender:
         with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
             for hour in range(3):  # it is tried again each hour, refused; the others went meanwhile
                 forward_fhir_once(outbox, sender, t0 + hour * 3600, batch_size=1)
@@ -950,3 +950,37 @@ def test_visit_records_that_failed_before_an_upgrade_are_not_said_refused_alone(
         assert not refused_alone(failed, outbox)
     text = render_text(queue_findings(doctor(tmp_path, "", now=lambda: now).check_queue()))
     assert "refuses this one" not in text, text
+
+
+def test_a_visit_record_refused_alone_in_the_first_round_after_an_upgrade_is_stuck_not_held_by_the_budget(
+    tmp_path: Path,
+) -> None:
+    """The sender's first round after its upgrade (no link failure time recorded yet): the county
+    platform answers one bundle "500" and stores the others. That round recorded its own time as
+    the link's failure, so the bundle it refused alone counted as the link's - held by the spent
+    budget ('all held by metered links'), no stuck item for the county's alert."""
+    from lastmile.services.metrics_sources import read_outbox
+    from tests.fhir_samples import visit
+    from tests.fhir_server import RefusesVisits
+    from uploader.fhir_forwarder import STATUS_NAME, FhirRoundResult, forward_fhir_once
+    from uploader.fhir_sender import FhirSender, FhirSenderSettings
+
+    refused_visit = visit(0).visit_id
+    t0 = time.time()
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        worked = dataclasses.asdict(FhirRoundResult(claimed=1, sent=1))  # as the old sender recorded a round
+        outbox.record_status(STATUS_NAME, {"last_round": worked, "at": t0 - 3600}, t0 - 3600)
+        for n in range(3):
+            queue_visit(outbox, n, t0)
+    with RefusesVisits(refused_visit) as server, FhirSender(FhirSenderSettings(base_url=server.base_url)) as sender:
+        with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+            assert forward_fhir_once(outbox, sender, t0).transient == 1  # the first round after the upgrade
+            queue_visit(outbox, 9, t0 + 1)
+            assert forward_fhir_once(outbox, sender, t0 + 1).sent == 1  # a clean round: the link works
+    now = t0 + 2 * DAY  # two days on, the budget spent each of them
+    metered = "[fhir.metered]\ndaily_budget_mb = 1.0\n"
+    spend_every_remembered_day(tmp_path, metered, now, "fhir")
+    text = render_text(queue_findings(doctor(tmp_path, metered, now=lambda: now).check_queue()))
+    assert "all held" not in text, text
+    snapshot = read_outbox(tmp_path, now, config=doctor(tmp_path, metered).config)
+    assert snapshot is not None and snapshot.oldest_stuck_s.get(Kind.FHIR_BUNDLE, 0.0) >= 2 * DAY, snapshot

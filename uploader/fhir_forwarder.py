@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -202,6 +203,13 @@ class _Round:
     retry_after: float | None = None
 
 
+def _before_judging(now: float) -> float:
+    """`last_error_at` never recorded (a gateway upgraded from before it was): what failed before this
+    round is the link's, not said "refused alone"; what this round refuses alone is judged by the
+    rule (recording `now` made this round's own refusals the link's too)."""
+    return math.nextafter(now, -math.inf)
+
+
 def forward_fhir_once(
     outbox: Outbox,
     sender: FhirSender,
@@ -289,8 +297,6 @@ def forward_fhir_once(
         # 502/503/504 before it answered anything); a bundle whose send failed later failed alone,
         # the platform refusing it while it takes others. The reading center's status keeps the
         # same key, and the readers (lastmile.services.metered, link_status) spell it so too.
-        # never recorded (a gateway upgraded from before it was): what failed before now is the link's,
-        # not said "refused alone" - only failures judged by the rule above count
-        status["last_error_at"] = now if rnd.link_failed else previous.get("last_error_at", now)
+        status["last_error_at"] = now if rnd.link_failed else previous.get("last_error_at", _before_judging(now))
         outbox.record_status(STATUS_NAME, status, now)
     return rnd.counts

@@ -177,7 +177,9 @@ def failed_by(destination: str, store: StatusStore) -> float:
         # the FHIR sender records it on every round since it judges failures this way: without it, a
         # gateway upgraded from before - its failures not judged, the link's (not a false "refuses this one")
         return math.inf if destination == "fhir" else -math.inf
-    return failed + LINK_FAILURE_SLACK_S
+    # a FHIR round marks its failures at the very time it records: no slack (its first round after an
+    # upgrade records just before itself, and what it refuses alone is judged)
+    return failed + (LINK_FAILURE_SLACK_S if destination == "dicom" else 0.0)
 
 
 def refused_alone(item: OutboxItem, store: StatusStore) -> bool:
