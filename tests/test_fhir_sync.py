@@ -294,16 +294,36 @@ def test_a_bundle_the_platform_refuses_for_now_does_not_hold_its_batch_mates(tmp
     outbox.close()
 
 
+def test_two_bundles_the_platform_refuses_for_now_do_not_charge_their_batch_mates(tmp_path: Path) -> None:
+    """The platform answers two visits' entries "500" and stores the others: the round stopped on
+    the second refused alone and charged the batch-mates sent only merged with them - attempts, a
+    backoff and the "500" as if refused themselves - and they waited out that backoff."""
+    outbox = Outbox.open(tmp_path / "data", min_free_bytes=0)
+    ids = queue_visits(outbox, range(4), patient_of=lambda n: f"P-{n}")
+    with RefusesVisits(ids[0], ids[1]) as server, _sender(server, None) as sender:
+        forward_fhir_once(outbox, sender, 2000.0, batch_size=10)
+        queued = {i.key: (i.attempts, "500" in (i.last_error or "")) for i in outbox.items(state=ItemState.QUEUED)}
+        assert queued == {f"fhir:visit:{v}": (1, True) for v in ids[:2]} | {
+            f"fhir:visit:{v}": (0, False) for v in ids[2:]
+        }
+        forward_fhir_once(outbox, sender, 2001.0, batch_size=10)  # the bad ones back off; the others go
+        assert sorted(server.identifiers("Encounter")) == sorted(ids[2:])
+    outbox.close()
+
+
 def test_a_platform_answering_500_to_everything_is_not_sent_each_bundle_alone(tmp_path: Path) -> None:
     """Finding the one bundle at fault costs a few requests; a second one refused for now ends the
-    round: the platform refuses them all, and is not sent ten requests for ten visits."""
+    round: the platform refuses them all, and is not sent ten requests for ten visits. The eight
+    sent only merged with the two go uncharged, in one merged request the next round."""
     outbox = Outbox.open(tmp_path / "data", min_free_bytes=0)
-    queue_visits(outbox, range(10))
+    queue_visits(outbox, range(10), patient_of=lambda n: f"P-{n}")
     with FhirTestServer() as server, _sender(server, None) as sender:
         server.faults.extend(["500"] * 10)
         counts = forward_fhir_once(outbox, sender, 2000.0, batch_size=10)
-        assert (counts.requests, counts.transient, counts.deferred, counts.sent) == (5, 10, 0, 0), counts
-        assert server.stats.requests == 5 and not server.identifiers("Encounter")
+        assert (counts.requests, counts.transient, counts.deferred, counts.sent) == (5, 2, 8, 0), counts
+        counts = forward_fhir_once(outbox, sender, 2001.0, batch_size=10)
+        assert (counts.requests, counts.transient, counts.deferred, counts.sent) == (1, 8, 0, 0), counts
+        assert server.stats.requests == 6 and not server.identifiers("Encounter")
     outbox.close()
 
 

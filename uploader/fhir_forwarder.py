@@ -14,8 +14,8 @@ in merged transactions of up to `batch_size` bundles, and settles each item:
   hold its batch-mates; alone, it is quarantined with the server's OperationOutcome text (shown by
   `lastmile queue`) or, a TransientError, backs off; the others go (a second bundle refused for
   now stops the round: the platform refuses everything, don't hammer it - what that batch did not
-  send is charged with the refusal, its merged sends were refused, and the next round sends merged
-  batches unsplit, as before splitting, until one goes);
+  send alone is released uncharged, the refusals were the two bundles', and the next round sends
+  merged batches unsplit, as before splitting, until one goes);
 - ConfigurationFault (bad token, TLS trust, a base URL that takes no transactions) → everything
   released uncharged, fault reported.
 
@@ -123,7 +123,6 @@ class _Round:
     answered: bool = False  # the platform took or refused a send of this round: it was there
     refused_for_now: bool = False  # a bundle alone got a TransientError of its own (a 500) this round
     split_refused: bool = True  # split a merged batch refused for now (not after a round refused everything)
-    refused_all: TransientError | None = None  # the round stopped on a second refusal for now
 
     def release(self, items: Sequence[OutboxItem], why: str, delay_s: float) -> None:
         if items:
@@ -152,9 +151,7 @@ class _Round:
                 return []
             self.stop = True
             self.retry_after = exc.retry_after
-            if refused:
-                self.refused_all = exc
-                self.counts.refused_everything = True
+            self.counts.refused_everything = refused
             # the link's failure unless the platform answered something else this round (it was there);
             # no answer at all is always the link's (a bundle too big for a flaky 2G link), never a refusal
             self.link_failed = isinstance(exc, NoAnswer) or (isinstance(exc, PlatformDown) and not self.answered)
@@ -275,13 +272,10 @@ def forward_fhir_once(
                 rnd.counts.errors.append(str(exc))
         leftover = rnd.send(batch) if batch else []
         if rnd.stop:
-            unsent = [i for i, _ in leftover]
-            if rnd.refused_all is not None:
-                # sent merged in the refused halves: charged with them, not released at once to be
-                # split and sent again next round (a platform refusing everything got ~60x the requests)
-                rnd.fail(unsent, rnd.refused_all)
-                unsent = []
-            rest = unsent + pending
+            # what the stopped batch left unsent went only merged with the bundles refused alone, whose
+            # refusal it was: released uncharged, and the next round sends it merged, unsplit (the
+            # platform refusing everything gets one request per batch, not the split again)
+            rest = [i for i, _ in leftover] + pending
             if rnd.counts.fault:
                 rnd.release(rest, f"configuration fault: {rnd.counts.fault}", config_fault_retry_s)
             else:
