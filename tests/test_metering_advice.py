@@ -818,7 +818,7 @@ def test_a_night_window_holds_what_was_queued_since_the_last_part_of_it_a_budget
             spent = 2 * 2**20 if days_ago == 1 and yesterday_spent else 1000
             meter.spend(spent, dt.datetime.combine(today - dt.timedelta(days=days_ago), dt.time(12), zone).timestamp())
         meter.spend(2 * 2**20, now)
-        since = held_since(meter, now, meter.blocked(now))
+        since = held_since(meter, now, meter.blocked(now), round_s=0.0)  # the chances themselves
     days_ago, at_hour = chance
     expected = dt.datetime.combine(today - dt.timedelta(days=days_ago), dt.time(at_hour), zone)
     assert since == expected.timestamp(), dt.datetime.fromtimestamp(since, zone) if math.isfinite(since) else since

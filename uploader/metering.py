@@ -72,9 +72,6 @@ class MeterPolicy:
     daily_budget_bytes: int = 0  # 0: no budget
     windows: tuple[SendWindow, ...] = ()  # empty: any time
     zone: dt.tzinfo = dt.timezone.utc  # the clinic's: windows and "today" are local
-    # how long a routine item queued while the link is open may wait before its sender tries it (a
-    # round's poll and a transfer on the wire): one queued this close to a window's close was never tried
-    sender_round_s: float = 0.0
 
     @property
     def limited(self) -> bool:

@@ -52,7 +52,7 @@ from lastmile.reports.report_text import Reader, display_name
 from lastmile.reports.store import ReportStore, SentStudy
 from lastmile.reports.views import ecg_time
 from lastmile.services.link_status import READING_CENTER_STATUS, reading_center_down
-from lastmile.services.metered import MeteredWait, metered_wait, meters
+from lastmile.services.metered import MeteredWait, metered_wait, meters, sender_round_s
 from uploader.outbox import ItemState, Kind, OutboxItem
 from uploader.report_lines import ReportLine
 
@@ -714,7 +714,7 @@ class ClinicData:
         meter = meters(self.config, self.outbox).get("dicom")
         if meter is None:
             return None
-        wait = metered_wait(meter, self.outbox, now.timestamp(), count=False)
+        wait = metered_wait(meter, self.outbox, now.timestamp(), sender_round_s(self.config, "dicom"), count=False)
         return wait if wait.holding else None
 
     # -- devices ----------------------------------------------------------------------------------

@@ -42,13 +42,12 @@ QUEUED_KINDS: dict[str, str] = {"dicom": Kind.DICOM, "fhir": Kind.FHIR_BUNDLE}
 DESTINATION_OF_KIND = {kind: destination for destination, kind in QUEUED_KINDS.items()}
 
 
-def meter_policy(section: MeteredSection, sender_round_s: float = 0.0) -> MeterPolicy | None:
+def meter_policy(section: MeteredSection) -> MeterPolicy | None:
     """None when the destination is not metered (no budget, no windows)."""
     policy = MeterPolicy(
         daily_budget_bytes=int(section.daily_budget_mb * 2**20),
         windows=tuple(SendWindow.parse(w) for w in section.windows),  # checked by check_meaning
         zone=local_zone(),
-        sender_round_s=sender_round_s,
     )
     return policy if policy.limited else None
 
@@ -56,7 +55,8 @@ def meter_policy(section: MeteredSection, sender_round_s: float = 0.0) -> MeterP
 def sender_round_s(config: Config, destination: str) -> float:
     """How long a routine item queued while `destination`'s link is open may wait for its sender to
     try it: the senders' poll between rounds, and a transfer already on the wire, which a round
-    finishes first (at most the link's network timeout; report polling queues nothing)."""
+    finishes first (at most the link's network timeout; report polling queues nothing): `held_since`'s
+    `round_s`."""
     on_the_wire = {"dicom": config.reading_center.timeout_s, "fhir": config.fhir.timeout_s}
     return SENDER_IDLE_POLL_S + on_the_wire.get(destination, 0.0)
 
@@ -73,13 +73,13 @@ def meters(config: Config, store: StatusStore) -> dict[str, Meter]:
     """The metered destinations only."""
     found = {}
     for name, section in sections(config).items():
-        policy = meter_policy(section, sender_round_s(config, name))
+        policy = meter_policy(section)
         if policy is not None:
             found[name] = Meter(name, policy, store)
     return found
 
 
-def held_since(meter: Meter, now: float, blocked: Blocked | None) -> float | None:
+def held_since(meter: Meter, now: float, blocked: Blocked | None, round_s: float) -> float | None:
     """Since when the routine items `meter` holds now (`blocked`: `meter.blocked(now)`) were
     queued: None when it holds nothing now (routine traffic may go), -inf when it holds them all.
     A routine item queued before that had its chance and did not go - the link's fault, not the
@@ -95,7 +95,7 @@ def held_since(meter: Meter, now: float, blocked: Blocked | None) -> float | Non
     While the link fails (`link_failing`), its failed sends spent the budgets: a spent day counts as
     one with budget left (a chance the link missed), but a window that has not opened since is still
     no chance - what was queued since it last opened waits for it, not for the link.
-    A chance lets go only what was queued a sender round (`MeterPolicy.sender_round_s`) before it
+    A chance lets go only what was queued a sender round (`round_s`: `sender_round_s`) before it
     ended: an item queued in the last seconds of a window was never tried before it shut - the
     window holds it until it opens again, not stuck for the ~16 h till then. One a round did try
     then is judged by its failure (`MeterHold.failed_too`, `failed_by`), as any other.
@@ -107,14 +107,14 @@ def held_since(meter: Meter, now: float, blocked: Blocked | None) -> float | Non
         chances = _window_chances(meter, now, budget_counts=budget_counts)
     else:
         chances = _budget_chances(meter, now, budget_counts=budget_counts)
-    return next(chances, -math.inf) - meter.policy.sender_round_s
+    return next(chances, -math.inf) - round_s
 
 
-def meter_hold(meter: Meter, now: float, blocked: Blocked | None) -> MeterHold | None:
+def meter_hold(meter: Meter, now: float, blocked: Blocked | None, round_s: float) -> MeterHold | None:
     """What `meter` (over `read_once`) holds now, as the outbox asks it: the routine items queued
     since `held_since`, with those whose sends failed as `link_worked_since_failing` and `failed_by`
     judge them. None: it holds nothing."""
-    since = held_since(meter, now, blocked)
+    since = held_since(meter, now, blocked, round_s)
     return None if since is None else _hold(meter, since)
 
 
@@ -273,12 +273,13 @@ class MeteredWait:
         return self.blocked is not None and bool(self.routine_waiting)
 
 
-def metered_wait(meter: Meter, outbox: Outbox, now: float, *, count: bool = True) -> MeteredWait:
-    """What `meter` holds back now. `count=False` only asks whether any routine item waits (one
-    row read: the Sent page asks at every render), and only while the meter blocks."""
+def metered_wait(meter: Meter, outbox: Outbox, now: float, round_s: float, *, count: bool = True) -> MeteredWait:
+    """What `meter` holds back now (`round_s`: its sender's round, `sender_round_s`). `count=False`
+    only asks whether any routine item waits (one row read: the Sent page asks at every render),
+    and only while the meter blocks."""
     meter = read_once(meter)
     blocked = meter.blocked(now)
-    hold = meter_hold(meter, now, blocked)
+    hold = meter_hold(meter, now, blocked, round_s)
     kind = QUEUED_KINDS.get(meter.name)
     waiting: int | None = None
     since = None
@@ -300,4 +301,7 @@ def metered_wait(meter: Meter, outbox: Outbox, now: float, *, count: bool = True
 
 def metered_waits(config: Config, outbox: Outbox, now: float) -> dict[str, MeteredWait]:
     """Every metered destination's `MeteredWait` (none for one that is not metered)."""
-    return {name: metered_wait(meter, outbox, now) for name, meter in meters(config, outbox).items()}
+    return {
+        name: metered_wait(meter, outbox, now, sender_round_s(config, name))
+        for name, meter in meters(config, outbox).items()
+    }
