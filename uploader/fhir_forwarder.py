@@ -27,6 +27,7 @@ conditional create, so the platform never stores a visit twice.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import logging
 import math
@@ -110,19 +111,38 @@ class FhirRoundResult:
     errors: list[str] = field(default_factory=list)
 
 
+class _Said(enum.Enum):
+    """What the platform said so far this round: the refusal policy, stated once. The last four
+    stop the round."""
+
+    NOTHING = "nothing"  # no answer yet
+    ANSWERED = "answered"  # it took or refused (for ever) a send: it is there
+    REFUSED_ONE = "refused one"  # one bundle alone refused for now (a 500): the others go on
+    REFUSES_ALL = "refuses all"  # a second refused for now: it refuses everything, don't hammer it
+    NOT_THERE = "not there"  # no answer, or a gateway's 502/503/504 before it answered: the link's failure
+    BUSY = "busy"  # 429, or a gateway's 5xx after it answered: wait, the link works
+    FAULT = "fault"  # it refuses this gateway (token, TLS): `FhirRoundResult.fault`
+
+
+_STOPS = frozenset({_Said.REFUSES_ALL, _Said.NOT_THERE, _Said.BUSY, _Said.FAULT})
+
+
 @dataclass
 class _Round:
     outbox: Outbox
     sender: FhirSender
     now: float
-    config_fault_retry_s: float
+    # the last round found the platform refusing everything: merged batches go unsplit, as before
+    # splitting, and the first refusal stops this round too - until a batch goes
+    unsplit: bool = False
+    said: _Said = _Said.NOTHING
+    retry_after: float | None = None  # the stopping answer's Retry-After
     counts: FhirRoundResult = field(default_factory=FhirRoundResult)
     blocked: set[str] = field(default_factory=set)
-    stop: bool = False
-    link_failed: bool = False  # the platform was not there (`last_error_at`)
-    answered: bool = False  # the platform took or refused a send of this round: it was there
-    refused_for_now: bool = False  # a bundle alone got a TransientError of its own (a 500) this round
-    split_refused: bool = True  # split a merged batch refused for now (not after a round refused everything)
+
+    @property
+    def stop(self) -> bool:
+        return self.said in _STOPS
 
     def release(self, items: Sequence[OutboxItem], why: str, delay_s: float) -> None:
         if items:
@@ -141,27 +161,19 @@ class _Round:
             self.sender.post_transaction(body)
         except TransientError as exc:
             refused = not isinstance(exc, Unavailable)  # the platform answered
-            if len(batch) > 1 and refused and self.split_refused:
+            if len(batch) > 1 and refused and not self.unsplit:
                 return self.split(batch)  # maybe one bundle's, not its batch-mates'
             self.fail([item for item, _ in batch], exc)
             self.counts.errors.append(str(exc))
-            if refused and not self.refused_for_now:
-                # one bundle refused for now: the others go on (a second one says it refuses all)
-                self.refused_for_now = self.answered = True
-                return []
-            self.stop = True
+            self.said = self._after_failure(exc, refused)
             self.retry_after = exc.retry_after
-            self.counts.refused_everything = refused
-            # the link's failure unless the platform answered something else this round (it was there);
-            # no answer at all is always the link's (a bundle too big for a flaky 2G link), never a refusal
-            self.link_failed = isinstance(exc, NoAnswer) or (isinstance(exc, PlatformDown) and not self.answered)
             return []
         except ConfigurationFault as exc:
             self.counts.fault = str(exc)
-            self.stop = True
+            self.said = _Said.FAULT
             return batch
         except PermanentError as exc:
-            self.answered = True
+            self._heard()
             if len(batch) > 1:
                 return self.split(batch)
             item = batch[0][0]
@@ -170,11 +182,24 @@ class _Round:
             self.counts.errors.append(str(exc))
             log.error("FHIR bundle %s quarantined: %s", item.key, exc)
             return []
-        self.answered = True
+        self._heard()
         self.outbox.mark_sent(ids, self.now)
         self.outbox.mark_committed(ids, self.now)
         self.counts.sent += len(batch)
         return []
+
+    def _heard(self) -> None:
+        if self.said is _Said.NOTHING:
+            self.said = _Said.ANSWERED
+
+    def _after_failure(self, exc: TransientError, refused: bool) -> _Said:
+        if refused:  # one bundle refused for now: the others go on (a second one says it refuses all)
+            return _Said.REFUSES_ALL if self.unsplit or self.said is _Said.REFUSED_ONE else _Said.REFUSED_ONE
+        # the link's failure unless the platform answered something else this round (it was there);
+        # no answer at all is always the link's (a bundle too big for a flaky 2G link), never a refusal
+        if isinstance(exc, NoAnswer) or (isinstance(exc, PlatformDown) and self.said is _Said.NOTHING):
+            return _Said.NOT_THERE
+        return _Said.BUSY
 
     def fail(self, items: Sequence[OutboxItem], exc: TransientError) -> None:
         """Back to the queue with a backoff; the patients' later bundles wait for them."""
@@ -196,8 +221,6 @@ class _Round:
         patient = (item.patient or {}).get("patient_id")
         if patient:
             self.blocked.add(patient)
-
-    retry_after: float | None = None
 
 
 def _before_judging(now: float) -> float:
@@ -222,11 +245,7 @@ def forward_fhir_once(
     shut = meter.blocked(now) if meter is not None else None
     items = outbox.claim(Kind.FHIR_BUNDLE, max_items, now, priority=Priority.STAT if shut else None)
     previous = (outbox.status(STATUS_NAME) or {}) if items else {}  # an idle round reads nothing
-    rnd = _Round(outbox, sender, now, config_fault_retry_s)
-    if (previous.get("last_round") or {}).get("refused_everything"):
-        # the last round found the platform refusing everything: one merged request per batch, as
-        # before splitting, and the first refusal stops this round too - until a batch goes
-        rnd.split_refused, rnd.refused_for_now = False, True
+    rnd = _Round(outbox, sender, now, unsplit=bool((previous.get("last_round") or {}).get("refused_everything")))
     rnd.counts.claimed = len(items)
     # A patient's bundle still waiting out a backoff must not be overtaken by a later one.
     waiting: dict[str, OutboxItem] = {}
@@ -283,6 +302,7 @@ def forward_fhir_once(
             pending = []
     if meter is not None:
         meter.spend(sender.bytes_on_wire - spent_before, now)
+    rnd.counts.refused_everything = rnd.said is _Said.REFUSES_ALL
     if rnd.counts.claimed:
         # only a round that did something: an idle one (every 2 s, all day) would rewrite and
         # fsync this row ~43,000 times a day on the SD card, and wipe the last fault it showed
@@ -291,6 +311,8 @@ def forward_fhir_once(
         # 502/503/504 before it answered anything); a bundle whose send failed later failed alone,
         # the platform refusing it while it takes others. The reading center's status keeps the
         # same key, and the readers (lastmile.services.metered, link_status) spell it so too.
-        status["last_error_at"] = now if rnd.link_failed else previous.get("last_error_at", _before_judging(now))
+        status["last_error_at"] = (
+            now if rnd.said is _Said.NOT_THERE else previous.get("last_error_at", _before_judging(now))
+        )
         outbox.record_status(STATUS_NAME, status, now)
     return rnd.counts
