@@ -283,7 +283,7 @@ class _DicomReader:
             "study_uid": self.get("StudyInstanceUID"),
             "series_uid": self.get("SeriesInstanceUID"),
             "patient_id": self.get("PatientID"),
-            "patient_name": self.get("PatientName").replace("^", " ").strip(),
+            "patient_name": self.get("PatientName"),  # a PN as sent: report_text.display_name writes it
         }
 
     def verifying_observer(self) -> tuple[str, str]:
@@ -292,7 +292,7 @@ class _DicomReader:
             item = _first(self.ds, "VerifyingObserverSequence")
             if item is None:
                 return "", ""
-            name = str(item.get("VerifyingObserverName", "") or "").replace("^", " ").strip()
+            name = str(item.get("VerifyingObserverName", "") or "").strip()  # a PN as sent
             return name, dicom_datetime_iso(item.get("VerificationDateTime"))
         except Exception as exc:  # noqa: BLE001
             self.problems.append(f"VerifyingObserverSequence unreadable ({type(exc).__name__})")
@@ -445,8 +445,9 @@ class _DicomReader:
         if value_type in ("SCOORD", "SCOORD3D", "TCOORD"):
             return ReportLine(LineKind.COORDINATES, code=value_type)
         if value_type == "PNAME":
-            # code PNAME: a person's name, written as people write it when shown (report_text)
-            name = str(item.get("PersonName", "") or "").replace("^", " ").strip()
+            # code PNAME: a person's name kept as sent, its parts written as people write them
+            # where it is shown (report_text.display_name): "^" is no space to guess back
+            name = str(item.get("PersonName", "") or "").strip()
             return ReportLine(LineKind.ITEM, value=name, code=value_type)
         if value_type == "DATETIME":
             return ReportLine(LineKind.ITEM, value=dicom_datetime_iso(item.get("DateTime")))
