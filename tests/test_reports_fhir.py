@@ -18,11 +18,9 @@ from lastmile.reports.service import make_poller
 from lastmile.reports.store import ReportStore, SentStudy
 from lastmile.reports.views import study_lines
 from tests.console_harness import Client, console_config, running_console
-from tests.fhir_reports import report_for
+from tests.fhir_reports import TOKEN, report_for
 from tests.fhir_server import FhirTestServer
 from tests.report_peers import critical_observation
-
-TOKEN = "s3cret-token"
 
 
 @pytest.fixture
