@@ -43,7 +43,7 @@ from pydicom.uid import (
 
 from devices.identity import POSSIBLE_YEARS
 from uploader.errors import UploadError
-from uploader.report_lines import LineKind, ReportLine
+from uploader.report_lines import PERSON_NAME, LineKind, ReportLine
 
 REPORT_SR_CLASSES: tuple[str, ...] = (
     BasicTextSRStorage,
@@ -261,7 +261,9 @@ class _DicomReader:
 
     def footer(self, observer: str, when: str) -> list[ReportLine]:
         """Who read it and when, then what could not be read."""
-        read_by = [ReportLine(LineKind.READ_BY, name=observer, value=when)] if observer or when else []
+        read_by = (
+            [ReportLine(LineKind.READ_BY, name=observer, value=when, code=PERSON_NAME)] if observer or when else []
+        )
         problems = [ReportLine(LineKind.PROBLEM, value=p) for p in dict.fromkeys(self.problems)]
         return read_by + problems
 

@@ -17,6 +17,7 @@ import os
 import sqlite_utils
 
 from lastmile.data_dir import ensure_data_dir
+from uploader.report_lines import PERSON_NAME
 from uploader.sqlite_store import Migration, open_database, transaction
 
 __all__ = ["DB_NAME", "from_iso", "iso", "open_clinic_db", "transaction", "utc_now"]
@@ -207,8 +208,9 @@ def _spaced_pn_lines(stored: str) -> str:
     """The stored report lines with their PN values (the reading doctor, PNAME items) as components."""
     lines = json.loads(stored)
     for line in lines:
-        if line.get("kind") == "read-by" and line.get("name"):
-            line["name"] = _spaced_pn_as_components(line["name"])
+        if line.get("kind") == "read-by":  # a DICOM report's reading doctor is a PN (code PERSON_NAME)
+            line["name"] = _spaced_pn_as_components(line.get("name", ""))
+            line["code"] = PERSON_NAME
         elif line.get("kind") == "item" and line.get("code") == "PNAME" and line.get("value"):
             line["value"] = _spaced_pn_as_components(line["value"])
     return json.dumps(lines, ensure_ascii=False)

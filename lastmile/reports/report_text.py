@@ -17,7 +17,7 @@ import unicodedata
 from collections.abc import Sequence
 from typing import Protocol
 
-from uploader.report_lines import CRITICAL, FOOTER, HEADER, LineKind, ReportLine, critical_lines
+from uploader.report_lines import CRITICAL, FOOTER, HEADER, PERSON_NAME, LineKind, ReportLine, critical_lines
 
 UNDERLINE_MAX = 60
 INDENT = "  "
@@ -167,7 +167,7 @@ def footer_line(line: ReportLine, speaker: Speaker) -> str:
                 return _("PDF document, %(kb)s KB: printed with the report (Print)", kb=kb)
             return _("%(type)s document, %(kb)s KB", type=line.value or "?", kb=kb)
         case LineKind.READ_BY:
-            who = display_name(line.name) or _("(not named)")
+            who = (display_name(line.name) if line.code == PERSON_NAME else line.name) or _("(not named)")
             if line.value:
                 return _("Read by %(doctor)s, %(time)s", doctor=who, time=readable_time(line.value))
             return _("Read by %(doctor)s", doctor=who)
