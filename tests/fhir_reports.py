@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from tests.fhir_server import validate_resource
 
+TOKEN = "s3cret-token"  # the platform's bearer token in the FHIR report tests
+
 
 def report_for(
     study_uid: str, *, status: str = "final", conclusion: str = "Sinus rhythm. Normal ECG.", **extra

@@ -3,16 +3,19 @@ center (so the sent-study records come from the forwarder's own events), and a p
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from pydicom.uid import generate_uid
+
 from devices.ecg.recording import EcgRecording
 from lastmile.config import Config
 from lastmile.data_dir import open_outbox
-from lastmile.demo.cardiologist import StudyToRead
+from lastmile.demo.cardiologist import StudyToRead, part10
 from lastmile.ecg.intake import enqueue_recording
 from lastmile.reports.poller import ReportPoller
 from lastmile.reports.sent import SentStudyRecorder
@@ -21,9 +24,13 @@ from lastmile.reports.store import ReportStore, SentStudy
 from lastmile.services.forward import forwarder_settings, peer_settings
 from tests.peers import free_port
 from uploader.ecg_forwarder import EcgForwarder
+from uploader.report_reading import CriticalRules, read_dicom_report
 
 GATEWAY_AE = "CLINIC01"
 MOVE_AE = "CLINIC01R"
+
+NOW = 1_800_000_000.0  # the report tests' clock (epoch seconds)
+RULES = CriticalRules.parse(["SCT:401303003"], ["危急值"])
 
 
 def gateway_config(tmp_path: Path, port: int, called_ae: str, *, listen_port: int | None = None) -> Config:
@@ -112,3 +119,25 @@ def critical_observation(obs_id: str, name: str, value: str) -> dict:
             }
         ],
     }
+
+
+# -- a store filled by hand (no forwarder): a study sent, a report read into it --
+
+
+def utc(ts: float = NOW) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc)
+
+
+def sent(store: ReportStore, *, patient: str = "P1", stat: bool = False, at: float = NOW) -> StudyToRead:
+    uid = generate_uid()
+    assert store.record_sent(
+        SentStudy(
+            uid, utc(at), stat=stat, patient_id=patient, patient_name="Wang^Fang", ecg_time="2026-11-02T09:30:00+08:00"
+        )
+    )
+    return StudyToRead(uid, patient_id=patient, patient_name="Wang^Fang")
+
+
+def add(store: ReportStore, ds, at: float = NOW):
+    data = part10(ds)
+    return store.add_report(read_dicom_report(data, RULES), data, "dicom", utc(at))

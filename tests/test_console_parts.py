@@ -88,7 +88,8 @@ def test_person_names() -> None:
     assert person_name("Zhang^San") == "Zhang San"
     assert person_name("Zhang^San=张^三") == "张三"
     assert person_name("张三") == "张三" and person_name("") == ""
-    assert person_name("Zhang San=张 三") == "张三" and person_name("Clark Ann") == "Clark Ann"
+    assert person_name("Ouyang^Na^Na=欧阳^娜^娜") == "欧阳娜娜" and person_name("Clark Ann") == "Clark Ann"
+    assert person_name("王 医生") == "王 医生"  # one component (free text): as written, never joined
 
 
 def test_the_watcher_sees_commits_of_other_connections(tmp_path: Path) -> None:

@@ -332,11 +332,10 @@ def test_header_names_the_patient_in_chinese_and_states_rate_and_verdict(mortara
         ("Wang^Xiaoming=王^小明", "王小明 (Wang Xiaoming)"),
         ("", ""),
         ("Doe^John^Q", "Doe John Q"),
-        # as the report reader stores a name: its components spaced
-        ("张 三", "张三"),
-        ("Zhang San=张 三", "张三 (Zhang San)"),
+        ("欧阳^娜^娜", "欧阳娜娜"),  # family^given^middle: the parts, not a guess on spaces
         ("Wang Xiaoming", "Wang Xiaoming"),
-        # free text (a FHIR report's reading doctor): as written
+        # free text (a FHIR report's reading doctor), one component: as written
+        ("王 医生", "王 医生"),
         ("李明 (Li Ming)", "李明 (Li Ming)"),
         ("Zhang Wei, 陈静", "Zhang Wei, 陈静"),
         ("王小明 主治医师", "王小明 主治医师"),

@@ -64,7 +64,7 @@ def test_sr_is_rendered_to_readable_text_with_its_reading_doctor() -> None:
     assert c.title == "ECG Report" and c.status == "final" and not c.problems and not c.critical
     assert c.findings == ("Sinus rhythm, 72/min", "Normal axis", "Sinus rhythm")
     assert c.impressions == ("Normal ECG",)
-    assert c.observer == "Chen Jing"
+    assert c.observer == "Chen^Jing"  # the PN as sent: report_text.display_name writes it
     assert c.report_time.startswith(sr.ContentDate[:4])
     lines = text_of(c).splitlines()
     assert lines[0] == "ECG Report"

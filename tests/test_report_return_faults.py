@@ -23,11 +23,10 @@ from lastmile.reports.service import make_poller
 from lastmile.reports.store import ReportStore, SentStudy
 from lastmile.reports.views import study_lines
 from tests.ecg_factories import make_recording
+from tests.fhir_reports import TOKEN
 from tests.fhir_server import FhirTestServer
 from tests.peers import free_port
-from tests.report_peers import gateway_config, poller_for, send_ecgs, to_read
-from tests.test_reports import NOW, add, sent
-from tests.test_reports_fhir import TOKEN
+from tests.report_peers import NOW, add, gateway_config, poller_for, send_ecgs, sent, to_read
 from uploader.dicom_query import FoundReport, RetrievedObject
 
 

@@ -29,7 +29,7 @@ from lastmile.reports.report_text import (
     shown_text,
 )
 from lastmile.reports.store import ReportStore, SentStudy
-from lastmile.reports.views import printable, render_report, speaker_for
+from lastmile.reports.views import printable, render_list, render_report, speaker_for, study_lines
 from tests.report_peers import critical_observation
 from uploader.report_lines import LineKind, ReportLine
 from uploader.report_reading import CriticalRules, ReportContent, read_dicom_report, read_fhir_report
@@ -229,21 +229,26 @@ def test_lines_survive_the_store_as_json() -> None:
 OLD_TEXT = "ECG Report\n==========\n  Impression: 窦性心律\n\nRead by Chen Jing, 2026-11-30T10:00:00"
 
 
+def clinic_db_before(data_dir: Path, migration: str, patient_id: str, **report: object) -> None:
+    """clinic.db as the gateway left it before `migration`: a study sent and one report on it (its
+    columns as that gateway wrote them)."""
+    data_dir.mkdir(mode=0o700)
+    db = open_database(data_dir / DB_NAME, tuple(m for m in MIGRATIONS if m.name < migration))
+    db.conn.execute(
+        "INSERT INTO sent_studies (study_uid, patient_id, sent_at, stat, polls) VALUES (?, ?, ?, 0, 0)",
+        (STUDY.study_uid, patient_id or None, "2026-11-30T01:00:00+00:00"),
+    )
+    row = {"study_uid": STUDY.study_uid, "source": "dicom", "kind": "sr", "object_uid": "1.2.3.9", "version": ""}
+    row |= {"status": "final", "title": "ECG Report", "received_at": "2026-11-30T02:00:00+00:00", "data": b"\0"}
+    row |= report
+    db.conn.execute(f"INSERT INTO reports ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
+    db.conn.close()
+
+
 def old_clinic_db(data_dir: Path) -> None:
     """clinic.db as the gateway left it before 0009_report_lines: a report with its English text only."""
-    data_dir.mkdir(mode=0o700)
-    db = open_database(data_dir / DB_NAME, tuple(m for m in MIGRATIONS if m.name != "0009_report_lines"))
-    db.conn.execute(
-        "INSERT INTO sent_studies (study_uid, patient_id, sent_at, stat, polls) VALUES (?, 'P0077', ?, 0, 0)",
-        (STUDY.study_uid, "2026-11-30T01:00:00+00:00"),
-    )
-    db.conn.execute(
-        "INSERT INTO reports (study_uid, source, kind, object_uid, version, status, title, text, observer, "
-        "critical, received_at, data) VALUES (?, 'dicom', 'sr', '1.2.3.9', '', 'final', 'ECG Report', ?, "
-        "'Chen Jing', ?, '2026-11-30T02:00:00+00:00', x'00')",
-        (STUDY.study_uid, OLD_TEXT, json.dumps(["keyword '危急值' in: 危急值"], ensure_ascii=False)),
-    )
-    db.conn.close()
+    critical = json.dumps(["keyword '危急值' in: 危急值"], ensure_ascii=False)
+    clinic_db_before(data_dir, "0009_report_lines", "P0077", text=OLD_TEXT, observer="Chen Jing", critical=critical)
 
 
 def test_an_old_database_is_migrated_and_its_reports_still_show(tmp_path: Path) -> None:
@@ -291,3 +296,58 @@ def test_a_replaced_report_on_paper_says_first_that_it_was_replaced(tmp_path: Pa
     assert zh[0] == f"此报告已被第 {current.id} 号报告替代，请勿依据此报告处理。", zh
     assert en[0] == f"This report was replaced by report {current.id}: do not act on it.", en
     assert "替代" not in now_zh.splitlines()[0] and "请勿依据" not in now_zh, now_zh
+
+
+def test_a_three_part_chinese_name_is_written_whole_as_the_county_sent_its_parts(tmp_path: Path) -> None:
+    """The reader stored a PN's "^" as spaces and the display guessed them back for two parts
+    only: a reading doctor sent as family^given^middle ("欧阳^娜^娜") was printed "欧阳 娜 娜",
+    on the report's text, its paper and `lastmile report list`. Now the PN is kept as sent and
+    its parts written as a Chinese name is: 欧阳娜娜."""
+    now = dt.datetime(2026, 12, 1, 2, 5, tzinfo=dt.timezone.utc)
+    study = StudyToRead(STUDY.study_uid, patient_id="", patient_name="Ouyang^Na^Na=欧阳^娜^娜")
+    sr = ecg_report_sr(study, findings=[], impression="正常心电图", reader="欧阳^娜^娜")
+    with ReportStore.open(tmp_path / "data") as store:
+        store.record_sent(SentStudy(STUDY.study_uid, now))  # sent without a patient: the county's is flagged
+        report = store.add_report(read_dicom_report(part10(sr)), part10(sr), "dicom", now).report
+        zh = printable(store, report, ZH)[0].decode()
+        listed = render_list(study_lines(store))
+    assert "诊断医生：欧阳娜娜，" in zh and "Person Observer Name：欧阳娜娜" in zh, zh
+    assert "县里的报告写的是 欧阳娜娜 (Ouyang Na Na)" in zh, zh
+    assert "欧阳娜娜" in listed and "欧阳 娜 娜" not in listed, listed
+
+
+def test_a_free_text_reading_doctor_is_shown_as_the_platform_wrote_it() -> None:
+    """A county doctor typed "王 医生" (a name and a title) into the FHIR report's free-text
+    reading doctor: the display took it for a PN's spaced parts and joined it, "王医生"."""
+    report = {**fhir_everything(), "resultsInterpreter": [{"display": "王 医生"}]}
+    zh = report_text(read_fhir_report(report, RULES).lines, ZH)
+    assert "诊断医生：王 医生，" in zh, zh
+
+
+def spaced_clinic_db(data_dir: Path, sr_lines: list[ReportLine]) -> None:
+    """clinic.db as the gateway left it before 0014: an SR's person names stored with "^" spaced."""
+    lines = json.dumps([line.to_json() for line in sr_lines], ensure_ascii=False)
+    names = {"observer": "Chen Jing=陈 静", "patient_name": "Ouyang Na Na=欧阳 娜 娜"}
+    clinic_db_before(data_dir, "0014_report_names_as_components", "", text="", lines=lines, **names)
+
+
+def test_reports_stored_with_spaced_names_show_as_they_did(tmp_path: Path) -> None:
+    """Names stored by the old reader ("陈 静", "欧阳 娜 娜") are shown as before 0014: no report
+    already on the console changes how it names anyone."""
+    data_dir = tmp_path / "data"
+    spaced_clinic_db(
+        data_dir,
+        [
+            ReportLine(LineKind.TITLE, value="ECG Report"),
+            ReportLine(LineKind.ITEM, name="Person Observer Name", value="Chen Jing=陈 静", code="PNAME"),
+            ReportLine(LineKind.READ_BY, name="Chen Jing=陈 静", value="2026-11-30T10:00:00+08:00"),
+        ],
+    )
+    with ReportStore.open(data_dir) as store:
+        old = store.get(1)
+        assert old is not None and old.lines is not None
+        zh = printable(store, old, ZH)[0].decode()
+        listed = render_list(study_lines(store))
+    assert "Person Observer Name：陈静 (Chen Jing)" in zh and "诊断医生：陈静 (Chen Jing)，" in zh, zh
+    assert "县里的报告写的是 欧阳 娜 娜 (Ouyang Na Na)" in zh, zh  # three runs: not joined then, nor now
+    assert "陈静 (Chen Jing)" in listed, listed

@@ -20,7 +20,7 @@ from pydicom.uid import generate_uid
 from lastmile.cli import main as cli
 from lastmile.config import Config
 from lastmile.console.stores import StoredReports
-from lastmile.demo.cardiologist import STEMI, StudyToRead, ecg_report_sr, part10, report_pdf
+from lastmile.demo.cardiologist import STEMI, StudyToRead, ecg_report_sr, report_pdf
 from lastmile.demo.reading_center import EmbeddedReadingCenter
 from lastmile.doctor import Doctor, Level
 from lastmile.reports.alerts import CriticalAlerter
@@ -29,13 +29,19 @@ from lastmile.reports.store import ReportStore, SentStudy
 from tests.console_harness import printed_jobs, stand_in_lp
 from tests.ecg_factories import make_recording
 from tests.peers import free_port
-from tests.report_peers import MOVE_AE, gateway_config, poller_for, send_ecgs, to_read, write_config
+from tests.report_peers import (
+    MOVE_AE,
+    NOW,
+    add,
+    gateway_config,
+    poller_for,
+    send_ecgs,
+    sent,
+    to_read,
+    utc,
+    write_config,
+)
 from tests.waiting import wait_for
-from uploader.report_reading import CriticalRules, read_dicom_report
-
-NOW = 1_800_000_000.0
-RULES = CriticalRules.parse(["SCT:401303003"], ["危急值"])
-
 
 # -- policy ------------------------------------------------------------------------------------------
 
@@ -101,29 +107,10 @@ def test_no_study_is_asked_more_often_than_its_interval_allows() -> None:
 # -- store ---------------------------------------------------------------------------------------------
 
 
-def utc(ts: float = NOW) -> dt.datetime:
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc)
-
-
 @pytest.fixture
 def store(tmp_path):
     with ReportStore.open(tmp_path / "data") as s:
         yield s
-
-
-def sent(store: ReportStore, *, patient: str = "P1", stat: bool = False, at: float = NOW) -> StudyToRead:
-    uid = generate_uid()
-    assert store.record_sent(
-        SentStudy(
-            uid, utc(at), stat=stat, patient_id=patient, patient_name="Wang^Fang", ecg_time="2026-11-02T09:30:00+08:00"
-        )
-    )
-    return StudyToRead(uid, patient_id=patient, patient_name="Wang^Fang")
-
-
-def add(store: ReportStore, ds, at: float = NOW):
-    data = part10(ds)
-    return store.add_report(read_dicom_report(data, RULES), data, "dicom", utc(at))
 
 
 def test_a_study_is_recorded_once_and_stat_wins(store) -> None:

@@ -16,13 +16,11 @@ from lastmile.console.stores import StoredReports
 from lastmile.demo.cardiologist import minimal_pdf
 from lastmile.reports.service import make_poller
 from lastmile.reports.store import ReportStore, SentStudy
-from lastmile.reports.views import study_lines
+from lastmile.reports.views import printable, render_list, speaker_for, study_lines
 from tests.console_harness import Client, console_config, running_console
-from tests.fhir_reports import report_for
+from tests.fhir_reports import TOKEN, report_for
 from tests.fhir_server import FhirTestServer
 from tests.report_peers import critical_observation
-
-TOKEN = "s3cret-token"
 
 
 @pytest.fixture
@@ -58,8 +56,6 @@ def test_report_with_a_pdf_comes_back_and_others_are_ignored(platform) -> None:
     (kept,) = store.reports()
     assert (kept.kind, kept.source, kept.status, kept.study_uid) == ("fhir", "fhir", "final", ours)
     assert kept.observer == "Dr. Chen Jing" and "Normal ECG" in kept.text
-    from lastmile.reports.views import printable
-
     assert printable(store, kept) == (pdf, ".pdf")
     assert store.study(ours).final_at is not None
 
@@ -283,3 +279,23 @@ def test_a_new_final_after_a_withdrawn_one_replaces_it(platform, tmp_path) -> No
     assert current.status == "final" and "AV block" in current.text, current.status
     assert store.get(withdrawn.id).superseded_by == current.id
     assert [v.status for v in StoredReports(store).reports()] == ["received"]  # the page: no "amended" badge
+
+
+def test_a_free_text_reading_doctor_is_shown_as_the_platform_wrote_it_everywhere(platform, tmp_path) -> None:
+    """A FHIR report's reading doctor is free text ("李明=Li Ming, 主任" as a county doctor typed
+    it), not a DICOM PN: the report's text, `lastmile report list`, the printout and the console's
+    pages took its "=" for a PN's groups and showed "Li Ming, 主任" or "李明 (Li Ming, 主任)"."""
+    server, store, poller, ours, _other = platform
+    typed = "李明=Li Ming, 主任"
+    server.put_resource(report_for(ours, resultsInterpreter=[{"display": typed}]))
+    poller.run_round(force=True)
+    (kept,) = store.reports()
+    printed = printable(store, kept, speaker_for("zh-CN"))[0].decode()
+    assert f"诊断医生：{typed}，" in printed and f"诊断医生：{typed}\n" in printed, printed
+    assert typed in render_list(study_lines(store))
+    with running_console(console_config(tmp_path / "data")) as console:
+        client = Client(console.url)
+        client.login()
+        for path in ("/reports", f"/reports/{kept.id}"):
+            page = client.get(path).body
+            assert typed in page, f"{path}: {page}"

@@ -73,7 +73,7 @@ def test_sr_and_pdf_of_one_study_come_back_by_c_get_and_others_wait(site) -> Non
         reports = store.reports(study_uid=stat.study_uid)
         assert {r.kind for r in reports} == {"sr", "pdf"}
         kept_sr = next(r for r in reports if r.kind == "sr")
-        assert kept_sr.status == "final" and kept_sr.observer == "Chen Jing" and kept_sr.critical
+        assert kept_sr.status == "final" and kept_sr.observer == "Chen^Jing" and kept_sr.critical
         assert "ST elevation V1-V4" in kept_sr.text and not kept_sr.problems
         # stored as received: the very object Orthanc holds, PDF bytes untouched
         kept_pdf = next(r for r in reports if r.kind == "pdf")

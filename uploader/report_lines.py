@@ -38,10 +38,14 @@ class LineKind(StrEnum):
     PRESENTED = "presented"  # value: a text form of the report as sent
     # the footer
     DOCUMENT = "document"  # value: its MIME type; number: its size in bytes
-    READ_BY = "read-by"  # name: the reading doctor ("": not named); value: the report's time
+    # name: the reading doctor ("": not named); value: the report's time; code: PERSON_NAME when
+    # the name is a DICOM PN (its parts as sent), "" when free text (FHIR), shown as written
+    READ_BY = "read-by"
     PROBLEM = "problem"  # value: what could not be read (technical, for the county's IT)
     CHECK_PATIENT = "check-patient"  # name: the patient the report names; value: the one the ECG was of
 
+
+PERSON_NAME = "PN"  # a READ_BY line's code: its name is a DICOM person name (VR PN)
 
 HEADER = frozenset({LineKind.TITLE, LineKind.UNREADABLE, LineKind.AMENDED, LineKind.WITHDRAWN})
 CRITICAL = frozenset({LineKind.CRITICAL_CODE, LineKind.CRITICAL_KEYWORD, LineKind.CRITICAL_INTERPRETED})

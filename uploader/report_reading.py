@@ -43,7 +43,7 @@ from pydicom.uid import (
 
 from devices.identity import POSSIBLE_YEARS
 from uploader.errors import UploadError
-from uploader.report_lines import LineKind, ReportLine
+from uploader.report_lines import PERSON_NAME, LineKind, ReportLine
 
 REPORT_SR_CLASSES: tuple[str, ...] = (
     BasicTextSRStorage,
@@ -261,7 +261,9 @@ class _DicomReader:
 
     def footer(self, observer: str, when: str) -> list[ReportLine]:
         """Who read it and when, then what could not be read."""
-        read_by = [ReportLine(LineKind.READ_BY, name=observer, value=when)] if observer or when else []
+        read_by = (
+            [ReportLine(LineKind.READ_BY, name=observer, value=when, code=PERSON_NAME)] if observer or when else []
+        )
         problems = [ReportLine(LineKind.PROBLEM, value=p) for p in dict.fromkeys(self.problems)]
         return read_by + problems
 
@@ -283,7 +285,7 @@ class _DicomReader:
             "study_uid": self.get("StudyInstanceUID"),
             "series_uid": self.get("SeriesInstanceUID"),
             "patient_id": self.get("PatientID"),
-            "patient_name": self.get("PatientName").replace("^", " ").strip(),
+            "patient_name": self.get("PatientName"),  # a PN as sent: report_text.display_name writes it
         }
 
     def verifying_observer(self) -> tuple[str, str]:
@@ -292,7 +294,7 @@ class _DicomReader:
             item = _first(self.ds, "VerifyingObserverSequence")
             if item is None:
                 return "", ""
-            name = str(item.get("VerifyingObserverName", "") or "").replace("^", " ").strip()
+            name = str(item.get("VerifyingObserverName", "") or "").strip()  # a PN as sent
             return name, dicom_datetime_iso(item.get("VerificationDateTime"))
         except Exception as exc:  # noqa: BLE001
             self.problems.append(f"VerifyingObserverSequence unreadable ({type(exc).__name__})")
@@ -445,8 +447,9 @@ class _DicomReader:
         if value_type in ("SCOORD", "SCOORD3D", "TCOORD"):
             return ReportLine(LineKind.COORDINATES, code=value_type)
         if value_type == "PNAME":
-            # code PNAME: a person's name, written as people write it when shown (report_text)
-            name = str(item.get("PersonName", "") or "").replace("^", " ").strip()
+            # code PNAME: a person's name kept as sent, its parts written as people write them
+            # where it is shown (report_text.display_name): "^" is no space to guess back
+            name = str(item.get("PersonName", "") or "").strip()
             return ReportLine(LineKind.ITEM, value=name, code=value_type)
         if value_type == "DATETIME":
             return ReportLine(LineKind.ITEM, value=dicom_datetime_iso(item.get("DateTime")))

@@ -205,7 +205,7 @@ class ReportView:
     received_at: dt.datetime
     status: str  # "received", "preliminary", "amended" or "withdrawn"
     critical: bool
-    reading_doctor: str
+    reading_doctor: str  # as the page writes it (a PN's ideographic group; free text as written)
     text: str  # the whole report in English as stored (all a report stored before `lines` has)
     has_pdf: bool = False
     quality_verdict: str = ""  # the quality gate's verdict on the ECG when it was sent

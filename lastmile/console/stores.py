@@ -20,7 +20,7 @@ from typing import Any
 
 from devices.identity import Patient
 from lastmile.config import Config
-from lastmile.console.sources import HeldEcg, ReportView, recorded_at, row_number
+from lastmile.console.sources import HeldEcg, ReportView, person_name, recorded_at, row_number
 from lastmile.ecg.holds import HeldEcgError, discard_held_ecg, held_ecgs, release_held_ecg
 from lastmile.reports.report_text import Reader
 from lastmile.reports.store import ReportStore, SentStudy, StoredReport
@@ -75,7 +75,7 @@ def report_view(report: StoredReport, study: SentStudy | None, current_id: int |
         received_at=report.received_at,
         status=status,
         critical=bool(report.critical),
-        reading_doctor=report.observer,
+        reading_doctor=report.observer if report.source == "fhir" else person_name(report.observer),
         text=report.text,
         has_pdf=report.document_type == PDF_TYPE,
         quality_verdict=study.quality_verdict if study else "",

@@ -17,31 +17,29 @@ import unicodedata
 from collections.abc import Sequence
 from typing import Protocol
 
-from uploader.report_lines import CRITICAL, FOOTER, HEADER, LineKind, ReportLine, critical_lines
+from uploader.report_lines import CRITICAL, FOOTER, HEADER, PERSON_NAME, LineKind, ReportLine, critical_lines
 
 UNDERLINE_MAX = 60
 INDENT = "  "
 
 
-CJK_NAME_MAX = 4  # a Chinese name is 2-4 characters (欧阳娜娜); longer is a name and a title
-
-
 def display_name(pn: str) -> str:
     """A DICOM person name as people write it (the ECG preview, the report printouts and pages,
-    the CLI): '王^小明' -> 王小明; 'Wang^Xiaoming' -> Wang Xiaoming; 'Wang^Xiaoming=王^小明' ->
-    王小明 (Wang Xiaoming). The report reader keeps a county's name with its components spaced
-    ('Wang Xiaoming=王 小明'): the same. Free text (a FHIR report's reading doctor: '李明 (Li
-    Ming)', 'Zhang Wei, 陈静', '王小明 主治医师') stays as written. Here, without numpy: the
+    the CLI), by a rule on its components, never a guess: '王^小明' -> 王小明, '欧阳^娜^娜'
+    (family^given^middle) -> 欧阳娜娜; 'Wang^Xiaoming' -> Wang Xiaoming (family name first, as
+    Chinese documents write pinyin names); 'Wang^Xiaoming=王^小明' -> 王小明 (Wang Xiaoming). A
+    name of one component - free text too (a FHIR report's reading doctor: '王 医生', '李明 (Li
+    Ming)', 'Zhang Wei, 陈静') - stays as written, spaces and all. Here, without numpy: the
     console words printouts with it."""
     groups = [g for g in pn.split("=") if g.strip("^ ")]
     if not groups:
         return ""
 
     def one(group: str) -> str:
-        parts = [p.strip() for p in group.split("^")[:3] if p.strip()]
+        parts = [p.strip() for p in group.split("^")[:3] if p.strip()]  # family, given, middle
         if any(_cjk(p) for p in parts):  # CJK: family name first, no space
-            return "".join(_spaced_cjk_name_joined(p) for p in parts[:2])
-        return " ".join(parts)  # family name first, as Chinese documents write pinyin names
+            return "".join(parts)
+        return " ".join(parts)
 
     names = [one(g) for g in groups]
     cjk = [n for n in names if _cjk(n)]
@@ -53,16 +51,6 @@ def display_name(pn: str) -> str:
 
 def _cjk(text: str) -> bool:
     return any(ord(ch) > 0x2E7F for ch in text)
-
-
-def _spaced_cjk_name_joined(text: str) -> str:
-    """'陈 静' (a PN's components, as the reader spaces them) -> 陈静; anything else - Latin,
-    parentheses, commas, several names, a name and a title - as written."""
-    runs = text.split()
-    joined = "".join(runs)
-    if len(runs) == 2 and len(joined) <= CJK_NAME_MAX and all(_cjk(ch) for ch in joined):
-        return joined
-    return text
 
 
 class Speaker(Protocol):
@@ -179,7 +167,7 @@ def footer_line(line: ReportLine, speaker: Speaker) -> str:
                 return _("PDF document, %(kb)s KB: printed with the report (Print)", kb=kb)
             return _("%(type)s document, %(kb)s KB", type=line.value or "?", kb=kb)
         case LineKind.READ_BY:
-            who = display_name(line.name) or _("(not named)")
+            who = (display_name(line.name) if line.code == PERSON_NAME else line.name) or _("(not named)")
             if line.value:
                 return _("Read by %(doctor)s, %(time)s", doctor=who, time=readable_time(line.value))
             return _("Read by %(doctor)s", doctor=who)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import sqlite_utils
 
 from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
-from lastmile.reports.report_text import English, report_text
+from lastmile.reports.report_text import English, display_name, report_text
 from lastmile.reports.unread_critical import UNACKNOWLEDGED_CRITICAL
 from uploader.report_lines import LineKind, ReportLine
 
@@ -103,6 +103,12 @@ class StoredReport:
     @property
     def current(self) -> bool:
         return self.superseded_by is None
+
+    @property
+    def reading_doctor(self) -> str:
+        """Who read it, as people write the name: a DICOM report's PN by its parts (陈静 (Chen
+        Jing)), a FHIR report's free text as the platform wrote it."""
+        return self.observer if self.source == "fhir" else display_name(self.observer)
 
     @property
     def needs_acknowledgement(self) -> bool:

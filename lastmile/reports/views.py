@@ -51,6 +51,11 @@ class StudyLine:
     def observer(self) -> str:
         return next((r.observer for r in reversed(self.reports) if r.observer), "")
 
+    @property
+    def reading_doctor(self) -> str:
+        """The latest report's reading doctor as people write the name (`StoredReport.reading_doctor`)."""
+        return next((r.reading_doctor for r in reversed(self.reports) if r.observer), "")
+
     def to_json(self) -> dict[str, Any]:
         s = self.study
         return {
@@ -102,7 +107,7 @@ def render_list(lines: list[StudyLine]) -> str:
         s = line.study
         ids = ",".join(str(r.id) for r in line.reports) or "-"
         stamp = short_time(s.ecg_time) + (" STAT" if s.stat else "")
-        rows.append((ids, our_patient(s), stamp, line.status, display_name(line.observer) or "-"))
+        rows.append((ids, our_patient(s), stamp, line.status, line.reading_doctor or "-"))
         notes.append(county_notes(line))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out: list[str] = []
@@ -210,7 +215,7 @@ def text_printout(store: ReportStore, report: StoredReport, reader: Reader) -> s
         patient_id=ours,
         ecg_time=ecg_time_of(study),
         received_at=report.received_at,
-        reading_doctor=display_name(report.observer),
+        reading_doctor=report.reading_doctor,
         reasons=shown_reasons(report.lines, report.critical, reader),
         text=shown_text(report.lines, report.text, reader),
         replaced_by=str(store.current_of(report.id)) if report.superseded_by is not None else "",
