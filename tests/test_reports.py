@@ -248,6 +248,8 @@ def test_list_show_and_json(store, tmp_path, capsys) -> None:
     listed = {s["patient_id"]: s for s in json.loads(capsys.readouterr().out)}
     assert listed["P-WAIT"]["status"] == "waiting" and listed["P-WAIT"]["stat"] is True
     assert listed["P-DONE"]["reports"][0]["id"] == report.id and waiting.study_uid == listed["P-WAIT"]["study_uid"]
+    # the name as people write it, like the table (not the PN's "^", which free text from FHIR never has)
+    assert listed["P-DONE"]["reading_doctor"] == "Chen Jing" and listed["P-WAIT"]["reading_doctor"] is None
     assert cli(["report", "show", str(report.id), *data]) == 0
     shown = capsys.readouterr().out
     assert "Patient: P-DONE Wang Fang" in shown and "正常心电图" in shown

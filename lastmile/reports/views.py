@@ -48,10 +48,6 @@ class StudyLine:
         return "received"
 
     @property
-    def observer(self) -> str:
-        return next((r.observer for r in reversed(self.reports) if r.observer), "")
-
-    @property
     def reading_doctor(self) -> str:
         """The latest report's reading doctor as people write the name (`StoredReport.reading_doctor`)."""
         return next((r.reading_doctor for r in reversed(self.reports) if r.observer), "")
@@ -69,7 +65,7 @@ class StudyLine:
             "ecg_quality": s.quality_verdict or None,
             "device": s.device or None,
             "status": self.status,
-            "reading_doctor": self.observer or None,
+            "reading_doctor": self.reading_doctor or None,  # as people write it, like the table
             "reports": [r.to_json() for r in self.reports],
         }
 
