@@ -247,6 +247,8 @@ class HeldEcg:
     patient_hint: str = ""  # what the file says, if anything
     device: str = ""
     quality_verdict: str = ""
+    # unassigned and recorded during the current check-in: its Assign box offers that patient
+    during_check_in: bool = False
 
 
 # -- sources -----------------------------------------------------------------------------------------
@@ -339,17 +341,22 @@ def recorded_at(item: OutboxItem, study: SentStudy | None = None) -> dt.datetime
     return acquired or _utc(item.created_at)
 
 
-def recorded_during(at: dt.datetime, session: SessionView) -> bool:
-    """An ECG recorded (acquired) at `at` was recorded during `session`: its Assign box may offer
-    that patient; one from before the check-in offers nobody."""
-    return session.since <= at <= session.expires_at
+def during_check_in(session: SessionView | None, at: dt.datetime, *, started: bool | None = None) -> bool:
+    """A held reading or ECG measured at `at` was measured during `session` (the current check-in):
+    its Assign box offers that patient; one from before it (yesterday's, the previous patient's)
+    or dated past it (a clock running ahead) offers nobody. `started`: whether it came at or after
+    the check-in, when the caller knows better than `at` alone (a reading's `measured_since`)."""
+    if session is None:
+        return False
+    return (session.since <= at if started is None else started) and at <= session.expires_at
 
 
-def _measured_during(obs: Observation, session: SessionView) -> bool:
-    """`obs` was measured during `session` (not before it, not dated past it by a clock running
-    ahead). A device user's reading is not: whose that user is stays the doctor's to say
+def _reading_during(obs: Observation, session: SessionView | None) -> bool:
+    """A device user's reading is never offered: whose that user is stays the doctor's to say
     (lastmile.clinic.device_users), whoever is checked in."""
-    return obs.device_user is None and measured_since(obs, session.since) and obs.measured_at <= session.expires_at
+    if obs.device_user is not None or session is None:
+        return False
+    return during_check_in(session, obs.measured_at, started=measured_since(obs, session.since))
 
 
 # -- the clinic's data -----------------------------------------------------------------------------
@@ -524,7 +531,7 @@ class ClinicData:
                 h.observation.flags,
                 held_id=h.held_id,
                 device_user=h.observation.device_user,
-                during_check_in=session is not None and _measured_during(h.observation, session),
+                during_check_in=_reading_during(h.observation, session),
             )
             for h in self.store.held()
         ]
@@ -592,8 +599,12 @@ class ClinicData:
             log.info("ECG item %d: payload not readable (%s)", item_id, type(exc).__name__)
             return None
 
-    def held_ecgs(self, now: dt.datetime) -> list[HeldEcg]:
-        return self.held_ecg_source.held_ecgs(now)
+    def held_ecgs(self, now: dt.datetime, session: SessionView | None = None) -> list[HeldEcg]:
+        """The held ECGs, each saying whether it is unassigned and recorded during `session`."""
+        return [
+            replace(h, during_check_in=h.reason == "unassigned" and during_check_in(session, h.recorded_at))
+            for h in self.held_ecg_source.held_ecgs(now)
+        ]
 
     def assign_ecg(self, user: str, item_id: int, patient_text: str, *, now: dt.datetime) -> bool:
         patient = self._named(checked_patient(patient_text, "", self.config), now)
