@@ -29,10 +29,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from devices.ble.blood_pressure import UNKNOWN_USER  # Bluetooth "unknown user" (0xFF): nobody's
 from devices.identity import InvalidPatientIdError, Patient, device_clock_wrong
 from devices.observation import Observation
 from lastmile.clinic.db import DB_NAME as CLINIC_DB
 from lastmile.clinic.db import from_iso, open_clinic_db, utc_now
+from lastmile.clinic.device_users import DeviceUser
 from lastmile.clinic.devices import DeviceRecord, DeviceRegistry, is_bluetooth_address, normalise_address
 from lastmile.clinic.observations import (
     OBSERVATION_KIND,
@@ -117,6 +119,7 @@ class ReadingView:
     flags: tuple[str, ...] = ()
     held_id: int | None = None  # held unassigned: its number for "assign"
     device_user: int | None = None  # a multi-user device's user the reading is of
+    device_address: str = ""  # that device's, for "this cuff's user N is ..."
     # held: measured during the current patient's check-in (its Assign box offers that patient);
     # one measured before it (yesterday's, the previous patient's) offers nobody
     during_check_in: bool = False
@@ -359,6 +362,14 @@ def _reading_during(obs: Observation, session: SessionView | None) -> bool:
     return during_check_in(session, obs.measured_at, started=measured_since(obs, session.since))
 
 
+def _device_user_number(text: str) -> int:
+    """A device's user as a form gives it: 0-254 (255 is Bluetooth's "unknown user")."""
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()) or not 0 <= int(text) < UNKNOWN_USER:
+        raise ConsoleInputError(N_("A device user is a number from 0 to 254."))
+    return int(text)
+
+
 # -- the clinic's data -----------------------------------------------------------------------------
 
 
@@ -531,6 +542,7 @@ class ClinicData:
                 h.observation.flags,
                 held_id=h.held_id,
                 device_user=h.observation.device_user,
+                device_address=h.observation.device.address or "",
                 during_check_in=_reading_during(h.observation, session),
             )
             for h in self.store.held()
@@ -560,6 +572,42 @@ class ClinicData:
             detail={"held_id": held_id, "kind": held.observation.kind, "outbox_item": result.item_id},
         )
         return patient_id
+
+    # -- a multi-user device's users ----------------------------------------------------------------
+    def device_users(self) -> list[DeviceUser]:
+        return self.store.device_users.mappings()
+
+    def map_device_user(
+        self, user: str, address: str, user_text: str, patient_text: str, *, checked_in: bool, now: dt.datetime
+    ) -> str:
+        """`lastmile patient map-user ADDRESS USER --patient ID|--current`: readings of that user of
+        the device from now on are that patient's (the ID checked as everywhere: `checked_patient`),
+        or whoever is checked in. Readings measured before stay held, as with the CLI. Returns the
+        patient ID ("" for whoever is checked in)."""
+        user_id = _device_user_number(user_text)
+        patient = None if checked_in else checked_patient(patient_text, "", self.config)
+        try:
+            patient = self.store.device_users.map_patient(address, user_id, patient, context=self.context, now=now)
+        except ValueError:
+            raise ConsoleInputError(
+                N_("A Bluetooth address looks like AA:BB:CC:DD:EE:FF (it is on the device's label).")
+            ) from None
+        patient_id = patient.patient_id if patient else ""
+        target = normalise_address(address)
+        self.audit.record(
+            user, "map-device-user", now=now, target=target, detail={"user": user_id, "patient": patient_id}
+        )
+        return patient_id
+
+    def unmap_device_user(self, user: str, address: str, user_text: str, *, now: dt.datetime) -> bool:
+        """`lastmile patient map-user ADDRESS USER --remove`: user 1's readings are the checked-in
+        patient's again, another user's held."""
+        user_id = _device_user_number(user_text)
+        done = self.store.device_users.unmap_user(address, user_id)
+        if done:
+            target = normalise_address(address)
+            self.audit.record(user, "unmap-device-user", now=now, target=target, detail={"user": user_id})
+        return done
 
     # -- ECGs -------------------------------------------------------------------------------------
     def latest_ecg(self, *, within: dt.timedelta = dt.timedelta(hours=12), now: dt.datetime) -> EcgItemView | None:

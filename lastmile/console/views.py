@@ -93,7 +93,12 @@ def report(data: ClinicData, now: dt.datetime, report_id: str, user: str = "") -
 
 
 def devices(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
-    return {"devices": data.devices(), "serial": list(data.config.serial.devices), "now": now}
+    return {
+        "devices": data.devices(),
+        "device_users": data.device_users(),
+        "serial": list(data.config.serial.devices),
+        "now": now,
+    }
 
 
 def visits(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
