@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sqlite_utils
 
 from devices.ble.blood_pressure import UNKNOWN_USER  # Bluetooth "unknown user": nobody's index (0xFF)
+from devices.identity import Patient
 from lastmile.clinic.db import from_iso, iso, transaction
-from lastmile.clinic.devices import normalise_address
+from lastmile.clinic.devices import is_bluetooth_address, normalise_address
+from lastmile.clinic.patients import PatientContext
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,15 @@ class UserMapping:
 
 
 CHECKED_IN = UserMapping(None)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceUser:
+    """One mapping the doctor made: user `user_id` of the device at `address` is `mapping`'s."""
+
+    address: str
+    user_id: int
+    mapping: UserMapping
 
 
 class DeviceUsers:
@@ -62,6 +73,38 @@ class DeviceUsers:
         if mapping is None and user_id == DEFAULT_USER:
             return CHECKED_IN
         return mapping
+
+    def mappings(self) -> list[DeviceUser]:
+        """Every mapping the doctor made, by device and user."""
+        rows = self.db.conn.execute(
+            "SELECT address, user_id, patient_id, patient_name, set_at FROM device_users ORDER BY address, user_id"
+        ).fetchall()
+        return [
+            DeviceUser(
+                r["address"], r["user_id"], UserMapping(r["patient_id"], r["patient_name"], from_iso(r["set_at"]))
+            )
+            for r in rows
+        ]
+
+    def map_patient(
+        self, address: str, user_id: int, patient: Patient | None, *, context: PatientContext, now: dt.datetime
+    ) -> Patient | None:
+        """`lastmile patient map-user` and the console's form: user `user_id` of the Bluetooth device
+        at `address` is `patient` (checked by `clinic_patient`, the one patient-ID rule) from now
+        on; None: whoever is checked in. A patient given without a name gets the checked-in
+        patient's when it is that patient (as check-in named it); another ID keeps none. Returns
+        the patient as mapped. ValueError: not a Bluetooth address, or no such user."""
+        if not is_bluetooth_address(address):
+            raise ValueError(f"{address!r} is not a Bluetooth address (like C0:26:DA:01:02:03)")
+        if patient is not None and not patient.name:
+            current = context.current(now)
+            if current is not None and current.patient_id == patient.patient_id:
+                patient = replace(patient, name=current.name)
+        if patient is None:
+            self.map_user(address, user_id, None, now=now)
+        else:
+            self.map_user(address, user_id, patient.patient_id, now=now, name=patient.name)
+        return patient
 
     def map_user(self, address: str, user_id: int, patient_id: str | None, *, now: dt.datetime, name: str = "") -> None:
         """From now on, readings of user `user_id` of this device are `patient_id`'s (None: the

@@ -6,7 +6,6 @@ import argparse
 import datetime as dt
 import json
 import sys
-from dataclasses import replace
 
 from lastmile.commands.common import DATA_DIR
 
@@ -134,6 +133,8 @@ def _map_user(args: argparse.Namespace) -> int:
     from lastmile.clinic.db import open_clinic_db
     from lastmile.clinic.device_users import DEFAULT_USER, DeviceUsers
     from lastmile.clinic.devices import is_bluetooth_address
+    from lastmile.clinic.patient_ids import clinic_patient
+    from lastmile.clinic.patients import PatientContext
     from lastmile.commands.common import config_from_args
 
     if not is_bluetooth_address(args.address):
@@ -149,14 +150,9 @@ def _map_user(args: argparse.Namespace) -> int:
             print(f"user {args.user} of {args.address}: " + (f"readings {unmapped}" if removed else "was not mapped"))
             return 0
         try:
-            patient = None if args.current else _mapped_patient(args.patient, args.name, config, db)
-            users.map_user(
-                args.address,
-                args.user,
-                patient and patient.patient_id,
-                now=_now(),
-                name=patient.name if patient else "",
-            )
+            patient = None if args.current else clinic_patient(args.patient, args.name, config)
+            context = PatientContext(db, config.patient.idle_timeout_s)
+            patient = users.map_patient(args.address, args.user, patient, context=context, now=_now())
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -165,21 +161,6 @@ def _map_user(args: argparse.Namespace) -> int:
     whose = "the checked-in patient's" if patient is None else f"{patient.patient_id}'s"
     print(f"user {args.user} of {args.address}: readings are {whose} from now on")
     return 0
-
-
-def _mapped_patient(patient_id: str, name: str, config, db):  # (str, str, Config, Database) -> Patient
-    """The patient a device user is mapped to, kept as check-in keeps it (`clinic_patient`: one
-    person, one ID); without --name, the name check-in gave that patient if it is checked in."""
-    from lastmile.clinic.patient_ids import clinic_patient
-    from lastmile.clinic.patients import PatientContext
-
-    patient = clinic_patient(patient_id, name, config)
-    if patient.name:
-        return patient
-    current = PatientContext(db, config.patient.idle_timeout_s).current(_now())
-    if current is not None and current.patient_id == patient.patient_id:
-        return replace(patient, name=current.name)
-    return patient
 
 
 def _assign(args: argparse.Namespace) -> int:

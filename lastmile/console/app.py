@@ -804,6 +804,23 @@ async def assign_ecg(request: Request) -> Response:
     return await today_action(request, action)
 
 
+async def map_device_user(request: Request) -> Response:
+    """A held reading's "this cuff's user N is ..." (`lastmile patient map-user`)."""
+
+    def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> str:
+        state_of(request).data.map_device_user(
+            ctx.user,
+            f.get("address", ""),
+            f.get("device_user", ""),
+            f.get("patient_id", ""),
+            checked_in=f.get("whose") == "checked-in",
+            now=now,
+        )
+        return "mapped"
+
+    return await today_action(request, action)
+
+
 async def re_record(request: Request) -> Response:
     def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> str:
         item_id = path_number(request, "item_id")  # after the login and CSRF checks
@@ -1001,6 +1018,21 @@ async def unpair_device(request: Request) -> Response:
     return RedirectResponse("/devices?done=unpaired", status_code=303)
 
 
+async def unmap_device_user(request: Request) -> Response:
+    """Devices: forget whose a device's user is (`lastmile patient map-user ... --remove`)."""
+    state = state_of(request)
+    ctx = await context_for(request)
+    fields = await read_form(request, ctx)
+    address, user = fields.get("address", ""), fields.get("device_user", "")
+    try:
+        await state.run_db(lambda: state.data.unmap_device_user(ctx.user, address, user, now=now_utc()))
+    except ConsoleInputError as exc:
+        model = await page_model(request, ctx, views.devices)
+        error = ctx.localizer.gettext(exc.message, **exc.values)
+        return render(request, ctx, "devices.html", status=400, error=error, form={}, done="", **model)
+    return RedirectResponse("/devices?done=unmapped", status_code=303)
+
+
 async def visits_page(request: Request) -> Response:
     ctx = await context_for(request)
     return render(request, ctx, "visits.html", **await page_model(request, ctx, views.visits))
@@ -1115,6 +1147,7 @@ def routes() -> list[Route | Mount]:
         Route("/today/end-session", end_session, methods=["POST"]),
         Route("/today/assign-reading", assign_reading, methods=["POST"]),
         Route("/today/assign-ecg", assign_ecg, methods=["POST"]),
+        Route("/today/map-user", map_device_user, methods=["POST"]),
         Route("/today/ecg/{item_id:int}/re-record", re_record, methods=["POST"]),
         Route("/today/ecg/{item_id:int}/send-anyway", send_anyway, methods=["POST"]),
         Route("/ecg/{item_id:int}/preview.svg", ecg_preview),
@@ -1128,6 +1161,7 @@ def routes() -> list[Route | Mount]:
         Route("/devices", devices_page),
         Route("/devices/pair", pair_device, methods=["POST"]),
         Route("/devices/unpair", unpair_device, methods=["POST"]),
+        Route("/devices/unmap-user", unmap_device_user, methods=["POST"]),
         Route("/visits", visits_page),
         Route("/system", system_page),
         Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),

@@ -29,10 +29,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from devices.ble.blood_pressure import UNKNOWN_USER  # Bluetooth "unknown user" (0xFF): nobody's
 from devices.identity import InvalidPatientIdError, Patient, device_clock_wrong
 from devices.observation import Observation
 from lastmile.clinic.db import DB_NAME as CLINIC_DB
 from lastmile.clinic.db import from_iso, open_clinic_db, utc_now
+from lastmile.clinic.device_users import DeviceUser
 from lastmile.clinic.devices import DeviceRecord, DeviceRegistry, is_bluetooth_address, normalise_address
 from lastmile.clinic.observations import (
     OBSERVATION_KIND,
@@ -117,6 +119,7 @@ class ReadingView:
     flags: tuple[str, ...] = ()
     held_id: int | None = None  # held unassigned: its number for "assign"
     device_user: int | None = None  # a multi-user device's user the reading is of
+    device_address: str = ""  # that device's, for "this cuff's user N is ..."
     # held: measured during the current patient's check-in (its Assign box offers that patient);
     # one measured before it (yesterday's, the previous patient's) offers nobody
     during_check_in: bool = False
@@ -247,6 +250,8 @@ class HeldEcg:
     patient_hint: str = ""  # what the file says, if anything
     device: str = ""
     quality_verdict: str = ""
+    # unassigned and recorded during the current check-in: its Assign box offers that patient
+    during_check_in: bool = False
 
 
 # -- sources -----------------------------------------------------------------------------------------
@@ -339,17 +344,30 @@ def recorded_at(item: OutboxItem, study: SentStudy | None = None) -> dt.datetime
     return acquired or _utc(item.created_at)
 
 
-def recorded_during(at: dt.datetime, session: SessionView) -> bool:
-    """An ECG recorded (acquired) at `at` was recorded during `session`: its Assign box may offer
-    that patient; one from before the check-in offers nobody."""
-    return session.since <= at <= session.expires_at
+def during_check_in(session: SessionView | None, at: dt.datetime, *, started: bool | None = None) -> bool:
+    """A held reading or ECG measured at `at` was measured during `session` (the current check-in):
+    its Assign box offers that patient; one from before it (yesterday's, the previous patient's)
+    or dated past it (a clock running ahead) offers nobody. `started`: whether it came at or after
+    the check-in, when the caller knows better than `at` alone (a reading's `measured_since`)."""
+    if session is None:
+        return False
+    return (session.since <= at if started is None else started) and at <= session.expires_at
 
 
-def _measured_during(obs: Observation, session: SessionView) -> bool:
-    """`obs` was measured during `session` (not before it, not dated past it by a clock running
-    ahead). A device user's reading is not: whose that user is stays the doctor's to say
+def _reading_during(obs: Observation, session: SessionView | None) -> bool:
+    """A device user's reading is never offered: whose that user is stays the doctor's to say
     (lastmile.clinic.device_users), whoever is checked in."""
-    return obs.device_user is None and measured_since(obs, session.since) and obs.measured_at <= session.expires_at
+    if obs.device_user is not None or session is None:
+        return False
+    return during_check_in(session, obs.measured_at, started=measured_since(obs, session.since))
+
+
+def _device_user_number(text: str) -> int:
+    """A device's user as a form gives it: 0-254 (255 is Bluetooth's "unknown user")."""
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()) or not 0 <= int(text) < UNKNOWN_USER:
+        raise ConsoleInputError(N_("A device user is a number from 0 to 254."))
+    return int(text)
 
 
 # -- the clinic's data -----------------------------------------------------------------------------
@@ -524,7 +542,8 @@ class ClinicData:
                 h.observation.flags,
                 held_id=h.held_id,
                 device_user=h.observation.device_user,
-                during_check_in=session is not None and _measured_during(h.observation, session),
+                device_address=h.observation.device.address or "",
+                during_check_in=_reading_during(h.observation, session),
             )
             for h in self.store.held()
         ]
@@ -553,6 +572,42 @@ class ClinicData:
             detail={"held_id": held_id, "kind": held.observation.kind, "outbox_item": result.item_id},
         )
         return patient_id
+
+    # -- a multi-user device's users ----------------------------------------------------------------
+    def device_users(self) -> list[DeviceUser]:
+        return self.store.device_users.mappings()
+
+    def map_device_user(
+        self, user: str, address: str, user_text: str, patient_text: str, *, checked_in: bool, now: dt.datetime
+    ) -> str:
+        """`lastmile patient map-user ADDRESS USER --patient ID|--current`: readings of that user of
+        the device from now on are that patient's (the ID checked as everywhere: `checked_patient`),
+        or whoever is checked in. Readings measured before stay held, as with the CLI. Returns the
+        patient ID ("" for whoever is checked in)."""
+        user_id = _device_user_number(user_text)
+        patient = None if checked_in else checked_patient(patient_text, "", self.config)
+        try:
+            patient = self.store.device_users.map_patient(address, user_id, patient, context=self.context, now=now)
+        except ValueError:
+            raise ConsoleInputError(
+                N_("A Bluetooth address looks like AA:BB:CC:DD:EE:FF (it is on the device's label).")
+            ) from None
+        patient_id = patient.patient_id if patient else ""
+        target = normalise_address(address)
+        self.audit.record(
+            user, "map-device-user", now=now, target=target, detail={"user": user_id, "patient": patient_id}
+        )
+        return patient_id
+
+    def unmap_device_user(self, user: str, address: str, user_text: str, *, now: dt.datetime) -> bool:
+        """`lastmile patient map-user ADDRESS USER --remove`: user 1's readings are the checked-in
+        patient's again, another user's held."""
+        user_id = _device_user_number(user_text)
+        done = self.store.device_users.unmap_user(address, user_id)
+        if done:
+            target = normalise_address(address)
+            self.audit.record(user, "unmap-device-user", now=now, target=target, detail={"user": user_id})
+        return done
 
     # -- ECGs -------------------------------------------------------------------------------------
     def latest_ecg(self, *, within: dt.timedelta = dt.timedelta(hours=12), now: dt.datetime) -> EcgItemView | None:
@@ -592,8 +647,12 @@ class ClinicData:
             log.info("ECG item %d: payload not readable (%s)", item_id, type(exc).__name__)
             return None
 
-    def held_ecgs(self, now: dt.datetime) -> list[HeldEcg]:
-        return self.held_ecg_source.held_ecgs(now)
+    def held_ecgs(self, now: dt.datetime, session: SessionView | None = None) -> list[HeldEcg]:
+        """The held ECGs, each saying whether it is unassigned and recorded during `session`."""
+        return [
+            replace(h, during_check_in=h.reason == "unassigned" and during_check_in(session, h.recorded_at))
+            for h in self.held_ecg_source.held_ecgs(now)
+        ]
 
     def assign_ecg(self, user: str, item_id: int, patient_text: str, *, now: dt.datetime) -> bool:
         patient = self._named(checked_patient(patient_text, "", self.config), now)

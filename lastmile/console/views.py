@@ -17,7 +17,7 @@ from typing import Any
 from lastmile import __version__
 from lastmile.config import Config
 from lastmile.console.i18n import N_
-from lastmile.console.sources import ClinicData, ReportView, recorded_during
+from lastmile.console.sources import ClinicData, ReportView
 
 DOCTOR_CACHE_S = 60.0
 PACKAGES = ("pydicom", "pynetdicom", "bleak", "starlette", "uvicorn", "jinja2", "babel", "argon2-cffi", "sqlite-utils")
@@ -49,7 +49,7 @@ def acknowledge(data: ClinicData, user: str, report_id: str, now: dt.datetime) -
 def today(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
     session = data.session(now)
     latest = data.latest_ecg(now=now)
-    held_ecgs = data.held_ecgs(now)
+    held_ecgs = data.held_ecgs(now, session)
     return {
         "session": session,
         "doctor_on_duty": data.doctor_on_duty(now),
@@ -57,12 +57,6 @@ def today(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
         "readings": data.patient_readings(session.patient_id, session.since) if session else [],
         "held": data.held_readings(session),
         "held_ecgs": held_ecgs,
-        # the unassigned ECGs recorded during this check-in: only their Assign box offers this patient
-        "ecgs_during_check_in": {
-            h.item_id
-            for h in held_ecgs
-            if session is not None and h.reason == "unassigned" and recorded_during(h.recorded_at, session)
-        },
         "ecg": latest,
         "ecg_held": latest is not None and any(h.item_id == latest.item_id for h in held_ecgs),
         "ecg_re_record_noted": latest is not None and data.re_record_noted(latest.item_id),
@@ -99,7 +93,12 @@ def report(data: ClinicData, now: dt.datetime, report_id: str, user: str = "") -
 
 
 def devices(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
-    return {"devices": data.devices(), "serial": list(data.config.serial.devices), "now": now}
+    return {
+        "devices": data.devices(),
+        "device_users": data.device_users(),
+        "serial": list(data.config.serial.devices),
+        "now": now,
+    }
 
 
 def visits(data: ClinicData, now: dt.datetime) -> dict[str, Any]:

@@ -1,0 +1,165 @@
+"""A multi-user BP cuff's users from the console: "this cuff's user N is <patient>" where its held
+reading is (Today), seen and forgotten on Devices - the same code as `lastmile patient map-user`."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from devices.observation import Observation
+from lastmile.clinic.db import open_clinic_db
+from lastmile.config import Config
+from lastmile.console.service import ConsoleServer
+from tests.console_browser import by, log_in, save_screenshot, set_viewport, text_in, wait_for
+from tests.console_harness import (
+    DOCTOR,
+    VALID_ID,
+    Client,
+    bp_reading,
+    console_config,
+    hold_readings,
+    record_readings,
+    running_console,
+)
+
+CUFF = "AA:BB:CC:DD:EE:01"  # bp_reading's device
+WRONG_CHECK_DIGIT = "110105194912310021"  # VALID_ID's check character is X
+PHONE = (390, 844)
+
+
+def user_reading(user: int, key: str, at: dt.datetime | None = None) -> Observation:
+    """A reading of the cuff's user `user` (its user button), measured at `at` (default: now)."""
+    return replace(bp_reading(at or dt.datetime.now(dt.timezone.utc), key), device_user=user)
+
+
+def mappings(config: Config) -> list[tuple[str, int, str | None, str]]:
+    db = open_clinic_db(config.data_dir)
+    try:
+        rows = db.conn.execute("SELECT address, user_id, patient_id, patient_name FROM device_users").fetchall()
+        return [tuple(r) for r in rows]
+    finally:
+        db.conn.close()
+
+
+def map_form(client: Client, user: int, patient_id: str, whose: str = "patient") -> dict[str, str]:
+    """The held reading's "this device's user N is" form as Today shows it, filled in."""
+    page = client.get("/today").body
+    found = re.search(rf'<form [^>]*action="/today/map-user"[^>]*data-map-user="{user}".*?</form>', page, re.S)
+    assert found, page[:3000]
+    fields = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', found.group(0)))
+    return {**fields, "patient_id": patient_id, "whose": whose}
+
+
+@pytest.fixture
+def clinic(tmp_path: Path) -> Iterator[tuple[Config, ConsoleServer]]:
+    config = console_config(tmp_path / "data")
+    with running_console(config) as server:
+        yield config, server
+
+
+@pytest.fixture
+def doctor(clinic: tuple[Config, ConsoleServer]) -> Client:
+    client = Client(clinic[1].url)
+    client.login(DOCTOR)
+    return client
+
+
+def test_a_held_users_reading_maps_that_user_to_a_patient_from_today(
+    clinic: tuple[Config, ConsoleServer], doctor: Client
+) -> None:
+    """User 2's reading is held with "设备用户 2". The doctor says on Today that user 2 is 张三
+    (checked in): the next reading of user 2 goes to 张三 by itself; the held one stays held
+    (measured before); Devices shows the mapping with the name, and "Forget" undoes it."""
+    config, _server = clinic
+    [held_id] = hold_readings(config, user_reading(2, "cuff:u2:1"))
+    assert doctor.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
+
+    reply = doctor.post("/today/map-user", map_form(doctor, 2, VALID_ID))
+    assert reply.status == 303 and "done=mapped" in reply.location, (reply.status, reply.body[:500])
+    [(address, user, patient_id, name)] = mappings(config)
+    assert (address, user, patient_id) == (CUFF, 2, VALID_ID) and "张^三" in name, mappings(config)  # check-in's name
+    today = doctor.get(reply.location).body
+    assert "已保存" in today, today[:2000]
+    assert f'value="{held_id}"' in today and 'data-device-user="2"' in today  # measured before: still held
+
+    [later] = record_readings(config, user_reading(2, "cuff:u2:2"))
+    assert (later.outcome, later.patient_id) == ("stored", VALID_ID)
+
+    devices = doctor.get("/devices").body
+    assert 'id="h-device-users"' in devices, devices[:4000]
+    listed = devices.split('id="h-device-users"', 1)[1].split("</section>", 1)[0]
+    assert "用户 2" in listed and VALID_ID in listed and "张三" in listed, listed
+    forget = dict(re.findall(r'name="(address|device_user|csrf)" value="([^"]*)"', listed))
+    reply = doctor.post("/devices/unmap-user", forget)
+    assert reply.status == 303 and "done=unmapped" in reply.location, (reply.status, reply.body[:500])
+    assert mappings(config) == []
+    [after] = record_readings(config, user_reading(2, "cuff:u2:3"))
+    assert after.outcome == "held"
+
+
+def test_a_user_mapped_to_whoever_is_checked_in_follows_the_check_in(
+    clinic: tuple[Config, ConsoleServer], doctor: Client
+) -> None:
+    """`--current` from the page: user 3 is whoever is checked in (the clinic measures as user 3)."""
+    config, _server = clinic
+    hold_readings(config, user_reading(3, "cuff:u3:1"))
+    reply = doctor.post("/today/map-user", map_form(doctor, 3, "", whose="checked-in"))
+    assert reply.status == 303, (reply.status, reply.body[:500])
+    assert mappings(config) == [(CUFF, 3, None, "")]
+    assert doctor.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
+    [later] = record_readings(config, user_reading(3, "cuff:u3:2"))
+    assert (later.outcome, later.patient_id) == ("stored", VALID_ID)
+
+
+def test_a_resident_id_with_a_wrong_check_digit_maps_nobody(
+    clinic: tuple[Config, ConsoleServer], doctor: Client
+) -> None:
+    """The one patient-ID rule: a misread resident ID is refused, in Chinese, and nothing is mapped."""
+    config, _server = clinic
+    hold_readings(config, user_reading(2, "cuff:u2:1"))
+    reply = doctor.post("/today/map-user", map_form(doctor, 2, WRONG_CHECK_DIGIT))
+    assert reply.status == 400, (reply.status, reply.location)
+    assert "身份证" in reply.body.split('id="form-error"', 1)[1][:300], reply.body[:2000]
+    assert mappings(config) == []
+
+
+def test_a_form_without_its_csrf_token_maps_nobody(clinic: tuple[Config, ConsoleServer], doctor: Client) -> None:
+    config, _server = clinic
+    hold_readings(config, user_reading(2, "cuff:u2:1"))
+    form = map_form(doctor, 2, VALID_ID)
+    form.pop("csrf")
+    assert doctor.post("/today/map-user", form, csrf=False).status == 403
+    assert mappings(config) == []
+
+
+def test_mapping_a_cuff_user_on_a_phone(browser: object, tmp_path: Path) -> None:
+    """The doctor at 390 px: the map box of user 2's held reading fits the screen; typing the
+    patient's ID and Save maps user 2 (zh-CN screenshot: today-map-device-user-phone)."""
+    config = console_config(tmp_path / "data")
+    hold_readings(config, user_reading(2, "cuff:u2:1"))
+    with running_console(config) as server:
+        log_in(browser, server)
+        set_viewport(browser, PHONE)
+        browser.get(server.url + "/today")  # type: ignore[attr-defined]
+        text_in(browser, "#panel-held form.map-user", "这台设备的用户 2 是")
+        box = browser.execute_script(  # type: ignore[attr-defined]
+            """const f = document.querySelector("#panel-held form.map-user");
+            f.scrollIntoView({block: "center"});
+            const r = e => e.getBoundingClientRect();
+            return {width: document.documentElement.clientWidth,
+                    parts: [...f.querySelectorAll("label, input:not([type=hidden]), button, p")].map(r)};"""
+        )
+        save_screenshot(browser, "today-map-device-user-phone")
+        form = browser.find_element(by("css"), "#panel-held form.map-user")  # type: ignore[attr-defined]
+        form.find_element(by("css"), "input[name=patient_id]").send_keys(VALID_ID)
+        form.find_element(by("css"), "button[value=patient]").click()
+        text_in(browser, "p.done", "已保存")
+        wait_for(browser, lambda _d: mappings(config) == [(CUFF, 2, VALID_ID, "")])
+    assert box["width"] <= PHONE[0], box
+    for part in box["parts"]:
+        assert part["left"] >= 0 and part["right"] <= box["width"], box
