@@ -780,3 +780,29 @@ def test_a_cart_on_the_lan_whose_clock_went_back_to_a_date_after_2020_is_not_bel
     config.gateway.data_dir = str(outbox.data_dir)
     clock = [f for f in Doctor(config).check_devices() if f.topic == "ecg-clock"]
     assert [f.subject for f in clock] == ["Acme Cardio Cart 5 SN-7"] and "2021-01-01" in clock[0].message
+
+
+def test_a_cart_on_the_lan_with_its_clock_set_ahead_keeps_its_uids_and_is_dated_by_receipt(outbox: Outbox) -> None:
+    """The serial path puts the receipt time in place of a cart time ahead of it; the LAN path
+    forwards the cart's object, so it marks its time not believed and keeps the cart's UIDs (a
+    resend is the same instance): the item is dated by its receipt, the cart's time kept as the
+    flag, and a resend of the same object is one item."""
+    from uploader.dicom_store import StoreAssociation
+
+    before = dt.datetime.now(dt.timezone.utc)
+    ahead = (before + dt.timedelta(days=3)).replace(microsecond=0)
+    sent = _cart_ecg(ahead, 81)
+    settings = ReceiverSettings(port=0, allowed_callers=(CART,), timeout_s=30)
+    with DicomReceiver(settings, lan_object_store(outbox)) as r, StoreAssociation(_cart(r.port)) as cart:
+        assert cart.store(sent).status == 0x0000
+        assert cart.store(sent).status == 0x0000  # its retry: the same item
+    after = dt.datetime.now(dt.timezone.utc)
+    (item,) = outbox.items()
+    assert item.meta["flags"] == [f"device-time-ahead:{ahead.isoformat()}"], item.meta
+    assert before <= dt.datetime.fromisoformat(item.meta["acquired_at"]) <= after
+    forwarded, as_sent = _dataset(outbox.read_payload(item)), _dataset(sent)
+    assert (forwarded.TimeSource, forwarded.AcquisitionTimeSynchronized) == ("DEVICE UNTRUSTED", "N")
+    assert forwarded.AcquisitionDateTime == as_sent.AcquisitionDateTime  # the cart's, as it wrote it
+    uids = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+    assert [forwarded[k].value for k in uids] == [as_sent[k].value for k in uids]
+    assert (item.meta["study_uid"], item.meta["sop_instance_uid"]) == ("2.25.811", "2.25.813")
