@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import sqlite_utils
 
-from devices.ble.blood_pressure import UNKNOWN_USER  # Bluetooth "unknown user": nobody's index (0xFF)
+from devices.ble.measurement import UNKNOWN_USER  # Bluetooth "unknown user": nobody's index (0xFF)
 from lastmile.clinic.db import from_iso, iso, transaction
 from lastmile.clinic.devices import normalise_address
 
