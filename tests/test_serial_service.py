@@ -311,6 +311,7 @@ def test_a_streamed_ecg_a_full_disk_refused_survives_a_power_cut_and_arrives_onc
     import subprocess
     import sys
 
+    from lastmile.doctor import Doctor
     from tests.conftest import REPO
 
     key = "bridge-ecg:BR-ECG:9:3"
@@ -336,11 +337,16 @@ def test_a_streamed_ecg_a_full_disk_refused_survives_a_power_cut_and_arrives_onc
         gateway.send_signal(signal.SIGKILL)  # the power fails
         gateway.wait(30)
     assert "1 ECG(s)" in row and "kept on disk" in row, row
+    config = _config(tmp_path, [])
+    doctor = [(f.level.value, f.message) for f in Doctor(config).check_devices()]
+    assert any(level == "FAIL" and "1 streamed ECG(s)" in text for level, text in doctor), doctor
     assert core.pending_count == 1  # the bridge forgot the blocks; only the ECG_END waits for its ACK
     r = running([{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}])  # room again
     core.gateway_seen = False
     talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
     assert [i.key for i in r.outbox.items(kind="dicom")] == [key], "the ECG the full disk refused was lost"
+    doctor = [(f.level.value, f.message) for f in Doctor(config).check_devices()]
+    assert not any(level == "FAIL" for level, _ in doctor), doctor
 
 
 def test_ascii_monitor_and_forwarding_bridge(tmp_path: Path, running) -> None:
