@@ -33,13 +33,17 @@ class TimeSource(str, enum.Enum):
 EARLIEST_PLAUSIBLE = dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)
 # A device's time further ahead of its receipt than this is a clock set wrong, not a time.
 DEVICE_CLOCK_TOLERANCE = dt.timedelta(minutes=10)
+# A cart sending each ECG as it records it (the clinic LAN) whose time is further behind the newest
+# one it sent before than this had its clock reset, if to a date after EARLIEST_PLAUSIBLE (a day:
+# more than a time zone set wrong, less than any reset to a factory date).
+DEVICE_CLOCK_BACKWARDS = dt.timedelta(days=1)
 # Observation flag: a record from a device's memory (taken earlier, perhaps on another patient)
 # whose own time could not be used, so its time is only when we received it. Such a reading is
 # held for the doctor, never given to the current patient.
 STORED_TIME_UNKNOWN = "stored-record-time-unknown"
 # Recording flags (devices.ecg.formats.believable_time): the device's clock needs setting.
 DEVICE_TIME_AHEAD = "device-time-ahead"  # ":<ISO time>": the file's own time, ahead of its receipt
-DEVICE_CLOCK_RESET = "device-clock-reset"  # the file's time predates anything we record
+DEVICE_CLOCK_RESET = "device-clock-reset"  # the file's time predates anything we record, or its cart's last ECG
 
 
 def device_clock_wrong(flags: Iterable[str]) -> bool:

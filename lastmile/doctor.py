@@ -754,21 +754,22 @@ class Doctor:
     def _readings_waiting_for_space(self) -> list[Finding]:
         """Readings a serial monitor printed that the full outbox refused: kept in the spill file
         until there is room, and a FAIL until then (the monitor cannot print them again)."""
-        from lastmile.services.serial_spill import MEMORY_ONLY, SPILL_NAME, waiting_readings
+        from lastmile.services.serial_spill import ECG_SPILL_NAME, MEMORY_ONLY, SPILL_NAME, waiting_readings
 
-        waiting = waiting_readings(self.config.data_dir)
         free_space = "free space on the data partition (see the data line); the acquire service stores them within 30 s"
         found = []
-        if waiting:
-            found.append(
-                Finding(
-                    "devices",
-                    Level.FAIL,
-                    f"{waiting} reading(s) from serial devices wait for space on the data partition "
-                    f"(kept in {SPILL_NAME}); they are stored once there is room",
-                    free_space,
+        for what, name in (("reading(s)", SPILL_NAME), ("streamed ECG(s)", ECG_SPILL_NAME)):
+            waiting = waiting_readings(self.config.data_dir, name)
+            if waiting:
+                found.append(
+                    Finding(
+                        "devices",
+                        Level.FAIL,
+                        f"{waiting} {what} from serial devices wait for space on the data partition "
+                        f"(kept in {name}); they are stored once there is room",
+                        free_space,
+                    )
                 )
-            )
         # no spill file could be set aside (the partition was full at start), or they do not fit in it
         in_memory = [
             r

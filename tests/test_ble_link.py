@@ -13,7 +13,7 @@ import importlib.util
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,7 @@ if importlib.util.find_spec("bumble") is None:
 
 from bleak.exc import BleakDBusError
 
-from devices.ble.blood_pressure import decode_blood_pressure_measurement
-from devices.ble.measurement import record_key, to_observation
-from devices.identity import DeviceIdentity, TimeSource
+from devices.identity import TimeSource
 from firmware_bridge.ble.emulated_peripherals import (
     BloodPressureCuff,
     BpRecord,
@@ -39,9 +37,9 @@ from firmware_bridge.ble.emulated_peripherals import (
     Thermometer,
 )
 from firmware_bridge.ble.emulation import EmulatedBleakClient, EmulatedRadio
-from firmware_bridge.ble.link import BleDeviceManager, LinkSettings, scan_health_devices
+from firmware_bridge.ble.link import BleDeviceManager, LinkSettings, scan_health_devices, utc_now
 from lastmile.clinic.devices import DeviceRegistry
-from lastmile.clinic.observations import OBSERVATION_KIND, ObservationStore, StoreResult
+from lastmile.clinic.observations import OBSERVATION_KIND, ObservationStore
 from lastmile.services.ble_devices import ClinicBlePort
 from uploader.outbox import Outbox
 
@@ -67,7 +65,8 @@ class Gateway:
         self.outbox = Outbox.open(data_dir, min_free_bytes=0)
         self.store = ObservationStore.open(data_dir, outbox=self.outbox, idle_timeout_s=7200)
         self.registry = DeviceRegistry(self.store.db)
-        self.port = ClinicBlePort(self.store, self.registry)
+        self.clock: Callable[[], dt.datetime] = utc_now  # the gateway's, for the port and the link
+        self.port = ClinicBlePort(self.store, self.registry, clock=lambda: self.clock())
         self.radio: EmulatedRadio | None = None  # made inside the event loop (bumble needs one)
         self.events: list[tuple[str, bool]] = []
 
@@ -116,6 +115,7 @@ class Gateway:
             client_backend=client_backend or client,
             observation_listener=lambda a, _o, created: self.events.append((a, created)),
             radio_listener=radio_listener,
+            clock=lambda: self.clock(),
         )
         await self.radio.start()
         for p in peripherals:
@@ -522,17 +522,33 @@ BP_USER_1 = bytes.fromhex("1e800054006300ea070c060800004800010000")
 BP_USER_2 = bytes.fromhex("1e970061007300ea070c060805005000020000")
 
 
-def _record_captured(gw: Gateway, data: bytes, received: dt.datetime) -> StoreResult:
-    m = decode_blood_pressure_measurement(data)
-    obs = to_observation(
-        m,
-        device=DeviceIdentity(address=CUFF),
-        measured_at=m.device_time.replace(tzinfo=UTC),
-        time_source=TimeSource.DEVICE_CLOCK,
-        received_at=received,
-        key=record_key(CUFF, m, received),
-    )
-    return gw.store.record(obs, now=received)
+@dataclass
+class CapturedCuff(BloodPressureCuff):
+    """A cuff indicating captured measurement bytes as they were, then hanging up."""
+
+    captured: tuple[bytes, ...] = ()
+
+    def on_subscribed(self, connection: Any, characteristic: Any) -> None:
+        if characteristic is self.measurement:
+            self.spawn(self.indicate_captured())
+
+    async def indicate_captured(self) -> None:
+        for data in self.captured:
+            if not await self.send(self.measurement, data, indicate=True):
+                return
+        await self.hang_up()
+
+
+def _record_captured(gw: Gateway, captured: tuple[bytes, ...], received: dt.datetime) -> None:
+    """The captured bytes through the real link and port, the gateway's clock at `received`."""
+    gw.clock = lambda: received
+    gw.allow(CUFF)
+
+    async def main() -> None:
+        cuff = CapturedCuff(gw.new_radio(), CUFF, "BP cuff", current_time_service=False, captured=captured)
+        await gw.run([cuff], until=lambda: len(gw.events) == len(captured))
+
+    asyncio.run(main())
 
 
 def test_captured_two_user_cuff_user_1_is_the_checked_in_patients_user_2_is_held(gw: Gateway) -> None:
@@ -542,7 +558,7 @@ def test_captured_two_user_cuff_user_1_is_the_checked_in_patients_user_2_is_held
     doctor with the user the cuff named."""
     gw.store.context.set_patient("P-1", "Doe^Jane", now=dt.datetime(2026, 12, 6, 7, 0, tzinfo=UTC))
     received = dt.datetime(2026, 12, 6, 8, 6, tzinfo=UTC)
-    assert [_record_captured(gw, data, received).patient_id for data in (BP_USER_1, BP_USER_2)] == ["P-1", None]
+    _record_captured(gw, (BP_USER_1, BP_USER_2), received)
     assert [[q["value"] for q in o["quantities"]][:2] for o in gw.observations() if o["patient_id"] == "P-1"] == [
         [128, 84]
     ]
@@ -556,7 +572,7 @@ def test_a_mapping_for_user_1_overrides_the_checked_in_patient(gw: Gateway) -> N
     to P-1 on the examination couch."""
     gw.store.context.set_patient("P-1", "Doe^Jane", now=dt.datetime(2026, 12, 6, 7, 0, tzinfo=UTC))
     gw.store.device_users.map_user(CUFF, 1, "P-HOME", now=dt.datetime(2026, 12, 6, 7, 0, tzinfo=UTC))
-    assert _record_captured(gw, BP_USER_1, dt.datetime(2026, 12, 6, 8, 6, tzinfo=UTC)).patient_id == "P-HOME"
+    _record_captured(gw, (BP_USER_1,), dt.datetime(2026, 12, 6, 8, 6, tzinfo=UTC))
     assert [o["patient_id"] for o in gw.observations()] == ["P-HOME"]
 
 

@@ -731,3 +731,78 @@ def test_a_cart_on_the_lan_with_a_believable_clock_is_forwarded_byte_for_byte(ou
     (item,) = outbox.items()
     assert parse_part10(outbox.read_payload(item)).dataset_bytes() == parse_part10(sent).dataset_bytes()
     assert item.meta["flags"] == []
+
+
+def _cart_ecg(acquired_at: dt.datetime, n: int) -> bytes:
+    """The ECG the cart Acme Cardio Cart 5 SN-7 sends over the LAN as it records it, dated by its clock."""
+    from devices.identity import DeviceIdentity, TimeSource
+    from tests.ecg_factories import make_recording
+    from uploader.dicom_ecg import EcgStudyUids, StationInfo, recording_to_dicom_bytes
+
+    rec = dataclasses.replace(
+        make_recording(n),
+        acquired_at=acquired_at,
+        time_source=TimeSource.DEVICE_CLOCK,
+        device=DeviceIdentity(manufacturer="Acme Cardio", model="Cart 5", serial="SN-7"),
+    )
+    uids = EcgStudyUids(study_uid=f"2.25.{n}1", series_uid=f"2.25.{n}2", sop_instance_uid=f"2.25.{n}3")
+    return recording_to_dicom_bytes(rec, uids, StationInfo(station_name="cart-1", institution="Clinic"))
+
+
+def test_a_cart_on_the_lan_whose_clock_went_back_to_a_date_after_2020_is_not_believed(outbox: Outbox) -> None:
+    """A cart's clock was reset to 2021-01-01 (after the 2020 floor) while the clinic is in 2026:
+    its ECG went to the PACS as recorded in 2021, believed, and nobody was told to set the clock.
+    The cart had sent an ECG dated today a moment before: one dated long before its newest is a
+    clock gone back, kept but not believed and flagged like a reset (Today, `lastmile doctor`)."""
+    from devices.identity import DEVICE_CLOCK_RESET
+    from lastmile.config import Config
+    from lastmile.doctor import Doctor
+    from uploader.dicom_store import StoreAssociation
+
+    now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    east8 = dt.timezone(dt.timedelta(hours=8))
+    reset = dt.datetime(2021, 1, 1, 8, 0, 5, tzinfo=east8)
+    settings = ReceiverSettings(port=0, allowed_callers=(CART,), timeout_s=30)
+    with DicomReceiver(settings, lan_object_store(outbox)) as r, StoreAssociation(_cart(r.port)) as cart:
+        assert cart.store(_cart_ecg(now - dt.timedelta(hours=1), 71)).status == 0x0000
+        assert cart.store(_cart_ecg(reset, 72)).status == 0x0000
+    with DicomReceiver(settings, lan_object_store(outbox)) as r, StoreAssociation(_cart(r.port)) as cart:
+        assert cart.store(_cart_ecg(reset + dt.timedelta(minutes=5), 73)).status == 0x0000  # after a restart
+    today, went_back, after_restart = outbox.items()
+    assert DEVICE_CLOCK_RESET in after_restart.meta["flags"], after_restart.meta
+    assert today.meta["flags"] == []
+    assert DEVICE_CLOCK_RESET in went_back.meta["flags"], went_back.meta
+    assert went_back.meta["acquired_at"] == reset.isoformat()  # the cart's time, kept
+    forwarded = _dataset(outbox.read_payload(went_back))
+    assert (forwarded.TimeSource, forwarded.AcquisitionTimeSynchronized) == ("DEVICE UNTRUSTED", "N")
+    assert forwarded.SOPInstanceUID == "2.25.723"
+    config = Config()
+    config.gateway.data_dir = str(outbox.data_dir)
+    clock = [f for f in Doctor(config).check_devices() if f.topic == "ecg-clock"]
+    assert [f.subject for f in clock] == ["Acme Cardio Cart 5 SN-7"] and "2021-01-01" in clock[0].message
+
+
+def test_a_cart_on_the_lan_with_its_clock_set_ahead_keeps_its_uids_and_is_dated_by_receipt(outbox: Outbox) -> None:
+    """The serial path puts the receipt time in place of a cart time ahead of it; the LAN path
+    forwards the cart's object, so it marks its time not believed and keeps the cart's UIDs (a
+    resend is the same instance): the item is dated by its receipt, the cart's time kept as the
+    flag, and a resend of the same object is one item."""
+    from uploader.dicom_store import StoreAssociation
+
+    before = dt.datetime.now(dt.timezone.utc)
+    ahead = (before + dt.timedelta(days=3)).replace(microsecond=0)
+    sent = _cart_ecg(ahead, 81)
+    settings = ReceiverSettings(port=0, allowed_callers=(CART,), timeout_s=30)
+    with DicomReceiver(settings, lan_object_store(outbox)) as r, StoreAssociation(_cart(r.port)) as cart:
+        assert cart.store(sent).status == 0x0000
+        assert cart.store(sent).status == 0x0000  # its retry: the same item
+    after = dt.datetime.now(dt.timezone.utc)
+    (item,) = outbox.items()
+    assert item.meta["flags"] == [f"device-time-ahead:{ahead.isoformat()}"], item.meta
+    assert before <= dt.datetime.fromisoformat(item.meta["acquired_at"]) <= after
+    forwarded, as_sent = _dataset(outbox.read_payload(item)), _dataset(sent)
+    assert (forwarded.TimeSource, forwarded.AcquisitionTimeSynchronized) == ("DEVICE UNTRUSTED", "N")
+    assert forwarded.AcquisitionDateTime == as_sent.AcquisitionDateTime  # the cart's, as it wrote it
+    uids = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+    assert [forwarded[k].value for k in uids] == [as_sent[k].value for k in uids]
+    assert (item.meta["study_uid"], item.meta["sop_instance_uid"]) == ("2.25.811", "2.25.813")

@@ -266,3 +266,26 @@ def test_old_files_from_a_stick_and_an_unset_gateway_clock_are_not_judged() -> N
     unset = decode_ecg(data, "0000037.ECG", local_tz=east8, received_at=dt.datetime(1970, 1, 1, 0, 2, tzinfo=dt.UTC))
     assert (unset.acquired_at, unset.time_source) == (old.acquired_at, TimeSource.FILE)
     assert not any(f.startswith("device-") for f in unset.flags)
+
+
+def test_a_cart_clock_gone_back_to_a_date_after_2020_is_judged_by_its_newest_ecg_only_where_given() -> None:
+    """A cart reset to 2021-01-01 is after the 2020 floor, so the reset rule alone believed it. Where
+    the path knows the newest ECG the cart sent before (the clinic LAN, ECGs sent as recorded), a
+    time more than a day before it is a clock gone back: kept, not believed, flagged like a reset.
+    Without it (a stick's files, whose old recordings are legitimate) the time stands."""
+    import datetime as dt
+
+    from devices.ecg.formats import JudgedTime, judged_time
+
+    data = (
+        shared_file("ecg", "contec", "0000037.ECG").read_bytes().replace(b"2020-11-15 12:59:50", b"2021-01-01 00:00:05")
+    )
+    east8 = dt.timezone(dt.timedelta(hours=8))
+    received = dt.datetime(2026, 12, 6, 9, 0, tzinfo=dt.timezone.utc)
+    rec = decode_ecg(data, "0000037.ECG", local_tz=east8, received_at=received)
+    assert (rec.acquired_at, rec.time_source) == (dt.datetime(2021, 1, 1, 0, 0, 5, tzinfo=east8), TimeSource.FILE)
+    newest = received - dt.timedelta(hours=2)
+    gone_back = judged_time(rec.acquired_at, rec.time_source, received, newest_from_device=newest)
+    assert gone_back == JudgedTime(rec.acquired_at, TimeSource.DEVICE_CLOCK_UNTRUSTED, ("device-clock-reset",))
+    a_moment_before = judged_time(newest - dt.timedelta(hours=3), TimeSource.FILE, received, newest_from_device=newest)
+    assert a_moment_before.time_source is TimeSource.FILE and a_moment_before.flags == ()

@@ -266,7 +266,7 @@ def test_an_ecg_end_resent_while_its_recording_is_held_waits_for_storage(
     r.outbox.min_free_bytes = 1 << 60  # storage full, through the re-plug
     sim = EcgStreamSimulator(core, recording_id=3)
     bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(40)) + sim.end(40 * 25, clock[0]))
-    wait_for(lambda: "cannot store" in (r.registry.get("serial:ecg").last_error or ""))
+    wait_for(lambda: "waiting for space" in (r.registry.get("serial:ecg").last_error or ""))
     bridge.unplug()
     wait_for(lambda: not r.registry.get("serial:ecg").connected)
     bridge = PtyDevice(bridge.link_path)
@@ -281,6 +281,72 @@ def test_an_ecg_end_resent_while_its_recording_is_held_waits_for_storage(
     talk_as_bridge(bridge, core, clock, lambda: core.pending_count == 0)
     bridge.unplug()
     assert [i.key for i in r.outbox.items(kind="dicom")] == [key]
+
+
+# The gateway (a child process, so that it can lose its power) with the bridge `argv[2]` and a
+# data partition full to the last byte the outbox may use.
+BRIDGE_GATEWAY_ON_A_FULL_DISK = r"""
+import sys, threading
+from lastmile.config import Config
+from lastmile.services.serial_devices import SerialService
+from uploader.outbox import Outbox
+
+config = Config()
+config.gateway.data_dir = sys.argv[1]
+config.serial.devices = [{"name": "ecg", "match": sys.argv[2], "profile": "bridge"}]
+outbox = Outbox.open(config.data_dir, min_free_bytes=1 << 60)
+SerialService.open(config, outbox=outbox, watch_dirs=None, rescan_s=0.1).start()
+threading.Event().wait()  # until the power fails (SIGKILL)
+"""
+
+
+def test_a_streamed_ecg_a_full_disk_refused_survives_a_power_cut_and_arrives_once(tmp_path: Path, running) -> None:
+    """A bridge streams an ECG once: its blocks are never resent, only its ECG_END. The full outbox
+    refused the recording, the gateway held it in memory only and lost its power; the restarted
+    gateway had no such recording, NACKed the resent ECG_END as unknown and the bridge dropped it:
+    the ECG was lost. Now it is kept in the ECG spill file, the device row says so, and once there
+    is room the restarted gateway stores it and ACKs the resent ECG_END: one study."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from lastmile.doctor import Doctor
+    from tests.conftest import REPO
+
+    key = "bridge-ecg:BR-ECG:9:3"
+    bridge = PtyDevice(tmp_path / "usb-ecg")
+    core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
+    data_dir = tmp_path / "data"
+    gateway = subprocess.Popen(
+        [sys.executable, "-c", BRIDGE_GATEWAY_ON_A_FULL_DISK, str(data_dir), str(bridge.link_path)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+        sim = EcgStreamSimulator(core, recording_id=3)
+        bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(40)) + sim.end(40 * 25, clock[0]))
+        registry = DeviceRegistry.open(str(data_dir))
+        try:
+            wait_for(lambda: "waiting for space" in (registry.get("serial:ecg").last_error or ""))
+            row = registry.get("serial:ecg").last_error
+        finally:
+            registry.close()
+    finally:
+        gateway.send_signal(signal.SIGKILL)  # the power fails
+        gateway.wait(30)
+    assert "1 ECG(s)" in row and "kept on disk" in row, row
+    config = _config(tmp_path, [])
+    doctor = [(f.level.value, f.message) for f in Doctor(config).check_devices()]
+    assert any(level == "FAIL" and "1 streamed ECG(s)" in text for level, text in doctor), doctor
+    assert core.pending_count == 1  # the bridge forgot the blocks; only the ECG_END waits for its ACK
+    r = running([{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}])  # room again
+    core.gateway_seen = False
+    talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+    assert [i.key for i in r.outbox.items(kind="dicom")] == [key], "the ECG the full disk refused was lost"
+    doctor = [(f.level.value, f.message) for f in Doctor(config).check_devices()]
+    assert not any(level == "FAIL" for level, _ in doctor), doctor
 
 
 def test_ascii_monitor_and_forwarding_bridge(tmp_path: Path, running) -> None:

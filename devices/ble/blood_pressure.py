@@ -9,7 +9,7 @@ fields we do not know, so we refuse rather than misread the rest.
 
 from __future__ import annotations
 
-from devices.ble.measurement import Measurement, bit_flags, quantity
+from devices.ble.measurement import UNKNOWN_USER, Measurement, bit_flags, quantity
 from devices.ble.payload import PayloadReader
 from devices.ble.uuids import BLOOD_PRESSURE_MEASUREMENT, INTERMEDIATE_CUFF_PRESSURE
 from devices.errors import UnsupportedFeatureError
@@ -22,7 +22,6 @@ FLAG_MEASUREMENT_STATUS = 0x10
 FLAGS_RESERVED = 0xE0
 
 MMHG_PER_KPA = 1000 / 133.322387415
-UNKNOWN_USER = 0xFF
 
 STATUS_BITS: dict[int, str] = {
     0: "body-movement",

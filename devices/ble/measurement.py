@@ -15,6 +15,10 @@ from devices.ble.sfloat import MedFloat
 from devices.identity import STORED_TIME_UNKNOWN, DeviceIdentity, TimeSource
 from devices.observation import Observation, Quantity
 
+# The user index a multi-user device sends for a reading it cannot give to any of its users
+# (Bluetooth SIG: blood pressure and weight "unknown user"): nobody's, as if none was sent.
+UNKNOWN_USER = 0xFF
+
 
 @dataclass(frozen=True, slots=True)
 class Measurement:

@@ -7,7 +7,7 @@ Time Stamp (Date Time); User ID u8; BMI u16 (0.1 kg/m2); Height u16 (0.001 m or 
 
 from __future__ import annotations
 
-from devices.ble.measurement import Measurement
+from devices.ble.measurement import UNKNOWN_USER, Measurement
 from devices.ble.payload import PayloadReader
 from devices.ble.sfloat import NAN
 from devices.ble.uuids import WEIGHT_MEASUREMENT
@@ -21,7 +21,6 @@ FLAG_BMI_HEIGHT = 0x08
 FLAGS_RESERVED = 0xF0
 
 UNSUCCESSFUL = 0xFFFF
-UNKNOWN_USER = 0xFF
 KG_PER_LB = 0.45359237
 M_PER_IN = 0.0254
 

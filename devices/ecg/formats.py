@@ -19,6 +19,7 @@ from collections.abc import Callable
 from devices.ecg.recording import EcgRecording
 from devices.errors import ProtocolError
 from devices.identity import (
+    DEVICE_CLOCK_BACKWARDS,
     DEVICE_CLOCK_RESET,
     DEVICE_CLOCK_TOLERANCE,
     DEVICE_TIME_AHEAD,
@@ -132,7 +133,13 @@ def believable_time(recording: EcgRecording, received_at: dt.datetime | None) ->
     )
 
 
-def judged_time(acquired_at: dt.datetime, time_source: TimeSource, received_at: dt.datetime | None) -> JudgedTime:
+def judged_time(
+    acquired_at: dt.datetime,
+    time_source: TimeSource,
+    received_at: dt.datetime | None,
+    *,
+    newest_from_device: dt.datetime | None = None,
+) -> JudgedTime:
     """A file's acquisition time, judged against the gateway's receipt time (passed in, trusted
     only from EARLIEST_PLAUSIBLE on: a gateway whose clock is not set yet judges nothing).
 
@@ -144,11 +151,16 @@ def judged_time(acquired_at: dt.datetime, time_source: TimeSource, received_at: 
       recorded) under TimeSource.DEVICE_CLOCK_UNTRUSTED, flagged "device-clock-reset" so the
       doctor is told to set the cart's clock. Older files of a genuine import (a stick with last
       year's recordings) are after EARLIEST_PLAUSIBLE and believed.
+    - More than DEVICE_CLOCK_BACKWARDS before `newest_from_device`, the time of the newest ECG this
+      device sent before (a cart reset to 2021-01-01 while the clinic is in 2026): the same as a
+      reset. Given only by paths where a device sends each ECG as it records it (the clinic LAN),
+      never for imports, whose old files are legitimate.
     """
     believed = JudgedTime(acquired_at, time_source)
     if received_at is None or received_at < EARLIEST_PLAUSIBLE or time_source is not TimeSource.FILE:
         return believed
-    if acquired_at < EARLIEST_PLAUSIBLE:
+    went_back = newest_from_device is not None and acquired_at < newest_from_device - DEVICE_CLOCK_BACKWARDS
+    if acquired_at < EARLIEST_PLAUSIBLE or went_back:
         return JudgedTime(acquired_at, TimeSource.DEVICE_CLOCK_UNTRUSTED, (DEVICE_CLOCK_RESET,))
     if acquired_at <= received_at + DEVICE_CLOCK_TOLERANCE:
         return believed

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 import sqlite_utils
 
-from devices.ble.blood_pressure import UNKNOWN_USER  # Bluetooth "unknown user": nobody's index (0xFF)
+from devices.ble.measurement import UNKNOWN_USER  # Bluetooth "unknown user": nobody's index (0xFF)
 from devices.identity import Patient
 from lastmile.clinic.db import from_iso, iso, transaction
 from lastmile.clinic.devices import is_bluetooth_address, normalise_address

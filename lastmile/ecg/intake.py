@@ -503,7 +503,10 @@ def lan_object_store(
     one was when the doctor entered it, and forwarded so (`with_patient_id`): one resident, one ID
     at the county, whichever path his ECGs came by. Its acquisition time is judged against `now`
     (the gateway's clock) by the rule every path follows (`devices.ecg.formats.judged_time`): a
-    reset cart clock is flagged for the doctor and marked not believed in the object."""
+    reset cart clock is flagged for the doctor and marked not believed in the object. A cart on
+    the LAN sends each ECG as it records it, so one dated long before the newest it sent before
+    is a reset clock too (`NewestFromCart`); files imported from a stick are not judged so."""
+    newest = NewestFromCart(outbox)
 
     def store(obj: ReceivedObject) -> None:
         key = "dicom-sop:" + obj.sop_instance_uid
@@ -514,7 +517,7 @@ def lan_object_store(
         current = current_patient_id()
         session = stat_session()
         patient_id = comparable_patient_id(obj.patient["patient_id"], id_kind) if obj.patient else None
-        forwarded = as_forwarded(obj, patient_id, now())
+        forwarded = as_forwarded(obj, patient_id, now(), newest_from=lambda device: newest.time(obj.calling_ae, device))
         rewritten = (
             {"received_sha256": received_sha256} if forwarded.obj.data != obj.data else {}
         )  # what the cart sends again
@@ -536,6 +539,7 @@ def lan_object_store(
             **forwarded.described,
             **rewritten,
         )
+        newest.saw(obj.calling_ae, forwarded)
         if kept is None:
             added = outbox.add(
                 Kind.DICOM,
@@ -574,14 +578,69 @@ class ForwardedObject:
     described: dict = dataclasses.field(default_factory=dict)  # acquired_at, device: item meta
 
 
-def as_forwarded(obj: ReceivedObject, patient_id: str | None, received_at: dt.datetime) -> ForwardedObject:
+NEWEST_LOOKBACK_S = 90 * 86400  # how far back the outbox is read for a cart's newest ECG at start
+NEWEST_LOOKBACK_ITEMS = 5000  # and at most this many ECG items (a clinic records tens a day)
+
+
+class NewestFromCart:
+    """The time of the newest believed ECG each cart (calling AE and device) sent over the LAN,
+    read from the outbox's recent ECG items once, then kept up to date as objects arrive."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+        self._newest: dict[str, dt.datetime] | None = None
+
+    def time(self, calling_ae: str, device: str) -> dt.datetime | None:
+        if self._newest is None:
+            self._newest = self._from_outbox()
+        return self._newest.get(f"{calling_ae} {device}")
+
+    def saw(self, calling_ae: str, forwarded: ForwardedObject) -> None:
+        """`forwarded` came from the cart `calling_ae`: its time, if believed, may be the newest."""
+        from devices.identity import device_clock_wrong
+
+        when, device = forwarded.described.get("acquired_at"), forwarded.described.get("device")
+        if when is None or device is None or device_clock_wrong(forwarded.flags):
+            return
+        self._note(f"{calling_ae} {device}", dt.datetime.fromisoformat(when))
+
+    def _note(self, cart: str, when: dt.datetime) -> None:
+        assert self._newest is not None
+        if cart not in self._newest or when > self._newest[cart]:
+            self._newest[cart] = when
+
+    def _from_outbox(self) -> dict[str, dt.datetime]:
+        from devices.identity import device_clock_wrong
+
+        self._newest = {}
+        since = time.time() - NEWEST_LOOKBACK_S
+        for item in self.outbox.newest(Kind.DICOM, since=since, limit=NEWEST_LOOKBACK_ITEMS):
+            meta = item.meta
+            if meta.get("source_format") != LAN_SOURCE_FORMAT or "acquired_at" not in meta:
+                continue
+            if not device_clock_wrong(meta.get("flags", ())):
+                self._note(
+                    f"{meta.get('calling_ae', '')} {meta.get('device', '')}",
+                    dt.datetime.fromisoformat(meta["acquired_at"]),
+                )
+        return self._newest
+
+
+def as_forwarded(
+    obj: ReceivedObject,
+    patient_id: str | None,
+    received_at: dt.datetime,
+    *,
+    newest_from: Callable[[str], dt.datetime | None] = lambda device: None,
+) -> ForwardedObject:
     """`obj` as forwarded: the cart's object as it sent it, read once, written again only for what
     the gateway must correct - a loosely written patient ID (`with_patient_id`) and a time the
     gateway does not believe (Time Source "DEVICE UNTRUSTED", Acquisition Time Synchronized N;
     the time itself as the cart wrote it, `uploader.dicom_ecg.mark_time_untrusted`). Two values
     changed in the data set, not a new object: its UIDs stay the cart's, so a cart's resend is
     the same instance and the PACS holds one study; an annotation or new elements would be more
-    of the cart's object rewritten for what the Time Source already says.
+    of the cart's object rewritten for what the Time Source already says. `newest_from`: the
+    time of the newest ECG the device (by its label) sent before, for `judged_time`.
     An object pydicom cannot read or write back is forwarded as written, not lost."""
     import pydicom
 
@@ -600,7 +659,7 @@ def as_forwarded(obj: ReceivedObject, patient_id: str | None, received_at: dt.da
     described: dict = {"device": device}
     flags: tuple[str, ...] = ()
     if acquired_at is not None:
-        judged = judged_time(acquired_at, TimeSource.FILE, received_at)
+        judged = judged_time(acquired_at, TimeSource.FILE, received_at, newest_from_device=newest_from(device))
         described["acquired_at"] = judged.acquired_at.isoformat()
         flags = judged.flags
     new_id = patient_id if obj.patient is not None and patient_id not in (None, obj.patient["patient_id"]) else None

@@ -40,10 +40,11 @@ log = logging.getLogger(__name__)
 
 
 def serial_part(config: Config, outbox: Outbox) -> Part | None:
-    from lastmile.services.serial_spill import waiting_readings
+    from lastmile.services.serial_spill import ECG_SPILL_NAME, waiting_readings
 
-    # readings kept in the spill file are stored even when no serial device is configured any more
-    if not config.serial.enabled or not (config.serial.devices or waiting_readings(config.data_dir)):
+    # readings (ECGs) kept in the spill files are stored even when no serial device is configured any more
+    spilled = waiting_readings(config.data_dir) or waiting_readings(config.data_dir, ECG_SPILL_NAME)
+    if not config.serial.enabled or not (config.serial.devices or spilled):
         return None
     try:
         from lastmile.services.serial_devices import SerialService

@@ -74,7 +74,7 @@ from lastmile.config import (
     serial_device_problems,
 )
 from lastmile.ecg.intake import enqueue_recording, session_request
-from lastmile.services.serial_spill import KEPT_ON_DISK, MEMORY_ONLY, SpillFile
+from lastmile.services.serial_spill import ECG_SPILL_BYTES, ECG_SPILL_NAME, KEPT_ON_DISK, MEMORY_ONLY, SpillFile
 from uploader.errors import InvalidObjectError, UploadError
 from uploader.outbox import Outbox
 
@@ -176,7 +176,8 @@ def clear_refusals_fixed_since(registry: DeviceRegistry, specs: Sequence[LinkSpe
 class Unstored:
     """What one device sent that the outbox refused (e.g. briefly full). The device cannot
     resend it (a monitor prints once; a bridge streams an ECG once), so it is kept per device,
-    not per connection: a handler dies with its connection, a re-plugged device gets a new one."""
+    not per connection: a handler dies with its connection, a re-plugged device gets a new one;
+    and in the spill files, past a power cut."""
 
     observations: list[Observation] = field(default_factory=list)
     recordings: dict[str, EcgRecording] = field(default_factory=dict)  # by outbox key
@@ -202,6 +203,8 @@ class SerialContext:
     unstored: dict[str, Unstored] = field(default_factory=dict)  # by device (spec) name
     spill: SpillFile | None = None  # the unstored observations, on disk too (a power cut)
     spill_kept: bool = False  # whether the spill file holds them all (its last save, or the start's load)
+    ecg_spill: SpillFile | None = None  # the unstored streamed ECGs, on disk too
+    ecg_spill_kept: bool = False  # as spill_kept, for ecg_spill
 
     def status(self, spec: LinkSpec, port: str = "", **facts: object) -> None:
         """Record device facts; `port` (given on connect) goes into the name `lastmile devices` shows."""
@@ -244,34 +247,52 @@ class SerialContext:
         self._spill_changed(spec)
 
     def load_spilled(self) -> None:
-        """What a previous run kept in the spill file waits again, retried at once."""
-        if self.spill is None:
-            return
-        loaded = self.spill.load()
+        """What a previous run kept in the spill files waits again, retried at once."""
+        loaded = self.spill.load() if self.spill is not None else {}
         self.spill_kept = bool(loaded)  # the file holds them until the next save
         for name, observations in loaded.items():
             log.warning("%s: %d reading(s) kept from before the restart wait for space", name, len(observations))
             self.unstored.setdefault(name, Unstored()).observations.extend(observations)
+        recordings = self.ecg_spill.load_recordings() if self.ecg_spill is not None else {}
+        self.ecg_spill_kept = bool(recordings)
+        for name, by_key in recordings.items():
+            log.warning("%s: %d streamed ECG(s) kept from before the restart wait for space", name, len(by_key))
+            self.unstored.setdefault(name, Unstored()).recordings.update(by_key)
 
     def _spill_changed(self, spec: LinkSpec) -> None:
-        """The unstored observations changed: write them all to the spill file, and say on the
-        device's row what waits (never silent: also when only memory holds them)."""
-        kept = self.spill_kept = self.spill is not None and self.spill.save(
+        """The unstored observations changed: write them all to the spill file, and say so."""
+        self.spill_kept = self.spill is not None and self.spill.save(
             {name: held.observations for name, held in self.unstored.items()}
         )
-        held = self.unstored.get(spec.name)
-        waiting = len(held.observations) if held else 0
+        self._say_waiting(spec)
+
+    def _ecg_spill_changed(self, spec: LinkSpec) -> None:
+        """The unstored streamed ECGs changed: write them all to the ECG spill file, and say so."""
+        self.ecg_spill_kept = self.ecg_spill is not None and self.ecg_spill.save_recordings(
+            {name: held.recordings for name, held in self.unstored.items()}
+        )
+        self._say_waiting(spec)
+
+    def _say_waiting(self, spec: LinkSpec) -> None:
+        """Say on the device's row what waits for space (never silent: also when only memory holds it)."""
+        held = self.unstored.get(spec.name) or Unstored()
+        waiting = [f"{len(held.observations)} reading(s)"] if held.observations else []
+        waiting += [f"{len(held.recordings)} ECG(s)"] if held.recordings else []
         if not waiting:
             self.status(spec, error="")
             return
-        where = KEPT_ON_DISK if kept else MEMORY_ONLY
-        log.error("%s: %d reading(s) waiting for space on the data partition (%s)", spec.name, waiting, where)
-        self.status(spec, error=f"{waiting} reading(s) waiting for space on the data partition ({where})")
+        kept = (self.spill_kept or not held.observations) and (self.ecg_spill_kept or not held.recordings)
+        message = (
+            f"{', '.join(waiting)} waiting for space on the data partition ({KEPT_ON_DISK if kept else MEMORY_ONLY})"
+        )
+        log.error("%s: %s", spec.name, message)
+        self.status(spec, error=message)
 
     def hold_recording(self, spec: LinkSpec, recording: EcgRecording, key: str) -> None:
         held = self.unstored.setdefault(spec.name, Unstored())
         held.recordings[key] = recording
         held.next_retry = time.monotonic() + RETRY_STORE_S
+        self._ecg_spill_changed(spec)
 
     def is_held(self, spec: LinkSpec, key: str) -> bool:
         held = self.unstored.get(spec.name)
@@ -296,10 +317,12 @@ class SerialContext:
                 refused.add(key)
         for key in stored | refused:
             del held.recordings[key]
+        if stored | refused:
+            self._ecg_spill_changed(spec)
         held.next_retry = time.monotonic() + RETRY_STORE_S
         if held:
             log.error(
-                "%s: %d reading(s), %d ECG recording(s) not stored yet; held in memory, retried in %g s",
+                "%s: %d reading(s), %d ECG recording(s) not stored yet; held, retried in %g s",
                 spec.name,
                 len(held.observations),
                 len(held.recordings),
@@ -650,6 +673,7 @@ class SerialService:
             profiles=profiles,
             rules=rules,
             spill=SpillFile(config.data_dir),  # allocated now, while the partition has room
+            ecg_spill=SpillFile(config.data_dir, ECG_SPILL_BYTES, ECG_SPILL_NAME),
         )
         ctx.load_spilled()
         service = cls(ctx, specs, owned=[store], **kwargs)  # type: ignore[arg-type]
@@ -720,14 +744,16 @@ class SerialService:
         self.manager.close()
         for spec in self.unstored_specs():
             self.ctx.retry_unstored(spec, force=True)
-        spilled = self.ctx.spill_kept  # not merely that the file exists: what the last save did
+        # not merely that the files exist: what their last save did
+        kept = {True: "kept on disk, stored after the restart", False: "lost"}
         for name, held in self.ctx.unstored.items():
             log.error(
-                "%s: %d reading(s) (%s), %d ECG recording(s) (lost) not stored: the outbox refused them",
+                "%s: %d reading(s) (%s), %d ECG recording(s) (%s) not stored: the outbox refused them",
                 name,
                 len(held.observations),
-                "kept on disk, stored after the restart" if spilled else "lost",
+                kept[self.ctx.spill_kept],
                 len(held.recordings),
+                kept[self.ctx.ecg_spill_kept],
             )
         for thing in self._owned:
             close = getattr(thing, "close", None)

@@ -12,18 +12,31 @@ other, older copy whole. When the partition has room again the readings are stor
 outbox (their patient decided then by when they were measured, as for any reading) and the
 file says none are waiting. `waiting_readings` lets `lastmile doctor` say so (once a minute: it
 reads the slot headers and one body, not the whole file) and the acquire service start for them.
+
+A bridge streams an ECG once too: its blocks are never resent, only its ECG_END is (after a
+reconnect or a gateway restart), and a restarted gateway that has no such recording answers it
+NACK_UNKNOWN_RECORDING, so the bridge drops it. Streamed ECGs the outbox refuses are therefore
+kept the same way, in a second, larger file (`ECG_SPILL_NAME`), under their outbox key: after
+a power cut the resent ECG_END finds its recording held again, and it is stored and ACKed once.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import datetime as dt
 import hashlib
 import json
 import logging
 import os
+import zlib
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
+
+from devices.ecg.recording import EcgRecording, SampleGap
+from devices.identity import DeviceIdentity, TimeSource
 from devices.observation import Observation
 from lastmile.clinic.observations import observation_from_json, observation_to_json
 from uploader.payload_files import fsync_dir
@@ -32,6 +45,8 @@ log = logging.getLogger(__name__)
 
 SPILL_NAME = "serial-spill.dat"
 SPILL_BYTES = 256 * 1024  # two slots of 128 KB: ~200 readings of ~600 bytes each
+ECG_SPILL_NAME = "serial-ecg-spill.dat"
+ECG_SPILL_BYTES = 4 * 1024 * 1024  # two slots of 2 MB: ~25 streamed 10 s 12-lead ECGs, compressed
 MAGIC = b"LMSPILL1"
 HEADER = len(MAGIC) + 8 + 4 + 32  # magic, generation, length, sha256
 
@@ -40,6 +55,45 @@ KEPT_ON_DISK = "kept on disk"
 MEMORY_ONLY = "held in memory only: lost if the power fails"
 
 Spilled = dict[str, list[Observation]]  # device name -> readings waiting for space
+SpilledRecordings = dict[str, dict[str, EcgRecording]]  # device name -> outbox key -> streamed ECG
+
+
+def recording_to_json(key: str, recording: EcgRecording) -> dict:
+    """A streamed ECG held for space (it names no patient yet: that is decided when it is stored)."""
+    samples = np.ascontiguousarray(recording.samples, dtype="<i2")
+    return {
+        "key": key,
+        "samples": base64.b64encode(zlib.compress(samples.tobytes())).decode(),
+        "shape": list(samples.shape),
+        "lead_names": list(recording.lead_names),
+        "sampling_rate_hz": recording.sampling_rate_hz,
+        "uv_per_unit": recording.uv_per_unit,
+        "acquired_at": recording.acquired_at.isoformat(),
+        "time_source": recording.time_source.value,
+        "device": {name: getattr(recording.device, name) for name in DeviceIdentity.__dataclass_fields__},
+        "source_format": recording.source_format,
+        "gaps": [[g.start, g.missing] for g in recording.gaps],
+        "stat": recording.stat,
+        "flags": list(recording.flags),
+    }
+
+
+def recording_from_json(data: dict) -> tuple[str, EcgRecording]:
+    raw = zlib.decompress(base64.b64decode(data["samples"]))
+    samples = np.frombuffer(raw, dtype="<i2").reshape(data["shape"]).astype(np.int16)
+    return data["key"], EcgRecording(
+        samples=samples,
+        lead_names=tuple(data["lead_names"]),
+        sampling_rate_hz=data["sampling_rate_hz"],
+        uv_per_unit=data["uv_per_unit"],
+        acquired_at=dt.datetime.fromisoformat(data["acquired_at"]),
+        time_source=TimeSource(data["time_source"]),
+        device=DeviceIdentity(**data["device"]),
+        source_format=data["source_format"],
+        gaps=tuple(SampleGap(start, missing) for start, missing in data["gaps"]),
+        stat=data["stat"],
+        flags=tuple(data["flags"]),
+    )
 
 
 def _slot_header(f: BinaryIO, offset: int) -> tuple[int, int, bytes] | None:
@@ -69,17 +123,18 @@ def _newest(path: Path) -> tuple[int, int, dict[str, list[dict]]] | None:
     return None
 
 
-def waiting_readings(data_dir: Path) -> int:
-    """How many readings the spill file in `data_dir` holds (0 without one); never creates it."""
-    newest = _newest(Path(data_dir) / SPILL_NAME)
+def waiting_readings(data_dir: Path, name: str = SPILL_NAME) -> int:
+    """How many readings (ECGs with `ECG_SPILL_NAME`) the spill file `name` in `data_dir` holds
+    (0 without one); never creates it."""
+    newest = _newest(Path(data_dir) / name)
     return 0 if newest is None else sum(len(v) for v in newest[2].values())
 
 
 class SpillFile:
     """The spill file of one data directory; `usable` is False when it could not be allocated."""
 
-    def __init__(self, data_dir: Path, size: int = SPILL_BYTES) -> None:
-        self.path = Path(data_dir) / SPILL_NAME
+    def __init__(self, data_dir: Path, size: int = SPILL_BYTES, name: str = SPILL_NAME) -> None:
+        self.path = Path(data_dir) / name
         self.usable = self._allocate(size)
         newest = _newest(self.path) if self.usable else None
         self._slot, self._generation = (newest[0], newest[1]) if newest else (1, 0)
@@ -89,7 +144,7 @@ class SpillFile:
     def _allocate(self, size: int) -> bool:
         if self.path.exists():
             return True
-        tmp = self.path.with_name(f".{SPILL_NAME}.new")
+        tmp = self.path.with_name(f".{self.path.name}.new")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
@@ -113,13 +168,26 @@ class SpillFile:
     def save(self, spilled: Spilled) -> bool:
         """Write `spilled` (all that waits, replacing what the file held) in place and fsync it;
         False when it cannot be kept (no file, too many readings, an I/O error)."""
+        return self._save({name: [observation_to_json(o) for o in obs] for name, obs in spilled.items() if obs})
+
+    def load_recordings(self) -> SpilledRecordings:
+        """The streamed ECGs the file held when it was opened (a previous run's)."""
+        return {
+            name: dict(recording_from_json(r) for r in recordings)
+            for name, recordings in self._at_start.items()
+            if recordings
+        }
+
+    def save_recordings(self, spilled: SpilledRecordings) -> bool:
+        """As `save`, for streamed ECGs by device and outbox key."""
+        return self._save(
+            {name: [recording_to_json(k, r) for k, r in held.items()] for name, held in spilled.items() if held}
+        )
+
+    def _save(self, content: dict[str, list[dict]]) -> bool:
         if not self.usable:
             return False
-        body = json.dumps(
-            {name: [observation_to_json(o) for o in obs] for name, obs in spilled.items() if obs},
-            ensure_ascii=False,
-            separators=(",", ":"),
-        ).encode()
+        body = json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()
         if HEADER + len(body) > self.slot_bytes:
             log.error("%d bytes of waiting readings do not fit in %s", len(body), self.path)
             return False
