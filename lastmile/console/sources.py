@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from devices.ble.blood_pressure import UNKNOWN_USER  # Bluetooth "unknown user" (0xFF): nobody's
+from devices.ble.measurement import UNKNOWN_USER  # Bluetooth "unknown user" (0xFF): nobody's
 from devices.identity import InvalidPatientIdError, Patient, device_clock_wrong
 from devices.observation import Observation
 from lastmile.clinic.db import DB_NAME as CLINIC_DB
