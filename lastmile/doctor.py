@@ -144,9 +144,7 @@ def failing_since_seen(r: DeviceRecord) -> bool:
 def _waits_for_space(r: DeviceRecord) -> bool:
     """`r`'s error is readings the full outbox refused (on disk or in memory only): the doctor's
     space check FAILs for them (Doctor._readings_waiting_for_space)."""
-    from lastmile.services.serial_spill import KEPT_ON_DISK, MEMORY_ONLY
-
-    return KEPT_ON_DISK in r.last_error or MEMORY_ONLY in r.last_error
+    return bool(r.held_readings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -754,7 +752,8 @@ class Doctor:
     def _readings_waiting_for_space(self) -> list[Finding]:
         """Readings a serial monitor printed that the full outbox refused: kept in the spill file
         until there is room, and a FAIL until then (the monitor cannot print them again)."""
-        from lastmile.services.serial_spill import MEMORY_ONLY, SPILL_NAME, waiting_readings
+        from lastmile.clinic.devices import HeldReadings
+        from lastmile.services.serial_spill import SPILL_NAME, waiting_readings
 
         waiting = waiting_readings(self.config.data_dir)
         free_space = "free space on the data partition (see the data line); the acquire service stores them within 30 s"
@@ -773,7 +772,7 @@ class Doctor:
         in_memory = [
             r
             for r in self.device_records() or []
-            if not r.removed and failing_since_seen(r) and MEMORY_ONLY in r.last_error
+            if not r.removed and failing_since_seen(r) and r.held_readings is HeldReadings.MEMORY
         ]
         found += [
             Finding(

@@ -221,6 +221,9 @@ MIGRATIONS = (
         "CREATE TABLE device_users (address TEXT NOT NULL, user_id INTEGER NOT NULL, patient_id TEXT, "
         "patient_name TEXT NOT NULL DEFAULT '', set_at TEXT NOT NULL, PRIMARY KEY (address, user_id));",
     ),
+    # where the readings a device's last error says wait for space are ('disk', 'memory'; NULL or
+    # '': none): the doctor FAILs on 'memory' whatever words the error is written in
+    Migration.sql("0014_device_held_readings", "ALTER TABLE devices ADD COLUMN held_readings TEXT;"),
 )
 
 

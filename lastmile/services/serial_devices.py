@@ -62,7 +62,7 @@ from firmware_bridge.serial_link import (
     list_ports,
 )
 from lastmile import __version__
-from lastmile.clinic.devices import DeviceRegistry, forwarded_name, serial_address
+from lastmile.clinic.devices import DeviceRegistry, HeldReadings, forwarded_name, serial_address
 from lastmile.clinic.observations import ObservationStore, summary
 from lastmile.clinic.patients import PatientContext
 from lastmile.config import (
@@ -266,7 +266,11 @@ class SerialContext:
             return
         where = KEPT_ON_DISK if kept else MEMORY_ONLY
         log.error("%s: %d reading(s) waiting for space on the data partition (%s)", spec.name, waiting, where)
-        self.status(spec, error=f"{waiting} reading(s) waiting for space on the data partition ({where})")
+        self.status(
+            spec,
+            error=f"{waiting} reading(s) waiting for space on the data partition ({where})",
+            held=HeldReadings.DISK if kept else HeldReadings.MEMORY,
+        )
 
     def hold_recording(self, spec: LinkSpec, recording: EcgRecording, key: str) -> None:
         held = self.unstored.setdefault(spec.name, Unstored())

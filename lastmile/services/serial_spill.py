@@ -35,7 +35,8 @@ SPILL_BYTES = 256 * 1024  # two slots of 128 KB: ~200 readings of ~600 bytes eac
 MAGIC = b"LMSPILL1"
 HEADER = len(MAGIC) + 8 + 4 + 32  # magic, generation, length, sha256
 
-# How a device row says where its waiting readings are (`lastmile doctor` FAILs on the second)
+# How a device row's error words where its waiting readings are, for people: readers go by the
+# row's own status (lastmile.clinic.devices.HeldReadings), never by these words
 KEPT_ON_DISK = "kept on disk"
 MEMORY_ONLY = "held in memory only: lost if the power fails"
 
