@@ -985,7 +985,7 @@ class Doctor:
 
     def _console_restart_needed(self) -> list[Finding]:
         """Settings changed and reloaded that the running console takes only when restarted."""
-        from lastmile.console.service import RESTART_COMMAND, restart_needed
+        from lastmile.console.pending_restart import RESTART_COMMAND, restart_needed
 
         with as_owner_of(self.config.data_dir):
             names = restart_needed(self.config.data_dir)
@@ -1008,7 +1008,7 @@ class Doctor:
         """Where the doctor's console listens, and its certificate's fingerprint (the clinic
         compares it with what the browser shows the first time)."""
         from lastmile.config import ConfigError
-        from lastmile.console.service import parse_listen
+        from lastmile.console.listen import parse_listen
         from lastmile.console.tls import existing_certificate
 
         try:
