@@ -172,6 +172,9 @@ class Doctor:
     systemd_run_dir: Path = Path("/run/systemd/system")  # present when systemd is the init
     proc_root: Path = Path("/proc")
     run: Callable[[list[str]], subprocess.CompletedProcess[str] | None] = field(default=None)  # type: ignore[assignment]
+    # what the home visits check last read, kept by a caller that runs the doctor every minute
+    # (the console, per data directory); None (a `lastmile doctor` run): read each time
+    visits_cache: VisitsReadCache | None = None
     # what `run_all` read once for several checks (clinic.db's devices); None outside a run
     _run_reads: dict[str, Any] | None = field(default=None, init=False, repr=False)
 
@@ -1113,7 +1116,7 @@ class Doctor:
         data = self.config.data_dir
         if not (data / DB_NAME).exists():
             return [Finding("visits", Level.OK, "no home visits recorded")]
-        read = _visits_read(data)
+        read = _visits_read(data, self.visits_cache)
         total, queued, kept_aside, set_aside = read.total, read.queued, read.kept_aside, read.set_aside
         first_aside, unqueued = read.first_aside, read.unqueued_ended
         out = []
@@ -1440,29 +1443,28 @@ class VisitsRead:
     open_damaged: Finding | None
 
 
-# visits.db as the home visits check last read it (one entry: its data directory), with its files' state then:
-# the console runs the doctor every minute, and even a read-only look writes SQLite's
-# shared-memory file on the SD card. Every commit changes the database or its WAL file.
-_visits_reads: dict[Path, tuple[tuple[Any, ...], VisitsRead]] = {}
+@dataclass
+class VisitsReadCache:
+    """visits.db as the home visits check last read it, with its files' state then; owned by a
+    caller that runs the doctor again and again on one data directory (the console, every
+    minute): even a read-only look writes SQLite's shared-memory file on the SD card, and every
+    commit changes the database or its WAL file."""
+
+    files: tuple[Any, ...] | None = None
+    read: VisitsRead | None = None
 
 
-def visits_reads_kept() -> int:
-    """How many reads of visits.db the check keeps in memory (one at most: the last directory's)."""
-    return len(_visits_reads)
-
-
-def _visits_read(data: Path) -> VisitsRead:
-    """visits.db's counts, read again only once its files changed."""
+def _visits_read(data: Path, cache: VisitsReadCache | None) -> VisitsRead:
+    """visits.db's counts; with a `cache`, read again only once its files changed."""
     from lastmile.visits.relay_link import file_state
 
-    files = file_state(data)  # before reading: a commit during the read is seen next time
-    cached = _visits_reads.get(data)
-    if cached is not None and cached[0] == files:
-        return cached[1]
+    files = file_state(data) if cache is not None else None  # before reading: a commit during it is seen next time
+    if cache is not None and cache.read is not None and cache.files == files:
+        return cache.read
     with as_owner_of(data):
         read = _read_visits(data)
-    _visits_reads.clear()  # the last data directory read only: the console's, never one per directory seen
-    _visits_reads[data] = (files, read)
+    if cache is not None:
+        cache.files, cache.read = files, read
     return read
 
 
