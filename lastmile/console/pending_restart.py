@@ -3,15 +3,15 @@
 The console (`lastmile.console.service`) writes it; `lastmile doctor` and the System page (other
 processes) read it. Its own small module so that the doctor reads one file without importing the
 console's server (asyncio, ssl).
-Not fsynced: a power cut restarts the console, and the next start clears it anyway.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
+
+from lastmile.atomic_write import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +24,7 @@ def save_restart_needed(data_dir: Path, names: list[str]) -> None:
     if not names:
         path.unlink(missing_ok=True)
         return
-    tmp = path.with_name(f".{RESTART_NEEDED_FILE}.new")
-    tmp.write_text(json.dumps(names), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(names).encode())
 
 
 def restart_needed(data_dir: Path) -> list[str]:
