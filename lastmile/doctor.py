@@ -144,9 +144,7 @@ def failing_since_seen(r: DeviceRecord) -> bool:
 def _waits_for_space(r: DeviceRecord) -> bool:
     """`r`'s error is readings the full outbox refused (on disk or in memory only): the doctor's
     space check FAILs for them (Doctor._readings_waiting_for_space)."""
-    from lastmile.services.serial_spill import KEPT_ON_DISK, MEMORY_ONLY
-
-    return KEPT_ON_DISK in r.last_error or MEMORY_ONLY in r.last_error
+    return bool(r.held_readings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +172,9 @@ class Doctor:
     systemd_run_dir: Path = Path("/run/systemd/system")  # present when systemd is the init
     proc_root: Path = Path("/proc")
     run: Callable[[list[str]], subprocess.CompletedProcess[str] | None] = field(default=None)  # type: ignore[assignment]
+    # what the home visits check last read, kept by a caller that runs the doctor every minute
+    # (the console, per data directory); None (a `lastmile doctor` run): read each time
+    visits_cache: VisitsReadCache | None = None
     # what `run_all` read once for several checks (clinic.db's devices); None outside a run
     _run_reads: dict[str, Any] | None = field(default=None, init=False, repr=False)
 
@@ -754,7 +755,8 @@ class Doctor:
     def _readings_waiting_for_space(self) -> list[Finding]:
         """Readings a serial monitor printed that the full outbox refused: kept in the spill file
         until there is room, and a FAIL until then (the monitor cannot print them again)."""
-        from lastmile.services.serial_spill import ECG_SPILL_NAME, MEMORY_ONLY, SPILL_NAME, waiting_readings
+        from lastmile.clinic.devices import HeldReadings
+        from lastmile.services.serial_spill import ECG_SPILL_NAME, SPILL_NAME, waiting_readings
 
         free_space = "free space on the data partition (see the data line); the acquire service stores them within 30 s"
         found = []
@@ -774,7 +776,7 @@ class Doctor:
         in_memory = [
             r
             for r in self.device_records() or []
-            if not r.removed and failing_since_seen(r) and MEMORY_ONLY in r.last_error
+            if not r.removed and failing_since_seen(r) and r.held_readings is HeldReadings.MEMORY
         ]
         found += [
             Finding(
@@ -987,7 +989,7 @@ class Doctor:
 
     def _console_restart_needed(self) -> list[Finding]:
         """Settings changed and reloaded that the running console takes only when restarted."""
-        from lastmile.console.service import RESTART_COMMAND, restart_needed
+        from lastmile.console.pending_restart import RESTART_COMMAND, restart_needed
 
         with as_owner_of(self.config.data_dir):
             names = restart_needed(self.config.data_dir)
@@ -1010,7 +1012,7 @@ class Doctor:
         """Where the doctor's console listens, and its certificate's fingerprint (the clinic
         compares it with what the browser shows the first time)."""
         from lastmile.config import ConfigError
-        from lastmile.console.service import parse_listen
+        from lastmile.console.listen import parse_listen
         from lastmile.console.tls import existing_certificate
 
         try:
@@ -1115,7 +1117,7 @@ class Doctor:
         data = self.config.data_dir
         if not (data / DB_NAME).exists():
             return [Finding("visits", Level.OK, "no home visits recorded")]
-        read = _visits_read(data)
+        read = _visits_read(data, self.visits_cache)
         total, queued, kept_aside, set_aside = read.total, read.queued, read.kept_aside, read.set_aside
         first_aside, unqueued = read.first_aside, read.unqueued_ended
         out = []
@@ -1442,29 +1444,28 @@ class VisitsRead:
     open_damaged: Finding | None
 
 
-# visits.db as the home visits check last read it (one entry: its data directory), with its files' state then:
-# the console runs the doctor every minute, and even a read-only look writes SQLite's
-# shared-memory file on the SD card. Every commit changes the database or its WAL file.
-_visits_reads: dict[Path, tuple[tuple[Any, ...], VisitsRead]] = {}
+@dataclass
+class VisitsReadCache:
+    """visits.db as the home visits check last read it, with its files' state then; owned by a
+    caller that runs the doctor again and again on one data directory (the console, every
+    minute): even a read-only look writes SQLite's shared-memory file on the SD card, and every
+    commit changes the database or its WAL file."""
+
+    files: tuple[Any, ...] | None = None
+    read: VisitsRead | None = None
 
 
-def visits_reads_kept() -> int:
-    """How many reads of visits.db the check keeps in memory (one at most: the last directory's)."""
-    return len(_visits_reads)
-
-
-def _visits_read(data: Path) -> VisitsRead:
-    """visits.db's counts, read again only once its files changed."""
+def _visits_read(data: Path, cache: VisitsReadCache | None) -> VisitsRead:
+    """visits.db's counts; with a `cache`, read again only once its files changed."""
     from lastmile.visits.relay_link import file_state
 
-    files = file_state(data)  # before reading: a commit during the read is seen next time
-    cached = _visits_reads.get(data)
-    if cached is not None and cached[0] == files:
-        return cached[1]
+    files = file_state(data) if cache is not None else None  # before reading: a commit during it is seen next time
+    if cache is not None and cache.read is not None and cache.files == files:
+        return cache.read
     with as_owner_of(data):
         read = _read_visits(data)
-    _visits_reads.clear()  # the last data directory read only: the console's, never one per directory seen
-    _visits_reads[data] = (files, read)
+    if cache is not None:
+        cache.files, cache.read = files, read
     return read
 
 

@@ -16,7 +16,8 @@ import pytest
 
 from lastmile.config import ConfigError, load_config, salvage_console_config
 from lastmile.console.app import PUBLIC_PATHS, routes
-from lastmile.console.service import ConsoleServer, parse_listen
+from lastmile.console.listen import parse_listen
+from lastmile.console.service import ConsoleServer
 from lastmile.console.sources import ReportView
 from lastmile.console.tls import existing_certificate, fingerprint_of
 from tests.console_harness import DOCTOR, Client, StaticReports, console_config, running_console

@@ -335,7 +335,7 @@ def test_an_unreadable_restart_note_is_not_shown_as_a_setting_name(tmp_path: Pat
     """A torn console-restart-needed.json came back as the English 'unreadable ...: Expecting value'
     in the place of a setting name (the System page's subject, among zh-CN). Now it counts as no
     setting waiting (the next console start rewrites it) and the journal says why."""
-    from lastmile.console.service import RESTART_NEEDED_FILE, restart_needed
+    from lastmile.console.pending_restart import RESTART_NEEDED_FILE, restart_needed
 
     (tmp_path / RESTART_NEEDED_FILE).write_text('["ble", "usb', encoding="utf-8")
     assert restart_needed(tmp_path) == []

@@ -523,21 +523,25 @@ def test_the_home_visits_check_looks_into_visits_db_only_after_it_changed(
 ) -> None:
     """The console runs the doctor every minute: its visits check opened visits.db each time (a
     read-only look still writes SQLite's shared-memory file on the SD card), all day, though
-    nothing had changed. It opens it again only once a commit changed its files."""
+    nothing had changed. It opens it again only once a commit changed its files (what it read
+    kept by its caller, the console: `lastmile doctor`, run once, keeps nothing)."""
+    from lastmile.doctor import VisitsReadCache
     from lastmile.visits.book import VisitBook
     from tests.visit_harness import visits_db_opens
 
+    cache = VisitsReadCache()
     with VisitBook.open(tmp_path, gateway_id="gw-1") as book:  # as the acquire service holds it
         book.start("P-1", doctor_id="DR-1")
         with visits_db_opens(monkeypatch) as opened:
-            first = doctor(tmp_path).check_visits()
-            assert doctor(tmp_path).check_visits() == first  # a minute later: nothing changed
+            first = doctor(tmp_path, visits_cache=cache).check_visits()
+            assert doctor(tmp_path, visits_cache=cache).check_visits() == first  # a minute later: nothing changed
         assert len(opened) == 1, opened
         book.stop()
         book.start("P-2", doctor_id="DR-1")
         with visits_db_opens(monkeypatch) as opened:
-            later = doctor(tmp_path).check_visits()
-    assert len(opened) == 1, opened  # the commits are seen
+            later = doctor(tmp_path, visits_cache=cache).check_visits()
+            assert doctor(tmp_path).check_visits() == later  # a CLI run: no cache, it reads
+    assert len(opened) == 2, opened  # the commits are seen
     assert "1 home visit(s)" in first[0].message and "2 home visit(s)" in later[0].message, later
 
 
@@ -638,18 +642,34 @@ def _visit_row(data: Path, visit_id: str) -> tuple[str, str | None]:
         return conn.execute("SELECT state, fhir_fault FROM visits WHERE id = ?", [visit_id]).fetchone()
 
 
-def test_the_home_visits_check_keeps_one_read_not_one_per_data_directory(tmp_path: Path) -> None:
-    """lastmile/doctor.py kept what it last read of visits.db in a module-wide dict by data
-    directory, never trimmed: every data directory the process ever checked (the demo's, a
-    restored copy, each test's) stayed in memory. It keeps the last read only."""
-    import lastmile.doctor
-    from lastmile.visits.book import VisitBook
+def test_the_consoles_doctor_minute_reopens_visits_db_only_once_it_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the home visits check last read is kept by the console's doctor runs of its data
+    directory (lastmile.doctor holds no module-wide state): the System page's next run of the
+    checks does not reopen an unchanged visits.db (SD wear), and sees a new visit."""
+    import asyncio
 
-    for name in ("a", "b", "c"):
-        with VisitBook.open(tmp_path / name, gateway_id="gw-1") as book:
-            book.start("P-1", doctor_id="DR-1")
-        doctor(tmp_path / name).check_visits()
-    assert lastmile.doctor.visits_reads_kept() <= 1
+    from lastmile.console.views import doctor_findings, forget_doctor_findings
+    from lastmile.visits.book import VisitBook
+    from tests.visit_harness import visits_db_opens
+
+    config = doctor(tmp_path).config
+    with VisitBook.open(tmp_path, gateway_id="gw-1") as book:
+        book.start("P-1", doctor_id="DR-1")
+        with visits_db_opens(monkeypatch) as opened:
+            asyncio.run(doctor_findings(config))
+            forget_doctor_findings(config)  # as a minute later: the checks run again
+            found = asyncio.run(doctor_findings(config))
+        assert len(opened) == 1, opened
+        assert any(f.check == "visits" and "1 home visit(s)" in f.message for f in found), found
+        book.stop()
+        book.start("P-2", doctor_id="DR-1")
+        forget_doctor_findings(config)
+        with visits_db_opens(monkeypatch) as opened:
+            found = asyncio.run(doctor_findings(config))
+    assert len(opened) == 1, opened
+    assert any(f.check == "visits" and "2 home visit(s)" in f.message for f in found), found
 
 
 def test_a_doctor_run_opens_the_outbox_once_and_finds_recent_ecgs_without_a_full_scan(tmp_path: Path) -> None:

@@ -613,6 +613,30 @@ def test_readings_held_in_memory_only_because_no_spill_file_could_be_set_aside_a
     assert not any(level == "WARN" and "memory only" in text for level, text in out["doctor"]), out["doctor"]
 
 
+def running_with_a_spill_file_too_small(tmp_path: Path) -> tuple[Running, PtyDevice]:
+    """The serial service reading one monitor, its spill file's slots (256 bytes) too small for
+    one report: what the outbox refuses is held in memory only."""
+    from lastmile.services.serial_spill import SPILL_NAME
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / SPILL_NAME).write_bytes(bytes(512))
+    monitor = PtyDevice(tmp_path / "usb-monitor")
+    r = Running(tmp_path, [{"name": "monitor", "match": str(monitor.link_path), "profile": "example-vitals-monitor"}])
+    return r, monitor
+
+
+def monitor_prints_a_report_the_full_outbox_refuses(r: Running, monitor: PtyDevice, row_says: str) -> None:
+    """The monitor prints a report for the checked-in patient on a full outbox; waits until its
+    device row's error says `row_says`."""
+    wait_for(lambda: all(s.connected for s in r.service.statuses()))
+    r.outbox.min_free_bytes = 1 << 60  # storage full
+    now = r.now()
+    r.patients.set_patient("P-9", now=now - dt.timedelta(minutes=1))
+    printed = (now + dt.timedelta(hours=1)).strftime("DATE %Y-%m-%d  TIME %H:%M:%S").encode()
+    monitor.write(VITALS_REPORT.replace(b"DATE 2025-03-04  TIME 09:41:07", printed))
+    wait_for(lambda: row_says in (r.registry.get("serial:monitor").last_error or ""), timeout=30)
+
+
 def test_readings_that_do_not_fit_the_spill_file_are_said_lost_when_the_service_stops(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -622,22 +646,31 @@ def test_readings_that_do_not_fit_the_spill_file_are_said_lost_when_the_service_
     line says what the last save did: lost."""
     import logging
 
-    from lastmile.services.serial_spill import SPILL_NAME
-
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / SPILL_NAME).write_bytes(bytes(512))  # slots of 256 bytes: not one report
-    monitor = PtyDevice(tmp_path / "usb-monitor")
-    r = Running(tmp_path, [{"name": "monitor", "match": str(monitor.link_path), "profile": "example-vitals-monitor"}])
+    r, monitor = running_with_a_spill_file_too_small(tmp_path)
     try:
-        wait_for(lambda: all(s.connected for s in r.service.statuses()))
-        r.outbox.min_free_bytes = 1 << 60  # storage full
-        now = r.now()
-        r.patients.set_patient("P-9", now=now - dt.timedelta(minutes=1))
-        printed = (now + dt.timedelta(hours=1)).strftime("DATE %Y-%m-%d  TIME %H:%M:%S").encode()
-        monitor.write(VITALS_REPORT.replace(b"DATE 2025-03-04  TIME 09:41:07", printed))
-        wait_for(lambda: "held in memory only" in (r.registry.get("serial:monitor").last_error or ""), timeout=30)
+        monitor_prints_a_report_the_full_outbox_refuses(r, monitor, "held in memory only")
     finally:
         with caplog.at_level(logging.ERROR, logger="lastmile.services.serial_devices"):
             r.close()
     stopped = [m for m in caplog.messages if "the outbox refused them" in m]
     assert stopped and "3 reading(s) (lost)" in stopped[0], stopped
+
+
+def test_readings_held_in_memory_only_stay_a_doctor_fail_whatever_the_row_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The doctor found readings held in memory only by looking for the English words of the
+    device row's error: a reworded (or translated) status line turned its FAIL into a device
+    WARN, and a power cut lost the readings with no FAIL said. Now the row keeps where the
+    waiting readings are as a status of its own, whatever its error says."""
+    from lastmile.doctor import Doctor
+    from lastmile.services import serial_devices
+
+    monkeypatch.setattr(serial_devices, "MEMORY_ONLY", "仅在内存中，断电即丢失")  # the line, reworded
+    r, monitor = running_with_a_spill_file_too_small(tmp_path)
+    try:
+        monitor_prints_a_report_the_full_outbox_refuses(r, monitor, "仅在内存中")
+        found = [(f.level.value, f.advice_key) for f in Doctor(r.config).check_devices()]
+    finally:
+        r.close()
+    assert ("FAIL", "memory-only") in found, found

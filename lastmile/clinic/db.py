@@ -274,6 +274,9 @@ MIGRATIONS = (
     # a report's DICOM person names as sent ("陈^静", not "陈 静"): those stored spaced are turned
     # into the components that show them as they showed before (`_spaced_pn_as_components`)
     Migration("0014_report_names_as_components", _report_names_as_components),
+    # where the readings a device's last error says wait for space are ('disk', 'memory'; NULL or
+    # '': none): the doctor FAILs on 'memory' whatever words the error is written in
+    Migration.sql("0015_device_held_readings", "ALTER TABLE devices ADD COLUMN held_readings TEXT;"),
 )
 
 

@@ -12,6 +12,7 @@ it was if added again. It is listed `removed`, never as a current device or a cu
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import os
 import sqlite3
 from dataclasses import dataclass, fields
@@ -21,6 +22,15 @@ import sqlite_utils
 from devices.identity import DeviceIdentity
 from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
 from lastmile.config import Config
+
+
+class HeldReadings(str, enum.Enum):
+    """Where the readings a device's last error says wait for space are (the full outbox refused
+    them): a status of its own, so no reader depends on the error's words."""
+
+    NONE = ""
+    DISK = "disk"  # in the spill file (lastmile.services.serial_spill)
+    MEMORY = "memory"  # lost if the power fails: `lastmile doctor` FAILs
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,12 +54,13 @@ class DeviceRecord:
     last_error_at: dt.datetime | None
     last_sequence: int | None
     removed: bool = False  # unpaired, or no longer configured: history, not a current device
+    held_readings: HeldReadings = HeldReadings.NONE  # of its last error
 
     def to_json(self) -> dict:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            out[f.name] = v.isoformat() if isinstance(v, dt.datetime) else v
+            out[f.name] = v.isoformat() if isinstance(v, dt.datetime) else v.value if isinstance(v, enum.Enum) else v
         return out
 
 
@@ -110,6 +121,7 @@ def _record(row: sqlite3.Row, serial: frozenset[str] | None = None) -> DeviceRec
         last_error=row["last_error"] or "",
         last_error_at=from_iso(row["last_error_at"]),
         last_sequence=row["last_sequence"],
+        held_readings=HeldReadings(row["held_readings"] or ""),
         removed=(transport == "ble" and not allowed)
         or (transport == "serial" and serial is not None and row["address"] not in serial),
     )
@@ -179,12 +191,14 @@ class DeviceRegistry:
         connected: bool | None = None,
         seen: bool = False,
         error: str | None = None,
+        held: HeldReadings = HeldReadings.NONE,
         identity: DeviceIdentity | None = None,
         reading: str | None = None,
         reading_at: dt.datetime | None = None,
         name: str | None = None,
     ) -> None:
-        """Record what just happened to a device; only the given facts change."""
+        """Record what just happened to a device; only the given facts change (`held`: where
+        the readings `error` says wait are, kept with it)."""
         address = normalise_address(address)
         sets: dict[str, object] = {"updated_at": iso(now)}
         if connected is not None:
@@ -196,6 +210,7 @@ class DeviceRegistry:
         if error is not None:
             sets["last_error"] = error
             sets["last_error_at"] = iso(now)
+            sets["held_readings"] = held.value
         if identity is not None:
             for f in ("manufacturer", "model", "serial", "software_version"):
                 if getattr(identity, f):

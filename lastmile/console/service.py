@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
 import socket
 import threading
 import time
 from dataclasses import fields
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lastmile.config import Config, ConfigError, Listen
+from lastmile.console.listen import parse_listen
+from lastmile.console.pending_restart import RESTART_COMMAND, save_restart_needed
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -64,23 +63,6 @@ def prepare_console_process() -> None:
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
     except (OSError, AttributeError):
         log.debug("mallopt not available (not glibc): argon2 buffers may stay resident")
-
-
-def parse_listen(config: Config) -> Listen:
-    """`console.listen` as host and port; ConfigError (with the file) when it cannot be used."""
-    text = config.console.listen.strip()
-    where = f"{config.source}: console.listen = {text!r}"
-    host, sep, port_text = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
-        raise ConfigError(f'{where}: write it as "HOST:PORT", e.g. "0.0.0.0:8443" or "127.0.0.1:8080"')
-    listen = Listen(host, int(port_text))
-    if not config.console.https and not listen.loopback:
-        raise ConfigError(
-            f"{where} with console.https = false: plain HTTP is allowed on loopback only "
-            "(127.0.0.1); set https = true for the clinic LAN"
-        )
-    return listen
 
 
 def bind(listen: Listen) -> socket.socket:
@@ -270,34 +252,6 @@ def changes_needing_restart(running: Config, reloaded: Config) -> list[str]:
         else:
             changed.append(section.name)
     return changed
-
-
-# The settings a reload left waiting for a restart, for `lastmile doctor` and the System page (other
-# processes). Not fsynced: a power cut restarts the console, and the next start clears it anyway.
-RESTART_NEEDED_FILE = "console-restart-needed.json"
-RESTART_COMMAND = "systemctl restart lastmile-console"
-
-
-def save_restart_needed(data_dir: Path, names: list[str]) -> None:
-    path = Path(data_dir) / RESTART_NEEDED_FILE
-    if not names:
-        path.unlink(missing_ok=True)
-        return
-    tmp = path.with_name(f".{RESTART_NEEDED_FILE}.new")
-    tmp.write_text(json.dumps(names), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def restart_needed(data_dir: Path) -> list[str]:
-    """The changed settings the running console has not taken (none when it was restarted since)."""
-    try:
-        names = json.loads((Path(data_dir) / RESTART_NEEDED_FILE).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return []
-    except (OSError, ValueError) as exc:  # not a setting name: the next console start rewrites it
-        log.warning("cannot read %s, taken as no setting waiting for a restart: %s", RESTART_NEEDED_FILE, exc)
-        return []
-    return [str(n) for n in names] if isinstance(names, list) else []
 
 
 class ConsoleService:

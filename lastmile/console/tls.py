@@ -11,10 +11,11 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import logging
-import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+
+from lastmile.atomic_write import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -98,20 +99,8 @@ def ensure_certificate(data_dir: Path, listen_host: str = "", *, now: dt.datetim
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    _write_private(folder / KEY_FILE, key_pem)
-    _write_private(folder / CERT_FILE, cert.public_bytes(serialization.Encoding.PEM))
+    write_atomic(folder / KEY_FILE, key_pem, mode=0o600)  # readable by its owner only
+    write_atomic(folder / CERT_FILE, cert.public_bytes(serialization.Encoding.PEM), mode=0o600)
     made = Certificate(folder / CERT_FILE, folder / KEY_FILE, fingerprint_of(folder / CERT_FILE), created=True)
     log.info("console certificate made; SHA-256 fingerprint %s", made.fingerprint)
     return made
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Written whole or not at all (temporary file, fsync, rename), readable by its owner only."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)

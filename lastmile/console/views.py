@@ -12,12 +12,15 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lastmile import __version__
 from lastmile.config import Config
 from lastmile.console.i18n import N_
 from lastmile.console.sources import ClinicData, ReportView
+
+if TYPE_CHECKING:
+    from lastmile.doctor import VisitsReadCache
 
 DOCTOR_CACHE_S = 60.0
 PACKAGES = ("pydicom", "pynetdicom", "bleak", "starlette", "uvicorn", "jinja2", "babel", "argon2-cffi", "sqlite-utils")
@@ -165,24 +168,35 @@ def update_status(config: Config) -> dict[str, str]:
     return {"state": "current"}
 
 
-_doctor_cache: dict[str, Any] = {}
+@dataclass
+class _DoctorRuns:
+    """One data directory's doctor runs in this console: the last findings, and what its home
+    visits check last read (`lastmile.doctor.VisitsReadCache`: visits.db reopened only once changed)."""
+
+    visits: VisitsReadCache
+    at: float | None = None  # when `findings` were found (monotonic); None: run again
+    findings: list[Any] | None = None
+
+
+# per data directory: a second console in the process (the demo's, a test's) has its own gateway
+_doctor_cache: dict[str, _DoctorRuns] = {}
 
 
 def forget_doctor_findings(config: Config) -> None:
     """The next System page runs the checks again (a reload changed what they find)."""
-    _doctor_cache.pop(str(config.data_dir), None)
+    runs = _doctor_cache.get(str(config.data_dir))
+    if runs is not None:
+        runs.at = None  # what visits.db held is kept: its files say when it changed
 
 
 async def doctor_findings(config: Config) -> list[Any]:
     """`lastmile doctor --offline`'s checks, at most once a minute (they run systemctl and the like);
     the network ones are left to `lastmile doctor` itself: the console's unit reaches only the LAN."""
-    # per data directory: a second console in the process (the demo's, a test's) has its own gateway
-    key = str(config.data_dir)
-    cached = _doctor_cache.get(key)
-    if cached is not None and time.monotonic() - cached[0] < DOCTOR_CACHE_S:
-        return list(cached[1])
-    from lastmile.doctor import Doctor
+    from lastmile.doctor import Doctor, VisitsReadCache
 
-    findings = await asyncio.to_thread(lambda: Doctor(config, offline=True).run_all())
-    _doctor_cache[key] = (time.monotonic(), findings)
+    runs = _doctor_cache.setdefault(str(config.data_dir), _DoctorRuns(VisitsReadCache()))
+    if runs.findings is not None and runs.at is not None and time.monotonic() - runs.at < DOCTOR_CACHE_S:
+        return list(runs.findings)
+    findings = await asyncio.to_thread(lambda: Doctor(config, offline=True, visits_cache=runs.visits).run_all())
+    runs.at, runs.findings = time.monotonic(), findings
     return findings

@@ -62,7 +62,7 @@ from firmware_bridge.serial_link import (
     list_ports,
 )
 from lastmile import __version__
-from lastmile.clinic.devices import DeviceRegistry, forwarded_name, serial_address
+from lastmile.clinic.devices import DeviceRegistry, HeldReadings, forwarded_name, serial_address
 from lastmile.clinic.observations import ObservationStore, summary
 from lastmile.clinic.patients import PatientContext
 from lastmile.config import (
@@ -282,11 +282,10 @@ class SerialContext:
             self.status(spec, error="")
             return
         kept = (self.spill_kept or not held.observations) and (self.ecg_spill_kept or not held.recordings)
-        message = (
-            f"{', '.join(waiting)} waiting for space on the data partition ({KEPT_ON_DISK if kept else MEMORY_ONLY})"
-        )
+        where = KEPT_ON_DISK if kept else MEMORY_ONLY
+        message = f"{', '.join(waiting)} waiting for space on the data partition ({where})"
         log.error("%s: %s", spec.name, message)
-        self.status(spec, error=message)
+        self.status(spec, error=message, held=HeldReadings.DISK if kept else HeldReadings.MEMORY)
 
     def hold_recording(self, spec: LinkSpec, recording: EcgRecording, key: str) -> None:
         held = self.unstored.setdefault(spec.name, Unstored())

@@ -41,6 +41,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from lastmile.atomic_write import write_atomic
 from lastmile.clock import local_zone, read_boot_id
 from lastmile.logs import describe_fault
 
@@ -205,19 +206,7 @@ class UpdateState:
         return cls(**{k: v for k, v in data.items() if k in known}) if isinstance(data, dict) else cls()
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            json.dump(asdict(self), f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.chmod(0o644)
-        os.replace(tmp, path)
-        # the rename itself survives a power cut only once the directory is on the card
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_atomic(path, json.dumps(asdict(self), indent=1, sort_keys=True).encode(), mode=0o644)
 
     def remember_refused(self, sha256: str, reason: str) -> None:
         self.refused[sha256] = reason
