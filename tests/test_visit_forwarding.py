@@ -161,6 +161,20 @@ def test_a_forward_step_without_visits_creates_no_visit_database(tmp_path: Path,
     assert not (config.data_dir / "visits.db").exists()
 
 
+def stop_a_visit_whose_reading_is_damaged(data: Path) -> Visit:
+    """P-1's visit with a cuff reading, stopped and signed; then the reading's stored record
+    damaged on the SD card (a field gone): the visit can never be a bundle with it."""
+    from tests.fhir_samples import blood_pressure
+
+    with VisitBook.open(data, gateway_id="gw-1") as book:
+        visit = book.start("P-1", doctor_id="DR-1", household_id="HH-1")
+        book.attach_observation(blood_pressure(GPS_T, "P-1", "bp-1"))
+        book.stop()
+        book.db.execute("UPDATE visit_items SET record = json_remove(record, '$.quantities')")
+        book.db.conn.commit()
+    return visit
+
+
 def test_a_closed_visit_that_cannot_be_a_bundle_holds_up_no_other_and_is_said_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -172,15 +186,10 @@ def test_a_closed_visit_that_cannot_be_a_bundle_holds_up_no_other_and_is_said_on
 
     from lastmile.cli import main
     from lastmile.visits.relay_link import UNQUEUED_RETRY_S, VisitQueue
-    from tests.fhir_samples import blood_pressure
 
     data = tmp_path / "data"
+    damaged = stop_a_visit_whose_reading_is_damaged(data)
     with VisitBook.open(data, gateway_id="gw-1") as book:
-        damaged = book.start("P-1", doctor_id="DR-1", household_id="HH-1")
-        book.attach_observation(blood_pressure(GPS_T, "P-1", "bp-1"))
-        book.stop()
-        book.db.execute("UPDATE visit_items SET record = json_remove(record, '$.quantities')")
-        book.db.conn.commit()
         later = book.start("P-2", doctor_id="DR-1", household_id="HH-1")
         book.stop()
     now = [1000.0]
@@ -728,16 +737,9 @@ def test_a_visit_set_aside_is_tried_once_more_after_an_update_that_changes_bundl
 
     from lastmile.visits import relay_link
     from lastmile.visits.relay_link import UNQUEUED_RETRY_S, VisitQueue
-    from tests.fhir_samples import blood_pressure
 
     data = tmp_path / "data"
-    with VisitBook.open(data, gateway_id="gw-1") as book:
-        damaged = book.start("P-1", doctor_id="DR-1", household_id="HH-1")
-        book.attach_observation(blood_pressure(GPS_T, "P-1", "bp-1"))
-        book.stop()
-        whole = book.db.execute("SELECT record FROM visit_items").fetchone()[0]
-        book.db.execute("UPDATE visit_items SET record = json_remove(record, '$.quantities')")
-        book.db.conn.commit()
+    damaged = stop_a_visit_whose_reading_is_damaged(data)
     now = [1000.0]
 
     def update_ships() -> None:  # one that changed the bundle code: the next generation
@@ -758,14 +760,8 @@ def test_a_visit_set_aside_is_tried_once_more_after_an_update_that_changes_bundl
     with Outbox.open(data, min_free_bytes=0) as outbox, caplog.at_level(logging.INFO):
         assert minutes(VisitQueue(data, "gw-1", monotonic=lambda: now[0]), outbox, 3) == 0
         assert said_about() == 1
-        # an update that changed how bundles are built, but did not mend this: tried once, set aside again
-        update_ships()
-        assert minutes(VisitQueue(data, "gw-1", monotonic=lambda: now[0]), outbox, 3) == 0
-        assert said_about() == 2
-        # the record is mended (say, by the update's migration), and another generation ships
-        with VisitBook.open(data, gateway_id="gw-1") as book:
-            book.db.execute("UPDATE visit_items SET record = ?", [whole])
-            book.db.conn.commit()
+        # its damaged reading went on its own meanwhile (quarantined: `lastmile queue` shows it);
+        # an update that changed how bundles are built tries the visit once: it goes without it
         update_ships()
         assert minutes(VisitQueue(data, "gw-1", monotonic=lambda: now[0]), outbox, 3) == 1
         update_ships()
@@ -954,3 +950,97 @@ def test_readings_of_visits_stopped_damaged_by_an_older_version_are_released_onc
         assert [i.key.split(":")[1] for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == ["obs"]
         with VisitBook.open(data, gateway_id="gw-1") as book:
             assert book.closed_unqueued() == frozenset()  # nothing waits any more
+
+
+# --- 8. the readings of a visit set aside go on their own, once; a retried visit does not carry them
+
+
+def link_a_reading_then_set_the_visit_aside(data: Path, at: dt.datetime) -> str:
+    """A cuff reading relayed into P-1's open visit; the visit stopped and signed, then its doctor
+    blanked on the SD card, so queueing it sets it aside (closed, retryable). The visit's id."""
+    with VisitBook.open(data, gateway_id="gw-1") as book:
+        visit = book.start("P-1", doctor_id="DR-1")
+    with Outbox.open(data, min_free_bytes=0) as outbox:
+        relay_a_cuff_reading(data, outbox, at)
+    with VisitBook.open(data, gateway_id="gw-1") as book:
+        book.stop()
+        book.db.execute("UPDATE visits SET doctor_id = '' WHERE id = ?", [visit.id])
+        book.db.conn.commit()
+    return visit.id
+
+
+def repair_and_retry(data: Path, visit_id: str) -> None:
+    """The county IT mends the record; the doctor runs `lastmile visit retry`."""
+    with VisitBook.open(data, gateway_id="gw-1") as book:
+        book.db.execute("UPDATE visits SET doctor_id = 'DR-1' WHERE id = ?", [visit_id])
+        book.db.conn.commit()
+        assert book.retry_set_aside(visit_id) == [visit_id]
+
+
+def one_panel_never_twice(platform: FhirTestServer) -> dict:
+    panels = [o for o in platform.resources("Observation") if any(systolic(c) for c in o.get("component", []))]
+    assert len(panels) == 1 and platform.stats.deduplicated == 0, "the reading reached the platform twice"
+    return panels[0]
+
+
+@pytest.mark.parametrize("mark_lost", [False, True], ids=["released", "mark-lost-then-retried"])
+def test_a_reading_linked_to_a_visit_set_aside_reaches_the_platform_once_even_if_the_visit_is_retried(
+    tmp_path: Path, platform: FhirTestServer, mark_lost: bool
+) -> None:
+    """A reading relayed into a visit that was then set aside (a damaged record, closed, not
+    stopped damaged) stayed linked to it: until `visit retry` succeeded - never, if it is not
+    repaired - it did not reach the county. It goes on its own at once; a visit retried later
+    is sent without it (the platform gets it once), even when the power went after the reading
+    was queued and before visits.db marked it released (`mark_lost`)."""
+    config = forward_config(tmp_path, platform.base_url)
+    at = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=1)
+    visit_id = link_a_reading_then_set_the_visit_aside(config.data_dir, at)
+    service = ForwardService(config)
+    try:
+        step_until(service, lambda: len(platform.resources("Observation")) >= 1)
+        obs = one_panel_never_twice(platform)
+        assert obs["subject"]["identifier"]["value"] == "P-1" and "encounter" not in obs
+        if mark_lost:
+            with VisitBook.open(config.data_dir, gateway_id="gw-1") as book:
+                book.db.execute("UPDATE visit_items SET released_at = NULL WHERE visit_id = ?", [visit_id])
+                book.db.conn.commit()
+        repair_and_retry(config.data_dir, visit_id)
+        step_until(service, lambda: visits_applied(platform) >= 1)
+        for _ in range(3):
+            service.step(threading.Event())
+    finally:
+        service.close()
+    assert "encounter" not in one_panel_never_twice(platform)
+    assert len(platform.resources("Encounter")) == 1
+
+
+def test_a_released_reading_whose_record_is_damaged_is_shown_in_the_queue_and_by_the_doctor(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A reading linked to a visit set aside, its own stored record damaged on the SD card: the
+    release logged it (ERROR) and marked it - not sent, not in `lastmile queue`, not in the
+    doctor: the doctor never knew to measure the patient again. It is a quarantined reading now,
+    with why, in `lastmile queue` and in the doctor's queue line (in Chinese on the console)."""
+    from lastmile.cli import main
+    from lastmile.clock import local_zone
+    from lastmile.console.app import advice_text
+    from lastmile.console.i18n import Localizer
+    from lastmile.doctor import Level
+    from lastmile.visits.relay_link import VisitQueue
+    from tests.service_harness import doctor
+
+    data = tmp_path / "data"
+    visit = stop_a_visit_whose_reading_is_damaged(data)
+    with Outbox.open(data, min_free_bytes=0) as outbox:
+        for _ in range(2):  # a cut or a second round adds nothing twice
+            VisitQueue(data, "gw-1", monotonic=lambda: 1000.0).queue(outbox, NAMING)
+    toml = tmp_path / "lastmile.toml"
+    toml.write_text(f'[gateway]\nid = "gw-1"\ndata_dir = "{data}"\n')
+    capsys.readouterr()
+    assert main(["-c", str(toml), "queue"]) == 0
+    quarantined = [line for line in capsys.readouterr().out.splitlines() if line.startswith("quarantined #")]
+    assert len(quarantined) == 1 and visit.id in quarantined[0] and "damaged" in quarantined[0], quarantined
+    found = doctor(data).check_queue()
+    assert [f.level for f in found] == [Level.WARN] and "1 quarantined" in found[0].message
+    zh = advice_text(found[0], Localizer("zh-CN", local_zone()))
+    assert zh and zh != advice_text(found[0], Localizer("en", local_zone())), zh

@@ -76,6 +76,11 @@ def enqueue_bundle(
     return result.created
 
 
+def observation_key(obs: Observation, naming: FhirNaming) -> str:
+    """The outbox key of a reading's own bundle: derived from the reading, so queued twice it is one."""
+    return f"fhir:obs:{observation_identifier(obs, naming)}"
+
+
 def enqueue_observation(
     outbox: Outbox,
     obs: Observation,
@@ -89,7 +94,7 @@ def enqueue_observation(
     return enqueue_bundle(
         outbox,
         observation_bundle(obs, naming),
-        f"fhir:obs:{observation_identifier(obs, naming)}",
+        observation_key(obs, naming),
         patient_id=obs.patient_id,
         meta={"type": "observation", "record_key": obs.record_key, **(meta or {})},
         now=now,

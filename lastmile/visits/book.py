@@ -39,6 +39,7 @@ import itertools
 import json
 import logging
 import sqlite3
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -1118,10 +1119,14 @@ class VisitBook:
 
     # --- FHIR --------------------------------------------------------------------------------------
     def observations(self, visit_id: str) -> list[Observation]:
+        """The readings the visit's bundle carries: not those released to go on their own (a
+        visit set aside, then retried), which the platform must not get twice."""
         return [
             observation_from_json(json.loads(r["record"]))
             for r in self.db.query(
-                "SELECT record FROM visit_items WHERE visit_id = ? AND kind = 'observation' ORDER BY id", [visit_id]
+                "SELECT record FROM visit_items WHERE visit_id = ? AND kind = 'observation' AND released_at IS NULL "
+                "ORDER BY id",
+                [visit_id],
             )
         ]
 
@@ -1181,17 +1186,19 @@ class VisitBook:
         rows = self.db.execute(sql, [fault_generation()]).fetchall()
         return frozenset(str(row[0]) for row in rows)
 
-    def release_stopped_damaged(self, outbox: Outbox, naming: FhirNaming, now: float | None = None) -> int:
-        """The readings linked to visits stopped damaged: such a visit is never sent (the doctor
-        recorded it again), so each goes on its own bundle, as outside any visit. Exactly once:
-        queued in the outbox first, under its reading's key (a release cut short before the mark
-        queues nothing twice), then marked released. Returns how many were queued."""
+    def release_unsent(self, outbox: Outbox, naming: FhirNaming, now: float | None = None) -> int:
+        """The readings linked to visits never to be sent as they are (stopped damaged, or set
+        aside until a repair that may never come): each goes on its own bundle, as outside any
+        visit. Exactly once: queued in the outbox first, under its reading's key (a release cut
+        short before the mark queues nothing twice), then marked released; a visit retried later
+        carries only the readings not released. Returns how many were queued."""
         from uploader.fhir_forwarder import enqueue_observation
 
         rows = list(
             self.db.query(
-                "SELECT id, visit_id, record FROM visit_items WHERE kind = 'observation' AND released_at IS NULL "
-                f"AND visit_id IN ({readings_to_release_sql()}) ORDER BY id"
+                "SELECT visit_items.id, visit_id, record, patient_id FROM visit_items JOIN visits "
+                "ON visits.id = visit_id WHERE kind = 'observation' AND released_at IS NULL "
+                f"AND visit_id IN ({readings_to_release_sql()}) ORDER BY visit_items.id"
             )
         )
         queued = 0
@@ -1199,28 +1206,73 @@ class VisitBook:
             try:
                 obs = observation_from_json(json.loads(row["record"]))
                 queued += enqueue_observation(outbox, obs, naming, meta={"visit_item": row["id"]}, now=now)
-            except BUNDLE_ERRORS as exc:  # damaged with the visit: said once, then marked
-                log.error(
-                    "a reading of damaged home visit %s cannot be sent to the county platform: %s",
-                    row["visit_id"],
-                    fault_text(exc),
-                )
-            with transaction(self.db):
-                self.db.execute(
-                    "UPDATE visit_items SET released_at = ? WHERE id = ?",
-                    [dt.datetime.now(dt.timezone.utc).isoformat(), row["id"]],
-                )
+            except BUNDLE_ERRORS as exc:  # damaged on the SD card: the doctor sees it, then it is marked
+                self._quarantine_damaged_reading(outbox, row, exc, now)
+            self._mark_released([row["id"]])
         if queued:
-            log.info("%d reading(s) of home visits stopped damaged queued for the county platform on their own", queued)
+            log.info("%d reading(s) of home visits not sent queued for the county platform on their own", queued)
         return queued
+
+    @staticmethod
+    def _quarantine_damaged_reading(outbox: Outbox, row: dict, exc: Exception, now: float | None) -> None:
+        """A released reading whose own record is damaged: never sendable, and not silent - a
+        quarantined reading in the outbox, with why (`lastmile queue`, the doctor's queue line).
+        Its key is the visit item's: a release cut short before the mark adds nothing twice."""
+        from lastmile.clinic.observations import OBSERVATION_KIND
+
+        reason = (
+            f"a reading of home visit {row['visit_id']} is damaged on the SD card and cannot be sent "
+            f"to the county platform ({fault_text(exc)}); measure the patient again"
+        )
+        added = outbox.add(
+            OBSERVATION_KIND,
+            f"visit-reading:{row['visit_id']}:{row['id']}",
+            (row["record"] or "").encode(),
+            meta={"visit_item": row["id"], "visit_id": row["visit_id"]},
+            patient={"patient_id": row["patient_id"]},
+            now=now,
+        )
+        if added.created:
+            outbox.quarantine(added.item.id, reason, time.time() if now is None else now)
+            # the visit's id is in the reason (`lastmile queue`): the journal says the visit once
+            log.error("a reading of a home visit is damaged on the SD card: quarantined as #%d", added.item.id)
+
+    def _mark_released(self, item_ids: Sequence[int]) -> None:
+        with transaction(self.db):
+            self.db.conn.executemany(
+                "UPDATE visit_items SET released_at = ? WHERE id = ?",
+                [[dt.datetime.now(dt.timezone.utc).isoformat(), i] for i in item_ids],
+            )
+
+    def _finish_releases(self, outbox: Outbox, naming: FhirNaming, visit_id: str) -> None:
+        """Before a visit's bundle is built: its readings already queued on their own by a release
+        whose mark was lost (cut short, then the visit retried) are marked now, so the bundle does
+        not carry them a second time. The outbox is the truth: its key is the reading's."""
+        from uploader.fhir_forwarder import observation_key
+
+        keys: dict[str, int] = {}
+        for row in self.db.query(
+            "SELECT id, record FROM visit_items WHERE visit_id = ? AND kind = 'observation' AND released_at IS NULL",
+            [visit_id],
+        ):
+            try:
+                keys[observation_key(observation_from_json(json.loads(row["record"])), naming)] = row["id"]
+            except BUNDLE_ERRORS:  # the bundle fails on it too, and sets the visit aside
+                continue
+        if keys:
+            self._mark_released([keys[k] for k in outbox.present_keys(list(keys))])
 
     def queue_closed(self, outbox: Outbox, naming: FhirNaming, now: float | None = None) -> int:
         """Queue every closed, not yet queued visit as a FHIR bundle (idempotent)."""
-        from uploader.fhir_forwarder import enqueue_bundle
-
         with transaction(self.db):
             self._sign_settled()  # visits stopped in an earlier boot that never had a time
-        self.release_stopped_damaged(outbox, naming, now)
+        queued = self._queue_signed(outbox, naming, now)
+        self.release_unsent(outbox, naming, now)  # after: a visit set aside now lets its readings go now
+        return queued
+
+    def _queue_signed(self, outbox: Outbox, naming: FhirNaming, now: float | None) -> int:
+        from uploader.fhir_forwarder import enqueue_bundle
+
         queued = 0
         # Only once signed, and so with its times settled: the platform keeps the first version it
         # gets (conditional create), so a visit sent before its end was known would stay
@@ -1244,6 +1296,7 @@ class VisitBook:
         if key is None:
             return 0
         for row in rows:
+            self._finish_releases(outbox, naming, row["id"])
             try:  # decoding the record and building its bundle: both fail on the visit's own data
                 bundle = self._bundle(self._stored_for_bundle(row["id"]), naming, key)
             except BUNDLE_ERRORS as exc:
@@ -1287,8 +1340,6 @@ def record_observation(
 def follow_receiver(book: VisitBook, source: FixSource, should_stop: Callable[[], bool], chunk_s: float = 1.0) -> int:
     """Service loop: every fix anchors the clock and extends the open visit's track. Returns the
     number of fixes seen when `should_stop()` says so or the source ends."""
-    import time
-
     seen = 0
     while not should_stop():
         got = 0

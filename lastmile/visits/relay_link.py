@@ -108,19 +108,21 @@ CLOSED_UNQUEUED_SQL = (
 
 
 def readings_to_release_sql(migrated: bool = True) -> str:
-    """SQL: the visits stopped damaged (never sent) holding readings not released yet to go on
-    their own (VisitBook.release_stopped_damaged). `migrated`: visit_items has released_at
+    """SQL: the closed visits never to be sent as they are - stopped damaged (never sent), or set
+    aside (a damaged record, sent only if `visit retry` ever succeeds) - holding readings not
+    released yet to go on their own (VisitBook.release_unsent). A reading is a measurement of
+    the patient: it must not wait on the visit's repair. `migrated`: visit_items has released_at
     (0007); before, every reading of such a visit waits."""
     unreleased = " AND released_at IS NULL" if migrated else ""
     return (
-        f"SELECT id FROM visits WHERE state = 'closed' AND {IS_STOPPED_DAMAGED} AND EXISTS (SELECT 1 FROM "
-        f"visit_items WHERE visit_id = visits.id AND kind = 'observation'{unreleased})"
+        "SELECT id FROM visits WHERE state = 'closed' AND fhir_fault IS NOT NULL AND fhir_queued_at IS NULL "
+        f"AND EXISTS (SELECT 1 FROM visit_items WHERE visit_id = visits.id AND kind = 'observation'{unreleased})"
     )
 
 
 def closed_unqueued(data_dir: Path) -> frozenset[str]:
-    """The closed visits not queued for the county yet, and those stopped damaged whose readings
-    wait to go on their own (read-only; a clinic without visits never gets a visits.db)."""
+    """The closed visits not queued for the county yet, and those never to be sent as they are
+    whose readings wait to go on their own (read-only; a clinic without visits never gets a visits.db)."""
     path = data_dir / DB_NAME
     if not path.exists():
         return frozenset()
