@@ -34,9 +34,10 @@ EARLIEST_PLAUSIBLE = dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)
 # A device's time further ahead of its receipt than this is a clock set wrong, not a time.
 DEVICE_CLOCK_TOLERANCE = dt.timedelta(minutes=10)
 # A cart sending each ECG as it records it (the clinic LAN) whose time is further behind the newest
-# one it sent before than this had its clock reset, if to a date after EARLIEST_PLAUSIBLE (a day:
-# more than a time zone set wrong, less than any reset to a factory date).
-DEVICE_CLOCK_BACKWARDS = dt.timedelta(days=1)
+# one it sent before than this had its clock reset, if to a date after EARLIEST_PLAUSIBLE: more
+# than a backlog sent late (a cart off the LAN for weeks, last month's ECG sent again to be read),
+# less than any reset to a factory or firmware date (a year or more back).
+DEVICE_CLOCK_BACKWARDS = dt.timedelta(days=90)
 # Observation flag: a record from a device's memory (taken earlier, perhaps on another patient)
 # whose own time could not be used, so its time is only when we received it. Such a reading is
 # held for the doctor, never given to the current patient.

@@ -271,7 +271,7 @@ def test_old_files_from_a_stick_and_an_unset_gateway_clock_are_not_judged() -> N
 def test_a_cart_clock_gone_back_to_a_date_after_2020_is_judged_by_its_newest_ecg_only_where_given() -> None:
     """A cart reset to 2021-01-01 is after the 2020 floor, so the reset rule alone believed it. Where
     the path knows the newest ECG the cart sent before (the clinic LAN, ECGs sent as recorded), a
-    time more than a day before it is a clock gone back: kept, not believed, flagged like a reset.
+    time more than DEVICE_CLOCK_BACKWARDS (90 days) before it is a clock gone back: kept, not believed, flagged like a reset.
     Without it (a stick's files, whose old recordings are legitimate) the time stands."""
     import datetime as dt
 
@@ -289,3 +289,7 @@ def test_a_cart_clock_gone_back_to_a_date_after_2020_is_judged_by_its_newest_ecg
     assert gone_back == JudgedTime(rec.acquired_at, TimeSource.DEVICE_CLOCK_UNTRUSTED, ("device-clock-reset",))
     a_moment_before = judged_time(newest - dt.timedelta(hours=3), TimeSource.FILE, received, newest_from_device=newest)
     assert a_moment_before.time_source is TimeSource.FILE and a_moment_before.flags == ()
+    # a cart back on the LAN after days away sends today's ECG, then its backlog (or the doctor sends
+    # last week's again to have it read): a right clock, believed - not "set the cart's clock"
+    backlog = judged_time(newest - dt.timedelta(days=12), TimeSource.FILE, received, newest_from_device=newest)
+    assert backlog.time_source is TimeSource.FILE and backlog.flags == (), backlog
