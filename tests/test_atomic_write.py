@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,8 @@ from lastmile.services.update import UpdateState
 
 
 @pytest.fixture
-def umask() -> Iterator[callable]:
+def umask() -> Iterator[Callable[[int], None]]:
+    """Sets the process umask for the test; the old one back afterwards."""
     old = os.umask(0o022)
 
     def set_umask(mask: int) -> None:
@@ -31,7 +32,9 @@ def mode_of(path: Path) -> int:
     return path.stat().st_mode & 0o777
 
 
-def test_the_consoles_key_and_certificate_stay_readable_by_their_owner_only(tmp_path: Path, umask) -> None:
+def test_the_consoles_key_and_certificate_stay_readable_by_their_owner_only(
+    tmp_path: Path, umask: Callable[[int], None]
+) -> None:
     """Whatever the umask the console starts under, its private key is 0600."""
     umask(0)
     cert = ensure_certificate(tmp_path)
@@ -52,7 +55,7 @@ def test_a_leftover_temporary_file_does_not_lend_its_mode(tmp_path: Path) -> Non
     assert not leftover.exists()
 
 
-def test_the_update_state_is_world_readable_whatever_the_umask(tmp_path: Path, umask) -> None:
+def test_the_update_state_is_world_readable_whatever_the_umask(tmp_path: Path, umask: Callable[[int], None]) -> None:
     umask(0o077)
     path = tmp_path / "state.json"
     UpdateState(refused={"ab": "bad signature"}).save(path)
@@ -60,7 +63,9 @@ def test_the_update_state_is_world_readable_whatever_the_umask(tmp_path: Path, u
     assert UpdateState.load(path).refused == {"ab": "bad signature"}
 
 
-def test_the_settings_waiting_for_a_restart_are_written_as_the_umask_says(tmp_path: Path, umask) -> None:
+def test_the_settings_waiting_for_a_restart_are_written_as_the_umask_says(
+    tmp_path: Path, umask: Callable[[int], None]
+) -> None:
     umask(0o027)
     save_restart_needed(tmp_path, ["ble", "console.listen"])
     assert mode_of(tmp_path / RESTART_NEEDED_FILE) == 0o640
