@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import os
 import re
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -328,7 +329,29 @@ def spaced_clinic_db(data_dir: Path, sr_lines: list[ReportLine]) -> None:
     """clinic.db as the gateway left it before 0014: an SR's person names stored with "^" spaced."""
     lines = json.dumps([line.to_json() for line in sr_lines], ensure_ascii=False)
     names = {"observer": "Chen Jing=陈 静", "patient_name": "Ouyang Na Na=欧阳 娜 娜"}
-    clinic_db_before(data_dir, "0014_report_names_as_components", "", text="", lines=lines, **names)
+    clinic_db_before(data_dir, "0014_report_names_spaced", "", text="", lines=lines, **names)
+
+
+def written_by_this_process() -> int:
+    """Bytes this process has handed to write() so far (/proc/self/io wchar): the WAL and its checkpoints."""
+    io = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return int(io["wchar"])
+
+
+def test_keeping_old_reports_names_as_they_showed_rewrites_no_stored_report(tmp_path: Path) -> None:
+    """The upgrade must not rewrite every stored report to mark its names: a row's update rewrites its
+    PDF too (a year of county PDFs: minutes of SD-card writes, and as much free space again)."""
+    data_dir = tmp_path / "data"
+    pdf = os.urandom(2 << 20)
+    read_by = [ReportLine(LineKind.READ_BY, name="Chen Jing=陈 静", value="2026-11-30T10:00:00+08:00")]
+    lines = json.dumps([line.to_json() for line in read_by], ensure_ascii=False)
+    clinic_db_before(data_dir, "0014_report_names_spaced", "", observer="Chen Jing=陈 静", lines=lines, data=pdf)
+    before = written_by_this_process()
+    with ReportStore.open(data_dir) as store:
+        written = written_by_this_process() - before
+        old = store.get(1)
+    assert old is not None and old.reading_doctor == "陈静 (Chen Jing)", old
+    assert written < 256 << 10, f"the upgrade wrote {written} bytes for a clinic.db holding a 2 MB report"
 
 
 def test_reports_stored_with_spaced_names_show_as_they_did(tmp_path: Path) -> None:

@@ -11,13 +11,11 @@ because a held observation exists nowhere else.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 
 import sqlite_utils
 
 from lastmile.data_dir import ensure_data_dir
-from uploader.report_lines import PERSON_NAME
 from uploader.sqlite_store import Migration, open_database, transaction
 
 __all__ = ["DB_NAME", "from_iso", "iso", "open_clinic_db", "transaction", "utc_now"]
@@ -183,54 +181,6 @@ def _reports(db: sqlite_utils.Database) -> None:
     db.table("report_status").create({"name": str, "value": str, "updated_at": str}, pk="name", not_null=["value"])
 
 
-# Before 0014 the report reader stored a DICOM PN with its "^" as spaces ("陈^静" -> "陈 静") and
-# the display joined two short Chinese runs back. Since, a PN is stored as sent and shown by a
-# rule on its components; this is that old guess, once, on what was stored by it (kept here, not
-# with the display: a migration must not change when the display does).
-OLD_CJK_NAME_MAX = 4
-
-
-def _spaced_pn_as_components(spaced: str) -> str:
-    """A PN as the old reader stored it ("Chen Jing=陈 静") -> components the display writes as
-    it wrote this one then ("Chen Jing=陈^静" -> 陈静 (Chen Jing)); "欧阳 娜 娜" stays one part."""
-
-    def group(text: str) -> str:
-        runs = text.split()
-        joined = "".join(runs)
-        if len(runs) == 2 and len(joined) <= OLD_CJK_NAME_MAX and all(ord(ch) > 0x2E7F for ch in joined):
-            return "^".join(runs)
-        return text.strip()
-
-    return "=".join(group(g) for g in spaced.split("="))
-
-
-def _spaced_pn_lines(stored: str) -> str:
-    """The stored report lines with their PN values (the reading doctor, PNAME items) as components."""
-    lines = json.loads(stored)
-    for line in lines:
-        if line.get("kind") == "read-by":  # a DICOM report's reading doctor is a PN (code PERSON_NAME)
-            line["name"] = _spaced_pn_as_components(line.get("name", ""))
-            line["code"] = PERSON_NAME
-        elif line.get("kind") == "item" and line.get("code") == "PNAME" and line.get("value"):
-            line["value"] = _spaced_pn_as_components(line["value"])
-    return json.dumps(lines, ensure_ascii=False)
-
-
-def _report_names_as_components(db: sqlite_utils.Database) -> None:
-    # DICOM reports only: a FHIR report's reading doctor is free text, shown as the platform wrote it
-    rows = db.conn.execute("SELECT id, patient_name, observer, lines FROM reports WHERE kind != 'fhir'").fetchall()
-    for report_id, patient_name, observer, lines in rows:
-        db.conn.execute(
-            "UPDATE reports SET patient_name = ?, observer = ?, lines = ? WHERE id = ?",
-            (
-                _spaced_pn_as_components(patient_name) if patient_name else patient_name,
-                _spaced_pn_as_components(observer) if observer else observer,
-                _spaced_pn_lines(lines) if lines else lines,
-                report_id,
-            ),
-        )
-
-
 MIGRATIONS = (
     Migration("0001_session", _session),
     Migration("0002_devices", _devices),
@@ -271,9 +221,12 @@ MIGRATIONS = (
         "CREATE TABLE device_users (address TEXT NOT NULL, user_id INTEGER NOT NULL, patient_id TEXT, "
         "patient_name TEXT NOT NULL DEFAULT '', set_at TEXT NOT NULL, PRIMARY KEY (address, user_id));",
     ),
-    # a report's DICOM person names as sent ("陈^静", not "陈 静"): those stored spaced are turned
-    # into the components that show them as they showed before (`_spaced_pn_as_components`)
-    Migration("0014_report_names_as_components", _report_names_as_components),
+    # a report's DICOM person names are stored as sent ("陈^静") from now on; the rows stored before
+    # (names spaced, "陈 静") read 1 here without being rewritten (a constant default costs no write:
+    # rewriting them rewrote every stored PDF), and are read as before (reports.store._report)
+    Migration.sql(
+        "0014_report_names_spaced", "ALTER TABLE reports ADD COLUMN names_spaced INTEGER NOT NULL DEFAULT 1;"
+    ),
     # where the readings a device's last error says wait for space are ('disk', 'memory'; NULL or
     # '': none): the doctor FAILs on 'memory' whatever words the error is written in
     Migration.sql("0015_device_held_readings", "ALTER TABLE devices ADD COLUMN held_readings TEXT;"),

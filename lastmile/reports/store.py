@@ -35,7 +35,7 @@ import sqlite_utils
 from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
 from lastmile.reports.report_text import English, display_name, report_text
 from lastmile.reports.unread_critical import UNACKNOWLEDGED_CRITICAL
-from uploader.report_lines import LineKind, ReportLine
+from uploader.report_lines import PERSON_NAME, LineKind, ReportLine
 
 if TYPE_CHECKING:
     # pydicom is heavy: the console and `doctor` read the store without it
@@ -144,7 +144,7 @@ class AddedReport:
 _REPORT_COLUMNS = (
     "id, study_uid, source, kind, object_uid, version, status, superseded_by, title, text, observer, "
     "report_time, patient_id, patient_name, critical, problems, document_type, alerted_at, "
-    "acknowledged_at, acknowledged_by, received_at, impressions, findings, lines"
+    "acknowledged_at, acknowledged_by, received_at, impressions, findings, lines, names_spaced"
 )
 
 
@@ -170,7 +170,46 @@ def _study(row: sqlite3.Row) -> SentStudy:
     )
 
 
+# Before clinic.db's 0014 the report reader stored a DICOM PN with its "^" as spaces ("陈^静" ->
+# "陈 静") and the display joined two short Chinese runs back. Since, a PN is stored as sent and
+# shown by a rule on its components; the rows stored before (`names_spaced`) are read into
+# components as that old display showed them, so no report on the console changes how it names anyone.
+OLD_CJK_NAME_MAX = 4
+
+
+def _spaced_pn_as_components(spaced: str) -> str:
+    """A PN as the old reader stored it ("Chen Jing=陈 静") -> components the display writes as
+    it wrote this one then ("Chen Jing=陈^静" -> 陈静 (Chen Jing)); "欧阳 娜 娜" stays one part."""
+
+    def group(text: str) -> str:
+        runs = text.split()
+        joined = "".join(runs)
+        if len(runs) == 2 and len(joined) <= OLD_CJK_NAME_MAX and all(ord(ch) > 0x2E7F for ch in joined):
+            return "^".join(runs)
+        return text.strip()
+
+    return "=".join(group(g) for g in spaced.split("="))
+
+
+def _spaced_pn_lines(stored: str) -> str:
+    """The stored report lines with their PN values (the reading doctor, PNAME items) as components."""
+    lines = json.loads(stored)
+    for line in lines:
+        if line.get("kind") == "read-by":  # a DICOM report's reading doctor is a PN (code PERSON_NAME)
+            line["name"] = _spaced_pn_as_components(line.get("name", ""))
+            line["code"] = PERSON_NAME
+        elif line.get("kind") == "item" and line.get("code") == "PNAME" and line.get("value"):
+            line["value"] = _spaced_pn_as_components(line["value"])
+    return json.dumps(lines, ensure_ascii=False)
+
+
 def _report(row: sqlite3.Row) -> StoredReport:
+    # DICOM reports only: a FHIR report's reading doctor is free text, shown as the platform wrote it
+    spaced = bool(row["names_spaced"]) and row["kind"] != "fhir"
+    observer, patient_name, lines = row["observer"] or "", row["patient_name"] or "", row["lines"]
+    if spaced:
+        observer, patient_name = _spaced_pn_as_components(observer), _spaced_pn_as_components(patient_name)
+        lines = _spaced_pn_lines(lines) if lines else lines
     return StoredReport(
         id=row["id"],
         study_uid=row["study_uid"],
@@ -182,10 +221,10 @@ def _report(row: sqlite3.Row) -> StoredReport:
         superseded_by=row["superseded_by"],
         title=row["title"] or "",
         text=row["text"] or "",
-        observer=row["observer"] or "",
+        observer=observer,
         report_time=row["report_time"] or "",
         patient_id=row["patient_id"] or "",
-        patient_name=row["patient_name"] or "",
+        patient_name=patient_name,
         critical=tuple(json.loads(row["critical"])) if row["critical"] else (),
         problems=tuple(json.loads(row["problems"])) if row["problems"] else (),
         document_type=row["document_type"] or "",
@@ -195,7 +234,7 @@ def _report(row: sqlite3.Row) -> StoredReport:
         received_at=from_iso(row["received_at"]) or dt.datetime.fromtimestamp(0, dt.timezone.utc),
         impressions=tuple(json.loads(row["impressions"])) if row["impressions"] else (),
         findings=tuple(json.loads(row["findings"])) if row["findings"] else (),
-        lines=_lines(row["lines"]),
+        lines=_lines(lines),
     )
 
 
@@ -460,8 +499,8 @@ class ReportStore:
             cur = conn.execute(
                 "INSERT INTO reports (study_uid, source, kind, object_uid, version, sop_class_uid, status, title, "
                 "text, observer, report_time, patient_id, patient_name, critical, problems, document_type, "
-                "received_at, data, impressions, findings, lines, amends) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "received_at, data, impressions, findings, lines, amends, names_spaced) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
                 (
                     content.study_uid,
                     source,
