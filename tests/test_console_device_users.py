@@ -253,6 +253,37 @@ def test_a_devices_map_form_without_its_csrf_token_maps_nobody(
     assert mappings(config) == []
 
 
+def test_an_older_held_reading_of_a_mapped_user_says_whose_the_user_is_now(
+    clinic: tuple[Config, ConsoleServer], doctor: Client
+) -> None:
+    """User 2's reading was held before the doctor said user 2 is 张三: Today no longer offers
+    "this device's user 2 is" (saving again would overwrite the mapping) but says "用户 2 现在归
+    <ID 张三>"; the reading itself is still there to assign (measured before)."""
+    config, _server = clinic
+    [held_id] = hold_readings(config, user_reading(2, "cuff:u2:1"))
+    assert doctor.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
+    assert doctor.post("/today/map-user", map_form(doctor, 2, VALID_ID)).status == 303
+
+    today = doctor.get("/today").body
+    assert 'action="/today/map-user"' not in today, today[:4000]
+    mapped = re.search(r'<p [^>]*data-mapped-user="2"[^>]*>(.*?)</p>', today, re.S)
+    assert mapped, today[:4000]
+    assert "用户 2 现在归" in mapped.group(1) and VALID_ID in mapped.group(1) and "张三" in mapped.group(1), mapped
+    assert f'name="held_id" value="{held_id}"' in today  # still there to assign
+
+
+def test_an_older_held_reading_of_a_user_mapped_to_whoever_is_checked_in(
+    clinic: tuple[Config, ConsoleServer], doctor: Client
+) -> None:
+    config, _server = clinic
+    hold_readings(config, user_reading(3, "cuff:u3:1"), user_reading(2, "cuff:u2:1"))
+    assert doctor.post("/today/map-user", map_form(doctor, 3, "", whose="checked-in")).status == 303
+    today = doctor.get("/today").body
+    mapped = re.search(r'<p [^>]*data-mapped-user="3"[^>]*>(.*?)</p>', today, re.S)
+    assert mapped and "当前就诊的患者" in mapped.group(1), today[:4000]
+    assert 'data-map-user="3"' not in today and 'data-map-user="2"' in today  # user 2: nobody said yet
+
+
 def test_mapping_a_cuff_user_on_devices_on_a_phone(browser: object, tmp_path: Path) -> None:
     """The doctor at 390 px on Devices: the paired cuff's "user N is" form fits the screen; typing
     user 2 and the patient's ID and Save maps user 2 (zh-CN screenshot: devices-map-device-user-phone)."""
