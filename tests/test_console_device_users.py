@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,6 +47,24 @@ def mappings(config: Config) -> list[tuple[str, int, str | None, str]]:
         db.conn.close()
 
 
+def audited(config: Config, action: str) -> list[tuple[str, str, str]]:
+    db = open_clinic_db(config.data_dir)
+    try:
+        rows = db.conn.execute("SELECT user_name, target, detail FROM audit WHERE action = ?", (action,)).fetchall()
+        return [tuple(r) for r in rows]
+    finally:
+        db.conn.close()
+
+
+def device_map_form(client: Client, patient_id: str, user: str, whose: str = "patient") -> dict[str, str]:
+    """The Devices page's "user N is (patient ID)" form of the paired cuff, filled in."""
+    page = client.get("/devices").body
+    found = re.search(rf'<form [^>]*action="/devices/map-user"[^>]*data-address="{CUFF}".*?</form>', page, re.S)
+    assert found, page[:4000]
+    fields = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', found.group(0)))
+    return {**fields, "device_user": user, "patient_id": patient_id, "whose": whose}
+
+
 def map_form(client: Client, user: int, patient_id: str, whose: str = "patient") -> dict[str, str]:
     """The held reading's "this device's user N is" form as Today shows it, filled in."""
     page = client.get("/today").body
@@ -53,6 +72,33 @@ def map_form(client: Client, user: int, patient_id: str, whose: str = "patient")
     assert found, page[:3000]
     fields = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', found.group(0)))
     return {**fields, "patient_id": patient_id, "whose": whose}
+
+
+def form_on_a_phone(
+    browser: object, server: ConsoleServer, page: str, form: str, says: str, screenshot: str
+) -> tuple[dict, Any]:
+    """The doctor logged in at 390 px on `page`, its form `form` (saying `says`) scrolled into view:
+    where its parts are, and the form. The page is saved as `screenshot`."""
+    log_in(browser, server)
+    set_viewport(browser, PHONE)
+    browser.get(server.url + page)  # type: ignore[attr-defined]
+    text_in(browser, form, says)
+    box = browser.execute_script(  # type: ignore[attr-defined]
+        """const f = document.querySelector(arguments[0]);
+        f.scrollIntoView({block: "center"});
+        const r = e => e.getBoundingClientRect();
+        return {width: document.documentElement.clientWidth,
+                parts: [...f.querySelectorAll("label, input:not([type=hidden]), button, p")].map(r)};""",
+        form,
+    )
+    save_screenshot(browser, screenshot)
+    return box, browser.find_element(by("css"), form)  # type: ignore[attr-defined]
+
+
+def fits_the_screen(box: dict) -> None:
+    assert box["width"] <= PHONE[0], box
+    for part in box["parts"]:
+        assert part["left"] >= 0 and part["right"] <= box["width"], box
 
 
 @pytest.fixture
@@ -143,23 +189,115 @@ def test_mapping_a_cuff_user_on_a_phone(browser: object, tmp_path: Path) -> None
     config = console_config(tmp_path / "data")
     hold_readings(config, user_reading(2, "cuff:u2:1"))
     with running_console(config) as server:
-        log_in(browser, server)
-        set_viewport(browser, PHONE)
-        browser.get(server.url + "/today")  # type: ignore[attr-defined]
-        text_in(browser, "#panel-held form.map-user", "这台设备的用户 2 是")
-        box = browser.execute_script(  # type: ignore[attr-defined]
-            """const f = document.querySelector("#panel-held form.map-user");
-            f.scrollIntoView({block: "center"});
-            const r = e => e.getBoundingClientRect();
-            return {width: document.documentElement.clientWidth,
-                    parts: [...f.querySelectorAll("label, input:not([type=hidden]), button, p")].map(r)};"""
+        box, form = form_on_a_phone(
+            browser, server, "/today", "#panel-held form.map-user", "这台设备的用户 2 是", "today-map-device-user-phone"
         )
-        save_screenshot(browser, "today-map-device-user-phone")
-        form = browser.find_element(by("css"), "#panel-held form.map-user")  # type: ignore[attr-defined]
         form.find_element(by("css"), "input[name=patient_id]").send_keys(VALID_ID)
         form.find_element(by("css"), "button[value=patient]").click()
         text_in(browser, "p.done", "已保存")
         wait_for(browser, lambda _d: mappings(config) == [(CUFF, 2, VALID_ID, "")])
-    assert box["width"] <= PHONE[0], box
-    for part in box["parts"]:
-        assert part["left"] >= 0 and part["right"] <= box["width"], box
+    fits_the_screen(box)
+
+
+def test_a_paired_cuffs_user_is_mapped_on_devices_before_the_patient_measures(
+    clinic: tuple[Config, ConsoleServer], doctor: Client
+) -> None:
+    """The doctor pairs the family's cuff and says on Devices "user 2 is 110...": no reading of
+    user 2 was ever held, and user 2's first reading goes to that patient by itself (audited as
+    the Today form's). User 3 is whoever is checked in, said the same way."""
+    config, _server = clinic
+    assert doctor.post("/devices/pair", {"address": CUFF.lower(), "name": "血压计"}).status == 303
+    reply = doctor.post("/devices/map-user", device_map_form(doctor, VALID_ID, "2"))
+    assert reply.status == 303 and "done=mapped" in reply.location, (reply.status, reply.body[:500])
+    assert mappings(config) == [(CUFF, 2, VALID_ID, "")]
+    assert [(t, d) for _u, t, d in audited(config, "map-device-user")] == [
+        (CUFF, '{"patient": "%s", "user": 2}' % VALID_ID)
+    ]
+    devices = doctor.get(reply.location).body
+    assert "已保存" in devices, devices[:2000]
+    listed = devices.split('id="h-device-users"', 1)[1].split("</section>", 1)[0]
+    assert "用户 2" in listed and VALID_ID in listed, listed
+
+    [first] = record_readings(config, user_reading(2, "cuff:u2:1"))
+    assert (first.outcome, first.patient_id) == ("stored", VALID_ID)
+
+    reply = doctor.post("/devices/map-user", device_map_form(doctor, "", "3", whose="checked-in"))  # --current
+    assert reply.status == 303, (reply.status, reply.body[:500])
+    assert mappings(config) == [(CUFF, 2, VALID_ID, ""), (CUFF, 3, None, "")]
+
+
+@pytest.mark.parametrize(
+    ("user", "patient_id", "says"),
+    [("2", WRONG_CHECK_DIGIT, "身份证"), ("255", VALID_ID, "0 到 254"), ("", VALID_ID, "0 到 254")],
+)
+def test_a_devices_map_form_with_a_bad_user_or_id_maps_nobody(
+    clinic: tuple[Config, ConsoleServer], doctor: Client, user: str, patient_id: str, says: str
+) -> None:
+    """Refused in Chinese on Devices, what was typed kept, nothing mapped or audited."""
+    config, _server = clinic
+    assert doctor.post("/devices/pair", {"address": CUFF, "name": "血压计"}).status == 303
+    reply = doctor.post("/devices/map-user", device_map_form(doctor, patient_id, user))
+    assert reply.status == 400, (reply.status, reply.location)
+    assert says in reply.body.split('id="form-error"', 1)[1][:300], reply.body[:2000]
+    assert mappings(config) == [] and audited(config, "map-device-user") == []
+
+
+def test_a_devices_map_form_without_its_csrf_token_maps_nobody(
+    clinic: tuple[Config, ConsoleServer], doctor: Client
+) -> None:
+    config, _server = clinic
+    assert doctor.post("/devices/pair", {"address": CUFF, "name": "血压计"}).status == 303
+    form = device_map_form(doctor, VALID_ID, "2")
+    form.pop("csrf")
+    assert doctor.post("/devices/map-user", form, csrf=False).status == 403
+    assert mappings(config) == []
+
+
+def test_an_older_held_reading_of_a_mapped_user_says_whose_the_user_is_now(
+    clinic: tuple[Config, ConsoleServer], doctor: Client
+) -> None:
+    """User 2's reading was held before the doctor said user 2 is 张三: Today no longer offers
+    "this device's user 2 is" (saving again would overwrite the mapping) but says "用户 2 现在归
+    <ID 张三>"; the reading itself is still there to assign (measured before)."""
+    config, _server = clinic
+    [held_id] = hold_readings(config, user_reading(2, "cuff:u2:1"))
+    assert doctor.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
+    assert doctor.post("/today/map-user", map_form(doctor, 2, VALID_ID)).status == 303
+
+    today = doctor.get("/today").body
+    assert 'action="/today/map-user"' not in today, today[:4000]
+    mapped = re.search(r'<p [^>]*data-mapped-user="2"[^>]*>(.*?)</p>', today, re.S)
+    assert mapped, today[:4000]
+    assert "用户 2 现在归" in mapped.group(1) and VALID_ID in mapped.group(1) and "张三" in mapped.group(1), mapped
+    assert f'name="held_id" value="{held_id}"' in today  # still there to assign
+
+
+def test_an_older_held_reading_of_a_user_mapped_to_whoever_is_checked_in(
+    clinic: tuple[Config, ConsoleServer], doctor: Client
+) -> None:
+    config, _server = clinic
+    hold_readings(config, user_reading(3, "cuff:u3:1"), user_reading(2, "cuff:u2:1"))
+    assert doctor.post("/today/map-user", map_form(doctor, 3, "", whose="checked-in")).status == 303
+    today = doctor.get("/today").body
+    mapped = re.search(r'<p [^>]*data-mapped-user="3"[^>]*>(.*?)</p>', today, re.S)
+    assert mapped and "当前就诊的患者" in mapped.group(1), today[:4000]
+    assert 'data-map-user="3"' not in today and 'data-map-user="2"' in today  # user 2: nobody said yet
+
+
+def test_mapping_a_cuff_user_on_devices_on_a_phone(browser: object, tmp_path: Path) -> None:
+    """The doctor at 390 px on Devices: the paired cuff's "user N is" form fits the screen; typing
+    user 2 and the patient's ID and Save maps user 2 (zh-CN screenshot: devices-map-device-user-phone)."""
+    config = console_config(tmp_path / "data")
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        assert client.post("/devices/pair", {"address": CUFF, "name": "血压计 1 号"}).status == 303
+        box, form = form_on_a_phone(
+            browser, server, "/devices", "form.map-user", "用户", "devices-map-device-user-phone"
+        )
+        form.find_element(by("css"), "input[name=device_user]").send_keys("2")
+        form.find_element(by("css"), "input[name=patient_id]").send_keys(VALID_ID)
+        form.find_element(by("css"), "button[value=patient]").click()
+        text_in(browser, "p.done", "已保存")
+        wait_for(browser, lambda _d: mappings(config) == [(CUFF, 2, VALID_ID, "")])
+    fits_the_screen(box)

@@ -724,23 +724,35 @@ async def today(request: Request) -> Response:
     return render(request, ctx, "today.html", done=done, error="", form={}, live=live, **model)
 
 
-async def today_action(
-    request: Request, action: Callable[[Context, dict[str, str], dt.datetime], str | None]
+async def form_action(
+    request: Request,
+    action: Callable[[Context, dict[str, str], dt.datetime], str | None],
+    page: str,
+    model_of: Callable[[Context], Awaitable[dict[str, Any]]],
 ) -> Response:
-    """Run a form's action; success redirects back to Today (saying what was done), a refused
-    input shows Today again with the message and what was typed."""
+    """Run a form's action; success redirects back to `page` (saying what was done) and tells the
+    live pages, a refused input shows `page` again with the message and what was typed."""
     state = state_of(request)
     ctx = await context_for(request)
     fields = await read_form(request, ctx)
     try:
         done = await state.run_db(action, ctx, fields, now_utc())
     except ConsoleInputError as exc:
-        model = await today_model(request, ctx)
         error = ctx.localizer.gettext(exc.message, **exc.values)
-        live = live_panels(request, ctx, model)
-        return render(request, ctx, "today.html", status=400, done="", error=error, form=fields, live=live, **model)
+        model = await model_of(ctx)
+        return render(request, ctx, f"{page}.html", status=400, done="", error=error, form=fields, **model)
     state.broker.publish()
-    return RedirectResponse(f"/today?done={quote(done or '')}", status_code=303)
+    return RedirectResponse(f"/{page}?done={quote(done or '')}", status_code=303)
+
+
+async def today_action(
+    request: Request, action: Callable[[Context, dict[str, str], dt.datetime], str | None]
+) -> Response:
+    async def model_of(ctx: Context) -> dict[str, Any]:
+        model = await today_model(request, ctx)
+        return {**model, "live": live_panels(request, ctx, model)}
+
+    return await form_action(request, action, "today", model_of)
 
 
 async def check_in(request: Request) -> Response:
@@ -804,8 +816,8 @@ async def assign_ecg(request: Request) -> Response:
     return await today_action(request, action)
 
 
-async def map_device_user(request: Request) -> Response:
-    """A held reading's "this cuff's user N is ..." (`lastmile patient map-user`)."""
+def map_user_action(request: Request) -> Callable[[Context, dict[str, str], dt.datetime], str]:
+    """The "this cuff's user N is ..." form's action (`lastmile patient map-user`), on Today and Devices."""
 
     def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> str:
         state_of(request).data.map_device_user(
@@ -818,7 +830,12 @@ async def map_device_user(request: Request) -> Response:
         )
         return "mapped"
 
-    return await today_action(request, action)
+    return action
+
+
+async def map_device_user(request: Request) -> Response:
+    """A held reading's "this cuff's user N is ..."."""
+    return await today_action(request, map_user_action(request))
 
 
 async def re_record(request: Request) -> Response:
@@ -1018,19 +1035,24 @@ async def unpair_device(request: Request) -> Response:
     return RedirectResponse("/devices?done=unpaired", status_code=303)
 
 
+async def devices_action(request: Request, action: Callable[[Context, dict[str, str], dt.datetime], str]) -> Response:
+    """A Devices form's action (a mapping made there changes Today's held readings too: told live)."""
+    return await form_action(request, action, "devices", lambda ctx: page_model(request, ctx, views.devices))
+
+
+async def map_device_user_on_devices(request: Request) -> Response:
+    """Devices: a paired cuff's "user N is ..." before any reading of user N is held."""
+    return await devices_action(request, map_user_action(request))
+
+
 async def unmap_device_user(request: Request) -> Response:
     """Devices: forget whose a device's user is (`lastmile patient map-user ... --remove`)."""
-    state = state_of(request)
-    ctx = await context_for(request)
-    fields = await read_form(request, ctx)
-    address, user = fields.get("address", ""), fields.get("device_user", "")
-    try:
-        await state.run_db(lambda: state.data.unmap_device_user(ctx.user, address, user, now=now_utc()))
-    except ConsoleInputError as exc:
-        model = await page_model(request, ctx, views.devices)
-        error = ctx.localizer.gettext(exc.message, **exc.values)
-        return render(request, ctx, "devices.html", status=400, error=error, form={}, done="", **model)
-    return RedirectResponse("/devices?done=unmapped", status_code=303)
+
+    def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> str:
+        state_of(request).data.unmap_device_user(ctx.user, f.get("address", ""), f.get("device_user", ""), now=now)
+        return "unmapped"
+
+    return await devices_action(request, action)
 
 
 async def visits_page(request: Request) -> Response:
@@ -1161,6 +1183,7 @@ def routes() -> list[Route | Mount]:
         Route("/devices", devices_page),
         Route("/devices/pair", pair_device, methods=["POST"]),
         Route("/devices/unpair", unpair_device, methods=["POST"]),
+        Route("/devices/map-user", map_device_user_on_devices, methods=["POST"]),
         Route("/devices/unmap-user", unmap_device_user, methods=["POST"]),
         Route("/visits", visits_page),
         Route("/system", system_page),

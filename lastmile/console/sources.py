@@ -34,7 +34,7 @@ from devices.identity import InvalidPatientIdError, Patient, device_clock_wrong
 from devices.observation import Observation
 from lastmile.clinic.db import DB_NAME as CLINIC_DB
 from lastmile.clinic.db import from_iso, open_clinic_db, utc_now
-from lastmile.clinic.device_users import DeviceUser
+from lastmile.clinic.device_users import DeviceUser, UserMapping
 from lastmile.clinic.devices import DeviceRecord, DeviceRegistry, is_bluetooth_address, normalise_address
 from lastmile.clinic.observations import (
     OBSERVATION_KIND,
@@ -120,6 +120,8 @@ class ReadingView:
     held_id: int | None = None  # held unassigned: its number for "assign"
     device_user: int | None = None  # a multi-user device's user the reading is of
     device_address: str = ""  # that device's, for "this cuff's user N is ..."
+    # whose that user is now, if the doctor said so since (this reading, measured before, stays held)
+    user_mapping: UserMapping | None = None
     # held: measured during the current patient's check-in (its Assign box offers that patient);
     # one measured before it (yesterday's, the previous patient's) offers nobody
     during_check_in: bool = False
@@ -362,6 +364,13 @@ def _reading_during(obs: Observation, session: SessionView | None) -> bool:
     return during_check_in(session, obs.measured_at, started=measured_since(obs, session.since))
 
 
+def _mapping_of(obs: Observation, mapped: dict[tuple[str, int], UserMapping]) -> UserMapping | None:
+    """Whose the device user `obs` is of is now, if the doctor said so (`mapped`: by address, user)."""
+    if obs.device_user is None:
+        return None
+    return mapped.get((normalise_address(obs.device.address or ""), obs.device_user))
+
+
 def _device_user_number(text: str) -> int:
     """A device's user as a form gives it: 0-254 (255 is Bluetooth's "unknown user")."""
     text = text.strip()
@@ -530,7 +539,9 @@ class ClinicData:
 
     def held_readings(self, session: SessionView | None = None) -> list[ReadingView]:
         """The held readings, each saying whether it was measured during `session` (the current
-        check-in): only such a one is offered to that patient, never one from before it."""
+        check-in): only such a one is offered to that patient, never one from before it. A device
+        user's says whose that user is now, if the doctor has said so (saying it again overwrites)."""
+        mapped = {(u.address, u.user_id): u.mapping for u in self.device_users()}
         return [
             ReadingView(
                 h.observation.record_key,
@@ -543,6 +554,7 @@ class ClinicData:
                 held_id=h.held_id,
                 device_user=h.observation.device_user,
                 device_address=h.observation.device.address or "",
+                user_mapping=_mapping_of(h.observation, mapped),
                 during_check_in=_reading_during(h.observation, session),
             )
             for h in self.store.held()
