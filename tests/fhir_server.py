@@ -22,7 +22,15 @@ from pydantic import ValidationError
 
 from lastmile.demo.fhir_receiver import FhirReceiver, ServerStats, check_transaction_shape, outcome
 
-__all__ = ["FhirTestServer", "RefusesVisits", "ServerStats", "outcome", "validate_resource", "validate_transaction"]
+__all__ = [
+    "FhirTestServer",
+    "RefusesVisits",
+    "ServerStats",
+    "encounter_identifiers",
+    "outcome",
+    "validate_resource",
+    "validate_transaction",
+]
 
 
 def validate_resource(resource: dict) -> None:
@@ -43,6 +51,16 @@ def validate_transaction(bundle: dict) -> None:
         validate_resource(entry["resource"])
 
 
+def encounter_identifiers(bundle: dict) -> list[str]:
+    """The visits a transaction Bundle carries: its Encounters' identifier values."""
+    return [
+        i["value"]
+        for entry in bundle["entry"]
+        if entry["resource"]["resourceType"] == "Encounter"
+        for i in entry["resource"].get("identifier", [])
+    ]
+
+
 class FhirTestServer(FhirReceiver):
     def __init__(self, **kwargs: object) -> None:
         super().__init__(validator=validate_transaction, **kwargs)  # type: ignore[arg-type]
@@ -58,10 +76,7 @@ class FhirTestServer(FhirReceiver):
 
     def count_applied(self, bundle: dict) -> None:
         with self._applied_lock:
-            for entry in bundle["entry"]:
-                resource = entry["resource"]
-                if resource["resourceType"] == "Encounter":
-                    self.applied.update(i["value"] for i in resource.get("identifier", []))
+            self.applied.update(encounter_identifiers(bundle))
 
 
 class RefusesVisits(FhirTestServer):
@@ -74,8 +89,7 @@ class RefusesVisits(FhirTestServer):
         self.refused = set(refused)
 
     def apply_transaction(self, bundle: dict) -> dict:
-        encounters = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Encounter"]
-        if any(i["value"] in self.refused for r in encounters for i in r.get("identifier", [])):
+        if self.refused.intersection(encounter_identifiers(bundle)):
             return {
                 "resourceType": "Bundle",
                 "type": "transaction-response",
