@@ -280,7 +280,7 @@ def test_an_older_held_reading_of_a_user_mapped_to_whoever_is_checked_in(
     assert doctor.post("/today/map-user", map_form(doctor, 3, "", whose="checked-in")).status == 303
     today = doctor.get("/today").body
     mapped = re.search(r'<p [^>]*data-mapped-user="3"[^>]*>(.*?)</p>', today, re.S)
-    assert mapped and "当前就诊的患者" in mapped.group(1), today[:4000]
+    assert mapped and "每次测量时登记的患者" in mapped.group(1), today[:4000]
     assert 'data-map-user="3"' not in today and 'data-map-user="2"' in today  # user 2: nobody said yet
 
 
