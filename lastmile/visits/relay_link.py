@@ -13,7 +13,7 @@ import logging
 import math
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,29 +30,48 @@ log = logging.getLogger(__name__)
 DB_NAME = "visits.db"  # lastmile.visits.book.DB_NAME (a test keeps the two the same)
 
 
-def _patients_with_open_visits(db_path: Path) -> frozenset[str]:
+def _read_visits(db_path: Path, sql: str, params: Sequence[str] = ()) -> list[tuple]:
+    """Rows of a read-only query of visits.db; none when there is no visits.db or it is not
+    migrated yet (no visit was ever started)."""
     if not db_path.exists():
-        return frozenset()
+        return []
     try:
         conn = sqlite3.connect(f"{db_path.as_uri()}?mode=ro", uri=True, timeout=15.0)
     except sqlite3.Error:
-        return frozenset()
+        return []
     try:
-        rows = conn.execute("SELECT patient_id FROM visits WHERE state = 'open'").fetchall()
+        return conn.execute(sql, params).fetchall()
     except sqlite3.Error:  # not migrated yet: no visit was ever started
-        return frozenset()
+        return []
     finally:
         conn.close()
-    return frozenset(str(row[0]) for row in rows)
+
+
+def _patients_with_open_visits(db_path: Path) -> frozenset[str]:
+    return frozenset(str(row[0]) for row in _read_visits(db_path, "SELECT patient_id FROM visits WHERE state = 'open'"))
+
+
+def _visit_holding(db_path: Path, outbox_key: str) -> str | None:
+    """The visit a reading (by its outbox key) is linked to already: a relay cut short between the
+    link and the reading's mark relays it again, maybe after the visit closed."""
+    rows = _read_visits(
+        db_path, "SELECT visit_id FROM visit_items WHERE kind = 'observation' AND item_key = ? LIMIT 1", [outbox_key]
+    )
+    return str(rows[0][0]) if rows else None
 
 
 def visit_link(data_dir: Path, gateway_id: str, damaged_said: set[str]) -> Callable[[Observation, str], str | None]:
     """For one relay round: links a reading to the open visit of its patient if it was taken
-    during it (the visit's bundle then carries it, with its Encounter), else None.
+    during it (the visit's bundle then carries it, with its Encounter), else None. A reading
+    linked already (a relay cut short before its mark) stays its visit's: sent with it, or on its
+    own once if the visit is never sent (VisitBook.release_unsent), never both.
     `damaged_said`: the damaged open visits already said (the caller keeps it across rounds)."""
     open_for: list[frozenset[str]] = []  # read once per relay round (one link per round), at first use
 
     def link(obs: Observation, outbox_key: str) -> str | None:
+        linked = _visit_holding(data_dir / DB_NAME, outbox_key)
+        if linked is not None:
+            return linked
         if not open_for:
             open_for.append(_patients_with_open_visits(data_dir / DB_NAME))
         if obs.patient_id is None or obs.patient_id not in open_for[0]:
