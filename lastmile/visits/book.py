@@ -211,6 +211,9 @@ class Visit:
     fhir_queued: bool = False
     fhir_fault: str | None = None  # why it can never be sent to the county platform
     row_damaged: bool = False  # its row could not be read: stamps and fixes are placeholders
+    # its readings sent to the county platform on their own, not with it (it was never to be sent
+    # as it was: release_unsent): the doctor sees them where she looks at visits, not in the journal
+    readings_sent_alone: int = 0
 
     @property
     def recorded_again(self) -> bool:
@@ -240,6 +243,7 @@ class Visit:
             "chain_seq": self.chain_seq,
             "fhir_queued": self.fhir_queued,
             "fhir_fault": self.fhir_fault,
+            "readings_sent_alone": self.readings_sent_alone,
         }
 
 
@@ -754,6 +758,10 @@ class VisitBook:
             }
             fault = fault or fault_text(exc)
         chain = list(self.db.query("SELECT seq FROM chain WHERE visit_id = ?", [row["id"]]))
+        (alone,) = self.db.execute(
+            "SELECT COUNT(*) FROM visit_items WHERE visit_id = ? AND kind = 'observation' AND released_at IS NOT NULL",
+            [row["id"]],
+        ).fetchone()
         return Visit(
             id=row["id"],
             doctor_id=row["doctor_id"],
@@ -765,6 +773,7 @@ class VisitBook:
             chain_seq=chain[0]["seq"] if chain else None,
             fhir_queued=bool(row["fhir_queued_at"]),
             fhir_fault=fault,
+            readings_sent_alone=int(alone),
             **decoded,
         )
 
