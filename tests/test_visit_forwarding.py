@@ -23,6 +23,7 @@ from lastmile.config import Config
 from lastmile.data_dir import read_only
 from lastmile.services.forward import ForwardService
 from lastmile.visits.book import Visit, VisitBook, VisitPolicy
+from lastmile.visits.relay_link import VisitNotices
 from tests.fhir_samples import NAMING
 from tests.fhir_server import FhirTestServer
 from tests.peers import free_port
@@ -800,7 +801,9 @@ def relay_a_cuff_reading(data: Path, outbox: Outbox, at: dt.datetime) -> None:
     try:
         store.context.set_patient("P-1", "Wang^Fang", now=at)
         assert store.record(blood_pressure(at, None, "bp-1"), now=at).outcome == "stored"
-        assert relay_observations(outbox, NAMING, at.timestamp(), visit_link=visit_link(data, "gw-1", set())) == 1
+        assert (
+            relay_observations(outbox, NAMING, at.timestamp(), visit_link=visit_link(data, "gw-1", VisitNotices())) == 1
+        )
     finally:
         store.close()
 
@@ -832,10 +835,10 @@ def test_a_damaged_open_visit_is_warned_of_once_not_at_each_reading(
     with VisitBook.open(data, gateway_id="gw-1") as book:
         visit = book.start("P-1", doctor_id="DR-1")
         damage_open_row(book, visit.id)
-    said: set[str] = set()  # kept by the forward service across its rounds
+    said = VisitNotices()  # kept by the forward service across its rounds
     with caplog.at_level(logging.WARNING):
         for key in ("ecg:1", "ecg:2"):  # a book per reading, as the relay's visit_link opens it
-            with VisitBook.open(data, gateway_id="gw-1", damaged_said=said) as book:
+            with VisitBook.open(data, gateway_id="gw-1", notices=said) as book:
                 assert book.attach_ecg(key, "P-1") is None
     assert len([r for r in caplog.records if visit.id in r.getMessage()]) == 1
 
@@ -1058,7 +1061,7 @@ def link_a_reading_then_lose_power(data: Path, at: dt.datetime) -> None:
     from lastmile.visits.relay_link import visit_link
     from tests.fhir_samples import blood_pressure
 
-    link = visit_link(data, "gw-1", set())
+    link = visit_link(data, "gw-1", VisitNotices())
 
     def link_then_cut(obs: object, key: str) -> str | None:
         link(obs, key)  # type: ignore[arg-type]

@@ -177,7 +177,7 @@ def stop(args: argparse.Namespace) -> int:
             _queue_closed(config, book)
             return _fail(exc)
         flags = ", ".join(visit.flags) or "none"
-        key_damaged = not visit.chain_seq and book.key_fault.damaged  # its time is known: the key failed
+        key_damaged = not visit.chain_seq and book.notices.key_damaged  # its time is known: the key failed
         if visit.chain_seq:
             signed = f"chain record {visit.chain_seq}"
         elif key_damaged:
