@@ -13,13 +13,17 @@ from lastmile.visits import record, relay_link
 from lastmile.visits.book import VisitBook
 from uploader import fhir_bundle
 
-# the book's methods that read a stored visit, make its bundle and sign it: read as source, by
-# name (the test hashes their text; it calls none of them)
-BOOK_BUNDLE_CODE = tuple(getattr(VisitBook, name) for name in ("_stored_for_bundle", "_bundle", "_chain"))
+# the book's methods that read a stored visit (`observations`: which readings its bundle carries),
+# make its bundle and sign it: read as source, by name (the test hashes their text; it calls none)
+BOOK_BUNDLE_CODE = tuple(
+    getattr(VisitBook, name) for name in ("_stored_for_bundle", "observations", "_bundle", "_chain")
+)
 
 # generation -> sha256 of the bundle code (`bundle_code_digest`) it was set to; 1 recorded again
-# when lastmile.visits.record joined the digest (no bundle code changed: same generation)
-BUNDLE_CODE_DIGESTS = {1: "fcd0b8c43d3aec5b52652e52e4203c70f992531f0ec44f56c0d8738a78da9c3a"}
+# when lastmile.visits.record joined the digest (no bundle code changed: same generation), and again
+# when VisitBook.observations joined it (released readings left out: no visit set aside before
+# then had a reading released when it is retried, so none is built differently: same generation)
+BUNDLE_CODE_DIGESTS = {1: "c93859cc41a0483f1b5fe9ec6392d8ac2b76cee7eda6c7b09ea82640f7488f62"}
 
 
 def bundle_code_digest() -> str:

@@ -23,6 +23,7 @@ from lastmile.config import Config
 from lastmile.data_dir import read_only
 from lastmile.services.forward import ForwardService
 from lastmile.visits.book import Visit, VisitBook, VisitPolicy
+from lastmile.visits.relay_link import VisitNotices
 from tests.fhir_samples import NAMING
 from tests.fhir_server import FhirTestServer
 from tests.peers import free_port
@@ -800,7 +801,9 @@ def relay_a_cuff_reading(data: Path, outbox: Outbox, at: dt.datetime) -> None:
     try:
         store.context.set_patient("P-1", "Wang^Fang", now=at)
         assert store.record(blood_pressure(at, None, "bp-1"), now=at).outcome == "stored"
-        assert relay_observations(outbox, NAMING, at.timestamp(), visit_link=visit_link(data, "gw-1", set())) == 1
+        assert (
+            relay_observations(outbox, NAMING, at.timestamp(), visit_link=visit_link(data, "gw-1", VisitNotices())) == 1
+        )
     finally:
         store.close()
 
@@ -832,10 +835,10 @@ def test_a_damaged_open_visit_is_warned_of_once_not_at_each_reading(
     with VisitBook.open(data, gateway_id="gw-1") as book:
         visit = book.start("P-1", doctor_id="DR-1")
         damage_open_row(book, visit.id)
-    said: set[str] = set()  # kept by the forward service across its rounds
+    said = VisitNotices()  # kept by the forward service across its rounds
     with caplog.at_level(logging.WARNING):
         for key in ("ecg:1", "ecg:2"):  # a book per reading, as the relay's visit_link opens it
-            with VisitBook.open(data, gateway_id="gw-1", damaged_said=said) as book:
+            with VisitBook.open(data, gateway_id="gw-1", notices=said) as book:
                 assert book.attach_ecg(key, "P-1") is None
     assert len([r for r in caplog.records if visit.id in r.getMessage()]) == 1
 
@@ -1044,3 +1047,72 @@ def test_a_released_reading_whose_record_is_damaged_is_shown_in_the_queue_and_by
     assert [f.level for f in found] == [Level.WARN] and "1 quarantined" in found[0].message
     zh = advice_text(found[0], Localizer("zh-CN", local_zone()))
     assert zh and zh != advice_text(found[0], Localizer("en", local_zone())), zh
+
+
+class PowerCut(BaseException):
+    """The gateway losing power: nothing of the process's code runs after it (not an Exception)."""
+
+
+def link_a_reading_then_lose_power(data: Path, at: dt.datetime) -> None:
+    """P-1's cuff reading relayed during P-1's open visit: linked to it in visits.db, then the
+    power went before the outbox marked the reading done (the relay's two writes)."""
+    from lastmile.clinic.observations import ObservationStore
+    from lastmile.services.observation_relay import relay_observations
+    from lastmile.visits.relay_link import visit_link
+    from tests.fhir_samples import blood_pressure
+
+    link = visit_link(data, "gw-1", VisitNotices())
+
+    def link_then_cut(obs: object, key: str) -> str | None:
+        link(obs, key)  # type: ignore[arg-type]
+        raise PowerCut
+
+    with Outbox.open(data, min_free_bytes=0) as outbox:
+        store = ObservationStore.open(data, outbox=outbox, idle_timeout_s=900)
+        try:
+            store.context.set_patient("P-1", "Wang^Fang", now=at)
+            assert store.record(blood_pressure(at, None, "bp-1"), now=at).outcome == "stored"
+            with pytest.raises(PowerCut):
+                relay_observations(outbox, NAMING, at.timestamp(), visit_link=link_then_cut)
+        finally:
+            store.close()
+
+
+def reading_relayed(outbox: Outbox) -> bool:
+    from lastmile.clinic.observations import OBSERVATION_KIND
+    from uploader.outbox import ItemState
+
+    return [i.state for i in outbox.items(kind=OBSERVATION_KIND)] == [ItemState.COMMITTED]
+
+
+def test_a_reading_linked_to_a_visit_just_before_a_power_cut_is_sent_once_with_the_visit(
+    tmp_path: Path, platform: FhirTestServer
+) -> None:
+    """The relay linked a reading to the open visit, then the power went before the reading was
+    marked done; the doctor stopped the visit meanwhile (`visit stop` queued it, reading inside).
+    After the restart the relay found no open visit and queued the reading on its own as well:
+    the platform got it twice (only its conditional create hid it). It goes with the visit only.
+    One bundle per forward round: merging the two in one transaction would hide the fault."""
+    config = forward_config(tmp_path, platform.base_url)
+    config.fhir.batch_size = 1
+    at = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=1)  # taken during the visit
+    with VisitBook.open(config.data_dir, gateway_id="gw-1") as book:
+        visit = book.start("P-1", doctor_id="DR-1")
+    link_a_reading_then_lose_power(config.data_dir, at)
+    with (
+        VisitBook.open(config.data_dir, gateway_id="gw-1") as book,
+        Outbox.open(config.data_dir, min_free_bytes=0) as outbox,
+    ):
+        book.stop()
+        assert book.queue_closed(outbox, NAMING) == 1  # what `lastmile visit stop` does
+    service = ForwardService(config)
+    try:
+        step_until(service, lambda: visits_applied(platform) >= 1 and reading_relayed(service.outbox))
+        for _ in range(3):  # more rounds: a reading queued on its own would be sent by now
+            service.step(threading.Event())
+    finally:
+        service.close()
+    obs = one_panel_never_twice(platform)
+    assert "encounter" in obs and visits_applied(platform) == 1
+    with Outbox.open(config.data_dir, min_free_bytes=0) as outbox:
+        assert [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == [f"fhir:visit:{visit.id}"]

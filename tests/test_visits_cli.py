@@ -447,3 +447,55 @@ def test_an_open_visit_set_aside_for_a_damaged_note_is_refused_notes_and_stopped
         assert [v.recorded_again for v in book.visits() if v.id == first] == [True]
     capsys.readouterr()
     retry_all_sends_only_the_visit_recorded_again(run, capsys, tmp_path / "data", first)
+
+
+def a_visit_whose_reading_went_alone(data: Path) -> str:
+    """A visit set aside (its doctor blanked on the SD card) whose cuff reading the forward
+    service then sent to the county on its own. The visit's id."""
+    import datetime as dt
+
+    from lastmile.visits.relay_link import VisitQueue
+    from tests.fhir_samples import NAMING
+    from tests.test_visit_forwarding import link_a_reading_then_set_the_visit_aside
+    from uploader.outbox import Outbox
+
+    at = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=1)
+    visit_id = link_a_reading_then_set_the_visit_aside(data, at)
+    with Outbox.open(data, min_free_bytes=0) as outbox:
+        VisitQueue(data, "gw-1", monotonic=lambda: 1000.0).queue(outbox, NAMING)
+        assert [i.key.split(":")[1] for i in outbox.items(kind="fhir-bundle")] == ["obs"]
+    return visit_id
+
+
+def test_visit_list_says_how_many_readings_of_a_visit_went_without_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A visit set aside: its cuff reading went to the county on its own, which only the journal
+    said; the family doctor looking at her visits saw nothing. `visit list` (and its JSON) says
+    how many readings were sent without the visit."""
+    run = visit_cli(tmp_path)
+    visit_id = a_visit_whose_reading_went_alone(tmp_path / "data")
+    capsys.readouterr()
+    assert run("visit", "list") == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert "1 reading sent without the visit" in line, line
+    assert run("visit", "list", "--json") == 0
+    (listed,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert listed["visit_id"] == visit_id and listed["readings_sent_alone"] == 1
+
+
+def test_the_visits_page_says_in_chinese_how_many_readings_of_a_visit_went_without_it(tmp_path: Path) -> None:
+    """The same on the console's Visits page, where the family doctor reviews her visits on her
+    phone: in Chinese, on the visit's card."""
+    import html
+
+    from tests.console_harness import DOCTOR, Client, console_config, running_console
+
+    config = console_config(tmp_path / "data")
+    a_visit_whose_reading_went_alone(config.data_dir)
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        page = html.unescape(client.get("/visits").body)
+    (card,) = [li for li in page.split("<li ")[1:] if "P-1" in li]
+    assert "1 条测量结果未随本次随访发送，已单独发往县平台" in card, card

@@ -177,7 +177,7 @@ def stop(args: argparse.Namespace) -> int:
             _queue_closed(config, book)
             return _fail(exc)
         flags = ", ".join(visit.flags) or "none"
-        key_damaged = not visit.chain_seq and book.key_fault.damaged  # its time is known: the key failed
+        key_damaged = not visit.chain_seq and book.notices.key_damaged  # its time is known: the key failed
         if visit.chain_seq:
             signed = f"chain record {visit.chain_seq}"
         elif key_damaged:
@@ -256,8 +256,17 @@ def list_visits(args: argparse.Namespace) -> int:
         print(
             f"{when}  {v.state:6}  patient {v.patient_id:12} household {v.household_id or '-':10} "
             f"{dist:>8}  {', '.join(v.flags) or ('not checked' if v.recorded_again else 'ok')}{_damage_advice(v)}"
+            f"{_sent_alone(v)}"
         )
     return 0
+
+
+def _sent_alone(v: Visit) -> str:
+    """Its readings that went to the county platform on their own ("" when none did)."""
+    n = v.readings_sent_alone
+    if not n:
+        return ""
+    return f"  {n} reading{'s' if n != 1 else ''} sent without the visit"
 
 
 def _damage_advice(v: Visit) -> str:

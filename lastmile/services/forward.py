@@ -26,6 +26,7 @@ from lastmile.data_dir import open_outbox
 from lastmile.services.metered import meter_policy, meters
 from lastmile.services.process_tuning import GLIBC_MALLOC, MALLOC_ARENAS, MMAP_THRESHOLD, TRIM_EVERY_S
 from lastmile.services.runtime import FAULT, is_operational
+from lastmile.visits.relay_link import VisitNotices
 from uploader.dicom_association import PeerSettings
 from uploader.dicom_tls import TlsFiles
 from uploader.ecg_forwarder import EcgForwarder, ForwarderSettings
@@ -119,7 +120,8 @@ class ForwardService:
         # before the next round (claim takes only queued items: a claim left behind is never sent)
         self._unsettled = False
         self._visits: VisitQueue | None = None  # made at the first FHIR round
-        self._damaged_visits_said: set[str] = set()  # damaged open visits the relay said (once each)
+        # what the relay and the visit queue said once (a damaged key, a damaged open visit)
+        self._visit_notices = VisitNotices()
 
     def _make_ecg(self, config: Config) -> EcgForwarder:
         # the commitment listener also takes reports C-MOVEd to our AE (the PACS knows one port)
@@ -231,7 +233,7 @@ class ForwardService:
             from lastmile.visits.relay_link import visit_link
             from uploader.fhir_forwarder import forward_fhir_once
 
-            link = visit_link(self.config.data_dir, self.config.gateway.id, self._damaged_visits_said)
+            link = visit_link(self.config.data_dir, self.config.gateway.id, self._visit_notices)
             relay_observations(self.outbox, fhir_naming(self.config), time.time(), visit_link=link)
             self._queue_visits()
 
@@ -261,7 +263,7 @@ class ForwardService:
         from lastmile.visits.relay_link import UNQUEUED_RETRY_S, VisitQueue
 
         if self._visits is None:
-            self._visits = VisitQueue(self.config.data_dir, self.config.gateway.id)
+            self._visits = VisitQueue(self.config.data_dir, self.config.gateway.id, notices=self._visit_notices)
         try:
             self._visits.queue(self.outbox, fhir_naming(self.config))
         except PASSING_FAULTS as exc:

@@ -82,6 +82,7 @@ from lastmile.visits.relay_link import (
     IS_STOPPED_DAMAGED,
     SET_ASIDE_SQL,
     STOPPED_DAMAGED,
+    VisitNotices,
     fault_generation,
     readings_to_release_sql,
 )
@@ -211,6 +212,9 @@ class Visit:
     fhir_queued: bool = False
     fhir_fault: str | None = None  # why it can never be sent to the county platform
     row_damaged: bool = False  # its row could not be read: stamps and fixes are placeholders
+    # its readings sent to the county platform on their own, not with it (it was never to be sent
+    # as it was: release_unsent): the doctor sees them where she looks at visits, not in the journal
+    readings_sent_alone: int = 0
 
     @property
     def recorded_again(self) -> bool:
@@ -240,6 +244,7 @@ class Visit:
             "chain_seq": self.chain_seq,
             "fhir_queued": self.fhir_queued,
             "fhir_fault": self.fhir_fault,
+            "readings_sent_alone": self.readings_sent_alone,
         }
 
 
@@ -338,32 +343,6 @@ class StoredVisit:
     signed_at: dt.datetime
 
 
-class KeyFaultNotice:
-    """Whether the damage of the signing key file was said. Kept by a caller that opens a book at
-    each try (the forward service's VisitQueue, every minute), so the journal (SD card) gets it
-    once per damage, not every minute all day; the file written or replaced again (its inode,
-    size or mtime changed) is a new damage, said again."""
-
-    def __init__(self) -> None:
-        self.damaged = False  # the key could not be loaded in this try (the caller resets it)
-        self.said = False  # since the key last loaded
-        self.said_of: tuple[int, int, int] | None = None  # the file as it was when it was said
-
-    def first_of(self, path: Path) -> bool:
-        """The key at `path` failed to load: whether this damage was not said yet."""
-        try:
-            st = path.stat()
-            seen: tuple[int, int, int] | None = (st.st_ino, st.st_size, st.st_mtime_ns)
-        except OSError:
-            seen = None
-        first = not self.said or seen != self.said_of
-        self.damaged, self.said, self.said_of = True, True, seen
-        return first
-
-    def repaired(self) -> None:
-        self.damaged, self.said, self.said_of = False, False, None
-
-
 # --- the book -------------------------------------------------------------------------------------
 
 
@@ -375,8 +354,7 @@ class VisitBook:
         gateway_id: str,
         policy: VisitPolicy,
         clock: GatewayClock,
-        key_fault: KeyFaultNotice | None = None,
-        damaged_said: set[str] | None = None,
+        notices: VisitNotices | None = None,
     ) -> None:
         self.db = db
         self.data_dir = data_dir
@@ -385,11 +363,9 @@ class VisitBook:
         self.clock = clock
         self.register = HouseholdRegister(db)
         self._key: Ed25519PrivateKey | None = None
-        # a damaged key file: said once per damage, not at each fix nor at each book of a retry
-        self.key_fault = key_fault or KeyFaultNotice()
-        # the damaged open visits a reading found, said once each: a caller that opens a book per
-        # reading (the relay) keeps this set across them, the journal being on the SD card
-        self.damaged_said = damaged_said if damaged_said is not None else set()
+        # what was said once (a damaged key file, a damaged open visit): a caller that opens a book
+        # at each try or reading (the forward service) keeps it across them
+        self.notices = notices or VisitNotices()
         self._stale_fixes = 0  # in a row, for the log
         self._repaired = False  # provisional stamps repaired with this process's GPS time
         self._saved_anchor: Anchor | None = None  # as visits.db holds it for this boot
@@ -405,8 +381,7 @@ class VisitBook:
         gateway_id: str,
         policy: VisitPolicy | None = None,
         clock: GatewayClock | None = None,
-        key_fault: KeyFaultNotice | None = None,
-        damaged_said: set[str] | None = None,
+        notices: VisitNotices | None = None,
     ) -> VisitBook:
         data_dir = ensure_data_dir(data_dir)
         try:
@@ -418,7 +393,7 @@ class VisitBook:
                 if hasattr(exc, attr):
                     setattr(named, attr, getattr(exc, attr))
             raise named from exc
-        return cls(db, data_dir, gateway_id, policy or VisitPolicy(), clock or GatewayClock(), key_fault, damaged_said)
+        return cls(db, data_dir, gateway_id, policy or VisitPolicy(), clock or GatewayClock(), notices)
 
     def close(self) -> None:
         self.db.close()
@@ -442,13 +417,13 @@ class VisitBook:
         try:
             key = self.signing_key
         except SigningKeyError as exc:
-            (log.error if self.key_fault.first_of(self.data_dir / KEY_FILE) else log.debug)(
+            (log.error if self.notices.key_first_of(self.data_dir / KEY_FILE) else log.debug)(
                 "home visits cannot be signed nor sent to the county platform until the gateway's "
                 "signing key is repaired (restore it from its backup): %s",
                 exc,
             )
             return None
-        self.key_fault.repaired()
+        self.notices.key_repaired()
         return key
 
     # --- time ------------------------------------------------------------------------------------
@@ -754,6 +729,10 @@ class VisitBook:
             }
             fault = fault or fault_text(exc)
         chain = list(self.db.query("SELECT seq FROM chain WHERE visit_id = ?", [row["id"]]))
+        (alone,) = self.db.execute(
+            "SELECT COUNT(*) FROM visit_items WHERE visit_id = ? AND kind = 'observation' AND released_at IS NOT NULL",
+            [row["id"]],
+        ).fetchone()
         return Visit(
             id=row["id"],
             doctor_id=row["doctor_id"],
@@ -765,6 +744,7 @@ class VisitBook:
             chain_seq=chain[0]["seq"] if chain else None,
             fhir_queued=bool(row["fhir_queued_at"]),
             fhir_fault=fault,
+            readings_sent_alone=int(alone),
             **decoded,
         )
 
@@ -854,8 +834,7 @@ class VisitBook:
         try:
             return self._open_visit(row)
         except DamagedVisitError as damaged:
-            if row["id"] not in self.damaged_said:  # said once per visit, not at each reading
-                self.damaged_said.add(row["id"])
+            if self.notices.first_damaged(row["id"]):  # said once per visit, not at each reading
                 log.warning("%s; a reading of its patient is sent on its own", damaged)
             return None
 

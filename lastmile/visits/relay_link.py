@@ -13,7 +13,7 @@ import logging
 import math
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +21,6 @@ from devices.observation import Observation
 from lastmile.data_dir import columns_of, read_only
 
 if TYPE_CHECKING:
-    from lastmile.visits.book import KeyFaultNotice
     from uploader.fhir_bundle import FhirNaming
     from uploader.outbox import Outbox
 
@@ -30,29 +29,82 @@ log = logging.getLogger(__name__)
 DB_NAME = "visits.db"  # lastmile.visits.book.DB_NAME (a test keeps the two the same)
 
 
-def _patients_with_open_visits(db_path: Path) -> frozenset[str]:
+def _read_visits(db_path: Path, sql: str, params: Sequence[str] = ()) -> list[tuple]:
+    """Rows of a read-only query of visits.db; none when there is no visits.db or it is not
+    migrated yet (no visit was ever started)."""
     if not db_path.exists():
-        return frozenset()
+        return []
     try:
         conn = sqlite3.connect(f"{db_path.as_uri()}?mode=ro", uri=True, timeout=15.0)
     except sqlite3.Error:
-        return frozenset()
+        return []
     try:
-        rows = conn.execute("SELECT patient_id FROM visits WHERE state = 'open'").fetchall()
+        return conn.execute(sql, params).fetchall()
     except sqlite3.Error:  # not migrated yet: no visit was ever started
-        return frozenset()
+        return []
     finally:
         conn.close()
-    return frozenset(str(row[0]) for row in rows)
 
 
-def visit_link(data_dir: Path, gateway_id: str, damaged_said: set[str]) -> Callable[[Observation, str], str | None]:
+def _patients_with_open_visits(db_path: Path) -> frozenset[str]:
+    return frozenset(str(row[0]) for row in _read_visits(db_path, "SELECT patient_id FROM visits WHERE state = 'open'"))
+
+
+def _visit_holding(db_path: Path, outbox_key: str) -> str | None:
+    """The visit a reading (by its outbox key) is linked to already: a relay cut short between the
+    link and the reading's mark relays it again, maybe after the visit closed."""
+    rows = _read_visits(
+        db_path, "SELECT visit_id FROM visit_items WHERE kind = 'observation' AND item_key = ? LIMIT 1", [outbox_key]
+    )
+    return str(rows[0][0]) if rows else None
+
+
+class VisitNotices:
+    """What was said once to the journal (on the SD card) about visits, kept by a caller that
+    opens a book at each try or reading (the forward service: its VisitQueue every minute, its
+    relay at each reading), so that it is said once, not every minute all day: the damage of the
+    signing key file (once per damage: the file written or replaced again - its inode, size or
+    mtime changed - is a new damage), and each damaged open visit a reading found."""
+
+    def __init__(self) -> None:
+        self.key_damaged = False  # the key could not be loaded in this try (the caller resets it)
+        self.key_said = False  # since the key last loaded
+        self.key_said_of: tuple[int, int, int] | None = None  # the file as it was when it was said
+        self.damaged_visits: set[str] = set()  # the damaged open visits said
+
+    def key_first_of(self, path: Path) -> bool:
+        """The key at `path` failed to load: whether this damage was not said yet."""
+        try:
+            st = path.stat()
+            seen: tuple[int, int, int] | None = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            seen = None
+        first = not self.key_said or seen != self.key_said_of
+        self.key_damaged, self.key_said, self.key_said_of = True, True, seen
+        return first
+
+    def key_repaired(self) -> None:
+        self.key_damaged, self.key_said, self.key_said_of = False, False, None
+
+    def first_damaged(self, visit_id: str) -> bool:
+        """The open visit `visit_id` is damaged: whether it was not said yet."""
+        first = visit_id not in self.damaged_visits
+        self.damaged_visits.add(visit_id)
+        return first
+
+
+def visit_link(data_dir: Path, gateway_id: str, notices: VisitNotices) -> Callable[[Observation, str], str | None]:
     """For one relay round: links a reading to the open visit of its patient if it was taken
-    during it (the visit's bundle then carries it, with its Encounter), else None.
-    `damaged_said`: the damaged open visits already said (the caller keeps it across rounds)."""
+    during it (the visit's bundle then carries it, with its Encounter), else None. A reading
+    linked already (a relay cut short before its mark) stays its visit's: sent with it, or on its
+    own once if the visit is never sent (VisitBook.release_unsent), never both.
+    `notices`: what was said already (the caller keeps it across rounds)."""
     open_for: list[frozenset[str]] = []  # read once per relay round (one link per round), at first use
 
     def link(obs: Observation, outbox_key: str) -> str | None:
+        linked = _visit_holding(data_dir / DB_NAME, outbox_key)
+        if linked is not None:
+            return linked
         if not open_for:
             open_for.append(_patients_with_open_visits(data_dir / DB_NAME))
         if obs.patient_id is None or obs.patient_id not in open_for[0]:
@@ -60,7 +112,7 @@ def visit_link(data_dir: Path, gateway_id: str, damaged_said: set[str]) -> Calla
         from lastmile.visits.book import VisitBook
 
         # the book checks again, in the transaction that links (the visit may have closed since)
-        with VisitBook.open(data_dir, gateway_id=gateway_id, damaged_said=damaged_said) as book:
+        with VisitBook.open(data_dir, gateway_id=gateway_id, notices=notices) as book:
             return book.attach_observation(obs, outbox_key=outbox_key, taken_during=True)
 
     return link
@@ -166,7 +218,14 @@ class VisitQueue:
     changed (even a read-only look writes SQLite's shared-memory file on the SD card), and the
     book (signing code, ~8 MB) opened only when a closed visit waits."""
 
-    def __init__(self, data_dir: Path, gateway_id: str, *, monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        gateway_id: str,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        notices: VisitNotices | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.gateway_id = gateway_id
         self._monotonic = monotonic
@@ -174,7 +233,7 @@ class VisitQueue:
         self._waiting: frozenset[str] = frozenset()  # what the last look left unqueued
         self._tried_at = -math.inf
         self._said_waiting: frozenset[str] = frozenset()  # what "wait for a known time" last said
-        self._key_fault: KeyFaultNotice | None = None  # kept across the books of each retry
+        self._notices = notices or VisitNotices()  # kept across the books of each retry
 
     def queue(self, outbox: Outbox, naming: FhirNaming) -> int:
         now = self._monotonic()
@@ -187,14 +246,12 @@ class VisitQueue:
         if not waiting or (waiting <= self._waiting and not retry_due):
             self._waiting = waiting
             return 0
-        from lastmile.visits.book import KeyFaultNotice, VisitBook
+        from lastmile.visits.book import VisitBook
 
-        if self._key_fault is None:
-            self._key_fault = KeyFaultNotice()
-        self._key_fault.damaged = False  # what this try finds (what was said is kept)
+        self._notices.key_damaged = False  # what this try finds (what was said is kept)
         # noted before trying: a visit that fails to queue is tried again in a minute, not each round
         self._waiting, self._tried_at = waiting, now
-        with VisitBook.open(self.data_dir, gateway_id=self.gateway_id, key_fault=self._key_fault) as book:
+        with VisitBook.open(self.data_dir, gateway_id=self.gateway_id, notices=self._notices) as book:
             queued = book.queue_closed(outbox, naming)
             # the files before what waits: a visit closed in between is seen changed next round
             before = file_state(self.data_dir)
@@ -207,7 +264,7 @@ class VisitQueue:
             log.info("%d closed home visit(s) queued for the county platform", queued)
         # the book said why when the key is the cause; otherwise said when what waits changes,
         # not at every retry (the journal is on the SD card)
-        if self._key_fault.damaged or not self._waiting:
+        if self._notices.key_damaged or not self._waiting:
             self._said_waiting = frozenset()
         elif self._waiting and self._waiting != self._said_waiting:
             log.info(
