@@ -688,3 +688,30 @@ def test_readings_held_in_memory_only_stay_a_doctor_fail_whatever_the_row_says(
     finally:
         r.close()
     assert ("FAIL", "memory-only") in found, found
+
+
+def test_readings_held_in_memory_only_stay_a_doctor_fail_after_the_monitor_reconnects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The doctor's memory-only FAIL needed the device's error to be newer than its last "seen":
+    the monitor unplugged and plugged in again while its readings were still held in memory
+    only, and the FAIL was gone though nothing was stored. Where the readings are is the fact:
+    it stays until they are stored or kept on disk."""
+    from lastmile.doctor import Doctor
+    from lastmile.services import serial_devices
+
+    monkeypatch.setattr(serial_devices, "RETRY_STORE_S", 0.5)
+    r, monitor = running_with_a_spill_file_too_small(tmp_path)
+    try:
+        monitor_prints_a_report_the_full_outbox_refuses(r, monitor, "held in memory only")
+        monitor.unplug()
+        wait_for(lambda: not r.registry.get("serial:monitor").connected)
+        monitor = PtyDevice(monitor.link_path)
+        wait_for(lambda: r.registry.get("serial:monitor").connected)
+        found = [(f.level.value, f.advice_key, f.message) for f in Doctor(r.config).check_devices()]
+        assert ("FAIL", "memory-only") in [f[:2] for f in found], found
+        r.outbox.min_free_bytes = 0  # room again: stored at the next retry, the FAIL ends
+        wait_for(lambda: not any(f.level.value == "FAIL" for f in Doctor(r.config).check_devices()))
+        assert len(r.outbox.items(kind="observation")) == 3
+    finally:
+        r.close()
