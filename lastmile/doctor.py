@@ -756,7 +756,7 @@ class Doctor:
         """Readings a serial monitor printed that the full outbox refused: kept in the spill file
         until there is room, and a FAIL until then (the monitor cannot print them again)."""
         from lastmile.clinic.devices import HeldReadings
-        from lastmile.services.serial_spill import ECG_SPILL_NAME, SPILL_NAME, waiting_readings
+        from lastmile.services.serial_spill import ECG_SPILL_NAME, MEMORY_ONLY, SPILL_NAME, waiting_readings
 
         free_space = "free space on the data partition (see the data line); the acquire service stores them within 30 s"
         found = []
@@ -772,17 +772,14 @@ class Doctor:
                         free_space,
                     )
                 )
-        # no spill file could be set aside (the partition was full at start), or they do not fit in it
-        in_memory = [
-            r
-            for r in self.device_records() or []
-            if not r.removed and failing_since_seen(r) and r.held_readings is HeldReadings.MEMORY
-        ]
+        # no spill file could be set aside (the partition was full at start), or they do not fit in
+        # it: the row's own status says so until they are stored (seen again or not since)
+        in_memory = [r for r in self.device_records() or [] if not r.removed and r.held_readings is HeldReadings.MEMORY]
         found += [
             Finding(
                 "devices",
                 Level.FAIL,
-                f"{r.name or r.address}: {r.last_error}",
+                f"{r.name or r.address}: readings wait for space on the data partition ({MEMORY_ONLY})",
                 free_space + "; do not switch the gateway off before they are stored",
                 advice_key="memory-only",
             )

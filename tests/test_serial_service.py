@@ -453,8 +453,10 @@ def test_a_card_scanned_for_the_checked_in_patient_keeps_their_name_and_stat(tmp
 TMPFS_GATEWAY = r"""
 import datetime as dt, json, os, signal, sys
 from pathlib import Path
+from lastmile.clinic.devices import DeviceRegistry, HeldReadings
 from lastmile.config import Config
 from lastmile.services.serial_devices import SerialService
+from lastmile.services.serial_spill import waiting_readings
 from tests.conftest import fill_to_the_last_block
 from tests.serial_pty import PtyDevice
 from tests.service_harness import VITALS_REPORT
@@ -481,7 +483,20 @@ def monitor_prints_a_refused_report(service, fill=False):
         fill_to_the_last_block(mnt / "filler")
     printed = (now + dt.timedelta(hours=1)).strftime("DATE %Y-%m-%d  TIME %H:%M:%S").encode()
     monitor.write(VITALS_REPORT.replace(b"DATE 2025-03-04  TIME 09:41:07", printed))
-    wait_for(lambda: sum(len(u.observations) for u in service.ctx.unstored.values()) == 3, timeout=60)
+    # the gateway's promise starts when it says where the readings are, not when memory holds
+    # them: in the spill file (read back from it), else on the device row (memory only)
+    if fill:
+        wait_for(lambda: waiting_readings(mnt / "data") == 3, timeout=60)
+    else:
+        wait_for(lambda: said_held_in_memory(3), timeout=60)
+
+def said_held_in_memory(count):
+    registry = DeviceRegistry.open(config.data_dir)
+    try:
+        row = registry.get("serial:monitor")
+    finally:
+        registry.close()
+    return row.held_readings is HeldReadings.MEMORY and f"{count} reading(s)" in row.last_error
 """
 
 # The gateway (a child process) reads a monitor's report on a partition full to its last block,
@@ -572,7 +587,6 @@ def test_spilled_readings_of_a_monitor_taken_out_of_the_configuration_are_stored
 NO_SPILL_SCRIPT = (
     TMPFS_GATEWAY
     + r"""
-from lastmile.clinic.devices import DeviceRegistry
 from lastmile.doctor import Doctor
 from lastmile.services.serial_spill import SPILL_NAME
 
@@ -674,3 +688,30 @@ def test_readings_held_in_memory_only_stay_a_doctor_fail_whatever_the_row_says(
     finally:
         r.close()
     assert ("FAIL", "memory-only") in found, found
+
+
+def test_readings_held_in_memory_only_stay_a_doctor_fail_after_the_monitor_reconnects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The doctor's memory-only FAIL needed the device's error to be newer than its last "seen":
+    the monitor unplugged and plugged in again while its readings were still held in memory
+    only, and the FAIL was gone though nothing was stored. Where the readings are is the fact:
+    it stays until they are stored or kept on disk."""
+    from lastmile.doctor import Doctor
+    from lastmile.services import serial_devices
+
+    monkeypatch.setattr(serial_devices, "RETRY_STORE_S", 0.5)
+    r, monitor = running_with_a_spill_file_too_small(tmp_path)
+    try:
+        monitor_prints_a_report_the_full_outbox_refuses(r, monitor, "held in memory only")
+        monitor.unplug()
+        wait_for(lambda: not r.registry.get("serial:monitor").connected)
+        monitor = PtyDevice(monitor.link_path)
+        wait_for(lambda: r.registry.get("serial:monitor").connected)
+        found = [(f.level.value, f.advice_key, f.message) for f in Doctor(r.config).check_devices()]
+        assert ("FAIL", "memory-only") in [f[:2] for f in found], found
+        r.outbox.min_free_bytes = 0  # room again: stored at the next retry, the FAIL ends
+        wait_for(lambda: not any(f.level.value == "FAIL" for f in Doctor(r.config).check_devices()))
+        assert len(r.outbox.items(kind="observation")) == 3
+    finally:
+        r.close()

@@ -54,7 +54,7 @@ class DeviceRecord:
     last_error_at: dt.datetime | None
     last_sequence: int | None
     removed: bool = False  # unpaired, or no longer configured: history, not a current device
-    held_readings: HeldReadings = HeldReadings.NONE  # of its last error
+    held_readings: HeldReadings = HeldReadings.NONE  # until they are stored, whatever its later errors
 
     def to_json(self) -> dict:
         out = {}
@@ -191,14 +191,14 @@ class DeviceRegistry:
         connected: bool | None = None,
         seen: bool = False,
         error: str | None = None,
-        held: HeldReadings = HeldReadings.NONE,
+        held: HeldReadings | None = None,
         identity: DeviceIdentity | None = None,
         reading: str | None = None,
         reading_at: dt.datetime | None = None,
         name: str | None = None,
     ) -> None:
         """Record what just happened to a device; only the given facts change (`held`: where
-        the readings `error` says wait are, kept with it)."""
+        the readings waiting for space are; it stays, whatever later errors say, until given again)."""
         address = normalise_address(address)
         sets: dict[str, object] = {"updated_at": iso(now)}
         if connected is not None:
@@ -210,6 +210,7 @@ class DeviceRegistry:
         if error is not None:
             sets["last_error"] = error
             sets["last_error_at"] = iso(now)
+        if held is not None:
             sets["held_readings"] = held.value
         if identity is not None:
             for f in ("manufacturer", "model", "serial", "software_version"):

@@ -62,7 +62,7 @@ from firmware_bridge.serial_link import (
     list_ports,
 )
 from lastmile import __version__
-from lastmile.clinic.devices import DeviceRegistry, HeldReadings, forwarded_name, serial_address
+from lastmile.clinic.devices import DeviceRegistry, HeldReadings, forwarded_name, normalise_address, serial_address
 from lastmile.clinic.observations import ObservationStore, summary
 from lastmile.clinic.patients import PatientContext
 from lastmile.config import (
@@ -86,6 +86,7 @@ ASCII_IDLE_FLUSH_S = 5.0  # a device quiet this long: finish (or reject) the rep
 TIME_SYNC_EVERY_S = 600.0
 ERROR_STATUS_EVERY_S = 5.0  # a port spewing garbage must not turn into a database write per frame
 RETRY_STORE_S = 30.0
+LOST_AT_STOP = "readings held in memory only (waiting for space) were lost when the gateway stopped"
 
 
 class RecordingRefused(Exception):
@@ -259,6 +260,20 @@ class SerialContext:
             log.warning("%s: %d streamed ECG(s) kept from before the restart wait for space", name, len(by_key))
             self.unstored.setdefault(name, Unstored()).recordings.update(by_key)
 
+    def settle_held_at_start(self) -> None:
+        """Each device row's held readings as this start finds them: those the spill files kept
+        wait again (on disk); those a previous run held in memory only are gone, and the row
+        says so instead of FAILing for readings no longer anywhere."""
+        waiting = {normalise_address(serial_address(name)) for name in self.unstored}
+        for record in self.registry.all():
+            if record.transport == "serial" and record.held_readings and record.address not in waiting:
+                lost = "" if record.held_readings is HeldReadings.DISK else LOST_AT_STOP
+                self.registry.update_status(
+                    record.address, now=self.now(), transport="serial", error=lost, held=HeldReadings.NONE
+                )
+        for name in self.unstored:
+            self._say_waiting(LinkSpec(name, PortMatch()))
+
     def _spill_changed(self, spec: LinkSpec) -> None:
         """The unstored observations changed: write them all to the spill file, and say so."""
         self.spill_kept = self.spill is not None and self.spill.save(
@@ -279,7 +294,7 @@ class SerialContext:
         waiting = [f"{len(held.observations)} reading(s)"] if held.observations else []
         waiting += [f"{len(held.recordings)} ECG(s)"] if held.recordings else []
         if not waiting:
-            self.status(spec, error="")
+            self.status(spec, error="", held=HeldReadings.NONE)
             return
         kept = (self.spill_kept or not held.observations) and (self.ecg_spill_kept or not held.recordings)
         where = KEPT_ON_DISK if kept else MEMORY_ONLY
@@ -675,6 +690,7 @@ class SerialService:
             ecg_spill=SpillFile(config.data_dir, ECG_SPILL_BYTES, ECG_SPILL_NAME),
         )
         ctx.load_spilled()
+        ctx.settle_held_at_start()
         service = cls(ctx, specs, owned=[store], **kwargs)  # type: ignore[arg-type]
         service.refused = refused_devices(config, bad)
         for name, reason in service.refused.items():
