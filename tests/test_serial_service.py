@@ -349,6 +349,20 @@ def test_a_streamed_ecg_a_full_disk_refused_survives_a_power_cut_and_arrives_onc
     assert not any(level == "FAIL" for level, _ in doctor), doctor
 
 
+def test_the_ecg_spill_file_takes_the_sd_card_only_where_a_bridge_can_stream_ecgs(tmp_path: Path, running) -> None:
+    """4 MB set aside for streamed ECGs a full disk refuses: not on a gateway with a monitor only."""
+    from lastmile.services.serial_spill import ECG_SPILL_NAME, SPILL_NAME
+
+    monitor = PtyDevice(tmp_path / "usb-monitor")
+    r = running([{"name": "monitor", "match": str(monitor.link_path), "profile": "example-vitals-monitor"}])
+    data = Path(r.config.data_dir)
+    assert (data / SPILL_NAME).exists() and not (data / ECG_SPILL_NAME).exists()
+    r.close()
+    bridge = PtyDevice(tmp_path / "usb-bridge")
+    r = running([{"name": "bridge", "match": str(bridge.link_path), "profile": "bridge"}])
+    assert (data / ECG_SPILL_NAME).exists()
+
+
 def test_ascii_monitor_and_forwarding_bridge(tmp_path: Path, running) -> None:
     monitor = PtyDevice(tmp_path / "usb-monitor")
     bridge = PtyDevice(tmp_path / "usb-bridge")

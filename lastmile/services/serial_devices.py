@@ -687,7 +687,10 @@ class SerialService:
             profiles=profiles,
             rules=rules,
             spill=SpillFile(config.data_dir),  # allocated now, while the partition has room
-            ecg_spill=SpillFile(config.data_dir, ECG_SPILL_BYTES, ECG_SPILL_NAME),
+            # 4 MB of the SD card only where ECGs can stream in (a bridge), or one left ECGs in it
+            ecg_spill=SpillFile(config.data_dir, ECG_SPILL_BYTES, ECG_SPILL_NAME)
+            if any(spec.profile == "bridge" for spec in specs) or (Path(config.data_dir) / ECG_SPILL_NAME).exists()
+            else None,
         )
         ctx.load_spilled()
         ctx.settle_held_at_start()
