@@ -110,9 +110,20 @@ def by(kind: str) -> str:
 
 
 def wait_for(driver: object, condition: object, timeout: float = WAIT_S) -> object:
+    """Poll `condition(driver)` until it is truthy. A page replaced while it is polled (a form sent,
+    its redirect) can leave it holding an element of the old page: that is "not yet", as a missing
+    element is, so the next poll finds the element again on the new page."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(condition)
+    not_yet = (NoSuchElementException, StaleElementReferenceException)
+    return WebDriverWait(driver, timeout, poll_frequency=0.2, ignored_exceptions=not_yet).until(condition)
+
+
+def choose_language(driver: object, code: str) -> None:
+    """Press the header's language button for `code` and wait for the page it leads to, in `code`."""
+    driver.find_element(by("css"), f"button[name='language'][value='{code}']").click()  # type: ignore[attr-defined]
+    wait_for(driver, lambda d: d.find_element(by("css"), "html").get_attribute("lang") == code)
 
 
 def text_in(driver: object, css: str, text: str, timeout: float = WAIT_S) -> None:

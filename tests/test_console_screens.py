@@ -21,7 +21,17 @@ from lastmile.demo.cardiologist import StudyToRead, ecg_report_sr, part10
 from lastmile.reports.store import ReportStore, SentStudy
 from lastmile.visits.book import FixRecord, VisitBook, VisitPolicy
 from tests.conftest import REPO, on_private_tmpfs
-from tests.console_browser import WAIT_S, by, log_in, on_page, save_screenshot, set_viewport, text_in, wait_for
+from tests.console_browser import (
+    WAIT_S,
+    by,
+    choose_language,
+    log_in,
+    on_page,
+    save_screenshot,
+    set_viewport,
+    text_in,
+    wait_for,
+)
 from tests.console_harness import (
     ADMIN,
     DOCTOR,
@@ -260,8 +270,7 @@ def test_the_page_menu_is_one_row_or_two_even_rows_on_a_phone(browser: object, t
     with running_console(console_config(tmp_path / "data")) as server:
         log_in(browser, server)
         if language == "en":
-            browser.find_element(by("css"), "button[name='language'][value='en']").click()  # type: ignore[attr-defined]
-            wait_for(browser, lambda d: d.find_element(by("css"), "html").get_attribute("lang") == "en")
+            choose_language(browser, "en")
         for text_size in (100, 115, 130):
             for width in (320, 360, 390, 412):
                 set_viewport(browser, (width, 844))
@@ -288,8 +297,7 @@ def test_the_page_menu_sits_in_the_header_row_on_a_tablet_or_pc(browser: object,
     with running_console(console_config(tmp_path / "data")) as server:
         log_in(browser, server)
         if language == "en":
-            browser.find_element(by("css"), "button[name='language'][value='en']").click()  # type: ignore[attr-defined]
-            wait_for(browser, lambda d: d.find_element(by("css"), "html").get_attribute("lang") == "en")
+            choose_language(browser, "en")
         for width in (1024, 1280):
             set_viewport(browser, (width, 800))
             browser.get(server.url + "/visits")  # type: ignore[attr-defined]
@@ -301,6 +309,24 @@ def test_the_page_menu_sits_in_the_header_row_on_a_tablet_or_pc(browser: object,
             )
             assert abs(nav - brand) <= 2, f"{language} at {width} px: the menu's middle {nav}, the name's {brand}"
             assert len(menu_rows(browser)) == 1, f"{language} at {width} px: the menu on two rows"
+
+
+def test_a_wait_outlives_the_page_it_began_on(browser: object, tmp_path: Path) -> None:
+    """A wait that polls a page while it is replaced (a form sent, its redirect) can find an element
+    on the old page and read it on the new one: Selenium's StaleElementReferenceException. That means
+    "not yet", not a failure: the menu test above failed so once, its language switch on a busy machine."""
+    with running_console(console_config(tmp_path / "data")) as server:
+        log_in(browser, server)
+        replaced: list[str] = []
+
+        def language_read_across_a_reload(d: object) -> str:
+            html = d.find_element(by("css"), "html")  # type: ignore[attr-defined]
+            if not replaced:  # the first poll: the page is replaced between finding and reading
+                replaced.append("once")
+                d.get(server.url + "/visits")  # type: ignore[attr-defined]
+            return html.get_attribute("lang")  # type: ignore[no-any-return]
+
+        assert wait_for(browser, language_read_across_a_reload) == "zh-CN"
 
 
 def test_a_form_sent_after_the_login_expired_says_so_and_leads_to_the_login(browser: object, tmp_path: Path) -> None:
