@@ -75,7 +75,7 @@ def report_view(report: StoredReport, study: SentStudy | None, current_id: int |
         received_at=report.received_at,
         status=status,
         critical=bool(report.critical),
-        reading_doctor=report.observer if report.source == "fhir" else person_name(report.observer),
+        reading_doctor=person_name(report.observer) if report.observer_is_pn else report.observer,
         text=report.text,
         has_pdf=report.document_type == PDF_TYPE,
         quality_verdict=study.quality_verdict if study else "",

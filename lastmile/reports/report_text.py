@@ -37,19 +37,20 @@ def display_name(pn: str) -> str:
 
     def one(group: str) -> str:
         parts = [p.strip() for p in group.split("^")[:3] if p.strip()]  # family, given, middle
-        if any(_cjk(p) for p in parts):  # CJK: family name first, no space
+        if any(is_cjk(p) for p in parts):  # CJK: family name first, no space
             return "".join(parts)
         return " ".join(parts)
 
     names = [one(g) for g in groups]
-    cjk = [n for n in names if _cjk(n)]
+    cjk = [n for n in names if is_cjk(n)]
     latin = [n for n in names if n not in cjk]
     if cjk and latin:
         return f"{cjk[0]} ({latin[0]})"
     return names[0]
 
 
-def _cjk(text: str) -> bool:
+def is_cjk(text: str) -> bool:
+    """Any character from the CJK blocks on (U+2E80): a Chinese name, not a pinyin one."""
     return any(ord(ch) > 0x2E7F for ch in text)
 
 

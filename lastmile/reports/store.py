@@ -26,14 +26,14 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import sqlite_utils
 
 from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
-from lastmile.reports.report_text import English, display_name, report_text
+from lastmile.reports.report_text import English, display_name, is_cjk, report_text
 from lastmile.reports.unread_critical import UNACKNOWLEDGED_CRITICAL
 from uploader.report_lines import PERSON_NAME, LineKind, ReportLine
 
@@ -105,10 +105,15 @@ class StoredReport:
         return self.superseded_by is None
 
     @property
+    def observer_is_pn(self) -> bool:
+        """A DICOM report's reading doctor is a person name (PN); a FHIR report's is free text."""
+        return self.source != "fhir"
+
+    @property
     def reading_doctor(self) -> str:
         """Who read it, as people write the name: a DICOM report's PN by its parts (陈静 (Chen
         Jing)), a FHIR report's free text as the platform wrote it."""
-        return self.observer if self.source == "fhir" else display_name(self.observer)
+        return display_name(self.observer) if self.observer_is_pn else self.observer
 
     @property
     def needs_acknowledgement(self) -> bool:
@@ -184,32 +189,30 @@ def _spaced_pn_as_components(spaced: str) -> str:
     def group(text: str) -> str:
         runs = text.split()
         joined = "".join(runs)
-        if len(runs) == 2 and len(joined) <= OLD_CJK_NAME_MAX and all(ord(ch) > 0x2E7F for ch in joined):
+        if len(runs) == 2 and len(joined) <= OLD_CJK_NAME_MAX and all(is_cjk(ch) for ch in joined):
             return "^".join(runs)
         return text.strip()
 
     return "=".join(group(g) for g in spaced.split("="))
 
 
-def _spaced_pn_lines(stored: str) -> str:
-    """The stored report lines with their PN values (the reading doctor, PNAME items) as components."""
-    lines = json.loads(stored)
+def _spaced_pn_lines(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Stored report lines (parsed) with their PN values (the reading doctor, PNAME items) as components."""
     for line in lines:
         if line.get("kind") == "read-by":  # a DICOM report's reading doctor is a PN (code PERSON_NAME)
             line["name"] = _spaced_pn_as_components(line.get("name", ""))
             line["code"] = PERSON_NAME
         elif line.get("kind") == "item" and line.get("code") == "PNAME" and line.get("value"):
             line["value"] = _spaced_pn_as_components(line["value"])
-    return json.dumps(lines, ensure_ascii=False)
+    return lines
 
 
 def _report(row: sqlite3.Row) -> StoredReport:
     # DICOM reports only: a FHIR report's reading doctor is free text, shown as the platform wrote it
-    spaced = bool(row["names_spaced"]) and row["kind"] != "fhir"
-    observer, patient_name, lines = row["observer"] or "", row["patient_name"] or "", row["lines"]
+    spaced = bool(row["names_spaced"]) and row["source"] != "fhir"
+    observer, patient_name = row["observer"] or "", row["patient_name"] or ""
     if spaced:
         observer, patient_name = _spaced_pn_as_components(observer), _spaced_pn_as_components(patient_name)
-        lines = _spaced_pn_lines(lines) if lines else lines
     return StoredReport(
         id=row["id"],
         study_uid=row["study_uid"],
@@ -234,17 +237,20 @@ def _report(row: sqlite3.Row) -> StoredReport:
         received_at=from_iso(row["received_at"]) or dt.datetime.fromtimestamp(0, dt.timezone.utc),
         impressions=tuple(json.loads(row["impressions"])) if row["impressions"] else (),
         findings=tuple(json.loads(row["findings"])) if row["findings"] else (),
-        lines=_lines(lines),
+        lines=_lines(row["lines"], _spaced_pn_lines if spaced else None),
     )
 
 
-def _lines(stored: str | None) -> tuple[ReportLine, ...] | None:
-    """Stored lines, or None (the English text is shown) when there are none or this version
-    cannot read them (a newer gateway's line kind after a downgrade)."""
+def _lines(
+    stored: str | None, mend: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None
+) -> tuple[ReportLine, ...] | None:
+    """Stored lines (`mend`ed as parsed: an old row's names), or None (the English text is shown)
+    when there are none or this version cannot read them (a newer gateway's line kind after a downgrade)."""
     if not stored:
         return None
     try:
-        return tuple(ReportLine.from_json(x) for x in json.loads(stored))
+        parsed = json.loads(stored)
+        return tuple(ReportLine.from_json(x) for x in (mend(parsed) if mend else parsed))
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
 
