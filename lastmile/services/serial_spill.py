@@ -24,19 +24,16 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import datetime as dt
+import dataclasses
 import hashlib
 import json
 import logging
 import os
-import zlib
 from pathlib import Path
 from typing import BinaryIO
 
-import numpy as np
-
-from devices.ecg.recording import EcgRecording, SampleGap
-from devices.identity import DeviceIdentity, TimeSource
+from devices.ecg.npz import read_npz, write_npz
+from devices.ecg.recording import EcgRecording
 from devices.observation import Observation
 from lastmile.clinic.observations import observation_from_json, observation_to_json
 from uploader.payload_files import fsync_dir
@@ -60,41 +57,18 @@ SpilledRecordings = dict[str, dict[str, EcgRecording]]  # device name -> outbox 
 
 
 def recording_to_json(key: str, recording: EcgRecording) -> dict:
-    """A streamed ECG held for space (it names no patient yet: that is decided when it is stored)."""
-    samples = np.ascontiguousarray(recording.samples, dtype="<i2")
+    """A streamed ECG held for space (it names no patient yet: that is decided when it is stored),
+    in the .npz layout devices.ecg.npz reads back whole (deflated: the file holds ~25 ECGs)."""
     return {
         "key": key,
-        "samples": base64.b64encode(zlib.compress(samples.tobytes())).decode(),
-        "shape": list(samples.shape),
-        "lead_names": list(recording.lead_names),
-        "sampling_rate_hz": recording.sampling_rate_hz,
-        "uv_per_unit": recording.uv_per_unit,
-        "acquired_at": recording.acquired_at.isoformat(),
-        "time_source": recording.time_source.value,
-        "device": {name: getattr(recording.device, name) for name in DeviceIdentity.__dataclass_fields__},
+        "npz": base64.b64encode(write_npz(recording)).decode(),
         "source_format": recording.source_format,
-        "gaps": [[g.start, g.missing] for g in recording.gaps],
-        "stat": recording.stat,
-        "flags": list(recording.flags),
     }
 
 
 def recording_from_json(data: dict) -> tuple[str, EcgRecording]:
-    raw = zlib.decompress(base64.b64decode(data["samples"]))
-    samples = np.frombuffer(raw, dtype="<i2").reshape(data["shape"]).astype(np.int16)
-    return data["key"], EcgRecording(
-        samples=samples,
-        lead_names=tuple(data["lead_names"]),
-        sampling_rate_hz=data["sampling_rate_hz"],
-        uv_per_unit=data["uv_per_unit"],
-        acquired_at=dt.datetime.fromisoformat(data["acquired_at"]),
-        time_source=TimeSource(data["time_source"]),
-        device=DeviceIdentity(**data["device"]),
-        source_format=data["source_format"],
-        gaps=tuple(SampleGap(start, missing) for start, missing in data["gaps"]),
-        stat=data["stat"],
-        flags=tuple(data["flags"]),
-    )
+    recording = read_npz(base64.b64decode(data["npz"]))
+    return data["key"], dataclasses.replace(recording, source_format=data["source_format"])
 
 
 def _slot_header(f: BinaryIO, offset: int) -> tuple[int, int, bytes] | None:
