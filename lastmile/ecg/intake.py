@@ -38,7 +38,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from devices.ecg.quality import RE_RECORD, EcgQualityError, QualityReport, check_quality
 from devices.ecg.recording import EcgRecording
-from devices.identity import InvalidPatientIdError, Patient
+from devices.identity import DEVICE_CLOCK_BACKWARDS, InvalidPatientIdError, Patient
 from lastmile.clinic.names import dicom_person_name
 from lastmile.clinic.patient_ids import clinic_patient as clinic_patient  # re-exported: the commands' import
 from lastmile.clinic.patient_ids import kept_patient_id
@@ -578,7 +578,8 @@ class ForwardedObject:
     described: dict = dataclasses.field(default_factory=dict)  # acquired_at, device: item meta
 
 
-NEWEST_LOOKBACK_S = 90 * 86400  # how far back the outbox is read for a cart's newest ECG at start
+# how far back the outbox is read for a cart's newest ECG at start: as far as an older one counts as a clock gone back
+NEWEST_LOOKBACK_S = DEVICE_CLOCK_BACKWARDS.total_seconds()
 NEWEST_LOOKBACK_ITEMS = 5000  # and at most this many ECG items (a clinic records tens a day)
 
 

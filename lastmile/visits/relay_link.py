@@ -144,7 +144,9 @@ IS_STOPPED_DAMAGED = f"COALESCE(substr(fhir_fault, 1, {len(STOPPED_DAMAGED)}) = 
 # SQL condition: a closed visit set aside (never to be sent as it is), not queued, that `lastmile
 # visit retry` may try again once the cause is repaired (not one `stop` closed unread). Not the
 # open visit a repair pass set aside (a damaged note): it is to be stopped, not retried.
-SET_ASIDE_SQL = f"state = 'closed' AND fhir_fault IS NOT NULL AND fhir_queued_at IS NULL AND NOT {IS_STOPPED_DAMAGED}"
+# SQL condition: a closed visit never to be sent as it is (set aside, or stopped damaged), not queued
+NOT_SENT_AS_IS_SQL = "state = 'closed' AND fhir_fault IS NOT NULL AND fhir_queued_at IS NULL"
+SET_ASIDE_SQL = f"{NOT_SENT_AS_IS_SQL} AND NOT {IS_STOPPED_DAMAGED}"
 
 
 # A closed visit that could not be queued (signed only once a time is known: no GPS, no NTP yet)
@@ -167,7 +169,7 @@ def readings_to_release_sql(migrated: bool = True) -> str:
     (0007); before, every reading of such a visit waits."""
     unreleased = " AND released_at IS NULL" if migrated else ""
     return (
-        "SELECT id FROM visits WHERE state = 'closed' AND fhir_fault IS NOT NULL AND fhir_queued_at IS NULL "
+        f"SELECT id FROM visits WHERE {NOT_SENT_AS_IS_SQL} "
         f"AND EXISTS (SELECT 1 FROM visit_items WHERE visit_id = visits.id AND kind = 'observation'{unreleased})"
     )
 
