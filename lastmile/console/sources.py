@@ -599,12 +599,11 @@ class ClinicData:
         patient ID ("" for whoever is checked in)."""
         user_id = _device_user_number(user_text)
         patient = None if checked_in else checked_patient(patient_text, "", self.config)
-        try:
-            patient = self.store.device_users.map_patient(address, user_id, patient, context=self.context, now=now)
-        except ValueError:
+        if not is_bluetooth_address(address):
             raise ConsoleInputError(
                 N_("A Bluetooth address looks like AA:BB:CC:DD:EE:FF (it is on the device's label).")
-            ) from None
+            )
+        patient = self.store.device_users.map_patient(address, user_id, patient, context=self.context, now=now)
         patient_id = patient.patient_id if patient else ""
         target = normalise_address(address)
         self.audit.record(
