@@ -6,7 +6,8 @@ in merged transactions of up to `batch_size` bundles, and settles each item:
 - a transaction-response with a 2xx for every entry sent → sent and committed at once (it *is*
   the commitment); any other 2xx answer is a TransientError (`FhirSender`), never "sent";
 - the platform down or busy (no answer, a gateway's 502/503/504, 429: `Unavailable`) → the batch's
-  items back to the queue with backoff (Retry-After honoured), the rest of this round released
+  items back to the queue with backoff (Retry-After honoured; a batch the platform got and did not
+  answer in time, at least the client's timeout: it may still be applying it), the rest of this round released
   uncharged: don't hammer it. The round records when the platform failed so (`last_error_at`), even
   after it took others this round: what failed then waits for the platform, never "refused alone";
 - the platform refusing a merged batch (PermanentError, or any other TransientError: a 500, an
@@ -44,7 +45,7 @@ from uploader.fhir_bundle import (
     observation_bundle,
     observation_identifier,
 )
-from uploader.fhir_connection import Unavailable
+from uploader.fhir_connection import NoAnswer, NotConnected, Unavailable
 from uploader.fhir_sender import FhirSender
 from uploader.metering import Meter
 from uploader.outbox import ItemState, Kind, Outbox, OutboxItem, Priority
@@ -168,7 +169,7 @@ class _Round:
             refused = not isinstance(exc, Unavailable)  # the platform answered
             if len(batch) > 1 and refused and not self.unsplit:
                 return self.split(batch)  # maybe one bundle's, not its batch-mates'
-            self.fail([item for item, _ in batch], exc)
+            self.fail([item for item, _ in batch], exc, self._resend_after(exc))
             self.counts.errors.append(str(exc))
             self.said = self._after_failure(refused)
             self.retry_after = exc.retry_after
@@ -204,10 +205,20 @@ class _Round:
         # answer (a bundle too big for a flaky 2G link), a gateway's 5xx, a 429 right after an outage
         return _Said.UNAVAILABLE
 
-    def fail(self, items: Sequence[OutboxItem], exc: TransientError) -> None:
-        """Back to the queue with a backoff; the patients' later bundles wait for them."""
+    def _resend_after(self, exc: TransientError) -> float | None:
+        """At least how long before a failed batch goes again. One the platform got and did not
+        answer in time (a read timeout, a dropped connection; not one never connected) it may still
+        be applying: a copy sent after the short backoff piles up on it, each paid on a metered link
+        - it gets the client's timeout again first."""
+        if isinstance(exc, NoAnswer) and not isinstance(exc, NotConnected):
+            return max(exc.retry_after or 0.0, self.sender.settings.timeout_s)
+        return exc.retry_after
+
+    def fail(self, items: Sequence[OutboxItem], exc: TransientError, retry_after: float | None = None) -> None:
+        """Back to the queue with a backoff (at least `retry_after`, else the answer's Retry-After);
+        the patients' later bundles wait for them."""
         for item in items:
-            self.outbox.mark_transient_failure(item.id, str(exc), self.now, exc.retry_after)
+            self.outbox.mark_transient_failure(item.id, str(exc), self.now, retry_after or exc.retry_after)
             self._block(item)
         self.counts.transient += len(items)
 
