@@ -63,11 +63,19 @@ def encounter_identifiers(bundle: dict) -> list[str]:
 
 class FhirTestServer(FhirReceiver):
     def __init__(self, **kwargs: object) -> None:
-        super().__init__(validator=validate_transaction, **kwargs)  # type: ignore[arg-type]
+        super().__init__(validator=self.receive, **kwargs)  # type: ignore[arg-type]
+        # Encounter identifier -> how many valid transactions carrying it arrived, counted before any
+        # late answer ("timeout"): a copy the client gave up on counts while the server still works on it.
+        self.received: collections.Counter[str] = collections.Counter()
         # Encounter identifier -> how many transactions carrying it the server applied: a re-send
         # that conditional create absorbed is invisible in the stored resources, not here.
         self.applied: collections.Counter[str] = collections.Counter()
         self._applied_lock = threading.Lock()
+
+    def receive(self, bundle: dict) -> None:
+        validate_transaction(bundle)
+        with self._applied_lock:
+            self.received.update(encounter_identifiers(bundle))
 
     def apply_transaction(self, bundle: dict) -> dict:
         result = super().apply_transaction(bundle)

@@ -357,6 +357,31 @@ def test_a_platform_answering_500_to_everything_is_not_sent_each_bundle_alone(tm
     outbox.close()
 
 
+def test_a_batch_the_client_gave_up_on_is_not_sent_again_while_the_platform_may_still_apply_it(
+    tmp_path: Path,
+) -> None:
+    """A transaction outlasts the client's timeout: the platform still works on it when the batch
+    came due again after the short backoff, and got a copy each round (22 applications of one batch
+    under load, each paid on a metered link). After a read timeout it waits at least the timeout."""
+    from tests.waiting import wait_for
+
+    timeout_s = 2.0
+    outbox = Outbox.open(tmp_path / "data", min_free_bytes=0, backoff_base_s=0.5, backoff_max_s=0.5)
+    [visit_id] = queue_visits(outbox, range(1))
+    with FhirTestServer() as server, _sender(server, None, timeout_s=timeout_s) as sender:
+        server.timeout_delay_s = 2 * timeout_s
+        server.faults.append("timeout")
+        assert forward_fhir_once(outbox, sender, 2000.0).transient == 1  # no answer in time
+        for later in (0.5, 1.0, 1.5, timeout_s - 0.01):  # rounds within the hold
+            forward_fhir_once(outbox, sender, 2000.0 + later)
+        assert server.received[visit_id] == 1, server.received
+        wait_for(lambda: server.stats.transactions == 1, timeout=30)  # the copy it gave up on, applied late
+        assert forward_fhir_once(outbox, sender, 2000.0 + 60).sent == 1
+        assert server.identifiers("Encounter") == [visit_id]  # the re-send absorbed: delivered once
+    assert [i.key for i in outbox.items(state=ItemState.COMMITTED, kind=Kind.FHIR_BUNDLE)] == [f"fhir:visit:{visit_id}"]
+    outbox.close()
+
+
 _CHILD = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {repo!r})

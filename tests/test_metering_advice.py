@@ -984,3 +984,29 @@ def test_a_visit_record_refused_alone_in_the_first_round_after_an_upgrade_is_stu
     assert "all held" not in text, text
     snapshot = read_outbox(tmp_path, now, config=doctor(tmp_path, metered).config)
     assert snapshot is not None and snapshot.oldest_stuck_s.get(Kind.FHIR_BUNDLE, 0.0) >= 2 * DAY, snapshot
+
+
+def test_a_visit_record_answered_429_before_a_clean_round_is_not_said_refused_alone(tmp_path: Path) -> None:
+    """The county platform comes back busy: it takes the first visit record and answers the second
+    429 (busy, Retry-After). Once a clean round ran, that one was said refused alone - "the county
+    platform refuses this one visit record", stuck - though busy is about the platform, never the bundle."""
+    from lastmile.services.metered import refused_alone
+    from tests.fhir_server import FhirTestServer
+    from uploader.fhir_forwarder import forward_fhir_once
+    from uploader.fhir_sender import FhirSender, FhirSenderSettings
+
+    t0 = time.time()
+    with FhirTestServer() as server, FhirSender(FhirSenderSettings(base_url=server.base_url)) as sender:
+        server.retry_after_s = 600  # not due again in the next round
+        with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+            for n in range(3):
+                queue_visit(outbox, n, t0)
+            server.faults.extend(["", "429"])
+            assert forward_fhir_once(outbox, sender, t0, batch_size=1).transient == 1
+            queue_visit(outbox, 9, t0 + 1)
+            assert forward_fhir_once(outbox, sender, t0 + 1).sent == 1  # a clean round (the rest wait out the 429)
+            busy = next(i for i in outbox.items(state=ItemState.QUEUED, kind=Kind.FHIR_BUNDLE) if i.attempts)
+            assert "429" in (busy.last_error or "")
+            assert not refused_alone(busy, outbox)
+    text = render_text(queue_findings(doctor(tmp_path, "", now=lambda: t0 + DAY).check_queue()))
+    assert "refuses this one" not in text, text

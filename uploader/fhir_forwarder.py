@@ -6,9 +6,10 @@ in merged transactions of up to `batch_size` bundles, and settles each item:
 - a transaction-response with a 2xx for every entry sent → sent and committed at once (it *is*
   the commitment); any other 2xx answer is a TransientError (`FhirSender`), never "sent";
 - the platform down or busy (no answer, a gateway's 502/503/504, 429: `Unavailable`) → the batch's
-  items back to the queue with backoff (Retry-After honoured), the rest of this round released
-  uncharged: don't hammer it. If nothing this round got an answer, the round records when its link
-  failed (`last_error_at`): what failed then waits for the link, not for a refusal of its own;
+  items back to the queue with backoff (Retry-After honoured; a batch the platform got and did not
+  answer in time, at least the client's timeout: it may still be applying it), the rest of this round released
+  uncharged: don't hammer it. The round records when the platform failed so (`last_error_at`), even
+  after it took others this round: what failed then waits for the platform, never "refused alone";
 - the platform refusing a merged batch (PermanentError, or any other TransientError: a 500, an
   entry answered 5xx) → split in halves until the bundle at fault is alone, so one bundle does not
   hold its batch-mates; alone, it is quarantined with the server's OperationOutcome text (shown by
@@ -44,7 +45,7 @@ from uploader.fhir_bundle import (
     observation_bundle,
     observation_identifier,
 )
-from uploader.fhir_connection import NoAnswer, PlatformDown, Unavailable
+from uploader.fhir_connection import NoAnswer, NotConnected, Unavailable
 from uploader.fhir_sender import FhirSender
 from uploader.metering import Meter
 from uploader.outbox import ItemState, Kind, Outbox, OutboxItem, Priority
@@ -124,12 +125,12 @@ class _Said(enum.Enum):
     ANSWERED = "answered"  # it took or refused (for ever) a send: it is there
     REFUSED_ONE = "refused one"  # one bundle alone refused for now (a 500): the others go on
     REFUSES_ALL = "refuses all"  # a second refused for now: it refuses everything, don't hammer it
-    NOT_THERE = "not there"  # no answer, or a gateway's 502/503/504 before it answered: the link's failure
-    BUSY = "busy"  # 429, or a gateway's 5xx after it answered: wait, the link works
+    # no answer, a gateway's 502/503/504, a 429 (busy): the platform's failure, never the bundle's
+    UNAVAILABLE = "unavailable"
     FAULT = "fault"  # it refuses this gateway (token, TLS): `FhirRoundResult.fault`
 
 
-_STOPS = frozenset({_Said.REFUSES_ALL, _Said.NOT_THERE, _Said.BUSY, _Said.FAULT})
+_STOPS = frozenset({_Said.REFUSES_ALL, _Said.UNAVAILABLE, _Said.FAULT})
 
 
 @dataclass
@@ -168,9 +169,9 @@ class _Round:
             refused = not isinstance(exc, Unavailable)  # the platform answered
             if len(batch) > 1 and refused and not self.unsplit:
                 return self.split(batch)  # maybe one bundle's, not its batch-mates'
-            self.fail([item for item, _ in batch], exc)
+            self.fail([item for item, _ in batch], exc, self._resend_after(exc))
             self.counts.errors.append(str(exc))
-            self.said = self._after_failure(exc, refused)
+            self.said = self._after_failure(refused)
             self.retry_after = exc.retry_after
             return []
         except ConfigurationFault as exc:
@@ -197,19 +198,27 @@ class _Round:
         if self.said is _Said.NOTHING:
             self.said = _Said.ANSWERED
 
-    def _after_failure(self, exc: TransientError, refused: bool) -> _Said:
+    def _after_failure(self, refused: bool) -> _Said:
         if refused:  # one bundle refused for now: the others go on (a second one says it refuses all)
             return _Said.REFUSES_ALL if self.unsplit or self.said is _Said.REFUSED_ONE else _Said.REFUSED_ONE
-        # the link's failure unless the platform answered something else this round (it was there);
-        # no answer at all is always the link's (a bundle too big for a flaky 2G link), never a refusal
-        if isinstance(exc, NoAnswer) or (isinstance(exc, PlatformDown) and self.said is _Said.NOTHING):
-            return _Said.NOT_THERE
-        return _Said.BUSY
+        # Unavailable is about the platform, not this bundle, even after it took others this round: no
+        # answer (a bundle too big for a flaky 2G link), a gateway's 5xx, a 429 right after an outage
+        return _Said.UNAVAILABLE
 
-    def fail(self, items: Sequence[OutboxItem], exc: TransientError) -> None:
-        """Back to the queue with a backoff; the patients' later bundles wait for them."""
+    def _resend_after(self, exc: TransientError) -> float | None:
+        """At least how long before a failed batch goes again. One the platform got and did not
+        answer in time (a read timeout, a dropped connection; not one never connected) it may still
+        be applying: a copy sent after the short backoff piles up on it, each paid on a metered link
+        - it gets the client's timeout again first."""
+        if isinstance(exc, NoAnswer) and not isinstance(exc, NotConnected):
+            return max(exc.retry_after or 0.0, self.sender.settings.timeout_s)
+        return exc.retry_after
+
+    def fail(self, items: Sequence[OutboxItem], exc: TransientError, retry_after: float | None = None) -> None:
+        """Back to the queue with a backoff (at least `retry_after`, else the answer's Retry-After);
+        the patients' later bundles wait for them."""
         for item in items:
-            self.outbox.mark_transient_failure(item.id, str(exc), self.now, exc.retry_after)
+            self.outbox.mark_transient_failure(item.id, str(exc), self.now, retry_after or exc.retry_after)
             self._block(item)
         self.counts.transient += len(items)
 
@@ -312,12 +321,12 @@ def forward_fhir_once(
         # only a round that did something: an idle one (every 2 s, all day) would rewrite and
         # fsync this row ~43,000 times a day on the SD card, and wipe the last fault it showed
         status: dict[str, Any] = {"last_round": dataclasses.asdict(rnd.counts), "at": now}
-        # `last_error_at`: when a round last found the platform not there (no answer, or a gateway's
-        # 502/503/504 before it answered anything); a bundle whose send failed later failed alone,
+        # `last_error_at`: when a round last found the platform unavailable (no answer, a gateway's
+        # 5xx, busy: 429); a bundle whose send failed later failed alone,
         # the platform refusing it while it takes others. The reading center's status keeps the
         # same key, and the readers (lastmile.services.metered, link_status) spell it so too.
         status["last_error_at"] = (
-            now if rnd.said is _Said.NOT_THERE else previous.get("last_error_at", _before_judging(now))
+            now if rnd.said is _Said.UNAVAILABLE else previous.get("last_error_at", _before_judging(now))
         )
         outbox.record_status(STATUS_NAME, status, now)
     return rnd.counts
