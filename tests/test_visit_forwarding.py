@@ -27,9 +27,8 @@ from lastmile.visits.relay_link import VisitNotices
 from tests.fhir_samples import NAMING
 from tests.fhir_server import FhirTestServer
 from tests.peers import free_port
-from tests.test_sd_wear import idle_steps_wrote
-from tests.test_visits import GPS_T, HOUSE, FakeClocks, fix_at
-from tests.visit_harness import damage_open_row, visits_db_opens
+from tests.sd_writes import idle_steps_wrote
+from tests.visit_harness import GPS_T, HOUSE, FakeClocks, damage_open_row, fix_at, visits_db_opens
 from tests.waiting import wait_for
 from uploader.outbox import Kind, Outbox
 
