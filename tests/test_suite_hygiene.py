@@ -234,33 +234,14 @@ def imported_test_modules(source: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-# Not moved yet (its helpers need a booted nspawn container to be checked): remove once moved; a stale
-# entry fails below, so this cannot outlive the import it excuses.
-TEST_IMPORTS_NOT_YET_MOVED = {("tests/system/test_metrics_nspawn.py", "tests.system.test_nspawn")}
-
-
-def _test_module_imports() -> set[tuple[str, int, str]]:
-    return {
-        (path, line, module)
+def test_no_test_module_imports_another() -> None:
+    imports = [
+        f"{path}:{line}: imports {module}"
         for path, source in _suite().items()
         if Path(path).name.startswith("test_")
         for line, module in imported_test_modules(source)
-    }
-
-
-def test_no_test_module_imports_another() -> None:
-    imports = sorted(
-        f"{path}:{line}: imports {module}"
-        for path, line, module in _test_module_imports()
-        if (path, module) not in TEST_IMPORTS_NOT_YET_MOVED
-    )
+    ]
     assert imports == [], "move what they share into a named helper module:\n" + "\n".join(imports)
-
-
-def test_every_test_import_not_yet_moved_still_exists() -> None:
-    seen = {(path, module) for path, _line, module in _test_module_imports()}
-    moved = TEST_IMPORTS_NOT_YET_MOVED - seen
-    assert not moved, f"moved: remove {sorted(moved)} from TEST_IMPORTS_NOT_YET_MOVED"
 
 
 PLANTED_IMPORTS = """
