@@ -6,7 +6,9 @@ import datetime as dt
 
 from devices.identity import DeviceIdentity, TimeSource
 from devices.observation import Observation, Quantity
-from uploader.fhir_bundle import FhirNaming, VisitPosition, VisitSignature, VisitSummary
+from uploader.fhir_bundle import FhirNaming, VisitPosition, VisitSignature, VisitSummary, visit_bundle
+from uploader.fhir_forwarder import enqueue_bundle
+from uploader.outbox import Outbox
 
 T0 = dt.datetime(2026, 3, 2, 8, 0, tzinfo=dt.timezone.utc)
 NAMING = FhirNaming(gateway_id="gw-test-01")
@@ -88,3 +90,19 @@ def signature(n: int) -> VisitSignature:
         public_key="a2V5",
         signed_at=T0 + dt.timedelta(hours=n),
     )
+
+
+def queue_visits(outbox: Outbox, visits: range, patient_of=lambda n: f"P-{n % 3}") -> list[str]:
+    """Sample visits `visits` queued in `outbox` as the visit book queues them; their visit ids."""
+    keys = []
+    for n in visits:
+        v = visit(n, patient=patient_of(n))
+        enqueue_bundle(
+            outbox,
+            visit_bundle(v, all_kinds(v.started_at, v.patient_id, f"/{n}"), NAMING, signature(n)),
+            f"fhir:visit:{v.visit_id}",
+            patient_id=v.patient_id,
+            now=1000.0 + n,
+        )
+        keys.append(v.visit_id)
+    return keys

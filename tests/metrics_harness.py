@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import sqlite3
+import subprocess
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -118,3 +120,16 @@ def make_report_store(data_dir: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(data_dir / "clinic.db", isolation_level=None)
     conn.executescript(REPORT_STORE_DDL)
     return conn
+
+
+# What the collector is given instead of the clock and the system tools (chronyc, ...).
+NOW = 1_796_000_000.0
+
+
+def tool(answers: dict[str, subprocess.CompletedProcess[str] | None]):  # -> Runner
+    """A stand-in for the system tools: `answers[cmd[0]]`, None (not installed) otherwise."""
+
+    def run(cmd: Sequence[str]) -> subprocess.CompletedProcess[str] | None:
+        return answers.get(cmd[0])
+
+    return run

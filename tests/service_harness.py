@@ -5,6 +5,7 @@ injected, a FHIR token file, waiting for what a service does."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -12,9 +13,10 @@ import time
 from pathlib import Path
 
 from lastmile.config import parse_config
-from lastmile.doctor import Doctor
+from lastmile.doctor import Doctor, Finding, Level
 from tests.conftest import REPO
 
+LASTMILE = [sys.executable, "-m", "lastmile"]
 FHIR_TOKEN = "s3cret-token"  # what tests.fhir_server.FhirTestServer(token=...) is given
 
 # -- what devices on the serial ports send ---------------------------------------------------------
@@ -122,6 +124,24 @@ def status_with(manager: Manager, *words: str, timeout: float = 60.0) -> str:
         manager.drain(0.5)
 
 
+def start(config: Path, *args: str, log: Path) -> subprocess.Popen[bytes]:
+    """`lastmile -c config ARGS...` as its own process (a service, as systemd would run it), its
+    output appended to `log`."""
+    with log.open("ab") as out:
+        return subprocess.Popen([*LASTMILE, "-c", str(config), *args], stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop it as systemd does: SIGTERM, then SIGKILL after 30 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def stop_child(proc: subprocess.Popen[str]) -> str:
     if proc.poll() is None:
         proc.kill()
@@ -143,6 +163,11 @@ def doctor(tmp_path: Path, toml: str = "", **kw: object) -> Doctor:
     )
     defaults = dict(mountinfo=mountinfo, run=no_tools, device_links=tmp_path / "no-dev", journald_paths=())
     return Doctor(config, **{**defaults, **kw})  # type: ignore[arg-type]
+
+
+def levels(findings: list[Finding], check: str) -> list[Level]:
+    """The levels (OK, WARN, FAIL ...) of the doctor's findings for `check`."""
+    return [f.level for f in findings if f.check == check]
 
 
 def fhir_token_file(directory: Path) -> str:

@@ -16,7 +16,7 @@ import pytest
 from lastmile.config import Config
 from lastmile.ecg.intake import usb_import_watcher
 from tests.conftest import shared_file
-from tests.test_serial_service import Running, talk_as_bridge
+from tests.serial_gateway import Running, talk_as_bridge
 from uploader.errors import OutboxFullError
 from uploader.outbox import Outbox
 
@@ -113,7 +113,7 @@ def test_monitor_readings_not_yet_stored_survive_an_unplug(tmp_path: Path, seria
     move it, while storage was briefly unavailable, and the blood pressure, pulse and temperature
     it printed are gone - after the retry design promised to keep them."""
     from tests.serial_pty import PtyDevice
-    from tests.test_ascii_report import VITALS_REPORT
+    from tests.service_harness import VITALS_REPORT
     from tests.waiting import wait_for
 
     link = tmp_path / "usb-monitor"
@@ -183,7 +183,7 @@ def test_a_report_finished_by_silence_stays_with_the_patient_it_arrived_for(tmp_
 
     from lastmile.clinic.observations import ObservationStore
     from tests.serial_pty import PtyDevice
-    from tests.test_ascii_report import VITALS_REPORT
+    from tests.service_harness import VITALS_REPORT
     from tests.waiting import wait_for
 
     example = (Path(__file__).parents[1] / "firmware_bridge" / "profiles" / "example-vitals-monitor.toml").read_text(

@@ -1,7 +1,7 @@
 """Faults on the BLE path found in review: each test fails on the code as it stands.
 
 Pure where the fault is in one function; otherwise the real link (bleak API) against
-bumble-emulated peripherals, with the suite's own `Gateway` helper (tests/test_ble_link.py).
+bumble-emulated peripherals, with the suite's own `Gateway` helper (tests/ble_gateway.py).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from firmware_bridge.ble.emulated_peripherals import (
     PulseOximeter,
 )
 from firmware_bridge.ble.link import LinkSettings
-from tests.test_ble_link import Gateway
+from tests.ble_gateway import Gateway
 
 UTC = dt.timezone.utc
 CUFF, OXI, GLUCO = "C0:00:00:00:0E:01", "C0:00:00:00:0E:03", "C0:00:00:00:0E:04"

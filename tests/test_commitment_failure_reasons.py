@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lastmile.services.forward import forwarder_settings, open_outbox
-from tests.test_forward_path_faults import enqueue, make_config, send_failure_report, sent_with_transaction
+from tests.forward_faults_setup import enqueue, make_config, send_failure_report, sent_with_transaction
 from uploader.dicom_commitment import FAILURE_REASONS, FailedAction, failure_action
 from uploader.ecg_forwarder import EcgForwarder
 from uploader.outbox import ItemState

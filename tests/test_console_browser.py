@@ -382,7 +382,7 @@ def test_the_whole_report_in_chinese_on_a_phone(browser: object, tmp_path: Path)
     Chinese (amended, critical, no value, read by, could not read), the county's words as written."""
     from lastmile.demo.cardiologist import part10
     from lastmile.reports.store import ReportStore, SentStudy
-    from tests.test_report_text import RULES, STUDY, everything_sr
+    from tests.report_samples import RULES, STUDY, everything_sr
     from uploader.report_reading import read_dicom_report
 
     config = console_config(tmp_path / "data")

@@ -21,10 +21,9 @@ from lastmile.console.views import devices as devices_page
 from lastmile.console.views import today
 from lastmile.doctor import Level
 from tests.console_harness import DOCTOR, Client, add_users, console_config, running_console
+from tests.serial_gateway import Running, ward_profile_with_bad_baudrate
 from tests.serial_pty import PtyDevice
 from tests.service_harness import VITALS_REPORT, Manager, doctor, start_acquire, status_with, stop_child
-from tests.test_profile_isolation import ward_profile_with_bad_baudrate
-from tests.test_serial_service import Running
 from tests.waiting import wait_for
 
 UTC = dt.timezone.utc

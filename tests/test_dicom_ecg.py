@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import io
 import struct
 from pathlib import Path
 
@@ -15,13 +14,23 @@ from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.sr._concepts_dict import concepts
-from pydicom.waveforms.numpy_handler import multiplex_array
 
 from devices.ecg.aecg import read_aecg
 from devices.ecg.leads import MDC_LEADS
 from devices.ecg.recording import STANDARD_12_LEADS, EcgRecording, SampleGap
 from devices.ecg.scp import read_scp
 from devices.identity import DeviceIdentity, Patient, TimeSource
+from tests.dicom_ecg_samples import (
+    ACQUIRED,
+    CART,
+    PATIENT,
+    STATION,
+    UIDS,
+    raw_samples,
+    read,
+    recording,
+    synthetic,
+)
 from tests.dicom_validation import dciodvfy_problems
 from tests.scp_records import build_record, lead_body, rhythm_body
 from uploader.dicom_ecg import (
@@ -40,19 +49,6 @@ from uploader.dicom_ecg import (
 )
 from uploader.errors import InvalidObjectError
 
-UIDS = EcgStudyUids(study_uid="2.25.1001", series_uid="2.25.1002", sop_instance_uid="2.25.1003")
-STATION = StationInfo(station_name="gw-kibera-01", institution="Kibera Health Centre")
-NAIROBI = dt.timezone(dt.timedelta(hours=3))
-ACQUIRED = dt.datetime(2024, 5, 1, 9, 30, 0, 250000, tzinfo=NAIROBI)
-CART = DeviceIdentity(manufacturer="Acme Cardio", model="Cart 5", serial="SN-0042", software_version="2.1.7")
-PATIENT = Patient(
-    patient_id="KE-123456",
-    name="Mwangi^Wanjirũ",
-    birth_date=dt.date(1980, 1, 2),
-    sex="F",
-    issuer="Nairobi County Register",
-)
-
 # pydicom's waveform_ecg.dcm codes its leads in SCP-ECG numbers (5.6.3-9-N).
 SCP_LEAD_NUMBER = {
     1: "I",
@@ -68,35 +64,6 @@ SCP_LEAD_NUMBER = {
     7: "V5",
     8: "V6",
 }
-
-
-def recording(samples: np.ndarray, leads: tuple[str, ...] = STANDARD_12_LEADS, **changes: object) -> EcgRecording:
-    fields = dict(
-        samples=samples,
-        lead_names=leads[: samples.shape[0]],
-        sampling_rate_hz=500.0,
-        uv_per_unit=2.5,
-        acquired_at=ACQUIRED,
-        time_source=TimeSource.DEVICE_CLOCK,
-        device=CART,
-        patient=PATIENT,
-        source_format="scp",
-    )
-    fields.update(changes)
-    return EcgRecording(**fields)
-
-
-def synthetic(leads: int = 12, n: int = 2500, seed: int = 7, peak: int = 2000) -> np.ndarray:
-    return np.random.default_rng(seed).integers(-peak, peak + 1, (leads, n), dtype=np.int32)
-
-
-def read(data: bytes) -> Dataset:
-    return pydicom.dcmread(io.BytesIO(data))
-
-
-def raw_samples(ds: Dataset) -> np.ndarray:
-    """The stored integers (leads, samples), before sensitivity is applied."""
-    return multiplex_array(ds, 0, as_raw=True).T
 
 
 def codes(ds: Dataset) -> list[tuple[str, str, str]]:

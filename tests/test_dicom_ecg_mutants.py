@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from devices.ecg.findings import EcgMeasurement, EcgStatement, MedianBeats, StatementSource
 from devices.ecg.quality import ACCEPTABLE, Problem, QualityReport
 from devices.ecg.recording import STANDARD_12_LEADS, SampleGap
-from tests.test_dicom_ecg import PATIENT, STATION, UIDS, raw_samples, read, recording, synthetic
+from tests.dicom_ecg_samples import PATIENT, STATION, UIDS, raw_samples, read, recording, synthetic
 from uploader.dicom_ecg import (
     GENERAL_ECG,
     TWELVE_LEAD_ECG,

@@ -551,7 +551,7 @@ def test_stopping_the_listener_lets_a_report_being_taken_finish_first() -> None:
     """The forward service stops its listener and then closes the outbox: a report in hand at
     that moment is recorded before stop() returns, not answered a failure by a handler that
     found the outbox closed (seen in bench/weak_link.py's logs as a traceback at every stop)."""
-    from tests.test_forward_peers import send_report
+    from tests.forward_setup import send_report
 
     port = free_port()
     entered, release = threading.Event(), threading.Event()

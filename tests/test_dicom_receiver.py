@@ -142,7 +142,7 @@ def test_an_instance_sent_again_with_other_content_looks_its_item_up_once(
 ) -> None:
     """lastmile/ecg/intake.py lan_object_store: the item kept under the instance's key is found
     once and replaced, not looked up again by an add that stores nothing."""
-    from tests.test_page_cost import traced
+    from tests.statement_trace import traced
     from uploader.dicom_store import StoreAssociation
 
     ecg = pydicom.dcmread(get_testdata_file("waveform_ecg.dcm"))

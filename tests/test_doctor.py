@@ -21,7 +21,7 @@ from lastmile.cli import main
 from lastmile.config import Config
 from lastmile.demo.loopback import free_port
 from lastmile.doctor import Finding, Level, exit_code, find_mount, parse_mountinfo, render_json, render_text
-from tests.service_harness import doctor
+from tests.service_harness import doctor, levels
 
 MOUNTINFO = """\
 22 1 179:2 / / ro,noatime shared:1 - ext4 /dev/mmcblk0p2 ro
@@ -29,10 +29,6 @@ MOUNTINFO = """\
 30 22 179:3 / /var/lib/lastmile rw,noatime shared:9 - ext4 /dev/mmcblk0p3 rw,commit=60
 31 22 179:4 / /mnt/usb\\040stick rw,relatime shared:10 - vfat /dev/sda1 rw
 """
-
-
-def levels(findings: list[Finding], check: str) -> list[Level]:
-    return [f.level for f in findings if f.check == check]
 
 
 # -- mount table -------------------------------------------------------------------------------------
@@ -385,7 +381,7 @@ def test_the_commitment_port_is_lastmile_forward_s_when_systemd_says_it_is_its_m
     MainPID=0 (rc 0): a `lastmile forward` run by hand is then the gateway's forwarder, and the
     doctor said "held by another program"."""
     from tests.peers import wait_for_port
-    from tests.test_metrics_prometheus import start, stop
+    from tests.service_harness import start, stop
 
     port = free_port()
     toml = f'[reading_center]\nhost = "127.0.0.1"\nport = {free_port()}\nlisten_port = {port}\n'
@@ -474,7 +470,7 @@ def test_the_home_visits_check_reads_visits_db_in_two_queries_not_four(
     (the counts one by one) where two answer it when nothing is set aside."""
     import lastmile.data_dir
     from lastmile.visits.book import VisitBook
-    from tests.test_page_cost import traced
+    from tests.statement_trace import traced
 
     with VisitBook.open(tmp_path, gateway_id="gw-1") as book:
         book.start("P-1", doctor_id="DR-1")

@@ -13,7 +13,7 @@ import pytest
 import lastmile.doctor_ble
 from lastmile.clinic.devices import DeviceRegistry
 from lastmile.doctor import Level, render_text
-from tests.test_doctor import doctor, levels
+from tests.service_harness import doctor, levels
 
 NOW = dt.datetime(2026, 12, 6, 9, 0, tzinfo=dt.timezone.utc)
 

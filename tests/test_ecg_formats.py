@@ -182,7 +182,7 @@ def test_the_time_zone_and_receipt_time_reach_the_decoder() -> None:
 def test_a_format_s_reader_is_loaded_only_when_a_file_of_it_comes() -> None:
     """The acquire service (goal: 64 MB) of a clinic whose cart sends DICOM never loads the aECG
     reader's XML parser nor the SCP reader: a fresh interpreter decodes a DICOM ECG, then an SCP."""
-    from tests.test_soak import run_probe
+    from tests.import_probe import run_probe
 
     dicom = shared_file("ecg", "dicom", "ecgtoolkit_Example.dcm")
     scp = shared_file("ecg", "scp", "ecgtoolkit_Example.scp")

@@ -21,7 +21,7 @@ from lastmile.ecg import preview
 from lastmile.ecg.preview import display_name, plan_layout, render_preview_svg
 from tests import ecg_faults as faults
 from tests.conftest import require_tool
-from tests.test_ecg_quality import recording
+from tests.real_ecgs import recording
 
 SVG = "{http://www.w3.org/2000/svg}"
 T0 = dt.datetime(2026, 11, 2, 9, 30, tzinfo=dt.timezone(dt.timedelta(hours=8)))

@@ -34,16 +34,8 @@ from devices.errors import DeviceError
 from tests import ecg_faults as faults
 from tests.conftest import shared_file
 from tests.ecg_factories import device_recording
+from tests.real_ecgs import GOOD, recording
 
-# Every real ECG we have, and what a cardiologist would say of it.
-GOOD = {  # name -> path parts under ../shared/ecg
-    "ecgtoolkit-scp": ("scp", "ecgtoolkit_Example.scp"),
-    "ecgtoolkit-aecg": ("aecg", "fda_hl7_Example_aECG.xml"),
-    "ecgtoolkit-dicom": ("dicom", "ecgtoolkit_Example.dcm"),
-    "welch-allyn-scp": ("scp", "abtahi_ECG_20170504_163507_123456789.SCP"),
-    "contec-50": ("contec", "0000050.ECG"),  # limb leads only, atrial fibrillation ~120/min: readable
-    "mortara-dicom": None,  # pydicom's waveform_ecg.dcm
-}
 MINIMAL_AECG = [
     "fda_minimum_aecg.xml",
     "fda_minimum_aecg_effectiveTime_high.xml",
@@ -51,21 +43,6 @@ MINIMAL_AECG = [
     "fda_minimum_aecg_effectiveTime_low.xml",
     "fda_minimum_aecg_nouuid.xml",
 ]
-
-
-def load(name: str) -> EcgRecording:
-    parts = GOOD.get(name, ("contec", "0000037.ECG") if name == "contec-37" else None)
-    path = Path(pydicom.data.get_testdata_file("waveform_ecg.dcm")) if parts is None else shared_file("ecg", *parts)
-    return decode_ecg(path.read_bytes(), path.name)
-
-
-_cache: dict[str, EcgRecording] = {}
-
-
-def recording(name: str) -> EcgRecording:
-    if name not in _cache:
-        _cache[name] = load(name)
-    return _cache[name]
 
 
 # ----------------------------------------------------------------------------- real ECGs

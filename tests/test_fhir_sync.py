@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 
-from tests.fhir_samples import NAMING, T0, all_kinds, signature, visit
+from tests.fhir_samples import NAMING, T0, all_kinds, queue_visits, signature, visit
 from tests.fhir_server import FhirTestServer, RefusesVisits, encounter_identifiers
 from tests.medplum_fhir_server import MedplumFhirServer
 from uploader.errors import ConfigurationFault, PermanentError, TransientError
 from uploader.fhir_bundle import bundle_bytes, visit_bundle
 from uploader.fhir_connection import NoAnswer, NotConnected
-from uploader.fhir_forwarder import enqueue_bundle, forward_fhir_once
+from uploader.fhir_forwarder import forward_fhir_once
 from uploader.fhir_sender import FhirSender, FhirSenderSettings, read_token_file, retry_after_seconds
 from uploader.outbox import ItemState, Kind, Outbox
 
@@ -215,21 +215,6 @@ def test_gzip_when_accepted_plain_when_refused(tmp_path: Path) -> None:
         sender.post_transaction(_body(2))
         assert sender.requests_sent == 3  # one 415, then plain from then on
         assert len(server.resources("Encounter")) == 2
-
-
-def queue_visits(outbox: Outbox, visits: range, patient_of=lambda n: f"P-{n % 3}") -> list[str]:
-    keys = []
-    for n in visits:
-        v = visit(n, patient=patient_of(n))
-        enqueue_bundle(
-            outbox,
-            visit_bundle(v, all_kinds(v.started_at, v.patient_id, f"/{n}"), NAMING, signature(n)),
-            f"fhir:visit:{v.visit_id}",
-            patient_id=v.patient_id,
-            now=1000.0 + n,
-        )
-        keys.append(v.visit_id)
-    return keys
 
 
 @SERVERS

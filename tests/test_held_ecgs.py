@@ -31,8 +31,8 @@ from lastmile.services.forward import forwarder_settings, open_outbox
 from tests.conftest import require_private_netns, shared_file
 from tests.dicom_validation import dciodvfy_problems
 from tests.ecg_factories import make_recording
+from tests.forward_setup import make_config
 from tests.peers import free_port, gateway_modality
-from tests.test_forward_peers import make_config
 from uploader.dicom_ecg import EcgStudyUids, unassigned_patient_id
 from uploader.ecg_forwarder import EcgForwarder
 from uploader.outbox import ItemState, Kind

@@ -21,7 +21,8 @@ from lastmile.config import Config
 from lastmile.services.forward import forwarder_settings, open_outbox
 from tests.link_emulator import LinkProfile, LinkRelay
 from tests.peers import gateway_modality
-from tests.test_stat_overtakes import (
+from tests.slow_link_setup import (
+    FakeTime,
     arrivals,
     enqueue,
     forwarding,
@@ -49,19 +50,6 @@ from uploader.link_pacing import (
 @dataclass
 class Sent:
     data: bytes
-
-
-class FakeTime:
-    def __init__(self) -> None:
-        self.now = 100.0
-        self.slept: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += seconds
 
 
 def test_nothing_is_paced_until_an_object_was_measured() -> None:

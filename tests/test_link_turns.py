@@ -27,8 +27,8 @@ from pynetdicom.pdu import P_DATA_TF
 
 from lastmile.services.forward import forwarder_settings, open_outbox
 from tests.link_emulator import LinkProfile, LinkRelay
-from tests.test_link_pacing import FakeTime
-from tests.test_stat_overtakes import (
+from tests.slow_link_setup import (
+    FakeTime,
     arrivals,
     assert_none_lost_and_uncharged,
     cut_uids,

@@ -597,7 +597,7 @@ def test_an_ecg_the_reading_center_keeps_refusing_for_later_is_stuck_not_held_by
     by metered links', and no stuck item for the county's alert - though no budget lets it go."""
     from lastmile.services.forward import forwarder_settings, open_outbox
     from lastmile.services.metrics_sources import read_outbox
-    from tests.test_forward_path_faults import enqueue, make_config
+    from tests.forward_faults_setup import enqueue, make_config
     from tests.waiting import wait_for
     from uploader.ecg_forwarder import EcgForwarder
 

@@ -21,11 +21,13 @@ from lastmile.demo.loopback import free_port
 from lastmile.services import metrics_sources as sources
 from lastmile.services.metrics import MetricsService, render_once
 from tests.metrics_harness import (
+    NOW,
     config_at,
     make_report_store,
     parse_exposition,
     queue_ecgs,
     scrape,
+    tool,
     value,
     write_config,
 )
@@ -42,17 +44,6 @@ CHRONY_LOCAL = "7F7F0101,,10,1796110844.813257955,0.000000000,0.000000000,0.0000
 CHRONY_NONE = "00000000,,0,0.000000000,0.000000000,0.000000000,0.000000000,0.000,0.000,0.000,1.000000000,1.000000000,0.0,Not synchronised"
 # a GPS reference clock through gpsd's SHM as chrony names it (the image's planned set-up)
 CHRONY_GPS = "47505300,GPS,1,1796110871.5,0.000250000,0.0,0.0,0.0,0.0,0.0,0.0,0.000100000,16.0,Normal"
-
-NOW = 1_796_000_000.0
-
-
-def tool(answers: dict[str, subprocess.CompletedProcess[str] | None]):  # -> Runner
-    """A stand-in for the system tools: `answers[cmd[0]]`, None (not installed) otherwise."""
-
-    def run(cmd: Sequence[str]) -> subprocess.CompletedProcess[str] | None:
-        return answers.get(cmd[0])
-
-    return run
 
 
 def answered(stdout: str, returncode: int = 0, stderr: str = "") -> subprocess.CompletedProcess[str]:

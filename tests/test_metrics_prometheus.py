@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -27,9 +25,9 @@ from lastmile.demo.loopback import free_port
 from tests.conftest import REPO, require_tool
 from tests.metrics_harness import config_at, parse_exposition, queue_ecgs, scrape, write_config
 from tests.peers import ScriptedStoreSCP, wait_for_port
+from tests.service_harness import start, stop
 from tests.waiting import wait_for
 
-LASTMILE = [sys.executable, "-m", "lastmile"]
 RULES = REPO / "docs/prometheus/lastmile-alerts.yml"
 WAIT_S = 120.0
 # what a Prometheus still starting (or not yet scraped) answers: not yet, rather than a failure
@@ -117,21 +115,6 @@ class Units:
         group = self.slice / unit
         group.mkdir(parents=True, exist_ok=True)
         (group / "cgroup.procs").write_text(f"{pid}\n")
-
-
-def start(config: Path, *args: str, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen([*LASTMILE, "-c", str(config), *args], stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture

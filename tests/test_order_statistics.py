@@ -17,7 +17,7 @@ from hypothesis.extra import numpy as hnp
 from devices.ecg import order_statistics as stats
 from devices.ecg.formats import decode_ecg
 from tests.conftest import shared_file
-from tests.test_soak import run_probe
+from tests.import_probe import run_probe
 
 REAL_ECGS = (
     ("scp", "ecgtoolkit_Example.scp"),

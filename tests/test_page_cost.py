@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,23 +18,8 @@ from lastmile.config import Config
 from lastmile.console import views
 from lastmile.console.sources import ClinicData
 from tests.console_harness import bp_reading, console_config
+from tests.statement_trace import FEW, MANY, T0, traced
 from uploader.outbox import Outbox
-
-T0 = dt.datetime(2026, 12, 1, 8, 0, tzinfo=dt.timezone.utc)
-FEW, MANY = 2, 60
-
-
-@contextmanager
-def traced(*connections: object) -> Iterator[list[str]]:
-    """Every SQL statement run on `connections` (sqlite3 connections) while the block runs."""
-    statements: list[str] = []
-    for conn in connections:
-        conn.set_trace_callback(statements.append)  # type: ignore[attr-defined]
-    try:
-        yield statements
-    finally:
-        for conn in connections:
-            conn.set_trace_callback(None)  # type: ignore[attr-defined]
 
 
 def hold_readings(data: ClinicData, first: int, count: int) -> None:

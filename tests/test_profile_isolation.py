@@ -19,9 +19,9 @@ from firmware_bridge.firmware.bridge_core import BridgeCore
 from lastmile.clinic.devices import DeviceRecord, DeviceRegistry
 from lastmile.doctor import Level
 from tests.conftest import shared_file
+from tests.serial_gateway import Running, talk_as_bridge, wait_for_answers, ward_profile_with_bad_baudrate
 from tests.serial_pty import PtyDevice
 from tests.service_harness import (
-    EXAMPLE_PROFILE,
     VITALS_REPORT,
     Manager,
     doctor,
@@ -29,17 +29,8 @@ from tests.service_harness import (
     status_with,
     stop_child,
 )
-from tests.test_serial_service import Running, talk_as_bridge, wait_for_answers
 from tests.waiting import wait_for
 from uploader.outbox import Outbox
-
-
-def ward_profile_with_bad_baudrate(profiles: Path) -> int:
-    """`ward-monitor.toml` with its port speed mistyped; returns the line of the mistake."""
-    good = EXAMPLE_PROFILE.read_text().replace('name = "example-vitals-monitor"', 'name = "ward-monitor"', 1)
-    lines = good.replace("baudrate = 9600", "baudrate = 0", 1).splitlines()
-    (profiles / "ward-monitor.toml").write_text("\n".join(lines) + "\n")
-    return next(i + 1 for i, text in enumerate(lines) if text.startswith("baudrate = 0"))
 
 
 def refusal_said_then_stopped(

@@ -14,8 +14,7 @@ from lastmile.services.metered import meters
 from lastmile.services.metrics import GatewayCollector, make_registry
 from tests.conftest import REPO
 from tests.metering_setup import shut_window
-from tests.metrics_harness import parse_exposition, value
-from tests.test_metrics import NOW, tool
+from tests.metrics_harness import NOW, parse_exposition, tool, value
 from uploader.outbox import Kind, Outbox, Priority
 
 DAY = 86400.0

@@ -14,12 +14,10 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from pydicom.dataset import Dataset
-from pydicom.uid import TwelveLeadECGWaveformStorage
 
 from lastmile.clinic.db import DB_NAME, MIGRATIONS
 from lastmile.console.i18n import Localizer
-from lastmile.demo.cardiologist import STEMI, StudyToRead, content_item, ecg_report_sr, part10, report_pdf
+from lastmile.demo.cardiologist import StudyToRead, ecg_report_sr, part10, report_pdf
 from lastmile.reports.report_text import (
     English,
     Speaker,
@@ -32,46 +30,15 @@ from lastmile.reports.report_text import (
 from lastmile.reports.store import ReportStore, SentStudy
 from lastmile.reports.views import printable, render_list, render_report, speaker_for, study_lines
 from tests.report_peers import critical_observation
+from tests.report_samples import RULES, STUDY, everything_sr
 from uploader.report_lines import LineKind, ReportLine
-from uploader.report_reading import CriticalRules, ReportContent, read_dicom_report, read_fhir_report
+from uploader.report_reading import ReportContent, read_dicom_report, read_fhir_report
 from uploader.sqlite_store import open_database
 
-STUDY = StudyToRead("1.2.826.0.1.3680043.8.498.77", patient_id="P0077", patient_name="Zhang^San=张^三")
-RULES = CriticalRules.parse(["SCT:401303003"], ["危急值", "Critical Result"])
 ZH = Localizer("zh-CN", ZoneInfo("Asia/Shanghai"))
 EN = Localizer("en", ZoneInfo("Asia/Shanghai"))
 # what may stay Latin in the Chinese text besides the county's words: a file type and its size
 LATIN_IN_CHINESE = ("PDF", "KB")
-
-
-def everything_sr() -> Dataset:
-    """An amended, critical SR with every kind of content line the gateway must label: a NUM
-    without a value, a reference to the ECG, coordinates, an item with no concept name."""
-    first = ecg_report_sr(STUDY, findings=["窦性心律"], impression="正常心电图")
-    sr = ecg_report_sr(
-        STUDY,
-        findings=["ST 段抬高 V1-V4", "Sinus rhythm, 88/min"],
-        impression="急性前壁心肌梗死，危急值，请立即转诊",
-        coded_findings=[STEMI],
-        reader="李^明",
-        amends=first,
-    )
-    waveform = content_item("CONTAINS", "WAVEFORM", ("122170", "DCM", "心电波形"))
-    reference = Dataset()
-    reference.ReferencedSOPClassUID = TwelveLeadECGWaveformStorage
-    reference.ReferencedSOPInstanceUID = "1.2.3.4"
-    waveform.ReferencedSOPSequence = [reference]
-    unnamed = Dataset()
-    unnamed.RelationshipType = "CONTAINS"
-    unnamed.ValueType = "TEXT"
-    unnamed.TextValue = "备注：复查"
-    sr.ContentSequence += [
-        content_item("CONTAINS", "NUM", ("8867-4", "LN", "心率")),
-        waveform,
-        content_item("CONTAINS", "SCOORD", ("111030", "DCM", "Image Region")),
-        unnamed,
-    ]
-    return sr
 
 
 def fhir_everything() -> dict:

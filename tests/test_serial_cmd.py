@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lastmile.cli import main
-from tests.test_ascii_report import VITALS_REPORT
+from tests.service_harness import VITALS_REPORT
 
 
 @pytest.fixture
@@ -58,7 +58,7 @@ def test_list_and_profiles_name_a_bad_profile_file_and_go_on(
     """A technician drops a profile with a typo into serial.profiles_dir: `lastmile serial
     profiles` and `serial list` refused to show anything at all (the very tools to find it);
     they list what loads and name the bad file and line."""
-    from tests.test_profile_isolation import ward_profile_with_bad_baudrate
+    from tests.serial_gateway import ward_profile_with_bad_baudrate
 
     profiles = tmp_path / "profiles"
     profiles.mkdir()

@@ -14,47 +14,15 @@ from devices.bridge import codec
 from firmware_bridge.bridge_simulator import EcgStreamSimulator
 from firmware_bridge.firmware.bridge_core import BridgeCore
 from lastmile.clinic.devices import DeviceRegistry
-from lastmile.clinic.patients import PatientContext
-from lastmile.config import Config, ConfigError, load_profiles_apart
-from lastmile.services.serial_devices import SerialService, link_specs
+from lastmile.config import ConfigError, load_profiles_apart
+from lastmile.services.serial_devices import link_specs
 from tests.conftest import run_on_private_tmpfs
+from tests.serial_gateway import Running, serial_config, talk_as_bridge, wait_for_answers
 from tests.serial_pty import PtyDevice
 from tests.service_harness import DOCTOR_BADGE_SCAN, PATIENT_CARD_SCAN, VITALS_REPORT
 from tests.waiting import wait_for
-from uploader.outbox import Outbox
 
 BP = (codec.MeasuredValue("systolic", 118.0, "mm[Hg]"), codec.MeasuredValue("diastolic", 76.0, "mm[Hg]"))
-
-
-def _config(tmp_path: Path, devices: list[dict]) -> Config:
-    config = Config()
-    config.gateway.data_dir = str(tmp_path / "data")
-    config.serial.devices = devices
-    config.serial.patient_card_pattern = r"(?P<id>\d{20})"
-    config.serial.doctor_badge_pattern = r"DR-(?P<id>\d{6})"
-    return config
-
-
-class Running:
-    def __init__(self, tmp_path: Path, devices: list[dict], *, min_free_bytes: int = 0, profiles_dir: str = "") -> None:
-        self.config = _config(tmp_path, devices)
-        self.config.serial.profiles_dir = profiles_dir
-        self.outbox = Outbox.open(self.config.data_dir, min_free_bytes=min_free_bytes)
-        self.service = SerialService.open(self.config, outbox=self.outbox, watch_dirs=None, rescan_s=0.1)
-        self.service.start()
-        # The test thread's own clinic.db connections (as `lastmile patient` / `lastmile devices`
-        # have in their own processes): the service's connection belongs to its thread.
-        self.patients = PatientContext.open(self.config.data_dir, idle_timeout_s=900)
-        self.registry = DeviceRegistry.open(self.config.data_dir)
-
-    def now(self) -> dt.datetime:
-        return dt.datetime.now(dt.timezone.utc)
-
-    def close(self) -> None:
-        self.service.close()
-        self.outbox.close()
-        self.patients.close()
-        self.registry.close()
 
 
 @pytest.fixture
@@ -68,40 +36,6 @@ def running(tmp_path: Path) -> Iterator[callable]:
     yield start
     for r in started:
         r.close()
-
-
-def talk_as_bridge(dev: PtyDevice, core: BridgeCore, clock: list[int], until) -> None:
-    """Be the bridge: answer the gateway, resend on timeouts, until `until()` holds."""
-
-    def step() -> bool:
-        data = dev.read_available(0.05)
-        if data:
-            dev.write(core.receive(data, clock[0]))
-        clock[0] += 100
-        dev.write(core.poll(clock[0]))
-        return until()
-
-    wait_for(step, timeout=30)
-
-
-def wait_for_answers(
-    bridge: PtyDevice, seqs: set[int], core: BridgeCore | None = None, now_ms: int = 0
-) -> list[codec.Ack | codec.Nack]:
-    """The gateway's ACKs and NACKs read from the pty until each of `seqs` has one (30 s at most),
-    handed to `core` too when given, so the bridge acts on them as the firmware would."""
-    answers: list[codec.Ack | codec.Nack] = []
-    reader = codec.FrameReader()
-
-    def answered() -> bool:
-        data = bridge.read_available(0.05)
-        if core is not None:
-            bridge.write(core.receive(data, now_ms))
-        messages = (codec.decode_message(f) for f in reader.feed(data))
-        answers.extend(m for m in messages if isinstance(m, (codec.Ack, codec.Nack)))
-        return seqs <= {a.seq for a in answers}
-
-    wait_for(answered, timeout=30)
-    return answers
 
 
 def answered_up_to_here(bridge: PtyDevice, core: BridgeCore, now_ms: int) -> list[codec.Ack | codec.Nack]:
@@ -337,7 +271,7 @@ def test_a_streamed_ecg_a_full_disk_refused_survives_a_power_cut_and_arrives_onc
         gateway.send_signal(signal.SIGKILL)  # the power fails
         gateway.wait(30)
     assert "1 ECG(s)" in row and "kept on disk" in row, row
-    config = _config(tmp_path, [])
+    config = serial_config(tmp_path, [])
     doctor = [(f.level.value, f.message) for f in Doctor(config).check_devices()]
     assert any(level == "FAIL" and "1 streamed ECG(s)" in text for level, text in doctor), doctor
     assert core.pending_count == 1  # the bridge forgot the blocks; only the ECG_END waits for its ACK
@@ -422,7 +356,7 @@ def test_forwarded_lines_with_no_profile_to_read_them_are_kept_on_the_bridge(tmp
 
 
 def test_device_configuration_is_checked(tmp_path: Path) -> None:
-    config = _config(tmp_path, [])
+    config = serial_config(tmp_path, [])
     profiles, bad = load_profiles_apart(config)
     assert "example-vitals-monitor" in profiles and not bad
     for devices, needle in [
@@ -472,6 +406,7 @@ from lastmile.config import Config
 from lastmile.services.serial_devices import SerialService
 from lastmile.services.serial_spill import waiting_readings
 from tests.conftest import fill_to_the_last_block
+from tests.serial_gateway import Running, serial_config, talk_as_bridge, wait_for_answers
 from tests.serial_pty import PtyDevice
 from tests.service_harness import VITALS_REPORT
 from tests.waiting import wait_for

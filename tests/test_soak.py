@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import require_private_netns, require_tool
+from tests.import_probe import run_probe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,14 +92,6 @@ def clinic_day(monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setitem(sys.modules, "clinic_day", module)
     spec.loader.exec_module(module)
     return module
-
-
-def run_probe(probe: str) -> str:
-    """A fresh interpreter runs `probe` (what a service imports and holds, unclouded by this
-    process's); its stdout."""
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert out.returncode == 0, out.stderr
-    return out.stdout
 
 
 def test_the_acquire_process_leaves_out_what_it_never_uses() -> None:

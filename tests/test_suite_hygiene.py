@@ -205,3 +205,69 @@ def test_the_scanner_catches_planted_examples(tmp_path: Path) -> None:
     helper = (REPO / "tests/conftest.py").read_text()
     assert scan(helper, "tests/conftest.py") == []  # the helper itself may skip...
     assert [w for _l, w in scan(helper, "tests/other.py")] == ["pytest.skip"]  # ...nowhere else
+
+
+# -- no test module imports another test module ----------------------------------------------------
+# Importing a test module runs its module-level code (skips, fixtures, pytestmark) in another module
+# and ties two files' tests together: what they share lives in a named helper module instead.
+
+
+def _is_test_module(dotted: str) -> bool:
+    return dotted.rsplit(".", 1)[-1].startswith("test_")
+
+
+def imported_test_modules(source: str) -> list[tuple[int, str]]:
+    """(line, module) for every test_*.py module this source imports, however it is spelled:
+    `import tests.test_x`, `from tests.test_x import y`, `from tests import test_x`, `from .test_x
+    import y`, `from . import test_x`, at module level or inside a function."""
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names if _is_test_module(a.name)]
+        elif isinstance(node, ast.ImportFrom):
+            base = "." * node.level + (node.module or "")
+            if node.module and _is_test_module(node.module):
+                found.append((node.lineno, base))
+            elif node.module in (None, "tests"):
+                package = f"{base}." if node.module else base
+                found += [(node.lineno, package + a.name) for a in node.names if _is_test_module(a.name)]
+    return sorted(found)
+
+
+def test_no_test_module_imports_another() -> None:
+    imports = [
+        f"{path}:{line}: imports {module}"
+        for path, source in _suite().items()
+        if Path(path).name.startswith("test_")
+        for line, module in imported_test_modules(source)
+    ]
+    assert imports == [], "move what they share into a named helper module:\n" + "\n".join(imports)
+
+
+PLANTED_IMPORTS = """
+import tests.test_a
+import tests.test_b as b, json
+from tests.test_c import helper
+from tests import test_d, conftest
+from .test_e import helper
+from . import test_f
+from tests.fhir_reports import report
+import pytest
+
+
+def test_inside():
+    from tests.test_g import helper
+    text = "from tests.test_h import helper"
+"""
+
+
+def test_the_import_scanner_catches_planted_imports() -> None:
+    assert imported_test_modules(PLANTED_IMPORTS) == [
+        (2, "tests.test_a"),
+        (3, "tests.test_b"),
+        (4, "tests.test_c"),
+        (5, "tests.test_d"),
+        (6, ".test_e"),
+        (7, ".test_f"),
+        (13, "tests.test_g"),
+    ]

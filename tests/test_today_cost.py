@@ -11,7 +11,7 @@ from pathlib import Path
 from lastmile.console import views
 from lastmile.console.sources import ClinicData
 from tests.console_harness import bp_reading, console_config
-from tests.test_page_cost import FEW, MANY, T0, traced
+from tests.statement_trace import FEW, MANY, T0, traced
 
 
 def record_readings(data: ClinicData, first: int, count: int) -> None:

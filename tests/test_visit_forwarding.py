@@ -27,9 +27,17 @@ from lastmile.visits.relay_link import VisitNotices
 from tests.fhir_samples import NAMING
 from tests.fhir_server import FhirTestServer
 from tests.peers import free_port
-from tests.test_sd_wear import idle_steps_wrote
-from tests.test_visits import GPS_T, HOUSE, FakeClocks, fix_at
-from tests.visit_harness import damage_open_row, visits_db_opens
+from tests.sd_writes import idle_steps_wrote
+from tests.visit_harness import (
+    GPS_T,
+    HOUSE,
+    FakeClocks,
+    damage_open_row,
+    fix_at,
+    link_a_reading_then_set_the_visit_aside,
+    relay_a_cuff_reading,
+    visits_db_opens,
+)
 from tests.waiting import wait_for
 from uploader.outbox import Kind, Outbox
 
@@ -790,24 +798,6 @@ def test_a_forward_try_that_queues_a_visit_opens_visits_db_twice_not_three_times
         assert [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == [f"fhir:visit:{visit.id}"]
 
 
-def relay_a_cuff_reading(data: Path, outbox: Outbox, at: dt.datetime) -> None:
-    """P-1's cuff reading, recorded at the clinic, relayed by the forward service's relay."""
-    from lastmile.clinic.observations import ObservationStore
-    from lastmile.services.observation_relay import relay_observations
-    from lastmile.visits.relay_link import visit_link
-    from tests.fhir_samples import blood_pressure
-
-    store = ObservationStore.open(data, outbox=outbox, idle_timeout_s=900)
-    try:
-        store.context.set_patient("P-1", "Wang^Fang", now=at)
-        assert store.record(blood_pressure(at, None, "bp-1"), now=at).outcome == "stored"
-        assert (
-            relay_observations(outbox, NAMING, at.timestamp(), visit_link=visit_link(data, "gw-1", VisitNotices())) == 1
-        )
-    finally:
-        store.close()
-
-
 def test_a_reading_of_a_patient_whose_open_visit_is_damaged_is_sent_alone_not_quarantined(tmp_path: Path) -> None:
     """The open visit's row was damaged on the SD card: every reading of its patient relayed
     meanwhile raised out of the visit link and was quarantined ("cannot be made a FHIR bundle"):
@@ -956,20 +946,6 @@ def test_readings_of_visits_stopped_damaged_by_an_older_version_are_released_onc
 
 
 # --- 8. the readings of a visit set aside go on their own, once; a retried visit does not carry them
-
-
-def link_a_reading_then_set_the_visit_aside(data: Path, at: dt.datetime) -> str:
-    """A cuff reading relayed into P-1's open visit; the visit stopped and signed, then its doctor
-    blanked on the SD card, so queueing it sets it aside (closed, retryable). The visit's id."""
-    with VisitBook.open(data, gateway_id="gw-1") as book:
-        visit = book.start("P-1", doctor_id="DR-1")
-    with Outbox.open(data, min_free_bytes=0) as outbox:
-        relay_a_cuff_reading(data, outbox, at)
-    with VisitBook.open(data, gateway_id="gw-1") as book:
-        book.stop()
-        book.db.execute("UPDATE visits SET doctor_id = '' WHERE id = ?", [visit.id])
-        book.db.conn.commit()
-    return visit.id
 
 
 def repair_and_retry(data: Path, visit_id: str) -> None:

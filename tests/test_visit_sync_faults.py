@@ -14,9 +14,8 @@ import pytest
 import requests
 
 from lastmile.visits.book import FixRecord, VisitBook, VisitPolicy
-from tests.fhir_samples import NAMING, all_kinds, signature, visit
-from tests.test_fhir_sync import queue_visits
-from tests.test_visits import GPS_T, HOUSE, FakeClocks, fix_at
+from tests.fhir_samples import NAMING, all_kinds, queue_visits, signature, visit
+from tests.visit_harness import GPS_T, HOUSE, FakeClocks, fix_at
 from uploader.fhir_bundle import visit_bundle
 from uploader.fhir_forwarder import enqueue_bundle, forward_fhir_once
 from uploader.fhir_sender import FhirSender, FhirSenderSettings

@@ -456,7 +456,7 @@ def a_visit_whose_reading_went_alone(data: Path) -> str:
 
     from lastmile.visits.relay_link import VisitQueue
     from tests.fhir_samples import NAMING
-    from tests.test_visit_forwarding import link_a_reading_then_set_the_visit_aside
+    from tests.visit_harness import link_a_reading_then_set_the_visit_aside
     from uploader.outbox import Outbox
 
     at = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=1)

@@ -95,3 +95,37 @@ def set_aside_by_a_damaged_note(book: VisitBook, outbox: Outbox) -> None:
     book.db.execute("UPDATE visit_notes SET stamp = 'not json'")
     book.db.conn.commit()
     book.queue_closed(outbox, NAMING)
+
+
+def relay_a_cuff_reading(data: Path, outbox: Outbox, at: dt.datetime) -> None:
+    """P-1's cuff reading, recorded at the clinic, relayed by the forward service's relay."""
+    from lastmile.clinic.observations import ObservationStore
+    from lastmile.services.observation_relay import relay_observations
+    from lastmile.visits.relay_link import VisitNotices, visit_link
+    from tests.fhir_samples import NAMING, blood_pressure
+
+    store = ObservationStore.open(data, outbox=outbox, idle_timeout_s=900)
+    try:
+        store.context.set_patient("P-1", "Wang^Fang", now=at)
+        assert store.record(blood_pressure(at, None, "bp-1"), now=at).outcome == "stored"
+        assert (
+            relay_observations(outbox, NAMING, at.timestamp(), visit_link=visit_link(data, "gw-1", VisitNotices())) == 1
+        )
+    finally:
+        store.close()
+
+
+def link_a_reading_then_set_the_visit_aside(data: Path, at: dt.datetime) -> str:
+    """A cuff reading relayed into P-1's open visit; the visit stopped and signed, then its doctor
+    blanked on the SD card, so queueing it sets it aside (closed, retryable). The visit's id."""
+    from uploader.outbox import Outbox
+
+    with VisitBook.open(data, gateway_id="gw-1") as book:
+        visit = book.start("P-1", doctor_id="DR-1")
+    with Outbox.open(data, min_free_bytes=0) as outbox:
+        relay_a_cuff_reading(data, outbox, at)
+    with VisitBook.open(data, gateway_id="gw-1") as book:
+        book.stop()
+        book.db.execute("UPDATE visits SET doctor_id = '' WHERE id = ?", [visit.id])
+        book.db.conn.commit()
+    return visit.id

@@ -27,7 +27,7 @@ from types import ModuleType
 import pytest
 
 from tests.conftest import REPO, missing, require_tool
-from tests.system.test_image_boot import CLINIC_CONFIG, NETWORKED_CONFIG
+from tests.system.image_configs import CLINIC_CONFIG, NETWORKED_CONFIG
 
 FILES = REPO / "image" / "files"
 SYSTEMD = REPO / "systemd"

@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import REPO
 from tests.metrics_harness import parse_exposition, value
 from tests.system.container import Container
-from tests.system.test_nspawn import active_running, booted_container, enqueue, install_lastmile
+from tests.system.nspawn_gateway import active_running, booted_container, enqueue, install_lastmile
 
 pytestmark = pytest.mark.slow
 

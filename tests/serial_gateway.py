@@ -1,0 +1,95 @@
+"""The serial service as the serial tests drive it: a gateway configured for pty devices, the service
+running on its own thread, the bridge's side of the conversation, and a monitor profile with a typo."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from devices.bridge import codec
+from firmware_bridge.firmware.bridge_core import BridgeCore
+from lastmile.clinic.devices import DeviceRegistry
+from lastmile.clinic.patients import PatientContext
+from lastmile.config import Config
+from lastmile.services.serial_devices import SerialService
+from tests.serial_pty import PtyDevice
+from tests.service_harness import EXAMPLE_PROFILE
+from tests.waiting import wait_for
+from uploader.outbox import Outbox
+
+
+def serial_config(tmp_path: Path, devices: list[dict]) -> Config:
+    """A gateway reading `devices`, with the clinic's card and badge patterns."""
+    config = Config()
+    config.gateway.data_dir = str(tmp_path / "data")
+    config.serial.devices = devices
+    config.serial.patient_card_pattern = r"(?P<id>\d{20})"
+    config.serial.doctor_badge_pattern = r"DR-(?P<id>\d{6})"
+    return config
+
+
+class Running:
+    """The serial service running on its own thread over pty devices, with the outbox and the test
+    thread's own clinic.db connections."""
+
+    def __init__(self, tmp_path: Path, devices: list[dict], *, min_free_bytes: int = 0, profiles_dir: str = "") -> None:
+        self.config = serial_config(tmp_path, devices)
+        self.config.serial.profiles_dir = profiles_dir
+        self.outbox = Outbox.open(self.config.data_dir, min_free_bytes=min_free_bytes)
+        self.service = SerialService.open(self.config, outbox=self.outbox, watch_dirs=None, rescan_s=0.1)
+        self.service.start()
+        # The test thread's own clinic.db connections (as `lastmile patient` / `lastmile devices`
+        # have in their own processes): the service's connection belongs to its thread.
+        self.patients = PatientContext.open(self.config.data_dir, idle_timeout_s=900)
+        self.registry = DeviceRegistry.open(self.config.data_dir)
+
+    def now(self) -> dt.datetime:
+        return dt.datetime.now(dt.timezone.utc)
+
+    def close(self) -> None:
+        self.service.close()
+        self.outbox.close()
+        self.patients.close()
+        self.registry.close()
+
+
+def talk_as_bridge(dev: PtyDevice, core: BridgeCore, clock: list[int], until) -> None:
+    """Be the bridge: answer the gateway, resend on timeouts, until `until()` holds."""
+
+    def step() -> bool:
+        data = dev.read_available(0.05)
+        if data:
+            dev.write(core.receive(data, clock[0]))
+        clock[0] += 100
+        dev.write(core.poll(clock[0]))
+        return until()
+
+    wait_for(step, timeout=30)
+
+
+def wait_for_answers(
+    bridge: PtyDevice, seqs: set[int], core: BridgeCore | None = None, now_ms: int = 0
+) -> list[codec.Ack | codec.Nack]:
+    """The gateway's ACKs and NACKs read from the pty until each of `seqs` has one (30 s at most),
+    handed to `core` too when given, so the bridge acts on them as the firmware would."""
+    answers: list[codec.Ack | codec.Nack] = []
+    reader = codec.FrameReader()
+
+    def answered() -> bool:
+        data = bridge.read_available(0.05)
+        if core is not None:
+            bridge.write(core.receive(data, now_ms))
+        messages = (codec.decode_message(f) for f in reader.feed(data))
+        answers.extend(m for m in messages if isinstance(m, (codec.Ack, codec.Nack)))
+        return seqs <= {a.seq for a in answers}
+
+    wait_for(answered, timeout=30)
+    return answers
+
+
+def ward_profile_with_bad_baudrate(profiles: Path) -> int:
+    """`ward-monitor.toml` with its port speed mistyped; returns the line of the mistake."""
+    good = EXAMPLE_PROFILE.read_text().replace('name = "example-vitals-monitor"', 'name = "ward-monitor"', 1)
+    lines = good.replace("baudrate = 9600", "baudrate = 0", 1).splitlines()
+    (profiles / "ward-monitor.toml").write_text("\n".join(lines) + "\n")
+    return next(i + 1 for i, text in enumerate(lines) if text.startswith("baudrate = 0"))
