@@ -760,7 +760,8 @@ class Doctor:
 
         free_space = "free space on the data partition (see the data line); the acquire service stores them within 30 s"
         found = []
-        for what, name in (("reading(s)", SPILL_NAME), ("streamed ECG(s)", ECG_SPILL_NAME)):
+        # the System page's advice names what waits too: a village doctor does not take an ECG for a reading
+        for what, name, advice in (("reading(s)", SPILL_NAME, ""), ("streamed ECG(s)", ECG_SPILL_NAME, "ecgs-kept")):
             waiting = waiting_readings(self.config.data_dir, name)
             if waiting:
                 found.append(
@@ -770,6 +771,7 @@ class Doctor:
                         f"{waiting} {what} from serial devices wait for space on the data partition "
                         f"(kept in {name}); they are stored once there is room",
                         free_space,
+                        advice_key=advice,
                     )
                 )
         # no spill file could be set aside (the partition was full at start), or they do not fit in
@@ -779,9 +781,9 @@ class Doctor:
             Finding(
                 "devices",
                 Level.FAIL,
-                f"{r.name or r.address}: readings wait for space on the data partition ({MEMORY_ONLY})",
+                f"{r.name or r.address}: {r.held_words} wait for space on the data partition ({MEMORY_ONLY})",
                 free_space + "; do not switch the gateway off before they are stored",
-                advice_key="memory-only",
+                advice_key="memory-only-ecgs" if r.held_ecg_count else "memory-only",
             )
             for r in in_memory
         ]

@@ -53,8 +53,8 @@ class Running:
         self.registry.close()
 
 
-def talk_as_bridge(dev: PtyDevice, core: BridgeCore, clock: list[int], until) -> None:
-    """Be the bridge: answer the gateway, resend on timeouts, until `until()` holds."""
+def talk_as_bridge(dev: PtyDevice, core: BridgeCore, clock: list[int], until, *, timeout: float = 30) -> None:
+    """Be the bridge: answer the gateway, resend on timeouts, until `until()` holds (`timeout` s at most)."""
 
     def step() -> bool:
         data = dev.read_available(0.05)
@@ -64,7 +64,7 @@ def talk_as_bridge(dev: PtyDevice, core: BridgeCore, clock: list[int], until) ->
         dev.write(core.poll(clock[0]))
         return until()
 
-    wait_for(step, timeout=30)
+    wait_for(step, timeout=timeout)
 
 
 def wait_for_answers(

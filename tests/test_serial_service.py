@@ -8,12 +8,13 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from devices.bridge import codec
 from firmware_bridge.bridge_simulator import EcgStreamSimulator
 from firmware_bridge.firmware.bridge_core import BridgeCore
-from lastmile.clinic.devices import DeviceRegistry
+from lastmile.clinic.devices import DeviceRegistry, HeldReadings
 from lastmile.config import ConfigError, load_profiles_apart
 from lastmile.services.serial_devices import link_specs
 from tests.conftest import run_on_private_tmpfs
@@ -215,6 +216,73 @@ def test_an_ecg_end_resent_while_its_recording_is_held_waits_for_storage(
     talk_as_bridge(bridge, core, clock, lambda: core.pending_count == 0)
     bridge.unplug()
     assert [i.key for i in r.outbox.items(kind="dicom")] == [key]
+
+
+TEN_SECONDS = 200  # ECG_BLOCKs of 25 samples at 500 Hz
+
+
+class RealisticEcg(EcgStreamSimulator):
+    """A bridge's ECG whose samples compress about as a real 12-lead ECG's do (noise of +-200
+    units, not the simulator's periodic test signal): ~25 ten-second ones fill the ECG spill file."""
+
+    def block(self, first: int, now_ms: int = 0) -> bytes:
+        rng = np.random.default_rng((self.recording_id, first))
+        data = rng.integers(-200, 201, size=(self.block_samples, len(self.leads))).astype("<i2").tobytes()
+        return self.core.send(codec.EcgBlock(self.recording_id, first, len(self.leads), data), now_ms, reliable=False)
+
+
+def stream_until_held_in_memory(bridge: PtyDevice, core: BridgeCore, clock: list[int], r: Running) -> int:
+    """Ten-second ECGs streamed to a gateway whose outbox refuses them, until one no longer fits in
+    the ECG spill file (the device row says memory only); returns how many were streamed."""
+    from lastmile.services.serial_spill import ECG_SPILL_NAME, waiting_readings
+
+    data = Path(r.config.data_dir)
+
+    def in_memory() -> bool:
+        return r.registry.get("serial:ecg").held_readings is HeldReadings.MEMORY
+
+    sent = 0
+    while not in_memory():
+        assert sent < 60, "the ECG spill file never filled"
+        sent += 1
+        sim = RealisticEcg(core, recording_id=sent)
+        bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(TEN_SECONDS)) + sim.end(TEN_SECONDS * 25, clock[0]))
+        wait_for(lambda: waiting_readings(data, ECG_SPILL_NAME) == sent or in_memory(), timeout=60)  # noqa: B023
+    return sent
+
+
+def test_streamed_ecgs_past_a_full_ecg_spill_file_are_said_in_memory_only_and_all_arrive_once(
+    tmp_path: Path, running
+) -> None:
+    """A bridge streams ECG after ECG while the disk refuses them: the 4 MB ECG spill file holds
+    ~25; the next one is held in memory only. The row said so, but `lastmile doctor` and the
+    System page said "readings" wait for space (a village doctor does not take a reading for an
+    ECG). Now they say ECG(s), in Chinese on the page, and with room again every ECG, spilled or in
+    memory, is stored once and ACKed."""
+    from lastmile.clock import local_zone
+    from lastmile.console.app import advice_text
+    from lastmile.console.i18n import Localizer
+    from lastmile.doctor import Doctor, Level
+    from lastmile.services.serial_spill import ECG_SPILL_NAME, waiting_readings
+
+    bridge, r, core, clock = ecg_bridge_greeted(tmp_path, running)
+    r.outbox.min_free_bytes = 1 << 60  # the data partition is full
+    sent = stream_until_held_in_memory(bridge, core, clock, r)
+    row = r.registry.get("serial:ecg").last_error
+    assert f"{sent} ECG(s)" in row and "held in memory only" in row, row
+    findings = Doctor(r.config).check_devices()
+    (memory,) = [f for f in findings if f.advice_key.startswith("memory-only")]
+    assert memory.level is Level.FAIL and f"{sent} ECG(s)" in memory.message, memory.message
+    assert "memory only" in memory.message and "do not switch the gateway off" in memory.hint, memory
+    zh = Localizer("zh-CN", local_zone())
+    for finding in (f for f in findings if f.level is Level.FAIL):  # the spill file's ECGs, and the one in memory
+        assert "心电图" in advice_text(finding, zh), (finding.message, advice_text(finding, zh))
+    r.outbox.min_free_bytes = 0  # room again: the next retry (every 30 s) stores them, then they are ACKed
+    talk_as_bridge(bridge, core, clock, lambda: core.pending_count == 0, timeout=120)
+    keys = sorted(f"bridge-ecg:BR-ECG:9:{n}" for n in range(1, sent + 1))
+    assert sorted(i.key for i in r.outbox.items(kind="dicom")) == keys, "an ECG the full disk refused was lost"
+    assert waiting_readings(Path(r.config.data_dir), ECG_SPILL_NAME) == 0
+    assert not [f for f in Doctor(r.config).check_devices() if f.level is Level.FAIL]
 
 
 # The gateway (a child process, so that it can lose its power) with the bridge `argv[2]` and a

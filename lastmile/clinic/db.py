@@ -230,6 +230,13 @@ MIGRATIONS = (
     # where the readings a device's last error says wait for space are ('disk', 'memory'; NULL or
     # '': none): the doctor FAILs on 'memory' whatever words the error is written in
     Migration.sql("0015_device_held_readings", "ALTER TABLE devices ADD COLUMN held_readings TEXT;"),
+    # how many readings and streamed ECGs wait for space (with held_readings): the doctor and the
+    # System page name what is at risk (an ECG is not "readings") without reading the error's words
+    Migration.sql(
+        "0016_device_held_counts",
+        "ALTER TABLE devices ADD COLUMN held_reading_count INTEGER NOT NULL DEFAULT 0;\n"
+        "ALTER TABLE devices ADD COLUMN held_ecg_count INTEGER NOT NULL DEFAULT 0;",
+    ),
 )
 
 

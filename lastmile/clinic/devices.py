@@ -55,6 +55,14 @@ class DeviceRecord:
     last_sequence: int | None
     removed: bool = False  # unpaired, or no longer configured: history, not a current device
     held_readings: HeldReadings = HeldReadings.NONE  # until they are stored, whatever its later errors
+    held_reading_count: int = 0  # what waits there: readings (an ASCII monitor's) ...
+    held_ecg_count: int = 0  # ... and streamed ECGs (a bridge's)
+
+    @property
+    def held_words(self) -> str:
+        """What waits for space, for people ("3 reading(s), 2 ECG(s)"; "readings" for a row held
+        before the counts were kept)."""
+        return held_words(self.held_reading_count, self.held_ecg_count) or "readings"
 
     def to_json(self) -> dict:
         out = {}
@@ -62,6 +70,12 @@ class DeviceRecord:
             v = getattr(self, f.name)
             out[f.name] = v.isoformat() if isinstance(v, dt.datetime) else v.value if isinstance(v, enum.Enum) else v
         return out
+
+
+def held_words(readings: int, ecgs: int) -> str:
+    """The readings and streamed ECGs waiting for space, in words ("" when none)."""
+    words = [f"{readings} reading(s)"] if readings else []
+    return ", ".join(words + ([f"{ecgs} ECG(s)"] if ecgs else []))
 
 
 def normalise_address(address: str) -> str:
@@ -122,6 +136,8 @@ def _record(row: sqlite3.Row, serial: frozenset[str] | None = None) -> DeviceRec
         last_error_at=from_iso(row["last_error_at"]),
         last_sequence=row["last_sequence"],
         held_readings=HeldReadings(row["held_readings"] or ""),
+        held_reading_count=row["held_reading_count"],
+        held_ecg_count=row["held_ecg_count"],
         removed=(transport == "ble" and not allowed)
         or (transport == "serial" and serial is not None and row["address"] not in serial),
     )
@@ -192,13 +208,15 @@ class DeviceRegistry:
         seen: bool = False,
         error: str | None = None,
         held: HeldReadings | None = None,
+        held_counts: tuple[int, int] = (0, 0),
         identity: DeviceIdentity | None = None,
         reading: str | None = None,
         reading_at: dt.datetime | None = None,
         name: str | None = None,
     ) -> None:
         """Record what just happened to a device; only the given facts change (`held`: where
-        the readings waiting for space are; it stays, whatever later errors say, until given again)."""
+        the readings waiting for space are, `held_counts` how many readings and streamed ECGs; they
+        stay, whatever later errors say, until given again)."""
         address = normalise_address(address)
         sets: dict[str, object] = {"updated_at": iso(now)}
         if connected is not None:
@@ -212,6 +230,7 @@ class DeviceRegistry:
             sets["last_error_at"] = iso(now)
         if held is not None:
             sets["held_readings"] = held.value
+            sets["held_reading_count"], sets["held_ecg_count"] = held_counts
         if identity is not None:
             for f in ("manufacturer", "model", "serial", "software_version"):
                 if getattr(identity, f):

@@ -374,6 +374,14 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
             "Readings are waiting for storage space and are not saved yet: do not switch the gateway off, they "
             "would be lost. Call the county IT now to free space."
         ),
+        # the finding's own (doctor.Finding.advice_key): ECGs from a bridge, not readings
+        "ecgs-kept": N_(
+            "ECGs are waiting for storage space: they are kept and saved once there is room. Call the county IT."
+        ),
+        "memory-only-ecgs": N_(
+            "ECGs are waiting for storage space and are not saved yet: do not switch the gateway off, they "
+            "would be lost. Call the county IT now to free space."
+        ),
     },
     "queue": {
         "WARN": N_("Some items could not be sent and were set aside: tell the county IT."),

@@ -62,7 +62,14 @@ from firmware_bridge.serial_link import (
     list_ports,
 )
 from lastmile import __version__
-from lastmile.clinic.devices import DeviceRegistry, HeldReadings, forwarded_name, normalise_address, serial_address
+from lastmile.clinic.devices import (
+    DeviceRegistry,
+    HeldReadings,
+    forwarded_name,
+    held_words,
+    normalise_address,
+    serial_address,
+)
 from lastmile.clinic.observations import ObservationStore, summary
 from lastmile.clinic.patients import PatientContext
 from lastmile.config import (
@@ -86,7 +93,7 @@ ASCII_IDLE_FLUSH_S = 5.0  # a device quiet this long: finish (or reject) the rep
 TIME_SYNC_EVERY_S = 600.0
 ERROR_STATUS_EVERY_S = 5.0  # a port spewing garbage must not turn into a database write per frame
 RETRY_STORE_S = 30.0
-LOST_AT_STOP = "readings held in memory only (waiting for space) were lost when the gateway stopped"
+LOST_AT_STOP = "{} held in memory only (waiting for space) were lost when the gateway stopped"  # .format(held_words)
 
 
 class RecordingRefused(Exception):
@@ -267,7 +274,7 @@ class SerialContext:
         waiting = {normalise_address(serial_address(name)) for name in self.unstored}
         for record in self.registry.all():
             if record.transport == "serial" and record.held_readings and record.address not in waiting:
-                lost = "" if record.held_readings is HeldReadings.DISK else LOST_AT_STOP
+                lost = "" if record.held_readings is HeldReadings.DISK else LOST_AT_STOP.format(record.held_words)
                 self.registry.update_status(
                     record.address, now=self.now(), transport="serial", error=lost, held=HeldReadings.NONE
                 )
@@ -291,16 +298,15 @@ class SerialContext:
     def _say_waiting(self, spec: LinkSpec) -> None:
         """Say on the device's row what waits for space (never silent: also when only memory holds it)."""
         held = self.unstored.get(spec.name) or Unstored()
-        waiting = [f"{len(held.observations)} reading(s)"] if held.observations else []
-        waiting += [f"{len(held.recordings)} ECG(s)"] if held.recordings else []
-        if not waiting:
+        counts = (len(held.observations), len(held.recordings))
+        if not held:
             self.status(spec, error="", held=HeldReadings.NONE)
             return
         kept = (self.spill_kept or not held.observations) and (self.ecg_spill_kept or not held.recordings)
         where = KEPT_ON_DISK if kept else MEMORY_ONLY
-        message = f"{', '.join(waiting)} waiting for space on the data partition ({where})"
+        message = f"{held_words(*counts)} waiting for space on the data partition ({where})"
         log.error("%s: %s", spec.name, message)
-        self.status(spec, error=message, held=HeldReadings.DISK if kept else HeldReadings.MEMORY)
+        self.status(spec, error=message, held=HeldReadings.DISK if kept else HeldReadings.MEMORY, held_counts=counts)
 
     def hold_recording(self, spec: LinkSpec, recording: EcgRecording, key: str) -> None:
         held = self.unstored.setdefault(spec.name, Unstored())
