@@ -81,7 +81,14 @@ from lastmile.config import (
     serial_device_problems,
 )
 from lastmile.ecg.intake import enqueue_recording, session_request
-from lastmile.services.serial_spill import ECG_SPILL_BYTES, ECG_SPILL_NAME, KEPT_ON_DISK, MEMORY_ONLY, SpillFile
+from lastmile.services.serial_spill import (
+    ECG_SPILL_BYTES,
+    ECG_SPILL_NAME,
+    KEPT_ON_DISK,
+    MEMORY_ONLY,
+    SpillFile,
+    kept_in,
+)
 from uploader.errors import InvalidObjectError, UploadError
 from uploader.outbox import Outbox
 
@@ -210,9 +217,7 @@ class SerialContext:
     _last_error_write: dict[str, float] = field(default_factory=dict)
     unstored: dict[str, Unstored] = field(default_factory=dict)  # by device (spec) name
     spill: SpillFile | None = None  # the unstored observations, on disk too (a power cut)
-    spill_kept: bool = False  # whether the spill file holds them all (its last save, or the start's load)
     ecg_spill: SpillFile | None = None  # the unstored streamed ECGs, on disk too
-    ecg_spill_kept: bool = False  # as spill_kept, for ecg_spill
 
     def status(self, spec: LinkSpec, port: str = "", **facts: object) -> None:
         """Record device facts; `port` (given on connect) goes into the name `lastmile devices` shows."""
@@ -257,12 +262,10 @@ class SerialContext:
     def load_spilled(self) -> None:
         """What a previous run kept in the spill files waits again, retried at once."""
         loaded = self.spill.load() if self.spill is not None else {}
-        self.spill_kept = bool(loaded)  # the file holds them until the next save
         for name, observations in loaded.items():
             log.warning("%s: %d reading(s) kept from before the restart wait for space", name, len(observations))
             self.unstored.setdefault(name, Unstored()).observations.extend(observations)
         recordings = self.ecg_spill.load_recordings() if self.ecg_spill is not None else {}
-        self.ecg_spill_kept = bool(recordings)
         for name, by_key in recordings.items():
             log.warning("%s: %d streamed ECG(s) kept from before the restart wait for space", name, len(by_key))
             self.unstored.setdefault(name, Unstored()).recordings.update(by_key)
@@ -283,16 +286,14 @@ class SerialContext:
 
     def _spill_changed(self, spec: LinkSpec) -> None:
         """The unstored observations changed: write them all to the spill file, and say so."""
-        self.spill_kept = self.spill is not None and self.spill.save(
-            {name: held.observations for name, held in self.unstored.items()}
-        )
+        if self.spill is not None:
+            self.spill.save({name: held.observations for name, held in self.unstored.items()})
         self._say_waiting(spec)
 
     def _ecg_spill_changed(self, spec: LinkSpec) -> None:
         """The unstored streamed ECGs changed: write them all to the ECG spill file, and say so."""
-        self.ecg_spill_kept = self.ecg_spill is not None and self.ecg_spill.save_recordings(
-            {name: held.recordings for name, held in self.unstored.items()}
-        )
+        if self.ecg_spill is not None:
+            self.ecg_spill.save_recordings({name: held.recordings for name, held in self.unstored.items()})
         self._say_waiting(spec)
 
     def _say_waiting(self, spec: LinkSpec) -> None:
@@ -302,7 +303,7 @@ class SerialContext:
         if not held:
             self.status(spec, error="", held=HeldReadings.NONE)
             return
-        kept = (self.spill_kept or not held.observations) and (self.ecg_spill_kept or not held.recordings)
+        kept = (kept_in(self.spill) or not held.observations) and (kept_in(self.ecg_spill) or not held.recordings)
         where = KEPT_ON_DISK if kept else MEMORY_ONLY
         message = f"{held_words(*counts)} waiting for space on the data partition ({where})"
         log.error("%s: %s", spec.name, message)
@@ -775,9 +776,9 @@ class SerialService:
                 "%s: %d reading(s) (%s), %d ECG recording(s) (%s) not stored: the outbox refused them",
                 name,
                 len(held.observations),
-                kept[self.ctx.spill_kept],
+                kept[kept_in(self.ctx.spill)],
                 len(held.recordings),
-                kept[self.ctx.ecg_spill_kept],
+                kept[kept_in(self.ctx.ecg_spill)],
             )
         for thing in self._owned:
             close = getattr(thing, "close", None)

@@ -98,6 +98,11 @@ def _newest(path: Path) -> tuple[int, int, dict[str, list[dict]]] | None:
     return None
 
 
+def kept_in(spill: SpillFile | None) -> bool:
+    """Whether `spill` (None: no file set aside) holds all that waits."""
+    return spill is not None and spill.kept
+
+
 def waiting_readings(data_dir: Path, name: str = SPILL_NAME) -> int:
     """How many readings (ECGs with `ECG_SPILL_NAME`) the spill file `name` in `data_dir` holds
     (0 without one); never creates it."""
@@ -106,11 +111,13 @@ def waiting_readings(data_dir: Path, name: str = SPILL_NAME) -> int:
 
 
 class SpillFile:
-    """The spill file of one data directory; `usable` is False when it could not be allocated."""
+    """The spill file of one data directory; `usable` is False when it could not be allocated.
+    `kept`: whether it holds all that waits (what its last save did, or what it held at `load`)."""
 
     def __init__(self, data_dir: Path, size: int = SPILL_BYTES, name: str = SPILL_NAME) -> None:
         self.path = Path(data_dir) / name
         self.usable = self._allocate(size)
+        self.kept = False
         newest = _newest(self.path) if self.usable else None
         self._slot, self._generation = (newest[0], newest[1]) if newest else (1, 0)
         self._at_start = newest[2] if newest else {}  # for `load`: the file is read once
@@ -137,8 +144,10 @@ class SpillFile:
         return True
 
     def load(self) -> Spilled:
-        """What the file held when it was opened (a previous run's readings)."""
-        return {name: [observation_from_json(o) for o in obs] for name, obs in self._at_start.items() if obs}
+        """What the file held when it was opened (a previous run's readings): kept there until the next save."""
+        loaded = {name: [observation_from_json(o) for o in obs] for name, obs in self._at_start.items() if obs}
+        self.kept = bool(loaded)
+        return loaded
 
     def save(self, spilled: Spilled) -> bool:
         """Write `spilled` (all that waits, replacing what the file held) in place and fsync it;
@@ -146,12 +155,14 @@ class SpillFile:
         return self._save({name: [observation_to_json(o) for o in obs] for name, obs in spilled.items() if obs})
 
     def load_recordings(self) -> SpilledRecordings:
-        """The streamed ECGs the file held when it was opened (a previous run's)."""
-        return {
+        """The streamed ECGs the file held when it was opened (a previous run's), as `load`."""
+        loaded = {
             name: dict(recording_from_json(r) for r in recordings)
             for name, recordings in self._at_start.items()
             if recordings
         }
+        self.kept = bool(loaded)
+        return loaded
 
     def save_recordings(self, spilled: SpilledRecordings) -> bool:
         """As `save`, for streamed ECGs by device and outbox key."""
@@ -160,6 +171,10 @@ class SpillFile:
         )
 
     def _save(self, content: dict[str, list[dict]]) -> bool:
+        self.kept = self._write(content)
+        return self.kept
+
+    def _write(self, content: dict[str, list[dict]]) -> bool:
         if not self.usable:
             return False
         body = json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()
