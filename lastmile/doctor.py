@@ -141,12 +141,6 @@ def failing_since_seen(r: DeviceRecord) -> bool:
     return bool(r.last_error and r.last_error_at and (seen is None or r.last_error_at >= seen))
 
 
-def _waits_for_space(r: DeviceRecord) -> bool:
-    """`r`'s error is readings the full outbox refused (on disk or in memory only): the doctor's
-    space check FAILs for them (Doctor._readings_waiting_for_space)."""
-    return bool(r.held_readings)
-
-
 @dataclass(frozen=True, slots=True)
 class OutboxReads:
     """What a doctor run read from the outbox, in its one open (see `Doctor.outbox_reads`)."""
@@ -755,7 +749,6 @@ class Doctor:
     def _readings_waiting_for_space(self) -> list[Finding]:
         """Readings a serial monitor printed that the full outbox refused: kept in the spill file
         until there is room, and a FAIL until then (the monitor cannot print them again)."""
-        from lastmile.clinic.devices import HeldReadings
         from lastmile.services.serial_spill import ECG_SPILL_NAME, MEMORY_ONLY, SPILL_NAME, waiting_readings
 
         free_space = "free space on the data partition (see the data line); the acquire service stores them within 30 s"
@@ -776,7 +769,7 @@ class Doctor:
                 )
         # no spill file could be set aside (the partition was full at start), or they do not fit in
         # it: the row's own status says so until they are stored (seen again or not since)
-        in_memory = [r for r in self.device_records() or [] if not r.removed and r.held_readings is HeldReadings.MEMORY]
+        in_memory = [r for r in self.device_records() or [] if not r.removed and r.held_in_memory_only]
         found += [
             Finding(
                 "devices",
@@ -809,7 +802,7 @@ class Doctor:
         records = [r for r in records if not r.removed]
         recent = [r for r in records if (t := last_seen(r)) is not None and now - t < day]
         # readings waiting for space are the space check's FAIL: said there, not again here
-        errors = [r for r in records if failing_since_seen(r) and not _waits_for_space(r)]
+        errors = [r for r in records if failing_since_seen(r) and not r.waits_for_space]
         text = (
             f"{len(records)} known, {len(recent)} seen in 24 h, "
             f"{sum(r.connected for r in records)} connected; {plugged}"

@@ -14,7 +14,7 @@ import pytest
 from devices.bridge import codec
 from firmware_bridge.bridge_simulator import EcgStreamSimulator
 from firmware_bridge.firmware.bridge_core import BridgeCore
-from lastmile.clinic.devices import DeviceRegistry, HeldReadings
+from lastmile.clinic.devices import DeviceRegistry
 from lastmile.config import ConfigError, load_profiles_apart
 from lastmile.services.serial_devices import link_specs
 from tests.conftest import run_on_private_tmpfs
@@ -239,7 +239,7 @@ def stream_until_held_in_memory(bridge: PtyDevice, core: BridgeCore, clock: list
     data = Path(r.config.data_dir)
 
     def in_memory() -> bool:
-        return r.registry.get("serial:ecg").held_readings is HeldReadings.MEMORY
+        return r.registry.get("serial:ecg").held_in_memory_only
 
     sent = 0
     while not in_memory():
@@ -469,7 +469,7 @@ def test_a_card_scanned_for_the_checked_in_patient_keeps_their_name_and_stat(tmp
 TMPFS_GATEWAY = r"""
 import datetime as dt, json, os, signal, sys
 from pathlib import Path
-from lastmile.clinic.devices import DeviceRegistry, HeldReadings
+from lastmile.clinic.devices import DeviceRegistry
 from lastmile.config import Config
 from lastmile.services.serial_devices import SerialService
 from lastmile.services.serial_spill import waiting_readings
@@ -513,7 +513,7 @@ def said_held_in_memory(count):
         row = registry.get("serial:monitor")
     finally:
         registry.close()
-    return row.held_readings is HeldReadings.MEMORY and f"{count} reading(s)" in row.last_error
+    return row.held_in_memory_only and f"{count} reading(s)" in row.last_error
 """
 
 # The gateway (a child process) reads a monitor's report on a partition full to its last block,

@@ -24,7 +24,7 @@ from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
 from lastmile.config import Config
 
 
-class HeldReadings(str, enum.Enum):
+class HeldReadings(enum.StrEnum):
     """Where the readings a device's last error says wait for space are (the full outbox refused
     them): a status of its own, so no reader depends on the error's words."""
 
@@ -57,6 +57,16 @@ class DeviceRecord:
     held_readings: HeldReadings = HeldReadings.NONE  # until they are stored, whatever its later errors
     held_reading_count: int = 0  # what waits there: readings (an ASCII monitor's) ...
     held_ecg_count: int = 0  # ... and streamed ECGs (a bridge's)
+
+    @property
+    def waits_for_space(self) -> bool:
+        """Readings (streamed ECGs) the full outbox refused wait, on disk or in memory only."""
+        return self.held_readings is not HeldReadings.NONE
+
+    @property
+    def held_in_memory_only(self) -> bool:
+        """What waits for space is lost if the power fails: `lastmile doctor` FAILs."""
+        return self.held_readings is HeldReadings.MEMORY
 
     @property
     def held_words(self) -> str:

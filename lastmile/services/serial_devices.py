@@ -276,8 +276,8 @@ class SerialContext:
         says so instead of FAILing for readings no longer anywhere."""
         waiting = {normalise_address(serial_address(name)) for name in self.unstored}
         for record in self.registry.all():
-            if record.transport == "serial" and record.held_readings and record.address not in waiting:
-                lost = "" if record.held_readings is HeldReadings.DISK else LOST_AT_STOP.format(record.held_words)
+            if record.transport == "serial" and record.waits_for_space and record.address not in waiting:
+                lost = LOST_AT_STOP.format(record.held_words) if record.held_in_memory_only else ""
                 self.registry.update_status(
                     record.address, now=self.now(), transport="serial", error=lost, held=HeldReadings.NONE
                 )
