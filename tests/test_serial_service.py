@@ -285,19 +285,14 @@ def test_streamed_ecgs_past_a_full_ecg_spill_file_are_said_in_memory_only_and_al
     assert not [f for f in Doctor(r.config).check_devices() if f.level is Level.FAIL]
 
 
-# The gateway (a child process, so that it can lose its power) with the bridge `argv[2]` and a
-# data partition full to the last byte the outbox may use.
+# The gateway (a child process, so that it can lose its power; its data in `argv[1]`/data) with
+# the bridge `argv[2]` and a data partition full to the last byte the outbox may use.
 BRIDGE_GATEWAY_ON_A_FULL_DISK = r"""
 import sys, threading
-from lastmile.config import Config
-from lastmile.services.serial_devices import SerialService
-from uploader.outbox import Outbox
+from pathlib import Path
+from tests.serial_gateway import Running
 
-config = Config()
-config.gateway.data_dir = sys.argv[1]
-config.serial.devices = [{"name": "ecg", "match": sys.argv[2], "profile": "bridge"}]
-outbox = Outbox.open(config.data_dir, min_free_bytes=1 << 60)
-SerialService.open(config, outbox=outbox, watch_dirs=None, rescan_s=0.1).start()
+Running(Path(sys.argv[1]), [{"name": "ecg", "match": sys.argv[2], "profile": "bridge"}], min_free_bytes=1 << 60)
 threading.Event().wait()  # until the power fails (SIGKILL)
 """
 
@@ -321,7 +316,7 @@ def test_a_streamed_ecg_a_full_disk_refused_survives_a_power_cut_and_arrives_onc
     core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
     data_dir = tmp_path / "data"
     gateway = subprocess.Popen(
-        [sys.executable, "-c", BRIDGE_GATEWAY_ON_A_FULL_DISK, str(data_dir), str(bridge.link_path)],
+        [sys.executable, "-c", BRIDGE_GATEWAY_ON_A_FULL_DISK, str(tmp_path), str(bridge.link_path)],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
@@ -470,32 +465,26 @@ TMPFS_GATEWAY = r"""
 import datetime as dt, json, os, signal, sys
 from pathlib import Path
 from lastmile.clinic.devices import DeviceRegistry
-from lastmile.config import Config
-from lastmile.services.serial_devices import SerialService
 from lastmile.services.serial_spill import waiting_readings
 from tests.conftest import fill_to_the_last_block
-from tests.serial_gateway import Running, serial_config, talk_as_bridge, wait_for_answers
+from tests.serial_gateway import Running, serial_config
 from tests.serial_pty import PtyDevice
 from tests.service_harness import VITALS_REPORT
 from tests.waiting import wait_for
-from uploader.outbox import Outbox
 
 mnt = Path(sys.argv[1])
 monitor = PtyDevice(mnt / "usb-monitor")
-config = Config()
-config.gateway.data_dir = str(mnt / "data")
-config.serial.devices = [{"name": "monitor", "match": str(monitor.link_path), "profile": "example-vitals-monitor"}]
+DEVICES = [{"name": "monitor", "match": str(monitor.link_path), "profile": "example-vitals-monitor"}]
+config = serial_config(mnt, DEVICES)  # the gateway's, as Running builds it
 
 def start():
-    outbox = Outbox.open(config.data_dir, min_free_bytes=1 << 20)
-    service = SerialService.open(config, outbox=outbox, watch_dirs=None, rescan_s=0.1)
-    service.start()
-    wait_for(lambda: all(s.connected for s in service.statuses()))
-    return outbox, service
+    gateway = Running(mnt, DEVICES, min_free_bytes=1 << 20)
+    wait_for(lambda: all(s.connected for s in gateway.service.statuses()))
+    return gateway
 
-def monitor_prints_a_refused_report(service, fill=False):
+def monitor_prints_a_refused_report(gateway, fill=False):
     now = dt.datetime.now(dt.timezone.utc)
-    service.ctx.patients.set_patient("P-9", now=now - dt.timedelta(minutes=1))
+    gateway.patients.set_patient("P-9", now=now - dt.timedelta(minutes=1))
     if fill:
         fill_to_the_last_block(mnt / "filler")
     printed = (now + dt.timedelta(hours=1)).strftime("DATE %Y-%m-%d  TIME %H:%M:%S").encode()
@@ -521,8 +510,8 @@ def said_held_in_memory(count):
 SPILL_GATEWAY = (
     TMPFS_GATEWAY
     + r"""
-outbox, service = start()
-monitor_prints_a_refused_report(service, fill=True)
+gateway = start()
+monitor_prints_a_refused_report(gateway, fill=True)
 print("held", flush=True)
 os.kill(os.getpid(), signal.SIGKILL)  # the power fails
 """
@@ -607,21 +596,18 @@ NO_SPILL_SCRIPT = (
 from lastmile.doctor import Doctor
 from lastmile.services.serial_spill import SPILL_NAME
 
-outbox, service = start()
-service.close()
-outbox.close()
+start().close()
 os.unlink(mnt / "data" / SPILL_NAME)  # the version before had none
 # room for SQLite to open its files, not for the spill file; below what the outbox keeps free
 fill_to_the_last_block(mnt / "filler", leave=128 * 1024)
-outbox, service = start()
-monitor_prints_a_refused_report(service)
+gateway = start()
+monitor_prints_a_refused_report(gateway)
 registry = DeviceRegistry.open(config.data_dir)
 out = {"rows": [r.last_error for r in registry.all(config)]}
 registry.close()
 out["doctor"] = [(f.level.value, f.message) for f in Doctor(config).check_devices()]
 os.unlink(mnt / "filler")
-service.close()
-outbox.close()
+gateway.close()
 print(json.dumps(out))
 """
 )
