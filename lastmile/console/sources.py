@@ -54,7 +54,7 @@ from lastmile.reports.report_text import Reader, display_name
 from lastmile.reports.store import ReportStore, SentStudy
 from lastmile.reports.views import ecg_time
 from lastmile.services.link_status import READING_CENTER_STATUS, reading_center_down
-from lastmile.services.metered import MeteredWait, metered_wait, meters, sender_round_s
+from lastmile.services.metered import MeteredWait, metered_wait, meters
 from uploader.outbox import ItemState, Kind, OutboxItem
 from uploader.report_lines import ReportLine
 
@@ -782,10 +782,10 @@ class ClinicData:
         """Why routine ECGs wait on the metered link now and since when, if any do
         (lastmile.services.metered: the forwarder's own `Meter`, as `lastmile queue` and the
         doctor say it)."""
-        meter = meters(self.config, self.outbox).get("dicom")
-        if meter is None:
+        link = meters(self.config, self.outbox).get("dicom")
+        if link is None:
             return None
-        wait = metered_wait(meter, self.outbox, now.timestamp(), sender_round_s(self.config, "dicom"), count=False)
+        wait = metered_wait(link, self.outbox, now.timestamp(), count=False)
         return wait if wait.holding else None
 
     # -- devices ----------------------------------------------------------------------------------

@@ -69,14 +69,29 @@ def sections(config: Config) -> dict[str, MeteredSection]:
     }
 
 
-def meters(config: Config, store: StatusStore) -> dict[str, Meter]:
+@dataclass(frozen=True)
+class MeteredLink:
+    """A metered destination's `Meter`, with its sender's round (`sender_round_s`): what the meter
+    holds (`held_since`) is judged with both."""
+
+    meter: Meter
+    round_s: float
+
+
+def meters(config: Config, store: StatusStore) -> dict[str, MeteredLink]:
     """The metered destinations only."""
     found = {}
     for name, section in sections(config).items():
         policy = meter_policy(section)
         if policy is not None:
-            found[name] = Meter(name, policy, store)
+            found[name] = MeteredLink(Meter(name, policy, store), sender_round_s(config, name))
     return found
+
+
+def meter_of(config: Config, store: StatusStore, destination: str) -> Meter | None:
+    """`destination`'s meter, for its sender to charge; None when it is not metered."""
+    link = meters(config, store).get(destination)
+    return None if link is None else link.meter
 
 
 def held_since(meter: Meter, now: float, blocked: Blocked | None, round_s: float) -> float | None:
@@ -273,13 +288,12 @@ class MeteredWait:
         return self.blocked is not None and bool(self.routine_waiting)
 
 
-def metered_wait(meter: Meter, outbox: Outbox, now: float, round_s: float, *, count: bool = True) -> MeteredWait:
-    """What `meter` holds back now (`round_s`: its sender's round, `sender_round_s`). `count=False`
-    only asks whether any routine item waits (one row read: the Sent page asks at every render),
-    and only while the meter blocks."""
-    meter = read_once(meter)
+def metered_wait(link: MeteredLink, outbox: Outbox, now: float, *, count: bool = True) -> MeteredWait:
+    """What `link`'s meter holds back now. `count=False` only asks whether any routine item waits
+    (one row read: the Sent page asks at every render), and only while the meter blocks."""
+    meter = read_once(link.meter)
     blocked = meter.blocked(now)
-    hold = meter_hold(meter, now, blocked, round_s)
+    hold = meter_hold(meter, now, blocked, link.round_s)
     kind = QUEUED_KINDS.get(meter.name)
     waiting: int | None = None
     since = None
@@ -301,7 +315,4 @@ def metered_wait(meter: Meter, outbox: Outbox, now: float, round_s: float, *, co
 
 def metered_waits(config: Config, outbox: Outbox, now: float) -> dict[str, MeteredWait]:
     """Every metered destination's `MeteredWait` (none for one that is not metered)."""
-    return {
-        name: metered_wait(meter, outbox, now, sender_round_s(config, name))
-        for name, meter in meters(config, outbox).items()
-    }
+    return {name: metered_wait(link, outbox, now) for name, link in meters(config, outbox).items()}
