@@ -22,6 +22,7 @@ from lastmile.services.link_status import (
     number,
     reading_center_down,
 )
+from uploader.fhir_link import failed_by as fhir_failed_by
 from uploader.kinds import Kind
 from uploader.metering import KEEP_DAYS, SENDER_IDLE_POLL_S, Blocked, Meter, MeterPolicy, SendWindow, StatusStore
 
@@ -188,13 +189,9 @@ def failed_by(destination: str, store: StatusStore) -> float:
         return math.inf
     status = store.status(LINK_STATUS[destination]) or {}
     failed = number(status.get("last_error_at"))
-    if failed is None:
-        # the FHIR sender records it on every round since it judges failures this way: without it, a
-        # gateway upgraded from before - its failures not judged, the link's (not a false "refuses this one")
-        return math.inf if destination == "fhir" else -math.inf
-    # a FHIR round marks its failures at the very time it records: no slack (its first round after an
-    # upgrade records just before itself, and what it refuses alone is judged)
-    return failed + (LINK_FAILURE_SLACK_S if destination == "dicom" else 0.0)
+    if destination == "fhir":
+        return fhir_failed_by(failed)
+    return -math.inf if failed is None else failed + LINK_FAILURE_SLACK_S
 
 
 def refused_alone(item: OutboxItem, store: StatusStore) -> bool:
