@@ -725,6 +725,8 @@ class Doctor:
                     "ask the county platform for a new token; write it to fhir.token_file",
                 )
             ]
+        if r.status_code == 429:
+            return [_platform_busy(url, r.headers.get("Retry-After"))]
         if r.status_code != 200:
             return [
                 Finding(
@@ -1539,6 +1541,22 @@ def _signing_key_fault(data: Path) -> str | None:
     except SigningKeyError as exc:
         return str(exc)
     return None
+
+
+def _platform_busy(url: str, retry_after: str | None) -> Finding:
+    """The county platform answered 429: busy, not down and not a wrong address - it answers, and
+    the forwarder sends what waits again by itself (Retry-After honoured). A WARN: nothing to fix."""
+    from uploader.fhir_connection import retry_after_seconds
+
+    wait = retry_after_seconds(retry_after)
+    return Finding(
+        "fhir",
+        Level.WARN,
+        f"{url}: HTTP 429: the platform is busy" + (f", asks to retry after {wait:.0f} s" if wait is not None else ""),
+        "nothing to fix here: visits and readings wait in the queue and are sent again by themselves; "
+        "if it stays busy for hours, tell the county platform",
+        advice_key="busy",
+    )
 
 
 # who refuses an item alone, by its outbox kind (uploader.outbox.Kind's values)

@@ -205,10 +205,15 @@ def test_commitment_listener(tmp_path: Path) -> None:
 
 
 @contextlib.contextmanager
-def fhir_server(token: str) -> Iterator[str]:
+def fhir_server(token: str, *, busy: bool = False) -> Iterator[str]:
+    """A FHIR platform's /metadata on loopback; `busy`: its rate limiter answers everything 429."""
+
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            if self.path != "/fhir/metadata":
+            if busy:
+                self.send_response(429)
+                self.send_header("Retry-After", "120")
+            elif self.path != "/fhir/metadata":
                 self.send_response(404)
             elif self.headers.get("Authorization") != f"Bearer {token}":
                 self.send_response(401)
@@ -248,6 +253,23 @@ def test_fhir_endpoint_and_token(tmp_path: Path) -> None:
         assert loose[0].level is Level.FAIL and "readable by group/others" in loose[0].message
         wrong = doctor(tmp_path, f'[fhir]\nbase_url = "{base}/nothere"\ntimeout_s = 5.0\n').check_fhir()
         assert wrong[0].level is Level.FAIL and "404" in wrong[0].message
+
+
+def test_a_busy_platform_is_said_busy_not_unreachable(tmp_path: Path) -> None:
+    """The county platform's rate limiter answers 429 (busy, Retry-After) to everything, /metadata
+    too: the doctor said FAIL "HTTP 429" ("is fhir.base_url the FHIR R4 base?") and the console
+    "cannot be reached" (连不上县健康平台) - though it answers, and the forwarder sends again by itself."""
+    from lastmile.clock import local_zone
+    from lastmile.console.app import advice_text
+    from lastmile.console.i18n import Localizer
+
+    with fhir_server("good-token", busy=True) as base:
+        [finding] = doctor(tmp_path, f'[fhir]\nbase_url = "{base}"\ntimeout_s = 5.0\n').check_fhir()
+    text = render_text([finding])
+    assert finding.level is Level.WARN, text
+    assert "busy" in finding.message and "120 s" in finding.message and "base_url" not in text, text
+    zh = advice_text(finding, Localizer("zh-CN", local_zone()))
+    assert "忙" in zh and "连不上" not in zh, zh
 
 
 # -- devices, queue -----------------------------------------------------------------------------------

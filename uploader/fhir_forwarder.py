@@ -31,7 +31,6 @@ import dataclasses
 import enum
 import json
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +45,7 @@ from uploader.fhir_bundle import (
     observation_identifier,
 )
 from uploader.fhir_connection import NoAnswer, NotConnected, Unavailable
+from uploader.fhir_link import LAST_ERROR_AT, recorded_failure
 from uploader.fhir_sender import FhirSender
 from uploader.metering import Meter
 from uploader.outbox import ItemState, Kind, Outbox, OutboxItem, Priority
@@ -237,13 +237,6 @@ class _Round:
             self.blocked.add(patient)
 
 
-def _before_judging(now: float) -> float:
-    """`last_error_at` never recorded (a gateway upgraded from before it was): what failed before this
-    round is the link's, not said "refused alone"; what this round refuses alone is judged by the
-    rule (recording `now` made this round's own refusals the link's too)."""
-    return math.nextafter(now, -math.inf)
-
-
 def forward_fhir_once(
     outbox: Outbox,
     sender: FhirSender,
@@ -321,12 +314,7 @@ def forward_fhir_once(
         # only a round that did something: an idle one (every 2 s, all day) would rewrite and
         # fsync this row ~43,000 times a day on the SD card, and wipe the last fault it showed
         status: dict[str, Any] = {"last_round": dataclasses.asdict(rnd.counts), "at": now}
-        # `last_error_at`: when a round last found the platform unavailable (no answer, a gateway's
-        # 5xx, busy: 429); a bundle whose send failed later failed alone,
-        # the platform refusing it while it takes others. The reading center's status keeps the
-        # same key, and the readers (lastmile.services.metered, link_status) spell it so too.
-        status["last_error_at"] = (
-            now if rnd.said is _Said.UNAVAILABLE else previous.get("last_error_at", _before_judging(now))
-        )
+        # when a round last found the platform unavailable: uploader.fhir_link
+        status[LAST_ERROR_AT] = recorded_failure(previous, now, unavailable=rnd.said is _Said.UNAVAILABLE)
         outbox.record_status(STATUS_NAME, status, now)
     return rnd.counts

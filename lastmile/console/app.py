@@ -363,6 +363,11 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
     },
     "fhir": {
         "FAIL": N_("The county health platform cannot be reached: visits and readings are kept here and sent later."),
+        # it answers 429: busy, not down (doctor._platform_busy)
+        "busy": N_(
+            "The county health platform is busy right now (it answers): visits and readings are kept here and "
+            "sent again by themselves."
+        ),
     },
     "devices": {
         "WARN": N_("A device is not connected or reports a problem: check its cable, power or pairing."),

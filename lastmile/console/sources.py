@@ -54,7 +54,7 @@ from lastmile.reports.report_text import Reader, display_name
 from lastmile.reports.store import ReportStore, SentStudy
 from lastmile.reports.views import ecg_time
 from lastmile.services.link_status import READING_CENTER_STATUS, reading_center_down
-from lastmile.services.metered import MeteredWait, metered_wait, meters, sender_round_s
+from lastmile.services.metered import MeteredWait, metered_wait, meters
 from uploader.outbox import ItemState, Kind, OutboxItem
 from uploader.report_lines import ReportLine
 
@@ -347,22 +347,21 @@ def recorded_at(item: OutboxItem, study: SentStudy | None = None) -> dt.datetime
     return acquired or _utc(item.created_at)
 
 
-def during_check_in(session: SessionView | None, at: dt.datetime, *, started: bool | None = None) -> bool:
-    """A held reading or ECG measured at `at` was measured during `session` (the current check-in):
-    its Assign box offers that patient; one from before it (yesterday's, the previous patient's)
-    or dated past it (a clock running ahead) offers nobody. `started`: whether it came at or after
-    the check-in, when the caller knows better than `at` alone (a reading's `measured_since`)."""
-    if session is None:
-        return False
-    return (session.since <= at if started is None else started) and at <= session.expires_at
+def during_check_in(session: SessionView | None, at: dt.datetime) -> bool:
+    """A held ECG recorded at `at` was recorded during `session` (the current check-in): its Assign
+    box offers that patient; one from before it (yesterday's, the previous patient's) or dated past
+    it (a clock running ahead) offers nobody."""
+    return session is not None and session.since <= at <= session.expires_at
 
 
 def _reading_during(obs: Observation, session: SessionView | None) -> bool:
-    """A device user's reading is never offered: whose that user is stays the doctor's to say
-    (lastmile.clinic.device_users), whoever is checked in."""
+    """A held reading measured during `session`, as `during_check_in` says of an ECG, except that
+    whether it came at or after the check-in is the reading's own rule (`measured_since`: at its
+    time stamp's resolution; a stored one of unknown time never). A device user's reading is never offered: whose that user is stays the doctor's
+    to say (lastmile.clinic.device_users), whoever is checked in."""
     if obs.device_user is not None or session is None:
         return False
-    return during_check_in(session, obs.measured_at, started=measured_since(obs, session.since))
+    return measured_since(obs, session.since) and obs.measured_at <= session.expires_at
 
 
 def _mapping_of(obs: Observation, mapped: dict[tuple[str, int], UserMapping]) -> UserMapping | None:
@@ -782,10 +781,10 @@ class ClinicData:
         """Why routine ECGs wait on the metered link now and since when, if any do
         (lastmile.services.metered: the forwarder's own `Meter`, as `lastmile queue` and the
         doctor say it)."""
-        meter = meters(self.config, self.outbox).get("dicom")
-        if meter is None:
+        link = meters(self.config, self.outbox).get("dicom")
+        if link is None:
             return None
-        wait = metered_wait(meter, self.outbox, now.timestamp(), sender_round_s(self.config, "dicom"), count=False)
+        wait = metered_wait(link, self.outbox, now.timestamp(), count=False)
         return wait if wait.holding else None
 
     # -- devices ----------------------------------------------------------------------------------

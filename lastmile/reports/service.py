@@ -16,7 +16,7 @@ from lastmile.reports.policy import DAY, HOUR, PollPolicy
 from lastmile.reports.poller import PollerSettings, PollerThread, PollRound, ReportPoller
 from lastmile.reports.sent import SentStudyRecorder
 from lastmile.reports.store import ReportStore
-from lastmile.services.metered import meters
+from lastmile.services.metered import meter_of
 from uploader.dicom_association import PeerSettings
 from uploader.dicom_commitment import ExtraStorage
 from uploader.dicom_query import ReportReceiver
@@ -121,7 +121,7 @@ class ReportService:
             receiver = ReportReceiver(settings.move_ae, settings.move_port, host=settings.move_host, peer=peer)
             self.move_storage = receiver.offer()
         try:
-            meter = meters(config, outbox).get("reports")
+            meter = meter_of(config, outbox, "reports")
             self.poller = make_poller(config, self.store, peer, meter, receiver) if self.enabled else None
         except BaseException:
             self.store.close()

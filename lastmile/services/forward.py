@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from lastmile.config import Config, ReadingCenterSection, fhir_naming
 from lastmile.data_dir import open_outbox
-from lastmile.services.metered import meter_policy, meters
+from lastmile.services.metered import meter_of, meter_policy
 from lastmile.services.process_tuning import GLIBC_MALLOC, MALLOC_ARENAS, MMAP_THRESHOLD, TRIM_EVERY_S
 from lastmile.services.runtime import FAULT, is_operational
 from lastmile.visits.relay_link import VisitNotices
@@ -114,7 +114,7 @@ class ForwardService:
             self.outbox.close()
             raise
         self._last = "starting"
-        self._fhir_meter = meters(config, self.outbox).get("fhir")
+        self._fhir_meter = meter_of(config, self.outbox, "fhir")
         self._full_disk_delay = 0.0  # > 0 while the data partition is too full to record progress
         # a round cut short by a database/disk fault left sends unrecorded or items claimed: settled
         # before the next round (claim takes only queued items: a claim left behind is never sent)
@@ -283,7 +283,7 @@ class ForwardService:
         # report C-MOVEd to our AE (the result no longer came back to the village)
         self.ecg = self._make_ecg(config)
         self._fhir = self._make_fhir(config)
-        self._fhir_meter = meters(config, self.outbox).get("fhir")
+        self._fhir_meter = meter_of(config, self.outbox, "fhir")
 
     def close(self) -> None:
         self.ecg.close()

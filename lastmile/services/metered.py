@@ -22,6 +22,7 @@ from lastmile.services.link_status import (
     number,
     reading_center_down,
 )
+from uploader.fhir_link import failed_by as fhir_failed_by
 from uploader.kinds import Kind
 from uploader.metering import KEEP_DAYS, SENDER_IDLE_POLL_S, Blocked, Meter, MeterPolicy, SendWindow, StatusStore
 
@@ -69,14 +70,29 @@ def sections(config: Config) -> dict[str, MeteredSection]:
     }
 
 
-def meters(config: Config, store: StatusStore) -> dict[str, Meter]:
+@dataclass(frozen=True)
+class MeteredLink:
+    """A metered destination's `Meter`, with its sender's round (`sender_round_s`): what the meter
+    holds (`held_since`) is judged with both."""
+
+    meter: Meter
+    round_s: float
+
+
+def meters(config: Config, store: StatusStore) -> dict[str, MeteredLink]:
     """The metered destinations only."""
     found = {}
     for name, section in sections(config).items():
         policy = meter_policy(section)
         if policy is not None:
-            found[name] = Meter(name, policy, store)
+            found[name] = MeteredLink(Meter(name, policy, store), sender_round_s(config, name))
     return found
+
+
+def meter_of(config: Config, store: StatusStore, destination: str) -> Meter | None:
+    """`destination`'s meter, for its sender to charge; None when it is not metered."""
+    link = meters(config, store).get(destination)
+    return None if link is None else link.meter
 
 
 def held_since(meter: Meter, now: float, blocked: Blocked | None, round_s: float) -> float | None:
@@ -173,13 +189,9 @@ def failed_by(destination: str, store: StatusStore) -> float:
         return math.inf
     status = store.status(LINK_STATUS[destination]) or {}
     failed = number(status.get("last_error_at"))
-    if failed is None:
-        # the FHIR sender records it on every round since it judges failures this way: without it, a
-        # gateway upgraded from before - its failures not judged, the link's (not a false "refuses this one")
-        return math.inf if destination == "fhir" else -math.inf
-    # a FHIR round marks its failures at the very time it records: no slack (its first round after an
-    # upgrade records just before itself, and what it refuses alone is judged)
-    return failed + (LINK_FAILURE_SLACK_S if destination == "dicom" else 0.0)
+    if destination == "fhir":
+        return fhir_failed_by(failed)
+    return -math.inf if failed is None else failed + LINK_FAILURE_SLACK_S
 
 
 def refused_alone(item: OutboxItem, store: StatusStore) -> bool:
@@ -273,13 +285,12 @@ class MeteredWait:
         return self.blocked is not None and bool(self.routine_waiting)
 
 
-def metered_wait(meter: Meter, outbox: Outbox, now: float, round_s: float, *, count: bool = True) -> MeteredWait:
-    """What `meter` holds back now (`round_s`: its sender's round, `sender_round_s`). `count=False`
-    only asks whether any routine item waits (one row read: the Sent page asks at every render),
-    and only while the meter blocks."""
-    meter = read_once(meter)
+def metered_wait(link: MeteredLink, outbox: Outbox, now: float, *, count: bool = True) -> MeteredWait:
+    """What `link`'s meter holds back now. `count=False` only asks whether any routine item waits
+    (one row read: the Sent page asks at every render), and only while the meter blocks."""
+    meter = read_once(link.meter)
     blocked = meter.blocked(now)
-    hold = meter_hold(meter, now, blocked, round_s)
+    hold = meter_hold(meter, now, blocked, link.round_s)
     kind = QUEUED_KINDS.get(meter.name)
     waiting: int | None = None
     since = None
@@ -301,7 +312,4 @@ def metered_wait(meter: Meter, outbox: Outbox, now: float, round_s: float, *, co
 
 def metered_waits(config: Config, outbox: Outbox, now: float) -> dict[str, MeteredWait]:
     """Every metered destination's `MeteredWait` (none for one that is not metered)."""
-    return {
-        name: metered_wait(meter, outbox, now, sender_round_s(config, name))
-        for name, meter in meters(config, outbox).items()
-    }
+    return {name: metered_wait(link, outbox, now) for name, link in meters(config, outbox).items()}

@@ -194,13 +194,13 @@ def read_outbox(data_dir: Path, now: float, *, config: Config | None = None) -> 
 def _held_since(config: Config, statuses: StatusSnapshot, now: float) -> dict[str, MeterHold]:
     """Outbox kind -> what its meter holds of the routine items queued (only the meters that hold
     them now), as `lastmile doctor` judges it (lastmile.services.metered.metered_wait)."""
-    from lastmile.services.metered import QUEUED_KINDS, meter_hold, meters, sender_round_s
+    from lastmile.services.metered import QUEUED_KINDS, meter_hold, meters
 
     held = {}
-    for destination, meter in meters(config, statuses).items():
+    for destination, link in meters(config, statuses).items():
         if destination not in QUEUED_KINDS:
             continue
-        hold = meter_hold(meter, now, meter.blocked(now), sender_round_s(config, destination))
+        hold = meter_hold(link.meter, now, link.meter.blocked(now), link.round_s)
         if hold is not None:
             held[QUEUED_KINDS[destination]] = hold
     return held
