@@ -301,3 +301,42 @@ def test_mapping_a_cuff_user_on_devices_on_a_phone(browser: object, tmp_path: Pa
         text_in(browser, "p.done", "已保存")
         wait_for(browser, lambda _d: mappings(config) == [(CUFF, 2, VALID_ID, "")])
     fits_the_screen(box)
+
+
+def test_the_devices_page_offers_users_only_on_a_bp_cuff(clinic: tuple[Config, ConsoleServer], doctor: Client) -> None:
+    """Devices offered "user N is (patient ID)" on every paired Bluetooth device: a thermometer and
+    a pulse oximeter (which have no users) too. Pairing records an address and a name: the form
+    is on a device called a BP cuff (血压计), or one whose first reading was a blood pressure
+    (paired as "3 号设备"), never on the thermometer or the oximeter, whose rows say nothing of users."""
+    from lastmile.clinic.devices import DeviceRegistry
+    from lastmile.clinic.observations import ObservationStore
+    from lastmile.data_dir import open_outbox
+    from lastmile.services.ble_devices import ClinicBlePort
+
+    config, _server = clinic
+    thermometer, oximeter, unnamed_cuff = "AA:BB:CC:DD:EE:02", "AA:BB:CC:DD:EE:03", "AA:BB:CC:DD:EE:04"
+    for address, name in (
+        (CUFF, "血压计"),
+        (thermometer, "体温计"),
+        (oximeter, "指夹血氧仪"),
+        (unnamed_cuff, "3 号设备"),
+    ):
+        assert doctor.post("/devices/pair", {"address": address, "name": name}).status == 303
+    # the unnamed cuff's first reading, through the BLE service's own port (the device row's last reading)
+    reading = bp_reading(dt.datetime.now(dt.timezone.utc), "cuff4:1")
+    reading = replace(reading, device=replace(reading.device, address=unnamed_cuff, model=""))
+    with open_outbox(config) as outbox:
+        store = ObservationStore.open(config.data_dir, outbox=outbox, idle_timeout_s=900)
+        registry = DeviceRegistry.open(config.data_dir)
+        try:
+            assert ClinicBlePort(store, registry).store(reading)
+        finally:
+            registry.close()
+            store.close()
+
+    page = doctor.get("/devices").body
+    offered = set(re.findall(r'action="/devices/map-user"[^>]*data-address="([^"]+)"', page))
+    assert offered == {CUFF, unnamed_cuff}, offered
+    rows = {a: row for row in page.split('<li class="card">')[1:] for a in re.findall(r"BLE (\S+)</span>", row)}
+    for address in (thermometer, oximeter):
+        assert "用户" not in rows[address], rows[address]

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 
 import sqlite_utils
@@ -25,12 +27,17 @@ import sqlite_utils
 from devices.ble.measurement import UNKNOWN_USER  # Bluetooth "unknown user": nobody's index (0xFF)
 from devices.identity import Patient
 from lastmile.clinic.db import from_iso, iso, transaction
-from lastmile.clinic.devices import is_bluetooth_address, normalise_address
+from lastmile.clinic.devices import DeviceRecord, is_bluetooth_address, normalise_address
 from lastmile.clinic.patients import PatientContext
 
 log = logging.getLogger(__name__)
 
 DEFAULT_USER = 1  # the user a cuff without user buttons (or with one nobody presses) always sends
+# a BP cuff as it is called: the name it was paired with (血压计 1 号), the one it advertises
+# (BP7000, "Blood Pressure"), or its model; "bp" alone, not in "bpm" (a pulse)
+CUFF_NAME = re.compile(r"血压|blood.?pressure|sphygmo|cuff|(?<![a-z])bp(?![a-z])", re.IGNORECASE)
+# a reading's summary (lastmile.clinic.observations.summary) names millimetres of mercury for a pressure only
+PRESSURE_UNIT = "mm[Hg]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +57,17 @@ class DeviceUser:
     address: str
     user_id: int
     mapping: UserMapping
+
+
+def may_have_users(device: DeviceRecord, mapped: Collection[str]) -> bool:
+    """Whether a paired device can be a BP cuff with user buttons, so whose its users are means
+    something: one whose users were mapped already (`mapped`: their addresses), one that sent a
+    blood-pressure reading, or one called a BP cuff. Pairing records an address and a name only
+    (`lastmile ble pair`, the console's form): a thermometer or an oximeter is told apart by its
+    name, or by its first reading. A device nothing says is a cuff yet gets no users' form."""
+    if normalise_address(device.address) in mapped or PRESSURE_UNIT in device.last_reading:
+        return True
+    return any(CUFF_NAME.search(text) for text in (device.name, device.model))
 
 
 class DeviceUsers:

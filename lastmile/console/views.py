@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lastmile import __version__
+from lastmile.clinic.device_users import may_have_users
 from lastmile.config import Config
 from lastmile.console.i18n import N_
 from lastmile.console.sources import ClinicData, ReportView
@@ -96,9 +97,13 @@ def report(data: ClinicData, now: dt.datetime, report_id: str, user: str = "") -
 
 
 def devices(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
+    found, device_users = data.devices(), data.device_users()
+    mapped = {u.address for u in device_users}
     return {
-        "devices": data.devices(),
-        "device_users": data.device_users(),
+        "devices": found,
+        "device_users": device_users,
+        # the devices whose users the page offers to map: BP cuffs (a thermometer has no users)
+        "cuffs": {d.address for d in found if may_have_users(d, mapped)},
         "serial": list(data.config.serial.devices),
         "now": now,
     }
