@@ -1025,32 +1025,25 @@ async def devices_page(request: Request) -> Response:
     )
 
 
-async def pair_device(request: Request) -> Response:
-    state = state_of(request)
-    ctx = await context_for(request)
-    fields = await read_form(request, ctx)
-    try:
-        await state.run_db(
-            lambda: state.data.pair_device(ctx.user, fields.get("address", ""), fields.get("name", ""), now=now_utc())
-        )
-    except ConsoleInputError as exc:
-        model = await page_model(request, ctx, views.devices)
-        error = ctx.localizer.gettext(exc.message, **exc.values)
-        return render(request, ctx, "devices.html", status=400, error=error, form=fields, done="", **model)
-    return RedirectResponse("/devices?done=paired", status_code=303)
-
-
-async def unpair_device(request: Request) -> Response:
-    state = state_of(request)
-    ctx = await context_for(request)
-    fields = await read_form(request, ctx)
-    await state.run_db(lambda: state.data.unpair_device(ctx.user, fields.get("address", ""), now=now_utc()))
-    return RedirectResponse("/devices?done=unpaired", status_code=303)
-
-
 async def devices_action(request: Request, action: Callable[[Context, dict[str, str], dt.datetime], str]) -> Response:
     """A Devices form's action (a mapping made there changes Today's held readings too: told live)."""
     return await form_action(request, action, "devices", lambda ctx: page_model(request, ctx, views.devices))
+
+
+async def pair_device(request: Request) -> Response:
+    def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> str:
+        state_of(request).data.pair_device(ctx.user, f.get("address", ""), f.get("name", ""), now=now)
+        return "paired"
+
+    return await devices_action(request, action)
+
+
+async def unpair_device(request: Request) -> Response:
+    def action(ctx: Context, f: dict[str, str], now: dt.datetime) -> str:
+        state_of(request).data.unpair_device(ctx.user, f.get("address", ""), now=now)
+        return "unpaired"
+
+    return await devices_action(request, action)
 
 
 async def map_device_user_on_devices(request: Request) -> Response:
