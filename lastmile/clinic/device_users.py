@@ -20,7 +20,7 @@ import datetime as dt
 import logging
 import re
 from collections.abc import Collection
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import sqlite_utils
 
@@ -109,15 +109,13 @@ class DeviceUsers:
     ) -> Patient | None:
         """`lastmile patient map-user` and the console's form: user `user_id` of the Bluetooth device
         at `address` is `patient` (checked by `clinic_patient`, the one patient-ID rule) from now
-        on; None: whoever is checked in. A patient given without a name gets the checked-in
-        patient's when it is that patient (as check-in named it); another ID keeps none. Returns
-        the patient as mapped. ValueError: not a Bluetooth address, or no such user."""
+        on; None: whoever is checked in. A patient given without a name is named as check-in
+        named it (`PatientContext.named`). Returns the patient as mapped. ValueError: not a
+        Bluetooth address, or no such user."""
         if not is_bluetooth_address(address):
             raise ValueError(f"{address!r} is not a Bluetooth address (like C0:26:DA:01:02:03)")
-        if patient is not None and not patient.name:
-            current = context.current(now)
-            if current is not None and current.patient_id == patient.patient_id:
-                patient = replace(patient, name=current.name)
+        if patient is not None:
+            patient = context.named(patient, now)
         if patient is None:
             self.map_user(address, user_id, None, now=now)
         else:

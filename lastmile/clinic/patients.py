@@ -16,10 +16,11 @@ import datetime as dt
 import logging
 import os
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sqlite_utils
 
+from devices.identity import Patient
 from lastmile.clinic.db import from_iso, iso, open_clinic_db, transaction
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,18 @@ class PatientContext:
         """The current patient's session if the doctor checked them in as STAT."""
         current = self.current(now)
         return StatSession(current.patient_id, current.since) if current is not None and current.stat else None
+
+    def named(self, patient: Patient, now: dt.datetime) -> Patient:
+        """`patient`, given without a name, with the checked-in patient's name when it is that
+        patient (as check-in named it); another ID keeps none. A name taken from the session for
+        another ID would send one patient's ID under another's name: the gateway keeps no names
+        by ID (the session holds only the current one)."""
+        if patient.name:
+            return patient
+        current = self.current(now)
+        if current is None or current.patient_id != patient.patient_id:
+            return patient
+        return replace(patient, name=current.name)
 
     def current_doctor(self, now: dt.datetime) -> str | None:
         row = self._row()

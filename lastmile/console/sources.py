@@ -560,17 +560,8 @@ class ClinicData:
             for h in self.store.held()
         ]
 
-    def _named(self, patient: Patient, now: dt.datetime) -> Patient:
-        """`patient` with the checked-in patient's name when it is that patient, else no name.
-        The Assign field is prefilled with the checked-in patient but editable: a name taken from
-        the session (or from the form) for another ID would send one patient's ID under another's
-        name. The gateway keeps no names by ID (the session holds only the current one)."""
-        current = self.context.current(now)
-        name = current.name if current is not None and current.patient_id == patient.patient_id else ""
-        return replace(patient, name=name)
-
     def assign_reading(self, user: str, held_id: int, patient_text: str, *, now: dt.datetime) -> str:
-        patient = self._named(checked_patient(patient_text, "", self.config), now)
+        patient = self.context.named(checked_patient(patient_text, "", self.config), now)
         patient_id = patient.patient_id
         held = self.store.get_held(held_id)
         if held is None:
@@ -666,7 +657,7 @@ class ClinicData:
         ]
 
     def assign_ecg(self, user: str, item_id: int, patient_text: str, *, now: dt.datetime) -> bool:
-        patient = self._named(checked_patient(patient_text, "", self.config), now)
+        patient = self.context.named(checked_patient(patient_text, "", self.config), now)
         done = self.held_ecg_source.assign(item_id, patient, now=now, by=user)
         self.audit.record(
             user, "assign-ecg", now=now, target=patient.patient_id, detail={"item": item_id, "done": done}
