@@ -663,29 +663,30 @@ def _visit_row(data: Path, visit_id: str) -> tuple[str, str | None]:
 def test_the_consoles_doctor_minute_reopens_visits_db_only_once_it_changed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """What the home visits check last read is kept by the console's doctor runs of its data
-    directory (lastmile.doctor holds no module-wide state): the System page's next run of the
+    """What the home visits check last read is kept by the console's doctor runs (its state's,
+    ConsoleState.doctor_runs; lastmile.doctor holds no module-wide state): the System page's next run of the
     checks does not reopen an unchanged visits.db (SD wear), and sees a new visit."""
     import asyncio
 
-    from lastmile.console.views import doctor_findings, forget_doctor_findings
+    from lastmile.console.views import DoctorRuns
     from lastmile.visits.book import VisitBook
     from tests.visit_harness import visits_db_opens
 
     config = doctor(tmp_path).config
+    runs = DoctorRuns()  # the console's (ConsoleState.doctor_runs)
     with VisitBook.open(tmp_path, gateway_id="gw-1") as book:
         book.start("P-1", doctor_id="DR-1")
         with visits_db_opens(monkeypatch) as opened:
-            asyncio.run(doctor_findings(config))
-            forget_doctor_findings(config)  # as a minute later: the checks run again
-            found = asyncio.run(doctor_findings(config))
+            asyncio.run(runs.findings(config))
+            runs.forget()  # as a minute later: the checks run again
+            found = asyncio.run(runs.findings(config))
         assert len(opened) == 1, opened
         assert any(f.check == "visits" and "1 home visit(s)" in f.message for f in found), found
         book.stop()
         book.start("P-2", doctor_id="DR-1")
-        forget_doctor_findings(config)
+        runs.forget()
         with visits_db_opens(monkeypatch) as opened:
-            found = asyncio.run(doctor_findings(config))
+            found = asyncio.run(runs.findings(config))
     assert len(opened) == 1, opened
     assert any(f.check == "visits" and "2 home visit(s)" in f.message for f in found), found
 

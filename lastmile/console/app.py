@@ -119,6 +119,7 @@ class ConsoleState:
     analyses: EcgAnalyses | None = None
     fingerprint: str = ""
     login_failures: dict[str, collections.deque[float]] = field(default_factory=dict)
+    doctor_runs: views.DoctorRuns = field(default_factory=views.DoctorRuns)  # the System page's checks
     shutting_down: asyncio.Event | None = None
 
     async def run_db(self, fn: Callable[..., T], *args: Any) -> T:
@@ -1070,7 +1071,7 @@ async def system_page(request: Request) -> Response:
     state = state_of(request)
     ctx = await context_for(request)
     model = await page_model(request, ctx, views.system, ctx.login.user.is_admin if ctx.login else False)
-    model["findings"] = await views.doctor_findings(state.config)
+    model["findings"] = await state.doctor_runs.findings(state.config)
     model["finding_label"] = lambda finding: finding_label(finding, ctx.localizer)
     model["advice_text"] = lambda finding: advice_text(finding, ctx.localizer)
     model["fingerprint"] = state.fingerprint

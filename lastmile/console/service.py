@@ -274,8 +274,6 @@ class ConsoleService:
         return 5.0
 
     def reload(self, config: Config) -> None:
-        from lastmile.console.views import forget_doctor_findings
-
         # Only TAKEN_ON_RELOAD applies from the next request; the rest (console.listen too) waits for a
         # restart, compared against what runs: a change reverted in the file before the restart needs none
         self.restart_needed = sorted(changes_needing_restart(self.server.config, config))
@@ -289,11 +287,11 @@ class ConsoleService:
             save_restart_needed(self.server.config.data_dir, self.restart_needed)
         except OSError as exc:  # a full partition: the journal and STATUS= still say it
             log.error("cannot note the settings waiting for a restart for lastmile doctor: %s", exc)
-        forget_doctor_findings(self.server.config)  # the System page shows it now, not in a minute
         self.server.config.console.language = config.console.language
         # the serial devices: a device row they no longer name is shown removed, not as a fault
         self.server.config.serial = config.serial
         if self.server.state is not None:
+            self.server.state.doctor_runs.forget()  # the System page shows it now, not in a minute
             accounts = self.server.state.data.accounts
             accounts.max_failures = config.console.max_login_failures
 

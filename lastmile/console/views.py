@@ -174,34 +174,30 @@ def update_status(config: Config) -> dict[str, str]:
 
 
 @dataclass
-class _DoctorRuns:
-    """One data directory's doctor runs in this console: the last findings, and what its home
-    visits check last read (`lastmile.doctor.VisitsReadCache`: visits.db reopened only once changed)."""
+class DoctorRuns:
+    """This console's doctor runs (`ConsoleState.doctor_runs`; a second console in the process, the
+    demo's or a test's, has its own): the last findings, and what its home visits check last read
+    (`lastmile.doctor.VisitsReadCache`: visits.db reopened only once changed)."""
 
-    visits: VisitsReadCache
-    at: float | None = None  # when `findings` were found (monotonic); None: run again
-    findings: list[Any] | None = None
+    visits: VisitsReadCache | None = None  # made at the first run (lastmile.doctor is imported late)
+    at: float | None = None  # when `found` were found (monotonic); None: run again
+    found: list[Any] | None = None
 
+    def forget(self) -> None:
+        """The next System page runs the checks again (a reload changed what they find)."""
+        self.at = None  # what visits.db held is kept: its files say when it changed
 
-# per data directory: a second console in the process (the demo's, a test's) has its own gateway
-_doctor_cache: dict[str, _DoctorRuns] = {}
+    async def findings(self, config: Config) -> list[Any]:
+        """`lastmile doctor --offline`'s checks, at most once a minute (they run systemctl and the
+        like); the network ones are left to `lastmile doctor` itself: the console's unit reaches
+        only the LAN."""
+        from lastmile.doctor import Doctor, VisitsReadCache
 
-
-def forget_doctor_findings(config: Config) -> None:
-    """The next System page runs the checks again (a reload changed what they find)."""
-    runs = _doctor_cache.get(str(config.data_dir))
-    if runs is not None:
-        runs.at = None  # what visits.db held is kept: its files say when it changed
-
-
-async def doctor_findings(config: Config) -> list[Any]:
-    """`lastmile doctor --offline`'s checks, at most once a minute (they run systemctl and the like);
-    the network ones are left to `lastmile doctor` itself: the console's unit reaches only the LAN."""
-    from lastmile.doctor import Doctor, VisitsReadCache
-
-    runs = _doctor_cache.setdefault(str(config.data_dir), _DoctorRuns(VisitsReadCache()))
-    if runs.findings is not None and runs.at is not None and time.monotonic() - runs.at < DOCTOR_CACHE_S:
-        return list(runs.findings)
-    findings = await asyncio.to_thread(lambda: Doctor(config, offline=True, visits_cache=runs.visits).run_all())
-    runs.at, runs.findings = time.monotonic(), findings
-    return findings
+        if self.found is not None and self.at is not None and time.monotonic() - self.at < DOCTOR_CACHE_S:
+            return list(self.found)
+        if self.visits is None:
+            self.visits = VisitsReadCache()
+        visits = self.visits
+        found = await asyncio.to_thread(lambda: Doctor(config, offline=True, visits_cache=visits).run_all())
+        self.at, self.found = time.monotonic(), found
+        return found
