@@ -15,6 +15,35 @@ from typing import Any
 import sqlite_utils
 
 from lastmile.clinic.db import from_iso, iso, transaction
+from lastmile.console.i18n import N_
+
+# Every action the console writes to the trail (its code, the `action` column) and its name as the
+# System page's "who did what" says it: the one place they live. `record` refuses any other code,
+# so an action without a name (shown as its bare code, in any language) cannot be added unseen.
+ACTIONS: dict[str, str] = {
+    "login": N_("logged in"),
+    "login-failed": N_("login refused"),
+    "logout": N_("logged out"),
+    "language": N_("changed the language"),
+    "check-in": N_("checked in a patient"),
+    "end-session": N_("ended a patient's session"),
+    "assign-reading": N_("assigned a reading"),
+    "assign-ecg": N_("assigned an ECG"),
+    "send-anyway": N_("sent an ECG as it is"),
+    "re-record": N_("had an ECG recorded again"),
+    "acknowledge-report": N_("confirmed seeing a critical result"),
+    "acknowledge-report-again": N_("confirmed seeing a critical result again"),
+    "pair-device": N_("added a device"),
+    "unpair-device": N_("removed a device"),
+    "map-device-user": N_("gave a device's user to a patient"),
+    "unmap-device-user": N_("took a device's user off a patient"),
+    # `lastmile user ...` on the gateway itself (lastmile/commands/console.py), as "(command line)"
+    "user-add": N_("added an account"),
+    "user-passwd": N_("changed an account's password"),
+    "user-unlock": N_("unlocked an account"),
+    "user-disable": N_("disabled an account"),
+    "user-enable": N_("enabled an account"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +63,8 @@ class AuditLog:
     def record(
         self, user_name: str, action: str, *, now: dt.datetime, target: str = "", detail: dict[str, Any] | None = None
     ) -> int:
+        if action not in ACTIONS:
+            raise ValueError(f"audit action {action!r} has no name in ACTIONS (lastmile.console.audit)")
         with transaction(self.db) as conn:
             cur = conn.execute(
                 "INSERT INTO audit (at, user_name, action, target, detail) VALUES (?, ?, ?, ?, ?)",

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from lastmile import __version__
 from lastmile.clinic.device_users import may_have_users
 from lastmile.config import Config
+from lastmile.console.audit import ACTIONS
 from lastmile.console.i18n import N_
 from lastmile.console.sources import ClinicData, ReportView
 
@@ -140,6 +141,7 @@ def system(data: ClinicData, now: dt.datetime, is_admin: bool) -> dict[str, Any]
         "versions": versions(),
         "users": data.accounts.users() if is_admin else [],
         "audit": data.audit.recent(30) if is_admin else [],
+        "audit_actions": ACTIONS,
         "uptime_s": time.monotonic(),
         "pid": os.getpid(),
         "update": update_status(data.config),
