@@ -82,9 +82,12 @@ from lastmile.visits.relay_link import (
     IS_STOPPED_DAMAGED,
     SET_ASIDE_SQL,
     STOPPED_DAMAGED,
+    ReleasedReadings,
     VisitNotices,
     fault_generation,
     readings_to_release_sql,
+    released_readings,
+    stored_reading,
 )
 from uploader.sqlite_store import Migration, open_database, transaction
 
@@ -215,6 +218,8 @@ class Visit:
     # its readings sent to the county platform on their own, not with it (it was never to be sent
     # as it was: release_unsent): the doctor sees them where she looks at visits, not in the journal
     readings_sent_alone: int = 0
+    # ... and those released whose own record was damaged: quarantined in the outbox, not sent
+    readings_damaged: int = 0
 
     @property
     def recorded_again(self) -> bool:
@@ -245,6 +250,7 @@ class Visit:
             "fhir_queued": self.fhir_queued,
             "fhir_fault": self.fhir_fault,
             "readings_sent_alone": self.readings_sent_alone,
+            "readings_damaged": self.readings_damaged,
         }
 
 
@@ -729,10 +735,7 @@ class VisitBook:
             }
             fault = fault or fault_text(exc)
         chain = list(self.db.query("SELECT seq FROM chain WHERE visit_id = ?", [row["id"]]))
-        (alone,) = self.db.execute(
-            "SELECT COUNT(*) FROM visit_items WHERE visit_id = ? AND kind = 'observation' AND released_at IS NOT NULL",
-            [row["id"]],
-        ).fetchone()
+        released = released_readings(self.db.conn, [row["id"]]).get(row["id"], ReleasedReadings())
         return Visit(
             id=row["id"],
             doctor_id=row["doctor_id"],
@@ -744,7 +747,8 @@ class VisitBook:
             chain_seq=chain[0]["seq"] if chain else None,
             fhir_queued=bool(row["fhir_queued_at"]),
             fhir_fault=fault,
-            readings_sent_alone=int(alone),
+            readings_sent_alone=released.sent,
+            readings_damaged=released.damaged,
             **decoded,
         )
 
@@ -1183,7 +1187,7 @@ class VisitBook:
         queued = 0
         for row in rows:
             try:
-                obs = observation_from_json(json.loads(row["record"]))
+                obs = stored_reading(row["record"])
                 queued += enqueue_observation(outbox, obs, naming, meta={"visit_item": row["id"]}, now=now)
             except BUNDLE_ERRORS as exc:  # damaged on the SD card: the doctor sees it, then it is marked
                 self._quarantine_damaged_reading(outbox, row, exc, now)

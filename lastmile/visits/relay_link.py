@@ -9,16 +9,19 @@ patient, or a closed visit not queued yet.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from devices.observation import Observation
 from lastmile.data_dir import columns_of, read_only
+from lastmile.visits.record import BUNDLE_ERRORS
 
 if TYPE_CHECKING:
     from uploader.fhir_bundle import FhirNaming
@@ -191,6 +194,45 @@ def closed_unqueued(data_dir: Path) -> frozenset[str]:
         else:
             rows = conn.execute("SELECT id FROM visits WHERE state = 'closed' AND fhir_queued_at IS NULL").fetchall()
     return frozenset(str(row[0]) for row in rows)
+
+
+@dataclass(frozen=True)
+class ReleasedReadings:
+    """A visit's readings released to go to the county platform on their own
+    (VisitBook.release_unsent): the doctor sees them where she looks at her visits."""
+
+    sent: int = 0  # queued on their own bundle
+    damaged: int = 0  # their own record damaged: quarantined in the outbox (`lastmile queue`), not sent
+
+
+def stored_reading(record: str | None) -> Observation:
+    """A visit item's stored reading; one of BUNDLE_ERRORS when its record is damaged (the book
+    then quarantines it in the outbox instead of sending it)."""
+    from lastmile.clinic.observations import observation_from_json
+
+    return observation_from_json(json.loads(record))  # type: ignore[arg-type]
+
+
+def released_readings(conn: sqlite3.Connection, visit_ids: Sequence[str]) -> dict[str, ReleasedReadings]:
+    """What became of the released readings of each visit (`visit list`, the console's Visits
+    page): one it could not read went nowhere, it is not "sent". None on a visits.db not migrated
+    to 0007 yet (no released_at: nothing was released)."""
+    if not visit_ids or "released_at" not in columns_of(conn, "visit_items"):
+        return {}
+    marks = ",".join("?" * len(visit_ids))
+    counts: dict[str, list[int]] = {}
+    for visit_id, record in conn.execute(
+        "SELECT visit_id, record FROM visit_items WHERE kind = 'observation' AND released_at IS NOT NULL "
+        f"AND visit_id IN ({marks})",
+        list(visit_ids),
+    ):
+        try:
+            stored_reading(record)
+            damaged = 0
+        except BUNDLE_ERRORS:
+            damaged = 1
+        counts.setdefault(str(visit_id), [0, 0])[damaged] += 1
+    return {visit_id: ReleasedReadings(sent, damaged) for visit_id, (sent, damaged) in counts.items()}
 
 
 FileState = tuple[tuple[int, int, int] | None, ...]
