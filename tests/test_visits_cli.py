@@ -149,10 +149,10 @@ def test_a_stop_with_a_damaged_signing_key_says_the_key_is_damaged_not_wait_for_
 def test_visit_retry_sends_a_set_aside_visit_once_through_the_forward_service(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A visit set aside (its linked reading damaged on the SD card) waited for a software update
-    even after the technician restored the reading: no command sent it again. `visit retry`
-    clears the set-aside; the forward service's queueing queues it, once (its damaged reading
-    went on its own, quarantined: `lastmile queue` shows it)."""
+    """A visit set aside (its record damaged on the SD card: its doctor gone) waited for a software
+    update even after the technician restored the record: no command sent it again. `visit retry`
+    clears the set-aside; the forward service's queueing queues it, once (its reading went on its
+    own meanwhile, and the visit goes without it)."""
     import datetime as dt
 
     from lastmile.visits.book import VisitBook
@@ -168,12 +168,15 @@ def test_visit_retry_sends_a_set_aside_visit_once_through_the_forward_service(
         damaged = book.start("P-1", doctor_id="DR-9")
         book.attach_observation(blood_pressure(dt.datetime.now(dt.timezone.utc), "P-1", "bp-1"))
         book.stop()
-        book.db.execute("UPDATE visit_items SET record = json_remove(record, '$.quantities')")
+        book.db.execute("UPDATE visits SET doctor_id = '' WHERE id = ?", [damaged.id])
         book.db.conn.commit()
     forward = VisitQueue(data, "gw-cli", monotonic=lambda: 1000.0)  # no minute passes: only changes count
     with Outbox.open(data, min_free_bytes=0) as outbox:
-        assert forward.queue(outbox, NAMING) == 0  # set aside; its damaged reading quarantined on its own
-        assert [i.state.value for i in outbox.items(kind="observation")] == ["quarantined"]
+        assert forward.queue(outbox, NAMING) == 0  # set aside; its reading went on its own
+        assert [i.key.split(":")[1] for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == ["obs"]
+        with VisitBook.open(data, gateway_id="gw-cli") as book:  # the technician restores the record
+            book.db.execute("UPDATE visits SET doctor_id = 'DR-9' WHERE id = ?", [damaged.id])
+            book.db.conn.commit()
         capsys.readouterr()
         assert run("visit", "retry", damaged.id[:8]) == 0
         assert "1 visit(s)" in capsys.readouterr().out
@@ -182,7 +185,7 @@ def test_visit_retry_sends_a_set_aside_visit_once_through_the_forward_service(
         assert run("visit", "retry", damaged.id) == 1  # not set aside: nothing to retry
         assert "not set aside" in capsys.readouterr().err
         assert forward.queue(outbox, NAMING) == 0
-        assert [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == [f"fhir:visit:{damaged.id}"]
+        assert [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)][1:] == [f"fhir:visit:{damaged.id}"]
 
 
 def damaged_at_stop(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:

@@ -1227,23 +1227,30 @@ class VisitBook:
                 [[dt.datetime.now(dt.timezone.utc).isoformat(), i] for i in item_ids],
             )
 
-    def _finish_releases(self, outbox: Outbox, naming: FhirNaming, visit_id: str) -> None:
+    def _finish_releases(self, outbox: Outbox, naming: FhirNaming, visit_id: str, now: float | None) -> None:
         """Before a visit's bundle is built: its readings already queued on their own by a release
         whose mark was lost (cut short, then the visit retried) are marked now, so the bundle does
-        not carry them a second time. The outbox is the truth: its key is the reading's."""
+        not carry them a second time. The outbox is the truth: its key is the reading's. A reading
+        whose own record is damaged is quarantined on its own (as a release does), and the visit
+        goes without it: one damaged reading must not keep the whole visit from the county."""
         from uploader.fhir_forwarder import observation_key
 
         keys: dict[str, int] = {}
-        for row in self.db.query(
-            "SELECT id, record FROM visit_items WHERE visit_id = ? AND kind = 'observation' AND released_at IS NULL",
-            [visit_id],
+        damaged: list[int] = []
+        for row in list(
+            self.db.query(
+                "SELECT visit_items.id, visit_id, record, patient_id FROM visit_items JOIN visits "
+                "ON visits.id = visit_id WHERE visit_id = ? AND kind = 'observation' AND released_at IS NULL",
+                [visit_id],
+            )
         ):
             try:
-                keys[observation_key(observation_from_json(json.loads(row["record"])), naming)] = row["id"]
-            except BUNDLE_ERRORS:  # the bundle fails on it too, and sets the visit aside
-                continue
-        if keys:
-            self._mark_released([keys[k] for k in outbox.present_keys(list(keys))])
+                keys[observation_key(stored_reading(row["record"]), naming)] = row["id"]
+            except BUNDLE_ERRORS as exc:
+                self._quarantine_damaged_reading(outbox, row, exc, now)
+                damaged.append(row["id"])
+        if keys or damaged:
+            self._mark_released([*damaged, *(keys[k] for k in outbox.present_keys(list(keys)))])
 
     def queue_closed(self, outbox: Outbox, naming: FhirNaming, now: float | None = None) -> int:
         """Queue every closed, not yet queued visit as a FHIR bundle (idempotent)."""
@@ -1279,7 +1286,7 @@ class VisitBook:
         if key is None:
             return 0
         for row in rows:
-            self._finish_releases(outbox, naming, row["id"])
+            self._finish_releases(outbox, naming, row["id"], now)
             try:  # decoding the record and building its bundle: both fail on the visit's own data
                 bundle = self._bundle(self._stored_for_bundle(row["id"]), naming, key)
             except BUNDLE_ERRORS as exc:

@@ -122,14 +122,15 @@ def visit_link(data_dir: Path, gateway_id: str, notices: VisitNotices) -> Callab
 
 
 # The generation of the code that turns a stored visit into a FHIR bundle (lastmile.visits.record:
-# row decoding; lastmile.visits.book: `_stored_for_bundle`, `_bundle`, signing (`_chain`);
-# uploader.fhir_bundle.visit_bundle).
+# row decoding; lastmile.visits.book: `_stored_for_bundle`, `observations`, `_finish_releases`
+# (which readings it carries), `_bundle`, signing (`_chain`); uploader.fhir_bundle.visit_bundle).
 # BUMP IT whenever that code changes (tests/test_fhir_fault_generation.py fails until it is): a
 # visit set aside (fhir_fault) by another generation is tried once more, as an update may mend what
 # set it aside. Not lastmile.__version__: it never
 # changes (update bundles carry their own version). Here, not in the book: this module must not
 # import the signing code (the forward service asks every round).
-FHIR_FAULT_GENERATION = 1
+# 2: a damaged reading is quarantined on its own at build time, no longer setting its visit aside.
+FHIR_FAULT_GENERATION = 2
 
 
 def fault_generation() -> str:
