@@ -1161,3 +1161,51 @@ def test_a_reading_linked_to_a_visit_just_before_a_power_cut_is_sent_once_with_t
     assert "encounter" in obs and visits_applied(platform) == 1
     with Outbox.open(config.data_dir, min_free_bytes=0) as outbox:
         assert [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == [f"fhir:visit:{visit.id}"]
+
+
+def test_a_damaged_reading_of_a_visit_restored_in_visits_db_and_retried_is_sent_once(
+    tmp_path: Path, platform: FhirTestServer
+) -> None:
+    """A visit's reading whose record was damaged on the SD card is quarantined on its own
+    (`lastmile queue`: measure again, or have it restored). The county IT restored the record in
+    visits.db from the backup and the doctor ran `lastmile retry`: the relay read the outbox's copy
+    of the damaged bytes again and quarantined it again, for ever. It reads the record visits.db
+    holds now: the restored reading reaches the platform, once."""
+    from lastmile.cli import main
+    from uploader.outbox import ItemState, OutboxItem
+
+    config = forward_config(tmp_path, platform.base_url)
+    data = config.data_dir
+    visit = stop_a_visit_with_a_reading(data)
+    with VisitBook.open(data, gateway_id="gw-1") as book:
+        (sound,) = book.db.execute("SELECT record FROM visit_items").fetchone()
+        book.db.execute("UPDATE visit_items SET record = json_remove(record, '$.quantities')")
+        book.db.conn.commit()
+
+    def reading_item() -> OutboxItem:
+        with Outbox.open(data, min_free_bytes=0) as outbox:
+            (item,) = [i for i in outbox.items(kind="observation") if visit.id in i.key]
+        return item
+
+    service = ForwardService(config)
+    try:
+        step_until(service, lambda: visits_applied(platform) >= 1)  # the visit goes without it
+        damaged = reading_item()
+        assert damaged.state is ItemState.QUARANTINED
+        with VisitBook.open(data, gateway_id="gw-1") as book:  # restored from the backup
+            book.db.execute("UPDATE visit_items SET record = ?", [sound])
+            book.db.conn.commit()
+        toml = tmp_path / "lastmile.toml"
+        toml.write_text(f'[gateway]\nid = "gw-1"\ndata_dir = "{data}"\n')
+        assert main(["-c", str(toml), "retry", str(damaged.id)]) == 0
+
+        def sent_or_quarantined_again() -> bool:
+            return len(platform.resources("Observation")) >= 1 or reading_item().state is ItemState.QUARANTINED
+
+        step_until(service, sent_or_quarantined_again)
+        for _ in range(3):
+            service.step(threading.Event())
+    finally:
+        service.close()
+    assert reading_item().state is not ItemState.QUARANTINED, reading_item().quarantine_reason
+    assert "encounter" not in one_panel_never_twice(platform)

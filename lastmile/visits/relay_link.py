@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 DB_NAME = "visits.db"  # lastmile.visits.book.DB_NAME (a test keeps the two the same)
 
 
-def _read_visits(db_path: Path, sql: str, params: Sequence[str] = ()) -> list[tuple]:
+def _read_visits(db_path: Path, sql: str, params: Sequence[str | int] = ()) -> list[tuple]:
     """Rows of a read-only query of visits.db; none when there is no visits.db or it is not
     migrated yet (no visit was ever started)."""
     if not db_path.exists():
@@ -60,6 +60,13 @@ def _visit_holding(db_path: Path, outbox_key: str) -> str | None:
         db_path, "SELECT visit_id FROM visit_items WHERE kind = 'observation' AND item_key = ? LIMIT 1", [outbox_key]
     )
     return str(rows[0][0]) if rows else None
+
+
+def released_record(data_dir: Path, visit_item: int) -> str | None:
+    """The record of a reading a home visit released (visit_items.id), as visits.db holds it now:
+    the county IT restores a damaged one there, from a backup; None when there is none."""
+    rows = _read_visits(data_dir / DB_NAME, "SELECT record FROM visit_items WHERE id = ?", [visit_item])
+    return str(rows[0][0]) if rows and rows[0][0] is not None else None
 
 
 class VisitNotices:
