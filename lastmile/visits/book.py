@@ -82,6 +82,7 @@ from lastmile.visits.relay_link import (
     IS_STOPPED_DAMAGED,
     SET_ASIDE_SQL,
     STOPPED_DAMAGED,
+    VISIT_HOLDING_SQL,
     ReleasedReadings,
     VisitNotices,
     fault_generation,
@@ -171,6 +172,9 @@ MIGRATIONS: tuple[Migration, ...] = (
     # own: when each was queued so. Those of visits stopped damaged before (0005 marked some) have
     # none yet: the forward service's next round releases them.
     Migration.sql("0007_visit_items_released", "ALTER TABLE visit_items ADD COLUMN released_at TEXT;"),
+    # s36-v: the relay asks, for every reading, whether its outbox key is linked to a visit already
+    # (relay_link.VISIT_HOLDING_SQL): an index, not a scan of every visit's items.
+    Migration.sql("0008_visit_items_item_key", "CREATE INDEX visit_items_item_key ON visit_items (item_key);"),
 )
 
 # The saved clock anchor (what other processes of this boot restore) is rewritten only when it moved
@@ -850,6 +854,11 @@ class VisitBook:
             self.db.table("visit_notes").insert(
                 {"visit_id": visit.id, "stamp": json.dumps(self._stamp_now().to_json()), "text": text}
             )
+
+    def visit_holding(self, item_key: str) -> str | None:
+        """The visit a reading (by its outbox key) is linked to already (relay_link.visit_link)."""
+        row = self.db.execute(VISIT_HOLDING_SQL, [item_key]).fetchone()
+        return str(row[0]) if row is not None else None
 
     def attach_observation(
         self, obs: Observation, *, outbox_key: str | None = None, taken_during: bool = False

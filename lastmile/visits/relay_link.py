@@ -53,12 +53,14 @@ def _patients_with_open_visits(db_path: Path) -> frozenset[str]:
     return frozenset(str(row[0]) for row in _read_visits(db_path, "SELECT patient_id FROM visits WHERE state = 'open'"))
 
 
+# The visit a reading (by its outbox key) is linked to already: a relay cut short between the link
+# and the reading's mark relays it again, maybe after the visit closed (index 0008).
+VISIT_HOLDING_SQL = "SELECT visit_id FROM visit_items WHERE kind = 'observation' AND item_key = ? LIMIT 1"
+
+
 def _visit_holding(db_path: Path, outbox_key: str) -> str | None:
-    """The visit a reading (by its outbox key) is linked to already: a relay cut short between the
-    link and the reading's mark relays it again, maybe after the visit closed."""
-    rows = _read_visits(
-        db_path, "SELECT visit_id FROM visit_items WHERE kind = 'observation' AND item_key = ? LIMIT 1", [outbox_key]
-    )
+    """VISIT_HOLDING_SQL asked read-only (VisitBook.visit_holding asks its own connection)."""
+    rows = _read_visits(db_path, VISIT_HOLDING_SQL, [outbox_key])
     return str(rows[0][0]) if rows else None
 
 
@@ -112,17 +114,18 @@ def visit_link(data_dir: Path, gateway_id: str, notices: VisitNotices) -> Callab
     open_for: list[frozenset[str]] = []  # read once per relay round (one link per round), at first use
 
     def link(obs: Observation, outbox_key: str) -> str | None:
-        linked = _visit_holding(data_dir / DB_NAME, outbox_key)
-        if linked is not None:
-            return linked
         if not open_for:
             open_for.append(_patients_with_open_visits(data_dir / DB_NAME))
         if obs.patient_id is None or obs.patient_id not in open_for[0]:
-            return None
+            return _visit_holding(data_dir / DB_NAME, outbox_key)
         from lastmile.visits.book import VisitBook
 
-        # the book checks again, in the transaction that links (the visit may have closed since)
+        # visits.db opened once for the reading: the book asks whether it is linked already, then
+        # checks again, in the transaction that links (the visit may have closed since)
         with VisitBook.open(data_dir, gateway_id=gateway_id, notices=notices) as book:
+            linked = book.visit_holding(outbox_key)
+            if linked is not None:
+                return linked
             return book.attach_observation(obs, outbox_key=outbox_key, taken_during=True)
 
     return link
