@@ -79,10 +79,14 @@ class VisitNotices:
     mtime changed - is a new damage), and each damaged open visit a reading found."""
 
     def __init__(self) -> None:
-        self.key_damaged = False  # the key could not be loaded in this try (the caller resets it)
+        self.key_damaged = False  # the key could not be loaded in this try (new_try resets it)
         self.key_said = False  # since the key last loaded
         self.key_said_of: tuple[int, int, int] | None = None  # the file as it was when it was said
         self.damaged_visits: set[str] = set()  # the damaged open visits said
+
+    def new_try(self) -> None:
+        """A caller's new try begins: whether the key loads is its own finding (what was said is kept)."""
+        self.key_damaged = False
 
     def key_first_of(self, path: Path) -> bool:
         """The key at `path` failed to load: whether this damage was not said yet."""
@@ -303,7 +307,7 @@ class VisitQueue:
             return 0
         from lastmile.visits.book import VisitBook
 
-        self._notices.key_damaged = False  # what this try finds (what was said is kept)
+        self._notices.new_try()
         # noted before trying: a visit that fails to queue is tried again in a minute, not each round
         self._waiting, self._tried_at = waiting, now
         with VisitBook.open(self.data_dir, gateway_id=self.gateway_id, notices=self._notices) as book:
