@@ -170,24 +170,36 @@ def test_a_forward_step_without_visits_creates_no_visit_database(tmp_path: Path,
     assert not (config.data_dir / "visits.db").exists()
 
 
-def stop_a_visit_whose_reading_is_damaged(data: Path) -> Visit:
-    """P-1's visit with a cuff reading, stopped and signed; then the reading's stored record
-    damaged on the SD card (a field gone): the visit can never be a bundle with it."""
+def stop_a_visit_with_a_reading(data: Path, damage: str = "") -> Visit:
+    """P-1's visit with a cuff reading, stopped and signed; then `damage` (SQL) done to visits.db
+    on the SD card."""
     from tests.fhir_samples import blood_pressure
 
     with VisitBook.open(data, gateway_id="gw-1") as book:
         visit = book.start("P-1", doctor_id="DR-1", household_id="HH-1")
         book.attach_observation(blood_pressure(GPS_T, "P-1", "bp-1"))
         book.stop()
-        book.db.execute("UPDATE visit_items SET record = json_remove(record, '$.quantities')")
-        book.db.conn.commit()
+        if damage:
+            book.db.execute(damage)
+            book.db.conn.commit()
     return visit
+
+
+def stop_a_visit_whose_reading_is_damaged(data: Path) -> Visit:
+    """... the reading's stored record damaged (a field gone): it can never be sent; the visit
+    goes without it."""
+    return stop_a_visit_with_a_reading(data, "UPDATE visit_items SET record = json_remove(record, '$.quantities')")
+
+
+def stop_a_visit_whose_record_is_damaged(data: Path) -> Visit:
+    """... its doctor blanked: the visit can never be a bundle."""
+    return stop_a_visit_with_a_reading(data, "UPDATE visits SET doctor_id = ''")
 
 
 def test_a_closed_visit_that_cannot_be_a_bundle_holds_up_no_other_and_is_said_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A visit whose linked reading was damaged on the SD card (a field gone) can never be made a
+    """A visit whose record was damaged on the SD card (its doctor gone) can never be made a
     FHIR bundle. It stopped every visit closed after it from being queued, for ever, and the
     forward service logged its traceback every minute all day. It is set aside once, said once,
     and shown in `lastmile visit list`; the others go."""
@@ -197,7 +209,7 @@ def test_a_closed_visit_that_cannot_be_a_bundle_holds_up_no_other_and_is_said_on
     from lastmile.visits.relay_link import UNQUEUED_RETRY_S, VisitQueue
 
     data = tmp_path / "data"
-    damaged = stop_a_visit_whose_reading_is_damaged(data)
+    damaged = stop_a_visit_whose_record_is_damaged(data)
     with VisitBook.open(data, gateway_id="gw-1") as book:
         later = book.start("P-2", doctor_id="DR-1", household_id="HH-1")
         book.stop()
@@ -208,7 +220,9 @@ def test_a_closed_visit_that_cannot_be_a_bundle_holds_up_no_other_and_is_said_on
         assert visits.queue(outbox, NAMING) == 1
         now[0] += UNQUEUED_RETRY_S + 1
         assert visits.queue(outbox, NAMING) == 0  # a minute later: nothing new, nothing said again
-        assert [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == [f"fhir:visit:{later.id}"]
+        # the damaged visit's reading went on its own (fhir:obs); of the visits only the later one
+        keys = [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE) if i.key.startswith("fhir:visit:")]
+        assert keys == [f"fhir:visit:{later.id}"]
     said_once_as_error(caplog, damaged.id)
     assert not [r for r in caplog.records if r.exc_info], "a traceback in the journal"
     toml = tmp_path / "lastmile.toml"
@@ -748,7 +762,7 @@ def test_a_visit_set_aside_is_tried_once_more_after_an_update_that_changes_bundl
     from lastmile.visits.relay_link import UNQUEUED_RETRY_S, VisitQueue
 
     data = tmp_path / "data"
-    damaged = stop_a_visit_whose_reading_is_damaged(data)
+    damaged = stop_a_visit_with_a_reading(data)
     now = [1000.0]
 
     def update_ships() -> None:  # one that changed the bundle code: the next generation
@@ -765,17 +779,72 @@ def test_a_visit_set_aside_is_tried_once_more_after_an_update_that_changes_bundl
     def said_about() -> int:
         return len([r for r in caplog.records if damaged.id in r.getMessage() and r.levelno >= logging.ERROR])
 
+    def a_bundle_bug(*args: object) -> dict:
+        raise ValueError("a bug in the bundle code")
+
     caplog.clear()
     with Outbox.open(data, min_free_bytes=0) as outbox, caplog.at_level(logging.INFO):
-        assert minutes(VisitQueue(data, "gw-1", monotonic=lambda: now[0]), outbox, 3) == 0
+        with monkeypatch.context() as this_version:
+            this_version.setattr(VisitBook, "_bundle", staticmethod(a_bundle_bug))
+            assert minutes(VisitQueue(data, "gw-1", monotonic=lambda: now[0]), outbox, 3) == 0
         assert said_about() == 1
-        # its damaged reading went on its own meanwhile (quarantined: `lastmile queue` shows it);
-        # an update that changed how bundles are built tries the visit once: it goes without it
+        # its reading went on its own meanwhile; an update that mends the bundle code tries the
+        # visit once: it goes without that reading
         update_ships()
         assert minutes(VisitQueue(data, "gw-1", monotonic=lambda: now[0]), outbox, 3) == 1
         update_ships()
         assert minutes(VisitQueue(data, "gw-1", monotonic=lambda: now[0]), outbox, 2) == 0
-        assert [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == [f"fhir:visit:{damaged.id}"]
+        keys = [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)]
+        assert [k.split(":")[1] for k in keys] == ["obs", "visit"] and keys[1] == f"fhir:visit:{damaged.id}"
+
+
+def a_visit_an_older_version_set_aside_for_its_damaged_reading(data: Path) -> str:
+    """P-1's visit with two cuff readings, stopped and signed; the second reading's stored record
+    then damaged on the SD card, and the visit set aside for it, as a version before readings were
+    quarantined on their own left visits.db: its fault of generation 1, no reading released."""
+    from tests.fhir_samples import blood_pressure
+
+    with VisitBook.open(data, gateway_id="gw-1") as book:
+        visit = book.start("P-1", doctor_id="DR-1", household_id="HH-1")
+        book.attach_observation(blood_pressure(GPS_T, "P-1", "bp-1"))
+        book.attach_observation(blood_pressure(GPS_T + dt.timedelta(minutes=1), "P-1", "bp-2"))
+        book.stop()
+        book.db.execute("UPDATE visit_items SET record = json_remove(record, '$.quantities') WHERE item_key = 'bp-2'")
+        book.db.execute(
+            "UPDATE visits SET fhir_fault = ?, fhir_fault_version = '1' WHERE id = ?",
+            ["KeyError: 'quantities'", visit.id],
+        )
+        book.db.conn.commit()
+    return visit.id
+
+
+def test_a_visit_an_older_version_set_aside_for_a_damaged_reading_goes_without_it_once(tmp_path: Path) -> None:
+    """A visit an older version set aside because one of its readings was damaged stayed aside for
+    good (only `visit retry` sent it), its sound reading went alone, though this version quarantines
+    a damaged reading on its own and sends the visit without it. It goes now, by itself, once,
+    carrying its sound reading; the damaged one is quarantined (`lastmile queue`)."""
+    from lastmile.visits.relay_link import UNQUEUED_RETRY_S, VisitQueue
+    from uploader.fhir_bundle import bundle_identifiers
+    from uploader.outbox import ItemState
+
+    data = tmp_path / "data"
+    visit_id = a_visit_an_older_version_set_aside_for_its_damaged_reading(data)
+    now = [1000.0]
+    with Outbox.open(data, min_free_bytes=0) as outbox:
+        for _ in range(2):  # a forward service restarted: a second queue finds nothing more to do
+            visits = VisitQueue(data, "gw-1", monotonic=lambda: now[0])
+            for _ in range(3):
+                visits.queue(outbox, NAMING)
+                now[0] += UNQUEUED_RETRY_S + 1
+        bundles = outbox.items(kind=Kind.FHIR_BUNDLE)
+        assert [i.key for i in bundles] == [f"fhir:visit:{visit_id}"]
+        carried = [v for t, v in bundle_identifiers(json.loads(outbox.read_payload(bundles[0]))) if t == "Observation"]
+        assert any(v.endswith("/bp-1") for v in carried) and not any(v.endswith("/bp-2") for v in carried), carried
+        quarantined = [i for i in outbox.items(kind="observation") if i.state is ItemState.QUARANTINED]
+        assert len(quarantined) == 1 and visit_id in (quarantined[0].quarantine_reason or "")
+    with VisitBook.open(data, gateway_id="gw-1") as book:
+        visit = book.get(visit_id)
+        assert visit is not None and visit.fhir_queued and visit.fhir_fault is None
 
 
 def test_a_forward_try_that_queues_a_visit_opens_visits_db_twice_not_three_times(
@@ -1092,3 +1161,51 @@ def test_a_reading_linked_to_a_visit_just_before_a_power_cut_is_sent_once_with_t
     assert "encounter" in obs and visits_applied(platform) == 1
     with Outbox.open(config.data_dir, min_free_bytes=0) as outbox:
         assert [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == [f"fhir:visit:{visit.id}"]
+
+
+def test_a_damaged_reading_of_a_visit_restored_in_visits_db_and_retried_is_sent_once(
+    tmp_path: Path, platform: FhirTestServer
+) -> None:
+    """A visit's reading whose record was damaged on the SD card is quarantined on its own
+    (`lastmile queue`: measure again, or have it restored). The county IT restored the record in
+    visits.db from the backup and the doctor ran `lastmile retry`: the relay read the outbox's copy
+    of the damaged bytes again and quarantined it again, for ever. It reads the record visits.db
+    holds now: the restored reading reaches the platform, once."""
+    from lastmile.cli import main
+    from uploader.outbox import ItemState, OutboxItem
+
+    config = forward_config(tmp_path, platform.base_url)
+    data = config.data_dir
+    visit = stop_a_visit_with_a_reading(data)
+    with VisitBook.open(data, gateway_id="gw-1") as book:
+        (sound,) = book.db.execute("SELECT record FROM visit_items").fetchone()
+        book.db.execute("UPDATE visit_items SET record = json_remove(record, '$.quantities')")
+        book.db.conn.commit()
+
+    def reading_item() -> OutboxItem:
+        with Outbox.open(data, min_free_bytes=0) as outbox:
+            (item,) = [i for i in outbox.items(kind="observation") if visit.id in i.key]
+        return item
+
+    service = ForwardService(config)
+    try:
+        step_until(service, lambda: visits_applied(platform) >= 1)  # the visit goes without it
+        damaged = reading_item()
+        assert damaged.state is ItemState.QUARANTINED
+        with VisitBook.open(data, gateway_id="gw-1") as book:  # restored from the backup
+            book.db.execute("UPDATE visit_items SET record = ?", [sound])
+            book.db.conn.commit()
+        toml = tmp_path / "lastmile.toml"
+        toml.write_text(f'[gateway]\nid = "gw-1"\ndata_dir = "{data}"\n')
+        assert main(["-c", str(toml), "retry", str(damaged.id)]) == 0
+
+        def sent_or_quarantined_again() -> bool:
+            return len(platform.resources("Observation")) >= 1 or reading_item().state is ItemState.QUARANTINED
+
+        step_until(service, sent_or_quarantined_again)
+        for _ in range(3):
+            service.step(threading.Event())
+    finally:
+        service.close()
+    assert reading_item().state is not ItemState.QUARANTINED, reading_item().quarantine_reason
+    assert "encounter" not in one_panel_never_twice(platform)

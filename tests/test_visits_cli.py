@@ -149,10 +149,10 @@ def test_a_stop_with_a_damaged_signing_key_says_the_key_is_damaged_not_wait_for_
 def test_visit_retry_sends_a_set_aside_visit_once_through_the_forward_service(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A visit set aside (its linked reading damaged on the SD card) waited for a software update
-    even after the technician restored the reading: no command sent it again. `visit retry`
-    clears the set-aside; the forward service's queueing queues it, once (its damaged reading
-    went on its own, quarantined: `lastmile queue` shows it)."""
+    """A visit set aside (its record damaged on the SD card: its doctor gone) waited for a software
+    update even after the technician restored the record: no command sent it again. `visit retry`
+    clears the set-aside; the forward service's queueing queues it, once (its reading went on its
+    own meanwhile, and the visit goes without it)."""
     import datetime as dt
 
     from lastmile.visits.book import VisitBook
@@ -168,12 +168,15 @@ def test_visit_retry_sends_a_set_aside_visit_once_through_the_forward_service(
         damaged = book.start("P-1", doctor_id="DR-9")
         book.attach_observation(blood_pressure(dt.datetime.now(dt.timezone.utc), "P-1", "bp-1"))
         book.stop()
-        book.db.execute("UPDATE visit_items SET record = json_remove(record, '$.quantities')")
+        book.db.execute("UPDATE visits SET doctor_id = '' WHERE id = ?", [damaged.id])
         book.db.conn.commit()
     forward = VisitQueue(data, "gw-cli", monotonic=lambda: 1000.0)  # no minute passes: only changes count
     with Outbox.open(data, min_free_bytes=0) as outbox:
-        assert forward.queue(outbox, NAMING) == 0  # set aside; its damaged reading quarantined on its own
-        assert [i.state.value for i in outbox.items(kind="observation")] == ["quarantined"]
+        assert forward.queue(outbox, NAMING) == 0  # set aside; its reading went on its own
+        assert [i.key.split(":")[1] for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == ["obs"]
+        with VisitBook.open(data, gateway_id="gw-cli") as book:  # the technician restores the record
+            book.db.execute("UPDATE visits SET doctor_id = 'DR-9' WHERE id = ?", [damaged.id])
+            book.db.conn.commit()
         capsys.readouterr()
         assert run("visit", "retry", damaged.id[:8]) == 0
         assert "1 visit(s)" in capsys.readouterr().out
@@ -182,7 +185,7 @@ def test_visit_retry_sends_a_set_aside_visit_once_through_the_forward_service(
         assert run("visit", "retry", damaged.id) == 1  # not set aside: nothing to retry
         assert "not set aside" in capsys.readouterr().err
         assert forward.queue(outbox, NAMING) == 0
-        assert [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == [f"fhir:visit:{damaged.id}"]
+        assert [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)][1:] == [f"fhir:visit:{damaged.id}"]
 
 
 def damaged_at_stop(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
@@ -449,21 +452,29 @@ def test_an_open_visit_set_aside_for_a_damaged_note_is_refused_notes_and_stopped
     retry_all_sends_only_the_visit_recorded_again(run, capsys, tmp_path / "data", first)
 
 
-def a_visit_whose_reading_went_alone(data: Path) -> str:
+def a_visit_whose_reading_went_alone(data: Path, *, reading_damaged: bool = False) -> str:
     """A visit set aside (its doctor blanked on the SD card) whose cuff reading the forward
-    service then sent to the county on its own. The visit's id."""
+    service then sent to the county on its own. `reading_damaged`: the reading's own record was
+    damaged too, so it went nowhere: quarantined in the outbox (`lastmile queue`). The visit's id."""
     import datetime as dt
 
+    from lastmile.visits.book import VisitBook
     from lastmile.visits.relay_link import VisitQueue
     from tests.fhir_samples import NAMING
     from tests.visit_harness import link_a_reading_then_set_the_visit_aside
-    from uploader.outbox import Outbox
+    from uploader.outbox import ItemState, Outbox
 
     at = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=1)
     visit_id = link_a_reading_then_set_the_visit_aside(data, at)
+    if reading_damaged:
+        with VisitBook.open(data, gateway_id="gw-1") as book:
+            book.db.execute("UPDATE visit_items SET record = json_remove(record, '$.quantities')")
+            book.db.conn.commit()
     with Outbox.open(data, min_free_bytes=0) as outbox:
         VisitQueue(data, "gw-1", monotonic=lambda: 1000.0).queue(outbox, NAMING)
-        assert [i.key.split(":")[1] for i in outbox.items(kind="fhir-bundle")] == ["obs"]
+        sent_alone = [i.key.split(":")[1] for i in outbox.items(kind="fhir-bundle")]
+        quarantined = [i for i in outbox.items(kind="observation") if i.state is ItemState.QUARANTINED]
+        assert (sent_alone, len(quarantined)) == (([], 1) if reading_damaged else (["obs"], 0))
     return visit_id
 
 
@@ -499,3 +510,38 @@ def test_the_visits_page_says_in_chinese_how_many_readings_of_a_visit_went_witho
         page = html.unescape(client.get("/visits").body)
     (card,) = [li for li in page.split("<li ")[1:] if "P-1" in li]
     assert "1 条测量结果未随本次随访发送，已单独发往县平台" in card, card
+
+
+def test_visit_list_does_not_count_a_damaged_reading_as_sent_without_the_visit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A visit set aside whose cuff reading's own record was damaged too: the reading went
+    nowhere (quarantined, `lastmile queue`), yet `visit list` said "1 reading sent without the
+    visit". It says the reading is damaged and not sent, and where to look."""
+    run = visit_cli(tmp_path)
+    a_visit_whose_reading_went_alone(tmp_path / "data", reading_damaged=True)
+    capsys.readouterr()
+    assert run("visit", "list") == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert "sent without the visit" not in line, line
+    assert "1 reading damaged, not sent: see lastmile queue" in line, line
+    assert run("visit", "list", "--json") == 0
+    (listed,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (listed["readings_sent_alone"], listed["readings_damaged"]) == (0, 1)
+
+
+def test_the_visits_page_does_not_count_a_damaged_reading_as_sent_without_the_visit(tmp_path: Path) -> None:
+    """The same on the console's Visits page: in Chinese, the damaged reading is said apart."""
+    import html
+
+    from tests.console_harness import DOCTOR, Client, console_config, running_console
+
+    config = console_config(tmp_path / "data")
+    a_visit_whose_reading_went_alone(config.data_dir, reading_damaged=True)
+    with running_console(config) as server:
+        client = Client(server.url)
+        client.login(DOCTOR)
+        page = html.unescape(client.get("/visits").body)
+    (card,) = [li for li in page.split("<li ")[1:] if "P-1" in li]
+    assert "已单独发往县平台" not in card, card
+    assert "1 条测量结果的记录已损坏，未发送（见发送队列）" in card, card

@@ -262,11 +262,14 @@ def list_visits(args: argparse.Namespace) -> int:
 
 
 def _sent_alone(v: Visit) -> str:
-    """Its readings that went to the county platform on their own ("" when none did)."""
-    n = v.readings_sent_alone
-    if not n:
-        return ""
-    return f"  {n} reading{'s' if n != 1 else ''} sent without the visit"
+    """Its readings that went to the county platform on their own, and those released that went
+    nowhere, their own record damaged ("" when none was released)."""
+    said = ""
+    if n := v.readings_sent_alone:
+        said += f"  {n} reading{'s' if n != 1 else ''} sent without the visit"
+    if n := v.readings_damaged:
+        said += f"  {n} reading{'s' if n != 1 else ''} damaged, not sent: see lastmile queue"
+    return said
 
 
 def _damage_advice(v: Visit) -> str:

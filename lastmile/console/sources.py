@@ -49,12 +49,13 @@ from lastmile.config import Config
 from lastmile.console.accounts import Accounts
 from lastmile.console.audit import AuditLog
 from lastmile.console.i18n import N_
-from lastmile.data_dir import columns_of, open_outbox
+from lastmile.data_dir import open_outbox
 from lastmile.reports.report_text import Reader, display_name
 from lastmile.reports.store import ReportStore, SentStudy
 from lastmile.reports.views import ecg_time
 from lastmile.services.link_status import READING_CENTER_STATUS, reading_center_down
 from lastmile.services.metered import MeteredWait, metered_wait, meters
+from lastmile.visits.relay_link import ReleasedReadings, released_readings
 from uploader.outbox import ItemState, Kind, OutboxItem
 from uploader.report_lines import ReportLine
 
@@ -190,6 +191,7 @@ class VisitView:
     distance_m: float | None
     fhir_queued: bool
     readings_sent_alone: int = 0  # went to the county on their own: the visit was never to be sent as it was
+    readings_damaged: int = 0  # released, but their own record damaged: quarantined, not sent
 
 
 def person_name(pn: str) -> str:
@@ -808,18 +810,12 @@ class ClinicData:
             return []
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=15.0)
         try:
-            # a visits.db no process of this version opened yet has no released_at: none released
-            alone = (
-                "(SELECT COUNT(*) FROM visit_items WHERE visit_id = visits.id AND kind = 'observation' "
-                "AND released_at IS NOT NULL)"
-                if "released_at" in columns_of(conn, "visit_items")
-                else "0"
-            )
             rows = conn.execute(
                 "SELECT id, doctor_id, patient_id, household_id, state, started_at, ended_at, flags, distance_m, "
-                f"fhir_queued_at, {alone} FROM visits ORDER BY rowid DESC LIMIT ?",
+                "fhir_queued_at FROM visits ORDER BY rowid DESC LIMIT ?",
                 (int(limit),),
             ).fetchall()
+            released = released_readings(conn, [r[0] for r in rows])
         finally:
             conn.close()
         return [
@@ -834,7 +830,8 @@ class ClinicData:
                 flags=tuple(json.loads(r[7] or "[]")),
                 distance_m=r[8],
                 fhir_queued=r[9] is not None,
-                readings_sent_alone=r[10],
+                readings_sent_alone=released.get(r[0], ReleasedReadings()).sent,
+                readings_damaged=released.get(r[0], ReleasedReadings()).damaged,
             )
             for r in rows
         ]

@@ -42,13 +42,21 @@ PASSING_FAULTS: tuple[type[Exception], ...] = (OutboxFullError, TransientError, 
 
 
 VisitLink = Callable[[Observation, str], "str | None"]  # (reading, its outbox key) -> the visit it joined
+VisitReading = Callable[[int], "str | None"]  # a visit item's id -> its record as visits.db holds it now
 
 
 def relay_observations(
-    outbox: Outbox, naming: FhirNaming, now: float, *, limit: int = RELAY_BATCH, visit_link: VisitLink | None = None
+    outbox: Outbox,
+    naming: FhirNaming,
+    now: float,
+    *,
+    limit: int = RELAY_BATCH,
+    visit_link: VisitLink | None = None,
+    visit_reading: VisitReading | None = None,
 ) -> int:
     """Queue a FHIR bundle for each waiting reading (up to `limit`), or link it to the open visit
-    it was taken during; returns how many were relayed either way."""
+    it was taken during; returns how many were relayed either way. `visit_reading`: where a
+    reading a home visit released (quarantined, its record damaged) is read once retried."""
     # Every forward round calls this: a read first, so an idle round takes no write lock.
     if not outbox.items(kind=OBSERVATION_KIND, state=ItemState.QUEUED, limit=1):
         return 0
@@ -56,7 +64,7 @@ def relay_observations(
     done: list[int] = []
     for n, item in enumerate(claimed):
         try:
-            obs = _reading(outbox, item, now)
+            obs = _reading(outbox, item, now, visit_reading)
             visit_id = visit_link(obs, item.key) if visit_link is not None else None
             if visit_id is not None:
                 log.info("reading #%d goes with home visit %s", item.id, visit_id)
@@ -89,9 +97,14 @@ def relay_observations(
     return len(done)
 
 
-def _reading(outbox: Outbox, item: OutboxItem, now: float) -> Observation:
-    """The stored reading (ValueError if it is not one a bundle can be made of)."""
-    data = json.loads(outbox.read_payload(item, now))
+def _reading(outbox: Outbox, item: OutboxItem, now: float, visit_reading: VisitReading | None) -> Observation:
+    """The stored reading (ValueError if it is not one a bundle can be made of). One a home visit
+    released (quarantined, its record damaged on the SD card) is read as visits.db holds it now:
+    restored there from a backup and retried (`lastmile retry`), it goes; the outbox's payload
+    is a copy of the damaged bytes, and stays damaged."""
+    visit_item = item.meta.get("visit_item")
+    record = visit_reading(int(visit_item)) if visit_reading is not None and visit_item is not None else None
+    data = json.loads(record if record is not None else outbox.read_payload(item, now))
     if not isinstance(data, dict):
         raise ValueError(f"the stored record is a JSON {type(data).__name__}, not a reading")
     obs = observation_from_json(data)

@@ -82,9 +82,13 @@ from lastmile.visits.relay_link import (
     IS_STOPPED_DAMAGED,
     SET_ASIDE_SQL,
     STOPPED_DAMAGED,
+    VISIT_HOLDING_SQL,
+    ReleasedReadings,
     VisitNotices,
     fault_generation,
     readings_to_release_sql,
+    released_readings,
+    stored_reading,
 )
 from uploader.sqlite_store import Migration, open_database, transaction
 
@@ -168,6 +172,9 @@ MIGRATIONS: tuple[Migration, ...] = (
     # own: when each was queued so. Those of visits stopped damaged before (0005 marked some) have
     # none yet: the forward service's next round releases them.
     Migration.sql("0007_visit_items_released", "ALTER TABLE visit_items ADD COLUMN released_at TEXT;"),
+    # s36-v: the relay asks, for every reading, whether its outbox key is linked to a visit already
+    # (relay_link.VISIT_HOLDING_SQL): an index, not a scan of every visit's items.
+    Migration.sql("0008_visit_items_item_key", "CREATE INDEX visit_items_item_key ON visit_items (item_key);"),
 )
 
 # The saved clock anchor (what other processes of this boot restore) is rewritten only when it moved
@@ -215,6 +222,8 @@ class Visit:
     # its readings sent to the county platform on their own, not with it (it was never to be sent
     # as it was: release_unsent): the doctor sees them where she looks at visits, not in the journal
     readings_sent_alone: int = 0
+    # ... and those released whose own record was damaged: quarantined in the outbox, not sent
+    readings_damaged: int = 0
 
     @property
     def recorded_again(self) -> bool:
@@ -245,6 +254,7 @@ class Visit:
             "fhir_queued": self.fhir_queued,
             "fhir_fault": self.fhir_fault,
             "readings_sent_alone": self.readings_sent_alone,
+            "readings_damaged": self.readings_damaged,
         }
 
 
@@ -729,10 +739,7 @@ class VisitBook:
             }
             fault = fault or fault_text(exc)
         chain = list(self.db.query("SELECT seq FROM chain WHERE visit_id = ?", [row["id"]]))
-        (alone,) = self.db.execute(
-            "SELECT COUNT(*) FROM visit_items WHERE visit_id = ? AND kind = 'observation' AND released_at IS NOT NULL",
-            [row["id"]],
-        ).fetchone()
+        released = released_readings(self.db.conn, [row["id"]]).get(row["id"], ReleasedReadings())
         return Visit(
             id=row["id"],
             doctor_id=row["doctor_id"],
@@ -744,7 +751,8 @@ class VisitBook:
             chain_seq=chain[0]["seq"] if chain else None,
             fhir_queued=bool(row["fhir_queued_at"]),
             fhir_fault=fault,
-            readings_sent_alone=int(alone),
+            readings_sent_alone=released.sent,
+            readings_damaged=released.damaged,
             **decoded,
         )
 
@@ -846,6 +854,11 @@ class VisitBook:
             self.db.table("visit_notes").insert(
                 {"visit_id": visit.id, "stamp": json.dumps(self._stamp_now().to_json()), "text": text}
             )
+
+    def visit_holding(self, item_key: str) -> str | None:
+        """The visit a reading (by its outbox key) is linked to already (relay_link.visit_link)."""
+        row = self.db.execute(VISIT_HOLDING_SQL, [item_key]).fetchone()
+        return str(row[0]) if row is not None else None
 
     def attach_observation(
         self, obs: Observation, *, outbox_key: str | None = None, taken_during: bool = False
@@ -1183,7 +1196,7 @@ class VisitBook:
         queued = 0
         for row in rows:
             try:
-                obs = observation_from_json(json.loads(row["record"]))
+                obs = stored_reading(row["record"])
                 queued += enqueue_observation(outbox, obs, naming, meta={"visit_item": row["id"]}, now=now)
             except BUNDLE_ERRORS as exc:  # damaged on the SD card: the doctor sees it, then it is marked
                 self._quarantine_damaged_reading(outbox, row, exc, now)
@@ -1223,23 +1236,30 @@ class VisitBook:
                 [[dt.datetime.now(dt.timezone.utc).isoformat(), i] for i in item_ids],
             )
 
-    def _finish_releases(self, outbox: Outbox, naming: FhirNaming, visit_id: str) -> None:
+    def _finish_releases(self, outbox: Outbox, naming: FhirNaming, visit_id: str, now: float | None) -> None:
         """Before a visit's bundle is built: its readings already queued on their own by a release
         whose mark was lost (cut short, then the visit retried) are marked now, so the bundle does
-        not carry them a second time. The outbox is the truth: its key is the reading's."""
+        not carry them a second time. The outbox is the truth: its key is the reading's. A reading
+        whose own record is damaged is quarantined on its own (as a release does), and the visit
+        goes without it: one damaged reading must not keep the whole visit from the county."""
         from uploader.fhir_forwarder import observation_key
 
         keys: dict[str, int] = {}
-        for row in self.db.query(
-            "SELECT id, record FROM visit_items WHERE visit_id = ? AND kind = 'observation' AND released_at IS NULL",
-            [visit_id],
+        damaged: list[int] = []
+        for row in list(
+            self.db.query(
+                "SELECT visit_items.id, visit_id, record, patient_id FROM visit_items JOIN visits "
+                "ON visits.id = visit_id WHERE visit_id = ? AND kind = 'observation' AND released_at IS NULL",
+                [visit_id],
+            )
         ):
             try:
-                keys[observation_key(observation_from_json(json.loads(row["record"])), naming)] = row["id"]
-            except BUNDLE_ERRORS:  # the bundle fails on it too, and sets the visit aside
-                continue
-        if keys:
-            self._mark_released([keys[k] for k in outbox.present_keys(list(keys))])
+                keys[observation_key(stored_reading(row["record"]), naming)] = row["id"]
+            except BUNDLE_ERRORS as exc:
+                self._quarantine_damaged_reading(outbox, row, exc, now)
+                damaged.append(row["id"])
+        if keys or damaged:
+            self._mark_released([*damaged, *(keys[k] for k in outbox.present_keys(list(keys)))])
 
     def queue_closed(self, outbox: Outbox, naming: FhirNaming, now: float | None = None) -> int:
         """Queue every closed, not yet queued visit as a FHIR bundle (idempotent)."""
@@ -1275,7 +1295,7 @@ class VisitBook:
         if key is None:
             return 0
         for row in rows:
-            self._finish_releases(outbox, naming, row["id"])
+            self._finish_releases(outbox, naming, row["id"], now)
             try:  # decoding the record and building its bundle: both fail on the visit's own data
                 bundle = self._bundle(self._stored_for_bundle(row["id"]), naming, key)
             except BUNDLE_ERRORS as exc:

@@ -9,16 +9,19 @@ patient, or a closed visit not queued yet.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from devices.observation import Observation
 from lastmile.data_dir import columns_of, read_only
+from lastmile.visits.record import BUNDLE_ERRORS
 
 if TYPE_CHECKING:
     from uploader.fhir_bundle import FhirNaming
@@ -29,7 +32,7 @@ log = logging.getLogger(__name__)
 DB_NAME = "visits.db"  # lastmile.visits.book.DB_NAME (a test keeps the two the same)
 
 
-def _read_visits(db_path: Path, sql: str, params: Sequence[str] = ()) -> list[tuple]:
+def _read_visits(db_path: Path, sql: str, params: Sequence[str | int] = ()) -> list[tuple]:
     """Rows of a read-only query of visits.db; none when there is no visits.db or it is not
     migrated yet (no visit was ever started)."""
     if not db_path.exists():
@@ -50,13 +53,22 @@ def _patients_with_open_visits(db_path: Path) -> frozenset[str]:
     return frozenset(str(row[0]) for row in _read_visits(db_path, "SELECT patient_id FROM visits WHERE state = 'open'"))
 
 
+# The visit a reading (by its outbox key) is linked to already: a relay cut short between the link
+# and the reading's mark relays it again, maybe after the visit closed (index 0008).
+VISIT_HOLDING_SQL = "SELECT visit_id FROM visit_items WHERE kind = 'observation' AND item_key = ? LIMIT 1"
+
+
 def _visit_holding(db_path: Path, outbox_key: str) -> str | None:
-    """The visit a reading (by its outbox key) is linked to already: a relay cut short between the
-    link and the reading's mark relays it again, maybe after the visit closed."""
-    rows = _read_visits(
-        db_path, "SELECT visit_id FROM visit_items WHERE kind = 'observation' AND item_key = ? LIMIT 1", [outbox_key]
-    )
+    """VISIT_HOLDING_SQL asked read-only (VisitBook.visit_holding asks its own connection)."""
+    rows = _read_visits(db_path, VISIT_HOLDING_SQL, [outbox_key])
     return str(rows[0][0]) if rows else None
+
+
+def released_record(data_dir: Path, visit_item: int) -> str | None:
+    """The record of a reading a home visit released (visit_items.id), as visits.db holds it now:
+    the county IT restores a damaged one there, from a backup; None when there is none."""
+    rows = _read_visits(data_dir / DB_NAME, "SELECT record FROM visit_items WHERE id = ?", [visit_item])
+    return str(rows[0][0]) if rows and rows[0][0] is not None else None
 
 
 class VisitNotices:
@@ -67,10 +79,14 @@ class VisitNotices:
     mtime changed - is a new damage), and each damaged open visit a reading found."""
 
     def __init__(self) -> None:
-        self.key_damaged = False  # the key could not be loaded in this try (the caller resets it)
+        self.key_damaged = False  # the key could not be loaded in this try (new_try resets it)
         self.key_said = False  # since the key last loaded
         self.key_said_of: tuple[int, int, int] | None = None  # the file as it was when it was said
         self.damaged_visits: set[str] = set()  # the damaged open visits said
+
+    def new_try(self) -> None:
+        """A caller's new try begins: whether the key loads is its own finding (what was said is kept)."""
+        self.key_damaged = False
 
     def key_first_of(self, path: Path) -> bool:
         """The key at `path` failed to load: whether this damage was not said yet."""
@@ -102,31 +118,33 @@ def visit_link(data_dir: Path, gateway_id: str, notices: VisitNotices) -> Callab
     open_for: list[frozenset[str]] = []  # read once per relay round (one link per round), at first use
 
     def link(obs: Observation, outbox_key: str) -> str | None:
-        linked = _visit_holding(data_dir / DB_NAME, outbox_key)
-        if linked is not None:
-            return linked
         if not open_for:
             open_for.append(_patients_with_open_visits(data_dir / DB_NAME))
         if obs.patient_id is None or obs.patient_id not in open_for[0]:
-            return None
+            return _visit_holding(data_dir / DB_NAME, outbox_key)
         from lastmile.visits.book import VisitBook
 
-        # the book checks again, in the transaction that links (the visit may have closed since)
+        # visits.db opened once for the reading: the book asks whether it is linked already, then
+        # checks again, in the transaction that links (the visit may have closed since)
         with VisitBook.open(data_dir, gateway_id=gateway_id, notices=notices) as book:
+            linked = book.visit_holding(outbox_key)
+            if linked is not None:
+                return linked
             return book.attach_observation(obs, outbox_key=outbox_key, taken_during=True)
 
     return link
 
 
 # The generation of the code that turns a stored visit into a FHIR bundle (lastmile.visits.record:
-# row decoding; lastmile.visits.book: `_stored_for_bundle`, `_bundle`, signing (`_chain`);
-# uploader.fhir_bundle.visit_bundle).
+# row decoding; lastmile.visits.book: `_stored_for_bundle`, `observations`, `_finish_releases`
+# (which readings it carries), `_bundle`, signing (`_chain`); uploader.fhir_bundle.visit_bundle).
 # BUMP IT whenever that code changes (tests/test_fhir_fault_generation.py fails until it is): a
 # visit set aside (fhir_fault) by another generation is tried once more, as an update may mend what
 # set it aside. Not lastmile.__version__: it never
 # changes (update bundles carry their own version). Here, not in the book: this module must not
 # import the signing code (the forward service asks every round).
-FHIR_FAULT_GENERATION = 1
+# 2: a damaged reading is quarantined on its own at build time, no longer setting its visit aside.
+FHIR_FAULT_GENERATION = 2
 
 
 def fault_generation() -> str:
@@ -193,6 +211,45 @@ def closed_unqueued(data_dir: Path) -> frozenset[str]:
     return frozenset(str(row[0]) for row in rows)
 
 
+@dataclass(frozen=True)
+class ReleasedReadings:
+    """A visit's readings released to go to the county platform on their own
+    (VisitBook.release_unsent): the doctor sees them where she looks at her visits."""
+
+    sent: int = 0  # queued on their own bundle
+    damaged: int = 0  # their own record damaged: quarantined in the outbox (`lastmile queue`), not sent
+
+
+def stored_reading(record: str | None) -> Observation:
+    """A visit item's stored reading; one of BUNDLE_ERRORS when its record is damaged (the book
+    then quarantines it in the outbox instead of sending it)."""
+    from lastmile.clinic.observations import observation_from_json
+
+    return observation_from_json(json.loads(record))  # type: ignore[arg-type]
+
+
+def released_readings(conn: sqlite3.Connection, visit_ids: Sequence[str]) -> dict[str, ReleasedReadings]:
+    """What became of the released readings of each visit (`visit list`, the console's Visits
+    page): one it could not read went nowhere, it is not "sent". None on a visits.db not migrated
+    to 0007 yet (no released_at: nothing was released)."""
+    if not visit_ids or "released_at" not in columns_of(conn, "visit_items"):
+        return {}
+    marks = ",".join("?" * len(visit_ids))
+    counts: dict[str, list[int]] = {}
+    for visit_id, record in conn.execute(
+        "SELECT visit_id, record FROM visit_items WHERE kind = 'observation' AND released_at IS NOT NULL "
+        f"AND visit_id IN ({marks})",
+        list(visit_ids),
+    ):
+        try:
+            stored_reading(record)
+            damaged = 0
+        except BUNDLE_ERRORS:
+            damaged = 1
+        counts.setdefault(str(visit_id), [0, 0])[damaged] += 1
+    return {visit_id: ReleasedReadings(sent, damaged) for visit_id, (sent, damaged) in counts.items()}
+
+
 FileState = tuple[tuple[int, int, int] | None, ...]
 
 
@@ -250,7 +307,7 @@ class VisitQueue:
             return 0
         from lastmile.visits.book import VisitBook
 
-        self._notices.key_damaged = False  # what this try finds (what was said is kept)
+        self._notices.new_try()
         # noted before trying: a visit that fails to queue is tried again in a minute, not each round
         self._waiting, self._tried_at = waiting, now
         with VisitBook.open(self.data_dir, gateway_id=self.gateway_id, notices=self._notices) as book:
