@@ -782,18 +782,13 @@ def commitment_seeds() -> list[bytes]:
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_dataset
 
+    from lastmile.demo.reading_center import commitment_item as ref
+
     def encoded(ds: Dataset) -> bytes:
         buffer = DicomBytesIO()
         buffer.is_little_endian, buffer.is_implicit_VR = True, True
         write_dataset(buffer, ds)
         return buffer.getvalue()
-
-    def ref(cls: str, inst: str, reason: int | None = None) -> Dataset:
-        item = Dataset()
-        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = cls, inst
-        if reason is not None:
-            item.FailureReason = reason
-        return item
 
     ok = Dataset()
     ok.TransactionUID = "1.2.826.0.1.3680043.8.498.1"

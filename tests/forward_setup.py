@@ -42,14 +42,8 @@ def send_report(
     from pynetdicom import AE, build_context, build_role
     from pynetdicom.sop_class import StorageCommitmentPushModel
 
+    from lastmile.demo.reading_center import commitment_item
     from uploader.dicom_association import STORAGE_COMMITMENT_INSTANCE
-
-    def item(cls: str, uid: str, reason: int | None = None) -> Dataset:
-        ds = Dataset()
-        ds.ReferencedSOPClassUID, ds.ReferencedSOPInstanceUID = cls, uid
-        if reason is not None:
-            ds.FailureReason = reason
-        return ds
 
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
@@ -68,9 +62,9 @@ def send_report(
     info = Dataset()
     info.TransactionUID = txn
     if refs:
-        info.ReferencedSOPSequence = [item(c, u) for c, u in refs]
+        info.ReferencedSOPSequence = [commitment_item(c, u) for c, u in refs]
     if failed:
-        info.FailedSOPSequence = [item(c, u, reason) for c, u in failed]
+        info.FailedSOPSequence = [commitment_item(c, u, reason) for c, u in failed]
     status, _ = assoc.send_n_event_report(
         info, 2 if failed else 1, StorageCommitmentPushModel, STORAGE_COMMITMENT_INSTANCE
     )

@@ -27,10 +27,12 @@ import requests
 
 from tests.conftest import missing, require_tool
 from tests.fhir_server import FhirTestServer
+from tests.peers import stop_process
 
 NPM_DIR = Path(__file__).resolve().parent / "npm"
 MEDPLUM_PACKAGE = "@medplum/fhir-router"
 START_TIMEOUT_S = 120.0  # node indexes the R4 definitions at start: seconds on a loaded Pi-class box
+STOP_TIMEOUT_S = 10.0  # SIGTERM ends node at once (no handler); then SIGKILL: its memory holds nothing to keep
 
 
 def medplum_available() -> Path:
@@ -47,7 +49,7 @@ class MedplumFhirServer(FhirTestServer):
         self._script = medplum_available()
         self._node = require_tool("node")
         super().__init__(**kwargs)
-        self._upstream = ""
+        self.upstream = ""  # Medplum's own address, behind the front
         self._process: subprocess.Popen[str] | None = None
         self._forward_lock = threading.Lock()
         self._http = requests.Session()
@@ -75,21 +77,25 @@ class MedplumFhirServer(FhirTestServer):
         if not ready.wait(START_TIMEOUT_S):
             self._process.kill()
             raise RuntimeError(f"Medplum FHIR server did not start (exit {self._process.poll()})")
-        self._upstream = f"http://127.0.0.1:{port[0]}/fhir"
+        self.upstream = f"http://127.0.0.1:{port[0]}/fhir"
         super().__enter__()
         return self
 
     def close(self) -> None:
         super().close()
         self._http.close()
-        if self._process is not None:
-            self._process.terminate()
-            self._process.wait(timeout=30)
+        # node may still be answering a request the front forwarded (a daemon handler thread the
+        # test no longer waits for): stopping must not wait for it, nor fail the test over it
+        stop_process(self._process, STOP_TIMEOUT_S)  # its stdout reader ends at the pipe's end
+
+    def node_exit_code(self) -> int | None:
+        """How the node process ended; None while it runs (or before it was started)."""
+        return self._process.poll() if self._process is not None else None
 
     def apply_transaction(self, bundle: dict) -> dict:
         """Medplum applies the transaction; a refusal answers 400 through the front (ValueError)."""
         with self._forward_lock:
-            answer = self._http.post(self._upstream, json=bundle, timeout=60)
+            answer = self._http.post(self.upstream, json=bundle, timeout=60)
         result: dict = answer.json()
         if answer.status_code != 200 or result.get("type") != "transaction-response":
             raise ValueError(f"Medplum refused the transaction ({answer.status_code}): {answer.text[:300]}")
@@ -103,6 +109,6 @@ class MedplumFhirServer(FhirTestServer):
 
     def resources(self, kind: str) -> list[dict]:
         """Every stored `kind` resource, read back from Medplum by search."""
-        answer = self._http.get(f"{self._upstream}/{kind}", params={"_count": "1000"}, timeout=60)
+        answer = self._http.get(f"{self.upstream}/{kind}", params={"_count": "1000"}, timeout=60)
         answer.raise_for_status()
         return [e["resource"] for e in answer.json().get("entry", [])]

@@ -61,7 +61,7 @@ def wait_for_port(port: int, timeout_s: float, proc: subprocess.Popen | None = N
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s} s")
 
 
-def _stop_process(proc: subprocess.Popen | None, timeout_s: float = 20.0) -> None:
+def stop_process(proc: subprocess.Popen | None, timeout_s: float = 20.0) -> None:
     if proc is None or proc.poll() is not None:
         return
     proc.send_signal(signal.SIGTERM)
@@ -220,7 +220,7 @@ class OrthancServer:
     def stop(self) -> None:
         """Clean stop (takes a few seconds: its HTTP and DICOM servers poll)."""
         proc, self._proc = self._proc, None
-        _stop_process(proc)
+        stop_process(proc)
 
     def kill(self) -> None:
         """Die like a power cut: the association in progress is reset."""
@@ -378,7 +378,7 @@ class StorescpServer:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        _stop_process(proc, 5.0)
+        stop_process(proc, 5.0)
 
     def kill(self) -> None:
         proc, self._proc = self._proc, None

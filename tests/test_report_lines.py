@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from uploader.report_lines import CRITICAL, FOOTER, HEADER, LineKind, ReportLine, critical_lines
+from uploader.report_lines import CRITICAL, FOOTER, HEADER, PERSON_NAME, LineKind, ReportLine, critical_lines
 
 TITLE = ReportLine(LineKind.TITLE, value="ECG report")
 ST_ELEVATION = ReportLine(LineKind.ITEM, name="Finding", value="ST elevation", depth=2)
@@ -71,3 +71,12 @@ def test_header_critical_and_footer_kinds_do_not_overlap() -> None:
     """A line is shown in one place only: never both in the header and among the body or footer."""
     assert not (HEADER & CRITICAL or HEADER & FOOTER or CRITICAL & FOOTER)
     assert LineKind.CHECK_PATIENT in FOOTER and LineKind.AMENDED in HEADER
+
+
+def test_a_reading_doctor_stored_with_the_older_person_name_code_reads_as_a_person_name() -> None:
+    """Older gateways coded the reading doctor's line "PN" (the VR), a person name item "PNAME": both
+    read back as PERSON_NAME, or the doctor is shown with the "^" and "=" the county sent."""
+    stored = {"kind": "read-by", "name": "Li^Wei", "value": "2026-12-01T10:15:00+08:00", "code": "PN"}
+    assert ReportLine.from_json(stored) == ReportLine(LineKind.READ_BY, "Li^Wei", stored["value"], PERSON_NAME)
+    item = {"kind": "item", "name": "Person Observer Name", "value": "Li^Wei", "code": "PNAME"}
+    assert ReportLine.from_json(item).code == PERSON_NAME

@@ -31,7 +31,7 @@ from lastmile.reports.store import ReportStore, SentStudy
 from lastmile.reports.views import printable, render_list, render_report, speaker_for, study_lines
 from tests.report_peers import critical_observation
 from tests.report_samples import RULES, STUDY, everything_sr
-from uploader.report_lines import LineKind, ReportLine
+from uploader.report_lines import PERSON_NAME, LineKind, ReportLine
 from uploader.report_reading import ReportContent, read_dicom_report, read_fhir_report
 from uploader.sqlite_store import open_database
 
@@ -81,7 +81,7 @@ def shown_value(line: ReportLine) -> str:
     name (a PNAME item) as people write it."""
     if line.kind == LineKind.READ_BY:
         return readable_time(line.value)
-    return display_name(line.value) if line.code == "PNAME" else line.value
+    return display_name(line.value) if line.code == PERSON_NAME else line.value
 
 
 def county_words(lines: tuple[ReportLine, ...]) -> list[str]:
@@ -341,3 +341,22 @@ def test_reports_stored_with_spaced_names_show_as_they_did(tmp_path: Path) -> No
     assert "Person Observer Name：陈静 (Chen Jing)" in zh and "诊断医生：陈静 (Chen Jing)，" in zh, zh
     assert "县里的报告写的是 欧阳 娜 娜 (Ouyang Na Na)" in zh, zh  # three runs: not joined then, nor now
     assert "陈静 (Chen Jing)" in listed, listed
+
+
+def test_person_names_stored_with_the_older_codes_still_read_as_names(tmp_path: Path) -> None:
+    """Lines stored after 0014 by a gateway that coded the reading doctor "PN" and a person name item
+    "PNAME" (one code now, PERSON_NAME): both are still written as people write a name, not as sent."""
+    data_dir = tmp_path / "data"
+    stored = [
+        {"kind": "title", "value": "ECG Report"},
+        {"kind": "item", "name": "Person Observer Name", "value": "Chen^Jing=陈^静", "code": "PNAME"},
+        {"kind": "read-by", "name": "Chen^Jing=陈^静", "value": "2026-11-30T10:00:00+08:00", "code": "PN"},
+    ]
+    lines = json.dumps(stored, ensure_ascii=False)
+    clinic_db_before(data_dir, "9999", "", observer="Chen^Jing=陈^静", lines=lines, names_spaced=0)
+    with ReportStore.open(data_dir) as store:
+        old = store.get(1)
+        assert old is not None and old.lines is not None
+        zh = printable(store, old, ZH)[0].decode()
+    assert [line.code for line in old.lines[1:]] == [PERSON_NAME, PERSON_NAME], old.lines
+    assert "Person Observer Name：陈静 (Chen Jing)" in zh and "诊断医生：陈静 (Chen Jing)，" in zh, zh

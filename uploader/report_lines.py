@@ -39,13 +39,18 @@ class LineKind(StrEnum):
     # the footer
     DOCUMENT = "document"  # value: its MIME type; number: its size in bytes
     # name: the reading doctor ("": not named); value: the report's time; code: PERSON_NAME when
-    # the name is a DICOM PN (its parts as sent), "" when free text (FHIR), shown as written
+    # the name is a DICOM person name (its parts as sent), "" when free text (FHIR), shown as written
     READ_BY = "read-by"
     PROBLEM = "problem"  # value: what could not be read (technical, for the county's IT)
     CHECK_PATIENT = "check-patient"  # name: the patient the report names; value: the one the ECG was of
 
 
-PERSON_NAME = "PN"  # a READ_BY line's code: its name is a DICOM person name (VR PN)
+# A line's code when its name (READ_BY) or value (ITEM) is a DICOM person name kept as sent, its
+# parts written as people write them where it is shown: the SR value type of a person name item
+# (PS3.3 C.17.3.2.1), which an ITEM's code holds anyway; the reading doctor's line uses it too.
+PERSON_NAME = "PNAME"
+# Codes older gateways stored for the same idea: a READ_BY line's "PN" (the person name VR).
+_STORED_CODES = {(LineKind.READ_BY, "PN"): PERSON_NAME}
 
 HEADER = frozenset({LineKind.TITLE, LineKind.UNREADABLE, LineKind.AMENDED, LineKind.WITHDRAWN})
 CRITICAL = frozenset({LineKind.CRITICAL_CODE, LineKind.CRITICAL_KEYWORD, LineKind.CRITICAL_INTERPRETED})
@@ -71,11 +76,13 @@ class ReportLine:
         unknown = set(value) - _DEFAULTS.keys() - {"kind"}
         if unknown:
             raise ValueError(f"unknown report line fields {sorted(unknown)}")
+        kind = LineKind(value["kind"])
+        code = str(value.get("code", ""))
         return cls(
-            kind=LineKind(value["kind"]),
+            kind=kind,
             name=str(value.get("name", "")),
             value=str(value.get("value", "")),
-            code=str(value.get("code", "")),
+            code=_STORED_CODES.get((kind, code), code),
             depth=int(value.get("depth", 0)),
             number=int(value.get("number", 0)),
         )

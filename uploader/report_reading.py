@@ -446,11 +446,11 @@ class _DicomReader:
             return ReportLine(LineKind.REFERENCE, value=UID(cls).name if cls else "")
         if value_type in ("SCOORD", "SCOORD3D", "TCOORD"):
             return ReportLine(LineKind.COORDINATES, code=value_type)
-        if value_type == "PNAME":
-            # code PNAME: a person's name kept as sent, its parts written as people write them
-            # where it is shown (report_text.display_name): "^" is no space to guess back
+        if value_type == PERSON_NAME:
+            # a person's name kept as sent, its parts written as people write them where it is
+            # shown (report_text.display_name): "^" is no space to guess back
             name = str(item.get("PersonName", "") or "").strip()
-            return ReportLine(LineKind.ITEM, value=name, code=value_type)
+            return ReportLine(LineKind.ITEM, value=name, code=PERSON_NAME)
         if value_type == "DATETIME":
             return ReportLine(LineKind.ITEM, value=dicom_datetime_iso(item.get("DateTime")))
         if value_type == "DATE":

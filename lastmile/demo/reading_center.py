@@ -199,9 +199,9 @@ class EmbeddedReadingCenter:
         report = Dataset()
         report.TransactionUID = txn
         if ok:
-            report.ReferencedSOPSequence = [_ref(c, i) for c, i in ok]
+            report.ReferencedSOPSequence = [commitment_item(c, i) for c, i in ok]
         if failed:
-            report.FailedSOPSequence = [_ref(c, i, NO_SUCH_OBJECT_INSTANCE) for c, i in failed]
+            report.FailedSOPSequence = [commitment_item(c, i, NO_SUCH_OBJECT_INSTANCE) for c, i in failed]
         ae = AE(ae_title=self.ae_title)
         ae.add_requested_context(STORAGE_COMMITMENT_PUSH)
         role = build_role(STORAGE_COMMITMENT_PUSH, scp_role=True)
@@ -236,7 +236,9 @@ def study_to_read(ds: Dataset) -> StudyToRead:
     )
 
 
-def _ref(sop_class: str, sop_instance: str, reason: int | None = None) -> Dataset:
+def commitment_item(sop_class: str, sop_instance: str, reason: int | None = None) -> Dataset:
+    """One instance in a Storage Commitment report (PS3.4 J.3.3): in its Referenced SOP Sequence,
+    or with the reason it is not kept (`reason`) in its Failed SOP Sequence."""
     item = Dataset()
     item.ReferencedSOPClassUID = sop_class
     item.ReferencedSOPInstanceUID = sop_instance

@@ -122,7 +122,7 @@ def unnamed(value_type: str, speaker: Speaker) -> str:
         "TEXT": _("Text"),
         "CODE": _("Code"),
         "NUM": _("Number"),
-        "PNAME": _("Name"),
+        PERSON_NAME: _("Name"),
         "DATE": _("Date"),
         "TIME": _("Time"),
         "DATETIME": _("Date and time"),
@@ -152,7 +152,7 @@ def body_line(line: ReportLine, speaker: Speaker) -> str:
             indent, label, value = "", _("Coded conclusion"), line.value
         case LineKind.PRESENTED:
             return line.value
-        case LineKind.ITEM if line.code == "PNAME":  # a person's name: 陈静, not 陈 静
+        case LineKind.ITEM if line.code == PERSON_NAME:  # a person's name: 陈静, not 陈 静
             value = display_name(line.value)
         case _:  # ITEM, RESULT: the county's name and value
             value = line.value

@@ -197,12 +197,13 @@ def _spaced_pn_as_components(spaced: str) -> str:
 
 
 def _spaced_pn_lines(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Stored report lines (parsed) with their PN values (the reading doctor, PNAME items) as components."""
+    """Stored report lines (parsed) with their person names (the reading doctor, person name items) as
+    components."""
     for line in lines:
-        if line.get("kind") == "read-by":  # a DICOM report's reading doctor is a PN (code PERSON_NAME)
+        if line.get("kind") == "read-by":  # a DICOM report's reading doctor is a person name
             line["name"] = _spaced_pn_as_components(line.get("name", ""))
             line["code"] = PERSON_NAME
-        elif line.get("kind") == "item" and line.get("code") == "PNAME" and line.get("value"):
+        elif line.get("kind") == "item" and line.get("code") == PERSON_NAME and line.get("value"):
             line["value"] = _spaced_pn_as_components(line["value"])
     return lines
 

@@ -63,18 +63,32 @@ RemainAfterExit=yes
 REFUSED_CONFIG = CONFIG + "[outbox\n"  # a TOML syntax error: every service exits 78
 
 # The reading center stand-in: a storage SCP that notes every SOP Instance UID it keeps, taking
-# STORE_S over each (argv[1]): a county PACS's storing time, and what keeps the sending going long
-# enough for a restart to land in the middle of it on any machine.
+# STORE_S over each (argv[1]): a county PACS's storing time. Given HOLD_AFTER (argv[2]) it keeps that
+# many objects, then holds every further C-STORE unanswered until RELEASE_SCP exists: a forwarder
+# restarted before then is restarted mid-send on any machine, however loaded (a store held for a
+# sender that went away is kept on release, as its object had arrived whole: sent again, noted again).
 STORE_S = 0.3
-SCP = (
-    """\
-import os, sys, time
+HOLD_AFTER = 3
+RELEASE_SCP = "/var/lib/test-scp/release"
+SCP_RECEIVED = "/var/lib/test-scp/received.txt"  # the SOP Instance UIDs it kept, one a line
+SCP = """\
+import os, sys, threading, time
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
-out = "/var/lib/test-scp/received.txt"
+out = %r
 store_s = float(sys.argv[1]) if len(sys.argv) > 1 else 0.0
+hold_after = int(sys.argv[2]) if len(sys.argv) > 2 else None
+arrived, lock = [0], threading.Lock()
 os.makedirs(os.path.dirname(out), exist_ok=True)
+def hold():
+    with lock:
+        arrived[0] += 1
+        if hold_after is None or arrived[0] <= hold_after:
+            return
+    while not os.path.exists(%r):
+        time.sleep(0.05)
 def on_store(event):
+    hold()
     time.sleep(store_s)
     with open(out, "a") as f:
         f.write(str(event.request.AffectedSOPInstanceUID) + "\\n")
@@ -85,9 +99,7 @@ for cx in AllStoragePresentationContexts:
     ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
 ae.add_supported_context(Verification)
 ae.start_server(("127.0.0.1", %d), evt_handlers=[(evt.EVT_C_STORE, on_store)])
-"""
-    % SCP_PORT
-)
+""" % (SCP_RECEIVED, RELEASE_SCP, SCP_PORT)
 
 # Run as the service user inside: N distinct ECG objects into the outbox (as the acquire side would).
 ENQUEUE = """\

@@ -12,7 +12,8 @@ caches; installs the units, sysusers and udev files as the image does; boots it 
 - a forward service frozen with SIGSTOP is killed by the watchdog and restarted;
 - after `systemctl restart` of both services nothing in the outbox is lost: every item reaches a
   DICOM storage SCP (pynetdicom, inside the container, standing in for the reading center), also
-  across a restart of the forwarder while it sends (asserted: objects were left for the new one);
+  across a restart of the forwarder while it sends (the SCP holds the transfers until the restart is
+  done: objects are left for the new one);
 - lastmile-mark-good (image/rauc/, the A/B image's) against these real units: a configuration they
   refuse (exit 78) marks a proven slot good and fails a slot on trial at once; a service that
   fails otherwise is no refused configuration. RAUC and the slot state are stand-ins here (no
@@ -31,9 +32,12 @@ import pytest
 from tests.system.container import Container
 from tests.system.nspawn_gateway import (
     CONFIG,
+    HOLD_AFTER,
     ITEMS,
     MARK_GOOD_DEADLINE_S,
     REFUSED_CONFIG,
+    RELEASE_SCP,
+    SCP_RECEIVED,
     SERVICES,
     STORE_S,
     active_running,
@@ -58,7 +62,7 @@ def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
 
 
 def received(c: Container) -> set[str]:
-    r = c.exec("cat", "/var/lib/test-scp/received.txt", check=False)
+    r = c.exec("cat", SCP_RECEIVED, check=False)
     return set(r.stdout.split())
 
 
@@ -140,18 +144,21 @@ def test_nothing_in_the_outbox_is_lost_across_restarts(container: Container) -> 
     assert len(state["uids"]) == ITEMS, "items disappeared across a restart"
     uids = set(state["uids"])
 
-    # The reading center comes up; restart the forwarder again while it is sending.
-    c.exec("systemd-run", "--unit=test-scp", "/opt/lastmile/bin/python", "/usr/local/lib/test-scp.py", str(STORE_S))
+    # The reading center comes up; restart the forwarder again while it is sending. The reading center
+    # keeps HOLD_AFTER objects, then holds the rest until released: the restart lands mid-send by
+    # construction, however slow the restart is (under load everything had arrived before it returned).
+    scp = ("/opt/lastmile/bin/python", "/usr/local/lib/test-scp.py", str(STORE_S), str(HOLD_AFTER))
+    c.exec("systemd-run", "--unit=test-scp", *scp)
     enqueue(c, "during")
     c.wait_for("the first objects to arrive", lambda: received(c), timeout=60, interval=0.1)
     c.exec("systemctl", "restart", "lastmile-forward.service")
-    # `restart` returns once the old process is gone and the new one is ready: what has not arrived
-    # by now, the new process sends - the restart landed mid-send, not after everything was sent.
+    # `restart` returns once the old process is gone and the new one is ready; what had arrived then
+    # is read as the reading center is released (the new process's stores are held until then too)
+    arrived = set(c.exec("sh", "-c", f"cat {SCP_RECEIVED}; touch {RELEASE_SCP}", check=False).stdout.split())
     state = outbox_state(c)
     uids = set(state["uids"])
     assert len(state["uids"]) == len(uids) == 2 * ITEMS
-    left = uids - received(c)
-    assert left, "everything had arrived before the restart: the test restarted nothing mid-send"
+    assert len(uids - arrived) >= 2 * ITEMS - HOLD_AFTER, f"{len(arrived)} arrived before the restart was done"
     got = c.wait_for(
         f"all {2 * ITEMS} objects at the reading center",
         lambda: (r := received(c)) >= uids and r,
