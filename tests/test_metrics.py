@@ -12,14 +12,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from lastmile.config import ConfigError, parse_config, render_defaults
+from lastmile.config import Config, ConfigError, parse_config, render_defaults
 from lastmile.demo.loopback import free_port
 from lastmile.services import metrics_sources as sources
 from lastmile.services.metrics import MetricsService, render_once
+from tests.fhir_samples import queue_visits
+from tests.fhir_server import FhirTestServer, RefusesVisits
 from tests.metrics_harness import (
     NOW,
     config_at,
@@ -31,6 +34,8 @@ from tests.metrics_harness import (
     value,
     write_config,
 )
+from uploader.fhir_forwarder import forward_fhir_once
+from uploader.fhir_sender import FhirSender, FhirSenderSettings
 from uploader.outbox import Hold, Kind, Outbox
 
 # `chronyc -c -n tracking` from chrony 4.3 (Debian 12), captured from a real chronyd on loopback:
@@ -449,3 +454,63 @@ def test_doctor_shows_the_endpoint(tmp_path: Path) -> None:
     finally:
         service.close()
     assert finding.level is Level.OK and "loopback only" in finding.message and "series" in finding.message
+
+
+# -- the county platform's link, as the FHIR forwarder judged it ----------------------------------------
+
+
+def fhir_link_state(config: Config) -> dict[str, float | None]:
+    """lastmile_link_state{destination="fhir"} by state, from the real exporter's output."""
+    samples = parse_exposition(render_once(config))
+    return {s: value(samples, "lastmile_link_state", destination="fhir", state=s) for s in ("up", "down", "refused")}
+
+
+@contextmanager
+def forwarding(config: Config, base_url: str) -> Iterator[tuple[Outbox, FhirSender]]:
+    """The gateway's outbox and a FHIR sender to `base_url`, for the forwarder's rounds."""
+    settings = FhirSenderSettings(base_url=base_url, connect_timeout_s=2.0)
+    with FhirSender(settings) as sender, Outbox.open(config.data_dir, min_free_bytes=0) as outbox:
+        yield outbox, sender
+
+
+def test_a_busy_county_platform_is_up_not_down(tmp_path: Path) -> None:
+    """The platform takes the visit records, then answers the next one 429 (busy, Retry-After):
+    the county's link_state said "down" - a false alarm, the platform answers; the queue metrics
+    show the backlog."""
+    config = config_at(write_config(tmp_path))
+    t0 = time.time() - 60
+    with FhirTestServer() as server, forwarding(config, server.base_url) as (outbox, sender):
+        queue_visits(outbox, range(2))
+        assert forward_fhir_once(outbox, sender, t0).sent == 2
+        queue_visits(outbox, range(2, 3))
+        server.faults.append("429")
+        assert forward_fhir_once(outbox, sender, t0 + 1).transient == 1
+    assert fhir_link_state(config) == {"up": 1, "down": 0, "refused": 0}
+    samples = parse_exposition(render_once(config))
+    assert value(samples, "lastmile_queue_items", kind="fhir-bundle", state="queued") == 1  # the backlog
+
+
+def test_one_visit_record_refused_alone_leaves_the_county_platform_up(tmp_path: Path) -> None:
+    """The platform answers one visit's entries "500" at every try and stores the others: when
+    that bundle was tried again alone, the county's link_state said "down" - the link is fine."""
+    config = config_at(write_config(tmp_path))
+    t0 = time.time() - 7200
+    with Outbox.open(config.data_dir, min_free_bytes=0) as outbox:
+        ids = queue_visits(outbox, range(4), patient_of=lambda n: f"P-{n}")
+    with RefusesVisits(ids[1]) as server, forwarding(config, server.base_url) as (outbox, sender):
+        assert forward_fhir_once(outbox, sender, t0).sent == 3
+        assert forward_fhir_once(outbox, sender, t0 + 3600).transient == 1  # tried again, alone
+    assert fhir_link_state(config) == {"up": 1, "down": 0, "refused": 0}
+
+
+def test_a_county_platform_that_does_not_answer_is_down(tmp_path: Path) -> None:
+    """Nothing listens at the platform's address: down, after it last took something."""
+    config = config_at(write_config(tmp_path))
+    t0 = time.time() - 60
+    with FhirTestServer() as server, forwarding(config, server.base_url) as (outbox, sender):
+        queue_visits(outbox, range(1))
+        assert forward_fhir_once(outbox, sender, t0).sent == 1
+    with forwarding(config, f"http://127.0.0.1:{free_port()}/fhir") as (outbox, sender):
+        queue_visits(outbox, range(1, 2))
+        assert forward_fhir_once(outbox, sender, t0 + 1).transient == 1
+    assert fhir_link_state(config) == {"up": 0, "down": 1, "refused": 0}

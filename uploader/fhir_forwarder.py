@@ -28,7 +28,6 @@ conditional create, so the platform never stores a visit twice.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import json
 import logging
 from collections.abc import Sequence
@@ -44,8 +43,8 @@ from uploader.fhir_bundle import (
     observation_bundle,
     observation_identifier,
 )
-from uploader.fhir_connection import NoAnswer, NotConnected, Unavailable
-from uploader.fhir_link import LAST_ERROR_AT, recorded_failure
+from uploader.fhir_connection import NoAnswer, NotConnected, PlatformDown, Unavailable
+from uploader.fhir_link import LAST_ERROR_AT, Said, recorded_failure, recorded_judgement
 from uploader.fhir_sender import FhirSender
 from uploader.metering import Meter
 from uploader.outbox import ItemState, Kind, Outbox, OutboxItem, Priority
@@ -117,20 +116,7 @@ class FhirRoundResult:
     errors: list[str] = field(default_factory=list)
 
 
-class _Said(enum.Enum):
-    """What the platform said so far this round: the refusal policy, stated once. The last four
-    stop the round."""
-
-    NOTHING = "nothing"  # no answer yet
-    ANSWERED = "answered"  # it took or refused (for ever) a send: it is there
-    REFUSED_ONE = "refused one"  # one bundle alone refused for now (a 500): the others go on
-    REFUSES_ALL = "refuses all"  # a second refused for now: it refuses everything, don't hammer it
-    # no answer, a gateway's 502/503/504, a 429 (busy): the platform's failure, never the bundle's
-    UNAVAILABLE = "unavailable"
-    FAULT = "fault"  # it refuses this gateway (token, TLS): `FhirRoundResult.fault`
-
-
-_STOPS = frozenset({_Said.REFUSES_ALL, _Said.UNAVAILABLE, _Said.FAULT})
+_STOPS = frozenset({Said.REFUSES_ALL, Said.BUSY, Said.DOWN, Said.FAULT})
 
 
 @dataclass
@@ -141,7 +127,7 @@ class _Round:
     # the last round found the platform refusing everything: merged batches go unsplit, as before
     # splitting, and the first refusal stops this round too - until a batch goes
     unsplit: bool = False
-    said: _Said = _Said.NOTHING
+    said: Said = Said.NOTHING
     retry_after: float | None = None  # the stopping answer's Retry-After
     counts: FhirRoundResult = field(default_factory=FhirRoundResult)
     blocked: set[str] = field(default_factory=set)
@@ -171,12 +157,12 @@ class _Round:
                 return self.split(batch)  # maybe one bundle's, not its batch-mates'
             self.fail([item for item, _ in batch], exc, self._resend_after(exc))
             self.counts.errors.append(str(exc))
-            self.said = self._after_failure(refused)
+            self.said = self._after_failure(exc)
             self.retry_after = exc.retry_after
             return []
         except ConfigurationFault as exc:
             self.counts.fault = str(exc)
-            self.said = _Said.FAULT
+            self.said = Said.FAULT
             return batch
         except PermanentError as exc:
             self._heard()
@@ -195,15 +181,15 @@ class _Round:
         return []
 
     def _heard(self) -> None:
-        if self.said is _Said.NOTHING:
-            self.said = _Said.ANSWERED
+        if self.said is Said.NOTHING:
+            self.said = Said.ANSWERED
 
-    def _after_failure(self, refused: bool) -> _Said:
-        if refused:  # one bundle refused for now: the others go on (a second one says it refuses all)
-            return _Said.REFUSES_ALL if self.unsplit or self.said is _Said.REFUSED_ONE else _Said.REFUSED_ONE
+    def _after_failure(self, exc: TransientError) -> Said:
+        if not isinstance(exc, Unavailable):  # one bundle refused for now: the others go on (a second: refuses all)
+            return Said.REFUSES_ALL if self.unsplit or self.said is Said.REFUSED_ONE else Said.REFUSED_ONE
         # Unavailable is about the platform, not this bundle, even after it took others this round: no
         # answer (a bundle too big for a flaky 2G link), a gateway's 5xx, a 429 right after an outage
-        return _Said.UNAVAILABLE
+        return Said.DOWN if isinstance(exc, PlatformDown) else Said.BUSY
 
     def _resend_after(self, exc: TransientError) -> float | None:
         """At least how long before a failed batch goes again. One the platform got and did not
@@ -309,12 +295,14 @@ def forward_fhir_once(
             pending = []
     if meter is not None:
         meter.spend(sender.bytes_on_wire - spent_before, now)
-    rnd.counts.refused_everything = rnd.said is _Said.REFUSES_ALL
+    rnd.counts.refused_everything = rnd.said is Said.REFUSES_ALL
     if rnd.counts.claimed:
         # only a round that did something: an idle one (every 2 s, all day) would rewrite and
         # fsync this row ~43,000 times a day on the SD card, and wipe the last fault it showed
         status: dict[str, Any] = {"last_round": dataclasses.asdict(rnd.counts), "at": now}
         # when a round last found the platform unavailable: uploader.fhir_link
-        status[LAST_ERROR_AT] = recorded_failure(previous, now, unavailable=rnd.said is _Said.UNAVAILABLE)
+        status[LAST_ERROR_AT] = recorded_failure(previous, now, unavailable=rnd.said.unavailable)
+        # what it judged of the platform: the metrics exporter's link state, the console's System page
+        status.update(recorded_judgement(previous, now, rnd.said, sent=bool(rnd.counts.sent)))
         outbox.record_status(STATUS_NAME, status, now)
     return rnd.counts

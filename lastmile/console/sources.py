@@ -53,7 +53,7 @@ from lastmile.data_dir import open_outbox
 from lastmile.reports.report_text import Reader, display_name
 from lastmile.reports.store import ReportStore, SentStudy
 from lastmile.reports.views import ecg_time
-from lastmile.services.link_status import READING_CENTER_STATUS, reading_center_down
+from lastmile.services.link_status import FHIR_STATUS, READING_CENTER_STATUS, fhir_platform, reading_center_down
 from lastmile.services.metered import MeteredWait, metered_wait, meters
 from lastmile.visits.relay_link import ReleasedReadings, released_readings
 from uploader.outbox import ItemState, Kind, OutboxItem
@@ -176,6 +176,16 @@ class LinkStatus:
     metered_wait: str = ""
     metered_until: dt.datetime | None = None
     metered_budget_spent: bool = False  # today's budget is used up (whatever it waits for last)
+
+
+@dataclass(frozen=True, slots=True)
+class CountyLink:
+    """The county health platform (FHIR) as its forwarder judged it in its last rounds: read from
+    its status row, never asked over the network (the page is viewed on a Pi)."""
+
+    said: str  # uploader.fhir_link.Said: "busy", "refused one", "down" ...; "" before the first round
+    down_since: dt.datetime | None  # not answering since then
+    last_sent: dt.datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -769,6 +779,13 @@ class ClinicData:
             metered_until=dt.datetime.fromtimestamp(blocked.until, dt.timezone.utc) if blocked else None,
             metered_budget_spent=bool(blocked) and metered is not None and metered.budget_spent_today,
         )
+
+    def county_link(self) -> CountyLink | None:
+        """The county health platform's link; None when none is configured (fhir.base_url)."""
+        if not self.config.fhir.base_url:
+            return None
+        platform = fhir_platform(self.outbox.status(FHIR_STATUS))
+        return CountyLink(platform.said or "", _t(platform.down_since), _t(platform.last_sent_at))
 
     def metered_hold(self, now: dt.datetime) -> MeteredWait | None:
         """Why routine ECGs wait on the metered link now and since when, if any do

@@ -1,11 +1,14 @@
 """What the senders record about their links in the outbox's status table, read one way by the
 doctor, the console, the metrics exporter and the metered-link judgement (lastmile.services.metered).
-Imports nothing of ours: the metrics exporter and the forward process both read it."""
+Imports nothing of ours but uploader.fhir_link (which imports nothing): the metrics exporter and the
+forward process both read it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from uploader.fhir_link import DOWN_SINCE, LAST_SENT_AT, SAID, Said
 
 READING_CENTER_STATUS = "reading_center"  # uploader.ecg_forwarder.STATUS_NAME (no DICOM import here)
 FHIR_STATUS = "fhir"  # uploader.fhir_forwarder.STATUS_NAME: the last FHIR round that claimed anything
@@ -45,6 +48,31 @@ def fhir_round_failed(status: dict[str, Any] | None) -> bool:
     if not isinstance(last_round, dict):
         return False
     return not number(last_round.get("sent")) and bool(number(last_round.get("transient")))
+
+
+@dataclass(frozen=True)
+class FhirPlatform:
+    """The county platform as the FHIR sender judged it in its last round that heard it, or missed
+    it (`FHIR_STATUS`, uploader.fhir_link): busy or refusing one bundle, it answers - not down."""
+
+    said: Said | None  # None: no round since the upgrade recorded it
+    down_since: float | None  # the rounds find it not answering since then
+    last_sent_at: float | None  # the last round it took a bundle in
+
+    @property
+    def down(self) -> bool:
+        return self.said is Said.DOWN
+
+
+def fhir_platform(status: dict[str, Any] | None) -> FhirPlatform:
+    """What the FHIR sender recorded of the platform (`FHIR_STATUS`); read, never guessed."""
+    status = status or {}
+    judged = next((said for said in Said if said == status.get(SAID)), None)  # damaged: not judged
+    return FhirPlatform(
+        judged,
+        number(status.get(DOWN_SINCE)) if judged is Said.DOWN else None,
+        number(status.get(LAST_SENT_AT)),
+    )
 
 
 @dataclass(frozen=True)

@@ -239,8 +239,9 @@ class GatewayCollector:
             return
         state = GaugeMetricFamily(
             "lastmile_link_state",
-            "1 for the destination's current state: up, down (last attempt failed), refused (the peer refuses "
-            "this gateway: configuration fault), unknown (nothing tried yet).",
+            "1 for the destination's current state: up, down (last attempt failed; FHIR: the platform did not "
+            "answer - busy (429) or refusing one bundle it is up), refused (the peer refuses this gateway: "
+            "configuration fault), unknown (nothing tried yet).",
             labels=["destination", "state"],
         )
         success = GaugeMetricFamily(

@@ -40,7 +40,14 @@ from devices.identity import EARLIEST_PLAUSIBLE
 from lastmile.clock import read_boot_id
 from lastmile.data_dir import CLINIC_DB, OUTBOX_DB, VISITS_DB, columns_of, read_only
 from lastmile.reports.unread_critical import UNACKNOWLEDGED_CRITICAL
-from lastmile.services.link_status import READING_CENTER_STATUS, StatusSnapshot, link_down, number
+from lastmile.services.link_status import (
+    FHIR_STATUS,
+    READING_CENTER_STATUS,
+    StatusSnapshot,
+    fhir_platform,
+    link_down,
+    number,
+)
 
 if TYPE_CHECKING:
     from lastmile.config import Config
@@ -81,15 +88,16 @@ class LinkSnapshot:
     last_success_at: float | None = None  # the last item it accepted
     last_failure_at: float | None = None  # the last transient failure (link down, peer busy)
     refused: bool = False  # the peer refuses this gateway: a configuration fault
+    judged_down: bool | None = None  # the sender's own judgement, where it records one (FHIR)
 
     @property
     def state(self) -> str:
         """up / down / refused / unknown (nothing tried yet)."""
         if self.refused:
             return "refused"
-        if link_down(self.last_success_at, self.last_failure_at):
+        if link_down(self.last_success_at, self.last_failure_at) if self.judged_down is None else self.judged_down:
             return "down"
-        return "up" if self.last_success_at is not None else "unknown"
+        return "up" if self.last_success_at is not None or self.judged_down is not None else "unknown"
 
 
 @dataclass(frozen=True)
@@ -176,8 +184,7 @@ def read_outbox(data_dir: Path, now: float, *, config: Config | None = None) -> 
     dicom_success = _latest(number(rc.get("last_success")), last_sent.get("dicom"))
     links = {
         "dicom": LinkSnapshot(dicom_success, number(rc.get("last_error_at")), refused=bool(rc.get("fault"))),
-        # FHIR rounds overwrite their status every round: the queued items tell more
-        "fhir": LinkSnapshot(last_sent.get("fhir-bundle"), fhir_failed, refused=bool(fhir_refused)),
+        "fhir": _fhir_link(statuses.get(FHIR_STATUS), last_sent.get("fhir-bundle"), fhir_failed, bool(fhir_refused)),
     }
     return OutboxSnapshot(
         counts=counts,
@@ -189,6 +196,19 @@ def read_outbox(data_dir: Path, now: float, *, config: Config | None = None) -> 
         links=links,
         oldest_stuck_s={kind: max(0.0, now - created) for kind, created in oldest_stuck.items()},
     )
+
+
+def _fhir_link(
+    status: dict[str, Any] | None, last_sent: float | None, failed: float | None, refused: bool
+) -> LinkSnapshot:
+    """The county platform's link as the FHIR sender judged it (busy, or refusing one bundle, it
+    answers: up; down only when it did not answer); the refusal stays on the items the round
+    released (rounds overwrite their status). Until a round since the upgrade judged it, from the
+    queued items' last failure (`failed`)."""
+    platform = fhir_platform(status)
+    if platform.said is None:
+        return LinkSnapshot(last_sent, failed, refused=refused)
+    return LinkSnapshot(last_sent, platform.down_since, refused=refused, judged_down=platform.down)
 
 
 def _held_since(config: Config, statuses: StatusSnapshot, now: float) -> dict[str, MeterHold]:
