@@ -751,7 +751,8 @@ class Doctor:
     def _readings_waiting_for_space(self) -> list[Finding]:
         """Readings a serial monitor printed that the full outbox refused: kept in the spill file
         until there is room, and a FAIL until then (the monitor cannot print them again)."""
-        from lastmile.services.serial_spill import ECG_SPILL_NAME, MEMORY_ONLY, SPILL_NAME, waiting_readings
+        from lastmile.clinic.devices import MEMORY_ONLY
+        from lastmile.services.serial_spill import ECG_SPILL_NAME, SPILL_NAME, waiting_readings
 
         free_space = "free space on the data partition (see the data line); the acquire service stores them within 30 s"
         found = []

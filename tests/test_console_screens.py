@@ -854,3 +854,51 @@ def test_an_ecg_held_from_before_the_check_in_is_not_offered_to_the_patient_chec
         assert client.post("/today/check-in", {"patient_id": VALID_ID, "name": "张三"}).status == 303
         page = client.get("/today").body
     assert 'value=""' in assign_box(page, f"ecg-{item.id}"), assign_box(page, f"ecg-{item.id}")
+
+
+def test_a_monitor_unplugged_with_readings_waiting_for_space_shows_both_on_devices(
+    browser: object, tmp_path: Path
+) -> None:
+    """A serial monitor's 3 readings wait for space (the outbox refuses them), then it is unplugged:
+    the unplug error replaced the row's "3 reading(s) waiting for space" words on Devices (the
+    status flag and the doctor's FAIL survived). The row shows both, the waiting readings first,
+    said from the row's status in the page's words (zh-CN screenshot: devices-waiting-unplugged-phone)."""
+    from tests.serial_gateway import Running
+    from tests.serial_pty import PtyDevice
+    from tests.service_harness import VITALS_REPORT
+    from tests.waiting import wait_for as wait_until
+
+    monitor = PtyDevice(tmp_path / "usb-monitor")
+    devices = [{"name": "monitor", "match": str(monitor.link_path), "profile": "example-vitals-monitor"}]
+    r = Running(tmp_path, devices)
+    try:
+        wait_until(lambda: all(s.connected for s in r.service.statuses()))
+        r.outbox.min_free_bytes = 1 << 60  # the data partition full: the outbox refuses the readings
+        r.patients.set_patient(VALID_ID, now=r.now() - dt.timedelta(minutes=1))
+        printed = (r.now() + dt.timedelta(hours=1)).strftime("DATE %Y-%m-%d  TIME %H:%M:%S").encode()
+        monitor.write(VITALS_REPORT.replace(b"DATE 2025-03-04  TIME 09:41:07", printed))
+        wait_until(lambda: "3 reading(s) waiting for space" in r.registry.get("serial:monitor").last_error)
+        assert r.registry.get("serial:monitor").other_problem == ""  # the waiting words: no other problem
+        monitor.unplug()
+
+        def unplug_said() -> bool:
+            row = r.registry.get("serial:monitor")
+            return not row.connected and "waiting for space" not in row.last_error
+
+        wait_until(unplug_said)
+        error = r.registry.get("serial:monitor").last_error
+        config = console_config(Path(r.config.data_dir))
+        config.serial.devices = devices
+        with running_console(config) as server:
+            log_in(browser, server)
+            set_viewport(browser, PHONE)
+            browser.get(server.url + "/devices")  # type: ignore[attr-defined]
+            text_in(browser, "ul.device-list", "monitor")
+            save_screenshot(browser, "devices-waiting-unplugged-phone")
+            row = browser.find_element(by("css"), "ul.device-list li.card").text  # type: ignore[attr-defined]
+    finally:
+        r.close()
+    assert "等待存储空间：3 条测量结果（" in row, row
+    assert "最近的问题" in row and error in row, row
+    assert row.index("等待存储空间") < row.index(error), row
+    assert row.count("3 reading(s)") == 0, row  # what waits is said once, in the page's words

@@ -338,3 +338,42 @@ def test_an_unreadable_restart_note_is_not_shown_as_a_setting_name(tmp_path: Pat
 
     (tmp_path / RESTART_NEEDED_FILE).write_text('["ble", "usb', encoding="utf-8")
     assert restart_needed(tmp_path) == []
+
+
+def test_lastmile_devices_shows_what_waits_for_space_beside_a_later_unplug_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A serial monitor's 3 readings waited for space (its row said so), then it was unplugged:
+    `lastmile devices` printed only the last error, "device gone", and the waiting readings were
+    no longer said. Now it prints both; before the unplug, the waiting words once."""
+    from lastmile.clinic.devices import HeldReadings
+
+    data = tmp_path / "data"
+    config = tmp_path / "lastmile.toml"
+    config.write_text(
+        f'[gateway]\ndata_dir = "{data}"\n[ble]\nenabled = false\n[gps]\nsource = "none"\n[serial]\n\n'
+        + device_entry("monitor", str(tmp_path / "usb-monitor"), "example-vitals-monitor")
+    )
+    waiting = "3 reading(s) waiting for space on the data partition (kept on disk)"  # as the serial service says it
+    now = dt.datetime(2026, 12, 6, 8, 0, tzinfo=UTC)
+    registry = DeviceRegistry.open(data)
+    try:
+        registry.update_status(
+            "serial:monitor", now=now, transport="serial", error=waiting, held=HeldReadings.DISK, held_counts=(3, 0)
+        )
+        assert main(["-c", str(config), "devices"]) == 0
+        before = capsys.readouterr().out
+        registry.update_status(
+            "serial:monitor",
+            now=now + dt.timedelta(minutes=1),
+            transport="serial",
+            connected=False,
+            error="device gone",
+        )
+    finally:
+        registry.close()
+    assert before.count("3 reading(s) waiting for space") == 1, before
+    assert main(["-c", str(config), "devices"]) == 0
+    out = capsys.readouterr().out
+    assert "3 reading(s) waiting for space on the data partition (kept on disk)" in out, out
+    assert "device gone" in out, out

@@ -680,10 +680,10 @@ def test_readings_held_in_memory_only_stay_a_doctor_fail_whatever_the_row_says(
     device row's error: a reworded (or translated) status line turned its FAIL into a device
     WARN, and a power cut lost the readings with no FAIL said. Now the row keeps where the
     waiting readings are as a status of its own, whatever its error says."""
+    from lastmile.clinic import devices
     from lastmile.doctor import Doctor
-    from lastmile.services import serial_devices
 
-    monkeypatch.setattr(serial_devices, "MEMORY_ONLY", "仅在内存中，断电即丢失")  # the line, reworded
+    monkeypatch.setattr(devices, "MEMORY_ONLY", "仅在内存中，断电即丢失")  # the line, reworded
     r, monitor = running_with_a_spill_file_too_small(tmp_path)
     try:
         monitor_prints_a_report_the_full_outbox_refuses(r, monitor, "仅在内存中")

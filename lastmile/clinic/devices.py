@@ -33,6 +33,12 @@ class HeldReadings(enum.StrEnum):
     MEMORY = "memory"  # lost if the power fails: `lastmile doctor` FAILs
 
 
+# How a device row's error words where its waiting readings are, for people: readers go by the
+# row's own status (HeldReadings), never by these words
+KEPT_ON_DISK = "kept on disk"
+MEMORY_ONLY = "held in memory only: lost if the power fails"
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceRecord:
     address: str
@@ -74,6 +80,17 @@ class DeviceRecord:
         before the counts were kept)."""
         return held_words(self.held_reading_count, self.held_ecg_count) or "readings"
 
+    @property
+    def waiting(self) -> str:
+        """What waits for space and where, in the words of its status ("" when nothing waits)."""
+        return waiting_message(self.held_words, self.held_readings) if self.waits_for_space else ""
+
+    @property
+    def other_problem(self) -> str:
+        """Its last error unless that is what its waiting-for-space status says (`waiting`): a
+        later one (unplugged ...) is another problem, shown beside what waits, never instead."""
+        return "" if self.waiting and self.last_error == self.waiting else self.last_error
+
     def to_json(self) -> dict:
         out = {}
         for f in fields(self):
@@ -86,6 +103,12 @@ def held_words(readings: int, ecgs: int) -> str:
     """The readings and streamed ECGs waiting for space, in words ("" when none)."""
     words = [f"{readings} reading(s)"] if readings else []
     return ", ".join(words + ([f"{ecgs} ECG(s)"] if ecgs else []))
+
+
+def waiting_message(words: str, held: HeldReadings) -> str:
+    """A device row's error for `words` (`held_words`) waiting for space `held` there."""
+    where = MEMORY_ONLY if held is HeldReadings.MEMORY else KEPT_ON_DISK
+    return f"{words} waiting for space on the data partition ({where})"
 
 
 def normalise_address(address: str) -> str:

@@ -373,6 +373,8 @@ def _devices(args: argparse.Namespace) -> int:
         print(f"{r.transport:6s} {r.address:17s}  {state:13s}{why}  {ident}")
         if r.last_reading:
             print(f"       last reading {_local(r.last_reading_at)}: {r.last_reading}")
-        if r.last_error and not r.removed:  # a removed device's error is history (--json keeps it)
-            print(f"       last error   {_local(r.last_error_at)}: {r.last_error}")
+        if r.waiting:  # until stored, whatever its later errors (unplugged ...) say
+            print(f"       waiting      {r.waiting}")
+        if r.other_problem and not r.removed:  # a removed device's error is history (--json keeps it)
+            print(f"       last error   {_local(r.last_error_at)}: {r.other_problem}")
     return 0

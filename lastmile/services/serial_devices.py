@@ -69,6 +69,7 @@ from lastmile.clinic.devices import (
     held_words,
     normalise_address,
     serial_address,
+    waiting_message,
 )
 from lastmile.clinic.observations import ObservationStore, summary
 from lastmile.clinic.patients import PatientContext
@@ -84,8 +85,6 @@ from lastmile.ecg.intake import enqueue_recording, session_request
 from lastmile.services.serial_spill import (
     ECG_SPILL_BYTES,
     ECG_SPILL_NAME,
-    KEPT_ON_DISK,
-    MEMORY_ONLY,
     SpillFile,
     kept_in,
 )
@@ -304,10 +303,10 @@ class SerialContext:
             self.status(spec, error="", held=HeldReadings.NONE)
             return
         kept = (kept_in(self.spill) or not held.observations) and (kept_in(self.ecg_spill) or not held.recordings)
-        where = KEPT_ON_DISK if kept else MEMORY_ONLY
-        message = f"{held_words(*counts)} waiting for space on the data partition ({where})"
+        where = HeldReadings.DISK if kept else HeldReadings.MEMORY
+        message = waiting_message(held_words(*counts), where)
         log.error("%s: %s", spec.name, message)
-        self.status(spec, error=message, held=HeldReadings.DISK if kept else HeldReadings.MEMORY, held_counts=counts)
+        self.status(spec, error=message, held=where, held_counts=counts)
 
     def hold_recording(self, spec: LinkSpec, recording: EcgRecording, key: str) -> None:
         held = self.unstored.setdefault(spec.name, Unstored())

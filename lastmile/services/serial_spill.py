@@ -47,10 +47,6 @@ ECG_SPILL_BYTES = 4 * 1024 * 1024  # two slots of 2 MB: ~25 streamed 10 s 12-lea
 MAGIC = b"LMSPILL1"
 HEADER = len(MAGIC) + 8 + 4 + 32  # magic, generation, length, sha256
 
-# How a device row's error words where its waiting readings are, for people: readers go by the
-# row's own status (lastmile.clinic.devices.HeldReadings), never by these words
-KEPT_ON_DISK = "kept on disk"
-MEMORY_ONLY = "held in memory only: lost if the power fails"
 
 Spilled = dict[str, list[Observation]]  # device name -> readings waiting for space
 SpilledRecordings = dict[str, dict[str, EcgRecording]]  # device name -> outbox key -> streamed ECG
