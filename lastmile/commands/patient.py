@@ -362,6 +362,7 @@ def _devices(args: argparse.Namespace) -> int:
     if not records:
         print("no devices known (pair BLE devices with 'lastmile ble pair ADDRESS')")
         return 0
+    now = dt.datetime.now(dt.timezone.utc)
     for r in records:
         state = "removed" if r.removed else "connected" if r.connected else "not connected"
         why = "" if not r.removed else " (not paired)" if r.transport == "ble" else " (not configured)"
@@ -375,4 +376,7 @@ def _devices(args: argparse.Namespace) -> int:
             print(f"       last reading {_local(r.last_reading_at)}: {r.last_reading}")
         if r.last_error and not r.removed:  # a removed device's error is history (--json keeps it)
             print(f"       last error   {_local(r.last_error_at)}: {r.last_error}")
+        if (until := r.lost_said_until()) is not None and until > now and not r.removed:
+            stopped = f"the gateway stopped after {_local(r.lost_after)}, found {_local(r.lost_at)}"
+            print(f"       lost         {r.lost_words} held in memory only, when {stopped}")
     return 0

@@ -63,6 +63,7 @@ from firmware_bridge.serial_link import (
 )
 from lastmile import __version__
 from lastmile.clinic.devices import (
+    DeviceRecord,
     DeviceRegistry,
     HeldReadings,
     forwarded_name,
@@ -85,6 +86,7 @@ from lastmile.services.serial_spill import (
     ECG_SPILL_BYTES,
     ECG_SPILL_NAME,
     KEPT_ON_DISK,
+    LOST_AT_STOP,
     MEMORY_ONLY,
     SpillFile,
     kept_in,
@@ -100,7 +102,6 @@ ASCII_IDLE_FLUSH_S = 5.0  # a device quiet this long: finish (or reject) the rep
 TIME_SYNC_EVERY_S = 600.0
 ERROR_STATUS_EVERY_S = 5.0  # a port spewing garbage must not turn into a database write per frame
 RETRY_STORE_S = 30.0
-LOST_AT_STOP = "{} held in memory only (waiting for space) were lost when the gateway stopped"  # .format(held_words)
 
 
 class RecordingRefused(Exception):
@@ -274,15 +275,31 @@ class SerialContext:
         """Each device row's held readings as this start finds them: those the spill files kept
         wait again (on disk); those a previous run held in memory only are gone, and the row
         says so instead of FAILing for readings no longer anywhere."""
-        waiting = {normalise_address(serial_address(name)) for name in self.unstored}
+        loaded = {normalise_address(serial_address(name)): held for name, held in self.unstored.items()}
         for record in self.registry.all():
-            if record.transport == "serial" and record.waits_for_space and record.address not in waiting:
+            if record.transport != "serial" or not record.waits_for_space:
+                continue
+            if record.held_in_memory_only:
+                self._say_lost_at_stop(record, loaded.get(record.address) or Unstored())
+            if record.address not in loaded:
                 lost = LOST_AT_STOP.format(record.held_words) if record.held_in_memory_only else ""
                 self.registry.update_status(
                     record.address, now=self.now(), transport="serial", error=lost, held=HeldReadings.NONE
                 )
         for name in self.unstored:
             self._say_waiting(LinkSpec(name, PortMatch()))
+
+    def _say_lost_at_stop(self, record: DeviceRecord, loaded: Unstored) -> None:
+        """What `record` said was held before the stop (some in memory only) and the spill files
+        did not give back (`loaded`) was lost at the stop (a power cut): the bridge cannot resend
+        it, so the row keeps the loss for `lastmile doctor` even once the rest is stored."""
+        lost = (
+            max(0, record.held_reading_count - len(loaded.observations)),
+            max(0, record.held_ecg_count - len(loaded.recordings)),
+        )
+        if any(lost):
+            log.error("%s: %s", record.name or record.address, LOST_AT_STOP.format(held_words(*lost)))
+            self.registry.record_lost(record.address, lost, after=record.last_error_at, now=self.now())
 
     def _spill_changed(self, spec: LinkSpec) -> None:
         """The unstored observations changed: write them all to the spill file, and say so."""

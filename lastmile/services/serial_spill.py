@@ -51,6 +51,7 @@ HEADER = len(MAGIC) + 8 + 4 + 32  # magic, generation, length, sha256
 # row's own status (lastmile.clinic.devices.HeldReadings), never by these words
 KEPT_ON_DISK = "kept on disk"
 MEMORY_ONLY = "held in memory only: lost if the power fails"
+LOST_AT_STOP = "{} held in memory only (waiting for space) were lost when the gateway stopped"  # .format(held_words)
 
 Spilled = dict[str, list[Observation]]  # device name -> readings waiting for space
 SpilledRecordings = dict[str, dict[str, EcgRecording]]  # device name -> outbox key -> streamed ECG
