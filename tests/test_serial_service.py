@@ -422,6 +422,35 @@ def test_a_streamed_ecg_held_in_memory_only_and_lost_at_a_power_cut_is_said_unti
     assert not [f for f in Doctor(r.config, now=lambda: a_week_on).check_devices() if f.level is Level.FAIL]
 
 
+def test_a_clean_stop_says_which_streamed_ecgs_are_kept_on_disk_and_which_are_lost(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two ECGs the full disk refused, one in the ECG spill file and one in memory only: stopping
+    the gateway logged "2 ECG recording(s) (lost)" (and "0 reading(s) (lost)"), though one is
+    stored after the restart. Now the line says 1 kept on disk and 1 lost."""
+    import logging
+
+    from lastmile.services.serial_spill import ECG_SPILL_NAME
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / ECG_SPILL_NAME).write_bytes(bytes(ONE_ECG_SPILL_BYTES))
+    bridge = PtyDevice(tmp_path / "usb-ecg")
+    r = Running(
+        tmp_path, [{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}], min_free_bytes=1 << 60
+    )
+    try:
+        core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
+        talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+        bridge_streams_two_ecgs_one_past_the_spill_file(bridge, core, clock, tmp_path / "data")
+    finally:
+        with caplog.at_level(logging.ERROR, logger="lastmile.services.serial_devices"):
+            r.close()
+    stopped = [m for m in caplog.messages if "the outbox refused them" in m]
+    assert stopped == [
+        "ecg: 2 ECG recording(s) (1 kept on disk, stored after the restart; 1 lost) not stored: the outbox refused them"
+    ], stopped
+
+
 def test_the_ecg_spill_file_takes_the_sd_card_only_where_a_bridge_can_stream_ecgs(tmp_path: Path, running) -> None:
     """4 MB set aside for streamed ECGs a full disk refuses: not on a gateway with a monitor only."""
     from lastmile.services.serial_spill import ECG_SPILL_NAME, SPILL_NAME

@@ -409,6 +409,20 @@ class SerialContext:
         return True
 
 
+def at_stop(what: str, waiting: int, spill: SpillFile | None, name: str) -> str:
+    """The `waiting` readings (`what`) of device `name` as a stop leaves them, for the journal:
+    what `spill` holds of them (its last save that worked, not merely that it exists) is stored
+    after the restart, the rest (in memory only) is lost ("" when none wait)."""
+    if not waiting:
+        return ""
+    kept = min(waiting, spill.holds.get(name, 0) if spill is not None else 0)
+    if kept == waiting:
+        how = "kept on disk, stored after the restart"
+    else:
+        how = f"{kept} kept on disk, stored after the restart; {waiting - kept} lost" if kept else "lost"
+    return f"{waiting} {what} ({how})"
+
+
 # -- handlers --------------------------------------------------------------------------------------
 
 
@@ -786,17 +800,12 @@ class SerialService:
         self.manager.close()
         for spec in self.unstored_specs():
             self.ctx.retry_unstored(spec, force=True)
-        # not merely that the files exist: what their last save did
-        kept = {True: "kept on disk, stored after the restart", False: "lost"}
         for name, held in self.ctx.unstored.items():
-            log.error(
-                "%s: %d reading(s) (%s), %d ECG recording(s) (%s) not stored: the outbox refused them",
-                name,
-                len(held.observations),
-                kept[kept_in(self.ctx.spill)],
-                len(held.recordings),
-                kept[kept_in(self.ctx.ecg_spill)],
+            said = (
+                at_stop("reading(s)", len(held.observations), self.ctx.spill, name),
+                at_stop("ECG recording(s)", len(held.recordings), self.ctx.ecg_spill, name),
             )
+            log.error("%s: %s not stored: the outbox refused them", name, ", ".join(s for s in said if s))
         for thing in self._owned:
             close = getattr(thing, "close", None)
             if close is not None:

@@ -113,7 +113,9 @@ def waiting_readings(data_dir: Path, name: str = SPILL_NAME) -> int:
 
 class SpillFile:
     """The spill file of one data directory; `usable` is False when it could not be allocated.
-    `kept`: whether it holds all that waits (what its last save did, or what it held at `load`)."""
+    `kept`: whether it holds all that waits (what its last save did, or what it held at `load`);
+    `holds`: how many readings (ECGs) of each device it holds, what a restart would load (a save
+    that failed left the copy before it)."""
 
     def __init__(self, data_dir: Path, size: int = SPILL_BYTES, name: str = SPILL_NAME) -> None:
         self.path = Path(data_dir) / name
@@ -122,6 +124,7 @@ class SpillFile:
         newest = _newest(self.path) if self.usable else None
         self._slot, self._generation = (newest[0], newest[1]) if newest else (1, 0)
         self._at_start = newest[2] if newest else {}  # for `load`: the file is read once
+        self.holds = {name: len(items) for name, items in self._at_start.items() if items}
         self.slot_bytes = self.path.stat().st_size // 2 if self.usable else 0
 
     def _allocate(self, size: int) -> bool:
@@ -173,6 +176,8 @@ class SpillFile:
 
     def _save(self, content: dict[str, list[dict]]) -> bool:
         self.kept = self._write(content)
+        if self.kept:
+            self.holds = {name: len(items) for name, items in content.items()}
         return self.kept
 
     def _write(self, content: dict[str, list[dict]]) -> bool:
