@@ -440,7 +440,7 @@ class Doctor:
         from devices.identity import EARLIEST_PLAUSIBLE
 
         now = dt.datetime.fromtimestamp(self.now(), dt.timezone.utc)
-        stamp = now.strftime("%Y-%m-%d %H:%M:%SZ")
+        stamp = _stamp(now)
         if now < EARLIEST_PLAUSIBLE:
             return [
                 Finding(
@@ -746,7 +746,39 @@ class Doctor:
         ]
 
     def check_devices(self) -> list[Finding]:
-        return [*self._readings_waiting_for_space(), *self._registry_findings(), *self._ecg_clock_findings()]
+        return [
+            *self._readings_waiting_for_space(),
+            *self._lost_at_stop(),
+            *self._registry_findings(),
+            *self._ecg_clock_findings(),
+        ]
+
+    def _lost_at_stop(self) -> list[Finding]:
+        """Readings (streamed ECGs) held in memory only that a stop - a power cut - lost: nothing
+        brings them back (a bridge streams an ECG once), so the doctor says how many and when for
+        LOST_SAID_FOR (lastmile.clinic.devices), whatever was stored since."""
+        from lastmile.services.serial_spill import LOST_AT_STOP
+
+        now = dt.datetime.fromtimestamp(self.now(), dt.timezone.utc)
+        found = []
+        for r in self.device_records() or []:
+            until = r.lost_said_until()
+            if r.removed or until is None or until <= now or r.lost_at is None:
+                continue
+            after = f"after {_stamp(r.lost_after)}, " if r.lost_after is not None else ""
+            found.append(
+                Finding(
+                    "devices",
+                    Level.FAIL,
+                    f"{r.name or r.address}: {LOST_AT_STOP.format(r.lost_words)} "
+                    f"({after}found at its restart at {_stamp(r.lost_at)})",
+                    "they cannot be recovered: record them again if the patients are still here; keep the gateway "
+                    f"powered while readings wait for space (see the data line); said until {_stamp(until)}",
+                    advice_key="lost-ecgs" if r.lost_ecg_count else "lost-readings",
+                    until=until.timestamp(),
+                )
+            )
+        return found
 
     def _readings_waiting_for_space(self) -> list[Finding]:
         """Readings a serial monitor printed that the full outbox refused: kept in the spill file
@@ -1574,6 +1606,10 @@ def _refused_alone_hint(item: OutboxItem) -> str:
         f"the link works: {peer} refuses this one {what} (last answer: {answer}) while it takes the others; "
         f"it is tried again by itself - `lastmile queue` shows it: ask {peer} why it refuses it"
     )
+
+
+def _stamp(when: dt.datetime) -> str:
+    return when.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def _age(seconds: float) -> str:

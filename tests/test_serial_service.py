@@ -3,8 +3,13 @@ DICOM in the outbox, scanner -> patient context, ASCII monitor -> observations, 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +22,7 @@ from firmware_bridge.firmware.bridge_core import BridgeCore
 from lastmile.clinic.devices import DeviceRegistry
 from lastmile.config import ConfigError, load_profiles_apart
 from lastmile.services.serial_devices import link_specs
-from tests.conftest import run_on_private_tmpfs
+from tests.conftest import REPO, run_on_private_tmpfs
 from tests.serial_gateway import Running, serial_config, talk_as_bridge, wait_for_answers
 from tests.serial_pty import PtyDevice
 from tests.service_harness import DOCTOR_BADGE_SCAN, PATIENT_CARD_SCAN, VITALS_REPORT
@@ -297,24 +302,10 @@ threading.Event().wait()  # until the power fails (SIGKILL)
 """
 
 
-def test_a_streamed_ecg_a_full_disk_refused_survives_a_power_cut_and_arrives_once(tmp_path: Path, running) -> None:
-    """A bridge streams an ECG once: its blocks are never resent, only its ECG_END. The full outbox
-    refused the recording, the gateway held it in memory only and lost its power; the restarted
-    gateway had no such recording, NACKed the resent ECG_END as unknown and the bridge dropped it:
-    the ECG was lost. Now it is kept in the ECG spill file, the device row says so, and once there
-    is room the restarted gateway stores it and ACKs the resent ECG_END: one study."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    from lastmile.doctor import Doctor
-    from tests.conftest import REPO
-
-    key = "bridge-ecg:BR-ECG:9:3"
-    bridge = PtyDevice(tmp_path / "usb-ecg")
-    core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
-    data_dir = tmp_path / "data"
+@contextlib.contextmanager
+def gateway_on_a_full_disk(tmp_path: Path, bridge: PtyDevice, core: BridgeCore, clock: list[int]) -> Iterator[None]:
+    """The gateway (BRIDGE_GATEWAY_ON_A_FULL_DISK, a child process) greeted by the bridge; its
+    power fails (SIGKILL) when the block ends."""
     gateway = subprocess.Popen(
         [sys.executable, "-c", BRIDGE_GATEWAY_ON_A_FULL_DISK, str(tmp_path), str(bridge.link_path)],
         cwd=REPO,
@@ -322,6 +313,25 @@ def test_a_streamed_ecg_a_full_disk_refused_survives_a_power_cut_and_arrives_onc
     )
     try:
         talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+        yield
+    finally:
+        gateway.send_signal(signal.SIGKILL)  # the power fails
+        gateway.wait(30)
+
+
+def test_a_streamed_ecg_a_full_disk_refused_survives_a_power_cut_and_arrives_once(tmp_path: Path, running) -> None:
+    """A bridge streams an ECG once: its blocks are never resent, only its ECG_END. The full outbox
+    refused the recording, the gateway held it in memory only and lost its power; the restarted
+    gateway had no such recording, NACKed the resent ECG_END as unknown and the bridge dropped it:
+    the ECG was lost. Now it is kept in the ECG spill file, the device row says so, and once there
+    is room the restarted gateway stores it and ACKs the resent ECG_END: one study."""
+    from lastmile.doctor import Doctor
+
+    key = "bridge-ecg:BR-ECG:9:3"
+    bridge = PtyDevice(tmp_path / "usb-ecg")
+    core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
+    data_dir = tmp_path / "data"
+    with gateway_on_a_full_disk(tmp_path, bridge, core, clock):
         sim = EcgStreamSimulator(core, recording_id=3)
         bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(40)) + sim.end(40 * 25, clock[0]))
         registry = DeviceRegistry.open(str(data_dir))
@@ -330,9 +340,6 @@ def test_a_streamed_ecg_a_full_disk_refused_survives_a_power_cut_and_arrives_onc
             row = registry.get("serial:ecg").last_error
         finally:
             registry.close()
-    finally:
-        gateway.send_signal(signal.SIGKILL)  # the power fails
-        gateway.wait(30)
     assert "1 ECG(s)" in row and "kept on disk" in row, row
     config = serial_config(tmp_path, [])
     doctor = [(f.level.value, f.message) for f in Doctor(config).check_devices()]
@@ -344,6 +351,104 @@ def test_a_streamed_ecg_a_full_disk_refused_survives_a_power_cut_and_arrives_onc
     assert [i.key for i in r.outbox.items(kind="dicom")] == [key], "the ECG the full disk refused was lost"
     doctor = [(f.level.value, f.message) for f in Doctor(config).check_devices()]
     assert not any(level == "FAIL" for level, _ in doctor), doctor
+
+
+ONE_ECG_SPILL_BYTES = 80_000  # ECG spill slots of 40 KB: one EcgStreamSimulator ECG of 40 blocks (27 KB), not two
+
+
+def bridge_streams_two_ecgs_one_past_the_spill_file(
+    bridge: PtyDevice, core: BridgeCore, clock: list[int], data_dir: Path
+) -> str:
+    """Two ECGs streamed to a gateway whose outbox refuses them and whose ECG spill file holds one
+    (the 4 MB one full, as ~25 ECGs leave it): the first is kept on disk, the second held in
+    memory only. Returns what the device row says then."""
+    registry = DeviceRegistry.open(str(data_dir))
+    try:
+        for n, where in ((1, "kept on disk"), (2, "held in memory only")):
+            sim = EcgStreamSimulator(core, recording_id=n)
+            bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(40)) + sim.end(40 * 25, clock[0]))
+            wait_for(lambda: f"{n} ECG(s)" in (e := registry.get("serial:ecg").last_error or "") and where in e)  # noqa: B023
+        return registry.get("serial:ecg").last_error
+    finally:
+        registry.close()
+
+
+def test_a_streamed_ecg_held_in_memory_only_and_lost_at_a_power_cut_is_said_until_a_week_later(
+    tmp_path: Path, running, capsys: pytest.CaptureFixture
+) -> None:
+    """The ECG spill file full (it holds 1 ECG here, 18 of the 4 MB one), the next ECG was held in
+    memory only, and the power failed. The restarted gateway loaded the spilled ECG and the row
+    said "1 ECG(s) ... kept on disk"; the other was gone without a word (the bridge's resent
+    ECG_END NACKed as unknown, a journal line). Now the row keeps what was lost and from when,
+    and `lastmile doctor` FAILs on it (the System page, in Chinese) for a week, whatever is
+    stored since."""
+    from lastmile.cli import main
+    from lastmile.clock import local_zone
+    from lastmile.console.app import advice_text
+    from lastmile.console.i18n import Localizer
+    from lastmile.doctor import Doctor, Level
+    from lastmile.services.serial_spill import ECG_SPILL_NAME
+
+    bridge = PtyDevice(tmp_path / "usb-ecg")
+    core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / ECG_SPILL_NAME).write_bytes(bytes(ONE_ECG_SPILL_BYTES))
+    with gateway_on_a_full_disk(tmp_path, bridge, core, clock):
+        row = bridge_streams_two_ecgs_one_past_the_spill_file(bridge, core, clock, data_dir)
+    assert "2 ECG(s)" in row and "held in memory only" in row, row
+    r = running([{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}])  # room again
+    core.gateway_seen = False
+    talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+    assert [i.key for i in r.outbox.items(kind="dicom")] == ["bridge-ecg:BR-ECG:9:1"]  # the spilled one
+    findings = [f for f in Doctor(r.config).check_devices() if f.level is Level.FAIL]
+    said = [f.message for f in findings]
+    assert any("1 ECG(s)" in m and "lost when the gateway stopped" in m for m in said), said
+    (lost,) = findings
+    assert "found at its restart at" in lost.message and "after " in lost.message, lost.message
+    zh = advice_text(lost, Localizer("zh-CN", local_zone()))
+    assert "心电图" in zh and "丢失" in zh, zh
+    row = r.registry.get("serial:ecg")
+    assert (row.lost_ecg_count, row.lost_reading_count) == (1, 0), row
+    toml = tmp_path / "lastmile.toml"
+    toml.write_text(
+        f'[gateway]\ndata_dir = "{data_dir}"\n\n'
+        f'[[serial.devices]]\nname = "ecg"\nmatch = "{bridge.link_path}"\nprofile = "bridge"\n'
+    )
+    assert main(["-c", str(toml), "devices"]) == 0
+    listed = capsys.readouterr().out
+    assert "1 ECG(s) held in memory only, when the gateway stopped after" in listed, listed
+    a_week_on = (row.lost_at + dt.timedelta(days=7, seconds=1)).timestamp()
+    assert not [f for f in Doctor(r.config, now=lambda: a_week_on).check_devices() if f.level is Level.FAIL]
+
+
+def test_a_clean_stop_says_which_streamed_ecgs_are_kept_on_disk_and_which_are_lost(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two ECGs the full disk refused, one in the ECG spill file and one in memory only: stopping
+    the gateway logged "2 ECG recording(s) (lost)" (and "0 reading(s) (lost)"), though one is
+    stored after the restart. Now the line says 1 kept on disk and 1 lost."""
+    import logging
+
+    from lastmile.services.serial_spill import ECG_SPILL_NAME
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / ECG_SPILL_NAME).write_bytes(bytes(ONE_ECG_SPILL_BYTES))
+    bridge = PtyDevice(tmp_path / "usb-ecg")
+    r = Running(
+        tmp_path, [{"name": "ecg", "match": str(bridge.link_path), "profile": "bridge"}], min_free_bytes=1 << 60
+    )
+    try:
+        core, clock = BridgeCore("BR-ECG", boot_id=9, capabilities=("ecg",)), [0]
+        talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
+        bridge_streams_two_ecgs_one_past_the_spill_file(bridge, core, clock, tmp_path / "data")
+    finally:
+        with caplog.at_level(logging.ERROR, logger="lastmile.services.serial_devices"):
+            r.close()
+    stopped = [m for m in caplog.messages if "the outbox refused them" in m]
+    assert stopped == [
+        "ecg: 2 ECG recording(s) (1 kept on disk, stored after the restart; 1 lost) not stored: the outbox refused them"
+    ], stopped
 
 
 def test_the_ecg_spill_file_takes_the_sd_card_only_where_a_bridge_can_stream_ecgs(tmp_path: Path, running) -> None:

@@ -237,6 +237,15 @@ MIGRATIONS = (
         "ALTER TABLE devices ADD COLUMN held_reading_count INTEGER NOT NULL DEFAULT 0;\n"
         "ALTER TABLE devices ADD COLUMN held_ecg_count INTEGER NOT NULL DEFAULT 0;",
     ),
+    # what a stop (a power cut) lost of what the row said was held in memory only, after when
+    # (the row's last word on it) and found when (the restart): the doctor FAILs on it for a while
+    Migration.sql(
+        "0017_device_lost_counts",
+        "ALTER TABLE devices ADD COLUMN lost_reading_count INTEGER NOT NULL DEFAULT 0;\n"
+        "ALTER TABLE devices ADD COLUMN lost_ecg_count INTEGER NOT NULL DEFAULT 0;\n"
+        "ALTER TABLE devices ADD COLUMN lost_after TEXT;\n"
+        "ALTER TABLE devices ADD COLUMN lost_at TEXT;",
+    ),
 )
 
 

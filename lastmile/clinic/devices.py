@@ -38,6 +38,12 @@ class HeldReadings(enum.StrEnum):
 KEPT_ON_DISK = "kept on disk"
 MEMORY_ONLY = "held in memory only: lost if the power fails"
 
+# How long `lastmile doctor` (and the System page) FAILs for what a stop lost from memory, from the
+# restart that found it: nothing can bring it back and no one acknowledges it, so it ends by
+# itself, as sent ECGs that could not be recorded do (reports.window_days); a week, so that a
+# doctor who looks on any day of it sees it.
+LOST_SAID_FOR = dt.timedelta(days=7)
+
 
 @dataclass(frozen=True, slots=True)
 class DeviceRecord:
@@ -63,6 +69,10 @@ class DeviceRecord:
     held_readings: HeldReadings = HeldReadings.NONE  # until they are stored, whatever its later errors
     held_reading_count: int = 0  # what waits there: readings (an ASCII monitor's) ...
     held_ecg_count: int = 0  # ... and streamed ECGs (a bridge's)
+    lost_reading_count: int = 0  # what a stop lost of what was held in memory only: readings ...
+    lost_ecg_count: int = 0  # ... and streamed ECGs
+    lost_after: dt.datetime | None = None  # the row's last word on them before the stop
+    lost_at: dt.datetime | None = None  # the restart that found them gone (LOST_SAID_FOR from then)
 
     @property
     def waits_for_space(self) -> bool:
@@ -90,6 +100,15 @@ class DeviceRecord:
         """Its last error unless that is what its waiting-for-space status says (`waiting`): a
         later one (unplugged ...) is another problem, shown beside what waits, never instead."""
         return "" if self.waiting and self.last_error == self.waiting else self.last_error
+
+    @property
+    def lost_words(self) -> str:
+        """What a stop lost from memory, for people ("1 ECG(s)"; "" when nothing)."""
+        return held_words(self.lost_reading_count, self.lost_ecg_count)
+
+    def lost_said_until(self) -> dt.datetime | None:
+        """Until when what a stop lost from memory is said (None: nothing lost)."""
+        return self.lost_at + LOST_SAID_FOR if self.lost_words and self.lost_at is not None else None
 
     def to_json(self) -> dict:
         out = {}
@@ -171,6 +190,10 @@ def _record(row: sqlite3.Row, serial: frozenset[str] | None = None) -> DeviceRec
         held_readings=HeldReadings(row["held_readings"] or ""),
         held_reading_count=row["held_reading_count"],
         held_ecg_count=row["held_ecg_count"],
+        lost_reading_count=row["lost_reading_count"],
+        lost_ecg_count=row["lost_ecg_count"],
+        lost_after=from_iso(row["lost_after"]),
+        lost_at=from_iso(row["lost_at"]),
         removed=(transport == "ble" and not allowed)
         or (transport == "serial" and serial is not None and row["address"] not in serial),
     )
@@ -277,6 +300,23 @@ class DeviceRegistry:
         with transaction(self.db) as conn:
             self._ensure(conn, address, transport, now)
             conn.execute(f"UPDATE devices SET {assignments} WHERE address = ?", (*sets.values(), address))
+
+    def record_lost(
+        self, address: str, counts: tuple[int, int], *, after: dt.datetime | None, now: dt.datetime
+    ) -> None:
+        """Readings and streamed ECGs (`counts`) a stop lost from memory, held after `after`, found
+        gone at `now`: said for LOST_SAID_FOR from now, with a loss still said before added in."""
+        record = self.get(address)
+        readings, ecgs = counts
+        if record is not None and (until := record.lost_said_until()) is not None and until > now:
+            readings, ecgs = readings + record.lost_reading_count, ecgs + record.lost_ecg_count
+            after = record.lost_after
+        with transaction(self.db) as conn:
+            conn.execute(
+                "UPDATE devices SET lost_reading_count = ?, lost_ecg_count = ?, lost_after = ?, lost_at = ?, "
+                "updated_at = ? WHERE address = ?",
+                (readings, ecgs, after and iso(after), iso(now), iso(now), normalise_address(address)),
+            )
 
     def mark_all_disconnected(self, *, now: dt.datetime, transport: str = "ble") -> None:
         """At service start: nothing is connected yet, whatever a crash left behind."""

@@ -362,6 +362,7 @@ def _devices(args: argparse.Namespace) -> int:
     if not records:
         print("no devices known (pair BLE devices with 'lastmile ble pair ADDRESS')")
         return 0
+    now = dt.datetime.now(dt.timezone.utc)
     for r in records:
         state = "removed" if r.removed else "connected" if r.connected else "not connected"
         why = "" if not r.removed else " (not paired)" if r.transport == "ble" else " (not configured)"
@@ -377,4 +378,7 @@ def _devices(args: argparse.Namespace) -> int:
             print(f"       waiting      {r.waiting}")
         if r.other_problem and not r.removed:  # a removed device's error is history (--json keeps it)
             print(f"       last error   {_local(r.last_error_at)}: {r.other_problem}")
+        if (until := r.lost_said_until()) is not None and until > now and not r.removed:
+            stopped = f"the gateway stopped after {_local(r.lost_after)}, found {_local(r.lost_at)}"
+            print(f"       lost         {r.lost_words} held in memory only, when {stopped}")
     return 0

@@ -388,6 +388,17 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
             "ECGs are waiting for storage space and are not saved yet: do not switch the gateway off, they "
             "would be lost. Call the county IT now to free space."
         ),
+        # held in memory only when the gateway lost its power: gone for good; %(time)s is when this stops showing
+        "lost-readings": N_(
+            "Some readings were lost when the gateway was switched off or lost its power: they were waiting for "
+            "storage space and not saved yet. Measure again if the patient is still here, and tell the county IT. "
+            "This shows until %(time)s."
+        ),
+        "lost-ecgs": N_(
+            "Some ECGs were lost when the gateway was switched off or lost its power: they were waiting for "
+            "storage space and not saved yet. Record the ECG again if the patient is still here, and tell the "
+            "county IT. This shows until %(time)s."
+        ),
     },
     "queue": {
         "WARN": N_("Some items could not be sent and were set aside: tell the county IT."),

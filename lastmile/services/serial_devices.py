@@ -63,6 +63,7 @@ from firmware_bridge.serial_link import (
 )
 from lastmile import __version__
 from lastmile.clinic.devices import (
+    DeviceRecord,
     DeviceRegistry,
     HeldReadings,
     forwarded_name,
@@ -85,6 +86,7 @@ from lastmile.ecg.intake import enqueue_recording, session_request
 from lastmile.services.serial_spill import (
     ECG_SPILL_BYTES,
     ECG_SPILL_NAME,
+    LOST_AT_STOP,
     SpillFile,
     kept_in,
 )
@@ -99,7 +101,6 @@ ASCII_IDLE_FLUSH_S = 5.0  # a device quiet this long: finish (or reject) the rep
 TIME_SYNC_EVERY_S = 600.0
 ERROR_STATUS_EVERY_S = 5.0  # a port spewing garbage must not turn into a database write per frame
 RETRY_STORE_S = 30.0
-LOST_AT_STOP = "{} held in memory only (waiting for space) were lost when the gateway stopped"  # .format(held_words)
 
 
 class RecordingRefused(Exception):
@@ -273,15 +274,31 @@ class SerialContext:
         """Each device row's held readings as this start finds them: those the spill files kept
         wait again (on disk); those a previous run held in memory only are gone, and the row
         says so instead of FAILing for readings no longer anywhere."""
-        waiting = {normalise_address(serial_address(name)) for name in self.unstored}
+        loaded = {normalise_address(serial_address(name)): held for name, held in self.unstored.items()}
         for record in self.registry.all():
-            if record.transport == "serial" and record.waits_for_space and record.address not in waiting:
+            if record.transport != "serial" or not record.waits_for_space:
+                continue
+            if record.held_in_memory_only:
+                self._say_lost_at_stop(record, loaded.get(record.address) or Unstored())
+            if record.address not in loaded:
                 lost = LOST_AT_STOP.format(record.held_words) if record.held_in_memory_only else ""
                 self.registry.update_status(
                     record.address, now=self.now(), transport="serial", error=lost, held=HeldReadings.NONE
                 )
         for name in self.unstored:
             self._say_waiting(LinkSpec(name, PortMatch()))
+
+    def _say_lost_at_stop(self, record: DeviceRecord, loaded: Unstored) -> None:
+        """What `record` said was held before the stop (some in memory only) and the spill files
+        did not give back (`loaded`) was lost at the stop (a power cut): the bridge cannot resend
+        it, so the row keeps the loss for `lastmile doctor` even once the rest is stored."""
+        lost = (
+            max(0, record.held_reading_count - len(loaded.observations)),
+            max(0, record.held_ecg_count - len(loaded.recordings)),
+        )
+        if any(lost):
+            log.error("%s: %s", record.name or record.address, LOST_AT_STOP.format(held_words(*lost)))
+            self.registry.record_lost(record.address, lost, after=record.last_error_at, now=self.now())
 
     def _spill_changed(self, spec: LinkSpec) -> None:
         """The unstored observations changed: write them all to the spill file, and say so."""
@@ -389,6 +406,20 @@ class SerialContext:
         )
         self.status(spec, seen=True, reading=text, reading_at=recording.acquired_at, identity=recording.device)
         return True
+
+
+def at_stop(what: str, waiting: int, spill: SpillFile | None, name: str) -> str:
+    """The `waiting` readings (`what`) of device `name` as a stop leaves them, for the journal:
+    what `spill` holds of them (its last save that worked, not merely that it exists) is stored
+    after the restart, the rest (in memory only) is lost ("" when none wait)."""
+    if not waiting:
+        return ""
+    kept = min(waiting, spill.holds.get(name, 0) if spill is not None else 0)
+    if kept == waiting:
+        how = "kept on disk, stored after the restart"
+    else:
+        how = f"{kept} kept on disk, stored after the restart; {waiting - kept} lost" if kept else "lost"
+    return f"{waiting} {what} ({how})"
 
 
 # -- handlers --------------------------------------------------------------------------------------
@@ -768,17 +799,12 @@ class SerialService:
         self.manager.close()
         for spec in self.unstored_specs():
             self.ctx.retry_unstored(spec, force=True)
-        # not merely that the files exist: what their last save did
-        kept = {True: "kept on disk, stored after the restart", False: "lost"}
         for name, held in self.ctx.unstored.items():
-            log.error(
-                "%s: %d reading(s) (%s), %d ECG recording(s) (%s) not stored: the outbox refused them",
-                name,
-                len(held.observations),
-                kept[kept_in(self.ctx.spill)],
-                len(held.recordings),
-                kept[kept_in(self.ctx.ecg_spill)],
+            said = (
+                at_stop("reading(s)", len(held.observations), self.ctx.spill, name),
+                at_stop("ECG recording(s)", len(held.recordings), self.ctx.ecg_spill, name),
             )
+            log.error("%s: %s not stored: the outbox refused them", name, ", ".join(s for s in said if s))
         for thing in self._owned:
             close = getattr(thing, "close", None)
             if close is not None:

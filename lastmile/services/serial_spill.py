@@ -47,6 +47,8 @@ ECG_SPILL_BYTES = 4 * 1024 * 1024  # two slots of 2 MB: ~25 streamed 10 s 12-lea
 MAGIC = b"LMSPILL1"
 HEADER = len(MAGIC) + 8 + 4 + 32  # magic, generation, length, sha256
 
+# How a device row's error words what a stop lost from memory (.format(held_words))
+LOST_AT_STOP = "{} held in memory only (waiting for space) were lost when the gateway stopped"
 
 Spilled = dict[str, list[Observation]]  # device name -> readings waiting for space
 SpilledRecordings = dict[str, dict[str, EcgRecording]]  # device name -> outbox key -> streamed ECG
@@ -108,7 +110,9 @@ def waiting_readings(data_dir: Path, name: str = SPILL_NAME) -> int:
 
 class SpillFile:
     """The spill file of one data directory; `usable` is False when it could not be allocated.
-    `kept`: whether it holds all that waits (what its last save did, or what it held at `load`)."""
+    `kept`: whether it holds all that waits (what its last save did, or what it held at `load`);
+    `holds`: how many readings (ECGs) of each device it holds, what a restart would load (a save
+    that failed left the copy before it)."""
 
     def __init__(self, data_dir: Path, size: int = SPILL_BYTES, name: str = SPILL_NAME) -> None:
         self.path = Path(data_dir) / name
@@ -117,6 +121,7 @@ class SpillFile:
         newest = _newest(self.path) if self.usable else None
         self._slot, self._generation = (newest[0], newest[1]) if newest else (1, 0)
         self._at_start = newest[2] if newest else {}  # for `load`: the file is read once
+        self.holds = {name: len(items) for name, items in self._at_start.items() if items}
         self.slot_bytes = self.path.stat().st_size // 2 if self.usable else 0
 
     def _allocate(self, size: int) -> bool:
@@ -168,6 +173,8 @@ class SpillFile:
 
     def _save(self, content: dict[str, list[dict]]) -> bool:
         self.kept = self._write(content)
+        if self.kept:
+            self.holds = {name: len(items) for name, items in content.items()}
         return self.kept
 
     def _write(self, content: dict[str, list[dict]]) -> bool:
