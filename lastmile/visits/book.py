@@ -86,6 +86,7 @@ from lastmile.visits.relay_link import (
     ReleasedReadings,
     VisitNotices,
     fault_generation,
+    quarantined_reading_key,
     readings_to_release_sql,
     released_readings,
     stored_reading,
@@ -739,7 +740,7 @@ class VisitBook:
             }
             fault = fault or fault_text(exc)
         chain = list(self.db.query("SELECT seq FROM chain WHERE visit_id = ?", [row["id"]]))
-        released = released_readings(self.db.conn, [row["id"]]).get(row["id"], ReleasedReadings())
+        released = released_readings(self.db.conn, [row["id"]], self.data_dir).get(row["id"], ReleasedReadings())
         return Visit(
             id=row["id"],
             doctor_id=row["doctor_id"],
@@ -1218,7 +1219,7 @@ class VisitBook:
         )
         added = outbox.add(
             OBSERVATION_KIND,
-            f"visit-reading:{row['visit_id']}:{row['id']}",
+            quarantined_reading_key(row["visit_id"], row["id"]),
             (row["record"] or "").encode(),
             meta={"visit_item": row["id"], "visit_id": row["visit_id"]},
             patient={"patient_id": row["patient_id"]},
