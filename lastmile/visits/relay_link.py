@@ -143,7 +143,8 @@ def visit_link(data_dir: Path, gateway_id: str, notices: VisitNotices) -> Callab
 # changes (update bundles carry their own version). Here, not in the book: this module must not
 # import the signing code (the forward service asks every round).
 # 2: a damaged reading is quarantined on its own at build time, no longer setting its visit aside.
-FHIR_FAULT_GENERATION = 2
+# 3: so is one that decodes but cannot be made a bundle (fhir_bundle._instant: a time UTC cannot say).
+FHIR_FAULT_GENERATION = 3
 
 
 def fault_generation() -> str:
