@@ -1135,6 +1135,29 @@ def test_a_released_reading_whose_record_is_damaged_is_shown_in_the_queue_and_by
     assert zh and zh != advice_text(found[0], Localizer("en", local_zone())), zh
 
 
+def test_a_damaged_visit_readings_quarantine_reason_says_a_restored_record_is_sent_by_lastmile_retry(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A visit's reading whose record is damaged is quarantined alone; `lastmile queue` said only
+    "measure the patient again" - though the county IT can restore the record in visits.db from
+    a backup, and `lastmile retry N` then sends it (the relay reads visits.db). It says both."""
+    from lastmile.cli import main
+    from lastmile.visits.relay_link import VisitQueue
+
+    data = tmp_path / "data"
+    visit = stop_a_visit_whose_reading_is_damaged(data)
+    with Outbox.open(data, min_free_bytes=0) as outbox:
+        VisitQueue(data, "gw-1", monotonic=lambda: 1000.0).queue(outbox, NAMING)
+    toml = tmp_path / "lastmile.toml"
+    toml.write_text(f'[gateway]\nid = "gw-1"\ndata_dir = "{data}"\n')
+    capsys.readouterr()
+    assert main(["-c", str(toml), "queue"]) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("quarantined #")]
+    number = line.split()[1].lstrip("#")
+    assert visit.id in line and "measure the patient again" in line, line
+    assert "restore" in line and "visits.db" in line and f"`lastmile retry {number}`" in line, line
+
+
 class PowerCut(BaseException):
     """The gateway losing power: nothing of the process's code runs after it (not an Exception)."""
 

@@ -1225,9 +1225,11 @@ class VisitBook:
 
     @staticmethod
     def _quarantine_reading(outbox: Outbox, row: dict, reason: str, now: float | None) -> None:
-        """A visit's reading that can never go (`reason`, from _own_reading): not silent - a
-        quarantined reading in the outbox, with why (`lastmile queue`, the doctor's queue line).
-        Its key is the visit item's: a release cut short before the mark adds nothing twice."""
+        """A visit's reading that can never go as stored (`reason`, from _own_reading): not silent -
+        a quarantined reading in the outbox, with why (`lastmile queue`, the doctor's queue line)
+        and the other way out: a record restored in visits.db from a backup is what a retry sends
+        (the relay reads visits.db, observation_relay._reading). Its key is the visit item's: a
+        release cut short before the mark adds nothing twice."""
         from lastmile.clinic.observations import OBSERVATION_KIND
 
         added = outbox.add(
@@ -1239,7 +1241,11 @@ class VisitBook:
             now=now,
         )
         if added.created:
-            outbox.quarantine(added.item.id, reason, time.time() if now is None else now)
+            restored = (
+                ", or have the county IT restore its record in visits.db from a backup: "
+                f"`lastmile retry {added.item.id}` then sends it"
+            )
+            outbox.quarantine(added.item.id, reason + restored, time.time() if now is None else now)
             # the visit's id is in the reason (`lastmile queue`): the journal says the visit once
             log.error("a reading of a home visit cannot be sent: quarantined as #%d", added.item.id)
 
