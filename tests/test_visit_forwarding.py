@@ -847,6 +847,47 @@ def test_a_visit_an_older_version_set_aside_for_a_damaged_reading_goes_without_i
         assert visit is not None and visit.fhir_queued and visit.fhir_fault is None
 
 
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        ("json_set(record, '$.measured_at', '0001-01-01T00:00:00+08:00')", "cannot be said in UTC"),
+        ("json_set(record, '$.flags', json('[1]'))", "expected str instance"),
+    ],
+    ids=["measured-time-out-of-range", "flag-not-text"],
+)
+def test_a_reading_of_a_visit_whose_own_bundle_cannot_be_built_is_quarantined_alone_and_the_visit_goes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str, said: str
+) -> None:
+    """A visit's reading that decodes but cannot be made a FHIR bundle (a measured time UTC cannot
+    say, a device flag that is not text) set the whole visit aside at build time (or, for the
+    time, stopped the visits' queueing with an OverflowError): the visit went only by `visit
+    retry`, and `visit list` said the reading was "sent without the visit". It is quarantined on
+    its own, once, saying what is wrong with it; the visit goes without it."""
+    from lastmile.cli import main
+    from lastmile.visits.relay_link import VisitQueue
+    from uploader.outbox import ItemState
+
+    data = tmp_path / "data"
+    visit = stop_a_visit_with_a_reading(data, f"UPDATE visit_items SET record = {damage}")
+    with Outbox.open(data, min_free_bytes=0) as outbox:
+        for now in (1000.0, 2000.0):  # a second try adds nothing twice
+            VisitQueue(data, "gw-1", monotonic=lambda at=now: at).queue(outbox, NAMING)
+        bundles = [i.key for i in outbox.items(kind=Kind.FHIR_BUNDLE)]
+        readings = outbox.items(kind="observation")
+    assert bundles == [f"fhir:visit:{visit.id}"]
+    (reading,) = readings
+    assert reading.state is ItemState.QUARANTINED
+    reason = reading.quarantine_reason or ""
+    assert "cannot be made a FHIR bundle" in reason and said in reason and "damaged" not in reason, reason
+    toml = tmp_path / "lastmile.toml"
+    toml.write_text(f'[gateway]\nid = "gw-1"\ndata_dir = "{data}"\n')
+    capsys.readouterr()
+    assert main(["-c", str(toml), "visit", "list", "--json"]) == 0
+    (listed,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert listed["fhir_fault"] is None and listed["fhir_queued"]
+    assert (listed["readings_sent_alone"], listed["readings_damaged"]) == (0, 1)
+
+
 def test_a_forward_try_that_queues_a_visit_opens_visits_db_twice_not_three_times(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1092,6 +1133,29 @@ def test_a_released_reading_whose_record_is_damaged_is_shown_in_the_queue_and_by
     assert [f.level for f in found] == [Level.WARN] and "1 quarantined" in found[0].message
     zh = advice_text(found[0], Localizer("zh-CN", local_zone()))
     assert zh and zh != advice_text(found[0], Localizer("en", local_zone())), zh
+
+
+def test_a_damaged_visit_readings_quarantine_reason_says_a_restored_record_is_sent_by_lastmile_retry(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A visit's reading whose record is damaged is quarantined alone; `lastmile queue` said only
+    "measure the patient again" - though the county IT can restore the record in visits.db from
+    a backup, and `lastmile retry N` then sends it (the relay reads visits.db). It says both."""
+    from lastmile.cli import main
+    from lastmile.visits.relay_link import VisitQueue
+
+    data = tmp_path / "data"
+    visit = stop_a_visit_whose_reading_is_damaged(data)
+    with Outbox.open(data, min_free_bytes=0) as outbox:
+        VisitQueue(data, "gw-1", monotonic=lambda: 1000.0).queue(outbox, NAMING)
+    toml = tmp_path / "lastmile.toml"
+    toml.write_text(f'[gateway]\nid = "gw-1"\ndata_dir = "{data}"\n')
+    capsys.readouterr()
+    assert main(["-c", str(toml), "queue"]) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("quarantined #")]
+    number = line.split()[1].lstrip("#")
+    assert visit.id in line and "measure the patient again" in line, line
+    assert "restore" in line and "visits.db" in line and f"`lastmile retry {number}`" in line, line
 
 
 class PowerCut(BaseException):

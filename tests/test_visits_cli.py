@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -528,6 +530,46 @@ def test_visit_list_does_not_count_a_damaged_reading_as_sent_without_the_visit(
     assert run("visit", "list", "--json") == 0
     (listed,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert (listed["readings_sent_alone"], listed["readings_damaged"]) == (0, 1)
+
+
+def test_a_damaged_reading_restored_in_visits_db_is_counted_sent_only_once_retried_and_sent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The county IT restored a visit's damaged reading in visits.db from a backup; until the
+    doctor runs `lastmile retry`, it is still a quarantined item in the outbox, not sent - yet
+    `visit list` said "1 reading sent without the visit" (it judged the record, which decodes
+    now). The outbox item's state is the truth: damaged until it is retried and relayed."""
+    from lastmile.clinic.observations import observation_to_json
+    from lastmile.services.observation_relay import relay_observations
+    from lastmile.visits.book import VisitBook
+    from lastmile.visits.relay_link import released_record
+    from tests.fhir_samples import NAMING, blood_pressure
+    from uploader.outbox import ItemState, Outbox
+
+    run = visit_cli(tmp_path)
+    data = tmp_path / "data"
+    a_visit_whose_reading_went_alone(data, reading_damaged=True)
+    sound = observation_to_json(blood_pressure(dt.datetime.now(dt.timezone.utc), "P-1", "bp-1"))["quantities"]
+    with VisitBook.open(data, gateway_id="gw-1") as book:  # restored from the backup
+        book.db.execute(
+            "UPDATE visit_items SET record = json_set(record, '$.quantities', json(?))", [json.dumps(sound)]
+        )
+        book.db.conn.commit()
+
+    def counted() -> tuple[int, int]:
+        capsys.readouterr()
+        assert run("visit", "list", "--json") == 0
+        (listed,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        return listed["readings_sent_alone"], listed["readings_damaged"]
+
+    assert counted() == (0, 1)  # restored, not retried: still quarantined
+    with Outbox.open(data, min_free_bytes=0) as outbox:
+        (item,) = outbox.items(kind="observation", state=ItemState.QUARANTINED)
+        assert outbox.retry(item.id, time.time())
+        assert counted() == (0, 1)  # retried, not relayed yet
+        relay_observations(outbox, NAMING, time.time(), visit_reading=lambda i: released_record(data, i))
+        assert outbox.get(item.id).state is ItemState.COMMITTED  # type: ignore[union-attr]
+    assert counted() == (1, 0)
 
 
 def test_the_visits_page_does_not_count_a_damaged_reading_as_sent_without_the_visit(tmp_path: Path) -> None:

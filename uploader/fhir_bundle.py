@@ -177,7 +177,11 @@ def _implausible_note(q: Quantity) -> str:
 def _instant(value: dt.datetime) -> str:
     if value.tzinfo is None:
         raise InvalidObjectError(f"time {value} has no time zone")
-    return value.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    try:
+        utc = value.astimezone(dt.timezone.utc)
+    except OverflowError:  # year 1 east of UTC, year 9999 west of it: a damaged record, not a crash
+        raise InvalidObjectError(f"time {value.isoformat()} cannot be said in UTC") from None
+    return utc.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _ref_id(system: str, value: str) -> dict[str, Any]:

@@ -832,7 +832,7 @@ class ClinicData:
                 "fhir_queued_at FROM visits ORDER BY rowid DESC LIMIT ?",
                 (int(limit),),
             ).fetchall()
-            released = released_readings(conn, [r[0] for r in rows])
+            released = released_readings(conn, [r[0] for r in rows], self.config.data_dir)
         finally:
             conn.close()
         return [

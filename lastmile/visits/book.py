@@ -86,6 +86,7 @@ from lastmile.visits.relay_link import (
     ReleasedReadings,
     VisitNotices,
     fault_generation,
+    quarantined_reading_key,
     readings_to_release_sql,
     released_readings,
     stored_reading,
@@ -739,7 +740,7 @@ class VisitBook:
             }
             fault = fault or fault_text(exc)
         chain = list(self.db.query("SELECT seq FROM chain WHERE visit_id = ?", [row["id"]]))
-        released = released_readings(self.db.conn, [row["id"]]).get(row["id"], ReleasedReadings())
+        released = released_readings(self.db.conn, [row["id"]], self.data_dir).get(row["id"], ReleasedReadings())
         return Visit(
             id=row["id"],
             doctor_id=row["doctor_id"],
@@ -1195,39 +1196,58 @@ class VisitBook:
         )
         queued = 0
         for row in rows:
-            try:
-                obs = stored_reading(row["record"])
-                queued += enqueue_observation(outbox, obs, naming, meta={"visit_item": row["id"]}, now=now)
-            except BUNDLE_ERRORS as exc:  # damaged on the SD card: the doctor sees it, then it is marked
-                self._quarantine_damaged_reading(outbox, row, exc, now)
+            reading = self._own_reading(row, naming)
+            if isinstance(reading, str):  # it can never go: the doctor sees it, then it is marked
+                self._quarantine_reading(outbox, row, reading, now)
+            else:
+                queued += enqueue_observation(outbox, reading, naming, meta={"visit_item": row["id"]}, now=now)
             self._mark_released([row["id"]])
         if queued:
             log.info("%d reading(s) of home visits not sent queued for the county platform on their own", queued)
         return queued
 
     @staticmethod
-    def _quarantine_damaged_reading(outbox: Outbox, row: dict, exc: Exception, now: float | None) -> None:
-        """A released reading whose own record is damaged: never sendable, and not silent - a
-        quarantined reading in the outbox, with why (`lastmile queue`, the doctor's queue line).
-        Its key is the visit item's: a release cut short before the mark adds nothing twice."""
+    def _own_reading(row: dict, naming: FhirNaming) -> Observation | str:
+        """A visit item's reading, checked as its own bundle is built (what the visit's bundle
+        builds of it too); or why it can never go (the quarantine reason): its record damaged on
+        the SD card, or one that decodes but cannot be said in FHIR."""
+        from uploader.fhir_bundle import observation_bundle
+
+        try:
+            obs = stored_reading(row["record"])
+        except BUNDLE_ERRORS as exc:
+            return damaged_reading_reason(row["visit_id"], exc)
+        try:
+            observation_bundle(obs, naming)
+        except BUNDLE_ERRORS as exc:
+            return unbuildable_reading_reason(row["visit_id"], exc)
+        return obs
+
+    @staticmethod
+    def _quarantine_reading(outbox: Outbox, row: dict, reason: str, now: float | None) -> None:
+        """A visit's reading that can never go as stored (`reason`, from _own_reading): not silent -
+        a quarantined reading in the outbox, with why (`lastmile queue`, the doctor's queue line)
+        and the other way out: a record restored in visits.db from a backup is what a retry sends
+        (the relay reads visits.db, observation_relay._reading). Its key is the visit item's: a
+        release cut short before the mark adds nothing twice."""
         from lastmile.clinic.observations import OBSERVATION_KIND
 
-        reason = (
-            f"a reading of home visit {row['visit_id']} is damaged on the SD card and cannot be sent "
-            f"to the county platform ({fault_text(exc)}); measure the patient again"
-        )
         added = outbox.add(
             OBSERVATION_KIND,
-            f"visit-reading:{row['visit_id']}:{row['id']}",
+            quarantined_reading_key(row["visit_id"], row["id"]),
             (row["record"] or "").encode(),
             meta={"visit_item": row["id"], "visit_id": row["visit_id"]},
             patient={"patient_id": row["patient_id"]},
             now=now,
         )
         if added.created:
-            outbox.quarantine(added.item.id, reason, time.time() if now is None else now)
+            restored = (
+                ", or have the county IT restore its record in visits.db from a backup: "
+                f"`lastmile retry {added.item.id}` then sends it"
+            )
+            outbox.quarantine(added.item.id, reason + restored, time.time() if now is None else now)
             # the visit's id is in the reason (`lastmile queue`): the journal says the visit once
-            log.error("a reading of a home visit is damaged on the SD card: quarantined as #%d", added.item.id)
+            log.error("a reading of a home visit cannot be sent: quarantined as #%d", added.item.id)
 
     def _mark_released(self, item_ids: Sequence[int]) -> None:
         with transaction(self.db):
@@ -1240,8 +1260,9 @@ class VisitBook:
         """Before a visit's bundle is built: its readings already queued on their own by a release
         whose mark was lost (cut short, then the visit retried) are marked now, so the bundle does
         not carry them a second time. The outbox is the truth: its key is the reading's. A reading
-        whose own record is damaged is quarantined on its own (as a release does), and the visit
-        goes without it: one damaged reading must not keep the whole visit from the county."""
+        that can never go (its record damaged, or not one FHIR can say) is quarantined on its own
+        (as a release does), and the visit goes without it: one such reading must not keep the
+        whole visit from the county."""
         from uploader.fhir_forwarder import observation_key
 
         keys: dict[str, int] = {}
@@ -1253,11 +1274,12 @@ class VisitBook:
                 [visit_id],
             )
         ):
-            try:
-                keys[observation_key(stored_reading(row["record"]), naming)] = row["id"]
-            except BUNDLE_ERRORS as exc:
-                self._quarantine_damaged_reading(outbox, row, exc, now)
+            reading = self._own_reading(row, naming)
+            if isinstance(reading, str):
+                self._quarantine_reading(outbox, row, reading, now)
                 damaged.append(row["id"])
+            else:
+                keys[observation_key(reading, naming)] = row["id"]
         if keys or damaged:
             self._mark_released([*damaged, *(keys[k] for k in outbox.present_keys(list(keys)))])
 
@@ -1313,6 +1335,22 @@ class VisitBook:
             self.db.table("visits").update(row["id"], {"fhir_queued_at": dt.datetime.now(dt.timezone.utc).isoformat()})
             queued += 1
         return queued
+
+
+def damaged_reading_reason(visit_id: str, exc: Exception) -> str:
+    """Why a visit's reading whose record is damaged on the SD card is quarantined."""
+    return (
+        f"a reading of home visit {visit_id} is damaged on the SD card and cannot be sent "
+        f"to the county platform ({fault_text(exc)}); measure the patient again"
+    )
+
+
+def unbuildable_reading_reason(visit_id: str, exc: Exception) -> str:
+    """Why a visit's reading that decodes but cannot be said in FHIR is quarantined."""
+    return (
+        f"a reading of home visit {visit_id} cannot be made a FHIR bundle for the county "
+        f"platform ({fault_text(exc)}); measure the patient again"
+    )
 
 
 def record_observation(

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 
 from devices.observation import Observation
 from lastmile.data_dir import columns_of, read_only
-from lastmile.visits.record import BUNDLE_ERRORS
 
 if TYPE_CHECKING:
     from uploader.fhir_bundle import FhirNaming
@@ -144,7 +143,8 @@ def visit_link(data_dir: Path, gateway_id: str, notices: VisitNotices) -> Callab
 # changes (update bundles carry their own version). Here, not in the book: this module must not
 # import the signing code (the forward service asks every round).
 # 2: a damaged reading is quarantined on its own at build time, no longer setting its visit aside.
-FHIR_FAULT_GENERATION = 2
+# 3: so is one that decodes but cannot be made a bundle (fhir_bundle._instant: a time UTC cannot say).
+FHIR_FAULT_GENERATION = 3
 
 
 def fault_generation() -> str:
@@ -228,25 +228,52 @@ def stored_reading(record: str | None) -> Observation:
     return observation_from_json(json.loads(record))  # type: ignore[arg-type]
 
 
-def released_readings(conn: sqlite3.Connection, visit_ids: Sequence[str]) -> dict[str, ReleasedReadings]:
+def quarantined_reading_key(visit_id: str, item_id: int) -> str:
+    """The outbox key of a visit's reading quarantined on its own, never sendable as stored
+    (VisitBook._quarantine_reading): one per visit item, so nothing is added twice."""
+    return f"visit-reading:{visit_id}:{item_id}"
+
+
+# A quarantined reading's item is sent once its bundle is queued (the relay marks it so): until
+# then - quarantined, or retried and waiting for the relay - it is not sent.
+_NOT_SENT_SQL = (
+    "SELECT key FROM items WHERE key IN (SELECT value FROM json_each(?)) "
+    "AND state NOT IN ('sent', 'committed', 'purged')"
+)
+
+
+def _not_sent(data_dir: Path, keys: Sequence[str]) -> set[str]:
+    """Which of `keys` the outbox holds and has not sent (read-only; none without an outbox)."""
+    from uploader.outbox import DB_NAME as OUTBOX_DB
+
+    if not keys or not (data_dir / OUTBOX_DB).exists():
+        return set()
+    with read_only(data_dir / OUTBOX_DB) as conn:
+        return {str(row[0]) for row in conn.execute(_NOT_SENT_SQL, [json.dumps(list(keys))])}
+
+
+def released_readings(
+    conn: sqlite3.Connection, visit_ids: Sequence[str], data_dir: Path
+) -> dict[str, ReleasedReadings]:
     """What became of the released readings of each visit (`visit list`, the console's Visits
-    page): one it could not read went nowhere, it is not "sent". None on a visits.db not migrated
-    to 0007 yet (no released_at: nothing was released)."""
+    page): one quarantined on its own (its record damaged) is not "sent" until the outbox sent
+    it - the outbox item's state is the truth, not the record (restored in visits.db, it waits
+    for `lastmile retry`). None on a visits.db not migrated to 0007 yet (nothing was released)."""
     if not visit_ids or "released_at" not in columns_of(conn, "visit_items"):
         return {}
     marks = ",".join("?" * len(visit_ids))
+    released = [
+        (str(visit_id), quarantined_reading_key(visit_id, item_id))
+        for visit_id, item_id in conn.execute(
+            "SELECT visit_id, id FROM visit_items WHERE kind = 'observation' AND released_at IS NOT NULL "
+            f"AND visit_id IN ({marks})",
+            list(visit_ids),
+        )
+    ]
+    not_sent = _not_sent(data_dir, [key for _, key in released])
     counts: dict[str, list[int]] = {}
-    for visit_id, record in conn.execute(
-        "SELECT visit_id, record FROM visit_items WHERE kind = 'observation' AND released_at IS NOT NULL "
-        f"AND visit_id IN ({marks})",
-        list(visit_ids),
-    ):
-        try:
-            stored_reading(record)
-            damaged = 0
-        except BUNDLE_ERRORS:
-            damaged = 1
-        counts.setdefault(str(visit_id), [0, 0])[damaged] += 1
+    for visit_id, key in released:
+        counts.setdefault(visit_id, [0, 0])[key in not_sent] += 1
     return {visit_id: ReleasedReadings(sent, damaged) for visit_id, (sent, damaged) in counts.items()}
 
 
