@@ -46,6 +46,12 @@ class Running:
     def now(self) -> dt.datetime:
         return dt.datetime.now(dt.timezone.utc)
 
+    def device_error(self, address: str) -> str:
+        """The device row's error; "" until the service has written the row (it may not have yet
+        when the test thread looks)."""
+        record = self.registry.get(address)
+        return record.last_error if record is not None else ""
+
     def close(self) -> None:
         self.service.close()
         self.outbox.close()

@@ -756,7 +756,7 @@ def monitor_prints_a_report_the_full_outbox_refuses(r: Running, monitor: PtyDevi
     r.patients.set_patient("P-9", now=now - dt.timedelta(minutes=1))
     printed = (now + dt.timedelta(hours=1)).strftime("DATE %Y-%m-%d  TIME %H:%M:%S").encode()
     monitor.write(VITALS_REPORT.replace(b"DATE 2025-03-04  TIME 09:41:07", printed))
-    wait_for(lambda: row_says in (r.registry.get("serial:monitor").last_error or ""), timeout=30)
+    wait_for(lambda: row_says in r.device_error("serial:monitor"), timeout=30, what=f"the row says {row_says!r}")
 
 
 def test_readings_that_do_not_fit_the_spill_file_are_said_lost_when_the_service_stops(

@@ -11,6 +11,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from lastmile.commands.common import DATA_DIR
+from uploader.fhir_link import LAST_ERROR_AT
 from uploader.masking import mask_server_text
 
 if TYPE_CHECKING:
@@ -290,7 +291,7 @@ def _queue(args: argparse.Namespace) -> int:
             f" (since {_ago(rc.get('fault_since'), now)}; items stay queued and are retried)"
         )
     elif rc.get("last_error"):
-        print(f"last network error: {rc['last_error']} ({_ago(rc.get('last_error_at'), now)})")
+        print(f"last network error: {rc['last_error']} ({_ago(rc.get(LAST_ERROR_AT), now)})")
     sc = statuses.get("storage_commitment") or {}
     if sc.get("supported") is False:
         print(

@@ -56,6 +56,7 @@ from lastmile.reports.views import ecg_time
 from lastmile.services.link_status import FHIR_STATUS, READING_CENTER_STATUS, fhir_platform, reading_center_down
 from lastmile.services.metered import MeteredWait, metered_wait, meters
 from lastmile.visits.relay_link import ReleasedReadings, released_readings
+from uploader.fhir_link import LAST_ERROR_AT
 from uploader.outbox import ItemState, Kind, OutboxItem
 from uploader.report_lines import ReportLine
 
@@ -763,7 +764,7 @@ class ClinicData:
         """The reading center's link; `metered`: what its metered link holds now (`metered_hold`)."""
         status = self.outbox.status(READING_CENTER_STATUS) or {}
         last_success = _t(status.get("last_success"))
-        last_error_at = _t(status.get("last_error_at"))
+        last_error_at = _t(status.get(LAST_ERROR_AT))
         down_since = last_error_at if reading_center_down(status) else None
         waiting, oldest = self._ecgs_waiting()
         blocked = None if metered is None else metered.blocked

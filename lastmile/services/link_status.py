@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from uploader.fhir_link import DOWN_SINCE, LAST_SENT_AT, SAID, Said
+from uploader.fhir_link import DOWN_SINCE, LAST_ERROR_AT, LAST_SENT_AT, SAID, Said
 
 READING_CENTER_STATUS = "reading_center"  # uploader.ecg_forwarder.STATUS_NAME (no DICOM import here)
 FHIR_STATUS = "fhir"  # uploader.fhir_forwarder.STATUS_NAME: the last FHIR round that claimed anything
@@ -26,7 +26,7 @@ def link_down(last_success_at: float | None, last_failure_at: float | None) -> b
 def reading_center_down(status: dict[str, Any] | None) -> bool:
     """What the reading center's forwarder recorded (`READING_CENTER_STATUS`): its link is down."""
     status = status or {}
-    return link_down(number(status.get("last_success")), number(status.get("last_error_at")))
+    return link_down(number(status.get("last_success")), number(status.get(LAST_ERROR_AT)))
 
 
 def fhir_round_worked(status: dict[str, Any] | None) -> bool:

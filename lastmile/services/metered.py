@@ -22,6 +22,7 @@ from lastmile.services.link_status import (
     number,
     reading_center_down,
 )
+from uploader.fhir_link import LAST_ERROR_AT
 from uploader.fhir_link import failed_by as fhir_failed_by
 from uploader.kinds import Kind
 from uploader.metering import KEEP_DAYS, SENDER_IDLE_POLL_S, Blocked, Meter, MeterPolicy, SendWindow, StatusStore
@@ -184,11 +185,11 @@ def failed_by(destination: str, store: StatusStore) -> float:
     in `store` (uploader.outbox.MeterHold.failed_by): one that failed later failed alone while the
     link worked - the reading center answering it 0xA7xx (try later), the county platform answering
     its bundle 5xx, while they store the others - and waits for the peer, which no meter lets go:
-    stuck, not held. Both senders record when their link last failed as `last_error_at`."""
+    stuck, not held. Both senders record when their link last failed as `LAST_ERROR_AT`."""
     if destination not in LINK_STATUS:
         return math.inf
     status = store.status(LINK_STATUS[destination]) or {}
-    failed = number(status.get("last_error_at"))
+    failed = number(status.get(LAST_ERROR_AT))
     if destination == "fhir":
         return fhir_failed_by(failed)
     return -math.inf if failed is None else failed + LINK_FAILURE_SLACK_S

@@ -48,6 +48,7 @@ from lastmile.services.link_status import (
     link_down,
     number,
 )
+from uploader.fhir_link import LAST_ERROR_AT
 
 if TYPE_CHECKING:
     from lastmile.config import Config
@@ -183,7 +184,7 @@ def read_outbox(data_dir: Path, now: float, *, config: Config | None = None) -> 
     rc = statuses.get(READING_CENTER_STATUS, {})
     dicom_success = _latest(number(rc.get("last_success")), last_sent.get("dicom"))
     links = {
-        "dicom": LinkSnapshot(dicom_success, number(rc.get("last_error_at")), refused=bool(rc.get("fault"))),
+        "dicom": LinkSnapshot(dicom_success, number(rc.get(LAST_ERROR_AT)), refused=bool(rc.get("fault"))),
         "fhir": _fhir_link(statuses.get(FHIR_STATUS), last_sent.get("fhir-bundle"), fhir_failed, bool(fhir_refused)),
     }
     return OutboxSnapshot(
