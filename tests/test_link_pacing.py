@@ -678,3 +678,24 @@ def test_a_new_links_estimate_never_exceeds_its_rate(
     # seen), a queue taken for the round trip made it 1.5-1.6 (a loaded machine's late
     # responses only lower it: at most 0.96 under stress-ng)
     assert max(estimates) <= 1.1 * rate, (round(max(estimates)), [round(e) for e in estimates])
+
+
+def test_a_kept_rate_above_the_link_gives_way_to_what_the_link_shows() -> None:
+    """The rate kept in the outbox is the largest of the last run's samples: 4G's bulk run kept
+    1 023 810 B/s of its 1 MB/s. Trusted until a sample exceeded it, the pace after a restart was
+    the link's own (no headroom): every probe's excess stayed in the modem buffer, and a STAT
+    study waited behind 24-70 ms of routine bytes (a new gateway's: 0-6 ms). The kept rate paces
+    the first bytes only; from the first object stored the estimate is what the link shows."""
+    t = FakeTime()
+    pacer = LinkPacer(clock=t.clock, sleep=t.sleep)
+    link, rtt, size = 1_000_000, 0.06, 73_000
+    pacer.observe_rtt(rtt)
+    pacer.remember({"bytes_per_s": 1_023_810})
+    assert pacer.pace == pytest.approx(1_023_810 * HEADROOM)  # paced from the first byte
+    pacer.start_window()
+    began = t.now
+    for n in range(1, SAMPLE_WINDOW + 1):  # a backlog, one object after another at the link's rate
+        t.now = began + n * size / link + rtt  # its response, a round trip after its last byte crossed
+        pacer.observe_object(size, tail_s=rtt, alone_s=size / link + rtt)
+    assert pacer.measured == pytest.approx(link, rel=0.01)
+    assert pacer.pace is not None and pacer.pace <= HEADROOM * link * 1.01, pacer.pace

@@ -39,10 +39,9 @@ round trip): the samples that came late replace it.
 The rate is remembered (`remembered()`/`remember()`, kept in the outbox by the forwarder): a
 backlog that starts after a restart is paced from its first byte at the last measured rate
 instead of filling the modem buffer until its first object is stored - a STAT study made in
-those first seconds would wait for all of it. The remembered rate only seeds the estimate: a
-higher sample raises it as before, and responses late `STALE_AFTER_LATE` times in a row (the
-buffer keeps filling: the link got worse, e.g. 4G fell back to EDGE) replace it with what this
-process measured.
+those first seconds would wait for all of it. The remembered rate only paces those first bytes:
+from its first sample the estimate is what this process measured, lower (the kept rate came out
+above the link, or 4G fell back to EDGE) or higher.
 """
 
 from __future__ import annotations
@@ -118,7 +117,7 @@ class LinkPacer:
         self._written = 0
         self.draining = False  # the last object's response came late: a queue to drain ...
         self._drain_until = 0.0  # ... until about then (this pacer's clock)
-        self._seeded = False  # `measured` is a remembered rate no sample of this process exceeded yet
+        self._seeded = False  # `measured` is a remembered rate no sample of this process replaced yet
         self._samples: deque[float] = deque(maxlen=SAMPLE_WINDOW)  # this process's last samples
         self._late = 0  # late responses in a row
         self._turn = threading.Condition()
@@ -226,28 +225,29 @@ class LinkPacer:
             recent = max(self._samples)
             self._late = self._late + 1 if self.draining else 0
             late = list(self._samples)[-self._late :] if self._late >= STALE_AFTER_LATE else []
-            if late and self.measured is not None and (self._seeded or max(late) < self.measured * DRAIN_HEADROOM):
+            if late and self.measured is not None and max(late) < self.measured * DRAIN_HEADROOM:
                 # paced at the estimate, responses keep coming late: the buffer keeps filling.
-                # A remembered rate gone stale (4G fell back to EDGE); or a sample that came out
-                # too high - the link carries less than even the drain pace, so the buffer never
-                # drains (on a busy CPU one late response taken for the round trip made 1.47 MB/s
-                # of a 1 MB/s link, paced above it until that sample left the window). Not a few
-                # stalls in a row (EDGE): what comes late then is a little below the estimate.
-                # What came late replaces it, and the samples before are forgotten
-                log.info(
-                    "link: slower than %s (%.0f B/s): %.0f B/s",
-                    "remembered" if self._seeded else "estimated",
-                    self.measured,
-                    max(late),
-                )
+                # A sample that came out too high - the link carries less than even the drain
+                # pace, so the buffer never drains (on a busy CPU one late response taken for the
+                # round trip made 1.47 MB/s of a 1 MB/s link, paced above it until that sample
+                # left the window). Not a few stalls in a row (EDGE): what comes late then is a
+                # little below the estimate. What came late replaces it, and the samples before
+                # are forgotten
+                log.info("link: slower than estimated (%.0f B/s): %.0f B/s", self.measured, max(late))
                 self.measured = max(late)
                 self._samples = deque(late, maxlen=SAMPLE_WINDOW)
-                self._seeded = False
-            elif not self._seeded or self.measured is None or recent > self.measured:
-                # a sample well above the estimate (a probe's): the link may have more yet - the
+            else:
+                # this process's samples, from its first: a remembered rate only paced the bytes
+                # before it, and is not trusted above what the link now shows (kept from the
+                # largest of a bulk run's samples, it came out 2 % above 4G's rate; trusted until
+                # a sample exceeded it, the pace had no headroom, every probe's excess stayed in
+                # the modem buffer and a STAT study waited behind 24-70 ms of routine bytes).
+                # A sample well above the estimate (a probe's): the link may have more yet - the
                 # next object probes again, rather than PROBE_EVERY later (paced at a first
                 # estimate 8 % under 4G's rate, the backlog climbed to it over 18 objects)
                 self._probe_soon = self.measured is not None and recent >= self.measured * PROBE_PAID
+                if self._seeded and self.measured is not None and recent < self.measured:
+                    log.debug("link: slower than remembered (%.0f B/s): %.0f B/s", self.measured, recent)
                 self.measured = recent
                 self._seeded = False
             self._set_pace()
