@@ -315,10 +315,10 @@ class SerialContext:
     def _say_waiting(self, spec: LinkSpec) -> None:
         """Say on the device's row what waits for space (never silent: also when only memory holds it)."""
         held = self.unstored.get(spec.name) or Unstored()
-        counts = (len(held.observations), len(held.recordings))
         if not held:
             self.status(spec, error="", held=HeldReadings.NONE)
             return
+        counts = (len(held.observations), len(held.recordings))
         kept = (kept_in(self.spill) or not held.observations) and (kept_in(self.ecg_spill) or not held.recordings)
         where = HeldReadings.DISK if kept else HeldReadings.MEMORY
         memory = (0, 0)
