@@ -809,9 +809,9 @@ class Doctor:
             Finding(
                 "devices",
                 Level.FAIL,
-                f"{r.name or r.address}: {r.held_words} wait for space on the data partition ({MEMORY_ONLY})",
+                f"{r.name or r.address}: {r.memory_words} wait for space on the data partition ({MEMORY_ONLY})",
                 free_space + "; do not switch the gateway off before they are stored",
-                advice_key="memory-only-ecgs" if r.held_ecg_count else "memory-only",
+                advice_key="memory-only-ecgs" if r.in_memory_only[1] else "memory-only",
             )
             for r in in_memory
         ]

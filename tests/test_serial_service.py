@@ -23,6 +23,7 @@ from lastmile.clinic.devices import DeviceRegistry
 from lastmile.config import ConfigError, load_profiles_apart
 from lastmile.services.serial_devices import link_specs
 from tests.conftest import REPO, run_on_private_tmpfs
+from tests.console_harness import Client, console_config, running_console
 from tests.serial_gateway import Running, serial_config, talk_as_bridge, wait_for_answers
 from tests.serial_pty import PtyDevice
 from tests.service_harness import DOCTOR_BADGE_SCAN, PATIENT_CARD_SCAN, VITALS_REPORT
@@ -263,7 +264,8 @@ def test_streamed_ecgs_past_a_full_ecg_spill_file_are_said_in_memory_only_and_al
     ~25; the next one is held in memory only. The row said so, but `lastmile doctor` and the
     System page said "readings" wait for space (a village doctor does not take a reading for an
     ECG). Now they say ECG(s), in Chinese on the page, and with room again every ECG, spilled or in
-    memory, is stored once and ACKed."""
+    memory, is stored once and ACKed. The doctor and the row said all of them were held in memory
+    only ("19 ECG(s)" beside the spill file's "18 streamed ECG(s) ... kept"): now only the one is."""
     from lastmile.clock import local_zone
     from lastmile.console.app import advice_text
     from lastmile.console.i18n import Localizer
@@ -273,15 +275,22 @@ def test_streamed_ecgs_past_a_full_ecg_spill_file_are_said_in_memory_only_and_al
     bridge, r, core, clock = ecg_bridge_greeted(tmp_path, running)
     r.outbox.min_free_bytes = 1 << 60  # the data partition is full
     sent = stream_until_held_in_memory(bridge, core, clock, r)
+    assert waiting_readings(Path(r.config.data_dir), ECG_SPILL_NAME) == sent - 1  # the last one: memory only
     row = r.registry.get("serial:ecg").last_error
-    assert f"{sent} ECG(s)" in row and "held in memory only" in row, row
+    assert f"{sent} ECG(s) waiting" in row and "(1 ECG(s) of them held in memory only" in row, row
+    assert "the rest kept on disk" in row, row
     findings = Doctor(r.config).check_devices()
     (memory,) = [f for f in findings if f.advice_key.startswith("memory-only")]
-    assert memory.level is Level.FAIL and f"{sent} ECG(s)" in memory.message, memory.message
+    assert memory.level is Level.FAIL and ": 1 ECG(s) wait for space" in memory.message, memory.message
     assert "memory only" in memory.message and "do not switch the gateway off" in memory.hint, memory
     zh = Localizer("zh-CN", local_zone())
     for finding in (f for f in findings if f.level is Level.FAIL):  # the spill file's ECGs, and the one in memory
         assert "心电图" in advice_text(finding, zh), (finding.message, advice_text(finding, zh))
+    with running_console(console_config(Path(r.config.data_dir))) as console:  # the Devices page, in Chinese
+        client = Client(console.url)
+        client.login()
+        page = client.get("/devices").body
+    assert f"{sent} 份心电图（其中1 份心电图仅在内存中，断电即丢失；其余已保存在磁盘上）" in page, page
     r.outbox.min_free_bytes = 0  # room again: the next retry (every 30 s) stores them, then they are ACKed
     talk_as_bridge(bridge, core, clock, lambda: core.pending_count == 0, timeout=120)
     keys = sorted(f"bridge-ecg:BR-ECG:9:{n}" for n in range(1, sent + 1))

@@ -246,6 +246,13 @@ MIGRATIONS = (
         "ALTER TABLE devices ADD COLUMN lost_after TEXT;\n"
         "ALTER TABLE devices ADD COLUMN lost_at TEXT;",
     ),
+    # how many of what waits for space (held_*_count) is held in memory only, when the spill file
+    # keeps the rest: the doctor names only those at risk, not the ones kept on disk as well
+    Migration.sql(
+        "0018_device_memory_counts",
+        "ALTER TABLE devices ADD COLUMN memory_reading_count INTEGER NOT NULL DEFAULT 0;\n"
+        "ALTER TABLE devices ADD COLUMN memory_ecg_count INTEGER NOT NULL DEFAULT 0;",
+    ),
 )
 
 

@@ -69,6 +69,8 @@ class DeviceRecord:
     held_readings: HeldReadings = HeldReadings.NONE  # until they are stored, whatever its later errors
     held_reading_count: int = 0  # what waits there: readings (an ASCII monitor's) ...
     held_ecg_count: int = 0  # ... and streamed ECGs (a bridge's)
+    memory_reading_count: int = 0  # of those, held in memory only (the spill file keeps the rest) ...
+    memory_ecg_count: int = 0  # ... (0, 0 with held_readings MEMORY: all of them)
     lost_reading_count: int = 0  # what a stop lost of what was held in memory only: readings ...
     lost_ecg_count: int = 0  # ... and streamed ECGs
     lost_after: dt.datetime | None = None  # the row's last word on them before the stop
@@ -91,9 +93,28 @@ class DeviceRecord:
         return held_words(self.held_reading_count, self.held_ecg_count) or "readings"
 
     @property
+    def in_memory_only(self) -> tuple[int, int]:
+        """How many readings and streamed ECGs of what waits are held in memory only, lost if the
+        power fails (with held_readings MEMORY; all that waits unless the spill file keeps some)."""
+        counts = (self.memory_reading_count, self.memory_ecg_count)
+        return counts if any(counts) else (self.held_reading_count, self.held_ecg_count)
+
+    @property
+    def some_kept_on_disk(self) -> bool:
+        """Held in memory only, but not all of it: the spill file keeps the rest."""
+        return self.held_in_memory_only and self.in_memory_only != (self.held_reading_count, self.held_ecg_count)
+
+    @property
+    def memory_words(self) -> str:
+        """What is held in memory only, for people (as `held_words`)."""
+        return held_words(*self.in_memory_only) or "readings"
+
+    @property
     def waiting(self) -> str:
         """What waits for space and where, in the words of its status ("" when nothing waits)."""
-        return waiting_message(self.held_words, self.held_readings) if self.waits_for_space else ""
+        if not self.waits_for_space:
+            return ""
+        return waiting_message(self.held_words, self.held_readings, self.memory_words)
 
     @property
     def other_problem(self) -> str:
@@ -124,9 +145,15 @@ def held_words(readings: int, ecgs: int) -> str:
     return ", ".join(words + ([f"{ecgs} ECG(s)"] if ecgs else []))
 
 
-def waiting_message(words: str, held: HeldReadings) -> str:
-    """A device row's error for `words` (`held_words`) waiting for space `held` there."""
-    where = MEMORY_ONLY if held is HeldReadings.MEMORY else KEPT_ON_DISK
+def waiting_message(words: str, held: HeldReadings, in_memory: str = "") -> str:
+    """A device row's error for `words` (`held_words`) waiting for space `held` there; with
+    `held` MEMORY, `in_memory` words the part of them held in memory only ("" or `words`: all)."""
+    if held is not HeldReadings.MEMORY:
+        where = KEPT_ON_DISK
+    elif in_memory and in_memory != words:
+        where = f"{in_memory} of them {MEMORY_ONLY}; the rest {KEPT_ON_DISK}"
+    else:
+        where = MEMORY_ONLY
     return f"{words} waiting for space on the data partition ({where})"
 
 
@@ -165,6 +192,17 @@ def configured_serial(config: Config) -> frozenset[str]:
     return frozenset(normalise_address(a) for a in found)
 
 
+# the row's counts of what waits for space (all, in memory only) and what a stop lost, read as they are
+_COUNTS = (
+    "held_reading_count",
+    "held_ecg_count",
+    "memory_reading_count",
+    "memory_ecg_count",
+    "lost_reading_count",
+    "lost_ecg_count",
+)
+
+
 def _record(row: sqlite3.Row, serial: frozenset[str] | None = None) -> DeviceRecord:
     """`serial`: the configured serial addresses (None: not known, none is judged removed)."""
     transport, allowed = row["transport"], bool(row["allowed"])
@@ -188,10 +226,7 @@ def _record(row: sqlite3.Row, serial: frozenset[str] | None = None) -> DeviceRec
         last_error_at=from_iso(row["last_error_at"]),
         last_sequence=row["last_sequence"],
         held_readings=HeldReadings(row["held_readings"] or ""),
-        held_reading_count=row["held_reading_count"],
-        held_ecg_count=row["held_ecg_count"],
-        lost_reading_count=row["lost_reading_count"],
-        lost_ecg_count=row["lost_ecg_count"],
+        **{count: row[count] for count in _COUNTS},
         lost_after=from_iso(row["lost_after"]),
         lost_at=from_iso(row["lost_at"]),
         removed=(transport == "ble" and not allowed)
@@ -265,14 +300,16 @@ class DeviceRegistry:
         error: str | None = None,
         held: HeldReadings | None = None,
         held_counts: tuple[int, int] = (0, 0),
+        memory_counts: tuple[int, int] = (0, 0),
         identity: DeviceIdentity | None = None,
         reading: str | None = None,
         reading_at: dt.datetime | None = None,
         name: str | None = None,
     ) -> None:
         """Record what just happened to a device; only the given facts change (`held`: where
-        the readings waiting for space are, `held_counts` how many readings and streamed ECGs; they
-        stay, whatever later errors say, until given again)."""
+        the readings waiting for space are, `held_counts` how many readings and streamed ECGs,
+        `memory_counts` how many of them are held in memory only; they stay, whatever later errors
+        say, until given again)."""
         address = normalise_address(address)
         sets: dict[str, object] = {"updated_at": iso(now)}
         if connected is not None:
@@ -287,6 +324,7 @@ class DeviceRegistry:
         if held is not None:
             sets["held_readings"] = held.value
             sets["held_reading_count"], sets["held_ecg_count"] = held_counts
+            sets["memory_reading_count"], sets["memory_ecg_count"] = memory_counts
         if identity is not None:
             for f in ("manufacturer", "model", "serial", "software_version"):
                 if getattr(identity, f):

@@ -315,15 +315,21 @@ class SerialContext:
     def _say_waiting(self, spec: LinkSpec) -> None:
         """Say on the device's row what waits for space (never silent: also when only memory holds it)."""
         held = self.unstored.get(spec.name) or Unstored()
-        counts = (len(held.observations), len(held.recordings))
         if not held:
             self.status(spec, error="", held=HeldReadings.NONE)
             return
+        counts = (len(held.observations), len(held.recordings))
         kept = (kept_in(self.spill) or not held.observations) and (kept_in(self.ecg_spill) or not held.recordings)
         where = HeldReadings.DISK if kept else HeldReadings.MEMORY
-        message = waiting_message(held_words(*counts), where)
+        memory = (0, 0)
+        if not kept:  # what the spill files hold is kept: only the rest is lost if the power fails
+            memory = (
+                counts[0] - on_disk(counts[0], self.spill, spec.name),
+                counts[1] - on_disk(counts[1], self.ecg_spill, spec.name),
+            )
+        message = waiting_message(held_words(*counts), where, held_words(*memory))
         log.error("%s: %s", spec.name, message)
-        self.status(spec, error=message, held=where, held_counts=counts)
+        self.status(spec, error=message, held=where, held_counts=counts, memory_counts=memory)
 
     def hold_recording(self, spec: LinkSpec, recording: EcgRecording, key: str) -> None:
         held = self.unstored.setdefault(spec.name, Unstored())
@@ -408,13 +414,19 @@ class SerialContext:
         return True
 
 
+def on_disk(waiting: int, spill: SpillFile | None, name: str) -> int:
+    """How many of the `waiting` readings (ECGs) of device `name` `spill` holds: its last save that
+    worked (a save that does not fit leaves the copy before it), not merely that it exists."""
+    return min(waiting, spill.holds.get(name, 0) if spill is not None else 0)
+
+
 def at_stop(what: str, waiting: int, spill: SpillFile | None, name: str) -> str:
     """The `waiting` readings (`what`) of device `name` as a stop leaves them, for the journal:
-    what `spill` holds of them (its last save that worked, not merely that it exists) is stored
-    after the restart, the rest (in memory only) is lost ("" when none wait)."""
+    what `spill` holds of them (`on_disk`) is stored after the restart, the rest (in memory only)
+    is lost ("" when none wait)."""
     if not waiting:
         return ""
-    kept = min(waiting, spill.holds.get(name, 0) if spill is not None else 0)
+    kept = on_disk(waiting, spill, name)
     if kept == waiting:
         how = "kept on disk, stored after the restart"
     else:

@@ -150,10 +150,10 @@ class SpillFile:
         self.kept = bool(loaded)
         return loaded
 
-    def save(self, spilled: Spilled) -> bool:
+    def save(self, spilled: Spilled) -> None:
         """Write `spilled` (all that waits, replacing what the file held) in place and fsync it;
-        False when it cannot be kept (no file, too many readings, an I/O error)."""
-        return self._save({name: [observation_to_json(o) for o in obs] for name, obs in spilled.items() if obs})
+        `kept` False when it cannot be (no file, too many readings, an I/O error)."""
+        self._save({name: [observation_to_json(o) for o in obs] for name, obs in spilled.items() if obs})
 
     def load_recordings(self) -> SpilledRecordings:
         """The streamed ECGs the file held when it was opened (a previous run's), as `load`."""
@@ -165,17 +165,14 @@ class SpillFile:
         self.kept = bool(loaded)
         return loaded
 
-    def save_recordings(self, spilled: SpilledRecordings) -> bool:
+    def save_recordings(self, spilled: SpilledRecordings) -> None:
         """As `save`, for streamed ECGs by device and outbox key."""
-        return self._save(
-            {name: [recording_to_json(k, r) for k, r in held.items()] for name, held in spilled.items() if held}
-        )
+        self._save({name: [recording_to_json(k, r) for k, r in held.items()] for name, held in spilled.items() if held})
 
-    def _save(self, content: dict[str, list[dict]]) -> bool:
+    def _save(self, content: dict[str, list[dict]]) -> None:
         self.kept = self._write(content)
         if self.kept:
             self.holds = {name: len(items) for name, items in content.items()}
-        return self.kept
 
     def _write(self, content: dict[str, list[dict]]) -> bool:
         if not self.usable:
