@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import sqlite3
 import time
@@ -567,7 +568,7 @@ def test_a_damaged_reading_restored_in_visits_db_is_counted_sent_only_once_retri
         (item,) = outbox.items(kind="observation", state=ItemState.QUARANTINED)
         assert outbox.retry(item.id, time.time())
         assert counted() == (0, 1)  # retried, not relayed yet
-        relay_observations(outbox, NAMING, time.time(), visit_reading=lambda i: released_record(data, i))
+        relay_observations(outbox, NAMING, time.time(), visit_reading=functools.partial(released_record, data))
         assert outbox.get(item.id).state is ItemState.COMMITTED  # type: ignore[union-attr]
     assert counted() == (1, 0)
 

@@ -73,9 +73,13 @@ from lastmile.visits.record import (
     DamagedVisitError,
     FixRecord,
     VisitError,
+    damaged_reading_reason,
     decode_row,
     fault_text,
     open_row_damage,
+    restorable_reason,
+    stored_reading,
+    unbuildable_reading_reason,
 )
 from lastmile.visits.relay_link import (
     CLOSED_UNQUEUED_SQL,
@@ -89,7 +93,6 @@ from lastmile.visits.relay_link import (
     quarantined_reading_key,
     readings_to_release_sql,
     released_readings,
-    stored_reading,
 )
 from uploader.sqlite_store import Migration, open_database, transaction
 
@@ -1241,11 +1244,8 @@ class VisitBook:
             now=now,
         )
         if added.created:
-            restored = (
-                ", or have the county IT restore its record in visits.db from a backup: "
-                f"`lastmile retry {added.item.id}` then sends it"
-            )
-            outbox.quarantine(added.item.id, reason + restored, time.time() if now is None else now)
+            reason = restorable_reason(reason, added.item.id)
+            outbox.quarantine(added.item.id, reason, time.time() if now is None else now)
             # the visit's id is in the reason (`lastmile queue`): the journal says the visit once
             log.error("a reading of a home visit cannot be sent: quarantined as #%d", added.item.id)
 
@@ -1335,22 +1335,6 @@ class VisitBook:
             self.db.table("visits").update(row["id"], {"fhir_queued_at": dt.datetime.now(dt.timezone.utc).isoformat()})
             queued += 1
         return queued
-
-
-def damaged_reading_reason(visit_id: str, exc: Exception) -> str:
-    """Why a visit's reading whose record is damaged on the SD card is quarantined."""
-    return (
-        f"a reading of home visit {visit_id} is damaged on the SD card and cannot be sent "
-        f"to the county platform ({fault_text(exc)}); measure the patient again"
-    )
-
-
-def unbuildable_reading_reason(visit_id: str, exc: Exception) -> str:
-    """Why a visit's reading that decodes but cannot be said in FHIR is quarantined."""
-    return (
-        f"a reading of home visit {visit_id} cannot be made a FHIR bundle for the county "
-        f"platform ({fault_text(exc)}); measure the patient again"
-    )
 
 
 def record_observation(

@@ -63,11 +63,25 @@ def _visit_holding(db_path: Path, outbox_key: str) -> str | None:
     return str(rows[0][0]) if rows else None
 
 
-def released_record(data_dir: Path, visit_item: int) -> str | None:
-    """The record of a reading a home visit released (visit_items.id), as visits.db holds it now:
-    the county IT restores a damaged one there, from a backup; None when there is none."""
-    rows = _read_visits(data_dir / DB_NAME, "SELECT record FROM visit_items WHERE id = ?", [visit_item])
-    return str(rows[0][0]) if rows and rows[0][0] is not None else None
+def released_record(data_dir: Path, visit_item: int, visit_id: str) -> str:
+    """The record of a reading a home visit released (visit_items.id of `visit_id`), as visits.db
+    holds it now: the county IT restores a damaged one there, from a backup. Only the record the
+    visit took (its sha256, as the visit signed it): a ValueError saying why not otherwise - a
+    visits.db replaced by a fresh one gives row `visit_item` to another visit, maybe of another
+    patient, and a record still damaged is not the one taken."""
+    from lastmile.visits.chain import record_hash  # signing code: only for a retried reading, rarely
+
+    rows = _read_visits(
+        data_dir / DB_NAME,
+        "SELECT record, sha256 FROM visit_items WHERE id = ? AND visit_id = ? AND kind = 'observation'",
+        [visit_item, visit_id],
+    )
+    if not rows:
+        raise ValueError(f"visits.db holds no reading #{visit_item} of the visit (replaced by a fresh file?)")
+    record, sha256 = rows[0]
+    if record is None or record_hash(json.loads(record)) != sha256:
+        raise ValueError(f"reading #{visit_item} in visits.db is not the record the visit took (damaged)")
+    return str(record)
 
 
 class VisitNotices:
@@ -218,14 +232,6 @@ class ReleasedReadings:
 
     sent: int = 0  # queued on their own bundle
     damaged: int = 0  # their own record damaged: quarantined in the outbox (`lastmile queue`), not sent
-
-
-def stored_reading(record: str | None) -> Observation:
-    """A visit item's stored reading; one of BUNDLE_ERRORS when its record is damaged (the book
-    then quarantines it in the outbox instead of sending it)."""
-    from lastmile.clinic.observations import observation_from_json
-
-    return observation_from_json(json.loads(record))  # type: ignore[arg-type]
 
 
 def quarantined_reading_key(visit_id: str, item_id: int) -> str:
