@@ -725,9 +725,10 @@ class VisitBook:
         return self.record_body(row["id"])
 
     # --- visits ----------------------------------------------------------------------------------
-    def _visit(self, row: dict, *, lenient: bool = False) -> Visit:
+    def _visit(self, row: dict, *, lenient: bool = False, released: ReleasedReadings | None = None) -> Visit:
         """A visit from its row. `lenient`: a row damaged on the SD card gives what can be read
-        of it and why it cannot be sent (a list must show it with the others), not an error."""
+        of it and why it cannot be sent (a list must show it with the others), not an error.
+        `released`: its released readings, when a list asked them for all its visits at once."""
         fault = row["fhir_fault"]
         try:
             decoded: dict = decode_row(row)
@@ -743,7 +744,8 @@ class VisitBook:
             }
             fault = fault or fault_text(exc)
         chain = list(self.db.query("SELECT seq FROM chain WHERE visit_id = ?", [row["id"]]))
-        released = released_readings(self.db.conn, [row["id"]], self.data_dir).get(row["id"], ReleasedReadings())
+        if released is None:
+            released = released_readings(self.db.conn, [row["id"]], self.data_dir)[row["id"]]
         return Visit(
             id=row["id"],
             doctor_id=row["doctor_id"],
@@ -772,7 +774,10 @@ class VisitBook:
         """Newest first; a row damaged on the SD card is listed with what can be read of it (and
         why it cannot be sent), never hiding the others."""
         sql = "SELECT * FROM visits ORDER BY rowid DESC" + (f" LIMIT {int(limit)}" if limit else "")
-        return [self._visit(r, lenient=True) for r in self.db.query(sql)]
+        rows = list(self.db.query(sql))
+        # the outbox asked once for the list, not once per visit (read-only opens on a Pi's SD card)
+        released = released_readings(self.db.conn, [r["id"] for r in rows], self.data_dir)
+        return [self._visit(r, lenient=True, released=released[r["id"]]) for r in rows]
 
     def _open_row(self) -> dict | None:
         rows = list(self.db.query("SELECT * FROM visits WHERE state = 'open'"))

@@ -14,6 +14,7 @@ import logging
 import math
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,26 +262,26 @@ def _not_sent(data_dir: Path, keys: Sequence[str]) -> set[str]:
 def released_readings(
     conn: sqlite3.Connection, visit_ids: Sequence[str], data_dir: Path
 ) -> dict[str, ReleasedReadings]:
-    """What became of the released readings of each visit (`visit list`, the console's Visits
-    page): one quarantined on its own (its record damaged) is not "sent" until the outbox sent
-    it - the outbox item's state is the truth, not the record (restored in visits.db, it waits
-    for `lastmile retry`). None on a visits.db not migrated to 0007 yet (nothing was released)."""
-    if not visit_ids or "released_at" not in columns_of(conn, "visit_items"):
-        return {}
-    marks = ",".join("?" * len(visit_ids))
-    released = [
-        (str(visit_id), quarantined_reading_key(visit_id, item_id))
-        for visit_id, item_id in conn.execute(
-            "SELECT visit_id, id FROM visit_items WHERE kind = 'observation' AND released_at IS NOT NULL "
-            f"AND visit_id IN ({marks})",
-            list(visit_ids),
-        )
-    ]
+    """What became of the released readings of each visit asked (`visit list`, the console's Visits
+    page), one entry per visit: one quarantined on its own (its record damaged) is not "sent" until
+    the outbox sent it - the outbox item's state is the truth, not the record (restored in
+    visits.db, it waits for `lastmile retry`). The outbox is opened once for all the visits asked
+    (a Pi's `visit list`). None released on a visits.db not migrated to 0007 yet."""
+    released: list[tuple[str, str]] = []
+    if visit_ids and "released_at" in columns_of(conn, "visit_items"):
+        marks = ",".join("?" * len(visit_ids))
+        released = [
+            (str(visit_id), quarantined_reading_key(visit_id, item_id))
+            for visit_id, item_id in conn.execute(
+                "SELECT visit_id, id FROM visit_items WHERE kind = 'observation' AND released_at IS NOT NULL "
+                f"AND visit_id IN ({marks})",
+                list(visit_ids),
+            )
+        ]
     not_sent = _not_sent(data_dir, [key for _, key in released])
-    counts: dict[str, list[int]] = {}
-    for visit_id, key in released:
-        counts.setdefault(visit_id, [0, 0])[key in not_sent] += 1
-    return {visit_id: ReleasedReadings(sent, damaged) for visit_id, (sent, damaged) in counts.items()}
+    sent = Counter(visit_id for visit_id, key in released if key not in not_sent)
+    damaged = Counter(visit_id for visit_id, key in released if key in not_sent)
+    return {str(v): ReleasedReadings(sent[str(v)], damaged[str(v)]) for v in visit_ids}
 
 
 FileState = tuple[tuple[int, int, int] | None, ...]
