@@ -1195,24 +1195,43 @@ class VisitBook:
         carries only the readings not released. Returns how many were queued."""
         from uploader.fhir_forwarder import enqueue_observation
 
-        rows = list(
-            self.db.query(
-                "SELECT visit_items.id, visit_id, record, patient_id FROM visit_items JOIN visits "
-                "ON visits.id = visit_id WHERE kind = 'observation' AND released_at IS NULL "
-                f"AND visit_id IN ({readings_to_release_sql()}) ORDER BY visit_items.id"
-            )
-        )
+        rows = self._unreleased_readings(f"visit_id IN ({readings_to_release_sql()})")
         queued = 0
-        for row in rows:
-            reading = self._own_reading(row, naming)
-            if isinstance(reading, str):  # it can never go: the doctor sees it, then it is marked
-                self._quarantine_reading(outbox, row, reading, now)
-            else:
-                queued += enqueue_observation(outbox, reading, naming, meta={"visit_item": row["id"]}, now=now)
+        for row, reading in self._decoded_or_quarantined(outbox, rows, naming, now):
+            queued += enqueue_observation(outbox, reading, naming, meta={"visit_item": row["id"]}, now=now)
             self._mark_released([row["id"]])
         if queued:
             log.info("%d reading(s) of home visits not sent queued for the county platform on their own", queued)
         return queued
+
+    def _unreleased_readings(self, where_sql: str, params: Sequence[str] = ()) -> list[dict]:
+        """The readings linked to visits (`where_sql` on visit_items joined with visits) not released yet."""
+        return list(
+            self.db.query(
+                "SELECT visit_items.id, visit_id, record, patient_id FROM visit_items JOIN visits "
+                f"ON visits.id = visit_id WHERE kind = 'observation' AND released_at IS NULL AND {where_sql} "
+                "ORDER BY visit_items.id",
+                list(params),
+            )
+        )
+
+    def _decoded_or_quarantined(
+        self, outbox: Outbox, rows: Sequence[dict], naming: FhirNaming, now: float | None
+    ) -> list[tuple[dict, Observation]]:
+        """Each row with its reading; one that can never go (its record damaged, or not one FHIR
+        can say) is quarantined on its own instead - the doctor sees it - and marked released."""
+        sound: list[tuple[dict, Observation]] = []
+        never: list[int] = []
+        for row in rows:
+            reading = self._own_reading(row, naming)
+            if isinstance(reading, str):
+                self._quarantine_reading(outbox, row, reading, now)
+                never.append(row["id"])
+            else:
+                sound.append((row, reading))
+        if never:
+            self._mark_released(never)
+        return sound
 
     @staticmethod
     def _own_reading(row: dict, naming: FhirNaming) -> Observation | str:
@@ -1270,23 +1289,13 @@ class VisitBook:
         whole visit from the county."""
         from uploader.fhir_forwarder import observation_key
 
-        keys: dict[str, int] = {}
-        damaged: list[int] = []
-        for row in list(
-            self.db.query(
-                "SELECT visit_items.id, visit_id, record, patient_id FROM visit_items JOIN visits "
-                "ON visits.id = visit_id WHERE visit_id = ? AND kind = 'observation' AND released_at IS NULL",
-                [visit_id],
-            )
-        ):
-            reading = self._own_reading(row, naming)
-            if isinstance(reading, str):
-                self._quarantine_reading(outbox, row, reading, now)
-                damaged.append(row["id"])
-            else:
-                keys[observation_key(reading, naming)] = row["id"]
-        if keys or damaged:
-            self._mark_released([*damaged, *(keys[k] for k in outbox.present_keys(list(keys)))])
+        rows = self._unreleased_readings("visit_id = ?", [visit_id])
+        keys = {
+            observation_key(reading, naming): row["id"]
+            for row, reading in self._decoded_or_quarantined(outbox, rows, naming, now)
+        }
+        if keys:
+            self._mark_released([keys[k] for k in outbox.present_keys(list(keys))])
 
     def queue_closed(self, outbox: Outbox, naming: FhirNaming, now: float | None = None) -> int:
         """Queue every closed, not yet queued visit as a FHIR bundle (idempotent)."""

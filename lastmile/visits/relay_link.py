@@ -151,7 +151,7 @@ def visit_link(data_dir: Path, gateway_id: str, notices: VisitNotices) -> Callab
 
 # The generation of the code that turns a stored visit into a FHIR bundle (lastmile.visits.record:
 # row decoding; lastmile.visits.book: `_stored_for_bundle`, `observations`, `_finish_releases`
-# (which readings it carries), `_bundle`, signing (`_chain`); uploader.fhir_bundle.visit_bundle).
+# and `_decoded_or_quarantined` (which readings it carries), `_bundle`, signing (`_chain`); uploader.fhir_bundle.visit_bundle).
 # BUMP IT whenever that code changes (tests/test_fhir_fault_generation.py fails until it is): a
 # visit set aside (fhir_fault) by another generation is tried once more, as an update may mend what
 # set it aside. Not lastmile.__version__: it never
