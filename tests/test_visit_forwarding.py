@@ -39,7 +39,7 @@ from tests.visit_harness import (
     visits_db_opens,
 )
 from tests.waiting import wait_for
-from uploader.outbox import Kind, Outbox
+from uploader.outbox import ItemState, Kind, Outbox, OutboxItem
 
 
 def forward_config(tmp_path: Path, base_url: str) -> Config:
@@ -1236,7 +1236,7 @@ def test_a_damaged_reading_of_a_visit_restored_in_visits_db_and_retried_is_sent_
     of the damaged bytes again and quarantined it again, for ever. It reads the record visits.db
     holds now: the restored reading reaches the platform, once."""
     from lastmile.cli import main
-    from uploader.outbox import ItemState, OutboxItem
+    from uploader.outbox import ItemState
 
     config = forward_config(tmp_path, platform.base_url)
     data = config.data_dir
@@ -1272,4 +1272,123 @@ def test_a_damaged_reading_of_a_visit_restored_in_visits_db_and_retried_is_sent_
     finally:
         service.close()
     assert reading_item().state is not ItemState.QUARANTINED, reading_item().quarantine_reason
+    assert "encounter" not in one_panel_never_twice(platform)
+
+
+def visit_reading_item(data: Path, visit_id: str) -> OutboxItem:
+    """The outbox item of a visit's reading quarantined on its own."""
+    with Outbox.open(data, min_free_bytes=0) as outbox:
+        (item,) = [i for i in outbox.items(kind="observation") if visit_id in i.key]
+    return item
+
+
+def quarantine_a_damaged_visit_reading(service: ForwardService, platform: FhirTestServer, data: Path) -> OutboxItem:
+    """P-1's visit stopped, its reading's record damaged: the visit goes without it, the reading is
+    quarantined on its own (its outbox item)."""
+    visit = stop_a_visit_whose_reading_is_damaged(data)
+    step_until(service, lambda: visits_applied(platform) >= 1)
+    damaged = visit_reading_item(data, visit.id)
+    assert damaged.state is ItemState.QUARANTINED
+    return damaged
+
+
+def lastmile_retry(tmp_path: Path, data: Path, item_id: int) -> None:
+    from lastmile.cli import main
+
+    toml = tmp_path / "lastmile.toml"
+    toml.write_text(f'[gateway]\nid = "gw-1"\ndata_dir = "{data}"\n')
+    assert main(["-c", str(toml), "retry", str(item_id)]) == 0
+
+
+def test_a_retried_visit_reading_whose_row_in_a_new_visits_db_is_another_patients_is_not_sent_nor_purged(
+    tmp_path: Path, platform: FhirTestServer
+) -> None:
+    """P-1's visit reading, damaged, quarantined. The county IT replaced the damaged visits.db by
+    a fresh one; P-2's visit with a reading took row 1 there. `lastmile retry` of P-1's reading
+    read row 1 as it was: P-2's reading went to the platform again, and P-1's item was purged as
+    sent (P-1's reading never reached the county, silently). Only the record P-1's visit signed
+    (same visit, same sha256) goes: P-1's stays quarantined, saying why."""
+    from tests.fhir_samples import blood_pressure
+
+    config = forward_config(tmp_path, platform.base_url)
+    data = config.data_dir
+    service = ForwardService(config)
+    try:
+        damaged = quarantine_a_damaged_visit_reading(service, platform, data)
+        for path in data.glob("visits.db*"):  # a fresh visits.db for the damaged one
+            path.unlink()
+        with VisitBook.open(data, gateway_id="gw-1") as book:
+            book.start("P-2", doctor_id="DR-1", household_id="HH-2")
+            book.attach_observation(blood_pressure(GPS_T, "P-2", "bp-2"))
+            book.stop()
+            assert [r[0] for r in book.db.execute("SELECT id FROM visit_items")] == [damaged.meta["visit_item"]]
+        lastmile_retry(tmp_path, data, damaged.id)
+        step_until(service, lambda: visits_applied(platform) >= 2)
+        for _ in range(3):
+            service.step(threading.Event())
+    finally:
+        service.close()
+    after = visit_reading_item(data, damaged.meta["visit_id"])
+    assert after.state is ItemState.QUARANTINED, after.state
+    assert "visits.db" in (after.quarantine_reason or "") and "measure the patient again" in (
+        after.quarantine_reason or ""
+    ), after.quarantine_reason
+    (panel,) = [o for o in platform.resources("Observation") if any(systolic(c) for c in o.get("component", []))]
+    assert "P-2" in json.dumps(panel["subject"]), panel["subject"]
+    with Outbox.open(data, min_free_bytes=0) as outbox:  # the two visits; P-2's reading not on its own too
+        assert [i.key.startswith("fhir:visit:") for i in outbox.items(kind=Kind.FHIR_BUNDLE)] == [True, True]
+    assert platform.stats.transactions == 2
+
+
+def test_a_damaged_visit_reading_retried_before_it_is_restored_keeps_saying_it_is_a_visits_reading(
+    tmp_path: Path, platform: FhirTestServer
+) -> None:
+    """`lastmile retry` of a visit's damaged reading nobody restored yet quarantined it again as
+    "cannot be made a FHIR bundle: KeyError ...": the visit and "measure the patient again" were
+    lost. It says the visit's words again."""
+    config = forward_config(tmp_path, platform.base_url)
+    data = config.data_dir
+    service = ForwardService(config)
+    try:
+        damaged = quarantine_a_damaged_visit_reading(service, platform, data)
+        lastmile_retry(tmp_path, data, damaged.id)
+        step_until(service, lambda: visit_reading_item(data, damaged.meta["visit_id"]).state is ItemState.QUARANTINED)
+    finally:
+        service.close()
+    reason = visit_reading_item(data, damaged.meta["visit_id"]).quarantine_reason or ""
+    assert damaged.meta["visit_id"] in reason and "measure the patient again" in reason, reason
+    assert f"`lastmile retry {damaged.id}`" in reason, reason
+
+
+def test_a_retried_visit_reading_never_joins_a_new_open_visit_of_its_patient(
+    tmp_path: Path, platform: FhirTestServer
+) -> None:
+    """P-1's visit reading, damaged, quarantined, then restored in visits.db. P-1 has a new visit
+    open today, started before any time was known. `lastmile retry` offered the reading to the
+    visit link first: it joined today's visit (a reading of another day carried in it). It goes
+    on its own, once."""
+    from lastmile.clinic.observations import observation_to_json
+    from tests.fhir_samples import blood_pressure
+
+    config = forward_config(tmp_path, platform.base_url)
+    data = config.data_dir
+    service = ForwardService(config)
+    try:
+        damaged = quarantine_a_damaged_visit_reading(service, platform, data)
+        sound = json.dumps(observation_to_json(blood_pressure(GPS_T, "P-1", "bp-1")))  # as the visit linked it
+        with VisitBook.open(data, gateway_id="gw-1") as book:  # restored from the backup
+            book.db.execute("UPDATE visit_items SET record = ?", [sound])
+            book.db.conn.commit()
+        clocks = FakeClocks(wall=0.0)  # booted without a time: the new visit's start time unknown
+        with VisitBook.open(data, gateway_id="gw-1", policy=VisitPolicy(), clock=clocks.clock()) as book:
+            today = book.start("P-1", doctor_id="DR-1", household_id="HH-1")
+        lastmile_retry(tmp_path, data, damaged.id)
+        step_until(service, lambda: visit_reading_item(data, damaged.meta["visit_id"]).state is not ItemState.QUEUED)
+        for _ in range(3):
+            service.step(threading.Event())
+    finally:
+        service.close()
+    with VisitBook.open(data, gateway_id="gw-1") as book:
+        joined = [r[0] for r in book.db.execute("SELECT item_key FROM visit_items WHERE visit_id = ?", [today.id])]
+    assert joined == []
     assert "encounter" not in one_panel_never_twice(platform)

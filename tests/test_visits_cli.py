@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import sqlite3
 import time
@@ -567,7 +568,7 @@ def test_a_damaged_reading_restored_in_visits_db_is_counted_sent_only_once_retri
         (item,) = outbox.items(kind="observation", state=ItemState.QUARANTINED)
         assert outbox.retry(item.id, time.time())
         assert counted() == (0, 1)  # retried, not relayed yet
-        relay_observations(outbox, NAMING, time.time(), visit_reading=lambda i: released_record(data, i))
+        relay_observations(outbox, NAMING, time.time(), visit_reading=functools.partial(released_record, data))
         assert outbox.get(item.id).state is ItemState.COMMITTED  # type: ignore[union-attr]
     assert counted() == (1, 0)
 
@@ -587,3 +588,42 @@ def test_the_visits_page_does_not_count_a_damaged_reading_as_sent_without_the_vi
     (card,) = [li for li in page.split("<li ")[1:] if "P-1" in li]
     assert "已单独发往县平台" not in card, card
     assert "1 条测量结果的记录已损坏，未发送（见发送队列）" in card, card
+
+
+def test_visit_list_opens_the_outbox_once_not_once_per_visit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three visits whose damaged readings were quarantined on their own: `visit list` asked the
+    outbox what became of them once per visit listed (a read-only open each, on a Pi's SD card).
+    Once for the list now, with the same counts."""
+    from lastmile.visits.book import VisitBook
+    from lastmile.visits.relay_link import VisitQueue
+    from tests.fhir_samples import NAMING, blood_pressure
+    from uploader.outbox import DB_NAME as OUTBOX_DB
+    from uploader.outbox import Outbox
+
+    run = visit_cli(tmp_path)
+    data = tmp_path / "data"
+    at = dt.datetime.now(dt.timezone.utc)
+    with VisitBook.open(data, gateway_id="gw-cli") as book:
+        for n in range(3):
+            book.start(f"P-{n}", doctor_id="DR-1", household_id="HH-1")
+            book.attach_observation(blood_pressure(at, f"P-{n}", f"bp-{n}"))
+            book.stop()
+        book.db.execute("UPDATE visit_items SET record = json_remove(record, '$.quantities')")
+        book.db.conn.commit()
+    with Outbox.open(data, min_free_bytes=0) as outbox:
+        VisitQueue(data, "gw-cli", monotonic=lambda: 1000.0).queue(outbox, NAMING)
+    opened: list[str] = []
+    real_connect = sqlite3.connect
+
+    def connect(database: str, *args: object, **kwargs: object) -> sqlite3.Connection:
+        opened.append(str(database))
+        return real_connect(database, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    capsys.readouterr()
+    assert run("visit", "list", "--json") == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [v["readings_damaged"] for v in listed] == [1, 1, 1]
+    assert len([db for db in opened if OUTBOX_DB in db]) == 1, opened

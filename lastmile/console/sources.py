@@ -55,7 +55,7 @@ from lastmile.reports.store import ReportStore, SentStudy
 from lastmile.reports.views import ecg_time
 from lastmile.services.link_status import FHIR_STATUS, READING_CENTER_STATUS, fhir_platform, reading_center_down
 from lastmile.services.metered import MeteredWait, metered_wait, meters
-from lastmile.visits.relay_link import ReleasedReadings, released_readings
+from lastmile.visits.relay_link import released_readings
 from uploader.fhir_link import LAST_ERROR_AT
 from uploader.outbox import ItemState, Kind, OutboxItem
 from uploader.report_lines import ReportLine
@@ -848,8 +848,8 @@ class ClinicData:
                 flags=tuple(json.loads(r[7] or "[]")),
                 distance_m=r[8],
                 fhir_queued=r[9] is not None,
-                readings_sent_alone=released.get(r[0], ReleasedReadings()).sent,
-                readings_damaged=released.get(r[0], ReleasedReadings()).damaged,
+                readings_sent_alone=released[r[0]].sent,
+                readings_damaged=released[r[0]].damaged,
             )
             for r in rows
         ]

@@ -12,6 +12,7 @@ appears (a log rotated, the county IT freeing space) it sends and purges, which 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sqlite3
@@ -240,7 +241,7 @@ class ForwardService:
                 fhir_naming(self.config),
                 time.time(),
                 visit_link=link,
-                visit_reading=lambda visit_item: released_record(data_dir, visit_item),
+                visit_reading=functools.partial(released_record, data_dir),
             )
             self._queue_visits()
 

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from devices.observation import Observation
 from lastmile.clinic.observations import OBSERVATION_KIND, observation_from_json
 from lastmile.data_dir import DataDirError
+from lastmile.visits.record import damaged_reading_reason, restorable_reason, unbuildable_reading_reason
 from uploader.errors import CorruptPayloadError, OutboxFullError, TransientError
 from uploader.fhir_bundle import FhirNaming
 from uploader.fhir_forwarder import enqueue_observation
@@ -42,7 +43,9 @@ PASSING_FAULTS: tuple[type[Exception], ...] = (OutboxFullError, TransientError, 
 
 
 VisitLink = Callable[[Observation, str], "str | None"]  # (reading, its outbox key) -> the visit it joined
-VisitReading = Callable[[int], "str | None"]  # a visit item's id -> its record as visits.db holds it now
+# (a visit item's id, its visit's id) -> the record the visit took, as visits.db holds it now
+# (ValueError when it holds another)
+VisitReading = Callable[[int, str], str]
 
 
 def relay_observations(
@@ -63,9 +66,12 @@ def relay_observations(
     claimed = outbox.claim(OBSERVATION_KIND, limit, now)
     done: list[int] = []
     for n, item in enumerate(claimed):
+        obs: Observation | None = None
         try:
             obs = _reading(outbox, item, now, visit_reading)
-            visit_id = visit_link(obs, item.key) if visit_link is not None else None
+            # a reading a visit released goes on its own, never into another (open) visit
+            released = "visit_item" in item.meta
+            visit_id = visit_link(obs, item.key) if visit_link is not None and not released else None
             if visit_id is not None:
                 log.info("reading #%d goes with home visit %s", item.id, visit_id)
                 done.append(item.id)
@@ -83,7 +89,7 @@ def relay_observations(
             break
         except DATA_ERRORS as exc:  # this reading can never be made a bundle; the others go on
             log.error("reading #%d cannot be sent to the county platform: %s", item.id, exc)
-            outbox.quarantine(item.id, f"cannot be made a FHIR bundle: {exc}", now)
+            outbox.quarantine(item.id, _quarantine_reason(item, exc, decoded=obs is not None), now)
             continue
         except Exception as exc:  # a bug met on one record never stops the others
             log.exception("reading #%d: unexpected error relaying it to the county platform", item.id)
@@ -102,12 +108,25 @@ def _reading(outbox: Outbox, item: OutboxItem, now: float, visit_reading: VisitR
     released (quarantined, its record damaged on the SD card) is read as visits.db holds it now:
     restored there from a backup and retried (`lastmile retry`), it goes; the outbox's payload
     is a copy of the damaged bytes, and stays damaged."""
-    visit_item = item.meta.get("visit_item")
-    record = visit_reading(int(visit_item)) if visit_reading is not None and visit_item is not None else None
-    data = json.loads(record if record is not None else outbox.read_payload(item, now))
+    visit_item, visit_id = item.meta.get("visit_item"), item.meta.get("visit_id")
+    if visit_reading is not None and visit_item is not None and visit_id is not None:
+        record: str | bytes = visit_reading(int(visit_item), str(visit_id))
+    else:
+        record = outbox.read_payload(item, now)
+    data = json.loads(record)
     if not isinstance(data, dict):
         raise ValueError(f"the stored record is a JSON {type(data).__name__}, not a reading")
     obs = observation_from_json(data)
     if obs.patient_id is None:  # held readings never reach the outbox; be sure
         raise ValueError("the reading names no patient")
     return obs
+
+
+def _quarantine_reason(item: OutboxItem, exc: Exception, *, decoded: bool) -> str:
+    """Why a reading is quarantined: a home visit's (released, retried) in the visit's words, as
+    the book first quarantined it (the visit, "measure the patient again", `lastmile retry N`)."""
+    visit_id = item.meta.get("visit_id")
+    if visit_id is None:
+        return f"cannot be made a FHIR bundle: {exc}"
+    reason = unbuildable_reading_reason if decoded else damaged_reading_reason
+    return restorable_reason(reason(str(visit_id), exc), item.id)

@@ -73,9 +73,13 @@ from lastmile.visits.record import (
     DamagedVisitError,
     FixRecord,
     VisitError,
+    damaged_reading_reason,
     decode_row,
     fault_text,
     open_row_damage,
+    restorable_reason,
+    stored_reading,
+    unbuildable_reading_reason,
 )
 from lastmile.visits.relay_link import (
     CLOSED_UNQUEUED_SQL,
@@ -89,7 +93,6 @@ from lastmile.visits.relay_link import (
     quarantined_reading_key,
     readings_to_release_sql,
     released_readings,
-    stored_reading,
 )
 from uploader.sqlite_store import Migration, open_database, transaction
 
@@ -722,9 +725,10 @@ class VisitBook:
         return self.record_body(row["id"])
 
     # --- visits ----------------------------------------------------------------------------------
-    def _visit(self, row: dict, *, lenient: bool = False) -> Visit:
+    def _visit(self, row: dict, *, lenient: bool = False, released: ReleasedReadings | None = None) -> Visit:
         """A visit from its row. `lenient`: a row damaged on the SD card gives what can be read
-        of it and why it cannot be sent (a list must show it with the others), not an error."""
+        of it and why it cannot be sent (a list must show it with the others), not an error.
+        `released`: its released readings, when a list asked them for all its visits at once."""
         fault = row["fhir_fault"]
         try:
             decoded: dict = decode_row(row)
@@ -740,7 +744,8 @@ class VisitBook:
             }
             fault = fault or fault_text(exc)
         chain = list(self.db.query("SELECT seq FROM chain WHERE visit_id = ?", [row["id"]]))
-        released = released_readings(self.db.conn, [row["id"]], self.data_dir).get(row["id"], ReleasedReadings())
+        if released is None:
+            released = released_readings(self.db.conn, [row["id"]], self.data_dir)[row["id"]]
         return Visit(
             id=row["id"],
             doctor_id=row["doctor_id"],
@@ -769,7 +774,10 @@ class VisitBook:
         """Newest first; a row damaged on the SD card is listed with what can be read of it (and
         why it cannot be sent), never hiding the others."""
         sql = "SELECT * FROM visits ORDER BY rowid DESC" + (f" LIMIT {int(limit)}" if limit else "")
-        return [self._visit(r, lenient=True) for r in self.db.query(sql)]
+        rows = list(self.db.query(sql))
+        # the outbox asked once for the list, not once per visit (read-only opens on a Pi's SD card)
+        released = released_readings(self.db.conn, [r["id"] for r in rows], self.data_dir)
+        return [self._visit(r, lenient=True, released=released[r["id"]]) for r in rows]
 
     def _open_row(self) -> dict | None:
         rows = list(self.db.query("SELECT * FROM visits WHERE state = 'open'"))
@@ -1187,24 +1195,43 @@ class VisitBook:
         carries only the readings not released. Returns how many were queued."""
         from uploader.fhir_forwarder import enqueue_observation
 
-        rows = list(
-            self.db.query(
-                "SELECT visit_items.id, visit_id, record, patient_id FROM visit_items JOIN visits "
-                "ON visits.id = visit_id WHERE kind = 'observation' AND released_at IS NULL "
-                f"AND visit_id IN ({readings_to_release_sql()}) ORDER BY visit_items.id"
-            )
-        )
+        rows = self._unreleased_readings(f"visit_id IN ({readings_to_release_sql()})")
         queued = 0
-        for row in rows:
-            reading = self._own_reading(row, naming)
-            if isinstance(reading, str):  # it can never go: the doctor sees it, then it is marked
-                self._quarantine_reading(outbox, row, reading, now)
-            else:
-                queued += enqueue_observation(outbox, reading, naming, meta={"visit_item": row["id"]}, now=now)
+        for row, reading in self._decoded_or_quarantined(outbox, rows, naming, now):
+            queued += enqueue_observation(outbox, reading, naming, meta={"visit_item": row["id"]}, now=now)
             self._mark_released([row["id"]])
         if queued:
             log.info("%d reading(s) of home visits not sent queued for the county platform on their own", queued)
         return queued
+
+    def _unreleased_readings(self, where_sql: str, params: Sequence[str] = ()) -> list[dict]:
+        """The readings linked to visits (`where_sql` on visit_items joined with visits) not released yet."""
+        return list(
+            self.db.query(
+                "SELECT visit_items.id, visit_id, record, patient_id FROM visit_items JOIN visits "
+                f"ON visits.id = visit_id WHERE kind = 'observation' AND released_at IS NULL AND {where_sql} "
+                "ORDER BY visit_items.id",
+                list(params),
+            )
+        )
+
+    def _decoded_or_quarantined(
+        self, outbox: Outbox, rows: Sequence[dict], naming: FhirNaming, now: float | None
+    ) -> list[tuple[dict, Observation]]:
+        """Each row with its reading; one that can never go (its record damaged, or not one FHIR
+        can say) is quarantined on its own instead - the doctor sees it - and marked released."""
+        sound: list[tuple[dict, Observation]] = []
+        never: list[int] = []
+        for row in rows:
+            reading = self._own_reading(row, naming)
+            if isinstance(reading, str):
+                self._quarantine_reading(outbox, row, reading, now)
+                never.append(row["id"])
+            else:
+                sound.append((row, reading))
+        if never:
+            self._mark_released(never)
+        return sound
 
     @staticmethod
     def _own_reading(row: dict, naming: FhirNaming) -> Observation | str:
@@ -1241,11 +1268,8 @@ class VisitBook:
             now=now,
         )
         if added.created:
-            restored = (
-                ", or have the county IT restore its record in visits.db from a backup: "
-                f"`lastmile retry {added.item.id}` then sends it"
-            )
-            outbox.quarantine(added.item.id, reason + restored, time.time() if now is None else now)
+            reason = restorable_reason(reason, added.item.id)
+            outbox.quarantine(added.item.id, reason, time.time() if now is None else now)
             # the visit's id is in the reason (`lastmile queue`): the journal says the visit once
             log.error("a reading of a home visit cannot be sent: quarantined as #%d", added.item.id)
 
@@ -1265,23 +1289,13 @@ class VisitBook:
         whole visit from the county."""
         from uploader.fhir_forwarder import observation_key
 
-        keys: dict[str, int] = {}
-        damaged: list[int] = []
-        for row in list(
-            self.db.query(
-                "SELECT visit_items.id, visit_id, record, patient_id FROM visit_items JOIN visits "
-                "ON visits.id = visit_id WHERE visit_id = ? AND kind = 'observation' AND released_at IS NULL",
-                [visit_id],
-            )
-        ):
-            reading = self._own_reading(row, naming)
-            if isinstance(reading, str):
-                self._quarantine_reading(outbox, row, reading, now)
-                damaged.append(row["id"])
-            else:
-                keys[observation_key(reading, naming)] = row["id"]
-        if keys or damaged:
-            self._mark_released([*damaged, *(keys[k] for k in outbox.present_keys(list(keys)))])
+        rows = self._unreleased_readings("visit_id = ?", [visit_id])
+        keys = {
+            observation_key(reading, naming): row["id"]
+            for row, reading in self._decoded_or_quarantined(outbox, rows, naming, now)
+        }
+        if keys:
+            self._mark_released([keys[k] for k in outbox.present_keys(list(keys))])
 
     def queue_closed(self, outbox: Outbox, naming: FhirNaming, now: float | None = None) -> int:
         """Queue every closed, not yet queued visit as a FHIR bundle (idempotent)."""
@@ -1335,22 +1349,6 @@ class VisitBook:
             self.db.table("visits").update(row["id"], {"fhir_queued_at": dt.datetime.now(dt.timezone.utc).isoformat()})
             queued += 1
         return queued
-
-
-def damaged_reading_reason(visit_id: str, exc: Exception) -> str:
-    """Why a visit's reading whose record is damaged on the SD card is quarantined."""
-    return (
-        f"a reading of home visit {visit_id} is damaged on the SD card and cannot be sent "
-        f"to the county platform ({fault_text(exc)}); measure the patient again"
-    )
-
-
-def unbuildable_reading_reason(visit_id: str, exc: Exception) -> str:
-    """Why a visit's reading that decodes but cannot be said in FHIR is quarantined."""
-    return (
-        f"a reading of home visit {visit_id} cannot be made a FHIR bundle for the county "
-        f"platform ({fault_text(exc)}); measure the patient again"
-    )
 
 
 def record_observation(

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from devices.gps.fix import Fix
+from devices.observation import Observation
 from lastmile.clock import Stamp
 
 # What decoding a damaged stored visit, or building its bundle or canonical record from it,
@@ -21,6 +22,31 @@ BUNDLE_ERRORS: tuple[type[Exception], ...] = (ValueError, KeyError, TypeError)
 def fault_text(cause: Exception | str) -> str:
     """What a visit's fault says ("Type: message"): the error, or the fault already stored."""
     return cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
+
+
+def damaged_reading_reason(visit_id: str, exc: Exception) -> str:
+    """Why a visit's reading whose record is damaged on the SD card is quarantined."""
+    return (
+        f"a reading of home visit {visit_id} is damaged on the SD card and cannot be sent "
+        f"to the county platform ({fault_text(exc)}); measure the patient again"
+    )
+
+
+def unbuildable_reading_reason(visit_id: str, exc: Exception) -> str:
+    """Why a visit's reading that decodes but cannot be said in FHIR is quarantined."""
+    return (
+        f"a reading of home visit {visit_id} cannot be made a FHIR bundle for the county "
+        f"platform ({fault_text(exc)}); measure the patient again"
+    )
+
+
+def restorable_reason(reason: str, item_id: int) -> str:
+    """A quarantined visit reading's reason (the book's at its release, the relay's at each retry),
+    with the other way out: a record restored in visits.db from a backup is what a retry sends."""
+    return (
+        f"{reason}, or have the county IT restore its record in visits.db from a backup: "
+        f"`lastmile retry {item_id}` then sends it"
+    )
 
 
 class VisitError(Exception):
@@ -87,3 +113,13 @@ def open_row_damage(row: Mapping[str, Any]) -> Exception | str | None:
     except BUNDLE_ERRORS as exc:
         return exc
     return None
+
+
+def stored_reading(record: str | None) -> Observation:
+    """A visit item's stored reading; one of BUNDLE_ERRORS when its record is damaged (the book
+    then quarantines it in the outbox instead of sending it)."""
+    from lastmile.clinic.observations import observation_from_json
+
+    # a record blanked on the SD card is NULL: json.loads(None) raises TypeError, one of
+    # BUNDLE_ERRORS, so it is quarantined as damaged like any other unreadable record
+    return observation_from_json(json.loads(record))  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ import logging
 import math
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,11 +64,25 @@ def _visit_holding(db_path: Path, outbox_key: str) -> str | None:
     return str(rows[0][0]) if rows else None
 
 
-def released_record(data_dir: Path, visit_item: int) -> str | None:
-    """The record of a reading a home visit released (visit_items.id), as visits.db holds it now:
-    the county IT restores a damaged one there, from a backup; None when there is none."""
-    rows = _read_visits(data_dir / DB_NAME, "SELECT record FROM visit_items WHERE id = ?", [visit_item])
-    return str(rows[0][0]) if rows and rows[0][0] is not None else None
+def released_record(data_dir: Path, visit_item: int, visit_id: str) -> str:
+    """The record of a reading a home visit released (visit_items.id of `visit_id`), as visits.db
+    holds it now: the county IT restores a damaged one there, from a backup. Only the record the
+    visit took (its sha256, as the visit signed it): a ValueError saying why not otherwise - a
+    visits.db replaced by a fresh one gives row `visit_item` to another visit, maybe of another
+    patient, and a record still damaged is not the one taken."""
+    from lastmile.visits.chain import record_hash  # signing code: only for a retried reading, rarely
+
+    rows = _read_visits(
+        data_dir / DB_NAME,
+        "SELECT record, sha256 FROM visit_items WHERE id = ? AND visit_id = ? AND kind = 'observation'",
+        [visit_item, visit_id],
+    )
+    if not rows:
+        raise ValueError(f"visits.db holds no reading #{visit_item} of the visit (replaced by a fresh file?)")
+    record, sha256 = rows[0]
+    if record is None or record_hash(json.loads(record)) != sha256:
+        raise ValueError(f"reading #{visit_item} in visits.db is not the record the visit took (damaged)")
+    return str(record)
 
 
 class VisitNotices:
@@ -136,7 +151,7 @@ def visit_link(data_dir: Path, gateway_id: str, notices: VisitNotices) -> Callab
 
 # The generation of the code that turns a stored visit into a FHIR bundle (lastmile.visits.record:
 # row decoding; lastmile.visits.book: `_stored_for_bundle`, `observations`, `_finish_releases`
-# (which readings it carries), `_bundle`, signing (`_chain`); uploader.fhir_bundle.visit_bundle).
+# and `_decoded_or_quarantined` (which readings it carries), `_bundle`, signing (`_chain`); uploader.fhir_bundle.visit_bundle).
 # BUMP IT whenever that code changes (tests/test_fhir_fault_generation.py fails until it is): a
 # visit set aside (fhir_fault) by another generation is tried once more, as an update may mend what
 # set it aside. Not lastmile.__version__: it never
@@ -220,14 +235,6 @@ class ReleasedReadings:
     damaged: int = 0  # their own record damaged: quarantined in the outbox (`lastmile queue`), not sent
 
 
-def stored_reading(record: str | None) -> Observation:
-    """A visit item's stored reading; one of BUNDLE_ERRORS when its record is damaged (the book
-    then quarantines it in the outbox instead of sending it)."""
-    from lastmile.clinic.observations import observation_from_json
-
-    return observation_from_json(json.loads(record))  # type: ignore[arg-type]
-
-
 def quarantined_reading_key(visit_id: str, item_id: int) -> str:
     """The outbox key of a visit's reading quarantined on its own, never sendable as stored
     (VisitBook._quarantine_reading): one per visit item, so nothing is added twice."""
@@ -255,26 +262,26 @@ def _not_sent(data_dir: Path, keys: Sequence[str]) -> set[str]:
 def released_readings(
     conn: sqlite3.Connection, visit_ids: Sequence[str], data_dir: Path
 ) -> dict[str, ReleasedReadings]:
-    """What became of the released readings of each visit (`visit list`, the console's Visits
-    page): one quarantined on its own (its record damaged) is not "sent" until the outbox sent
-    it - the outbox item's state is the truth, not the record (restored in visits.db, it waits
-    for `lastmile retry`). None on a visits.db not migrated to 0007 yet (nothing was released)."""
-    if not visit_ids or "released_at" not in columns_of(conn, "visit_items"):
-        return {}
-    marks = ",".join("?" * len(visit_ids))
-    released = [
-        (str(visit_id), quarantined_reading_key(visit_id, item_id))
-        for visit_id, item_id in conn.execute(
-            "SELECT visit_id, id FROM visit_items WHERE kind = 'observation' AND released_at IS NOT NULL "
-            f"AND visit_id IN ({marks})",
-            list(visit_ids),
-        )
-    ]
+    """What became of the released readings of each visit asked (`visit list`, the console's Visits
+    page), one entry per visit: one quarantined on its own (its record damaged) is not "sent" until
+    the outbox sent it - the outbox item's state is the truth, not the record (restored in
+    visits.db, it waits for `lastmile retry`). The outbox is opened once for all the visits asked
+    (a Pi's `visit list`). None released on a visits.db not migrated to 0007 yet."""
+    released: list[tuple[str, str]] = []
+    if visit_ids and "released_at" in columns_of(conn, "visit_items"):
+        marks = ",".join("?" * len(visit_ids))
+        released = [
+            (str(visit_id), quarantined_reading_key(visit_id, item_id))
+            for visit_id, item_id in conn.execute(
+                "SELECT visit_id, id FROM visit_items WHERE kind = 'observation' AND released_at IS NOT NULL "
+                f"AND visit_id IN ({marks})",
+                list(visit_ids),
+            )
+        ]
     not_sent = _not_sent(data_dir, [key for _, key in released])
-    counts: dict[str, list[int]] = {}
-    for visit_id, key in released:
-        counts.setdefault(visit_id, [0, 0])[key in not_sent] += 1
-    return {visit_id: ReleasedReadings(sent, damaged) for visit_id, (sent, damaged) in counts.items()}
+    sent = Counter(visit_id for visit_id, key in released if key not in not_sent)
+    damaged = Counter(visit_id for visit_id, key in released if key in not_sent)
+    return {str(v): ReleasedReadings(sent[str(v)], damaged[str(v)]) for v in visit_ids}
 
 
 FileState = tuple[tuple[int, int, int] | None, ...]
