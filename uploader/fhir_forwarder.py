@@ -116,9 +116,6 @@ class FhirRoundResult:
     errors: list[str] = field(default_factory=list)
 
 
-_STOPS = frozenset({Said.REFUSES_ALL, Said.BUSY, Said.DOWN, Said.FAULT})
-
-
 @dataclass
 class _Round:
     outbox: Outbox
@@ -134,7 +131,7 @@ class _Round:
 
     @property
     def stop(self) -> bool:
-        return self.said in _STOPS
+        return self.said.stops
 
     def release(self, items: Sequence[OutboxItem], why: str, delay_s: float) -> None:
         if items:

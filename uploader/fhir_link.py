@@ -28,8 +28,7 @@ LAST_SENT_AT = "last_sent_at"  # the last round it took a bundle in
 
 
 class Said(enum.StrEnum):
-    """What the platform said in a round: the refusal policy, stated once (uploader.fhir_forwarder).
-    The last five stop the round."""
+    """What the platform said in a round: the refusal policy, stated once (uploader.fhir_forwarder)."""
 
     NOTHING = "nothing"  # no answer yet
     ANSWERED = "answered"  # it took or refused (for ever) a send: it is there
@@ -43,6 +42,11 @@ class Said(enum.StrEnum):
     def unavailable(self) -> bool:
         """The platform took nothing, whatever was sent (`LAST_ERROR_AT` records it)."""
         return self in (Said.BUSY, Said.DOWN)
+
+    @property
+    def stops(self) -> bool:
+        """The round sends nothing more after it."""
+        return self in (Said.REFUSES_ALL, Said.BUSY, Said.DOWN, Said.FAULT)
 
 
 _SPELLS = {Said.DOWN.value: DOWN_SINCE, Said.BUSY.value: BUSY_SINCE}  # judgements whose spell's start is kept
