@@ -20,7 +20,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-LAST_ERROR_AT = "last_error_at"  # the reading center's status keeps the same key
+LAST_ERROR_AT = "last_error_at"  # the reading center's status (uploader.ecg_forwarder) writes it too
 SAID = "said"  # what the platform said in the last round that heard it, or missed it (`Said`)
 DOWN_SINCE = "down_since"  # when the rounds began finding it not answering (with `Said.DOWN`)
 BUSY_SINCE = "busy_since"  # when the rounds began finding it busy (with `Said.BUSY`)
