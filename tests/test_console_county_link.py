@@ -111,6 +111,17 @@ def test_the_row_reads_english_too(tmp_path: Path) -> None:
     assert county_row(config, "en") == "busy, will retry by itself"
 
 
+@pytest.mark.parametrize(
+    ("language", "advice"), [("zh-CN", "请告知县信息科"), ("en", "tell the county IT")], ids=["zh-CN", "en"]
+)
+def test_one_record_refused_says_to_tell_the_county_it(tmp_path: Path, language: str, advice: str) -> None:
+    """The row sent the village doctor to "lastmile queue", a command line she does not use."""
+    config = console_config(tmp_path / "data")
+    refused_one(config)
+    row = county_row(config, language)
+    assert row is not None and advice in row and "lastmile" not in row, row
+
+
 def test_no_row_when_no_county_platform_is_configured(tmp_path: Path) -> None:
     config = console_config(tmp_path / "data")
     all_sent(config)

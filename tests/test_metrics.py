@@ -473,18 +473,24 @@ def forwarding(config: Config, base_url: str) -> Iterator[tuple[Outbox, FhirSend
         yield outbox, sender
 
 
+def busy_after_taking_two(config: Config, t0: float, busy_after_s: Sequence[float]) -> None:
+    """The platform takes two visit records at `t0`, then answers a third 429 (busy, Retry-After)
+    at each round `busy_after_s` later."""
+    with FhirTestServer() as server, forwarding(config, server.base_url) as (outbox, sender):
+        queue_visits(outbox, range(2))
+        assert forward_fhir_once(outbox, sender, t0).sent == 2
+        queue_visits(outbox, range(2, 3))
+        for after_s in busy_after_s:
+            server.faults.append("429")
+            assert forward_fhir_once(outbox, sender, t0 + after_s).transient == 1
+
+
 def test_a_busy_county_platform_is_up_not_down(tmp_path: Path) -> None:
     """The platform takes the visit records, then answers the next one 429 (busy, Retry-After):
     the county's link_state said "down" - a false alarm, the platform answers; the queue metrics
     show the backlog."""
     config = config_at(write_config(tmp_path))
-    t0 = time.time() - 60
-    with FhirTestServer() as server, forwarding(config, server.base_url) as (outbox, sender):
-        queue_visits(outbox, range(2))
-        assert forward_fhir_once(outbox, sender, t0).sent == 2
-        queue_visits(outbox, range(2, 3))
-        server.faults.append("429")
-        assert forward_fhir_once(outbox, sender, t0 + 1).transient == 1
+    busy_after_taking_two(config, time.time() - 60, busy_after_s=(1,))
     assert fhir_link_state(config) == {"up": 1, "down": 0, "refused": 0}
     samples = parse_exposition(render_once(config))
     assert value(samples, "lastmile_queue_items", kind="fhir-bundle", state="queued") == 1  # the backlog
@@ -501,6 +507,27 @@ def test_one_visit_record_refused_alone_leaves_the_county_platform_up(tmp_path: 
         assert forward_fhir_once(outbox, sender, t0).sent == 3
         assert forward_fhir_once(outbox, sender, t0 + 3600).transient == 1  # tried again, alone
     assert fhir_link_state(config) == {"up": 1, "down": 0, "refused": 0}
+
+
+def test_a_county_platform_refusing_every_visit_record_is_down(tmp_path: Path) -> None:
+    """The platform answers 500 to every bundle, alone or merged: nothing reaches it, and the
+    county's link_state said "up" - its alert on state="down" stayed quiet."""
+    config = config_at(write_config(tmp_path))
+    t0 = time.time() - 60
+    with FhirTestServer() as server, forwarding(config, server.base_url) as (outbox, sender):
+        queue_visits(outbox, range(4), patient_of=lambda n: f"P-{n}")
+        server.faults.extend(["500"] * 10)
+        round_ = forward_fhir_once(outbox, sender, t0)
+    assert round_.refused_everything and round_.sent == 0
+    assert fhir_link_state(config) == {"up": 0, "down": 1, "refused": 0}
+
+
+def test_a_county_platform_busy_for_long_is_down(tmp_path: Path) -> None:
+    """The platform takes the visit records, then answers 429 at every try for 50 minutes: the
+    county's link_state said "up" all day while nothing reached it; busy that long is down."""
+    config = config_at(write_config(tmp_path))
+    busy_after_taking_two(config, time.time() - 3000, busy_after_s=(60, 1200, 2400))  # each after the backoff
+    assert fhir_link_state(config) == {"up": 0, "down": 1, "refused": 0}
 
 
 def test_a_county_platform_that_does_not_answer_is_down(tmp_path: Path) -> None:

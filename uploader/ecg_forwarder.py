@@ -61,6 +61,7 @@ from uploader.dicom_commitment import (
 )
 from uploader.dicom_store import CommitmentUnsupported, StoreAssociation
 from uploader.errors import ConfigurationFault, CorruptPayloadError, PermanentError, TransientError
+from uploader.fhir_link import LAST_ERROR_AT
 from uploader.link_pacing import LinkPacer
 from uploader.metering import SENDER_IDLE_POLL_S, Meter, MeterPolicy
 from uploader.outbox import (
@@ -780,7 +781,7 @@ class EcgForwarder:
                 )
             r.transient += len(pending)
             r.errors.append(str(exc))
-            self._update_status(last_error=str(exc), last_error_at=now)
+            self._update_status(last_error=str(exc), **{LAST_ERROR_AT: now})  # the key its readers import
             self.on_event("link-down", {"error": str(exc), "items": len(pending)})
             return r
         except Exception as exc:

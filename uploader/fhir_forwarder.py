@@ -116,9 +116,6 @@ class FhirRoundResult:
     errors: list[str] = field(default_factory=list)
 
 
-_STOPS = frozenset({Said.REFUSES_ALL, Said.BUSY, Said.DOWN, Said.FAULT})
-
-
 @dataclass
 class _Round:
     outbox: Outbox
@@ -134,7 +131,7 @@ class _Round:
 
     @property
     def stop(self) -> bool:
-        return self.said in _STOPS
+        return self.said.stops
 
     def release(self, items: Sequence[OutboxItem], why: str, delay_s: float) -> None:
         if items:
@@ -157,7 +154,7 @@ class _Round:
                 return self.split(batch)  # maybe one bundle's, not its batch-mates'
             self.fail([item for item, _ in batch], exc, self._resend_after(exc))
             self.counts.errors.append(str(exc))
-            self.said = self._after_failure(exc)
+            self.said = self._after_failure(exc, refused=refused)
             self.retry_after = exc.retry_after
             return []
         except ConfigurationFault as exc:
@@ -184,8 +181,8 @@ class _Round:
         if self.said is Said.NOTHING:
             self.said = Said.ANSWERED
 
-    def _after_failure(self, exc: TransientError) -> Said:
-        if not isinstance(exc, Unavailable):  # one bundle refused for now: the others go on (a second: refuses all)
+    def _after_failure(self, exc: TransientError, *, refused: bool) -> Said:
+        if refused:  # one bundle refused for now: the others go on (a second: refuses all)
             return Said.REFUSES_ALL if self.unsplit or self.said is Said.REFUSED_ONE else Said.REFUSED_ONE
         # Unavailable is about the platform, not this bundle, even after it took others this round: no
         # answer (a bundle too big for a flaky 2G link), a gateway's 5xx, a 429 right after an outage

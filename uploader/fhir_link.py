@@ -20,15 +20,15 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-LAST_ERROR_AT = "last_error_at"  # the reading center's status keeps the same key
+LAST_ERROR_AT = "last_error_at"  # the reading center's status (uploader.ecg_forwarder) writes it too
 SAID = "said"  # what the platform said in the last round that heard it, or missed it (`Said`)
 DOWN_SINCE = "down_since"  # when the rounds began finding it not answering (with `Said.DOWN`)
+BUSY_SINCE = "busy_since"  # when the rounds began finding it busy (with `Said.BUSY`)
 LAST_SENT_AT = "last_sent_at"  # the last round it took a bundle in
 
 
 class Said(enum.StrEnum):
-    """What the platform said in a round: the refusal policy, stated once (uploader.fhir_forwarder).
-    The last five stop the round."""
+    """What the platform said in a round: the refusal policy, stated once (uploader.fhir_forwarder)."""
 
     NOTHING = "nothing"  # no answer yet
     ANSWERED = "answered"  # it took or refused (for ever) a send: it is there
@@ -42,6 +42,14 @@ class Said(enum.StrEnum):
     def unavailable(self) -> bool:
         """The platform took nothing, whatever was sent (`LAST_ERROR_AT` records it)."""
         return self in (Said.BUSY, Said.DOWN)
+
+    @property
+    def stops(self) -> bool:
+        """The round sends nothing more after it."""
+        return self in (Said.REFUSES_ALL, Said.BUSY, Said.DOWN, Said.FAULT)
+
+
+_SPELLS = {Said.DOWN.value: DOWN_SINCE, Said.BUSY.value: BUSY_SINCE}  # judgements whose spell's start is kept
 
 
 def recorded_failure(previous: Mapping[str, Any], now: float, *, unavailable: bool) -> Any:
@@ -59,13 +67,14 @@ def failed_by(recorded: float | None) -> float:
 
 
 def recorded_judgement(previous: Mapping[str, Any], now: float, said: Said, *, sent: bool) -> dict[str, Any]:
-    """The `SAID`, `DOWN_SINCE` and `LAST_SENT_AT` a round at `now` records over its `previous`
-    status (`sent`: the platform took bundles in it). A round that sent nothing (all it claimed
-    waited: a metered link, an earlier bundle of the patient) keeps the last judgement."""
+    """The `SAID`, `DOWN_SINCE` (`BUSY_SINCE`) and `LAST_SENT_AT` a round at `now` records over its
+    `previous` status (`sent`: the platform took bundles in it). A round that sent nothing (all it
+    claimed waited: a metered link, an earlier bundle of the patient) keeps the last judgement."""
     judged = previous.get(SAID) if said is Said.NOTHING else said.value
     record: dict[str, Any] = {} if judged is None else {SAID: judged}
-    if judged == Said.DOWN:  # a spell of rounds finding it not answering began with the first of them
-        record[DOWN_SINCE] = previous.get(DOWN_SINCE, now) if previous.get(SAID) == Said.DOWN else now
+    since = _SPELLS.get(judged) if isinstance(judged, str) else None
+    if since is not None:  # a spell of rounds finding it not answering (busy) began with the first of them
+        record[since] = previous.get(since, now) if previous.get(SAID) == judged else now
     last_sent = now if sent else previous.get(LAST_SENT_AT)
     if last_sent is not None:
         record[LAST_SENT_AT] = last_sent

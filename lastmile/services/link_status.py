@@ -8,10 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from uploader.fhir_link import DOWN_SINCE, LAST_ERROR_AT, LAST_SENT_AT, SAID, Said
+from uploader.fhir_link import BUSY_SINCE, DOWN_SINCE, LAST_ERROR_AT, LAST_SENT_AT, SAID, Said
 
 READING_CENTER_STATUS = "reading_center"  # uploader.ecg_forwarder.STATUS_NAME (no DICOM import here)
 FHIR_STATUS = "fhir"  # uploader.fhir_forwarder.STATUS_NAME: the last FHIR round that claimed anything
+# busy (429) this long, taking nothing, the county platform is as good as down: nothing reaches it
+BUSY_DOWN_AFTER_S = 30 * 60
 
 
 def number(value: object) -> float | None:
@@ -53,15 +55,24 @@ def fhir_round_failed(status: dict[str, Any] | None) -> bool:
 @dataclass(frozen=True)
 class FhirPlatform:
     """The county platform as the FHIR sender judged it in its last round that heard it, or missed
-    it (`FHIR_STATUS`, uploader.fhir_link): busy or refusing one bundle, it answers - not down."""
+    it (`FHIR_STATUS`, uploader.fhir_link): refusing one bundle, or busy for a while, it answers -
+    not down; not answering, refusing every bundle, or busy past `BUSY_DOWN_AFTER_S`, nothing
+    reaches it - down."""
 
     said: Said | None  # None: no round since the upgrade recorded it
     down_since: float | None  # the rounds find it not answering since then
     last_sent_at: float | None  # the last round it took a bundle in
+    busy_since: float | None = None  # the rounds find it busy since then
 
-    @property
-    def down(self) -> bool:
-        return self.said is Said.DOWN
+    def down(self, now: float) -> bool:
+        if self.said in (Said.DOWN, Said.REFUSES_ALL):
+            return True
+        return self.said is Said.BUSY and now - self._taking_nothing_since(now) >= BUSY_DOWN_AFTER_S
+
+    def _taking_nothing_since(self, now: float) -> float:
+        """Busy since the later of the spell's first round and the last bundle it took."""
+        known = [t for t in (self.busy_since, self.last_sent_at) if t is not None]
+        return max(known) if known else now
 
 
 def fhir_platform(status: dict[str, Any] | None) -> FhirPlatform:
@@ -72,6 +83,7 @@ def fhir_platform(status: dict[str, Any] | None) -> FhirPlatform:
         judged,
         number(status.get(DOWN_SINCE)) if judged is Said.DOWN else None,
         number(status.get(LAST_SENT_AT)),
+        number(status.get(BUSY_SINCE)) if judged is Said.BUSY else None,
     )
 
 

@@ -64,6 +64,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from lastmile import __version__
 from lastmile.config import Config, ConfigError, Listen, host_port
 from lastmile.services import metrics_sources as sources
+from lastmile.services.link_status import BUSY_DOWN_AFTER_S
 from lastmile.services.update import RECORDED_OUTCOMES, UpdateState, reboot_pending, rolled_back
 from lastmile.services.update import read_state as read_update_state
 
@@ -240,7 +241,9 @@ class GatewayCollector:
         state = GaugeMetricFamily(
             "lastmile_link_state",
             "1 for the destination's current state: up, down (last attempt failed; FHIR: the platform did not "
-            "answer - busy (429) or refusing one bundle it is up), refused (the peer refuses this gateway: "
+            "answer, refused every bundle (5xx), or was busy (429) taking nothing for "
+            f"{BUSY_DOWN_AFTER_S // 60} minutes or more - busy for less, or refusing one bundle alone, it is up), "
+            "refused (the peer refuses this gateway: "
             "configuration fault), unknown (nothing tried yet).",
             labels=["destination", "state"],
         )

@@ -185,7 +185,9 @@ def read_outbox(data_dir: Path, now: float, *, config: Config | None = None) -> 
     dicom_success = _latest(number(rc.get("last_success")), last_sent.get("dicom"))
     links = {
         "dicom": LinkSnapshot(dicom_success, number(rc.get(LAST_ERROR_AT)), refused=bool(rc.get("fault"))),
-        "fhir": _fhir_link(statuses.get(FHIR_STATUS), last_sent.get("fhir-bundle"), fhir_failed, bool(fhir_refused)),
+        "fhir": _fhir_link(
+            statuses.get(FHIR_STATUS), last_sent.get("fhir-bundle"), fhir_failed, bool(fhir_refused), now
+        ),
     }
     return OutboxSnapshot(
         counts=counts,
@@ -200,16 +202,16 @@ def read_outbox(data_dir: Path, now: float, *, config: Config | None = None) -> 
 
 
 def _fhir_link(
-    status: dict[str, Any] | None, last_sent: float | None, failed: float | None, refused: bool
+    status: dict[str, Any] | None, last_sent: float | None, failed: float | None, refused: bool, now: float
 ) -> LinkSnapshot:
-    """The county platform's link as the FHIR sender judged it (busy, or refusing one bundle, it
-    answers: up; down only when it did not answer); the refusal stays on the items the round
-    released (rounds overwrite their status). Until a round since the upgrade judged it, from the
-    queued items' last failure (`failed`)."""
+    """The county platform's link as the FHIR sender judged it (`FhirPlatform.down`: refusing one
+    bundle, or busy a while, it answers: up); the refusal stays on the items the round released
+    (rounds overwrite their status). Until a round since the upgrade judged it, from the queued
+    items' last failure (`failed`)."""
     platform = fhir_platform(status)
     if platform.said is None:
         return LinkSnapshot(last_sent, failed, refused=refused)
-    return LinkSnapshot(last_sent, platform.down_since, refused=refused, judged_down=platform.down)
+    return LinkSnapshot(last_sent, platform.down_since, refused=refused, judged_down=platform.down(now))
 
 
 def _held_since(config: Config, statuses: StatusSnapshot, now: float) -> dict[str, MeterHold]:
