@@ -68,6 +68,7 @@ from lastmile.clinic.devices import (
     HeldReadings,
     forwarded_name,
     held_words,
+    lost_message,
     normalise_address,
     serial_address,
     waiting_message,
@@ -86,7 +87,6 @@ from lastmile.ecg.intake import enqueue_recording, session_request
 from lastmile.services.serial_spill import (
     ECG_SPILL_BYTES,
     ECG_SPILL_NAME,
-    LOST_AT_STOP,
     SpillFile,
     kept_in,
 )
@@ -297,8 +297,8 @@ class SerialContext:
             max(0, record.held_ecg_count - len(loaded.recordings)),
         )
         if any(lost):
-            log.error("%s: %s", record.name or record.address, LOST_AT_STOP.format(held_words(*lost)))
-            self.registry.record_lost(record.address, lost, after=record.last_error_at, now=self.now())
+            log.error("%s: %s", record.name or record.address, lost_message(held_words(*lost)))
+            self.registry.record_lost(record, lost, now=self.now())
 
     def _spill_changed(self, spec: LinkSpec) -> None:
         """The unstored observations changed: write them all to the spill file, and say so."""
