@@ -24,7 +24,13 @@ from lastmile.config import Config, ConfigError, load_profiles_apart
 from lastmile.services.serial_devices import link_specs
 from tests.conftest import REPO, run_on_private_tmpfs
 from tests.console_harness import Client, console_config, running_console
-from tests.serial_gateway import Running, serial_config, talk_as_bridge, wait_for_answers
+from tests.serial_gateway import (
+    Running,
+    monitor_prints_a_report_the_full_outbox_refuses,
+    serial_config,
+    talk_as_bridge,
+    wait_for_answers,
+)
 from tests.serial_pty import PtyDevice
 from tests.service_harness import DOCTOR_BADGE_SCAN, PATIENT_CARD_SCAN, VITALS_REPORT
 from tests.waiting import wait_for
@@ -762,18 +768,6 @@ def running_with_a_spill_file_too_small(tmp_path: Path) -> tuple[Running, PtyDev
     monitor = PtyDevice(tmp_path / "usb-monitor")
     r = Running(tmp_path, [{"name": "monitor", "match": str(monitor.link_path), "profile": "example-vitals-monitor"}])
     return r, monitor
-
-
-def monitor_prints_a_report_the_full_outbox_refuses(r: Running, monitor: PtyDevice, row_says: str) -> None:
-    """The monitor prints a report for the checked-in patient on a full outbox; waits until its
-    device row's error says `row_says`."""
-    wait_for(lambda: all(s.connected for s in r.service.statuses()))
-    r.outbox.min_free_bytes = 1 << 60  # storage full
-    now = r.now()
-    r.patients.set_patient("P-9", now=now - dt.timedelta(minutes=1))
-    printed = (now + dt.timedelta(hours=1)).strftime("DATE %Y-%m-%d  TIME %H:%M:%S").encode()
-    monitor.write(VITALS_REPORT.replace(b"DATE 2025-03-04  TIME 09:41:07", printed))
-    wait_for(lambda: row_says in r.device_error("serial:monitor"), timeout=30, what=f"the row says {row_says!r}")
 
 
 def test_readings_that_do_not_fit_the_spill_file_are_said_lost_when_the_service_stops(
