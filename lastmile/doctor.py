@@ -757,21 +757,21 @@ class Doctor:
         """Readings (streamed ECGs) held in memory only that a stop - a power cut - lost: nothing
         brings them back (a bridge streams an ECG once), so the doctor says how many and when for
         LOST_SAID_FOR (lastmile.clinic.devices), whatever was stored since."""
-        from lastmile.services.serial_spill import LOST_AT_STOP
+        from lastmile.clinic.devices import LOST_SAID_FOR, lost_message
 
         now = dt.datetime.fromtimestamp(self.now(), dt.timezone.utc)
         found = []
         for r in self.device_records() or []:
-            until = r.lost_said_until()
-            if r.removed or until is None or until <= now or r.lost_at is None:
+            until = r.lost_said_until(now)
+            if r.removed or until is None:
                 continue
             after = f"after {_stamp(r.lost_after)}, " if r.lost_after is not None else ""
             found.append(
                 Finding(
                     "devices",
                     Level.FAIL,
-                    f"{r.name or r.address}: {LOST_AT_STOP.format(r.lost_words)} "
-                    f"({after}found at its restart at {_stamp(r.lost_at)})",
+                    f"{r.name or r.address}: {lost_message(r.lost_words)} "
+                    f"({after}found at its restart at {_stamp(until - LOST_SAID_FOR)})",
                     "they cannot be recovered: record them again if the patients are still here; keep the gateway "
                     f"powered while readings wait for space (see the data line); said until {_stamp(until)}",
                     advice_key="lost-ecgs" if r.lost_ecg_count else "lost-readings",

@@ -13,7 +13,7 @@ from lastmile.clinic.patients import PatientContext
 from lastmile.config import Config
 from lastmile.services.serial_devices import SerialService
 from tests.serial_pty import PtyDevice
-from tests.service_harness import EXAMPLE_PROFILE
+from tests.service_harness import EXAMPLE_PROFILE, VITALS_REPORT
 from tests.waiting import wait_for
 from uploader.outbox import Outbox
 
@@ -57,6 +57,20 @@ class Running:
         self.outbox.close()
         self.patients.close()
         self.registry.close()
+
+
+def monitor_prints_a_report_the_full_outbox_refuses(
+    r: Running, monitor: PtyDevice, row_says: str, *, patient_id: str = "P-9"
+) -> None:
+    """The monitor prints a report for `patient_id`, checked in, on a full outbox; waits until its
+    device row's error says `row_says`."""
+    wait_for(lambda: all(s.connected for s in r.service.statuses()))
+    r.outbox.min_free_bytes = 1 << 60  # storage full
+    now = r.now()
+    r.patients.set_patient(patient_id, now=now - dt.timedelta(minutes=1))
+    printed = (now + dt.timedelta(hours=1)).strftime("DATE %Y-%m-%d  TIME %H:%M:%S").encode()
+    monitor.write(VITALS_REPORT.replace(b"DATE 2025-03-04  TIME 09:41:07", printed))
+    wait_for(lambda: row_says in r.device_error("serial:monitor"), timeout=30, what=f"the row says {row_says!r}")
 
 
 def talk_as_bridge(dev: PtyDevice, core: BridgeCore, clock: list[int], until, *, timeout: float = 30) -> None:

@@ -863,21 +863,17 @@ def test_a_monitor_unplugged_with_readings_waiting_for_space_shows_both_on_devic
     the unplug error replaced the row's "3 reading(s) waiting for space" words on Devices (the
     status flag and the doctor's FAIL survived). The row shows both, the waiting readings first,
     said from the row's status in the page's words (zh-CN screenshot: devices-waiting-unplugged-phone)."""
-    from tests.serial_gateway import Running
+    from tests.serial_gateway import Running, monitor_prints_a_report_the_full_outbox_refuses
     from tests.serial_pty import PtyDevice
-    from tests.service_harness import VITALS_REPORT
     from tests.waiting import wait_for as wait_until
 
     monitor = PtyDevice(tmp_path / "usb-monitor")
     devices = [{"name": "monitor", "match": str(monitor.link_path), "profile": "example-vitals-monitor"}]
     r = Running(tmp_path, devices)
     try:
-        wait_until(lambda: all(s.connected for s in r.service.statuses()))
-        r.outbox.min_free_bytes = 1 << 60  # the data partition full: the outbox refuses the readings
-        r.patients.set_patient(VALID_ID, now=r.now() - dt.timedelta(minutes=1))
-        printed = (r.now() + dt.timedelta(hours=1)).strftime("DATE %Y-%m-%d  TIME %H:%M:%S").encode()
-        monitor.write(VITALS_REPORT.replace(b"DATE 2025-03-04  TIME 09:41:07", printed))
-        wait_until(lambda: "3 reading(s) waiting for space" in r.registry.get("serial:monitor").last_error)
+        monitor_prints_a_report_the_full_outbox_refuses(
+            r, monitor, "3 reading(s) waiting for space", patient_id=VALID_ID
+        )
         assert r.registry.get("serial:monitor").other_problem == ""  # the waiting words: no other problem
         monitor.unplug()
 

@@ -20,11 +20,17 @@ from devices.bridge import codec
 from firmware_bridge.bridge_simulator import EcgStreamSimulator
 from firmware_bridge.firmware.bridge_core import BridgeCore
 from lastmile.clinic.devices import DeviceRegistry
-from lastmile.config import ConfigError, load_profiles_apart
+from lastmile.config import Config, ConfigError, load_profiles_apart
 from lastmile.services.serial_devices import link_specs
 from tests.conftest import REPO, run_on_private_tmpfs
 from tests.console_harness import Client, console_config, running_console
-from tests.serial_gateway import Running, serial_config, talk_as_bridge, wait_for_answers
+from tests.serial_gateway import (
+    Running,
+    monitor_prints_a_report_the_full_outbox_refuses,
+    serial_config,
+    talk_as_bridge,
+    wait_for_answers,
+)
 from tests.serial_pty import PtyDevice
 from tests.service_harness import DOCTOR_BADGE_SCAN, PATIENT_CARD_SCAN, VITALS_REPORT
 from tests.waiting import wait_for
@@ -382,6 +388,21 @@ def bridge_streams_two_ecgs_one_past_the_spill_file(
         registry.close()
 
 
+def lastmile_devices_lists(config: Config, tmp_path: Path, capsys: pytest.CaptureFixture) -> str:
+    """What `lastmile devices` prints for the gateway `config` (its data_dir and serial devices)."""
+    from lastmile.cli import main
+
+    entries = "".join(
+        f'\n[[serial.devices]]\nname = "{d["name"]}"\nmatch = "{d["match"]}"\nprofile = "{d["profile"]}"\n'
+        for d in config.serial.devices
+    )
+    toml = tmp_path / "lastmile.toml"
+    toml.write_text(f'[gateway]\ndata_dir = "{config.data_dir}"\n' + entries)
+    capsys.readouterr()  # what was printed before is not the listing
+    assert main(["-c", str(toml), "devices"]) == 0
+    return capsys.readouterr().out
+
+
 def test_a_streamed_ecg_held_in_memory_only_and_lost_at_a_power_cut_is_said_until_a_week_later(
     tmp_path: Path, running, capsys: pytest.CaptureFixture
 ) -> None:
@@ -391,7 +412,6 @@ def test_a_streamed_ecg_held_in_memory_only_and_lost_at_a_power_cut_is_said_unti
     ECG_END NACKed as unknown, a journal line). Now the row keeps what was lost and from when,
     and `lastmile doctor` FAILs on it (the System page, in Chinese) for a week, whatever is
     stored since."""
-    from lastmile.cli import main
     from lastmile.clock import local_zone
     from lastmile.console.app import advice_text
     from lastmile.console.i18n import Localizer
@@ -419,13 +439,7 @@ def test_a_streamed_ecg_held_in_memory_only_and_lost_at_a_power_cut_is_said_unti
     assert "心电图" in zh and "丢失" in zh, zh
     row = r.registry.get("serial:ecg")
     assert (row.lost_ecg_count, row.lost_reading_count) == (1, 0), row
-    toml = tmp_path / "lastmile.toml"
-    toml.write_text(
-        f'[gateway]\ndata_dir = "{data_dir}"\n\n'
-        f'[[serial.devices]]\nname = "ecg"\nmatch = "{bridge.link_path}"\nprofile = "bridge"\n'
-    )
-    assert main(["-c", str(toml), "devices"]) == 0
-    listed = capsys.readouterr().out
+    listed = lastmile_devices_lists(r.config, tmp_path, capsys)
     assert "1 ECG(s) held in memory only, when the gateway stopped after" in listed, listed
     a_week_on = (row.lost_at + dt.timedelta(days=7, seconds=1)).timestamp()
     assert not [f for f in Doctor(r.config, now=lambda: a_week_on).check_devices() if f.level is Level.FAIL]
@@ -756,18 +770,6 @@ def running_with_a_spill_file_too_small(tmp_path: Path) -> tuple[Running, PtyDev
     return r, monitor
 
 
-def monitor_prints_a_report_the_full_outbox_refuses(r: Running, monitor: PtyDevice, row_says: str) -> None:
-    """The monitor prints a report for the checked-in patient on a full outbox; waits until its
-    device row's error says `row_says`."""
-    wait_for(lambda: all(s.connected for s in r.service.statuses()))
-    r.outbox.min_free_bytes = 1 << 60  # storage full
-    now = r.now()
-    r.patients.set_patient("P-9", now=now - dt.timedelta(minutes=1))
-    printed = (now + dt.timedelta(hours=1)).strftime("DATE %Y-%m-%d  TIME %H:%M:%S").encode()
-    monitor.write(VITALS_REPORT.replace(b"DATE 2025-03-04  TIME 09:41:07", printed))
-    wait_for(lambda: row_says in r.device_error("serial:monitor"), timeout=30, what=f"the row says {row_says!r}")
-
-
 def test_readings_that_do_not_fit_the_spill_file_are_said_lost_when_the_service_stops(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -785,6 +787,34 @@ def test_readings_that_do_not_fit_the_spill_file_are_said_lost_when_the_service_
             r.close()
     stopped = [m for m in caplog.messages if "the outbox refused them" in m]
     assert stopped and "3 reading(s) (lost)" in stopped[0], stopped
+
+
+def test_readings_all_held_in_memory_only_and_lost_at_a_stop_are_said_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A monitor's 3 readings, all held in memory only (its spill file too small), were lost when
+    the gateway stopped. The restarted gateway wrote the loss twice: as the row's error and as its
+    lost counts, so `lastmile devices` printed it under "last error" and again under "lost", and
+    `lastmile doctor` gave a FAIL and a devices WARN in the same words. Now the lost counts are
+    the one record of it."""
+    from lastmile.doctor import Doctor, Level
+
+    r, monitor = running_with_a_spill_file_too_small(tmp_path)
+    try:
+        monitor_prints_a_report_the_full_outbox_refuses(r, monitor, "held in memory only")
+    finally:
+        r.close()  # the readings are lost with the gateway's memory
+        monitor.unplug()  # not seen again after the restart: its row's error is its current state
+    r = Running(tmp_path, r.config.serial.devices)
+    try:
+        row = r.registry.get("serial:monitor")
+        assert (row.lost_reading_count, row.lost_ecg_count) == (3, 0), row
+        said = [(f.level, f.message) for f in Doctor(r.config).check_devices() if "lost when" in f.message]
+        listed = lastmile_devices_lists(r.config, tmp_path, capsys)
+    finally:
+        r.close()
+    assert [level for level, _ in said] == [Level.FAIL], said
+    assert listed.count("3 reading(s) held in memory only") == 1, listed
 
 
 def test_readings_held_in_memory_only_stay_a_doctor_fail_whatever_the_row_says(

@@ -127,9 +127,13 @@ class DeviceRecord:
         """What a stop lost from memory, for people ("1 ECG(s)"; "" when nothing)."""
         return held_words(self.lost_reading_count, self.lost_ecg_count)
 
-    def lost_said_until(self) -> dt.datetime | None:
-        """Until when what a stop lost from memory is said (None: nothing lost)."""
-        return self.lost_at + LOST_SAID_FOR if self.lost_words and self.lost_at is not None else None
+    def lost_said_until(self, now: dt.datetime) -> dt.datetime | None:
+        """Until when what a stop lost from memory is said (None: nothing lost, or said its
+        LOST_SAID_FOR by `now`)."""
+        if not self.lost_words or self.lost_at is None:
+            return None
+        until = self.lost_at + LOST_SAID_FOR
+        return until if until > now else None
 
     def to_json(self) -> dict:
         out = {}
@@ -155,6 +159,12 @@ def waiting_message(words: str, held: HeldReadings, in_memory: str = "") -> str:
     else:
         where = MEMORY_ONLY
     return f"{words} waiting for space on the data partition ({where})"
+
+
+def lost_message(words: str) -> str:
+    """What a stop lost of `words` (`held_words`) held in memory only, for people (the journal,
+    `lastmile doctor`)."""
+    return f"{words} held in memory only (waiting for space) were lost when the gateway stopped"
 
 
 def normalise_address(address: str) -> str:
@@ -339,21 +349,20 @@ class DeviceRegistry:
             self._ensure(conn, address, transport, now)
             conn.execute(f"UPDATE devices SET {assignments} WHERE address = ?", (*sets.values(), address))
 
-    def record_lost(
-        self, address: str, counts: tuple[int, int], *, after: dt.datetime | None, now: dt.datetime
-    ) -> None:
-        """Readings and streamed ECGs (`counts`) a stop lost from memory, held after `after`, found
-        gone at `now`: said for LOST_SAID_FOR from now, with a loss still said before added in."""
-        record = self.get(address)
+    def record_lost(self, record: DeviceRecord, counts: tuple[int, int], *, now: dt.datetime) -> None:
+        """Readings and streamed ECGs (`counts`) a stop lost from memory of what `record` (the row
+        the restart found) held after its last word on them, found gone at `now`: said for
+        LOST_SAID_FOR from now, with a loss still said before added in."""
         readings, ecgs = counts
-        if record is not None and (until := record.lost_said_until()) is not None and until > now:
+        after = record.last_error_at
+        if record.lost_said_until(now) is not None:
             readings, ecgs = readings + record.lost_reading_count, ecgs + record.lost_ecg_count
             after = record.lost_after
         with transaction(self.db) as conn:
             conn.execute(
                 "UPDATE devices SET lost_reading_count = ?, lost_ecg_count = ?, lost_after = ?, lost_at = ?, "
                 "updated_at = ? WHERE address = ?",
-                (readings, ecgs, after and iso(after), iso(now), iso(now), normalise_address(address)),
+                (readings, ecgs, after and iso(after), iso(now), iso(now), record.address),
             )
 
     def mark_all_disconnected(self, *, now: dt.datetime, transport: str = "ble") -> None:

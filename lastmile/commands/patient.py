@@ -378,7 +378,7 @@ def _devices(args: argparse.Namespace) -> int:
             print(f"       waiting      {r.waiting}")
         if r.other_problem and not r.removed:  # a removed device's error is history (--json keeps it)
             print(f"       last error   {_local(r.last_error_at)}: {r.other_problem}")
-        if (until := r.lost_said_until()) is not None and until > now and not r.removed:
+        if not r.removed and r.lost_said_until(now) is not None:
             stopped = f"the gateway stopped after {_local(r.lost_after)}, found {_local(r.lost_at)}"
             print(f"       lost         {r.lost_words} held in memory only, when {stopped}")
     return 0

@@ -68,6 +68,7 @@ from lastmile.clinic.devices import (
     HeldReadings,
     forwarded_name,
     held_words,
+    lost_message,
     normalise_address,
     serial_address,
     waiting_message,
@@ -86,7 +87,6 @@ from lastmile.ecg.intake import enqueue_recording, session_request
 from lastmile.services.serial_spill import (
     ECG_SPILL_BYTES,
     ECG_SPILL_NAME,
-    LOST_AT_STOP,
     SpillFile,
     kept_in,
 )
@@ -272,8 +272,9 @@ class SerialContext:
 
     def settle_held_at_start(self) -> None:
         """Each device row's held readings as this start finds them: those the spill files kept
-        wait again (on disk); those a previous run held in memory only are gone, and the row
-        says so instead of FAILing for readings no longer anywhere."""
+        wait again (on disk); those a previous run held in memory only are gone, and the row's
+        lost counts say so (their one record: not its error too) instead of FAILing for readings
+        no longer anywhere."""
         loaded = {normalise_address(serial_address(name)): held for name, held in self.unstored.items()}
         for record in self.registry.all():
             if record.transport != "serial" or not record.waits_for_space:
@@ -281,9 +282,8 @@ class SerialContext:
             if record.held_in_memory_only:
                 self._say_lost_at_stop(record, loaded.get(record.address) or Unstored())
             if record.address not in loaded:
-                lost = LOST_AT_STOP.format(record.held_words) if record.held_in_memory_only else ""
                 self.registry.update_status(
-                    record.address, now=self.now(), transport="serial", error=lost, held=HeldReadings.NONE
+                    record.address, now=self.now(), transport="serial", error="", held=HeldReadings.NONE
                 )
         for name in self.unstored:
             self._say_waiting(LinkSpec(name, PortMatch()))
@@ -297,8 +297,8 @@ class SerialContext:
             max(0, record.held_ecg_count - len(loaded.recordings)),
         )
         if any(lost):
-            log.error("%s: %s", record.name or record.address, LOST_AT_STOP.format(held_words(*lost)))
-            self.registry.record_lost(record.address, lost, after=record.last_error_at, now=self.now())
+            log.error("%s: %s", record.name or record.address, lost_message(held_words(*lost)))
+            self.registry.record_lost(record, lost, now=self.now())
 
     def _spill_changed(self, spec: LinkSpec) -> None:
         """The unstored observations changed: write them all to the spill file, and say so."""

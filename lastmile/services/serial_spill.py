@@ -47,9 +47,6 @@ ECG_SPILL_BYTES = 4 * 1024 * 1024  # two slots of 2 MB: ~25 streamed 10 s 12-lea
 MAGIC = b"LMSPILL1"
 HEADER = len(MAGIC) + 8 + 4 + 32  # magic, generation, length, sha256
 
-# How a device row's error words what a stop lost from memory (.format(held_words))
-LOST_AT_STOP = "{} held in memory only (waiting for space) were lost when the gateway stopped"
-
 Spilled = dict[str, list[Observation]]  # device name -> readings waiting for space
 SpilledRecordings = dict[str, dict[str, EcgRecording]]  # device name -> outbox key -> streamed ECG
 
