@@ -817,6 +817,34 @@ def test_readings_all_held_in_memory_only_and_lost_at_a_stop_are_said_once(
     assert listed.count("3 reading(s) held in memory only") == 1, listed
 
 
+def test_readings_a_row_from_before_the_counts_held_in_memory_only_are_not_lost_silently(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A row the version before the held counts wrote (memory only, counts 0/0: what a gateway
+    updated while readings waited for space leaves) had its loss written only as lost counts -
+    none to count, and its error cleared: the readings were gone without a word. The row keeps
+    the loss in words then, as the older version did."""
+    import sqlite3
+
+    r, monitor = running_with_a_spill_file_too_small(tmp_path)
+    try:
+        monitor_prints_a_report_the_full_outbox_refuses(r, monitor, "held in memory only")
+    finally:
+        r.close()  # the readings are lost with the gateway's memory
+        monitor.unplug()
+    with contextlib.closing(sqlite3.connect(r.config.data_dir / "clinic.db")) as db, db:
+        db.execute(  # as the older version left it: no counts, nothing said lost yet
+            "UPDATE devices SET held_reading_count = 0, held_ecg_count = 0, lost_reading_count = 0, "
+            "lost_ecg_count = 0, lost_after = NULL, lost_at = NULL WHERE address = 'SERIAL:MONITOR'"
+        )
+    r = Running(tmp_path, r.config.serial.devices)
+    try:
+        listed = lastmile_devices_lists(r.config, tmp_path, capsys)
+    finally:
+        r.close()
+    assert "readings held in memory only (waiting for space) were lost when the gateway stopped" in listed, listed
+
+
 def test_readings_held_in_memory_only_stay_a_doctor_fail_whatever_the_row_says(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

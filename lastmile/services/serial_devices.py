@@ -281,9 +281,12 @@ class SerialContext:
                 continue
             if record.held_in_memory_only:
                 self._say_lost_at_stop(record, loaded.get(record.address) or Unstored())
+            # a row an older version wrote has no counts to keep the loss by: its words say it
+            uncounted = record.held_in_memory_only and not (record.held_reading_count or record.held_ecg_count)
             if record.address not in loaded:
+                error = lost_message(record.held_words) if uncounted else ""
                 self.registry.update_status(
-                    record.address, now=self.now(), transport="serial", error="", held=HeldReadings.NONE
+                    record.address, now=self.now(), transport="serial", error=error, held=HeldReadings.NONE
                 )
         for name in self.unstored:
             self._say_waiting(LinkSpec(name, PortMatch()))
