@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from devices.observation import Observation
-from lastmile.data_dir import columns_of, read_only
+from lastmile.data_dir import OUTBOX_DB, columns_of, read_only
 
 if TYPE_CHECKING:
     from uploader.fhir_bundle import FhirNaming
@@ -251,8 +251,6 @@ _NOT_SENT_SQL = (
 
 def _not_sent(data_dir: Path, keys: Sequence[str]) -> set[str]:
     """Which of `keys` the outbox holds and has not sent (read-only; none without an outbox)."""
-    from uploader.outbox import DB_NAME as OUTBOX_DB
-
     if not keys or not (data_dir / OUTBOX_DB).exists():
         return set()
     with read_only(data_dir / OUTBOX_DB) as conn:
