@@ -232,7 +232,9 @@ class ReleasedReadings:
     (VisitBook.release_unsent): the doctor sees them where she looks at her visits."""
 
     sent: int = 0  # queued on their own bundle
-    damaged: int = 0  # their own record damaged: quarantined in the outbox (`lastmile queue`), not sent
+    # not sent, as the outbox item's state says: quarantined on their own (a damaged record, or one
+    # FHIR cannot say: `lastmile queue`), or restored in visits.db and retried, not sent yet
+    damaged: int = 0
 
 
 def quarantined_reading_key(visit_id: str, item_id: int) -> str:
