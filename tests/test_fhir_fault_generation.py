@@ -22,7 +22,7 @@ BOOK_BUNDLE_CODE = tuple(
         "observations",
         "_finish_releases",
         "_decoded_or_quarantined",
-        "_own_reading",
+        "_sendable_reading",
         "_bundle",
         "_chain",
     )
@@ -38,11 +38,14 @@ BOOK_BUNDLE_CODE = tuple(
 # UTC cannot say: fhir_bundle._instant) is quarantined on its own too; 3 recorded again when
 # stored_reading and the readings' quarantine reasons moved into lastmile.visits.record (the same
 # code, moved: no visit is built differently), and again when _finish_releases' loop became
-# VisitBook._decoded_or_quarantined (shared with release_unsent; the same readings carried)
+# VisitBook._decoded_or_quarantined (shared with release_unsent; the same readings carried), and
+# again when _own_reading became _sendable_reading (quarantining itself) and the readings' reasons
+# one function offering a restore from backup only for a damaged record (reasons only: the same
+# readings carried)
 BUNDLE_CODE_DIGESTS = {
     1: "c93859cc41a0483f1b5fe9ec6392d8ac2b76cee7eda6c7b09ea82640f7488f62",
     2: "fcb867eb2dfaf174294fe3950060638131874dec724edc39045dd89c7b808914",
-    3: "bde92cc8a5ef232e9e164dee96b4ad361e7e078f8f72056ee98c3f94b31052c3",
+    3: "0327d5ab8066e15ccc48ed99a01bfe045d5541bbccb6761ee0c5bcf24b04f0c7",
 }
 
 

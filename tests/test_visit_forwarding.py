@@ -1158,6 +1158,37 @@ def test_a_damaged_visit_readings_quarantine_reason_says_a_restored_record_is_se
     assert "restore" in line and "visits.db" in line and f"`lastmile retry {number}`" in line, line
 
 
+def test_a_visit_reading_that_cannot_be_a_bundle_is_not_said_to_be_sent_once_its_record_is_restored(
+    tmp_path: Path, platform: FhirTestServer
+) -> None:
+    """A visit's reading that decodes but cannot be made a FHIR bundle (a cuff's clock at year 1:
+    a time UTC cannot say) is quarantined alone. Its reason, at the release and again after a
+    `lastmile retry`, ended "or have the county IT restore its record in visits.db from a backup:
+    `lastmile retry N` then sends it": the county IT would restore the very same record, and it
+    would never go. Only a damaged record's reason says so; this one says measure again."""
+    from tests.fhir_samples import blood_pressure
+
+    config = forward_config(tmp_path, platform.base_url)
+    data = config.data_dir
+    with VisitBook.open(data, gateway_id="gw-1") as book:
+        visit = book.start("P-1", doctor_id="DR-1", household_id="HH-1")
+        year_one = dt.datetime(1, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=8)))
+        book.attach_observation(blood_pressure(year_one, "P-1", "bp-1"))
+        book.stop()
+    service = ForwardService(config)
+    try:
+        step_until(service, lambda: visits_applied(platform) >= 1)
+        released = visit_reading_item(data, visit.id)
+        lastmile_retry(tmp_path, data, released.id)
+        step_until(service, lambda: visit_reading_item(data, visit.id).state is ItemState.QUARANTINED)
+    finally:
+        service.close()
+    retried = visit_reading_item(data, visit.id)
+    for reason in (released.quarantine_reason or "", retried.quarantine_reason or ""):
+        assert "cannot be made a FHIR bundle" in reason and "measure the patient again" in reason, reason
+        assert "restore" not in reason and "lastmile retry" not in reason, reason
+
+
 class PowerCut(BaseException):
     """The gateway losing power: nothing of the process's code runs after it (not an Exception)."""
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import json
 import sqlite3
 import time
@@ -543,7 +542,7 @@ def test_a_damaged_reading_restored_in_visits_db_is_counted_sent_only_once_retri
     from lastmile.clinic.observations import observation_to_json
     from lastmile.services.observation_relay import relay_observations
     from lastmile.visits.book import VisitBook
-    from lastmile.visits.relay_link import released_record
+    from lastmile.visits.relay_link import released_reader
     from tests.fhir_samples import NAMING, blood_pressure
     from uploader.outbox import ItemState, Outbox
 
@@ -568,7 +567,7 @@ def test_a_damaged_reading_restored_in_visits_db_is_counted_sent_only_once_retri
         (item,) = outbox.items(kind="observation", state=ItemState.QUARANTINED)
         assert outbox.retry(item.id, time.time())
         assert counted() == (0, 1)  # retried, not relayed yet
-        relay_observations(outbox, NAMING, time.time(), visit_reading=functools.partial(released_record, data))
+        relay_observations(outbox, NAMING, time.time(), visit_reading=released_reader(data))
         assert outbox.get(item.id).state is ItemState.COMMITTED  # type: ignore[union-attr]
     assert counted() == (1, 0)
 

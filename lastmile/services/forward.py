@@ -12,7 +12,6 @@ appears (a log rotated, the county IT freeing space) it sends and purges, which 
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import sqlite3
@@ -231,7 +230,7 @@ class ForwardService:
         waits = [0.0 if result.did_work else self.ecg.next_due_in()]
         if self._fhir is not None and not stop.is_set():
             from lastmile.services.observation_relay import relay_observations
-            from lastmile.visits.relay_link import released_record, visit_link
+            from lastmile.visits.relay_link import released_reader, visit_link
             from uploader.fhir_forwarder import forward_fhir_once
 
             data_dir = self.config.data_dir
@@ -241,7 +240,7 @@ class ForwardService:
                 fhir_naming(self.config),
                 time.time(),
                 visit_link=link,
-                visit_reading=functools.partial(released_record, data_dir),
+                visit_reading=released_reader(data_dir),
             )
             self._queue_visits()
 

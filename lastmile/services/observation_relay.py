@@ -23,7 +23,7 @@ from collections.abc import Callable
 from devices.observation import Observation
 from lastmile.clinic.observations import OBSERVATION_KIND, observation_from_json
 from lastmile.data_dir import DataDirError
-from lastmile.visits.record import damaged_reading_reason, restorable_reason, unbuildable_reading_reason
+from lastmile.visits.record import quarantined_reading_reason
 from uploader.errors import CorruptPayloadError, OutboxFullError, TransientError
 from uploader.fhir_bundle import FhirNaming
 from uploader.fhir_forwarder import enqueue_observation
@@ -124,9 +124,9 @@ def _reading(outbox: Outbox, item: OutboxItem, now: float, visit_reading: VisitR
 
 def _quarantine_reason(item: OutboxItem, exc: Exception, *, decoded: bool) -> str:
     """Why a reading is quarantined: a home visit's (released, retried) in the visit's words, as
-    the book first quarantined it (the visit, "measure the patient again", `lastmile retry N`)."""
+    the book first quarantined it (the visit, "measure the patient again", `lastmile retry N` for
+    a damaged record)."""
     visit_id = item.meta.get("visit_id")
     if visit_id is None:
         return f"cannot be made a FHIR bundle: {exc}"
-    reason = unbuildable_reading_reason if decoded else damaged_reading_reason
-    return restorable_reason(reason(str(visit_id), exc), item.id)
+    return quarantined_reading_reason(str(visit_id), item.id, exc, decoded=decoded)

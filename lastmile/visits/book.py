@@ -73,13 +73,11 @@ from lastmile.visits.record import (
     DamagedVisitError,
     FixRecord,
     VisitError,
-    damaged_reading_reason,
     decode_row,
     fault_text,
     open_row_damage,
-    restorable_reason,
+    quarantined_reading_reason,
     stored_reading,
-    unbuildable_reading_reason,
 )
 from lastmile.visits.relay_link import (
     CLOSED_UNQUEUED_SQL,
@@ -1223,9 +1221,8 @@ class VisitBook:
         sound: list[tuple[dict, Observation]] = []
         never: list[int] = []
         for row in rows:
-            reading = self._own_reading(row, naming)
-            if isinstance(reading, str):
-                self._quarantine_reading(outbox, row, reading, now)
+            reading = self._sendable_reading(outbox, row, naming, now)
+            if reading is None:
                 never.append(row["id"])
             else:
                 sound.append((row, reading))
@@ -1233,30 +1230,30 @@ class VisitBook:
             self._mark_released(never)
         return sound
 
-    @staticmethod
-    def _own_reading(row: dict, naming: FhirNaming) -> Observation | str:
+    @classmethod
+    def _sendable_reading(cls, outbox: Outbox, row: dict, naming: FhirNaming, now: float | None) -> Observation | None:
         """A visit item's reading, checked as its own bundle is built (what the visit's bundle
-        builds of it too); or why it can never go (the quarantine reason): its record damaged on
-        the SD card, or one that decodes but cannot be said in FHIR."""
+        builds of it too); or None, quarantined on its own, if it can never go: its record damaged
+        on the SD card, or one that decodes but cannot be said in FHIR."""
         from uploader.fhir_bundle import observation_bundle
 
+        obs: Observation | None = None
         try:
             obs = stored_reading(row["record"])
-        except BUNDLE_ERRORS as exc:
-            return damaged_reading_reason(row["visit_id"], exc)
-        try:
             observation_bundle(obs, naming)
         except BUNDLE_ERRORS as exc:
-            return unbuildable_reading_reason(row["visit_id"], exc)
+            cls._quarantine_reading(outbox, row, exc, decoded=obs is not None, now=now)
+            return None
         return obs
 
     @staticmethod
-    def _quarantine_reading(outbox: Outbox, row: dict, reason: str, now: float | None) -> None:
-        """A visit's reading that can never go as stored (`reason`, from _own_reading): not silent -
-        a quarantined reading in the outbox, with why (`lastmile queue`, the doctor's queue line)
-        and the other way out: a record restored in visits.db from a backup is what a retry sends
-        (the relay reads visits.db, observation_relay._reading). Its key is the visit item's: a
-        release cut short before the mark adds nothing twice."""
+    def _quarantine_reading(outbox: Outbox, row: dict, exc: Exception, *, decoded: bool, now: float | None) -> None:
+        """A visit's reading that can never go as stored (`exc`; `decoded`: its record decodes but
+        cannot be said in FHIR): not silent - a quarantined reading in the outbox, with why
+        (`lastmile queue`, the doctor's queue line) and, for a damaged record, the other way out:
+        a record restored in visits.db from a backup is what a retry sends (the relay reads
+        visits.db, observation_relay._reading). Its key is the visit item's: a release cut short
+        before the mark adds nothing twice."""
         from lastmile.clinic.observations import OBSERVATION_KIND
 
         added = outbox.add(
@@ -1268,7 +1265,7 @@ class VisitBook:
             now=now,
         )
         if added.created:
-            reason = restorable_reason(reason, added.item.id)
+            reason = quarantined_reading_reason(row["visit_id"], added.item.id, exc, decoded=decoded)
             outbox.quarantine(added.item.id, reason, time.time() if now is None else now)
             # the visit's id is in the reason (`lastmile queue`): the journal says the visit once
             log.error("a reading of a home visit cannot be sent: quarantined as #%d", added.item.id)

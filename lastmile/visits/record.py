@@ -24,28 +24,20 @@ def fault_text(cause: Exception | str) -> str:
     return cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
 
 
-def damaged_reading_reason(visit_id: str, exc: Exception) -> str:
-    """Why a visit's reading whose record is damaged on the SD card is quarantined."""
+def quarantined_reading_reason(visit_id: str, item_id: int, exc: Exception, *, decoded: bool) -> str:
+    """Why a visit's reading is quarantined on its own, outbox item `item_id` (the book's at its
+    release, the relay's at each retry). Its record damaged on the SD card: a record restored in
+    visits.db from a backup is what a retry sends. One that decodes but cannot be said in FHIR
+    (`decoded`): the same record restored would fail the same, so no restore is offered."""
+    if decoded:
+        return (
+            f"a reading of home visit {visit_id} cannot be made a FHIR bundle for the county "
+            f"platform ({fault_text(exc)}); measure the patient again"
+        )
     return (
         f"a reading of home visit {visit_id} is damaged on the SD card and cannot be sent "
-        f"to the county platform ({fault_text(exc)}); measure the patient again"
-    )
-
-
-def unbuildable_reading_reason(visit_id: str, exc: Exception) -> str:
-    """Why a visit's reading that decodes but cannot be said in FHIR is quarantined."""
-    return (
-        f"a reading of home visit {visit_id} cannot be made a FHIR bundle for the county "
-        f"platform ({fault_text(exc)}); measure the patient again"
-    )
-
-
-def restorable_reason(reason: str, item_id: int) -> str:
-    """A quarantined visit reading's reason (the book's at its release, the relay's at each retry),
-    with the other way out: a record restored in visits.db from a backup is what a retry sends."""
-    return (
-        f"{reason}, or have the county IT restore its record in visits.db from a backup: "
-        f"`lastmile retry {item_id}` then sends it"
+        f"to the county platform ({fault_text(exc)}); measure the patient again, or have the county IT "
+        f"restore its record in visits.db from a backup: `lastmile retry {item_id}` then sends it"
     )
 
 

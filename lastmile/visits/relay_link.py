@@ -9,6 +9,7 @@ patient, or a closed visit not queued yet.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from devices.observation import Observation
-from lastmile.data_dir import columns_of, read_only
+from lastmile.data_dir import OUTBOX_DB, columns_of, read_only
 
 if TYPE_CHECKING:
     from uploader.fhir_bundle import FhirNaming
@@ -83,6 +84,11 @@ def released_record(data_dir: Path, visit_item: int, visit_id: str) -> str:
     if record is None or record_hash(json.loads(record)) != sha256:
         raise ValueError(f"reading #{visit_item} in visits.db is not the record the visit took (damaged)")
     return str(record)
+
+
+def released_reader(data_dir: Path) -> Callable[[int, str], str]:
+    """released_record of `data_dir`: the relay's `visit_reading` (observation_relay.VisitReading)."""
+    return functools.partial(released_record, data_dir)
 
 
 class VisitNotices:
@@ -232,7 +238,9 @@ class ReleasedReadings:
     (VisitBook.release_unsent): the doctor sees them where she looks at her visits."""
 
     sent: int = 0  # queued on their own bundle
-    damaged: int = 0  # their own record damaged: quarantined in the outbox (`lastmile queue`), not sent
+    # not sent, as the outbox item's state says: quarantined on their own (a damaged record, or one
+    # FHIR cannot say: `lastmile queue`), or restored in visits.db and retried, not sent yet
+    damaged: int = 0
 
 
 def quarantined_reading_key(visit_id: str, item_id: int) -> str:
@@ -251,8 +259,6 @@ _NOT_SENT_SQL = (
 
 def _not_sent(data_dir: Path, keys: Sequence[str]) -> set[str]:
     """Which of `keys` the outbox holds and has not sent (read-only; none without an outbox)."""
-    from uploader.outbox import DB_NAME as OUTBOX_DB
-
     if not keys or not (data_dir / OUTBOX_DB).exists():
         return set()
     with read_only(data_dir / OUTBOX_DB) as conn:
