@@ -519,17 +519,17 @@ def test_visit_list_does_not_count_a_damaged_reading_as_sent_without_the_visit(
 ) -> None:
     """A visit set aside whose cuff reading's own record was damaged too: the reading went
     nowhere (quarantined, `lastmile queue`), yet `visit list` said "1 reading sent without the
-    visit". It says the reading is damaged and not sent, and where to look."""
+    visit". It says the reading is not sent, and where to look."""
     run = visit_cli(tmp_path)
     a_visit_whose_reading_went_alone(tmp_path / "data", reading_damaged=True)
     capsys.readouterr()
     assert run("visit", "list") == 0
     (line,) = capsys.readouterr().out.splitlines()
     assert "sent without the visit" not in line, line
-    assert "1 reading damaged, not sent: see lastmile queue" in line, line
+    assert "1 reading not sent: see lastmile queue" in line, line
     assert run("visit", "list", "--json") == 0
     (listed,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert (listed["readings_sent_alone"], listed["readings_damaged"]) == (0, 1)
+    assert (listed["readings_sent_alone"], listed["readings_not_sent"]) == (0, 1)
 
 
 def test_a_damaged_reading_restored_in_visits_db_is_counted_sent_only_once_retried_and_sent(
@@ -560,7 +560,7 @@ def test_a_damaged_reading_restored_in_visits_db_is_counted_sent_only_once_retri
         capsys.readouterr()
         assert run("visit", "list", "--json") == 0
         (listed,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-        return listed["readings_sent_alone"], listed["readings_damaged"]
+        return listed["readings_sent_alone"], listed["readings_not_sent"]
 
     assert counted() == (0, 1)  # restored, not retried: still quarantined
     with Outbox.open(data, min_free_bytes=0) as outbox:
@@ -586,7 +586,7 @@ def test_the_visits_page_does_not_count_a_damaged_reading_as_sent_without_the_vi
         page = html.unescape(client.get("/visits").body)
     (card,) = [li for li in page.split("<li ")[1:] if "P-1" in li]
     assert "已单独发往县平台" not in card, card
-    assert "1 条测量结果的记录已损坏，未发送（见发送队列）" in card, card
+    assert "1 条测量结果未能发送（见发送队列）" in card, card
 
 
 def test_visit_list_opens_the_outbox_once_not_once_per_visit(
@@ -624,5 +624,5 @@ def test_visit_list_opens_the_outbox_once_not_once_per_visit(
     capsys.readouterr()
     assert run("visit", "list", "--json") == 0
     listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [v["readings_damaged"] for v in listed] == [1, 1, 1]
+    assert [v["readings_not_sent"] for v in listed] == [1, 1, 1]
     assert len([db for db in opened if OUTBOX_DB in db]) == 1, opened

@@ -263,12 +263,12 @@ def list_visits(args: argparse.Namespace) -> int:
 
 def _sent_alone(v: Visit) -> str:
     """Its readings that went to the county platform on their own, and those released that went
-    nowhere, their own record damaged ("" when none was released)."""
+    nowhere yet (quarantined: a damaged record, or one FHIR cannot say; "" when none was released)."""
     said = ""
     if n := v.readings_sent_alone:
         said += f"  {n} reading{'s' if n != 1 else ''} sent without the visit"
-    if n := v.readings_damaged:
-        said += f"  {n} reading{'s' if n != 1 else ''} damaged, not sent: see lastmile queue"
+    if n := v.readings_not_sent:
+        said += f"  {n} reading{'s' if n != 1 else ''} not sent: see lastmile queue"
     return said
 
 

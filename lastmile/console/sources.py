@@ -202,7 +202,7 @@ class VisitView:
     distance_m: float | None
     fhir_queued: bool
     readings_sent_alone: int = 0  # went to the county on their own: the visit was never to be sent as it was
-    readings_damaged: int = 0  # released, but their own record damaged: quarantined, not sent
+    readings_not_sent: int = 0  # released, not sent: quarantined (see the queue) or retried, not sent yet
 
 
 def person_name(pn: str) -> str:
@@ -849,7 +849,7 @@ class ClinicData:
                 distance_m=r[8],
                 fhir_queued=r[9] is not None,
                 readings_sent_alone=released[r[0]].sent,
-                readings_damaged=released[r[0]].damaged,
+                readings_not_sent=released[r[0]].not_sent,
             )
             for r in rows
         ]

@@ -224,8 +224,9 @@ class Visit:
     # its readings sent to the county platform on their own, not with it (it was never to be sent
     # as it was: release_unsent): the doctor sees them where she looks at visits, not in the journal
     readings_sent_alone: int = 0
-    # ... and those released whose own record was damaged: quarantined in the outbox, not sent
-    readings_damaged: int = 0
+    # ... and those released not sent (ReleasedReadings.not_sent): quarantined in the outbox (a
+    # damaged record, or one FHIR cannot say), or retried and not sent yet
+    readings_not_sent: int = 0
 
     @property
     def recorded_again(self) -> bool:
@@ -256,7 +257,7 @@ class Visit:
             "fhir_queued": self.fhir_queued,
             "fhir_fault": self.fhir_fault,
             "readings_sent_alone": self.readings_sent_alone,
-            "readings_damaged": self.readings_damaged,
+            "readings_not_sent": self.readings_not_sent,
         }
 
 
@@ -756,7 +757,7 @@ class VisitBook:
             fhir_queued=bool(row["fhir_queued_at"]),
             fhir_fault=fault,
             readings_sent_alone=released.sent,
-            readings_damaged=released.damaged,
+            readings_not_sent=released.not_sent,
             **decoded,
         )
 

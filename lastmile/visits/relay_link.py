@@ -240,7 +240,7 @@ class ReleasedReadings:
     sent: int = 0  # queued on their own bundle
     # not sent, as the outbox item's state says: quarantined on their own (a damaged record, or one
     # FHIR cannot say: `lastmile queue`), or restored in visits.db and retried, not sent yet
-    damaged: int = 0
+    not_sent: int = 0
 
 
 def quarantined_reading_key(visit_id: str, item_id: int) -> str:
@@ -269,10 +269,10 @@ def released_readings(
     conn: sqlite3.Connection, visit_ids: Sequence[str], data_dir: Path
 ) -> dict[str, ReleasedReadings]:
     """What became of the released readings of each visit asked (`visit list`, the console's Visits
-    page), one entry per visit: one quarantined on its own (its record damaged) is not "sent" until
-    the outbox sent it - the outbox item's state is the truth, not the record (restored in
-    visits.db, it waits for `lastmile retry`). The outbox is opened once for all the visits asked
-    (a Pi's `visit list`). None released on a visits.db not migrated to 0007 yet."""
+    page), one entry per visit: one quarantined on its own (its record damaged, or one FHIR cannot
+    say) is not "sent" until the outbox sent it - the outbox item's state is the truth, not the
+    record (restored in visits.db, it waits for `lastmile retry`). The outbox is opened once for all
+    the visits asked (a Pi's `visit list`). None released on a visits.db not migrated to 0007 yet."""
     released: list[tuple[str, str]] = []
     if visit_ids and "released_at" in columns_of(conn, "visit_items"):
         marks = ",".join("?" * len(visit_ids))
@@ -286,8 +286,8 @@ def released_readings(
         ]
     not_sent = _not_sent(data_dir, [key for _, key in released])
     sent = Counter(visit_id for visit_id, key in released if key not in not_sent)
-    damaged = Counter(visit_id for visit_id, key in released if key in not_sent)
-    return {str(v): ReleasedReadings(sent[str(v)], damaged[str(v)]) for v in visit_ids}
+    unsent = Counter(visit_id for visit_id, key in released if key in not_sent)
+    return {str(v): ReleasedReadings(sent[str(v)], unsent[str(v)]) for v in visit_ids}
 
 
 FileState = tuple[tuple[int, int, int] | None, ...]
