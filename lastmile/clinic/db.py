@@ -246,6 +246,10 @@ MIGRATIONS = (
         "ALTER TABLE devices ADD COLUMN lost_after TEXT;\n"
         "ALTER TABLE devices ADD COLUMN lost_at TEXT;",
     ),
+    # the Bluetooth SIG services (16-bit UUIDs, hex, comma-separated) a device advertised or
+    # offered when the BLE link saw or connected it: a cuff named by its model number ("UA-651BLE")
+    # is known by its Blood Pressure service (1810) before its first reading. NULL: none seen yet
+    Migration.sql("0018_device_services", "ALTER TABLE devices ADD COLUMN services TEXT;"),
 )
 
 
