@@ -202,6 +202,7 @@ class DeviceSession:
                     raise
                 # A cuff that has sent its memory hangs up, even while we are still subscribing.
                 log.info("%s: device hung up during set-up", self.address)
+            _end_if_cancelled()
             await self._gone.wait()
             log.info(
                 "%s: disconnected (%d stored, %d already known, %d not results%s)",
@@ -453,6 +454,16 @@ class DeviceSession:
         if m.sequence is not None and not self._sequence_broken:
             self.port.set_last_sequence(self.address, m.sequence)
         self.m.on_observation(self.address, obs, created)
+
+
+def _end_if_cancelled() -> None:
+    """End a session cancelled (a stop, an unpair) during its set-up even if the cancel was lost
+    there: a library awaiting with Python 3.11's `asyncio.wait_for` can drop one that races its
+    result, and a device that never hangs up (a streaming oximeter) would keep the session, and
+    the stop, waiting for ever."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def sig_services(uuid_texts: Iterable[str]) -> frozenset[int]:
