@@ -567,3 +567,40 @@ def test_a_device_unpaired_while_connected_is_disconnected_and_nothing_more_is_s
     assert oxi.connection is None and oxi.connections == 1  # hung up on, and not connected again
     record = gw.registry.get(OXI)
     assert record.removed and not record.connected
+
+
+class CancelDroppingClient(EmulatedBleakClient):
+    """Its first read answers just as the session is cancelled, and the answer wins: what a library
+    awaiting with Python 3.11's `asyncio.wait_for` does when a cancel races the result."""
+
+    reading: asyncio.Event  # set once the first read waits
+
+    async def read_gatt_char(self, characteristic: Any, **kwargs: Any) -> bytearray:
+        answer = await super().read_gatt_char(characteristic, **kwargs)
+        if self.reading.is_set():
+            return answer
+        self.reading.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            pass  # the cancel lost
+        return answer
+
+
+def test_a_stop_during_set_up_ends_the_session_of_a_device_that_never_hangs_up(gw: Gateway) -> None:
+    """The BLE service was stopped (or the oximeter unpaired) while the link was still setting the
+    oximeter up, and the cancel got lost in a GATT request: the session went on, subscribed, and
+    waited for a hang-up the streaming oximeter never makes - the stop hung (systemd's kill after
+    its timeout). Now a session cancelled during set-up ends after it, and disconnects."""
+    gw.allow(OXI)
+
+    async def main() -> PulseOximeter:
+        radio = gw.new_radio()
+        reading = asyncio.Event()
+        client = type("Dropping", (CancelDroppingClient,), {"radio": radio, "reading": reading})
+        oxi = PulseOximeter(radio, OXI, "Oximeter", stream_interval_s=0.05)
+        await asyncio.wait_for(gw.run([oxi], client_backend=client, until=reading.is_set), 20)
+        return oxi
+
+    oxi = asyncio.run(main())
+    assert oxi.connection is None and not gw.registry.get(OXI).connected

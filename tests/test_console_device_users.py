@@ -3,7 +3,9 @@ reading is (Today), seen and forgotten on Devices - the same code as `lastmile p
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import importlib.util
 import re
 from collections.abc import Iterator
 from dataclasses import replace
@@ -12,10 +14,13 @@ from typing import Any
 
 import pytest
 
+from devices.ble.uuids import BLOOD_PRESSURE, DEVICE_INFORMATION
 from devices.observation import Observation
 from lastmile.clinic.db import open_clinic_db
+from lastmile.clinic.device_users import PRESSURE_UNIT
 from lastmile.config import Config
 from lastmile.console.service import ConsoleServer
+from tests.conftest import missing
 from tests.console_browser import by, log_in, save_screenshot, set_viewport, text_in, wait_for
 from tests.console_harness import (
     DOCTOR,
@@ -340,3 +345,55 @@ def test_the_devices_page_offers_users_only_on_a_bp_cuff(clinic: tuple[Config, C
     rows = {a: row for row in page.split('<li class="card">')[1:] for a in re.findall(r"BLE (\S+)</span>", row)}
     for address in (thermometer, oximeter):
         assert "用户" not in rows[address], rows[address]
+
+
+def test_a_cuff_named_by_its_model_number_gets_the_users_form_once_the_link_has_seen_it(
+    clinic: tuple[Config, ConsoleServer], doctor: Client
+) -> None:
+    """Common cuffs go by a model number: Omron's advertise "BLEsmart_0000...", A&D's "UA-651BLE".
+    Paired under those names they lost the "user N is (patient ID)" form until their first reading,
+    though the link had seen them advertise the Blood Pressure service (0x1810): the real bleak API
+    over bumble-emulated devices, none of which has sent a reading. The cuffs get the form from
+    what the link saw; the thermometer and the oximeter (their own services) still do not."""
+    if importlib.util.find_spec("bumble") is None:
+        missing("bumble (the emulation extra) is not installed")
+    from firmware_bridge.ble.emulated_peripherals import BloodPressureCuff, PulseOximeter, Thermometer
+    from tests.ble_gateway import Gateway
+
+    config, _server = clinic
+    omron, a_and_d, thermometer, oximeter = (
+        "AA:BB:CC:DD:EE:11",
+        "AA:BB:CC:DD:EE:12",
+        "AA:BB:CC:DD:EE:13",
+        "AA:BB:CC:DD:EE:14",
+    )
+    for address, name in ((omron, ""), (a_and_d, "UA-651BLE"), (thermometer, "UT-201BLE"), (oximeter, "PC-60F")):
+        assert doctor.post("/devices/pair", {"address": address, "name": name}).status == 303
+    gateway = Gateway(config.data_dir)
+    try:
+
+        async def link_sees_them() -> None:
+            radio = gateway.new_radio()
+            devices = [
+                BloodPressureCuff(radio, omron, "BLEsmart_00000116", manufacturer="OMRON", model="HEM-7600T"),
+                BloodPressureCuff(radio, a_and_d, "UA-651BLE", manufacturer="A&D", model="UA-651BLE"),
+                Thermometer(radio, thermometer, "UT-201BLE", manufacturer="A&D", model="UT-201BLE"),
+                PulseOximeter(radio, oximeter, "PC-60F", manufacturer="Creative", model="PC-60F"),
+            ]
+            addresses = (omron, a_and_d, thermometer, oximeter)
+            # every device connected and its Device Information read: the link knows all it will
+            await gateway.run(devices, until=lambda: all(gateway.registry.get(a).serial for a in addresses))
+
+        asyncio.run(link_sees_them())
+        assert all(PRESSURE_UNIT not in gateway.registry.get(a).last_reading for a in (omron, a_and_d))
+        # the rows keep what was advertised (1810) and what the connection found (180A, not advertised)
+        for address in (omron, a_and_d):
+            assert {BLOOD_PRESSURE, DEVICE_INFORMATION} <= set(gateway.registry.get(address).services)
+        for address in (thermometer, oximeter):
+            assert BLOOD_PRESSURE not in gateway.registry.get(address).services
+    finally:
+        gateway.close()
+
+    page = doctor.get("/devices").body
+    offered = set(re.findall(r'action="/devices/map-user"[^>]*data-address="([^"]+)"', page))
+    assert offered == {omron, a_and_d}, offered

@@ -36,7 +36,7 @@ import functools
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -97,6 +97,9 @@ class DeviceStatus:
     error: str | None = None
     identity: DeviceIdentity | None = None
     name: str | None = None
+    # 16-bit SIG UUIDs of the services it advertised (seen) or offers (connected): a cuff called
+    # by its model number is still known by its Blood Pressure service before its first reading
+    services: frozenset[int] = frozenset()
 
 
 class GatewayPort(Protocol):
@@ -139,13 +142,20 @@ class LinkSettings:
 class DeviceSession:
     """One connection to one device, from connect to hang-up."""
 
-    def __init__(self, manager: BleDeviceManager, ble_device: BLEDevice, pair_required: bool) -> None:
+    def __init__(
+        self,
+        manager: BleDeviceManager,
+        ble_device: BLEDevice,
+        pair_required: bool,
+        advertised: frozenset[int] = frozenset(),
+    ) -> None:
         self.m = manager
         self.port = manager.port
         self.s = manager.settings
         self.ble_device = ble_device
         self.address = ble_device.address.upper()
         self.pair_required = pair_required
+        self.advertised = advertised  # the SIG services it advertised when seen
         self.paired = False
         self.client: BleakClient | None = None
         self.identity = DeviceIdentity(address=self.address)
@@ -162,7 +172,7 @@ class DeviceSession:
 
     # -- the session ------------------------------------------------------------------------
     async def run(self) -> None:
-        self.port.report(DeviceStatus(self.address, seen=True, name=self.ble_device.name))
+        self.port.report(DeviceStatus(self.address, seen=True, name=self.ble_device.name, services=self.advertised))
         kwargs: dict[str, Any] = {}
         if self.m.client_backend is not None:
             kwargs["backend"] = self.m.client_backend
@@ -178,7 +188,8 @@ class DeviceSession:
         self.paired = self.pair_required
         try:
             log.info("%s: connected", self.address)
-            self.port.report(DeviceStatus(self.address, connected=True))
+            offered = sig_services(service.uuid for service in self.client.services)
+            self.port.report(DeviceStatus(self.address, connected=True, services=offered))
             try:
                 self.identity = await self._read_identity()
                 self.port.report(DeviceStatus(self.address, identity=self.identity))
@@ -191,6 +202,7 @@ class DeviceSession:
                     raise
                 # A cuff that has sent its memory hangs up, even while we are still subscribing.
                 log.info("%s: device hung up during set-up", self.address)
+            _end_if_cancelled()
             await self._gone.wait()
             log.info(
                 "%s: disconnected (%d stored, %d already known, %d not results%s)",
@@ -444,6 +456,21 @@ class DeviceSession:
         self.m.on_observation(self.address, obs, created)
 
 
+def _end_if_cancelled() -> None:
+    """End a session cancelled (a stop, an unpair) during its set-up even if the cancel was lost
+    there: a library awaiting with Python 3.11's `asyncio.wait_for` can drop one that races its
+    result, and a device that never hangs up (a streaming oximeter) would keep the session, and
+    the stop, waiting for ever."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+def sig_services(uuid_texts: Iterable[str]) -> frozenset[int]:
+    """The 16-bit numbers of the SIG-base service UUIDs among `uuid_texts` (vendor UUIDs left out)."""
+    return frozenset(u for u in map(short_uuid, uuid_texts) if u is not None)
+
+
 def _needs_bonding(exc: Exception) -> bool:
     if isinstance(exc, BleakGATTProtocolError):
         return int(exc.code) in AUTH_ERROR_CODES
@@ -609,7 +636,7 @@ class BleDeviceManager:
             return
         if address in self.sessions or self._not_before.get(address, 0.0) > time.monotonic():
             return
-        session = DeviceSession(self, device, self._allowed[address])
+        session = DeviceSession(self, device, self._allowed[address], sig_services(adv.service_uuids))
         task = asyncio.get_running_loop().create_task(session.run(), name=f"ble {address}")
         self.sessions[address] = task
         task.add_done_callback(functools.partial(self._session_done, address))

@@ -253,6 +253,10 @@ MIGRATIONS = (
         "ALTER TABLE devices ADD COLUMN memory_reading_count INTEGER NOT NULL DEFAULT 0;\n"
         "ALTER TABLE devices ADD COLUMN memory_ecg_count INTEGER NOT NULL DEFAULT 0;",
     ),
+    # the Bluetooth SIG services (16-bit UUIDs, hex, comma-separated) a device advertised or
+    # offered when the BLE link saw or connected it: a cuff named by its model number ("UA-651BLE")
+    # is known by its Blood Pressure service (1810) before its first reading. NULL: none seen yet
+    Migration.sql("0019_device_services", "ALTER TABLE devices ADD COLUMN services TEXT;"),
 )
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import sqlite_utils
 
 from devices.ble.measurement import UNKNOWN_USER  # Bluetooth "unknown user": nobody's index (0xFF)
+from devices.ble.uuids import BLOOD_PRESSURE
 from devices.identity import Patient
 from lastmile.clinic.db import from_iso, iso, transaction
 from lastmile.clinic.devices import DeviceRecord, is_bluetooth_address, normalise_address
@@ -62,10 +63,14 @@ class DeviceUser:
 def may_have_users(device: DeviceRecord, mapped: Collection[str]) -> bool:
     """Whether a paired device can be a BP cuff with user buttons, so whose its users are means
     something: one whose users were mapped already (`mapped`: their addresses), one that sent a
-    blood-pressure reading, or one called a BP cuff. Pairing records an address and a name only
-    (`lastmile ble pair`, the console's form): a thermometer or an oximeter is told apart by its
-    name, or by its first reading. A device nothing says is a cuff yet gets no users' form."""
+    blood-pressure reading, one the BLE link saw advertise or offer the Blood Pressure service
+    (a cuff named by its model number, "UA-651BLE", before its first reading), or one called a
+    BP cuff. Pairing records an address and a name only (`lastmile ble pair`, the console's
+    form): until the link has seen it, a thermometer or an oximeter is told apart by its name.
+    A device nothing says is a cuff yet gets no users' form."""
     if normalise_address(device.address) in mapped or PRESSURE_UNIT in device.last_reading:
+        return True
+    if BLOOD_PRESSURE in device.services:
         return True
     return any(CUFF_NAME.search(text) for text in (device.name, device.model))
 

@@ -15,6 +15,7 @@ import datetime as dt
 import enum
 import os
 import sqlite3
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 
 import sqlite_utils
@@ -75,6 +76,7 @@ class DeviceRecord:
     lost_ecg_count: int = 0  # ... and streamed ECGs
     lost_after: dt.datetime | None = None  # the row's last word on them before the stop
     lost_at: dt.datetime | None = None  # the restart that found them gone (LOST_SAID_FOR from then)
+    services: tuple[int, ...] = ()  # SIG services (16-bit UUIDs) the BLE link saw it advertise or offer
 
     @property
     def waits_for_space(self) -> bool:
@@ -167,6 +169,16 @@ def lost_message(words: str) -> str:
     return f"{words} held in memory only (waiting for space) were lost when the gateway stopped"
 
 
+def services_text(services: Iterable[int]) -> str:
+    """How a device row keeps its services: sorted hex 16-bit UUIDs, "180A,1810"."""
+    return ",".join(f"{u:04X}" for u in sorted(set(services)))
+
+
+def parse_services(text: str | None) -> tuple[int, ...]:
+    """A row's services column (`services_text`) read back; NULL or "": none seen."""
+    return tuple(int(u, 16) for u in (text or "").split(",") if u)
+
+
 def normalise_address(address: str) -> str:
     return address.strip().upper()
 
@@ -239,6 +251,7 @@ def _record(row: sqlite3.Row, serial: frozenset[str] | None = None) -> DeviceRec
         **{count: row[count] for count in _COUNTS},
         lost_after=from_iso(row["lost_after"]),
         lost_at=from_iso(row["lost_at"]),
+        services=parse_services(row["services"]),
         removed=(transport == "ble" and not allowed)
         or (transport == "serial" and serial is not None and row["address"] not in serial),
     )
@@ -315,11 +328,13 @@ class DeviceRegistry:
         reading: str | None = None,
         reading_at: dt.datetime | None = None,
         name: str | None = None,
+        services: Iterable[int] = (),
     ) -> None:
         """Record what just happened to a device; only the given facts change (`held`: where
         the readings waiting for space are, `held_counts` how many readings and streamed ECGs,
         `memory_counts` how many of them are held in memory only; they stay, whatever later errors
-        say, until given again)."""
+        say, until given again; `services` are added to those seen before: a later advertisement
+        names fewer than the connection found)."""
         address = normalise_address(address)
         sets: dict[str, object] = {"updated_at": iso(now)}
         if connected is not None:
@@ -344,10 +359,17 @@ class DeviceRegistry:
             sets["last_reading_at"] = iso(reading_at or now)
         if name:
             sets["name"] = name
-        assignments = ", ".join(f"{k} = ?" for k in sets)
         with transaction(self.db) as conn:
             self._ensure(conn, address, transport, now)
+            if services:
+                sets["services"] = services_text({*services, *self._services(conn, address)})
+            assignments = ", ".join(f"{k} = ?" for k in sets)
             conn.execute(f"UPDATE devices SET {assignments} WHERE address = ?", (*sets.values(), address))
+
+    @staticmethod
+    def _services(conn: sqlite3.Connection, address: str) -> tuple[int, ...]:
+        row = conn.execute("SELECT services FROM devices WHERE address = ?", (address,)).fetchone()
+        return parse_services(row[0] if row else None)
 
     def record_lost(self, record: DeviceRecord, counts: tuple[int, int], *, now: dt.datetime) -> None:
         """Readings and streamed ECGs (`counts`) a stop lost from memory of what `record` (the row

@@ -74,6 +74,7 @@ class ClinicBlePort:
             error=status.error,
             identity=status.identity,
             name=status.name,
+            services=status.services,
         )
 
     def last_sequence(self, address: str) -> int | None:
