@@ -8,13 +8,19 @@ import datetime as dt
 import sqlite3
 import subprocess
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from lastmile.config import Config, load_config
 from lastmile.demo.loopback import free_port
+from tests.fhir_samples import queue_visits
+from tests.fhir_server import FhirTestServer
+from uploader.fhir_forwarder import forward_fhir_once
+from uploader.fhir_sender import FhirSender, FhirSenderSettings
+from uploader.outbox import Outbox
 
 VALID_ID = "11010519491231002X"  # GB 11643's own example
 
@@ -133,3 +139,36 @@ def tool(answers: dict[str, subprocess.CompletedProcess[str] | None]):  # -> Run
         return answers.get(cmd[0])
 
     return run
+
+
+# -- the county platform's link: real FHIR forwarder rounds against a real FHIR test server ---------
+
+
+@contextmanager
+def forwarding(config: Config, base_url: str) -> Iterator[tuple[Outbox, FhirSender]]:
+    """The gateway's outbox and a FHIR sender to `base_url`, for the forwarder's rounds."""
+    settings = FhirSenderSettings(base_url=base_url, connect_timeout_s=2.0)
+    with FhirSender(settings) as sender, Outbox.open(config.data_dir, min_free_bytes=0) as outbox:
+        yield outbox, sender
+
+
+def busy_after_taking_two(config: Config, t0: float, busy_after_s: Sequence[float]) -> None:
+    """The platform takes two visit records at `t0`, then answers a third 429 (busy, Retry-After)
+    at each round `busy_after_s` later."""
+    with FhirTestServer() as server, forwarding(config, server.base_url) as (outbox, sender):
+        queue_visits(outbox, range(2))
+        assert forward_fhir_once(outbox, sender, t0).sent == 2
+        queue_visits(outbox, range(2, 3))
+        for after_s in busy_after_s:
+            server.faults.append("429")
+            assert forward_fhir_once(outbox, sender, t0 + after_s).transient == 1
+
+
+def not_answering_after_taking_one(config: Config, t0: float) -> None:
+    """The platform takes a visit record at `t0`, then nothing listens at its address a second on."""
+    with FhirTestServer() as server, forwarding(config, server.base_url) as (outbox, sender):
+        queue_visits(outbox, range(1))
+        assert forward_fhir_once(outbox, sender, t0).sent == 1
+    with forwarding(config, f"http://127.0.0.1:{free_port()}/fhir") as (outbox, sender):
+        queue_visits(outbox, range(1, 2))
+        assert forward_fhir_once(outbox, sender, t0 + 1).transient == 1

@@ -21,6 +21,7 @@ from tests.console_browser import by, log_in, save_screenshot, set_viewport
 from tests.console_harness import DOCTOR, Client, console_config, running_console
 from tests.fhir_samples import queue_visits
 from tests.fhir_server import FhirTestServer, RefusesVisits
+from tests.metrics_harness import busy_after_taking_two
 from uploader.fhir_forwarder import forward_fhir_once
 from uploader.fhir_sender import FhirSender, FhirSenderSettings
 
@@ -73,6 +74,21 @@ def not_answering(config: Config) -> None:
         assert forward_fhir_once(outbox, sender, time.time()).transient == 1
 
 
+def busy_for_long(config: Config) -> None:
+    """It took two visit records 41 minutes ago, then answered 429 (busy) at every try since."""
+    busy_after_taking_two(config, time.time() - 2460, busy_after_s=(60, 1260, 2460))  # each after the backoff
+    config.fhir.base_url = "https://fhir.county.example/r4"
+
+
+def refuses_all(config: Config) -> None:
+    """It took two visit records, then answered 500 to every bundle, alone or merged."""
+    all_sent(config)
+    with FhirTestServer() as server, sender_to(server, config) as sender, open_outbox(config) as outbox:
+        queue_visits(outbox, range(2, 6), patient_of=lambda n: f"P-{n}")
+        server.faults.extend(["500"] * 10)
+        assert forward_fhir_once(outbox, sender, time.time()).refused_everything
+
+
 def county_row(config: Config, language: str = "zh-CN") -> str | None:
     """The row's text on the System page, as the console serves it; None: no row."""
     with running_console(config) as server:
@@ -120,6 +136,30 @@ def test_one_record_refused_says_to_tell_the_county_it(tmp_path: Path, language:
     refused_one(config)
     row = county_row(config, language)
     assert row is not None and advice in row and "lastmile" not in row, row
+
+
+@pytest.mark.parametrize(
+    ("rounds", "said"),
+    [(busy_for_long, "平台繁忙，自 "), (refuses_all, "拒收所有记录，自 ")],
+    ids=["busy-41-minutes", "refuses-all"],
+)
+def test_a_platform_that_takes_nothing_says_since_when_and_to_tell_the_county_it(
+    tmp_path: Path, rounds: Callable[[Config], None], said: str
+) -> None:
+    """Busy 41 minutes the row said "busy, will retry by itself" while the county's metric said
+    down; refusing every record it said "will retry by itself" and no more: the doctor waited."""
+    config = console_config(tmp_path / "data")
+    rounds(config)
+    row = county_row(config)
+    assert row is not None and row.startswith(said), row
+    assert "起未接收任何记录" in row and row.endswith("请告知县信息科") and "自动重试" not in row, row
+
+
+def test_a_long_busy_platform_reads_english_too(tmp_path: Path) -> None:
+    config = console_config(tmp_path / "data")
+    busy_for_long(config)
+    row = county_row(config, "en")
+    assert row is not None and row.startswith("busy, nothing taken since ") and row.endswith("tell the county IT"), row
 
 
 def test_no_row_when_no_county_platform_is_configured(tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,8 +24,11 @@ from tests.fhir_samples import queue_visits
 from tests.fhir_server import FhirTestServer, RefusesVisits
 from tests.metrics_harness import (
     NOW,
+    busy_after_taking_two,
     config_at,
+    forwarding,
     make_report_store,
+    not_answering_after_taking_one,
     parse_exposition,
     queue_ecgs,
     scrape,
@@ -35,7 +37,6 @@ from tests.metrics_harness import (
     write_config,
 )
 from uploader.fhir_forwarder import forward_fhir_once
-from uploader.fhir_sender import FhirSender, FhirSenderSettings
 from uploader.outbox import Hold, Kind, Outbox
 
 # `chronyc -c -n tracking` from chrony 4.3 (Debian 12), captured from a real chronyd on loopback:
@@ -465,26 +466,6 @@ def fhir_link_state(config: Config) -> dict[str, float | None]:
     return {s: value(samples, "lastmile_link_state", destination="fhir", state=s) for s in ("up", "down", "refused")}
 
 
-@contextmanager
-def forwarding(config: Config, base_url: str) -> Iterator[tuple[Outbox, FhirSender]]:
-    """The gateway's outbox and a FHIR sender to `base_url`, for the forwarder's rounds."""
-    settings = FhirSenderSettings(base_url=base_url, connect_timeout_s=2.0)
-    with FhirSender(settings) as sender, Outbox.open(config.data_dir, min_free_bytes=0) as outbox:
-        yield outbox, sender
-
-
-def busy_after_taking_two(config: Config, t0: float, busy_after_s: Sequence[float]) -> None:
-    """The platform takes two visit records at `t0`, then answers a third 429 (busy, Retry-After)
-    at each round `busy_after_s` later."""
-    with FhirTestServer() as server, forwarding(config, server.base_url) as (outbox, sender):
-        queue_visits(outbox, range(2))
-        assert forward_fhir_once(outbox, sender, t0).sent == 2
-        queue_visits(outbox, range(2, 3))
-        for after_s in busy_after_s:
-            server.faults.append("429")
-            assert forward_fhir_once(outbox, sender, t0 + after_s).transient == 1
-
-
 def test_a_busy_county_platform_is_up_not_down(tmp_path: Path) -> None:
     """The platform takes the visit records, then answers the next one 429 (busy, Retry-After):
     the county's link_state said "down" - a false alarm, the platform answers; the queue metrics
@@ -533,11 +514,5 @@ def test_a_county_platform_busy_for_long_is_down(tmp_path: Path) -> None:
 def test_a_county_platform_that_does_not_answer_is_down(tmp_path: Path) -> None:
     """Nothing listens at the platform's address: down, after it last took something."""
     config = config_at(write_config(tmp_path))
-    t0 = time.time() - 60
-    with FhirTestServer() as server, forwarding(config, server.base_url) as (outbox, sender):
-        queue_visits(outbox, range(1))
-        assert forward_fhir_once(outbox, sender, t0).sent == 1
-    with forwarding(config, f"http://127.0.0.1:{free_port()}/fhir") as (outbox, sender):
-        queue_visits(outbox, range(1, 2))
-        assert forward_fhir_once(outbox, sender, t0 + 1).transient == 1
+    not_answering_after_taking_one(config, time.time() - 60)
     assert fhir_link_state(config) == {"up": 0, "down": 1, "refused": 0}

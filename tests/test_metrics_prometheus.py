@@ -207,7 +207,7 @@ def test_prometheus_scrapes_the_gateway_and_sees_what_it_holds(gateway: dict[str
         # the alert rules evaluate on the real series: every rule healthy, the refusal pending
         rules = [r for group in prom.get("/api/v1/rules")["groups"] for r in group["rules"]]
         written = RULES.read_text().count("- alert:")  # every rule the county's file has, loaded
-        assert len(rules) == written == 15 and all(r["health"] == "ok" for r in rules), [
+        assert len(rules) == written == 16 and all(r["health"] == "ok" for r in rules), [
             r for r in rules if r["health"] != "ok"
         ]
         wait_for(

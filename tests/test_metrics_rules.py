@@ -5,16 +5,27 @@ name is one the exporter really emits."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 import shutil
 import subprocess
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from lastmile.config import Config
 from lastmile.services import metrics_sources as sources
-from lastmile.services.metrics import SERVICES, GatewayCollector
+from lastmile.services.metrics import SERVICES, GatewayCollector, render_once
 from tests.conftest import REPO, require_tool
-from tests.metrics_harness import config_at, make_report_store, queue_ecgs, write_config
+from tests.metrics_harness import (
+    busy_after_taking_two,
+    config_at,
+    make_report_store,
+    not_answering_after_taking_one,
+    parse_exposition,
+    queue_ecgs,
+    write_config,
+)
 
 DOCS = REPO / "docs/prometheus"
 RULES = DOCS / "lastmile-alerts.yml"
@@ -31,7 +42,7 @@ def alert_names(text: str) -> list[str]:
 
 def test_rules_and_the_example_configuration_pass_promtool_check() -> None:
     rules = promtool("check", "rules", RULES.name)
-    assert rules.returncode == 0 and "SUCCESS: 15 rules found" in rules.stdout, rules.stdout + rules.stderr
+    assert rules.returncode == 0 and "SUCCESS: 16 rules found" in rules.stdout, rules.stdout + rules.stderr
     config = promtool("check", "config", "prometheus.yml")
     assert config.returncode == 0, config.stdout + config.stderr
 
@@ -90,3 +101,71 @@ def test_the_rules_and_their_tests_name_only_series_the_exporter_emits(tmp_path:
     named = set(re.findall(r"\blastmile_[a-z_]+", RULES.read_text() + RULE_TESTS.read_text()))
     assert named, "the rules name no lastmile series?"
     assert named <= emitted, sorted(named - emitted)
+
+
+# -- the county platform's link: the rule on what the exporter really says ------------------------
+
+PLATFORM_DOWN = "LastmileHealthPlatformDown"
+
+
+def fhir_link_series(tmp_path: Path, instance: str, rounds: Callable[[Config], None]) -> list[dict[str, str]]:
+    """lastmile_link_state{destination="fhir"} as a gateway's exporter says it after the FHIR
+    forwarder's real `rounds`, as promtool input series: each sample held for 40 one-minute scrapes."""
+    config = config_at(write_config(tmp_path))
+    rounds(config)
+    return [
+        {
+            "series": f'{name}{{instance="{instance}",destination="fhir",state="{labels["state"]}"}}',
+            "values": f"{v:g}x40",
+        }
+        for name, labels, v in parse_exposition(render_once(config))
+        if name == "lastmile_link_state" and labels.get("destination") == "fhir"
+    ]
+
+
+def firing_after(tmp_path: Path, series: list[dict[str, str]], minutes: int) -> list[dict[str, str]]:
+    """The county platform alerts firing `minutes` into those series, by promtool's own evaluation:
+    its test of an expected empty ALERTS fails and prints what it got instead."""
+    test = {
+        "rule_files": [str(RULES)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "promql_expr_test": [
+                    {
+                        "expr": f'ALERTS{{alertname="{PLATFORM_DOWN}",alertstate="firing"}}',
+                        "eval_time": f"{minutes}m",
+                        "exp_samples": [],
+                    }
+                ],
+            }
+        ],
+    }
+    (tmp_path / "platform.test.yml").write_text(json.dumps(test))  # JSON is YAML
+    result = promtool("test", "rules", "platform.test.yml", cwd=tmp_path)
+    out = result.stdout + result.stderr
+    if result.returncode == 0:
+        return []
+    got = out.partition("got:")[2]
+    assert got, out
+    return [dict(re.findall(r'(\w+)="([^"]*)"', labels)) for labels in re.findall(r"\{[^}]*\}", got)]
+
+
+def test_a_county_platform_that_does_not_answer_alerts_the_county(tmp_path: Path) -> None:
+    """The exporter said the platform down (nothing listens at its address) and no rule watched it:
+    the county learned of it only when a home visit had waited a day (LastmileQueueStuck)."""
+    series = fhir_link_series(tmp_path, "gw-down", lambda c: not_answering_after_taking_one(c, time.time() - 60))
+    assert not firing_after(tmp_path, series, 5)  # not before its `for:`
+    [alert] = firing_after(tmp_path, series, 20)
+    assert alert["instance"] == "gw-down" and alert["severity"] == "critical", alert
+
+
+def test_a_county_platform_busy_five_minutes_does_not_alert(tmp_path: Path) -> None:
+    """It took two visit records, then answered 429 (busy) for 5 minutes: it answers, no alert."""
+    series = fhir_link_series(
+        tmp_path, "gw-busy", lambda c: busy_after_taking_two(c, time.time() - 300, busy_after_s=(60, 120, 240))
+    )
+    assert series, "the exporter said nothing of the county platform"
+    assert not firing_after(tmp_path, series, 30)

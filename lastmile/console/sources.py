@@ -187,6 +187,8 @@ class CountyLink:
     said: str  # uploader.fhir_link.Said: "busy", "refused one", "down" ...; "" before the first round
     down_since: dt.datetime | None  # not answering since then
     last_sent: dt.datetime | None
+    down: bool = False  # nothing reaches it, as lastmile_link_state says (`FhirPlatform.down`)
+    taking_nothing_since: dt.datetime | None = None  # `FhirPlatform.taking_nothing_since`
 
 
 @dataclass(frozen=True, slots=True)
@@ -781,12 +783,18 @@ class ClinicData:
             metered_budget_spent=bool(blocked) and metered is not None and metered.budget_spent_today,
         )
 
-    def county_link(self) -> CountyLink | None:
+    def county_link(self, now: dt.datetime) -> CountyLink | None:
         """The county health platform's link; None when none is configured (fhir.base_url)."""
         if not self.config.fhir.base_url:
             return None
         platform = fhir_platform(self.outbox.status(FHIR_STATUS))
-        return CountyLink(platform.said or "", _t(platform.down_since), _t(platform.last_sent_at))
+        return CountyLink(
+            platform.said or "",
+            _t(platform.down_since),
+            _t(platform.last_sent_at),
+            down=platform.down(now.timestamp()),
+            taking_nothing_since=_t(platform.taking_nothing_since),
+        )
 
     def metered_hold(self, now: dt.datetime) -> MeteredWait | None:
         """Why routine ECGs wait on the metered link now and since when, if any do

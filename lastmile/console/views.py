@@ -137,7 +137,7 @@ def system(data: ClinicData, now: dt.datetime, is_admin: bool) -> dict[str, Any]
     return {
         "now": now,
         "link": data.link_status(now, data.metered_hold(now)),
-        "county": data.county_link(),
+        "county": data.county_link(now),
         "disk": {"free": usage.free, "total": usage.total, "min_free": data.config.outbox.min_free_mb * 2**20},
         "versions": versions(),
         "users": data.accounts.users() if is_admin else [],

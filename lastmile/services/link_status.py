@@ -67,12 +67,23 @@ class FhirPlatform:
     def down(self, now: float) -> bool:
         if self.said in (Said.DOWN, Said.REFUSES_ALL):
             return True
-        return self.said is Said.BUSY and now - self._taking_nothing_since(now) >= BUSY_DOWN_AFTER_S
+        since = self.taking_nothing_since
+        return self.said is Said.BUSY and since is not None and now - since >= BUSY_DOWN_AFTER_S
 
-    def _taking_nothing_since(self, now: float) -> float:
-        """Busy since the later of the spell's first round and the last bundle it took."""
-        known = [t for t in (self.busy_since, self.last_sent_at) if t is not None]
-        return max(known) if known else now
+    @property
+    def taking_nothing_since(self) -> float | None:
+        """Since when it took nothing, as judged (None: it takes records, or it never took any and
+        no spell says since when): not answering since the spell's first round; busy since the
+        later of the spell's first round and the last bundle it took; refusing all since the last
+        bundle it took."""
+        if self.said is Said.DOWN:
+            return self.down_since
+        if self.said is Said.REFUSES_ALL:
+            return self.last_sent_at
+        if self.said is Said.BUSY:
+            known = [t for t in (self.busy_since, self.last_sent_at) if t is not None]
+            return max(known) if known else None
+        return None
 
 
 def fhir_platform(status: dict[str, Any] | None) -> FhirPlatform:
