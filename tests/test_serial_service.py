@@ -4,6 +4,7 @@ DICOM in the outbox, scanner -> patient context, ASCII monitor -> observations, 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -811,10 +812,17 @@ def test_readings_all_held_in_memory_only_and_lost_at_a_stop_are_said_once(
         assert (row.lost_reading_count, row.lost_ecg_count) == (3, 0), row
         said = [(f.level, f.message) for f in Doctor(r.config).check_devices() if "lost when" in f.message]
         listed = lastmile_devices_lists(r.config, tmp_path, capsys)
+        # the Devices page, in Chinese, of a console that knows the monitor (else: a removed device's history)
+        shown = dataclasses.replace(console_config(Path(r.config.data_dir)), serial=r.config.serial)
+        with running_console(shown) as console:
+            client = Client(console.url)
+            client.login()
+            page = client.get("/devices").body
     finally:
         r.close()
     assert [level for level, _ in said] == [Level.FAIL], said
     assert listed.count("3 reading(s) held in memory only") == 1, listed
+    assert "网关停机时丢失：3 条测量结果（当时仅在内存中）" in page, page  # not on the doctor's and CLI's word only
 
 
 def test_readings_a_row_from_before_the_counts_held_in_memory_only_are_not_lost_silently(
