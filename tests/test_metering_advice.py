@@ -125,7 +125,7 @@ def test_doctor_blames_the_link_for_routine_ecgs_a_day_with_budget_left_did_not_
     queue_items(tmp_path, 2, at=now - 3 * DAY)
     d = doctor(tmp_path, "[reading_center.metered]\ndaily_budget_mb = 1.0\n", now=lambda: now)
     with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
-        meters(d.config, outbox)["dicom"].meter.spend(2**20, now)
+        meters(d.config, outbox)["dicom"].spend(2**20, now)
     found = queue_findings(d.check_queue())
     text = render_text(found)
     assert [f.advice_key for f in found] == ["waiting"] and "is the link down" in found[0].hint, text
@@ -139,7 +139,7 @@ def test_doctor_does_not_fail_a_week_of_routine_ecgs_a_spent_daily_budget_holds(
     d = doctor(tmp_path, "[reading_center.metered]\ndaily_budget_mb = 1.0\n", now=lambda: now)
     with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
         for days_ago in range(KEEP_DAYS):  # spent every day the meter remembers
-            meters(d.config, outbox)["dicom"].meter.spend(2**20, now - days_ago * DAY)
+            meters(d.config, outbox)["dicom"].spend(2**20, now - days_ago * DAY)
     found = queue_findings(d.check_queue())
     text = render_text(found)
     assert Level.FAIL not in [f.level for f in found], text
@@ -179,7 +179,7 @@ def test_the_system_page_tells_the_doctor_in_chinese_what_holds_routine_studies_
     queue_items(config.data_dir, 3, at=now - 2 * DAY)
     with Outbox.open(config.data_dir, min_free_bytes=0) as outbox:
         for days_ago in (0, 1, 2):
-            meters(config, outbox)["dicom"].meter.spend(2**20, now - days_ago * DAY)
+            meters(config, outbox)["dicom"].spend(2**20, now - days_ago * DAY)
     with running_console(config) as server:
         client = Client(server.url)
         client.login(DOCTOR)
@@ -190,7 +190,7 @@ def test_the_system_page_tells_the_doctor_in_chinese_what_holds_routine_studies_
     advice = [li for li in items if 'class="advice"' in li]
     assert len(advice) == 1 and "流量额度太小" in advice[0], shown  # the budget holds them: too small
     with Outbox.open(config.data_dir, min_free_bytes=0) as outbox:
-        blocked = meters(config, outbox)["dicom"].meter.blocked(time.time())
+        blocked = meters(config, outbox)["dicom"].blocked(time.time())
     assert blocked is not None
     opens = dt.datetime.fromtimestamp(blocked.until, dt.timezone.utc)
     assert Localizer("zh-CN", local_zone()).when(opens) in advice[0], shown  # until when
@@ -305,7 +305,7 @@ def test_doctor_does_not_blame_the_link_for_a_routine_ecg_a_window_and_a_spent_b
     )
     with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
         for days_before in (1, 2, 3, 4):  # each night's window spent the budget
-            meters(d.config, outbox)["dicom"].meter.spend(2**20, at(days_before, 21))
+            meters(d.config, outbox)["dicom"].spend(2**20, at(days_before, 21))
     found = queue_findings(d.check_queue())
     text = render_text(found)
     assert "link down" not in text and Level.FAIL not in [f.level for f in found], text
@@ -318,7 +318,7 @@ def spend_every_remembered_day(data_dir: Path, config_text: str, now: float, des
     d = doctor(data_dir, config_text, now=lambda: now)
     with Outbox.open(data_dir, min_free_bytes=0) as outbox:
         for days_ago in range(KEEP_DAYS):
-            meters(d.config, outbox)[destination].meter.spend(2**20, now - days_ago * DAY)
+            meters(d.config, outbox)[destination].spend(2**20, now - days_ago * DAY)
 
 
 def test_doctor_does_not_excuse_a_backlog_by_a_budget_a_link_failing_since_its_last_success_spent(
@@ -493,7 +493,7 @@ def test_a_backlog_a_budget_has_held_longer_than_the_meter_remembers_is_still_th
     d = doctor(tmp_path, WINDOW_AND_BUDGET, now=lambda: now)
     with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
         for days_ago in range(1, 13):  # every night's window spent the budget, longer than the meter keeps
-            meters(d.config, outbox)["dicom"].meter.spend(2**20, now - days_ago * DAY + 9 * 3600)
+            meters(d.config, outbox)["dicom"].spend(2**20, now - days_ago * DAY + 9 * 3600)
     found = queue_findings(d.check_queue())
     text = render_text(found)
     assert Level.FAIL not in [f.level for f in found] and "link down" not in text, text
@@ -741,7 +741,7 @@ def test_the_sent_pages_banner_names_a_spent_budget_as_well_as_the_send_window_i
     config.data_dir.mkdir(parents=True, exist_ok=True)
     queue_items(config.data_dir, 1, at=now - 60)
     with Outbox.open(config.data_dir, min_free_bytes=0) as outbox:
-        meters(config, outbox)["dicom"].meter.spend(2**20, now)
+        meters(config, outbox)["dicom"].spend(2**20, now)
     _, page = queued_cards(config)
     banner = page.split('<p class="metered">')[1]  # the link's, above the studies
     assert "流量额度已用完" in banner and "发送时段" in banner, banner
@@ -818,7 +818,7 @@ def test_a_night_window_holds_what_was_queued_since_the_last_part_of_it_a_budget
             spent = 2 * 2**20 if days_ago == 1 and yesterday_spent else 1000
             meter.spend(spent, dt.datetime.combine(today - dt.timedelta(days=days_ago), dt.time(12), zone).timestamp())
         meter.spend(2 * 2**20, now)
-        since = held_since(meter, now, meter.blocked(now), round_s=0.0)  # the chances themselves
+        since = held_since(meter, now, meter.blocked(now))  # round_s 0: the chances themselves
     days_ago, at_hour = chance
     expected = dt.datetime.combine(today - dt.timedelta(days=days_ago), dt.time(at_hour), zone)
     assert since == expected.timestamp(), dt.datetime.fromtimestamp(since, zone) if math.isfinite(since) else since
@@ -838,7 +838,7 @@ def test_an_ecg_a_night_windows_budget_let_go_before_midnight_is_stuck_and_one_q
     queue_items(tmp_path, 1, at=clinic_day_at(1, 22) + 30 * 60)
     d = doctor(tmp_path, NIGHT_WINDOW, now=lambda: now)
     with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
-        meters(d.config, outbox)["dicom"].meter.spend(2 * 2**20, now - 60)
+        meters(d.config, outbox)["dicom"].spend(2 * 2**20, now - 60)
     found = queue_findings(d.check_queue())
     text = render_text(found)
     [held] = [f for f in found if f.advice_key.startswith("metered-")]

@@ -39,7 +39,7 @@ def metered_clinic(tmp_path: Path, *, budget_spent: bool) -> Config:
             enqueue_recording(outbox, make_recording(i), config, key=f"metered-{i}", now=queued_at)
         if budget_spent:
             for days_ago in (0, 1, 2):
-                meters(config, outbox)["dicom"].meter.spend(2**20, now - days_ago * DAY)
+                meters(config, outbox)["dicom"].spend(2**20, now - days_ago * DAY)
     return config
 
 

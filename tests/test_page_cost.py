@@ -104,7 +104,7 @@ def test_what_a_metered_link_holds_reads_its_meter_once_however_many_days_and_wi
     with Outbox.open(config.data_dir, min_free_bytes=0, reserve_bytes=0) as outbox:
         outbox.add("dicom", "routine-ecg", b"x" * 100, now=now - 8 * 86400)
         for days_ago in range(8):  # spent every day: the walk goes back as far as the meter remembers
-            meters(config, outbox)["dicom"].meter.spend(2**20, now - days_ago * 86400)
+            meters(config, outbox)["dicom"].spend(2**20, now - days_ago * 86400)
         with traced(outbox.db.conn) as statements:
             waits = metered_waits(config, outbox, now)
         assert waits["dicom"].holding

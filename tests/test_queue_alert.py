@@ -34,7 +34,7 @@ def test_routine_items_a_spent_data_budget_holds_do_not_count_as_stuck(tmp_path:
         outbox.add(Kind.DICOM, "routine-ecg", b"x" * 100, now=NOW - 2 * DAY)
         outbox.add(Kind.FHIR_BUNDLE, "visit", b"{}", now=NOW - 3600)  # no meter on the FHIR link
         for days_ago in (0, 1, 2):  # the ECG budget was spent every day since the ECG was queued
-            meters(config, outbox)["dicom"].meter.spend(2 * 2**20, NOW - days_ago * DAY)
+            meters(config, outbox)["dicom"].spend(2 * 2**20, NOW - days_ago * DAY)
         samples = scraped(config)
         assert value(samples, "lastmile_queue_oldest_waiting_seconds", kind="dicom") == 2 * DAY
         assert value(samples, STUCK, kind="dicom") == 0.0, "an ECG the budget holds alerts the county"
@@ -59,7 +59,7 @@ def test_routine_items_that_missed_a_window_or_a_day_with_budget_left_count_as_s
         assert value(scraped(config), STUCK, kind="dicom") == 30 * DAY, "a shut window hides a month"
         config.reading_center.metered.windows = []
         config.reading_center.metered.daily_budget_mb = 1.0
-        meters(config, outbox)["dicom"].meter.spend(2 * 2**20, NOW)  # spent today, not yesterday
+        meters(config, outbox)["dicom"].spend(2 * 2**20, NOW)  # spent today, not yesterday
         assert value(scraped(config), STUCK, kind="dicom") == 30 * DAY, "today's spent budget hides a month"
 
 
@@ -104,5 +104,5 @@ def test_a_routine_ecg_whose_send_failed_before_the_link_worked_again_is_not_stu
             NOW,
         )
         for days_ago in (0, 1, 2, 3):
-            meters(config, outbox)["dicom"].meter.spend(2 * 2**20, NOW - days_ago * DAY)
+            meters(config, outbox)["dicom"].spend(2 * 2**20, NOW - days_ago * DAY)
         assert value(scraped(config), STUCK, kind="dicom") == 0.0, "a failed send pages the county for the budget"

@@ -45,7 +45,7 @@ def budget_holds_routine_ecgs(config: Config, now: float) -> None:
     queue_items(config.data_dir, 3, at=now - 2 * DAY)
     with Outbox.open(config.data_dir, min_free_bytes=0) as outbox:
         for days_ago in (0, 1, 2):
-            meters(config, outbox)["dicom"].meter.spend(2**20, now - days_ago * DAY)
+            meters(config, outbox)["dicom"].spend(2**20, now - days_ago * DAY)
 
 
 def test_no_two_checks_on_the_system_page_share_a_label(tmp_path: Path) -> None:

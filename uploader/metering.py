@@ -88,12 +88,15 @@ class Blocked:
 
 
 class Meter:
-    """One destination's budget and windows. Thread-safe within a process."""
+    """One destination's budget and windows. Thread-safe within a process. `round_s`: how long its
+    sender's round takes to try a routine item queued while the link is open (what the meter holds
+    is judged with it: lastmile.services.metered.held_since, sender_round_s)."""
 
-    def __init__(self, name: str, policy: MeterPolicy, store: StatusStore) -> None:
+    def __init__(self, name: str, policy: MeterPolicy, store: StatusStore, round_s: float = 0.0) -> None:
         self.name = name
         self.policy = policy
         self.store = store
+        self.round_s = round_s
         self._lock = threading.Lock()
         # routine transfers admitted and not yet charged, by sender (one object each): several
         # associations each checking only what was charged all went while the others' objects

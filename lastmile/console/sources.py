@@ -800,10 +800,10 @@ class ClinicData:
         """Why routine ECGs wait on the metered link now and since when, if any do
         (lastmile.services.metered: the forwarder's own `Meter`, as `lastmile queue` and the
         doctor say it)."""
-        link = meters(self.config, self.outbox).get("dicom")
-        if link is None:
+        meter = meters(self.config, self.outbox).get("dicom")
+        if meter is None:
             return None
-        wait = metered_wait(link, self.outbox, now.timestamp(), count=False)
+        wait = metered_wait(meter, self.outbox, now.timestamp(), count=False)
         return wait if wait.holding else None
 
     # -- devices ----------------------------------------------------------------------------------

@@ -57,8 +57,8 @@ def meter_policy(section: MeteredSection) -> MeterPolicy | None:
 def sender_round_s(config: Config, destination: str) -> float:
     """How long a routine item queued while `destination`'s link is open may wait for its sender to
     try it: the senders' poll between rounds, and a transfer already on the wire, which a round
-    finishes first (at most the link's network timeout; report polling queues nothing): `held_since`'s
-    `round_s`."""
+    finishes first (at most the link's network timeout; report polling queues nothing): its `Meter`'s
+    `round_s` (`held_since`)."""
     on_the_wire = {"dicom": config.reading_center.timeout_s, "fhir": config.fhir.timeout_s}
     return SENDER_IDLE_POLL_S + on_the_wire.get(destination, 0.0)
 
@@ -71,32 +71,22 @@ def sections(config: Config) -> dict[str, MeteredSection]:
     }
 
 
-@dataclass(frozen=True)
-class MeteredLink:
-    """A metered destination's `Meter`, with its sender's round (`sender_round_s`): what the meter
-    holds (`held_since`) is judged with both."""
-
-    meter: Meter
-    round_s: float
-
-
-def meters(config: Config, store: StatusStore) -> dict[str, MeteredLink]:
-    """The metered destinations only."""
+def meters(config: Config, store: StatusStore) -> dict[str, Meter]:
+    """The metered destinations only, each with its sender's round (`sender_round_s`)."""
     found = {}
     for name, section in sections(config).items():
         policy = meter_policy(section)
         if policy is not None:
-            found[name] = MeteredLink(Meter(name, policy, store), sender_round_s(config, name))
+            found[name] = Meter(name, policy, store, sender_round_s(config, name))
     return found
 
 
 def meter_of(config: Config, store: StatusStore, destination: str) -> Meter | None:
     """`destination`'s meter, for its sender to charge; None when it is not metered."""
-    link = meters(config, store).get(destination)
-    return None if link is None else link.meter
+    return meters(config, store).get(destination)
 
 
-def held_since(meter: Meter, now: float, blocked: Blocked | None, round_s: float) -> float | None:
+def held_since(meter: Meter, now: float, blocked: Blocked | None) -> float | None:
     """Since when the routine items `meter` holds now (`blocked`: `meter.blocked(now)`) were
     queued: None when it holds nothing now (routine traffic may go), -inf when it holds them all.
     A routine item queued before that had its chance and did not go - the link's fault, not the
@@ -112,7 +102,7 @@ def held_since(meter: Meter, now: float, blocked: Blocked | None, round_s: float
     While the link fails (`link_failing`), its failed sends spent the budgets: a spent day counts as
     one with budget left (a chance the link missed), but a window that has not opened since is still
     no chance - what was queued since it last opened waits for it, not for the link.
-    A chance lets go only what was queued a sender round (`round_s`: `sender_round_s`) before it
+    A chance lets go only what was queued a sender round (`meter.round_s`: `sender_round_s`) before it
     ended: an item queued in the last seconds of a window was never tried before it shut - the
     window holds it until it opens again, not stuck for the ~16 h till then. One a round did try
     then is judged by its failure (`MeterHold.failed_too`, `failed_by`), as any other.
@@ -124,14 +114,14 @@ def held_since(meter: Meter, now: float, blocked: Blocked | None, round_s: float
         chances = _window_chances(meter, now, budget_counts=budget_counts)
     else:
         chances = _budget_chances(meter, now, budget_counts=budget_counts)
-    return next(chances, -math.inf) - round_s
+    return next(chances, -math.inf) - meter.round_s
 
 
-def meter_hold(meter: Meter, now: float, blocked: Blocked | None, round_s: float) -> MeterHold | None:
+def meter_hold(meter: Meter, now: float, blocked: Blocked | None) -> MeterHold | None:
     """What `meter` (over `read_once`) holds now, as the outbox asks it: the routine items queued
     since `held_since`, with those whose sends failed as `link_worked_since_failing` and `failed_by`
     judge them. None: it holds nothing."""
-    since = held_since(meter, now, blocked, round_s)
+    since = held_since(meter, now, blocked)
     return None if since is None else _hold(meter, since)
 
 
@@ -154,7 +144,7 @@ def read_once(meter: Meter) -> Meter:
         return meter
     names = (meter.status_name, *([LINK_STATUS[meter.name]] if meter.name in LINK_STATUS else []))
     values = {name: value for name in names if (value := meter.store.status(name)) is not None}
-    return Meter(meter.name, meter.policy, StatusSnapshot(values))
+    return Meter(meter.name, meter.policy, StatusSnapshot(values), meter.round_s)
 
 
 def link_failing(meter: Meter) -> bool:
@@ -286,12 +276,12 @@ class MeteredWait:
         return self.blocked is not None and bool(self.routine_waiting)
 
 
-def metered_wait(link: MeteredLink, outbox: Outbox, now: float, *, count: bool = True) -> MeteredWait:
-    """What `link`'s meter holds back now. `count=False` only asks whether any routine item waits
+def metered_wait(meter: Meter, outbox: Outbox, now: float, *, count: bool = True) -> MeteredWait:
+    """What `meter` holds back now. `count=False` only asks whether any routine item waits
     (one row read: the Sent page asks at every render), and only while the meter blocks."""
-    meter = read_once(link.meter)
+    meter = read_once(meter)
     blocked = meter.blocked(now)
-    hold = meter_hold(meter, now, blocked, link.round_s)
+    hold = meter_hold(meter, now, blocked)
     kind = QUEUED_KINDS.get(meter.name)
     waiting: int | None = None
     since = None
@@ -313,4 +303,4 @@ def metered_wait(link: MeteredLink, outbox: Outbox, now: float, *, count: bool =
 
 def metered_waits(config: Config, outbox: Outbox, now: float) -> dict[str, MeteredWait]:
     """Every metered destination's `MeteredWait` (none for one that is not metered)."""
-    return {name: metered_wait(link, outbox, now) for name, link in meters(config, outbox).items()}
+    return {name: metered_wait(meter, outbox, now) for name, meter in meters(config, outbox).items()}

@@ -220,10 +220,10 @@ def _held_since(config: Config, statuses: StatusSnapshot, now: float) -> dict[st
     from lastmile.services.metered import QUEUED_KINDS, meter_hold, meters
 
     held = {}
-    for destination, link in meters(config, statuses).items():
+    for destination, meter in meters(config, statuses).items():
         if destination not in QUEUED_KINDS:
             continue
-        hold = meter_hold(link.meter, now, link.meter.blocked(now), link.round_s)
+        hold = meter_hold(meter, now, meter.blocked(now))
         if hold is not None:
             held[QUEUED_KINDS[destination]] = hold
     return held
