@@ -49,8 +49,8 @@ class LineKind(StrEnum):
 # parts written as people write them where it is shown: the SR value type of a person name item
 # (PS3.3 C.17.3.2.1), which an ITEM's code holds anyway; the reading doctor's line uses it too.
 PERSON_NAME = "PNAME"
-# Codes older gateways stored for the same idea: a READ_BY line's "PN" (the person name VR).
-_STORED_CODES = {(LineKind.READ_BY, "PN"): PERSON_NAME}
+# What older gateways stored as a READ_BY line's code for PERSON_NAME: "PN" (the person name VR).
+_OLD_READ_BY_CODE = "PN"
 
 HEADER = frozenset({LineKind.TITLE, LineKind.UNREADABLE, LineKind.AMENDED, LineKind.WITHDRAWN})
 CRITICAL = frozenset({LineKind.CRITICAL_CODE, LineKind.CRITICAL_KEYWORD, LineKind.CRITICAL_INTERPRETED})
@@ -78,11 +78,13 @@ class ReportLine:
             raise ValueError(f"unknown report line fields {sorted(unknown)}")
         kind = LineKind(value["kind"])
         code = str(value.get("code", ""))
+        if kind is LineKind.READ_BY and code == _OLD_READ_BY_CODE:
+            code = PERSON_NAME
         return cls(
             kind=kind,
             name=str(value.get("name", "")),
             value=str(value.get("value", "")),
-            code=_STORED_CODES.get((kind, code), code),
+            code=code,
             depth=int(value.get("depth", 0)),
             number=int(value.get("number", 0)),
         )
