@@ -542,7 +542,6 @@ def test_a_damaged_reading_restored_in_visits_db_is_counted_sent_only_once_retri
     from lastmile.clinic.observations import observation_to_json
     from lastmile.services.observation_relay import relay_observations
     from lastmile.visits.book import VisitBook
-    from lastmile.visits.relay_link import released_reader
     from tests.fhir_samples import NAMING, blood_pressure
     from uploader.outbox import ItemState, Outbox
 
@@ -567,7 +566,7 @@ def test_a_damaged_reading_restored_in_visits_db_is_counted_sent_only_once_retri
         (item,) = outbox.items(kind="observation", state=ItemState.QUARANTINED)
         assert outbox.retry(item.id, time.time())
         assert counted() == (0, 1)  # retried, not relayed yet
-        relay_observations(outbox, NAMING, time.time(), visit_reading=released_reader(data))
+        relay_observations(outbox, NAMING, time.time())
         assert outbox.get(item.id).state is ItemState.COMMITTED  # type: ignore[union-attr]
     assert counted() == (1, 0)
 

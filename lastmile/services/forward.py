@@ -230,18 +230,11 @@ class ForwardService:
         waits = [0.0 if result.did_work else self.ecg.next_due_in()]
         if self._fhir is not None and not stop.is_set():
             from lastmile.services.observation_relay import relay_observations
-            from lastmile.visits.relay_link import released_reader, visit_link
+            from lastmile.visits.relay_link import visit_link
             from uploader.fhir_forwarder import forward_fhir_once
 
-            data_dir = self.config.data_dir
-            link = visit_link(data_dir, self.config.gateway.id, self._visit_notices)
-            relay_observations(
-                self.outbox,
-                fhir_naming(self.config),
-                time.time(),
-                visit_link=link,
-                visit_reading=released_reader(data_dir),
-            )
+            link = visit_link(self.config.data_dir, self.config.gateway.id, self._visit_notices)
+            relay_observations(self.outbox, fhir_naming(self.config), time.time(), visit_link=link)
             self._queue_visits()
 
             fhir = forward_fhir_once(

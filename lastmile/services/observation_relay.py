@@ -10,7 +10,8 @@ bundle's key is derived from the reading, so a relay cut short queues nothing tw
 platform's conditional create on the same identifier makes a visit bundle carrying the same
 reading store it once too. A reading taken during an open home visit of its patient is linked to
 that visit instead (`visit_link`): the visit's bundle carries it with its Encounter, and it is
-not sent on its own first.
+not sent on its own first. A reading a visit released (`_released_by_visit`) goes on its own,
+read as visits.db holds it now.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from devices.observation import Observation
 from lastmile.clinic.observations import OBSERVATION_KIND, observation_from_json
 from lastmile.data_dir import DataDirError
 from lastmile.visits.record import quarantined_reading_reason
+from lastmile.visits.relay_link import released_record
 from uploader.errors import CorruptPayloadError, OutboxFullError, TransientError
 from uploader.fhir_bundle import FhirNaming
 from uploader.fhir_forwarder import enqueue_observation
@@ -43,9 +45,6 @@ PASSING_FAULTS: tuple[type[Exception], ...] = (OutboxFullError, TransientError, 
 
 
 VisitLink = Callable[[Observation, str], "str | None"]  # (reading, its outbox key) -> the visit it joined
-# (a visit item's id, its visit's id) -> the record the visit took, as visits.db holds it now
-# (ValueError when it holds another)
-VisitReading = Callable[[int, str], str]
 
 
 def relay_observations(
@@ -55,11 +54,9 @@ def relay_observations(
     *,
     limit: int = RELAY_BATCH,
     visit_link: VisitLink | None = None,
-    visit_reading: VisitReading | None = None,
 ) -> int:
     """Queue a FHIR bundle for each waiting reading (up to `limit`), or link it to the open visit
-    it was taken during; returns how many were relayed either way. `visit_reading`: where a
-    reading a home visit released (quarantined, its record damaged) is read once retried."""
+    it was taken during; returns how many were relayed either way."""
     # Every forward round calls this: a read first, so an idle round takes no write lock.
     if not outbox.items(kind=OBSERVATION_KIND, state=ItemState.QUEUED, limit=1):
         return 0
@@ -67,11 +64,12 @@ def relay_observations(
     done: list[int] = []
     for n, item in enumerate(claimed):
         obs: Observation | None = None
+        released: tuple[int, str] | None = None
         try:
-            obs = _reading(outbox, item, now, visit_reading)
+            released = _released_by_visit(item)
+            obs = _reading(outbox, item, now, released)
             # a reading a visit released goes on its own, never into another (open) visit
-            released = "visit_item" in item.meta
-            visit_id = visit_link(obs, item.key) if visit_link is not None and not released else None
+            visit_id = visit_link(obs, item.key) if visit_link is not None and released is None else None
             if visit_id is not None:
                 log.info("reading #%d goes with home visit %s", item.id, visit_id)
                 done.append(item.id)
@@ -89,7 +87,7 @@ def relay_observations(
             break
         except DATA_ERRORS as exc:  # this reading can never be made a bundle; the others go on
             log.error("reading #%d cannot be sent to the county platform: %s", item.id, exc)
-            outbox.quarantine(item.id, _quarantine_reason(item, exc, decoded=obs is not None), now)
+            outbox.quarantine(item.id, _quarantine_reason(item, released, exc, decoded=obs is not None), now)
             continue
         except Exception as exc:  # a bug met on one record never stops the others
             log.exception("reading #%d: unexpected error relaying it to the county platform", item.id)
@@ -103,14 +101,22 @@ def relay_observations(
     return len(done)
 
 
-def _reading(outbox: Outbox, item: OutboxItem, now: float, visit_reading: VisitReading | None) -> Observation:
+def _released_by_visit(item: OutboxItem) -> tuple[int, str] | None:
+    """(visit item, visit) of a reading a home visit released, quarantined on its own as
+    VisitBook._quarantine_reading adds it (its meta names both); None for any other reading."""
+    visit_item, visit_id = item.meta.get("visit_item"), item.meta.get("visit_id")
+    if visit_item is None or visit_id is None:
+        return None
+    return int(visit_item), str(visit_id)
+
+
+def _reading(outbox: Outbox, item: OutboxItem, now: float, released: tuple[int, str] | None) -> Observation:
     """The stored reading (ValueError if it is not one a bundle can be made of). One a home visit
-    released (quarantined, its record damaged on the SD card) is read as visits.db holds it now:
+    `released` (quarantined, its record damaged on the SD card) is read as visits.db holds it now:
     restored there from a backup and retried (`lastmile retry`), it goes; the outbox's payload
     is a copy of the damaged bytes, and stays damaged."""
-    visit_item, visit_id = item.meta.get("visit_item"), item.meta.get("visit_id")
-    if visit_reading is not None and visit_item is not None and visit_id is not None:
-        record: str | bytes = visit_reading(int(visit_item), str(visit_id))
+    if released is not None:
+        record: str | bytes = released_record(outbox.data_dir, *released)
     else:
         record = outbox.read_payload(item, now)
     data = json.loads(record)
@@ -122,11 +128,10 @@ def _reading(outbox: Outbox, item: OutboxItem, now: float, visit_reading: VisitR
     return obs
 
 
-def _quarantine_reason(item: OutboxItem, exc: Exception, *, decoded: bool) -> str:
-    """Why a reading is quarantined: a home visit's (released, retried) in the visit's words, as
-    the book first quarantined it (the visit, "measure the patient again", `lastmile retry N` for
-    a damaged record)."""
-    visit_id = item.meta.get("visit_id")
-    if visit_id is None:
+def _quarantine_reason(item: OutboxItem, released: tuple[int, str] | None, exc: Exception, *, decoded: bool) -> str:
+    """Why a reading is quarantined: one a home visit `released` (retried) in the visit's words,
+    as the book first quarantined it (the visit, "measure the patient again", `lastmile retry N`
+    for a damaged record)."""
+    if released is None:
         return f"cannot be made a FHIR bundle: {exc}"
-    return quarantined_reading_reason(str(visit_id), item.id, exc, decoded=decoded)
+    return quarantined_reading_reason(released[1], item.id, exc, decoded=decoded)

@@ -9,7 +9,6 @@ patient, or a closed visit not queued yet.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -84,11 +83,6 @@ def released_record(data_dir: Path, visit_item: int, visit_id: str) -> str:
     if record is None or record_hash(json.loads(record)) != sha256:
         raise ValueError(f"reading #{visit_item} in visits.db is not the record the visit took (damaged)")
     return str(record)
-
-
-def released_reader(data_dir: Path) -> Callable[[int, str], str]:
-    """released_record of `data_dir`: the relay's `visit_reading` (observation_relay.VisitReading)."""
-    return functools.partial(released_record, data_dir)
 
 
 class VisitNotices:
