@@ -214,7 +214,7 @@ def test_an_ecg_end_resent_while_its_recording_is_held_waits_for_storage(
     r.outbox.min_free_bytes = 1 << 60  # storage full, through the re-plug
     sim = EcgStreamSimulator(core, recording_id=3)
     bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(40)) + sim.end(40 * 25, clock[0]))
-    wait_for(lambda: "waiting for space" in (r.registry.get("serial:ecg").last_error or ""))
+    wait_for(lambda: "waiting for space" in r.device_waiting("serial:ecg"))
     bridge.unplug()
     wait_for(lambda: not r.registry.get("serial:ecg").connected)
     bridge = PtyDevice(bridge.link_path)
@@ -283,7 +283,7 @@ def test_streamed_ecgs_past_a_full_ecg_spill_file_are_said_in_memory_only_and_al
     r.outbox.min_free_bytes = 1 << 60  # the data partition is full
     sent = stream_until_held_in_memory(bridge, core, clock, r)
     assert waiting_readings(Path(r.config.data_dir), ECG_SPILL_NAME) == sent - 1  # the last one: memory only
-    row = r.registry.get("serial:ecg").last_error
+    row = r.registry.get("serial:ecg").waiting
     assert f"{sent} ECG(s) waiting" in row and "(1 ECG(s) of them held in memory only" in row, row
     assert "the rest kept on disk" in row, row
     findings = Doctor(r.config).check_devices()
@@ -352,8 +352,8 @@ def test_a_streamed_ecg_a_full_disk_refused_survives_a_power_cut_and_arrives_onc
         bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(40)) + sim.end(40 * 25, clock[0]))
         registry = DeviceRegistry.open(str(data_dir))
         try:
-            wait_for(lambda: "waiting for space" in (registry.get("serial:ecg").last_error or ""))
-            row = registry.get("serial:ecg").last_error
+            wait_for(lambda: "waiting for space" in registry.get("serial:ecg").waiting)
+            row = registry.get("serial:ecg").waiting
         finally:
             registry.close()
     assert "1 ECG(s)" in row and "kept on disk" in row, row
@@ -383,8 +383,8 @@ def bridge_streams_two_ecgs_one_past_the_spill_file(
         for n, where in ((1, "kept on disk"), (2, "held in memory only")):
             sim = EcgStreamSimulator(core, recording_id=n)
             bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(40)) + sim.end(40 * 25, clock[0]))
-            wait_for(lambda: f"{n} ECG(s)" in (e := registry.get("serial:ecg").last_error or "") and where in e)  # noqa: B023
-        return registry.get("serial:ecg").last_error
+            wait_for(lambda: f"{n} ECG(s)" in (e := registry.get("serial:ecg").waiting) and where in e)  # noqa: B023
+        return registry.get("serial:ecg").waiting
     finally:
         registry.close()
 
@@ -631,7 +631,7 @@ def said_held_in_memory(count):
         row = registry.get("serial:monitor")
     finally:
         registry.close()
-    return row.held_in_memory_only and f"{count} reading(s)" in row.last_error
+    return row.held_in_memory_only and f"{count} reading(s)" in row.waiting
 """
 
 # The gateway (a child process) reads a monitor's report on a partition full to its last block,
@@ -732,7 +732,7 @@ fill_to_the_last_block(mnt / "filler", leave=128 * 1024)
 gateway = start()
 monitor_prints_a_refused_report(gateway)
 registry = DeviceRegistry.open(config.data_dir)
-out = {"rows": [r.last_error for r in registry.all(config)]}
+out = {"rows": [r.waiting for r in registry.all(config)]}
 registry.close()
 out["doctor"] = [(f.level.value, f.message) for f in Doctor(config).check_devices()]
 os.unlink(mnt / "filler")
@@ -898,3 +898,30 @@ def test_readings_held_in_memory_only_stay_a_doctor_fail_after_the_monitor_recon
         assert len(r.outbox.items(kind="observation")) == 3
     finally:
         r.close()
+
+
+def test_a_monitor_unplugged_while_its_readings_waited_for_space_still_says_so_once_they_are_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A monitor's 3 readings waited for space, then it was unplugged (its row's error said so).
+    Space came back and the readings were stored: storing them wrote the row's error "" and so
+    cleared the unplug error too - the row no longer said the monitor was unplugged. What waits
+    is the row's status alone now; its error is only another problem, and stays until replaced."""
+    from lastmile.services import serial_devices
+
+    monkeypatch.setattr(serial_devices, "RETRY_STORE_S", 0.2)
+    monitor = PtyDevice(tmp_path / "usb-monitor")
+    r = Running(tmp_path, [{"name": "monitor", "match": str(monitor.link_path), "profile": "example-vitals-monitor"}])
+    try:
+        monitor_prints_a_report_the_full_outbox_refuses(r, monitor, "3 reading(s) waiting for space")
+        monitor.unplug()
+        wait_for(lambda: not r.registry.get("serial:monitor").connected)
+        unplugged = r.registry.get("serial:monitor").last_error
+        assert unplugged and "waiting for space" not in unplugged, unplugged
+        r.outbox.min_free_bytes = 0  # room again: the service stores what the unplugged monitor left
+        wait_for(lambda: len(r.outbox.items(kind="observation")) == 3)
+        wait_for(lambda: not r.registry.get("serial:monitor").waits_for_space)
+        row = r.registry.get("serial:monitor")
+    finally:
+        r.close()
+    assert row.last_error == unplugged, row

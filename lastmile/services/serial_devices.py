@@ -239,14 +239,16 @@ class SerialContext:
             self._last_error_write[spec.name] = time.monotonic()
             self.status(spec, error=message[:200])
 
-    def store_observation(self, spec: LinkSpec, obs: Observation) -> bool:
-        """Make `obs` durable (outbox or held); False if it could not be stored now."""
+    def store_observation(self, spec: LinkSpec, obs: Observation, *, held: bool = False) -> bool:
+        """Make `obs` durable (outbox or held); False if it could not be stored now. `held`: the
+        caller holds it then, and the row's held status says so (not its error too)."""
         now = self.now()
         try:
             result = self.store.record(obs, now=now)
         except (UploadError, DeviceError, sqlite3.Error, OSError, ValueError) as exc:
             log.error("%s: cannot store a %s observation: %s", spec.name, obs.kind, exc)
-            self.error(spec, f"cannot store reading: {exc}")
+            if not held:
+                self.error(spec, f"cannot store reading: {exc}")
             return False
         log.info("%s: %s observation %s", spec.name, obs.kind, result.outcome)
         # seen: heard from now (reading_at is the device's clock, maybe behind the error's time)
@@ -274,7 +276,7 @@ class SerialContext:
         """Each device row's held readings as this start finds them: those the spill files kept
         wait again (on disk); those a previous run held in memory only are gone, and the row's
         lost counts say so (their one record: not its error too) instead of FAILing for readings
-        no longer anywhere."""
+        no longer anywhere. The row's error, another problem, is left as it is."""
         loaded = {normalise_address(serial_address(name)): held for name, held in self.unstored.items()}
         for record in self.registry.all():
             if record.transport != "serial" or not record.waits_for_space:
@@ -284,7 +286,7 @@ class SerialContext:
             # a row an older version wrote has no counts to keep the loss by: its words say it
             uncounted = record.held_in_memory_only and not (record.held_reading_count or record.held_ecg_count)
             if record.address not in loaded:
-                error = lost_message(record.held_words) if uncounted else ""
+                error = lost_message(record.held_words) if uncounted else None
                 self.registry.update_status(
                     record.address, now=self.now(), transport="serial", error=error, held=HeldReadings.NONE
                 )
@@ -316,10 +318,11 @@ class SerialContext:
         self._say_waiting(spec)
 
     def _say_waiting(self, spec: LinkSpec) -> None:
-        """Say on the device's row what waits for space (never silent: also when only memory holds it)."""
+        """Say on the device's row what waits for space (never silent: also when only memory holds it),
+        as its held status: never as its error, which a later problem (unplugged ...) writes."""
         held = self.unstored.get(spec.name) or Unstored()
         if not held:
-            self.status(spec, error="", held=HeldReadings.NONE)
+            self.status(spec, held=HeldReadings.NONE)
             return
         counts = (len(held.observations), len(held.recordings))
         kept = (kept_in(self.spill) or not held.observations) and (kept_in(self.ecg_spill) or not held.recordings)
@@ -332,7 +335,7 @@ class SerialContext:
             )
         message = waiting_message(held_words(*counts), where, held_words(*memory))
         log.error("%s: %s", spec.name, message)
-        self.status(spec, error=message, held=where, held_counts=counts, memory_counts=memory)
+        self.status(spec, held=where, held_counts=counts, memory_counts=memory)
 
     def hold_recording(self, spec: LinkSpec, recording: EcgRecording, key: str) -> None:
         held = self.unstored.setdefault(spec.name, Unstored())
@@ -351,7 +354,7 @@ class SerialContext:
         if not held or (not force and time.monotonic() < held.next_retry):
             return set()
         before = len(held.observations)
-        held.observations = [o for o in held.observations if not self.store_observation(spec, o)]
+        held.observations = [o for o in held.observations if not self.store_observation(spec, o, held=True)]
         if len(held.observations) != before:
             self._spill_changed(spec)
         stored, refused = set(), set()
@@ -379,8 +382,8 @@ class SerialContext:
         return stored
 
     def store_recording(self, spec: LinkSpec, recording: EcgRecording, key: str) -> bool:
-        """Make `recording` durable in the outbox; False if it could not be stored now (try again),
-        RecordingRefused if it never can be."""
+        """Make `recording` durable in the outbox; False if it could not be stored now (try again:
+        the caller holds it, and the row's held status says so), RecordingRefused if it never can be."""
         now = self.now()
         current = self.patients.current(now)
         patient = None
@@ -405,7 +408,6 @@ class SerialContext:
             raise RecordingRefused(str(exc)) from exc
         except (UploadError, sqlite3.Error, OSError, ValueError) as exc:
             log.error("%s: cannot store an ECG recording: %s", spec.name, exc)
-            self.error(spec, f"cannot store ECG: {exc}")
             return False
         if patient is not None:
             self.patients.touch(now=now)
@@ -629,7 +631,7 @@ class AsciiReportHandler:
         for ev in events:
             if isinstance(ev, ReportParsed):
                 for obs in ev.observations:
-                    if not self.ctx.store_observation(self.spec, obs):
+                    if not self.ctx.store_observation(self.spec, obs, held=True):
                         self.ctx.hold_observation(self.spec, obs)  # the device cannot resend
             elif isinstance(ev, ReportRejected):
                 log.warning("%s: report rejected: %s", self.spec.name, ev.reason)
