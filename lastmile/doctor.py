@@ -836,8 +836,9 @@ class Doctor:
         # unpaired or no longer configured: its last error is history, not a fault to fix
         records = [r for r in records if not r.removed]
         recent = [r for r in records if (t := last_seen(r)) is not None and now - t < day]
-        # readings waiting for space are the space check's FAIL: said there, not again here
-        errors = [r for r in records if failing_since_seen(r) and not r.waits_for_space]
+        # readings waiting for space are the space check's FAIL (the row's held status, never its
+        # error): a row's error is another problem, a WARN here whatever waits
+        errors = [r for r in records if failing_since_seen(r)]
         text = (
             f"{len(records)} known, {len(recent)} seen in 24 h, "
             f"{sum(r.connected for r in records)} connected; {plugged}"

@@ -925,3 +925,27 @@ def test_a_monitor_unplugged_while_its_readings_waited_for_space_still_says_so_o
     finally:
         r.close()
     assert row.last_error == unplugged, row
+
+
+def test_a_monitor_unplugged_while_its_readings_wait_for_space_is_a_doctor_warning_beside_the_space_fail(
+    tmp_path: Path,
+) -> None:
+    """A monitor's readings wait for space (kept on disk: the doctor FAILs on the space), then it is
+    unplugged: the doctor skipped every device error on a row that waits for space, so the unplug
+    was no WARN anywhere a doctor looks first. Now it is, and the space FAIL stays the space FAIL."""
+    from lastmile.doctor import Doctor, Level
+
+    monitor = PtyDevice(tmp_path / "usb-monitor")
+    r = Running(tmp_path, [{"name": "monitor", "match": str(monitor.link_path), "profile": "example-vitals-monitor"}])
+    try:
+        monitor_prints_a_report_the_full_outbox_refuses(r, monitor, "3 reading(s) waiting for space")
+        monitor.unplug()
+        wait_for(lambda: not r.registry.get("serial:monitor").connected)
+        unplugged = r.registry.get("serial:monitor").last_error
+        found = [(f.level, f.message) for f in Doctor(r.config).check_devices()]
+    finally:
+        r.close()
+    assert any(level is Level.FAIL and "3 reading(s)" in text and "wait for space" in text for level, text in found)
+    warned = [text for level, text in found if level is Level.WARN]
+    assert any(unplugged in text for text in warned), found
+    assert not any("wait" in text for text in warned), found  # the space is said once, by its FAIL
