@@ -404,19 +404,10 @@ def lastmile_devices_lists(config: Config, tmp_path: Path, capsys: pytest.Captur
     return capsys.readouterr().out
 
 
-def test_a_streamed_ecg_held_in_memory_only_and_lost_at_a_power_cut_is_said_until_a_week_later(
-    tmp_path: Path, running, capsys: pytest.CaptureFixture
-) -> None:
-    """The ECG spill file full (it holds 1 ECG here, 18 of the 4 MB one), the next ECG was held in
-    memory only, and the power failed. The restarted gateway loaded the spilled ECG and the row
-    said "1 ECG(s) ... kept on disk"; the other was gone without a word (the bridge's resent
-    ECG_END NACKed as unknown, a journal line). Now the row keeps what was lost and from when,
-    and `lastmile doctor` FAILs on it (the System page, in Chinese) for a week, whatever is
-    stored since."""
-    from lastmile.clock import local_zone
-    from lastmile.console.app import advice_text
-    from lastmile.console.i18n import Localizer
-    from lastmile.doctor import Doctor, Level
+def an_ecg_lost_at_a_power_cut(tmp_path: Path, running) -> Running:
+    """Two ECGs streamed to a gateway on a full disk, the ECG spill file holding one (ONE_ECG_SPILL_BYTES);
+    its power fails, and it restarts with room: the spilled ECG is stored, the bridge's resent
+    ECG_END of the other (held in memory only, lost) answered. Returns the restarted gateway."""
     from lastmile.services.serial_spill import ECG_SPILL_NAME
 
     bridge = PtyDevice(tmp_path / "usb-ecg")
@@ -431,6 +422,24 @@ def test_a_streamed_ecg_held_in_memory_only_and_lost_at_a_power_cut_is_said_unti
     core.gateway_seen = False
     talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
     assert [i.key for i in r.outbox.items(kind="dicom")] == ["bridge-ecg:BR-ECG:9:1"]  # the spilled one
+    return r
+
+
+def test_a_streamed_ecg_held_in_memory_only_and_lost_at_a_power_cut_is_said_until_a_week_later(
+    tmp_path: Path, running, capsys: pytest.CaptureFixture
+) -> None:
+    """The ECG spill file full (it holds 1 ECG here, 18 of the 4 MB one), the next ECG was held in
+    memory only, and the power failed. The restarted gateway loaded the spilled ECG and the row
+    said "1 ECG(s) ... kept on disk"; the other was gone without a word (the bridge's resent
+    ECG_END NACKed as unknown, a journal line). Now the row keeps what was lost and from when,
+    and `lastmile doctor` FAILs on it (the System page, in Chinese) for a week, whatever is
+    stored since."""
+    from lastmile.clock import local_zone
+    from lastmile.console.app import advice_text
+    from lastmile.console.i18n import Localizer
+    from lastmile.doctor import Doctor, Level
+
+    r = an_ecg_lost_at_a_power_cut(tmp_path, running)
     findings = [f for f in Doctor(r.config).check_devices() if f.level is Level.FAIL]
     said = [f.message for f in findings]
     assert any("1 ECG(s)" in m and "lost when the gateway stopped" in m for m in said), said
@@ -900,6 +909,19 @@ def test_readings_held_in_memory_only_stay_a_doctor_fail_after_the_monitor_recon
         r.close()
 
 
+def monitor_unplugged_while_its_readings_wait_for_space(tmp_path: Path) -> tuple[Running, str]:
+    """A monitor's report of 3 readings refused by the full outbox (kept on disk), then the monitor
+    unplugged: the running service (for the caller to close) and the row's error saying so."""
+    monitor = PtyDevice(tmp_path / "usb-monitor")
+    r = Running(tmp_path, [{"name": "monitor", "match": str(monitor.link_path), "profile": "example-vitals-monitor"}])
+    monitor_prints_a_report_the_full_outbox_refuses(r, monitor, "3 reading(s) waiting for space")
+    monitor.unplug()
+    wait_for(lambda: not r.registry.get("serial:monitor").connected)
+    unplugged = r.registry.get("serial:monitor").last_error
+    assert unplugged and "waiting for space" not in unplugged, unplugged
+    return r, unplugged
+
+
 def test_a_monitor_unplugged_while_its_readings_waited_for_space_still_says_so_once_they_are_stored(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -910,14 +932,8 @@ def test_a_monitor_unplugged_while_its_readings_waited_for_space_still_says_so_o
     from lastmile.services import serial_devices
 
     monkeypatch.setattr(serial_devices, "RETRY_STORE_S", 0.2)
-    monitor = PtyDevice(tmp_path / "usb-monitor")
-    r = Running(tmp_path, [{"name": "monitor", "match": str(monitor.link_path), "profile": "example-vitals-monitor"}])
+    r, unplugged = monitor_unplugged_while_its_readings_wait_for_space(tmp_path)
     try:
-        monitor_prints_a_report_the_full_outbox_refuses(r, monitor, "3 reading(s) waiting for space")
-        monitor.unplug()
-        wait_for(lambda: not r.registry.get("serial:monitor").connected)
-        unplugged = r.registry.get("serial:monitor").last_error
-        assert unplugged and "waiting for space" not in unplugged, unplugged
         r.outbox.min_free_bytes = 0  # room again: the service stores what the unplugged monitor left
         wait_for(lambda: len(r.outbox.items(kind="observation")) == 3)
         wait_for(lambda: not r.registry.get("serial:monitor").waits_for_space)
@@ -935,13 +951,8 @@ def test_a_monitor_unplugged_while_its_readings_wait_for_space_is_a_doctor_warni
     was no WARN anywhere a doctor looks first. Now it is, and the space FAIL stays the space FAIL."""
     from lastmile.doctor import Doctor, Level
 
-    monitor = PtyDevice(tmp_path / "usb-monitor")
-    r = Running(tmp_path, [{"name": "monitor", "match": str(monitor.link_path), "profile": "example-vitals-monitor"}])
+    r, unplugged = monitor_unplugged_while_its_readings_wait_for_space(tmp_path)
     try:
-        monitor_prints_a_report_the_full_outbox_refuses(r, monitor, "3 reading(s) waiting for space")
-        monitor.unplug()
-        wait_for(lambda: not r.registry.get("serial:monitor").connected)
-        unplugged = r.registry.get("serial:monitor").last_error
         found = [(f.level, f.message) for f in Doctor(r.config).check_devices()]
     finally:
         r.close()
@@ -949,3 +960,19 @@ def test_a_monitor_unplugged_while_its_readings_wait_for_space_is_a_doctor_warni
     warned = [text for level, text in found if level is Level.WARN]
     assert any(unplugged in text for text in warned), found
     assert not any("wait" in text for text in warned), found  # the space is said once, by its FAIL
+
+
+def test_the_resent_ecg_end_of_an_ecg_lost_at_a_power_cut_is_not_said_again_as_a_device_error(
+    tmp_path: Path, running
+) -> None:
+    """After a restart that lost a streamed ECG, the bridge resends its ECG_END, NACKed as unknown:
+    the row's error said "ECG_END for an unknown recording" and `lastmile doctor` WARNed with it
+    beside the lost FAIL until the bridge was seen again - the same loss said twice, the second
+    time in words a village doctor cannot read. Now the lost FAIL says it once."""
+    from lastmile.doctor import Doctor, Level
+
+    r = an_ecg_lost_at_a_power_cut(tmp_path, running)
+    found = [(f.level, f.message) for f in Doctor(r.config).check_devices()]
+    assert [level for level, text in found if "lost when the gateway stopped" in text] == [Level.FAIL], found
+    assert not [text for level, text in found if level is Level.WARN], found
+    assert "unknown recording" not in r.registry.get("serial:ecg").last_error

@@ -218,6 +218,9 @@ class SerialContext:
     unstored: dict[str, Unstored] = field(default_factory=dict)  # by device (spec) name
     spill: SpillFile | None = None  # the unstored observations, on disk too (a power cut)
     ecg_spill: SpillFile | None = None  # the unstored streamed ECGs, on disk too
+    # by device row address: how many ECG_ENDs a bridge may resend of the ECGs its row says a stop
+    # lost (the lost FAIL says them: their NACK is not the row's error too)
+    lost_ecg_ends: dict[str, int] = field(default_factory=dict)
 
     def status(self, spec: LinkSpec, port: str = "", **facts: object) -> None:
         """Record device facts; `port` (given on connect) goes into the name `lastmile devices` shows."""
@@ -292,6 +295,22 @@ class SerialContext:
                 )
         for name in self.unstored:
             self._say_waiting(LinkSpec(name, PortMatch()))
+        self._expect_lost_ecg_ends()
+
+    def _expect_lost_ecg_ends(self) -> None:
+        """The bridges whose rows still say ECGs a stop lost will resend those ECGs' ECG_ENDs."""
+        now = self.now()
+        for record in self.registry.all():
+            if record.transport == "serial" and record.lost_ecg_count and record.lost_said_until(now):
+                self.lost_ecg_ends[record.address] = record.lost_ecg_count
+
+    def counted_lost(self, spec: LinkSpec) -> bool:
+        """An unknown ECG_END from `spec`'s bridge is (taken as) one of an ECG its row says a stop lost."""
+        address = normalise_address(serial_address(spec.name))
+        left = self.lost_ecg_ends.get(address, 0)
+        if left:
+            self.lost_ecg_ends[address] = left - 1
+        return bool(left)
 
     def _say_lost_at_stop(self, record: DeviceRecord, loaded: Unstored) -> None:
         """What `record` said was held before the stop (some in memory only) and the spill files
@@ -502,7 +521,10 @@ class BridgeHandler:
                 self.link.write(
                     self.session.reject(event.seq, codec.NACK_UNKNOWN_RECORDING, "no such recording in progress")
                 )
-                self.ctx.error(self.spec, "ECG_END for an unknown recording")
+                if self.ctx.counted_lost(self.spec):  # the row's lost FAIL says it: not its error too
+                    log.warning("%s: ECG_END of an ECG lost when the gateway stopped: NACKed", self.spec.name)
+                else:
+                    self.ctx.error(self.spec, "ECG_END for an unknown recording")
         elif isinstance(event, SerialDataReceived):
             self._serial_data(event)
         elif isinstance(event, DeviceHello):
