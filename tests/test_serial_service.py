@@ -433,7 +433,7 @@ def test_a_streamed_ecg_held_in_memory_only_and_lost_at_a_power_cut_is_said_unti
     said "1 ECG(s) ... kept on disk"; the other was gone without a word (the bridge's resent
     ECG_END NACKed as unknown, a journal line). Now the row keeps what was lost and from when,
     and `lastmile doctor` FAILs on it (the System page, in Chinese) for a week, whatever is
-    stored since."""
+    stored since. Its advice on the System page said only until when: when the loss was found too."""
     from lastmile.clock import local_zone
     from lastmile.console.app import advice_text
     from lastmile.console.i18n import Localizer
@@ -445,9 +445,13 @@ def test_a_streamed_ecg_held_in_memory_only_and_lost_at_a_power_cut_is_said_unti
     assert any("1 ECG(s)" in m and "lost when the gateway stopped" in m for m in said), said
     (lost,) = findings
     assert "found at its restart at" in lost.message and "after " in lost.message, lost.message
-    zh = advice_text(lost, Localizer("zh-CN", local_zone()))
+    zh_cn = Localizer("zh-CN", local_zone())
+    zh = advice_text(lost, zh_cn)
     assert "心电图" in zh and "丢失" in zh, zh
     row = r.registry.get("serial:ecg")
+    said_until = row.lost_said_until(row.lost_at)
+    assert said_until is not None and zh_cn.when(said_until) in zh, zh
+    assert zh_cn.when(row.lost_at) in zh.replace(zh_cn.when(said_until), ""), zh  # when it was found, too
     assert (row.lost_ecg_count, row.lost_reading_count) == (1, 0), row
     listed = lastmile_devices_lists(r.config, tmp_path, capsys)
     assert "1 ECG(s) held in memory only, when the gateway stopped after" in listed, listed
