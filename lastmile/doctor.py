@@ -115,6 +115,7 @@ class Finding:
     # the key of the console's advice for it when it is not its check's level's (console/app.py CHECK_ADVICE)
     advice_key: str = ""
     until: float | None = None  # when what it reports lets go (epoch s), said in that advice
+    since: float | None = None  # when what it reports was found (epoch s), said in that advice too
     topic: str = ""  # what in its check it is about, when the check gives several (TOPICS)
     subject: str = ""  # which one of many it names (a critical report's patient), shown with its topic
 
@@ -757,13 +758,13 @@ class Doctor:
         """Readings (streamed ECGs) held in memory only that a stop - a power cut - lost: nothing
         brings them back (a bridge streams an ECG once), so the doctor says how many and when for
         LOST_SAID_FOR (lastmile.clinic.devices), whatever was stored since."""
-        from lastmile.clinic.devices import LOST_SAID_FOR, lost_message
+        from lastmile.clinic.devices import lost_message
 
         now = dt.datetime.fromtimestamp(self.now(), dt.timezone.utc)
         found = []
         for r in self.device_records() or []:
             until = r.lost_said_until(now)
-            if r.removed or until is None:
+            if r.removed or until is None or r.lost_at is None:  # lost_said_until: never without lost_at
                 continue
             after = f"after {_stamp(r.lost_after)}, " if r.lost_after is not None else ""
             found.append(
@@ -771,11 +772,12 @@ class Doctor:
                     "devices",
                     Level.FAIL,
                     f"{r.name or r.address}: {lost_message(r.lost_words)} "
-                    f"({after}found at its restart at {_stamp(until - LOST_SAID_FOR)})",
+                    f"({after}found at its restart at {_stamp(r.lost_at)})",
                     "they cannot be recovered: record them again if the patients are still here; keep the gateway "
                     f"powered while readings wait for space (see the data line); said until {_stamp(until)}",
                     advice_key="lost-ecgs" if r.lost_ecg_count else "lost-readings",
                     until=until.timestamp(),
+                    since=r.lost_at.timestamp(),
                 )
             )
         return found
@@ -836,8 +838,9 @@ class Doctor:
         # unpaired or no longer configured: its last error is history, not a fault to fix
         records = [r for r in records if not r.removed]
         recent = [r for r in records if (t := last_seen(r)) is not None and now - t < day]
-        # readings waiting for space are the space check's FAIL: said there, not again here
-        errors = [r for r in records if failing_since_seen(r) and not r.waits_for_space]
+        # readings waiting for space are the space check's FAIL (the row's held status, never its
+        # error): a row's error is another problem, a WARN here whatever waits
+        errors = [r for r in records if failing_since_seen(r)]
         text = (
             f"{len(records)} known, {len(recent)} seen in 24 h, "
             f"{sum(r.connected for r in records)} connected; {plugged}"

@@ -46,11 +46,11 @@ class Running:
     def now(self) -> dt.datetime:
         return dt.datetime.now(dt.timezone.utc)
 
-    def device_error(self, address: str) -> str:
-        """The device row's error; "" until the service has written the row (it may not have yet
-        when the test thread looks)."""
+    def device_waiting(self, address: str) -> str:
+        """What the device row says waits for space, in its status's words; "" until the service
+        has written the row (it may not have yet when the test thread looks)."""
         record = self.registry.get(address)
-        return record.last_error if record is not None else ""
+        return record.waiting if record is not None else ""
 
     def close(self) -> None:
         self.service.close()
@@ -63,14 +63,14 @@ def monitor_prints_a_report_the_full_outbox_refuses(
     r: Running, monitor: PtyDevice, row_says: str, *, patient_id: str = "P-9"
 ) -> None:
     """The monitor prints a report for `patient_id`, checked in, on a full outbox; waits until its
-    device row's error says `row_says`."""
+    device row says `row_says` of what waits for space."""
     wait_for(lambda: all(s.connected for s in r.service.statuses()))
     r.outbox.min_free_bytes = 1 << 60  # storage full
     now = r.now()
     r.patients.set_patient(patient_id, now=now - dt.timedelta(minutes=1))
     printed = (now + dt.timedelta(hours=1)).strftime("DATE %Y-%m-%d  TIME %H:%M:%S").encode()
     monitor.write(VITALS_REPORT.replace(b"DATE 2025-03-04  TIME 09:41:07", printed))
-    wait_for(lambda: row_says in r.device_error("serial:monitor"), timeout=30, what=f"the row says {row_says!r}")
+    wait_for(lambda: row_says in r.device_waiting("serial:monitor"), timeout=30, what=f"the row says {row_says!r}")
 
 
 def talk_as_bridge(dev: PtyDevice, core: BridgeCore, clock: list[int], until, *, timeout: float = 30) -> None:

@@ -124,7 +124,7 @@ def test_monitor_readings_not_yet_stored_survive_an_unplug(tmp_path: Path, seria
     s.outbox.min_free_bytes = 1 << 60  # storage full for a moment
     printed = (s.now() + dt.timedelta(hours=1)).strftime("DATE %Y-%m-%d  TIME %H:%M:%S").encode()  # monitor: UTC+1
     monitor.write(VITALS_REPORT.replace(b"DATE 2025-03-04  TIME 09:41:07", printed))
-    wait_for(lambda: "cannot store" in (s.registry.get("serial:monitor").last_error or ""))
+    wait_for(lambda: s.registry.get("serial:monitor").waits_for_space)
     monitor.unplug()
     wait_for(lambda: not s.registry.get("serial:monitor").connected)  # connection_lost has run
     s.outbox.min_free_bytes = 0  # room again
@@ -158,7 +158,7 @@ def test_bridge_ecg_not_yet_stored_survives_an_unplug(tmp_path: Path, serial_ser
     s.outbox.min_free_bytes = 1 << 60  # storage full for a moment
     sim = EcgStreamSimulator(core, recording_id=3)
     bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(40)) + sim.end(40 * 25, clock[0]))
-    wait_for(lambda: "cannot store" in (s.registry.get("serial:ecg").last_error or ""))
+    wait_for(lambda: s.registry.get("serial:ecg").waits_for_space)
     bridge.unplug()
     wait_for(lambda: not s.registry.get("serial:ecg").connected)  # connection_lost (and its retry) has run
     s.outbox.min_free_bytes = 0  # room again

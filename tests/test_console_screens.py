@@ -874,12 +874,12 @@ def test_a_monitor_unplugged_with_readings_waiting_for_space_shows_both_on_devic
         monitor_prints_a_report_the_full_outbox_refuses(
             r, monitor, "3 reading(s) waiting for space", patient_id=VALID_ID
         )
-        assert r.registry.get("serial:monitor").other_problem == ""  # the waiting words: no other problem
+        assert r.registry.get("serial:monitor").last_error == ""  # what waits is its status: no other problem
         monitor.unplug()
 
         def unplug_said() -> bool:
             row = r.registry.get("serial:monitor")
-            return not row.connected and "waiting for space" not in row.last_error
+            return not row.connected and bool(row.last_error)
 
         wait_until(unplug_said)
         error = r.registry.get("serial:monitor").last_error

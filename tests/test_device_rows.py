@@ -354,12 +354,11 @@ def test_lastmile_devices_shows_what_waits_for_space_beside_a_later_unplug_error
         f'[gateway]\ndata_dir = "{data}"\n[ble]\nenabled = false\n[gps]\nsource = "none"\n[serial]\n\n'
         + device_entry("monitor", str(tmp_path / "usb-monitor"), "example-vitals-monitor")
     )
-    waiting = "3 reading(s) waiting for space on the data partition (kept on disk)"  # as the serial service says it
     now = dt.datetime(2026, 12, 6, 8, 0, tzinfo=UTC)
     registry = DeviceRegistry.open(data)
-    try:
+    try:  # as the serial service says it: its held status, not its error
         registry.update_status(
-            "serial:monitor", now=now, transport="serial", error=waiting, held=HeldReadings.DISK, held_counts=(3, 0)
+            "serial:monitor", now=now, transport="serial", held=HeldReadings.DISK, held_counts=(3, 0)
         )
         assert main(["-c", str(config), "devices"]) == 0
         before = capsys.readouterr().out
@@ -377,3 +376,35 @@ def test_lastmile_devices_shows_what_waits_for_space_beside_a_later_unplug_error
     out = capsys.readouterr().out
     assert "3 reading(s) waiting for space on the data partition (kept on disk)" in out, out
     assert "device gone" in out, out
+
+
+def test_a_row_an_older_version_wrote_its_waiting_words_as_the_error_says_them_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An older version wrote what waits for space as the row's error too: now that the row's held
+    status alone says it, such a row (migrated) would print the sentence twice, as waiting and as
+    its last error. The migration clears those words; a row's other error is kept."""
+    from lastmile.clinic.db import DB_NAME, MIGRATIONS
+    from uploader.sqlite_store import open_database
+
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    config = tmp_path / "lastmile.toml"
+    config.write_text(
+        f'[gateway]\ndata_dir = "{data}"\n[ble]\nenabled = false\n[gps]\nsource = "none"\n[serial]\n\n'
+        + device_entry("monitor", str(tmp_path / "usb-monitor"), "example-vitals-monitor")
+        + device_entry("ward", str(tmp_path / "usb-ward"), "example-vitals-monitor")
+    )
+    waiting = "3 reading(s) waiting for space on the data partition (kept on disk)"  # as the older version wrote it
+    db = open_database(data / DB_NAME, tuple(m for m in MIGRATIONS if m.name < "0020_device_held_at"))
+    for address, error in (("SERIAL:MONITOR", waiting), ("SERIAL:WARD", "device gone")):
+        db.conn.execute(
+            "INSERT INTO devices (address, transport, updated_at, last_error, last_error_at, held_readings, "
+            "held_reading_count) VALUES (?, 'serial', ?, ?, ?, 'disk', 3)",
+            (address, "2026-12-06T08:00:00+00:00", error, "2026-12-06T08:00:00+00:00"),
+        )
+    db.conn.close()
+    assert main(["-c", str(config), "devices"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("3 reading(s) waiting for space") == 2, out  # once for each device
+    assert out.count("last error") == 1 and "device gone" in out, out

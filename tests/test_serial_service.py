@@ -214,7 +214,7 @@ def test_an_ecg_end_resent_while_its_recording_is_held_waits_for_storage(
     r.outbox.min_free_bytes = 1 << 60  # storage full, through the re-plug
     sim = EcgStreamSimulator(core, recording_id=3)
     bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(40)) + sim.end(40 * 25, clock[0]))
-    wait_for(lambda: "waiting for space" in (r.registry.get("serial:ecg").last_error or ""))
+    wait_for(lambda: "waiting for space" in r.device_waiting("serial:ecg"))
     bridge.unplug()
     wait_for(lambda: not r.registry.get("serial:ecg").connected)
     bridge = PtyDevice(bridge.link_path)
@@ -283,7 +283,7 @@ def test_streamed_ecgs_past_a_full_ecg_spill_file_are_said_in_memory_only_and_al
     r.outbox.min_free_bytes = 1 << 60  # the data partition is full
     sent = stream_until_held_in_memory(bridge, core, clock, r)
     assert waiting_readings(Path(r.config.data_dir), ECG_SPILL_NAME) == sent - 1  # the last one: memory only
-    row = r.registry.get("serial:ecg").last_error
+    row = r.registry.get("serial:ecg").waiting
     assert f"{sent} ECG(s) waiting" in row and "(1 ECG(s) of them held in memory only" in row, row
     assert "the rest kept on disk" in row, row
     findings = Doctor(r.config).check_devices()
@@ -352,8 +352,8 @@ def test_a_streamed_ecg_a_full_disk_refused_survives_a_power_cut_and_arrives_onc
         bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(40)) + sim.end(40 * 25, clock[0]))
         registry = DeviceRegistry.open(str(data_dir))
         try:
-            wait_for(lambda: "waiting for space" in (registry.get("serial:ecg").last_error or ""))
-            row = registry.get("serial:ecg").last_error
+            wait_for(lambda: "waiting for space" in registry.get("serial:ecg").waiting)
+            row = registry.get("serial:ecg").waiting
         finally:
             registry.close()
     assert "1 ECG(s)" in row and "kept on disk" in row, row
@@ -383,8 +383,8 @@ def bridge_streams_two_ecgs_one_past_the_spill_file(
         for n, where in ((1, "kept on disk"), (2, "held in memory only")):
             sim = EcgStreamSimulator(core, recording_id=n)
             bridge.write(sim.start(clock[0]) + b"".join(sim.blocks(40)) + sim.end(40 * 25, clock[0]))
-            wait_for(lambda: f"{n} ECG(s)" in (e := registry.get("serial:ecg").last_error or "") and where in e)  # noqa: B023
-        return registry.get("serial:ecg").last_error
+            wait_for(lambda: f"{n} ECG(s)" in (e := registry.get("serial:ecg").waiting) and where in e)  # noqa: B023
+        return registry.get("serial:ecg").waiting
     finally:
         registry.close()
 
@@ -404,19 +404,10 @@ def lastmile_devices_lists(config: Config, tmp_path: Path, capsys: pytest.Captur
     return capsys.readouterr().out
 
 
-def test_a_streamed_ecg_held_in_memory_only_and_lost_at_a_power_cut_is_said_until_a_week_later(
-    tmp_path: Path, running, capsys: pytest.CaptureFixture
-) -> None:
-    """The ECG spill file full (it holds 1 ECG here, 18 of the 4 MB one), the next ECG was held in
-    memory only, and the power failed. The restarted gateway loaded the spilled ECG and the row
-    said "1 ECG(s) ... kept on disk"; the other was gone without a word (the bridge's resent
-    ECG_END NACKed as unknown, a journal line). Now the row keeps what was lost and from when,
-    and `lastmile doctor` FAILs on it (the System page, in Chinese) for a week, whatever is
-    stored since."""
-    from lastmile.clock import local_zone
-    from lastmile.console.app import advice_text
-    from lastmile.console.i18n import Localizer
-    from lastmile.doctor import Doctor, Level
+def an_ecg_lost_at_a_power_cut(tmp_path: Path, running) -> Running:
+    """Two ECGs streamed to a gateway on a full disk, the ECG spill file holding one (ONE_ECG_SPILL_BYTES);
+    its power fails, and it restarts with room: the spilled ECG is stored, the bridge's resent
+    ECG_END of the other (held in memory only, lost) answered. Returns the restarted gateway."""
     from lastmile.services.serial_spill import ECG_SPILL_NAME
 
     bridge = PtyDevice(tmp_path / "usb-ecg")
@@ -431,14 +422,36 @@ def test_a_streamed_ecg_held_in_memory_only_and_lost_at_a_power_cut_is_said_unti
     core.gateway_seen = False
     talk_as_bridge(bridge, core, clock, lambda: core.gateway_seen and core.pending_count == 0)
     assert [i.key for i in r.outbox.items(kind="dicom")] == ["bridge-ecg:BR-ECG:9:1"]  # the spilled one
+    return r
+
+
+def test_a_streamed_ecg_held_in_memory_only_and_lost_at_a_power_cut_is_said_until_a_week_later(
+    tmp_path: Path, running, capsys: pytest.CaptureFixture
+) -> None:
+    """The ECG spill file full (it holds 1 ECG here, 18 of the 4 MB one), the next ECG was held in
+    memory only, and the power failed. The restarted gateway loaded the spilled ECG and the row
+    said "1 ECG(s) ... kept on disk"; the other was gone without a word (the bridge's resent
+    ECG_END NACKed as unknown, a journal line). Now the row keeps what was lost and from when,
+    and `lastmile doctor` FAILs on it (the System page, in Chinese) for a week, whatever is
+    stored since. Its advice on the System page said only until when: when the loss was found too."""
+    from lastmile.clock import local_zone
+    from lastmile.console.app import advice_text
+    from lastmile.console.i18n import Localizer
+    from lastmile.doctor import Doctor, Level
+
+    r = an_ecg_lost_at_a_power_cut(tmp_path, running)
     findings = [f for f in Doctor(r.config).check_devices() if f.level is Level.FAIL]
     said = [f.message for f in findings]
     assert any("1 ECG(s)" in m and "lost when the gateway stopped" in m for m in said), said
     (lost,) = findings
     assert "found at its restart at" in lost.message and "after " in lost.message, lost.message
-    zh = advice_text(lost, Localizer("zh-CN", local_zone()))
+    zh_cn = Localizer("zh-CN", local_zone())
+    zh = advice_text(lost, zh_cn)
     assert "心电图" in zh and "丢失" in zh, zh
     row = r.registry.get("serial:ecg")
+    said_until = row.lost_said_until(row.lost_at)
+    assert said_until is not None and zh_cn.when(said_until) in zh, zh
+    assert zh_cn.when(row.lost_at) in zh.replace(zh_cn.when(said_until), ""), zh  # when it was found, too
     assert (row.lost_ecg_count, row.lost_reading_count) == (1, 0), row
     listed = lastmile_devices_lists(r.config, tmp_path, capsys)
     assert "1 ECG(s) held in memory only, when the gateway stopped after" in listed, listed
@@ -631,7 +644,7 @@ def said_held_in_memory(count):
         row = registry.get("serial:monitor")
     finally:
         registry.close()
-    return row.held_in_memory_only and f"{count} reading(s)" in row.last_error
+    return row.held_in_memory_only and f"{count} reading(s)" in row.waiting
 """
 
 # The gateway (a child process) reads a monitor's report on a partition full to its last block,
@@ -732,7 +745,7 @@ fill_to_the_last_block(mnt / "filler", leave=128 * 1024)
 gateway = start()
 monitor_prints_a_refused_report(gateway)
 registry = DeviceRegistry.open(config.data_dir)
-out = {"rows": [r.last_error for r in registry.all(config)]}
+out = {"rows": [r.waiting for r in registry.all(config)]}
 registry.close()
 out["doctor"] = [(f.level.value, f.message) for f in Doctor(config).check_devices()]
 os.unlink(mnt / "filler")
@@ -898,3 +911,72 @@ def test_readings_held_in_memory_only_stay_a_doctor_fail_after_the_monitor_recon
         assert len(r.outbox.items(kind="observation")) == 3
     finally:
         r.close()
+
+
+def monitor_unplugged_while_its_readings_wait_for_space(tmp_path: Path) -> tuple[Running, str]:
+    """A monitor's report of 3 readings refused by the full outbox (kept on disk), then the monitor
+    unplugged: the running service (for the caller to close) and the row's error saying so."""
+    monitor = PtyDevice(tmp_path / "usb-monitor")
+    r = Running(tmp_path, [{"name": "monitor", "match": str(monitor.link_path), "profile": "example-vitals-monitor"}])
+    monitor_prints_a_report_the_full_outbox_refuses(r, monitor, "3 reading(s) waiting for space")
+    monitor.unplug()
+    wait_for(lambda: not r.registry.get("serial:monitor").connected)
+    unplugged = r.registry.get("serial:monitor").last_error
+    assert unplugged and "waiting for space" not in unplugged, unplugged
+    return r, unplugged
+
+
+def test_a_monitor_unplugged_while_its_readings_waited_for_space_still_says_so_once_they_are_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A monitor's 3 readings waited for space, then it was unplugged (its row's error said so).
+    Space came back and the readings were stored: storing them wrote the row's error "" and so
+    cleared the unplug error too - the row no longer said the monitor was unplugged. What waits
+    is the row's status alone now; its error is only another problem, and stays until replaced."""
+    from lastmile.services import serial_devices
+
+    monkeypatch.setattr(serial_devices, "RETRY_STORE_S", 0.2)
+    r, unplugged = monitor_unplugged_while_its_readings_wait_for_space(tmp_path)
+    try:
+        r.outbox.min_free_bytes = 0  # room again: the service stores what the unplugged monitor left
+        wait_for(lambda: len(r.outbox.items(kind="observation")) == 3)
+        wait_for(lambda: not r.registry.get("serial:monitor").waits_for_space)
+        row = r.registry.get("serial:monitor")
+    finally:
+        r.close()
+    assert row.last_error == unplugged, row
+
+
+def test_a_monitor_unplugged_while_its_readings_wait_for_space_is_a_doctor_warning_beside_the_space_fail(
+    tmp_path: Path,
+) -> None:
+    """A monitor's readings wait for space (kept on disk: the doctor FAILs on the space), then it is
+    unplugged: the doctor skipped every device error on a row that waits for space, so the unplug
+    was no WARN anywhere a doctor looks first. Now it is, and the space FAIL stays the space FAIL."""
+    from lastmile.doctor import Doctor, Level
+
+    r, unplugged = monitor_unplugged_while_its_readings_wait_for_space(tmp_path)
+    try:
+        found = [(f.level, f.message) for f in Doctor(r.config).check_devices()]
+    finally:
+        r.close()
+    assert any(level is Level.FAIL and "3 reading(s)" in text and "wait for space" in text for level, text in found)
+    warned = [text for level, text in found if level is Level.WARN]
+    assert any(unplugged in text for text in warned), found
+    assert not any("wait" in text for text in warned), found  # the space is said once, by its FAIL
+
+
+def test_the_resent_ecg_end_of_an_ecg_lost_at_a_power_cut_is_not_said_again_as_a_device_error(
+    tmp_path: Path, running
+) -> None:
+    """After a restart that lost a streamed ECG, the bridge resends its ECG_END, NACKed as unknown:
+    the row's error said "ECG_END for an unknown recording" and `lastmile doctor` WARNed with it
+    beside the lost FAIL until the bridge was seen again - the same loss said twice, the second
+    time in words a village doctor cannot read. Now the lost FAIL says it once."""
+    from lastmile.doctor import Doctor, Level
+
+    r = an_ecg_lost_at_a_power_cut(tmp_path, running)
+    found = [(f.level, f.message) for f in Doctor(r.config).check_devices()]
+    assert [level for level, text in found if "lost when the gateway stopped" in text] == [Level.FAIL], found
+    assert not [text for level, text in found if level is Level.WARN], found
+    assert "unknown recording" not in r.registry.get("serial:ecg").last_error

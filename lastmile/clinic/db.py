@@ -257,6 +257,16 @@ MIGRATIONS = (
     # offered when the BLE link saw or connected it: a cuff named by its model number ("UA-651BLE")
     # is known by its Blood Pressure service (1810) before its first reading. NULL: none seen yet
     Migration.sql("0019_device_services", "ALTER TABLE devices ADD COLUMN services TEXT;"),
+    # what waits for space is the row's held status alone (held_readings and its counts), never its
+    # error: a later error (unplugged ...) is no longer cleared when they are stored. When the held
+    # status was last written (the row's last word on them: what a stop lost was held after it);
+    # the waiting words an older version wrote as the error are cleared, else said twice
+    Migration.sql(
+        "0020_device_held_at",
+        "ALTER TABLE devices ADD COLUMN held_at TEXT;\n"
+        "UPDATE devices SET held_at = last_error_at, last_error = '' "
+        "WHERE COALESCE(held_readings, '') != '' AND last_error LIKE '% waiting for space on the data partition (%';",
+    ),
 )
 
 

@@ -26,16 +26,17 @@ from lastmile.config import Config
 
 
 class HeldReadings(enum.StrEnum):
-    """Where the readings a device's last error says wait for space are (the full outbox refused
-    them): a status of its own, so no reader depends on the error's words."""
+    """Where the readings waiting for space are (the full outbox refused them): a status of its
+    own, never the row's error, so a later error (unplugged ...) neither hides it nor is cleared
+    when they are stored."""
 
     NONE = ""
     DISK = "disk"  # in the spill file (lastmile.services.serial_spill)
     MEMORY = "memory"  # lost if the power fails: `lastmile doctor` FAILs
 
 
-# How a device row's error words where its waiting readings are, for people: readers go by the
-# row's own status (HeldReadings), never by these words
+# How a device row's waiting words (DeviceRecord.waiting) say where its waiting readings are, for
+# people: readers go by the row's own status (HeldReadings), never by these words
 KEPT_ON_DISK = "kept on disk"
 MEMORY_ONLY = "held in memory only: lost if the power fails"
 
@@ -74,6 +75,7 @@ class DeviceRecord:
     memory_ecg_count: int = 0  # ... (0, 0 with held_readings MEMORY: all of them)
     lost_reading_count: int = 0  # what a stop lost of what was held in memory only: readings ...
     lost_ecg_count: int = 0  # ... and streamed ECGs
+    held_at: dt.datetime | None = None  # when its held status was last written
     lost_after: dt.datetime | None = None  # the row's last word on them before the stop
     lost_at: dt.datetime | None = None  # the restart that found them gone (LOST_SAID_FOR from then)
     services: tuple[int, ...] = ()  # SIG services (16-bit UUIDs) the BLE link saw it advertise or offer
@@ -119,12 +121,6 @@ class DeviceRecord:
         return waiting_message(self.held_words, self.held_readings, self.memory_words)
 
     @property
-    def other_problem(self) -> str:
-        """Its last error unless that is what its waiting-for-space status says (`waiting`): a
-        later one (unplugged ...) is another problem, shown beside what waits, never instead."""
-        return "" if self.waiting and self.last_error == self.waiting else self.last_error
-
-    @property
     def lost_words(self) -> str:
         """What a stop lost from memory, for people ("1 ECG(s)"; "" when nothing)."""
         return held_words(self.lost_reading_count, self.lost_ecg_count)
@@ -152,7 +148,7 @@ def held_words(readings: int, ecgs: int) -> str:
 
 
 def waiting_message(words: str, held: HeldReadings, in_memory: str = "") -> str:
-    """A device row's error for `words` (`held_words`) waiting for space `held` there; with
+    """What a device row says of `words` (`held_words`) waiting for space `held` there; with
     `held` MEMORY, `in_memory` words the part of them held in memory only ("" or `words`: all)."""
     if held is not HeldReadings.MEMORY:
         where = KEPT_ON_DISK
@@ -249,6 +245,7 @@ def _record(row: sqlite3.Row, serial: frozenset[str] | None = None) -> DeviceRec
         last_sequence=row["last_sequence"],
         held_readings=HeldReadings(row["held_readings"] or ""),
         **{count: row[count] for count in _COUNTS},
+        held_at=from_iso(row["held_at"]),
         lost_after=from_iso(row["lost_after"]),
         lost_at=from_iso(row["lost_at"]),
         services=parse_services(row["services"]),
@@ -347,7 +344,7 @@ class DeviceRegistry:
             sets["last_error"] = error
             sets["last_error_at"] = iso(now)
         if held is not None:
-            sets["held_readings"] = held.value
+            sets["held_readings"], sets["held_at"] = held.value, iso(now)
             sets["held_reading_count"], sets["held_ecg_count"] = held_counts
             sets["memory_reading_count"], sets["memory_ecg_count"] = memory_counts
         if identity is not None:
@@ -376,7 +373,7 @@ class DeviceRegistry:
         the restart found) held after its last word on them, found gone at `now`: said for
         LOST_SAID_FOR from now, with a loss still said before added in."""
         readings, ecgs = counts
-        after = record.last_error_at
+        after = record.held_at or record.last_error_at  # a row an older version held: its error said it
         if record.lost_said_until(now) is not None:
             readings, ecgs = readings + record.lost_reading_count, ecgs + record.lost_ecg_count
             after = record.lost_after

@@ -376,8 +376,8 @@ def _devices(args: argparse.Namespace) -> int:
             print(f"       last reading {_local(r.last_reading_at)}: {r.last_reading}")
         if r.waiting:  # until stored, whatever its later errors (unplugged ...) say
             print(f"       waiting      {r.waiting}")
-        if r.other_problem and not r.removed:  # a removed device's error is history (--json keeps it)
-            print(f"       last error   {_local(r.last_error_at)}: {r.other_problem}")
+        if r.last_error and not r.removed:  # a removed device's error is history (--json keeps it)
+            print(f"       last error   {_local(r.last_error_at)}: {r.last_error}")
         if not r.removed and r.lost_said_until(now) is not None:
             stopped = f"the gateway stopped after {_local(r.lost_after)}, found {_local(r.lost_at)}"
             print(f"       lost         {r.lost_words} held in memory only, when {stopped}")

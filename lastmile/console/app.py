@@ -388,16 +388,17 @@ CHECK_ADVICE: dict[str, dict[str, str]] = {
             "ECGs are waiting for storage space and are not saved yet: do not switch the gateway off, they "
             "would be lost. Call the county IT now to free space."
         ),
-        # held in memory only when the gateway lost its power: gone for good; %(time)s is when this stops showing
+        # held in memory only when the gateway lost its power: gone for good; %(since)s is when it started
+        # again and found them gone, %(time)s when this stops showing
         "lost-readings": N_(
-            "Some readings were lost when the gateway was switched off or lost its power: they were waiting for "
-            "storage space and not saved yet. Measure again if the patient is still here, and tell the county IT. "
-            "This shows until %(time)s."
+            "Some readings were lost when the gateway was switched off or lost its power (found when it started "
+            "again, %(since)s): they were waiting for storage space and not saved yet. Measure again if the "
+            "patient is still here, and tell the county IT. This shows until %(time)s."
         ),
         "lost-ecgs": N_(
-            "Some ECGs were lost when the gateway was switched off or lost its power: they were waiting for "
-            "storage space and not saved yet. Record the ECG again if the patient is still here, and tell the "
-            "county IT. This shows until %(time)s."
+            "Some ECGs were lost when the gateway was switched off or lost its power (found when it started "
+            "again, %(since)s): they were waiting for storage space and not saved yet. Record the ECG again if "
+            "the patient is still here, and tell the county IT. This shows until %(time)s."
         ),
     },
     "queue": {
@@ -503,11 +504,14 @@ def finding_label(finding: Finding, localizer: Localizer) -> str:
 
 
 def advice_text(finding: Finding, localizer: Localizer) -> str:
-    """A finding's advice in the page's language, with when what holds it lets go."""
+    """A finding's advice in the page's language, with when what holds it lets go (and when what
+    it reports was found, for an advice that says so)."""
     advice = advice_for(finding.check, finding.level.value, finding.advice_key)
-    if finding.until is None:
-        return localizer.gettext(advice)
-    return localizer.gettext(advice, time=localizer.when(dt.datetime.fromtimestamp(finding.until, dt.timezone.utc)))
+    times = {"time": finding.until, "since": finding.since}
+    values = {
+        k: localizer.when(dt.datetime.fromtimestamp(t, dt.timezone.utc)) for k, t in times.items() if t is not None
+    }
+    return localizer.gettext(advice, **values)
 
 
 # What a 404 says, in the page's language (a report link from an old alert, a purged ECG).

@@ -218,6 +218,9 @@ class SerialContext:
     unstored: dict[str, Unstored] = field(default_factory=dict)  # by device (spec) name
     spill: SpillFile | None = None  # the unstored observations, on disk too (a power cut)
     ecg_spill: SpillFile | None = None  # the unstored streamed ECGs, on disk too
+    # by device row address: how many ECG_ENDs a bridge may resend of the ECGs its row says a stop
+    # lost (the lost FAIL says them: their NACK is not the row's error too)
+    lost_ecg_ends: dict[str, int] = field(default_factory=dict)
 
     def status(self, spec: LinkSpec, port: str = "", **facts: object) -> None:
         """Record device facts; `port` (given on connect) goes into the name `lastmile devices` shows."""
@@ -239,14 +242,16 @@ class SerialContext:
             self._last_error_write[spec.name] = time.monotonic()
             self.status(spec, error=message[:200])
 
-    def store_observation(self, spec: LinkSpec, obs: Observation) -> bool:
-        """Make `obs` durable (outbox or held); False if it could not be stored now."""
+    def store_observation(self, spec: LinkSpec, obs: Observation, *, held: bool = False) -> bool:
+        """Make `obs` durable (outbox or held); False if it could not be stored now. `held`: the
+        caller holds it then, and the row's held status says so (not its error too)."""
         now = self.now()
         try:
             result = self.store.record(obs, now=now)
         except (UploadError, DeviceError, sqlite3.Error, OSError, ValueError) as exc:
             log.error("%s: cannot store a %s observation: %s", spec.name, obs.kind, exc)
-            self.error(spec, f"cannot store reading: {exc}")
+            if not held:
+                self.error(spec, f"cannot store reading: {exc}")
             return False
         log.info("%s: %s observation %s", spec.name, obs.kind, result.outcome)
         # seen: heard from now (reading_at is the device's clock, maybe behind the error's time)
@@ -274,7 +279,7 @@ class SerialContext:
         """Each device row's held readings as this start finds them: those the spill files kept
         wait again (on disk); those a previous run held in memory only are gone, and the row's
         lost counts say so (their one record: not its error too) instead of FAILing for readings
-        no longer anywhere."""
+        no longer anywhere. The row's error, another problem, is left as it is."""
         loaded = {normalise_address(serial_address(name)): held for name, held in self.unstored.items()}
         for record in self.registry.all():
             if record.transport != "serial" or not record.waits_for_space:
@@ -284,12 +289,28 @@ class SerialContext:
             # a row an older version wrote has no counts to keep the loss by: its words say it
             uncounted = record.held_in_memory_only and not (record.held_reading_count or record.held_ecg_count)
             if record.address not in loaded:
-                error = lost_message(record.held_words) if uncounted else ""
+                error = lost_message(record.held_words) if uncounted else None
                 self.registry.update_status(
                     record.address, now=self.now(), transport="serial", error=error, held=HeldReadings.NONE
                 )
         for name in self.unstored:
             self._say_waiting(LinkSpec(name, PortMatch()))
+        self._expect_lost_ecg_ends()
+
+    def _expect_lost_ecg_ends(self) -> None:
+        """The bridges whose rows still say ECGs a stop lost will resend those ECGs' ECG_ENDs."""
+        now = self.now()
+        for record in self.registry.all():
+            if record.transport == "serial" and record.lost_ecg_count and record.lost_said_until(now):
+                self.lost_ecg_ends[record.address] = record.lost_ecg_count
+
+    def counted_lost(self, spec: LinkSpec) -> bool:
+        """An unknown ECG_END from `spec`'s bridge is (taken as) one of an ECG its row says a stop lost."""
+        address = normalise_address(serial_address(spec.name))
+        left = self.lost_ecg_ends.get(address, 0)
+        if left:
+            self.lost_ecg_ends[address] = left - 1
+        return bool(left)
 
     def _say_lost_at_stop(self, record: DeviceRecord, loaded: Unstored) -> None:
         """What `record` said was held before the stop (some in memory only) and the spill files
@@ -316,10 +337,11 @@ class SerialContext:
         self._say_waiting(spec)
 
     def _say_waiting(self, spec: LinkSpec) -> None:
-        """Say on the device's row what waits for space (never silent: also when only memory holds it)."""
+        """Say on the device's row what waits for space (never silent: also when only memory holds it),
+        as its held status: never as its error, which a later problem (unplugged ...) writes."""
         held = self.unstored.get(spec.name) or Unstored()
         if not held:
-            self.status(spec, error="", held=HeldReadings.NONE)
+            self.status(spec, held=HeldReadings.NONE)
             return
         counts = (len(held.observations), len(held.recordings))
         kept = (kept_in(self.spill) or not held.observations) and (kept_in(self.ecg_spill) or not held.recordings)
@@ -332,7 +354,7 @@ class SerialContext:
             )
         message = waiting_message(held_words(*counts), where, held_words(*memory))
         log.error("%s: %s", spec.name, message)
-        self.status(spec, error=message, held=where, held_counts=counts, memory_counts=memory)
+        self.status(spec, held=where, held_counts=counts, memory_counts=memory)
 
     def hold_recording(self, spec: LinkSpec, recording: EcgRecording, key: str) -> None:
         held = self.unstored.setdefault(spec.name, Unstored())
@@ -351,7 +373,7 @@ class SerialContext:
         if not held or (not force and time.monotonic() < held.next_retry):
             return set()
         before = len(held.observations)
-        held.observations = [o for o in held.observations if not self.store_observation(spec, o)]
+        held.observations = [o for o in held.observations if not self.store_observation(spec, o, held=True)]
         if len(held.observations) != before:
             self._spill_changed(spec)
         stored, refused = set(), set()
@@ -379,8 +401,8 @@ class SerialContext:
         return stored
 
     def store_recording(self, spec: LinkSpec, recording: EcgRecording, key: str) -> bool:
-        """Make `recording` durable in the outbox; False if it could not be stored now (try again),
-        RecordingRefused if it never can be."""
+        """Make `recording` durable in the outbox; False if it could not be stored now (try again:
+        the caller holds it, and the row's held status says so), RecordingRefused if it never can be."""
         now = self.now()
         current = self.patients.current(now)
         patient = None
@@ -405,7 +427,6 @@ class SerialContext:
             raise RecordingRefused(str(exc)) from exc
         except (UploadError, sqlite3.Error, OSError, ValueError) as exc:
             log.error("%s: cannot store an ECG recording: %s", spec.name, exc)
-            self.error(spec, f"cannot store ECG: {exc}")
             return False
         if patient is not None:
             self.patients.touch(now=now)
@@ -500,7 +521,10 @@ class BridgeHandler:
                 self.link.write(
                     self.session.reject(event.seq, codec.NACK_UNKNOWN_RECORDING, "no such recording in progress")
                 )
-                self.ctx.error(self.spec, "ECG_END for an unknown recording")
+                if self.ctx.counted_lost(self.spec):  # the row's lost FAIL says it: not its error too
+                    log.warning("%s: ECG_END of an ECG lost when the gateway stopped: NACKed", self.spec.name)
+                else:
+                    self.ctx.error(self.spec, "ECG_END for an unknown recording")
         elif isinstance(event, SerialDataReceived):
             self._serial_data(event)
         elif isinstance(event, DeviceHello):
@@ -629,7 +653,7 @@ class AsciiReportHandler:
         for ev in events:
             if isinstance(ev, ReportParsed):
                 for obs in ev.observations:
-                    if not self.ctx.store_observation(self.spec, obs):
+                    if not self.ctx.store_observation(self.spec, obs, held=True):
                         self.ctx.hold_observation(self.spec, obs)  # the device cannot resend
             elif isinstance(ev, ReportRejected):
                 log.warning("%s: report rejected: %s", self.spec.name, ev.reason)
