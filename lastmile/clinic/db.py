@@ -257,6 +257,9 @@ MIGRATIONS = (
     # offered when the BLE link saw or connected it: a cuff named by its model number ("UA-651BLE")
     # is known by its Blood Pressure service (1810) before its first reading. NULL: none seen yet
     Migration.sql("0019_device_services", "ALTER TABLE devices ADD COLUMN services TEXT;"),
+    # whether a device sent a reading naming its user (Bluetooth "User ID"): a multi-user device,
+    # whatever it measures, whose users the doctor must be able to map (lastmile.clinic.device_users)
+    Migration.sql("0020_device_sends_users", "ALTER TABLE devices ADD COLUMN sends_users INTEGER NOT NULL DEFAULT 0;"),
 )
 
 
