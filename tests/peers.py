@@ -40,6 +40,7 @@ from pynetdicom import AE, build_context, build_role, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 
 from lastmile.demo.loopback import free_port
+from lastmile.demo.reading_center import commitment_item
 from tests.conftest import require_private_netns, require_tool
 from tests.tls_material import TlsMaterial, make_tls_material
 from uploader.dicom_association import ECG_STORAGE_CLASSES, STORAGE_COMMITMENT_INSTANCE, stop_server
@@ -555,14 +556,11 @@ class ScriptedStoreSCP:
         info.TransactionUID = request.TransactionUID
         ok, failed = [], []
         for ref in request.get("ReferencedSOPSequence", []):
-            item = Dataset()
-            item.ReferencedSOPClassUID = ref.ReferencedSOPClassUID
-            item.ReferencedSOPInstanceUID = ref.ReferencedSOPInstanceUID
-            if str(ref.ReferencedSOPInstanceUID) in stored:
-                ok.append(item)
+            sop_class, sop_instance = str(ref.ReferencedSOPClassUID), str(ref.ReferencedSOPInstanceUID)
+            if sop_instance in stored:
+                ok.append(commitment_item(sop_class, sop_instance))
             else:
-                item.FailureReason = NO_SUCH_OBJECT_INSTANCE
-                failed.append(item)
+                failed.append(commitment_item(sop_class, sop_instance, NO_SUCH_OBJECT_INSTANCE))
         if ok:
             info.ReferencedSOPSequence = ok
         if failed:

@@ -1231,6 +1231,7 @@ SIG_NAMES = {
     "BLOOD_PRESSURE": "Blood Pressure",
     "GLUCOSE": "Glucose",
     "WEIGHT_SCALE": "Weight Scale",
+    "USER_DATA": "User Data",
     "PULSE_OXIMETER": "Pulse Oximeter",
     "DATE_TIME": "Date Time",
     "CURRENT_TIME": "Current Time",

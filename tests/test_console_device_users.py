@@ -397,3 +397,56 @@ def test_a_cuff_named_by_its_model_number_gets_the_users_form_once_the_link_has_
     page = doctor.get("/devices").body
     offered = set(re.findall(r'action="/devices/map-user"[^>]*data-address="([^"]+)"', page))
     assert offered == {omron, a_and_d}, offered
+
+
+def test_a_scale_whose_users_weigh_is_offered_the_users_form_in_a_scales_words(
+    clinic: tuple[Config, ConsoleServer], doctor: Client
+) -> None:
+    """A family's weight scale with user buttons (Weight Scale service 0x181D, a User ID in each
+    weighing) sent user 2's weight: held, "device user 2 is mapped to no patient" - and Devices
+    offered no "user N is (patient ID)" form for it (only what could be a BP cuff got one), so
+    the doctor could never say whose user 2 is. The real bleak API over a bumble-emulated scale.
+    The scale gets the form, as does one whose link saw no service but whose weighing named its
+    user; their rows say nothing of a cuff (血压计, 袖带), in Chinese or English."""
+    if importlib.util.find_spec("bumble") is None:
+        missing("bumble (the emulation extra) is not installed")
+    from firmware_bridge.ble.emulated_peripherals import WeightRecord, WeightScale
+    from tests.ble_gateway import Gateway
+
+    config, _server = clinic
+    # the second scale's link saw no service (its own protocol): its weighing named a user
+    scale, unseen_scale = "AA:BB:CC:DD:EE:21", "AA:BB:CC:DD:EE:22"
+    for address, name in ((scale, "BF 600"), (unseen_scale, "2 号设备")):
+        assert doctor.post("/devices/pair", {"address": address, "name": name}).status == 303
+    gateway = Gateway(config.data_dir)
+    try:
+
+        async def user_2_weighs() -> None:
+            radio = gateway.new_radio()
+            device = WeightScale(
+                radio, scale, "BF600", manufacturer="Beurer", model="BF 600", memory=[WeightRecord(61.5, None, 2)]
+            )
+            await gateway.run([device], until=lambda: gateway.port.outcomes["held"] >= 1)
+
+        asyncio.run(user_2_weighs())
+        (held,) = gateway.store.held()
+        assert (held.observation.device_user, held.observation.kind) == (2, "body-weight"), held
+        weighing = held.observation
+        weighing = replace(
+            weighing, device=replace(weighing.device, address=unseen_scale), device_user=3, record_key="scale2:1"
+        )
+        assert gateway.port.store(weighing)  # the BLE service's own port: held, user 3 mapped to nobody
+        assert not gateway.registry.get(unseen_scale).services
+    finally:
+        gateway.close()
+
+    for language in ("zh-CN", "en"):
+        doctor.language = language
+        page = doctor.get("/devices").body
+        offered = set(re.findall(r'action="/devices/map-user"[^>]*data-address="([^"]+)"', page))
+        assert offered == {scale, unseen_scale}, (language, offered)
+        for address in offered:
+            row = next(row for row in page.split('<li class="card">')[1:] if f"BLE {address}</span>" in row)
+            row = row.split("</li>")[0]
+            assert ("用户（设备上的用户键）" if language == "zh-CN" else "User (its button on the device)") in row
+            assert "61.5 kg" in row and not re.search(r"血压|袖带|cuff", row, re.IGNORECASE), row

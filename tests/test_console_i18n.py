@@ -3,6 +3,7 @@ and the language chosen as the issue says (user, then browser, then Chinese)."""
 
 from __future__ import annotations
 
+import ast
 import datetime as dt
 import gettext
 import io
@@ -195,3 +196,58 @@ def test_every_audited_action_has_a_chinese_name_on_the_system_page(
     finally:
         db.conn.close()
     assert [r for r in caplog.records if r.levelno == logging.ERROR and "no-such-action" in r.getMessage()]
+
+
+def _audited_codes(tree: ast.Module) -> list[tuple[int, str | None]]:
+    """The action codes `AuditLog.record` is called with in one module, by line: a literal, or a
+    name the module assigns literals to (`done, code = ..., "user-unlock"`); None: a code no
+    reader of the source can name (an f-string), so nobody can check it has a name."""
+    assigned: dict[str, set[str]] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                pairs = (
+                    zip(target.elts, node.value.elts)
+                    if isinstance(target, ast.Tuple) and isinstance(node.value, ast.Tuple)
+                    else [(target, node.value)]
+                )
+                for name, value in pairs:
+                    if isinstance(name, ast.Name) and isinstance(value, ast.Constant) and isinstance(value.value, str):
+                        assigned.setdefault(name.id, set()).add(value.value)
+    codes: list[tuple[int, str | None]] = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "record"):
+            continue
+        receiver = node.func.value
+        is_audit = (isinstance(receiver, ast.Attribute) and receiver.attr == "audit") or (
+            isinstance(receiver, ast.Call) and isinstance(receiver.func, ast.Name) and receiver.func.id == "AuditLog"
+        )
+        if not is_audit or len(node.args) < 2:
+            continue
+        code = node.args[1]
+        if isinstance(code, ast.Constant) and isinstance(code.value, str):
+            codes.append((node.lineno, code.value))
+        elif isinstance(code, ast.Name) and code.id in assigned:
+            codes.extend((node.lineno, value) for value in sorted(assigned[code.id]))
+        else:
+            codes.append((node.lineno, None))
+    return codes
+
+
+def test_every_action_the_console_records_has_a_name_in_english_and_chinese() -> None:
+    """An action code recorded somewhere in lastmile/ but missing from ACTIONS shows bare on the
+    System page ("user-enable" among Chinese words) and only logs an error when it happens: every
+    `AuditLog.record` call's code is read from the source here, so a missing name fails the suite."""
+    from lastmile.console.audit import ACTIONS
+
+    root = Path(LOCALE_DIR).parents[2] / "lastmile"
+    recorded: dict[str, list[str]] = {}
+    for path in sorted(root.rglob("*.py")):
+        for line, code in _audited_codes(ast.parse(path.read_text(encoding="utf-8"))):
+            recorded.setdefault(str(code), []).append(f"{path.relative_to(root.parent)}:{line}")
+    assert "None" not in recorded, f"an audit code not written as a literal: {recorded.get('None')}"
+    assert {"login", "check-in", "pair-device", "user-add", "user-enable"} <= set(recorded), recorded
+    assert {code: where for code, where in recorded.items() if code not in ACTIONS} == {}
+    zh = Localizer("zh-CN", ZoneInfo("Asia/Shanghai"))
+    en = Localizer("en", ZoneInfo("Asia/Shanghai"))
+    assert [c for c in recorded if not en.gettext(ACTIONS[c]) or zh.gettext(ACTIONS[c]) == ACTIONS[c]] == []

@@ -8,6 +8,7 @@ visits.db until the doctor's next stop: the day's last visit never left the vill
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
 import json
@@ -1270,43 +1271,23 @@ def test_a_damaged_reading_of_a_visit_restored_in_visits_db_and_retried_is_sent_
     visits.db from the backup and the doctor ran `lastmile retry`: the relay read the outbox's copy
     of the damaged bytes again and quarantined it again, for ever. It reads the record visits.db
     holds now: the restored reading reaches the platform, once."""
-    from lastmile.cli import main
-    from uploader.outbox import ItemState
-
     config = forward_config(tmp_path, platform.base_url)
     data = config.data_dir
-    visit = stop_a_visit_with_a_reading(data)
-    with VisitBook.open(data, gateway_id="gw-1") as book:
-        (sound,) = book.db.execute("SELECT record FROM visit_items").fetchone()
-        book.db.execute("UPDATE visit_items SET record = json_remove(record, '$.quantities')")
-        book.db.conn.commit()
-
-    def reading_item() -> OutboxItem:
-        with Outbox.open(data, min_free_bytes=0) as outbox:
-            (item,) = [i for i in outbox.items(kind="observation") if visit.id in i.key]
-        return item
-
     service = ForwardService(config)
     try:
-        step_until(service, lambda: visits_applied(platform) >= 1)  # the visit goes without it
-        damaged = reading_item()
-        assert damaged.state is ItemState.QUARANTINED
-        with VisitBook.open(data, gateway_id="gw-1") as book:  # restored from the backup
-            book.db.execute("UPDATE visit_items SET record = ?", [sound])
-            book.db.conn.commit()
-        toml = tmp_path / "lastmile.toml"
-        toml.write_text(f'[gateway]\nid = "gw-1"\ndata_dir = "{data}"\n')
-        assert main(["-c", str(toml), "retry", str(damaged.id)]) == 0
+        visit = restore_and_retry_a_damaged_visit_reading(tmp_path, service, platform, data)
 
         def sent_or_quarantined_again() -> bool:
-            return len(platform.resources("Observation")) >= 1 or reading_item().state is ItemState.QUARANTINED
+            reading = visit_reading_item(data, visit.id)
+            return len(platform.resources("Observation")) >= 1 or reading.state is ItemState.QUARANTINED
 
         step_until(service, sent_or_quarantined_again)
         for _ in range(3):
             service.step(threading.Event())
     finally:
         service.close()
-    assert reading_item().state is not ItemState.QUARANTINED, reading_item().quarantine_reason
+    retried = visit_reading_item(data, visit.id)
+    assert retried.state is not ItemState.QUARANTINED, retried.quarantine_reason
     assert "encounter" not in one_panel_never_twice(platform)
 
 
@@ -1333,6 +1314,77 @@ def lastmile_retry(tmp_path: Path, data: Path, item_id: int) -> None:
     toml = tmp_path / "lastmile.toml"
     toml.write_text(f'[gateway]\nid = "gw-1"\ndata_dir = "{data}"\n')
     assert main(["-c", str(toml), "retry", str(item_id)]) == 0
+
+
+def restore_and_retry_a_damaged_visit_reading(
+    tmp_path: Path, service: ForwardService, platform: FhirTestServer, data: Path
+) -> Visit:
+    """P-1's visit stopped, its reading's record damaged on the SD card: the visit goes without it,
+    the reading is quarantined on its own. The county IT restores the record in visits.db from
+    the backup and the doctor runs `lastmile retry`. The visit."""
+    visit = stop_a_visit_with_a_reading(data)
+    with VisitBook.open(data, gateway_id="gw-1") as book:
+        (sound,) = book.db.execute("SELECT record FROM visit_items").fetchone()
+        book.db.execute("UPDATE visit_items SET record = json_remove(record, '$.quantities')")
+        book.db.conn.commit()
+    step_until(service, lambda: visits_applied(platform) >= 1)  # the visit goes without it
+    damaged = visit_reading_item(data, visit.id)
+    assert damaged.state is ItemState.QUARANTINED
+    with VisitBook.open(data, gateway_id="gw-1") as book:  # restored from the backup
+        book.db.execute("UPDATE visit_items SET record = ?", [sound])
+        book.db.conn.commit()
+    lastmile_retry(tmp_path, data, damaged.id)
+    return visit
+
+
+@contextlib.contextmanager
+def visits_db_held(data: Path) -> Iterator[None]:
+    """Another process in the middle of a write to visits.db, holding its lock (exclusive
+    locking mode: WAL readers wait too), until the block ends."""
+    conn = sqlite3.connect(data / "visits.db", isolation_level=None)
+    try:
+        conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+        conn.execute("BEGIN EXCLUSIVE")
+        conn.execute("UPDATE visits SET state = state")
+        yield
+        conn.execute("ROLLBACK")
+    finally:
+        conn.close()
+
+
+def test_a_retried_visit_reading_read_while_visits_db_is_locked_waits_and_is_sent_once_the_lock_is_gone(
+    tmp_path: Path, platform: FhirTestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A visit's damaged reading, restored in visits.db and retried (`lastmile retry`), was read by
+    the relay while another process still held visits.db past the busy timeout: the read found no
+    rows and the reading was quarantined again as "visits.db holds no reading #N" - a lock passes,
+    the reading was there. It is put back for a later round, and goes once the lock is gone."""
+    import time
+
+    from lastmile.services import observation_relay
+    from lastmile.visits import relay_link
+
+    monkeypatch.setattr(relay_link, "VISITS_BUSY_TIMEOUT_S", 0.2)  # not 15 s per try in a test
+    monkeypatch.setattr(observation_relay, "RELAY_RETRY_S", 0.0)  # the next round tries it again
+    config = forward_config(tmp_path, platform.base_url)
+    data = config.data_dir
+    service = ForwardService(config)
+    try:
+        visit = restore_and_retry_a_damaged_visit_reading(tmp_path, service, platform, data)
+        with visits_db_held(data), Outbox.open(data, min_free_bytes=0) as outbox:
+            relayed = observation_relay.relay_observations(
+                outbox, NAMING, time.time(), visit_reading=relay_link.released_reader(data)
+            )
+        held = visit_reading_item(data, visit.id)
+        assert relayed == 0 and held.state is not ItemState.QUARANTINED, held.quarantine_reason
+        assert held.last_error is not None and "visits.db is busy" in held.last_error, held.last_error
+        step_until(service, lambda: len(platform.resources("Observation")) >= 1)
+        for _ in range(3):
+            service.step(threading.Event())
+    finally:
+        service.close()
+    assert visit_reading_item(data, visit.id).state is not ItemState.QUARANTINED
+    assert "encounter" not in one_panel_never_twice(platform)
 
 
 def test_a_retried_visit_reading_whose_row_in_a_new_visits_db_is_another_patients_is_not_sent_nor_purged(

@@ -345,6 +345,52 @@ class Thermometer(EmulatedPeripheral):
 
 
 # --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WeightRecord:
+    kg: float
+    taken_at: dt.datetime | None  # naive device time; None: now on its clock
+    user_id: int | None = 1  # the user button pressed (None: the scale sends no User ID)
+
+
+def encode_weight(r: WeightRecord, taken_at: dt.datetime | None) -> bytes:
+    """Weight Measurement (0x2A9D), SI: weight in 0.005 kg steps, its time and user if any."""
+    flags = (0x02 if taken_at else 0) | (0x04 if r.user_id is not None else 0)
+    out = bytes((flags,)) + struct.pack("<H", round(r.kg / 0.005))
+    if taken_at:
+        out += encode_date_time(taken_at)
+    return out + (bytes((r.user_id,)) if r.user_id is not None else b"")
+
+
+@dataclass
+class WeightScale(EmulatedPeripheral):
+    """A family's scale with user buttons: indicates every stored weighing when the gateway
+    subscribes, then hangs up."""
+
+    memory: list[WeightRecord] = field(default_factory=list)
+    SERVICE: ClassVar[int] = uuids.WEIGHT_SCALE
+
+    def health_characteristics(self) -> list[Characteristic]:
+        self.measurement = Characteristic(f"{uuids.WEIGHT_MEASUREMENT:04X}", P.INDICATE, READABLE, b"")
+        # Weight Scale Feature: time stamp and multiple users supported, 0.005 kg resolution
+        feature = Characteristic(f"{uuids.WEIGHT_SCALE_FEATURE:04X}", P.READ, READABLE, struct.pack("<I", 0x0B))
+        return [self.measurement, feature]
+
+    def on_subscribed(self, connection: Connection, characteristic: Characteristic) -> None:
+        if characteristic is self.measurement:
+            self.spawn(self._send_memory())
+
+    async def _send_memory(self) -> None:
+        """Every weighing, stamped now on its clock if it kept no time, until one cannot be sent;
+        then it hangs up if asked."""
+        now = self.clock.now().replace(microsecond=0)
+        for record in self.memory:
+            if not await self.send(self.measurement, encode_weight(record, record.taken_at or now), indicate=True):
+                return
+        if self.hang_up_after_memory:
+            await self.hang_up()
+
+
+# --------------------------------------------------------------------------------------------
 def encode_plx_continuous(spo2: float, pulse: float, status: int | None = None) -> bytes:
     flags = 0x04 if status is not None else 0
     return bytes((flags,)) + _sf(spo2) + _sf(pulse) + (struct.pack("<H", status) if status is not None else b"")

@@ -267,6 +267,9 @@ MIGRATIONS = (
         "UPDATE devices SET held_at = last_error_at, last_error = '' "
         "WHERE COALESCE(held_readings, '') != '' AND last_error LIKE '% waiting for space on the data partition (%';",
     ),
+    # whether a device sent a reading naming its user (Bluetooth "User ID"): a multi-user device,
+    # whatever it measures, whose users the doctor must be able to map (lastmile.clinic.device_users)
+    Migration.sql("0021_device_sends_users", "ALTER TABLE devices ADD COLUMN sends_users INTEGER NOT NULL DEFAULT 0;"),
 )
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import sqlite_utils
 
 from devices.ble.measurement import UNKNOWN_USER  # Bluetooth "unknown user": nobody's index (0xFF)
-from devices.ble.uuids import BLOOD_PRESSURE
+from devices.ble.uuids import BLOOD_PRESSURE, USER_DATA, WEIGHT_SCALE
 from devices.identity import Patient
 from lastmile.clinic.db import from_iso, iso, transaction
 from lastmile.clinic.devices import DeviceRecord, is_bluetooth_address, normalise_address
@@ -39,6 +39,8 @@ DEFAULT_USER = 1  # the user a cuff without user buttons (or with one nobody pre
 CUFF_NAME = re.compile(r"血压|blood.?pressure|sphygmo|cuff|(?<![a-z])bp(?![a-z])", re.IGNORECASE)
 # a reading's summary (lastmile.clinic.observations.summary) names millimetres of mercury for a pressure only
 PRESSURE_UNIT = "mm[Hg]"
+# services whose devices keep readings per user: a BP cuff's, a scale's, and the users' own (User Data)
+MULTI_USER_SERVICES = frozenset({BLOOD_PRESSURE, WEIGHT_SCALE, USER_DATA})
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,16 +63,17 @@ class DeviceUser:
 
 
 def may_have_users(device: DeviceRecord, mapped: Collection[str]) -> bool:
-    """Whether a paired device can be a BP cuff with user buttons, so whose its users are means
-    something: one whose users were mapped already (`mapped`: their addresses), one that sent a
-    blood-pressure reading, one the BLE link saw advertise or offer the Blood Pressure service
-    (a cuff named by its model number, "UA-651BLE", before its first reading), or one called a
-    BP cuff. Pairing records an address and a name only (`lastmile ble pair`, the console's
-    form): until the link has seen it, a thermometer or an oximeter is told apart by its name.
-    A device nothing says is a cuff yet gets no users' form."""
-    if normalise_address(device.address) in mapped or PRESSURE_UNIT in device.last_reading:
+    """Whether a paired device can have users (buttons), so whose they are means something: one
+    whose users were mapped already (`mapped`: their addresses), one that sent a reading naming
+    its user (a scale's weight as a cuff's pressure), one the BLE link saw advertise or offer a
+    multi-user service (Blood Pressure, Weight Scale, User Data: a cuff or scale named by its model
+    number, "UA-651BLE", before its first reading), one that sent a blood-pressure reading, or
+    one called a BP cuff. Pairing records an address and a name only (`lastmile ble pair`, the
+    console's form): until the link has seen it, a thermometer or an oximeter is told apart by
+    its name. A device nothing says has users gets no users' form."""
+    if normalise_address(device.address) in mapped or device.sends_users or PRESSURE_UNIT in device.last_reading:
         return True
-    if BLOOD_PRESSURE in device.services:
+    if MULTI_USER_SERVICES.intersection(device.services):
         return True
     return any(CUFF_NAME.search(text) for text in (device.name, device.model))
 

@@ -79,6 +79,7 @@ class DeviceRecord:
     lost_after: dt.datetime | None = None  # the row's last word on them before the stop
     lost_at: dt.datetime | None = None  # the restart that found them gone (LOST_SAID_FOR from then)
     services: tuple[int, ...] = ()  # SIG services (16-bit UUIDs) the BLE link saw it advertise or offer
+    sends_users: bool = False  # it sent a reading naming its user (a multi-user device)
 
     @property
     def waits_for_space(self) -> bool:
@@ -249,6 +250,7 @@ def _record(row: sqlite3.Row, serial: frozenset[str] | None = None) -> DeviceRec
         lost_after=from_iso(row["lost_after"]),
         lost_at=from_iso(row["lost_at"]),
         services=parse_services(row["services"]),
+        sends_users=bool(row["sends_users"]),
         removed=(transport == "ble" and not allowed)
         or (transport == "serial" and serial is not None and row["address"] not in serial),
     )
@@ -326,12 +328,13 @@ class DeviceRegistry:
         reading_at: dt.datetime | None = None,
         name: str | None = None,
         services: Iterable[int] = (),
+        sends_users: bool = False,
     ) -> None:
         """Record what just happened to a device; only the given facts change (`held`: where
         the readings waiting for space are, `held_counts` how many readings and streamed ECGs,
         `memory_counts` how many of them are held in memory only; they stay, whatever later errors
         say, until given again; `services` are added to those seen before: a later advertisement
-        names fewer than the connection found)."""
+        names fewer than the connection found; `sends_users`: a reading named its user, for good)."""
         address = normalise_address(address)
         sets: dict[str, object] = {"updated_at": iso(now)}
         if connected is not None:
@@ -356,6 +359,8 @@ class DeviceRegistry:
             sets["last_reading_at"] = iso(reading_at or now)
         if name:
             sets["name"] = name
+        if sends_users:
+            sets["sends_users"] = 1
         with transaction(self.db) as conn:
             self._ensure(conn, address, transport, now)
             if services:

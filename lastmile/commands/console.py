@@ -158,12 +158,15 @@ def _user_state(args: argparse.Namespace) -> int:
 
     accounts = _accounts(args)
     try:
+        # each code a literal: tests/test_console_i18n.py reads them here to check each has a name
         if args.action == "unlock":
-            done = accounts.unlock(args.name)
+            done, code = accounts.unlock(args.name), "user-unlock"
+        elif args.action == "disable":
+            done, code = accounts.set_disabled(args.name, True), "user-disable"
         else:
-            done = accounts.set_disabled(args.name, args.action == "disable")
+            done, code = accounts.set_disabled(args.name, False), "user-enable"
         if done:
-            AuditLog(accounts.db).record("(command line)", f"user-{args.action}", now=_now(), target=args.name)
+            AuditLog(accounts.db).record("(command line)", code, now=_now(), target=args.name)
     finally:
         accounts.db.conn.close()
     if not done:

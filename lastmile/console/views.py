@@ -103,8 +103,8 @@ def devices(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
     return {
         "devices": found,
         "device_users": device_users,
-        # the devices whose users the page offers to map: BP cuffs (a thermometer has no users)
-        "cuffs": {d.address for d in found if may_have_users(d, mapped)},
+        # the devices whose users the page offers to map: cuffs, scales (a thermometer has no users)
+        "with_users": {d.address for d in found if may_have_users(d, mapped)},
         "serial": list(data.config.serial.devices),
         "now": now,
     }

@@ -62,6 +62,7 @@ class ClinicBlePort:
                 seen=True,
                 reading=summary(observation),
                 reading_at=observation.measured_at,
+                sends_users=observation.device_user is not None,
             )
         return result.outcome != "duplicate"
 
