@@ -15,13 +15,17 @@ import pytest
 
 from lastmile.config import Config
 from lastmile.doctor import Doctor, Level, render_text
+from lastmile.services.link_status import FHIR_STATUS, fhir_platform
 from tests.conftest import REPO
 from tests.fhir_samples import queue_visits
-from tests.fhir_server import FhirTestServer
+from tests.fhir_server import FhirTestServer, RefusesVisits
 from tests.metrics_harness import busy_after_taking_two, forwarding, not_answering_after_taking_one
 from tests.service_harness import doctor
 from uploader.fhir_forwarder import forward_fhir_once
+from uploader.fhir_link import Said
+from uploader.outbox import Outbox
 
+DAY = 86400.0
 RULES = REPO / "docs/prometheus/lastmile-alerts.yml"
 # what the alert's description says the doctor says, one phrase each
 NO_ANSWER = "does not answer"
@@ -99,6 +103,26 @@ def test_a_county_platform_taking_records_adds_nothing(tmp_path: Path) -> None:
             assert forward_fhir_once(outbox, sender, time.time()).sent == 2
         findings = d.check_fhir()
     assert [(f.level, f.topic) for f in findings] == [(Level.OK, "")], render_text(findings)
+
+
+def test_a_visit_record_refused_alone_is_said_so_when_the_last_round_tried_it_alone(tmp_path: Path) -> None:
+    """The platform stores every visit record but one, which it answers "500" at every try. Once a
+    round tried only that one again, the doctor's queue check (the System page shows it too) said
+    "is the link down?" - while the metrics said the link up and the System page's county row
+    "refused one record, the others go on": the meter's rule read the round's counts (nothing
+    sent, one failed: failing), the others what the forwarder judged (`Said.REFUSED_ONE`)."""
+    t0 = time.time() - 2 * DAY
+    d = doctor(tmp_path, now=lambda: t0 + 2 * DAY)
+    with Outbox.open(tmp_path, min_free_bytes=0) as outbox:
+        refused, *_ = queue_visits(outbox, range(3), patient_of=lambda n: f"P-{n}", at=t0)
+    with RefusesVisits(refused) as server, forwarding(d.config, server.base_url) as (outbox, sender):
+        assert forward_fhir_once(outbox, sender, t0 + 60).sent == 2
+        assert forward_fhir_once(outbox, sender, t0 + 3600).transient == 1  # tried again, alone
+        platform = fhir_platform(outbox.status(FHIR_STATUS))
+    assert platform.said is Said.REFUSED_ONE and not platform.down(t0 + 2 * DAY)  # metrics, System page
+    [queue] = [f for f in d.check_queue() if f.topic == "link"]
+    text = render_text([queue])
+    assert queue.advice_key == "refused-alone" and "refuses this one visit record" in queue.hint, text
 
 
 def test_the_alert_says_what_the_doctor_says() -> None:
