@@ -688,9 +688,13 @@ class Doctor:
     def _fhir_link_recorded(self) -> list[Finding]:
         """What the FHIR forwarder recorded of the county platform (read, no network call), judged
         as the metrics exporter and the System page judge it (`FhirPlatform`)."""
+        from lastmile.data_dir import DataDirError
         from lastmile.services.link_status import fhir_platform
 
-        reads = self.outbox_reads()
+        try:
+            reads = self.outbox_reads()
+        except DataDirError:  # the queue check says it; the /metadata probe's finding stays
+            return []
         if reads is None:
             return []
         finding = _county_platform_finding(fhir_platform(reads.fhir_status), self.now())
