@@ -34,6 +34,7 @@ from lastmile.doctor_ble import check_bluetooth
 if TYPE_CHECKING:
     from lastmile.clinic.devices import DeviceRecord
     from lastmile.config import Config
+    from lastmile.services.link_status import FhirPlatform
     from lastmile.services.metered import MeteredWait
     from uploader.outbox import OutboxItem
 
@@ -151,6 +152,7 @@ class OutboxReads:
     oldest_item: OutboxItem | None  # the oldest waiting item no metered link holds
     refused: OutboxItem | None  # that item, when the server refuses it alone
     recent_ecgs: list[OutboxItem]  # DICOM items of the last ECG_CLOCK_LOOKBACK_S, newest first
+    fhir_status: dict[str, Any] | None  # what the FHIR forwarder recorded of its last rounds (FHIR_STATUS)
 
 
 @dataclass
@@ -205,6 +207,7 @@ class Doctor:
 
     def _read_outbox(self) -> OutboxReads | None:
         from lastmile.data_dir import open_existing_outbox
+        from lastmile.services.link_status import FHIR_STATUS
         from lastmile.services.metered import QUEUED_KINDS, metered_waits, refused_alone
         from uploader.outbox import Kind
 
@@ -227,6 +230,7 @@ class Doctor:
                         oldest_item,
                         oldest_item if oldest_item and refused_alone(oldest_item, outbox) else None,
                         outbox.newest(Kind.DICOM, since=now - ECG_CLOCK_LOOKBACK_S, limit=ECG_CLOCK_ITEMS),
+                        outbox.status(FHIR_STATUS),
                     )
         return reads
 
@@ -676,9 +680,29 @@ class Doctor:
         return {int(main), *in_group} - {0}
 
     def check_fhir(self) -> list[Finding]:
-        f = self.config.fhir
-        if not f.base_url:
+        """The platform's /metadata asked now (token, TLS, base URL), and what the forwarder found
+        of it in its rounds - what the county's alert on lastmile_link_state points here for."""
+        if not self.config.fhir.base_url:
             return [Finding("fhir", Level.SKIP, "fhir.base_url not configured")]
+        return [*self._probe_fhir_metadata(), *self._fhir_link_recorded()]
+
+    def _fhir_link_recorded(self) -> list[Finding]:
+        """What the FHIR forwarder recorded of the county platform (read, no network call), judged
+        as the metrics exporter and the System page judge it (`FhirPlatform`)."""
+        from lastmile.data_dir import DataDirError
+        from lastmile.services.link_status import fhir_platform
+
+        try:
+            reads = self.outbox_reads()
+        except DataDirError:  # the queue check says it; the /metadata probe's finding stays
+            return []
+        if reads is None:
+            return []
+        finding = _county_platform_finding(fhir_platform(reads.fhir_status), self.now())
+        return [] if finding is None else [finding]
+
+    def _probe_fhir_metadata(self) -> list[Finding]:
+        f = self.config.fhir
         import requests
 
         from uploader.errors import ConfigurationFault
@@ -1593,6 +1617,44 @@ def _platform_busy(url: str, retry_after: str | None) -> Finding:
         "if it stays busy for hours, tell the county platform",
         advice_key="busy",
     )
+
+
+def _county_platform_finding(platform: FhirPlatform, now: float) -> Finding | None:
+    """What the forwarder's rounds found, when the platform takes nothing: the three ways the
+    county's LastmileHealthPlatformDown alert names (docs/prometheus/lastmile-alerts.yml), in its
+    words; busy is a WARN until it is down (`FhirPlatform.down`, as lastmile_link_state says)."""
+    from lastmile.services.link_status import BUSY_DOWN_AFTER_S
+    from uploader.fhir_link import Said
+
+    since = platform.taking_nothing_since
+    taken = "nothing taken since " + _since(since, now) if since is not None else "it has taken none yet"
+    tell = "tell the county IT; visit records wait in the queue, nothing is lost (`lastmile queue` lists them)"
+    if platform.said is Said.DOWN:
+        route = "check the platform and the gateway's route to it; " + tell
+        return Finding(
+            "fhir", Level.FAIL, f"the county platform does not answer the forwarder: {taken}", route, topic="link"
+        )
+    if platform.said is Said.REFUSES_ALL:
+        return Finding(
+            "fhir", Level.FAIL, f"the county platform refuses every visit record: {taken}", tell, topic="link"
+        )
+    if platform.said is not Said.BUSY:
+        return None
+    if platform.down(now):
+        text = f"the county platform has been busy (429) for {BUSY_DOWN_AFTER_S // 60} minutes or more: {taken}"
+        return Finding("fhir", Level.FAIL, text, tell, topic="link")
+    return Finding(
+        "fhir",
+        Level.WARN,
+        f"the county platform is busy (429): {taken}",
+        f"nothing to fix yet: it is sent again by itself; busy {BUSY_DOWN_AFTER_S // 60} minutes, it counts as down",
+        advice_key="busy",
+        topic="link",
+    )
+
+
+def _since(when: float, now: float) -> str:
+    return f"{_stamp(dt.datetime.fromtimestamp(when, dt.timezone.utc))} ({_age(max(0.0, now - when))} ago)"
 
 
 # who refuses an item alone, by its outbox kind (uploader.outbox.Kind's values)

@@ -92,8 +92,9 @@ def signature(n: int) -> VisitSignature:
     )
 
 
-def queue_visits(outbox: Outbox, visits: range, patient_of=lambda n: f"P-{n % 3}") -> list[str]:
-    """Sample visits `visits` queued in `outbox` as the visit book queues them; their visit ids."""
+def queue_visits(outbox: Outbox, visits: range, patient_of=lambda n: f"P-{n % 3}", at: float = 1000.0) -> list[str]:
+    """Sample visits `visits` queued in `outbox` as the visit book queues them (visit n at `at` + n
+    seconds); their visit ids."""
     keys = []
     for n in visits:
         v = visit(n, patient=patient_of(n))
@@ -102,7 +103,7 @@ def queue_visits(outbox: Outbox, visits: range, patient_of=lambda n: f"P-{n % 3}
             visit_bundle(v, all_kinds(v.started_at, v.patient_id, f"/{n}"), NAMING, signature(n)),
             f"fhir:visit:{v.visit_id}",
             patient_id=v.patient_id,
-            now=1000.0 + n,
+            now=at + n,
         )
         keys.append(v.visit_id)
     return keys

@@ -17,8 +17,8 @@ from lastmile.services.link_status import (
     FHIR_STATUS,
     READING_CENTER_STATUS,
     StatusSnapshot,
-    fhir_round_failed,
-    fhir_round_worked,
+    fhir_link_failing,
+    fhir_link_worked,
     number,
     reading_center_down,
 )
@@ -149,9 +149,9 @@ def read_once(meter: Meter) -> Meter:
 
 def link_failing(meter: Meter) -> bool:
     """Whether `meter`'s link failed since it last succeeded, as its sender recorded it (the
-    reading center's forwarder keeps both times; the FHIR sender its last round's counts)."""
+    reading center's forwarder keeps both times; the FHIR sender what the platform said)."""
     if meter.name == "fhir":
-        return fhir_round_failed(meter.store.status(FHIR_STATUS))
+        return fhir_link_failing(meter.store.status(FHIR_STATUS))
     return meter.name == "dicom" and reading_center_down(meter.store.status(READING_CENTER_STATUS))
 
 
@@ -160,7 +160,7 @@ def link_worked_since_failing(destination: str, store: StatusStore) -> bool:
     in `store`: a routine item whose send failed before then waits for the meter like any other,
     not for the link (uploader.outbox.MeterHold.failed_too). Not known: the link's."""
     if destination == "fhir":
-        return fhir_round_worked(store.status(FHIR_STATUS))
+        return fhir_link_worked(store.status(FHIR_STATUS))
     status = store.status(READING_CENTER_STATUS) if destination == "dicom" else None
     return status is not None and number(status.get("last_success")) is not None and not reading_center_down(status)
 
