@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from devices.identity import Patient
 from lastmile.config import Config
 from lastmile.console.service import ConsoleServer
 from lastmile.console.sources import ReportView
@@ -291,6 +292,33 @@ def test_the_device_list_never_puts_the_last_patients_value_under_this_one(
     readings = text_of(browser, "#panel-readings")
     assert "Demo BP Cuff" in readings and "未连接" in readings
     assert "118/76" not in readings
+
+
+def _enqueue_recording_of(config: Config, patient: Patient | None, key: str) -> None:
+    from lastmile.data_dir import open_outbox
+    from lastmile.ecg.intake import enqueue_recording
+    from tests.ecg_factories import make_recording
+
+    with open_outbox(config) as outbox:
+        enqueue_recording(outbox, make_recording(7, patient=patient), config, key=key)
+
+
+def test_the_ecg_under_a_checked_in_patient_is_only_ever_theirs(browser: object, console: ConsoleServer) -> None:
+    """Nobody checked in: the ECG just recorded, saying whose (here nobody's). With a patient
+    checked in: only that patient's newest ECG, never an unassigned one (it waits in "待指定患者")
+    nor another patient's, with its re-record buttons, under their name."""
+    _enqueue_recording_of(console.config, None, "browser:unassigned-ecg")
+    log_in(browser, console)
+    text_in(browser, "#panel-ecg", "无患者")
+    browser.find_element(by("id"), "patient_id").send_keys(VALID_ID + "\n")
+    text_in(browser, "#panel-session", VALID_ID)
+    panel = text_of(browser, "#panel-ecg")
+    assert "无患者" not in panel and "仍然发送" not in panel
+    assert "该患者 12 小时内没有心电图" in panel
+    _enqueue_recording_of(console.config, Patient("DEMO-0001", "Li^Wei"), "browser:another-patients-ecg")
+    enqueue_ecg(console.config, lead_off=False)  # then this patient's
+    text_in(browser, "#panel-ecg", VALID_ID)
+    assert "DEMO-0001" not in text_of(browser, "#panel-ecg")
 
 
 def test_an_ecg_preview_and_its_re_record_verdict(browser: object, console: ConsoleServer) -> None:
