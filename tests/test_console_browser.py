@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from devices.identity import Patient
 from lastmile.config import Config
 from lastmile.console.service import ConsoleServer
 from lastmile.console.sources import ReportView
@@ -38,8 +39,10 @@ from tests.console_harness import (
     DOCTOR,
     VALID_ID,
     StaticReports,
+    bp_reading,
     console_config,
     enqueue_ecg,
+    record_readings,
     record_receipt_timed_bp,
     running_console,
     stand_in_lp,
@@ -264,6 +267,58 @@ def test_a_reading_timed_on_receipt_is_badged_as_such_on_a_tablet_and_a_phone(
         save_screenshot(browser, "today-receipt-time-phone")
     finally:
         set_viewport(browser, TABLET)
+
+
+def test_the_device_list_never_puts_the_last_patients_value_under_this_one(
+    browser: object, console: ConsoleServer
+) -> None:
+    """A device's last value is whoever measured last (here the previous patient's 118/76): the
+    Devices list on Today says whether a device is connected, never a value a doctor could read,
+    or copy, as the checked-in patient's. Their own readings are listed under them."""
+    from lastmile.clinic.devices import DeviceRegistry
+
+    now = dt.datetime.now(dt.timezone.utc)
+    registry = DeviceRegistry.open(console.config.data_dir)
+    try:
+        registry.allow("AA:BB:CC:DD:EE:09", now=now, name="Demo BP Cuff")
+        registry.update_status("AA:BB:CC:DD:EE:09", now=now, connected=False, reading="118/76 mm[Hg]", reading_at=now)
+    finally:
+        registry.close()
+    log_in(browser, console)
+    browser.find_element(by("id"), "patient_id").send_keys(VALID_ID + "\n")
+    text_in(browser, "#panel-session", VALID_ID)
+    record_readings(console.config, bp_reading(dt.datetime.now(dt.timezone.utc), "browser:this-patient"))
+    text_in(browser, "#panel-readings", "131/84")
+    readings = text_of(browser, "#panel-readings")
+    assert "Demo BP Cuff" in readings and "未连接" in readings
+    assert "118/76" not in readings
+
+
+def _enqueue_recording_of(config: Config, patient: Patient | None, key: str) -> None:
+    from lastmile.data_dir import open_outbox
+    from lastmile.ecg.intake import enqueue_recording
+    from tests.ecg_factories import make_recording
+
+    with open_outbox(config) as outbox:
+        enqueue_recording(outbox, make_recording(7, patient=patient), config, key=key)
+
+
+def test_the_ecg_under_a_checked_in_patient_is_only_ever_theirs(browser: object, console: ConsoleServer) -> None:
+    """Nobody checked in: the ECG just recorded, saying whose (here nobody's). With a patient
+    checked in: only that patient's newest ECG, never an unassigned one (it waits in "待指定患者")
+    nor another patient's, with its re-record buttons, under their name."""
+    _enqueue_recording_of(console.config, None, "browser:unassigned-ecg")
+    log_in(browser, console)
+    text_in(browser, "#panel-ecg", "无患者")
+    browser.find_element(by("id"), "patient_id").send_keys(VALID_ID + "\n")
+    text_in(browser, "#panel-session", VALID_ID)
+    panel = text_of(browser, "#panel-ecg")
+    assert "无患者" not in panel and "仍然发送" not in panel
+    assert "该患者 12 小时内没有心电图" in panel
+    _enqueue_recording_of(console.config, Patient("DEMO-0001", "Li^Wei"), "browser:another-patients-ecg")
+    enqueue_ecg(console.config, lead_off=False)  # then this patient's
+    text_in(browser, "#panel-ecg", VALID_ID)
+    assert "DEMO-0001" not in text_of(browser, "#panel-ecg")
 
 
 def test_an_ecg_preview_and_its_re_record_verdict(browser: object, console: ConsoleServer) -> None:

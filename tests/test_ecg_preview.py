@@ -21,6 +21,7 @@ from lastmile.ecg import preview
 from lastmile.ecg.preview import display_name, plan_layout, render_preview_svg
 from tests import ecg_faults as faults
 from tests.conftest import require_tool
+from tests.ecg_factories import make_recording
 from tests.real_ecgs import recording
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -324,6 +325,21 @@ def test_header_names_the_patient_in_chinese_and_states_rate_and_verdict(mortara
     assert mortara_svg.startswith('<?xml version="1.0" encoding="UTF-8"?>')
 
 
+def test_an_unassigned_ecg_to_record_again_is_previewed_in_the_consoles_words_at_the_clinics_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The preview sits under Today's ECG panel and is printed as it is: one SVG for the screen,
+    the printer and `lastmile ecg preview`, so bilingual, Chinese first, in the words the panel
+    above it uses (无患者, 需要重做), its time the clinic's wall clock as the panel shows it."""
+    monkeypatch.setenv("TZ", "Asia/Shanghai")
+    recording = make_recording(7, patient=None)  # 2 s: record again; acquired 09:37 UTC
+    texts = [t.text or "" for t in parse(render_preview_svg(recording)).iter(SVG + "text")]
+    header = " | ".join(texts[:6])
+    assert "无患者 no patient" in texts, header
+    assert any("需要重做 record again" in t for t in texts), header
+    assert any("采集 Acquired 2026-11-02 17:37+08:00" in t for t in texts), header
+
+
 @pytest.mark.parametrize(
     "pn, shown",
     [
@@ -362,7 +378,7 @@ def test_problems_are_marked_on_their_leads() -> None:
             assert "脱落 off" in g.find(SVG + "text").text
     texts = [t.text or "" for t in root.iter(SVG + "text")]
     assert "• V3 电极脱落，请重新贴好后重做" in texts and "V3 electrode off: reattach and record again" in texts
-    assert any("需重做 re-record" in t for t in texts)
+    assert any("需要重做 record again" in t for t in texts)
 
 
 def test_an_svg_renderer_draws_the_page(tmp_path: Path, mortara_svg: str) -> None:

@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 
 MAX_NAME_LENGTH = 64
 MAX_ROW_ID = 2**63 - 1  # SQLite's INTEGER: a larger number makes the driver raise OverflowError
+RECENT_ECG_ITEMS = 500  # at most this many recent ECGs looked through for a patient's (a clinic records tens a day)
 
 
 def row_number(text: str) -> int | None:
@@ -627,11 +628,21 @@ class ClinicData:
         return done
 
     # -- ECGs -------------------------------------------------------------------------------------
-    def latest_ecg(self, *, within: dt.timedelta = dt.timedelta(hours=12), now: dt.datetime) -> EcgItemView | None:
-        """The ECG stored last (the one just recorded), if it is recent."""
+    def latest_ecg(
+        self, session: SessionView | None, *, within: dt.timedelta = dt.timedelta(hours=12), now: dt.datetime
+    ) -> EcgItemView | None:
+        """The recent ECG Today shows: with a patient checked in, that patient's newest (never
+        another's nor one with no patient under their name: those wait in "待指定患者"); with
+        nobody checked in, the one stored last (the panel says whose, or that it has none)."""
         # the outbox's indexed newest-first query: no ECG in the window reads no old rows
-        newest = self.outbox.newest(Kind.DICOM, since=(now - within).timestamp(), limit=1)
-        return self._ecg_of(newest[0]) if newest else None
+        since = (now - within).timestamp()
+        if session is None:
+            newest = self.outbox.newest(Kind.DICOM, since=since, limit=1)
+            return self._ecg_of(newest[0]) if newest else None
+        for item in self.outbox.newest(Kind.DICOM, since=since, limit=RECENT_ECG_ITEMS):
+            if (item.patient or {}).get("patient_id") == session.patient_id:
+                return self._ecg_of(item)
+        return None
 
     def ecg(self, item_id: int) -> EcgItemView | None:
         item = self.outbox.get(item_id)

@@ -53,7 +53,7 @@ def acknowledge(data: ClinicData, user: str, report_id: str, now: dt.datetime) -
 
 def today(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
     session = data.session(now)
-    latest = data.latest_ecg(now=now)
+    latest = data.latest_ecg(session, now=now)
     held_ecgs = data.held_ecgs(now, session)
     return {
         "session": session,

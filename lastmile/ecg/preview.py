@@ -46,6 +46,7 @@ from devices.ecg.quality import (
 )
 from devices.ecg.recording import EcgRecording, merged_gaps, on_time_axis
 from devices.identity import Patient, TimeSource
+from lastmile.clock import clinic_time
 from lastmile.reports.report_text import display_name
 
 # --- paper ---------------------------------------------------------------------------------
@@ -83,7 +84,12 @@ LIMB_ORDER = ("I", "II", "III", "aVR", "aVL", "aVF")
 RHYTHM_PREFERENCE = ("II", "I", "V1", "V5")
 
 _SEX = {"M": "男 M", "F": "女 F", "O": "其他 O"}
-_VERDICT = {ACCEPTABLE: "合格 acceptable", WARN: "注意 warn", RE_RECORD: "需重做 re-record"}
+# the console's words for the verdict (its zh-CN catalog), English second: one page for screen and print
+_VERDICT = {
+    ACCEPTABLE: "合格 acceptable",
+    WARN: "合格，但有问题 acceptable with problems",
+    RE_RECORD: "需要重做 record again",
+}
 _TAG = {
     LEAD_OFF: "脱落 off",
     SATURATION: "饱和 clipped",
@@ -324,8 +330,8 @@ def _header(recording: EcgRecording, report: QualityReport, patient: Patient | N
         out.append(_text(GRID_LEFT_MM, 11, name, "h"))
         out.append(_text(GRID_LEFT_MM + _text_width_mm(name, 5) + 4, 11, " · ".join(d for d in details if d)))
     else:
-        out.append(_text(GRID_LEFT_MM, 11, "未分配患者 unassigned", "h"))
-    when = recording.acquired_at.isoformat(sep=" ", timespec="seconds")
+        out.append(_text(GRID_LEFT_MM, 11, "无患者 no patient", "h"))  # as the console says it
+    when = clinic_time(recording.acquired_at, minutes=True)  # the clinic's wall clock, as the console shows it
     if recording.time_source == TimeSource.GATEWAY_RECEIPT:
         when += "（接收时间 time received）"
     elif recording.time_source == TimeSource.DEVICE_CLOCK_UNTRUSTED:
