@@ -1,0 +1,49 @@
+"""The Devices page in the village doctor's words, in a real Chromium: a device's problem says
+what happened and what to do (its raw text kept for the technician), the header names the device
+without registry codes, and a removed device is not shown connected while what it holds or lost
+is still said."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from lastmile.clinic.devices import DeviceRegistry, HeldReadings
+from tests.console_browser import by, log_in
+from tests.console_harness import console_config, running_console
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def card_of(browser: object, title: str) -> object:
+    """The device card whose heading ends with `title` in any case (an unnamed serial device's
+    used to be its registry address, "SERIAL:CART": the header test says what it is now)."""
+    cards = browser.find_elements(by("css"), "ul.device-list > li")  # type: ignore[attr-defined]
+    (card,) = [c for c in cards if c.find_element(by("css"), "strong").text.lower().endswith(title)]
+    return card
+
+
+def test_a_removed_device_is_not_connected_and_what_it_holds_or_lost_is_said(browser: object, tmp_path: Path) -> None:
+    """A serial monitor taken out of the settings while its readings waited for space kept its
+    green "connected" dot beside "removed (no longer in the settings)", and what a stop lost of it was not
+    said at all (`not d.removed`)."""
+    data = tmp_path / "data"
+    now = dt.datetime.now(dt.timezone.utc)
+    with contextlib.closing(DeviceRegistry.open(data)) as registry:
+        registry.update_status(
+            "serial:monitor", now=now, transport="serial", connected=True, held=HeldReadings.DISK, held_counts=(3, 0)
+        )
+        row = registry.get("serial:monitor")
+        assert row is not None
+        registry.record_lost(row, (2, 0), now=now)
+    with running_console(console_config(data)) as console:  # no [[serial.devices]]: the monitor is removed
+        log_in(browser, console)
+        browser.get(console.url + "/devices")
+        card = card_of(browser, "monitor")
+        assert "已移除" in card.text, card.text
+        assert "on" not in card.find_element(by("css"), ".dot").get_attribute("class").split(), card.text
+        assert "等待存储空间：3 条测量结果" in card.text, card.text
+        assert "网关停机时丢失：2 条测量结果" in card.text, card.text
