@@ -26,6 +26,26 @@ def card_of(browser: object, title: str) -> object:
     return card
 
 
+def test_the_device_header_names_the_device_without_registry_codes(browser: object, tmp_path: Path) -> None:
+    """A serial device's header read "SERIAL SERIAL:BRIDGE", an unnamed one was titled
+    "SERIAL:CART", and every card, a mains-powered serial one too, said the battery was "not reported"."""
+    data = tmp_path / "data"
+    now = dt.datetime.now(dt.timezone.utc)
+    with contextlib.closing(DeviceRegistry.open(data)) as registry:
+        registry.update_status("serial:cart", now=now, transport="serial", connected=False)
+        registry.update_status("serial:cart:forwarded", now=now, transport="serial", connected=False)
+    config = console_config(data)
+    config.serial.devices = [{"name": "cart", "match": "/dev/serial/by-id/usb-cart", "profile": "bridge"}]
+    with running_console(config) as console:
+        log_in(browser, console)
+        browser.get(console.url + "/devices")
+        card = card_of(browser, "cart")
+        assert card.find_element(by("css"), "strong").text == "cart", card.text
+        assert "SERIAL" not in card.text and "串口" in card.text, card.text
+        assert "电量" not in card.text, card.text
+        assert card_of(browser, "cart 上连接的设备")  # the device the bridge forwards, after the bridge
+
+
 def test_a_removed_device_is_not_connected_and_what_it_holds_or_lost_is_said(browser: object, tmp_path: Path) -> None:
     """A serial monitor taken out of the settings while its readings waited for space kept its
     green "connected" dot beside "removed (no longer in the settings)", and what a stop lost of it was not

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from lastmile import __version__
 from lastmile.clinic.device_users import may_have_users
+from lastmile.clinic.devices import forwarded_name, normalise_address, serial_address
 from lastmile.config import Config
 from lastmile.console.audit import ACTIONS
 from lastmile.console.i18n import N_
@@ -97,11 +98,23 @@ def report(data: ClinicData, now: dt.datetime, report_id: str, user: str = "") -
     return {"report": found, "now": now}
 
 
+def serial_names(config: Config) -> dict[str, tuple[str, bool]]:
+    """The configured name of each serial device's registry address, and whether the address is
+    the device a bridge forwards (named after the bridge): a header says "cart", not "SERIAL:CART"."""
+    names: dict[str, tuple[str, bool]] = {}
+    for entry in config.serial.devices:
+        name = str(entry.get("name", ""))
+        names[normalise_address(serial_address(name))] = (name, False)
+        names[normalise_address(serial_address(forwarded_name(name)))] = (name, True)
+    return names
+
+
 def devices(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
     found, device_users = data.devices(), data.device_users()
     mapped = {u.address for u in device_users}
     return {
         "devices": found,
+        "serial_names": serial_names(data.config),
         "device_users": device_users,
         # the devices whose users the page offers to map: BP cuffs (a thermometer has no users)
         "cuffs": {d.address for d in found if may_have_users(d, mapped)},
