@@ -342,7 +342,7 @@ def test_the_devices_page_offers_users_only_on_a_bp_cuff(clinic: tuple[Config, C
     page = doctor.get("/devices").body
     offered = set(re.findall(r'action="/devices/map-user"[^>]*data-address="([^"]+)"', page))
     assert offered == {CUFF, unnamed_cuff}, offered
-    rows = {a: row for row in page.split('<li class="card">')[1:] for a in re.findall(r"BLE (\S+)</span>", row)}
+    rows = {a: row for row in page.split('<li class="card"')[1:] for a in re.findall(r'^ data-address="([^"]+)"', row)}
     for address in (thermometer, oximeter):
         assert "用户" not in rows[address], rows[address]
 

@@ -891,10 +891,13 @@ def test_a_monitor_unplugged_with_readings_waiting_for_space_shows_both_on_devic
             browser.get(server.url + "/devices")  # type: ignore[attr-defined]
             text_in(browser, "ul.device-list", "monitor")
             save_screenshot(browser, "devices-waiting-unplugged-phone")
-            row = browser.find_element(by("css"), "ul.device-list li.card").text  # type: ignore[attr-defined]
+            card = browser.find_element(by("css"), "ul.device-list li.card")  # type: ignore[attr-defined]
+            row = card.text
+            # the row's own words, folded under the technician's details
+            details = card.find_element(by("css"), "details").get_attribute("textContent")
     finally:
         r.close()
     assert "等待存储空间：3 条测量结果（" in row, row
-    assert "最近的问题" in row and error in row, row
-    assert row.index("等待存储空间") < row.index(error), row
+    assert "最近的问题" in row and "已拔出" in row and error in details, (row, details)
+    assert row.index("等待存储空间") < row.index("已拔出"), row
     assert row.count("3 reading(s)") == 0, row  # what waits is said once, in the page's words

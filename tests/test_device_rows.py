@@ -154,7 +154,7 @@ def test_the_devices_page_shows_a_removed_device_as_history_not_as_a_problem(tmp
         client = Client(server.url, language="en")
         client.login(DOCTOR)
         page = client.get("/devices").body
-    ward = page.split("SERIAL:WARD", 1)[1].split("</li>", 1)[0]
+    ward = page.split('data-address="SERIAL:WARD"', 1)[1].split("</li>", 1)[0]
     assert "not started" not in ward and 'class="warn"' not in ward, ward
     assert "removed" in ward.lower(), ward
 
@@ -207,7 +207,7 @@ def test_the_console_judges_the_devices_by_the_configuration_it_reloaded(tmp_pat
         page = client.get("/devices").body
     finally:
         service.close()
-    ward = page.split("SERIAL:WARD", 1)[1].split("</li>", 1)[0]
+    ward = page.split('data-address="SERIAL:WARD"', 1)[1].split("</li>", 1)[0]
     assert "not started" not in ward and "removed" in ward.lower(), ward
     assert 'id="h-serial"' not in page, page  # the configuration's list: none left
 

@@ -35,6 +35,44 @@ class HeldReadings(enum.StrEnum):
     MEMORY = "memory"  # lost if the power fails: `lastmile doctor` FAILs
 
 
+class DeviceProblem(enum.StrEnum):
+    """What kind of problem a device row's error is, for what the doctor is told to do (the
+    console's words per kind; the error's own text stays for the technician)."""
+
+    UNPLUGGED = "unplugged"  # its port went away: the cable is out (or the device switched off)
+    UNREADABLE = "unreadable"  # it sent a measurement that cannot be read: measure again
+    NOT_A_RESULT = "not-a-result"  # it marks its readings demo/test/calibration: not stored
+    CODE_NOT_RECOGNISED = "code-not-recognised"  # a scanned card or code matched no pattern
+    NOT_SAVED = "not-saved"  # the gateway could not store what it sent
+    ECG_REFUSED = "ecg-refused"  # a recording that cannot become a DICOM ECG
+    SETTINGS = "settings"  # its settings keep it from working: the county IT's to fix
+    OTHER = "other"
+
+
+# How the links begin the errors they write to a row, by kind: the words are ours (never the
+# device's), set where they are written (firmware_bridge.serial_link's "device gone: ...",
+# firmware_bridge.ble.link's "malformed 2A35 value: ...", lastmile.services.serial_devices'
+# others); classifying them here also covers rows written before there was a kind.
+PROBLEM_PREFIXES: tuple[tuple[str, DeviceProblem], ...] = (
+    ("device gone", DeviceProblem.UNPLUGGED),
+    ("malformed ", DeviceProblem.UNREADABLE),
+    ("report rejected:", DeviceProblem.UNREADABLE),
+    ("code not recognised:", DeviceProblem.CODE_NOT_RECOGNISED),
+    ("cannot store ", DeviceProblem.NOT_SAVED),
+    ("ECG refused:", DeviceProblem.ECG_REFUSED),
+    ("not started: ", DeviceProblem.SETTINGS),
+    ("forwarded device lines not read:", DeviceProblem.SETTINGS),
+)
+NOT_A_RESULT_WORDS = " readings not stored: device reports "  # "<kind> readings not stored: ..." (BLE link)
+
+
+def problem_kind(error: str) -> DeviceProblem:
+    """The kind of the device row's error `error` (OTHER for one no doctor can act on alone)."""
+    if NOT_A_RESULT_WORDS in error:
+        return DeviceProblem.NOT_A_RESULT
+    return next((kind for prefix, kind in PROBLEM_PREFIXES if error.startswith(prefix)), DeviceProblem.OTHER)
+
+
 # How a device row's waiting words (DeviceRecord.waiting) say where its waiting readings are, for
 # people: readers go by the row's own status (HeldReadings), never by these words
 KEPT_ON_DISK = "kept on disk"
@@ -120,6 +158,11 @@ class DeviceRecord:
         if not self.waits_for_space:
             return ""
         return waiting_message(self.held_words, self.held_readings, self.memory_words)
+
+    @property
+    def problem(self) -> DeviceProblem:
+        """The kind of its `last_error`, for what to tell the doctor (OTHER when there is none)."""
+        return problem_kind(self.last_error)
 
     @property
     def lost_words(self) -> str:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from lastmile import __version__
 from lastmile.clinic.device_users import may_have_users
+from lastmile.clinic.devices import DeviceProblem, forwarded_name, normalise_address, serial_address
 from lastmile.config import Config
 from lastmile.console.audit import ACTIONS
 from lastmile.console.i18n import N_
@@ -97,11 +98,52 @@ def report(data: ClinicData, now: dt.datetime, report_id: str, user: str = "") -
     return {"report": found, "now": now}
 
 
+# What a device's problem means for the village doctor, and what to do, by its kind: the row's
+# own error (English, technical) stays below it for the county's technician.
+DEVICE_PROBLEM_ADVICE: dict[DeviceProblem, str] = {
+    DeviceProblem.UNPLUGGED: N_(
+        "Unplugged: plug its cable back in and switch it on. Until then nothing it measures arrives."
+    ),
+    DeviceProblem.UNREADABLE: N_(
+        "It sent a measurement that could not be read: please measure again. If this keeps happening, tell the "
+        "county IT."
+    ),
+    DeviceProblem.NOT_A_RESULT: N_(
+        "It marks its measurements as tests (demonstration or calibration mode), so they are not kept: switch the "
+        "device back to normal measuring."
+    ),
+    DeviceProblem.CODE_NOT_RECOGNISED: N_(
+        "A card or code it scanned was not recognised: scan it again, or type the patient ID."
+    ),
+    DeviceProblem.NOT_SAVED: N_(
+        "A measurement from it could not be saved: please measure again. If this keeps happening, tell the county IT."
+    ),
+    DeviceProblem.ECG_REFUSED: N_(
+        "An ECG from it could not be used: please record it again. If this keeps happening, tell the county IT."
+    ),
+    DeviceProblem.SETTINGS: N_("Its settings have a mistake, so it is not read: please call the county IT."),
+    DeviceProblem.OTHER: N_("It reported a problem: if it keeps happening, tell the county IT."),
+}
+
+
+def serial_names(config: Config) -> dict[str, tuple[str, bool]]:
+    """The configured name of each serial device's registry address, and whether the address is
+    the device a bridge forwards (named after the bridge): a header says "cart", not "SERIAL:CART"."""
+    names: dict[str, tuple[str, bool]] = {}
+    for entry in config.serial.devices:
+        name = str(entry.get("name", ""))
+        names[normalise_address(serial_address(name))] = (name, False)
+        names[normalise_address(serial_address(forwarded_name(name)))] = (name, True)
+    return names
+
+
 def devices(data: ClinicData, now: dt.datetime) -> dict[str, Any]:
     found, device_users = data.devices(), data.device_users()
     mapped = {u.address for u in device_users}
     return {
         "devices": found,
+        "problem_advice": DEVICE_PROBLEM_ADVICE,
+        "serial_names": serial_names(data.config),
         "device_users": device_users,
         # the devices whose users the page offers to map: cuffs, scales (a thermometer has no users)
         "with_users": {d.address for d in found if may_have_users(d, mapped)},

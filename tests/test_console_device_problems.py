@@ -1,0 +1,106 @@
+"""The Devices page in the village doctor's words, in a real Chromium: a device's problem says
+what happened and what to do (its raw text kept for the technician), the header names the device
+without registry codes, and a removed device is not shown connected while what it holds or lost
+is still said."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from lastmile.clinic.devices import DeviceRegistry, HeldReadings
+from tests.console_browser import by, log_in
+from tests.console_harness import console_config, running_console
+from tests.serial_gateway import Running
+from tests.serial_pty import PtyDevice
+from tests.waiting import wait_for
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def card_of(browser: object, title: str) -> object:
+    """The device card whose heading ends with `title` in any case (an unnamed serial device's
+    used to be its registry address, "SERIAL:CART": the header test says what it is now)."""
+    cards = browser.find_elements(by("css"), "ul.device-list > li")  # type: ignore[attr-defined]
+    (card,) = [c for c in cards if c.find_element(by("css"), "strong").text.lower().endswith(title)]
+    return card
+
+
+def test_an_unplugged_serial_device_and_a_malformed_ble_value_are_said_in_chinese(
+    browser: object, tmp_path: Path
+) -> None:
+    """A monitor's cable pulled out: the page said "最近的问题 19:06: device gone" (serial_link's
+    words), and a cuff's bad value "malformed 2A35 value: too short": the doctor was not told to
+    plug it back. Now it says so in Chinese; the raw text is under the technician's details."""
+    from firmware_bridge.ble.link import DeviceStatus
+    from lastmile.services.ble_devices import ClinicBlePort
+
+    monitor = PtyDevice(tmp_path / "usb-monitor")
+    r = Running(tmp_path, [{"name": "monitor", "match": str(monitor.link_path), "profile": "example-vitals-monitor"}])
+    try:
+        wait_for(lambda: all(s.connected for s in r.service.statuses()), what="the monitor connected")
+        monitor.unplug()
+        wait_for(lambda: r.device_error("serial:monitor").startswith("device gone"), what="the row says it is gone")
+        now = dt.datetime.now(dt.timezone.utc)
+        port = ClinicBlePort(None, r.registry, clock=lambda: now)  # type: ignore[arg-type]  # status only
+        r.registry.allow("AA:BB:CC:DD:EE:01", now=now, name="血压计")
+        port.report(DeviceStatus("AA:BB:CC:DD:EE:01", connected=True, error="malformed 2A35 value: too short"))
+    finally:
+        r.close()
+    shown = dataclasses.replace(console_config(Path(r.config.data_dir)), serial=r.config.serial)
+    with running_console(shown) as console:
+        log_in(browser, console)
+        browser.get(console.url + "/devices")
+        monitor_card, cuff_card = card_of(browser, "monitor"), card_of(browser, "血压计")
+        assert "已拔出：请插回数据线" in monitor_card.text, monitor_card.text
+        assert "device gone" not in monitor_card.text, monitor_card.text  # folded under the details
+        assert "请重新测量" in cuff_card.text and "malformed" not in cuff_card.text, cuff_card.text
+        monitor_card.find_element(by("css"), "details summary").click()
+        assert "device gone" in monitor_card.find_element(by("css"), "details").text
+
+
+def test_the_device_header_names_the_device_without_registry_codes(browser: object, tmp_path: Path) -> None:
+    """A serial device's header read "SERIAL SERIAL:BRIDGE", an unnamed one was titled
+    "SERIAL:CART", and every card, a mains-powered serial one too, said the battery was "not reported"."""
+    data = tmp_path / "data"
+    now = dt.datetime.now(dt.timezone.utc)
+    with contextlib.closing(DeviceRegistry.open(data)) as registry:
+        registry.update_status("serial:cart", now=now, transport="serial", connected=False)
+        registry.update_status("serial:cart:forwarded", now=now, transport="serial", connected=False)
+    config = console_config(data)
+    config.serial.devices = [{"name": "cart", "match": "/dev/serial/by-id/usb-cart", "profile": "bridge"}]
+    with running_console(config) as console:
+        log_in(browser, console)
+        browser.get(console.url + "/devices")
+        card = card_of(browser, "cart")
+        assert card.find_element(by("css"), "strong").text == "cart", card.text
+        assert "SERIAL" not in card.text and "串口" in card.text, card.text
+        assert "电量" not in card.text, card.text
+        assert card_of(browser, "cart 上连接的设备")  # the device the bridge forwards, after the bridge
+
+
+def test_a_removed_device_is_not_connected_and_what_it_holds_or_lost_is_said(browser: object, tmp_path: Path) -> None:
+    """A serial monitor taken out of the settings while its readings waited for space kept its
+    green "connected" dot beside "removed (no longer in the settings)", and what a stop lost of it was not
+    said at all (`not d.removed`)."""
+    data = tmp_path / "data"
+    now = dt.datetime.now(dt.timezone.utc)
+    with contextlib.closing(DeviceRegistry.open(data)) as registry:
+        registry.update_status(
+            "serial:monitor", now=now, transport="serial", connected=True, held=HeldReadings.DISK, held_counts=(3, 0)
+        )
+        row = registry.get("serial:monitor")
+        assert row is not None
+        registry.record_lost(row, (2, 0), now=now)
+    with running_console(console_config(data)) as console:  # no [[serial.devices]]: the monitor is removed
+        log_in(browser, console)
+        browser.get(console.url + "/devices")
+        card = card_of(browser, "monitor")
+        assert "已移除" in card.text, card.text
+        assert "on" not in card.find_element(by("css"), ".dot").get_attribute("class").split(), card.text
+        assert "等待存储空间：3 条测量结果" in card.text, card.text
+        assert "网关停机时丢失：2 条测量结果" in card.text, card.text
