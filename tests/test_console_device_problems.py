@@ -44,7 +44,10 @@ def test_an_unplugged_serial_device_and_a_malformed_ble_value_are_said_in_chines
     try:
         wait_for(lambda: all(s.connected for s in r.service.statuses()), what="the monitor connected")
         monitor.unplug()
-        wait_for(lambda: r.device_error("serial:monitor").startswith("device gone"), what="the row says it is gone")
+        wait_for(
+            lambda: (row := r.registry.get("serial:monitor")) is not None and row.last_error.startswith("device gone"),
+            what="the row says it is gone",
+        )
         now = dt.datetime.now(dt.timezone.utc)
         port = ClinicBlePort(None, r.registry, clock=lambda: now)  # type: ignore[arg-type]  # status only
         r.registry.allow("AA:BB:CC:DD:EE:01", now=now, name="血压计")

@@ -446,7 +446,9 @@ def test_a_scale_whose_users_weigh_is_offered_the_users_form_in_a_scales_words(
         offered = set(re.findall(r'action="/devices/map-user"[^>]*data-address="([^"]+)"', page))
         assert offered == {scale, unseen_scale}, (language, offered)
         for address in offered:
-            row = next(row for row in page.split('<li class="card">')[1:] if f"BLE {address}</span>" in row)
+            row = next(
+                row for row in page.split('<li class="card" ')[1:] if row.startswith(f'data-address="{address}"')
+            )
             row = row.split("</li>")[0]
             assert ("用户（设备上的用户键）" if language == "zh-CN" else "User (its button on the device)") in row
             assert "61.5 kg" in row and not re.search(r"血压|袖带|cuff", row, re.IGNORECASE), row
