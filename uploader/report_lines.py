@@ -52,6 +52,27 @@ PERSON_NAME = "PNAME"
 # Codes older gateways stored for the same idea: a READ_BY line's "PN" (the person name VR).
 _STORED_CODES = {(LineKind.READ_BY, "PN"): PERSON_NAME}
 
+# coding scheme spellings that mean the same thing
+_SCHEME_ALIASES = {
+    "SRT": "SCT",
+    "SNM3": "SCT",
+    "HTTP://SNOMED.INFO/SCT": "SCT",
+    "HTTP://LOINC.ORG": "LN",
+    "HTTP://TERMINOLOGY.HL7.ORG/CODESYSTEM/V3-OBSERVATIONINTERPRETATION": "V3-OBSINT",
+}
+
+
+def normal_scheme(scheme: str) -> str:
+    s = scheme.strip().upper()
+    return _SCHEME_ALIASES.get(s, s)
+
+
+def concept_key(scheme: str, code: str) -> str:
+    """A coded concept as a report line keeps it: "SCT 401303003" (the scheme as DICOM names it;
+    "" when it has no code)."""
+    return f"{normal_scheme(scheme)} {code.strip()}" if scheme.strip() and code.strip() else ""
+
+
 HEADER = frozenset({LineKind.TITLE, LineKind.UNREADABLE, LineKind.AMENDED, LineKind.WITHDRAWN})
 CRITICAL = frozenset({LineKind.CRITICAL_CODE, LineKind.CRITICAL_KEYWORD, LineKind.CRITICAL_INTERPRETED})
 FOOTER = frozenset({LineKind.DOCUMENT, LineKind.READ_BY, LineKind.PROBLEM, LineKind.CHECK_PATIENT})
@@ -65,6 +86,9 @@ class ReportLine:
     code: str = ""
     depth: int = 0
     number: int = 0
+    # the concept name's code, "SCHEME CODE" (DCM 121070), where the county coded it: the name
+    # (TITLE: the value) is then worded in the reader's language if the gateway knows the concept
+    concept: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """Only what differs from the defaults: a report of 200 lines stays small in clinic.db."""
@@ -85,6 +109,7 @@ class ReportLine:
             code=_STORED_CODES.get((kind, code), code),
             depth=int(value.get("depth", 0)),
             number=int(value.get("number", 0)),
+            concept=str(value.get("concept", "")),
         )
 
 
@@ -94,3 +119,10 @@ _DEFAULTS = {f.name: f.default for f in fields(ReportLine) if f.name != "kind"}
 def critical_lines(lines: Iterable[ReportLine]) -> list[ReportLine]:
     """The reasons a report is critical, each once, in order."""
     return list(dict.fromkeys(line for line in lines if line.kind in CRITICAL))
+
+
+def split_concept(stored: str) -> str:
+    """A CRITICAL_CODE line's code as stored ("SRT 401303003", "http://snomed.info/sct
+    401303003") as `concept_key` keys it ("SCT 401303003")."""
+    scheme, _, code = stored.rpartition(" ")
+    return concept_key(scheme, code)
