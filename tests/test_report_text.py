@@ -16,6 +16,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from lastmile.clinic.db import DB_NAME, MIGRATIONS
+from lastmile.clock import local_zone
 from lastmile.console.i18n import Localizer
 from lastmile.demo.cardiologist import STEMI, StudyToRead, ecg_report_sr, part10, report_pdf
 from lastmile.reports.report_text import (
@@ -40,6 +41,8 @@ from uploader.sqlite_store import open_database
 ZH = Localizer("zh-CN", ZoneInfo("Asia/Shanghai"))
 EN = Localizer("en", ZoneInfo("Asia/Shanghai"))
 ENGLISH = English()  # the stored text's words
+# the clinic zone's offset, which a report's time written without one is shown with
+CLINIC_OFFSET = dt.datetime(2026, 12, 1, 10, 15, tzinfo=local_zone()).isoformat()[-6:]
 # what may stay Latin in the Chinese text besides the county's words: a file type and its size
 LATIN_IN_CHINESE = ("PDF", "KB", "ST")  # ST: the ECG's segment, so named in Chinese too
 
@@ -187,7 +190,7 @@ def test_the_text_printout_is_the_consoles_in_the_configured_language(tmp_path: 
     ("given", "shown"),
     [
         ("2026-12-01T10:15:00+08:00", "2026-12-01 10:15:00 +08:00"),
-        ("2026-12-01T10:15:00.123456", "2026-12-01 10:15:00"),
+        ("2026-12-01T10:15:00.123456", "2026-12-01 10:15:00 " + CLINIC_OFFSET),  # no zone: the clinic's
         ("2026-12-01T10:15Z", "2026-12-01 10:15 Z"),
         ("20261201 1015", "20261201 1015"),  # odd: as the report gave it
         ("", ""),
@@ -408,3 +411,20 @@ def test_the_srs_well_known_headings_read_in_chinese_unknown_ones_as_written() -
     en = report_text(stemi_report(), EN).splitlines()
     assert en[0] == "ECG Report" and "Findings" in en and "Observer Type: Person" in en  # English: DICOM's words
     assert "Image Region：（坐标，此处不显示）" in report_text(the_reports()["sr"], ZH)  # unknown: as written
+
+
+def test_a_report_time_without_a_zone_is_shown_in_the_clinics_zone() -> None:
+    """Issue s37-R2: a PDF's read time "2026-12-06 19:10:35" said no zone, every other time on the
+    console does; the county writes its local time, the clinic's zone."""
+    pdf = report_pdf(STUDY, ["ECG report"], when=dt.datetime(2026, 12, 6, 19, 10, 35))
+    lines = read_dicom_report(part10(pdf), RULES).lines
+    offset = dt.datetime(2026, 12, 6, 19, 10, 35, tzinfo=local_zone()).strftime("%z")
+    assert f"诊断医生：（未署名），2026-12-06 19:10:35 {offset[:3]}:{offset[3:]}" in report_text(lines, ZH)
+
+
+def test_a_report_time_with_the_objects_own_offset_keeps_it() -> None:
+    """The county's DICOM object says its offset (Timezone Offset From UTC): that, not a guess."""
+    pdf = report_pdf(STUDY, ["ECG report"], when=dt.datetime(2026, 12, 6, 19, 10, 35))
+    pdf.TimezoneOffsetFromUTC = "+0800"
+    lines = read_dicom_report(part10(pdf), RULES).lines
+    assert "诊断医生：（未署名），2026-12-06 19:10:35 +08:00" in report_text(lines, ZH)

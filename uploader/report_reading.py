@@ -288,6 +288,13 @@ class _DicomReader:
             self.problems.append(f"VerifyingObserverSequence unreadable ({type(exc).__name__})")
             return "", ""
 
+    def content_time(self) -> str:
+        """Content Date/Time as ISO text, with the object's Timezone Offset From UTC when it
+        gives one (without: the county's local time, shown in the clinic's zone)."""
+        when = _dicom_time(self.get("ContentDate"), self.get("ContentTime"))
+        offset = re.fullmatch(r"([+-]\d{2})(\d{2})", self.get("TimezoneOffsetFromUTC"))
+        return f"{when}{offset[1]}:{offset[2]}" if offset and "T" in when else when
+
     def amends(self) -> tuple[str, ...]:
         """SOP Instance UIDs in the Predecessor Documents Sequence (study → series → SOP)."""
         found: list[str] = []
@@ -330,9 +337,7 @@ class _DicomReader:
             self.problems.append(f"content tree unreadable ({type(exc).__name__}: {exc})")
         name, verified_at = self.verifying_observer()
         observer = name or next(iter(self.observers), "")
-        when = _possible_time(
-            verified_at or _dicom_time(self.get("ContentDate"), self.get("ContentTime")), self.problems
-        )
+        when = _possible_time(verified_at or self.content_time(), self.problems)
         amends = self.amends()
         final = completion == "COMPLETE" and verification == "VERIFIED"
         self.scan_keywords([title, *self.texts])
@@ -489,9 +494,7 @@ class _DicomReader:
             if not title:
                 self.problems.append(f"ConceptNameCodeSequence unreadable ({type(exc).__name__})")
         observer, verified_at = self.verifying_observer()
-        when = _possible_time(
-            verified_at or _dicom_time(self.get("ContentDate"), self.get("ContentTime")), self.problems
-        )
+        when = _possible_time(verified_at or self.content_time(), self.problems)
         self.scan_keywords([title])
         document_line = ReportLine(LineKind.DOCUMENT, value=mime, number=len(document))
         return ReportContent(

@@ -17,6 +17,7 @@ import unicodedata
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
+from lastmile.clock import local_zone
 from lastmile.reports.concepts import known_concept
 from uploader.report_lines import (
     CRITICAL,
@@ -140,11 +141,20 @@ def underline(title: str) -> str:
 
 def readable_time(text: str) -> str:
     """The report's time as it gives it, spaced for reading: 2026-12-01T10:15:00+08:00 →
-    2026-12-01 10:15:00 +08:00 (its own clock and offset; anything else as it is)."""
+    2026-12-01 10:15:00 +08:00 (its own clock and offset; anything else as it is). A time the
+    county wrote without its offset (a DICOM ContentTime) is its local time, the clinic's zone's:
+    it gets that zone's offset, as every time on the console has one."""
     m = re.fullmatch(r"(\d{4}-\d{2}-\d{2})T(\d{2}:\d{2}(?::\d{2})?)(?:\.\d+)?([+-]\d{2}:\d{2}|Z)?", text)
     if m is None:
         return text
-    return " ".join(part for part in m.groups() if part)
+    day, clock, offset = m.groups()
+    return f"{day} {clock} {offset or clinic_offset(dt.datetime.fromisoformat(f'{day}T{clock}'))}"
+
+
+def clinic_offset(wall: dt.datetime) -> str:
+    """The clinic zone's UTC offset at a wall-clock time, as +08:00."""
+    z = wall.replace(tzinfo=local_zone()).strftime("%z")
+    return f"{z[:3]}:{z[3:]}"
 
 
 def critical_reasons(lines: Sequence[ReportLine], speaker: Speaker) -> list[str]:
