@@ -376,11 +376,11 @@ def test_person_names_stored_with_the_older_codes_still_read_as_names(tmp_path: 
     assert "Person Observer Name：陈静 (Chen Jing)" in zh and "诊断医生：陈静 (Chen Jing)，" in zh, zh
 
 
-def stemi_report(meaning: str = STEMI[2]) -> tuple[ReportLine, ...]:
+def stemi_report(meaning: str = STEMI[2], impression: str = "急性前壁心肌梗死，请立即转诊") -> tuple[ReportLine, ...]:
     """The demo cardiologist's critical SR: observer context, Findings with a coded STEMI whose
     meaning is `meaning` (the county's words for it), Impressions."""
     stemi = (STEMI[0], STEMI[1], meaning)
-    sr = ecg_report_sr(STUDY, findings=["窦性心律"], impression="急性前壁心肌梗死，请立即转诊", coded_findings=[stemi])
+    sr = ecg_report_sr(STUDY, findings=["窦性心律"], impression=impression, coded_findings=[stemi])
     return read_dicom_report(part10(sr), RULES).lines
 
 
@@ -390,6 +390,11 @@ def test_why_a_report_is_critical_reads_in_chinese_its_code_kept_apart() -> None
     lines = stemi_report()
     zh = report_text(lines, ZH).splitlines()
     assert "危急值：所见：急性ST段抬高型心肌梗死" in zh
+    # a keyword in an item's value: the item's heading in Chinese too, not "Impression: ..."
+    critical = stemi_report(impression="急性前壁心肌梗死（危急值），请立即转诊")
+    assert (
+        shown_reasons(critical, (), ZH)[1] == "关键词“危急值”出现在：诊断意见：急性前壁心肌梗死（危急值），请立即转诊"
+    )
     (reason,) = shown_critical(lines, (), ZH)
     assert (reason.text, reason.detail) == (
         "所见：急性ST段抬高型心肌梗死",

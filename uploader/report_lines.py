@@ -23,7 +23,9 @@ class LineKind(StrEnum):
     AMENDED = "amended"  # number: earlier reports it replaces (0: a corrected version of itself)
     WITHDRAWN = "withdrawn"  # value: the status the reading center gave it (entered-in-error, cancelled)
     CRITICAL_CODE = "critical-code"  # name: the concept; value: its coded value's meaning; code: "SCHEME CODE"
-    CRITICAL_KEYWORD = "critical-keyword"  # name: the configured keyword; value: the text it is in
+    # name: the configured keyword; value: the text it is in; code, concept: the name (as written)
+    # and its code of the SR item whose value it is in (older reports: value "name: value")
+    CRITICAL_KEYWORD = "critical-keyword"
     CRITICAL_INTERPRETED = "critical-interpreted"  # name: the result; value: its interpretation (FHIR)
     # the body: one content item each (SR), at `depth`; `code` holds the ValueType when the
     # item has no concept name (the gateway then names the kind of item)

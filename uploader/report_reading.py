@@ -228,7 +228,7 @@ class _DicomReader:
     observers: list[str] = field(default_factory=list)
     lines: list[ReportLine] = field(default_factory=list)  # the content tree
     reasons: list[ReportLine] = field(default_factory=list)  # why it is critical
-    texts: list[str] = field(default_factory=list)  # the tree's words, for the keyword scan
+    texts: list[ReportLine] = field(default_factory=list)  # the tree's words, for the keyword scan
     items_seen: int = 0
     chars: int = 0
 
@@ -239,7 +239,7 @@ class _DicomReader:
                 self.problems.append(f"more than {MAX_TEXT_CHARS} characters of content: the rest is not rendered")
             return
         self.lines.append(line)
-        self.texts.append(f"{line.name}: {line.value}" if line.value else line.name)
+        self.texts.append(line)
 
     def coded_critical(self, name: str, meaning: str, scheme: str, code: str, why: str, concept: str = "") -> None:
         """`concept`: the coded name's "SCHEME CODE" when the critical code is its value."""
@@ -340,7 +340,7 @@ class _DicomReader:
         when = _possible_time(verified_at or self.content_time(), self.problems)
         amends = self.amends()
         final = completion == "COMPLETE" and verification == "VERIFIED"
-        self.scan_keywords([title, *self.texts])
+        self.scan_keywords([ReportLine(LineKind.TITLE, value=title), *self.texts])
         return ReportContent(
             **head,
             title=title,
@@ -457,12 +457,26 @@ class _DicomReader:
         self.problems.append(f"content item {label} has unknown ValueType {value_type!r}")
         return None
 
-    def scan_keywords(self, texts: Iterable[str]) -> None:
-        for text in texts:
+    def scan_keywords(self, lines: Iterable[ReportLine]) -> None:
+        """A configured keyword in the title or a content item: the reason names the text it is
+        in and, when that is an item's value, the item's concept apart (its name as written in
+        `code`, its code in `concept`), so the reason words the concept in the reader's language."""
+        for line in lines:
+            text = f"{line.name}: {line.value}" if line.name and line.value else line.name or line.value
             keyword = self.rules.keyword_in(text)
             if keyword:
                 self.critical.append(f"keyword {keyword!r} in: {text.strip()[:120]}")
-                self.reasons.append(ReportLine(LineKind.CRITICAL_KEYWORD, name=keyword, value=text.strip()[:120]))
+                in_value = line.name and self.rules.keyword_in(line.value) == keyword
+                shown = line.value if in_value else text
+                self.reasons.append(
+                    ReportLine(
+                        LineKind.CRITICAL_KEYWORD,
+                        name=keyword,
+                        value=shown.strip()[:120],
+                        code=line.name if in_value else "",
+                        concept=line.concept if in_value else "",
+                    )
+                )
 
     def top(self, title: str, amends: int, concept: str = "") -> list[ReportLine]:
         """The title, whether it replaces earlier reports, why it is critical."""
@@ -495,7 +509,7 @@ class _DicomReader:
                 self.problems.append(f"ConceptNameCodeSequence unreadable ({type(exc).__name__})")
         observer, verified_at = self.verifying_observer()
         when = _possible_time(verified_at or self.content_time(), self.problems)
-        self.scan_keywords([title])
+        self.scan_keywords([ReportLine(LineKind.TITLE, value=title)])
         document_line = ReportLine(LineKind.DOCUMENT, value=mime, number=len(document))
         return ReportContent(
             **head,

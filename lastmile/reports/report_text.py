@@ -113,8 +113,11 @@ def critical(line: ReportLine, speaker: Speaker) -> CriticalReason:
     """Why a report is critical, as one phrase: a coded finding as the gateway's term for its
     code, unless the county wrote it in Chinese already (then the county's words)."""
     _ = speaker.gettext
-    if line.kind == LineKind.CRITICAL_KEYWORD:
-        return CriticalReason(_("the words “%(keyword)s” in: %(text)s", keyword=line.name, text=line.value))
+    if line.kind == LineKind.CRITICAL_KEYWORD:  # code: the item's concept name, when in its value
+        where = (
+            labelled(concept_name(line.code, line.concept, speaker), line.value, speaker) if line.code else line.value
+        )
+        return CriticalReason(_("the words “%(keyword)s” in: %(text)s", keyword=line.name, text=where))
     if line.kind == LineKind.CRITICAL_INTERPRETED:
         return CriticalReason(_("%(result)s marked %(flag)s", result=line.name or _("a result"), flag=line.value))
     # a coded value (name: its concept, value: the county's words) or a coded concept (name: the county's words)
