@@ -470,8 +470,15 @@ def test_the_whole_report_in_chinese_on_a_phone(browser: object, tmp_path: Path)
                 assert chinese in text, text
             for english in ("AMENDED", "CRITICAL RESULT", "(no value)", "Read by", "Could not read"):
                 assert english not in text, text
-            assert "Impression：急性前壁心肌梗死，危急值，请立即转诊" in text  # the county's words as written
-            assert "关键词“危急值”" in text_of(browser, ".report-full > p strong")  # why critical, in Chinese
+            assert (
+                "诊断意见：急性前壁心肌梗死，危急值，请立即转诊" in text
+            )  # DCM 121073 in Chinese, the words as written
+            reason = text_of(browser, ".report-full > p strong")
+            assert "关键词“危急值”" in reason  # why critical, in Chinese
+            # the coded reason in Chinese; its code (for a county technician) apart, muted
+            assert "所见：急性ST段抬高型心肌梗死" in reason and "SCT" not in reason, reason
+            assert "SCT 401303003" in text_of(browser, ".report-full > p .reason-code")
+            assert "观察者类型：" in text and "Observer Type" not in text, text  # DICOM's headings in Chinese
             save_screenshot(browser, "report-whole-text-zh-phone")
         finally:
             set_viewport(browser, TABLET)

@@ -16,14 +16,17 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from lastmile.clinic.db import DB_NAME, MIGRATIONS
+from lastmile.clock import local_zone
 from lastmile.console.i18n import Localizer
-from lastmile.demo.cardiologist import StudyToRead, ecg_report_sr, part10, report_pdf
+from lastmile.demo.cardiologist import STEMI, StudyToRead, ecg_report_sr, part10, report_pdf
 from lastmile.reports.report_text import (
     English,
     Speaker,
+    concept_name,
     display_name,
     readable_time,
     report_text,
+    shown_critical,
     shown_reasons,
     shown_text,
 )
@@ -37,8 +40,11 @@ from uploader.sqlite_store import open_database
 
 ZH = Localizer("zh-CN", ZoneInfo("Asia/Shanghai"))
 EN = Localizer("en", ZoneInfo("Asia/Shanghai"))
+ENGLISH = English()  # the stored text's words
+# the clinic zone's offset, which a report's time written without one is shown with
+CLINIC_OFFSET = dt.datetime(2026, 12, 1, 10, 15, tzinfo=local_zone()).isoformat()[-6:]
 # what may stay Latin in the Chinese text besides the county's words: a file type and its size
-LATIN_IN_CHINESE = ("PDF", "KB")
+LATIN_IN_CHINESE = ("PDF", "KB", "ST")  # ST: the ECG's segment, so named in Chinese too
 
 
 def fhir_everything() -> dict:
@@ -71,16 +77,22 @@ def the_reports() -> dict[str, tuple[ReportLine, ...]]:
     return {"sr": sr.lines, "pdf": pdf.lines, "fhir": fhir.lines, "unreadable": unreadable, "mismatch": mismatch}
 
 
-def shown_name(line: ReportLine) -> str:
-    """A line's name as the text shows it: the reading doctor's as people write a name (李明)."""
-    return display_name(line.name) if line.kind == LineKind.READ_BY else line.name
+def shown_name(line: ReportLine, speaker: Speaker = ENGLISH) -> str:
+    """A line's name as the text shows it: the reading doctor's as people write a name (李明), a
+    concept the gateway knows by its code in the reader's language (Findings → 所见)."""
+    if line.kind == LineKind.READ_BY:
+        return display_name(line.name)
+    return concept_name(line.name, line.concept, speaker) if line.name else ""
 
 
-def shown_value(line: ReportLine) -> str:
+def shown_value(line: ReportLine, speaker: Speaker = ENGLISH) -> str:
     """A line's value as the text shows it: the report's time only spaced for reading, a person's
-    name (a PNAME item) as people write it."""
+    name (a PNAME item) as people write it, a title the gateway knows by its code in the reader's
+    language."""
     if line.kind == LineKind.READ_BY:
         return readable_time(line.value)
+    if line.kind == LineKind.TITLE:
+        return concept_name(line.value, line.concept, speaker)
     return display_name(line.value) if line.code == PERSON_NAME else line.value
 
 
@@ -94,10 +106,10 @@ def test_every_gateway_word_is_chinese_and_the_countys_words_are_as_written(name
     lines = the_reports()[name]
     zh, en = report_text(lines, ZH), report_text(lines, EN)
     assert zh != en
-    for text in (zh, en):  # the county's words, verbatim, in both languages
-        for line in lines:
+    for text, speaker in ((zh, ZH), (en, EN)):  # the county's words, verbatim, in both languages
+        for line in lines:  # (but for the concepts the gateway knows by their code)
             if line.kind != LineKind.DOCUMENT:  # its MIME type is worded ("PDF document")
-                assert shown_name(line) in text and shown_value(line) in text, (line, text)
+                assert shown_name(line, speaker) in text and shown_value(line, speaker) in text, (line, text)
     leftover = zh
     for word in sorted(county_words(lines) + list(LATIN_IN_CHINESE), key=len, reverse=True):
         leftover = leftover.replace(word, " ")
@@ -107,15 +119,16 @@ def test_every_gateway_word_is_chinese_and_the_countys_words_are_as_written(name
 def test_the_chinese_sr_reads_as_a_village_doctor_expects() -> None:
     lines = the_reports()["sr"]
     zh = report_text(lines, ZH).splitlines()
-    assert zh[0] == "ECG Report" and zh[1] == "=" * len("ECG Report")  # the county's title as written
+    assert zh[0] == "心电图报告" and zh[1] == "=" * len("心电图报告") * 2  # the county's title, coded LN 28010-7
     assert zh[2] == "已更正：替代之前的 1 份报告"
-    assert zh[3].startswith("危急值：") and "(SCT 401303003)" in zh[3] and "关键词“危急值”出现在：" in zh[3]
-    assert "  Impression：急性前壁心肌梗死，危急值，请立即转诊" in zh  # concept name and value as written
-    assert "  Finding：ST 段抬高 V1-V4" in zh and "  Finding：Sinus rhythm, 88/min" in zh
+    assert zh[3].startswith("危急值：所见：急性ST段抬高型心肌梗死;") and "关键词“危急值”出现在：" in zh[3]
+    assert "SCT" not in zh[3]  # the code: apart, on the page (shown_critical's detail)
+    assert "  诊断意见：急性前壁心肌梗死，危急值，请立即转诊" in zh  # DCM 121073 in Chinese, the value as written
+    assert "  所见：ST 段抬高 V1-V4" in zh and "  所见：Sinus rhythm, 88/min" in zh
     assert "心率：（无数值）" in zh and "Image Region：（坐标，此处不显示）" in zh
     assert "心电波形：（引用：12-lead ECG Waveform Storage）" in zh
     assert "文字：备注：复查" in zh  # an item the county gave no name: named by its kind
-    assert any(line.startswith("诊断医生：李明，") for line in zh) and "Person Observer Name：李明" in zh
+    assert any(line.startswith("诊断医生：李明，") for line in zh) and "观察者姓名：李明" in zh
     assert zh[-1].startswith("无法读取：") and "has no concept name" in zh[-1]  # the technical detail as recorded
     en = report_text(lines, EN).splitlines()
     assert en[2] == "AMENDED: replaces 1 earlier report" and en[3].startswith("CRITICAL RESULT: ")
@@ -132,7 +145,8 @@ def test_pdf_fhir_and_the_patient_check_in_both_languages() -> None:
     check = report_text(reports["mismatch"], ZH).splitlines()[-1]
     assert check == "请核对：报告写的患者是 P999，心电图是 P0077 的：使用前请核对"
     assert report_text(reports["unreadable"], ZH).splitlines()[:2] == ["无法读取的报告", "=" * 14]  # wide characters
-    assert shown_reasons(reports["fhir"], ("english reason",), ZH)[0] == "STEMI (http://snomed.info/sct 401303003)"
+    assert shown_reasons(reports["fhir"], ("english reason",), ZH)[0] == "急性ST段抬高型心肌梗死"  # its code's term
+    assert shown_critical(reports["fhir"], (), ZH)[0].detail == "http://snomed.info/sct 401303003 · STEMI"
 
 
 def test_english_without_a_catalog_is_the_localizers_english() -> None:
@@ -164,8 +178,8 @@ def test_the_text_printout_is_the_consoles_in_the_configured_language(tmp_path: 
         f"已收到报告：{ZH.full(now)}",
         "诊断医生：李明",
     ]
-    assert head[4].startswith("危急值：Finding：Acute ST segment elevation") and "关键词“危急值”" in head[4]
-    assert "  Impression：急性前壁心肌梗死，危急值，请立即转诊" in head
+    assert head[4].startswith("危急值：所见：急性ST段抬高型心肌梗死") and "关键词“危急值”" in head[4]
+    assert "  诊断意见：急性前壁心肌梗死，危急值，请立即转诊" in head
     assert (
         en.decode().startswith("ECG report: 张三 (Zhang San)  P0077\nECG recorded: ")
         and "Read by 李明, " in en.decode()
@@ -176,7 +190,7 @@ def test_the_text_printout_is_the_consoles_in_the_configured_language(tmp_path: 
     ("given", "shown"),
     [
         ("2026-12-01T10:15:00+08:00", "2026-12-01 10:15:00 +08:00"),
-        ("2026-12-01T10:15:00.123456", "2026-12-01 10:15:00"),
+        ("2026-12-01T10:15:00.123456", "2026-12-01 10:15:00 " + CLINIC_OFFSET),  # no zone: the clinic's
         ("2026-12-01T10:15Z", "2026-12-01 10:15 Z"),
         ("20261201 1015", "20261201 1015"),  # odd: as the report gave it
         ("", ""),
@@ -279,7 +293,7 @@ def test_a_three_part_chinese_name_is_written_whole_as_the_county_sent_its_parts
         report = store.add_report(read_dicom_report(part10(sr)), part10(sr), "dicom", now).report
         zh = printable(store, report, ZH)[0].decode()
         listed = render_list(study_lines(store))
-    assert "诊断医生：欧阳娜娜，" in zh and "Person Observer Name：欧阳娜娜" in zh, zh
+    assert "诊断医生：欧阳娜娜，" in zh and "观察者姓名：欧阳娜娜" in zh, zh
     assert "县里的报告写的是 欧阳娜娜 (Ouyang Na Na)" in zh, zh
     assert "欧阳娜娜" in listed and "欧阳 娜 娜" not in listed, listed
 
@@ -360,3 +374,62 @@ def test_person_names_stored_with_the_older_codes_still_read_as_names(tmp_path: 
         zh = printable(store, old, ZH)[0].decode()
     assert [line.code for line in old.lines[1:]] == [PERSON_NAME, PERSON_NAME], old.lines
     assert "Person Observer Name：陈静 (Chen Jing)" in zh and "诊断医生：陈静 (Chen Jing)，" in zh, zh
+
+
+def stemi_report(meaning: str = STEMI[2], impression: str = "急性前壁心肌梗死，请立即转诊") -> tuple[ReportLine, ...]:
+    """The demo cardiologist's critical SR: observer context, Findings with a coded STEMI whose
+    meaning is `meaning` (the county's words for it), Impressions."""
+    stemi = (STEMI[0], STEMI[1], meaning)
+    sr = ecg_report_sr(STUDY, findings=["窦性心律"], impression=impression, coded_findings=[stemi])
+    return read_dicom_report(part10(sr), RULES).lines
+
+
+def test_why_a_report_is_critical_reads_in_chinese_its_code_kept_apart() -> None:
+    """Issue s37-R1: the one line that says why the patient must be referred now was English
+    with a SNOMED code ("Finding: Acute ST segment elevation myocardial infarction (SCT 401303003)")."""
+    lines = stemi_report()
+    zh = report_text(lines, ZH).splitlines()
+    assert "危急值：所见：急性ST段抬高型心肌梗死" in zh
+    # a keyword in an item's value: the item's heading in Chinese too, not "Impression: ..."
+    critical = stemi_report(impression="急性前壁心肌梗死（危急值），请立即转诊")
+    assert (
+        shown_reasons(critical, (), ZH)[1] == "关键词“危急值”出现在：诊断意见：急性前壁心肌梗死（危急值），请立即转诊"
+    )
+    (reason,) = shown_critical(lines, (), ZH)
+    assert (reason.text, reason.detail) == (
+        "所见：急性ST段抬高型心肌梗死",
+        "SCT 401303003 · Acute ST segment elevation myocardial infarction",
+    )  # the code and the county's English words, for a county technician, apart
+    assert shown_reasons(lines, (), EN) == ["Finding: Acute ST segment elevation myocardial infarction"]
+    # the county wrote Chinese already: its words are the reason
+    (chinese,) = shown_critical(stemi_report("急性下壁 ST 段抬高型心肌梗死"), (), ZH)
+    assert (chinese.text, chinese.detail) == ("所见：急性下壁 ST 段抬高型心肌梗死", "SCT 401303003")
+
+
+def test_the_srs_well_known_headings_read_in_chinese_unknown_ones_as_written() -> None:
+    """Issue s37-R2: "Observer Type: Person", "Person Observer Name: Chen Jing", Findings, Impressions,
+    ECG Report - DICOM's concept names in English - on a page read in Chinese."""
+    zh = report_text(stemi_report(), ZH).splitlines()
+    assert zh[0] == "心电图报告"
+    assert "观察者类型：Person" in zh and any(line.startswith("观察者姓名：") for line in zh)
+    assert "所见" in zh and "  所见：窦性心律" in zh and "诊断意见" in zh
+    en = report_text(stemi_report(), EN).splitlines()
+    assert en[0] == "ECG Report" and "Findings" in en and "Observer Type: Person" in en  # English: DICOM's words
+    assert "Image Region：（坐标，此处不显示）" in report_text(the_reports()["sr"], ZH)  # unknown: as written
+
+
+def test_a_report_time_without_a_zone_is_shown_in_the_clinics_zone() -> None:
+    """Issue s37-R2: a PDF's read time "2026-12-06 19:10:35" said no zone, every other time on the
+    console does; the county writes its local time, the clinic's zone."""
+    pdf = report_pdf(STUDY, ["ECG report"], when=dt.datetime(2026, 12, 6, 19, 10, 35))
+    lines = read_dicom_report(part10(pdf), RULES).lines
+    offset = dt.datetime(2026, 12, 6, 19, 10, 35, tzinfo=local_zone()).strftime("%z")
+    assert f"诊断医生：（未署名），2026-12-06 19:10:35 {offset[:3]}:{offset[3:]}" in report_text(lines, ZH)
+
+
+def test_a_report_time_with_the_objects_own_offset_keeps_it() -> None:
+    """The county's DICOM object says its offset (Timezone Offset From UTC): that, not a guess."""
+    pdf = report_pdf(STUDY, ["ECG report"], when=dt.datetime(2026, 12, 6, 19, 10, 35))
+    pdf.TimezoneOffsetFromUTC = "+0800"
+    lines = read_dicom_report(part10(pdf), RULES).lines
+    assert "诊断医生：（未署名），2026-12-06 19:10:35 +08:00" in report_text(lines, ZH)

@@ -303,7 +303,7 @@ def test_print_writes_a_file_without_lp_or_when_lp_fails(store, tmp_path, monkey
     assert cli(["report", "print", str(report.id), "--data-dir", str(tmp_path / "data")]) == 0
     written = tmp_path / f"lastmile-report-{report.id}.txt"
     # the report in console.language (zh-CN by default): its labels with the full-width colon
-    assert "Impression：Normal" in written.read_text() and (written.stat().st_mode & 0o777) == 0o600
+    assert "诊断意见：Normal" in written.read_text() and (written.stat().st_mode & 0o777) == 0o600
     assert "no printer" in capsys.readouterr().out
     fake_lp(tmp_path, monkeypatch, fail=True)
     target = tmp_path / "out.txt"

@@ -23,7 +23,9 @@ class LineKind(StrEnum):
     AMENDED = "amended"  # number: earlier reports it replaces (0: a corrected version of itself)
     WITHDRAWN = "withdrawn"  # value: the status the reading center gave it (entered-in-error, cancelled)
     CRITICAL_CODE = "critical-code"  # name: the concept; value: its coded value's meaning; code: "SCHEME CODE"
-    CRITICAL_KEYWORD = "critical-keyword"  # name: the configured keyword; value: the text it is in
+    # name: the configured keyword; value: the text it is in; code, concept: the name (as written)
+    # and its code of the SR item whose value it is in (older reports: value "name: value")
+    CRITICAL_KEYWORD = "critical-keyword"
     CRITICAL_INTERPRETED = "critical-interpreted"  # name: the result; value: its interpretation (FHIR)
     # the body: one content item each (SR), at `depth`; `code` holds the ValueType when the
     # item has no concept name (the gateway then names the kind of item)
@@ -52,6 +54,27 @@ PERSON_NAME = "PNAME"
 # What older gateways stored as a READ_BY line's code for PERSON_NAME: "PN" (the person name VR).
 _OLD_READ_BY_CODE = "PN"
 
+# coding scheme spellings that mean the same thing
+_SCHEME_ALIASES = {
+    "SRT": "SCT",
+    "SNM3": "SCT",
+    "HTTP://SNOMED.INFO/SCT": "SCT",
+    "HTTP://LOINC.ORG": "LN",
+    "HTTP://TERMINOLOGY.HL7.ORG/CODESYSTEM/V3-OBSERVATIONINTERPRETATION": "V3-OBSINT",
+}
+
+
+def normal_scheme(scheme: str) -> str:
+    s = scheme.strip().upper()
+    return _SCHEME_ALIASES.get(s, s)
+
+
+def concept_key(scheme: str, code: str) -> str:
+    """A coded concept as a report line keeps it: "SCT 401303003" (the scheme as DICOM names it;
+    "" when it has no code)."""
+    return f"{normal_scheme(scheme)} {code.strip()}" if scheme.strip() and code.strip() else ""
+
+
 HEADER = frozenset({LineKind.TITLE, LineKind.UNREADABLE, LineKind.AMENDED, LineKind.WITHDRAWN})
 CRITICAL = frozenset({LineKind.CRITICAL_CODE, LineKind.CRITICAL_KEYWORD, LineKind.CRITICAL_INTERPRETED})
 FOOTER = frozenset({LineKind.DOCUMENT, LineKind.READ_BY, LineKind.PROBLEM, LineKind.CHECK_PATIENT})
@@ -65,6 +88,9 @@ class ReportLine:
     code: str = ""
     depth: int = 0
     number: int = 0
+    # the concept name's code, "SCHEME CODE" (DCM 121070), where the county coded it: the name
+    # (TITLE: the value) is then worded in the reader's language if the gateway knows the concept
+    concept: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """Only what differs from the defaults: a report of 200 lines stays small in clinic.db."""
@@ -87,6 +113,7 @@ class ReportLine:
             code=code,
             depth=int(value.get("depth", 0)),
             number=int(value.get("number", 0)),
+            concept=str(value.get("concept", "")),
         )
 
 
@@ -96,3 +123,10 @@ _DEFAULTS = {f.name: f.default for f in fields(ReportLine) if f.name != "kind"}
 def critical_lines(lines: Iterable[ReportLine]) -> list[ReportLine]:
     """The reasons a report is critical, each once, in order."""
     return list(dict.fromkeys(line for line in lines if line.kind in CRITICAL))
+
+
+def split_concept(stored: str) -> str:
+    """A CRITICAL_CODE line's code as stored ("SRT 401303003", "http://snomed.info/sct
+    401303003") as `concept_key` keys it ("SCT 401303003")."""
+    scheme, _, code = stored.rpartition(" ")
+    return concept_key(scheme, code)

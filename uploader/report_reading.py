@@ -43,7 +43,7 @@ from pydicom.uid import (
 
 from devices.identity import POSSIBLE_YEARS
 from uploader.errors import UploadError
-from uploader.report_lines import PERSON_NAME, LineKind, ReportLine
+from uploader.report_lines import PERSON_NAME, LineKind, ReportLine, concept_key, normal_scheme
 
 REPORT_SR_CLASSES: tuple[str, ...] = (
     BasicTextSRStorage,
@@ -67,23 +67,9 @@ PERSON_OBSERVER_NAME = ("DCM", "121008")
 FHIR_CRITICAL_INTERPRETATIONS = frozenset({"AA", "HH", "LL"})  # v3 ObservationInterpretation
 DICOM_UID_SYSTEM = "urn:dicom:uid"
 
-# coding scheme spellings that mean the same thing
-_SCHEME_ALIASES = {
-    "SRT": "SCT",
-    "SNM3": "SCT",
-    "HTTP://SNOMED.INFO/SCT": "SCT",
-    "HTTP://LOINC.ORG": "LN",
-    "HTTP://TERMINOLOGY.HL7.ORG/CODESYSTEM/V3-OBSERVATIONINTERPRETATION": "V3-OBSINT",
-}
-
 
 class UnreadableReport(UploadError, ValueError):
     """Bytes that are not a DICOM object at all (an odd one is read, with `problems`)."""
-
-
-def normal_scheme(scheme: str) -> str:
-    s = scheme.strip().upper()
-    return _SCHEME_ALIASES.get(s, s)
 
 
 @dataclass(frozen=True)
@@ -242,7 +228,7 @@ class _DicomReader:
     observers: list[str] = field(default_factory=list)
     lines: list[ReportLine] = field(default_factory=list)  # the content tree
     reasons: list[ReportLine] = field(default_factory=list)  # why it is critical
-    texts: list[str] = field(default_factory=list)  # the tree's words, for the keyword scan
+    texts: list[ReportLine] = field(default_factory=list)  # the tree's words, for the keyword scan
     items_seen: int = 0
     chars: int = 0
 
@@ -253,11 +239,13 @@ class _DicomReader:
                 self.problems.append(f"more than {MAX_TEXT_CHARS} characters of content: the rest is not rendered")
             return
         self.lines.append(line)
-        self.texts.append(f"{line.name}: {line.value}" if line.value else line.name)
+        self.texts.append(line)
 
-    def coded_critical(self, name: str, meaning: str, scheme: str, code: str, why: str) -> None:
+    def coded_critical(self, name: str, meaning: str, scheme: str, code: str, why: str, concept: str = "") -> None:
+        """`concept`: the coded name's "SCHEME CODE" when the critical code is its value."""
         self.critical.append(why)
-        self.reasons.append(ReportLine(LineKind.CRITICAL_CODE, name=name, value=meaning, code=f"{scheme} {code}"))
+        line = ReportLine(LineKind.CRITICAL_CODE, name=name, value=meaning, code=f"{scheme} {code}", concept=concept)
+        self.reasons.append(line)
 
     def footer(self, observer: str, when: str) -> list[ReportLine]:
         """Who read it and when, then what could not be read."""
@@ -300,6 +288,13 @@ class _DicomReader:
             self.problems.append(f"VerifyingObserverSequence unreadable ({type(exc).__name__})")
             return "", ""
 
+    def content_time(self) -> str:
+        """Content Date/Time as ISO text, with the object's Timezone Offset From UTC when it
+        gives one (without: the county's local time, shown in the clinic's zone)."""
+        when = _dicom_time(self.get("ContentDate"), self.get("ContentTime"))
+        offset = re.fullmatch(r"([+-]\d{2})(\d{2})", self.get("TimezoneOffsetFromUTC"))
+        return f"{when}{offset[1]}:{offset[2]}" if offset and "T" in when else when
+
     def amends(self) -> tuple[str, ...]:
         """SOP Instance UIDs in the Predecessor Documents Sequence (study → series → SOP)."""
         found: list[str] = []
@@ -325,13 +320,14 @@ class _DicomReader:
             self.problems.append(f"CompletionFlag {completion or '(missing)'} is not COMPLETE or PARTIAL")
         if verification not in ("VERIFIED", "UNVERIFIED"):
             self.problems.append(f"VerificationFlag {verification or '(missing)'} is not VERIFIED or UNVERIFIED")
-        title = ""
+        title = title_concept = ""
         try:
             if self.ds.get("ValueType", "") != "CONTAINER":
                 self.problems.append(
                     f"root content item is {self.ds.get('ValueType') or '(no value type)'}, not CONTAINER"
                 )
-            title = _code(_first(self.ds, "ConceptNameCodeSequence"))[2]
+            title_scheme, title_code, title = _code(_first(self.ds, "ConceptNameCodeSequence"))
+            title_concept = concept_key(title_scheme, title_code)
             if not title:
                 self.problems.append("the document has no title (root ConceptNameCodeSequence)")
             self.walk(self.ds.get("ContentSequence") or [], 0, None)
@@ -341,18 +337,16 @@ class _DicomReader:
             self.problems.append(f"content tree unreadable ({type(exc).__name__}: {exc})")
         name, verified_at = self.verifying_observer()
         observer = name or next(iter(self.observers), "")
-        when = _possible_time(
-            verified_at or _dicom_time(self.get("ContentDate"), self.get("ContentTime")), self.problems
-        )
+        when = _possible_time(verified_at or self.content_time(), self.problems)
         amends = self.amends()
         final = completion == "COMPLETE" and verification == "VERIFIED"
-        self.scan_keywords([title, *self.texts])
+        self.scan_keywords([ReportLine(LineKind.TITLE, value=title), *self.texts])
         return ReportContent(
             **head,
             title=title,
             findings=tuple(self.findings),
             impressions=tuple(self.impressions),
-            lines=(*self.top(title, len(amends)), *self.lines, *self.footer(observer, when)),
+            lines=(*self.top(title, len(amends), title_concept), *self.lines, *self.footer(observer, when)),
             observer=observer,
             report_time=when,
             final=final,
@@ -390,14 +384,15 @@ class _DicomReader:
             self.problems.append(f"a {value_type} content item has no concept name")
         label = name or value_type.title()
         unnamed = "" if name else value_type
+        key = concept_key(scheme, code) if name else ""
         if value_type == "CONTAINER":
-            self.add(ReportLine(LineKind.CONTAINER, name=name, code=unnamed, depth=depth))
+            self.add(ReportLine(LineKind.CONTAINER, name=name, code=unnamed, depth=depth, concept=key))
             self.walk(item.get("ContentSequence") or [], depth + 1, concept)
             return
-        line = self.value_of(item, value_type, label)
+        line = self.value_of(item, value_type, label, key)
         if line is None:
             return
-        line = replace(line, name=name, code=line.code or unnamed, depth=depth)
+        line = replace(line, name=name, code=line.code or unnamed, depth=depth, concept=key)
         value = line.value
         if concept == PERSON_OBSERVER_NAME and value:
             self.observers.append(value)
@@ -411,9 +406,9 @@ class _DicomReader:
         if children:
             self.walk(children, depth + 1, section)
 
-    def value_of(self, item: Dataset, value_type: str, label: str) -> ReportLine | None:
+    def value_of(self, item: Dataset, value_type: str, label: str, concept: str = "") -> ReportLine | None:
         """One content item's value as a line (its name and depth set by the caller), or None
-        (problem noted) when it has none."""
+        (problem noted) when it has none; `concept`: its name's code, for a critical reason."""
         if value_type == "TEXT":
             text = item.get("TextValue")
             if text is None:
@@ -428,7 +423,7 @@ class _DicomReader:
             scheme, code, meaning = _code(found)
             if self.rules.code_matches(scheme, code):
                 self.coded_critical(
-                    label, meaning or code, scheme, code, f"{label}: {meaning or code} ({scheme} {code})"
+                    label, meaning or code, scheme, code, f"{label}: {meaning or code} ({scheme} {code})", concept
                 )
             return ReportLine(LineKind.ITEM, value=meaning or f"{scheme} {code}")
         if value_type == "NUM":
@@ -462,17 +457,31 @@ class _DicomReader:
         self.problems.append(f"content item {label} has unknown ValueType {value_type!r}")
         return None
 
-    def scan_keywords(self, texts: Iterable[str]) -> None:
-        for text in texts:
+    def scan_keywords(self, lines: Iterable[ReportLine]) -> None:
+        """A configured keyword in the title or a content item: the reason names the text it is
+        in and, when that is an item's value, the item's concept apart (its name as written in
+        `code`, its code in `concept`), so the reason words the concept in the reader's language."""
+        for line in lines:
+            text = f"{line.name}: {line.value}" if line.name and line.value else line.name or line.value
             keyword = self.rules.keyword_in(text)
             if keyword:
                 self.critical.append(f"keyword {keyword!r} in: {text.strip()[:120]}")
-                self.reasons.append(ReportLine(LineKind.CRITICAL_KEYWORD, name=keyword, value=text.strip()[:120]))
+                in_value = line.name and self.rules.keyword_in(line.value) == keyword
+                shown = line.value if in_value else text
+                self.reasons.append(
+                    ReportLine(
+                        LineKind.CRITICAL_KEYWORD,
+                        name=keyword,
+                        value=shown.strip()[:120],
+                        code=line.name if in_value else "",
+                        concept=line.concept if in_value else "",
+                    )
+                )
 
-    def top(self, title: str, amends: int) -> list[ReportLine]:
+    def top(self, title: str, amends: int, concept: str = "") -> list[ReportLine]:
         """The title, whether it replaces earlier reports, why it is critical."""
         amended = [ReportLine(LineKind.AMENDED, number=amends)] if amends else []
-        return [ReportLine(LineKind.TITLE, value=title), *amended, *dict.fromkeys(self.reasons)]
+        return [ReportLine(LineKind.TITLE, value=title, concept=concept), *amended, *dict.fromkeys(self.reasons)]
 
     # -- PDF --
     def pdf(self, sop_instance: str) -> ReportContent:
@@ -491,22 +500,21 @@ class _DicomReader:
         # the value is padded to even length: drop the pad after %%EOF
         if document.endswith(b"\x00") and b"%%EOF" in document[-16:]:
             document = document[:-1]
-        title = self.get("DocumentTitle")
-        if not title:
-            try:
-                title = _code(_first(self.ds, "ConceptNameCodeSequence"))[2]
-            except Exception as exc:  # noqa: BLE001
+        title, concept = self.get("DocumentTitle"), ""
+        try:
+            scheme, code, name = _code(_first(self.ds, "ConceptNameCodeSequence"))
+            title, concept = title or name, concept_key(scheme, code)
+        except Exception as exc:  # noqa: BLE001 — only a problem when it was the title
+            if not title:
                 self.problems.append(f"ConceptNameCodeSequence unreadable ({type(exc).__name__})")
         observer, verified_at = self.verifying_observer()
-        when = _possible_time(
-            verified_at or _dicom_time(self.get("ContentDate"), self.get("ContentTime")), self.problems
-        )
-        self.scan_keywords([title])
+        when = _possible_time(verified_at or self.content_time(), self.problems)
+        self.scan_keywords([ReportLine(LineKind.TITLE, value=title)])
         document_line = ReportLine(LineKind.DOCUMENT, value=mime, number=len(document))
         return ReportContent(
             **head,
             title=title,
-            lines=(*self.top(title, 0), document_line, *self.footer(observer, when)),
+            lines=(*self.top(title, 0, concept), document_line, *self.footer(observer, when)),
             observer=observer,
             report_time=when,
             final=not self.problems,

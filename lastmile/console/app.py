@@ -55,7 +55,7 @@ from lastmile.console.i18n import LANGUAGE_NAMES, N_, Localizer, negotiate
 from lastmile.console.live import Broker
 from lastmile.console.sources import ClinicData, ConsoleInputError, person_name, row_number
 from lastmile.reports.printing import lp_command, print_behind_note
-from lastmile.reports.report_text import shown_reasons, shown_text, unassigned_note
+from lastmile.reports.report_text import shown_critical, shown_text, unassigned_note
 from uploader.errors import OutboxFullError
 from uploader.outbox import is_storage_full
 
@@ -579,7 +579,7 @@ def page_vars(request: Request, ctx: Context, **values: Any) -> dict[str, Any]:
         "ngettext": loc.ngettext,
         "reading_text": lambda text, kind="": reading_text(text, loc, kind),
         "report_text": lambda report: shown_text(report.lines, report.text, loc),
-        "critical_reasons": lambda report: shown_reasons(report.lines, report.critical_reasons, loc),
+        "critical_reasons": lambda report: shown_critical(report.lines, report.critical_reasons, loc),
         # report_text's words (the printouts'), a line each: why no patient, whom the county named
         "unassigned_note": lambda report: unassigned_note(report.county_patient, loc).splitlines(),
         "fmt": loc,

@@ -15,9 +15,20 @@ import datetime as dt
 import re
 import unicodedata
 from collections.abc import Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
-from uploader.report_lines import CRITICAL, FOOTER, HEADER, PERSON_NAME, LineKind, ReportLine, critical_lines
+from lastmile.clock import local_zone
+from lastmile.reports.concepts import known_concept
+from uploader.report_lines import (
+    CRITICAL,
+    FOOTER,
+    HEADER,
+    PERSON_NAME,
+    LineKind,
+    ReportLine,
+    critical_lines,
+    split_concept,
+)
 
 UNDERLINE_MAX = 60
 INDENT = "  "
@@ -79,15 +90,45 @@ class English:
         return (singular if n == 1 else plural) % {"n": n, **values}
 
 
-def critical_reason(line: ReportLine, speaker: Speaker) -> str:
-    """Why a report is critical, as one phrase (the county's words kept as written)."""
+class CriticalReason(NamedTuple):
+    """Why a report is critical: `text` for the village doctor; `detail` for a county
+    technician (the code, and the county's own words where `text` does not show them), shown
+    apart (muted on a page, left off the one line of a printout)."""
+
+    text: str
+    detail: str = ""
+
+
+def concept_name(name: str, concept: str, speaker: Speaker) -> str:
+    """A concept's name in the reader's language when the gateway knows its code; the county's
+    words as written otherwise (and where the reader's language is the catalog's English)."""
+    msgid = known_concept(concept)
+    if msgid is None:
+        return name
+    shown = speaker.gettext(msgid)
+    return name if name and shown == msgid else shown
+
+
+def critical(line: ReportLine, speaker: Speaker) -> CriticalReason:
+    """Why a report is critical, as one phrase: a coded finding as the gateway's term for its
+    code, unless the county wrote it in Chinese already (then the county's words)."""
     _ = speaker.gettext
-    if line.kind == LineKind.CRITICAL_KEYWORD:
-        return _("the words “%(keyword)s” in: %(text)s", keyword=line.name, text=line.value)
+    if line.kind == LineKind.CRITICAL_KEYWORD:  # code: the item's concept name, when in its value
+        where = (
+            labelled(concept_name(line.code, line.concept, speaker), line.value, speaker) if line.code else line.value
+        )
+        return CriticalReason(_("the words “%(keyword)s” in: %(text)s", keyword=line.name, text=where))
     if line.kind == LineKind.CRITICAL_INTERPRETED:
-        return _("%(result)s marked %(flag)s", result=line.name or _("a result"), flag=line.value)
-    name = labelled(line.name, line.value, speaker) if line.value else line.name
-    return f"{name} ({line.code})"
+        return CriticalReason(_("%(result)s marked %(flag)s", result=line.name or _("a result"), flag=line.value))
+    # a coded value (name: its concept, value: the county's words) or a coded concept (name: the county's words)
+    county = line.value or line.name
+    finding = county if is_cjk(county) else concept_name(county, split_concept(line.code), speaker)
+    text = labelled(concept_name(line.name, line.concept, speaker), finding, speaker) if line.value else finding
+    return CriticalReason(text, " · ".join([line.code, *([county] if county not in text else [])]))
+
+
+def critical_reason(line: ReportLine, speaker: Speaker) -> str:
+    return critical(line, speaker).text
 
 
 def labelled(label: str, value: str, speaker: Speaker) -> str:
@@ -103,15 +144,32 @@ def underline(title: str) -> str:
 
 def readable_time(text: str) -> str:
     """The report's time as it gives it, spaced for reading: 2026-12-01T10:15:00+08:00 →
-    2026-12-01 10:15:00 +08:00 (its own clock and offset; anything else as it is)."""
+    2026-12-01 10:15:00 +08:00 (its own clock and offset; anything else as it is). A time the
+    county wrote without its offset (a DICOM ContentTime) is its local time, the clinic's zone's:
+    it gets that zone's offset, as every time on the console has one."""
     m = re.fullmatch(r"(\d{4}-\d{2}-\d{2})T(\d{2}:\d{2}(?::\d{2})?)(?:\.\d+)?([+-]\d{2}:\d{2}|Z)?", text)
     if m is None:
         return text
-    return " ".join(part for part in m.groups() if part)
+    day, clock, offset = m.groups()
+    return f"{day} {clock} {offset or clinic_offset(dt.datetime.fromisoformat(f'{day}T{clock}'))}"
+
+
+def clinic_offset(wall: dt.datetime) -> str:
+    """The clinic zone's UTC offset at a wall-clock time, as +08:00."""
+    z = wall.replace(tzinfo=local_zone()).strftime("%z")
+    return f"{z[:3]}:{z[3:]}"
 
 
 def critical_reasons(lines: Sequence[ReportLine], speaker: Speaker) -> list[str]:
     return [critical_reason(line, speaker) for line in critical_lines(lines)]
+
+
+def shown_critical(lines: Sequence[ReportLine] | None, stored: Sequence[str], speaker: Speaker) -> list[CriticalReason]:
+    """Why it is critical, for a page: each reason's text and its detail (an old report: its
+    English reasons as they were stored)."""
+    if lines is None:
+        return [CriticalReason(reason) for reason in stored]
+    return [critical(line, speaker) for line in critical_lines(lines)]
 
 
 def unnamed(value_type: str, speaker: Speaker) -> str:
@@ -136,7 +194,7 @@ def body_line(line: ReportLine, speaker: Speaker) -> str:
     stay out of f-strings: Babel's extractor does not look inside them)."""
     _ = speaker.gettext
     indent = INDENT * line.depth
-    label = line.name or unnamed(line.code, speaker)
+    label = concept_name(line.name, line.concept, speaker) or unnamed(line.code, speaker)
     match line.kind:
         case LineKind.CONTAINER:
             return indent + label
@@ -187,7 +245,7 @@ def report_text(lines: Sequence[ReportLine], speaker: Speaker) -> str:
     county's content as written, then who read it and what could not be read."""
     _ = speaker.gettext
     unreadable = any(line.kind == LineKind.UNREADABLE for line in lines)
-    title = next((line.value for line in lines if line.kind == LineKind.TITLE), "")
+    title = next((concept_name(line.value, line.concept, speaker) for line in lines if line.kind == LineKind.TITLE), "")
     title = title or (_("Unreadable report") if unreadable else _("Report"))
     out = [title, underline(title)]
     for line in lines:
@@ -225,7 +283,7 @@ def shown_text(lines: Sequence[ReportLine] | None, stored_text: str, speaker: Sp
 
 def shown_reasons(lines: Sequence[ReportLine] | None, stored: Sequence[str], speaker: Speaker) -> list[str]:
     """Why it is critical, in `speaker`'s language (an old report: its English reasons)."""
-    return list(stored) if lines is None else critical_reasons(lines, speaker)
+    return [reason.text for reason in shown_critical(lines, stored, speaker)]
 
 
 def replaced_note(current: str, speaker: Speaker) -> str:

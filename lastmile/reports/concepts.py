@@ -1,0 +1,43 @@
+"""The coded concepts a returned report carries, worded in the reader's language.
+
+A county's SR names its headings and findings with DICOM's English concept names (Findings,
+Observer Type, Acute ST segment elevation myocardial infarction): a village doctor reads Chinese.
+The concepts the gateway knows - the headings of the reports it receives (TID 3700 ECG Report,
+TID 1002 observer context) and the critical findings it is configured for (config
+reports.critical_codes) - are keyed here by their code, never by the words, and translated
+through the console's catalog (`scripts/i18n.sh` extracts this module). Any other concept is
+shown as the county wrote it.
+"""
+
+from __future__ import annotations
+
+from lastmile.console.i18n import N_
+
+# "SCHEME CODE" (as `uploader.report_reading.concept_key` keeps it) -> the concept in English
+HEADINGS = {
+    "LN 28010-7": N_("ECG report"),
+    "LN 8867-4": N_("Heart rate"),
+    "DCM 121005": N_("Observer Type"),
+    "DCM 121008": N_("Person Observer Name"),
+    "DCM 121009": N_("Person Observer's Organization Name"),
+    "DCM 121010": N_("Person Observer's Role in the Organization"),
+    "DCM 121011": N_("Person Observer's Role in this Procedure"),
+    "DCM 121070": N_("Findings"),
+    "DCM 121071": N_("Finding"),
+    "DCM 121072": N_("Impressions"),
+    "DCM 121073": N_("Impression"),
+}
+# the critical findings of the default reports.critical_codes (and the demo's sinus rhythm)
+FINDINGS = {
+    "SCT 401303003": N_("Acute ST segment elevation myocardial infarction"),
+    "SCT 71908006": N_("Ventricular fibrillation"),
+    "SCT 25569003": N_("Ventricular tachycardia"),
+    "SCT 27885002": N_("Complete atrioventricular block"),
+    "SCT 426783006": N_("Sinus rhythm"),
+}
+KNOWN = {**HEADINGS, **FINDINGS}
+
+
+def known_concept(concept: str) -> str | None:
+    """The English msgid of a coded concept the gateway knows ("" or unknown: None)."""
+    return KNOWN.get(concept) if concept else None
