@@ -1372,9 +1372,7 @@ def test_a_retried_visit_reading_read_while_visits_db_is_locked_waits_and_is_sen
     try:
         visit = restore_and_retry_a_damaged_visit_reading(tmp_path, service, platform, data)
         with visits_db_held(data), Outbox.open(data, min_free_bytes=0) as outbox:
-            relayed = observation_relay.relay_observations(
-                outbox, NAMING, time.time(), visit_reading=relay_link.released_reader(data)
-            )
+            relayed = observation_relay.relay_observations(outbox, NAMING, time.time())
         held = visit_reading_item(data, visit.id)
         assert relayed == 0 and held.state is not ItemState.QUARANTINED, held.quarantine_reason
         assert held.last_error is not None and "visits.db is busy" in held.last_error, held.last_error
